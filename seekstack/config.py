@@ -1,0 +1,345 @@
+"""Model configuration with Hugging Face's field names for `deepseek_v2` and `deepseek_v3`, and presets.
+
+A `ModelConfig` reads any real DeepSeek-V2/V3 `config.json`: fields it does not set take the upstream
+default of its `model_type`; unknown fields are kept so they round-trip through `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+ROPE_TYPES = ("default", "yarn")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot describe a DeepSeek model; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V2/V3 hyper-parameters. Field names and meanings are those of Hugging Face's configs."""
+
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense FFN width (the first `first_k_dense_replace` layers)
+    moe_intermediate_size: int = 2048  # width of one routed or shared expert
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = None  # kept for compatibility; MLA has one latent shared by all heads
+    # Multi-head Latent Attention (DeepSeek-V2 §2.1)
+    q_lora_rank: int | None = 1536  # None: a plain q_proj, no query compression
+    kv_lora_rank: int = 512  # d_c, width of the cached KV latent
+    qk_nope_head_dim: int = 128  # per-head query/key width without position
+    qk_rope_head_dim: int = 64  # decoupled RoPE width, key shared across heads
+    v_head_dim: int = 128
+    # DeepSeekMoE (DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2)
+    n_routed_experts: int | None = 256
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 8  # K_r, routed experts per token
+    first_k_dense_replace: int = 3  # layers [0, k) use a dense FFN
+    moe_layer_freq: int = 1  # a layer l >= k is MoE when l % moe_layer_freq == 0
+    n_group: int | None = 8  # expert groups for group-limited routing
+    topk_group: int | None = 4  # groups a token may route to
+    topk_method: str = "noaux_tc"  # greedy | group_limited_greedy (V2) | noaux_tc (V3, bias-corrected)
+    scoring_func: str = "sigmoid"  # softmax (V2) | sigmoid (V3)
+    norm_topk_prob: bool = True  # renormalise the K_r gate weights to sum to 1
+    routed_scaling_factor: float = 2.5
+    aux_loss_alpha: float = 0.0  # weight of the sequence-wise balance loss (V3 eq. 17-20); 0 disables it
+    # Multi-Token Prediction (DeepSeek-V3 §2.2)
+    num_nextn_predict_layers: int = 1
+    # Positions
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # normalised: {"rope_type": "yarn", "factor": ..., ...}
+    rope_interleave: bool = True  # DeepSeek checkpoints rotate interleaved pairs (x0,x1),(x2,x3),...
+    # Misc
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json fields, written back on save
+
+    # ----------------------------------------------------------------- derived quantities
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_type(self) -> str:
+        return (self.rope_scaling or {}).get("rope_type", "default")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` (MTP blocks continue the numbering) uses DeepSeekMoE."""
+        return (
+            bool(self.n_routed_experts)
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_h + d_h^R), times mscale^2 under YaRN (YaRN paper eq. 22 as DeepSeek applies it)."""
+        scale = self.qk_head_dim**-0.5
+        scaling = self.rope_scaling or {}
+        if self.rope_type == "yarn" and scaling.get("mscale_all_dim"):
+            mscale = yarn_mscale(self.rope_factor, scaling["mscale_all_dim"])
+            scale *= mscale * mscale
+        return scale
+
+    @property
+    def rope_factor(self) -> float:
+        scaling = self.rope_scaling or {}
+        factor = scaling.get("factor")
+        if factor is None:
+            factor = self.max_position_embeddings / scaling.get(
+                "original_max_position_embeddings", self.max_position_embeddings
+            )
+        return float(factor)
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> ModelConfig:
+        """Raise ConfigError naming the first field whose value no DeepSeek model can have."""
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type={self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+        ]  # fmt: skip
+        for name in positive:
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
+        _require(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "null or a positive integer")
+        _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)")
+        _require(self.hidden_act == "silu", "hidden_act", "'silu' (the only activation DeepSeek uses)")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", "positive")
+        _require(self.rope_theta > 0, "rope_theta", "positive")
+        _require(self.first_k_dense_replace >= 0, "first_k_dense_replace", ">= 0")
+        _require(self.moe_layer_freq >= 1, "moe_layer_freq", ">= 1")
+        _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", ">= 0")
+        _require(self.aux_loss_alpha >= 0, "aux_loss_alpha", ">= 0")
+        if self.n_routed_experts:
+            self._validate_moe()
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_scaling.rope_type={self.rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+        if self.rope_type == "yarn":
+            _require(self.rope_factor >= 1, "rope_scaling.factor", ">= 1")
+        return self
+
+    def _validate_moe(self) -> None:
+        experts, k = self.n_routed_experts, self.num_experts_per_tok
+        _require(self.moe_intermediate_size > 0, "moe_intermediate_size", "a positive integer")
+        if k is None:
+            raise ConfigError("num_experts_per_tok is required when n_routed_experts is set")
+        _require(1 <= k <= experts, "num_experts_per_tok", f"between 1 and n_routed_experts={experts}")
+        _require(self.topk_method in TOPK_METHODS, "topk_method", f"one of {TOPK_METHODS}")
+        _require(self.scoring_func in SCORING_FUNCS, "scoring_func", f"one of {SCORING_FUNCS}")
+        _require(self.routed_scaling_factor > 0, "routed_scaling_factor", "positive")
+        if self.topk_method == "greedy":
+            return
+        groups, topk_group = self.n_group or 1, self.topk_group or 1
+        _require(experts % groups == 0, "n_group", f"a divisor of n_routed_experts={experts}")
+        _require(1 <= topk_group <= groups, "topk_group", f"between 1 and n_group={groups}")
+        reachable = topk_group * (experts // groups)
+        _require(k <= reachable, "num_experts_per_tok", f"<= topk_group x experts per group = {reachable}")
+        if self.topk_method == "noaux_tc":
+            _require(experts // groups >= 2, "n_group", "small enough that each group has >= 2 experts (noaux_tc sums a group's top-2)")
+
+    # ----------------------------------------------------------------- (de)serialisation
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> ModelConfig:
+        """Build from a config.json dict; `source` names the file in error messages."""
+        model_type = raw.get("model_type")
+        if model_type is None:
+            raise ConfigError(f"{source}: missing required field 'model_type' (one of {MODEL_TYPES})")
+        if model_type not in UPSTREAM_DEFAULTS:
+            raise ConfigError(f"{source}: model_type={model_type!r} is not supported; expected one of {MODEL_TYPES}")
+        values = dict(UPSTREAM_DEFAULTS[model_type])
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        extra: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key == "num_mtp_layers":  # transformers' alias
+                key = "num_nextn_predict_layers"
+            if key in known and key != "extra":
+                values[key] = value
+            elif key not in ("rope_parameters", "qk_head_dim", "head_dim"):
+                extra[key] = value
+        values["rope_theta"], values["rope_scaling"] = _normalise_rope(raw, values, source)
+        _check_types(values, known, source)
+        config = cls(**values, extra=extra)
+        try:
+            return config.validate()
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """config.json contents readable by transformers 4.x (rope_scaling) and 5.x (rope_parameters)."""
+        out = dict(self.extra)
+        out.pop("quantization_config", None)  # weights we write are never quantized unless asked
+        for f in dataclasses.fields(self):
+            if f.name not in ("extra",):
+                out[f.name] = getattr(self, f.name)
+        if self.num_key_value_heads is None:
+            out["num_key_value_heads"] = self.num_attention_heads
+        out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = {"type": self.rope_type, **self.rope_scaling}
+        out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        return out
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes).validate()
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature sqrt(1/t) = 0.1 ln(s) + 1 (YaRN paper eq. 22), scaled by `mscale`."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _require(ok: bool, name: str, expectation: str) -> None:
+    if not ok:
+        raise ConfigError(f"field {name!r} must be {expectation}")
+
+
+def _check_types(values: dict[str, Any], known: dict[str, dataclasses.Field], source: str) -> None:
+    for name, value in values.items():
+        annotation = str(known[name].type)
+        if value is None:
+            if "None" not in annotation:
+                raise ConfigError(f"{source}: field {name!r} may not be null")
+            continue
+        expected: tuple[type, ...]
+        if annotation.startswith("int") and "list" not in annotation:
+            expected = (int,)
+        elif annotation.startswith("float"):
+            expected = (int, float)
+        elif annotation.startswith("bool"):
+            expected = (bool,)
+        elif annotation.startswith("str"):
+            expected = (str,)
+        else:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in expected
+        if wrong_bool or not isinstance(value, expected):
+            raise ConfigError(f"{source}: field {name!r} has value {value!r}, expected {annotation}")
+
+
+def _normalise_rope(raw: dict[str, Any], values: dict[str, Any], source: str) -> tuple[float, dict | None]:
+    """Merge the legacy `rope_scaling` dict and the newer `rope_parameters` dict into (theta, scaling)."""
+    theta = raw.get("rope_theta", values.get("rope_theta", 10000.0))
+    scaling: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        given = raw.get(key)
+        if given is None:
+            continue
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: field {key!r} must be an object, got {given!r}")
+        scaling.update(given)
+    theta = scaling.pop("rope_theta", theta)
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    return float(theta), {"rope_type": rope_type, **scaling}
+
+
+# Defaults of the upstream configurations (transformers' DeepseekV2Config / DeepseekV3Config and the
+# DeepSeek release config classes for the fields transformers lacks).
+UPSTREAM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v3": {},
+    "deepseek_v2": {
+        "model_type": "deepseek_v2",
+        "vocab_size": 102400,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "moe_intermediate_size": 1407,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "q_lora_rank": 1536,
+        "kv_lora_rank": 512,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": None,
+        "first_k_dense_replace": 0,
+        "n_group": None,
+        "topk_group": None,
+        "topk_method": "greedy",
+        "scoring_func": "softmax",
+        "norm_topk_prob": False,
+        "routed_scaling_factor": 1.0,
+        "num_nextn_predict_layers": 0,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+}
+
+_YARN_40X = {
+    "rope_type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~3M parameters: trains on a 2-core CPU in minutes.
+    "tiny": dict(
+        model_type="deepseek_v3", vocab_size=4096, hidden_size=128, intermediate_size=384,
+        moe_intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64,
+        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
+        max_position_embeddings=1024, num_nextn_predict_layers=1, routed_scaling_factor=1.0,
+    ),  # fmt: skip
+    # ~40M parameters.
+    "small": dict(
+        model_type="deepseek_v3", vocab_size=16384, hidden_size=384, intermediate_size=1024,
+        moe_intermediate_size=256, num_hidden_layers=8, num_attention_heads=6, q_lora_rank=192,
+        kv_lora_rank=96, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2,
+        max_position_embeddings=2048, num_nextn_predict_layers=1, routed_scaling_factor=1.0,
+    ),  # fmt: skip
+    # The released DeepSeek-V2-Lite config.json (15.7B total, 2.4B activated).
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1,
+        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
+        max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001,
+        rope_scaling={**_YARN_40X, "mscale": 0.707, "mscale_all_dim": 0.707}, num_nextn_predict_layers=0,
+    ),  # fmt: skip
+    # The released DeepSeek-V3 config.json (671B total, 37B activated, plus one 14B MTP module).
+    "deepseek-v3": dict(
+        model_type="deepseek_v3", rope_scaling={**_YARN_40X, "mscale": 1.0, "mscale_all_dim": 1.0},
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset (`tiny`, `small`, `deepseek-v2-lite`, `deepseek-v3`), optionally overridden."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")

@@ -1,0 +1,169 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1): a prefill path and an absorbed decode path.
+
+Shapes: B batch, T new tokens, S cached tokens, H heads, N = qk_nope_head_dim, R = qk_rope_head_dim,
+V = v_head_dim, C = kv_lora_rank (the compressed KV latent c^KV).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekstack.config import ModelConfig
+from seekstack.model.norm import RMSNorm
+from seekstack.model.rope import apply_rotary
+
+
+class LatentCache(Protocol):
+    """What the absorbed decode path needs from a cache: per layer, only c^KV and the rope key k^R."""
+
+    def update(
+        self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store (B, T, C) and (B, T, R); return all cached (B, S, C), (B, S, R) and a (B, T, S) bool mask."""
+        ...
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA. Parameter names follow the DeepSeek checkpoints."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.interleaved = config.rope_interleave
+        self.softmax_scale = config.softmax_scale
+        hidden, qk_out = config.hidden_size, self.num_heads * config.qk_head_dim
+        bias = config.attention_bias
+        # Query: q = W^UQ RMSNorm(W^DQ h)  (eq. 12-13), or a plain projection when q_lora_rank is null.
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, qk_out, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, qk_out, bias=False)
+        # KV: [c^KV; k^R] = W^DKV h (eq. 9, 14); [k^C; v^C] = W^UK c^KV, W^UV c^KV (eq. 10-11).
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden). Without a cache: causal attention over x itself."""
+        B, T, _ = x.shape
+        q = self.project_query(x).view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rotary(q_rope, cos, sin, self.interleaved)
+        kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        kv_latent = self.kv_a_layernorm(kv_latent)  # (B, T, C)
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin, self.interleaved).squeeze(2)  # (B, T, R)
+        if cache is None:
+            out = self.attend_expanded(q_nope, q_rope, kv_latent, k_rope)
+        else:
+            kv_latent, k_rope, mask = cache.update(layer_idx, kv_latent, k_rope)
+            out = self.attend_absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
+        return self.o_proj(out.flatten(2))
+
+    def attend_expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> torch.Tensor:
+        """Training/prefill: up-project the latent to per-head keys and values, then causal SDPA."""
+        B, T, H, _ = q_nope.shape
+        kv = self.kv_b_proj(kv_latent).view(B, T, H, self.nope_dim + self.v_dim)
+        k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        query = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, N+R)
+        key = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1)
+        out = F.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )
+        return out.transpose(1, 2)  # (B, T, H, V)
+
+    def attend_absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        kv_latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decode: fold W^UK into the query and W^UV into the output so attention runs on the latent.
+
+        q_t^C . k_s^C = q_t^C . (W^UK c_s) = (W^UK^T q_t^C) . c_s   (DeepSeek-V2 §2.1.2, absorption)
+        o_t = W^UV sum_s p_ts c_s
+        """
+        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # (H, N, C), (H, V, C)
+        q_latent = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)
+        query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C+R)
+        key = torch.cat((kv_latent, k_rope), dim=-1).unsqueeze(1)  # (B, 1, S, C+R), one key for all heads
+        out_latent = F.scaled_dot_product_attention(
+            query,
+            key.expand(-1, self.num_heads, -1, -1),
+            kv_latent.unsqueeze(1).expand(-1, self.num_heads, -1, -1),
+            attn_mask=mask.unsqueeze(1),
+            scale=self.softmax_scale,
+        )  # (B, H, T, C)
+        return torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)
+
+
+class ContiguousLatentCache:
+    """A dense latent cache for a fixed batch: per layer, (B, max_length, C) latents and (B, max_length, R) keys.
+
+    The paged, continuously batched cache of the inference engine implements the same `update`.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        layers = config.num_hidden_layers + config.num_nextn_predict_layers
+        self.kv_latent = torch.zeros(layers, batch_size, max_length, config.kv_lora_rank, dtype=dtype, device=device)
+        self.k_rope = torch.zeros(layers, batch_size, max_length, config.qk_rope_head_dim, dtype=dtype, device=device)
+        self.lengths = [0] * layers
+        self.max_length = max_length
+
+    def length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def update(
+        self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start, new = self.lengths[layer_idx], kv_latent.shape[1]
+        end = start + new
+        if end > self.max_length:
+            raise ValueError(f"latent cache full: {end} tokens exceed max_length={self.max_length}")
+        self.kv_latent[layer_idx, :, start:end] = kv_latent
+        self.k_rope[layer_idx, :, start:end] = k_rope
+        self.lengths[layer_idx] = end
+        query_pos = torch.arange(start, end, device=kv_latent.device)[:, None]
+        mask = torch.arange(end, device=kv_latent.device)[None, :] <= query_pos  # (T, S) causal
+        return (
+            self.kv_latent[layer_idx, :, :end],
+            self.k_rope[layer_idx, :, :end],
+            mask.expand(kv_latent.shape[0], -1, -1),
+        )
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token occupies across all layers: (C + R) x layers x dtype size."""
+        layers, _, _, width = self.kv_latent.shape
+        return layers * (width + self.k_rope.shape[-1]) * self.kv_latent.element_size()

@@ -1,0 +1,37 @@
+"""A pre-norm transformer block: MLA, then a dense FFN or DeepSeekMoE, each with a residual."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seekstack.config import ModelConfig
+from seekstack.model.attention import LatentCache, MultiHeadLatentAttention
+from seekstack.model.moe import FeedForward, MoE, MoEStats
+from seekstack.model.norm import RMSNorm
+
+
+class DecoderBlock(nn.Module):
+    """h = x + MLA(RMSNorm(x)); out = h + FFN(RMSNorm(h)). `layer_idx` also indexes the latent cache."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx)
+        ffn_out = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(ffn_out, tuple):
+            ffn_out, stats = ffn_out
+            return x + ffn_out, stats
+        return x + ffn_out, None

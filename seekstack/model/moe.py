@@ -1,0 +1,158 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2): shared experts plus fine-grained routed experts.
+
+Shapes: B batch, T tokens, N = B*T flattened tokens, D hidden, E routed experts, K experts per token,
+G expert groups, I expert width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekstack.config import ModelConfig
+
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward: W_down (SiLU(W_gate x) * W_up x). Dense layers and shared experts."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # (N, K) combine weights g_{i,t}, from the unbiased scores
+    experts: torch.Tensor  # (N, K) selected expert ids
+    scores: torch.Tensor  # (N, E) affinities s_{i,t}
+
+
+class Router(nn.Module):
+    """The gate: affinity scores, (group-limited) top-K selection, combine weights.
+
+    V3 eq. 15-16: s_i = Sigmoid(u^T e_i); select TopK over s_i + b_i; g_i = s_i / sum_{selected} s_j.
+    V2 eq. 22: s_i = Softmax_i(u^T e_i); g_i = s_i for the K largest.
+    The bias b (`e_score_correction_bias`) only decides which experts are selected, never the weights.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        assert config.n_routed_experts and config.num_experts_per_tok
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.topk_method, self.scoring_func = config.topk_method, config.scoring_func
+        self.n_group, self.topk_group = config.n_group or 1, config.topk_group or 1
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x (N, D) -> Routing. Scores are computed in float32."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+        if self.topk_method != "greedy" and self.n_group > 1:
+            choice = self.limit_to_groups(choice)
+        experts = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, experts)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * self.scaling, experts, scores)
+
+    def limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep the `topk_group` best groups, mask the rest to -inf (device-limited routing, V2 §2.2.2).
+
+        A group's score is its maximum (V2 `group_limited_greedy`) or the sum of its top-2 (V3 `noaux_tc`).
+        """
+        grouped = choice.view(choice.shape[0], self.n_group, -1)  # (N, G, E/G)
+        if self.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        kept = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        return grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights; tokens are grouped by expert, each expert runs once."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        assert config.n_routed_experts
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # [W_gate; W_up] per expert
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) -> (sum_k g_k FFN_{e_k}(x) (N, D), tokens per expert (E,))."""
+        top_k = routing.experts.shape[1]
+        flat_experts = routing.experts.flatten()  # (N*K,)
+        order = flat_experts.argsort(stable=True)  # assignments sorted by expert
+        token_of = order // top_k
+        load = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
+        tokens = x[token_of]
+        outputs = []
+        start = 0
+        for expert, count in enumerate(load.tolist()):
+            if count == 0:
+                continue
+            chunk = tokens[start : start + count]
+            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
+            start += count
+        weighted = torch.cat(outputs) * routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        combined = torch.zeros_like(x).index_add_(0, token_of, weighted)
+        return combined, load
+
+
+@dataclass
+class MoEStats:
+    expert_load: torch.Tensor  # (E,) tokens routed to each expert in this forward
+    balance_loss: torch.Tensor | None  # alpha * L_Bal for this layer, when enabled and training
+
+
+class MoE(nn.Module):
+    """h' = h + sum_shared FFN_s(h) + sum_routed g_i FFN_i(h) (V3 eq. 12; the residual is added by the block)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        shared = config.n_shared_experts or 0
+        self.shared_experts = FeedForward(config.hidden_size, config.moe_intermediate_size * shared) if shared else None
+        self.aux_loss_alpha = config.aux_loss_alpha
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        routing = self.gate(flat)
+        out, load = self.experts(flat, routing)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        balance = None
+        if self.training and self.aux_loss_alpha > 0:
+            balance = self.aux_loss_alpha * sequence_balance_loss(routing, B, T)
+        return out.view(B, T, D), MoEStats(load.detach(), balance)
+
+
+def sequence_balance_loss(routing: Routing, batch: int, seq_len: int) -> torch.Tensor:
+    """Sequence-wise balance loss, DeepSeek-V3 eq. 17-20, averaged over the sequences of the batch.
+
+    L_Bal = sum_i f_i P_i,  f_i = E/(K T) sum_t 1[i in TopK_t],  P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t}.
+    """
+    num_experts, top_k = routing.scores.shape[1], routing.experts.shape[1]
+    scores = routing.scores.view(batch, seq_len, num_experts)
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # P_i per sequence, (B, E)
+    selected = torch.zeros(batch, num_experts, device=scores.device)
+    selected.scatter_add_(1, routing.experts.view(batch, -1), torch.ones(batch, seq_len * top_k, device=scores.device))
+    fraction = selected * num_experts / (top_k * seq_len)  # f_i per sequence, (B, E)
+    return (fraction * probs).sum(dim=1).mean()

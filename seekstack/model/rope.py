@@ -1,0 +1,80 @@
+"""Rotary position embedding for the decoupled RoPE dimensions, with YaRN context extension.
+
+Shapes: T positions, R = qk_rope_head_dim (rotated in R/2 pairs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from seekstack.config import ModelConfig, yarn_mscale
+
+
+def yarn_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Per-pair inverse frequencies (R/2,) and the factor applied to cos/sin.
+
+    Plain RoPE: theta_i = base^(-2i/R). YaRN (Peng et al. 2023, eq. 18-20): dimensions that rotate
+    fewer than `beta_slow` times over the original context are interpolated by 1/factor, those
+    rotating more than `beta_fast` times are kept, with a linear ramp between.
+    """
+    dim, base = config.qk_rope_head_dim, config.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if config.rope_type != "yarn":
+        return inv_freq, 1.0
+    scaling = config.rope_scaling or {}
+    factor = config.rope_factor
+    original_context = scaling.get("original_max_position_embeddings", config.max_position_embeddings)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dimension_of(rotations: float) -> float:  # the dimension that turns `rotations` times in the context
+        return dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension_of(beta_fast), dimension_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes (cos, sin) for given positions; `apply_rotary` rotates a tensor with them."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = yarn_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.interleaved = config.rope_interleave
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (..., T) -> cos, sin (..., T, R/2) in float32."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate pairs of x (..., T, heads, R) by the angles in cos/sin (..., T, R/2).
+
+    Interleaved (DeepSeek's layout): pairs are (x0, x1), (x2, x3), ...; otherwise (x_i, x_{i+R/2}).
+    Each pair (a, b) becomes (a cos - b sin, a sin + b cos); the layout of x is preserved.
+    """
+    half = x.shape[-1] // 2
+    pairs = x.unflatten(-1, (half, 2)) if interleaved else x.unflatten(-1, (2, half)).transpose(-1, -2)
+    a, b = pairs[..., 0].float(), pairs[..., 1].float()
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    if not interleaved:
+        rotated = rotated.transpose(-1, -2)
+    return rotated.flatten(-2).to(x.dtype)

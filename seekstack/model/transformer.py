@@ -1,0 +1,145 @@
+"""The DeepSeek-V2/V3 causal language model: embedding, blocks, final norm, output head, MTP, losses.
+
+Shapes: B batch, T tokens, D hidden, V vocabulary, E routed experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekstack.config import ModelConfig
+from seekstack.model.attention import LatentCache
+from seekstack.model.block import DecoderBlock
+from seekstack.model.moe import MoEStats, Router, RoutedExperts
+from seekstack.model.mtp import MTPModule
+from seekstack.model.norm import RMSNorm
+from seekstack.model.rope import RotaryEmbedding, yarn_inverse_frequencies
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden_states: torch.Tensor  # (B, T, D) after the final norm: the input of MTP depth 1
+    expert_load: torch.Tensor | None = None  # (MoE layers, E) tokens per expert, rows in `moe_layer_ids` order
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + balance_loss
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None  # mean over depths of each depth's cross-entropy
+    balance_loss: torch.Tensor | None = None  # sum over MoE layers of alpha * L_Bal
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V2/V3. `model(input_ids)` gives logits; with `labels` (aligned with the inputs) the losses."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        first_mtp = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(config, first_mtp + k) for k in range(config.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(config)
+        self.moe_layer_ids = [i for i in range(first_mtp + len(self.mtp)) if config.is_moe_layer(i)]
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the output head with the embedding when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases; rebuild RoPE tables."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                if hasattr(module, "e_score_correction_bias"):
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, RoutedExperts):
+                nn.init.normal_(module.gate_up_proj, std=std)
+                nn.init.normal_(module.down_proj, std=std)
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        """Recompute the (non-persistent) RoPE frequencies, e.g. after materialising from the meta device."""
+        inv_freq, _ = yarn_inverse_frequencies(self.config)
+        self.rotary.inv_freq.copy_(inv_freq)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        start_position: int = 0,
+        mtp_loss_weight: float = 0.3,
+    ) -> ModelOutput:
+        """input_ids (B, T). With a cache, the T tokens follow `start_position` already cached tokens."""
+        T = input_ids.shape[1]
+        positions = torch.arange(start_position, start_position + T, device=input_ids.device)
+        cos, sin = self.rotary(positions)  # (T, R/2)
+        hidden = self.embed_tokens(input_ids)
+        stats: list[MoEStats] = []
+        for layer in self.layers:
+            hidden, layer_stats = layer(hidden, cos, sin, cache)
+            stats += [layer_stats] if layer_stats is not None else []
+        hidden = self.norm(hidden)
+        logits = self.lm_head(hidden)
+        if labels is None:
+            return ModelOutput(logits, hidden, _stack_load(stats))
+
+        lm_loss = _cross_entropy(logits[:, :-1], labels[:, 1:])
+        mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats)
+        balance_losses = [s.balance_loss for s in stats if s.balance_loss is not None]
+        balance_loss = torch.stack(balance_losses).sum() if balance_losses else None
+        loss = lm_loss + mtp_loss_weight * mtp_loss if mtp_loss is not None else lm_loss
+        if balance_loss is not None:
+            loss = loss + balance_loss
+        return ModelOutput(logits, hidden, _stack_load(stats), loss, lm_loss, mtp_loss, balance_loss)
+
+    def mtp_loss(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        stats: list[MoEStats],
+    ) -> torch.Tensor | None:
+        """L_MTP = 1/D sum_k CE(P^k_{i}, t_{i+k+1})  (V3 eq. 24-25); the weight lambda is applied by the caller."""
+        T = input_ids.shape[1]
+        depths = [k for k in range(1, len(self.mtp) + 1) if T - k - 1 > 0]
+        if not depths:
+            return None
+        losses = []
+        for k in depths:
+            n = T - k  # positions i with a token i+k to embed
+            hidden, depth_stats = self.mtp[k - 1](hidden[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:n], sin[:n])
+            stats += [depth_stats] if depth_stats is not None else []
+            logits = self.lm_head(self.mtp[k - 1].head_input(hidden[:, :-1]))
+            losses.append(_cross_entropy(logits, labels[:, k + 1 :]))
+        return torch.stack(losses).mean()
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _stack_load(stats: list[MoEStats]) -> torch.Tensor | None:
+    return torch.stack([s.expert_load for s in stats]) if stats else None
