@@ -173,7 +173,7 @@ class ModelConfig:
                 key = "num_nextn_predict_layers"
             if key in known and key != "extra":
                 values[key] = value
-            elif key not in ("rope_parameters", "qk_head_dim", "head_dim"):
+            elif key not in DERIVED_FIELDS:
                 extra[key] = value
         values["rope_theta"], values["rope_scaling"] = _normalise_rope(raw, values, source)
         _check_types(values, known, source)
@@ -201,8 +201,6 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             if f.name not in ("extra",):
                 out[f.name] = getattr(self, f.name)
-        if self.num_key_value_heads is None:
-            out["num_key_value_heads"] = self.num_attention_heads
         out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"type": self.rope_type, **self.rope_scaling}
@@ -264,6 +262,9 @@ def _normalise_rope(raw: dict[str, Any], values: dict[str, Any], source: str) ->
         return float(theta), None
     return float(theta), {"rope_type": rope_type, **scaling}
 
+
+# Fields that `to_dict` writes from others, so they are not kept as unknown extras.
+DERIVED_FIELDS = ("rope_parameters", "qk_head_dim", "head_dim", "architectures")
 
 # Defaults of the upstream configurations (transformers' DeepseekV2Config / DeepseekV3Config and the
 # DeepSeek release config classes for the fields transformers lacks).

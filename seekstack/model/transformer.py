@@ -82,6 +82,12 @@ class Transformer(nn.Module):
         inv_freq, _ = yarn_inverse_frequencies(self.config)
         self.rotary.inv_freq.copy_(inv_freq)
 
+    def block(self, layer_idx: int) -> DecoderBlock:
+        """Block `layer_idx`, counting the MTP blocks after the main layers as DeepSeek-V3 checkpoints do."""
+        if layer_idx < len(self.layers):
+            return self.layers[layer_idx]
+        return self.mtp[layer_idx - len(self.layers)].block
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -1,0 +1,65 @@
+"""Multi-head Latent Attention: the absorbed decode path equals the prefill path; the cache holds only latents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.model.attention import ContiguousLatentCache
+from seekstack.model.rope import apply_rotary
+from seekstack.model.transformer import Transformer
+from tests.conftest import micro_config
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}, {"rope_interleave": False}],
+    ids=["v3", "no-q-lora", "yarn", "rotate-half"],
+)
+def test_absorbed_decode_matches_prefill(overrides):
+    model = Transformer(micro_config(**overrides)).eval()
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = ContiguousLatentCache(model.config, batch_size=2, max_length=40)
+        chunks = [model(ids[:, :24], cache=cache).logits]  # prefill of 24 tokens through the absorbed path
+        for t in range(24, 40):
+            chunks.append(model(ids[:, t : t + 1], cache=cache, start_position=t).logits)
+    decoded = torch.cat(chunks, dim=1)
+    assert (decoded - full).abs().max().item() < 1e-5
+
+
+def test_latent_cache_stores_only_latent_and_rope_key():
+    config = micro_config()
+    cache = ContiguousLatentCache(config, batch_size=1, max_length=8)
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    assert cache.bytes_per_token() == (config.kv_lora_rank + config.qk_rope_head_dim) * layers * 4
+
+
+def test_latent_cache_refuses_to_overflow():
+    model = Transformer(micro_config()).eval()
+    cache = ContiguousLatentCache(model.config, batch_size=1, max_length=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="max_length=4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_interleaved_rope_rotates_adjacent_pairs():
+    x = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])  # (B, T, H, R=4): pairs (1,0) and (0,1)
+    angle = torch.tensor([[torch.pi / 2, torch.pi]])  # (T, R/2)
+    out = apply_rotary(x, angle.cos(), angle.sin(), interleaved=True)
+    assert torch.allclose(out, torch.tensor([[[[0.0, 1.0, 0.0, -1.0]]]]), atol=1e-6)
+    half = apply_rotary(x, angle.cos(), angle.sin(), interleaved=False)  # pairs (x0, x2) and (x1, x3)
+    assert torch.allclose(half, torch.tensor([[[[0.0, 0.0, 1.0, -1.0]]]]), atol=1e-6)
+
+
+def test_attention_is_causal():
+    model = Transformer(micro_config()).eval()
+    ids = torch.randint(0, 128, (1, 16))
+    changed = ids.clone()
+    changed[0, 10] = (ids[0, 10] + 1) % 128
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    assert (a[:, :10] - b[:, :10]).abs().max().item() < 1e-6
+    assert not torch.allclose(a[:, 10:], b[:, 10:])

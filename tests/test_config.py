@@ -1,0 +1,106 @@
+"""ModelConfig reads real DeepSeek config.json files and rejects impossible ones by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seekstack.config import ConfigError, ModelConfig, preset
+
+# The fields of the released DeepSeek-V3 config.json.
+DEEPSEEK_V3_JSON = {
+    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+    "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+    "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+    "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+    "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
+}  # fmt: skip
+
+
+def test_reads_the_released_deepseek_v3_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(DEEPSEEK_V3_JSON))
+    config = ModelConfig.from_json(path)
+    assert config.rope_type == "yarn" and config.rope_factor == 40
+    assert config.extra["quantization_config"]["weight_block_size"] == [128, 128]
+    assert config.extra["seq_aux"] is True  # unknown fields are kept for the round trip
+    expected = preset("deepseek-v3")
+    for name in ("hidden_size", "n_routed_experts", "topk_method", "n_group", "q_lora_rank", "rope_scaling"):
+        assert getattr(config, name) == getattr(expected, name), name
+
+
+def test_missing_fields_take_upstream_defaults_of_the_model_type():
+    v2 = ModelConfig.from_dict({"model_type": "deepseek_v2", "num_experts_per_tok": 6})
+    assert (v2.scoring_func, v2.topk_method, v2.n_routed_experts, v2.norm_topk_prob) == ("softmax", "greedy", 64, False)
+    assert v2.num_nextn_predict_layers == 0
+    v3 = ModelConfig.from_dict({"model_type": "deepseek_v3"})
+    assert (v3.scoring_func, v3.topk_method, v3.n_routed_experts, v3.num_nextn_predict_layers) == (
+        "sigmoid", "noaux_tc", 256, 1
+    )
+
+
+def test_legacy_rope_scaling_and_rope_parameters_mean_the_same():
+    legacy = {"model_type": "deepseek_v3", "rope_theta": 50000.0, "rope_scaling": {"type": "yarn", "factor": 8.0}}
+    newer = {"model_type": "deepseek_v3", "rope_parameters": {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 8.0}}
+    a, b = ModelConfig.from_dict(legacy), ModelConfig.from_dict(newer)
+    assert (a.rope_theta, a.rope_scaling) == (b.rope_theta, b.rope_scaling) == (50000.0, {"rope_type": "yarn", "factor": 8.0})
+
+
+def test_to_dict_round_trips():
+    config = preset("deepseek-v2-lite")
+    again = ModelConfig.from_dict(config.to_dict())
+    assert again == config
+
+
+def test_yarn_softmax_scale_uses_mscale_all_dim():
+    config = preset("deepseek-v3")  # factor 40, mscale_all_dim 1.0
+    mscale = 0.1 * 1.0 * __import__("math").log(40) + 1.0
+    assert config.softmax_scale == pytest.approx(192**-0.5 * mscale**2)
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"model_type": "llama"}, "model_type='llama'"),
+        ({"hidden_size": 64}, "missing required field 'model_type'"),
+        ({"model_type": "deepseek_v2"}, "num_experts_per_tok"),
+        ({"model_type": "deepseek_v3", "n_group": 3}, "'n_group'"),
+        ({"model_type": "deepseek_v3", "topk_group": 9}, "'topk_group'"),
+        ({"model_type": "deepseek_v3", "hidden_size": "big"}, "'hidden_size'"),
+        ({"model_type": "deepseek_v3", "kv_lora_rank": 0}, "'kv_lora_rank'"),
+        ({"model_type": "deepseek_v3", "qk_rope_head_dim": 63}, "'qk_rope_head_dim'"),
+        ({"model_type": "deepseek_v3", "scoring_func": "relu"}, "'scoring_func'"),
+        ({"model_type": "deepseek_v3", "rope_scaling": {"type": "longrope"}}, "longrope"),
+        ({"model_type": "deepseek_v3", "num_experts_per_tok": 300}, "'num_experts_per_tok'"),
+    ],
+)
+def test_impossible_configs_are_rejected_by_name(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(raw, source="cfg.json")
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=str(path)):
+        ModelConfig.from_json(path)
+    path.write_text(json.dumps({"model_type": "deepseek_v3", "n_group": 3}))
+    with pytest.raises(ConfigError, match=rf"{path}: field 'n_group'"):
+        ModelConfig.from_json(path)
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")

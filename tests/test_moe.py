@@ -1,0 +1,124 @@
+"""DeepSeekMoE: routing rules of V2 and V3, grouped dispatch equal to a per-token loop, balance signals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss
+from seekstack.model.transformer import Transformer
+from seekstack.train.balance import max_violation, update_expert_bias
+from tests.conftest import micro_config
+
+
+def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The plain definition: for every token, sum over its K experts g_k FFN_k(x), plus the shared experts."""
+    flat = x.reshape(-1, x.shape[-1])
+    routing = moe.gate(flat)
+    rows = []
+    for t in range(flat.shape[0]):
+        out = moe.shared_experts(flat[t])
+        for weight, expert in zip(routing.weights[t], routing.experts[t].tolist()):
+            gate, up = (moe.experts.gate_up_proj[expert] @ flat[t]).chunk(2)
+            out = out + weight * (moe.experts.down_proj[expert] @ (F.silu(gate) * up))
+        rows.append(out)
+    return torch.stack(rows).view_as(x)
+
+
+def make_moe(**overrides) -> MoE:
+    model = Transformer(micro_config(**overrides))
+    return model.layers[1].mlp
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"scoring_func": "softmax", "topk_method": "greedy"}, {"topk_method": "group_limited_greedy"}],
+    ids=["v3-noaux_tc", "v2-greedy", "v2-group-limited"],
+)
+def test_grouped_dispatch_matches_per_token_loop(overrides):
+    moe = make_moe(**overrides)
+    with torch.no_grad():
+        if hasattr(moe.gate, "e_score_correction_bias"):
+            moe.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    out, stats = moe(x)
+    expected = reference_moe(moe, x)
+    assert (out - expected).abs().max().item() < 1e-5
+    assert stats.expert_load.sum().item() == 2 * 9 * 2  # every token sent to K=2 experts
+
+    grad = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, x, grad)
+    (theirs,) = torch.autograd.grad(expected, x, grad)
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_correction_bias_changes_selection_but_not_weights():
+    moe = make_moe(norm_topk_prob=False, routed_scaling_factor=1.0)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias[5] = 100.0  # expert 5 wins every token's selection
+        routing = moe.gate(x)
+    assert (routing.experts == 5).any(dim=1).all()
+    expected = routing.scores.gather(1, routing.experts)
+    assert torch.allclose(routing.weights, expected)  # weights are the unbiased sigmoid scores
+    assert routing.weights.max().item() < 1.0
+
+
+def test_weights_are_normalised_then_scaled():
+    moe = make_moe(norm_topk_prob=True, routed_scaling_factor=2.5)
+    routing = moe.gate(torch.randn(10, 64))
+    assert torch.allclose(routing.weights.sum(dim=1), torch.full((10,), 2.5))
+
+
+@pytest.mark.parametrize("method, chosen_group", [("noaux_tc", 1), ("group_limited_greedy", 0)])
+def test_group_score_is_top2_sum_for_v3_and_max_for_v2(method, chosen_group):
+    config = micro_config(n_routed_experts=8, n_group=2, topk_group=1, topk_method=method)
+    router = Router(config)
+    # group 0 has one strong expert (max 0.9, top-2 sum 0.9); group 1 two good ones (max 0.6, top-2 sum 1.2)
+    choice = torch.tensor([[0.9, 0.0, 0.0, 0.0, 0.6, 0.6, 0.0, 0.0]])
+    limited = router.limit_to_groups(choice)
+    kept = torch.isfinite(limited).view(2, 4).all(dim=1)
+    assert kept.tolist() == [chosen_group == 0, chosen_group == 1]
+
+
+def test_routing_never_leaves_the_chosen_groups():
+    moe = make_moe(n_group=4, topk_group=1, num_experts_per_tok=2)
+    routing = moe.gate(torch.randn(64, 64))
+    groups = routing.experts // 2  # 8 experts in 4 groups of 2
+    assert (groups[:, 0] == groups[:, 1]).all()
+
+
+def test_sequence_balance_loss_is_one_when_perfectly_balanced():
+    # 2 tokens, 2 experts, K=1: each expert chosen once, scores uniform -> f_i = 1, P_i = 1/2, sum = 1
+    routing = Routing(
+        weights=torch.ones(2, 1), experts=torch.tensor([[0], [1]]), scores=torch.full((2, 2), 0.5)
+    )
+    assert sequence_balance_loss(routing, batch=1, seq_len=2).item() == pytest.approx(1.0)
+    skewed = Routing(weights=torch.ones(2, 1), experts=torch.tensor([[0], [0]]), scores=torch.tensor([[0.9, 0.1]] * 2))
+    assert sequence_balance_loss(skewed, batch=1, seq_len=2).item() == pytest.approx(2 * 0.9)
+
+
+def test_balance_loss_reported_only_when_enabled_and_training():
+    model = Transformer(micro_config(aux_loss_alpha=0.01)).train()
+    ids = torch.randint(0, 128, (2, 12))
+    out = model(ids, labels=ids)
+    assert out.balance_loss is not None and out.balance_loss.item() > 0
+    assert torch.allclose(out.loss, out.lm_loss + 0.3 * out.mtp_loss + out.balance_loss)
+    assert Transformer(micro_config()).train()(ids, labels=ids).balance_loss is None
+
+
+def test_bias_update_lowers_overloaded_experts():
+    model = Transformer(micro_config())
+    load = torch.zeros(len(model.moe_layer_ids), 8)
+    load[:, 0] = 10.0  # expert 0 overloaded, the rest idle
+    update_expert_bias(model, load, rate=0.01)
+    bias = model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias[0].item() == pytest.approx(-0.01)
+    assert torch.allclose(bias[1:], torch.full((7,), 0.01))
+    assert model.moe_layer_ids == [1, 2, 3]  # layers 1, 2 and the MTP block 3
+
+
+def test_max_violation():
+    assert max_violation(torch.tensor([1.0, 1.0, 1.0, 1.0])).item() == 0.0
+    assert max_violation(torch.tensor([4.0, 0.0, 0.0, 0.0])).item() == pytest.approx(3.0)
