@@ -314,7 +314,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
         max_position_embeddings=1024, num_nextn_predict_layers=1, routed_scaling_factor=1.0,
     ),  # fmt: skip
-    # ~40M parameters.
+    # ~52M parameters (58M with the MTP module).
     "small": dict(
         model_type="deepseek_v3", vocab_size=16384, hidden_size=384, intermediate_size=1024,
         moe_intermediate_size=256, num_hidden_layers=8, num_attention_heads=6, q_lora_rank=192,

@@ -26,7 +26,7 @@ IGNORE_INDEX = -100
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     hidden_states: torch.Tensor  # (B, T, D) after the final norm: the input of MTP depth 1
-    expert_load: torch.Tensor | None = None  # (MoE layers, E) tokens per expert, rows in `moe_layer_ids` order
+    expert_load: torch.Tensor | None = None  # (MoE layers run, E) tokens per expert: a prefix of `moe_layer_ids`
     loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + balance_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # mean over depths of each depth's cross-entropy

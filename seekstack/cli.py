@@ -1,0 +1,180 @@
+"""The `seekstack` command line. Each command parses its arguments, calls the library and prints."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from seekstack.accounting import (
+    forward_flops_per_token,
+    kv_cache_bytes_per_token,
+    main_parameters,
+    mtp_checkpoint_parameters,
+    mtp_parameters,
+    training_flops_per_token,
+)
+from seekstack.checkpoint import CheckpointError, load_pretrained
+from seekstack.config import PRESETS, ConfigError, ModelConfig, preset
+from seekstack.model.transformer import Transformer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+Model = Annotated[str, typer.Argument(help=f"A preset ({', '.join(PRESETS)}) or a checkpoint directory.")]
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        typer.echo(f"seekstack {version('seekstack')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """seekstack: the DeepSeek-V3 stack in plain PyTorch."""
+
+
+@app.command()
+def info(
+    model: Model,
+    context: Annotated[int, typer.Option(min=1, help="Keys each token attends to, for the FLOPs per token.")] = 4096,
+) -> None:
+    """Parameters, activated parameters, FLOPs and KV-cache bytes per token, and the architecture."""
+    with _user_errors():
+        config = _config(model)
+    main_params = main_parameters(config)
+    cache = kv_cache_bytes_per_token(config, torch.bfloat16)
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    experts = f"{config.n_routed_experts} / {config.num_experts_per_tok} / {config.n_shared_experts or 0}"
+    table = Table(title=f"{model} ({config.model_type})")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [
+        ("layers", f"{config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)"),
+        ("hidden size", str(config.hidden_size)),
+        ("attention heads", str(config.num_attention_heads)),
+        ("q / kv LoRA rank", f"{config.q_lora_rank or 'none'} / {config.kv_lora_rank}"),
+        ("head dims nope / rope / v", f"{config.qk_nope_head_dim} / {config.qk_rope_head_dim} / {config.v_head_dim}"),
+        ("experts routed / per token / shared", experts if config.n_routed_experts else "none (dense)"),
+        ("expert width", str(config.moe_intermediate_size)),
+        ("MTP depths", str(config.num_nextn_predict_layers)),
+        ("vocabulary", f"{config.vocab_size:,}"),
+        ("params, main model", _count(main_params.total)),
+        ("params, MTP as stored", _count(mtp_checkpoint_parameters(config))),
+        ("activated per token (head, no emb.)", _count(main_params.activated)),
+        (f"forward FLOPs/token, context {context}", _flops(forward_flops_per_token(config, context))),
+        (f"training FLOPs/token, seq {context}", _flops(training_flops_per_token(config, context))),
+        ("KV cache/token bf16, MLA latent", _bytes(cache.latent)),
+        ("KV cache/token bf16, plain MHA", _bytes(cache.mha)),
+        ("KV cache MHA / latent", f"{cache.ratio:.1f}x"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    Console(markup=False).print(table)
+
+
+@app.command()
+def forward(
+    model: Model,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 64,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences in the batch.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights (presets) and token ids.")] = 0,
+) -> None:
+    """One forward pass on random tokens: logits shape, losses, expert load per MoE layer, time taken."""
+    torch.manual_seed(seed)
+    with _user_errors():
+        config = _config(model)
+        _require_memory(model, config)
+        network = Transformer(config) if model in PRESETS else load_pretrained(model)
+    network.eval()
+    input_ids = torch.randint(config.vocab_size, (batch, seq_len))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = network(input_ids, labels=input_ids)
+    elapsed = time.perf_counter() - start
+
+    console = Console(markup=False)  # paths may hold [brackets]
+    console.print(f"{model}: {_count(sum(p.numel() for p in network.parameters()))} parameters")
+    console.print(f"logits shape: {tuple(output.logits.shape)}")
+    mtp_loss = "n/a (needs seq-len >= 3)" if output.mtp_loss is None else f"{output.mtp_loss.item():.4f}"
+    console.print(f"lm loss: {output.lm_loss.item():.4f}, mtp loss: {mtp_loss}")
+    console.print(f"uniform guess: ln V = {math.log(config.vocab_size):.4f}")
+    if output.expert_load is not None:
+        table = Table(title="expert load (tokens per routed expert)")
+        table.add_column("layer", justify="right")
+        table.add_column("max / mean", justify="right")
+        table.add_column("tokens per expert")
+        for layer_idx, load in zip(network.moe_layer_ids, output.expert_load, strict=False):
+            label = f"{layer_idx} (MTP)" if layer_idx >= config.num_hidden_layers else str(layer_idx)
+            table.add_row(label, f"{(load.max() / load.float().mean()).item():.2f}", " ".join(map(str, load.tolist())))
+        console.print(table)
+    console.print(f"forward took {elapsed * 1000:.1f} ms (batch {batch} x {seq_len} tokens on {input_ids.device})")
+
+
+def _config(model: str) -> ModelConfig:
+    """A preset by name, or the config.json of a checkpoint directory."""
+    if model in PRESETS:
+        return preset(model)
+    if Path(model).is_dir():
+        return ModelConfig.from_json(Path(model) / "config.json")
+    _fail(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
+
+
+def _require_memory(model: str, config: ModelConfig) -> None:
+    """Refuse, with the numbers, to build a model whose float32 weights exceed this machine's memory."""
+    if not hasattr(os, "sysconf"):
+        return
+    needed = 4 * (main_parameters(config).total + mtp_parameters(config).total)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        _fail(f"{model} needs {_bytes(needed)} for its float32 weights; this machine has {_bytes(available)}")
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn configuration and checkpoint errors into a one-line message and exit code 1."""
+    try:
+        yield
+    except (ConfigError, CheckpointError) as error:
+        _fail(str(error))
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _count(n: int) -> str:
+    if n < 1000:
+        return str(n)
+    return f"{_scaled(n, 1000, ['', 'K', 'M', 'B', 'T'])} ({n:,})"
+
+
+def _flops(n: int) -> str:
+    return f"{_scaled(n, 1000, [' ', ' K', ' M', ' G', ' T'])}FLOP"
+
+
+def _bytes(n: int) -> str:
+    return f"{n:,} B" if n < 1024 else f"{_scaled(n, 1024, ['', ' Ki', ' Mi', ' Gi', ' Ti'])}B ({n:,} B)"
+
+
+def _scaled(n: float, base: int, units: list[str]) -> str:
+    """n in the largest unit it reaches, with two decimals: 671.03B, 68.62 Ki."""
+    unit = 0
+    while n >= base and unit < len(units) - 1:
+        n, unit = n / base, unit + 1
+    return f"{n:.2f}{units[unit]}"

@@ -1,0 +1,137 @@
+"""The `seekstack` command line: figures it prints come from the library, errors are one clear line."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from importlib.metadata import version
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seekstack.accounting import (
+    forward_flops_per_token,
+    kv_cache_bytes_per_token,
+    main_parameters,
+    mtp_checkpoint_parameters,
+)
+from seekstack.checkpoint import load_pretrained, save_pretrained
+from seekstack.cli import app
+from seekstack.config import preset
+from seekstack.model.transformer import Transformer
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    """Invoke the CLI with plain output wide enough that rich wraps no table cell."""
+    return runner.invoke(app, list(args), env={"COLUMNS": "120", "FORCE_COLOR": None})
+
+
+def lm_loss(output: str) -> float:
+    return float(re.search(r"lm loss: ([\d.]+)", output).group(1))
+
+
+def expert_load_rows(output: str) -> dict[str, list[int]]:
+    """Rows of the expert-load table: layer label -> tokens per expert."""
+    rows = re.findall(r"│\s*(\d+(?: \(MTP\))?)\s*│\s*[\d.]+\s*│\s*([\d ]+?)\s*│", output)
+    return {layer: [int(n) for n in counts.split()] for layer, counts in rows}
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return save_pretrained(Transformer(preset("tiny")), tmp_path / "tiny")
+
+
+def test_version_prints_the_package_version():
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.output.strip() == f"seekstack {version('seekstack')}"
+
+
+def test_info_prints_deepseek_v3_parameters_flops_and_cache_bytes():
+    result = run("info", "deepseek-v3")
+    assert result.exit_code == 0, result.output
+    config = preset("deepseek-v3")
+    cache = kv_cache_bytes_per_token(config, torch.bfloat16)
+    assert "671.03B (671,026,404,352)" in result.output
+    assert f"{main_parameters(config).activated:,}" in result.output
+    assert f"{mtp_checkpoint_parameters(config):,}" in result.output
+    assert "forward FLOPs/token, context 4096" in result.output
+    assert f"{forward_flops_per_token(config, 4096) / 1e9:.2f} GFLOP" in result.output
+    assert f"{cache.latent:,} B" in result.output and f"{cache.mha:,} B" in result.output
+    assert "71.1x" in result.output
+    assert "61 (3 dense, 58 MoE)" in result.output
+
+
+def test_info_context_option_sets_the_flops_context():
+    result = run("info", "tiny", "--context", "128")
+    assert result.exit_code == 0, result.output
+    assert "context 128" in result.output
+    assert f"{forward_flops_per_token(preset('tiny'), 128) / 1e6:.2f} MFLOP" in result.output
+
+
+def test_info_reads_the_config_json_of_a_checkpoint_directory(tmp_path):
+    config = preset("small")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    result = run("info", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert f"{main_parameters(config).total:,}" in result.output
+
+
+def test_unknown_preset_fails_with_a_message_naming_the_presets():
+    result = run("info", "deepseek-v9")
+    assert result.exit_code == 1
+    assert "'deepseek-v9' is neither a preset (tiny, small, deepseek-v2-lite, deepseek-v3)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_directory_without_config_json_fails_naming_the_file(tmp_path):
+    result = run("forward", str(tmp_path))
+    assert result.exit_code == 1
+    assert f"error: {tmp_path / 'config.json'}: no such file" in result.output
+
+
+def test_invalid_config_json_fails_naming_the_field(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    result = run("info", str(tmp_path))
+    assert result.exit_code == 1
+    assert "model_type='llama' is not supported" in result.output
+
+
+def test_forward_refuses_a_model_larger_than_memory():
+    result = run("forward", "deepseek-v3")
+    assert result.exit_code == 1
+    assert "deepseek-v3 needs 2.48 TiB" in result.output
+
+
+def test_forward_reports_logits_shape_losses_and_expert_load():
+    result = run("forward", "tiny", "--seq-len", "16", "--batch", "2")
+    assert result.exit_code == 0, result.output
+    assert "logits shape: (2, 16, 4096)" in result.output
+    assert lm_loss(result.output) == pytest.approx(math.log(4096), abs=0.5)  # random weights: near uniform
+    assert re.search(r"mtp loss: \d+\.\d{4}", result.output)
+    loads = expert_load_rows(result.output)
+    # Each of the 2 x 16 tokens goes to 2 of 8 experts; the MTP depth sees 2 x 15 positions.
+    assert {layer: sum(counts) for layer, counts in loads.items()} == {"1": 64, "2": 64, "3": 64, "4 (MTP)": 60}
+    assert all(len(counts) == 8 for counts in loads.values())
+    assert re.search(r"forward took [\d.]+ ms", result.output)
+
+
+def test_forward_is_reproducible_for_a_seed():
+    first, again, other = (run("forward", "tiny", "--seq-len", "8", "--seed", seed) for seed in ("1", "1", "2"))
+    assert lm_loss(first.output) == lm_loss(again.output)
+    assert lm_loss(first.output) != lm_loss(other.output)
+
+
+def test_forward_loads_a_checkpoint_directory(tiny_checkpoint):
+    result = run("forward", str(tiny_checkpoint), "--seq-len", "8", "--batch", "1", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(3)
+    model = load_pretrained(tiny_checkpoint).eval()
+    input_ids = torch.randint(model.config.vocab_size, (1, 8))
+    with torch.inference_mode():
+        expected = model(input_ids, labels=input_ids).lm_loss.item()
+    assert f"lm loss: {expected:.4f}" in result.output
