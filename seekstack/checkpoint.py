@@ -14,6 +14,7 @@ FP8 releases store `weight` as float8_e4m3fn with a float32 `weight_scale_inv` p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -72,9 +73,9 @@ def checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]
             continue
         key = checkpoint_key(name, layers)
         yield from expert_sources(key, tensor) or [(key, tensor)]
-    for k in range(len(model.mtp)):
-        yield f"model.layers.{layers + k}.embed_tokens.weight", model.embed_tokens.weight
-        yield f"model.layers.{layers + k}.shared_head.head.weight", model.lm_head.weight
+    for k in range(len(model.mtp)):  # copies, not aliases: safetensors refuses two keys over one storage
+        yield f"model.layers.{layers + k}.embed_tokens.weight", model.embed_tokens.weight.detach().clone()
+        yield f"model.layers.{layers + k}.shared_head.head.weight", model.lm_head.weight.detach().clone()
 
 
 # ---------------------------------------------------------------------------------------- FP8
@@ -97,8 +98,10 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = DEFAULT_FP8_BLOC
 
 
 def _is_fp8_quantizable(key: str, tensor: torch.Tensor) -> bool:
-    """DeepSeek's FP8 release quantizes the projection matrices of the blocks, not embeddings, head or gate."""
-    return tensor.dim() == 2 and key.startswith("model.layers.") and key.endswith("_proj.weight")
+    """DeepSeek's FP8 release quantizes the block projections (kv_a_proj_with_mqa too), not embeddings, head or gate,
+    nor MTP's eh_proj (vLLM reads it as a plain Linear)."""
+    projection = key.endswith(("_proj.weight", "_proj_with_mqa.weight")) and not key.endswith(".eh_proj.weight")
+    return tensor.dim() == 2 and key.startswith("model.layers.") and projection
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -108,6 +111,7 @@ class CheckpointReader:
     def __init__(self, directory: Path, quantization: dict | None):
         self.directory = directory
         self.key_to_file = self._index()
+        self._files = contextlib.ExitStack()
         self._handles: dict[str, object] = {}
         self.fp8_block: tuple[int, int] | None = None
         if quantization is not None:
@@ -136,6 +140,12 @@ class CheckpointReader:
                 key_to_file.update({key: file.name for key in handle.keys()})
         return key_to_file
 
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._files.close()
+
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
 
@@ -152,7 +162,9 @@ class CheckpointReader:
         if tensor.dtype == torch.float8_e4m3fn:
             scale_key = key + "_scale_inv"
             if self.fp8_block is None or scale_key not in self.key_to_file:
-                raise CheckpointError(f"{self.file_of(key)}: FP8 tensor {key!r} has no {scale_key!r} / quantization_config")
+                raise CheckpointError(
+                    f"{self.file_of(key)}: FP8 tensor {key!r} has no {scale_key!r} / quantization_config"
+                )
             self.used.add(scale_key)
             tensor = dequantize_fp8(tensor, self._get(scale_key), self.fp8_block)
         return tensor
@@ -160,7 +172,7 @@ class CheckpointReader:
     def _get(self, key: str) -> torch.Tensor:
         file = self.key_to_file[key]
         if file not in self._handles:
-            self._handles[file] = safe_open(self.directory / file, "pt")
+            self._handles[file] = self._files.enter_context(safe_open(self.directory / file, "pt"))
         try:
             return self._handles[file].get_tensor(key)  # type: ignore[attr-defined]
         except Exception as error:  # safetensors raises its own error types
@@ -194,7 +206,7 @@ def load_pretrained(
         if hasattr(router, "e_score_correction_bias"):  # selection bias stays float32, as in the releases
             router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
 
-    with torch.no_grad():
+    with reader, torch.no_grad():
         for name, target in model.state_dict().items():
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue
@@ -245,7 +257,9 @@ def save_pretrained(
     return directory
 
 
-def _write_checkpoint(model: Transformer, directory: Path, max_shard_bytes: int, fp8_block: tuple[int, int] | None) -> None:
+def _write_checkpoint(
+    model: Transformer, directory: Path, max_shard_bytes: int, fp8_block: tuple[int, int] | None
+) -> None:
     """Write shards one at a time (memory stays at one shard), then name them model-000i-of-000n."""
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total_bytes = 0

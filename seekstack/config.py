@@ -132,7 +132,9 @@ class ModelConfig:
         if self.n_routed_experts:
             self._validate_moe()
         if self.rope_type not in ROPE_TYPES:
-            raise ConfigError(f"rope_scaling.rope_type={self.rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+            raise ConfigError(
+                f"rope_scaling.rope_type={self.rope_type!r} is not supported; expected one of {ROPE_TYPES}"
+            )
         if self.rope_type == "yarn":
             _require(self.rope_factor >= 1, "rope_scaling.factor", ">= 1")
         return self
@@ -154,7 +156,11 @@ class ModelConfig:
         reachable = topk_group * (experts // groups)
         _require(k <= reachable, "num_experts_per_tok", f"<= topk_group x experts per group = {reachable}")
         if self.topk_method == "noaux_tc":
-            _require(experts // groups >= 2, "n_group", "small enough that each group has >= 2 experts (noaux_tc sums a group's top-2)")
+            _require(
+                experts // groups >= 2,
+                "n_group",
+                "small enough that each group has >= 2 experts (noaux_tc sums a group's top-2)",
+            )
 
     # ----------------------------------------------------------------- (de)serialisation
     @classmethod
@@ -201,10 +207,16 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             if f.name not in ("extra",):
                 out[f.name] = getattr(self, f.name)
-        out["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        out["rope_parameters"] = {
+            "rope_type": self.rope_type,
+            "rope_theta": self.rope_theta,
+            **(self.rope_scaling or {}),
+        }
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"type": self.rope_type, **self.rope_scaling}
-        out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        out["architectures"] = [
+            "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        ]
         return out
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -246,18 +258,24 @@ def _check_types(values: dict[str, Any], known: dict[str, dataclasses.Field], so
 
 
 def _normalise_rope(raw: dict[str, Any], values: dict[str, Any], source: str) -> tuple[float, dict | None]:
-    """Merge the legacy `rope_scaling` dict and the newer `rope_parameters` dict into (theta, scaling)."""
+    """Merge the newer `rope_parameters` and the legacy `rope_scaling` dicts into (theta, scaling).
+
+    Where both are given and disagree, `rope_scaling` wins, as in transformers 5.
+    """
     theta = raw.get("rope_theta", values.get("rope_theta", 10000.0))
     scaling: dict[str, Any] = {}
-    for key in ("rope_scaling", "rope_parameters"):
+    for key in ("rope_parameters", "rope_scaling"):
         given = raw.get(key)
         if given is None:
             continue
         if not isinstance(given, dict):
             raise ConfigError(f"{source}: field {key!r} must be an object, got {given!r}")
+        given = dict(given)
+        if "type" in given:
+            given["rope_type"] = given.pop("type")
         scaling.update(given)
     theta = scaling.pop("rope_theta", theta)
-    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    rope_type = scaling.pop("rope_type", "default")
     if rope_type == "default":
         return float(theta), None
     return float(theta), {"rope_type": rope_type, **scaling}
@@ -308,33 +326,86 @@ _YARN_40X = {
 PRESETS: dict[str, dict[str, Any]] = {
     # ~3M parameters: trains on a 2-core CPU in minutes.
     "tiny": dict(
-        model_type="deepseek_v3", vocab_size=4096, hidden_size=128, intermediate_size=384,
-        moe_intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64,
-        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2, topk_group=1,
-        max_position_embeddings=1024, num_nextn_predict_layers=1, routed_scaling_factor=1.0,
+        model_type="deepseek_v3",
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=384,
+        moe_intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=32,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        max_position_embeddings=1024,
+        num_nextn_predict_layers=1,
+        routed_scaling_factor=1.0,
     ),  # fmt: skip
     # ~52M parameters (58M with the MTP module).
     "small": dict(
-        model_type="deepseek_v3", vocab_size=16384, hidden_size=384, intermediate_size=1024,
-        moe_intermediate_size=256, num_hidden_layers=8, num_attention_heads=6, q_lora_rank=192,
-        kv_lora_rank=96, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16,
-        n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, n_group=4, topk_group=2,
-        max_position_embeddings=2048, num_nextn_predict_layers=1, routed_scaling_factor=1.0,
+        model_type="deepseek_v3",
+        vocab_size=16384,
+        hidden_size=384,
+        intermediate_size=1024,
+        moe_intermediate_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=6,
+        q_lora_rank=192,
+        kv_lora_rank=96,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        max_position_embeddings=2048,
+        num_nextn_predict_layers=1,
+        routed_scaling_factor=1.0,
     ),  # fmt: skip
     # The released DeepSeek-V2-Lite config.json (15.7B total, 2.4B activated).
     "deepseek-v2-lite": dict(
-        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, q_lora_rank=None,
-        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1,
-        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
-        max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001,
-        rope_scaling={**_YARN_40X, "mscale": 0.707, "mscale_all_dim": 0.707}, num_nextn_predict_layers=0,
+        model_type="deepseek_v2",
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        topk_method="greedy",
+        scoring_func="softmax",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        max_position_embeddings=163840,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        rope_scaling={**_YARN_40X, "mscale": 0.707, "mscale_all_dim": 0.707},
+        num_nextn_predict_layers=0,
     ),  # fmt: skip
     # The released DeepSeek-V3 config.json (671B total, 37B activated, plus one 14B MTP module).
     "deepseek-v3": dict(
-        model_type="deepseek_v3", rope_scaling={**_YARN_40X, "mscale": 1.0, "mscale_all_dim": 1.0},
+        model_type="deepseek_v3",
+        rope_scaling={**_YARN_40X, "mscale": 1.0, "mscale_all_dim": 1.0},
     ),
 }
 

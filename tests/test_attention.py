@@ -10,7 +10,13 @@ from seekstack.model.rope import apply_rotary
 from seekstack.model.transformer import Transformer
 from tests.conftest import micro_config
 
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 0.707, "mscale_all_dim": 0.707}
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
 
 
 @pytest.mark.parametrize(

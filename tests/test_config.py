@@ -47,15 +47,25 @@ def test_missing_fields_take_upstream_defaults_of_the_model_type():
     assert v2.num_nextn_predict_layers == 0
     v3 = ModelConfig.from_dict({"model_type": "deepseek_v3"})
     assert (v3.scoring_func, v3.topk_method, v3.n_routed_experts, v3.num_nextn_predict_layers) == (
-        "sigmoid", "noaux_tc", 256, 1
+        "sigmoid",
+        "noaux_tc",
+        256,
+        1,
     )
 
 
 def test_legacy_rope_scaling_and_rope_parameters_mean_the_same():
     legacy = {"model_type": "deepseek_v3", "rope_theta": 50000.0, "rope_scaling": {"type": "yarn", "factor": 8.0}}
-    newer = {"model_type": "deepseek_v3", "rope_parameters": {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 8.0}}
+    newer = {
+        "model_type": "deepseek_v3",
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 8.0},
+    }
     a, b = ModelConfig.from_dict(legacy), ModelConfig.from_dict(newer)
-    assert (a.rope_theta, a.rope_scaling) == (b.rope_theta, b.rope_scaling) == (50000.0, {"rope_type": "yarn", "factor": 8.0})
+    assert (
+        (a.rope_theta, a.rope_scaling)
+        == (b.rope_theta, b.rope_scaling)
+        == (50000.0, {"rope_type": "yarn", "factor": 8.0})
+    )
 
 
 def test_to_dict_round_trips():

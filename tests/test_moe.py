@@ -19,7 +19,7 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     rows = []
     for t in range(flat.shape[0]):
         out = moe.shared_experts(flat[t])
-        for weight, expert in zip(routing.weights[t], routing.experts[t].tolist()):
+        for weight, expert in zip(routing.weights[t], routing.experts[t].tolist(), strict=True):
             gate, up = (moe.experts.gate_up_proj[expert] @ flat[t]).chunk(2)
             out = out + weight * (moe.experts.down_proj[expert] @ (F.silu(gate) * up))
         rows.append(out)
@@ -91,9 +91,7 @@ def test_routing_never_leaves_the_chosen_groups():
 
 def test_sequence_balance_loss_is_one_when_perfectly_balanced():
     # 2 tokens, 2 experts, K=1: each expert chosen once, scores uniform -> f_i = 1, P_i = 1/2, sum = 1
-    routing = Routing(
-        weights=torch.ones(2, 1), experts=torch.tensor([[0], [1]]), scores=torch.full((2, 2), 0.5)
-    )
+    routing = Routing(weights=torch.ones(2, 1), experts=torch.tensor([[0], [1]]), scores=torch.full((2, 2), 0.5))
     assert sequence_balance_loss(routing, batch=1, seq_len=2).item() == pytest.approx(1.0)
     skewed = Routing(weights=torch.ones(2, 1), experts=torch.tensor([[0], [0]]), scores=torch.tensor([[0.9, 0.1]] * 2))
     assert sequence_balance_loss(skewed, batch=1, seq_len=2).item() == pytest.approx(2 * 0.9)

@@ -14,7 +14,7 @@ from torch import nn
 from seekstack.config import ModelConfig
 from seekstack.model.attention import LatentCache
 from seekstack.model.block import DecoderBlock
-from seekstack.model.moe import MoEStats, Router, RoutedExperts
+from seekstack.model.moe import MoEStats, RoutedExperts, Router
 from seekstack.model.mtp import MTPModule
 from seekstack.model.norm import RMSNorm
 from seekstack.model.rope import RotaryEmbedding, yarn_inverse_frequencies

@@ -21,7 +21,7 @@ def update_expert_bias(model: Transformer, expert_load: torch.Tensor, rate: floa
     `expert_load` is `ModelOutput.expert_load` (rows in `model.moe_layer_ids` order), summed over the
     step's micro-batches (and all-reduced across ranks by the caller). Outside the gradient by design.
     """
-    for layer_idx, load in zip(model.moe_layer_ids, expert_load):
+    for layer_idx, load in zip(model.moe_layer_ids, expert_load, strict=False):  # MTP rows may be absent
         router = model.block(layer_idx).mlp.gate
         if not hasattr(router, "e_score_correction_bias"):
             raise ValueError(f"layer {layer_idx}: topk_method {router.topk_method!r} has no correction bias to update")

@@ -1,0 +1,457 @@
+"""Checkpoints: round trips, sharding, MTP layers, FP8, error messages, atomic saves, loading dtypes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import seekstack
+from seekstack import Transformer
+from seekstack.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, dequantize_fp8, quantize_fp8
+from seekstack.config import ConfigError
+from tests.conftest import micro_config
+
+E4M3_RELATIVE_STEP = 2**-4  # 3 mantissa bits: rounding moves a normal value by at most 1/16 of its size
+E4M3_SMALLEST_STEP = 2**-9  # spacing of the e4m3 subnormals, in units of the block scale
+
+
+def random_model(**overrides) -> Transformer:
+    """A micro model with every weight random, norm gains off 1, and a non-zero routing bias."""
+    model = Transformer(micro_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("e_score_correction_bias"):
+                tensor.uniform_(-0.5, 0.5)
+            elif "norm" in name:
+                tensor.uniform_(0.5, 1.5)
+            elif "inv_freq" not in name:
+                tensor.normal_(0, 0.1)
+    return model
+
+
+def logits(model: Transformer, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+def stored_keys(directory: Path) -> dict[str, str]:
+    """Every key in the directory's safetensors files -> the dtype it is stored in."""
+    keys = {}
+    for file in directory.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            keys.update({key: handle.get_slice(key).get_dtype() for key in handle.keys()})
+    return keys
+
+
+def assert_same_state(a: Transformer, b: Transformer) -> None:
+    state_a, state_b = a.state_dict(), b.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert state_a[name].dtype == state_b[name].dtype, name
+        assert torch.equal(state_a[name], state_b[name]), name
+
+
+def rewrite_config(directory: Path, **changes) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+INPUT_IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------ round trips
+def test_save_then_load_gives_equal_state_dict_and_logits(tmp_path):
+    model = random_model()
+    seekstack.save_pretrained(model, tmp_path / "ckpt")
+    loaded = seekstack.load_pretrained(tmp_path / "ckpt").eval()
+    assert_same_state(model, loaded)
+    assert torch.equal(logits(loaded, INPUT_IDS), logits(model, INPUT_IDS))
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUT_IDS, labels=INPUT_IDS).mtp_loss, model(INPUT_IDS, labels=INPUT_IDS).mtp_loss)
+
+
+def test_config_json_is_unchanged_by_a_load_and_save(tmp_path):
+    model = random_model(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
+    seekstack.save_pretrained(model, tmp_path / "first")
+    seekstack.save_pretrained(seekstack.load_pretrained(tmp_path / "first"), tmp_path / "second")
+    first = json.loads((tmp_path / "first" / "config.json").read_text())
+    assert first == json.loads((tmp_path / "second" / "config.json").read_text())
+    assert first["rope_parameters"]["rope_type"] == "yarn" and first["rope_scaling"]["factor"] == 4.0
+
+
+def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
+    model = random_model(tie_word_embeddings=True, num_nextn_predict_layers=0)
+    seekstack.save_pretrained(model, tmp_path)
+    assert "lm_head.weight" not in stored_keys(tmp_path)
+    loaded = seekstack.load_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    assert torch.equal(logits(loaded, INPUT_IDS), logits(model, INPUT_IDS))
+
+
+# ------------------------------------------------------------------ sharding
+def test_small_shard_limit_writes_several_shards_and_an_index_that_loads_back(tmp_path):
+    model = random_model()
+    limit = 40_000
+    seekstack.save_pretrained(model, tmp_path, max_shard_bytes=limit)
+
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2
+    assert [s.name for s in shards] == [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
+    assert not (tmp_path / SINGLE_FILE).exists()
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    total = 0
+    for shard in shards:
+        with safe_open(shard, "pt") as handle:
+            keys = list(handle.keys())
+            sizes = [handle.get_tensor(k).numel() * handle.get_tensor(k).element_size() for k in keys]
+        assert all(index["weight_map"][k] == shard.name for k in keys)
+        assert sum(sizes) <= limit or len(keys) == 1  # a tensor above the limit gets a shard of its own
+        total += sum(sizes)
+    assert set(index["weight_map"]) == set(stored_keys(tmp_path))
+    assert index["metadata"]["total_size"] == total
+
+    assert_same_state(model, seekstack.load_pretrained(tmp_path))
+
+
+def test_saving_over_a_sharded_checkpoint_leaves_no_stale_shards(tmp_path):
+    model = random_model()
+    seekstack.save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)
+    seekstack.save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", SINGLE_FILE]
+    assert_same_state(model, seekstack.load_pretrained(tmp_path / "ckpt"))
+
+
+# ------------------------------------------------------------------ multi-token prediction
+def test_mtp_modules_are_stored_as_the_layers_after_the_main_ones(tmp_path):
+    model = random_model(num_nextn_predict_layers=2)
+    seekstack.save_pretrained(model, tmp_path)
+    keys = stored_keys(tmp_path)
+    L = model.config.num_hidden_layers
+    for k in range(2):
+        prefix = f"model.layers.{L + k}"
+        own = ["enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"]
+        block = [
+            "input_layernorm", "post_attention_layernorm", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa",
+            "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.gate", "mlp.shared_experts.gate_proj",
+            "mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.7.down_proj",
+        ]  # fmt: skip
+        for name in own + block:
+            assert f"{prefix}.{name}.weight" in keys
+        assert f"{prefix}.mlp.gate.e_score_correction_bias" in keys
+        assert not any(key.startswith(f"{prefix}.block.") for key in keys)
+    assert not any(key.startswith(f"model.layers.{L + 2}.") or key.startswith("mtp.") for key in keys)
+
+    files = {k: v for f in tmp_path.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert torch.equal(files[f"model.layers.{L + 1}.embed_tokens.weight"], model.embed_tokens.weight)
+    assert torch.equal(files[f"model.layers.{L + 1}.shared_head.head.weight"], model.lm_head.weight)
+    assert torch.equal(files[f"model.layers.{L}.eh_proj.weight"], model.mtp[0].eh_proj.weight)
+
+    loaded = seekstack.load_pretrained(tmp_path).eval()
+    assert len(loaded.mtp) == 2 and loaded.config.num_nextn_predict_layers == 2
+    assert_same_state(model, loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(INPUT_IDS, labels=INPUT_IDS).mtp_loss, model(INPUT_IDS, labels=INPUT_IDS).mtp_loss)
+
+
+def test_config_promising_mtp_without_mtp_weights_loads_without_mtp(tmp_path):
+    model = random_model(num_nextn_predict_layers=0)
+    seekstack.save_pretrained(model, tmp_path)
+    rewrite_config(tmp_path, num_nextn_predict_layers=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = seekstack.load_pretrained(tmp_path)
+    assert len(loaded.mtp) == 0 and loaded.config.num_nextn_predict_layers == 0
+    assert torch.equal(logits(loaded, INPUT_IDS), logits(model, INPUT_IDS))
+
+
+def test_config_promising_more_mtp_layers_than_stored_loads_those_stored(tmp_path):
+    model = random_model(num_nextn_predict_layers=1)
+    seekstack.save_pretrained(model, tmp_path)
+    rewrite_config(tmp_path, num_nextn_predict_layers=3)
+    loaded = seekstack.load_pretrained(tmp_path)
+    assert len(loaded.mtp) == 1
+    assert_same_state(model, loaded)
+
+
+# ------------------------------------------------------------------ FP8
+def e4m3_error_bound(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """Largest rounding error per element: 1/16 of the value, or half a subnormal step of its block's scale."""
+    rows, cols = weight.shape
+    scale = scale_inv.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    return weight.abs() * E4M3_RELATIVE_STEP + scale * E4M3_SMALLEST_STEP / 2 + 1e-12
+
+
+def test_fp8_round_trip_error_is_within_e4m3_precision_of_each_block():
+    weight = torch.randn(256, 384) * torch.logspace(-3, 1, 384)  # magnitudes spanning four decades
+    quantized, scale_inv = quantize_fp8(weight)
+    restored = dequantize_fp8(quantized, scale_inv, (128, 128))
+    error = (restored - weight).abs()
+    assert (error <= e4m3_error_bound(weight, scale_inv)).all()
+    assert error.max() <= scale_inv.max() * 16  # half the e4m3 spacing (32) next to its largest value 448
+    assert (error.mean() / weight.abs().mean()).item() < 0.03
+
+
+def test_fp8_edge_blocks_are_quantized_with_their_own_scale():
+    rows, cols = 200, 300  # neither a multiple of 128: the last row and column blocks are partial
+    magnitude = torch.tensor([[1.0, 10.0, 1e3], [1e-2, 1e2, 1e-4]])  # one scale per block, far apart
+    weight = torch.randn(rows, cols) * magnitude.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    quantized, scale_inv = quantize_fp8(weight)
+    assert quantized.shape == (rows, cols) and quantized.dtype == torch.float8_e4m3fn
+    assert scale_inv.shape == (math.ceil(rows / 128), math.ceil(cols / 128)) and scale_inv.dtype == torch.float32
+    for i, j in [(0, 0), (1, 2), (0, 2), (1, 0)]:
+        block = weight[128 * i : 128 * (i + 1), 128 * j : 128 * (j + 1)]
+        assert scale_inv[i, j].item() == pytest.approx(block.abs().max().item() / 448, rel=1e-6)
+    restored = dequantize_fp8(quantized, scale_inv, (128, 128))
+    assert restored.shape == (rows, cols)
+    assert ((restored - weight).abs() <= e4m3_error_bound(weight, scale_inv)).all()
+
+
+FP8_SHAPES = dict(hidden_size=160, intermediate_size=300, moe_intermediate_size=136, q_lora_rank=144)  # crosses 128
+
+
+def test_fp8_save_writes_e4m3_weights_with_block_scales_and_a_quantization_config(tmp_path):
+    model = random_model(**FP8_SHAPES)
+    seekstack.save_pretrained(model, tmp_path, fp8_block=(128, 128))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+    }  # fmt: skip
+    with safe_open(tmp_path / SINGLE_FILE, "pt") as handle:
+        checked = 0
+        for key in handle.keys():
+            if key.endswith("_scale_inv"):
+                continue
+            tensor = handle.get_tensor(key)
+            if tensor.dtype != torch.float8_e4m3fn:
+                continue
+            scale = handle.get_tensor(key + "_scale_inv")
+            assert scale.dtype == torch.float32
+            assert scale.shape == (math.ceil(tensor.shape[0] / 128), math.ceil(tensor.shape[1] / 128)), key
+            checked += 1
+        gate_proj = handle.get_tensor("model.layers.0.mlp.gate_proj.weight_scale_inv")
+    assert gate_proj.shape == (3, 2)  # (300, 160) in 128x128 blocks
+    assert checked > 20
+
+
+def test_fp8_save_quantizes_the_matrices_deepseeks_fp8_release_quantizes(tmp_path):
+    """DeepSeek-V3's release stores every attention and FFN projection of a block in e4m3 (kv_a_proj_with_mqa
+    included, e.g. [576, 7168] with a [5, 56] scale), the MTP block's too, and keeps embeddings, head, norms,
+    the gate and MTP's eh_proj (a plain Linear in vLLM's DeepSeekMTP) in high precision.
+    """
+    seekstack.save_pretrained(random_model(num_nextn_predict_layers=1), tmp_path, fp8_block=(128, 128))
+    keys = stored_keys(tmp_path)
+    attention = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    quantized = [f"model.layers.{i}.self_attn.{name}.weight" for i in (0, 1, 3) for name in attention]
+    quantized += [f"model.layers.0.mlp.{name}.weight" for name in ("gate_proj", "up_proj", "down_proj")]
+    quantized += ["model.layers.1.mlp.experts.3.up_proj.weight", "model.layers.1.mlp.shared_experts.down_proj.weight"]
+    quantized += ["model.layers.3.mlp.experts.0.gate_proj.weight"]  # the MTP module's block
+    for key in quantized:
+        assert keys[key] == "F8_E4M3" and keys[key + "_scale_inv"] == "F32", key
+    kept = [
+        "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias", "model.layers.0.self_attn.kv_a_layernorm.weight",
+        "model.layers.3.eh_proj.weight", "model.layers.3.shared_head.head.weight", "model.layers.3.embed_tokens.weight",
+    ]  # fmt: skip
+    for key in kept:
+        assert keys[key] == "F32" and key + "_scale_inv" not in keys, key
+
+
+def test_fp8_checkpoint_loads_to_exactly_the_dequantized_weights(tmp_path):
+    model = random_model(**FP8_SHAPES)
+    seekstack.save_pretrained(model, tmp_path, fp8_block=(128, 128))
+    loaded = seekstack.load_pretrained(tmp_path)
+    expected = dequantize_fp8(*quantize_fp8(model.layers[0].mlp.gate_proj.weight), (128, 128))
+    assert torch.equal(loaded.layers[0].mlp.gate_proj.weight, expected)
+    expert = model.layers[1].mlp.experts.gate_up_proj[5]  # gate and up are quantized as separate matrices
+    gate, up = expert.chunk(2)
+    expected = torch.cat([dequantize_fp8(*quantize_fp8(w), (128, 128)) for w in (gate, up)])
+    assert torch.equal(loaded.layers[1].mlp.experts.gate_up_proj[5], expected)
+    assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight)  # never quantized
+    assert torch.equal(
+        loaded.layers[1].mlp.gate.e_score_correction_bias, model.layers[1].mlp.gate.e_score_correction_bias
+    )
+
+
+def test_fp8_checkpoint_logits_stay_close_to_the_float_model(tmp_path):
+    """e4m3 rounding moves each quantized matrix by about 2.7% (Frobenius, measured for Gaussian weights).
+    A freshly initialised model passes that through a handful of matrices in series and a few routing
+    choices; we allow 15% relative error in the logits (5-7% is observed over seeds). A scale applied inverted,
+    or not at all, is off by a factor of up to 448^2, far outside it; misplaced blocks are caught exactly
+    by the dequantization test above."""
+    model = Transformer(micro_config(**FP8_SHAPES)).eval()  # the usual N(0, 0.02) initialisation
+    with torch.no_grad():
+        for name, bias in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                bias.uniform_(-0.5, 0.5)
+    seekstack.save_pretrained(model, tmp_path, fp8_block=(128, 128))
+    reference, quantized = logits(model, INPUT_IDS), logits(seekstack.load_pretrained(tmp_path), INPUT_IDS)
+    relative = ((quantized - reference).norm() / reference.norm()).item()
+    assert 0 < relative < 0.15
+
+
+def test_a_loaded_fp8_checkpoint_saves_as_plain_float(tmp_path):
+    seekstack.save_pretrained(random_model(), tmp_path / "fp8", fp8_block=(128, 128))
+    seekstack.save_pretrained(seekstack.load_pretrained(tmp_path / "fp8"), tmp_path / "float")
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+    assert set(stored_keys(tmp_path / "float").values()) == {"F32"}
+
+
+# ------------------------------------------------------------------ errors name the file and the key
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    directory = tmp_path / "ckpt"
+    seekstack.save_pretrained(random_model(num_nextn_predict_layers=0), directory)
+    return directory
+
+
+def test_missing_shard_named_in_the_index_is_reported_with_the_index_and_the_shard(tmp_path):
+    seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
+    missing = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    missing.unlink()
+    with pytest.raises(CheckpointError) as error:
+        seekstack.load_pretrained(tmp_path)
+    assert str(tmp_path / INDEX_FILE) in str(error.value) and missing.name in str(error.value)
+
+
+def test_missing_key_is_reported_with_the_file_and_the_key(saved):
+    tensors = load_file(saved / SINGLE_FILE)
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, saved / SINGLE_FILE)
+    with pytest.raises(CheckpointError) as error:
+        seekstack.load_pretrained(saved)
+    assert str(saved / SINGLE_FILE) in str(error.value)
+    assert "'model.layers.1.mlp.experts.3.up_proj.weight'" in str(error.value)
+
+
+def test_shape_mismatch_is_reported_with_the_file_the_key_and_both_shapes(saved):
+    tensors = load_file(saved / SINGLE_FILE)
+    key = "model.layers.0.self_attn.kv_b_proj.weight"
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, saved / SINGLE_FILE)
+    with pytest.raises(CheckpointError) as error:
+        seekstack.load_pretrained(saved)
+    message = str(error.value)
+    assert str(saved / SINGLE_FILE) in message and repr(key) in message
+    assert "(127, 16)" in message and "(128, 16)" in message
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"model_type": "llama"}, "model_type"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok"),  # more than the 8 routed experts
+        ({"n_group": 3}, "n_group"),  # does not divide the 8 experts
+        ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
+        ({"hidden_size": "64"}, "hidden_size"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 0.5}}, "rope_scaling.factor"),
+    ],
+    ids=[
+        "unknown-model-type",
+        "top-k-above-experts",
+        "groups-not-dividing",
+        "odd-rope-dim",
+        "string-size",
+        "yarn-shrink",
+    ],
+)
+def test_bad_config_json_is_reported_with_the_file_and_the_field(saved, changes, field):
+    rewrite_config(saved, **changes)
+    with pytest.raises(ConfigError) as error:
+        seekstack.load_pretrained(saved)
+    assert str(saved / "config.json") in str(error.value) and field in str(error.value)
+
+
+def test_config_json_that_is_not_json_is_reported_with_the_file(saved):
+    (saved / "config.json").write_text("{'model_type': 'deepseek_v3'")
+    with pytest.raises(ConfigError, match=re.escape(str(saved / "config.json")) + ".*not valid JSON"):
+        seekstack.load_pretrained(saved)
+
+
+def test_fp8_weight_without_its_scale_is_reported_with_the_file_and_the_key(tmp_path):
+    seekstack.save_pretrained(random_model(), tmp_path, fp8_block=(128, 128))
+    tensors = load_file(tmp_path / SINGLE_FILE)
+    del tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    with pytest.raises(CheckpointError) as error:
+        seekstack.load_pretrained(tmp_path)
+    assert str(tmp_path / SINGLE_FILE) in str(error.value)
+    assert "'model.layers.0.self_attn.o_proj.weight_scale_inv'" in str(error.value)
+
+
+def test_unused_checkpoint_keys_are_reported_in_a_warning(saved):
+    tensors = load_file(saved / SINGLE_FILE)
+    tensors["model.layers.0.mlp.surplus.weight"] = torch.zeros(2)
+    save_file(tensors, saved / SINGLE_FILE)
+    with pytest.warns(UserWarning, match=r"1 checkpoint keys were not used.*model\.layers\.0\.mlp\.surplus\.weight"):
+        seekstack.load_pretrained(saved)
+
+
+# ------------------------------------------------------------------ interrupted saves
+class ShardWriteFailure(RuntimeError):
+    pass
+
+
+def fail_on_second_shard(monkeypatch) -> list[str]:
+    written: list[str] = []
+
+    def save_file_then_fail(tensors, filename, metadata=None):
+        if written:
+            raise ShardWriteFailure("disk full")
+        save_file(tensors, filename, metadata=metadata)
+        written.append(filename)
+
+    monkeypatch.setattr(seekstack.checkpoint, "save_file", save_file_then_fail)
+    return written
+
+
+def test_interrupted_save_leaves_the_existing_checkpoint_intact_and_no_temporary_files(tmp_path, monkeypatch):
+    old = random_model()
+    seekstack.save_pretrained(old, tmp_path / "ckpt")
+    before = digest(tmp_path / "ckpt")
+    written = fail_on_second_shard(monkeypatch)
+
+    with pytest.raises(ShardWriteFailure):
+        seekstack.save_pretrained(random_model(), tmp_path / "ckpt", max_shard_bytes=40_000)
+
+    assert len(written) == 1  # it did fail midway, after a shard was on disk
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert digest(tmp_path / "ckpt") == before
+    assert_same_state(old, seekstack.load_pretrained(tmp_path / "ckpt"))
+
+
+def test_interrupted_first_save_creates_nothing(tmp_path, monkeypatch):
+    fail_on_second_shard(monkeypatch)
+    with pytest.raises(ShardWriteFailure):
+        seekstack.save_pretrained(random_model(), tmp_path / "ckpt", max_shard_bytes=40_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ dtypes
+def test_bfloat16_load_gives_bfloat16_weights_and_keeps_the_routing_bias_float32(tmp_path):
+    model = random_model()
+    seekstack.save_pretrained(model, tmp_path)
+    loaded = seekstack.load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    biases = {n: b for n, b in loaded.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert len(biases) == 3  # two MoE layers and the MoE block of the MTP module
+    for name, bias in biases.items():
+        assert bias.dtype == torch.float32
+        assert torch.equal(bias, model.get_buffer(name))  # not rounded through bfloat16 on the way
+    assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight.bfloat16())
+    reference = logits(model, INPUT_IDS)
+    assert ((logits(loaded, INPUT_IDS).float() - reference).norm() / reference.norm()).item() < 0.05
