@@ -89,9 +89,11 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         query = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, N+R)
         key = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1)
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )
+        # Zero-pad to one width: torch's fused CPU kernels need it; padded q/k add 0 to scores, padded v gives 0s.
+        width = max(query.shape[-1], self.v_dim)
+        query, key, value = (_pad_last(t, width).transpose(1, 2) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.softmax_scale)
+        out = out[..., : self.v_dim]
         return out.transpose(1, 2)  # (B, T, H, V)
 
     def attend_absorbed(
@@ -111,15 +113,17 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # (H, N, C), (H, V, C)
         q_latent = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)
         query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C+R)
-        key = torch.cat((kv_latent, k_rope), dim=-1).unsqueeze(1)  # (B, 1, S, C+R), one key for all heads
+        key = torch.cat((kv_latent, k_rope), dim=-1).unsqueeze(1).expand(-1, self.num_heads, -1, -1)  # (B, H, S, C+R)
+        # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
         out_latent = F.scaled_dot_product_attention(
-            query,
-            key.expand(-1, self.num_heads, -1, -1),
-            kv_latent.unsqueeze(1).expand(-1, self.num_heads, -1, -1),
-            attn_mask=mask.unsqueeze(1),
-            scale=self.softmax_scale,
-        )  # (B, H, T, C)
+            query, key, key, attn_mask=mask.unsqueeze(1), scale=self.softmax_scale
+        )
+        out_latent = out_latent[..., : self.kv_rank]  # (B, H, T, C)
         return torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)
+
+
+def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 
 
 class ContiguousLatentCache:

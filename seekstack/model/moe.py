@@ -99,17 +99,15 @@ class RoutedExperts(nn.Module):
         order = flat_experts.argsort(stable=True)  # assignments sorted by expert
         token_of = order // top_k
         load = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
-        tokens = x[token_of]
-        outputs = []
-        start = 0
-        for expert, count in enumerate(load.tolist()):
-            if count == 0:
-                continue
-            chunk = tokens[start : start + count]
-            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
-            start += count
-        weighted = torch.cat(outputs) * routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        counts = load.tolist()
+        tokens = x[token_of].split(counts)
+        gate_up = torch.cat(
+            [F.linear(chunk, w) for chunk, w in zip(tokens, self.gate_up_proj, strict=True) if len(chunk)]
+        )
+        gate, up = gate_up.chunk(2, dim=-1)
+        weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        hidden = (F.silu(gate) * up * weights).split(counts)  # g_k folded in before the down projection
+        weighted = torch.cat([F.linear(h, w) for h, w in zip(hidden, self.down_proj, strict=True) if len(h)])
         combined = torch.zeros_like(x).index_add_(0, token_of, weighted)
         return combined, load
 

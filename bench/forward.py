@@ -1,0 +1,390 @@
+"""Forward throughput of seekstack against transformers' DeepseekV3ForCausalLM on the same weights.
+
+For each preset a model with random weights is saved with `seekstack.save_pretrained`, then loaded both
+by `seekstack.load_pretrained` and by `transformers.AutoModelForCausalLM` once per experts x attention
+implementation. Every implementation's logits are checked against ours before it is timed. Timed
+forwards of ours and transformers' alternate, and the median over repetitions is reported, so that load
+from other processes on the machine falls on both sides alike. A profile then attributes each model's
+time to its components (attention projections, routed experts, ...) and lists the costliest aten ops.
+
+theirs(default) is what `from_pretrained` picks unasked; theirs(fastest) is the experts x attention
+implementation that is fastest at that length (screened with a few forwards each, then confirmed by the
+interleaved measurement). Ratio = ours tok/s / theirs tok/s: above 1 means seekstack is faster.
+
+    python bench/forward.py                                   # full run, a few minutes on 2 cores
+    python bench/forward.py --presets tiny --seq-lens 128 --reps 3 --no-profile   # quick check
+
+Shapes: B batch, T tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as transformers_logging
+
+import seekstack
+
+DEFAULT_SEQ_LENS = {"tiny": [128, 512, 1024], "small": [128, 512]}
+# transformers' implementations that run on a CPU; deepgemm, sonicmoe and flash_attention_* need CUDA.
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+# batched_mm gathers one copy of an expert's three matrices per (token, expert) pair; above this many
+# bytes it would take minutes and most of the machine's memory, so it is reported as skipped.
+BATCHED_MM_GATHER_LIMIT = 2 * 2**30
+PARITY_ATOL = 1e-3
+SCREEN_ROUNDS = 3  # timed forwards per transformers implementation when looking for the fastest
+LABEL = "§"  # prefix of the profiler ranges that name model components
+
+
+# ---------------------------------------------------------------------------------------- models
+@dataclass
+class Contender:
+    """One model under test: a name for the table and a function from input ids (B, T) to logits (B, T, V)."""
+
+    name: str
+    model: nn.Module
+    logits: Callable[[torch.Tensor], torch.Tensor]
+    note: str = ""  # why it could not run, when it could not
+
+
+@dataclass
+class Setting:
+    """The models of one preset, all holding the same weights."""
+
+    preset: str
+    config: seekstack.ModelConfig
+    ours: Contender
+    theirs: dict[str, Contender]  # "experts+attention" -> model loaded with those implementations
+    default: str  # the key transformers picks when not asked for anything
+    fastest: dict[int, str] = field(default_factory=dict)  # T -> key of the fastest implementation
+
+
+def build_setting(preset: str, directory: Path) -> Setting:
+    """Random weights saved once; ours and every transformers implementation load them from disk."""
+    # Forward without labels never runs MTP, and transformers does not load MTP layers: leave them out.
+    config = seekstack.preset(preset, num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    seekstack.save_pretrained(seekstack.Transformer(config), directory)
+    ours_model = seekstack.load_pretrained(directory).eval()
+    ours = Contender("ours", ours_model, lambda ids: ours_model(ids).logits)
+
+    theirs = {}
+    default_model = _load_transformers(directory)
+    default = _implementation_key(default_model)
+    theirs[default] = _transformers_contender(default, default_model)
+    for experts in EXPERTS_IMPLEMENTATIONS:
+        for attention in ATTENTION_IMPLEMENTATIONS:
+            key = f"{experts}+{attention}"
+            if key not in theirs:
+                model = _load_transformers(directory, experts_implementation=experts, attn_implementation=attention)
+                theirs[key] = _transformers_contender(key, model)
+    return Setting(preset, config, ours, theirs, default)
+
+
+def _load_transformers(directory: Path, **implementations: str) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **implementations)
+    return model.eval()
+
+
+def _implementation_key(model: nn.Module) -> str:
+    return f"{model.config._experts_implementation}+{model.config._attn_implementation}"
+
+
+def _transformers_contender(key: str, model: nn.Module) -> Contender:
+    return Contender(key, model, lambda ids: model(input_ids=ids, use_cache=False).logits)
+
+
+def batched_mm_gather_bytes(config: seekstack.ModelConfig, batch: int, seq_len: int) -> int:
+    """Bytes of expert weights transformers' batched_mm copies for one MoE layer: 3 I x D floats per pair."""
+    pairs = batch * seq_len * (config.num_experts_per_tok or 0)
+    return pairs * 3 * config.moe_intermediate_size * config.hidden_size * 4
+
+
+# ---------------------------------------------------------------------------------------- timing
+def timed_forward(contender: Contender, input_ids: torch.Tensor) -> float:
+    """Seconds for one forward pass."""
+    start = time.perf_counter()
+    contender.logits(input_ids)
+    return time.perf_counter() - start
+
+
+def check_parity(setting: Setting, contender: Contender, logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max |logit difference| to ours; raises when the two models do not compute the same function."""
+    difference = (logits - reference).abs().max().item()
+    assert difference < PARITY_ATOL, (
+        f"{setting.preset}, T={reference.shape[1]}: transformers {contender.name} logits differ from seekstack's "
+        f"by {difference:.2e} (> {PARITY_ATOL}); the two models no longer compute the same function"
+    )
+    return difference
+
+
+def screen(setting: Setting, input_ids: torch.Tensor, reference: torch.Tensor, warmup: int) -> tuple[str, float]:
+    """Warm up and parity-check every transformers implementation, time each; return the fastest and max |diff|."""
+    B, T = input_ids.shape
+    candidates, max_difference = [], 0.0
+    for contender in setting.theirs.values():
+        contender.note = ""
+        if (
+            contender.name.startswith("batched_mm")
+            and (gather := batched_mm_gather_bytes(setting.config, B, T)) > BATCHED_MM_GATHER_LIMIT
+        ):
+            contender.note = f"skipped: would gather {gather / 2**30:.1f} GiB of expert weights per layer"
+            continue
+        try:
+            for _ in range(warmup):
+                logits = contender.logits(input_ids)
+        except Exception as error:  # an implementation transformers offers but cannot run here
+            contender.note = f"could not run: {type(error).__name__}: {str(error).splitlines()[0][:100]}"
+            continue
+        max_difference = max(max_difference, check_parity(setting, contender, logits, reference))
+        candidates.append(contender)
+    best: dict[str, float] = {}
+    for _ in range(SCREEN_ROUNDS):
+        for contender in candidates:
+            seconds = timed_forward(contender, input_ids)
+            best[contender.name] = min(best.get(contender.name, seconds), seconds)
+    for contender in setting.theirs.values():
+        result = f"{B * T / best[contender.name]:10.0f} tok/s" if contender.name in best else contender.note
+        print(f"    {contender.name:28s} {result}", flush=True)
+    return min(best, key=best.__getitem__), max_difference
+
+
+def interleaved_medians(contenders: list[Contender], input_ids: torch.Tensor, reps: int) -> dict[str, float]:
+    """Median seconds per forward; each repetition runs every contender once, starting with a different one."""
+    seconds: dict[str, list[float]] = defaultdict(list)
+    for rep in range(reps):
+        shift = rep % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            seconds[contender.name].append(timed_forward(contender, input_ids))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int) -> dict[str, object]:
+    """One table row: tok/s of ours, of transformers' default and of its fastest implementation at (batch, seq_len)."""
+    generator = torch.Generator().manual_seed(seq_len)
+    input_ids = torch.randint(0, setting.config.vocab_size, (batch, seq_len), generator=generator)
+    for _ in range(warmup):
+        reference = setting.ours.logits(input_ids)
+    print(f"  {setting.preset} T={seq_len}: screening transformers implementations", flush=True)
+    fastest, max_difference = screen(setting, input_ids, reference, warmup)
+    default = setting.theirs[setting.default]
+    contenders = [setting.ours, default] + ([setting.theirs[fastest]] if fastest != setting.default else [])
+    medians = interleaved_medians(contenders, input_ids, reps)
+    # The screen's pick stands only if the careful measurement agrees that it beats the default.
+    fastest = min((default.name, fastest), key=medians.__getitem__)
+    setting.fastest[seq_len] = fastest
+    tokens = batch * seq_len
+    return {
+        "preset": setting.preset,
+        "T": seq_len,
+        "ours": tokens / medians["ours"],
+        "default": tokens / medians[default.name],
+        "fastest": tokens / medians[fastest],
+        "fastest_name": fastest,
+        "max_difference": max_difference,
+    }
+
+
+def print_table(rows: list[dict[str, object]], batch: int, default_names: dict[str, str]) -> None:
+    """The throughput table: one row per (preset, T)."""
+    print(f"\nForward throughput, batch {batch}, float32, torch threads {torch.get_num_threads()}")
+    print("transformers default per preset: " + ", ".join(f"{p}: {n}" for p, n in default_names.items()))
+    header = (
+        f"{'preset':7s} {'T':>5s} {'ours tok/s':>11s} {'theirs(default)':>16s} {'ratio':>6s} "
+        f"{'theirs(fastest)':>16s} {'which':28s} {'ratio':>6s} {'max|dlogit|':>11s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['preset']:7s} {row['T']:5d} {row['ours']:11.0f} {row['default']:16.0f} "
+            f"{row['ours'] / row['default']:6.2f} {row['fastest']:16.0f} {row['fastest_name']:28s} "
+            f"{row['ours'] / row['fastest']:6.2f} {row['max_difference']:11.1e}"
+        )
+
+
+# ---------------------------------------------------------------------------------------- profile
+def component_of(name: str, module: nn.Module) -> str | None:
+    """The component a module's own ops are charged to; None charges them to the enclosing component.
+
+    Ours and transformers' classes map to the same names so the two profiles line up row by row.
+    """
+    kind = type(module).__name__
+    if name == "" or kind == "DeepseekV3Model":
+        return "model glue (positions, masks)"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Linear):
+        if name.endswith("lm_head"):
+            return "lm_head"
+        return "attention projections" if ".self_attn." in name else None  # FFN matrices count in their FFN
+    components = {
+        "RMSNorm": "RMSNorm",
+        "DeepseekV3RMSNorm": "RMSNorm",
+        "RotaryEmbedding": "rope tables",
+        "DeepseekV3RotaryEmbedding": "rope tables",
+        "MultiHeadLatentAttention": "attention core (rope, concat, SDPA)",
+        "DeepseekV3Attention": "attention core (rope, concat, SDPA)",
+        "Router": "router",
+        "DeepseekV3TopkRouter": "router",
+        "RoutedExperts": "routed experts (dispatch + GEMMs)",
+        "DeepseekV3Experts": "routed experts (dispatch + GEMMs)",
+        "FeedForward": "dense + shared FFN",
+        "DeepseekV3MLP": "dense + shared FFN",
+        "MoE": "MoE glue",
+        "DeepseekV3MoE": "MoE glue",
+        "DecoderBlock": "residual adds",
+        "DeepseekV3DecoderLayer": "residual adds",
+    }
+    return components.get(kind)
+
+
+def label_components(model: nn.Module, tag: str) -> list[torch.utils.hooks.RemovableHandle]:
+    """Open a profiler range named `§tag|component` around every module with a component; returns the hooks."""
+    handles, open_ranges = [], []
+    for name, module in model.named_modules():
+        component = component_of(name, module)
+        if component is None:
+            continue
+
+        def enter(_module: nn.Module, _args: object, label: str = f"{LABEL}{tag}|{component}") -> None:
+            open_ranges.append(torch.profiler.record_function(label).__enter__())
+
+        def leave(_module: nn.Module, _args: object, _output: object) -> None:
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+@dataclass
+class Attribution:
+    """Milliseconds per forward of one model, by component and by aten op."""
+
+    component_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    python_ms: float = 0.0  # time inside component ranges but outside any op: interpreter and dispatch
+    op_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # "component: op" -> ms
+    op_calls: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def attribute(events: list, forwards: int) -> dict[str, Attribution]:
+    """Per tag: each component's exclusive time (its range minus the component ranges inside it) and op times."""
+    result: dict[str, Attribution] = defaultdict(Attribution)
+    for event in events:
+        if event.name.startswith(LABEL):
+            tag, component = event.name[len(LABEL) :].split("|", 1)
+            inner = sum(child.cpu_time_total for child in _nearest_labelled(event))
+            result[tag].component_ms[component] += (event.cpu_time_total - inner) / 1e3 / forwards
+            result[tag].python_ms += event.self_cpu_time_total / 1e3 / forwards
+            continue
+        owner = event.cpu_parent
+        while owner is not None and not owner.name.startswith(LABEL):
+            owner = owner.cpu_parent
+        if owner is not None:
+            tag, component = owner.name[len(LABEL) :].split("|", 1)
+            op = f"{component}: {_short_op_name(event.name)}"
+            result[tag].op_ms[op] += event.self_cpu_time_total / 1e3 / forwards
+            result[tag].op_calls[op] += 1 / forwards
+    return result
+
+
+def _short_op_name(name: str) -> str:
+    """Inductor's `## Call CompiledFxGraph <hash> ##` (flex attention) without the hash."""
+    return "compiled graph (flex attention)" if "CompiledFxGraph" in name else name
+
+
+def _nearest_labelled(event):  # the component ranges directly inside `event`, at any depth of plain ops
+    for child in event.cpu_children:
+        if child.name.startswith(LABEL):
+            yield child
+        else:
+            yield from _nearest_labelled(child)
+
+
+def profile(setting: Setting, seq_len: int, batch: int, reps: int) -> None:
+    """Profile ours, transformers' default and its fastest implementation, interleaved, and print where time goes."""
+    input_ids = torch.randint(
+        0, setting.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(1)
+    )
+    fastest = setting.fastest[seq_len]
+    contenders = [setting.ours, setting.theirs[setting.default]]
+    contenders += [setting.theirs[fastest]] if fastest != setting.default else []
+    handles = [handle for c in contenders for handle in label_components(c.model, c.name)]
+    for contender in contenders:
+        contender.logits(input_ids)  # warm
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(reps):
+            for contender in contenders:
+                contender.logits(input_ids)
+    for handle in handles:
+        handle.remove()
+    by_tag = attribute(profiler.events(), reps)
+
+    names = [c.name for c in contenders]
+    print(f"\nProfile {setting.preset}, B={batch} T={seq_len}: ms per forward, each component's own time")
+    print(f"{'component':38s}" + "".join(f"{n:>28s}" for n in names))
+    components = sorted(
+        {k for n in names for k in by_tag[n].component_ms}, key=lambda k: -by_tag["ours"].component_ms[k]
+    )
+    for component in components:
+        print(f"{component:38s}" + "".join(f"{by_tag[n].component_ms[component]:28.1f}" for n in names))
+    print(f"{'total':38s}" + "".join(f"{sum(by_tag[n].component_ms.values()):28.1f}" for n in names))
+    print(f"{'  of it outside aten ops (Python)':38s}" + "".join(f"{by_tag[n].python_ms:28.1f}" for n in names))
+    for name in names:
+        ops = by_tag[name].op_ms
+        print(f"\n  top ops of {name} by self time: component: op, ms per forward, calls per forward")
+        for op in sorted(ops, key=ops.__getitem__, reverse=True)[:14]:
+            print(f"    {op:70s} {ops[op]:8.1f} {by_tag[name].op_calls[op]:6.0f}")
+
+
+# ---------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=list(DEFAULT_SEQ_LENS), choices=list(DEFAULT_SEQ_LENS))
+    parser.add_argument("--seq-lens", nargs="+", type=int, help="tokens per sequence (default: per preset)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=5, help="timed forwards per model (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per model, the first checks parity")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--profile-seq-len", type=int, default=512, help="T of the profile")
+    parser.add_argument("--profile-reps", type=int, default=2, help="profiled forwards per model")
+    parser.add_argument("--no-profile", action="store_true", help="only the throughput table")
+    args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1: the first untimed forward is the parity check")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+
+    rows, settings = [], []
+    with tempfile.TemporaryDirectory() as root, torch.inference_mode():
+        for preset in args.presets:
+            setting = build_setting(preset, Path(root) / preset)
+            settings.append(setting)
+            for seq_len in args.seq_lens or DEFAULT_SEQ_LENS[preset]:
+                rows.append(benchmark(setting, seq_len, args.batch, args.reps, args.warmup))
+        print_table(rows, args.batch, {s.preset: s.default for s in settings})
+        if not args.no_profile:
+            for setting in settings:
+                if args.profile_seq_len not in setting.fastest:
+                    benchmark(setting, args.profile_seq_len, args.batch, 1, args.warmup)
+                profile(setting, args.profile_seq_len, args.batch, args.profile_reps)
+
+
+if __name__ == "__main__":
+    main()
