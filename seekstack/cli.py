@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -26,6 +27,9 @@ from seekstack.accounting import (
 )
 from seekstack.checkpoint import CheckpointError, load_pretrained
 from seekstack.config import PRESETS, ConfigError, ModelConfig, preset
+from seekstack.data.build import build_corpus, report_table
+from seekstack.data.rules import CleaningConfig, CleaningConfigError
+from seekstack.data.sources import DataSourceError, open_source
 from seekstack.model.transformer import Transformer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -125,6 +129,44 @@ def forward(
     console.print(f"forward took {elapsed * 1000:.1f} ms (batch {batch} x {seq_len} tokens on {input_ids.device})")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Corpus stages: clean raw text into train/val splits.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("build")
+def data_build(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Folders, .txt/.jsonl/.parquet files, saved datasets; default: 'stdlib', the embedded corpus"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for train.jsonl, val.jsonl, report.json")] = Path(
+        "data/corpus"
+    ),
+    field: Annotated[str, typer.Option(help="Text field of .jsonl / column of .parquet and saved datasets")] = "text",
+    config: Annotated[Path | None, typer.Option(help="Cleaning thresholds (YAML); see --write-config")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Fraction of documents held out for validation")] = None,
+    write_config: Annotated[
+        Path | None, typer.Option(help="Write the default thresholds as YAML, exit")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Clean a corpus: quality rules, exact and near-duplicate removal, PII scrubbing, a stable split, a report."""
+    with _user_errors():
+        if write_config is not None:
+            CleaningConfig().to_yaml(write_config)
+            typer.echo(f"wrote the default cleaning thresholds to {write_config}")
+            return
+        cleaning = CleaningConfig.from_yaml(config) if config is not None else CleaningConfig()
+        if val_fraction is not None:
+            cleaning = dataclasses.replace(cleaning, val_fraction=val_fraction)
+        sources = [open_source(spec, field) for spec in inputs or ["stdlib"]]
+        report = build_corpus(sources, out, cleaning, show_progress=progress)
+    Console().print(report_table(report))
+    typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")
+
+
 def _config(model: str) -> ModelConfig:
     """A preset by name, or the config.json of a checkpoint directory."""
     if model in PRESETS:
@@ -149,7 +191,7 @@ def _user_errors() -> Iterator[None]:
     """Turn configuration and checkpoint errors into a one-line message and exit code 1."""
     try:
         yield
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, DataSourceError, CleaningConfigError) as error:
         _fail(str(error))
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import sysconfig
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +137,25 @@ def test_forward_loads_a_checkpoint_directory(tiny_checkpoint):
     with torch.inference_mode():
         expected = model(input_ids, labels=input_ids).lm_loss.item()
     assert f"lm loss: {expected:.4f}" in result.output
+
+
+def test_data_build_cleans_a_folder_and_reports(tmp_path):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    prose = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()  # real, varied text
+    (folder / "a.txt").write_text(prose + " Contact me at alice@example.com for details.")
+    (folder / "b.txt").write_text(prose + " Contact me at alice@example.com for details.")  # exact duplicate
+    (folder / "c.txt").write_text("short")
+    out = tmp_path / "corpus"
+    result = CliRunner().invoke(app, ["data", "build", str(folder), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["documents_in"] == 3 and report["documents_kept"] == 1
+    assert report["removed"]["exact_duplicate"] == 1 and report["removed"]["min_chars"] == 1
+    kept = [json.loads(line) for name in ("train.jsonl", "val.jsonl") for line in (out / name).read_text().splitlines()]
+    assert "alice@example.com" not in kept[0]["text"] and "<EMAIL>" in kept[0]["text"]
+
+
+def test_data_build_names_a_missing_input(tmp_path):
+    result = CliRunner().invoke(app, ["data", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "nope" in result.output and "Traceback" not in result.output

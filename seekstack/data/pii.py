@@ -1,0 +1,80 @@
+"""Replace e-mail addresses, public IP addresses and secrets (API keys, tokens, passwords) with placeholders.
+
+Private, loopback and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are kept,
+as in the StarCoder PII pipeline. A version such as `3.11.7` has three parts and is never an IPv4 address; a
+four-part one such as `2.7.2.2` (both leading parts one digit) and slices such as `a[1::2]` are kept too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+
+EMAIL = "<EMAIL>"
+IP = "<IP>"
+SECRET = "<SECRET>"
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\w|/\d)")  # a network prefix (`/24`) is not a host
+_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|:)?(?![\w:]|/\d)")
+_KNOWN_TOKENS = re.compile(
+    r"\b(?:sk-(?:proj-)?[A-Za-z0-9_-]{20,}"  # OpenAI
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key id
+    r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"  # GitHub
+    r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|AIza[0-9A-Za-z_-]{35})"  # Google
+)
+# A quoted or bare long token assigned to a name like api_key, secret, token or password.
+_ASSIGNED_SECRET = re.compile(
+    r"(?i)(?P<name>[\w-]*(?:key|secret|token|passwd|password|pwd)[\w-]*['\"]?\s*[:=]\s*)"
+    r"(?P<value>(?P<quote>['\"])[A-Za-z0-9+/_.=~-]{12,}(?P=quote)|[0-9a-f]{32,}\b|[A-Za-z0-9+/]{32,}={0,2})"
+)
+
+
+def _is_public_ip(candidate: str) -> bool:
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        return False
+    return not (address.is_private or address.is_loopback or address.is_unspecified or address.is_link_local)
+
+
+def _looks_like_ip(candidate: str) -> bool:
+    """Tells addresses from look-alikes: `7.1.4.34` is a version or section number, `1::2` a slice."""
+    if "." in candidate:
+        first, second = candidate.split(".")[:2]
+        return len(first) > 1 or len(second) > 1
+    groups = [group for group in candidate.split(":") if group]
+    return len(groups) >= 3 or any(len(group) >= 3 for group in groups)
+
+
+def _looks_random(token: str) -> bool:
+    """A secret mixes letters and digits; an identifier such as `my_token_name` or a dotted path does not."""
+    return any(char.isdigit() for char in token) and any(char.isalpha() for char in token) and "." not in token
+
+
+def scrub_pii(text: str) -> tuple[str, Counter[str]]:
+    """The text with PII replaced by `<EMAIL>`, `<IP>` and `<SECRET>`, and the number of replacements per kind."""
+    counts: Counter[str] = Counter()
+
+    def replace_secret_value(match: re.Match[str]) -> str:
+        value, quote = match["value"], match["quote"] or ""
+        if not _looks_random(value.strip(quote)):
+            return match[0]
+        counts["secret"] += 1
+        return f"{match['name']}{quote}{SECRET}{quote}"
+
+    def replace_ip(match: re.Match[str]) -> str:
+        if not (_looks_like_ip(match[0]) and _is_public_ip(match[0])):
+            return match[0]
+        counts["ip"] += 1
+        return IP
+
+    text, counts["secret"] = _KNOWN_TOKENS.subn(SECRET, text)
+    text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
+    text, counts["email"] = _EMAIL.subn(EMAIL, text)
+    text = _IPV4.sub(replace_ip, text)
+    text = _IPV6_CANDIDATE.sub(replace_ip, text)
+    return text, +counts

@@ -1,0 +1,145 @@
+"""Streaming document sources: text folders and files, JSONL, Parquet, saved `datasets`, and the stdlib corpus.
+
+Every source is a generator of `Document`s, so memory stays bounded by one file, line or record batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
+STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
+
+
+class DataSourceError(ValueError):
+    """A source that cannot be read as documents; the message names the file, line or field."""
+
+
+class Document(NamedTuple):
+    """One document of a source: a stable id, its text, and the name of the source it came from."""
+
+    doc_id: str
+    text: str
+    source: str
+
+
+def read_text_folder(
+    folder: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, skipped_dirs: frozenset[str] = frozenset()
+) -> Iterator[Document]:
+    """Every file below `folder` whose suffix is in `suffixes`, one document each, in sorted order; folders named
+    in `skipped_dirs` are not entered."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataSourceError(f"{folder}: not a folder")
+    for directory, subdirs, files in os.walk(folder):
+        subdirs[:] = sorted(name for name in subdirs if name not in skipped_dirs)
+        for name in sorted(files):
+            path = Path(directory, name)
+            if path.suffix in suffixes:
+                text = path.read_bytes().decode("utf-8", errors="replace")
+                yield Document(path.relative_to(folder).as_posix(), text, folder.name)
+
+
+def read_text_file(path: str | Path) -> Iterator[Document]:
+    """A single text file as one document."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataSourceError(f"{path}: no such file")
+    yield Document(path.name, path.read_bytes().decode("utf-8", errors="replace"), path.name)
+
+
+def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = None) -> Iterator[Document]:
+    """One document per line of a JSON Lines file, its text in `field`; ids are `id_field` or `file:line`."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as lines:
+        for line_number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataSourceError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                raise DataSourceError(f"{path}:{line_number}: no field {field!r} (use --field to name the text field)")
+            text = record[field]
+            if not isinstance(text, str):
+                raise DataSourceError(f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not a string")
+            doc_id = str(record.get(id_field, "")) if id_field else ""
+            yield Document(doc_id or f"{path.name}:{line_number}", text, path.name)
+
+
+def _documents_from_batches(batches: Iterator[pa.RecordBatch], column: str, origin: Path) -> Iterator[Document]:
+    row = 0
+    for batch in batches:
+        if column not in batch.schema.names:
+            raise DataSourceError(f"{origin}: no column {column!r}; columns are {batch.schema.names}")
+        for text in batch.column(column).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise DataSourceError(f"{origin}: row {row} of column {column!r} is {type(text).__name__}, not text")
+            if text is not None:
+                yield Document(f"{origin.name}:{row}", text, origin.name)
+            row += 1
+
+
+def read_parquet(path: str | Path, column: str = "text", batch_size: int = 1024) -> Iterator[Document]:
+    """Rows of a Parquet file, text in `column`, streamed by record batches; ids are `file:row`."""
+    path = Path(path)
+    parquet = pq.ParquetFile(path)
+    if column not in parquet.schema_arrow.names:
+        raise DataSourceError(f"{path}: no column {column!r}; columns are {parquet.schema_arrow.names}")
+    yield from _documents_from_batches(parquet.iter_batches(batch_size=batch_size, columns=[column]), column, path)
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """True for a folder written by `datasets.Dataset.save_to_disk`."""
+    return folder.is_dir() and (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
+
+
+def read_saved_dataset(folder: str | Path, column: str = "text") -> Iterator[Document]:
+    """Rows of a `save_to_disk` dataset, read from its Arrow stream files without the `datasets` library."""
+    folder = Path(folder)
+    if not is_saved_dataset(folder):
+        raise DataSourceError(f"{folder}: not a saved dataset (expected state.json and dataset_info.json)")
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    names = [entry["filename"] for entry in state.get("_data_files", [])]
+    arrow_files = [folder / name for name in names] or sorted(folder.glob("*.arrow"))
+    if not arrow_files:
+        raise DataSourceError(f"{folder}: state.json lists no data files and the folder has no .arrow files")
+    for arrow_file in arrow_files:
+        if not arrow_file.is_file():
+            raise DataSourceError(f"{folder / 'state.json'}: lists {arrow_file.name}, which does not exist")
+        with pa.memory_map(str(arrow_file)) as mapped, pa.ipc.open_stream(mapped) as reader:
+            yield from _documents_from_batches(iter(reader), column, arrow_file)
+
+
+def read_stdlib() -> Iterator[Document]:
+    """The default corpus: the running interpreter's standard-library `.py` files, tests and IDLE left out."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for doc_id, text, _ in read_text_folder(stdlib, (".py",), STDLIB_SKIPPED_DIRS):
+        yield Document(doc_id, text, "stdlib")
+
+
+def open_source(spec: str | Path, field: str = "text") -> Iterator[Document]:
+    """The source a command-line argument names: `stdlib`, a saved dataset, a folder, `.jsonl`, `.parquet`, a file."""
+    if str(spec) == "stdlib":
+        return read_stdlib()
+    path = Path(spec)
+    if is_saved_dataset(path):
+        return read_saved_dataset(path, field)
+    if path.is_dir():
+        return read_text_folder(path)
+    if not path.is_file():
+        raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
+    if path.suffix == ".jsonl":
+        return read_jsonl(path, field)
+    if path.suffix == ".parquet":
+        return read_parquet(path, field)
+    return read_text_file(path)
