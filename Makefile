@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/seekstack data build --out runs/demo/corpus --val-fraction 0.05
+	$(VENV)/bin/seekstack tokenizer train --corpus runs/demo/corpus --vocab-size 4096 --out runs/demo/tokenizer
+	$(VENV)/bin/seekstack data tokenize --corpus runs/demo/corpus --tokenizer runs/demo/tokenizer --out runs/demo/tokens
 	$(VENV)/bin/seekstack info tiny
 	$(VENV)/bin/seekstack info deepseek-v3
 	$(VENV)/bin/seekstack forward tiny

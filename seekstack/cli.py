@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -29,8 +30,10 @@ from seekstack.checkpoint import CheckpointError, load_pretrained
 from seekstack.config import PRESETS, ConfigError, ModelConfig, preset
 from seekstack.data.build import build_corpus, report_table
 from seekstack.data.rules import CleaningConfig, CleaningConfigError
+from seekstack.data.shards import tokenize_corpus
 from seekstack.data.sources import DataSourceError, open_source
 from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import Tokenizer, train_tokenizer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -147,9 +150,7 @@ def data_build(
     field: Annotated[str, typer.Option(help="Text field of .jsonl / column of .parquet and saved datasets")] = "text",
     config: Annotated[Path | None, typer.Option(help="Cleaning thresholds (YAML); see --write-config")] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Fraction of documents held out for validation")] = None,
-    write_config: Annotated[
-        Path | None, typer.Option(help="Write the default thresholds as YAML, exit")
-    ] = None,
+    write_config: Annotated[Path | None, typer.Option(help="Write the default thresholds as YAML, exit")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Clean a corpus: quality rules, exact and near-duplicate removal, PII scrubbing, a stable split, a report."""
@@ -165,6 +166,39 @@ def data_build(
         report = build_corpus(sources, out, cleaning, show_progress=progress)
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")
+
+
+@data_app.command("tokenize")
+def data_tokenize(
+    corpus: Annotated[Path, typer.Option(help="Folder with train.jsonl and val.jsonl (from `data build`)")],
+    tokenizer: Annotated[Path, typer.Option(help="tokenizer.json or its folder")],
+    out: Annotated[Path, typer.Option(help="Folder for the token shards and their index")] = Path("data/tokens"),
+) -> None:
+    """Encode the corpus splits into memory-mapped token shards with an index."""
+    with _user_errors():
+        encoder = Tokenizer.from_file(tokenizer)
+        for split in ("train", "val"):
+            index = tokenize_corpus(corpus / f"{split}.jsonl", encoder, out, split)
+            typer.echo(f"{split}: {index['documents']} documents, {index['total_tokens']:,} tokens ({index['dtype']})")
+
+
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Byte-level BPE tokenizer.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    corpus: Annotated[Path, typer.Option(help="Folder with train.jsonl (from `data build`)")],
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included")] = 4096,
+    out: Annotated[Path, typer.Option(help="Folder for tokenizer.json and tokenizer_config.json")] = Path(
+        "data/tokenizer"
+    ),
+) -> None:
+    """Train a byte-level BPE tokenizer on the training split."""
+    with _user_errors():
+        texts = (json.loads(line)["text"] for line in (corpus / "train.jsonl").open(encoding="utf-8"))
+        trained = train_tokenizer(texts, vocab_size, out)
+    typer.echo(f"wrote {out}/tokenizer.json: {trained.vocab_size} tokens")
 
 
 def _config(model: str) -> ModelConfig:
@@ -191,7 +225,7 @@ def _user_errors() -> Iterator[None]:
     """Turn configuration and checkpoint errors into a one-line message and exit code 1."""
     try:
         yield
-    except (ConfigError, CheckpointError, DataSourceError, CleaningConfigError) as error:
+    except (ConfigError, CheckpointError, DataSourceError, CleaningConfigError, OSError, ValueError) as error:
         _fail(str(error))
 
 

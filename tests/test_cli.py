@@ -159,3 +159,31 @@ def test_data_build_cleans_a_folder_and_reports(tmp_path):
 def test_data_build_names_a_missing_input(tmp_path):
     result = CliRunner().invoke(app, ["data", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "nope" in result.output and "Traceback" not in result.output
+
+
+def test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [(Path(sysconfig.get_paths()["stdlib"]) / name).read_text() for name in ("textwrap.py", "shlex.py")]
+    (corpus / "train.jsonl").write_text(
+        "".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(docs))
+    )
+    (corpus / "val.jsonl").write_text(json.dumps({"id": "v", "text": "def f(x):\n    return x\n"}) + "\n")
+    tok = tmp_path / "tok"
+    result = runner.invoke(
+        app, ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "400", "--out", str(tok)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "400 tokens" in result.output
+    args = ["data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "tokens")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "tokens" / "train_index.json").read_text())
+    assert index["documents"] == 2 and index["dtype"] == "uint16" and index["total_tokens"] > 1000
+    assert "val: 1 documents" in result.output
+
+
+def test_tokenize_names_a_missing_corpus(tmp_path):
+    args = ["data", "tokenize", "--corpus", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "t")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output

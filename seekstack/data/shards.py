@@ -52,7 +52,7 @@ def _read_jsonl_texts(jsonl_path: Path) -> Iterator[tuple[str, str]]:
 
 
 class _ShardWriter:
-    """Fills a fixed-size buffer with tokens and writes it out as numbered shard files, atomically."""
+    """Fills a fixed-size buffer with tokens and writes it out as numbered shard files, hidden until `publish`."""
 
     def __init__(self, out_dir: Path, split_name: str, dtype: np.dtype, shard_tokens: int):
         self.out_dir, self.split_name = out_dir, split_name
@@ -74,11 +74,22 @@ class _ShardWriter:
         if self.filled == 0:
             return
         name = f"{self.split_name}_{len(self.shards):05d}.bin"
-        temp_path = self.out_dir / f".{name}.tmp"
-        self.buffer[: self.filled].astype(self.buffer.dtype.newbyteorder("<"), copy=False).tofile(temp_path)
-        os.replace(temp_path, self.out_dir / name)
+        self.buffer[: self.filled].astype(self.buffer.dtype.newbyteorder("<"), copy=False).tofile(self._temp(name))
         self.shards.append({"file": name, "tokens": int(self.filled)})
         self.filled = 0
+
+    def publish(self) -> None:
+        """Give every written shard its real name."""
+        for shard in self.shards:
+            os.replace(self._temp(shard["file"]), self.out_dir / shard["file"])
+
+    def discard(self) -> None:
+        """Delete the shards written so far, after a failure."""
+        for shard in self.shards:
+            self._temp(shard["file"]).unlink(missing_ok=True)
+
+    def _temp(self, name: str) -> Path:
+        return self.out_dir / f".{name}.tmp"
 
 
 def tokenize_corpus(
@@ -108,18 +119,22 @@ def tokenize_corpus(
             writer.add([*ids, tokenizer.eos_id])
 
     batch: list[str] = []
-    for text, where in _read_jsonl_texts(jsonl_path):
-        try:
-            text_bytes += len(text.encode("utf-8"))
-        except UnicodeEncodeError as error:
-            raise ValueError(f"{where}: text is not valid Unicode ({error}); clean the corpus") from error
-        documents += 1
-        batch.append(text)
-        if len(batch) == ENCODE_BATCH_DOCUMENTS:
-            encode(batch)
-            batch = []
-    encode(batch)
-    writer.flush()
+    try:
+        for text, where in _read_jsonl_texts(jsonl_path):
+            try:
+                text_bytes += len(text.encode("utf-8"))
+            except UnicodeEncodeError as error:
+                raise ValueError(f"{where}: text is not valid Unicode ({error}); clean the corpus") from error
+            documents += 1
+            batch.append(text)
+            if len(batch) == ENCODE_BATCH_DOCUMENTS:
+                encode(batch)
+                batch = []
+        encode(batch)
+        writer.flush()
+    except BaseException:
+        writer.discard()
+        raise
 
     index = {
         "version": INDEX_VERSION,
@@ -138,6 +153,9 @@ def tokenize_corpus(
             "eos_id": tokenizer.eos_id,
         },
     }
+    # Old index first, so that a crash while renaming leaves no index rather than one that lies.
+    index_path(out_dir, split_name).unlink(missing_ok=True)
+    writer.publish()
     write_atomic(index_path(out_dir, split_name), json.dumps(index, indent=2))
     _remove_stale_shards(out_dir, split_name, {shard["file"] for shard in writer.shards})
     return index

@@ -1,0 +1,199 @@
+"""Byte-level BPE tokenizer: training, loading (ours or a DeepSeek release's) and the DeepSeek-V3 chat template.
+
+On disk a tokenizer is a directory with `tokenizer.json` (Hugging Face `tokenizers` format) and
+`tokenizer_config.json`, so `transformers.AutoTokenizer.from_pretrained(dir)` loads it unchanged.
+
+Chat template: the message-only subset of DeepSeek-V3's `chat_template` (tool calls not supported):
+  BOS + system prompts joined by "\\n\\n" (no role token)
+  + for each turn: "<｜User｜>" + content  |  "<｜Assistant｜>" + content + EOS
+  + "<｜Assistant｜>" when a generation prompt is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4 in a trained tokenizer; BOS/EOS/PAD as in DeepSeek-V3
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+CHAT_ROLES = ("system", "user", "assistant")
+
+# The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system_prompt='', is_first_sp=true) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if ns.is_first_sp -%}{%- set ns.system_prompt = message['content'] -%}{%- set ns.is_first_sp = false -%}"
+    "{%- else -%}{%- set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜>' }}{%- endif -%}"
+)
+
+
+def tokenizer_json_path(path_or_dir: str | os.PathLike) -> Path:
+    """The `tokenizer.json` meant by a path that names either the file or the directory holding it."""
+    path = Path(path_or_dir)
+    return path if path.suffix == ".json" else path / TOKENIZER_FILE
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids of its special tokens and the chat template."""
+
+    def __init__(self, backend: BackendTokenizer, source: str = "<in memory>"):
+        self.backend = backend
+        self.source = source
+        self.bos_id = self._special_id(BOS)
+        self.eos_id = self._special_id(EOS)
+        # DeepSeek-V2 releases have no pad token and pad with EOS, as their tokenizer_config does.
+        pad_id = backend.token_to_id(PAD)
+        self.pad_id = self.eos_id if pad_id is None else pad_id
+        self.special_tokens = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
+
+    @classmethod
+    def from_file(cls, path_or_dir: str | os.PathLike) -> Tokenizer:
+        """Load a `tokenizer.json` (ours or a DeepSeek release's), given the file or its directory."""
+        path = tokenizer_json_path(path_or_dir)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path}: train one with `seekstack tokenizer train` first")
+        try:
+            backend = BackendTokenizer.from_file(str(path))
+        except Exception as error:
+            raise ValueError(f"{path} is not a valid Hugging Face tokenizer.json: {error}") from error
+        return cls(backend, source=str(path))
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the canonical tokenizer.json: equal for the same tokenizer however its file was formatted."""
+        return hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings in it become their single ids."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        """`encode` for many texts at once, in parallel threads."""
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, special tokens kept as their strings."""
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The DeepSeek-V3 chat string for `messages` (dicts with `role` and `content`)."""
+        for token in (USER, ASSISTANT):
+            self._special_id(token)
+        for position, message in enumerate(messages):
+            self._check_message(position, message)
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        turns = []
+        for message in messages:
+            if message["role"] == "user":
+                turns.append(USER + message["content"])
+            elif message["role"] == "assistant":
+                turns.append(ASSISTANT + message["content"] + EOS)
+        return BOS + system + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `render_chat(messages)`, starting with BOS."""
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    def _check_message(self, position: int, message: dict) -> None:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"chat message {position} must be a dict with 'role' and 'content', got {message!r}")
+        if message["role"] not in CHAT_ROLES:
+            raise ValueError(
+                f"chat message {position} has unknown role {message['role']!r}; expected one of {CHAT_ROLES}"
+            )
+        if not isinstance(message["content"], str):
+            raise ValueError(
+                f"chat message {position} content must be a string, got {type(message['content']).__name__}"
+            )
+        # A special token typed into content would be encoded as the real token and could forge a turn.
+        forged = [token for token in self.special_tokens if token in message["content"]]
+        if forged:
+            raise ValueError(f"chat message {position} content contains the special token {forged[0]!r}")
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"tokenizer {self.source} has no special token {token!r}, which seekstack requires")
+        return token_id
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike, model_max_length: int = 4096
+) -> Tokenizer:
+    """Train a byte-level BPE on `texts`; write `tokenizer.json` and `tokenizer_config.json` to `out_path`.
+
+    `out_path` is the directory, or the `tokenizer.json` path inside it.
+    """
+    smallest = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size {vocab_size} is too small: 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+
+    path = tokenizer_json_path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    write_atomic(path, backend.to_str(pretty=True))
+    write_atomic(path.parent / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2))
+    return Tokenizer(backend, source=str(path))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as temp:
+            temp.write(text)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
