@@ -119,7 +119,7 @@ def test_retokenizing_replaces_old_shards(tmp_path, tokenizer, documents):
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [("{broken", r"train.jsonl:2: not valid JSON"), ('{"id": "x"}', r"train.jsonl:2: expected an object")],
+    [("{broken", r"train.jsonl:2: not valid JSON"), ('{"id": "x"}', r"train.jsonl:2: no field 'text'")],
 )
 def test_bad_corpus_lines_are_named_by_file_and_line(tmp_path, tokenizer, line, message):
     corpus = tmp_path / "train.jsonl"

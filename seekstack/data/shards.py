@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seekstack.data.sources import read_jsonl
 from seekstack.tokenizer import Tokenizer, write_atomic
 
 INDEX_VERSION = 1
@@ -34,21 +35,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def index_path(out_dir: str | os.PathLike, split_name: str) -> Path:
     """Where the index of `split_name`'s shards lives."""
     return Path(out_dir) / f"{split_name}_index.json"
-
-
-def _read_jsonl_texts(jsonl_path: Path) -> Iterator[tuple[str, str]]:
-    """Each document's text and its `file:line`."""
-    with jsonl_path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{jsonl_path}:{line_number}: not valid JSON ({error})") from error
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{jsonl_path}:{line_number}: expected an object with a string field 'text'")
-            yield record["text"], f"{jsonl_path}:{line_number}"
 
 
 class _ShardWriter:
@@ -120,11 +106,11 @@ def tokenize_corpus(
 
     batch: list[str] = []
     try:
-        for text, where in _read_jsonl_texts(jsonl_path):
+        for doc_id, text, _ in read_jsonl(jsonl_path, "text"):  # ids default to file:line
             try:
                 text_bytes += len(text.encode("utf-8"))
             except UnicodeEncodeError as error:
-                raise ValueError(f"{where}: text is not valid Unicode ({error}); clean the corpus") from error
+                raise ValueError(f"{doc_id}: text is not valid Unicode ({error}); clean the corpus") from error
             documents += 1
             batch.append(text)
             if len(batch) == ENCODE_BATCH_DOCUMENTS:
