@@ -202,9 +202,6 @@ def load_pretrained(
         model = Transformer(config)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    for router in (m for name, m in model.named_modules() if name.endswith("mlp.gate")):
-        if hasattr(router, "e_score_correction_bias"):  # selection bias stays float32, as in the releases
-            router.e_score_correction_bias.data = router.e_score_correction_bias.data.float()
 
     with reader, torch.no_grad():
         for name, target in model.state_dict().items():

@@ -120,3 +120,15 @@ def test_bias_update_lowers_overloaded_experts():
 def test_max_violation():
     assert max_violation(torch.tensor([1.0, 1.0, 1.0, 1.0])).item() == 0.0
     assert max_violation(torch.tensor([4.0, 0.0, 0.0, 0.0])).item() == pytest.approx(3.0)
+
+
+def test_correction_bias_stays_float32_when_the_model_is_cast():
+    model = Transformer(micro_config())
+    with torch.no_grad():
+        model.layers[1].mlp.gate.e_score_correction_bias.fill_(0.1234567)
+    model = model.to(torch.bfloat16)
+    bias = model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and bias[0].item() == pytest.approx(0.1234567, abs=1e-7)
+    assert model.layers[1].mlp.gate.weight.dtype == torch.bfloat16
+    update_expert_bias(model, torch.ones(3, 8).index_fill_(1, torch.tensor([0]), 5.0), rate=0.001)
+    assert bias[0].item() == pytest.approx(0.1224567, abs=1e-7)  # a 1e-3 step survives

@@ -54,6 +54,16 @@ class Router(nn.Module):
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Move with the model, but keep the selection bias float32: its updates (~1e-3) vanish in bf16."""
+        bias = self._buffers.get("e_score_correction_bias")
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = self._buffers["e_score_correction_bias"]
+            kept = torch.empty_like(moved, dtype=torch.float32) if bias.is_meta else bias.to(moved.device)
+            self._buffers["e_score_correction_bias"] = kept
+        return self
+
     def forward(self, x: torch.Tensor) -> Routing:
         """x (N, D) -> Routing. Scores are computed in float32."""
         logits = F.linear(x.float(), self.weight.float())
