@@ -32,9 +32,18 @@ def test_absorbed_decode_matches_prefill(overrides):
         cache = ContiguousLatentCache(model.config, batch_size=2, max_length=40)
         chunks = [model(ids[:, :24], cache=cache).logits]  # prefill of 24 tokens through the absorbed path
         for t in range(24, 40):
-            chunks.append(model(ids[:, t : t + 1], cache=cache, start_position=t).logits)
+            chunks.append(model(ids[:, t : t + 1], cache=cache).logits)  # positions continue from the cache
     decoded = torch.cat(chunks, dim=1)
     assert (decoded - full).abs().max().item() < 1e-5
+
+
+def test_per_sequence_positions_match_shared_positions():
+    model = Transformer(micro_config(rope_scaling=YARN)).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        shared = model(ids, positions=torch.arange(5, 17)).logits
+        per_sequence = model(ids, positions=torch.arange(5, 17).expand(2, -1)).logits
+    assert (shared - per_sequence).abs().max().item() < 1e-6
 
 
 def test_latent_cache_stores_only_latent_and_rope_key():

@@ -20,6 +20,10 @@ from seekstack.model.rope import apply_rotary
 class LatentCache(Protocol):
     """What the absorbed decode path needs from a cache: per layer, only c^KV and the rope key k^R."""
 
+    def length(self, layer_idx: int = 0) -> int:
+        """Tokens already cached for `layer_idx` (where the next positions start)."""
+        ...
+
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -93,13 +93,15 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         cache: LatentCache | None = None,
-        start_position: int = 0,
+        positions: torch.Tensor | None = None,
         mtp_loss_weight: float = 0.3,
     ) -> ModelOutput:
-        """input_ids (B, T). With a cache, the T tokens follow `start_position` already cached tokens."""
+        """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds."""
         T = input_ids.shape[1]
-        positions = torch.arange(start_position, start_position + T, device=input_ids.device)
-        cos, sin = self.rotary(positions)  # (T, R/2)
+        if positions is None:
+            start = cache.length() if cache is not None else 0
+            positions = torch.arange(start, start + T, device=input_ids.device)
+        cos, sin = self.rotary(positions)  # (T, R/2) or (B, T, R/2)
         hidden = self.embed_tokens(input_ids)
         stats: list[MoEStats] = []
         for layer in self.layers:
