@@ -1,0 +1,100 @@
+"""Data parallelism applied from outside the model: process group, DDP wrapper, per-rank batch slices.
+
+Under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) every rank draws the same global batch
+and keeps its own rows, so the global batch, and the loss, are those of one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass
+class Ranks:
+    """Where this process sits: its rank among `world_size` processes and the device it computes on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> Ranks:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), or run as a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size == 1:
+        return Ranks(0, 1, torch.device("cuda" if cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+    return Ranks(rank, world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def shutdown(ranks: Ranks) -> None:
+    """Leave the process group this module joined."""
+    if ranks.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, ranks: Ranks) -> nn.Module:
+    """DistributedDataParallel around `model` when there are several ranks; the model itself otherwise.
+
+    Routed experts live in one stacked parameter per layer, so an expert that gets no token still
+    receives a (zero) gradient and every parameter takes part in each step; MTP is skipped only for
+    sequences too short to have targets, which the trainer never feeds, so `find_unused_parameters`
+    stays off. Buffers are not broadcast: the routing biases change only through `update_expert_bias`
+    with all-reduced loads, hence identically on every rank.
+    """
+    if not ranks.distributed:
+        return model
+    device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def local_rows(global_batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """This rank's contiguous slice of the global batch's rows."""
+    rows = global_batch.shape[0]
+    if rows % ranks.world_size:
+        raise ValueError(f"batch_size={rows} is not divisible by the {ranks.world_size} ranks (WORLD_SIZE)")
+    per_rank = rows // ranks.world_size
+    return global_batch[ranks.rank * per_rank : (ranks.rank + 1) * per_rank]
+
+
+def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """The element-wise sum of `tensor` over ranks (in place, and returned)."""
+    if ranks.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce for micro-batches before the last of an accumulation step."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        yield
+    else:
+        with model.no_sync():
+            yield

@@ -1,0 +1,92 @@
+"""Training checkpoints: a `save_pretrained` directory plus `train_state.pt`, written atomically.
+
+    out_dir/checkpoints/step_{N}/  config.json, model.safetensors (routing biases included), train_state.pt
+train_state.pt holds the step, the optimizer, the data position and the torch/numpy/python RNG states;
+the learning rate is a function of the step, so no scheduler object is stored.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from seekstack.checkpoint import load_pretrained, save_pretrained
+from seekstack.model.transformer import Transformer
+
+TRAIN_STATE_FILE = "train_state.pt"
+STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch (CPU and CUDA), numpy and python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: str | Path, model: Transformer, train_state: dict[str, Any], keep: int) -> Path:
+    """Write `checkpoints/step_{step}` through a temporary directory and a rename; keep the last `keep`."""
+    root = checkpoint_dir(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{train_state['step']}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        save_pretrained(model, staging / "weights")
+        torch.save(train_state, staging / "weights" / TRAIN_STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging / "weights", final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in list_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `out_dir`, oldest first."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / TRAIN_STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path:
+    """The newest complete checkpoint of a run; FileNotFoundError naming the directory when there is none."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint to resume under {checkpoint_dir(out_dir)}; start without --resume")
+    return found[-1]
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, dict[str, Any]]:
+    """The model (float32, on `device`) and the train state saved in checkpoint directory `path`."""
+    path = Path(path)
+    state_file = path / TRAIN_STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} has no {TRAIN_STATE_FILE}: it is a model checkpoint, not a training one")
+    model = load_pretrained(path, dtype=torch.float32, device=device)
+    train_state = torch.load(state_file, map_location="cpu", weights_only=False)
+    return model, train_state

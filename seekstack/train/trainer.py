@@ -1,0 +1,275 @@
+"""The pre-training loop: AdamW, gradient accumulation and clipping, DeepSeek-V3 losses and bias balancing.
+
+Per optimizer step: `grad_accum_steps` micro-batches of loss = L_next + lambda * L_MTP + L_balance (the model
+computes it), a clipped AdamW update, then the auxiliary-loss-free bias update from the step's expert loads.
+Each step appends one JSON line to `out_dir/metrics.jsonl`; each evaluation appends one with `val_loss`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from seekstack.config import preset
+from seekstack.data.shards import TokenWindows, load_index
+from seekstack.model.transformer import Transformer
+from seekstack.train import distributed
+from seekstack.train.balance import max_violation, update_expert_bias
+from seekstack.train.config import TrainConfig
+from seekstack.train.schedule import learning_rate
+from seekstack.train.state import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+TRAIN_SPLIT, VAL_SPLIT = "train", "val"
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did: the last completed step, the training loss of each step it ran, its last checkpoint."""
+
+    step: int
+    losses: list[float] = field(default_factory=list)
+    checkpoint: Path | None = None
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or other 1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fast)
+
+
+def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
+    """A fresh model from the preset and overrides, with the run's balance-loss weight."""
+    model_config = preset(config.model, **{**config.model_overrides, "aux_loss_alpha": config.aux_loss_alpha})
+    if model_config.vocab_size < vocab_needed:
+        raise ValueError(
+            f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's {vocab_needed} ids of "
+            f"{config.data_dir}; set model.vocab_size={vocab_needed}"
+        )
+    return Transformer(model_config)
+
+
+def mtp_weight_at(step: int, config: TrainConfig) -> float:
+    """lambda = 0.3 for the first `mtp_switch_fraction` of training, then 0.1 (DeepSeek-V3 §4.2)."""
+    early = step < config.mtp_switch_fraction * config.max_steps
+    return config.mtp_loss_weight if early else config.mtp_loss_weight_late
+
+
+def train(config: TrainConfig, resume: bool | str | Path = False) -> TrainResult:
+    """Run (or, with `resume`, continue from the latest or a given checkpoint) the pre-training `config` describes.
+
+    Works in one process or under torchrun; only rank 0 writes files.
+    """
+    config.validate()
+    ranks = distributed.init_distributed()
+    try:
+        return _Run(config, ranks, resume).run()
+    finally:
+        distributed.shutdown(ranks)
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, ranks: distributed.Ranks, resume: bool | str | Path):
+        self.config, self.ranks = config, ranks
+        self.out_dir = Path(config.out_dir)
+        self.data = TokenWindows(config.data_dir, TRAIN_SPLIT, config.seq_len, seed=config.seed)
+        self.step = 0
+        train_state: dict[str, Any] | None = None
+        if resume:
+            path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
+            model, train_state = load_checkpoint(path, ranks.device)
+            self.step = int(train_state["step"])
+            self.data.load_state_dict(train_state["data"])
+        else:
+            torch.manual_seed(config.seed)
+            np.random.seed(config.seed)
+            random.seed(config.seed)
+            model = build_model(config, self.data.index["tokenizer"]["vocab_size"]).to(ranks.device)
+        self.model = model
+        self.optimizer = build_optimizer(model, config, ranks.device)
+        if train_state is not None:
+            self.optimizer.load_state_dict(train_state["optimizer"])
+            set_rng_state(train_state["rng"])
+        self.wrapped = distributed.wrap_model(model, ranks)
+        self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
+        self.tokens_per_step = config.batch_size * config.grad_accum_steps * config.seq_len
+        if ranks.is_main:
+            config.save(self.out_dir)
+            self._trim_metrics()
+
+    # ------------------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        result = TrainResult(self.step)
+        started, first_step = time.perf_counter(), self.step
+        data_at_step_start = self.data.state_dict()
+        try:
+            while self.step < self.config.max_steps:
+                data_at_step_start = self.data.state_dict()
+                metrics = self.train_step()
+                self.step += 1
+                result.losses.append(metrics["loss"])
+                elapsed = time.perf_counter() - started
+                eta = elapsed / (self.step - first_step) * (self.config.max_steps - self.step)
+                self._progress(metrics, eta)
+                if self.config.eval_every and self.step % self.config.eval_every == 0:
+                    self.evaluate()
+                if self.config.save_every and self.step % self.config.save_every == 0 or self.is_last_step:
+                    result.checkpoint = self.save()
+        except KeyboardInterrupt:
+            self.data.load_state_dict(data_at_step_start)  # the interrupted step is re-run on resume
+            result.checkpoint = self.save()
+            self._say(f"\ninterrupted: saved {result.checkpoint}; continue with --resume")
+            raise
+        result.step = self.step
+        return result
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step == self.config.max_steps
+
+    def train_step(self) -> dict[str, Any]:
+        config, model = self.config, self.model
+        step_start = time.perf_counter()
+        lr = learning_rate(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mtp_weight = mtp_weight_at(self.step, config)
+        sums = torch.zeros(3, device=self.ranks.device)  # loss, lm_loss, mtp_loss summed over micro-batches
+        expert_load: torch.Tensor | None = None
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(config.grad_accum_steps):
+            batch = distributed.local_rows(self.data.batch(config.batch_size), self.ranks).to(self.ranks.device)
+            last = micro == config.grad_accum_steps - 1
+            with distributed.gradient_sync(self.wrapped, sync=last), self._autocast():
+                out = self.wrapped(batch, labels=batch, mtp_loss_weight=mtp_weight)
+            (out.loss / config.grad_accum_steps).backward()
+            mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros_like(out.loss)
+            sums += torch.stack([out.loss, out.lm_loss, mtp]).detach().float()
+            if out.expert_load is not None:
+                load = out.expert_load.detach().float()
+                expert_load = load if expert_load is None else expert_load + load
+        # Means over micro-batches and ranks: every rank holds the same number of equally long rows.
+        distributed.all_reduce_sum(sums, self.ranks)
+        sums /= config.grad_accum_steps * self.ranks.world_size
+        clip = config.grad_clip if config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        loss, lm_loss, mtp_loss = sums.tolist()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss={loss} grad_norm={grad_norm.item()} is not finite; the weights were "
+                f"not updated. Last good checkpoint: {self._last_checkpoint_text()}. Lower lr or raise warmup_steps."
+            )
+        self.optimizer.step()
+        metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss}
+        if expert_load is not None:
+            distributed.all_reduce_sum(expert_load, self.ranks)
+            if config.bias_update_rate > 0:
+                update_expert_bias(model, expert_load, config.bias_update_rate)
+            per_layer = max_violation(expert_load)
+            metrics["maxvio"] = per_layer.mean().item()  # averaged over MoE layers, as Wang et al. 2024 report it
+            layer_ids = model.moe_layer_ids[: len(per_layer)]
+            metrics["maxvio_per_layer"] = {str(i): v for i, v in zip(layer_ids, per_layer.tolist(), strict=True)}
+        seconds = time.perf_counter() - step_start
+        metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": self.tokens_per_step / seconds}
+        self._log(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any] | None:
+        """Next-token loss over `eval_batches` validation batches and bits per byte; rank 0 only."""
+        if not self.ranks.is_main:
+            return None
+        try:
+            val = TokenWindows(self.config.data_dir, VAL_SPLIT, self.config.seq_len)
+        except FileNotFoundError:
+            return None
+        self.model.eval()
+        loss_sum, targets = 0.0, 0
+        for number, batch in enumerate(val.sequential(self.config.batch_size)):
+            if number == self.config.eval_batches:
+                break
+            with self._autocast():
+                out = self.model(batch.to(self.ranks.device), labels=batch.to(self.ranks.device))
+            count = batch.shape[0] * (batch.shape[1] - 1)
+            loss_sum += out.lm_loss.item() * count
+            targets += count
+        self.model.train()
+        val_loss = loss_sum / targets
+        index = load_index(self.config.data_dir, VAL_SPLIT)
+        # bits per byte = nats per token * tokens / (ln 2 * UTF-8 bytes), with the split's token and byte counts
+        bpb = val_loss * index["total_tokens"] / (math.log(2) * index["text_bytes"])
+        metrics = {"step": self.step, "val_loss": val_loss, "val_bpb": bpb}
+        self._log(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------------------ files and output
+    def save(self) -> Path | None:
+        path = None
+        if self.ranks.is_main:
+            state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "data": self.data.state_dict(),
+                "rng": rng_state(),
+                "config": self.config.to_dict(),
+            }
+            path = save_checkpoint(self.out_dir, self.model, state, self.config.keep_checkpoints)
+        distributed.barrier(self.ranks)
+        return path
+
+    def _last_checkpoint_text(self) -> str:
+        try:
+            return str(latest_checkpoint(self.out_dir))
+        except FileNotFoundError:
+            return "none yet"
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None or self.ranks.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype)
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if self.ranks.is_main:
+            with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+
+    def _trim_metrics(self) -> None:
+        """Drop lines past the step a resumed run starts from, so metrics.jsonl tells one history."""
+        path = self.out_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:
+        line = (
+            f"step {self.step}/{self.config.max_steps}  loss {metrics['loss']:.4f}  "
+            f"{metrics['tokens_per_s']:,.0f} tok/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
+        )
+        end = "\n" if self.is_last_step or not sys.stderr.isatty() else ""
+        self._say("\r" + line if sys.stderr.isatty() else line, end=end)
+
+    def _say(self, text: str, end: str = "\n") -> None:
+        if self.ranks.is_main:
+            print(text, end=end, file=sys.stderr, flush=True)
