@@ -34,6 +34,8 @@ from seekstack.data.shards import tokenize_corpus
 from seekstack.data.sources import DataSourceError, open_source
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import Tokenizer, train_tokenizer
+from seekstack.train.config import load_train_config
+from seekstack.train.trainer import TrainingDiverged, train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
@@ -201,6 +203,20 @@ def tokenizer_train(
     typer.echo(f"wrote {out}/tokenizer.json: {trained.vocab_size} tokens")
 
 
+@app.command("train")
+def train_command(
+    config: Annotated[Path | None, typer.Argument(help="Training config (YAML/TOML/JSON); defaults otherwise")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. max_steps=200")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in out_dir")] = False,
+) -> None:
+    """Pretrain a model on token shards (from `data tokenize`); run under torchrun for several processes."""
+    with _user_errors():
+        if config is not None and "=" in str(config):  # only overrides were given
+            overrides, config = [str(config), *(overrides or [])], None
+        result = train(load_train_config(config, overrides or []), resume=resume)
+    typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
 def _config(model: str) -> ModelConfig:
     """A preset by name, or the config.json of a checkpoint directory."""
     if model in PRESETS:
@@ -225,7 +241,15 @@ def _user_errors() -> Iterator[None]:
     """Turn configuration and checkpoint errors into a one-line message and exit code 1."""
     try:
         yield
-    except (ConfigError, CheckpointError, DataSourceError, CleaningConfigError, OSError, ValueError) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        DataSourceError,
+        CleaningConfigError,
+        TrainingDiverged,
+        OSError,
+        ValueError,
+    ) as error:
         _fail(str(error))
 
 

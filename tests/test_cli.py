@@ -187,3 +187,19 @@ def test_tokenize_names_a_missing_corpus(tmp_path):
     args = ["data", "tokenize", "--corpus", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "t")]
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_train_runs_on_tokenized_shards_and_writes_a_checkpoint(tmp_path):
+    test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", f"data_dir={tmp_path / 'tokens'}", f"out_dir={out}", "max_steps=2", "seq_len=8", "batch_size=2"]
+    args += ["model.vocab_size=400", "eval_every=2", "eval_batches=1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "checkpoints" / "step_2" / "config.json").exists()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 2
+
+
+def test_train_names_an_unknown_setting(tmp_path):
+    result = runner.invoke(app, ["train", "batchsize=3"])
+    assert result.exit_code == 1 and "batchsize" in result.output and "Traceback" not in result.output
