@@ -1,0 +1,145 @@
+"""A paged latent cache: one pool of fixed-size blocks shared by all sequences, per layer only c^KV and k^R.
+
+Each layer's pool holds, per token slot, the compressed KV latent (C = kv_lora_rank) and the rope key
+(R = qk_rope_head_dim) side by side, so a token costs (C + R) x layers x dtype size bytes. A sequence owns
+a block table (list of block ids); token j of it lives in slot table[j // block_size] * block_size + j % block_size.
+Block 0 is never handed out: padding writes land there and padding reads point there (masked).
+
+Before each forward the engine calls `plan` with the sequences in the batch, where each one's new tokens
+start and how many are real; every layer's `update` then writes the new tokens and gathers each sequence's
+tokens into a padded (B, S, .) batch with a (B, T, S) mask that is causal within the sequence and hides padding.
+Shapes: B sequences, T new tokens per row (padded), S cached tokens per row after the write (padded).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from seekstack.config import ModelConfig
+
+TRASH_BLOCK = 0
+
+
+class CacheFullError(RuntimeError):
+    """Not enough free blocks for a request."""
+
+
+class PagedLatentCache:
+    """Block pool + block tables; implements the model's `LatentCache` protocol for the planned batch."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks={num_blocks}: the cache needs at least 2 blocks (block 0 is reserved)")
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be >= 1")
+        self.layers = config.num_hidden_layers + config.num_nextn_predict_layers  # MTP layers index after the main
+        self.kv_rank, self.rope_dim = config.kv_lora_rank, config.qk_rope_head_dim
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.device = torch.device(device)
+        width = self.kv_rank + self.rope_dim
+        self.pool = torch.zeros(self.layers, num_blocks * block_size, width, dtype=dtype, device=self.device)
+        self.free_blocks = list(range(num_blocks - 1, TRASH_BLOCK, -1))  # pop() hands out low ids first
+        self.tables: dict[str, list[int]] = {}
+        self._plan: _Plan | None = None
+
+    # ------------------------------------------------------------------ blocks
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return self.blocks_for(num_tokens) <= len(self.free_blocks)
+
+    def allocate(self, seq_id: str, num_tokens: int) -> None:
+        """Give `seq_id` blocks for `num_tokens` tokens in all (raises CacheFullError when too few are free)."""
+        needed = self.blocks_for(num_tokens) - len(self.tables.get(seq_id, []))
+        if needed > len(self.free_blocks):
+            raise CacheFullError(
+                f"sequence {seq_id} needs {needed} more cache blocks of {self.block_size} tokens; "
+                f"{len(self.free_blocks)} of {self.num_blocks - 1} are free"
+            )
+        self.tables.setdefault(seq_id, []).extend(self.free_blocks.pop() for _ in range(max(needed, 0)))
+
+    def free(self, seq_id: str) -> None:
+        """Return the blocks of `seq_id` to the pool (unknown ids are ignored)."""
+        self.free_blocks.extend(reversed(self.tables.pop(seq_id, [])))
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the usable blocks in use."""
+        return 1 - len(self.free_blocks) / (self.num_blocks - 1)
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token occupies across all layers: (C + R) x layers x dtype size."""
+        return self.layers * self.pool.shape[-1] * self.pool.element_size()
+
+    # ------------------------------------------------------------------ the planned batch
+    def plan(self, seq_ids: list[str], starts: list[int], counts: list[int], width: int) -> torch.Tensor:
+        """Set up the next forward: row b writes `counts[b]` real tokens at positions starts[b]...
+
+        Rows are padded to `width` new tokens. Returns the positions (B, width) to give the model.
+        """
+        device, block_size = self.device, self.block_size
+        start = torch.tensor(starts, device=device)[:, None]  # (B, 1)
+        count = torch.tensor(counts, device=device)[:, None]
+        offsets = torch.arange(width, device=device)[None, :]
+        positions = start + offsets  # (B, T)
+        max_blocks = max(len(self.tables[s]) for s in seq_ids)
+        tables = torch.tensor(
+            [self.tables[s] + [TRASH_BLOCK] * (max_blocks - len(self.tables[s])) for s in seq_ids], device=device
+        )
+        total = start + count  # (B, 1) tokens per row after the write
+        key_index = torch.arange(int(total.max()), device=device)[None, :]  # (1, S)
+        key_valid = key_index < total
+        key_slots = tables.gather(1, key_index.expand(len(seq_ids), -1) // block_size) * block_size
+        key_slots = torch.where(key_valid, key_slots + key_index % block_size, TRASH_BLOCK)  # (B, S)
+        write_valid = offsets < count
+        write_blocks = tables.gather(1, torch.where(write_valid, positions, 0) // block_size)
+        write_slots = torch.where(write_valid, write_blocks * block_size + positions % block_size, TRASH_BLOCK)
+        # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
+        mask = key_valid[:, None, :] & (key_index[:, None, :] <= positions[:, :, None])  # (B, T, S)
+        self._plan = _Plan(int(start.min()), int(start.max()), write_slots.flatten(), key_slots, mask)
+        return positions
+
+    def length(self, layer_idx: int = 0) -> int:
+        """Tokens cached before the planned forward, when all rows agree (else pass positions to the model)."""
+        plan = self._require_plan()
+        if plan.min_start != plan.max_start:
+            raise ValueError("the planned rows start at different positions: pass positions to the model")
+        return plan.min_start
+
+    def update(
+        self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store (B, T, C) and (B, T, R) in the planned slots; return (B, S, C), (B, S, R) and the (B, T, S) mask."""
+        plan = self._require_plan()
+        pool = self.pool[layer_idx]
+        new = torch.cat((kv_latent, k_rope), dim=-1).flatten(0, 1).to(pool.dtype)
+        pool.index_copy_(0, plan.write_slots, new)
+        keys = pool[plan.key_slots]  # (B, S, C+R)
+        return keys[..., : self.kv_rank], keys[..., self.kv_rank :], plan.mask
+
+    def _require_plan(self) -> _Plan:
+        if self._plan is None:
+            raise RuntimeError("PagedLatentCache.plan must be called before a forward")
+        return self._plan
+
+
+@dataclass
+class _Plan:
+    """Index tensors of one planned forward, shared by all layers."""
+
+    min_start: int
+    max_start: int
+    write_slots: torch.Tensor  # (B*T,) slot of each new token (padding -> block 0)
+    key_slots: torch.Tensor  # (B, S) slot of each row's keys (padding -> block 0)
+    mask: torch.Tensor  # (B, T, S) which keys each query sees

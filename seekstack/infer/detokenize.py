@@ -1,0 +1,57 @@
+"""Incremental detokenization to valid UTF-8, and stop strings matched on the text.
+
+A byte-level BPE token may hold part of a multi-byte character; text is released only once the bytes
+decode cleanly. Text that could be the beginning of a stop string is held back until it is known not to be.
+"""
+
+from __future__ import annotations
+
+from seekstack.tokenizer import Tokenizer
+
+REPLACEMENT = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
+
+
+class TextStream:
+    """Feed generated token ids one at a time; get back the text that is safe to show."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already taken into `text`
+        self.read_offset = 0
+        self.text = ""  # all complete text so far, stop strings included
+        self.released = 0  # characters of `text` handed out
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add one token; return (text newly safe to show, whether a stop string has now appeared)."""
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
+            self.text += full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._release()
+
+    def flush(self) -> str:
+        """At the end without a stop string: everything not yet shown, incomplete bytes as U+FFFD."""
+        self.text += self.tokenizer.decode(self.ids[self.read_offset :])
+        self.read_offset = len(self.ids)
+        out, self.released = self.text[self.released :], len(self.text)
+        return out
+
+    def _release(self) -> tuple[str, bool]:
+        # Released text never ends with the start of a stop string, so a stop string can only begin after it.
+        found = [index for stop in self.stop if (index := self.text.find(stop, self.released)) >= 0]
+        end = min(found) if found else len(self.text) - self._held_back()
+        out, self.released = self.text[self.released : end], end
+        return out, bool(found)
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

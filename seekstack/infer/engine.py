@@ -1,0 +1,481 @@
+"""The inference engine: continuous batching over a paged latent cache, chunked prefill, per-request sampling,
+MTP speculative decoding and streaming detokenization.
+
+A request goes waiting -> prefilling (its prompt enters the cache in chunks) -> running (one token, or a
+verified draft plus one, per step) -> finished. Between steps the last token of a running request is
+*pending*: sampled but not yet in the cache, so the cache holds len(ids) - 1 tokens, in the main layers and,
+with speculative decoding, in the MTP layer too (MTP position i reads h_i and the embedding of token i+1).
+Shapes: B sequences in a forward, T tokens per sequence (padded), V vocabulary, D hidden.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from seekstack.checkpoint import load_pretrained
+from seekstack.infer.cache import PagedLatentCache
+from seekstack.infer.detokenize import TextStream
+from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, token_logprobs
+from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import Tokenizer
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of a generated token under the model, and of the most likely alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]  # (token_id, token text, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens this step (several with speculative decoding)
+    text: str  # new text: valid UTF-8 only, stop strings cut off
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    cache_usage: float  # fraction of cache blocks in use, 0..1
+    spec_drafted: int  # cumulative speculative-decoding counters
+    spec_accepted: int
+
+
+@dataclass
+class Completion:
+    """A finished request, as `Engine.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None
+    timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stream: TextStream
+    stop_ids: frozenset[int]
+    penalties: PenaltyState | None
+    ids: list[int]  # prompt + sampled tokens
+    num_cached: int = 0  # tokens in the cache (main layers; the MTP layer keeps pace)
+    draft: int = 0  # the MTP module's guess for the token after the pending one
+    output_ids: list[int] = field(default_factory=list)  # tokens handed out
+    arrived_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+class Engine:
+    """Serves many concurrent requests on one `Transformer`; `add_request`, `abort`, `step`, `stats` are thread-safe."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        max_batch_size: int = 16,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        speculative: bool = False,
+        prefill_chunk: int = 256,
+        device: torch.device | str | None = None,
+    ):
+        self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.model_name = "seekstack"
+        if speculative and len(model.mtp) == 0:
+            raise ValueError("speculative decoding needs an MTP module; this model has num_nextn_predict_layers=0")
+        for name, value in (("max_batch_size", max_batch_size), ("prefill_chunk", prefill_chunk)):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        self.speculative = speculative
+        self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
+        self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.draft_slots = 1 if speculative else 0  # a verified draft may occupy one slot past the last token
+        if num_blocks is None:
+            num_blocks = max_batch_size * math.ceil((self.max_model_len + self.draft_slots) / block_size) + 1
+        self.cache = PagedLatentCache(self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device)
+        self.waiting: deque[_Request] = deque()
+        self.prefilling: list[_Request] = []
+        self.running: list[_Request] = []
+        self.aborted: list[RequestOutput] = []
+        self.spec_drafted = self.spec_accepted = 0
+        self.lock = threading.RLock()
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        tokenizer: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        **kwargs,
+    ) -> Engine:
+        """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`)."""
+        model_dir = Path(model_dir)
+        device = kwargs.get("device") or "cpu"
+        engine = cls(
+            load_pretrained(model_dir, dtype=dtype, device=device),
+            Tokenizer.from_file(tokenizer or model_dir),
+            **kwargs,
+        )
+        engine.model_name = model_dir.resolve().name
+        return engine
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises ValueError for an empty prompt, unknown token ids or one that cannot fit."""
+        params.validate()
+        prompt_ids = [int(token) for token in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("empty prompt: give at least one token")
+        vocab = self.config.vocab_size
+        for name, ids in (("prompt", prompt_ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = [token for token in ids if not 0 <= token < vocab]
+            if bad:
+                raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
+        total = len(prompt_ids) + params.max_new_tokens
+        if len(prompt_ids) > self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, more than max_model_len={self.max_model_len}")
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"exceeds max_model_len={self.max_model_len}; shorten the prompt or lower max_new_tokens"
+            )
+        if self.cache.blocks_for(total + self.draft_slots) > self.cache.num_blocks - 1:
+            raise ValueError(
+                f"{total} tokens need {self.cache.blocks_for(total + self.draft_slots)} cache blocks; "
+                f"the cache has {self.cache.num_blocks - 1}: raise num_blocks"
+            )
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eos_id})
+        penalties = PenaltyState.from_prompt(prompt_ids, vocab, self.device) if params.penalized else None
+        with self.lock:
+            request_id = request_id or f"req-{next(self._ids)}"
+            if any(r.request_id == request_id for r in self._unfinished()):
+                raise ValueError(f"request id {request_id!r} is already in use")
+            stream = TextStream(self.tokenizer, params.stop)
+            request = _Request(
+                request_id, prompt_ids, params, generator, stream, frozenset(stop_ids), penalties, list(prompt_ids)
+            )
+            self.waiting.append(request)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request and free its cache blocks at once; its last output says finish_reason "abort"."""
+        with self.lock:
+            for queue in (self.waiting, self.prefilling, self.running):
+                for request in queue:
+                    if request.request_id == request_id:
+                        queue.remove(request)
+                        self.cache.free(request_id)
+                        self.aborted.append(self._output(request, [], "", None, "abort"))
+                        return
+
+    def has_unfinished(self) -> bool:
+        with self.lock:
+            return bool(self.aborted) or any(True for _ in self._unfinished())
+
+    def stats(self) -> EngineStats:
+        with self.lock:
+            return EngineStats(
+                running=len(self.running) + len(self.prefilling),
+                waiting=len(self.waiting),
+                cache_usage=self.cache.usage,
+                spec_drafted=self.spec_drafted,
+                spec_accepted=self.spec_accepted,
+            )
+
+    def _unfinished(self):
+        return itertools.chain(self.waiting, self.prefilling, self.running)
+
+    # ------------------------------------------------------------------ scheduling
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """One step: admit waiting requests, decode all running ones together, prefill one chunk of prompts."""
+        with self.lock:
+            outputs, self.aborted = self.aborted, []
+            self._admit()
+            if self.running:
+                outputs += self._decode()
+            if self.prefilling:
+                outputs += self._prefill()
+            return outputs
+
+    def _admit(self) -> None:
+        """Move waiting requests to prefilling, first come first served, while the batch and the cache have room."""
+        while self.waiting and len(self.prefilling) + len(self.running) < self.max_batch_size:
+            request = self.waiting[0]
+            tokens = len(request.prompt_ids) + request.params.max_new_tokens + self.draft_slots
+            if not self.cache.can_allocate(tokens):
+                return
+            self.cache.allocate(request.request_id, tokens)
+            self.prefilling.append(self.waiting.popleft())
+
+    def _prefill(self) -> list[RequestOutput]:
+        """Feed up to `prefill_chunk` prompt tokens, over as many prefilling requests as they reach."""
+        batch, counts, budget = [], [], self.prefill_chunk
+        for request in self.prefilling:
+            if budget == 0:
+                break
+            counts.append(min(len(request.prompt_ids) - request.num_cached, budget))
+            batch.append(request)
+            budget -= counts[-1]
+        starts = [request.num_cached for request in batch]
+        rows = [r.ids[start : start + count] for r, start, count in zip(batch, starts, counts, strict=True)]
+        logits, hidden = self._forward(batch, rows, starts, counts)
+        done, finished, tokens, logprobs = [], [], [], []
+        for row, (request, count) in enumerate(zip(batch, counts, strict=True)):
+            request.num_cached += count
+            if request.num_cached == len(request.prompt_ids):
+                done.append(row)
+        if done:
+            rows_done = torch.tensor(done, device=self.device)
+            last = torch.tensor([counts[row] - 1 for row in done], device=self.device)
+            finished = [batch[row] for row in done]
+            tokens, logprobs = self._sample(finished, logits[rows_done, last])
+            for request, token in zip(finished, tokens, strict=True):
+                request.ids.append(token)
+            if self.speculative:
+                next_rows = _shifted_rows(batch, starts, counts)
+                drafts = self._draft(batch, hidden, next_rows, starts, counts)
+                for row in done:
+                    batch[row].draft = drafts[row]
+            for request in finished:
+                self.prefilling.remove(request)
+                self.running.append(request)
+        return [
+            self._emit(r, [token], logprobs[b : b + 1])
+            for b, (r, token) in enumerate(zip(finished, tokens, strict=True))
+        ]
+
+    def _decode(self) -> list[RequestOutput]:
+        """One token per running request, or with speculative decoding the verified draft plus one."""
+        batch = list(self.running)
+        starts = [len(r.ids) - 1 for r in batch]
+        if not self.speculative:
+            logits, _ = self._forward(batch, [[r.ids[-1]] for r in batch], starts, [1] * len(batch))
+            tokens, logprobs = self._sample(batch, logits[:, 0])
+            for request, token in zip(batch, tokens, strict=True):
+                request.ids.append(token)
+            return [
+                self._emit(r, [token], logprobs[b : b + 1])
+                for b, (r, token) in enumerate(zip(batch, tokens, strict=True))
+            ]
+        return self._decode_speculative(batch, starts)
+
+    def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
+        """Verify each request's draft with one forward over [pending, draft] (Leviathan et al. 2023, Alg. 1).
+
+        The draft is the MTP module's argmax, so q is one-hot: accept with probability min(1, p/q) = p(draft),
+        else resample from norm(max(0, p - q)) = p without the draft. Either way the output follows p exactly.
+        """
+        rows = [[r.ids[-1], r.draft] for r in batch]
+        logits, hidden = self._forward(batch, rows, starts, [2] * len(batch))
+        drafts = torch.tensor([r.draft for r in batch], device=self.device)
+        sampling = self._sampling_batch(batch)
+        p_next = sampling.probabilities(sampling.penalize(logits[:, 0]))
+        p_after = sampling.probabilities(sampling.penalize(logits[:, 1], extra_tokens=drafts))
+        accepted = sampling.uniform() < p_next.gather(1, drafts[:, None])[:, 0]
+        residual = p_next.scatter(1, drafts[:, None], 0.0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+        replacement = sampling.draw(residual / residual.sum(-1, keepdim=True)).tolist()
+        bonus = sampling.draw(p_after).tolist()
+        accepted_list = accepted.tolist()
+        self.spec_drafted += len(batch)
+        self.spec_accepted += sum(accepted_list)
+        new_tokens = [[r.draft, bonus[b]] if accepted_list[b] else [replacement[b]] for b, r in enumerate(batch)]
+        logprobs: list[list] = [[] for _ in batch]
+        if any(r.params.logprobs for r in batch):
+            chosen = torch.tensor([[tokens[0], tokens[-1]] for tokens in new_tokens], device=self.device)
+            first = self._logprobs(batch, logits[:, 0], chosen[:, 0])
+            second = self._logprobs(batch, logits[:, 1], chosen[:, 1])
+            logprobs = [[first[b], second[b]][: len(tokens)] for b, tokens in enumerate(new_tokens)]
+        for request, tokens in zip(batch, new_tokens, strict=True):
+            request.ids.extend(tokens)
+        counts = [len(tokens) for tokens in new_tokens]
+        next_rows = _shifted_rows(batch, starts, counts)
+        for request, draft in zip(batch, self._draft(batch, hidden, next_rows, starts, counts), strict=True):
+            request.draft = draft
+        return [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
+
+    # ------------------------------------------------------------------ model calls
+    def _forward(
+        self, batch: list[_Request], rows: list[list[int]], starts: list[int], counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Main model over each row's new tokens at their positions: logits (B, T, V), hidden (B, T, D)."""
+        width = max(counts)
+        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
+        positions = self.cache.plan([r.request_id for r in batch], starts, counts, width)
+        out = self.model(input_ids, cache=self.cache, positions=positions)
+        return out.logits, out.hidden_states
+
+    def _draft(
+        self,
+        batch: list[_Request],
+        hidden: torch.Tensor,
+        next_rows: list[list[int]],
+        starts: list[int],
+        counts: list[int],
+    ) -> list[int]:
+        """Run MTP depth 1 on positions starts[b]... (h_i and token i+1); return each row's guess after its last."""
+        width = max(counts)
+        next_ids = torch.tensor([row + [0] * (width - len(row)) for row in next_rows], device=self.device)
+        positions = self.cache.plan([r.request_id for r in batch], starts, counts, width)
+        cos, sin = self.model.rotary(positions)
+        mtp = self.model.mtp[0]
+        out, _ = mtp(hidden[:, :width], self.model.embed_tokens(next_ids), cos, sin, self.cache)
+        last = out[torch.arange(len(batch)), torch.tensor(counts) - 1]  # (B, D)
+        return self.model.lm_head(mtp.head_input(last)).argmax(dim=-1).tolist()
+
+    # ------------------------------------------------------------------ sampling and output
+    def _sampling_batch(self, batch: list[_Request]) -> SamplingBatch:
+        return SamplingBatch(
+            [r.params for r in batch], [r.generator for r in batch], [r.penalties for r in batch], self.device
+        )
+
+    def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token per request from logits (B, V), with log-probabilities for the requests that ask for them."""
+        sampling = self._sampling_batch(batch)
+        tokens = sampling.draw(sampling.probabilities(sampling.penalize(logits)))
+        logprobs = (
+            self._logprobs(batch, logits, tokens) if any(r.params.logprobs for r in batch) else [None] * len(batch)
+        )
+        return tokens.tolist(), logprobs
+
+    def _logprobs(self, batch: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
+        top_n = max(r.params.top_logprobs for r in batch)
+        chosen, top_values, top_ids = token_logprobs(logits, tokens, top_n)
+        chosen, top_values, top_ids, tokens = chosen.tolist(), top_values.tolist(), top_ids.tolist(), tokens.tolist()
+        entries: list[TokenLogprob | None] = []
+        for b, request in enumerate(batch):
+            if not request.params.logprobs:
+                entries.append(None)
+                continue
+            n = request.params.top_logprobs
+            top = [(i, self.tokenizer.decode([i]), v) for i, v in zip(top_ids[b][:n], top_values[b][:n], strict=True)]
+            entries.append(TokenLogprob(tokens[b], self.tokenizer.decode([tokens[b]]), chosen[b], top))
+        return entries
+
+    def _emit(self, request: _Request, tokens: list[int], logprobs: list) -> RequestOutput:
+        """Hand out `tokens` until one of them finishes the request: stop token, stop string or length."""
+        text, emitted, reason = "", [], None
+        for token in tokens:
+            emitted.append(token)
+            request.output_ids.append(token)
+            if request.penalties is not None:
+                request.penalties.add(token)
+            if token in request.stop_ids:
+                reason = "stop"
+                text += request.stream.flush()
+                break
+            piece, stopped = request.stream.push(token)
+            text += piece
+            if stopped:
+                reason = "stop"
+                break
+            if len(request.output_ids) >= request.params.max_new_tokens:
+                reason = "length"
+                text += request.stream.flush()
+                break
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        if reason is not None:
+            self.running.remove(request)
+            self.cache.free(request.request_id)
+        chosen = logprobs[: len(emitted)] if request.params.logprobs else None
+        return self._output(request, emitted, text, chosen, reason)
+
+    def _output(
+        self, request: _Request, tokens: list[int], text: str, logprobs: list | None, reason: str | None
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            token_ids=tokens,
+            text=text,
+            logprobs=logprobs,
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(request.output_ids),
+        )
+
+    # ------------------------------------------------------------------ convenience
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[Completion]:
+        """Add all prompts (text is encoded without BOS, as training shards are), step until all finish."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameter sets")
+        prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        started = time.perf_counter()
+        request_ids = [self.add_request(ids, p) for ids, p in zip(prompt_ids, params_list, strict=True)]
+        parts: dict[str, list[RequestOutput]] = {request_id: [] for request_id in request_ids}
+        first_token: dict[str, float] = {}
+        finished_at: dict[str, float] = {}
+        while any(request_id not in finished_at for request_id in request_ids):
+            for output in self.step():
+                if output.request_id in parts:
+                    parts[output.request_id].append(output)
+                    first_token.setdefault(output.request_id, time.perf_counter())
+                    if output.finished:
+                        finished_at[output.request_id] = time.perf_counter()
+        return [
+            _completion(request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id])
+            for request_id, ids in zip(request_ids, prompt_ids, strict=True)
+        ]
+
+
+def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:
+    """The tokens one position after each row's new tokens: what MTP depth 1 embeds (token i+1 at position i)."""
+    return [r.ids[start + 1 : start + count + 1] for r, start, count in zip(batch, starts, counts, strict=True)]
+
+
+def _completion(
+    request_id: str, prompt_ids: list[int], parts: list[RequestOutput], started: float, first: float, end: float
+) -> Completion:
+    tokens = [token for part in parts for token in part.token_ids]
+    logprobs = [entry for part in parts for entry in part.logprobs] if parts[-1].logprobs is not None else None
+    decode_seconds = end - first
+    timings = {
+        "time_to_first_token_s": first - started,
+        "total_s": end - started,
+        "decode_tokens_per_s": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
+    }
+    return Completion(
+        request_id, prompt_ids, tokens, "".join(p.text for p in parts), parts[-1].finish_reason, logprobs, timings
+    )

@@ -1,0 +1,210 @@
+"""Sampling parameters and the per-row, batched sampler of the engine.
+
+Shapes: B rows (one per sequence being sampled), V vocabulary.
+Order of operations, as vLLM: penalties on the raw logits -> temperature -> top-k / top-p / min-p -> draw.
+Greedy rows (temperature 0) become one-hot distributions, so speculative verification treats them like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. `validate()` raises a ValueError naming the field and the bad value."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 -> greedy
+    top_k: int = 0  # 0 -> off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM/HF semantics: divide positive logits, multiply negative ones
+    presence_penalty: float = 0.0  # OpenAI semantics
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # per-request generator: same seed -> same output, whatever else is in the batch
+    stop_token_ids: tuple[int, ...] = ()  # the tokenizer's EOS always stops unless ignore_eos
+    stop: tuple[str, ...] = ()  # matched on detokenized text (may span tokens); not included in the output
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20
+    ignore_eos: bool = False
+
+    def validate(self) -> SamplingParams:
+        """Check every field's type and range; returns self."""
+        for name, (kinds, description) in _FIELD_KINDS.items():
+            value = getattr(self, name)
+            wrong_bool = isinstance(value, bool) and bool not in kinds  # True is an int to Python, not to us
+            if wrong_bool or not isinstance(value, kinds):
+                raise ValueError(f"sampling parameter {name} must be {description}, got {value!r}")
+        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        _require(0 <= self.temperature <= 100, "temperature", self.temperature, "in [0, 100]")
+        _require(self.top_k >= 0, "top_k", self.top_k, ">= 0 (0 turns it off)")
+        _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _require(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        _require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
+        _require(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "in [-2, 2]")
+        _require(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        _require(
+            0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", self.top_logprobs, f"in [0, {MAX_TOP_LOGPROBS}]"
+        )
+        for token_id in self.stop_token_ids:
+            _require(isinstance(token_id, int) and token_id >= 0, "stop_token_ids", token_id, "non-negative ints")
+        for text in self.stop:
+            _require(isinstance(text, str) and text != "", "stop", text, "non-empty strings")
+        self.stop_token_ids, self.stop = tuple(self.stop_token_ids), tuple(self.stop)
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+_NUMBER = ((int, float), "a number")
+_FIELD_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "max_new_tokens": ((int,), "an int"),
+    "temperature": _NUMBER,
+    "top_k": ((int,), "an int"),
+    "top_p": _NUMBER,
+    "min_p": _NUMBER,
+    "repetition_penalty": _NUMBER,
+    "presence_penalty": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "seed": ((int, type(None)), "an int or null"),
+    "stop_token_ids": ((tuple, list), "a list of token ids"),
+    "stop": ((tuple, list), "a list of strings"),
+    "logprobs": ((bool,), "a bool"),
+    "top_logprobs": ((int,), "an int"),
+    "ignore_eos": ((bool,), "a bool"),
+}
+
+
+def _require(ok: bool, name: str, value: object, expectation: str) -> None:
+    if not ok:
+        raise ValueError(f"sampling parameter {name}={value!r} is invalid: must be {expectation}")
+
+
+@dataclass
+class PenaltyState:
+    """What the penalties of one sequence look at: tokens seen in prompt or output, and output token counts."""
+
+    seen: torch.Tensor  # (V,) bool, prompt and output: repetition penalty
+    output_counts: torch.Tensor  # (V,) float, output only: presence and frequency penalties
+
+    @classmethod
+    def from_prompt(cls, prompt_ids: list[int], vocab_size: int, device: torch.device) -> PenaltyState:
+        seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(prompt_ids, device=device)] = True
+        return cls(seen, torch.zeros(vocab_size, device=device))
+
+    def add(self, token_id: int) -> None:
+        self.seen[token_id] = True
+        self.output_counts[token_id] += 1
+
+
+class SamplingBatch:
+    """The sampling settings of B rows as tensors, plus each row's generator and penalty state."""
+
+    def __init__(
+        self,
+        params: list[SamplingParams],
+        generators: list[torch.Generator],
+        penalties: list[PenaltyState | None],
+        device: torch.device,
+    ):
+        self.params, self.generators, self.penalties = params, generators, penalties
+        self.device = device
+        self.greedy = torch.tensor([p.greedy for p in params], device=device)
+        self.all_greedy = bool(self.greedy.all())
+        self.temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        self.filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)
+        self.top_p = torch.tensor([float(p.top_p) for p in params], device=device)
+        self.min_p = torch.tensor([float(p.min_p) for p in params], device=device)
+        self.penalized = any(p.penalized for p in params)
+        self.repetition = torch.tensor([float(p.repetition_penalty) for p in params], device=device)
+        self.presence = torch.tensor([float(p.presence_penalty) for p in params], device=device)
+        self.frequency = torch.tensor([float(p.frequency_penalty) for p in params], device=device)
+
+    def penalize(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Repetition (HF/vLLM), presence and frequency (OpenAI) penalties on logits (B, V).
+
+        `extra_tokens` (B,) are counted as if already generated: a speculative draft before its verification.
+        """
+        if not self.penalized:
+            return logits
+        vocab = logits.shape[-1]
+        seen = torch.zeros(len(self.params), vocab, dtype=torch.bool, device=self.device)
+        counts = torch.zeros(len(self.params), vocab, device=self.device)
+        for row, state in enumerate(self.penalties):
+            if state is not None:
+                seen[row], counts[row] = state.seen, state.output_counts
+        if extra_tokens is not None:
+            rows = torch.arange(len(self.params), device=self.device)
+            seen[rows, extra_tokens] = True
+            counts[rows, extra_tokens] += 1
+        repetition = self.repetition[:, None]
+        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, penalized, logits)
+        # logit -= presence * 1[count > 0] + frequency * count   (OpenAI API reference, "parameter details")
+        return logits - self.presence[:, None] * (counts > 0) - self.frequency[:, None] * counts
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution each row samples from (B, V): temperature, top-k, top-p, min-p; greedy rows one-hot."""
+        logits = logits.float() / self.temperature[:, None]
+        if self.filtered:
+            logits = self._filter(logits)
+        probs = logits.softmax(dim=-1)
+        if self.greedy.any():
+            one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+            probs = torch.where(self.greedy[:, None], one_hot, probs)
+        return probs
+
+    def _filter(self, logits: torch.Tensor) -> torch.Tensor:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        rank = torch.arange(logits.shape[-1], device=logits.device)
+        top_k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1])
+        remove = rank[None, :] >= top_k[:, None]
+        remove |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p[:, None]  # keep the nucleus
+        remove |= sorted_probs < self.min_p[:, None] * sorted_probs[:, :1]
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """One token per row (B,): argmax for greedy rows, else a draw with the row's own generator."""
+        tokens = probs.argmax(dim=-1)
+        if self.all_greedy:
+            return tokens
+        for row, generator in enumerate(self.generators):
+            if not self.params[row].greedy:
+                tokens[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
+        return tokens
+
+    def uniform(self) -> torch.Tensor:
+        """One U(0, 1) number per row (B,) from the row's generator (greedy rows get 0: they never need one)."""
+        values = torch.zeros(len(self.params), device=self.device)
+        for row, generator in enumerate(self.generators):
+            if not self.params[row].greedy:
+                values[row] = torch.rand(1, generator=generator, device=self.device)[0]
+        return values
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's raw distribution (as vLLM reports them, before any sampling setting).
+
+    logits (B, V), tokens (B,) -> chosen (B,), top values (B, top_n), top ids (B, top_n).
+    """
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
+    top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], tokens[:, None][:, :0])
+    return chosen, top_values, top_ids
