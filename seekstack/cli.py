@@ -33,6 +33,10 @@ from seekstack.data.rules import CleaningConfig, CleaningConfigError
 from seekstack.data.shards import tokenize_corpus
 from seekstack.data.sources import DataSourceError, open_source
 from seekstack.model.transformer import Transformer
+from seekstack.serve.database import Database, default_database_path
+from seekstack.serve.keys import KeyStore
+from seekstack.serve.launch import ServeOptions, build_server, run_server
+from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.tokenizer import Tokenizer, train_tokenizer
 from seekstack.train.config import load_train_config
 from seekstack.train.trainer import TrainingDiverged, train
@@ -217,6 +221,130 @@ def train_command(
     typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
 
 
+Database_ = Annotated[
+    Path | None, typer.Option("--db", help="Keys and usage database; default $SEEKSTACK_DB or seekstack.db")
+]
+
+
+@app.command("serve")
+def serve_command(
+    model: Annotated[Path, typer.Option(help="Checkpoint directory (with tokenizer.json unless --tokenizer)")],
+    host: Annotated[str, typer.Option(help="Address to listen on; without API keys only loopback is allowed")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    db: Database_ = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if not in --model")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id in the API; default the folder name")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = 16,
+    max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per request")] = None,
+    speculative: Annotated[bool, typer.Option(help="MTP speculative decoding")] = False,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
+    with _user_errors():
+        options = ServeOptions(
+            host, port, db or default_database_path(), tokenizer, served_model_name, max_batch_size, max_model_len,
+            speculative, dtype,
+        )  # fmt: skip
+        server_app, summary = build_server(model, options)
+    typer.echo(summary)
+    run_server(server_app, host, port)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `seekstack serve`.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who the key is for; names it in `keys list` and `usage`")],
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute; default unlimited")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per minute")] = None,
+    plan: Annotated[str, typer.Option(help="Price plan (see `keys plan`)")] = "default",
+    admin: Annotated[bool, typer.Option(help="May read everyone's usage at /v1/admin/usage")] = False,
+    db: Database_ = None,
+) -> None:
+    """Create an API key and print it: it is shown this once and stored only as a hash."""
+    with _user_errors():
+        key = KeyStore(Database(db or default_database_path())).create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin)
+    typer.echo(key)
+    typer.echo(f"created key {name!r}; copy it now, it cannot be shown again", err=True)
+
+
+@keys_app.command("list")
+def keys_list(db: Database_ = None) -> None:
+    """All keys (by name and first characters), their plan, limits and state."""
+    with _user_errors():
+        keys = KeyStore(Database(db or default_database_path())).list()
+    table = Table(title="API keys")
+    for column in ("name", "key", "plan", "rpm", "tpm", "admin", "created (UTC)", "state"):
+        table.add_column(column)
+    for key in keys:
+        state = "active" if key.revoked_at is None else f"revoked {_utc(key.revoked_at)}"
+        limits = [str(limit) if limit else "-" for limit in (key.rpm, key.tpm)]
+        admin = "yes" if key.admin else ""
+        table.add_row(key.name, key.prefix + "...", key.plan, *limits, admin, _utc(key.created_at), state)
+    Console(markup=False).print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="Name of the key")], db: Database_ = None) -> None:
+    """Revoke a key; the server refuses it from the next request on."""
+    with _user_errors():
+        KeyStore(Database(db or default_database_path())).revoke(name)
+    typer.echo(f"revoked key {name!r}")
+
+
+@keys_app.command("plan")
+def keys_plan(
+    name: Annotated[str | None, typer.Argument(help="Plan to create or change; none: list the plans")] = None,
+    prompt_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k prompt tokens")] = None,
+    completion_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k completion tokens")] = None,
+    db: Database_ = None,
+) -> None:
+    """Set a plan's prices per 1k tokens (new usage is billed at them), or list the plans."""
+    with _user_errors():
+        store = KeyStore(Database(db or default_database_path()))
+        if name is not None:
+            current = next((plan for plan in store.plans() if plan.name == name), None)
+            if current is None and (prompt_price is None or completion_price is None):
+                _fail(f"new plan {name!r} needs both --prompt-price and --completion-price")
+            store.set_plan(
+                name,
+                current.prompt_per_1k if prompt_price is None else prompt_price,
+                current.completion_per_1k if completion_price is None else completion_price,
+            )
+        plans = store.plans()
+    for plan in plans:
+        typer.echo(f"{plan.name}: {plan.prompt_per_1k:g} / {plan.completion_per_1k:g} per 1k prompt / output tokens")
+
+
+@app.command("usage")
+def usage_command(
+    key: Annotated[str | None, typer.Option(help="Only this key (by name)")] = None,
+    since: Annotated[str | None, typer.Option(help="From this UTC day on, YYYY-MM-DD")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, as GET /v1/admin/usage returns")] = False,
+    db: Database_ = None,
+) -> None:
+    """Requests, tokens and cost per key and day, from the server's usage ledger."""
+    with _user_errors():
+        days = Ledger(Database(db or default_database_path())).daily(key, parse_day(since) if since else None)
+    if as_json:
+        typer.echo(json.dumps([day.to_dict() for day in days], indent=2))
+        return
+    table = Table(title="usage per key and day (UTC)")
+    for column in ("day", "key", "requests", "prompt tokens", "completion tokens", "cost"):
+        table.add_column(column, justify="left" if column in ("day", "key") else "right")
+    for day in days:
+        table.add_row(
+            day.day, day.key_name or "(open)", str(day.requests), f"{day.prompt_tokens:,}",
+            f"{day.completion_tokens:,}", f"{day.cost:.6f}",
+        )  # fmt: skip
+    table.add_row("total", "", str(sum(d.requests for d in days)), "", "", f"{sum(d.cost for d in days):.6f}")
+    Console(markup=False).print(table)
+
+
 def _config(model: str) -> ModelConfig:
     """A preset by name, or the config.json of a checkpoint directory."""
     if model in PRESETS:
@@ -270,6 +398,10 @@ def _flops(n: int) -> str:
 
 def _bytes(n: int) -> str:
     return f"{n:,} B" if n < 1024 else f"{_scaled(n, 1024, ['', ' Ki', ' Mi', ' Gi', ' Ti'])}B ({n:,} B)"
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp))
 
 
 def _scaled(n: float, base: int, units: list[str]) -> str:

@@ -1,0 +1,388 @@
+"""The OpenAI-compatible HTTP API over the engine: routes, authentication, rate limits, billing, streaming.
+
+Every generation request, whatever its outcome after authentication, leaves one row in the usage
+ledger, written before the response's last byte (for streams: before `data: [DONE]`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from seekstack.infer.engine import Engine, RequestOutput
+from seekstack.serve.bridge import AsyncEngine, EngineFailure, RequestGroup
+from seekstack.serve.database import Database
+from seekstack.serve.errors import APIError, invalid_body
+from seekstack.serve.keys import ApiKey, KeyStore
+from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
+from seekstack.serve.metrics import ServerMetrics
+from seekstack.serve.protocol import chat_logprobs, completion_logprobs, prompt_ids, sampling_params
+from seekstack.serve.ratelimit import RateLimited, RateLimiter
+from seekstack.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+
+log = logging.getLogger("seekstack.serve")
+CLIENT_CLOSED = 499  # nginx's status for a client that left before the response ended
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that notice a client leaving at once, not at the next write, and end the generator."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as tasks:
+
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            tasks.cancel_scope.cancel()
+        await self.body_iterator.aclose()
+
+
+def sse(payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+@dataclass
+class Bill:
+    """One request's usage as it becomes known, written to the ledger exactly once."""
+
+    ledger: Ledger
+    key: ApiKey | None
+    model: str
+    endpoint: str
+    started: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    recorded: bool = False
+
+    def record(self, status: int) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        self.ledger.record(
+            UsageRecord(
+                key_name=self.key.name if self.key else None,
+                model=self.model,
+                endpoint=self.endpoint,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                latency_s=time.perf_counter() - self.started,
+                status=status,
+            )
+        )
+
+    async def record_async(self, status: int) -> None:
+        await asyncio.to_thread(self.record, status)
+
+
+class Server:
+    """State behind the routes: the engine bridge, keys, ledger, limits and metrics."""
+
+    def __init__(self, engine: Engine, database: Database, model_name: str | None = None):
+        self.engine = engine
+        self.model_name = model_name or engine.model_name
+        self.keys = KeyStore(database)
+        self.ledger = Ledger(database)
+        self.limiter = RateLimiter()
+        self.metrics = ServerMetrics(self.model_name)
+        self.bridge = AsyncEngine(engine, self.metrics)
+        self.created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        if not self.keys.any_keys():
+            log.warning("no API keys in %s: serving without authentication", self.keys.database.path)
+        self.bridge.start()
+        yield
+        self.bridge.stop()
+
+    def authenticate(self, request: Request, admin: bool = False) -> ApiKey | None:
+        """The caller's key (None while no key exists: the server is open); 401 without a valid one."""
+        if not self.keys.any_keys():
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer sk-ss-...'", code="no_api_key")
+        key = self.keys.verify(token.strip())
+        if key is None:
+            raise APIError(401, "the API key is not valid or was revoked", code="invalid_api_key")
+        if admin and not key.admin:
+            raise APIError(403, f"key {key.name!r} is not an admin key", "permission_error", code="admin_required")
+        return key
+
+    def models(self) -> ModelList:
+        return ModelList(
+            data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)]
+        )
+
+    async def generate(self, request: Request, schema: type[ChatCompletionRequest | CompletionRequest]) -> Response:
+        """A chat or text completion: validate, admit, submit, then answer in one piece or as a stream."""
+        bill = Bill(self.ledger, None, self.model_name, request.url.path, time.perf_counter())
+        bill.key = self.authenticate(request)
+        try:
+            try:
+                body = schema.model_validate_json(await request.body())
+            except ValidationError as error:
+                raise invalid_body(error) from None
+            if body.model != self.model_name:
+                raise APIError(
+                    404, f"the model {body.model!r} does not exist; this server has {self.model_name!r}", "model",
+                    code="model_not_found",
+                )  # fmt: skip
+            prompt = prompt_ids(body, self.engine.tokenizer)
+            bill.prompt_tokens = len(prompt)
+            choices = sampling_params(body, len(prompt), self.engine.max_model_len)
+            charge = self.admit(bill.key, len(prompt) + sum(params.max_new_tokens for params in choices))
+            try:
+                group = self.bridge.submit(prompt, choices)
+            except ValueError as error:
+                raise APIError(400, str(error)) from None
+        except APIError as error:
+            await bill.record_async(error.status)
+            raise
+        settle = (lambda: self.limiter.settle(charge, bill.prompt_tokens + bill.completion_tokens)) if charge else None
+        if body.stream:
+            return EventStream(self.stream(body, group, bill, settle))
+        try:
+            return await self.complete(body, group, bill)
+        finally:
+            group.close()
+            if settle:
+                settle()
+
+    def admit(self, key: ApiKey | None, tokens: int):
+        if key is None or (key.rpm is None and key.tpm is None):
+            return None
+        try:
+            return self.limiter.admit(key.name, key.rpm, key.tpm, tokens)
+        except RateLimited as error:
+            raise APIError(
+                429, str(error), "rate_limit_error", code="rate_limit_exceeded",
+                headers={"Retry-After": str(error.retry_after_s)},
+            ) from None  # fmt: skip
+
+    async def complete(self, body, group: RequestGroup, bill: Bill) -> JSONResponse:
+        """Gather every choice, bill, and answer in one JSON body."""
+        is_chat = isinstance(body, ChatCompletionRequest)
+        n = len(group.request_ids)
+        texts, logprobs = [""] * n, [[] for _ in range(n)]
+        finish_reasons, completion_tokens = [None] * n, [0] * n
+        try:
+            async for index, output in group:
+                texts[index] += output.text
+                logprobs[index] += output.logprobs or []
+                finish_reasons[index] = output.finish_reason
+                completion_tokens[index] = output.completion_tokens
+        except EngineFailure as error:
+            await bill.record_async(500)
+            raise APIError(500, str(error), "server_error") from None
+        bill.completion_tokens = sum(completion_tokens)
+        usage = Usage(
+            prompt_tokens=bill.prompt_tokens,
+            completion_tokens=bill.completion_tokens,
+            total_tokens=bill.prompt_tokens + bill.completion_tokens,
+        )
+        common = dict(id=_response_id(is_chat), created=int(time.time()), model=self.model_name, usage=usage)
+        if is_chat:
+            response = ChatCompletionResponse(
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=AssistantMessage(content=texts[i]),
+                        logprobs=chat_logprobs(logprobs[i]) if body.logprobs else None,
+                        finish_reason=finish_reasons[i],
+                    )
+                    for i in range(n)
+                ],
+                **common,
+            )
+        else:
+            response = CompletionResponse(
+                choices=[
+                    CompletionChoice(
+                        index=i,
+                        text=texts[i],
+                        logprobs=completion_logprobs(logprobs[i], 0) if body.logprobs is not None else None,
+                        finish_reason=finish_reasons[i],
+                    )
+                    for i in range(n)
+                ],
+                **common,
+            )
+        await bill.record_async(200)
+        return JSONResponse(response.model_dump())
+
+    async def stream(self, body, group: RequestGroup, bill: Bill, settle) -> AsyncIterator[str]:
+        """SSE chunks as the engine produces tokens; usage chunk if asked; billed before `data: [DONE]`."""
+        is_chat = isinstance(body, ChatCompletionRequest)
+        n = len(group.request_ids)
+        response_id, created = _response_id(is_chat), int(time.time())
+        completion_tokens, text_offsets = [0] * n, [0] * n
+        status = CLIENT_CLOSED  # until the stream ends as it should
+        try:
+            if is_chat:
+                yield sse(self._chat_chunk(response_id, created, [_role_choice(i) for i in range(n)]))
+            async for index, output in group:
+                completion_tokens[index] = output.completion_tokens
+                bill.completion_tokens = sum(completion_tokens)
+                if not (output.text or output.logprobs or output.finished):
+                    continue
+                if is_chat:
+                    choice = ChatChunkChoice(
+                        index=index,
+                        delta=ChatDelta(content=output.text),
+                        logprobs=chat_logprobs(output.logprobs) if body.logprobs and output.logprobs else None,
+                        finish_reason=output.finish_reason,
+                    )
+                    yield sse(self._chat_chunk(response_id, created, [choice]))
+                else:
+                    choice = CompletionChoice(
+                        index=index,
+                        text=output.text,
+                        logprobs=_stream_completion_logprobs(body, output, text_offsets[index]),
+                        finish_reason=output.finish_reason,
+                    )
+                    text_offsets[index] += len(output.text)
+                    yield sse(
+                        CompletionResponse(id=response_id, created=created, model=self.model_name, choices=[choice])
+                    )
+            if body.stream_options and body.stream_options.include_usage:
+                usage = Usage(
+                    prompt_tokens=bill.prompt_tokens,
+                    completion_tokens=bill.completion_tokens,
+                    total_tokens=bill.prompt_tokens + bill.completion_tokens,
+                )
+                kind = ChatCompletionChunk if is_chat else CompletionResponse
+                yield sse(kind(id=response_id, created=created, model=self.model_name, choices=[], usage=usage))
+            status = 200
+            await bill.record_async(status)
+            yield "data: [DONE]\n\n"
+        except EngineFailure as error:
+            status = 500
+            yield sse(APIError(500, str(error), "server_error").body())
+        finally:
+            group.close()
+            if settle:
+                settle()
+            bill.record(status)  # a no-op when already billed; synchronous, as cancellation may be under way
+
+    def _chat_chunk(self, response_id: str, created: int, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices)
+
+    def usage_report(self, request: Request) -> dict:
+        """Admin: tokens and cost per key and day, optionally for one key and from a day on."""
+        self.authenticate(request, admin=True)
+        key_name = request.query_params.get("key")
+        since = request.query_params.get("since")
+        try:
+            days = self.ledger.daily(key_name, parse_day(since) if since else None)
+        except ValueError as error:
+            raise APIError(400, str(error), param="since") from None
+        return {
+            "object": "list",
+            "data": [day.to_dict() for day in days],
+            "total_cost": sum(day.cost for day in days),
+        }
+
+
+def _role_choice(index: int) -> ChatChunkChoice:
+    return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+
+
+def _stream_completion_logprobs(body: CompletionRequest, output: RequestOutput, text_offset: int):
+    if body.logprobs is None or not output.logprobs:
+        return None
+    return completion_logprobs(output.logprobs, text_offset)
+
+
+def _response_id(is_chat: bool) -> str:
+    return f"{'chatcmpl' if is_chat else 'cmpl'}-{time.time_ns():x}"
+
+
+def create_app(engine: Engine, database: Database, model_name: str | None = None) -> FastAPI:
+    """The FastAPI application serving `engine`, with keys, ledger and prices in `database`."""
+    server = Server(engine, database, model_name)
+    app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    chat_page = files("seekstack.serve").joinpath("chat.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
+        return APIError(error.status_code, str(message), code="not_found").response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return APIError(500, f"internal error: {type(error).__name__}: {error}", "server_error").response()
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def chat() -> HTMLResponse:
+        return HTMLResponse(chat_page)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        healthy = server.bridge.alive
+        body = {"status": "ok" if healthy else "engine stopped", "auth": server.keys.any_keys()}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        server.authenticate(request)
+        return JSONResponse(server.models().model_dump())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.generate(request, ChatCompletionRequest)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.generate(request, CompletionRequest)
+
+    @app.get("/v1/admin/usage")
+    async def admin_usage(request: Request) -> JSONResponse:
+        return JSONResponse(server.usage_report(request))
+
+    return app

@@ -1,0 +1,200 @@
+"""The engine, driven from a background thread, seen by asyncio code as one queue per API request.
+
+One thread calls `engine.step()` while any request is unfinished: every running request advances
+in the same step (continuous batching), whichever HTTP connection it came from. Each step's
+outputs go, through `call_soon_threadsafe`, to the queue of the API request they belong to; an
+API request with n choices is n engine requests sharing one queue. Aborts are handed to the
+thread and applied before its next step, so the event loop never waits for a step to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from seekstack.infer.engine import Engine, RequestOutput
+from seekstack.infer.sampling import SamplingParams
+from seekstack.serve.metrics import ServerMetrics
+
+log = logging.getLogger("seekstack.serve")
+IDLE_WAIT_S = 0.5
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while stepping; the requests in flight were ended."""
+
+
+@dataclass
+class _Timing:
+    """Per engine request, for the latency metrics (perf_counter seconds)."""
+
+    arrival: float
+    added: bool = False  # add_request has returned
+    scheduled: bool = False  # has left the engine's waiting queue
+    last_token: float | None = None
+
+
+@dataclass
+class RequestGroup:
+    """The engine requests of one API call (one per choice) and the queue their outputs arrive on."""
+
+    bridge: AsyncEngine
+    request_ids: list[str]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    unfinished: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.unfinished = set(range(len(self.request_ids)))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) as the engine produces them, until every choice has finished."""
+        while self.unfinished:
+            index, output = await self.queue.get()
+            if isinstance(output, BaseException):
+                raise EngineFailure(f"the engine failed while generating: {output}") from output
+            if output.finished:
+                self.unfinished.discard(index)
+            yield index, output
+
+    def close(self) -> None:
+        """Abort the choices still running (a client that left): their cache blocks are freed before the next step."""
+        self.bridge.abort([self.request_ids[index] for index in self.unfinished])
+        self.unfinished.clear()
+
+
+class AsyncEngine:
+    """Runs an `Engine` in a background thread for asyncio callers."""
+
+    def __init__(self, engine: Engine, metrics: ServerMetrics):
+        self.engine = engine
+        self.metrics = metrics
+        self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int, _Timing]] = {}
+        self._pending_aborts: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="seekstack-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, prompt_ids: list[int], choices: list[SamplingParams]) -> RequestGroup:
+        """Add one engine request per choice; a ValueError (prompt too long, bad parameter) adds none."""
+        group = RequestGroup(self, [f"req-{uuid.uuid4().hex}" for _ in choices])
+        loop = asyncio.get_running_loop()
+        added: list[str] = []
+        try:
+            for index, (request_id, params) in enumerate(zip(group.request_ids, choices, strict=True)):
+                timing = _Timing(time.perf_counter())
+                with self._lock:  # routed before added, so no output can arrive unrouted
+                    self._routes[request_id] = (loop, group.queue, index, timing)
+                self.engine.add_request(prompt_ids, params, request_id)
+                added.append(request_id)
+                with self._lock:
+                    timing.added = True
+        except BaseException:
+            self.abort(added)
+            with self._lock:
+                for request_id in group.request_ids:
+                    self._routes.pop(request_id, None)
+            raise
+        self._wake.set()
+        return group
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop routing these requests now; the engine thread aborts them before its next step."""
+        with self._lock:
+            for request_id in request_ids:
+                if self._routes.pop(request_id, None) is not None:
+                    self._pending_aborts.append(request_id)
+                    self.metrics.request_finished("abort")
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            self._apply_aborts()
+            if not self.engine.has_unfinished():
+                self._wake.wait(IDLE_WAIT_S)
+                continue
+            step_start = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # the server must outlive a failing step: end what was in flight
+                log.exception("engine step failed")
+                self._fail_all(error)
+                continue
+            self._observe_scheduled(step_start)
+            self._deliver(outputs, time.perf_counter())
+            stats = self.engine.stats()
+            self.metrics.engine_state(
+                stats.running, stats.waiting, stats.cache_usage, stats.spec_drafted, stats.spec_accepted
+            )
+
+    def _apply_aborts(self) -> None:
+        with self._lock:
+            aborts, self._pending_aborts = self._pending_aborts, []
+        for request_id in aborts:
+            self.engine.abort(request_id)
+
+    def _observe_scheduled(self, step_start: float) -> None:
+        """Queue time of the requests this step admitted (the engine admits at the start of a step)."""
+        with self._lock, self.engine.lock:  # added before this snapshot: waiting, or admitted
+            waiting = {request.request_id for request in self.engine.waiting}
+            for request_id, (_, _, _, timing) in self._routes.items():
+                if timing.added and not timing.scheduled and request_id not in waiting:
+                    timing.scheduled = True
+                    self.metrics.queue_time.observe(max(0.0, step_start - timing.arrival))
+
+    def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
+        generated = 0
+        with self._lock:
+            for output in outputs:
+                generated += len(output.token_ids)
+                route = self._routes.get(output.request_id)
+                if route is None:  # aborted meanwhile
+                    continue
+                loop, queue, index, timing = route
+                self._observe(output, timing, now)
+                if output.finished:
+                    del self._routes[output.request_id]
+                loop.call_soon_threadsafe(queue.put_nowait, (index, output))
+        self.metrics.step_generation_tokens.observe(generated)
+
+    def _observe(self, output: RequestOutput, timing: _Timing, now: float) -> None:
+        metrics = self.metrics
+        if output.token_ids:
+            if timing.last_token is None:
+                metrics.prompt_tokens.inc(output.prompt_tokens)
+                metrics.time_to_first_token.observe(now - timing.arrival)
+            else:
+                for _ in output.token_ids:  # several tokens in one step (speculative): share the gap
+                    metrics.inter_token_latency.observe((now - timing.last_token) / len(output.token_ids))
+            timing.last_token = now
+            metrics.generation_tokens.inc(len(output.token_ids))
+        if output.finished:
+            metrics.e2e_latency.observe(now - timing.arrival)
+            metrics.request_finished(output.finish_reason or "stop")
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            routes, self._routes = self._routes, {}
+        for request_id, (loop, queue, index, _) in routes.items():
+            self.engine.abort(request_id)
+            loop.call_soon_threadsafe(queue.put_nowait, (index, error))

@@ -1,0 +1,48 @@
+"""API errors in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from seekstack.serve.schemas import ErrorDetail, ErrorResponse
+
+MAX_SHOWN_INPUT = 80
+
+
+class APIError(Exception):
+    """An error a client caused or must know about; becomes an OpenAI error response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
+
+
+def invalid_body(error: ValidationError) -> APIError:
+    """A 400 naming every field that failed validation, with the value sent."""
+    problems, params = [], []
+    for problem in error.errors():
+        if problem["type"] == "json_invalid":
+            return APIError(400, f"the request body is not valid JSON: {problem['ctx']['error']}", code="invalid_json")
+        param = ".".join(str(part) for part in problem["loc"]) or "body"
+        shown = repr(problem["input"])
+        shown = shown if len(shown) <= MAX_SHOWN_INPUT else shown[:MAX_SHOWN_INPUT] + "..."
+        detail = problem["msg"] if problem["type"] == "missing" else f"{problem['msg']}, got {shown}"
+        problems.append(f"{param}: {detail}")
+        params.append(param)
+    return APIError(400, "invalid request: " + "; ".join(problems), param=params[0], code="invalid_value")

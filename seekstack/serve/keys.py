@@ -1,0 +1,145 @@
+"""API keys and price plans: create (the key is shown once), list, revoke, verify.
+
+A key is `sk-ss-` + 43 random URL-safe characters (256 bits); the database keeps its sha256 and
+its first characters (to recognise it in a list), never the key. High-entropy keys need no slow
+password hash: sha256 cannot be inverted and there is nothing to guess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from seekstack.serve.database import DEFAULT_PLAN, Database
+
+KEY_PREFIX = "sk-ss-"
+SHOWN_PREFIX_CHARS = 12
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+class KeyStoreError(ValueError):
+    """A key or plan operation that cannot be done; the message names the key or plan."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """What the server knows about a key (never the key itself)."""
+
+    name: str
+    prefix: str
+    plan: str
+    rpm: int | None  # requests per minute; None: unlimited
+    tpm: int | None  # tokens (prompt + completion) per minute; None: unlimited
+    admin: bool
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Prices per 1k prompt and completion tokens."""
+
+    name: str
+    prompt_per_1k: float
+    completion_per_1k: float
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt_per_1k + completion_tokens * self.completion_per_1k) / 1000
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class KeyStore:
+    """Keys and plans in the server database."""
+
+    def __init__(self, database: Database):
+        self.database = database
+
+    def create(
+        self,
+        name: str,
+        *,
+        plan: str = DEFAULT_PLAN,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        admin: bool = False,
+    ) -> str:
+        """Store a new key under `name` and return it; this is the only time it is available."""
+        if not NAME_PATTERN.fullmatch(name):
+            raise KeyStoreError(f"key name {name!r} must be 1-64 letters, digits or _.@-")
+        for field, limit in (("rpm", rpm), ("tpm", tpm)):
+            if limit is not None and limit < 1:
+                raise KeyStoreError(f"{field} must be at least 1 (or unset for no limit), got {limit}")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self.database.transaction() as connection:
+            if connection.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone():
+                raise KeyStoreError(f"a key named {name!r} already exists; revoke it or choose another name")
+            if not connection.execute("SELECT 1 FROM plans WHERE name = ?", (plan,)).fetchone():
+                raise KeyStoreError(f"no plan {plan!r}; create it with `seekstack keys plan {plan} --prompt-price ...`")
+            connection.execute(
+                "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time()),
+            )
+        return key
+
+    def revoke(self, name: str) -> None:
+        """Mark the key `name` revoked: it stops working on the next request."""
+        with self.database.transaction() as connection:
+            updated = connection.execute(
+                "UPDATE keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (time.time(), name)
+            ).rowcount
+        if not updated:
+            raise KeyStoreError(f"no active key named {name!r}")
+
+    def list(self) -> list[ApiKey]:
+        """All keys, revoked ones included, oldest first."""
+        return [_api_key(row) for row in self.database.query("SELECT * FROM keys ORDER BY created_at")]
+
+    def verify(self, key: str) -> ApiKey | None:
+        """The active key whose hash matches `key`, or None."""
+        rows = self.database.query("SELECT * FROM keys WHERE key_hash = ? AND revoked_at IS NULL", (hash_key(key),))
+        return _api_key(rows[0]) if rows else None
+
+    def any_keys(self) -> bool:
+        """Whether any key was ever created: without one the server is open (localhost only)."""
+        return bool(self.database.query("SELECT 1 FROM keys LIMIT 1"))
+
+    def set_plan(self, name: str, prompt_per_1k: float, completion_per_1k: float) -> Plan:
+        """Create or change the prices of plan `name`; usage already recorded keeps its cost."""
+        for field, price in (("prompt price", prompt_per_1k), ("completion price", completion_per_1k)):
+            if price < 0:
+                raise KeyStoreError(f"{field} of plan {name!r} must not be negative, got {price}")
+        with self.database.transaction() as connection:
+            connection.execute(
+                "INSERT INTO plans VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "prompt_per_1k = excluded.prompt_per_1k, completion_per_1k = excluded.completion_per_1k",
+                (name, prompt_per_1k, completion_per_1k),
+            )
+        return Plan(name, prompt_per_1k, completion_per_1k)
+
+    def plan(self, name: str) -> Plan:
+        rows = self.database.query("SELECT * FROM plans WHERE name = ?", (name,))
+        if not rows:
+            raise KeyStoreError(f"no plan {name!r}")
+        return Plan(*rows[0])
+
+    def plans(self) -> list[Plan]:
+        return [Plan(*row) for row in self.database.query("SELECT * FROM plans ORDER BY name")]
+
+
+def _api_key(row) -> ApiKey:
+    return ApiKey(
+        name=row["name"],
+        prefix=row["prefix"],
+        plan=row["plan"],
+        rpm=row["rpm"],
+        tpm=row["tpm"],
+        admin=bool(row["admin"]),
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )

@@ -1,0 +1,78 @@
+"""Building and running the server for `seekstack serve`: engine, database, app, uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
+from seekstack.serve.database import Database, default_database_path
+from seekstack.serve.keys import KeyStore
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ServeOptions:
+    """Everything `seekstack serve` takes besides the model directory."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database: Path = field(default_factory=default_database_path)
+    tokenizer: Path | None = None
+    served_model_name: str | None = None
+    max_batch_size: int = 16
+    max_model_len: int | None = None
+    speculative: bool = False
+    dtype: str = "float32"
+
+
+def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
+    """The app for `model_dir` and a line telling the user where it listens and whether keys are required."""
+    if options.dtype not in DTYPES:
+        raise ValueError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
+    database = Database(options.database)
+    open_access = not KeyStore(database).any_keys()
+    if open_access and not _is_loopback(options.host):
+        raise ValueError(
+            f"no API keys in {database.path}: refusing to serve without authentication on {options.host}; "
+            "create one with `seekstack keys create --name NAME` or serve on 127.0.0.1"
+        )
+    engine = Engine.from_pretrained(
+        model_dir,
+        tokenizer=options.tokenizer,
+        dtype=DTYPES[options.dtype],
+        max_batch_size=options.max_batch_size,
+        max_model_len=options.max_model_len,
+        speculative=options.speculative,
+    )
+    app = create_app(engine, database, options.served_model_name)
+    name = app.state.server.model_name
+    access = (
+        "OPEN: no API keys configured, anyone on this machine can use it"
+        if open_access
+        else f"API keys required (from {database.path})"
+    )
+    return app, f"serving {name!r} on http://{options.host}:{options.port} (chat page at /); {access}"
+
+
+def run_server(app: FastAPI, host: str, port: int) -> None:
+    """Serve `app` with uvicorn until interrupted."""
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
