@@ -24,6 +24,7 @@ from seekstack.checkpoint import load_pretrained
 from seekstack.infer.cache import PagedLatentCache
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, token_logprobs
+from seekstack.infer.speculative import verify_drafts
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import Tokenizer
 
@@ -298,21 +299,15 @@ class Engine:
         return self._decode_speculative(batch, starts)
 
     def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
-        """Verify each request's draft with one forward over [pending, draft] (Leviathan et al. 2023, Alg. 1).
-
-        The draft is the MTP module's argmax, so q is one-hot: accept with probability min(1, p/q) = p(draft),
-        else resample from norm(max(0, p - q)) = p without the draft. Either way the output follows p exactly.
-        """
+        """Verify each request's MTP draft with one forward over [pending, draft]; keep it plus one more if accepted."""
         rows = [[r.ids[-1], r.draft] for r in batch]
         logits, hidden = self._forward(batch, rows, starts, [2] * len(batch))
         drafts = torch.tensor([r.draft for r in batch], device=self.device)
         sampling = self._sampling_batch(batch)
         p_next = sampling.probabilities(sampling.penalize(logits[:, 0]))
         p_after = sampling.probabilities(sampling.penalize(logits[:, 1], extra_tokens=drafts))
-        accepted = sampling.uniform() < p_next.gather(1, drafts[:, None])[:, 0]
-        residual = p_next.scatter(1, drafts[:, None], 0.0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-        replacement = sampling.draw(residual / residual.sum(-1, keepdim=True)).tolist()
+        accepted, replacement = verify_drafts(sampling, p_next, drafts)
+        replacement = replacement.tolist()
         bonus = sampling.draw(p_after).tolist()
         accepted_list = accepted.tolist()
         self.spec_drafted += len(batch)

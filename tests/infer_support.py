@@ -1,0 +1,32 @@
+"""Shared by the inference tests: a tiny trained tokenizer and a micro model with random weights saved beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import seekstack
+from seekstack.tokenizer import Tokenizer, train_tokenizer
+from tests.conftest import micro_config
+from tests.test_tokenizer import stdlib_texts
+
+VOCAB = 512
+
+
+def tiny_tokenizer(directory: Path) -> Tokenizer:
+    """A byte-level BPE of VOCAB tokens trained on ~100 KB of the standard library's source."""
+    return train_tokenizer(stdlib_texts(100_000), vocab_size=VOCAB, out_path=directory)
+
+
+def micro_model(**overrides) -> seekstack.Transformer:
+    """The micro config with the tokenizer's vocabulary and one MTP module, random weights (seed 0)."""
+    torch.manual_seed(0)
+    return seekstack.Transformer(micro_config(vocab_size=VOCAB, **overrides)).eval()
+
+
+def model_dir(directory: Path) -> Path:
+    """A checkpoint directory as `seekstack generate --model` expects: config.json, safetensors, tokenizer.json."""
+    seekstack.save_pretrained(micro_model(), directory)
+    tiny_tokenizer(directory)
+    return directory

@@ -1,0 +1,166 @@
+"""The engine: cache and batching equivalence, sampling, stop conditions, speculative decoding, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.infer import Engine, SamplingParams
+from tests.infer_support import micro_model, tiny_tokenizer
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return micro_model()
+
+
+def prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 512, (n,), generator=generator).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def test_greedy_tokens_and_logprobs_match_the_full_forward(model, tokenizer):
+    engine = Engine(model, tokenizer, prefill_chunk=7)
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    [completion] = engine.generate(prompts([17]), params)
+    sequence = completion.prompt_token_ids + completion.token_ids
+    logits = model(torch.tensor([sequence])).logits[0, 16:-1]  # predictions of each generated token
+    assert completion.token_ids == logits.argmax(-1).tolist()
+    full_logprobs = logits.log_softmax(-1)
+    for step, entry in enumerate(completion.logprobs):
+        assert entry.logprob == pytest.approx(full_logprobs[step, entry.token_id].item(), abs=1e-4)
+        assert [token for token, _, _ in entry.top] == full_logprobs[step].topk(3).indices.tolist()
+        assert entry.top[0][0] == entry.token_id  # greedy picks the most likely token
+    assert completion.finish_reason == "length" and len(completion.token_ids) == 10
+
+
+def test_a_sequence_decoded_alone_equals_it_decoded_among_others(model, tokenizer):
+    target, *others = prompts([9, 30, 3, 17])
+    alone = Engine(model, tokenizer).generate([target], GREEDY)[0]
+    engine = Engine(model, tokenizer, max_batch_size=3, prefill_chunk=8)  # the fourth waits for a free seat
+    params = [GREEDY, SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True), GREEDY, GREEDY]
+    together = engine.generate([others[0], others[1], target, others[2]], params)
+    assert together[2].token_ids == alone.token_ids
+    assert together[2].text == alone.text
+    for prompt, completion in zip(others, [together[0], together[1], together[3]], strict=True):
+        assert (
+            completion.token_ids
+            == Engine(model, tokenizer).generate([prompt], GREEDY)[0].token_ids[: len(completion.token_ids)]
+        )
+
+
+def test_request_joining_mid_decode_does_not_change_running_ones(model, tokenizer):
+    first, second = prompts([6, 40])
+    expected = Engine(model, tokenizer).generate([first], GREEDY)[0].token_ids
+    engine = Engine(model, tokenizer, prefill_chunk=16)
+    request = engine.add_request(first, GREEDY)
+    tokens = []
+    for step in range(40):
+        if step == 3:
+            engine.add_request(second, GREEDY)  # its 40-token prompt is prefilled over 3 steps while `first` decodes
+        tokens += [t for out in engine.step() if out.request_id == request for t in out.token_ids]
+    assert tokens == expected
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(model, tokenizer):
+    target, other = prompts([8, 15])
+    params = SamplingParams(max_new_tokens=15, temperature=1.3, top_k=50, top_p=0.95, seed=123, ignore_eos=True)
+    alone = Engine(model, tokenizer).generate([target], params)[0].token_ids
+    unseeded = SamplingParams(max_new_tokens=20, temperature=1.0, ignore_eos=True)
+    together = Engine(model, tokenizer).generate([other, target, other], [unseeded, params, unseeded])
+    assert together[1].token_ids == alone
+    other_seed = SamplingParams(**{**params.__dict__, "seed": 124})
+    assert Engine(model, tokenizer).generate([target], other_seed)[0].token_ids != alone
+
+
+def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer):
+    batch = prompts([5, 21, 12])
+    params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True)
+    plain = Engine(model, tokenizer, prefill_chunk=8).generate(batch, params)
+    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True)
+    speculative = engine.generate(batch, params)
+    assert [c.token_ids for c in speculative] == [c.token_ids for c in plain]
+    stats = engine.stats()
+    assert stats.spec_drafted > 0 and 0 <= stats.spec_accepted <= stats.spec_drafted
+
+
+def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
+    engine = Engine(model, tokenizer, block_size=4)
+    done = engine.add_request(prompts([10])[0], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    aborted = engine.add_request(prompts([10])[0], SamplingParams(max_new_tokens=50, temperature=0))
+    engine.step()
+    assert engine.stats().cache_usage > 0
+    engine.step()
+    engine.abort(aborted)
+    assert aborted not in engine.cache.tables
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert engine.stats().cache_usage == 0 and engine.cache.tables == {}
+    finals = {out.request_id: out.finish_reason for out in outputs if out.finished}
+    assert finals == {aborted: "abort", done: "length"}
+
+
+def test_stop_string_spanning_two_tokens_cuts_the_text_before_it(model, tokenizer):
+    prompt = tokenizer.encode("def main(argv):\n    return ")
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    request = engine.add_request(prompt, params)
+    pieces = []
+    while engine.has_unfinished():
+        pieces += [out.text for out in engine.step() if out.request_id == request]
+    full = "".join(pieces)
+    boundary = next(i for i in range(1, len(pieces) - 1) if pieces[i] and pieces[i + 1])
+    stop = pieces[boundary][-1] + pieces[boundary + 1][0]  # the last character of one step and the first of the next
+    cut = full.find(stop)
+    stopped = Engine(model, tokenizer).generate([prompt], SamplingParams(**{**params.__dict__, "stop": (stop,)}))[0]
+    assert stopped.text == full[:cut]
+    assert stopped.finish_reason == "stop"
+
+
+def test_stop_token_ends_generation_and_eos_is_respected_unless_ignored(model, tokenizer):
+    prompt = prompts([8])[0]
+    free = Engine(model, tokenizer).generate([prompt], GREEDY)[0].token_ids
+    stop_at = free[4]
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop_at,))
+    stopped = Engine(model, tokenizer).generate([prompt], params)[0]
+    assert stopped.token_ids == free[: free.index(stop_at) + 1]
+    assert stopped.finish_reason == "stop"
+
+
+def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
+    prompt = prompts([8])[0]
+    plain = Engine(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=60, temperature=0))[0]
+    params = SamplingParams(max_new_tokens=60, temperature=0, presence_penalty=2.0, ignore_eos=True)
+    penalized = Engine(model, tokenizer).generate([prompt], params)[0]
+    assert len(set(penalized.token_ids)) == 60  # a random model's logits are far smaller than the penalty
+    assert penalized.token_ids != plain.token_ids
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], SamplingParams(), "empty prompt"),
+        ([1] * 300, SamplingParams(max_new_tokens=1), "prompt has 300 tokens, more than max_model_len=256"),
+        ([1] * 200, SamplingParams(max_new_tokens=100), r"200 tokens\) \+ max_new_tokens \(100\) = 300 exceeds"),
+        ([1, 9999], SamplingParams(), "prompt holds token id 9999, outside the vocabulary"),
+        ([1], SamplingParams(temperature=-1), "temperature=-1 is invalid"),
+        ([1], SamplingParams(top_p=0), "top_p=0 is invalid"),
+        ([1], SamplingParams(top_logprobs=21), "top_logprobs=21 is invalid: must be in"),
+        ([1], SamplingParams(max_new_tokens="5"), "max_new_tokens must be an int, got '5'"),
+        ([1], SamplingParams(stop=("",)), "stop='' is invalid"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, params, message):
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, params)
+    assert not engine.has_unfinished()

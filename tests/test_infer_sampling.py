@@ -1,0 +1,110 @@
+"""Sampling: filters, penalties, seeded draws, the speculative acceptance rule, streamed text and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.infer.detokenize import TextStream
+from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams
+from seekstack.infer.speculative import verify_drafts
+from tests.infer_support import tiny_tokenizer
+
+
+def batch_of(*params: SamplingParams, penalties=None) -> SamplingBatch:
+    """A batch whose row i draws with a generator seeded by its `seed` (or by 1000 + i)."""
+    generators = [torch.Generator().manual_seed(1000 + i if p.seed is None else p.seed) for i, p in enumerate(params)]
+    return SamplingBatch(list(params), generators, penalties or [None] * len(params), torch.device("cpu"))
+
+
+def test_top_k_top_p_and_min_p_keep_exactly_the_expected_tokens():
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.06, 0.04]])
+    logits = probs.log()
+    cases = [
+        (SamplingParams(top_k=2), [0, 1]),
+        (SamplingParams(top_p=0.7), [0, 1]),  # 0.5 < 0.7, 0.75 >= 0.7: the nucleus is the first two
+        (SamplingParams(top_p=0.76), [0, 1, 2]),
+        (SamplingParams(min_p=0.2), [0, 1, 2]),  # keep p >= 0.2 * 0.5
+        (SamplingParams(top_k=4, min_p=0.1), [0, 1, 2, 3]),
+    ]
+    for params, kept in cases:
+        out = batch_of(params).probabilities(logits)[0]
+        assert (out > 0).nonzero().flatten().tolist() == kept, params
+        torch.testing.assert_close(out[kept], probs[0, kept] / probs[0, kept].sum())
+
+
+def test_temperature_scales_logits_and_zero_means_argmax():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]])
+    out = batch_of(SamplingParams(temperature=0.5), SamplingParams(temperature=0)).probabilities(logits)
+    torch.testing.assert_close(out[0], (logits[0] / 0.5).softmax(-1))
+    assert out[1].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():
+    state = PenaltyState.from_prompt([0], vocab_size=4, device=torch.device("cpu"))
+    for token in (1, 1, 2):
+        state.add(token)
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    logits = torch.tensor([[2.0, -2.0, 4.0, 1.0]])
+    out = batch_of(params, penalties=[state]).penalize(logits)[0]
+    # token 0: prompt only -> 2/2; token 1: twice -> -2*2 - 0.5 - 0.5; token 2: once -> 4/2 - 0.5 - 0.25; 3 untouched
+    assert out.tolist() == pytest.approx([1.0, -5.0, 1.25, 1.0])
+
+
+def test_a_seeded_row_draws_the_same_tokens_alone_or_beside_another_row():
+    probs = torch.full((2, 1000), 1 / 1000)
+    seeded = SamplingParams(seed=7)
+    alone, beside = batch_of(seeded), batch_of(SamplingParams(), seeded)
+    draws_alone = [alone.draw(probs[:1])[0].item() for _ in range(5)]
+    draws_beside = [beside.draw(probs)[1].item() for _ in range(5)]
+    assert draws_alone == draws_beside
+    assert draws_alone != [batch_of(SamplingParams(seed=8)).draw(probs[:1])[0].item() for _ in range(5)]
+
+
+def test_speculative_rule_with_a_one_hot_draft_samples_the_target_distribution():
+    target = torch.tensor([0.1, 0.5, 0.3, 0.1])
+    rows = 20_000
+    sampling = batch_of(*[SamplingParams()] * rows)
+    drafts = torch.full((rows,), 2)  # the draft model always guesses token 2
+    accepted, replacement = verify_drafts(sampling, target.expand(rows, -1), drafts)
+    tokens = torch.where(accepted, drafts, replacement)
+    frequencies = torch.bincount(tokens, minlength=4) / rows
+    assert accepted.float().mean().item() == pytest.approx(0.3, abs=0.015)  # p(draft)
+    torch.testing.assert_close(frequencies, target, atol=0.015, rtol=0)
+    assert not (replacement[~accepted] == 2).any()  # a rejected draft is never drawn again
+
+
+def test_greedy_verification_accepts_only_the_argmax():
+    target = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    sampling = batch_of(SamplingParams(temperature=0), SamplingParams(temperature=0))
+    accepted, replacement = verify_drafts(sampling, target, torch.tensor([1, 2]))
+    assert accepted.tolist() == [True, False]
+    assert replacement[1].item() == 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def test_streamed_text_is_always_valid_utf8_for_emoji_and_cjk(tokenizer):
+    text = "日本語のテキスト 👩‍👩‍👧‍👦 and 한국어 🇫🇷 done"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text) / 2  # rare characters split into byte tokens
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token)[0] for token in ids]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + stream.flush() == text
+
+
+def test_text_that_may_start_a_stop_string_is_held_back_until_decided(tokenizer):
+    stream = TextStream(tokenizer, stop=("END", "xyz"))
+    shown = []
+    for char in "abEN":
+        shown.append(stream.push(tokenizer.encode(char)[0])[0])
+    assert "".join(shown) == "ab"  # "EN" could be the start of "END"
+    assert stream.push(tokenizer.encode("X")[0]) == ("ENX", False)
+    for char in "x":
+        assert stream.push(tokenizer.encode(char)[0]) == ("", False)
+    assert stream.push(tokenizer.encode("y")[0]) == ("", False)
+    assert stream.push(tokenizer.encode("z")[0]) == ("", True)
