@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -44,11 +45,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclass
+class LiveServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+
 @contextmanager
-def running_server(model_dir: Path, database: Path, *extra: str, timeout_s: float = 60) -> Iterator[str]:
-    """`seekstack serve` in a subprocess on a free port; yields its base URL, kills it at the end."""
+def running_server(model_dir: Path, database: Path, *extra: str, timeout_s: float = 60) -> Iterator[LiveServer]:
+    """`seekstack serve` in a subprocess on a free port, ready for requests; killed at the end."""
     port = free_port()
-    log = open(database.with_suffix(f".{port}.log"), "w")
+    log_path = database.with_suffix(".log")
+    log = open(log_path, "w")
     command = [SEEKSTACK, "serve", "--model", str(model_dir), "--port", str(port), "--db", str(database), *extra]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"
@@ -56,18 +65,17 @@ def running_server(model_dir: Path, database: Path, *extra: str, timeout_s: floa
         deadline = time.monotonic() + timeout_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}: {Path(log.name).read_text()}")
+                raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text()}")
             try:
                 if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start in {timeout_s} s: {Path(log.name).read_text()}")
+                raise RuntimeError(f"server did not start in {timeout_s} s: {log_path.read_text()}")
             time.sleep(0.1)
-        yield base_url
+        yield LiveServer(base_url, process, log_path)
     finally:
         process.kill()
         process.wait()
         log.close()
-

@@ -109,6 +109,14 @@ def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> Comple
     return CompletionLogprobs(
         tokens=[entry.token for entry in entries],
         token_logprobs=[entry.logprob for entry in entries],
-        top_logprobs=[{token: logprob for _, token, logprob in entry.top} for entry in entries],
+        top_logprobs=[_by_text(entry.top) for entry in entries],
         text_offset=offsets,
     )
+
+
+def _by_text(top: list[tuple[int, str, float]]) -> dict[str, float]:
+    """{text: logprob}, most likely first; tokens that print alike (partial UTF-8) keep the likeliest's logprob."""
+    by_text: dict[str, float] = {}
+    for _, text, logprob in top:
+        by_text.setdefault(text, logprob)
+    return by_text
