@@ -29,6 +29,7 @@ from seekstack.accounting import (
 from seekstack.checkpoint import CheckpointError, load_pretrained
 from seekstack.config import PRESETS, ConfigError, ModelConfig, preset
 from seekstack.data.build import build_corpus, report_table
+from seekstack.data.difficulty import tokenize_buckets
 from seekstack.data.rules import CleaningConfig, CleaningConfigError
 from seekstack.data.shards import tokenize_corpus
 from seekstack.data.sources import DataSourceError, open_source
@@ -39,6 +40,8 @@ from seekstack.serve.launch import ServeOptions, build_server, run_server
 from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.tokenizer import Tokenizer, train_tokenizer
 from seekstack.train.config import load_train_config
+from seekstack.train.plot import plot_run
+from seekstack.train.samples import DEMO_PROMPTS, demo_samples
 from seekstack.train.trainer import TrainingDiverged, train
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -179,13 +182,20 @@ def data_tokenize(
     corpus: Annotated[Path, typer.Option(help="Folder with train.jsonl and val.jsonl (from `data build`)")],
     tokenizer: Annotated[Path, typer.Option(help="tokenizer.json or its folder")],
     out: Annotated[Path, typer.Option(help="Folder for the token shards and their index")] = Path("data/tokens"),
+    buckets: Annotated[
+        bool, typer.Option(help="Also write train_easy/medium/hard by difficulty (zlib ratio), for a curriculum")
+    ] = False,
 ) -> None:
     """Encode the corpus splits into memory-mapped token shards with an index."""
     with _user_errors():
         encoder = Tokenizer.from_file(tokenizer)
-        for split in ("train", "val"):
-            index = tokenize_corpus(corpus / f"{split}.jsonl", encoder, out, split)
-            typer.echo(f"{split}: {index['documents']} documents, {index['total_tokens']:,} tokens ({index['dtype']})")
+        indexes = [tokenize_corpus(corpus / f"{split}.jsonl", encoder, out, split) for split in ("train", "val")]
+        if buckets:
+            indexes += tokenize_buckets(corpus / "train.jsonl", encoder, out, "train")
+        for index in indexes:
+            typer.echo(
+                f"{index['split']}: {index['documents']} documents, {index['total_tokens']:,} tokens ({index['dtype']})"
+            )
 
 
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Byte-level BPE tokenizer.")
@@ -219,6 +229,35 @@ def train_command(
             overrides, config = [str(config), *(overrides or [])], None
         result = train(load_train_config(config, overrides or []), resume=resume)
     typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
+@app.command("plot")
+def plot_command(
+    run: Annotated[Path, typer.Argument(help="A training run's out_dir (holds metrics.jsonl)")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write; default RUN/curves.png")] = None,
+) -> None:
+    """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG."""
+    with _user_errors():
+        written = plot_run(run, out)
+    typer.echo(f"wrote {written}")
+
+
+@app.command("sample")
+def sample_command(
+    model: Annotated[Path, typer.Argument(help="A checkpoint directory with its tokenizer, or a run's out_dir")],
+    prompt: Annotated[list[str] | None, typer.Option(help="Prompt to continue (repeatable); default: Python")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to write per continuation")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Temperature of the sampled continuation")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="Sample among the k likeliest tokens; 0 = all")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled continuation")] = 0,
+) -> None:
+    """Print a greedy and a sampled continuation of each prompt (a simple loop, for a trained model's first look)."""
+    with _user_errors():
+        prompts = tuple(prompt) if prompt else DEMO_PROMPTS
+        samples = demo_samples(model, prompts, max_new_tokens, temperature, top_k, seed)
+    for text, greedy, sampled in samples:
+        typer.echo(f"----- prompt {text!r}\n[greedy]\n{text}{greedy}\n[sampled, T={temperature}, top-k {top_k}]")
+        typer.echo(f"{text}{sampled}\n")
 
 
 Database_ = Annotated[

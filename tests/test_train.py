@@ -185,7 +185,7 @@ def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tm
 
     def interrupted_step(self):
         if self.step == 2:
-            self.data.batch(4)  # a micro-batch drawn before the interrupt must not be skipped on resume
+            self.data.batch(4, progress=0.5)  # a micro-batch drawn before the interrupt must not be skipped on resume
             raise KeyboardInterrupt
         return original(self)
 
@@ -196,3 +196,93 @@ def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tm
     monkeypatch.setattr(trainer._Run, "train_step", original)
     resumed = train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0), resume=True)
     assert resumed.losses == whole.losses[2:]
+
+
+# ---------------------------------------------------------------------------------- curriculum
+CURRICULUM = {"train_easy": [0.7, 0.2, 0.1], "train_medium": [0.2, 0.5, 0.3], "train_hard": [0.1, 0.3, 0.6]}
+
+
+@pytest.fixture(scope="module")
+def bucket_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("buckets")
+    for seed, split in enumerate(["train_easy", "train_medium", "train_hard", "val"], start=3):
+        write_split(path, split, 8_000, seed=seed)
+    return path
+
+
+def test_curriculum_logs_the_mix_of_each_step_and_resumes_exactly(bucket_dir, tmp_path):
+    config = run_config(bucket_dir, tmp_path / "whole", max_steps=6, save_every=3, mixture=CURRICULUM)
+    whole = train(config)
+    mixes = [m["mix"] for m in read_metrics(tmp_path / "whole") if "loss" in m]
+    expected = [0.7, 0.7, 0.2, 0.2, 0.1, 0.1]  # train_easy's weight in each third of the 6 steps
+    assert [mix["train_easy"] for mix in mixes] == pytest.approx(expected)
+    assert all(sum(mix.values()) == pytest.approx(1.0) for mix in mixes)
+    resumed_config = run_config(bucket_dir, tmp_path / "resumed", max_steps=6, save_every=3, mixture=CURRICULUM)
+    resumed = train(resumed_config, resume=tmp_path / "whole" / "checkpoints" / "step_3")
+    assert resumed.losses == whole.losses[3:]  # bit-for-bit, the source draws included
+
+
+def test_mixture_config_errors_name_the_field(bucket_dir, tmp_path):
+    with pytest.raises(TrainConfigError, match=r"field 'mixture': mixture source 'train_hard' has 2 weights"):
+        load_train_config(None, ["mixture={train_easy: [1, 1, 1], train_hard: [1, 1]}"])
+    with pytest.raises(FileNotFoundError, match="no shard index at .*train_unknown_index.json"):
+        train(run_config(bucket_dir, tmp_path, mixture={"train_unknown": 1.0}))
+
+
+# ---------------------------------------------------------------------------------- speed and memory options
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(data_dir, tmp_path):
+    from seekstack.train.apply import apply_activation_checkpointing
+
+    config = run_config(data_dir, tmp_path)
+    plain = build_model(config, VOCAB)
+    checkpointed = build_model(config, VOCAB)
+    checkpointed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(checkpointed)
+    batch = torch.randint(VOCAB, (2, 33))
+    losses = []
+    for model in (plain, checkpointed):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+
+
+def test_compile_keeps_parameter_names_so_checkpoints_do_not_change(data_dir, tmp_path):
+    from seekstack.train.apply import apply_compile
+
+    model = build_model(run_config(data_dir, tmp_path), VOCAB)
+    names = list(model.state_dict())
+    apply_compile(model)  # lazy: nothing is compiled before the first call
+    assert list(model.state_dict()) == names
+
+
+def test_bfloat16_on_cpu_autocasts_but_keeps_float32_weights(data_dir, tmp_path):
+    from seekstack.checkpoint import load_pretrained
+
+    result = train(run_config(data_dir, tmp_path, dtype="bfloat16", max_steps=8, lr=1e-2, save_every=0))
+    assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
+    float32 = train(run_config(data_dir, tmp_path / "f32", max_steps=8, lr=1e-2, save_every=0))
+    assert result.losses[0] != float32.losses[0]  # autocast really ran the matmuls in bfloat16
+    assert result.losses[0] == pytest.approx(float32.losses[0], abs=0.05)
+    weights = load_pretrained(tmp_path / "checkpoints" / "step_8")
+    assert {p.dtype for p in weights.parameters()} == {torch.float32}
+
+
+def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_path, capsys):
+    from seekstack.accounting import training_flops_per_token
+    from seekstack.train.mfu import CPU_CLOCK_HZ, CPU_FLOP_PER_CYCLE, default_peak_flops
+
+    config = run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0, peak_flops=1e9)
+    train(config)
+    flops_per_token = training_flops_per_token(build_model(config, VOCAB).config, config.seq_len)
+    for step in [m for m in read_metrics(tmp_path) if "loss" in m]:
+        assert step["mfu"] == pytest.approx(step["tokens_per_s"] * flops_per_token / 1e9)
+        assert 0 < step["mfu"] < 1
+    progress = capsys.readouterr().err.splitlines()
+    assert (
+        progress[-1].startswith("step 2/2  loss ") and " tok/s  MFU " in progress[-1] and "ETA 00:00:00" in progress[-1]
+    )
+    assert default_peak_flops(torch.device("cpu")) == torch.get_num_threads() * CPU_CLOCK_HZ * CPU_FLOP_PER_CYCLE

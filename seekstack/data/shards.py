@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +85,11 @@ def tokenize_corpus(
     split_name: str,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     add_bos: bool = False,
+    select: Callable[[str], bool] | None = None,
+    extra_index: dict | None = None,
 ) -> dict:
-    """Encode every document of `jsonl_path` into `{split_name}_*.bin` shards in `out_dir`; return the index.
+    """Encode every document of `jsonl_path` (those `select` accepts, if given) into `{split_name}_*.bin` shards
+    in `out_dir`; return the index, with `extra_index` merged in.
 
     Streams: memory holds one shard buffer and one batch of documents, whatever the corpus size.
     """
@@ -107,6 +110,8 @@ def tokenize_corpus(
     batch: list[str] = []
     try:
         for doc_id, text, _ in read_jsonl(jsonl_path, "text"):  # ids default to file:line
+            if select is not None and not select(text):
+                continue
             try:
                 text_bytes += len(text.encode("utf-8"))
             except UnicodeEncodeError as error:
@@ -137,7 +142,9 @@ def tokenize_corpus(
             "sha256": tokenizer.fingerprint,
             "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
+            "path": tokenizer.source,  # where the trainer finds tokenizer.json to put beside its checkpoints
         },
+        **(extra_index or {}),
     }
     # Old index first, so that a crash while renaming leaves no index rather than one that lies.
     index_path(out_dir, split_name).unlink(missing_ok=True)

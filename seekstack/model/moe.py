@@ -118,7 +118,7 @@ class RoutedExperts(nn.Module):
         weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         hidden = (F.silu(gate) * up * weights).split(counts)  # g_k folded in before the down projection
         weighted = torch.cat([F.linear(h, w) for h, w in zip(hidden, self.down_proj, strict=True) if len(h)])
-        combined = torch.zeros_like(x).index_add_(0, token_of, weighted)
+        combined = weighted.new_zeros(x.shape).index_add_(0, token_of, weighted)  # autocast: in the matmuls dtype
         return combined, load
 
 

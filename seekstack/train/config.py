@@ -15,9 +15,12 @@ from typing import Any
 import tomllib
 import yaml
 
+from seekstack.data.mixture import MixtureSchedule
+
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("float32", "bfloat16")
 CONFIG_FILE = "train_config.json"
+TRAIN_SPLIT = "train"
 
 
 class TrainConfigError(ValueError):
@@ -31,6 +34,10 @@ class TrainConfig:
     model: str = "tiny"  # a preset name of seekstack.config.PRESETS
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
     data_dir: str = "data/shards"  # holds train_index.json (and val_index.json for evaluation)
+    # Splits of data_dir to draw from, each with a weight or one weight per phase (phases cut training evenly),
+    # e.g. {train_easy: [0.7, 0.2, 0.1], train_medium: [0.2, 0.5, 0.3], train_hard: [0.1, 0.3, 0.6]}; {} = train
+    mixture: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = ""  # tokenizer.json (or its folder) copied into checkpoints; "" = the one data_dir records
     out_dir: str = "runs/tiny"  # metrics.jsonl, train_config.json, checkpoints/step_N
     seq_len: int = 256
     batch_size: int = 32  # sequences per micro-batch, summed over ranks
@@ -57,7 +64,10 @@ class TrainConfig:
     save_every: int = 500  # a checkpoint is also written at the last step and on Ctrl-C
     keep_checkpoints: int = 3
     seed: int = 0
-    dtype: str = "float32"  # float32 | bfloat16 (autocast on CUDA; weights and optimizer stay float32)
+    dtype: str = "float32"  # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    compile: bool = False  # torch.compile each block
+    peak_flops: float = 0.0  # per device, for the MFU estimate; 0 = a default for the device (see train/mfu.py)
 
     def validate(self, source: str = "config") -> TrainConfig:
         """Raise TrainConfigError naming the first field with an impossible value."""
@@ -73,9 +83,17 @@ class TrainConfig:
         _require(0 <= self.mtp_switch_fraction <= 1, source, "mtp_switch_fraction", "between 0 and 1")
         _require(self.dtype in DTYPES, source, "dtype", f"one of {DTYPES}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), source, "betas", "two numbers in [0, 1)")
-        for name in ("weight_decay", "grad_clip", "bias_update_rate", "aux_loss_alpha"):
+        for name in ("weight_decay", "grad_clip", "bias_update_rate", "aux_loss_alpha", "peak_flops"):
             _require(getattr(self, name) >= 0, source, name, ">= 0")
+        try:
+            self.mixture_schedule()
+        except ValueError as error:
+            raise TrainConfigError(f"{source}: field 'mixture': {error}") from None
         return self
+
+    def mixture_schedule(self) -> MixtureSchedule:
+        """The schedule of `mixture`; the `train` split alone when it is empty."""
+        return MixtureSchedule(self.mixture or {TRAIN_SPLIT: 1.0})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

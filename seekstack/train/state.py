@@ -1,6 +1,7 @@
 """Training checkpoints: a `save_pretrained` directory plus `train_state.pt`, written atomically.
 
-    out_dir/checkpoints/step_{N}/  config.json, model.safetensors (routing biases included), train_state.pt
+    out_dir/checkpoints/step_{N}/  config.json, model.safetensors (routing biases included), train_state.pt,
+                                   tokenizer.json + tokenizer_config.json when the run knows its tokenizer
 train_state.pt holds the step, the optimizer, the data position and the torch/numpy/python RNG states;
 the learning rate is a function of the step, so no scheduler object is stored.
 """
@@ -45,8 +46,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: str | Path, model: Transformer, train_state: dict[str, Any], keep: int) -> Path:
-    """Write `checkpoints/step_{step}` through a temporary directory and a rename; keep the last `keep`."""
+def save_checkpoint(
+    out_dir: str | Path, model: Transformer, train_state: dict[str, Any], keep: int, extra_files: list[Path] = ()
+) -> Path:
+    """Write `checkpoints/step_{step}` through a temporary directory and a rename; keep the last `keep`.
+
+    `extra_files` (the tokenizer's) are copied in, so the directory is also a model an inference engine loads.
+    """
     root = checkpoint_dir(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{train_state['step']}"
@@ -54,6 +60,8 @@ def save_checkpoint(out_dir: str | Path, model: Transformer, train_state: dict[s
     try:
         save_pretrained(model, staging / "weights")
         torch.save(train_state, staging / "weights" / TRAIN_STATE_FILE)
+        for extra in extra_files:
+            shutil.copyfile(extra, staging / "weights" / Path(extra).name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging / "weights", final)

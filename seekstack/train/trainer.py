@@ -1,8 +1,10 @@
 """The pre-training loop: AdamW, gradient accumulation and clipping, DeepSeek-V3 losses and bias balancing.
 
 Per optimizer step: `grad_accum_steps` micro-batches of loss = L_next + lambda * L_MTP + L_balance (the model
-computes it), a clipped AdamW update, then the auxiliary-loss-free bias update from the step's expert loads.
-Each step appends one JSON line to `out_dir/metrics.jsonl`; each evaluation appends one with `val_loss`.
+computes it), a clipped AdamW update, then the auxiliary-loss-free bias update from the step's expert loads,
+summed over all micro-batches and ranks: the MaxVio logged is that of the whole step's batch, per MoE layer.
+Rows come from a mixture of splits whose weights follow a schedule (the curriculum); the weights in effect are
+logged. Each step appends one JSON line to `out_dir/metrics.jsonl`; each evaluation appends one with `val_loss`.
 """
 
 from __future__ import annotations
@@ -21,16 +23,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from seekstack.accounting import training_flops_per_token
 from seekstack.config import preset
+from seekstack.data.mixture import MixtureWindows
 from seekstack.data.shards import TokenWindows, load_index
 from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.train import distributed
+from seekstack.train.apply import apply_activation_checkpointing, apply_compile
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import TrainConfig
+from seekstack.train.mfu import default_peak_flops, model_flops_utilisation
 from seekstack.train.schedule import learning_rate
 from seekstack.train.state import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
-TRAIN_SPLIT, VAL_SPLIT = "train", "val"
+VAL_SPLIT = "val"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -69,6 +77,23 @@ def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     return Transformer(model_config)
 
 
+def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
+    """tokenizer.json and tokenizer_config.json to copy into every checkpoint, so that it loads for inference.
+
+    From `config.tokenizer`, else from the path `data tokenize` recorded; none when neither exists (a bare
+    token stream). The tokenizer must be the one the data was encoded with.
+    """
+    recorded = tokenizer_info.get("path")
+    if not config.tokenizer and not (recorded and Path(recorded).is_file()):
+        return []
+    path = tokenizer_json_path(config.tokenizer or recorded)
+    tokenizer = Tokenizer.from_file(path)
+    if tokenizer.fingerprint != tokenizer_info["sha256"]:
+        raise ValueError(f"tokenizer {path} is not the one {config.data_dir} was tokenized with; set `tokenizer`")
+    config_file = path.parent / TOKENIZER_CONFIG_FILE
+    return [path, config_file] if config_file.is_file() else [path]
+
+
 def mtp_weight_at(step: int, config: TrainConfig) -> float:
     """lambda = 0.3 for the first `mtp_switch_fraction` of training, then 0.1 (DeepSeek-V3 §4.2)."""
     early = step < config.mtp_switch_fraction * config.max_steps
@@ -92,7 +117,8 @@ class _Run:
     def __init__(self, config: TrainConfig, ranks: distributed.Ranks, resume: bool | str | Path):
         self.config, self.ranks = config, ranks
         self.out_dir = Path(config.out_dir)
-        self.data = TokenWindows(config.data_dir, TRAIN_SPLIT, config.seq_len, seed=config.seed)
+        self.data = MixtureWindows(config.data_dir, config.mixture_schedule(), config.seq_len, seed=config.seed)
+        self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         self.step = 0
         train_state: dict[str, Any] | None = None
         if resume:
@@ -104,8 +130,12 @@ class _Run:
             torch.manual_seed(config.seed)
             np.random.seed(config.seed)
             random.seed(config.seed)
-            model = build_model(config, self.data.index["tokenizer"]["vocab_size"]).to(ranks.device)
+            model = build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device)
         self.model = model
+        if config.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if config.compile:
+            apply_compile(model)
         self.optimizer = build_optimizer(model, config, ranks.device)
         if train_state is not None:
             self.optimizer.load_state_dict(train_state["optimizer"])
@@ -113,6 +143,8 @@ class _Run:
         self.wrapped = distributed.wrap_model(model, ranks)
         self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.tokens_per_step = config.batch_size * config.grad_accum_steps * config.seq_len
+        self.flops_per_token = training_flops_per_token(model.config, config.seq_len)
+        self.peak_flops = (config.peak_flops or default_peak_flops(ranks.device)) * ranks.world_size
         if ranks.is_main:
             config.save(self.out_dir)
             self._trim_metrics()
@@ -158,7 +190,8 @@ class _Run:
         expert_load: torch.Tensor | None = None
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(config.grad_accum_steps):
-            batch = distributed.local_rows(self.data.batch(config.batch_size), self.ranks).to(self.ranks.device)
+            rows = self.data.batch(config.batch_size, progress=self.step / config.max_steps)
+            batch = distributed.local_rows(rows, self.ranks).to(self.ranks.device)
             last = micro == config.grad_accum_steps - 1
             with distributed.gradient_sync(self.wrapped, sync=last), self._autocast():
                 out = self.wrapped(batch, labels=batch, mtp_loss_weight=mtp_weight)
@@ -189,8 +222,11 @@ class _Run:
             metrics["maxvio"] = per_layer.mean().item()  # averaged over MoE layers, as Wang et al. 2024 report it
             layer_ids = model.moe_layer_ids[: len(per_layer)]
             metrics["maxvio_per_layer"] = {str(i): v for i, v in zip(layer_ids, per_layer.tolist(), strict=True)}
-        seconds = time.perf_counter() - step_start
-        metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": self.tokens_per_step / seconds}
+        if len(self.data.sources) > 1:
+            metrics["mix"] = self.data.schedule.weights_at(self.step / config.max_steps)
+        tokens_per_s = self.tokens_per_step / (time.perf_counter() - step_start)
+        mfu = model_flops_utilisation(tokens_per_s, self.flops_per_token, self.peak_flops)
+        metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
         self._log(metrics)
         return metrics
 
@@ -234,7 +270,7 @@ class _Run:
                 "rng": rng_state(),
                 "config": self.config.to_dict(),
             }
-            path = save_checkpoint(self.out_dir, self.model, state, self.config.keep_checkpoints)
+            path = save_checkpoint(self.out_dir, self.model, state, self.config.keep_checkpoints, self.tokenizer_files)
         distributed.barrier(self.ranks)
         return path
 
@@ -245,9 +281,9 @@ class _Run:
             return "none yet"
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None or self.ranks.device.type != "cuda":
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return torch.autocast(self.ranks.device.type, dtype=self.autocast_dtype)
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if self.ranks.is_main:
@@ -265,8 +301,11 @@ class _Run:
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:
         line = (
             f"step {self.step}/{self.config.max_steps}  loss {metrics['loss']:.4f}  "
-            f"{metrics['tokens_per_s']:,.0f} tok/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
+            f"{metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}  "
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
         )
+        if "mix" in metrics:
+            line += "  mix " + "/".join(f"{weight:.0%}" for weight in metrics["mix"].values())
         end = "\n" if self.is_last_step or not sys.stderr.isatty() else ""
         self._say("\r" + line if sys.stderr.isatty() else line, end=end)
 

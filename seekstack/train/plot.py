@@ -1,0 +1,91 @@
+"""`seekstack plot RUN`: a run's curves from its metrics.jsonl, drawn to one PNG.
+
+Panels: training loss (total, next-token, MTP) with the validation loss; validation bits per byte; learning
+rate; MaxVio of each MoE layer; and, for a mixture run, the weight of each source over training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from seekstack.train.trainer import METRICS_FILE  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl`; ValueError naming the file and line that is not JSON."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack train` run?")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return records
+
+
+def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
+    """Draw the run's curves to `out_path` (default `run_dir/curves.png`); return the path written."""
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    if not steps:
+        raise ValueError(f"{Path(run_dir) / METRICS_FILE} has no training steps to plot")
+    mixed = [r for r in steps if "mix" in r]
+    panels = 5 if mixed else 4
+    columns = math.ceil(panels / 2)
+    figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False)
+    axes = axes.flatten()
+    x = [r["step"] for r in steps]
+
+    axes[0].plot(x, [r["loss"] for r in steps], label="loss (total)", linewidth=0.8)
+    axes[0].plot(x, [r["lm_loss"] for r in steps], label="next-token", linewidth=0.8)
+    if any(r.get("mtp_loss") for r in steps):
+        axes[0].plot(x, [r["mtp_loss"] for r in steps], label="MTP", linewidth=0.8)
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    _style(axes[0], "loss (nats per token)")
+
+    if evals:
+        axes[1].plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-")
+    _style(axes[1], "validation bits per byte")
+
+    axes[2].plot(x, [r["lr"] for r in steps])
+    _style(axes[2], "learning rate")
+
+    layers = sorted({layer for r in steps for layer in r.get("maxvio_per_layer", {})}, key=int)
+    for layer in layers:
+        values = [(r["step"], r["maxvio_per_layer"][layer]) for r in steps if layer in r.get("maxvio_per_layer", {})]
+        axes[3].plot(*zip(*values, strict=True), label=f"layer {layer}", linewidth=0.8)
+    _style(axes[3], "MaxVio per MoE layer (step batch)")
+
+    if mixed:
+        for source in mixed[0]["mix"]:
+            axes[4].plot([r["step"] for r in mixed], [r["mix"].get(source, 0.0) for r in mixed], label=source)
+        _style(axes[4], "mixture weight")
+    for unused in axes[panels:]:
+        unused.set_visible(False)
+
+    figure.suptitle(str(run_dir))
+    figure.tight_layout()
+    out_path = Path(out_path) if out_path is not None else Path(run_dir) / "curves.png"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return out_path
+
+
+def _style(axis: plt.Axes, title: str) -> None:
+    axis.set_title(title)
+    axis.set_xlabel("step")
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=8)
