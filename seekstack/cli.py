@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,9 @@ from seekstack.data.difficulty import tokenize_buckets
 from seekstack.data.rules import CleaningConfig, CleaningConfigError
 from seekstack.data.shards import tokenize_corpus
 from seekstack.data.sources import DataSourceError, open_source
+from seekstack.infer.chat import HELP, ChatSession, run_chat
+from seekstack.infer.engine import Engine, completion_record
+from seekstack.infer.sampling import SamplingParams
 from seekstack.model.transformer import Transformer
 from seekstack.serve.database import Database, default_database_path
 from seekstack.serve.keys import KeyStore
@@ -229,6 +233,85 @@ def train_command(
             overrides, config = [str(config), *(overrides or [])], None
         result = train(load_train_config(config, overrides or []), resume=resume)
     typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
+ModelDir = Annotated[Path, typer.Option("--model", help="Checkpoint folder: config.json, safetensors, tokenizer.json")]
+TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
+MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy")]
+TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 = off")]
+TopP = Annotated[float, typer.Option(help="Nucleus sampling: the smallest set with this much probability")]
+Seed = Annotated[int | None, typer.Option(help="Seed of the sampling; the same seed gives the same text")]
+Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the model needs an MTP module)")]
+
+
+@app.command("generate")
+def generate_command(
+    prompt: Annotated[str, typer.Argument(help="Text to continue")],
+    model: ModelDir,
+    tokenizer: TokenizerPath = None,
+    max_new_tokens: MaxNewTokens = 128,
+    temperature: Temperature = 1.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the likeliest")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages tokens already seen")] = 1.0,
+    presence_penalty: Annotated[float, typer.Option(help="OpenAI presence penalty, -2..2")] = 0.0,
+    frequency_penalty: Annotated[float, typer.Option(help="OpenAI frequency penalty, -2..2")] = 0.0,
+    seed: Seed = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop before this text (repeatable)")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token")] = False,
+    top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
+    speculative: Speculative = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with tokens and timings")] = False,
+) -> None:
+    """Continue PROMPT with a checkpoint, streaming the text (or, with --json, a machine-readable result)."""
+    with _user_errors():
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
+            logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
+        ).validate()  # fmt: skip
+        engine = Engine.from_pretrained(model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative)
+        encoder = engine.tokenizer
+        prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
+        if as_json:
+            typer.echo(json.dumps(completion_record(engine, engine.generate([prompt_ids], params)[0]), indent=2))
+            return
+        for output in engine.stream(prompt_ids, params):
+            typer.echo(output.text, nl=False)
+    typer.echo()
+
+
+@app.command("chat")
+def chat_command(
+    model: ModelDir,
+    tokenizer: TokenizerPath = None,
+    system: Annotated[str | None, typer.Option(help="System prompt")] = None,
+    max_new_tokens: MaxNewTokens = 512,
+    temperature: Temperature = 0.7,
+    top_k: TopK = 0,
+    top_p: TopP = 0.95,
+    seed: Seed = None,
+    speculative: Speculative = False,
+) -> None:
+    """Chat in the terminal with streamed replies; /reset, /system TEXT, /quit."""
+    with _user_errors():
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        ).validate()
+        engine = Engine.from_pretrained(model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        typer.echo(f"{engine.model_name}: {HELP}")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_chat(ChatSession(engine, params, system), sys.stdin, write, prompt="> " if interactive else "")
 
 
 @app.command("plot")

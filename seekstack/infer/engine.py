@@ -10,11 +10,13 @@ Shapes: B sequences in a forward, T tokens per sequence (padded), V vocabulary, 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, token_logprobs
 from seekstack.infer.speculative import verify_drafts
 from seekstack.model.transformer import Transformer
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 @dataclass
@@ -113,6 +115,11 @@ class Engine:
         self.config = model.config
         self.tokenizer = tokenizer
         self.model_name = "seekstack"
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's "
+                f"vocab_size={self.config.vocab_size}: they do not belong together"
+            )
         if speculative and len(model.mtp) == 0:
             raise ValueError("speculative decoding needs an MTP module; this model has num_nextn_predict_layers=0")
         for name, value in (("max_batch_size", max_batch_size), ("prefill_chunk", prefill_chunk)):
@@ -143,6 +150,10 @@ class Engine:
     ) -> Engine:
         """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`)."""
         model_dir = Path(model_dir)
+        if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(
+                f"{model_dir} has no {TOKENIZER_FILE}: give the tokenizer's path (--tokenizer PATH)"
+            )
         device = kwargs.get("device") or "cpu"
         engine = cls(
             load_pretrained(model_dir, dtype=dtype, device=device),
@@ -429,6 +440,19 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ convenience
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Add one request and step until it finishes, yielding its outputs as they come (other requests run too)."""
+        request_id = self.add_request(prompt_ids, params)
+        try:
+            finished = False
+            while not finished:
+                for output in self.step():
+                    if output.request_id == request_id:
+                        finished = output.finished
+                        yield output
+        finally:
+            self.abort(request_id)  # a consumer that stops early frees the request's blocks
+
     def generate(
         self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
     ) -> list[Completion]:
@@ -453,6 +477,26 @@ class Engine:
             _completion(request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id])
             for request_id, ids in zip(request_ids, prompt_ids, strict=True)
         ]
+
+
+def completion_record(engine: Engine, completion: Completion) -> dict:
+    """A JSON-ready summary of a completion: text, tokens, finish reason, timings, speculative acceptance."""
+    record = {
+        "model": engine.model_name,
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": len(completion.prompt_token_ids),
+        "completion_tokens": len(completion.token_ids),
+        "token_ids": completion.token_ids,
+        "timings": completion.timings,
+    }
+    if completion.logprobs is not None:
+        record["logprobs"] = [dataclasses.asdict(entry) for entry in completion.logprobs]
+    if engine.speculative:
+        stats = engine.stats()
+        rate = stats.spec_accepted / stats.spec_drafted if stats.spec_drafted else 0.0
+        record["speculative"] = {"drafted": stats.spec_drafted, "accepted": stats.spec_accepted, "accept_rate": rate}
+    return record
 
 
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:
