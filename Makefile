@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/seekstack forward tiny
 
 test: $(STAMP)
+	scripts/install_test_deps.sh
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -28,7 +28,7 @@ from seekstack.serve.errors import APIError, invalid_body
 from seekstack.serve.keys import ApiKey, KeyStore
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.metrics import ServerMetrics
-from seekstack.serve.protocol import chat_logprobs, completion_logprobs, prompt_ids, sampling_params
+from seekstack.serve.protocol import chat_logprobs, completion_logprobs, prompt_ids, sampling_params, visible_text
 from seekstack.serve.ratelimit import RateLimited, RateLimiter
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -203,7 +203,7 @@ class Server:
         finish_reasons, completion_tokens = [None] * n, [0] * n
         try:
             async for index, output in group:
-                texts[index] += output.text
+                texts[index] += visible_text(output.text, body, self.engine.tokenizer)
                 logprobs[index] += output.logprobs or []
                 finish_reasons[index] = output.finish_reason
                 completion_tokens[index] = output.completion_tokens
@@ -259,12 +259,13 @@ class Server:
             async for index, output in group:
                 completion_tokens[index] = output.completion_tokens
                 bill.completion_tokens = sum(completion_tokens)
-                if not (output.text or output.logprobs or output.finished):
+                text = visible_text(output.text, body, self.engine.tokenizer)
+                if not (text or output.logprobs or output.finished):
                     continue
                 if is_chat:
                     choice = ChatChunkChoice(
                         index=index,
-                        delta=ChatDelta(content=output.text),
+                        delta=ChatDelta(content=text),
                         logprobs=chat_logprobs(output.logprobs) if body.logprobs and output.logprobs else None,
                         finish_reason=output.finish_reason,
                     )
@@ -272,11 +273,11 @@ class Server:
                 else:
                     choice = CompletionChoice(
                         index=index,
-                        text=output.text,
+                        text=text,
                         logprobs=_stream_completion_logprobs(body, output, text_offsets[index]),
                         finish_reason=output.finish_reason,
                     )
-                    text_offsets[index] += len(output.text)
+                    text_offsets[index] += len(text)
                     yield sse(
                         CompletionResponse(id=response_id, created=created, model=self.model_name, choices=[choice])
                     )

@@ -120,3 +120,12 @@ def _by_text(top: list[tuple[int, str, float]]) -> dict[str, float]:
     for _, text, logprob in top:
         by_text.setdefault(text, logprob)
     return by_text
+
+
+def visible_text(text: str, request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> str:
+    """`text` without special-token strings unless the request keeps them. The engine emits a special token's text
+    in one piece, unless a stop string that begins like it holds part of it back (then that part shows)."""
+    if request.skip_special_tokens:
+        for token in tokenizer.special_tokens:
+            text = text.replace(token, "")
+    return text

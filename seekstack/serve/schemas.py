@@ -39,6 +39,7 @@ class SamplingFields(StrictRequest):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # drop <｜User｜> and the like from the text, as vLLM does
 
 
 class TextPart(StrictRequest):
