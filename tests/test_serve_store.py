@@ -6,7 +6,9 @@ import datetime as dt
 import sqlite3
 
 import pytest
+from typer.testing import CliRunner
 
+from seekstack.cli import app
 from seekstack.serve.database import Database
 from seekstack.serve.keys import KeyStore, KeyStoreError, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
@@ -140,3 +142,21 @@ def test_tokens_per_minute_charge_is_settled_to_the_real_usage():
     limiter.admit("k", rpm=None, tpm=100, tokens=30)
     with pytest.raises(RateLimited, match="more than key 'k' may use in a minute"):
         limiter.admit("k", rpm=None, tpm=100, tokens=101)
+
+
+def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    created = runner.invoke(app, ["keys", "create", "--name", "frank", "--rpm", "5", "--db", db])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip()
+    assert KeyStore(Database(db)).verify(key).rpm == 5
+    listed = runner.invoke(app, ["keys", "list", "--db", db]).stdout
+    assert "frank" in listed and key[:12] in listed and key not in listed
+    priced = runner.invoke(
+        app, ["keys", "plan", "pro", "--prompt-price", "0.5", "--completion-price", "1.5", "--db", db]
+    )
+    assert "pro: 0.5 / 1.5 per 1k" in priced.stdout
+    refused = runner.invoke(app, ["keys", "create", "--name", "gina", "--plan", "gold", "--db", db])
+    assert refused.exit_code == 1 and "no plan 'gold'" in refused.stderr
+    bad_day = runner.invoke(app, ["usage", "--since", "yesterday", "--db", db])
+    assert bad_day.exit_code == 1 and "'yesterday' is not in the form YYYY-MM-DD" in bad_day.stderr
