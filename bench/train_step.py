@@ -1,0 +1,152 @@
+"""Training throughput of seekstack against transformers' DeepseekV3ForCausalLM: forward + backward + AdamW.
+
+A model with random weights is saved once with `seekstack.save_pretrained`; ours and transformers' (in each
+experts x attention implementation that runs on a CPU) load it, and each gets the same AdamW (foreach, decay
+on matrices only) and gradient clipping. The batch is the same windows of the demo token shards (random ids
+when they are missing). MTP is off and the balance loss weight is 0, so both compute the same loss: the
+first step's losses are checked equal before anything is timed. Timed steps of the contenders alternate and
+the median is reported; ratio = ours tok/s / theirs tok/s, above 1 means seekstack is faster.
+
+    python bench/train_step.py                      # tiny, batch 8 x 256, a few minutes on 2 cores
+    python bench/train_step.py --reps 3 --screen 1  # quick check
+
+Shapes: B batch, T tokens per sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as transformers_logging
+
+import seekstack
+from seekstack.data.shards import TokenWindows
+from seekstack.train.config import TrainConfig
+from seekstack.train.trainer import build_optimizer
+
+EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+LOSS_ATOL = 1e-4
+
+
+@dataclass
+class Contender:
+    """A model, its optimizer, and one training step on a batch (B, T) that returns the loss."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[torch.Tensor], torch.Tensor]
+
+    def step(self, batch: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return loss.item()
+
+
+def contenders(preset: str, directory: Path) -> tuple[Contender, list[Contender]]:
+    """Ours and transformers' implementations, all loaded from one saved set of random weights."""
+    config = seekstack.preset(preset, num_nextn_predict_layers=0, aux_loss_alpha=0.0)
+    torch.manual_seed(0)
+    seekstack.save_pretrained(seekstack.Transformer(config), directory)
+    train_config = TrainConfig()
+    cpu = torch.device("cpu")
+    ours_model = seekstack.load_pretrained(directory).train()
+    ours = Contender(
+        "ours", ours_model, build_optimizer(ours_model, train_config, cpu), lambda ids: ours_model(ids, labels=ids).loss
+    )
+    theirs = []
+    for experts in EXPERTS_IMPLEMENTATIONS:
+        for attention in ATTENTION_IMPLEMENTATIONS:
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch.float32, experts_implementation=experts, attn_implementation=attention
+            ).train()
+            theirs.append(
+                Contender(
+                    f"transformers {experts}+{attention}",
+                    model,
+                    build_optimizer(model, train_config, cpu),
+                    lambda ids, model=model: model(input_ids=ids, labels=ids, use_cache=False).loss,
+                )
+            )
+    return ours, theirs
+
+
+def training_batch(data_dir: Path, vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:
+    """The first `batch` windows of the demo shards' train split, or random ids when there are none."""
+    try:
+        return TokenWindows(data_dir, "train", seq_len - 1, seed=0).batch(batch)
+    except FileNotFoundError:
+        print(f"no token shards under {data_dir}: random token ids")
+        return torch.randint(vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def timed_step(contender: Contender, batch: torch.Tensor) -> float:
+    start = time.perf_counter()
+    contender.step(batch)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=7, help="timed steps per contender (median reported)")
+    parser.add_argument("--screen", type=int, default=2, help="steps per transformers implementation to pick one")
+    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"), help="token shards (data tokenize)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+
+    with tempfile.TemporaryDirectory() as directory:
+        ours, theirs = contenders(args.preset, Path(directory))
+        batch = training_batch(args.data, ours.model.config.vocab_size, args.batch, args.seq_len)
+        tokens = batch.numel()
+        print(f"{args.preset}, batch {args.batch} x {args.seq_len}, float32, {torch.get_num_threads()} threads")
+
+        # Same weights, same batch: the first step's losses must agree, or the comparison means nothing.
+        reference = ours.step(batch)
+        for contender in theirs:
+            loss = contender.step(batch)
+            assert abs(loss - reference) < LOSS_ATOL, f"{contender.name}: first loss {loss} != ours {reference}"
+        print(f"first-step loss {reference:.5f} in every model (|diff| < {LOSS_ATOL})")
+
+        best = {c.name: min(timed_step(c, batch) for _ in range(args.screen)) for c in theirs}
+        for contender in theirs:
+            print(f"  screen {contender.name:34s} {tokens / best[contender.name]:8.0f} tok/s")
+        default = theirs[0]  # grouped_mm + sdpa: what from_pretrained picks unasked
+        fastest = min(theirs, key=lambda c: best[c.name])
+        timed = [ours, default] + ([fastest] if fastest is not default else [])
+        seconds: dict[str, list[float]] = {c.name: [] for c in timed}
+        for rep in range(args.reps):
+            shift = rep % len(timed)
+            for contender in timed[shift:] + timed[:shift]:
+                seconds[contender.name].append(timed_step(contender, batch))
+        medians = {name: statistics.median(values) for name, values in seconds.items()}
+        print(f"\ntraining step (forward + backward + clip + AdamW), median of {args.reps}:")
+        for contender in timed:
+            rate = tokens / medians[contender.name]
+            ratio = medians[contender.name] / medians["ours"]
+            print(f"  {contender.name:36s} {rate:8.0f} tok/s   ours / this = {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
