@@ -40,6 +40,7 @@ from seekstack.train.state import latest_checkpoint, load_checkpoint, rng_state,
 
 VAL_SPLIT = "val"
 METRICS_FILE = "metrics.jsonl"
+PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a terminal (a log file, CI)
 
 
 class TrainingDiverged(RuntimeError):
@@ -257,6 +258,10 @@ class _Run:
         bpb = val_loss * index["total_tokens"] / (math.log(2) * index["text_bytes"])
         metrics = {"step": self.step, "val_loss": val_loss, "val_bpb": bpb}
         self._log(metrics)
+        on_progress_line = sys.stderr.isatty() and not self.is_last_step
+        self._say(
+            ("\n" if on_progress_line else "") + f"step {self.step}: val loss {val_loss:.4f}, {bpb:.4f} bits/byte"
+        )
         return metrics
 
     # ------------------------------------------------------------------------------ files and output
@@ -305,9 +310,11 @@ class _Run:
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
         )
         if "mix" in metrics:
-            line += "  mix " + "/".join(f"{weight:.0%}" for weight in metrics["mix"].values())
-        end = "\n" if self.is_last_step or not sys.stderr.isatty() else ""
-        self._say("\r" + line if sys.stderr.isatty() else line, end=end)
+            line += "  mix " + " ".join(f"{name.removeprefix('train_')} {w:.0%}" for name, w in metrics["mix"].items())
+        if sys.stderr.isatty():
+            self._say("\r" + line, end="\n" if self.is_last_step else "")
+        elif self.step % PROGRESS_EVERY == 0 or self.is_last_step or self.step == 1:
+            self._say(line)
 
     def _say(self, text: str, end: str = "\n") -> None:
         if self.ranks.is_main:
