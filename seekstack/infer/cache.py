@@ -98,7 +98,8 @@ class PagedLatentCache:
             [self.tables[s] + [TRASH_BLOCK] * (max_blocks - len(self.tables[s])) for s in seq_ids], device=device
         )
         total = start + count  # (B, 1) tokens per row after the write
-        key_index = torch.arange(int(total.max()), device=device)[None, :]  # (1, S)
+        longest = max(s + c for s, c in zip(starts, counts, strict=True))
+        key_index = torch.arange(longest, device=device)[None, :]  # (1, S)
         key_valid = key_index < total
         key_slots = tables.gather(1, key_index.expand(len(seq_ids), -1) // block_size) * block_size
         key_slots = torch.where(key_valid, key_slots + key_index % block_size, TRASH_BLOCK)  # (B, S)
@@ -107,7 +108,7 @@ class PagedLatentCache:
         write_slots = torch.where(write_valid, write_blocks * block_size + positions % block_size, TRASH_BLOCK)
         # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
         mask = key_valid[:, None, :] & (key_index[:, None, :] <= positions[:, :, None])  # (B, T, S)
-        self._plan = _Plan(int(start.min()), int(start.max()), write_slots.flatten(), key_slots, mask)
+        self._plan = _Plan(min(starts), max(starts), write_slots.flatten(), key_slots, mask)
         return positions
 
     def length(self, layer_idx: int = 0) -> int:

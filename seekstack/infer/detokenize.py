@@ -19,16 +19,17 @@ class TextStream:
         self.ids: list[int] = []
         self.prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already taken into `text`
         self.read_offset = 0
+        self.prefix_text = ""  # the text of ids[prefix_offset:read_offset]
         self.text = ""  # all complete text so far, stop strings included
         self.released = 0  # characters of `text` handed out
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text newly safe to show, whether a stop string has now appeared)."""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith(REPLACEMENT):
-            self.text += full[len(prefix) :]
+        if len(full) > len(self.prefix_text) and not full.endswith(REPLACEMENT):
+            self.prefix_text = full[len(self.prefix_text) :]  # = the text of ids[read_offset:], now the prefix
+            self.text += self.prefix_text
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release()
 

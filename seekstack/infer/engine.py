@@ -268,17 +268,15 @@ class Engine:
             budget -= counts[-1]
         starts = [request.num_cached for request in batch]
         rows = [r.ids[start : start + count] for r, start, count in zip(batch, starts, counts, strict=True)]
-        logits, hidden = self._forward(batch, rows, starts, counts)
+        logits, hidden = self._forward(batch, rows, starts, counts, last_only=True)
         done, finished, tokens, logprobs = [], [], [], []
         for row, (request, count) in enumerate(zip(batch, counts, strict=True)):
             request.num_cached += count
             if request.num_cached == len(request.prompt_ids):
                 done.append(row)
         if done:
-            rows_done = torch.tensor(done, device=self.device)
-            last = torch.tensor([counts[row] - 1 for row in done], device=self.device)
             finished = [batch[row] for row in done]
-            tokens, logprobs = self._sample(finished, logits[rows_done, last])
+            tokens, logprobs = self._sample(finished, logits[torch.tensor(done, device=self.device), 0])
             for request, token in zip(finished, tokens, strict=True):
                 request.ids.append(token)
             if self.speculative:
@@ -340,13 +338,20 @@ class Engine:
 
     # ------------------------------------------------------------------ model calls
     def _forward(
-        self, batch: list[_Request], rows: list[list[int]], starts: list[int], counts: list[int]
+        self,
+        batch: list[_Request],
+        rows: list[list[int]],
+        starts: list[int],
+        counts: list[int],
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main model over each row's new tokens at their positions: logits (B, T, V), hidden (B, T, D)."""
+        """Main model over each row's new tokens at their positions: logits (B, T, V) or, `last_only`, (B, 1, V)
+        at each row's last real token; hidden states (B, T, D)."""
         width = max(counts)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
         positions = self.cache.plan([r.request_id for r in batch], starts, counts, width)
-        out = self.model(input_ids, cache=self.cache, positions=positions)
+        logits_at = torch.tensor(counts, device=self.device) - 1 if last_only else None
+        out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
         return out.logits, out.hidden_states
 
     def _draft(
@@ -375,8 +380,7 @@ class Engine:
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per request from logits (B, V), with log-probabilities for the requests that ask for them."""
-        sampling = self._sampling_batch(batch)
-        tokens = sampling.draw(sampling.probabilities(sampling.penalize(logits)))
+        tokens = self._sampling_batch(batch).sample(logits)
         logprobs = (
             self._logprobs(batch, logits, tokens) if any(r.params.logprobs for r in batch) else [None] * len(batch)
         )

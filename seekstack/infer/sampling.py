@@ -121,17 +121,16 @@ class SamplingBatch:
     ):
         self.params, self.generators, self.penalties = params, generators, penalties
         self.device = device
-        self.greedy = torch.tensor([p.greedy for p in params], device=device)
-        self.all_greedy = bool(self.greedy.all())
-        self.temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        self.all_greedy = all(p.greedy for p in params)
         self.filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
-        self.top_k = torch.tensor([p.top_k for p in params], device=device)
-        self.top_p = torch.tensor([float(p.top_p) for p in params], device=device)
-        self.min_p = torch.tensor([float(p.min_p) for p in params], device=device)
         self.penalized = any(p.penalized for p in params)
-        self.repetition = torch.tensor([float(p.repetition_penalty) for p in params], device=device)
-        self.presence = torch.tensor([float(p.presence_penalty) for p in params], device=device)
-        self.frequency = torch.tensor([float(p.frequency_penalty) for p in params], device=device)
+
+    def _column(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, device=self.device)
+
+    def _settings(self, *names: str) -> list[torch.Tensor]:
+        """The named parameters of every row as (B,) tensors."""
+        return [self._column([float(getattr(p, name)) for p in self.params]) for name in names]
 
     def penalize(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Repetition (HF/vLLM), presence and frequency (OpenAI) penalties on logits (B, V).
@@ -150,33 +149,43 @@ class SamplingBatch:
             rows = torch.arange(len(self.params), device=self.device)
             seen[rows, extra_tokens] = True
             counts[rows, extra_tokens] += 1
-        repetition = self.repetition[:, None]
+        repetition, presence, frequency = (
+            t[:, None] for t in self._settings("repetition_penalty", "presence_penalty", "frequency_penalty")
+        )
         penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
         logits = torch.where(seen, penalized, logits)
         # logit -= presence * 1[count > 0] + frequency * count   (OpenAI API reference, "parameter details")
-        return logits - self.presence[:, None] * (counts > 0) - self.frequency[:, None] * counts
+        return logits - presence * (counts > 0) - frequency * counts
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution each row samples from (B, V): temperature, top-k, top-p, min-p; greedy rows one-hot."""
-        logits = logits.float() / self.temperature[:, None]
+        one_hot = torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        if self.all_greedy:
+            return one_hot
+        temperature = self._column([p.temperature or 1.0 for p in self.params])
+        logits = logits.float() / temperature[:, None]
         if self.filtered:
             logits = self._filter(logits)
-        probs = logits.softmax(dim=-1)
-        if self.greedy.any():
-            one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-            probs = torch.where(self.greedy[:, None], one_hot, probs)
-        return probs
+        greedy = self._column([p.greedy for p in self.params])
+        return torch.where(greedy[:, None], one_hot, logits.softmax(dim=-1))
 
     def _filter(self, logits: torch.Tensor) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
         rank = torch.arange(logits.shape[-1], device=logits.device)
-        top_k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1])
+        top_k = self._column([p.top_k or logits.shape[-1] for p in self.params])
+        top_p, min_p = self._settings("top_p", "min_p")
         remove = rank[None, :] >= top_k[:, None]
-        remove |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= self.top_p[:, None]  # keep the nucleus
-        remove |= sorted_probs < self.min_p[:, None] * sorted_probs[:, :1]
+        remove |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]  # keep the nucleus
+        remove |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row (B,) from logits (B, V): penalties, the row's distribution, a draw."""
+        if self.all_greedy and not self.penalized:
+            return logits.argmax(dim=-1)
+        return self.draw(self.probabilities(self.penalize(logits)))
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One token per row (B,): argmax for greedy rows, else a draw with the row's own generator."""

@@ -73,10 +73,11 @@ class MultiHeadLatentAttention(nn.Module):
         B, T, _ = x.shape
         q = self.project_query(x).view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = apply_rotary(q_rope, cos, sin, self.interleaved)
         kv_latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         kv_latent = self.kv_a_layernorm(kv_latent)  # (B, T, C)
-        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin, self.interleaved).squeeze(2)  # (B, T, R)
+        # The shared rope key rotates with the query heads as one more head: one rotation instead of two.
+        rotated = apply_rotary(torch.cat((q_rope, k_rope.unsqueeze(2)), dim=2), cos, sin, self.interleaved)
+        q_rope, k_rope = rotated[:, :, : self.num_heads], rotated[:, :, self.num_heads]  # (B, T, H, R), (B, T, R)
         if cache is None:
             out = self.attend_expanded(q_nope, q_rope, kv_latent, k_rope)
         else:
@@ -115,7 +116,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # (H, N, C), (H, V, C)
-        q_latent = torch.einsum("bthn,hnc->bhtc", q_nope, w_uk)
+        q_latent = torch.matmul(q_nope.transpose(1, 2), w_uk)  # (B, H, T, N) @ (H, N, C)
         query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C+R)
         key = torch.cat((kv_latent, k_rope), dim=-1).unsqueeze(1).expand(-1, self.num_heads, -1, -1)  # (B, H, S, C+R)
         # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
@@ -123,7 +124,7 @@ class MultiHeadLatentAttention(nn.Module):
             query, key, key, attn_mask=mask.unsqueeze(1), scale=self.softmax_scale
         )
         out_latent = out_latent[..., : self.kv_rank]  # (B, H, T, C)
-        return torch.einsum("bhtc,hvc->bthv", out_latent, w_uv)
+        return torch.matmul(out_latent, w_uv.transpose(1, 2)).transpose(1, 2)  # (B, H, T, C) @ (H, C, V)
 
 
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -95,8 +95,12 @@ class Transformer(nn.Module):
         cache: LatentCache | None = None,
         positions: torch.Tensor | None = None,
         mtp_loss_weight: float = 0.3,
+        logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds."""
+        """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds.
+
+        `logits_at` (B,) picks one position per row whose logits alone are computed, (B, 1, V): prefill needs no more.
+        """
         T = input_ids.shape[1]
         if positions is None:
             start = cache.length() if cache is not None else 0
@@ -108,7 +112,10 @@ class Transformer(nn.Module):
             hidden, layer_stats = layer(hidden, cos, sin, cache)
             stats += [layer_stats] if layer_stats is not None else []
         hidden = self.norm(hidden)
-        logits = self.lm_head(hidden)
+        if logits_at is not None:
+            logits = self.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at].unsqueeze(1))
+        else:
+            logits = self.lm_head(hidden)
         if labels is None:
             return ModelOutput(logits, hidden, _stack_load(stats))
 

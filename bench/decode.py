@@ -1,0 +1,180 @@
+"""Generation speed of the seekstack engine against transformers' `generate` on the same weights.
+
+A preset with random weights is saved once with `seekstack.save_pretrained` and loaded by both
+`seekstack.infer.Engine.from_pretrained` and `transformers.AutoModelForCausalLM`. Both decode greedily
+from the same random prompts for exactly the same number of tokens (end-of-sequence ignored); their
+greedy tokens are compared first. Each timed run of ours alternates with one of theirs, and the median
+over repetitions is reported, so load from other processes falls on both sides alike.
+
+    prefill tok/s = B x prompt_len / t(1 new token)
+    decode tok/s  = B x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
+
+KV-cache bytes per token: ours from the paged pool, (kv_lora_rank + qk_rope_head_dim) x layers x dtype
+size; theirs by measuring the tensors of the cache object `generate` returns. Then the total decode
+throughput of ours with 1, 4 and 16 concurrent sequences.
+
+    python bench/decode.py                        # a few minutes on 2 cores
+    python bench/decode.py --reps 1 --new-tokens 16 --scaling 1 4   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as transformers_logging
+
+import seekstack
+from seekstack.infer import Engine, SamplingParams
+from seekstack.tokenizer import train_tokenizer
+
+CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for a small BPE
+
+
+def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, torch.nn.Module]:
+    """Random weights saved once, a tokenizer of the preset's vocabulary beside them; both models load them."""
+    config = seekstack.preset(preset, num_nextn_predict_layers=0)  # transformers does not run MTP
+    torch.manual_seed(0)
+    seekstack.save_pretrained(seekstack.Transformer(config), directory)
+    texts = [path.read_text() for path in sorted(CORPUS.rglob("*.py"))] * 4
+    train_tokenizer(texts, vocab_size=config.vocab_size, out_path=directory)
+    ours = Engine.from_pretrained(directory, max_batch_size=max_batch)
+    theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return ours, theirs
+
+
+def random_prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(batch * 1000 + length)
+    return torch.randint(5, vocab, (batch, length), generator=generator)
+
+
+def ours_generate(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    return [c.token_ids for c in engine.generate(prompts.tolist(), params)]
+
+
+def theirs_generate(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, **extra) -> object:
+    return model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        **extra,
+    )
+
+
+def theirs_cache_bytes_per_token(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> float:
+    """Bytes of every tensor in the cache `generate` returns, per cached token of one sequence."""
+    out = theirs_generate(model, prompts, new_tokens, return_dict_in_generate=True)
+    cache = out.past_key_values
+    total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    batch, cached = prompts.shape[0], cache.get_seq_length()
+    return total / (batch * cached)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each run after one untimed warm-up; every repetition runs them all, starting with another."""
+    names, seconds = list(runs), {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            start = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def speed_row(engine, model, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict[str, float]:
+    """Prefill and decode tok/s of ours and theirs at one batch size, and how many greedy tokens agree."""
+    prompts = random_prompts(batch, prompt_len, engine.config.vocab_size)
+    ours_tokens = ours_generate(engine, prompts, new_tokens)
+    theirs_tokens = theirs_generate(model, prompts, new_tokens)[:, prompt_len:].tolist()
+    agree = sum(_common_prefix(a, b) for a, b in zip(ours_tokens, theirs_tokens, strict=True)) / (batch * new_tokens)
+    medians = interleaved(
+        {
+            "ours_1": lambda: ours_generate(engine, prompts, 1),
+            "theirs_1": lambda: theirs_generate(model, prompts, 1),
+            "ours_n": lambda: ours_generate(engine, prompts, new_tokens),
+            "theirs_n": lambda: theirs_generate(model, prompts, new_tokens),
+        },
+        reps,
+    )
+    row = {"batch": batch, "agree": agree}
+    for side in ("ours", "theirs"):
+        row[f"{side}_prefill"] = batch * prompt_len / medians[f"{side}_1"]
+        row[f"{side}_decode"] = batch * (new_tokens - 1) / (medians[f"{side}_n"] - medians[f"{side}_1"])
+    return row
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--scaling", nargs="+", type=int, default=[1, 4, 16], help="concurrent sequences")
+    parser.add_argument("--reps", type=int, default=3, help="timed runs per side (median reported)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, float32", flush=True)
+
+    with tempfile.TemporaryDirectory() as root, torch.inference_mode():
+        engine, model = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
+        print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.reps}\n")
+        header = (
+            f"{'batch':>5s} {'ours prefill':>13s} {'theirs prefill':>15s} {'ratio':>6s} "
+            f"{'ours decode':>12s} {'theirs decode':>14s} {'ratio':>6s} {'greedy agree':>13s}"
+        )
+        print(header + "\n" + "-" * len(header))
+        for batch in args.batches:
+            row = speed_row(engine, model, batch, args.prompt_len, args.new_tokens, args.reps)
+            print(
+                f"{batch:5d} {row['ours_prefill']:13.0f} {row['theirs_prefill']:15.0f} "
+                f"{row['ours_prefill'] / row['theirs_prefill']:6.2f} {row['ours_decode']:12.1f} "
+                f"{row['theirs_decode']:14.1f} {row['ours_decode'] / row['theirs_decode']:6.2f} {row['agree']:13.0%}",
+                flush=True,
+            )
+
+        prompts = random_prompts(1, args.prompt_len, engine.config.vocab_size)
+        ours_bytes = engine.cache.bytes_per_token()
+        theirs_bytes = theirs_cache_bytes_per_token(model, prompts, args.new_tokens)
+        config = engine.config
+        formula = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 4
+        print(f"\nKV cache bytes per token: ours {ours_bytes} (formula (C + R) x layers x 4 = {formula}), ", end="")
+        print(f"theirs {theirs_bytes:.0f}; theirs / ours = {theirs_bytes / ours_bytes:.2f}")
+
+        print("\nThroughput scaling, ours: total decode tok/s with N concurrent sequences")
+        for concurrent in args.scaling:
+            prompts = random_prompts(concurrent, args.prompt_len, engine.config.vocab_size)
+            medians = interleaved(
+                {
+                    "one": lambda p=prompts: ours_generate(engine, p, 1),
+                    "all": lambda p=prompts: ours_generate(engine, p, args.new_tokens),
+                },
+                args.reps,
+            )
+            rate = concurrent * (args.new_tokens - 1) / (medians["all"] - medians["one"])
+            print(f"  {concurrent:3d} sequences: {rate:8.1f} tok/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
