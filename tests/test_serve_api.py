@@ -186,15 +186,18 @@ def test_concurrent_streams_share_decode_steps(base_url, keys):
 
 def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_path):
     key = keys.create("leaver")
+    headers = {"Authorization": f"Bearer {key}"}
     body = {"model": MODEL, "prompt": "x", "max_tokens": 240, "stream": True, **NO_EOS}
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response:
+        assert next(response.iter_lines()).startswith("data: ")  # then hang up mid-stream
+    with pytest.raises(httpx.ReadTimeout):  # a client giving up on a whole answer
+        httpx.post(f"{base_url}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.05)
     deadline = time.monotonic() + 5
-    while not ledger_rows(database_path, "leaver") and time.monotonic() < deadline:
+    while len(ledger_rows(database_path, "leaver")) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
-    [row] = ledger_rows(database_path, "leaver")
-    assert row["status"] == 499 and row["completion_tokens"] < 240
+    rows = ledger_rows(database_path, "leaver")
+    assert [row["status"] for row in rows] == [499, 499]
+    assert rows[0]["completion_tokens"] < 240
     while metric_samples(base_url)["seekstack:num_requests_running"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert metric_samples(base_url)["seekstack:num_requests_running"] == 0

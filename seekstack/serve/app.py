@@ -10,10 +10,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
@@ -178,7 +179,10 @@ class Server:
         if body.stream:
             return EventStream(self.stream(body, group, bill, settle))
         try:
-            return await self.complete(body, group, bill)
+            return await _unless_client_leaves(request, self.complete(body, group, bill))
+        except ClientLeft:
+            await bill.record_async(CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
         finally:
             group.close()
             if settle:
@@ -318,6 +322,30 @@ class Server:
             "data": [day.to_dict() for day in days],
             "total_cost": sum(day.cost for day in days),
         }
+
+
+class ClientLeft(Exception):
+    """The client hung up before its answer was ready."""
+
+
+async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, JSONResponse]) -> JSONResponse:
+    """Await `work`, or cancel it and raise `ClientLeft` as soon as the client disconnects."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only a hang-up comes
+            pass
+
+    answer, hang_up = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({answer, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hang_up.cancel()
+        left = not answer.done()
+        if left:
+            answer.cancel()
+    if left:
+        raise ClientLeft
+    return answer.result()
 
 
 def _role_choice(index: int) -> ChatChunkChoice:
