@@ -362,6 +362,16 @@ def test_ledger_record_survives_killing_the_server(model_dir, tmp_path):
     ]  # fmt: skip
 
 
+def test_speculative_decoding_reaches_the_acceptance_counters(model_dir, tmp_path):
+    with running_server(model_dir, tmp_path / "spec.db", "--speculative") as server:
+        reply = client(server.url, "open").completions.create(model=MODEL, prompt="a", max_tokens=20, extra_body=NO_EOS)
+        samples = metric_samples(server.url)
+    assert reply.usage.completion_tokens == 20
+    drafted, accepted = (samples[f"seekstack:spec_decode_num_{kind}_tokens_total"] for kind in ("draft", "accepted"))
+    assert 0 < drafted < 20 and 0 <= accepted <= drafted
+    assert samples["seekstack:generation_tokens_total"] == 20
+
+
 def test_without_keys_the_server_runs_open_on_localhost_and_says_so(model_dir, tmp_path):
     database_path = tmp_path / "open.db"
     with running_server(model_dir, database_path) as server:
