@@ -106,6 +106,10 @@ class Bill:
             )
         )
 
+    def usage(self) -> Usage:
+        total = self.prompt_tokens + self.completion_tokens
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, total_tokens=total)
+
     async def record_async(self, status: int) -> None:
         await asyncio.to_thread(self.record, status)
 
@@ -215,12 +219,7 @@ class Server:
             await bill.record_async(500)
             raise APIError(500, str(error), "server_error") from None
         bill.completion_tokens = sum(completion_tokens)
-        usage = Usage(
-            prompt_tokens=bill.prompt_tokens,
-            completion_tokens=bill.completion_tokens,
-            total_tokens=bill.prompt_tokens + bill.completion_tokens,
-        )
-        common = dict(id=_response_id(is_chat), created=int(time.time()), model=self.model_name, usage=usage)
+        common = dict(id=_response_id(is_chat), created=int(time.time()), model=self.model_name, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
                 choices=[
@@ -286,13 +285,8 @@ class Server:
                         CompletionResponse(id=response_id, created=created, model=self.model_name, choices=[choice])
                     )
             if body.stream_options and body.stream_options.include_usage:
-                usage = Usage(
-                    prompt_tokens=bill.prompt_tokens,
-                    completion_tokens=bill.completion_tokens,
-                    total_tokens=bill.prompt_tokens + bill.completion_tokens,
-                )
                 kind = ChatCompletionChunk if is_chat else CompletionResponse
-                yield sse(kind(id=response_id, created=created, model=self.model_name, choices=[], usage=usage))
+                yield sse(kind(id=response_id, created=created, model=self.model_name, choices=[], usage=bill.usage()))
             status = 200
             await bill.record_async(status)
             yield "data: [DONE]\n\n"

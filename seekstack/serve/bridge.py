@@ -46,7 +46,7 @@ class RequestGroup:
     bridge: AsyncEngine
     request_ids: list[str]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    unfinished: set[int] = field(default_factory=set)
+    unfinished: set[int] = field(init=False)  # choice indices
 
     def __post_init__(self) -> None:
         self.unfinished = set(range(len(self.request_ids)))
