@@ -1,0 +1,146 @@
+"""MTP speculative decoding against plain greedy decoding on a trained model: acceptance rate and speed-up.
+
+The model is, in order of preference: `--model DIR`; the newest checkpoint of the demo run
+(runs/demo/train, from `make demo`); or a `tiny` model this script trains itself for `--train-steps`
+steps on the demo token shards (building them first, as `make demo` does, if they are missing).
+
+Both engines load the same checkpoint. Prompts are the openings of held-out documents. Each prompt is
+decoded greedily by both, the outputs are checked to be token-for-token identical, and timed runs of
+the two alternate (median over repetitions).
+
+    decode tok/s = sequences x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
+
+    python bench/speculative.py                     # trains first if there is no demo checkpoint (~3-4 min)
+    python bench/speculative.py --model runs/demo/train/checkpoints/step_450
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from seekstack.infer import Engine, SamplingParams
+from seekstack.train.config import TrainConfig
+from seekstack.train.state import list_checkpoints
+from seekstack.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "runs" / "demo"
+OWN_RUN = ROOT / "runs" / "bench_speculative"
+
+
+def find_or_train_model(train_steps: int) -> Path:
+    """The demo run's newest checkpoint, else this benchmark's own (trained now if it has none)."""
+    for run in (DEMO / "train", OWN_RUN):
+        if list_checkpoints(run):
+            return list_checkpoints(run)[-1]
+    if not (DEMO / "tokens" / "train_index.json").is_file():
+        seekstack = [sys.executable, "-m", "seekstack.cli"]
+        print("no demo data: building it as `make demo` does", flush=True)
+        subprocess.run(
+            [*seekstack, "data", "build", "--out", str(DEMO / "corpus"), "--val-fraction", "0.05"], check=True
+        )
+        subprocess.run([*seekstack, "tokenizer", "train", "--corpus", str(DEMO / "corpus"), "--vocab-size", "4096",
+                        "--out", str(DEMO / "tokenizer")], check=True)  # fmt: skip
+        subprocess.run([*seekstack, "data", "tokenize", "--corpus", str(DEMO / "corpus"), "--tokenizer",
+                        str(DEMO / "tokenizer"), "--out", str(DEMO / "tokens")], check=True)  # fmt: skip
+    print(f"no trained model: training tiny for {train_steps} steps into {OWN_RUN}", flush=True)
+    config = TrainConfig(
+        model="tiny", data_dir=str(DEMO / "tokens"), out_dir=str(OWN_RUN), max_steps=train_steps, batch_size=16,
+        seq_len=256, warmup_steps=min(40, train_steps // 5), eval_every=0, save_every=train_steps,
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = train(config)
+    print(f"trained {result.step} steps in {time.perf_counter() - start:.0f} s, loss {result.losses[-1]:.3f}")
+    return list_checkpoints(OWN_RUN)[-1]
+
+
+def held_out_prompts(engine: Engine, count: int, length: int) -> list[list[int]]:
+    """The first `length` tokens of the first `count` validation documents long enough to have them."""
+    prompts = []
+    with open(DEMO / "corpus" / "val.jsonl", encoding="utf-8") as lines:
+        for line in lines:
+            ids = engine.tokenizer.encode(json.loads(line)["text"])
+            if len(ids) >= length:
+                prompts.append(ids[:length])
+            if len(prompts) == count:
+                break
+    return prompts
+
+
+def timed(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    completions = engine.generate(prompts, params)
+    return time.perf_counter() - start, [c.token_ids for c in completions]
+
+
+def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_tokens: int, reps: int) -> dict:
+    """Interleaved medians of both engines at 1 and `new_tokens` new tokens; acceptance over the timed runs."""
+    _, plain_tokens = timed(plain, prompts, new_tokens)
+    drafted, accepted = speculative.stats().spec_drafted, speculative.stats().spec_accepted
+    _, speculative_tokens = timed(speculative, prompts, new_tokens)
+    stats = speculative.stats()
+    runs = {"plain": plain, "speculative": speculative}
+    seconds: dict[str, list[float]] = {f"{name}_{n}": [] for name in runs for n in (1, new_tokens)}
+    for rep in range(reps):
+        order = list(runs.items()) if rep % 2 == 0 else list(runs.items())[::-1]
+        for name, engine in order:
+            for n in (1, new_tokens):
+                seconds[f"{name}_{n}"].append(timed(engine, prompts, n)[0])
+    median = {key: statistics.median(values) for key, values in seconds.items()}
+    tokens = len(prompts) * (new_tokens - 1)
+    return {
+        "identical": plain_tokens == speculative_tokens,
+        "accept_rate": (stats.spec_accepted - accepted) / max(stats.spec_drafted - drafted, 1),
+        **{f"{name}_tok_s": tokens / (median[f"{name}_{new_tokens}"] - median[f"{name}_1"]) for name in runs},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="checkpoint directory (default: demo run, else train one)")
+    parser.add_argument("--train-steps", type=int, default=200, help="steps when the script trains its own model")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4], help="sequences decoded together")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model or find_or_train_model(args.train_steps)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}", flush=True)
+    plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches))
+    speculative = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), speculative=True)
+    prompts = held_out_prompts(plain, args.prompts * max(args.batches), args.prompt_len)
+    print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy\n")
+    header = (
+        f"{'batch':>5s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} {'accept':>7s} {'identical':>10s}"
+    )
+    print(header + "\n" + "-" * len(header))
+    with torch.inference_mode():
+        for batch in args.batches:
+            rows = [compare(plain, speculative, prompts[i : i + batch], args.new_tokens, args.reps)
+                    for i in range(0, args.prompts * batch, batch)]  # fmt: skip
+            plain_rate = statistics.mean(r["plain_tok_s"] for r in rows)
+            speculative_rate = statistics.mean(r["speculative_tok_s"] for r in rows)
+            accept = statistics.mean(r["accept_rate"] for r in rows)
+            identical = all(r["identical"] for r in rows)
+            print(
+                f"{batch:5d} {plain_rate:12.1f} {speculative_rate:15.1f} {speculative_rate / plain_rate:8.2f}x "
+                f"{accept:7.0%} {str(identical):>10s}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
