@@ -154,6 +154,25 @@ def test_n_choices_and_chat_logprobs(base_url, keys):
     assert len(entries) == 5 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
 
 
+def test_every_sampling_field_reaches_the_engine(base_url, keys):
+    api = client(base_url, keys.create("knobs"))
+    greedy = dict(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0)
+
+    def reply(extra: dict | None = None, **fields) -> str:
+        answer = api.chat.completions.create(**{**greedy, **fields}, extra_body={**NO_EOS, **(extra or {})})
+        return answer.choices[0].message.content
+
+    plain = api.chat.completions.create(**greedy, max_completion_tokens=24, extra_body=NO_EOS)
+    assert plain.usage.completion_tokens == 24  # max_completion_tokens instead of the default
+    plain_text = plain.choices[0].message.content
+    assert reply(max_tokens=24, presence_penalty=2, frequency_penalty=2, user="someone") != plain_text
+    assert reply({"repetition_penalty": 5.0}, max_tokens=24) != plain_text
+    assert reply({"top_k": 1, "min_p": 0.5}, max_tokens=24, temperature=1.5) == plain_text  # top-1: greedy again
+    for bad in ({"min_p": 2}, {"top_k": -5}, {"repetition_penalty": 0}):
+        with pytest.raises(openai.BadRequestError, match=next(iter(bad))):
+            reply(bad, max_tokens=2)
+
+
 def test_stop_string_is_cut_from_the_text(base_url, keys):
     api = client(base_url, keys.create("stop"))
     request = dict(model=MODEL, prompt="Hello", max_tokens=40, temperature=0, extra_body=NO_EOS)
