@@ -3,7 +3,7 @@
 Each layer's pool holds, per token slot, the compressed KV latent (C = kv_lora_rank) and the rope key
 (R = qk_rope_head_dim) side by side, so a token costs (C + R) x layers x dtype size bytes. A sequence owns
 a block table (list of block ids); token j of it lives in slot table[j // block_size] * block_size + j % block_size.
-Block 0 is never handed out: padding writes land there and padding reads point there (masked).
+Block 0 is never handed out: padding writes land there.
 
 Before each forward the engine calls `plan` with the sequences in the batch, where each one's new tokens
 start and how many are real; every layer's `update` then writes the new tokens and gathers each sequence's
@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from seekstack.config import ModelConfig
 
@@ -50,6 +51,7 @@ class PagedLatentCache:
         self.pool = torch.zeros(self.layers, num_blocks * block_size, width, dtype=dtype, device=self.device)
         self.free_blocks = list(range(num_blocks - 1, TRASH_BLOCK, -1))  # pop() hands out low ids first
         self.tables: dict[str, list[int]] = {}
+        self.slots: dict[str, torch.Tensor] = {}  # per sequence, the slot of each of its token positions
         self._plan: _Plan | None = None
 
     # ------------------------------------------------------------------ blocks
@@ -67,11 +69,15 @@ class PagedLatentCache:
                 f"sequence {seq_id} needs {needed} more cache blocks of {self.block_size} tokens; "
                 f"{len(self.free_blocks)} of {self.num_blocks - 1} are free"
             )
-        self.tables.setdefault(seq_id, []).extend(self.free_blocks.pop() for _ in range(max(needed, 0)))
+        table = self.tables.setdefault(seq_id, [])
+        table.extend(self.free_blocks.pop() for _ in range(max(needed, 0)))
+        blocks = torch.tensor(table, device=self.device)[:, None] * self.block_size
+        self.slots[seq_id] = (blocks + torch.arange(self.block_size, device=self.device)).flatten()
 
     def free(self, seq_id: str) -> None:
         """Return the blocks of `seq_id` to the pool (unknown ids are ignored)."""
         self.free_blocks.extend(reversed(self.tables.pop(seq_id, [])))
+        self.slots.pop(seq_id, None)
 
     @property
     def usage(self) -> float:
@@ -88,26 +94,20 @@ class PagedLatentCache:
 
         Rows are padded to `width` new tokens. Returns the positions (B, width) to give the model.
         """
-        device, block_size = self.device, self.block_size
+        device = self.device
         start = torch.tensor(starts, device=device)[:, None]  # (B, 1)
         count = torch.tensor(counts, device=device)[:, None]
         offsets = torch.arange(width, device=device)[None, :]
         positions = start + offsets  # (B, T)
-        max_blocks = max(len(self.tables[s]) for s in seq_ids)
-        tables = torch.tensor(
-            [self.tables[s] + [TRASH_BLOCK] * (max_blocks - len(self.tables[s])) for s in seq_ids], device=device
-        )
-        total = start + count  # (B, 1) tokens per row after the write
+        rows = [self.slots[s] for s in seq_ids]
+        slots = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True, padding_value=TRASH_BLOCK)
         longest = max(s + c for s, c in zip(starts, counts, strict=True))
-        key_index = torch.arange(longest, device=device)[None, :]  # (1, S)
-        key_valid = key_index < total
-        key_slots = tables.gather(1, key_index.expand(len(seq_ids), -1) // block_size) * block_size
-        key_slots = torch.where(key_valid, key_slots + key_index % block_size, TRASH_BLOCK)  # (B, S)
-        write_valid = offsets < count
-        write_blocks = tables.gather(1, torch.where(write_valid, positions, 0) // block_size)
-        write_slots = torch.where(write_valid, write_blocks * block_size + positions % block_size, TRASH_BLOCK)
+        key_slots = slots[:, :longest]  # (B, S); a row's keys past its own length are masked below
+        write_slots = slots.gather(1, positions.clamp(max=slots.shape[1] - 1))
+        write_slots = torch.where(offsets < count, write_slots, TRASH_BLOCK)  # padding never lands on a real token
         # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
-        mask = key_valid[:, None, :] & (key_index[:, None, :] <= positions[:, :, None])  # (B, T, S)
+        key_index = torch.arange(longest, device=device)
+        mask = (key_index < start + count)[:, None, :] & (key_index <= positions[:, :, None])  # (B, T, S)
         self._plan = _Plan(min(starts), max(starts), write_slots.flatten(), key_slots, mask)
         return positions
 

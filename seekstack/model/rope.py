@@ -71,10 +71,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     Each pair (a, b) becomes (a cos - b sin, a sin + b cos); the layout of x is preserved.
     """
     half = x.shape[-1] // 2
-    pairs = x.unflatten(-1, (half, 2)) if interleaved else x.unflatten(-1, (2, half)).transpose(-1, -2)
-    a, b = pairs[..., 0].float(), pairs[..., 1].float()
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    pairs = x.float().unflatten(-1, (half, 2)) if interleaved else x.float().unflatten(-1, (2, half)).transpose(-1, -2)
+    # A pair (a, b) is the complex number a + ib; the rotation multiplies it by cos + i sin.
+    turn = torch.complex(cos, sin).unsqueeze(-2)
+    rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * turn)
     if not interleaved:
         rotated = rotated.transpose(-1, -2)
     return rotated.flatten(-2).to(x.dtype)
