@@ -142,16 +142,26 @@ def test_text_completion_with_logprobs_stream_and_not(base_url, keys):
     assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
 
 
-def test_n_choices_and_chat_logprobs(base_url, keys):
-    reply = client(base_url, keys.create("choices")).chat.completions.create(
+def test_n_choices_and_chat_logprobs_stream_and_not(base_url, keys):
+    api = client(base_url, keys.create("choices"))
+    request = dict(
         model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=5, seed=1, logprobs=True,
         top_logprobs=2, extra_body=NO_EOS,
     )  # fmt: skip
+    reply = api.chat.completions.create(**request)
     assert [c.index for c in reply.choices] == [0, 1, 2]
     assert reply.usage.completion_tokens == 15
     assert len({c.message.content for c in reply.choices}) > 1  # seeds 1, 2, 3
     entries = reply.choices[0].logprobs.content
     assert len(entries) == 5 and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in entries)
+    streamed, streamed_logprobs = ["", "", ""], [[], [], []]
+    for chunk in api.chat.completions.create(**request, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            streamed_logprobs[choice.index] += choice.logprobs.content if choice.logprobs else []
+    assert streamed == [c.message.content for c in reply.choices]
+    expected = [entry.logprob for entry in reply.choices[2].logprobs.content]
+    assert [entry.logprob for entry in streamed_logprobs[2]] == pytest.approx(expected)
 
 
 def test_every_sampling_field_reaches_the_engine(base_url, keys):
