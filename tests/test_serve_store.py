@@ -158,5 +158,8 @@ def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
     assert "pro: 0.5 / 1.5 per 1k" in priced.stdout
     refused = runner.invoke(app, ["keys", "create", "--name", "gina", "--plan", "gold", "--db", db])
     assert refused.exit_code == 1 and "no plan 'gold'" in refused.stderr
+    Ledger(Database(db)).record(usage("frank", 1000, 500))
+    table = runner.invoke(app, ["usage", "--db", db]).stdout
+    assert "frank" in table and "1,000" in table and "0.003000" in table  # 1.5k tokens at 0.002 per 1k
     bad_day = runner.invoke(app, ["usage", "--since", "yesterday", "--db", db])
     assert bad_day.exit_code == 1 and "'yesterday' is not in the form YYYY-MM-DD" in bad_day.stderr
