@@ -92,6 +92,15 @@ def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer):
     assert stats.spec_drafted > 0 and 0 <= stats.spec_accepted <= stats.spec_drafted
 
 
+def test_speculative_sampling_is_seeded_and_keeps_lengths_and_logprobs(model, tokenizer):
+    params = SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, seed=5, ignore_eos=True, logprobs=True)
+    batch = prompts([7, 12])
+    first, second = (Engine(model, tokenizer, speculative=True).generate(batch, params) for _ in range(2))
+    assert [c.token_ids for c in first] == [c.token_ids for c in second]
+    assert [(len(c.token_ids), len(c.logprobs)) for c in first] == [(20, 20), (20, 20)]
+    assert all(entry.token_id == token for c in first for entry, token in zip(c.logprobs, c.token_ids, strict=True))
+
+
 def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
     engine = Engine(model, tokenizer, block_size=4)
     done = engine.add_request(prompts([10])[0], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))

@@ -313,12 +313,15 @@ class Engine:
         logits, hidden = self._forward(batch, rows, starts, [2] * len(batch))
         drafts = torch.tensor([r.draft for r in batch], device=self.device)
         sampling = self._sampling_batch(batch)
-        p_next = sampling.probabilities(sampling.penalize(logits[:, 0]))
-        p_after = sampling.probabilities(sampling.penalize(logits[:, 1], extra_tokens=drafts))
-        accepted, replacement = verify_drafts(sampling, p_next, drafts)
-        replacement = replacement.tolist()
-        bonus = sampling.draw(p_after).tolist()
-        accepted_list = accepted.tolist()
+        if sampling.all_greedy and not sampling.penalized:  # p is one-hot too: accept exactly when the argmax agrees
+            best = logits.argmax(dim=-1)  # (B, 2)
+            accepted, replacement, bonus = best[:, 0] == drafts, best[:, 0], best[:, 1]
+        else:
+            p_next = sampling.probabilities(sampling.penalize(logits[:, 0]))
+            p_after = sampling.probabilities(sampling.penalize(logits[:, 1], extra_tokens=drafts))
+            accepted, replacement = verify_drafts(sampling, p_next, drafts)
+            bonus = sampling.draw(p_after)
+        replacement, bonus, accepted_list = replacement.tolist(), bonus.tolist(), accepted.tolist()
         self.spec_drafted += len(batch)
         self.spec_accepted += sum(accepted_list)
         new_tokens = [[r.draft, bonus[b]] if accepted_list[b] else [replacement[b]] for b, r in enumerate(batch)]
