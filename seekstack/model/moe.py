@@ -104,38 +104,22 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> (sum_k g_k FFN_{e_k}(x) (N, D), tokens per expert (E,))."""
-        num_experts, top_k = self.gate_up_proj.shape[0], routing.experts.shape[1]
+        top_k = routing.experts.shape[1]
         flat_experts = routing.experts.flatten()  # (N*K,)
-        load = torch.bincount(flat_experts, minlength=num_experts)
-        if len(flat_experts) <= num_experts:
-            return self.per_assignment(x, flat_experts, routing.weights.flatten(), top_k), load
         order = flat_experts.argsort(stable=True)  # assignments sorted by expert
         token_of = order // top_k
+        load = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
         counts = load.tolist()
-        tokens = x.index_select(0, token_of).split(counts)  # its backward is an index_add, faster than x[...]'s
+        tokens = x[token_of].split(counts)
         gate_up = torch.cat(
             [F.linear(chunk, w) for chunk, w in zip(tokens, self.gate_up_proj, strict=True) if len(chunk)]
         )
-        hidden = _gated(gate_up, routing.weights.flatten()[order]).split(counts)
+        gate, up = gate_up.chunk(2, dim=-1)
+        weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        hidden = (F.silu(gate) * up * weights).split(counts)  # g_k folded in before the down projection
         weighted = torch.cat([F.linear(h, w) for h, w in zip(hidden, self.down_proj, strict=True) if len(h)])
         combined = weighted.new_zeros(x.shape).index_add_(0, token_of, weighted)  # autocast: in the matmuls dtype
         return combined, load
-
-    def per_assignment(
-        self, x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor, top_k: int
-    ) -> torch.Tensor:
-        """Few tokens (decoding): gather each assignment's expert weights and run them as one batched matmul."""
-        tokens = x.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # (N*K, D, 1)
-        gate_up = torch.bmm(self.gate_up_proj[flat_experts], tokens).squeeze(-1)  # (N*K, 2I)
-        hidden = _gated(gate_up, flat_weights).unsqueeze(-1)
-        weighted = torch.bmm(self.down_proj[flat_experts], hidden).squeeze(-1)  # (N*K, D)
-        return weighted.view(x.shape[0], top_k, -1).sum(dim=1)
-
-
-def _gated(gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """g_k SiLU(W_gate x) * W_up x for each assignment: g_k is folded in before the down projection."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up * weights.unsqueeze(-1).to(gate_up.dtype)
 
 
 @dataclass
