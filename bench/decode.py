@@ -2,8 +2,8 @@
 
 A preset with random weights is saved once with `seekstack.save_pretrained` and loaded by both
 `seekstack.infer.Engine.from_pretrained` and `transformers.AutoModelForCausalLM`. Both decode greedily
-from the same random prompts for exactly the same number of tokens (end-of-sequence ignored); their
-greedy tokens are compared first. Each timed run of ours alternates with one of theirs, and the median
+from the same random prompts for exactly the same number of tokens (neither stops at an end-of-sequence
+token); their greedy tokens are compared first. Each timed run of ours alternates with one of theirs, and the median
 over repetitions is reported, so load from other processes falls on both sides alike.
 
     prefill tok/s = B x prompt_len / t(1 new token)
@@ -47,6 +47,8 @@ def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, torch.n
     train_tokenizer(texts, vocab_size=config.vocab_size, out_path=directory)
     ours = Engine.from_pretrained(directory, max_batch_size=max_batch)
     theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    # No end-of-sequence token: both run exactly the asked number of steps, without a min-length processor.
+    theirs.generation_config.eos_token_id = None
     return ours, theirs
 
 
@@ -65,7 +67,6 @@ def theirs_generate(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: i
         prompts,
         attention_mask=torch.ones_like(prompts),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
         **extra,
@@ -99,6 +100,7 @@ def speed_row(engine, model, batch: int, prompt_len: int, new_tokens: int, reps:
     prompts = random_prompts(batch, prompt_len, engine.config.vocab_size)
     ours_tokens = ours_generate(engine, prompts, new_tokens)
     theirs_tokens = theirs_generate(model, prompts, new_tokens)[:, prompt_len:].tolist()
+    assert all(len(tokens) == new_tokens for tokens in ours_tokens + theirs_tokens), "a side stopped early"
     agree = sum(_common_prefix(a, b) for a, b in zip(ours_tokens, theirs_tokens, strict=True)) / (batch * new_tokens)
     medians = interleaved(
         {
