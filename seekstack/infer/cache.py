@@ -108,8 +108,12 @@ class PagedLatentCache:
         # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
         key_index = torch.arange(longest, device=device)
         mask = (key_index < start + count)[:, None, :] & (key_index <= positions[:, :, None])  # (B, T, S)
-        self._plan = _Plan(min(starts), max(starts), write_slots.flatten(), key_slots, mask)
+        self._plan = _Plan(min(starts), max(starts), positions, write_slots.flatten(), key_slots, mask)
         return positions
+
+    def positions(self) -> torch.Tensor:
+        """The positions (B, T) of the planned forward."""
+        return self._require_plan().positions
 
     def length(self, layer_idx: int = 0) -> int:
         """Tokens cached before the planned forward, when all rows agree (else pass positions to the model)."""
@@ -141,6 +145,7 @@ class _Plan:
 
     min_start: int
     max_start: int
+    positions: torch.Tensor  # (B, T)
     write_slots: torch.Tensor  # (B*T,) slot of each new token (padding -> block 0)
     key_slots: torch.Tensor  # (B, S) slot of each row's keys (padding -> block 0)
     mask: torch.Tensor  # (B, T, S) which keys each query sees

@@ -281,7 +281,7 @@ class Engine:
                 request.ids.append(token)
             if self.speculative:
                 next_rows = _shifted_rows(batch, starts, counts)
-                drafts = self._draft(batch, hidden, next_rows, starts, counts)
+                drafts = self._draft(hidden, next_rows, counts)
                 for row in done:
                     batch[row].draft = drafts[row]
             for request in finished:
@@ -335,7 +335,7 @@ class Engine:
             request.ids.extend(tokens)
         counts = [len(tokens) for tokens in new_tokens]
         next_rows = _shifted_rows(batch, starts, counts)
-        for request, draft in zip(batch, self._draft(batch, hidden, next_rows, starts, counts), strict=True):
+        for request, draft in zip(batch, self._draft(hidden, next_rows, counts), strict=True):
             request.draft = draft
         return [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
 
@@ -357,22 +357,16 @@ class Engine:
         out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
         return out.logits, out.hidden_states
 
-    def _draft(
-        self,
-        batch: list[_Request],
-        hidden: torch.Tensor,
-        next_rows: list[list[int]],
-        starts: list[int],
-        counts: list[int],
-    ) -> list[int]:
-        """Run MTP depth 1 on positions starts[b]... (h_i and token i+1); return each row's guess after its last."""
-        width = max(counts)
+    def _draft(self, hidden: torch.Tensor, next_rows: list[list[int]], counts: list[int]) -> list[int]:
+        """MTP depth 1 at the positions of the main forward just run (h_i and token i+1): each row's guess after its
+        last real position, counts[b] - 1. It reuses that forward's cache plan; a row with fewer real tokens feeds
+        padding, which lands in an MTP cache slot that the next step overwrites before anything reads it."""
+        width = hidden.shape[1]
         next_ids = torch.tensor([row + [0] * (width - len(row)) for row in next_rows], device=self.device)
-        positions = self.cache.plan([r.request_id for r in batch], starts, counts, width)
-        cos, sin = self.model.rotary(positions)
+        cos, sin = self.model.rotary(self.cache.positions())
         mtp = self.model.mtp[0]
-        out, _ = mtp(hidden[:, :width], self.model.embed_tokens(next_ids), cos, sin, self.cache)
-        last = out[torch.arange(len(batch)), torch.tensor(counts) - 1]  # (B, D)
+        out, _ = mtp(hidden, self.model.embed_tokens(next_ids), cos, sin, self.cache)
+        last = out[torch.arange(len(next_rows)), torch.tensor(counts) - 1]  # (B, D)
         return self.model.lm_head(mtp.head_input(last)).argmax(dim=-1).tolist()
 
     # ------------------------------------------------------------------ sampling and output
