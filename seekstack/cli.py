@@ -38,7 +38,7 @@ from seekstack.infer.chat import HELP, ChatSession, run_chat
 from seekstack.infer.engine import Engine, completion_record
 from seekstack.infer.sampling import SamplingParams
 from seekstack.model.transformer import Transformer
-from seekstack.serve.database import Database, default_database_path
+from seekstack.serve.database import Database, default_database_location, open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import ServeOptions, build_server, run_server
 from seekstack.serve.ledger import Ledger, parse_day
@@ -343,8 +343,9 @@ def sample_command(
         typer.echo(f"{text}{sampled}\n")
 
 
-Database_ = Annotated[
-    Path | None, typer.Option("--db", help="Keys and usage database; default $SEEKSTACK_DB or seekstack.db")
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Keys and usage: SQLite file or postgresql:// URL; default $SEEKSTACK_DB, seekstack.db"),
 ]
 
 
@@ -355,7 +356,7 @@ def serve_command(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
-    db: Database_ = None,
+    db: DatabaseOption = None,
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if not in --model")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model id in the API; default the folder name")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = 16,
@@ -366,7 +367,7 @@ def serve_command(
     """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
     with _user_errors():
         options = ServeOptions(
-            host, port, db or default_database_path(), tokenizer, served_model_name, max_batch_size, max_model_len,
+            host, port, db or default_database_location(), tokenizer, served_model_name, max_batch_size, max_model_len,
             speculative, dtype,
         )  # fmt: skip
         server_app, summary = build_server(model, options)
@@ -385,20 +386,20 @@ def keys_create(
     tpm: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per minute")] = None,
     plan: Annotated[str, typer.Option(help="Price plan (see `keys plan`)")] = "default",
     admin: Annotated[bool, typer.Option(help="May read everyone's usage at /v1/admin/usage")] = False,
-    db: Database_ = None,
+    db: DatabaseOption = None,
 ) -> None:
     """Create an API key and print it: it is shown this once and stored only as a hash."""
     with _user_errors():
-        key = KeyStore(Database(db or default_database_path())).create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin)
+        key = KeyStore(_database(db)).create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin)
     typer.echo(key)
     typer.echo(f"created key {name!r}; copy it now, it cannot be shown again", err=True)
 
 
 @keys_app.command("list")
-def keys_list(db: Database_ = None) -> None:
+def keys_list(db: DatabaseOption = None) -> None:
     """All keys (by name and first characters), their plan, limits and state."""
     with _user_errors():
-        keys = KeyStore(Database(db or default_database_path())).list()
+        keys = KeyStore(_database(db)).list()
     table = Table(title="API keys")
     for column in ("name", "key", "plan", "rpm", "tpm", "admin", "created (UTC)", "state"):
         table.add_column(column)
@@ -411,10 +412,10 @@ def keys_list(db: Database_ = None) -> None:
 
 
 @keys_app.command("revoke")
-def keys_revoke(name: Annotated[str, typer.Argument(help="Name of the key")], db: Database_ = None) -> None:
+def keys_revoke(name: Annotated[str, typer.Argument(help="Name of the key")], db: DatabaseOption = None) -> None:
     """Revoke a key; the server refuses it from the next request on."""
     with _user_errors():
-        KeyStore(Database(db or default_database_path())).revoke(name)
+        KeyStore(_database(db)).revoke(name)
     typer.echo(f"revoked key {name!r}")
 
 
@@ -423,11 +424,11 @@ def keys_plan(
     name: Annotated[str | None, typer.Argument(help="Plan to create or change; none: list the plans")] = None,
     prompt_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k prompt tokens")] = None,
     completion_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k completion tokens")] = None,
-    db: Database_ = None,
+    db: DatabaseOption = None,
 ) -> None:
     """Set a plan's prices per 1k tokens (new usage is billed at them), or list the plans."""
     with _user_errors():
-        store = KeyStore(Database(db or default_database_path()))
+        store = KeyStore(_database(db))
         if name is not None:
             current = next((plan for plan in store.plans() if plan.name == name), None)
             if current is None and (prompt_price is None or completion_price is None):
@@ -447,11 +448,11 @@ def usage_command(
     key: Annotated[str | None, typer.Option(help="Only this key (by name)")] = None,
     since: Annotated[str | None, typer.Option(help="From this UTC day on, YYYY-MM-DD")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, as GET /v1/admin/usage returns")] = False,
-    db: Database_ = None,
+    db: DatabaseOption = None,
 ) -> None:
     """Requests, tokens and cost per key and day, from the server's usage ledger."""
     with _user_errors():
-        days = Ledger(Database(db or default_database_path())).daily(key, parse_day(since) if since else None)
+        days = Ledger(_database(db)).daily(key, parse_day(since) if since else None)
     if as_json:
         typer.echo(json.dumps([day.to_dict() for day in days], indent=2))
         return
@@ -520,6 +521,10 @@ def _flops(n: int) -> str:
 
 def _bytes(n: int) -> str:
     return f"{n:,} B" if n < 1024 else f"{_scaled(n, 1024, ['', ' Ki', ' Mi', ' Gi', ' Ti'])}B ({n:,} B)"
+
+
+def _database(location: str | None) -> Database:
+    return open_database(location or default_database_location())
 
 
 def _utc(timestamp: float) -> str:

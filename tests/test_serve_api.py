@@ -18,9 +18,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from seekstack.serve.database import Database
+from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
-from tests.serve_server import SEEKSTACK, make_model_dir, running_server
+from tests.serve_server import SEEKSTACK, make_model_dir, new_postgres_database, postgres_or_skip, running_server
 
 MODEL = "model"  # the checkpoint folder's name is the model id
 MAX_MODEL_LEN = 256
@@ -39,7 +39,7 @@ def database_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keys(database_path) -> KeyStore:
-    return KeyStore(Database(database_path))
+    return KeyStore(open_database(database_path))
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +377,7 @@ def test_metrics_use_vllm_names_with_the_seekstack_prefix(base_url, keys):
 # ---------------------------------------------------------------------------------------------- process-level
 def test_ledger_record_survives_killing_the_server(model_dir, tmp_path):
     database_path = tmp_path / "durable.db"
-    key = KeyStore(Database(database_path)).create("durable")
+    key = KeyStore(open_database(database_path)).create("durable")
     with running_server(model_dir, database_path) as server:
         api = client(server.url, key)
         reply = api.completions.create(model=MODEL, prompt="save me", max_tokens=5, extra_body=NO_EOS)
@@ -393,6 +393,21 @@ def test_ledger_record_survives_killing_the_server(model_dir, tmp_path):
     assert [(r["status"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
         (200, reply.usage.prompt_tokens, 5), (200, chunks[-1].usage.prompt_tokens, 4),
     ]  # fmt: skip
+
+
+def test_keys_and_ledger_on_postgresql(model_dir):
+    with postgres_or_skip() as postgres:
+        url = new_postgres_database(postgres)
+        key = KeyStore(open_database(url)).create("pg-user")
+        with running_server(model_dir, url) as server:
+            assert_error(post(server.url, "/v1/completions", "sk-ss-wrong", {"model": MODEL, "prompt": "x"}), 401)
+            reply = client(server.url, key).completions.create(
+                model=MODEL, prompt="pg", max_tokens=3, extra_body=NO_EOS
+            )
+            server.process.send_signal(signal.SIGKILL)
+            server.process.wait()
+        [row] = open_database(url).query("SELECT * FROM usage WHERE key_name = 'pg-user'")
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == (200, reply.usage.prompt_tokens, 3)
 
 
 def test_speculative_decoding_reaches_the_acceptance_counters(model_dir, tmp_path):

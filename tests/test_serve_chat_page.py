@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.serve_server import make_model_dir, running_server
+from tests.serve_server import install_test_packages, make_model_dir, running_server
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-INSTALL_SCRIPT = Path(__file__).parent.parent / "scripts" / "install_test_deps.sh"
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
@@ -25,7 +22,7 @@ CHROMIUM_FLAGS = (
 def chromium_paths() -> tuple[str, str]:
     """Chromium and its driver, installed by the test-deps script when missing; skip only if that cannot be done."""
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
-        subprocess.run([str(INSTALL_SCRIPT)], check=False, timeout=600)
+        install_test_packages()
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("chromium and chromium-driver are not installed and could not be installed")

@@ -4,28 +4,39 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
 
 from seekstack.cli import app
-from seekstack.serve.database import Database
+from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KeyStore, KeyStoreError, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.ratelimit import RateLimited, RateLimiter
+from tests.serve_server import new_postgres_database, postgres_or_skip
 
 
-@pytest.fixture
-def database(tmp_path) -> Database:
-    return Database(tmp_path / "serve.db")
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[str]:
+    with postgres_or_skip() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> Database:
+    """The same tests on both backends: a SQLite file, and a fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return open_database(tmp_path / "serve.db")
+    return open_database(new_postgres_database(request.getfixturevalue("postgres_server")))
 
 
 def usage(key_name: str | None, prompt: int, completion: int, status: int = 200) -> UsageRecord:
     return UsageRecord(key_name, "tiny", "/v1/chat/completions", prompt, completion, 0.25, status)
 
 
-def test_key_is_stored_only_as_its_hash(database, tmp_path):
-    key = KeyStore(database).create("alice")
+def test_key_is_stored_only_as_its_hash(tmp_path):
+    key = KeyStore(open_database(tmp_path / "serve.db")).create("alice")
     assert key.startswith("sk-ss-") and len(key) > 40
     raw = (tmp_path / "serve.db").read_bytes() + (tmp_path / "serve.db-wal").read_bytes()
     assert key.encode() not in raw
@@ -90,7 +101,7 @@ def test_daily_totals_per_key_and_since_filter(database):
 
 def test_records_survive_a_new_connection(tmp_path):
     path = tmp_path / "ledger.db"
-    Ledger(Database(path)).record(usage(None, 3, 4))  # no close: as if the process died
+    Ledger(open_database(path)).record(usage(None, 3, 4))  # no close: as if the process died
     rows = sqlite3.connect(path).execute("SELECT prompt_tokens, completion_tokens, status FROM usage").fetchall()
     assert rows == [(3, 4, 200)]
 
@@ -105,7 +116,7 @@ def test_database_that_is_not_sqlite_is_named(tmp_path):
     path = tmp_path / "not.db"
     path.write_text("hello, I am text " * 100)
     with pytest.raises(ValueError, match="not.db is not a usable seekstack database"):
-        Database(path)
+        open_database(path)
 
 
 class FakeClock:
@@ -149,7 +160,7 @@ def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
     created = runner.invoke(app, ["keys", "create", "--name", "frank", "--rpm", "5", "--db", db])
     assert created.exit_code == 0, created.output
     key = created.stdout.strip()
-    assert KeyStore(Database(db)).verify(key).rpm == 5
+    assert KeyStore(open_database(db)).verify(key).rpm == 5
     listed = runner.invoke(app, ["keys", "list", "--db", db]).stdout
     assert "frank" in listed and key[:12] in listed and key not in listed
     priced = runner.invoke(
@@ -158,7 +169,7 @@ def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
     assert "pro: 0.5 / 1.5 per 1k" in priced.stdout
     refused = runner.invoke(app, ["keys", "create", "--name", "gina", "--plan", "gold", "--db", db])
     assert refused.exit_code == 1 and "no plan 'gold'" in refused.stderr
-    Ledger(Database(db)).record(usage("frank", 1000, 500))
+    Ledger(open_database(db)).record(usage("frank", 1000, 500))
     table = runner.invoke(app, ["usage", "--db", db]).stdout
     assert "frank" in table and "1,000" in table and "0.003000" in table  # 1.5k tokens at 0.002 per 1k
     bad_day = runner.invoke(app, ["usage", "--since", "yesterday", "--db", db])

@@ -130,7 +130,7 @@ class Server:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         if not self.keys.any_keys():
-            log.warning("no API keys in %s: serving without authentication", self.keys.database.path)
+            log.warning("no API keys in %s: serving without authentication", self.keys.database.location)
         self.bridge.start()
         yield
         self.bridge.stop()

@@ -1,11 +1,12 @@
-"""The server's one SQLite file: API keys, price plans and the usage ledger.
+"""The server's database: API keys, price plans and the usage ledger, in SQLite (one file) or PostgreSQL.
 
-Tables (created on first open):
+`open_database(location)` takes a file path (SQLite) or a `postgresql://` URL. Tables, created on first open:
   plans(name, prompt_per_1k, completion_per_1k)             prices in the user's currency per 1k tokens
   keys(name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at)   only the sha256 of a key
-  usage(created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost)
-Times are Unix seconds (UTC). Every write is committed with `synchronous=FULL`, so a record that a
-call returned from survives the process being killed.
+  usage(id, created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost)
+Times are Unix seconds (UTC). A committed write is durable: SQLite runs with `synchronous=FULL`, PostgreSQL
+with its default synchronous commit. Statements are written once, with `?` placeholders and SQL both
+dialects accept; rows come back as dicts.
 """
 
 from __future__ import annotations
@@ -16,71 +17,90 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_DATABASE = "seekstack.db"
 DATABASE_ENV = "SEEKSTACK_DB"
 DEFAULT_PLAN = "default"
 DEFAULT_PRICE_PER_1K = 0.002
+POSTGRES_SCHEMES = ("postgresql", "postgres")
 
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS plans (
-    name TEXT PRIMARY KEY,
-    prompt_per_1k REAL NOT NULL,
-    completion_per_1k REAL NOT NULL
-);
-INSERT OR IGNORE INTO plans VALUES ('{DEFAULT_PLAN}', {DEFAULT_PRICE_PER_1K}, {DEFAULT_PRICE_PER_1K});
-CREATE TABLE IF NOT EXISTS keys (
-    name TEXT PRIMARY KEY,
-    key_hash TEXT NOT NULL UNIQUE,
-    prefix TEXT NOT NULL,
-    plan TEXT NOT NULL REFERENCES plans(name),
-    rpm INTEGER,
-    tpm INTEGER,
-    admin INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS usage (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    created_at REAL NOT NULL,
-    key_name TEXT,
-    model TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    latency_s REAL NOT NULL,
-    status INTEGER NOT NULL,
-    cost REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_name, created_at);
-"""
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS plans (
+        name TEXT PRIMARY KEY,
+        prompt_per_1k DOUBLE PRECISION NOT NULL,
+        completion_per_1k DOUBLE PRECISION NOT NULL
+    )""",
+    f"""INSERT INTO plans VALUES ('{DEFAULT_PLAN}', {DEFAULT_PRICE_PER_1K}, {DEFAULT_PRICE_PER_1K})
+        ON CONFLICT (name) DO NOTHING""",
+    """CREATE TABLE IF NOT EXISTS keys (
+        name TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        plan TEXT NOT NULL REFERENCES plans(name),
+        rpm INTEGER,
+        tpm INTEGER,
+        admin INTEGER NOT NULL DEFAULT 0,
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION
+    )""",
+    """CREATE TABLE IF NOT EXISTS usage (
+        id {id_column},
+        created_at DOUBLE PRECISION NOT NULL,
+        key_name TEXT,
+        model TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        latency_s DOUBLE PRECISION NOT NULL,
+        status INTEGER NOT NULL,
+        cost DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_name, created_at)",
+)
 
 
-def default_database_path() -> Path:
+class Statements(Protocol):
+    """What a transaction offers: `execute(sql, parameters)` returning a cursor (fetchone, fetchall, rowcount)."""
+
+    def execute(self, sql: str, parameters: tuple = ()) -> Any: ...
+
+
+def default_database_location() -> str:
     """$SEEKSTACK_DB if set, else `seekstack.db` in the current directory."""
-    return Path(os.environ.get(DATABASE_ENV, DEFAULT_DATABASE))
+    return os.environ.get(DATABASE_ENV, DEFAULT_DATABASE)
 
 
-class Database:
-    """One SQLite connection shared by threads, one statement group at a time."""
+def open_database(location: str | os.PathLike) -> Database:
+    """The database at `location`: a `postgresql://` URL, or else the path of a SQLite file (created if new)."""
+    if urlsplit(str(location)).scheme in POSTGRES_SCHEMES:
+        return PostgresDatabase(str(location))
+    return SQLiteDatabase(Path(location))
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise FileNotFoundError(f"database folder {self.path.parent} does not exist")
+
+class SQLiteDatabase:
+    """One SQLite connection shared by threads, one transaction or query at a time."""
+
+    def __init__(self, path: Path):
+        self.location = str(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"database folder {path.parent} does not exist")
         try:
-            self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._connection.row_factory = _dict_row
             self._connection.execute("PRAGMA journal_mode=WAL")
             self._connection.execute("PRAGMA synchronous=FULL")
             self._connection.execute("PRAGMA busy_timeout=5000")
-            self._connection.executescript(SCHEMA)
+            for statement in SCHEMA:
+                self._connection.execute(statement.format(id_column="INTEGER PRIMARY KEY AUTOINCREMENT"))
         except sqlite3.DatabaseError as error:
-            raise ValueError(f"{self.path} is not a usable seekstack database: {error}") from error
+            raise ValueError(f"{path} is not a usable seekstack database: {error}") from error
         self._lock = threading.Lock()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """The connection inside BEGIN ... COMMIT (ROLLBACK on error), holding the lock."""
+    def transaction(self) -> Iterator[Statements]:
+        """Statements inside BEGIN ... COMMIT (ROLLBACK on error), holding the lock."""
         with self._lock:
             self._connection.execute("BEGIN IMMEDIATE")
             try:
@@ -90,13 +110,84 @@ class Database:
                 raise
             self._connection.execute("COMMIT")
 
-    def query(self, sql: str, parameters: tuple = ()) -> list[sqlite3.Row]:
-        """Rows of a read-only statement, as `sqlite3.Row` (columns by name)."""
+    def query(self, sql: str, parameters: tuple = ()) -> list[dict]:
         with self._lock:
-            cursor = self._connection.execute(sql, parameters)
-            cursor.row_factory = sqlite3.Row
-            return cursor.fetchall()
+            return self._connection.execute(sql, parameters).fetchall()
+
+    @staticmethod
+    def day(column: str) -> str:
+        """SQL for the UTC day (YYYY-MM-DD) of a Unix-seconds column."""
+        return f"date({column}, 'unixepoch')"
 
     def close(self) -> None:
         with self._lock:
             self._connection.close()
+
+
+class PostgresDatabase:
+    """One PostgreSQL connection (psycopg 3) shared by threads, one transaction or query at a time."""
+
+    def __init__(self, url: str):
+        self.location = _without_password(url)
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise ValueError("a postgresql:// database needs psycopg: pip install 'psycopg[binary]'") from None
+        try:
+            self._connection = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+            with self._connection.transaction():
+                for statement in SCHEMA:
+                    self._connection.execute(
+                        statement.format(id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
+                    )
+        except psycopg.Error as error:
+            raise ValueError(f"cannot use the database {self.location}: {error}") from error
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Statements]:
+        with self._lock, self._connection.transaction():
+            yield _QmarkStatements(self._connection)
+
+    def query(self, sql: str, parameters: tuple = ()) -> list[dict]:
+        with self._lock:
+            return self._connection.execute(_qmark_to_format(sql), parameters).fetchall()
+
+    @staticmethod
+    def day(column: str) -> str:
+        return f"to_char(to_timestamp({column}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+
+class _QmarkStatements:
+    """A psycopg connection that takes the `?` placeholders the statements are written with."""
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def execute(self, sql: str, parameters: tuple = ()):
+        return self._connection.execute(_qmark_to_format(sql), parameters)
+
+
+def _qmark_to_format(sql: str) -> str:
+    return sql.replace("?", "%s")  # our statements hold no literal ? or %
+
+
+def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict:
+    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
+
+
+def _without_password(url: str) -> str:
+    """The URL as it may be shown in messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+Database = SQLiteDatabase | PostgresDatabase

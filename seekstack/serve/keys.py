@@ -126,10 +126,10 @@ class KeyStore:
         rows = self.database.query("SELECT * FROM plans WHERE name = ?", (name,))
         if not rows:
             raise KeyStoreError(f"no plan {name!r}")
-        return Plan(*rows[0])
+        return Plan(**rows[0])
 
     def plans(self) -> list[Plan]:
-        return [Plan(*row) for row in self.database.query("SELECT * FROM plans ORDER BY name")]
+        return [Plan(**row) for row in self.database.query("SELECT * FROM plans ORDER BY name")]
 
 
 def _api_key(row) -> ApiKey:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
-from seekstack.serve.database import Database, default_database_path
+from seekstack.serve.database import default_database_location, open_database
 from seekstack.serve.keys import KeyStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,7 +26,7 @@ class ServeOptions:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    database: Path = field(default_factory=default_database_path)
+    database: str = field(default_factory=default_database_location)  # SQLite path or postgresql:// URL
     tokenizer: Path | None = None
     served_model_name: str | None = None
     max_batch_size: int = 16
@@ -39,11 +39,11 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
     """The app for `model_dir` and a line telling the user where it listens and whether keys are required."""
     if options.dtype not in DTYPES:
         raise ValueError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
-    database = Database(options.database)
+    database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
         raise ValueError(
-            f"no API keys in {database.path}: refusing to serve without authentication on {options.host}; "
+            f"no API keys in {database.location}: refusing to serve without authentication on {options.host}; "
             "create one with `seekstack keys create --name NAME` or serve on 127.0.0.1"
         )
     engine = Engine.from_pretrained(
@@ -59,7 +59,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
     access = (
         "OPEN: no API keys configured, anyone on this machine can use it"
         if open_access
-        else f"API keys required (from {database.path})"
+        else f"API keys required (from {database.location})"
     )
     return app, f"serving {name!r} on http://{options.host}:{options.port} (chat page at /); {access}"
 

@@ -52,7 +52,7 @@ class Ledger:
         """Write one request's usage (durably, before returning); returns its cost."""
         with self.database.transaction() as connection:
             plan = Plan(
-                *connection.execute(
+                **connection.execute(
                     "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ?), ?)",
                     (usage.key_name, DEFAULT_PLAN),
                 ).fetchone()
@@ -91,7 +91,7 @@ class Ledger:
             parameters.append(dt.datetime.combine(since, dt.time(), tzinfo=dt.timezone.utc).timestamp())
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self.database.query(
-            "SELECT key_name, date(created_at, 'unixepoch') AS day, COUNT(*) AS requests, "
+            f"SELECT key_name, {self.database.day('created_at')} AS day, COUNT(*) AS requests, "
             "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, SUM(cost) AS cost "
             f"FROM usage {where} GROUP BY key_name, day ORDER BY day, key_name",
             tuple(parameters),
