@@ -170,7 +170,9 @@ def test_resume_true_picks_the_latest_checkpoint_and_trims_metrics(data_dir, tmp
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     train(run_config(data_dir, tmp_path, max_steps=2, save_every=2))
     good = (tmp_path / "checkpoints" / "step_2" / "model.safetensors").read_bytes()
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: torch.tensor(float("nan")))
+    from seekstack.model import transformer
+
+    monkeypatch.setattr(transformer, "linear_cross_entropy", lambda *a, **k: (torch.tensor(float("nan")), None))
     with pytest.raises(TrainingDiverged, match=r"step 3: loss=nan .*Last good checkpoint: .*step_2"):
         train(run_config(data_dir, tmp_path, max_steps=4, save_every=2), resume=True)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]

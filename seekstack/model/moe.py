@@ -110,7 +110,7 @@ class RoutedExperts(nn.Module):
         token_of = order // top_k
         load = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
         counts = load.tolist()
-        tokens = x[token_of].split(counts)
+        tokens = x.index_select(0, token_of).split(counts)  # its backward is an index_add, faster than x[...]'s
         gate_up = torch.cat(
             [F.linear(chunk, w) for chunk, w in zip(tokens, self.gate_up_proj, strict=True) if len(chunk)]
         )

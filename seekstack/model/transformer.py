@@ -14,17 +14,17 @@ from torch import nn
 from seekstack.config import ModelConfig
 from seekstack.model.attention import LatentCache
 from seekstack.model.block import DecoderBlock
+from seekstack.model.head_loss import IGNORE_INDEX, linear_cross_entropy
 from seekstack.model.moe import MoEStats, RoutedExperts, Router
 from seekstack.model.mtp import MTPModule
 from seekstack.model.norm import RMSNorm
 from seekstack.model.rope import RotaryEmbedding, yarn_inverse_frequencies
 
-IGNORE_INDEX = -100
-
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); with labels: without gradient (the loss fuses head and softmax),
+    # and None when the caller asked for no logits (training does not read them)
     hidden_states: torch.Tensor  # (B, T, D) after the final norm: the input of MTP depth 1
     expert_load: torch.Tensor | None = None  # (MoE layers run, E) tokens per expert: a prefix of `moe_layer_ids`
     loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + balance_loss
@@ -95,11 +95,13 @@ class Transformer(nn.Module):
         cache: LatentCache | None = None,
         positions: torch.Tensor | None = None,
         mtp_loss_weight: float = 0.3,
+        keep_logits: bool = True,
         logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds.
 
         `logits_at` (B,) picks one position per row whose logits alone are computed, (B, 1, V): prefill needs no more.
+        With labels, `keep_logits=False` returns no logits: the loss never needs them whole, so training skips them.
         """
         T = input_ids.shape[1]
         if positions is None:
@@ -112,14 +114,15 @@ class Transformer(nn.Module):
             hidden, layer_stats = layer(hidden, cos, sin, cache)
             stats += [layer_stats] if layer_stats is not None else []
         hidden = self.norm(hidden)
-        if logits_at is not None:
+        if labels is not None:
+            lm_loss, logits = self.head_loss(hidden, labels[:, 1:], keep_logits)
+        elif logits_at is not None:
             logits = self.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at].unsqueeze(1))
         else:
             logits = self.lm_head(hidden)
         if labels is None:
             return ModelOutput(logits, hidden, _stack_load(stats))
 
-        lm_loss = _cross_entropy(logits[:, :-1], labels[:, 1:])
         mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats)
         balance_losses = [s.balance_loss for s in stats if s.balance_loss is not None]
         balance_loss = torch.stack(balance_losses).sum() if balance_losses else None
@@ -147,13 +150,21 @@ class Transformer(nn.Module):
             n = T - k  # positions i with a token i+k to embed
             hidden, depth_stats = self.mtp[k - 1](hidden[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:n], sin[:n])
             stats += [depth_stats] if depth_stats is not None else []
-            logits = self.lm_head(self.mtp[k - 1].head_input(hidden[:, :-1]))
-            losses.append(_cross_entropy(logits, labels[:, k + 1 :]))
+            depth_loss, _ = self.head_loss(self.mtp[k - 1].head_input(hidden[:, :-1]), labels[:, k + 1 :])
+            losses.append(depth_loss)
         return torch.stack(losses).mean()
 
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    def head_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, keep_logits: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cross-entropy of the output head on hidden (B, T, D) against targets (B, T') at its first T' <= T
+        positions, fused with the head (see head_loss.py); with `keep_logits` also the logits (B, T, V)."""
+        B, T, D = hidden.shape
+        targets = F.pad(targets, (0, T - targets.shape[1]), value=IGNORE_INDEX)  # positions past T' do not count
+        loss, logits = linear_cross_entropy(
+            hidden.reshape(B * T, D), self.lm_head.weight, targets.flatten(), keep_logits
+        )
+        return loss, logits.view(B, T, -1) if logits is not None else None
 
 
 def _stack_load(stats: list[MoEStats]) -> torch.Tensor | None:

@@ -195,7 +195,7 @@ class _Run:
             batch = distributed.local_rows(rows, self.ranks).to(self.ranks.device)
             last = micro == config.grad_accum_steps - 1
             with distributed.gradient_sync(self.wrapped, sync=last), self._autocast():
-                out = self.wrapped(batch, labels=batch, mtp_loss_weight=mtp_weight)
+                out = self.wrapped(batch, labels=batch, mtp_loss_weight=mtp_weight, keep_logits=False)
             (out.loss / config.grad_accum_steps).backward()
             mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros_like(out.loss)
             sums += torch.stack([out.loss, out.lm_loss, mtp]).detach().float()
@@ -247,7 +247,7 @@ class _Run:
             if number == self.config.eval_batches:
                 break
             with self._autocast():
-                out = self.model(batch.to(self.ranks.device), labels=batch.to(self.ranks.device))
+                out = self.model(batch.to(self.ranks.device), labels=batch.to(self.ranks.device), keep_logits=False)
             count = batch.shape[0] * (batch.shape[1] - 1)
             loss_sum += out.lm_loss.item() * count
             targets += count

@@ -1,0 +1,68 @@
+"""The output head fused with the cross-entropy: logits are made and consumed a chunk of rows at a time.
+
+loss = 1/n sum over rows with a target of -log softmax(h W^T)[target], n = rows with a target.
+Made whole, the (N, V) logits, their log-softmax and its backward are several passes over an array far larger
+than the cache. Here each chunk's logits are turned at once into the loss and into the gradient of the
+logits, (softmax - onehot) / n, which goes straight into dL/dh = G W and dL/dW = G^T h while still in cache.
+The gradients are therefore computed in the forward (when autograd will want them) and only scaled by the
+incoming gradient in the backward. Arithmetic is float32 whatever the autocast or model dtype.
+
+Shapes: N rows (batch x positions), D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_ELEMENTS = {"cpu": 2**19, "cuda": 2**25}  # logits per chunk: ~2 MiB fits a CPU's L2; GPUs want large kernels
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean cross-entropy of `hidden @ weight.T` (N, D) x (V, D) against targets (N,); IGNORE_INDEX rows do not
+    count. Returns the loss and, with `keep_logits`, the logits (N, V) (without gradient)."""
+    needs_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, needs_grads, keep_logits)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, needs_grads: bool, keep_logits: bool):  # type: ignore[override]
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        chunk = max(16, CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cuda"]) // vocab)
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.float(), weight.float()
+            counted = targets != IGNORE_INDEX
+            count = counted.sum().clamp(min=1)
+            safe_targets = targets.clamp(min=0)
+            loss = h.new_zeros(())
+            logits_out = h.new_empty(rows, vocab) if keep_logits else None
+            grad_h = torch.empty_like(h) if needs_grads else None
+            grad_w = torch.zeros_like(w) if needs_grads else None
+            for start in range(0, rows, chunk):
+                part = slice(start, start + chunk)
+                logits = h[part] @ w.t()  # (n, V)
+                if logits_out is not None:
+                    logits_out[part] = logits
+                log_probs = logits.log_softmax(dim=-1)
+                picked = log_probs.gather(1, safe_targets[part, None]).squeeze(1)
+                loss -= (picked * counted[part]).sum()
+                if needs_grads:
+                    grad_logits = log_probs.exp_()  # softmax, in place
+                    grad_logits.scatter_add_(1, safe_targets[part, None], grad_logits.new_full((len(picked), 1), -1.0))
+                    grad_logits.mul_((counted[part] / count)[:, None])
+                    grad_h[part] = grad_logits @ w
+                    grad_w = torch.addmm(grad_w, grad_logits.t(), h[part])  # out of place: FLOP counters see it
+            loss = loss / count
+        if needs_grads:
+            ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        if logits_out is not None:
+            ctx.mark_non_differentiable(logits_out)
+        return loss, logits_out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logits):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None, None

@@ -1,0 +1,49 @@
+"""The output head fused with the cross-entropy computes what `F.cross_entropy(h @ W.T)` does, loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seekstack.model import head_loss
+from seekstack.model.head_loss import IGNORE_INDEX, linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk_elements", [2**19, 300])  # one chunk; many chunks with a ragged last one
+def test_fused_head_loss_matches_cross_entropy_of_the_logits(monkeypatch, chunk_elements):
+    monkeypatch.setitem(head_loss.CHUNK_ELEMENTS, "cpu", chunk_elements)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(50, (37,))
+    targets[[3, 10, 36]] = IGNORE_INDEX
+    expected = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX)
+    (2.5 * expected).backward()  # an incoming gradient other than 1 must scale both gradients
+    expected_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss, logits = linear_cross_entropy(hidden, weight, targets, keep_logits=True)
+    (2.5 * loss).backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, expected_grads[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(weight.grad, expected_grads[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, (hidden @ weight.t()).detach(), rtol=0, atol=1e-6)
+    assert not logits.requires_grad
+
+
+def test_fused_head_loss_computes_no_gradients_without_autograd():
+    hidden, weight = torch.randn(8, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    targets = torch.randint(6, (8,))
+    with torch.no_grad():
+        loss, logits = linear_cross_entropy(hidden, weight, targets)
+    assert logits is None and not loss.requires_grad
+    assert loss.item() == pytest.approx(F.cross_entropy(hidden @ weight.t(), targets).item(), abs=1e-6)
+
+
+def test_fused_head_loss_runs_in_float32_under_bfloat16_autocast():
+    hidden = torch.randn(8, 4, requires_grad=True)
+    weight = torch.randn(6, 4, requires_grad=True)
+    targets = torch.randint(6, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = linear_cross_entropy(hidden, weight, targets)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(F.cross_entropy(hidden @ weight.t(), targets).item(), abs=1e-6)
