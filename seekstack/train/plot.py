@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from seekstack.config import preset  # noqa: E402
+from seekstack.train.config import CONFIG_FILE  # noqa: E402
 from seekstack.train.trainer import METRICS_FILE  # noqa: E402
 
 
@@ -62,9 +64,11 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     _style(axes[2], "learning rate")
 
     layers = sorted({layer for r in steps for layer in r.get("maxvio_per_layer", {})}, key=int)
+    main_layers = _main_layer_count(run_dir)
     for layer in layers:
         values = [(r["step"], r["maxvio_per_layer"][layer]) for r in steps if layer in r.get("maxvio_per_layer", {})]
-        axes[3].plot(*zip(*values, strict=True), label=f"layer {layer}", linewidth=0.8)
+        label = f"layer {layer}" + (" (MTP)" if main_layers is not None and int(layer) >= main_layers else "")
+        axes[3].plot(*zip(*values, strict=True), label=label, linewidth=0.8)
     _style(axes[3], "MaxVio per MoE layer (step batch)")
 
     if mixed:
@@ -73,6 +77,8 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
         _style(axes[4], "mixture weight")
     for unused in axes[panels:]:
         unused.set_visible(False)
+    for axis in axes[:panels]:
+        axis.set_xlim(0, x[-1])
 
     figure.suptitle(str(run_dir))
     figure.tight_layout()
@@ -81,6 +87,15 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     figure.savefig(out_path, dpi=100)
     plt.close(figure)
     return out_path
+
+
+def _main_layer_count(run_dir: str | Path) -> int | None:
+    """num_hidden_layers of the run's model (from its train_config.json), to tell MTP blocks apart; None if unknown."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return preset(saved["model"], **saved.get("model_overrides", {})).num_hidden_layers
 
 
 def _style(axis: plt.Axes, title: str) -> None:
