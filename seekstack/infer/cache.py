@@ -105,9 +105,11 @@ class PagedLatentCache:
         key_slots = slots[:, :longest]  # (B, S); a row's keys past its own length are masked below
         write_slots = slots.gather(1, positions.clamp(max=slots.shape[1] - 1))
         write_slots = torch.where(offsets < count, write_slots, TRASH_BLOCK)  # padding never lands on a real token
-        # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
-        key_index = torch.arange(longest, device=device)
-        mask = (key_index < start + count)[:, None, :] & (key_index <= positions[:, :, None])  # (B, T, S)
+        mask = None  # one new token per row, rows of one length: every query sees every key
+        if width > 1 or any(s + c != longest for s, c in zip(starts, counts, strict=True)):
+            # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
+            key_index = torch.arange(longest, device=device)
+            mask = (key_index < start + count)[:, None, :] & (key_index <= positions[:, :, None])  # (B, T, S)
         self._plan = _Plan(min(starts), max(starts), positions, write_slots.flatten(), key_slots, mask)
         return positions
 
@@ -124,13 +126,13 @@ class PagedLatentCache:
 
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store (B, T, C) and (B, T, R) in the planned slots; return (B, S, C), (B, S, R) and the (B, T, S) mask."""
         plan = self._require_plan()
         pool = self.pool[layer_idx]
         new = torch.cat((kv_latent, k_rope), dim=-1).flatten(0, 1).to(pool.dtype)
         pool.index_copy_(0, plan.write_slots, new)
-        keys = pool[plan.key_slots]  # (B, S, C+R)
+        keys = pool.index_select(0, plan.key_slots.flatten()).view(*plan.key_slots.shape, -1)  # (B, S, C+R)
         return keys[..., : self.kv_rank], keys[..., self.kv_rank :], plan.mask
 
     def _require_plan(self) -> _Plan:
@@ -148,4 +150,4 @@ class _Plan:
     positions: torch.Tensor  # (B, T)
     write_slots: torch.Tensor  # (B*T,) slot of each new token (padding -> block 0)
     key_slots: torch.Tensor  # (B, S) slot of each row's keys (padding -> block 0)
-    mask: torch.Tensor  # (B, T, S) which keys each query sees
+    mask: torch.Tensor | None  # (B, T, S) which keys each query sees; None: all of them

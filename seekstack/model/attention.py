@@ -26,8 +26,9 @@ class LatentCache(Protocol):
 
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store (B, T, C) and (B, T, R); return all cached (B, S, C), (B, S, R) and a (B, T, S) bool mask."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store (B, T, C) and (B, T, R); return all cached (B, S, C), (B, S, R) and a (B, T, S) bool mask
+        (None when every query sees every key)."""
         ...
 
 
@@ -107,7 +108,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope: torch.Tensor,
         kv_latent: torch.Tensor,
         k_rope: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Decode: fold W^UK into the query and W^UV into the output so attention runs on the latent.
 
@@ -121,7 +122,7 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat((kv_latent, k_rope), dim=-1).unsqueeze(1).expand(-1, self.num_heads, -1, -1)  # (B, H, S, C+R)
         # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
         out_latent = F.scaled_dot_product_attention(
-            query, key, key, attn_mask=mask.unsqueeze(1), scale=self.softmax_scale
+            query, key, key, attn_mask=None if mask is None else mask.unsqueeze(1), scale=self.softmax_scale
         )
         out_latent = out_latent[..., : self.kv_rank]  # (B, H, T, C)
         return torch.matmul(out_latent, w_uv.transpose(1, 2)).transpose(1, 2)  # (B, H, T, C) @ (H, C, V)
