@@ -39,10 +39,13 @@ def main() -> None:
     layers = list(next(iter(results.values()))["maxvio_per_layer"])
     print(f"\ntiny, {args.steps} steps x 16 x 256; MaxVio over each step's batch, mean of the last quarter of steps")
     header = "".join(f"{'layer ' + layer:>10s}" for layer in layers)
-    print(f"{'balancing':20s} {'MaxVio':>7s}{header} {'val loss':>9s} {'val bpb':>8s}")
+    print(f"{'balancing':20s} {'MaxVio':>7s}{header} {'val MaxVio':>11s} {'val loss':>9s} {'val bpb':>8s}")
     for name, summary in results.items():
         per_layer = "".join(f"{summary['maxvio_per_layer'][layer]:10.3f}" for layer in layers)
-        print(f"{name:20s} {summary['maxvio']:7.3f}{per_layer} {summary['val_loss']:9.4f} {summary['val_bpb']:8.4f}")
+        print(
+            f"{name:20s} {summary['maxvio']:7.3f}{per_layer} {summary['val_maxvio']:11.3f} "
+            f"{summary['val_loss']:9.4f} {summary['val_bpb']:8.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Every run shares the seed, data order, model and schedule; only the fields a study changes differ. A run's
 summary: validation loss and bits per byte over the whole validation split at the end, and MaxVio over the
-last quarter of its steps (each step's MaxVio is over that step's whole batch), averaged and per MoE layer.
+last quarter of its steps (each step's MaxVio is over that step's whole batch), averaged and per MoE layer,
+and MaxVio over the whole validation split (Wang et al. 2024's MaxVio_global), averaged over layers.
 """
 
 from __future__ import annotations
@@ -51,4 +52,5 @@ def short_run(data_dir: Path, out_dir: Path, steps: int, **changes: Any) -> dict
         "train_loss_tail": statistics.mean(r["lm_loss"] for r in tail),
         "maxvio": statistics.mean(r["maxvio"] for r in tail),
         "maxvio_per_layer": {layer: statistics.mean(r["maxvio_per_layer"][layer] for r in tail) for layer in layers},
+        "val_maxvio": final["val_maxvio"],  # over the whole validation split's tokens
     }

@@ -127,6 +127,9 @@ def test_training_lowers_the_loss_and_logs_every_step(data_dir, tmp_path):
     (evaluation,) = [m for m in metrics if "val_loss" in m]
     assert evaluation["step"] == 12
     assert evaluation["val_bpb"] == pytest.approx(evaluation["val_loss"] / (4 * math.log(2)))  # 4 bytes per token
+    assert set(evaluation["val_maxvio_per_layer"]) == {"1", "2"}  # over all validation tokens, per MoE layer
+    assert evaluation["val_maxvio"] == pytest.approx(np.mean(list(evaluation["val_maxvio_per_layer"].values())))
+    assert all(0 <= v <= 4 - 1 for v in evaluation["val_maxvio_per_layer"].values())  # at most E/mean - 1 = E - 1
     saved = json.loads((tmp_path / "train_config.json").read_text())
     assert saved["max_steps"] == 12 and saved["model_overrides"]["hidden_size"] == 64
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_12"]  # the last step is always saved

@@ -234,7 +234,8 @@ class _Run:
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
-        """Next-token loss over `eval_batches` validation batches and bits per byte; rank 0 only."""
+        """Next-token loss over `eval_batches` validation batches, bits per byte, and MaxVio over all those
+        batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only."""
         if not self.ranks.is_main:
             return None
         try:
@@ -242,7 +243,7 @@ class _Run:
         except FileNotFoundError:
             return None
         self.model.eval()
-        loss_sum, targets = 0.0, 0
+        loss_sum, targets, expert_load = 0.0, 0, None
         for number, batch in enumerate(val.sequential(self.config.batch_size)):
             if number == self.config.eval_batches:
                 break
@@ -251,12 +252,19 @@ class _Run:
             count = batch.shape[0] * (batch.shape[1] - 1)
             loss_sum += out.lm_loss.item() * count
             targets += count
+            if out.expert_load is not None:
+                expert_load = out.expert_load.float() if expert_load is None else expert_load + out.expert_load
         self.model.train()
         val_loss = loss_sum / targets
         index = load_index(self.config.data_dir, VAL_SPLIT)
         # bits per byte = nats per token * tokens / (ln 2 * UTF-8 bytes), with the split's token and byte counts
         bpb = val_loss * index["total_tokens"] / (math.log(2) * index["text_bytes"])
         metrics = {"step": self.step, "val_loss": val_loss, "val_bpb": bpb}
+        if expert_load is not None:
+            per_layer = max_violation(expert_load)
+            metrics["val_maxvio"] = per_layer.mean().item()
+            layer_ids = self.model.moe_layer_ids[: len(per_layer)]
+            metrics["val_maxvio_per_layer"] = {str(i): v for i, v in zip(layer_ids, per_layer.tolist(), strict=True)}
         self._log(metrics)
         on_progress_line = sys.stderr.isatty() and not self.is_last_step
         self._say(
