@@ -279,14 +279,13 @@ class Engine:
             tokens, logprobs = self._sample(finished, logits[torch.tensor(done, device=self.device), 0])
             for request, token in zip(finished, tokens, strict=True):
                 request.ids.append(token)
-            if self.speculative:
-                next_rows = _shifted_rows(batch, starts, counts)
-                drafts = self._draft(hidden, next_rows, counts)
-                for row in done:
-                    batch[row].draft = drafts[row]
-            for request in finished:
-                self.prefilling.remove(request)
-                self.running.append(request)
+        if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first draft
+            drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts)
+            for row in done:
+                batch[row].draft = drafts[row]
+        for request in finished:
+            self.prefilling.remove(request)
+            self.running.append(request)
         return [
             self._emit(r, [token], logprobs[b : b + 1])
             for b, (r, token) in enumerate(zip(finished, tokens, strict=True))
