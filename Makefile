@@ -14,13 +14,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The demo's training run: tiny for 450 steps of 16 x 256 tokens (~5-6 min on 2 cores) with the easy-to-hard
+# curriculum (bench/curriculum.py), evaluated on the whole validation split half way and at the end.
+DEMO_TRAIN := data_dir=runs/demo/tokens out_dir=runs/demo/train model=tiny max_steps=450 batch_size=16 seq_len=256 \
+	lr=3e-3 min_lr=3e-4 warmup_steps=40 eval_every=225 eval_batches=63 save_every=225 keep_checkpoints=1 \
+	'mixture={train_easy: [0.7, 0.2, 0.1], train_medium: [0.2, 0.5, 0.3], train_hard: [0.1, 0.3, 0.6]}'
+
 demo: $(STAMP)
 	$(VENV)/bin/seekstack data build --out runs/demo/corpus --val-fraction 0.05
 	$(VENV)/bin/seekstack tokenizer train --corpus runs/demo/corpus --vocab-size 4096 --out runs/demo/tokenizer
-	$(VENV)/bin/seekstack data tokenize --corpus runs/demo/corpus --tokenizer runs/demo/tokenizer --out runs/demo/tokens
+	$(VENV)/bin/seekstack data tokenize --corpus runs/demo/corpus --tokenizer runs/demo/tokenizer --out runs/demo/tokens --buckets
 	$(VENV)/bin/seekstack info tiny
 	$(VENV)/bin/seekstack info deepseek-v3
-	$(VENV)/bin/seekstack forward tiny
+	$(VENV)/bin/seekstack train $(DEMO_TRAIN)
+	$(VENV)/bin/seekstack sample runs/demo/train
+	$(VENV)/bin/seekstack plot runs/demo/train
 
 test: $(STAMP)
 	scripts/install_test_deps.sh
