@@ -79,7 +79,7 @@ def test_tokenize_buckets_partitions_the_split_from_easy_to_hard(tmp_path):
     assert easy["difficulty"]["score_at_most"] == medium["difficulty"]["score_above"]
     assert medium["difficulty"]["score_at_most"] == hard["difficulty"]["score_above"]
     assert easy["difficulty"]["score_at_most"] < hard["difficulty"]["score_above"]
-    assert load_index(tmp_path / "tokens", "train_hard")["tokenizer"]["path"] == tokenizer.source
+    assert load_index(tmp_path / "tokens", "train_hard")["tokenizer"]["path"] == str(Path(tokenizer.source).resolve())
 
 
 # ---------------------------------------------------------------------------------- schedule

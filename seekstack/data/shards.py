@@ -142,7 +142,8 @@ def tokenize_corpus(
             "sha256": tokenizer.fingerprint,
             "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
-            "path": tokenizer.source,  # where the trainer finds tokenizer.json to put beside its checkpoints
+            # where the trainer finds tokenizer.json to put into its checkpoints
+            "path": str(Path(tokenizer.source).resolve()) if Path(tokenizer.source).is_file() else None,
         },
         **(extra_index or {}),
     }

@@ -120,6 +120,8 @@ class _Run:
         self.out_dir = Path(config.out_dir)
         self.data = MixtureWindows(config.data_dir, config.mixture_schedule(), config.seq_len, seed=config.seed)
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
+        if not self.tokenizer_files:
+            self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
         self.step = 0
         train_state: dict[str, Any] | None = None
         if resume:
