@@ -10,7 +10,7 @@ the two alternate (median over repetitions).
 
     decode tok/s = sequences x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
 
-    python bench/speculative.py                     # trains first if there is no demo checkpoint (~3-4 min)
+    python bench/speculative.py                     # trains first if there is no demo checkpoint (~10 min)
     python bench/speculative.py --model runs/demo/train/checkpoints/step_450
 """
 
@@ -107,7 +107,7 @@ def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: demo run, else train one)")
-    parser.add_argument("--train-steps", type=int, default=200, help="steps when the script trains its own model")
+    parser.add_argument("--train-steps", type=int, default=600, help="steps when the script trains its own model")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
