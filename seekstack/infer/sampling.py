@@ -110,7 +110,8 @@ class PenaltyState:
 
 
 class SamplingBatch:
-    """The sampling settings of B rows as tensors, plus each row's generator and penalty state."""
+    """The sampling settings of B rows with each row's generator and penalty state; (B,) tensors of the settings
+    are made only when a step needs them (an all-greedy batch needs none)."""
 
     def __init__(
         self,
