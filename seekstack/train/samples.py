@@ -16,7 +16,8 @@ from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import Tokenizer
 from seekstack.train.state import latest_checkpoint
 
-DEMO_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\nclass ", "    for line in lines:\n        if ")
+# Prompts end where a token ends: byte-level BPE glues spaces and newlines to the next word or indentation.
+DEMO_PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n\n\nclass", "    for line in lines:")
 
 
 def checkpoint_or_latest(path: str | Path) -> Path:
