@@ -291,3 +291,17 @@ def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_pat
         progress[-1].startswith("step 2/2  loss ") and " tok/s  MFU " in progress[-1] and "ETA 00:00:00" in progress[-1]
     )
     assert default_peak_flops(torch.device("cpu")) == torch.get_num_threads() * CPU_CLOCK_HZ * CPU_FLOP_PER_CYCLE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_with_bfloat16_activation_checkpointing_and_compile(data_dir, tmp_path):
+    from seekstack.checkpoint import load_pretrained
+
+    config = run_config(
+        data_dir, tmp_path, max_steps=6, lr=1e-2, save_every=0, dtype="bfloat16",
+        activation_checkpointing=True, compile=True,
+    )  # fmt: skip
+    result = train(config)
+    assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
+    assert {p.dtype for p in load_pretrained(tmp_path / "checkpoints" / "step_6").parameters()} == {torch.float32}
+    assert 0 < read_metrics(tmp_path)[0]["mfu"] < 1  # against the card's bf16 peak
