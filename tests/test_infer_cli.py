@@ -1,4 +1,4 @@
-"""`seekstack generate` and `seekstack chat` on a micro checkpoint with its own tokenizer."""
+"""`seekstack generate` and `seekstack chat` on a micro checkpoint with its own tokenizer; the chat session."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.chat import HELP
+from seekstack.infer.chat import HELP, ChatSession
 from tests.infer_support import model_dir
 
 runner = CliRunner()
@@ -76,3 +76,23 @@ def test_chat_keeps_history_and_obeys_reset_system_and_quit(checkpoint, engine):
         answer([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "again"}]),
     ]
     assert result.stdout == "\n".join(expected) + "\n"
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(checkpoint):
+    engine = Engine.from_pretrained(checkpoint, max_model_len=48)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+    said = ["one two three four", "five six seven eight", "nine ten eleven", "twelve thirteen"]
+    for text in said:
+        assert len("".join(session.reply(text))) > 0
+    users = [turn["content"] for turn in session.turns if turn["role"] == "user"]
+    assert users[-1] == said[-1] and users[0] != said[0]  # the newest turn stays, the oldest went
+    assert len(engine.tokenizer.encode_chat(session.messages())) < 48
+
+
+def test_a_stream_closed_early_frees_its_blocks(engine):
+    stream = engine.stream([5, 6, 7], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))
+    first = next(stream)
+    assert first.token_ids and engine.cache.usage > 0
+    stream.close()
+    assert engine.cache.usage == 0 and engine.cache.tables == {}
+    assert [out.finish_reason for out in engine.step()] == ["abort"]
