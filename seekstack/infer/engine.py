@@ -90,8 +90,6 @@ class _Request:
     num_cached: int = 0  # tokens in the cache (main layers; the MTP layer keeps pace)
     draft: int = 0  # the MTP module's guess for the token after the pending one
     output_ids: list[int] = field(default_factory=list)  # tokens handed out
-    arrived_at: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
 
 
 class Engine:
@@ -417,8 +415,6 @@ class Engine:
                 reason = "length"
                 text += request.stream.flush()
                 break
-        if request.first_token_at is None:
-            request.first_token_at = time.perf_counter()
         if reason is not None:
             self.running.remove(request)
             self.cache.free(request.request_id)
