@@ -243,6 +243,7 @@ TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: the smallest set with this much probability")]
 Seed = Annotated[int | None, typer.Option(help="Seed of the sampling; the same seed gives the same text")]
 Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the model needs an MTP module)")]
+Threads = Annotated[int | None, typer.Option(min=1, help="torch threads; 1 is fastest for small models on a busy CPU")]
 
 
 @app.command("generate")
@@ -264,6 +265,7 @@ def generate_command(
     top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
     speculative: Speculative = False,
+    threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with tokens and timings")] = False,
 ) -> None:
     """Continue PROMPT with a checkpoint, streaming the text (or, with --json, a machine-readable result)."""
@@ -274,6 +276,8 @@ def generate_command(
             frequency_penalty=frequency_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
             logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
         ).validate()  # fmt: skip
+        if threads:
+            torch.set_num_threads(threads)
         engine = Engine.from_pretrained(model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative)
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
@@ -296,12 +300,15 @@ def chat_command(
     top_p: TopP = 0.95,
     seed: Seed = None,
     speculative: Speculative = False,
+    threads: Threads = None,
 ) -> None:
     """Chat in the terminal with streamed replies; /reset, /system TEXT, /quit."""
     with _user_errors():
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         ).validate()
+        if threads:
+            torch.set_num_threads(threads)
         engine = Engine.from_pretrained(model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative)
     interactive = sys.stdin.isatty()
     if interactive:
