@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -120,6 +122,29 @@ def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
     assert engine.stats().cache_usage == 0 and engine.cache.tables == {}
     finals = {out.request_id: out.finish_reason for out in outputs if out.finished}
     assert finals == {aborted: "abort", done: "length"}
+
+
+def test_requests_added_and_aborted_from_another_thread_while_a_thread_steps(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    outputs, done = [], threading.Event()
+
+    def stepper() -> None:
+        while not done.is_set() or engine.has_unfinished():
+            outputs.extend(engine.step())
+
+    thread = threading.Thread(target=stepper)
+    thread.start()
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)  # still running when aborted
+    batch = prompts([5, 9, 14, 3, 7, 11])
+    ids = [engine.add_request(prompt, long if i == 2 else GREEDY) for i, prompt in enumerate(batch)]
+    engine.abort(ids[2])
+    done.set()
+    thread.join(timeout=60)
+    finished = {out.request_id: out.finish_reason for out in outputs if out.finished}
+    assert finished == {**{i: "length" for i in ids if i != ids[2]}, ids[2]: "abort"}
+    alone = Engine(model, tokenizer).generate([batch[5]], GREEDY)[0].token_ids
+    assert [t for out in outputs if out.request_id == ids[5] for t in out.token_ids] == alone
+    assert engine.cache.usage == 0
 
 
 def test_stop_string_spanning_two_tokens_cuts_the_text_before_it(model, tokenizer):
