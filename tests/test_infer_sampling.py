@@ -17,6 +17,16 @@ def batch_of(*params: SamplingParams, penalties=None) -> SamplingBatch:
     return SamplingBatch(list(params), generators, penalties or [None] * len(params), torch.device("cpu"))
 
 
+def test_params_from_a_mapping_refuse_unknown_keys_and_bad_values():
+    assert SamplingParams.from_dict({"temperature": 0, "stop": ["\n"]}).stop == ("\n",)
+    with pytest.raises(ValueError, match="unknown sampling parameter 'temprature'; known: max_new_tokens, temperature"):
+        SamplingParams.from_dict({"temprature": 0.5})
+    with pytest.raises(ValueError, match="sampling parameter min_p=2 is invalid: must be in"):
+        SamplingParams.from_dict({"min_p": 2})
+    with pytest.raises(ValueError, match="sampling parameter logprobs must be a bool, got 1"):
+        SamplingParams.from_dict({"logprobs": 1})
+
+
 def test_top_k_top_p_and_min_p_keep_exactly_the_expected_tokens():
     probs = torch.tensor([[0.5, 0.25, 0.15, 0.06, 0.04]])
     logits = probs.log()

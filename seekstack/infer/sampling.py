@@ -7,6 +7,7 @@ Greedy rows (temperature 0) become one-hot distributions, so speculative verific
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,15 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20
     ignore_eos: bool = False
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SamplingParams:
+        """Parameters from a mapping (e.g. a JSON request); ValueError naming an unknown key or a bad value."""
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown sampling parameter {unknown[0]!r}; known: {', '.join(known)}")
+        return cls(**values).validate()
 
     def validate(self) -> SamplingParams:
         """Check every field's type and range; returns self."""
