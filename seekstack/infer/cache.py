@@ -56,9 +56,11 @@ class PagedLatentCache:
 
     # ------------------------------------------------------------------ blocks
     def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold `num_tokens` tokens."""
         return math.ceil(num_tokens / self.block_size)
 
     def can_allocate(self, num_tokens: int) -> bool:
+        """Whether enough blocks are free for a new sequence of `num_tokens` tokens."""
         return self.blocks_for(num_tokens) <= len(self.free_blocks)
 
     def allocate(self, seq_id: str, num_tokens: int) -> None:

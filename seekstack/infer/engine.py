@@ -216,10 +216,12 @@ class Engine:
                         return
 
     def has_unfinished(self) -> bool:
+        """Whether any request is waiting, running, or has an abort not yet reported by `step`."""
         with self.lock:
             return bool(self.aborted) or any(True for _ in self._unfinished())
 
     def stats(self) -> EngineStats:
+        """Requests running (prefilling included) and waiting, cache use, speculative counters."""
         with self.lock:
             return EngineStats(
                 running=len(self.running) + len(self.prefilling),
