@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -138,6 +139,9 @@ def test_text_completion_with_logprobs_stream_and_not(base_url, keys):
     )
     chunks = list(api.completions.create(**request, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    for field in ("tokens", "token_logprobs", "text_offset"):  # offsets continue across chunks
+        assert sum((getattr(lp, field) for lp in streamed), []) == pytest.approx(getattr(logprobs, field)), field
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 8
     assert whole.usage.prompt_tokens == chunks[-1].usage.prompt_tokens
 
@@ -175,9 +179,12 @@ def test_every_sampling_field_reaches_the_engine(base_url, keys):
     plain = api.chat.completions.create(**greedy, max_completion_tokens=24, extra_body=NO_EOS)
     assert plain.usage.completion_tokens == 24  # max_completion_tokens instead of the default
     plain_text = plain.choices[0].message.content
-    assert reply(max_tokens=24, presence_penalty=2, frequency_penalty=2, user="someone") != plain_text
+    assert reply(max_tokens=24, presence_penalty=2, user="someone") != plain_text
+    assert reply(max_tokens=24, frequency_penalty=2) != plain_text
     assert reply({"repetition_penalty": 5.0}, max_tokens=24) != plain_text
     assert reply({"top_k": 1, "min_p": 0.5}, max_tokens=24, temperature=1.5) == plain_text  # top-1: greedy again
+    assert reply(max_tokens=24, temperature=1.5, top_p=1e-300) == plain_text  # the nucleus is the top token
+    assert reply(max_tokens=24, temperature=1e-50) == plain_text  # too cold to sample in float32: greedy
     for bad in ({"min_p": 2}, {"top_k": -5}, {"repetition_penalty": 0}):
         with pytest.raises(openai.BadRequestError, match=next(iter(bad))):
             reply(bad, max_tokens=2)
@@ -214,21 +221,43 @@ def test_concurrent_streams_share_decode_steps(base_url, keys):
 
 
 def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_path):
+    """Hanging up mid-stream, before the stream's first byte, or while awaiting a whole answer: the engine stops
+    generating for the request (far fewer tokens than asked for) and the ledger has it with status 499."""
     key = keys.create("leaver")
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": MODEL, "prompt": "x", "max_tokens": 240, "stream": True, **NO_EOS}
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response:
-        assert next(response.iter_lines()).startswith("data: ")  # then hang up mid-stream
-    with pytest.raises(httpx.ReadTimeout):  # a client giving up on a whole answer
-        httpx.post(f"{base_url}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.05)
-    deadline = time.monotonic() + 5
-    while len(ledger_rows(database_path, "leaver")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    body = {"model": MODEL, "prompt": "x", "max_tokens": MAX_MODEL_LEN - 1, "stream": True, **NO_EOS}
+
+    def mid_stream():
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+
+    def before_the_first_event():
+        host, port = base_url.removeprefix("http://").split(":")
+        content = json.dumps(body).encode()
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n"
+        )
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(head.encode() + content)
+
+    def awaiting_the_whole_answer():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base_url}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.05)
+
+    for count, hang_up in enumerate((mid_stream, before_the_first_event, awaiting_the_whole_answer), start=1):
+        generated_before = metric_samples(base_url)["seekstack:generation_tokens_total"]
+        hang_up()
+        deadline = time.monotonic() + 10
+        while len(ledger_rows(database_path, "leaver")) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        while metric_samples(base_url)["seekstack:num_requests_running"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        generated = metric_samples(base_url)["seekstack:generation_tokens_total"] - generated_before
+        assert generated < body["max_tokens"] / 2, f"{hang_up.__name__}: {generated} tokens generated after all"
     rows = ledger_rows(database_path, "leaver")
-    assert [row["status"] for row in rows] == [499, 499]
-    assert rows[0]["completion_tokens"] < 240
-    while metric_samples(base_url)["seekstack:num_requests_running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert [row["status"] for row in rows] == [499, 499, 499]
+    assert all(row["completion_tokens"] < body["max_tokens"] / 2 for row in rows)
     assert metric_samples(base_url)["seekstack:num_requests_running"] == 0
 
 
@@ -316,6 +345,7 @@ def test_unexpected_inputs_do_not_take_the_server_down(base_url, keys):
         '{"model": "model", "prompt": "\\ud800"}',
         '{"model": "model", "prompt": "x", "logprobs": 99}',
         '{"model": "model", "prompt": "x", "seed": 1e400}',
+        '{"model": "model", "prompt": "x", "seed": 9223372036854775808}',
     ]
     for body in bodies:
         for path in ("/v1/completions", "/v1/chat/completions"):
@@ -332,10 +362,13 @@ def test_every_request_is_in_the_ledger_and_the_admin_report(base_url, keys, dat
     )
     list(api.completions.create(model=MODEL, prompt="2", max_tokens=4, stream=True, extra_body=NO_EOS))
     assert_error(post(base_url, "/v1/completions", key, {"model": "nope", "prompt": "x"}), 404)
+    assert_error(post(base_url, "/v1/completions", key, {"model": MODEL, "prompt": [5] * 300}), 400, "context")
     rows = ledger_rows(database_path, "metered")
-    assert [(r["endpoint"], r["status"], r["completion_tokens"]) for r in rows] == [
-        ("/v1/chat/completions", 200, 3), ("/v1/completions", 200, 4), ("/v1/completions", 404, 0),
+    assert [(r["endpoint"], r["status"], r["prompt_tokens"] > 0, r["completion_tokens"]) for r in rows] == [
+        ("/v1/chat/completions", 200, True, 3), ("/v1/completions", 200, True, 4),
+        ("/v1/completions", 404, False, 0), ("/v1/completions", 400, False, 0),  # refused: recorded, not billed
     ]  # fmt: skip
+    assert [r["cost"] for r in rows[2:]] == [0, 0]
     assert rows[0]["prompt_tokens"] == reply.usage.prompt_tokens and rows[0]["latency_s"] > 0
     assert rows[0]["cost"] == pytest.approx((reply.usage.prompt_tokens + 3) * 0.002 / 1000)
 
@@ -344,7 +377,7 @@ def test_every_request_is_in_the_ledger_and_the_admin_report(base_url, keys, dat
         f"{base_url}/v1/admin/usage", params={"key": "metered"}, headers={"Authorization": f"Bearer {admin}"}
     )
     [day] = report.json()["data"]
-    assert (day["key_name"], day["requests"]) == ("metered", 3)
+    assert (day["key_name"], day["requests"]) == ("metered", 4)
     assert day["completion_tokens"] == 7 and day["cost"] == pytest.approx(sum(r["cost"] for r in rows))
     printed = subprocess.run(
         [SEEKSTACK, "usage", "--key", "metered", "--json", "--db", str(database_path)],
@@ -360,7 +393,14 @@ def test_every_request_is_in_the_ledger_and_the_admin_report(base_url, keys, dat
 
 
 def test_metrics_use_vllm_names_with_the_seekstack_prefix(base_url, keys):
-    api = client(base_url, keys.create("observer"))
+    key = keys.create("observer")
+    api = client(base_url, key)
+    body = {"model": MODEL, "prompt": "wait", "max_tokens": 200, "stream": True, **NO_EOS}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+        events = r.iter_lines()  # kept: a dropped line iterator closes the connection
+        assert next(events).startswith("data: ")  # the request is running
+        during = metric_samples(base_url)
+    assert during["seekstack:num_requests_running"] == 1 and during["seekstack:kv_cache_usage_perc"] > 0
     before = metric_samples(base_url)
     api.completions.create(model=MODEL, prompt="count", max_tokens=6, extra_body=NO_EOS)
     after = metric_samples(base_url)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Coroutine
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
@@ -22,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from seekstack.infer.engine import Engine, RequestOutput
+from seekstack.infer.engine import Engine
 from seekstack.serve.bridge import AsyncEngine, EngineFailure, RequestGroup
 from seekstack.serve.database import Database
 from seekstack.serve.errors import APIError, invalid_body
@@ -30,7 +32,7 @@ from seekstack.serve.keys import ApiKey, KeyStore
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.metrics import ServerMetrics
 from seekstack.serve.protocol import chat_logprobs, completion_logprobs, prompt_ids, sampling_params, visible_text
-from seekstack.serve.ratelimit import RateLimited, RateLimiter
+from seekstack.serve.ratelimit import Charge, RateLimited, RateLimiter
 from seekstack.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -52,24 +54,32 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that notice a client leaving at once, not at the next write, and end the generator."""
+    """Server-sent events that notice a client leaving at once, not at the next write, then run `on_close`
+    however the stream ended (also when the client left before the first event: the generator never ran)."""
 
     media_type = "text/event-stream"
 
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
+        super().__init__(events)
+        self.on_close = on_close
+
     async def __call__(self, scope, receive, send) -> None:
-        async with anyio.create_task_group() as tasks:
+        try:
+            async with anyio.create_task_group() as tasks:
 
-            async def stream() -> None:
-                try:
-                    await self.stream_response(send)
-                except OSError:
-                    pass
+                async def stream() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:
+                        pass
+                    tasks.cancel_scope.cancel()
+
+                tasks.start_soon(stream)
+                await self.listen_for_disconnect(receive)
                 tasks.cancel_scope.cancel()
-
-            tasks.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            tasks.cancel_scope.cancel()
-        await self.body_iterator.aclose()
+        finally:
+            await self.body_iterator.aclose()
+            await self.on_close()
 
 
 def sse(payload: BaseModel | dict) -> str:
@@ -86,14 +96,16 @@ class Bill:
     model: str
     endpoint: str
     started: float
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # set once the engine has taken the request: refused requests cost nothing
     completion_tokens: int = 0
     recorded: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, status: int) -> None:
-        if self.recorded:
-            return
-        self.recorded = True
+        with self._lock:  # the event loop and a worker thread may both try
+            if self.recorded:
+                return
+            self.recorded = True
         self.ledger.record(
             UsageRecord(
                 key_name=self.key.name if self.key else None,
@@ -106,9 +118,14 @@ class Bill:
             )
         )
 
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
     def usage(self) -> Usage:
-        total = self.prompt_tokens + self.completion_tokens
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, total_tokens=total)
+        return Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, total_tokens=self.total_tokens
+        )
 
     async def record_async(self, status: int) -> None:
         await asyncio.to_thread(self.record, status)
@@ -169,30 +186,43 @@ class Server:
                     code="model_not_found",
                 )  # fmt: skip
             prompt = prompt_ids(body, self.engine.tokenizer)
-            bill.prompt_tokens = len(prompt)
             choices = sampling_params(body, len(prompt), self.engine.max_model_len)
             charge = self.admit(bill.key, len(prompt) + sum(params.max_new_tokens for params in choices))
             try:
-                group = self.bridge.submit(prompt, choices)
+                group = await self.bridge.submit(prompt, choices)
             except ValueError as error:
+                if charge:
+                    self.limiter.settle(charge, 0)
                 raise APIError(400, str(error)) from None
-        except APIError as error:
-            await bill.record_async(error.status)
+        except Exception as error:
+            await bill.record_async(error.status if isinstance(error, APIError) else 500)
             raise
-        settle = (lambda: self.limiter.settle(charge, bill.prompt_tokens + bill.completion_tokens)) if charge else None
-        if body.stream:
-            return EventStream(self.stream(body, group, bill, settle))
-        try:
-            return await _unless_client_leaves(request, self.complete(body, group, bill))
-        except ClientLeft:
-            await bill.record_async(CLIENT_CLOSED)
-            return Response(status_code=CLIENT_CLOSED)
-        finally:
-            group.close()
-            if settle:
-                settle()
+        bill.prompt_tokens = len(prompt)
 
-    def admit(self, key: ApiKey | None, tokens: int):
+        async def finish(status: int) -> None:
+            """Free the request's engine slots, settle its rate-limit charge, bill it (no-ops when done before)."""
+            group.close()
+            if charge:
+                self.limiter.settle(charge, bill.total_tokens)
+            await bill.record_async(status)
+
+        if body.stream:
+            return EventStream(self.stream(body, group, bill), on_close=lambda: finish(CLIENT_CLOSED))
+        status = CLIENT_CLOSED
+        try:
+            response = await _unless_client_leaves(request, self.complete(body, group, bill))
+            status = 200
+            return response
+        except ClientLeft:
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception as error:
+            status = 500
+            raise _server_error(error) from None
+        finally:
+            await finish(status)  # before the response leaves
+
+    def admit(self, key: ApiKey | None, tokens: int) -> Charge | None:
+        """Charge the key's rate limits with `tokens` (None for a key without limits); 429 when over them."""
         if key is None or (key.rpm is None and key.tpm is None):
             return None
         try:
@@ -204,21 +234,17 @@ class Server:
             ) from None  # fmt: skip
 
     async def complete(self, body, group: RequestGroup, bill: Bill) -> JSONResponse:
-        """Gather every choice, bill, and answer in one JSON body."""
+        """Gather every choice and answer in one JSON body; `bill` counts the tokens as they come."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         texts, logprobs = [""] * n, [[] for _ in range(n)]
         finish_reasons, completion_tokens = [None] * n, [0] * n
-        try:
-            async for index, output in group:
-                texts[index] += visible_text(output.text, body, self.engine.tokenizer)
-                logprobs[index] += output.logprobs or []
-                finish_reasons[index] = output.finish_reason
-                completion_tokens[index] = output.completion_tokens
-        except EngineFailure as error:
-            await bill.record_async(500)
-            raise APIError(500, str(error), "server_error") from None
-        bill.completion_tokens = sum(completion_tokens)
+        async for index, output in group:
+            texts[index] += visible_text(output.text, body, self.engine.tokenizer)
+            logprobs[index] += output.logprobs or []
+            finish_reasons[index] = output.finish_reason
+            completion_tokens[index] = output.completion_tokens
+            bill.completion_tokens = sum(completion_tokens)
         common = dict(id=_response_id(is_chat), created=int(time.time()), model=self.model_name, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
@@ -246,16 +272,14 @@ class Server:
                 ],
                 **common,
             )
-        await bill.record_async(200)
         return JSONResponse(response.model_dump())
 
-    async def stream(self, body, group: RequestGroup, bill: Bill, settle) -> AsyncIterator[str]:
+    async def stream(self, body, group: RequestGroup, bill: Bill) -> AsyncIterator[str]:
         """SSE chunks as the engine produces tokens; usage chunk if asked; billed before `data: [DONE]`."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         response_id, created = _response_id(is_chat), int(time.time())
         completion_tokens, text_offsets = [0] * n, [0] * n
-        status = CLIENT_CLOSED  # until the stream ends as it should
         try:
             if is_chat:
                 yield sse(self._chat_chunk(response_id, created, [_role_choice(i) for i in range(n)]))
@@ -274,30 +298,24 @@ class Server:
                     )
                     yield sse(self._chat_chunk(response_id, created, [choice]))
                 else:
+                    logprobs = None
+                    if body.logprobs is not None and output.logprobs:
+                        logprobs = completion_logprobs(output.logprobs, text_offsets[index])
+                        text_offsets[index] += sum(len(entry.token) for entry in output.logprobs)
                     choice = CompletionChoice(
-                        index=index,
-                        text=text,
-                        logprobs=_stream_completion_logprobs(body, output, text_offsets[index]),
-                        finish_reason=output.finish_reason,
+                        index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason
                     )
-                    text_offsets[index] += len(text)
                     yield sse(
                         CompletionResponse(id=response_id, created=created, model=self.model_name, choices=[choice])
                     )
             if body.stream_options and body.stream_options.include_usage:
                 kind = ChatCompletionChunk if is_chat else CompletionResponse
                 yield sse(kind(id=response_id, created=created, model=self.model_name, choices=[], usage=bill.usage()))
-            status = 200
-            await bill.record_async(status)
-            yield "data: [DONE]\n\n"
-        except EngineFailure as error:
-            status = 500
-            yield sse(APIError(500, str(error), "server_error").body())
-        finally:
-            group.close()
-            if settle:
-                settle()
-            bill.record(status)  # a no-op when already billed; synchronous, as cancellation may be under way
+            await bill.record_async(200)
+        except Exception as error:  # the status line has gone: the client learns it from an error event
+            await bill.record_async(500)
+            yield sse(_server_error(error).body())
+        yield "data: [DONE]\n\n"
 
     def _chat_chunk(self, response_id: str, created: int, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices)
@@ -346,14 +364,20 @@ def _role_choice(index: int) -> ChatChunkChoice:
     return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
 
 
-def _stream_completion_logprobs(body: CompletionRequest, output: RequestOutput, text_offset: int):
-    if body.logprobs is None or not output.logprobs:
-        return None
-    return completion_logprobs(output.logprobs, text_offset)
+def _server_error(error: Exception) -> APIError:
+    """A 500 for an error while generating: the engine's failure as it was reported, anything else logged."""
+    if isinstance(error, EngineFailure):
+        return APIError(500, str(error), "server_error")
+    log.error("unexpected error while generating", exc_info=error)
+    return APIError(500, _internal(error), "server_error")
+
+
+def _internal(error: Exception) -> str:
+    return f"internal error: {type(error).__name__}: {error}"
 
 
 def _response_id(is_chat: bool) -> str:
-    return f"{'chatcmpl' if is_chat else 'cmpl'}-{time.time_ns():x}"
+    return f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
 def create_app(engine: Engine, database: Database, model_name: str | None = None) -> FastAPI:
@@ -369,13 +393,14 @@ def create_app(engine: Engine, database: Database, model_name: str | None = None
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        message = f"no route {request.method} {request.url.path}" if error.status_code in (404, 405) else error.detail
-        return APIError(error.status_code, str(message), code="not_found").response()
+        no_route = error.status_code in (404, 405)
+        message = f"no route {request.method} {request.url.path}" if no_route else str(error.detail)
+        return APIError(error.status_code, message, headers=error.headers).response()  # 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal error: {type(error).__name__}: {error}", "server_error").response()
+        return APIError(500, _internal(error), "server_error").response()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat() -> HTMLResponse:

@@ -4,7 +4,8 @@ One thread calls `engine.step()` while any request is unfinished: every running 
 in the same step (continuous batching), whichever HTTP connection it came from. Each step's
 outputs go, through `call_soon_threadsafe`, to the queue of the API request they belong to; an
 API request with n choices is n engine requests sharing one queue. Aborts are handed to the
-thread and applied before its next step, so the event loop never waits for a step to end.
+thread and applied before its next step, and requests are added from a worker thread, so the event loop
+never waits for a step to end.
 """
 
 from __future__ import annotations
@@ -94,14 +95,27 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, prompt_ids: list[int], choices: list[SamplingParams]) -> RequestGroup:
-        """Add one engine request per choice; a ValueError (prompt too long, bad parameter) adds none."""
+    async def submit(self, prompt_ids: list[int], choices: list[SamplingParams]) -> RequestGroup:
+        """Add one engine request per choice; a ValueError (prompt too long, bad parameter) adds none.
+
+        `add_request` waits for the engine's lock, which a step holds throughout: it runs in a worker thread."""
         group = RequestGroup(self, [f"req-{uuid.uuid4().hex}" for _ in choices])
-        loop = asyncio.get_running_loop()
+        arrival, loop = time.perf_counter(), asyncio.get_running_loop()
+        await asyncio.to_thread(self._add, group, loop, arrival, prompt_ids, choices)
+        return group
+
+    def _add(
+        self,
+        group: RequestGroup,
+        loop: asyncio.AbstractEventLoop,
+        arrival: float,
+        prompt_ids: list[int],
+        choices: list[SamplingParams],
+    ) -> None:
         added: list[str] = []
         try:
             for index, (request_id, params) in enumerate(zip(group.request_ids, choices, strict=True)):
-                timing = _Timing(time.perf_counter())
+                timing = _Timing(arrival)
                 with self._lock:  # routed before added, so no output can arrive unrouted
                     self._routes[request_id] = (loop, group.queue, index, timing)
                 self.engine.add_request(prompt_ids, params, request_id)
@@ -115,7 +129,6 @@ class AsyncEngine:
                     self._routes.pop(request_id, None)
             raise
         self._wake.set()
-        return group
 
     def abort(self, request_ids: list[str]) -> None:
         """Stop routing these requests now; the engine thread aborts them before its next step."""

@@ -25,14 +25,16 @@ class RateLimited(Exception):
 
 
 @dataclass
-class _Charge:
+class Charge:
+    """Tokens charged to a key's window at `time` (monotonic seconds)."""
+
     time: float
     tokens: int
 
 
 @dataclass
 class _Window:
-    charges: deque[_Charge] = field(default_factory=deque)
+    charges: deque[Charge] = field(default_factory=deque)
 
     def expire(self, now: float) -> None:
         while self.charges and self.charges[0].time <= now - WINDOW_S:
@@ -50,7 +52,7 @@ class RateLimiter:
         self._windows: dict[str, _Window] = {}
         self._lock = threading.Lock()
 
-    def admit(self, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> _Charge:
+    def admit(self, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
         """Charge one request of up to `tokens` tokens to `key_name`, or raise `RateLimited`."""
         with self._lock:
             now = self._clock()
@@ -70,11 +72,11 @@ class RateLimiter:
                     f"key {key_name!r} is over its limit of {tpm} tokens per minute",
                     _seconds(self._time_until_free(window, window.tokens() + tokens - tpm, now)),
                 )
-            charge = _Charge(now, tokens)
+            charge = Charge(now, tokens)
             window.charges.append(charge)
             return charge
 
-    def settle(self, charge: _Charge, tokens: int) -> None:
+    def settle(self, charge: Charge, tokens: int) -> None:
         """Correct an admitted request's charge to the `tokens` it really used."""
         with self._lock:
             charge.tokens = tokens
