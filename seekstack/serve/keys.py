@@ -51,6 +51,7 @@ class Plan:
 
 
 def hash_key(key: str) -> str:
+    """The hex sha256 the database keeps instead of the key."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
@@ -122,13 +123,8 @@ class KeyStore:
             )
         return Plan(name, prompt_per_1k, completion_per_1k)
 
-    def plan(self, name: str) -> Plan:
-        rows = self.database.query("SELECT * FROM plans WHERE name = ?", (name,))
-        if not rows:
-            raise KeyStoreError(f"no plan {name!r}")
-        return Plan(**rows[0])
-
     def plans(self) -> list[Plan]:
+        """All plans, by name."""
         return [Plan(**row) for row in self.database.query("SELECT * FROM plans ORDER BY name")]
 
 
