@@ -50,6 +50,12 @@ def test_temperature_scales_logits_and_zero_means_argmax():
     assert out[1].tolist() == [0.0, 1.0, 0.0]
 
 
+def test_a_vanishing_temperature_or_nucleus_decodes_greedily_instead_of_overflowing():
+    logits = torch.randn(2, 50) * 10
+    for params in (SamplingParams(temperature=1e-45), SamplingParams(temperature=1e-6, top_p=1e-300)):
+        assert batch_of(params, params).sample(logits).tolist() == logits.argmax(-1).tolist()
+
+
 def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():
     state = PenaltyState.from_prompt([0], vocab_size=4, device=torch.device("cpu"))
     for token in (1, 1, 2):

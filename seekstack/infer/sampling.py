@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperature
 
 
 @dataclass
@@ -20,7 +21,7 @@ class SamplingParams:
     """How to sample one request. `validate()` raises a ValueError naming the field and the bad value."""
 
     max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 -> greedy
+    temperature: float = 1.0  # 0 (or below 1e-5) -> greedy
     top_k: int = 0  # 0 -> off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -70,7 +71,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below 1e-5 decode greedily, as in vLLM: dividing by less would overflow the logits."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
@@ -173,7 +175,7 @@ class SamplingBatch:
         one_hot = torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
         if self.all_greedy:
             return one_hot
-        temperature = self._column([p.temperature or 1.0 for p in self.params])
+        temperature = self._column([1.0 if p.greedy else p.temperature for p in self.params])
         logits = logits.float() / temperature[:, None]
         if self.filtered:
             logits = self._filter(logits)
