@@ -164,7 +164,7 @@ def test_stop_string_spanning_two_tokens_cuts_the_text_before_it(model, tokenize
     assert stopped.finish_reason == "stop"
 
 
-def test_stop_token_ends_generation_and_eos_is_respected_unless_ignored(model, tokenizer):
+def test_a_stop_token_id_ends_generation_right_after_that_token(model, tokenizer):
     prompt = prompts([8])[0]
     free = Engine(model, tokenizer).generate([prompt], GREEDY)[0].token_ids
     stop_at = free[4]
