@@ -174,7 +174,7 @@ class Server:
     async def generate(self, request: Request, schema: type[ChatCompletionRequest | CompletionRequest]) -> Response:
         """A chat or text completion: validate, admit, submit, then answer in one piece or as a stream."""
         bill = Bill(self.ledger, None, self.model_name, request.url.path, time.perf_counter())
-        bill.key = self.authenticate(request)
+        bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
         try:
             try:
                 body = schema.model_validate_json(await request.body())
