@@ -90,8 +90,9 @@ def test_chat_completion_has_text_usage_and_finish_reason(base_url, keys):
     reply = client(base_url, keys.create("chat")).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=12, temperature=0, extra_body=NO_EOS
     )
+    assert (reply.object, reply.model, reply.id[:9]) == ("chat.completion", MODEL, "chatcmpl-")
     choice = reply.choices[0]
-    assert choice.finish_reason == "length" and choice.message.role == "assistant"
+    assert choice.index == 0 and choice.finish_reason == "length" and choice.message.role == "assistant"
     assert reply.usage.completion_tokens == 12
     assert reply.usage.prompt_tokens > 2  # BOS + <｜User｜> + "Hello" tokens + <｜Assistant｜>
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
@@ -105,6 +106,7 @@ def test_streamed_chat_equals_the_whole_reply_and_ends_with_usage(base_url, keys
         api.chat.completions.create(**request, stream=True, stream_options={"include_usage": True}, extra_body=NO_EOS)
     )
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert {(c.object, c.id) for c in chunks} == {("chat.completion.chunk", chunks[0].id)}  # one id for all
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content  # same seed, same text, in pieces
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
@@ -122,12 +124,20 @@ def test_stream_is_server_sent_events_ending_in_done(base_url, keys):
     assert all(line.startswith("data: ") for line in events)
     assert events[-1] == "data: [DONE]"
     assert sum(len(json.loads(e[6:])["choices"]) for e in events[:-1]) >= 1
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": True, **NO_EOS}
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines() if line.startswith("data: {")]
+    assert deltas[0] == {"role": "assistant", "content": ""}  # the role once, then only what each chunk adds
+    assert all(set(delta) == {"content"} for delta in deltas[1:])
 
 
 def test_text_completion_with_logprobs_stream_and_not(base_url, keys):
     api = client(base_url, keys.create("completion"))
     request = dict(model=MODEL, prompt="The quick brown", max_tokens=8, temperature=0, logprobs=3, extra_body=NO_EOS)
     whole = api.completions.create(**request)
+    assert (whole.object, whole.id[:5]) == ("text_completion", "cmpl-")
     logprobs = whole.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 8
     assert all(lp <= 0 for lp in logprobs.token_logprobs)

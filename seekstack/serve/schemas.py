@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_CHOICES = 16
 
@@ -142,8 +142,14 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
+    """What a chat chunk adds; fields it does not carry are left out, as OpenAI streams them."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, serialize) -> dict:
+        return {name: value for name, value in serialize(self).items() if value is not None}
 
 
 class ChatChunkChoice(BaseModel):
