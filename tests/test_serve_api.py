@@ -255,15 +255,16 @@ def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_p
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{base_url}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.05)
 
+    generated_by_the_engine = "seekstack:generation_tokens_per_step_sum"  # also tokens no request waits for
     for count, hang_up in enumerate((mid_stream, before_the_first_event, awaiting_the_whole_answer), start=1):
-        generated_before = metric_samples(base_url)["seekstack:generation_tokens_total"]
+        generated_before = metric_samples(base_url)[generated_by_the_engine]
         hang_up()
         deadline = time.monotonic() + 10
         while len(ledger_rows(database_path, "leaver")) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         while metric_samples(base_url)["seekstack:num_requests_running"] and time.monotonic() < deadline:
             time.sleep(0.02)
-        generated = metric_samples(base_url)["seekstack:generation_tokens_total"] - generated_before
+        generated = metric_samples(base_url)[generated_by_the_engine] - generated_before
         assert generated < body["max_tokens"] / 2, f"{hang_up.__name__}: {generated} tokens generated after all"
     rows = ledger_rows(database_path, "leaver")
     assert [row["status"] for row in rows] == [499, 499, 499]
