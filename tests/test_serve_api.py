@@ -231,8 +231,9 @@ def test_concurrent_streams_share_decode_steps(base_url, keys):
 
 
 def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_path):
-    """Hanging up mid-stream, before the stream's first byte, or while awaiting a whole answer: the engine stops
-    generating for the request (far fewer tokens than asked for) and the ledger has it with status 499."""
+    """Hanging up mid-stream, before the stream's first byte, before sending the whole body, or while awaiting a
+    whole answer: the engine stops generating for the request (far fewer tokens than asked for, if any) and the
+    ledger has it with status 499."""
     key = keys.create("leaver")
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": MODEL, "prompt": "x", "max_tokens": MAX_MODEL_LEN - 1, "stream": True, **NO_EOS}
@@ -241,7 +242,8 @@ def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_p
         with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response:
             assert next(response.iter_lines()).startswith("data: ")
 
-    def before_the_first_event():
+    def send_raw_and_hang_up(body_bytes_sent: int | None = None):
+        """The request over a plain socket, closed right after sending (the body cut to `body_bytes_sent`)."""
         host, port = base_url.removeprefix("http://").split(":")
         content = json.dumps(body).encode()
         head = (
@@ -249,14 +251,21 @@ def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_p
             f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n"
         )
         with socket.create_connection((host, int(port))) as connection:
-            connection.sendall(head.encode() + content)
+            connection.sendall(head.encode() + content[:body_bytes_sent])
+
+    def before_the_first_event():
+        send_raw_and_hang_up()
+
+    def before_the_whole_body():
+        send_raw_and_hang_up(body_bytes_sent=10)
 
     def awaiting_the_whole_answer():
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{base_url}/v1/completions", json={**body, "stream": False}, headers=headers, timeout=0.05)
 
     generated_by_the_engine = "seekstack:generation_tokens_per_step_sum"  # also tokens no request waits for
-    for count, hang_up in enumerate((mid_stream, before_the_first_event, awaiting_the_whole_answer), start=1):
+    hang_ups = (mid_stream, before_the_first_event, before_the_whole_body, awaiting_the_whole_answer)
+    for count, hang_up in enumerate(hang_ups, start=1):
         generated_before = metric_samples(base_url)[generated_by_the_engine]
         hang_up()
         deadline = time.monotonic() + 10
@@ -267,7 +276,7 @@ def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_p
         generated = metric_samples(base_url)[generated_by_the_engine] - generated_before
         assert generated < body["max_tokens"] / 2, f"{hang_up.__name__}: {generated} tokens generated after all"
     rows = ledger_rows(database_path, "leaver")
-    assert [row["status"] for row in rows] == [499, 499, 499]
+    assert [row["status"] for row in rows] == [499] * len(hang_ups)
     assert all(row["completion_tokens"] < body["max_tokens"] / 2 for row in rows)
     assert metric_samples(base_url)["seekstack:num_requests_running"] == 0
 

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from seekstack.infer.engine import Engine
 from seekstack.serve.bridge import AsyncEngine, EngineFailure, RequestGroup
@@ -194,6 +195,9 @@ class Server:
                 if charge:
                     self.limiter.settle(charge, 0)
                 raise APIError(400, str(error)) from None
+        except ClientDisconnect:  # gone before its body arrived
+            await bill.record_async(CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
         except Exception as error:
             await bill.record_async(error.status if isinstance(error, APIError) else 500)
             raise
