@@ -95,25 +95,32 @@ class PagedLatentCache:
         """Set up the next forward: row b writes `counts[b]` real tokens at positions starts[b]...
 
         Rows are padded to `width` new tokens. Returns the positions (B, width) to give the model.
+        Index lists are built in Python and become one tensor each: a decode step runs a handful of ops here.
         """
-        device = self.device
-        start = torch.tensor(starts, device=device)[:, None]  # (B, 1)
-        count = torch.tensor(counts, device=device)[:, None]
-        offsets = torch.arange(width, device=device)[None, :]
-        positions = start + offsets  # (B, T)
-        rows = [self.slots[s] for s in seq_ids]
-        slots = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True, padding_value=TRASH_BLOCK)
-        longest = max(s + c for s, c in zip(starts, counts, strict=True))
-        key_slots = slots[:, :longest]  # (B, S); a row's keys past its own length are masked below
-        write_slots = slots.gather(1, positions.clamp(max=slots.shape[1] - 1))
-        write_slots = torch.where(offsets < count, write_slots, TRASH_BLOCK)  # padding never lands on a real token
+        positions = [[start + t for t in range(width)] for start in starts]
+        write_slots = [  # padding (t >= count) lands in block 0, never on a real token
+            self._slot(seq_id, position) if t < count else TRASH_BLOCK
+            for seq_id, row, count in zip(seq_ids, positions, counts, strict=True)
+            for t, position in enumerate(row)
+        ]
+        ends = [start + count for start, count in zip(starts, counts, strict=True)]
+        longest = max(ends)
+        rows = [self.slots[seq_id][:longest] for seq_id in seq_ids]
+        key_slots = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True, padding_value=TRASH_BLOCK)
+        positions_tensor = torch.tensor(positions, device=self.device)  # (B, T)
         mask = None  # one new token per row, rows of one length: every query sees every key
-        if width > 1 or any(s + c != longest for s, c in zip(starts, counts, strict=True)):
+        if width > 1 or min(ends) != longest:
             # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
-            key_index = torch.arange(longest, device=device)
-            mask = (key_index < start + count)[:, None, :] & (key_index <= positions[:, :, None])  # (B, T, S)
-        self._plan = _Plan(min(starts), max(starts), positions, write_slots.flatten(), key_slots, mask)
-        return positions
+            key_index = torch.arange(longest, device=self.device)
+            row_end = torch.tensor(ends, device=self.device)[:, None, None]
+            mask = (key_index < row_end) & (key_index <= positions_tensor[:, :, None])  # (B, T, S)
+        write_slots_tensor = torch.tensor(write_slots, device=self.device)
+        self._plan = _Plan(min(starts), max(starts), positions_tensor, write_slots_tensor, key_slots, mask)
+        return positions_tensor
+
+    def _slot(self, seq_id: str, position: int) -> int:
+        block = self.tables[seq_id][position // self.block_size]
+        return block * self.block_size + position % self.block_size
 
     def positions(self) -> torch.Tensor:
         """The positions (B, T) of the planned forward."""
