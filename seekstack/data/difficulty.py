@@ -38,7 +38,7 @@ def bucket_bounds(scores: list[float], sizes: list[int], buckets: int) -> list[f
     0..k, so a document with score s goes to bucket `bisect_left(bounds, s)`.
     """
     order = sorted(range(len(scores)), key=scores.__getitem__)
-    total, before = sum(sizes), 0
+    total, before = max(sum(sizes), 1), 0
     bounds = [-math.inf] * (buckets - 1)
     for document in order:
         part = min(int(buckets * (before + sizes[document] / 2) / total), buckets - 1)
