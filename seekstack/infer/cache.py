@@ -135,14 +135,15 @@ class PagedLatentCache:
 
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store (B, T, C) and (B, T, R) in the planned slots; return (B, S, C), (B, S, R) and the (B, T, S) mask."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Store (B, T, C) and (B, T, R) in the planned slots; return each row's [c^KV; k^R] (B, S, C+R) and the
+        (B, T, S) mask."""
         plan = self._require_plan()
         pool = self.pool[layer_idx]
         new = torch.cat((kv_latent, k_rope), dim=-1).flatten(0, 1).to(pool.dtype)
         pool.index_copy_(0, plan.write_slots, new)
-        keys = pool.index_select(0, plan.key_slots.flatten()).view(*plan.key_slots.shape, -1)  # (B, S, C+R)
-        return keys[..., : self.kv_rank], keys[..., self.kv_rank :], plan.mask
+        cached = pool.index_select(0, plan.key_slots.flatten()).view(*plan.key_slots.shape, -1)  # (B, S, C+R)
+        return cached, plan.mask
 
     def _require_plan(self) -> _Plan:
         if self._plan is None:

@@ -26,9 +26,9 @@ class LatentCache(Protocol):
 
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store (B, T, C) and (B, T, R); return all cached (B, S, C), (B, S, R) and a (B, T, S) bool mask
-        (None when every query sees every key)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Store (B, T, C) and (B, T, R); return every cached token's [c^KV; k^R] (B, S, C+R) and a (B, T, S)
+        bool mask (None when every query sees every key)."""
         ...
 
 
@@ -82,8 +82,8 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is None:
             out = self.attend_expanded(q_nope, q_rope, kv_latent, k_rope)
         else:
-            kv_latent, k_rope, mask = cache.update(layer_idx, kv_latent, k_rope)
-            out = self.attend_absorbed(q_nope, q_rope, kv_latent, k_rope, mask)
+            cached, mask = cache.update(layer_idx, kv_latent, k_rope)
+            out = self.attend_absorbed(q_nope, q_rope, cached, mask)
         return self.o_proj(out.flatten(2))
 
     def attend_expanded(
@@ -106,11 +106,10 @@ class MultiHeadLatentAttention(nn.Module):
         self,
         q_nope: torch.Tensor,
         q_rope: torch.Tensor,
-        kv_latent: torch.Tensor,
-        k_rope: torch.Tensor,
+        cached: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Decode: fold W^UK into the query and W^UV into the output so attention runs on the latent.
+        """Decode: fold W^UK into the query and W^UV into the output so attention runs on the cached [c^KV; k^R].
 
         q_t^C . k_s^C = q_t^C . (W^UK c_s) = (W^UK^T q_t^C) . c_s   (DeepSeek-V2 §2.1.2, absorption)
         o_t = W^UV sum_s p_ts c_s
@@ -119,7 +118,7 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # (H, N, C), (H, V, C)
         q_latent = torch.matmul(q_nope.transpose(1, 2), w_uk)  # (B, H, T, N) @ (H, N, C)
         query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C+R)
-        key = torch.cat((kv_latent, k_rope), dim=-1).unsqueeze(1).expand(-1, self.num_heads, -1, -1)  # (B, H, S, C+R)
+        key = cached.unsqueeze(1).expand(-1, self.num_heads, -1, -1)  # (B, H, S, C+R), shared by all heads
         # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
         out_latent = F.scaled_dot_product_attention(
             query, key, key, attn_mask=None if mask is None else mask.unsqueeze(1), scale=self.softmax_scale
@@ -133,7 +132,7 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class ContiguousLatentCache:
-    """A dense latent cache for a fixed batch: per layer, (B, max_length, C) latents and (B, max_length, R) keys.
+    """A dense latent cache for a fixed batch: per layer, (B, max_length, C+R) latents and rope keys side by side.
 
     The paged, continuously batched cache of the inference engine implements the same `update`.
     """
@@ -147,8 +146,8 @@ class ContiguousLatentCache:
         device: torch.device | str = "cpu",
     ):
         layers = config.num_hidden_layers + config.num_nextn_predict_layers
-        self.kv_latent = torch.zeros(layers, batch_size, max_length, config.kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(layers, batch_size, max_length, config.qk_rope_head_dim, dtype=dtype, device=device)
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.cached = torch.zeros(layers, batch_size, max_length, width, dtype=dtype, device=device)
         self.lengths = [0] * layers
         self.max_length = max_length
 
@@ -157,23 +156,18 @@ class ContiguousLatentCache:
 
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         start, new = self.lengths[layer_idx], kv_latent.shape[1]
         end = start + new
         if end > self.max_length:
             raise ValueError(f"latent cache full: {end} tokens exceed max_length={self.max_length}")
-        self.kv_latent[layer_idx, :, start:end] = kv_latent
-        self.k_rope[layer_idx, :, start:end] = k_rope
+        self.cached[layer_idx, :, start:end] = torch.cat((kv_latent, k_rope), dim=-1)
         self.lengths[layer_idx] = end
         query_pos = torch.arange(start, end, device=kv_latent.device)[:, None]
         mask = torch.arange(end, device=kv_latent.device)[None, :] <= query_pos  # (T, S) causal
-        return (
-            self.kv_latent[layer_idx, :, :end],
-            self.k_rope[layer_idx, :, :end],
-            mask.expand(kv_latent.shape[0], -1, -1),
-        )
+        return self.cached[layer_idx, :, :end], mask.expand(kv_latent.shape[0], -1, -1)
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers: (C + R) x layers x dtype size."""
-        layers, _, _, width = self.kv_latent.shape
-        return layers * (width + self.k_rope.shape[-1]) * self.kv_latent.element_size()
+        layers, _, _, width = self.cached.shape
+        return layers * width * self.cached.element_size()
