@@ -15,6 +15,7 @@ throughput of ours with 1, 4 and 16 concurrent sequences.
 
     python bench/decode.py                        # a few minutes on 2 cores
     python bench/decode.py --reps 1 --new-tokens 16 --scaling 1 4   # quick check
+    python bench/decode.py --threads 1 --clock cpu   # on a machine others are using
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from seekstack.infer import Engine, SamplingParams
 from seekstack.tokenizer import train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for a small BPE
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, torch.nn.Module]:
@@ -82,20 +84,20 @@ def theirs_cache_bytes_per_token(model: torch.nn.Module, prompts: torch.Tensor, 
     return total / (batch * cached)
 
 
-def interleaved(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+def interleaved(runs: dict[str, Callable[[], object]], reps: int, clock: str = "wall") -> dict[str, float]:
     """Median seconds of each run after one untimed warm-up; every repetition runs them all, starting with another."""
-    names, seconds = list(runs), {name: [] for name in runs}
+    names, seconds, now = list(runs), {name: [] for name in runs}, CLOCKS[clock]
     for run in runs.values():
         run()
     for rep in range(reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            start = time.perf_counter()
+            start = now()
             runs[name]()
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(now() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def speed_row(engine, model, batch: int, prompt_len: int, new_tokens: int, reps: int) -> dict[str, float]:
+def speed_row(engine, model, batch: int, prompt_len: int, new_tokens: int, reps: int, clock: str) -> dict[str, float]:
     """Prefill and decode tok/s of ours and theirs at one batch size, and how many greedy tokens agree."""
     prompts = random_prompts(batch, prompt_len, engine.config.vocab_size)
     ours_tokens = ours_generate(engine, prompts, new_tokens)
@@ -110,6 +112,7 @@ def speed_row(engine, model, batch: int, prompt_len: int, new_tokens: int, reps:
             "theirs_n": lambda: theirs_generate(model, prompts, new_tokens),
         },
         reps,
+        clock,
     )
     row = {"batch": batch, "agree": agree}
     for side in ("ours", "theirs"):
@@ -131,6 +134,12 @@ def main() -> None:
     parser.add_argument("--scaling", nargs="+", type=int, default=[1, 4, 16], help="concurrent sequences")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per side (median reported)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="cpu: this process's CPU seconds, steadier on a busy machine",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,14 +150,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
         engine, model = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
-        print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, median of {args.reps}\n")
+        print(
+            f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
+            f"median of {args.reps}, {args.clock} clock\n"
+        )
         header = (
             f"{'batch':>5s} {'ours prefill':>13s} {'theirs prefill':>15s} {'ratio':>6s} "
             f"{'ours decode':>12s} {'theirs decode':>14s} {'ratio':>6s} {'greedy agree':>13s}"
         )
         print(header + "\n" + "-" * len(header))
         for batch in args.batches:
-            row = speed_row(engine, model, batch, args.prompt_len, args.new_tokens, args.reps)
+            row = speed_row(engine, model, batch, args.prompt_len, args.new_tokens, args.reps, args.clock)
             print(
                 f"{batch:5d} {row['ours_prefill']:13.0f} {row['theirs_prefill']:15.0f} "
                 f"{row['ours_prefill'] / row['theirs_prefill']:6.2f} {row['ours_decode']:12.1f} "
@@ -173,6 +185,7 @@ def main() -> None:
                     "all": lambda p=prompts: ours_generate(engine, p, args.new_tokens),
                 },
                 args.reps,
+                args.clock,
             )
             rate = concurrent * (args.new_tokens - 1) / (medians["all"] - medians["one"])
             print(f"  {concurrent:3d} sequences: {rate:8.1f} tok/s", flush=True)
