@@ -280,17 +280,21 @@ def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_pat
     from seekstack.accounting import training_flops_per_token
     from seekstack.train.mfu import CPU_CLOCK_HZ, CPU_FLOP_PER_CYCLE, default_peak_flops
 
-    config = run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0, peak_flops=1e9)
+    config = run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0)
     train(config)
     flops_per_token = training_flops_per_token(build_model(config, VOCAB).config, config.seq_len)
+    peak = default_peak_flops(torch.device("cpu"))
     for step in [m for m in read_metrics(tmp_path) if "loss" in m]:
-        assert step["mfu"] == pytest.approx(step["tokens_per_s"] * flops_per_token / 1e9)
+        assert step["mfu"] == pytest.approx(step["tokens_per_s"] * flops_per_token / peak)
         assert 0 < step["mfu"] < 1
     progress = capsys.readouterr().err.splitlines()
     assert (
         progress[-1].startswith("step 2/2  loss ") and " tok/s  MFU " in progress[-1] and "ETA 00:00:00" in progress[-1]
     )
     assert default_peak_flops(torch.device("cpu")) == torch.get_num_threads() * CPU_CLOCK_HZ * CPU_FLOP_PER_CYCLE
+    train(run_config(data_dir, tmp_path / "given", max_steps=1, eval_every=0, save_every=0, peak_flops=1e15))
+    (given,) = [m for m in read_metrics(tmp_path / "given") if "loss" in m]
+    assert given["mfu"] == pytest.approx(given["tokens_per_s"] * flops_per_token / 1e15)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
