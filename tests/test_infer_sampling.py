@@ -52,8 +52,8 @@ def test_temperature_scales_logits_and_zero_means_argmax():
 
 def test_a_vanishing_temperature_or_nucleus_decodes_greedily_instead_of_overflowing():
     logits = torch.randn(2, 50) * 10
-    for params in (SamplingParams(temperature=1e-45), SamplingParams(temperature=1e-6, top_p=1e-300)):
-        assert batch_of(params, params).sample(logits).tolist() == logits.argmax(-1).tolist()
+    for params in (SamplingParams(temperature=1e-45), SamplingParams(top_p=1e-300), SamplingParams(top_p=1e-46)):
+        assert batch_of(params, params).sample(logits).tolist() == logits.argmax(-1).tolist(), params
 
 
 def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():

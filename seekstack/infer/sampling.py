@@ -191,6 +191,7 @@ class SamplingBatch:
         remove = rank[None, :] >= top_k[:, None]
         remove |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]  # keep the nucleus
         remove |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+        remove[:, 0] = False  # the likeliest token stays, even when a tiny top_p rounds to 0 in float32
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
