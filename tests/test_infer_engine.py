@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -122,6 +123,23 @@ def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
     assert engine.stats().cache_usage == 0 and engine.cache.tables == {}
     finals = {out.request_id: out.finish_reason for out in outputs if out.finished}
     assert finals == {aborted: "abort", done: "length"}
+
+
+def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    first, second, never = (engine.add_request(prompt, GREEDY) for prompt in prompts([4, 4, 4]))
+    before = time.perf_counter()
+    outputs = engine.step()  # admits `first` only: the batch holds one
+    engine.abort(never)  # leaves without ever being scheduled
+    first_done = None
+    while engine.has_unfinished():
+        outputs += engine.step()
+        if first_done is None and any(o.request_id == first and o.finished for o in outputs):
+            first_done = time.perf_counter()
+    scheduled = {rid: {o.scheduled_at for o in outputs if o.request_id == rid} for rid in (first, second, never)}
+    assert scheduled[never] == {None}
+    (first_at,), (second_at,) = scheduled[first], scheduled[second]  # one value per request, on every output
+    assert before <= first_at < first_done < second_at  # `second` waited for `first` to free the batch slot
 
 
 def test_requests_added_and_aborted_from_another_thread_while_a_thread_steps(model, tokenizer):

@@ -53,6 +53,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"
     prompt_tokens: int
     completion_tokens: int  # total so far
+    scheduled_at: float | None  # time.perf_counter() when the request left the waiting queue; None if it never did
 
 
 @dataclass
@@ -89,6 +90,7 @@ class _Request:
     ids: list[int]  # prompt + sampled tokens
     num_cached: int = 0  # tokens in the cache (main layers; the MTP layer keeps pace)
     draft: int = 0  # the MTP module's guess for the token after the pending one
+    scheduled_at: float | None = None  # time.perf_counter() when admitted out of `waiting`
     output_ids: list[int] = field(default_factory=list)  # tokens handed out
 
 
@@ -255,6 +257,7 @@ class Engine:
             if not self.cache.can_allocate(tokens):
                 return
             self.cache.allocate(request.request_id, tokens)
+            request.scheduled_at = time.perf_counter()
             self.prefilling.append(self.waiting.popleft())
 
     def _prefill(self) -> list[RequestOutput]:
@@ -435,6 +438,7 @@ class Engine:
             finish_reason=reason,
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=len(request.output_ids),
+            scheduled_at=request.scheduled_at,
         )
 
     # ------------------------------------------------------------------ convenience

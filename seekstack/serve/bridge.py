@@ -35,8 +35,7 @@ class _Timing:
     """Per engine request, for the latency metrics (perf_counter seconds)."""
 
     arrival: float
-    added: bool = False  # add_request has returned
-    scheduled: bool = False  # has left the engine's waiting queue
+    scheduled: bool = False  # its queue time has been recorded
     last_token: float | None = None
 
 
@@ -120,8 +119,6 @@ class AsyncEngine:
                     self._routes[request_id] = (loop, group.queue, index, timing)
                 self.engine.add_request(prompt_ids, params, request_id)
                 added.append(request_id)
-                with self._lock:
-                    timing.added = True
         except BaseException:
             self.abort(added)
             with self._lock:
@@ -146,14 +143,12 @@ class AsyncEngine:
             if not self.engine.has_unfinished():
                 self._wake.wait(IDLE_WAIT_S)
                 continue
-            step_start = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as error:  # the server must outlive a failing step: end what was in flight
                 log.exception("engine step failed")
                 self._fail_all(error)
                 continue
-            self._observe_scheduled(step_start)
             self._deliver(outputs, time.perf_counter())
             stats = self.engine.stats()
             self.metrics.engine_state(
@@ -165,15 +160,6 @@ class AsyncEngine:
             aborts, self._pending_aborts = self._pending_aborts, []
         for request_id in aborts:
             self.engine.abort(request_id)
-
-    def _observe_scheduled(self, step_start: float) -> None:
-        """Queue time of the requests this step admitted (the engine admits at the start of a step)."""
-        with self._lock, self.engine.lock:  # added before this snapshot: waiting, or admitted
-            waiting = {request.request_id for request in self.engine.waiting}
-            for request_id, (_, _, _, timing) in self._routes.items():
-                if timing.added and not timing.scheduled and request_id not in waiting:
-                    timing.scheduled = True
-                    self.metrics.queue_time.observe(max(0.0, step_start - timing.arrival))
 
     def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
         generated = 0
@@ -192,6 +178,9 @@ class AsyncEngine:
 
     def _observe(self, output: RequestOutput, timing: _Timing, now: float) -> None:
         metrics = self.metrics
+        if output.scheduled_at is not None and not timing.scheduled:
+            timing.scheduled = True
+            metrics.queue_time.observe(max(0.0, output.scheduled_at - timing.arrival))
         if output.token_ids:
             if timing.last_token is None:
                 metrics.prompt_tokens.inc(output.prompt_tokens)
