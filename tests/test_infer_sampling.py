@@ -124,3 +124,11 @@ def test_text_that_may_start_a_stop_string_is_held_back_until_decided(tokenizer)
         assert stream.push(tokenizer.encode(char)[0]) == ("", False)
     assert stream.push(tokenizer.encode("y")[0]) == ("", False)
     assert stream.push(tokenizer.encode("z")[0]) == ("", True)
+
+
+def test_special_tokens_are_left_out_of_the_text_only_when_asked(tokenizer):
+    ids = tokenizer.encode("ab<｜User｜>cd<｜Assistant｜>e")
+    assert tokenizer.encode("<｜User｜>")[0] in ids  # one special token id, not its characters
+    kept, skipped = TextStream(tokenizer), TextStream(tokenizer, skip_special_tokens=True)
+    assert "".join(kept.push(token)[0] for token in ids) + kept.flush() == "ab<｜User｜>cd<｜Assistant｜>e"
+    assert "".join(skipped.push(token)[0] for token in ids) + skipped.flush() == "abcde"

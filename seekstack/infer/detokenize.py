@@ -14,8 +14,10 @@ REPLACEMENT = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
 class TextStream:
     """Feed generated token ids one at a time; get back the text that is safe to show."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = False):
         self.tokenizer, self.stop = tokenizer, stop
+        special = tokenizer.special_tokens if skip_special_tokens else ()
+        self.skipped_ids = {tokenizer.backend.token_to_id(token) for token in special}
         self.ids: list[int] = []
         self.prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already taken into `text`
         self.read_offset = 0
@@ -25,6 +27,8 @@ class TextStream:
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text newly safe to show, whether a stop string has now appeared)."""
+        if token_id in self.skipped_ids:
+            return "", False
         self.ids.append(token_id)
         full = self.tokenizer.decode(self.ids[self.prefix_offset :])
         if len(full) > len(self.prefix_text) and not full.endswith(REPLACEMENT):

@@ -199,7 +199,7 @@ class Engine:
             request_id = request_id or f"req-{next(self._ids)}"
             if any(r.request_id == request_id for r in self._unfinished()):
                 raise ValueError(f"request id {request_id!r} is already in use")
-            stream = TextStream(self.tokenizer, params.stop)
+            stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens)
             request = _Request(
                 request_id, prompt_ids, params, generator, stream, frozenset(stop_ids), penalties, list(prompt_ids)
             )

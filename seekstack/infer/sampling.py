@@ -34,6 +34,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20
     ignore_eos: bool = False
+    skip_special_tokens: bool = False  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
 
     @classmethod
     def from_dict(cls, values: dict) -> SamplingParams:
@@ -95,6 +96,7 @@ _FIELD_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "logprobs": ((bool,), "a bool"),
     "top_logprobs": ((int,), "an int"),
     "ignore_eos": ((bool,), "a bool"),
+    "skip_special_tokens": ((bool,), "a bool"),
 }
 
 

@@ -32,7 +32,7 @@ from seekstack.serve.errors import APIError, invalid_body
 from seekstack.serve.keys import ApiKey, KeyStore
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.metrics import ServerMetrics
-from seekstack.serve.protocol import chat_logprobs, completion_logprobs, prompt_ids, sampling_params, visible_text
+from seekstack.serve.protocol import chat_logprobs, completion_logprobs, prompt_ids, sampling_params
 from seekstack.serve.ratelimit import Charge, RateLimited, RateLimiter
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -244,7 +244,7 @@ class Server:
         texts, logprobs = [""] * n, [[] for _ in range(n)]
         finish_reasons, completion_tokens = [None] * n, [0] * n
         async for index, output in group:
-            texts[index] += visible_text(output.text, body, self.engine.tokenizer)
+            texts[index] += output.text
             logprobs[index] += output.logprobs or []
             finish_reasons[index] = output.finish_reason
             completion_tokens[index] = output.completion_tokens
@@ -290,7 +290,7 @@ class Server:
             async for index, output in group:
                 completion_tokens[index] = output.completion_tokens
                 bill.completion_tokens = sum(completion_tokens)
-                text = visible_text(output.text, body, self.engine.tokenizer)
+                text = output.text
                 if not (text or output.logprobs or output.finished):
                     continue
                 if is_chat:

@@ -83,6 +83,7 @@ def sampling_params(
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             ignore_eos=request.ignore_eos,
+            skip_special_tokens=request.skip_special_tokens,
         )
         try:
             choices.append(params.validate())
@@ -126,12 +127,3 @@ def _by_text(top: list[tuple[int, str, float]]) -> dict[str, float]:
     for _, text, logprob in top:
         by_text.setdefault(text, logprob)
     return by_text
-
-
-def visible_text(text: str, request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> str:
-    """`text` without special-token strings unless the request keeps them. The engine emits a special token's text
-    in one piece, unless a stop string that begins like it holds part of it back (then that part shows)."""
-    if request.skip_special_tokens:
-        for token in tokenizer.special_tokens:
-            text = text.replace(token, "")
-    return text
