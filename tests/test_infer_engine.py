@@ -84,9 +84,12 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model, tokenizer):
     assert Engine(model, tokenizer).generate([target], other_seed)[0].token_ids != alone
 
 
-def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer):
+@pytest.mark.parametrize(
+    "penalties", [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}], ids=["plain", "penalized"]
+)
+def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, penalties):
     batch = prompts([5, 21, 12])
-    params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
     plain = Engine(model, tokenizer, prefill_chunk=8).generate(batch, params)
     engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True)
     speculative = engine.generate(batch, params)
@@ -97,6 +100,29 @@ def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer):
     whole = Engine(model, tokenizer, prefill_chunk=256, speculative=True)
     whole.generate(batch, params)
     assert (whole.stats().spec_drafted, whole.stats().spec_accepted) == (stats.spec_drafted, stats.spec_accepted)
+
+
+@pytest.mark.parametrize(
+    "penalties", [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}], ids=["plain", "penalized"]
+)
+def test_accepted_drafts_and_bonus_tokens_are_token_for_token_plain_greedy(model, tokenizer, penalties):
+    """The random MTP module's drafts are all rejected; here each draft is overwritten between steps with the token
+    plain greedy decoding produces next, so every draft is accepted and each step also emits a bonus token."""
+    batch = prompts([5, 21, 12])
+    params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
+    plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
+    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True)
+    request_ids = [engine.add_request(prompt, params) for prompt in batch]
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
+    while engine.has_unfinished():
+        for output in engine.step():
+            tokens[output.request_id] += output.token_ids
+        for request in engine.running:  # the draft guesses the token after the pending one
+            generated = len(request.ids) - len(request.prompt_ids)
+            request.draft = plain[request_ids.index(request.request_id)][generated]
+    assert [tokens[request_id] for request_id in request_ids] == plain
+    stats = engine.stats()
+    assert stats.spec_accepted == stats.spec_drafted == 3 * 12  # 1 prefill token + 12 steps of 2 tokens = 25
 
 
 def test_speculative_sampling_is_seeded_and_keeps_lengths_and_logprobs(model, tokenizer):
