@@ -60,6 +60,7 @@ class SamplingParams:
         _require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
         _require(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "in [-2, 2]")
         _require(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
+        _require(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", self.seed, "in [-2**63, 2**64) (torch's)")
         _require(
             0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", self.top_logprobs, f"in [0, {MAX_TOP_LOGPROBS}]"
         )
