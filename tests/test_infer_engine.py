@@ -151,6 +151,19 @@ def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
     assert finals == {aborted: "abort", done: "length"}
 
 
+def test_a_generate_call_that_fails_mid_way_leaves_no_request_holding_blocks(model, tokenizer):
+    engine = Engine(model, tokenizer)
+
+    def failing_decode():
+        raise RuntimeError("decode failed")
+
+    engine._decode = failing_decode  # the first step prefills, the second fails
+    with pytest.raises(RuntimeError, match="decode failed"):
+        engine.generate(prompts([6, 9]), GREEDY)
+    assert engine.cache.tables == {} and engine.cache.usage == 0
+    assert [out.finish_reason for out in engine.step()] == ["abort", "abort"] and not engine.has_unfinished()
+
+
 def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=1)
     first, second, never = (engine.add_request(prompt, GREEDY) for prompt in prompts([4, 4, 4]))
@@ -239,6 +252,7 @@ def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
         ([1], SamplingParams(top_logprobs=21), "top_logprobs=21 is invalid: must be in"),
         ([1], SamplingParams(max_new_tokens="5"), "max_new_tokens must be an int, got '5'"),
         ([1], SamplingParams(stop=("",)), "stop='' is invalid"),
+        ([1], SamplingParams(seed=2**64), "seed=18446744073709551616 is invalid"),
     ],
 )
 def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, params, message):
