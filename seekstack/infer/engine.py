@@ -289,10 +289,7 @@ class Engine:
         for request in finished:
             self.prefilling.remove(request)
             self.running.append(request)
-        return [
-            self._emit(r, [token], logprobs[b : b + 1])
-            for b, (r, token) in enumerate(zip(finished, tokens, strict=True))
-        ]
+        return self._emit_each(finished, tokens, logprobs)
 
     def _decode(self) -> list[RequestOutput]:
         """One token per running request, or with speculative decoding the verified draft plus one."""
@@ -303,10 +300,7 @@ class Engine:
             tokens, logprobs = self._sample(batch, logits[:, 0])
             for request, token in zip(batch, tokens, strict=True):
                 request.ids.append(token)
-            return [
-                self._emit(r, [token], logprobs[b : b + 1])
-                for b, (r, token) in enumerate(zip(batch, tokens, strict=True))
-            ]
+            return self._emit_each(batch, tokens, logprobs)
         return self._decode_speculative(batch, starts)
 
     def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
@@ -425,6 +419,14 @@ class Engine:
             self.cache.free(request.request_id)
         chosen = logprobs[: len(emitted)] if request.params.logprobs else None
         return self._output(request, emitted, text, chosen, reason)
+
+    def _emit_each(
+        self, batch: list[_Request], tokens: list[int], logprobs: list[TokenLogprob | None]
+    ) -> list[RequestOutput]:
+        """`_emit` one new token per request."""
+        return [
+            self._emit(r, [token], logprobs[b : b + 1]) for b, (r, token) in enumerate(zip(batch, tokens, strict=True))
+        ]
 
     def _output(
         self, request: _Request, tokens: list[int], text: str, logprobs: list | None, reason: str | None
