@@ -20,6 +20,7 @@ class ChatSession:
         self.turns: list[dict] = []
 
     def messages(self) -> list[dict]:
+        """The system prompt (if any) and the turns so far, as the chat template takes them."""
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.turns
 

@@ -58,6 +58,8 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
+    """A snapshot of the engine's load, as `Engine.stats` returns it."""
+
     running: int
     waiting: int
     cache_usage: float  # fraction of cache blocks in use, 0..1

@@ -78,6 +78,7 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
+        """Whether any repetition, presence or frequency penalty is set."""
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
@@ -115,11 +116,13 @@ class PenaltyState:
 
     @classmethod
     def from_prompt(cls, prompt_ids: list[int], vocab_size: int, device: torch.device) -> PenaltyState:
+        """The state before any output: the prompt's tokens seen, no output counts."""
         seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(prompt_ids, device=device)] = True
         return cls(seen, torch.zeros(vocab_size, device=device))
 
     def add(self, token_id: int) -> None:
+        """Count one generated token."""
         self.seen[token_id] = True
         self.output_counts[token_id] += 1
 
