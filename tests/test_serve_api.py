@@ -431,6 +431,11 @@ def test_metrics_use_vllm_names_with_the_seekstack_prefix(base_url, keys):
         assert after[f"seekstack:{name}_count"] > before.get(f"seekstack:{name}_count", 0), name
     assert after["seekstack:generation_tokens_total"] - before["seekstack:generation_tokens_total"] == 6
     assert after["seekstack:prompt_tokens_total"] > before["seekstack:prompt_tokens_total"]
+    step_tokens, generated_tokens, prompt_tokens = (
+        after[f"seekstack:{name}"] - before[f"seekstack:{name}"]
+        for name in ("iteration_tokens_total_sum", "generation_tokens_per_step_sum", "prompt_tokens_total")
+    )
+    assert step_tokens == generated_tokens + prompt_tokens  # each step's prompt tokens, and the generated ones
     assert "seekstack:spec_decode_num_accepted_tokens_total" in after
 
 

@@ -63,6 +63,7 @@ class EngineStats:
     running: int
     waiting: int
     cache_usage: float  # fraction of cache blocks in use, 0..1
+    prefill_tokens: int  # cumulative: prompt tokens fed to the model
     spec_drafted: int  # cumulative speculative-decoding counters
     spec_accepted: int
 
@@ -138,7 +139,7 @@ class Engine:
         self.prefilling: list[_Request] = []
         self.running: list[_Request] = []
         self.aborted: list[RequestOutput] = []
-        self.spec_drafted = self.spec_accepted = 0
+        self.prefill_tokens = self.spec_drafted = self.spec_accepted = 0
         self.lock = threading.RLock()
         self._ids = itertools.count()
 
@@ -225,12 +226,13 @@ class Engine:
             return bool(self.aborted) or any(True for _ in self._unfinished())
 
     def stats(self) -> EngineStats:
-        """Requests running (prefilling included) and waiting, cache use, speculative counters."""
+        """Requests running (prefilling included) and waiting, cache use, prompt-token and speculative counters."""
         with self.lock:
             return EngineStats(
                 running=len(self.running) + len(self.prefilling),
                 waiting=len(self.waiting),
                 cache_usage=self.cache.usage,
+                prefill_tokens=self.prefill_tokens,
                 spec_drafted=self.spec_drafted,
                 spec_accepted=self.spec_accepted,
             )
@@ -273,6 +275,7 @@ class Engine:
             budget -= counts[-1]
         starts = [request.num_cached for request in batch]
         rows = [r.ids[start : start + count] for r, start, count in zip(batch, starts, counts, strict=True)]
+        self.prefill_tokens += sum(counts)
         logits, hidden = self._forward(batch, rows, starts, counts, last_only=True)
         done, finished, tokens, logprobs = [], [], [], []
         for row, (request, count) in enumerate(zip(batch, counts, strict=True)):

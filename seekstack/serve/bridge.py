@@ -149,11 +149,12 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(error)
                 continue
-            self._deliver(outputs, time.perf_counter())
+            generated = self._deliver(outputs, time.perf_counter())
             stats = self.engine.stats()
             self.metrics.engine_state(
                 stats.running, stats.waiting, stats.cache_usage, stats.spec_drafted, stats.spec_accepted
             )
+            self.metrics.step_tokens(generated, stats.prefill_tokens)
 
     def _apply_aborts(self) -> None:
         with self._lock:
@@ -161,7 +162,8 @@ class AsyncEngine:
         for request_id in aborts:
             self.engine.abort(request_id)
 
-    def _deliver(self, outputs: list[RequestOutput], now: float) -> None:
+    def _deliver(self, outputs: list[RequestOutput], now: float) -> int:
+        """Route each output to its request's queue; returns the tokens the step generated."""
         generated = 0
         with self._lock:
             for output in outputs:
@@ -174,7 +176,7 @@ class AsyncEngine:
                 if output.finished:
                     del self._routes[output.request_id]
                 loop.call_soon_threadsafe(queue.put_nowait, (index, output))
-        self.metrics.step_generation_tokens.observe(generated)
+        return generated
 
     def _observe(self, output: RequestOutput, timing: _Timing, now: float) -> None:
         metrics = self.metrics
