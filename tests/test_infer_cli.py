@@ -58,7 +58,7 @@ def test_generate_rejects_bad_sampling_values_and_missing_tokenizer(checkpoint, 
 
 
 def test_chat_keeps_history_and_obeys_reset_system_and_quit(checkpoint, engine):
-    lines = "hello\n/system Be brief.\nhi\n/reset\n/nope\nagain\n/quit\nnever answered\n"
+    lines = "hello\nmore\n/system Be brief.\nhi\n/reset\n/nope\nagain\n/quit\nnever answered\n"
     args = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "5"]
     result = runner.invoke(app, args, input=lines)
     assert result.exit_code == 0, result.output
@@ -67,8 +67,11 @@ def test_chat_keeps_history_and_obeys_reset_system_and_quit(checkpoint, engine):
         params = SamplingParams(max_new_tokens=5, temperature=0, top_p=0.95)
         return engine.generate([engine.tokenizer.encode_chat(messages)], params)[0].text
 
+    first_turn = [{"role": "user", "content": "hello"}]
+    hello = answer(first_turn)
     expected = [
-        answer([{"role": "user", "content": "hello"}]),
+        hello,
+        answer([*first_turn, {"role": "assistant", "content": hello}, {"role": "user", "content": "more"}]),
         "(system prompt set; history cleared)",
         answer([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]),
         "(history cleared)",
