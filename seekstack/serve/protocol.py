@@ -2,8 +2,8 @@
 
 Defaults where a field is absent: temperature 1, top_p 1, no penalties (OpenAI's); max_tokens 16
 for completions (OpenAI's) and, for chat, whatever room the context leaves after the prompt.
-Values too small for float32 sampling are mapped to what they mean: a temperature below
-`GREEDY_BELOW` is greedy (vLLM's rule), a top_p below `MIN_TOP_P` keeps the likeliest token only.
+Values too small for float32 sampling are the engine's to handle: a temperature below 1e-5 is greedy
+(vLLM's rule), and however small top_p is, the likeliest token stays.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ from seekstack.serve.schemas import (
     TopLogprob,
 )
 from seekstack.tokenizer import Tokenizer
-
-GREEDY_BELOW = 1e-5
-MIN_TOP_P = 1e-7  # below the likeliest token's probability (>= 1/vocab) for any vocabulary under 10M tokens
 
 
 def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> list[int]:
@@ -66,14 +63,13 @@ def sampling_params(
     else:
         logprobs, top_logprobs = request.logprobs is not None, request.logprobs or 0
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
-    temperature = 1.0 if request.temperature is None else request.temperature
     choices = []
     for index in range(request.n):
         params = SamplingParams(
             max_new_tokens=requested or room,
-            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            temperature=1.0 if request.temperature is None else request.temperature,
             top_k=max(request.top_k or 0, 0),
-            top_p=1.0 if request.top_p is None else max(request.top_p, MIN_TOP_P),
+            top_p=1.0 if request.top_p is None else request.top_p,
             min_p=request.min_p or 0.0,
             repetition_penalty=request.repetition_penalty or 1.0,
             presence_penalty=request.presence_penalty or 0.0,
