@@ -54,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_logits.scatter_add_(1, safe_targets[part, None], grad_logits.new_full((len(picked), 1), -1.0))
                     grad_logits.mul_((counted[part] / count)[:, None])
                     grad_h[part] = grad_logits @ w
-                    grad_w = torch.addmm(grad_w, grad_logits.t(), h[part])  # out of place: FLOP counters see it
+                    torch.addmm(grad_w, grad_logits.t(), h[part], out=grad_w)  # in place via out=: FLOP counters see it
             loss = loss / count
         if needs_grads:
             ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
