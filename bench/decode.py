@@ -23,21 +23,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import CLOCKS, add_machine_options, prepare_machine
 from transformers import AutoModelForCausalLM
-from transformers.utils import logging as transformers_logging
 
 import seekstack
 from seekstack.infer import Engine, SamplingParams
 from seekstack.tokenizer import train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for a small BPE
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, torch.nn.Module]:
@@ -133,19 +130,9 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--scaling", nargs="+", type=int, default=[1, 4, 16], help="concurrent sequences")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per side (median reported)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument(
-        "--clock",
-        choices=list(CLOCKS),
-        default="wall",
-        help="cpu: this process's CPU seconds, steadier on a busy machine",
-    )
+    add_machine_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
+    prepare_machine(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, float32", flush=True)
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():

@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from machine import CLOCKS, add_machine_options, prepare_machine
 from torch import nn
 from transformers import AutoModelForCausalLM
-from transformers.utils import logging as transformers_logging
 
 import seekstack
 from seekstack.data.shards import TokenWindows
@@ -100,9 +98,6 @@ def training_batch(data_dir: Path, vocab_size: int, batch: int, seq_len: int) ->
         return torch.randint(vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def timed_step(contender: Contender, batch: torch.Tensor, clock: str) -> float:
     start = CLOCKS[clock]()
     contender.step(batch)
@@ -117,19 +112,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="timed steps per contender (median reported)")
     parser.add_argument("--screen", type=int, default=2, help="steps per transformers implementation to pick one")
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"), help="token shards (data tokenize)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument(
-        "--clock",
-        choices=list(CLOCKS),
-        default="wall",
-        help="cpu: this process's CPU seconds, steadier on a busy machine",
-    )
+    add_machine_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="transformers")
+    prepare_machine(args)
 
     with tempfile.TemporaryDirectory() as directory:
         ours, theirs = contenders(args.preset, Path(directory))
