@@ -99,3 +99,20 @@ def test_a_stream_closed_early_frees_its_blocks(engine):
     stream.close()
     assert engine.cache.usage == 0 and engine.cache.tables == {}
     assert [out.finish_reason for out in engine.step()] == ["abort"]
+
+
+def test_a_reply_that_fails_leaves_no_unanswered_turn_in_the_history(checkpoint, monkeypatch):
+    engine = Engine.from_pretrained(checkpoint)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=3, temperature=0))
+    "".join(session.reply("hello"))
+    kept = list(session.turns)
+    assert [turn["role"] for turn in kept] == ["user", "assistant"]
+
+    def failing_stream(prompt, params):
+        yield from []
+        raise RuntimeError("engine step failed")
+
+    monkeypatch.setattr(engine, "stream", failing_stream)
+    with pytest.raises(RuntimeError, match="engine step failed"):
+        "".join(session.reply("second"))
+    assert session.turns == kept

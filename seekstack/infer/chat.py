@@ -30,9 +30,13 @@ class ChatSession:
         prompt = self._fitting_prompt()
         params = dataclasses.replace(self.params, max_new_tokens=self._room(prompt))
         answer = []
-        for output in self.engine.stream(prompt, params):
-            answer.append(output.text)
-            yield output.text
+        try:
+            for output in self.engine.stream(prompt, params):
+                answer.append(output.text)
+                yield output.text
+        except BaseException:
+            self.turns.pop()  # an unanswered turn would leave two user turns in a row
+            raise
         self.turns.append({"role": "assistant", "content": "".join(answer)})
 
     def _fitting_prompt(self) -> list[int]:
