@@ -75,7 +75,10 @@ def test_typed_message_gets_a_streamed_reply_with_tokens_per_second(browser, pag
     WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
     limit = browser.find_element(By.ID, "max-tokens")
     limit.clear()
-    limit.send_keys("40")  # random weights rarely say EOS: keep both turns inside the 256-token context
+    limit.send_keys("40")  # keep both turns inside the 256-token context
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")  # greedy: the random model's reply is the same every run (an early EOS cannot flake)
     send(browser, "Hello there")
     reply = wait_for_reply(browser, 1)
     assert browser.find_elements(By.CSS_SELECTOR, ".msg.user")[-1].text == "Hello there"
