@@ -37,18 +37,20 @@ from seekstack.tokenizer import train_tokenizer
 CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for a small BPE
 
 
-def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, torch.nn.Module]:
-    """Random weights saved once, a tokenizer of the preset's vocabulary beside them; both models load them."""
+def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, Engine, torch.nn.Module]:
+    """Random weights saved once, a tokenizer of the preset's vocabulary beside them; all models load them.
+    Ours twice: eager, and with decode steps compiled (`Engine(compile=True)`)."""
     config = seekstack.preset(preset, num_nextn_predict_layers=0)  # transformers does not run MTP
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(config), directory)
     texts = [path.read_text() for path in sorted(CORPUS.rglob("*.py"))] * 4
     train_tokenizer(texts, vocab_size=config.vocab_size, out_path=directory)
     ours = Engine.from_pretrained(directory, max_batch_size=max_batch)
+    ours_compiled = Engine.from_pretrained(directory, max_batch_size=max_batch, compile=True)
     theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     # No end-of-sequence token: both run exactly the asked number of steps, without a min-length processor.
     theirs.generation_config.eos_token_id = None
-    return ours, theirs
+    return ours, ours_compiled, theirs
 
 
 def random_prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -94,25 +96,33 @@ def interleaved(runs: dict[str, Callable[[], object]], reps: int, clock: str = "
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def speed_row(engine, model, batch: int, prompt_len: int, new_tokens: int, reps: int, clock: str) -> dict[str, float]:
-    """Prefill and decode tok/s of ours and theirs at one batch size, and how many greedy tokens agree."""
+def speed_row(
+    engine, compiled, model, batch: int, prompt_len: int, new_tokens: int, reps: int, clock: str
+) -> dict[str, float]:
+    """Prefill and decode tok/s of ours (eager and compiled) and theirs at one batch size, and how many greedy
+    tokens agree with theirs (the lower of our two)."""
     prompts = random_prompts(batch, prompt_len, engine.config.vocab_size)
-    ours_tokens = ours_generate(engine, prompts, new_tokens)
     theirs_tokens = theirs_generate(model, prompts, new_tokens)[:, prompt_len:].tolist()
-    assert all(len(tokens) == new_tokens for tokens in ours_tokens + theirs_tokens), "a side stopped early"
-    agree = sum(_common_prefix(a, b) for a, b in zip(ours_tokens, theirs_tokens, strict=True)) / (batch * new_tokens)
+    agree = 1.0
+    for ours in (engine, compiled):  # the compiled engine's first call compiles its decode step (untimed)
+        ours_tokens = ours_generate(ours, prompts, new_tokens)
+        assert all(len(tokens) == new_tokens for tokens in ours_tokens + theirs_tokens), "a side stopped early"
+        common = sum(_common_prefix(a, b) for a, b in zip(ours_tokens, theirs_tokens, strict=True))
+        agree = min(agree, common / (batch * new_tokens))
     medians = interleaved(
         {
             "ours_1": lambda: ours_generate(engine, prompts, 1),
+            "compiled_1": lambda: ours_generate(compiled, prompts, 1),
             "theirs_1": lambda: theirs_generate(model, prompts, 1),
             "ours_n": lambda: ours_generate(engine, prompts, new_tokens),
+            "compiled_n": lambda: ours_generate(compiled, prompts, new_tokens),
             "theirs_n": lambda: theirs_generate(model, prompts, new_tokens),
         },
         reps,
         clock,
     )
     row = {"batch": batch, "agree": agree}
-    for side in ("ours", "theirs"):
+    for side in ("ours", "compiled", "theirs"):
         row[f"{side}_prefill"] = batch * prompt_len / medians[f"{side}_1"]
         row[f"{side}_decode"] = batch * (new_tokens - 1) / (medians[f"{side}_n"] - medians[f"{side}_1"])
     return row
@@ -136,22 +146,25 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, float32", flush=True)
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
-        engine, model = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
+        engine, compiled, model = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
         print(
             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
             f"median of {args.reps}, {args.clock} clock\n"
         )
+        print("decode: ours eager, ours with compiled decode steps (prefill is eager in both), theirs")
         header = (
-            f"{'batch':>5s} {'ours prefill':>13s} {'theirs prefill':>15s} {'ratio':>6s} "
-            f"{'ours decode':>12s} {'theirs decode':>14s} {'ratio':>6s} {'greedy agree':>13s}"
+            f"{'batch':>5s} {'ours prefill':>13s} {'theirs prefill':>15s} {'ratio':>6s} {'ours decode':>12s} "
+            f"{'compiled':>9s} {'theirs decode':>14s} {'ratio':>6s} {'compiled ratio':>15s} {'greedy agree':>13s}"
         )
         print(header + "\n" + "-" * len(header))
         for batch in args.batches:
-            row = speed_row(engine, model, batch, args.prompt_len, args.new_tokens, args.reps, args.clock)
+            row = speed_row(engine, compiled, model, batch, args.prompt_len, args.new_tokens, args.reps, args.clock)
+            theirs = row["theirs_decode"]
             print(
                 f"{batch:5d} {row['ours_prefill']:13.0f} {row['theirs_prefill']:15.0f} "
                 f"{row['ours_prefill'] / row['theirs_prefill']:6.2f} {row['ours_decode']:12.1f} "
-                f"{row['theirs_decode']:14.1f} {row['ours_decode'] / row['theirs_decode']:6.2f} {row['agree']:13.0%}",
+                f"{row['compiled_decode']:9.1f} {theirs:14.1f} {row['ours_decode'] / theirs:6.2f} "
+                f"{row['compiled_decode'] / theirs:15.2f} {row['agree']:13.0%}",
                 flush=True,
             )
 
@@ -163,20 +176,24 @@ def main() -> None:
         print(f"\nKV cache bytes per token: ours {ours_bytes} (formula (C + R) x layers x 4 = {formula}), ", end="")
         print(f"theirs {theirs_bytes:.0f}; theirs / ours = {theirs_bytes / ours_bytes:.2f}")
 
-        print("\nThroughput scaling, ours: total decode tok/s with N concurrent sequences")
+        print("\nThroughput scaling, ours: total decode tok/s with N concurrent sequences (eager / compiled)")
         for concurrent in args.scaling:
             prompts = random_prompts(concurrent, args.prompt_len, engine.config.vocab_size)
+            ours_generate(compiled, prompts, args.new_tokens)  # a new batch size may compile once more (untimed)
             medians = interleaved(
                 {
-                    "one": lambda p=prompts: ours_generate(engine, p, 1),
-                    "all": lambda p=prompts: ours_generate(engine, p, args.new_tokens),
+                    f"{name}_{n}": lambda e=ours, p=prompts, n=n: ours_generate(e, p, n)
+                    for name, ours in (("eager", engine), ("compiled", compiled))
+                    for n in (1, args.new_tokens)
                 },
                 args.reps,
                 args.clock,
             )
-            rate = concurrent * (args.new_tokens - 1) / (medians["all"] - medians["one"])
-            print(f"  {concurrent:3d} sequences: {rate:8.1f} tok/s", flush=True)
-
+            rates = [
+                concurrent * (args.new_tokens - 1) / (medians[f"{name}_{args.new_tokens}"] - medians[f"{name}_1"])
+                for name in ("eager", "compiled")
+            ]
+            print(f"  {concurrent:3d} sequences: {rates[0]:8.1f} / {rates[1]:8.1f} tok/s", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -114,15 +114,19 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4], help="sequences decoded together")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = args.model or find_or_train_model(args.train_steps)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}", flush=True)
-    plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches))
-    speculative = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), speculative=True)
+    plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile)
+    speculative = Engine.from_pretrained(
+        model_dir, max_batch_size=max(args.batches), speculative=True, compile=args.compile
+    )
     prompts = held_out_prompts(plain, args.prompts * max(args.batches), args.prompt_len)
-    print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy\n")
+    decode = "compiled" if args.compile else "eager"
+    print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {decode}\n")
     header = (
         f"{'batch':>5s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} {'accept':>7s} {'identical':>10s}"
     )

@@ -243,6 +243,9 @@ TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: the smallest set with this much probability")]
 Seed = Annotated[int | None, typer.Option(help="Seed of the sampling; the same seed gives the same text")]
 Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the model needs an MTP module)")]
+Compile = Annotated[
+    bool, typer.Option(help="Decode with torch.compile: a first step of ~15-30 s compiling, then ~2x faster steps")
+]
 Threads = Annotated[int | None, typer.Option(min=1, help="torch threads; 1 is fastest for small models on a busy CPU")]
 
 
@@ -265,6 +268,7 @@ def generate_command(
     top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
     speculative: Speculative = False,
+    compile: Compile = False,
     threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with tokens and timings")] = False,
 ) -> None:
@@ -278,7 +282,9 @@ def generate_command(
         ).validate()  # fmt: skip
         if threads:
             torch.set_num_threads(threads)
-        engine = Engine.from_pretrained(model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative)
+        engine = Engine.from_pretrained(
+            model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative, compile=compile
+        )
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
         if as_json:
@@ -300,6 +306,7 @@ def chat_command(
     top_p: TopP = 0.95,
     seed: Seed = None,
     speculative: Speculative = False,
+    compile: Compile = False,
     threads: Threads = None,
 ) -> None:
     """Chat in the terminal with streamed replies; /reset, /system TEXT, /quit."""
@@ -309,7 +316,9 @@ def chat_command(
         ).validate()
         if threads:
             torch.set_num_threads(threads)
-        engine = Engine.from_pretrained(model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative)
+        engine = Engine.from_pretrained(
+            model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative, compile=compile
+        )
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(f"{engine.model_name}: {HELP}")
@@ -369,13 +378,14 @@ def serve_command(
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = 16,
     max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per request")] = None,
     speculative: Annotated[bool, typer.Option(help="MTP speculative decoding")] = False,
+    compile: Compile = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
     with _user_errors():
         options = ServeOptions(
             host, port, db or default_database_location(), tokenizer, served_model_name, max_batch_size, max_model_len,
-            speculative, dtype,
+            speculative, dtype, compile,
         )  # fmt: skip
         server_app, summary = build_server(model, options)
     typer.echo(summary)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seekstack.model.attention import ContiguousLatentCache
-from seekstack.model.rope import apply_rotary
+from seekstack.model.rope import apply_rotary, rotary_tables
 from seekstack.model.transformer import Transformer
 from tests.conftest import micro_config
 
@@ -63,9 +63,9 @@ def test_latent_cache_refuses_to_overflow():
 def test_interleaved_rope_rotates_adjacent_pairs():
     x = torch.tensor([[[[1.0, 0.0, 0.0, 1.0]]]])  # (B, T, H, R=4): pairs (1,0) and (0,1)
     angle = torch.tensor([[torch.pi / 2, torch.pi]])  # (T, R/2)
-    out = apply_rotary(x, angle.cos(), angle.sin(), interleaved=True)
+    out = apply_rotary(x, *rotary_tables(angle, interleaved=True), interleaved=True)
     assert torch.allclose(out, torch.tensor([[[[0.0, 1.0, 0.0, -1.0]]]]), atol=1e-6)
-    half = apply_rotary(x, angle.cos(), angle.sin(), interleaved=False)  # pairs (x0, x2) and (x1, x3)
+    half = apply_rotary(x, *rotary_tables(angle, interleaved=False), interleaved=False)  # pairs (x0, x2), (x1, x3)
     assert torch.allclose(half, torch.tensor([[[[0.0, 0.0, 1.0, -1.0]]]]), atol=1e-6)
 
 

@@ -48,7 +48,11 @@ class PagedLatentCache:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.device = torch.device(device)
         width = self.kv_rank + self.rope_dim
-        self.pool = torch.zeros(self.layers, num_blocks * block_size, width, dtype=dtype, device=self.device)
+        # One tensor per layer, not views of one: a compiled decode step then writes its slots in place
+        # instead of copying back a whole base tensor.
+        self.pools = [
+            torch.zeros(num_blocks * block_size, width, dtype=dtype, device=self.device) for _ in range(self.layers)
+        ]
         self.free_blocks = list(range(num_blocks - 1, TRASH_BLOCK, -1))  # pop() hands out low ids first
         self.tables: dict[str, list[int]] = {}
         self.slots: dict[str, torch.Tensor] = {}  # per sequence, the slot of each of its token positions
@@ -88,7 +92,7 @@ class PagedLatentCache:
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers: (C + R) x layers x dtype size."""
-        return self.layers * self.pool.shape[-1] * self.pool.element_size()
+        return sum(pool.shape[-1] * pool.element_size() for pool in self.pools)
 
     # ------------------------------------------------------------------ the planned batch
     def plan(self, seq_ids: list[str], starts: list[int], counts: list[int], width: int) -> torch.Tensor:
@@ -139,9 +143,9 @@ class PagedLatentCache:
         """Store (B, T, C) and (B, T, R) in the planned slots; return each row's [c^KV; k^R] (B, S, C+R) and the
         (B, T, S) mask."""
         plan = self._require_plan()
-        pool = self.pool[layer_idx]
+        pool = self.pools[layer_idx]
         new = torch.cat((kv_latent, k_rope), dim=-1).flatten(0, 1).to(pool.dtype)
-        pool.index_copy_(0, plan.write_slots, new)
+        pool.index_put_((plan.write_slots,), new)  # inductor updates an input in place for index_put_, not index_copy_
         cached = pool.index_select(0, plan.key_slots.flatten()).view(*plan.key_slots.shape, -1)  # (B, S, C+R)
         return cached, plan.mask
 

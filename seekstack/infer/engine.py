@@ -112,6 +112,7 @@ class Engine:
         speculative: bool = False,
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
+        compile: bool = False,
     ):
         self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
         self.model = model.to(self.device).eval()
@@ -142,6 +143,15 @@ class Engine:
         self.prefill_tokens = self.spec_drafted = self.spec_accepted = 0
         self.lock = threading.RLock()
         self._ids = itertools.count()
+        # Decode steps (and their MTP drafts) run compiled when asked: one graph each, no device sync inside, the
+        # MoE on its gathered path. Prefill stays eager: long chunks of varied widths, bound by the matmuls.
+        self.compiled = compile
+        self._decode_model, self._decode_guess, self._greedy_speculation = model, mtp_guess, greedy_speculation
+        if compile:
+            options = {"guard_filter_fn": _skip_model_guards, "cpp_wrapper": True}
+            self._decode_model = torch.compile(model, dynamic=True, options=options)
+            self._decode_guess = torch.compile(mtp_guess, dynamic=True, options=options)
+            self._greedy_speculation = torch.compile(greedy_speculation, dynamic=True, options=options)
 
     @classmethod
     def from_pretrained(
@@ -276,7 +286,7 @@ class Engine:
         starts = [request.num_cached for request in batch]
         rows = [r.ids[start : start + count] for r, start, count in zip(batch, starts, counts, strict=True)]
         self.prefill_tokens += sum(counts)
-        logits, hidden = self._forward(batch, rows, starts, counts, last_only=True)
+        logits, hidden = self._forward(batch, rows, starts, counts, prefill=True)
         done, finished, tokens, logprobs = [], [], [], []
         for row, (request, count) in enumerate(zip(batch, counts, strict=True)):
             request.num_cached += count
@@ -288,7 +298,7 @@ class Engine:
             for request, token in zip(finished, tokens, strict=True):
                 request.ids.append(token)
         if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first draft
-            drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts)
+            drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, prefill=True)
             for row in done:
                 batch[row].draft = drafts[row]
         for request in finished:
@@ -311,13 +321,18 @@ class Engine:
     def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
         """Verify each request's MTP draft with one forward over [pending, draft]; keep it plus one more if accepted."""
         rows = [[r.ids[-1], r.draft] for r in batch]
-        logits, hidden = self._forward(batch, rows, starts, [2] * len(batch))
+        input_ids, positions = self._inputs(batch, rows, starts, [2] * len(batch))
         drafts = torch.tensor([r.draft for r in batch], device=self.device)
         sampling = self._sampling_batch(batch)
+        next_drafts = None
         if sampling.all_greedy and not sampling.penalized:  # p is one-hot too: accept exactly when the argmax agrees
-            best = logits.argmax(dim=-1)  # (B, 2)
-            accepted, replacement, bonus = best[:, 0] == drafts, best[:, 0], best[:, 1]
+            logits, best, accepted, next_drafts = self._greedy_speculation(
+                self.model, input_ids, positions, drafts, self.cache
+            )
+            replacement, bonus = best[:, 0], best[:, 1]
         else:
+            out = self._decode_model(input_ids, cache=self.cache, positions=positions)
+            logits, hidden = out.logits, out.hidden_states
             p_next = sampling.probabilities(sampling.penalize(logits[:, 0]))
             p_after = sampling.probabilities(sampling.penalize(logits[:, 1], extra_tokens=drafts))
             accepted, replacement = verify_drafts(sampling, p_next, drafts)
@@ -334,9 +349,12 @@ class Engine:
             logprobs = [[first[b], second[b]][: len(tokens)] for b, tokens in enumerate(new_tokens)]
         for request, tokens in zip(batch, new_tokens, strict=True):
             request.ids.extend(tokens)
-        counts = [len(tokens) for tokens in new_tokens]
-        next_rows = _shifted_rows(batch, starts, counts)
-        for request, draft in zip(batch, self._draft(hidden, next_rows, counts), strict=True):
+        if next_drafts is None:
+            counts = [len(tokens) for tokens in new_tokens]
+            next_list = self._draft(hidden, _shifted_rows(batch, starts, counts), counts)
+        else:
+            next_list = next_drafts.tolist()
+        for request, draft in zip(batch, next_list, strict=True):
             request.draft = draft
         return [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
 
@@ -347,28 +365,37 @@ class Engine:
         rows: list[list[int]],
         starts: list[int],
         counts: list[int],
-        last_only: bool = False,
+        prefill: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Main model over each row's new tokens at their positions: logits (B, T, V) or, `last_only`, (B, 1, V)
+        """Main model over each row's new tokens at their positions: logits (B, T, V) or, for `prefill`, (B, 1, V)
         at each row's last real token; hidden states (B, T, D)."""
-        width = max(counts)
-        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
-        positions = self.cache.plan([r.request_id for r in batch], starts, counts, width)
-        logits_at = torch.tensor(counts, device=self.device) - 1 if last_only else None
-        out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
+        input_ids, positions = self._inputs(batch, rows, starts, counts)
+        if prefill:
+            logits_at = torch.tensor(counts, device=self.device) - 1
+            out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
+        else:
+            out = self._decode_model(input_ids, cache=self.cache, positions=positions)
         return out.logits, out.hidden_states
 
-    def _draft(self, hidden: torch.Tensor, next_rows: list[list[int]], counts: list[int]) -> list[int]:
+    def _inputs(
+        self, batch: list[_Request], rows: list[list[int]], starts: list[int], counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plan the cache for the next forward; the rows' token ids padded to one width and their positions (B, T)."""
+        width = max(counts)
+        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
+        return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width)
+
+    def _draft(
+        self, hidden: torch.Tensor, next_rows: list[list[int]], counts: list[int], prefill: bool = False
+    ) -> list[int]:
         """MTP depth 1 at the positions of the main forward just run (h_i and token i+1): each row's guess after its
         last real position, counts[b] - 1. It reuses that forward's cache plan; a row with fewer real tokens feeds
         padding, which lands in an MTP cache slot that the next step overwrites before anything reads it."""
         width = hidden.shape[1]
         next_ids = torch.tensor([row + [0] * (width - len(row)) for row in next_rows], device=self.device)
-        cos, sin = self.model.rotary(self.cache.positions())
-        mtp = self.model.mtp[0]
-        out, _ = mtp(hidden, self.model.embed_tokens(next_ids), cos, sin, self.cache)
-        last = out[torch.arange(len(next_rows)), torch.tensor(counts) - 1]  # (B, D)
-        return self.model.lm_head(mtp.head_input(last)).argmax(dim=-1).tolist()
+        last = torch.tensor(counts, device=self.device) - 1
+        guess = mtp_guess if prefill else self._decode_guess
+        return guess(self.model, hidden, next_ids, self.cache.positions(), last, self.cache).tolist()
 
     # ------------------------------------------------------------------ sampling and output
     def _sampling_batch(self, batch: list[_Request]) -> SamplingBatch:
@@ -511,6 +538,48 @@ def completion_record(engine: Engine, completion: Completion) -> dict:
         rate = stats.spec_accepted / stats.spec_drafted if stats.spec_drafted else 0.0
         record["speculative"] = {"drafted": stats.spec_drafted, "accepted": stats.spec_accepted, "accept_rate": rate}
     return record
+
+
+def mtp_guess(
+    model: Transformer,
+    hidden: torch.Tensor,
+    next_ids: torch.Tensor,
+    positions: torch.Tensor,
+    last: torch.Tensor,
+    cache: PagedLatentCache,
+) -> torch.Tensor:
+    """MTP depth 1 over hidden (B, T, D) and the next tokens (B, T); the argmax of its head at column last[b] (B,)."""
+    cos, sin = model.rotary(positions)
+    mtp = model.mtp[0]
+    out, _ = mtp(hidden, model.embed_tokens(next_ids), cos, sin, cache)
+    at_last = out[torch.arange(out.shape[0], device=out.device), last]  # (B, D)
+    return model.lm_head(mtp.head_input(at_last)).argmax(dim=-1)
+
+
+def _skip_model_guards(entries: list) -> list[bool]:
+    """Drop torch.compile's checks on the model (its weights do not change shape under an engine): ~100 tensor
+    checks per call. Those on the batch, its cache plan and the cache pools stay, so a new shape recompiles."""
+    return [not entry.name.startswith("L['model']") for entry in entries]
+
+
+def greedy_speculation(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    drafts: torch.Tensor,
+    cache: PagedLatentCache,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A greedy speculative step in one call: verify each row's [pending, draft] (B, 2) and draft again.
+
+    Returns logits (B, 2, V), the argmaxes (B, 2), which drafts were accepted (B,) and the next drafts (B,).
+    The argmaxes are the next row of tokens either way: [draft, bonus] when accepted, else [replacement, -]
+    where the unused second token only fills an MTP cache slot that the next step overwrites.
+    """
+    out = model(input_ids, cache=cache, positions=positions)
+    best = out.logits.argmax(dim=-1)
+    accepted = best[:, 0] == drafts
+    next_drafts = mtp_guess(model, out.hidden_states, best, positions, accepted.long(), cache)
+    return out.logits, best, accepted, next_drafts
 
 
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:

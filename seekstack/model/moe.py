@@ -104,6 +104,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> (sum_k g_k FFN_{e_k}(x) (N, D), tokens per expert (E,))."""
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return self.forward_gathered(x, routing)
         top_k = routing.experts.shape[1]
         flat_experts = routing.experts.flatten()  # (N*K,)
         order = flat_experts.argsort(stable=True)  # assignments sorted by expert
@@ -119,6 +121,23 @@ class RoutedExperts(nn.Module):
         hidden = (F.silu(gate) * up * weights).split(counts)  # g_k folded in before the down projection
         weighted = torch.cat([F.linear(h, w) for h, w in zip(hidden, self.down_proj, strict=True) if len(h)])
         combined = weighted.new_zeros(x.shape).index_add_(0, token_of, weighted)  # autocast: in the matmuls dtype
+        return combined, load
+
+    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same sum with no data-dependent shape: each (token, expert) pair gathers its expert's weights.
+
+        `forward` splits tokens by expert counts it reads back from the device, which torch.compile cannot
+        trace as one graph; this path can, so compiled inference (the engine's decode step) takes it. It gathers
+        N*K expert weight sets, so it suits a few tokens per step, not prefill or training.
+        """
+        N, K = routing.experts.shape
+        experts = routing.experts.flatten()  # (N*K,) one (token, expert) pair per row
+        pairs = x.repeat_interleave(K, dim=0).unsqueeze(1)  # (N*K, 1, D)
+        gate, up = torch.bmm(pairs, self.gate_up_proj[experts].transpose(1, 2)).chunk(2, dim=-1)  # (N*K, 1, I) each
+        hidden = F.silu(gate) * up * routing.weights.flatten()[:, None, None].to(x.dtype)
+        weighted = torch.bmm(hidden, self.down_proj[experts].transpose(1, 2))  # (N*K, 1, D)
+        combined = weighted.view(N, K, -1).sum(dim=1)
+        load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
         return combined, load
 
 

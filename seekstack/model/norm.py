@@ -21,7 +21,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * _Normalize.apply(x, self.eps)
+        if torch.is_grad_enabled():
+            return self.weight * _Normalize.apply(x, self.eps)
+        return self.weight * _normalize(x, self.eps)[0].to(x.dtype)  # inference: no autograd.Function overhead
+
+
+def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / sqrt(mean(x^2) + eps) and 1 / sqrt(mean(x^2) + eps), both float32."""
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return x32 * rstd, rstd
 
 
 class _Normalize(torch.autograd.Function):
@@ -29,9 +38,7 @@ class _Normalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
-        normed = x32 * rstd
+        normed, rstd = _normalize(x, eps)
         ctx.save_for_backward(normed, rstd)
         return normed.to(x.dtype)
 

@@ -50,7 +50,7 @@ def yarn_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Computes (cos, sin) for given positions; `apply_rotary` rotates a tensor with them."""
+    """Computes the (cos, sin) tables for given positions; `apply_rotary` rotates a tensor with them."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -59,22 +59,30 @@ class RotaryEmbedding(nn.Module):
         self.interleaved = config.rope_interleave
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (..., T) -> cos, sin (..., T, R/2) in float32."""
+        """positions (..., T) -> cos, sin (..., T, R) in float32, laid out for `apply_rotary` (once per forward)."""
         angles = positions.to(torch.float32)[..., None] * self.inv_freq
-        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+        return rotary_tables(angles, self.interleaved, self.attention_factor)
+
+
+def rotary_tables(angles: torch.Tensor, interleaved: bool, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair angles (..., R/2) -> cos and signed sin (..., R) at the places of the pair members.
+
+    A pair (a, b) turns into (a cos - b sin, b cos + a sin): the first member's sin carries the minus sign.
+    Interleaved (DeepSeek's layout): pairs are (x0, x1), (x2, x3), ...; otherwise (x_i, x_{i+R/2}).
+    """
+    cos, sin = angles.cos() * scale, angles.sin() * scale
+    if interleaved:
+        return torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate pairs of x (..., T, heads, R) by the angles in cos/sin (..., T, R/2).
+    """Rotate the pairs of x (..., T, heads, R) by the tables of `rotary_tables` (..., T, R): x cos + partner(x) sin.
 
-    Interleaved (DeepSeek's layout): pairs are (x0, x1), (x2, x3), ...; otherwise (x_i, x_{i+R/2}).
-    Each pair (a, b) becomes (a cos - b sin, a sin + b cos); the layout of x is preserved.
+    partner(x) swaps the members of each pair, so (a, b) -> (a cos - b sin, b cos + a sin). Plain real arithmetic,
+    which torch.compile fuses into one kernel (it does not generate code for complex numbers).
     """
     half = x.shape[-1] // 2
-    pairs = x.float().unflatten(-1, (half, 2)) if interleaved else x.float().unflatten(-1, (2, half)).transpose(-1, -2)
-    # A pair (a, b) is the complex number a + ib; the rotation multiplies it by cos + i sin.
-    turn = torch.complex(cos, sin).unsqueeze(-2)
-    rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * turn)
-    if not interleaved:
-        rotated = rotated.transpose(-1, -2)
-    return rotated.flatten(-2).to(x.dtype)
+    x32 = x.float()
+    partner = x32.unflatten(-1, (half, 2)).flip(-1).flatten(-2) if interleaved else x32.roll(half, dims=-1)
+    return (x32 * cos.unsqueeze(-2) + partner * sin.unsqueeze(-2)).to(x.dtype)

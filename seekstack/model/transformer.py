@@ -107,7 +107,7 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.length() if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device)
-        cos, sin = self.rotary(positions)  # (T, R/2) or (B, T, R/2)
+        cos, sin = self.rotary(positions)  # (T, R) or (B, T, R)
         hidden = self.embed_tokens(input_ids)
         stats: list[MoEStats] = []
         for layer in self.layers:

@@ -33,6 +33,7 @@ class ServeOptions:
     max_model_len: int | None = None
     speculative: bool = False
     dtype: str = "float32"
+    compile: bool = False  # decode steps through torch.compile
 
 
 def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
@@ -53,6 +54,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
         max_batch_size=options.max_batch_size,
         max_model_len=options.max_model_len,
         speculative=options.speculative,
+        compile=options.compile,
     )
     app = create_app(engine, database, options.served_model_name)
     name = app.state.server.model_name
