@@ -145,7 +145,6 @@ class Engine:
         self._ids = itertools.count()
         # Decode steps (and their MTP drafts) run compiled when asked: one graph each, no device sync inside, the
         # MoE on its gathered path. Prefill stays eager: long chunks of varied widths, bound by the matmuls.
-        self.compiled = compile
         self._decode_model, self._decode_guess, self._greedy_speculation = model, mtp_guess, greedy_speculation
         if compile:
             options = {"guard_filter_fn": _skip_model_guards, "cpp_wrapper": True}
@@ -558,8 +557,9 @@ def mtp_guess(
 
 def _skip_model_guards(entries: list) -> list[bool]:
     """Drop torch.compile's checks on the model (its weights do not change shape under an engine): ~100 tensor
-    checks per call. Those on the batch, its cache plan and the cache pools stay, so a new shape recompiles."""
-    return [not entry.name.startswith("L['model']") for entry in entries]
+    checks per call. Those on the batch, its cache plan and the cache pools stay, so a new shape recompiles.
+    The model is `self` in the compiled `Transformer.forward` and `model` in the compiled functions."""
+    return [not entry.name.startswith(("L['self']", "L['model']")) for entry in entries]
 
 
 def greedy_speculation(
