@@ -1,4 +1,5 @@
-"""The engine: cache and batching equivalence, sampling, stop conditions, speculative decoding, errors."""
+"""The engine: cache and batching equivalence, sampling, stop conditions, speculative decoding, compiled decode
+steps, errors."""
 
 from __future__ import annotations
 
@@ -132,6 +133,39 @@ def test_speculative_sampling_is_seeded_and_keeps_lengths_and_logprobs(model, to
     assert [c.token_ids for c in first] == [c.token_ids for c in second]
     assert [(len(c.token_ids), len(c.logprobs)) for c in first] == [(20, 20), (20, 20)]
     assert all(entry.token_id == token for c in first for entry, token in zip(c.logprobs, c.token_ids, strict=True))
+
+
+def run_joining(engine: Engine, batch: list[list[int]], params: list[SamplingParams], join_at: int) -> list[list[int]]:
+    """The first prompt alone for `join_at` steps, then the others join it."""
+    ids = [engine.add_request(batch[0], params[0])]
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_unfinished() or step <= join_at:
+        if step == join_at:
+            ids += [engine.add_request(prompt, p) for prompt, p in zip(batch[1:], params[1:], strict=True)]
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.token_ids)
+        step += 1
+    return [tokens[request_id] for request_id in ids]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, speculative):
+    """Compiled decode steps (the batch and the cache mask change shape as requests join) give the eager tokens."""
+    batch = prompts([6, 19, 11])
+    params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 14)]
+    eager = Engine(model, tokenizer, prefill_chunk=8, speculative=speculative)
+    compiled = Engine(model, tokenizer, prefill_chunk=8, speculative=speculative, compile=True)
+    expected = run_joining(eager, batch, params, join_at=4)
+    assert run_joining(compiled, batch, params, join_at=4) == expected
+    assert [len(tokens) for tokens in expected] == [24, 9, 14]
+    if speculative:  # the fused greedy step counts the same drafts and acceptances
+        assert (compiled.stats().spec_drafted, compiled.stats().spec_accepted) == (
+            eager.stats().spec_drafted,
+            eager.stats().spec_accepted,
+        )
+    assert compiled.cache.usage == 0  # every finished request gave its blocks back
 
 
 def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
