@@ -195,5 +195,6 @@ def main() -> None:
             ]
             print(f"  {concurrent:3d} sequences: {rates[0]:8.1f} / {rates[1]:8.1f} tok/s", flush=True)
 
+
 if __name__ == "__main__":
     main()

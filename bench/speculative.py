@@ -6,7 +6,8 @@ steps on the demo token shards (building them first, as `make demo` does, if the
 
 Both engines load the same checkpoint. Prompts are the openings of held-out documents. Each prompt is
 decoded greedily by both, the outputs are checked to be token-for-token identical, and timed runs of
-the two alternate (median over repetitions).
+the two alternate (median over repetitions). Each number of drafts per step gets its own engine and rows;
+`accept` is the share of drafted tokens accepted, `tok/step` the tokens a sequence gains per step (1 + K x accept).
 
     decode tok/s = sequences x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
 
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4], help="sequences decoded together")
+    parser.add_argument("--draft-tokens", nargs="+", type=int, default=[1, 2, 3], help="MTP drafts per step")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
@@ -121,29 +123,34 @@ def main() -> None:
     model_dir = args.model or find_or_train_model(args.train_steps)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}", flush=True)
     plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile)
-    speculative = Engine.from_pretrained(
-        model_dir, max_batch_size=max(args.batches), speculative=True, compile=args.compile
-    )
+    speculative = {
+        k: Engine.from_pretrained(
+            model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=k, compile=args.compile
+        )
+        for k in args.draft_tokens
+    }
     prompts = held_out_prompts(plain, args.prompts * max(args.batches), args.prompt_len)
     decode = "compiled" if args.compile else "eager"
-    print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {decode}\n")
+    print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy,", decode)
     header = (
-        f"{'batch':>5s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} {'accept':>7s} {'identical':>10s}"
+        f"{'batch':>5s} {'drafts':>6s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} "
+        f"{'accept':>7s} {'tok/step':>8s} {'identical':>10s}"
     )
     print(header + "\n" + "-" * len(header))
     with torch.inference_mode():
         for batch in args.batches:
-            rows = [compare(plain, speculative, prompts[i : i + batch], args.new_tokens, args.reps)
-                    for i in range(0, args.prompts * batch, batch)]  # fmt: skip
-            plain_rate = statistics.mean(r["plain_tok_s"] for r in rows)
-            speculative_rate = statistics.mean(r["speculative_tok_s"] for r in rows)
-            accept = statistics.mean(r["accept_rate"] for r in rows)
-            identical = all(r["identical"] for r in rows)
-            print(
-                f"{batch:5d} {plain_rate:12.1f} {speculative_rate:15.1f} {speculative_rate / plain_rate:8.2f}x "
-                f"{accept:7.0%} {str(identical):>10s}",
-                flush=True,
-            )
+            for k, engine in speculative.items():
+                rows = [compare(plain, engine, prompts[i : i + batch], args.new_tokens, args.reps)
+                        for i in range(0, args.prompts * batch, batch)]  # fmt: skip
+                plain_rate = statistics.mean(r["plain_tok_s"] for r in rows)
+                speculative_rate = statistics.mean(r["speculative_tok_s"] for r in rows)
+                accept = statistics.mean(r["accept_rate"] for r in rows)
+                identical = all(r["identical"] for r in rows)
+                print(
+                    f"{batch:5d} {k:6d} {plain_rate:12.1f} {speculative_rate:15.1f} "
+                    f"{speculative_rate / plain_rate:8.2f}x {accept:7.0%} {1 + k * accept:8.2f} {str(identical):>10s}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -243,6 +243,9 @@ TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 
 TopP = Annotated[float, typer.Option(help="Nucleus sampling: the smallest set with this much probability")]
 Seed = Annotated[int | None, typer.Option(help="Seed of the sampling; the same seed gives the same text")]
 Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the model needs an MTP module)")]
+DraftTokens = Annotated[
+    int, typer.Option(min=1, help="With --speculative: tokens the MTP module drafts per step (past 1 it drafts again)")
+]
 Compile = Annotated[
     bool, typer.Option(help="Decode with torch.compile: a first step of ~15-30 s compiling, then ~2x faster steps")
 ]
@@ -268,6 +271,7 @@ def generate_command(
     top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
     speculative: Speculative = False,
+    draft_tokens: DraftTokens = 1,
     compile: Compile = False,
     threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with tokens and timings")] = False,
@@ -283,8 +287,9 @@ def generate_command(
         if threads:
             torch.set_num_threads(threads)
         engine = Engine.from_pretrained(
-            model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative, compile=compile
-        )
+            model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens,
+            compile=compile,
+        )  # fmt: skip
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
         if as_json:
@@ -306,6 +311,7 @@ def chat_command(
     top_p: TopP = 0.95,
     seed: Seed = None,
     speculative: Speculative = False,
+    draft_tokens: DraftTokens = 1,
     compile: Compile = False,
     threads: Threads = None,
 ) -> None:
@@ -317,8 +323,9 @@ def chat_command(
         if threads:
             torch.set_num_threads(threads)
         engine = Engine.from_pretrained(
-            model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative, compile=compile
-        )
+            model, tokenizer=tokenizer, max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens,
+            compile=compile,
+        )  # fmt: skip
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(f"{engine.model_name}: {HELP}")
@@ -377,7 +384,8 @@ def serve_command(
     served_model_name: Annotated[str | None, typer.Option(help="Model id in the API; default the folder name")] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = 16,
     max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per request")] = None,
-    speculative: Annotated[bool, typer.Option(help="MTP speculative decoding")] = False,
+    speculative: Speculative = False,
+    draft_tokens: DraftTokens = 1,
     compile: Compile = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:
@@ -385,7 +393,7 @@ def serve_command(
     with _user_errors():
         options = ServeOptions(
             host, port, db or default_database_location(), tokenizer, served_model_name, max_batch_size, max_model_len,
-            speculative, dtype, compile,
+            speculative, draft_tokens, dtype, compile,
         )  # fmt: skip
         server_app, summary = build_server(model, options)
     typer.echo(summary)
@@ -554,3 +562,7 @@ def _scaled(n: float, base: int, units: list[str]) -> str:
     while n >= base and unit < len(units) - 1:
         n, unit = n / base, unit + 1
     return f"{n:.2f}{units[unit]}"
+
+
+if __name__ == "__main__":  # python -m seekstack.cli, torchrun -m seekstack.cli
+    app()

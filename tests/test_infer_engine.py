@@ -3,6 +3,7 @@ steps, errors."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -85,51 +86,68 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model, tokenizer):
     assert Engine(model, tokenizer).generate([target], other_seed)[0].token_ids != alone
 
 
-@pytest.mark.parametrize(
-    "penalties", [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}], ids=["plain", "penalized"]
-)
-def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, penalties):
+PENALTIES = [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}]
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+@pytest.mark.parametrize("penalties", PENALTIES, ids=["plain", "penalized"])
+def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, penalties, draft_tokens):
     batch = prompts([5, 21, 12])
     params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
     plain = Engine(model, tokenizer, prefill_chunk=8).generate(batch, params)
-    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True)
+    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens)
     speculative = engine.generate(batch, params)
     assert [c.token_ids for c in speculative] == [c.token_ids for c in plain]
     stats = engine.stats()
     assert stats.spec_drafted > 0 and 0 <= stats.spec_accepted <= stats.spec_drafted
+    assert stats.spec_drafted % draft_tokens == 0
     # Prompts fed in one piece give the MTP layer the same cache, hence the same drafts and acceptances.
-    whole = Engine(model, tokenizer, prefill_chunk=256, speculative=True)
+    whole = Engine(model, tokenizer, prefill_chunk=256, speculative=True, draft_tokens=draft_tokens)
     whole.generate(batch, params)
     assert (whole.stats().spec_drafted, whole.stats().spec_accepted) == (stats.spec_drafted, stats.spec_accepted)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
 @pytest.mark.parametrize(
-    "penalties", [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}], ids=["plain", "penalized"]
+    "draft_tokens, correct, compile", [(1, 1, False), (3, 3, False), (3, 2, False), (3, 0, False), (3, 2, True)]
 )
-def test_accepted_drafts_and_bonus_tokens_are_token_for_token_plain_greedy(model, tokenizer, penalties):
-    """The random MTP module's drafts are all rejected; here each draft is overwritten between steps with the token
-    plain greedy decoding produces next, so every draft is accepted and each step also emits a bonus token."""
+@pytest.mark.parametrize("penalties", PENALTIES, ids=["plain", "penalized"])
+def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(
+    model, tokenizer, penalties, draft_tokens, correct, compile
+):
+    """The random MTP module's drafts are all rejected; here each step's drafts are overwritten with the tokens plain
+    greedy decoding produces next, the first `correct` of them right and the rest wrong. Each step then accepts
+    `correct` drafts and emits the token after them: a bonus or a replacement."""
     batch = prompts([5, 21, 12])
     params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
     plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
-    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True)
+    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens, compile=compile)
     request_ids = [engine.add_request(prompt, params) for prompt in batch]
     tokens: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
+    steps = 0
     while engine.has_unfinished():
+        steps += 1
         for output in engine.step():
             tokens[output.request_id] += output.token_ids
-        for request in engine.running:  # the draft guesses the token after the pending one
+        for request in engine.running:  # the drafts guess the tokens after the pending one
             generated = len(request.ids) - len(request.prompt_ids)
-            request.draft = plain[request_ids.index(request.request_id)][generated]
+            upcoming = plain[request_ids.index(request.request_id)] + [0] * draft_tokens
+            right = upcoming[generated : generated + draft_tokens]
+            request.drafts = right[:correct] + [(token + 1) % 512 for token in right[correct:]]
     assert [tokens[request_id] for request_id in request_ids] == plain
     stats = engine.stats()
-    assert stats.spec_accepted == stats.spec_drafted == 3 * 12  # 1 prefill token + 12 steps of 2 tokens = 25
+    decode_steps = math.ceil(24 / (correct + 1))  # after the token of the prefill step
+    assert stats.spec_drafted == 3 * decode_steps * draft_tokens
+    assert stats.spec_accepted == 3 * (24 - decode_steps)  # each step: the accepted drafts and one more token
 
 
-def test_speculative_sampling_is_seeded_and_keeps_lengths_and_logprobs(model, tokenizer):
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_speculative_sampling_is_seeded_and_keeps_lengths_and_logprobs(model, tokenizer, draft_tokens):
     params = SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, seed=5, ignore_eos=True, logprobs=True)
     batch = prompts([7, 12])
-    first, second = (Engine(model, tokenizer, speculative=True).generate(batch, params) for _ in range(2))
+    first, second = (
+        Engine(model, tokenizer, speculative=True, draft_tokens=draft_tokens).generate(batch, params) for _ in range(2)
+    )
     assert [c.token_ids for c in first] == [c.token_ids for c in second]
     assert [(len(c.token_ids), len(c.logprobs)) for c in first] == [(20, 20), (20, 20)]
     assert all(entry.token_id == token for c in first for entry, token in zip(c.logprobs, c.token_ids, strict=True))
@@ -150,17 +168,18 @@ def run_joining(engine: Engine, batch: list[list[int]], params: list[SamplingPar
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
-@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
-def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, speculative):
+@pytest.mark.parametrize("draft_tokens", [0, 1, 3], ids=["plain", "speculative", "speculative-3"])
+def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, draft_tokens):
     """Compiled decode steps (the batch and the cache mask change shape as requests join) give the eager tokens."""
     batch = prompts([6, 19, 11])
     params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 14)]
-    eager = Engine(model, tokenizer, prefill_chunk=8, speculative=speculative)
-    compiled = Engine(model, tokenizer, prefill_chunk=8, speculative=speculative, compile=True)
+    options = {"prefill_chunk": 8, "speculative": draft_tokens > 0, "draft_tokens": max(draft_tokens, 1)}
+    eager = Engine(model, tokenizer, **options)
+    compiled = Engine(model, tokenizer, **options, compile=True)
     expected = run_joining(eager, batch, params, join_at=4)
     assert run_joining(compiled, batch, params, join_at=4) == expected
     assert [len(tokens) for tokens in expected] == [24, 9, 14]
-    if speculative:  # the fused greedy step counts the same drafts and acceptances
+    if draft_tokens:  # the fused greedy step counts the same drafts and acceptances
         assert (compiled.stats().spec_drafted, compiled.stats().spec_accepted) == (
             eager.stats().spec_drafted,
             eager.stats().spec_accepted,

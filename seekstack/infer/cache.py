@@ -95,10 +95,14 @@ class PagedLatentCache:
         return sum(pool.shape[-1] * pool.element_size() for pool in self.pools)
 
     # ------------------------------------------------------------------ the planned batch
-    def plan(self, seq_ids: list[str], starts: list[int], counts: list[int], width: int) -> torch.Tensor:
+    def plan(
+        self, seq_ids: list[str], starts: list[int], counts: list[int], width: int, lookahead: int = 0
+    ) -> torch.Tensor:
         """Set up the next forward: row b writes `counts[b]` real tokens at positions starts[b]...
 
         Rows are padded to `width` new tokens. Returns the positions (B, width) to give the model.
+        The gathered keys reach `lookahead` slots past the longest row (masked here), so that `follow` can
+        plan forwards at later positions without leaving the compiled graph.
         Index lists are built in Python and become one tensor each: a decode step runs a handful of ops here.
         """
         positions = [[start + t for t in range(width)] for start in starts]
@@ -109,18 +113,28 @@ class PagedLatentCache:
         ]
         ends = [start + count for start, count in zip(starts, counts, strict=True)]
         longest = max(ends)
-        rows = [self.slots[seq_id][:longest] for seq_id in seq_ids]
+        rows = [self.slots[seq_id][: longest + lookahead] for seq_id in seq_ids]
         key_slots = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True, padding_value=TRASH_BLOCK)
         positions_tensor = torch.tensor(positions, device=self.device)  # (B, T)
         mask = None  # one new token per row, rows of one length: every query sees every key
-        if width > 1 or min(ends) != longest:
+        if width > 1 or min(ends) != longest or lookahead:
             # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
-            key_index = torch.arange(longest, device=self.device)
+            key_index = torch.arange(key_slots.shape[1], device=self.device)
             row_end = torch.tensor(ends, device=self.device)[:, None, None]
             mask = (key_index < row_end) & (key_index <= positions_tensor[:, :, None])  # (B, T, S)
         write_slots_tensor = torch.tensor(write_slots, device=self.device)
         self._plan = _Plan(min(starts), max(starts), positions_tensor, write_slots_tensor, key_slots, mask)
         return positions_tensor
+
+    def follow(self, positions: torch.Tensor) -> FollowingCache:
+        """The cache for a forward of one token per row at `positions` (B, 1), within the keys the current plan
+        gathers: row b writes its token's slot and sees its keys up to it. Tensor ops only, and this cache's plan
+        stays as it is (a compiled step's MTP drafts run at positions that depend on how many were accepted)."""
+        plan = self._require_plan()
+        key_index = torch.arange(plan.key_slots.shape[1], device=positions.device)
+        mask = key_index <= positions[:, :, None]  # (B, 1, S)
+        write_slots = plan.key_slots.gather(1, positions).flatten()
+        return FollowingCache(self.pools, _Plan(None, None, positions, write_slots, plan.key_slots, mask))
 
     def _slot(self, seq_id: str, position: int) -> int:
         block = self.tables[seq_id][position // self.block_size]
@@ -133,7 +147,7 @@ class PagedLatentCache:
     def length(self, layer_idx: int = 0) -> int:
         """Tokens cached before the planned forward, when all rows agree (else pass positions to the model)."""
         plan = self._require_plan()
-        if plan.min_start != plan.max_start:
+        if plan.min_start is None or plan.min_start != plan.max_start:
             raise ValueError("the planned rows start at different positions: pass positions to the model")
         return plan.min_start
 
@@ -142,12 +156,7 @@ class PagedLatentCache:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Store (B, T, C) and (B, T, R) in the planned slots; return each row's [c^KV; k^R] (B, S, C+R) and the
         (B, T, S) mask."""
-        plan = self._require_plan()
-        pool = self.pools[layer_idx]
-        new = torch.cat((kv_latent, k_rope), dim=-1).flatten(0, 1).to(pool.dtype)
-        pool.index_put_((plan.write_slots,), new)  # inductor updates an input in place for index_put_, not index_copy_
-        cached = pool.index_select(0, plan.key_slots.flatten()).view(*plan.key_slots.shape, -1)  # (B, S, C+R)
-        return cached, plan.mask
+        return _write_and_gather(self.pools[layer_idx], self._require_plan(), kv_latent, k_rope)
 
     def _require_plan(self) -> _Plan:
         if self._plan is None:
@@ -155,12 +164,34 @@ class PagedLatentCache:
         return self._plan
 
 
+class FollowingCache:
+    """The pools of a `PagedLatentCache` under a plan of their own, from `PagedLatentCache.follow`."""
+
+    def __init__(self, pools: list[torch.Tensor], plan: _Plan):
+        self.pools, self.plan = pools, plan
+
+    def update(
+        self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `PagedLatentCache.update`."""
+        return _write_and_gather(self.pools[layer_idx], self.plan, kv_latent, k_rope)
+
+
+def _write_and_gather(
+    pool: torch.Tensor, plan: _Plan, kv_latent: torch.Tensor, k_rope: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    new = torch.cat((kv_latent, k_rope), dim=-1).flatten(0, 1).to(pool.dtype)
+    pool.index_put_((plan.write_slots,), new)  # inductor updates an input in place for index_put_, not index_copy_
+    cached = pool.index_select(0, plan.key_slots.flatten()).view(*plan.key_slots.shape, -1)  # (B, S, C+R)
+    return cached, plan.mask
+
+
 @dataclass
 class _Plan:
     """Index tensors of one planned forward, shared by all layers."""
 
-    min_start: int
-    max_start: int
+    min_start: int | None  # None: not known outside the graph (a `FollowingCache` plan)
+    max_start: int | None
     positions: torch.Tensor  # (B, T)
     write_slots: torch.Tensor  # (B*T,) slot of each new token (padding -> block 0)
     key_slots: torch.Tensor  # (B, S) slot of each row's keys (padding -> block 0)

@@ -1,11 +1,11 @@
 """The inference engine: continuous batching over a paged latent cache, chunked prefill, per-request sampling,
 MTP speculative decoding and streaming detokenization.
 
-A request goes waiting -> prefilling (its prompt enters the cache in chunks) -> running (one token, or a
-verified draft plus one, per step) -> finished. Between steps the last token of a running request is
+A request goes waiting -> prefilling (its prompt enters the cache in chunks) -> running (one token, or the
+accepted part of a draft plus one, per step) -> finished. Between steps the last token of a running request is
 *pending*: sampled but not yet in the cache, so the cache holds len(ids) - 1 tokens, in the main layers and,
 with speculative decoding, in the MTP layer too (MTP position i reads h_i and the embedding of token i+1).
-Shapes: B sequences in a forward, T tokens per sequence (padded), V vocabulary, D hidden.
+Shapes: B sequences in a forward, T tokens per sequence (padded), K drafted tokens, V vocabulary, D hidden.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from seekstack.checkpoint import load_pretrained
 from seekstack.infer.cache import PagedLatentCache
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, token_logprobs
-from seekstack.infer.speculative import verify_drafts
+from seekstack.infer.speculative import accept_drafts
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -92,7 +92,7 @@ class _Request:
     penalties: PenaltyState | None
     ids: list[int]  # prompt + sampled tokens
     num_cached: int = 0  # tokens in the cache (main layers; the MTP layer keeps pace)
-    draft: int = 0  # the MTP module's guess for the token after the pending one
+    drafts: list[int] = field(default_factory=list)  # the MTP module's guesses for the K tokens after the pending one
     scheduled_at: float | None = None  # time.perf_counter() when admitted out of `waiting`
     output_ids: list[int] = field(default_factory=list)  # tokens handed out
 
@@ -110,6 +110,7 @@ class Engine:
         block_size: int = 16,
         num_blocks: int | None = None,
         speculative: bool = False,
+        draft_tokens: int = 1,
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
         compile: bool = False,
@@ -126,13 +127,22 @@ class Engine:
             )
         if speculative and len(model.mtp) == 0:
             raise ValueError("speculative decoding needs an MTP module; this model has num_nextn_predict_layers=0")
-        for name, value in (("max_batch_size", max_batch_size), ("prefill_chunk", prefill_chunk)):
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("prefill_chunk", prefill_chunk),
+            ("draft_tokens", draft_tokens),
+        ):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         self.speculative = speculative
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.draft_slots = 1 if speculative else 0  # a verified draft may occupy one slot past the last token
+        self.draft_tokens = draft_tokens if speculative else 0
+        # Verification writes K slots past the pending token; the MTP module's drafts after k accepted reach K - 1
+        # further (`mtp_drafts`). Those are the cache plan's lookahead and, with the K, the slots a request
+        # holds beyond its last token.
+        self.lookahead = max(self.draft_tokens - 1, 0)
+        self.draft_slots = self.draft_tokens + self.lookahead
         if num_blocks is None:
             num_blocks = max_batch_size * math.ceil((self.max_model_len + self.draft_slots) / block_size) + 1
         self.cache = PagedLatentCache(self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device)
@@ -145,11 +155,11 @@ class Engine:
         self._ids = itertools.count()
         # Decode steps (and their MTP drafts) run compiled when asked: one graph each, no device sync inside, the
         # MoE on its gathered path. Prefill stays eager: long chunks of varied widths, bound by the matmuls.
-        self._decode_model, self._decode_guess, self._greedy_speculation = model, mtp_guess, greedy_speculation
+        self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
         if compile:
             options = {"guard_filter_fn": _skip_model_guards, "cpp_wrapper": True}
             self._decode_model = torch.compile(model, dynamic=True, options=options)
-            self._decode_guess = torch.compile(mtp_guess, dynamic=True, options=options)
+            self._decode_drafts = torch.compile(mtp_drafts, dynamic=True, options=options)
             self._greedy_speculation = torch.compile(greedy_speculation, dynamic=True, options=options)
 
     @classmethod
@@ -296,10 +306,10 @@ class Engine:
             tokens, logprobs = self._sample(finished, logits[torch.tensor(done, device=self.device), 0])
             for request, token in zip(finished, tokens, strict=True):
                 request.ids.append(token)
-        if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first draft
+        if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first drafts
             drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, prefill=True)
             for row in done:
-                batch[row].draft = drafts[row]
+                batch[row].drafts = drafts[row]
         for request in finished:
             self.prefilling.remove(request)
             self.running.append(request)
@@ -318,34 +328,28 @@ class Engine:
         return self._decode_speculative(batch, starts)
 
     def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
-        """Verify each request's MTP draft with one forward over [pending, draft]; keep it plus one more if accepted."""
-        rows = [[r.ids[-1], r.draft] for r in batch]
-        input_ids, positions = self._inputs(batch, rows, starts, [2] * len(batch))
-        drafts = torch.tensor([r.draft for r in batch], device=self.device)
+        """Verify each request's K drafts with one forward over [pending, drafts]; keep the accepted ones plus one."""
+        width = self.draft_tokens + 1
+        rows = [[r.ids[-1], *r.drafts] for r in batch]
+        input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch))
         sampling = self._sampling_batch(batch)
         next_drafts = None
         if sampling.all_greedy and not sampling.penalized:  # p is one-hot too: accept exactly when the argmax agrees
-            logits, best, accepted, next_drafts = self._greedy_speculation(
-                self.model, input_ids, positions, drafts, self.cache
+            logits, chosen, accepted, next_drafts = self._greedy_speculation(
+                self.model, input_ids, positions, self.cache, self.draft_tokens
             )
-            replacement, bonus = best[:, 0], best[:, 1]
         else:
             out = self._decode_model(input_ids, cache=self.cache, positions=positions)
             logits, hidden = out.logits, out.hidden_states
-            p_next = sampling.probabilities(sampling.penalize(logits[:, 0]))
-            p_after = sampling.probabilities(sampling.penalize(logits[:, 1], extra_tokens=drafts))
-            accepted, replacement = verify_drafts(sampling, p_next, drafts)
-            bonus = sampling.draw(p_after)
-        replacement, bonus, accepted_list = replacement.tolist(), bonus.tolist(), accepted.tolist()
-        self.spec_drafted += len(batch)
+            accepted, chosen = accept_drafts(sampling, logits, input_ids[:, 1:])
+        chosen_list, accepted_list = chosen.tolist(), accepted.tolist()
+        self.spec_drafted += self.draft_tokens * len(batch)
         self.spec_accepted += sum(accepted_list)
-        new_tokens = [[r.draft, bonus[b]] if accepted_list[b] else [replacement[b]] for b, r in enumerate(batch)]
+        new_tokens = [chosen_list[b][: count + 1] for b, count in enumerate(accepted_list)]
         logprobs: list[list] = [[] for _ in batch]
         if any(r.params.logprobs for r in batch):
-            chosen = torch.tensor([[tokens[0], tokens[-1]] for tokens in new_tokens], device=self.device)
-            first = self._logprobs(batch, logits[:, 0], chosen[:, 0])
-            second = self._logprobs(batch, logits[:, 1], chosen[:, 1])
-            logprobs = [[first[b], second[b]][: len(tokens)] for b, tokens in enumerate(new_tokens)]
+            columns = [self._logprobs(batch, logits[:, t], chosen[:, t]) for t in range(width)]
+            logprobs = [[column[b] for column in columns][: len(tokens)] for b, tokens in enumerate(new_tokens)]
         for request, tokens in zip(batch, new_tokens, strict=True):
             request.ids.extend(tokens)
         if next_drafts is None:
@@ -353,8 +357,8 @@ class Engine:
             next_list = self._draft(hidden, _shifted_rows(batch, starts, counts), counts)
         else:
             next_list = next_drafts.tolist()
-        for request, draft in zip(batch, next_list, strict=True):
-            request.draft = draft
+        for request, drafts in zip(batch, next_list, strict=True):
+            request.drafts = drafts
         return [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
 
     # ------------------------------------------------------------------ model calls
@@ -382,19 +386,19 @@ class Engine:
         """Plan the cache for the next forward; the rows' token ids padded to one width and their positions (B, T)."""
         width = max(counts)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
-        return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width)
+        return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, self.lookahead)
 
     def _draft(
         self, hidden: torch.Tensor, next_rows: list[list[int]], counts: list[int], prefill: bool = False
-    ) -> list[int]:
-        """MTP depth 1 at the positions of the main forward just run (h_i and token i+1): each row's guess after its
-        last real position, counts[b] - 1. It reuses that forward's cache plan; a row with fewer real tokens feeds
-        padding, which lands in an MTP cache slot that the next step overwrites before anything reads it."""
+    ) -> list[list[int]]:
+        """The MTP module's K drafts after each row's last real position, counts[b] - 1, of the main forward just
+        run (`mtp_drafts`). It reuses that forward's cache plan; a row with fewer real tokens feeds padding, which
+        lands in an MTP cache slot that the next step overwrites before anything reads it."""
         width = hidden.shape[1]
         next_ids = torch.tensor([row + [0] * (width - len(row)) for row in next_rows], device=self.device)
         last = torch.tensor(counts, device=self.device) - 1
-        guess = mtp_guess if prefill else self._decode_guess
-        return guess(self.model, hidden, next_ids, self.cache.positions(), last, self.cache).tolist()
+        draft = mtp_drafts if prefill else self._decode_drafts
+        return draft(self.model, hidden, next_ids, self.cache.positions(), last, self.cache, self.draft_tokens).tolist()
 
     # ------------------------------------------------------------------ sampling and output
     def _sampling_batch(self, batch: list[_Request]) -> SamplingBatch:
@@ -539,20 +543,36 @@ def completion_record(engine: Engine, completion: Completion) -> dict:
     return record
 
 
-def mtp_guess(
+def mtp_drafts(
     model: Transformer,
     hidden: torch.Tensor,
     next_ids: torch.Tensor,
     positions: torch.Tensor,
     last: torch.Tensor,
     cache: PagedLatentCache,
+    count: int,
 ) -> torch.Tensor:
-    """MTP depth 1 over hidden (B, T, D) and the next tokens (B, T); the argmax of its head at column last[b] (B,)."""
-    cos, sin = model.rotary(positions)
+    """`count` drafts (B, K) after column last[b] of a main forward: its hidden (B, T, D) at positions (B, T), with
+    the tokens one position on (B, T).
+
+    MTP depth 1 runs over all T columns (position i reads h_i and the embedding of token i+1, so every position
+    enters the MTP layer's cache) and column last guesses the token after the next. Further drafts apply the
+    same module again one position on, its own output standing in for the main model's hidden state there (as
+    vLLM drafts past a model's MTP depth). The cache entries those write are guesses; the next step writes
+    over them before anything reads them.
+    """
     mtp = model.mtp[0]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    cos, sin = model.rotary(positions)
     out, _ = mtp(hidden, model.embed_tokens(next_ids), cos, sin, cache)
-    at_last = out[torch.arange(out.shape[0], device=out.device), last]  # (B, D)
-    return model.lm_head(mtp.head_input(at_last)).argmax(dim=-1)
+    hidden, position = out[rows, last][:, None], positions[rows, last][:, None]  # (B, 1, D), (B, 1)
+    drafts = [model.lm_head(mtp.head_input(hidden)).argmax(dim=-1)]  # (B, 1) each
+    for _ in range(count - 1):
+        position = position + 1
+        cos, sin = model.rotary(position)
+        hidden, _ = mtp(hidden, model.embed_tokens(drafts[-1]), cos, sin, cache.follow(position))
+        drafts.append(model.lm_head(mtp.head_input(hidden)).argmax(dim=-1))
+    return torch.cat(drafts, dim=1)
 
 
 def _skip_model_guards(entries: list) -> list[bool]:
@@ -566,19 +586,19 @@ def greedy_speculation(
     model: Transformer,
     input_ids: torch.Tensor,
     positions: torch.Tensor,
-    drafts: torch.Tensor,
     cache: PagedLatentCache,
+    count: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A greedy speculative step in one call: verify each row's [pending, draft] (B, 2) and draft again.
+    """A greedy speculative step in one call: verify each row's [pending, K drafts] (B, K+1) and draft again.
 
-    Returns logits (B, 2, V), the argmaxes (B, 2), which drafts were accepted (B,) and the next drafts (B,).
-    The argmaxes are the next row of tokens either way: [draft, bonus] when accepted, else [replacement, -]
-    where the unused second token only fills an MTP cache slot that the next step overwrites.
+    Returns logits (B, K+1, V), the argmaxes (B, K+1), how many drafts each row accepted (B,) — those up to the
+    first that differs from the argmax before it — and the next K drafts (B, K). The first accepted + 1
+    argmaxes are the new tokens: the accepted drafts and the token after them (a replacement or a bonus).
     """
     out = model(input_ids, cache=cache, positions=positions)
     best = out.logits.argmax(dim=-1)
-    accepted = best[:, 0] == drafts
-    next_drafts = mtp_guess(model, out.hidden_states, best, positions, accepted.long(), cache)
+    accepted = (best[:, :-1] == input_ids[:, 1:]).long().cumprod(dim=1).sum(dim=1)
+    next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count)
     return out.logits, best, accepted, next_drafts
 
 

@@ -154,7 +154,7 @@ class SamplingBatch:
     def penalize(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Repetition (HF/vLLM), presence and frequency (OpenAI) penalties on logits (B, V).
 
-        `extra_tokens` (B,) are counted as if already generated: a speculative draft before its verification.
+        `extra_tokens` (B, n) are counted as if already generated: speculative drafts before their verification.
         """
         if not self.penalized:
             return logits
@@ -165,9 +165,9 @@ class SamplingBatch:
             if state is not None:
                 seen[row], counts[row] = state.seen, state.output_counts
         if extra_tokens is not None:
-            rows = torch.arange(len(self.params), device=self.device)
+            rows = torch.arange(len(self.params), device=self.device)[:, None].expand_as(extra_tokens)
             seen[rows, extra_tokens] = True
-            counts[rows, extra_tokens] += 1
+            counts.index_put_((rows, extra_tokens), torch.ones_like(extra_tokens, dtype=counts.dtype), accumulate=True)
         repetition, presence, frequency = (
             t[:, None] for t in self._settings("repetition_penalty", "presence_penalty", "frequency_penalty")
         )

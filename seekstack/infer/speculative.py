@@ -1,6 +1,6 @@
-"""Speculative sampling's acceptance rule for one drafted token per sequence (Leviathan et al. 2023, Alg. 1).
+"""Speculative sampling's acceptance rule (Leviathan et al. 2023, Alg. 1) for drafts of the MTP module.
 
-Shapes: B sequences, V vocabulary.
+Shapes: B sequences, K drafts per sequence, V vocabulary.
 """
 
 from __future__ import annotations
@@ -25,3 +25,26 @@ def verify_drafts(
     mass = residual.sum(dim=-1, keepdim=True)
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target)  # p one-hot on the draft: never used
     return accepted, sampling.draw(residual)
+
+
+def accept_drafts(
+    sampling: SamplingBatch, logits: torch.Tensor, drafts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling over K drafts per row (B, K) from the target's logits (B, K+1, V) at [pending, drafts].
+
+    Draft t is judged under the distribution after the drafts before it (penalties count them as generated)
+    and accepted while all before it were; the first rejected one is replaced from its residual, and when
+    all K pass, a bonus token is drawn from the last column. Returns how many drafts each row accepted (B,)
+    and the tokens (B, K+1): the first accepted + 1 are the new ones. Every row draws at every column, so a
+    request's generator advances the same way whatever the others do.
+    """
+    count = drafts.shape[1]
+    passed, tokens = [], []
+    for t in range(count):
+        target = sampling.probabilities(sampling.penalize(logits[:, t], extra_tokens=drafts[:, :t]))
+        accepted, replacement = verify_drafts(sampling, target, drafts[:, t])
+        passed.append(accepted)
+        tokens.append(torch.where(accepted, drafts[:, t], replacement))
+    tokens.append(sampling.draw(sampling.probabilities(sampling.penalize(logits[:, count], extra_tokens=drafts))))
+    accepted_count = torch.stack(passed, dim=1).long().cumprod(dim=1).sum(dim=1)
+    return accepted_count, torch.stack(tokens, dim=1)

@@ -32,6 +32,7 @@ class ServeOptions:
     max_batch_size: int = 16
     max_model_len: int | None = None
     speculative: bool = False
+    draft_tokens: int = 1  # with speculative decoding: tokens the MTP module drafts per step
     dtype: str = "float32"
     compile: bool = False  # decode steps through torch.compile
 
@@ -54,6 +55,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
         max_batch_size=options.max_batch_size,
         max_model_len=options.max_model_len,
         speculative=options.speculative,
+        draft_tokens=options.draft_tokens,
         compile=options.compile,
     )
     app = create_app(engine, database, options.served_model_name)
