@@ -7,7 +7,7 @@ import torch
 
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams
-from seekstack.infer.speculative import verify_drafts
+from seekstack.infer.speculative import accept_drafts, verify_drafts
 from tests.infer_support import tiny_tokenizer
 
 
@@ -88,6 +88,29 @@ def test_speculative_rule_with_a_one_hot_draft_samples_the_target_distribution()
     assert accepted.float().mean().item() == pytest.approx(0.3, abs=0.015)  # p(draft)
     torch.testing.assert_close(frequencies, target, atol=0.015, rtol=0)
     assert not (replacement[~accepted] == 2).any()  # a rejected draft is never drawn again
+
+
+def test_speculative_rule_over_several_drafts_samples_each_position_from_its_target():
+    """Two drafts per row: the first new token follows p0; the second exists only when the first draft was
+    accepted and then follows p1; the third, when both were, follows p2 (the bonus column)."""
+    targets = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.4, 0.1, 0.2, 0.3], [0.25, 0.25, 0.4, 0.1]])
+    rows, drafts = 40_000, torch.tensor([2, 0])
+    sampling = batch_of(*[SamplingParams()] * rows)
+    accepted, tokens = accept_drafts(sampling, targets.log().expand(rows, -1, -1), drafts.expand(rows, -1))
+    assert accepted.float().mean().item() == pytest.approx(0.3 + 0.3 * 0.4, abs=0.015)  # p0(2) + p0(2) p1(0)
+    for position in range(3):
+        reached = accepted >= position  # rows whose new tokens include this position
+        frequencies = torch.bincount(tokens[reached, position], minlength=4) / reached.sum()
+        torch.testing.assert_close(frequencies, targets[position], atol=0.015, rtol=0)
+
+
+def test_speculative_penalties_count_the_drafts_before_each_position():
+    """Greedy with a repetition penalty: draft 1 repeats draft 0, whose penalty now makes token 3 the argmax."""
+    logits = torch.tensor([[[0.0, 0.0, 2.0, 0.0], [0.0, 0.0, 2.0, 1.5], [1.0, 0.0, 0.0, 0.0]]])
+    penalties = [PenaltyState.from_prompt([0], 4, torch.device("cpu"))]
+    sampling = batch_of(SamplingParams(temperature=0, repetition_penalty=2.0), penalties=penalties)
+    accepted, tokens = accept_drafts(sampling, logits, torch.tensor([[2, 2]]))
+    assert accepted.item() == 1 and tokens[0, :2].tolist() == [2, 3]
 
 
 def test_greedy_verification_accepts_only_the_argmax():
