@@ -271,7 +271,7 @@ def generate_command(
     top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
     speculative: Speculative = False,
-    draft_tokens: DraftTokens = 1,
+    draft_tokens: DraftTokens = 3,
     compile: Compile = False,
     threads: Threads = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with tokens and timings")] = False,
@@ -311,7 +311,7 @@ def chat_command(
     top_p: TopP = 0.95,
     seed: Seed = None,
     speculative: Speculative = False,
-    draft_tokens: DraftTokens = 1,
+    draft_tokens: DraftTokens = 3,
     compile: Compile = False,
     threads: Threads = None,
 ) -> None:
@@ -385,7 +385,7 @@ def serve_command(
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = 16,
     max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per request")] = None,
     speculative: Speculative = False,
-    draft_tokens: DraftTokens = 1,
+    draft_tokens: DraftTokens = 3,
     compile: Compile = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
 ) -> None:

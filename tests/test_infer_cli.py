@@ -35,7 +35,7 @@ def test_generate_streams_the_same_text_as_the_engine(checkpoint, engine):
 
 def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine):
     args = ["generate", "--model", str(checkpoint), "import os", "--json", "--temperature", "0", "--speculative",
-            "--max-new-tokens", "6", "--ignore-eos", "--top-logprobs", "2"]  # fmt: skip
+            "--draft-tokens", "2", "--max-new-tokens", "6", "--ignore-eos", "--top-logprobs", "2"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
@@ -45,6 +45,7 @@ def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine)
     assert record["completion_tokens"] == 6 and record["prompt_tokens"] == len(plain.prompt_token_ids)
     assert record["timings"]["total_s"] >= record["timings"]["time_to_first_token_s"] > 0
     assert 0 <= record["speculative"]["accepted"] <= record["speculative"]["drafted"] > 0
+    assert record["speculative"]["drafted"] % 2 == 0  # two drafts a step
     assert [len(entry["top"]) for entry in record["logprobs"]] == [2] * 6
 
 

@@ -476,12 +476,12 @@ def test_keys_and_ledger_on_postgresql(model_dir):
 
 
 def test_speculative_decoding_reaches_the_acceptance_counters(model_dir, tmp_path):
-    with running_server(model_dir, tmp_path / "spec.db", "--speculative") as server:
+    with running_server(model_dir, tmp_path / "spec.db", "--speculative", "--draft-tokens", "2") as server:
         reply = client(server.url, "open").completions.create(model=MODEL, prompt="a", max_tokens=20, extra_body=NO_EOS)
         samples = metric_samples(server.url)
     assert reply.usage.completion_tokens == 20
     drafted, accepted = (samples[f"seekstack:spec_decode_num_{kind}_tokens_total"] for kind in ("draft", "accepted"))
-    assert 0 < drafted < 20 and 0 <= accepted <= drafted
+    assert 0 < drafted < 2 * 20 and drafted % 2 == 0 and 0 <= accepted <= drafted  # two drafts a step
     assert samples["seekstack:generation_tokens_total"] == 20
 
 

@@ -8,6 +8,7 @@ Block 0 is never handed out: padding writes land there.
 Before each forward the engine calls `plan` with the sequences in the batch, where each one's new tokens
 start and how many are real; every layer's `update` then writes the new tokens and gathers each sequence's
 tokens into a padded (B, S, .) batch with a (B, T, S) mask that is causal within the sequence and hides padding.
+`follow` derives, inside a compiled step, the plan of one more token per row at positions computed there.
 Shapes: B sequences, T new tokens per row (padded), S cached tokens per row after the write (padded).
 """
 

@@ -110,7 +110,7 @@ class Engine:
         block_size: int = 16,
         num_blocks: int | None = None,
         speculative: bool = False,
-        draft_tokens: int = 1,
+        draft_tokens: int = 3,
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
         compile: bool = False,
@@ -157,6 +157,10 @@ class Engine:
         # MoE on its gathered path. Prefill stays eager: long chunks of varied widths, bound by the matmuls.
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
         if compile:
+            # A compiled function gets a graph per batch shape class and draft count, and engines in one process
+            # share those graphs' cache: several engines (a benchmark comparing draft counts) pass dynamo's
+            # default of 8, after which it would run the function eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             options = {"guard_filter_fn": _skip_model_guards, "cpp_wrapper": True}
             self._decode_model = torch.compile(model, dynamic=True, options=options)
             self._decode_drafts = torch.compile(mtp_drafts, dynamic=True, options=options)

@@ -32,7 +32,7 @@ class ServeOptions:
     max_batch_size: int = 16
     max_model_len: int | None = None
     speculative: bool = False
-    draft_tokens: int = 1  # with speculative decoding: tokens the MTP module drafts per step
+    draft_tokens: int = 3  # with speculative decoding: tokens the MTP module drafts per step
     dtype: str = "float32"
     compile: bool = False  # decode steps through torch.compile
 
