@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4], help="sequences decoded together")
-    parser.add_argument("--draft-tokens", nargs="+", type=int, default=[1, 2, 3], help="MTP drafts per step")
+    parser.add_argument("--draft-tokens", nargs="+", type=int, default=[1, 3, 6], help="MTP drafts per step")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
