@@ -58,6 +58,7 @@ class PagedLatentCache:
         self.tables: dict[str, list[int]] = {}
         self.slots: dict[str, torch.Tensor] = {}  # per sequence, the slot of each of its token positions
         self._plan: _Plan | None = None
+        self._start_range = (0, 0)  # the planned rows' first and last start position
 
     # ------------------------------------------------------------------ blocks
     def blocks_for(self, num_tokens: int) -> int:
@@ -124,7 +125,8 @@ class PagedLatentCache:
             row_end = torch.tensor(ends, device=self.device)[:, None, None]
             mask = (key_index < row_end) & (key_index <= positions_tensor[:, :, None])  # (B, T, S)
         write_slots_tensor = torch.tensor(write_slots, device=self.device)
-        self._plan = _Plan(min(starts), max(starts), positions_tensor, write_slots_tensor, key_slots, mask)
+        self._plan = _Plan(positions_tensor, write_slots_tensor, key_slots, mask)
+        self._start_range = (min(starts), max(starts))
         return positions_tensor
 
     def follow(self, positions: torch.Tensor) -> FollowingCache:
@@ -135,7 +137,7 @@ class PagedLatentCache:
         key_index = torch.arange(plan.key_slots.shape[1], device=positions.device)
         mask = key_index <= positions[:, :, None]  # (B, 1, S)
         write_slots = plan.key_slots.gather(1, positions).flatten()
-        return FollowingCache(self.pools, _Plan(None, None, positions, write_slots, plan.key_slots, mask))
+        return FollowingCache(self.pools, _Plan(positions, write_slots, plan.key_slots, mask))
 
     def _slot(self, seq_id: str, position: int) -> int:
         block = self.tables[seq_id][position // self.block_size]
@@ -147,10 +149,11 @@ class PagedLatentCache:
 
     def length(self, layer_idx: int = 0) -> int:
         """Tokens cached before the planned forward, when all rows agree (else pass positions to the model)."""
-        plan = self._require_plan()
-        if plan.min_start is None or plan.min_start != plan.max_start:
+        self._require_plan()
+        first, last = self._start_range
+        if first != last:
             raise ValueError("the planned rows start at different positions: pass positions to the model")
-        return plan.min_start
+        return first
 
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
@@ -191,8 +194,6 @@ def _write_and_gather(
 class _Plan:
     """Index tensors of one planned forward, shared by all layers."""
 
-    min_start: int | None  # None: not known outside the graph (a `FollowingCache` plan)
-    max_start: int | None
     positions: torch.Tensor  # (B, T)
     write_slots: torch.Tensor  # (B*T,) slot of each new token (padding -> block 0)
     key_slots: torch.Tensor  # (B, S) slot of each row's keys (padding -> block 0)

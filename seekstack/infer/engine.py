@@ -26,7 +26,7 @@ from seekstack.checkpoint import load_pretrained
 from seekstack.infer.cache import PagedLatentCache
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, token_logprobs
-from seekstack.infer.speculative import accept_drafts
+from seekstack.infer.speculative import accept_drafts, accepted_prefix
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -601,7 +601,7 @@ def greedy_speculation(
     """
     out = model(input_ids, cache=cache, positions=positions)
     best = out.logits.argmax(dim=-1)
-    accepted = (best[:, :-1] == input_ids[:, 1:]).long().cumprod(dim=1).sum(dim=1)
+    accepted = accepted_prefix(best[:, :-1] == input_ids[:, 1:])
     next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count)
     return out.logits, best, accepted, next_drafts
 

@@ -46,5 +46,9 @@ def accept_drafts(
         passed.append(accepted)
         tokens.append(torch.where(accepted, drafts[:, t], replacement))
     tokens.append(sampling.draw(sampling.probabilities(sampling.penalize(logits[:, count], extra_tokens=drafts))))
-    accepted_count = torch.stack(passed, dim=1).long().cumprod(dim=1).sum(dim=1)
-    return accepted_count, torch.stack(tokens, dim=1)
+    return accepted_prefix(torch.stack(passed, dim=1)), torch.stack(tokens, dim=1)
+
+
+def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
+    """How many drafts each row keeps (B,): those before its first failed check in passed (B, K)."""
+    return passed.long().cumprod(dim=1).sum(dim=1)
