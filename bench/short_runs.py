@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from seekstack.data.shards import load_index
+from seekstack.tokens.shards import load_index
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import METRICS_FILE, train
 

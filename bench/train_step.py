@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import seekstack
-from seekstack.data.shards import TokenWindows
+from seekstack.tokens.shards import TokenWindows
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import build_optimizer
 

@@ -11,59 +11,68 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from seekstack.schema import (
+    ConfigError,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+    check,
+    recheck,
+    require,
+)
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
 ROPE_TYPES = ("default", "yarn")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a DeepSeek model; the message names the field."""
+MTP_LOSS_WEIGHT = 0.3  # lambda of the MTP loss early in training (DeepSeek-V3 §4.2); 0.1 later
+__all__ = ["ConfigError", "ModelConfig", "preset"]
 
 
 @dataclass
 class ModelConfig:
     """DeepSeek-V2/V3 hyper-parameters. Field names and meanings are those of Hugging Face's configs."""
 
-    model_type: str = "deepseek_v3"
-    vocab_size: int = 129280
-    hidden_size: int = 7168
-    intermediate_size: int = 18432  # dense FFN width (the first `first_k_dense_replace` layers)
-    moe_intermediate_size: int = 2048  # width of one routed or shared expert
-    num_hidden_layers: int = 61
-    num_attention_heads: int = 128
+    model_type: Literal["deepseek_v2", "deepseek_v3"] = "deepseek_v3"
+    vocab_size: Positive = 129280
+    hidden_size: Positive = 7168
+    intermediate_size: Positive = 18432  # dense FFN width (the first `first_k_dense_replace` layers)
+    moe_intermediate_size: NonNegative = 2048  # width of one routed or shared expert
+    num_hidden_layers: Positive = 61
+    num_attention_heads: Positive = 128
     num_key_value_heads: int | None = None  # kept for compatibility; MLA has one latent shared by all heads
     # Multi-head Latent Attention (DeepSeek-V2 §2.1)
-    q_lora_rank: int | None = 1536  # None: a plain q_proj, no query compression
-    kv_lora_rank: int = 512  # d_c, width of the cached KV latent
-    qk_nope_head_dim: int = 128  # per-head query/key width without position
-    qk_rope_head_dim: int = 64  # decoupled RoPE width, key shared across heads
-    v_head_dim: int = 128
+    q_lora_rank: Positive | None = 1536  # None: a plain q_proj, no query compression
+    kv_lora_rank: Positive = 512  # d_c, width of the cached KV latent
+    qk_nope_head_dim: Positive = 128  # per-head query/key width without position
+    qk_rope_head_dim: Positive = 64  # decoupled RoPE width, key shared across heads
+    v_head_dim: Positive = 128
     # DeepSeekMoE (DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2)
-    n_routed_experts: int | None = 256
-    n_shared_experts: int | None = 1
-    num_experts_per_tok: int | None = 8  # K_r, routed experts per token
-    first_k_dense_replace: int = 3  # layers [0, k) use a dense FFN
-    moe_layer_freq: int = 1  # a layer l >= k is MoE when l % moe_layer_freq == 0
-    n_group: int | None = 8  # expert groups for group-limited routing
-    topk_group: int | None = 4  # groups a token may route to
-    topk_method: str = "noaux_tc"  # greedy | group_limited_greedy (V2) | noaux_tc (V3, bias-corrected)
-    scoring_func: str = "sigmoid"  # softmax (V2) | sigmoid (V3)
+    n_routed_experts: NonNegative | None = 256
+    n_shared_experts: NonNegative | None = 1
+    num_experts_per_tok: Positive | None = 8  # K_r, routed experts per token
+    first_k_dense_replace: NonNegative = 3  # layers [0, k) use a dense FFN
+    moe_layer_freq: Positive = 1  # a layer l >= k is MoE when l % moe_layer_freq == 0
+    n_group: Positive | None = 8  # expert groups for group-limited routing
+    topk_group: Positive | None = 4  # groups a token may route to
+    topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] = (
+        "noaux_tc"  # greedy | group_limited_greedy (V2) | noaux_tc (V3, bias-corrected)
+    )
+    scoring_func: Literal["softmax", "sigmoid"] = "sigmoid"  # softmax (V2) | sigmoid (V3)
     norm_topk_prob: bool = True  # renormalise the K_r gate weights to sum to 1
-    routed_scaling_factor: float = 2.5
-    aux_loss_alpha: float = 0.0  # weight of the sequence-wise balance loss (V3 eq. 17-20); 0 disables it
+    routed_scaling_factor: PositiveFloat = 2.5
+    aux_loss_alpha: NonNegativeFloat = 0.0  # weight of the sequence-wise balance loss (V3 eq. 17-20); 0 disables it
     # Multi-Token Prediction (DeepSeek-V3 §2.2)
-    num_nextn_predict_layers: int = 1
+    num_nextn_predict_layers: NonNegative = 1
     # Positions
-    max_position_embeddings: int = 163840
-    rope_theta: float = 10000.0
+    max_position_embeddings: Positive = 163840
+    rope_theta: PositiveFloat = 10000.0
     rope_scaling: dict[str, Any] | None = None  # normalised: {"rope_type": "yarn", "factor": ..., ...}
     rope_interleave: bool = True  # DeepSeek checkpoints rotate interleaved pairs (x0,x1),(x2,x3),...
     # Misc
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
+    hidden_act: Literal["silu"] = "silu"  # the only activation DeepSeek uses
+    rms_norm_eps: PositiveFloat = 1e-6
     attention_bias: bool = False
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -111,52 +120,35 @@ class ModelConfig:
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> ModelConfig:
-        """Raise ConfigError naming the first field whose value no DeepSeek model can have."""
-        if self.model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type={self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
-        positive = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
-        ]  # fmt: skip
-        for name in positive:
-            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
-        _require(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank", "null or a positive integer")
-        _require(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)")
-        _require(self.hidden_act == "silu", "hidden_act", "'silu' (the only activation DeepSeek uses)")
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", "positive")
-        _require(self.rope_theta > 0, "rope_theta", "positive")
-        _require(self.first_k_dense_replace >= 0, "first_k_dense_replace", ">= 0")
-        _require(self.moe_layer_freq >= 1, "moe_layer_freq", ">= 1")
-        _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", ">= 0")
-        _require(self.aux_loss_alpha >= 0, "aux_loss_alpha", ">= 0")
-        if self.n_routed_experts:
-            self._validate_moe()
-        if self.rope_type not in ROPE_TYPES:
+        """This config checked: each field's type and range, then the rules across fields; ConfigError names
+        the first field no DeepSeek model can have."""
+        config = recheck(self)
+        require(config.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)")
+        if config.n_routed_experts:
+            config._validate_moe()
+        if config.rope_type not in ROPE_TYPES:
             raise ConfigError(
-                f"rope_scaling.rope_type={self.rope_type!r} is not supported; expected one of {ROPE_TYPES}"
+                f"rope_scaling.rope_type={config.rope_type!r} is not supported; expected one of {ROPE_TYPES}"
             )
-        if self.rope_type == "yarn":
-            _require(self.rope_factor >= 1, "rope_scaling.factor", ">= 1")
-        return self
+        if config.rope_type == "yarn":
+            require(config.rope_factor >= 1, "rope_scaling.factor", ">= 1")
+        return config
 
     def _validate_moe(self) -> None:
         experts, k = self.n_routed_experts, self.num_experts_per_tok
-        _require(self.moe_intermediate_size > 0, "moe_intermediate_size", "a positive integer")
+        require(self.moe_intermediate_size > 0, "moe_intermediate_size", "a positive integer")
         if k is None:
             raise ConfigError("num_experts_per_tok is required when n_routed_experts is set")
-        _require(1 <= k <= experts, "num_experts_per_tok", f"between 1 and n_routed_experts={experts}")
-        _require(self.topk_method in TOPK_METHODS, "topk_method", f"one of {TOPK_METHODS}")
-        _require(self.scoring_func in SCORING_FUNCS, "scoring_func", f"one of {SCORING_FUNCS}")
-        _require(self.routed_scaling_factor > 0, "routed_scaling_factor", "positive")
+        require(1 <= k <= experts, "num_experts_per_tok", f"between 1 and n_routed_experts={experts}")
         if self.topk_method == "greedy":
             return
         groups, topk_group = self.n_group or 1, self.topk_group or 1
-        _require(experts % groups == 0, "n_group", f"a divisor of n_routed_experts={experts}")
-        _require(1 <= topk_group <= groups, "topk_group", f"between 1 and n_group={groups}")
+        require(experts % groups == 0, "n_group", f"a divisor of n_routed_experts={experts}")
+        require(1 <= topk_group <= groups, "topk_group", f"between 1 and n_group={groups}")
         reachable = topk_group * (experts // groups)
-        _require(k <= reachable, "num_experts_per_tok", f"<= topk_group x experts per group = {reachable}")
+        require(k <= reachable, "num_experts_per_tok", f"<= topk_group x experts per group = {reachable}")
         if self.topk_method == "noaux_tc":
-            _require(
+            require(
                 experts // groups >= 2,
                 "n_group",
                 "small enough that each group has >= 2 experts (noaux_tc sums a group's top-2)",
@@ -182,10 +174,8 @@ class ModelConfig:
             elif key not in DERIVED_FIELDS:
                 extra[key] = value
         values["rope_theta"], values["rope_scaling"] = _normalise_rope(raw, values, source)
-        _check_types(values, known, source)
-        config = cls(**values, extra=extra)
         try:
-            return config.validate()
+            return check(cls, {**values, "extra": extra}).validate()
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}") from None
 
@@ -227,34 +217,6 @@ class ModelConfig:
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature sqrt(1/t) = 0.1 ln(s) + 1 (YaRN paper eq. 22), scaled by `mscale`."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _require(ok: bool, name: str, expectation: str) -> None:
-    if not ok:
-        raise ConfigError(f"field {name!r} must be {expectation}")
-
-
-def _check_types(values: dict[str, Any], known: dict[str, dataclasses.Field], source: str) -> None:
-    for name, value in values.items():
-        annotation = str(known[name].type)
-        if value is None:
-            if "None" not in annotation:
-                raise ConfigError(f"{source}: field {name!r} may not be null")
-            continue
-        expected: tuple[type, ...]
-        if annotation.startswith("int") and "list" not in annotation:
-            expected = (int,)
-        elif annotation.startswith("float"):
-            expected = (int, float)
-        elif annotation.startswith("bool"):
-            expected = (bool,)
-        elif annotation.startswith("str"):
-            expected = (str,)
-        else:
-            continue
-        wrong_bool = isinstance(value, bool) and bool not in expected
-        if wrong_bool or not isinstance(value, expected):
-            raise ConfigError(f"{source}: field {name!r} has value {value!r}, expected {annotation}")
 
 
 def _normalise_rope(raw: dict[str, Any], values: dict[str, Any], source: str) -> tuple[float, dict | None]:

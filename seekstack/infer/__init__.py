@@ -1,6 +1,25 @@
-"""Inference: paged latent cache, sampling, continuous batching engine, MTP speculative decoding."""
+"""Inference: paged latent cache, sampling, continuous batching engine, MTP speculative decoding.
 
-from seekstack.infer.engine import Completion, Engine, EngineStats, RequestOutput, TokenLogprob
-from seekstack.infer.sampling import SamplingParams
+Names load on first use, so `from seekstack.infer.params import SamplingParams` costs no torch import."""
 
-__all__ = ["Completion", "Engine", "EngineStats", "RequestOutput", "SamplingParams", "TokenLogprob"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Completion": "seekstack.infer.engine",
+    "Engine": "seekstack.infer.engine",
+    "EngineStats": "seekstack.infer.engine",
+    "RequestOutput": "seekstack.infer.engine",
+    "TokenLogprob": "seekstack.infer.engine",
+    "EngineOptions": "seekstack.infer.params",
+    "SamplingParams": "seekstack.infer.params",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'seekstack.infer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 from seekstack.infer.engine import Engine
-from seekstack.infer.sampling import SamplingParams
+from seekstack.infer.params import SamplingParams
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /quit leaves"
 

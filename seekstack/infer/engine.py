@@ -25,7 +25,8 @@ import torch
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer.cache import PagedLatentCache
 from seekstack.infer.detokenize import TextStream
-from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, token_logprobs
+from seekstack.infer.params import SamplingParams
+from seekstack.infer.sampling import PenaltyState, SamplingBatch, token_logprobs
 from seekstack.infer.speculative import accept_drafts, accepted_prefix
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -192,7 +193,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
         """Queue a request; raises ValueError for an empty prompt, unknown token ids or one that cannot fit."""
-        params.validate()
+        params = params.validate()
         prompt_ids = [int(token) for token in prompt_ids]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")

@@ -1,4 +1,4 @@
-"""Sampling parameters and the per-row, batched sampler of the engine.
+"""The per-row, batched sampler of the engine (the parameters are `params.SamplingParams`).
 
 Shapes: B rows (one per sequence being sampled), V vocabulary.
 Order of operations, as vLLM: penalties on the raw logits -> temperature -> top-k / top-p / min-p -> draw.
@@ -7,104 +7,11 @@ Greedy rows (temperature 0) become one-hot distributions, so speculative verific
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-MAX_TOP_LOGPROBS = 20
-GREEDY_BELOW = 1e-5  # temperature
-
-
-@dataclass
-class SamplingParams:
-    """How to sample one request. `validate()` raises a ValueError naming the field and the bad value."""
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 (or below 1e-5) -> greedy
-    top_k: int = 0  # 0 -> off
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0  # vLLM/HF semantics: divide positive logits, multiply negative ones
-    presence_penalty: float = 0.0  # OpenAI semantics
-    frequency_penalty: float = 0.0
-    seed: int | None = None  # per-request generator: same seed -> same output, whatever else is in the batch
-    stop_token_ids: tuple[int, ...] = ()  # the tokenizer's EOS always stops unless ignore_eos
-    stop: tuple[str, ...] = ()  # matched on detokenized text (may span tokens); not included in the output
-    logprobs: bool = False
-    top_logprobs: int = 0  # 0..20
-    ignore_eos: bool = False
-    skip_special_tokens: bool = False  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
-
-    @classmethod
-    def from_dict(cls, values: dict) -> SamplingParams:
-        """Parameters from a mapping (e.g. a JSON request); ValueError naming an unknown key or a bad value."""
-        known = [field.name for field in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown sampling parameter {unknown[0]!r}; known: {', '.join(known)}")
-        return cls(**values).validate()
-
-    def validate(self) -> SamplingParams:
-        """Check every field's type and range; returns self."""
-        for name, (kinds, description) in _FIELD_KINDS.items():
-            value = getattr(self, name)
-            wrong_bool = isinstance(value, bool) and bool not in kinds  # True is an int to Python, not to us
-            if wrong_bool or not isinstance(value, kinds):
-                raise ValueError(f"sampling parameter {name} must be {description}, got {value!r}")
-        _require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
-        _require(0 <= self.temperature <= 100, "temperature", self.temperature, "in [0, 100]")
-        _require(self.top_k >= 0, "top_k", self.top_k, ">= 0 (0 turns it off)")
-        _require(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _require(0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
-        _require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "> 0")
-        _require(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty, "in [-2, 2]")
-        _require(-2 <= self.frequency_penalty <= 2, "frequency_penalty", self.frequency_penalty, "in [-2, 2]")
-        _require(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", self.seed, "in [-2**63, 2**64) (torch's)")
-        _require(
-            0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", self.top_logprobs, f"in [0, {MAX_TOP_LOGPROBS}]"
-        )
-        for token_id in self.stop_token_ids:
-            _require(isinstance(token_id, int) and token_id >= 0, "stop_token_ids", token_id, "non-negative ints")
-        for text in self.stop:
-            _require(isinstance(text, str) and text != "", "stop", text, "non-empty strings")
-        self.stop_token_ids, self.stop = tuple(self.stop_token_ids), tuple(self.stop)
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        """Temperatures below 1e-5 decode greedily, as in vLLM: dividing by less would overflow the logits."""
-        return self.temperature < GREEDY_BELOW
-
-    @property
-    def penalized(self) -> bool:
-        """Whether any repetition, presence or frequency penalty is set."""
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
-
-
-_NUMBER = ((int, float), "a number")
-_FIELD_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "max_new_tokens": ((int,), "an int"),
-    "temperature": _NUMBER,
-    "top_k": ((int,), "an int"),
-    "top_p": _NUMBER,
-    "min_p": _NUMBER,
-    "repetition_penalty": _NUMBER,
-    "presence_penalty": _NUMBER,
-    "frequency_penalty": _NUMBER,
-    "seed": ((int, type(None)), "an int or null"),
-    "stop_token_ids": ((tuple, list), "a list of token ids"),
-    "stop": ((tuple, list), "a list of strings"),
-    "logprobs": ((bool,), "a bool"),
-    "top_logprobs": ((int,), "an int"),
-    "ignore_eos": ((bool,), "a bool"),
-    "skip_special_tokens": ((bool,), "a bool"),
-}
-
-
-def _require(ok: bool, name: str, value: object, expectation: str) -> None:
-    if not ok:
-        raise ValueError(f"sampling parameter {name}={value!r} is invalid: must be {expectation}")
+from seekstack.infer.params import SamplingParams
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The DeepSeek-V3 network and nothing else: no files, no training, no serving."""

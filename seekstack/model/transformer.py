@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekstack.config import ModelConfig
+from seekstack.config import MTP_LOSS_WEIGHT, ModelConfig
 from seekstack.model.attention import LatentCache
 from seekstack.model.block import DecoderBlock
 from seekstack.model.head_loss import IGNORE_INDEX, linear_cross_entropy
@@ -94,7 +94,7 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         cache: LatentCache | None = None,
         positions: torch.Tensor | None = None,
-        mtp_loss_weight: float = 0.3,
+        mtp_loss_weight: float = MTP_LOSS_WEIGHT,
         keep_logits: bool = True,
         logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from seekstack.infer.engine import Engine, RequestOutput
-from seekstack.infer.sampling import SamplingParams
+from seekstack.infer.params import SamplingParams
 from seekstack.serve.metrics import ServerMetrics
 
 log = logging.getLogger("seekstack.serve")

@@ -8,16 +8,14 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 
 from seekstack.infer.engine import Engine
+from seekstack.infer.params import EngineOptions
 from seekstack.serve.app import create_app
 from seekstack.serve.database import default_database_location, open_database
 from seekstack.serve.keys import KeyStore
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -29,18 +27,11 @@ class ServeOptions:
     database: str = field(default_factory=default_database_location)  # SQLite path or postgresql:// URL
     tokenizer: Path | None = None
     served_model_name: str | None = None
-    max_batch_size: int = 16
-    max_model_len: int | None = None
-    speculative: bool = False
-    draft_tokens: int = 3  # with speculative decoding: tokens the MTP module drafts per step
-    dtype: str = "float32"
-    compile: bool = False  # decode steps through torch.compile
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
 
 def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
     """The app for `model_dir` and a line telling the user where it listens and whether keys are required."""
-    if options.dtype not in DTYPES:
-        raise ValueError(f"dtype {options.dtype!r} is not one of {', '.join(DTYPES)}")
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
@@ -48,16 +39,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
             f"no API keys in {database.location}: refusing to serve without authentication on {options.host}; "
             "create one with `seekstack keys create --name NAME` or serve on 127.0.0.1"
         )
-    engine = Engine.from_pretrained(
-        model_dir,
-        tokenizer=options.tokenizer,
-        dtype=DTYPES[options.dtype],
-        max_batch_size=options.max_batch_size,
-        max_model_len=options.max_model_len,
-        speculative=options.speculative,
-        draft_tokens=options.draft_tokens,
-        compile=options.compile,
-    )
+    engine = Engine.from_pretrained(model_dir, tokenizer=options.tokenizer, **options.engine.engine_kwargs())
     app = create_app(engine, database, options.served_model_name)
     name = app.state.server.model_name
     access = (

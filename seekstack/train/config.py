@@ -1,30 +1,43 @@
 """The training run's configuration: one `TrainConfig`, read from YAML or TOML plus `key=value` overrides.
 
-The resolved configuration is written beside the run as `train_config.json`, so a run says how it was made.
+The resolved configuration is written beside the run as `train_config.json`, so a run says how it was made;
+`--resume` starts from it, and each override on top of it is reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import tomllib
-import yaml
+from annotated_types import Interval
 
-from seekstack.data.mixture import MixtureSchedule
+from seekstack.config import MTP_LOSS_WEIGHT, PRESETS, ConfigError, ModelConfig, preset
+from seekstack.schema import (
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+    apply_overrides,
+    check,
+    nested_config,
+    read_config_file,
+    recheck,
+    require,
+    resolve_paths,
+    write_config,
+)
 
-SCHEDULES = ("cosine", "wsd")
-DTYPES = ("float32", "bfloat16")
+if TYPE_CHECKING:
+    from seekstack.tokens.mixture import MixtureSchedule
+
 CONFIG_FILE = "train_config.json"
 TRAIN_SPLIT = "train"
-
-
-class TrainConfigError(ValueError):
-    """A training configuration that cannot run; the message names the file and field at fault."""
+Beta = Annotated[float, Interval(ge=0, lt=1)]
 
 
 @dataclass
@@ -39,60 +52,73 @@ class TrainConfig:
     mixture: dict[str, Any] = field(default_factory=dict)
     tokenizer: str = ""  # tokenizer.json (or its folder) copied into checkpoints; "" = the one data_dir records
     out_dir: str = "runs/tiny"  # metrics.jsonl, train_config.json, checkpoints/step_N
-    seq_len: int = 256
-    batch_size: int = 32  # sequences per micro-batch, summed over ranks
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000
+    seq_len: Positive = 256
+    batch_size: Positive = 32  # sequences per micro-batch, summed over ranks
+    grad_accum_steps: Positive = 1  # micro-batches per optimizer step
+    max_steps: Positive = 1000
     # Optimizer and schedule
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
-    wsd_decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    lr: PositiveFloat = 3e-3
+    min_lr: NonNegativeFloat = 3e-4  # <= lr
+    warmup_steps: NonNegative = 100
+    schedule: Literal["cosine", "wsd"] = "cosine"  # cosine | wsd (warmup-stable-decay)
+    wsd_decay_fraction: Fraction = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+    weight_decay: NonNegativeFloat = 0.1
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping (the norm is still logged)
     # DeepSeek-V3 losses and balance
-    mtp_loss_weight: float = 0.3  # lambda early in training (V3 §4.2)
-    mtp_loss_weight_late: float = 0.1  # lambda after `mtp_switch_fraction` of the steps
-    mtp_switch_fraction: float = 0.7
-    bias_update_rate: float = 0.001  # gamma of the auxiliary-loss-free bias update; 0 disables it
-    aux_loss_alpha: float = 1e-4  # sequence-wise balance loss weight, written into the model config
+    mtp_loss_weight: NonNegativeFloat = MTP_LOSS_WEIGHT  # lambda early in training (V3 §4.2)
+    mtp_loss_weight_late: NonNegativeFloat = 0.1  # lambda after `mtp_switch_fraction` of the steps
+    mtp_switch_fraction: Fraction = 0.7
+    bias_update_rate: NonNegativeFloat = 0.001  # gamma of the auxiliary-loss-free bias update; 0 disables it
+    aux_loss_alpha: NonNegativeFloat = 1e-4  # sequence-wise balance loss weight, written into the model config
     # Evaluation and checkpoints
-    eval_every: int = 100  # 0 disables evaluation
-    eval_batches: int = 20
-    save_every: int = 500  # a checkpoint is also written at the last step and on Ctrl-C
-    keep_checkpoints: int = 3
+    eval_every: NonNegative = 100  # 0 disables evaluation
+    eval_batches: Positive = 20
+    save_every: NonNegative = 500  # a checkpoint is also written at the last step and on Ctrl-C
+    keep_checkpoints: Positive = 3
     seed: int = 0
-    dtype: str = "float32"  # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32)
+    dtype: Literal["float32", "bfloat16"] = (
+        "float32"  # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32)
+    )
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     compile: bool = False  # torch.compile each block
-    peak_flops: float = 0.0  # per device, for the MFU estimate; 0 = a default for the device (see train/mfu.py)
+    peak_flops: NonNegativeFloat = (
+        0.0  # per device, for the MFU estimate; 0 = a default for the device (see train/mfu.py)
+    )
 
-    def validate(self, source: str = "config") -> TrainConfig:
-        """Raise TrainConfigError naming the first field with an impossible value."""
-        positive = ("seq_len", "batch_size", "grad_accum_steps", "max_steps", "eval_batches", "keep_checkpoints")
-        for name in positive:
-            _require(getattr(self, name) > 0, source, name, "a positive integer")
-        for name in ("warmup_steps", "eval_every", "save_every"):
-            _require(getattr(self, name) >= 0, source, name, ">= 0")
-        _require(self.lr > 0, source, "lr", "positive")
-        _require(0 <= self.min_lr <= self.lr, source, "min_lr", f"between 0 and lr={self.lr}")
-        _require(self.schedule in SCHEDULES, source, "schedule", f"one of {SCHEDULES}")
-        _require(0 <= self.wsd_decay_fraction <= 1, source, "wsd_decay_fraction", "between 0 and 1")
-        _require(0 <= self.mtp_switch_fraction <= 1, source, "mtp_switch_fraction", "between 0 and 1")
-        _require(self.dtype in DTYPES, source, "dtype", f"one of {DTYPES}")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), source, "betas", "two numbers in [0, 1)")
-        for name in ("weight_decay", "grad_clip", "bias_update_rate", "aux_loss_alpha", "peak_flops"):
-            _require(getattr(self, name) >= 0, source, name, ">= 0")
+    def validate(self, source: str | None = None) -> TrainConfig:
+        """This config checked: every field's type and range, the model overrides, the rules across fields."""
+        config = recheck(self, source)
         try:
-            self.mixture_schedule()
-        except ValueError as error:
-            raise TrainConfigError(f"{source}: field 'mixture': {error}") from None
-        return self
+            require(config.model in PRESETS, "model", f"a preset, one of {', '.join(PRESETS)}")
+            require(config.min_lr <= config.lr, "min_lr", f"at most lr={config.lr}")
+            config.model_config()
+            try:
+                config.mixture_schedule()
+            except ValueError as error:
+                raise ConfigError(f"field 'mixture': {error}") from None
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+        return config
+
+    def model_config(self) -> ModelConfig:
+        """The model this run trains: the preset, `model_overrides` on top, and the run's balance-loss weight."""
+        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+        for name in self.model_overrides:
+            if name not in known:
+                raise ConfigError(
+                    f"field 'model_overrides': ModelConfig has no field {name!r}; known fields are {', '.join(sorted(known))}"
+                )
+        overrides = {**self.model_overrides, "aux_loss_alpha": self.aux_loss_alpha}
+        try:
+            return preset(self.model, **overrides)
+        except ConfigError as error:
+            raise ConfigError(f"field 'model_overrides': {error}") from None
 
     def mixture_schedule(self) -> MixtureSchedule:
         """The schedule of `mixture`; the `train` split alone when it is empty."""
+        from seekstack.tokens.mixture import MixtureSchedule
+
         return MixtureSchedule(self.mixture or {TRAIN_SPLIT: 1.0})
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,95 +126,53 @@ class TrainConfig:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the resolved configuration to `out_dir/train_config.json`."""
-        path = Path(out_dir) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_config(self, Path(out_dir) / CONFIG_FILE)
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+nested_config(TrainConfig, "model_overrides", ModelConfig, prefix="model")
+
+
+def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML/TOML/JSON file (or start from the defaults), apply `key=value` overrides, validate.
 
-    `model.hidden_size=64` sets one entry of `model_overrides`; values are typed by the field they set.
+    `model.hidden_size=64` sets one entry of `model_overrides` and must name a ModelConfig field.
     """
-    values: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path, source = Path(path), str(path)
-        values = _read_file(path)
-    values = dict(values)
-    values["model_overrides"] = dict(values.get("model_overrides") or {})
-    hints = typing.get_type_hints(TrainConfig)
-    for name in values:
-        if name not in hints:
-            raise TrainConfigError(f"{source}: unknown field {name!r}; known fields are {sorted(hints)}")
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        key = key.strip()
-        if not sep:
-            raise TrainConfigError(f"override {override!r} is not of the form key=value")
-        if key.startswith("model."):
-            values["model_overrides"][key.removeprefix("model.")] = yaml.safe_load(text)
-        elif key in hints:
-            values[key] = _parse_value(text, hints[key], key)
-        else:
-            raise TrainConfigError(f"override {override!r}: unknown field {key!r}; known fields are {sorted(hints)}")
-    if "betas" in values:
-        values["betas"] = tuple(values["betas"])
-    for name, value in values.items():
-        _check_type(value, hints[name], name, source)
-    return TrainConfig(**values).validate(source)
+    return resolve_train_config(path, overrides)
 
 
-def _read_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise TrainConfigError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".toml":
-            raw = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml", ".json"):
-            raw = yaml.safe_load(text) or {}
-        else:
-            raise TrainConfigError(f"{path}: expected a .yaml, .yml, .toml or .json file")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
-        raise TrainConfigError(f"{path}: cannot be parsed ({error})") from None
-    if not isinstance(raw, dict):
-        raise TrainConfigError(f"{path}: expected a mapping of field names to values")
-    return raw
+def resolve_train_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> TrainConfig:
+    """The config of a run. With `resume`, the run's saved `train_config.json` (in the `out_dir` the file or the
+    overrides name, else the default) is the base, and `warn` hears of every field the file or overrides change."""
+    given = _given_values(path)
+    source = str(path) if path is not None else None
+    base: dict[str, Any] = {}
+    if resume:
+        probe = apply_overrides(TrainConfig, dict(given), [o for o in overrides if o.startswith("out_dir=")])
+        saved_path = Path(probe.get("out_dir", TrainConfig.out_dir)) / CONFIG_FILE
+        if not saved_path.is_file():
+            raise ConfigError(
+                f"{saved_path}: no such file; a run to resume has its config there (start without resume)"
+            )
+        base = read_config_file(saved_path)
+    values = apply_overrides(TrainConfig, {**base, **given}, overrides)
+    config = check(TrainConfig, values, source).validate(source)
+    if resume and warn is not None:
+        saved = check(TrainConfig, base, str(saved_path))
+        for f in dataclasses.fields(TrainConfig):
+            old, new = getattr(saved, f.name), getattr(config, f.name)
+            if old != new:
+                warn(f"resuming with {f.name}={json.dumps(new)} (the run was started with {json.dumps(old)})")
+    return config
 
 
-def _parse_value(text: str, annotation: Any, key: str) -> Any:
-    """`text` as the type of the field: numbers, booleans, strings, `0.9,0.95` for tuples, YAML for dicts."""
-    origin = typing.get_origin(annotation)
-    if origin is tuple:
-        return tuple(_parse_value(part, typing.get_args(annotation)[0], key) for part in text.split(","))
-    if origin is dict:
-        value = yaml.safe_load(text)
-        if not isinstance(value, dict):
-            raise TrainConfigError(f"field {key!r}: {text!r} is not a mapping")
-        return value
-    if annotation is str:
-        return text
-    if annotation is bool:
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise TrainConfigError(f"field {key!r}: {text!r} is not true or false")
-        return text.lower() in ("true", "1")
-    try:
-        return annotation(float(text)) if annotation is int and "e" in text.lower() else annotation(text)
-    except ValueError:
-        raise TrainConfigError(f"field {key!r}: {text!r} is not a valid {annotation.__name__}") from None
-
-
-def _check_type(value: Any, annotation: Any, name: str, source: str) -> None:
-    expected = typing.get_origin(annotation) or annotation
-    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
-    if expected is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        raise TrainConfigError(f"{source}: field {name!r} has value {value!r}, expected {annotation}")
-
-
-def _require(ok: bool, source: str, name: str, expectation: str) -> None:
-    if not ok:
-        raise TrainConfigError(f"{source}: field {name!r} must be {expectation}")
+def _given_values(path: str | Path | None) -> dict[str, Any]:
+    """The values a config file sets, its relative paths resolved against the file's folder."""
+    if path is None:
+        return {}
+    path = Path(path)
+    return resolve_paths(read_config_file(path), path.parent)

@@ -1,16 +1,31 @@
-"""Learning rate as a pure function of the optimizer step, so resuming needs only the step number."""
+"""Learning rate as a pure function of the optimizer step, so resuming needs only the step number (and, when a
+resumed run was given more steps, the point its decay continues from)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
+from seekstack.schema import check
 from seekstack.train.config import TrainConfig
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
+@dataclass(frozen=True)
+class LrAnchor:
+    """A resumed run was given more steps at `step`, where the rate was `lr`: from there the decay runs from
+    `lr` to min_lr over the steps left, instead of restarting higher up the longer schedule."""
+
+    step: int
+    lr: float
+
+
+def learning_rate(step: int, config: TrainConfig, anchor: LrAnchor | None = None) -> float:
     """The rate for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay to min_lr."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
+    if anchor is not None and step >= anchor.step:
+        return _decay_from(anchor, step, config)
     if config.schedule == "cosine":
         span = max(config.max_steps - config.warmup_steps, 1)
         progress = min((step - config.warmup_steps) / span, 1.0)
@@ -22,3 +37,27 @@ def learning_rate(step: int, config: TrainConfig) -> float:
         return config.lr
     progress = min((step - decay_start + 1) / decay_steps, 1.0)
     return config.lr + (config.min_lr - config.lr) * progress
+
+
+def _decay_from(anchor: LrAnchor, step: int, config: TrainConfig) -> float:
+    """The schedule's decay shape, started at the anchor's rate and stretched over the steps left."""
+    span = max(config.max_steps - anchor.step, 1)
+    progress = min((step - anchor.step) / span, 1.0)
+    if config.schedule == "cosine":
+        return config.min_lr + 0.5 * (anchor.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+    return anchor.lr + (config.min_lr - anchor.lr) * progress
+
+
+def resumed_lr_anchor(train_state: dict[str, Any], config: TrainConfig) -> LrAnchor | None:
+    """The anchor a resumed run continues from: the saved one, or a new one at the resume step when `max_steps`
+    grew past a point where the old schedule had already begun to decay (so the rate does not jump up)."""
+    saved = train_state.get("lr_anchor")
+    anchor = LrAnchor(**saved) if saved else None
+    old = check(TrainConfig, train_state["config"])
+    step = int(train_state["step"])
+    if old.max_steps == config.max_steps or step < config.warmup_steps:
+        return anchor
+    rate = learning_rate(step, old, anchor)
+    if config.schedule == "wsd" and rate == config.lr and anchor is None:
+        return None  # still on the plateau: the longer schedule simply holds it longer
+    return LrAnchor(step, rate)

@@ -10,6 +10,7 @@ logged. Each step appends one JSON line to `out_dir/metrics.jsonl`; each evaluat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -24,18 +25,17 @@ import torch
 from torch import nn
 
 from seekstack.accounting import training_flops_per_token
-from seekstack.config import preset
-from seekstack.data.mixture import MixtureWindows
-from seekstack.data.shards import TokenWindows, load_index
 from seekstack.model.transformer import Transformer
+from seekstack.parallel import distributed
+from seekstack.parallel.parallelize import apply_activation_checkpointing, apply_compile
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
-from seekstack.train import distributed
-from seekstack.train.apply import apply_activation_checkpointing, apply_compile
+from seekstack.tokens.mixture import MixtureWindows
+from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import TrainConfig
 from seekstack.train.mfu import default_peak_flops, model_flops_utilisation
-from seekstack.train.schedule import learning_rate
+from seekstack.train.schedule import LrAnchor, learning_rate, resumed_lr_anchor
 from seekstack.train.state import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 VAL_SPLIT = "val"
@@ -69,7 +69,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
 
 def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     """A fresh model from the preset and overrides, with the run's balance-loss weight."""
-    model_config = preset(config.model, **{**config.model_overrides, "aux_loss_alpha": config.aux_loss_alpha})
+    model_config = config.model_config()
     if model_config.vocab_size < vocab_needed:
         raise ValueError(
             f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's {vocab_needed} ids of "
@@ -96,7 +96,8 @@ def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
 
 
 def mtp_weight_at(step: int, config: TrainConfig) -> float:
-    """lambda = 0.3 for the first `mtp_switch_fraction` of training, then 0.1 (DeepSeek-V3 §4.2)."""
+    """lambda = `mtp_loss_weight` for the first `mtp_switch_fraction` of training, then `mtp_loss_weight_late`
+    (0.3, then 0.1 in DeepSeek-V3 §4.2)."""
     early = step < config.mtp_switch_fraction * config.max_steps
     return config.mtp_loss_weight if early else config.mtp_loss_weight_late
 
@@ -106,7 +107,7 @@ def train(config: TrainConfig, resume: bool | str | Path = False) -> TrainResult
 
     Works in one process or under torchrun; only rank 0 writes files.
     """
-    config.validate()
+    config = config.validate()
     ranks = distributed.init_distributed()
     try:
         return _Run(config, ranks, resume).run()
@@ -123,12 +124,15 @@ class _Run:
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
         self.step = 0
+        self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
         train_state: dict[str, Any] | None = None
         if resume:
             path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
             model, train_state = load_checkpoint(path, ranks.device)
             self.step = int(train_state["step"])
             self.data.load_state_dict(train_state["data"])
+            self.lr_anchor = resumed_lr_anchor(train_state, config)
+            self._say(f"resumed from step {self.step} ({path})")
         else:
             torch.manual_seed(config.seed)
             np.random.seed(config.seed)
@@ -185,7 +189,7 @@ class _Run:
     def train_step(self) -> dict[str, Any]:
         config, model = self.config, self.model
         step_start = time.perf_counter()
-        lr = learning_rate(self.step, config)
+        lr = learning_rate(self.step, config, self.lr_anchor)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         mtp_weight = mtp_weight_at(self.step, config)
@@ -284,6 +288,7 @@ class _Run:
                 "data": self.data.state_dict(),
                 "rng": rng_state(),
                 "config": self.config.to_dict(),
+                "lr_anchor": None if self.lr_anchor is None else dataclasses.asdict(self.lr_anchor),
             }
             path = save_checkpoint(self.out_dir, self.model, state, self.config.keep_checkpoints, self.tokenizer_files)
         distributed.barrier(self.ranks)
@@ -315,7 +320,8 @@ class _Run:
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:
         line = (
-            f"step {self.step}/{self.config.max_steps}  loss {metrics['loss']:.4f}  "
+            f"step {self.step}/{self.config.max_steps}  "
+            f"loss {metrics['lm_loss']:.4f} (with MTP {metrics['loss']:.4f})  "
             f"{metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}  "
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
         )

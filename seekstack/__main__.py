@@ -1,0 +1,5 @@
+"""`python -m seekstack` runs the command line."""
+
+from seekstack.cli import app
+
+app()

@@ -1,0 +1,38 @@
+"""The `seekstack` command line, one module per stage of the pipeline; each command parses its arguments, calls
+the library and prints. A stage's libraries are imported inside its commands, so `--help` starts fast."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import Annotated
+
+import typer
+
+from seekstack.cli import data, generate, model, serve, train
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # plain help: full option names and no type tag on every flag
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+)
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        typer.echo(f"seekstack {version('seekstack')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """seekstack: the DeepSeek-V3 stack in plain PyTorch. Pipeline: data build -> tokenizer train -> data tokenize
+    -> train -> sample / generate / chat / serve."""
+
+
+for stage in (model, data, train, generate, serve):
+    stage.register(app)

@@ -1,0 +1,63 @@
+"""What every command shares: turning library errors into one-line messages, and the number formats."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from seekstack.config import PRESETS, ModelConfig, preset
+
+Model = Annotated[str, typer.Argument(help=f"A preset ({', '.join(PRESETS)}) or a checkpoint directory.")]
+
+
+@contextmanager
+def user_errors(as_json: bool = False) -> Iterator[None]:
+    """Turn configuration, checkpoint and file errors into a one-line message and exit code 1 (JSON if asked)."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        fail(str(error), as_json)
+
+
+def fail(message: str, as_json: bool = False) -> NoReturn:
+    if as_json:
+        typer.echo(json.dumps({"error": {"message": message}}))
+    else:
+        typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def model_config(model: str) -> ModelConfig:
+    """A preset by name, or the config.json of a checkpoint directory."""
+    if model in PRESETS:
+        return preset(model)
+    if Path(model).is_dir():
+        return ModelConfig.from_json(Path(model) / "config.json")
+    fail(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
+
+
+def count(n: int) -> str:
+    if n < 1000:
+        return str(n)
+    return f"{_scaled(n, 1000, ['', 'K', 'M', 'B', 'T'])} ({n:,})"
+
+
+def flops(n: int) -> str:
+    return f"{_scaled(n, 1000, [' ', ' K', ' M', ' G', ' T'])}FLOP"
+
+
+def size(n: int) -> str:
+    return f"{n:,} B" if n < 1024 else f"{_scaled(n, 1024, ['', ' Ki', ' Mi', ' Gi', ' Ti'])}B ({n:,} B)"
+
+
+def _scaled(n: float, base: int, units: list[str]) -> str:
+    """n in the largest unit it reaches, with two decimals: 671.03B, 68.62 Ki."""
+    unit = 0
+    while n >= base and unit < len(units) - 1:
+        n, unit = n / base, unit + 1
+    return f"{n:.2f}{units[unit]}"

@@ -1,0 +1,124 @@
+"""`seekstack info` and `seekstack forward`: what a model is, and one pass through it."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Annotated
+
+import typer
+
+from seekstack.cli.common import Model, count, fail, flops, model_config, size, user_errors
+from seekstack.config import PRESETS, ModelConfig
+
+
+def info(
+    model: Model,
+    context: Annotated[int, typer.Option(min=1, help="Keys each token attends to, for the FLOPs per token.")] = 4096,
+) -> None:
+    """Parameters, activated parameters, FLOPs and KV-cache bytes per token, and the architecture."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from seekstack.accounting import (
+        forward_flops_per_token,
+        kv_cache_bytes_per_token,
+        main_parameters,
+        mtp_checkpoint_parameters,
+        training_flops_per_token,
+    )
+
+    with user_errors():
+        config = model_config(model)
+    main_params = main_parameters(config)
+    cache = kv_cache_bytes_per_token(config, torch.bfloat16)
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    experts = f"{config.n_routed_experts} / {config.num_experts_per_tok} / {config.n_shared_experts or 0}"
+    table = Table(title=f"{model} ({config.model_type})")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [
+        ("layers", f"{config.num_hidden_layers} ({config.num_hidden_layers - moe_layers} dense, {moe_layers} MoE)"),
+        ("hidden size", str(config.hidden_size)),
+        ("attention heads", str(config.num_attention_heads)),
+        ("q / kv LoRA rank", f"{config.q_lora_rank or 'none'} / {config.kv_lora_rank}"),
+        ("head dims nope / rope / v", f"{config.qk_nope_head_dim} / {config.qk_rope_head_dim} / {config.v_head_dim}"),
+        ("experts routed / per token / shared", experts if config.n_routed_experts else "none (dense)"),
+        ("expert width", str(config.moe_intermediate_size)),
+        ("MTP depths", str(config.num_nextn_predict_layers)),
+        ("vocabulary", f"{config.vocab_size:,}"),
+        ("params, main model", count(main_params.total)),
+        ("params, MTP as stored", count(mtp_checkpoint_parameters(config))),
+        ("activated per token (head, no emb.)", count(main_params.activated)),
+        (f"forward FLOPs/token, context {context}", flops(forward_flops_per_token(config, context))),
+        (f"training FLOPs/token, seq {context}", flops(training_flops_per_token(config, context))),
+        ("KV cache/token bf16, MLA latent", size(cache.latent)),
+        ("KV cache/token bf16, plain MHA", size(cache.mha)),
+        ("KV cache MHA / latent", f"{cache.ratio:.1f}x"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    Console(markup=False).print(table)
+
+
+def forward(
+    model: Model,
+    seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 64,
+    batch: Annotated[int, typer.Option(min=1, help="Sequences in the batch.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights (presets) and token ids.")] = 0,
+) -> None:
+    """One forward pass on random tokens: logits shape, losses, expert load per MoE layer, time taken."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from seekstack.checkpoint import load_pretrained
+    from seekstack.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    with user_errors():
+        config = model_config(model)
+        _require_memory(model, config)
+        network = Transformer(config) if model in PRESETS else load_pretrained(model)
+    network.eval()
+    input_ids = torch.randint(config.vocab_size, (batch, seq_len))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = network(input_ids, labels=input_ids)
+    elapsed = time.perf_counter() - start
+
+    console = Console(markup=False)  # paths may hold [brackets]
+    console.print(f"{model}: {count(sum(p.numel() for p in network.parameters()))} parameters")
+    console.print(f"logits shape: {tuple(output.logits.shape)}")
+    mtp_loss = "n/a (needs seq-len >= 3)" if output.mtp_loss is None else f"{output.mtp_loss.item():.4f}"
+    console.print(f"lm loss: {output.lm_loss.item():.4f}, mtp loss: {mtp_loss}")
+    console.print(f"uniform guess: ln V = {math.log(config.vocab_size):.4f}")
+    if output.expert_load is not None:
+        table = Table(title="expert load (tokens per routed expert)")
+        table.add_column("layer", justify="right")
+        table.add_column("max / mean", justify="right")
+        table.add_column("tokens per expert")
+        for layer_idx, load in zip(network.moe_layer_ids, output.expert_load, strict=False):
+            label = f"{layer_idx} (MTP)" if layer_idx >= config.num_hidden_layers else str(layer_idx)
+            table.add_row(label, f"{(load.max() / load.float().mean()).item():.2f}", " ".join(map(str, load.tolist())))
+        console.print(table)
+    console.print(f"forward took {elapsed * 1000:.1f} ms (batch {batch} x {seq_len} tokens on {input_ids.device})")
+
+
+def _require_memory(model: str, config: ModelConfig) -> None:
+    """Refuse, with the numbers, to build a model whose float32 weights exceed this machine's memory."""
+    from seekstack.accounting import main_parameters, mtp_parameters
+
+    if not hasattr(os, "sysconf"):
+        return
+    needed = 4 * (main_parameters(config).total + mtp_parameters(config).total)
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        fail(f"{model} needs {size(needed)} for its float32 weights; this machine has {size(available)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(info)
+    app.command()(forward)

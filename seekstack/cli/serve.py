@@ -1,0 +1,179 @@
+"""`seekstack serve`, `seekstack keys` and `seekstack usage`: the model as a service, its keys and its bill."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from seekstack.cli.common import fail, user_errors
+from seekstack.cli.generate import Compile, DraftTokens, Speculative
+from seekstack.infer.params import EngineOptions
+
+if TYPE_CHECKING:
+    from seekstack.serve.database import Database
+
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Keys and usage: SQLite file or postgresql:// URL; default $SEEKSTACK_DB, seekstack.db"),
+]
+keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `seekstack serve`.")
+
+
+def serve_command(
+    model: Annotated[Path, typer.Option(help="Checkpoint directory (with tokenizer.json unless --tokenizer)")],
+    host: Annotated[str, typer.Option(help="Address to listen on; without API keys only loopback is allowed")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    db: DatabaseOption = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if not in --model")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id in the API; default the folder name")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = (
+        EngineOptions.max_batch_size
+    ),
+    max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per request")] = None,
+    speculative: Speculative = EngineOptions.speculative,
+    draft_tokens: DraftTokens = EngineOptions.draft_tokens,
+    compile: Compile = EngineOptions.compile,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = EngineOptions.dtype,
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
+    from seekstack.serve.database import default_database_location
+    from seekstack.serve.launch import ServeOptions, build_server, run_server
+
+    with user_errors():
+        engine = EngineOptions(
+            max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,
+            draft_tokens=draft_tokens, compile=compile, dtype=dtype,
+        ).validate()  # fmt: skip
+        options = ServeOptions(
+            host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
+            served_model_name=served_model_name, engine=engine,
+        )  # fmt: skip
+        server_app, summary = build_server(model, options)
+    typer.echo(summary)
+    run_server(server_app, host, port)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who the key is for; names it in `keys list` and `usage`")],
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute; default unlimited")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per minute")] = None,
+    plan: Annotated[str, typer.Option(help="Price plan (see `keys plan`)")] = "default",
+    admin: Annotated[bool, typer.Option(help="May read everyone's usage at /v1/admin/usage")] = False,
+    db: DatabaseOption = None,
+) -> None:
+    """Create an API key and print it: it is shown this once and stored only as a hash."""
+    from seekstack.serve.keys import KeyStore
+
+    with user_errors():
+        key = KeyStore(_database(db)).create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin)
+    typer.echo(key)
+    typer.echo(f"created key {name!r}; copy it now, it cannot be shown again", err=True)
+
+
+@keys_app.command("list")
+def keys_list(db: DatabaseOption = None) -> None:
+    """All keys (by name and first characters), their plan, limits and state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from seekstack.serve.keys import KeyStore
+
+    with user_errors():
+        keys = KeyStore(_database(db)).list()
+    table = Table(title="API keys")
+    for column in ("name", "key", "plan", "rpm", "tpm", "admin", "created (UTC)", "state"):
+        table.add_column(column)
+    for key in keys:
+        state = "active" if key.revoked_at is None else f"revoked {_utc(key.revoked_at)}"
+        limits = [str(limit) if limit else "-" for limit in (key.rpm, key.tpm)]
+        admin = "yes" if key.admin else ""
+        table.add_row(key.name, key.prefix + "...", key.plan, *limits, admin, _utc(key.created_at), state)
+    Console(markup=False).print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="Name of the key")], db: DatabaseOption = None) -> None:
+    """Revoke a key; the server refuses it from the next request on."""
+    from seekstack.serve.keys import KeyStore
+
+    with user_errors():
+        KeyStore(_database(db)).revoke(name)
+    typer.echo(f"revoked key {name!r}")
+
+
+@keys_app.command("plan")
+def keys_plan(
+    name: Annotated[str | None, typer.Argument(help="Plan to create or change; none: list the plans")] = None,
+    prompt_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k prompt tokens")] = None,
+    completion_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k completion tokens")] = None,
+    db: DatabaseOption = None,
+) -> None:
+    """Set a plan's prices per 1k tokens (new usage is billed at them), or list the plans."""
+    from seekstack.serve.keys import KeyStore
+
+    with user_errors():
+        store = KeyStore(_database(db))
+        if name is not None:
+            current = next((plan for plan in store.plans() if plan.name == name), None)
+            if current is None and (prompt_price is None or completion_price is None):
+                fail(f"new plan {name!r} needs both --prompt-price and --completion-price")
+            store.set_plan(
+                name,
+                current.prompt_per_1k if prompt_price is None else prompt_price,
+                current.completion_per_1k if completion_price is None else completion_price,
+            )
+        plans = store.plans()
+    for plan in plans:
+        typer.echo(f"{plan.name}: {plan.prompt_per_1k:g} / {plan.completion_per_1k:g} per 1k prompt / output tokens")
+
+
+def usage_command(
+    key: Annotated[str | None, typer.Option(help="Only this key (by name)")] = None,
+    since: Annotated[str | None, typer.Option(help="From this UTC day on, YYYY-MM-DD")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, as GET /v1/admin/usage returns")] = False,
+    db: DatabaseOption = None,
+) -> None:
+    """Requests, tokens and cost per key and day, from the server's usage ledger."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from seekstack.serve.ledger import Ledger, parse_day
+
+    with user_errors(as_json):
+        days = Ledger(_database(db)).daily(key, parse_day(since) if since else None)
+    if as_json:
+        typer.echo(json.dumps([day.to_dict() for day in days], indent=2))
+        return
+    table = Table(title="usage per key and day (UTC)")
+    for column in ("day", "key", "requests", "prompt tokens", "completion tokens", "cost"):
+        table.add_column(column, justify="left" if column in ("day", "key") else "right")
+    for day in days:
+        table.add_row(
+            day.day, day.key_name or "(open)", str(day.requests), f"{day.prompt_tokens:,}",
+            f"{day.completion_tokens:,}", f"{day.cost:.6f}",
+        )  # fmt: skip
+    table.add_row("total", "", str(sum(d.requests for d in days)), "", "", f"{sum(d.cost for d in days):.6f}")
+    Console(markup=False).print(table)
+
+
+def _database(location: str | None) -> Database:
+    from seekstack.serve.database import default_database_location, open_database
+
+    return open_database(location or default_database_location())
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
+    app.add_typer(keys_app, name="keys")
+    app.command("usage")(usage_command)

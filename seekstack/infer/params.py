@@ -1,0 +1,84 @@
+"""What a request asks for (`SamplingParams`) and how an engine runs (`EngineOptions`): typed configs with
+their defaults, written once here for the engine, the command line and the server. No torch at import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from annotated_types import Ge, Interval, MinLen
+
+from seekstack.schema import NonNegative, Positive, PositiveFloat, check, recheck, require
+
+MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperature
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request. `validate()` returns a checked copy or raises a ConfigError naming the field."""
+
+    max_new_tokens: Positive = 128
+    temperature: Annotated[float, Interval(ge=0, le=100)] = 1.0  # 0 (or below 1e-5) -> greedy
+    top_k: NonNegative = 0  # 0 -> off
+    top_p: Annotated[float, Interval(gt=0, le=1)] = 1.0
+    min_p: Annotated[float, Interval(ge=0, le=1)] = 0.0
+    repetition_penalty: PositiveFloat = 1.0  # vLLM/HF semantics: divide positive logits, multiply negative ones
+    presence_penalty: Annotated[float, Interval(ge=-2, le=2)] = 0.0  # OpenAI semantics
+    frequency_penalty: Annotated[float, Interval(ge=-2, le=2)] = 0.0
+    # per-request generator: same seed -> same output, whatever else is in the batch; torch takes [-2**63, 2**64)
+    seed: Annotated[int, Interval(ge=-(2**63), lt=2**64)] | None = None
+    stop_token_ids: tuple[Annotated[int, Ge(0)], ...] = ()  # the tokenizer's EOS always stops unless ignore_eos
+    stop: tuple[Annotated[str, MinLen(1)], ...] = ()  # matched on detokenized text (may span tokens); not in the output
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Interval(ge=0, le=MAX_TOP_LOGPROBS)] = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = False  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
+        """Parameters from a mapping (e.g. a JSON request); ConfigError naming an unknown key or a bad value."""
+        return check(cls, values)
+
+    def validate(self) -> SamplingParams:
+        """This request's parameters, checked: types and ranges of every field."""
+        return recheck(self)
+
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below 1e-5 decode greedily, as in vLLM: dividing by less would overflow the logits."""
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any repetition, presence or frequency penalty is set."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+@dataclass
+class EngineOptions:
+    """How an engine runs a checkpoint: what `generate`, `chat` and `serve` set from their options."""
+
+    max_batch_size: Positive = 16  # requests decoded together
+    max_model_len: Positive | None = None  # prompt + completion tokens per request; None: the model's context
+    speculative: bool = False  # MTP speculative decoding (the model needs an MTP module)
+    draft_tokens: Positive = 3  # with speculative decoding: tokens the MTP module drafts per step
+    compile: bool = False  # decode steps through torch.compile
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def validate(self) -> EngineOptions:
+        options = recheck(self)
+        require(options.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
+        return options
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `Engine.from_pretrained`."""
+        import torch
+
+        options = self.validate()
+        return dict(
+            dtype=getattr(torch, options.dtype), max_batch_size=options.max_batch_size,
+            max_model_len=options.max_model_len, speculative=options.speculative,
+            draft_tokens=options.draft_tokens, compile=options.compile,
+        )  # fmt: skip

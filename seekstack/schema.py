@@ -1,0 +1,292 @@
+"""Typed configuration, one mechanism for every config object (ModelConfig, TrainConfig, CleaningConfig,
+SamplingParams, EngineOptions).
+
+A config is a plain dataclass whose annotations carry the rules: types, and ranges through `annotated_types`
+(`Annotated[int, Gt(0)]`). `check` validates values strictly with pydantic (no "5" for 5, no True for 1) and
+turns its errors into a `ConfigError` that names the field; rules across fields use `require`. Files are
+YAML, TOML or JSON; `key=value` overrides (dotted for nested fields) go on top; `write_config` writes any config
+back in a form `load_config` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import tomllib
+import yaml
+from annotated_types import Ge, Gt, Interval, Le
+
+from seekstack.atomic import write_atomic
+
+T = TypeVar("T")
+
+Positive = Annotated[int, Gt(0)]
+NonNegative = Annotated[int, Ge(0)]
+PositiveFloat = Annotated[float, Gt(0)]
+NonNegativeFloat = Annotated[float, Ge(0)]
+Fraction = Annotated[float, Interval(ge=0, le=1)]
+__all__ = ["Fraction", "Le", "NonNegative", "NonNegativeFloat", "Positive", "PositiveFloat"]
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the file (when there is one) and the field."""
+
+
+def require(ok: bool, name: str, expectation: str) -> None:
+    """A rule across fields: raise ConfigError naming `name` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"field {name!r} must be {expectation}")
+
+
+def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) -> T:
+    """Build dataclass `cls` from `values`, each checked strictly against its annotation.
+
+    Fields not given keep their defaults. Unknown fields and wrong types or ranges raise ConfigError naming
+    the field, the value and, when given, the `source` (a file name).
+    """
+    import pydantic
+
+    known = [f.name for f in dataclasses.fields(cls)]
+    for name in values:
+        if name not in known:
+            raise _located(ConfigError(f"unknown field {name!r}; known fields are {', '.join(known)}"), source)
+    try:
+        text = json.dumps(dict(values), default=_jsonable)
+        return _adapter(cls).validate_json(text)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        name = ".".join(str(part) for part in first["loc"])
+        value = _lookup(values, first["loc"])
+        message = first["msg"][0].lower() + first["msg"][1:]
+        raise _located(ConfigError(f"field {name!r} has value {value!r}: {message}"), source) from None
+    except ConfigError as error:  # from a __post_init__
+        raise _located(error, source) from None
+
+
+def recheck(config: T, source: str | None = None) -> T:
+    """`config` built in Python (where dataclasses check nothing), checked as `check` checks values from a file."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}  # type: ignore[arg-type]
+    return check(type(config), values, source)
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
+) -> T:
+    """`cls` from `base` (or the defaults), then the file at `path`, then `key=value` overrides; checked.
+
+    Relative paths in a file (fields whose name ends in `_dir` or `_path`, or `tokenizer`) resolve against the
+    file's folder.
+    """
+    values: dict[str, Any] = dict(base or {})
+    source = None
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        values.update(resolve_paths(read_config_file(path), path.parent))
+    values = apply_overrides(cls, values, overrides)
+    return check(cls, values, source)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a .yaml/.yml, .toml or .json file; ConfigError naming the file otherwise."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(f"{path}: expected a .yaml, .yml, .toml or .json file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot be parsed ({error})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of field names to values")
+    return raw
+
+
+def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`values` with each `key=value` set; the value is read as the field's type (YAML for mappings).
+
+    `a.b=v` sets key `b` of the mapping field `a`; for a field that holds another config's overrides (declared
+    with `nested_config`), `b` must be a field of that config.
+    """
+    values = dict(values)
+    hints = _hints(cls)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        head, dot, rest = key.partition(".")
+        if dot:
+            head = _NESTED_PREFIXES.get((cls, head), head)
+        if head not in hints:
+            raise ConfigError(
+                f"override {override!r}: unknown field {head!r}; known fields are {', '.join(sorted(hints))}"
+            )
+        if not rest:
+            values[head] = parse_value(text, hints[head], head)
+            continue
+        nested = _NESTED.get((cls, head))
+        annotation: Any = Any
+        if nested is not None:
+            nested_hints = _hints(nested)
+            if rest not in nested_hints:
+                raise ConfigError(
+                    f"override {override!r}: {nested.__name__} has no field {rest!r}; "
+                    f"known fields are {', '.join(sorted(nested_hints))}"
+                )
+            annotation = nested_hints[rest]
+        elif typing.get_origin(_strip(hints[head])) is not dict:
+            raise ConfigError(f"override {override!r}: field {head!r} is not a mapping")
+        values[head] = {**(values.get(head) or {}), rest: parse_value(text, annotation, key)}
+    return values
+
+
+def parse_value(text: str, annotation: Any, key: str) -> Any:
+    """`text` from the command line as a value of type `annotation` ("3e-4" a float, "a,b" a tuple, YAML else)."""
+    annotation = _strip(annotation)
+    origin = typing.get_origin(annotation)
+    if annotation is str:
+        return text
+    if origin is tuple and not text.lstrip().startswith("["):
+        return [parse_value(part, typing.get_args(annotation)[0], key) for part in text.split(",")]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"field {key!r}: {text!r} cannot be read ({error})") from None
+    if isinstance(value, str):
+        value = _number(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def write_config(config: Any, path: str | Path) -> Path:
+    """Write a config's every field to `path` (.yaml/.yml or .json) so that `load_config` reads it back."""
+    path = Path(path)
+    values = _plain(dataclasses.asdict(config))
+    if path.suffix in (".yaml", ".yml"):
+        text = yaml.safe_dump(values, sort_keys=False)
+    elif path.suffix == ".json":
+        text = json.dumps(values, indent=2) + "\n"
+    else:
+        raise ConfigError(f"{path}: configs are written as .yaml, .yml or .json (TOML is read, not written)")
+    write_atomic(path, text)
+    return path
+
+
+def describe_fields(cls: type) -> str:
+    """One line per field, `name = default  (type)`, for --help (a paragraph click does not rewrap)."""
+    lines = ["\b"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name} = {json.dumps(_plain(default))}  ({_type_name(_hints(cls)[f.name])})")
+    return "\n".join(lines)
+
+
+def nested_config(cls: type, field_name: str, nested: type, prefix: str) -> None:
+    """Declare that `cls.field_name` holds overrides of `nested`'s fields, set on the command line as `prefix.F=V`."""
+    _NESTED[(cls, field_name)] = nested
+    _NESTED_PREFIXES[(cls, prefix)] = field_name
+
+
+_NESTED: dict[tuple[type, str], type] = {}
+_NESTED_PREFIXES: dict[tuple[type, str], str] = {}
+
+
+@functools.cache
+def _adapter(cls: type) -> Any:
+    import pydantic
+
+    if "__pydantic_config__" not in cls.__dict__:
+        cls.__pydantic_config__ = pydantic.ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+    return pydantic.TypeAdapter(cls)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip(annotation: Any) -> Any:
+    """The type under `Annotated[...]` and `X | None`."""
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1:
+            return _strip(args[0])
+    return annotation
+
+
+def _type_name(annotation: Any) -> str:
+    stripped = _strip(annotation)
+    if typing.get_origin(stripped) is typing.Literal:
+        return " | ".join(str(choice) for choice in typing.get_args(stripped))
+    return getattr(stripped, "__name__", str(stripped)) if typing.get_origin(stripped) is None else str(stripped)
+
+
+def _number(text: str) -> Any:
+    """ "3e-4" -> 0.0003 and "1e3" -> 1000 (YAML 1.1 reads both as strings); other text unchanged."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() and "." not in text and "inf" not in text.lower() else number
+
+
+def _lookup(values: Mapping[str, Any], location: tuple) -> Any:
+    value: Any = values
+    for part in location:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def _located(error: ConfigError, source: str | None) -> ConfigError:
+    return ConfigError(f"{source}: {error}") if source else error
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{value!r} ({type(value).__name__}) is not a configuration value")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists and paths as strings, as YAML, TOML and JSON hold them."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`values` with relative paths (fields named `*_dir`, `*_path` or `tokenizer`) made relative to `folder`."""
+    resolved = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str) and value and _is_path_field(name) and not Path(value).is_absolute():
+            resolved[name] = str(folder / value)
+    return resolved
+
+
+def _is_path_field(name: str) -> bool:
+    return name.endswith(("_dir", "_path")) or name == "tokenizer"

@@ -1,0 +1,266 @@
+"""Token shards: a JSONL corpus encoded once into flat memmap files, and the windows training reads from them.
+
+On disk, per split (`train`, `val`, ...) in one directory:
+  {split}_00000.bin, {split}_00001.bin, ...  raw little-endian token ids (uint16, or uint32 past 65536 ids),
+                                             documents concatenated, each followed by EOS (and led by BOS if asked)
+  {split}_index.json                         dtype, shards and their token counts, documents, total tokens,
+                                             UTF-8 bytes of text (for bits per byte), tokenizer vocab size and hash
+A window is seq_len + 1 consecutive tokens: inputs are window[:-1], targets window[1:].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seekstack.corpus.sources import read_jsonl
+from seekstack.tokenizer import Tokenizer, write_atomic
+
+INDEX_VERSION = 1
+DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
+ENCODE_BATCH_DOCUMENTS = 256  # documents handed to the tokenizer's threads at once
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of a `vocab_size` vocabulary."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def index_path(out_dir: str | os.PathLike, split_name: str) -> Path:
+    """Where the index of `split_name`'s shards lives."""
+    return Path(out_dir) / f"{split_name}_index.json"
+
+
+class _ShardWriter:
+    """Fills a fixed-size buffer with tokens and writes it out as numbered shard files, hidden until `publish`."""
+
+    def __init__(self, out_dir: Path, split_name: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.split_name = out_dir, split_name
+        self.buffer = np.empty(shard_tokens, dtype=dtype)
+        self.filled = 0
+        self.shards: list[dict] = []
+
+    def add(self, ids: list[int]) -> None:
+        tokens = np.asarray(ids, dtype=self.buffer.dtype)
+        while len(tokens):
+            take = min(len(tokens), len(self.buffer) - self.filled)
+            self.buffer[self.filled : self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == len(self.buffer):
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled == 0:
+            return
+        name = f"{self.split_name}_{len(self.shards):05d}.bin"
+        self.buffer[: self.filled].astype(self.buffer.dtype.newbyteorder("<"), copy=False).tofile(self._temp(name))
+        self.shards.append({"file": name, "tokens": int(self.filled)})
+        self.filled = 0
+
+    def publish(self) -> None:
+        """Give every written shard its real name."""
+        for shard in self.shards:
+            os.replace(self._temp(shard["file"]), self.out_dir / shard["file"])
+
+    def discard(self) -> None:
+        """Delete the shards written so far, after a failure."""
+        for shard in self.shards:
+            self._temp(shard["file"]).unlink(missing_ok=True)
+
+    def _temp(self, name: str) -> Path:
+        return self.out_dir / f".{name}.tmp"
+
+
+def tokenize_corpus(
+    jsonl_path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    split_name: str,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    add_bos: bool = False,
+    select: Callable[[str], bool] | None = None,
+    extra_index: dict | None = None,
+) -> dict:
+    """Encode every document of `jsonl_path` (those `select` accepts, if given) into `{split_name}_*.bin` shards
+    in `out_dir`; return the index, with `extra_index` merged in.
+
+    Streams: memory holds one shard buffer and one batch of documents, whatever the corpus size.
+    """
+    jsonl_path, out_dir = Path(jsonl_path), Path(out_dir)
+    if not jsonl_path.is_file():
+        raise FileNotFoundError(f"no corpus file at {jsonl_path}: run the corpus stage first")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writer = _ShardWriter(out_dir, split_name, dtype, shard_tokens)
+    documents = text_bytes = 0
+
+    def encode(batch: list[str]) -> None:
+        for ids in tokenizer.encode_batch(batch, add_bos=add_bos):
+            writer.add([*ids, tokenizer.eos_id])
+
+    batch: list[str] = []
+    try:
+        for doc_id, text, _ in read_jsonl(jsonl_path, "text"):  # ids default to file:line
+            if select is not None and not select(text):
+                continue
+            try:
+                text_bytes += len(text.encode("utf-8"))
+            except UnicodeEncodeError as error:
+                raise ValueError(f"{doc_id}: text is not valid Unicode ({error}); clean the corpus") from error
+            documents += 1
+            batch.append(text)
+            if len(batch) == ENCODE_BATCH_DOCUMENTS:
+                encode(batch)
+                batch = []
+        encode(batch)
+        writer.flush()
+    except BaseException:
+        writer.discard()
+        raise
+
+    index = {
+        "version": INDEX_VERSION,
+        "split": split_name,
+        "source": str(jsonl_path),
+        "dtype": dtype.name,
+        "shards": writer.shards,
+        "documents": documents,
+        "total_tokens": sum(shard["tokens"] for shard in writer.shards),
+        "text_bytes": text_bytes,
+        "bos": add_bos,
+        "tokenizer": {
+            "vocab_size": tokenizer.vocab_size,
+            "sha256": tokenizer.fingerprint,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            # where the trainer finds tokenizer.json to put into its checkpoints
+            "path": str(Path(tokenizer.source).resolve()) if Path(tokenizer.source).is_file() else None,
+        },
+        **(extra_index or {}),
+    }
+    # Old index first, so that a crash while renaming leaves no index rather than one that lies.
+    index_path(out_dir, split_name).unlink(missing_ok=True)
+    writer.publish()
+    write_atomic(index_path(out_dir, split_name), json.dumps(index, indent=2))
+    _remove_stale_shards(out_dir, split_name, {shard["file"] for shard in writer.shards})
+    return index
+
+
+def _remove_stale_shards(out_dir: Path, split_name: str, current: set[str]) -> None:
+    pattern = re.compile(rf"{re.escape(split_name)}_\d{{5}}\.bin")
+    for path in out_dir.iterdir():
+        if pattern.fullmatch(path.name) and path.name not in current:
+            path.unlink()
+
+
+def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
+    """The index of `split_name`'s shards, checked against the shard files it lists."""
+    path = index_path(out_dir, split_name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard index at {path}: run `seekstack data tokenize` for split {split_name!r}")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        dtype = np.dtype(index["dtype"])
+        shards, total_tokens = index["shards"], index["total_tokens"]
+        counted = sum(shard["tokens"] for shard in shards)
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is corrupt ({error!r}); re-run `seekstack data tokenize`") from error
+    if counted != total_tokens:
+        raise ValueError(f"{path} is corrupt: shard token counts sum to {counted}, total_tokens says {total_tokens}")
+    for shard in shards:
+        shard_path = path.parent / shard["file"]
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"shard {shard_path} listed in {path} is missing")
+        expected = shard["tokens"] * dtype.itemsize
+        if shard_path.stat().st_size != expected:
+            raise ValueError(
+                f"shard {shard_path} has {shard_path.stat().st_size} bytes, {path} says {expected}; re-tokenize"
+            )
+    return index
+
+
+class TokenWindows:
+    """Windows of seq_len + 1 tokens from a split's shards, in an order fixed by `seed` and resumable.
+
+    Training order: the stream is cut into windows at stride seq_len (neighbours share one token), and each
+    epoch visits all of them in a permutation drawn from (seed, epoch). `position` counts windows served,
+    so the order does not depend on the batch size and `state_dict()` resumes it exactly.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        split_name: str,
+        seq_len: int,
+        seed: int = 0,
+        tokenizer: Tokenizer | None = None,
+    ):
+        self.index = load_index(out_dir, split_name)
+        self.index_file = index_path(out_dir, split_name)
+        if tokenizer is not None and tokenizer.fingerprint != self.index["tokenizer"]["sha256"]:
+            raise ValueError(
+                f"{self.index_file} was tokenized with another tokenizer than {tokenizer.source}; re-tokenize"
+            )
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.seq_len, self.seed, self.position = seq_len, seed, 0
+        total_tokens = self.index["total_tokens"]
+        self.num_windows = (total_tokens - 1) // seq_len
+        if self.num_windows < 1:
+            raise ValueError(f"{self.index_file} holds {total_tokens} tokens, too few for one window of {seq_len + 1}")
+        dtype = np.dtype(self.index["dtype"]).newbyteorder("<")
+        self.shards = [
+            np.memmap(self.index_file.parent / shard["file"], dtype=dtype, mode="r") for shard in self.index["shards"]
+        ]
+        self.shard_starts = np.cumsum([0] + [len(shard) for shard in self.shards])
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def window(self, window_number: int) -> np.ndarray:
+        """Tokens [n * seq_len, n * seq_len + seq_len + 1) of the concatenated shards, as int64."""
+        start, end = window_number * self.seq_len, window_number * self.seq_len + self.seq_len + 1
+        pieces = []
+        shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
+        while start < end:
+            offset = start - self.shard_starts[shard]
+            piece = self.shards[shard][offset : offset + end - start]
+            pieces.append(piece)
+            start += len(piece)
+            shard += 1
+        return np.concatenate(pieces).astype(np.int64)
+
+    def _window_at(self, position: int) -> int:
+        epoch, rank = divmod(position, self.num_windows)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._epoch_order = (epoch, order)
+        return int(self._epoch_order[1][rank])
+
+    def batch(self, batch_size: int) -> torch.Tensor:
+        """The next `batch_size` training windows, shape (batch_size, seq_len + 1), dtype long."""
+        rows = [self.window(self._window_at(self.position + row)) for row in range(batch_size)]
+        self.position += batch_size
+        return torch.from_numpy(np.stack(rows))
+
+    def sequential(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """All windows in stream order, for validation: each token is a target once; the last batch may be short."""
+        for first in range(0, self.num_windows, batch_size):
+            numbers = range(first, min(first + batch_size, self.num_windows))
+            yield torch.from_numpy(np.stack([self.window(number) for number in numbers]))
+
+    def state_dict(self) -> dict:
+        """The seed and position from which `batch` continues."""
+        return {"seed": self.seed, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`, so the next batches are the ones that would have followed it."""
+        self.seed, self.position = int(state["seed"]), int(state["position"])
+        self._epoch_order = None

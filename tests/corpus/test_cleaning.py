@@ -1,0 +1,291 @@
+"""Corpus cleaning: sources, quality rules, dedup, PII scrubbing, the split, and `build_corpus` end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from rich.console import Console
+
+from seekstack.corpus.build import Report, build_corpus, report_table
+from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
+from seekstack.corpus.pii import scrub_pii
+from seekstack.corpus.rules import RULES, CleaningConfig, TextStats, failed_rule, normalise
+from seekstack.schema import ConfigError, load_config, write_config
+from seekstack.corpus.sources import (
+    DataSourceError,
+    Document,
+    open_source,
+    read_jsonl,
+    read_parquet,
+    read_saved_dataset,
+    read_stdlib,
+    read_text_folder,
+)
+from seekstack.corpus.split import is_validation
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+VOCABULARY = (
+    "river stone garden window letter market winter summer candle harbor valley mountain forest silver "
+    "copper engine bridge station village meadow thunder lantern shadow orchard compass journey theory "
+    "library pattern signal ribbon canyon glacier island desert planet museum theatre recipe kitchen"
+).split()
+
+
+def prose(seed: int, words: int = 300) -> str:
+    """Deterministic pseudo-prose: sentences of vocabulary words, ten words to a line."""
+    rng = random.Random(seed)
+    chosen = [rng.choice(VOCABULARY) for _ in range(words)]
+    return "\n".join(" ".join(chosen[i : i + 10]) + "." for i in range(0, words, 10))
+
+
+def fails(rule_name: str, text: str, config: CleaningConfig | None = None) -> bool:
+    rule = next(rule for rule in RULES if rule.name == rule_name)
+    return not rule.passes(TextStats(normalise(text)), config or CleaningConfig())
+
+
+BAD_DOCUMENTS = {
+    "min_chars": "def f():\n    return 1\n",
+    "max_chars": "word " * 220_000,
+    "min_words": "x" * 300,
+    "max_words": "x " * 250_000,
+    "symbol_word_ratio": "\n".join(f"### heading {i} ... ..." for i in range(40)),
+    "digit_fraction": "\n".join(", ".join(str(1000 + 37 * i + j) for j in range(8)) for i in range(40)),
+    "mean_line_chars": "\n".join(
+        "".join(random.Random(i).choices("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz+/", k=150))
+        for i in range(40)
+    ),
+    "long_line_fraction": prose(1, 600) + "\n" + "\n".join(prose(i, 40).replace("\n", " ") for i in range(2, 8)),
+    "alpha_word_fraction": "\n".join(f"v{i} = ( a + b ) * ( c - d ) / e" for i in range(40)),
+    "duplicate_lines": prose(2, 200) + "\n" + "\n".join(["return None"] * 30),
+    "duplicate_line_chars": "\n".join(
+        [f"step{i} ok" for i in range(30)] + ["raise ValueError('the configuration file could not be read')"] * 10
+    ),
+    "top_2gram": "\n".join(f"the cat w{i} x{i}" for i in range(60)),
+    "top_3gram": "\n".join(f"the black cat w{i} x{i}" for i in range(60)),
+    "top_4gram": "\n".join(f"the big black cat w{i} x{i}" for i in range(60)),
+}
+
+
+@pytest.mark.parametrize("rule_name", list(BAD_DOCUMENTS))
+def test_each_rule_removes_its_bad_document(rule_name: str) -> None:
+    assert fails(rule_name, BAD_DOCUMENTS[rule_name])
+
+
+def test_every_rule_has_a_bad_document() -> None:
+    assert set(BAD_DOCUMENTS) == {rule.name for rule in RULES}
+
+
+@pytest.mark.parametrize("module", ["textwrap.py", "argparse.py", "json/decoder.py", "numbers.py", "bisect.py"])
+def test_typical_stdlib_module_passes_every_rule(module: str) -> None:
+    assert failed_rule(normalise((STDLIB / module).read_text(encoding="utf-8")), CleaningConfig()) is None
+
+
+def test_prose_passes_every_rule() -> None:
+    assert failed_rule(prose(0), CleaningConfig()) is None
+
+
+def test_data_table_module_is_removed() -> None:
+    assert failed_rule(normalise((STDLIB / "stringprep.py").read_text(encoding="utf-8")), CleaningConfig()) is not None
+
+
+def test_normalise_applies_nfc_and_unix_line_endings() -> None:
+    assert normalise("cafe\u0301\r\nline\rend") == "caf\u00e9\nline\nend"
+
+
+def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    config = CleaningConfig(min_words=5, max_digit_fraction=0.3, near_duplicate_threshold=0.7)
+    write_config(config, tmp_path / "cleaning.yaml")
+    assert load_config(CleaningConfig, tmp_path / "cleaning.yaml") == config
+
+
+def test_config_accepts_int_for_float_and_keeps_defaults(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("max_digit_fraction: 1\n")
+    config = load_config(CleaningConfig, tmp_path / "c.yaml")
+    assert config.max_digit_fraction == 1 and config.min_words == CleaningConfig().min_words
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("min_wordz: 3\n", "unknown field 'min_wordz'"),
+        ("min_words: many\n", "field 'min_words' has value 'many': input should be a valid integer"),
+        ("max_digit_fraction: 1.5\n", "field 'max_digit_fraction' has value 1.5: input should be less than or equal to 1"),
+    ],
+)
+def test_config_errors_name_the_key_and_file(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(CleaningConfig, path)
+    assert str(path) in str(error.value)
+
+
+def test_exact_dedup_sees_through_line_endings() -> None:
+    dedup = ExactDeduplicator()
+    assert not dedup.is_duplicate(content_hash(normalise("a\nb\n")))
+    assert dedup.is_duplicate(content_hash(normalise("a\r\nb\r\n")))
+    assert not dedup.is_duplicate(content_hash(normalise("a\nc\n")))
+
+
+def test_near_dedup_removes_light_edit_and_keeps_unrelated() -> None:
+    original = prose(10)
+    words = original.split(" ")
+    for position in (40, 120, 200):
+        words[position] = "zebra"
+    edited, unrelated = " ".join(words), prose(11)
+    dedup = NearDeduplicator(threshold=0.8)
+    assert not dedup.is_duplicate("original", original)
+    assert dedup.is_duplicate("edited", edited)
+    assert not dedup.is_duplicate("unrelated", unrelated)
+
+
+def test_pii_is_replaced_and_counted() -> None:
+    text = (
+        "__author__ = 'Ka-Ping Yee <ping@lfw.org>'\n"
+        "server = '93.184.216.34'  # or 2001:4860:4860::8888\n"
+        "OPENAI = 'sk-abcdefghijklmnopqrstuvwxyz0123'\n"
+        "aws = AKIAIOSFODNN7EXAMPLE\n"
+        "gh = ghp_" + "a1B2" * 9 + "\n"
+        "api_key = '9f86d081884c7d659a2feaa0c55ad015'\n"
+        "config = {'password': 'hunter2hunter2x9'}\n"
+    )
+    scrubbed, counts = scrub_pii(text)
+    assert counts == {"email": 1, "ip": 2, "secret": 5}
+    assert "<ping@lfw.org>" not in scrubbed and "Ka-Ping Yee <<EMAIL>>" in scrubbed
+    assert "server = '<IP>'  # or <IP>" in scrubbed
+    assert "api_key = '<SECRET>'" in scrubbed and "'password': '<SECRET>'" in scrubbed
+    assert not any(secret in scrubbed for secret in ("sk-abc", "AKIA", "ghp_", "9f86d0", "hunter2"))
+
+
+def test_code_without_pii_is_untouched() -> None:
+    code = (
+        "class Reader:\n    def __init__(self, token=None):\n        self.version = '3.11.7'\n"
+        "        release = '2.7.2.2'  # see section 8.2.4.44\n"
+        "        evens, odds = items[::2], items[1::2]\n"
+        "        product = weights @ inputs\n"
+        "        token = tokenize.generate_tokens(readline)\n"
+        "        password = getpass.getpass()\n"
+        "        secret_key_name = 'SECRET_KEY_SETTING'\n"
+        "        host, any_host, lan = '127.0.0.1', '::1', '10.0.0.12'\n"
+        "        at = '12:30:45'\n"
+        "    @property\n    def name(self):\n        return 'user at example dot com'\n"
+    )
+    assert scrub_pii(code) == (code, {})
+
+
+def test_split_is_deterministic_and_near_the_fraction() -> None:
+    keys = [content_hash(f"document {i}") for i in range(20_000)]
+    chosen = [is_validation(key, 0.1) for key in keys]
+    assert chosen == [is_validation(key, 0.1) for key in keys]
+    assert 0.09 < sum(chosen) / len(keys) < 0.11
+    assert not any(is_validation(key, 0.0) for key in keys[:100])
+    assert is_validation("document 7", 0.5) == is_validation("document 7", 0.5)
+
+
+def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"content": "first", "uid": "a"}\n\n{"content": "second", "uid": "b"}\n')
+    assert list(read_jsonl(path, "content")) == [
+        Document("docs.jsonl:1", "first", "docs.jsonl"),
+        Document("docs.jsonl:3", "second", "docs.jsonl"),
+    ]
+    assert [doc.doc_id for doc in read_jsonl(path, "content", id_field="uid")] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("second_line", "message"),
+    [('{"body": "x"}', r"docs.jsonl:2: no field 'text'"), ("{oops", r"docs.jsonl:2: not valid JSON")],
+)
+def test_jsonl_errors_name_file_line_and_field(tmp_path: Path, second_line: str, message: str) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "ok"}\n' + second_line + "\n")
+    with pytest.raises(DataSourceError, match=message):
+        list(read_jsonl(path))
+
+
+def test_parquet_source_streams_every_row(tmp_path: Path) -> None:
+    texts = [f"row {i}" for i in range(2500)]
+    pq.write_table(pa.table({"body": texts, "n": list(range(2500))}), tmp_path / "d.parquet", row_group_size=700)
+    docs = list(read_parquet(tmp_path / "d.parquet", "body", batch_size=1000))
+    assert [doc.text for doc in docs] == texts
+    assert docs[2499].doc_id == "d.parquet:2499"
+    with pytest.raises(DataSourceError, match=r"d.parquet: no column 'text'; columns are \['body', 'n'\]"):
+        next(read_parquet(tmp_path / "d.parquet"))
+
+
+def test_saved_dataset_source_reads_arrow_streams(tmp_path: Path) -> None:
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    names = ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    for shard, name in enumerate(names):
+        table = pa.table({"text": [f"shard {shard} doc {i}" for i in range(3)]})
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": name} for name in names]}))
+    (folder / "dataset_info.json").write_text("{}")
+    docs = list(open_source(folder))
+    assert [doc.text for doc in docs] == [f"shard {s} doc {i}" for s in range(2) for i in range(3)]
+    assert docs[3].doc_id == "data-00001-of-00002.arrow:0"
+    with pytest.raises(DataSourceError, match="no column 'content'"):
+        list(read_saved_dataset(folder, "content"))
+
+
+def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "sub" / "b.py").write_text("beta")
+    (tmp_path / "sub" / "c.bin").write_bytes(b"\x00\x01")
+    assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path)] == [("a.txt", "alpha"), ("sub/b.py", "beta")]
+    with pytest.raises(DataSourceError, match="missing.jsonl: no such file or folder"):
+        open_source(tmp_path / "missing.jsonl")
+
+
+def test_stdlib_source_skips_tests_and_idle() -> None:
+    docs = list(itertools.islice(read_stdlib(), 300))
+    assert len(docs) == 300 and all(doc.doc_id.endswith(".py") and doc.source == "stdlib" for doc in docs)
+    assert not any({"test", "tests", "idlelib"} & set(doc.doc_id.split("/")[:-1]) for doc in docs)
+
+
+def test_build_corpus_end_to_end(tmp_path: Path) -> None:
+    source = tmp_path / "raw"
+    source.mkdir()
+    (source / "a.txt").write_text(prose(1) + "\nwrite to ada@example.org")
+    (source / "b.txt").write_text(prose(2))
+    (source / "b_copy.txt").write_text(prose(2).replace("\n", "\r\n"))
+    (source / "c.md").write_text(prose(2).replace("river", "rover", 1) + " extra")
+    (source / "d.txt").write_text("too short")
+    (source / "e.txt").write_text(prose(3))
+    (source / "f.py").write_text((STDLIB / "textwrap.py").read_text(encoding="utf-8"))
+    config = CleaningConfig(val_fraction=0.5)
+    out = tmp_path / "out"
+    report = build_corpus([read_text_folder(source)], out, config, show_progress=False)
+
+    assert report.documents_in == 7 == report.documents_kept + report.documents_removed
+    assert report.removed["min_chars"] == report.removed["exact_duplicate"] == report.removed["near_duplicate"] == 1
+    assert report.examples["exact_duplicate"][0]["id"] == "b_copy.txt"
+    assert report.examples["near_duplicate"][0]["id"] == "c.md"
+    assert report.pii_replacements == {"email": 2}  # ada@example.org and textwrap's author, gward@python.net
+    assert sorted(path.name for path in out.iterdir()) == ["report.json", "train.jsonl", "val.jsonl"]
+    rows = {split: [json.loads(line) for line in open(out / f"{split}.jsonl")] for split in ("train", "val")}
+    assert (len(rows["train"]), len(rows["val"])) == (report.train_documents, report.val_documents)
+    assert sorted(row["id"] for split in rows.values() for row in split) == ["a.txt", "b.txt", "e.txt", "f.py"]
+    assert all(row["source"] == "raw" for split in rows.values() for row in split)
+    assert any("<EMAIL>" in row["text"] for split in rows.values() for row in split)
+    assert Report.load(out / "report.json") == report
+    assert report.bytes_in == sum(len(path.read_bytes()) for path in source.iterdir())
+
+    again = build_corpus([read_text_folder(source)], tmp_path / "again", config, show_progress=False)
+    assert (tmp_path / "again" / "val.jsonl").read_text() == (out / "val.jsonl").read_text()
+    assert again.val_documents == report.val_documents
+
+    console = Console(record=True, width=120)
+    console.print(report_table(report))
+    rendered = console.export_text()
+    assert "near_duplicate" in rendered and "email" in rendered and "7" in rendered

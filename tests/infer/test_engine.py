@@ -1,0 +1,315 @@
+"""The engine: cache and batching equivalence, sampling, stop conditions, speculative decoding, compiled decode
+steps, errors."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from seekstack.infer import Engine, SamplingParams
+from tests.infer.support import micro_model, tiny_tokenizer
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return micro_model()
+
+
+def prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 512, (n,), generator=generator).tolist() for n in lengths]
+
+
+@torch.inference_mode()
+def test_greedy_tokens_and_logprobs_match_the_full_forward(model, tokenizer):
+    engine = Engine(model, tokenizer, prefill_chunk=7)
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=3)
+    [completion] = engine.generate(prompts([17]), params)
+    sequence = completion.prompt_token_ids + completion.token_ids
+    logits = model(torch.tensor([sequence])).logits[0, 16:-1]  # predictions of each generated token
+    assert completion.token_ids == logits.argmax(-1).tolist()
+    full_logprobs = logits.log_softmax(-1)
+    for step, entry in enumerate(completion.logprobs):
+        assert entry.logprob == pytest.approx(full_logprobs[step, entry.token_id].item(), abs=1e-4)
+        assert [token for token, _, _ in entry.top] == full_logprobs[step].topk(3).indices.tolist()
+        assert entry.top[0][0] == entry.token_id  # greedy picks the most likely token
+    assert completion.finish_reason == "length" and len(completion.token_ids) == 10
+
+
+def test_a_sequence_decoded_alone_equals_it_decoded_among_others(model, tokenizer):
+    target, *others = prompts([9, 30, 3, 17])
+    alone = Engine(model, tokenizer).generate([target], GREEDY)[0]
+    engine = Engine(model, tokenizer, max_batch_size=3, prefill_chunk=8)  # the fourth waits for a free seat
+    params = [GREEDY, SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True), GREEDY, GREEDY]
+    together = engine.generate([others[0], others[1], target, others[2]], params)
+    assert together[2].token_ids == alone.token_ids
+    assert together[2].text == alone.text
+    for prompt, completion in zip(others, [together[0], together[1], together[3]], strict=True):
+        assert (
+            completion.token_ids
+            == Engine(model, tokenizer).generate([prompt], GREEDY)[0].token_ids[: len(completion.token_ids)]
+        )
+
+
+def test_request_joining_mid_decode_does_not_change_running_ones(model, tokenizer):
+    first, second = prompts([6, 40])
+    expected = Engine(model, tokenizer).generate([first], GREEDY)[0].token_ids
+    engine = Engine(model, tokenizer, prefill_chunk=16)
+    request = engine.add_request(first, GREEDY)
+    tokens = []
+    for step in range(40):
+        if step == 3:
+            engine.add_request(second, GREEDY)  # its 40-token prompt is prefilled over 3 steps while `first` decodes
+        tokens += [t for out in engine.step() if out.request_id == request for t in out.token_ids]
+    assert tokens == expected
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(model, tokenizer):
+    target, other = prompts([8, 15])
+    params = SamplingParams(max_new_tokens=15, temperature=1.3, top_k=50, top_p=0.95, seed=123, ignore_eos=True)
+    alone = Engine(model, tokenizer).generate([target], params)[0].token_ids
+    unseeded = SamplingParams(max_new_tokens=20, temperature=1.0, ignore_eos=True)
+    together = Engine(model, tokenizer).generate([other, target, other], [unseeded, params, unseeded])
+    assert together[1].token_ids == alone
+    other_seed = SamplingParams(**{**params.__dict__, "seed": 124})
+    assert Engine(model, tokenizer).generate([target], other_seed)[0].token_ids != alone
+
+
+PENALTIES = [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}]
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+@pytest.mark.parametrize("penalties", PENALTIES, ids=["plain", "penalized"])
+def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, penalties, draft_tokens):
+    batch = prompts([5, 21, 12])
+    params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
+    plain = Engine(model, tokenizer, prefill_chunk=8).generate(batch, params)
+    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens)
+    speculative = engine.generate(batch, params)
+    assert [c.token_ids for c in speculative] == [c.token_ids for c in plain]
+    stats = engine.stats()
+    assert stats.spec_drafted > 0 and 0 <= stats.spec_accepted <= stats.spec_drafted
+    assert stats.spec_drafted % draft_tokens == 0
+    # Prompts fed in one piece give the MTP layer the same cache, hence the same drafts and acceptances.
+    whole = Engine(model, tokenizer, prefill_chunk=256, speculative=True, draft_tokens=draft_tokens)
+    whole.generate(batch, params)
+    assert (whole.stats().spec_drafted, whole.stats().spec_accepted) == (stats.spec_drafted, stats.spec_accepted)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+@pytest.mark.parametrize(
+    "draft_tokens, correct, compile", [(1, 1, False), (3, 3, False), (3, 2, False), (3, 0, False), (3, 2, True)]
+)
+@pytest.mark.parametrize("penalties", PENALTIES, ids=["plain", "penalized"])
+def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(
+    model, tokenizer, penalties, draft_tokens, correct, compile
+):
+    """The random MTP module's drafts are all rejected; here each step's drafts are overwritten with the tokens plain
+    greedy decoding produces next, the first `correct` of them right and the rest wrong. Each step then accepts
+    `correct` drafts and emits the token after them: a bonus or a replacement."""
+    batch = prompts([5, 21, 12])
+    params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
+    plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
+    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens, compile=compile)
+    request_ids = [engine.add_request(prompt, params) for prompt in batch]
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        for output in engine.step():
+            tokens[output.request_id] += output.token_ids
+        for request in engine.running:  # the drafts guess the tokens after the pending one
+            generated = len(request.ids) - len(request.prompt_ids)
+            upcoming = plain[request_ids.index(request.request_id)] + [0] * draft_tokens
+            right = upcoming[generated : generated + draft_tokens]
+            request.drafts = right[:correct] + [(token + 1) % 512 for token in right[correct:]]
+    assert [tokens[request_id] for request_id in request_ids] == plain
+    stats = engine.stats()
+    decode_steps = math.ceil(24 / (correct + 1))  # after the token of the prefill step
+    assert stats.spec_drafted == 3 * decode_steps * draft_tokens
+    assert stats.spec_accepted == 3 * (24 - decode_steps)  # each step: the accepted drafts and one more token
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 3])
+def test_speculative_sampling_is_seeded_and_keeps_lengths_and_logprobs(model, tokenizer, draft_tokens):
+    params = SamplingParams(max_new_tokens=20, temperature=0.8, top_k=40, seed=5, ignore_eos=True, logprobs=True)
+    batch = prompts([7, 12])
+    first, second = (
+        Engine(model, tokenizer, speculative=True, draft_tokens=draft_tokens).generate(batch, params) for _ in range(2)
+    )
+    assert [c.token_ids for c in first] == [c.token_ids for c in second]
+    assert [(len(c.token_ids), len(c.logprobs)) for c in first] == [(20, 20), (20, 20)]
+    assert all(entry.token_id == token for c in first for entry, token in zip(c.logprobs, c.token_ids, strict=True))
+
+
+def run_joining(engine: Engine, batch: list[list[int]], params: list[SamplingParams], join_at: int) -> list[list[int]]:
+    """The first prompt alone for `join_at` steps, then the others join it."""
+    ids = [engine.add_request(batch[0], params[0])]
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_unfinished() or step <= join_at:
+        if step == join_at:
+            ids += [engine.add_request(prompt, p) for prompt, p in zip(batch[1:], params[1:], strict=True)]
+        for output in engine.step():
+            tokens.setdefault(output.request_id, []).extend(output.token_ids)
+        step += 1
+    return [tokens[request_id] for request_id in ids]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+@pytest.mark.parametrize("draft_tokens", [0, 1, 3], ids=["plain", "speculative", "speculative-3"])
+def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, draft_tokens):
+    """Compiled decode steps (the batch and the cache mask change shape as requests join) give the eager tokens."""
+    batch = prompts([6, 19, 11])
+    params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 14)]
+    options = {"prefill_chunk": 8, "speculative": draft_tokens > 0, "draft_tokens": max(draft_tokens, 1)}
+    eager = Engine(model, tokenizer, **options)
+    compiled = Engine(model, tokenizer, **options, compile=True)
+    expected = run_joining(eager, batch, params, join_at=4)
+    assert run_joining(compiled, batch, params, join_at=4) == expected
+    assert [len(tokens) for tokens in expected] == [24, 9, 14]
+    if draft_tokens:  # the fused greedy step counts the same drafts and acceptances
+        assert (compiled.stats().spec_drafted, compiled.stats().spec_accepted) == (
+            eager.stats().spec_drafted,
+            eager.stats().spec_accepted,
+        )
+    assert compiled.cache.usage == 0  # every finished request gave its blocks back
+
+
+def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
+    engine = Engine(model, tokenizer, block_size=4)
+    done = engine.add_request(prompts([10])[0], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    aborted = engine.add_request(prompts([10])[0], SamplingParams(max_new_tokens=50, temperature=0))
+    engine.step()
+    assert engine.stats().cache_usage > 0
+    engine.step()
+    engine.abort(aborted)
+    assert aborted not in engine.cache.tables
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert engine.stats().cache_usage == 0 and engine.cache.tables == {}
+    finals = {out.request_id: out.finish_reason for out in outputs if out.finished}
+    assert finals == {aborted: "abort", done: "length"}
+
+
+def test_a_generate_call_that_fails_mid_way_leaves_no_request_holding_blocks(model, tokenizer):
+    engine = Engine(model, tokenizer)
+
+    def failing_decode():
+        raise RuntimeError("decode failed")
+
+    engine._decode = failing_decode  # the first step prefills, the second fails
+    with pytest.raises(RuntimeError, match="decode failed"):
+        engine.generate(prompts([6, 9]), GREEDY)
+    assert engine.cache.tables == {} and engine.cache.usage == 0
+    assert [out.finish_reason for out in engine.step()] == ["abort", "abort"] and not engine.has_unfinished()
+
+
+def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    first, second, never = (engine.add_request(prompt, GREEDY) for prompt in prompts([4, 4, 4]))
+    before = time.perf_counter()
+    outputs = engine.step()  # admits `first` only: the batch holds one
+    engine.abort(never)  # leaves without ever being scheduled
+    first_done = None
+    while engine.has_unfinished():
+        outputs += engine.step()
+        if first_done is None and any(o.request_id == first and o.finished for o in outputs):
+            first_done = time.perf_counter()
+    scheduled = {rid: {o.scheduled_at for o in outputs if o.request_id == rid} for rid in (first, second, never)}
+    assert scheduled[never] == {None}
+    (first_at,), (second_at,) = scheduled[first], scheduled[second]  # one value per request, on every output
+    assert before <= first_at < first_done < second_at  # `second` waited for `first` to free the batch slot
+
+
+def test_requests_added_and_aborted_from_another_thread_while_a_thread_steps(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    outputs, done = [], threading.Event()
+
+    def stepper() -> None:
+        while not done.is_set() or engine.has_unfinished():
+            outputs.extend(engine.step())
+
+    thread = threading.Thread(target=stepper)
+    thread.start()
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)  # still running when aborted
+    batch = prompts([5, 9, 14, 3, 7, 11])
+    ids = [engine.add_request(prompt, long if i == 2 else GREEDY) for i, prompt in enumerate(batch)]
+    engine.abort(ids[2])
+    done.set()
+    thread.join(timeout=60)
+    finished = {out.request_id: out.finish_reason for out in outputs if out.finished}
+    assert finished == {**{i: "length" for i in ids if i != ids[2]}, ids[2]: "abort"}
+    alone = Engine(model, tokenizer).generate([batch[5]], GREEDY)[0].token_ids
+    assert [t for out in outputs if out.request_id == ids[5] for t in out.token_ids] == alone
+    assert engine.cache.usage == 0
+
+
+def test_stop_string_spanning_two_tokens_cuts_the_text_before_it(model, tokenizer):
+    prompt = tokenizer.encode("def main(argv):\n    return ")
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    request = engine.add_request(prompt, params)
+    pieces = []
+    while engine.has_unfinished():
+        pieces += [out.text for out in engine.step() if out.request_id == request]
+    full = "".join(pieces)
+    boundary = next(i for i in range(1, len(pieces) - 1) if pieces[i] and pieces[i + 1])
+    stop = pieces[boundary][-1] + pieces[boundary + 1][0]  # the last character of one step and the first of the next
+    cut = full.find(stop)
+    stopped = Engine(model, tokenizer).generate([prompt], SamplingParams(**{**params.__dict__, "stop": (stop,)}))[0]
+    assert stopped.text == full[:cut]
+    assert stopped.finish_reason == "stop"
+
+
+def test_a_stop_token_id_ends_generation_right_after_that_token(model, tokenizer):
+    prompt = prompts([8])[0]
+    free = Engine(model, tokenizer).generate([prompt], GREEDY)[0].token_ids
+    stop_at = free[4]
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop_at,))
+    stopped = Engine(model, tokenizer).generate([prompt], params)[0]
+    assert stopped.token_ids == free[: free.index(stop_at) + 1]
+    assert stopped.finish_reason == "stop"
+
+
+def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
+    prompt = prompts([8])[0]
+    plain = Engine(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=60, temperature=0))[0]
+    params = SamplingParams(max_new_tokens=60, temperature=0, presence_penalty=2.0, ignore_eos=True)
+    penalized = Engine(model, tokenizer).generate([prompt], params)[0]
+    assert len(set(penalized.token_ids)) == 60  # a random model's logits are far smaller than the penalty
+    assert penalized.token_ids != plain.token_ids
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ([], SamplingParams(), "empty prompt"),
+        ([1] * 300, SamplingParams(max_new_tokens=1), "prompt has 300 tokens, more than max_model_len=256"),
+        ([1] * 200, SamplingParams(max_new_tokens=100), r"200 tokens\) \+ max_new_tokens \(100\) = 300 exceeds"),
+        ([1, 9999], SamplingParams(), "prompt holds token id 9999, outside the vocabulary"),
+        ([1], SamplingParams(temperature=-1), "temperature=-1 is invalid"),
+        ([1], SamplingParams(top_p=0), "top_p=0 is invalid"),
+        ([1], SamplingParams(top_logprobs=21), "top_logprobs=21 is invalid: must be in"),
+        ([1], SamplingParams(max_new_tokens="5"), "max_new_tokens must be an int, got '5'"),
+        ([1], SamplingParams(stop=("",)), "stop='' is invalid"),
+        ([1], SamplingParams(seed=2**64), "seed=18446744073709551616 is invalid"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, params, message):
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, params)
+    assert not engine.has_unfinished()

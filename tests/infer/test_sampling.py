@@ -1,0 +1,161 @@
+"""Sampling: filters, penalties, seeded draws, the speculative acceptance rule, streamed text and stop strings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.infer.detokenize import TextStream
+from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams
+from seekstack.infer.speculative import accept_drafts, verify_drafts
+from tests.infer.support import tiny_tokenizer
+
+
+def batch_of(*params: SamplingParams, penalties=None) -> SamplingBatch:
+    """A batch whose row i draws with a generator seeded by its `seed` (or by 1000 + i)."""
+    generators = [torch.Generator().manual_seed(1000 + i if p.seed is None else p.seed) for i, p in enumerate(params)]
+    return SamplingBatch(list(params), generators, penalties or [None] * len(params), torch.device("cpu"))
+
+
+def test_params_from_a_mapping_refuse_unknown_keys_and_bad_values():
+    assert SamplingParams.from_dict({"temperature": 0, "stop": ["\n"]}).stop == ("\n",)
+    with pytest.raises(ValueError, match="unknown field 'temprature'; known fields are max_new_tokens, temperature"):
+        SamplingParams.from_dict({"temprature": 0.5})
+    with pytest.raises(ValueError, match="field 'min_p' has value 2: input should be less than or equal to 1"):
+        SamplingParams.from_dict({"min_p": 2})
+    with pytest.raises(ValueError, match="field 'logprobs' has value 1: input should be a valid boolean"):
+        SamplingParams.from_dict({"logprobs": 1})
+    with pytest.raises(ValueError, match=r"field 'stop.0' has value '': string should have at least 1 character"):
+        SamplingParams(stop=("",)).validate()
+    with pytest.raises(ValueError, match="field 'seed' has value 18446744073709551616"):
+        SamplingParams(seed=2**64).validate()
+
+
+def test_top_k_top_p_and_min_p_keep_exactly_the_expected_tokens():
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.06, 0.04]])
+    logits = probs.log()
+    cases = [
+        (SamplingParams(top_k=2), [0, 1]),
+        (SamplingParams(top_p=0.7), [0, 1]),  # 0.5 < 0.7, 0.75 >= 0.7: the nucleus is the first two
+        (SamplingParams(top_p=0.76), [0, 1, 2]),
+        (SamplingParams(min_p=0.2), [0, 1, 2]),  # keep p >= 0.2 * 0.5
+        (SamplingParams(top_k=4, min_p=0.1), [0, 1, 2, 3]),
+    ]
+    for params, kept in cases:
+        out = batch_of(params).probabilities(logits)[0]
+        assert (out > 0).nonzero().flatten().tolist() == kept, params
+        torch.testing.assert_close(out[kept], probs[0, kept] / probs[0, kept].sum())
+
+
+def test_temperature_scales_logits_and_zero_means_argmax():
+    logits = torch.tensor([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]])
+    out = batch_of(SamplingParams(temperature=0.5), SamplingParams(temperature=0)).probabilities(logits)
+    torch.testing.assert_close(out[0], (logits[0] / 0.5).softmax(-1))
+    assert out[1].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_a_vanishing_temperature_or_nucleus_decodes_greedily_instead_of_overflowing():
+    logits = torch.randn(2, 50) * 10
+    for params in (SamplingParams(temperature=1e-45), SamplingParams(top_p=1e-300), SamplingParams(top_p=1e-46)):
+        assert batch_of(params, params).sample(logits).tolist() == logits.argmax(-1).tolist(), params
+
+
+def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():
+    state = PenaltyState.from_prompt([0], vocab_size=4, device=torch.device("cpu"))
+    for token in (1, 1, 2):
+        state.add(token)
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    logits = torch.tensor([[2.0, -2.0, 4.0, 1.0]])
+    out = batch_of(params, penalties=[state]).penalize(logits)[0]
+    # token 0: prompt only -> 2/2; token 1: twice -> -2*2 - 0.5 - 0.5; token 2: once -> 4/2 - 0.5 - 0.25; 3 untouched
+    assert out.tolist() == pytest.approx([1.0, -5.0, 1.25, 1.0])
+
+
+def test_a_seeded_row_draws_the_same_tokens_alone_or_beside_another_row():
+    probs = torch.full((2, 1000), 1 / 1000)
+    seeded = SamplingParams(seed=7)
+    alone, beside = batch_of(seeded), batch_of(SamplingParams(), seeded)
+    draws_alone = [alone.draw(probs[:1])[0].item() for _ in range(5)]
+    draws_beside = [beside.draw(probs)[1].item() for _ in range(5)]
+    assert draws_alone == draws_beside
+    assert draws_alone != [batch_of(SamplingParams(seed=8)).draw(probs[:1])[0].item() for _ in range(5)]
+
+
+def test_speculative_rule_with_a_one_hot_draft_samples_the_target_distribution():
+    target = torch.tensor([0.1, 0.5, 0.3, 0.1])
+    rows = 20_000
+    sampling = batch_of(*[SamplingParams()] * rows)
+    drafts = torch.full((rows,), 2)  # the draft model always guesses token 2
+    accepted, replacement = verify_drafts(sampling, target.expand(rows, -1), drafts)
+    tokens = torch.where(accepted, drafts, replacement)
+    frequencies = torch.bincount(tokens, minlength=4) / rows
+    assert accepted.float().mean().item() == pytest.approx(0.3, abs=0.015)  # p(draft)
+    torch.testing.assert_close(frequencies, target, atol=0.015, rtol=0)
+    assert not (replacement[~accepted] == 2).any()  # a rejected draft is never drawn again
+
+
+def test_speculative_rule_over_several_drafts_samples_each_position_from_its_target():
+    """Two drafts per row: the first new token follows p0; the second exists only when the first draft was
+    accepted and then follows p1; the third, when both were, follows p2 (the bonus column)."""
+    targets = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.4, 0.1, 0.2, 0.3], [0.25, 0.25, 0.4, 0.1]])
+    rows, drafts = 40_000, torch.tensor([2, 0])
+    sampling = batch_of(*[SamplingParams()] * rows)
+    accepted, tokens = accept_drafts(sampling, targets.log().expand(rows, -1, -1), drafts.expand(rows, -1))
+    assert accepted.float().mean().item() == pytest.approx(0.3 + 0.3 * 0.4, abs=0.015)  # p0(2) + p0(2) p1(0)
+    for position in range(3):
+        reached = accepted >= position  # rows whose new tokens include this position
+        frequencies = torch.bincount(tokens[reached, position], minlength=4) / reached.sum()
+        torch.testing.assert_close(frequencies, targets[position], atol=0.015, rtol=0)
+
+
+def test_speculative_penalties_count_the_drafts_before_each_position():
+    """Greedy with a repetition penalty: draft 1 repeats draft 0, whose penalty now makes token 3 the argmax."""
+    logits = torch.tensor([[[0.0, 0.0, 2.0, 0.0], [0.0, 0.0, 2.0, 1.5], [1.0, 0.0, 0.0, 0.0]]])
+    penalties = [PenaltyState.from_prompt([0], 4, torch.device("cpu"))]
+    sampling = batch_of(SamplingParams(temperature=0, repetition_penalty=2.0), penalties=penalties)
+    accepted, tokens = accept_drafts(sampling, logits, torch.tensor([[2, 2]]))
+    assert accepted.item() == 1 and tokens[0, :2].tolist() == [2, 3]
+
+
+def test_greedy_verification_accepts_only_the_argmax():
+    target = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    sampling = batch_of(SamplingParams(temperature=0), SamplingParams(temperature=0))
+    accepted, replacement = verify_drafts(sampling, target, torch.tensor([1, 2]))
+    assert accepted.tolist() == [True, False]
+    assert replacement[1].item() == 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def test_streamed_text_is_always_valid_utf8_for_emoji_and_cjk(tokenizer):
+    text = "日本語のテキスト 👩‍👩‍👧‍👦 and 한국어 🇫🇷 done"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text) / 2  # rare characters split into byte tokens
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token)[0] for token in ids]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + stream.flush() == text
+
+
+def test_text_that_may_start_a_stop_string_is_held_back_until_decided(tokenizer):
+    stream = TextStream(tokenizer, stop=("END", "xyz"))
+    shown = []
+    for char in "abEN":
+        shown.append(stream.push(tokenizer.encode(char)[0])[0])
+    assert "".join(shown) == "ab"  # "EN" could be the start of "END"
+    assert stream.push(tokenizer.encode("X")[0]) == ("ENX", False)
+    for char in "x":
+        assert stream.push(tokenizer.encode(char)[0]) == ("", False)
+    assert stream.push(tokenizer.encode("y")[0]) == ("", False)
+    assert stream.push(tokenizer.encode("z")[0]) == ("", True)
+
+
+def test_special_tokens_are_left_out_of_the_text_only_when_asked(tokenizer):
+    ids = tokenizer.encode("ab<｜User｜>cd<｜Assistant｜>e")
+    assert tokenizer.encode("<｜User｜>")[0] in ids  # one special token id, not its characters
+    kept, skipped = TextStream(tokenizer), TextStream(tokenizer, skip_special_tokens=True)
+    assert "".join(kept.push(token)[0] for token in ids) + kept.flush() == "ab<｜User｜>cd<｜Assistant｜>e"
+    assert "".join(skipped.push(token)[0] for token in ids) + skipped.flush() == "abcde"

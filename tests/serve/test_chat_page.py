@@ -1,0 +1,93 @@
+"""The chat page at / in headless Chromium: type a message, see the reply stream in, keep the conversation."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.serve.server import install_test_packages, make_model_dir, running_server
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+)  # fmt: skip
+
+
+def chromium_paths() -> tuple[str, str]:
+    """Chromium and its driver, installed by the test-deps script when missing; skip only if that cannot be done."""
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        install_test_packages()
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("chromium and chromium-driver are not installed and could not be installed")
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium, driver_path = chromium_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory):
+    model_dir = make_model_dir(tmp_path_factory.mktemp("chat-model"))
+    with running_server(model_dir, tmp_path_factory.mktemp("chat-db") / "serve.db") as server:
+        yield server.url
+
+
+def send(browser, text: str) -> None:
+    box = browser.find_element(By.ID, "input")
+    box.send_keys(text)
+    browser.find_element(By.ID, "send").click()
+
+
+def replies(browser) -> list:
+    return browser.find_elements(By.CSS_SELECTOR, ".msg.assistant, .msg.error")
+
+
+def wait_for_reply(browser, count: int):
+    """The `count`-th reply once it has finished streaming; fails at once if it turned into an error."""
+    WebDriverWait(browser, 60).until(
+        lambda b: len(replies(b)) == count and (replies(b)[-1].get_attribute("data-done") or "error" in
+                                               replies(b)[-1].get_attribute("class"))
+    )  # fmt: skip
+    reply = replies(browser)[-1]
+    assert "error" not in reply.get_attribute("class"), reply.text
+    return reply
+
+
+def test_typed_message_gets_a_streamed_reply_with_tokens_per_second(browser, page_url):
+    browser.get(page_url)
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
+    limit = browser.find_element(By.ID, "max-tokens")
+    limit.clear()
+    limit.send_keys("40")  # keep both turns inside the 256-token context
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")  # greedy: the random model's reply is the same every run (an early EOS cannot flake)
+    send(browser, "Hello there")
+    reply = wait_for_reply(browser, 1)
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.user")[-1].text == "Hello there"
+    assert int(reply.get_attribute("data-chunks")) > 1  # arrived in pieces, not in one body
+    assert reply.get_attribute("textContent") != ""
+    stats = browser.find_element(By.ID, "stats").text
+    assert "tokens/s" in stats and int(stats.split()[0]) > 1
+
+    send(browser, "And again")  # the page keeps the conversation: the second request carries both turns
+    wait_for_reply(browser, 2)
+    turns = browser.execute_script("return messages.map(m => m.role)")
+    assert turns == ["user", "assistant", "user", "assistant"]

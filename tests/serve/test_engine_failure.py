@@ -1,0 +1,62 @@
+"""A failing engine step, in process: the requests in flight end with a 500 (an error event in a stream, then
+`data: [DONE]`), the ledger records them as 500, and the server goes on serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
+from seekstack.serve.database import open_database
+from seekstack.serve.ledger import Ledger
+from tests.serve.server import make_model_dir
+
+REQUEST = {"model": "model", "prompt": "x", "max_tokens": 20, "ignore_eos": True}
+
+
+def engine_failing_at_steps(engine: Engine, failing: set[int]) -> Engine:
+    """The real engine, whose step raises on the given step numbers (1-based) and runs normally otherwise."""
+    real_step, count = engine.step, 0
+
+    def step():
+        nonlocal count
+        count += 1
+        if count in failing:
+            raise RuntimeError(f"injected failure at step {count}")
+        return real_step()
+
+    engine.step = step
+    return engine
+
+
+async def post_all(app, bodies: list[dict]) -> list[httpx.Response]:
+    """The requests one after the other, through the app's ASGI interface, with its engine thread running."""
+    bridge = app.state.server.bridge
+    bridge.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://seekstack", timeout=60) as http:
+            return [await http.post("/v1/completions", json=body) for body in bodies]
+    finally:
+        bridge.stop()
+
+
+def test_failing_step_ends_requests_with_500_and_the_server_keeps_serving(tmp_path):
+    engine = Engine.from_pretrained(make_model_dir(tmp_path))
+    database = open_database(tmp_path / "serve.db")
+    # each request's third step fails: prefill, decode, failure (step 4 hands out the ended request's abort)
+    app = create_app(engine_failing_at_steps(engine, failing={3, 7}), database)
+    streamed, whole, after = asyncio.run(post_all(app, [{**REQUEST, "stream": True}, REQUEST, REQUEST]))
+
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line]
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "injected failure at step 3" in error["message"]
+    assert all(json.loads(event)["choices"] for event in events[:-2])  # tokens from steps 1-2 came before it
+    assert whole.status_code == 500 and "injected failure at step 7" in whole.json()["error"]["message"]
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 20
+    rows = Ledger(database).records()
+    assert [row["status"] for row in rows] == [500, 500, 200]

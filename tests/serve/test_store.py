@@ -1,0 +1,176 @@
+"""Keys, price plans, the usage ledger and rate limits, without a server."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+from typer.testing import CliRunner
+
+from seekstack.cli import app
+from seekstack.serve.database import Database, open_database
+from seekstack.serve.keys import KeyStore, KeyStoreError, hash_key
+from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
+from seekstack.serve.ratelimit import RateLimited, RateLimiter
+from tests.serve.server import new_postgres_database, postgres_or_skip
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[str]:
+    with postgres_or_skip() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> Database:
+    """The same tests on both backends: a SQLite file, and a fresh database on the PostgreSQL server."""
+    if request.param == "sqlite":
+        return open_database(tmp_path / "serve.db")
+    return open_database(new_postgres_database(request.getfixturevalue("postgres_server")))
+
+
+def usage(key_name: str | None, prompt: int, completion: int, status: int = 200) -> UsageRecord:
+    return UsageRecord(key_name, "tiny", "/v1/chat/completions", prompt, completion, 0.25, status)
+
+
+def test_key_is_stored_only_as_its_hash(tmp_path):
+    key = KeyStore(open_database(tmp_path / "serve.db")).create("alice")
+    assert key.startswith("sk-ss-") and len(key) > 40
+    raw = (tmp_path / "serve.db").read_bytes() + (tmp_path / "serve.db-wal").read_bytes()
+    assert key.encode() not in raw
+    assert hash_key(key).encode() in raw
+
+
+def test_verify_accepts_the_key_until_it_is_revoked(database):
+    keys = KeyStore(database)
+    key = keys.create("bob", rpm=10, tpm=1000, plan="default")
+    found = keys.verify(key)
+    assert (found.name, found.rpm, found.tpm, found.plan, found.admin) == ("bob", 10, 1000, "default", False)
+    assert keys.verify(key + "x") is None
+    keys.revoke("bob")
+    assert keys.verify(key) is None
+    assert keys.any_keys()  # a revoked key still closes the server: revoking the last key must not open it
+    assert [k.name for k in keys.list()] == ["bob"] and keys.list()[0].revoked_at is not None
+
+
+def test_key_errors_name_the_key_or_plan(database):
+    keys = KeyStore(database)
+    keys.create("carol")
+    with pytest.raises(KeyStoreError, match="'carol' already exists"):
+        keys.create("carol")
+    with pytest.raises(KeyStoreError, match="no plan 'gold'"):
+        keys.create("dave", plan="gold")
+    with pytest.raises(KeyStoreError, match="rpm must be at least 1"):
+        keys.create("erin", rpm=0)
+    with pytest.raises(KeyStoreError, match="no active key named 'nobody'"):
+        keys.revoke("nobody")
+    with pytest.raises(KeyStoreError, match="key name"):
+        keys.create("white space")
+
+
+def test_cost_follows_the_plan_of_the_key_when_recorded(database):
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.set_plan("gold", prompt_per_1k=0.01, completion_per_1k=0.03)
+    keys.create("payer", plan="gold")
+    keys.create("basic")
+    assert ledger.record(usage("payer", 1000, 2000)) == pytest.approx(0.01 + 0.06)
+    assert ledger.record(usage("basic", 500, 500)) == pytest.approx(0.002)  # default 0.002 per 1k tokens
+    assert ledger.record(usage(None, 1000, 0)) == pytest.approx(0.002)  # open server: default plan
+    keys.set_plan("gold", prompt_per_1k=1.0, completion_per_1k=1.0)
+    assert ledger.records("payer")[0]["cost"] == pytest.approx(0.07)  # a price change does not rewrite history
+
+
+def test_daily_totals_per_key_and_since_filter(database):
+    ledger = Ledger(database)
+    KeyStore(database).create("k1")
+    for prompt, completion in ((10, 20), (30, 40)):
+        ledger.record(usage("k1", prompt, completion))
+    ledger.record(usage("k2", 5, 5, status=429))
+    today = dt.datetime.now(dt.timezone.utc).date()
+    days = {d.key_name: d for d in ledger.daily()}
+    assert (days["k1"].day, days["k1"].requests, days["k1"].prompt_tokens, days["k1"].completion_tokens) == (
+        today.isoformat(), 2, 40, 60,
+    )  # fmt: skip
+    assert days["k1"].cost == pytest.approx(100 * 0.002 / 1000)
+    assert [d.key_name for d in ledger.daily(key_name="k2")] == ["k2"]
+    assert ledger.daily(since=today + dt.timedelta(days=1)) == []
+    assert len(ledger.daily(since=today)) == 2
+
+
+def test_records_survive_a_new_connection(tmp_path):
+    path = tmp_path / "ledger.db"
+    Ledger(open_database(path)).record(usage(None, 3, 4))  # no close: as if the process died
+    rows = sqlite3.connect(path).execute("SELECT prompt_tokens, completion_tokens, status FROM usage").fetchall()
+    assert rows == [(3, 4, 200)]
+
+
+def test_parse_day_names_the_expected_format():
+    assert parse_day("2026-01-31") == dt.date(2026, 1, 31)
+    with pytest.raises(ValueError, match="'31/01/2026' is not in the form YYYY-MM-DD"):
+        parse_day("31/01/2026")
+
+
+def test_database_that_is_not_sqlite_is_named(tmp_path):
+    path = tmp_path / "not.db"
+    path.write_text("hello, I am text " * 100)
+    with pytest.raises(ValueError, match="not.db is not a usable seekstack database"):
+        open_database(path)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_per_minute_limit_and_retry_after():
+    clock = FakeClock()
+    limiter = RateLimiter(clock)
+    limiter.admit("k", rpm=2, tpm=None, tokens=1)
+    clock.now += 10
+    limiter.admit("k", rpm=2, tpm=None, tokens=1)
+    clock.now += 5
+    with pytest.raises(RateLimited, match="limit of 2 requests per minute") as refused:
+        limiter.admit("k", rpm=2, tpm=None, tokens=1)
+    assert refused.value.retry_after_s == 45  # the first request leaves the window 60 s after it came
+    limiter.admit("other", rpm=2, tpm=None, tokens=1)  # keys have separate windows
+    clock.now += 45
+    limiter.admit("k", rpm=2, tpm=None, tokens=1)
+
+
+def test_tokens_per_minute_charge_is_settled_to_the_real_usage():
+    clock = FakeClock()
+    limiter = RateLimiter(clock)
+    charge = limiter.admit("k", rpm=None, tpm=100, tokens=80)  # prompt + max_tokens
+    with pytest.raises(RateLimited, match="limit of 100 tokens per minute") as refused:
+        limiter.admit("k", rpm=None, tpm=100, tokens=30)
+    assert refused.value.retry_after_s == 60
+    limiter.settle(charge, 20)  # it stopped early
+    limiter.admit("k", rpm=None, tpm=100, tokens=30)
+    with pytest.raises(RateLimited, match="more than key 'k' may use in a minute"):
+        limiter.admit("k", rpm=None, tpm=100, tokens=101)
+
+
+def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    created = runner.invoke(app, ["keys", "create", "--name", "frank", "--rpm", "5", "--db", db])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip()
+    assert KeyStore(open_database(db)).verify(key).rpm == 5
+    listed = runner.invoke(app, ["keys", "list", "--db", db]).stdout
+    assert "frank" in listed and key[:12] in listed and key not in listed
+    priced = runner.invoke(
+        app, ["keys", "plan", "pro", "--prompt-price", "0.5", "--completion-price", "1.5", "--db", db]
+    )
+    assert "pro: 0.5 / 1.5 per 1k" in priced.stdout
+    refused = runner.invoke(app, ["keys", "create", "--name", "gina", "--plan", "gold", "--db", db])
+    assert refused.exit_code == 1 and "no plan 'gold'" in refused.stderr
+    Ledger(open_database(db)).record(usage("frank", 1000, 500))
+    table = runner.invoke(app, ["usage", "--db", db]).stdout
+    assert "frank" in table and "1,000" in table and "0.003000" in table  # 1.5k tokens at 0.002 per 1k
+    bad_day = runner.invoke(app, ["usage", "--since", "yesterday", "--db", db])
+    assert bad_day.exit_code == 1 and "'yesterday' is not in the form YYYY-MM-DD" in bad_day.stderr

@@ -1,0 +1,144 @@
+"""Specifications of the curriculum data: difficulty scores and buckets, the mixture schedule and its sampler."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seekstack.tokens.difficulty import bucket_bounds, compression_ratio, tokenize_buckets
+from seekstack.tokens.mixture import MixtureSchedule, MixtureWindows
+from seekstack.tokens.shards import load_index, tokenize_corpus
+from seekstack.tokenizer import train_tokenizer
+
+CURRICULUM = {"easy": [0.7, 0.2, 0.1], "medium": [0.2, 0.5, 0.3], "hard": [0.1, 0.3, 0.6]}
+SOURCE_IDS = {"easy": 100, "medium": 200, "hard": 300}  # every token of a source's split is its id + 0..9
+SEQ_LEN = 16
+
+
+def write_constant_split(data_dir: Path, split: str, first_id: int, tokens: int = 4000) -> None:
+    """A shard whose tokens all lie in [first_id, first_id + 10), so each window tells which split it came from."""
+    ids = first_id + np.arange(tokens) % 10
+    ids.astype("<u2").tofile(data_dir / f"{split}_00000.bin")
+    index = {
+        "version": 1, "split": split, "source": "synthetic", "dtype": "uint16",
+        "shards": [{"file": f"{split}_00000.bin", "tokens": tokens}], "documents": 1, "total_tokens": tokens,
+        "text_bytes": tokens, "bos": False, "tokenizer": {"vocab_size": 512, "sha256": "synthetic"},
+    }  # fmt: skip
+    (data_dir / f"{split}_index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mixture")
+    for split, first_id in SOURCE_IDS.items():
+        write_constant_split(path, split, first_id)
+    return path
+
+
+def sources_of(batch) -> list[str]:
+    by_id = {first_id: name for name, first_id in SOURCE_IDS.items()}
+    return [by_id[int(row[0]) // 100 * 100] for row in batch]
+
+
+# ---------------------------------------------------------------------------------- difficulty
+def test_compression_ratio_ranks_repetitive_text_easier_than_dense_text():
+    rng = random.Random(0)
+    repetitive = "x = 1\n" * 500
+    prose = " ".join(rng.choice(["the", "model", "reads", "a", "token", "and", "then", "writes"]) for _ in range(500))
+    dense = "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(3000))
+    assert compression_ratio(repetitive) < compression_ratio(prose) < compression_ratio(dense)
+    assert compression_ratio(repetitive) < 0.05 and compression_ratio(dense) > 0.7
+
+
+def test_bucket_bounds_give_each_bucket_an_equal_share_of_bytes():
+    scores = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2]
+    assert bucket_bounds(scores, [1] * 6, 3) == [0.2, 0.5]  # two documents per bucket
+    assert bucket_bounds(scores, [10, 1, 1, 1, 1, 1], 2) == [0.7]  # the 10-byte document fills the top half alone
+
+
+def test_tokenize_buckets_partitions_the_split_from_easy_to_hard(tmp_path):
+    rng = random.Random(1)
+    texts = [("def f():\n    return 1\n" * rng.randint(5, 40)) for _ in range(6)]
+    texts += [
+        "".join(rng.choice(string.ascii_lowercase + " \n") for _ in range(rng.randint(200, 900))) for _ in range(6)
+    ]
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    tokenizer = train_tokenizer(texts, vocab_size=300, out_path=tmp_path / "tokenizer")
+    whole = tokenize_corpus(corpus, tokenizer, tmp_path / "tokens", "train")
+    easy, medium, hard = tokenize_buckets(corpus, tokenizer, tmp_path / "tokens", "train")
+    assert easy["documents"] + medium["documents"] + hard["documents"] == whole["documents"] == 12
+    assert easy["total_tokens"] + medium["total_tokens"] + hard["total_tokens"] == whole["total_tokens"]
+    assert easy["text_bytes"] + medium["text_bytes"] + hard["text_bytes"] == whole["text_bytes"]
+    assert easy["difficulty"]["score_above"] is None and hard["difficulty"]["score_at_most"] is None
+    assert easy["difficulty"]["score_at_most"] == medium["difficulty"]["score_above"]
+    assert medium["difficulty"]["score_at_most"] == hard["difficulty"]["score_above"]
+    assert easy["difficulty"]["score_at_most"] < hard["difficulty"]["score_above"]
+    assert load_index(tmp_path / "tokens", "train_hard")["tokenizer"]["path"] == str(Path(tokenizer.source).resolve())
+
+
+# ---------------------------------------------------------------------------------- schedule
+def test_schedule_changes_the_mix_at_each_third_of_training():
+    schedule = MixtureSchedule(CURRICULUM)
+    assert schedule.weights_at(0.0) == pytest.approx({"easy": 0.7, "medium": 0.2, "hard": 0.1})
+    assert schedule.weights_at(0.33) == pytest.approx({"easy": 0.7, "medium": 0.2, "hard": 0.1})
+    assert schedule.weights_at(0.34) == pytest.approx({"easy": 0.2, "medium": 0.5, "hard": 0.3})
+    assert schedule.weights_at(0.67) == pytest.approx({"easy": 0.1, "medium": 0.3, "hard": 0.6})
+    assert schedule.weights_at(1.0) == pytest.approx({"easy": 0.1, "medium": 0.3, "hard": 0.6})
+    constant = MixtureSchedule({"code": 3, "prose": [1.0]})  # one number = every phase; weights are normalised
+    assert constant.weights_at(0.9) == {"code": 0.75, "prose": 0.25}
+
+
+def test_schedule_errors_name_the_source():
+    with pytest.raises(ValueError, match="'hard' has 2 weights; give 1 or 3"):
+        MixtureSchedule({"easy": [1, 1, 1], "hard": [1, 1]})
+    with pytest.raises(ValueError, match=r"'easy' has weights \[-1\]"):
+        MixtureSchedule({"easy": -1})
+    with pytest.raises(ValueError, match="phase 2 of 2 has no source with a positive weight"):
+        MixtureSchedule({"easy": [1, 0], "hard": [1, 0]})
+
+
+# ---------------------------------------------------------------------------------- sampler
+def test_mixture_draws_each_source_with_its_scheduled_probability(data_dir):
+    mixture = MixtureWindows(data_dir, MixtureSchedule(CURRICULUM), SEQ_LEN, seed=3)
+    early = sources_of(mixture.batch(2000, progress=0.0))
+    late = sources_of(mixture.batch(2000, progress=0.9))
+    assert early.count("easy") / 2000 == pytest.approx(0.7, abs=0.03)
+    assert early.count("hard") / 2000 == pytest.approx(0.1, abs=0.03)
+    assert late.count("hard") / 2000 == pytest.approx(0.6, abs=0.03)
+    assert mixture.last_batch_rows == {name: late.count(name) for name in CURRICULUM}
+
+
+def test_mixture_is_fixed_by_the_seed_and_not_by_the_batch_size(data_dir):
+    def rows(seed: int, batch_sizes: list[int]) -> np.ndarray:
+        mixture = MixtureWindows(data_dir, MixtureSchedule(CURRICULUM), SEQ_LEN, seed=seed)
+        return np.concatenate([mixture.batch(size, progress=0.5).numpy() for size in batch_sizes])
+
+    assert np.array_equal(rows(0, [8, 8, 8]), rows(0, [24]))
+    assert np.array_equal(rows(0, [5, 19]), rows(0, [24]))
+    assert not np.array_equal(rows(1, [24]), rows(0, [24]))
+
+
+def test_mixture_resumes_exactly_from_its_state(data_dir):
+    whole = MixtureWindows(data_dir, MixtureSchedule(CURRICULUM), SEQ_LEN, seed=7)
+    whole.batch(30, progress=0.1)
+    state = json.loads(json.dumps(whole.state_dict()))  # it must survive serialisation
+    expected = whole.batch(30, progress=0.5)
+    resumed = MixtureWindows(data_dir, MixtureSchedule(CURRICULUM), SEQ_LEN, seed=0)
+    resumed.load_state_dict(state)
+    assert np.array_equal(resumed.batch(30, progress=0.5).numpy(), expected.numpy())
+
+
+def test_mixture_refuses_sources_tokenized_differently(data_dir, tmp_path):
+    write_constant_split(tmp_path, "easy", 100)
+    index = json.loads((tmp_path / "easy_index.json").read_text())
+    index["tokenizer"]["sha256"] = "another"
+    (tmp_path / "easy_index.json").write_text(json.dumps(index))
+    write_constant_split(tmp_path, "hard", 300)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        MixtureWindows(tmp_path, MixtureSchedule({"easy": 1, "hard": 1}), SEQ_LEN)

@@ -1,0 +1,228 @@
+"""Token shards: what tokenize_corpus writes, and the windows TokenWindows serves from it."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer as BackendTokenizer
+
+from seekstack.tokens.shards import TokenWindows, load_index, token_dtype, tokenize_corpus
+from seekstack.tokenizer import Tokenizer, train_tokenizer
+
+SEQ_LEN = 64
+
+
+def write_corpus(path: Path, texts: list[str]) -> Path:
+    """A corpus-stage JSONL file: one {"id", "text", "source"} object per line."""
+    with path.open("w", encoding="utf-8") as out:
+        for number, text in enumerate(texts):
+            out.write(json.dumps({"id": f"doc-{number}", "text": text, "source": "stdlib"}) + "\n")
+    return path
+
+
+def stdlib_documents(count: int) -> list[str]:
+    """The first `count` standard-library modules, cut to 4 KB so the corpus stays small."""
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:count]
+    return [path.read_text(encoding="utf-8", errors="replace")[:4000] for path in paths]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    return train_tokenizer(stdlib_documents(60), vocab_size=1000, out_path=tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def documents() -> list[str]:
+    return [*stdlib_documents(12), "", "naïve café 👩‍👩‍👧"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tokenizer, documents) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    tokenize_corpus(write_corpus(root / "train.jsonl", documents), tokenizer, root / "out", "train", shard_tokens=1000)
+    return root / "out"
+
+
+def expected_stream(tokenizer: Tokenizer, documents: list[str], add_bos: bool = False) -> np.ndarray:
+    return np.concatenate([[*tokenizer.encode(text, add_bos=add_bos), tokenizer.eos_id] for text in documents])
+
+
+def read_stream(out_dir: Path, split: str) -> np.ndarray:
+    index = load_index(out_dir, split)
+    return np.concatenate([np.fromfile(out_dir / s["file"], dtype=index["dtype"]) for s in index["shards"]])
+
+
+def test_token_dtype_is_uint16_up_to_65536_ids_then_uint32():
+    assert token_dtype(1000) == np.uint16
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_shards_hold_every_document_followed_by_eos(shards, tokenizer, documents):
+    stream = read_stream(shards, "train")
+    assert stream.dtype == np.uint16
+    np.testing.assert_array_equal(stream, expected_stream(tokenizer, documents))
+    assert int((stream == tokenizer.eos_id).sum()) == len(documents)
+    assert stream[-1] == tokenizer.eos_id
+
+
+def test_index_records_counts_bytes_and_tokenizer(shards, tokenizer, documents):
+    index = json.loads((shards / "train_index.json").read_text(encoding="utf-8"))
+    total = len(expected_stream(tokenizer, documents))
+    assert index["dtype"] == "uint16"
+    assert index["documents"] == len(documents)
+    assert index["total_tokens"] == total == sum(shard["tokens"] for shard in index["shards"])
+    assert [shard["file"] for shard in index["shards"]] == [f"train_{i:05d}.bin" for i in range(len(index["shards"]))]
+    assert [shard["tokens"] for shard in index["shards"][:-1]] == [1000] * (len(index["shards"]) - 1)
+    assert index["text_bytes"] == sum(len(text.encode("utf-8")) for text in documents)
+    assert index["tokenizer"]["vocab_size"] == 1000
+    assert index["tokenizer"]["sha256"] == tokenizer.fingerprint
+    assert sorted(path.name for path in shards.iterdir()) == sorted(
+        [*(shard["file"] for shard in index["shards"]), "train_index.json"]
+    )
+
+
+def test_bos_is_written_before_each_document_when_asked(tmp_path, tokenizer, documents):
+    corpus = write_corpus(tmp_path / "val.jsonl", documents[:3])
+    index = tokenize_corpus(corpus, tokenizer, tmp_path / "out", "val", add_bos=True)
+    stream = read_stream(tmp_path / "out", "val")
+    np.testing.assert_array_equal(stream, expected_stream(tokenizer, documents[:3], add_bos=True))
+    assert index["bos"] is True and int((stream == tokenizer.bos_id).sum()) == 3
+
+
+def test_vocab_past_65536_is_stored_as_uint32(tmp_path, tokenizer):
+    backend = BackendTokenizer.from_file(tokenizer.source)
+    backend.add_tokens([f"<extra_{number}>" for number in range(65_000)])
+    big = Tokenizer(backend)
+    assert big.vocab_size == 66_000
+    corpus = write_corpus(tmp_path / "train.jsonl", ["plain text <extra_64999> end"])
+    index = tokenize_corpus(corpus, big, tmp_path / "out", "train")
+    stream = read_stream(tmp_path / "out", "train")
+    assert index["dtype"] == "uint32" and stream.dtype == np.uint32
+    assert (tmp_path / "out" / "train_00000.bin").stat().st_size == 4 * index["total_tokens"]
+    assert 65_999 in stream.tolist()
+    np.testing.assert_array_equal(stream, [*big.encode("plain text <extra_64999> end"), big.eos_id])
+
+
+def test_retokenizing_replaces_old_shards(tmp_path, tokenizer, documents):
+    corpus = write_corpus(tmp_path / "train.jsonl", documents)
+    tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train", shard_tokens=500)
+    index = tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train", shard_tokens=100_000)
+    assert [path.name for path in (tmp_path / "out").glob("train_*.bin")] == ["train_00000.bin"]
+    assert index["shards"] == [{"file": "train_00000.bin", "tokens": index["total_tokens"]}]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("{broken", r"train.jsonl:2: not valid JSON"), ('{"id": "x"}', r"train.jsonl:2: no field 'text'")],
+)
+def test_bad_corpus_lines_are_named_by_file_and_line(tmp_path, tokenizer, line, message):
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "text": "ok", "source": "s"}) + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train", shard_tokens=2)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_text_that_is_not_unicode_is_named_and_earlier_shards_survive(tmp_path, tokenizer):
+    corpus = write_corpus(tmp_path / "train.jsonl", ["first", "second"])
+    before = tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train")
+    corpus.write_text('{"id": "a", "text": "ok"}\n{"id": "b", "text": "lone \\udcff surrogate"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="train.jsonl:2: text is not valid Unicode"):
+        tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train", shard_tokens=1)
+    assert load_index(tmp_path / "out", "train") == before
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["train_00000.bin", "train_index.json"]
+
+
+def test_missing_corpus_is_named(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+        tokenize_corpus(tmp_path / "nowhere.jsonl", tokenizer, tmp_path / "out", "train")
+
+
+def test_windows_are_deterministic_for_a_seed_and_differ_across_seeds(shards):
+    first, again, other = (TokenWindows(shards, "train", SEQ_LEN, seed=seed) for seed in (1, 1, 2))
+    batches = [first.batch(4) for _ in range(3)]
+    assert all(torch.equal(batch, again.batch(4)) for batch in batches)
+    assert not torch.equal(torch.cat(batches), torch.cat([other.batch(4) for _ in range(3)]))
+    assert batches[0].shape == (4, SEQ_LEN + 1) and batches[0].dtype == torch.long
+
+
+def test_windows_are_slices_of_the_stream_and_an_epoch_visits_each_once(shards, tokenizer, documents):
+    stream = torch.from_numpy(expected_stream(tokenizer, documents).astype(np.int64))
+    windows = TokenWindows(shards, "train", SEQ_LEN, seed=0)
+    assert windows.num_windows == (len(stream) - 1) // SEQ_LEN
+    epoch = windows.batch(windows.num_windows)
+    starts = []
+    for row in epoch:
+        matches = [
+            n for n in range(windows.num_windows) if torch.equal(row, stream[n * SEQ_LEN : (n + 1) * SEQ_LEN + 1])
+        ]
+        starts.append(matches[0])
+    assert sorted(starts) == list(range(windows.num_windows))
+    assert starts != sorted(starts)
+
+
+def test_resume_from_state_dict_gives_the_same_next_batches(shards):
+    windows = TokenWindows(shards, "train", SEQ_LEN, seed=7)
+    for _ in range(5):
+        windows.batch(40)
+    state = windows.state_dict()
+    following = [windows.batch(40) for _ in range(5)]
+    assert windows.position > windows.num_windows, "the resumed stretch should cross into the next epoch"
+    resumed = TokenWindows(shards, "train", SEQ_LEN, seed=0)
+    resumed.load_state_dict(state)
+    assert state == {"seed": 7, "position": 200}
+    assert all(torch.equal(batch, resumed.batch(40)) for batch in following)
+
+
+def test_order_does_not_depend_on_batch_size(shards):
+    small, large = TokenWindows(shards, "train", SEQ_LEN, seed=3), TokenWindows(shards, "train", SEQ_LEN, seed=3)
+    assert torch.equal(torch.cat([small.batch(3), small.batch(5)]), large.batch(8))
+
+
+def test_sequential_windows_cover_the_stream_in_order_once(shards, tokenizer, documents):
+    stream = torch.from_numpy(expected_stream(tokenizer, documents).astype(np.int64))
+    windows = TokenWindows(shards, "train", SEQ_LEN)
+    batches = list(windows.sequential(batch_size=5))
+    assert [len(batch) for batch in batches[:-1]] == [5] * (len(batches) - 1)
+    rows = torch.cat(batches)
+    assert len(rows) == windows.num_windows
+    targets = torch.cat([row[1:] for row in rows])
+    assert torch.equal(targets, stream[1 : windows.num_windows * SEQ_LEN + 1])
+    assert torch.equal(rows[:, 0], stream[0 : windows.num_windows * SEQ_LEN : SEQ_LEN])
+
+
+def test_missing_or_corrupt_index_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="val_index.json"):
+        TokenWindows(tmp_path, "val", SEQ_LEN)
+    (tmp_path / "val_index.json").write_text("{oops", encoding="utf-8")
+    with pytest.raises(ValueError, match="val_index.json is corrupt"):
+        TokenWindows(tmp_path, "val", SEQ_LEN)
+
+
+def test_missing_or_truncated_shard_is_named(tmp_path, tokenizer, documents):
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", documents), tokenizer, tmp_path, "train", shard_tokens=1000)
+    shard = tmp_path / "train_00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="train_00001.bin has 1998 bytes"):
+        TokenWindows(tmp_path, "train", SEQ_LEN)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="train_00001.bin listed in .*train_index.json is missing"):
+        TokenWindows(tmp_path, "train", SEQ_LEN)
+
+
+def test_tokenizer_mismatch_is_detected(shards, tmp_path):
+    other = train_tokenizer(stdlib_documents(5), vocab_size=600, out_path=tmp_path)
+    with pytest.raises(ValueError, match="train_index.json was tokenized with another tokenizer"):
+        TokenWindows(shards, "train", SEQ_LEN, tokenizer=other)
+
+
+def test_split_shorter_than_one_window_is_rejected(tmp_path, tokenizer):
+    tokenize_corpus(write_corpus(tmp_path / "val.jsonl", ["tiny"]), tokenizer, tmp_path, "val")
+    with pytest.raises(ValueError, match="val_index.json holds .* tokens, too few for one window of 65"):
+        TokenWindows(tmp_path, "val", SEQ_LEN)

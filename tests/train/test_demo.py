@@ -1,0 +1,95 @@
+"""The `make demo` path at a tiny budget, through the CLI: tokenize with buckets, train a curriculum, sample, plot.
+
+And what it leaves behind: a checkpoint directory that loads as a model with its tokenizer, and a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seekstack.checkpoint import load_pretrained
+from seekstack.cli import app
+from seekstack.tokenizer import Tokenizer
+from seekstack.train.plot import read_metrics
+from seekstack.eval.samples import demo_samples
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MICRO = (
+    "model.hidden_size=64 model.intermediate_size=96 model.moe_intermediate_size=32 model.num_hidden_layers=2 "
+    "model.num_attention_heads=2 model.q_lora_rank=32 model.kv_lora_rank=16 model.qk_nope_head_dim=16 "
+    "model.qk_rope_head_dim=8 model.v_head_dim=16 model.n_routed_experts=4 model.vocab_size=400"
+).split()
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, [str(arg) for arg in args], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """Corpus -> tokenizer -> shards with buckets -> 4 curriculum steps of a micro model."""
+    root = tmp_path_factory.mktemp("demo")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    texts = [path.read_text(encoding="utf-8", errors="replace")[:3000] for path in paths]
+    for split, documents in (("train", texts[:34]), ("val", texts[34:])):
+        lines = "".join(json.dumps({"text": text}) + "\n" for text in documents)
+        (corpus / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+    run("tokenizer", "train", "--corpus", corpus, "--vocab-size", 400, "--out", root / "tokenizer")
+    tokens = run(
+        "data", "tokenize", "--corpus", corpus, "--tokenizer", root / "tokenizer", "--out", root / "tokens", "--buckets"
+    )
+    assert "train_easy: " in tokens.output and "train_hard: " in tokens.output
+    mixture = "mixture={train_easy: [0.7, 0.2, 0.1], train_medium: [0.2, 0.5, 0.3], train_hard: [0.1, 0.3, 0.6]}"
+    settings = f"data_dir={root / 'tokens'} out_dir={root / 'run'} max_steps=4 batch_size=4 seq_len=64 warmup_steps=1"
+    run("train", *settings.split(), "eval_every=4", "eval_batches=2", *MICRO, mixture)
+    return root
+
+
+def test_demo_checkpoint_loads_as_a_model_with_its_tokenizer(demo_run):
+    checkpoint = demo_run / "run" / "checkpoints" / "step_4"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        path.name for path in checkpoint.iterdir()
+    }
+    tokenizer = Tokenizer.from_file(checkpoint)
+    assert tokenizer.fingerprint == Tokenizer.from_file(demo_run / "tokenizer").fingerprint
+    model = load_pretrained(checkpoint).eval()
+    prompt_ids = tokenizer.encode("def f(x):\n")
+    with torch.inference_mode():
+        expected = model(torch.tensor([prompt_ids])).logits[0, -1].argmax().item()
+    [(_, greedy, _)] = demo_samples(checkpoint, ("def f(x):\n",), max_new_tokens=1)
+    assert tokenizer.encode(greedy) == [expected] or (greedy == "" and expected == tokenizer.eos_id)
+
+
+def test_demo_run_logs_the_curriculum_mix_and_a_validation_bpb(demo_run):
+    records = read_metrics(demo_run / "run")
+    assert [r["mix"]["train_easy"] for r in records if "loss" in r] == pytest.approx([0.7, 0.7, 0.2, 0.1])
+    (evaluation,) = [r for r in records if "val_bpb" in r]
+    assert 0 < evaluation["val_bpb"] < 10
+
+
+def test_sample_prints_greedy_and_sampled_continuations_of_each_prompt(demo_run):
+    result = run("sample", demo_run / "run", "--prompt", "import os\n", "--prompt", "class A:\n", "--max-new-tokens", 5)
+    assert result.output.count("[greedy]") == 2 and result.output.count("[sampled, T=0.8, top-k 50]") == 2
+    assert "----- prompt 'import os\\n'" in result.output
+
+
+def test_plot_writes_a_png_of_the_run(demo_run, tmp_path):
+    result = run("plot", demo_run / "run", "--out", tmp_path / "curves.png")
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+    assert str(tmp_path / "curves.png") in result.output
+
+
+def test_plot_names_the_run_without_metrics(tmp_path):
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output

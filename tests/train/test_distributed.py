@@ -1,0 +1,50 @@
+"""Data parallelism: two gloo ranks on CPU train exactly like one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_train import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
+
+from seekstack.train.trainer import train
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, config) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    train(config)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_ranks_match_one_process_at_the_same_global_batch(data_dir, tmp_path):  # noqa: F811
+    single = train(run_config(data_dir, tmp_path / "one", max_steps=3, eval_every=0, save_every=0))
+    config = run_config(data_dir, tmp_path / "two", max_steps=3, eval_every=0, save_every=0)
+    mp.spawn(_rank_main, args=(2, free_port(), config), nprocs=2, join=True)
+    two = [m for m in read_metrics(tmp_path / "two") if "loss" in m]
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for one_loss, metrics in zip(single.losses, two, strict=True):
+        assert metrics["loss"] == pytest.approx(one_loss, abs=1e-5)
+    one = [m for m in read_metrics(tmp_path / "one") if "loss" in m]
+    assert two[-1]["maxvio"] == pytest.approx(one[-1]["maxvio"], abs=1e-5)  # loads all-reduced across ranks
+
+
+def test_each_rank_takes_its_own_slice_of_the_global_batch():
+    from seekstack.parallel.distributed import Ranks, local_rows
+
+    batch = torch.arange(12).reshape(6, 2)
+    slices = [local_rows(batch, Ranks(rank, 3, torch.device("cpu"))) for rank in range(3)]
+    assert torch.equal(torch.cat(slices), batch) and torch.equal(slices[1], torch.tensor([[4, 5], [6, 7]]))
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 ranks"):
+        local_rows(batch, Ranks(0, 4, torch.device("cpu")))

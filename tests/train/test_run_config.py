@@ -1,0 +1,93 @@
+"""Specifications of a run's configuration as a user meets it: nested overrides, resume from the saved config,
+a schedule that continues when a resumed run is given more steps, paths relative to the config file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from seekstack.cli import app
+from seekstack.schema import ConfigError
+from seekstack.train.config import CONFIG_FILE, load_train_config
+from tests.train.test_trainer import MICRO_MODEL, read_metrics, write_split
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("shards")
+    write_split(path, "train", 20_000, seed=1)
+    return path
+
+
+def micro_overrides(data_dir: Path, out_dir: Path, **changes) -> list[str]:
+    values = dict(
+        data_dir=data_dir, out_dir=out_dir, seq_len=32, batch_size=4, max_steps=6, warmup_steps=2, eval_every=0,
+        save_every=3, keep_checkpoints=2, lr=3e-3, min_lr=3e-4,
+    ) | changes  # fmt: skip
+    return [*(f"model.{key}={value}" for key, value in MICRO_MODEL.items()), *(f"{k}={v}" for k, v in values.items())]
+
+
+def test_nested_override_of_an_unknown_model_field_names_it_and_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="ModelConfig has no field 'hidden_sise'; known fields are .*hidden_size"):
+        load_train_config(None, ["model.hidden_sise=64"])
+    with pytest.raises(ConfigError, match="field 'hidden_size' has value 0: input should be greater than 0"):
+        load_train_config(None, ["model.hidden_size=0"])
+
+
+def test_model_overrides_written_in_a_file_are_checked_like_overrides(tmp_path: Path) -> None:
+    (tmp_path / "run.yaml").write_text("model_overrides:\n  hidden_sise: 64\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: field 'model_overrides': ModelConfig has no field 'hidden_sise'"):
+        load_train_config(tmp_path / "run.yaml")
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.yaml").write_text("data_dir: ../tokens\nout_dir: runs/a\ntokenizer: /abs/tok\n")
+    config = load_train_config(tmp_path / "configs" / "run.yaml", ["seed=3"])
+    assert Path(config.data_dir) == tmp_path / "configs" / "../tokens"
+    assert Path(config.out_dir) == tmp_path / "configs" / "runs" / "a"
+    assert config.tokenizer == "/abs/tok"
+
+
+def test_write_config_gives_a_file_that_reads_back_to_the_same_config(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    result = CliRunner().invoke(app, ["train", "lr=1e-3", "model.hidden_size=64", "--write-config", str(path)])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load(path.read_text())
+    assert written["lr"] == 0.001 and written["model_overrides"] == {"hidden_size": 64}
+    assert load_train_config(path) == load_train_config(None, ["lr=1e-3", "model.hidden_size=64"])
+
+
+def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_continuous(data_dir, tmp_path):
+    out_dir = tmp_path / "run"
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", *micro_overrides(data_dir, out_dir)])
+    assert first.exit_code == 0, first.output
+    assert "loss" in first.output and "(with MTP" in first.output  # next-token loss shown beside the total
+    first_rates = [row["lr"] for row in read_metrics(out_dir) if "lr" in row]
+    shutil.rmtree(out_dir / "checkpoints" / "step_6")  # resume half way, where the decay is under way
+    # Only out_dir and the new max_steps: data_dir, batch, lengths and the model come from train_config.json.
+    resumed = runner.invoke(app, ["train", f"out_dir={out_dir}", "max_steps=12", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "warning: resuming with max_steps=12 (the run was started with 6)" in resumed.output
+    assert resumed.output.count("warning:") == 1
+    assert "resumed from step 3" in resumed.output
+    saved = json.loads((out_dir / CONFIG_FILE).read_text())
+    assert (saved["max_steps"], saved["batch_size"], saved["seq_len"]) == (12, 4, 32)
+    assert saved["data_dir"] == str(data_dir)
+    rates = [row["lr"] for row in read_metrics(out_dir) if "lr" in row]
+    assert len(rates) == 12 and rates[:4] == first_rates[:4]  # the step the run resumes at keeps its rate
+    after_warmup = rates[2:]
+    assert all(b < a for a, b in zip(after_warmup, after_warmup[1:], strict=False)), rates  # one decay, no jump
+    assert 3e-4 < rates[-1] < 4e-4  # near min_lr at the new last step
+
+
+def test_resume_without_a_saved_config_says_where_it_looked(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["train", f"out_dir={tmp_path / 'none'}", "--resume"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'none' / CONFIG_FILE}: no such file" in result.output

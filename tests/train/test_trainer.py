@@ -1,0 +1,312 @@
+"""Specifications of the training stage: configuration, schedule, the loop, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from seekstack.schema import ConfigError
+from seekstack.train.config import TrainConfig, load_train_config
+from seekstack.train.schedule import learning_rate
+from seekstack.train.state import list_checkpoints
+from seekstack.train.trainer import TrainingDiverged, build_model, build_optimizer, train
+
+VOCAB = 96
+MICRO_MODEL = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+    num_attention_heads=2, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+    v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+)  # fmt: skip
+
+
+def write_split(data_dir: Path, split: str, tokens: int, seed: int) -> None:
+    """A synthetic token shard in the `tokenize_corpus` format: a noisy repeating pattern a model can learn."""
+    rng = np.random.default_rng(seed)
+    ids = (np.arange(tokens) * 7 % VOCAB + rng.integers(0, 3, tokens)) % VOCAB
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ids.astype("<u2").tofile(data_dir / f"{split}_00000.bin")
+    index = {
+        "version": 1, "split": split, "source": "synthetic", "dtype": "uint16",
+        "shards": [{"file": f"{split}_00000.bin", "tokens": tokens}], "documents": 1, "total_tokens": tokens,
+        "text_bytes": tokens * 4, "bos": False,
+        "tokenizer": {"vocab_size": VOCAB, "sha256": "synthetic", "bos_id": 0, "eos_id": 1},
+    }  # fmt: skip
+    (data_dir / f"{split}_index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("shards")
+    write_split(path, "train", 20_000, seed=1)
+    write_split(path, "val", 2_000, seed=2)
+    return path
+
+
+def run_config(data_dir: Path, out_dir: Path, **changes) -> TrainConfig:
+    base = dict(
+        model="tiny", model_overrides=MICRO_MODEL, data_dir=str(data_dir), out_dir=str(out_dir), seq_len=32,
+        batch_size=4, grad_accum_steps=2, max_steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=3,
+        eval_batches=2, save_every=3, keep_checkpoints=2,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **changes}).validate()
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------- configuration
+def test_config_reads_yaml_and_toml_and_types_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("lr: 0.001\nmax_steps: 50\nmodel_overrides:\n  hidden_size: 64\n")
+    (tmp_path / "run.toml").write_text('lr = 0.001\nmax_steps = 50\nschedule = "wsd"\n')
+    from_yaml = load_train_config(tmp_path / "run.yaml", ["batch_size=8", "betas=0.8,0.9", "model.num_hidden_layers=2"])
+    assert (from_yaml.lr, from_yaml.max_steps, from_yaml.batch_size) == (0.001, 50, 8)
+    assert from_yaml.betas == (0.8, 0.9)
+    assert from_yaml.model_overrides == {"hidden_size": 64, "num_hidden_layers": 2}
+    from_toml = load_train_config(tmp_path / "run.toml", ["dtype=bfloat16", "warmup_steps=1e1"])
+    assert (from_toml.schedule, from_toml.dtype, from_toml.warmup_steps) == ("wsd", "bfloat16", 10)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="unknown field 'learning_rate'"):
+        load_train_config(None, ["learning_rate=1"])
+    (tmp_path / "bad.yaml").write_text("lr: 0.1\nbatchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown field 'batchsize'"):
+        load_train_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="field 'max_steps' has value 'many': input should be a valid integer"):
+        load_train_config(None, ["max_steps=many"])
+    with pytest.raises(ConfigError, match="field 'schedule' has value 'linear': input should be 'cosine' or 'wsd'"):
+        load_train_config(None, ["schedule=linear"])
+
+
+# ---------------------------------------------------------------------------------- schedule
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    config = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=104)
+    assert [learning_rate(s, config) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(54, config) == pytest.approx(0.55)  # half way: min + (max - min) / 2
+    assert learning_rate(104, config) == pytest.approx(0.1)
+    rates = [learning_rate(s, config) for s in range(4, 105)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+
+
+def test_wsd_schedule_holds_the_peak_then_decays_linearly():
+    config = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=2, max_steps=100, schedule="wsd", wsd_decay_fraction=0.1)
+    assert learning_rate(1, config) == 1.0 and learning_rate(89, config) == 1.0
+    assert learning_rate(90, config) == pytest.approx(0.9)
+    assert learning_rate(99, config) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------- the loop
+def test_optimizer_decays_matrices_but_not_norms_or_biases(data_dir, tmp_path):
+    config = run_config(data_dir, tmp_path)
+    model = build_model(config, VOCAB)
+    decay, no_decay = build_optimizer(model, config, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    norm_weight = model.norm.weight
+    assert any(p is norm_weight for p in no_decay["params"])
+
+
+def test_training_lowers_the_loss_and_logs_every_step(data_dir, tmp_path):
+    config = run_config(data_dir, tmp_path, max_steps=12, lr=1e-2, eval_every=12, save_every=0)
+    result = train(config)
+    assert result.step == 12 and len(result.losses) == 12
+    assert result.losses[-1] < result.losses[0] - 0.5
+    metrics = read_metrics(tmp_path)
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    first = steps[0]
+    assert first["loss"] == pytest.approx(first["lm_loss"] + 0.3 * first["mtp_loss"], abs=1e-3)  # + balance loss
+    assert first["lr"] == pytest.approx(5e-3) and first["tokens_per_s"] > 0 and first["grad_norm"] > 0
+    assert set(first["maxvio_per_layer"]) == {"1", "2"}  # MoE layer 1 and the MTP block
+    assert first["maxvio"] == pytest.approx(np.mean(list(first["maxvio_per_layer"].values())))
+    (evaluation,) = [m for m in metrics if "val_loss" in m]
+    assert evaluation["step"] == 12
+    assert evaluation["val_bpb"] == pytest.approx(evaluation["val_loss"] / (4 * math.log(2)))  # 4 bytes per token
+    assert set(evaluation["val_maxvio_per_layer"]) == {"1", "2"}  # over all validation tokens, per MoE layer
+    assert evaluation["val_maxvio"] == pytest.approx(np.mean(list(evaluation["val_maxvio_per_layer"].values())))
+    assert all(0 <= v <= 4 - 1 for v in evaluation["val_maxvio_per_layer"].values())  # at most E/mean - 1 = E - 1
+    saved = json.loads((tmp_path / "train_config.json").read_text())
+    assert saved["max_steps"] == 12 and saved["model_overrides"]["hidden_size"] == 64
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_12"]  # the last step is always saved
+
+
+def test_bias_update_moves_routing_biases_only_when_enabled(data_dir, tmp_path):
+    def router_bias(out_dir: Path) -> torch.Tensor:
+        from seekstack.checkpoint import load_pretrained
+
+        return load_pretrained(out_dir / "checkpoints" / "step_1").block(1).mlp.gate.e_score_correction_bias
+
+    train(run_config(data_dir, tmp_path / "on", max_steps=1, eval_every=0, save_every=0))
+    train(run_config(data_dir, tmp_path / "off", max_steps=1, eval_every=0, save_every=0, bias_update_rate=0.0))
+    moved = router_bias(tmp_path / "on")  # one step of b_i += 0.001 * sign(mean load - load_i), summed over 2 micro
+    assert torch.equal(moved.abs(), torch.full((4,), 0.001)) and moved.sum().abs() < 1e-9
+    assert torch.equal(router_bias(tmp_path / "off"), torch.zeros(4))
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def test_resume_continues_exactly(data_dir, tmp_path):
+    config = run_config(data_dir, tmp_path / "whole", max_steps=6, save_every=3)
+    whole = train(config)
+    assert [p.name for p in list_checkpoints(tmp_path / "whole")] == ["step_3", "step_6"]
+    resumed_config = run_config(data_dir, tmp_path / "resumed", max_steps=6, save_every=3)
+    resumed = train(resumed_config, resume=tmp_path / "whole" / "checkpoints" / "step_3")
+    assert resumed.losses == whole.losses[3:]  # bit-for-bit
+    assert len(resumed.losses) == 3
+
+
+def test_resume_true_picks_the_latest_checkpoint_and_trims_metrics(data_dir, tmp_path):
+    train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, keep_checkpoints=1))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_4"]
+    metrics_before = read_metrics(tmp_path)
+    again = train(run_config(data_dir, tmp_path, max_steps=6, save_every=2, keep_checkpoints=1), resume=True)
+    assert len(again.losses) == 2
+    steps = [m["step"] for m in read_metrics(tmp_path) if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert read_metrics(tmp_path)[: len(metrics_before)] == metrics_before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    train(run_config(data_dir, tmp_path, max_steps=2, save_every=2))
+    good = (tmp_path / "checkpoints" / "step_2" / "model.safetensors").read_bytes()
+    from seekstack.model import transformer
+
+    monkeypatch.setattr(transformer, "linear_cross_entropy", lambda *a, **k: (torch.tensor(float("nan")), None))
+    with pytest.raises(TrainingDiverged, match=r"step 3: loss=nan .*Last good checkpoint: .*step_2"):
+        train(run_config(data_dir, tmp_path, max_steps=4, save_every=2), resume=True)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    assert (tmp_path / "checkpoints" / "step_2" / "model.safetensors").read_bytes() == good
+
+
+def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    whole = train(run_config(data_dir, tmp_path / "whole", max_steps=4, save_every=0))
+    from seekstack.train import trainer
+
+    original = trainer._Run.train_step
+
+    def interrupted_step(self):
+        if self.step == 2:
+            self.data.batch(4, progress=0.5)  # a micro-batch drawn before the interrupt must not be skipped on resume
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(trainer._Run, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0))
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_2"]
+    monkeypatch.setattr(trainer._Run, "train_step", original)
+    resumed = train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0), resume=True)
+    assert resumed.losses == whole.losses[2:]
+
+
+# ---------------------------------------------------------------------------------- curriculum
+CURRICULUM = {"train_easy": [0.7, 0.2, 0.1], "train_medium": [0.2, 0.5, 0.3], "train_hard": [0.1, 0.3, 0.6]}
+
+
+@pytest.fixture(scope="module")
+def bucket_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("buckets")
+    for seed, split in enumerate(["train_easy", "train_medium", "train_hard", "val"], start=3):
+        write_split(path, split, 8_000, seed=seed)
+    return path
+
+
+def test_curriculum_logs_the_mix_of_each_step_and_resumes_exactly(bucket_dir, tmp_path):
+    config = run_config(bucket_dir, tmp_path / "whole", max_steps=6, save_every=3, mixture=CURRICULUM)
+    whole = train(config)
+    mixes = [m["mix"] for m in read_metrics(tmp_path / "whole") if "loss" in m]
+    expected = [0.7, 0.7, 0.2, 0.2, 0.1, 0.1]  # train_easy's weight in each third of the 6 steps
+    assert [mix["train_easy"] for mix in mixes] == pytest.approx(expected)
+    assert all(sum(mix.values()) == pytest.approx(1.0) for mix in mixes)
+    resumed_config = run_config(bucket_dir, tmp_path / "resumed", max_steps=6, save_every=3, mixture=CURRICULUM)
+    resumed = train(resumed_config, resume=tmp_path / "whole" / "checkpoints" / "step_3")
+    assert resumed.losses == whole.losses[3:]  # bit-for-bit, the source draws included
+
+
+def test_mixture_config_errors_name_the_field(bucket_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"field 'mixture': mixture source 'train_hard' has 2 weights"):
+        load_train_config(None, ["mixture={train_easy: [1, 1, 1], train_hard: [1, 1]}"])
+    with pytest.raises(FileNotFoundError, match="no shard index at .*train_unknown_index.json"):
+        train(run_config(bucket_dir, tmp_path, mixture={"train_unknown": 1.0}))
+
+
+# ---------------------------------------------------------------------------------- speed and memory options
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(data_dir, tmp_path):
+    from seekstack.parallel.parallelize import apply_activation_checkpointing
+
+    config = run_config(data_dir, tmp_path)
+    plain = build_model(config, VOCAB)
+    checkpointed = build_model(config, VOCAB)
+    checkpointed.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(checkpointed)
+    batch = torch.randint(VOCAB, (2, 33))
+    losses = []
+    for model in (plain, checkpointed):
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=name)
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+
+
+def test_compile_keeps_parameter_names_so_checkpoints_do_not_change(data_dir, tmp_path):
+    from seekstack.parallel.parallelize import apply_compile
+
+    model = build_model(run_config(data_dir, tmp_path), VOCAB)
+    names = list(model.state_dict())
+    apply_compile(model)  # lazy: nothing is compiled before the first call
+    assert list(model.state_dict()) == names
+
+
+def test_bfloat16_on_cpu_autocasts_but_keeps_float32_weights(data_dir, tmp_path):
+    from seekstack.checkpoint import load_pretrained
+
+    result = train(run_config(data_dir, tmp_path, dtype="bfloat16", max_steps=8, lr=1e-2, save_every=0))
+    assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
+    float32 = train(run_config(data_dir, tmp_path / "f32", max_steps=8, lr=1e-2, save_every=0))
+    assert result.losses[0] != float32.losses[0]  # autocast really ran the matmuls in bfloat16
+    assert result.losses[0] == pytest.approx(float32.losses[0], abs=0.05)
+    weights = load_pretrained(tmp_path / "checkpoints" / "step_8")
+    assert {p.dtype for p in weights.parameters()} == {torch.float32}
+
+
+def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_path, capsys):
+    from seekstack.accounting import training_flops_per_token
+    from seekstack.train.mfu import CPU_CLOCK_HZ, CPU_FLOP_PER_CYCLE, default_peak_flops
+
+    config = run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0)
+    train(config)
+    flops_per_token = training_flops_per_token(build_model(config, VOCAB).config, config.seq_len)
+    peak = default_peak_flops(torch.device("cpu"))
+    for step in [m for m in read_metrics(tmp_path) if "loss" in m]:
+        assert step["mfu"] == pytest.approx(step["tokens_per_s"] * flops_per_token / peak)
+        assert 0 < step["mfu"] < 1
+    progress = capsys.readouterr().err.splitlines()
+    assert (
+        progress[-1].startswith("step 2/2  loss ") and " tok/s  MFU " in progress[-1] and "ETA 00:00:00" in progress[-1]
+    )
+    assert default_peak_flops(torch.device("cpu")) == torch.get_num_threads() * CPU_CLOCK_HZ * CPU_FLOP_PER_CYCLE
+    train(run_config(data_dir, tmp_path / "given", max_steps=1, eval_every=0, save_every=0, peak_flops=1e15))
+    (given,) = [m for m in read_metrics(tmp_path / "given") if "loss" in m]
+    assert given["mfu"] == pytest.approx(given["tokens_per_s"] * flops_per_token / 1e15)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_with_bfloat16_activation_checkpointing_and_compile(data_dir, tmp_path):
+    from seekstack.checkpoint import load_pretrained
+
+    config = run_config(
+        data_dir, tmp_path, max_steps=6, lr=1e-2, save_every=0, dtype="bfloat16",
+        activation_checkpointing=True, compile=True,
+    )  # fmt: skip
+    result = train(config)
+    assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
+    assert {p.dtype for p in load_pretrained(tmp_path / "checkpoints" / "step_6").parameters()} == {torch.float32}
+    assert 0 < read_metrics(tmp_path)[0]["mfu"] < 1  # against the card's bf16 peak
