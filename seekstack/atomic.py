@@ -1,33 +1,110 @@
 """Atomic writes: every file and checkpoint folder the project writes appears whole or not at all.
 
-A reader (or a crash) sees the old contents or the new ones, never a part: the new contents go to a temporary
-name in the same folder, are flushed to disk, and are renamed over the target in one step.
+A reader (or a crash) sees the old contents or the new ones, never a part: the new contents go to a hidden
+temporary name in the same folder, are flushed to disk, and are renamed over the target in one step.
+  write_atomic(path, data)      one file
+  staged_files(folder)          several files that appear together once all are complete (a corpus, token shards)
+  atomic_directory(path)        a folder (a checkpoint), swapped in whole; the old one is deleted only afterwards
+If a write raises, its temporary files are deleted and the target is left as it was.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+class StagedFiles:
+    """Files being written under hidden names in one folder, renamed to their real names by `staged_files`."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.hidden: dict[str, Path] = {}  # real name -> hidden temporary file, in the order staged
+
+    def path(self, name: str) -> Path:
+        """A new, empty hidden file in the folder, which becomes `folder / name` when the files are published."""
+        if name in self.hidden:
+            raise ValueError(f"{self.folder / name} is already staged")
+        self.hidden[name] = _create_hidden(self.folder, name, lambda hidden: hidden.touch(exist_ok=False))
+        return self.hidden[name]
+
+
+@contextmanager
+def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
+    """Write each file at `staged.path(name)`; when the block ends without error, every file is flushed to disk
+    and renamed to `folder / name` in the order staged. On an error the staged files are deleted."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = StagedFiles(folder)
+    try:
+        yield staged
+        for hidden in staged.hidden.values():
+            _fsync(hidden)
+        for name, hidden in staged.hidden.items():
+            os.replace(hidden, folder / name)
+        _fsync(folder)
+    finally:
+        for hidden in staged.hidden.values():
+            hidden.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
     """Write `data` (text as UTF-8, bytes, or a function that writes the file at the path it is given) to `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    temporary = Path(name)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            if not callable(data):
-                file.write(data.encode("utf-8") if isinstance(data, str) else data)
+    with staged_files(path.parent) as staged:
+        temporary = staged.path(path.name)
         if callable(data):
             data(temporary)
-        with temporary.open("rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        else:
+            temporary.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return path
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden folder beside `path` to fill; when the block ends without error it takes the place of
+    `path`, and only then is the old `path` deleted. On an error it is deleted and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _create_hidden(path.parent, path.name, Path.mkdir)
+    try:
+        yield staging
+        for entry in [*staging.rglob("*"), staging]:
+            _fsync(entry)
+        if path.exists():
+            retired = _create_hidden(path.parent, f"{path.name}.old", Path.mkdir)
+            os.replace(path, retired / path.name)  # a crash before the next rename leaves the old folder in `retired`
+            os.replace(staging, path)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, path)
+        _fsync(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> Path:
+    """A new `.{name}.{random}.tmp` in `folder`, made by `create`, which raises FileExistsError if it exists.
+    Not `tempfile`: its files and folders are private (0600, 0700); these get the umask's permissions."""
+    while True:
+        hidden = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            create(hidden)
+            return hidden
+        except FileExistsError:
+            continue
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's contents, or a folder's entries (POSIX only), to disk."""
+    if path.is_dir() and os.name != "posix":
+        return
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

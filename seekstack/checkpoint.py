@@ -18,27 +18,30 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from seekstack.atomic import atomic_directory
 from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
 
+CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+DAMAGED = "re-save or re-download the checkpoint"  # what to do about a file that is truncated, damaged or missing
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 DEFAULT_FP8_BLOCK = (128, 128)
+MAX_SHARD_BYTES = 5 * 2**30  # the largest safetensors file before a checkpoint is split into shards
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the key."""
+    """A checkpoint that cannot be loaded; the message names the file (and the key) and says what to do."""
 
 
 # ---------------------------------------------------------------------------------------- key mapping
@@ -105,6 +108,46 @@ def _is_fp8_quantizable(key: str, tensor: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- reading
+def read_config(directory: str | Path) -> ModelConfig:
+    """The `ModelConfig` of checkpoint folder `directory`: CheckpointError when the folder or its config.json is
+    missing or not JSON, ConfigError naming the field when a value is wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        problem = "not a folder" if directory.exists() else "no such folder"
+        raise CheckpointError(
+            f"{directory}: {problem}; a checkpoint is a folder holding {CONFIG_FILE} and safetensors weights"
+        )
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{config_path}: no such file; a checkpoint keeps its {CONFIG_FILE} beside the weights: "
+            f"copy it from where the checkpoint came from, or {DAMAGED}"
+        )
+    return ModelConfig.from_dict(_read_json_object(config_path), source=str(config_path))
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+        raise CheckpointError(
+            f"{path}: not valid JSON ({error}); the file is truncated or damaged: {DAMAGED}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, not an object; {DAMAGED}")
+    return raw
+
+
+def _open_safetensors(path: Path) -> Any:
+    """`safe_open(path)`, with a damaged file (empty, truncated, not safetensors at all) named as such."""
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{path}: not a valid safetensors file ({error}); it is truncated or damaged: {DAMAGED}"
+        ) from None
+
+
 class CheckpointReader:
     """Lazy access to a directory of safetensors shards: one tensor at a time, memory-mapped."""
 
@@ -112,31 +155,38 @@ class CheckpointReader:
         self.directory = directory
         self.key_to_file = self._index()
         self._files = contextlib.ExitStack()
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, Any] = {}
         self.fp8_block: tuple[int, int] | None = None
         if quantization is not None:
             if quantization.get("quant_method", "fp8") != "fp8" or quantization.get("fmt", "e4m3") != "e4m3":
-                raise CheckpointError(f"{directory / 'config.json'}: unsupported quantization_config {quantization}")
+                raise CheckpointError(
+                    f"{directory / CONFIG_FILE}: unsupported quantization_config {quantization}; "
+                    "seekstack reads unquantized and block-wise fp8 (e4m3) checkpoints"
+                )
             self.fp8_block = tuple(quantization.get("weight_block_size", DEFAULT_FP8_BLOCK))  # type: ignore[assignment]
         self.used: set[str] = set()
 
     def _index(self) -> dict[str, str]:
         index_path = self.directory / INDEX_FILE
         if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as error:
-                raise CheckpointError(f"{index_path}: not a safetensors index ({error})") from None
+            weight_map = _read_json_object(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object); {DAMAGED}")
             for file in sorted(set(weight_map.values())):
-                if not (self.directory / file).exists():
-                    raise CheckpointError(f"{index_path}: names shard {file!r}, which is missing from {self.directory}")
+                if not (self.directory / file).is_file():
+                    raise CheckpointError(
+                        f"{index_path}: names shard {file!r}, which is missing from {self.directory}; "
+                        f"the download is incomplete: fetch that shard, or {DAMAGED}"
+                    )
             return weight_map
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE} found")
+            raise CheckpointError(
+                f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}; the weights are missing: {DAMAGED}"
+            )
         key_to_file = {}
         for file in files:
-            with safe_open(file, "pt") as handle:
+            with _open_safetensors(file) as handle:
                 key_to_file.update({key: file.name for key in handle.keys()})
         return key_to_file
 
@@ -156,14 +206,14 @@ class CheckpointReader:
         """The tensor under `key`, dequantized to float32 if it is an FP8 weight."""
         if key not in self.key_to_file:
             where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
-            raise CheckpointError(f"{where}: missing key {key!r}")
+            raise CheckpointError(f"{where}: missing key {key!r}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
         tensor = self._get(key)
         self.used.add(key)
         if tensor.dtype == torch.float8_e4m3fn:
             scale_key = key + "_scale_inv"
             if self.fp8_block is None or scale_key not in self.key_to_file:
                 raise CheckpointError(
-                    f"{self.file_of(key)}: FP8 tensor {key!r} has no {scale_key!r} / quantization_config"
+                    f"{self.file_of(key)}: FP8 tensor {key!r} has no {scale_key!r} / quantization_config; {DAMAGED}"
                 )
             self.used.add(scale_key)
             tensor = dequantize_fp8(tensor, self._get(scale_key), self.fp8_block)
@@ -172,11 +222,11 @@ class CheckpointReader:
     def _get(self, key: str) -> torch.Tensor:
         file = self.key_to_file[key]
         if file not in self._handles:
-            self._handles[file] = self._files.enter_context(safe_open(self.directory / file, "pt"))
+            self._handles[file] = self._files.enter_context(_open_safetensors(self.directory / file))
         try:
-            return self._handles[file].get_tensor(key)  # type: ignore[attr-defined]
+            return self._handles[file].get_tensor(key)
         except Exception as error:  # safetensors raises its own error types
-            raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error})") from None
+            raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
 
 
 def load_pretrained(
@@ -186,10 +236,11 @@ def load_pretrained(
 
     Tensors are read one at a time into a model materialised directly on `device`, so peak memory
     stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds.
+    A missing, truncated or damaged file raises CheckpointError naming it.
     """
     directory = Path(directory)
-    config_path = directory / "config.json"
-    config = ModelConfig.from_json(config_path)
+    config_path = directory / CONFIG_FILE
+    config = read_config(directory)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     present_mtp = 0
     while present_mtp < config.num_nextn_predict_layers and (
@@ -213,7 +264,8 @@ def load_pretrained(
                 if tensor.shape != view.shape:
                     raise CheckpointError(
                         f"{reader.file_of(source_key)}: key {source_key!r} has shape {tuple(tensor.shape)}, "
-                        f"the config {config_path} implies {tuple(view.shape)}"
+                        f"the config {config_path} implies {tuple(view.shape)}; use the {CONFIG_FILE} saved with "
+                        "these weights"
                     )
                 view.copy_(tensor)
     model.reset_rope()
@@ -228,42 +280,35 @@ def load_pretrained(
 def save_pretrained(
     model: Transformer,
     directory: str | Path,
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
     fp8_block: tuple[int, int] | None = None,
 ) -> Path:
-    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`).
+    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`) as folder `directory`.
 
     With `fp8_block`, block projections are stored as e4m3 with `weight_scale_inv`, as in DeepSeek's
-    FP8 release. The directory is written beside its destination and renamed into place, so an
-    interrupted save never leaves a half-written checkpoint.
+    FP8 release. The folder is swapped in whole when complete (`atomic_directory`): an interrupted save
+    never leaves a half-written checkpoint, and an existing one stays until the new one is complete.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        _write_checkpoint(model, staging, max_shard_bytes, fp8_block)
-        if directory.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, retired / directory.name)
-            os.replace(staging, directory)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, directory)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with atomic_directory(directory) as staging:
+        write_pretrained_files(model, staging, max_shard_bytes, fp8_block)
     return directory
 
 
-def _write_checkpoint(
-    model: Transformer, directory: Path, max_shard_bytes: int, fp8_block: tuple[int, int] | None
+def write_pretrained_files(
+    model: Transformer,
+    directory: Path,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    fp8_block: tuple[int, int] | None = None,
 ) -> None:
-    """Write shards one at a time (memory stays at one shard), then name them model-000i-of-000n."""
+    """Write config.json and the safetensors into the existing folder `directory`, which the caller makes atomic
+    (`save_pretrained`, training checkpoints). Shards are written one at a time, so memory stays at one shard."""
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total_bytes = 0
     shard_keys: list[list[str]] = []
 
     def flush() -> None:
-        save_file(shard, str(directory / f"shard-{len(shard_keys)}.tmp"), metadata={"format": "pt"})
+        save_file(shard, str(directory / f"shard-{len(shard_keys)}.safetensors"), metadata={"format": "pt"})
         shard_keys.append(list(shard))
         shard.clear()
 
@@ -283,14 +328,15 @@ def _write_checkpoint(
         config["quantization_config"] = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(fp8_block),
         }  # fmt: skip
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    # The release names (model-0000i-of-0000n) need the shard count, known only now.
     if len(shard_keys) == 1:
-        os.replace(directory / "shard-0.tmp", directory / SINGLE_FILE)
+        os.replace(directory / "shard-0.safetensors", directory / SINGLE_FILE)
         return
     count, weight_map = len(shard_keys), {}
     for number, keys in enumerate(shard_keys):
         name = f"model-{number + 1:05d}-of-{count:05d}.safetensors"
-        os.replace(directory / f"shard-{number}.tmp", directory / name)
+        os.replace(directory / f"shard-{number}.safetensors", directory / name)
         weight_map.update({key: name for key in keys})
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -14,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from seekstack.atomic import write_atomic
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -71,14 +72,23 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path_or_dir: str | os.PathLike) -> Tokenizer:
-        """Load a `tokenizer.json` (ours or a DeepSeek release's), given the file or its directory."""
+        """Load a `tokenizer.json` (ours or a DeepSeek release's), given the file or its directory.
+
+        FileNotFoundError when there is none, ValueError when it is truncated or damaged; both name the file.
+        """
         path = tokenizer_json_path(path_or_dir)
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer at {path}: train one with `seekstack tokenizer train` first")
+            raise FileNotFoundError(
+                f"{path}: no such file; train a tokenizer there (train_tokenizer), or copy the tokenizer.json "
+                "of the model's release"
+            )
         try:
             backend = BackendTokenizer.from_file(str(path))
-        except Exception as error:
-            raise ValueError(f"{path} is not a valid Hugging Face tokenizer.json: {error}") from error
+        except Exception as error:  # the tokenizers library raises a bare Exception
+            raise ValueError(
+                f"{path}: not a valid Hugging Face tokenizer.json ({error}); it is truncated or damaged: "
+                "train or copy it again"
+            ) from None
         return cls(backend, source=str(path))
 
     @property
@@ -185,15 +195,3 @@ def train_tokenizer(
     write_atomic(path, backend.to_str(pretty=True))
     write_atomic(path.parent / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2))
     return Tokenizer(backend, source=str(path))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as temp:
-            temp.write(text)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

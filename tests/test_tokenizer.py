@@ -212,12 +212,35 @@ def test_missing_special_tokens_are_named(tmp_path):
         no_roles.render_chat([{"role": "user", "content": "hi"}])
 
 
-def test_missing_or_corrupt_tokenizer_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.json")):
+def test_training_writes_the_two_tokenizer_files_and_nothing_else(trained):
+    _, out_dir = trained
+    assert sorted(path.name for path in out_dir.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+
+
+def test_missing_tokenizer_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
         Tokenizer.from_file(tmp_path)
-    (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(ValueError, match="tokenizer.json is not a valid"):
+    assert str(error.value).startswith(f"{tmp_path / 'tokenizer.json'}: no such file; ")
+    assert "--" not in str(error.value) and "seekstack " not in str(error.value)  # the library names no CLI
+
+
+DAMAGES = {
+    "empty": lambda content: b"",
+    "truncated": lambda content: content[: len(content) // 2],
+    "garbage": lambda content: bytes(range(256)) * 4,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
+def test_damaged_tokenizer_file_is_named_with_what_to_do(trained, tmp_path, damage):
+    _, out_dir = trained
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(damage((out_dir / "tokenizer.json").read_bytes()))
+    with pytest.raises(ValueError) as error:
         Tokenizer.from_file(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: not a valid Hugging Face tokenizer.json (")
+    assert "truncated or damaged" in message and "--" not in message
 
 
 def test_too_small_vocab_is_rejected(tmp_path):

@@ -17,7 +17,8 @@ def info(
     model: Model,
     context: Annotated[int, typer.Option(min=1, help="Keys each token attends to, for the FLOPs per token.")] = 4096,
 ) -> None:
-    """Parameters, activated parameters, FLOPs and KV-cache bytes per token, and the architecture."""
+    """Parameters (main model, MTP modules), activated parameters, FLOPs and KV-cache bytes per token, and the
+    architecture."""
     import torch
     from rich.console import Console
     from rich.table import Table
@@ -27,12 +28,13 @@ def info(
         kv_cache_bytes_per_token,
         main_parameters,
         mtp_checkpoint_parameters,
+        mtp_parameters,
         training_flops_per_token,
     )
 
     with user_errors():
         config = model_config(model)
-    main_params = main_parameters(config)
+    main_params, mtp_params = main_parameters(config), mtp_parameters(config)
     cache = kv_cache_bytes_per_token(config, torch.bfloat16)
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     experts = f"{config.n_routed_experts} / {config.num_experts_per_tok} / {config.n_shared_experts or 0}"
@@ -50,8 +52,10 @@ def info(
         ("MTP depths", str(config.num_nextn_predict_layers)),
         ("vocabulary", f"{config.vocab_size:,}"),
         ("params, main model", count(main_params.total)),
-        ("params, MTP as stored", count(mtp_checkpoint_parameters(config))),
-        ("activated per token (head, no emb.)", count(main_params.activated)),
+        ("params, MTP modules", count(mtp_params.total)),
+        ("params, main model + MTP modules", count(main_params.total + mtp_params.total)),
+        ("params, MTP in a checkpoint (+ emb./head copies)", count(mtp_checkpoint_parameters(config))),
+        ("params activated per token, main (head, no emb.)", count(main_params.activated)),
         (f"forward FLOPs/token, context {context}", flops(forward_flops_per_token(config, context))),
         (f"training FLOPs/token, seq {context}", flops(training_flops_per_token(config, context))),
         ("KV cache/token bf16, MLA latent", size(cache.latent)),
@@ -69,11 +73,13 @@ def forward(
     batch: Annotated[int, typer.Option(min=1, help="Sequences in the batch.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the random weights (presets) and token ids.")] = 0,
 ) -> None:
-    """One forward pass on random tokens: logits shape, losses, expert load per MoE layer, time taken."""
+    """One forward pass on random tokens: parameters (main model + MTP modules), logits shape, losses, expert load
+    per MoE layer, time taken."""
     import torch
     from rich.console import Console
     from rich.table import Table
 
+    from seekstack.accounting import main_parameters, mtp_parameters
     from seekstack.checkpoint import load_pretrained
     from seekstack.model.transformer import Transformer
 
@@ -90,9 +96,15 @@ def forward(
     elapsed = time.perf_counter() - start
 
     console = Console(markup=False)  # paths may hold [brackets]
-    console.print(f"{model}: {count(sum(p.numel() for p in network.parameters()))} parameters")
+    main, mtp = main_parameters(network.config).total, mtp_parameters(network.config).total
+    console.print(
+        f"{model}: {count(main + mtp)} parameters = main model {count(main)} + MTP modules {count(mtp)}", soft_wrap=True
+    )
     console.print(f"logits shape: {tuple(output.logits.shape)}")
-    mtp_loss = "n/a (needs seq-len >= 3)" if output.mtp_loss is None else f"{output.mtp_loss.item():.4f}"
+    if output.mtp_loss is not None:
+        mtp_loss = f"{output.mtp_loss.item():.4f}"
+    else:
+        mtp_loss = "n/a (the model has no MTP module)" if len(network.mtp) == 0 else "n/a (needs seq-len >= 3)"
     console.print(f"lm loss: {output.lm_loss.item():.4f}, mtp loss: {mtp_loss}")
     console.print(f"uniform guess: ln V = {math.log(config.vocab_size):.4f}")
     if output.expert_load is not None:

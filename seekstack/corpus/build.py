@@ -1,7 +1,8 @@
 """`data build`: stream documents through normalisation, quality rules, dedup, PII scrubbing and the split.
 
 Writes `train.jsonl` and `val.jsonl` (fields `id`, `text`, `source`) and `report.json` into the output folder.
-Every file is written to a temporary name and renamed when complete, so a crash never leaves half a corpus.
+The three are written under hidden names and renamed together when complete (`staged_files`), so a crash or an
+error never leaves half a corpus, nor a new split beside an old one.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -20,6 +20,7 @@ from typing import Any
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from seekstack.atomic import staged_files
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise
@@ -60,20 +61,14 @@ class Report:
         if len(examples) < EXAMPLES_PER_REASON:
             examples.append({"id": doc.doc_id, "snippet": " ".join(doc.text[:SNIPPET_CHARS].split())})
 
-    def save(self, path: str | Path) -> None:
-        """Write the report as JSON, atomically."""
-        _write_atomically(Path(path), json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+    def to_json(self) -> str:
+        """The report as the JSON text of `report.json`."""
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
     @classmethod
     def load(cls, path: str | Path) -> Report:
-        """Read a report written by `save`."""
+        """Read a `report.json`."""
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def _write_atomically(path: Path, content: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(content, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def build_corpus(
@@ -85,14 +80,11 @@ def build_corpus(
     """Clean the documents of every source into `out_dir/{train,val}.jsonl` and `out_dir/report.json`."""
     config = config or CleaningConfig()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = Report(config=dataclasses.asdict(config))
     exact = ExactDeduplicator()
     near = NearDeduplicator(config.near_duplicate_threshold, config.minhash_permutations)
     pii_counts: Counter[str] = Counter()
     started = time.perf_counter()
-    paths = {split: out_dir / f"{split}.jsonl" for split in ("train", "val")}
-    temporaries = {split: path.with_name(path.name + ".tmp") for split, path in paths.items()}
     progress = Progress(
         SpinnerColumn(),
         TextColumn(
@@ -103,9 +95,10 @@ def build_corpus(
         transient=True,
     )
     with (
+        staged_files(out_dir) as staged,
         progress,
-        open(temporaries["train"], "w", encoding="utf-8") as train,
-        open(temporaries["val"], "w", encoding="utf-8") as val,
+        open(staged.path("train.jsonl"), "w", encoding="utf-8") as train,
+        open(staged.path("val.jsonl"), "w", encoding="utf-8") as val,
     ):
         task = progress.add_task("build", total=None, kept=0, mib=0.0)
         for doc in itertools.chain.from_iterable(sources):
@@ -130,11 +123,9 @@ def build_corpus(
             report.bytes_kept += len(text.encode("utf-8"))
             report.val_documents += is_val
             report.train_documents += not is_val
-    for split, path in paths.items():
-        os.replace(temporaries[split], path)
-    report.pii_replacements = dict(sorted(pii_counts.items()))
-    report.seconds = round(time.perf_counter() - started, 3)
-    report.save(out_dir / "report.json")
+        report.pii_replacements = dict(sorted(pii_counts.items()))
+        report.seconds = round(time.perf_counter() - started, 3)
+        staged.path("report.json").write_text(report.to_json(), encoding="utf-8")
     return report
 
 

@@ -17,9 +17,9 @@ import os
 import zlib
 from pathlib import Path
 
-from seekstack.tokens.shards import tokenize_corpus
 from seekstack.corpus.sources import read_jsonl
 from seekstack.tokenizer import Tokenizer
+from seekstack.tokens.shards import tokenize_corpus
 
 BUCKETS = ("easy", "medium", "hard")
 MEASURE = "zlib_compression_ratio"

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seekstack.atomic import StagedFiles, staged_files, write_atomic
 from seekstack.corpus.sources import read_jsonl
-from seekstack.tokenizer import Tokenizer, write_atomic
+from seekstack.tokenizer import Tokenizer
 
 INDEX_VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
@@ -38,10 +39,10 @@ def index_path(out_dir: str | os.PathLike, split_name: str) -> Path:
 
 
 class _ShardWriter:
-    """Fills a fixed-size buffer with tokens and writes it out as numbered shard files, hidden until `publish`."""
+    """Fills a fixed-size buffer with tokens and writes it out as numbered shard files, staged until published."""
 
-    def __init__(self, out_dir: Path, split_name: str, dtype: np.dtype, shard_tokens: int):
-        self.out_dir, self.split_name = out_dir, split_name
+    def __init__(self, staged: StagedFiles, split_name: str, dtype: np.dtype, shard_tokens: int):
+        self.staged, self.split_name = staged, split_name
         self.buffer = np.empty(shard_tokens, dtype=dtype)
         self.filled = 0
         self.shards: list[dict] = []
@@ -60,22 +61,10 @@ class _ShardWriter:
         if self.filled == 0:
             return
         name = f"{self.split_name}_{len(self.shards):05d}.bin"
-        self.buffer[: self.filled].astype(self.buffer.dtype.newbyteorder("<"), copy=False).tofile(self._temp(name))
+        little_endian = self.buffer.dtype.newbyteorder("<")
+        self.buffer[: self.filled].astype(little_endian, copy=False).tofile(self.staged.path(name))
         self.shards.append({"file": name, "tokens": int(self.filled)})
         self.filled = 0
-
-    def publish(self) -> None:
-        """Give every written shard its real name."""
-        for shard in self.shards:
-            os.replace(self._temp(shard["file"]), self.out_dir / shard["file"])
-
-    def discard(self) -> None:
-        """Delete the shards written so far, after a failure."""
-        for shard in self.shards:
-            self._temp(shard["file"]).unlink(missing_ok=True)
-
-    def _temp(self, name: str) -> Path:
-        return self.out_dir / f".{name}.tmp"
 
 
 def tokenize_corpus(
@@ -98,17 +87,17 @@ def tokenize_corpus(
         raise FileNotFoundError(f"no corpus file at {jsonl_path}: run the corpus stage first")
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    writer = _ShardWriter(out_dir, split_name, dtype, shard_tokens)
     documents = text_bytes = 0
+    # The new shards stay hidden until all are written; an error deletes them and leaves the old split as it was.
+    with staged_files(out_dir) as staged:
+        writer = _ShardWriter(staged, split_name, dtype, shard_tokens)
 
-    def encode(batch: list[str]) -> None:
-        for ids in tokenizer.encode_batch(batch, add_bos=add_bos):
-            writer.add([*ids, tokenizer.eos_id])
+        def encode(batch: list[str]) -> None:
+            for ids in tokenizer.encode_batch(batch, add_bos=add_bos):
+                writer.add([*ids, tokenizer.eos_id])
 
-    batch: list[str] = []
-    try:
+        batch: list[str] = []
         for doc_id, text, _ in read_jsonl(jsonl_path, "text"):  # ids default to file:line
             if select is not None and not select(text):
                 continue
@@ -123,9 +112,8 @@ def tokenize_corpus(
                 batch = []
         encode(batch)
         writer.flush()
-    except BaseException:
-        writer.discard()
-        raise
+        # Old index first, so that a crash while the shards are renamed leaves no index rather than one that lies.
+        index_path(out_dir, split_name).unlink(missing_ok=True)
 
     index = {
         "version": INDEX_VERSION,
@@ -147,9 +135,6 @@ def tokenize_corpus(
         },
         **(extra_index or {}),
     }
-    # Old index first, so that a crash while renaming leaves no index rather than one that lies.
-    index_path(out_dir, split_name).unlink(missing_ok=True)
-    writer.publish()
     write_atomic(index_path(out_dir, split_name), json.dumps(index, indent=2))
     _remove_stale_shards(out_dir, split_name, {shard["file"] for shard in writer.shards})
     return index
@@ -166,14 +151,14 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
     """The index of `split_name`'s shards, checked against the shard files it lists."""
     path = index_path(out_dir, split_name)
     if not path.is_file():
-        raise FileNotFoundError(f"no shard index at {path}: run `seekstack data tokenize` for split {split_name!r}")
+        raise FileNotFoundError(f"no shard index at {path}: tokenize split {split_name!r} first")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         dtype = np.dtype(index["dtype"])
         shards, total_tokens = index["shards"], index["total_tokens"]
         counted = sum(shard["tokens"] for shard in shards)
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is corrupt ({error!r}); re-run `seekstack data tokenize`") from error
+        raise ValueError(f"{path} is corrupt ({error!r}); tokenize the split again") from error
     if counted != total_tokens:
         raise ValueError(f"{path} is corrupt: shard token counts sum to {counted}, total_tokens says {total_tokens}")
     for shard in shards:

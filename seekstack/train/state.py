@@ -8,18 +8,17 @@ the learning rate is a function of the step, so no scheduler object is stored.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from seekstack.checkpoint import load_pretrained, save_pretrained
+from seekstack.atomic import atomic_directory
+from seekstack.checkpoint import CheckpointError, load_pretrained, write_pretrained_files
 from seekstack.model.transformer import Transformer
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -49,24 +48,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     out_dir: str | Path, model: Transformer, train_state: dict[str, Any], keep: int, extra_files: list[Path] = ()
 ) -> Path:
-    """Write `checkpoints/step_{step}` through a temporary directory and a rename; keep the last `keep`.
+    """Write `checkpoints/step_{step}` whole or not at all (`atomic_directory`); keep the last `keep`.
 
     `extra_files` (the tokenizer's) are copied in, so the directory is also a model an inference engine loads.
     """
-    root = checkpoint_dir(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{train_state['step']}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        save_pretrained(model, staging / "weights")
-        torch.save(train_state, staging / "weights" / TRAIN_STATE_FILE)
+    final = checkpoint_dir(out_dir) / f"step_{train_state['step']}"
+    with atomic_directory(final) as staging:
+        write_pretrained_files(model, staging)
+        torch.save(train_state, staging / TRAIN_STATE_FILE)
         for extra in extra_files:
-            shutil.copyfile(extra, staging / "weights" / Path(extra).name)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging / "weights", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            shutil.copyfile(extra, staging / Path(extra).name)
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     return final
@@ -85,7 +76,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
     """The newest complete checkpoint of a run; FileNotFoundError naming the directory when there is none."""
     found = list_checkpoints(out_dir)
     if not found:
-        raise FileNotFoundError(f"no checkpoint to resume under {checkpoint_dir(out_dir)}; start without --resume")
+        raise FileNotFoundError(f"no checkpoint to resume under {checkpoint_dir(out_dir)}; start the run afresh")
     return found[-1]
 
 
@@ -94,7 +85,16 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     path = Path(path)
     state_file = path / TRAIN_STATE_FILE
     if not state_file.is_file():
-        raise FileNotFoundError(f"{path} has no {TRAIN_STATE_FILE}: it is a model checkpoint, not a training one")
+        raise FileNotFoundError(
+            f"{path} has no {TRAIN_STATE_FILE}: it is a model checkpoint (load it with load_pretrained), "
+            "not a training one"
+        )
     model = load_pretrained(path, dtype=torch.float32, device=device)
-    train_state = torch.load(state_file, map_location="cpu", weights_only=False)
+    try:
+        train_state = torch.load(state_file, map_location="cpu", weights_only=False)
+    except Exception as error:  # pickle and zip errors of a truncated or damaged file
+        raise CheckpointError(
+            f"{state_file}: not a readable training state ({error}); it is truncated or damaged: "
+            "resume from an earlier checkpoint"
+        ) from None
     return model, train_state

@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +18,6 @@ from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, TextStats, failed_rule, normalise
-from seekstack.schema import ConfigError, load_config, write_config
 from seekstack.corpus.sources import (
     DataSourceError,
     Document,
@@ -29,6 +29,7 @@ from seekstack.corpus.sources import (
     read_text_folder,
 )
 from seekstack.corpus.split import is_validation
+from seekstack.schema import ConfigError, load_config, write_config
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 VOCABULARY = (
@@ -116,7 +117,10 @@ def test_config_accepts_int_for_float_and_keeps_defaults(tmp_path: Path) -> None
     [
         ("min_wordz: 3\n", "unknown field 'min_wordz'"),
         ("min_words: many\n", "field 'min_words' has value 'many': input should be a valid integer"),
-        ("max_digit_fraction: 1.5\n", "field 'max_digit_fraction' has value 1.5: input should be less than or equal to 1"),
+        (
+            "max_digit_fraction: 1.5\n",
+            "field 'max_digit_fraction' has value 1.5: input should be less than or equal to 1",
+        ),
     ],
 )
 def test_config_errors_name_the_key_and_file(tmp_path: Path, content: str, message: str) -> None:
@@ -289,3 +293,19 @@ def test_build_corpus_end_to_end(tmp_path: Path) -> None:
     console.print(report_table(report))
     rendered = console.export_text()
     assert "near_duplicate" in rendered and "email" in rendered and "7" in rendered
+
+
+def test_build_that_fails_midway_keeps_the_previous_corpus_and_leaves_no_temporary(tmp_path: Path) -> None:
+    documents = [Document(f"doc{i}.txt", prose(i), "raw") for i in range(6)]
+    out = tmp_path / "out"
+    build_corpus([documents], out, CleaningConfig(val_fraction=0.5), show_progress=False)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def source_that_breaks() -> Iterator[Document]:
+        yield from documents[:3]
+        raise OSError("the source disk went away")
+
+    with pytest.raises(OSError, match="the source disk went away"):
+        build_corpus([source_that_breaks()], out, CleaningConfig(val_fraction=0.5), show_progress=False)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(before) == ["report.json", "train.jsonl", "val.jsonl"]

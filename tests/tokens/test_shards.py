@@ -11,8 +11,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
 
-from seekstack.tokens.shards import TokenWindows, load_index, token_dtype, tokenize_corpus
 from seekstack.tokenizer import Tokenizer, train_tokenizer
+from seekstack.tokens.shards import TokenWindows, load_index, token_dtype, tokenize_corpus
 
 SEQ_LEN = 64
 

@@ -1,0 +1,73 @@
+"""`seekstack info` and `seekstack forward` count the same parameters and say which; a damaged checkpoint is one
+line of error naming the file."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from typer.testing import CliRunner
+
+from seekstack.checkpoint import SINGLE_FILE, save_pretrained
+from seekstack.cli import app
+from seekstack.config import preset
+from seekstack.model.transformer import Transformer
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    """Invoke the CLI with plain output wide enough that rich wraps no table cell."""
+    return runner.invoke(app, list(args), env={"COLUMNS": "120", "FORCE_COLOR": None})
+
+
+def exact(count: str) -> int:
+    """The exact number in a count as the CLI prints it: '2.40M (2,400,768)' -> 2400768, '0' -> 0."""
+    match = re.fullmatch(r"\d+|[\d.]+[KMBT] \(([\d,]+)\)", count.strip())
+    assert match, count
+    return int((match.group(1) or match.group(0)).replace(",", ""))
+
+
+def info_params(output: str) -> dict[str, int]:
+    """The 'params, ...' rows of the info table: label -> exact count."""
+    rows = re.findall(r"│ (params, [^│]*?)\s*│\s*([^│]+?)\s*│", output)
+    return {label: exact(value) for label, value in rows}
+
+
+def forward_params(output: str) -> tuple[int, int, int]:
+    """(total, main model, MTP modules) from forward's parameter line."""
+    match = re.search(r"^.*: (.+) parameters = main model (.+) \+ MTP modules (.+)$", output, re.MULTILINE)
+    assert match, output
+    return tuple(exact(count) for count in match.groups())
+
+
+def test_forward_total_is_the_main_model_plus_the_mtp_modules_that_info_prints():
+    info, forward = run("info", "tiny"), run("forward", "tiny", "--seq-len", "4", "--batch", "1")
+    assert info.exit_code == 0 and forward.exit_code == 0, info.output + forward.output
+    rows = info_params(info.output)
+    total, main, mtp = forward_params(forward.output)
+    assert (main, mtp) == (rows["params, main model"], rows["params, MTP modules"])
+    assert total == main + mtp == rows["params, main model + MTP modules"]
+    assert total == sum(p.numel() for p in Transformer(preset("tiny")).parameters())
+    assert mtp > 0 and rows["params, MTP in a checkpoint (+ emb./head copies)"] > mtp  # copies of embedding and head
+
+
+def test_forward_counts_the_mtp_modules_the_checkpoint_holds(tmp_path):
+    directory = save_pretrained(Transformer(preset("tiny", num_nextn_predict_layers=0)), tmp_path / "no_mtp")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    result = run("forward", str(directory), "--seq-len", "4", "--batch", "1")
+    assert result.exit_code == 0, result.output
+    total, main, mtp = forward_params(result.output)
+    assert (total, mtp) == (main, 0)
+    assert "mtp loss: n/a (the model has no MTP module)" in result.output
+
+
+def test_forward_on_a_truncated_checkpoint_prints_one_line_naming_the_file(tmp_path):
+    directory = save_pretrained(Transformer(preset("tiny")), tmp_path / "tiny")
+    weights = directory / SINGLE_FILE
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = run("forward", str(directory))
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {weights}: not a valid safetensors file")
+    assert result.output.count("\n") == 1 and "Traceback" not in result.output

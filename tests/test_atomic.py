@@ -1,0 +1,157 @@
+"""Atomic writes: a write that fails midway leaves the previous file or folder as it was and nothing else behind."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from seekstack.atomic import atomic_directory, staged_files, write_atomic
+from seekstack.checkpoint import CheckpointError
+from seekstack.model.transformer import Transformer
+from seekstack.train import state
+from seekstack.train.state import list_checkpoints, load_checkpoint, save_checkpoint
+from tests.conftest import micro_config
+
+
+class DiskFull(OSError):
+    pass
+
+
+def contents(folder: Path) -> dict[str, str]:
+    """Every file under `folder`, hidden ones included, by relative path -> sha256."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def entries(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+# ------------------------------------------------------------------ one file
+@pytest.mark.parametrize("data, expected", [("héllo\n", "héllo\n".encode()), (b"\x00\xff", b"\x00\xff")])
+def test_write_atomic_writes_text_as_utf8_and_bytes_as_they_are(tmp_path, data, expected):
+    path = write_atomic(tmp_path / "new" / "file", data)
+    assert path == tmp_path / "new" / "file" and path.read_bytes() == expected
+    assert entries(tmp_path / "new") == ["file"]
+
+
+def test_write_atomic_hands_a_function_the_path_to_write(tmp_path):
+    write_atomic(tmp_path / "t.pt", lambda temporary: torch.save({"step": 3}, temporary))
+    assert torch.load(tmp_path / "t.pt") == {"step": 3}
+    assert entries(tmp_path) == ["t.pt"]
+
+
+def test_a_write_that_fails_midway_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    write_atomic(tmp_path / "index.json", "old")
+
+    def write_half_then_fail(temporary: Path) -> None:
+        temporary.write_text("half of the new")
+        raise DiskFull("no space left")
+
+    with pytest.raises(DiskFull):
+        write_atomic(tmp_path / "index.json", write_half_then_fail)
+    assert (tmp_path / "index.json").read_text() == "old"
+    assert entries(tmp_path) == ["index.json"]
+
+
+def test_written_files_and_folders_get_the_usual_permissions_not_private_temporary_ones(tmp_path):
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "plain_folder").mkdir()
+    write_atomic(tmp_path / "atomic", "x")
+    with atomic_directory(tmp_path / "atomic_folder"):
+        pass
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    assert (tmp_path / "atomic_folder").stat().st_mode == (tmp_path / "plain_folder").stat().st_mode
+
+
+# ------------------------------------------------------------------ files that appear together
+def test_staged_files_appear_together_only_when_all_are_written(tmp_path):
+    with staged_files(tmp_path) as staged:
+        staged.path("train.jsonl").write_text("a\n")
+        staged.path("val.jsonl").write_text("b\n")
+        assert not (tmp_path / "train.jsonl").exists()  # hidden while the block runs
+    assert entries(tmp_path) == ["train.jsonl", "val.jsonl"]
+    assert (tmp_path / "val.jsonl").read_text() == "b\n"
+
+
+def test_staged_files_that_fail_midway_publish_none_and_leave_no_temporary(tmp_path):
+    (tmp_path / "train.jsonl").write_text("old train")
+    with pytest.raises(DiskFull), staged_files(tmp_path) as staged:
+        staged.path("train.jsonl").write_text("new train")
+        staged.path("val.jsonl").write_text("new val, half")
+        raise DiskFull("no space left")
+    assert entries(tmp_path) == ["train.jsonl"]
+    assert (tmp_path / "train.jsonl").read_text() == "old train"
+
+
+# ------------------------------------------------------------------ folders
+def test_atomic_directory_replaces_the_whole_folder(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "stale.safetensors").write_text("old")
+    with atomic_directory(tmp_path / "ckpt") as staging:
+        (staging / "model.safetensors").write_text("new")
+        assert (tmp_path / "ckpt" / "stale.safetensors").exists()  # the old folder stays until the new is whole
+    assert entries(tmp_path) == ["ckpt"]
+    assert contents(tmp_path / "ckpt") == {"model.safetensors": hashlib.sha256(b"new").hexdigest()}
+
+
+def test_atomic_directory_that_fails_midway_keeps_the_old_folder_and_leaves_no_temporary(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_text("old")
+    before = contents(tmp_path / "ckpt")
+    with pytest.raises(DiskFull), atomic_directory(tmp_path / "ckpt") as staging:
+        (staging / "model.safetensors").write_text("new, half")
+        raise DiskFull("no space left")
+    assert entries(tmp_path) == ["ckpt"]
+    assert contents(tmp_path / "ckpt") == before
+
+
+def test_atomic_directory_that_fails_on_its_first_write_creates_nothing(tmp_path):
+    with pytest.raises(DiskFull), atomic_directory(tmp_path / "ckpt"):
+        raise DiskFull("no space left")
+    assert entries(tmp_path) == []
+
+
+# ------------------------------------------------------------------ training checkpoints
+def test_interrupted_training_checkpoint_keeps_the_previous_one_of_that_step(tmp_path, monkeypatch):
+    model = Transformer(micro_config())
+    save_checkpoint(tmp_path, model, {"step": 2}, keep=3)
+    before = contents(tmp_path)
+
+    def save_half_then_fail(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04 half a zip")
+        raise DiskFull("no space left")
+
+    monkeypatch.setattr(state.torch, "save", save_half_then_fail)
+    with pytest.raises(DiskFull):
+        save_checkpoint(tmp_path, model, {"step": 2}, keep=3)
+    monkeypatch.undo()
+
+    assert contents(tmp_path) == before  # step_2 untouched, no temporary folder beside it
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2"]
+    assert load_checkpoint(list_checkpoints(tmp_path)[0])[1] == {"step": 2}
+
+
+def test_training_checkpoints_hold_the_model_the_state_and_the_extra_files(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
+    extra_files = [tmp_path / "tokenizer.json"]
+    path = save_checkpoint(tmp_path / "run", Transformer(micro_config()), {"step": 5}, keep=1, extra_files=extra_files)
+    assert path == tmp_path / "run" / "checkpoints" / "step_5"
+    assert entries(path) == ["config.json", "model.safetensors", "tokenizer.json", "train_state.pt"]
+    assert entries(path.parent) == ["step_5"]
+
+
+def test_damaged_train_state_is_named_with_what_to_do(tmp_path):
+    path = save_checkpoint(tmp_path, Transformer(micro_config()), {"step": 1}, keep=1)
+    (path / "train_state.pt").write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path / 'train_state.pt'}: not a readable training state")
+    assert "resume from an earlier checkpoint" in message
