@@ -181,13 +181,16 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
+        """Read a config.json; ConfigError naming the file when it is missing, not JSON or not an object."""
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+        except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+            raise ConfigError(f"{path}: not valid JSON ({error}); the file is truncated or damaged") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(raw).__name__}")
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -174,9 +174,14 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
 
 
 def write_config(config: Any, path: str | Path) -> Path:
-    """Write a config's every field to `path` (.yaml/.yml or .json) so that `load_config` reads it back."""
+    """Write a config's every field to `path` (.yaml/.yml or .json) so that `load_config` reads it back; paths
+    are written relative to the file's folder, as `load_config` reads them."""
     path = Path(path)
     values = _plain(dataclasses.asdict(config))
+    folder = path.parent.resolve()
+    for name, value in values.items():  # the inverse of `resolve_paths`
+        if isinstance(value, str) and value and _is_path_field(name):
+            values[name] = os.path.relpath(Path(value).resolve(), folder)
     if path.suffix in (".yaml", ".yml"):
         text = yaml.safe_dump(values, sort_keys=False)
     elif path.suffix == ".json":

@@ -36,8 +36,10 @@ def model_config(model: str) -> ModelConfig:
     """A preset by name, or the config.json of a checkpoint directory."""
     if model in PRESETS:
         return preset(model)
-    if Path(model).is_dir():
-        return ModelConfig.from_json(Path(model) / "config.json")
+    if Path(model).exists():
+        from seekstack.checkpoint import read_config
+
+        return read_config(model)
     fail(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
 
 

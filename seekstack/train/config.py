@@ -107,7 +107,8 @@ class TrainConfig:
         for name in self.model_overrides:
             if name not in known:
                 raise ConfigError(
-                    f"field 'model_overrides': ModelConfig has no field {name!r}; known fields are {', '.join(sorted(known))}"
+                    f"field 'model_overrides': ModelConfig has no field {name!r}; "
+                    f"known fields are {', '.join(sorted(known))}"
                 )
         overrides = {**self.model_overrides, "aux_loss_alpha": self.aux_loss_alpha}
         try:
@@ -158,7 +159,7 @@ def resolve_train_config(
             raise ConfigError(
                 f"{saved_path}: no such file; a run to resume has its config there (start without resume)"
             )
-        base = read_config_file(saved_path)
+        base = _given_values(saved_path)
     values = apply_overrides(TrainConfig, {**base, **given}, overrides)
     config = check(TrainConfig, values, source).validate(source)
     if resume and warn is not None:

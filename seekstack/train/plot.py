@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.config import preset  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
 from seekstack.train.trainer import METRICS_FILE  # noqa: E402
@@ -84,7 +85,7 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     figure.tight_layout()
     out_path = Path(out_path) if out_path is not None else Path(run_dir) / "curves.png"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=100)
+    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     plt.close(figure)
     return out_path
 

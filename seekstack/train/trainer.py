@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from seekstack.accounting import training_flops_per_token
+from seekstack.atomic import write_atomic
 from seekstack.model.transformer import Transformer
 from seekstack.parallel import distributed
 from seekstack.parallel.parallelize import apply_activation_checkpointing, apply_compile
@@ -316,7 +317,7 @@ class _Run:
         if not path.is_file():
             return
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:
         line = (

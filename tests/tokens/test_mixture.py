@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from seekstack.tokenizer import train_tokenizer
 from seekstack.tokens.difficulty import bucket_bounds, compression_ratio, tokenize_buckets
 from seekstack.tokens.mixture import MixtureSchedule, MixtureWindows
 from seekstack.tokens.shards import load_index, tokenize_corpus
-from seekstack.tokenizer import train_tokenizer
 
 CURRICULUM = {"easy": [0.7, 0.2, 0.1], "medium": [0.2, 0.5, 0.3], "hard": [0.1, 0.3, 0.6]}
 SOURCE_IDS = {"easy": 100, "medium": 200, "hard": 300}  # every token of a source's split is its id + 0..9

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.cli import app
+from seekstack.eval.samples import demo_samples
 from seekstack.tokenizer import Tokenizer
 from seekstack.train.plot import read_metrics
-from seekstack.eval.samples import demo_samples
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MICRO = (

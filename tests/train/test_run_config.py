@@ -54,13 +54,14 @@ def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path: Pa
     assert config.tokenizer == "/abs/tok"
 
 
-def test_write_config_gives_a_file_that_reads_back_to_the_same_config(tmp_path: Path) -> None:
+def test_write_config_gives_a_file_that_reads_back_to_the_same_config(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the defaults' relative paths, seen from the folder the file is in
     path = tmp_path / "c.yaml"
     result = CliRunner().invoke(app, ["train", "lr=1e-3", "model.hidden_size=64", "--write-config", str(path)])
     assert result.exit_code == 0, result.output
     written = yaml.safe_load(path.read_text())
     assert written["lr"] == 0.001 and written["model_overrides"] == {"hidden_size": 64}
-    assert load_train_config(path) == load_train_config(None, ["lr=1e-3", "model.hidden_size=64"])
+    assert load_train_config(path.name) == load_train_config(None, ["lr=1e-3", "model.hidden_size=64"])
 
 
 def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_continuous(data_dir, tmp_path):
@@ -77,9 +78,10 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     assert "warning: resuming with max_steps=12 (the run was started with 6)" in resumed.output
     assert resumed.output.count("warning:") == 1
     assert "resumed from step 3" in resumed.output
-    saved = json.loads((out_dir / CONFIG_FILE).read_text())
-    assert (saved["max_steps"], saved["batch_size"], saved["seq_len"]) == (12, 4, 32)
-    assert saved["data_dir"] == str(data_dir)
+    saved = load_train_config(out_dir / CONFIG_FILE)
+    assert (saved.max_steps, saved.batch_size, saved.seq_len) == (12, 4, 32)
+    assert Path(saved.data_dir).resolve() == data_dir.resolve()
+    assert json.loads((out_dir / CONFIG_FILE).read_text())["out_dir"] == "."  # paths relative to the file
     rates = [row["lr"] for row in read_metrics(out_dir) if "lr" in row]
     assert len(rates) == 12 and rates[:4] == first_rates[:4]  # the step the run resumes at keeps its rate
     after_warmup = rates[2:]
