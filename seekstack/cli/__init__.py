@@ -3,12 +3,20 @@ the library and prints. A stage's libraries are imported inside its commands, so
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import version
 from typing import Annotated
 
 import typer
 
-from seekstack.cli import data, generate, model, serve, train
+# One module per stage, in pipeline order; each has `register(app)` adding its commands.
+STAGES = (
+    "model",
+    "data",
+    "train",
+    "generate",
+    "serve",
+)
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -34,5 +42,5 @@ def main(
     -> train -> sample / generate / chat / serve."""
 
 
-for stage in (model, data, train, generate, serve):
-    stage.register(app)
+for stage in STAGES:
+    importlib.import_module(f"seekstack.cli.{stage}").register(app)

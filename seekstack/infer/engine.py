@@ -25,61 +25,12 @@ import torch
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer.cache import PagedLatentCache
 from seekstack.infer.detokenize import TextStream
-from seekstack.infer.params import SamplingParams
+from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
+from seekstack.infer.params import EngineOptions, SamplingParams
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, token_logprobs
-from seekstack.infer.speculative import accept_drafts, accepted_prefix
+from seekstack.infer.speculative import accept_drafts, greedy_speculation, mtp_drafts
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
-
-
-@dataclass
-class TokenLogprob:
-    """The log-probability of a generated token under the model, and of the most likely alternatives."""
-
-    token_id: int
-    token: str
-    logprob: float
-    top: list[tuple[int, str, float]]  # (token_id, token text, logprob), most likely first
-
-
-@dataclass
-class RequestOutput:
-    """What one engine step produced for one request."""
-
-    request_id: str
-    token_ids: list[int]  # new tokens this step (several with speculative decoding)
-    text: str  # new text: valid UTF-8 only, stop strings cut off
-    logprobs: list[TokenLogprob] | None
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
-    prompt_tokens: int
-    completion_tokens: int  # total so far
-    scheduled_at: float | None  # time.perf_counter() when the request left the waiting queue; None if it never did
-
-
-@dataclass
-class EngineStats:
-    """A snapshot of the engine's load, as `Engine.stats` returns it."""
-
-    running: int
-    waiting: int
-    cache_usage: float  # fraction of cache blocks in use, 0..1
-    prefill_tokens: int  # cumulative: prompt tokens fed to the model
-    spec_drafted: int  # cumulative speculative-decoding counters
-    spec_accepted: int
-
-
-@dataclass
-class Completion:
-    """A finished request, as `Engine.generate` returns it."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    logprobs: list[TokenLogprob] | None
-    timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s
 
 
 @dataclass
@@ -523,61 +474,9 @@ class Engine:
                 if request_id not in finished_at:
                     self.abort(request_id)
         return [
-            _completion(request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id])
+            joined_completion(request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id])
             for request_id, ids in zip(request_ids, prompt_ids, strict=True)
         ]
-
-
-def completion_record(engine: Engine, completion: Completion) -> dict:
-    """A JSON-ready summary of a completion: text, tokens, finish reason, timings, speculative acceptance."""
-    record = {
-        "model": engine.model_name,
-        "text": completion.text,
-        "finish_reason": completion.finish_reason,
-        "prompt_tokens": len(completion.prompt_token_ids),
-        "completion_tokens": len(completion.token_ids),
-        "token_ids": completion.token_ids,
-        "timings": completion.timings,
-    }
-    if completion.logprobs is not None:
-        record["logprobs"] = [dataclasses.asdict(entry) for entry in completion.logprobs]
-    if engine.speculative:
-        stats = engine.stats()
-        rate = stats.spec_accepted / stats.spec_drafted if stats.spec_drafted else 0.0
-        record["speculative"] = {"drafted": stats.spec_drafted, "accepted": stats.spec_accepted, "accept_rate": rate}
-    return record
-
-
-def mtp_drafts(
-    model: Transformer,
-    hidden: torch.Tensor,
-    next_ids: torch.Tensor,
-    positions: torch.Tensor,
-    last: torch.Tensor,
-    cache: PagedLatentCache,
-    count: int,
-) -> torch.Tensor:
-    """`count` drafts (B, K) after column last[b] of a main forward: its hidden (B, T, D) at positions (B, T), with
-    the tokens one position on (B, T).
-
-    MTP depth 1 runs over all T columns (position i reads h_i and the embedding of token i+1, so every position
-    enters the MTP layer's cache) and column last guesses the token after the next. Further drafts apply the
-    same module again one position on, its own output standing in for the main model's hidden state there (as
-    vLLM drafts past a model's MTP depth). The cache entries those write are guesses; the next step writes
-    over them before anything reads them.
-    """
-    mtp = model.mtp[0]
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    cos, sin = model.rotary(positions)
-    out, _ = mtp(hidden, model.embed_tokens(next_ids), cos, sin, cache)
-    hidden, position = out[rows, last][:, None], positions[rows, last][:, None]  # (B, 1, D), (B, 1)
-    drafts = [model.lm_head(mtp.head_input(hidden)).argmax(dim=-1)]  # (B, 1) each
-    for _ in range(count - 1):
-        position = position + 1
-        cos, sin = model.rotary(position)
-        hidden, _ = mtp(hidden, model.embed_tokens(drafts[-1]), cos, sin, cache.follow(position))
-        drafts.append(model.lm_head(mtp.head_input(hidden)).argmax(dim=-1))
-    return torch.cat(drafts, dim=1)
 
 
 def _skip_model_guards(entries: list) -> list[bool]:
@@ -587,42 +486,6 @@ def _skip_model_guards(entries: list) -> list[bool]:
     return [not entry.name.startswith(("L['self']", "L['model']")) for entry in entries]
 
 
-def greedy_speculation(
-    model: Transformer,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    cache: PagedLatentCache,
-    count: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A greedy speculative step in one call: verify each row's [pending, K drafts] (B, K+1) and draft again.
-
-    Returns logits (B, K+1, V), the argmaxes (B, K+1), how many drafts each row accepted (B,) — those up to the
-    first that differs from the argmax before it — and the next K drafts (B, K). The first accepted + 1
-    argmaxes are the new tokens: the accepted drafts and the token after them (a replacement or a bonus).
-    """
-    out = model(input_ids, cache=cache, positions=positions)
-    best = out.logits.argmax(dim=-1)
-    accepted = accepted_prefix(best[:, :-1] == input_ids[:, 1:])
-    next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count)
-    return out.logits, best, accepted, next_drafts
-
-
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:
     """The tokens one position after each row's new tokens: what MTP depth 1 embeds (token i+1 at position i)."""
     return [r.ids[start + 1 : start + count + 1] for r, start, count in zip(batch, starts, counts, strict=True)]
-
-
-def _completion(
-    request_id: str, prompt_ids: list[int], parts: list[RequestOutput], started: float, first: float, end: float
-) -> Completion:
-    tokens = [token for part in parts for token in part.token_ids]
-    logprobs = [entry for part in parts for entry in part.logprobs] if parts[-1].logprobs is not None else None
-    decode_seconds = end - first
-    timings = {
-        "time_to_first_token_s": first - started,
-        "total_s": end - started,
-        "decode_tokens_per_s": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
-    }
-    return Completion(
-        request_id, prompt_ids, tokens, "".join(p.text for p in parts), parts[-1].finish_reason, logprobs, timings
-    )
