@@ -8,9 +8,9 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 from seekstack.train.trainer import train
+from tests.train.test_trainer import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 
 def free_port() -> int:
