@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperCommand
 
-from seekstack.cli.common import user_errors
+from seekstack.cli.common import fail, user_errors
 from seekstack.infer.params import EngineOptions, SamplingParams
+
+try:
+    from typer._click.exceptions import UsageError  # newer typer carries its own copy of click
+except ImportError:
+    from click import UsageError
+
+if TYPE_CHECKING:
+    from seekstack.infer.engine import Engine
 
 ModelDir = Annotated[Path, typer.Option("--model", help="Checkpoint folder: config.json, safetensors, tokenizer.json")]
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
@@ -21,12 +32,18 @@ TopP = Annotated[float, typer.Option(help="Nucleus sampling: the smallest set wi
 Seed = Annotated[int | None, typer.Option(help="Seed of the sampling; the same seed gives the same text")]
 Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the model needs an MTP module)")]
 DraftTokens = Annotated[
-    int, typer.Option(min=1, help="With --speculative: tokens the MTP module drafts per step (past 1 it drafts again)")
+    int, typer.Option(help="With --speculative: tokens the MTP module drafts per step (past 1 it drafts again)")
 ]
 Compile = Annotated[
     bool, typer.Option(help="Decode with torch.compile: a first step of ~15-30 s compiling, then ~2x faster steps")
 ]
-Threads = Annotated[int | None, typer.Option(min=1, help="torch threads; 1 is fastest for small models on a busy CPU")]
+Threads = Annotated[int | None, typer.Option(help="torch threads; 1 is fastest for small models on a busy CPU")]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option(help=r"Stop before this text (repeatable); \n, \t, \r, \\ and \uXXXX are read as escapes"),
+]
+ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr\\])")
+ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
 def generate_command(
@@ -50,7 +67,7 @@ def generate_command(
         SamplingParams.frequency_penalty
     ),
     seed: Seed = None,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop before this text (repeatable)")] = None,
+    stop: Stop = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token")] = False,
     top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
@@ -58,26 +75,29 @@ def generate_command(
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     compile: Compile = EngineOptions.compile,
     threads: Threads = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with tokens and timings")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with tokens and timings (errors too)")
+    ] = False,
 ) -> None:
-    """Continue PROMPT with a checkpoint, streaming the text (or, with --json, a machine-readable result)."""
-    import torch
+    """Continue PROMPT with a checkpoint, streaming the text (or, with --json, a machine-readable result).
 
-    from seekstack.infer.engine import Engine, completion_record
+    A max-new-tokens that does not fit the context with the prompt is capped, with a notice on stderr."""
+    from seekstack.infer.outputs import completion_record
 
     with user_errors(as_json):
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
-            logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
+            frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
+            ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
         ).validate()  # fmt: skip
-        if threads:
-            torch.set_num_threads(threads)
         options = EngineOptions(max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, compile=compile)
-        engine = Engine.from_pretrained(model, tokenizer=tokenizer, **options.engine_kwargs())
+        engine = load_engine(model, tokenizer, options, threads)
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
+        params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)
+        if notice:
+            typer.echo(f"note: {notice}", err=True)
         if as_json:
             typer.echo(json.dumps(completion_record(engine, engine.generate([prompt_ids], params)[0]), indent=2))
             return
@@ -100,20 +120,22 @@ def chat_command(
     compile: Compile = EngineOptions.compile,
     threads: Threads = None,
 ) -> None:
-    """Chat in the terminal with streamed replies; /reset, /system TEXT, /quit."""
-    import torch
+    """Chat in the terminal with streamed replies; /reset, /system TEXT, /quit; Ctrl-C stops a reply.
 
-    from seekstack.infer.chat import HELP, ChatSession, run_chat
-    from seekstack.infer.engine import Engine
+    Says so at the start when the checkpoint looks like a base model with no chat training."""
+    from seekstack.infer.chat import HELP, ChatSession, base_model_reason, run_chat
+    from seekstack.tokenizer import tokenizer_json_path
 
     with user_errors():
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         ).validate()
-        if threads:
-            torch.set_num_threads(threads)
         options = EngineOptions(max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, compile=compile)
-        engine = Engine.from_pretrained(model, tokenizer=tokenizer, **options.engine_kwargs())
+        engine = load_engine(model, tokenizer, options, threads)
+    reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
+    if reason:
+        note = f"{engine.model_name} looks like a base model with no chat training ({reason})"
+        typer.echo(f"note: {note}: it may continue the text rather than answer", err=True)
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(f"{engine.model_name}: {HELP}")
@@ -122,9 +144,64 @@ def chat_command(
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    run_chat(ChatSession(engine, params, system), sys.stdin, write, prompt="> " if interactive else "")
+    session = ChatSession(engine, params, system, notify=lambda notice: typer.echo(f"note: {notice}", err=True))
+    run_chat(session, line_reader(interactive), write, prompt="> " if interactive else "")
+
+
+def load_engine(model: Path, tokenizer: Path | None, options: EngineOptions, threads: int | None) -> Engine:
+    """`Engine.from_pretrained` with the command's options; a missing tokenizer is told in the command's words."""
+    import torch
+
+    from seekstack.infer.engine import Engine
+    from seekstack.tokenizer import TOKENIZER_FILE
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads}: must be at least 1")
+        torch.set_num_threads(threads)
+    if tokenizer is None and model.is_dir() and not (model / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
+    return Engine.from_pretrained(model, tokenizer=tokenizer, **options.engine_kwargs())
+
+
+def unescape(text: str) -> str:
+    """The backslash escapes a shell passes through as typed (\\n, \\t, \\r, \\\\, \\xHH, \\uXXXX,
+    \\UXXXXXXXX) turned into the characters they name; any other text, non-ASCII included, stays as it is."""
+    return ESCAPE.sub(lambda match: ESCAPED.get(match[1]) or chr(int(match[1][1:], 16)), text)
+
+
+def line_reader(interactive: bool) -> Callable[[str], str]:
+    """What reads the user's lines: `input` with line editing and history (readline) at a terminal, else the
+    lines of stdin; both raise EOFError at the end."""
+    if not interactive:
+        return _read_piped_line
+    try:
+        import readline  # noqa: F401  (importing it gives `input` line editing and history)
+    except ImportError:  # not on every platform
+        pass
+    return input
+
+
+def _read_piped_line(prompt: str) -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+class JsonErrorsCommand(TyperCommand):
+    """A command whose --json reports command-line mistakes (a bad value, a missing option) as JSON too."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        json_asked = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as error:
+            if json_asked:
+                fail(error.format_message(), as_json=True)
+            raise
 
 
 def register(app: typer.Typer) -> None:
-    app.command("generate")(generate_command)
+    app.command("generate", cls=JsonErrorsCommand)(generate_command)
     app.command("chat")(chat_command)

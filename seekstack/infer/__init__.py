@@ -8,11 +8,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Completion": "seekstack.infer.engine",
+    "Completion": "seekstack.infer.outputs",
     "Engine": "seekstack.infer.engine",
-    "EngineStats": "seekstack.infer.engine",
-    "RequestOutput": "seekstack.infer.engine",
-    "TokenLogprob": "seekstack.infer.engine",
+    "EngineStats": "seekstack.infer.outputs",
+    "RequestOutput": "seekstack.infer.outputs",
+    "TokenLogprob": "seekstack.infer.outputs",
     "EngineOptions": "seekstack.infer.params",
     "SamplingParams": "seekstack.infer.params",
 }

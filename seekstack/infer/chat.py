@@ -1,22 +1,39 @@
-"""An interactive chat over the engine: history in the DeepSeek chat template, streamed replies, commands."""
+"""An interactive chat over the engine: history in the DeepSeek chat template, streamed replies, commands.
+
+Ctrl-C during a reply stops it: the engine request is aborted (its cache blocks freed) and the reply joins the
+history as far as it was shown, so that what the model sees next is what the user saw; a reply stopped before
+any text leaves neither turn behind. Ctrl-C or end of input at the prompt ends the chat.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
+from seekstack.tokenizer import CONFIG_FILE
+from seekstack.train.state import TRAIN_STATE_FILE
 
-HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /quit leaves"
+HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /quit leaves; Ctrl-C stops a reply"
 
 
 class ChatSession:
-    """A conversation: the system prompt and the turns so far; `reply` streams the assistant's next turn."""
+    """A conversation: the system prompt and the turns so far; `reply` streams the assistant's next turn.
 
-    def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None):
+    `notify` receives notices about a turn (its reply capped to fit the context)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        params: SamplingParams,
+        system: str | None = None,
+        notify: Callable[[str], None] | None = None,
+    ):
         self.engine, self.params = engine, params
         self.system = system
+        self.notify = notify
         self.turns: list[dict] = []
 
     def messages(self) -> list[dict]:
@@ -24,20 +41,35 @@ class ChatSession:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.turns
 
-    def reply(self, user_text: str) -> Iterable[str]:
-        """Stream the answer to `user_text`; both turns join the history (the oldest go when the context is full)."""
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Stream the answer to `user_text`; both turns join the history (the oldest go when the context is full).
+
+        A reply stopped early (Ctrl-C, or the consumer closing this iterator) keeps the text taken so far; a reply
+        that fails leaves no unanswered user turn."""
         self.turns.append({"role": "user", "content": user_text})
-        prompt = self._fitting_prompt()
-        params = dataclasses.replace(self.params, max_new_tokens=self._room(prompt))
-        answer = []
+        shown: list[str] = []
         try:
-            for output in self.engine.stream(prompt, params):
-                answer.append(output.text)
-                yield output.text
+            prompt = self._fitting_prompt()
+            params, notice = self.engine.fit_max_new_tokens(len(prompt), self.params)
+            if notice and self.notify:
+                self.notify(notice)
+            stream = self.engine.stream(prompt, params)
+            try:
+                for output in stream:
+                    yield output.text
+                    shown.append(output.text)
+            finally:
+                stream.close()  # aborts the request if it has not finished: its cache blocks are freed
+        except (KeyboardInterrupt, GeneratorExit):
+            if shown:
+                self.turns.append({"role": "assistant", "content": "".join(shown)})
+            else:
+                self.turns.pop()
+            raise
         except BaseException:
             self.turns.pop()  # an unanswered turn would leave two user turns in a row
             raise
-        self.turns.append({"role": "assistant", "content": "".join(answer)})
+        self.turns.append({"role": "assistant", "content": "".join(shown)})
 
     def _fitting_prompt(self) -> list[int]:
         prompt = self.engine.tokenizer.encode_chat(self.messages())
@@ -45,22 +77,25 @@ class ChatSession:
             self.turns = self.turns[2:]  # the oldest user + assistant pair
             prompt = self.engine.tokenizer.encode_chat(self.messages())
         if len(prompt) >= self.engine.max_model_len:
-            self.turns.pop()
             raise ValueError(
                 f"the message needs {len(prompt)} tokens with the system prompt; the context holds "
                 f"{self.engine.max_model_len}: write less or change /system"
             )
         return prompt
 
-    def _room(self, prompt: list[int]) -> int:
-        return min(self.params.max_new_tokens, self.engine.max_model_len - len(prompt))
 
-
-def run_chat(session: ChatSession, lines: Iterable[str], write: Callable[[str], None], prompt: str = "") -> None:
-    """Read user lines until /quit or the end of input; answer each, or run the command it names."""
-    write(prompt)
-    for raw in lines:
-        line = raw.strip()
+def run_chat(
+    session: ChatSession, read_line: Callable[[str], str], write: Callable[[str], None], prompt: str = ""
+) -> None:
+    """Read user lines with `read_line(prompt)` (as `input`) until /quit, end of input (EOFError) or Ctrl-C at the
+    prompt; answer each, or run the command it names. Ctrl-C during a reply stops it and returns to the prompt."""
+    while True:
+        try:
+            line = read_line(prompt).strip()
+        except (EOFError, KeyboardInterrupt):
+            if prompt:
+                write("\n")  # end the prompt's line
+            return
         if line == "/quit":
             return
         if line == "/reset":
@@ -73,10 +108,44 @@ def run_chat(session: ChatSession, lines: Iterable[str], write: Callable[[str], 
         elif line.startswith("/"):
             write(f"unknown command {line.split()[0]!r}; {HELP}\n")
         elif line:
-            try:
-                for text in session.reply(line):
-                    write(text)
-                write("\n")
-            except ValueError as error:
-                write(f"error: {error}\n")
-        write(prompt)
+            _answer(session, line, write)
+
+
+def _answer(session: ChatSession, line: str, write: Callable[[str], None]) -> None:
+    """Stream the reply to `line`, then make sure the next prompt starts on a fresh line."""
+    replies = session.reply(line)
+    last = ""
+    try:
+        for text in replies:
+            write(text)
+            last = text or last
+    except KeyboardInterrupt:
+        replies.close()  # the request is aborted; the turn stays as far as it was shown
+        write("\n")
+        return
+    except ValueError as error:
+        write(f"error: {error}\n")
+        return
+    if not last.endswith("\n"):
+        write("\n")
+
+
+def base_model_reason(model_dir: str | Path, tokenizer_dir: str | Path) -> str | None:
+    """Why the checkpoint looks like a base model with no chat training, or None when nothing says so.
+
+    The signs: the tokenizer_config.json beside the tokenizer has no `chat_template` (how Hugging Face marks a
+    model meant for chat); the folder is a seekstack training checkpoint (it holds train_state.pt, and seekstack
+    only pretrains); its name ends in "base", as DeepSeek names its base releases (DeepSeek-V3-Base). A heuristic
+    for a notice: a base model that ships a chat template under another name passes for a chat model."""
+    model_dir, config_path = Path(model_dir), Path(tokenizer_dir) / CONFIG_FILE
+    try:
+        tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        tokenizer_config = {}
+    if not isinstance(tokenizer_config, dict) or not tokenizer_config.get("chat_template"):
+        return f"{config_path} has no chat_template"
+    if (model_dir / TRAIN_STATE_FILE).is_file():
+        return f"{model_dir} is a seekstack training checkpoint (it holds {TRAIN_STATE_FILE}); seekstack only pretrains"
+    if model_dir.resolve().name.lower().endswith("base"):
+        return f"its folder is named {model_dir.resolve().name!r}"
+    return None

@@ -1,5 +1,6 @@
 """The inference engine: continuous batching over a paged latent cache, chunked prefill, per-request sampling,
-MTP speculative decoding and streaming detokenization.
+streaming detokenization, and the steps of MTP speculative decoding (drafting and verification are in
+`speculative.py`; what the engine hands back is in `outputs.py`).
 
 A request goes waiting -> prefilling (its prompt enters the cache in chunks) -> running (one token, or the
 accepted part of a draft plus one, per step) -> finished. Between steps the last token of a running request is
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from seekstack.checkpoint import load_pretrained
+from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.cache import PagedLatentCache
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
@@ -57,15 +58,15 @@ class Engine:
         model: Transformer,
         tokenizer: Tokenizer,
         *,
-        max_batch_size: int = 16,
-        max_model_len: int | None = None,
+        max_batch_size: int = EngineOptions.max_batch_size,
+        max_model_len: int | None = EngineOptions.max_model_len,
         block_size: int = 16,
         num_blocks: int | None = None,
-        speculative: bool = False,
-        draft_tokens: int = 3,
+        speculative: bool = EngineOptions.speculative,
+        draft_tokens: int = EngineOptions.draft_tokens,
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
-        compile: bool = False,
+        compile: bool = EngineOptions.compile,
     ):
         self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
         self.model = model.to(self.device).eval()
@@ -126,20 +127,37 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         **kwargs,
     ) -> Engine:
-        """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`)."""
+        """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
+
+        A missing folder, config or tokenizer is reported before any weights load."""
         model_dir = Path(model_dir)
+        read_config(model_dir)  # CheckpointError naming the folder when it does not exist or has no config.json
         if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(
-                f"{model_dir} has no {TOKENIZER_FILE}: give the tokenizer's path (--tokenizer PATH)"
+                f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
             )
+        loaded_tokenizer = Tokenizer.from_file(tokenizer or model_dir)
         device = kwargs.get("device") or "cpu"
-        engine = cls(
-            load_pretrained(model_dir, dtype=dtype, device=device),
-            Tokenizer.from_file(tokenizer or model_dir),
-            **kwargs,
-        )
+        engine = cls(load_pretrained(model_dir, dtype=dtype, device=device), loaded_tokenizer, **kwargs)
         engine.model_name = model_dir.resolve().name
         return engine
+
+    def fit_max_new_tokens(self, prompt_len: int, params: SamplingParams) -> tuple[SamplingParams, str | None]:
+        """`params` with max_new_tokens capped so that the prompt and the completion fit max_model_len, and a
+        notice saying so when it had to be capped; ValueError when the prompt alone leaves no room."""
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise ValueError(
+                f"prompt is {prompt_len} tokens; the context of {self.max_model_len} leaves no room for a new "
+                "token: shorten the prompt"
+            )
+        if params.max_new_tokens <= room:
+            return params, None
+        notice = (
+            f"prompt is {prompt_len} tokens; max_new_tokens capped from {params.max_new_tokens} to {room} "
+            f"to fit the context of {self.max_model_len}"
+        )
+        return dataclasses.replace(params, max_new_tokens=room), notice
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
@@ -474,7 +492,9 @@ class Engine:
                 if request_id not in finished_at:
                     self.abort(request_id)
         return [
-            joined_completion(request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id])
+            joined_completion(
+                request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id]
+            )
             for request_id, ids in zip(request_ids, prompt_ids, strict=True)
         ]
 

@@ -18,7 +18,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from seekstack.infer.engine import Engine, RequestOutput
+from seekstack.infer.engine import Engine
+from seekstack.infer.outputs import RequestOutput
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.metrics import ServerMetrics
 

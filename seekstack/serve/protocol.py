@@ -8,7 +8,7 @@ Values too small for float32 sampling are the engine's to handle: a temperature 
 
 from __future__ import annotations
 
-from seekstack.infer.engine import TokenLogprob
+from seekstack.infer.outputs import TokenLogprob
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.errors import APIError
 from seekstack.serve.schemas import (

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from seekstack.cli import app
+from seekstack.cli.generate import unescape
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.chat import HELP, ChatSession
+from seekstack.infer.chat import HELP, ChatSession, base_model_reason, run_chat
 from tests.infer.support import model_dir
 
 runner = CliRunner()
@@ -52,10 +54,94 @@ def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine)
 def test_generate_rejects_bad_sampling_values_and_missing_tokenizer(checkpoint, tmp_path):
     result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--top-p", "1.5"])
     assert result.exit_code == 1
-    assert "top_p=1.5 is invalid: must be in (0, 1]" in result.output
+    assert "error: field 'top_p' has value 1.5: input should be less than or equal to 1" in result.stderr
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     result = runner.invoke(app, ["generate", "--model", str(tmp_path), "x"])
-    assert result.exit_code == 1 and "has no tokenizer.json" in result.output
+    assert result.exit_code == 1
+    assert f"{tmp_path} has no tokenizer.json: give the tokenizer's path with --tokenizer PATH" in result.stderr
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path / "nowhere"), "x"])
+    assert result.exit_code == 1 and f"{tmp_path / 'nowhere'}: no such folder" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-p", "1.5"], "field 'top_p' has value 1.5"),
+        (["--draft-tokens", "0"], "field 'draft_tokens' has value 0"),
+        (["--threads", "0"], "--threads 0: must be at least 1"),
+        (["--temperature", "hot"], "Invalid value for '--temperature'"),
+        (["--no-such-flag"], "No such option: --no-such-flag"),
+    ],
+)
+def test_generate_json_reports_bad_options_as_json(checkpoint, args, message):
+    result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--json", *args])
+    assert result.exit_code == 1
+    assert message in json.loads(result.stdout)["error"]["message"]
+    assert result.stderr == ""
+
+
+def test_generate_json_reports_a_missing_model_or_tokenizer_as_json(checkpoint, tmp_path):
+    (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
+    for model, message in [
+        (tmp_path, f"{tmp_path} has no tokenizer.json: give the tokenizer's path with --tokenizer PATH"),
+        (tmp_path / "nowhere", f"{tmp_path / 'nowhere'}: no such folder"),
+    ]:
+        result = runner.invoke(app, ["generate", "--model", str(model), "x", "--json"])
+        assert result.exit_code == 1
+        assert list(json.loads(result.stdout)) == ["error"]
+        assert json.loads(result.stdout)["error"]["message"].startswith(message)
+
+
+def long_prompt(engine, tokens: int) -> str:
+    """A text of at least `tokens` tokens."""
+    text = ""
+    while len(engine.tokenizer.encode(text)) < tokens:
+        text += "def main():\n    return 1\n"
+    return text
+
+
+def test_generate_caps_max_new_tokens_to_the_context_with_a_notice(checkpoint, engine):
+    prompt = long_prompt(engine, 240)
+    prompt_len = len(engine.tokenizer.encode(prompt))
+    room = engine.max_model_len - prompt_len
+    args = ["generate", "--model", str(checkpoint), prompt, "--temperature", "0", "--ignore-eos",
+            "--max-new-tokens", "500"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (
+        f"note: prompt is {prompt_len} tokens; max_new_tokens capped from 500 to {room} to fit the context of 256\n"
+    )
+    expected = engine.generate([prompt], SamplingParams(max_new_tokens=room, temperature=0, ignore_eos=True))[0]
+    assert len(expected.token_ids) == room and result.stdout == expected.text + "\n"
+
+
+def test_generate_refuses_a_prompt_that_alone_fills_the_context(checkpoint, engine):
+    prompt = long_prompt(engine, 256)
+    prompt_len = len(engine.tokenizer.encode(prompt))
+    for extra in ([], ["--json"]):
+        result = runner.invoke(app, ["generate", "--model", str(checkpoint), prompt, *extra])
+        assert result.exit_code == 1
+        message = f"prompt is {prompt_len} tokens; the context of 256 leaves no room for a new token"
+        assert message in (json.loads(result.stdout)["error"]["message"] if extra else result.stderr)
+
+
+def test_stop_values_read_backslash_escapes_and_keep_other_text():
+    assert unescape(r"\n\n") == "\n\n"
+    assert unescape(r"\t|\r|\u00e9|\U0001F600|\x41") == "\t|\r|é|😀|A"
+    assert unescape(r"C:\\new") == "C:\\new"  # an escaped backslash, then a plain n
+    assert unescape(r"naïve → \d \q") == r"naïve → \d \q"  # non-ASCII text and unknown escapes stay as typed
+
+
+def test_generate_stop_typed_with_escapes_cuts_the_text(checkpoint, engine):
+    params = SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True)
+    text = engine.generate(["def main():"], params)[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    typed = "".join({"\n": r"\n", "\t": r"\t"}.get(char, f"\\u{ord(char):04x}") for char in stop)
+    args = ["generate", "--model", str(checkpoint), "def main():", "--temperature", "0", "--ignore-eos",
+            "--max-new-tokens", "16", "--stop", typed]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == text[: text.index(stop)] + "\n"
 
 
 def test_chat_keeps_history_and_obeys_reset_system_and_quit(checkpoint, engine):
@@ -79,7 +165,12 @@ def test_chat_keeps_history_and_obeys_reset_system_and_quit(checkpoint, engine):
         f"unknown command '/nope'; {HELP}",
         answer([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "again"}]),
     ]
-    assert result.stdout == "\n".join(expected) + "\n"
+    assert result.stdout == "".join(on_its_own_line(text) for text in expected)
+
+
+def on_its_own_line(text: str) -> str:
+    """What the chat prints for a reply or a notice: a newline follows unless it ends with one."""
+    return text if text.endswith("\n") else text + "\n"
 
 
 def test_chat_drops_the_oldest_turns_when_the_context_is_full(checkpoint):
@@ -117,3 +208,125 @@ def test_a_reply_that_fails_leaves_no_unanswered_turn_in_the_history(checkpoint,
     with pytest.raises(RuntimeError, match="engine step failed"):
         "".join(session.reply("second"))
     assert session.turns == kept
+
+
+class Terminal:
+    """A user at the chat prompt: types `lines`, then ends the input; presses Ctrl-C while `write` shows the
+    `interrupt_at`-th piece of text (counting from 1). Records the engine's load at each prompt."""
+
+    def __init__(self, engine: Engine, lines: list[str], interrupt_at: int | None = None):
+        self.engine, self.lines, self.interrupt_at = engine, list(lines), interrupt_at
+        self.shown: list[str] = []
+        self.pieces = 0
+        self.load_at_prompt: list[tuple[int, int, float]] = []
+
+    def read_line(self, prompt: str) -> str:
+        stats = self.engine.stats()
+        self.load_at_prompt.append((stats.running, stats.waiting, stats.cache_usage))
+        if not self.lines:
+            raise EOFError
+        return self.lines.pop(0)
+
+    def write(self, text: str) -> None:
+        self.pieces += 1
+        if self.pieces == self.interrupt_at:
+            raise KeyboardInterrupt
+        self.shown.append(text)
+
+
+def reply_to(engine: Engine, messages: list[dict], params: SamplingParams) -> str:
+    return engine.generate([engine.tokenizer.encode_chat(messages)], params)[0].text
+
+
+def test_ctrl_c_mid_reply_stops_it_keeps_what_was_shown_and_the_chat_goes_on(checkpoint):
+    engine = Engine.from_pretrained(checkpoint)
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    terminal = Terminal(engine, ["hello", "again"], interrupt_at=4)
+    run_chat(ChatSession(engine, params), terminal.read_line, terminal.write)
+    partial = "".join(terminal.shown[:3])
+    assert partial and reply_to(engine, [{"role": "user", "content": "hello"}], params).startswith(partial)
+    assert terminal.shown[3] == "\n"  # the interrupted reply's line is ended
+    assert terminal.load_at_prompt[1] == (0, 0, 0.0)  # back at the prompt: no request running, no block held
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": partial}]
+    again = reply_to(engine, [*history, {"role": "user", "content": "again"}], params)
+    assert "".join(terminal.shown[4:]) == on_its_own_line(again)
+    assert not engine.has_unfinished() and engine.cache.usage == 0
+
+
+def test_ctrl_c_while_the_engine_steps_stops_the_reply_and_frees_its_blocks(checkpoint, monkeypatch):
+    engine = Engine.from_pretrained(checkpoint)
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    real_step, steps = engine.step, []
+
+    def step():
+        steps.append(1)
+        if len(steps) == 3:  # the prefill and one decode step went out; Ctrl-C lands in the second decode step
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    session = ChatSession(engine, params)
+    terminal = Terminal(engine, ["hello", "again"])
+    run_chat(session, terminal.read_line, terminal.write)
+    first = reply_to(engine, [{"role": "user", "content": "hello"}], params)
+    two_tokens = engine.tokenizer.decode(engine.tokenizer.encode(first)[:2])
+    assert terminal.load_at_prompt[1] == (0, 0, 0.0)
+    assert [turn["role"] for turn in session.turns] == ["user", "assistant", "user", "assistant"]
+    assert session.turns[1]["content"] == terminal.shown[0] + terminal.shown[1]
+    assert two_tokens.startswith(session.turns[1]["content"]) and terminal.shown[2] == "\n"
+
+
+def test_a_reply_interrupted_before_any_text_leaves_no_turn(checkpoint):
+    engine = Engine.from_pretrained(checkpoint)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+    replies = session.reply("hello")
+    next(replies)
+    replies.close()  # closed before the first piece was taken: nothing was shown
+    assert session.turns == [] and engine.cache.usage == 0
+
+
+def test_ctrl_c_or_end_of_input_at_the_prompt_ends_the_chat_on_a_fresh_line(engine):
+    session = ChatSession(engine, SamplingParams(max_new_tokens=3))
+    for pressed in (KeyboardInterrupt, EOFError):
+        shown = []
+
+        def read_line(prompt, pressed=pressed, shown=shown):
+            shown.append(prompt)
+            raise pressed
+
+        run_chat(session, read_line, shown.append, prompt="> ")  # returns: neither escapes
+        assert shown == ["> ", "\n"]
+
+
+def test_each_reply_ends_its_line_once(engine):
+    class Scripted(ChatSession):
+        def reply(self, user_text):
+            yield from {"one": ["a", "b\n"], "two": ["c", ""], "three": []}[user_text]
+
+    terminal = Terminal(engine, ["one", "two", "three"])
+    run_chat(Scripted(engine, SamplingParams()), terminal.read_line, terminal.write)
+    assert "".join(terminal.shown) == "ab\nc\n\n"
+
+
+def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(checkpoint, tmp_path):
+    assert base_model_reason(checkpoint, checkpoint) is None  # its tokenizer_config.json has a chat template
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert base_model_reason(bare, bare) == f"{bare / 'tokenizer_config.json'} has no chat_template"
+    (bare / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert base_model_reason(bare, bare) is None
+    (bare / "train_state.pt").write_bytes(b"")
+    assert "seekstack training checkpoint" in base_model_reason(bare, bare)
+    release = shutil.copytree(checkpoint, tmp_path / "DeepSeek-V3-Base")
+    assert base_model_reason(release, release) == "its folder is named 'DeepSeek-V3-Base'"
+
+
+def test_chat_says_once_at_the_start_that_a_base_model_has_no_chat_training(checkpoint, tmp_path):
+    base = shutil.copytree(checkpoint, tmp_path / "micro")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    for model, notes in ((base, 1), (checkpoint, 0)):
+        result = runner.invoke(app, ["chat", "--model", str(model), "--max-new-tokens", "2"], input="hi\nho\n")
+        assert result.exit_code == 0, result.output
+        assert result.stderr.count("looks like a base model with no chat training") == notes

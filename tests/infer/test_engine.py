@@ -4,14 +4,15 @@ steps, errors."""
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 
 import pytest
 import torch
 
-from seekstack.infer import Engine, SamplingParams
-from tests.infer.support import micro_model, tiny_tokenizer
+from seekstack.infer import Engine, EngineOptions, SamplingParams
+from tests.infer.support import micro_model, model_dir, tiny_tokenizer
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
 
@@ -300,12 +301,12 @@ def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
         ([1] * 300, SamplingParams(max_new_tokens=1), "prompt has 300 tokens, more than max_model_len=256"),
         ([1] * 200, SamplingParams(max_new_tokens=100), r"200 tokens\) \+ max_new_tokens \(100\) = 300 exceeds"),
         ([1, 9999], SamplingParams(), "prompt holds token id 9999, outside the vocabulary"),
-        ([1], SamplingParams(temperature=-1), "temperature=-1 is invalid"),
-        ([1], SamplingParams(top_p=0), "top_p=0 is invalid"),
-        ([1], SamplingParams(top_logprobs=21), "top_logprobs=21 is invalid: must be in"),
-        ([1], SamplingParams(max_new_tokens="5"), "max_new_tokens must be an int, got '5'"),
-        ([1], SamplingParams(stop=("",)), "stop='' is invalid"),
-        ([1], SamplingParams(seed=2**64), "seed=18446744073709551616 is invalid"),
+        ([1], SamplingParams(temperature=-1), "field 'temperature' has value -1"),
+        ([1], SamplingParams(top_p=0), "field 'top_p' has value 0"),
+        ([1], SamplingParams(top_logprobs=21), "field 'top_logprobs' has value 21"),
+        ([1], SamplingParams(max_new_tokens="5"), "field 'max_new_tokens' has value '5'"),
+        ([1], SamplingParams(stop=("",)), "field 'stop.0' has value ''"),
+        ([1], SamplingParams(seed=2**64), "field 'seed' has value 18446744073709551616"),
     ],
 )
 def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, params, message):
@@ -313,3 +314,34 @@ def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokeniz
     with pytest.raises(ValueError, match=message):
         engine.add_request(prompt, params)
     assert not engine.has_unfinished()
+
+
+def test_engine_defaults_are_the_engine_options_defaults(model, tokenizer):
+    engine = Engine(model, tokenizer, speculative=True)
+    options = EngineOptions()
+    assert (engine.draft_tokens, engine.max_batch_size) == (options.draft_tokens, options.max_batch_size)
+    assert engine.max_model_len == model.config.max_position_embeddings and options.max_model_len is None
+
+
+def test_max_new_tokens_is_capped_to_what_fits_the_context_with_a_notice(model, tokenizer):
+    engine = Engine(model, tokenizer, max_model_len=64)
+    params = SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True)
+    capped, notice = engine.fit_max_new_tokens(50, params)
+    assert capped.max_new_tokens == 14 and capped.temperature == 0 and params.max_new_tokens == 100
+    assert notice == "prompt is 50 tokens; max_new_tokens capped from 100 to 14 to fit the context of 64"
+    [completion] = engine.generate(prompts([50]), capped)  # the capped request is accepted and runs to the end
+    assert len(completion.token_ids) == 14 and completion.finish_reason == "length"
+    assert engine.fit_max_new_tokens(50, SamplingParams(max_new_tokens=14)) == (SamplingParams(max_new_tokens=14), None)
+    for prompt_len in (64, 70):
+        with pytest.raises(ValueError, match=f"prompt is {prompt_len} tokens; the context of 64 leaves no room"):
+            engine.fit_max_new_tokens(prompt_len, params)
+
+
+def test_from_pretrained_names_a_missing_folder_and_a_missing_tokenizer_in_python_terms(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'nowhere'}: no such folder")):
+        Engine.from_pretrained(tmp_path / "nowhere")
+    checkpoint = model_dir(tmp_path / "micro")
+    (checkpoint / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json: pass tokenizer= the path") as error:
+        Engine.from_pretrained(checkpoint)
+    assert "--" not in str(error.value)  # no command-line flag in the Python API's words

@@ -1,0 +1,99 @@
+"""What the engine hands back: per-step outputs of a request, finished completions, load snapshots, and the
+JSON record `seekstack generate --json` prints. Plain dataclasses, no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from seekstack.infer.engine import Engine
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of a generated token under the model, and of the most likely alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]  # (token_id, token text, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens this step (several with speculative decoding)
+    text: str  # new text: valid UTF-8 only, stop strings cut off
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+    scheduled_at: float | None  # time.perf_counter() when the request left the waiting queue; None if it never did
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load, as `Engine.stats` returns it."""
+
+    running: int
+    waiting: int
+    cache_usage: float  # fraction of cache blocks in use, 0..1
+    prefill_tokens: int  # cumulative: prompt tokens fed to the model
+    spec_drafted: int  # cumulative speculative-decoding counters
+    spec_accepted: int
+
+
+@dataclass
+class Completion:
+    """A finished request, as `Engine.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None
+    timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s
+
+
+def joined_completion(
+    request_id: str, prompt_ids: list[int], parts: list[RequestOutput], started: float, first: float, end: float
+) -> Completion:
+    """One request's outputs joined into a `Completion`, timed from `started` (added), `first` (its first output)
+    and `end` (its last), all time.perf_counter() seconds."""
+    tokens = [token for part in parts for token in part.token_ids]
+    logprobs = [entry for part in parts for entry in part.logprobs] if parts[-1].logprobs is not None else None
+    decode_seconds = end - first
+    timings = {
+        "time_to_first_token_s": first - started,
+        "total_s": end - started,
+        "decode_tokens_per_s": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
+    }
+    return Completion(
+        request_id, prompt_ids, tokens, "".join(p.text for p in parts), parts[-1].finish_reason, logprobs, timings
+    )
+
+
+def completion_record(engine: Engine, completion: Completion) -> dict:
+    """A JSON-ready summary of a completion: text, tokens, finish reason, timings, speculative acceptance."""
+    record = {
+        "model": engine.model_name,
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": len(completion.prompt_token_ids),
+        "completion_tokens": len(completion.token_ids),
+        "token_ids": completion.token_ids,
+        "timings": completion.timings,
+    }
+    if completion.logprobs is not None:
+        record["logprobs"] = [dataclasses.asdict(entry) for entry in completion.logprobs]
+    if engine.speculative:
+        stats = engine.stats()
+        rate = stats.spec_accepted / stats.spec_drafted if stats.spec_drafted else 0.0
+        record["speculative"] = {"drafted": stats.spec_drafted, "accepted": stats.spec_accepted, "accept_rate": rate}
+    return record
