@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -90,10 +91,23 @@ def barrier(ranks: Ranks) -> None:
         dist.barrier()
 
 
+def broadcast_text(text: str, ranks: Ranks) -> str:
+    """Rank 0's `text`, on every rank."""
+    if not ranks.distributed:
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
-    """Skip DDP's gradient all-reduce for micro-batches before the last of an accumulation step."""
-    if sync or not isinstance(model, DistributedDataParallel):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) for micro-batches before the last of an
+    accumulation step."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+        yield
+    elif sync or not isinstance(model, DistributedDataParallel):
         yield
     else:
         with model.no_sync():

@@ -82,6 +82,13 @@ class TrainConfig:
     )
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     compile: bool = False  # torch.compile each block
+    # Scale-out under torchrun (one process ignores these): seekstack/parallel/
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (ZeRO-3), parameters, gradients, optimizer sharded
+    cpu_offload: bool = False  # fsdp: keep the sharded parameters and optimizer state in CPU memory
+    # ddp: gradient all-reduce compression (parallel/compression.py)
+    grad_compression: Literal["none", "bf16", "fp16", "powersgd", "int8", "int8_no_ef"] = "none"
+    powersgd_rank: Positive = 4  # rank of PowerSGD's factors
+    powersgd_start: Annotated[int, Interval(ge=2)] = 10  # steps of plain all-reduce before PowerSGD starts (>= 2)
     peak_flops: NonNegativeFloat = (
         0.0  # per device, for the MFU estimate; 0 = a default for the device (see train/mfu.py)
     )
@@ -92,6 +99,12 @@ class TrainConfig:
         try:
             require(config.model in PRESETS, "model", f"a preset, one of {', '.join(PRESETS)}")
             require(config.min_lr <= config.lr, "min_lr", f"at most lr={config.lr}")
+            require(
+                config.grad_compression == "none" or config.parallel == "ddp",
+                "grad_compression",
+                "'none' with parallel=fsdp (FSDP reduce-scatters; compression hooks are DDP's)",
+            )
+            require(not config.cpu_offload or config.parallel == "fsdp", "cpu_offload", "false unless parallel=fsdp")
             config.model_config()
             try:
                 config.mixture_schedule()

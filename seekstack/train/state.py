@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,10 @@ import torch
 from seekstack.atomic import atomic_directory
 from seekstack.checkpoint import CheckpointError, load_pretrained, write_pretrained_files
 from seekstack.model.transformer import Transformer
+from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
 
 TRAIN_STATE_FILE = "train_state.pt"
+OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
 STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -52,15 +56,44 @@ def save_checkpoint(
 
     `extra_files` (the tokenizer's) are copied in, so the directory is also a model an inference engine loads.
     """
-    final = checkpoint_dir(out_dir) / f"step_{train_state['step']}"
+    final = step_dir(out_dir, train_state["step"])
     with atomic_directory(final) as staging:
-        write_pretrained_files(model, staging)
-        torch.save(train_state, staging / TRAIN_STATE_FILE)
-        for extra in extra_files:
-            shutil.copyfile(extra, staging / Path(extra).name)
+        write_training_files(staging, model, train_state, extra_files)
+    prune_checkpoints(out_dir, keep)
+    return final
+
+
+def step_dir(out_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(out_dir) / f"step_{step}"
+
+
+def write_training_files(folder: Path, model: Transformer, train_state: dict[str, Any], extra_files=()) -> None:
+    """The model (config.json, safetensors), train_state.pt and the tokenizer's files, into `folder`."""
+    write_pretrained_files(model, folder)
+    torch.save(train_state, folder / TRAIN_STATE_FILE)
+    for extra in extra_files:
+        shutil.copyfile(extra, folder / Path(extra).name)
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
-    return final
+
+
+@contextmanager
+def shared_staging(final: Path, ranks: Ranks) -> Iterator[Path]:
+    """`atomic_directory` for a folder every rank writes into (a sharded checkpoint, on storage all ranks see):
+    rank 0 creates the hidden folder and tells the others where it is; it replaces `final` once all are done."""
+    if ranks.is_main:
+        with atomic_directory(final) as staging:
+            broadcast_text(str(staging), ranks)
+            yield staging
+            barrier(ranks)
+    else:
+        staging = Path(broadcast_text("", ranks))
+        yield staging
+        barrier(ranks)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

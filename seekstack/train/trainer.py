@@ -23,11 +23,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import write_atomic
 from seekstack.model.transformer import Transformer
 from seekstack.parallel import distributed
+from seekstack.parallel.compression import CommCounter, register_compression
+from seekstack.parallel.fsdp import (
+    apply_fsdp,
+    full_model_state,
+    is_sharded,
+    load_optimizer,
+    rank_memory,
+    save_optimizer,
+)
 from seekstack.parallel.parallelize import apply_activation_checkpointing, apply_compile
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
@@ -37,7 +47,18 @@ from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import TrainConfig
 from seekstack.train.mfu import default_peak_flops, model_flops_utilisation
 from seekstack.train.schedule import LrAnchor, learning_rate, resumed_lr_anchor
-from seekstack.train.state import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from seekstack.train.state import (
+    OPTIMIZER_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    shared_staging,
+    step_dir,
+    write_training_files,
+)
 
 VAL_SPLIT = "val"
 METRICS_FILE = "metrics.jsonl"
@@ -144,12 +165,22 @@ class _Run:
             apply_activation_checkpointing(model)
         if config.compile:
             apply_compile(model)
+        self.comm: CommCounter | None = None  # bytes sent by DDP's gradient all-reduce
+        if ranks.distributed and config.parallel == "fsdp":
+            apply_fsdp(model, ranks, bfloat16=config.dtype == "bfloat16", cpu_offload=config.cpu_offload)
+            self.wrapped = model
+        else:
+            self.wrapped = distributed.wrap_model(model, ranks)
+            if ranks.distributed:
+                self.comm = register_compression(
+                    self.wrapped, config.grad_compression, config.powersgd_rank, config.powersgd_start
+                )
         self.optimizer = build_optimizer(model, config, ranks.device)
         if train_state is not None:
-            self.optimizer.load_state_dict(train_state["optimizer"])
+            self._load_optimizer(train_state, path)
             set_rng_state(train_state["rng"])
-        self.wrapped = distributed.wrap_model(model, ranks)
         self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
+        self.comm_bytes_before = 0
         self.tokens_per_step = config.batch_size * config.grad_accum_steps * config.seq_len
         self.flops_per_token = training_flops_per_token(model.config, config.seq_len)
         self.peak_flops = (config.peak_flops or default_peak_flops(ranks.device)) * ranks.world_size
@@ -214,6 +245,8 @@ class _Run:
         sums /= config.grad_accum_steps * self.ranks.world_size
         clip = config.grad_clip if config.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         loss, lm_loss, mtp_loss = sums.tolist()
         if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
             raise TrainingDiverged(
@@ -222,6 +255,16 @@ class _Run:
             )
         self.optimizer.step()
         metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss}
+        if self.comm is not None:
+            metrics["comm_bytes"] = self.comm.bytes_sent - self.comm_bytes_before
+            self.comm_bytes_before = self.comm.bytes_sent
+        if self.step == 0 and self.ranks.distributed:
+            memory = rank_memory(model, self.optimizer)
+            metrics["rank_memory"] = dataclasses.asdict(memory)
+            self._say(
+                f"memory on rank 0 ({self.config.parallel}, {self.ranks.world_size} ranks): parameters "
+                f"{memory.parameters:,} B, gradients {memory.gradients:,} B, optimizer {memory.optimizer:,} B"
+            )
         if expert_load is not None:
             distributed.all_reduce_sum(expert_load, self.ranks)
             if config.bias_update_rate > 0:
@@ -281,19 +324,45 @@ class _Run:
 
     # ------------------------------------------------------------------------------ files and output
     def save(self) -> Path | None:
-        path = None
-        if self.ranks.is_main:
-            state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "data": self.data.state_dict(),
-                "rng": rng_state(),
-                "config": self.config.to_dict(),
-                "lr_anchor": None if self.lr_anchor is None else dataclasses.asdict(self.lr_anchor),
-            }
-            path = save_checkpoint(self.out_dir, self.model, state, self.config.keep_checkpoints, self.tokenizer_files)
+        """Write `checkpoints/step_N` (rank 0; under FSDP every rank adds its optimizer shard)."""
+        state = {
+            "step": self.step,
+            "data": self.data.state_dict(),
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "lr_anchor": None if self.lr_anchor is None else dataclasses.asdict(self.lr_anchor),
+        }
+        keep, path = self.config.keep_checkpoints, None
+        if is_sharded(self.model):
+            full_state = full_model_state(self.model)  # gathered on rank 0
+            final = step_dir(self.out_dir, self.step)
+            with shared_staging(final, self.ranks) as staging:
+                save_optimizer(self.model, self.optimizer, staging / OPTIMIZER_DIR)
+                if self.ranks.is_main:
+                    with torch.device("meta"):
+                        whole = Transformer(self.model.config)
+                    whole.load_state_dict(full_state, assign=True)
+                    write_training_files(staging, whole, state, self.tokenizer_files)
+            if self.ranks.is_main:
+                prune_checkpoints(self.out_dir, keep)
+                path = final
+        elif self.ranks.is_main:
+            state["optimizer"] = self.optimizer.state_dict()
+            path = save_checkpoint(self.out_dir, self.model, state, keep, self.tokenizer_files)
         distributed.barrier(self.ranks)
         return path
+
+    def _load_optimizer(self, train_state: dict[str, Any], path: Path) -> None:
+        """The optimizer state of a resumed run: whole in train_state.pt, or sharded beside it (an FSDP run,
+        resharded to this run's ranks)."""
+        if "optimizer" not in train_state:
+            load_optimizer(self.model, self.optimizer, path / OPTIMIZER_DIR)
+        elif is_sharded(self.model):
+            raise ValueError(
+                f"{path} was saved by a run without FSDP (its optimizer state is whole); resume it with parallel=ddp"
+            )
+        else:
+            self.optimizer.load_state_dict(train_state["optimizer"])
 
     def _last_checkpoint_text(self) -> str:
         try:

@@ -1,0 +1,99 @@
+"""FSDP2 (ZeRO-3) applied from outside the model, as torchtitan does, and its sharded checkpoints.
+
+`fully_shard` each decoder block (main and MTP) and then the root: parameters, gradients and optimizer state
+are split over the ranks; a block's parameters are all-gathered just before it runs and freed after it, and
+gradients are reduce-scattered (averaged) as the backward pass leaves each block. On CUDA with
+dtype=bfloat16 the gathered parameters and the reduction run in bf16/float32 (`MixedPrecisionPolicy`); on a
+CPU the trainer's autocast does the mixed precision instead. Optimizer state is saved with
+`torch.distributed.checkpoint` (one file per rank, resharded on load, so a run saved at N ranks resumes at M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from seekstack.model.transformer import Transformer
+from seekstack.parallel.distributed import Ranks
+from seekstack.parallel.parallelize import decoder_blocks
+
+
+def apply_fsdp(model: Transformer, ranks: Ranks, bfloat16: bool = False, cpu_offload: bool = False) -> None:
+    """Shard `model` over all ranks: each main and MTP decoder block, then the root (embeddings, norms, head,
+    MTP projections: the root's parameters stay gathered through its forward, where the MTP head reads them)."""
+    mesh = init_device_mesh(ranks.device.type, (ranks.world_size,))
+    bf16_on_cuda = bfloat16 and ranks.device.type == "cuda"
+    options: dict[str, Any] = dict(
+        mesh=mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16_on_cuda
+        else MixedPrecisionPolicy(),
+        offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    )
+    for block in decoder_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict gathered on rank 0 (on the CPU); empty on the other ranks. All ranks call it."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Every rank writes its shard of the optimizer state into `directory` (all ranks call it)."""
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Fill `optimizer` from a saved state written at any number of ranks (resharded to this run's)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=directory)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+@dataclass
+class RankMemory:
+    """Bytes this rank holds of the parameters, their gradients and the optimizer state."""
+
+    parameters: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
+
+
+def rank_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> RankMemory:
+    """What this rank stores: the local shards under FSDP, everything under DDP or in one process."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return RankMemory(_local_bytes(params), _local_bytes(grads), _local_bytes(states))
+
+
+def _local_bytes(tensors: list[torch.Tensor]) -> int:
+    total = 0
+    for tensor in tensors:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        total += local.numel() * local.element_size()
+    return total

@@ -1,0 +1,141 @@
+"""Scale-out on two gloo ranks on the CPU: FSDP2 trains like one process at the same global batch, its sharded
+checkpoints resume at another number of ranks, and compressed gradient all-reduce sends fewer bytes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from seekstack.parallel.compression import CommCounter, Int8State, int8_hook
+from seekstack.train.state import OPTIMIZER_DIR, list_checkpoints
+from seekstack.train.trainer import train
+from tests.train.test_trainer import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
+
+pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _join(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+
+
+def _train_rank(rank: int, world_size: int, port: int, config, resume) -> None:
+    _join(rank, world_size, port)
+    train(config, resume=resume)
+
+
+def train_on_two_ranks(config, resume=False) -> None:
+    mp.spawn(_train_rank, args=(2, free_port(), config, resume), nprocs=2, join=True)
+
+
+def losses(out_dir: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(out_dir) if "loss" in m]
+
+
+def test_fsdp_on_two_ranks_matches_one_process_at_the_same_global_batch(data_dir, tmp_path):  # noqa: F811
+    steps = dict(max_steps=8, eval_every=0, save_every=0)
+    single = train(run_config(data_dir, tmp_path / "one", **steps))
+    train_on_two_ranks(run_config(data_dir, tmp_path / "fsdp", parallel="fsdp", **steps))
+    sharded = read_metrics(tmp_path / "fsdp")
+    assert losses(tmp_path / "fsdp") == pytest.approx(single.losses, abs=1e-5)
+    one = read_metrics(tmp_path / "one")
+    assert sharded[-1]["grad_norm"] == pytest.approx(one[-1]["grad_norm"], rel=1e-4)
+    assert sharded[-1]["maxvio"] == pytest.approx(one[-1]["maxvio"], abs=1e-5)
+    # ZeRO-3: each rank holds about half of the parameters, gradients and optimizer state.
+    memory = sharded[0]["rank_memory"]
+    whole = sum(p.numel() * 4 for p in single_model_parameters(tmp_path / "one"))
+    assert memory["parameters"] < 0.6 * whole and memory["optimizer"] < 1.2 * whole
+
+
+def single_model_parameters(out_dir: Path) -> list[torch.Tensor]:
+    from seekstack.checkpoint import load_pretrained
+
+    return list(load_pretrained(list_checkpoints(out_dir)[-1]).parameters())
+
+
+def test_sharded_checkpoint_resumes_at_one_and_at_two_ranks_continuing_the_loss_curve(data_dir, tmp_path):  # noqa: F811
+    steps = dict(max_steps=6, eval_every=0, save_every=3, keep_checkpoints=3)
+    train_on_two_ranks(run_config(data_dir, tmp_path / "whole", parallel="fsdp", **steps))
+    reference = losses(tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step_3"
+    assert (checkpoint / OPTIMIZER_DIR).is_dir() and (checkpoint / "model.safetensors").is_file()
+    # Resumed at 2 ranks and at 1 process (resharded) from the step-3 checkpoint: the same last three losses.
+    for name, ranks in (("two", 2), ("one", 1)):
+        out_dir = tmp_path / name
+        (out_dir / "checkpoints").mkdir(parents=True)
+        os.symlink(checkpoint, out_dir / "checkpoints" / "step_3")
+        config = run_config(data_dir, out_dir, parallel="fsdp", **steps)
+        if ranks == 2:
+            train_on_two_ranks(config, resume=True)
+            resumed = losses(out_dir)
+        else:
+            resumed = train(config, resume=True).losses
+        assert resumed[-3:] == pytest.approx(reference[-3:], abs=1e-5), name
+
+
+def _int8_rank(rank: int, world_size: int, port: int, gradients: torch.Tensor, results) -> None:
+    _join(rank, world_size, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    bucket = _Bucket(gradients[rank].clone())
+    state = Int8State(CommCounter())
+    averaged = int8_hook(state, bucket).wait()
+    results[rank] = (averaged.clone(), state.residuals[0].clone(), state.counter.bytes_sent)
+    dist.destroy_process_group()
+
+
+class _Bucket:
+    """The two methods of `dist.GradBucket` the hook uses."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self._buffer = buffer
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def index(self) -> int:
+        return 0
+
+
+def test_int8_hook_averages_within_one_quantisation_step_and_keeps_the_error_for_the_next():
+    gradients = torch.randn(2, 1000)
+    results = mp.Manager().dict()
+    mp.spawn(_int8_rank, args=(2, free_port(), gradients, results), nprocs=2, join=True)
+    averaged, residual, sent = results[0]
+    scales = gradients.abs().amax(dim=1) / 127
+    assert torch.allclose(averaged, gradients.mean(0), atol=scales.max().item() / 2 + 1e-7)
+    assert torch.equal(averaged, results[1][0])  # every rank ends with the same gradient
+    quantised = torch.round(gradients[0] / scales[0]) * scales[0]
+    assert torch.allclose(residual, gradients[0] - quantised, atol=1e-6)
+    assert sent == 1000 + 4  # one byte per value and the float32 scale, a quarter of float32
+
+
+@pytest.mark.parametrize(("scheme", "ratio"), [("bf16", 0.5), ("int8", 0.25), ("powersgd", None)])
+def test_compressed_all_reduce_sends_fewer_bytes_and_still_trains(data_dir, tmp_path, scheme, ratio):  # noqa: F811
+    steps = dict(max_steps=4, eval_every=0, save_every=0, grad_compression="none")
+    train_on_two_ranks(run_config(data_dir, tmp_path / "none", **steps))
+    train_on_two_ranks(
+        run_config(data_dir, tmp_path / scheme, **{**steps, "grad_compression": scheme, "powersgd_start": 2})
+    )
+    plain, compressed = read_metrics(tmp_path / "none"), read_metrics(tmp_path / scheme)
+    sent = [m["comm_bytes"] for m in compressed]
+    full = plain[-1]["comm_bytes"]
+    if ratio is not None:
+        assert sent[-1] == pytest.approx(ratio * full, rel=0.01)
+    else:  # PowerSGD: a plain first step, then rank-4 factors
+        assert sent[0] == full and sent[-1] < 0.5 * full
+    assert compressed[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)  # same start
+    assert compressed[-1]["loss"] == pytest.approx(plain[-1]["loss"], rel=0.05)
