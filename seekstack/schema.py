@@ -82,7 +82,7 @@ def load_config(
 ) -> T:
     """`cls` from `base` (or the defaults), then the file at `path`, then `key=value` overrides; checked.
 
-    Relative paths in a file (fields whose name ends in `_dir` or `_path`, or `tokenizer`) resolve against the
+    Relative paths in a file (fields named `*_dir`, `*_path`, `tokenizer`, `init_from`) resolve against the
     file's folder.
     """
     values: dict[str, Any] = dict(base or {})
@@ -285,7 +285,8 @@ def _plain(value: Any) -> Any:
 
 
 def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """`values` with relative paths (fields named `*_dir`, `*_path` or `tokenizer`) made relative to `folder`."""
+    """`values` with relative paths (fields named `*_dir`, `*_path`, `tokenizer`, `init_from`) made relative to
+    `folder`."""
     resolved = dict(values)
     for name, value in values.items():
         if isinstance(value, str) and value and _is_path_field(name) and not Path(value).is_absolute():
@@ -294,4 +295,4 @@ def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def _is_path_field(name: str) -> bool:
-    return name.endswith(("_dir", "_path")) or name == "tokenizer"
+    return name.endswith(("_dir", "_path")) or name in ("tokenizer", "init_from")

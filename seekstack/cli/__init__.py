@@ -14,6 +14,7 @@ STAGES = (
     "model",
     "data",
     "train",
+    "checkpoint",
     "generate",
     "serve",
 )

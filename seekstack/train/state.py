@@ -131,3 +131,17 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
             "resume from an earlier checkpoint"
         ) from None
     return model, train_state
+
+
+def export_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """The model of a training checkpoint (or of a run's newest one) as a plain Hugging Face-format folder: the
+    same config, safetensors and tokenizer files, without the training state. `init_from` reads it back."""
+    source = Path(source)
+    if not (source / TRAIN_STATE_FILE).is_file():
+        source = latest_checkpoint(source)
+    out = Path(out)
+    with atomic_directory(out) as staging:
+        for entry in source.iterdir():
+            if entry.name not in (TRAIN_STATE_FILE, OPTIMIZER_DIR):
+                shutil.copyfile(entry, staging / entry.name)
+    return out

@@ -27,6 +27,8 @@ from torch.distributed.tensor import DTensor
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import write_atomic
+from seekstack.checkpoint import load_pretrained
+from seekstack.model.moe import MoE
 from seekstack.model.transformer import Transformer
 from seekstack.parallel import distributed
 from seekstack.parallel.compression import CommCounter, register_compression
@@ -90,14 +92,22 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
 
 
 def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
-    """A fresh model from the preset and overrides, with the run's balance-loss weight."""
-    model_config = config.model_config()
+    """A fresh model from the preset and overrides, or the checkpoint `init_from` names, with the run's
+    balance-loss weight."""
+    if config.init_from:
+        model = load_pretrained(config.init_from)
+        model_config = model.config = model.config.replace(aux_loss_alpha=config.aux_loss_alpha)
+        for moe in (module for module in model.modules() if isinstance(module, MoE)):
+            moe.aux_loss_alpha = config.aux_loss_alpha
+    else:
+        model_config = config.model_config()
+        model = None
     if model_config.vocab_size < vocab_needed:
         raise ValueError(
             f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's {vocab_needed} ids of "
             f"{config.data_dir}; set model.vocab_size={vocab_needed}"
         )
-    return Transformer(model_config)
+    return model if model is not None else Transformer(model_config)
 
 
 def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:

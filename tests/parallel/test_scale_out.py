@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,49 @@ def test_compressed_all_reduce_sends_fewer_bytes_and_still_trains(data_dir, tmp_
         assert sent[0] == full and sent[-1] < 0.5 * full
     assert compressed[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)  # same start
     assert compressed[-1]["loss"] == pytest.approx(plain[-1]["loss"], rel=0.05)
+
+
+def test_two_nodes_on_localhost_through_torchrun_c10d_train_like_one_process(data_dir, tmp_path):  # noqa: F811
+    from tests.train.test_run_config import micro_overrides
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    port = free_port()
+    overrides = micro_overrides(data_dir, tmp_path / "nodes", max_steps=3, save_every=0, parallel="fsdp")
+    nodes = [
+        subprocess.Popen(
+            [
+                str(torchrun),
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "seekstack-test",
+                "--max-restarts",
+                "0",
+                "-m",
+                "seekstack.cli",
+                "train",
+                *overrides,
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs
+    single = train(run_config_from(overrides, tmp_path / "single"))
+    assert losses(tmp_path / "nodes") == pytest.approx(single.losses, abs=1e-5)
+
+
+def run_config_from(overrides: list[str], out_dir: Path):
+    from seekstack.train.config import load_train_config
+
+    return load_train_config(None, [*overrides, f"out_dir={out_dir}", "parallel=ddp"])

@@ -93,3 +93,22 @@ def test_resume_without_a_saved_config_says_where_it_looked(tmp_path) -> None:
     result = CliRunner().invoke(app, ["train", f"out_dir={tmp_path / 'none'}", "--resume"])
     assert result.exit_code == 1
     assert f"{tmp_path / 'none' / CONFIG_FILE}: no such file" in result.output
+
+
+def test_a_run_can_start_from_an_exported_checkpoint(data_dir, tmp_path):
+    runner = CliRunner()
+    first = runner.invoke(app, ["train", *micro_overrides(data_dir, tmp_path / "a", max_steps=3)])
+    assert first.exit_code == 0, first.output
+    exported = tmp_path / "exported"
+    result = runner.invoke(app, ["checkpoint", "export", str(tmp_path / "a"), "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+    assert (exported / "model.safetensors").is_file() and not (exported / "train_state.pt").exists()
+    overrides = micro_overrides(data_dir, tmp_path / "b", max_steps=1, lr=1e-12, min_lr=0, warmup_steps=0)
+    second = runner.invoke(app, ["train", *overrides, f"init_from={exported}"])
+    assert second.exit_code == 0, second.output
+    before = [m["lm_loss"] for m in read_metrics(tmp_path / "a") if "lm_loss" in m]
+    after = [m["lm_loss"] for m in read_metrics(tmp_path / "b") if "lm_loss" in m]
+    fresh = micro_overrides(data_dir, tmp_path / "c", max_steps=1)
+    assert runner.invoke(app, ["train", *fresh]).exit_code == 0
+    untrained = [m["lm_loss"] for m in read_metrics(tmp_path / "c") if "lm_loss" in m]
+    assert after[0] < untrained[0] - 0.05 and after[0] <= before[0]  # the trained weights, not a new model
