@@ -268,12 +268,13 @@ class _Run:
         if self.comm is not None:
             metrics["comm_bytes"] = self.comm.bytes_sent - self.comm_bytes_before
             self.comm_bytes_before = self.comm.bytes_sent
-        if self.step == 0 and self.ranks.distributed:
+        if self.step == 0:
             memory = rank_memory(model, self.optimizer)
             metrics["rank_memory"] = dataclasses.asdict(memory)
+            layout = f"{self.config.parallel}, {self.ranks.world_size} ranks" if self.ranks.distributed else "1 process"
             self._say(
-                f"memory on rank 0 ({self.config.parallel}, {self.ranks.world_size} ranks): parameters "
-                f"{memory.parameters:,} B, gradients {memory.gradients:,} B, optimizer {memory.optimizer:,} B"
+                f"memory on rank 0 ({layout}): parameters {memory.parameters:,} B, gradients "
+                f"{memory.gradients:,} B, optimizer {memory.optimizer:,} B"
             )
         if expert_load is not None:
             distributed.all_reduce_sum(expert_load, self.ranks)
