@@ -55,17 +55,19 @@ def shutdown(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ranks: Ranks) -> nn.Module:
+def wrap_model(model: nn.Module, ranks: Ranks, rank_local: list[str] = ()) -> nn.Module:
     """DistributedDataParallel around `model` when there are several ranks; the model itself otherwise.
 
     Routed experts live in one stacked parameter per layer, so an expert that gets no token still
     receives a (zero) gradient and every parameter takes part in each step; MTP is skipped only for
     sequences too short to have targets, which the trainer never feeds, so `find_unused_parameters`
     stays off. Buffers are not broadcast: the routing biases change only through `update_expert_bias`
-    with all-reduced loads, hence identically on every rank.
+    with all-reduced loads, hence identically on every rank. Parameters named in `rank_local` are left out.
     """
     if not ranks.distributed:
         return model
+    if rank_local:  # expert-parallel experts: each rank's own, never averaged
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(rank_local))
     device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 

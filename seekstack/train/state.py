@@ -11,13 +11,14 @@ from __future__ import annotations
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from seekstack.atomic import atomic_directory
 from seekstack.checkpoint import CheckpointError, load_pretrained, write_pretrained_files
@@ -27,6 +28,7 @@ from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
 TRAIN_STATE_FILE = "train_state.pt"
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
 STEP_DIR = re.compile(r"step_(\d+)")
+ModelWriter = Callable[[nn.Module, Path], None]  # writes a model's files into a checkpoint folder
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -50,15 +52,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    out_dir: str | Path, model: Transformer, train_state: dict[str, Any], keep: int, extra_files: list[Path] = ()
+    out_dir: str | Path,
+    model: nn.Module,
+    train_state: dict[str, Any],
+    keep: int,
+    extra_files: list[Path] = (),
+    write_model: ModelWriter = write_pretrained_files,
 ) -> Path:
     """Write `checkpoints/step_{step}` whole or not at all (`atomic_directory`); keep the last `keep`.
 
     `extra_files` (the tokenizer's) are copied in, so the directory is also a model an inference engine loads.
+    `write_model` writes the model's files (by default the whole model; a LoRA run writes its adapter).
     """
     final = step_dir(out_dir, train_state["step"])
     with atomic_directory(final) as staging:
-        write_training_files(staging, model, train_state, extra_files)
+        write_training_files(staging, model, train_state, extra_files, write_model)
     prune_checkpoints(out_dir, keep)
     return final
 
@@ -67,12 +75,24 @@ def step_dir(out_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(out_dir) / f"step_{step}"
 
 
-def write_training_files(folder: Path, model: Transformer, train_state: dict[str, Any], extra_files=()) -> None:
-    """The model (config.json, safetensors), train_state.pt and the tokenizer's files, into `folder`."""
-    write_pretrained_files(model, folder)
+def write_training_files(
+    folder: Path,
+    model: nn.Module,
+    train_state: dict[str, Any],
+    extra_files=(),
+    write_model: ModelWriter = write_pretrained_files,
+) -> None:
+    """The model (config.json, safetensors; or what `write_model` writes), train_state.pt and the tokenizer's
+    files, into `folder`."""
+    write_model(model, folder)
     torch.save(train_state, folder / TRAIN_STATE_FILE)
     for extra in extra_files:
         shutil.copyfile(extra, folder / Path(extra).name)
+
+
+def rank_optimizer_file(rank: int) -> str:
+    """The optimizer state of one rank of an expert-parallel run (its experts' moments differ from the others')."""
+    return f"optimizer_rank{rank}.pt"
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
@@ -123,14 +143,21 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
             "not a training one"
         )
     model = load_pretrained(path, dtype=torch.float32, device=device)
+    return model, read_train_state(path)
+
+
+def read_train_state(path: str | Path) -> dict[str, Any]:
+    """The train state saved in checkpoint directory `path` (step, optimizer, data position, RNG states)."""
+    state_file = Path(path) / TRAIN_STATE_FILE
     try:
-        train_state = torch.load(state_file, map_location="cpu", weights_only=False)
+        return torch.load(state_file, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} has no {TRAIN_STATE_FILE}: it is not a training checkpoint") from None
     except Exception as error:  # pickle and zip errors of a truncated or damaged file
         raise CheckpointError(
             f"{state_file}: not a readable training state ({error}); it is truncated or damaged: "
             "resume from an earlier checkpoint"
         ) from None
-    return model, train_state
 
 
 def export_checkpoint(source: str | Path, out: str | Path) -> Path:

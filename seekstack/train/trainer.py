@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,11 +27,12 @@ from torch.distributed.tensor import DTensor
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import write_atomic
-from seekstack.checkpoint import load_pretrained
+from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.model.moe import MoE
 from seekstack.model.transformer import Transformer
 from seekstack.parallel import distributed
 from seekstack.parallel.compression import CommCounter, register_compression
+from seekstack.parallel.expert import apply_expert_parallel, clip_gradients, gather_expert_state
 from seekstack.parallel.fsdp import (
     apply_fsdp,
     full_model_state,
@@ -54,6 +55,8 @@ from seekstack.train.state import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    rank_optimizer_file,
+    read_train_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -65,6 +68,23 @@ from seekstack.train.state import (
 VAL_SPLIT = "val"
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a terminal (a log file, CI)
+
+
+class ModelHooks(Protocol):
+    """How a run trains something made from the model rather than the model itself (LoRA adapters,
+    seekstack.adapters): the module it trains, what its checkpoints hold, how a resume restores it."""
+
+    def prepare(self, model: Transformer) -> nn.Module:
+        """The module to train (its trainable parameters are those with requires_grad), made from the built model."""
+        ...
+
+    def write(self, model: nn.Module, folder: Path) -> None:
+        """Write the trained module's files into a checkpoint folder."""
+        ...
+
+    def restore(self, model: nn.Module, folder: Path) -> None:
+        """Load what `write` wrote back into a module `prepare` made (resume)."""
+        ...
 
 
 class TrainingDiverged(RuntimeError):
@@ -134,22 +154,27 @@ def mtp_weight_at(step: int, config: TrainConfig) -> float:
     return config.mtp_loss_weight if early else config.mtp_loss_weight_late
 
 
-def train(config: TrainConfig, resume: bool | str | Path = False) -> TrainResult:
+def train(config: TrainConfig, resume: bool | str | Path = False, hooks: ModelHooks | None = None) -> TrainResult:
     """Run (or, with `resume`, continue from the latest or a given checkpoint) the pre-training `config` describes.
 
-    Works in one process or under torchrun; only rank 0 writes files.
+    Works in one process or under torchrun; only rank 0 writes files. `hooks` train a module made from the model
+    (e.g. LoRA) instead of the whole model.
     """
     config = config.validate()
     ranks = distributed.init_distributed()
     try:
-        return _Run(config, ranks, resume).run()
+        return _Run(config, ranks, resume, hooks).run()
     finally:
         distributed.shutdown(ranks)
 
 
 class _Run:
-    def __init__(self, config: TrainConfig, ranks: distributed.Ranks, resume: bool | str | Path):
-        self.config, self.ranks = config, ranks
+    def __init__(
+        self, config: TrainConfig, ranks: distributed.Ranks, resume: bool | str | Path, hooks: ModelHooks | None
+    ):
+        self.config, self.ranks, self.hooks = config, ranks, hooks
+        if hooks is not None and ranks.distributed and config.parallel == "fsdp":
+            raise ValueError("parallel=fsdp does not train adapters (hooks); use parallel=ddp")
         self.out_dir = Path(config.out_dir)
         self.data = MixtureWindows(config.data_dir, config.mixture_schedule(), config.seq_len, seed=config.seed)
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
@@ -160,7 +185,12 @@ class _Run:
         train_state: dict[str, Any] | None = None
         if resume:
             path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
-            model, train_state = load_checkpoint(path, ranks.device)
+            if hooks is None:
+                model, train_state = load_checkpoint(path, ranks.device)
+            else:
+                model = hooks.prepare(build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device))
+                hooks.restore(model, path)
+                train_state = read_train_state(path)
             self.step = int(train_state["step"])
             self.data.load_state_dict(train_state["data"])
             self.lr_anchor = resumed_lr_anchor(train_state, config)
@@ -170,17 +200,21 @@ class _Run:
             np.random.seed(config.seed)
             random.seed(config.seed)
             model = build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device)
+            if hooks is not None:
+                model = hooks.prepare(model)
         self.model = model
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
         if config.compile:
             apply_compile(model)
         self.comm: CommCounter | None = None  # bytes sent by DDP's gradient all-reduce
+        self.expert_parallel = False  # routed experts split over the ranks (parallel/expert.py)
         if ranks.distributed and config.parallel == "fsdp":
             apply_fsdp(model, ranks, bfloat16=config.dtype == "bfloat16", cpu_offload=config.cpu_offload)
             self.wrapped = model
         else:
-            self.wrapped = distributed.wrap_model(model, ranks)
+            rank_local = self._apply_expert_parallel(model)
+            self.wrapped = distributed.wrap_model(model, ranks, rank_local)
             if ranks.distributed:
                 self.comm = register_compression(
                     self.wrapped, config.grad_compression, config.powersgd_rank, config.powersgd_start
@@ -254,7 +288,10 @@ class _Run:
         distributed.all_reduce_sum(sums, self.ranks)
         sums /= config.grad_accum_steps * self.ranks.world_size
         clip = config.grad_clip if config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if self.expert_parallel:
+            grad_norm = clip_gradients(model, clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()
         loss, lm_loss, mtp_loss = sums.tolist()
@@ -297,7 +334,7 @@ class _Run:
     def evaluate(self) -> dict[str, Any] | None:
         """Next-token loss over `eval_batches` validation batches, bits per byte, and MaxVio over all those
         batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only."""
-        if not self.ranks.is_main:
+        if not self.ranks.is_main and not self.expert_parallel:  # experts on every rank: all evaluate
             return None
         try:
             val = TokenWindows(self.config.data_dir, VAL_SPLIT, self.config.seq_len)
@@ -357,16 +394,51 @@ class _Run:
             if self.ranks.is_main:
                 prune_checkpoints(self.out_dir, keep)
                 path = final
+        elif self.expert_parallel:
+            full_state = gather_expert_state(self.model, self.model.state_dict())
+            final = step_dir(self.out_dir, self.step)
+            with shared_staging(final, self.ranks) as staging:
+                torch.save(self.optimizer.state_dict(), staging / rank_optimizer_file(self.ranks.rank))
+                if self.ranks.is_main:
+                    with torch.device("meta"):
+                        whole = Transformer(self.model.config)
+                    whole.load_state_dict(full_state, assign=True)
+                    write_training_files(staging, whole, state, self.tokenizer_files)
+            if self.ranks.is_main:
+                prune_checkpoints(self.out_dir, keep)
+                path = final
         elif self.ranks.is_main:
             state["optimizer"] = self.optimizer.state_dict()
-            path = save_checkpoint(self.out_dir, self.model, state, keep, self.tokenizer_files)
+            write_model = write_pretrained_files if self.hooks is None else self.hooks.write
+            path = save_checkpoint(self.out_dir, self.model, state, keep, self.tokenizer_files, write_model)
         distributed.barrier(self.ranks)
         return path
+
+    def _apply_expert_parallel(self, model: Transformer) -> list[str]:
+        """Split the routed experts over all ranks when `expert_parallel` asks; the rank-local parameter names."""
+        self.expert_parallel = self.config.expert_parallel > 1
+        if not self.expert_parallel:
+            return []
+        if self.config.expert_parallel != self.ranks.world_size:
+            raise ValueError(
+                f"expert_parallel={self.config.expert_parallel} must equal the number of ranks "
+                f"({self.ranks.world_size}): experts are split over all of them"
+            )
+        return apply_expert_parallel(model, self.ranks)
 
     def _load_optimizer(self, train_state: dict[str, Any], path: Path) -> None:
         """The optimizer state of a resumed run: whole in train_state.pt, or sharded beside it (an FSDP run,
         resharded to this run's ranks)."""
-        if "optimizer" not in train_state:
+        own_file = path / rank_optimizer_file(self.ranks.rank)
+        if self.expert_parallel or own_file.exists():
+            others = path / rank_optimizer_file(self.ranks.world_size)
+            if not (self.expert_parallel and own_file.exists()) or others.exists():
+                raise ValueError(
+                    f"{path} holds expert-parallel optimizer state of another layout; resume it with the "
+                    "expert_parallel and number of ranks it was saved with"
+                )
+            self.optimizer.load_state_dict(torch.load(own_file, map_location="cpu", weights_only=False))
+        elif "optimizer" not in train_state:
             load_optimizer(self.model, self.optimizer, path / OPTIMIZER_DIR)
         elif is_sharded(self.model):
             raise ValueError(

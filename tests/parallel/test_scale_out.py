@@ -187,3 +187,30 @@ def run_config_from(overrides: list[str], out_dir: Path):
     from seekstack.train.config import load_train_config
 
     return load_train_config(None, [*overrides, f"out_dir={out_dir}", "parallel=ddp"])
+
+
+def test_expert_parallel_on_two_ranks_matches_one_process_and_resumes_exactly(data_dir, tmp_path):  # noqa: F811
+    steps = dict(max_steps=8, eval_every=4, save_every=4, keep_checkpoints=2)
+    single = train(run_config(data_dir, tmp_path / "one", **steps))
+    train_on_two_ranks(run_config(data_dir, tmp_path / "ep", expert_parallel=2, **steps))
+    assert losses(tmp_path / "ep") == pytest.approx(single.losses, abs=1e-5)
+    one, ep = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ep")
+    assert [m["grad_norm"] for m in ep if "grad_norm" in m] == pytest.approx(
+        [m["grad_norm"] for m in one if "grad_norm" in m], rel=1e-4
+    )  # the norm over both ranks' experts
+    assert [m["val_loss"] for m in ep if "val_loss" in m] == pytest.approx(
+        [m["val_loss"] for m in one if "val_loss" in m], abs=1e-5
+    )
+    # The checkpoint holds every expert: it loads whole and matches the one-process checkpoint.
+    from seekstack.checkpoint import load_pretrained
+
+    whole = load_pretrained(tmp_path / "ep" / "checkpoints" / "step_8").state_dict()
+    reference = load_pretrained(tmp_path / "one" / "checkpoints" / "step_8").state_dict()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-4)
+    # Resumed at the same two ranks from step 4: the same last four losses.
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    os.symlink(tmp_path / "ep" / "checkpoints" / "step_4", resumed_dir / "checkpoints" / "step_4")
+    train_on_two_ranks(run_config(data_dir, resumed_dir, expert_parallel=2, **steps), resume=True)
+    assert losses(resumed_dir)[-4:] == pytest.approx(losses(tmp_path / "ep")[-4:], abs=1e-6)
