@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 import sysconfig
 from importlib.metadata import version
 from pathlib import Path
@@ -203,3 +205,22 @@ def test_train_runs_on_tokenized_shards_and_writes_a_checkpoint(tmp_path):
 def test_train_names_an_unknown_setting(tmp_path):
     result = runner.invoke(app, ["train", "batchsize=3"])
     assert result.exit_code == 1 and "batchsize" in result.output and "Traceback" not in result.output
+
+
+def test_the_command_line_starts_without_importing_the_stages() -> None:
+    """`seekstack --help` stays fast: torch, FastAPI, uvicorn and matplotlib load inside the commands that use them."""
+    code = "import sys, seekstack.cli; print(sorted({'torch', 'fastapi', 'uvicorn', 'matplotlib'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_python_m_seekstack_runs_the_command_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "seekstack", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout
+
+
+def test_help_shows_whole_option_names_and_the_train_config_keys() -> None:
+    result = CliRunner().invoke(app, ["serve", "--help"], terminal_width=80)
+    assert "--served-model-name" in result.output and "<bool>" not in result.output
+    keys = CliRunner().invoke(app, ["train", "--help"]).output
+    assert "mtp_loss_weight = 0.3" in keys and "model.FIELD=VALUE" in keys and 'parallel = "ddp"' in keys
