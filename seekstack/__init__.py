@@ -6,8 +6,7 @@ use, so the command line starts without importing torch."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from seekstack.lazy import lazy_attributes
 
 _EXPORTS = {
     "ModelConfig": "seekstack.config",
@@ -18,9 +17,4 @@ _EXPORTS = {
     "save_pretrained": "seekstack.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'seekstack' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -4,8 +4,7 @@ Names load on first use, so `from seekstack.infer.params import SamplingParams` 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from seekstack.lazy import lazy_attributes
 
 _EXPORTS = {
     "Completion": "seekstack.infer.outputs",
@@ -17,9 +16,4 @@ _EXPORTS = {
     "SamplingParams": "seekstack.infer.params",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'seekstack.infer' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -372,7 +372,7 @@ class _Run:
 
     # ------------------------------------------------------------------------------ files and output
     def save(self) -> Path | None:
-        """Write `checkpoints/step_N` (rank 0; under FSDP every rank adds its optimizer shard)."""
+        """Write `checkpoints/step_N` (rank 0; under FSDP or expert parallel every rank adds its optimizer part)."""
         state = {
             "step": self.step,
             "data": self.data.state_dict(),
@@ -381,38 +381,37 @@ class _Run:
             "lr_anchor": None if self.lr_anchor is None else dataclasses.asdict(self.lr_anchor),
         }
         keep, path = self.config.keep_checkpoints, None
-        if is_sharded(self.model):
-            full_state = full_model_state(self.model)  # gathered on rank 0
-            final = step_dir(self.out_dir, self.step)
-            with shared_staging(final, self.ranks) as staging:
-                save_optimizer(self.model, self.optimizer, staging / OPTIMIZER_DIR)
-                if self.ranks.is_main:
-                    with torch.device("meta"):
-                        whole = Transformer(self.model.config)
-                    whole.load_state_dict(full_state, assign=True)
-                    write_training_files(staging, whole, state, self.tokenizer_files)
-            if self.ranks.is_main:
-                prune_checkpoints(self.out_dir, keep)
-                path = final
-        elif self.expert_parallel:
-            full_state = gather_expert_state(self.model, self.model.state_dict())
-            final = step_dir(self.out_dir, self.step)
-            with shared_staging(final, self.ranks) as staging:
-                torch.save(self.optimizer.state_dict(), staging / rank_optimizer_file(self.ranks.rank))
-                if self.ranks.is_main:
-                    with torch.device("meta"):
-                        whole = Transformer(self.model.config)
-                    whole.load_state_dict(full_state, assign=True)
-                    write_training_files(staging, whole, state, self.tokenizer_files)
-            if self.ranks.is_main:
-                prune_checkpoints(self.out_dir, keep)
-                path = final
+        if is_sharded(self.model) or self.expert_parallel:
+            path = self._save_in_parts(state)
         elif self.ranks.is_main:
             state["optimizer"] = self.optimizer.state_dict()
             write_model = write_pretrained_files if self.hooks is None else self.hooks.write
             path = save_checkpoint(self.out_dir, self.model, state, keep, self.tokenizer_files, write_model)
         distributed.barrier(self.ranks)
         return path
+
+    def _save_in_parts(self, state: dict[str, Any]) -> Path | None:
+        """FSDP or expert parallel: every rank writes its part of the optimizer state (sharded by
+        torch.distributed.checkpoint, or one file per rank), rank 0 the whole model gathered from all ranks."""
+        if is_sharded(self.model):
+            whole_state = full_model_state(self.model)
+        else:
+            whole_state = gather_expert_state(self.model, self.model.state_dict())
+        final = step_dir(self.out_dir, self.step)
+        with shared_staging(final, self.ranks) as staging:
+            if is_sharded(self.model):
+                save_optimizer(self.model, self.optimizer, staging / OPTIMIZER_DIR)
+            else:
+                torch.save(self.optimizer.state_dict(), staging / rank_optimizer_file(self.ranks.rank))
+            if self.ranks.is_main:
+                with torch.device("meta"):
+                    whole = Transformer(self.model.config)
+                whole.load_state_dict(whole_state, assign=True)
+                write_training_files(staging, whole, state, self.tokenizer_files)
+        if not self.ranks.is_main:
+            return None
+        prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+        return final
 
     def _apply_expert_parallel(self, model: Transformer) -> list[str]:
         """Split the routed experts over all ranks when `expert_parallel` asks; the rank-local parameter names."""
