@@ -10,6 +10,8 @@ On disk (the DeepSeek releases' layout)          In seekstack
   model.layers.{L+k}.{embed_tokens,shared_head.head} copies of the shared embedding and head
   lm_head.weight                                     lm_head.weight
 FP8 releases store `weight` as float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block.
+Quantized layers (seekstack.compress) are stored under the same keys in their format's names: int8 as `weight`
+(int8) + `weight_scale`, int4 as `weight_packed` + `weight_scale` + `weight_shape` (compressed-tensors), fp8 as above.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from seekstack.atomic import atomic_directory
+from seekstack.compress.formats import compressed_tensors_config, dequantize_int, unpack_int4
+from seekstack.compress.linear import QuantizedExperts, QuantizedLinear, QuantizedWeight, weight_from_stored
 from seekstack.config import ModelConfig
+from seekstack.model.moe import RoutedExperts
 from seekstack.model.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -37,6 +42,7 @@ SINGLE_FILE = "model.safetensors"
 DAMAGED = "re-save or re-download the checkpoint"  # what to do about a file that is truncated, damaged or missing
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 DEFAULT_FP8_BLOCK = (128, 128)
+COMPRESSED_TENSORS_FORMATS = ("int-quantized", "pack-quantized", "mixed-precision")
 MAX_SHARD_BYTES = 5 * 2**30  # the largest safetensors file before a checkpoint is split into shards
 
 
@@ -71,14 +77,154 @@ def expert_sources(key: str, param: torch.Tensor) -> list[tuple[str, torch.Tenso
 def checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of `model` under its checkpoint key, experts split, MTP embedding/head copies added."""
     layers = model.config.num_hidden_layers
+    quantized = quantized_layers(model)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
+        if any(name.startswith(layer + ".") for layer in quantized):
+            continue
         key = checkpoint_key(name, layers)
         yield from expert_sources(key, tensor) or [(key, tensor)]
+    for name, module in quantized.items():
+        yield from quantized_sources(layer_key(name, layers), module)
     for k in range(len(model.mtp)):  # copies, not aliases: safetensors refuses two keys over one storage
         yield f"model.layers.{layers + k}.embed_tokens.weight", model.embed_tokens.weight.detach().clone()
         yield f"model.layers.{layers + k}.shared_head.head.weight", model.lm_head.weight.detach().clone()
+
+
+# ---------------------------------------------------------------------------------------- quantized layers
+def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Our name -> module, for each QuantizedLinear and QuantizedExperts of `model`."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))}
+
+
+def _layer_weight(layer: torch.nn.Module) -> QuantizedWeight:
+    return layer.qweight if isinstance(layer, QuantizedLinear) else layer.gate_up_proj
+
+
+def layer_key(name: str, num_hidden_layers: int) -> str:
+    """Our module name -> its checkpoint prefix (`layers.0.self_attn.o_proj` -> `model.layers.0.self_attn.o_proj`)."""
+    return checkpoint_key(f"{name}.weight", num_hidden_layers).removesuffix(".weight")
+
+
+def quantization_config(model: Transformer, quantized: dict[str, torch.nn.Module]) -> dict[str, Any]:
+    """The config.json `quantization_config` of a model with quantized layers: DeepSeek's fp8 entry, or a
+    compressed-tensors one whose targets name each quantized layer (per-expert Linear modules for experts)."""
+    layers = model.config.num_hidden_layers
+    weights = {name: _layer_weight(m) for name, m in quantized.items()}
+    if {w.scheme for w in weights.values()} == {"fp8"}:
+        block = next(iter(weights.values())).block
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    groups: dict[tuple[str, int | None], list[str]] = {}
+    for name, weight in weights.items():
+        if weight.scheme == "fp8":
+            raise ValueError(f"layer {name!r} is fp8 among int8/int4 layers; a checkpoint holds one of the two formats")
+        target = re.escape(layer_key(name, layers))
+        if isinstance(quantized[name], QuantizedExperts):
+            target += r"\.\d+\.(gate|up|down)_proj"
+        groups.setdefault((weight.scheme, getattr(weight, "group", None)), []).append(f"re:^{target}$")
+    kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return compressed_tensors_config(
+        {f"group_{i}": (scheme, group, targets) for i, ((scheme, group), targets) in enumerate(sorted(groups.items()))},
+        ignore=[layer_key(name, layers) for name in kept],
+    )
+
+
+def _with_shape(stored: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """compressed-tensors' pack-quantized layout records each packed matrix's (rows, columns)."""
+    if "weight_packed" in stored:
+        columns = stored["weight_packed"].shape[-1] * 8
+        stored = {**stored, "weight_shape": torch.tensor([rows, columns], dtype=torch.int64)}
+    return stored
+
+
+def quantized_sources(key: str, module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A quantized layer's stored tensors under checkpoint keys: a Linear's `key.weight...`, or for stacked experts
+    `key.{e}.{gate,up,down}_proj.weight...` per expert (gate and up each half of gate_up_proj's rows)."""
+    if isinstance(module, QuantizedLinear):
+        stored = _with_shape(module.qweight.stored(), module.out_features)
+        sources = [(f"{key}.{name}", tensor) for name, tensor in stored.items()]
+        return sources + ([(f"{key}.bias", module.bias)] if module.bias is not None else [])
+    sources = []
+    for e in range(module.gate_up_proj.shape[0]):
+        gate_up = {name: tensor[e].chunk(2) for name, tensor in module.gate_up_proj.stored().items()}
+        down = {name: tensor[e] for name, tensor in module.down_proj.stored().items()}
+        halves = [{name: parts[i] for name, parts in gate_up.items()} for i in (0, 1)]
+        for proj, stored in zip(("gate_proj", "up_proj", "down_proj"), (*halves, down), strict=True):
+            stored = _with_shape(stored, next(iter(stored.values())).shape[0])
+            sources += [(f"{key}.{e}.{proj}.{name}", tensor) for name, tensor in stored.items()]
+    return sources
+
+
+def _quantized_from_reader(reader: CheckpointReader, key: str) -> QuantizedWeight | None:
+    """The quantized weight stored under checkpoint layer `key` (`key.weight_packed` / int8 or e4m3 `key.weight`),
+    or None when the layer is stored in floating point."""
+    names = _stored_names(reader, key)
+    if names is None:
+        return None
+    return weight_from_stored(
+        {name: reader.read(f"{key}.{name}", dequantize=False) for name in names}, reader.fp8_block
+    )
+
+
+def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
+    if f"{key}.weight_packed" in reader:
+        reader.used.add(f"{key}.weight_shape")
+        return ["weight_packed", "weight_scale"]
+    if f"{key}.weight" not in reader:
+        return None
+    stored = reader.stored_dtype(f"{key}.weight")
+    if stored == "I8":
+        return ["weight", "weight_scale"]
+    if stored == "F8_E4M3":
+        return ["weight", "weight_scale_inv"]
+    return None
+
+
+def _expert_weights_from_reader(
+    reader: CheckpointReader, key: str, experts: int
+) -> tuple[QuantizedWeight, QuantizedWeight] | None:
+    """Stacked (gate_up, down) quantized weights from the per-expert keys under `key` (`...mlp.experts`)."""
+    names = _stored_names(reader, f"{key}.0.gate_proj")
+    if names is None:
+        return None
+    gate_up, down = {}, {}
+    for name in names:
+        read = [
+            [
+                reader.read(f"{key}.{e}.{proj}.{name}", dequantize=False)
+                for proj in ("gate_proj", "up_proj", "down_proj")
+            ]
+            for e in range(experts)
+        ]
+        gate_up[name] = torch.stack([torch.cat(per_expert[:2]) for per_expert in read])
+        down[name] = torch.stack([per_expert[2] for per_expert in read])
+        for e in range(experts):
+            reader.used.update(f"{key}.{e}.{proj}.weight_shape" for proj in ("gate_proj", "up_proj", "down_proj"))
+    return weight_from_stored(gate_up, reader.fp8_block, parts=2), weight_from_stored(down, reader.fp8_block)
+
+
+def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: torch.device | str) -> set[str]:
+    """Swap in a quantized module for each layer the checkpoint stores quantized; returns their names.
+    `kv_b_proj` stays a float Linear (attention absorbs its matrix), read dequantized."""
+    layers = model.config.num_hidden_layers
+    swapped = set()
+    for name, module in list(model.named_modules()):
+        key = layer_key(name, layers)
+        replacement: torch.nn.Module | None = None
+        if isinstance(module, RoutedExperts):
+            weights = _expert_weights_from_reader(reader, key, module.gate_up_proj.shape[0])
+            replacement = QuantizedExperts(*weights) if weights else None
+        elif isinstance(module, torch.nn.Linear) and not name.endswith("kv_b_proj"):
+            if name == "lm_head" and model.config.tie_word_embeddings:
+                continue
+            weight = _quantized_from_reader(reader, key)
+            bias = reader.read(f"{key}.bias").to(module.bias.dtype) if module.bias is not None and weight else None
+            replacement = QuantizedLinear(weight, bias) if weight else None
+        if replacement is not None:
+            model.set_submodule(name, replacement.to(device))
+            swapped.add(name)
+    return swapped
 
 
 # ---------------------------------------------------------------------------------------- FP8
@@ -157,13 +303,19 @@ class CheckpointReader:
         self._files = contextlib.ExitStack()
         self._handles: dict[str, Any] = {}
         self.fp8_block: tuple[int, int] | None = None
+        self.quantized = quantization is not None
         if quantization is not None:
-            if quantization.get("quant_method", "fp8") != "fp8" or quantization.get("fmt", "e4m3") != "e4m3":
+            method = quantization.get("quant_method", "fp8")
+            fp8 = method == "fp8" and quantization.get("fmt", "e4m3") == "e4m3"
+            compressed = method == "compressed-tensors" and quantization.get("format") in COMPRESSED_TENSORS_FORMATS
+            if not (fp8 or compressed):
                 raise CheckpointError(
-                    f"{directory / CONFIG_FILE}: unsupported quantization_config {quantization}; "
-                    "seekstack reads unquantized and block-wise fp8 (e4m3) checkpoints"
+                    f"{directory / CONFIG_FILE}: unsupported quantization_config {quantization}; seekstack reads "
+                    "unquantized, block-wise fp8 (e4m3) and compressed-tensors weight-only int8/int4 "
+                    f"({', '.join(COMPRESSED_TENSORS_FORMATS)}) checkpoints"
                 )
-            self.fp8_block = tuple(quantization.get("weight_block_size", DEFAULT_FP8_BLOCK))  # type: ignore[assignment]
+            if fp8:
+                self.fp8_block = tuple(quantization.get("weight_block_size", DEFAULT_FP8_BLOCK))  # type: ignore[assignment]
         self.used: set[str] = set()
 
     def _index(self) -> dict[str, str]:
@@ -202,13 +354,29 @@ class CheckpointReader:
     def file_of(self, key: str) -> Path:
         return self.directory / self.key_to_file[key]
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor under `key`, dequantized to float32 if it is an FP8 weight."""
+    def stored_dtype(self, key: str) -> str:
+        """The safetensors dtype name of `key` ("F32", "I8", "F8_E4M3", ...), read from the header only."""
+        self._get(key, handle_only=True)
+        return self._handles[self.key_to_file[key]].get_slice(key).get_dtype()
+
+    def read(self, key: str, dequantize: bool = True) -> torch.Tensor:
+        """The tensor under `key`; a quantized weight (FP8, or compressed-tensors int8/int4) is dequantized to
+        float32 unless `dequantize` is False."""
+        packed_key = key + "_packed"
+        if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
+            self.used.update((packed_key, key + "_scale", key + "_shape"))
+            codes = unpack_int4(self._get(packed_key).contiguous().view(torch.uint8))
+            return dequantize_int(codes, self._get(key + "_scale"))
         if key not in self.key_to_file:
             where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
             raise CheckpointError(f"{where}: missing key {key!r}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
         tensor = self._get(key)
         self.used.add(key)
+        if not dequantize:  # kept as is, so copied out of the memory-mapped file, which closes after loading
+            return tensor.clone()
+        if tensor.dtype == torch.int8 and key + "_scale" in self.key_to_file:
+            self.used.add(key + "_scale")
+            return dequantize_int(tensor, self._get(key + "_scale"))
         if tensor.dtype == torch.float8_e4m3fn:
             scale_key = key + "_scale_inv"
             if self.fp8_block is None or scale_key not in self.key_to_file:
@@ -219,10 +387,12 @@ class CheckpointReader:
             tensor = dequantize_fp8(tensor, self._get(scale_key), self.fp8_block)
         return tensor
 
-    def _get(self, key: str) -> torch.Tensor:
+    def _get(self, key: str, handle_only: bool = False) -> torch.Tensor:
         file = self.key_to_file[key]
         if file not in self._handles:
             self._handles[file] = self._files.enter_context(_open_safetensors(self.directory / file))
+        if handle_only:
+            return None  # type: ignore[return-value]
         try:
             return self._handles[file].get_tensor(key)
         except Exception as error:  # safetensors raises its own error types
@@ -230,12 +400,17 @@ class CheckpointReader:
 
 
 def load_pretrained(
-    directory: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    dequantize: bool = False,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`.
 
     Tensors are read one at a time into a model materialised directly on `device`, so peak memory
     stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds.
+    Layers stored quantized (fp8, int8, int4) load as quantized modules that run their low-bit kernels
+    (seekstack.compress), unless `dequantize` asks for plain float weights.
     A missing, truncated or damaged file raises CheckpointError naming it.
     """
     directory = Path(directory)
@@ -243,8 +418,9 @@ def load_pretrained(
     config = read_config(directory)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     present_mtp = 0
-    while present_mtp < config.num_nextn_predict_layers and (
-        f"model.layers.{config.num_hidden_layers + present_mtp}.eh_proj.weight" in reader
+    while present_mtp < config.num_nextn_predict_layers and any(
+        f"model.layers.{config.num_hidden_layers + present_mtp}.eh_proj.{name}" in reader
+        for name in ("weight", "weight_packed")
     ):
         present_mtp += 1
     config = config.replace(num_nextn_predict_layers=present_mtp)
@@ -255,8 +431,11 @@ def load_pretrained(
     model.tie_weights()
 
     with reader, torch.no_grad():
+        swapped = load_quantized_layers(model, reader, device) if reader.quantized and not dequantize else set()
         for name, target in model.state_dict().items():
             if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            if any(name.startswith(layer + ".") for layer in swapped):
                 continue
             key = checkpoint_key(name, config.num_hidden_layers)
             for source_key, view in expert_sources(key, target) or [(key, target)]:
@@ -323,8 +502,12 @@ def write_pretrained_files(
     flush()
 
     config = model.config.to_dict()
+    config.pop("quantization_config", None)
     config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    if fp8_block is not None:
+    quantized = quantized_layers(model)
+    if quantized:
+        config["quantization_config"] = quantization_config(model, quantized)
+    elif fp8_block is not None:
         config["quantization_config"] = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(fp8_block),
         }  # fmt: skip
@@ -343,8 +526,11 @@ def write_pretrained_files(
 
 
 def _stored_tensors(model: Transformer, fp8_block: tuple[int, int] | None) -> Iterator[tuple[str, torch.Tensor]]:
+    fp8_layers = [w for w in map(_layer_weight, quantized_layers(model).values()) if w.scheme == "fp8"]
+    if fp8_layers and fp8_block is None:  # an fp8 model: the release also stores the layers kept in float (kv_b_proj)
+        fp8_block = fp8_layers[0].block
     for key, tensor in checkpoint_tensors(model):
-        if fp8_block is not None and _is_fp8_quantizable(key, tensor):
+        if fp8_block is not None and tensor.dtype != torch.float8_e4m3fn and _is_fp8_quantizable(key, tensor):
             quantized, scale = quantize_fp8(tensor, fp8_block)
             yield key, quantized
             yield key + "_scale_inv", scale

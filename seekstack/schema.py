@@ -63,6 +63,8 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
         return _adapter(cls).validate_json(text)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
+        if not first["loc"] and "error" in first.get("ctx", {}):  # raised by the class's own __post_init__ check
+            raise _located(ConfigError(str(first["ctx"]["error"])), source) from None
         name = ".".join(str(part) for part in first["loc"])
         value = _lookup(values, first["loc"])
         message = first["msg"][0].lower() + first["msg"][1:]

@@ -273,7 +273,7 @@ def test_fp8_save_quantizes_the_matrices_deepseeks_fp8_release_quantizes(tmp_pat
 def test_fp8_checkpoint_loads_to_exactly_the_dequantized_weights(tmp_path):
     model = random_model(**FP8_SHAPES)
     seekstack.save_pretrained(model, tmp_path, fp8_block=(128, 128))
-    loaded = seekstack.load_pretrained(tmp_path)
+    loaded = seekstack.load_pretrained(tmp_path, dequantize=True)
     expected = dequantize_fp8(*quantize_fp8(model.layers[0].mlp.gate_proj.weight), (128, 128))
     assert torch.equal(loaded.layers[0].mlp.gate_proj.weight, expected)
     expert = model.layers[1].mlp.experts.gate_up_proj[5]  # gate and up are quantized as separate matrices
@@ -303,9 +303,9 @@ def test_fp8_checkpoint_logits_stay_close_to_the_float_model(tmp_path):
     assert 0 < relative < 0.15
 
 
-def test_a_loaded_fp8_checkpoint_saves_as_plain_float(tmp_path):
+def test_a_dequantized_fp8_checkpoint_saves_as_plain_float(tmp_path):
     seekstack.save_pretrained(random_model(), tmp_path / "fp8", fp8_block=(128, 128))
-    seekstack.save_pretrained(seekstack.load_pretrained(tmp_path / "fp8"), tmp_path / "float")
+    seekstack.save_pretrained(seekstack.load_pretrained(tmp_path / "fp8", dequantize=True), tmp_path / "float")
     assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
     assert set(stored_keys(tmp_path / "float").values()) == {"F32"}
 

@@ -17,6 +17,8 @@ STAGES = (
     "checkpoint",
     "generate",
     "serve",
+    "compress",
+    "posttrain",
 )
 
 app = typer.Typer(

@@ -110,18 +110,22 @@ class RoutedExperts(nn.Module):
         flat_experts = routing.experts.flatten()  # (N*K,)
         order = flat_experts.argsort(stable=True)  # assignments sorted by expert
         token_of = order // top_k
-        load = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0])
+        load = torch.bincount(flat_experts, minlength=routing.scores.shape[1])
         counts = load.tolist()
         tokens = x.index_select(0, token_of).split(counts)  # its backward is an index_add, faster than x[...]'s
         gate_up = torch.cat(
-            [F.linear(chunk, w) for chunk, w in zip(tokens, self.gate_up_proj, strict=True) if len(chunk)]
+            [self.expert_linear(chunk, "gate_up_proj", e) for e, chunk in enumerate(tokens) if len(chunk)]
         )
         gate, up = gate_up.chunk(2, dim=-1)
         weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         hidden = (F.silu(gate) * up * weights).split(counts)  # g_k folded in before the down projection
-        weighted = torch.cat([F.linear(h, w) for h, w in zip(hidden, self.down_proj, strict=True) if len(h)])
+        weighted = torch.cat([self.expert_linear(h, "down_proj", e) for e, h in enumerate(hidden) if len(h)])
         combined = weighted.new_zeros(x.shape).index_add_(0, token_of, weighted)  # autocast: in the matmuls dtype
         return combined, load
+
+    def expert_linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        """x (n, in) @ W_expert^T for stacked weight `name`; the one step quantized experts replace (compress/)."""
+        return F.linear(x, getattr(self, name)[expert])
 
     def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """The same sum with no data-dependent shape: each (token, expert) pair gathers its expert's weights.

@@ -1,0 +1,164 @@
+"""Quantized checkpoints of one trained model, side by side: bytes on disk and resident, validation bits per byte
+and its change, mean KL from the original and top-1 agreement, greedy decode tokens/s at batch 1 and 8.
+
+Ours: int8 (per channel), int4 (group 32 and 128), fp8 (128x128 blocks), each saved and re-loaded through
+`seekstack.load_pretrained` (so the figures are those of the checkpoint generate/serve run). Reference: torchao's
+`quantize_` (int8 weight-only, int4 weight-only) on the same float model, in memory, when torchao runs here
+(it sees nn.Linear only, so the stacked routed experts stay float32 there).
+
+    .venv/bin/python bench/quantize.py --model runs/quant/train/checkpoints/step_150 --data runs/demo/tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import seekstack
+from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities
+from seekstack.compress.quality import bytes_per_token, held_out_batches, measure
+from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_model, resident_bytes
+from seekstack.model.attention import ContiguousLatentCache
+
+
+@torch.no_grad()
+def decode_seconds(model, batch: int, clock, prompt: int = 32, new: int = 64) -> float:
+    """Seconds to greedily decode `new` tokens for `batch` rows after a `prompt`-token prefill (not timed)."""
+    ids = torch.randint(2, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    cache = ContiguousLatentCache(model.config, batch, prompt + new, dtype=model.embed_tokens.weight.dtype)
+    token = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+    start = clock()
+    for _ in range(new):
+        token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+    return clock() - start
+
+
+def decode_speeds(models: dict, batches: tuple[int, ...], reps: int, clock, new: int = 64) -> dict:
+    """name -> {batch: tokens/s}, the median of `reps` rounds that run every model in turn (interleaved, so a
+    busy spell of the machine slows all of them alike)."""
+    seconds: dict = {name: {b: [] for b in batches} for name in models}
+    for _ in range(reps):
+        for batch in batches:
+            for name, model in models.items():
+                seconds[name][batch].append(decode_seconds(model, batch, clock, new=new))
+    return {name: {b: b * new / sorted(t)[len(t) // 2] for b, t in per.items()} for name, per in seconds.items()}
+
+
+def adaptive_model(original, data: str, budget_bits: float):
+    """Per-layer precision by sensitivity (KL on 2 validation batches) within `budget_bits` bits per weight."""
+    reference = copy.deepcopy(original)
+    batches, per_token = held_out_batches(data, batches=2), bytes_per_token(data)
+    choices = sensitivities(reference, lambda m: measure(m, original, batches, per_token).mean_kl)
+    assignment = assign(choices, budget_bits)
+    uniform = {c.name: "int4-g32" for c in choices}
+    print(
+        f"adaptive {budget_bits}: {average_bits(choices, assignment):.3f} bits per weight (uniform int4 g32: "
+        f"{average_bits(choices, uniform):.3f}); " + ", ".join(f"{n} {o}" for n, o in assignment.items())
+    )
+    model = copy.deepcopy(original)
+    quantize_model(model, adaptive_config(assignment))
+    return model
+
+
+def torchao_variant(model, kind: str):
+    """torchao's `quantize_` on a copy, on the Linear layers ours quantizes (not lm_head; kv_b_proj is read as a
+    matrix by MLA's absorbed decode, which torchao's tensor subclasses do not support)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    quantized = copy.deepcopy(model)
+    config = Int8WeightOnlyConfig() if kind == "int8" else Int4WeightOnlyConfig(group_size=32)
+    if kind == "int4":
+        quantized = quantized.to(torch.bfloat16)  # torchao's int4 takes bfloat16 weights
+
+    def chosen(module: torch.nn.Module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith("kv_b_proj")
+
+    quantize_(quantized, config, filter_fn=chosen)
+    return quantized
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="runs/quant/train/checkpoints/step_150")
+    parser.add_argument("--data", default="runs/demo/tokens")
+    parser.add_argument("--batches", type=int, default=8, help="validation batches of 8 x 256 tokens")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=5, help="interleaved decode rounds (median)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: process CPU seconds")
+    parser.add_argument("--preset", help="decode speed only, on random weights of this preset (e.g. small)")
+    parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--adaptive-bits", type=float, nargs="*", default=[4.5], help="adaptive precision budgets")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    if args.preset:
+        original = seekstack.Transformer(seekstack.preset(args.preset)).eval()
+    else:
+        original = seekstack.load_pretrained(args.model).eval()
+    work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
+    models, disk = {"float32": original}, {"float32": checkpoint_bytes(args.model) if not args.preset else None}
+    models["bfloat16"] = copy.deepcopy(original).to(torch.bfloat16)
+    for name, config in [
+        ("int8", QuantConfig(scheme="int8")),
+        ("int4 g32", QuantConfig(scheme="int4", group_size=32)),
+        ("int4 g128", QuantConfig(scheme="int4", group_size=128)),
+        ("fp8 128x128", QuantConfig(scheme="fp8")),
+    ]:
+        model = copy.deepcopy(original)
+        quantize_model(model, config)
+        directory = work / name.replace(" ", "_")
+        seekstack.save_pretrained(model, directory)
+        models[name], disk[name] = seekstack.load_pretrained(directory).eval(), checkpoint_bytes(directory)
+    if not args.preset:
+        for budget in args.adaptive_bits:
+            name, directory = f"adaptive {budget} bits", work / f"adaptive_{budget}"
+            model = adaptive_model(original, args.data, budget)
+            seekstack.save_pretrained(model, directory)
+            models[name], disk[name] = seekstack.load_pretrained(directory).eval(), checkpoint_bytes(directory)
+    seekstack.save_pretrained(models["bfloat16"], work / "bf16")
+    disk["bfloat16"] = checkpoint_bytes(work / "bf16")
+    for kind in () if args.no_torchao else ("int8", "int4"):
+        try:
+            models[f"torchao {kind} weight-only"] = torchao_variant(original, kind)
+        except Exception as error:  # report, keep the rest of the table
+            print(f"torchao {kind}: failed: {type(error).__name__}: {str(error)[:200]}")
+
+    speeds = decode_speeds(models, (1, 8), args.reps, clock)
+    qualities = {}
+    if not args.preset:
+        batches, per_token = held_out_batches(args.data, batches=args.batches), bytes_per_token(args.data)
+        qualities = {name: measure(model, original, batches, per_token) for name, model in models.items()}
+
+    source = f"random {args.preset}" if args.preset else args.model
+    print(f"\nmodel {source}; {args.batches} x 8 x 256 validation tokens; decode: 32-token prompt + 64 greedy tokens, ")
+    print(f"{args.threads} thread(s), {args.clock} clock, median of {args.reps} interleaved rounds")
+    print("| scheme | bytes on disk | resident bytes | val bits/byte | change | mean KL (nats) | top-1 agree ", end="")
+    print("| decode tok/s b=1 | b=8 |\n|---|---|---|---|---|---|---|---|---|")
+    base_resident = resident_bytes(original)
+    for name, model in models.items():
+        size = disk.get(name)
+        disk_text = f"{size:,} ({size / disk['float32']:.0%})" if size and disk["float32"] else "-"
+        resident = resident_bytes(model)
+        quality = qualities.get(name)
+        quality_text = "| - | - | - | -"
+        if quality is not None:
+            change = quality.bits_per_byte / qualities["float32"].bits_per_byte - 1
+            quality_text = (
+                f"| {quality.bits_per_byte:.4f} | {change:+.2%} | {quality.mean_kl:.5f} | {quality.top1_agreement:.2%}"
+            )
+        print(
+            f"| {name} | {disk_text} | {resident:,} ({resident / base_resident:.0%}) {quality_text} | "
+            f"{speeds[name][1]:,.0f} | {speeds[name][8]:,.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

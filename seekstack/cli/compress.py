@@ -1,0 +1,161 @@
+"""`seekstack quantize`: a checkpoint to int8 / int4 (compressed-tensors) or fp8 (DeepSeek-V3's block format),
+optionally progressively with a quality gate on held-out text."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from seekstack.cli.common import size, user_errors
+
+if TYPE_CHECKING:
+    from seekstack.compress.quantize import QuantConfig
+
+
+def quantize_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to quantize (float, or quantized: re-quantized)")],
+    out: Annotated[Path, typer.Option(help="Folder to write the quantized checkpoint to (tokenizer copied)")],
+    scheme: Annotated[str, typer.Option(help="int8 (per channel) | int4 (per group) | fp8 (e4m3, 128x128 blocks)")] = (
+        "int8"
+    ),
+    group_size: Annotated[int, typer.Option(help="int4: input columns per scale (32, 64 or 128)")] = 32,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(help="Layer pattern left in float (repeatable; replaces the default: lm_head)"),
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="A QuantConfig file (YAML/TOML/JSON); options go on top")] = None,
+    progressive: Annotated[
+        bool, typer.Option(help="Try float32 -> bfloat16 -> int8 -> int4, keep the last within the tolerance")
+    ] = False,
+    adaptive: Annotated[
+        bool,
+        typer.Option(help="Precision per layer (int4 g128 / int4 g32 / int8) by sensitivity, within --budget-bits"),
+    ] = False,
+    budget_bits: Annotated[float, typer.Option(help="Adaptive: average bits per weight, scales included")] = 4.5,
+    data: Annotated[
+        Path | None, typer.Option(help="Token shards with a val split: held-out text for --progressive / --adaptive")
+    ] = None,
+    max_bpb_increase: Annotated[float, typer.Option(help="Progressive: largest relative bits/byte increase")] = 0.01,
+    max_kl: Annotated[float, typer.Option(help="Progressive: largest mean KL (nats) from the original")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Quantize a checkpoint's weights; the output loads in generate/chat/serve and runs on low-bit kernels.
+
+    Always high precision: embedding, router gates, norms, kv_b_proj (absorbed by MLA). By default also lm_head,
+    and with fp8 the MTP eh_proj, as DeepSeek-V3's FP8 release."""
+    from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_checkpoint
+    from seekstack.schema import load_config
+
+    with user_errors(as_json):
+        overrides = [f"scheme={scheme}", f"group_size={group_size}"]
+        overrides += [f"keep={json.dumps(keep)}"] if keep is not None else []
+        resolved = load_config(QuantConfig, config, overrides)
+        if progressive and adaptive:
+            raise ValueError("choose --progressive or --adaptive, not both")
+        if progressive:
+            report = _progressive(model, out, resolved, data, max_bpb_increase, max_kl)
+        elif adaptive:
+            report = _adaptive(model, out, data, budget_bits)
+        else:
+            assignment = quantize_checkpoint(model, out, resolved)
+            report = {"assignment": assignment}
+        report |= {"bytes_before": checkpoint_bytes(model), "bytes_after": checkpoint_bytes(out), "out": str(out)}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for stage in report.get("stages", []):
+        verdict = "pass" if stage["passed"] else "fail"
+        typer.echo(
+            f"stage {stage['name']:<9} bits/byte {stage['bits_per_byte']:.4f} ({stage['bpb_increase']:+.2%})  "
+            f"KL {stage['mean_kl']:.5f}  top-1 {stage['top1_agreement']:.2%}  {verdict}"
+        )
+    for layer in report.get("layers", []):
+        kl = "  ".join(f"{option} {value:.2e}" for option, value in layer["kl"].items())
+        typer.echo(f"{layer['name']:<40} {layer['choice']:<9} KL alone: {kl}")
+    if "average_bits" in report:
+        typer.echo(f"average {report['average_bits']:.3f} bits per weight (budget {budget_bits})")
+    if "assignment" in report:
+        counts = Counter(value.split(":")[0] for value in report["assignment"].values())
+        typer.echo("layers: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+    before, after = report["bytes_before"], report["bytes_after"]
+    typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
+
+
+def _progressive(
+    model: Path, out: Path, config: QuantConfig, data: Path | None, max_bpb_increase: float, max_kl: float
+) -> dict:
+    from dataclasses import asdict
+
+    from seekstack.checkpoint import load_pretrained
+    from seekstack.compress.progressive import progressive
+    from seekstack.compress.quality import measure
+    from seekstack.compress.quantize import save_with_tokenizer
+
+    batches, per_token = _held_out(data, "--progressive")
+    original = load_pretrained(model, dequantize=True).eval()
+    chosen, stages = progressive(
+        original, lambda m: measure(m, original, batches, per_token), config, max_bpb_increase, max_kl
+    )
+    save_with_tokenizer(chosen, model, out)
+    rows = [{"name": s.name, **asdict(s.quality), "bpb_increase": s.bpb_increase, "passed": s.passed} for s in stages]
+    return {"stages": rows, "chosen": next((s.name for s in reversed(stages) if s.passed), "float32")}
+
+
+def _held_out(data: Path | None, what: str) -> tuple[list, float]:
+    from seekstack.compress.quality import bytes_per_token, held_out_batches
+
+    if data is None:
+        raise ValueError(f"{what} needs --data: token shards with a val split (from `seekstack data tokenize`)")
+    return held_out_batches(str(data)), bytes_per_token(str(data))
+
+
+def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> dict:
+    from seekstack.checkpoint import load_pretrained
+    from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities
+    from seekstack.compress.quality import measure
+    from seekstack.compress.quantize import quantize_model, save_with_tokenizer
+
+    batches, per_token = _held_out(data, "--adaptive")
+    original = load_pretrained(model, dequantize=True).eval()
+    reference = load_pretrained(model, dequantize=True).eval()
+    choices = sensitivities(original, lambda m: measure(m, reference, batches[:2], per_token).mean_kl)
+    chosen = assign(choices, budget_bits)
+    assignment = quantize_model(original, adaptive_config(chosen))
+    save_with_tokenizer(original, model, out)
+    layers = [{"name": c.name, "choice": chosen[c.name], "kl": c.kl, "bits": c.bits[chosen[c.name]]} for c in choices]
+    return {"layers": layers, "average_bits": average_bits(choices, chosen), "assignment": assignment}
+
+
+def prune_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune")],
+    out: Annotated[Path, typer.Option(help="Folder to write the pruned checkpoint to (tokenizer copied)")],
+    data: Annotated[Path, typer.Option(help="Token shards: calibration text (the train split) for router statistics")],
+    experts: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of routed experts to remove per layer (and per group)")
+    ] = 0.25,
+    calibration_batches: Annotated[int, typer.Option(min=1, help="Calibration batches of 8 x 256 tokens")] = 4,
+) -> None:
+    """Remove the routed experts the router uses least (gate mass over calibration text); router shrinks with them."""
+    from seekstack.checkpoint import load_pretrained
+    from seekstack.compress.prune import gate_mass, prune_experts
+    from seekstack.compress.quality import held_out_batches
+    from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
+
+    with user_errors():
+        network = load_pretrained(model, dequantize=True).eval()
+        batches = held_out_batches(str(data), batches=calibration_batches, split="train")
+        removed = prune_experts(network, gate_mass(network, batches), experts)
+        save_with_tokenizer(network, model, out)
+    for layer, ids in removed.items():
+        typer.echo(f"{layer}: removed experts {ids}")
+    before, after = checkpoint_bytes(model), checkpoint_bytes(out)
+    typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize_command)
+    app.command("prune")(prune_command)

@@ -1,0 +1,113 @@
+"""Adaptive precision: each layer's sensitivity, then a precision per layer that fits a size budget.
+
+Sensitivity of layer l at option o = the mean KL from the original when only l is quantized to o (the others
+float). Assuming the KL of several quantized layers adds up (the usual first-order view, as in HAWQ), the
+assignment starts every layer at its smallest option and repeatedly takes the upgrade with the largest KL saved
+per extra byte that still fits the budget (a greedy knapsack).
+Options, smallest first: int4 g128, int4 g32, int8 (a layer only gets those its shapes allow).
+Budget: average bits per quantized weight, scales included (uniform int4 g32 is 4.5: 4 bits + a bf16 scale per 32).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantize_model
+
+OPTIONS = ("int4-g128", "int4-g32", "int8")
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    weights: int  # parameters in the layer's weight
+    bits: dict[str, float]  # option -> bits per weight, scales included
+    kl: dict[str, float]  # option -> mean KL when only this layer is quantized so
+
+
+def bits_per_weight(option: str, in_features: int) -> float:
+    """Storage bits per weight: codes plus bf16 scales (one per row for int8, per group for int4)."""
+    if option == "int8":
+        return 8 + 16 / in_features
+    return 4 + 16 / int(option.split("-g")[1])
+
+
+def option_config(option: str) -> QuantConfig:
+    if option == "int8":
+        return QuantConfig(scheme="int8", keep=[])
+    return QuantConfig(scheme="int4", group_size=int(option.split("-g")[1]), keep=[])  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def sensitivities(
+    model: nn.Module, kl_of: Callable[[nn.Module], float], layers: list[str] | None = None
+) -> list[LayerChoice]:
+    """For each layer (default: every quantizable layer but those the defaults keep), the KL of each option alone."""
+    default = QuantConfig()
+    names = layers if layers is not None else [n for n in quantizable_layers(model) if default.scheme_of(n)]
+    choices = []
+    for name in names:
+        original = model.get_submodule(name)
+        weight = original.weight if isinstance(original, nn.Linear) else None
+        shapes = [weight.shape] if weight is not None else [original.gate_up_proj.shape, original.down_proj.shape]
+        count = sum(int(torch.Size(s).numel()) for s in shapes)
+        bits, kl = {}, {}
+        for option in OPTIONS:
+            trial = copy.deepcopy(original)
+            holder = nn.Module()
+            holder.add_module("layer", trial)
+            done = quantize_model(holder, option_config(option))
+            if done["layer"].startswith("kept"):
+                continue  # the kernel cannot take this shape at this option
+            model.set_submodule(name, holder.layer)
+            kl[option] = kl_of(model)
+            bits[option] = sum(bits_per_weight(option, s[-1]) * torch.Size(s).numel() for s in shapes) / count
+        model.set_submodule(name, original)
+        if kl:
+            choices.append(LayerChoice(name, count, bits, kl))
+    return choices
+
+
+def assign(choices: list[LayerChoice], budget_bits: float) -> dict[str, str]:
+    """Layer -> option within `budget_bits` average bits per weight, minimising the summed KL greedily."""
+    current = {c.name: min(c.bits, key=c.bits.get) for c in choices}  # type: ignore[arg-type]
+    total_weights = sum(c.weights for c in choices)
+    budget = budget_bits * total_weights
+    used = sum(c.bits[current[c.name]] * c.weights for c in choices)
+    if used > budget:
+        raise ValueError(
+            f"a budget of {budget_bits} bits per weight is below the smallest assignment "
+            f"({used / total_weights:.3f} bits per weight)"
+        )
+    while True:
+        best, best_gain = None, 0.0
+        for c in choices:
+            ranked = sorted(c.bits, key=c.bits.get)  # type: ignore[arg-type]
+            position = ranked.index(current[c.name])
+            if position + 1 == len(ranked):
+                continue
+            upgrade = ranked[position + 1]
+            extra = (c.bits[upgrade] - c.bits[current[c.name]]) * c.weights
+            saved = c.kl[current[c.name]] - c.kl[upgrade]
+            if used + extra <= budget and saved / extra > best_gain:
+                best, best_gain = (c, upgrade, extra), saved / extra
+        if best is None:
+            return current
+        choice, upgrade, extra = best
+        current[choice.name] = upgrade
+        used += extra
+
+
+def average_bits(choices: list[LayerChoice], assignment: dict[str, str]) -> float:
+    total = sum(c.weights for c in choices)
+    return sum(c.bits[assignment[c.name]] * c.weights for c in choices) / total
+
+
+def adaptive_config(assignment: dict[str, str]) -> QuantConfig:
+    """The QuantConfig that applies `assignment` (layer -> option), other layers as the defaults say."""
+    return QuantConfig(scheme="int8", layers=dict(assignment))  # type: ignore[arg-type]

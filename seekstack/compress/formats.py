@@ -1,0 +1,83 @@
+"""Weight quantization formats: the arithmetic and the on-disk layout, nothing about modules.
+
+int8: symmetric per output channel, W ~ q * s with q in [-127, 127], s = amax(row) / 127.
+int4: symmetric per group of `group` input columns, W ~ q * s with q in [-8, 7], s = amax(group) / 7.5;
+      stored packed two per byte, low nibble first, each as q + 8 (the compressed-tensors `pack-quantized`
+      layout: 8 values per little-endian int32 word, so the bytes are the same).
+fp8:  e4m3 with one float32 scale per 128x128 block (DeepSeek-V3's release; see seekstack.checkpoint).
+Scales of int8/int4 are bfloat16: the CPU kernels (`torch._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
+take them so, and storing them so makes the file and the kernel agree exactly.
+
+Shapes: O output features (rows), I input features (columns), G groups per row = I / group; a leading
+expert dimension E is allowed everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+SCALE_DTYPE = torch.bfloat16
+INT8_MAX = 127
+INT4_HALF_RANGE = 7.5  # amax maps to 7.5: the step is amax / 7.5 and +amax rounds into the top code 7 or 8 -> 7
+SCHEMES = ("int8", "int4", "fp8")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., O, I) float -> q (..., O, I) int8 and s (..., O, 1) bf16, per output channel."""
+    scale = (weight.float().abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=1e-12).to(SCALE_DTYPE)
+    q = (weight.float() / scale.float()).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., O, I) float -> q (..., O, I) int8 in [-8, 7] and s (..., O, G) bf16, one scale per `group` columns."""
+    *lead, rows, cols = weight.shape
+    if cols % group:
+        raise ValueError(f"int4 group size {group} does not divide the {cols} input features")
+    grouped = weight.float().reshape(*lead, rows, cols // group, group)
+    scale = (grouped.abs().amax(dim=-1) / INT4_HALF_RANGE).clamp(min=1e-12).to(SCALE_DTYPE)  # (..., O, G)
+    q = (grouped / scale.float()[..., None]).round().clamp(-8, 7).to(torch.int8)
+    return q.reshape(weight.shape), scale
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W = q * s, float32; s is (..., O, 1) per channel or (..., O, G) per group."""
+    group = q.shape[-1] // scale.shape[-1]
+    return q.float() * scale.float().repeat_interleave(group, dim=-1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (..., O, I) int8 in [-8, 7] -> (..., O, I/2) uint8: element 2j in the low nibble, 2j+1 in the high, each +8."""
+    unsigned = (q.to(torch.int16) + 8).to(torch.uint8)
+    return unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`: (..., O, I/2) uint8 -> (..., O, I) int8 in [-8, 7]."""
+    low, high = (packed & 0xF).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def compressed_tensors_config(groups: dict[str, tuple[str, int | None, list[str]]], ignore: list[str]) -> dict:
+    """A compressed-tensors `quantization_config` (what vLLM and the `compressed-tensors` library read).
+
+    `groups` maps a group name to (scheme, group size, targets); targets are module names as `re:` patterns.
+    Weight-only, symmetric; int8 in the `int-quantized` format, int4 in `pack-quantized`.
+    """
+    config_groups: dict[str, Any] = {}
+    formats = set()
+    for name, (scheme, group, targets) in groups.items():
+        weights: dict[str, Any] = {"num_bits": 8 if scheme == "int8" else 4, "type": "int", "symmetric": True}
+        weights.update({"strategy": "channel"} if scheme == "int8" else {"strategy": "group", "group_size": group})
+        layout = "int-quantized" if scheme == "int8" else "pack-quantized"
+        formats.add(layout)
+        config_groups[name] = {"targets": targets, "weights": weights, "input_activations": None, "format": layout}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": ignore,
+    }

@@ -1,0 +1,256 @@
+"""Quantized weights and the modules that run them: the low-bit matmuls of this CPU, used in place of nn.Linear
+and of the stacked routed experts.
+
+Kernels (measured in bench/quantize.py): int8 runs `torch._weight_int8pack_mm`, int4
+`torch._weight_int4pack_mm_for_cpu`;
+both are fast only with bfloat16 activations (with float32 ones they fall to a path ~20x slower than the float32
+matmul), so a quantized layer multiplies in bfloat16 and returns its input's dtype. This CPU has no FP8 matmul
+(`torch._scaled_mm` on CPU took 43 ms for a 1x1024 @ 1024x4096 product), so FP8 weights stay e4m3 in memory and are
+expanded block by block to the activation dtype inside each call.
+
+Shapes: N rows of activations, O output features, I input features, E experts, G = I / group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekstack.compress.formats import (
+    SCALE_DTYPE,
+    dequantize_int,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+from seekstack.model.moe import RoutedExperts, Routing
+
+COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the int8/int4 kernels
+
+
+class QuantizedWeight(nn.Module):
+    """One matrix (O, I) or a stack of expert matrices (E, O, I) in a low-bit format.
+
+    `matmul(x, index)` is x @ W[index]^T on the format's kernel; `stored()` gives the tensors as a checkpoint holds
+    them (names relative to the layer: `weight`, `weight_scale`, ...), with the expert dimension first if stacked.
+    Buffers keep their dtypes when the model is moved or cast.
+    """
+
+    scheme: str
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight the format represents, (O, I) or (E, O, I)."""
+        raise NotImplementedError
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> torch.Size:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Move with the model, never cast: `model.to(torch.float32)` must not turn codes or scales into floats."""
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                moved = fn(buffer)
+                self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
+
+
+class Int8Weight(QuantizedWeight):
+    """Per-output-channel int8: W = q * s, s (..., O, 1)."""
+
+    scheme = "int8"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).contiguous())
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Weight:
+        return cls(*quantize_int8(weight))
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        q, scale = (self.weight, self.weight_scale) if index is None else (self.weight[index], self.weight_scale[index])
+        return torch._weight_int8pack_mm(x.to(COMPUTE_DTYPE).contiguous(), q, scale.view(-1)).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int(self.weight, self.weight_scale)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "weight_scale": self.weight_scale}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+
+class Int4Weight(QuantizedWeight):
+    """Group-wise int4: W = q * s per `group` input columns, held in the CPU kernel's tiled packing (I/2 bytes a row)
+    with its (G, O, 2) scale-and-zero table; the kernel computes (u - 8) * scale + zero from the stored u = q + 8."""
+
+    scheme = "int4"
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.group = q.shape[-1] // scale.shape[-1]
+        unsigned = (q.to(torch.int32) + 8).reshape(-1, *q.shape[-2:])
+        packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1) for u in unsigned])
+        scales_and_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1).transpose(-3, -2)  # (..., G, O, 2)
+        self.register_buffer("packed", packed.view(*q.shape[:-1], -1))
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(SCALE_DTYPE).contiguous())
+        self._shape = q.shape
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group: int) -> Int4Weight:
+        return cls(*quantize_int4(weight, group))
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        packed, table = (self.packed, self.scales_and_zeros) if index is None else (
+            self.packed[index], self.scales_and_zeros[index]
+        )  # fmt: skip
+        return torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE).contiguous(), packed, self.group, table).to(
+            x.dtype
+        )
+
+    def codes(self) -> torch.Tensor:
+        """q (..., O, I) int8, read back from the kernel's tiling by the kernel itself: I @ W^T with unit scales."""
+        identity = torch.eye(self._shape[-1], dtype=COMPUTE_DTYPE)
+        unit = torch.zeros_like(self.scales_and_zeros[..., :1, :, :]).expand_as(self.scales_and_zeros).clone()
+        unit[..., 0] = 1
+        packed, unit = self.packed.reshape(-1, *self.packed.shape[-2:]), unit.reshape(-1, *unit.shape[-3:])
+        codes = [
+            torch._weight_int4pack_mm_for_cpu(identity, p, self.group, u).t() for p, u in zip(packed, unit, strict=True)
+        ]
+        return torch.stack(codes).round().to(torch.int8).view(self._shape)
+
+    def scale(self) -> torch.Tensor:
+        return self.scales_and_zeros[..., 0].transpose(-2, -1).contiguous()  # (..., O, G)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int(self.codes(), self.scale())
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        packed = pack_int4(self.codes()).contiguous()
+        return {"weight_packed": packed.view(torch.int32), "weight_scale": self.scale()}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+
+class Fp8Weight(QuantizedWeight):
+    """e4m3 with a float32 scale per block (DeepSeek-V3): W = Q * s blockwise. `parts` matrices stacked by rows
+    (an expert's [W_gate; W_up]) each have their own blocks, as the checkpoint stores them separately."""
+
+    scheme = "fp8"
+
+    def __init__(self, q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], parts: int = 1):
+        super().__init__()
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("weight_scale_inv", scale_inv.float().contiguous())
+        self.block, self.parts = tuple(block), parts
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, block: tuple[int, int], parts: int = 1) -> Fp8Weight:
+        from seekstack.checkpoint import quantize_fp8
+
+        matrices = weight.reshape(-1, *weight.shape[-2:])
+        pieces = [[quantize_fp8(part, block) for part in m.chunk(parts)] for m in matrices]
+        q = torch.stack([torch.cat([p[0] for p in m]) for m in pieces]).view(weight.shape)
+        scale = torch.stack([torch.cat([p[1] for p in m]) for m in pieces])
+        return cls(q, scale.view(*weight.shape[:-2], *scale.shape[-2:]), block, parts)
+
+    def _expand(self, q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+        from seekstack.checkpoint import dequantize_fp8
+
+        row_blocks = scale_inv.shape[0] // self.parts
+        parts = zip(q.chunk(self.parts), scale_inv.split(row_blocks), strict=True)
+        return torch.cat([dequantize_fp8(part, scale, self.block) for part, scale in parts])
+
+    def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        q, scale = (self.weight, self.weight_scale_inv) if index is None else (
+            self.weight[index], self.weight_scale_inv[index]
+        )  # fmt: skip
+        return F.linear(x, self._expand(q, scale).to(x.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        if self.weight.dim() == 2:
+            return self._expand(self.weight, self.weight_scale_inv)
+        return torch.stack([self._expand(q, s) for q, s in zip(self.weight, self.weight_scale_inv, strict=True)])
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "weight_scale_inv": self.weight_scale_inv}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+
+def weight_from_stored(
+    tensors: dict[str, torch.Tensor], fp8_block: tuple[int, int] | None, parts: int = 1
+) -> QuantizedWeight:
+    """The QuantizedWeight for tensors as a checkpoint stores them (`weight_packed`: int4, int8 `weight`: int8,
+    e4m3 `weight`: fp8); a stack of experts has the expert dimension first."""
+    if "weight_packed" in tensors:
+        packed = tensors["weight_packed"].contiguous().view(torch.uint8)
+        return Int4Weight(unpack_int4(packed), tensors["weight_scale"])
+    weight = tensors["weight"]
+    if weight.dtype == torch.int8:
+        return Int8Weight(weight, tensors["weight_scale"])
+    if weight.dtype == torch.float8_e4m3fn and fp8_block is not None:
+        return Fp8Weight(weight, tensors["weight_scale_inv"], fp8_block, parts)
+    raise ValueError(f"no quantized format stores a {weight.dtype} weight with {sorted(tensors)}")
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W quantized; drop-in for nn.Linear at inference."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.qweight = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.qweight.matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.qweight.scheme}"
+
+
+class QuantizedExperts(RoutedExperts):
+    """Routed experts with quantized stacked weights; the token dispatch is RoutedExperts' own."""
+
+    def __init__(self, gate_up_proj: QuantizedWeight, down_proj: QuantizedWeight):
+        nn.Module.__init__(self)  # not RoutedExperts.__init__: no float parameters to allocate
+        self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
+
+    def expert_linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        return getattr(self, name).matmul(x, expert)
+
+    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compiled (sync-free) path: every expert on every token, combined with the routing weights as a dense
+        (N, E) matrix (zero for experts not chosen). E/K times the FLOPs of the gathered path, on the low-bit kernel;
+        meant for the few tokens of a decode step."""
+        num_experts = routing.scores.shape[1]
+        dense_weights = torch.zeros_like(routing.scores).scatter_(1, routing.experts, routing.weights.float())
+        combined = torch.zeros_like(x)
+        for e in range(num_experts):
+            gate, up = self.gate_up_proj.matmul(x, e).chunk(2, dim=-1)
+            out = self.down_proj.matmul(F.silu(gate) * up, e)
+            combined = combined + out * dense_weights[:, e : e + 1].to(x.dtype)
+        experts = routing.experts.flatten()
+        load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
+        return combined, load
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.gate_up_proj.shape)}, {tuple(self.down_proj.shape)}, {self.gate_up_proj.scheme}"

@@ -1,0 +1,74 @@
+"""Routed-expert pruning by router statistics: drop the experts the router uses least, shrinking the expert tensors
+and the router together.
+
+Over calibration text, each routed expert's gate mass (the sum of its combine weights g_{i,t} over the tokens routed
+to it) is counted per MoE layer; in every layer the `fraction` of experts with the least mass goes, the same number
+from each expert group, so group-limited routing keeps its groups and the config keeps one `n_routed_experts`.
+Removing an expert is exactly masking it out of selection (its selection bias at -inf): the tests check that.
+Shapes: E routed experts, G groups, N tokens, K experts per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from seekstack.model.moe import MoE, Routing
+
+
+@torch.no_grad()
+def gate_mass(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MoE layer name -> (E,) summed combine weight each routed expert received over `batches` (main layers and MTP)."""
+    totals: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoE):
+            totals[name] = torch.zeros(module.gate.num_experts)
+
+            def record(_module, _inputs, routing: Routing, name: str = name) -> None:
+                totals[name].index_add_(0, routing.experts.flatten(), routing.weights.flatten().float())
+
+            hooks.append(module.gate.register_forward_hook(record))
+    try:
+        for batch in batches:
+            model(batch, labels=batch)  # labels: the MTP blocks run too
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return totals
+
+
+def experts_to_keep(mass: torch.Tensor, groups: int, fraction: float) -> torch.Tensor:
+    """Sorted ids of the experts kept: in each of `groups` groups, all but the `fraction` with the least mass."""
+    per_group = mass.view(groups, -1)  # (G, E/G)
+    keep = per_group.shape[1] - round(per_group.shape[1] * fraction)
+    if keep < 2:
+        raise ValueError(f"pruning {fraction:.0%} leaves {keep} expert(s) per group; group routing needs 2")
+    kept = per_group.topk(keep, dim=1).indices + torch.arange(groups)[:, None] * per_group.shape[1]
+    return kept.flatten().sort().values
+
+
+@torch.no_grad()
+def prune_experts(model: nn.Module, mass: dict[str, torch.Tensor], fraction: float) -> dict[str, list[int]]:
+    """Remove `fraction` of each MoE layer's routed experts (least gate mass first), in place; returns the removed ids
+    per layer. The config's n_routed_experts shrinks to match."""
+    config = model.config
+    groups = config.n_group or 1
+    removed = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        kept = experts_to_keep(mass[name], groups, fraction)
+        removed[name] = sorted(set(range(module.gate.num_experts)) - set(kept.tolist()))
+        experts, gate = module.experts, module.gate
+        experts.gate_up_proj = nn.Parameter(experts.gate_up_proj[kept].clone())
+        experts.down_proj = nn.Parameter(experts.down_proj[kept].clone())
+        gate.weight = nn.Parameter(gate.weight[kept].clone())
+        if hasattr(gate, "e_score_correction_bias"):
+            gate.e_score_correction_bias = gate.e_score_correction_bias[kept].clone()
+        gate.num_experts = len(kept)
+    count = len(next(iter(removed.values()))) if removed else 0
+    model.config = config.replace(n_routed_experts=config.n_routed_experts - count)
+    return removed

@@ -1,0 +1,179 @@
+"""`QuantConfig` and `quantize_model`: which layers get which format, and the swap of their modules.
+
+What is quantized: every nn.Linear of the decoder blocks and the MTP modules, and the stacked routed experts.
+What stays in the model's dtype, always: the embedding, the router gate (`mlp.gate`, selection is sensitive and
+tiny), the norms and biases, and `kv_b_proj` (MLA's decode path absorbs it as a matrix, W^UK and W^UV; vLLM also
+keeps it unquantized). By default also `lm_head` (the vocabulary projection decides every token; DeepSeek's FP8
+release keeps it in bf16), and with fp8 the MTP `eh_proj` (as DeepSeek's FP8 release does). `keep` replaces those
+defaults; `layers` assigns a scheme per layer (what adaptive precision writes).
+Layer names are ours, fnmatch patterns: `lm_head`, `layers.3.mlp.experts`, `*.self_attn.o_proj`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from seekstack.compress.linear import Fp8Weight, Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear
+from seekstack.model.moe import RoutedExperts
+from seekstack.schema import Positive, require
+
+Scheme = Literal["int8", "int4", "fp8"]
+ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
+DEFAULT_KEEP = ("lm_head",)
+FP8_KEEP = ("mtp.*.eh_proj",)
+INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
+
+
+@dataclass
+class QuantConfig:
+    """How `seekstack quantize` quantizes a model."""
+
+    scheme: Scheme = "int8"  # int8: per output channel; int4: per group of input columns; fp8: e4m3, 2-D blocks
+    group_size: Literal[32, 64, 128] = 32  # int4: input columns sharing one scale
+    fp8_block: tuple[Positive, Positive] = (128, 128)  # fp8: block shape (rows, columns), DeepSeek-V3's 128x128
+    keep: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP))  # layers left in the model's dtype
+    # per-layer schemes (first matching pattern wins); int4-gN also sets the group; adaptive precision writes these
+    layers: dict[str, Literal["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "fp8", "none"]] = field(
+        default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        schemes = {self.scheme, *(v.split("-")[0] for v in self.layers.values())} - {"none"}
+        require("fp8" not in schemes or schemes == {"fp8"}, "layers", "all fp8 or none fp8 (one checkpoint format)")
+
+    def scheme_of(self, name: str) -> str | None:
+        """The scheme layer `name` gets (`int4-gN` when its group is set per layer), or None when it stays in
+        high precision."""
+        if any(fnmatch(name, pattern) for pattern in ALWAYS_KEPT):
+            return None
+        for pattern, scheme in self.layers.items():
+            if fnmatch(name, pattern):
+                return None if scheme == "none" else scheme
+        keep = [*self.keep, *(FP8_KEEP if self.scheme == "fp8" else ())]
+        return None if any(fnmatch(name, pattern) for pattern in keep) else self.scheme
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the layers a scheme could apply to: nn.Linear modules and stacked routed experts."""
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    return [
+        name
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) and not (tied and name == "lm_head"))
+        or (isinstance(module, RoutedExperts) and not isinstance(module, QuantizedExperts))
+    ]
+
+
+def quantize_model(model: nn.Module, config: QuantConfig) -> dict[str, str]:
+    """Swap each chosen layer of `model` for its quantized module, in place. Returns layer -> scheme, or why kept."""
+    assignment = {}
+    for name in quantizable_layers(model):
+        scheme = config.scheme_of(name)
+        module = model.get_submodule(name)
+        if scheme is None and config.scheme == "fp8" and _is_absorbed(name):
+            _round_through_fp8(module, tuple(config.fp8_block))
+            assignment[name] = "kept: fp8 values on disk, expanded in memory (absorbed by MLA)"
+            continue
+        if scheme is None:
+            assignment[name] = "kept"
+            continue
+        scheme, _, group_text = scheme.partition("-g")
+        group = int(group_text) if group_text else config.group_size
+        problem = _unsupported(module, scheme, group)
+        if problem:
+            assignment[name] = f"kept: {problem}"
+            continue
+        model.set_submodule(name, quantized_module(module, scheme, config, group))
+        assignment[name] = scheme if scheme != "int4" else f"int4 g{group}"
+    return assignment
+
+
+def quantized_module(module: nn.Module, scheme: str, config: QuantConfig, group: int) -> nn.Module:
+    """The quantized replacement of an nn.Linear or RoutedExperts (`group`: int4's columns per scale)."""
+
+    def weight(tensor, parts: int = 1):  # type: ignore[no-untyped-def]
+        tensor = tensor.detach().float()
+        if scheme == "int8":
+            return Int8Weight.from_float(tensor)
+        if scheme == "int4":
+            return Int4Weight.from_float(tensor, group)
+        return Fp8Weight.from_float(tensor, tuple(config.fp8_block), parts)
+
+    if isinstance(module, RoutedExperts):
+        return QuantizedExperts(weight(module.gate_up_proj, parts=2), weight(module.down_proj))
+    return QuantizedLinear(weight(module.weight), module.bias)
+
+
+def _is_absorbed(name: str) -> bool:
+    return any(fnmatch(name, pattern) for pattern in ALWAYS_KEPT)
+
+
+@torch.no_grad()
+def _round_through_fp8(module: nn.Module, block: tuple[int, int]) -> None:
+    """DeepSeek's FP8 release stores kv_b_proj in fp8 too; the model holds those values (so it is what a reload
+    gives) in its own dtype, expanded, because attention absorbs the matrix."""
+    from seekstack.checkpoint import dequantize_fp8, quantize_fp8
+
+    module.weight.copy_(dequantize_fp8(*quantize_fp8(module.weight, block), block))
+
+
+def _unsupported(module: nn.Module, scheme: str, group: int) -> str | None:
+    if scheme != "int4":
+        return None
+    shapes = [module.gate_up_proj.shape, module.down_proj.shape] if isinstance(module, RoutedExperts) else [
+        module.weight.shape
+    ]  # fmt: skip
+    for shape in shapes:
+        rows, cols = shape[-2], shape[-1]
+        if cols % group:
+            return f"{cols} input features are not a multiple of the group size {group}"
+        if rows % INT4_ROW_MULTIPLE:
+            return f"{rows} output features are not a multiple of {INT4_ROW_MULTIPLE} (the int4 kernel's tile)"
+    return None
+
+
+def checkpoint_bytes(directory: str | Path) -> int:
+    """Bytes of a checkpoint's weight files (safetensors: codes and scales together)."""
+    return sum(file.stat().st_size for file in Path(directory).glob("*.safetensors"))
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of `model` (shared tensors once): what it holds in memory."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -> Path:
+    """Write `model` as checkpoint folder `out` (atomically), with the tokenizer files of checkpoint `source`,
+    so `out` is a model folder generate/chat/serve load as is."""
+    from seekstack.atomic import atomic_directory
+    from seekstack.checkpoint import write_pretrained_files
+
+    out = Path(out)
+    with atomic_directory(out) as staging:
+        write_pretrained_files(model, staging)  # type: ignore[arg-type]
+        for file in sorted(Path(source).glob("tokenizer*.json")):
+            shutil.copy2(file, staging / file.name)
+    return out
+
+
+def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: QuantConfig) -> dict[str, str]:
+    """Load checkpoint `model_dir` in float32, quantize it per `config` and save it as `out`; returns the
+    assignment (layer -> scheme, or why it was kept)."""
+    from seekstack.checkpoint import load_pretrained
+
+    model = load_pretrained(model_dir, dequantize=True)
+    assignment = quantize_model(model, config)
+    save_with_tokenizer(model, model_dir, out)
+    return assignment

@@ -1,0 +1,66 @@
+"""Adaptive precision: per-layer sensitivity, and the assignment that fits a size budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack import Transformer
+from seekstack.compress.adaptive import LayerChoice, adaptive_config, assign, average_bits, sensitivities
+from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear
+from seekstack.compress.quality import measure
+from seekstack.compress.quantize import quantize_model
+from tests.conftest import micro_config
+
+SHAPES = dict(hidden_size=128, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=32, q_lora_rank=128)
+
+
+def choice(name: str, weights: int, kl_int8: float, kl_g32: float, kl_g128: float) -> LayerChoice:
+    bits = {"int4-g128": 4.125, "int4-g32": 4.5, "int8": 8.125}
+    return LayerChoice(name, weights, bits, {"int4-g128": kl_g128, "int4-g32": kl_g32, "int8": kl_int8})
+
+
+def test_budget_goes_to_the_layers_where_a_bit_saves_the_most_kl():
+    choices = [
+        choice("sensitive", 1000, kl_int8=0.0, kl_g32=0.5, kl_g128=1.0),
+        choice("robust", 1000, kl_int8=0.0, kl_g32=0.001, kl_g128=0.002),
+        choice("big", 8000, kl_int8=0.0, kl_g32=0.01, kl_g128=0.02),
+    ]
+    assignment = assign(choices, budget_bits=4.6)
+    # sensitive first (0.5 KL saved per step); what is left fits robust's small step but not big's
+    assert assignment == {"sensitive": "int8", "robust": "int4-g32", "big": "int4-g128"}
+    assert average_bits(choices, assignment) <= 4.6
+    assert assign(choices, budget_bits=8.125) == {"sensitive": "int8", "robust": "int8", "big": "int8"}
+    with pytest.raises(ValueError, match="below the smallest assignment"):
+        assign(choices, budget_bits=4.0)
+
+
+def test_sensitivities_leave_the_model_unchanged_and_int8_hurts_least():
+    model = Transformer(micro_config(**SHAPES)).eval()
+    with torch.no_grad():  # weights large enough that each layer moves the logits measurably
+        for name, tensor in model.named_parameters():
+            if "norm" not in name:
+                tensor.normal_(0, 0.1)
+    reference = Transformer(micro_config(**SHAPES)).eval()
+    reference.load_state_dict(model.state_dict())
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))]
+    names = ["layers.0.self_attn.q_a_proj", "layers.0.mlp.down_proj", "layers.1.mlp.experts"]
+    choices = sensitivities(model, lambda m: measure(m, reference, batches, 1.0).mean_kl, names)
+    assert [c.name for c in choices] == names
+    assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in model.modules())
+    layer = next(c for c in choices if c.name == "layers.0.self_attn.q_a_proj")
+    assert set(layer.kl) == {"int4-g128", "int4-g32", "int8"}
+    assert all(c.kl["int8"] < c.kl["int4-g32"] for c in choices)
+    experts = next(c for c in choices if c.name == "layers.1.mlp.experts")
+    assert "int4-g128" not in experts.kl  # down_proj has 32 inputs: no group of 128
+
+
+def test_adaptive_config_applies_each_layers_choice():
+    model = Transformer(micro_config(**SHAPES)).eval()
+    assignment = {"layers.0.self_attn.o_proj": "int8", "layers.0.mlp.up_proj": "int4-g128"}
+    done = quantize_model(model, adaptive_config(assignment))
+    assert isinstance(model.layers[0].self_attn.o_proj.qweight, Int8Weight)
+    assert (
+        isinstance(model.layers[0].mlp.up_proj.qweight, Int4Weight) and model.layers[0].mlp.up_proj.qweight.group == 128
+    )
+    assert done["layers.0.mlp.up_proj"] == "int4 g128" and done["lm_head"] == "kept"

@@ -1,0 +1,94 @@
+"""Quantization arithmetic and bit layouts: int8 per channel, int4 per group packed two per byte, fp8 blocks."""
+
+from __future__ import annotations
+
+import torch
+
+from seekstack.checkpoint import dequantize_fp8, quantize_fp8
+from seekstack.compress.formats import (
+    dequantize_int,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+from seekstack.compress.linear import Fp8Weight, Int4Weight, Int8Weight
+
+
+def test_int4_packing_puts_element_2j_in_the_low_nibble_offset_by_8():
+    q = torch.tensor([[-8, 7, 0, -1, 3, -3]], dtype=torch.int8)
+    packed = pack_int4(q)
+    # (-8+8) | (7+8)<<4 = 0xF0; (0+8) | (-1+8)<<4 = 0x78; (3+8) | (-3+8)<<4 = 0x5B
+    assert packed.tolist() == [[0xF0, 0x78, 0x5B]]
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_int4_packing_matches_compressed_tensors_int32_words():
+    """compressed-tensors packs 8 values per int32, value i at bits 4i: on a little-endian machine, our bytes."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    q = torch.randint(-8, 8, (6, 64), dtype=torch.int8)
+    assert torch.equal(pack_int4(q).view(torch.int32), pack_to_int32(q, 4))
+
+
+def test_int8_error_is_at_most_half_a_step_of_each_row():
+    weight = torch.randn(48, 80) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different sizes
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (48, 1)
+    error = (dequantize_int(q, scale) - weight).abs()
+    assert (error <= scale.float() * 0.5 * (1 + 1e-3)).all()
+    assert q.abs().amax(dim=1).min() >= 126  # each row uses its whole range
+
+
+def test_int4_scales_are_per_group_of_input_columns():
+    weight = torch.randn(32, 128)
+    weight[:, 64:96] *= 100  # one loud group
+    q, scale = quantize_int4(weight, group=32)
+    assert scale.shape == (32, 4)
+    assert (scale[:, 2].float() > 20 * scale[:, [0, 1, 3]].float().amax(dim=1)).all()
+    error = (dequantize_int(q, scale) - weight).abs()
+    # half a step, plus what clipping +amax to code 7 costs when the bf16 scale rounded down (<= 0.4% of 7.5 steps)
+    assert (error <= scale.float().repeat_interleave(32, dim=1) * 0.55).all()
+    assert q.min() >= -8 and q.max() <= 7
+
+
+def test_int4_codes_read_back_exactly_from_the_kernel_tiling():
+    weight = torch.randn(3, 32, 64)  # a stack of experts
+    q, scale = quantize_int4(weight, 32)
+    stored = Int4Weight(q, scale)
+    assert torch.equal(stored.codes(), q)
+    assert torch.equal(stored.scale(), scale)
+
+
+def test_each_format_dequantizes_what_its_matmul_multiplies():
+    x = torch.randn(5, 128)
+    weight = torch.randn(64, 128) * 0.05
+    for stored in (
+        Int8Weight.from_float(weight),
+        Int4Weight.from_float(weight, 32),
+        Fp8Weight.from_float(weight, (128, 128)),
+    ):
+        expected = x.bfloat16().float() @ stored.dequantize().t()
+        out = stored.matmul(x)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, expected, rtol=2e-2, atol=2e-2), stored.scheme  # bf16 activations
+        assert (stored.dequantize() - weight).abs().max() < weight.abs().max() / 6  # int4's coarsest step is 1/7.5
+
+
+def test_stacked_fp8_gate_and_up_keep_their_own_edge_blocks():
+    gate_up = torch.randn(2, 2 * 136, 160)  # 136 rows each: a full and a partial block per matrix
+    stored = Fp8Weight.from_float(gate_up, (128, 128), parts=2)
+    assert stored.weight_scale_inv.shape == (2, 4, 2)  # per expert: 2 row blocks for gate + 2 for up
+    for e in range(2):
+        for rows in (slice(0, 136), slice(136, 272)):
+            expected = dequantize_fp8(*quantize_fp8(gate_up[e, rows]), (128, 128))
+            assert torch.equal(stored.dequantize()[e, rows], expected)
+
+
+def test_quantized_weights_keep_their_dtypes_when_the_model_is_cast():
+    module = torch.nn.ModuleDict(
+        {"w": Int8Weight.from_float(torch.randn(16, 32)), "f": Fp8Weight.from_float(torch.randn(16, 32), (128, 128))}
+    )
+    module.to(torch.float32)
+    assert module["w"].weight.dtype == torch.int8 and module["w"].weight_scale.dtype == torch.bfloat16
+    assert module["f"].weight.dtype == torch.float8_e4m3fn

@@ -1,0 +1,60 @@
+"""Progressive quantization: the gate stops at the last stage within the tolerance and reports every stage."""
+
+from __future__ import annotations
+
+import torch
+
+from seekstack import Transformer
+from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedLinear
+from seekstack.compress.progressive import progressive
+from seekstack.compress.quality import Quality, measure
+from seekstack.compress.quantize import QuantConfig
+from tests.conftest import micro_config
+
+SHAPES = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)
+
+
+def stage_of(model: torch.nn.Module) -> str:
+    weights = [m.qweight for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if any(isinstance(w, Int4Weight) for w in weights):
+        return "int4"
+    if any(isinstance(w, Int8Weight) for w in weights):
+        return "int8"
+    return "bfloat16" if model.embed_tokens.weight.dtype == torch.bfloat16 else "float32"
+
+
+def scripted(bits_per_byte: dict[str, float]):
+    """An evaluation that gives each stage a chosen bits/byte: the gate's decisions alone are under test."""
+    return lambda model: Quality(bits_per_byte[stage_of(model)], 0.0, 1.0)
+
+
+def test_gate_stops_at_the_last_stage_within_tolerance():
+    original = Transformer(micro_config(**SHAPES)).eval()
+    bpb = {"float32": 2.0, "bfloat16": 2.001, "int8": 2.01, "int4": 2.2}  # +0.05%, +0.5%, +10%
+    chosen, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
+    assert [(s.name, s.passed) for s in report] == [
+        ("float32", True),
+        ("bfloat16", True),
+        ("int8", True),
+        ("int4", False),
+    ]
+    assert stage_of(chosen) == "int8"
+    assert abs(report[2].bpb_increase - 0.005) < 1e-9
+
+
+def test_gate_stops_at_the_first_failure_even_if_a_later_stage_would_pass():
+    original = Transformer(micro_config(**SHAPES)).eval()
+    bpb = {"float32": 2.0, "bfloat16": 2.1, "int8": 2.0, "int4": 2.0}
+    chosen, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
+    assert [s.name for s in report] == ["float32", "bfloat16"] and not report[1].passed
+    assert stage_of(chosen) == "float32"
+
+
+def test_gate_measures_real_stages_and_int4_drifts_further_than_int8():
+    original = Transformer(micro_config(**SHAPES)).eval()
+    batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    _, report = progressive(original, lambda m: measure(m, original, batches, 1.0), QuantConfig(), max_bpb_increase=1.0)
+    quality = {s.name: s.quality for s in report}
+    assert quality["float32"].mean_kl == 0 and quality["float32"].top1_agreement == 1
+    assert 0 < quality["int8"].mean_kl < quality["int4"].mean_kl
+    assert all(s.passed for s in report)

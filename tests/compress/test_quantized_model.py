@@ -1,0 +1,200 @@
+"""Quantized models: modules swapped, experts dispatched as before, checkpoints in the standard formats."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import seekstack
+from seekstack import Transformer
+from seekstack.compress.linear import QuantizedExperts, QuantizedLinear
+from seekstack.compress.quantize import QuantConfig, quantize_model, resident_bytes
+from seekstack.model.moe import RoutedExperts, Router
+from tests.conftest import micro_config
+
+SHAPES = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)  # int4-tileable
+INPUT_IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def model_for_tests() -> Transformer:
+    model = Transformer(micro_config(**SHAPES)).eval()
+    with torch.no_grad():
+        for name, tensor in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                tensor.uniform_(-0.5, 0.5)
+    return model
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor = INPUT_IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def stored(directory) -> dict[str, tuple[str, list[int]]]:
+    with safe_open(directory / "model.safetensors", "pt") as handle:
+        return {k: (handle.get_slice(k).get_dtype(), handle.get_slice(k).get_shape()) for k in handle.keys()}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_quantized_checkpoint_reloads_as_the_same_quantized_model(tmp_path, scheme):
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme=scheme))
+    seekstack.save_pretrained(model, tmp_path)
+    loaded = seekstack.load_pretrained(tmp_path)
+    assert isinstance(loaded.layers[1].mlp.experts, QuantizedExperts)
+    assert isinstance(loaded.layers[0].self_attn.o_proj, QuantizedLinear)
+    assert isinstance(loaded.lm_head, torch.nn.Linear) and isinstance(
+        loaded.layers[0].self_attn.kv_b_proj, torch.nn.Linear
+    )
+    assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.parametrize("scheme, bound", [("int8", 0.02), ("int4", 0.25), ("fp8", 0.1)])
+def test_quantized_logits_stay_near_the_float_model(scheme, bound):
+    model = model_for_tests()
+    reference = logits(model)
+    quantize_model(model, QuantConfig(scheme=scheme))
+    relative = ((logits(model) - reference).norm() / reference.norm()).item()
+    assert 0 < relative < bound
+
+
+def test_int8_and_int4_files_use_the_compressed_tensors_names_and_config(tmp_path):
+    for scheme in ("int8", "int4"):
+        model = model_for_tests()
+        quantize_model(model, QuantConfig(scheme=scheme))
+        seekstack.save_pretrained(model, tmp_path / scheme)
+    int8, int4 = stored(tmp_path / "int8"), stored(tmp_path / "int4")
+    assert int8["model.layers.0.self_attn.o_proj.weight"] == ("I8", [64, 64])
+    assert int8["model.layers.0.self_attn.o_proj.weight_scale"] == ("BF16", [64, 1])
+    assert int8["model.layers.1.mlp.experts.3.up_proj.weight"] == ("I8", [32, 64])
+    assert int4["model.layers.1.mlp.experts.3.up_proj.weight_packed"] == ("I32", [32, 8])  # 64 values, 8 per word
+    assert int4["model.layers.1.mlp.experts.3.up_proj.weight_scale"] == ("BF16", [32, 2])
+    assert int4["model.layers.1.mlp.experts.3.up_proj.weight_shape"] == ("I64", [2])
+    for keys in (int8, int4):
+        assert keys["lm_head.weight"][0] == "F32" and keys["model.embed_tokens.weight"][0] == "F32"
+        assert keys["model.layers.1.mlp.gate.weight"][0] == "F32"
+        assert keys["model.layers.0.self_attn.kv_b_proj.weight"][0] == "F32"
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    [group] = config["config_groups"].values()
+    assert group["weights"] == {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    assert "lm_head" in config["ignore"]
+
+
+def test_compressed_tensors_decompresses_our_files_to_our_weights(tmp_path):
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    for scheme in ("int8", "int4"):
+        model = model_for_tests()
+        quantize_model(model, QuantConfig(scheme=scheme))
+        seekstack.save_pretrained(model, tmp_path / scheme)
+        config = json.loads((tmp_path / scheme / "config.json").read_text())["quantization_config"]
+        parsed = QuantizationConfig.model_validate(config)
+        [scheme_args] = parsed.config_groups.values()
+        compressor = BaseCompressor.load_from_registry(parsed.format)
+        with safe_open(tmp_path / scheme / "model.safetensors", "pt") as handle:
+            for layer, ours in [
+                ("model.layers.0.self_attn.q_b_proj", model.layers[0].self_attn.q_b_proj.qweight.dequantize()),
+                ("model.layers.2.mlp.experts.5.down_proj", model.layers[2].mlp.experts.down_proj.dequantize()[5]),
+                ("model.layers.2.mlp.experts.5.up_proj", model.layers[2].mlp.experts.gate_up_proj.dequantize()[5, 32:]),
+            ]:
+                tensors = {
+                    k.removeprefix(layer + "."): handle.get_tensor(k)
+                    for k in handle.keys()
+                    if k.startswith(layer + ".")
+                }
+                theirs = compressor.decompress(tensors, scheme_args)["weight"]
+                assert theirs.dtype == torch.bfloat16  # the library multiplies in the scales' dtype
+                assert torch.equal(theirs, ours.bfloat16()), (scheme, layer)
+
+
+def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="fp8"))
+    seekstack.save_pretrained(model, tmp_path)
+    keys = stored(tmp_path)
+    assert keys["model.layers.1.mlp.experts.0.gate_proj.weight"] == ("F8_E4M3", [32, 64])
+    assert keys["model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"] == ("F32", [1, 1])
+    assert keys["model.layers.3.eh_proj.weight"][0] == "F32"  # the MTP projection stays, as in DeepSeek's release
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config == {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
+
+
+def test_our_fp8_save_path_and_the_quantized_model_write_the_same_file(tmp_path):
+    """`save_pretrained(fp8_block=...)` (quantize while saving) and an fp8-quantized model give identical tensors."""
+    model = model_for_tests()
+    seekstack.save_pretrained(model, tmp_path / "at_save", fp8_block=(128, 128))
+    quantize_model(model, QuantConfig(scheme="fp8"))
+    seekstack.save_pretrained(model, tmp_path / "quantized")
+    with (
+        safe_open(tmp_path / "at_save" / "model.safetensors", "pt") as a,
+        safe_open(tmp_path / "quantized" / "model.safetensors", "pt") as b,
+    ):
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key).float(), b.get_tensor(key).float()), key
+
+
+def test_quantized_experts_dispatch_equals_float_experts_with_the_dequantized_weights():
+    model = model_for_tests()
+    experts = model.layers[1].mlp.experts
+    router = model.layers[1].mlp.gate
+    x = torch.randn(12, 64)
+    routing = router(x)
+    quantized = QuantizedExperts(*(QuantConfig(scheme="int8") and _weights(experts)))
+    float_experts = copy.deepcopy(experts)
+    with torch.no_grad():
+        float_experts.gate_up_proj.copy_(quantized.gate_up_proj.dequantize())
+        float_experts.down_proj.copy_(quantized.down_proj.dequantize())
+        expected, load = float_experts(x.bfloat16().float(), routing)
+        out, out_load = quantized(x, routing)
+        gathered, gathered_load = quantized.forward_gathered(x, routing)
+    assert torch.equal(load, out_load) and torch.equal(load, gathered_load)
+    assert torch.allclose(out, expected, atol=2e-3, rtol=2e-2)
+    assert torch.allclose(gathered, out, atol=2e-3, rtol=2e-2)
+
+
+def _weights(experts):
+    from seekstack.compress.linear import Int8Weight
+
+    return Int8Weight.from_float(experts.gate_up_proj.detach()), Int8Weight.from_float(experts.down_proj.detach())
+
+
+def test_default_keeps_head_and_absorbed_kv_b_proj_and_keep_is_overridable():
+    model = model_for_tests()
+    assignment = quantize_model(model, QuantConfig(scheme="int8", keep=["*.o_proj"]))
+    assert assignment["lm_head"] == "int8" and isinstance(model.lm_head, QuantizedLinear)
+    assert assignment["layers.0.self_attn.o_proj"] == "kept"
+    assert assignment["layers.0.self_attn.kv_b_proj"] == "kept"  # always: MLA absorbs it
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules() if isinstance(m, Router))
+
+
+def test_int4_leaves_layers_its_kernel_cannot_tile_in_float_and_says_why():
+    model = Transformer(micro_config()).eval()  # kv_a_proj_with_mqa has 16 + 8 = 24 rows
+    assignment = quantize_model(model, QuantConfig(scheme="int4", group_size=64))
+    assert "multiple of 16" in assignment["layers.0.self_attn.kv_a_proj_with_mqa"]
+    assert "multiple of the group size 64" in assignment["layers.1.mlp.experts"]  # down_proj has 32 inputs
+    assert assignment["layers.0.self_attn.o_proj"] == "int4 g64"
+    assert isinstance(model.layers[1].mlp.experts, RoutedExperts) and not isinstance(
+        model.layers[1].mlp.experts, QuantizedExperts
+    )
+
+
+def test_resident_bytes_shrink_with_the_format():
+    sizes = {}
+    for scheme in ("int8", "int4"):
+        model = model_for_tests()
+        before = resident_bytes(model)
+        quantize_model(model, QuantConfig(scheme=scheme, keep=[]))
+        sizes[scheme] = resident_bytes(model) / before
+    assert sizes["int4"] < sizes["int8"] < 0.6
