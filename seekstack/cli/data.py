@@ -29,11 +29,19 @@ def data_build(
     config: Annotated[
         Path | None, typer.Option(help="Cleaning thresholds (YAML/TOML/JSON); see --write-config")
     ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="Rules per document: auto (detected kind), web (prose/CJK by script), code, zh (CJK)"),
+    ] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Fraction of documents held out for validation")] = None,
+    workers: Annotated[int, typer.Option(help="Processes for the per-document work; 0: one per CPU core")] = 0,
     write_config: Annotated[Path | None, typer.Option(help="Write the resolved thresholds to this file, exit")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
-    """Clean a corpus: quality rules, exact and near-duplicate removal, PII scrubbing, a stable split, a report."""
+    """Clean a corpus: kind detection, quality rules per kind, exact and near-duplicate removal, PII scrubbing, a
+    stable split, a report. Fails, writing nothing, when it would keep less than min_kept_fraction."""
+    import os
+
     from rich.console import Console
 
     from seekstack.corpus.build import build_corpus, report_table
@@ -44,13 +52,14 @@ def data_build(
 
     with user_errors():
         overrides = [] if val_fraction is None else [f"val_fraction={val_fraction}"]
+        overrides += [] if profile is None else [f"profile={profile}"]
         cleaning = load_config(CleaningConfig, config, overrides)
         if write_config is not None:
             write(cleaning, write_config)
             typer.echo(f"wrote the cleaning thresholds to {write_config}")
             return
         sources = [open_source(spec, field) for spec in inputs or ["stdlib"]]
-        report = build_corpus(sources, out, cleaning, show_progress=progress)
+        report = build_corpus(sources, out, cleaning, show_progress=progress, workers=workers or os.cpu_count() or 1)
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")
 
@@ -66,18 +75,64 @@ def data_tokenize(
 ) -> None:
     """Encode the corpus splits into memory-mapped token shards with an index."""
     from seekstack.tokenizer import Tokenizer
-    from seekstack.tokens.difficulty import tokenize_buckets
+    from seekstack.tokens.difficulty import difficulty_bounds, tokenize_buckets
     from seekstack.tokens.shards import tokenize_corpus
 
     with user_errors():
         encoder = Tokenizer.from_file(tokenizer)
+        # Scored first: a corpus too small for the buckets fails before any split is written.
+        bounds = difficulty_bounds(corpus / "train.jsonl") if buckets else None
         indexes = [tokenize_corpus(corpus / f"{split}.jsonl", encoder, out, split) for split in ("train", "val")]
-        if buckets:
-            indexes += tokenize_buckets(corpus / "train.jsonl", encoder, out, "train")
+        if bounds is not None:
+            indexes += tokenize_buckets(corpus / "train.jsonl", encoder, out, "train", bounds=bounds)
         for index in indexes:
             typer.echo(
                 f"{index['split']}: {index['documents']} documents, {index['total_tokens']:,} tokens ({index['dtype']})"
             )
+
+
+@data_app.command("quality-train")
+def data_quality_train(
+    reference: Annotated[list[str], typer.Option(help="The text to prefer: folders, .txt/.jsonl/.parquet files")],
+    pool: Annotated[list[str], typer.Option(help="The raw pool to select from (a sample of it is enough)")],
+    out: Annotated[Path, typer.Option(help="The model file (.npz)")] = Path("data/quality.npz"),
+    field: Annotated[str, typer.Option(help="Text field of .jsonl / column of .parquet")] = "text",
+    max_documents: Annotated[int, typer.Option(help="Documents read from each side at most")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Seed of the training order")] = 0,
+) -> None:
+    """Train a quality classifier (logistic regression over hashed word 1-2-grams): reference vs pool."""
+    import itertools
+
+    from seekstack.corpus.quality import train_quality_model
+    from seekstack.corpus.sources import open_source
+
+    def texts(specs: list[str]) -> list[str]:
+        documents = itertools.chain.from_iterable(open_source(spec, field) for spec in specs)
+        return [doc.text for doc in itertools.islice(documents, max_documents)]
+
+    with user_errors():
+        positives, negatives = texts(reference), texts(pool)
+        train_quality_model(positives, negatives, seed=seed).save(out)
+    typer.echo(f"wrote {out}: trained on {len(positives)} reference and {len(negatives)} pool documents")
+
+
+@data_app.command("select")
+def data_select(
+    corpus: Annotated[Path, typer.Option(help="Folder with train.jsonl and val.jsonl (from `data build`)")],
+    model: Annotated[Path, typer.Option(help="Quality model from `data quality-train`")],
+    out: Annotated[Path, typer.Option(help="Folder for the selected train.jsonl, val.jsonl, selection.json")],
+    threshold: Annotated[float | None, typer.Option(help="Keep training documents scoring at least this")] = None,
+    top_fraction: Annotated[float | None, typer.Option(help="Keep this best-scoring share instead")] = None,
+) -> None:
+    """Score every document with a quality model and keep the best training documents (val is kept whole)."""
+    from seekstack.corpus.quality import QualityModel, select_corpus
+
+    with user_errors():
+        summary = select_corpus(QualityModel.load(model), corpus, out, threshold, top_fraction)
+    typer.echo(
+        f"selected {summary['selected']:,} of {summary['documents']:,} training documents (score >= "
+        f"{summary['threshold']:.4f}); wrote {out}/train.jsonl, {out}/val.jsonl and {out}/selection.json"
+    )
 
 
 @tokenizer_app.command("train")
@@ -95,6 +150,13 @@ def tokenizer_train(
         texts = (json.loads(line)["text"] for line in (corpus / "train.jsonl").open(encoding="utf-8"))
         trained = train_tokenizer(texts, vocab_size, out)
     typer.echo(f"wrote {out}/tokenizer.json: {trained.vocab_size} tokens")
+    if trained.vocab_size < vocab_size:
+        typer.echo(
+            f"warning: the corpus yields only {trained.vocab_size} of the {vocab_size} tokens asked for (BPE ran out "
+            f"of pairs to merge: the corpus is small); train the model with model.vocab_size={trained.vocab_size}, "
+            "since a larger vocabulary has ids that decode to no token",
+            err=True,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,42 +1,59 @@
-"""`data build`: stream documents through normalisation, quality rules, dedup, PII scrubbing and the split.
+"""`data build`: stream documents through normalisation, kind detection, quality rules, dedup, PII scrubbing and the
+split.
 
-Writes `train.jsonl` and `val.jsonl` (fields `id`, `text`, `source`) and `report.json` into the output folder.
-The three are written under hidden names and renamed together when complete (`staged_files`), so a crash or an
-error never leaves half a corpus, nor a new split beside an old one.
+Writes `train.jsonl` and `val.jsonl` (fields `id`, `text`, `source`, `kind`: the detected `kind/lang`) and
+`report.json` into the output folder. The three are written under hidden names and renamed together when complete
+(`staged_files`), so a crash or an error never leaves half a corpus, nor a new split beside an old one.
+
+Work per document (normalise, detect, rules, hashes, MinHash signature, PII) runs in `workers` processes on
+batches of `BATCH_DOCUMENTS`, at most `2 x workers` batches in flight; the main process keeps the dedup indexes
+and writes the output in input order, so the result is the same for any number of workers. Memory holds the
+batches in flight, the hashes and signatures of kept documents, and the split scores of the first
+`EXACT_SPLIT_MAX_DOCUMENTS` kept ones.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
+import multiprocessing
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from seekstack.atomic import staged_files
-from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
+from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash, minhash_signature
 from seekstack.corpus.pii import scrub_pii
-from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise
+from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
 from seekstack.corpus.sources import Document
-from seekstack.corpus.split import is_validation
+from seekstack.corpus.split import EXACT_SPLIT_MAX_DOCUMENTS, split_score, validation_cutoff
 
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 REMOVAL_REASONS = tuple(rule.name for rule in RULES) + (EXACT_DUPLICATE, NEAR_DUPLICATE)
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 120
+BATCH_DOCUMENTS = 64
+
+
+class CorpusBuildError(ValueError):
+    """A build that kept nothing, or less than `min_kept_fraction` of its documents; nothing is written."""
 
 
 @dataclass
 class Report:
-    """What `build_corpus` did: documents and bytes in and kept, removals per reason with examples, PII counts."""
+    """What `build_corpus` did: documents and bytes in and kept, removals per reason with examples, documents per
+    detected kind, PII counts."""
 
     documents_in: int = 0
     bytes_in: int = 0
@@ -45,25 +62,32 @@ class Report:
     train_documents: int = 0
     val_documents: int = 0
     removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REMOVAL_REASONS, 0))
-    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # reason -> [{"id", "snippet"}]
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # reason -> [{"id", "kind", "snippet"}]
+    kinds: dict[str, dict[str, int]] = field(default_factory=dict)  # "prose/en" -> {"in": n, "kept": n}
     pii_replacements: dict[str, int] = field(default_factory=dict)  # email / ip / secret -> count
     seconds: float = 0.0
+    workers: int = 1
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def documents_removed(self) -> int:
         return sum(self.removed.values())
 
-    def record_removal(self, reason: str, doc: Document) -> None:
-        """Count a removed document under `reason`, keeping its id and a snippet among the first examples."""
+    def record_removal(self, reason: str, doc_id: str, kind: str, snippet: str) -> None:
+        """Count a removed document under `reason`, keeping its id, kind and a snippet among the first examples."""
         self.removed[reason] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < EXAMPLES_PER_REASON:
-            examples.append({"id": doc.doc_id, "snippet": " ".join(doc.text[:SNIPPET_CHARS].split())})
+            examples.append({"id": doc_id, "kind": kind, "snippet": snippet})
+
+    def top_removals(self, count: int = 3) -> list[tuple[str, int]]:
+        """The reasons that removed the most documents, most first."""
+        ranked = sorted(((n, reason) for reason, n in self.removed.items() if n), reverse=True)
+        return [(reason, n) for n, reason in ranked[:count]]
 
     def to_json(self) -> str:
         """The report as the JSON text of `report.json`."""
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
     def load(cls, path: str | Path) -> Report:
@@ -71,19 +95,77 @@ class Report:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+class Analysed(NamedTuple):
+    """One document after the per-document work: the text to write (scrubbed) when it passed the rules, else a
+    snippet; what it failed; its hashes and signature for dedup and the split."""
+
+    doc_id: str
+    source: str
+    bytes_in: int
+    kind: str  # detected kind/lang
+    failed: str | None
+    text: str
+    digest: str
+    signature: np.ndarray | None
+    pii: dict[str, int]
+
+
+def analyse(doc: Document, config: CleaningConfig) -> Analysed:
+    """Normalise, detect the kind, apply its rules; for a document that passes, its MinHash signature and PII
+    scrubbing too."""
+    text = normalise(doc.text)
+    kind, label = rule_kind(text, config.profile, doc.doc_id)
+    failed = failed_rule(text, config.rules_for(kind))
+    bytes_in = len(doc.text.encode("utf-8", errors="surrogatepass"))
+    if failed is not None:
+        snippet = " ".join(text[:SNIPPET_CHARS].split())
+        return Analysed(doc.doc_id, doc.source, bytes_in, label, failed, snippet, "", None, {})
+    signature = minhash_signature(text, config.minhash_permutations)
+    scrubbed, replaced = scrub_pii(text)
+    return Analysed(doc.doc_id, doc.source, bytes_in, label, None, scrubbed, content_hash(text), signature, replaced)
+
+
+def _analyse_batch(batch: list[Document], config: CleaningConfig) -> list[Analysed]:
+    return [analyse(doc, config) for doc in batch]
+
+
+def analysed_documents(documents: Iterable[Document], config: CleaningConfig, workers: int) -> Iterator[Analysed]:
+    """`analyse` over the documents, in their order, in `workers` processes (here when 1), with a bounded number of
+    batches in flight so that memory does not grow with the corpus."""
+    stream = iter(documents)
+    batches = iter(lambda: list(itertools.islice(stream, BATCH_DOCUMENTS)), [])
+    if workers <= 1:
+        for batch in batches:
+            yield from _analyse_batch(batch, config)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        in_flight: collections.deque = collections.deque()
+        for batch in batches:
+            in_flight.append(pool.apply_async(_analyse_batch, (batch, config)))
+            if len(in_flight) >= 2 * workers:
+                yield from in_flight.popleft().get()
+        while in_flight:
+            yield from in_flight.popleft().get()
+
+
 def build_corpus(
     sources: Iterable[Iterable[Document]],
     out_dir: str | Path,
     config: CleaningConfig | None = None,
     show_progress: bool = True,
+    workers: int = 1,
 ) -> Report:
-    """Clean the documents of every source into `out_dir/{train,val}.jsonl` and `out_dir/report.json`."""
+    """Clean the documents of every source into `out_dir/{train,val}.jsonl` and `out_dir/report.json`.
+
+    Raises CorpusBuildError, writing nothing, when fewer than `config.min_kept_fraction` of the documents are kept.
+    """
     config = config or CleaningConfig()
     out_dir = Path(out_dir)
-    report = Report(config=dataclasses.asdict(config))
+    report = Report(config=dataclasses.asdict(config), workers=workers)
     exact = ExactDeduplicator()
     near = NearDeduplicator(config.near_duplicate_threshold, config.minhash_permutations)
     pii_counts: Counter[str] = Counter()
+    scores: list[float] | None = []  # split scores of the kept documents, while few enough to cut exactly
     started = time.perf_counter()
     progress = Progress(
         SpinnerColumn(),
@@ -94,55 +176,94 @@ def build_corpus(
         disable=not show_progress,
         transient=True,
     )
-    with (
-        staged_files(out_dir) as staged,
-        progress,
-        open(staged.path("train.jsonl"), "w", encoding="utf-8") as train,
-        open(staged.path("val.jsonl"), "w", encoding="utf-8") as val,
-    ):
+    with staged_files(out_dir) as staged, progress, tempfile.TemporaryFile("w+", encoding="utf-8") as kept:
         task = progress.add_task("build", total=None, kept=0, mib=0.0)
-        for doc in itertools.chain.from_iterable(sources):
+        for doc in analysed_documents(itertools.chain.from_iterable(sources), config, workers):
             report.documents_in += 1
-            report.bytes_in += len(doc.text.encode("utf-8"))
+            report.bytes_in += doc.bytes_in
+            counts = report.kinds.setdefault(doc.kind, {"in": 0, "kept": 0})
+            counts["in"] += 1
             progress.update(task, advance=1, kept=report.documents_kept, mib=report.bytes_in / 2**20)
-            text = normalise(doc.text)
-            digest = content_hash(text)
-            reason = failed_rule(text, config)
-            if reason is None and exact.is_duplicate(digest):
+            reason = doc.failed
+            if reason is None and exact.is_duplicate(doc.digest):
                 reason = EXACT_DUPLICATE
-            if reason is None and near.is_duplicate(digest, text):
+            if reason is None and near.is_duplicate(doc.digest, doc.signature):
                 reason = NEAR_DUPLICATE
             if reason is not None:
-                report.record_removal(reason, doc)
+                snippet = doc.text if doc.failed else " ".join(doc.text[:SNIPPET_CHARS].split())
+                report.record_removal(reason, doc.doc_id, doc.kind, snippet)
                 continue
-            text, replaced = scrub_pii(text)
-            pii_counts.update(replaced)
-            is_val = is_validation(digest, config.val_fraction)
-            (val if is_val else train).write(json.dumps({"id": doc.doc_id, "text": text, "source": doc.source}) + "\n")
+            pii_counts.update(doc.pii)
+            score = split_score(doc.digest)
+            row = {"id": doc.doc_id, "text": doc.text, "source": doc.source, "kind": doc.kind}
+            kept.write(f"{score!r}\t{json.dumps(row, ensure_ascii=False)}\n")
+            counts["kept"] += 1
             report.documents_kept += 1
-            report.bytes_kept += len(text.encode("utf-8"))
-            report.val_documents += is_val
-            report.train_documents += not is_val
+            report.bytes_kept += len(doc.text.encode("utf-8"))
+            if scores is not None and len(scores) < EXACT_SPLIT_MAX_DOCUMENTS:
+                scores.append(score)
+            else:
+                scores = None
+        _check_enough_kept(report, config)
+        cutoff = validation_cutoff(scores, config.val_fraction)
+        kept.seek(0)
+        with (
+            open(staged.path("train.jsonl"), "w", encoding="utf-8") as train,
+            open(staged.path("val.jsonl"), "w", encoding="utf-8") as val,
+        ):
+            for line in kept:
+                score, row = line.split("\t", 1)
+                is_val = float(score) < cutoff
+                (val if is_val else train).write(row)
+                report.val_documents += is_val
+                report.train_documents += not is_val
         report.pii_replacements = dict(sorted(pii_counts.items()))
         report.seconds = round(time.perf_counter() - started, 3)
         staged.path("report.json").write_text(report.to_json(), encoding="utf-8")
     return report
 
 
+def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
+    if report.documents_in == 0:
+        raise CorpusBuildError("the inputs hold no documents; check the paths and --field")
+    if report.documents_kept >= max(1, config.min_kept_fraction * report.documents_in):
+        return
+    causes = "; ".join(
+        f"{reason} {count:,} (e.g. {report.examples[reason][0]['id']}, {report.examples[reason][0]['kind']})"
+        for reason, count in report.top_removals()
+    )
+    kinds = ", ".join(f"{kind} {counts['in']:,}" for kind, counts in sorted(report.kinds.items()))
+    raise CorpusBuildError(
+        f"kept {report.documents_kept:,} of {report.documents_in:,} documents, below min_kept_fraction="
+        f"{config.min_kept_fraction}; removed most by {causes}. Detected kinds: {kinds} (profile "
+        f"{config.profile}). Try --profile web|code|zh, or loosen those rules' thresholds with --config "
+        "(--write-config writes them); nothing was written"
+    )
+
+
 def report_table(report: Report) -> Table:
-    """The report as a rich table: totals, removals per reason with an example id, PII replacements."""
+    """The report as a rich table: totals, documents per kind, removals per reason with an example id, PII
+    replacements, throughput."""
     table = Table(title="data build", show_header=True, header_style="bold")
     table.add_column("stage")
     table.add_column("documents", justify="right")
     table.add_column("example", overflow="fold")
     table.add_row("in", f"{report.documents_in:,}", f"{report.bytes_in / 2**20:.1f} MiB")
+    for kind, counts in sorted(report.kinds.items(), key=lambda item: -item[1]["in"]):
+        table.add_row(f"  kind: {kind}", f"{counts['in']:,}", f"{counts['kept']:,} kept")
     for reason, count in report.removed.items():
         if count:
-            example = report.examples.get(reason, [{}])[0].get("id", "")
-            table.add_row(f"  removed: {reason}", f"{count:,}", example)
+            example = report.examples.get(reason, [{}])[0]
+            table.add_row(f"  removed: {reason}", f"{count:,}", f"{example.get('id', '')} ({example.get('kind')})")
     table.add_row("kept", f"{report.documents_kept:,}", f"{report.bytes_kept / 2**20:.1f} MiB")
     table.add_row("  train / val", f"{report.train_documents:,} / {report.val_documents:,}", "")
     for kind, count in report.pii_replacements.items():
         table.add_row(f"  PII replaced: {kind}", f"{count:,}", "")
-    table.add_row("time", f"{report.seconds:.1f} s", "")
+    seconds = max(report.seconds, 1e-9)
+    table.add_row(
+        "time",
+        f"{report.seconds:.1f} s",
+        f"{report.documents_in / seconds:,.0f} docs/s, {report.bytes_in / 2**20 / seconds:.1f} MiB/s, "
+        f"{report.workers} worker(s)",
+    )
     return table

@@ -1,7 +1,12 @@
-"""Document-level quality rules in the style of the Gopher, C4 and FineWeb filters, and their thresholds.
+"""Document-level quality rules in the style of the Gopher, C4 and FineWeb filters, with thresholds per kind of text.
 
-Each rule is named and reads its thresholds from `CleaningConfig`. The defaults are chosen so that both prose
-and source code pass (a typical standard-library module does) while data tables, blobs and minified files do not.
+Each rule is named, measures one statistic of a document and compares it with a threshold read from the
+`KindRules` of the document's kind (code, prose or CJK; `kinds.py`); a threshold of None turns the rule off for
+that kind. Lengths and n-grams count words as `kinds.words` splits them, so every CJK character is one word.
+  code   the stdlib-tuned rules: long or minified lines fail, symbols and repeated lines are allowed more room.
+  prose  Gopher's thresholds (Rae et al. 2021, appendix A) and FineWeb's line punctuation rule; a paragraph may be
+         one line of any length, as web-text JSONL stores it.
+  cjk    prose rules counted in characters; no word-length rule (a "word" is one character).
 """
 
 from __future__ import annotations
@@ -10,36 +15,104 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
-from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat
+from seekstack.corpus.kinds import Kind, detect_kind, looks_like_code, words
+from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config
+
+Profile = Literal["auto", "web", "code", "zh"]
+_DIGIT = re.compile(r"\d")
+_LETTER = re.compile(r"[^\W\d_]")
+TERMINAL_PUNCTUATION = tuple('.!?"\u201d\u2026\u3002\uff01\uff1f\uff1b\uff1a\u300d\u300f')  # . ! ? " ” … 。！？；：」』
 
 
 @dataclass
-class CleaningConfig:
-    """Thresholds of every cleaning rule, plus the dedup and split settings of `data build`."""
+class KindRules:
+    """Thresholds of the quality rules for one kind of text; None turns a rule off. Defaults: code."""
 
     min_chars: NonNegative = 200  # drop stubs and empty modules
     max_chars: Positive = 1_000_000
     min_words: NonNegative = 30
     max_words: Positive = 200_000
-    max_symbol_word_ratio: NonNegativeFloat = (
-        0.5  # Gopher: ('#' + '...') per word; 0.1 for prose, code comments need more
-    )
+    max_symbol_word_ratio: NonNegativeFloat = 0.5  # Gopher: ('#' + '...') per word, 0.1; code comments need more
     max_digit_fraction: Fraction = 0.2  # digits / characters; tables of numbers exceed it
+    max_mean_line_chars: PositiveFloat | None = 100.0  # minified code and blobs have long lines
+    long_line_chars: Positive = 200
+    max_long_line_fraction: Fraction | None = 0.05
+    min_alpha_word_fraction: Fraction = 0.5  # Gopher 0.8 for prose; code has many `=`, `(`, `0` tokens
+    min_mean_word_chars: NonNegativeFloat | None = None  # Gopher: mean word length within [3, 10] for prose
+    max_mean_word_chars: PositiveFloat | None = None
+    min_terminal_line_fraction: Fraction | None = None  # FineWeb: share of lines ending in . ! ? and the like
     max_duplicate_line_fraction: Fraction = 0.5  # Gopher 0.3 for prose; code repeats `else:`, `return None`, ...
+    duplicates_skip_code_lines: bool = False  # in prose: the `}` and `return x` lines of listings do not count
     max_duplicate_line_char_fraction: Fraction = 0.4  # Gopher 0.2; characters in non-blank lines seen before
-    max_top_2gram_char_fraction: Fraction = 0.25  # Gopher 0.20/0.18/0.16: characters in the most frequent word n-gram
+    max_top_2gram_char_fraction: Fraction = 0.25  # Gopher 0.20/0.18/0.16: characters in the most frequent n-gram
     max_top_3gram_char_fraction: Fraction = 0.22
     max_top_4gram_char_fraction: Fraction = 0.2
-    max_mean_line_chars: PositiveFloat = 100.0  # minified code and blobs have long lines
-    long_line_chars: Positive = 200
-    max_long_line_fraction: Fraction = 0.05
-    min_alpha_word_fraction: Fraction = 0.5  # Gopher 0.8 for prose; code has many `=`, `(`, `0` tokens
+
+
+@dataclass
+class CodeRules(KindRules):
+    """Rules for source code: the `KindRules` defaults."""
+
+
+@dataclass
+class ProseRules(KindRules):
+    """Rules for prose: Gopher's thresholds, no line-length rules, FineWeb's terminal punctuation rule."""
+
+    min_words: NonNegative = 50
+    max_symbol_word_ratio: NonNegativeFloat = 0.1
+    max_mean_line_chars: PositiveFloat | None = None
+    max_long_line_fraction: Fraction | None = None
+    min_alpha_word_fraction: Fraction = 0.8
+    min_mean_word_chars: NonNegativeFloat | None = 3.0
+    max_mean_word_chars: PositiveFloat | None = 10.0
+    min_terminal_line_fraction: Fraction | None = 0.12
+    max_duplicate_line_fraction: Fraction = 0.3
+    duplicates_skip_code_lines: bool = True
+    max_duplicate_line_char_fraction: Fraction = 0.2
+    max_top_2gram_char_fraction: Fraction = 0.2
+    max_top_3gram_char_fraction: Fraction = 0.18
+    max_top_4gram_char_fraction: Fraction = 0.16
+
+
+@dataclass
+class CJKRules(ProseRules):
+    """Rules for Chinese, Japanese and Korean: prose rules counted in characters, no word-length rule."""
+
+    min_chars: NonNegative = 100  # a CJK character carries about as much as an English word
+    min_words: NonNegative = 80
+    min_alpha_word_fraction: Fraction = 0.6  # each punctuation mark is a word of its own
+    min_mean_word_chars: NonNegativeFloat | None = None
+    max_mean_word_chars: PositiveFloat | None = None
+    max_top_2gram_char_fraction: Fraction = 0.2  # character n-grams; clean Chinese pages: 99th percentile 0.15
+    max_top_3gram_char_fraction: Fraction = 0.16  # ... 0.12
+    max_top_4gram_char_fraction: Fraction = 0.15  # ... 0.13
+
+
+@dataclass
+class CleaningConfig:
+    """The rules' thresholds per kind of text, how a document's kind is chosen, and the dedup and split settings
+    of `data build`."""
+
+    profile: Profile = "auto"  # auto: each document's detected kind; web: prose or cjk by script; code; zh: cjk
+    code: CodeRules = field(default_factory=CodeRules)
+    prose: ProseRules = field(default_factory=ProseRules)
+    cjk: CJKRules = field(default_factory=CJKRules)
     near_duplicate_threshold: Fraction = 0.8  # MinHash Jaccard estimate above which a document is a near duplicate
     minhash_permutations: Positive = 128
     val_fraction: Fraction = 0.01  # share of documents in the validation split
+    min_kept_fraction: Fraction = 0.05  # a build keeping a smaller share of its documents fails, naming the rules
+
+    def rules_for(self, kind: Kind) -> KindRules:
+        """The thresholds that apply to documents of `kind`."""
+        return {"code": self.code, "prose": self.prose, "cjk": self.cjk}[kind]
+
+
+for _kind in ("code", "prose", "cjk"):
+    nested_config(CleaningConfig, _kind, type(getattr(CleaningConfig(), _kind)), prefix=_kind)
 
 
 def normalise(text: str) -> str:
@@ -47,13 +120,25 @@ def normalise(text: str) -> str:
     return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
+def rule_kind(text: str, profile: Profile, name: str = "") -> tuple[Kind, str]:
+    """The kind whose rules judge `text` (named `name`, a path or id) under `profile`, and the detected
+    `kind/lang` label for the report."""
+    detected = detect_kind(text, name)
+    if profile == "auto":
+        return detected.kind, detected.label
+    if profile == "web":
+        return ("cjk" if detected.kind == "cjk" else "prose"), detected.label
+    return ("code" if profile == "code" else "cjk"), detected.label
+
+
 class TextStats:
     """Lazily computed statistics of one document that the rules share."""
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.words = text.split()
+        self.words = words(text)
         self.lines = text.split("\n")
+        self._duplicates: dict[bool, tuple[float, float]] = {}
 
     @cached_property
     def nonblank_lines(self) -> list[str]:
@@ -64,19 +149,28 @@ class TextStats:
         return sum(len(word) for word in self.words)
 
     @cached_property
-    def duplicate_lines(self) -> tuple[float, float]:
-        """Fractions of non-blank lines, and of their characters, that repeat an earlier line (Gopher)."""
-        lines = self.nonblank_lines
-        if not lines:
-            return 0.0, 0.0
-        seen: set[str] = set()
-        repeated_lines = repeated_chars = 0
-        for line in lines:
-            if line in seen:
-                repeated_lines += 1
-                repeated_chars += len(line)
-            seen.add(line)
-        return repeated_lines / len(lines), repeated_chars / max(1, sum(len(line) for line in lines))
+    def prose_lines(self) -> list[str]:
+        """The non-blank lines that do not look like code."""
+        return [line for line in self.nonblank_lines if not looks_like_code(line)]
+
+    def duplicate_lines(self, skip_code_lines: bool) -> tuple[float, float]:
+        """Fractions of non-blank lines (less those that look like code, if asked), and of their characters, that
+        repeat an earlier line (Gopher)."""
+        if skip_code_lines not in self._duplicates:
+            lines = self.prose_lines if skip_code_lines else self.nonblank_lines
+            seen: set[str] = set()
+            repeated_lines = repeated_chars = 0
+            for line in lines:
+                if line in seen:
+                    repeated_lines += 1
+                    repeated_chars += len(line)
+                seen.add(line)
+            total_chars = sum(len(line) for line in lines)
+            self._duplicates[skip_code_lines] = (
+                repeated_lines / max(1, len(lines)),
+                repeated_chars / max(1, total_chars),
+            )
+        return self._duplicates[skip_code_lines]
 
     def top_ngram_char_fraction(self, n: int) -> float:
         """Share of word characters covered by the most frequent word n-gram, when it occurs more than once."""
@@ -87,61 +181,92 @@ class TextStats:
         return 0.0 if count < 2 else count * sum(len(word) for word in ngram) / self.word_chars
 
 
-_ALPHA = re.compile(r"[^\W\d_]")
-
-
-def _symbol_word_ratio(stats: TextStats) -> float:
+def _symbol_word_ratio(stats: TextStats, _: KindRules) -> float:
     symbols = stats.text.count("#") + stats.text.count("...") + stats.text.count("\u2026")
     return symbols / max(1, len(stats.words))
 
 
-def _digit_fraction(stats: TextStats) -> float:
-    return sum(char.isdigit() for char in stats.text) / max(1, len(stats.text))
+def _digit_fraction(stats: TextStats, _: KindRules) -> float:
+    return len(_DIGIT.findall(stats.text)) / max(1, len(stats.text))
 
 
-def _alpha_word_fraction(stats: TextStats) -> float:
-    return sum(1 for word in stats.words if _ALPHA.search(word)) / max(1, len(stats.words))
+def _alpha_word_fraction(stats: TextStats, _: KindRules) -> float:
+    return sum(1 for word in stats.words if _LETTER.search(word)) / max(1, len(stats.words))
 
 
-def _mean_line_chars(stats: TextStats) -> float:
+def _mean_word_chars(stats: TextStats, _: KindRules) -> float:
+    return stats.word_chars / max(1, len(stats.words))
+
+
+def _mean_line_chars(stats: TextStats, _: KindRules) -> float:
     return sum(len(line) for line in stats.nonblank_lines) / max(1, len(stats.nonblank_lines))
 
 
-def _long_line_fraction(stats: TextStats, config: CleaningConfig) -> float:
-    long_lines = sum(1 for line in stats.nonblank_lines if len(line) > config.long_line_chars)
+def _long_line_fraction(stats: TextStats, rules: KindRules) -> float:
+    long_lines = sum(1 for line in stats.nonblank_lines if len(line) > rules.long_line_chars)
     return long_lines / max(1, len(stats.nonblank_lines))
+
+
+def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float:
+    """Share of the lines that are not code (a tutorial's listings are neither sentences nor junk) that end a
+    sentence."""
+    ended = sum(1 for line in stats.prose_lines if line.rstrip().endswith(TERMINAL_PUNCTUATION))
+    return ended / max(1, len(stats.prose_lines))
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A named quality check: `passes(stats, config)` is False for documents the rule removes."""
+    """A named quality check: the document fails when `measure` is above (`is_max`) or below its threshold,
+    the `KindRules` field `threshold`; a threshold of None turns the rule off."""
 
     name: str
-    passes: Callable[[TextStats, CleaningConfig], bool]
+    measure: Callable[[TextStats, KindRules], float]
+    threshold: str
+    is_max: bool
+
+    def passes(self, stats: TextStats, rules: KindRules) -> bool:
+        limit = getattr(rules, self.threshold)
+        if limit is None:
+            return True
+        value = self.measure(stats, rules)
+        return value <= limit if self.is_max else value >= limit
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("min_chars", lambda s, c: len(s.text) >= c.min_chars),
-    Rule("max_chars", lambda s, c: len(s.text) <= c.max_chars),
-    Rule("min_words", lambda s, c: len(s.words) >= c.min_words),
-    Rule("max_words", lambda s, c: len(s.words) <= c.max_words),
-    Rule("symbol_word_ratio", lambda s, c: _symbol_word_ratio(s) <= c.max_symbol_word_ratio),
-    Rule("digit_fraction", lambda s, c: _digit_fraction(s) <= c.max_digit_fraction),
-    Rule("mean_line_chars", lambda s, c: _mean_line_chars(s) <= c.max_mean_line_chars),
-    Rule("long_line_fraction", lambda s, c: _long_line_fraction(s, c) <= c.max_long_line_fraction),
-    Rule("alpha_word_fraction", lambda s, c: _alpha_word_fraction(s) >= c.min_alpha_word_fraction),
-    Rule("duplicate_lines", lambda s, c: s.duplicate_lines[0] <= c.max_duplicate_line_fraction),
-    Rule("duplicate_line_chars", lambda s, c: s.duplicate_lines[1] <= c.max_duplicate_line_char_fraction),
-    Rule("top_2gram", lambda s, c: s.top_ngram_char_fraction(2) <= c.max_top_2gram_char_fraction),
-    Rule("top_3gram", lambda s, c: s.top_ngram_char_fraction(3) <= c.max_top_3gram_char_fraction),
-    Rule("top_4gram", lambda s, c: s.top_ngram_char_fraction(4) <= c.max_top_4gram_char_fraction),
+    Rule("min_chars", lambda s, r: len(s.text), "min_chars", is_max=False),
+    Rule("max_chars", lambda s, r: len(s.text), "max_chars", is_max=True),
+    Rule("min_words", lambda s, r: len(s.words), "min_words", is_max=False),
+    Rule("max_words", lambda s, r: len(s.words), "max_words", is_max=True),
+    Rule("symbol_word_ratio", _symbol_word_ratio, "max_symbol_word_ratio", is_max=True),
+    Rule("digit_fraction", _digit_fraction, "max_digit_fraction", is_max=True),
+    Rule("mean_line_chars", _mean_line_chars, "max_mean_line_chars", is_max=True),
+    Rule("long_line_fraction", _long_line_fraction, "max_long_line_fraction", is_max=True),
+    Rule("alpha_word_fraction", _alpha_word_fraction, "min_alpha_word_fraction", is_max=False),
+    Rule("min_mean_word_chars", _mean_word_chars, "min_mean_word_chars", is_max=False),
+    Rule("max_mean_word_chars", _mean_word_chars, "max_mean_word_chars", is_max=True),
+    Rule("terminal_line_fraction", _terminal_line_fraction, "min_terminal_line_fraction", is_max=False),
+    Rule(
+        "duplicate_lines",
+        lambda s, r: s.duplicate_lines(r.duplicates_skip_code_lines)[0],
+        "max_duplicate_line_fraction",
+        is_max=True,
+    ),
+    Rule(
+        "duplicate_line_chars",
+        lambda s, r: s.duplicate_lines(r.duplicates_skip_code_lines)[1],
+        "max_duplicate_line_char_fraction",
+        is_max=True,
+    ),
+    Rule("top_2gram", lambda s, r: s.top_ngram_char_fraction(2), "max_top_2gram_char_fraction", is_max=True),
+    Rule("top_3gram", lambda s, r: s.top_ngram_char_fraction(3), "max_top_3gram_char_fraction", is_max=True),
+    Rule("top_4gram", lambda s, r: s.top_ngram_char_fraction(4), "max_top_4gram_char_fraction", is_max=True),
 )
 
 
-def failed_rule(text: str, config: CleaningConfig) -> str | None:
-    """The name of the first rule the (normalised) text fails, or None when it passes them all."""
+def failed_rule(text: str, rules: KindRules) -> str | None:
+    """The name of the first rule the (normalised) text fails under `rules`, or None when it passes them all."""
     stats = TextStats(text)
     for rule in RULES:
-        if not rule.passes(stats, config):
+        if not rule.passes(stats, rules):
             return rule.name
     return None

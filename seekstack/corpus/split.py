@@ -1,14 +1,37 @@
-"""Document-level train/validation split that is the same on every run and machine."""
+"""Document-level train/validation split that is the same on every run and machine.
+
+Each document has a score in [0, 1), the BLAKE2b hash of its key (its content hash) read as a number: no seed,
+no RNG state. A large corpus puts the documents scoring below `val_fraction` in validation, so a document's split
+never depends on the others. A corpus of at most `EXACT_SPLIT_MAX_DOCUMENTS` kept documents, where that rule's
+chance variation would be large (0 or 3 of 20 documents for 0.1), takes exactly round(fraction x documents) of the
+lowest scores instead — at least one when the fraction is above zero and there are two documents or more.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
+
+EXACT_SPLIT_MAX_DOCUMENTS = 100_000
+
+
+def split_score(key: str) -> float:
+    """The document's place in [0, 1) for the split, from the BLAKE2b hash of `key`."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, person=b"seekstack-val").digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def is_validation(key: str, val_fraction: float) -> bool:
-    """True when the document keyed by `key` (its content hash, or its id) belongs to the validation split.
+    """True when the document keyed by `key` belongs to the validation split of a large corpus."""
+    return split_score(key) < val_fraction
 
-    The key's BLAKE2b hash, read as a number in [0, 1), is compared with the fraction: no seed, no RNG state.
-    """
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8, person=b"seekstack-val").digest()
-    return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+def validation_cutoff(scores: list[float] | None, val_fraction: float) -> float:
+    """The score below which a document goes to validation: for a small corpus (all its `scores` known) the one
+    that takes exactly the intended number of documents, for a large one (`scores` None) the fraction itself."""
+    if scores is None or val_fraction == 0:
+        return val_fraction
+    count = min(max(round(val_fraction * len(scores)), 1 if len(scores) >= 2 else 0), len(scores) - 1)
+    if count <= 0:
+        return 0.0
+    return math.nextafter(sorted(scores)[count - 1], 1.0)  # just above the count-th lowest score

@@ -35,16 +35,19 @@ def bucket_bounds(scores: list[float], sizes: list[int], buckets: int) -> list[f
     """The `buckets - 1` score bounds that cut documents sorted by score into parts of about equal total size.
 
     Sorted by score, a document joins the part its middle byte falls in; bound k is the highest score of parts
-    0..k, so a document with score s goes to bucket `bisect_left(bounds, s)`.
+    0..k, so a document with score s goes to bucket `bisect_left(bounds, s)`. With at least `buckets` documents
+    no part is left empty: a part never skips one after the previous document's, and the last documents fill
+    the parts still empty (a small corpus, or one document holding most of the bytes).
     """
     order = sorted(range(len(scores)), key=scores.__getitem__)
-    total, before = max(sum(sizes), 1), 0
+    total, before, previous = max(sum(sizes), 1), 0, 0
     bounds = [-math.inf] * (buckets - 1)
-    for document in order:
-        part = min(int(buckets * (before + sizes[document] / 2) / total), buckets - 1)
+    for rank, document in enumerate(order):
+        part = min(int(buckets * (before + sizes[document] / 2) / total), buckets - 1, previous + 1, rank)
+        part = max(part, buckets - (len(order) - rank))  # the documents left must fill the parts left
         for k in range(part, buckets - 1):
             bounds[k] = max(bounds[k], scores[document])
-        before += sizes[document]
+        before, previous = before + sizes[document], part
     return bounds
 
 
@@ -53,17 +56,9 @@ def bucket_split_name(split_name: str, bucket: str) -> str:
     return f"{split_name}_{bucket}"
 
 
-def tokenize_buckets(
-    jsonl_path: str | os.PathLike,
-    tokenizer: Tokenizer,
-    out_dir: str | os.PathLike,
-    split_name: str = "train",
-    buckets: tuple[str, ...] = BUCKETS,
-) -> list[dict]:
-    """Score every document of `jsonl_path`, then tokenize each bucket as split `{split_name}_{bucket}`.
-
-    Returns the buckets' indexes; each records the measure and its score range under `difficulty`.
-    """
+def difficulty_bounds(jsonl_path: str | os.PathLike, buckets: int = len(BUCKETS)) -> list[float]:
+    """Score every document of `jsonl_path` and return the `bucket_bounds`; ValueError, naming the file, when it
+    has fewer documents than buckets."""
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file():
         raise FileNotFoundError(f"no corpus file at {jsonl_path}: run the corpus stage first")
@@ -71,9 +66,29 @@ def tokenize_buckets(
     for _, text, _ in read_jsonl(jsonl_path, "text"):
         scores.append(compression_ratio(text))
         sizes.append(len(text.encode("utf-8")))
-    if len(scores) < len(buckets):
-        raise ValueError(f"{jsonl_path} has {len(scores)} documents, too few for {len(buckets)} difficulty buckets")
-    bounds = bucket_bounds(scores, sizes, len(buckets))
+    if len(scores) < buckets:
+        raise ValueError(
+            f"{jsonl_path} has {len(scores)} documents, too few for {buckets} difficulty buckets; "
+            "tokenize without --buckets, or build a larger corpus"
+        )
+    return bucket_bounds(scores, sizes, buckets)
+
+
+def tokenize_buckets(
+    jsonl_path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    out_dir: str | os.PathLike,
+    split_name: str = "train",
+    buckets: tuple[str, ...] = BUCKETS,
+    bounds: list[float] | None = None,
+) -> list[dict]:
+    """Tokenize each difficulty bucket of `jsonl_path` as split `{split_name}_{bucket}`, with the `bounds` of
+    `difficulty_bounds` (computed here when not given).
+
+    Returns the buckets' indexes; each records the measure and its score range under `difficulty`.
+    """
+    jsonl_path = Path(jsonl_path)
+    bounds = difficulty_bounds(jsonl_path, len(buckets)) if bounds is None else bounds
     indexes = []
     for number, bucket in enumerate(buckets):
         low = bounds[number - 1] if number > 0 else None  # None: unbounded

@@ -17,7 +17,16 @@ from rich.console import Console
 from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
 from seekstack.corpus.pii import scrub_pii
-from seekstack.corpus.rules import RULES, CleaningConfig, TextStats, failed_rule, normalise
+from seekstack.corpus.rules import (
+    RULES,
+    CleaningConfig,
+    CodeRules,
+    KindRules,
+    ProseRules,
+    TextStats,
+    failed_rule,
+    normalise,
+)
 from seekstack.corpus.sources import (
     DataSourceError,
     Document,
@@ -46,9 +55,9 @@ def prose(seed: int, words: int = 300) -> str:
     return "\n".join(" ".join(chosen[i : i + 10]) + "." for i in range(0, words, 10))
 
 
-def fails(rule_name: str, text: str, config: CleaningConfig | None = None) -> bool:
+def fails(rule_name: str, text: str, rules: KindRules) -> bool:
     rule = next(rule for rule in RULES if rule.name == rule_name)
-    return not rule.passes(TextStats(normalise(text)), config or CleaningConfig())
+    return not rule.passes(TextStats(normalise(text)), rules)
 
 
 BAD_DOCUMENTS = {
@@ -72,28 +81,40 @@ BAD_DOCUMENTS = {
     "top_3gram": "\n".join(f"the black cat w{i} x{i}" for i in range(60)),
     "top_4gram": "\n".join(f"the big black cat w{i} x{i}" for i in range(60)),
 }
+# Rules that only prose (and CJK) documents are held to; they are off for code.
+PROSE_ONLY_BAD_DOCUMENTS = {
+    "min_mean_word_chars": "\n".join(" ".join(random.Random(i).choices("abcdefghij", k=15)) + "." for i in range(9)),
+    "max_mean_word_chars": " ".join("".join(random.Random(i).choices("abcdefghijklmnop", k=16)) for i in range(80)),
+    "terminal_line_fraction": "\n".join(" ".join(VOCABULARY[i : i + 3]) for i in range(0, 36, 3)) * 2,
+}
 
 
 @pytest.mark.parametrize("rule_name", list(BAD_DOCUMENTS))
 def test_each_rule_removes_its_bad_document(rule_name: str) -> None:
-    assert fails(rule_name, BAD_DOCUMENTS[rule_name])
+    assert fails(rule_name, BAD_DOCUMENTS[rule_name], CodeRules())
+
+
+@pytest.mark.parametrize("rule_name", list(PROSE_ONLY_BAD_DOCUMENTS))
+def test_each_prose_rule_removes_its_bad_document_and_is_off_for_code(rule_name: str) -> None:
+    assert fails(rule_name, PROSE_ONLY_BAD_DOCUMENTS[rule_name], ProseRules())
+    assert not fails(rule_name, PROSE_ONLY_BAD_DOCUMENTS[rule_name], CodeRules())
 
 
 def test_every_rule_has_a_bad_document() -> None:
-    assert set(BAD_DOCUMENTS) == {rule.name for rule in RULES}
+    assert set(BAD_DOCUMENTS) | set(PROSE_ONLY_BAD_DOCUMENTS) == {rule.name for rule in RULES}
 
 
 @pytest.mark.parametrize("module", ["textwrap.py", "argparse.py", "json/decoder.py", "numbers.py", "bisect.py"])
 def test_typical_stdlib_module_passes_every_rule(module: str) -> None:
-    assert failed_rule(normalise((STDLIB / module).read_text(encoding="utf-8")), CleaningConfig()) is None
+    assert failed_rule(normalise((STDLIB / module).read_text(encoding="utf-8")), CodeRules()) is None
 
 
 def test_prose_passes_every_rule() -> None:
-    assert failed_rule(prose(0), CleaningConfig()) is None
+    assert failed_rule(prose(0), ProseRules()) is None
 
 
 def test_data_table_module_is_removed() -> None:
-    assert failed_rule(normalise((STDLIB / "stringprep.py").read_text(encoding="utf-8")), CleaningConfig()) is not None
+    assert failed_rule(normalise((STDLIB / "stringprep.py").read_text(encoding="utf-8")), CodeRules()) is not None
 
 
 def test_normalise_applies_nfc_and_unix_line_endings() -> None:
@@ -101,26 +122,32 @@ def test_normalise_applies_nfc_and_unix_line_endings() -> None:
 
 
 def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
-    config = CleaningConfig(min_words=5, max_digit_fraction=0.3, near_duplicate_threshold=0.7)
+    config = CleaningConfig(
+        profile="web", prose=ProseRules(min_words=5, max_digit_fraction=0.3), near_duplicate_threshold=0.7
+    )
     write_config(config, tmp_path / "cleaning.yaml")
     assert load_config(CleaningConfig, tmp_path / "cleaning.yaml") == config
 
 
-def test_config_accepts_int_for_float_and_keeps_defaults(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text("max_digit_fraction: 1\n")
-    config = load_config(CleaningConfig, tmp_path / "c.yaml")
-    assert config.max_digit_fraction == 1 and config.min_words == CleaningConfig().min_words
+def test_config_accepts_int_for_float_and_keeps_each_kinds_defaults(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("prose:\n  max_digit_fraction: 1\n")
+    config = load_config(CleaningConfig, tmp_path / "c.yaml", ["cjk.min_chars=50"])
+    assert config.prose.max_digit_fraction == 1 and config.prose.min_words == ProseRules().min_words == 50
+    assert config.cjk.min_chars == 50 and config.cjk.min_words == CleaningConfig().cjk.min_words
+    assert config.code == CodeRules()
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         ("min_wordz: 3\n", "unknown field 'min_wordz'"),
-        ("min_words: many\n", "field 'min_words' has value 'many': input should be a valid integer"),
+        ("prose:\n  min_words: many\n", "field 'prose.min_words' has value 'many': input should be a valid integer"),
+        ("code:\n  min_wordz: 3\n", "field 'code.min_wordz' has value 3: unexpected keyword argument"),
         (
-            "max_digit_fraction: 1.5\n",
-            "field 'max_digit_fraction' has value 1.5: input should be less than or equal to 1",
+            "cjk:\n  max_digit_fraction: 1.5\n",
+            "field 'cjk.max_digit_fraction' has value 1.5: input should be less than or equal to 1",
         ),
+        ("profile: news\n", "field 'profile' has value 'news': input should be 'auto', 'web', 'code' or 'zh'"),
     ],
 )
 def test_config_errors_name_the_key_and_file(tmp_path: Path, content: str, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import sysconfig
 from pathlib import Path
@@ -226,3 +227,59 @@ def test_split_shorter_than_one_window_is_rejected(tmp_path, tokenizer):
     tokenize_corpus(write_corpus(tmp_path / "val.jsonl", ["tiny"]), tokenizer, tmp_path, "val")
     with pytest.raises(ValueError, match="val_index.json holds .* tokens, too few for one window of 65"):
         TokenWindows(tmp_path, "val", SEQ_LEN)
+
+
+def test_small_corpus_fills_every_difficulty_bucket():
+    from seekstack.tokens.difficulty import bucket_bounds
+
+    # One document holds most bytes: by bytes alone the easy part would be empty.
+    bounds = bucket_bounds([0.1, 0.2, 0.3], [100, 1, 1], 3)
+    assert [bisect.bisect_left(bounds, score) for score in (0.1, 0.2, 0.3)] == [0, 1, 2]
+    bounds = bucket_bounds([0.1, 0.2, 0.3, 0.4, 0.5], [1, 1, 1, 100, 100], 3)
+    assert sorted({bisect.bisect_left(bounds, score) for score in (0.1, 0.2, 0.3, 0.4, 0.5)}) == [0, 1, 2]
+
+
+def run_tokenize(corpus: Path, tokenizer_dir: Path, out: Path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    args = ["data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out)]
+    return CliRunner().invoke(app, [*args, "--buckets"])
+
+
+def test_tokenize_buckets_on_too_small_a_corpus_fails_before_writing_anything(tmp_path, tokenizer):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_corpus(corpus / "train.jsonl", stdlib_documents(2))
+    write_corpus(corpus / "val.jsonl", stdlib_documents(1))
+    result = run_tokenize(corpus, Path(tokenizer.source), tmp_path / "tokens")
+    assert result.exit_code == 1 and "has 2 documents, too few for 3 difficulty buckets" in result.output
+    assert not (tmp_path / "tokens").exists() or not any((tmp_path / "tokens").iterdir())
+
+
+def test_tokenize_buckets_on_a_three_document_corpus_writes_three_non_empty_buckets(tmp_path, tokenizer):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = stdlib_documents(3)
+    write_corpus(corpus / "train.jsonl", [texts[0] * 20, texts[1], texts[2]])
+    write_corpus(corpus / "val.jsonl", texts[:1])
+    result = run_tokenize(corpus, Path(tokenizer.source), tmp_path / "tokens")
+    assert result.exit_code == 0, result.output
+    assert [load_index(tmp_path / "tokens", f"train_{b}")["documents"] for b in ("easy", "medium", "hard")] == [1, 1, 1]
+
+
+def test_tokenizer_train_says_when_the_corpus_cannot_fill_the_vocabulary(tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_corpus(corpus / "train.jsonl", ["abc abd abe " * 20])
+    args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "4096", "--out", str(tmp_path / "tok")]
+    result = CliRunner().invoke(app, args)
+    vocab = Tokenizer.from_file(tmp_path / "tok").vocab_size
+    assert result.exit_code == 0 and vocab < 300
+    assert f"the corpus yields only {vocab} of the 4096 tokens asked for" in result.output
+    assert f"model.vocab_size={vocab}" in result.output

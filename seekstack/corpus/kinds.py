@@ -1,0 +1,117 @@
+"""What kind of text a document is — code, prose, or CJK (Chinese, Japanese, Korean) — its language, and how
+to split it into words when it has no spaces.
+
+A document whose name ends in a source-code suffix (`CODE_SUFFIXES`: `.py`, `.c`, `.rs`, ...) is code in that
+language, whatever its text; a Python module holding pages of documentation in strings is still code. Otherwise
+detection reads the first `SAMPLE_CHARS` characters:
+  cjk    Han, kana or Hangul characters are >= `CJK_MIN_SHARE` of the words (each such character one word, as
+         `words` splits text); language `ja` when kana are >= `KANA_MIN_SHARE` of those characters, `ko` when
+         Hangul is most of them, `zh` otherwise.
+  code   >= `CODE_MIN_LINE_SHARE` of the non-blank lines look like code (`looks_like_code`: a keyword at the
+         start, an ending in `{ } ; ) :`, an indented line with an operator or a trailing comma; a line longer
+         than `CODE_MAX_LINE_CHARS` only when dense with brackets and operators); language: the one whose
+         markers occur most, `unknown` when none does.
+  prose  everything else; language `en` when >= `ENGLISH_MIN_STOPWORD_SHARE` of the words are English
+         stop words, `und` (undetermined, BCP 47) otherwise.
+Words: a run of non-space characters, except that every CJK character is a word of its own (the unit the
+length and repetition rules count for text without spaces; word segmentation would need a dictionary).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, NamedTuple
+
+Kind = Literal["code", "prose", "cjk"]
+KINDS: tuple[Kind, ...] = ("code", "prose", "cjk")
+
+SAMPLE_CHARS = 20_000
+CJK_MIN_SHARE = 0.3
+KANA_MIN_SHARE = 0.1
+CODE_MIN_LINE_SHARE = 0.35
+CODE_MAX_LINE_CHARS = 160  # a longer line is a paragraph of prose, whatever it ends with ...
+CODE_MIN_SYMBOL_SHARE = 0.08  # ... unless this share of its characters are brackets and operators
+ENGLISH_MIN_STOPWORD_SHARE = 0.08
+
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef"
+_KANA = "\u3040-\u30ff\uff66-\uff9f"
+_HANGUL = "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
+CJK_CHAR = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]")
+_KANA_CHAR = re.compile(f"[{_KANA}]")
+_HANGUL_CHAR = re.compile(f"[{_HANGUL}]")
+_CJK_WORD = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]|[^\\s{_HAN}{_KANA}{_HANGUL}]+")
+
+_CODE_LINE = re.compile(
+    r"^\s*(?:def|class|import|from|return|elif|else|try|except|finally|with|raise|yield|async|await|assert"
+    r"|#include|#define|#if|#endif|fn|let|mut|impl|pub|use|struct|enum|match|const|var|function|public|private"
+    r"|protected|static|void|int|package|func|switch|case|break|continue|throw|catch|echo|fi|done|esac)\b"
+    r"|[{};)]\s*$|:\s*$|^\s*[}\])]"
+    r"|^(?:\s{2,}|\t).*(?:[=(\[{]|->|=>|::|,\s*$)"
+)
+_CODE_SYMBOL = re.compile(r"[{}()\[\];=<>]")
+_CODE_LANGUAGES = {
+    "python": re.compile(r"^\s*(?:def |class \w+.*:$|import \w|from \S+ import |elif |except\b|@\w)", re.M),
+    "c": re.compile(r"^\s*#include\b|^\s*(?:int|void|char|static|struct)\b.*[;{)]\s*$", re.M),
+    "rust": re.compile(r"^\s*(?:pub |fn |let (?:mut )?|impl\b|use \w+::|#\[)", re.M),
+    "javascript": re.compile(r"^\s*(?:function\b|const |let |var |export |import .* from )|=>", re.M),
+    "shell": re.compile(r"^#!.*\b(?:ba|z)?sh\b|^\s*(?:fi|done|esac|then|echo )\b|\$\{\w+\}", re.M),
+}
+CODE_SUFFIXES = {
+    ".py": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".rs": "rust",
+    ".go": "go", ".js": "javascript", ".ts": "typescript", ".java": "java", ".sh": "shell",
+}  # fmt: skip
+_STOPWORDS = frozenset(
+    "the of and to a in is that it for as with was on be by are this not or from at which an have has but can "
+    "you your we they their will if when there been its these also more one all".split()
+)
+
+
+class DetectedKind(NamedTuple):
+    """A document's kind and its language (`zh`, `ja`, `ko`; `en`, `und`; or a programming language)."""
+
+    kind: Kind
+    lang: str
+
+    @property
+    def label(self) -> str:
+        """`kind/lang`, as the report counts documents."""
+        return f"{self.kind}/{self.lang}"
+
+
+def words(text: str) -> list[str]:
+    """The text's words: whitespace-separated runs, and each CJK character alone."""
+    if CJK_CHAR.search(text) is None:
+        return text.split()
+    return _CJK_WORD.findall(text)
+
+
+def looks_like_code(line: str) -> bool:
+    """True for a line that reads as source code rather than as a sentence; a long line only when it is dense
+    with brackets and operators (minified code), since a long line is otherwise a paragraph of prose."""
+    if len(line) > CODE_MAX_LINE_CHARS:
+        return len(_CODE_SYMBOL.findall(line)) >= CODE_MIN_SYMBOL_SHARE * len(line)
+    return _CODE_LINE.search(line) is not None
+
+
+def detect_kind(text: str, name: str = "") -> DetectedKind:
+    """The kind and language of `text`, from the suffix of its `name` (a path or document id) when that names
+    source code, else from its first `SAMPLE_CHARS` characters (see the module docstring)."""
+    suffix = name[name.rfind(".") :].lower() if "." in name else ""
+    if suffix in CODE_SUFFIXES:
+        return DetectedKind("code", CODE_SUFFIXES[suffix])
+    sample = text[:SAMPLE_CHARS]
+    cjk = len(CJK_CHAR.findall(sample))
+    if cjk and cjk >= CJK_MIN_SHARE * len(words(sample)):
+        if len(_HANGUL_CHAR.findall(sample)) > cjk / 2:
+            return DetectedKind("cjk", "ko")
+        return DetectedKind("cjk", "ja" if len(_KANA_CHAR.findall(sample)) >= KANA_MIN_SHARE * cjk else "zh")
+    lines = [line for line in sample.split("\n") if line.strip()]
+    code_lines = sum(1 for line in lines if looks_like_code(line))
+    if lines and code_lines >= CODE_MIN_LINE_SHARE * len(lines):
+        counts = {lang: len(marker.findall(sample)) for lang, marker in _CODE_LANGUAGES.items()}
+        best = max(counts, key=counts.__getitem__)
+        return DetectedKind("code", best if counts[best] else "unknown")
+    sample_words = sample.lower().split()
+    stopwords = sum(1 for word in sample_words if word.strip(".,;:!?\"'()") in _STOPWORDS)
+    english = sample_words and stopwords >= ENGLISH_MIN_STOPWORD_SHARE * len(sample_words)
+    return DetectedKind("prose", "en" if english else "und")

@@ -1,0 +1,147 @@
+"""Learned quality selection: a linear classifier over hashed word n-grams, trained to tell a reference set the user
+names (positives) from the raw pool (negatives), as DCLM and FineWeb-Edu do; its probability is the document's
+quality score, and selection keeps the documents above a threshold or the top fraction.
+
+The model is fastText's bag of n-grams with a single output, i.e. logistic regression: a document's word 1- and
+2-grams (`kinds.words`, so CJK characters count as words) are hashed (CRC-32) into `buckets` weights, and
+score = sigmoid(mean of the weights of its n-grams + bias). Trained with Adagrad on the logistic loss, the two
+classes weighted equally, in an order fixed by the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from seekstack.atomic import staged_files, write_atomic
+from seekstack.corpus.kinds import words
+
+DEFAULT_BUCKETS = 2**20
+MAX_WORDS = 4000  # words of a document read for its features: enough to judge it, bounded cost
+
+
+def ngram_ids(text: str, buckets: int, ngrams: tuple[int, ...] = (1, 2)) -> np.ndarray:
+    """The hashed ids of the text's lower-cased word n-grams (with repeats), or the empty-text id."""
+    tokens = words(text.lower())[:MAX_WORDS]
+    ids = [
+        zlib.crc32(" ".join(tokens[i : i + n]).encode("utf-8")) % buckets
+        for n in ngrams
+        for i in range(len(tokens) - n + 1)
+    ]
+    return np.asarray(ids or [0], dtype=np.int64)
+
+
+@dataclass
+class QualityModel:
+    """Weights per hashed n-gram and a bias; `score` is the probability that a text is like the reference set."""
+
+    weights: np.ndarray  # (buckets,) float32
+    bias: float
+    ngrams: tuple[int, ...] = (1, 2)
+
+    def score(self, text: str) -> float:
+        """P(reference | text) under the model."""
+        logit = float(self.weights[ngram_ids(text, len(self.weights), self.ngrams)].mean()) + self.bias
+        return 1 / (1 + math.exp(-logit))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model as one `.npz` file (weights, bias, n-gram sizes)."""
+        path = Path(path)
+
+        def write(target: Path) -> None:
+            with open(target, "wb") as out:
+                np.savez(out, weights=self.weights, bias=self.bias, ngrams=np.asarray(self.ngrams))
+
+        return write_atomic(path, write)
+
+    @classmethod
+    def load(cls, path: str | Path) -> QualityModel:
+        """Read a model written by `save`."""
+        with np.load(path) as saved:
+            return cls(saved["weights"], float(saved["bias"]), tuple(int(n) for n in saved["ngrams"]))
+
+
+def train_quality_model(
+    positives: Iterable[str],
+    negatives: Iterable[str],
+    buckets: int = DEFAULT_BUCKETS,
+    epochs: int = 4,
+    learning_rate: float = 0.5,
+    seed: int = 0,
+) -> QualityModel:
+    """Logistic regression over hashed n-grams, reference texts (`positives`) against pool texts (`negatives`).
+
+    Memory: the n-gram ids of every training document, so train on a sample of the pool (thousands of documents).
+    """
+    examples = [(ngram_ids(text, buckets), 1.0) for text in positives]
+    examples += [(ngram_ids(text, buckets), 0.0) for text in negatives]
+    labels = np.array([label for _, label in examples])
+    if labels.min() == labels.max():
+        raise ValueError("quality training needs both reference (positive) and pool (negative) documents")
+    class_weight = {1.0: len(labels) / (2 * labels.sum()), 0.0: len(labels) / (2 * (len(labels) - labels.sum()))}
+    weights = np.zeros(buckets, dtype=np.float64)
+    squared = np.full(buckets, 1e-8)  # Adagrad accumulators
+    bias, bias_squared = 0.0, 1e-8
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    for _ in range(epochs):
+        rng.shuffle(order)
+        for number in order:
+            ids, label = examples[number]
+            logit = weights[ids].mean() + bias
+            error = (1 / (1 + math.exp(-logit)) - label) * class_weight[label]  # d loss / d logit
+            touched, counts = np.unique(ids, return_counts=True)
+            gradient = counts / len(ids) * error  # d logit / d weight of an id = its count / n-grams
+            squared[touched] += gradient**2
+            weights[touched] -= learning_rate * gradient / np.sqrt(squared[touched])
+            bias_squared += error**2
+            bias -= learning_rate * error / math.sqrt(bias_squared)
+    return QualityModel(weights.astype(np.float32), bias)
+
+
+def select_corpus(
+    model: QualityModel,
+    corpus_dir: str | Path,
+    out_dir: str | Path,
+    threshold: float | None = None,
+    top_fraction: float | None = None,
+) -> dict:
+    """Score the training documents of a `data build` corpus; write those above `threshold` (or the
+    `top_fraction` best) to `out_dir/train.jsonl`, every validation document to `out_dir/val.jsonl` (the
+    held-out set stays as it was), each row with its `quality`, and `selection.json`. Returns the summary."""
+    if (threshold is None) == (top_fraction is None):
+        raise ValueError("select by exactly one of threshold and top_fraction")
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    train = corpus_dir / "train.jsonl"
+    if not train.is_file():
+        raise FileNotFoundError(f"no corpus file at {train}: run `data build` first")
+    scores = [model.score(json.loads(line)["text"]) for line in train.open(encoding="utf-8")]
+    if top_fraction is not None:
+        keep = max(1, round(top_fraction * len(scores))) if scores else 0
+        threshold = sorted(scores, reverse=True)[keep - 1] if keep else 1.0
+    selected = 0
+    with staged_files(out_dir) as staged:
+        with open(staged.path("train.jsonl"), "w", encoding="utf-8") as out:
+            for line, score in zip(train.open(encoding="utf-8"), scores, strict=True):
+                if score >= threshold:
+                    out.write(json.dumps({**json.loads(line), "quality": round(score, 6)}, ensure_ascii=False) + "\n")
+                    selected += 1
+        with open(staged.path("val.jsonl"), "w", encoding="utf-8") as out:
+            for line in (corpus_dir / "val.jsonl").open(encoding="utf-8"):
+                row = json.loads(line)
+                out.write(json.dumps({**row, "quality": round(model.score(row["text"]), 6)}, ensure_ascii=False) + "\n")
+        summary = {
+            "documents": len(scores),
+            "selected": selected,
+            "threshold": threshold,
+            "score_quantiles": [round(float(q), 4) for q in np.quantile(scores, [0.1, 0.5, 0.9])] if scores else [],
+        }
+        staged.path("selection.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary

@@ -1,0 +1,113 @@
+"""`build_corpus` and `data build` beyond the basics: kinds in the report, workers, loud failure, the small split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from seekstack.cli import app
+from seekstack.corpus.build import CorpusBuildError, Report, build_corpus
+from seekstack.corpus.rules import CleaningConfig
+from seekstack.corpus.sources import Document
+from seekstack.corpus.split import split_score, validation_cutoff
+from tests.corpus.test_cleaning import prose
+from tests.corpus.test_kinds import CHINESE_ARTICLE, ENGLISH_ARTICLE, STDLIB, junk
+
+
+def mixed_documents() -> list[Document]:
+    """Clean and junk documents of the three kinds."""
+    clean = [
+        Document("english", ENGLISH_ARTICLE, "web"),
+        Document("chinese", CHINESE_ARTICLE, "web"),
+        Document("textwrap.py", (STDLIB / "textwrap.py").read_text(encoding="utf-8"), "code"),
+    ]
+    junky = [
+        Document("spam", junk("prose", "top_2gram"), "web"),
+        Document("menu", junk("cjk", "terminal_line_fraction"), "web"),
+        Document("minified.js", junk("code", "mean_line_chars"), "code"),
+    ]
+    return clean + junky + [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]
+
+
+def read_rows(out: Path) -> dict[str, list[dict]]:
+    return {split: [json.loads(line) for line in open(out / f"{split}.jsonl")] for split in ("train", "val")}
+
+
+def test_report_counts_detected_kinds_and_rows_carry_them(tmp_path: Path) -> None:
+    report = build_corpus([mixed_documents()], tmp_path / "out", CleaningConfig(val_fraction=0.1), show_progress=False)
+    assert report.kinds["cjk/zh"] == {"in": 2, "kept": 1}
+    assert report.kinds["code/python"] == {"in": 1, "kept": 1}
+    assert report.kinds["code/javascript"] == {"in": 1, "kept": 0}
+    assert report.kinds["prose/en"] == {"in": 1, "kept": 1}
+    assert report.kinds["prose/und"] == {"in": 21, "kept": 20}  # the vocabulary prose has no English stop words
+    assert report.removed["top_2gram"] == report.removed["terminal_line_fraction"] == 1
+    assert report.examples["mean_line_chars"][0] == {
+        "id": "minified.js",
+        "kind": "code/javascript",
+        "snippet": " ".join(junk("code", "mean_line_chars")[:120].split()),
+    }
+    rows = read_rows(tmp_path / "out")
+    kinds = {row["id"]: row["kind"] for split in rows.values() for row in split}
+    assert kinds["chinese"] == "cjk/zh" and kinds["english"] == "prose/en" and kinds["textwrap.py"] == "code/python"
+    assert Report.load(tmp_path / "out" / "report.json") == report
+
+
+def test_two_workers_write_the_same_corpus_as_one(tmp_path: Path) -> None:
+    documents = mixed_documents() * 3  # exact duplicates across batches, too
+    config = CleaningConfig(val_fraction=0.2)
+    one = build_corpus([documents], tmp_path / "one", config, show_progress=False, workers=1)
+    two = build_corpus([iter(documents)], tmp_path / "two", config, show_progress=False, workers=2)
+    for name in ("train.jsonl", "val.jsonl"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert (one.removed, one.kinds, one.documents_kept) == (two.removed, two.kinds, two.documents_kept)
+    assert one.removed["exact_duplicate"] == 2 * one.documents_kept
+
+
+def test_build_that_keeps_almost_nothing_fails_naming_the_rules_and_writes_nothing(tmp_path: Path) -> None:
+    documents = [Document(f"p{i}", ENGLISH_ARTICLE.replace("library", f"library{i}"), "web") for i in range(30)]
+    documents += [Document("short", "too short", "web")]
+    out = tmp_path / "out"
+    with pytest.raises(CorpusBuildError) as error:
+        build_corpus([documents], out, CleaningConfig(profile="code"), show_progress=False)
+    message = str(error.value)
+    assert "kept 0 of 31 documents" in message
+    assert "mean_line_chars 30 (e.g. p0, prose/en); min_chars 1 (e.g. short, prose/und)" in message
+    assert "--profile" in message and not any(out.glob("*.jsonl"))
+    report = build_corpus([documents], out, CleaningConfig(profile="auto"), show_progress=False)
+    assert report.removed["min_chars"] == 1 and report.removed["mean_line_chars"] == 0  # prose rules now
+    assert report.documents_kept + report.removed["near_duplicate"] == 30 and report.documents_kept <= 2
+
+
+def test_empty_input_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(CorpusBuildError, match="no documents"):
+        build_corpus([[]], tmp_path / "out", show_progress=False)
+
+
+def test_cli_exits_non_zero_when_the_build_keeps_nothing(tmp_path: Path) -> None:
+    (tmp_path / "web.jsonl").write_text(json.dumps({"text": ENGLISH_ARTICLE}) + "\n", encoding="utf-8")
+    args = ["data", "build", str(tmp_path / "web.jsonl"), "--out", str(tmp_path / "out"), "--no-progress"]
+    failed = CliRunner().invoke(app, [*args, "--profile", "code", "--workers", "1"])
+    assert failed.exit_code == 1 and "removed most by mean_line_chars 1" in failed.output
+    kept = CliRunner().invoke(app, [*args, "--workers", "1"])
+    assert kept.exit_code == 0 and "prose/en" in kept.output
+
+
+@pytest.mark.parametrize(("documents", "fraction", "expected"), [(20, 0.1, 2), (10, 0.01, 1), (7, 0.5, 4), (1, 0.5, 0)])
+def test_small_corpus_split_takes_exactly_the_fraction(documents: int, fraction: float, expected: int) -> None:
+    scores = [split_score(f"doc {i}") for i in range(documents)]
+    assert sum(score < validation_cutoff(scores, fraction) for score in scores) == expected
+
+
+def test_large_corpus_split_is_by_hash_alone() -> None:
+    assert validation_cutoff(None, 0.05) == 0.05
+    assert validation_cutoff([0.5, 0.7], 0.0) == 0.0
+
+
+def test_build_of_twenty_documents_holds_out_two_for_a_tenth(tmp_path: Path) -> None:
+    documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]
+    report = build_corpus([documents], tmp_path / "out", CleaningConfig(val_fraction=0.1), show_progress=False)
+    assert (report.train_documents, report.val_documents) == (18, 2)
+    assert len(read_rows(tmp_path / "out")["val"]) == 2

@@ -1,0 +1,181 @@
+"""Kind and language detection, CJK-aware words, profiles, and the rules of each kind on clean text and on junk.
+
+The English and Chinese articles below were written for these tests (one paragraph per line, as web-text JSONL
+stores them); the code is the standard library's own.
+"""
+
+from __future__ import annotations
+
+import random
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from seekstack.corpus.kinds import DetectedKind, detect_kind, words
+from seekstack.corpus.rules import CleaningConfig, TextStats, failed_rule, normalise, rule_kind
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+ENGLISH_ARTICLE = """The city library reopened on Monday after a renovation that took almost two years and cost less than the council had feared. Visitors found brighter reading rooms, a children's floor with its own entrance, and a quiet study hall that stays open until midnight during the examination season.
+Most of the work went into the building's old heating system, which had failed every winter since the nineteen-eighties. Engineers replaced the boilers with heat pumps and insulated the roof, and the library now expects to use about half of the energy it needed before.
+The collection itself has changed less than the rooms. Librarians moved the local history archive from the basement to the second floor, where the light is better and the documents are easier to reach. They also added a small workshop in which volunteers repair damaged books and teach visitors how to bind their own notebooks.
+Not everyone is pleased. Some regular readers said that the new furniture is less comfortable than the old armchairs, and a few complained that the café near the entrance makes the ground floor noisy at lunchtime. The director answered that the armchairs will return once they have been reupholstered.
+The library is open every day except public holidays, and membership remains free for residents of the city and its surrounding villages."""  # noqa: E501
+
+CHINESE_ARTICLE = """市图书馆在经历了将近两年的翻修之后，于本周一重新向公众开放。读者们发现，阅览室比以前明亮了许多，儿童区拥有了独立的入口，新的自习室在考试期间每天开放到午夜。
+这次翻修的大部分资金用在了老旧的供暖系统上。从上世纪八十年代起，这套系统几乎每年冬天都会出现故障。工程师们用热泵取代了锅炉，并对屋顶进行了保温处理。馆方预计，今后的能耗大约只有过去的一半。
+馆藏本身的变化不大。馆员们把地方史档案从地下室搬到了二楼，那里光线更好，查阅也更加方便。馆里还开设了一间小小的工作坊，志愿者在这里修补破损的图书，并教读者自己动手装订笔记本。
+也有读者表示不满。一些老读者认为新家具不如原来的扶手椅舒服，还有人抱怨入口附近的咖啡馆让一楼在午饭时间变得嘈杂。馆长回应说，扶手椅重新包面之后就会搬回来。
+图书馆除法定节假日外每天开放，本市及周边乡镇的居民可以免费办理借书证。"""  # noqa: E501
+
+JAPANESE_TEXT = (
+    "市立図書館は、約二年間の改修工事を終えて月曜日に再開した。閲覧室は以前よりずっと明るくなり、"
+    "子ども向けのフロアには専用の入り口が設けられた。試験期間中は自習室が深夜まで開いている。"
+)
+BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+KOREAN_TEXT = "시립 도서관은 약 이 년 동안의 보수 공사를 마치고 월요일에 다시 문을 열었다. 열람실은 훨씬 밝아졌다."
+
+
+def junk(kind: str, rule: str) -> str:
+    """A document of `kind` that `rule` (and only the rules of its kind) should remove."""
+    rng = random.Random(0)
+    if kind == "prose":
+        return {
+            "top_2gram": "\n".join(
+                f"Buy cheap watches online. Cheap watches, best cheap watches, cheap watches for sale {i}."
+                for i in range(8)
+            ),
+            "terminal_line_fraction": "\n".join(
+                ["Home", "About us", "Products", "Services", "Contact", "Login", "Register", "Cart", "Checkout", "Help"]
+                * 3
+                + [ENGLISH_ARTICLE.split("\n")[0]]
+            ),
+            "max_mean_word_chars": ENGLISH_ARTICLE.split("\n")[0]
+            + "\n"
+            + " ".join("".join(rng.choices(BASE64, k=76)) for _ in range(30)),
+            "symbol_word_ratio": ENGLISH_ARTICLE.split("\n")[0]
+            + "\n"
+            + " ".join(f"#deal{i} #sale #win" for i in range(20)),
+            "min_chars": "Subscribe to our newsletter for the latest offers and updates from the team today.",
+        }[rule]
+    if kind == "cjk":
+        return {
+            "top_3gram": "点击这里免费下载最新电影，" * 30 + "。",
+            "terminal_line_fraction": "\n".join(["首页", "新闻中心", "产品介绍", "联系我们", "登录", "注册"] * 6),
+            "min_chars": "欢迎访问本网站。",
+            "duplicate_lines": CHINESE_ARTICLE.split("\n")[0]
+            + "\n"
+            + "\n".join(["本站内容仅供参考，转载请注明出处。"] * 6),  # noqa: E501
+        }[rule]
+    return {
+        "mean_line_chars": "\n".join("var a=function(b){return b*2};" * 8 + f"var x{i}=a({i});" for i in range(20)),
+        "digit_fraction": "DATA = [\n"
+        + "\n".join(f"    {rng.randint(0, 10**9)}, {rng.randint(0, 10**9)}," for _ in range(80))
+        + "\n]\n",
+        "duplicate_lines": "def f():\n" + "    print('spam')\n" * 40,
+    }[rule]
+
+
+JUNK = [
+    ("prose", rule)
+    for rule in ("top_2gram", "terminal_line_fraction", "max_mean_word_chars", "symbol_word_ratio", "min_chars")
+]
+JUNK += [("cjk", rule) for rule in ("top_3gram", "terminal_line_fraction", "min_chars", "duplicate_lines")]
+JUNK += [("code", rule) for rule in ("mean_line_chars", "digit_fraction", "duplicate_lines")]
+
+
+def test_words_split_cjk_into_characters_and_keep_latin_words_whole() -> None:
+    assert words("Rust 是一门语言。hello world") == ["Rust", "是", "一", "门", "语", "言", "。hello", "world"]
+    assert words("plain  english\ttext") == ["plain", "english", "text"]
+    assert len(words(CHINESE_ARTICLE)) > 300 and len(CHINESE_ARTICLE.split()) == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (ENGLISH_ARTICLE, DetectedKind("prose", "en")),
+        (CHINESE_ARTICLE, DetectedKind("cjk", "zh")),
+        (JAPANESE_TEXT, DetectedKind("cjk", "ja")),
+        (KOREAN_TEXT, DetectedKind("cjk", "ko")),
+        ((STDLIB / "textwrap.py").read_text(encoding="utf-8"), DetectedKind("code", "python")),
+        ('#include <stdio.h>\nint main(void) {\n    printf("hi\\n");\n    return 0;\n}\n', DetectedKind("code", "c")),
+        (
+            "fn main() {\n    let mut total = 0;\n    for i in 0..10 {\n        total += i;\n    }\n}\n",
+            DetectedKind("code", "rust"),
+        ),  # noqa: E501
+        (
+            "Le musée ouvre ses portes demain pour une exposition consacrée aux peintres du Nord.",
+            DetectedKind("prose", "und"),
+        ),  # noqa: E501
+    ],
+)
+def test_detect_kind_and_language(text: str, expected: DetectedKind) -> None:
+    assert detect_kind(text) == expected
+
+
+def test_chinese_tutorial_with_code_listing_is_cjk() -> None:
+    listing = 'fn main() {\n    let x = 5;\n    println!("{}", x);\n}\n'
+    assert detect_kind(CHINESE_ARTICLE[:200] + "\n" + listing + CHINESE_ARTICLE[200:]).kind == "cjk"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [(ENGLISH_ARTICLE, "prose"), (CHINESE_ARTICLE, "cjk"), ((STDLIB / "argparse.py").read_text(), "code")],
+)
+def test_clean_document_of_each_kind_passes_the_defaults(text: str, kind: str) -> None:
+    config = CleaningConfig()
+    chosen, _ = rule_kind(normalise(text), config.profile)
+    assert chosen == kind
+    assert failed_rule(normalise(text), config.rules_for(kind)) is None
+
+
+@pytest.mark.parametrize(("kind", "rule"), JUNK)
+def test_junk_of_each_kind_is_removed_by_its_rule(kind: str, rule: str) -> None:
+    text = normalise(junk(kind, rule))
+    config = CleaningConfig()
+    detected, _ = rule_kind(text, "auto")
+    assert detected == kind
+    assert failed_rule(text, config.rules_for(kind)) == rule
+
+
+def test_chinese_article_failed_the_old_word_rules() -> None:
+    """The issue's case: without CJK-aware words the article has five 'words' and fails min_words."""
+    assert len(CHINESE_ARTICLE.split()) < CleaningConfig().cjk.min_words <= TextStats(CHINESE_ARTICLE).words.__len__()
+
+
+def test_prose_one_paragraph_per_line_passes_but_fails_code_line_rules() -> None:
+    config = CleaningConfig()
+    assert failed_rule(ENGLISH_ARTICLE, config.prose) is None
+    assert failed_rule(ENGLISH_ARTICLE, config.code) == "mean_line_chars"
+
+
+@pytest.mark.parametrize(
+    ("profile", "text", "kind"),
+    [
+        ("auto", ENGLISH_ARTICLE, "prose"),
+        ("auto", CHINESE_ARTICLE, "cjk"),
+        ("web", (STDLIB / "textwrap.py").read_text(), "prose"),
+        ("web", CHINESE_ARTICLE, "cjk"),
+        ("code", ENGLISH_ARTICLE, "code"),
+        ("zh", ENGLISH_ARTICLE, "cjk"),
+    ],
+)
+def test_profile_chooses_the_rules_and_the_report_keeps_the_detected_kind(profile: str, text: str, kind: str) -> None:
+    chosen, label = rule_kind(normalise(text), profile)  # type: ignore[arg-type]
+    assert chosen == kind
+    assert label == detect_kind(normalise(text)).label
+
+
+def test_cjk_ngram_repetition_counts_characters() -> None:
+    stats = TextStats(junk("cjk", "top_3gram"))
+    assert stats.top_ngram_char_fraction(4) > 0.25
+    assert TextStats(CHINESE_ARTICLE).top_ngram_char_fraction(2) < 0.05
+
+
+def test_a_source_code_suffix_makes_a_document_code() -> None:
+    docs_in_a_module = '"""' + ENGLISH_ARTICLE + '"""\n'
+    assert detect_kind(docs_in_a_module) == DetectedKind("prose", "en")
+    assert detect_kind(docs_in_a_module, "pydoc_data/topics.py") == DetectedKind("code", "python")
+    assert detect_kind(ENGLISH_ARTICLE, "notes.txt") == DetectedKind("prose", "en")
+    assert rule_kind(docs_in_a_module, "auto", "lib/main.rs") == ("code", "code/rust")

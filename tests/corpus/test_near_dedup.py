@@ -1,0 +1,48 @@
+"""Near-duplicate recall and precision on a generated corpus with planted near duplicates (bench/data_near_dedup.py
+sweeps more edit rates and thresholds)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from seekstack.corpus.dedup import NearDeduplicator
+from tests.corpus.test_kinds import CHINESE_ARTICLE
+
+WORDS = ["".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=5)) for i in range(5000)]
+WEIGHTS = [1 / (rank + 1) for rank in range(len(WORDS))]  # Zipf: unrelated documents share common words
+
+
+def planted_corpus(originals: int, edit_rate: float, seed: int = 0) -> list[tuple[str, bool]]:
+    """Originals, unrelated documents, then a copy of each original with `edit_rate` of its words replaced;
+    each as (text, is a planted copy)."""
+    rng = random.Random(seed)
+    bases = [rng.choices(WORDS, weights=WEIGHTS, k=300) for _ in range(2 * originals)]
+    copies = [[rng.choice(WORDS) if rng.random() < edit_rate else w for w in base] for base in bases[:originals]]
+    return [(" ".join(text), False) for text in bases] + [(" ".join(text), True) for text in copies]
+
+
+def recall_precision(corpus: list[tuple[str, bool]], threshold: float = 0.8) -> tuple[float, float]:
+    dedup = NearDeduplicator(threshold=threshold)
+    flagged = [planted for number, (text, planted) in enumerate(corpus) if dedup.is_duplicate(str(number), text)]
+    planted_total = sum(planted for _, planted in corpus)
+    return sum(flagged) / planted_total, (sum(flagged) / len(flagged) if flagged else 1.0)
+
+
+@pytest.mark.parametrize(
+    ("edit_rate", "min_recall", "max_recall"), [(0.0, 1.0, 1.0), (0.01, 0.85, 1.0), (0.1, 0.0, 0.05)]
+)
+def test_near_dedup_recall_falls_with_the_edit_rate_and_precision_stays_one(
+    edit_rate: float, min_recall: float, max_recall: float
+) -> None:
+    recall, precision = recall_precision(planted_corpus(60, edit_rate))
+    assert min_recall <= recall <= max_recall
+    assert precision == 1.0
+
+
+def test_near_dedup_finds_an_edited_chinese_article() -> None:
+    dedup = NearDeduplicator(threshold=0.8)
+    assert not dedup.is_duplicate("original", CHINESE_ARTICLE)
+    assert dedup.is_duplicate("edited", CHINESE_ARTICLE.replace("周一", "周二").replace("热泵", "地源热泵"))
+    assert not dedup.is_duplicate("other", CHINESE_ARTICLE[::-1])

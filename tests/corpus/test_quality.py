@@ -1,0 +1,92 @@
+"""The quality classifier: it separates a reference set from junk on held-out documents, is deterministic, saves
+and loads, and selection keeps the threshold or the top fraction."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from seekstack.cli import app
+from seekstack.corpus.quality import QualityModel, ngram_ids, select_corpus, train_quality_model
+from tests.corpus.test_kinds import STDLIB
+
+MODULES = sorted(path for path in STDLIB.glob("*.py") if path.stat().st_size > 3000)[:60]
+CODE = [path.read_text(encoding="utf-8")[:6000] for path in MODULES]
+
+
+def salad(seed: int) -> str:
+    """Tokens of the same modules in random order: the same vocabulary, none of the structure."""
+    rng = random.Random(seed)
+    return " ".join(rng.choices(" ".join(CODE[:10]).split(), k=600))
+
+
+@pytest.fixture(scope="module")
+def model() -> QualityModel:
+    return train_quality_model(CODE[:40], [salad(i) for i in range(40)], buckets=2**16)
+
+
+def test_classifier_ranks_held_out_reference_above_held_out_junk(model: QualityModel) -> None:
+    reference = [model.score(text) for text in CODE[40:]]
+    junk = [model.score(salad(1000 + i)) for i in range(20)]
+    assert min(reference) > max(junk)
+    assert min(reference) > 0.5 > max(junk)
+
+
+def test_training_is_deterministic_for_a_seed_and_the_model_round_trips(model: QualityModel, tmp_path: Path) -> None:
+    again = train_quality_model(CODE[:40], [salad(i) for i in range(40)], buckets=2**16)
+    assert np.array_equal(again.weights, model.weights) and again.bias == model.bias
+    loaded = QualityModel.load(model.save(tmp_path / "quality.npz"))
+    assert loaded.score(CODE[50]) == model.score(CODE[50])
+
+
+def test_cjk_text_gets_character_ngrams() -> None:
+    assert len(ngram_ids("质量分类器", 1000)) == 5 + 4
+
+
+def test_training_needs_both_classes() -> None:
+    with pytest.raises(ValueError, match="both reference"):
+        train_quality_model(CODE[:3], [])
+
+
+def write_corpus(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as train:
+        for number, text in enumerate(texts):
+            train.write(json.dumps({"id": f"d{number}", "text": text, "source": "t", "kind": "code/python"}) + "\n")
+    (folder / "val.jsonl").write_text(json.dumps({"id": "v", "text": CODE[59], "source": "t"}) + "\n")
+    return folder
+
+
+def test_select_keeps_the_top_fraction_and_scores_every_row(model: QualityModel, tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:50] + [salad(2000 + i) for i in range(10)])
+    summary = select_corpus(model, corpus, tmp_path / "top", top_fraction=0.5)
+    rows = [json.loads(line) for line in open(tmp_path / "top" / "train.jsonl")]
+    assert summary["selected"] == 10 and sorted(row["id"] for row in rows) == sorted(f"d{i}" for i in range(10))
+    assert all(row["quality"] >= summary["threshold"] and row["kind"] == "code/python" for row in rows)
+    assert "quality" in json.loads((tmp_path / "top" / "val.jsonl").read_text())
+    by_threshold = select_corpus(model, corpus, tmp_path / "t", threshold=0.99999)
+    assert by_threshold["selected"] < 10
+    with pytest.raises(ValueError, match="exactly one"):
+        select_corpus(model, corpus, tmp_path / "x", threshold=0.5, top_fraction=0.5)
+
+
+def test_cli_trains_and_selects(tmp_path: Path) -> None:
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pool").mkdir()
+    for number, text in enumerate(CODE[:20]):
+        (tmp_path / "ref" / f"{number}.py").write_text(text)
+    for number in range(20):
+        (tmp_path / "pool" / f"{number}.txt").write_text(salad(number))
+    model_path = tmp_path / "q.npz"
+    args = ["data", "quality-train", "--reference", str(tmp_path / "ref"), "--pool", str(tmp_path / "pool")]
+    trained = CliRunner().invoke(app, [*args, "--out", str(model_path)])
+    assert trained.exit_code == 0 and "20 reference and 20 pool documents" in trained.output
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:45] + [salad(3000 + i) for i in range(5)])
+    args = ["data", "select", "--corpus", str(corpus), "--model", str(model_path), "--out", str(tmp_path / "sel")]
+    selected = CliRunner().invoke(app, [*args, "--top-fraction", "0.5"])
+    assert selected.exit_code == 0 and "selected 5 of 10 training documents" in selected.output
