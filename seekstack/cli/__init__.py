@@ -18,7 +18,7 @@ STAGES = (
     "generate",
     "serve",
     "compress",
-    "posttrain",
+    "adapters",
 )
 
 app = typer.Typer(

@@ -38,6 +38,9 @@ Compile = Annotated[
     bool, typer.Option(help="Decode with torch.compile: a first step of ~15-30 s compiling, then ~2x faster steps")
 ]
 Threads = Annotated[int | None, typer.Option(help="torch threads; 1 is fastest for small models on a busy CPU")]
+Adapter = Annotated[
+    Path | None, typer.Option(help="LoRA adapter folder (peft format, from `lora train`), merged into the weights")
+]
 Stop = Annotated[
     list[str] | None,
     typer.Option(help=r"Stop before this text (repeatable); \n, \t, \r, \\ and \uXXXX are read as escapes"),
@@ -75,6 +78,7 @@ def generate_command(
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     compile: Compile = EngineOptions.compile,
     threads: Threads = None,
+    adapter: Adapter = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with tokens and timings (errors too)")
     ] = False,
@@ -92,7 +96,7 @@ def generate_command(
             ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
         ).validate()  # fmt: skip
         options = EngineOptions(max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, compile=compile)
-        engine = load_engine(model, tokenizer, options, threads)
+        engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
         params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)
@@ -119,6 +123,7 @@ def chat_command(
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     compile: Compile = EngineOptions.compile,
     threads: Threads = None,
+    adapter: Adapter = None,
 ) -> None:
     """Chat in the terminal with streamed replies; /reset, /system TEXT, /quit; Ctrl-C stops a reply.
 
@@ -131,7 +136,7 @@ def chat_command(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         ).validate()
         options = EngineOptions(max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, compile=compile)
-        engine = load_engine(model, tokenizer, options, threads)
+        engine = load_engine(model, tokenizer, options, threads, adapter)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
     if reason:
         note = f"{engine.model_name} looks like a base model with no chat training ({reason})"
@@ -148,8 +153,11 @@ def chat_command(
     run_chat(session, line_reader(interactive), write, prompt="> " if interactive else "")
 
 
-def load_engine(model: Path, tokenizer: Path | None, options: EngineOptions, threads: int | None) -> Engine:
-    """`Engine.from_pretrained` with the command's options; a missing tokenizer is told in the command's words."""
+def load_engine(
+    model: Path, tokenizer: Path | None, options: EngineOptions, threads: int | None, adapter: Path | None = None
+) -> Engine:
+    """`Engine.from_pretrained` with the command's options (and LoRA adapter); a missing tokenizer is told in the
+    command's words."""
     import torch
 
     from seekstack.infer.engine import Engine
@@ -161,7 +169,7 @@ def load_engine(model: Path, tokenizer: Path | None, options: EngineOptions, thr
         torch.set_num_threads(threads)
     if tokenizer is None and model.is_dir() and not (model / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
-    return Engine.from_pretrained(model, tokenizer=tokenizer, **options.engine_kwargs())
+    return Engine.from_pretrained(model, tokenizer=tokenizer, adapter=adapter, **options.engine_kwargs())
 
 
 def unescape(text: str) -> str:

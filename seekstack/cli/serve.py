@@ -40,6 +40,10 @@ def serve_command(
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     compile: Compile = EngineOptions.compile,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = EngineOptions.dtype,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=DIR: a LoRA adapter folder served as model NAME (repeatable; one batch for all)"),
+    ] = None,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
     from seekstack.serve.database import default_database_location
@@ -52,11 +56,24 @@ def serve_command(
         ).validate()  # fmt: skip
         options = ServeOptions(
             host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
-            served_model_name=served_model_name, engine=engine,
+            served_model_name=served_model_name, engine=engine, adapters=_named_adapters(adapter or []),
         )  # fmt: skip
         server_app, summary = build_server(model, options)
     typer.echo(summary)
     run_server(server_app, host, port)
+
+
+def _named_adapters(values: list[str]) -> dict[str, Path]:
+    """`--adapter NAME=DIR` values as {NAME: DIR}; ValueError for a malformed or repeated name."""
+    adapters: dict[str, Path] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--adapter {value!r}: expected NAME=DIR, e.g. --adapter legal=runs/legal")
+        if name in adapters:
+            raise ValueError(f"--adapter {name}=...: the name is given twice")
+        adapters[name] = Path(folder)
+    return adapters
 
 
 @keys_app.command("create")

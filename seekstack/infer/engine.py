@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ class _Request:
     drafts: list[int] = field(default_factory=list)  # the MTP module's guesses for the K tokens after the pending one
     scheduled_at: float | None = None  # time.perf_counter() when admitted out of `waiting`
     output_ids: list[int] = field(default_factory=list)  # tokens handed out
+    adapter_slot: int = 0  # the LoRA adapter its rows use (seekstack.adapters.multi); 0 = the base model
 
 
 class Engine:
@@ -67,7 +68,10 @@ class Engine:
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
         compile: bool = EngineOptions.compile,
+        adapters: Mapping[str, str | Path] | None = None,
     ):
+        """`adapters` name LoRA adapter folders (peft format) that requests may pick by name (`add_request`); rows
+        of different adapters share every step, each with its own adapter (seekstack.adapters.multi)."""
         self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
         self.model = model.to(self.device).eval()
         self.config = model.config
@@ -78,6 +82,8 @@ class Engine:
                 f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's "
                 f"vocab_size={self.config.vocab_size}: they do not belong together"
             )
+        if adapters and compile:
+            raise ValueError("compile=True does not support LoRA adapters yet: serve adapters without --compile")
         if speculative and len(model.mtp) == 0:
             raise ValueError("speculative decoding needs an MTP module; this model has num_nextn_predict_layers=0")
         for name, value in (
@@ -98,6 +104,9 @@ class Engine:
         self.draft_slots = self.draft_tokens + self.lookahead
         if num_blocks is None:
             num_blocks = max_batch_size * math.ceil((self.max_model_len + self.draft_slots) / block_size) + 1
+        from seekstack.adapters.multi import attach_adapters
+
+        self.lora = attach_adapters(self.model, adapters or {})
         self.cache = PagedLatentCache(self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device)
         self.waiting: deque[_Request] = deque()
         self.prefilling: list[_Request] = []
@@ -125,11 +134,14 @@ class Engine:
         model_dir: str | Path,
         tokenizer: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
+        adapter: str | Path | None = None,
         **kwargs,
     ) -> Engine:
         """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
 
-        A missing folder, config or tokenizer is reported before any weights load."""
+        `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
+        (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer is
+        reported before any weights load."""
         model_dir = Path(model_dir)
         read_config(model_dir)  # CheckpointError naming the folder when it does not exist or has no config.json
         if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
@@ -138,7 +150,12 @@ class Engine:
             )
         loaded_tokenizer = Tokenizer.from_file(tokenizer or model_dir)
         device = kwargs.get("device") or "cpu"
-        engine = cls(load_pretrained(model_dir, dtype=dtype, device=device), loaded_tokenizer, **kwargs)
+        model = load_pretrained(model_dir, dtype=dtype, device=device)
+        if adapter is not None:
+            from seekstack.adapters.files import merged_model
+
+            model = merged_model(model, adapter)
+        engine = cls(model, loaded_tokenizer, **kwargs)
         engine.model_name = model_dir.resolve().name
         return engine
 
@@ -160,9 +177,16 @@ class Engine:
         return dataclasses.replace(params, max_new_tokens=room), notice
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        """Queue a request; raises ValueError for an empty prompt, unknown token ids or one that cannot fit."""
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, adapter: str | None = None
+    ) -> str:
+        """Queue a request, on the base model or on the loaded LoRA adapter named `adapter`; raises ValueError for an
+        empty prompt, unknown token ids, one that cannot fit, or an adapter not loaded."""
         params = params.validate()
+        try:
+            adapter_slot = self.lora.slot(adapter)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
         prompt_ids = [int(token) for token in prompt_ids]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
@@ -197,7 +221,15 @@ class Engine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens)
             request = _Request(
-                request_id, prompt_ids, params, generator, stream, frozenset(stop_ids), penalties, list(prompt_ids)
+                request_id,
+                prompt_ids,
+                params,
+                generator,
+                stream,
+                frozenset(stop_ids),
+                penalties,
+                list(prompt_ids),
+                adapter_slot=adapter_slot,
             )
             self.waiting.append(request)
         return request_id
@@ -360,6 +392,7 @@ class Engine:
         """Plan the cache for the next forward; the rows' token ids padded to one width and their positions (B, T)."""
         width = max(counts)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
+        self.lora.select([r.adapter_slot for r in batch], self.device)
         return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, self.lookahead)
 
     def _draft(
@@ -467,15 +500,23 @@ class Engine:
             self.abort(request_id)  # a consumer that stops early frees the request's blocks
 
     def generate(
-        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        adapters: list[str | None] | None = None,
     ) -> list[Completion]:
-        """Add all prompts (text is encoded without BOS, as training shards are), step until all finish."""
+        """Add all prompts (text is encoded without BOS, as training shards are), each on the base or on the loaded
+        adapter `adapters` names for it, and step until all finish."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling parameter sets")
+        adapter_list = adapters if adapters is not None else [None] * len(prompts)
+        if not len(params_list) == len(adapter_list) == len(prompts):
+            counts = f"{len(params_list)} sampling parameter sets and {len(adapter_list)} adapters"
+            raise ValueError(f"{len(prompts)} prompts but {counts}")
         prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         started = time.perf_counter()
-        request_ids = [self.add_request(ids, p) for ids, p in zip(prompt_ids, params_list, strict=True)]
+        request_ids = [
+            self.add_request(ids, p, adapter=a) for ids, p, a in zip(prompt_ids, params_list, adapter_list, strict=True)
+        ]
         parts: dict[str, list[RequestOutput]] = {request_id: [] for request_id in request_ids}
         first_token: dict[str, float] = {}
         finished_at: dict[str, float] = {}

@@ -168,8 +168,23 @@ class Server:
         return key
 
     def models(self) -> ModelList:
-        return ModelList(
-            data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)]
+        """The base model, then each LoRA adapter loaded on it."""
+        common = dict(created=self.created, max_model_len=self.engine.max_model_len)
+        adapters = [
+            ModelCard(id=name, root=str(root), parent=self.model_name, **common)
+            for name, root in self.engine.lora.folders.items()
+        ]
+        return ModelList(data=[ModelCard(id=self.model_name, **common), *adapters])
+
+    def adapter_for(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 in OpenAI's shape for an unknown one."""
+        if model == self.model_name:
+            return None
+        if model in self.engine.lora.folders:
+            return model
+        known = ", ".join(repr(card.id) for card in self.models().data)
+        raise APIError(
+            404, f"the model {model!r} does not exist; this server has {known}", "model", code="model_not_found"
         )
 
     async def generate(self, request: Request, schema: type[ChatCompletionRequest | CompletionRequest]) -> Response:
@@ -181,16 +196,13 @@ class Server:
                 body = schema.model_validate_json(await request.body())
             except ValidationError as error:
                 raise invalid_body(error) from None
-            if body.model != self.model_name:
-                raise APIError(
-                    404, f"the model {body.model!r} does not exist; this server has {self.model_name!r}", "model",
-                    code="model_not_found",
-                )  # fmt: skip
+            bill.model = body.model  # the ledger records which model served (or was asked for)
+            adapter = self.adapter_for(body.model)
             prompt = prompt_ids(body, self.engine.tokenizer)
             choices = sampling_params(body, len(prompt), self.engine.max_model_len)
             charge = self.admit(bill.key, len(prompt) + sum(params.max_new_tokens for params in choices))
             try:
-                group = await self.bridge.submit(prompt, choices)
+                group = await self.bridge.submit(prompt, choices, adapter)
             except ValueError as error:
                 if charge:
                     self.limiter.settle(charge, 0)
@@ -249,7 +261,7 @@ class Server:
             finish_reasons[index] = output.finish_reason
             completion_tokens[index] = output.completion_tokens
             bill.completion_tokens = sum(completion_tokens)
-        common = dict(id=_response_id(is_chat), created=int(time.time()), model=self.model_name, usage=bill.usage())
+        common = dict(id=_response_id(is_chat), created=int(time.time()), model=bill.model, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
                 choices=[
@@ -286,7 +298,7 @@ class Server:
         completion_tokens, text_offsets = [0] * n, [0] * n
         try:
             if is_chat:
-                yield sse(self._chat_chunk(response_id, created, [_role_choice(i) for i in range(n)]))
+                yield sse(self._chat_chunk(response_id, created, bill.model, [_role_choice(i) for i in range(n)]))
             async for index, output in group:
                 completion_tokens[index] = output.completion_tokens
                 bill.completion_tokens = sum(completion_tokens)
@@ -300,7 +312,7 @@ class Server:
                         logprobs=chat_logprobs(output.logprobs) if body.logprobs and output.logprobs else None,
                         finish_reason=output.finish_reason,
                     )
-                    yield sse(self._chat_chunk(response_id, created, [choice]))
+                    yield sse(self._chat_chunk(response_id, created, bill.model, [choice]))
                 else:
                     logprobs = None
                     if body.logprobs is not None and output.logprobs:
@@ -309,20 +321,20 @@ class Server:
                     choice = CompletionChoice(
                         index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason
                     )
-                    yield sse(
-                        CompletionResponse(id=response_id, created=created, model=self.model_name, choices=[choice])
-                    )
+                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[choice]))
             if body.stream_options and body.stream_options.include_usage:
                 kind = ChatCompletionChunk if is_chat else CompletionResponse
-                yield sse(kind(id=response_id, created=created, model=self.model_name, choices=[], usage=bill.usage()))
+                yield sse(kind(id=response_id, created=created, model=bill.model, choices=[], usage=bill.usage()))
             await bill.record_async(200)
         except Exception as error:  # the status line has gone: the client learns it from an error event
             await bill.record_async(500)
             yield sse(_server_error(error).body())
         yield "data: [DONE]\n\n"
 
-    def _chat_chunk(self, response_id: str, created: int, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=response_id, created=created, model=self.model_name, choices=choices)
+    def _chat_chunk(
+        self, response_id: str, created: int, model: str, choices: list[ChatChunkChoice]
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices)
 
     def usage_report(self, request: Request) -> dict:
         """Admin: tokens and cost per key and day, optionally for one key and from a day on."""

@@ -95,13 +95,16 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def submit(self, prompt_ids: list[int], choices: list[SamplingParams]) -> RequestGroup:
-        """Add one engine request per choice; a ValueError (prompt too long, bad parameter) adds none.
+    async def submit(
+        self, prompt_ids: list[int], choices: list[SamplingParams], adapter: str | None = None
+    ) -> RequestGroup:
+        """Add one engine request per choice, on the base or the LoRA adapter named `adapter`; a ValueError (prompt
+        too long, bad parameter) adds none.
 
         `add_request` waits for the engine's lock, which a step holds throughout: it runs in a worker thread."""
         group = RequestGroup(self, [f"req-{uuid.uuid4().hex}" for _ in choices])
         arrival, loop = time.perf_counter(), asyncio.get_running_loop()
-        await asyncio.to_thread(self._add, group, loop, arrival, prompt_ids, choices)
+        await asyncio.to_thread(self._add, group, loop, arrival, prompt_ids, choices, adapter)
         return group
 
     def _add(
@@ -111,6 +114,7 @@ class AsyncEngine:
         arrival: float,
         prompt_ids: list[int],
         choices: list[SamplingParams],
+        adapter: str | None,
     ) -> None:
         added: list[str] = []
         try:
@@ -118,7 +122,7 @@ class AsyncEngine:
                 timing = _Timing(arrival)
                 with self._lock:  # routed before added, so no output can arrive unrouted
                     self._routes[request_id] = (loop, group.queue, index, timing)
-                self.engine.add_request(prompt_ids, params, request_id)
+                self.engine.add_request(prompt_ids, params, request_id, adapter)
                 added.append(request_id)
         except BaseException:
             self.abort(added)

@@ -28,6 +28,7 @@ class ServeOptions:
     tokenizer: Path | None = None
     served_model_name: str | None = None
     engine: EngineOptions = field(default_factory=EngineOptions)
+    adapters: dict[str, Path] = field(default_factory=dict)  # LoRA adapters by model name (seekstack.adapters)
 
 
 def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
@@ -39,9 +40,15 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
             f"no API keys in {database.location}: refusing to serve without authentication on {options.host}; "
             "create one with `seekstack keys create --name NAME` or serve on 127.0.0.1"
         )
-    engine = Engine.from_pretrained(model_dir, tokenizer=options.tokenizer, **options.engine.engine_kwargs())
+    engine = Engine.from_pretrained(
+        model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs()
+    )
     app = create_app(engine, database, options.served_model_name)
     name = app.state.server.model_name
+    if name in options.adapters:
+        raise ValueError(f"--adapter {name}=...: the name is the base model's; give the adapter another name")
+    if options.adapters:
+        name += " with adapters " + ", ".join(repr(adapter) for adapter in options.adapters)
     access = (
         "OPEN: no API keys configured, anyone on this machine can use it"
         if open_access

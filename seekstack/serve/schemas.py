@@ -92,6 +92,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "seekstack"
     max_model_len: int
+    root: str | None = None  # a LoRA adapter's folder (as vLLM lists adapters)
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):

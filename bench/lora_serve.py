@@ -1,0 +1,82 @@
+"""Serving throughput with 4 LoRA adapters mixed in every batch vs the base model alone, at the same concurrency,
+through the official `openai` client.
+
+    python bench/lora_serve.py BASE ADAPTER [ADAPTER ...] [--concurrency 8] [--requests 32] [--max-tokens 32]
+
+Two `seekstack serve` processes: one with the base only, one with 4 adapters (the given folders, cycled, as
+adapter-1..4). Requests to the second cycle through the 4 adapters, so every decode batch holds rows of all four.
+Rounds alternate between the servers (the CPU may be shared); the medians are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from tests.serve.server import running_server  # noqa: E402  (the test suite's live-server helper)
+
+PROMPTS = ["The licence", "Permission is hereby granted", "You may not", "This program is free", "def main():"]
+
+
+def round_throughput(api: openai.OpenAI, models: list[str], args: argparse.Namespace) -> float:
+    """Completion tokens per second over `args.requests` requests, `args.concurrency` at a time."""
+
+    def one(number: int) -> int:
+        reply = api.completions.create(
+            model=models[number % len(models)], prompt=PROMPTS[number % len(PROMPTS)], max_tokens=args.max_tokens,
+            temperature=0.8, seed=number, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return reply.usage.completion_tokens
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        tokens = sum(pool.map(one, range(args.requests)))
+    return tokens / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", type=Path)
+    parser.add_argument("adapters", type=Path, nargs="+")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    names = [f"adapter-{i + 1}" for i in range(4)]
+    flags = [
+        f for i, name in enumerate(names) for f in ("--adapter", f"{name}={args.adapters[i % len(args.adapters)]}")
+    ]
+    base_name = args.base.resolve().name
+    common = ("--max-batch-size", str(args.concurrency))
+    with tempfile.TemporaryDirectory() as scratch:
+        with (
+            running_server(args.base, Path(scratch) / "base.db", *common, timeout_s=300) as plain,
+            running_server(args.base, Path(scratch) / "lora.db", *common, *flags, timeout_s=300) as multi,
+        ):
+            plain_api = openai.OpenAI(base_url=f"{plain.url}/v1", api_key="-", max_retries=0, timeout=600)
+            multi_api = openai.OpenAI(base_url=f"{multi.url}/v1", api_key="-", max_retries=0, timeout=600)
+            round_throughput(plain_api, [base_name], args)  # warm-up of both
+            round_throughput(multi_api, names, args)
+            base_rates, lora_rates = [], []
+            for number in range(args.rounds):
+                base_rates.append(round_throughput(plain_api, [base_name], args))
+                lora_rates.append(round_throughput(multi_api, names, args))
+                print(f"round {number + 1}: base {base_rates[-1]:.1f} tok/s, 4 adapters {lora_rates[-1]:.1f} tok/s")
+    base_rate, lora_rate = statistics.median(base_rates), statistics.median(lora_rates)
+    print(
+        f"concurrency {args.concurrency}, {args.requests} requests x {args.max_tokens} tokens per round: base alone "
+        f"{base_rate:.1f} tok/s, 4 adapters in every batch {lora_rate:.1f} tok/s: {lora_rate / base_rate:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

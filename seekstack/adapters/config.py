@@ -1,0 +1,96 @@
+"""The LoRA settings of an adapter, and the peft `LoraConfig` they make for a model.
+
+LoRA (Hu et al. 2021): a frozen weight W gains a trainable low-rank update, W x + (alpha / r) B A x, with
+A (r, in) random and B (out, r) zero at the start, so training starts from the base model exactly.
+
+Targets. Attention projections are `nn.Linear` modules and are targeted as modules (peft's `lora.Linear`). The
+feed-forward weights are targeted as parameters (peft's `target_parameters`, `lora.ParamWrapper`): the routed
+experts because they are stacked 3-D parameters (E, out, in), one LoRA pair per expert; the dense FFNs and shared
+experts because peft, under transformers 5, rewrites any *module* target named gate_proj/up_proj/down_proj of a
+`deepseek_v3` model into the fused routed experts (its v4 -> v5 conversion), which would drop those layers from the
+adapter. peft's ParamWrapper refuses dropout, so `dropout` > 0 needs `feed_forward` and `experts` empty.
+Targets are listed by full name per main layer (`layers.3.self_attn.o_proj`): the MTP module stays untouched, and
+peft matches the names as suffixes, so the same adapter_config.json selects the same layers in `transformers`.
+The output head is not a target: the fused head + loss (model/head_loss.py) reads lm_head.weight outside the
+module's forward, where a ParamWrapper's update does not apply, so it would train nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from seekstack.config import ModelConfig
+from seekstack.schema import Fraction, Positive, PositiveFloat, load_config, recheck, require, write_config
+
+if TYPE_CHECKING:
+    import peft
+
+CONFIG_FILE = "lora_config.json"  # the run's AdapterConfig, beside train_config.json
+ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+FEED_FORWARD = ("gate_proj", "up_proj", "down_proj")
+EXPERTS = ("gate_up_proj", "down_proj")
+
+
+@dataclass
+class AdapterConfig:
+    """Rank, scale, dropout and targets of a LoRA adapter (`lora.FIELD=VALUE` on `seekstack lora train`)."""
+
+    rank: Positive = 8  # r
+    alpha: PositiveFloat = 16.0  # the update is scaled by alpha / r
+    dropout: Fraction = 0.0  # on the adapted layers' inputs; only with feed_forward and experts empty (see above)
+    attention: tuple[str, ...] = ATTENTION  # MLA projections to adapt (q_proj or q_a/q_b_proj, whichever exist)
+    feed_forward: tuple[str, ...] = FEED_FORWARD  # projections of the dense FFNs and shared experts
+    experts: tuple[str, ...] = EXPERTS  # stacked parameters of the routed experts
+
+    def validate(self) -> AdapterConfig:
+        config = recheck(self)
+        for name, known in (("attention", ATTENTION), ("feed_forward", FEED_FORWARD), ("experts", EXPERTS)):
+            unknown = sorted(set(getattr(config, name)) - set(known))
+            require(not unknown, name, f"a subset of {', '.join(known)} (not {', '.join(unknown)})")
+        require(
+            config.dropout == 0 or not (config.feed_forward or config.experts),
+            "dropout",
+            "0 when feed_forward or experts are adapted (peft's parameter targets refuse dropout); "
+            "set lora.feed_forward=[] lora.experts=[] for an attention-only adapter with dropout",
+        )
+        return config
+
+    def save(self, folder: str | Path) -> Path:
+        return write_config(self, Path(folder) / CONFIG_FILE)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> AdapterConfig:
+        return load_config(cls, Path(folder) / CONFIG_FILE).validate()
+
+    def peft_config(self, model_config: ModelConfig) -> peft.LoraConfig:
+        """The peft LoraConfig adapting the main layers of a model with `model_config` (not its MTP module)."""
+        from peft import LoraConfig
+
+        modules, parameters = self.targets(model_config)
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=modules or None,
+            target_parameters=parameters or None,
+            bias="none",
+        )
+
+    def targets(self, model_config: ModelConfig) -> tuple[list[str], list[str]]:
+        """(module names, parameter names) to adapt, in seekstack's names, which are suffixes of transformers'."""
+        modules, parameters = [], []
+        query = ("q_proj",) if model_config.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+        for layer in range(model_config.num_hidden_layers):
+            prefix = f"layers.{layer}"
+            for name in self.attention:
+                if name in query or name not in ("q_proj", "q_a_proj", "q_b_proj"):
+                    modules.append(f"{prefix}.self_attn.{name}")
+            if not model_config.is_moe_layer(layer):
+                parameters += [f"{prefix}.mlp.{name}.weight" for name in self.feed_forward]
+                continue
+            if model_config.n_shared_experts:
+                parameters += [f"{prefix}.mlp.shared_experts.{name}.weight" for name in self.feed_forward]
+            parameters += [f"{prefix}.mlp.experts.{name}" for name in self.experts]
+        return modules, parameters

@@ -1,0 +1,140 @@
+"""Adapters on disk in peft's format, and merged into a plain checkpoint.
+
+    ADAPTER/adapter_config.json        peft's LoraConfig (r, lora_alpha, target_modules, target_parameters, ...)
+    ADAPTER/adapter_model.safetensors  base_model.model.{transformers module}.lora_{A,B}.weight
+
+The tensor keys name transformers' modules (`model.layers.0.self_attn.q_a_proj`), translated from ours by the one key
+mapping of `seekstack.checkpoint` (`checkpoint_key`), so `peft.PeftModel.from_pretrained` loads the adapter on the
+`transformers` DeepseekV3ForCausalLM of the base. A parameter target wraps its module once per parameter (peft's
+nested ParamWrapper), which adds `.base_layer` before `lora_A` for all but the outermost; the nesting is the same on
+both sides, so that part of the key is kept as it is.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from seekstack.adapters.config import AdapterConfig
+from seekstack.atomic import staged_files
+from seekstack.checkpoint import CheckpointError, checkpoint_key, load_pretrained, save_pretrained
+from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from seekstack.tokenizer import TOKENIZER_FILE
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what peft puts before the base model's module names
+LORA_KEY = re.compile(r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_[AB]\.weight)")
+
+
+def apply_lora(model: Transformer, config: AdapterConfig, base_path: str | Path = "") -> PeftModel:
+    """`model` under peft with fresh LoRA weights (B = 0: the output is the base model's); only they train."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config.validate().peft_config(model.config))
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_path) or None  # recorded in the adapter
+    return peft_model
+
+
+def save_adapter(model: PeftModel, folder: str | Path) -> None:
+    """adapter_config.json and adapter_model.safetensors into the existing `folder` (the caller makes it atomic)."""
+    from peft import get_peft_model_state_dict
+
+    folder = Path(folder)
+    layers = model.get_base_model().config.num_hidden_layers
+    tensors = {}
+    for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items():
+        module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
+        hf_module = checkpoint_key(f"{module}.weight", layers).removesuffix(".weight")
+        tensors[f"{PEFT_PREFIX}{hf_module}{lora}"] = tensor.detach().to("cpu").contiguous()
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    model.peft_config["default"].save_pretrained(str(folder))
+
+
+def load_adapter(model: Transformer, folder: str | Path) -> PeftModel:
+    """`model` under peft with the adapter saved in `folder`; CheckpointError naming the file when it does not fit."""
+    from peft import LoraConfig, get_peft_model
+
+    folder = Path(folder)
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: no {name}; an adapter folder holds {ADAPTER_CONFIG_FILE} and weights")
+    peft_model = get_peft_model(model, LoraConfig.from_pretrained(str(folder)))
+    restore_adapter(peft_model, folder)
+    return peft_model.eval()
+
+
+def restore_adapter(model: PeftModel, folder: str | Path) -> None:
+    """Read the LoRA weights saved in `folder` into `model`, which peft wrapped with the same targets."""
+    from peft import set_peft_model_state_dict
+
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS_FILE
+    layers = model.get_base_model().config.num_hidden_layers
+    names = [name for name, _ in model.get_base_model().named_modules() if name]
+    ours = {checkpoint_key(f"{name}.weight", layers).removesuffix(".weight"): name for name in names}
+    tensors = {}
+    for key, tensor in load_file(weights).items():
+        hf_module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
+        if hf_module not in ours:
+            raise CheckpointError(
+                f"{weights}: key {key!r} names no module of the base model: the adapter was trained on another base"
+            )
+        tensors[f"{PEFT_PREFIX}{ours[hf_module]}{lora}"] = tensor
+    expected = {key.replace(".default", ""): param for key, param in model.named_parameters() if ".lora_" in key}
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise CheckpointError(
+            f"{weights}: the weights do not match {ADAPTER_CONFIG_FILE} (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}): re-save the adapter"
+        )
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{weights}: key {key!r} has shape {tuple(tensor.shape)}, the base model needs "
+                f"{tuple(expected[key].shape)}: the adapter was trained on another base"
+            )
+    set_peft_model_state_dict(model, tensors)
+
+
+def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
+    """`model` with the adapter in `adapter` folded into its weights: W + alpha/r B A for every adapted weight."""
+    return load_adapter(model, adapter).merge_and_unload()
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Write base + adapter as a plain checkpoint folder (W + alpha/r B A in every adapted weight), with the
+    tokenizer of the adapter or of the base."""
+    out = save_pretrained(merged_model(load_pretrained(base, dtype=torch.float32), adapter), out)
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        source = next((Path(d) / name for d in (adapter, base) if (Path(d) / name).is_file()), None)
+        if source is not None:
+            shutil.copyfile(source, out / name)
+    return out
+
+
+def publish_adapter(checkpoint: str | Path, out: str | Path) -> Path:
+    """Copy a training checkpoint's adapter files (and tokenizer) into `out`, renamed into place together."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    with staged_files(out) as staged:
+        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+            if (checkpoint / name).is_file():
+                shutil.copyfile(checkpoint / name, staged.path(name))
+    return out
+
+
+def _split(key: str, folder: Path) -> tuple[str, str]:
+    """`layers.0.mlp.experts.base_layer.lora_A.weight` -> (`layers.0.mlp.experts`, `.base_layer.lora_A.weight`)."""
+    match = LORA_KEY.fullmatch(key)
+    if match is None:
+        raise CheckpointError(f"{folder}: {key!r} is not a LoRA weight key (...lora_A.weight / ...lora_B.weight)")
+    return match["module"], match["lora"]

@@ -1,0 +1,82 @@
+"""`seekstack lora train`: a LoRA adapter trained by the pretraining trainer, the base model frozen.
+
+The run is an ordinary training run (same loop, metrics.jsonl, progress, atomic checkpoints, exact resume) whose
+`init_from` is the base and whose model hooks (`LoraHooks`) wrap the base with peft and write only the adapter into
+each checkpoint. The adapter folder is the run's `out_dir`: checkpoints/step_N hold each saved adapter with its
+train_state.pt, and the folder itself gets the last one's adapter_config.json and adapter_model.safetensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
+from seekstack.adapters.files import apply_lora, publish_adapter, restore_adapter, save_adapter
+from seekstack.model.transformer import Transformer
+from seekstack.schema import ConfigError, load_config, require
+from seekstack.train.config import TrainConfig, resolve_train_config
+from seekstack.train.trainer import TrainResult, train
+
+PREFIX = "lora."  # overrides of AdapterConfig fields on the command line: lora.rank=16
+# Where a LoRA run differs from pretraining's defaults: the routing biases belong to the frozen base (no bias
+# update), no weight decay on the low-rank factors, a short warmup.
+LORA_DEFAULTS = ("lr=2e-3", "min_lr=2e-4", "warmup_steps=10", "weight_decay=0.0", "bias_update_rate=0.0")
+
+
+@dataclass
+class LoraHooks:
+    """The trainer's model hooks for LoRA: wrap the base with peft, checkpoint the adapter, restore it on resume."""
+
+    config: AdapterConfig
+    base_path: str
+
+    def prepare(self, model: Transformer) -> nn.Module:
+        return apply_lora(model, self.config, self.base_path)
+
+    def write(self, model: nn.Module, folder: Path) -> None:
+        save_adapter(model, folder)
+
+    def restore(self, model: nn.Module, folder: Path) -> None:
+        restore_adapter(model, folder)
+
+
+def lora_train_config(
+    base: str | Path | None,
+    data_dir: str | Path | None,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[TrainConfig, AdapterConfig]:
+    """The run's TrainConfig and AdapterConfig: `lora.FIELD=V` overrides go to the adapter, the rest to training.
+
+    A resumed run starts from the configs saved in `out`."""
+    adapter_overrides = [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
+    train_overrides = [o for o in overrides if not o.startswith(PREFIX)]
+    given = [f"{name}={value}" for name, value in (("init_from", base), ("data_dir", data_dir)) if value is not None]
+    saved = Path(out) / CONFIG_FILE
+    if resume:
+        train_config = resolve_train_config(None, [f"out_dir={out}", *given, *train_overrides], True, warn)
+        adapter = load_config(AdapterConfig, saved, adapter_overrides).validate()
+    else:
+        if base is None or data_dir is None:
+            raise ConfigError("a new LoRA run needs BASE (a checkpoint folder) and DATA (token shards)")
+        train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
+        adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
+    require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
+    return train_config, adapter
+
+
+def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool = False) -> TrainResult:
+    """Train the adapter (or continue the run in `out_dir`); the adapter files end up in `out_dir` itself."""
+    out = Path(train_config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter.save(out)
+    result = train(train_config, resume, LoraHooks(adapter, str(Path(train_config.init_from).resolve())))
+    if result.checkpoint is not None:
+        publish_adapter(result.checkpoint, out)
+    return result

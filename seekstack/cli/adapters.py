@@ -1,0 +1,68 @@
+"""`seekstack lora train` and `seekstack lora merge`: LoRA domain adapters on a frozen base (seekstack/adapters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from seekstack.cli.common import fail, user_errors
+
+lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on token shards, merge.")
+
+
+def train_command(
+    base: Annotated[Path | None, typer.Argument(help="Base checkpoint folder (config.json, safetensors)")] = None,
+    data: Annotated[Path | None, typer.Argument(help="Token shards (from `data tokenize`), with a val split")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key=value: training keys (see `seekstack train --help`) and lora.rank/alpha/dropout/..."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Adapter folder: the run (metrics, checkpoints) and the adapter files")] = (
+        Path("runs/adapter")
+    ),
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint")] = False,
+) -> None:
+    """Train a LoRA adapter on a frozen base with the pretraining trainer; writes adapter_config.json and
+    adapter_model.safetensors (peft's format) into --out."""
+    from seekstack.adapters.training import lora_train_config, train_adapter
+    from seekstack.train.trainer import TrainingDiverged
+
+    with user_errors():
+        if resume and base is not None and "=" in str(base):  # `--resume key=value ...`: only overrides were given
+            overrides, base = [str(base), *([str(data)] if data else []), *(overrides or [])], None
+            data = None
+        train_config, adapter = lora_train_config(base, data, out, overrides or [], resume, _warn)
+        try:
+            result = train_adapter(train_config, adapter, resume)
+        except TrainingDiverged as error:
+            fail(str(error))
+    typer.echo(f"trained to step {result.step}; adapter: {out} (checkpoint {result.checkpoint})")
+
+
+def merge_command(
+    base: Annotated[Path, typer.Argument(help="Base checkpoint folder")],
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder (adapter_config.json, adapter_model.safetensors)")],
+    out: Annotated[Path, typer.Option(help="Folder for the merged checkpoint")],
+) -> None:
+    """Fold the adapter into the base's weights and write a plain checkpoint (loads anywhere the base loads)."""
+    from seekstack.adapters.files import merge_adapter
+
+    with user_errors():
+        written = merge_adapter(base, adapter, out)
+    typer.echo(f"wrote {written}")
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    from seekstack.adapters.config import AdapterConfig
+    from seekstack.schema import describe_fields
+
+    epilog = "Adapter keys (lora.FIELD=VALUE):\n\n" + describe_fields(AdapterConfig)
+    lora_app.command("train", epilog=epilog)(train_command)
+    lora_app.command("merge")(merge_command)
+    app.add_typer(lora_app, name="lora")

@@ -1,0 +1,43 @@
+"""The command line: `lora train`, `lora merge`, and `generate --adapter` giving what the merged checkpoint gives."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from seekstack.cli import app
+from seekstack.train.state import list_checkpoints
+from tests.adapters.support import write_base
+from tests.train.test_trainer import write_split
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_merge_and_generate_with_the_adapter(tmp_path):
+    base = write_base(tmp_path / "base", with_tokenizer=True)
+    write_split(tmp_path / "data", "train", 4_000, seed=1)
+    adapter = tmp_path / "adapter"
+    run = ["seq_len=32", "batch_size=2", "max_steps=2", "eval_every=0", "lr=5e-2", "lora.rank=2", "lora.alpha=8"]
+    invoke("lora", "train", str(base), str(tmp_path / "data"), *run, "--out", str(adapter))
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 2
+    assert [path.name for path in list_checkpoints(adapter)] == ["step_2"]
+    invoke("lora", "merge", str(base), str(adapter), "--out", str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+    def greedy(*model: str) -> list[int]:
+        output = invoke("generate", *model, "def f(", "--temperature", "0", "--max-new-tokens", "6", "--json")
+        return json.loads(output)["token_ids"]
+
+    assert greedy("--model", str(base), "--adapter", str(adapter)) == greedy("--model", str(tmp_path / "merged"))
+
+
+def test_a_malformed_adapter_option_is_explained(tmp_path):
+    result = runner.invoke(app, ["serve", "--model", str(tmp_path), "--adapter", "legal"])
+    assert result.exit_code == 1 and "expected NAME=DIR" in result.output

@@ -1,0 +1,101 @@
+"""Adapters on disk: peft's format, a lossless round trip, transformers + peft agree with us, merging is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import seekstack
+from seekstack.adapters.config import AdapterConfig
+from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter, merge_adapter
+from seekstack.checkpoint import CheckpointError
+from seekstack.schema import ConfigError
+from tests.adapters.support import TINY, prompt_ids, write_base, write_random_adapter
+
+PEFT_ATOL = 1e-4  # ours vs transformers + peft
+MERGE_ATOL = 1e-5  # merged weights vs base + adapter, float32
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("base") / "base")
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    return write_random_adapter(base, tmp_path_factory.mktemp("adapter") / "adapter", seed=1)
+
+
+def logits_with_adapter(base, adapter, ids):
+    with torch.no_grad():
+        return load_adapter(seekstack.load_pretrained(base), adapter)(ids).logits
+
+
+def test_adapter_is_written_in_peft_format_with_transformers_module_names(adapter):
+    config = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 16.0)
+    assert "layers.1.mlp.experts.gate_up_proj" in config["target_parameters"]
+    assert not any(name.startswith("mtp") for name in config["target_modules"] + config["target_parameters"])
+    with safe_open(adapter / ADAPTER_WEIGHTS_FILE, "pt") as weights:
+        keys = set(weights.keys())
+        experts = "base_model.model.model.layers.1.mlp.experts"
+        stacked = [weights.get_tensor(f"{experts}{nested}.lora_A.weight").shape for nested in ("", ".base_layer")]
+    # one (rank x experts, in) factor per stacked parameter: gate_up_proj reads D=32, down_proj reads I=16
+    assert sorted(stacked) == [(16, 16), (16, 32)]
+    assert "base_model.model.model.layers.0.self_attn.kv_b_proj.lora_B.weight" in keys
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in keys  # dense FFN
+    assert "base_model.model.model.layers.1.mlp.shared_experts.down_proj.lora_B.weight" in keys
+    assert all(key.startswith("base_model.model.model.layers.") for key in keys)
+
+
+def test_adapter_round_trip_gives_the_same_logits_and_differs_from_the_base(base, adapter):
+    ids = prompt_ids()
+    first, again = logits_with_adapter(base, adapter, ids), logits_with_adapter(base, adapter, ids)
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        plain = seekstack.load_pretrained(base)(ids).logits
+    assert (first - plain).abs().max() > 100 * PEFT_ATOL
+
+
+def test_peft_loads_the_adapter_on_the_transformers_model_with_our_logits(base, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = prompt_ids()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        theirs = reference(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(ids).logits
+    ours = logits_with_adapter(base, adapter, ids)
+    assert (ours - theirs).abs().max() < PEFT_ATOL
+    assert (plain - theirs).abs().max() > 100 * PEFT_ATOL  # peft applied the adapter on their side too
+
+
+def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):
+    merged_dir = merge_adapter(base, adapter, tmp_path / "merged")
+    assert not (merged_dir / ADAPTER_CONFIG_FILE).exists()
+    ids = prompt_ids(seed=3)
+    with torch.no_grad():
+        merged = seekstack.load_pretrained(merged_dir)(ids).logits
+    assert (merged - logits_with_adapter(base, adapter, ids)).abs().max() < MERGE_ATOL
+
+
+def test_an_adapter_of_another_base_is_refused_naming_the_file(adapter, tmp_path):
+    other = write_base(tmp_path / "other", seed=0)
+    config = json.loads((other / "config.json").read_text())
+    config["hidden_size"], config["q_lora_rank"] = 48, 24  # same layers, other shapes
+    (other / "config.json").write_text(json.dumps(config))
+    wider = seekstack.Transformer(seekstack.ModelConfig.from_dict(config))
+    with pytest.raises(CheckpointError, match=f"{ADAPTER_WEIGHTS_FILE}.*another base"):
+        load_adapter(wider, adapter)
+
+
+def test_dropout_with_parameter_targets_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="dropout"):
+        AdapterConfig(dropout=0.1).validate()
+    attention_only = AdapterConfig(dropout=0.1, feed_forward=(), experts=()).validate()
+    modules, parameters = attention_only.targets(seekstack.preset("tiny", **TINY))
+    assert parameters == [] and "layers.1.self_attn.kv_b_proj" in modules

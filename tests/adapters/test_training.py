@@ -1,0 +1,64 @@
+"""`lora train`: the pretraining trainer trains only the adapter, checkpoints it in peft's format, resumes exactly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import seekstack
+from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter
+from seekstack.adapters.training import lora_train_config, train_adapter
+from seekstack.schema import ConfigError
+from seekstack.train.state import TRAIN_STATE_FILE
+from tests.adapters.support import prompt_ids, write_base
+from tests.train.test_trainer import write_split
+
+RUN = ["seq_len=32", "batch_size=4", "max_steps=6", "save_every=3", "eval_every=3", "eval_batches=2", "lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("shards")
+    write_split(path, "train", 8_000, seed=1)
+    write_split(path, "val", 1_000, seed=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("base") / "base")
+
+
+def test_lora_run_trains_the_adapter_only_and_writes_it_in_peft_format(base, data_dir, tmp_path):
+    before = {k: v.clone() for k, v in seekstack.load_pretrained(base).state_dict().items()}
+    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "adapter", [*RUN, "lora.rank=4"])
+    result = train_adapter(train_config, adapter)
+    out = tmp_path / "adapter"
+    for folder in (out, out / "checkpoints" / "step_6"):
+        assert (folder / ADAPTER_CONFIG_FILE).is_file() and (folder / ADAPTER_WEIGHTS_FILE).is_file()
+    assert not (out / "checkpoints" / "step_6" / "model.safetensors").exists()  # the base is not copied
+    assert (out / "metrics.jsonl").is_file() and result.losses[-1] < result.losses[0]
+    tuned = load_adapter(seekstack.load_pretrained(base), out)
+    base_model = tuned.get_base_model()
+    frozen = {k.replace(".base_layer", ""): v for k, v in base_model.state_dict().items() if ".lora_" not in k}
+    assert all(torch.equal(frozen[k], v) for k, v in before.items())  # the routing biases too
+    ids = prompt_ids()
+    with torch.no_grad():
+        changed = (tuned(ids).logits - seekstack.load_pretrained(base)(ids).logits).abs().max()
+    assert changed > 1e-3
+
+
+def test_lora_run_resumes_exactly(base, data_dir, tmp_path):
+    whole = train_adapter(*lora_train_config(base, data_dir, tmp_path / "whole", RUN))
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_6")
+    assert (tmp_path / "cut" / "checkpoints" / "step_3" / TRAIN_STATE_FILE).is_file()
+    resumed = train_adapter(*lora_train_config(None, None, tmp_path / "cut", resume=True), resume=True)
+    assert resumed.losses == whole.losses[3:]  # bit for bit
+
+
+def test_a_bias_update_is_refused_because_the_base_stays_frozen(base, data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="bias_update_rate"):
+        lora_train_config(base, data_dir, tmp_path, ["bias_update_rate=0.001"])

@@ -1,0 +1,72 @@
+"""Serving LoRA adapters: `--adapter NAME=DIR` models, listed, picked per request, batched together, billed by name."""
+
+from __future__ import annotations
+
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from seekstack.serve.database import open_database
+from seekstack.serve.keys import KeyStore
+from tests.adapters.support import write_random_adapter
+from tests.serve.server import make_model_dir, running_server
+
+MODEL = "model"
+GREEDY = dict(max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    model_dir = make_model_dir(root)
+    adapters = {name: write_random_adapter(model_dir, root / name, seed) for name, seed in (("legal", 1), ("poem", 2))}
+    database = root / "serve.db"
+    keys = KeyStore(open_database(database))
+    key = keys.create("adapters")
+    flags = [flag for name, folder in adapters.items() for flag in ("--adapter", f"{name}={folder}")]
+    with running_server(model_dir, database, *flags) as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=120), database, adapters
+
+
+def complete(api: openai.OpenAI, model: str, prompt: str = "The quick brown") -> str:
+    reply = api.completions.create(model=model, prompt=prompt, **GREEDY)
+    assert reply.model == model
+    return reply.choices[0].text
+
+
+def test_models_lists_the_base_and_each_adapter_with_its_parent(served):
+    api, _, adapters = served
+    cards = api.models.list().data
+    assert [card.id for card in cards] == [MODEL, "legal", "poem"]
+    assert [getattr(card, "parent", None) for card in cards] == [None, MODEL, MODEL]
+    assert getattr(cards[1], "root", None) == str(adapters["legal"])
+
+
+def test_the_request_model_picks_the_adapter_and_the_ledger_records_it(served):
+    api, database, _ = served
+    texts = {model: complete(api, model) for model in (MODEL, "legal", "poem")}
+    assert len(set(texts.values())) == 3  # each adapter changes the greedy continuation
+    assert complete(api, "legal") == texts["legal"]
+    rows = sqlite3.connect(database).execute("SELECT model, status FROM usage ORDER BY id DESC LIMIT 4").fetchall()
+    assert rows[::-1] == [(MODEL, 200), ("legal", 200), ("poem", 200), ("legal", 200)]
+
+
+def test_requests_for_different_adapters_in_one_batch_answer_as_alone(served):
+    api, _, _ = served
+    requests = [(MODEL, "Hello, world"), ("legal", "Hello, world"), ("poem", "def add"), ("legal", "def add")]
+    alone = [complete(api, model, prompt) for model, prompt in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda request: complete(api, *request), requests * 2))
+    assert together == alone * 2
+
+
+def test_an_unknown_model_gets_404_in_openai_shape_naming_the_served_ones(served):
+    api, database, _ = served
+    with pytest.raises(openai.NotFoundError) as refused:
+        complete(api, "medical")
+    assert refused.value.code == "model_not_found"
+    assert "'medical' does not exist; this server has 'model', 'legal', 'poem'" in str(refused.value)
+    row = sqlite3.connect(database).execute("SELECT model, status FROM usage ORDER BY id DESC LIMIT 1").fetchone()
+    assert row == ("medical", 404)
