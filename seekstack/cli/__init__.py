@@ -18,6 +18,7 @@ STAGES = (
     "generate",
     "serve",
     "compress",
+    "evaluate",
     "adapters",
 )
 

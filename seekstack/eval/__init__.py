@@ -1,2 +1,4 @@
-"""Looking at a trained model: the demo's continuations today; the lm-eval backend, attention and
-expert-routing maps and the run report will live here."""
+"""Judging a trained model and looking inside it: the lm-evaluation-harness backend (harness.py) and the local
+tasks (tasks.py) that `seekstack eval` runs (evaluate.py); attention maps (attention_maps.py) and expert routing
+(routing.py) that `seekstack explain` draws (explain.py); the one-page run report (report.py); the demo's
+continuations (samples.py)."""

@@ -1,0 +1,99 @@
+"""`seekstack eval`, `seekstack explain` and `seekstack report`: judging a checkpoint and looking inside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from seekstack.cli.common import user_errors
+
+LOCAL_TASKS = "code_cloze, code_next_line, code_perplexity"  # seekstack/eval/tasks.py; kept here for a fast --help
+
+
+def eval_command(
+    model: Annotated[Path, typer.Argument(help="A checkpoint directory with its tokenizer, or a run's out_dir")],
+    tasks: Annotated[
+        str, typer.Option(help=f"Comma-separated: local tasks ({LOCAL_TASKS}) or any lm_eval task name")
+    ] = "code_cloze,code_next_line,code_perplexity",
+    corpus: Annotated[Path | None, typer.Option(help="Corpus folder whose val.jsonl the local tasks come from")] = Path(
+        "runs/demo/corpus"
+    ),
+    backend: Annotated[str, typer.Option(help="seekstack, or hf: lm_eval's transformers backend")] = "seekstack",
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass / per engine batch")] = 8,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task")] = None,
+    per_module: Annotated[int, typer.Option(min=1, help="Questions per held-out module (cloze, next line)")] = 4,
+    out: Annotated[Path | None, typer.Option(help="Results path without suffix; default MODEL/eval/results")] = None,
+) -> None:
+    """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json and a Markdown table OUT.md."""
+    from seekstack.eval.evaluate import evaluate, results_table, write_results
+    from seekstack.eval.samples import checkpoint_or_latest
+
+    with user_errors():
+        names = tuple(name.strip() for name in tasks.split(",") if name.strip())
+        report = evaluate(checkpoint_or_latest(model), names, corpus, backend, batch_size, limit, per_module)
+        json_path, table_path = write_results(report, out or model / "eval" / "results")
+    typer.echo(results_table(report))
+    typer.echo(f"wall time {report['wall_s']:.1f} s; wrote {json_path} and {table_path}")
+
+
+def explain_command(
+    model: Annotated[Path, typer.Argument(help="A checkpoint directory with its tokenizer, or a run's out_dir")],
+    text: Annotated[str | None, typer.Argument(help="The text to look at")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs and the HTML page")] = Path("explain"),
+    corpus: Annotated[
+        Path | None, typer.Option(help="Also routing statistics over this corpus folder's val.jsonl")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(min=256, help="Tokens of the corpus the statistics read")] = 32768,
+) -> None:
+    """Attention maps per layer and head, and the experts each token chose, for TEXT; with --corpus, routing
+    statistics (load, co-selection, consecutive tokens sharing an expert, token classes) over its val split."""
+    import json
+
+    from seekstack.checkpoint import load_pretrained
+    from seekstack.eval.explain import corpus_routing, explain_text, routing_png
+    from seekstack.eval.samples import checkpoint_or_latest
+    from seekstack.eval.tasks import held_out_modules
+    from seekstack.tokenizer import Tokenizer
+
+    with user_errors():
+        if text is None and corpus is None:
+            raise ValueError("give a TEXT to explain, --corpus for routing statistics, or both")
+        path = checkpoint_or_latest(model)
+        network, tokenizer = load_pretrained(path).eval(), Tokenizer.from_file(path)
+        if text is not None:
+            for name, written in explain_text(network, tokenizer, text, out).items():
+                typer.echo(f"{name}: {written}")
+        if corpus is not None:
+            texts = [module["text"] for module in held_out_modules(corpus)]
+            records = corpus_routing(network, tokenizer, texts, max_tokens)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "routing_stats.json").write_text(json.dumps(records, indent=1) + "\n")
+            typer.echo(f"routing statistics: {routing_png(records, out / 'routing_stats.png')}")
+            for record in records:
+                typer.echo(
+                    f"layer {record['layer']}: {record['tokens']:,} tokens, MaxVio {record['max_violation']:.2f}, "
+                    f"consecutive tokens share an expert {record['consecutive_share']:.1%} "
+                    f"(random pairs {record['chance_share']:.1%})"
+                )
+
+
+def report_command(
+    run: Annotated[Path, typer.Argument(help="A training run's out_dir")],
+    out: Annotated[Path | None, typer.Option(help="Folder for report.md and its PNGs; default RUN")] = None,
+    samples: Annotated[bool, typer.Option(help="Generate the demo prompts' continuations")] = True,
+) -> None:
+    """One Markdown page for a run: environment, data, tokenizer, model size and FLOPs, curves, speed,
+    evaluation (from `seekstack eval RUN`), samples."""
+    from seekstack.eval.report import write_report
+
+    with user_errors():
+        path = write_report(run, out, samples)
+    typer.echo(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("explain")(explain_command)
+    app.command("report")(report_command)

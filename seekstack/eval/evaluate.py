@@ -1,0 +1,76 @@
+"""`seekstack eval`: a checkpoint through lm-evaluation-harness on the local tasks (tasks.py) or any lm_eval task
+name, with our backend (harness.py) or lm_eval's HF one on the same directory; results as JSON and a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from seekstack.eval.tasks import TASKS, task_configs
+
+BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
+
+
+def evaluate(
+    model_dir: str | Path,
+    tasks: tuple[str, ...] = TASKS,
+    corpus: str | Path | None = None,
+    backend: str = "seekstack",
+    batch_size: int = 8,
+    limit: int | None = None,
+    per_module: int = 4,
+) -> dict[str, Any]:
+    """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint; return
+    {"model", "backend", "wall_s", "results": {task: {metric: value}}, "samples": n per task}."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
+    import lm_eval
+
+    import seekstack.eval.harness  # noqa: F401  (registers the `seekstack` model with lm_eval)
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    local = tuple(task for task in tasks if task in TASKS)
+    if local and corpus is None:
+        raise ValueError(f"the local tasks ({', '.join(local)}) need --corpus: a folder with val.jsonl")
+    specs: list[Any] = [task for task in tasks if task not in TASKS]
+    specs += task_configs(corpus, local, per_module) if local else []
+    model_args = {"pretrained": str(model_dir), **({"dtype": "float32", "device": "cpu"} if backend == "hf" else {})}
+    started = time.perf_counter()
+    output = lm_eval.simple_evaluate(
+        model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit, log_samples=False
+    )
+    wall_s = time.perf_counter() - started
+    not_metrics = ("alias", "name", "sample_len")
+    results = {
+        task: {metric.split(",")[0]: value for metric, value in values.items() if metric not in not_metrics}
+        for task, values in output["results"].items()
+    }
+    samples = {task: counts["effective"] for task, counts in output.get("n-samples", {}).items()}
+    return {"model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples}
+
+
+def results_table(report: dict[str, Any]) -> str:
+    """The results as a Markdown table: one row per task and metric, its value and standard error."""
+    rows = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
+    for task, metrics in sorted(report["results"].items()):
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr")
+            stderr_text = f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-"
+            rows.append(f"| {task} | {metric} | {value:.4f} | {stderr_text} | {report['samples'].get(task, '-')} |")
+    return "\n".join(rows)
+
+
+def write_results(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    """`out`.json (everything) and `out`.md (the table and the wall time); returns both paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, table_path = out.with_suffix(".json"), out.with_suffix(".md")
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    header = f"Model `{report['model']}`, backend `{report['backend']}`, wall time {report['wall_s']:.1f} s\n\n"
+    table_path.write_text(header + results_table(report) + "\n")
+    return json_path, table_path

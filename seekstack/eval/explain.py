@@ -1,0 +1,255 @@
+"""`seekstack explain`: what a checkpoint does with one text (attention maps per layer and head, experts per
+token) as PNGs and one self-contained HTML page, and its routing over a corpus (statistics, a PNG, JSON)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from seekstack.eval.attention_maps import LayerAttention, attention_maps  # noqa: E402
+from seekstack.eval.routing import (  # noqa: E402
+    TOKEN_CLASSES,
+    LayerRouting,
+    RoutingStatistics,
+    capture_routing,
+    routing_statistics,
+    token_class,
+)
+from seekstack.model.transformer import Transformer  # noqa: E402
+from seekstack.tokenizer import Tokenizer  # noqa: E402
+
+MAX_LABELLED_TOKENS = 48  # beyond this, heatmaps carry no token labels
+
+
+def visible(token: str) -> str:
+    """A token's text with its whitespace shown: space as ␣, newline as ↵, tab as →."""
+    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "→")
+
+
+def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: str | Path) -> dict[str, Path]:
+    """Write attention.png, routing.png and explain.html for `text` into `out_dir`; return the paths by name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("the text is empty: nothing to explain")
+    input_ids = torch.tensor(ids)
+    tokens = [visible(tokenizer.decode([i])) for i in ids]
+    maps = attention_maps(model, input_ids)
+    routing = capture_routing(model, input_ids.view(1, -1))
+    paths = {
+        "attention": _attention_png(maps, tokens, out_dir / "attention.png"),
+        "html": out_dir / "explain.html",
+    }
+    if routing:
+        paths["routing"] = _routing_png(routing, tokens, model.config.n_routed_experts, out_dir / "routing.png")
+    data = {
+        "tokens": tokens,
+        "attention": [[[[round(p, 4) for p in row] for row in head] for head in m.weights.tolist()] for m in maps],
+        "routing": [
+            {
+                "layer": r.layer,
+                "experts": r.experts.tolist(),
+                "weights": [[round(w, 4) for w in row] for row in r.weights.tolist()],
+            }
+            for r in routing
+        ],  # fmt: skip
+        "num_experts": model.config.n_routed_experts or 0,
+    }
+    paths["html"].write_text(_PAGE.replace("__DATA__", json.dumps(data)).replace("__TITLE__", html.escape(text[:60])))
+    return paths
+
+
+def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) -> Path:
+    layers, heads = len(maps), maps[0].weights.shape[0]
+    size = max(2.2, 0.12 * len(tokens))
+    figure, axes = plt.subplots(layers, heads, figsize=(size * heads, size * layers), squeeze=False)
+    labelled = len(tokens) <= MAX_LABELLED_TOKENS
+    for layer, layer_map in enumerate(maps):
+        for head in range(heads):
+            axis = axes[layer][head]
+            axis.imshow(layer_map.weights[head].numpy(), cmap="viridis", vmin=0, vmax=1)
+            axis.set_title(f"layer {layer} head {head}", fontsize=8)
+            axis.set_xticks(range(len(tokens)) if labelled and layer == layers - 1 else [])
+            axis.set_yticks(range(len(tokens)) if labelled and head == 0 else [])
+            if labelled:
+                axis.set_xticklabels(tokens if layer == layers - 1 else [], rotation=90, fontsize=6)
+                axis.set_yticklabels(tokens if head == 0 else [], fontsize=6)
+    figure.suptitle("attention (row: query token, column: key token)")
+    figure.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: int, path: Path) -> Path:
+    figure, axes = plt.subplots(
+        1, len(routing), figsize=(3 + 0.25 * num_experts * len(routing), 2 + 0.14 * len(tokens))
+    )
+    axes = axes if len(routing) > 1 else [axes]
+    for axis, layer in zip(axes, routing, strict=True):
+        grid = torch.zeros(len(tokens), num_experts).scatter_(1, layer.experts, layer.weights)
+        image = axis.imshow(grid.numpy(), cmap="magma_r", aspect="auto")
+        axis.set_title(f"layer {layer.layer}", fontsize=9)
+        axis.set_xlabel("expert")
+        axis.set_yticks(range(len(tokens)) if len(tokens) <= MAX_LABELLED_TOKENS else [])
+        if len(tokens) <= MAX_LABELLED_TOKENS:
+            axis.set_yticklabels(tokens, fontsize=6)
+        figure.colorbar(image, ax=axis, fraction=0.05)
+    figure.suptitle("gate weight of each selected expert, per token")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+@torch.no_grad()
+def corpus_routing(
+    model: Transformer, tokenizer: Tokenizer, texts: list[str], max_tokens: int = 32768, window: int = 256
+) -> list[dict[str, Any]]:
+    """Routing statistics of every MoE layer over up to `max_tokens` tokens of `texts`, cut in windows of
+    `window` tokens (each its own sequence); one JSON-ready dict per layer."""
+    rows, classes = [], []
+    for ids in tokenizer.encode_batch(texts):
+        for start in range(0, len(ids) - window + 1, window):
+            rows.append(ids[start : start + window])
+            classes += [token_class(tokenizer.decode([i])) for i in rows[-1]]
+            if len(rows) * window >= max_tokens:
+                break
+        if len(rows) * window >= max_tokens:
+            break
+    if not rows:
+        raise ValueError(f"the texts hold no window of {window} tokens")
+    input_ids = torch.tensor(rows)
+    follows = torch.ones(input_ids.shape).bool()
+    follows[:, 0] = False
+    stats = []
+    for batch_start in range(0, len(rows), 16):
+        stats.append(capture_routing(model, input_ids[batch_start : batch_start + 16]))
+    records = []
+    for layer_index, first in enumerate(stats[0]):
+        experts = torch.cat([batch[layer_index].experts for batch in stats])
+        weights = torch.cat([batch[layer_index].weights for batch in stats])
+        joined = LayerRouting(first.layer, experts, weights)
+        records.append(
+            _statistics_record(routing_statistics(joined, classes, follows.flatten(), model.config.n_routed_experts))
+        )
+    return records
+
+
+def _statistics_record(stats: RoutingStatistics) -> dict[str, Any]:
+    load = stats.load
+    top = {
+        name: [(int(e), round(float(share), 4)) for share, e in zip(*class_load.topk(3), strict=True)]
+        for name, class_load in stats.class_load.items()
+    }
+    return {
+        "layer": stats.layer,
+        "tokens": sum(stats.class_tokens.values()),
+        "load": [round(v, 4) for v in load.tolist()],
+        "max_violation": float((load.max() - load.mean()) / load.mean()),
+        "co_selection": [[round(v, 4) for v in row] for row in stats.co_selection.tolist()],
+        "consecutive_share": stats.consecutive_share,
+        "chance_share": stats.chance_share,
+        "class_tokens": stats.class_tokens,
+        "class_top_experts": top,
+        "class_load": {name: [round(v, 4) for v in value.tolist()] for name, value in stats.class_load.items()},
+    }
+
+
+def routing_png(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Per layer: load per expert, co-selection, and the share of each token class's assignments per expert."""
+    figure, axes = plt.subplots(len(records), 3, figsize=(15, 3.4 * len(records)), squeeze=False)
+    for row, record in zip(axes, records, strict=True):
+        experts = range(len(record["load"]))
+        row[0].bar(experts, record["load"])
+        row[0].axhline(1 / len(record["load"]), color="gray", linestyle="--", linewidth=1)
+        row[0].set_title(f"layer {record['layer']}: load per expert (MaxVio {record['max_violation']:.2f})", fontsize=9)
+        row[1].imshow(record["co_selection"], cmap="viridis")
+        row[1].set_title(
+            f"co-selection; consecutive tokens share an expert {record['consecutive_share']:.1%} "
+            f"(chance {record['chance_share']:.1%})",
+            fontsize=9,
+        )
+        names = [name for name in TOKEN_CLASSES if name in record["class_load"]]
+        row[2].imshow([record["class_load"][name] for name in names], cmap="magma_r", aspect="auto")
+        row[2].set_yticks(range(len(names)))
+        row[2].set_yticklabels([f"{name} ({record['class_tokens'][name]})" for name in names], fontsize=8)
+        row[2].set_title("share of each class's assignments per expert", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>seekstack explain: __TITLE__</title>
+<style>
+body { font-family: sans-serif; margin: 1.5em; }
+.tok { font-family: monospace; padding: 2px 1px; margin: 1px; display: inline-block; border-radius: 3px;
+       border: 1px solid #ddd; cursor: pointer; white-space: pre; }
+.tok.query { outline: 2px solid #d33; }
+table.routing td { font-family: monospace; font-size: 11px; padding: 1px 4px; text-align: center; }
+</style></head><body>
+<h2>Attention</h2>
+<p>layer <select id="layer"></select> head <select id="head"></select>
+Hover a token (click to hold): the others are shaded by the attention it pays them.</p>
+<div id="tokens"></div>
+<h2>Expert routing</h2><p>Each token's selected experts, shaded by gate weight.</p><div id="routing"></div>
+<script>
+const data = __DATA__;
+const layerSelect = document.getElementById("layer"), headSelect = document.getElementById("head");
+data.attention.forEach((_, i) => layerSelect.add(new Option(i, i)));
+headSelect.add(new Option("mean", "mean"));
+data.attention[0].forEach((_, i) => headSelect.add(new Option(i, i)));
+const box = document.getElementById("tokens");
+const spans = data.tokens.map((token, i) => {
+  const span = document.createElement("span");
+  span.className = "tok"; span.textContent = token; box.appendChild(span);
+  span.onmouseenter = () => { if (held === null) show(i); };
+  span.onclick = () => { held = held === i ? null : i; show(i); };
+  return span;
+});
+let held = null;
+function row(query) {
+  const heads = data.attention[layerSelect.value];
+  if (headSelect.value !== "mean") return heads[headSelect.value][query];
+  return heads[0][query].map((_, key) => heads.reduce((sum, head) => sum + head[query][key], 0) / heads.length);
+}
+function show(query) {
+  const weights = row(query);
+  spans.forEach((span, key) => {
+    span.style.background = `rgba(30, 90, 200, ${weights[key]})`;
+    span.style.color = weights[key] > 0.5 ? "white" : "black";
+    span.classList.toggle("query", key === query);
+    span.title = `attention ${weights[key].toFixed(3)}`;
+  });
+}
+layerSelect.onchange = headSelect.onchange = () => show(held === null ? 0 : held);
+show(0);
+const routing = document.getElementById("routing");
+data.routing.forEach(layer => {
+  const table = document.createElement("table"); table.className = "routing";
+  table.innerHTML = `<caption>layer ${layer.layer}</caption>`;
+  const head = table.insertRow(); head.insertCell().textContent = "token";
+  for (let e = 0; e < data.num_experts; e++) head.insertCell().textContent = e;
+  layer.experts.forEach((chosen, t) => {
+    const tr = table.insertRow(); tr.insertCell().textContent = data.tokens[t];
+    for (let e = 0; e < data.num_experts; e++) {
+      const cell = tr.insertCell(), k = chosen.indexOf(e);
+      if (k >= 0) { const w = layer.weights[t][k]; cell.textContent = w.toFixed(2);
+        cell.style.background = `rgba(200, 60, 30, ${Math.min(1, w)})`; }
+    }
+  });
+  routing.appendChild(table);
+});
+</script></body></html>
+"""

@@ -1,0 +1,172 @@
+"""`seekstack report RUN`: one Markdown page for a training run, with its PNGs beside it (report card after
+nanochat's): environment, data, tokenizer, model size and FLOPs, training curves, speed, evaluation, samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from seekstack import accounting
+from seekstack.checkpoint import read_config
+from seekstack.train.config import CONFIG_FILE
+from seekstack.train.plot import plot_run, read_metrics
+from seekstack.train.state import latest_checkpoint
+
+REPORT_FILE = "report.md"
+EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples: bool = True) -> Path:
+    """Write `out_dir/report.md` (default: the run's folder) and curves.png; return the Markdown's path."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_config = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).is_file() else {}
+    records = read_metrics(run_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    sections = [
+        f"# Run report: `{run_dir}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the run's "
+        f"files; newest checkpoint `{checkpoint}`.",
+        _environment(),
+        _data(run_dir, train_config),
+        _model(checkpoint, train_config),
+        _training(run_dir, out_dir, records),
+        _evaluation(run_dir),
+    ]
+    if samples:
+        sections.append(_samples(checkpoint))
+    path = out_dir / REPORT_FILE
+    path.write_text("\n\n".join(section for section in sections if section) + "\n")
+    return path
+
+
+def _environment() -> str:
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown (not a git checkout)"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    rows = [
+        ("seekstack", _version("seekstack")), ("commit", commit), ("python", platform.python_version()),
+        ("torch", torch.__version__), ("lm-eval", _version("lm_eval")), ("platform", platform.platform()),
+        ("device", device), ("torch threads", str(torch.get_num_threads())),
+    ]  # fmt: skip
+    return "## Environment\n\n" + _table(("", ""), rows)
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
+    if not train_config.get("data_dir"):
+        return ""
+    data_dir = (run_dir / train_config["data_dir"]).resolve()
+    rows, tokenizer, corpus_report = [], None, None
+    for index_path in sorted(data_dir.glob("*_index.json")):
+        index = json.loads(index_path.read_text())
+        tokens, text_bytes = index["total_tokens"], index.get("text_bytes") or 0
+        per_token = f"{text_bytes / tokens:.2f}" if tokens and text_bytes else "-"
+        rows.append((index["split"], f"{index['documents']:,}", f"{tokens:,}", f"{text_bytes:,}", per_token))
+        tokenizer = tokenizer or index.get("tokenizer")
+        source = Path(index.get("source", ""))
+        for candidate in (source.parent / "report.json", Path.cwd() / source.parent / "report.json"):
+            if corpus_report is None and candidate.is_file():
+                corpus_report = json.loads(candidate.read_text())
+    text = f"## Data\n\nToken shards `{data_dir}`:\n\n"
+    text += _table(("split", "documents", "tokens", "text bytes", "bytes/token"), rows)
+    if corpus_report:
+        removed = ", ".join(f"{count} {rule}" for rule, count in corpus_report.get("removed", {}).items() if count)
+        text += (
+            f"\n\nCorpus: {corpus_report['documents_in']:,} documents in ({corpus_report['bytes_in']:,} bytes), "
+            f"{corpus_report['documents_kept']:,} kept ({corpus_report['train_documents']} train / "
+            f"{corpus_report['val_documents']} val); removed: {removed or 'none'}."
+        )
+    if tokenizer:
+        text += (
+            f"\n\n## Tokenizer\n\n{tokenizer['vocab_size']:,} tokens, BOS id {tokenizer['bos_id']}, EOS id "
+            f"{tokenizer['eos_id']}, `{tokenizer.get('path', '')}` (sha256 {tokenizer['sha256'][:16]}...)."
+        )
+    return text
+
+
+def _model(checkpoint: Path, train_config: dict[str, Any]) -> str:
+    config = read_config(checkpoint)
+    main = accounting.main_parameters(config)
+    seq_len = train_config.get("seq_len", 256)
+    per_token = accounting.training_flops_per_token(config, seq_len)
+    last_step = int(checkpoint.name.removeprefix("step_"))  # the checkpoint's step: the model this page describes
+    tokens = last_step * train_config.get("batch_size", 0) * train_config.get("grad_accum_steps", 1) * seq_len
+    cache = accounting.kv_cache_bytes_per_token(config)
+    rows = [
+        ("preset / layers", f"{train_config.get('model', '-')} / {config.num_hidden_layers}"),
+        ("parameters (main model)", f"{main.total:,}"),
+        ("activated per token", f"{main.activated:,}"),
+        ("MTP module parameters", f"{accounting.mtp_parameters(config).total:,}"),
+        ("routed experts", f"{config.n_routed_experts} ({config.num_experts_per_tok} per token)"),
+        (f"forward FLOPs per token (context {seq_len})", f"{accounting.forward_flops_per_token(config, seq_len):,}"),
+        ("training FLOPs per token (with MTP)", f"{per_token:,}"),
+        ("tokens trained", f"{tokens:,} ({last_step} steps)"),
+        ("training compute", f"{per_token * tokens:.3e} FLOP"),
+        ("KV cache per token (bf16)", f"{cache.latent:,} B latent vs {cache.mha:,} B plain MHA ({cache.ratio:.1f}x)"),
+    ]
+    return "## Model\n\n" + _table(("", ""), rows)
+
+
+def _training(run_dir: Path, out_dir: Path, records: list[dict[str, Any]]) -> str:
+    curves = plot_run(run_dir, out_dir / "curves.png")
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    tail = steps[len(steps) * 3 // 4 :]  # the last quarter: past warm-up and compilation
+    text = "## Training\n\n![training curves](" + curves.name + ")\n\n"
+    if steps:
+        speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)
+        mfu = statistics.median(r["mfu"] for r in tail if "mfu" in r)
+        text += (
+            f"Last step {steps[-1]['step']}: loss {steps[-1]['lm_loss']:.4f}. Speed over the last quarter of the "
+            f"steps (median): {speed:,.0f} tokens/s, MFU {mfu:.1%}.\n\n"
+        )
+    rows = [(str(r["step"]), f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r.get('val_maxvio', 0):.2f}")
+            for r in evals]  # fmt: skip
+    return text + _table(("step", "val loss", "val bits/byte", "val MaxVio"), rows) if rows else text
+
+
+def _evaluation(run_dir: Path) -> str:
+    from seekstack.eval.evaluate import results_table
+
+    path = run_dir / EVAL_RESULTS
+    if not path.is_file():
+        return f"## Evaluation\n\nNo `{EVAL_RESULTS}` yet: `seekstack eval {run_dir} --tasks ...` writes it."
+    results = json.loads(path.read_text())
+    return (
+        f"## Evaluation\n\nlm-evaluation-harness, backend `{results['backend']}`, {results['wall_s']:.1f} s:\n\n"
+        + results_table(results)
+    )
+
+
+def _samples(checkpoint: Path) -> str:
+    from seekstack.eval.samples import demo_samples
+
+    parts = ["## Samples\n\nGreedy continuations from the engine:"]
+    for prompt, greedy, _ in demo_samples(checkpoint, max_new_tokens=48):
+        parts.append(f"```python\n{prompt}{greedy}\n```")
+    return "\n\n".join(parts)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -1,0 +1,103 @@
+"""Evaluation tasks that need no download: built from the held-out modules of a corpus (`val.jsonl` of
+`seekstack data build`), as lm_eval task configs whose dataset is made in memory.
+
+- code_cloze       multiple choice: which of 4 lines of the module comes next after the lines before it
+                   (the true one and 3 others from the same module); acc and length-normalised acc_norm.
+- code_next_line   generation: write the next line greedily (its indentation given, as the tokenizer cuts it),
+                   stop at the newline; exact match.
+- code_perplexity  rolling log-likelihood of each module's opening; bits per byte, byte and word perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+TASKS = ("code_cloze", "code_next_line", "code_perplexity")
+CONTEXT_LINES = 24  # lines before the one to predict
+MIN_LINE_CHARS = 8  # lines shorter than this (blank, `)`, `else:`) are not asked for
+CHOICES = 4
+PERPLEXITY_CHARS = 4000  # the opening of each module that code_perplexity scores
+
+
+def held_out_modules(corpus: str | Path) -> list[dict[str, str]]:
+    """The validation documents ({"id", "text"}) of a corpus folder, in file order."""
+    path = Path(corpus) / "val.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; pass --corpus the folder `seekstack data build` wrote")
+    with path.open(encoding="utf-8") as lines:
+        return [{"id": doc["id"], "text": doc["text"]} for doc in map(json.loads, lines)]
+
+
+def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int = 0) -> list[dict[str, Any]]:
+    """Per module up to `per_module` questions: the CONTEXT_LINES lines before a line, that line, and CHOICES
+    candidate lines (the true one at `gold`, the others drawn from the same module's candidate lines); for
+    generation, `prompt` (the context and the line's indentation up to its last token) and the `rest`."""
+    rng = random.Random(seed)
+    docs = []
+    for module in modules:
+        lines = module["text"].split("\n")
+        candidates = [i for i in range(CONTEXT_LINES, len(lines)) if len(lines[i].strip()) >= MIN_LINE_CHARS]
+        distinct = sorted({lines[i] for i in candidates})
+        if len(distinct) < CHOICES:
+            continue
+        for i in sorted(rng.sample(candidates, min(per_module, len(candidates)))):
+            target = lines[i]
+            choices = rng.sample([line for line in distinct if line != target], CHOICES - 1) + [target]
+            rng.shuffle(choices)
+            context = "\n".join(lines[i - CONTEXT_LINES : i]) + "\n"
+            # Byte-level BPE glues a newline to the following indentation but one space, which goes with the
+            # word: the generation prompt ends where a token ends, and the line's rest is what to write.
+            cut = max(len(target) - len(target.lstrip(" ")) - 1, 0)
+            docs.append(
+                {"module": module["id"], "context": context, "target": target, "choices": choices,
+                 "gold": choices.index(target), "prompt": context + target[:cut], "rest": target[cut:]}
+            )  # fmt: skip
+    return docs
+
+
+def task_configs(corpus: str | Path, tasks: tuple[str, ...] = TASKS, per_module: int = 4) -> list[dict[str, Any]]:
+    """lm_eval task config dicts for `tasks`, their documents built now from the corpus's held-out modules."""
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; the local tasks are {', '.join(TASKS)}")
+    modules = held_out_modules(corpus)
+    questions = next_line_docs(modules, per_module)
+    openings = [{"module": m["id"], "text": m["text"][:PERPLEXITY_CHARS]} for m in modules]
+    common = {"test_split": "test", "target_delimiter": "", "fewshot_delimiter": "", "metadata": {"version": 1}}
+    configs = {
+        "code_cloze": {
+            "output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "choices",
+            "doc_to_target": "gold", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+            "custom_dataset": _in_memory(questions),
+        },
+        "code_next_line": {
+            "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "rest",
+            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 48, "do_sample": False},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            "custom_dataset": _in_memory(questions),
+        },
+        "code_perplexity": {
+            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "text",
+            "metric_list": [
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+            ],
+            "custom_dataset": _in_memory(openings),
+        },
+    }  # fmt: skip
+    return [{"task": task, **common, **configs[task]} for task in tasks]
+
+
+def _in_memory(docs: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
+    """The `custom_dataset` callable lm_eval calls (with the run's metadata as keywords) for a task's documents."""
+
+    def dataset(**_metadata: Any):  # type: ignore[no-untyped-def]
+        from datasets import Dataset, DatasetDict
+
+        return DatasetDict({"test": Dataset.from_list(docs)})
+
+    return dataset

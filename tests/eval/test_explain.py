@@ -1,0 +1,110 @@
+"""Attention maps through MLA's expanded path, expert routing capture and its statistics, the explain page."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from seekstack.checkpoint import load_pretrained
+from seekstack.eval.attention_maps import attention_maps, attention_output
+from seekstack.eval.explain import corpus_routing, explain_text
+from seekstack.eval.routing import LayerRouting, capture_routing, routing_statistics, token_class
+from seekstack.tokenizer import Tokenizer
+from tests.infer.support import micro_model
+
+CODE = "def add(a, b):\n    return a + b\n"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return micro_model()
+
+
+def test_attention_rows_are_causal_distributions(model):
+    maps = attention_maps(model, torch.randint(0, 512, (12,)))
+    assert len(maps) == model.config.num_hidden_layers
+    for layer in maps:
+        assert layer.weights.shape == (model.config.num_attention_heads, 12, 12)
+        torch.testing.assert_close(layer.weights.sum(-1), torch.ones(layer.weights.shape[:2]))
+        assert torch.all(layer.weights.triu(diagonal=1) == 0)  # no token attends to a later one
+        assert layer.weights[:, 1:].max() < 1  # the maps are not trivially one-hot
+
+
+def test_attention_weights_reproduce_what_the_module_returned(model):
+    maps = attention_maps(model, torch.randint(0, 512, (16,)))
+    for layer, layer_map in zip(model.layers, maps, strict=True):
+        torch.testing.assert_close(attention_output(layer.self_attn, layer_map), layer_map.module_output)
+        shuffled = layer_map.weights.flip(0)  # the same rows on the wrong heads no longer reproduce it
+        assert not torch.allclose(attention_output(layer.self_attn, type(layer_map)(shuffled, layer_map.values,
+                                  layer_map.module_output)), layer_map.module_output, atol=1e-4)  # fmt: skip
+
+
+def test_captured_routing_counts_are_the_models_expert_load(model):
+    input_ids = torch.randint(0, 512, (2, 10))
+    routing = capture_routing(model, input_ids)
+    expert_load = model(input_ids).expert_load  # main MoE layers first, then the MTP block's (not run here)
+    assert [r.layer for r in routing] == [i for i in model.moe_layer_ids if i < model.config.num_hidden_layers]
+    for index, layer in enumerate(routing):
+        assert layer.experts.shape == (20, model.config.num_experts_per_tok)
+        counts = torch.bincount(layer.experts.flatten(), minlength=model.config.n_routed_experts)
+        assert torch.equal(counts, expert_load[index].cpu())
+
+
+def test_routing_statistics_on_a_hand_built_routing():
+    experts = torch.tensor([[0, 1], [0, 1], [2, 3], [2, 3], [0, 2], [1, 3]])
+    classes = ["keyword", "keyword", "number", "number", "identifier", "identifier"]
+    follows = torch.tensor([False, True, True, True, True, True])
+    stats = routing_statistics(LayerRouting(1, experts, torch.ones(6, 2)), classes, follows, num_experts=4)
+    torch.testing.assert_close(stats.load, torch.full((4,), 0.25))
+    assert stats.co_selection[0, 1] == pytest.approx(2 / 6) and stats.co_selection[0, 3] == 0
+    assert stats.co_selection[2, 2] == pytest.approx(3 / 6)
+    assert stats.consecutive_share == pytest.approx(3 / 5)  # pairs 1-0, 3-2 and 4-3 share an expert
+    torch.testing.assert_close(stats.class_load["keyword"], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(stats.class_load["identifier"], torch.tensor([0.25, 0.25, 0.25, 0.25]))
+    assert stats.class_tokens == {"keyword": 2, "number": 2, "identifier": 2}
+
+
+def test_consecutive_sharing_is_measured_against_random_pairs():
+    alternating = torch.tensor([[0, 1], [2, 3]]).repeat(500, 1)  # neighbours never share; half of all pairs do
+    follows = torch.ones(1000, dtype=torch.bool)
+    follows[0] = False
+    stats = routing_statistics(LayerRouting(1, alternating, torch.ones(1000, 2)), ["mixed"] * 1000, follows, 4)
+    assert stats.consecutive_share == 0
+    assert stats.chance_share == pytest.approx(0.5, abs=0.06)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("    ", "whitespace"), ("\n", "whitespace"), (" return", "keyword"), ("self", "identifier"),
+     (" 42", "number"), ("3.5", "number"), ("):", "punctuation"), ("(self", "mixed")],
+)  # fmt: skip
+def test_token_class(text, expected):
+    assert token_class(text) == expected
+
+
+def test_explain_writes_pngs_and_a_page_holding_the_maps(checkpoint, tmp_path):
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+    paths = explain_text(model, tokenizer, CODE, tmp_path)
+    for name in ("attention", "routing"):
+        assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = paths["html"].read_text()
+    data = json.loads(re.search(r"const data = (.*);\n", page).group(1))
+    assert len(data["tokens"]) == len(tokenizer.encode(CODE)) and "↵" in "".join(data["tokens"])
+    assert len(data["attention"]) == model.config.num_hidden_layers
+    for head in data["attention"][0]:
+        assert all(sum(row) == pytest.approx(1, abs=1e-3) for row in head)
+    assert len(data["routing"]) == 2 and len(data["routing"][0]["experts"]) == len(data["tokens"])
+    assert "<script>" in page and "http" not in page  # self-contained: nothing to fetch
+
+
+def test_corpus_routing_counts_every_token_once_per_layer(checkpoint):
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+    records = corpus_routing(model, tokenizer, [CODE * 20, "The cat sat on the mat. " * 30], window=32)
+    assert len(records) == 2
+    for record in records:
+        assert record["tokens"] % 32 == 0 and sum(record["load"]) == pytest.approx(1, abs=1e-3)
+        assert 0 <= record["chance_share"] <= 1 and 0 <= record["consecutive_share"] <= 1
+        assert sum(record["class_tokens"].values()) == record["tokens"]

@@ -1,0 +1,82 @@
+"""`seekstack eval`, `explain` and `report` through the command line, on a micro run trained for a few steps."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from seekstack.cli import app
+
+pytest.importorskip("lm_eval")
+
+MICRO = (
+    "model.hidden_size=64 model.intermediate_size=96 model.moe_intermediate_size=32 model.num_hidden_layers=2 "
+    "model.num_attention_heads=2 model.q_lora_rank=32 model.kv_lora_rank=16 model.qk_nope_head_dim=16 "
+    "model.qk_rope_head_dim=8 model.v_head_dim=16 model.n_routed_experts=4 model.vocab_size=400"
+).split()
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(arg) for arg in args], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """Corpus (stdlib openings) -> tokenizer -> shards -> 4 steps of a micro model, evaluated on 4 documents."""
+    root = tmp_path_factory.mktemp("report")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:30]
+    texts = [path.read_text(encoding="utf-8", errors="replace")[:3000] for path in paths]
+    for split, documents in (("train", texts[:26]), ("val", texts[26:])):
+        lines = "".join(json.dumps({"id": f"{split}{i}", "text": t}) + "\n" for i, t in enumerate(documents))
+        (corpus / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+    (corpus / "report.json").write_text(json.dumps({
+        "documents_in": 31, "bytes_in": 90000, "documents_kept": 30, "train_documents": 26, "val_documents": 4,
+        "removed": {"min_chars": 1},
+    }))  # fmt: skip
+    run("tokenizer", "train", "--corpus", corpus, "--vocab-size", 400, "--out", root / "tokenizer")
+    run("data", "tokenize", "--corpus", corpus, "--tokenizer", root / "tokenizer", "--out", root / "tokens")
+    settings = f"data_dir={root / 'tokens'} out_dir={root / 'run'} max_steps=4 batch_size=4 seq_len=64 warmup_steps=1"
+    run("train", *settings.split(), "eval_every=4", "eval_batches=2", *MICRO)
+    return root
+
+
+def test_eval_writes_json_and_a_table(small_run):
+    result = run("eval", small_run / "run", "--tasks", "code_cloze,code_perplexity", "--corpus",
+                 small_run / "corpus", "--limit", 4, "--batch-size", 4)  # fmt: skip
+    assert "| code_cloze | acc |" in result.output and "wall time" in result.output
+    saved = json.loads((small_run / "run" / "eval" / "results.json").read_text())
+    assert set(saved["results"]) == {"code_cloze", "code_perplexity"}
+    assert 0 <= saved["results"]["code_cloze"]["acc"] <= 1 and saved["results"]["code_perplexity"]["bits_per_byte"] > 0
+    assert (small_run / "run" / "eval" / "results.md").read_text().count("| code_") == 5  # acc, acc_norm, 3 ppl
+
+
+def test_report_is_one_page_with_every_section_and_its_png(small_run):
+    test_eval_writes_json_and_a_table(small_run)
+    run("report", small_run / "run", "--out", small_run / "page")
+    page = (small_run / "page" / "report.md").read_text()
+    for heading in ("## Environment", "## Data", "## Tokenizer", "## Model", "## Training", "## Evaluation",
+                    "## Samples"):  # fmt: skip
+        assert heading in page
+    assert "![training curves](curves.png)" in page and (small_run / "page" / "curves.png").stat().st_size > 1000
+    assert "| train | 26 |" in page and "400 tokens" in page and "4 steps" in page
+    assert "| code_cloze | acc |" in page and "```python\ndef fibonacci(n):" in page
+    assert "26 train / 4 val" in page
+
+
+def test_explain_through_the_command_line_writes_the_page_and_routing_statistics(small_run):
+    out = small_run / "explain"
+    run("explain", small_run / "run", "def f(x):\n    return x\n", "--out", out, "--corpus", small_run / "corpus",
+        "--max-tokens", 512)  # fmt: skip
+    assert {"attention.png", "routing.png", "explain.html", "routing_stats.png", "routing_stats.json"} <= {
+        path.name for path in out.iterdir()
+    }
+    [record] = json.loads((out / "routing_stats.json").read_text())  # the micro model has one MoE layer
+    assert record["tokens"] == 512 and len(record["load"]) == 4

@@ -1,0 +1,73 @@
+"""The local tasks: questions built from held-out modules, and the same scores from both lm_eval backends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seekstack.eval.tasks import CHOICES, CONTEXT_LINES, held_out_modules, next_line_docs, task_configs
+
+pytest.importorskip("lm_eval")
+
+MODULE = "\n".join(f"value_{i} = compute({i})" if i % 3 else "" for i in range(60))
+
+
+def write_corpus(folder, texts):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"id": f"m{i}.py", "text": text}) + "\n" for i, text in enumerate(texts))
+    (folder / "val.jsonl").write_text(lines)
+    return folder
+
+
+def test_next_line_question_is_the_lines_before_and_the_true_line_among_others_of_the_module():
+    docs = next_line_docs([{"id": "m.py", "text": MODULE}], per_module=5)
+    lines = MODULE.split("\n")
+    assert len(docs) == 5
+    for doc in docs:
+        index = lines.index(doc["target"])
+        assert index >= CONTEXT_LINES and doc["target"]  # blank lines are never asked for
+        assert doc["context"] == "\n".join(lines[index - CONTEXT_LINES : index]) + "\n"
+        assert len(set(doc["choices"])) == CHOICES and doc["choices"][doc["gold"]] == doc["target"]
+        assert all(choice in lines for choice in doc["choices"])
+        assert doc["prompt"] + doc["rest"] == doc["context"] + doc["target"]
+    assert next_line_docs([{"id": "m.py", "text": MODULE}], per_module=5) == docs  # seeded: the same questions
+
+
+def test_generation_prompt_ends_where_the_tokenizer_ends_a_token(checkpoint):
+    from seekstack.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(checkpoint)
+    text = "".join(f"def f_{i}(x):\n    if x > {i}:\n        return x\n" for i in range(30))
+    docs = next_line_docs([{"id": "m.py", "text": text}], per_module=20)
+    assert {doc["target"][:5] for doc in docs} == {"def f", "    i", "     "}  # all three indentations asked
+    for doc in docs:
+        whole = tokenizer.encode(doc["prompt"] + doc["rest"])
+        prompt = tokenizer.encode(doc["prompt"])
+        assert whole[: len(prompt)] == prompt, doc  # no token straddles the cut
+        assert doc["rest"] == doc["target"].lstrip(" ") or doc["rest"] == " " + doc["target"].lstrip(" ")
+
+
+def test_unknown_task_and_missing_corpus_are_named(tmp_path):
+    with pytest.raises(ValueError, match="code_clozee"):
+        task_configs(write_corpus(tmp_path, [MODULE]), ("code_clozee",))
+    with pytest.raises(FileNotFoundError, match="val.jsonl"):
+        held_out_modules(tmp_path / "nowhere")
+
+
+def test_local_tasks_score_the_same_on_our_backend_and_lm_evals_hf_backend(checkpoint, tmp_path):
+    from seekstack.eval.evaluate import evaluate
+
+    code = "\n".join(f"def f_{i}(x):\n    return x * {i} + len(str(x))\n" for i in range(20))
+    corpus = write_corpus(tmp_path / "corpus", [code, MODULE])
+    ours = evaluate(checkpoint, corpus=corpus, backend="seekstack", batch_size=4, limit=6, per_module=3)
+    theirs = evaluate(checkpoint, corpus=corpus, backend="hf", batch_size=4, limit=6, per_module=3)
+    assert ours["samples"] == theirs["samples"] == {"code_cloze": 6, "code_next_line": 6, "code_perplexity": 2}
+    for metric in ("acc", "acc_norm"):
+        assert ours["results"]["code_cloze"][metric] == theirs["results"]["code_cloze"][metric]
+    assert ours["results"]["code_next_line"]["exact_match"] == theirs["results"]["code_next_line"]["exact_match"]
+    ours_bpb, theirs_bpb = (
+        ours["results"]["code_perplexity"]["bits_per_byte"],
+        theirs["results"]["code_perplexity"]["bits_per_byte"],
+    )
+    assert 5 < ours_bpb < 20 and ours_bpb == pytest.approx(theirs_bpb, abs=1e-6)  # random weights: ~log2(512)/bytes
