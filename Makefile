@@ -29,6 +29,8 @@ demo: $(STAMP)
 	$(VENV)/bin/seekstack train $(DEMO_TRAIN)
 	$(VENV)/bin/seekstack sample runs/demo/train
 	$(VENV)/bin/seekstack plot runs/demo/train
+	$(VENV)/bin/seekstack eval runs/demo/train --corpus runs/demo/corpus --limit 40
+	$(VENV)/bin/seekstack report runs/demo/train
 
 test: $(STAMP)
 	scripts/install_test_deps.sh
