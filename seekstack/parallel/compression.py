@@ -75,8 +75,9 @@ def int8_hook(state: Int8State, bucket: dist.GradBucket) -> torch.futures.Future
     gradient = bucket.buffer()
     world = dist.get_world_size()
     signal = gradient.float()
-    if state.error_feedback and bucket.index() in state.residuals:
-        signal = signal + state.residuals[bucket.index()]
+    residual = state.residuals.get(bucket.index())
+    if state.error_feedback and residual is not None and residual.shape == signal.shape:
+        signal = signal + residual  # (DDP regroups its buckets after the first step; the errors kept then lapse)
     scale = signal.abs().max().clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX
     quantised = torch.round(signal / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     if state.error_feedback:

@@ -214,3 +214,18 @@ def test_expert_parallel_on_two_ranks_matches_one_process_and_resumes_exactly(da
     os.symlink(tmp_path / "ep" / "checkpoints" / "step_4", resumed_dir / "checkpoints" / "step_4")
     train_on_two_ranks(run_config(data_dir, resumed_dir, expert_parallel=2, **steps), resume=True)
     assert losses(resumed_dir)[-4:] == pytest.approx(losses(tmp_path / "ep")[-4:], abs=1e-6)
+
+
+def test_int8_error_feedback_survives_ddp_regrouping_its_buckets(data_dir, tmp_path):  # noqa: F811
+    """DDP rebuilds its buckets after the first step; with a small bucket cap the tiny model spans several."""
+    config = run_config(
+        data_dir,
+        tmp_path / "int8",
+        model_overrides={},
+        max_steps=3,
+        eval_every=0,
+        save_every=0,
+        grad_compression="int8",
+    )
+    train_on_two_ranks(config)
+    assert len([m for m in read_metrics(tmp_path / "int8") if "comm_bytes" in m]) == 3
