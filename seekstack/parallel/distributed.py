@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -69,7 +70,9 @@ def wrap_model(model: nn.Module, ranks: Ranks, rank_local: list[str] = ()) -> nn
     if rank_local:  # expert-parallel experts: each rank's own, never averaged
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(rank_local))
     device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch's own advice: keep broadcast_buffers=False until init_sync_buffers exists
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def local_rows(global_batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:
