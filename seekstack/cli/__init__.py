@@ -14,12 +14,13 @@ STAGES = (
     "model",
     "data",
     "train",
+    "posttrain",
+    "adapters",
+    "compress",
     "checkpoint",
     "generate",
     "serve",
-    "compress",
     "evaluate",
-    "adapters",
 )
 
 app = typer.Typer(

@@ -29,7 +29,7 @@ from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.model.moe import MoE
-from seekstack.model.transformer import Transformer
+from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.parallel import distributed
 from seekstack.parallel.compression import CommCounter, register_compression
 from seekstack.parallel.expert import apply_expert_parallel, clip_gradients, gather_expert_state
@@ -87,6 +87,31 @@ class ModelHooks(Protocol):
         ...
 
 
+class BatchSource(Protocol):
+    """Where a run's batches come from instead of token shards (SFT conversations, RL rollouts,
+    seekstack.posttrain): it sees the module being trained, computes each micro-batch's loss, and saves its
+    position for an exact resume. One process only."""
+
+    tokenizer_info: dict[str, Any]  # vocab_size; path and sha256 of the tokenizer checkpoints carry
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once the trained module exists (built, or restored by a resume), before the first batch."""
+        ...
+
+    def batch(self, batch_size: int, progress: float) -> Any:
+        """The next micro-batch; `progress` is the fraction of training done."""
+        ...
+
+    def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
+        """The micro-batch's model output with `loss` (and `lm_loss`) set, and metrics of its own to log, averaged
+        over micro-batches; a key ending in `_s` is seconds of the step, also logged as its share (`_share`)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN or infinite; the last good checkpoint is kept."""
 
@@ -115,7 +140,7 @@ def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     """A fresh model from the preset and overrides, or the checkpoint `init_from` names, with the run's
     balance-loss weight."""
     if config.init_from:
-        model = load_pretrained(config.init_from)
+        model = load_pretrained(config.init_from, dequantize=True)
         model_config = model.config = model.config.replace(aux_loss_alpha=config.aux_loss_alpha)
         for moe in (module for module in model.modules() if isinstance(module, MoE)):
             moe.aux_loss_alpha = config.aux_loss_alpha
@@ -154,29 +179,41 @@ def mtp_weight_at(step: int, config: TrainConfig) -> float:
     return config.mtp_loss_weight if early else config.mtp_loss_weight_late
 
 
-def train(config: TrainConfig, resume: bool | str | Path = False, hooks: ModelHooks | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    resume: bool | str | Path = False,
+    hooks: ModelHooks | None = None,
+    source: BatchSource | None = None,
+) -> TrainResult:
     """Run (or, with `resume`, continue from the latest or a given checkpoint) the pre-training `config` describes.
 
     Works in one process or under torchrun; only rank 0 writes files. `hooks` train a module made from the model
-    (e.g. LoRA) instead of the whole model.
+    (e.g. LoRA) instead of the whole model; `source` supplies batches and their loss instead of `data_dir`.
     """
     config = config.validate()
     ranks = distributed.init_distributed()
     try:
-        return _Run(config, ranks, resume, hooks).run()
+        return _Run(config, ranks, resume, hooks, source).run()
     finally:
         distributed.shutdown(ranks)
 
 
 class _Run:
     def __init__(
-        self, config: TrainConfig, ranks: distributed.Ranks, resume: bool | str | Path, hooks: ModelHooks | None
+        self,
+        config: TrainConfig,
+        ranks: distributed.Ranks,
+        resume: bool | str | Path,
+        hooks: ModelHooks | None,
+        source: BatchSource | None = None,
     ):
-        self.config, self.ranks, self.hooks = config, ranks, hooks
+        self.config, self.ranks, self.hooks, self.source = config, ranks, hooks, source
         if hooks is not None and ranks.distributed and config.parallel == "fsdp":
             raise ValueError("parallel=fsdp does not train adapters (hooks); use parallel=ddp")
+        if source is not None and ranks.distributed:
+            raise ValueError("a batch source (sft, rl) runs in one process; start it without torchrun")
         self.out_dir = Path(config.out_dir)
-        self.data = MixtureWindows(config.data_dir, config.mixture_schedule(), config.seq_len, seed=config.seed)
+        self.data = source or MixtureWindows(config.data_dir, config.mixture_schedule(), config.seq_len, config.seed)
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
@@ -203,6 +240,8 @@ class _Run:
             if hooks is not None:
                 model = hooks.prepare(model)
         self.model = model
+        if source is not None:
+            source.attach(model)
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
         if config.compile:
@@ -271,13 +310,18 @@ class _Run:
         mtp_weight = mtp_weight_at(self.step, config)
         sums = torch.zeros(3, device=self.ranks.device)  # loss, lm_loss, mtp_loss summed over micro-batches
         expert_load: torch.Tensor | None = None
+        extra: dict[str, float] = {}  # a batch source's own metrics, summed over micro-batches
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(config.grad_accum_steps):
             rows = self.data.batch(config.batch_size, progress=self.step / config.max_steps)
-            batch = distributed.local_rows(rows, self.ranks).to(self.ranks.device)
             last = micro == config.grad_accum_steps - 1
             with distributed.gradient_sync(self.wrapped, sync=last), self._autocast():
-                out = self.wrapped(batch, labels=batch, mtp_loss_weight=mtp_weight, keep_logits=False)
+                if self.source is None:
+                    batch = distributed.local_rows(rows, self.ranks).to(self.ranks.device)
+                    out = self.wrapped(batch, labels=batch, mtp_loss_weight=mtp_weight, keep_logits=False)
+                else:
+                    out, own = self.source.loss(self.wrapped, rows, mtp_weight)
+                    extra = {name: extra.get(name, 0.0) + value for name, value in own.items()}
             (out.loss / config.grad_accum_steps).backward()
             mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros_like(out.loss)
             sums += torch.stack([out.loss, out.lm_loss, mtp]).detach().float()
@@ -321,11 +365,17 @@ class _Run:
             metrics["maxvio"] = per_layer.mean().item()  # averaged over MoE layers, as Wang et al. 2024 report it
             layer_ids = model.moe_layer_ids[: len(per_layer)]
             metrics["maxvio_per_layer"] = {str(i): v for i, v in zip(layer_ids, per_layer.tolist(), strict=True)}
-        if len(self.data.sources) > 1:
+        if self.source is None and len(self.data.sources) > 1:
             metrics["mix"] = self.data.schedule.weights_at(self.step / config.max_steps)
-        tokens_per_s = self.tokens_per_step / (time.perf_counter() - step_start)
+        step_seconds = time.perf_counter() - step_start
+        for name, total in extra.items():
+            metrics[name] = total / config.grad_accum_steps
+            if name.endswith("_s"):
+                metrics[name.removesuffix("_s") + "_share"] = metrics[name] / step_seconds
+        tokens_per_s = self.tokens_per_step / step_seconds
         mfu = model_flops_utilisation(tokens_per_s, self.flops_per_token, self.peak_flops)
         metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
+        metrics["step_s"] = step_seconds
         self._log(metrics)
         return metrics
 
@@ -334,8 +384,8 @@ class _Run:
     def evaluate(self) -> dict[str, Any] | None:
         """Next-token loss over `eval_batches` validation batches, bits per byte, and MaxVio over all those
         batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only."""
-        if not self.ranks.is_main and not self.expert_parallel:  # experts on every rank: all evaluate
-            return None
+        if not self.ranks.is_main and not self.expert_parallel or self.source is not None:
+            return None  # experts on every rank: all evaluate; a batch source has no validation shards
         try:
             val = TokenWindows(self.config.data_dir, VAL_SPLIT, self.config.seq_len)
         except FileNotFoundError:

@@ -1,0 +1,151 @@
+"""GRPO step time: seekstack rl vs TRL's GRPOTrainer on the same checkpoint, task, prompts and settings.
+
+Both runs: one checkpoint (ours loads in transformers as DeepseekV3ForCausalLM), the same task and reward terms
+(correctness + 0.1 x format), P prompts x G generations per step, the same max completion length, temperature
+1, beta 0, loss_type grpo, one policy update per generation batch, N steps. Prints seconds per step (the median
+of steps 2..N, the first includes warm-up), the share spent generating and the reward of the last steps, and the
+ratio. Usage:
+    OMP_NUM_THREADS=2 python bench/grpo_step.py CHECKPOINT [--steps 10] [--prompts 2] [--generations 8] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from seekstack.posttrain.config import GRPOConfig, resolve_config
+from seekstack.posttrain.conversations import prompt_messages
+from seekstack.posttrain.rewards import reward_terms
+from seekstack.posttrain.rl import run_rl
+from seekstack.posttrain.tasks import make_task, sample_problems
+from seekstack.tokenizer import Tokenizer
+
+
+def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
+    overrides = [
+        f"init_from={args.checkpoint}", f"out_dir={out_dir}", f"task={args.task}", f"max_steps={args.steps}",
+        f"batch_size={args.prompts}", f"num_generations={args.generations}", f"max_completion_length={args.tokens}",
+        f"lr={args.lr}", f"min_lr={args.lr}", "temperature=1.0", "beta=0.0", "loss_type=grpo", "seed=0",
+        "format_weight=0.1", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "grad_clip=1.0",
+    ]  # fmt: skip
+    if args.difficulty:
+        overrides.append(f"difficulty={args.difficulty}")
+    run_rl(resolve_config(GRPOConfig, None, overrides))
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "step_s": [line["step_s"] for line in lines],
+        "generate_s": [line["generate_s"] for line in lines],
+        "reward": [line["reward"] for line in lines],
+    }
+
+
+def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    task = make_task(args.task, args.difficulty or None)
+    ours = Tokenizer.from_file(args.checkpoint)
+    problems = sample_problems(task, args.steps * args.prompts, "train", seed=0)
+    by_prompt = {ours.render_chat(prompt_messages(p)): p for p in problems}
+    dataset = Dataset.from_dict({"prompt": list(by_prompt)})
+
+    def terms(prompts: list[str], completions: list[str]) -> list[dict]:
+        return [
+            reward_terms(task, by_prompt[p], c.removesuffix(ours.decode([ours.eos_id])))
+            for p, c in zip(prompts, completions, strict=True)
+        ]
+
+    def correctness(prompts, completions, **kwargs):
+        return [t["correctness"] for t in terms(prompts, completions)]
+
+    def format_reward(prompts, completions, **kwargs):
+        return [t["format"] for t in terms(prompts, completions)]
+
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    config = TRLConfig(
+        output_dir=str(out_dir), use_cpu=True, max_steps=args.steps, learning_rate=args.lr,
+        per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
+        max_completion_length=args.tokens, temperature=1.0, beta=0.0, loss_type="grpo", scale_rewards="group",
+        reward_weights=[1.0, 0.1], logging_steps=1, report_to="none", save_strategy="no", seed=0,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, shuffle_dataset=False,
+        dataloader_num_workers=0, bf16=False,
+    )  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=[correctness, format_reward], args=config, train_dataset=dataset,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    generate_s: list[float] = []
+    generate = model.generate
+
+    def timed_generate(*a, **k):
+        started = time.perf_counter()
+        try:
+            return generate(*a, **k)
+        finally:
+            generate_s.append(time.perf_counter() - started)
+
+    model.generate = timed_generate
+    step_s: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            step_s.append(time.perf_counter() - self.started)
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    return {"step_s": step_s, "generate_s": generate_s, "reward": rewards}
+
+
+def summary(name: str, result: dict) -> dict:
+    steady = result["step_s"][1:] or result["step_s"]
+    generate = result["generate_s"][1 : len(result["step_s"])] or result["generate_s"]
+    tail = result["reward"][-max(1, len(result["reward"]) // 2) :]
+    row = {
+        "name": name,
+        "s_per_step": statistics.median(steady),
+        "generate_share": sum(generate) / sum(steady),
+        "reward_first": result["reward"][0],
+        "reward_last_half": sum(tail) / len(tail),
+    }
+    print(
+        f"{name:10s} {row['s_per_step']:7.3f} s/step  generating {row['generate_share']:5.1%}  "
+        f"reward step 1 {row['reward_first']:.3f}, last half {row['reward_last_half']:.3f}"
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--task", default="addition")
+    parser.add_argument("--difficulty", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    args = parser.parse_args()
+    print(
+        f"torch threads: {torch.get_num_threads()}; {args.prompts} prompts x {args.generations} x {args.tokens} tokens"
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        ours = summary("seekstack", run_ours(args, Path(scratch) / "ours"))
+        trl = summary("trl", run_trl(args, Path(scratch) / "trl"))
+    print(f"seekstack is {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`seekstack sft`, `seekstack rl` and `seekstack pass-at-k`: reasoning post-training on verifiable tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from seekstack.cli.common import fail, user_errors
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="Config file (YAML/TOML/JSON); defaults otherwise")]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. init_from=DIR")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint")]
+
+
+def _split(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
+    if config is not None and "=" in str(config):  # only overrides were given
+        return None, [str(config), *(overrides or [])]
+    return config, overrides or []
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def sft_command(config: ConfigArg = None, overrides: OverridesArg = None, resume: ResumeOpt = False) -> None:
+    """Chat SFT from any checkpoint on JSONL conversations (`data`), by default on generated R1-format traces of
+    `task`; the loss counts the assistant's tokens only."""
+    from seekstack.posttrain.config import SFTConfig, resolve_config
+    from seekstack.posttrain.sft import run_sft
+    from seekstack.train.trainer import TrainingDiverged
+
+    with user_errors():
+        path, rest = _split(config, overrides)
+        resolved = resolve_config(SFTConfig, path, rest, resume=resume, warn=_warn)
+        try:
+            result = run_sft(resolved, resume=resume)
+        except TrainingDiverged as error:
+            fail(str(error))
+    typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
+def rl_command(config: ConfigArg = None, overrides: OverridesArg = None, resume: ResumeOpt = False) -> None:
+    """GRPO on a verifiable task: G completions per prompt sampled by the inference engine from the policy being
+    trained, rule-based rewards (correctness, format), loss_type grpo | dr_grpo | dapo."""
+    from seekstack.posttrain.config import GRPOConfig, resolve_config
+    from seekstack.posttrain.rl import run_rl
+    from seekstack.train.trainer import TrainingDiverged
+
+    with user_errors():
+        path, rest = _split(config, overrides)
+        resolved = resolve_config(GRPOConfig, path, rest, resume=resume, warn=_warn)
+        try:
+            result = run_rl(resolved, resume=resume)
+        except TrainingDiverged as error:
+            fail(str(error))
+    typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
+def pass_at_k_command(
+    model: Annotated[Path, typer.Argument(help="A checkpoint directory with its tokenizer")],
+    task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
+    difficulty: Annotated[int | None, typer.Option(help="The task's knob (digits, numbers); default: its own")] = None,
+    problems: Annotated[int, typer.Option(min=1, help="Held-out problems")] = 100,
+    samples: Annotated[int, typer.Option(min=1, help="Samples per problem (k of pass@k)")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Held-out pass@1, pass@k, greedy accuracy and format rate of a model on a task, as one JSON line."""
+    from seekstack.infer import Engine
+    from seekstack.posttrain.evaluate import evaluate_task
+    from seekstack.posttrain.tasks import make_task
+
+    with user_errors():
+        engine = Engine.from_pretrained(model, max_batch_size=problems * samples, max_model_len=256)
+        scores = evaluate_task(
+            engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
+        )
+    typer.echo(json.dumps({"model": str(model), "task": task, **scores}))
+
+
+def rl_plot_command(
+    runs: Annotated[list[Path], typer.Argument(help="Out_dirs of `seekstack rl` runs, overlaid")],
+    out: Annotated[Path | None, typer.Option(help="PNG to write; default FIRST_RUN/rl_curves.png")] = None,
+    smooth: Annotated[int, typer.Option(min=1, help="Steps averaged per point")] = 10,
+) -> None:
+    """Draw RL runs' accuracy and format reward, lengths of correct and incorrect answers, KL and clipping,
+    entropy and generation share to a PNG."""
+    from seekstack.posttrain.plot import plot_rl_runs
+
+    with user_errors():
+        written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", smooth)
+    typer.echo(f"wrote {written}")
+
+
+def register(app: typer.Typer) -> None:
+    from seekstack.posttrain.config import GRPOConfig, SFTConfig
+    from seekstack.schema import describe_fields
+
+    for name, command, cls in (("sft", sft_command, SFTConfig), ("rl", rl_command, GRPOConfig)):
+        epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n"
+        app.command(name, epilog=epilog + describe_fields(cls))(command)
+    app.command("pass-at-k")(pass_at_k_command)
+    app.command("rl-plot")(rl_plot_command)

@@ -1,0 +1,161 @@
+"""The configs of `seekstack sft` and `seekstack rl`: TrainConfig (loop, optimizer, checkpoints) plus each stage's
+own fields, read and checked the same way (YAML/TOML/JSON + key=value, seekstack/schema.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from annotated_types import Interval
+
+from seekstack.config import ConfigError, ModelConfig
+from seekstack.posttrain.tasks import TASKS
+from seekstack.schema import (
+    Fraction,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+    apply_overrides,
+    check,
+    nested_config,
+    read_config_file,
+    require,
+    resolve_paths,
+)
+from seekstack.train.config import CONFIG_FILE, TrainConfig
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Chat SFT: TrainConfig's loop on conversations, the loss on assistant tokens only. `data_dir`,
+    `mixture` and evaluation are unused; `init_from` is the starting checkpoint ("" = a fresh `model` preset)."""
+
+    out_dir: str = "runs/sft"
+    seq_len: Positive = 256  # rows longer than this are cut
+    batch_size: Positive = 16  # conversations per micro-batch, right-padded to the longest
+    max_steps: Positive = 300
+    lr: PositiveFloat = 1e-3
+    min_lr: NonNegativeFloat = 1e-4
+    warmup_steps: int = 20
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: Positive = 1
+    data: str = ""  # JSONL of {"messages": [...]}; "" = `examples` generated traces of `task`
+    task: str = "addition"  # a name of seekstack.posttrain.tasks.TASKS
+    difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
+    examples: Positive = 4000  # generated conversations when `data` is ""
+
+    def validate(self, source: str | None = None) -> SFTConfig:
+        config = super().validate(source)
+        _require_task(config, source)
+        _require_tokenizer(config, source)
+        return config
+
+    def to_dict(self) -> dict:
+        return _loop_fields(self)
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """R1-style GRPO on a verifiable task (DeepSeek-Math §4.1, with TRL's options): each step samples
+    `num_generations` completions for each of `batch_size` prompts from the policy being trained."""
+
+    out_dir: str = "runs/rl"
+    batch_size: Positive = 4  # prompts per generation batch; each brings num_generations completions
+    max_steps: Positive = 100
+    lr: PositiveFloat = 1e-4
+    min_lr: NonNegativeFloat = 1e-4
+    warmup_steps: int = 0
+    weight_decay: NonNegativeFloat = 0.0
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: Positive = 1
+    bias_update_rate: NonNegativeFloat = 0.0
+    task: str = "addition"
+    difficulty: Positive | None = None
+    num_generations: Annotated[int, Interval(ge=2)] = 8  # G, completions per prompt
+    max_completion_length: Positive = 64
+    temperature: PositiveFloat = 1.0
+    num_iterations: Positive = 1  # policy updates (optimizer steps) per generation batch (mu)
+    epsilon: Fraction = 0.2  # clip range below 1 of the importance ratio
+    epsilon_high: Fraction | None = None  # clip range above 1 (DAPO's clip-higher); None = epsilon
+    beta: NonNegativeFloat = 0.0  # weight of the k3 KL to the starting policy; 0 keeps no reference model
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # what the advantages are divided by the std of
+    format_weight: NonNegativeFloat = 0.1  # reward = correctness + format_weight * format
+
+    def validate(self, source: str | None = None) -> GRPOConfig:
+        config = super().validate(source)
+        _require_task(config, source)
+        _require_tokenizer(config, source)
+        try:
+            require(config.grad_accum_steps == 1, "grad_accum_steps", "1 (a step's rollouts are one batch)")
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+        return config
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    def to_dict(self) -> dict:
+        return _loop_fields(self)
+
+
+def _loop_fields(config: TrainConfig) -> dict:
+    """The TrainConfig part of a post-training config: what the trainer's state records (and reads on resume)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+
+
+nested_config(SFTConfig, "model_overrides", ModelConfig, prefix="model")
+nested_config(GRPOConfig, "model_overrides", ModelConfig, prefix="model")
+
+
+def _require_task(config: SFTConfig | GRPOConfig, source: str | None) -> None:
+    if config.task not in TASKS:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}field 'task' must be one of {', '.join(TASKS)}, got {config.task!r}")
+
+
+def _require_tokenizer(config: TrainConfig, source: str | None) -> None:
+    if not config.tokenizer and not config.init_from:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}field 'tokenizer' must name a tokenizer.json (or set init_from to a checkpoint)")
+
+
+def tokenizer_path(config: TrainConfig) -> str:
+    """The tokenizer a post-training run encodes with: `tokenizer`, else the one in `init_from`."""
+    return config.tokenizer or config.init_from
+
+
+def resolve_config(
+    cls: type[C],
+    path: str | Path | None,
+    overrides: Sequence[str],
+    resume: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> C:
+    """A `cls` config from a file and key=value overrides; with `resume`, on top of the run's saved config."""
+    given = resolve_paths(read_config_file(path), Path(path).parent) if path is not None else {}
+    base: dict = {}
+    if resume:
+        probe = apply_overrides(cls, dict(given), [o for o in overrides if o.startswith("out_dir=")])
+        saved_path = Path(probe.get("out_dir", cls.out_dir)) / CONFIG_FILE
+        if not saved_path.is_file():
+            raise ConfigError(f"{saved_path}: no such file; a run to resume has its config there")
+        base = resolve_paths(read_config_file(saved_path), saved_path.parent)
+    values = apply_overrides(cls, {**base, **given}, overrides)
+    config = check(cls, values, str(path) if path else None).validate(str(path) if path else None)
+    if resume and warn is not None:
+        saved = check(cls, base)
+        for f in dataclasses.fields(cls):
+            if getattr(saved, f.name) != getattr(config, f.name):
+                old, new = json.dumps(getattr(saved, f.name)), json.dumps(getattr(config, f.name))
+                warn(f"resuming with {f.name}={new} (the run was started with {old})")
+    return config

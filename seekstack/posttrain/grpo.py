@@ -1,0 +1,111 @@
+"""The GRPO objective (DeepSeek-Math §4.1.2, eq. 3 and 21), with the variants TRL names by `loss_type`.
+
+Shapes: N completions (prompts x G), T completion positions; `mask` (N, T) is 1 on a completion's tokens.
+
+  ratio   r = exp(log pi(o_t) - log pi_old(o_t))
+  token   l_t = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) + beta * KL_t,
+          KL_t = exp(ref - logp) - (ref - logp) - 1            (k3, Schulman 2020; DeepSeek-Math eq. 4)
+  grpo    mean over completions of (sum_t l_t mask / |o|)      (each completion's mean, then their mean)
+  dr_grpo sum_t l_t mask / (N x max_completion_length)         (Dr. GRPO, Liu et al. 2025: no length bias)
+  dapo    sum_t l_t mask / sum mask                            (DAPO, Yu et al. 2025: token-level mean)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+LossType = Literal["grpo", "dr_grpo", "dapo"]
+ScaleRewards = Literal["group", "batch", "none"]
+STD_EPS = 1e-4  # added to the std the advantages are divided by (as TRL)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards) -> torch.Tensor:
+    """A_i = (r_i - mean of its group) / (std + 1e-4), rewards (N,) in consecutive groups of `group_size`.
+
+    The std is that of the group (`group`, GRPO), of the whole batch (`batch`), or not used (`none`, Dr. GRPO).
+    Stds are unbiased (n - 1), as torch.std and TRL compute them.
+    """
+    grouped = rewards.view(-1, group_size)  # (P, G)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
+    if scale_rewards == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)
+    elif scale_rewards == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return centred
+    return centred / (std + STD_EPS)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1, >= 0, unbiased."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+@dataclass
+class PolicyLoss:
+    """The loss and what to log of it: the mean KL and the fraction of tokens whose ratio was clipped."""
+
+    loss: torch.Tensor
+    kl: float
+    clip_fraction: float
+    clip_low_fraction: float
+    clip_high_fraction: float
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: LossType,
+    epsilon: float,
+    epsilon_high: float,
+    beta: float = 0.0,
+    ref_logps: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+) -> PolicyLoss:
+    """The clipped surrogate loss of one batch: logps, old_logps, ref_logps, mask (N, T); advantages (N,)."""
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    A = advantages[:, None]
+    per_token = -torch.min(ratio * A, clipped * A)
+    kl = torch.zeros_like(logps)
+    if beta > 0:
+        if ref_logps is None:
+            raise ValueError("beta > 0 needs the reference model's log-probabilities (ref_logps)")
+        kl = k3_kl(logps, ref_logps)
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        width = max_completion_length if max_completion_length is not None else mask.shape[1]
+        loss = (per_token * mask).sum() / (mask.shape[0] * width)
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        raise ValueError(f"loss_type must be grpo, dr_grpo or dapo, got {loss_type!r}")
+    tokens = mask.sum().clamp(min=1)
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon) & (A < 0)).to(mask.dtype)
+        high = ((ratio > 1 + epsilon_high) & (A > 0)).to(mask.dtype)
+        low_fraction, high_fraction = (low * mask).sum() / tokens, (high * mask).sum() / tokens
+    return PolicyLoss(
+        loss=loss,
+        kl=float((kl.detach() * mask).sum() / tokens),
+        clip_fraction=float(low_fraction + high_fraction),
+        clip_low_fraction=float(low_fraction),
+        clip_high_fraction=float(high_fraction),
+    )
+
+
+def token_logps_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) and the entropy of the distribution, per position: logits (N, T, V), tokens (N, T)."""
+    log_probs = logits.float().log_softmax(dim=-1)
+    picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+    return picked, entropy

@@ -1,0 +1,68 @@
+"""What a verifiable task is: a seeded generator of problems and an exact verifier of answers.
+
+A task draws `Problem`s from a `random.Random`; `verify(problem, answer)` says whether an answer string is right.
+Train and held-out problems never overlap: a problem belongs to one split by the hash of its `key`
+(`split_of`), and `sample_problems` keeps drawing until it has enough of the asked split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Split = Literal["train", "heldout"]
+HELDOUT_PERCENT = 10  # share of the problem space (by key hash) reserved for held-out evaluation
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance: the question a user asks, the reference answer, a worked trace for SFT."""
+
+    key: str  # canonical identity of the problem (decides its split)
+    question: str
+    answer: str
+    trace: str  # the reasoning that goes inside <think> ... </think> in SFT data
+    data: dict = field(default_factory=dict, compare=False)  # what the verifier needs (numbers, target)
+
+
+class Task(Protocol):
+    """A generator plus a verifier; `difficulty` is the task's knob (digits, or how many numbers)."""
+
+    name: str
+    difficulty: int
+
+    def generate(self, rng: random.Random) -> Problem:
+        """Draw one problem."""
+        ...
+
+    def verify(self, problem: Problem, answer: str) -> bool:
+        """Whether `answer` (the text after </think>) solves `problem` exactly."""
+        ...
+
+
+def split_of(key: str) -> Split:
+    """The split a problem belongs to, fixed by its key alone: ~HELDOUT_PERCENT % of all problems are held out."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 100
+    return "heldout" if bucket < HELDOUT_PERCENT else "train"
+
+
+def sample_problems(
+    task: Task, count: int, split: Split, seed: int, max_draws_per_problem: int = 1000
+) -> list[Problem]:
+    """`count` problems of `split`, drawn by a generator seeded with (task, difficulty, split, seed)."""
+    rng = random.Random(f"{task.name}/{task.difficulty}/{split}/{seed}")
+    problems: list[Problem] = []
+    for _ in range(count * max_draws_per_problem):
+        if len(problems) == count:
+            return problems
+        problem = task.generate(rng)
+        if split_of(problem.key) == split:
+            problems.append(problem)
+    if len(problems) < count:
+        raise ValueError(
+            f"task {task.name} at difficulty {task.difficulty} yielded only {len(problems)} {split} problems of "
+            f"{count} asked: its problem space is too small; raise the difficulty or ask for fewer"
+        )
+    return problems

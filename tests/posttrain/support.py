@@ -1,0 +1,25 @@
+"""A byte-level tokenizer and a micro model, small enough for post-training tests to run in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from seekstack.checkpoint import save_pretrained
+from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import Tokenizer, train_tokenizer
+from tests.conftest import micro_config
+
+TEXTS = ["What is 12 + 34? <think> 2+4=6, 1+3=4 </think> 46", "Using the numbers 3 4 5 once each, make 17."] * 20
+
+
+def byte_tokenizer(directory: Path) -> Tokenizer:
+    """A tokenizer of the 256 bytes, the special tokens and a few merges."""
+    return train_tokenizer(TEXTS, vocab_size=300, out_path=directory)
+
+
+def micro_checkpoint(directory: Path) -> Path:
+    """A random micro model with the byte tokenizer, saved as a model directory."""
+    model = Transformer(micro_config(vocab_size=300, max_position_embeddings=512))
+    save_pretrained(model, directory)
+    assert byte_tokenizer(directory).vocab_size == 300
+    return directory

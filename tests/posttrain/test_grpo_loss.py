@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+
+from seekstack.posttrain.evaluate import pass_at_k
+from seekstack.posttrain.grpo import STD_EPS, group_advantages, k3_kl, policy_loss
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])  # 2 groups of 4
+
+
+def test_group_advantages_divide_by_each_groups_std():
+    # group 1: mean 0.5, unbiased std sqrt(1/3); group 2: mean 0.75, std 0.5
+    expected = [0.5 / (3**-0.5 + STD_EPS)] * 4
+    expected = [e if r else -e for e, r in zip(expected, [1, 0, 0, 1], strict=True)]
+    expected += [0.25 / (0.5 + STD_EPS)] * 3
+    expected.insert(6, -0.75 / (0.5 + STD_EPS))
+    assert torch.allclose(group_advantages(REWARDS, 4, "group"), torch.tensor(expected), atol=1e-6)
+
+
+def test_batch_and_none_scaling():
+    centred = torch.tensor([0.5, -0.5, -0.5, 0.5, 0.25, 0.25, -0.75, 0.25])
+    assert torch.allclose(group_advantages(REWARDS, 4, "none"), centred)
+    batch_std = REWARDS.std().item()  # over all 8: mean 0.625
+    assert torch.allclose(group_advantages(REWARDS, 4, "batch"), centred / (batch_std + STD_EPS))
+
+
+def test_identical_rewards_give_zero_advantage():
+    assert torch.equal(group_advantages(torch.ones(4), 4, "group"), torch.zeros(4))
+
+
+def test_k3_matches_its_formula_and_is_zero_on_equal_policies():
+    logps, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    expected = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1]
+    assert torch.allclose(k3_kl(logps, ref), torch.tensor(expected))
+    assert torch.equal(k3_kl(logps, logps), torch.zeros(2))
+
+
+# Two completions, three positions; the second is two tokens long.
+LOGPS = torch.tensor([[-1.0, -0.5, -2.0], [-0.2, -1.2, -9.0]])
+OLD = torch.tensor([[-1.1, -0.9, -2.0], [-0.1, -1.0, -9.0]])
+REF = torch.tensor([[-1.0, -0.7, -2.1], [-0.3, -1.0, -9.0]])
+ADV = torch.tensor([1.0, -2.0])
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def hand_token_losses(epsilon, epsilon_high, beta):
+    """Per-token losses computed one scalar at a time."""
+    rows = []
+    for i in range(2):
+        row = []
+        for t in range(3):
+            ratio = math.exp(LOGPS[i, t] - OLD[i, t])
+            clipped = min(max(ratio, 1 - epsilon), 1 + epsilon_high)
+            a = ADV[i].item()
+            delta = (REF[i, t] - LOGPS[i, t]).item()
+            row.append(-min(ratio * a, clipped * a) + beta * (math.exp(delta) - delta - 1))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_each_loss_type_matches_a_hand_computed_reference(beta):
+    eps, eps_high = 0.2, 0.28
+    tokens = hand_token_losses(eps, eps_high, beta)
+    lengths = [3, 2]
+    grpo = (sum(tokens[0][:3]) / 3 + sum(tokens[1][:2]) / 2) / 2
+    dr_grpo = (sum(tokens[0][:3]) + sum(tokens[1][:2])) / (2 * 8)  # max_completion_length 8
+    dapo = (sum(tokens[0][:3]) + sum(tokens[1][:2])) / sum(lengths)
+    for loss_type, expected in (("grpo", grpo), ("dr_grpo", dr_grpo), ("dapo", dapo)):
+        result = policy_loss(LOGPS, OLD, ADV, MASK, loss_type, eps, eps_high, beta, REF, max_completion_length=8)
+        assert result.loss.item() == pytest.approx(expected, rel=1e-5), loss_type
+
+
+def test_clip_fraction_counts_tokens_outside_the_trust_region():
+    # ratios: row 0 exp(.1), exp(.4)=1.49 (> 1.28, A > 0: clipped), 1; row 1 exp(-.1), exp(-.2)=0.82 (A < 0: fine)
+    result = policy_loss(LOGPS, OLD, ADV, MASK, "dapo", 0.2, 0.28)
+    assert result.clip_high_fraction == pytest.approx(1 / 5)
+    assert result.clip_low_fraction == 0.0
+    assert result.clip_fraction == pytest.approx(1 / 5)
+
+
+def test_on_policy_gradient_is_the_advantage_weighted_score():
+    logps = LOGPS.clone().requires_grad_(True)
+    policy_loss(logps, logps.detach(), ADV, MASK, "dapo", 0.2, 0.2).loss.backward()
+    assert torch.allclose(logps.grad, -ADV[:, None] * MASK / MASK.sum())
+
+
+def test_beta_without_a_reference_is_an_error():
+    with pytest.raises(ValueError, match="ref_logps"):
+        policy_loss(LOGPS, OLD, ADV, MASK, "grpo", 0.2, 0.2, beta=0.1)
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(8, 0, 1) == 0.0
+    assert pass_at_k(8, 2, 1) == pytest.approx(0.25)
+    assert pass_at_k(8, 1, 8) == 1.0
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.posttrain.config import SFTConfig, resolve_config
+from seekstack.posttrain.conversations import encode_conversation, read_conversations, write_conversations
+from seekstack.posttrain.padding import pad_labelled
+from seekstack.posttrain.sft import SFTSource, run_sft
+from seekstack.tokenizer import ASSISTANT, EOS
+from tests.posttrain.support import byte_tokenizer
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 1 + 2?"},
+    {"role": "assistant", "content": "<think> 1+2=3 </think> 3"},
+    {"role": "user", "content": "And 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+]
+
+
+def test_labels_cover_exactly_the_assistant_turns_and_their_eos(tmp_path):
+    tokenizer = byte_tokenizer(tmp_path)
+    ids, labels = encode_conversation(tokenizer, CHAT)
+    assert ids == tokenizer.encode_chat(CHAT, add_generation_prompt=False)
+    kept = [token if label != IGNORE_INDEX else None for token, label in zip(ids, labels, strict=True)]
+    spans, current = [], []
+    for token in kept + [None]:
+        if token is None and current:
+            spans.append(tokenizer.decode(current))
+            current = []
+        elif token is not None:
+            current.append(token)
+    assert spans == ["<think> 1+2=3 </think> 3" + EOS, "4" + EOS]
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
+    assert labels[ids.index(tokenizer.backend.token_to_id(ASSISTANT))] == IGNORE_INDEX
+
+
+def test_padding_is_masked_and_rows_are_cut():
+    rows = [([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8], [8])]
+    input_ids, labels = pad_labelled(rows, pad_id=2, max_len=8)
+    assert input_ids.tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert labels.tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert pad_labelled(rows, pad_id=2, max_len=2)[0].tolist() == [[5, 6], [8, 2]]
+
+
+def test_padded_batch_loss_equals_the_mean_over_unpadded_rows(tmp_path):
+    """Right padding changes nothing: the batch loss is the token-weighted mean of each row's own loss."""
+    from seekstack.model.transformer import Transformer
+    from tests.conftest import micro_config
+
+    tokenizer = byte_tokenizer(tmp_path)
+    model = Transformer(micro_config(vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=0))
+    rows = [encode_conversation(tokenizer, CHAT), encode_conversation(tokenizer, CHAT[:3])]
+    input_ids, labels = pad_labelled(rows, tokenizer.pad_id, 512)
+    batch_loss = model(input_ids, labels=labels).lm_loss
+    losses, counts = [], []
+    for ids, row_labels in rows:
+        losses.append(model(torch.tensor([ids]), labels=torch.tensor([row_labels])).lm_loss)
+        counts.append(sum(label != IGNORE_INDEX for label in row_labels[1:]))
+    expected = sum(loss * count for loss, count in zip(losses, counts, strict=True)) / sum(counts)
+    assert torch.allclose(batch_loss, expected, atol=1e-5)
+
+
+def test_sft_lowers_the_assistant_loss_and_resumes_exactly(tmp_path):
+    byte_tokenizer(tmp_path / "tok")
+    data = write_conversations([CHAT, CHAT[:3]] * 4, tmp_path / "chats.jsonl")
+    common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "batch_size=2", "lr=1e-2", "warmup_steps=0"]
+    common += ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "seq_len=128"]
+    straight = run_sft(
+        resolve_config(
+            SFTConfig, None, [*common, f"out_dir={tmp_path / 'a'}", "max_steps=6", "save_every=3", "keep_checkpoints=2"]
+        )
+    )
+    assert straight.losses[-1] < straight.losses[0]
+    again = resolve_config(SFTConfig, None, [*common, f"out_dir={tmp_path / 'b'}", "max_steps=6"])
+    resumed = run_sft(again, resume=tmp_path / "a" / "checkpoints" / "step_3")
+    assert resumed.losses == straight.losses[3:]
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["assistant_tokens"] > 0 for line in lines)
+
+
+def test_default_data_is_generated_task_traces(tmp_path):
+    byte_tokenizer(tmp_path)
+    source = SFTSource(resolve_config(SFTConfig, None, [f"tokenizer={tmp_path}", "examples=10", "task=countdown"]))
+    input_ids, labels = source.batch(4, 0.0)
+    text = source.tokenizer.decode(input_ids[0].tolist())
+    assert "Using the numbers" in text and "<think>" in text
+    assert (labels != IGNORE_INDEX).sum() > 0
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": CHAT[:2]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*assistant"):
+        read_conversations(path)

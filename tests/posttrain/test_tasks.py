@@ -1,0 +1,95 @@
+import random
+
+import pytest
+
+from seekstack.posttrain.rewards import extract_answer, r1_completion, reward_terms
+from seekstack.posttrain.tasks import TASKS, Problem, make_task, sample_problems, split_of
+from seekstack.posttrain.tasks.countdown import evaluate_expression
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_reference_answers_verify_and_perturbed_ones_do_not(name):
+    task = make_task(name)
+    for problem in sample_problems(task, 50, "train", seed=1):
+        assert task.verify(problem, problem.answer)
+        assert task.verify(problem, f"  {problem.answer} ")
+        assert not task.verify(problem, problem.answer + "1")
+        assert not task.verify(problem, "")
+        assert not task.verify(problem, "the answer is " + problem.answer)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_train_and_heldout_splits_never_overlap(name):
+    task = make_task(name)
+    train = {p.key for p in sample_problems(task, 400, "train", seed=0)}
+    heldout = {p.key for p in sample_problems(task, 100, "heldout", seed=0)}
+    assert not train & heldout
+    assert all(split_of(key) == "heldout" for key in heldout)
+
+
+def test_generators_are_seeded():
+    task = make_task("countdown")
+    assert sample_problems(task, 5, "train", seed=3) == sample_problems(task, 5, "train", seed=3)
+    assert sample_problems(task, 5, "train", seed=3) != sample_problems(task, 5, "train", seed=4)
+
+
+@pytest.mark.parametrize("digits", [1, 2, 4])
+def test_difficulty_sets_the_operand_digits(digits):
+    problem = make_task("addition", digits).generate(random.Random(0))
+    a, b = problem.key.split("+")
+    assert len(a) == len(b) == digits or digits == 1
+    assert int(problem.answer) == int(a) + int(b)
+
+
+def test_addition_trace_carries():
+    task = make_task("addition")
+    problem = task.generate(random.Random(0))
+    a, b = map(int, problem.key.split("+"))
+    assert problem.trace.split(", ")[0] == f"{a % 10}+{b % 10}={a % 10 + b % 10}"
+
+
+def test_countdown_verifier_demands_each_number_exactly_once():
+    task = make_task("countdown")
+    problem = Problem("k", "q", "", "", {"numbers": [3, 4, 5], "target": 17})
+    assert task.verify(problem, "3*4+5")
+    assert task.verify(problem, "(5 - 4 + 3) * 4 + 1") is False  # 1 is not given, 4 twice
+    assert not task.verify(problem, "3*4+5+0")
+    assert not task.verify(problem, "12+5")  # 12 is not given
+    assert not task.verify(problem, "3*4")  # 5 unused
+    assert task.verify(Problem("k", "q", "", "", {"numbers": [6, 3, 2], "target": 1}), "6/3/2")
+
+
+@pytest.mark.parametrize(
+    "text", ["__import__('os').system('true')", "3**4", "(lambda: 1)()", "3 if 1 else 4", "[3]", "1.5", "3 / (4 - 4)"]
+)
+def test_countdown_expressions_beyond_arithmetic_are_rejected_without_running(text):
+    assert evaluate_expression(text) is None
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer"),
+    [
+        ("<think> 2+4=6 </think> 46", "46"),
+        ("  <think>\nsteps\n</think>\n46\n", "46"),
+        ("46", None),  # no think block
+        ("<think> steps </think>", None),  # no answer
+        ("<think> steps 46", None),  # unclosed
+        ("text <think> steps </think> 46", None),  # block not at the start
+        ("<think> a </think> 4 </think> 6", None),  # a second closing tag
+        ("<think> a <think> b </think> 46", None),  # nested block
+    ],
+)
+def test_r1_format_extracts_the_answer_only_from_well_formed_completions(completion, answer):
+    assert extract_answer(completion) == answer
+
+
+def test_reward_terms_score_correctness_and_format_separately():
+    task = make_task("addition")
+    problem = task.generate(random.Random(0))
+    assert reward_terms(task, problem, r1_completion(problem.trace, problem.answer)) == {
+        "correctness": 1.0,
+        "format": 1.0,
+    }
+    wrong = str(int(problem.answer) + 1)
+    assert reward_terms(task, problem, r1_completion("x", wrong)) == {"correctness": 0.0, "format": 1.0}
+    assert reward_terms(task, problem, problem.answer) == {"correctness": 0.0, "format": 0.0}
