@@ -49,7 +49,7 @@ def losses(out_dir: Path) -> list[float]:
 
 
 def test_fsdp_on_two_ranks_matches_one_process_at_the_same_global_batch(data_dir, tmp_path):  # noqa: F811
-    steps = dict(max_steps=8, eval_every=0, save_every=0)
+    steps = dict(max_steps=20, eval_every=0, save_every=0)
     single = train(run_config(data_dir, tmp_path / "one", **steps))
     train_on_two_ranks(run_config(data_dir, tmp_path / "fsdp", parallel="fsdp", **steps))
     sharded = read_metrics(tmp_path / "fsdp")
@@ -192,7 +192,7 @@ def run_config_from(overrides: list[str], out_dir: Path):
 
 
 def test_expert_parallel_on_two_ranks_matches_one_process_and_resumes_exactly(data_dir, tmp_path):  # noqa: F811
-    steps = dict(max_steps=8, eval_every=4, save_every=4, keep_checkpoints=2)
+    steps = dict(max_steps=20, eval_every=10, save_every=10, keep_checkpoints=2)
     single = train(run_config(data_dir, tmp_path / "one", **steps))
     train_on_two_ranks(run_config(data_dir, tmp_path / "ep", expert_parallel=2, **steps))
     assert losses(tmp_path / "ep") == pytest.approx(single.losses, abs=1e-5)
@@ -206,16 +206,16 @@ def test_expert_parallel_on_two_ranks_matches_one_process_and_resumes_exactly(da
     # The checkpoint holds every expert: it loads whole and matches the one-process checkpoint.
     from seekstack.checkpoint import load_pretrained
 
-    whole = load_pretrained(tmp_path / "ep" / "checkpoints" / "step_8").state_dict()
-    reference = load_pretrained(tmp_path / "one" / "checkpoints" / "step_8").state_dict()
+    whole = load_pretrained(tmp_path / "ep" / "checkpoints" / "step_20").state_dict()
+    reference = load_pretrained(tmp_path / "one" / "checkpoints" / "step_20").state_dict()
     for name, tensor in reference.items():
         torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-4)
-    # Resumed at the same two ranks from step 4: the same last four losses.
+    # Resumed at the same two ranks from step 10: the same last ten losses.
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
-    os.symlink(tmp_path / "ep" / "checkpoints" / "step_4", resumed_dir / "checkpoints" / "step_4")
+    os.symlink(tmp_path / "ep" / "checkpoints" / "step_10", resumed_dir / "checkpoints" / "step_10")
     train_on_two_ranks(run_config(data_dir, resumed_dir, expert_parallel=2, **steps), resume=True)
-    assert losses(resumed_dir)[-4:] == pytest.approx(losses(tmp_path / "ep")[-4:], abs=1e-6)
+    assert losses(resumed_dir)[-10:] == pytest.approx(losses(tmp_path / "ep")[-10:], abs=1e-6)
 
 
 def test_int8_error_feedback_survives_ddp_regrouping_its_buckets(data_dir, tmp_path):  # noqa: F811
