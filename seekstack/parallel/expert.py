@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed.tensor import DTensor
 
 from seekstack.model.moe import RoutedExperts, Routing
 from seekstack.model.transformer import Transformer
@@ -94,17 +95,21 @@ def sharded_expert_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip to the gradient norm over all ranks: replicated gradients counted once, every rank's experts."""
+    """Clip to the gradient norm over all ranks: each rank's experts and FSDP shards added up, replicated (DDP)
+    gradients counted once."""
     local = {id(p) for p in sharded_expert_params(model)}
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    replicated = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in local]
-    experts = [p.grad for p in sharded_expert_params(model) if p.grad is not None]
-    expert_squares = _sum_of_squares(experts)
-    dist.all_reduce(expert_squares)
-    norm = (expert_squares + _sum_of_squares(replicated)).sqrt()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    split = [g.to_local() if isinstance(g, DTensor) else g for p in model.parameters() if (g := p.grad) is not None
+             and (id(p) in local or isinstance(g, DTensor))]  # fmt: skip
+    replicated = [
+        g for p in model.parameters() if (g := p.grad) is not None and not (id(p) in local or isinstance(g, DTensor))
+    ]
+    split_squares = _sum_of_squares(split)
+    dist.all_reduce(split_squares)
+    norm = (split_squares + _sum_of_squares(replicated)).sqrt()
+    scale = min(1.0, max_norm / (norm.item() + 1e-6))
     for grad in grads:
-        grad.mul_(scale.to(grad.dtype))
+        grad.mul_(scale)
     return norm
 
 

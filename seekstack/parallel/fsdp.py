@@ -32,7 +32,13 @@ from seekstack.parallel.distributed import Ranks
 from seekstack.parallel.parallelize import decoder_blocks
 
 
-def apply_fsdp(model: Transformer, ranks: Ranks, bfloat16: bool = False, cpu_offload: bool = False) -> None:
+def apply_fsdp(
+    model: Transformer,
+    ranks: Ranks,
+    bfloat16: bool = False,
+    cpu_offload: bool = False,
+    ignored: set[nn.Parameter] | None = None,
+) -> None:
     """Shard `model` over all ranks: each main and MTP decoder block, then the root (embeddings, norms, head,
     MTP projections: the root's parameters stay gathered through its forward, where the MTP head reads them)."""
     mesh = init_device_mesh(ranks.device.type, (ranks.world_size,))
@@ -43,6 +49,7 @@ def apply_fsdp(model: Transformer, ranks: Ranks, bfloat16: bool = False, cpu_off
         if bf16_on_cuda
         else MixedPrecisionPolicy(),
         offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+        ignored_params=ignored,  # expert-parallel experts: already split over the ranks
     )
     for block in decoder_blocks(model):
         fully_shard(block, **options)

@@ -88,7 +88,7 @@ class TrainConfig:
     # Scale-out under torchrun (one process ignores these): seekstack/parallel/
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (ZeRO-3), parameters, gradients, optimizer sharded
     cpu_offload: bool = False  # fsdp: keep the sharded parameters and optimizer state in CPU memory
-    expert_parallel: Positive = 1  # ddp: split routed experts over this many ranks (1, or all of them)
+    expert_parallel: Positive = 1  # split routed experts over this many ranks (1, or all of them); ddp or fsdp
     # ddp: gradient all-reduce compression (parallel/compression.py)
     grad_compression: Literal["none", "bf16", "fp16", "powersgd", "int8", "int8_no_ef"] = "none"
     powersgd_rank: Positive = 4  # rank of PowerSGD's factors
@@ -109,7 +109,6 @@ class TrainConfig:
                 "'none' with parallel=fsdp (FSDP reduce-scatters; compression hooks are DDP's)",
             )
             require(not config.cpu_offload or config.parallel == "fsdp", "cpu_offload", "false unless parallel=fsdp")
-            require(config.expert_parallel == 1 or config.parallel == "ddp", "expert_parallel", "1 with parallel=fsdp")
             config.model_config()
             try:
                 config.mixture_schedule()

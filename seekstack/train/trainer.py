@@ -32,7 +32,12 @@ from seekstack.model.moe import MoE
 from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.parallel import distributed
 from seekstack.parallel.compression import CommCounter, register_compression
-from seekstack.parallel.expert import apply_expert_parallel, clip_gradients, gather_expert_state
+from seekstack.parallel.expert import (
+    apply_expert_parallel,
+    clip_gradients,
+    gather_expert_state,
+    sharded_expert_params,
+)
 from seekstack.parallel.fsdp import (
     apply_fsdp,
     full_model_state,
@@ -132,6 +137,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if any(isinstance(p, DTensor) for p in params) and not all(isinstance(p, DTensor) for p in params):
+        # FSDP with expert parallel: sharded DTensors beside rank-local experts, which one foreach call cannot mix
+        groups = [
+            {**group, "params": [p for p in group["params"] if isinstance(p, DTensor) == sharded]}
+            for group in groups
+            for sharded in (True, False)
+        ]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fast)
 
@@ -247,12 +259,14 @@ class _Run:
         if config.compile:
             apply_compile(model)
         self.comm: CommCounter | None = None  # bytes sent by DDP's gradient all-reduce
-        self.expert_parallel = False  # routed experts split over the ranks (parallel/expert.py)
+        rank_local = self._apply_expert_parallel(model)  # sets self.expert_parallel
         if ranks.distributed and config.parallel == "fsdp":
-            apply_fsdp(model, ranks, bfloat16=config.dtype == "bfloat16", cpu_offload=config.cpu_offload)
+            apply_fsdp(
+                model, ranks, bfloat16=config.dtype == "bfloat16", cpu_offload=config.cpu_offload,
+                ignored=set(sharded_expert_params(model)),
+            )  # fmt: skip
             self.wrapped = model
         else:
-            rank_local = self._apply_expert_parallel(model)
             self.wrapped = distributed.wrap_model(model, ranks, rank_local)
             if ranks.distributed:
                 self.comm = register_compression(
@@ -443,16 +457,15 @@ class _Run:
     def _save_in_parts(self, state: dict[str, Any]) -> Path | None:
         """FSDP or expert parallel: every rank writes its part of the optimizer state (sharded by
         torch.distributed.checkpoint, or one file per rank), rank 0 the whole model gathered from all ranks."""
-        if is_sharded(self.model):
-            whole_state = full_model_state(self.model)
-        else:
-            whole_state = gather_expert_state(self.model, self.model.state_dict())
+        whole_state = full_model_state(self.model) if is_sharded(self.model) else self.model.state_dict()
+        if self.expert_parallel:
+            whole_state = gather_expert_state(self.model, whole_state)
         final = step_dir(self.out_dir, self.step)
         with shared_staging(final, self.ranks) as staging:
-            if is_sharded(self.model):
-                save_optimizer(self.model, self.optimizer, staging / OPTIMIZER_DIR)
-            else:
+            if self.expert_parallel:  # each rank's experts have their own moments: one file per rank
                 torch.save(self.optimizer.state_dict(), staging / rank_optimizer_file(self.ranks.rank))
+            else:
+                save_optimizer(self.model, self.optimizer, staging / OPTIMIZER_DIR)
             if self.ranks.is_main:
                 with torch.device("meta"):
                     whole = Transformer(self.model.config)
@@ -465,7 +478,7 @@ class _Run:
 
     def _apply_expert_parallel(self, model: Transformer) -> list[str]:
         """Split the routed experts over all ranks when `expert_parallel` asks; the rank-local parameter names."""
-        self.expert_parallel = self.config.expert_parallel > 1
+        self.expert_parallel: bool = self.config.expert_parallel > 1
         if not self.expert_parallel:
             return []
         if self.config.expert_parallel != self.ranks.world_size:

@@ -231,3 +231,17 @@ def test_int8_error_feedback_survives_ddp_regrouping_its_buckets(data_dir, tmp_p
     )
     train_on_two_ranks(config)
     assert len([m for m in read_metrics(tmp_path / "int8") if "comm_bytes" in m]) == 3
+
+
+def test_fsdp_with_expert_parallel_on_two_ranks_matches_one_process(data_dir, tmp_path):  # noqa: F811
+    steps = dict(max_steps=20, eval_every=20, save_every=20)
+    single = train(run_config(data_dir, tmp_path / "one", **steps))
+    train_on_two_ranks(run_config(data_dir, tmp_path / "both", parallel="fsdp", expert_parallel=2, **steps))
+    assert losses(tmp_path / "both") == pytest.approx(single.losses, abs=1e-5)
+    one, both = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "both")
+    assert both[-2]["grad_norm"] == pytest.approx(one[-2]["grad_norm"], rel=1e-4)
+    from seekstack.checkpoint import load_pretrained
+
+    whole = load_pretrained(tmp_path / "both" / "checkpoints" / "step_20").state_dict()
+    for name, tensor in load_pretrained(tmp_path / "one" / "checkpoints" / "step_20").state_dict().items():
+        torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-4)
