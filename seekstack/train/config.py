@@ -85,6 +85,7 @@ class TrainConfig:
     )
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     compile: bool = False  # torch.compile each block
+    float8: bool = False  # train the blocks' linear layers in float8 (torchao; GPUs with FP8 tensor cores only)
     # Scale-out under torchrun (one process ignores these): seekstack/parallel/
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2 (ZeRO-3), parameters, gradients, optimizer sharded
     cpu_offload: bool = False  # fsdp: keep the sharded parameters and optimizer state in CPU memory

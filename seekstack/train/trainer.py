@@ -46,7 +46,7 @@ from seekstack.parallel.fsdp import (
     rank_memory,
     save_optimizer,
 )
-from seekstack.parallel.parallelize import apply_activation_checkpointing, apply_compile
+from seekstack.parallel.parallelize import apply_activation_checkpointing, apply_compile, apply_float8
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
@@ -254,6 +254,8 @@ class _Run:
         self.model = model
         if source is not None:
             source.attach(model)
+        if config.float8:
+            apply_float8(model)
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
         if config.compile:

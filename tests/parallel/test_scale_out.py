@@ -3,6 +3,7 @@ checkpoints resume at another number of ranks, and compressed gradient all-reduc
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -245,3 +246,19 @@ def test_fsdp_with_expert_parallel_on_two_ranks_matches_one_process(data_dir, tm
     whole = load_pretrained(tmp_path / "both" / "checkpoints" / "step_20").state_dict()
     for name, tensor in load_pretrained(tmp_path / "one" / "checkpoints" / "step_20").state_dict().items():
         torch.testing.assert_close(whole[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_float8_training_on_a_cpu_is_refused_naming_what_it_needs(data_dir, tmp_path):  # noqa: F811
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="float8=true needs an NVIDIA GPU with FP8 tensor cores.*on a CPU"):
+        train(run_config(data_dir, tmp_path / "f8", max_steps=1, float8=True))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
+)
+def test_float8_training_runs_and_lowers_the_loss_on_a_gpu(data_dir, tmp_path):  # noqa: F811
+    config = run_config(data_dir, tmp_path / "f8", max_steps=6, eval_every=0, save_every=0, float8=True)
+    result = train(config)
+    assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
