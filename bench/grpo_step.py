@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from seekstack.posttrain.config import GRPOConfig, resolve_config
+from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.rewards import reward_terms
 from seekstack.posttrain.rl import run_rl
 from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import Tokenizer
+from seekstack.train.config import resolve_train_config
 
 
 def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
@@ -36,7 +37,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
     ]  # fmt: skip
     if args.difficulty:
         overrides.append(f"difficulty={args.difficulty}")
-    run_rl(resolve_config(GRPOConfig, None, overrides))
+    run_rl(resolve_train_config(None, overrides, cls=GRPOConfig))
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         "step_s": [line["step_s"] for line in lines],

@@ -8,55 +8,30 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import fail, user_errors
+from seekstack.cli.common import user_errors
+from seekstack.cli.train import run_stage
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Config file (YAML/TOML/JSON); defaults otherwise")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. init_from=DIR")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint")]
 
 
-def _split(config: Path | None, overrides: list[str] | None) -> tuple[Path | None, list[str]]:
-    if config is not None and "=" in str(config):  # only overrides were given
-        return None, [str(config), *(overrides or [])]
-    return config, overrides or []
-
-
-def _warn(message: str) -> None:
-    typer.echo(f"warning: {message}", err=True)
-
-
 def sft_command(config: ConfigArg = None, overrides: OverridesArg = None, resume: ResumeOpt = False) -> None:
     """Chat SFT from any checkpoint on JSONL conversations (`data`), by default on generated R1-format traces of
     `task`; the loss counts the assistant's tokens only."""
-    from seekstack.posttrain.config import SFTConfig, resolve_config
+    from seekstack.posttrain.config import SFTConfig
     from seekstack.posttrain.sft import run_sft
-    from seekstack.train.trainer import TrainingDiverged
 
-    with user_errors():
-        path, rest = _split(config, overrides)
-        resolved = resolve_config(SFTConfig, path, rest, resume=resume, warn=_warn)
-        try:
-            result = run_sft(resolved, resume=resume)
-        except TrainingDiverged as error:
-            fail(str(error))
-    typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+    run_stage(SFTConfig, run_sft, config, overrides, resume)
 
 
 def rl_command(config: ConfigArg = None, overrides: OverridesArg = None, resume: ResumeOpt = False) -> None:
     """GRPO on a verifiable task: G completions per prompt sampled by the inference engine from the policy being
     trained, rule-based rewards (correctness, format), loss_type grpo | dr_grpo | dapo."""
-    from seekstack.posttrain.config import GRPOConfig, resolve_config
+    from seekstack.posttrain.config import GRPOConfig
     from seekstack.posttrain.rl import run_rl
-    from seekstack.train.trainer import TrainingDiverged
 
-    with user_errors():
-        path, rest = _split(config, overrides)
-        resolved = resolve_config(GRPOConfig, path, rest, resume=resume, warn=_warn)
-        try:
-            result = run_rl(resolved, resume=resume)
-        except TrainingDiverged as error:
-            fail(str(error))
-    typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+    run_stage(GRPOConfig, run_rl, config, overrides, resume)
 
 
 def pass_at_k_command(

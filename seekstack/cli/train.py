@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -21,20 +22,36 @@ def train_command(
     ] = None,
 ) -> None:
     """Pretrain a model on token shards (from `data tokenize`); run under torchrun for several processes."""
-    from seekstack.schema import write_config as write
+    from seekstack.train.config import TrainConfig
+    from seekstack.train.trainer import train
+
+    run_stage(TrainConfig, train, config, overrides, resume, write_config)
+
+
+def run_stage(
+    cls: type,
+    run: Callable,
+    config: Path | None,
+    overrides: list[str] | None,
+    resume: bool,
+    write_to: Path | None = None,
+) -> None:
+    """Resolve a training stage's config (`cls`: TrainConfig or a post-training subclass), then `run(config, resume=)`
+    it, or with `write_to` write the config and stop."""
+    from seekstack.schema import write_config
     from seekstack.train.config import resolve_train_config
-    from seekstack.train.trainer import TrainingDiverged, train
+    from seekstack.train.trainer import TrainingDiverged
 
     with user_errors():
         if config is not None and "=" in str(config):  # only overrides were given
             overrides, config = [str(config), *(overrides or [])], None
-        resolved = resolve_train_config(config, overrides or [], resume=resume, warn=_warn)
-        if write_config is not None:
-            write(resolved, write_config)
-            typer.echo(f"wrote the training config to {write_config}")
+        resolved = resolve_train_config(config, overrides or [], resume=resume, warn=_warn, cls=cls)
+        if write_to is not None:
+            write_config(resolved, write_to)
+            typer.echo(f"wrote the config to {write_to}")
             return
         try:
-            result = train(resolved, resume=resume)
+            result = run(resolved, resume=resume)
         except TrainingDiverged as error:
             fail(str(error))
     typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")

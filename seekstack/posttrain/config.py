@@ -4,10 +4,7 @@ own fields, read and checked the same way (YAML/TOML/JSON + key=value, seekstack
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from annotated_types import Interval
@@ -19,14 +16,10 @@ from seekstack.schema import (
     NonNegativeFloat,
     Positive,
     PositiveFloat,
-    apply_overrides,
-    check,
     nested_config,
-    read_config_file,
     require,
-    resolve_paths,
 )
-from seekstack.train.config import CONFIG_FILE, TrainConfig
+from seekstack.train.config import TrainConfig
 
 C = TypeVar("C", bound=TrainConfig)
 
@@ -132,30 +125,3 @@ def _require_tokenizer(config: TrainConfig, source: str | None) -> None:
 def tokenizer_path(config: TrainConfig) -> str:
     """The tokenizer a post-training run encodes with: `tokenizer`, else the one in `init_from`."""
     return config.tokenizer or config.init_from
-
-
-def resolve_config(
-    cls: type[C],
-    path: str | Path | None,
-    overrides: Sequence[str],
-    resume: bool = False,
-    warn: Callable[[str], None] | None = None,
-) -> C:
-    """A `cls` config from a file and key=value overrides; with `resume`, on top of the run's saved config."""
-    given = resolve_paths(read_config_file(path), Path(path).parent) if path is not None else {}
-    base: dict = {}
-    if resume:
-        probe = apply_overrides(cls, dict(given), [o for o in overrides if o.startswith("out_dir=")])
-        saved_path = Path(probe.get("out_dir", cls.out_dir)) / CONFIG_FILE
-        if not saved_path.is_file():
-            raise ConfigError(f"{saved_path}: no such file; a run to resume has its config there")
-        base = resolve_paths(read_config_file(saved_path), saved_path.parent)
-    values = apply_overrides(cls, {**base, **given}, overrides)
-    config = check(cls, values, str(path) if path else None).validate(str(path) if path else None)
-    if resume and warn is not None:
-        saved = check(cls, base)
-        for f in dataclasses.fields(cls):
-            if getattr(saved, f.name) != getattr(config, f.name):
-                old, new = json.dumps(getattr(saved, f.name)), json.dumps(getattr(config, f.name))
-                warn(f"resuming with {f.name}={new} (the run was started with {old})")
-    return config

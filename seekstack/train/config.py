@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from annotated_types import Interval
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 CONFIG_FILE = "train_config.json"
 TRAIN_SPLIT = "train"
 Beta = Annotated[float, Interval(ge=0, lt=1)]
+T = TypeVar("T", bound="TrainConfig")
 
 
 @dataclass
@@ -164,25 +165,27 @@ def resolve_train_config(
     overrides: Sequence[str] = (),
     resume: bool = False,
     warn: Callable[[str], None] | None = None,
-) -> TrainConfig:
-    """The config of a run. With `resume`, the run's saved `train_config.json` (in the `out_dir` the file or the
-    overrides name, else the default) is the base, and `warn` hears of every field the file or overrides change."""
+    cls: type[T] = TrainConfig,
+) -> T:
+    """The config of a run (a TrainConfig, or a stage's subclass of it). With `resume`, the run's saved
+    `train_config.json` (in the `out_dir` the file or the overrides name, else the default) is the base, and `warn`
+    hears of every field the file or overrides change."""
     given = _given_values(path)
     source = str(path) if path is not None else None
     base: dict[str, Any] = {}
     if resume:
-        probe = apply_overrides(TrainConfig, dict(given), [o for o in overrides if o.startswith("out_dir=")])
-        saved_path = Path(probe.get("out_dir", TrainConfig.out_dir)) / CONFIG_FILE
+        probe = apply_overrides(cls, dict(given), [o for o in overrides if o.startswith("out_dir=")])
+        saved_path = Path(probe.get("out_dir", cls.out_dir)) / CONFIG_FILE
         if not saved_path.is_file():
             raise ConfigError(
                 f"{saved_path}: no such file; a run to resume has its config there (start without resume)"
             )
         base = _given_values(saved_path)
-    values = apply_overrides(TrainConfig, {**base, **given}, overrides)
-    config = check(TrainConfig, values, source).validate(source)
+    values = apply_overrides(cls, {**base, **given}, overrides)
+    config = check(cls, values, source).validate(source)
     if resume and warn is not None:
-        saved = check(TrainConfig, base, str(saved_path))
-        for f in dataclasses.fields(TrainConfig):
+        saved = check(cls, base, str(saved_path))
+        for f in dataclasses.fields(cls):
             old, new = getattr(saved, f.name), getattr(config, f.name)
             if old != new:
                 warn(f"resuming with {f.name}={json.dumps(new)} (the run was started with {json.dumps(old)})")

@@ -6,12 +6,13 @@ import torch
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer import SamplingParams
-from seekstack.posttrain.config import GRPOConfig, SFTConfig, resolve_config
+from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rl import GRPOSource, run_rl
 from seekstack.posttrain.rollout import completion_logps, sample_groups
 from seekstack.posttrain.sft import run_sft
 from seekstack.posttrain.tasks import make_task, sample_problems
+from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
 
 RUN = ["batch_size=2", "num_generations=4", "max_completion_length=12", "temperature=1.0"]
@@ -26,12 +27,12 @@ def sft_model(tmp_path_factory) -> Path:
     start = micro_checkpoint(root / "start")
     config = [f"init_from={start}", f"out_dir={root / 'run'}", "task=addition", "difficulty=1", "examples=64"]
     config += ["max_steps=40", "batch_size=8", "lr=1e-2", "warmup_steps=0", "seq_len=128"]
-    return run_sft(resolve_config(SFTConfig, None, config)).checkpoint
+    return run_sft(resolve_train_config(None, config, cls=SFTConfig)).checkpoint
 
 
 def test_engine_samples_from_the_updated_weights_without_a_reload(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model")
-    config = resolve_config(GRPOConfig, None, [f"init_from={model_dir}", *RUN])
+    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN], cls=GRPOConfig)
     source = GRPOSource(config)
     model = load_pretrained(model_dir, dtype=torch.float32)
     source.attach(model)
@@ -54,7 +55,7 @@ def test_engine_samples_from_the_updated_weights_without_a_reload(tmp_path):
 
 def test_rollout_logps_match_the_engines_sampling_distribution(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model")
-    source = GRPOSource(resolve_config(GRPOConfig, None, [f"init_from={model_dir}", *RUN]))
+    source = GRPOSource(resolve_train_config(None, [f"init_from={model_dir}", *RUN], cls=GRPOConfig))
     model = load_pretrained(model_dir, dtype=torch.float32)
     source.attach(model)
     task = make_task("addition")
@@ -75,10 +76,12 @@ def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model):
     common = [f"init_from={sft_model}", *RUN, "num_iterations=2", "beta=0.1", "lr=1e-3", "max_steps=4"]
     common += ["max_completion_length=40", "task=addition", "difficulty=1"]
     straight = run_rl(
-        resolve_config(GRPOConfig, None, [*common, f"out_dir={tmp_path / 'a'}", "save_every=2", "keep_checkpoints=2"])
+        resolve_train_config(
+            None, [*common, f"out_dir={tmp_path / 'a'}", "save_every=2", "keep_checkpoints=2"], cls=GRPOConfig
+        )
     )
     resumed = run_rl(
-        resolve_config(GRPOConfig, None, [*common, f"out_dir={tmp_path / 'b'}"]),
+        resolve_train_config(None, [*common, f"out_dir={tmp_path / 'b'}"], cls=GRPOConfig),
         resume=tmp_path / "a" / "checkpoints" / "step_2",
     )
     assert resumed.losses == straight.losses[2:]

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from seekstack.model.head_loss import IGNORE_INDEX
-from seekstack.posttrain.config import SFTConfig, resolve_config
+from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.conversations import encode_conversation, read_conversations, write_conversations
 from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.tokenizer import ASSISTANT, EOS
+from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import byte_tokenizer
 
 CHAT = [
@@ -69,12 +70,14 @@ def test_sft_lowers_the_assistant_loss_and_resumes_exactly(tmp_path):
     common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "batch_size=2", "lr=1e-2", "warmup_steps=0"]
     common += ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "seq_len=128"]
     straight = run_sft(
-        resolve_config(
-            SFTConfig, None, [*common, f"out_dir={tmp_path / 'a'}", "max_steps=6", "save_every=3", "keep_checkpoints=2"]
+        resolve_train_config(
+            None,
+            [*common, f"out_dir={tmp_path / 'a'}", "max_steps=6", "save_every=3", "keep_checkpoints=2"],
+            cls=SFTConfig,
         )
     )
     assert straight.losses[-1] < straight.losses[0]
-    again = resolve_config(SFTConfig, None, [*common, f"out_dir={tmp_path / 'b'}", "max_steps=6"])
+    again = resolve_train_config(None, [*common, f"out_dir={tmp_path / 'b'}", "max_steps=6"], cls=SFTConfig)
     resumed = run_sft(again, resume=tmp_path / "a" / "checkpoints" / "step_3")
     assert resumed.losses == straight.losses[3:]
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -83,7 +86,9 @@ def test_sft_lowers_the_assistant_loss_and_resumes_exactly(tmp_path):
 
 def test_default_data_is_generated_task_traces(tmp_path):
     byte_tokenizer(tmp_path)
-    source = SFTSource(resolve_config(SFTConfig, None, [f"tokenizer={tmp_path}", "examples=10", "task=countdown"]))
+    source = SFTSource(
+        resolve_train_config(None, [f"tokenizer={tmp_path}", "examples=10", "task=countdown"], cls=SFTConfig)
+    )
     input_ids, labels = source.batch(4, 0.0)
     text = source.tokenizer.decode(input_ids[0].tolist())
     assert "Using the numbers" in text and "<think>" in text
