@@ -14,24 +14,35 @@ from seekstack.cli.train import run_stage
 ConfigArg = Annotated[Path | None, typer.Argument(help="Config file (YAML/TOML/JSON); defaults otherwise")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. init_from=DIR")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint")]
+WriteConfigOpt = Annotated[Path | None, typer.Option(help="Write the resolved config (YAML/JSON by suffix) and exit")]
 
 
-def sft_command(config: ConfigArg = None, overrides: OverridesArg = None, resume: ResumeOpt = False) -> None:
+def sft_command(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    resume: ResumeOpt = False,
+    write_config: WriteConfigOpt = None,
+) -> None:
     """Chat SFT from any checkpoint on JSONL conversations (`data`), by default on generated R1-format traces of
     `task`; the loss counts the assistant's tokens only."""
     from seekstack.posttrain.config import SFTConfig
     from seekstack.posttrain.sft import run_sft
 
-    run_stage(SFTConfig, run_sft, config, overrides, resume)
+    run_stage(SFTConfig, run_sft, config, overrides, resume, write_config)
 
 
-def rl_command(config: ConfigArg = None, overrides: OverridesArg = None, resume: ResumeOpt = False) -> None:
+def rl_command(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    resume: ResumeOpt = False,
+    write_config: WriteConfigOpt = None,
+) -> None:
     """GRPO on a verifiable task: G completions per prompt sampled by the inference engine from the policy being
     trained, rule-based rewards (correctness, format), loss_type grpo | dr_grpo | dapo."""
     from seekstack.posttrain.config import GRPOConfig
     from seekstack.posttrain.rl import run_rl
 
-    run_stage(GRPOConfig, run_rl, config, overrides, resume)
+    run_stage(GRPOConfig, run_rl, config, overrides, resume, write_config)
 
 
 def pass_at_k_command(

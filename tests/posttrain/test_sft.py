@@ -10,7 +10,7 @@ from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.tokenizer import ASSISTANT, EOS
 from seekstack.train.config import resolve_train_config
-from tests.posttrain.support import byte_tokenizer
+from tests.posttrain.support import byte_tokenizer, micro_checkpoint
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -100,3 +100,16 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": CHAT[:2]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*assistant"):
         read_conversations(path)
+
+
+def test_sft_and_rl_write_their_resolved_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    model_dir = micro_checkpoint(tmp_path / "model")
+    for command, field in (("sft", "examples"), ("rl", "num_generations")):
+        path = tmp_path / f"{command}.yaml"
+        result = CliRunner().invoke(app, [command, f"init_from={model_dir}", f"{field}=7", "--write-config", str(path)])
+        assert result.exit_code == 0, result.output
+        assert f"{field}: 7" in path.read_text()
