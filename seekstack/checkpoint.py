@@ -468,10 +468,21 @@ def save_pretrained(
     FP8 release. The folder is swapped in whole when complete (`atomic_directory`): an interrupted save
     never leaves a half-written checkpoint, and an existing one stays until the new one is complete.
     """
+    refuse_hf_export(model.config, directory)
     directory = Path(directory)
     with atomic_directory(directory) as staging:
         write_pretrained_files(model, staging, max_shard_bytes, fp8_block)
     return directory
+
+
+def refuse_hf_export(config: ModelConfig, destination: str | Path) -> None:
+    """CheckpointError when `config` is a seekstack-only variant that transformers would load as a different model."""
+    if config.attention_variant != "mla":
+        raise CheckpointError(
+            f"{destination}: attention_variant={config.attention_variant!r} is a seekstack ablation, not a DeepSeek "
+            "architecture; transformers would load it as plain MLA and drop its extra weights. It stays a training "
+            "checkpoint (resume, evaluate with `seekstack train`'s validation); nothing was written"
+        )
 
 
 def write_pretrained_files(

@@ -26,6 +26,7 @@ from seekstack.schema import (
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "yarn")
+SEEKSTACK_ONLY_FIELDS = ("attention_variant",)  # fields transformers does not know; left out of config.json at default
 MTP_LOSS_WEIGHT = 0.3  # lambda of the MTP loss early in training (DeepSeek-V3 §4.2); 0.1 later
 __all__ = ["ConfigError", "ModelConfig", "preset"]
 
@@ -79,6 +80,8 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
+    # seekstack only (not in Hugging Face's configs; written to config.json only when not the default)
+    attention_variant: Literal["mla", "3d"] = "mla"  # "3d": MLA + channel gate + temporal conv (model/attention_3d.py)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json fields, written back on save
 
     # ----------------------------------------------------------------- derived quantities
@@ -198,7 +201,7 @@ class ModelConfig:
         out = dict(self.extra)
         out.pop("quantization_config", None)  # weights we write are never quantized unless asked
         for f in dataclasses.fields(self):
-            if f.name not in ("extra",):
+            if f.name != "extra" and not (f.name in SEEKSTACK_ONLY_FIELDS and getattr(self, f.name) == f.default):
                 out[f.name] = getattr(self, f.name)
         out["rope_parameters"] = {
             "rope_type": self.rope_type,

@@ -82,6 +82,11 @@ class Engine:
                 f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's "
                 f"vocab_size={self.config.vocab_size}: they do not belong together"
             )
+        if self.config.attention_variant != "mla":
+            raise ValueError(
+                f"attention_variant={self.config.attention_variant!r} is a training ablation without a cached decode "
+                "path; the engine serves plain MLA models"
+            )
         if adapters and compile:
             raise ValueError("compile=True does not support LoRA adapters yet: serve adapters without --compile")
         if speculative and len(model.mtp) == 0:

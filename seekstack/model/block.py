@@ -7,6 +7,7 @@ from torch import nn
 
 from seekstack.config import ModelConfig
 from seekstack.model.attention import LatentCache, MultiHeadLatentAttention
+from seekstack.model.attention_3d import SpatioTemporalAttention
 from seekstack.model.moe import FeedForward, MoE, MoEStats
 from seekstack.model.norm import RMSNorm
 
@@ -18,7 +19,7 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MultiHeadLatentAttention(config)
+        self.self_attn = (SpatioTemporalAttention if config.attention_variant == "3d" else MultiHeadLatentAttention)(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module
         if config.is_moe_layer(layer_idx):

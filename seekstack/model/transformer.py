@@ -13,6 +13,7 @@ from torch import nn
 
 from seekstack.config import MTP_LOSS_WEIGHT, ModelConfig
 from seekstack.model.attention import LatentCache
+from seekstack.model.attention_3d import SpatioTemporalAttention
 from seekstack.model.block import DecoderBlock
 from seekstack.model.head_loss import IGNORE_INDEX, linear_cross_entropy
 from seekstack.model.moe import MoEStats, RoutedExperts, Router
@@ -74,6 +75,9 @@ class Transformer(nn.Module):
             elif isinstance(module, RoutedExperts):
                 nn.init.normal_(module.gate_up_proj, std=std)
                 nn.init.normal_(module.down_proj, std=std)
+        for module in self.modules():  # a second pass: the loop above reaches a module's linears after the module
+            if isinstance(module, SpatioTemporalAttention):
+                module.start_as_plain_mla()
         self.reset_rope()
 
     @torch.no_grad()

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from seekstack.atomic import atomic_directory
-from seekstack.checkpoint import CheckpointError, load_pretrained, write_pretrained_files
+from seekstack.checkpoint import (
+    CheckpointError,
+    load_pretrained,
+    read_config,
+    refuse_hf_export,
+    write_pretrained_files,
+)
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
 
@@ -166,6 +172,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     source = Path(source)
     if not (source / TRAIN_STATE_FILE).is_file():
         source = latest_checkpoint(source)
+    refuse_hf_export(read_config(source), out)
     out = Path(out)
     with atomic_directory(out) as staging:
         for entry in source.iterdir():
