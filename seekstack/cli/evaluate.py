@@ -9,7 +9,11 @@ import typer
 
 from seekstack.cli.common import user_errors
 
-LOCAL_TASKS = "code_cloze, code_next_line, code_perplexity"  # seekstack/eval/tasks.py; kept here for a fast --help
+# seekstack/eval/tasks.py's TASKS, kept here for a fast --help (a test checks they agree)
+LOCAL_TASKS = (
+    "code_cloze, code_next_line, code_perplexity, "
+    "reason_addition, reason_subtraction, reason_multiplication, reason_countdown"
+)
 
 
 def eval_command(
@@ -17,7 +21,7 @@ def eval_command(
     tasks: Annotated[
         str, typer.Option(help=f"Comma-separated: local tasks ({LOCAL_TASKS}) or any lm_eval task name")
     ] = "code_cloze,code_next_line,code_perplexity",
-    corpus: Annotated[Path | None, typer.Option(help="Corpus folder whose val.jsonl the local tasks come from")] = Path(
+    corpus: Annotated[Path | None, typer.Option(help="Corpus folder whose val.jsonl the code tasks come from")] = Path(
         "runs/demo/corpus"
     ),
     backend: Annotated[str, typer.Option(help="seekstack, or hf: lm_eval's transformers backend")] = "seekstack",

@@ -9,14 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seekstack.eval.tasks import TASKS, task_configs
+from seekstack.eval.tasks import CODE_TASKS, REASONING_TASKS, TASKS, task_configs
+from seekstack.tokenizer import Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
 
 
 def evaluate(
     model_dir: str | Path,
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] = CODE_TASKS,
     corpus: str | Path | None = None,
     backend: str = "seekstack",
     batch_size: int = 8,
@@ -33,10 +34,9 @@ def evaluate(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     local = tuple(task for task in tasks if task in TASKS)
-    if local and corpus is None:
-        raise ValueError(f"the local tasks ({', '.join(local)}) need --corpus: a folder with val.jsonl")
+    tokenizer = Tokenizer.from_file(model_dir) if any(task in REASONING_TASKS for task in local) else None
     specs: list[Any] = [task for task in tasks if task not in TASKS]
-    specs += task_configs(corpus, local, per_module) if local else []
+    specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     model_args = {"pretrained": str(model_dir), **({"dtype": "float32", "device": "cpu"} if backend == "hf" else {})}
     started = time.perf_counter()
     output = lm_eval.simple_evaluate(

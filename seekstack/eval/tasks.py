@@ -6,6 +6,10 @@
 - code_next_line   generation: write the next line greedily (its indentation given, as the tokenizer cuts it),
                    stop at the newline; exact match.
 - code_perplexity  rolling log-likelihood of each module's opening; bits per byte, byte and word perplexity.
+
+And from the post-training tasks' held-out split (seekstack/posttrain/tasks), no corpus needed:
+- reason_<task>    (reason_addition, reason_countdown, ...) the question in the chat template with the R1 system
+                   prompt, a greedy completion until EOS; exact match = the answer after </think> verifies.
 """
 
 from __future__ import annotations
@@ -15,7 +19,18 @@ import random
 from pathlib import Path
 from typing import Any
 
-TASKS = ("code_cloze", "code_next_line", "code_perplexity")
+from seekstack.posttrain.conversations import prompt_messages
+from seekstack.posttrain.rewards import extract_answer
+from seekstack.posttrain.tasks import TASKS as POSTTRAIN_TASKS
+from seekstack.posttrain.tasks import Problem, make_task, sample_problems
+from seekstack.tokenizer import EOS, Tokenizer
+
+CODE_TASKS = ("code_cloze", "code_next_line", "code_perplexity")
+REASONING_PREFIX = "reason_"
+REASONING_TASKS = tuple(REASONING_PREFIX + name for name in POSTTRAIN_TASKS)
+TASKS = CODE_TASKS + REASONING_TASKS
+REASONING_PROBLEMS = 100  # held-out problems per reasoning task (lm_eval's --limit takes fewer)
+REASONING_MAX_TOKENS = 128  # a think block and an answer
 CONTEXT_LINES = 24  # lines before the one to predict
 MIN_LINE_CHARS = 8  # lines shorter than this (blank, `)`, `else:`) are not asked for
 CHOICES = 4
@@ -58,15 +73,72 @@ def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int
     return docs
 
 
-def task_configs(corpus: str | Path, tasks: tuple[str, ...] = TASKS, per_module: int = 4) -> list[dict[str, Any]]:
-    """lm_eval task config dicts for `tasks`, their documents built now from the corpus's held-out modules."""
+def reasoning_docs(task_name: str, tokenizer: Tokenizer, count: int = REASONING_PROBLEMS) -> list[dict[str, Any]]:
+    """`count` held-out problems of a post-training task: the chat prompt (R1 system prompt, the question, the
+    assistant turn opened) and what the verifier needs to rebuild the problem."""
+    task = make_task(task_name)
+    return [
+        {"prompt": tokenizer.render_chat(prompt_messages(p)), "key": p.key, "question": p.question,
+         "answer": p.answer, "data": json.dumps(p.data)}
+        for p in sample_problems(task, count, "heldout", seed=0)
+    ]  # fmt: skip
+
+
+def _verified(task_name: str):  # type: ignore[no-untyped-def]
+    """lm_eval's `process_results` for a reasoning task: exact_match 1 when the completion's answer verifies."""
+    task = make_task(task_name)
+
+    def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+        problem = Problem(doc["key"], doc["question"], doc["answer"], trace="", data=json.loads(doc["data"]))
+        answer = extract_answer(results[0])
+        return {"exact_match": float(answer is not None and task.verify(problem, answer))}
+
+    return process_results
+
+
+def reasoning_config(task: str, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The lm_eval config of `reason_<name>`: greedy generation until EOS, scored by the task's verifier."""
+    name = task.removeprefix(REASONING_PREFIX)
+    return {
+        "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "answer",
+        "generation_kwargs": {"until": [EOS], "max_gen_toks": REASONING_MAX_TOKENS, "do_sample": False},
+        "process_results": _verified(name),
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "custom_dataset": _in_memory(reasoning_docs(name, tokenizer)),
+    }  # fmt: skip
+
+
+def task_configs(
+    corpus: str | Path | None,
+    tasks: tuple[str, ...] = CODE_TASKS,
+    per_module: int = 4,
+    tokenizer: Tokenizer | None = None,
+) -> list[dict[str, Any]]:
+    """lm_eval task config dicts for `tasks`: the code tasks' documents built now from the corpus's held-out
+    modules, the reasoning tasks' from their held-out split in the chat template of `tokenizer`."""
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; the local tasks are {', '.join(TASKS)}")
+    common = {"test_split": "test", "target_delimiter": "", "fewshot_delimiter": "", "metadata": {"version": 1}}
+    reasoning = [task for task in tasks if task in REASONING_TASKS]
+    if reasoning and tokenizer is None:
+        raise ValueError(f"the reasoning tasks ({', '.join(reasoning)}) need the model's tokenizer for the chat prompt")
+    configs = [{"task": task, **common, **reasoning_config(task, tokenizer)} for task in reasoning]  # type: ignore[arg-type]
+    code = tuple(task for task in tasks if task in CODE_TASKS)
+    if not code:
+        return configs
+    if corpus is None:
+        raise ValueError(f"the code tasks ({', '.join(code)}) need --corpus: a folder with val.jsonl")
+    return configs + code_task_configs(corpus, code, per_module, common)
+
+
+def code_task_configs(
+    corpus: str | Path, tasks: tuple[str, ...], per_module: int, common: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The code tasks' configs, their documents built from the corpus's held-out modules."""
     modules = held_out_modules(corpus)
     questions = next_line_docs(modules, per_module)
     openings = [{"module": m["id"], "text": m["text"][:PERPLEXITY_CHARS]} for m in modules]
-    common = {"test_split": "test", "target_delimiter": "", "fewshot_delimiter": "", "metadata": {"version": 1}}
     configs = {
         "code_cloze": {
             "output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "choices",

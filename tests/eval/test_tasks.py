@@ -6,7 +6,18 @@ import json
 
 import pytest
 
-from seekstack.eval.tasks import CHOICES, CONTEXT_LINES, held_out_modules, next_line_docs, task_configs
+from seekstack.eval.tasks import (
+    CHOICES,
+    CONTEXT_LINES,
+    TASKS,
+    held_out_modules,
+    next_line_docs,
+    reasoning_docs,
+    task_configs,
+)
+from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT
+from seekstack.posttrain.tasks import split_of
+from seekstack.tokenizer import ASSISTANT, BOS, USER, Tokenizer
 
 pytest.importorskip("lm_eval")
 
@@ -71,3 +82,44 @@ def test_local_tasks_score_the_same_on_our_backend_and_lm_evals_hf_backend(check
         theirs["results"]["code_perplexity"]["bits_per_byte"],
     )
     assert 5 < ours_bpb < 20 and ours_bpb == pytest.approx(theirs_bpb, abs=1e-6)  # random weights: ~log2(512)/bytes
+
+
+def test_help_lists_every_local_task():
+    from seekstack.cli.evaluate import LOCAL_TASKS
+
+    assert tuple(LOCAL_TASKS.split(", ")) == TASKS
+
+
+def test_reasoning_prompts_are_held_out_questions_in_the_chat_template(checkpoint):
+    tokenizer = Tokenizer.from_file(checkpoint)
+    docs = reasoning_docs("addition", tokenizer, count=5)
+    assert len(docs) == 5 and all(split_of(doc["key"]) == "heldout" for doc in docs)
+    for doc in docs:
+        assert doc["prompt"].startswith(BOS) and doc["prompt"].endswith(ASSISTANT)
+        assert f"{USER}{doc['question']}" in doc["prompt"] and R1_SYSTEM_PROMPT in doc["prompt"]
+
+
+def test_reasoning_task_scores_the_verified_answer_after_the_think_block(checkpoint):
+    tokenizer = Tokenizer.from_file(checkpoint)
+    (config,) = task_configs(None, ("reason_countdown",), tokenizer=tokenizer)
+    doc = reasoning_docs("countdown", tokenizer, count=1)[0]
+    score = config["process_results"]
+    assert score(doc, [f"<think> try </think> {doc['answer']}"]) == {"exact_match": 1.0}
+    assert score(doc, ["<think> try </think> 1 + 1"]) == {"exact_match": 0.0}
+    assert score(doc, [doc["answer"]]) == {"exact_match": 0.0}  # no think block: not in the R1 format
+
+
+def test_reasoning_task_needs_no_corpus_and_code_tasks_do(checkpoint):
+    tokenizer = Tokenizer.from_file(checkpoint)
+    assert [c["task"] for c in task_configs(None, ("reason_addition",), tokenizer=tokenizer)] == ["reason_addition"]
+    with pytest.raises(ValueError, match="code_cloze.*--corpus"):
+        task_configs(None, ("reason_addition", "code_cloze"), tokenizer=tokenizer)
+
+
+def test_reasoning_task_runs_on_both_backends_with_the_same_scores(checkpoint):
+    from seekstack.eval.evaluate import evaluate
+
+    ours = evaluate(checkpoint, ("reason_addition",), backend="seekstack", limit=3)
+    theirs = evaluate(checkpoint, ("reason_addition",), backend="hf", limit=3)
+    assert ours["samples"] == theirs["samples"] == {"reason_addition": 3}
+    assert ours["results"]["reason_addition"]["exact_match"] == theirs["results"]["reason_addition"]["exact_match"]
