@@ -34,10 +34,11 @@ def require_shards(data_dir: Path, splits: list[str]) -> None:
 
 def short_run(data_dir: Path, out_dir: Path, steps: int, **changes: Any) -> dict[str, Any]:
     """Train for `steps` with the BASE settings plus `changes`; return the run's summary."""
-    val_windows = load_index(data_dir, "val")["total_tokens"] // BASE["seq_len"]
-    eval_batches = -(-val_windows // BASE["batch_size"])  # the whole validation split
+    settings = {**BASE, **changes}
+    val_windows = load_index(data_dir, "val")["total_tokens"] // settings["seq_len"]
+    eval_batches = -(-val_windows // settings["batch_size"])  # the whole validation split
     config = TrainConfig(
-        **{**BASE, **changes}, data_dir=str(data_dir), out_dir=str(out_dir), max_steps=steps,
+        **settings, data_dir=str(data_dir), out_dir=str(out_dir), max_steps=steps,
         eval_every=steps, eval_batches=eval_batches,
     ).validate()  # fmt: skip
     train(config)

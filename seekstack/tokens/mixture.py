@@ -6,6 +6,9 @@ hard: [.1, .3, .6]} is 70/20/10 in the first third, 20/50/30 in the second, 10/3
 Training row n picks its source with a uniform number drawn from a generator seeded by (seed, n), so the
 choice depends neither on the batch size nor on what came before: the mixture's state is the number of rows
 served plus each source's own window position, and resuming from it continues exactly.
+With an `Exp3Mixture` (tokens/bandit.py) in place of the schedule, micro-batch m comes whole from one source drawn
+from (seed, m) with the bandit's weights, and `observe` hands each micro-batch's loss back to the bandit; the state
+then also holds the micro-batches served and the bandit's.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from seekstack.tokens.bandit import Exp3Mixture
 from seekstack.tokens.shards import TokenWindows
 
 SOURCE_STREAM = 0x5EEC  # keeps the source draws apart from other uses of (seed, n) generators
+ARM_STREAM = 0xA4E  # the bandit's per-micro-batch draws
 
 
 class MixtureSchedule:
@@ -58,11 +63,22 @@ class MixtureSchedule:
         return {name: ws[phase] / total for name, ws in self.weights.items()}
 
 
-class MixtureWindows:
-    """Training windows drawn from several splits by a `MixtureSchedule`; deterministic from the seed, resumable."""
+def pick(weights: dict[str, float], uniform: float) -> str:
+    """The source whose share of [0, 1), cut in the order of `weights`, holds `uniform`."""
+    bounds = list(itertools.accumulate(weights.values()))[:-1]
+    return list(weights)[bisect.bisect_right(bounds, uniform)]
 
-    def __init__(self, data_dir: str | os.PathLike, schedule: MixtureSchedule, seq_len: int, seed: int = 0):
-        self.schedule, self.seed, self.rows = schedule, seed, 0
+
+class MixtureWindows:
+    """Training windows drawn from several splits by a `MixtureSchedule` or an `Exp3Mixture`; deterministic from
+    the seed, resumable."""
+
+    def __init__(
+        self, data_dir: str | os.PathLike, schedule: MixtureSchedule | Exp3Mixture, seq_len: int, seed: int = 0
+    ):
+        self.schedule, self.seed, self.rows, self.batches = schedule, seed, 0, 0
+        self.adaptive = isinstance(schedule, Exp3Mixture)  # learns its weights: wants each micro-batch's loss
+        self.step_arms: list[str] = []  # bandit: the source of each micro-batch since the last `observe`
         self.sources = {name: TokenWindows(data_dir, name, seq_len, seed=seed) for name in schedule.sources}
         first, *others = self.sources.values()
         for other in others:
@@ -75,26 +91,46 @@ class MixtureWindows:
         """The next `batch_size` windows (batch_size, seq_len + 1), sources drawn with the weights at `progress`."""
         weights = self.schedule.weights_at(progress)
         names = list(weights)
-        if len(names) == 1:
+        if self.adaptive:  # one source per micro-batch, so that its loss is that source's reward
+            arm = pick(weights, np.random.default_rng([self.seed, ARM_STREAM, self.batches]).random())
+            self.step_arms.append(arm)
+            chosen = [arm] * batch_size
+        elif len(names) == 1:
             chosen = names * batch_size
         else:
-            bounds = list(itertools.accumulate(weights.values()))[:-1]
             rows = range(self.rows, self.rows + batch_size)
-            draws = [np.random.default_rng([self.seed, SOURCE_STREAM, row]).random() for row in rows]
-            chosen = [names[bisect.bisect_right(bounds, u)] for u in draws]
+            chosen = [pick(weights, np.random.default_rng([self.seed, SOURCE_STREAM, row]).random()) for row in rows]
         self.rows += batch_size
+        self.batches += 1
         self.last_batch_rows = {name: chosen.count(name) for name in names}
         return torch.cat([self.sources[name].batch(1) for name in chosen])
 
+    def observe(self, losses: list[float]) -> None:
+        """Bandit: the training loss of each micro-batch served since the last call, in order (one step's)."""
+        if not isinstance(self.schedule, Exp3Mixture):
+            raise TypeError("observe() is for a bandit mixture; a fixed schedule learns nothing from the loss")
+        self.schedule.update(self.step_arms, losses)
+        self.step_arms = []
+
     def state_dict(self) -> dict:
-        """Rows served and each source's position: what `batch` continues from."""
-        return {"seed": self.seed, "rows": self.rows, "sources": {n: s.state_dict() for n, s in self.sources.items()}}
+        """Rows and micro-batches served, each source's position and the bandit's state: what `batch` continues
+        from."""
+        state = {"seed": self.seed, "rows": self.rows, "batches": self.batches, "step_arms": list(self.step_arms)}
+        state["sources"] = {name: source.state_dict() for name, source in self.sources.items()}
+        if isinstance(self.schedule, Exp3Mixture):
+            state["bandit"] = self.schedule.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()` of a mixture over the same sources."""
         missing = set(self.sources) - set(state["sources"])
         if missing:
             raise ValueError(f"the saved data state has no position for mixture sources {sorted(missing)}")
-        self.seed, self.rows = int(state["seed"]), int(state["rows"])
+        if self.adaptive and "bandit" not in state:
+            raise ValueError("the saved data state has no bandit state: it was saved by a run with a fixed schedule")
+        self.seed, self.rows, self.batches = int(state["seed"]), int(state["rows"]), int(state.get("batches", 0))
+        self.step_arms = list(state.get("step_arms", []))
         for name, source in self.sources.items():
             source.load_state_dict(state["sources"][name])
+        if isinstance(self.schedule, Exp3Mixture):
+            self.schedule.load_state_dict(state["bandit"])

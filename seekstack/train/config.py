@@ -33,6 +33,7 @@ from seekstack.schema import (
 )
 
 if TYPE_CHECKING:
+    from seekstack.tokens.bandit import Exp3Mixture
     from seekstack.tokens.mixture import MixtureSchedule
 
 CONFIG_FILE = "train_config.json"
@@ -54,6 +55,10 @@ class TrainConfig:
     # Splits of data_dir to draw from, each with a weight or one weight per phase (phases cut training evenly),
     # e.g. {train_easy: [0.7, 0.2, 0.1], train_medium: [0.2, 0.5, 0.3], train_hard: [0.1, 0.3, 0.6]}; {} = train
     mixture: dict[str, Any] = field(default_factory=dict)
+    # schedule: the weights `mixture` gives; bandit: EXP3 learns them from each source's training loss (Online Data
+    # Mixing, tokens/bandit.py), starting from the uniform mix, so give every source of `mixture` the same weight
+    mixture_mode: Literal["schedule", "bandit"] = "schedule"
+    bandit_reward_scale: PositiveFloat = 0.1  # bandit: reward = this x the loss (ODM's 1/10); larger moves faster
     tokenizer: str = ""  # tokenizer.json (or its folder) copied into checkpoints; "" = the one data_dir records
     out_dir: str = "runs/tiny"  # metrics.jsonl, train_config.json, checkpoints/step_N
     seq_len: Positive = 256
@@ -113,7 +118,7 @@ class TrainConfig:
             require(not config.cpu_offload or config.parallel == "fsdp", "cpu_offload", "false unless parallel=fsdp")
             config.model_config()
             try:
-                config.mixture_schedule()
+                config.mixture_policy()
             except ValueError as error:
                 raise ConfigError(f"field 'mixture': {error}") from None
         except ConfigError as error:
@@ -140,6 +145,13 @@ class TrainConfig:
         from seekstack.tokens.mixture import MixtureSchedule
 
         return MixtureSchedule(self.mixture or {TRAIN_SPLIT: 1.0})
+
+    def mixture_policy(self) -> MixtureSchedule | Exp3Mixture:
+        """What draws the training rows' sources: the `mixture` schedule, or an EXP3 bandit over its sources."""
+        from seekstack.tokens.bandit import Exp3Mixture
+
+        schedule = self.mixture_schedule()
+        return schedule if self.mixture_mode == "schedule" else Exp3Mixture.over(schedule, self.bandit_reward_scale)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,27 +3,47 @@
 The FLOPs per token come from `seekstack.accounting.training_flops_per_token` (3x the forward, MTP included).
 Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
 - CUDA: the dense bf16 tensor-core peak of the card, looked up by name (H100/H200 989 TFLOP/s, A100 312, ...).
-- CPU: an assumption, stated here because it cannot be read from the machine: each of torch's threads runs
-  one core at 2.6 GHz doing 64 float32 FLOP/cycle (two AVX-512 FMA units x 16 lanes x 2), i.e. 166 GFLOP/s
-  per core. An AVX2-only core peaks at half that, so there the MFU shown is half the true one.
+- CPU: measured, the best of a few square `torch.mm`s in the training dtype on torch's threads (once per process,
+  dtype and thread count): the rate this machine's matmul library really reaches, whatever its instruction set
+  (on some CPUs bfloat16 runs 3x slower than float32, on others 2x faster). The benchmarks report against it too.
 """
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 
-CPU_CLOCK_HZ = 2.6e9
-CPU_FLOP_PER_CYCLE = 64
+MATMUL_PROBE_SIZE = 1024  # n of the n x n x n probe: 2.1 GFLOP, large enough to run at the library's full rate
+MATMUL_PROBE_REPEATS = 5
 GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 UNKNOWN_GPU_PEAK_FLOPS = 312e12  # an A100's, for cards the table does not name
 
 
-def default_peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s of one `device`: by card name on CUDA, cores x clock x FLOP/cycle on a CPU."""
+def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Peak FLOP/s of one `device`: by card name on CUDA, the measured `dtype` matmul rate on a CPU."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((peak for key, peak in GPU_BF16_PEAK_FLOPS.items() if key in name), UNKNOWN_GPU_PEAK_FLOPS)
-    return torch.get_num_threads() * CPU_CLOCK_HZ * CPU_FLOP_PER_CYCLE
+    return measured_matmul_flops(dtype, torch.get_num_threads())
+
+
+@functools.cache
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, threads: int = 0) -> float:
+    """FLOP/s of the fastest of a few (n x n) @ (n x n) CPU matmuls in `dtype` (2 n^3 FLOPs each), after a warm-up.
+
+    `threads` only keys the cache: call it with `torch.get_num_threads()`, the threads the probe runs on.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(MATMUL_PROBE_SIZE, MATMUL_PROBE_SIZE, generator=generator).to(dtype) for _ in range(2))
+    torch.mm(a, b)
+    fastest = float("inf")
+    for _ in range(MATMUL_PROBE_REPEATS):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * MATMUL_PROBE_SIZE**3 / fastest
 
 
 def model_flops_utilisation(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:

@@ -3,8 +3,9 @@
 Per optimizer step: `grad_accum_steps` micro-batches of loss = L_next + lambda * L_MTP + L_balance (the model
 computes it), a clipped AdamW update, then the auxiliary-loss-free bias update from the step's expert loads,
 summed over all micro-batches and ranks: the MaxVio logged is that of the whole step's batch, per MoE layer.
-Rows come from a mixture of splits whose weights follow a schedule (the curriculum); the weights in effect are
-logged. Each step appends one JSON line to `out_dir/metrics.jsonl`; each evaluation appends one with `val_loss`.
+Rows come from a mixture of splits whose weights follow a schedule (the curriculum) or are learned by an EXP3
+bandit from each micro-batch's loss (tokens/bandit.py); the weights in effect are logged. Each step appends one
+JSON line to `out_dir/metrics.jsonl`; each evaluation appends one with `val_loss`.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
 
 def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     """A fresh model from the preset and overrides, or the checkpoint `init_from` names, with the run's
-    balance-loss weight."""
+    balance-loss weight. A fresh model's vocabulary must be the tokenizer's `vocab_needed` ids: fewer cannot embed
+    the data, more would let the model emit ids that decode to no token."""
     if config.init_from:
         model = load_pretrained(config.init_from, dequantize=True)
         model_config = model.config = model.config.replace(aux_loss_alpha=config.aux_loss_alpha)
@@ -163,6 +165,12 @@ def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
         raise ValueError(
             f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's {vocab_needed} ids of "
             f"{config.data_dir}; set model.vocab_size={vocab_needed}"
+        )
+    if model is None and model_config.vocab_size > vocab_needed:
+        raise ValueError(
+            f"model vocab_size={model_config.vocab_size} is larger than the tokenizer's {vocab_needed} tokens of "
+            f"{config.data_dir}: ids {vocab_needed}..{model_config.vocab_size - 1} decode to no token; "
+            f"set model.vocab_size={vocab_needed}"
         )
     return model if model is not None else Transformer(model_config)
 
@@ -225,7 +233,7 @@ class _Run:
         if source is not None and ranks.distributed:
             raise ValueError("a batch source (sft, rl) runs in one process; start it without torchrun")
         self.out_dir = Path(config.out_dir)
-        self.data = source or MixtureWindows(config.data_dir, config.mixture_schedule(), config.seq_len, config.seed)
+        self.data = source or MixtureWindows(config.data_dir, config.mixture_policy(), config.seq_len, config.seed)
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
@@ -282,7 +290,8 @@ class _Run:
         self.comm_bytes_before = 0
         self.tokens_per_step = config.batch_size * config.grad_accum_steps * config.seq_len
         self.flops_per_token = training_flops_per_token(model.config, config.seq_len)
-        self.peak_flops = (config.peak_flops or default_peak_flops(ranks.device)) * ranks.world_size
+        peak = config.peak_flops or default_peak_flops(ranks.device, self.autocast_dtype or torch.float32)
+        self.peak_flops = peak * ranks.world_size
         if ranks.is_main:
             config.save(self.out_dir)
             self._trim_metrics()
@@ -325,6 +334,7 @@ class _Run:
             group["lr"] = lr
         mtp_weight = mtp_weight_at(self.step, config)
         sums = torch.zeros(3, device=self.ranks.device)  # loss, lm_loss, mtp_loss summed over micro-batches
+        micro_losses = torch.zeros(config.grad_accum_steps, device=self.ranks.device)  # lm_loss of each micro-batch
         expert_load: torch.Tensor | None = None
         extra: dict[str, float] = {}  # a batch source's own metrics, summed over micro-batches
         self.optimizer.zero_grad(set_to_none=True)
@@ -341,6 +351,7 @@ class _Run:
             (out.loss / config.grad_accum_steps).backward()
             mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros_like(out.loss)
             sums += torch.stack([out.loss, out.lm_loss, mtp]).detach().float()
+            micro_losses[micro] = out.lm_loss.detach().float()
             if out.expert_load is not None:
                 load = out.expert_load.detach().float()
                 expert_load = load if expert_load is None else expert_load + load
@@ -361,6 +372,9 @@ class _Run:
                 f"not updated. Last good checkpoint: {self._last_checkpoint_text()}. Lower lr or raise warmup_steps."
             )
         self.optimizer.step()
+        if self.source is None and self.data.adaptive:  # a bandit mixture: each micro-batch's loss is its reward
+            distributed.all_reduce_sum(micro_losses, self.ranks)
+            self.data.observe((micro_losses / self.ranks.world_size).tolist())
         metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss}
         if self.comm is not None:
             metrics["comm_bytes"] = self.comm.bytes_sent - self.comm_bytes_before
