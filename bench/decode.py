@@ -13,24 +13,35 @@ KV-cache bytes per token: ours from the paged pool, (kv_lora_rank + qk_rope_head
 size; theirs by measuring the tensors of the cache object `generate` returns. Then the total decode
 throughput of ours with 1, 4 and 16 concurrent sequences.
 
+llama.cpp (`--llama-cpp-source`, see llama_cpp_peer.py) decodes the same checkpoint converted to GGUF f32 and q8_0,
+one stream at a time, on the threads ours decodes one sequence on; ours is set against it at batch 1 and with 8
+concurrent sequences. `--busy` then repeats batch 1 with a competing busy process on the machine: ours as it runs
+by default (small steps on one thread, seekstack/infer/threads.py), ours forced onto all threads, and theirs.
+Every rate is also given as matmul FLOP/s against the machine's float32 peak measured at the start.
+
     python bench/decode.py                        # a few minutes on 2 cores
     python bench/decode.py --reps 1 --new-tokens 16 --scaling 1 4   # quick check
     python bench/decode.py --threads 1 --clock cpu   # on a machine others are using
+    python bench/decode.py --llama-cpp-source /tmp/llama_cpp_python-0.3.36/vendor/llama.cpp --busy
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import CLOCKS, add_machine_options, prepare_machine
+from llama_cpp_peer import load_llama_cpp
+from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
 from transformers import AutoModelForCausalLM
 
 import seekstack
+from seekstack.accounting import forward_flops_per_token
 from seekstack.infer import Engine, SamplingParams
 from seekstack.tokenizer import train_tokenizer
 
@@ -140,10 +151,13 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--scaling", nargs="+", type=int, default=[1, 4, 16], help="concurrent sequences")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per side (median reported)")
+    parser.add_argument("--llama-cpp-source", type=Path, help="llama.cpp source tree with convert_hf_to_gguf.py")
+    parser.add_argument("--busy", action="store_true", help="also batch 1 beside a competing busy process")
     add_machine_options(parser)
     args = parser.parse_args()
     prepare_machine(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, float32", flush=True)
+    float32_peak = matmul_peaks()["float32"]
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
         engine, compiled, model = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
@@ -194,6 +208,81 @@ def main() -> None:
                 for name in ("eager", "compiled")
             ]
             print(f"  {concurrent:3d} sequences: {rates[0]:8.1f} / {rates[1]:8.1f} tok/s", flush=True)
+
+        flops_per_token = forward_flops_per_token(config, args.prompt_len + args.new_tokens // 2)
+        llama_cpp_rows(engine, Path(root) / args.preset, args, flops_per_token, float32_peak)
+        if args.busy:
+            busy_rows(engine, model, args, flops_per_token, float32_peak)
+
+
+def decode_rate(medians: dict[str, float], name: str, sequences: int, new_tokens: int) -> float:
+    """sequences x (new_tokens - 1) / (t(new_tokens) - t(1)) from medians keyed `name_1`, `name_<new_tokens>`."""
+    return sequences * (new_tokens - 1) / (medians[f"{name}_{new_tokens}"] - medians[f"{name}_1"])
+
+
+def llama_cpp_rows(engine: Engine, model_dir: Path, args, flops_per_token: float, peak: float) -> None:
+    """Batch-1 greedy decode of llama.cpp (GGUF f32, q8_0) against ours, and ours with 8 sequences against its one."""
+    threads = engine.step_threads.threads_for(1)
+    print(f"\nllama.cpp, one stream on {threads} thread(s) (the threads ours decodes one sequence on):")
+    peers, reason = load_llama_cpp(model_dir, args.llama_cpp_source, args.prompt_len + args.new_tokens + 8, threads)
+    if reason:
+        print(f"  skipped: {reason}")
+        return
+    prompt = random_prompts(1, args.prompt_len, engine.config.vocab_size)
+    ours_tokens = ours_generate(engine, prompt, args.new_tokens)[0]
+    runs = {}
+    for n in (1, args.new_tokens):
+        runs[f"ours_{n}"] = lambda n=n: ours_generate(engine, prompt, n)
+        for peer in peers:
+            runs[f"{peer.outtype}_{n}"] = lambda peer=peer, n=n: peer.generate(prompt[0].tolist(), n)
+    eight = random_prompts(8, args.prompt_len, engine.config.vocab_size)
+    for n in (1, args.new_tokens):
+        runs[f"ours8_{n}"] = lambda n=n: ours_generate(engine, eight, n)
+    medians = interleaved(runs, args.reps, args.clock)
+    ours = decode_rate(medians, "ours", 1, args.new_tokens)
+    print(f"  {'ours (eager, default)':24s} {ours:8.1f} tok/s   {share_of_peak(ours, flops_per_token, peak)}")
+    for peer in peers:
+        rate = decode_rate(medians, peer.outtype, 1, args.new_tokens)
+        agree = _common_prefix(peer.generate(prompt[0].tolist(), args.new_tokens), ours_tokens) / args.new_tokens
+        print(
+            f"  {'llama.cpp ' + peer.outtype:24s} {rate:8.1f} tok/s   ours / this = {ours / rate:.2f}x   "
+            f"greedy agree {agree:.0%}   (converted in {peer.convert_seconds:.0f} s)"
+        )
+    eight_rate = decode_rate(medians, "ours8", 8, args.new_tokens)
+    single = decode_rate(medians, "f32", 1, args.new_tokens)
+    times = eight_rate / single
+    print(f"  ours, 8 concurrent sequences {eight_rate:8.1f} tok/s = {times:.2f}x llama.cpp f32's one stream")
+
+
+def busy_rows(engine: Engine, model: torch.nn.Module, args, flops_per_token: float, peak: float) -> None:
+    """Batch-1 decode beside a competing busy process: ours by default, ours on all threads, and theirs."""
+    prompts = random_prompts(1, args.prompt_len, engine.config.vocab_size)
+    threads = engine.step_threads
+
+    def ours_all_threads(n: int) -> list[list[int]]:
+        default, threads.min_parallel_flops = threads.min_parallel_flops, 0.0
+        try:
+            return ours_generate(engine, prompts, n)
+        finally:
+            threads.min_parallel_flops = default
+
+    runs = {}
+    for n in (1, args.new_tokens):
+        runs[f"ours_{n}"] = lambda n=n: ours_generate(engine, prompts, n)
+        runs[f"all_{n}"] = lambda n=n: ours_all_threads(n)
+        runs[f"theirs_{n}"] = lambda n=n: theirs_generate(model, prompts, n)
+    competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        medians = interleaved(runs, args.reps, args.clock)
+    finally:
+        competitor.kill()
+        competitor.wait()
+    print(f"\nbatch 1 beside a competing busy process, torch threads {torch.get_num_threads()}:")
+    theirs = decode_rate(medians, "theirs", 1, args.new_tokens)
+    for name, label in (("ours", "ours (default)"), ("all", "ours on all threads"), ("theirs", "theirs")):
+        rate = decode_rate(medians, name, 1, args.new_tokens)
+        share = share_of_peak(rate, flops_per_token, peak)
+        print(f"  {label:22s} {rate:8.1f} tok/s   / theirs = {rate / theirs:.2f}x   {share}")
 
 
 if __name__ == "__main__":

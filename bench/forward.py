@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from machine import matmul_peaks, share_of_peak
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as transformers_logging
 
 import seekstack
+from seekstack.accounting import forward_flops_per_token
 
 DEFAULT_SEQ_LENS = {"tiny": [128, 512, 1024], "small": [128, 512]}
 # transformers' implementations that run on a CPU; deepgemm, sonicmoe and flash_attention_* need CUDA.
@@ -197,8 +199,10 @@ def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int
     }
 
 
-def print_table(rows: list[dict[str, object]], batch: int, default_names: dict[str, str]) -> None:
-    """The throughput table: one row per (preset, T)."""
+def print_table(rows: list[dict[str, object]], batch: int, settings: list[Setting], float32_peak: float) -> None:
+    """The throughput table: one row per (preset, T), ours also as matmul FLOP/s against the measured float32 peak."""
+    default_names = {s.preset: s.default for s in settings}
+    configs = {s.preset: s.config for s in settings}
     print(f"\nForward throughput, batch {batch}, float32, torch threads {torch.get_num_threads()}")
     print("transformers default per preset: " + ", ".join(f"{p}: {n}" for p, n in default_names.items()))
     header = (
@@ -213,6 +217,10 @@ def print_table(rows: list[dict[str, object]], batch: int, default_names: dict[s
             f"{row['ours'] / row['default']:6.2f} {row['fastest']:16.0f} {row['fastest_name']:28s} "
             f"{row['ours'] / row['fastest']:6.2f} {row['max_difference']:11.1e}"
         )
+    print("ours as matmul FLOP/s (seekstack.accounting: every key counts, as in PaLM's MFU):")
+    for row in rows:
+        flops_per_token = forward_flops_per_token(configs[row["preset"]], row["T"])
+        print(f"  {row['preset']:7s} T={row['T']:<5d} {share_of_peak(row['ours'], flops_per_token, float32_peak)}")
 
 
 # ---------------------------------------------------------------------------------------- profile
@@ -370,6 +378,7 @@ def main() -> None:
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="transformers")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    peaks = matmul_peaks()
 
     rows, settings = [], []
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
@@ -378,7 +387,7 @@ def main() -> None:
             settings.append(setting)
             for seq_len in args.seq_lens or DEFAULT_SEQ_LENS[preset]:
                 rows.append(benchmark(setting, seq_len, args.batch, args.reps, args.warmup))
-        print_table(rows, args.batch, {s.preset: s.default for s in settings})
+        print_table(rows, args.batch, settings, peaks["float32"])
         if not args.no_profile:
             for setting in settings:
                 if args.profile_seq_len not in setting.fastest:

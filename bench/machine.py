@@ -1,4 +1,5 @@
-"""What the benchmarks share about the machine they run on: the clock, torch's threads, a quiet transformers."""
+"""What the benchmarks share about the machine they run on: the clock, torch's threads, a quiet transformers, and
+the measured matmul peak every result is set against."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import warnings
 
 import torch
 
+from seekstack.train.mfu import measured_matmul_flops
+
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+PEAK_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def add_machine_options(parser: argparse.ArgumentParser) -> None:
@@ -31,3 +35,19 @@ def prepare_machine(args: argparse.Namespace) -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="transformers")
+
+
+def matmul_peaks() -> dict[str, float]:
+    """Measure and print this machine's float32 and bfloat16 matmul FLOP/s on torch's threads (train/mfu.py's probe),
+    the yardstick every result of the run is also given as a fraction of."""
+    threads = torch.get_num_threads()
+    peaks = {str(dtype).removeprefix("torch."): measured_matmul_flops(dtype, threads) for dtype in PEAK_DTYPES}
+    measured = ", ".join(f"{name} {flops / 1e9:.0f} GFLOP/s" for name, flops in peaks.items())
+    print(f"measured matmul peak on {threads} threads: {measured}", flush=True)
+    return peaks
+
+
+def share_of_peak(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> str:
+    """'123 GFLOP/s = 45% of peak' for a throughput and the matmul FLOPs (seekstack.accounting) of one token."""
+    flops = tokens_per_second * flops_per_token
+    return f"{flops / 1e9:.3g} GFLOP/s = {flops / peak_flops:.1%} of peak"

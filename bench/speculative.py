@@ -6,13 +6,16 @@ steps on the demo token shards (building them first, as `make demo` does, if the
 
 Both engines load the same checkpoint. Prompts are the openings of held-out documents. Each prompt is
 decoded greedily by both, the outputs are checked to be token-for-token identical, and timed runs of
-the two alternate (median over repetitions). Each number of drafts per step gets its own engine and rows;
-`accept` is the share of drafted tokens accepted, `tok/step` the tokens a sequence gains per step (1 + K x accept).
+the two alternate (median over repetitions). Each number of drafts per step gets its own engine and rows, and so
+does the adaptive count (`auto<=K`: 0..K drafts a step, chosen from the acceptance so far and the batch size,
+seekstack.infer.speculative.DraftCount); `accept` is the share of drafted tokens accepted, `drafts/tok` the drafts
+made per generated token.
 
     decode tok/s = sequences x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
 
     python bench/speculative.py                     # trains first if there is no demo checkpoint (~10 min)
     python bench/speculative.py --model runs/demo/train/checkpoints/step_450
+    python bench/speculative.py --prompts 2 --new-tokens 32 --reps 2 --draft-tokens 1 3   # quick check
 """
 
 from __future__ import annotations
@@ -86,9 +89,8 @@ def timed(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[fl
 def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_tokens: int, reps: int) -> dict:
     """Interleaved medians of both engines at 1 and `new_tokens` new tokens; acceptance over the timed runs."""
     _, plain_tokens = timed(plain, prompts, new_tokens)
-    drafted, accepted = speculative.stats().spec_drafted, speculative.stats().spec_accepted
     _, speculative_tokens = timed(speculative, prompts, new_tokens)
-    stats = speculative.stats()
+    drafted, accepted = speculative.stats().spec_drafted, speculative.stats().spec_accepted
     runs = {"plain": plain, "speculative": speculative}
     seconds: dict[str, list[float]] = {f"{name}_{n}": [] for name in runs for n in (1, new_tokens)}
     for rep in range(reps):
@@ -98,9 +100,11 @@ def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_to
                 seconds[f"{name}_{n}"].append(timed(engine, prompts, n)[0])
     median = {key: statistics.median(values) for key, values in seconds.items()}
     tokens = len(prompts) * (new_tokens - 1)
+    stats = speculative.stats()
     return {
         "identical": plain_tokens == speculative_tokens,
         "accept_rate": (stats.spec_accepted - accepted) / max(stats.spec_drafted - drafted, 1),
+        "drafts_per_token": (stats.spec_drafted - drafted) / (len(prompts) * reps * (new_tokens + 1)),
         **{f"{name}_tok_s": tokens / (median[f"{name}_{new_tokens}"] - median[f"{name}_1"]) for name in runs},
     }
 
@@ -112,8 +116,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4], help="sequences decoded together")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16], help="sequences decoded together")
     parser.add_argument("--draft-tokens", nargs="+", type=int, default=[1, 3, 6], help="MTP drafts per step")
+    parser.add_argument("--adaptive-max", type=int, default=3, help="most drafts of the adaptive count (0: no row)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
@@ -124,17 +129,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}", flush=True)
     plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile)
     speculative = {
-        k: Engine.from_pretrained(
+        str(k): Engine.from_pretrained(
             model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=k, compile=args.compile
         )
         for k in args.draft_tokens
     }
+    if args.adaptive_max:
+        speculative[f"auto<={args.adaptive_max}"] = Engine.from_pretrained(
+            model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=args.adaptive_max,
+            adaptive_drafts=True, compile=args.compile,
+        )  # fmt: skip
     prompts = held_out_prompts(plain, args.prompts * max(args.batches), args.prompt_len)
     decode = "compiled" if args.compile else "eager"
     print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy,", decode)
     header = (
-        f"{'batch':>5s} {'drafts':>6s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} "
-        f"{'accept':>7s} {'tok/step':>8s} {'identical':>10s}"
+        f"{'batch':>5s} {'drafts':>8s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} "
+        f"{'accept':>7s} {'drafts/tok':>10s} {'identical':>10s}"
     )
     print(header + "\n" + "-" * len(header))
     with torch.inference_mode():
@@ -145,10 +155,12 @@ def main() -> None:
                 plain_rate = statistics.mean(r["plain_tok_s"] for r in rows)
                 speculative_rate = statistics.mean(r["speculative_tok_s"] for r in rows)
                 accept = statistics.mean(r["accept_rate"] for r in rows)
+                drafts_per_token = statistics.mean(r["drafts_per_token"] for r in rows)
                 identical = all(r["identical"] for r in rows)
                 print(
-                    f"{batch:5d} {k:6d} {plain_rate:12.1f} {speculative_rate:15.1f} "
-                    f"{speculative_rate / plain_rate:8.2f}x {accept:7.0%} {1 + k * accept:8.2f} {str(identical):>10s}",
+                    f"{batch:5d} {k:>8s} {plain_rate:12.1f} {speculative_rate:15.1f} "
+                    f"{speculative_rate / plain_rate:8.2f}x {accept:7.0%} {drafts_per_token:10.2f} "
+                    f"{str(identical):>10s}",
                     flush=True,
                 )
 

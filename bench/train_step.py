@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from machine import CLOCKS, add_machine_options, prepare_machine
+from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import seekstack
+from seekstack.accounting import training_flops_per_token
 from seekstack.tokens.shards import TokenWindows
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import build_optimizer
@@ -115,11 +116,13 @@ def main() -> None:
     add_machine_options(parser)
     args = parser.parse_args()
     prepare_machine(args)
+    peaks = matmul_peaks()
 
     with tempfile.TemporaryDirectory() as directory:
         ours, theirs = contenders(args.preset, Path(directory))
         batch = training_batch(args.data, ours.model.config.vocab_size, args.batch, args.seq_len)
         tokens = batch.numel()
+        flops_per_token = training_flops_per_token(ours.model.config, args.seq_len)  # MTP is off: no MTP FLOPs
         print(f"{args.preset}, batch {args.batch} x {args.seq_len}, float32, {torch.get_num_threads()} threads")
 
         # Same weights, same batch: the first step's losses must agree, or the comparison means nothing.
@@ -145,7 +148,8 @@ def main() -> None:
         for contender in timed:
             rate = tokens / medians[contender.name]
             ratio = medians[contender.name] / medians["ours"]
-            print(f"  {contender.name:36s} {rate:8.0f} tok/s   ours / this = {ratio:.2f}x")
+            share = share_of_peak(rate, flops_per_token, peaks["float32"])
+            print(f"  {contender.name:36s} {rate:8.0f} tok/s   ours / this = {ratio:.2f}x   {share}")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,13 @@ Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the m
 DraftTokens = Annotated[
     int, typer.Option(help="With --speculative: tokens the MTP module drafts per step (past 1 it drafts again)")
 ]
+AdaptiveDrafts = Annotated[
+    bool, typer.Option(help="With --speculative: draft 0..draft-tokens a step, by measured acceptance and batch size")
+]
 Compile = Annotated[
     bool, typer.Option(help="Decode with torch.compile: a first step of ~15-30 s compiling, then ~2x faster steps")
 ]
-Threads = Annotated[int | None, typer.Option(help="torch threads; 1 is fastest for small models on a busy CPU")]
+Threads = Annotated[int | None, typer.Option(help="torch threads; decode steps under 1 GFLOP run on one anyway")]
 Adapter = Annotated[
     Path | None, typer.Option(help="LoRA adapter folder (peft format, from `lora train`), merged into the weights")
 ]
@@ -76,6 +79,7 @@ def generate_command(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
+    adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
     compile: Compile = EngineOptions.compile,
     threads: Threads = None,
     adapter: Adapter = None,
@@ -95,7 +99,13 @@ def generate_command(
             frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
             ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
         ).validate()  # fmt: skip
-        options = EngineOptions(max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, compile=compile)
+        options = EngineOptions(
+            max_batch_size=1,
+            speculative=speculative,
+            draft_tokens=draft_tokens,
+            adaptive_drafts=adaptive_drafts,
+            compile=compile,
+        )
         engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
@@ -121,6 +131,7 @@ def chat_command(
     seed: Seed = None,
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
+    adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
     compile: Compile = EngineOptions.compile,
     threads: Threads = None,
     adapter: Adapter = None,
@@ -135,7 +146,13 @@ def chat_command(
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
         ).validate()
-        options = EngineOptions(max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, compile=compile)
+        options = EngineOptions(
+            max_batch_size=1,
+            speculative=speculative,
+            draft_tokens=draft_tokens,
+            adaptive_drafts=adaptive_drafts,
+            compile=compile,
+        )
         engine = load_engine(model, tokenizer, options, threads, adapter)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
     if reason:

@@ -115,14 +115,17 @@ class SamplingBatch:
         return self.draw(self.probabilities(self.penalize(logits)))
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token per row (B,): argmax for greedy rows, else a draw with the row's own generator."""
-        tokens = probs.argmax(dim=-1)
+        """One token per row (B,): argmax for greedy rows, else the inverse CDF of a U(0, 1) from the row's own
+        generator: the first token whose cumulative probability exceeds it (one batched search, no per-row
+        torch.multinomial, which costs ~1 ms per row on a CPU)."""
+        greedy_tokens = probs.argmax(dim=-1)
         if self.all_greedy:
-            return tokens
-        for row, generator in enumerate(self.generators):
-            if not self.params[row].greedy:
-                tokens[row] = torch.multinomial(probs[row], 1, generator=generator)[0]
-        return tokens
+            return greedy_tokens
+        cdf = probs.float().cumsum(dim=-1)  # (B, V), unnormalised rows allowed
+        u = self.uniform()[:, None] * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+        greedy = self._column([p.greedy for p in self.params])
+        return torch.where(greedy, greedy_tokens, drawn)
 
     def uniform(self) -> torch.Tensor:
         """One U(0, 1) number per row (B,) from the row's generator (greedy rows get 0: they never need one)."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from seekstack.config import ModelConfig
 from seekstack.infer.sampling import SamplingBatch
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ def mtp_drafts(
     last: torch.Tensor,
     cache: PagedLatentCache,
     count: int,
+    fill_cache: bool = True,
 ) -> torch.Tensor:
     """`count` drafts (B, K) after column last[b] of a main forward: its hidden (B, T, D) at positions (B, T), with
     the tokens one position on (B, T).
@@ -33,12 +35,18 @@ def mtp_drafts(
     enters the MTP layer's cache) and column last guesses the token after the next. Further drafts apply the
     same module again one position on, its own output standing in for the main model's hidden state there (as
     vLLM drafts past a model's MTP depth). The cache entries those write are guesses; the next step writes
-    over them before anything reads them.
+    over them before anything reads them. With `count` 0 (drafting off, `DraftCount`) depth 1 still fills the
+    MTP layer's cache when `fill_cache`, so that later drafts see every position.
     """
+    no_drafts = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
+    if count == 0 and not fill_cache:
+        return no_drafts
     mtp = model.mtp[0]
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     cos, sin = model.rotary(positions)
     out, _ = mtp(hidden, model.embed_tokens(next_ids), cos, sin, cache)
+    if count == 0:
+        return no_drafts
     hidden, position = out[rows, last][:, None], positions[rows, last][:, None]  # (B, 1, D), (B, 1)
     drafts = [model.lm_head(mtp.head_input(hidden)).argmax(dim=-1)]  # (B, 1) each
     for _ in range(count - 1):
@@ -55,17 +63,19 @@ def greedy_speculation(
     positions: torch.Tensor,
     cache: PagedLatentCache,
     count: int,
+    fill_cache: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A greedy speculative step in one call: verify each row's [pending, K drafts] (B, K+1) and draft again.
 
     Returns logits (B, K+1, V), the argmaxes (B, K+1), how many drafts each row accepted (B,) — those up to the
     first that differs from the argmax before it — and the next K drafts (B, K). The first accepted + 1
     argmaxes are the new tokens: the accepted drafts and the token after them (a replacement or a bonus).
+    `count` and `fill_cache` are those of `mtp_drafts`.
     """
     out = model(input_ids, cache=cache, positions=positions)
     best = out.logits.argmax(dim=-1)
     accepted = accepted_prefix(best[:, :-1] == input_ids[:, 1:])
-    next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count)
+    next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count, fill_cache)
     return out.logits, best, accepted, next_drafts
 
 
@@ -111,3 +121,72 @@ def accept_drafts(
 def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
     """How many drafts each row keeps (B,): those before its first failed check in passed (B, K)."""
     return passed.long().cumprod(dim=1).sum(dim=1)
+
+
+# Tokens a decode forward takes per row at about the cost of one: below this the step is bound by its fixed costs
+# (weights read, kernel launches, Python), above it every verified token adds its matmul work.
+FREE_VERIFY_TOKENS = {"cpu": 8, "cuda": 64}
+ACCEPTANCE_MEMORY = 0.95  # weight of the acceptance seen so far at each new step (~20 steps of memory)
+PROBE_EVERY = 32  # with drafting off, one step in this many drafts once to keep measuring acceptance
+
+
+class DraftCount:
+    """How many drafts the next step verifies, 0..`most`: fixed at `most`, or (adaptive) the count with the best
+    expected speed-up under the acceptance measured so far and the step's cost at the current batch size.
+
+    Leviathan et al. 2023, Thm. 3.8: with per-draft acceptance alpha and gamma drafts of relative cost c, a step
+    yields (1 - alpha^(gamma+1)) / (1 - alpha) tokens for the cost of gamma c + 1. Here the verification forward
+    costs max(B (gamma+1), F) / max(B, F) of a plain one (F: FREE_VERIFY_TOKENS), so a busy batch turns drafts off.
+    While verifying is free (2 B <= F) a step without drafts still runs the MTP block to keep its cache whole
+    (half a draft's cost: the block without the head), and one step in PROBE_EVERY drafts once to measure
+    acceptance again; in a busy batch it is a plain step, and the positions it skips stay out of the MTP cache.
+    """
+
+    def __init__(self, config: ModelConfig, most: int, adaptive: bool, device: torch.device):
+        self.most, self.adaptive = most, adaptive
+        # c: a decode step's time goes by layers more than by FLOPs, the output head costing about a block: a draft
+        # (one MTP block and the head) over a forward (L blocks and the head). The demo model's 1.32x with one draft
+        # at 83% acceptance (issue 19) implies c = 0.39; this gives 2 / 5 = 0.4 for its 4 layers.
+        self.draft_cost = 2 / (config.num_hidden_layers + 1)
+        self.free_tokens = FREE_VERIFY_TOKENS.get(device.type, FREE_VERIFY_TOKENS["cpu"])
+        self.passed, self.checked = 4.0, 8.0  # prior: alpha = 0.5, worth eight checks
+        self.steps_off = 0
+
+    @property
+    def accept_rate(self) -> float:
+        """alpha: the share of checked drafts that passed, recent steps weighted most."""
+        return self.passed / self.checked
+
+    def verification_is_free(self, batch: int) -> bool:
+        """Whether `batch` rows verify a draft each for about the cost of a plain step."""
+        return 2 * batch <= self.free_tokens
+
+    def speedup(self, count: int, batch: int) -> float:
+        """Expected tokens per unit of step cost with `count` drafts per row of `batch` rows, against plain decoding."""
+        if count == 0:
+            return 1 / (1 + self.draft_cost / 2) if self.verification_is_free(batch) else 1.0
+        alpha = min(self.accept_rate, 1 - 1e-6)
+        tokens = (1 - alpha ** (count + 1)) / (1 - alpha)
+        verify = max(batch * (count + 1), self.free_tokens) / max(batch, self.free_tokens)
+        return tokens / (count * self.draft_cost + verify)
+
+    def choose(self, batch: int) -> tuple[int, bool]:
+        """The draft count of the next step for `batch` running rows, and whether it fills the MTP cache."""
+        if not self.adaptive:
+            return self.most, True
+        best = max(range(self.most + 1), key=lambda count: (self.speedup(count, batch), -count))
+        if best > 0:
+            self.steps_off = 0
+            return best, True
+        if not self.verification_is_free(batch):
+            return 0, False
+        self.steps_off += 1
+        return (1, True) if self.steps_off % PROBE_EVERY == 0 else (0, True)
+
+    def observe(self, drafted: int, accepted: list[int]) -> None:
+        """Count a step's checks: each row checked its drafts up to the first that failed (`drafted` per row)."""
+        if drafted == 0:
+            return
+        checked = sum(min(count + 1, drafted) for count in accepted)
+        self.passed = ACCEPTANCE_MEMORY * self.passed + sum(accepted)
+        self.checked = ACCEPTANCE_MEMORY * self.checked + checked

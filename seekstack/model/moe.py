@@ -93,7 +93,7 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked weights; tokens are grouped by expert, each expert runs once."""
+    """E SwiGLU experts stored as stacked weights; tokens are sorted by expert and run through one grouped matmul."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -111,17 +111,27 @@ class RoutedExperts(nn.Module):
         order = flat_experts.argsort(stable=True)  # assignments sorted by expert
         token_of = order // top_k
         load = torch.bincount(flat_experts, minlength=routing.scores.shape[1])
-        counts = load.tolist()
-        tokens = x.index_select(0, token_of).split(counts)  # its backward is an index_add, faster than x[...]'s
-        gate_up = torch.cat(
-            [self.expert_linear(chunk, "gate_up_proj", e) for e, chunk in enumerate(tokens) if len(chunk)]
-        )
-        gate, up = gate_up.chunk(2, dim=-1)
+        tokens = x.index_select(0, token_of)  # its backward is an index_add, faster than x[...]'s
+        gate, up = self.grouped_linear(tokens, "gate_up_proj", load).chunk(2, dim=-1)
         weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        hidden = (F.silu(gate) * up * weights).split(counts)  # g_k folded in before the down projection
-        weighted = torch.cat([self.expert_linear(h, "down_proj", e) for e, h in enumerate(hidden) if len(h)])
+        hidden = F.silu(gate) * up * weights  # g_k folded in before the down projection
+        weighted = self.grouped_linear(hidden, "down_proj", load)
         combined = weighted.new_zeros(x.shape).index_add_(0, token_of, weighted)  # autocast: in the matmuls dtype
         return combined, load
+
+    def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
+        """x (n, in) sorted by expert, load[e] rows for expert e -> (n, out): each group times its expert's W^T.
+
+        One grouped matmul over the stacked weights, no per-expert loop and no host sync; experts that replace
+        `expert_linear` (quantized, LoRA) or widths the kernel cannot take (rows of 16-byte multiples) get one
+        call per expert instead.
+        """
+        weight = getattr(self, name)
+        if type(self).expert_linear is RoutedExperts.expert_linear and _grouped_mm_fits(x, weight):
+            offsets = load.cumsum(0).to(torch.int32)
+            return F.grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
+        chunks = x.split(load.tolist())
+        return torch.cat([self.expert_linear(chunk, name, e) for e, chunk in enumerate(chunks) if len(chunk)])
 
     def expert_linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
         """x (n, in) @ W_expert^T for stacked weight `name`; the one step quantized experts replace (compress/)."""
@@ -143,6 +153,11 @@ class RoutedExperts(nn.Module):
         combined = weighted.view(N, K, -1).sum(dim=1)
         load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
         return combined, load
+
+
+def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul takes these operands: its rows must span multiples of 16 bytes."""
+    return all(width * x.element_size() % 16 == 0 for width in weight.shape[1:])
 
 
 @dataclass

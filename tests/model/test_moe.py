@@ -53,6 +53,18 @@ def test_grouped_dispatch_matches_per_token_loop(overrides):
     assert (ours - theirs).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("expert_width", [32, 6], ids=["grouped-matmul", "per-expert-widths-off-16-bytes"])
+def test_one_grouped_matmul_and_the_per_expert_fallback_give_the_per_token_loop(expert_width):
+    moe = make_moe(moe_intermediate_size=expert_width)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    flat = x.reshape(-1, 64)
+    routing = moe.gate(flat)
+    routed, _ = moe.experts(flat, routing)
+    assert (routed + moe.shared_experts(flat) - reference_moe(moe, x).view_as(flat)).abs().max().item() < 1e-5
+    (grad,) = torch.autograd.grad(routed.square().sum(), moe.experts.down_proj)
+    assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
 def test_gathered_dispatch_of_compiled_inference_matches_per_token_loop():
     moe = make_moe().eval()
     x = torch.randn(3, 2, 64)

@@ -1,0 +1,48 @@
+"""How many CPU threads an engine step runs on: one for a small decode step, torch's full count for a large one.
+
+A decode step of a small model is thousands of tiny matmuls. Split over threads, every op ends in a barrier; on a
+quiet machine that costs about what the split saves, and on a busy one the barrier waits for a thread the OS has
+descheduled, a whole time slice per op: with a competing process `tiny` decodes ~20-50x slower on 2 threads than on
+1 (bench/decode.py --busy). Steps whose forward is below `min_parallel_flops` therefore run on one thread; torch's
+setting is restored after each step, so prefill and whatever else the process runs keep every thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from seekstack.accounting import forward_flops_per_token
+from seekstack.config import ModelConfig
+
+MIN_PARALLEL_FLOPS = 1e9  # a forward below this (~10 ms on one core) runs on one thread
+
+
+class StepThreads:
+    """Chooses torch's intra-op threads for one engine step from the FLOPs of its forward (CPU only)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, min_parallel_flops: float = MIN_PARALLEL_FLOPS):
+        self.flops_per_token = forward_flops_per_token(config, 0)  # the matmuls; attention over the cache is small
+        self.enabled = device.type == "cpu"
+        self.min_parallel_flops = min_parallel_flops
+
+    def threads_for(self, tokens: int) -> int:
+        """Threads for a forward over `tokens` tokens: 1 below the threshold, else torch's current setting."""
+        if not self.enabled or tokens * self.flops_per_token >= self.min_parallel_flops:
+            return torch.get_num_threads()
+        return 1
+
+    @contextlib.contextmanager
+    def running(self, tokens: int) -> Iterator[None]:
+        """Run the body on `threads_for(tokens)` threads, then restore torch's setting."""
+        before, wanted = torch.get_num_threads(), self.threads_for(tokens)
+        if wanted == before:
+            yield
+            return
+        torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)

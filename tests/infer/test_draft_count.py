@@ -1,0 +1,65 @@
+"""The adaptive draft count of speculative decoding: acceptance bookkeeping, the choice, and an engine using it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.infer import Engine, SamplingParams
+from seekstack.infer.speculative import PROBE_EVERY, DraftCount
+from tests.conftest import micro_config
+from tests.infer.support import micro_model, tiny_tokenizer
+
+CPU = torch.device("cpu")
+
+
+def draft_count(accept_rate: float, adaptive: bool = True, layers: int = 4) -> DraftCount:
+    count = DraftCount(micro_config(num_hidden_layers=layers), 6, adaptive, CPU)
+    count.passed, count.checked = accept_rate * 1000, 1000.0
+    return count
+
+
+def test_each_row_checks_its_drafts_up_to_the_first_that_fails():
+    count = DraftCount(micro_config(), 3, True, CPU)
+    count.passed = count.checked = 0.0
+    count.observe(3, [3, 0, 1])  # all passed (3 checks); the first failed (1); one passed, the next failed (2)
+    assert (count.passed, count.checked) == (4, 6)
+    count.observe(0, [0, 0])  # a step without drafts checks nothing
+    assert (count.passed, count.checked) == (4, 6)
+
+
+def test_the_expected_speedup_follows_leviathan_et_al():
+    count = draft_count(0.8)  # 4 layers: a draft costs 2 / 5 of a forward
+    assert count.speedup(0, 1) == pytest.approx(1 / 1.2)  # no drafts, but the MTP block keeps its cache whole
+    assert count.speedup(0, 16) == 1.0  # a busy batch without drafts is a plain step
+    assert count.speedup(2, 1) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.4 + 1))
+    # 16 rows verifying 3 tokens each: 48 tokens cost 48 / 16 = 3 forwards of 16.
+    assert count.speedup(2, 16) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.4 + 3))
+
+
+def test_more_drafts_when_they_are_accepted_none_when_they_are_not_or_the_batch_is_busy():
+    assert [draft_count(rate).choose(1)[0] for rate in (0.1, 0.6, 0.83, 0.95)] == [0, 1, 3, 6]
+    assert draft_count(0.95).choose(16) == (0, False)  # verifying would widen all 16 rows: plain steps
+    assert draft_count(0.1, adaptive=False).choose(16) == (6, True)  # fixed: always the most
+
+
+def test_with_drafts_off_one_step_in_so_many_drafts_once_to_measure_acceptance_again():
+    count = draft_count(0.05)
+    choices = [count.choose(1) for _ in range(2 * PROBE_EVERY)]
+    assert choices.count((1, True)) == 2 and choices[PROBE_EVERY - 1] == (1, True)
+    assert set(choices) == {(0, True), (1, True)}  # the MTP cache stays filled in between
+
+
+def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_rejected(tmp_path):
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    batch = [list(range(5, 5 + n)) for n in (7, 15)]
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
+    fixed = Engine(model, tokenizer, speculative=True, draft_tokens=3)
+    adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=True)
+    assert [c.token_ids for c in fixed.generate(batch, params)] == plain
+    assert [c.token_ids for c in adaptive.generate(batch, params)] == plain
+    # The random MTP module's drafts are rejected: the adaptive engine's estimate falls below its prior of 1/2 and it
+    # soon drafts (almost) nothing.
+    assert adaptive.draft_count.accept_rate < 0.5
+    assert adaptive.stats().spec_drafted < fixed.stats().spec_drafted / 3
