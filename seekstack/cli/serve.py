@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from seekstack.cli.common import fail, user_errors
-from seekstack.cli.generate import Compile, DraftTokens, Speculative
+from seekstack.cli.generate import AdaptiveDrafts, Compile, DraftTokens, Speculative, Threads
 from seekstack.infer.params import EngineOptions
 
 if TYPE_CHECKING:
@@ -38,11 +38,29 @@ def serve_command(
     max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per request")] = None,
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
+    adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
     compile: Compile = EngineOptions.compile,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = EngineOptions.dtype,
+    kv_cache_memory: Annotated[
+        str | None, typer.Option(help="Latent-cache budget, e.g. 4GiB; default half the free memory")
+    ] = None,
+    device_map: Annotated[
+        str | None, typer.Option(help="Parts on devices, e.g. '*=cuda:0,layers.*.mlp.experts=cpu' (`seekstack plan`)")
+    ] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(help="NAME=DIR: a LoRA adapter folder served as model NAME (repeatable; one batch for all)"),
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(min=1, help="Larger request bodies are refused with 413; default 4 MiB")
+    ] = None,
+    threads: Threads = None,
+    moderation_policy: Annotated[
+        Path | None, typer.Option(help="Content-safety policy (.yaml/.toml/.json): categories, terms, actions")
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="A web origin whose pages may call the API (repeatable), e.g. https://x.org"),
     ] = None,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
@@ -50,14 +68,25 @@ def serve_command(
     from seekstack.serve.launch import ServeOptions, build_server, run_server
 
     with user_errors():
+        if threads is not None:
+            import torch
+
+            if threads < 1:
+                raise ValueError(f"--threads {threads}: must be at least 1")
+            torch.set_num_threads(threads)
         engine = EngineOptions(
             max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,
-            draft_tokens=draft_tokens, compile=compile, dtype=dtype,
+            draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts, compile=compile, dtype=dtype,
+            kv_cache_memory=kv_cache_memory,
+            device_map=device_map,
         ).validate()  # fmt: skip
         options = ServeOptions(
             host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
             served_model_name=served_model_name, engine=engine, adapters=_named_adapters(adapter or []),
+            moderation_policy=moderation_policy, cors_origins=tuple(cors_origin or ()),
         )  # fmt: skip
+        if max_body_bytes is not None:
+            options.max_body_bytes = max_body_bytes
         server_app, summary = build_server(model, options)
     typer.echo(summary)
     run_server(server_app, host, port)
@@ -83,13 +112,17 @@ def keys_create(
     tpm: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per minute")] = None,
     plan: Annotated[str, typer.Option(help="Price plan (see `keys plan`)")] = "default",
     admin: Annotated[bool, typer.Option(help="May read everyone's usage at /v1/admin/usage")] = False,
+    model: Annotated[
+        list[str] | None, typer.Option(help="A model (or adapter) the key may use (repeatable); default all")
+    ] = None,
     db: DatabaseOption = None,
 ) -> None:
     """Create an API key and print it: it is shown this once and stored only as a hash."""
     from seekstack.serve.keys import KeyStore
 
     with user_errors():
-        key = KeyStore(_database(db)).create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin)
+        models = tuple(model) if model else None
+        key = KeyStore(_database(db)).create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin, models=models)
     typer.echo(key)
     typer.echo(f"created key {name!r}; copy it now, it cannot be shown again", err=True)
 
@@ -130,6 +163,9 @@ def keys_plan(
     name: Annotated[str | None, typer.Argument(help="Plan to create or change; none: list the plans")] = None,
     prompt_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k prompt tokens")] = None,
     completion_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k completion tokens")] = None,
+    cached_prompt_price: Annotated[
+        float | None, typer.Option(min=0, help="Price per 1k prompt tokens read from the prefix cache; default prompt")
+    ] = None,
     db: DatabaseOption = None,
 ) -> None:
     """Set a plan's prices per 1k tokens (new usage is billed at them), or list the plans."""
@@ -145,10 +181,16 @@ def keys_plan(
                 name,
                 current.prompt_per_1k if prompt_price is None else prompt_price,
                 current.completion_per_1k if completion_price is None else completion_price,
+                current.cached_prompt_per_1k if cached_prompt_price is None and current else cached_prompt_price,
             )
         plans = store.plans()
     for plan in plans:
-        typer.echo(f"{plan.name}: {plan.prompt_per_1k:g} / {plan.completion_per_1k:g} per 1k prompt / output tokens")
+        cached = (
+            "" if plan.cached_prompt_per_1k is None else f" ({plan.cached_prompt_per_1k:g} for cached prompt tokens)"
+        )
+        typer.echo(
+            f"{plan.name}: {plan.prompt_per_1k:g} / {plan.completion_per_1k:g} per 1k prompt / output tokens{cached}"
+        )
 
 
 def usage_command(

@@ -3,7 +3,13 @@
 Each layer's pool holds, per token slot, the compressed KV latent (C = kv_lora_rank) and the rope key
 (R = qk_rope_head_dim) side by side, so a token costs (C + R) x layers x dtype size bytes. A sequence owns
 a block table (list of block ids); token j of it lives in slot table[j // block_size] * block_size + j % block_size.
-Block 0 is never handed out: padding writes land there.
+Block 0 is never handed out: padding writes land there. The pool is sized by a memory budget
+(`blocks_in_budget`), and a sequence's table grows block by block as its tokens arrive (`allocate`).
+
+Automatic prefix caching (as vLLM's): a full block whose tokens are computed is registered under the chained
+hash of every token up to its end (`commit`), so a later sequence with the same prefix shares it (`admit`)
+instead of recomputing it. Blocks count their users; one nobody uses stays cached until a new block is needed,
+and then the least recently freed goes first (LRU).
 
 Before each forward the engine calls `plan` with the sequences in the batch, where each one's new tokens
 start and how many are real; every layer's `update` then writes the new tokens and gathers each sequence's
@@ -14,8 +20,13 @@ Shapes: B sequences, T new tokens per row (padded), S cached tokens per row afte
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -23,14 +34,39 @@ from torch.nn.utils.rnn import pad_sequence
 from seekstack.config import ModelConfig
 
 TRASH_BLOCK = 0
+DEFAULT_MEMORY_FRACTION = 0.5  # of the memory free once the weights are loaded
 
 
 class CacheFullError(RuntimeError):
     """Not enough free blocks for a request."""
 
 
+def free_memory(device: torch.device | str) -> int:
+    """Bytes free on `device`: the accelerator's free memory, or the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def blocks_in_budget(config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> int:
+    """Blocks (block 0 included) whose pools fit in `budget_bytes`."""
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    token_bytes = (config.kv_lora_rank + config.qk_rope_head_dim) * layers * dtype.itemsize
+    return budget_bytes // (token_bytes * block_size)
+
+
 class PagedLatentCache:
-    """Block pool + block tables; implements the model's `LatentCache` protocol for the planned batch."""
+    """Block pool + block tables; implements the model's `LatentCache` protocol for the planned batch.
+
+    `key_extra_tokens` widens each block's prefix-cache key by that many tokens after it: with MTP speculative
+    decoding, the MTP layer's slot at a block's last position holds the embedding of the next token too.
+    `layer_devices` puts each layer's pool beside its attention when a device map spreads the model
+    (seekstack.infer.placement); block tables and plans stay on `device`."""
 
     def __init__(
         self,
@@ -39,6 +75,9 @@ class PagedLatentCache:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        prefix_caching: bool = True,
+        key_extra_tokens: int = 0,
+        layer_devices: list[torch.device] | None = None,
     ):
         if num_blocks < 2:
             raise ValueError(f"num_blocks={num_blocks}: the cache needs at least 2 blocks (block 0 is reserved)")
@@ -51,12 +90,18 @@ class PagedLatentCache:
         width = self.kv_rank + self.rope_dim
         # One tensor per layer, not views of one: a compiled decode step then writes its slots in place
         # instead of copying back a whole base tensor.
-        self.pools = [
-            torch.zeros(num_blocks * block_size, width, dtype=dtype, device=self.device) for _ in range(self.layers)
-        ]
-        self.free_blocks = list(range(num_blocks - 1, TRASH_BLOCK, -1))  # pop() hands out low ids first
+        devices = layer_devices or [self.device] * self.layers
+        self.pools = [torch.zeros(num_blocks * block_size, width, dtype=dtype, device=device) for device in devices]
+        self.free_blocks = list(range(num_blocks - 1, TRASH_BLOCK, -1))  # never registered; pop() gives low ids first
         self.tables: dict[str, list[int]] = {}
         self.slots: dict[str, torch.Tensor] = {}  # per sequence, the slot of each of its token positions
+        self.prefix_caching, self.key_extra_tokens = prefix_caching, key_extra_tokens
+        self.users = [0] * num_blocks  # sequences whose table holds each block
+        self.cached: dict[bytes, int] = {}  # prefix hash -> registered block
+        self.block_key: dict[int, bytes] = {}  # registered block -> its prefix hash
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # registered blocks nobody uses, least recent first
+        self.keys: dict[str, list[bytes]] = {}  # per sequence, the prefix hash of each of its committed blocks
+        self.salts: dict[str, bytes] = {}  # per sequence, what else its cached values depend on (its adapter)
         self._plan: _Plan | None = None
         self._start_range = (0, 0)  # the planned rows' first and last start position
 
@@ -65,32 +110,128 @@ class PagedLatentCache:
         """Blocks that hold `num_tokens` tokens."""
         return math.ceil(num_tokens / self.block_size)
 
+    @property
+    def num_free(self) -> int:
+        """Blocks a sequence can take: never used, or cached but used by none."""
+        return len(self.free_blocks) + len(self.evictable)
+
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether enough blocks are free for a new sequence of `num_tokens` tokens."""
-        return self.blocks_for(num_tokens) <= len(self.free_blocks)
+        return self.blocks_for(num_tokens) <= self.num_free
 
     def allocate(self, seq_id: str, num_tokens: int) -> None:
-        """Give `seq_id` blocks for `num_tokens` tokens in all (raises CacheFullError when too few are free)."""
-        needed = self.blocks_for(num_tokens) - len(self.tables.get(seq_id, []))
-        if needed > len(self.free_blocks):
+        """Grow `seq_id`'s table to hold `num_tokens` tokens in all (raises CacheFullError when too few are free)."""
+        table = self.tables.setdefault(seq_id, [])
+        needed = self.blocks_for(num_tokens) - len(table)
+        if needed > self.num_free:
+            if not table:
+                del self.tables[seq_id]
             raise CacheFullError(
                 f"sequence {seq_id} needs {needed} more cache blocks of {self.block_size} tokens; "
-                f"{len(self.free_blocks)} of {self.num_blocks - 1} are free"
+                f"{self.num_free} of {self.num_blocks - 1} are free"
             )
-        table = self.tables.setdefault(seq_id, [])
-        table.extend(self.free_blocks.pop() for _ in range(max(needed, 0)))
-        blocks = torch.tensor(table, device=self.device)[:, None] * self.block_size
+        for _ in range(max(needed, 0)):
+            block = self.free_blocks.pop() if self.free_blocks else self._evict()
+            self.users[block] = 1
+            table.append(block)
+        self._set_slots(seq_id)
+
+    def _evict(self) -> int:
+        """The least recently used cached block, forgotten by the prefix cache."""
+        block, _ = self.evictable.popitem(last=False)
+        del self.cached[self.block_key.pop(block)]
+        return block
+
+    def _set_slots(self, seq_id: str) -> None:
+        blocks = torch.tensor(self.tables[seq_id], device=self.device)[:, None] * self.block_size
         self.slots[seq_id] = (blocks + torch.arange(self.block_size, device=self.device)).flatten()
 
     def free(self, seq_id: str) -> None:
-        """Return the blocks of `seq_id` to the pool (unknown ids are ignored)."""
-        self.free_blocks.extend(reversed(self.tables.pop(seq_id, [])))
+        """Return the blocks of `seq_id` to the pool (unknown ids are ignored); cached ones stay cached."""
+        # Tail blocks first: of one sequence's cached blocks, the longer prefixes are evicted before the shorter.
+        for block in reversed(self.tables.pop(seq_id, [])):
+            self.users[block] -= 1
+            if self.users[block] > 0:
+                continue
+            if block in self.block_key:
+                self.evictable[block] = None
+            else:
+                self.free_blocks.append(block)
         self.slots.pop(seq_id, None)
+        self.keys.pop(seq_id, None)
+        self.salts.pop(seq_id, None)
+
+    # ------------------------------------------------------------------ prefix caching
+    def reset_prefix_cache(self) -> None:
+        """Forget every registered block (as vLLM's `reset_prefix_cache`): after the weights change, cached values
+        are stale. Unused ones become free; those in use stay with their sequences and are freed as usual."""
+        self.free_blocks.extend(reversed(self.evictable))
+        self.evictable.clear()
+        self.cached.clear()
+        self.block_key.clear()
+
+    def admit(self, seq_id: str, tokens: list[int], num_tokens: int, salt: str = "") -> int:
+        """Start `seq_id` on `tokens` with room for `num_tokens`, sharing the cached blocks of its longest cached
+        prefix; returns how many of `tokens` are already cached (never all: the last one is computed, for its
+        logits). `salt` names what else the cached values depend on (a LoRA adapter). CacheFullError when too
+        few blocks are free."""
+        hits, needed = self._admission(tokens, num_tokens, salt)
+        if needed > self.num_free:
+            raise CacheFullError(
+                f"sequence {seq_id} needs {needed} cache blocks of {self.block_size} tokens; "
+                f"{self.num_free} of {self.num_blocks - 1} are free"
+            )
+        for block in hits:
+            self.evictable.pop(block, None)
+            self.users[block] += 1
+        self.tables[seq_id] = list(hits)
+        self.keys[seq_id] = [self.block_key[block] for block in hits]
+        self.salts[seq_id] = salt.encode()
+        self.allocate(seq_id, num_tokens)
+        return len(hits) * self.block_size
+
+    def can_admit(self, tokens: list[int], num_tokens: int, salt: str = "") -> bool:
+        """Whether `admit` would find enough free blocks."""
+        return self._admission(tokens, num_tokens, salt)[1] <= self.num_free
+
+    def _admission(self, tokens: list[int], num_tokens: int, salt: str) -> tuple[list[int], int]:
+        """The cached blocks of the longest cached prefix of `tokens` (at most len(tokens) - 1 tokens long), and
+        the free blocks admitting it takes: new ones, and cached ones that nobody was using."""
+        hits: list[int] = []
+        key = salt.encode()
+        # A block is looked up when the tokens its key covers are all in `tokens` and it ends before the last token.
+        for end in range(self.block_size, len(tokens) + 1 - max(self.key_extra_tokens, 1), self.block_size):
+            key = self._chained_key(key, tokens, end)
+            if not self.prefix_caching or key not in self.cached:
+                break
+            hits.append(self.cached[key])
+        revived = sum(1 for block in hits if block in self.evictable)
+        return hits, self.blocks_for(num_tokens) - len(hits) + revived
+
+    def _chained_key(self, previous: bytes, tokens: list[int], end: int) -> bytes:
+        """Hash of the block ending at `end` chained with its predecessors' (and the extra tokens after it).
+        BLAKE2b: a client cannot craft a prompt that collides with another's cached prefix."""
+        block = array("q", tokens[end - self.block_size : end + self.key_extra_tokens]).tobytes()
+        return hashlib.blake2b(previous + block, digest_size=16).digest()
+
+    def commit(self, seq_id: str, tokens: list[int], num_computed: int) -> None:
+        """Register the full blocks of `seq_id` whose `num_computed` first `tokens` are in the cache, for sharing."""
+        if not self.prefix_caching:
+            return
+        keys, table = self.keys[seq_id], self.tables[seq_id]
+        limit = min(num_computed, len(tokens) - self.key_extra_tokens)
+        for index in range(len(keys), limit // self.block_size):
+            previous = keys[-1] if keys else self.salts[seq_id]
+            keys.append(self._chained_key(previous, tokens, (index + 1) * self.block_size))
+            block = table[index]
+            if keys[-1] not in self.cached and block not in self.block_key:  # a twin computed meanwhile stays private
+                self.cached[keys[-1]] = block
+                self.block_key[block] = keys[-1]
 
     @property
     def usage(self) -> float:
         """Fraction of the usable blocks in use."""
-        return 1 - len(self.free_blocks) / (self.num_blocks - 1)
+        return 1 - self.num_free / (self.num_blocks - 1)
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers: (C + R) x layers x dtype size."""
@@ -185,9 +326,10 @@ def _write_and_gather(
     pool: torch.Tensor, plan: _Plan, kv_latent: torch.Tensor, k_rope: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     new = torch.cat((kv_latent, k_rope), dim=-1).flatten(0, 1).to(pool.dtype)
-    pool.index_put_((plan.write_slots,), new)  # inductor updates an input in place for index_put_, not index_copy_
-    cached = pool.index_select(0, plan.key_slots.flatten()).view(*plan.key_slots.shape, -1)  # (B, S, C+R)
-    return cached, plan.mask
+    write_slots, key_slots = plan.write_slots.to(pool.device), plan.key_slots.to(pool.device)  # no-ops on one device
+    pool.index_put_((write_slots,), new)  # inductor updates an input in place for index_put_, not index_copy_
+    cached = pool.index_select(0, key_slots.flatten()).view(*key_slots.shape, -1)  # (B, S, C+R)
+    return cached, None if plan.mask is None else plan.mask.to(pool.device)
 
 
 @dataclass

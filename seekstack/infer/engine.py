@@ -17,19 +17,21 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
-from seekstack.infer.cache import PagedLatentCache
+from seekstack.infer.cache import DEFAULT_MEMORY_FRACTION, PagedLatentCache, blocks_in_budget, free_memory
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.params import EngineOptions, SamplingParams
+from seekstack.infer.placement import device_map_for, layer_devices, place
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, token_logprobs
-from seekstack.infer.speculative import accept_drafts, greedy_speculation, mtp_drafts
+from seekstack.infer.speculative import DraftCount, accept_drafts, greedy_speculation, mtp_drafts
+from seekstack.infer.threads import StepThreads
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -49,6 +51,19 @@ class _Request:
     scheduled_at: float | None = None  # time.perf_counter() when admitted out of `waiting`
     output_ids: list[int] = field(default_factory=list)  # tokens handed out
     adapter_slot: int = 0  # the LoRA adapter its rows use (seekstack.adapters.multi); 0 = the base model
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
+    admitted: int = 0  # admission order (the latest admitted is preempted first)
+    error: str | None = None  # why its sampling raised (`Engine._isolated`): it ends alone at its next output
+
+    @property
+    def resumed(self) -> bool:
+        """Whether it holds a sampled token: back from preemption, it recomputes all its tokens but the pending one."""
+        return len(self.ids) > len(self.prompt_ids)
+
+    @property
+    def prefill_len(self) -> int:
+        """Tokens to put in the cache before decoding (re)starts."""
+        return len(self.ids) - 1 if self.resumed else len(self.ids)
 
 
 class Engine:
@@ -63,17 +78,26 @@ class Engine:
         max_model_len: int | None = EngineOptions.max_model_len,
         block_size: int = 16,
         num_blocks: int | None = None,
+        kv_cache_memory: int | None = EngineOptions.kv_cache_memory,
+        prefix_caching: bool = EngineOptions.prefix_caching,
         speculative: bool = EngineOptions.speculative,
         draft_tokens: int = EngineOptions.draft_tokens,
+        adaptive_drafts: bool = EngineOptions.adaptive_drafts,
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
         compile: bool = EngineOptions.compile,
         adapters: Mapping[str, str | Path] | None = None,
     ):
         """`adapters` name LoRA adapter folders (peft format) that requests may pick by name (`add_request`); rows
-        of different adapters share every step, each with its own adapter (seekstack.adapters.multi)."""
-        self.device = torch.device(device) if device is not None else model.embed_tokens.weight.device
-        self.model = model.to(self.device).eval()
+        of different adapters share every step, each with its own adapter (seekstack.adapters.multi).
+        The cache takes `num_blocks`, or as many as `kv_cache_memory` bytes hold (by default half the memory free
+        on the device), never more than max_batch_size requests of max_model_len tokens use."""
+        placed = getattr(model, "placement", None) is not None  # spread over devices by seekstack.infer.placement
+        if placed and (compile or device not in (None, "cpu")):
+            raise ValueError("a model placed by a device map runs eagerly, its engine on the CPU: drop compile/device")
+        home = torch.device("cpu") if placed else model.embed_tokens.weight.device  # placed parts return results here
+        self.device = torch.device(device) if device is not None else home
+        self.model = (model if placed else model.to(self.device)).eval()
         self.config = model.config
         self.tokenizer = tokenizer
         self.model_name = "seekstack"
@@ -102,23 +126,36 @@ class Engine:
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.draft_tokens = draft_tokens if speculative else 0
+        # With `adaptive_drafts`, draft_tokens is the most a step verifies: fewer (or none) when acceptance or the batch
+        # says so (DraftCount); the cache is planned for the most.
+        self.draft_count = DraftCount(self.config, self.draft_tokens, adaptive_drafts, self.device)
         # Verification writes K slots past the pending token; the MTP module's drafts after k accepted reach K - 1
         # further (`mtp_drafts`). Those are the cache plan's lookahead and, with the K, the slots a request
         # holds beyond its last token.
         self.lookahead = max(self.draft_tokens - 1, 0)
         self.draft_slots = self.draft_tokens + self.lookahead
         if num_blocks is None:
-            num_blocks = max_batch_size * math.ceil((self.max_model_len + self.draft_slots) / block_size) + 1
-        from seekstack.adapters.multi import attach_adapters
+            dtype = model.embed_tokens.weight.dtype
+            budget = kv_cache_memory or int(DEFAULT_MEMORY_FRACTION * free_memory(self.device))
+            whole_batch = max_batch_size * math.ceil((self.max_model_len + self.draft_slots) / block_size) + 1
+            num_blocks = min(blocks_in_budget(self.config, budget, block_size, dtype), whole_batch)
+        from seekstack.adapters.registry import attach_adapters
 
         self.lora = attach_adapters(self.model, adapters or {})
-        self.cache = PagedLatentCache(self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device)
+        self.cache = PagedLatentCache(
+            self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device,
+            prefix_caching=prefix_caching, key_extra_tokens=1 if speculative else 0,
+            layer_devices=layer_devices(self.model),
+        )  # fmt: skip
+        self.preemptions = 0
+        self._admissions = itertools.count()
         self.waiting: deque[_Request] = deque()
         self.prefilling: list[_Request] = []
         self.running: list[_Request] = []
         self.aborted: list[RequestOutput] = []
         self.prefill_tokens = self.spec_drafted = self.spec_accepted = 0
         self.lock = threading.RLock()
+        self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
         self._ids = itertools.count()
         # Decode steps (and their MTP drafts) run compiled when asked: one graph each, no device sync inside, the
         # MoE on its gathered path. Prefill stays eager: long chunks of varied widths, bound by the matmuls.
@@ -140,9 +177,13 @@ class Engine:
         tokenizer: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         adapter: str | Path | None = None,
+        device_map: str | None = None,
         **kwargs,
     ) -> Engine:
         """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
+
+        `device_map` spreads the model over devices (seekstack.infer.placement): `pattern=device` entries, or
+        `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets; `disk` weights go under `model_dir`/offload.
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer is
@@ -160,6 +201,8 @@ class Engine:
             from seekstack.adapters.files import merged_model
 
             model = merged_model(model, adapter)
+        if device_map is not None:
+            model = place(model, device_map_for(model, device_map), offload_dir=model_dir / "offload")
         engine = cls(model, loaded_tokenizer, **kwargs)
         engine.model_name = model_dir.resolve().name
         return engine
@@ -188,10 +231,6 @@ class Engine:
         """Queue a request, on the base model or on the loaded LoRA adapter named `adapter`; raises ValueError for an
         empty prompt, unknown token ids, one that cannot fit, or an adapter not loaded."""
         params = params.validate()
-        try:
-            adapter_slot = self.lora.slot(adapter)
-        except KeyError as error:
-            raise ValueError(error.args[0]) from None
         prompt_ids = [int(token) for token in prompt_ids]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
@@ -211,7 +250,7 @@ class Engine:
         if self.cache.blocks_for(total + self.draft_slots) > self.cache.num_blocks - 1:
             raise ValueError(
                 f"{total} tokens need {self.cache.blocks_for(total + self.draft_slots)} cache blocks; "
-                f"the cache has {self.cache.num_blocks - 1}: raise num_blocks"
+                f"the cache has {self.cache.num_blocks - 1}: raise kv_cache_memory (or num_blocks)"
             )
         generator = torch.Generator(device=self.device)
         if params.seed is None:
@@ -224,6 +263,7 @@ class Engine:
             request_id = request_id or f"req-{next(self._ids)}"
             if any(r.request_id == request_id for r in self._unfinished()):
                 raise ValueError(f"request id {request_id!r} is already in use")
+            adapter_slot = self.lora.slot(adapter)  # under the lock, which an unload takes too
             stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens)
             request = _Request(
                 request_id,
@@ -250,10 +290,31 @@ class Engine:
                         self.aborted.append(self._output(request, [], "", None, "abort"))
                         return
 
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Serve the LoRA adapter in `folder` as `name` from the next step on (seekstack.adapters.registry); raises
+        CheckpointError for a folder that holds no adapter of this model, ValueError for a name in use."""
+        from seekstack.adapters.registry import read_factors
+
+        factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
+        with self.lock:
+            self.lora.add(name, folder, factors)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`; ValueError when it is not loaded or unfinished requests still use it."""
+        with self.lock:
+            slot = self.lora.slot(name)
+            self.lora.remove(name, sum(r.adapter_slot == slot for r in self._unfinished()))
+
     def has_unfinished(self) -> bool:
         """Whether any request is waiting, running, or has an abort not yet reported by `step`."""
         with self.lock:
             return bool(self.aborted) or any(True for _ in self._unfinished())
+
+    def reset_prefix_cache(self) -> None:
+        """Drop the cached prompt prefixes: call it after changing the model's weights in place (RL weight sync),
+        or later requests would share prefix values computed by the old weights."""
+        with self.lock:
+            self.cache.reset_prefix_cache()
 
     def stats(self) -> EngineStats:
         """Requests running (prefilling included) and waiting, cache use, prompt-token and speculative counters."""
@@ -265,6 +326,7 @@ class Engine:
                 prefill_tokens=self.prefill_tokens,
                 spec_drafted=self.spec_drafted,
                 spec_accepted=self.spec_accepted,
+                preemptions=self.preemptions,
             )
 
     def _unfinished(self):
@@ -273,26 +335,58 @@ class Engine:
     # ------------------------------------------------------------------ scheduling
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """One step: admit waiting requests, decode all running ones together, prefill one chunk of prompts."""
+        """One step: grow (or preempt) running requests, admit waiting ones, decode all running ones together, prefill
+        one chunk of prompts."""
         with self.lock:
             outputs, self.aborted = self.aborted, []
+            self._grow()
             self._admit()
             if self.running:
-                outputs += self._decode()
+                with self.step_threads.running(len(self.running) * (self.draft_tokens + 1)):
+                    outputs += self._decode()
             if self.prefilling:
-                outputs += self._prefill()
+                waiting_tokens = sum(r.prefill_len - r.num_cached for r in self.prefilling)
+                with self.step_threads.running(min(waiting_tokens, self.prefill_chunk)):
+                    outputs += self._prefill()
             return outputs
 
     def _admit(self) -> None:
-        """Move waiting requests to prefilling, first come first served, while the batch and the cache have room."""
+        """Move waiting requests to prefilling, first come first served, while the batch has room and the cache
+        has blocks for their prompts (shared with the prefix cache where it holds them); blocks for the
+        completion come as it grows (`_grow`)."""
         while self.waiting and len(self.prefilling) + len(self.running) < self.max_batch_size:
             request = self.waiting[0]
-            tokens = len(request.prompt_ids) + request.params.max_new_tokens + self.draft_slots
-            if not self.cache.can_allocate(tokens):
+            tokens = request.ids[: request.prefill_len]
+            salt = self.lora.cache_salt(request.adapter_slot)
+            if not self.cache.can_admit(tokens, len(tokens) + self.draft_slots, salt):
                 return
-            self.cache.allocate(request.request_id, tokens)
-            request.scheduled_at = time.perf_counter()
+            request.num_cached = self.cache.admit(request.request_id, tokens, len(tokens) + self.draft_slots, salt)
+            if request.scheduled_at is None:
+                request.scheduled_at = time.perf_counter()
+                request.cached_tokens = request.num_cached
+            request.admitted = next(self._admissions)
             self.prefilling.append(self.waiting.popleft())
+
+    def _grow(self) -> None:
+        """Give each running request the blocks its next decode step writes; while too few are free, preempt the
+        latest admitted request: its blocks go back to the pool (cached ones stay cached), and it waits at the
+        head of the queue to recompute its tokens, keeping its sampled ones and its sampler state."""
+        while True:
+            needed = {r.request_id: len(r.ids) + self.draft_slots for r in self.running}
+            shortfall = sum(
+                self.cache.blocks_for(tokens) - len(self.cache.tables[request_id])
+                for request_id, tokens in needed.items()
+            )
+            if shortfall <= self.cache.num_free:
+                break
+            victim = max(itertools.chain(self.prefilling, self.running), key=lambda r: r.admitted)
+            (self.running if victim in self.running else self.prefilling).remove(victim)
+            self.cache.free(victim.request_id)
+            victim.num_cached, victim.drafts = 0, []
+            self.waiting.appendleft(victim)
+            self.preemptions += 1
+        for request_id, tokens in needed.items():
+            self.cache.allocate(request_id, tokens)
 
     def _prefill(self) -> list[RequestOutput]:
         """Feed up to `prefill_chunk` prompt tokens, over as many prefilling requests as they reach."""
@@ -300,7 +394,7 @@ class Engine:
         for request in self.prefilling:
             if budget == 0:
                 break
-            counts.append(min(len(request.prompt_ids) - request.num_cached, budget))
+            counts.append(min(request.prefill_len - request.num_cached, budget))
             batch.append(request)
             budget -= counts[-1]
         starts = [request.num_cached for request in batch]
@@ -310,20 +404,24 @@ class Engine:
         done, finished, tokens, logprobs = [], [], [], []
         for row, (request, count) in enumerate(zip(batch, counts, strict=True)):
             request.num_cached += count
-            if request.num_cached == len(request.prompt_ids):
+            if request.num_cached == request.prefill_len:
                 done.append(row)
-        if done:
-            finished = [batch[row] for row in done]
-            tokens, logprobs = self._sample(finished, logits[torch.tensor(done, device=self.device), 0])
+        fresh = [row for row in done if not batch[row].resumed]  # a resumed request already holds its next token
+        if fresh:
+            finished = [batch[row] for row in fresh]
+            tokens, logprobs = self._sample(finished, logits[torch.tensor(fresh, device=self.device), 0])
             for request, token in zip(finished, tokens, strict=True):
                 request.ids.append(token)
         if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first drafts
-            drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, prefill=True)
+            count, _ = self.draft_count.choose(len(self.running) + len(self.prefilling))  # the batch they join
+            drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, count, prefill=True)
             for row in done:
                 batch[row].drafts = drafts[row]
-        for request in finished:
-            self.prefilling.remove(request)
-            self.running.append(request)
+        for request in batch:
+            self.cache.commit(request.request_id, request.ids, request.num_cached)
+        for row in done:
+            self.prefilling.remove(batch[row])
+            self.running.append(batch[row])
         return self._emit_each(finished, tokens, logprobs)
 
     def _decode(self) -> list[RequestOutput]:
@@ -340,22 +438,29 @@ class Engine:
 
     def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
         """Verify each request's K drafts with one forward over [pending, drafts]; keep the accepted ones plus one."""
-        width = self.draft_tokens + 1
-        rows = [[r.ids[-1], *r.drafts] for r in batch]
+        drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
+        width, (next_count, fill_cache) = drafted + 1, self.draft_count.choose(len(batch))
+        rows = [[r.ids[-1], *r.drafts[:drafted]] for r in batch]
         input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch))
         sampling = self._sampling_batch(batch)
         next_drafts = None
         if sampling.all_greedy and not sampling.penalized:  # p is one-hot too: accept exactly when the argmax agrees
             logits, chosen, accepted, next_drafts = self._greedy_speculation(
-                self.model, input_ids, positions, self.cache, self.draft_tokens
+                self.model, input_ids, positions, self.cache, next_count, fill_cache
             )
         else:
             out = self._decode_model(input_ids, cache=self.cache, positions=positions)
             logits, hidden = out.logits, out.hidden_states
-            accepted, chosen = accept_drafts(sampling, logits, input_ids[:, 1:])
+            accepted, chosen = self._isolated(
+                batch,
+                lambda rows: accept_drafts(self._sampling_batch([batch[r] for r in rows]), logits[rows],
+                                           input_ids[rows, 1:]),
+                failed_row=(torch.zeros(1, dtype=torch.long), torch.zeros(1, width, dtype=torch.long)),
+            )  # fmt: skip
         chosen_list, accepted_list = chosen.tolist(), accepted.tolist()
-        self.spec_drafted += self.draft_tokens * len(batch)
+        self.spec_drafted += drafted * len(batch)
         self.spec_accepted += sum(accepted_list)
+        self.draft_count.observe(drafted, accepted_list)
         new_tokens = [chosen_list[b][: count + 1] for b, count in enumerate(accepted_list)]
         logprobs: list[list] = [[] for _ in batch]
         if any(r.params.logprobs for r in batch):
@@ -365,7 +470,7 @@ class Engine:
             request.ids.extend(tokens)
         if next_drafts is None:
             counts = [len(tokens) for tokens in new_tokens]
-            next_list = self._draft(hidden, _shifted_rows(batch, starts, counts), counts)
+            next_list = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, next_count, fill_cache)
         else:
             next_list = next_drafts.tolist()
         for request, drafts in zip(batch, next_list, strict=True):
@@ -401,16 +506,23 @@ class Engine:
         return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, self.lookahead)
 
     def _draft(
-        self, hidden: torch.Tensor, next_rows: list[list[int]], counts: list[int], prefill: bool = False
+        self,
+        hidden: torch.Tensor,
+        next_rows: list[list[int]],
+        counts: list[int],
+        count: int,
+        fill_cache: bool = True,
+        prefill: bool = False,
     ) -> list[list[int]]:
-        """The MTP module's K drafts after each row's last real position, counts[b] - 1, of the main forward just
+        """The MTP module's `count` drafts after each row's last real position, counts[b] - 1, of the main forward just
         run (`mtp_drafts`). It reuses that forward's cache plan; a row with fewer real tokens feeds padding, which
         lands in an MTP cache slot that the next step overwrites before anything reads it."""
         width = hidden.shape[1]
         next_ids = torch.tensor([row + [0] * (width - len(row)) for row in next_rows], device=self.device)
         last = torch.tensor(counts, device=self.device) - 1
         draft = mtp_drafts if prefill else self._decode_drafts
-        return draft(self.model, hidden, next_ids, self.cache.positions(), last, self.cache, self.draft_tokens).tolist()
+        positions = self.cache.positions()
+        return draft(self.model, hidden, next_ids, positions, last, self.cache, count, fill_cache).tolist()
 
     # ------------------------------------------------------------------ sampling and output
     def _sampling_batch(self, batch: list[_Request]) -> SamplingBatch:
@@ -419,12 +531,41 @@ class Engine:
         )
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
-        """One token per request from logits (B, V), with log-probabilities for the requests that ask for them."""
-        tokens = self._sampling_batch(batch).sample(logits)
+        """One token per request from logits (B, V), with log-probabilities for the requests that ask for them; a
+        request whose sampling raises gets token 0 and ends alone at its output (`_isolated`)."""
+        (tokens,) = self._isolated(
+            batch,
+            lambda rows: (self._sampling_batch([batch[r] for r in rows]).sample(logits[rows]),),
+            failed_row=(torch.zeros(1, dtype=torch.long),),
+        )
         logprobs = (
             self._logprobs(batch, logits, tokens) if any(r.params.logprobs for r in batch) else [None] * len(batch)
         )
         return tokens.tolist(), logprobs
+
+    def _isolated(
+        self,
+        batch: list[_Request],
+        compute: Callable[[list[int]], tuple[torch.Tensor, ...]],
+        failed_row: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, ...]:
+        """`compute(rows)`: tensors whose first dimension is those rows of `batch`, for all rows at once. When that
+        raises, each row alone (generators as they were): a row that still raises takes `failed_row` and its
+        request's `error` is set, so one request's parameters end that request, not the step of all."""
+        states = [request.generator.get_state() for request in batch]
+        try:
+            return compute(list(range(len(batch))))
+        except Exception:
+            for request, state in zip(batch, states, strict=True):
+                request.generator.set_state(state)
+        parts = []
+        for row, request in enumerate(batch):
+            try:
+                parts.append(compute([row]))
+            except Exception as error:
+                request.error = f"{type(error).__name__}: {error}"
+                parts.append(failed_row)
+        return tuple(torch.cat(column).to(self.device) for column in zip(*parts, strict=True))
 
     def _logprobs(self, batch: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
         top_n = max(r.params.top_logprobs for r in batch)
@@ -441,7 +582,12 @@ class Engine:
         return entries
 
     def _emit(self, request: _Request, tokens: list[int], logprobs: list) -> RequestOutput:
-        """Hand out `tokens` until one of them finishes the request: stop token, stop string or length."""
+        """Hand out `tokens` until one of them finishes the request: stop token, stop string or length; or end it with
+        its error, handing out nothing, when its sampling raised."""
+        if request.error is not None:
+            self.running.remove(request)
+            self.cache.free(request.request_id)
+            return dataclasses.replace(self._output(request, [], "", None, "error"), error=request.error)
         text, emitted, reason = "", [], None
         for token in tokens:
             emitted.append(token)
@@ -488,6 +634,7 @@ class Engine:
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=len(request.output_ids),
             scheduled_at=request.scheduled_at,
+            cached_tokens=request.cached_tokens,
         )
 
     # ------------------------------------------------------------------ convenience

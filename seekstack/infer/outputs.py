@@ -30,10 +30,12 @@ class RequestOutput:
     text: str  # new text: valid UTF-8 only, stop strings cut off
     logprobs: list[TokenLogprob] | None
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     prompt_tokens: int
     completion_tokens: int  # total so far
     scheduled_at: float | None  # time.perf_counter() when the request left the waiting queue; None if it never did
+    error: str | None = None  # with finish_reason "error": why this request (alone) failed
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 @dataclass
@@ -46,6 +48,7 @@ class EngineStats:
     prefill_tokens: int  # cumulative: prompt tokens fed to the model
     spec_drafted: int  # cumulative speculative-decoding counters
     spec_accepted: int
+    preemptions: int = 0  # cumulative: running requests sent back to wait when the cache ran out of blocks
 
 
 @dataclass

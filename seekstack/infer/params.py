@@ -13,6 +13,21 @@ from seekstack.schema import NonNegative, Positive, PositiveFloat, check, rechec
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
 DTYPES = ("float32", "bfloat16", "float16")
+BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as "4GiB", "512MiB", "2GB" or "1000000" in bytes; ValueError naming the text otherwise."""
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number) :].upper()
+    try:
+        size = float(number) * {"": 1, **{name.upper(): value for name, value in BYTE_UNITS.items()}}[unit]
+    except (ValueError, KeyError):
+        units = ", ".join(BYTE_UNITS)
+        raise ValueError(f"size {text!r}: expected a number with an optional unit ({units})") from None
+    if size <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(size)
 
 
 @dataclass
@@ -64,12 +79,21 @@ class EngineOptions:
     max_model_len: Positive | None = None  # prompt + completion tokens per request; None: the model's context
     speculative: bool = False  # MTP speculative decoding (the model needs an MTP module)
     draft_tokens: Positive = 3  # with speculative decoding: tokens the MTP module drafts per step
+    adaptive_drafts: bool = False  # draft_tokens is the most: each step drafts 0..most by acceptance and batch
     compile: bool = False  # decode steps through torch.compile
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    kv_cache_memory: str | None = None  # latent-cache budget, e.g. "4GiB"; None: half the free device memory
+    prefix_caching: bool = True  # share the cache blocks of prompt prefixes between requests
+    device_map: str | None = None  # parts on devices (seekstack.infer.placement): "*=cuda:0,layers.*.mlp.experts=cpu"
 
     def validate(self) -> EngineOptions:
         options = recheck(self)
         require(options.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
+        if options.kv_cache_memory is not None:
+            try:
+                parse_bytes(options.kv_cache_memory)
+            except ValueError as error:
+                require(False, "kv_cache_memory", f"a size such as 4GiB ({error})")
         return options
 
     def engine_kwargs(self) -> dict[str, Any]:
@@ -80,5 +104,8 @@ class EngineOptions:
         return dict(
             dtype=getattr(torch, options.dtype), max_batch_size=options.max_batch_size,
             max_model_len=options.max_model_len, speculative=options.speculative,
-            draft_tokens=options.draft_tokens, compile=options.compile,
+            draft_tokens=options.draft_tokens, adaptive_drafts=options.adaptive_drafts, compile=options.compile,
+            prefix_caching=options.prefix_caching,
+            kv_cache_memory=parse_bytes(options.kv_cache_memory) if options.kv_cache_memory else None,
+            device_map=options.device_map,
         )  # fmt: skip

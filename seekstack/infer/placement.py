@@ -1,0 +1,251 @@
+"""Where each part of a model lives: a device map over layers and their parts, planned from per-device memory
+budgets, and applied with hooks that move activations to a part's device and its results back.
+
+The parts (units) a map places: `embed_tokens`, `layers.{i}.self_attn`, `layers.{i}.mlp` (dense layers) or
+`layers.{i}.mlp.shared_experts` (with the router) and `layers.{i}.mlp.experts` (routed), `mtp.{k}`, `norm`, `lm_head`.
+A device is `cpu`, `cuda:N`, or `disk`: computed on the CPU from weights memory-mapped from a file, whose pages
+the OS reads in on use and may drop again. This is the DeepSeek deployment's [CPU] -> [GPU1] -> [GPU2] -> [CPU]
+pipeline when blocks go to different devices, and KTransformers' split when routed experts stay on the CPU.
+
+Written as `pattern=device` entries separated by commas, later entries overriding earlier ones; a pattern's
+dot-separated components match a unit's leading ones, each literally, by `*`, or by an inclusive range `a-b`:
+`*=cuda:0,layers.*.mlp.experts=cpu` or `embed_tokens=cpu,layers.0-13=cuda:0,layers.14-26=cuda:1,norm=cpu,lm_head=cpu`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seekstack.config import ModelConfig
+from seekstack.infer.params import parse_bytes
+from seekstack.model.moe import MoE, RoutedExperts
+from seekstack.model.transformer import Transformer
+
+DISK = "disk"
+
+
+# ---------------------------------------------------------------------------------------- units and maps
+def units(model: Transformer) -> dict[str, nn.Module]:
+    """The placeable parts of `model`, by name, in the order a forward runs them."""
+    parts: dict[str, nn.Module] = {"embed_tokens": model.embed_tokens}
+    for i, block in enumerate(model.layers):
+        parts[f"layers.{i}.self_attn"] = block.self_attn
+        if isinstance(block.mlp, MoE):
+            if block.mlp.shared_experts is not None:
+                parts[f"layers.{i}.mlp.shared_experts"] = block.mlp.shared_experts
+            parts[f"layers.{i}.mlp.experts"] = block.mlp.experts
+        else:
+            parts[f"layers.{i}.mlp"] = block.mlp
+    parts.update({f"mtp.{k}": module for k, module in enumerate(model.mtp)})
+    parts["norm"], parts["lm_head"] = model.norm, model.lm_head
+    return parts
+
+
+def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
+    """The device of every unit in `names` from `pattern=device` entries; ValueError naming an entry that matches
+    nothing, a bad device, or a unit no entry places."""
+    placement: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        pattern, _, device = entry.partition("=")
+        if not device:
+            raise ValueError(f"device map entry {entry!r}: expected pattern=device, e.g. layers.*.mlp.experts=cpu")
+        if device != DISK:
+            try:
+                torch.device(device)
+            except RuntimeError:
+                raise ValueError(f"device map entry {entry!r}: {device!r} is not cpu, cuda:N or disk") from None
+        matched = [name for name in names if _matches(pattern.strip(), name)]
+        if not matched:
+            raise ValueError(f"device map entry {entry!r} matches no part of the model (parts: {names[0]}, ...)")
+        placement.update(dict.fromkeys(matched, device))
+    missing = [name for name in names if name not in placement]
+    if missing:
+        raise ValueError(f"the device map places no device for {missing[0]} (and {len(missing) - 1} more parts)")
+    return {name: placement[name] for name in names}
+
+
+def _matches(pattern: str, name: str) -> bool:
+    wanted, parts = pattern.split("."), name.split(".")
+    if wanted == ["*"]:
+        return True
+    if len(wanted) > len(parts):
+        return False
+    for want, part in zip(wanted, parts, strict=False):
+        low, dash, high = want.partition("-")
+        if want == "*" or want == part:
+            continue
+        if dash and low.isdigit() and high.isdigit() and part.isdigit() and int(low) <= int(part) <= int(high):
+            continue
+        return False
+    return True
+
+
+def format_device_map(placement: dict[str, str]) -> str:
+    """`placement` as device map text, a part of consecutive layers on one device written as one range."""
+    entries, runs = [], {}  # runs: part -> [first layer, last layer, device] for each run
+    for name, device in placement.items():
+        pieces = name.split(".")
+        if pieces[0] != "layers":
+            entries.append(f"{name}={device}")
+            continue
+        layer, part_runs = int(pieces[1]), runs.setdefault(".".join(pieces[2:]), [])
+        if part_runs and part_runs[-1][1:] == [layer - 1, device]:
+            part_runs[-1][1] = layer
+        else:
+            part_runs.append([layer, layer, device])
+    for part, part_runs in runs.items():
+        for first, last, device in part_runs:
+            layers = str(first) if first == last else f"{first}-{last}"
+            entries.append(f"layers.{layers}.{part}={device}")
+    return ",".join(entries)
+
+
+# ---------------------------------------------------------------------------------------- planning
+@dataclass
+class Plan:
+    """A placement with what it costs: bytes resident and bytes read per decoded token, per device."""
+
+    placement: dict[str, str]
+    resident_bytes: dict[str, int]
+    active_bytes: dict[str, int]  # weight bytes one token reads (routed experts: K of E)
+
+    def device_map(self) -> str:
+        return format_device_map(self.placement)
+
+
+def plan_placement(config: ModelConfig, budgets: dict[str, int], bytes_per_param: float = 2.0) -> Plan:
+    """Place every unit of `config`'s model within `budgets` (device -> bytes, in order of preference, fastest
+    first; the CPU also holds the norms and routers), without materialising a weight (meta device). Units that
+    read the most of their bytes per token go first (attention, dense and shared FFNs, the head, then routed
+    experts, then the embedding, of which a token reads one row), each on the first device with room; what fits
+    nowhere goes to `disk`."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    sized = {name: _unit_bytes(module, config, bytes_per_param) for name, module in units(model).items()}
+    order = sorted(sized, key=lambda name: -sized[name][1] / max(sized[name][0], 1))  # stable: model order in ties
+    # What no unit holds (the blocks' norms, the routers) stays on the CPU with the activations, and runs every token.
+    rest = int(sum(p.numel() for p in model.parameters()) * bytes_per_param) - sum(s for s, _ in sized.values())
+    room, placement = dict(budgets), {}
+    room["cpu"] = room.get("cpu", 0) - rest
+    for name in order:
+        stored = sized[name][0]
+        device = next((d for d, free in room.items() if free >= stored), DISK)
+        if device != DISK:
+            room[device] -= stored
+        placement[name] = device
+    placement = {name: placement[name] for name in sized}
+    resident = {device: 0 for device in [*budgets, "cpu", DISK]}
+    active = dict(resident)
+    for name, device in placement.items():
+        resident[device] += sized[name][0]
+        active[device] += sized[name][1]
+    resident["cpu"] += rest
+    active["cpu"] += rest
+    return Plan(placement, resident, active)
+
+
+def _unit_bytes(module: nn.Module, config: ModelConfig, bytes_per_param: float) -> tuple[int, int]:
+    """(stored, read per token) bytes of a unit: routed experts read K of their E experts, an embedding one row."""
+    stored = int(sum(p.numel() for p in module.parameters()) * bytes_per_param)
+    if isinstance(module, nn.Embedding):
+        return stored, stored // module.num_embeddings
+    routed = sum(p.numel() for m in module.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
+    unread = routed * (1 - config.num_experts_per_tok / config.n_routed_experts) if routed else 0
+    return stored, int(stored - unread * bytes_per_param)
+
+
+def parse_budgets(text: str) -> dict[str, int]:
+    """`cuda:0=80GiB,cpu=20GiB` as {device: bytes}, in the order given; ValueError naming a bad entry."""
+    budgets = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        device, _, amount = entry.partition("=")
+        if not amount or device == DISK:
+            raise ValueError(f"memory entry {entry!r}: expected device=size, e.g. cuda:0=80GiB (disk needs no size)")
+        budgets[device] = parse_bytes(amount)
+    return budgets
+
+
+def device_map_for(model: Transformer, text: str) -> dict[str, str]:
+    """The placement `text` asks for: `pattern=device` entries, or `auto:` and budgets planned by `plan_placement`."""
+    if text.startswith("auto:"):
+        width = model.embed_tokens.weight.element_size()
+        return plan_placement(model.config, parse_budgets(text.removeprefix("auto:")), width).placement
+    return parse_device_map(text, list(units(model)))
+
+
+# ---------------------------------------------------------------------------------------- applying
+def place(model: Transformer, placement: dict[str, str], offload_dir: str | Path | None = None) -> Transformer:
+    """Move each unit of `model` to its device (`disk`: its weights written once under `offload_dir` and memory-
+    mapped back) and hook it so that its inputs move to it and its outputs back. Everything else (norms of the
+    blocks, rotary tables) stays on the CPU, where the cache plan and the sampler run."""
+    parts = units(model)
+    unknown = set(placement) ^ set(parts)
+    if unknown:
+        raise ValueError(f"the placement does not match the model's parts: {sorted(unknown)[:3]}")
+    model.to("cpu")
+    for name, module in parts.items():
+        device = placement[name]
+        if device == DISK:
+            if offload_dir is None:
+                raise ValueError(f"{name} is placed on disk: give an offload directory for its memory-mapped weights")
+            _memory_map(module, Path(offload_dir) / name)
+        else:
+            module.to(device)
+            if torch.device(device) != torch.device("cpu"):
+                module.register_forward_pre_hook(_inputs_to(torch.device(device)), with_kwargs=True)
+                module.register_forward_hook(_outputs_to(torch.device("cpu")))
+    model.placement = dict(placement)
+    return model
+
+
+def layer_devices(model: Transformer) -> list[torch.device]:
+    """The device of each cache layer (main layers, then MTP): where that layer's attention runs."""
+    blocks = [*model.layers, *(mtp.block for mtp in model.mtp)]
+    return [block.self_attn.kv_a_layernorm.weight.device for block in blocks]
+
+
+def _memory_map(module: nn.Module, directory: Path) -> None:
+    """Write the unit's tensors to raw files under `directory` (once) and swap in memory-mapped views of them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        path = directory / f"{name}.bin"
+        if not path.exists():
+            tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
+        mapped = torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+        tensor.data = mapped
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (in tuples, lists, dicts and dataclasses) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _moved(item, device) for key, item in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value, **{f.name: _moved(getattr(value, f.name), device) for f in dataclasses.fields(value)}
+        )
+    return value
+
+
+def _inputs_to(device: torch.device):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return _moved(args, device), _moved(kwargs, device)
+
+    return hook
+
+
+def _outputs_to(device: torch.device):
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        return _moved(output, device)
+
+    return hook

@@ -1,0 +1,96 @@
+"""The memory-budgeted cache: sized by bytes, blocks grow with each sequence, and a request that runs out of blocks
+is preempted and recomputed with the tokens an unconstrained run gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer.cache import blocks_in_budget
+from tests.infer.support import micro_model, tiny_tokenizer
+
+LONG_GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+SEEDED = [SamplingParams(max_new_tokens=24, temperature=1.1, top_k=40, seed=seed, ignore_eos=True) for seed in range(4)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return micro_model()
+
+
+def prompts(lengths: list[int]) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(5, 512, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_the_cache_holds_as_many_blocks_as_the_memory_budget_pays_for(model, tokenizer):
+    config = model.config
+    token_bytes = (config.kv_lora_rank + config.qk_rope_head_dim) * (config.num_hidden_layers + 1) * 4
+    assert blocks_in_budget(config, 100 * 4 * token_bytes + 5, 4, torch.float32) == 100
+    engine = Engine(model, tokenizer, block_size=4, kv_cache_memory=100 * 4 * token_bytes)
+    assert engine.cache.num_blocks == 100 and engine.cache.bytes_per_token() == token_bytes
+    # By default half the free memory, but never more than max_batch_size requests of max_model_len tokens.
+    default = Engine(model, tokenizer, block_size=4, max_batch_size=2, max_model_len=64)
+    assert default.cache.num_blocks == 2 * 64 // 4 + 1
+    kwargs = EngineOptions(kv_cache_memory="2MiB", prefix_caching=False).engine_kwargs()
+    assert kwargs["kv_cache_memory"] == 2 * 2**20 and kwargs["prefix_caching"] is False
+
+
+def test_blocks_grow_with_the_sequence_instead_of_being_reserved_for_max_tokens(model, tokenizer):
+    engine = Engine(model, tokenizer, block_size=4, num_blocks=40)
+    request = engine.add_request(prompts([6])[0], LONG_GREEDY)
+    sizes = []
+    for _ in range(10):
+        engine.step()
+        sizes.append(len(engine.cache.tables[request]))
+    # The prompt's 2 blocks at admission; then step k writes token 6 + k - 2 and holds ceil((6 + k - 1) / 4) blocks.
+    assert sizes == [2, 2, 2, 3, 3, 3, 3, 4, 4, 4]
+    assert engine.cache.usage == pytest.approx(4 / 39)
+
+
+def test_a_request_waits_for_blocks_then_runs(model, tokenizer):
+    engine = Engine(model, tokenizer, block_size=4, num_blocks=9)  # 8 blocks: each request fits alone
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    first, second = (engine.add_request(p, params) for p in prompts([6, 25]))
+    engine.step()
+    assert [r.request_id for r in engine.prefilling + engine.running] == [first]  # prompts of 2 + 7 blocks > 8
+    assert [r.request_id for r in engine.waiting] == [second]
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.cache.usage == 0
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preempted_requests_resume_with_the_tokens_of_an_unconstrained_run(model, tokenizer, sampling, prefix_caching):
+    batch = prompts([9, 14, 5, 11])
+    params = [LONG_GREEDY] * 4 if sampling == "greedy" else SEEDED
+    unconstrained = Engine(model, tokenizer, block_size=4).generate(batch, params)
+    # 16 usable blocks: the four admitted prompts fit, but not the four completions of 24 tokens beside them.
+    tight = Engine(model, tokenizer, block_size=4, num_blocks=17, prefix_caching=prefix_caching)
+    constrained = tight.generate(batch, params)
+    assert tight.preemptions > 0
+    assert [c.token_ids for c in constrained] == [c.token_ids for c in unconstrained]
+    assert [c.text for c in constrained] == [c.text for c in unconstrained]
+    assert tight.cache.usage == 0 and tight.cache.tables == {}
+
+
+def test_preempted_speculative_requests_resume_with_plain_greedy_tokens(model, tokenizer):
+    batch = prompts([9, 14, 5])
+    expected = Engine(model, tokenizer, block_size=4).generate(batch, LONG_GREEDY)
+    tight = Engine(model, tokenizer, block_size=4, num_blocks=19, speculative=True, draft_tokens=2)
+    constrained = tight.generate(batch, LONG_GREEDY)
+    assert tight.preemptions > 0
+    assert [c.token_ids for c in constrained] == [c.token_ids for c in expected]
+
+
+def test_a_request_that_cannot_fit_even_alone_is_refused(model, tokenizer):
+    engine = Engine(model, tokenizer, block_size=4, num_blocks=5)
+    with pytest.raises(ValueError, match="30 tokens need 8 cache blocks; the cache has 4: raise kv_cache_memory"):
+        engine.add_request(prompts([6])[0], LONG_GREEDY)

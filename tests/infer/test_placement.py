@@ -1,0 +1,137 @@
+"""Device maps: parsed and written back, planned on the meta device within budgets, and a placed model (parts on
+the CPU, memory-mapped from disk, or on a GPU) computing the logits of the model on one device."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import seekstack
+from seekstack.accounting import main_parameters, mtp_parameters
+from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer.placement import (
+    format_device_map,
+    layer_devices,
+    parse_budgets,
+    parse_device_map,
+    place,
+    plan_placement,
+    units,
+)
+from tests.infer.support import micro_model, model_dir, tiny_tokenizer
+
+KTRANSFORMERS_SPLIT = "*=cuda:0,embed_tokens=cpu,layers.*.mlp.experts=cpu"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return micro_model()
+
+
+def test_later_entries_override_earlier_ones_and_ranges_pick_layers(model):
+    names = list(units(model))  # 3 layers: a dense one, then two MoE layers; one MTP module
+    placement = parse_device_map("*=cpu,layers.1-2.mlp.experts=disk,mtp.0=disk", names)
+    assert [name for name, device in placement.items() if device == "disk"] == [
+        "layers.1.mlp.experts", "layers.2.mlp.experts", "mtp.0",
+    ]  # fmt: skip
+    assert parse_device_map(format_device_map(placement), names) == placement
+    assert format_device_map(placement).endswith("layers.1-2.mlp.experts=disk")
+    with pytest.raises(ValueError, match="places no device for layers.0.self_attn"):
+        parse_device_map("embed_tokens=cpu", names)
+    with pytest.raises(ValueError, match="'layers.9=cpu' matches no part"):
+        parse_device_map("*=cpu,layers.9=cpu", names)
+    with pytest.raises(ValueError, match="'gpu7' is not cpu, cuda:N or disk"):
+        parse_device_map("*=gpu7", names)
+
+
+def test_the_plan_puts_the_bytes_read_most_per_token_on_the_fastest_device():
+    config = seekstack.preset("deepseek-v3")
+    plan = plan_placement(config, parse_budgets("cuda:0=141GiB,cpu=512GiB"), bytes_per_param=1.0)
+    placement = plan.placement
+    assert all(placement[f"layers.{i}.self_attn"] == "cuda:0" for i in range(config.num_hidden_layers))
+    assert all(placement[f"layers.{i}.mlp.shared_experts"] == "cuda:0" for i in range(3, config.num_hidden_layers))
+    on_gpu = [i for i in range(3, config.num_hidden_layers) if placement[f"layers.{i}.mlp.experts"] == "cuda:0"]
+    assert on_gpu == list(range(3, 3 + len(on_gpu))) and 0 < len(on_gpu) < 58  # the first experts that fit
+    assert plan.resident_bytes["cuda:0"] <= 141 * 2**30 and plan.resident_bytes["disk"] == 0
+    # What is resident sums to the parameters at one byte each: the main model's 671B and the MTP module's.
+    parameters = main_parameters(config).total + mtp_parameters(config).total
+    assert sum(plan.resident_bytes.values()) == parameters
+    lite = seekstack.preset("deepseek-v2-lite")
+    tight = plan_placement(lite, parse_budgets("cuda:0=8GiB,cpu=12GiB"), bytes_per_param=2.0)
+    assert tight.resident_bytes["cuda:0"] <= 8 * 2**30 and tight.resident_bytes["cpu"] <= 12 * 2**30
+    assert tight.resident_bytes["disk"] > 10 * 2**30 and tight.placement["layers.26.mlp.experts"] == "disk"
+
+
+@torch.inference_mode()
+def test_parts_in_memory_and_memory_mapped_from_disk_compute_the_same_logits(model, tmp_path):
+    tokens = torch.randint(5, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected = model(tokens).logits
+    placed = place(copy.deepcopy(model), parse_device_map("*=cpu,layers.*.mlp.experts=disk,embed_tokens=disk",
+                                                           list(units(model))), offload_dir=tmp_path)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "embed_tokens",
+        "layers.1.mlp.experts",
+        "layers.2.mlp.experts",
+    ]
+    experts = placed.layers[1].mlp.experts.gate_up_proj
+    assert experts.untyped_storage().nbytes() == experts.numel() * 4  # a view of the file, not a copy in memory
+    torch.testing.assert_close(placed(tokens).logits, expected, rtol=0, atol=0)
+
+
+def test_an_engine_on_a_placed_model_generates_the_tokens_of_the_whole_model(model, tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path / "tokenizer")
+    prompt = torch.randint(5, 512, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    expected = Engine(model, tokenizer).generate([prompt], params)[0].token_ids
+    placed = place(
+        copy.deepcopy(model), parse_device_map("*=cpu,layers.1-2=disk", list(units(model))), tmp_path / "off"
+    )
+    assert Engine(placed, tokenizer).generate([prompt], params)[0].token_ids == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.inference_mode()
+def test_attention_on_the_gpu_and_routed_experts_on_the_cpu_give_the_logits_of_one_device(model, tmp_path):
+    tokens = torch.randint(5, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected = model(tokens).logits
+    placed = place(copy.deepcopy(model), parse_device_map(KTRANSFORMERS_SPLIT, list(units(model))))
+    assert placed.layers[1].self_attn.o_proj.weight.is_cuda and not placed.layers[1].mlp.experts.down_proj.is_cuda
+    torch.testing.assert_close(placed(tokens).logits, expected, rtol=1e-4, atol=1e-4)
+    assert layer_devices(placed)[0].type == "cuda"
+    tokenizer = tiny_tokenizer(tmp_path)
+    prompt = tokens[0].tolist()
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert (
+        Engine(placed, tokenizer).generate([prompt], params)[0].token_ids
+        == Engine(model, tokenizer).generate([prompt], params)[0].token_ids
+    )
+
+
+def test_from_pretrained_places_the_parts_a_device_map_names(tmp_path):
+    directory = model_dir(tmp_path / "model")
+    prompt = torch.randint(5, 512, (7,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    expected = Engine.from_pretrained(directory).generate([prompt], params)[0].token_ids
+    options = EngineOptions(device_map="*=cpu,layers.*.mlp.experts=disk", kv_cache_memory="1MiB")
+    engine = Engine.from_pretrained(directory, **options.engine_kwargs())
+    assert engine.model.placement["layers.1.mlp.experts"] == "disk" and (directory / "offload").is_dir()
+    assert engine.generate([prompt], params)[0].token_ids == expected
+
+
+def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(model):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=1MiB", "--weights", "float32"])
+    assert result.exit_code == 0, result.output
+    device_map = result.output.splitlines()[-1].removeprefix("--device-map ")
+    config = seekstack.preset("tiny")
+    expected = plan_placement(config, {"cpu": 2**20}, bytes_per_param=4.0)
+    with torch.device("meta"):
+        names = list(units(seekstack.Transformer(config)))
+    assert parse_device_map(device_map, names) == expected.placement and "disk" in device_map
+    bad = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=lots"])
+    assert bad.exit_code == 1 and "size 'lots'" in bad.output
