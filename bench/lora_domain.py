@@ -24,11 +24,15 @@ from seekstack.train.config import resolve_train_config
 from seekstack.train.trainer import VAL_SPLIT, train
 
 # LoRA variants measured (lora.FIELD overrides); alpha = 2r throughout. Without the routed experts, whose E pairs of
-# factors per layer dominate the count, the trainable share falls below 2% of the base.
+# factors per layer dominate the count, the trainable share falls below 2% of the base. `vocab`: the token embedding
+# and the output head only, where a code -> prose shift mostly lands.
+VOCAB_ONLY = ["lora.attention=[]", "lora.feed_forward=[]", "lora.experts=[]", "lora.vocabulary=[embed_tokens,lm_head]"]
 LORA_VARIANTS = {
     "lora_r8": ["lora.rank=8", "lora.alpha=16"],
     "lora_r16": ["lora.rank=16", "lora.alpha=32"],
     "lora_r8_no_experts": ["lora.rank=8", "lora.alpha=16", "lora.experts=[]"],
+    "lora_r8_vocab": ["lora.rank=8", "lora.alpha=16", *VOCAB_ONLY],
+    "lora_r16_vocab": ["lora.rank=16", "lora.alpha=32", *VOCAB_ONLY],
 }
 
 
@@ -56,7 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lora-lr", type=float, default=3e-3)
+    parser.add_argument("--lora-lr", type=float, default=1e-2)
     parser.add_argument("--full-lr", type=float, default=1e-3)
     parser.add_argument("--eval-batches", type=int, default=0, help="validation batches measured; 0 = all")
     parser.add_argument("--variants", nargs="+", default=["base", *LORA_VARIANTS, "full"], help="what to measure")

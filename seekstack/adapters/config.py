@@ -11,8 +11,9 @@ experts because peft, under transformers 5, rewrites any *module* target named g
 adapter. peft's ParamWrapper refuses dropout, so `dropout` > 0 needs `feed_forward` and `experts` empty.
 Targets are listed by full name per main layer (`layers.3.self_attn.o_proj`): the MTP module stays untouched, and
 peft matches the names as suffixes, so the same adapter_config.json selects the same layers in `transformers`.
-The output head is not a target: the fused head + loss (model/head_loss.py) reads lm_head.weight outside the
-module's forward, where a ParamWrapper's update does not apply, so it would train nothing.
+The token embedding and the output head (`vocabulary`) are module targets (peft's lora.Embedding and lora.Linear).
+The fused head + loss (model/head_loss.py) reads lm_head.weight instead of calling the head, so the adapted head's
+`weight` is W + alpha/r B A (files.py, `FusedHeadLoRA`): the loss trains what the logits use.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CONFIG_FILE = "lora_config.json"  # the run's AdapterConfig, beside train_config
 ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 FEED_FORWARD = ("gate_proj", "up_proj", "down_proj")
 EXPERTS = ("gate_up_proj", "down_proj")
+VOCABULARY = ("embed_tokens", "lm_head")
 
 
 @dataclass
@@ -43,10 +45,13 @@ class AdapterConfig:
     attention: tuple[str, ...] = ATTENTION  # MLA projections to adapt (q_proj or q_a/q_b_proj, whichever exist)
     feed_forward: tuple[str, ...] = FEED_FORWARD  # projections of the dense FFNs and shared experts
     experts: tuple[str, ...] = EXPERTS  # stacked parameters of the routed experts
+    vocabulary: tuple[str, ...] = ()  # the token embedding and/or the output head
 
     def validate(self) -> AdapterConfig:
         config = recheck(self)
-        for name, known in (("attention", ATTENTION), ("feed_forward", FEED_FORWARD), ("experts", EXPERTS)):
+        for name, known in (
+            ("attention", ATTENTION), ("feed_forward", FEED_FORWARD), ("experts", EXPERTS), ("vocabulary", VOCABULARY)
+        ):  # fmt: skip
             unknown = sorted(set(getattr(config, name)) - set(known))
             require(not unknown, name, f"a subset of {', '.join(known)} (not {', '.join(unknown)})")
         require(
@@ -80,7 +85,7 @@ class AdapterConfig:
 
     def targets(self, model_config: ModelConfig) -> tuple[list[str], list[str]]:
         """(module names, parameter names) to adapt, in seekstack's names, which are suffixes of transformers'."""
-        modules, parameters = [], []
+        modules, parameters = list(self.vocabulary), []
         query = ("q_proj",) if model_config.q_lora_rank is None else ("q_a_proj", "q_b_proj")
         for layer in range(model_config.num_hidden_layers):
             prefix = f"layers.{layer}"

@@ -2,6 +2,7 @@
 
     ADAPTER/adapter_config.json        peft's LoraConfig (r, lora_alpha, target_modules, target_parameters, ...)
     ADAPTER/adapter_model.safetensors  base_model.model.{transformers module}.lora_{A,B}.weight
+                                       (an embedding's: base_model.model.model.embed_tokens.lora_embedding_{A,B})
 
 The tensor keys name transformers' modules (`model.layers.0.self_attn.q_a_proj`), translated from ours by the one key
 mapping of `seekstack.checkpoint` (`checkpoint_key`), so `peft.PeftModel.from_pretrained` loads the adapter on the
@@ -12,6 +13,7 @@ both sides, so that part of the key is kept as it is.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 from pathlib import Path
@@ -33,7 +35,34 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what peft puts before the base model's module names
-LORA_KEY = re.compile(r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_[AB]\.weight)")
+LORA_KEY = re.compile(r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_([AB]\.weight|embedding_[AB]))")
+
+
+@functools.cache
+def _fused_head_class() -> type:
+    """peft's lora.Linear whose `weight` is the adapted W + alpha/r B A, for the output head: the fused head + loss
+    (model/head_loss.py) reads the head's weight rather than calling it, and so trains and scores the adapted head."""
+    from peft.tuners.lora import Linear
+
+    class FusedHeadLoRA(Linear):
+        @property
+        def weight(self) -> torch.Tensor:
+            base = self.get_base_layer().weight
+            if self.merged or self.disable_adapters or not self.active_adapters:
+                return base
+            return base + sum(self.get_delta_weight(name) for name in self.active_adapters if name in self.lora_A)
+
+    return FusedHeadLoRA
+
+
+def _fuse_head(peft_model: PeftModel) -> PeftModel:
+    """Make an adapted output head of `peft_model` give its adapted weight to the fused loss (`_fused_head_class`)."""
+    from peft.tuners.lora import Linear
+
+    model = peft_model.get_base_model()
+    if isinstance(model.lm_head, Linear):
+        model.lm_head.__class__ = _fused_head_class()
+    return peft_model
 
 
 def apply_lora(model: Transformer, config: AdapterConfig, base_path: str | Path = "") -> PeftModel:
@@ -42,7 +71,7 @@ def apply_lora(model: Transformer, config: AdapterConfig, base_path: str | Path 
 
     peft_model = get_peft_model(model, config.validate().peft_config(model.config))
     peft_model.peft_config["default"].base_model_name_or_path = str(base_path) or None  # recorded in the adapter
-    return peft_model
+    return _fuse_head(peft_model)
 
 
 def save_adapter(model: PeftModel, folder: str | Path) -> None:
@@ -60,21 +89,24 @@ def save_adapter(model: PeftModel, folder: str | Path) -> None:
     model.peft_config["default"].save_pretrained(str(folder))
 
 
-def load_adapter(model: Transformer, folder: str | Path) -> PeftModel:
-    """`model` under peft with the adapter saved in `folder`; CheckpointError naming the file when it does not fit."""
+def load_adapter(model: Transformer, folder: str | Path, weightless: bool = False) -> PeftModel:
+    """`model` under peft with the adapter saved in `folder`; CheckpointError naming the file when it does not fit.
+    A `weightless` model (on the meta device) is given the adapter's own tensors."""
     from peft import LoraConfig, get_peft_model
 
     folder = Path(folder)
     for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder}: no {name}; an adapter folder holds {ADAPTER_CONFIG_FILE} and weights")
-    peft_model = get_peft_model(model, LoraConfig.from_pretrained(str(folder)))
-    restore_adapter(peft_model, folder)
-    return peft_model.eval()
+    peft_model = get_peft_model(model, LoraConfig.from_pretrained(str(folder)), low_cpu_mem_usage=weightless)
+    restore_adapter(peft_model, folder, weightless)
+    return _fuse_head(peft_model).eval()
 
 
-def restore_adapter(model: PeftModel, folder: str | Path) -> None:
-    """Read the LoRA weights saved in `folder` into `model`, which peft wrapped with the same targets."""
+def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = False) -> None:
+    """Read the LoRA weights saved in `folder` into `model`, which peft wrapped with the same targets (`weightless`:
+    on the meta device, where they are assigned rather than copied: peft's own assignment moves them to the meta
+    device of the base layers)."""
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
@@ -90,7 +122,8 @@ def restore_adapter(model: PeftModel, folder: str | Path) -> None:
                 f"{weights}: key {key!r} names no module of the base model: the adapter was trained on another base"
             )
         tensors[f"{PEFT_PREFIX}{ours[hf_module]}{lora}"] = tensor
-    expected = {key.replace(".default", ""): param for key, param in model.named_parameters() if ".lora_" in key}
+    full_names = {key.replace(".default", ""): key for key, _ in model.named_parameters() if ".lora_" in key}
+    expected = {key: model.get_parameter(name) for key, name in full_names.items()}
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise CheckpointError(
@@ -103,7 +136,10 @@ def restore_adapter(model: PeftModel, folder: str | Path) -> None:
                 f"{weights}: key {key!r} has shape {tuple(tensor.shape)}, the base model needs "
                 f"{tuple(expected[key].shape)}: the adapter was trained on another base"
             )
-    set_peft_model_state_dict(model, tensors)
+    if weightless:
+        model.load_state_dict({full_names[key]: tensor for key, tensor in tensors.items()}, strict=False, assign=True)
+    else:
+        set_peft_model_state_dict(model, tensors)
 
 
 def merged_model(model: Transformer, adapter: str | Path) -> Transformer:

@@ -1,58 +1,78 @@
 """Many LoRA adapters on one base model, mixed in one batch (as vLLM's multi-LoRA serving does).
 
-Every adapted layer keeps the base weight W and, stacked over slots, the factors of each loaded adapter: A (S, r, in)
-and B (S, out, r) with the scale alpha/r folded into B. Slot 0 is the base model (zeros); a smaller rank is
-zero-padded to the largest. Before each forward the engine says which slot each row of the batch uses
-(`AdapterRows.slots`, (B,)), and each adapted layer adds its row's own update, gathered per row:
+Each loaded adapter has a slot; slot 0 is the base model. An adapted linear layer keeps its base weight W and the
+factors of every slot side by side, A (S*r, in) and B (out, S*r) (stored transposed, as `down` and `up`, for plain
+matmuls), the scale alpha/r folded into B, zeros for the
+base, for free slots and for an adapter without that target (a smaller rank is zero-padded to the largest). Before
+each forward the engine says which slot each row uses (`AdapterRows.select`); from it the forward builds, once for
+all layers, a mask M (N, S*r) that is 1 on the r columns of each token's slot. Every row then gets its own adapter
+from two small matmuls over the whole batch, whatever the mix of adapters, with no per-row gathers or per-adapter
+loops (the low-rank product runs for all S slots: N*S*r*(in+out) multiply-adds next to W's N*in*out):
 
-    y_b = W x_b + B_{s_b} (A_{s_b} x_b)         (LoRA, Hu et al. 2021, eq. 3; one pair per row b)
+    y = W x + B ((A x) * M)         (LoRA, Hu et al. 2021, eq. 3, each token with its slot's pair)
 
-Routed experts add, per (token, expert) pair, the token's adapter's factors of that expert. The absorbed decode
-path of MLA folds kv_b_proj's weight into the query and output (DeepSeek-V2 §2.1.2), so an adapted kv_b_proj
-differs per row: attention runs once per adapter present in the batch, each time with W + B_s A_s.
-Shapes: B rows, T tokens per row, N = B*T tokens, E experts, S slots, r rank.
+Routed experts hold E*S pairs per weight, too many to run all; each (token, expert) pair gathers its own A and B
+instead (Punica's batched gather-matmul) and its update is added where `RoutedExperts.forward` applies that expert.
+MLA's absorbed decode folds kv_b_proj's weight into the query and the output (DeepSeek-V2 §2.1.2); an adapted
+kv_b_proj adds B_s A_s there, which `MultiLoRAAttention` runs as extra latent columns of the same attention call.
+Shapes: B rows, T tokens per row, N = B*T tokens, E experts, K experts per token, P = N*K pairs, S slots, r rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from seekstack.adapters.files import load_adapter
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import RoutedExperts, Routing
-from seekstack.model.transformer import Transformer
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A (..., r, in), B (..., out, r) with the scale folded into B
 
 
 @dataclass
 class AdapterRows:
-    """The slot of each row of the next forward, (B,) on the model's device; None runs the base alone."""
+    """The slot each row of the next forward uses, shared by every adapted layer; `slots` None: the base alone."""
 
-    slots: torch.Tensor | None = None
+    slot_count: int = 1  # S, slot 0 included
+    slots: torch.Tensor | None = None  # (B,)
+    _per_forward: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # masks of this forward
 
-    def per_token(self, tokens: int) -> torch.Tensor:
-        """The slot of each of N = B*T flattened tokens, row-major as the MoE flattens them."""
-        return self.slots.repeat_interleave(tokens // self.slots.shape[0])
+    def select(self, slots: list[int], device: torch.device) -> None:
+        """The rows' slots for the next forward (a batch of base rows only skips every adapter)."""
+        self.slots = torch.tensor(slots, device=device) if any(slots) else None
+        self._per_forward = {}
 
     @property
     def active(self) -> bool:
-        return self.slots is not None and bool(self.slots.any())
+        return self.slots is not None
+
+    def per_token(self, tokens: int) -> torch.Tensor:
+        """The slot of each of N = B*T flattened tokens, row-major as the layers flatten them."""
+        return self._once((tokens, 0), lambda: self.slots.repeat_interleave(tokens // self.slots.shape[0]))
+
+    def mask(self, tokens: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """M (N, S*rank): 1 on the `rank` columns of each token's slot, 0 elsewhere."""
+        one_hot = lambda: F.one_hot(self.per_token(tokens), self.slot_count).to(dtype)  # noqa: E731  (N, S)
+        return self._once((tokens, rank), lambda: one_hot().repeat_interleave(rank, dim=1))
+
+    def _once(self, key: tuple[int, int], make) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if key not in self._per_forward:
+            self._per_forward[key] = make()
+        return self._per_forward[key]
 
 
 def stack_factors(per_slot: list[Factors | None], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot-stacked A (S, ..., r, in) and B (S, ..., out, r), zero for slots without factors, ranks padded."""
+    """Slot-stacked A (S, ..., r, in) and B (S, ..., out, r) on `like`'s device and dtype, zero for slots without
+    factors, ranks zero-padded to the largest."""
     present = [f for f in per_slot if f is not None]
     rank = max(a.shape[-2] for a, _ in present)
     a_shape, b_shape = (*present[0][0].shape[:-2], rank, present[0][0].shape[-1]), (*present[0][1].shape[:-1], rank)
-    lora_a = like.new_zeros(len(per_slot), *a_shape)
-    lora_b = like.new_zeros(len(per_slot), *b_shape)
+    lora_a, lora_b = like.new_zeros(len(per_slot), *a_shape), like.new_zeros(len(per_slot), *b_shape)
     for slot, factors in enumerate(per_slot):
         if factors is not None:
             a, b = factors
@@ -62,80 +82,136 @@ def stack_factors(per_slot: list[Factors | None], like: torch.Tensor) -> tuple[t
 
 
 class MultiLoRALinear(nn.Module):
-    """An nn.Linear plus, per row, its slot's low-rank update."""
+    """An nn.Linear plus, per token, its slot's low-rank update."""
 
-    def __init__(self, base: nn.Linear, rows: AdapterRows, per_slot: list[Factors | None]):
+    def __init__(self, base: nn.Linear | nn.Embedding, rows: AdapterRows):
         super().__init__()
         self.base, self.rows = base, rows
-        lora_a, lora_b = stack_factors(per_slot, base.weight)
-        self.register_buffer("lora_A", lora_a)  # (S, r, in)
-        self.register_buffer("lora_B", lora_b)  # (S, out, r)
-        self.absorbing: int | None = None  # a slot whose whole weight `weight` returns (absorbed attention)
+        self.rank = 0
+        self.absorbed_weight: torch.Tensor | None = None  # what `weight` returns inside MultiLoRAAttention
+
+    def set_factors(self, per_slot: list[Factors | None]) -> None:
+        """Hold these factors, one entry per slot: A^T (in, S*r) and B^T (S*r, out), slot-major."""
+        lora_a, lora_b = stack_factors(per_slot, self.base.weight)  # (S, r, in), (S, out, r)
+        self.rank = lora_a.shape[1]
+        self.register_buffer("down", lora_a.flatten(0, 1).t().contiguous())
+        self.register_buffer("up", lora_b.permute(0, 2, 1).flatten(0, 1).contiguous())
 
     @property
     def weight(self) -> torch.Tensor:
-        """W, or W + B_s A_s while `absorbing` slot s."""
-        if self.absorbing is None:
-            return self.base.weight
-        return self.base.weight + self.lora_B[self.absorbing] @ self.lora_A[self.absorbing]
+        return self.base.weight if self.absorbed_weight is None else self.absorbed_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, in) or (N, in) -> W x + B_s (A_s x) per row."""
+        """x (..., in) -> W x + B ((A x) * M) (..., out)."""
         out = self.base(x)
         if not self.rows.active:
             return out
-        slots = self.rows.slots
-        rows = x.reshape(slots.shape[0], -1, x.shape[-1])  # (B, T, in)
-        low = torch.bmm(rows, self.lora_A[slots].transpose(1, 2))  # (B, T, r)
-        update = torch.bmm(low, self.lora_B[slots].transpose(1, 2))  # (B, T, out)
-        return out + update.reshape(out.shape)
+        x = x.reshape(-1, x.shape[-1])  # (N, in)
+        low = torch.mm(x, self.down).mul_(self.rows.mask(x.shape[0], self.rank, x.dtype))  # (N, S*r)
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.up).view(out.shape)
 
-    @contextmanager
-    def absorbed(self, slot: int) -> Iterator[None]:
-        self.absorbing = slot
-        try:
-            yield
-        finally:
-            self.absorbing = None
+
+class MultiLoRAEmbedding(MultiLoRALinear):
+    """An nn.Embedding plus, per token, its slot's low-rank update: A's column of the token id, times B."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) -> E[ids] + B (A[:, ids] * M) (..., D)."""
+        out = self.base(ids)
+        if not self.rows.active:
+            return out
+        low = F.embedding(ids.flatten(), self.down).mul_(self.rows.mask(ids.numel(), self.rank, out.dtype))
+        return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.up).view(out.shape)
 
 
 class MultiLoRAExperts(RoutedExperts):
-    """Routed experts whose every (token, expert) pair adds the token's slot's update of that expert."""
+    """Routed experts whose every (token, expert) pair adds the token's slot's update of that expert.
 
-    def __init__(self, base: RoutedExperts, rows: AdapterRows, per_slot: dict[str, list[Factors | None]]):
-        nn.Module.__init__(self)
-        self.gate_up_proj, self.down_proj = base.gate_up_proj, base.down_proj
-        self.rows = rows
-        for name, factors in per_slot.items():  # A (S, E, r, in), B (S, E, out, r)
-            lora_a, lora_b = stack_factors(factors, base.gate_up_proj)
-            self.register_buffer(f"{name}_A", lora_a)
-            self.register_buffer(f"{name}_B", lora_b)
-        self.chunk_slots: list[torch.Tensor] = []  # per expert, the slot of each of its tokens, in dispatch order
+    A RoutedExperts turns into one in place (`adapt`), so the expert weights stay where they are; the updates are
+    added to each grouped matmul of the dispatch (`grouped_linear`), for all pairs at once."""
+
+    rows: AdapterRows
+    pair: torch.Tensor | None  # (P,) e*S + s of each (token, expert) pair in dispatch order, during a forward
+
+    @classmethod
+    def adapt(cls, experts: RoutedExperts, rows: AdapterRows) -> MultiLoRAExperts:
+        experts.__class__ = cls
+        assert isinstance(experts, MultiLoRAExperts)
+        experts.rows, experts.pair = rows, None
+        return experts
+
+    def restore(self) -> RoutedExperts:
+        """Back to a plain RoutedExperts, without the adapters' buffers."""
+        self._drop_factors()
+        del self.rows, self.pair
+        self.__class__ = RoutedExperts
+        return self
+
+    def set_factors(self, per_param: dict[str, list[Factors | None]]) -> None:
+        """Hold these factors per stacked parameter name, one entry per slot: A (E*S, r, in), B (E*S, out, r)."""
+        self._drop_factors()
+        for name, per_slot in per_param.items():
+            lora_a, lora_b = stack_factors(per_slot, self.gate_up_proj)  # (S, E, r, in), (S, E, out, r)
+            self.register_buffer(f"{name}_A", lora_a.transpose(0, 1).flatten(0, 1))  # row e*S + s
+            self.register_buffer(f"{name}_B", lora_b.transpose(0, 1).flatten(0, 1))
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rows.active:
-            # The order `RoutedExperts.forward` hands each expert its tokens in: assignments sorted by expert.
-            flat_experts = routing.experts.flatten()
-            token_of = flat_experts.argsort(stable=True) // routing.experts.shape[1]
-            counts = torch.bincount(flat_experts, minlength=routing.scores.shape[1]).tolist()
-            self.chunk_slots = list(self.rows.per_token(x.shape[0])[token_of].split(counts))
+            # The order `RoutedExperts.forward` dispatches the pairs in: sorted by expert.
+            sorted_experts, order = routing.experts.flatten().sort(stable=True)  # (P,)
+            token_of = order // routing.experts.shape[1]
+            self.pair = sorted_experts * self.rows.slot_count + self.rows.per_token(x.shape[0])[token_of]
         try:
             return super().forward(x, routing)
         finally:
-            self.chunk_slots = []
+            self.pair = None
 
-    def expert_linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        out = super().expert_linear(x, name, expert)
-        if not self.chunk_slots or not hasattr(self, f"{name}_A"):
+    def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
+        """The base experts' x W_e^T plus, per pair p, B_p (A_p x_p) with its expert's and slot's factors (Punica's
+        batched gather-matmul): x (P, in) -> (P, out)."""
+        out = super().grouped_linear(x, name, load)
+        if self.pair is None or f"{name}_A" not in self._buffers:
             return out
-        slots = self.chunk_slots[expert]  # (n,) the slot of each of the expert's tokens
-        lora_a, lora_b = getattr(self, f"{name}_A")[slots, expert], getattr(self, f"{name}_B")[slots, expert]
-        low = torch.bmm(x.unsqueeze(1), lora_a.transpose(1, 2))  # (n, 1, r)
-        return out + torch.bmm(low, lora_b.transpose(1, 2)).squeeze(1)  # (n, out)
+        lora_a = self._buffers[f"{name}_A"].index_select(0, self.pair)  # (P, r, in)
+        lora_b = self._buffers[f"{name}_B"].index_select(0, self.pair)  # (P, out, r)
+        return out + torch.bmm(lora_b, torch.bmm(lora_a, x.unsqueeze(-1))).squeeze(-1)
+
+    def _drop_factors(self) -> None:
+        for name in [name for name in self._buffers if name.endswith(("_A", "_B"))]:
+            del self._buffers[name]
 
 
 class MultiLoRAAttention(MultiHeadLatentAttention):
-    """MLA whose absorbed decode runs once per slot in the batch, with that slot's adapted kv_b_proj weight."""
+    """MLA whose absorbed decode adds each row's kv_b_proj update as S*r extra latent columns of one attention call.
+
+    With kv_b_proj's update B_s A_s split per head into key rows B^K_s (N, r) and value rows B^V_s (V, r):
+        q^C = (W^UK + B^K_s A_s)^T q = [W^UK; A]^T [q; (B^K^T q) * M]
+        o   = (W^UV + B^V_s A_s) c   = W^UV c + B^V ((A c) * M)
+    so the query gains the columns (B^K^T q) * M and W^UK, W^UV gain the rows A = [A_1; ...; A_S] (`absorbed_weight`).
+    """
+
+    @classmethod
+    def adapt(cls, attention: MultiHeadLatentAttention) -> MultiLoRAAttention:
+        """Turn `attention`, whose kv_b_proj is a MultiLoRALinear, into one in place, with its factors' layout."""
+        attention.__class__ = cls
+        assert isinstance(attention, MultiLoRAAttention)
+        attention.set_factors()
+        return attention
+
+    def restore(self) -> MultiHeadLatentAttention:
+        del self._buffers["absorbed_weight"], self._buffers["key_up"], self._buffers["value_up"]
+        self.__class__ = MultiHeadLatentAttention
+        return self
+
+    def set_factors(self) -> None:
+        """Lay out kv_b_proj's current factors: the widened absorbed weight and B^K, B^V per head."""
+        kv_b = self.kv_b_proj
+        H, N, V, C = self.num_heads, self.nope_dim, self.v_dim, self.kv_rank
+        extra = kv_b.down.t().expand(H, -1, -1)  # (H, S*r, C): A, the same for every head
+        w_uk, w_uv = kv_b.base.weight.view(H, N + V, C).split([N, V], dim=1)
+        self.register_buffer("absorbed_weight", torch.cat((w_uk, extra, w_uv, extra), dim=1).flatten(0, 1))
+        key_up, value_up = kv_b.up.t().reshape(H, N + V, -1).split([N, V], dim=1)  # (H, N, S*r), (H, V, S*r)
+        self.register_buffer("key_up", key_up.contiguous())
+        self.register_buffer("value_up", value_up.contiguous())
 
     def attend_absorbed(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, cached: torch.Tensor, mask: torch.Tensor | None
@@ -144,83 +220,21 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         if not rows.active:
             return super().attend_absorbed(q_nope, q_rope, cached, mask)
         B, T, H, _ = q_nope.shape
-        out = q_nope.new_empty(B, T, H, self.v_dim)
-        for slot in rows.slots.unique().tolist():
-            picked = (rows.slots == slot).nonzero().squeeze(1)
-            with self.kv_b_proj.absorbed(slot):
-                out[picked] = super().attend_absorbed(
-                    q_nope[picked], q_rope[picked], cached[picked], None if mask is None else mask[picked]
-                )
-        return out
+        extra = self.key_up.shape[-1]  # S*r
+        slot_mask = rows.mask(B * T, self.kv_b_proj.rank, q_nope.dtype).view(B, T, 1, extra)
+        q_extra = torch.einsum("bthn,hnk->bthk", q_nope, self.key_up) * slot_mask  # (B, T, H, S*r)
+        with self.widened(extra):
+            out = super().attend_absorbed(torch.cat((q_nope, q_extra), dim=-1), q_rope, cached, mask)
+        out, out_extra = out.split([self.v_dim, extra], dim=-1)  # (B, T, H, V), (B, T, H, S*r): A c
+        return out + torch.einsum("bthk,hvk->bthv", out_extra * slot_mask, self.value_up)
 
-
-@dataclass
-class LoadedAdapters:
-    """The adapters attached to a model: their names by slot (slot 0, the base, has none) and the row selection."""
-
-    folders: dict[str, Path] = field(default_factory=dict)  # name -> adapter folder, in slot order
-    rows: AdapterRows = field(default_factory=AdapterRows)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.folders)
-
-    def slot(self, name: str | None) -> int:
-        """The slot of adapter `name` (None: the base); KeyError naming the loaded ones."""
-        if name is None:
-            return 0
-        if name not in self.names:
-            raise KeyError(f"no adapter {name!r}; loaded: {', '.join(self.names) or 'none'}")
-        return self.names.index(name) + 1
-
-    def select(self, slots: list[int], device: torch.device) -> None:
-        self.rows.slots = torch.tensor(slots, device=device) if any(slots) else None
-
-
-def attach_adapters(model: Transformer, adapters: Mapping[str, str | Path]) -> LoadedAdapters:
-    """Load each adapter folder (peft format) and make `model` serve all of them per row; the base weights stay."""
-    loaded = LoadedAdapters({name: Path(folder) for name, folder in adapters.items()})
-    if not adapters:
-        return loaded
-    per_target: dict[tuple[str, str], list[Factors | None]] = {}
-    for slot, folder in enumerate(adapters.values(), start=1):
-        peft_model = load_adapter(model, folder)
-        for target, factors in _lora_factors(peft_model).items():
-            per_target.setdefault(target, [None] * (len(adapters) + 1))[slot] = factors
-        peft_model.unload()  # the base modules back in place, unchanged
-    experts: dict[str, dict[str, list[Factors | None]]] = {}
-    for (module_name, param_name), per_slot in per_target.items():
-        module = model.get_submodule(module_name)
-        if isinstance(module, RoutedExperts):
-            experts.setdefault(module_name, {})[param_name] = per_slot
-        else:
-            model.set_submodule(module_name, MultiLoRALinear(module, loaded.rows, per_slot))
-    for module_name, per_param in experts.items():
-        model.set_submodule(module_name, MultiLoRAExperts(model.get_submodule(module_name), loaded.rows, per_param))
-    for module in model.modules():
-        if isinstance(module, MultiHeadLatentAttention) and isinstance(module.kv_b_proj, MultiLoRALinear):
-            module.__class__ = MultiLoRAAttention  # the same module, with the per-slot absorbed decode
-    return loaded
-
-
-def _lora_factors(peft_model: nn.Module) -> dict[tuple[str, str], Factors]:
-    """(module name, parameter name) -> (A, B * alpha/r) in seekstack's layout, for every layer peft adapted."""
-    from peft.tuners.lora import Linear, ParamWrapper
-
-    factors: dict[tuple[str, str], Factors] = {}
-    for name, module in peft_model.get_base_model().named_modules():
-        if not isinstance(module, (Linear, ParamWrapper)):
-            continue
-        lora_a, lora_b = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
-        scale = module.scaling["default"]
-        if isinstance(module, Linear):
-            factors[(name, "weight")] = (lora_a, lora_b * scale)
-            continue
-        target = name.replace(".base_layer", "")
-        experts = module.num_experts  # peft stores the E pairs side by side: A (E*r, in), B (out, r*E)
-        lora_a = lora_a.reshape(experts, -1, lora_a.shape[-1])  # (E, r, in)
-        lora_b = lora_b.reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)  # (E, out, r)
-        if module.get_param().dim() == 2:
-            lora_a, lora_b = lora_a[0], lora_b[0]
-        factors[(target, module.parameter_name)] = (lora_a.clone(), (lora_b * scale).clone())
-    return factors
+    @contextmanager
+    def widened(self, extra: int) -> Iterator[None]:
+        """N and V widened by `extra` and kv_b_proj's weight [W^UK; A; W^UV; A], for one absorbed call."""
+        self.nope_dim, self.v_dim = self.nope_dim + extra, self.v_dim + extra
+        self.kv_b_proj.absorbed_weight = self.absorbed_weight
+        try:
+            yield
+        finally:
+            self.nope_dim, self.v_dim = self.nope_dim - extra, self.v_dim - extra
+            self.kv_b_proj.absorbed_weight = None

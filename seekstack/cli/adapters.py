@@ -9,12 +9,18 @@ import typer
 
 from seekstack.cli.common import fail, user_errors
 
-lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on token shards, merge.")
+lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
 
 
 def train_command(
     base: Annotated[Path | None, typer.Argument(help="Base checkpoint folder (config.json, safetensors)")] = None,
-    data: Annotated[Path | None, typer.Argument(help="Token shards (from `data tokenize`), with a val split")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Token shards (from `data tokenize`); or text (a file, a folder of text files, .jsonl of "
+            '{"text"}, .parquet), tokenized into --out/data; or chat conversations (.jsonl of {"messages"})'
+        ),
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Argument(help="key=value: training keys (see `seekstack train --help`) and lora.rank/alpha/dropout/..."),

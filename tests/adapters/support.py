@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 import seekstack
-from seekstack.adapters.config import AdapterConfig
+from seekstack.adapters.config import VOCABULARY, AdapterConfig
 from seekstack.adapters.files import apply_lora, save_adapter
 from tests.infer.support import VOCAB as TOKENIZER_VOCAB
 from tests.infer.support import tiny_tokenizer
@@ -33,13 +33,14 @@ def write_base(folder: Path, seed: int = 0, with_tokenizer: bool = False) -> Pat
 
 
 def write_random_adapter(base: Path, folder: Path, seed: int, config: AdapterConfig | None = None) -> Path:
-    """An adapter on `base` whose A and B are random, so that it changes the logits (a fresh one has B = 0)."""
-    model = apply_lora(seekstack.load_pretrained(base), config or AdapterConfig(rank=4), base)
+    """An adapter on `base` whose A and B are random, so that it changes the logits (a fresh one has B = 0); by
+    default of rank 4 on every kind of target."""
+    model = apply_lora(seekstack.load_pretrained(base), config or AdapterConfig(rank=4, vocabulary=VOCABULARY), base)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     folder.mkdir(parents=True, exist_ok=True)
     save_adapter(model, folder)
     return folder

@@ -48,7 +48,8 @@ def test_adapter_is_written_in_peft_format_with_transformers_module_names(adapte
     assert "base_model.model.model.layers.0.self_attn.kv_b_proj.lora_B.weight" in keys
     assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in keys  # dense FFN
     assert "base_model.model.model.layers.1.mlp.shared_experts.down_proj.lora_B.weight" in keys
-    assert all(key.startswith("base_model.model.model.layers.") for key in keys)
+    assert {"base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.lm_head.lora_B.weight"} <= keys
+    assert all(key.startswith(("base_model.model.model.", "base_model.model.lm_head.")) for key in keys)
 
 
 def test_adapter_round_trip_gives_the_same_logits_and_differs_from_the_base(base, adapter):
@@ -72,6 +73,16 @@ def test_peft_loads_the_adapter_on_the_transformers_model_with_our_logits(base, 
     ours = logits_with_adapter(base, adapter, ids)
     assert (ours - theirs).abs().max() < PEFT_ATOL
     assert (plain - theirs).abs().max() > 100 * PEFT_ATOL  # peft applied the adapter on their side too
+
+
+def test_the_fused_head_and_loss_scores_the_adapted_head(base, adapter):
+    ids = prompt_ids(seed=2)
+    with torch.no_grad():
+        tuned = load_adapter(seekstack.load_pretrained(base), adapter)
+        fused = tuned(ids, labels=ids, keep_logits=False).lm_loss
+        logits = tuned(ids).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    assert (fused - expected).abs() < 1e-5
 
 
 def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):

@@ -8,7 +8,8 @@ import torch
 import seekstack
 from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.files import load_adapter
-from seekstack.adapters.multi import attach_adapters
+from seekstack.adapters.multi import MultiLoRAAttention, MultiLoRAExperts, MultiLoRALinear
+from seekstack.adapters.registry import attach_adapters
 from seekstack.infer import Engine, SamplingParams
 from tests.adapters.support import write_base, write_random_adapter
 
@@ -67,3 +68,17 @@ def test_an_unknown_adapter_name_is_refused_naming_the_loaded_ones(served):
     engine = Engine.from_pretrained(base, adapters=adapters)
     with pytest.raises(ValueError, match="no adapter 'legal'; loaded: full, attention"):
         engine.add_request([5, 6], SamplingParams(max_new_tokens=2), adapter="legal")
+
+
+def test_unloading_every_adapter_leaves_the_plain_base_model(served):
+    base, adapters = served
+    ids = torch.randint(2, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    loaded.remove("full")
+    loaded.remove("attention")
+    assert not any(isinstance(m, (MultiLoRALinear, MultiLoRAExperts, MultiLoRAAttention)) for m in model.modules())
+    plain = seekstack.load_pretrained(base).eval()
+    assert set(model.state_dict()) == set(plain.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)

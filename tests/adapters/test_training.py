@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ import seekstack
 from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter
 from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.schema import ConfigError
+from seekstack.tokens.shards import load_index
 from seekstack.train.state import TRAIN_STATE_FILE
 from tests.adapters.support import prompt_ids, write_base
 from tests.train.test_trainer import write_split
@@ -62,3 +64,23 @@ def test_lora_run_resumes_exactly(base, data_dir, tmp_path):
 def test_a_bias_update_is_refused_because_the_base_stays_frozen(base, data_dir, tmp_path):
     with pytest.raises(ConfigError, match="bias_update_rate"):
         lora_train_config(base, data_dir, tmp_path, ["bias_update_rate=0.001"])
+
+
+def test_text_and_chat_data_train_an_adapter(tmp_path):
+    base = write_base(tmp_path / "base", with_tokenizer=True)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for number in range(12):
+        (texts / f"doc{number}.txt").write_text(f"The licence number {number} grants the rights below. " * 20)
+    chats = tmp_path / "chats.jsonl"
+    turn = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    chats.write_text("\n".join(json.dumps({"messages": turn}) for _ in range(8)) + "\n")
+    run = ["seq_len=32", "batch_size=2", "max_steps=2", "eval_every=0", "lora.rank=2"]
+    from_text = train_adapter(*lora_train_config(base, texts, tmp_path / "prose", run))
+    train_index, val_index = (load_index(tmp_path / "prose" / "data", split) for split in ("train", "val"))
+    assert (train_index["documents"], val_index["documents"]) == (11, 1)  # 1 in 10 by hash: 1 of these 12
+    from_chat = train_adapter(*lora_train_config(base, chats, tmp_path / "chat", run))
+    metrics = [json.loads(line) for line in (tmp_path / "chat" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["assistant_tokens"] > 0  # SFT's batch source: the loss on the assistant's tokens
+    for result, out in ((from_text, "prose"), (from_chat, "chat")):
+        assert result.step == 2 and (tmp_path / out / ADAPTER_WEIGHTS_FILE).is_file()

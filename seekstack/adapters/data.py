@@ -1,0 +1,80 @@
+"""What `seekstack lora train` trains on, given as DATA.
+
+- token shards (a folder with train_index.json, from `seekstack data tokenize`): as they are;
+- text: a file, a folder of text files, a `.jsonl` of {"text": ...} or a `.parquet` (seekstack.corpus's sources):
+  tokenized with the base's tokenizer into shards in ADAPTER/data, one document in `VAL_EVERY` (chosen by the hash
+  of its text) held out as the validation split;
+- chat: a `.jsonl` of {"messages": [...]}: the conversations of chat SFT (seekstack.posttrain.sft's batch source),
+  the loss on the assistant's tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zlib
+from pathlib import Path
+
+from seekstack.atomic import write_atomic
+from seekstack.corpus.sources import open_source
+from seekstack.posttrain.config import SFTConfig
+from seekstack.posttrain.sft import SFTSource
+from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+from seekstack.tokens.shards import index_path, tokenize_corpus
+from seekstack.train.config import TrainConfig
+from seekstack.train.trainer import VAL_SPLIT
+
+TOKENS_DIR = "data"  # inside the adapter folder: the tokenized text
+TRAIN_SPLIT = "train"
+VAL_EVERY = 10
+
+
+def is_token_shards(path: Path) -> bool:
+    return index_path(path, TRAIN_SPLIT).is_file()
+
+
+def is_chat(path: Path) -> bool:
+    """Whether `path` is a JSONL file whose first record holds `messages`."""
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with open(path, encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "messages" in record
+
+
+def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
+    """The run's `data_dir`: token shards and chat files as they are, text tokenized into `out`/data with the base's
+    tokenizer (a missing file or folder is a DataSourceError naming it)."""
+    data, out = Path(data), Path(out)
+    if is_token_shards(data) or is_chat(data):
+        return data
+    tokens = out / TOKENS_DIR
+    corpus = tokens / "corpus.jsonl"
+    documents = [document.text for document in open_source(data) if document.text.strip()]
+    if not documents:
+        raise ValueError(f"{data}: no text to train on")
+    tokens.mkdir(parents=True, exist_ok=True)
+    write_atomic(corpus, "".join(json.dumps({"text": text}) + "\n" for text in documents))
+    tokenizer = Tokenizer.from_file(tokenizer_json_path(base))
+    held_out = [_held_out(text) for text in documents]
+    keep_all = all(held_out) or not any(held_out)  # too few documents to hold one out and train on the rest
+    tokenize_corpus(corpus, tokenizer, tokens, TRAIN_SPLIT, select=lambda text: keep_all or not _held_out(text))
+    if not keep_all:
+        tokenize_corpus(corpus, tokenizer, tokens, VAL_SPLIT, select=_held_out)
+    return tokens
+
+
+def chat_source(config: TrainConfig) -> SFTSource | None:
+    """SFT's batch source over the conversations in `config.data_dir` when it is a chat file, else None."""
+    if not is_chat(Path(config.data_dir)):
+        return None
+    loop = {field.name: getattr(config, field.name) for field in dataclasses.fields(TrainConfig)}
+    return SFTSource(SFTConfig(**loop, data=config.data_dir))
+
+
+def _held_out(text: str) -> bool:
+    return zlib.crc32(text.encode("utf-8")) % VAL_EVERY == 0

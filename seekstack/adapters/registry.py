@@ -1,0 +1,184 @@
+"""The LoRA adapters a served model holds, by name and slot, loaded and unloaded while it serves.
+
+An adapter's factors are read through peft onto a weightless (meta device) copy of the model, so reading never
+touches the model that serves. Adding or removing an adapter then re-lays the factors of all loaded adapters into
+the adapted layers (seekstack.adapters.multi). A slot stays with its adapter while it is loaded (requests hold slot
+numbers); a removed adapter's slot is reused by the next one loaded, so what the prefix cache keeps is keyed by
+`cache_salt`, which names the load, not the slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from seekstack.adapters.files import load_adapter
+from seekstack.adapters.multi import (
+    AdapterRows,
+    Factors,
+    MultiLoRAAttention,
+    MultiLoRAEmbedding,
+    MultiLoRAExperts,
+    MultiLoRALinear,
+)
+from seekstack.config import ModelConfig
+from seekstack.model.attention import MultiHeadLatentAttention
+from seekstack.model.moe import RoutedExperts
+from seekstack.model.transformer import Transformer
+
+Target = tuple[str, str]  # (module name, parameter name), in seekstack's names
+NAME = re.compile(r"[\w.:@/+-]+")  # what an adapter may be called (it becomes a model id)
+
+
+class UnknownAdapter(ValueError):
+    """A request or an unload names an adapter that is not loaded."""
+
+
+class AdapterConflict(ValueError):
+    """A load under a name in use, or an unload of an adapter that unfinished requests still use."""
+
+
+def read_factors(config: ModelConfig, folder: str | Path) -> dict[Target, Factors]:
+    """The factors of the adapter saved in `folder` for a model with `config`: (A, B * alpha/r) per adapted weight;
+    CheckpointError naming the file when the adapter does not fit the model."""
+    with torch.device("meta"):
+        skeleton = Transformer(config)
+    return _lora_factors(load_adapter(skeleton, folder, weightless=True))
+
+
+@dataclass
+class LoadedAdapters:
+    """The adapters attached to a model: their folders and slots by name (slot 0, the base, has none), and the row
+    selection its adapted layers read."""
+
+    model: Transformer
+    rows: AdapterRows = field(default_factory=AdapterRows)
+    folders: dict[str, Path] = field(default_factory=dict)  # replaced, never changed: other threads read it
+    slots: dict[str, int] = field(default_factory=dict)
+    factors: dict[str, dict[Target, Factors]] = field(default_factory=dict)
+    salts: dict[int, str] = field(default_factory=lambda: {0: ""})  # per slot, what its cached values depend on
+    _loads: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.folders)
+
+    def slot(self, name: str | None) -> int:
+        """The slot of adapter `name` (None: the base); UnknownAdapter naming the loaded ones."""
+        if name is None:
+            return 0
+        if name not in self.slots:
+            raise UnknownAdapter(f"no adapter {name!r}; loaded: {', '.join(self.names) or 'none'}")
+        return self.slots[name]
+
+    def cache_salt(self, slot: int) -> str:
+        """What the cached keys and values of a request on `slot` depend on besides its tokens: the adapter's load."""
+        return self.salts[slot]
+
+    def select(self, slots: list[int], device: torch.device) -> None:
+        self.rows.select(slots, device)
+
+    def add(self, name: str, folder: str | Path, factors: dict[Target, Factors]) -> None:
+        """Serve `factors` (from `read_factors(folder)`) as adapter `name` in the lowest free slot."""
+        if not NAME.fullmatch(name):
+            raise ValueError(f"adapter name {name!r}: use letters, digits and . _ - : @ / + only")
+        if name in self.slots:
+            raise AdapterConflict(f"an adapter named {name!r} is already loaded (from {self.folders[name]})")
+        taken = set(self.slots.values())
+        self.slots[name] = next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
+        self.salts[self.slots[name]] = f"{name}#{next(self._loads)}"
+        self.factors[name] = factors
+        self.folders = {**self.folders, name: Path(folder)}
+        self._restack()
+
+    def remove(self, name: str, requests_in_flight: int = 0) -> None:
+        """Stop serving adapter `name`; AdapterConflict while `requests_in_flight` (unfinished ones using it) > 0."""
+        self.slot(name)
+        if requests_in_flight:
+            raise AdapterConflict(
+                f"adapter {name!r} serves {requests_in_flight} unfinished request(s); unload it once they are done"
+            )
+        del self.salts[self.slots[name]], self.slots[name], self.factors[name]
+        self.folders = {key: value for key, value in self.folders.items() if key != name}
+        self._restack()
+
+    def _restack(self) -> None:
+        """Give every adapted layer the factors of all loaded adapters; a layer none of them adapts is plain again."""
+        slot_count = max(self.slots.values(), default=0) + 1
+        per_target: dict[Target, list[Factors | None]] = {}
+        for name, slot in self.slots.items():
+            for target, factors in self.factors[name].items():
+                per_target.setdefault(target, [None] * slot_count)[slot] = factors
+        self.rows.slot_count = slot_count
+        linears: dict[str, list[Factors | None]] = {}
+        experts: dict[str, dict[str, list[Factors | None]]] = {}
+        for (module_name, param_name), per_slot in per_target.items():
+            if isinstance(self.model.get_submodule(module_name), RoutedExperts):
+                experts.setdefault(module_name, {})[param_name] = per_slot
+            else:
+                linears[module_name] = per_slot
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, MultiLoRALinear) and name not in linears:
+                self.model.set_submodule(name, module.base)
+            elif isinstance(module, MultiLoRAExperts) and name not in experts:
+                module.restore()
+        for name, per_slot in linears.items():
+            module = self.model.get_submodule(name)
+            if not isinstance(module, MultiLoRALinear):
+                wrapper = MultiLoRAEmbedding if isinstance(module, nn.Embedding) else MultiLoRALinear
+                module = wrapper(module, self.rows)
+                self.model.set_submodule(name, module)
+            module.set_factors(per_slot)
+        for name, per_param in experts.items():
+            module = self.model.get_submodule(name)
+            if not isinstance(module, MultiLoRAExperts):
+                module = MultiLoRAExperts.adapt(module, self.rows)
+            module.set_factors(per_param)
+        for module in self.model.modules():
+            if not isinstance(module, MultiHeadLatentAttention):
+                continue
+            if isinstance(module.kv_b_proj, MultiLoRALinear):
+                MultiLoRAAttention.adapt(module)
+            elif isinstance(module, MultiLoRAAttention):
+                module.restore()
+
+
+def attach_adapters(model: Transformer, adapters: Mapping[str, str | Path]) -> LoadedAdapters:
+    """Make `model` serve each adapter folder (peft format) by name, per row; the base weights stay as they are."""
+    loaded = LoadedAdapters(model)
+    for name, folder in adapters.items():
+        loaded.add(name, folder, read_factors(model.config, folder))
+    return loaded
+
+
+def _lora_factors(peft_model: nn.Module) -> dict[Target, Factors]:
+    """(module name, parameter name) -> (A, B * alpha/r) in seekstack's layout, for every layer peft adapted."""
+    from peft.tuners.lora import Embedding, Linear, ParamWrapper
+
+    factors: dict[Target, Factors] = {}
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, Embedding):  # A (r, vocab), B (D, r), as a linear layer's over one-hot inputs
+            lora_a, lora_b = module.lora_embedding_A["default"].detach(), module.lora_embedding_B["default"].detach()
+            factors[(name, "weight")] = (lora_a, lora_b * module.scaling["default"])
+            continue
+        if not isinstance(module, (Linear, ParamWrapper)):
+            continue
+        lora_a, lora_b = module.lora_A["default"].weight.detach(), module.lora_B["default"].weight.detach()
+        scale = module.scaling["default"]
+        if isinstance(module, Linear):
+            factors[(name, "weight")] = (lora_a, lora_b * scale)
+            continue
+        target = name.replace(".base_layer", "")
+        experts = module.num_experts  # peft stores the E pairs side by side: A (E*r, in), B (out, r*E)
+        lora_a = lora_a.reshape(experts, -1, lora_a.shape[-1])  # (E, r, in)
+        lora_b = lora_b.reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)  # (E, out, r)
+        if module.get_param().dim() == 2:
+            lora_a, lora_b = lora_a[0], lora_b[0]
+        factors[(target, module.parameter_name)] = (lora_a.clone(), (lora_b * scale).clone())
+    return factors

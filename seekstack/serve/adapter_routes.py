@@ -1,0 +1,85 @@
+"""Loading and unloading LoRA adapters while the server runs, with vLLM's routes and fields (admin keys only).
+
+    POST /v1/load_lora_adapter    {"lora_name": NAME, "lora_path": DIR}  -> the adapter's model card
+    POST /v1/unload_lora_adapter  {"lora_name": NAME}  -> {"id": NAME, "object": "model", "deleted": true}
+
+A loaded adapter is a model of /v1/models at once, and requests may name it from the next engine step on. Unloading
+an adapter that unfinished requests still use is refused (409 `adapter_in_use`): nothing is cut short, and the
+caller unloads it once they are done. A server without API keys answers them as it answers the rest: to loopback
+JSON requests only (serve/access.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from seekstack.adapters.registry import AdapterConflict, UnknownAdapter
+from seekstack.checkpoint import CheckpointError
+from seekstack.serve.access import read_body
+from seekstack.serve.errors import APIError, invalid_body
+from seekstack.serve.openapi import error_responses
+from seekstack.serve.schemas import ModelCard
+
+if TYPE_CHECKING:
+    from seekstack.serve.app import Server
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str  # the model id requests will use
+    lora_path: str  # the adapter folder (adapter_config.json, adapter_model.safetensors), on the server's disk
+
+
+class UnloadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str
+
+
+def add_adapter_routes(app: FastAPI, server: Server) -> None:
+    """The two admin routes that change which adapters `server` serves."""
+
+    @app.post("/v1/load_lora_adapter", response_model=ModelCard, responses=error_responses(400, 401, 403, 409, 413))
+    async def load_lora_adapter(request: Request) -> JSONResponse:
+        """Serve the LoRA adapter in `lora_path` as model `lora_name` (admin keys only)."""
+        await asyncio.to_thread(server.authenticate, request, True)
+        body = await _parse(request, LoadAdapterRequest, server.max_body_bytes)
+        if body.lora_name == server.model_name:
+            raise APIError(409, f"{body.lora_name!r} is the base model's name; give the adapter another one",
+                           param="lora_name", code="adapter_exists")  # fmt: skip
+        try:
+            await asyncio.to_thread(server.engine.load_adapter, body.lora_name, body.lora_path)
+        except AdapterConflict as error:
+            raise APIError(409, str(error), param="lora_name", code="adapter_exists") from None
+        except CheckpointError as error:
+            raise APIError(400, str(error), param="lora_path", code="invalid_adapter") from None
+        except ValueError as error:
+            raise APIError(400, str(error), param="lora_name") from None
+        [card] = [card for card in server.models().data if card.id == body.lora_name]
+        return JSONResponse(card.model_dump())
+
+    @app.post("/v1/unload_lora_adapter", responses=error_responses(400, 401, 403, 404, 409, 413))
+    async def unload_lora_adapter(request: Request) -> JSONResponse:
+        """Stop serving adapter `lora_name`; refused while unfinished requests use it (admin keys only)."""
+        await asyncio.to_thread(server.authenticate, request, True)
+        body = await _parse(request, UnloadAdapterRequest, server.max_body_bytes)
+        try:
+            await asyncio.to_thread(server.engine.unload_adapter, body.lora_name)
+        except UnknownAdapter as error:
+            raise APIError(404, str(error), param="lora_name", code="model_not_found") from None
+        except AdapterConflict as error:
+            raise APIError(409, str(error), param="lora_name", code="adapter_in_use") from None
+        return JSONResponse({"id": body.lora_name, "object": "model", "deleted": True})
+
+
+async def _parse(request: Request, schema: type[Body], max_body_bytes: int) -> Body:
+    try:
+        return schema.model_validate_json(await read_body(request, max_body_bytes))
+    except ValidationError as error:
+        raise invalid_body(error) from None

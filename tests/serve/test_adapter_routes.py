@@ -1,0 +1,107 @@
+"""Loading and unloading LoRA adapters at run time: admin keys only, /v1/models follows, answers as a startup load."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from seekstack.serve.database import open_database
+from seekstack.serve.keys import KeyStore
+from tests.adapters.support import write_random_adapter
+from tests.serve.server import make_model_dir, running_server
+
+MODEL = "model"
+GREEDY_BODY = dict(temperature=0, extra_body={"ignore_eos": True})
+GREEDY = dict(max_tokens=8, **GREEDY_BODY)
+PROMPT = "The quick brown"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A server started with adapters `legal` and `poem`, an admin key and a plain key."""
+    root = tmp_path_factory.mktemp("adapter_routes")
+    model_dir = make_model_dir(root)
+    adapters = {name: write_random_adapter(model_dir, root / name, seed) for name, seed in (("legal", 1), ("poem", 2))}
+    database = root / "serve.db"
+    keys = KeyStore(open_database(database))
+    admin, user = keys.create("admin", admin=True), keys.create("user")
+    flags = [flag for name, folder in adapters.items() for flag in ("--adapter", f"{name}={folder}")]
+    with running_server(model_dir, database, *flags, timeout_s=300) as server:  # a busy machine starts it slowly
+        api = openai.OpenAI(base_url=f"{server.url}/v1", api_key=user, max_retries=0, timeout=120)
+        yield server.url, api, admin, user, adapters
+
+
+def post(url: str, key: str, route: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/{route}", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def load(url: str, key: str, name: str, folder) -> int:
+    return post(url, key, "load_lora_adapter", lora_name=name, lora_path=str(folder)).status_code
+
+
+def complete(api: openai.OpenAI, model: str) -> str:
+    return api.completions.create(model=model, prompt=PROMPT, **GREEDY).choices[0].text
+
+
+def test_an_adapter_loaded_at_run_time_answers_as_one_loaded_at_startup_and_unloads(served):
+    url, api, admin, _, adapters = served
+    loaded = post(url, admin, "load_lora_adapter", lora_name="poem-2", lora_path=str(adapters["poem"]))
+    assert loaded.status_code == 200, loaded.text
+    assert (loaded.json()["id"], loaded.json()["parent"]) == ("poem-2", MODEL)
+    assert [card.id for card in api.models.list().data] == [MODEL, "legal", "poem", "poem-2"]
+    assert complete(api, "poem-2") == complete(api, "poem") != complete(api, MODEL)
+    unloaded = post(url, admin, "unload_lora_adapter", lora_name="poem-2")
+    assert unloaded.json() == {"id": "poem-2", "object": "model", "deleted": True}
+    assert [card.id for card in api.models.list().data] == [MODEL, "legal", "poem"]
+    with pytest.raises(openai.NotFoundError):
+        complete(api, "poem-2")
+
+
+def test_a_reused_slot_does_not_answer_from_the_previous_adapters_cached_prompt(served):
+    url, api, admin, _, adapters = served
+    assert load(url, admin, "first", adapters["poem"]) == 200
+    complete(api, "first")  # its prompt's keys and values, computed with poem's weights, go to the prefix cache
+    assert post(url, admin, "unload_lora_adapter", lora_name="first").status_code == 200
+    assert load(url, admin, "second", adapters["legal"]) == 200
+    assert complete(api, "second") == complete(api, "legal")
+    assert post(url, admin, "unload_lora_adapter", lora_name="second").status_code == 200
+
+
+def test_unloading_an_adapter_in_use_is_refused_until_its_requests_end(served):
+    url, api, admin, _, adapters = served
+    assert load(url, admin, "busy", adapters["legal"]) == 200
+    stream = api.completions.create(model="busy", prompt=PROMPT, max_tokens=200, stream=True, **GREEDY_BODY)
+    next(iter(stream))  # the request runs
+    refused = post(url, admin, "unload_lora_adapter", lora_name="busy")
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "adapter_in_use")
+    assert "serves 1 unfinished request" in refused.json()["error"]["message"]
+    stream.close()  # the server aborts the request
+    for _ in range(50):
+        if post(url, admin, "unload_lora_adapter", lora_name="busy").status_code == 200:
+            break
+        time.sleep(0.1)
+    assert "busy" not in [card.id for card in api.models.list().data]
+
+
+def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_without_an_adapter(served, tmp_path):
+    url, _, admin, user, adapters = served
+
+    def error(response: httpx.Response) -> tuple[int, str]:
+        return response.status_code, response.json()["error"]["code"]
+
+    assert error(post(url, user, "load_lora_adapter", lora_name="x", lora_path=str(adapters["poem"]))) == (
+        403, "admin_required",
+    )  # fmt: skip
+    assert error(post(url, admin, "unload_lora_adapter", lora_name="medical")) == (404, "model_not_found")
+    assert error(post(url, admin, "load_lora_adapter", lora_name="legal", lora_path=str(adapters["poem"]))) == (
+        409, "adapter_exists",
+    )  # fmt: skip
+    assert error(post(url, admin, "load_lora_adapter", lora_name=MODEL, lora_path=str(adapters["poem"]))) == (
+        409, "adapter_exists",
+    )  # fmt: skip
+    empty = post(url, admin, "load_lora_adapter", lora_name="empty", lora_path=str(tmp_path))
+    assert error(empty) == (400, "invalid_adapter") and "adapter_config.json" in empty.json()["error"]["message"]
+    assert error(post(url, admin, "load_lora_adapter", lora_name="x")) == (400, "invalid_value")  # no lora_path
