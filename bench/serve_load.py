@@ -13,8 +13,14 @@ p50/p95 time to first token, p50/p95 inter-token latency (client-side gaps betwe
 among the tokens a chunk carries). Ratio = tokens/s at N / tokens/s at 1: well above 1 means
 concurrent requests share decode steps (continuous batching). Clients and server share the machine.
 
+The row "engine" is the API's overhead reference: the same requests, one after the other, through
+`Engine.stream` in this process with the server idle (same weights, sampling and torch threads), timed
+the same way; "1 client / engine" is then the share of the engine's own speed that one streaming API
+client gets.
+
     python bench/serve_load.py                               # default: 3 rounds, 64 tokens, 2 requests per client
     python bench/serve_load.py --rounds 1 --tokens 32        # quick check
+    python bench/serve_load.py --clients 1 --threads 1 --tokens 128 --rounds 5   # API overhead at one client
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import httpx
 import torch
 
 import seekstack
+from seekstack.infer import Engine, SamplingParams
 from seekstack.tokenizer import train_tokenizer
 
 SEEKSTACK = str(Path(sys.executable).parent / "seekstack")
@@ -48,12 +55,23 @@ class LevelRun:
     clients: int
     tokens: int = 0
     seconds: float = 0.0
+    cpu_s: float = 0.0  # CPU seconds of the process that generated (the server, or this one for the engine alone)
     ttft_s: list[float] = field(default_factory=list)
     itl_s: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        return self.cpu_s * 1000 / self.tokens
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_model(directory: Path) -> Path:
@@ -73,9 +91,12 @@ def make_model(directory: Path) -> Path:
     return model_dir
 
 
-def start_server(model_dir: Path, database: Path, port: int, max_batch_size: int) -> subprocess.Popen:
+def start_server(
+    model_dir: Path, database: Path, port: int, max_batch_size: int, threads: int | None
+) -> subprocess.Popen:
     command = [SEEKSTACK, "serve", "--model", str(model_dir), "--port", str(port), "--db", str(database)]
-    process = subprocess.Popen([*command, "--max-batch-size", str(max_batch_size)], stdout=subprocess.DEVNULL)
+    command += ["--max-batch-size", str(max_batch_size)] + (["--threads", str(threads)] if threads else [])
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -113,23 +134,49 @@ async def stream_one(http: httpx.AsyncClient, url: str, body: dict, run: LevelRu
             run.tokens += carried
 
 
-async def run_level(base_url: str, model: str, clients: int, requests: int, tokens: int) -> LevelRun:
+def request_body(model: str, client: int, request: int, tokens: int) -> dict:
+    """Client `client`'s `request`-th completion: a prompt of its own, `tokens` tokens sampled at temperature 1."""
+    return {
+        "model": model, "prompt": f"# client {client}, request {request}\ndef ", "max_tokens": tokens,
+        "stream": True, "ignore_eos": True, "logprobs": 0, "temperature": 1.0, "seed": client,
+    }  # fmt: skip
+
+
+def run_engine_alone(engine: Engine, requests: int, tokens: int) -> LevelRun:
+    """The requests of one client, through `Engine.stream` in this process, timed as a client times them."""
+    run = LevelRun(clients=0)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for request in range(requests):
+        body = request_body("", 0, request, tokens)
+        params = SamplingParams(max_new_tokens=tokens, temperature=1.0, seed=0, ignore_eos=True, logprobs=True)
+        sent, last = time.perf_counter(), None
+        for output in engine.stream(engine.tokenizer.encode(body["prompt"]), params):
+            now = time.perf_counter()
+            if last is None:
+                run.ttft_s.append(now - sent)
+            else:
+                run.itl_s += [(now - last) / len(output.token_ids)] * len(output.token_ids)
+            last = now
+            run.tokens += len(output.token_ids)
+    run.seconds, run.cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    return run
+
+
+async def run_level(base_url: str, model: str, clients: int, requests: int, tokens: int, server_pid: int) -> LevelRun:
     run = LevelRun(clients)
+    cpu_started = process_cpu_s(server_pid)
     url = f"{base_url}/v1/completions"
 
     async def client(index: int, http: httpx.AsyncClient) -> None:
         for request in range(requests):
-            body = {
-                "model": model, "prompt": f"# client {index}, request {request}\ndef ", "max_tokens": tokens,
-                "stream": True, "ignore_eos": True, "logprobs": 0, "temperature": 1.0, "seed": index,
-            }  # fmt: skip
-            await stream_one(http, url, body, run)
+            await stream_one(http, url, request_body(model, index, request, tokens), run)
 
     limits = httpx.Limits(max_connections=clients + 1)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         started = time.perf_counter()
         await asyncio.gather(*(client(index, http) for index in range(clients)))
         run.seconds = time.perf_counter() - started
+    run.cpu_s = process_cpu_s(server_pid) - cpu_started
     expected = clients * requests * tokens
     if run.tokens != expected:
         raise RuntimeError(f"{clients} clients received {run.tokens} tokens, expected {expected}")
@@ -148,19 +195,26 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per completion")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--threads", type=int, help="torch threads of the server and of the engine alone")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = args.model or make_model(Path(scratch))
-        server = start_server(model_dir, Path(scratch) / "bench.db", args.port, max(args.clients))
+        engine = Engine.from_pretrained(model_dir, max_batch_size=1)
+        server = start_server(model_dir, Path(scratch) / "bench.db", args.port, max(args.clients), args.threads)
         base_url = f"http://127.0.0.1:{args.port}"
         try:
             model = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
-            asyncio.run(run_level(base_url, model, 2, 1, 8))  # warm-up: first-call costs stay out of the figures
-            runs: dict[int, list[LevelRun]] = {n: [] for n in args.clients}
+            asyncio.run(run_level(base_url, model, 2, 1, 8, server.pid))  # warm-up: first calls stay out of the figures
+            run_engine_alone(engine, 1, 8)
+            runs: dict[int, list[LevelRun]] = {0: [], **{n: [] for n in args.clients}}
             for _ in range(args.rounds):
+                runs[0].append(run_engine_alone(engine, args.requests, args.tokens))
                 for clients in args.clients:
-                    runs[clients].append(asyncio.run(run_level(base_url, model, clients, args.requests, args.tokens)))
+                    level = run_level(base_url, model, clients, args.requests, args.tokens, server.pid)
+                    runs[clients].append(asyncio.run(level))
         finally:
             server.kill()
             server.wait()
@@ -169,14 +223,26 @@ def main() -> None:
         f"model {model_dir.name}: {args.requests} x {args.tokens}-token streamed completions per client, "
         f"median of {args.rounds} interleaved rounds; server and clients on {os.cpu_count()} CPUs"
     )
-    header = f"{'clients':>7} {'tok/s':>9} {'ratio':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>9} {'ITL p95':>9}"
+    header = (
+        f"{'clients':>7} {'tok/s':>9} {'ratio':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>9} {'ITL p95':>9} "
+        f"{'CPU/token':>9}"
+    )
     print(header)
     base = statistics.median(r.tokens_per_s for r in runs[args.clients[0]])
     for clients, level in runs.items():
         throughput = statistics.median(r.tokens_per_s for r in level)
         ms = [statistics.median(percentile(getattr(r, k), q) for r in level) * 1000
               for k, q in (("ttft_s", 50), ("ttft_s", 95), ("itl_s", 50), ("itl_s", 95))]  # fmt: skip
-        print(f"{clients:>7} {throughput:>9.1f} {throughput / base:>5.2f}x " + " ".join(f"{v:>7.1f}ms" for v in ms))
+        ms.append(statistics.median(r.cpu_ms_per_token for r in level))
+        label = clients or "engine"
+        print(f"{label:>7} {throughput:>9.1f} {throughput / base:>5.2f}x " + " ".join(f"{v:>7.2f}ms" for v in ms))
+    if 1 in runs:
+        shares = [api.tokens_per_s / alone.tokens_per_s for api, alone in zip(runs[1], runs[0], strict=True)]
+        cpu = [alone.cpu_ms_per_token / api.cpu_ms_per_token for api, alone in zip(runs[1], runs[0], strict=True)]
+        print(
+            f"1 client / engine alone: {statistics.median(shares):.0%} of its tokens/s, "
+            f"{statistics.median(cpu):.0%} of its tokens per CPU second (medians of the rounds' ratios)"
+        )
 
 
 if __name__ == "__main__":

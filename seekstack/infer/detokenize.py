@@ -16,6 +16,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = False):
         self.tokenizer, self.stop = tokenizer, stop
+        self.longest_stop = max((len(text) for text in stop), default=0)
         special = tokenizer.special_tokens if skip_special_tokens else ()
         self.skipped_ids = {tokenizer.backend.token_to_id(token) for token in special}
         self.ids: list[int] = []
@@ -45,18 +46,25 @@ class TextStream:
         return out
 
     def _release(self) -> tuple[str, bool]:
-        # Released text never ends with the start of a stop string, so a stop string can only begin after it.
+        # Released text never ends with the start of a stop string, so a stop string can only begin after it: each
+        # token costs a search of the unreleased tail (at most the longest stop string plus the new text), not of all.
+        if not self.stop:
+            out, self.released = self.text[self.released :], len(self.text)
+            return out, False
         found = [index for stop in self.stop if (index := self.text.find(stop, self.released)) >= 0]
         end = min(found) if found else len(self.text) - self._held_back()
         out, self.released = self.text[self.released : end], end
         return out, bool(found)
 
     def _held_back(self) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+        """Length of the longest tail of the unreleased text that is a proper prefix of a stop string."""
+        tail = self.text[max(self.released, len(self.text) - self.longest_stop + 1) :]
         longest = 0
         for stop in self.stop:
-            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:size]):
-                    longest = size
+            start = tail.find(stop[0])
+            while 0 <= start < len(tail) - longest:  # candidates begin where the stop string's first character is
+                if stop.startswith(tail[start:]):
+                    longest = len(tail) - start
                     break
+                start = tail.find(stop[0], start + 1)
         return longest

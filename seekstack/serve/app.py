@@ -9,31 +9,47 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from seekstack.infer.engine import Engine
-from seekstack.serve.bridge import AsyncEngine, EngineFailure, RequestGroup
+from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_request, read_body
+from seekstack.serve.adapter_routes import add_adapter_routes
+from seekstack.serve.billing import Bill
+from seekstack.serve.bridge import AsyncEngine, RequestGroup
 from seekstack.serve.database import Database
-from seekstack.serve.errors import APIError, invalid_body
+from seekstack.serve.errors import APIError, internal_error, invalid_body
 from seekstack.serve.keys import ApiKey, KeyStore
-from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
+from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.serve.metrics import ServerMetrics
-from seekstack.serve.protocol import chat_logprobs, completion_logprobs, prompt_ids, sampling_params
-from seekstack.serve.ratelimit import Charge, RateLimited, RateLimiter
+from seekstack.serve.moderation import Category, ModeratedStream, Policy
+from seekstack.serve.openapi import describe, error_responses, generation_responses, json_request
+from seekstack.serve.protocol import (
+    candidates,
+    chat_logprobs,
+    completion_logprobs,
+    completion_prompts,
+    longest_token_chars,
+    prompt_ids,
+    refuse_overlong_text,
+    refuse_unsupported,
+    sampling_params,
+)
+from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
+from seekstack.serve.safety import ContentSafety
 from seekstack.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -45,9 +61,12 @@ from seekstack.serve.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    Health,
     ModelCard,
     ModelList,
-    Usage,
+    ModerationRequest,
+    ModerationResponse,
+    UsageReport,
 )
 
 log = logging.getLogger("seekstack.serve")
@@ -88,59 +107,25 @@ def sse(payload: BaseModel | dict) -> str:
     return f"data: {data}\n\n"
 
 
-@dataclass
-class Bill:
-    """One request's usage as it becomes known, written to the ledger exactly once."""
-
-    ledger: Ledger
-    key: ApiKey | None
-    model: str
-    endpoint: str
-    started: float
-    prompt_tokens: int = 0  # set once the engine has taken the request: refused requests cost nothing
-    completion_tokens: int = 0
-    recorded: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record(self, status: int) -> None:
-        with self._lock:  # the event loop and a worker thread may both try
-            if self.recorded:
-                return
-            self.recorded = True
-        self.ledger.record(
-            UsageRecord(
-                key_name=self.key.name if self.key else None,
-                model=self.model,
-                endpoint=self.endpoint,
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                latency_s=time.perf_counter() - self.started,
-                status=status,
-            )
-        )
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def usage(self) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens, total_tokens=self.total_tokens
-        )
-
-    async def record_async(self, status: int) -> None:
-        await asyncio.to_thread(self.record, status)
-
-
 class Server:
     """State behind the routes: the engine bridge, keys, ledger, limits and metrics."""
 
-    def __init__(self, engine: Engine, database: Database, model_name: str | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        database: Database,
+        model_name: str | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        policy: Policy | None = None,
+    ):
         self.engine = engine
+        self.max_body_bytes = max_body_bytes
+        self.max_token_chars = longest_token_chars(engine.tokenizer)
+        self.safety = ContentSafety(policy)
         self.model_name = model_name or engine.model_name
         self.keys = KeyStore(database)
         self.ledger = Ledger(database)
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(database)
         self.metrics = ServerMetrics(self.model_name)
         self.bridge = AsyncEngine(engine, self.metrics)
         self.created = int(time.time())
@@ -154,8 +139,10 @@ class Server:
         self.bridge.stop()
 
     def authenticate(self, request: Request, admin: bool = False) -> ApiKey | None:
-        """The caller's key (None while no key exists: the server is open); 401 without a valid one."""
+        """The caller's key (None while no key exists: the server is open, to loopback JSON requests only); 401
+        without a valid one."""
         if not self.keys.any_keys():
+            check_open_mode_request(request)
             return None
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -167,14 +154,15 @@ class Server:
             raise APIError(403, f"key {key.name!r} is not an admin key", "permission_error", code="admin_required")
         return key
 
-    def models(self) -> ModelList:
-        """The base model, then each LoRA adapter loaded on it."""
+    def models(self, key: ApiKey | None = None) -> ModelList:
+        """The base model, then each LoRA adapter loaded on it (those `key` may use)."""
         common = dict(created=self.created, max_model_len=self.engine.max_model_len)
         adapters = [
             ModelCard(id=name, root=str(root), parent=self.model_name, **common)
             for name, root in self.engine.lora.folders.items()
         ]
-        return ModelList(data=[ModelCard(id=self.model_name, **common), *adapters])
+        cards = [ModelCard(id=self.model_name, **common), *adapters]
+        return ModelList(data=[card for card in cards if key is None or key.may_use(card.id)])
 
     def adapter_for(self, model: str) -> str | None:
         """The adapter a request's `model` names (None: the base model); 404 in OpenAI's shape for an unknown one."""
@@ -184,7 +172,7 @@ class Server:
             return model
         known = ", ".join(repr(card.id) for card in self.models().data)
         raise APIError(
-            404, f"the model {model!r} does not exist; this server has {known}", "model", code="model_not_found"
+            404, f"the model {model!r} does not exist; this server has {known}", param="model", code="model_not_found"
         )
 
     async def generate(self, request: Request, schema: type[ChatCompletionRequest | CompletionRequest]) -> Response:
@@ -192,20 +180,32 @@ class Server:
         bill = Bill(self.ledger, None, self.model_name, request.url.path, time.perf_counter())
         bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
         try:
-            try:
-                body = schema.model_validate_json(await request.body())
-            except ValidationError as error:
-                raise invalid_body(error) from None
+            raw = await read_body(request, self.max_body_bytes)
+            body = await asyncio.to_thread(_parse, schema, raw)  # JSON and tokenizer: off the event loop
             bill.model = body.model  # the ledger records which model served (or was asked for)
+            refuse_unsupported(body)
             adapter = self.adapter_for(body.model)
-            prompt = prompt_ids(body, self.engine.tokenizer)
-            choices = sampling_params(body, len(prompt), self.engine.max_model_len)
-            charge = self.admit(bill.key, len(prompt) + sum(params.max_new_tokens for params in choices))
+            if bill.key is not None and not bill.key.may_use(body.model):
+                raise APIError(403, f"key {bill.key.name!r} may not use the model {body.model!r}; it may use "
+                               f"{', '.join(bill.key.models) or 'none'}", "permission_error", "model",
+                               "model_not_allowed")  # fmt: skip
+            refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)
+            prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
+            prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
+            categories = self.safety.categories_for(bill.key)
+            if categories and self.safety.moderate_prompt(body, categories, bill, prompt_tokens):
+                prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)  # redacted
+                prompt_tokens = sum(len(prompt) for prompt in prompts)
+            max_model_len = self.engine.max_model_len
+            choices = [params for prompt in prompts for params in sampling_params(body, len(prompt), max_model_len)]
+            requests = [prompt for prompt in prompts for _ in range(candidates(body))]  # one per engine request
+            tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
+            charge = await asyncio.to_thread(self.admit, bill.key, tokens)
             try:
-                group = await self.bridge.submit(prompt, choices, adapter)
+                group = await self.bridge.submit(requests, choices, adapter)
             except ValueError as error:
                 if charge:
-                    self.limiter.settle(charge, 0)
+                    await asyncio.to_thread(self.limiter.settle, charge, 0)
                 raise APIError(400, str(error)) from None
         except ClientDisconnect:  # gone before its body arrived
             await bill.record_async(CLIENT_CLOSED)
@@ -213,27 +213,29 @@ class Server:
         except Exception as error:
             await bill.record_async(error.status if isinstance(error, APIError) else 500)
             raise
-        bill.prompt_tokens = len(prompt)
+        bill.prompt_tokens = prompt_tokens
 
         async def finish(status: int) -> None:
             """Free the request's engine slots, settle its rate-limit charge, bill it (no-ops when done before)."""
             group.close()
             if charge:
-                self.limiter.settle(charge, bill.total_tokens)
+                await asyncio.to_thread(self.limiter.settle, charge, bill.total_tokens)
             await bill.record_async(status)
 
         if body.stream:
-            return EventStream(self.stream(body, group, bill), on_close=lambda: finish(CLIENT_CLOSED))
+            await asyncio.to_thread(bill.open)
+            events = self.stream(body, group, bill, categories)
+            return EventStream(events, on_close=lambda: finish(CLIENT_CLOSED))
         status = CLIENT_CLOSED
         try:
-            response = await _unless_client_leaves(request, self.complete(body, group, bill))
+            response = await _unless_client_leaves(request, self.complete(body, group, bill, categories))
             status = 200
             return response
         except ClientLeft:
             return Response(status_code=CLIENT_CLOSED)
         except Exception as error:
             status = 500
-            raise _server_error(error) from None
+            raise internal_error(error, "generating") from None
         finally:
             await finish(status)  # before the response leaves
 
@@ -243,14 +245,17 @@ class Server:
             return None
         try:
             return self.limiter.admit(key.name, key.rpm, key.tpm, tokens)
+        except NeverFits as error:
+            raise APIError(400, str(error), param="max_tokens", code="tokens_over_rate_limit") from None
         except RateLimited as error:
             raise APIError(
                 429, str(error), "rate_limit_error", code="rate_limit_exceeded",
                 headers={"Retry-After": str(error.retry_after_s)},
             ) from None  # fmt: skip
 
-    async def complete(self, body, group: RequestGroup, bill: Bill) -> JSONResponse:
-        """Gather every choice and answer in one JSON body; `bill` counts the tokens as they come."""
+    async def complete(self, body, group: RequestGroup, bill: Bill, categories: list[Category]) -> JSONResponse:
+        """Gather every choice and answer in one JSON body; `bill` counts the tokens as they come; the content
+        policy judges each choice's whole text."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         texts, logprobs = [""] * n, [[] for _ in range(n)]
@@ -261,17 +266,29 @@ class Server:
             finish_reasons[index] = output.finish_reason
             completion_tokens[index] = output.completion_tokens
             bill.completion_tokens = sum(completion_tokens)
+            bill.cached_tokens = max(bill.cached_tokens, output.cached_tokens)
+        for index in range(n) if categories else ():
+            moderated = ModeratedStream(categories)
+            texts[index], blocking = moderated.push(texts[index], final=True)
+            self.safety.note(bill, moderated.hits)
+            if blocking is not None:
+                finish_reasons[index] = "content_filter"
+        per_prompt = candidates(body)
+        kept = []  # engine request of each choice: per prompt, the n candidates of the highest total logprob
+        for first in range(0, n, per_prompt):
+            ranked = sorted(range(first, first + per_prompt), key=lambda i: -sum(e.logprob for e in logprobs[i]))
+            kept += sorted(ranked[: body.n]) if per_prompt == body.n else ranked[: body.n]
         common = dict(id=_response_id(is_chat), created=int(time.time()), model=bill.model, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
                 choices=[
                     ChatChoice(
-                        index=i,
+                        index=position,
                         message=AssistantMessage(content=texts[i]),
                         logprobs=chat_logprobs(logprobs[i]) if body.logprobs else None,
                         finish_reason=finish_reasons[i],
                     )
-                    for i in range(n)
+                    for position, i in enumerate(kept)
                 ],
                 **common,
             )
@@ -279,38 +296,55 @@ class Server:
             response = CompletionResponse(
                 choices=[
                     CompletionChoice(
-                        index=i,
-                        text=texts[i],
+                        index=position,
+                        text=self.echo_text(body, i // per_prompt) + texts[i],
                         logprobs=completion_logprobs(logprobs[i], 0) if body.logprobs is not None else None,
                         finish_reason=finish_reasons[i],
                     )
-                    for i in range(n)
+                    for position, i in enumerate(kept)
                 ],
                 **common,
             )
         return JSONResponse(response.model_dump())
 
-    async def stream(self, body, group: RequestGroup, bill: Bill) -> AsyncIterator[str]:
-        """SSE chunks as the engine produces tokens; usage chunk if asked; billed before `data: [DONE]`."""
+    async def stream(self, body, group: RequestGroup, bill: Bill, categories: list[Category]) -> AsyncIterator[str]:
+        """SSE chunks as the engine produces tokens, through the content policy (a choice it blocks ends with
+        finish_reason "content_filter"); usage chunk if asked; billed before `data: [DONE]`."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         response_id, created = _response_id(is_chat), int(time.time())
         completion_tokens, text_offsets = [0] * n, [0] * n
+        moderated = [ModeratedStream(categories) for _ in range(n)] if categories else None
+        blocked: set[int] = set()
         try:
             if is_chat:
                 yield sse(self._chat_chunk(response_id, created, bill.model, [_role_choice(i) for i in range(n)]))
+            elif body.echo:
+                echo = [CompletionChoice(index=i, text=self.echo_text(body, i // body.n)) for i in range(n)]
+                yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=echo))
             async for index, output in group:
                 completion_tokens[index] = output.completion_tokens
                 bill.completion_tokens = sum(completion_tokens)
-                text = output.text
-                if not (text or output.logprobs or output.finished):
+                bill.cached_tokens = max(bill.cached_tokens, output.cached_tokens)
+                bill.update_soon()
+                if index in blocked:  # delivered before its abort
+                    continue
+                text, finish_reason = output.text, output.finish_reason
+                if moderated is not None:
+                    text, blocking = moderated[index].push(text, final=output.finished)
+                    self.safety.note(bill, moderated[index].hits)
+                    if blocking is not None:
+                        group.stop(index)
+                        blocked.add(index)
+                        finish_reason = "content_filter"
+                if not (text or output.logprobs or finish_reason):
                     continue
                 if is_chat:
                     choice = ChatChunkChoice(
                         index=index,
                         delta=ChatDelta(content=text),
                         logprobs=chat_logprobs(output.logprobs) if body.logprobs and output.logprobs else None,
-                        finish_reason=output.finish_reason,
+                        finish_reason=finish_reason,
                     )
                     yield sse(self._chat_chunk(response_id, created, bill.model, [choice]))
                 else:
@@ -318,9 +352,7 @@ class Server:
                     if body.logprobs is not None and output.logprobs:
                         logprobs = completion_logprobs(output.logprobs, text_offsets[index])
                         text_offsets[index] += sum(len(entry.token) for entry in output.logprobs)
-                    choice = CompletionChoice(
-                        index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason
-                    )
+                    choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
                     yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[choice]))
             if body.stream_options and body.stream_options.include_usage:
                 kind = ChatCompletionChunk if is_chat else CompletionResponse
@@ -328,28 +360,30 @@ class Server:
             await bill.record_async(200)
         except Exception as error:  # the status line has gone: the client learns it from an error event
             await bill.record_async(500)
-            yield sse(_server_error(error).body())
+            yield sse(internal_error(error, "generating").body())
         yield "data: [DONE]\n\n"
+
+    def echo_text(self, body, prompt_index: int) -> str:
+        """What a completion with `echo` puts before the text of a choice of prompt `prompt_index`: that prompt
+        (decoded if given as ids)."""
+        if isinstance(body, ChatCompletionRequest) or not body.echo:
+            return ""
+        prompt = completion_prompts(body)[prompt_index]
+        return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
 
     def _chat_chunk(
         self, response_id: str, created: int, model: str, choices: list[ChatChunkChoice]
     ) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices)
 
-    def usage_report(self, request: Request) -> dict:
+    def usage_report(self, request: Request, key_name: str | None, since: str | None) -> UsageReport:
         """Admin: tokens and cost per key and day, optionally for one key and from a day on."""
         self.authenticate(request, admin=True)
-        key_name = request.query_params.get("key")
-        since = request.query_params.get("since")
         try:
             days = self.ledger.daily(key_name, parse_day(since) if since else None)
         except ValueError as error:
             raise APIError(400, str(error), param="since") from None
-        return {
-            "object": "list",
-            "data": [day.to_dict() for day in days],
-            "total_cost": sum(day.cost for day in days),
-        }
+        return UsageReport(data=[day.to_dict() for day in days], total_cost=sum(day.cost for day in days))
 
 
 class ClientLeft(Exception):
@@ -380,28 +414,38 @@ def _role_choice(index: int) -> ChatChunkChoice:
     return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
 
 
-def _server_error(error: Exception) -> APIError:
-    """A 500 for an error while generating: the engine's failure as it was reported, anything else logged."""
-    if isinstance(error, EngineFailure):
-        return APIError(500, str(error), "server_error")
-    log.error("unexpected error while generating", exc_info=error)
-    return APIError(500, _internal(error), "server_error")
-
-
-def _internal(error: Exception) -> str:
-    return f"internal error: {type(error).__name__}: {error}"
+def _parse(schema: type[BaseModel], raw: bytes) -> Any:
+    """The request body as `schema`, or a 400 naming every field at fault."""
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as error:
+        raise invalid_body(error) from None
 
 
 def _response_id(is_chat: bool) -> str:
     return f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def create_app(engine: Engine, database: Database, model_name: str | None = None) -> FastAPI:
-    """The FastAPI application serving `engine`, with keys, ledger and prices in `database`."""
-    server = Server(engine, database, model_name)
+def create_app(
+    engine: Engine,
+    database: Database,
+    model_name: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    policy: Policy | None = None,
+    cors_origins: tuple[str, ...] = (),
+) -> FastAPI:
+    """The FastAPI application serving `engine`, with keys, ledger and prices in `database`; request bodies over
+    `max_body_bytes` get 413; `policy` moderates prompts and generated text; web pages from `cors_origins` may
+    call the API from a browser (with a key: CORS does not open the keyless mode to them)."""
+    server = Server(engine, database, model_name, max_body_bytes, policy)
     app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip
     app.state.server = server
     chat_page = files("seekstack.serve").joinpath("chat.html").read_text(encoding="utf-8")
+    describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest],
+             lambda: [card.id for card in server.models().data])  # fmt: skip
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -413,40 +457,70 @@ def create_app(engine: Engine, database: Database, model_name: str | None = None
         message = f"no route {request.method} {request.url.path}" if no_route else str(error.detail)
         return APIError(error.status_code, message, headers=error.headers).response()  # 405 keeps its Allow header
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, error: RequestValidationError) -> JSONResponse:
+        return invalid_body(ValidationError.from_exception_data("parameters", error.errors())).response()
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return APIError(500, _internal(error), "server_error").response()
+        return internal_error(error, f"answering {request.method} {request.url.path}").response()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat() -> HTMLResponse:
         return HTMLResponse(chat_page)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Engine stopped"}})
     async def health() -> JSONResponse:
         healthy = server.bridge.alive
-        body = {"status": "ok" if healthy else "engine stopped", "auth": server.keys.any_keys()}
-        return JSONResponse(body, status_code=200 if healthy else 503)
+        body = Health(status="ok" if healthy else "engine stopped", auth=server.keys.any_keys())
+        return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403, 500))
     async def models(request: Request) -> JSONResponse:
-        server.authenticate(request)
-        return JSONResponse(server.models().model_dump())
+        return JSONResponse(server.models(server.authenticate(request)).model_dump())
 
-    @app.post("/v1/chat/completions")
+    generation_errors = (400, 401, 403, 404, 413, 415, 429, 500)
+
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=json_request(ChatCompletionRequest),
+        responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk, *generation_errors),
+    )
     async def chat_completions(request: Request) -> Response:
         return await server.generate(request, ChatCompletionRequest)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        openapi_extra=json_request(CompletionRequest),
+        responses=generation_responses(CompletionResponse, CompletionResponse, *generation_errors),
+    )
     async def completions(request: Request) -> Response:
         return await server.generate(request, CompletionRequest)
 
-    @app.get("/v1/admin/usage")
-    async def admin_usage(request: Request) -> JSONResponse:
-        return JSONResponse(server.usage_report(request))
+    @app.post(
+        "/v1/moderations",
+        openapi_extra=json_request(ModerationRequest),
+        response_model=ModerationResponse,
+        responses=error_responses(400, 401, 403, 413, 415, 500),
+    )
+    async def moderations(request: Request) -> JSONResponse:
+        """Which of the server's content-policy categories each input falls in (none without a policy)."""
+        key = await asyncio.to_thread(server.authenticate, request)
+        body = _parse(ModerationRequest, await read_body(request, server.max_body_bytes))
+        return JSONResponse((await asyncio.to_thread(server.safety.moderations, body, key)).model_dump())
 
+    @app.get("/v1/admin/usage", response_model=UsageReport, responses=error_responses(400, 401, 403, 500))
+    async def admin_usage(
+        request: Request,
+        key: Annotated[str | None, Query(description="Only this key's usage (by name)")] = None,
+        since: Annotated[str | None, Query(description="From this UTC day on, YYYY-MM-DD")] = None,
+    ) -> JSONResponse:
+        """Requests, tokens and cost per key and UTC day (admin keys only)."""
+        return JSONResponse(server.usage_report(request, key, since).model_dump())
+
+    add_adapter_routes(app, server)  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     return app

@@ -28,7 +28,8 @@ IDLE_WAIT_S = 0.5
 
 
 class EngineFailure(RuntimeError):
-    """The engine raised while stepping; the requests in flight were ended."""
+    """The engine failed this request: its step raised (and every request in flight was ended), or its own sampling
+    raised (and it alone was ended)."""
 
 
 @dataclass
@@ -57,7 +58,9 @@ class RequestGroup:
         while self.unfinished:
             index, output = await self.queue.get()
             if isinstance(output, BaseException):
-                raise EngineFailure(f"the engine failed while generating: {output}") from output
+                raise EngineFailure(f"the engine step failed: {output}") from output
+            if output.error is not None:
+                raise EngineFailure(f"the engine failed this request alone: {output.error}")
             if output.finished:
                 self.unfinished.discard(index)
             yield index, output
@@ -66,6 +69,12 @@ class RequestGroup:
         """Abort the choices still running (a client that left): their cache blocks are freed before the next step."""
         self.bridge.abort([self.request_ids[index] for index in self.unfinished])
         self.unfinished.clear()
+
+    def stop(self, index: int) -> None:
+        """Abort one choice (the content policy ended it); the others go on."""
+        if index in self.unfinished:
+            self.bridge.abort([self.request_ids[index]])
+            self.unfinished.discard(index)
 
 
 class AsyncEngine:
@@ -96,15 +105,15 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive()
 
     async def submit(
-        self, prompt_ids: list[int], choices: list[SamplingParams], adapter: str | None = None
+        self, prompts: list[list[int]], choices: list[SamplingParams], adapter: str | None = None
     ) -> RequestGroup:
-        """Add one engine request per choice, on the base or the LoRA adapter named `adapter`; a ValueError (prompt
-        too long, bad parameter) adds none.
+        """Add one engine request per choice (prompts[i] with choices[i]), on the base or the LoRA adapter named
+        `adapter`; a ValueError (prompt too long, bad parameter) adds none.
 
         `add_request` waits for the engine's lock, which a step holds throughout: it runs in a worker thread."""
         group = RequestGroup(self, [f"req-{uuid.uuid4().hex}" for _ in choices])
         arrival, loop = time.perf_counter(), asyncio.get_running_loop()
-        await asyncio.to_thread(self._add, group, loop, arrival, prompt_ids, choices, adapter)
+        await asyncio.to_thread(self._add, group, loop, arrival, prompts, choices, adapter)
         return group
 
     def _add(
@@ -112,13 +121,15 @@ class AsyncEngine:
         group: RequestGroup,
         loop: asyncio.AbstractEventLoop,
         arrival: float,
-        prompt_ids: list[int],
+        prompts: list[list[int]],
         choices: list[SamplingParams],
         adapter: str | None,
     ) -> None:
         added: list[str] = []
         try:
-            for index, (request_id, params) in enumerate(zip(group.request_ids, choices, strict=True)):
+            for index, (request_id, prompt_ids, params) in enumerate(
+                zip(group.request_ids, prompts, choices, strict=True)
+            ):
                 timing = _Timing(arrival)
                 with self._lock:  # routed before added, so no output can arrive unrouted
                     self._routes[request_id] = (loop, group.queue, index, timing)

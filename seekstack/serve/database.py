@@ -1,12 +1,16 @@
 """The server's database: API keys, price plans and the usage ledger, in SQLite (one file) or PostgreSQL.
 
 `open_database(location)` takes a file path (SQLite) or a `postgresql://` URL. Tables, created on first open:
-  plans(name, prompt_per_1k, completion_per_1k)             prices in the user's currency per 1k tokens
-  keys(name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at)   only the sha256 of a key
-  usage(id, created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost)
+  plans(name, prompt_per_1k, completion_per_1k, cached_prompt_per_1k)   prices in the user's currency per 1k
+        tokens; cached_prompt_per_1k: prompt tokens read from the prefix cache (NULL: the prompt price)
+  keys(name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models)   only a key's sha256
+  usage(id, created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost,
+        cached_tokens, moderation)   status 0: a stream still running, or cut off by a crash (see ledger.py)
+  rate_charges(id, key_name, at, tokens)   the last minute's requests per key, for the rate limits of every process
 Times are Unix seconds (UTC). A committed write is durable: SQLite runs with `synchronous=FULL`, PostgreSQL
 with its default synchronous commit. Statements are written once, with `?` placeholders and SQL both
-dialects accept; rows come back as dicts.
+dialects accept; rows come back as dicts. A SQLite file is created readable by its owner only (0600): it
+holds the key hashes and everyone's bill. Columns added since a database was created are added when it opens.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ SCHEMA = (
         prompt_per_1k DOUBLE PRECISION NOT NULL,
         completion_per_1k DOUBLE PRECISION NOT NULL
     )""",
-    f"""INSERT INTO plans VALUES ('{DEFAULT_PLAN}', {DEFAULT_PRICE_PER_1K}, {DEFAULT_PRICE_PER_1K})
-        ON CONFLICT (name) DO NOTHING""",
+    f"""INSERT INTO plans (name, prompt_per_1k, completion_per_1k)
+        VALUES ('{DEFAULT_PLAN}', {DEFAULT_PRICE_PER_1K}, {DEFAULT_PRICE_PER_1K}) ON CONFLICT (name) DO NOTHING""",
     """CREATE TABLE IF NOT EXISTS keys (
         name TEXT PRIMARY KEY,
         key_hash TEXT NOT NULL UNIQUE,
@@ -58,6 +62,19 @@ SCHEMA = (
         cost DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS usage_by_key_time ON usage (key_name, created_at)",
+    """CREATE TABLE IF NOT EXISTS rate_charges (
+        id {id_column},
+        key_name TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        tokens INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS rate_charges_by_key_time ON rate_charges (key_name, at)",
+)
+ADDED_COLUMNS = (  # (table, column, definition): columns newer than the tables above
+    ("plans", "cached_prompt_per_1k", "DOUBLE PRECISION"),
+    ("usage", "cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("usage", "moderation", "TEXT"),  # the content-safety category that blocked, redacted or flagged it
+    ("keys", "models", "TEXT"),  # JSON list of the models the key may use; NULL: all
 )
 
 
@@ -82,10 +99,14 @@ def open_database(location: str | os.PathLike) -> Database:
 class SQLiteDatabase:
     """One SQLite connection shared by threads, one transaction or query at a time."""
 
+    lock_rows = ""  # BEGIN IMMEDIATE already holds the database's write lock across processes
+
     def __init__(self, path: Path):
         self.location = str(path)
         if not path.parent.is_dir():
             raise FileNotFoundError(f"database folder {path.parent} does not exist")
+        if not path.exists():  # SQLite gives its -wal and -shm files the database file's permissions
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
             self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._connection.row_factory = _dict_row
@@ -94,6 +115,12 @@ class SQLiteDatabase:
             self._connection.execute("PRAGMA busy_timeout=5000")
             for statement in SCHEMA:
                 self._connection.execute(statement.format(id_column="INTEGER PRIMARY KEY AUTOINCREMENT"))
+            for table, column, definition in ADDED_COLUMNS:
+                try:
+                    self._connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                except sqlite3.OperationalError as error:
+                    if "duplicate column" not in str(error):  # there already, or just added by another process
+                        raise
         except sqlite3.DatabaseError as error:
             raise ValueError(f"{path} is not a usable seekstack database: {error}") from error
         self._lock = threading.Lock()
@@ -127,6 +154,8 @@ class SQLiteDatabase:
 class PostgresDatabase:
     """One PostgreSQL connection (psycopg 3) shared by threads, one transaction or query at a time."""
 
+    lock_rows = " FOR UPDATE"  # a SELECT's suffix that holds its rows until the transaction ends
+
     def __init__(self, url: str):
         self.location = _without_password(url)
         try:
@@ -141,6 +170,8 @@ class PostgresDatabase:
                     self._connection.execute(
                         statement.format(id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
                     )
+                for table, column, definition in ADDED_COLUMNS:
+                    self._connection.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
         except psycopg.Error as error:
             raise ValueError(f"cannot use the database {self.location}: {error}") from error
         self._lock = threading.Lock()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import uuid
+
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from seekstack.serve.schemas import ErrorDetail, ErrorResponse
 
 MAX_SHOWN_INPUT = 80
+UNION_MEMBER = re.compile(r"str|int|float|bool|constrained-\w+|.*\[.*\]")  # how pydantic names a union's branches
+log = logging.getLogger("seekstack.serve")
 
 
 class APIError(Exception):
@@ -39,10 +45,23 @@ def invalid_body(error: ValidationError) -> APIError:
     for problem in error.errors():
         if problem["type"] == "json_invalid":
             return APIError(400, f"the request body is not valid JSON: {problem['ctx']['error']}", code="invalid_json")
-        param = ".".join(str(part) for part in problem["loc"]) or "body"
+        param = ".".join(str(part) for part in _field_path(problem["loc"])) or "body"
         shown = repr(problem["input"])
         shown = shown if len(shown) <= MAX_SHOWN_INPUT else shown[:MAX_SHOWN_INPUT] + "..."
         detail = problem["msg"] if problem["type"] == "missing" else f"{problem['msg']}, got {shown}"
         problems.append(f"{param}: {detail}")
         params.append(param)
     return APIError(400, "invalid request: " + "; ".join(problems), param=params[0], code="invalid_value")
+
+
+def internal_error(error: BaseException, what: str) -> APIError:
+    """A 500 that tells the client an error id to quote, not the exception: its text goes to the server log only."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("error %s while %s", error_id, what, exc_info=error)
+    return APIError(500, f"internal server error while {what} (error id {error_id}); the server log has the details",
+                    "server_error")  # fmt: skip
+
+
+def _field_path(location: tuple) -> list:
+    """The fields of a validation error's location, without the union branches pydantic names ('str', 'list[int]')."""
+    return [part for part in location if isinstance(part, int) or not UNION_MEMBER.fullmatch(part)]

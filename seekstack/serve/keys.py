@@ -8,6 +8,7 @@ password hash: sha256 cannot be inverted and there is nothing to guess.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import secrets
 import time
@@ -33,21 +34,29 @@ class ApiKey:
     plan: str
     rpm: int | None  # requests per minute; None: unlimited
     tpm: int | None  # tokens (prompt + completion) per minute; None: unlimited
-    admin: bool
+    admin: bool  # may read everyone's usage (/v1/admin/usage); other keys have the user scope
     created_at: float
     revoked_at: float | None
+    models: tuple[str, ...] | None = None  # the models (base or adapters) it may use; None: all
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Prices per 1k prompt and completion tokens."""
+    """Prices per 1k prompt and completion tokens, and per 1k prompt tokens read from the prefix cache."""
 
     name: str
     prompt_per_1k: float
     completion_per_1k: float
+    cached_prompt_per_1k: float | None = None  # None: cached prompt tokens cost what other prompt tokens cost
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.prompt_per_1k + completion_tokens * self.completion_per_1k) / 1000
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> float:
+        """The price of a request; `cached_tokens` of its `prompt_tokens` at the cached price."""
+        cached_price = self.prompt_per_1k if self.cached_prompt_per_1k is None else self.cached_prompt_per_1k
+        prompt_cost = (prompt_tokens - cached_tokens) * self.prompt_per_1k + cached_tokens * cached_price
+        return (prompt_cost + completion_tokens * self.completion_per_1k) / 1000
 
 
 def hash_key(key: str) -> str:
@@ -69,6 +78,7 @@ class KeyStore:
         rpm: int | None = None,
         tpm: int | None = None,
         admin: bool = False,
+        models: tuple[str, ...] | None = None,
     ) -> str:
         """Store a new key under `name` and return it; this is the only time it is available."""
         if not NAME_PATTERN.fullmatch(name):
@@ -77,14 +87,16 @@ class KeyStore:
             if limit is not None and limit < 1:
                 raise KeyStoreError(f"{field} must be at least 1 (or unset for no limit), got {limit}")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
+        allowed = None if models is None else json.dumps(list(models))
         with self.database.transaction() as connection:
             if connection.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone():
                 raise KeyStoreError(f"a key named {name!r} already exists; revoke it or choose another name")
             if not connection.execute("SELECT 1 FROM plans WHERE name = ?", (plan,)).fetchone():
                 raise KeyStoreError(f"no plan {plan!r}; create it with `seekstack keys plan {plan} --prompt-price ...`")
             connection.execute(
-                "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at) VALUES (?,?,?,?,?,?,?,?)",
-                (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time()),
+                "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at, models) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time(), allowed),
             )
         return key
 
@@ -110,18 +122,23 @@ class KeyStore:
         """Whether any key was ever created: without one the server is open (localhost only)."""
         return bool(self.database.query("SELECT 1 FROM keys LIMIT 1"))
 
-    def set_plan(self, name: str, prompt_per_1k: float, completion_per_1k: float) -> Plan:
+    def set_plan(
+        self, name: str, prompt_per_1k: float, completion_per_1k: float, cached_prompt_per_1k: float | None = None
+    ) -> Plan:
         """Create or change the prices of plan `name`; usage already recorded keeps its cost."""
-        for field, price in (("prompt price", prompt_per_1k), ("completion price", completion_per_1k)):
+        prices = (("prompt price", prompt_per_1k), ("completion price", completion_per_1k),
+                  ("cached prompt price", cached_prompt_per_1k or 0))  # fmt: skip
+        for field, price in prices:
             if price < 0:
                 raise KeyStoreError(f"{field} of plan {name!r} must not be negative, got {price}")
         with self.database.transaction() as connection:
             connection.execute(
-                "INSERT INTO plans VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
-                "prompt_per_1k = excluded.prompt_per_1k, completion_per_1k = excluded.completion_per_1k",
-                (name, prompt_per_1k, completion_per_1k),
+                "INSERT INTO plans (name, prompt_per_1k, completion_per_1k, cached_prompt_per_1k) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET prompt_per_1k = excluded.prompt_per_1k, "
+                "completion_per_1k = excluded.completion_per_1k, cached_prompt_per_1k = excluded.cached_prompt_per_1k",
+                (name, prompt_per_1k, completion_per_1k, cached_prompt_per_1k),
             )
-        return Plan(name, prompt_per_1k, completion_per_1k)
+        return Plan(name, prompt_per_1k, completion_per_1k, cached_prompt_per_1k)
 
     def plans(self) -> list[Plan]:
         """All plans, by name."""
@@ -138,4 +155,5 @@ def _api_key(row) -> ApiKey:
         admin=bool(row["admin"]),
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
+        models=None if row["models"] is None else tuple(json.loads(row["models"])),
     )

@@ -13,9 +13,11 @@ from fastapi import FastAPI
 
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import EngineOptions
+from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES
 from seekstack.serve.app import create_app
 from seekstack.serve.database import default_database_location, open_database
 from seekstack.serve.keys import KeyStore
+from seekstack.serve.moderation import Policy
 
 
 @dataclass
@@ -29,6 +31,9 @@ class ServeOptions:
     served_model_name: str | None = None
     engine: EngineOptions = field(default_factory=EngineOptions)
     adapters: dict[str, Path] = field(default_factory=dict)  # LoRA adapters by model name (seekstack.adapters)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    moderation_policy: Path | None = None  # content-safety policy file (seekstack.serve.moderation)
+    cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API from a browser
 
 
 def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
@@ -40,10 +45,11 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
             f"no API keys in {database.location}: refusing to serve without authentication on {options.host}; "
             "create one with `seekstack keys create --name NAME` or serve on 127.0.0.1"
         )
+    policy = Policy.load(options.moderation_policy) if options.moderation_policy else None  # before weights load
     engine = Engine.from_pretrained(
         model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs()
     )
-    app = create_app(engine, database, options.served_model_name)
+    app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins)
     name = app.state.server.model_name
     if name in options.adapters:
         raise ValueError(f"--adapter {name}=...: the name is the base model's; give the adapter another name")

@@ -1,17 +1,22 @@
 """The usage ledger: one row per API request, priced by the key's plan when it is written.
 
 The server writes a request's row before the last byte of its response leaves, so a client that
-has its answer is also on the bill, whatever happens to the server afterwards.
+has its answer is also on the bill, whatever happens to the server afterwards. A stream's row is
+opened (status 0) when it starts and brought up to date as its tokens go out (see `app.Bill`), so a
+server that dies mid-stream has billed all but the last few tokens it sent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from dataclasses import asdict, dataclass
 
 from seekstack.serve.database import DEFAULT_PLAN, Database
 from seekstack.serve.keys import Plan
+
+IN_PROGRESS = 0  # the status of a stream's row until it ends; a row left so was cut off by a crash
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,10 @@ class UsageRecord:
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
-    status: int
+    status: int  # HTTP status; IN_PROGRESS while a stream runs
+    cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
+    moderation: str | None = None  # the content-safety category that blocked, redacted or flagged it
+    free: bool = False  # the content policy waives its cost (the tokens are still recorded)
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,17 @@ class Ledger:
     def __init__(self, database: Database):
         self.database = database
 
-    def record(self, usage: UsageRecord) -> float:
-        """Write one request's usage (durably, before returning); returns its cost."""
+    def record(self, usage: UsageRecord, row_id: int | None = None) -> float:
+        """Write one request's usage (durably, before returning): a new row, or the row `open` returned brought up to
+        date; returns its cost."""
+        return self._write(usage, row_id)[1]
+
+    def open(self, usage: UsageRecord) -> int:
+        """Write the row of a request still running (status IN_PROGRESS, billed so far) and return its id for
+        `record`."""
+        return self._write(dataclasses.replace(usage, status=IN_PROGRESS), None)[0]
+
+    def _write(self, usage: UsageRecord, row_id: int | None) -> tuple[int, float]:
         with self.database.transaction() as connection:
             plan = Plan(
                 **connection.execute(
@@ -57,23 +74,24 @@ class Ledger:
                     (usage.key_name, DEFAULT_PLAN),
                 ).fetchone()
             )
-            cost = plan.cost(usage.prompt_tokens, usage.completion_tokens)
-            connection.execute(
-                "INSERT INTO usage (created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, "
-                "latency_s, status, cost) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    time.time(),
-                    usage.key_name,
-                    usage.model,
-                    usage.endpoint,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                    usage.latency_s,
-                    usage.status,
-                    cost,
-                ),
-            )
-        return cost
+            cost = 0.0 if usage.free else plan.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+            values = (
+                usage.key_name, usage.model, usage.endpoint, usage.prompt_tokens, usage.completion_tokens,
+                usage.latency_s, usage.status, cost, usage.cached_tokens, usage.moderation,
+            )  # fmt: skip
+            if row_id is None:
+                row_id = connection.execute(
+                    "INSERT INTO usage (created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, "
+                    "latency_s, status, cost, cached_tokens, moderation) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    (time.time(), *values),
+                ).fetchone()["id"]
+            else:
+                connection.execute(
+                    "UPDATE usage SET key_name = ?, model = ?, endpoint = ?, prompt_tokens = ?, completion_tokens = ?, "
+                    "latency_s = ?, status = ?, cost = ?, cached_tokens = ?, moderation = ? WHERE id = ?",
+                    (*values, row_id),
+                )
+        return row_id, cost
 
     def records(self, key_name: str | None = None) -> list[dict]:
         """Raw rows, oldest first, optionally of one key."""

@@ -21,31 +21,112 @@ from seekstack.serve.schemas import (
 )
 from seekstack.tokenizer import Tokenizer
 
+MAX_ENGINE_REQUESTS = 64  # generations one API request may start (prompts x choices)
 
-def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> list[int]:
-    """The prompt's token ids: the chat template for chat, the text (or the ids as given) for completions."""
+
+def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
+    """A completions request's prompts: each a text or a list of token ids."""
+    prompt = request.prompt
+    return [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else list(prompt)
+
+
+def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+    """Each prompt's token ids: the chat template for chat, each text (or the ids as given) for completions."""
     if isinstance(request, ChatCompletionRequest):
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
         ]
         try:
-            return tokenizer.encode_chat(messages)
+            return [tokenizer.encode_chat(messages)]
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from None
-    if isinstance(request.prompt, str):
-        return tokenizer.encode(request.prompt)
-    out_of_range = [token for token in request.prompt if not 0 <= token < tokenizer.vocab_size]
-    if out_of_range:
-        raise APIError(
-            400, f"prompt token id {out_of_range[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", "prompt"
+    prompts = []
+    for prompt in completion_prompts(request):
+        if isinstance(prompt, str):
+            prompts.append(tokenizer.encode(prompt))
+            continue
+        out_of_range = [token for token in prompt if not 0 <= token < tokenizer.vocab_size]
+        if out_of_range:
+            raise APIError(
+                400,
+                f"prompt token id {out_of_range[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                param="prompt",
+                code="invalid_value",
+            )
+        prompts.append(list(prompt))
+    return prompts
+
+
+def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
+    """400 in OpenAI's shape for what this server reads but cannot do: tools, JSON mode, suffix, echo with logprobs,
+    best_of below n or with a stream."""
+
+    def unsupported(param: str, message: str) -> APIError:
+        return APIError(400, message, param=param, code="unsupported_parameter")
+
+    if isinstance(request, ChatCompletionRequest):
+        if request.tools or request.functions:
+            raise unsupported("tools", "this model does not call tools (functions); send the request without them")
+        if request.response_format is not None and request.response_format.type != "text":
+            raise unsupported("response_format", f"response_format {request.response_format.type!r} is not "
+                              "supported: this server generates free text only")  # fmt: skip
+        return
+    engine_requests = len(completion_prompts(request)) * candidates(request)
+    if engine_requests > MAX_ENGINE_REQUESTS:
+        raise APIError(400, f"{engine_requests} generations (prompts x max(n, best_of)) in one request; at most "
+                       f"{MAX_ENGINE_REQUESTS} are served", param="n")  # fmt: skip
+    if request.suffix is not None:
+        raise unsupported("suffix", "this model does not fill in the middle: send the request without suffix")
+    if request.echo and request.logprobs is not None:
+        raise unsupported(
+            "echo", "echo with logprobs would need the prompt's logprobs, which this server does not give"
         )
-    return list(request.prompt)
+    if request.best_of is not None and request.best_of < request.n:
+        raise APIError(400, f"best_of ({request.best_of}) must be at least n ({request.n})", param="best_of")
+    if request.best_of is not None and request.best_of > request.n and request.stream:
+        raise unsupported("best_of", "best_of > n cannot be streamed: the best are known only at the end")
+
+
+def candidates(request: ChatCompletionRequest | CompletionRequest) -> int:
+    """Engine requests per prompt: best_of when it asks for more than n, else n."""
+    best_of = request.best_of if isinstance(request, CompletionRequest) else None
+    return max(request.n, best_of or 0)
+
+
+def longest_token_chars(tokenizer: Tokenizer) -> int | None:
+    """The most characters one token stands for (a byte-level token's bytes bound its characters); None when a
+    normalizer may change the text's length before it is split."""
+    if tokenizer.backend.normalizer is not None:
+        return None
+    return max(len(token) for token in tokenizer.backend.get_vocab())
+
+
+def refuse_overlong_text(
+    request: ChatCompletionRequest | CompletionRequest, max_model_len: int, max_token_chars: int | None
+) -> None:
+    """400 before tokenizing when the prompt's text has more characters than `max_model_len` tokens of at most
+    `max_token_chars` characters can hold, so a huge prompt costs no tokenizer time."""
+    is_chat = isinstance(request, ChatCompletionRequest)
+    if max_token_chars is None:
+        return
+    texts = [m.text() for m in request.messages] if is_chat else completion_prompts(request)
+    lengths = [sum(len(text) for text in texts)] if is_chat else [len(t) for t in texts if isinstance(t, str)]
+    characters = max(lengths, default=0)
+    if characters > max_model_len * max_token_chars:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens; the prompt's {characters:,} characters "
+            f"are at least {characters // max_token_chars:,} tokens. Shorten the prompt.",
+            param="messages" if is_chat else "prompt",
+            code="context_length_exceeded",
+        )
 
 
 def sampling_params(
     request: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, max_model_len: int
 ) -> list[SamplingParams]:
-    """One validated `SamplingParams` per choice (choice i uses seed + i); 400 when the context cannot hold it."""
+    """One validated `SamplingParams` per engine request: per choice, or per best_of candidate (request i uses
+    seed + i); 400 when the context cannot hold it."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
     requested = (request.max_completion_tokens or request.max_tokens) if is_chat else request.max_tokens
@@ -63,8 +144,9 @@ def sampling_params(
     else:
         logprobs, top_logprobs = request.logprobs is not None, request.logprobs or 0
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    ranked = candidates(request) > request.n  # best_of: each candidate's logprobs rank it
     choices = []
-    for index in range(request.n):
+    for index in range(candidates(request)):
         params = SamplingParams(
             max_new_tokens=requested or room,
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -76,7 +158,7 @@ def sampling_params(
             frequency_penalty=request.frequency_penalty or 0.0,
             seed=None if request.seed is None else request.seed + index,
             stop=stop,
-            logprobs=logprobs,
+            logprobs=logprobs or ranked,
             top_logprobs=top_logprobs,
             ignore_eos=request.ignore_eos,
             skip_special_tokens=request.skip_special_tokens,

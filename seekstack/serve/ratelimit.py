@@ -2,16 +2,19 @@
 
 A request is charged its prompt tokens plus the completion tokens it may generate when admitted
 (as OpenAI counts `max_tokens`), and the charge is corrected to the tokens it really used when it
-ends. Limits live in this process's memory: one server, one window per key.
+ends. The windows live in the server's database (table `rate_charges`), so every server process
+sharing it sees the same window: admitting reads the key's charges and adds one in a single write
+transaction (SQLite's BEGIN IMMEDIATE; on PostgreSQL the key's row is locked), so two processes
+cannot both take the last request of a minute. Times are Unix seconds, shared by the processes.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from seekstack.serve.database import Database
 
 WINDOW_S = 60.0
 
@@ -24,72 +27,66 @@ class RateLimited(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass
+class NeverFits(ValueError):
+    """A request that needs more tokens than its key may use in a whole minute: retrying cannot help."""
+
+
+@dataclass(frozen=True)
 class Charge:
-    """Tokens charged to a key's window at `time` (monotonic seconds)."""
+    """A request's row in `rate_charges`."""
 
-    time: float
-    tokens: int
-
-
-@dataclass
-class _Window:
-    charges: deque[Charge] = field(default_factory=deque)
-
-    def expire(self, now: float) -> None:
-        while self.charges and self.charges[0].time <= now - WINDOW_S:
-            self.charges.popleft()
-
-    def tokens(self) -> int:
-        return sum(charge.tokens for charge in self.charges)
+    charge_id: int
 
 
 class RateLimiter:
-    """Admits or refuses requests per key; thread-safe."""
+    """Admits or refuses requests per key, against the charges every process wrote to `database`."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, database: Database, clock=time.time):
+        self.database = database
         self._clock = clock
-        self._windows: dict[str, _Window] = {}
-        self._lock = threading.Lock()
 
     def admit(self, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
-        """Charge one request of up to `tokens` tokens to `key_name`, or raise `RateLimited`."""
-        with self._lock:
+        """Charge one request of up to `tokens` tokens to `key_name`, or raise `RateLimited` (or `NeverFits`)."""
+        if tpm is not None and tokens > tpm:
+            raise NeverFits(
+                f"the request may use {tokens} tokens (prompt + max_tokens), more than key {key_name!r} "
+                f"may use in a minute ({tpm}); lower max_tokens or shorten the prompt"
+            )
+        with self.database.transaction() as connection:
+            connection.execute(f"SELECT 1 FROM keys WHERE name = ?{self.database.lock_rows}", (key_name,))
             now = self._clock()
-            window = self._windows.setdefault(key_name, _Window())
-            window.expire(now)
-            if rpm is not None and len(window.charges) >= rpm:
-                wait = window.charges[-rpm].time + WINDOW_S - now
+            connection.execute("DELETE FROM rate_charges WHERE key_name = ? AND at <= ?", (key_name, now - WINDOW_S))
+            charges = connection.execute(
+                "SELECT at, tokens FROM rate_charges WHERE key_name = ? ORDER BY at, id", (key_name,)
+            ).fetchall()
+            if rpm is not None and len(charges) >= rpm:
+                wait = charges[-rpm]["at"] + WINDOW_S - now
                 raise RateLimited(f"key {key_name!r} is over its limit of {rpm} requests per minute", _seconds(wait))
-            if tpm is not None and tokens > tpm:
-                raise RateLimited(
-                    f"the request may use {tokens} tokens (prompt + max_tokens), more than key {key_name!r} "
-                    f"may use in a minute ({tpm}); lower max_tokens",
-                    math.ceil(WINDOW_S),
-                )
-            if tpm is not None and window.tokens() + tokens > tpm:
+            used = sum(charge["tokens"] for charge in charges)
+            if tpm is not None and used + tokens > tpm:
                 raise RateLimited(
                     f"key {key_name!r} is over its limit of {tpm} tokens per minute",
-                    _seconds(self._time_until_free(window, window.tokens() + tokens - tpm, now)),
+                    _seconds(_time_until_free(charges, used + tokens - tpm, now)),
                 )
-            charge = Charge(now, tokens)
-            window.charges.append(charge)
-            return charge
+            row = connection.execute(
+                "INSERT INTO rate_charges (key_name, at, tokens) VALUES (?, ?, ?) RETURNING id", (key_name, now, tokens)
+            ).fetchone()
+        return Charge(row["id"])
 
     def settle(self, charge: Charge, tokens: int) -> None:
         """Correct an admitted request's charge to the `tokens` it really used."""
-        with self._lock:
-            charge.tokens = tokens
+        with self.database.transaction() as connection:
+            connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
 
-    @staticmethod
-    def _time_until_free(window: _Window, excess: int, now: float) -> float:
-        """Seconds until the oldest charges, expiring, free `excess` tokens."""
-        freed = 0
-        for charge in window.charges:
-            freed += charge.tokens
-            if freed >= excess:
-                return charge.time + WINDOW_S - now
-        return WINDOW_S
+
+def _time_until_free(charges: list[dict], excess: int, now: float) -> float:
+    """Seconds until the oldest charges, expiring, free `excess` tokens."""
+    freed = 0
+    for charge in charges:
+        freed += charge["tokens"]
+        if freed >= excess:
+            return charge["at"] + WINDOW_S - now
+    return WINDOW_S
 
 
 def _seconds(wait: float) -> int:

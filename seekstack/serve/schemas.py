@@ -1,20 +1,30 @@
 """Request and response bodies in OpenAI's shapes (plus vLLM's sampling extras), as pydantic models.
 
-Requests are validated strictly from JSON: a string where a number belongs is a 400, not a guess.
-Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
+Requests are validated strictly from JSON: a string where a number belongs is a 400, not a guess, and
+every number has a range (OpenAI's where it documents one), so no value reaches the engine that it
+cannot sample with. Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep
+working.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_CHOICES = 16
+MAX_PROMPTS = 16  # prompts in one completions request
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+MAX_INT32 = 2**31 - 1  # the bound of counts (max_tokens, top_k) that have no natural one
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+PromptText = Annotated[str, Field(min_length=1)]
+PromptIds = Annotated[list[int], Field(min_length=1)]
 
 
 class StrictRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(StrictRequest):
@@ -28,16 +38,16 @@ class SamplingFields(StrictRequest):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch takes [-2**63, 2**64): room for seed + index
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    top_k: int | None = Field(None, ge=-1)  # vLLM extras from here on; -1 or 0: off
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # vLLM extras from here on; -1 or 0: off
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # drop <｜User｜> and the like from the text, as vLLM does
 
@@ -55,24 +65,44 @@ class ChatMessage(StrictRequest):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class ResponseFormat(StrictRequest):
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None  # declared to be refused (protocol.refuse_unsupported)
+    functions: list[dict[str, Any]] | None = None
+    response_format: ResponseFormat | None = None  # only "text"
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: (
+        PromptText
+        | PromptIds
+        | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )  # one prompt (text or token ids), or a list of them: each gets n choices
+    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False  # the prompt's text before each choice's
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)  # candidates per prompt; the n likeliest are returned
+    suffix: str | None = None  # declared to be refused: the model does no fill-in-the-middle
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class ErrorDetail(BaseModel):
@@ -184,3 +214,40 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "engine stopped"]
+    auth: bool  # whether API keys are required
+
+
+class UsageDay(BaseModel):
+    key_name: str | None
+    day: str  # YYYY-MM-DD (UTC)
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+class UsageReport(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UsageDay]
+    total_cost: float
+
+
+class ModerationRequest(StrictRequest):
+    input: str | list[str] = Field(min_length=1)
+    model: str | None = None  # the server's policy answers, whatever is named
+
+
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+
+
+class ModerationResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]

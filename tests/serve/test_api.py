@@ -19,9 +19,18 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from seekstack.serve.billing import BILL_EVERY_TOKENS
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
-from tests.serve.server import SEEKSTACK, make_model_dir, new_postgres_database, postgres_or_skip, running_server
+from seekstack.serve.ledger import IN_PROGRESS
+from tests.serve.server import (
+    SEEKSTACK,
+    make_model_dir,
+    new_postgres_database,
+    postgres_or_skip,
+    running_server,
+    running_servers,
+)
 
 MODEL = "model"  # the checkpoint folder's name is the model id
 MAX_MODEL_LEN = 256
@@ -281,6 +290,54 @@ def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_p
     assert metric_samples(base_url)["seekstack:num_requests_running"] == 0
 
 
+def test_hostile_requests_fail_alone_beside_a_stream_that_keeps_its_pace(base_url, keys):
+    """While one client streams, another sends extreme values, NaN, a huge body and many stop strings: each gets a
+    4xx, and the stream's mean gap between tokens stays within 2x of its undisturbed value."""
+    streamer, attacker = keys.create("steady"), keys.create("hostile")
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 120, "logprobs": 0, "stream": True, **NO_EOS}
+    hostile = [
+        json.dumps({"model": MODEL, "prompt": "x", "top_k": 2**63}),
+        '{"model": "model", "prompt": "x", "temperature": NaN}',
+        json.dumps({"model": MODEL, "prompt": "x", "stop": ["y" * 100] * 2000}),
+        json.dumps({"model": MODEL, "prompt": "x" * 5_000_000}),
+    ]
+
+    def mean_gap_s() -> float:
+        arrivals = []
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {streamer}"}, timeout=60) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals.append(time.perf_counter())
+        assert len(arrivals) == 120  # logprobs: an event for each token, also half a UTF-8 character
+        return (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1)
+
+    def mean_gap_beside_attacks_s() -> float:
+        done = threading.Event()
+
+        def attack():
+            while not done.is_set():
+                statuses.extend(post(base_url, "/v1/completions", attacker, content).status_code for content in hostile)
+
+        attacker_thread = threading.Thread(target=attack)
+        attacker_thread.start()
+        try:
+            return mean_gap_s()
+        finally:
+            done.set()
+            attacker_thread.join()
+
+    statuses: list[int] = []
+    undisturbed = disturbed = 0.0
+    for _ in range(3):  # interleaved, so that load from elsewhere on the machine falls on both alike
+        undisturbed += mean_gap_s()
+        disturbed += mean_gap_beside_attacks_s()
+    assert statuses and set(statuses) <= {400, 413}, statuses
+    assert disturbed < 2 * undisturbed, (
+        f"mean gap {disturbed / 3 * 1000:.1f} ms beside hostile requests, {undisturbed / 3 * 1000:.1f} ms alone"
+    )
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_missing_bad_and_revoked_keys_get_401(base_url, keys, database_path):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
@@ -458,6 +515,64 @@ def test_ledger_record_survives_killing_the_server(model_dir, tmp_path):
     assert [(r["status"], r["prompt_tokens"], r["completion_tokens"]) for r in rows] == [
         (200, reply.usage.prompt_tokens, 5), (200, chunks[-1].usage.prompt_tokens, 4),
     ]  # fmt: skip
+
+
+def test_a_stream_cut_off_by_a_crash_is_billed_up_to_its_last_update(model_dir, tmp_path):
+    """kill -9 mid-stream: the stream's row, opened when it started, holds all but fewer than BILL_EVERY_TOKENS of
+    the tokens the client had received (status 0: never finished)."""
+    database_path = tmp_path / "crash.db"
+    key = KeyStore(open_database(database_path)).create("crashed")
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 200, "logprobs": 0, "stream": True, **NO_EOS}
+    with running_server(model_dir, database_path) as server:
+        received = 0
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    received += len(json.loads(line[6:])["choices"][0]["logprobs"]["tokens"])
+                if received >= 100:
+                    server.process.send_signal(signal.SIGKILL)
+                    break
+        server.process.wait()
+    [row] = ledger_rows(database_path, "crashed")
+    assert row["status"] == IN_PROGRESS and row["prompt_tokens"] > 0 and row["cost"] > 0
+    assert received - BILL_EVERY_TOKENS < row["completion_tokens"] < 200
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_bill_then_the_server_exits(model_dir, tmp_path):
+    database_path = tmp_path / "graceful.db"
+    key = KeyStore(open_database(database_path)).create("graceful")
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 150, "logprobs": 0, "stream": True, **NO_EOS}
+    with running_server(model_dir, database_path) as server:
+        events = []
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60) as response:  # fmt: skip
+            for line in response.iter_lines():
+                if line:
+                    events.append(line)
+                if len(events) == 10:
+                    server.process.send_signal(signal.SIGTERM)
+        exit_status = server.process.wait(timeout=30)
+    assert events[-1] == "data: [DONE]" and len(events) == 150 + 1
+    assert exit_status == -signal.SIGTERM  # uvicorn shuts down, then re-raises the signal it caught
+    [row] = ledger_rows(database_path, "graceful")
+    assert (row["status"], row["completion_tokens"]) == (200, 150)
+
+
+def test_rate_limits_and_revocation_hold_across_two_server_processes(model_dir, tmp_path):
+    database_path = tmp_path / "shared.db"
+    store = KeyStore(open_database(database_path))
+    limited, revoked = store.create("shared-limit", rpm=3), store.create("shared-revoked")
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    with running_servers(model_dir, database_path, 2) as (first, second):
+        servers = (first, second, first, second)
+        assert [post(server.url, "/v1/completions", limited, body).status_code for server in servers] == [
+            200, 200, 200, 429,
+        ]  # fmt: skip
+        assert post(second.url, "/v1/completions", revoked, body).status_code == 200
+        store.revoke("shared-revoked")
+        for server in (first, second):
+            assert_error(post(server.url, "/v1/completions", revoked, body), 401, "revoked")
 
 
 def test_keys_and_ledger_on_postgresql(model_dir):

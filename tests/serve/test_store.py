@@ -13,7 +13,7 @@ from seekstack.cli import app
 from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KeyStore, KeyStoreError, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
-from seekstack.serve.ratelimit import RateLimited, RateLimiter
+from seekstack.serve.ratelimit import NeverFits, RateLimited, RateLimiter
 from tests.serve.server import new_postgres_database, postgres_or_skip
 
 
@@ -127,9 +127,9 @@ class FakeClock:
         return self.now
 
 
-def test_requests_per_minute_limit_and_retry_after():
+def test_requests_per_minute_limit_and_retry_after(tmp_path):
     clock = FakeClock()
-    limiter = RateLimiter(clock)
+    limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
     limiter.admit("k", rpm=2, tpm=None, tokens=1)
     clock.now += 10
     limiter.admit("k", rpm=2, tpm=None, tokens=1)
@@ -142,16 +142,16 @@ def test_requests_per_minute_limit_and_retry_after():
     limiter.admit("k", rpm=2, tpm=None, tokens=1)
 
 
-def test_tokens_per_minute_charge_is_settled_to_the_real_usage():
+def test_tokens_per_minute_charge_is_settled_to_the_real_usage(tmp_path):
     clock = FakeClock()
-    limiter = RateLimiter(clock)
+    limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
     charge = limiter.admit("k", rpm=None, tpm=100, tokens=80)  # prompt + max_tokens
     with pytest.raises(RateLimited, match="limit of 100 tokens per minute") as refused:
         limiter.admit("k", rpm=None, tpm=100, tokens=30)
     assert refused.value.retry_after_s == 60
     limiter.settle(charge, 20)  # it stopped early
     limiter.admit("k", rpm=None, tpm=100, tokens=30)
-    with pytest.raises(RateLimited, match="more than key 'k' may use in a minute"):
+    with pytest.raises(NeverFits, match="more than key 'k' may use in a minute"):
         limiter.admit("k", rpm=None, tpm=100, tokens=101)
 
 

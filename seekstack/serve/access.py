@@ -1,0 +1,63 @@
+"""What a request must be before the server reads it: a body within the size limit and, while the server runs
+open (no API keys, loopback only), addressed to a loopback name and sent as JSON.
+
+Why the open-mode checks: without keys, any web page the user visits could POST to the server (a form
+or `fetch` with a "simple" content type needs no CORS preflight), and a page on a DNS-rebound name could
+read the answers. Requiring `Content-Type: application/json` forces a preflight that the server does not
+grant, and checking `Host` refuses requests addressed to any name but localhost.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from seekstack.serve.errors import APIError
+
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is ~0.5 MB of text; JSON escaping may double it
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+JSON = "application/json"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body; 413 in OpenAI's shape as soon as it is known to be over `limit` bytes (from its
+    Content-Length, or while it arrives), so an oversized body is never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_open_mode_request(request: Request) -> None:
+    """In open mode: 403 unless `Host` names loopback; 415 for a POST whose content type is not JSON."""
+    host = request.headers.get("host", "")
+    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rpartition(":")[0] or host
+    if name.lower() not in LOOPBACK_NAMES:
+        raise APIError(
+            403,
+            f"Host {host!r} is not a loopback name: without API keys this server answers only requests addressed to "
+            f"{', '.join(LOOPBACK_NAMES)} (a defence against DNS rebinding); create a key to serve other names",
+            "permission_error",
+            code="host_not_allowed",
+        )
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if request.method == "POST" and media_type != JSON:
+        raise APIError(
+            415,
+            f"send the body as {JSON} (got {media_type or 'no content type'!r}): without API keys the server "
+            "refuses other content types, which web pages can send to it without the browser asking first",
+            code="unsupported_media_type",
+        )
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413,
+        f"the request body is larger than this server's limit of {limit:,} bytes",
+        code="request_too_large",
+    )

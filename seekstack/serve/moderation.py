@@ -1,0 +1,218 @@
+"""Content safety: a policy file of categories, each found by terms, regular expressions and/or a trained classifier,
+and what to do when one is found (block, redact, flag), applied to prompts and to generated text as it streams.
+
+A policy (`--moderation-policy FILE`, .yaml/.toml/.json):
+
+    categories:
+      pii:      {action: redact, patterns: ['[\\w.+-]+@[\\w-]+\\.[\\w.]+']}
+      weapons:  {action: block, terms: [pipe bomb, nerve agent], classifier: weapons.npz, threshold: 0.8,
+                 billing: none}
+    plans: {free: [pii, weapons]}        # categories enforced for keys on a plan (default: every category)
+    keys: {research: [pii]}              # ... or for one key (before its plan)
+
+Terms match whole words, case-insensitively. A classifier is any object with `score(text) -> probability`
+(`Classifier`); the one we ship is the hashed n-gram logistic regression of `seekstack data quality-train
+--reference CATEGORY_EXAMPLES --pool ACCEPTABLE_EXAMPLES --out FILE.npz`. Terms and patterns act on the span they
+match (a block cuts the text before it, a redaction replaces it); a classifier judges the whole text so far.
+
+Streaming: text is released `holdback` characters behind what was generated (and in full at the end), so a term
+or pattern match of up to that many characters is acted on before any of it is sent; a classifier's judgement
+(every `CLASSIFY_EVERY_CHARS` new characters and at the end) can only stop what follows. A blocked generation
+ends with finish_reason "content_filter", as OpenAI's API reports it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Protocol
+
+from annotated_types import Interval
+
+from seekstack.schema import ConfigError, check, read_config_file
+
+CLASSIFY_EVERY_CHARS = 200
+Action = Literal["block", "redact", "flag"]
+
+
+class Classifier(Protocol):
+    """What a category's classifier offers: the probability that a text belongs to the category."""
+
+    def score(self, text: str) -> float: ...
+
+
+@dataclass
+class CategoryRule:
+    """How one category is found and what is done when it is."""
+
+    action: Action = "block"
+    terms: tuple[str, ...] = ()  # whole words or phrases, any case
+    patterns: tuple[str, ...] = ()  # regular expressions (Python syntax)
+    classifier: str | None = None  # a model file of `seekstack data quality-train`, relative to the policy file
+    threshold: Annotated[float, Interval(ge=0, le=1)] = 0.5  # classifier probability at which the category is found
+    billing: Literal["tokens", "none"] = "tokens"  # what a request this category acted on costs
+    holdback: Annotated[int, Interval(ge=0, le=4096)] = 64  # characters of a stream held back for span matches
+
+
+@dataclass
+class PolicyFile:
+    """The policy file's fields."""
+
+    categories: dict[str, CategoryRule] = field(default_factory=dict)
+    plans: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A category found in a text: where (a span, or None for a classifier's judgement of the whole) and how sure."""
+
+    category: str
+    action: Action
+    span: tuple[int, int] | None
+    score: float
+
+
+@dataclass
+class Category:
+    """A category ready to match: its rule, one compiled expression for its terms and patterns, its classifier."""
+
+    name: str
+    rule: CategoryRule
+    expression: re.Pattern | None
+    classifier: Classifier | None
+
+    def spans(self, text: str, start: int = 0) -> list[Hit]:
+        """Every term or pattern match in text[start:] (positions in `text`)."""
+        if self.expression is None:
+            return []
+        return [Hit(self.name, self.rule.action, m.span(), 1.0) for m in self.expression.finditer(text, start)
+                if m.end() > m.start()]  # fmt: skip
+
+    def judge(self, text: str) -> Hit | None:
+        """The classifier's verdict on the whole text, if it finds the category."""
+        if self.classifier is None:
+            return None
+        score = self.classifier.score(text)
+        return Hit(self.name, self.rule.action, None, score) if score >= self.rule.threshold else None
+
+
+class Policy:
+    """The categories of a policy file and who they apply to."""
+
+    def __init__(self, categories: list[Category], plans: dict[str, tuple[str, ...]], keys: dict[str, tuple[str, ...]]):
+        self.categories = {category.name: category for category in categories}
+        self.plans, self.keys = plans, keys
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """The policy in `path`; ConfigError naming the file and the category or expression at fault."""
+        from seekstack.corpus.quality import QualityModel
+
+        path = Path(path)
+        policy = check(PolicyFile, read_config_file(path), str(path))
+        categories = []
+        for name, rule in policy.categories.items():
+            try:
+                expression = _expression(rule)
+            except re.error as error:
+                raise ConfigError(f"{path}: category {name!r} has an invalid pattern: {error}") from None
+            classifier = None
+            if rule.classifier is not None:
+                model_path = path.parent / rule.classifier
+                if not model_path.is_file():
+                    raise ConfigError(f"{path}: category {name!r}: no classifier file {model_path}")
+                classifier = QualityModel.load(model_path)
+            if expression is None and classifier is None:
+                raise ConfigError(f"{path}: category {name!r} needs terms, patterns or a classifier")
+            categories.append(Category(name, rule, expression, classifier))
+        for section, scopes in (("plans", policy.plans), ("keys", policy.keys)):
+            for scope, names in scopes.items():
+                unknown = [name for name in names if name not in policy.categories]
+                if unknown:
+                    raise ConfigError(f"{path}: {section}.{scope} names unknown category {unknown[0]!r}")
+        return cls(categories, policy.plans, policy.keys)
+
+    def for_caller(self, key_name: str | None, plan: str | None) -> list[Category]:
+        """The categories enforced for a key (by its name, else its plan, else all)."""
+        if key_name in self.keys:
+            names = self.keys[key_name]
+        elif plan in self.plans:
+            names = self.plans[plan]
+        else:
+            return list(self.categories.values())
+        return [self.categories[name] for name in names]
+
+
+def scan(categories: list[Category], text: str) -> list[Hit]:
+    """Every hit of `categories` in the whole of `text`: spans in order, then classifier verdicts."""
+    spans = sorted((hit for category in categories for hit in category.spans(text)), key=lambda hit: hit.span)
+    verdicts = [hit for category in categories if (hit := category.judge(text)) is not None]
+    return spans + verdicts
+
+
+def redacted(text: str, hits: list[Hit]) -> str:
+    """`text` with the spans of redacting hits replaced by [REDACTED:category] (overlaps: the first wins)."""
+    out, position = [], 0
+    for hit in hits:
+        if hit.action == "redact" and hit.span is not None and hit.span[0] >= position:
+            out += [text[position : hit.span[0]], f"[REDACTED:{hit.category}]"]
+            position = hit.span[1]
+    return "".join(out) + text[position:]
+
+
+@dataclass
+class ModeratedStream:
+    """One choice's generated text, released as it proves clean: `push` new text, get what may be shown and the
+    hit that blocks it (the text shown stops before a blocked span)."""
+
+    categories: list[Category]
+    text: str = ""  # generated so far
+    released: int = 0  # characters of `text` judged and shown (after redaction)
+    judged: int = 0  # length of `text` at the classifiers' last verdict
+    hits: list[Hit] = field(default_factory=list)  # every hit so far, blocking or not
+
+    @property
+    def holdback(self) -> int:
+        return max((c.rule.holdback for c in self.categories if c.expression is not None), default=0)
+
+    def push(self, piece: str, final: bool = False) -> tuple[str, Hit | None]:
+        """Add generated text; return the text now safe to show and the blocking hit, if any (then stop)."""
+        self.text += piece
+        if final or len(self.text) - self.judged >= CLASSIFY_EVERY_CHARS:
+            self.judged = len(self.text)
+            verdicts = [hit for category in self.categories if (hit := category.judge(self.text)) is not None]
+            self.hits += verdicts
+            blocking = next((hit for hit in verdicts if hit.action == "block"), None)
+            if blocking is not None:
+                return "", blocking
+        end = len(self.text) if final else max(self.released, len(self.text) - self.holdback)
+        spans = sorted((hit for category in self.categories for hit in category.spans(self.text, self.released)),
+                       key=lambda hit: hit.span)  # fmt: skip
+        acted = []
+        for hit in spans:
+            start, stop = hit.span
+            if hit.action == "block":  # wherever it is: nothing from its start on may go out
+                self.hits += [*acted, hit]
+                shown, self.released = redacted(self.text[self.released : start], _shifted(acted, self.released)), stop
+                return shown, hit
+            if start >= end:
+                continue
+            acted.append(hit)
+            end = max(end, stop)  # a match begun before the boundary is released whole (redacted or flagged)
+        self.hits += acted
+        shown = redacted(self.text[self.released : end], _shifted(acted, self.released))
+        self.released = end
+        return shown, None
+
+
+def _shifted(hits: list[Hit], offset: int) -> list[Hit]:
+    return [Hit(hit.category, hit.action, (hit.span[0] - offset, hit.span[1] - offset), hit.score) for hit in hits
+            if hit.span is not None]  # fmt: skip
+
+
+def _expression(rule: CategoryRule) -> re.Pattern | None:
+    """One case-insensitive expression for a rule's terms (as whole words) and patterns."""
+    parts = [rf"\b{re.escape(term)}\b" for term in rule.terms] + [f"(?:{pattern})" for pattern in rule.patterns]
+    return re.compile("|".join(parts), re.IGNORECASE) if parts else None

@@ -1,0 +1,402 @@
+"""The defects found probing the server from outside, each fixed: sampling ranges, one request's failure isolated,
+body limit and tokenizing off the event loop, bounded stop strings, error fields, 400 for a request no minute
+can hold, open mode's Host and content-type checks, a private keys database, no exception text in 500s.
+
+In process, through the app's ASGI interface with its engine thread running (fast); the crash test is in
+test_api.py, where a server process can be killed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import stat
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+
+from seekstack.infer.detokenize import TextStream
+from seekstack.infer.engine import Engine
+from seekstack.infer.params import SamplingParams
+from seekstack.serve.app import create_app
+from seekstack.serve.database import open_database
+from seekstack.serve.keys import KeyStore
+from seekstack.serve.ledger import Ledger
+from tests.serve.server import make_model_dir
+
+NO_EOS = {"ignore_eos": True}
+COMPLETION = {"model": "model", "prompt": "hello", "max_tokens": 4, **NO_EOS}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("hardening"))
+
+
+@pytest.fixture
+def engine(model_dir) -> Engine:
+    return Engine.from_pretrained(model_dir)
+
+
+@asynccontextmanager
+async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `app` addressed to localhost, with the app's engine thread running."""
+    app.state.server.bridge.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000", timeout=60) as client:
+            yield client
+    finally:
+        app.state.server.bridge.stop()
+
+
+def run(app, scenario) -> object:
+    """`scenario(client)` against `app`, to its end."""
+
+    async def main():
+        async with serving(app) as client:
+            return await scenario(client)
+
+    return asyncio.run(main())
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def test_sampling_fields_out_of_range_get_400_naming_the_field(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+    extremes = {
+        "top_k": 9223372036854775808, "temperature": 2.5, "top_p": 0, "n": 17, "presence_penalty": -3,
+        "repetition_penalty": 11, "min_p": 1.5, "max_tokens": 2**40, "logprobs": 6, "stop": ["a"] * 5,
+    }  # fmt: skip
+
+    async def scenario(client):
+        answers = {field: await client.post("/v1/completions", json={**COMPLETION, field: value})
+                   for field, value in extremes.items()}  # fmt: skip
+        answers["nan"] = await client.post(
+            "/v1/completions", content=b'{"model": "model", "prompt": "x", "temperature": NaN}',
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
+        answers["long stop"] = await client.post("/v1/completions", json={**COMPLETION, "stop": "x" * 257})
+        return answers
+
+    answers = run(app, scenario)
+    for field in extremes:
+        assert error_of(answers[field], 400)["param"] == field, field
+    assert error_of(answers["nan"], 400)["param"] == "temperature"
+    assert error_of(answers["long stop"], 400)["param"] == "stop"
+
+
+def test_a_request_whose_sampling_raises_fails_alone_and_the_stream_beside_it_completes(engine, tmp_path):
+    """A parameter the API lets through by mistake (injected below it) ends its own request only."""
+    database = open_database(tmp_path / "db")
+    app = create_app(engine, database)
+    poison = SamplingParams(max_new_tokens=30, temperature=0.9, top_k=2**63, ignore_eos=True)  # overflows torch
+
+    async def scenario(client):
+        body = {**COMPLETION, "max_tokens": 200, "temperature": 0.9, "stream": True}
+        stream = asyncio.create_task(client.post("/v1/completions", json=body))
+        while not engine.stats().running:
+            await asyncio.sleep(0.001)
+        group = await app.state.server.bridge.submit([[5, 6, 7]], [poison])
+        with pytest.raises(Exception, match="alone") as failure:
+            async for _ in group:
+                pass
+        running_after_the_failure = engine.stats().running
+        return await stream, failure.value, running_after_the_failure
+
+    streamed, failure, running_after_the_failure = run(app, scenario)
+    assert "Overflow" in str(failure) and running_after_the_failure == 1  # the stream was still going
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "error" not in events[-1] and events[-1]["choices"][0]["finish_reason"] == "length"
+    [row] = Ledger(database).records()
+    assert (row["status"], row["completion_tokens"]) == (200, 200)
+
+
+def test_bodies_over_the_limit_get_413_whether_their_length_is_declared_or_not(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"), max_body_bytes=1000)
+    big = json.dumps({**COMPLETION, "prompt": "x" * 2000}).encode()
+
+    async def chunked():
+        for start in range(0, len(big), 100):
+            yield big[start : start + 100]
+
+    async def scenario(client):
+        headers = {"content-type": "application/json"}
+        declared = await client.post("/v1/completions", content=big, headers=headers)
+        undeclared = await client.post("/v1/completions", content=chunked(), headers=headers)
+        small = await client.post("/v1/completions", json=COMPLETION)
+        return declared, undeclared, small
+
+    declared, undeclared, small = run(app, scenario)
+    for response in (declared, undeclared):
+        assert error_of(response, 413)["code"] == "request_too_large"
+        assert "1,000 bytes" in response.json()["error"]["message"]
+    assert small.status_code == 200
+
+
+def test_tokenizing_a_prompt_does_not_hold_up_other_requests(engine, tmp_path):
+    """While a prompt takes a second to tokenize, /health answers at once."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+    real_encode = engine.tokenizer.encode
+
+    def slow_encode(text, *args, **kwargs):
+        time.sleep(1.0)
+        return real_encode(text, *args, **kwargs)
+
+    engine.tokenizer.encode = slow_encode
+
+    async def scenario(client):
+        slow = asyncio.create_task(client.post("/v1/completions", json=COMPLETION))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        health = await client.get("/health")
+        return time.perf_counter() - started, health, await slow
+
+    waited, health, slow = run(app, scenario)
+    assert health.status_code == 200 and slow.status_code == 200
+    assert waited < 0.5, f"/health waited {waited:.2f} s behind the tokenizer"
+
+
+def naive_release(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """What may be shown of `text` (the whole text so far): up to the first stop string, else all but a tail that
+    could begin one."""
+    found = [text.find(stop) for stop in stops if stop in text]
+    if found:
+        return text[: min(found)], True
+    held = max((size for stop in stops for size in range(1, len(stop)) if text.endswith(stop[:size])), default=0)
+    return text[: len(text) - held], False
+
+
+def test_stop_strings_are_matched_on_the_unreleased_tail_exactly_as_on_the_whole_text(engine):
+    rng = random.Random(0)
+    tokenizer = engine.tokenizer
+    for _ in range(200):
+        stops = tuple("".join(rng.choice("ab ") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4)))
+        ids = tokenizer.encode("".join(rng.choice(["a", "b", " ", "ab", "ba", "c"]) for _ in range(30)))
+        stream, shown, stopped = TextStream(tokenizer, stops), "", False
+        for token in ids:
+            piece, stopped = stream.push(token)
+            shown += piece
+            expected, expected_stop = naive_release(stream.text, stops)
+            assert (shown, stopped) == (expected, expected_stop), (stops, stream.text)
+            if stopped:
+                break
+
+
+def test_error_fields_name_the_parameter_not_the_type(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    async def scenario(client):
+        unknown = await client.post("/v1/completions", json={**COMPLETION, "model": "gpt-9"})
+        out_of_vocabulary = await client.post("/v1/completions", json={**COMPLETION, "prompt": [10**6]})
+        return unknown, out_of_vocabulary
+
+    unknown, out_of_vocabulary = run(app, scenario)
+    assert error_of(unknown, 404) == {**unknown.json()["error"], "type": "invalid_request_error", "param": "model"}
+    assert error_of(out_of_vocabulary, 400)["type"] == "invalid_request_error"
+    assert out_of_vocabulary.json()["error"]["param"] == "prompt"
+
+
+def test_a_request_larger_than_the_tokens_per_minute_gets_400_not_429(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("small", tpm=20)
+    app = create_app(engine, database)
+
+    async def scenario(client):
+        headers = {"Authorization": f"Bearer {key}"}
+        never = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 30}, headers=headers)
+        fits = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 10}, headers=headers)
+        later = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 10}, headers=headers)
+        return never, fits, later
+
+    never, fits, later = run(app, scenario)
+    assert error_of(never, 400)["param"] == "max_tokens" and "Retry-After" not in never.headers
+    assert fits.status_code == 200
+    assert error_of(later, 429)["type"] == "rate_limit_error" and "Retry-After" in later.headers
+
+
+def test_open_mode_answers_only_loopback_hosts_and_json_bodies(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    async def scenario(client):
+        rebound = await client.post("/v1/completions", json=COMPLETION, headers={"host": "evil.example:8000"})
+        as_form = await client.post("/v1/completions", content=json.dumps(COMPLETION),
+                                    headers={"content-type": "text/plain"})  # fmt: skip
+        models = await client.get("/v1/models", headers={"host": "attacker.example"})
+        local = [
+            await client.post("/v1/completions", json=COMPLETION, headers={"host": host})
+            for host in ("localhost:8000", "127.0.0.1:8000", "[::1]:8000", "localhost")
+        ]
+        return rebound, as_form, models, local
+
+    rebound, as_form, models, local = run(app, scenario)
+    assert error_of(rebound, 403)["code"] == "host_not_allowed"
+    assert error_of(models, 403)["code"] == "host_not_allowed"
+    assert error_of(as_form, 415)["code"] == "unsupported_media_type"
+    assert [response.status_code for response in local] == [200] * 4
+
+
+def test_with_keys_any_host_and_content_type_may_come(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("remote")
+    app = create_app(engine, database)
+
+    async def scenario(client):
+        headers = {"Authorization": f"Bearer {key}", "host": "api.example.com", "content-type": "text/plain"}
+        return await client.post("/v1/completions", content=json.dumps(COMPLETION), headers=headers)
+
+    assert run(app, scenario).status_code == 200
+
+
+def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path):
+    open_database(tmp_path / "keys.db").close()
+    assert stat.S_IMODE((tmp_path / "keys.db").stat().st_mode) == 0o600
+
+
+def test_a_key_uses_only_its_models_and_only_admin_keys_read_usage(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    store = KeyStore(database)
+    narrow, boss = store.create("narrow", models=("legal-adapter",)), store.create("boss", admin=True)
+    app = create_app(engine, database)
+
+    async def scenario(client):
+        as_narrow, as_boss = {"Authorization": f"Bearer {narrow}"}, {"Authorization": f"Bearer {boss}"}
+        return (
+            await client.post("/v1/completions", json=COMPLETION, headers=as_narrow),
+            await client.get("/v1/models", headers=as_narrow),
+            await client.get("/v1/admin/usage", headers=as_narrow),
+            await client.get("/v1/admin/usage", headers=as_boss),
+        )
+
+    generation, models, user_usage, admin_usage = run(app, scenario)
+    error = error_of(generation, 403)
+    assert (error["code"], error["param"], error["type"]) == ("model_not_allowed", "model", "permission_error")
+    assert models.json()["data"] == []  # it may not use the base model
+    assert error_of(user_usage, 403)["code"] == "admin_required"
+    assert admin_usage.status_code == 200 and admin_usage.json()["data"][0]["key_name"] == "narrow"
+
+
+def test_cors_admits_the_configured_origins_only(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"), cors_origins=("https://app.example",))
+
+    async def scenario(client):
+        def preflight(origin: str):
+            headers = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                       "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+            return client.options("/v1/chat/completions", headers=headers)
+
+        return await preflight("https://app.example"), await preflight("https://evil.example")
+
+    allowed, refused = run(app, scenario)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+
+
+def test_echo_best_of_and_the_refused_fields_of_openai(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    async def scenario(client):
+        answers = {
+            "echo": await client.post("/v1/completions", json={**COMPLETION, "echo": True}),
+            "echo ids": await client.post("/v1/completions", json={**COMPLETION, "prompt": [70, 71], "echo": True}),
+            "echo stream": await client.post("/v1/completions", json={**COMPLETION, "echo": True, "stream": True}),
+            "best_of": await client.post(
+                "/v1/completions", json={**COMPLETION, "n": 2, "best_of": 4, "temperature": 1.5, "logprobs": 0}
+            ),
+            "best_of < n": await client.post("/v1/completions", json={**COMPLETION, "n": 3, "best_of": 2}),
+            "best_of stream": await client.post("/v1/completions", json={**COMPLETION, "best_of": 2, "stream": True}),
+            "suffix": await client.post("/v1/completions", json={**COMPLETION, "suffix": "end"}),
+            "tools": await client.post("/v1/chat/completions", json={**chat, "tools": [{"type": "function"}]}),
+            "json": await client.post(
+                "/v1/chat/completions", json={**chat, "response_format": {"type": "json_object"}}
+            ),
+            "text": await client.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}}),
+        }
+        return answers
+
+    answers = run(app, scenario)
+    assert answers["echo"].json()["choices"][0]["text"].startswith("hello")
+    assert answers["echo ids"].json()["choices"][0]["text"].startswith(engine.tokenizer.decode([70, 71]))
+    first_event = json.loads(answers["echo stream"].text.splitlines()[0][6:])
+    assert first_event["choices"][0]["text"] == "hello"
+    best = answers["best_of"].json()
+    assert [choice["index"] for choice in best["choices"]] == [0, 1]
+    assert best["usage"]["completion_tokens"] == 4 * 4  # every candidate is generated (and billed)
+    totals = [sum(choice["logprobs"]["token_logprobs"]) for choice in best["choices"]]
+    assert totals == sorted(totals, reverse=True)  # the likeliest first
+    for name, param in (("best_of < n", "best_of"), ("best_of stream", "best_of"), ("suffix", "suffix"),
+                        ("tools", "tools"), ("json", "response_format")):  # fmt: skip
+        assert error_of(answers[name], 400)["param"] == param, name
+    assert answers["text"].status_code == 200
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_without_tokenizing(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the tokenizer was asked")
+
+    engine.tokenizer.encode = never
+
+    async def scenario(client):
+        return await client.post("/v1/completions", json={**COMPLETION, "prompt": "word " * 400_000})
+
+    error = error_of(run(app, scenario), 400)
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+
+
+def test_a_list_of_prompts_gets_n_choices_each_in_order(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+    texts = {**COMPLETION, "prompt": ["hello", "world"], "n": 2, "echo": True}
+    ids = {**COMPLETION, "prompt": [[70, 71], [72]], "stream": True, "stream_options": {"include_usage": True}}
+
+    async def scenario(client):
+        return (
+            await client.post("/v1/completions", json=texts),
+            await client.post("/v1/completions", json=ids),
+            await client.post("/v1/completions", json={**COMPLETION, "prompt": ["x"] * 16, "n": 5}),
+        )
+
+    whole, streamed, too_many = run(app, scenario)
+    choices = whole.json()["choices"]
+    assert [choice["index"] for choice in choices] == [0, 1, 2, 3]
+    assert [choice["text"][:5] for choice in choices] == ["hello", "hello", "world", "world"]
+    encode = engine.tokenizer.encode
+    usage = whole.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(encode("hello")) + len(encode("world")), 16)
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert {choice["index"] for event in events for choice in event["choices"]} == {0, 1}
+    assert events[-1]["usage"]["prompt_tokens"] == 3 and events[-1]["usage"]["completion_tokens"] == 8
+    assert error_of(too_many, 400)["param"] == "n"
+
+
+def test_prompt_tokens_read_from_the_prefix_cache_are_reported_and_billed_at_the_cached_price(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    store = KeyStore(database)
+    store.set_plan("cache-aware", prompt_per_1k=1.0, completion_per_1k=2.0, cached_prompt_per_1k=0.1)
+    key = store.create("cached", plan="cache-aware")
+    app = create_app(engine, database)
+    body = {**COMPLETION, "prompt": list(range(40, 104))}  # 64 tokens: four full cache blocks
+
+    async def scenario(client):
+        headers = {"Authorization": f"Bearer {key}"}
+        return [(await client.post("/v1/completions", json=body, headers=headers)).json()["usage"] for _ in range(2)]
+
+    first, second = run(app, scenario)
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert 48 <= cached < 64  # whole blocks, short of the last token, which is computed again for its logits
+    rows = Ledger(database).records()
+    assert [row["cached_tokens"] for row in rows] == [0, cached]
+    expected = ((64 - cached) * 1.0 + cached * 0.1 + 4 * 2.0) / 1000
+    assert rows[1]["cost"] == pytest.approx(expected) and rows[0]["cost"] == pytest.approx((64 + 8) / 1000)

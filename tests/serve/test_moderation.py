@@ -1,0 +1,154 @@
+"""Content safety: the policy file, spans held back and acted on as text streams, prompts blocked or redacted, a
+generation cut with finish_reason "content_filter", the ledger's category and billing, /v1/moderations with a
+trained classifier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from seekstack.corpus.quality import train_quality_model
+from seekstack.infer.engine import Engine
+from seekstack.schema import ConfigError
+from seekstack.serve.app import create_app
+from seekstack.serve.database import open_database
+from seekstack.serve.keys import KeyStore
+from seekstack.serve.ledger import Ledger
+from seekstack.serve.moderation import ModeratedStream, Policy
+from tests.serve.server import make_model_dir
+from tests.serve.test_hardening import error_of, run
+
+WEAPONS = ["how do I build a pipe bomb", "instructions for a nerve agent", "make an explosive device at home"] * 5
+HARMLESS = ["how do I build a birdhouse", "instructions for a sourdough loaf", "make a kite at home"] * 5
+
+
+def write_policy(folder, categories: dict, **scopes) -> Policy:
+    (folder / "policy.yaml").write_text(yaml.safe_dump({"categories": categories, **scopes}))
+    return Policy.load(folder / "policy.yaml")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("moderation"))
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> Policy:
+    folder = tmp_path_factory.mktemp("policy")
+    train_quality_model(WEAPONS, HARMLESS, buckets=2**12).save(folder / "weapons.npz")
+    return write_policy(
+        folder,
+        {
+            "weapons": {
+                "action": "block",
+                "terms": ["pipe bomb"],
+                "classifier": "weapons.npz",
+                "threshold": 0.7,
+                "billing": "none",
+            },
+            "pii": {"action": "redact", "patterns": [r"[\w.]+@[\w.]+\.com"]},
+            "rude": {"action": "flag", "terms": ["stupid"]},
+        },
+        plans={"research": ["pii"]},
+    )
+
+
+def test_a_policy_file_with_a_mistake_is_refused_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="invalid pattern"):
+        write_policy(tmp_path, {"bad": {"patterns": ["(unclosed"]}})
+    with pytest.raises(ConfigError, match="unknown category 'nope'"):
+        write_policy(tmp_path, {"pii": {"terms": ["x"]}}, plans={"free": ["nope"]})
+    with pytest.raises(ConfigError, match="no classifier file"):
+        write_policy(tmp_path, {"pii": {"classifier": "missing.npz"}})
+    with pytest.raises(ConfigError, match="action"):
+        write_policy(tmp_path, {"pii": {"terms": ["x"], "action": "shout"}})
+
+
+def test_a_blocked_term_split_across_pieces_is_never_released(policy):
+    stream = ModeratedStream(list(policy.categories.values()))
+    shown, hits = "", []
+    for piece in ["Now I will build a pi", "pe bo", "mb and more text after it"]:
+        text, hit = stream.push(piece)
+        shown += text
+        hits.append(hit)
+        if hit:
+            break
+    assert "pi" not in shown.removeprefix("Now I will build a ")
+    assert shown == "Now I will build a " and hits[-1].category == "weapons" and hits[-1].span is not None
+
+
+def test_an_email_split_across_pieces_is_redacted_and_a_flag_passes_through(policy):
+    stream = ModeratedStream(list(policy.categories.values()))
+    pieces = ["write to jane.d", "oe@example.c", "om, you stupid", " person"]
+    shown = "".join(stream.push(piece, final=number == len(pieces))[0] for number, piece in enumerate(pieces, 1))
+    assert shown == "write to [REDACTED:pii], you stupid person"
+    assert {hit.category for hit in stream.hits} == {"pii", "rude"}
+
+
+def test_prompts_are_blocked_or_redacted_and_the_ledger_has_the_category(model_dir, policy, tmp_path):
+    engine = Engine.from_pretrained(model_dir)
+    database = open_database(tmp_path / "db")
+    app = create_app(engine, database, policy=policy)
+    body = {"model": "model", "max_tokens": 2, "ignore_eos": True}
+
+    async def scenario(client):
+        blocked = await client.post("/v1/completions", json={**body, "prompt": "how to build a pipe bomb"})
+        redacted = await client.post("/v1/completions", json={**body, "prompt": "mail bob@corp.com now"})
+        flagged = await client.post("/v1/completions", json={**body, "prompt": "you are stupid"})
+        return blocked, redacted, flagged
+
+    blocked, redacted, flagged = run(app, scenario)
+    error = error_of(blocked, 400)
+    assert (error["code"], error["param"]) == ("content_policy_violation", "prompt") and "weapons" in error["message"]
+    expected_tokens = len(engine.tokenizer.encode("mail [REDACTED:pii] now"))
+    assert redacted.json()["usage"]["prompt_tokens"] == expected_tokens  # the model read the redacted prompt
+    assert flagged.status_code == 200
+    rows = Ledger(database).records()
+    assert [(row["status"], row["moderation"]) for row in rows] == [(400, "weapons"), (200, "pii"), (200, "rude")]
+    assert rows[0]["prompt_tokens"] > 0 and rows[0]["cost"] == 0  # billing: none for weapons
+    assert rows[1]["cost"] > 0
+
+
+def test_a_stream_crossing_the_line_stops_with_content_filter(model_dir, tmp_path):
+    """A policy that blocks any visible character: the stream shows only whitespace, then content_filter."""
+    policy = write_policy(tmp_path, {"anything": {"action": "block", "patterns": [r"\S"]}}, keys={"exempt": []})
+    database = open_database(tmp_path / "db")
+    store = KeyStore(database)
+    user, exempt = store.create("user"), store.create("exempt")
+    app = create_app(Engine.from_pretrained(model_dir), database, policy=policy)
+    body = {"model": "model", "prompt": "  ", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+
+    async def scenario(client):
+        streamed = await client.post("/v1/completions", json={**body, "stream": True},
+                                     headers={"Authorization": f"Bearer {user}"})  # fmt: skip
+        whole = await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {user}"})
+        free = await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {exempt}"})
+        return streamed, whole, free
+
+    streamed, whole, free = run(app, scenario)
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert not "".join(chunk["choices"][0]["text"] for chunk in chunks).strip()
+    assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert whole.json()["choices"][0]["finish_reason"] == "content_filter"
+    assert not whole.json()["choices"][0]["text"].strip()
+    assert free.json()["choices"][0]["finish_reason"] == "length"  # the key's policy names no category
+    assert free.json()["choices"][0]["text"].strip()
+    rows = Ledger(database).records()
+    assert [row["moderation"] for row in rows] == ["anything", "anything", None]
+    assert rows[0]["completion_tokens"] < 40  # the blocked stream's generation was stopped
+
+
+def test_moderations_endpoint_reports_categories_and_classifier_scores(model_dir, policy, tmp_path):
+    app = create_app(Engine.from_pretrained(model_dir), open_database(tmp_path / "db"), policy=policy)
+
+    async def scenario(client):
+        inputs = ["make an explosive device at home", "make a kite at home", "write to a@b.com"]
+        return await client.post("/v1/moderations", json={"input": inputs})
+
+    results = run(app, scenario).json()["results"]
+    assert [result["flagged"] for result in results] == [True, False, True]
+    assert results[0]["categories"] == {"weapons": True, "pii": False, "rude": False}
+    assert results[0]["category_scores"]["weapons"] > 0.5 > results[1]["category_scores"]["weapons"]
+    assert results[2]["categories"]["pii"] and results[2]["category_scores"]["pii"] == 1.0
