@@ -1,4 +1,5 @@
-"""`seekstack sft`, `seekstack rl` and `seekstack pass-at-k`: reasoning post-training on verifiable tasks."""
+"""`seekstack sft`, `seekstack rl`, `seekstack pass-at-k` and `seekstack traces`: reasoning post-training on
+verifiable tasks."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def rl_command(
 
 
 def pass_at_k_command(
-    model: Annotated[Path, typer.Argument(help="A checkpoint directory with its tokenizer")],
+    models: Annotated[list[Path], typer.Argument(help="Checkpoint directories with their tokenizers")],
     task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
     difficulty: Annotated[int | None, typer.Option(help="The task's knob (digits, numbers); default: its own")] = None,
     problems: Annotated[int, typer.Option(min=1, help="Held-out problems")] = 100,
@@ -55,17 +56,58 @@ def pass_at_k_command(
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Held-out pass@1, pass@k, greedy accuracy and format rate of a model on a task, as one JSON line."""
+    """Held-out pass@1, pass@k, greedy accuracy and format rate of each model on a task, one JSON line each, then
+    (for several models) the same as a table."""
     from seekstack.infer import Engine
     from seekstack.posttrain.evaluate import evaluate_task
     from seekstack.posttrain.tasks import make_task
 
+    rows = []
     with user_errors():
-        engine = Engine.from_pretrained(model, max_batch_size=problems * samples, max_model_len=256)
-        scores = evaluate_task(
-            engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
+        for model in models:
+            engine = Engine.from_pretrained(model, max_batch_size=problems * samples, max_model_len=256)
+            scores = evaluate_task(
+                engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
+            )
+            rows.append({"model": str(model), "task": task, **scores})
+            typer.echo(json.dumps(rows[-1]))
+    if len(rows) > 1:
+        names = [name for name in rows[0] if name not in ("model", "task")]
+        width = max(len(row["model"]) for row in rows)
+        typer.echo(f"{'model':{width}s}  " + "  ".join(f"{name:>8s}" for name in names))
+        for row in rows:
+            typer.echo(f"{row['model']:{width}s}  " + "  ".join(f"{row[name]:8.3f}" for name in names))
+
+
+def traces_command(
+    model: Annotated[Path, typer.Argument(help="The teacher: a checkpoint directory with its tokenizer")],
+    out: Annotated[Path, typer.Option(help="JSONL of verified conversations, for `seekstack sft data=OUT`")],
+    task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
+    difficulty: Annotated[int | None, typer.Option(help="The task's knob (digits, numbers); default: its own")] = None,
+    prompts: Annotated[int, typer.Option(min=1, help="Training problems to sample traces on")] = 1000,
+    samples: Annotated[int, typer.Option(min=1, help="Traces sampled per problem")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """R1-distill data: the teacher's traces on training problems, kept only when verified correct (rejection
+    sampling); then `seekstack sft data=OUT init_from=STUDENT` trains a student on them."""
+    from seekstack.infer import Engine
+    from seekstack.posttrain.conversations import write_conversations
+    from seekstack.posttrain.distill import verified_traces
+    from seekstack.posttrain.tasks import make_task
+
+    with user_errors():
+        engine = Engine.from_pretrained(model, max_batch_size=64 * samples, max_model_len=256)
+        traces = verified_traces(
+            engine, make_task(task, difficulty), prompts, samples, max_new_tokens, temperature, seed
         )
-    typer.echo(json.dumps({"model": str(model), "task": task, **scores}))
+        if not traces.conversations:
+            raise ValueError(f"{model}: none of {traces.sampled} traces verified; nothing to write to {out}")
+        write_conversations(traces.conversations, out)
+    summary = {"out": str(out), "kept": len(traces.conversations), "sampled": traces.sampled}
+    summary |= {"accept_rate": traces.accept_rate, "prompts_solved": traces.prompts_solved / traces.prompts}
+    typer.echo(json.dumps(summary))
 
 
 def rl_plot_command(
@@ -90,4 +132,5 @@ def register(app: typer.Typer) -> None:
         epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n"
         app.command(name, epilog=epilog + describe_fields(cls))(command)
     app.command("pass-at-k")(pass_at_k_command)
+    app.command("traces")(traces_command)
     app.command("rl-plot")(rl_plot_command)

@@ -71,6 +71,7 @@ class GRPOSource:
     def _generate(self, batch_size: int) -> dict[str, Any]:
         config = self.config
         problems = sample_problems(self.task, batch_size, "train", seed=config.seed * 1_000_003 + self.generation)
+        self.engine.reset_prefix_cache()  # prompt prefixes cached before the last optimizer step hold stale values
         rollout = sample_groups(
             self.engine,
             self.task,

@@ -1,7 +1,8 @@
 """Group sampling for GRPO through the inference engine, and the log-probabilities of what was sampled.
 
 The engine is built on the very model object being trained: after an optimizer step changes its weights in
-place, the next rollout decodes with them (no reload, no copy). Each completion has its own seed, derived from
+place, the next rollout decodes with them (no reload, no copy; GRPOSource resets the engine's prefix cache first,
+whose prompt blocks the old weights computed). Each completion has its own seed, derived from
 (run seed, generation batch, row), so a rollout is the same whatever the batch around it, and a resumed run
 samples what the uninterrupted one did.
 

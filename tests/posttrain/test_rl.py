@@ -1,33 +1,16 @@
 import json
-from pathlib import Path
 
-import pytest
 import torch
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer import SamplingParams
-from seekstack.posttrain.config import GRPOConfig, SFTConfig
-from seekstack.posttrain.rewards import RewardWeights
+from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.rl import GRPOSource, run_rl
-from seekstack.posttrain.rollout import completion_logps, sample_groups
-from seekstack.posttrain.sft import run_sft
-from seekstack.posttrain.tasks import make_task, sample_problems
+from seekstack.posttrain.rollout import completion_logps
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
 
 RUN = ["batch_size=2", "num_generations=4", "max_completion_length=12", "temperature=1.0"]
-
-
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory) -> Path:
-    """The micro model after a short SFT on addition traces: its samples are sometimes well formed, so rewards
-    vary within groups and GRPO has gradients."""
-    root = tmp_path_factory.mktemp("sft")
-    torch.set_num_threads(1)
-    start = micro_checkpoint(root / "start")
-    config = [f"init_from={start}", f"out_dir={root / 'run'}", "task=addition", "difficulty=1", "examples=64"]
-    config += ["max_steps=40", "batch_size=8", "lr=1e-2", "warmup_steps=0", "seq_len=128"]
-    return run_sft(resolve_train_config(None, config, cls=SFTConfig)).checkpoint
 
 
 def test_engine_samples_from_the_updated_weights_without_a_reload(tmp_path):
@@ -53,23 +36,32 @@ def test_engine_samples_from_the_updated_weights_without_a_reload(tmp_path):
     assert after[0] == target and before[0] != target
 
 
-def test_rollout_logps_match_the_engines_sampling_distribution(tmp_path):
+def test_engine_samples_what_the_learner_scores_after_an_update(tmp_path):
+    """The engine's log-probabilities of a rollout equal the loss's, also after an optimizer step: the chat prompt
+    spans several cache blocks, which the engine's prefix cache must not serve from the old weights."""
     model_dir = micro_checkpoint(tmp_path / "model")
     source = GRPOSource(resolve_train_config(None, [f"init_from={model_dir}", *RUN], cls=GRPOConfig))
     model = load_pretrained(model_dir, dtype=torch.float32)
     source.attach(model)
-    task = make_task("addition")
-    rollout = sample_groups(source.engine, task, sample_problems(task, 2, "train", 0), 4, 12, 1.0, 0, RewardWeights())
-    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=0, logprobs=True)
-    first_prompt = rollout.input_ids[0, : rollout.prompt_lengths[0]].tolist()
-    engine_out = source.engine.generate([first_prompt], params)[0]
-    assert (
-        engine_out.token_ids == rollout.input_ids[0, rollout.prompt_lengths[0] :][: len(engine_out.token_ids)].tolist()
-    )
-    with torch.no_grad():
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    for _ in range(2):  # the second rollout is sampled after an update
+        batch = source.batch(2, 0.0)
+        rollout = batch["rollout"]
+        prompt = rollout.input_ids[0, : rollout.prompt_lengths[0]].tolist()
+        assert len(prompt) > 2 * source.engine.cache.block_size
+        seed = (source.generation - 1) * 1_000_003  # row 0 of the batch just sampled (config seed 0)
+        params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=seed, logprobs=True)
+        engine_out = source.engine.generate([prompt], params)[0]
+        length = int(rollout.completion_lengths[0])
+        assert engine_out.token_ids == rollout.input_ids[0, len(prompt) : len(prompt) + length].tolist()
+        model.train()
+        out, _ = source.loss(model, batch, 0.0)
         logps, _, _ = completion_logps(model, rollout, 1.0, torch.device("cpu"))
-    engine_logps = torch.tensor([entry.logprob for entry in engine_out.logprobs])
-    assert torch.allclose(logps[0, : len(engine_logps)], engine_logps, atol=1e-4)
+        engine_logps = torch.tensor([entry.logprob for entry in engine_out.logprobs])
+        assert torch.allclose(logps[0, :length].detach(), engine_logps, atol=1e-4)
+        optimizer.zero_grad()
+        (out.loss - logps[0, :length].sum()).backward()  # the GRPO loss plus a push that surely moves the weights
+        optimizer.step()
 
 
 def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model):

@@ -69,6 +69,7 @@ def test_sft_lowers_the_assistant_loss_and_resumes_exactly(tmp_path):
     data = write_conversations([CHAT, CHAT[:3]] * 4, tmp_path / "chats.jsonl")
     common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "batch_size=2", "lr=1e-2", "warmup_steps=0"]
     common += ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "seq_len=128"]
+    common += ["model.vocab_size=300"]  # a fresh model sized to the byte tokenizer
     straight = run_sft(
         resolve_train_config(
             None,

@@ -1,0 +1,62 @@
+"""R1-distill's data (DeepSeek-R1 §2.4): a stronger model's reasoning traces on training prompts, kept only when
+the verifier accepts their answer (rejection sampling), as conversations a smaller student is SFT-trained on.
+
+Recipe: `seekstack traces TEACHER --out traces.jsonl`, then `seekstack sft data=traces.jsonl init_from=STUDENT`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from seekstack.infer import Engine
+from seekstack.posttrain.conversations import Conversation, prompt_messages
+from seekstack.posttrain.rewards import RewardWeights
+from seekstack.posttrain.rollout import sample_groups
+from seekstack.posttrain.tasks import Task, sample_problems
+
+
+@dataclass
+class Traces:
+    """Verified conversations, and how many samples and prompts they came from."""
+
+    conversations: list[Conversation]
+    sampled: int
+    prompts: int
+    prompts_solved: int
+
+    @property
+    def accept_rate(self) -> float:
+        return len(self.conversations) / self.sampled
+
+
+def verified_traces(
+    engine: Engine,
+    task: Task,
+    prompts: int,
+    samples: int,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_prompts: int = 64,
+) -> Traces:
+    """`samples` completions of each of `prompts` training problems by the engine's model, each kept (once per
+    distinct text) when it is well formed and the verifier accepts its answer."""
+    problems = sample_problems(task, prompts, "train", seed)
+    tokenizer, conversations, solved = engine.tokenizer, [], 0
+    for start in range(0, prompts, batch_prompts):
+        chunk = problems[start : start + batch_prompts]
+        rollout = sample_groups(
+            engine, task, chunk, samples, max_new_tokens, temperature, seed * 1_000_003 + start, RewardWeights()
+        )
+        correct = rollout.terms["correctness"] > 0
+        for index, problem in enumerate(chunk):
+            kept: set[str] = set()
+            for row in range(index * samples, (index + 1) * samples):
+                start_at, length = int(rollout.prompt_lengths[row]), int(rollout.completion_lengths[row])
+                ids = rollout.input_ids[row, start_at : start_at + length].tolist()
+                text = tokenizer.decode(t for t in ids if t != tokenizer.eos_id).strip()
+                if correct[row] and text not in kept:
+                    kept.add(text)
+                    conversations.append([*prompt_messages(problem), {"role": "assistant", "content": text}])
+            solved += bool(kept)
+    return Traces(conversations, prompts * samples, prompts, solved)

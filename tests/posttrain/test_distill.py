@@ -1,0 +1,50 @@
+import json
+
+from typer.testing import CliRunner
+
+from seekstack.checkpoint import load_pretrained
+from seekstack.cli import app
+from seekstack.infer import Engine
+from seekstack.posttrain.conversations import read_conversations
+from seekstack.posttrain.distill import verified_traces
+from seekstack.posttrain.rewards import extract_answer
+from seekstack.posttrain.tasks import make_task, sample_problems, split_of
+from seekstack.tokenizer import Tokenizer
+
+
+def test_rejection_sampling_keeps_only_verified_traces_of_training_problems(teacher_model):
+    task = make_task("addition", 1)
+    model, tokenizer = load_pretrained(teacher_model), Tokenizer.from_file(teacher_model)
+    engine = Engine(model, tokenizer, max_batch_size=64, max_model_len=160)
+    traces = verified_traces(engine, task, prompts=16, samples=4, max_new_tokens=40, seed=0, batch_prompts=8)
+    assert traces.sampled == 64 and 0 < len(traces.conversations) < traces.sampled
+    problems = {p.question: p for p in sample_problems(task, 16, "train", 0)}
+    for messages in traces.conversations:
+        problem = problems[messages[1]["content"]]
+        assert split_of(problem.key) == "train"
+        assert task.verify(problem, extract_answer(messages[2]["content"]))
+    texts = [(m[1]["content"], m[2]["content"]) for m in traces.conversations]
+    assert len(set(texts)) == len(texts)  # each distinct trace once
+
+
+def test_traces_command_writes_conversations_sft_reads(teacher_model, tmp_path):
+    out = tmp_path / "traces.jsonl"
+    args = ["traces", str(teacher_model), "--out", str(out), "--difficulty", "1", "--prompts", "8", "--samples", "4"]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "40"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    conversations = read_conversations(out)
+    assert summary["kept"] == len(conversations) > 0 and summary["sampled"] == 32
+    assert all(m[-1]["role"] == "assistant" for m in conversations)
+    assert summary["accept_rate"] == len(conversations) / 32
+
+
+def test_pass_at_k_command_tables_several_models(teacher_model):
+    args = ["pass-at-k", str(teacher_model), str(teacher_model), "--difficulty", "1", "--problems", "4"]
+    result = CliRunner().invoke(app, [*args, "--samples", "2", "--max-new-tokens", "40"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    assert first == second  # the same model, problems and seeds
+    assert lines[2].split()[:3] == ["model", "pass@1", "pass@2"] and len(lines) == 5
+    assert float(lines[3].split()[1]) == round(first["pass@1"], 3)
