@@ -1,7 +1,12 @@
-"""Routed-expert pruning of a trained model by router statistics: bits per byte, KL and top-1 agreement against the
-original, file size and greedy decode tokens/s, for several fractions of experts removed (no healing fine-tune).
+"""Pruning a trained model: attention heads by importance (gradient of the loss w.r.t. a head mask), routed experts
+by router gate mass, and both; each without and with a short healing fine-tune (the project's trainer). Reports
+routed experts and heads, bytes on disk, validation bits per byte and its change, mean KL and top-1 agreement
+against the original, and greedy decode tokens/s at batch 1 and 8.
 
-    .venv/bin/python bench/prune.py --model runs/quant/train/checkpoints/step_150 --data runs/demo/tokens
+Healing is more training, which helps the unpruned model too: the `unpruned + heal` row is the control, trained
+the same steps on the same batches.
+
+    .venv/bin/python bench/prune.py --model runs/quant/train/checkpoints/step_150 --data runs/quant/data/tokens
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from pathlib import Path
 import torch
 
 import seekstack
+from seekstack.compress.heads import head_importance, prune_heads
+from seekstack.compress.heal import heal
 from seekstack.compress.prune import gate_mass, prune_experts
 from seekstack.compress.quality import bytes_per_token, held_out_batches, measure
-from seekstack.compress.quantize import checkpoint_bytes
+from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quantize import decode_speeds  # noqa: E402  (bench/quantize.py: the same interleaved decode timing)
@@ -28,8 +35,12 @@ from quantize import decode_speeds  # noqa: E402  (bench/quantize.py: the same i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="runs/quant/train/checkpoints/step_150")
-    parser.add_argument("--data", default="runs/demo/tokens")
-    parser.add_argument("--fractions", type=float, nargs="*", default=[0.25, 0.5])
+    parser.add_argument("--data", default="runs/quant/data/tokens")
+    parser.add_argument("--heads", type=float, default=0.25, help="fraction of attention heads removed per layer")
+    parser.add_argument("--experts", type=float, default=0.25, help="fraction of routed experts removed per layer")
+    parser.add_argument("--heal-steps", type=int, default=25, help="0: no healed rows")
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--heal-batch-size", type=int, default=8, help="healing: sequences of 256 tokens per step")
     parser.add_argument("--batches", type=int, default=8, help="validation batches of 8 x 256 tokens")
     parser.add_argument("--calibration-batches", type=int, default=4, help="train batches of 8 x 256 tokens")
     parser.add_argument("--reps", type=int, default=5)
@@ -39,30 +50,48 @@ def main() -> None:
 
     original = seekstack.load_pretrained(args.model).eval()
     calibration = held_out_batches(args.data, batches=args.calibration_batches, split="train")
-    mass = gate_mass(original, calibration)
+    mass, importance = gate_mass(original, calibration), head_importance(original, calibration)
     batches, per_token = held_out_batches(args.data, batches=args.batches), bytes_per_token(args.data)
     work = Path(tempfile.mkdtemp(prefix="bench_prune_"))
-    models, disk = {"unpruned": original}, {"unpruned": checkpoint_bytes(args.model)}
-    for fraction in args.fractions:
-        name = f"experts -{fraction:.0%}"
+    variants = {
+        "unpruned": (0.0, 0.0),
+        f"heads -{args.heads:.0%}": (args.heads, 0.0),
+        f"experts -{args.experts:.0%}": (0.0, args.experts),
+        f"heads -{args.heads:.0%}, experts -{args.experts:.0%}": (args.heads, args.experts),
+    }
+    models, disk = {}, {}
+    for name, (heads, experts) in variants.items():
         model = copy.deepcopy(original)
-        prune_experts(model, mass, fraction)
-        seekstack.save_pretrained(model, work / name.replace(" ", "_"))
-        models[name], disk[name] = model, checkpoint_bytes(work / name.replace(" ", "_"))
+        if heads:
+            prune_heads(model, importance, heads)
+        if experts:
+            prune_experts(model, mass, experts)
+        folder = work / name.replace(" ", "_").replace(",", "")
+        save_with_tokenizer(model, args.model, folder)
+        models[name], disk[name] = model, checkpoint_bytes(folder)
+        if args.heal_steps:
+            healed = heal(
+                folder, args.data, args.heal_steps, work / f"{folder.name}_heal", args.heal_lr, args.heal_batch_size
+            )
+            models[f"{name} + heal"] = seekstack.load_pretrained(healed).eval()
+            disk[f"{name} + heal"] = checkpoint_bytes(healed)
     speeds = decode_speeds(models, (1, 8), args.reps, time.process_time)
-    base = None
-    print(f"\nmodel {args.model}; calibration {args.calibration_batches} x 8 x 256 train tokens; no healing")
     print(
-        "| model | routed experts | bytes on disk | val bits/byte | change | mean KL | top-1 | decode tok/s b=1 | b=8 |"
+        f"\nmodel {args.model}; calibration {args.calibration_batches} x 8 x 256 train tokens; healing "
+        f"{args.heal_steps} steps of {args.heal_batch_size} x 256 train tokens at lr {args.heal_lr}; "
+        f"decode: median of {args.reps} rounds"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | heads | routed experts | bytes on disk | val bits/byte | change | mean KL | top-1 ", end="")
+    print("| decode tok/s b=1 | b=8 |\n|---|---|---|---|---|---|---|---|---|---|")
+    base = measure(original, original, batches, per_token).bits_per_byte
     for name, model in models.items():
-        quality = measure(model, original, batches, per_token)
-        base = base or quality.bits_per_byte
+        quality, config = measure(model, original, batches, per_token), model.config
+        speed = {b: f"{speeds[name][b]:,.0f} ({speeds[name][b] / speeds['unpruned'][b]:.2f}x)" for b in (1, 8)}
         print(
-            f"| {name} | {model.config.n_routed_experts} | {disk[name]:,} ({disk[name] / disk['unpruned']:.0%}) | "
-            f"{quality.bits_per_byte:.4f} | {quality.bits_per_byte / base - 1:+.2%} | {quality.mean_kl:.4f} | "
-            f"{quality.top1_agreement:.2%} | {speeds[name][1]:,.0f} | {speeds[name][8]:,.0f} |"
+            f"| {name} | {config.num_attention_heads} | {config.n_routed_experts} | {disk[name]:,} "
+            f"({disk[name] / disk['unpruned']:.0%}) | {quality.bits_per_byte:.4f} | "
+            f"{quality.bits_per_byte / base - 1:+.2%} | {quality.mean_kl:.4f} | {quality.top1_agreement:.2%} | "
+            f"{speed[1]} | {speed[8]} |"
         )
 
 

@@ -6,7 +6,11 @@ Ours: int8 (per channel), int4 (group 32 and 128), fp8 (128x128 blocks), each sa
 `quantize_` (int8 weight-only, int4 weight-only) on the same float model, in memory, when torchao runs here
 (it sees nn.Linear only, so the stacked routed experts stay float32 there).
 
-    .venv/bin/python bench/quantize.py --model runs/quant/train/checkpoints/step_150 --data runs/demo/tokens
+    .venv/bin/python bench/quantize.py --model runs/quant/train/checkpoints/step_150 --data runs/quant/data/tokens
+
+`--kernels`: one linear layer instead, microseconds per call of float32 `nn.Linear` and of our int8 layer (with the
+float32 -> bfloat16 -> float32 casts it needs around the kernel), of the kernel alone and of one cast, at the widths of
+`tiny` (128) and `small`: where the time goes when a quantized model decodes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import copy
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,20 +55,60 @@ def decode_speeds(models: dict, batches: tuple[int, ...], reps: int, clock, new:
     return {name: {b: b * new / sorted(t)[len(t) // 2] for b, t in per.items()} for name, per in seconds.items()}
 
 
-def adaptive_model(original, data: str, budget_bits: float):
-    """Per-layer precision by sensitivity (KL on 2 validation batches) within `budget_bits` bits per weight."""
+def adaptive_models(original, data: str, budgets: list[float]) -> dict:
+    """Per-layer precision by sensitivity (KL on 2 train batches, measured once) within each of `budgets` bits per
+    weight: name -> quantized model."""
     reference = copy.deepcopy(original)
-    batches, per_token = held_out_batches(data, batches=2), bytes_per_token(data)
+    batches, per_token = held_out_batches(data, batches=2, split="train"), bytes_per_token(data)
     choices = sensitivities(reference, lambda m: measure(m, original, batches, per_token).mean_kl)
-    assignment = assign(choices, budget_bits)
     uniform = {c.name: "int4-g32" for c in choices}
+    models = {}
+    for budget in budgets:
+        assignment = assign(choices, budget)
+        print(
+            f"adaptive {budget}: {average_bits(choices, assignment):.3f} bits per weight (uniform int4 g32: "
+            f"{average_bits(choices, uniform):.3f}); " + ", ".join(f"{n} {o}" for n, o in assignment.items())
+        )
+        model = copy.deepcopy(original)
+        quantize_model(model, adaptive_config(assignment))
+        models[f"adaptive {budget} bits"] = model
+    return models
+
+
+def kernel_table(reps: int = 2000) -> None:
+    """Microseconds per call (process CPU clock): float32 nn.Linear, our int8 QuantizedLinear, its kernel, a cast."""
+    from seekstack.compress.linear import COMPUTE_DTYPE, Int8Weight, QuantizedLinear
+
+    def micros(call) -> float:
+        for _ in range(reps // 10):
+            call()
+        start = time.process_time()
+        for _ in range(reps):
+            call()
+        return (time.process_time() - start) / reps * 1e6
+
     print(
-        f"adaptive {budget_bits}: {average_bits(choices, assignment):.3f} bits per weight (uniform int4 g32: "
-        f"{average_bits(choices, uniform):.3f}); " + ", ".join(f"{n} {o}" for n, o in assignment.items())
+        "| out x in | rows | float32 nn.Linear | our int8 layer | kernel alone (bf16 in) | one cast | int8 / float32 |"
     )
-    model = copy.deepcopy(original)
-    quantize_model(model, adaptive_config(assignment))
-    return model
+    print("|---|---|---|---|---|---|---|")
+    for rows in (1, 8):
+        for out_features, in_features in ((192, 64), (384, 128), (1024, 1024), (4096, 1024)):
+            weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
+            layer = QuantizedLinear(Int8Weight.from_float(weight))
+            float_layer = torch.nn.Linear(in_features, out_features, bias=False)
+            float_layer.weight.data = weight
+            q, scale, x_bf16 = layer.qweight.weight, layer.qweight.weight_scale.view(-1), x.to(COMPUTE_DTYPE)
+            calls = [
+                partial(float_layer, x),
+                partial(layer, x),
+                partial(torch._weight_int8pack_mm, x_bf16, q, scale),
+                partial(x.to, COMPUTE_DTYPE),
+            ]
+            times = [micros(call) for call in calls]
+            print(
+                f"| {out_features} x {in_features} | {rows} | " + " | ".join(f"{t:.1f}" for t in times)
+                + f" | {times[1] / times[0]:.2f} |"
+            )  # fmt: skip
 
 
 def torchao_variant(model, kind: str):
@@ -86,18 +131,22 @@ def torchao_variant(model, kind: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="runs/quant/train/checkpoints/step_150")
-    parser.add_argument("--data", default="runs/demo/tokens")
+    parser.add_argument("--data", default="runs/quant/data/tokens")
     parser.add_argument("--batches", type=int, default=8, help="validation batches of 8 x 256 tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5, help="interleaved decode rounds (median)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: process CPU seconds")
     parser.add_argument("--preset", help="decode speed only, on random weights of this preset (e.g. small)")
     parser.add_argument("--no-torchao", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="only the per-call timing of one linear layer")
     parser.add_argument("--adaptive-bits", type=float, nargs="*", default=[4.5], help="adaptive precision budgets")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.kernels:
+        kernel_table()
+        return
 
     if args.preset:
         original = seekstack.Transformer(seekstack.preset(args.preset)).eval()
@@ -118,9 +167,8 @@ def main() -> None:
         seekstack.save_pretrained(model, directory)
         models[name], disk[name] = seekstack.load_pretrained(directory).eval(), checkpoint_bytes(directory)
     if not args.preset:
-        for budget in args.adaptive_bits:
-            name, directory = f"adaptive {budget} bits", work / f"adaptive_{budget}"
-            model = adaptive_model(original, args.data, budget)
+        for name, model in adaptive_models(original, args.data, args.adaptive_bits).items():
+            directory = work / name.replace(" ", "_")
             seekstack.save_pretrained(model, directory)
             models[name], disk[name] = seekstack.load_pretrained(directory).eval(), checkpoint_bytes(directory)
     seekstack.save_pretrained(models["bfloat16"], work / "bf16")

@@ -33,11 +33,12 @@ def quantize_command(
     ] = False,
     adaptive: Annotated[
         bool,
-        typer.Option(help="Precision per layer (int4 g128 / int4 g32 / int8) by sensitivity, within --budget-bits"),
+        typer.Option(help="Precision per layer (int4 g128/g64/g32, int8) by sensitivity, within --budget-bits"),
     ] = False,
     budget_bits: Annotated[float, typer.Option(help="Adaptive: average bits per weight, scales included")] = 4.5,
     data: Annotated[
-        Path | None, typer.Option(help="Token shards with a val split: held-out text for --progressive / --adaptive")
+        Path | None,
+        typer.Option(help="Token shards: val split for --progressive's gate, train split to calibrate --adaptive"),
     ] = None,
     max_bpb_increase: Annotated[float, typer.Option(help="Progressive: largest relative bits/byte increase")] = 0.01,
     max_kl: Annotated[float, typer.Option(help="Progressive: largest mean KL (nats) from the original")] = 1.0,
@@ -75,7 +76,7 @@ def quantize_command(
         )
     for layer in report.get("layers", []):
         kl = "  ".join(f"{option} {value:.2e}" for option, value in layer["kl"].items())
-        typer.echo(f"{layer['name']:<40} {layer['choice']:<9} KL alone: {kl}")
+        typer.echo(f"{layer['name']:<40} {layer['choice']:<9} KL, the rest int4 g32: {kl}")
     if "average_bits" in report:
         typer.echo(f"average {report['average_bits']:.3f} bits per weight (budget {budget_bits})")
     if "assignment" in report:
@@ -105,12 +106,13 @@ def _progressive(
     return {"stages": rows, "chosen": next((s.name for s in reversed(stages) if s.passed), "float32")}
 
 
-def _held_out(data: Path | None, what: str) -> tuple[list, float]:
+def _held_out(data: Path | None, what: str, split: str = "val", batches: int = 8) -> tuple[list, float]:
+    """`batches` batches of 8 x 256 tokens of `split` of token shards `data`, and the val split's bytes per token."""
     from seekstack.compress.quality import bytes_per_token, held_out_batches
 
     if data is None:
-        raise ValueError(f"{what} needs --data: token shards with a val split (from `seekstack data tokenize`)")
-    return held_out_batches(str(data)), bytes_per_token(str(data))
+        raise ValueError(f"{what} needs --data: token shards with train and val splits (`seekstack data tokenize`)")
+    return held_out_batches(str(data), batches=batches, split=split), bytes_per_token(str(data))
 
 
 def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> dict:
@@ -119,10 +121,10 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import quantize_model, save_with_tokenizer
 
-    batches, per_token = _held_out(data, "--adaptive")
+    calibration, per_token = _held_out(data, "--adaptive", split="train", batches=2)
     original = load_pretrained(model, dequantize=True).eval()
     reference = load_pretrained(model, dequantize=True).eval()
-    choices = sensitivities(original, lambda m: measure(m, reference, batches[:2], per_token).mean_kl)
+    choices = sensitivities(original, lambda m: measure(m, reference, calibration, per_token).mean_kl)
     chosen = assign(choices, budget_bits)
     assignment = quantize_model(original, adaptive_config(chosen))
     save_with_tokenizer(original, model, out)
@@ -133,14 +135,28 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
 def prune_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune")],
     out: Annotated[Path, typer.Option(help="Folder to write the pruned checkpoint to (tokenizer copied)")],
-    data: Annotated[Path, typer.Option(help="Token shards: calibration text (the train split) for router statistics")],
+    data: Annotated[
+        Path, typer.Option(help="Token shards: calibration text (the train split), and the healing fine-tune's data")
+    ],
     experts: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Fraction of routed experts to remove per layer (and per group)")
     ] = 0.25,
+    heads: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of attention heads to remove per layer (by importance)")
+    ] = 0.0,
     calibration_batches: Annotated[int, typer.Option(min=1, help="Calibration batches of 8 x 256 tokens")] = 4,
+    heal_steps: Annotated[int, typer.Option(min=0, help="Steps of healing fine-tune after pruning (0: none)")] = 0,
+    heal_lr: Annotated[float, typer.Option(min=0.0, help="Healing: peak learning rate")] = 1e-4,
+    heal_batch_size: Annotated[int, typer.Option(min=1, help="Healing: sequences of 256 tokens per step")] = 8,
 ) -> None:
-    """Remove the routed experts the router uses least (gate mass over calibration text); router shrinks with them."""
+    """Remove the routed experts the router uses least (gate mass over calibration text), router shrinking with them,
+    and the least important attention heads (gradient of the loss w.r.t. a head mask); optionally heal by a short
+    fine-tune with the trainer."""
+    import tempfile
+
     from seekstack.checkpoint import load_pretrained
+    from seekstack.compress.heads import head_importance, prune_heads
+    from seekstack.compress.heal import heal
     from seekstack.compress.prune import gate_mass, prune_experts
     from seekstack.compress.quality import held_out_batches
     from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
@@ -148,10 +164,17 @@ def prune_command(
     with user_errors():
         network = load_pretrained(model, dequantize=True).eval()
         batches = held_out_batches(str(data), batches=calibration_batches, split="train")
-        removed = prune_experts(network, gate_mass(network, batches), experts)
-        save_with_tokenizer(network, model, out)
+        removed = prune_experts(network, gate_mass(network, batches), experts) if experts else {}
+        removed |= prune_heads(network, head_importance(network, batches), heads) if heads else {}
+        if heal_steps:
+            with tempfile.TemporaryDirectory(prefix="seekstack_heal_") as work:
+                save_with_tokenizer(network, model, Path(work) / "pruned")
+                healed = heal(Path(work) / "pruned", data, heal_steps, Path(work) / "run", heal_lr, heal_batch_size)
+                save_with_tokenizer(load_pretrained(healed), model, out)
+        else:
+            save_with_tokenizer(network, model, out)
     for layer, ids in removed.items():
-        typer.echo(f"{layer}: removed experts {ids}")
+        typer.echo(f"{layer}: removed {'heads' if layer.endswith('self_attn') else 'experts'} {ids}")
     before, after = checkpoint_bytes(model), checkpoint_bytes(out)
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
 

@@ -1,10 +1,11 @@
 """Adaptive precision: each layer's sensitivity, then a precision per layer that fits a size budget.
 
-Sensitivity of layer l at option o = the mean KL from the original when only l is quantized to o (the others
-float). Assuming the KL of several quantized layers adds up (the usual first-order view, as in HAWQ), the
-assignment starts every layer at its smallest option and repeatedly takes the upgrade with the largest KL saved
-per extra byte that still fits the budget (a greedy knapsack).
-Options, smallest first: int4 g128, int4 g32, int8 (a layer only gets those its shapes allow).
+Sensitivity of layer l at option o = the mean KL from the original when l is quantized to o and every other layer
+sits at the base option (uniform int4 g32: the operating point adaptive precision is compared with, so the
+measurement includes how l's error combines with the others'). Assuming those changes add up (the first-order view
+of HAWQ), the assignment starts every layer at its smallest option and repeatedly takes the upgrade with the largest
+KL saved per extra byte that still fits the budget (a greedy knapsack).
+Options, smallest first: int4 g128, int4 g64, int4 g32, int8 (a layer only gets those its shapes allow).
 Budget: average bits per quantized weight, scales included (uniform int4 g32 is 4.5: 4 bits + a bf16 scale per 32).
 """
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantize_model
 
-OPTIONS = ("int4-g128", "int4-g32", "int8")
+OPTIONS = ("int4-g128", "int4-g64", "int4-g32", "int8")
+BASE_OPTION = "int4-g32"
 
 
 @dataclass
@@ -47,30 +49,46 @@ def option_config(option: str) -> QuantConfig:
 def sensitivities(
     model: nn.Module, kl_of: Callable[[nn.Module], float], layers: list[str] | None = None
 ) -> list[LayerChoice]:
-    """For each layer (default: every quantizable layer but those the defaults keep), the KL of each option alone."""
+    """For each layer (default: every quantizable layer but those the defaults keep), the KL of each option with
+    the other layers at BASE_OPTION. `model` is float and is left as it was."""
     default = QuantConfig()
     names = layers if layers is not None else [n for n in quantizable_layers(model) if default.scheme_of(n)]
+    originals = {name: model.get_submodule(name) for name in names}
+    base_assignment = quantize_model(model, QuantConfig(keep=["*"], layers=dict.fromkeys(names, BASE_OPTION)))
+    base_kl = kl_of(model)
     choices = []
-    for name in names:
-        original = model.get_submodule(name)
-        weight = original.weight if isinstance(original, nn.Linear) else None
-        shapes = [weight.shape] if weight is not None else [original.gate_up_proj.shape, original.down_proj.shape]
-        count = sum(int(torch.Size(s).numel()) for s in shapes)
-        bits, kl = {}, {}
-        for option in OPTIONS:
-            trial = copy.deepcopy(original)
-            holder = nn.Module()
-            holder.add_module("layer", trial)
-            done = quantize_model(holder, option_config(option))
-            if done["layer"].startswith("kept"):
-                continue  # the kernel cannot take this shape at this option
-            model.set_submodule(name, holder.layer)
-            kl[option] = kl_of(model)
-            bits[option] = sum(bits_per_weight(option, s[-1]) * torch.Size(s).numel() for s in shapes) / count
-        model.set_submodule(name, original)
-        if kl:
-            choices.append(LayerChoice(name, count, bits, kl))
+    try:
+        for name, original in originals.items():
+            weight = original.weight if isinstance(original, nn.Linear) else None
+            shapes = [weight.shape] if weight is not None else [original.gate_up_proj.shape, original.down_proj.shape]
+            count = sum(int(torch.Size(s).numel()) for s in shapes)
+            at_base = model.get_submodule(name)
+            bits, kl = {}, {}
+            for option in OPTIONS:
+                trial = _quantized(original, option)
+                if trial is None:
+                    continue  # the kernel cannot take this shape at this option
+                bits[option] = sum(bits_per_weight(option, s[-1]) * torch.Size(s).numel() for s in shapes) / count
+                if option == BASE_OPTION and not base_assignment[name].startswith("kept"):
+                    kl[option] = base_kl
+                    continue
+                model.set_submodule(name, trial)
+                kl[option] = kl_of(model)
+            model.set_submodule(name, at_base)
+            if kl:
+                choices.append(LayerChoice(name, count, bits, kl))
+    finally:
+        for name, original in originals.items():
+            model.set_submodule(name, original)
     return choices
+
+
+def _quantized(layer: nn.Module, option: str) -> nn.Module | None:
+    """A quantized copy of float `layer` at `option`, or None when the kernel cannot take its shapes."""
+    holder = nn.Module()
+    holder.add_module("layer", copy.deepcopy(layer))
+    done = quantize_model(holder, option_config(option))
+    return None if done["layer"].startswith("kept") else holder.layer
 
 
 def assign(choices: list[LayerChoice], budget_bits: float) -> dict[str, str]:

@@ -9,7 +9,7 @@ from seekstack import Transformer
 from seekstack.compress.adaptive import LayerChoice, adaptive_config, assign, average_bits, sensitivities
 from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear
 from seekstack.compress.quality import measure
-from seekstack.compress.quantize import quantize_model
+from seekstack.compress.quantize import QuantConfig, quantize_model
 from tests.conftest import micro_config
 
 SHAPES = dict(hidden_size=128, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=32, q_lora_rank=128)
@@ -35,7 +35,7 @@ def test_budget_goes_to_the_layers_where_a_bit_saves_the_most_kl():
         assign(choices, budget_bits=4.0)
 
 
-def test_sensitivities_leave_the_model_unchanged_and_int8_hurts_least():
+def test_sensitivities_are_measured_around_uniform_int4_g32_and_leave_the_model_unchanged():
     model = Transformer(micro_config(**SHAPES)).eval()
     with torch.no_grad():  # weights large enough that each layer moves the logits measurably
         for name, tensor in model.named_parameters():
@@ -49,8 +49,13 @@ def test_sensitivities_leave_the_model_unchanged_and_int8_hurts_least():
     assert [c.name for c in choices] == names
     assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in model.modules())
     layer = next(c for c in choices if c.name == "layers.0.self_attn.q_a_proj")
-    assert set(layer.kl) == {"int4-g128", "int4-g32", "int8"}
+    assert set(layer.kl) == {"int4-g128", "int4-g64", "int4-g32", "int8"}
     assert all(c.kl["int8"] < c.kl["int4-g32"] for c in choices)
+    uniform = Transformer(micro_config(**SHAPES)).eval()
+    uniform.load_state_dict(model.state_dict())
+    quantize_model(uniform, QuantConfig(keep=["*"], layers=dict.fromkeys(names, "int4-g32")))
+    base_kl = measure(uniform, reference, batches, 1.0).mean_kl  # the others sit at int4 g32 in every measurement
+    assert all(c.kl["int4-g32"] == pytest.approx(base_kl, rel=1e-6) for c in choices)
     experts = next(c for c in choices if c.name == "layers.1.mlp.experts")
     assert "int4-g128" not in experts.kl  # down_proj has 32 inputs: no group of 128
 

@@ -1,14 +1,19 @@
-"""`seekstack quantize` end to end: a checkpoint in, a smaller quantized checkpoint out that loads and runs."""
+"""`seekstack quantize` and `seekstack prune` end to end: a checkpoint in, a smaller checkpoint out that loads and
+runs."""
 
 from __future__ import annotations
 
 import json
 
+import torch
 from typer.testing import CliRunner
 
 import seekstack
 from seekstack.cli import app
+from seekstack.compress.heads import head_importance, prune_heads
 from seekstack.compress.linear import Int4Weight, QuantizedLinear
+from seekstack.compress.prune import gate_mass, prune_experts
+from seekstack.compress.quality import held_out_batches
 from tests.compress.test_quantized_model import INPUT_IDS, logits, model_for_tests
 
 
@@ -42,3 +47,26 @@ def test_quantize_command_names_a_wrong_scheme_and_a_missing_data_folder(tmp_pat
     )
     assert no_data.exit_code == 1 and "--progressive needs --data" in no_data.output
     assert not (tmp_path / "q").exists()
+
+
+def test_prune_command_removes_heads_and_experts_and_healing_lowers_the_loss(tmp_path):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    model = seekstack.Transformer(seekstack.preset("tiny", **{**MICRO_MODEL, "n_routed_experts": 8})).eval()
+    seekstack.save_pretrained(model, tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "healed"),
+              "--heads", "0.5", "--calibration-batches", "1", "--heal-steps", "2", "--heal-lr", "1e-2",
+              "--heal-batch-size", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "layers.0.self_attn: removed heads" in result.output and "layers.1.mlp: removed experts" in result.output
+    calibration = held_out_batches(str(tmp_path / "shards"), batches=1, split="train")
+    prune_experts(model, gate_mass(model, calibration), 0.25)  # what the command did before healing
+    prune_heads(model, head_importance(model, calibration), 0.5)
+    healed = seekstack.load_pretrained(tmp_path / "healed").eval()
+    assert healed.config.num_attention_heads == 1 and healed.config.n_routed_experts == 6
+    batch = calibration[0]
+    with torch.no_grad():
+        assert healed(batch, labels=batch).lm_loss < model(batch, labels=batch).lm_loss - 0.05
