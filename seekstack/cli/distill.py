@@ -1,0 +1,31 @@
+"""`seekstack distill`: knowledge distillation from a teacher checkpoint into a smaller student."""
+
+from __future__ import annotations
+
+import typer
+
+from seekstack.cli.posttrain import ConfigArg, OverridesArg, ResumeOpt, WriteConfigOpt
+from seekstack.cli.train import run_stage
+
+
+def distill_command(
+    config: ConfigArg = None,
+    overrides: OverridesArg = None,
+    resume: ResumeOpt = False,
+    write_config: WriteConfigOpt = None,
+) -> None:
+    """Train a student (a preset or config, e.g. model.first_k_dense_replace=NUM_LAYERS for a dense one) on token
+    shards against a frozen `teacher` checkpoint sharing its tokenizer: cross-entropy, forward/reverse KL or GKD's
+    JSD(beta) at temperature T, on-policy generations (lmbda), feature KD on mapped layers; under torchrun for DDP."""
+    from seekstack.distill.config import DistillConfig
+    from seekstack.distill.run import run_distill
+
+    run_stage(DistillConfig, run_distill, config, overrides, resume, write_config)
+
+
+def register(app: typer.Typer) -> None:
+    from seekstack.distill.config import DistillConfig
+    from seekstack.schema import describe_fields
+
+    epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n"
+    app.command("distill", epilog=epilog + describe_fields(DistillConfig))(distill_command)

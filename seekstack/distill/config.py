@@ -1,0 +1,70 @@
+"""The config of `seekstack distill`: TrainConfig (the student's model, data, loop, optimizer, checkpoints) plus the
+teacher and the losses, read and checked the same way (YAML/TOML/JSON + key=value, seekstack/schema.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from seekstack.config import ConfigError, ModelConfig
+from seekstack.posttrain.config import _loop_fields
+from seekstack.schema import Fraction, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
+from seekstack.train.config import TrainConfig
+
+FeatureLoss = Literal["mse", "cosine"]  # the distance between mapped hidden states
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """Distillation: the student (`model` + `model_overrides`, or `init_from`) trained on `data_dir`'s token shards
+    against a frozen `teacher` checkpoint. Per micro-batch the loss is ce_weight * CE + kd_weight * T^2 *
+    JSD_beta(teacher, student) + sum over mapped layers of weight * feature distance (+ the student's MTP and
+    balance terms, as in pretraining); validation scores the student alone."""
+
+    out_dir: str = "runs/distill"
+    teacher: str = ""  # the teacher's checkpoint folder (with its tokenizer.json, the student's tokenizer)
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"  # the frozen teacher's weights and arithmetic
+    ce_weight: NonNegativeFloat = 0.5  # the student's next-token cross-entropy on the corpus
+    kd_weight: NonNegativeFloat = 0.5  # the divergence from the teacher's next-token distribution
+    beta: Fraction = 0.0  # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
+    temperature: PositiveFloat = 1.0  # T of both distributions in the divergence, which is scaled by T^2
+    lmbda: Fraction = 0.0  # fraction of micro-batches that are the student's own generations (on-policy, GKD)
+    prompt_tokens: Positive = 64  # on-policy: tokens of a corpus row kept as the prompt the student continues
+    sample_temperature: PositiveFloat = 1.0  # on-policy: temperature the student samples its continuations at
+    # Hierarchical feature KD: student layer -> teacher layer whose output hidden state the student layer's output
+    # learns through a learned projection to the teacher's width, e.g. {0: 1, 1: 3}; {} = off
+    feature_layers: dict[int, int] = field(default_factory=dict)
+    feature_weights: dict[int, NonNegativeFloat] = field(default_factory=dict)  # per student layer; unlisted = 1.0
+    feature_loss: FeatureLoss = "mse"  # mse | cosine
+    teacher_cache: str = ""  # folder of cached top-k teacher log-probabilities of corpus batches; "" = none
+    cache_top_k: Positive = 64  # log-probabilities kept per position in the cache
+
+    def validate(self, source: str | None = None) -> DistillConfig:
+        config = super().validate(source)
+        try:
+            require(bool(config.teacher), "teacher", "a checkpoint folder (the model to distill from)")
+            require(
+                config.lmbda == 0 or config.prompt_tokens < config.seq_len,
+                "prompt_tokens",
+                f"below seq_len={config.seq_len} when lmbda > 0 (the student writes the rest of each row)",
+            )
+            unmapped = sorted(set(config.feature_weights) - set(config.feature_layers))
+            require(not unmapped, "feature_weights", f"keyed by student layers of feature_layers, not {unmapped}")
+            require(
+                not (config.teacher_cache and config.feature_layers),
+                "teacher_cache",
+                "'' with feature_layers (feature KD needs the teacher's hidden states at every step)",
+            )
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+        return config
+
+    def layer_weight(self, student_layer: int) -> float:
+        """The weight of a mapped student layer's feature distance."""
+        return self.feature_weights.get(student_layer, 1.0)
+
+    def to_dict(self) -> dict:
+        return _loop_fields(self)
+
+
+nested_config(DistillConfig, "model_overrides", ModelConfig, prefix="model")

@@ -1,0 +1,120 @@
+"""The module a distillation run trains: the student, the feature projections beside it, and in training mode a
+forward pass that is the whole distillation loss (teacher in the loop).
+
+Per micro-batch of corpus rows (B, T): with probability `lmbda` the rows are replaced by the student's own
+continuations of their first `prompt_tokens` (on-policy, GKD). The divergence compares teacher and student at every
+position of corpus rows and at the generated positions of on-policy rows; the cross-entropy counts corpus tokens
+only (all of a corpus row, the prompt of an on-policy one).
+
+Shapes: B rows, T tokens, N positions compared, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekstack.config import MTP_LOSS_WEIGHT
+from seekstack.distill.config import DistillConfig
+from seekstack.distill.features import FeatureProjections
+from seekstack.distill.losses import logit_distillation
+from seekstack.distill.onpolicy import StudentGenerations
+from seekstack.distill.teacher import Teacher, layer_outputs
+from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.model.transformer import ModelOutput, Transformer
+
+
+def on_policy_targets(rows: torch.Tensor, prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (B, T) and compared positions (B, T - 1) of on-policy rows: the cross-entropy counts the corpus prompt
+    alone, the divergence the positions predicting generated tokens (P - 1 .. T - 2; position t predicts t + 1)."""
+    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
+    labels = rows.masked_fill(positions >= prompt_tokens, IGNORE_INDEX)
+    return labels, positions[:, 1:] >= prompt_tokens
+
+
+class DistillModel(nn.Module):
+    """Student + feature projections. In training mode `forward(rows, labels=rows)` returns the distillation loss
+    (`lm_loss` stays the student's cross-entropy); in eval mode it is the student's forward, so validation scores
+    the student alone. The teacher is kept out of the module tree: frozen, it is never trained, saved, wrapped by
+    DDP or touched by the expert-bias update."""
+
+    def __init__(
+        self,
+        student: Transformer,
+        teacher: Teacher,
+        config: DistillConfig,
+        generations: StudentGenerations | None = None,
+    ):
+        super().__init__()
+        if student.config.vocab_size != teacher.model.config.vocab_size:
+            raise ValueError(
+                f"the student's vocab_size={student.config.vocab_size} differs from the teacher's "
+                f"{teacher.model.config.vocab_size} ({teacher.directory}/config.json); set "
+                f"model.vocab_size={teacher.model.config.vocab_size}"
+            )
+        self.student = student
+        self.projections = FeatureProjections(
+            config.feature_layers,
+            {layer: config.layer_weight(layer) for layer in config.feature_layers},
+            student.config.num_hidden_layers,
+            teacher.model.config.num_hidden_layers,
+            student.config.hidden_size,
+            teacher.model.config.hidden_size,
+        ).to(student.embed_tokens.weight.device)
+        self.settings = config
+        self.config = student.config  # what the trainer reads of the model it trains (FLOPs per token)
+        self.moe_layer_ids = student.moe_layer_ids
+        self.__dict__["teacher"] = teacher  # outside the module tree (see the class docstring)
+        self.__dict__["generations"] = generations
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        mtp_loss_weight: float = MTP_LOSS_WEIGHT,
+        keep_logits: bool = True,
+    ) -> ModelOutput:
+        if not self.training or labels is None:
+            return self.student(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=keep_logits)
+        return self.distillation_loss(input_ids, mtp_loss_weight)
+
+    def distillation_loss(self, rows: torch.Tensor, mtp_loss_weight: float) -> ModelOutput:
+        """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms."""
+        config = self.settings
+        if self.generations is not None and torch.rand(()) < config.lmbda:
+            rows = self.generations(rows)
+            labels, compared = on_policy_targets(rows, config.prompt_tokens)
+        else:
+            labels, compared = rows, torch.ones_like(rows[:, 1:], dtype=torch.bool)
+        with layer_outputs(self.student, self.projections.student_layers) as student_states:
+            out, student_logits = self.student_outputs(rows, labels, mtp_loss_weight)
+        loss = config.ce_weight * out.lm_loss + (out.loss - out.lm_loss)  # + the student's MTP and balance terms
+        if config.kd_weight == 0 and not self.projections.layer_map:
+            return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher
+        teacher = self.teacher.score(rows, compared, self.projections.teacher_layers)
+        kd = logit_distillation(student_logits(compared), teacher.logits, config.beta, config.temperature)
+        loss = loss + config.kd_weight * kd
+        if self.projections.layer_map:
+            loss = loss + self.projections.loss(student_states, teacher.states, config.feature_loss)
+        return dataclasses.replace(out, loss=loss)
+
+    def student_outputs(
+        self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float
+    ) -> tuple[ModelOutput, Callable[[torch.Tensor], torch.Tensor]]:
+        """The student's output with its pretraining losses (`loss`, `lm_loss`), and a function giving its logits
+        (N, V), with gradient, at the positions a (B, T - 1) mask selects.
+
+        A student with MTP modules or MoE layers runs its own loss (MTP and balance terms need it, its head is fused
+        with the cross-entropy), then its head again on the compared positions; a dense one without MTP runs its
+        head once, and the cross-entropy comes from those logits."""
+        if self.student.mtp or self.student.moe_layer_ids:
+            out = self.student(rows, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False)
+            return out, lambda compared: self.student.lm_head(out.hidden_states[:, :-1][compared])
+        out = self.student(rows)
+        logits = out.logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return dataclasses.replace(out, logits=None, loss=lm_loss, lm_loss=lm_loss), lambda compared: logits[compared]

@@ -1,0 +1,139 @@
+"""The frozen teacher: a checkpoint that scores the student's rows under no-grad, with an optional on-disk cache
+of its top-k next-token log-probabilities for repeated runs over the same batches.
+
+Shapes: B rows, T tokens, N positions compared (those a (B, T - 1) mask selects; position t predicts token t + 1),
+V vocabulary, D the teacher's hidden width, k cached log-probabilities per position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from seekstack.atomic import write_atomic
+from seekstack.checkpoint import load_pretrained
+from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CACHE_INFO_FILE = "teacher.json"
+
+
+def check_shared_tokenizer(teacher_dir: str | Path, student_tokenizer: Tokenizer) -> None:
+    """ValueError unless the teacher checkpoint holds the very tokenizer the student's data was encoded with:
+    distillation compares next-token distributions id by id."""
+    path = Path(teacher_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"teacher {teacher_dir} has no {TOKENIZER_FILE}: distillation needs the teacher's tokenizer to check it "
+            f"is the student's ({student_tokenizer.source}); copy it into the checkpoint"
+        )
+    teacher_tokenizer = Tokenizer.from_file(path)
+    if teacher_tokenizer.fingerprint != student_tokenizer.fingerprint:
+        raise ValueError(
+            f"teacher tokenizer {path} (vocabulary {teacher_tokenizer.vocab_size}) differs from the student's "
+            f"{student_tokenizer.source} (vocabulary {student_tokenizer.vocab_size}): teacher and student must share "
+            "a tokenizer; tokenize the student's data with the teacher's tokenizer.json"
+        )
+
+
+@contextmanager
+def layer_outputs(model: Transformer, layer_ids: list[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """The hidden states (B, T, D) leaving decoder blocks `layer_ids` in the forward passes run inside the block."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer_id: int):
+        def hook(module, inputs, output) -> None:
+            captured[layer_id] = output[0]  # a block returns (hidden, MoE statistics)
+
+        return hook
+
+    handles = [model.layers[i].register_forward_hook(keep(i)) for i in layer_ids]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's next-token logits (or log-probabilities) at the compared positions, (N, V), and the hidden
+    states of the layers asked for, each (B, T, D)."""
+
+    logits: torch.Tensor
+    states: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class TopKCache:
+    """Top-k teacher log-probabilities of whole corpus batches on disk, one file per batch named by a hash of its
+    tokens. A cached distribution is the k log-probabilities with the rest of the mass spread evenly over the other
+    tokens, so that every divergence (forward, reverse, JSD) is defined on it."""
+
+    def __init__(self, folder: str | Path, top_k: int, teacher_dir: str | Path):
+        self.folder, self.top_k = Path(folder), top_k
+        info = {"teacher": str(Path(teacher_dir).resolve()), "top_k": top_k}
+        info_path = self.folder / CACHE_INFO_FILE
+        if info_path.is_file() and json.loads(info_path.read_text()) != info:
+            raise ValueError(
+                f"teacher_cache {self.folder} holds log-probabilities of {info_path.read_text().strip()}, not of "
+                f"{json.dumps(info)}; use another folder for this teacher or cache_top_k"
+            )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(info_path, json.dumps(info) + "\n")
+
+    def _path(self, rows: torch.Tensor) -> Path:
+        digest = hashlib.sha256(rows.cpu().numpy().tobytes() + str(tuple(rows.shape)).encode()).hexdigest()
+        return self.folder / f"{digest[:32]}.pt"
+
+    def read(self, rows: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+        """The cached (N, V) log-probabilities of every position of `rows` (B, T), or None when not cached."""
+        path = self._path(rows)
+        if not path.is_file():
+            return None
+        stored = torch.load(path, map_location=rows.device)
+        values, indices = stored["log_probs"].float(), stored["indices"].long()  # (N, k)
+        tail_mass = (1 - values.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
+        spread = (tail_mass / (vocab_size - self.top_k)).log()  # (N, 1): each token outside the top k
+        return spread.expand(-1, vocab_size).scatter(1, indices, values)
+
+    def write(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        """Store the top-k log-probabilities of (N, V) `logits` at every position of `rows`."""
+        values, indices = logits.float().log_softmax(-1).topk(self.top_k, dim=-1)
+        stored = {"log_probs": values.to(torch.float16).cpu(), "indices": indices.to(torch.int32).cpu()}
+        write_atomic(self._path(rows), lambda path: torch.save(stored, path))
+
+
+class Teacher:
+    """A frozen checkpoint scoring rows: no gradients, eval mode, weights in `dtype`."""
+
+    def __init__(self, directory: str | Path, dtype: str, device: torch.device, cache: TopKCache | None = None):
+        self.directory = Path(directory)
+        self.model = load_pretrained(directory, dtype=DTYPES[dtype], device=device, dequantize=True).eval()
+        self.model.requires_grad_(False)
+        self.cache = cache
+
+    @torch.no_grad()
+    def score(self, rows: torch.Tensor, compared: torch.Tensor, layer_ids: list[int]) -> TeacherScores:
+        """Logits at the positions `compared` (B, T - 1) selects, and the outputs of layers `layer_ids`; a corpus
+        batch (every position compared) comes from the cache when it holds it, and goes into it otherwise."""
+        cacheable = self.cache is not None and not layer_ids and bool(compared.all())
+        if cacheable:
+            cached = self.cache.read(rows, self.model.config.vocab_size)
+            if cached is not None:
+                return TeacherScores(cached)
+        with layer_outputs(self.model, layer_ids) as states:
+            B = rows.shape[0]
+            # the head runs on the compared positions alone (logits_at asks for one position: a token cost)
+            hidden = self.model(rows, logits_at=torch.zeros(B, dtype=torch.long, device=rows.device)).hidden_states
+        logits = self.model.lm_head(hidden[:, :-1][compared])
+        if cacheable:  # from the cache from the first run on, so that a rerun trains on the same distributions
+            self.cache.write(rows, logits)
+            return TeacherScores(self.cache.read(rows, self.model.config.vocab_size))
+        return TeacherScores(logits, dict(states))

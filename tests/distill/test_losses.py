@@ -1,0 +1,143 @@
+"""The distillation losses against hand-computed references, TRL's GKD loss, and the masks and shapes around them."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from seekstack.config import ConfigError
+from seekstack.distill.features import FeatureProjections
+from seekstack.distill.losses import feature_distance, generalized_jsd, logit_distillation
+from seekstack.distill.model import on_policy_targets
+from seekstack.distill.teacher import TopKCache
+from seekstack.model.head_loss import IGNORE_INDEX
+
+STUDENT = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]])
+TEACHER = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+
+
+def softmax_rows(logits: torch.Tensor) -> list[list[float]]:
+    rows = []
+    for row in logits.tolist():
+        total = sum(math.exp(v) for v in row)
+        rows.append([math.exp(v) / total for v in row])
+    return rows
+
+
+def kl_by_hand(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+
+def test_forward_and_reverse_kl_match_hand_computed_sums():
+    s, t = softmax_rows(STUDENT), softmax_rows(TEACHER)
+    forward = sum(kl_by_hand(t[i], s[i]) for i in range(2)) / 2
+    reverse = sum(kl_by_hand(s[i], t[i]) for i in range(2)) / 2
+    assert generalized_jsd(STUDENT, TEACHER, beta=0.0).item() == pytest.approx(forward, rel=1e-5)
+    assert generalized_jsd(STUDENT, TEACHER, beta=1.0).item() == pytest.approx(reverse, rel=1e-5)
+    assert forward != pytest.approx(reverse, rel=1e-2)
+
+
+def test_generalized_jsd_matches_the_hand_computed_mixture():
+    beta = 0.3
+    s, t = softmax_rows(STUDENT), softmax_rows(TEACHER)
+    expected = 0.0
+    for i in range(2):
+        mixture = [beta * ti + (1 - beta) * si for si, ti in zip(s[i], t[i], strict=True)]
+        expected += beta * kl_by_hand(t[i], mixture) + (1 - beta) * kl_by_hand(s[i], mixture)
+    assert generalized_jsd(STUDENT, TEACHER, beta=beta).item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+def test_logit_distillation_is_the_softened_divergence_scaled_by_t_squared():
+    temperature = 2.0
+    s, t = softmax_rows(STUDENT / temperature), softmax_rows(TEACHER / temperature)
+    softened_forward = sum(kl_by_hand(t[i], s[i]) for i in range(2)) / 2
+    scaled = logit_distillation(STUDENT, TEACHER, beta=0.0, temperature=temperature).item()
+    assert scaled == pytest.approx(4 * softened_forward, rel=1e-5)
+    assert generalized_jsd(STUDENT, TEACHER, 0.0, temperature).item() == pytest.approx(softened_forward, rel=1e-5)
+
+
+def trl_generalized_jsd_loss():
+    """TRL's `GKDTrainer.generalized_jsd_loss`, its source read from the installed trl (importing its trainer
+    module pulls in transformers, datasets and accelerate: tens of seconds); skipped without trl."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None:
+        pytest.skip("trl is not installed")
+    source = Path(spec.origin).parent / "experimental" / "gkd" / "gkd_trainer.py"
+    trainer = next(
+        n for n in ast.parse(source.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "GKDTrainer"
+    )
+    function = next(n for n in trainer.body if isinstance(n, ast.FunctionDef) and n.name == "generalized_jsd_loss")
+    function.decorator_list = []  # a staticmethod in the class
+    namespace = {"torch": torch, "F": torch.nn.functional}
+    exec(compile(ast.Module([function], type_ignores=[]), str(source), "exec"), namespace)
+    return namespace["generalized_jsd_loss"]
+
+
+@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.5, 1.0), (0.2, 2.0), (1.0, 0.7)])
+def test_generalized_jsd_and_its_gradient_equal_trl_gkd_loss_on_the_same_logits(beta, temperature):
+    trl_loss = trl_generalized_jsd_loss()
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 5, 11, generator=generator) * 3
+    teacher = torch.randn(2, 5, 11, generator=generator) * 3
+    labels = torch.randint(0, 11, (2, 5), generator=generator)
+    labels[0, :2] = IGNORE_INDEX  # a masked prompt
+    labels[1, 4] = IGNORE_INDEX  # padding
+    student_theirs = student.clone().requires_grad_()
+    theirs = trl_loss(student_theirs, teacher, labels, beta=beta, temperature=temperature)
+    theirs.backward()
+    kept = labels != IGNORE_INDEX
+    student_ours = student.clone().requires_grad_()
+    ours = generalized_jsd(student_ours[kept], teacher[kept], beta, temperature)
+    (3 * ours).backward()  # the stored gradient is scaled by the incoming one
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student_ours.grad, 3 * student_theirs.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_on_policy_targets_count_the_prompt_in_the_cross_entropy_and_generated_tokens_in_the_divergence():
+    rows = torch.arange(12).view(2, 6)
+    labels, compared = on_policy_targets(rows, prompt_tokens=4)
+    assert labels.tolist() == [[0, 1, 2, 3, -100, -100], [6, 7, 8, 9, -100, -100]]
+    # position t predicts token t + 1: positions 3 and 4 predict the generated tokens 4 and 5
+    assert compared.tolist() == [[False, False, False, True, True]] * 2
+
+
+def test_feature_projections_map_student_width_to_teacher_width_with_per_layer_weights():
+    projections = FeatureProjections({0: 1, 1: 3}, {0: 1.0, 1: 0.5}, 2, 4, student_width=8, teacher_width=16)
+    assert {name: tuple(p.shape) for name, p in projections.named_parameters()} == {
+        "maps.0.weight": (16, 8),
+        "maps.1.weight": (16, 8),
+    }
+    student = {0: torch.randn(2, 3, 8), 1: torch.randn(2, 3, 8)}
+    teacher = {1: torch.randn(2, 3, 16), 3: torch.randn(2, 3, 16)}
+    with torch.no_grad():
+        projected = {layer: student[layer] @ projections.maps[str(layer)].weight.T for layer in (0, 1)}
+    expected = ((projected[0] - teacher[1]) ** 2).mean() + 0.5 * ((projected[1] - teacher[3]) ** 2).mean()
+    torch.testing.assert_close(projections.loss(student, teacher, "mse"), expected)
+    cosine = torch.nn.functional.cosine_similarity(projected[0], teacher[1], dim=-1)
+    torch.testing.assert_close(feature_distance(projected[0], teacher[1], "cosine"), (1 - cosine).mean())
+    with pytest.raises(ConfigError, match=r"'feature_layers': 1: 4 is out of range.*teacher 0\.\.3"):
+        FeatureProjections({1: 4}, {1: 1.0}, 2, 4, 8, 16)
+
+
+def test_topk_cache_keeps_the_top_k_and_spreads_the_rest_of_the_mass(tmp_path):
+    cache = TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
+    rows = torch.tensor([[5, 6, 7]])
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    assert cache.read(rows, 10) is None
+    cache.write(rows, logits)
+    restored = cache.read(rows, 10)
+    exact = logits.log_softmax(-1)
+    top = exact.topk(3, dim=-1)
+    torch.testing.assert_close(restored.gather(1, top.indices), top.values, atol=2e-3, rtol=0)
+    torch.testing.assert_close(restored.exp().sum(-1), torch.ones(2), atol=2e-3, rtol=0)
+    for row in range(2):  # the rest of the mass spread evenly over the 7 other tokens
+        others = restored[row].exp()[[v for v in range(10) if v not in top.indices[row].tolist()]]
+        torch.testing.assert_close(others, others[:1].expand(7), rtol=1e-5, atol=0)
+        assert others.sum().item() == pytest.approx(1 - top.values[row].exp().sum().item(), abs=2e-3)
+    with pytest.raises(ValueError, match="use another folder"):
+        TopKCache(tmp_path / "cache", top_k=5, teacher_dir=tmp_path / "teacher")

@@ -1,0 +1,155 @@
+"""`seekstack distill` through the trainer: the loss it trains on, the checkpoints it writes, exact resume, and the
+refusals (tokenizers that differ, vocabularies that differ)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from seekstack.checkpoint import load_pretrained
+from seekstack.cli import app
+from seekstack.distill.config import DistillConfig
+from seekstack.distill.losses import kl_divergence
+from seekstack.distill.model import DistillModel
+from seekstack.distill.run import PROJECTIONS_FILE, DistillHooks, run_distill
+from seekstack.distill.teacher import Teacher, TopKCache
+from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import train_tokenizer
+from seekstack.train.state import TRAIN_STATE_FILE
+from tests.distill.support import DENSE_STUDENT, write_data, write_teacher
+from tests.train.test_distributed import free_port
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    shards = write_data(root)
+    return {"shards": shards, "teacher": write_teacher(root / "teacher", root / "tokenizer"), "root": root}
+
+
+def distill_config(workspace, out_dir, **changes) -> DistillConfig:
+    base = dict(
+        model="tiny", model_overrides=DENSE_STUDENT, data_dir=str(workspace["shards"]), out_dir=str(out_dir),
+        teacher=str(workspace["teacher"]), seq_len=24, batch_size=4, max_steps=4, lr=3e-3, min_lr=3e-4,
+        warmup_steps=1, eval_every=2, eval_batches=1, save_every=2, keep_checkpoints=2, lmbda=0.5, prompt_tokens=12,
+        feature_layers={0: 1, 1: 2}, feature_weights={1: 0.5}, feature_loss="cosine",
+    )  # fmt: skip
+    return DistillConfig(**{**base, **changes}).validate()
+
+
+MOE_STUDENT = {**DENSE_STUDENT, "first_k_dense_replace": 1, "n_routed_experts": 4, "n_shared_experts": 1,
+               "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_group": 2, "topk_group": 1,
+               "num_nextn_predict_layers": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("student_overrides", [DENSE_STUDENT, MOE_STUDENT], ids=["dense", "moe_with_mtp"])
+def test_training_loss_is_ce_plus_t_squared_kl_to_the_teacher(workspace, tmp_path, student_overrides):
+    config = distill_config(workspace, tmp_path, model_overrides=student_overrides, lmbda=0.0, feature_layers={},
+                            feature_weights={}, ce_weight=0.3, kd_weight=0.7, temperature=2.0)  # fmt: skip
+    torch.manual_seed(0)
+    student = Transformer(config.model_config())
+    teacher = Teacher(workspace["teacher"], "float32", torch.device("cpu"))
+    model = DistillModel(student, teacher, config).train()
+    rows = torch.randint(0, 300, (2, 9))
+    loss = model(rows, labels=rows).loss
+    with torch.no_grad():
+        own = student(rows, labels=rows)  # the student's pretraining loss: CE (+ MTP and balance terms)
+        student_logits, teacher_logits = student(rows).logits[:, :-1], teacher.model(rows).logits[:, :-1]
+        ce = F.cross_entropy(student_logits.flatten(0, 1), rows[:, 1:].flatten())
+        softened_kl = kl_divergence(
+            (teacher_logits / 2).log_softmax(-1), (student_logits / 2).log_softmax(-1)
+        ).mean()  # forward KL(teacher || student), every position
+    expected = 0.3 * ce + (own.loss - own.lm_loss) + 0.7 * 4 * softened_kl
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert (own.loss - own.lm_loss > 0) == (student_overrides is MOE_STUDENT)
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    assert "teacher" not in dict(model.named_modules()) and len(list(model.parameters())) == len(
+        list(student.parameters())
+    )  # the teacher is neither trained nor saved; no feature maps without feature_layers
+    model.eval()
+    torch.testing.assert_close(model(rows, labels=rows).lm_loss, ce, rtol=1e-5, atol=1e-6)  # validation: the student
+
+
+def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp_path):
+    whole = run_distill(distill_config(workspace, tmp_path / "whole"))  # on-policy batches and feature maps
+    checkpoint = whole.checkpoint
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["model_type"] == "deepseek_v3" and config["first_k_dense_replace"] == config["num_hidden_layers"]
+    with safe_open(checkpoint / "model.safetensors", "pt") as weights:
+        keys = set(weights.keys())
+    assert not any("maps" in key or "mlp.experts" in key for key in keys)  # no feature maps; every layer dense
+    assert load_pretrained(checkpoint).config.hidden_size == 32
+    maps = torch.load(checkpoint / PROJECTIONS_FILE)
+    assert {name: tuple(t.shape) for name, t in maps.items()} == {"maps.0.weight": (64, 32), "maps.1.weight": (64, 32)}
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "val_bpb" in line] == [2, 4]  # validation of the student
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_4")
+    assert (tmp_path / "cut" / "checkpoints" / "step_2" / TRAIN_STATE_FILE).is_file()
+    resumed = run_distill(distill_config(workspace, tmp_path / "cut"), resume=True)
+    assert resumed.losses == whole.losses[2:]  # bit for bit
+    resumed_maps = torch.load(tmp_path / "cut" / "checkpoints" / "step_4" / PROJECTIONS_FILE)
+    assert all(torch.equal(maps[name], resumed_maps[name]) for name in maps)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path):
+    other = tmp_path / "other_teacher"
+    shutil.copytree(workspace["teacher"], other)
+    train_tokenizer(["a different corpus, so different merges"] * 30, vocab_size=290, out_path=other)
+    result = CliRunner().invoke(app, ["distill", *overrides(workspace, tmp_path, teacher=other)])
+    assert result.exit_code == 1
+    assert "must share a tokenizer" in result.output and str(other / "tokenizer.json") in result.output
+    (other / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        DistillHooks(distill_config(workspace, tmp_path, teacher=str(other)))
+
+
+def test_a_teacher_vocabulary_unlike_the_students_is_refused(workspace, tmp_path):
+    padded = write_teacher(tmp_path / "padded", workspace["root"] / "tokenizer", vocab_size=320)
+    with pytest.raises(ValueError, match=r"vocab_size=300 differs from the teacher's 320 .*model.vocab_size=320"):
+        run_distill(distill_config(workspace, tmp_path, teacher=str(padded)))
+
+
+def overrides(workspace, out_dir, **changes) -> list[str]:
+    values = {"data_dir": workspace["shards"], "out_dir": out_dir, "teacher": workspace["teacher"], "max_steps": 1,
+              "seq_len": 24, "batch_size": 2, **changes}  # fmt: skip
+    return [f"{key}={value}" for key, value in values.items()] + ["model.num_hidden_layers=2"]
+
+
+def _rank_main(rank: int, world_size: int, port: int, config: DistillConfig) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    run_distill(config)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_two_ddp_ranks_distill_like_one_process_at_the_same_global_batch(workspace, tmp_path):
+    changes = dict(lmbda=0.0, max_steps=2, eval_every=0, save_every=0)  # with the teacher and the feature maps
+    single = run_distill(distill_config(workspace, tmp_path / "one", **changes))
+    mp.spawn(_rank_main, args=(2, free_port(), distill_config(workspace, tmp_path / "two", **changes)), nprocs=2)
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["loss"] for line in two] == pytest.approx(single.losses, abs=1e-5)
+
+
+def test_teacher_scores_of_a_corpus_batch_come_from_the_top_k_cache_the_second_time(workspace, tmp_path):
+    cache = TopKCache(tmp_path / "cache", top_k=16, teacher_dir=workspace["teacher"])
+    teacher = Teacher(workspace["teacher"], "float32", torch.device("cpu"), cache)
+    rows = torch.randint(0, 300, (2, 9))
+    every_position = torch.ones(2, 8, dtype=torch.bool)
+    first = teacher.score(rows, every_position, []).logits
+    exact = teacher.model(rows).logits[:, :-1].flatten(0, 1).log_softmax(-1)
+    top = exact.topk(16, dim=-1)
+    torch.testing.assert_close(first.gather(1, top.indices), top.values, atol=1e-2, rtol=0)
+    teacher.model.forward = None  # the teacher must not run again
+    torch.testing.assert_close(teacher.score(rows, every_position, []).logits, first)
