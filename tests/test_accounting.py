@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 from seekstack.accounting import (
     forward_flops_per_token,
@@ -32,6 +32,14 @@ TINY_VARIANTS = {
 # (for torch's fused kernel), which the model FLOPs rightly do not count. Equal widths need no pad.
 # The counter sees inside the reference (math) attention only; torch's fused CPU kernel reports no FLOPs.
 EQUAL_WIDTHS = {"v_head_dim": 48}
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """The routed experts' grouped matmul, which torch's counter has no formula for: every row of `a` meets one
+    group's (K, M) matrix, 2 N K M FLOPs; the weight gradient (K, N) @ (N, M) split by group is the same count."""
+    rows, inner = a_shape
+    return 2 * rows * inner * b_shape[-1]
 
 
 def build(name: str, meta: bool = False, **overrides) -> Transformer:

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from seekstack.parallel.compression import CommCounter, Int8State, int8_hook
 from seekstack.train.state import OPTIMIZER_DIR, list_checkpoints
 from seekstack.train.trainer import train
-from tests.train.test_trainer import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
+from tests.train.test_trainer import MICRO_MODEL, data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs the gloo backend")
 
@@ -224,7 +224,7 @@ def test_int8_error_feedback_survives_ddp_regrouping_its_buckets(data_dir, tmp_p
     config = run_config(
         data_dir,
         tmp_path / "int8",
-        model_overrides={},
+        model_overrides={"vocab_size": MICRO_MODEL["vocab_size"]},  # the tiny preset's widths, the data's vocabulary
         max_steps=3,
         eval_every=0,
         save_every=0,
