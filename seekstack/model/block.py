@@ -19,7 +19,8 @@ class DecoderBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = (SpatioTemporalAttention if config.attention_variant == "3d" else MultiHeadLatentAttention)(config)
+        attention = SpatioTemporalAttention if config.attention_variant == "3d" else MultiHeadLatentAttention
+        self.self_attn = attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module
         if config.is_moe_layer(layer_idx):
