@@ -552,7 +552,7 @@ class _Run:
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:
         line = (
             f"step {self.step}/{self.config.max_steps}  "
-            f"loss {metrics['lm_loss']:.4f} (with MTP {metrics['loss']:.4f})  "
+            f"loss {metrics['lm_loss']:.4f} (total {metrics['loss']:.4f})  "
             f"{metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}  "
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
         )

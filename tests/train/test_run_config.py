@@ -69,7 +69,7 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     runner = CliRunner()
     first = runner.invoke(app, ["train", *micro_overrides(data_dir, out_dir)])
     assert first.exit_code == 0, first.output
-    assert "loss" in first.output and "(with MTP" in first.output  # next-token loss shown beside the total
+    assert "loss" in first.output and "(total" in first.output  # next-token loss, then the total
     first_rates = [row["lr"] for row in read_metrics(out_dir) if "lr" in row]
     shutil.rmtree(out_dir / "checkpoints" / "step_6")  # resume half way, where the decay is under way
     # Only out_dir and the new max_steps: data_dir, batch, lengths and the model come from train_config.json.
