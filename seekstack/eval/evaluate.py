@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seekstack.eval.tasks import CODE_TASKS, REASONING_TASKS, TASKS, task_configs
+from seekstack.eval.tasks import CODE_TASKS, REASONING_PREFIX, REASONING_TASKS, TASKS, task_configs
 from seekstack.tokenizer import Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
@@ -33,6 +33,9 @@ def evaluate(
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    misspelt = [task for task in tasks if task not in TASKS and task.startswith(("code_", REASONING_PREFIX))]
+    if misspelt:
+        raise ValueError(f"unknown task {misspelt[0]!r}; the local tasks are {', '.join(TASKS)}")
     local = tuple(task for task in tasks if task in TASKS)
     tokenizer = Tokenizer.from_file(model_dir) if any(task in REASONING_TASKS for task in local) else None
     specs: list[Any] = [task for task in tasks if task not in TASKS]

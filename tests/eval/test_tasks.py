@@ -123,3 +123,10 @@ def test_reasoning_task_runs_on_both_backends_with_the_same_scores(checkpoint):
     theirs = evaluate(checkpoint, ("reason_addition",), backend="hf", limit=3)
     assert ours["samples"] == theirs["samples"] == {"reason_addition": 3}
     assert ours["results"]["reason_addition"]["exact_match"] == theirs["results"]["reason_addition"]["exact_match"]
+
+
+def test_a_misspelt_local_task_is_named_before_lm_eval_runs(checkpoint):
+    from seekstack.eval.evaluate import evaluate
+
+    with pytest.raises(ValueError, match="unknown task 'reason_additon'.*reason_addition"):
+        evaluate(checkpoint, ("reason_additon",))
