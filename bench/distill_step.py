@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +24,9 @@ from seekstack.distill.config import DistillConfig
 from seekstack.distill.run import run_distill
 from seekstack.tokens.shards import TokenWindows
 from seekstack.train.config import resolve_train_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trainer_timing import record_step_seconds  # noqa: E402
 
 
 def run_ours(args: argparse.Namespace, out_dir: Path) -> list[float]:
@@ -40,7 +43,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> list[float]:
 
 def run_trl(args: argparse.Namespace, out_dir: Path) -> list[float]:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     windows = TokenWindows(args.data, "train", args.seq_len)
@@ -63,16 +66,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> list[float]:
         model=student, teacher_model=teacher, args=config, train_dataset=dataset, data_collator=collate,
         processing_class=AutoTokenizer.from_pretrained(args.student),
     )  # fmt: skip
-    step_s: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            step_s.append(time.perf_counter() - self.started)
-
-    trainer.add_callback(StepTimer())
+    step_s = record_step_seconds(trainer)
     trainer.train()
     return step_s
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ from seekstack.posttrain.rl import run_rl
 from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import Tokenizer
 from seekstack.train.config import resolve_train_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trainer_timing import record_step_seconds  # noqa: E402
 
 
 def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
@@ -48,7 +52,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
 
 def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
@@ -95,16 +99,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
             generate_s.append(time.perf_counter() - started)
 
     model.generate = timed_generate
-    step_s: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            step_s.append(time.perf_counter() - self.started)
-
-    trainer.add_callback(StepTimer())
+    step_s = record_step_seconds(trainer)
     trainer.train()
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
     return {"step_s": step_s, "generate_s": generate_s, "reward": rewards}
