@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from transformers import AutoModelForCausalLM
 
 import seekstack
 from seekstack.accounting import forward_flops_per_token
-from seekstack.infer import Engine, SamplingParams
+from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.tokenizer import train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for a small BPE
@@ -50,18 +51,19 @@ CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: en
 
 def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, Engine, torch.nn.Module]:
     """Random weights saved once, a tokenizer of the preset's vocabulary beside them; all models load them.
-    Ours twice: eager, and with decode steps compiled (`Engine(compile=True)`)."""
+    Ours twice: eager (`--no-compile`), and as `generate`, `chat` and `serve` run it by default (EngineOptions), whose
+    decode steps compile once eager decoding has run as long as a compile takes."""
     config = seekstack.preset(preset, num_nextn_predict_layers=0)  # transformers does not run MTP
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(config), directory)
     texts = [path.read_text() for path in sorted(CORPUS.rglob("*.py"))] * 4
     train_tokenizer(texts, vocab_size=config.vocab_size, out_path=directory)
     ours = Engine.from_pretrained(directory, max_batch_size=max_batch)
-    ours_compiled = Engine.from_pretrained(directory, max_batch_size=max_batch, compile=True)
+    ours_default = Engine.from_pretrained(directory, **EngineOptions(max_batch_size=max_batch).engine_kwargs())
     theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     # No end-of-sequence token: both run exactly the asked number of steps, without a min-length processor.
     theirs.generation_config.eos_token_id = None
-    return ours, ours_compiled, theirs
+    return ours, ours_default, theirs
 
 
 def random_prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -107,15 +109,24 @@ def interleaved(runs: dict[str, Callable[[], object]], reps: int, clock: str = "
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
+def warm_up(engine: Engine, vocab: int, new_tokens: int) -> None:
+    """Decode until the default engine runs its decode step compiled, as a server or chat session soon does."""
+    started = time.perf_counter()
+    while not engine.decode_compiled:
+        ours_generate(engine, random_prompts(1, 16, vocab), new_tokens)
+    ours_generate(engine, random_prompts(1, 16, vocab), 2)  # the first compiled step compiles (untimed)
+    print(f"default engine warmed up (eager decoding, then its compile) in {time.perf_counter() - started:.0f} s")
+
+
 def speed_row(
-    engine, compiled, model, batch: int, prompt_len: int, new_tokens: int, reps: int, clock: str
+    engine, default, model, batch: int, prompt_len: int, new_tokens: int, reps: int, clock: str
 ) -> dict[str, float]:
-    """Prefill and decode tok/s of ours (eager and compiled) and theirs at one batch size, and how many greedy
+    """Prefill and decode tok/s of ours (eager and default) and theirs at one batch size, and how many greedy
     tokens agree with theirs (the lower of our two)."""
     prompts = random_prompts(batch, prompt_len, engine.config.vocab_size)
     theirs_tokens = theirs_generate(model, prompts, new_tokens)[:, prompt_len:].tolist()
     agree = 1.0
-    for ours in (engine, compiled):  # the compiled engine's first call compiles its decode step (untimed)
+    for ours in (engine, default):  # the default engine compiles a new batch shape in its first call (untimed)
         ours_tokens = ours_generate(ours, prompts, new_tokens)
         assert all(len(tokens) == new_tokens for tokens in ours_tokens + theirs_tokens), "a side stopped early"
         common = sum(_common_prefix(a, b) for a, b in zip(ours_tokens, theirs_tokens, strict=True))
@@ -123,17 +134,17 @@ def speed_row(
     medians = interleaved(
         {
             "ours_1": lambda: ours_generate(engine, prompts, 1),
-            "compiled_1": lambda: ours_generate(compiled, prompts, 1),
+            "default_1": lambda: ours_generate(default, prompts, 1),
             "theirs_1": lambda: theirs_generate(model, prompts, 1),
             "ours_n": lambda: ours_generate(engine, prompts, new_tokens),
-            "compiled_n": lambda: ours_generate(compiled, prompts, new_tokens),
+            "default_n": lambda: ours_generate(default, prompts, new_tokens),
             "theirs_n": lambda: theirs_generate(model, prompts, new_tokens),
         },
         reps,
         clock,
     )
     row = {"batch": batch, "agree": agree}
-    for side in ("ours", "compiled", "theirs"):
+    for side in ("ours", "default", "theirs"):
         row[f"{side}_prefill"] = batch * prompt_len / medians[f"{side}_1"]
         row[f"{side}_decode"] = batch * (new_tokens - 1) / (medians[f"{side}_n"] - medians[f"{side}_1"])
     return row
@@ -160,25 +171,26 @@ def main() -> None:
     float32_peak = matmul_peaks()["float32"]
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
-        engine, compiled, model = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
+        engine, default, model = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
+        warm_up(default, engine.config.vocab_size, args.new_tokens)
         print(
             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
             f"median of {args.reps}, {args.clock} clock\n"
         )
-        print("decode: ours eager, ours with compiled decode steps (prefill is eager in both), theirs")
+        print("decode: ours eager (--no-compile), ours by default (decode steps compiled once warm), theirs")
         header = (
             f"{'batch':>5s} {'ours prefill':>13s} {'theirs prefill':>15s} {'ratio':>6s} {'ours decode':>12s} "
-            f"{'compiled':>9s} {'theirs decode':>14s} {'ratio':>6s} {'compiled ratio':>15s} {'greedy agree':>13s}"
+            f"{'default':>9s} {'theirs decode':>14s} {'ratio':>6s} {'default ratio':>15s} {'greedy agree':>13s}"
         )
         print(header + "\n" + "-" * len(header))
         for batch in args.batches:
-            row = speed_row(engine, compiled, model, batch, args.prompt_len, args.new_tokens, args.reps, args.clock)
+            row = speed_row(engine, default, model, batch, args.prompt_len, args.new_tokens, args.reps, args.clock)
             theirs = row["theirs_decode"]
             print(
                 f"{batch:5d} {row['ours_prefill']:13.0f} {row['theirs_prefill']:15.0f} "
                 f"{row['ours_prefill'] / row['theirs_prefill']:6.2f} {row['ours_decode']:12.1f} "
-                f"{row['compiled_decode']:9.1f} {theirs:14.1f} {row['ours_decode'] / theirs:6.2f} "
-                f"{row['compiled_decode'] / theirs:15.2f} {row['agree']:13.0%}",
+                f"{row['default_decode']:9.1f} {theirs:14.1f} {row['ours_decode'] / theirs:6.2f} "
+                f"{row['default_decode'] / theirs:15.2f} {row['agree']:13.0%}",
                 flush=True,
             )
 
@@ -190,14 +202,14 @@ def main() -> None:
         print(f"\nKV cache bytes per token: ours {ours_bytes} (formula (C + R) x layers x 4 = {formula}), ", end="")
         print(f"theirs {theirs_bytes:.0f}; theirs / ours = {theirs_bytes / ours_bytes:.2f}")
 
-        print("\nThroughput scaling, ours: total decode tok/s with N concurrent sequences (eager / compiled)")
+        print("\nThroughput scaling, ours: total decode tok/s with N concurrent sequences (eager / default)")
         for concurrent in args.scaling:
             prompts = random_prompts(concurrent, args.prompt_len, engine.config.vocab_size)
-            ours_generate(compiled, prompts, args.new_tokens)  # a new batch size may compile once more (untimed)
+            ours_generate(default, prompts, args.new_tokens)  # a new batch size may compile once more (untimed)
             medians = interleaved(
                 {
                     f"{name}_{n}": lambda e=ours, p=prompts, n=n: ours_generate(e, p, n)
-                    for name, ours in (("eager", engine), ("compiled", compiled))
+                    for name, ours in (("eager", engine), ("default", default))
                     for n in (1, args.new_tokens)
                 },
                 args.reps,
@@ -205,12 +217,12 @@ def main() -> None:
             )
             rates = [
                 concurrent * (args.new_tokens - 1) / (medians[f"{name}_{args.new_tokens}"] - medians[f"{name}_1"])
-                for name in ("eager", "compiled")
+                for name in ("eager", "default")
             ]
             print(f"  {concurrent:3d} sequences: {rates[0]:8.1f} / {rates[1]:8.1f} tok/s", flush=True)
 
         flops_per_token = forward_flops_per_token(config, args.prompt_len + args.new_tokens // 2)
-        llama_cpp_rows(engine, Path(root) / args.preset, args, flops_per_token, float32_peak)
+        llama_cpp_rows(engine, default, Path(root) / args.preset, args, flops_per_token, float32_peak)
         if args.busy:
             busy_rows(engine, model, args, flops_per_token, float32_peak)
 
@@ -220,8 +232,9 @@ def decode_rate(medians: dict[str, float], name: str, sequences: int, new_tokens
     return sequences * (new_tokens - 1) / (medians[f"{name}_{new_tokens}"] - medians[f"{name}_1"])
 
 
-def llama_cpp_rows(engine: Engine, model_dir: Path, args, flops_per_token: float, peak: float) -> None:
-    """Batch-1 greedy decode of llama.cpp (GGUF f32, q8_0) against ours, and ours with 8 sequences against its one."""
+def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops_per_token: float, peak: float) -> None:
+    """Batch-1 greedy decode of llama.cpp (GGUF f32, q8_0) against ours (eager and default), and ours with 8
+    sequences against its one."""
     threads = engine.step_threads.threads_for(1)
     print(f"\nllama.cpp, one stream on {threads} thread(s) (the threads ours decodes one sequence on):")
     peers, reason = load_llama_cpp(model_dir, args.llama_cpp_source, args.prompt_len + args.new_tokens + 8, threads)
@@ -232,26 +245,30 @@ def llama_cpp_rows(engine: Engine, model_dir: Path, args, flops_per_token: float
     ours_tokens = ours_generate(engine, prompt, args.new_tokens)[0]
     runs = {}
     for n in (1, args.new_tokens):
-        runs[f"ours_{n}"] = lambda n=n: ours_generate(engine, prompt, n)
+        runs[f"ours_{n}"] = lambda n=n: ours_generate(default, prompt, n)
+        runs[f"eager_{n}"] = lambda n=n: ours_generate(engine, prompt, n)
         for peer in peers:
             runs[f"{peer.outtype}_{n}"] = lambda peer=peer, n=n: peer.generate(prompt[0].tolist(), n)
     eight = random_prompts(8, args.prompt_len, engine.config.vocab_size)
     for n in (1, args.new_tokens):
-        runs[f"ours8_{n}"] = lambda n=n: ours_generate(engine, eight, n)
+        runs[f"ours8_{n}"] = lambda n=n: ours_generate(default, eight, n)
     medians = interleaved(runs, args.reps, args.clock)
     ours = decode_rate(medians, "ours", 1, args.new_tokens)
-    print(f"  {'ours (eager, default)':24s} {ours:8.1f} tok/s   {share_of_peak(ours, flops_per_token, peak)}")
+    eager = decode_rate(medians, "eager", 1, args.new_tokens)
+    print(f"  {'ours (default)':24s} {ours:8.1f} tok/s   {share_of_peak(ours, flops_per_token, peak)}")
+    print(f"  {'ours (eager)':24s} {eager:8.1f} tok/s   {share_of_peak(eager, flops_per_token, peak)}")
     for peer in peers:
         rate = decode_rate(medians, peer.outtype, 1, args.new_tokens)
         agree = _common_prefix(peer.generate(prompt[0].tolist(), args.new_tokens), ours_tokens) / args.new_tokens
         print(
-            f"  {'llama.cpp ' + peer.outtype:24s} {rate:8.1f} tok/s   ours / this = {ours / rate:.2f}x   "
+            f"  {'llama.cpp ' + peer.outtype:24s} {rate:8.1f} tok/s   ours / this = {ours / rate:.2f}x "
+            f"(eager {eager / rate:.2f}x)   "
             f"greedy agree {agree:.0%}   (converted in {peer.convert_seconds:.0f} s)"
         )
     eight_rate = decode_rate(medians, "ours8", 8, args.new_tokens)
     single = decode_rate(medians, "f32", 1, args.new_tokens)
     times = eight_rate / single
-    print(f"  ours, 8 concurrent sequences {eight_rate:8.1f} tok/s = {times:.2f}x llama.cpp f32's one stream")
+    print(f"  ours (default), 8 concurrent sequences {eight_rate:8.1f} tok/s = {times:.2f}x llama.cpp f32's one stream")
 
 
 def busy_rows(engine: Engine, model: torch.nn.Module, args, flops_per_token: float, peak: float) -> None:
@@ -279,7 +296,11 @@ def busy_rows(engine: Engine, model: torch.nn.Module, args, flops_per_token: flo
         competitor.wait()
     print(f"\nbatch 1 beside a competing busy process, torch threads {torch.get_num_threads()}:")
     theirs = decode_rate(medians, "theirs", 1, args.new_tokens)
-    for name, label in (("ours", "ours (default)"), ("all", "ours on all threads"), ("theirs", "theirs")):
+    for name, label in (
+        ("ours", "ours eager, default threads"),
+        ("all", "ours eager, all threads"),
+        ("theirs", "theirs"),
+    ):
         rate = decode_rate(medians, name, 1, args.new_tokens)
         share = share_of_peak(rate, flops_per_token, peak)
         print(f"  {label:22s} {rate:8.1f} tok/s   / theirs = {rate / theirs:.2f}x   {share}")

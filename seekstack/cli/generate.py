@@ -38,9 +38,21 @@ AdaptiveDrafts = Annotated[
     bool, typer.Option(help="With --speculative: draft 0..draft-tokens a step, by measured acceptance and batch size")
 ]
 Compile = Annotated[
-    bool, typer.Option(help="Decode with torch.compile: a first step of ~15-30 s compiling, then ~2x faster steps")
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="Decode steps through torch.compile (~2x faster steps after ~5-60 s compiling) from the start, or never; "
+        "by default once eager decoding has run 10 s, the compile time told on stderr",
+    ),
 ]
 Threads = Annotated[int | None, typer.Option(help="torch threads; decode steps under 1 GFLOP run on one anyway")]
+KvCacheMemory = Annotated[str | None, typer.Option(help="Latent-cache budget, e.g. 4GiB; default half the free memory")]
+DeviceMap = Annotated[
+    str | None,
+    typer.Option(
+        help="Parts on devices, e.g. '*=cuda:0,layers.*.mlp.experts=cpu' or auto:cuda:0=80GiB (`seekstack plan`)"
+    ),
+]
 Adapter = Annotated[
     Path | None, typer.Option(help="LoRA adapter folder (peft format, from `lora train`), merged into the weights")
 ]
@@ -81,6 +93,8 @@ def generate_command(
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
     compile: Compile = EngineOptions.compile,
+    kv_cache_memory: KvCacheMemory = EngineOptions.kv_cache_memory,
+    device_map: DeviceMap = EngineOptions.device_map,
     threads: Threads = None,
     adapter: Adapter = None,
     as_json: Annotated[
@@ -105,6 +119,8 @@ def generate_command(
             draft_tokens=draft_tokens,
             adaptive_drafts=adaptive_drafts,
             compile=compile,
+            kv_cache_memory=kv_cache_memory,
+            device_map=device_map,
         )
         engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
@@ -133,6 +149,8 @@ def chat_command(
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
     compile: Compile = EngineOptions.compile,
+    kv_cache_memory: KvCacheMemory = EngineOptions.kv_cache_memory,
+    device_map: DeviceMap = EngineOptions.device_map,
     threads: Threads = None,
     adapter: Adapter = None,
 ) -> None:
@@ -152,6 +170,8 @@ def chat_command(
             draft_tokens=draft_tokens,
             adaptive_drafts=adaptive_drafts,
             compile=compile,
+            kv_cache_memory=kv_cache_memory,
+            device_map=device_map,
         )
         engine = load_engine(model, tokenizer, options, threads, adapter)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)

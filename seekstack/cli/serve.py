@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from seekstack.cli.common import fail, user_errors
-from seekstack.cli.generate import AdaptiveDrafts, Compile, DraftTokens, Speculative, Threads
+from seekstack.cli.generate import AdaptiveDrafts, Compile, DeviceMap, DraftTokens, KvCacheMemory, Speculative, Threads
 from seekstack.infer.params import EngineOptions
 
 if TYPE_CHECKING:
@@ -41,12 +41,8 @@ def serve_command(
     adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
     compile: Compile = EngineOptions.compile,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = EngineOptions.dtype,
-    kv_cache_memory: Annotated[
-        str | None, typer.Option(help="Latent-cache budget, e.g. 4GiB; default half the free memory")
-    ] = None,
-    device_map: Annotated[
-        str | None, typer.Option(help="Parts on devices, e.g. '*=cuda:0,layers.*.mlp.experts=cpu' (`seekstack plan`)")
-    ] = None,
+    kv_cache_memory: KvCacheMemory = None,
+    device_map: DeviceMap = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(help="NAME=DIR: a LoRA adapter folder served as model NAME (repeatable; one batch for all)"),

@@ -11,9 +11,11 @@ Shapes: B sequences in a forward, T tokens per sequence (padded), K drafted toke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -29,7 +31,7 @@ from seekstack.infer.detokenize import TextStream
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.params import EngineOptions, SamplingParams
 from seekstack.infer.placement import device_map_for, layer_devices, place
-from seekstack.infer.sampling import PenaltyState, SamplingBatch, token_logprobs
+from seekstack.infer.sampling import PenaltyState, SamplingBatch, TokenConstraint, token_logprobs
 from seekstack.infer.speculative import DraftCount, accept_drafts, greedy_speculation, mtp_drafts
 from seekstack.infer.threads import StepThreads
 from seekstack.model.transformer import Transformer
@@ -54,6 +56,7 @@ class _Request:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     admitted: int = 0  # admission order (the latest admitted is preempted first)
     error: str | None = None  # why its sampling raised (`Engine._isolated`): it ends alone at its next output
+    constraint: TokenConstraint | None = None  # what it may sample next (JSON mode); it stops once `complete`
 
     @property
     def resumed(self) -> bool:
@@ -64,6 +67,9 @@ class _Request:
     def prefill_len(self) -> int:
         """Tokens to put in the cache before decoding (re)starts."""
         return len(self.ids) - 1 if self.resumed else len(self.ids)
+
+
+COMPILE_AFTER_SECONDS = 10.0  # with compile=None: about what compiling the decode step takes on a CPU, cache warm
 
 
 class Engine:
@@ -85,13 +91,16 @@ class Engine:
         adaptive_drafts: bool = EngineOptions.adaptive_drafts,
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
-        compile: bool = EngineOptions.compile,
+        compile: bool | None = False,
         adapters: Mapping[str, str | Path] | None = None,
     ):
         """`adapters` name LoRA adapter folders (peft format) that requests may pick by name (`add_request`); rows
         of different adapters share every step, each with its own adapter (seekstack.adapters.multi).
         The cache takes `num_blocks`, or as many as `kv_cache_memory` bytes hold (by default half the memory free
-        on the device), never more than max_batch_size requests of max_model_len tokens use."""
+        on the device), never more than max_batch_size requests of max_model_len tokens use.
+        `compile`: decode steps through torch.compile from the first step (True), never (False), or, with None, once
+        eager decode steps have taken as long as compiling them would (`COMPILE_AFTER_SECONDS`), where the engine
+        can (no device map, no per-request adapters): a short run never waits for a compile."""
         placed = getattr(model, "placement", None) is not None  # spread over devices by seekstack.infer.placement
         if placed and (compile or device not in (None, "cpu")):
             raise ValueError("a model placed by a device map runs eagerly, its engine on the CPU: drop compile/device")
@@ -157,18 +166,11 @@ class Engine:
         self.lock = threading.RLock()
         self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
         self._ids = itertools.count()
-        # Decode steps (and their MTP drafts) run compiled when asked: one graph each, no device sync inside, the
-        # MoE on its gathered path. Prefill stays eager: long chunks of varied widths, bound by the matmuls.
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
-        if compile:
-            # A compiled function gets a graph per batch shape class and draft count, and engines in one process
-            # share those graphs' cache: several engines (a benchmark comparing draft counts) pass dynamo's
-            # default of 8, after which it would run the function eagerly.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            options = {"guard_filter_fn": _skip_model_guards, "cpp_wrapper": True}
-            self._decode_model = torch.compile(model, dynamic=True, options=options)
-            self._decode_drafts = torch.compile(mtp_drafts, dynamic=True, options=options)
-            self._greedy_speculation = torch.compile(greedy_speculation, dynamic=True, options=options)
+        # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
+        self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not (placed or adapters) else None
+        if compile is True:
+            self._compile_decode()
 
     @classmethod
     def from_pretrained(
@@ -207,6 +209,11 @@ class Engine:
         engine.model_name = model_dir.resolve().name
         return engine
 
+    @property
+    def decode_compiled(self) -> bool:
+        """Whether decode steps run through torch.compile now (`compile`)."""
+        return self._decode_model is not self.model
+
     def fit_max_new_tokens(self, prompt_len: int, params: SamplingParams) -> tuple[SamplingParams, str | None]:
         """`params` with max_new_tokens capped so that the prompt and the completion fit max_model_len, and a
         notice saying so when it had to be capped; ValueError when the prompt alone leaves no room."""
@@ -226,11 +233,19 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, adapter: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        adapter: str | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> str:
-        """Queue a request, on the base model or on the loaded LoRA adapter named `adapter`; raises ValueError for an
-        empty prompt, unknown token ids, one that cannot fit, or an adapter not loaded."""
+        """Queue a request, on the base model or on the loaded LoRA adapter named `adapter`, sampling only what
+        `constraint` allows (JSON mode); raises ValueError for an empty prompt, unknown token ids, one that cannot
+        fit, or an adapter not loaded."""
         params = params.validate()
+        if constraint is not None and self.speculative:
+            raise ValueError("constrained output (JSON mode) is not supported with speculative decoding")
         prompt_ids = [int(token) for token in prompt_ids]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
@@ -275,6 +290,7 @@ class Engine:
                 penalties,
                 list(prompt_ids),
                 adapter_slot=adapter_slot,
+                constraint=constraint,
             )
             self.waiting.append(request)
         return request_id
@@ -342,13 +358,41 @@ class Engine:
             self._grow()
             self._admit()
             if self.running:
-                with self.step_threads.running(len(self.running) * (self.draft_tokens + 1)):
+                with self.step_threads.running(len(self.running) * (self.draft_tokens + 1)), self._decode_timer():
                     outputs += self._decode()
             if self.prefilling:
                 waiting_tokens = sum(r.prefill_len - r.num_cached for r in self.prefilling)
                 with self.step_threads.running(min(waiting_tokens, self.prefill_chunk)):
                     outputs += self._prefill()
             return outputs
+
+    def _compile_decode(self) -> None:
+        """Run decode steps (and their MTP drafts) compiled from now on: one graph each, no device sync inside, the
+        MoE on its gathered path. Prefill stays eager: long chunks of varied widths, bound by the matmuls."""
+        # A compiled function gets a graph per batch shape class and draft count, and engines in one process share
+        # those graphs' cache: several engines (a benchmark comparing draft counts) pass dynamo's default of 8,
+        # after which it would run the function eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        options = {"guard_filter_fn": _skip_model_guards, "cpp_wrapper": True}
+        self._decode_model = torch.compile(self.model, dynamic=True, options=options)
+        self._decode_drafts = torch.compile(mtp_drafts, dynamic=True, options=options)
+        self._greedy_speculation = torch.compile(greedy_speculation, dynamic=True, options=options)
+        self._eager_seconds_left = None
+
+    @contextlib.contextmanager
+    def _decode_timer(self) -> Iterator[None]:
+        """Count an eager decode step's seconds towards compiling (`compile=None`); say on stderr how long a step
+        that compiled a new graph took (inductor keeps the generated code on disk: a later run compiles faster)."""
+        graphs, sequences = torch._dynamo.utils.counters["stats"]["unique_graphs"], len(self.running)
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        if self._eager_seconds_left is not None:
+            self._eager_seconds_left -= seconds
+            if self._eager_seconds_left <= 0:
+                self._compile_decode()
+        elif torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
+            print(f"note: compiled the decode step for {sequences} sequence(s) in {seconds:.1f} s", file=sys.stderr)
 
     def _admit(self) -> None:
         """Move waiting requests to prefilling, first come first served, while the batch has room and the cache
@@ -527,8 +571,9 @@ class Engine:
     # ------------------------------------------------------------------ sampling and output
     def _sampling_batch(self, batch: list[_Request]) -> SamplingBatch:
         return SamplingBatch(
-            [r.params for r in batch], [r.generator for r in batch], [r.penalties for r in batch], self.device
-        )
+            [r.params for r in batch], [r.generator for r in batch], [r.penalties for r in batch], self.device,
+            [r.constraint for r in batch],
+        )  # fmt: skip
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
         """One token per request from logits (B, V), with log-probabilities for the requests that ask for them; a
@@ -598,13 +643,16 @@ class Engine:
                 reason = "stop"
                 text += request.stream.flush()
                 break
+            if request.constraint is not None:
+                request.constraint.accept(token)
             piece, stopped = request.stream.push(token)
             text += piece
             if stopped:
                 reason = "stop"
                 break
-            if len(request.output_ids) >= request.params.max_new_tokens:
-                reason = "length"
+            complete = request.constraint is not None and request.constraint.complete  # e.g. a whole JSON value
+            if complete or len(request.output_ids) >= request.params.max_new_tokens:
+                reason = "stop" if complete else "length"
                 text += request.stream.flush()
                 break
         if reason is not None:

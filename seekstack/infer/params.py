@@ -80,7 +80,7 @@ class EngineOptions:
     speculative: bool = False  # MTP speculative decoding (the model needs an MTP module)
     draft_tokens: Positive = 3  # with speculative decoding: tokens the MTP module drafts per step
     adaptive_drafts: bool = False  # draft_tokens is the most: each step drafts 0..most by acceptance and batch
-    compile: bool = False  # decode steps through torch.compile
+    compile: bool | None = None  # decode steps through torch.compile: always, never, None: once it pays (Engine)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     kv_cache_memory: str | None = None  # latent-cache budget, e.g. "4GiB"; None: half the free device memory
     prefix_caching: bool = True  # share the cache blocks of prompt prefixes between requests

@@ -1,13 +1,15 @@
 """The per-row, batched sampler of the engine (the parameters are `params.SamplingParams`).
 
 Shapes: B rows (one per sequence being sampled), V vocabulary.
-Order of operations, as vLLM: penalties on the raw logits -> temperature -> top-k / top-p / min-p -> draw.
+Order of operations, as vLLM: constraints (JSON mode) and penalties on the raw logits -> temperature ->
+top-k / top-p / min-p -> draw.
 Greedy rows (temperature 0) become one-hot distributions, so speculative verification treats them like any other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -34,9 +36,26 @@ class PenaltyState:
         self.output_counts[token_id] += 1
 
 
+class TokenConstraint(Protocol):
+    """A rule on which tokens one request may sample next (JSON mode: `seekstack.infer.json_mode`)."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        """(V,) bool: the tokens that may come next; ValueError when the rule's state is broken."""
+        ...
+
+    def accept(self, token_id: int) -> None:
+        """Advance past the sampled token."""
+        ...
+
+    @property
+    def complete(self) -> bool:
+        """Whether the output is whole: the request stops."""
+        ...
+
+
 class SamplingBatch:
-    """The sampling settings of B rows with each row's generator and penalty state; (B,) tensors of the settings
-    are made only when a step needs them (an all-greedy batch needs none)."""
+    """The sampling settings of B rows with each row's generator, penalty state and token constraint; (B,) tensors
+    of the settings are made only when a step needs them (an all-greedy batch needs none)."""
 
     def __init__(
         self,
@@ -44,8 +63,10 @@ class SamplingBatch:
         generators: list[torch.Generator],
         penalties: list[PenaltyState | None],
         device: torch.device,
+        constraints: list[TokenConstraint | None] | None = None,
     ):
         self.params, self.generators, self.penalties = params, generators, penalties
+        self.constraints = constraints or [None] * len(params)
         self.device = device
         self.all_greedy = all(p.greedy for p in params)
         self.filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
@@ -108,8 +129,18 @@ class SamplingBatch:
         sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) with the tokens each row's constraint forbids at -inf (rows without one as they are)."""
+        rows = [row for row, constraint in enumerate(self.constraints) if constraint is not None]
+        if not rows:
+            return logits
+        forbidden = torch.zeros(logits.shape, dtype=torch.bool)
+        forbidden[rows] = ~torch.stack([self.constraints[row].allowed(logits.shape[-1]) for row in rows])
+        return logits.masked_fill(forbidden.to(self.device), float("-inf"))
+
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row (B,) from logits (B, V): penalties, the row's distribution, a draw."""
+        """One token per row (B,) from logits (B, V): constraints, penalties, the row's distribution, a draw."""
+        logits = self.constrain(logits)
         if self.all_greedy and not self.penalized:
             return logits.argmax(dim=-1)
         return self.draw(self.probabilities(self.penalize(logits)))

@@ -188,6 +188,24 @@ def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, draft_tokens
     assert compiled.cache.usage == 0  # every finished request gave its blocks back
 
 
+def test_default_compile_waits_until_eager_decoding_has_taken_as_long_as_a_compile(model, tokenizer, monkeypatch):
+    """EngineOptions' default (compile=None) decodes eagerly first, so a short run never waits for a compile; once
+    its eager decode steps add up to COMPILE_AFTER_SECONDS, the next steps run compiled."""
+    import seekstack.infer.engine as engine_module
+
+    assert EngineOptions().engine_kwargs()["compile"] is None and not Engine(model, tokenizer).decode_compiled
+    params = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(engine_module, "COMPILE_AFTER_SECONDS", 1e9)
+    patient = Engine(model, tokenizer, compile=None)
+    patient.generate(prompts([5]), params)
+    assert not patient.decode_compiled
+    monkeypatch.setattr(engine_module, "COMPILE_AFTER_SECONDS", 0.0)
+    eager_decoding = Engine(model, tokenizer, compile=None)
+    assert not eager_decoding.decode_compiled  # nothing decoded yet
+    eager_decoding.generate(prompts([5]), params)  # its first decode step used up the eager time
+    assert eager_decoding.decode_compiled
+
+
 def test_blocks_are_freed_when_requests_finish_or_are_aborted(model, tokenizer):
     engine = Engine(model, tokenizer, block_size=4)
     done = engine.add_request(prompts([10])[0], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
