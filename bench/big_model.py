@@ -1,32 +1,38 @@
 """A DeepSeek-V2-Lite-shaped model with random int8 weights on this machine: load time, peak RSS, time to first
-token and decode speed against the bound that memory bandwidth sets.
+token and decode speed against the bound that memory bandwidth sets, and llama.cpp on the same weights.
 
 The checkpoint (compressed-tensors int8 for every block projection and the routed experts; embedding, head,
-norms, routers and kv_b_proj in bfloat16, as `seekstack quantize` writes them) is written once under
-runs/big_model/ by a child process that builds it layer by layer from random int8 codes, never in float. This
-process then loads it with `load_pretrained` (quantized layers stay int8 and run the int8 kernel) and generates
-greedily with the engine. The bound:
+norms, routers and kv_b_proj in bfloat16, as `seekstack quantize` writes them; routed experts in seekstack's
+stacked layout, so they memory-map as the model holds them) is written once under runs/big_model/ by a child
+process, one part (embedding, block, head) at a time from random int8 codes, never in float: its memory holds one
+part and one 1 GiB shard. This process then loads it with `load_pretrained`, which memory-maps every tensor (the
+resident set grows with the pages a forward touches, file-backed, which the OS may drop again), and generates
+greedily with the engine. A child process writes the same weights as a q8_0 GGUF (bench/gguf_deepseek2.py: the
+same int8 codes and scales), and another runs llama.cpp (llama-cpp-python, one thread, mmap) on it with the same
+prompt, timed the same way. The bound:
 
     bound tok/s = copy bandwidth / bytes of weights one token reads
     bytes read per token = all weight bytes - (1 - K/E) x routed-expert bytes - all but one row of the embedding
     copy bandwidth = bytes / time of one large tensor copy, the best of a few: bytes copied per second, as
-                     memcpy benchmarks (mbw) report it; STREAM's convention counts the read and the write, twice
-                     this, and the JSON gives the fraction of that stricter bound too
+                     memcpy benchmarks (mbw) report it (STREAM's convention counts the read and the write, twice
+                     this). A decode that only reads can beat it: llama.cpp does, by ~5-40% here
     decode tok/s = (N - 1) / (t(N new tokens) - t(1 new token))
 
-Times are this process's CPU seconds on one torch thread (`--clock wall` for wall time): on a machine others
-load, wall time measures the queue for a core, and the copy and the decode would not see the same share of it.
+Times are on two clocks: this process's CPU seconds on one torch thread (what it computed: on a machine others
+load, wall time measures the queue for a core), and wall seconds (which also count the wait for pages of the
+memory-mapped weights read from disk). The first call after loading is reported apart (cold pages).
 
-    python bench/big_model.py                 # full V2-Lite shape: ~16 GB on disk and in memory
-    python bench/big_model.py --layers 4      # the first 4 layers (1 dense + 3 MoE): ~2.3 GB
+    python bench/big_model.py                 # full V2-Lite shape: ~16 GB on disk (and a ~17 GB GGUF, deleted
+                                              # after the run unless --keep-gguf)
+    python bench/big_model.py --layers 6      # the first 6 layers (1 dense + 5 MoE): ~3.6 GB
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,7 +44,8 @@ import torch
 from torch import nn
 
 import seekstack
-from seekstack.checkpoint import load_pretrained
+from seekstack.atomic import atomic_directory
+from seekstack.checkpoint import checkpoint_tensors, load_pretrained, write_config, write_shards
 from seekstack.compress.linear import Int8Weight, QuantizedExperts, QuantizedLinear
 from seekstack.compress.quantize import QuantConfig, quantizable_layers
 from seekstack.infer import Engine, SamplingParams
@@ -48,16 +55,18 @@ from seekstack.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 STD = 0.02
+INT8_SCALE = STD * 3**0.5 / 127  # uniform codes in [-127, 127] times this: weights of standard deviation STD
+SHARD_BYTES = 2**30
 
 
-def random_int8(shape: tuple[int, ...]) -> Int8Weight:
-    """Uniform int8 codes with one scale per output row: weights of standard deviation STD."""
-    codes = torch.randint(-127, 128, shape, dtype=torch.int8)
-    return Int8Weight(codes, torch.full((*shape[:-1], 1), STD * 3**0.5 / 127))
+def int8_on_meta(shape: tuple[int, ...]) -> Int8Weight:
+    """An int8 weight of `shape` with one scale per output row, on the meta device (filled by `fill`)."""
+    return Int8Weight(torch.empty(shape, dtype=torch.int8, device="meta"), torch.empty((*shape[:-1], 1), device="meta"))
 
 
-def write_checkpoint(directory: Path, layers: int) -> None:
-    """The int8 model, built on the meta device and filled one layer at a time, saved with `save_pretrained`."""
+def int8_model_on_meta(layers: int) -> seekstack.Transformer:
+    """The V2-Lite-shaped model with `layers` blocks, its quantizable layers int8 as `seekstack quantize` makes them,
+    every tensor on the meta device."""
     config = seekstack.preset("deepseek-v2-lite", num_hidden_layers=layers)
     with torch.device("meta"):
         model = seekstack.Transformer(config).to(torch.bfloat16)
@@ -67,21 +76,49 @@ def write_checkpoint(directory: Path, layers: int) -> None:
             continue
         module = model.get_submodule(name)
         if isinstance(module, RoutedExperts):
-            quantized = QuantizedExperts(random_int8(module.gate_up_proj.shape), random_int8(module.down_proj.shape))
+            quantized = QuantizedExperts(int8_on_meta(module.gate_up_proj.shape), int8_on_meta(module.down_proj.shape))
         else:
-            quantized = QuantizedLinear(random_int8(tuple(module.weight.shape)))
+            quantized = QuantizedLinear(int8_on_meta(tuple(module.weight.shape)))
         model.set_submodule(name, quantized)
-    for module in model.modules():  # what stays in bfloat16: random normal, norms one
+    return model
+
+
+def fill(part: nn.Module) -> None:
+    """Random values for `part`'s meta tensors: int8 codes uniform with their row scale, bfloat16 weights normal,
+    norms one, buffers (the routing bias) zero."""
+    for module in part.modules():
         for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
             if tensor is None or not tensor.is_meta:
                 continue
-            value = torch.ones(tensor.shape) if isinstance(module, RMSNorm) else torch.randn(tensor.shape) * STD
+            if tensor.dtype == torch.int8:
+                value = torch.randint(-127, 128, tensor.shape, dtype=torch.int8)
+            elif isinstance(module, Int8Weight):
+                value = torch.full(tensor.shape, INT8_SCALE, dtype=tensor.dtype)
+            elif name in module._buffers:
+                value = torch.zeros(tensor.shape, dtype=tensor.dtype)
+            else:
+                value = torch.ones(tensor.shape) if isinstance(module, RMSNorm) else torch.randn(tensor.shape) * STD
             if name in module._buffers:
-                module._buffers[name] = torch.zeros(tensor.shape, dtype=tensor.dtype)
+                module._buffers[name] = value
             else:
                 module._parameters[name] = nn.Parameter(value.to(tensor.dtype), requires_grad=False)
-    model.reset_rope()
-    seekstack.save_pretrained(model, directory)
+
+
+def write_checkpoint(directory: Path, layers: int) -> None:
+    """The int8 model in the stacked-experts layout, one part at a time: fill a part, hand its tensors to the shard
+    writer, put it back on meta."""
+    model = int8_model_on_meta(layers)
+    parts = ["embed_tokens", *(f"layers.{i}" for i in range(layers)), "norm", "lm_head"]
+
+    def tensors():
+        for part in parts:
+            fill(model.get_submodule(part))
+            yield from checkpoint_tensors(model, stacked_experts=True, part=part)
+            model.get_submodule(part).to("meta")
+
+    with atomic_directory(directory) as staging:
+        write_shards(tensors(), staging, SHARD_BYTES)
+        write_config(model, staging, stacked_experts=True)
 
 
 def copy_bandwidth(clock: Callable[[], float], megabytes: int = 512, reps: int = 5) -> float:
@@ -113,10 +150,109 @@ def bytes_read_per_token(model: seekstack.Transformer) -> tuple[int, int]:
 
 
 def resident_gb() -> dict[str, float]:
-    """This process's resident memory now: anonymous (the model's own copies) and file-backed (mapped checkpoint
-    pages, which the OS drops under pressure), from /proc/self/status."""
+    """This process's resident memory, from /proc/self/status: its peak (VmHWM: unlike getrusage's maxrss, not
+    inherited from the parent a child was forked from), and now, anonymous (the model's own copies) and file-backed
+    (mapped checkpoint pages, which the OS drops under pressure)."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {f"{name}_gb": int(fields[name].split()[0]) * 1024 / 1e9 for name in ("RssAnon", "RssFile")}
+    names = {"peak_rss_gb": "VmHWM", "RssAnon_gb": "RssAnon", "RssFile_gb": "RssFile"}
+    return {key: int(fields[name].split()[0]) * 1024 / 1e9 for key, name in names.items()}
+
+
+def clocks() -> tuple[float, float]:
+    """CPU seconds of this process (on one thread: what it computed, not the wait for a core on a shared machine)
+    and wall seconds (which also count waiting for pages read from disk), read together."""
+    return time.process_time(), time.perf_counter()
+
+
+def decode_rates(first: tuple[float, float], whole: tuple[float, float], new_tokens: int) -> dict[str, float]:
+    """decode tok/s = (N - 1) / (t(N new tokens) - t(1 new token)), on each clock."""
+    return {
+        f"decode_tok_s_{clock}": (new_tokens - 1) / (whole[i] - first[i]) for i, clock in enumerate(("cpu", "wall"))
+    }
+
+
+def timed(run: Callable[[], object]) -> tuple[tuple[float, float], object]:
+    start = clocks()
+    result = run()
+    end = clocks()
+    return (end[0] - start[0], end[1] - start[1]), result
+
+
+def run_ours(directory: Path, prompt: list[int], new_tokens: int) -> dict:
+    """Load (memory-mapped), a cold first call, then TTFT and decode on warm pages, with the engine."""
+    started = time.perf_counter()
+    model = load_pretrained(directory, dtype=torch.bfloat16)
+    load_seconds = time.perf_counter() - started
+    after_load = resident_gb()
+    total, active = bytes_read_per_token(model)
+    texts = [path.read_text() for path in sorted((ROOT / "seekstack").rglob("*.py"))]
+    tokenizer = train_tokenizer(texts, vocab_size=1024, out_path=Path(tempfile.mkdtemp()))
+    engine = Engine(model, tokenizer, max_batch_size=1, max_model_len=4096, kv_cache_memory=2**28)
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    cold, _ = timed(lambda: engine.generate([prompt], dataclasses.replace(params, max_new_tokens=1)))
+    first, _ = timed(lambda: engine.generate([prompt], dataclasses.replace(params, max_new_tokens=1)))
+    whole, [completion] = timed(lambda: engine.generate([prompt], params))
+    return {
+        "weights_gb": total / 1e9,
+        "read_per_token_gb": active / 1e9,
+        "active_bytes": active,
+        "load_s": load_seconds,
+        "resident_after_load": after_load,
+        "cold_first_call_s_wall": cold[1],
+        "ttft_s_cpu": first[0],
+        "ttft_s_wall": first[1],
+        **decode_rates(first, whole, new_tokens),
+        "tokens": completion.token_ids,
+        "resident_at_end": resident_gb(),
+    }
+
+
+def run_llama_cpp(path: Path, prompt: list[int], new_tokens: int) -> dict:
+    """llama.cpp on the GGUF, one thread, memory-mapped: load, a cold first call, then TTFT and greedy decode timed
+    as ours (prompt evaluation + the first token; then one evaluation per token)."""
+    import llama_cpp
+    import numpy as np
+
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=512, n_batch=512, n_threads=1, n_threads_batch=1, use_mmap=True, verbose=False
+    )
+    load_seconds = time.perf_counter() - started
+    after_load = resident_gb()
+
+    def greedy() -> int:
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)  # Llama.scores holds them only with logits_all
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
+    def generate(count: int) -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        tokens = [greedy()]
+        while len(tokens) < count:
+            llm.eval(tokens[-1:])
+            tokens.append(greedy())
+        return tokens
+
+    cold, _ = timed(lambda: generate(1))
+    first, _ = timed(lambda: generate(1))
+    whole, tokens = timed(lambda: generate(new_tokens))
+    return {
+        "load_s": load_seconds,
+        "resident_after_load": after_load,
+        "cold_first_call_s_wall": cold[1],
+        "ttft_s_cpu": first[0],
+        "ttft_s_wall": first[1],
+        **decode_rates(first, whole, new_tokens),
+        "tokens": tokens,
+        "resident_at_end": resident_gb(),
+    }
+
+
+def child(*args: str) -> dict | None:
+    """Run this script with `args` in a child process (its own peak RSS); its last stdout line is JSON."""
+    done = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
 
 
 def main() -> None:
@@ -124,56 +260,64 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=27, help="V2-Lite has 27")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
-    parser.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-llama-cpp", action="store_true", help="time ours only (no GGUF written)")
+    parser.add_argument("--keep-gguf", action="store_true", help="keep the GGUF (as large as the checkpoint)")
+    parser.add_argument("--child", nargs=2, metavar=("JOB", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(1)
-    if args.write_only:
-        write_checkpoint(args.write_only, args.layers)
+    directory = ROOT / "runs" / "big_model" / f"v2-lite-int8-{args.layers}-layers"
+    gguf_path = directory.with_suffix(".q8_0.gguf")
+    prompt = torch.randint(5, 1024, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    if args.child:
+        job, path = args.child
+        if job == "write":
+            write_checkpoint(Path(path), args.layers)
+        elif job == "gguf":
+            from gguf_deepseek2 import write_gguf
+
+            write_gguf(load_pretrained(directory, dtype=torch.bfloat16), Path(path))
+        print(json.dumps(run_llama_cpp(Path(path), prompt, args.new_tokens) if job == "llama_cpp" else resident_gb()))
         return
 
-    directory = ROOT / "runs" / "big_model" / f"v2-lite-int8-{args.layers}-layers"
+    written = {}
     if not (directory / "config.json").exists():
         started = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--layers", str(args.layers), "--write-only", str(directory)],
-                       check=True)  # fmt: skip
-        print(f"wrote {directory} in {time.perf_counter() - started:.0f} s")
-    bandwidth = copy_bandwidth(clock)
-
-    started = time.perf_counter()
-    model = load_pretrained(directory, dtype=torch.bfloat16)
-    load_seconds = time.perf_counter() - started
-    total, active = bytes_read_per_token(model)
-    texts = [path.read_text() for path in sorted((ROOT / "seekstack").rglob("*.py"))]
-    tokenizer = train_tokenizer(texts, vocab_size=1024, out_path=Path(tempfile.mkdtemp()))
-    engine = Engine(model, tokenizer, max_batch_size=1, max_model_len=4096, kv_cache_memory=2**28)
-    prompt = torch.randint(5, 1024, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
-    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    engine.generate([prompt[:8]], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))  # warm-up
-    seconds = {}
-    for new_tokens in (1, args.new_tokens):
-        start = clock()
-        [completion] = engine.generate([prompt], dataclasses.replace(params, max_new_tokens=new_tokens))
-        seconds[new_tokens] = clock() - start
-    decode = (args.new_tokens - 1) / (seconds[args.new_tokens] - seconds[1])
-    bound = bandwidth / active
+        written["checkpoint"] = {**child("--layers", str(args.layers), "--child", "write", str(directory)),
+                                 "seconds": time.perf_counter() - started}  # fmt: skip
+    if not args.skip_llama_cpp and not gguf_path.exists():
+        started = time.perf_counter()
+        written["gguf"] = {**child("--layers", str(args.layers), "--child", "gguf", str(gguf_path)),
+                           "seconds": time.perf_counter() - started}  # fmt: skip
+    ours = run_ours(directory, prompt, args.new_tokens)
+    bandwidth = copy_bandwidth(time.process_time)  # after: its 1 GiB of buffers would be the peak RSS of a small model
+    bound = bandwidth / ours["active_bytes"]
     result = {
         "layers": args.layers,
-        "weights_gb": total / 1e9,
-        "read_per_token_gb": active / 1e9,
-        "load_s": load_seconds,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
-        **resident_gb(),
-        "clock": args.clock,
-        "ttft_s": seconds[1],
-        "decode_tok_s": decode,
+        "checkpoint_file_gb": sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 1e9,
+        "written": written,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "bandwidth_bound_tok_s": bound,
-        "fraction_of_bound": decode / bound,
-        "fraction_of_read_plus_write_bound": decode / (2 * bound),
-        "llama_cpp": "not run: llama-cpp-python is not installed in .venv",
+        "ours": ours,
+        "fraction_of_bound_cpu": ours["decode_tok_s_cpu"] / bound,
+        "fraction_of_bound_wall": ours["decode_tok_s_wall"] / bound,
     }
+    del ours
+    gc.collect()
+    if args.skip_llama_cpp:
+        result["llama_cpp"] = "skipped (--skip-llama-cpp)"
+    else:
+        theirs = child("--layers", str(args.layers), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+                       str(args.new_tokens), "--child", "llama_cpp", str(gguf_path))  # fmt: skip
+        result["gguf_file_gb"] = gguf_path.stat().st_size / 1e9
+        result["llama_cpp"] = theirs
+        result["ours_over_llama_cpp_decode_cpu"] = result["ours"]["decode_tok_s_cpu"] / theirs["decode_tok_s_cpu"]
+        result["ours_over_llama_cpp_decode_wall"] = result["ours"]["decode_tok_s_wall"] / theirs["decode_tok_s_wall"]
+        result["llama_cpp_fraction_of_bound_cpu"] = theirs["decode_tok_s_cpu"] / bound
+        pairs = zip(result["ours"]["tokens"], theirs["tokens"], strict=True)
+        agree = next((i for i, (a, b) in enumerate(pairs) if a != b), args.new_tokens)
+        result["greedy_tokens_agreeing_before_first_difference"] = agree
+        if not args.keep_gguf:
+            gguf_path.unlink()
     print(json.dumps(result, indent=2))
 
 

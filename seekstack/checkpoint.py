@@ -12,6 +12,13 @@ On disk (the DeepSeek releases' layout)          In seekstack
 FP8 releases store `weight` as float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block.
 Quantized layers (seekstack.compress) are stored under the same keys in their format's names: int8 as `weight`
 (int8) + `weight_scale`, int4 as `weight_packed` + `weight_scale` + `weight_shape` (compressed-tensors), fp8 as above.
+
+seekstack's stacked-experts layout (`stacked_experts=True`; transformers cannot read it) keeps each layer's routed
+experts as the model holds them, one (E, ...) tensor per name: `model.layers.{i}.mlp.experts.gate_up_proj` (float)
+or `...experts.gate_up_proj.weight` + `.weight_scale` (quantized), and the same for `down_proj`.
+Loading memory-maps: a tensor stored in the dtype the model asks for is used in place, its pages read from the file
+on first use (copy-on-write: the file is never changed), so the resident set is what a forward touches. Per-expert
+keys are copied into the stacked tensors; the stacked layout maps them as they are.
 """
 
 from __future__ import annotations
@@ -20,14 +27,14 @@ import contextlib
 import json
 import os
 import re
+import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from seekstack.atomic import atomic_directory
 from seekstack.compress.formats import compressed_tensors_config, dequantize_int, unpack_int4
@@ -44,6 +51,14 @@ FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 DEFAULT_FP8_BLOCK = (128, 128)
 COMPRESSED_TENSORS_FORMATS = ("int-quantized", "pack-quantized", "mixed-precision")
 MAX_SHARD_BYTES = 5 * 2**30  # the largest safetensors file before a checkpoint is split into shards
+# The int8 kernel reads weights with aligned vector loads: a weight at an address that is not a multiple of 64 crashes
+# it for more than a few rows of input. Memory-mapped tensors are as aligned as their offsets in the file.
+ALIGNMENT = 64
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -74,19 +89,26 @@ def expert_sources(key: str, param: torch.Tensor) -> list[tuple[str, torch.Tenso
     return sources
 
 
-def checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of `model` under its checkpoint key, experts split, MTP embedding/head copies added."""
+def checkpoint_tensors(
+    model: Transformer, stacked_experts: bool = False, part: str = ""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `model` under its checkpoint key, experts split (unless `stacked_experts`), MTP embedding/head
+    copies added. `part` (a module name such as `layers.3`) gives only that module's tensors, for writing a model
+    one part at a time; the MTP copies come with the whole model only."""
     layers = model.config.num_hidden_layers
-    quantized = quantized_layers(model)
-    for name, tensor in model.state_dict().items():
+    module, prefix = model.get_submodule(part), f"{part}." if part else ""
+    quantized = {prefix + name: layer for name, layer in quantized_layers(module).items()}
+    for name, tensor in module.state_dict(prefix=prefix).items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         if any(name.startswith(layer + ".") for layer in quantized):
             continue
         key = checkpoint_key(name, layers)
-        yield from expert_sources(key, tensor) or [(key, tensor)]
-    for name, module in quantized.items():
-        yield from quantized_sources(layer_key(name, layers), module)
+        yield from (None if stacked_experts else expert_sources(key, tensor)) or [(key, tensor)]
+    for name, layer in quantized.items():
+        yield from quantized_sources(layer_key(name, layers), layer, stacked_experts)
+    if part:
+        return
     for k in range(len(model.mtp)):  # copies, not aliases: safetensors refuses two keys over one storage
         yield f"model.layers.{layers + k}.embed_tokens.weight", model.embed_tokens.weight.detach().clone()
         yield f"model.layers.{layers + k}.shared_head.head.weight", model.lm_head.weight.detach().clone()
@@ -107,9 +129,12 @@ def layer_key(name: str, num_hidden_layers: int) -> str:
     return checkpoint_key(f"{name}.weight", num_hidden_layers).removesuffix(".weight")
 
 
-def quantization_config(model: Transformer, quantized: dict[str, torch.nn.Module]) -> dict[str, Any]:
+def quantization_config(
+    model: Transformer, quantized: dict[str, torch.nn.Module], stacked_experts: bool = False
+) -> dict[str, Any]:
     """The config.json `quantization_config` of a model with quantized layers: DeepSeek's fp8 entry, or a
-    compressed-tensors one whose targets name each quantized layer (per-expert Linear modules for experts)."""
+    compressed-tensors one whose targets name each quantized layer (per-expert Linear modules for experts, or the
+    stacked tensors in the stacked-experts layout)."""
     layers = model.config.num_hidden_layers
     weights = {name: _layer_weight(m) for name, m in quantized.items()}
     if {w.scheme for w in weights.values()} == {"fp8"}:
@@ -121,7 +146,7 @@ def quantization_config(model: Transformer, quantized: dict[str, torch.nn.Module
             raise ValueError(f"layer {name!r} is fp8 among int8/int4 layers; a checkpoint holds one of the two formats")
         target = re.escape(layer_key(name, layers))
         if isinstance(quantized[name], QuantizedExperts):
-            target += r"\.\d+\.(gate|up|down)_proj"
+            target += r"\.(gate_up|down)_proj" if stacked_experts else r"\.\d+\.(gate|up|down)_proj"
         groups.setdefault((weight.scheme, getattr(weight, "group", None)), []).append(f"re:^{target}$")
     kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     return compressed_tensors_config(
@@ -138,13 +163,20 @@ def _with_shape(stored: dict[str, torch.Tensor], rows: int) -> dict[str, torch.T
     return stored
 
 
-def quantized_sources(key: str, module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """A quantized layer's stored tensors under checkpoint keys: a Linear's `key.weight...`, or for stacked experts
-    `key.{e}.{gate,up,down}_proj.weight...` per expert (gate and up each half of gate_up_proj's rows)."""
+def quantized_sources(key: str, module: torch.nn.Module, stacked: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """A quantized layer's stored tensors under checkpoint keys: a Linear's `key.weight...`, or for experts
+    `key.{e}.{gate,up,down}_proj.weight...` per expert (gate and up each half of gate_up_proj's rows), or with
+    `stacked` `key.{gate_up,down}_proj.weight...` as the model holds them."""
     if isinstance(module, QuantizedLinear):
         stored = _with_shape(module.qweight.stored(), module.out_features)
         sources = [(f"{key}.{name}", tensor) for name, tensor in stored.items()]
         return sources + ([(f"{key}.bias", module.bias)] if module.bias is not None else [])
+    if stacked:
+        return [
+            (f"{key}.{proj}.{name}", tensor)
+            for proj in ("gate_up_proj", "down_proj")
+            for name, tensor in getattr(module, proj).stored().items()
+        ]
     sources = []
     for e in range(module.gate_up_proj.shape[0]):
         gate_up = {name: tensor[e].chunk(2) for name, tensor in module.gate_up_proj.stored().items()}
@@ -184,7 +216,15 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
 def _expert_weights_from_reader(
     reader: CheckpointReader, key: str, experts: int
 ) -> tuple[QuantizedWeight, QuantizedWeight] | None:
-    """Stacked (gate_up, down) quantized weights from the per-expert keys under `key` (`...mlp.experts`)."""
+    """Stacked (gate_up, down) quantized weights from the keys under `key` (`...mlp.experts`): the stacked layout's,
+    memory-mapped as they are, or the per-expert ones, copied into stacks."""
+    stacked = _stored_names(reader, f"{key}.gate_up_proj")
+    if stacked is not None:
+        gate_up, down = (
+            {name: reader.read(f"{key}.{proj}.{name}", dequantize=False) for name in stacked}
+            for proj in ("gate_up_proj", "down_proj")
+        )
+        return weight_from_stored(gate_up, reader.fp8_block, parts=2), weight_from_stored(down, reader.fp8_block)
     names = _stored_names(reader, f"{key}.0.gate_proj")
     if names is None:
         return None
@@ -372,8 +412,8 @@ class CheckpointReader:
             raise CheckpointError(f"{where}: missing key {key!r}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
         tensor = self._get(key)
         self.used.add(key)
-        if not dequantize:  # kept as is, so copied out of the memory-mapped file, which closes after loading
-            return tensor.clone()
+        if not dequantize:  # memory-mapped; the mapping outlives the reader for as long as the tensor does
+            return _aligned(tensor)
         if tensor.dtype == torch.int8 and key + "_scale" in self.key_to_file:
             self.used.add(key + "_scale")
             return dequantize_int(tensor, self._get(key + "_scale"))
@@ -385,7 +425,7 @@ class CheckpointReader:
                 )
             self.used.add(scale_key)
             tensor = dequantize_fp8(tensor, self._get(scale_key), self.fp8_block)
-        return tensor
+        return _aligned(tensor)
 
     def _get(self, key: str, handle_only: bool = False) -> torch.Tensor:
         file = self.key_to_file[key]
@@ -397,6 +437,11 @@ class CheckpointReader:
             return self._handles[file].get_tensor(key)
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or an aligned copy of it where it starts off an ALIGNMENT boundary (files not written by us)."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
 
 
 def load_pretrained(
@@ -438,7 +483,8 @@ def load_pretrained(
             if any(name.startswith(layer + ".") for layer in swapped):
                 continue
             key = checkpoint_key(name, config.num_hidden_layers)
-            for source_key, view in expert_sources(key, target) or [(key, target)]:
+            stacked = key in reader  # a float expert stack in the stacked layout: one key
+            for source_key, view in (None if stacked else expert_sources(key, target)) or [(key, target)]:
                 tensor = reader.read(source_key)
                 if tensor.shape != view.shape:
                     raise CheckpointError(
@@ -446,7 +492,10 @@ def load_pretrained(
                         f"the config {config_path} implies {tuple(view.shape)}; use the {CONFIG_FILE} saved with "
                         "these weights"
                     )
-                view.copy_(tensor)
+                if view is target and tensor.dtype == target.dtype and target.device.type == "cpu":
+                    _tensor_of(model, name).data = tensor  # the memory-mapped tensor itself: no copy
+                else:
+                    view.copy_(tensor)
     model.reset_rope()
     ignorable = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
     unused = sorted(k for k in reader.key_to_file if k not in reader.used and not ignorable.match(k))
@@ -455,23 +504,31 @@ def load_pretrained(
     return model
 
 
+def _tensor_of(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer named `name` in state-dict terms."""
+    module, _, attribute = name.rpartition(".")
+    return getattr(model.get_submodule(module), attribute)
+
+
 # ---------------------------------------------------------------------------------------- writing
 def save_pretrained(
     model: Transformer,
     directory: str | Path,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     fp8_block: tuple[int, int] | None = None,
+    stacked_experts: bool = False,
 ) -> Path:
     """Write config.json and safetensors (sharded with an index above `max_shard_bytes`) as folder `directory`.
 
     With `fp8_block`, block projections are stored as e4m3 with `weight_scale_inv`, as in DeepSeek's
-    FP8 release. The folder is swapped in whole when complete (`atomic_directory`): an interrupted save
-    never leaves a half-written checkpoint, and an existing one stays until the new one is complete.
+    FP8 release; with `stacked_experts`, routed experts in seekstack's memory-mappable layout. The folder is
+    swapped in whole when complete (`atomic_directory`): an interrupted save never leaves a half-written
+    checkpoint, and an existing one stays until the new one is complete.
     """
     refuse_hf_export(model.config, directory)
     directory = Path(directory)
     with atomic_directory(directory) as staging:
-        write_pretrained_files(model, staging, max_shard_bytes, fp8_block)
+        write_pretrained_files(model, staging, max_shard_bytes, fp8_block, stacked_experts)
     return directory
 
 
@@ -490,19 +547,30 @@ def write_pretrained_files(
     directory: Path,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     fp8_block: tuple[int, int] | None = None,
+    stacked_experts: bool = False,
 ) -> None:
     """Write config.json and the safetensors into the existing folder `directory`, which the caller makes atomic
-    (`save_pretrained`, training checkpoints). Shards are written one at a time, so memory stays at one shard."""
+    (`save_pretrained`, training checkpoints). `stacked_experts` writes seekstack's stacked-experts layout."""
+    write_shards(_stored_tensors(model, fp8_block, stacked_experts), directory, max_shard_bytes)
+    write_config(model, directory, fp8_block, stacked_experts)
+
+
+def write_shards(
+    tensors: Iterable[tuple[str, torch.Tensor]], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> None:
+    """Write (checkpoint key, tensor) pairs as safetensors into `directory`: one file, or shards and their index.
+    Shards are written as they fill, so memory holds one shard and what `tensors` holds (a lazy iterable can
+    make the tensors of a model larger than memory one part at a time)."""
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total_bytes = 0
     shard_keys: list[list[str]] = []
 
     def flush() -> None:
-        save_file(shard, str(directory / f"shard-{len(shard_keys)}.safetensors"), metadata={"format": "pt"})
+        save_aligned(shard, directory / f"shard-{len(shard_keys)}.safetensors")
         shard_keys.append(list(shard))
         shard.clear()
 
-    for key, tensor in _stored_tensors(model, fp8_block):
+    for key, tensor in tensors:
         size = tensor.numel() * tensor.element_size()
         if shard and shard_bytes + size > max_shard_bytes:
             flush()
@@ -511,18 +579,6 @@ def write_pretrained_files(
         shard_bytes += size
         total_bytes += size
     flush()
-
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    quantized = quantized_layers(model)
-    if quantized:
-        config["quantization_config"] = quantization_config(model, quantized)
-    elif fp8_block is not None:
-        config["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(fp8_block),
-        }  # fmt: skip
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     # The release names (model-0000i-of-0000n) need the shard count, known only now.
     if len(shard_keys) == 1:
         os.replace(directory / "shard-0.safetensors", directory / SINGLE_FILE)
@@ -536,11 +592,57 @@ def write_pretrained_files(
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _stored_tensors(model: Transformer, fp8_block: tuple[int, int] | None) -> Iterator[tuple[str, torch.Tensor]]:
+def save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file whose tensors start at multiples of ALIGNMENT bytes into the file, so into a memory map:
+    the header is padded with spaces (as safetensors pads it) and tensors whose sizes are multiples of ALIGNMENT
+    come first (the others, small in our models, are copied when loaded)."""
+    order = sorted(tensors, key=lambda key: _nbytes(tensors[key]) % ALIGNMENT != 0)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in order:
+        tensor = tensors[key]
+        header[key] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + _nbytes(tensor)],
+        }
+        offset += _nbytes(tensor)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(text)) + text)
+        for key in order:
+            file.write(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def write_config(
+    model: Transformer, directory: Path, fp8_block: tuple[int, int] | None = None, stacked_experts: bool = False
+) -> None:
+    """Write the config.json of `model`'s checkpoint (with its quantization_config); `model` may be on meta."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    quantized = quantized_layers(model)
+    if quantized:
+        config["quantization_config"] = quantization_config(model, quantized, stacked_experts)
+    elif fp8_block is not None:
+        config["quantization_config"] = {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(fp8_block),
+        }  # fmt: skip
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _stored_tensors(
+    model: Transformer, fp8_block: tuple[int, int] | None, stacked_experts: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
     fp8_layers = [w for w in map(_layer_weight, quantized_layers(model).values()) if w.scheme == "fp8"]
     if fp8_layers and fp8_block is None:  # an fp8 model: the release also stores the layers kept in float (kv_b_proj)
         fp8_block = fp8_layers[0].block
-    for key, tensor in checkpoint_tensors(model):
+    for key, tensor in checkpoint_tensors(model, stacked_experts):
         if fp8_block is not None and tensor.dtype != torch.float8_e4m3fn and _is_fp8_quantizable(key, tensor):
             quantized, scale = quantize_fp8(tensor, fp8_block)
             yield key, quantized

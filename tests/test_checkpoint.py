@@ -15,8 +15,19 @@ from safetensors.torch import load_file, save_file
 
 import seekstack
 from seekstack import Transformer
-from seekstack.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, dequantize_fp8, quantize_fp8
+from seekstack.checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    checkpoint_tensors,
+    dequantize_fp8,
+    quantize_fp8,
+    write_config,
+    write_shards,
+)
+from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.config import ConfigError
+from seekstack.infer.placement import mapped_file
 from tests.conftest import micro_config
 
 E4M3_RELATIVE_STEP = 2**-4  # 3 mantissa bits: rounding moves a normal value by at most 1/16 of its size
@@ -466,13 +477,15 @@ class ShardWriteFailure(RuntimeError):
 def fail_on_second_shard(monkeypatch) -> list[str]:
     written: list[str] = []
 
-    def save_file_then_fail(tensors, filename, metadata=None):
+    save_aligned = seekstack.checkpoint.save_aligned
+
+    def save_then_fail(tensors, path):
         if written:
             raise ShardWriteFailure("disk full")
-        save_file(tensors, filename, metadata=metadata)
-        written.append(filename)
+        save_aligned(tensors, path)
+        written.append(path)
 
-    monkeypatch.setattr(seekstack.checkpoint, "save_file", save_file_then_fail)
+    monkeypatch.setattr(seekstack.checkpoint, "save_aligned", save_then_fail)
     return written
 
 
@@ -512,3 +525,57 @@ def test_bfloat16_load_gives_bfloat16_weights_and_keeps_the_routing_bias_float32
     assert torch.equal(loaded.embed_tokens.weight, model.embed_tokens.weight.bfloat16())
     reference = logits(model, INPUT_IDS)
     assert ((logits(loaded, INPUT_IDS).float() - reference).norm() / reference.norm()).item() < 0.05
+
+
+# ------------------------------------------------------------------ memory-mapped loading
+def test_weights_stored_in_the_loaded_dtype_are_memory_mapped_from_the_checkpoint(tmp_path):
+    model = random_model()
+    seekstack.save_pretrained(model, tmp_path)
+    loaded = seekstack.load_pretrained(tmp_path)
+    assert mapped_file(loaded.embed_tokens.weight) == tmp_path / SINGLE_FILE
+    assert mapped_file(loaded.layers[0].self_attn.o_proj.weight) == tmp_path / SINGLE_FILE
+    per_expert = loaded.layers[1].mlp.experts.gate_up_proj  # stacked from per-expert keys: a copy
+    assert mapped_file(per_expert) is None
+    assert mapped_file(seekstack.load_pretrained(tmp_path, dtype=torch.bfloat16).embed_tokens.weight) is None
+
+
+def test_writing_to_a_memory_mapped_weight_leaves_the_checkpoint_unchanged(tmp_path):
+    seekstack.save_pretrained(random_model(), tmp_path)
+    before = digest(tmp_path)
+    loaded = seekstack.load_pretrained(tmp_path)
+    with torch.no_grad():
+        loaded.embed_tokens.weight.add_(1)
+    assert digest(tmp_path) == before
+    assert torch.equal(seekstack.load_pretrained(tmp_path).embed_tokens.weight + 1, loaded.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("scheme", [None, "int8"])
+def test_stacked_experts_layout_stores_one_tensor_per_stack_and_loads_them_mapped(tmp_path, scheme):
+    model = random_model()
+    if scheme:
+        quantize_model(model, QuantConfig(scheme=scheme))
+    seekstack.save_pretrained(model, tmp_path, stacked_experts=True)
+    keys = stored_keys(tmp_path)
+    assert not any(".experts.0." in key for key in keys)
+    suffix = ".weight" if scheme else ""
+    assert f"model.layers.1.mlp.experts.gate_up_proj{suffix}" in keys
+    loaded = seekstack.load_pretrained(tmp_path)
+    experts = loaded.layers[1].mlp.experts
+    stack = experts.gate_up_proj.weight if scheme else experts.gate_up_proj
+    assert mapped_file(stack) == tmp_path / SINGLE_FILE
+    assert_same_state(loaded, model)
+    assert torch.equal(logits(loaded, INPUT_IDS), logits(model, INPUT_IDS))
+
+
+def test_a_model_written_part_by_part_equals_the_model_written_whole(tmp_path):
+    model = random_model(num_nextn_predict_layers=0)
+    quantize_model(model, QuantConfig(scheme="int8"))
+    parts = ["embed_tokens", *(f"layers.{i}" for i in range(len(model.layers))), "norm", "lm_head"]
+    tensors = (pair for part in parts for pair in checkpoint_tensors(model, stacked_experts=True, part=part))
+    (tmp_path / "parts").mkdir()
+    write_shards(tensors, tmp_path / "parts", max_shard_bytes=20_000)
+    write_config(model, tmp_path / "parts", stacked_experts=True)
+    seekstack.save_pretrained(model, tmp_path / "whole", stacked_experts=True)
+    assert (tmp_path / "parts" / INDEX_FILE).exists()
+    assert stored_keys(tmp_path / "parts") == stored_keys(tmp_path / "whole")
+    assert_same_state(seekstack.load_pretrained(tmp_path / "parts"), seekstack.load_pretrained(tmp_path / "whole"))

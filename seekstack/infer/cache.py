@@ -54,10 +54,15 @@ def free_memory(device: torch.device | str) -> int:
 
 
 def blocks_in_budget(config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> int:
-    """Blocks (block 0 included) whose pools fit in `budget_bytes`."""
+    """Blocks (block 0 included) whose pools fit in `budget_bytes`; ValueError when fewer than the 2 a cache needs."""
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
-    token_bytes = (config.kv_lora_rank + config.qk_rope_head_dim) * layers * dtype.itemsize
-    return budget_bytes // (token_bytes * block_size)
+    block_bytes = (config.kv_lora_rank + config.qk_rope_head_dim) * layers * dtype.itemsize * block_size
+    if budget_bytes < 2 * block_bytes:
+        raise ValueError(
+            f"kv_cache_memory={budget_bytes} bytes holds {budget_bytes // block_bytes} cache blocks of {block_bytes} "
+            f"bytes; the cache needs at least 2 (block 0 is reserved): raise kv_cache_memory"
+        )
+    return budget_bytes // block_bytes
 
 
 class PagedLatentCache:

@@ -3,8 +3,9 @@ budgets, and applied with hooks that move activations to a part's device and its
 
 The parts (units) a map places: `embed_tokens`, `layers.{i}.self_attn`, `layers.{i}.mlp` (dense layers) or
 `layers.{i}.mlp.shared_experts` (with the router) and `layers.{i}.mlp.experts` (routed), `mtp.{k}`, `norm`, `lm_head`.
-A device is `cpu`, `cuda:N`, or `disk`: computed on the CPU from weights memory-mapped from a file, whose pages
-the OS reads in on use and may drop again. This is the DeepSeek deployment's [CPU] -> [GPU1] -> [GPU2] -> [CPU]
+A device is `cpu`, `cuda:N`, or `disk`: computed on the CPU from weights memory-mapped from a file (the
+checkpoint's own, where `load_pretrained` mapped them; else a copy written once), whose pages the OS reads in on
+use and may drop again. This is the DeepSeek deployment's [CPU] -> [GPU1] -> [GPU2] -> [CPU]
 pipeline when blocks go to different devices, and KTransformers' split when routed experts stay on the CPU.
 
 Written as `pattern=device` entries separated by commas, later entries overriding earlier ones; a pattern's
@@ -182,9 +183,10 @@ def device_map_for(model: Transformer, text: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------- applying
 def place(model: Transformer, placement: dict[str, str], offload_dir: str | Path | None = None) -> Transformer:
-    """Move each unit of `model` to its device (`disk`: its weights written once under `offload_dir` and memory-
-    mapped back) and hook it so that its inputs move to it and its outputs back. Everything else (norms of the
-    blocks, rotary tables) stays on the CPU, where the cache plan and the sampler run."""
+    """Move each unit of `model` to its device (`disk`: its weights memory-mapped, from the checkpoint where they
+    already are, else written once under `offload_dir` and mapped back) and hook it so that its inputs move to it
+    and its outputs back. Everything else (norms of the blocks, rotary tables) stays on the CPU, where the cache
+    plan and the sampler run."""
     parts = units(model)
     unknown = set(placement) ^ set(parts)
     if unknown:
@@ -212,14 +214,31 @@ def layer_devices(model: Transformer) -> list[torch.device]:
 
 
 def _memory_map(module: nn.Module, directory: Path) -> None:
-    """Write the unit's tensors to raw files under `directory` (once) and swap in memory-mapped views of them."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Swap in memory-mapped views of the unit's tensors: those `load_pretrained` mapped from the checkpoint stay as
+    they are; the others are written to raw files under `directory` (once) and mapped back."""
     for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if mapped_file(tensor) is not None:
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.bin"
         if not path.exists():
             tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
         mapped = torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
         tensor.data = mapped
+
+
+def mapped_file(tensor: torch.Tensor) -> Path | None:
+    """The file whose memory-mapped pages hold `tensor` (from /proc/self/maps; Linux), or None for memory of its own."""
+    maps = Path("/proc/self/maps")
+    if tensor.device.type != "cpu" or not maps.exists():
+        return None
+    address = tensor.data_ptr()
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        low, high = (int(bound, 16) for bound in fields[0].split("-"))
+        if low <= address < high:
+            return Path(fields[5]) if len(fields) == 6 and fields[5].startswith("/") else None
+    return None
 
 
 def _moved(value: Any, device: torch.device) -> Any:

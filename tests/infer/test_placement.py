@@ -10,10 +10,12 @@ import torch
 
 import seekstack
 from seekstack.accounting import main_parameters, mtp_parameters
+from seekstack.checkpoint import SINGLE_FILE
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.placement import (
     format_device_map,
     layer_devices,
+    mapped_file,
     parse_budgets,
     parse_device_map,
     place,
@@ -135,3 +137,18 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     assert parse_device_map(device_map, names) == expected.placement and "disk" in device_map
     bad = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=lots"])
     assert bad.exit_code == 1 and "size 'lots'" in bad.output
+
+
+def test_disk_parts_already_memory_mapped_from_the_checkpoint_are_used_in_place(tmp_path):
+    directory = tmp_path / "model"
+    seekstack.save_pretrained(micro_model(), directory, stacked_experts=True)
+    tiny_tokenizer(directory)
+    prompt = torch.randint(5, 512, (7,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    expected = Engine.from_pretrained(directory).generate([prompt], params)[0].token_ids
+    options = EngineOptions(device_map="*=cpu,layers.*.mlp.experts=disk,embed_tokens=disk", kv_cache_memory="1MiB")
+    engine = Engine.from_pretrained(directory, **options.engine_kwargs())
+    experts = engine.model.layers[1].mlp.experts
+    assert mapped_file(experts.gate_up_proj) == mapped_file(engine.model.embed_tokens.weight) == directory / SINGLE_FILE
+    assert not (directory / "offload").exists()  # nothing copied out
+    assert engine.generate([prompt], params)[0].token_ids == expected
