@@ -35,13 +35,14 @@ from seekstack.serve.errors import APIError, internal_error, invalid_body
 from seekstack.serve.keys import ApiKey, KeyStore
 from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.serve.metrics import ServerMetrics
-from seekstack.serve.moderation import Category, ModeratedStream, Policy
+from seekstack.serve.moderation import Category, HeldLogprobs, ModeratedStream, Policy
 from seekstack.serve.openapi import describe, error_responses, generation_responses, json_request
 from seekstack.serve.protocol import (
     candidates,
     chat_logprobs,
     completion_logprobs,
     completion_prompts,
+    json_format,
     longest_token_chars,
     prompt_ids,
     refuse_overlong_text,
@@ -190,6 +191,7 @@ class Server:
                                f"{', '.join(bill.key.models) or 'none'}", "permission_error", "model",
                                "model_not_allowed")  # fmt: skip
             refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)
+            output_format = await asyncio.to_thread(json_format, body, self.engine)  # compiles a grammar
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
             categories = self.safety.categories_for(bill.key)
@@ -201,8 +203,9 @@ class Server:
             requests = [prompt for prompt in prompts for _ in range(candidates(body))]  # one per engine request
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             charge = await asyncio.to_thread(self.admit, bill.key, tokens)
+            constraints = [output_format.constraint() for _ in choices] if output_format else None
             try:
-                group = await self.bridge.submit(requests, choices, adapter)
+                group = await self.bridge.submit(requests, choices, adapter, constraints)
             except ValueError as error:
                 if charge:
                     await asyncio.to_thread(self.limiter.settle, charge, 0)
@@ -267,12 +270,16 @@ class Server:
             completion_tokens[index] = output.completion_tokens
             bill.completion_tokens = sum(completion_tokens)
             bill.cached_tokens = max(bill.cached_tokens, output.cached_tokens)
+        shown_logprobs = list(logprobs)  # ranking best_of reads them all; the answer shows those of shown text
         for index in range(n) if categories else ():
             moderated = ModeratedStream(categories)
             texts[index], blocking = moderated.push(texts[index], final=True)
             self.safety.note(bill, moderated.hits)
             if blocking is not None:
                 finish_reasons[index] = "content_filter"
+            held = HeldLogprobs(self.engine.tokenizer, body.skip_special_tokens)
+            held.add(logprobs[index], final=True)
+            shown_logprobs[index] = held.release(moderated)
         per_prompt = candidates(body)
         kept = []  # engine request of each choice: per prompt, the n candidates of the highest total logprob
         for first in range(0, n, per_prompt):
@@ -285,7 +292,7 @@ class Server:
                     ChatChoice(
                         index=position,
                         message=AssistantMessage(content=texts[i]),
-                        logprobs=chat_logprobs(logprobs[i]) if body.logprobs else None,
+                        logprobs=chat_logprobs(shown_logprobs[i]) if body.logprobs else None,
                         finish_reason=finish_reasons[i],
                     )
                     for position, i in enumerate(kept)
@@ -298,7 +305,7 @@ class Server:
                     CompletionChoice(
                         index=position,
                         text=self.echo_text(body, i // per_prompt) + texts[i],
-                        logprobs=completion_logprobs(logprobs[i], 0) if body.logprobs is not None else None,
+                        logprobs=completion_logprobs(shown_logprobs[i], 0) if body.logprobs is not None else None,
                         finish_reason=finish_reasons[i],
                     )
                     for position, i in enumerate(kept)
@@ -315,6 +322,7 @@ class Server:
         response_id, created = _response_id(is_chat), int(time.time())
         completion_tokens, text_offsets = [0] * n, [0] * n
         moderated = [ModeratedStream(categories) for _ in range(n)] if categories else None
+        held = [HeldLogprobs(self.engine.tokenizer, body.skip_special_tokens) for _ in range(n)] if categories else []
         blocked: set[int] = set()
         try:
             if is_chat:
@@ -329,7 +337,7 @@ class Server:
                 bill.update_soon()
                 if index in blocked:  # delivered before its abort
                     continue
-                text, finish_reason = output.text, output.finish_reason
+                text, finish_reason, entries = output.text, output.finish_reason, output.logprobs
                 if moderated is not None:
                     text, blocking = moderated[index].push(text, final=output.finished)
                     self.safety.note(bill, moderated[index].hits)
@@ -337,21 +345,24 @@ class Server:
                         group.stop(index)
                         blocked.add(index)
                         finish_reason = "content_filter"
-                if not (text or output.logprobs or finish_reason):
+                    if entries is not None:  # held back with their text
+                        held[index].add(entries, final=output.finished)
+                        entries = held[index].release(moderated[index])
+                if not (text or entries or finish_reason):
                     continue
                 if is_chat:
                     choice = ChatChunkChoice(
                         index=index,
                         delta=ChatDelta(content=text),
-                        logprobs=chat_logprobs(output.logprobs) if body.logprobs and output.logprobs else None,
+                        logprobs=chat_logprobs(entries) if body.logprobs and entries else None,
                         finish_reason=finish_reason,
                     )
                     yield sse(self._chat_chunk(response_id, created, bill.model, [choice]))
                 else:
                     logprobs = None
-                    if body.logprobs is not None and output.logprobs:
-                        logprobs = completion_logprobs(output.logprobs, text_offsets[index])
-                        text_offsets[index] += sum(len(entry.token) for entry in output.logprobs)
+                    if body.logprobs is not None and entries:
+                        logprobs = completion_logprobs(entries, text_offsets[index])
+                        text_offsets[index] += sum(len(entry.token) for entry in entries)
                     choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
                     yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[choice]))
             if body.stream_options and body.stream_options.include_usage:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from seekstack.infer.engine import Engine
 from seekstack.infer.outputs import RequestOutput
 from seekstack.infer.params import SamplingParams
+from seekstack.infer.sampling import TokenConstraint
 from seekstack.serve.metrics import ServerMetrics
 
 log = logging.getLogger("seekstack.serve")
@@ -105,15 +106,19 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive()
 
     async def submit(
-        self, prompts: list[list[int]], choices: list[SamplingParams], adapter: str | None = None
+        self,
+        prompts: list[list[int]],
+        choices: list[SamplingParams],
+        adapter: str | None = None,
+        constraints: list[TokenConstraint] | None = None,
     ) -> RequestGroup:
-        """Add one engine request per choice (prompts[i] with choices[i]), on the base or the LoRA adapter named
-        `adapter`; a ValueError (prompt too long, bad parameter) adds none.
+        """Add one engine request per choice (prompts[i] with choices[i], constrained by constraints[i] if given),
+        on the base or the LoRA adapter named `adapter`; a ValueError (prompt too long, bad parameter) adds none.
 
         `add_request` waits for the engine's lock, which a step holds throughout: it runs in a worker thread."""
         group = RequestGroup(self, [f"req-{uuid.uuid4().hex}" for _ in choices])
         arrival, loop = time.perf_counter(), asyncio.get_running_loop()
-        await asyncio.to_thread(self._add, group, loop, arrival, prompts, choices, adapter)
+        await asyncio.to_thread(self._add, group, loop, arrival, prompts, choices, adapter, constraints)
         return group
 
     def _add(
@@ -124,6 +129,7 @@ class AsyncEngine:
         prompts: list[list[int]],
         choices: list[SamplingParams],
         adapter: str | None,
+        constraints: list[TokenConstraint] | None,
     ) -> None:
         added: list[str] = []
         try:
@@ -133,7 +139,8 @@ class AsyncEngine:
                 timing = _Timing(arrival)
                 with self._lock:  # routed before added, so no output can arrive unrouted
                     self._routes[request_id] = (loop, group.queue, index, timing)
-                self.engine.add_request(prompt_ids, params, request_id, adapter)
+                constraint = constraints[index] if constraints else None
+                self.engine.add_request(prompt_ids, params, request_id, adapter, constraint)
                 added.append(request_id)
         except BaseException:
             self.abort(added)

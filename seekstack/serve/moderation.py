@@ -18,19 +18,24 @@ match (a block cuts the text before it, a redaction replaces it); a classifier j
 Streaming: text is released `holdback` characters behind what was generated (and in full at the end), so a term
 or pattern match of up to that many characters is acted on before any of it is sent; a classifier's judgement
 (every `CLASSIFY_EVERY_CHARS` new characters and at the end) can only stop what follows. A blocked generation
-ends with finish_reason "content_filter", as OpenAI's API reports it.
+ends with finish_reason "content_filter", as OpenAI's API reports it. Logprobs go out with the text they are of,
+never ahead of it, and never for blocked or redacted text (`HeldLogprobs`).
 """
 
 from __future__ import annotations
 
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
 from annotated_types import Interval
 
+from seekstack.infer.detokenize import TextStream
+from seekstack.infer.outputs import TokenLogprob
 from seekstack.schema import ConfigError, check, read_config_file
+from seekstack.tokenizer import Tokenizer
 
 CLASSIFY_EVERY_CHARS = 200
 Action = Literal["block", "redact", "flag"]
@@ -169,13 +174,18 @@ class ModeratedStream:
 
     categories: list[Category]
     text: str = ""  # generated so far
-    released: int = 0  # characters of `text` judged and shown (after redaction)
+    released: int = 0  # characters of `text` judged and shown (after redaction); after a block, what came before it
     judged: int = 0  # length of `text` at the classifiers' last verdict
     hits: list[Hit] = field(default_factory=list)  # every hit so far, blocking or not
 
     @property
     def holdback(self) -> int:
         return max((c.rule.holdback for c in self.categories if c.expression is not None), default=0)
+
+    @property
+    def redacted_spans(self) -> list[tuple[int, int]]:
+        """The spans of `text` replaced by [REDACTED:category] so far."""
+        return [hit.span for hit in self.hits if hit.action == "redact" and hit.span is not None]
 
     def push(self, piece: str, final: bool = False) -> tuple[str, Hit | None]:
         """Add generated text; return the text now safe to show and the blocking hit, if any (then stop)."""
@@ -193,9 +203,10 @@ class ModeratedStream:
         acted = []
         for hit in spans:
             start, stop = hit.span
-            if hit.action == "block":  # wherever it is: nothing from its start on may go out
+            if hit.action == "block":  # wherever it is: nothing from its start on may go out, all before it goes
+                acted = [earlier for earlier in spans if earlier.action != "block" and earlier.span[0] < start]
                 self.hits += [*acted, hit]
-                shown, self.released = redacted(self.text[self.released : start], _shifted(acted, self.released)), stop
+                shown, self.released = redacted(self.text[self.released : start], _shifted(acted, self.released)), start
                 return shown, hit
             if start >= end:
                 continue
@@ -205,6 +216,45 @@ class ModeratedStream:
         shown = redacted(self.text[self.released : end], _shifted(acted, self.released))
         self.released = end
         return shown, None
+
+
+class HeldLogprobs:
+    """The logprobs of one moderated choice, let out only with the text they are of: a token's entry goes once the
+    moderated text is shown past the end of that token's text, and never when the text was blocked or redacted.
+
+    The choice's tokens are decoded again (as the engine does) to place each token's text in the generated text; a
+    token whose text appears only with a later one (part of a UTF-8 character, a skipped special token) takes
+    that one's place."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool):
+        self.decoded = TextStream(tokenizer, (), skip_special_tokens)
+        self.length = 0  # characters of generated text placed
+        self.unplaced: list[TokenLogprob] = []  # tokens whose text has not appeared yet
+        self.pending: deque[tuple[int, int, TokenLogprob]] = deque()  # (start, end) of each token's text, its entry
+
+    def add(self, entries: list[TokenLogprob], final: bool = False) -> None:
+        """Place the entries of newly generated tokens (with `final`, also whatever has not appeared by the end)."""
+        for entry in entries:
+            piece, _ = self.decoded.push(entry.token_id)
+            self.unplaced.append(entry)
+            if piece:
+                self._place(len(piece))
+        if final:
+            self._place(len(self.decoded.flush()))
+
+    def release(self, moderated: ModeratedStream) -> list[TokenLogprob]:
+        """The entries whose text `moderated` has now shown, less those of redacted text."""
+        out, withheld = [], moderated.redacted_spans
+        while self.pending and self.pending[0][1] <= moderated.released:
+            start, end, entry = self.pending.popleft()
+            if not any(left < end and start < right for left, right in withheld):
+                out.append(entry)
+        return out
+
+    def _place(self, length: int) -> None:
+        start, self.length = self.length, self.length + length
+        self.pending.extend((start, self.length, entry) for entry in self.unplaced)
+        self.unplaced = []
 
 
 def _shifted(hits: list[Hit], offset: int) -> list[Hit]:

@@ -8,6 +8,9 @@ Values too small for float32 sampling are the engine's to handle: a temperature 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.outputs import TokenLogprob
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.errors import APIError
@@ -20,6 +23,9 @@ from seekstack.serve.schemas import (
     TopLogprob,
 )
 from seekstack.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from seekstack.infer.engine import Engine
 
 MAX_ENGINE_REQUESTS = 64  # generations one API request may start (prompts x choices)
 
@@ -58,8 +64,8 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
 
 
 def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
-    """400 in OpenAI's shape for what this server reads but cannot do: tools, JSON mode, suffix, echo with logprobs,
-    best_of below n or with a stream."""
+    """400 in OpenAI's shape for what this server reads but cannot do: tools, suffix, echo with logprobs, best_of
+    below n or with a stream."""
 
     def unsupported(param: str, message: str) -> APIError:
         return APIError(400, message, param=param, code="unsupported_parameter")
@@ -67,9 +73,6 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
     if isinstance(request, ChatCompletionRequest):
         if request.tools or request.functions:
             raise unsupported("tools", "this model does not call tools (functions); send the request without them")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise unsupported("response_format", f"response_format {request.response_format.type!r} is not "
-                              "supported: this server generates free text only")  # fmt: skip
         return
     engine_requests = len(completion_prompts(request)) * candidates(request)
     if engine_requests > MAX_ENGINE_REQUESTS:
@@ -85,6 +88,22 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
         raise APIError(400, f"best_of ({request.best_of}) must be at least n ({request.n})", param="best_of")
     if request.best_of is not None and request.best_of > request.n and request.stream:
         raise unsupported("best_of", "best_of > n cannot be streamed: the best are known only at the end")
+
+
+def json_format(request: ChatCompletionRequest | CompletionRequest, engine: Engine) -> JsonFormat | None:
+    """The JSON a chat request's `response_format` asks for, compiled for the engine's tokenizer (None for free
+    text); 400 naming response_format for a schema that cannot be enforced or an engine that cannot enforce one."""
+    response_format = request.response_format if isinstance(request, ChatCompletionRequest) else None
+    if response_format is None or response_format.type == "text":
+        return None
+    if engine.speculative:
+        raise APIError(400, "response_format JSON modes are not supported with speculative decoding: this server "
+                       "runs with --speculative", param="response_format", code="unsupported_parameter")  # fmt: skip
+    try:
+        spec = response_format.json_schema if response_format.type == "json_schema" else None
+        return JsonFormat(engine.tokenizer, spec.schema_ if spec else None)
+    except InvalidSchema as error:
+        raise APIError(400, str(error), param="response_format.json_schema.schema", code="invalid_schema") from None
 
 
 def candidates(request: ChatCompletionRequest | CompletionRequest) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 MAX_CHOICES = 16
 MAX_PROMPTS = 16  # prompts in one completions request
@@ -65,8 +65,25 @@ class ChatMessage(StrictRequest):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+class JsonSchemaSpec(StrictRequest):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # the JSON Schema the reply must follow
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
 class ResponseFormat(StrictRequest):
+    """Free text, or JSON constrained as it is generated, so that a reply that finishes parses: "json_object" (JSON
+    mode: one JSON object) or "json_schema" with `json_schema` (JSON that the schema allows)."""
+
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None  # required with type "json_schema", read only then
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs the field json_schema: {"name": ..., "schema": {...}}')
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -77,7 +94,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None  # declared to be refused (protocol.refuse_unsupported)
     functions: list[dict[str, Any]] | None = None
-    response_format: ResponseFormat | None = None  # only "text"
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):

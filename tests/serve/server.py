@@ -58,47 +58,31 @@ class LiveServer:
 
 
 @contextmanager
-def running_servers(
-    model_dir: Path, database: Path | str, count: int, *extra: str, timeout_s: float = 60
-) -> Iterator[list[LiveServer]]:
-    """`count` `seekstack serve` processes on free ports, started together, each ready for requests; killed at the
-    end."""
-    servers, logs = [], []
-    try:
-        for _ in range(count):
-            port = free_port()
-            log_path = model_dir.parent / f"server-{port}.log"
-            logs.append(open(log_path, "w"))
-            command = [SEEKSTACK, "serve", "--model", str(model_dir), "--port", str(port), "--db", str(database)]
-            process = subprocess.Popen([*command, *extra], stdout=logs[-1], stderr=subprocess.STDOUT)
-            servers.append(LiveServer(f"http://127.0.0.1:{port}", process, log_path))
-        deadline = time.monotonic() + timeout_s
-        for server in servers:
+def running_server(model_dir: Path, database: Path | str, *extra: str, timeout_s: float = 60) -> Iterator[LiveServer]:
+    """`seekstack serve` in a subprocess on a free port, ready for requests; killed at the end."""
+    port = free_port()
+    log_path = model_dir.parent / f"server-{port}.log"
+    command = [SEEKSTACK, "serve", "--model", str(model_dir), "--port", str(port), "--db", str(database), *extra]
+    with open(log_path, "w") as log:
+        server = LiveServer(f"http://127.0.0.1:{port}", subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
+                            log_path)  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout_s
             while True:
                 if server.process.poll() is not None:
-                    raise RuntimeError(f"server exited with {server.process.returncode}: {server.log_path.read_text()}")
+                    raise RuntimeError(f"server exited with {server.process.returncode}: {log_path.read_text()}")
                 try:
                     if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start in {timeout_s} s: {server.log_path.read_text()}")
+                    raise RuntimeError(f"server did not start in {timeout_s} s: {log_path.read_text()}")
                 time.sleep(0.1)
-        yield servers
-    finally:
-        for server in servers:
+            yield server
+        finally:
             server.process.kill()
             server.process.wait()
-        for log in logs:
-            log.close()
-
-
-@contextmanager
-def running_server(model_dir: Path, database: Path | str, *extra: str, timeout_s: float = 60) -> Iterator[LiveServer]:
-    """`seekstack serve` in a subprocess on a free port, ready for requests; killed at the end."""
-    with running_servers(model_dir, database, 1, *extra, timeout_s=timeout_s) as (server,):
-        yield server
 
 
 def postgres_bin_dir() -> Path | None:

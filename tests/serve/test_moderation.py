@@ -10,13 +10,16 @@ import pytest
 import yaml
 
 from seekstack.corpus.quality import train_quality_model
+from seekstack.infer.detokenize import TextStream
 from seekstack.infer.engine import Engine
+from seekstack.infer.outputs import TokenLogprob
 from seekstack.schema import ConfigError
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.ledger import Ledger
-from seekstack.serve.moderation import ModeratedStream, Policy
+from seekstack.serve.moderation import HeldLogprobs, ModeratedStream, Policy
+from seekstack.tokenizer import Tokenizer
 from tests.serve.server import make_model_dir
 from tests.serve.test_hardening import error_of, run
 
@@ -87,6 +90,28 @@ def test_an_email_split_across_pieces_is_redacted_and_a_flag_passes_through(poli
     assert {hit.category for hit in stream.hits} == {"pii", "rude"}
 
 
+def test_logprobs_go_out_with_their_text_and_never_for_redacted_or_blocked_text(model_dir, policy):
+    tokenizer = Tokenizer.from_file(model_dir)
+    text = "write to jane.doe@example.com, you stupid person, or build a pipe bomb and more after it"
+    engine_text = TextStream(tokenizer)  # what the engine hands out, token by token
+    moderated, held = ModeratedStream(list(policy.categories.values())), HeldLogprobs(tokenizer, False)
+    released: list[TokenLogprob] = []
+    shown = ""
+    for token in tokenizer.encode(text):
+        piece, _ = engine_text.push(token)
+        new_text, blocking = moderated.push(piece)
+        shown += new_text
+        held.add([TokenLogprob(token, tokenizer.decode([token]), -1.0, [])])
+        released += held.release(moderated)
+        assert len("".join(entry.token for entry in released)) <= moderated.released  # never ahead of the text
+        if blocking:
+            break
+    assert shown == "write to [REDACTED:pii], you stupid person, or build a "  # what came before the block
+    tokens = "".join(entry.token for entry in released)
+    assert tokens.startswith("write to ") and "@" not in tokens and "example" not in tokens  # the email: redacted
+    assert ", you stupid person, or build a " in tokens and "pi" not in tokens.split("build a ")[1]  # blocked
+
+
 def test_prompts_are_blocked_or_redacted_and_the_ledger_has_the_category(model_dir, policy, tmp_path):
     engine = Engine.from_pretrained(model_dir)
     database = open_database(tmp_path / "db")
@@ -118,7 +143,7 @@ def test_a_stream_crossing_the_line_stops_with_content_filter(model_dir, tmp_pat
     store = KeyStore(database)
     user, exempt = store.create("user"), store.create("exempt")
     app = create_app(Engine.from_pretrained(model_dir), database, policy=policy)
-    body = {"model": "model", "prompt": "  ", "max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    body = {"model": "model", "prompt": "  ", "max_tokens": 40, "ignore_eos": True, "temperature": 0, "logprobs": 0}
 
     async def scenario(client):
         streamed = await client.post("/v1/completions", json={**body, "stream": True},
@@ -130,9 +155,17 @@ def test_a_stream_crossing_the_line_stops_with_content_filter(model_dir, tmp_pat
     streamed, whole, free = run(app, scenario)
     chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert not "".join(chunk["choices"][0]["text"] for chunk in chunks).strip()
+    sent = [
+        token
+        for chunk in chunks
+        if chunk["choices"][0]["logprobs"]
+        for token in chunk["choices"][0]["logprobs"]["tokens"]
+    ]
+    assert not "".join(sent).strip()  # no logprobs of the blocked text either
     assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
     assert whole.json()["choices"][0]["finish_reason"] == "content_filter"
     assert not whole.json()["choices"][0]["text"].strip()
+    assert not "".join(whole.json()["choices"][0]["logprobs"]["tokens"]).strip()
     assert free.json()["choices"][0]["finish_reason"] == "length"  # the key's policy names no category
     assert free.json()["choices"][0]["text"].strip()
     rows = Ledger(database).records()

@@ -1,0 +1,279 @@
+"""JSON mode (`response_format` json_object and json_schema): the grammar's token masks, and replies through the
+official `openai` client that parse when they finish, also streamed; "length" when max_tokens cuts a value.
+
+The model has random weights: left alone it writes no JSON at all, so every reply that parses is the constraint's
+doing. In process: the `openai` client over the app's ASGI interface, its engine thread running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Literal
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from seekstack.infer.engine import Engine
+from seekstack.infer.json_mode import InvalidSchema, JsonFormat
+from seekstack.infer.params import SamplingParams
+from seekstack.serve.app import create_app
+from seekstack.serve.database import open_database
+from seekstack.serve.errors import APIError
+from seekstack.serve.protocol import json_format
+from seekstack.serve.schemas import ChatCompletionRequest
+from tests.serve.server import make_model_dir
+from tests.serve.test_hardening import serving
+
+PROMPTS = ["Give me a JSON object.", "Describe a cat as JSON", "{}"]
+JSON_OBJECT = {"type": "json_object"}
+POINT = {
+    "type": "object",
+    "properties": {"x": {"type": "integer"}, "label": {"enum": ["a", "b"]}, "ok": {"type": "boolean"}},
+    "required": ["x", "label", "ok"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("json")))
+
+
+def with_openai(engine: Engine, tmp_path, scenario) -> object:
+    """`scenario(api)` with an `openai.AsyncOpenAI` client of a fresh app on `engine`."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    async def main():
+        async with serving(app):  # the engine thread runs
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000")
+            api = openai.AsyncOpenAI(base_url="http://localhost:8000/v1", api_key="open", http_client=http,
+                                     max_retries=0, timeout=60)  # fmt: skip
+            return await scenario(api)
+
+    return asyncio.run(main())
+
+
+def chat(prompt: str, **fields) -> dict:
+    return dict(model="model", messages=[{"role": "user", "content": prompt}], max_tokens=200, **fields)
+
+
+def parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def test_the_mask_allows_only_json_and_eos_only_once_the_object_is_whole(engine):
+    tokenizer = engine.tokenizer
+    vocab = engine.config.vocab_size
+    constraint = JsonFormat(tokenizer).constraint()
+    allowed = constraint.allowed(vocab)
+    assert allowed.shape == (vocab,)
+    assert {tokenizer.decode([t]).strip() for t in allowed.nonzero().flatten().tolist()} <= {"{", ""}
+    assert not allowed[tokenizer.eos_id]
+    for token in tokenizer.encode('{"a": [1, "x"]'):
+        assert constraint.allowed(vocab)[token], tokenizer.decode([token])
+        constraint.accept(token)
+    assert not constraint.allowed(vocab)[tokenizer.eos_id] and not constraint.complete
+    assert not constraint.allowed(vocab)[tokenizer.encode("]")[0]]  # the array is closed: only , or } may come
+    constraint.accept(tokenizer.encode("}")[0])
+    assert constraint.complete and constraint.allowed(vocab).nonzero().flatten().tolist() == [tokenizer.eos_id]
+
+
+def test_a_json_request_constrains_itself_only_in_a_shared_batch(engine):
+    prompt, params = engine.tokenizer.encode("hello"), SamplingParams(max_new_tokens=12, seed=5, ignore_eos=True)
+    [alone] = engine.generate([prompt], params)
+    engine.add_request(prompt, params, "json", constraint=JsonFormat(engine.tokenizer).constraint())
+    [beside] = engine.generate([prompt], params)  # decoded in the same steps as "json"
+    engine.abort("json")
+    assert beside.token_ids == alone.token_ids and not beside.text.startswith("{")
+
+
+def test_json_object_replies_parse_for_several_prompts_and_seeds(engine, tmp_path):
+    async def scenario(api):
+        constrained = [await api.chat.completions.create(**chat(p, n=4, seed=10 * s, response_format=JSON_OBJECT))
+                       for s, p in enumerate(PROMPTS)]  # fmt: skip
+        free = [await api.chat.completions.create(**chat(p, n=4, seed=10 * s)) for s, p in enumerate(PROMPTS)]
+        return constrained, free
+
+    constrained, free = with_openai(engine, tmp_path, scenario)
+    choices = [choice for reply in constrained for choice in reply.choices]
+    finished = [choice for choice in choices if choice.finish_reason == "stop"]
+    assert {choice.finish_reason for choice in choices} <= {"stop", "length"}
+    assert len(finished) >= 2, [choice.message.content for choice in choices]  # of 12: about half, seeds as here
+    for choice in finished:
+        assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+    assert not any(parses(choice.message.content) for reply in free for choice in reply.choices)
+
+
+def test_a_streamed_json_reply_equals_the_whole_one_and_max_tokens_cuts_it_with_length(engine, tmp_path):
+    async def scenario(api):
+        for seed in range(20):  # the first seed whose reply finishes within max_tokens
+            whole = await api.chat.completions.create(**chat(PROMPTS[0], seed=seed, response_format=JSON_OBJECT))
+            if whole.choices[0].finish_reason == "stop":
+                break
+        stream = await api.chat.completions.create(**chat(PROMPTS[0], seed=seed, response_format=JSON_OBJECT,
+                                                          stream=True))  # fmt: skip
+        chunks = [chunk async for chunk in stream]
+        half = whole.usage.completion_tokens // 2
+        cut = await api.chat.completions.create(
+            **{**chat(PROMPTS[0], seed=seed, response_format=JSON_OBJECT), "max_tokens": half}
+        )
+        return whole, chunks, cut
+
+    whole, chunks, cut = with_openai(engine, tmp_path, scenario)
+    text = whole.choices[0].message.content
+    assert isinstance(json.loads(text), dict)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert cut.choices[0].finish_reason == "length"  # as OpenAI's API says of a JSON reply cut short
+    assert text.startswith(cut.choices[0].message.content) and not parses(cut.choices[0].message.content)
+
+
+class Point(BaseModel):
+    x: int
+    label: Literal["a", "b"]
+    ok: bool
+
+
+def test_a_json_schema_reply_has_the_fields_and_types_it_names(engine, tmp_path):
+    """The schema as sent by hand, and as the `openai` client's `parse` sends a pydantic model (strict) and reads
+    the reply back into it."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "point", "schema": POINT}}
+
+    async def scenario(api):
+        by_hand = await api.chat.completions.create(**chat("a point", n=4, seed=3, response_format=response_format))
+        parsed = await api.chat.completions.parse(**chat("a point", n=4, seed=7, response_format=Point))
+        return by_hand, parsed
+
+    by_hand, parsed = with_openai(engine, tmp_path, scenario)
+    for choice in by_hand.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        point = json.loads(choice.message.content)
+        assert set(point) == {"x", "label", "ok"}
+        assert isinstance(point["x"], int) and point["label"] in ("a", "b") and isinstance(point["ok"], bool)
+    assert all(isinstance(choice.message.parsed, Point) for choice in parsed.choices)
+
+
+def test_a_schema_that_cannot_be_enforced_gets_400_naming_it(engine, tmp_path):
+    def spec(schema) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "bad", "schema": schema}}
+
+    async def scenario(api):
+        errors = []
+        bad = (
+            spec({"type": 5}),
+            spec({"type": "string", "pattern": "(("}),
+            spec({"$ref": "#"}),
+            {"type": "json_schema"},
+        )
+        for response_format in bad:
+            with pytest.raises(openai.BadRequestError) as caught:
+                await api.chat.completions.create(**chat("x", response_format=response_format))
+            errors.append(caught.value.body)
+        return errors
+
+    wrong_type, bad_pattern, endless, missing = with_openai(engine, tmp_path, scenario)
+    assert (
+        wrong_type["param"] == "response_format.json_schema.schema" and "type must be a string" in wrong_type["message"]
+    )
+    assert bad_pattern["code"] == "invalid_schema" and "unclosed group" in bad_pattern["message"]
+    assert endless["code"] == "invalid_schema" and "allows no value" in endless["message"]  # a value of itself
+    assert missing["param"] == "response_format" and "json_schema" in missing["message"]
+    with pytest.raises(InvalidSchema, match="schema must be an object"):
+        JsonFormat(engine.tokenizer, [])  # type: ignore[arg-type]
+
+
+def schemas() -> st.SearchStrategy:
+    """JSON Schemas, well and badly formed: types, properties, enums, bounds, patterns, combinators, dangling refs."""
+    leaf = st.one_of(
+        st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "number", "boolean", "null", "nope", 5])}),
+        st.fixed_dictionaries({"enum": st.lists(st.one_of(st.integers(), st.text(max_size=4)), max_size=3)}),
+        st.fixed_dictionaries(
+            {
+                "type": st.just("string"),
+                "maxLength": st.integers(-1, 3),
+                "pattern": st.sampled_from(["^a+$", "((", "[0-9]{2}"]),
+            }
+        ),
+        st.fixed_dictionaries(
+            {"type": st.just("integer"), "minimum": st.integers(-5, 5), "maximum": st.integers(-5, 5)}
+        ),
+        st.fixed_dictionaries({"$ref": st.sampled_from(["#/nope", "#", "http://x"])}),
+        st.booleans(),
+    )
+    return st.recursive(
+        leaf,
+        lambda inner: st.one_of(
+            st.fixed_dictionaries(
+                {
+                    "type": st.just("object"),
+                    "properties": st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                    "additionalProperties": st.booleans(),
+                }
+            ),
+            st.fixed_dictionaries({"type": st.just("array"), "items": inner, "maxItems": st.integers(0, 3)}),
+            st.fixed_dictionaries({"anyOf": st.lists(inner, min_size=1, max_size=3)}),
+        ),
+        max_leaves=6,
+    ).filter(lambda schema: isinstance(schema, dict))
+
+
+def test_generated_schemas_get_conforming_json_or_a_400_in_openai_shape(engine, tmp_path):
+    """Hypothesis-generated JSON Schemas (schemathesis's fuzzing of the API seldom sends a response_format): never
+    a 5xx; a reply that finishes parses as JSON; an error names response_format."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+    statuses = Counter()
+
+    async def main():
+        async with serving(app) as client:
+
+            @given(schema=schemas())
+            @settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            def answers(schema):
+                spec = {"type": "json_schema", "json_schema": {"name": "generated", "schema": schema}}
+                body = {**chat("x", seed=0, response_format=spec), "max_tokens": 8}
+                posted = asyncio.run_coroutine_threadsafe(client.post("/v1/chat/completions", json=body), loop)
+                response = posted.result()  # hypothesis drives from a worker thread; the app runs on the loop
+                statuses[response.status_code] += 1
+                if response.status_code == 200:
+                    choice = response.json()["choices"][0]
+                    assert choice["finish_reason"] == "length" or parses(choice["message"]["content"]), (schema, choice)
+                else:
+                    assert response.status_code == 400, response.text
+                    assert response.json()["error"]["param"].startswith("response_format"), response.text
+
+            loop = asyncio.get_running_loop()
+            await asyncio.to_thread(answers)
+
+    asyncio.run(main())
+    print(f"\ngenerated schemas: {dict(statuses)}")
+    assert statuses[200] and statuses[400], statuses  # both enforced and refused schemas came
+
+
+def test_json_mode_is_refused_on_a_speculative_engine(engine):
+    speculative = Engine(engine.model, engine.tokenizer, speculative=True, num_blocks=32)
+    request = ChatCompletionRequest.model_validate(chat("x", response_format=JSON_OBJECT))
+    with pytest.raises(APIError, match="speculative") as caught:
+        json_format(request, speculative)
+    assert caught.value.param == "response_format"
+    with pytest.raises(ValueError, match="speculative"):
+        speculative.add_request([1, 2], SamplingParams(), constraint=JsonFormat(engine.tokenizer).constraint())
+
+
+def test_the_openapi_schema_describes_response_format(engine, tmp_path):
+    schemas = create_app(engine, open_database(tmp_path / "db")).openapi()["components"]["schemas"]
+    field = schemas["ChatCompletionRequest"]["properties"]["response_format"]
+    assert {"$ref": "#/components/schemas/ResponseFormat"} in field["anyOf"]
+    response_format = schemas["ResponseFormat"]
+    assert response_format["properties"]["type"]["enum"] == ["text", "json_object", "json_schema"]
+    spec = schemas["JsonSchemaSpec"]
+    assert set(spec["required"]) == {"name", "schema"} and spec["properties"]["schema"]["type"] == "object"
