@@ -3,8 +3,10 @@ and of the stacked routed experts.
 
 Kernels (measured in bench/quantize.py): int8 runs `torch._weight_int8pack_mm`, int4
 `torch._weight_int4pack_mm_for_cpu`;
-both are fast only with bfloat16 activations (with float32 ones they fall to a path ~20x slower than the float32
-matmul), so a quantized layer multiplies in bfloat16 and returns its input's dtype. This CPU has no FP8 matmul
+both are fast only with bfloat16 activations (with float32 ones they fall to a path ~10-20x slower than the float32
+matmul), so a quantized layer multiplies in bfloat16 and returns its input's dtype. At decode widths a cast costs as
+much as the kernel, so each module casts once around all its kernel calls (routed experts: one cast in and one out per
+projection, not per expert), and the per-call Python path is kept short. This CPU has no FP8 matmul
 (`torch._scaled_mm` on CPU took 43 ms for a 1x1024 @ 1024x4096 product), so FP8 weights stay e4m3 in memory and are
 expanded block by block to the activation dtype inside each call.
 
@@ -33,14 +35,21 @@ COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the int8/int4 kernels
 class QuantizedWeight(nn.Module):
     """One matrix (O, I) or a stack of expert matrices (E, O, I) in a low-bit format.
 
-    `matmul(x, index)` is x @ W[index]^T on the format's kernel; `stored()` gives the tensors as a checkpoint holds
-    them (names relative to the layer: `weight`, `weight_scale`, ...), with the expert dimension first if stacked.
-    Buffers keep their dtypes when the model is moved or cast.
+    `matmul(lower(x), index)` is x @ W[index]^T on the format's kernel, in the kernel's activation dtype (the caller
+    casts back, once); `stored()` gives the tensors as a checkpoint holds them (names relative to the layer: `weight`,
+    `weight_scale`, ...), with the expert dimension first if stacked. Buffers keep their dtypes when the model is moved
+    or cast.
     """
 
     scheme: str
+    kernel_dtype: torch.dtype | None = None  # the activation dtype the kernel takes; None: the activations' own
+
+    def lower(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows x (N, I) as `matmul` takes them: in the kernel's activation dtype."""
+        return x if self.kernel_dtype is None else x.to(self.kernel_dtype)
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """x (N, I) from `lower` -> x @ W[index]^T (N, O), in x's dtype."""
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:
@@ -64,14 +73,15 @@ class QuantizedWeight(nn.Module):
 
 
 class Int8Weight(QuantizedWeight):
-    """Per-output-channel int8: W = q * s, s (..., O, 1)."""
+    """Per-output-channel int8: W = q * s, s (..., O, 1) on disk, held flat (..., O) as the kernel takes it."""
 
     scheme = "int8"
+    kernel_dtype = COMPUTE_DTYPE
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.register_buffer("weight", q.contiguous())
-        self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).contiguous())
+        self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).reshape(q.shape[:-1]).contiguous())
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Weight:
@@ -79,13 +89,13 @@ class Int8Weight(QuantizedWeight):
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         q, scale = (self.weight, self.weight_scale) if index is None else (self.weight[index], self.weight_scale[index])
-        return torch._weight_int8pack_mm(x.to(COMPUTE_DTYPE).contiguous(), q, scale.view(-1)).to(x.dtype)
+        return torch._weight_int8pack_mm(x, q, scale)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int(self.weight, self.weight_scale)
+        return dequantize_int(self.weight, self.weight_scale.unsqueeze(-1))
 
     def stored(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "weight_scale": self.weight_scale}
+        return {"weight": self.weight, "weight_scale": self.weight_scale.unsqueeze(-1)}
 
     @property
     def shape(self) -> torch.Size:
@@ -97,6 +107,7 @@ class Int4Weight(QuantizedWeight):
     with its (G, O, 2) scale-and-zero table; the kernel computes (u - 8) * scale + zero from the stored u = q + 8."""
 
     scheme = "int4"
+    kernel_dtype = COMPUTE_DTYPE
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
@@ -116,9 +127,7 @@ class Int4Weight(QuantizedWeight):
         packed, table = (self.packed, self.scales_and_zeros) if index is None else (
             self.packed[index], self.scales_and_zeros[index]
         )  # fmt: skip
-        return torch._weight_int4pack_mm_for_cpu(x.to(COMPUTE_DTYPE).contiguous(), packed, self.group, table).to(
-            x.dtype
-        )
+        return torch._weight_int4pack_mm_for_cpu(x, packed, self.group, table)
 
     def codes(self) -> torch.Tensor:
         """q (..., O, I) int8, read back from the kernel's tiling by the kernel itself: I @ W^T with unit scales."""
@@ -220,7 +229,9 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.qweight.matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        weight = self.qweight
+        out = weight.matmul(weight.lower(x.reshape(-1, self.in_features))).to(x.dtype)
+        out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
     def extra_repr(self) -> str:
@@ -234,8 +245,16 @@ class QuantizedExperts(RoutedExperts):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: no float parameters to allocate
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
 
+    def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
+        """x (n, in) sorted by expert, load[e] rows for expert e -> (n, out): one kernel call per expert with rows,
+        between one cast in and one cast out."""
+        weight = getattr(self, name)
+        chunks = weight.lower(x).split(load.tolist())
+        return torch.cat([weight.matmul(chunk, e) for e, chunk in enumerate(chunks) if len(chunk)]).to(x.dtype)
+
     def expert_linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        return getattr(self, name).matmul(x, expert)
+        weight = getattr(self, name)
+        return weight.matmul(weight.lower(x), expert).to(x.dtype)
 
     def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled (sync-free) path: every expert on every token, combined with the routing weights as a dense
@@ -244,9 +263,11 @@ class QuantizedExperts(RoutedExperts):
         num_experts = routing.scores.shape[1]
         dense_weights = torch.zeros_like(routing.scores).scatter_(1, routing.experts, routing.weights.float())
         combined = torch.zeros_like(x)
+        lowered = self.gate_up_proj.lower(x)
         for e in range(num_experts):
-            gate, up = self.gate_up_proj.matmul(x, e).chunk(2, dim=-1)
-            out = self.down_proj.matmul(F.silu(gate) * up, e)
+            gate, up = self.gate_up_proj.matmul(lowered, e).to(x.dtype).chunk(2, dim=-1)
+            hidden = self.down_proj.lower(F.silu(gate) * up)
+            out = self.down_proj.matmul(hidden, e).to(x.dtype)
             combined = combined + out * dense_weights[:, e : e + 1].to(x.dtype)
         experts = routing.experts.flatten()
         load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
