@@ -4,12 +4,13 @@ parameters, six ways of training the student at an equal token budget.
 The teacher (the `tiny` preset, MoE) is trained once on the demo shards and cached in OUT/teacher. Each variant
 trains the same dense DeepSeek-V3 student (every layer dense, tied embeddings) for the same steps, batch and
 sequence length through `seekstack distill`: CE only (the scratch student), forward KL (with CE: 0.5 + 0.5, and
-alone), reverse KL, GKD on-policy (JSD beta=0.5, half the batches the student's own continuations) and GKD +
-hierarchical feature KD (cosine, student layers 0, 1 -> teacher layers 1, 3); T=1 throughout. All are scored
-on the same held-out windows of the demo's validation split: bits per byte, next-token top-1 accuracy, top-1
-agreement with the teacher; then the fraction of the scratch-student-to-teacher gap in bits per byte each closes,
-and accuracy as a percentage of the teacher's (the "7B reaches 92% of 70B"-style figure). Runs already trained in
-OUT are reused. Usage (after `make demo`, which builds runs/demo/tokens):
+alone), reverse KL, GKD on-policy (JSD beta=0.5, half the batches the student's own continuations), GKD +
+hierarchical feature KD (cosine, student layers 0, 1 -> teacher layers 1, 3), and two on-policy ablations: forward
+KL with half the batches on-policy, and GKD whose on-policy batches start half way (a warm student); T=1 throughout.
+All are scored on the same held-out windows of the demo's validation split: bits per byte, next-token top-1
+accuracy, top-1 agreement with the teacher; then the fraction of the scratch-student-to-teacher gap in bits per
+byte each closes, and accuracy as a percentage of the teacher's (the "7B reaches 92% of 70B"-style figure). Runs
+already trained in OUT are reused. Usage (after `make demo`, which builds runs/demo/tokens):
     OMP_NUM_THREADS=1 python bench/distill.py [--steps 200] [--batch-size 16] [--seq-len 128]
 """
 
@@ -51,6 +52,8 @@ VARIANTS = {
     "reverse_kl": ["beta=1.0"],
     "gkd_on_policy": GKD,
     "gkd_features": [*GKD, "feature_layers={0: 1, 1: 3}", "feature_loss=cosine"],
+    "forward_kl_on_policy": ["beta=0.0", "lmbda=0.5", "prompt_tokens=64"],  # forward_kl with on-policy batches
+    "gkd_warm": [*GKD, "on_policy_after=100"],  # on-policy batches in the second half of the default 200 steps
 }
 
 

@@ -15,8 +15,10 @@ def distill_command(
     write_config: WriteConfigOpt = None,
 ) -> None:
     """Train a student (a preset or config, e.g. model.first_k_dense_replace=NUM_LAYERS for a dense one) on token
-    shards against a frozen `teacher` checkpoint sharing its tokenizer: cross-entropy, forward/reverse KL or GKD's
-    JSD(beta) at temperature T, on-policy generations (lmbda), feature KD on mapped layers; under torchrun for DDP."""
+    shards, or on conversations as `sft` reads them (data=traces.jsonl or task=NAME; losses on the assistant's tokens
+    only), against a frozen `teacher` checkpoint sharing its tokenizer: cross-entropy, forward/reverse KL or GKD's
+    JSD(beta) at temperature T, on-policy generations (lmbda, after on_policy_after steps), feature KD on mapped
+    layers; token shards under torchrun for DDP."""
     from seekstack.distill.config import DistillConfig
     from seekstack.distill.run import run_distill
 

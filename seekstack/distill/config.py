@@ -3,12 +3,14 @@ teacher and the losses, read and checked the same way (YAML/TOML/JSON + key=valu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.posttrain.config import _loop_fields
-from seekstack.schema import Fraction, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
+from seekstack.posttrain.tasks import TASKS
+from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
 from seekstack.train.config import TrainConfig
 
 FeatureLoss = Literal["mse", "cosine"]  # the distance between mapped hidden states
@@ -16,10 +18,11 @@ FeatureLoss = Literal["mse", "cosine"]  # the distance between mapped hidden sta
 
 @dataclass
 class DistillConfig(TrainConfig):
-    """Distillation: the student (`model` + `model_overrides`, or `init_from`) trained on `data_dir`'s token shards
-    against a frozen `teacher` checkpoint. Per micro-batch the loss is ce_weight * CE + kd_weight * T^2 *
+    """Distillation: the student (`model` + `model_overrides`, or `init_from`) trained against a frozen `teacher`
+    checkpoint on `data_dir`'s token shards, or on conversations (`data` or `task`, as `seekstack sft` reads them)
+    with every loss on the assistant's tokens only. Per micro-batch the loss is ce_weight * CE + kd_weight * T^2 *
     JSD_beta(teacher, student) + sum over mapped layers of weight * feature distance (+ the student's MTP and
-    balance terms, as in pretraining); validation scores the student alone."""
+    balance terms, as in pretraining); validation (token shards only) scores the student alone."""
 
     out_dir: str = "runs/distill"
     teacher: str = ""  # the teacher's checkpoint folder (with its tokenizer.json, the student's tokenizer)
@@ -29,7 +32,10 @@ class DistillConfig(TrainConfig):
     beta: Fraction = 0.0  # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
     temperature: PositiveFloat = 1.0  # T of both distributions in the divergence, which is scaled by T^2
     lmbda: Fraction = 0.0  # fraction of micro-batches that are the student's own generations (on-policy, GKD)
-    prompt_tokens: Positive = 64  # on-policy: tokens of a corpus row kept as the prompt the student continues
+    # steps of corpus/reference batches alone before the first on-policy one: a cold student's samples are noise the
+    # teacher's judgement of teaches little (GKD starts from a supervised student)
+    on_policy_after: NonNegative = 0
+    prompt_tokens: Positive = 64  # on-policy, token shards: tokens of a corpus row kept as the prompt continued
     sample_temperature: PositiveFloat = 1.0  # on-policy: temperature the student samples its continuations at
     # Hierarchical feature KD: student layer -> teacher layer whose output hidden state the student layer's output
     # learns through a learned projection to the teacher's width, e.g. {0: 1, 1: 3}; {} = off
@@ -38,13 +44,25 @@ class DistillConfig(TrainConfig):
     feature_loss: FeatureLoss = "mse"  # mse | cosine
     teacher_cache: str = ""  # folder of cached top-k teacher log-probabilities of corpus batches; "" = none
     cache_top_k: Positive = 64  # log-probabilities kept per position in the cache
+    # Conversations instead of token shards (as `seekstack sft` reads them; `tokenizer` "" = the teacher's). On-policy,
+    # the student answers each conversation's prompt (the turns before its first assistant token) itself.
+    data: str = ""  # JSONL of {"messages": [...]}, e.g. the teacher's verified traces (`seekstack traces`)
+    task: str = ""  # with `data` "": `examples` generated traces of this seekstack.posttrain.tasks task
+    difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
+    examples: Positive = 4000  # generated conversations of `task`
+
+    @property
+    def conversational(self) -> bool:
+        """Whether the rows are conversations (`data` or `task`) rather than `data_dir`'s token shards."""
+        return bool(self.data or self.task)
 
     def validate(self, source: str | None = None) -> DistillConfig:
         config = super().validate(source)
         try:
             require(bool(config.teacher), "teacher", "a checkpoint folder (the model to distill from)")
+            require(not config.task or config.task in TASKS, "task", f"'' or one of {', '.join(TASKS)}")
             require(
-                config.lmbda == 0 or config.prompt_tokens < config.seq_len,
+                config.lmbda == 0 or config.conversational or config.prompt_tokens < config.seq_len,
                 "prompt_tokens",
                 f"below seq_len={config.seq_len} when lmbda > 0 (the student writes the rest of each row)",
             )
@@ -57,6 +75,8 @@ class DistillConfig(TrainConfig):
             )
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+        if config.conversational and not (config.tokenizer or config.init_from):
+            config = dataclasses.replace(config, tokenizer=config.teacher)  # teacher and student share it
         return config
 
     def layer_weight(self, student_layer: int) -> float:

@@ -1,7 +1,8 @@
 """Hierarchical feature distillation: each mapped student layer's output hidden state, projected to the teacher's
 width by a learned linear map, is pulled towards the output of the teacher layer it is mapped to.
 
-Shapes: B rows, T tokens, d the student's hidden width, D the teacher's.
+Shapes: B rows, T tokens, N positions compared (those a (B, T - 1) mask selects), d the student's hidden width, D
+the teacher's.
 """
 
 from __future__ import annotations
@@ -48,11 +49,17 @@ class FeatureProjections(nn.Module):
         return sorted(set(self.layer_map.values()))
 
     def loss(
-        self, student_states: dict[int, torch.Tensor], teacher_states: dict[int, torch.Tensor], kind: FeatureLoss
+        self,
+        student_states: dict[int, torch.Tensor],
+        teacher_states: dict[int, torch.Tensor],
+        compared: torch.Tensor,
+        kind: FeatureLoss,
     ) -> torch.Tensor:
-        """sum over mapped layers l of weight_l * distance(W_l h_student_l (B, T, D), h_teacher_map(l) (B, T, D))."""
+        """sum over mapped layers l of weight_l * distance(W_l h_student_l, h_teacher_map(l)), both (N, D), at the
+        positions `compared` (B, T - 1) selects (those the logit divergence compares)."""
         terms = []
         for layer, teacher_layer in self.layer_map.items():
-            projected = self.maps[str(layer)](student_states[layer])  # (B, T, d) -> (B, T, D)
-            terms.append(self.weights[layer] * feature_distance(projected, teacher_states[teacher_layer], kind))
+            projected = self.maps[str(layer)](student_states[layer][:, :-1][compared])  # (N, d) -> (N, D)
+            target = teacher_states[teacher_layer][:, :-1][compared]
+            terms.append(self.weights[layer] * feature_distance(projected, target, kind))
         return torch.stack(terms).sum()

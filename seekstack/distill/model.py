@@ -1,10 +1,11 @@
 """The module a distillation run trains: the student, the feature projections beside it, and in training mode a
 forward pass that is the whole distillation loss (teacher in the loop).
 
-Per micro-batch of corpus rows (B, T): with probability `lmbda` the rows are replaced by the student's own
-continuations of their first `prompt_tokens` (on-policy, GKD). The divergence compares teacher and student at every
-position of corpus rows and at the generated positions of on-policy rows; the cross-entropy counts corpus tokens
-only (all of a corpus row, the prompt of an on-policy one).
+Per micro-batch of rows (B, T) with their labels (the rows themselves for corpus rows; the assistant's tokens of
+conversations, IGNORE_INDEX elsewhere): with probability `lmbda` the rows are replaced by the student's own
+(on-policy, GKD; seekstack/distill/onpolicy.py). The cross-entropy counts the labelled tokens; the divergence and
+the feature distances compare teacher and student at the positions predicting them (off-policy) or predicting the
+generated tokens (on-policy).
 
 Shapes: B rows, T tokens, N positions compared, V vocabulary.
 """
@@ -26,14 +27,6 @@ from seekstack.distill.onpolicy import StudentGenerations
 from seekstack.distill.teacher import Teacher, layer_outputs
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import ModelOutput, Transformer
-
-
-def on_policy_targets(rows: torch.Tensor, prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (B, T) and compared positions (B, T - 1) of on-policy rows: the cross-entropy counts the corpus prompt
-    alone, the divergence the positions predicting generated tokens (P - 1 .. T - 2; position t predicts t + 1)."""
-    positions = torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
-    labels = rows.masked_fill(positions >= prompt_tokens, IGNORE_INDEX)
-    return labels, positions[:, 1:] >= prompt_tokens
 
 
 class DistillModel(nn.Module):
@@ -70,6 +63,15 @@ class DistillModel(nn.Module):
         self.moe_layer_ids = student.moe_layer_ids
         self.__dict__["teacher"] = teacher  # outside the module tree (see the class docstring)
         self.__dict__["generations"] = generations
+        self.micro_batches = 0  # trained so far: on-policy batches start after config.on_policy_after steps
+
+    def training_state(self) -> dict:
+        """What a resume needs besides the student's weights: the projections and the micro-batches trained."""
+        return {"projections": self.projections.state_dict(), "micro_batches": self.micro_batches}
+
+    def load_training_state(self, state: dict) -> None:
+        self.projections.load_state_dict(state["projections"])
+        self.micro_batches = state["micro_batches"]
 
     def forward(
         self,
@@ -80,16 +82,17 @@ class DistillModel(nn.Module):
     ) -> ModelOutput:
         if not self.training or labels is None:
             return self.student(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=keep_logits)
-        return self.distillation_loss(input_ids, mtp_loss_weight)
+        return self.distillation_loss(input_ids, labels, mtp_loss_weight)
 
-    def distillation_loss(self, rows: torch.Tensor, mtp_loss_weight: float) -> ModelOutput:
+    def distillation_loss(self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float) -> ModelOutput:
         """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms."""
         config = self.settings
-        if self.generations is not None and torch.rand(()) < config.lmbda:
-            rows = self.generations(rows)
-            labels, compared = on_policy_targets(rows, config.prompt_tokens)
+        warm = self.micro_batches // config.grad_accum_steps >= config.on_policy_after
+        self.micro_batches += 1
+        if self.generations is not None and warm and torch.rand(()) < config.lmbda:
+            rows, labels, compared = self.generations(rows, labels)
         else:
-            labels, compared = rows, torch.ones_like(rows[:, 1:], dtype=torch.bool)
+            compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens
         with layer_outputs(self.student, self.projections.student_layers) as student_states:
             out, student_logits = self.student_outputs(rows, labels, mtp_loss_weight)
         loss = config.ce_weight * out.lm_loss + (out.loss - out.lm_loss)  # + the student's MTP and balance terms
@@ -99,7 +102,7 @@ class DistillModel(nn.Module):
         kd = logit_distillation(student_logits(compared), teacher.logits, config.beta, config.temperature)
         loss = loss + config.kd_weight * kd
         if self.projections.layer_map:
-            loss = loss + self.projections.loss(student_states, teacher.states, config.feature_loss)
+            loss = loss + self.projections.loss(student_states, teacher.states, compared, config.feature_loss)
         return dataclasses.replace(out, loss=loss)
 
     def student_outputs(
@@ -116,5 +119,7 @@ class DistillModel(nn.Module):
             return out, lambda compared: self.student.lm_head(out.hidden_states[:, :-1][compared])
         out = self.student(rows)
         logits = out.logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        targets = labels[:, 1:].flatten()
+        summed = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        lm_loss = summed / (targets != IGNORE_INDEX).sum().clamp(min=1)  # 0 on rows with no label (as head_loss)
         return dataclasses.replace(out, logits=None, loss=lm_loss, lm_loss=lm_loss), lambda compared: logits[compared]

@@ -1,11 +1,13 @@
-"""On-policy rows for GKD (Agarwal et al. 2024): the student continues the start of each corpus row itself.
+"""On-policy rows for GKD (Agarwal et al. 2024): the student writes the rows the teacher then scores.
 
-Generation runs on the inference engine built on the very student being trained, as the RL rollouts do
+Token shards: the student continues the first `prompt_tokens` of each corpus row to the row's length. Conversations:
+the student answers each conversation's prompt (its tokens before the first assistant token) until EOS. Generation
+runs on the inference engine built on the very student being trained, as the RL rollouts do
 (seekstack/posttrain/rollout.py): an optimizer step changes the weights in place and the next generation uses
 them, with no copy. Each row has its own seed, drawn from the global generator the trainer saves and restores,
 so a resumed run writes what the uninterrupted one did.
 
-Shapes: B rows, T tokens (seq_len), P prompt tokens.
+Shapes: B rows, T tokens, P prompt tokens; a (B, T - 1) mask selects positions (position t predicts token t + 1).
 """
 
 from __future__ import annotations
@@ -13,13 +15,48 @@ from __future__ import annotations
 import torch
 
 from seekstack.infer import Engine, SamplingParams
+from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
+from seekstack.posttrain.padding import pad_rows
 from seekstack.tokenizer import Tokenizer
 
 
+def generated_positions(prompt_lengths: torch.Tensor, completion_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width - 1) mask of the positions predicting generated tokens: p - 1 .. p + c - 2 for a row whose prompt
+    has p tokens and whose completion c."""
+    positions = torch.arange(width - 1, device=prompt_lengths.device)[None, :]
+    first = prompt_lengths[:, None] - 1
+    return (positions >= first) & (positions < first + completion_lengths[:, None])
+
+
+def on_policy_targets(rows: torch.Tensor, prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (B, T) and compared positions (B, T - 1) of continued corpus rows: the cross-entropy counts the corpus
+    prompt alone, the divergence the positions predicting generated tokens."""
+    B, T = rows.shape
+    positions = torch.arange(T, device=rows.device).expand_as(rows)
+    labels = rows.masked_fill(positions >= prompt_tokens, IGNORE_INDEX)
+    prompt_lengths = torch.full((B,), prompt_tokens, device=rows.device)
+    return labels, generated_positions(prompt_lengths, prompt_lengths.new_full((B,), T - prompt_tokens), T)
+
+
+def conversation_prompts(input_ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
+    """Each conversation row's tokens before its first assistant token (the first one labelled)."""
+    prompts = []
+    for row, (ids, row_labels) in enumerate(zip(input_ids.tolist(), labels.tolist(), strict=True)):
+        answer = next((t for t, label in enumerate(row_labels) if label != IGNORE_INDEX), None)
+        if answer is None:
+            raise ValueError(
+                f"conversation row {row} of the batch has no assistant token within seq_len={len(ids)}: its prompt "
+                "is too long for on-policy answers; raise seq_len"
+            )
+        prompts.append(ids[:answer])
+    return prompts
+
+
 class StudentGenerations:
-    """Rows whose first `prompt_tokens` come from the corpus and whose rest the student samples (ignoring EOS, so
-    every row keeps its length T, at most `max_tokens`)."""
+    """GKD's on-policy micro-batches: (rows, labels) -> the student's own rows, their labels (the corpus prompt for
+    continued corpus rows, nothing for answered conversations) and the positions the teacher is compared on (the
+    generated tokens). `prompt_tokens` None = conversations; rows hold at most `max_tokens` tokens."""
 
     def __init__(
         self,
@@ -27,28 +64,36 @@ class StudentGenerations:
         tokenizer: Tokenizer,
         rows: int,
         max_tokens: int,
-        prompt_tokens: int,
+        prompt_tokens: int | None,
         temperature: float,
     ):
         self.student, self.prompt_tokens, self.temperature = student, prompt_tokens, temperature
+        self.max_tokens, self.pad_id = max_tokens, tokenizer.pad_id
         self.engine = Engine(student, tokenizer, max_batch_size=rows, max_model_len=max_tokens)
         student.train()  # the engine put it in eval mode
 
     @torch.no_grad()
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        """(B, T) corpus rows -> (B, T): each row's first P tokens followed by the student's continuation."""
-        prompts = rows[:, : self.prompt_tokens].tolist()
+    def __call__(self, rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.prompt_tokens is not None:  # corpus rows: continue the first P tokens to the row's length T
+            prompts = rows[:, : self.prompt_tokens].tolist()
+            completions = self._sample(prompts, [rows.shape[1] - self.prompt_tokens] * len(prompts), ignore_eos=True)
+            generated = torch.tensor([p + c for p, c in zip(prompts, completions, strict=True)], device=rows.device)
+            return generated, *on_policy_targets(generated, self.prompt_tokens)
+        prompts = conversation_prompts(rows, labels)
+        completions = self._sample(prompts, [self.max_tokens - len(p) for p in prompts], ignore_eos=False)
+        generated = pad_rows([p + c for p, c in zip(prompts, completions, strict=True)], self.pad_id).to(rows.device)
+        lengths = [torch.tensor([len(x) for x in part], device=rows.device) for part in (prompts, completions)]
+        no_labels = torch.full_like(generated, IGNORE_INDEX)  # nothing here is a reference answer
+        return generated, no_labels, generated_positions(*lengths, generated.shape[1])
+
+    def _sample(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool) -> list[list[int]]:
+        """The student's completion of each prompt, each with its own seed (EOS included when it stopped there)."""
+        self.engine.reset_prefix_cache()  # prompt blocks cached before the last optimizer step hold stale values
         seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
         params = [
-            SamplingParams(
-                max_new_tokens=rows.shape[1] - self.prompt_tokens,
-                temperature=self.temperature,
-                seed=seed,
-                ignore_eos=True,
-            )
-            for seed in seeds
+            SamplingParams(max_new_tokens=n, temperature=self.temperature, seed=seed, ignore_eos=ignore_eos)
+            for n, seed in zip(max_new_tokens, seeds, strict=True)
         ]
         completions = self.engine.generate(prompts, params)
         self.student.train()
-        generated = [prompt + completion.token_ids for prompt, completion in zip(prompts, completions, strict=True)]
-        return torch.tensor(generated, dtype=rows.dtype, device=rows.device)
+        return [completion.token_ids for completion in completions]

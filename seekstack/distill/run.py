@@ -1,10 +1,12 @@
 """`seekstack distill`: a student trained against a frozen teacher by the pretraining trainer.
 
 The run is an ordinary training run on `data_dir`'s token shards (same loop, progress, metrics.jsonl, validation
-bits per byte of the student, atomic checkpoints, exact resume, DDP) whose model hooks (`DistillHooks`) wrap the
-student in a `DistillModel`: the teacher in the loop, the feature projections trained beside the student. Each
-checkpoint is the student's own Hugging Face-format folder plus, for resume, the projections in
-`distill_projections.pt` (outside the student's safetensors).
+bits per byte of the student, atomic checkpoints, exact resume, DDP), or on conversations through the SFT stage's
+batch source (seekstack/posttrain/sft.py: assistant tokens labelled, the rest IGNORE_INDEX; one process), whose
+model hooks (`DistillHooks`) wrap the student in a `DistillModel`: the teacher in the loop, the feature projections
+trained beside the student. Each
+checkpoint is the student's own Hugging Face-format folder plus, for resume, the projections and the count of
+micro-batches trained in `distill_state.pt` (outside the student's safetensors).
 """
 
 from __future__ import annotations
@@ -19,15 +21,20 @@ from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations
 from seekstack.distill.teacher import Teacher, TopKCache, check_shared_tokenizer
 from seekstack.model.transformer import Transformer
-from seekstack.tokenizer import Tokenizer
+from seekstack.posttrain.config import tokenizer_path
+from seekstack.posttrain.sft import SFTSource
+from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.shards import load_index
 from seekstack.train.trainer import TrainResult, train
 
-PROJECTIONS_FILE = "distill_projections.pt"
+STATE_FILE = "distill_state.pt"
 
 
 def student_tokenizer(config: DistillConfig) -> Tokenizer:
-    """The tokenizer the student's data was encoded with: `tokenizer`, else the one `data tokenize` recorded."""
+    """The tokenizer the student's data is encoded with: `tokenizer` (conversations: else `init_from`'s), else the
+    one `data tokenize` recorded."""
+    if config.conversational:
+        return Tokenizer.from_file(tokenizer_json_path(tokenizer_path(config)))
     first_split = config.mixture_schedule().sources[0]
     recorded = load_index(config.data_dir, first_split)["tokenizer"].get("path")
     return Tokenizer.from_file(config.tokenizer or recorded)
@@ -47,25 +54,27 @@ class DistillHooks:
         teacher = Teacher(config.teacher, config.teacher_dtype, device, cache)
         generations = None
         if config.lmbda > 0:
-            rows, tokens = config.batch_size, config.seq_len + 1  # a training row: seq_len inputs and the last target
+            # a corpus row is seq_len inputs and the last target; a conversation row at most seq_len tokens
+            tokens, prompt = (
+                (config.seq_len + 1, config.prompt_tokens) if not config.conversational else (config.seq_len, None)
+            )
             generations = StudentGenerations(
-                model, self.tokenizer, rows, tokens, config.prompt_tokens, config.sample_temperature
+                model, self.tokenizer, config.batch_size, tokens, prompt, config.sample_temperature
             )
         return DistillModel(model, teacher, config, generations)
 
     def write(self, model: DistillModel, folder: Path) -> None:
         write_pretrained_files(model.student, folder)
-        if model.projections.layer_map:
-            torch.save(model.projections.state_dict(), folder / PROJECTIONS_FILE)
+        torch.save(model.training_state(), folder / STATE_FILE)
 
     def restore(self, model: DistillModel, folder: Path) -> None:
         device = model.student.embed_tokens.weight.device
         model.student.load_state_dict(load_pretrained(folder, device=device).state_dict())
-        if model.projections.layer_map:
-            model.projections.load_state_dict(torch.load(folder / PROJECTIONS_FILE, map_location=device))
+        model.load_training_state(torch.load(folder / STATE_FILE, map_location=device))
 
 
 def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> TrainResult:
     """Distill `config.teacher` into the student `config` describes (or continue the run in `out_dir`)."""
     config = config.validate()
-    return train(config, resume=resume, hooks=DistillHooks(config))
+    source = SFTSource(config) if config.conversational else None  # type: ignore[arg-type]  # the fields it reads
+    return train(config, resume=resume, hooks=DistillHooks(config), source=source)

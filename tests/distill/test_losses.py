@@ -13,7 +13,7 @@ import torch
 from seekstack.config import ConfigError
 from seekstack.distill.features import FeatureProjections
 from seekstack.distill.losses import feature_distance, generalized_jsd, logit_distillation
-from seekstack.distill.model import on_policy_targets
+from seekstack.distill.onpolicy import on_policy_targets
 from seekstack.distill.teacher import TopKCache
 from seekstack.model.head_loss import IGNORE_INDEX
 
@@ -106,7 +106,7 @@ def test_on_policy_targets_count_the_prompt_in_the_cross_entropy_and_generated_t
     assert compared.tolist() == [[False, False, False, True, True]] * 2
 
 
-def test_feature_projections_map_student_width_to_teacher_width_with_per_layer_weights():
+def test_feature_projections_map_student_width_to_teacher_width_with_per_layer_weights_on_compared_positions():
     projections = FeatureProjections({0: 1, 1: 3}, {0: 1.0, 1: 0.5}, 2, 4, student_width=8, teacher_width=16)
     assert {name: tuple(p.shape) for name, p in projections.named_parameters()} == {
         "maps.0.weight": (16, 8),
@@ -116,8 +116,13 @@ def test_feature_projections_map_student_width_to_teacher_width_with_per_layer_w
     teacher = {1: torch.randn(2, 3, 16), 3: torch.randn(2, 3, 16)}
     with torch.no_grad():
         projected = {layer: student[layer] @ projections.maps[str(layer)].weight.T for layer in (0, 1)}
-    expected = ((projected[0] - teacher[1]) ** 2).mean() + 0.5 * ((projected[1] - teacher[3]) ** 2).mean()
-    torch.testing.assert_close(projections.loss(student, teacher, "mse"), expected)
+    compared = torch.tensor([[True, False], [True, True]])  # (B, T - 1): the last position predicts nothing
+    kept = [(0, 0), (1, 0), (1, 1)]
+    expected = sum(
+        weight * sum(((projected[s][b, t] - teacher[m][b, t]) ** 2).mean() for b, t in kept) / len(kept)
+        for s, m, weight in ((0, 1, 1.0), (1, 3, 0.5))
+    )
+    torch.testing.assert_close(projections.loss(student, teacher, compared, "mse"), expected)
     cosine = torch.nn.functional.cosine_similarity(projected[0], teacher[1], dim=-1)
     torch.testing.assert_close(feature_distance(projected[0], teacher[1], "cosine"), (1 - cosine).mean())
     with pytest.raises(ConfigError, match=r"'feature_layers': 1: 4 is out of range.*teacher 0\.\.3"):

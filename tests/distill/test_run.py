@@ -19,7 +19,7 @@ from seekstack.cli import app
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.losses import kl_divergence
 from seekstack.distill.model import DistillModel
-from seekstack.distill.run import PROJECTIONS_FILE, DistillHooks, run_distill
+from seekstack.distill.run import STATE_FILE, DistillHooks, run_distill
 from seekstack.distill.teacher import Teacher, TopKCache
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import train_tokenizer
@@ -87,7 +87,9 @@ def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp
         keys = set(weights.keys())
     assert not any("maps" in key or "mlp.experts" in key for key in keys)  # no feature maps; every layer dense
     assert load_pretrained(checkpoint).config.hidden_size == 32
-    maps = torch.load(checkpoint / PROJECTIONS_FILE)
+    state = torch.load(checkpoint / STATE_FILE)
+    maps = state["projections"]
+    assert state["micro_batches"] == 4
     assert {name: tuple(t.shape) for name, t in maps.items()} == {"maps.0.weight": (64, 32), "maps.1.weight": (64, 32)}
     lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "val_bpb" in line] == [2, 4]  # validation of the student
@@ -97,7 +99,7 @@ def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp
     assert (tmp_path / "cut" / "checkpoints" / "step_2" / TRAIN_STATE_FILE).is_file()
     resumed = run_distill(distill_config(workspace, tmp_path / "cut"), resume=True)
     assert resumed.losses == whole.losses[2:]  # bit for bit
-    resumed_maps = torch.load(tmp_path / "cut" / "checkpoints" / "step_4" / PROJECTIONS_FILE)
+    resumed_maps = torch.load(tmp_path / "cut" / "checkpoints" / "step_4" / STATE_FILE)["projections"]
     assert all(torch.equal(maps[name], resumed_maps[name]) for name in maps)
 
 

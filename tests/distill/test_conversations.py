@@ -1,0 +1,109 @@
+"""`seekstack distill` on conversations (the SFT stage's data and batch source): every loss on the assistant's
+tokens only, on-policy answers to the conversations' prompts from the current weights, exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seekstack.distill.config import DistillConfig
+from seekstack.distill.losses import kl_divergence
+from seekstack.distill.model import DistillModel
+from seekstack.distill.onpolicy import StudentGenerations, conversation_prompts, generated_positions
+from seekstack.distill.run import run_distill
+from seekstack.distill.teacher import Teacher, layer_outputs
+from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.model.transformer import Transformer
+from seekstack.posttrain.sft import SFTSource
+from seekstack.tokenizer import TOKENIZER_FILE
+from tests.distill.support import DENSE_STUDENT, write_teacher
+from tests.posttrain.support import byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill_conversations")
+    byte_tokenizer(root / "tokenizer")
+    return {"teacher": write_teacher(root / "teacher", root / "tokenizer")}
+
+
+def conversation_config(workspace, out_dir, **changes) -> DistillConfig:
+    """1-digit addition traces (about 90 byte tokens each, most of them the prompt) for a dense micro student."""
+    base = dict(
+        model="tiny", model_overrides=DENSE_STUDENT, out_dir=str(out_dir), teacher=str(workspace["teacher"]),
+        task="addition", difficulty=1, examples=16, seq_len=128, batch_size=2, max_steps=4, lr=3e-3, min_lr=3e-4,
+        warmup_steps=1, eval_every=0, save_every=2, keep_checkpoints=2,
+    )  # fmt: skip
+    return DistillConfig(**{**base, **changes}).validate()
+
+
+def test_conversation_losses_count_the_assistant_tokens_only(workspace, tmp_path):
+    config = conversation_config(workspace, tmp_path, ce_weight=0.3, kd_weight=0.7, temperature=2.0,
+                                 feature_layers={0: 1}, feature_loss="mse")  # fmt: skip
+    input_ids, labels = SFTSource(config).batch(2, progress=0.0)
+    torch.manual_seed(0)
+    student = Transformer(config.model_config())
+    teacher = Teacher(workspace["teacher"], "float32", torch.device("cpu"))
+    model = DistillModel(student, teacher, config).train()
+    loss = model(input_ids, labels=labels).loss
+    answer = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting the assistant's tokens
+    assert 0 < answer.sum() < answer.numel() / 2  # the system and user turns and the padding are left out
+    with torch.no_grad(), layer_outputs(student, [0]) as mine, layer_outputs(teacher.model, [1]) as theirs:
+        student_logits = student(input_ids).logits[:, :-1][answer]
+        teacher_logits = teacher.model(input_ids).logits[:, :-1][answer]
+        ce = F.cross_entropy(student_logits, labels[:, 1:][answer])
+        softened_kl = kl_divergence((teacher_logits / 2).log_softmax(-1), (student_logits / 2).log_softmax(-1)).mean()
+        feature = F.mse_loss(model.projections.maps["0"](mine[0][:, :-1][answer]), theirs[1][:, :-1][answer])
+    torch.testing.assert_close(loss, 0.3 * ce + 0.7 * 4 * softened_kl + feature, rtol=1e-5, atol=1e-6)
+
+
+def test_on_policy_prompts_end_before_the_first_assistant_token_and_only_generated_tokens_are_compared():
+    input_ids = torch.tensor([[5, 6, 7, 8, 2], [5, 6, 9, 4, 2]])
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX], [IGNORE_INDEX] * 3 + [4, IGNORE_INDEX]])
+    assert conversation_prompts(input_ids, labels) == [[5, 6], [5, 6, 9]]
+    # prompts of 2 and 3 tokens answered with 3 and 1 tokens: positions 1..3 and 2 predict the answers
+    compared = generated_positions(torch.tensor([2, 3]), torch.tensor([3, 1]), width=6)
+    assert compared.tolist() == [[False, True, True, True, False], [False, False, True, False, False]]
+    with pytest.raises(ValueError, match="row 1 .* no assistant token within seq_len=5.*raise seq_len"):
+        conversation_prompts(input_ids, labels.masked_fill(torch.tensor([[False] * 5, [True] * 5]), IGNORE_INDEX))
+
+
+def test_on_policy_answers_come_from_the_current_weights_not_stale_cached_prompts(workspace, tmp_path):
+    config = conversation_config(workspace, tmp_path)
+    source = SFTSource(config)
+    input_ids, labels = source.batch(2, progress=0.0)  # the same system prompt: prefix blocks the cache shares
+    torch.manual_seed(0)
+    student = Transformer(config.model_config())
+    generations = StudentGenerations(student, source.tokenizer, 2, 128, prompt_tokens=None, temperature=1.0)
+    torch.manual_seed(1)
+    generations(input_ids, labels)
+    with torch.no_grad():  # an optimizer step: the weights change in place
+        for parameter in student.parameters():
+            parameter.add_(0.5 * torch.randn_like(parameter))
+    torch.manual_seed(2)
+    rows, no_labels, compared = generations(input_ids, labels)
+    fresh = StudentGenerations(student, source.tokenizer, 2, 128, prompt_tokens=None, temperature=1.0)
+    torch.manual_seed(2)
+    assert torch.equal(rows, fresh(input_ids, labels)[0])
+    assert (no_labels == IGNORE_INDEX).all() and compared.any(dim=1).all()
+    assert student.training
+
+
+def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_exactly(workspace, tmp_path):
+    changes = dict(lmbda=1.0, on_policy_after=2, feature_layers={1: 2}, max_steps=4, save_every=2)
+    whole = run_distill(conversation_config(workspace, tmp_path / "whole", **changes))
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    # reference answers (cross-entropy) for 2 steps, then the student's own answers (no reference, no cross-entropy)
+    assert [line["lm_loss"] > 0 for line in lines] == [True, True, False, False]
+    assert all(line["assistant_tokens"] > 0 for line in lines)
+    teacher_tokenizer = (workspace["teacher"] / TOKENIZER_FILE).read_bytes()
+    assert (whole.checkpoint / TOKENIZER_FILE).read_bytes() == teacher_tokenizer  # tokenizer "" = the teacher's
+
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_4")
+    resumed = run_distill(conversation_config(workspace, tmp_path / "cut", **changes), resume=True)
+    assert resumed.losses == whole.losses[2:]  # bit for bit, on-policy from the first resumed step
