@@ -1,10 +1,13 @@
 """Domain shift with LoRA: validation bits/byte of a base model on a new domain before, after LoRA (r=8, r=16) and
 after a full fine-tune with the same data, steps and batch; trainable parameters in % of the base; adapter size.
 
-    python bench/lora_domain.py BASE DATA --out runs/lora/domain [--steps 120]
+    python bench/lora_domain.py BASE DATA --out runs/lora/domain [--steps 120] [--lora-lrs 1e-2 3e-2]
+        [--full-lrs 1e-3 3e-3 1e-2] [--variants base lora_r8 ... full]
 
 BASE is a checkpoint (e.g. the demo model, pretrained on Python source), DATA token shards of the new domain made
-with the base's tokenizer (train and val splits). Every figure is measured on the same validation windows.
+with the base's tokenizer (train and val splits). Every figure is measured on the same validation windows. Each
+variant, the full fine-tune too, runs at every lr given and is reported at its best; each run's figures are kept in
+OUT/VARIANT/lr_LR/figures.json and read back by a later call (delete the folder to measure it again).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,9 +27,10 @@ from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.config import resolve_train_config
 from seekstack.train.trainer import VAL_SPLIT, train
 
-# LoRA variants measured (lora.FIELD overrides); alpha = 2r throughout. Without the routed experts, whose E pairs of
-# factors per layer dominate the count, the trainable share falls below 2% of the base. `vocab`: the token embedding
-# and the output head only, where a code -> prose shift mostly lands.
+# LoRA variants measured (lora.FIELD overrides); alpha = 2r throughout. The routed experts' E pairs of factors per
+# layer dominate the count of the block targets. `vocab`: the token embedding and the output head only, where a
+# code -> prose shift mostly lands; at vocabulary V and hidden D a rank-r pair there costs r (V + D) per layer, so
+# `head` (the output head alone) is the one rank-8 variant under 2% of this small base. `all`: every target.
 VOCAB_ONLY = ["lora.attention=[]", "lora.feed_forward=[]", "lora.experts=[]", "lora.vocabulary=[embed_tokens,lm_head]"]
 LORA_VARIANTS = {
     "lora_r8": ["lora.rank=8", "lora.alpha=16"],
@@ -33,6 +38,9 @@ LORA_VARIANTS = {
     "lora_r8_no_experts": ["lora.rank=8", "lora.alpha=16", "lora.experts=[]"],
     "lora_r8_vocab": ["lora.rank=8", "lora.alpha=16", *VOCAB_ONLY],
     "lora_r16_vocab": ["lora.rank=16", "lora.alpha=32", *VOCAB_ONLY],
+    "lora_r8_head": ["lora.rank=8", "lora.alpha=16", *VOCAB_ONLY, "lora.vocabulary=[lm_head]"],
+    "lora_r8_all": ["lora.rank=8", "lora.alpha=16", "lora.vocabulary=[embed_tokens,lm_head]"],
+    "lora_r16_all": ["lora.rank=16", "lora.alpha=32", "lora.vocabulary=[embed_tokens,lm_head]"],
 }
 
 
@@ -52,6 +60,16 @@ def val_bits_per_byte(model: torch.nn.Module, data: Path, seq_len: int, batch_si
     return loss_sum / targets * index["total_tokens"] / (math.log(2) * index["text_bytes"])
 
 
+def measured(folder: Path, measure: Callable[[], dict]) -> dict:
+    """The figures of one run: read back from `folder`/figures.json when that run was measured already."""
+    path = folder / "figures.json"
+    if not path.is_file():
+        figures = measure()
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+    return json.loads(path.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=Path)
@@ -60,8 +78,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lora-lr", type=float, default=1e-2)
-    parser.add_argument("--full-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-2, 3e-2], help="each LoRA variant's lrs")
+    parser.add_argument("--full-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="the full fine-tune's")
     parser.add_argument("--eval-batches", type=int, default=0, help="validation batches measured; 0 = all")
     parser.add_argument("--variants", nargs="+", default=["base", *LORA_VARIANTS, "full"], help="what to measure")
     args = parser.parse_args()
@@ -71,38 +89,60 @@ def main() -> None:
     ]  # fmt: skip
     measure = dict(data=args.data, seq_len=args.seq_len, batch_size=args.batch_size, batches=args.eval_batches)
     base_model = seekstack.load_pretrained(args.base)
-    base_params = sum(p.numel() for p in base_model.parameters())
-    results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    if "base" in args.variants:
-        results["base"] = {"val_bpb": val_bits_per_byte(base_model, **measure)}
-    lora = [*run, f"lr={args.lora_lr}", f"min_lr={args.lora_lr / 10}"]
-    for variant in (v for v in args.variants if v in LORA_VARIANTS):
-        out = args.out / variant
-        train_adapter(*lora_train_config(args.base, args.data, out, [*lora, *LORA_VARIANTS[variant]]))
+    # The share of the main model (without the MTP module, which inference does not run and LoRA does not adapt).
+    main_params = sum(p.numel() for name, p in base_model.named_parameters() if not name.startswith("mtp."))
+
+    def lora_run(variant: str, lr: float) -> dict:
+        out = args.out / variant / f"lr_{lr:g}"
+        train_adapter(
+            *lora_train_config(
+                args.base, args.data, out, [*run, f"lr={lr}", f"min_lr={lr / 10}", *LORA_VARIANTS[variant]]
+            )
+        )
         tuned = load_adapter(seekstack.load_pretrained(args.base), out)
         trainable = sum(p.numel() for name, p in tuned.named_parameters() if ".lora_" in name)
-        results[variant] = {
+        return {
             "val_bpb": val_bits_per_byte(tuned, **measure),
-            "trainable_percent": 100 * trainable / base_params,
+            "trainable_percent": 100 * trainable / main_params,
             "adapter_bytes": (out / ADAPTER_WEIGHTS_FILE).stat().st_size,
         }
-    if "full" in args.variants:
-        full = [*run, f"lr={args.full_lr}", f"min_lr={args.full_lr / 10}", "weight_decay=0.0", "bias_update_rate=0.0"]
-        paths = [f"init_from={args.base}", f"data_dir={args.data}", f"out_dir={args.out / 'full'}"]
+
+    def full_run(lr: float) -> dict:
+        full = [*run, f"lr={lr}", f"min_lr={lr / 10}", "weight_decay=0.0", "bias_update_rate=0.0"]
+        paths = [f"init_from={args.base}", f"data_dir={args.data}", f"out_dir={args.out / 'full' / f'lr_{lr:g}'}"]
         result = train(resolve_train_config(None, [*full, *paths]))
-        results["full"] = {
+        return {
             "val_bpb": val_bits_per_byte(seekstack.load_pretrained(result.checkpoint), **measure),
             "trainable_percent": 100.0,
             "checkpoint_bytes": (result.checkpoint / "model.safetensors").stat().st_size,
         }
+
+    results: dict[str, dict] = {}
+    if "base" in args.variants:
+        results["base"] = measured(args.out / "base", lambda: {"val_bpb": val_bits_per_byte(base_model, **measure)})
+    sweeps = {variant: args.lora_lrs for variant in args.variants if variant in LORA_VARIANTS}
+    if "full" in args.variants:
+        sweeps["full"] = args.full_lrs
+    for variant, lrs in sweeps.items():
+        by_lr = {
+            lr: measured(
+                args.out / variant / f"lr_{lr:g}",
+                lambda variant=variant, lr=lr: full_run(lr) if variant == "full" else lora_run(variant, lr),
+            )
+            for lr in lrs
+        }
+        best = min(by_lr, key=lambda lr: by_lr[lr]["val_bpb"])  # each row at its own best lr, the baseline too
+        results[variant] = {
+            **by_lr[best],
+            "lr": best,
+            "val_bpb_by_lr": {f"{lr:g}": f["val_bpb"] for lr, f in by_lr.items()},
+        }
     if "base" in results and "full" in results:
         gain_full = results["base"]["val_bpb"] - results["full"]["val_bpb"]
         for variant in (v for v in results if v in LORA_VARIANTS):
-            results[variant]["recovered_of_full_gain"] = (results["base"]["val_bpb"] - results[variant]["val_bpb"]) / (
-                gain_full
-            )
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+            gain = results["base"]["val_bpb"] - results[variant]["val_bpb"]
+            results[variant]["recovered_of_full_gain"] = gain / gain_full
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     for name, figures in results.items():
         print(f"{name:<22} {json.dumps(figures)}")
 

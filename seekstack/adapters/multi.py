@@ -11,8 +11,9 @@ loops (the low-rank product runs for all S slots: N*S*r*(in+out) multiply-adds n
 
     y = W x + B ((A x) * M)         (LoRA, Hu et al. 2021, eq. 3, each token with its slot's pair)
 
-Routed experts hold E*S pairs per weight, too many to run all; each (token, expert) pair gathers its own A and B
-instead (Punica's batched gather-matmul) and its update is added where `RoutedExperts.forward` applies that expert.
+Routed experts hold each expert's S pairs the same way, as extra stacked weights A_e (S*r, in) and B_e (out, S*r); the
+pairs, already sorted by expert for the dispatch, go through them with the same grouped matmul as the expert weights
+(no per-pair gathers of factors), masked by each pair's slot.
 MLA's absorbed decode folds kv_b_proj's weight into the query and the output (DeepSeek-V2 §2.1.2); an adapted
 kv_b_proj adds B_s A_s there, which `MultiLoRAAttention` runs as extra latent columns of the same attention call.
 Shapes: B rows, T tokens per row, N = B*T tokens, E experts, K experts per token, P = N*K pairs, S slots, r rank.
@@ -66,11 +67,13 @@ class AdapterRows:
         return self._per_forward[key]
 
 
-def stack_factors(per_slot: list[Factors | None], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(
+    per_slot: list[Factors | None], like: torch.Tensor, rank_multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot-stacked A (S, ..., r, in) and B (S, ..., out, r) on `like`'s device and dtype, zero for slots without
-    factors, ranks zero-padded to the largest."""
+    factors, ranks zero-padded to the largest (rounded up to `rank_multiple`)."""
     present = [f for f in per_slot if f is not None]
-    rank = max(a.shape[-2] for a, _ in present)
+    rank = -(-max(a.shape[-2] for a, _ in present) // rank_multiple) * rank_multiple
     a_shape, b_shape = (*present[0][0].shape[:-2], rank, present[0][0].shape[-1]), (*present[0][1].shape[:-1], rank)
     lora_a, lora_b = like.new_zeros(len(per_slot), *a_shape), like.new_zeros(len(per_slot), *b_shape)
     for slot, factors in enumerate(per_slot):
@@ -126,57 +129,60 @@ class MultiLoRAEmbedding(MultiLoRALinear):
 class MultiLoRAExperts(RoutedExperts):
     """Routed experts whose every (token, expert) pair adds the token's slot's update of that expert.
 
-    A RoutedExperts turns into one in place (`adapt`), so the expert weights stay where they are; the updates are
-    added to each grouped matmul of the dispatch (`grouped_linear`), for all pairs at once."""
+    A RoutedExperts turns into one in place (`adapt`), so the expert weights stay where they are. Each expert holds
+    the factors of all slots side by side, A_e (S*r, in) and B_e (out, S*r), as extra stacked weights; each grouped
+    matmul of the dispatch (`grouped_linear`) adds, for all pairs at once, two more grouped matmuls over them:
+        y_p = W_e x_p + B_e ((A_e x_p) * M_p)     with M_p 1 on the r columns of the pair's slot."""
 
     rows: AdapterRows
-    pair: torch.Tensor | None  # (P,) e*S + s of each (token, expert) pair in dispatch order, during a forward
+    pair_slots: torch.Tensor | None  # (P,) the slot of each (token, expert) pair in dispatch order, during a forward
 
     @classmethod
     def adapt(cls, experts: RoutedExperts, rows: AdapterRows) -> MultiLoRAExperts:
         experts.__class__ = cls
         assert isinstance(experts, MultiLoRAExperts)
-        experts.rows, experts.pair = rows, None
+        experts.rows, experts.pair_slots = rows, None
         return experts
 
     def restore(self) -> RoutedExperts:
         """Back to a plain RoutedExperts, without the adapters' buffers."""
         self._drop_factors()
-        del self.rows, self.pair
+        del self.rows, self.pair_slots
         self.__class__ = RoutedExperts
         return self
 
     def set_factors(self, per_param: dict[str, list[Factors | None]]) -> None:
-        """Hold these factors per stacked parameter name, one entry per slot: A (E*S, r, in), B (E*S, out, r)."""
+        """Hold these factors per stacked parameter name, one entry per slot: `NAME_lora_down` A (E, S*r, in) and
+        `NAME_lora_up` B (E, out, S*r), slot-major, laid out as the stacked weights are (E, out, in)."""
         self._drop_factors()
         for name, per_slot in per_param.items():
-            lora_a, lora_b = stack_factors(per_slot, self.gate_up_proj)  # (S, E, r, in), (S, E, out, r)
-            self.register_buffer(f"{name}_A", lora_a.transpose(0, 1).flatten(0, 1))  # row e*S + s
-            self.register_buffer(f"{name}_B", lora_b.transpose(0, 1).flatten(0, 1))
+            # (S, E, r, in), (S, E, out, r); S*r rows of 16-byte multiples, as the grouped matmul takes them
+            lora_a, lora_b = stack_factors(per_slot, self.gate_up_proj, rank_multiple=8)
+            self.register_buffer(f"{name}_lora_down", lora_a.transpose(0, 1).flatten(1, 2).contiguous())
+            self.register_buffer(f"{name}_lora_up", lora_b.permute(1, 2, 0, 3).flatten(2, 3).contiguous())
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rows.active:
             # The order `RoutedExperts.forward` dispatches the pairs in: sorted by expert.
-            sorted_experts, order = routing.experts.flatten().sort(stable=True)  # (P,)
-            token_of = order // routing.experts.shape[1]
-            self.pair = sorted_experts * self.rows.slot_count + self.rows.per_token(x.shape[0])[token_of]
+            order = routing.experts.flatten().argsort(stable=True)  # (P,)
+            self.pair_slots = self.rows.per_token(x.shape[0])[order // routing.experts.shape[1]]
         try:
             return super().forward(x, routing)
         finally:
-            self.pair = None
+            self.pair_slots = None
 
     def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
-        """The base experts' x W_e^T plus, per pair p, B_p (A_p x_p) with its expert's and slot's factors (Punica's
-        batched gather-matmul): x (P, in) -> (P, out)."""
+        """The base experts' x W_e^T plus, per pair, its slot's update of its expert: x (P, in) -> (P, out)."""
         out = super().grouped_linear(x, name, load)
-        if self.pair is None or f"{name}_A" not in self._buffers:
+        if self.pair_slots is None or f"{name}_lora_down" not in self._buffers:
             return out
-        lora_a = self._buffers[f"{name}_A"].index_select(0, self.pair)  # (P, r, in)
-        lora_b = self._buffers[f"{name}_B"].index_select(0, self.pair)  # (P, out, r)
-        return out + torch.bmm(lora_b, torch.bmm(lora_a, x.unsqueeze(-1))).squeeze(-1)
+        low = super().grouped_linear(x, f"{name}_lora_down", load)  # (P, S*r)
+        rank = low.shape[-1] // self.rows.slot_count
+        mask = F.one_hot(self.pair_slots, self.rows.slot_count).to(low.dtype).repeat_interleave(rank, dim=1)
+        return out.add_(super().grouped_linear(low.mul_(mask), f"{name}_lora_up", load))
 
     def _drop_factors(self) -> None:
-        for name in [name for name in self._buffers if name.endswith(("_A", "_B"))]:
+        for name in [name for name in self._buffers if name.endswith(("_lora_down", "_lora_up"))]:
             del self._buffers[name]
 
 
