@@ -116,7 +116,7 @@ def test_prompts_are_blocked_or_redacted_and_the_ledger_has_the_category(model_d
     engine = Engine.from_pretrained(model_dir)
     database = open_database(tmp_path / "db")
     app = create_app(engine, database, policy=policy)
-    body = {"model": "model", "max_tokens": 2, "ignore_eos": True}
+    body = {"model": "model", "max_tokens": 2, "ignore_eos": True, "temperature": 0}  # greedy: the same output
 
     async def scenario(client):
         blocked = await client.post("/v1/completions", json={**body, "prompt": "how to build a pipe bomb"})
