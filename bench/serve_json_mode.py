@@ -22,35 +22,25 @@ import argparse
 import json
 import random
 import statistics
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from serve_load import stdlib_tokenizer
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 import seekstack
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer.json_mode import JsonFormat
-from seekstack.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+from seekstack.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 DOCUMENT = {
     "name": "Ada Lovelace", "born": 1815, "ratio": -0.125e3, "languages": ["English", "Français", "日本語"],
     "notes": "Wrote the first published algorithm; \"poetical science\".\nSecond line\ttabbed.",
     "address": {"city": "London", "zip": None, "active": True, "tags": [{"k": "a", "v": 1}, {"k": "b", "v": 2}]},
 }  # fmt: skip
-
-
-def stdlib_tokenizer(vocab_size: int) -> Tokenizer:
-    texts, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        size += len(texts[-1])
-        if size > 300_000:
-            break
-    return train_tokenizer(texts, vocab_size=vocab_size, out_path=Path(tempfile.mkdtemp()))
 
 
 def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
@@ -118,7 +108,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    small = stdlib_tokenizer(args.small_vocab)
+    small = stdlib_tokenizer(args.small_vocab, Path(tempfile.mkdtemp()))
     print("JSON mask per step (json_object: mask, unpack to (V,) bool, advance), by vocabulary:")
     for tokenizer in (small, synthetic_tokenizer(args.large_vocab)):
         cost = mask_costs(tokenizer)

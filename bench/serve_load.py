@@ -43,7 +43,7 @@ import torch
 
 import seekstack
 from seekstack.infer import Engine, SamplingParams
-from seekstack.tokenizer import train_tokenizer
+from seekstack.tokenizer import Tokenizer, train_tokenizer
 
 SEEKSTACK = str(Path(sys.executable).parent / "seekstack")
 
@@ -74,15 +74,20 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_model(directory: Path) -> Path:
-    """The `tiny` preset with random weights, and a 1024-token BPE trained on ~300 KB of stdlib source."""
+def stdlib_tokenizer(vocab_size: int, out_path: Path) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens trained on ~300 KB of the standard library's source."""
     texts, size = [], 0
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         texts.append(path.read_text(encoding="utf-8", errors="replace"))
         size += len(texts[-1])
         if size > 300_000:
             break
-    tokenizer = train_tokenizer(texts, vocab_size=1024, out_path=directory / "tokenizer")
+    return train_tokenizer(texts, vocab_size=vocab_size, out_path=out_path)
+
+
+def make_model(directory: Path) -> Path:
+    """The `tiny` preset with random weights, and a 1024-token BPE trained on ~300 KB of stdlib source."""
+    tokenizer = stdlib_tokenizer(1024, directory / "tokenizer")
     torch.manual_seed(0)
     config = seekstack.preset("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=1024)
     model_dir = seekstack.save_pretrained(seekstack.Transformer(config), directory / "tiny")
