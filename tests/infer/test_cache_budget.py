@@ -8,20 +8,9 @@ import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.cache import blocks_in_budget
-from tests.infer.support import micro_model, tiny_tokenizer
 
 LONG_GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 SEEDED = [SamplingParams(max_new_tokens=24, temperature=1.1, top_k=40, seed=seed, ignore_eos=True) for seed in range(4)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return micro_model()
 
 
 def prompts(lengths: list[int]) -> list[list[int]]:

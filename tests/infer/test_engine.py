@@ -12,19 +12,9 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
-from tests.infer.support import micro_model, model_dir, tiny_tokenizer
+from tests.infer.support import model_dir
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return micro_model()
 
 
 def prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:

@@ -27,11 +27,6 @@ from tests.infer.support import micro_model, model_dir, tiny_tokenizer
 KTRANSFORMERS_SPLIT = "*=cuda:0,embed_tokens=cpu,layers.*.mlp.experts=cpu"
 
 
-@pytest.fixture(scope="module")
-def model():
-    return micro_model()
-
-
 def test_later_entries_override_earlier_ones_and_ranges_pick_layers(model):
     names = list(units(model))  # 3 layers: a dense one, then two MoE layers; one MTP module
     placement = parse_device_map("*=cpu,layers.1-2.mlp.experts=disk,mtp.0=disk", names)

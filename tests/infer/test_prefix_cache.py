@@ -9,17 +9,6 @@ import torch
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer.cache import PagedLatentCache
 from tests.conftest import micro_config
-from tests.infer.support import micro_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return micro_model()
 
 
 def tokens(n: int, seed: int) -> list[int]:

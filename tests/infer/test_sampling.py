@@ -8,7 +8,6 @@ import torch
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams
 from seekstack.infer.speculative import accept_drafts, verify_drafts
-from tests.infer.support import tiny_tokenizer
 
 
 def batch_of(*params: SamplingParams, penalties=None) -> SamplingBatch:
@@ -123,11 +122,6 @@ def test_greedy_verification_accepts_only_the_argmax():
     accepted, replacement = verify_drafts(sampling, target, torch.tensor([1, 2]))
     assert accepted.tolist() == [True, False]
     assert replacement[1].item() == 1
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def test_streamed_text_is_always_valid_utf8_for_emoji_and_cjk(tokenizer):
