@@ -22,6 +22,10 @@ import torch
 from seekstack.tokenizer import Tokenizer
 
 MAX_MESSAGE_CHARS = 300
+# JSON written as `json.dumps` writes it: ", " and ": " between items, no other whitespace. llguidance's default
+# allows any run of whitespace between tokens, and a small model then pads an object with newlines until max_tokens
+# instead of closing it (OpenAI warns of the same in its JSON mode). A schema's "x-guidance" options still override.
+LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _build_lock = threading.Lock()
 _grammar_tokenizers: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
 
@@ -66,8 +70,17 @@ class JsonFormat:
         InvalidSchema naming the fault otherwise."""
         self.vocab_size = tokenizer.vocab_size
         grammar_tokenizer = _grammar_tokenizer(tokenizer)
+        if schema is False:
+            raise InvalidSchema("JSON Schema not supported: it allows no value that can be written (it is false)")
+        if schema is True:  # JSON Schema's `true`: any value
+            schema = {}
+        if schema is not None and not isinstance(schema, dict):
+            kind = type(schema).__name__
+            raise InvalidSchema(f"not a JSON Schema: schema must be an object or a boolean, not {kind}")
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"} if schema is None else schema)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                {"type": "object"} if schema is None else schema, defaults=LAYOUT
+            )
         except ValueError as error:
             raise InvalidSchema(f"not a JSON Schema: {error}") from None
         problem = llguidance.LLMatcher.validate_grammar(grammar, grammar_tokenizer)

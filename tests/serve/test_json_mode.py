@@ -87,6 +87,20 @@ def test_the_mask_allows_only_json_and_eos_only_once_the_object_is_whole(engine)
     assert constraint.complete and constraint.allowed(vocab).nonzero().flatten().tolist() == [tokenizer.eos_id]
 
 
+def test_json_is_laid_out_as_json_dumps_lays_it_out_so_whitespace_cannot_fill_max_tokens(engine):
+    tokenizer, vocab = engine.tokenizer, engine.config.vocab_size
+    constraint = JsonFormat(tokenizer, {"type": "object", "properties": {"a": {"type": "integer"}}}).constraint()
+    blank = [t for t in range(vocab) if tokenizer.decode([t]) and not tokenizer.decode([t]).strip()]
+    for text in ["{", '"a"', ": 1"]:  # ": " is the one place a space goes
+        assert not constraint.allowed(vocab)[blank].any(), f"whitespace allowed before {text!r}"
+        for token in tokenizer.encode(text):
+            constraint.accept(token)
+    assert not constraint.allowed(vocab)[blank].any() and not constraint.complete  # only , or } after the 1
+    assert JsonFormat(tokenizer, True).constraint().allowed(vocab).any()  # `true`: any value
+    with pytest.raises(InvalidSchema, match="allows no value"):
+        JsonFormat(tokenizer, False)
+
+
 def test_a_json_request_constrains_itself_only_in_a_shared_batch(engine):
     prompt, params = engine.tokenizer.encode("hello"), SamplingParams(max_new_tokens=12, seed=5, ignore_eos=True)
     [alone] = engine.generate([prompt], params)
