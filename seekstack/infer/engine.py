@@ -69,6 +69,37 @@ class _Request:
         return len(self.ids) - 1 if self.resumed else len(self.ids)
 
 
+class _StepLock:
+    """The engine's reentrant lock, which `step` holds throughout. A thread that calls the engine (add_request, abort)
+    gets it before the next step: with a plain lock, a loop that steps back to back takes it again first, step
+    after step, and an abort can wait until the request has finished."""
+
+    HANDOVER_S = 0.01  # the most a step waits for callers to take the lock first
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._callers = 0
+        self._count_lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._count_lock:
+            self._callers += 1
+        self._lock.acquire()
+        with self._count_lock:
+            self._callers -= 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+    @contextlib.contextmanager
+    def for_step(self) -> Iterator[None]:
+        deadline = time.perf_counter() + self.HANDOVER_S
+        while self._callers and time.perf_counter() < deadline:
+            time.sleep(0)
+        with self._lock:
+            yield
+
+
 COMPILE_AFTER_SECONDS = 10.0  # with compile=None: about what compiling the decode step takes on a CPU, cache warm
 
 
@@ -163,7 +194,7 @@ class Engine:
         self.running: list[_Request] = []
         self.aborted: list[RequestOutput] = []
         self.prefill_tokens = self.spec_drafted = self.spec_accepted = 0
-        self.lock = threading.RLock()
+        self.lock = _StepLock()
         self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
         self._ids = itertools.count()
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
@@ -353,7 +384,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One step: grow (or preempt) running requests, admit waiting ones, decode all running ones together, prefill
         one chunk of prompts."""
-        with self.lock:
+        with self.lock.for_step():
             outputs, self.aborted = self.aborted, []
             self._grow()
             self._admit()
