@@ -38,7 +38,13 @@ from safetensors import SafetensorError, safe_open
 
 from seekstack.atomic import atomic_directory
 from seekstack.compress.formats import compressed_tensors_config, dequantize_int, unpack_int4
-from seekstack.compress.linear import QuantizedExperts, QuantizedLinear, QuantizedWeight, weight_from_stored
+from seekstack.compress.linear import (
+    QuantizedExperts,
+    QuantizedLinear,
+    QuantizedWeight,
+    use_quantized_feed_forwards,
+    weight_from_stored,
+)
 from seekstack.config import ModelConfig
 from seekstack.model.moe import RoutedExperts
 from seekstack.model.transformer import Transformer
@@ -264,6 +270,7 @@ def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: 
         if replacement is not None:
             model.set_submodule(name, replacement.to(device))
             swapped.add(name)
+    use_quantized_feed_forwards(model)  # as quantize_model leaves a quantized model, so both compute alike
     return swapped
 
 

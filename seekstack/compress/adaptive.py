@@ -53,33 +53,30 @@ def sensitivities(
     the other layers at BASE_OPTION. `model` is float and is left as it was."""
     default = QuantConfig()
     names = layers if layers is not None else [n for n in quantizable_layers(model) if default.scheme_of(n)]
-    originals = {name: model.get_submodule(name) for name in names}
-    base_assignment = quantize_model(model, QuantConfig(keep=["*"], layers=dict.fromkeys(names, BASE_OPTION)))
-    base_kl = kl_of(model)
+    work = copy.deepcopy(model)  # the trials swap layers in a copy, so `model` is left as it was
+    base_assignment = quantize_model(work, QuantConfig(keep=["*"], layers=dict.fromkeys(names, BASE_OPTION)))
+    base_kl = kl_of(work)
     choices = []
-    try:
-        for name, original in originals.items():
-            weight = original.weight if isinstance(original, nn.Linear) else None
-            shapes = [weight.shape] if weight is not None else [original.gate_up_proj.shape, original.down_proj.shape]
-            count = sum(int(torch.Size(s).numel()) for s in shapes)
-            at_base = model.get_submodule(name)
-            bits, kl = {}, {}
-            for option in OPTIONS:
-                trial = _quantized(original, option)
-                if trial is None:
-                    continue  # the kernel cannot take this shape at this option
-                bits[option] = sum(bits_per_weight(option, s[-1]) * torch.Size(s).numel() for s in shapes) / count
-                if option == BASE_OPTION and not base_assignment[name].startswith("kept"):
-                    kl[option] = base_kl
-                    continue
-                model.set_submodule(name, trial)
-                kl[option] = kl_of(model)
-            model.set_submodule(name, at_base)
-            if kl:
-                choices.append(LayerChoice(name, count, bits, kl))
-    finally:
-        for name, original in originals.items():
-            model.set_submodule(name, original)
+    for name in names:
+        original = model.get_submodule(name)
+        weight = original.weight if isinstance(original, nn.Linear) else None
+        shapes = [weight.shape] if weight is not None else [original.gate_up_proj.shape, original.down_proj.shape]
+        count = sum(int(torch.Size(s).numel()) for s in shapes)
+        at_base = work.get_submodule(name)
+        bits, kl = {}, {}
+        for option in OPTIONS:
+            trial = _quantized(original, option)
+            if trial is None:
+                continue  # the kernel cannot take this shape at this option
+            bits[option] = sum(bits_per_weight(option, s[-1]) * torch.Size(s).numel() for s in shapes) / count
+            if option == BASE_OPTION and not base_assignment[name].startswith("kept"):
+                kl[option] = base_kl
+                continue
+            work.set_submodule(name, trial)
+            kl[option] = kl_of(work)
+        work.set_submodule(name, at_base)
+        if kl:
+            choices.append(LayerChoice(name, count, bits, kl))
     return choices
 
 

@@ -1,12 +1,13 @@
-"""Quantized weights and the modules that run them: the low-bit matmuls of this CPU, used in place of nn.Linear
-and of the stacked routed experts.
+"""Quantized weights and the modules that run them: the low-bit matmuls of this CPU, used in place of nn.Linear,
+of the SwiGLU feed-forward and of the stacked routed experts.
 
 Kernels (measured in bench/quantize.py): int8 runs `torch._weight_int8pack_mm`, int4
 `torch._weight_int4pack_mm_for_cpu`;
 both are fast only with bfloat16 activations (with float32 ones they fall to a path ~10-20x slower than the float32
 matmul), so a quantized layer multiplies in bfloat16 and returns its input's dtype. At decode widths a cast costs as
-much as the kernel, so each module casts once around all its kernel calls (routed experts: one cast in and one out per
-projection, not per expert), and the per-call Python path is kept short. This CPU has no FP8 matmul
+much as the kernel, so each module casts once around all its kernel calls (a SwiGLU and the routed experts run their
+whole block in bfloat16: one cast in, one out), and the per-call Python path is kept short (the kernel operands,
+per expert too, are held ready). This CPU has no FP8 matmul
 (`torch._scaled_mm` on CPU took 43 ms for a 1x1024 @ 1024x4096 product), so FP8 weights stay e4m3 in memory and are
 expanded block by block to the activation dtype inside each call.
 
@@ -27,7 +28,7 @@ from seekstack.compress.formats import (
     quantize_int8,
     unpack_int4,
 )
-from seekstack.model.moe import RoutedExperts, Routing
+from seekstack.model.moe import FeedForward, RoutedExperts, Routing
 
 COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the int8/int4 kernels
 
@@ -43,10 +44,21 @@ class QuantizedWeight(nn.Module):
 
     scheme: str
     kernel_dtype: torch.dtype | None = None  # the activation dtype the kernel takes; None: the activations' own
+    operand_names: tuple[str, ...] = ()  # the buffers the kernel takes, in its argument order
+
+    def bind_operands(self) -> None:
+        """Hold the kernel's operands as plain attributes, whole and per expert (views, no copies): a buffer
+        lookup or an expert slice costs a Python dispatch on every call, a sizeable part of a decode-width call."""
+        tensors = [self._buffers[name] for name in self.operand_names]
+        self.operands = tuple(tensors)
+        self.expert_operands = list(zip(*(t.unbind(0) for t in tensors), strict=True)) if tensors[0].dim() == 3 else []
+
+    def kernel_operands(self, index: int | None) -> tuple[torch.Tensor, ...]:
+        return self.operands if index is None else self.expert_operands[index]
 
     def lower(self, x: torch.Tensor) -> torch.Tensor:
         """Rows x (N, I) as `matmul` takes them: in the kernel's activation dtype."""
-        return x if self.kernel_dtype is None else x.to(self.kernel_dtype)
+        return x if self.kernel_dtype is None else x.to(dtype=self.kernel_dtype)  # keyword: skips overload matching
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """x (N, I) from `lower` -> x @ W[index]^T (N, O), in x's dtype."""
@@ -69,6 +81,8 @@ class QuantizedWeight(nn.Module):
             if buffer is not None:
                 moved = fn(buffer)
                 self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        if self.operand_names:
+            self.bind_operands()
         return self
 
 
@@ -77,19 +91,20 @@ class Int8Weight(QuantizedWeight):
 
     scheme = "int8"
     kernel_dtype = COMPUTE_DTYPE
+    operand_names = ("weight", "weight_scale")
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.register_buffer("weight", q.contiguous())
         self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).reshape(q.shape[:-1]).contiguous())
+        self.bind_operands()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Weight:
         return cls(*quantize_int8(weight))
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        q, scale = (self.weight, self.weight_scale) if index is None else (self.weight[index], self.weight_scale[index])
-        return torch._weight_int8pack_mm(x, q, scale)
+        return torch._weight_int8pack_mm(x, *self.kernel_operands(index))
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int(self.weight, self.weight_scale.unsqueeze(-1))
@@ -108,6 +123,7 @@ class Int4Weight(QuantizedWeight):
 
     scheme = "int4"
     kernel_dtype = COMPUTE_DTYPE
+    operand_names = ("packed", "scales_and_zeros")
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
@@ -118,15 +134,14 @@ class Int4Weight(QuantizedWeight):
         self.register_buffer("packed", packed.view(*q.shape[:-1], -1))
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(SCALE_DTYPE).contiguous())
         self._shape = q.shape
+        self.bind_operands()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group: int) -> Int4Weight:
         return cls(*quantize_int4(weight, group))
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        packed, table = (self.packed, self.scales_and_zeros) if index is None else (
-            self.packed[index], self.scales_and_zeros[index]
-        )  # fmt: skip
+        packed, table = self.kernel_operands(index)
         return torch._weight_int4pack_mm_for_cpu(x, packed, self.group, table)
 
     def codes(self) -> torch.Tensor:
@@ -228,9 +243,15 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.bias = nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
 
+    @property
+    def kernel(self) -> QuantizedWeight:
+        """`qweight`, read from the module dict: nn.Module's attribute fallback costs ~0.5 us a lookup here, a
+        sizeable part of a decode-width call (so the hot paths below read submodules this way)."""
+        return self._modules["qweight"]  # type: ignore[return-value]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.qweight
-        out = weight.matmul(weight.lower(x.reshape(-1, self.in_features))).to(x.dtype)
+        weight = self.kernel
+        out = weight.matmul(weight.lower(x.reshape(-1, self.in_features))).to(dtype=x.dtype)
         out = out.view(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
@@ -238,40 +259,76 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.qweight.scheme}"
 
 
+class QuantizedFeedForward(FeedForward):
+    """SwiGLU whose three projections are quantized: the gate and up products, SiLU and their product stay in the
+    kernels' activation dtype (one cast in, one out, as DeepSeek's bf16 inference runs the MLP), not a cast pair
+    around each projection. The projections stay `gate_proj`, `up_proj`, `down_proj` (checkpoint keys unchanged)."""
+
+    def __init__(self, gate_proj: QuantizedLinear, up_proj: QuantizedLinear, down_proj: QuantizedLinear):
+        nn.Module.__init__(self)  # not FeedForward.__init__: no float parameters to allocate
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projections = self._modules
+        gate, up, down = projections["gate_proj"].kernel, projections["up_proj"].kernel, projections["down_proj"].kernel
+        lowered = gate.lower(x.reshape(-1, x.shape[-1]))  # one kernel dtype for all three (see below)
+        hidden = F.silu(gate.matmul(lowered)) * up.matmul(lowered)
+        return down.matmul(hidden).to(dtype=x.dtype).view(x.shape)
+
+
+def use_quantized_feed_forwards(model: nn.Module) -> None:
+    """Swap, in place, each FeedForward of `model` whose three projections are quantized (no bias, one kernel
+    activation dtype) for a QuantizedFeedForward over the same projection modules; a model freshly quantized and
+    one loaded from its checkpoint both get it, so they compute alike."""
+    for name, module in list(model.named_modules()):
+        if type(module) is not FeedForward:
+            continue
+        projections = (module.gate_proj, module.up_proj, module.down_proj)
+        if all(isinstance(p, QuantizedLinear) and p.bias is None for p in projections) and (
+            len({p.qweight.kernel_dtype for p in projections}) == 1
+        ):
+            model.set_submodule(name, QuantizedFeedForward(*projections))
+
+
 class QuantizedExperts(RoutedExperts):
-    """Routed experts with quantized stacked weights; the token dispatch is RoutedExperts' own."""
+    """Routed experts with quantized stacked weights; the token dispatch is RoutedExperts' own, run in the kernels'
+    activation dtype: tokens cast once in, the combined output once out (DeepSeek's bf16 inference also applies
+    the routing weights and sums the experts in bf16)."""
 
     def __init__(self, gate_up_proj: QuantizedWeight, down_proj: QuantizedWeight):
         nn.Module.__init__(self)  # not RoutedExperts.__init__: no float parameters to allocate
         self.gate_up_proj, self.down_proj = gate_up_proj, down_proj
 
-    def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
-        """x (n, in) sorted by expert, load[e] rows for expert e -> (n, out): one kernel call per expert with rows,
-        between one cast in and one cast out."""
-        weight = getattr(self, name)
-        chunks = weight.lower(x).split(load.tolist())
-        return torch.cat([weight.matmul(chunk, e) for e, chunk in enumerate(chunks) if len(chunk)]).to(x.dtype)
+    def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        combined, load = super().forward(self._modules["gate_up_proj"].lower(x), routing)
+        return combined.to(dtype=x.dtype), load
 
-    def expert_linear(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
-        weight = getattr(self, name)
-        return weight.matmul(weight.lower(x), expert).to(x.dtype)
+    def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
+        """x (n, in) in the kernel's dtype, sorted by expert, load[e] rows for expert e -> (n, out): one kernel call
+        per expert that has rows."""
+        weight, outputs, start = self._modules[name], [], 0
+        for expert, rows in enumerate(load.tolist()):
+            if rows:
+                outputs.append(weight.matmul(x[start : start + rows], expert))
+                start += rows
+        return torch.cat(outputs)
 
     def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """The compiled (sync-free) path: every expert on every token, combined with the routing weights as a dense
         (N, E) matrix (zero for experts not chosen). E/K times the FLOPs of the gathered path, on the low-bit kernel;
-        meant for the few tokens of a decode step."""
+        meant for the few tokens of a decode step. Returns x's dtype."""
         num_experts = routing.scores.shape[1]
-        dense_weights = torch.zeros_like(routing.scores).scatter_(1, routing.experts, routing.weights.float())
-        combined = torch.zeros_like(x)
         lowered = self.gate_up_proj.lower(x)
+        dense_weights = torch.zeros_like(routing.scores).scatter_(1, routing.experts, routing.weights.float())
+        dense_weights = dense_weights.to(lowered.dtype)
+        combined = torch.zeros_like(lowered)
         for e in range(num_experts):
-            gate, up = self.gate_up_proj.matmul(lowered, e).to(x.dtype).chunk(2, dim=-1)
-            hidden = self.down_proj.lower(F.silu(gate) * up)
-            out = self.down_proj.matmul(hidden, e).to(x.dtype)
-            combined = combined + out * dense_weights[:, e : e + 1].to(x.dtype)
+            gate, up = self.gate_up_proj.matmul(lowered, e).chunk(2, dim=-1)
+            out = self.down_proj.matmul(self.down_proj.lower(F.silu(gate) * up), e)
+            combined = combined + out * dense_weights[:, e : e + 1]
         experts = routing.experts.flatten()
         load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
-        return combined, load
+        return combined.to(x.dtype), load
 
     def extra_repr(self) -> str:
         return f"{tuple(self.gate_up_proj.shape)}, {tuple(self.down_proj.shape)}, {self.gate_up_proj.scheme}"

@@ -20,7 +20,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from seekstack.compress.linear import Fp8Weight, Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear
+from seekstack.compress.linear import (
+    Fp8Weight,
+    Int4Weight,
+    Int8Weight,
+    QuantizedExperts,
+    QuantizedLinear,
+    use_quantized_feed_forwards,
+)
 from seekstack.model.moe import RoutedExperts
 from seekstack.schema import Positive, require
 
@@ -72,7 +79,8 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> dict[str, str]:
-    """Swap each chosen layer of `model` for its quantized module, in place. Returns layer -> scheme, or why kept."""
+    """Swap each chosen layer of `model` for its quantized module, in place (a SwiGLU whose three projections end up
+    quantized becomes one QuantizedFeedForward). Returns layer -> scheme, or why kept."""
     assignment = {}
     for name in quantizable_layers(model):
         scheme = config.scheme_of(name)
@@ -92,6 +100,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> dict[str, str]:
             continue
         model.set_submodule(name, quantized_module(module, scheme, config, group))
         assignment[name] = scheme if scheme != "int4" else f"int4 g{group}"
+    use_quantized_feed_forwards(model)
     return assignment
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from seekstack.checkpoint import dequantize_fp8, quantize_fp8
@@ -91,3 +93,21 @@ def test_quantized_weights_keep_their_dtypes_when_the_model_is_cast():
     module.to(torch.float32)
     assert module["w"].weight.dtype == torch.int8 and module["w"].weight_scale.dtype == torch.bfloat16
     assert module["f"].weight.dtype == torch.float8_e4m3fn
+
+
+def test_expert_kernel_operands_are_views_that_follow_the_buffers_when_moved_or_copied():
+    stacked = torch.randn(3, 32, 64) * 0.05
+    x = torch.randn(4, 64)
+    for stored in (Int8Weight.from_float(stacked), Int4Weight.from_float(stacked, 32)):
+        buffers = [stored.get_buffer(name) for name in stored.operand_names]
+        for e in range(3):
+            assert all(
+                view.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()  # no second copy
+                for view, whole in zip(stored.expert_operands[e], buffers, strict=True)
+            )
+            expected = x.bfloat16().float() @ stored.dequantize()[e].t()
+            assert torch.allclose(stored.matmul(stored.lower(x), e).float(), expected, rtol=2e-2, atol=2e-2)
+        copied = copy.deepcopy(stored)
+        assert copied.expert_operands[2][0].data_ptr() == copied.get_buffer(stored.operand_names[0])[2].data_ptr()
+        stored.to("meta")
+        assert all(t.is_meta for operands in [stored.operands, *stored.expert_operands] for t in operands)

@@ -11,9 +11,9 @@ from safetensors import safe_open
 
 import seekstack
 from seekstack import Transformer
-from seekstack.compress.linear import QuantizedExperts, QuantizedLinear
+from seekstack.compress.linear import QuantizedExperts, QuantizedFeedForward, QuantizedLinear
 from seekstack.compress.quantize import QuantConfig, quantize_model, resident_bytes
-from seekstack.model.moe import RoutedExperts, Router
+from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from tests.conftest import micro_config
 
 SHAPES = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)  # int4-tileable
@@ -47,6 +47,7 @@ def test_quantized_checkpoint_reloads_as_the_same_quantized_model(tmp_path, sche
     loaded = seekstack.load_pretrained(tmp_path)
     assert isinstance(loaded.layers[1].mlp.experts, QuantizedExperts)
     assert isinstance(loaded.layers[0].self_attn.o_proj, QuantizedLinear)
+    assert all(isinstance(m.layers[0].mlp, QuantizedFeedForward) for m in (model, loaded))
     assert isinstance(loaded.lm_head, torch.nn.Linear) and isinstance(
         loaded.layers[0].self_attn.kv_b_proj, torch.nn.Linear
     )
@@ -162,6 +163,28 @@ def test_quantized_experts_dispatch_equals_float_experts_with_the_dequantized_we
     assert torch.equal(load, out_load) and torch.equal(load, gathered_load)
     assert torch.allclose(out, expected, atol=2e-3, rtol=2e-2)
     assert torch.allclose(gathered, out, atol=2e-3, rtol=2e-2)
+
+
+def test_quantized_swiglu_equals_the_float_one_with_the_dequantized_weights():
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int8"))
+    quantized = model.layers[0].mlp
+    assert isinstance(quantized, QuantizedFeedForward)
+    float_ffn = FeedForward(64, 128)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(float_ffn, name).weight.copy_(getattr(quantized, name).qweight.dequantize())
+        x = torch.randn(2, 3, 64)
+        expected, out = float_ffn(x.bfloat16().float()), quantized(x)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert torch.allclose(out, expected, atol=2e-3, rtol=2e-2)  # bf16 between the kernels
+
+
+def test_a_swiglu_with_a_float_projection_keeps_its_per_layer_casts():
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int8", keep=["layers.0.mlp.down_proj"]))
+    assert type(model.layers[0].mlp) is FeedForward and isinstance(model.layers[0].mlp.gate_proj, QuantizedLinear)
+    assert isinstance(model.layers[1].mlp.shared_experts, QuantizedFeedForward)
 
 
 def _weights(experts):
