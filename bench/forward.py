@@ -13,6 +13,7 @@ interleaved measurement). Ratio = ours tok/s / theirs tok/s: above 1 means seeks
 
     python bench/forward.py                                   # full run, a few minutes on 2 cores
     python bench/forward.py --presets tiny --seq-lens 128 --reps 3 --no-profile   # quick check
+    python bench/forward.py --threads 1 --clock cpu --no-profile   # on a machine others are using
 
 Shapes: B batch, T tokens per sequence.
 """
@@ -22,18 +23,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from machine import matmul_peaks, share_of_peak
+from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
 from torch import nn
 from transformers import AutoModelForCausalLM
-from transformers.utils import logging as transformers_logging
 
 import seekstack
 from seekstack.accounting import forward_flops_per_token
@@ -115,11 +113,11 @@ def batched_mm_gather_bytes(config: seekstack.ModelConfig, batch: int, seq_len: 
 
 
 # ---------------------------------------------------------------------------------------- timing
-def timed_forward(contender: Contender, input_ids: torch.Tensor) -> float:
-    """Seconds for one forward pass."""
-    start = time.perf_counter()
+def timed_forward(contender: Contender, input_ids: torch.Tensor, clock: str) -> float:
+    """Seconds for one forward pass on `clock` (machine.CLOCKS)."""
+    start = CLOCKS[clock]()
     contender.logits(input_ids)
-    return time.perf_counter() - start
+    return CLOCKS[clock]() - start
 
 
 def check_parity(setting: Setting, contender: Contender, logits: torch.Tensor, reference: torch.Tensor) -> float:
@@ -132,7 +130,9 @@ def check_parity(setting: Setting, contender: Contender, logits: torch.Tensor, r
     return difference
 
 
-def screen(setting: Setting, input_ids: torch.Tensor, reference: torch.Tensor, warmup: int) -> tuple[str, float]:
+def screen(
+    setting: Setting, input_ids: torch.Tensor, reference: torch.Tensor, warmup: int, clock: str
+) -> tuple[str, float]:
     """Warm up and parity-check every transformers implementation, time each; return the fastest and max |diff|."""
     B, T = input_ids.shape
     candidates, max_difference = [], 0.0
@@ -155,7 +155,7 @@ def screen(setting: Setting, input_ids: torch.Tensor, reference: torch.Tensor, w
     best: dict[str, float] = {}
     for _ in range(SCREEN_ROUNDS):
         for contender in candidates:
-            seconds = timed_forward(contender, input_ids)
+            seconds = timed_forward(contender, input_ids, clock)
             best[contender.name] = min(best.get(contender.name, seconds), seconds)
     for contender in setting.theirs.values():
         result = f"{B * T / best[contender.name]:10.0f} tok/s" if contender.name in best else contender.note
@@ -163,27 +163,29 @@ def screen(setting: Setting, input_ids: torch.Tensor, reference: torch.Tensor, w
     return min(best, key=best.__getitem__), max_difference
 
 
-def interleaved_medians(contenders: list[Contender], input_ids: torch.Tensor, reps: int) -> dict[str, float]:
+def interleaved_medians(
+    contenders: list[Contender], input_ids: torch.Tensor, reps: int, clock: str
+) -> dict[str, float]:
     """Median seconds per forward; each repetition runs every contender once, starting with a different one."""
     seconds: dict[str, list[float]] = defaultdict(list)
     for rep in range(reps):
         shift = rep % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
-            seconds[contender.name].append(timed_forward(contender, input_ids))
+            seconds[contender.name].append(timed_forward(contender, input_ids, clock))
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int) -> dict[str, object]:
+def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int, clock: str) -> dict[str, object]:
     """One table row: tok/s of ours, of transformers' default and of its fastest implementation at (batch, seq_len)."""
     generator = torch.Generator().manual_seed(seq_len)
     input_ids = torch.randint(0, setting.config.vocab_size, (batch, seq_len), generator=generator)
     for _ in range(warmup):
         reference = setting.ours.logits(input_ids)
     print(f"  {setting.preset} T={seq_len}: screening transformers implementations", flush=True)
-    fastest, max_difference = screen(setting, input_ids, reference, warmup)
+    fastest, max_difference = screen(setting, input_ids, reference, warmup, clock)
     default = setting.theirs[setting.default]
     contenders = [setting.ours, default] + ([setting.theirs[fastest]] if fastest != setting.default else [])
-    medians = interleaved_medians(contenders, input_ids, reps)
+    medians = interleaved_medians(contenders, input_ids, reps, clock)
     # The screen's pick stands only if the careful measurement agrees that it beats the default.
     fastest = min((default.name, fastest), key=medians.__getitem__)
     setting.fastest[seq_len] = fastest
@@ -365,18 +367,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5, help="timed forwards per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per model, the first checks parity")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--profile-seq-len", type=int, default=512, help="T of the profile")
     parser.add_argument("--profile-reps", type=int, default=2, help="profiled forwards per model")
     parser.add_argument("--no-profile", action="store_true", help="only the throughput table")
+    add_machine_options(parser)
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be >= 1: the first untimed forward is the parity check")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="transformers")
+    prepare_machine(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     peaks = matmul_peaks()
 
@@ -386,12 +384,12 @@ def main() -> None:
             setting = build_setting(preset, Path(root) / preset)
             settings.append(setting)
             for seq_len in args.seq_lens or DEFAULT_SEQ_LENS[preset]:
-                rows.append(benchmark(setting, seq_len, args.batch, args.reps, args.warmup))
+                rows.append(benchmark(setting, seq_len, args.batch, args.reps, args.warmup, args.clock))
         print_table(rows, args.batch, settings, peaks["float32"])
         if not args.no_profile:
             for setting in settings:
                 if args.profile_seq_len not in setting.fastest:
-                    benchmark(setting, args.profile_seq_len, args.batch, 1, args.warmup)
+                    benchmark(setting, args.profile_seq_len, args.batch, 1, args.warmup, args.clock)
                 profile(setting, args.profile_seq_len, args.batch, args.profile_reps)
 
 

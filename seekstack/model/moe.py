@@ -129,7 +129,7 @@ class RoutedExperts(nn.Module):
         weight = getattr(self, name)
         if type(self).expert_linear is RoutedExperts.expert_linear and _grouped_mm_fits(x, weight):
             offsets = load.cumsum(0).to(torch.int32)
-            return F.grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offs=offsets)
+            return _grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offsets)
         chunks = x.split(load.tolist())
         return torch.cat([self.expert_linear(chunk, name, e) for e, chunk in enumerate(chunks) if len(chunk)])
 
@@ -153,6 +153,13 @@ class RoutedExperts(nn.Module):
         combined = weighted.view(N, K, -1).sum(dim=1)
         load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
         return combined, load
+
+
+@torch.compiler.disable
+def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm, run eagerly inside compiled blocks: its compile-time shape check takes only bfloat16 (torch 2.13),
+    so a float32 MoE block under torch.compile (train.compile=true) failed to trace."""
+    return F.grouped_mm(x, weight_t, offs=offsets)
 
 
 def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -77,6 +77,17 @@ def test_gathered_dispatch_of_compiled_inference_matches_per_token_loop():
     assert load.tolist() == grouped_load.tolist() and load.sum().item() == 6 * 2
 
 
+def test_compiled_float32_training_forward_matches_eager_with_gradients():
+    moe = make_moe().train()
+    x = torch.randn(3, 8, 64)
+    eager_out, _ = moe(x)
+    (eager_grad,) = torch.autograd.grad(eager_out.square().sum(), moe.experts.gate_up_proj)
+    compiled_out, _ = torch.compile(moe, backend="aot_eager")(x)  # train.compile=true traces this grouped dispatch
+    (compiled_grad,) = torch.autograd.grad(compiled_out.square().sum(), moe.experts.gate_up_proj)
+    assert (compiled_out - eager_out).abs().max().item() < 1e-5
+    assert (compiled_grad - eager_grad).abs().max().item() < 1e-5 and eager_grad.abs().sum() > 0
+
+
 def test_correction_bias_changes_selection_but_not_weights():
     moe = make_moe(norm_topk_prob=False, routed_scaling_factor=1.0)
     x = torch.randn(16, 64)

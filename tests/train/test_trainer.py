@@ -112,6 +112,12 @@ def test_optimizer_decays_matrices_but_not_norms_or_biases(data_dir, tmp_path):
     assert any(p is norm_weight for p in no_decay["params"])
 
 
+def test_optimizer_updates_with_the_fused_kernel_on_a_cpu(data_dir, tmp_path):
+    config = run_config(data_dir, tmp_path)
+    optimizer = build_optimizer(build_model(config, VOCAB), config, torch.device("cpu"))
+    assert all(group["fused"] and not group["foreach"] for group in optimizer.param_groups)
+
+
 def test_training_lowers_the_loss_and_logs_every_step(data_dir, tmp_path):
     config = run_config(data_dir, tmp_path, max_steps=12, lr=1e-2, eval_every=12, save_every=0)
     result = train(config)
