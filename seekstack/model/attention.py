@@ -114,17 +114,22 @@ class MultiHeadLatentAttention(nn.Module):
         q_t^C . k_s^C = q_t^C . (W^UK c_s) = (W^UK^T q_t^C) . c_s   (DeepSeek-V2 §2.1.2, absorption)
         o_t = W^UV sum_s p_ts c_s
         """
-        w_kv = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        B, T, H, _ = q_nope.shape
+        # Views of the weight, never copies: heads are the batch of each bmm and the B x T tokens its rows, so the
+        # per-head matrices are read in place (a broadcast matmul would copy them for every sequence, every step).
+        w_kv = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # (H, N, C), (H, V, C)
-        q_latent = torch.matmul(q_nope.transpose(1, 2), w_uk)  # (B, H, T, N) @ (H, N, C)
+        q_latent = torch.bmm(q_nope.reshape(B * T, H, self.nope_dim).transpose(0, 1), w_uk)  # (H, B*T, C)
+        q_latent = q_latent.view(H, B, T, self.kv_rank).transpose(0, 1)  # (B, H, T, C)
         query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C+R)
-        key = cached.unsqueeze(1).expand(-1, self.num_heads, -1, -1)  # (B, H, S, C+R), shared by all heads
+        key = cached.unsqueeze(1).expand(-1, H, -1, -1)  # (B, H, S, C+R), shared by all heads
         # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
         out_latent = F.scaled_dot_product_attention(
             query, key, key, attn_mask=None if mask is None else mask.unsqueeze(1), scale=self.softmax_scale
         )
-        out_latent = out_latent[..., : self.kv_rank]  # (B, H, T, C)
-        return torch.matmul(out_latent, w_uv.transpose(1, 2)).transpose(1, 2)  # (B, H, T, C) @ (H, C, V)
+        out_latent = out_latent[..., : self.kv_rank].transpose(0, 1).reshape(H, B * T, self.kv_rank)
+        out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # (H, B*T, C) @ (H, C, V)
+        return out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # (B, T, H, V)
 
 
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
