@@ -7,7 +7,8 @@ after a full fine-tune with the same data, steps and batch; trainable parameters
 BASE is a checkpoint (e.g. the demo model, pretrained on Python source), DATA token shards of the new domain made
 with the base's tokenizer (train and val splits). Every figure is measured on the same validation windows. Each
 variant, the full fine-tune too, runs at every lr given and is reported at its best; each run's figures are kept in
-OUT/VARIANT/lr_LR/figures.json and read back by a later call (delete the folder to measure it again).
+OUT/VARIANT/lr_LR/figures.json and read back by a later call (delete the folder to measure it again). The output
+says what each variant is (LORA_VARIANTS below).
 """
 
 from __future__ import annotations
@@ -21,26 +22,42 @@ from pathlib import Path
 import torch
 
 import seekstack
-from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, load_adapter
+from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, is_adapter_parameter, load_adapter
 from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.config import resolve_train_config
 from seekstack.train.trainer import VAL_SPLIT, train
 
-# LoRA variants measured (lora.FIELD overrides); alpha = 2r throughout. The routed experts' E pairs of factors per
-# layer dominate the count of the block targets. `vocab`: the token embedding and the output head only, where a
-# code -> prose shift mostly lands; at vocabulary V and hidden D a rank-r pair there costs r (V + D) per layer, so
-# `head` (the output head alone) is the one rank-8 variant under 2% of this small base. `all`: every target.
-VOCAB_ONLY = ["lora.attention=[]", "lora.feed_forward=[]", "lora.experts=[]", "lora.vocabulary=[embed_tokens,lm_head]"]
+# LoRA variants measured: name -> (what it is, lora.FIELD overrides); alpha = 2r throughout. At vocabulary V and
+# hidden D a rank-r pair on the embedding or the head costs r (V + D), the routed experts' E pairs of factors per
+# layer dominate the count of the block targets, and on this small base (D = 128, V = 4096) only the head-only rank-8
+# variants and `head_tokens336_att_r1` stay under 2% of the parameters.
+BLOCKS_OFF = ["lora.attention=[]", "lora.feed_forward=[]", "lora.experts=[]"]
+VOCAB_ONLY = [*BLOCKS_OFF, "lora.vocabulary=[embed_tokens,lm_head]"]
+HEAD_ONLY = [*BLOCKS_OFF, "lora.vocabulary=[lm_head]"]
 LORA_VARIANTS = {
-    "lora_r8": ["lora.rank=8", "lora.alpha=16"],
-    "lora_r16": ["lora.rank=16", "lora.alpha=32"],
-    "lora_r8_no_experts": ["lora.rank=8", "lora.alpha=16", "lora.experts=[]"],
-    "lora_r8_vocab": ["lora.rank=8", "lora.alpha=16", *VOCAB_ONLY],
-    "lora_r16_vocab": ["lora.rank=16", "lora.alpha=32", *VOCAB_ONLY],
-    "lora_r8_head": ["lora.rank=8", "lora.alpha=16", *VOCAB_ONLY, "lora.vocabulary=[lm_head]"],
-    "lora_r8_all": ["lora.rank=8", "lora.alpha=16", "lora.vocabulary=[embed_tokens,lm_head]"],
-    "lora_r16_all": ["lora.rank=16", "lora.alpha=32", "lora.vocabulary=[embed_tokens,lm_head]"],
+    "lora_r8": ("rank 8 on attention, dense FFNs, shared and routed experts", ["lora.rank=8", "lora.alpha=16"]),
+    "lora_r16": ("rank 16 on the same targets", ["lora.rank=16", "lora.alpha=32"]),
+    "lora_r8_no_experts": ("rank 8 without the routed experts", ["lora.rank=8", "lora.alpha=16", "lora.experts=[]"]),
+    "lora_r8_vocab": ("rank 8 on the token embedding and the head only", ["lora.rank=8", "lora.alpha=16", *VOCAB_ONLY]),
+    "lora_r16_vocab": ("rank 16 on the embedding and the head only", ["lora.rank=16", "lora.alpha=32", *VOCAB_ONLY]),
+    "lora_r8_head": ("rank 8 on the output head only", ["lora.rank=8", "lora.alpha=16", *HEAD_ONLY]),
+    "lora_r8_head_rslora": (
+        "rank 8 on the output head only, rsLoRA scale alpha/sqrt(r)",
+        ["lora.rank=8", "lora.alpha=16", *HEAD_ONLY, "lora.rslora=true"],
+    ),
+    "lora_r8_all": (
+        "rank 8 on every target, embedding and head too",
+        ["lora.rank=8", "lora.alpha=16", "lora.vocabulary=[embed_tokens,lm_head]"],
+    ),
+    "lora_r16_all": (
+        "rank 16 on every target",
+        ["lora.rank=16", "lora.alpha=32", "lora.vocabulary=[embed_tokens,lm_head]"],
+    ),
+    "head_tokens336_att_r1": (
+        "rank 1 on attention + the head rows of the 336 most frequent training tokens trained in full",
+        ["lora.rank=1", "lora.alpha=2", "lora.feed_forward=[]", "lora.experts=[]", "lora.head_tokens=336"],
+    ),
 }
 
 
@@ -96,11 +113,11 @@ def main() -> None:
         out = args.out / variant / f"lr_{lr:g}"
         train_adapter(
             *lora_train_config(
-                args.base, args.data, out, [*run, f"lr={lr}", f"min_lr={lr / 10}", *LORA_VARIANTS[variant]]
+                args.base, args.data, out, [*run, f"lr={lr}", f"min_lr={lr / 10}", *LORA_VARIANTS[variant][1]]
             )
         )
         tuned = load_adapter(seekstack.load_pretrained(args.base), out)
-        trainable = sum(p.numel() for name, p in tuned.named_parameters() if ".lora_" in name)
+        trainable = sum(p.numel() for name, p in tuned.named_parameters() if is_adapter_parameter(name))
         return {
             "val_bpb": val_bits_per_byte(tuned, **measure),
             "trainable_percent": 100 * trainable / main_params,
@@ -143,8 +160,10 @@ def main() -> None:
             gain = results["base"]["val_bpb"] - results[variant]["val_bpb"]
             results[variant]["recovered_of_full_gain"] = gain / gain_full
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    described = {"base": "the base model, no adaptation", "full": "full fine-tune: every parameter, MTP included"}
+    described |= {name: description for name, (description, _) in LORA_VARIANTS.items()}
     for name, figures in results.items():
-        print(f"{name:<22} {json.dumps(figures)}")
+        print(f"{name:<22} {described[name]}\n{'':<22} {json.dumps(figures)}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 through the official `openai` client.
 
     python bench/lora_serve.py BASE ADAPTER [ADAPTER ...] [--concurrency 8] [--requests 32] [--max-tokens 32]
+        [--compile]
 
 Two `seekstack serve` processes: one with the base only, one with 4 adapters (the given folders, cycled, as
 adapter-1..4). Requests to the second cycle through the 4 adapters, so every decode batch holds rows of all four.
 Rounds alternate between the servers (the CPU may be shared); the medians are compared. `--engine-only` compares
 the engine alone in this process instead (no HTTP, one torch thread): base rows vs rows cycling the 4 adapters.
+`--compile` runs both with compiled decode steps (`serve --compile`); the warm-up round takes the compiles.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def engine_rounds(
     from seekstack.infer import Engine, SamplingParams
 
     torch.set_num_threads(1)
-    plain = Engine.from_pretrained(args.base, max_batch_size=args.concurrency)
-    multi = Engine.from_pretrained(args.base, adapters=flags, max_batch_size=args.concurrency)
+    plain = Engine.from_pretrained(args.base, max_batch_size=args.concurrency, compile=args.compile)
+    multi = Engine.from_pretrained(args.base, adapters=flags, max_batch_size=args.concurrency, compile=args.compile)
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.8, ignore_eos=True, seed=0)
     prompts = [plain.tokenizer.encode(PROMPTS[number % len(PROMPTS)]) for number in range(args.requests)]
 
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engine-only", action="store_true", help="the engine in this process, no server")
+    parser.add_argument("--compile", action="store_true", help="compiled decode steps, in both")
     args = parser.parse_args()
     names = [f"adapter-{i + 1}" for i in range(4)]
     if args.engine_only:
@@ -93,7 +96,7 @@ def main() -> None:
         f for i, name in enumerate(names) for f in ("--adapter", f"{name}={args.adapters[i % len(args.adapters)]}")
     ]
     base_name = args.base.resolve().name
-    common = ("--max-batch-size", str(args.concurrency))
+    common = ("--max-batch-size", str(args.concurrency), *(["--compile"] if args.compile else []))
     with tempfile.TemporaryDirectory() as scratch:
         with (
             running_server(args.base, Path(scratch) / "base.db", *common, timeout_s=300) as plain,

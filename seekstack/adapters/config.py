@@ -14,16 +14,26 @@ peft matches the names as suffixes, so the same adapter_config.json selects the 
 The token embedding and the output head (`vocabulary`) are module targets (peft's lora.Embedding and lora.Linear).
 The fused head + loss (model/head_loss.py) reads lm_head.weight instead of calling the head, so the adapted head's
 `weight` is W + alpha/r B A (files.py, `FusedHeadLoRA`): the loss trains what the logits use.
+
+Two further options, both measured on a code -> prose shift in bench/lora_domain.py:
+- `rslora`: rank-stabilized LoRA (Kalajdzievski 2023), the update scaled by alpha / sqrt(r) instead of alpha / r,
+  so a larger rank is not damped (peft's use_rslora).
+- `head_tokens`: the output head's rows of the N most frequent tokens of the training data train in full, beside
+  the low-rank targets (peft's trainable_token_indices on lm_head: N x D parameters). A domain shift moves the
+  scores of the new domain's frequent tokens most, and a full row per such token is worth more there than a
+  rank-r update spread over the whole vocabulary. It excludes `lm_head` from `vocabulary` (peft wraps a module one
+  way), and such an adapter is merged (`seekstack lora merge`) rather than served beside others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from seekstack.config import ModelConfig
-from seekstack.schema import Fraction, Positive, PositiveFloat, load_config, recheck, require, write_config
+from seekstack.schema import Fraction, NonNegative, Positive, PositiveFloat, load_config, recheck, require, write_config
 
 if TYPE_CHECKING:
     import peft
@@ -46,6 +56,8 @@ class AdapterConfig:
     feed_forward: tuple[str, ...] = FEED_FORWARD  # projections of the dense FFNs and shared experts
     experts: tuple[str, ...] = EXPERTS  # stacked parameters of the routed experts
     vocabulary: tuple[str, ...] = ()  # the token embedding and/or the output head
+    rslora: bool = False  # scale the update by alpha / sqrt(r) (rsLoRA) instead of alpha / r
+    head_tokens: NonNegative = 0  # output-head rows of the N most frequent training tokens trained in full
 
     def validate(self) -> AdapterConfig:
         config = recheck(self)
@@ -60,6 +72,16 @@ class AdapterConfig:
             "0 when feed_forward or experts are adapted (peft's parameter targets refuse dropout); "
             "set lora.feed_forward=[] lora.experts=[] for an attention-only adapter with dropout",
         )
+        require(
+            not (config.head_tokens and "lm_head" in config.vocabulary),
+            "head_tokens",
+            "0 when lm_head is in vocabulary (the head's rows train in full or the head gets LoRA, not both)",
+        )
+        require(
+            bool(config.attention or config.feed_forward or config.experts or config.vocabulary),
+            "attention",
+            "at least one LoRA target among attention, feed_forward, experts and vocabulary",
+        )
         return config
 
     def save(self, folder: str | Path) -> Path:
@@ -69,10 +91,16 @@ class AdapterConfig:
     def load(cls, folder: str | Path) -> AdapterConfig:
         return load_config(cls, Path(folder) / CONFIG_FILE).validate()
 
-    def peft_config(self, model_config: ModelConfig) -> peft.LoraConfig:
-        """The peft LoraConfig adapting the main layers of a model with `model_config` (not its MTP module)."""
+    def peft_config(self, model_config: ModelConfig, head_token_ids: Sequence[int] = ()) -> peft.LoraConfig:
+        """The peft LoraConfig adapting the main layers of a model with `model_config` (not its MTP module);
+        `head_token_ids`: the `head_tokens` ids whose output-head rows train (data.frequent_tokens)."""
         from peft import LoraConfig
 
+        require(
+            len(head_token_ids) == self.head_tokens,
+            "head_tokens",
+            f"{self.head_tokens} token ids for the head's trainable rows (got {len(head_token_ids)})",
+        )
         modules, parameters = self.targets(model_config)
         return LoraConfig(
             r=self.rank,
@@ -80,6 +108,8 @@ class AdapterConfig:
             lora_dropout=self.dropout,
             target_modules=modules or None,
             target_parameters=parameters or None,
+            use_rslora=self.rslora,
+            trainable_token_indices={"lm_head": [int(i) for i in head_token_ids]} if head_token_ids else None,
             bias="none",
         )
 

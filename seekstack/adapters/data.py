@@ -6,6 +6,7 @@
   of its text) held out as the validation split;
 - chat: a `.jsonl` of {"messages": [...]}: the conversations of chat SFT (seekstack.posttrain.sft's batch source),
   the loss on the assistant's tokens only.
+`frequent_tokens` picks the tokens whose output-head rows a `head_tokens` adapter trains (config.py).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import json
 import zlib
 from pathlib import Path
 
+import numpy as np
+
 from seekstack.atomic import write_atomic
 from seekstack.corpus.sources import open_source
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
-from seekstack.tokens.shards import index_path, tokenize_corpus
+from seekstack.tokens.shards import index_path, load_index, tokenize_corpus
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import VAL_SPLIT
 
@@ -66,6 +69,25 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     if not keep_all:
         tokenize_corpus(corpus, tokenizer, tokens, VAL_SPLIT, select=_held_out)
     return tokens
+
+
+def frequent_tokens(data_dir: str | Path, count: int) -> list[int]:
+    """The ids of the `count` most frequent tokens of the train split of token shards in `data_dir`, most frequent
+    first (ties: the smaller id first), for the output-head rows `head_tokens` trains."""
+    data_dir = Path(data_dir)
+    if not is_token_shards(data_dir):
+        raise ValueError(
+            f"{data_dir}: lora.head_tokens counts the tokens of token shards or text, not of chat conversations"
+        )
+    index = load_index(data_dir, TRAIN_SPLIT)
+    vocab = index["tokenizer"]["vocab_size"]
+    if count > vocab:
+        raise ValueError(f"lora.head_tokens={count} is more than the {vocab} tokens of {data_dir}'s vocabulary")
+    counts = np.zeros(vocab, dtype=np.int64)
+    for shard in index["shards"]:
+        ids = np.memmap(data_dir / shard["file"], dtype=np.dtype(index["dtype"]).newbyteorder("<"), mode="r")
+        counts += np.bincount(ids, minlength=vocab)[:vocab]
+    return np.argsort(-counts, kind="stable")[:count].tolist()
 
 
 def chat_source(config: TrainConfig) -> SFTSource | None:

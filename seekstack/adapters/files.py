@@ -2,7 +2,8 @@
 
     ADAPTER/adapter_config.json        peft's LoraConfig (r, lora_alpha, target_modules, target_parameters, ...)
     ADAPTER/adapter_model.safetensors  base_model.model.{transformers module}.lora_{A,B}.weight
-                                       (an embedding's: base_model.model.model.embed_tokens.lora_embedding_{A,B})
+                                       (an embedding's: base_model.model.model.embed_tokens.lora_embedding_{A,B};
+                                       head_tokens' rows: base_model.model.lm_head.token_adapter.trainable_tokens_delta)
 
 The tensor keys name transformers' modules (`model.layers.0.self_attn.q_a_proj`), translated from ours by the one key
 mapping of `seekstack.checkpoint` (`checkpoint_key`), so `peft.PeftModel.from_pretrained` loads the adapter on the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +37,10 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what peft puts before the base model's module names
-LORA_KEY = re.compile(r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_([AB]\.weight|embedding_[AB]))")
+ADAPTER_KEY = re.compile(
+    r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_([AB]\.weight|embedding_[AB])|\.token_adapter\.trainable_tokens_delta)"
+)
+ADAPTER_PARAMETERS = (".lora_", ".trainable_tokens_delta")  # what names an adapter's own parameters
 
 
 @functools.cache
@@ -55,21 +60,45 @@ def _fused_head_class() -> type:
     return FusedHeadLoRA
 
 
+@functools.cache
+def _fused_head_tokens_class() -> type:
+    """peft's TrainableTokensWrapper whose `weight` is the head's weight with the trained rows in place
+    (`head_tokens`), for the fused head + loss as `_fused_head_class`."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    class FusedHeadTokens(TrainableTokensWrapper):
+        @property
+        def weight(self) -> torch.Tensor:
+            rows = self.token_adapter
+            if rows.merged or rows.disable_adapters or not rows.active_adapters:
+                return rows.base_layer.weight
+            return rows.get_merged_weights(rows.active_adapters)
+
+    return FusedHeadTokens
+
+
 def _fuse_head(peft_model: PeftModel) -> PeftModel:
-    """Make an adapted output head of `peft_model` give its adapted weight to the fused loss (`_fused_head_class`)."""
+    """Make an adapted output head of `peft_model` give its adapted weight to the fused loss (`_fused_head_class`,
+    `_fused_head_tokens_class`)."""
     from peft.tuners.lora import Linear
+    from peft.utils.other import TrainableTokensWrapper
 
     model = peft_model.get_base_model()
     if isinstance(model.lm_head, Linear):
         model.lm_head.__class__ = _fused_head_class()
+    elif isinstance(model.lm_head, TrainableTokensWrapper):
+        model.lm_head.__class__ = _fused_head_tokens_class()
     return peft_model
 
 
-def apply_lora(model: Transformer, config: AdapterConfig, base_path: str | Path = "") -> PeftModel:
-    """`model` under peft with fresh LoRA weights (B = 0: the output is the base model's); only they train."""
+def apply_lora(
+    model: Transformer, config: AdapterConfig, base_path: str | Path = "", head_token_ids: Sequence[int] = ()
+) -> PeftModel:
+    """`model` under peft with fresh LoRA weights (B = 0: the output is the base model's) and, with `head_tokens`,
+    the head's rows of `head_token_ids`; only they train."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, config.validate().peft_config(model.config))
+    peft_model = get_peft_model(model, config.validate().peft_config(model.config, head_token_ids))
     peft_model.peft_config["default"].base_model_name_or_path = str(base_path) or None  # recorded in the adapter
     return _fuse_head(peft_model)
 
@@ -122,7 +151,7 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
                 f"{weights}: key {key!r} names no module of the base model: the adapter was trained on another base"
             )
         tensors[f"{PEFT_PREFIX}{ours[hf_module]}{lora}"] = tensor
-    full_names = {key.replace(".default", ""): key for key, _ in model.named_parameters() if ".lora_" in key}
+    full_names = {key.replace(".default", ""): key for key, _ in model.named_parameters() if is_adapter_parameter(key)}
     expected = {key: model.get_parameter(name) for key, name in full_names.items()}
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -168,9 +197,17 @@ def publish_adapter(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter of a peft model belongs to the adapter (a LoRA factor or a trained head row)."""
+    return any(part in name for part in ADAPTER_PARAMETERS)
+
+
 def _split(key: str, folder: Path) -> tuple[str, str]:
     """`layers.0.mlp.experts.base_layer.lora_A.weight` -> (`layers.0.mlp.experts`, `.base_layer.lora_A.weight`)."""
-    match = LORA_KEY.fullmatch(key)
+    match = ADAPTER_KEY.fullmatch(key)
     if match is None:
-        raise CheckpointError(f"{folder}: {key!r} is not a LoRA weight key (...lora_A.weight / ...lora_B.weight)")
+        raise CheckpointError(
+            f"{folder}: {key!r} is not an adapter weight key (...lora_A.weight / ...lora_B.weight / "
+            "...token_adapter.trainable_tokens_delta)"
+        )
     return match["module"], match["lora"]

@@ -13,7 +13,9 @@ loops (the low-rank product runs for all S slots: N*S*r*(in+out) multiply-adds n
 
 Routed experts hold each expert's S pairs the same way, as extra stacked weights A_e (S*r, in) and B_e (out, S*r); the
 pairs, already sorted by expert for the dispatch, go through them with the same grouped matmul as the expert weights
-(no per-pair gathers of factors), masked by each pair's slot.
+(no per-pair gathers of factors), masked by each pair's slot. Compiled decode takes the experts' gathered path
+instead (each pair gathers its expert's weights, `RoutedExperts.forward_gathered`), where each pair gathers its
+expert's factors the same way.
 MLA's absorbed decode folds kv_b_proj's weight into the query and the output (DeepSeek-V2 §2.1.2); an adapted
 kv_b_proj adds B_s A_s there, which `MultiLoRAAttention` runs as extra latent columns of the same attention call.
 Shapes: B rows, T tokens per row, N = B*T tokens, E experts, K experts per token, P = N*K pairs, S slots, r rank.
@@ -162,6 +164,8 @@ class MultiLoRAExperts(RoutedExperts):
             self.register_buffer(f"{name}_lora_up", lora_b.permute(1, 2, 0, 3).flatten(2, 3).contiguous())
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            return self.forward_gathered(x, routing)  # as RoutedExperts.forward does, before any dispatch work
         if self.rows.active:
             # The order `RoutedExperts.forward` dispatches the pairs in: sorted by expert.
             order = routing.experts.flatten().argsort(stable=True)  # (P,)
@@ -170,6 +174,31 @@ class MultiLoRAExperts(RoutedExperts):
             return super().forward(x, routing)
         finally:
             self.pair_slots = None
+
+    def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoutedExperts.forward_gathered (compiled decode: each pair gathers its expert's weights) with each pair's
+        slot's update of its expert, gathered the same way: y_p = W_e x_p + B_e ((A_e x_p) * M_p)."""
+        if not self.rows.active:
+            return super().forward_gathered(x, routing)
+        N, K = routing.experts.shape
+        experts = routing.experts.flatten()  # (P,) one (token, expert) pair per row, token-major
+        pairs = x.repeat_interleave(K, dim=0).unsqueeze(1)  # (P, 1, D)
+        gate, up = self._gathered_linear(pairs, "gate_up_proj", experts, K).chunk(2, dim=-1)  # (P, 1, I) each
+        hidden = F.silu(gate) * up * routing.weights.flatten()[:, None, None].to(x.dtype)
+        combined = self._gathered_linear(hidden, "down_proj", experts, K).view(N, K, -1).sum(dim=1)
+        load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
+        return combined, load
+
+    def _gathered_linear(self, x: torch.Tensor, name: str, experts: torch.Tensor, top_k: int) -> torch.Tensor:
+        """x (P, 1, in) -> (P, 1, out): each pair times its expert's W^T, plus its slot's update where adapted."""
+        out = torch.bmm(x, getattr(self, name)[experts].transpose(1, 2))
+        if f"{name}_lora_down" not in self._buffers:
+            return out
+        down, up = self._buffers[f"{name}_lora_down"], self._buffers[f"{name}_lora_up"]  # (E, S*r, in), (E, out, S*r)
+        rank = down.shape[1] // self.rows.slot_count
+        mask = self.rows.mask(x.shape[0] // top_k, rank, x.dtype).repeat_interleave(top_k, dim=0)  # (P, S*r)
+        low = torch.bmm(x, down[experts].transpose(1, 2)).mul_(mask.unsqueeze(1))  # (P, 1, S*r)
+        return out.baddbmm_(low, up[experts].transpose(1, 2))
 
     def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
         """The base experts' x W_e^T plus, per pair, its slot's update of its expert: x (P, in) -> (P, out)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seekstack.adapters.files import load_adapter
+from seekstack.adapters.files import ADAPTER_CONFIG_FILE, load_adapter
 from seekstack.adapters.multi import (
     AdapterRows,
     Factors,
@@ -27,6 +27,7 @@ from seekstack.adapters.multi import (
     MultiLoRAExperts,
     MultiLoRALinear,
 )
+from seekstack.checkpoint import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.model.attention import MultiHeadLatentAttention
 from seekstack.model.moe import RoutedExperts
@@ -46,7 +47,17 @@ class AdapterConflict(ValueError):
 
 def read_factors(config: ModelConfig, folder: str | Path) -> dict[Target, Factors]:
     """The factors of the adapter saved in `folder` for a model with `config`: (A, B * alpha/r) per adapted weight;
-    CheckpointError naming the file when the adapter does not fit the model."""
+    CheckpointError naming the file when the adapter does not fit the model, or trains the head's rows in full
+    (`head_tokens`), which the per-row layers (seekstack.adapters.multi) do not apply."""
+    from peft import LoraConfig
+
+    config_file = Path(folder) / ADAPTER_CONFIG_FILE
+    if config_file.is_file() and LoraConfig.from_pretrained(str(folder)).trainable_token_indices:
+        raise CheckpointError(
+            f"{config_file}: the adapter trains output-head rows in full (trainable_token_indices, lora.head_tokens), "
+            "which serving beside other adapters does not apply; serve the merged checkpoint of `seekstack lora "
+            "merge` instead"
+        )
     with torch.device("meta"):
         skeleton = Transformer(config)
     return _lora_factors(load_adapter(skeleton, folder, weightless=True))

@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
-from seekstack.adapters.data import chat_source, prepare_data
+from seekstack.adapters.data import chat_source, frequent_tokens, prepare_data
 from seekstack.adapters.files import apply_lora, publish_adapter, restore_adapter, save_adapter
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, load_config, require
@@ -36,9 +36,10 @@ class LoraHooks:
 
     config: AdapterConfig
     base_path: str
+    head_token_ids: Sequence[int] = ()  # the config's head_tokens most frequent training tokens
 
     def prepare(self, model: Transformer) -> nn.Module:
-        return apply_lora(model, self.config, self.base_path)
+        return apply_lora(model, self.config, self.base_path, self.head_token_ids)
 
     def write(self, model: nn.Module, folder: Path) -> None:
         save_adapter(model, folder)
@@ -82,7 +83,8 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
     out = Path(train_config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter.save(out)
-    hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()))
+    head_token_ids = frequent_tokens(train_config.data_dir, adapter.head_tokens) if adapter.head_tokens else ()
+    hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_token_ids)
     result = train(train_config, resume, hooks, chat_source(train_config))
     if result.checkpoint is not None:
         publish_adapter(result.checkpoint, out)

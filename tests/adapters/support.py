@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 import seekstack
 from seekstack.adapters.config import VOCABULARY, AdapterConfig
-from seekstack.adapters.files import apply_lora, save_adapter
+from seekstack.adapters.files import apply_lora, is_adapter_parameter, save_adapter
 from tests.infer.support import VOCAB as TOKENIZER_VOCAB
 from tests.infer.support import tiny_tokenizer
 
@@ -32,14 +33,17 @@ def write_base(folder: Path, seed: int = 0, with_tokenizer: bool = False) -> Pat
     return folder
 
 
-def write_random_adapter(base: Path, folder: Path, seed: int, config: AdapterConfig | None = None) -> Path:
-    """An adapter on `base` whose A and B are random, so that it changes the logits (a fresh one has B = 0); by
-    default of rank 4 on every kind of target."""
-    model = apply_lora(seekstack.load_pretrained(base), config or AdapterConfig(rank=4, vocabulary=VOCABULARY), base)
+def write_random_adapter(
+    base: Path, folder: Path, seed: int, config: AdapterConfig | None = None, head_token_ids: Sequence[int] = ()
+) -> Path:
+    """An adapter on `base` whose A and B (and trained head rows) are random, so that it changes the logits (a fresh
+    one has B = 0); by default of rank 4 on every kind of target."""
+    config = config or AdapterConfig(rank=4, vocabulary=VOCABULARY)
+    model = apply_lora(seekstack.load_pretrained(base), config, base, head_token_ids)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".lora_" in name:
+            if is_adapter_parameter(name):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     folder.mkdir(parents=True, exist_ok=True)
     save_adapter(model, folder)

@@ -11,6 +11,7 @@ from safetensors import safe_open
 import seekstack
 from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter, merge_adapter
+from seekstack.adapters.registry import read_factors
 from seekstack.checkpoint import CheckpointError
 from seekstack.schema import ConfigError
 from tests.adapters.support import TINY, prompt_ids, write_base, write_random_adapter
@@ -92,6 +93,60 @@ def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):
     with torch.no_grad():
         merged = seekstack.load_pretrained(merged_dir)(ids).logits
     assert (merged - logits_with_adapter(base, adapter, ids)).abs().max() < MERGE_ATOL
+
+
+HEAD_TOKENS = [5, 17, 2, 40]
+
+
+@pytest.fixture(scope="module")
+def head_rows_adapter(base, tmp_path_factory):
+    """Attention LoRA plus the head's rows of HEAD_TOKENS trained in full (lora.head_tokens)."""
+    config = AdapterConfig(rank=2, feed_forward=(), experts=(), head_tokens=len(HEAD_TOKENS))
+    return write_random_adapter(base, tmp_path_factory.mktemp("rows") / "rows", 4, config, HEAD_TOKENS)
+
+
+def test_head_rows_are_written_in_peft_format_and_scored_by_the_fused_loss(base, head_rows_adapter):
+    config = json.loads((head_rows_adapter / ADAPTER_CONFIG_FILE).read_text())
+    assert config["trainable_token_indices"] == {"lm_head": HEAD_TOKENS}
+    with safe_open(head_rows_adapter / ADAPTER_WEIGHTS_FILE, "pt") as weights:
+        rows = weights.get_tensor("base_model.model.lm_head.token_adapter.trainable_tokens_delta")
+    assert rows.shape == (len(HEAD_TOKENS), TINY["hidden_size"])
+    ids = prompt_ids(seed=4)
+    tuned = load_adapter(seekstack.load_pretrained(base), head_rows_adapter)
+    with torch.no_grad():
+        logits = tuned(ids).logits
+        fused = tuned(ids, labels=ids, keep_logits=False).lm_loss
+    assert torch.equal(tuned.get_base_model().lm_head.weight[HEAD_TOKENS], rows)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert (fused - expected).abs() < 1e-5
+
+
+def test_head_rows_load_in_peft_on_transformers_and_merge_exactly(base, head_rows_adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = prompt_ids(seed=5)
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), head_rows_adapter
+    )
+    with torch.no_grad():
+        theirs = reference(ids).logits
+        merged = seekstack.load_pretrained(merge_adapter(base, head_rows_adapter, tmp_path / "merged"))(ids).logits
+    ours = logits_with_adapter(base, head_rows_adapter, ids)
+    assert (ours - theirs).abs().max() < PEFT_ATOL
+    assert (merged - ours).abs().max() < MERGE_ATOL
+
+
+def test_serving_refuses_head_rows_naming_the_file(base, head_rows_adapter):
+    with pytest.raises(CheckpointError, match=f"{ADAPTER_CONFIG_FILE}.*lora merge"):
+        read_factors(seekstack.load_pretrained(base).config, head_rows_adapter)
+
+
+def test_head_rows_beside_a_lora_head_or_without_targets_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="head_tokens"):
+        AdapterConfig(head_tokens=8, vocabulary=("lm_head",)).validate()
+    with pytest.raises(ConfigError, match="at least one LoRA target"):
+        AdapterConfig(attention=(), feed_forward=(), experts=(), head_tokens=8).validate()
 
 
 def test_an_adapter_of_another_base_is_refused_naming_the_file(adapter, tmp_path):

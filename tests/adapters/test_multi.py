@@ -82,3 +82,45 @@ def test_unloading_every_adapter_leaves_the_plain_base_model(served):
     assert set(model.state_dict()) == set(plain.state_dict())
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_gathered_experts_of_compiled_decode_match_the_grouped_dispatch_per_row(served):
+    """The expert path compiled decode takes (each pair gathers its weights) applies each row's adapter as the
+    grouped dispatch of eager steps does, the base rows untouched."""
+    base, adapters = served
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    moe = next(module for module in model.modules() if isinstance(getattr(module, "experts", None), MultiLoRAExperts))
+    x = torch.randn(6, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    routing = moe.gate(x)
+    slots = [0, loaded.slot("full"), loaded.slot("attention")]
+    with torch.no_grad():
+        loaded.select(slots, torch.device("cpu"))
+        dispatched, dispatched_load = moe.experts(x, routing)
+        loaded.select(slots, torch.device("cpu"))
+        gathered, gathered_load = moe.experts.forward_gathered(x, routing)
+        loaded.select([0, 0, 0], torch.device("cpu"))
+        plain, _ = moe.experts(x, routing)
+    assert (gathered - dispatched).abs().max() < ATOL and torch.equal(gathered_load, dispatched_load)
+    full_rows = slice(2, 4)  # 3 rows of 2 tokens each: the second row uses "full", which adapts the experts
+    assert (gathered[full_rows] - plain[full_rows]).abs().max() > 100 * ATOL
+    assert (gathered[:2] - plain[:2]).abs().max() < ATOL
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+def test_compiled_decoding_with_adapters_gives_the_eager_tokens_across_loads(served):
+    """Compiled decode steps apply each row's adapter (base rows among them), and an adapter loaded after compiling
+    (another rank: the stacks grow) is applied too."""
+    base, adapters = served
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 17, 42, 8], [5, 17, 42, 8], [9, 33, 3], [9, 33, 3]]
+    engines = [
+        Engine.from_pretrained(base, adapters=adapters, max_batch_size=4, compile=flag) for flag in (False, True)
+    ]
+    for choice in ([None, "full", "attention", "full"], ["late", None, "late", "full"]):
+        if "late" in choice:
+            for engine in engines:
+                engine.load_adapter("late", adapters["attention"])
+        eager, compiled = (engine.generate(prompts, params, adapters=choice) for engine in engines)
+        assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    assert engines[1].decode_compiled

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import seekstack
+from seekstack.adapters.data import frequent_tokens
 from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter
 from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.schema import ConfigError
@@ -84,3 +86,31 @@ def test_text_and_chat_data_train_an_adapter(tmp_path):
     assert metrics[-1]["assistant_tokens"] > 0  # SFT's batch source: the loss on the assistant's tokens
     for result, out in ((from_text, "prose"), (from_chat, "chat")):
         assert result.step == 2 and (tmp_path / out / ADAPTER_WEIGHTS_FILE).is_file()
+
+
+def write_tokens(folder, ids, vocab):
+    """A train split of exactly these token ids, in the `tokenize_corpus` format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.asarray(ids, dtype="<u2").tofile(folder / "train_00000.bin")
+    index = {
+        "version": 1, "split": "train", "dtype": "uint16", "shards": [{"file": "train_00000.bin", "tokens": len(ids)}],
+        "total_tokens": len(ids), "tokenizer": {"vocab_size": vocab},
+    }  # fmt: skip
+    (folder / "train_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_frequent_tokens_are_the_most_frequent_train_ids_ties_by_id(tmp_path):
+    data = write_tokens(tmp_path / "tokens", [9, 3, 3, 3, 7, 7, 5, 5, 9, 1], vocab=12)
+    assert frequent_tokens(data, 4) == [3, 5, 7, 9]
+    with pytest.raises(ValueError, match="more than the 12 tokens"):
+        frequent_tokens(data, 13)
+
+
+def test_a_head_tokens_run_trains_the_head_rows_of_the_frequent_tokens_only(base, data_dir, tmp_path):
+    overrides = [*RUN, "max_steps=2", "lora.feed_forward=[]", "lora.experts=[]", "lora.head_tokens=6"]
+    train_adapter(*lora_train_config(base, data_dir, tmp_path / "rows", overrides))
+    head = load_adapter(seekstack.load_pretrained(base), tmp_path / "rows").get_base_model().lm_head.weight
+    before = seekstack.load_pretrained(base).lm_head.weight
+    changed = (head != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(frequent_tokens(data_dir, 6))
