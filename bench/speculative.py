@@ -6,22 +6,24 @@ steps on the demo token shards (building them first, as `make demo` does, if the
 
 Both engines load the same checkpoint. Prompts are the openings of held-out documents. Each prompt is
 decoded greedily by both, the outputs are checked to be token-for-token identical, and timed runs of
-the two alternate (median over repetitions). Each number of drafts per step gets its own engine and rows, and so
-does the adaptive count (`auto<=K`: 0..K drafts a step, chosen from the acceptance so far and the batch size,
-seekstack.infer.speculative.DraftCount); `accept` is the share of drafted tokens accepted, `drafts/tok` the drafts
-made per generated token.
+the two alternate (median over repetitions). The `default` rows are an engine with the speculative settings a user
+gets from `--speculative` alone (EngineOptions: up to 3 drafts a step, the count chosen from the acceptance measured
+so far and the batch size, seekstack.infer.speculative.DraftCount); each fixed number of drafts
+per step in `--draft-tokens` gets an engine and rows too. `accept` is the share of drafted tokens accepted,
+`drafts/tok` the drafts made per generated token.
 
     decode tok/s = sequences x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
 
     python bench/speculative.py                     # trains first if there is no demo checkpoint (~10 min)
     python bench/speculative.py --model runs/demo/train/checkpoints/step_450
-    python bench/speculative.py --prompts 2 --new-tokens 32 --reps 2 --draft-tokens 1 3   # quick check
+    python bench/speculative.py --prompts 2 --new-tokens 32 --reps 2 --draft-tokens   # quick check, default only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from seekstack.infer import Engine, SamplingParams
+from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.train.config import TrainConfig
 from seekstack.train.state import list_checkpoints
 from seekstack.train.trainer import train
@@ -117,8 +119,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16], help="sequences decoded together")
-    parser.add_argument("--draft-tokens", nargs="+", type=int, default=[1, 3, 6], help="MTP drafts per step")
-    parser.add_argument("--adaptive-max", type=int, default=3, help="most drafts of the adaptive count (0: no row)")
+    parser.add_argument("--draft-tokens", nargs="*", type=int, default=[1, 3], help="fixed MTP drafts per step")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
@@ -128,20 +129,18 @@ def main() -> None:
     model_dir = args.model or find_or_train_model(args.train_steps)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}", flush=True)
     plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile)
-    speculative = {
-        str(k): Engine.from_pretrained(
-            model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=k, compile=args.compile
-        )
-        for k in args.draft_tokens
-    }
-    if args.adaptive_max:
-        speculative[f"auto<={args.adaptive_max}"] = Engine.from_pretrained(
-            model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=args.adaptive_max,
-            adaptive_drafts=True, compile=args.compile,
+    default = EngineOptions(speculative=True, max_batch_size=max(args.batches), compile=args.compile)
+    speculative = {"default": Engine.from_pretrained(model_dir, **default.engine_kwargs())}
+    for k in args.draft_tokens:
+        speculative[str(k)] = Engine.from_pretrained(
+            model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=k, adaptive_drafts=False,
+            compile=args.compile,
         )  # fmt: skip
     prompts = held_out_prompts(plain, args.prompts * max(args.batches), args.prompt_len)
     decode = "compiled" if args.compile else "eager"
     print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy,", decode)
+    mode = "adaptive" if default.adaptive_drafts else "fixed"
+    print(f"default: draft_tokens={default.draft_tokens} ({mode}), load average {os.getloadavg()[0]:.2f}")
     header = (
         f"{'batch':>5s} {'drafts':>8s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} "
         f"{'accept':>7s} {'drafts/tok':>10s} {'identical':>10s}"
@@ -163,6 +162,7 @@ def main() -> None:
                     f"{str(identical):>10s}",
                     flush=True,
                 )
+    print(f"load average {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ class Engine:
         on the device), never more than max_batch_size requests of max_model_len tokens use.
         `compile`: decode steps through torch.compile from the first step (True), never (False), or, with None, once
         eager decode steps have taken as long as compiling them would (`COMPILE_AFTER_SECONDS`), where the engine
-        can (no device map, no per-request adapters): a short run never waits for a compile."""
+        can (no device map): a short run never waits for a compile."""
         placed = getattr(model, "placement", None) is not None  # spread over devices by seekstack.infer.placement
         if placed and (compile or device not in (None, "cpu")):
             raise ValueError("a model placed by a device map runs eagerly, its engine on the CPU: drop compile/device")
@@ -151,8 +151,6 @@ class Engine:
                 f"attention_variant={self.config.attention_variant!r} is a training ablation without a cached decode "
                 "path; the engine serves plain MLA models"
             )
-        if adapters and compile:
-            raise ValueError("compile=True does not support LoRA adapters yet: serve adapters without --compile")
         if speculative and len(model.mtp) == 0:
             raise ValueError("speculative decoding needs an MTP module; this model has num_nextn_predict_layers=0")
         for name, value in (
@@ -199,7 +197,7 @@ class Engine:
         self._ids = itertools.count()
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
-        self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not (placed or adapters) else None
+        self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
         if compile is True:
             self._compile_decode()
 
@@ -488,7 +486,7 @@ class Engine:
             for request, token in zip(finished, tokens, strict=True):
                 request.ids.append(token)
         if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first drafts
-            count, _ = self.draft_count.choose(len(self.running) + len(self.prefilling))  # the batch they join
+            count, _ = self.draft_count.choose(len(self.running) + len(self.prefilling), self._seeded())
             drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, count, prefill=True)
             for row in done:
                 batch[row].drafts = drafts[row]
@@ -514,7 +512,7 @@ class Engine:
     def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
         """Verify each request's K drafts with one forward over [pending, drafts]; keep the accepted ones plus one."""
         drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
-        width, (next_count, fill_cache) = drafted + 1, self.draft_count.choose(len(batch))
+        width, (next_count, fill_cache) = drafted + 1, self.draft_count.choose(len(batch), self._seeded())
         rows = [[r.ids[-1], *r.drafts[:drafted]] for r in batch]
         input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch))
         sampling = self._sampling_batch(batch)
@@ -551,6 +549,12 @@ class Engine:
         for request, drafts in zip(batch, next_list, strict=True):
             request.drafts = drafts
         return [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
+
+    def _seeded(self) -> bool:
+        """Whether a seeded request that samples is running or prefilling: drafting then keeps to a fixed count."""
+        return any(
+            r.params.seed is not None and not r.params.greedy for r in itertools.chain(self.running, self.prefilling)
+        )
 
     # ------------------------------------------------------------------ model calls
     def _forward(

@@ -79,7 +79,7 @@ class EngineOptions:
     max_model_len: Positive | None = None  # prompt + completion tokens per request; None: the model's context
     speculative: bool = False  # MTP speculative decoding (the model needs an MTP module)
     draft_tokens: Positive = 3  # with speculative decoding: tokens the MTP module drafts per step
-    adaptive_drafts: bool = False  # draft_tokens is the most: each step drafts 0..most by acceptance and batch
+    adaptive_drafts: bool = True  # draft_tokens is the most: each step drafts 0..most by acceptance and batch
     compile: bool | None = None  # decode steps through torch.compile: always, never, None: once it pays (Engine)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     kv_cache_memory: str | None = None  # latent-cache budget, e.g. "4GiB"; None: half the free device memory

@@ -170,9 +170,11 @@ class DraftCount:
         verify = max(batch * (count + 1), self.free_tokens) / max(batch, self.free_tokens)
         return tokens / (count * self.draft_cost + verify)
 
-    def choose(self, batch: int) -> tuple[int, bool]:
-        """The draft count of the next step for `batch` running rows, and whether it fills the MTP cache."""
-        if not self.adaptive:
+    def choose(self, batch: int, seeded: bool = False) -> tuple[int, bool]:
+        """The draft count of the next step for `batch` running rows, and whether it fills the MTP cache; the most
+        when `seeded` (a seeded sampled request runs: its generator's draws depend on the counts, which must then
+        not depend on the other requests in the batch)."""
+        if not self.adaptive or seeded:
             return self.most, True
         best = max(range(self.most + 1), key=lambda count: (self.speedup(count, batch), -count))
         if best > 0:

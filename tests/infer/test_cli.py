@@ -37,7 +37,8 @@ def test_generate_streams_the_same_text_as_the_engine(checkpoint, engine):
 
 def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine):
     args = ["generate", "--model", str(checkpoint), "import os", "--json", "--temperature", "0", "--speculative",
-            "--draft-tokens", "2", "--max-new-tokens", "6", "--ignore-eos", "--top-logprobs", "2"]  # fmt: skip
+            "--draft-tokens", "2", "--no-adaptive-drafts", "--max-new-tokens", "6", "--ignore-eos", "--top-logprobs",
+            "2"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)

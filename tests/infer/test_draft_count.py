@@ -41,6 +41,7 @@ def test_more_drafts_when_they_are_accepted_none_when_they_are_not_or_the_batch_
     assert [draft_count(rate).choose(1)[0] for rate in (0.1, 0.6, 0.83, 0.95)] == [0, 1, 3, 6]
     assert draft_count(0.95).choose(16) == (0, False)  # verifying would widen all 16 rows: plain steps
     assert draft_count(0.1, adaptive=False).choose(16) == (6, True)  # fixed: always the most
+    assert draft_count(0.1).choose(16, seeded=True) == (6, True)  # a seeded sampled request: counts fixed too
 
 
 def test_with_drafts_off_one_step_in_so_many_drafts_once_to_measure_acceptance_again():
@@ -55,7 +56,7 @@ def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_re
     batch = [list(range(5, 5 + n)) for n in (7, 15)]
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
-    fixed = Engine(model, tokenizer, speculative=True, draft_tokens=3)
+    fixed = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=False)
     adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=True)
     assert [c.token_ids for c in fixed.generate(batch, params)] == plain
     assert [c.token_ids for c in adaptive.generate(batch, params)] == plain
@@ -63,3 +64,14 @@ def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_re
     # soon drafts (almost) nothing.
     assert adaptive.draft_count.accept_rate < 0.5
     assert adaptive.stats().spec_drafted < fixed.stats().spec_drafted / 3
+
+
+def test_adaptive_engine_samples_a_seeded_request_as_a_fixed_count_does(tmp_path):
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    fixed = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=False)
+    adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True)
+    adaptive.draft_count.passed, adaptive.draft_count.checked = 0.0, 1000.0  # alone, this would turn drafts off
+    expected = fixed.generate([[5, 6, 7]], params)[0].token_ids
+    assert adaptive.generate([[5, 6, 7]], params)[0].token_ids == expected
+    assert adaptive.stats().spec_drafted == fixed.stats().spec_drafted > 0

@@ -86,14 +86,15 @@ def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, pe
     batch = prompts([5, 21, 12])
     params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
     plain = Engine(model, tokenizer, prefill_chunk=8).generate(batch, params)
-    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens)
+    fixed = {"speculative": True, "draft_tokens": draft_tokens, "adaptive_drafts": False}  # counts set, not timed
+    engine = Engine(model, tokenizer, prefill_chunk=8, **fixed)
     speculative = engine.generate(batch, params)
     assert [c.token_ids for c in speculative] == [c.token_ids for c in plain]
     stats = engine.stats()
     assert stats.spec_drafted > 0 and 0 <= stats.spec_accepted <= stats.spec_drafted
     assert stats.spec_drafted % draft_tokens == 0
     # Prompts fed in one piece give the MTP layer the same cache, hence the same drafts and acceptances.
-    whole = Engine(model, tokenizer, prefill_chunk=256, speculative=True, draft_tokens=draft_tokens)
+    whole = Engine(model, tokenizer, prefill_chunk=256, **fixed)
     whole.generate(batch, params)
     assert (whole.stats().spec_drafted, whole.stats().spec_accepted) == (stats.spec_drafted, stats.spec_accepted)
 
@@ -112,7 +113,10 @@ def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(
     batch = prompts([5, 21, 12])
     params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
     plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
-    engine = Engine(model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens, compile=compile)
+    engine = Engine(
+        model, tokenizer, prefill_chunk=8, speculative=True, draft_tokens=draft_tokens, adaptive_drafts=False,
+        compile=compile,
+    )  # fmt: skip
     request_ids = [engine.add_request(prompt, params) for prompt in batch]
     tokens: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
     steps = 0
@@ -164,7 +168,8 @@ def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, draft_tokens
     """Compiled decode steps (the batch and the cache mask change shape as requests join) give the eager tokens."""
     batch = prompts([6, 19, 11])
     params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 14)]
-    options = {"prefill_chunk": 8, "speculative": draft_tokens > 0, "draft_tokens": max(draft_tokens, 1)}
+    options = {"prefill_chunk": 8, "speculative": draft_tokens > 0, "draft_tokens": max(draft_tokens, 1),
+               "adaptive_drafts": False}  # fmt: skip
     eager = Engine(model, tokenizer, **options)
     compiled = Engine(model, tokenizer, **options, compile=True)
     expected = run_joining(eager, batch, params, join_at=4)

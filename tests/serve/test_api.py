@@ -576,9 +576,10 @@ def test_keys_and_ledger_on_postgresql(model_dir):
 
 @pytest.fixture(scope="module")
 def open_speculative_server(model_dir, tmp_path_factory):
-    """A server on a database without keys (open, on localhost), decoding with two MTP drafts a step."""
+    """A server on a database without keys (open, on localhost), decoding with two MTP drafts every step."""
     database_path = tmp_path_factory.mktemp("open") / "open.db"
-    with running_server(model_dir, database_path, "--speculative", "--draft-tokens", "2") as server:
+    options = ("--speculative", "--draft-tokens", "2", "--no-adaptive-drafts")
+    with running_server(model_dir, database_path, *options) as server:
         yield server, database_path
 
 
