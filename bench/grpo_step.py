@@ -3,9 +3,12 @@
 Both runs: one checkpoint (ours loads in transformers as DeepseekV3ForCausalLM), the same task and reward terms
 (correctness + 0.1 x format), P prompts x G generations per step, the same max completion length, temperature
 1, beta 0, loss_type grpo, one policy update per generation batch, N steps. Prints seconds per step (the median
-of steps 2..N, the first includes warm-up), the share spent generating and the reward of the last steps, and the
-ratio. Usage:
+of steps 2..N, the first includes warm-up), the share spent generating (median of those steps' shares: a step that
+compiles a new decode graph does not skew it) and the reward of the last steps, and the ratio; then the total of
+all N steps, warm-up included (with `--compile-decode` our rollouts' decode step is compiled during the run).
+Usage:
     OMP_NUM_THREADS=2 python bench/grpo_step.py CHECKPOINT [--steps 10] [--prompts 2] [--generations 8] [--tokens 64]
+        [--compile-decode]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         f"batch_size={args.prompts}", f"num_generations={args.generations}", f"max_completion_length={args.tokens}",
         f"lr={args.lr}", f"min_lr={args.lr}", "temperature=1.0", "beta=0.0", "loss_type=grpo", "seed=0",
         "format_weight=0.1", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "grad_clip=1.0",
+        f"compile_decode={args.compile_decode}",
     ]  # fmt: skip
     if args.difficulty:
         overrides.append(f"difficulty={args.difficulty}")
@@ -112,9 +116,10 @@ def summary(name: str, result: dict) -> dict:
     row = {
         "name": name,
         "s_per_step": statistics.median(steady),
-        "generate_share": sum(generate) / sum(steady),
+        "generate_share": statistics.median(g / s for g, s in zip(generate, steady, strict=False)),
         "reward_first": result["reward"][0],
         "reward_last_half": sum(tail) / len(tail),
+        "total_s": sum(result["step_s"]),
     }
     print(
         f"{name:10s} {row['s_per_step']:7.3f} s/step  generating {row['generate_share']:5.1%}  "
@@ -133,14 +138,20 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--compile-decode", action="store_true", help="our rollouts decode through torch.compile")
     args = parser.parse_args()
     print(
-        f"torch threads: {torch.get_num_threads()}; {args.prompts} prompts x {args.generations} x {args.tokens} tokens"
+        f"torch threads: {torch.get_num_threads()}; {args.prompts} prompts x {args.generations} x {args.tokens} "
+        f"tokens; our decode {'compiled' if args.compile_decode else 'eager'}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         ours = summary("seekstack", run_ours(args, Path(scratch) / "ours"))
         trl = summary("trl", run_trl(args, Path(scratch) / "trl"))
     print(f"seekstack is {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step")
+    print(
+        f"all {args.steps} steps, warm-up included: seekstack {ours['total_s']:.1f} s, trl {trl['total_s']:.1f} s "
+        f"({trl['total_s'] / ours['total_s']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,11 @@ class GRPOSource:
         self.device = next(model.parameters()).device
         rows = self.config.batch_size * self.config.num_generations
         self.engine = Engine(
-            model, self.tokenizer, max_batch_size=rows, max_model_len=PROMPT_TOKENS + self.config.max_completion_length
+            model,
+            self.tokenizer,
+            max_batch_size=rows,
+            max_model_len=PROMPT_TOKENS + self.config.max_completion_length,
+            compile=self.config.compile_decode,
         )
         model.train()
         self.reference = None
@@ -72,6 +76,7 @@ class GRPOSource:
         config = self.config
         problems = sample_problems(self.task, batch_size, "train", seed=config.seed * 1_000_003 + self.generation)
         self.engine.reset_prefix_cache()  # prompt prefixes cached before the last optimizer step hold stale values
+        self.model.eval()  # as the engine's compiled decode step was traced
         rollout = sample_groups(
             self.engine,
             self.task,
@@ -83,7 +88,7 @@ class GRPOSource:
             weights=self.weights,
         )
         self.generation += 1
-        self.model.train()  # the engine put it in eval mode
+        self.model.train()
         batch: dict[str, Any] = {
             "rollout": rollout,
             "advantages": group_advantages(rollout.rewards, config.num_generations, config.scale_rewards),

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from seekstack.checkpoint import load_pretrained
@@ -36,11 +37,30 @@ def test_engine_samples_from_the_updated_weights_without_a_reload(tmp_path):
     assert after[0] == target and before[0] != target
 
 
-def test_engine_samples_what_the_learner_scores_after_an_update(tmp_path):
-    """The engine's log-probabilities of a rollout equal the loss's, also after an optimizer step: the chat prompt
-    spans several cache blocks, which the engine's prefix cache must not serve from the old weights."""
+def test_a_group_prefills_its_prompt_once(tmp_path):
+    """Each prompt is fed to the model whole once; its G requests find its full cache blocks in the prefix cache and
+    feed only the tokens after them."""
     model_dir = micro_checkpoint(tmp_path / "model")
     source = GRPOSource(resolve_train_config(None, [f"init_from={model_dir}", *RUN], cls=GRPOConfig))
+    source.attach(load_pretrained(model_dir, dtype=torch.float32))
+    rollout = source.batch(2, 0.0)["rollout"]
+    group, block = source.config.num_generations, source.engine.cache.block_size
+    lengths = rollout.prompt_lengths[::group].tolist()
+    assert all(length > 2 * block for length in lengths)
+    uncached = [length - (length - 1) // block * block for length in lengths]  # the last token is always computed
+    expected = sum(length + group * tail for length, tail in zip(lengths, uncached, strict=True))
+    assert source.engine.stats().prefill_tokens == expected
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_engine_samples_what_the_learner_scores_after_an_update(tmp_path, compile_decode):
+    """The engine's log-probabilities of a rollout equal the loss's, also after an optimizer step: the chat prompt
+    spans several cache blocks, which the engine's prefix cache must not serve from the old weights; a compiled
+    decode step reads the weights the step changed in place."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    config = [f"init_from={model_dir}", *RUN, f"compile_decode={compile_decode}"]
+    source = GRPOSource(resolve_train_config(None, config, cls=GRPOConfig))
     model = load_pretrained(model_dir, dtype=torch.float32)
     source.attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
