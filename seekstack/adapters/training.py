@@ -80,10 +80,10 @@ def lora_train_config(
 
 def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool = False) -> TrainResult:
     """Train the adapter (or continue the run in `out_dir`); the adapter files end up in `out_dir` itself."""
-    out = Path(train_config.out_dir)
+    head_token_ids = frequent_tokens(train_config.data_dir, adapter.head_tokens) if adapter.head_tokens else ()
+    out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
     adapter.save(out)
-    head_token_ids = frequent_tokens(train_config.data_dir, adapter.head_tokens) if adapter.head_tokens else ()
     hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_token_ids)
     result = train(train_config, resume, hooks, chat_source(train_config))
     if result.checkpoint is not None:

@@ -114,3 +114,10 @@ def test_a_head_tokens_run_trains_the_head_rows_of_the_frequent_tokens_only(base
     before = seekstack.load_pretrained(base).lm_head.weight
     changed = (head != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == sorted(frequent_tokens(data_dir, 6))
+
+
+def test_a_head_tokens_count_above_the_vocabulary_is_refused_before_the_run_folder_is_made(base, data_dir, tmp_path):
+    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "run", [*RUN, "lora.head_tokens=1000000"])
+    with pytest.raises(ValueError, match="more than the"):
+        train_adapter(train_config, adapter)
+    assert not (tmp_path / "run").exists()
