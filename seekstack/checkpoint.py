@@ -208,11 +208,15 @@ def _quantized_from_reader(reader: CheckpointReader, key: str) -> QuantizedWeigh
 def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
     if f"{key}.weight_packed" in reader:
         reader.used.add(f"{key}.weight_shape")
+        columns = reader.stored_shape(f"{key}.weight_packed")[-1] * 8  # eight 4-bit codes per int32
+        reader.check_int_scheme(key, 4, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
         return ["weight_packed", "weight_scale"]
     if f"{key}.weight" not in reader:
         return None
     stored = reader.stored_dtype(f"{key}.weight")
     if stored == "I8":
+        columns = reader.stored_shape(f"{key}.weight")[-1]
+        reader.check_int_scheme(key, 8, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
         return ["weight", "weight_scale"]
     if stored == "F8_E4M3":
         return ["weight", "weight_scale_inv"]
@@ -363,6 +367,7 @@ class CheckpointReader:
                 )
             if fp8:
                 self.fp8_block = tuple(quantization.get("weight_block_size", DEFAULT_FP8_BLOCK))  # type: ignore[assignment]
+        self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
         self.used: set[str] = set()
 
     def _index(self) -> dict[str, str]:
@@ -400,6 +405,44 @@ class CheckpointReader:
 
     def file_of(self, key: str) -> Path:
         return self.directory / self.key_to_file[key]
+
+    def check_int_scheme(self, key: str, bits: int, columns: int, scale_columns: int) -> None:
+        """Refuse layer `key`, stored as `bits`-bit integers with `scale_columns` scales over `columns` inputs, when
+        the compressed-tensors config group that targets it says otherwise (an edited config.json, swapped weights).
+        A target is a module class (`Linear`), an exact layer name, or `re:` and a pattern."""
+        config = self.directory / CONFIG_FILE
+        for name, group in self.config_groups.items():
+            targets = group.get("targets") or []
+            if not any(t == "Linear" or t == key or (t.startswith("re:") and re.match(t[3:], key)) for t in targets):
+                continue
+            weights = group.get("weights") or {}
+            if weights.get("num_bits") != bits:
+                raise CheckpointError(
+                    f"{config}: quantization_config group {name!r} says num_bits={weights.get('num_bits')} for layer "
+                    f"{key!r}, but {self.file_of(self._weight_key(key))} stores it as int{bits}; the config and the "
+                    f"weights disagree: {DAMAGED}"
+                )
+            group_size = weights.get("group_size") if weights.get("strategy") == "group" else columns
+            if group_size is None or group_size * scale_columns != columns:
+                raise CheckpointError(
+                    f"{config}: quantization_config group {name!r} says group_size={group_size} for layer {key!r}, "
+                    f"but its weight_scale holds {scale_columns} scale(s) per row of {columns} inputs; the config "
+                    f"and the weights disagree: {DAMAGED}"
+                )
+            return
+        if self.config_groups:
+            raise CheckpointError(
+                f"{config}: layer {key!r} is stored as int{bits}, but no quantization_config group targets it; "
+                f"the config and the weights disagree: {DAMAGED}"
+            )
+
+    def _weight_key(self, key: str) -> str:
+        return f"{key}.weight_packed" if f"{key}.weight_packed" in self.key_to_file else f"{key}.weight"
+
+    def stored_shape(self, key: str) -> list[int]:
+        """The shape of `key`, read from the header only."""
+        self._get(key, handle_only=True)
+        return self._handles[self.key_to_file[key]].get_slice(key).get_shape()
 
     def stored_dtype(self, key: str) -> str:
         """The safetensors dtype name of `key` ("F32", "I8", "F8_E4M3", ...), read from the header only."""

@@ -86,6 +86,28 @@ def test_int8_and_int4_files_use_the_compressed_tensors_names_and_config(tmp_pat
     assert "lm_head" in config["ignore"]
 
 
+@pytest.mark.parametrize(
+    ("edit", "complaint"),
+    [
+        (lambda weights, group: weights.update(num_bits=8), "num_bits=8"),
+        (lambda weights, group: weights.update(group_size=64), "group_size=64"),
+        (lambda weights, group: group.update(targets=["re:^nothing$"]), "no quantization_config group targets it"),
+    ],
+)
+def test_a_quantization_config_that_disagrees_with_the_stored_weights_is_refused_by_name(tmp_path, edit, complaint):
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int4", group_size=32))
+    seekstack.save_pretrained(model, tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    [group] = config["quantization_config"]["config_groups"].values()
+    edit(group["weights"], group)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(seekstack.checkpoint.CheckpointError, match="config.json") as error:
+        seekstack.load_pretrained(tmp_path)
+    assert complaint in str(error.value) and "model.layers." in str(error.value)
+
+
 def test_compressed_tensors_decompresses_our_files_to_our_weights(tmp_path):
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
