@@ -15,7 +15,7 @@ The token embedding and the output head (`vocabulary`) are module targets (peft'
 The fused head + loss (model/head_loss.py) reads lm_head.weight instead of calling the head, so the adapted head's
 `weight` is W + alpha/r B A (files.py, `FusedHeadLoRA`): the loss trains what the logits use.
 
-Two further options, both measured on a code -> prose shift in bench/lora_domain.py:
+Further options, measured on a code -> prose shift in bench/lora_domain.py:
 - `rslora`: rank-stabilized LoRA (Kalajdzievski 2023), the update scaled by alpha / sqrt(r) instead of alpha / r,
   so a larger rank is not damped (peft's use_rslora).
 - `head_tokens`: the output head's rows of the N most frequent tokens of the training data train in full, beside
@@ -23,6 +23,9 @@ Two further options, both measured on a code -> prose shift in bench/lora_domain
   scores of the new domain's frequent tokens most, and a full row per such token is worth more there than a
   rank-r update spread over the whole vocabulary. It excludes `lm_head` from `vocabulary` (peft wraps a module one
   way), and such an adapter is merged (`seekstack lora merge`) rather than served beside others.
+- `layers`: the main layers whose attention, feed_forward and experts targets adapt (all by default), to spend a
+  small budget where it counts: on that shift, the first layer's dense FFN (gate and up, which read the token's
+  embedding) beside the head rows (`head_tokens311_ffn0_r8`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class AdapterConfig:
     vocabulary: tuple[str, ...] = ()  # the token embedding and/or the output head
     rslora: bool = False  # scale the update by alpha / sqrt(r) (rsLoRA) instead of alpha / r
     head_tokens: NonNegative = 0  # output-head rows of the N most frequent training tokens trained in full
+    layers: tuple[int, ...] = ()  # main layers whose attention, feed_forward and experts adapt; () = all
 
     def validate(self) -> AdapterConfig:
         config = recheck(self)
@@ -82,6 +86,12 @@ class AdapterConfig:
             "attention",
             "at least one LoRA target among attention, feed_forward, experts and vocabulary",
         )
+        layers = list(config.layers)
+        require(
+            len(set(layers)) == len(layers) and min(layers, default=0) >= 0,
+            "layers",
+            f"distinct main layer numbers, from 0 (not {layers})",
+        )
         return config
 
     def save(self, folder: str | Path) -> Path:
@@ -102,6 +112,11 @@ class AdapterConfig:
             f"{self.head_tokens} token ids for the head's trainable rows (got {len(head_token_ids)})",
         )
         modules, parameters = self.targets(model_config)
+        require(
+            bool(modules or parameters),
+            "layers",
+            f"main layers with at least one of the adapted targets (layers {list(self.layers)} have none of them)",
+        )
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,
@@ -115,9 +130,12 @@ class AdapterConfig:
 
     def targets(self, model_config: ModelConfig) -> tuple[list[str], list[str]]:
         """(module names, parameter names) to adapt, in seekstack's names, which are suffixes of transformers'."""
+        count = model_config.num_hidden_layers
+        outside = sorted(layer for layer in self.layers if layer >= count)
+        require(not outside, "layers", f"main layer numbers below {count}, the model's layers (not {outside})")
         modules, parameters = list(self.vocabulary), []
         query = ("q_proj",) if model_config.q_lora_rank is None else ("q_a_proj", "q_b_proj")
-        for layer in range(model_config.num_hidden_layers):
+        for layer in self.layers or range(count):
             prefix = f"layers.{layer}"
             for name in self.attention:
                 if name in query or name not in ("q_proj", "q_a_proj", "q_b_proj"):

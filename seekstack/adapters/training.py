@@ -18,6 +18,7 @@ from torch import nn
 from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
 from seekstack.adapters.data import chat_source, frequent_tokens, prepare_data
 from seekstack.adapters.files import apply_lora, publish_adapter, restore_adapter, save_adapter
+from seekstack.checkpoint import read_config
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, load_config, require
 from seekstack.train.config import TrainConfig, resolve_train_config
@@ -81,6 +82,7 @@ def lora_train_config(
 def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool = False) -> TrainResult:
     """Train the adapter (or continue the run in `out_dir`); the adapter files end up in `out_dir` itself."""
     head_token_ids = frequent_tokens(train_config.data_dir, adapter.head_tokens) if adapter.head_tokens else ()
+    adapter.peft_config(read_config(train_config.init_from), head_token_ids)  # the targets fit the base (`layers`)
     out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
     adapter.save(out)

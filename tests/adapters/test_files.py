@@ -98,10 +98,19 @@ def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):
 HEAD_TOKENS = [5, 17, 2, 40]
 
 
-@pytest.fixture(scope="module")
-def head_rows_adapter(base, tmp_path_factory):
-    """Attention LoRA plus the head's rows of HEAD_TOKENS trained in full (lora.head_tokens)."""
-    config = AdapterConfig(rank=2, feed_forward=(), experts=(), head_tokens=len(HEAD_TOKENS))
+HEAD_ROWS_CONFIGS = {
+    "attention": AdapterConfig(rank=2, feed_forward=(), experts=(), head_tokens=len(HEAD_TOKENS)),
+    # bench/lora_domain.py's `head_tokens_ffn0_r8`: the first layer's dense FFN (gate and up) as parameter targets
+    "first_ffn": AdapterConfig(
+        attention=(), feed_forward=("gate_proj", "up_proj"), experts=(), layers=(0,), head_tokens=len(HEAD_TOKENS)
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(HEAD_ROWS_CONFIGS))
+def head_rows_adapter(base, tmp_path_factory, request):
+    """LoRA plus the head's rows of HEAD_TOKENS trained in full (lora.head_tokens)."""
+    config = HEAD_ROWS_CONFIGS[request.param]
     return write_random_adapter(base, tmp_path_factory.mktemp("rows") / "rows", 4, config, HEAD_TOKENS)
 
 
@@ -147,6 +156,27 @@ def test_head_rows_beside_a_lora_head_or_without_targets_are_refused_naming_the_
         AdapterConfig(head_tokens=8, vocabulary=("lm_head",)).validate()
     with pytest.raises(ConfigError, match="at least one LoRA target"):
         AdapterConfig(attention=(), feed_forward=(), experts=(), head_tokens=8).validate()
+
+
+def test_layers_restrict_the_block_targets_and_are_checked_against_the_model():
+    model_config = seekstack.preset("tiny", **TINY)  # layer 0 dense, layer 1 MoE
+    modules, parameters = AdapterConfig(layers=(1,), vocabulary=("lm_head",)).targets(model_config)
+    assert "lm_head" in modules and all(name.startswith("layers.1.") for name in modules[1:] + parameters)
+    assert "layers.1.mlp.experts.gate_up_proj" in parameters
+    with pytest.raises(ConfigError, match="'layers'.*below 2.*not \\[2\\]"):
+        AdapterConfig(layers=(0, 2)).validate().targets(model_config)
+    for wrong in ((1, 1), (-1,)):
+        with pytest.raises(ConfigError, match="'layers'.*distinct main layer numbers, from 0"):
+            AdapterConfig(layers=wrong).validate()
+    experts_only = AdapterConfig(attention=(), feed_forward=(), layers=(0,)).validate()
+    with pytest.raises(ConfigError, match="'layers'.*have none"):
+        experts_only.peft_config(model_config)  # the routed experts live in layer 1 only
+
+
+def test_serving_reads_the_factors_of_the_adapted_layers_only(base, tmp_path):
+    folder = write_random_adapter(base, tmp_path / "second", 6, AdapterConfig(rank=2, layers=(1,)))
+    factors = read_factors(seekstack.load_pretrained(base).config, folder)
+    assert (("layers.1.mlp.experts", "gate_up_proj") in factors) and all(m.startswith("layers.1.") for m, _ in factors)
 
 
 def test_an_adapter_of_another_base_is_refused_naming_the_file(adapter, tmp_path):

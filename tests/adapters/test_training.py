@@ -116,6 +116,20 @@ def test_a_head_tokens_run_trains_the_head_rows_of_the_frequent_tokens_only(base
     assert changed == sorted(frequent_tokens(data_dir, 6))
 
 
+def test_layers_given_on_the_command_line_adapt_only_those_layers(base, data_dir, tmp_path):
+    overrides = [*RUN, "max_steps=1", "lora.attention=[]", "lora.feed_forward=gate_proj,up_proj", "lora.layers=0"]
+    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "first", overrides)
+    assert adapter.layers == (0,) and adapter.feed_forward == ("gate_proj", "up_proj")
+    train_adapter(train_config, adapter)
+    saved = json.loads((tmp_path / "first" / ADAPTER_CONFIG_FILE).read_text())
+    assert sorted(saved["target_parameters"]) == ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"]
+    assert not saved["target_modules"]
+    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "beyond", [*RUN, "lora.layers=0,2"])
+    with pytest.raises(ConfigError, match="'layers'.*below 2"):  # the base has 2 main layers
+        train_adapter(train_config, adapter)
+    assert not (tmp_path / "beyond").exists()
+
+
 def test_a_head_tokens_count_above_the_vocabulary_is_refused_before_the_run_folder_is_made(base, data_dir, tmp_path):
     train_config, adapter = lora_train_config(base, data_dir, tmp_path / "run", [*RUN, "lora.head_tokens=1000000"])
     with pytest.raises(ValueError, match="more than the"):
