@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -109,6 +110,11 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     return {"step_s": step_s, "generate_s": generate_s, "reward": rewards}
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: a busy machine (above its core count) makes both timings unreliable."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def summary(name: str, result: dict) -> dict:
     steady = result["step_s"][1:] or result["step_s"]
     generate = result["generate_s"][1 : len(result["step_s"])] or result["generate_s"]
@@ -145,8 +151,11 @@ def main() -> None:
         f"tokens; our decode {'compiled' if args.compile_decode else 'eager'}"
     )
     with tempfile.TemporaryDirectory() as scratch:
+        print(f"load average before: {load_average()}")
         ours = summary("seekstack", run_ours(args, Path(scratch) / "ours"))
+        print(f"load average between: {load_average()}")
         trl = summary("trl", run_trl(args, Path(scratch) / "trl"))
+        print(f"load average after: {load_average()}")
     print(f"seekstack is {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step")
     print(
         f"all {args.steps} steps, warm-up included: seekstack {ours['total_s']:.1f} s, trl {trl['total_s']:.1f} s "

@@ -122,12 +122,16 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = torch.bmm(q_nope.reshape(B * T, H, self.nope_dim).transpose(0, 1), w_uk)  # (H, B*T, C)
         q_latent = q_latent.view(H, B, T, self.kv_rank).transpose(0, 1)  # (B, H, T, C)
         query = torch.cat((q_latent, q_rope.transpose(1, 2)), dim=-1)  # (B, H, T, C+R)
-        key = cached.unsqueeze(1).expand(-1, H, -1, -1)  # (B, H, S, C+R), shared by all heads
+        # Every head reads the same [c^KV; k^R] (one KV head in latent space), so the heads fold into the query rows,
+        # row h*T + t being head h's query t: one key for all heads, never expanded per head.
+        query = query.view(B, 1, H * T, self.kv_rank + self.rope_dim)
+        key = cached.unsqueeze(1)  # (B, 1, S, C+R)
         # The key doubles as the value: its first C columns are c^KV, and equal widths keep the fused kernel.
         out_latent = F.scaled_dot_product_attention(
-            query, key, key, attn_mask=None if mask is None else mask.unsqueeze(1), scale=self.softmax_scale
-        )
-        out_latent = out_latent[..., : self.kv_rank].transpose(0, 1).reshape(H, B * T, self.kv_rank)
+            query, key, key, attn_mask=None if mask is None else mask.repeat(1, H, 1).unsqueeze(1),
+            scale=self.softmax_scale,
+        )  # fmt: skip
+        out_latent = out_latent.view(B, H, T, -1)[..., : self.kv_rank].transpose(0, 1).reshape(H, B * T, self.kv_rank)
         out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # (H, B*T, C) @ (H, C, V)
         return out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # (B, T, H, V)
 
@@ -176,3 +180,38 @@ class ContiguousLatentCache:
         """Cache bytes one token occupies across all layers: (C + R) x layers x dtype size."""
         layers, _, _, width = self.cached.shape
         return layers * width * self.cached.element_size()
+
+
+class SharedPrefixCache:
+    """The latents of P prefixes that many rows continue (GRPO: a prompt and its G completions), kept with their
+    gradients, so each prefix is computed once however many rows read it.
+
+    A layer's first update records the prefixes' (P, S) right-padded [c^KV; k^R] and attends causally; its later
+    updates are rows (B, T), row b continuing prefix `prefix_of[b]`, which attend to that prefix's real tokens (an
+    index, no per-row recompute) and causally to their own. Under causal attention a prefix's states never depend on
+    what follows, so this equals the forward over the whole rows; backward sums each prefix's gradient over its rows.
+    The rows' positions start at their prefix's length, so shorter prefixes than the padded S need `positions`.
+    """
+
+    def __init__(self, prefix_lengths: torch.Tensor, prefix_of: torch.Tensor):
+        self.prefix_lengths = prefix_lengths  # (P,) real tokens of each prefix
+        self.prefix_of = prefix_of  # (B,) the prefix each continuing row reads
+        self.prefixes: dict[int, torch.Tensor] = {}  # layer -> (P, S, C+R)
+
+    def length(self, layer_idx: int = 0) -> int:
+        prefix = self.prefixes.get(layer_idx)
+        return 0 if prefix is None else prefix.shape[1]
+
+    def update(
+        self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = torch.cat((kv_latent, k_rope), dim=-1)  # (B, T, C+R)
+        B, T, _ = latent.shape
+        causal = torch.ones(T, T, dtype=torch.bool, device=latent.device).tril()
+        if layer_idx not in self.prefixes:
+            self.prefixes[layer_idx] = latent
+            return latent, causal.expand(B, -1, -1)
+        prefix = self.prefixes[layer_idx]
+        real = torch.arange(prefix.shape[1], device=latent.device) < self.prefix_lengths[:, None]  # (P, S)
+        mask = torch.cat((real[self.prefix_of].unsqueeze(1).expand(-1, T, -1), causal.expand(B, -1, -1)), dim=-1)
+        return torch.cat((prefix[self.prefix_of], latent), dim=1), mask  # (B, S+T, C+R), (B, T, S+T)

@@ -104,8 +104,29 @@ def policy_loss(
 
 
 def token_logps_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token) and the entropy of the distribution, per position: logits (N, T, V), tokens (N, T)."""
-    log_probs = logits.float().log_softmax(dim=-1)
-    picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return picked, entropy
+    """log p(token) and the entropy of the distribution (without gradient: it is only logged), per position:
+    logits (..., V), tokens (...)."""
+    return _TokenLogProb.apply(logits.float(), tokens)
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """log p_y = z_y - logsumexp(z), whose gradient is g (onehot(y) - softmax(z)), and H = logsumexp(z) - sum_v p_v z_v.
+
+    One softmax serves the log-probability, the entropy and the backward, which needs no log-softmax of its own."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        log_normalizer = logits.logsumexp(dim=-1, keepdim=True)
+        probs = (logits - log_normalizer).exp_()
+        picked = (logits.gather(-1, tokens[..., None]) - log_normalizer).squeeze(-1)
+        entropy = log_normalizer.squeeze(-1) - (probs * logits).sum(dim=-1)
+        ctx.save_for_backward(probs, tokens)
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        probs, tokens = ctx.saved_tensors
+        grad = probs * -grad_picked[..., None]
+        grad.scatter_add_(-1, tokens[..., None], grad_picked[..., None])
+        return grad, None

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from seekstack.infer import Engine, SamplingParams
+from seekstack.model.attention import SharedPrefixCache
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.grpo import token_logps_and_entropy
@@ -43,6 +44,12 @@ class Rollout:
         """(N, C) 1 on completion tokens."""
         width = int(self.completion_lengths.max())
         return (torch.arange(width)[None, :] < self.completion_lengths[:, None]).float()
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        """(N, C) each row's completion tokens, padding after its end."""
+        columns = self.prompt_lengths[:, None] + torch.arange(int(self.completion_lengths.max()))[None, :]
+        return self.input_ids.gather(1, columns.clamp(max=self.input_ids.shape[1] - 1))
 
 
 def sample_groups(
@@ -90,9 +97,38 @@ def completion_logps(
     model: nn.Module, rollout: Rollout, temperature: float, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, ModelOutput]:
     """(log-probabilities, entropies), each (N, C), of the completion tokens under `model` at the sampling
-    temperature, and the model's output; positions past a completion's end hold padding (the mask drops them).
+    temperature, and the model's output; positions past a completion's end hold 0 (the mask drops them).
 
-    The output head runs on the completion positions alone: the prompt's logits are never needed."""
+    Rows that share a prompt (a group's G) share its computation: the distinct prompts run once, and the
+    completions attend to their prompt's latents (model/attention.py SharedPrefixCache); this equals the forward
+    over whole rows.
+    """
+    prompts, prompt_of = distinct_prompts(rollout)
+    if len(prompts) == len(prompt_of):
+        hidden, out = _whole_rows_hidden(model, rollout, device)
+    else:
+        hidden, out = _shared_prompt_hidden(model, rollout, prompts, prompt_of.to(device), device)
+    completions = rollout.completion_ids.to(device)
+    real = rollout.completion_mask.to(device).bool()  # (N, C): the head runs on the completion tokens alone
+    logits = model.lm_head(hidden[real] / temperature)  # (tokens, V) = head(h) / T: the head has no bias
+    real_logps, real_entropy = token_logps_and_entropy(logits, completions[real])
+    logps = torch.zeros(real.shape, device=device).masked_scatter(real, real_logps)
+    entropy = torch.zeros(real.shape, device=device).masked_scatter(real, real_entropy)
+    return logps, entropy, out
+
+
+def distinct_prompts(rollout: Rollout) -> tuple[list[list[int]], torch.Tensor]:
+    """The rollout's distinct prompts in order of first use, and (N,) which one each row continues."""
+    index: dict[tuple[int, ...], int] = {}
+    prompt_of = [
+        index.setdefault(tuple(row[:length].tolist()), len(index))
+        for row, length in zip(rollout.input_ids, rollout.prompt_lengths.tolist(), strict=True)
+    ]
+    return [list(prompt) for prompt in index], torch.tensor(prompt_of)
+
+
+def _whole_rows_hidden(model: nn.Module, rollout: Rollout, device: torch.device) -> tuple[torch.Tensor, ModelOutput]:
+    """(N, C, D) states predicting each completion token, from one forward over the whole (N, L) rows."""
     input_ids = rollout.input_ids.to(device)
     N, L = input_ids.shape
     out = model(input_ids, logits_at=torch.zeros(N, dtype=torch.long, device=device))  # (N, 1, V): a token cost
@@ -101,6 +137,31 @@ def completion_logps(
     columns = rollout.prompt_lengths[:, None].to(device) - 1 + torch.arange(width, device=device)[None, :]
     columns = columns.clamp(max=L - 2)  # (N, C)
     hidden = out.hidden_states.gather(1, columns[..., None].expand(-1, -1, out.hidden_states.shape[-1]))
-    logits = model.lm_head(hidden) / temperature  # (N, C, V)
-    logps, entropy = token_logps_and_entropy(logits, input_ids.gather(1, columns + 1))
-    return logps, entropy, out
+    return hidden, out
+
+
+def _shared_prompt_hidden(
+    model: nn.Module, rollout: Rollout, prompts: list[list[int]], prompt_of: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, ModelOutput]:
+    """The same (N, C, D) states from one forward over the P distinct prompts and one over the N completions.
+
+    A completion's first token is predicted by its prompt's last state, token j > 0 by the completion's state j - 1,
+    so the completions run without their last token. The output's `expert_load`, which MaxVio and the router's bias
+    update read, counts each distinct prompt token once (padding of shorter prompts included) and the completion
+    tokens run, not G copies of a prompt; GRPO's loss has no balance term, so none is returned."""
+    prompt_lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    P, width = len(prompts), int(rollout.completion_lengths.max())
+    cache = SharedPrefixCache(prompt_lengths, prompt_of)
+    prompt_ids = pad_rows(prompts, 0).to(device)  # padding after a prompt's end is never attended to
+    prompt_out = model(prompt_ids, cache=cache, logits_at=torch.zeros(P, dtype=torch.long, device=device))
+    last = prompt_out.hidden_states[torch.arange(P, device=device), prompt_lengths - 1]  # (P, D)
+    hidden, load = last[prompt_of].unsqueeze(1), prompt_out.expert_load  # (N, 1, D)
+    if width > 1:
+        positions = rollout.prompt_lengths[:, None] + torch.arange(width - 1)[None, :]  # continuing each prompt's
+        out = model(
+            rollout.completion_ids[:, :-1].to(device), cache=cache, positions=positions.to(device),
+            logits_at=torch.zeros(len(prompt_of), dtype=torch.long, device=device),
+        )  # fmt: skip
+        hidden = torch.cat((hidden, out.hidden_states), dim=1)
+        load = None if load is None else load + out.expert_load
+    return hidden, ModelOutput(None, hidden, load)

@@ -6,8 +6,10 @@ import torch
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer import SamplingParams
 from seekstack.posttrain.config import GRPOConfig
+from seekstack.posttrain.grpo import policy_loss
+from seekstack.posttrain.padding import pad_rows
 from seekstack.posttrain.rl import GRPOSource, run_rl
-from seekstack.posttrain.rollout import completion_logps
+from seekstack.posttrain.rollout import Rollout, completion_logps
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
 
@@ -107,3 +109,50 @@ def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model):
     weights_a = load_pretrained(tmp_path / "a" / "checkpoints" / "step_4").state_dict()
     weights_b = load_pretrained(tmp_path / "b" / "checkpoints" / "step_4").state_dict()
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+
+
+def _grouped_rollout(pad_id: int) -> Rollout:
+    """Two prompts of different lengths, three completions each, of different lengths (one of a single token)."""
+    prompts = [torch.randint(2, 300, (11,)).tolist(), torch.randint(2, 300, (6,)).tolist()]
+    completion_lengths = [4, 9, 1, 7, 7, 2]
+    rows = [prompts[row // 3] + torch.randint(2, 300, (n,)).tolist() for row, n in enumerate(completion_lengths)]
+    return Rollout(
+        input_ids=pad_rows(rows, pad_id),
+        prompt_lengths=torch.tensor([len(prompts[row // 3]) for row in range(6)]),
+        completion_lengths=torch.tensor(completion_lengths),
+        rewards=torch.zeros(6),
+        terms={},
+        generate_s=0.0,
+    )
+
+
+def test_completion_logps_share_each_prompt_and_equal_whole_row_forwards(tmp_path):
+    """A group's rows share one forward of their prompt; the log-probabilities and the GRPO loss's gradients equal
+    those of a forward over each whole row."""
+    model = load_pretrained(micro_checkpoint(tmp_path / "model"), dtype=torch.float32).train()
+    rollout = _grouped_rollout(pad_id=0)
+    mask, advantages = rollout.completion_mask, torch.randn(6)
+
+    def grpo_loss_and_grads(logps: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = policy_loss(logps, logps.detach() - 0.05, advantages, mask, "grpo", 0.2, 0.2).loss
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    whole = torch.zeros(mask.shape)
+    for row in range(6):  # the reference: each whole row alone, its completion tokens' log-probs at temperature 0.7
+        start, length = int(rollout.prompt_lengths[row]), int(rollout.completion_lengths[row])
+        ids = rollout.input_ids[row, : start + length][None]
+        log_probs = (model(ids).logits[0, start - 1 : -1] / 0.7).log_softmax(dim=-1)
+        whole[row, :length] = log_probs.gather(1, ids[0, start:, None]).squeeze(1)
+    whole_loss, whole_grads = grpo_loss_and_grads(whole)
+    logps, _, out = completion_logps(model, rollout, 0.7, torch.device("cpu"))
+    shared_loss, shared_grads = grpo_loss_and_grads(logps)
+    assert torch.allclose(logps * mask, whole * mask, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(shared_loss, whole_loss, rtol=1e-5, atol=1e-7)
+    assert shared_grads.keys() == whole_grads.keys()
+    for name, grad in whole_grads.items():
+        assert (shared_grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-7, name
+    # the prompts ran once: routed tokens are the two prompts (padded to 11) and the completions without their last
+    tokens_per_layer = out.expert_load.sum(dim=1) // model.config.num_experts_per_tok
+    assert tokens_per_layer.tolist() == [2 * 11 + 6 * (9 - 1)] * len(tokens_per_layer)
