@@ -65,16 +65,45 @@ def test_one_grouped_matmul_and_the_per_expert_fallback_give_the_per_token_loop(
     assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
 
 
-def test_gathered_dispatch_of_compiled_inference_matches_per_token_loop():
-    moe = make_moe().eval()
-    x = torch.randn(3, 2, 64)
-    flat = x.reshape(-1, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 16])  # 2, 6, 8, 32 (token, expert) pairs for 8 experts
+@pytest.mark.parametrize("path", ["forward_pairs", "forward_dense"])
+def test_each_compiled_inference_path_gives_the_grouped_dispatch_per_token(path, tokens, dtype):
+    moe = make_moe().eval().to(dtype)
+    flat = torch.randn(tokens, 64, dtype=dtype)
     with torch.no_grad():
         routing = moe.gate(flat)
-        routed, load = moe.experts.forward_gathered(flat, routing)
-        _, grouped_load = moe.experts(flat, routing)  # eager: the grouped dispatch
-    assert (routed + moe.shared_experts(flat) - reference_moe(moe, x).view_as(flat)).abs().max().item() < 1e-5
-    assert load.tolist() == grouped_load.tolist() and load.sum().item() == 6 * 2
+        routed, load = getattr(moe.experts, path)(flat, routing)
+        grouped, grouped_load = moe.experts(flat, routing)  # eager: the grouped dispatch
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * grouped.abs().max().item()
+    assert routed.dtype == dtype and (routed.float() - grouped.float()).abs().max().item() < tolerance
+    assert load.tolist() == grouped_load.tolist() and load.sum().item() == tokens * 2
+    if dtype == torch.float32:
+        expected = reference_moe(moe, flat.unsqueeze(0)).squeeze(0) - moe.shared_experts(flat)
+        assert (routed - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "dtype, tokens, expected_path",
+    [
+        (torch.bfloat16, 31, "forward_pairs"),
+        (torch.bfloat16, 32, "forward_dense"),
+        (torch.float32, 64, "forward_pairs"),
+    ],
+)
+def test_compiled_inference_picks_its_path_by_dtype_and_shape_in_one_graph(dtype, tokens, expected_path):
+    moe = make_moe().eval().to(dtype)  # 8 experts, K=2: dense from 8 pairs per expert, 32 tokens, in bfloat16 only
+    flat = torch.randn(tokens, 64, dtype=dtype)
+    taken = []
+    for path in ("forward_pairs", "forward_dense"):
+        run = getattr(moe.experts, path)
+        setattr(moe.experts, path, lambda x, routing, run=run, path=path: taken.append(path) or run(x, routing))
+    with torch.no_grad():
+        routing = moe.gate(flat)
+        compiled, _ = torch.compile(moe.experts, backend="eager", fullgraph=True, dynamic=True)(flat, routing)
+        grouped, _ = moe.experts(flat, routing)
+    assert taken == [expected_path]
+    assert (compiled.float() - grouped.float()).abs().max().item() < 2e-2 * grouped.float().abs().max().item()
 
 
 def test_compiled_float32_training_forward_matches_eager_with_gradients():
