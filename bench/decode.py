@@ -1,7 +1,11 @@
 """Generation speed of the seekstack engine against transformers' `generate` on the same weights.
 
 A preset with random weights is saved once with `seekstack.save_pretrained` and loaded by both
-`seekstack.infer.Engine.from_pretrained` and `transformers.AutoModelForCausalLM`. Both decode greedily
+`seekstack.infer.Engine.from_pretrained` and `transformers.AutoModelForCausalLM`. Ours runs in the dtype `generate`,
+`chat` and `serve` choose by default (`auto`, seekstack/infer/precision.py: bfloat16 where the CPU has avx512_bf16 or
+amx_bf16, else float32); transformers runs in float32, its default, and in bfloat16. Each ratio is labelled:
+"like for like" sets ours against the peer in our dtype, "default vs default" against what its users get without
+options. Both decode greedily
 from the same random prompts for exactly the same number of tokens (neither stops at an end-of-sequence
 token); their greedy tokens are compared first. Each timed run of ours alternates with one of theirs, and the median
 over repetitions is reported, so load from other processes falls on both sides alike.
@@ -13,11 +17,12 @@ KV-cache bytes per token: ours from the paged pool, (kv_lora_rank + qk_rope_head
 size; theirs by measuring the tensors of the cache object `generate` returns. Then the total decode
 throughput of ours with 1, 4 and 16 concurrent sequences.
 
-llama.cpp (`--llama-cpp-source`, see llama_cpp_peer.py) decodes the same checkpoint converted to GGUF f32 and q8_0,
-one stream at a time, on the threads ours decodes one sequence on; ours is set against it at batch 1 and with 8
-concurrent sequences. `--busy` then repeats batch 1 with a competing busy process on the machine: ours as it runs
-by default (small steps on one thread, seekstack/infer/threads.py), ours forced onto all threads, and theirs.
-Every rate is also given as matmul FLOP/s against the machine's float32 peak measured at the start.
+llama.cpp (`--llama-cpp-source`, see llama_cpp_peer.py) decodes the same checkpoint converted to GGUF f32, bf16 and
+q8_0, one stream at a time; ours is set against it at batch 1 and with 8 concurrent sequences, llama.cpp on the
+threads ours runs that row on. `--busy` then repeats batch 1 with a competing busy process on the machine: ours
+as it runs by default (threads chosen per step, seekstack/infer/threads.py), ours forced onto all threads, and theirs
+in float32.
+Every rate is also given as matmul FLOP/s against the machine's matmul peak in our dtype, measured at the start.
 
     python bench/decode.py                        # a few minutes on 2 cores
     python bench/decode.py --reps 1 --new-tokens 16 --scaling 1 4   # quick check
@@ -47,23 +52,34 @@ from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.tokenizer import train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for a small BPE
+THEIR_DTYPES = ("float32", "bfloat16")  # transformers' default first
 
 
-def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, Engine, torch.nn.Module]:
+def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, Engine, dict[str, torch.nn.Module]]:
     """Random weights saved once, a tokenizer of the preset's vocabulary beside them; all models load them.
-    Ours twice: eager (`--no-compile`), and as `generate`, `chat` and `serve` run it by default (EngineOptions), whose
-    decode steps compile once eager decoding has run as long as a compile takes."""
+    Ours twice, both in the default dtype: eager (`--no-compile`), and as `generate`, `chat` and `serve` run it by
+    default (EngineOptions), whose decode steps compile once eager decoding has run as long as a compile takes.
+    Theirs by dtype name: float32 (transformers' default) and bfloat16."""
     config = seekstack.preset(preset, num_nextn_predict_layers=0)  # transformers does not run MTP
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(config), directory)
     texts = [path.read_text() for path in sorted(CORPUS.rglob("*.py"))] * 4
     train_tokenizer(texts, vocab_size=config.vocab_size, out_path=directory)
-    ours = Engine.from_pretrained(directory, max_batch_size=max_batch)
-    ours_default = Engine.from_pretrained(directory, **EngineOptions(max_batch_size=max_batch).engine_kwargs())
-    theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    # No end-of-sequence token: both run exactly the asked number of steps, without a min-length processor.
-    theirs.generation_config.eos_token_id = None
+    eager = EngineOptions(max_batch_size=max_batch, compile=False)
+    ours = Engine.from_pretrained(directory, **eager.engine_kwargs(directory))
+    ours_default = Engine.from_pretrained(directory, **EngineOptions(max_batch_size=max_batch).engine_kwargs(directory))
+    print(f"ours in {dtype_name(ours)}: dtype {EngineOptions().resolved_dtype(directory)[1]}", flush=True)
+    theirs = {}
+    for name in THEIR_DTYPES:
+        theirs[name] = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, name)).eval()
+        # No end-of-sequence token: both run exactly the asked number of steps, without a min-length processor.
+        theirs[name].generation_config.eos_token_id = None
     return ours, ours_default, theirs
+
+
+def dtype_name(engine: Engine) -> str:
+    """The dtype an engine's weights are in, by name: "float32", "bfloat16"."""
+    return str(engine.model.embed_tokens.weight.dtype).removeprefix("torch.")
 
 
 def random_prompts(batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -119,32 +135,35 @@ def warm_up(engine: Engine, vocab: int, new_tokens: int) -> None:
 
 
 def speed_row(
-    engine, default, model, batch: int, prompt_len: int, new_tokens: int, reps: int, clock: str
+    engine,
+    default,
+    theirs: dict[str, torch.nn.Module],
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    reps: int,
+    clock: str,
 ) -> dict[str, float]:
-    """Prefill and decode tok/s of ours (eager and default) and theirs at one batch size, and how many greedy
-    tokens agree with theirs (the lower of our two)."""
+    """Prefill and decode tok/s of ours (eager and default) and theirs (each dtype) at one batch size, and how many
+    greedy tokens agree with theirs in our dtype (the lower of our two)."""
     prompts = random_prompts(batch, prompt_len, engine.config.vocab_size)
-    theirs_tokens = theirs_generate(model, prompts, new_tokens)[:, prompt_len:].tolist()
+    like = theirs.get(dtype_name(engine), theirs["float32"])
+    theirs_tokens = theirs_generate(like, prompts, new_tokens)[:, prompt_len:].tolist()
     agree = 1.0
     for ours in (engine, default):  # the default engine compiles a new batch shape in its first call (untimed)
         ours_tokens = ours_generate(ours, prompts, new_tokens)
         assert all(len(tokens) == new_tokens for tokens in ours_tokens + theirs_tokens), "a side stopped early"
         common = sum(_common_prefix(a, b) for a, b in zip(ours_tokens, theirs_tokens, strict=True))
         agree = min(agree, common / (batch * new_tokens))
-    medians = interleaved(
-        {
-            "ours_1": lambda: ours_generate(engine, prompts, 1),
-            "default_1": lambda: ours_generate(default, prompts, 1),
-            "theirs_1": lambda: theirs_generate(model, prompts, 1),
-            "ours_n": lambda: ours_generate(engine, prompts, new_tokens),
-            "default_n": lambda: ours_generate(default, prompts, new_tokens),
-            "theirs_n": lambda: theirs_generate(model, prompts, new_tokens),
-        },
-        reps,
-        clock,
-    )
+    runs = {}
+    for suffix, n in (("1", 1), ("n", new_tokens)):
+        runs[f"ours_{suffix}"] = lambda n=n: ours_generate(engine, prompts, n)
+        runs[f"default_{suffix}"] = lambda n=n: ours_generate(default, prompts, n)
+        for name, model in theirs.items():
+            runs[f"{name}_{suffix}"] = lambda model=model, n=n: theirs_generate(model, prompts, n)
+    medians = interleaved(runs, reps, clock)
     row = {"batch": batch, "agree": agree}
-    for side in ("ours", "default", "theirs"):
+    for side in ("ours", "default", *theirs):
         row[f"{side}_prefill"] = batch * prompt_len / medians[f"{side}_1"]
         row[f"{side}_decode"] = batch * (new_tokens - 1) / (medians[f"{side}_n"] - medians[f"{side}_1"])
     return row
@@ -167,40 +186,55 @@ def main() -> None:
     add_machine_options(parser)
     args = parser.parse_args()
     prepare_machine(args)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}, float32", flush=True)
-    float32_peak = matmul_peaks()["float32"]
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}; ours in the default "
+        f"dtype (auto), transformers in {' and '.join(THEIR_DTYPES)}",
+        flush=True,
+    )
+    peaks = matmul_peaks()
 
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
-        engine, default, model = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
+        engine, default, theirs = build(args.preset, Path(root) / args.preset, max(args.batches + args.scaling))
         warm_up(default, engine.config.vocab_size, args.new_tokens)
+        ours_dtype = dtype_name(default)
+        peak = peaks[ours_dtype]  # results are set against the peak of the dtype ours runs in
         print(
             f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, "
             f"median of {args.reps}, {args.clock} clock\n"
         )
-        print("decode: ours eager (--no-compile), ours by default (decode steps compiled once warm), theirs")
+        like = ours_dtype if ours_dtype in theirs else "float32"
+        print(
+            f"tok/s; ours in {ours_dtype}: eager (--no-compile) and default (decode steps compiled once warm); "
+            f"theirs in float32 (their default) and bfloat16.\n"
+            f"default vs default: ours default / theirs float32; like for like: ours default / theirs {like}; "
+            f"greedy agree: with theirs in {like}"
+        )
         header = (
-            f"{'batch':>5s} {'ours prefill':>13s} {'theirs prefill':>15s} {'ratio':>6s} {'ours decode':>12s} "
-            f"{'default':>9s} {'theirs decode':>14s} {'ratio':>6s} {'default ratio':>15s} {'greedy agree':>13s}"
+            f"{'batch':>5s} {'prefill ours':>13s} {'f32':>7s} {'bf16':>7s} {'decode eager':>13s} {'default':>8s} "
+            f"{'theirs f32':>11s} {'bf16':>7s} {'default vs default':>19s} {'like for like':>14s} {'eager, like':>12s} "
+            f"{'greedy agree':>13s}"
         )
         print(header + "\n" + "-" * len(header))
         for batch in args.batches:
-            row = speed_row(engine, default, model, batch, args.prompt_len, args.new_tokens, args.reps, args.clock)
-            theirs = row["theirs_decode"]
+            row = speed_row(engine, default, theirs, batch, args.prompt_len, args.new_tokens, args.reps, args.clock)
             print(
-                f"{batch:5d} {row['ours_prefill']:13.0f} {row['theirs_prefill']:15.0f} "
-                f"{row['ours_prefill'] / row['theirs_prefill']:6.2f} {row['ours_decode']:12.1f} "
-                f"{row['default_decode']:9.1f} {theirs:14.1f} {row['ours_decode'] / theirs:6.2f} "
-                f"{row['default_decode'] / theirs:15.2f} {row['agree']:13.0%}",
+                f"{batch:5d} {row['ours_prefill']:13.0f} {row['float32_prefill']:7.0f} {row['bfloat16_prefill']:7.0f} "
+                f"{row['ours_decode']:13.1f} {row['default_decode']:8.1f} {row['float32_decode']:11.1f} "
+                f"{row['bfloat16_decode']:7.1f} {row['default_decode'] / row['float32_decode']:18.2f}x "
+                f"{row['default_decode'] / row[f'{like}_decode']:13.2f}x "
+                f"{row['ours_decode'] / row[f'{like}_decode']:11.2f}x {row['agree']:13.0%}",
                 flush=True,
             )
 
         prompts = random_prompts(1, args.prompt_len, engine.config.vocab_size)
         ours_bytes = engine.cache.bytes_per_token()
-        theirs_bytes = theirs_cache_bytes_per_token(model, prompts, args.new_tokens)
-        config = engine.config
-        formula = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * 4
-        print(f"\nKV cache bytes per token: ours {ours_bytes} (formula (C + R) x layers x 4 = {formula}), ", end="")
-        print(f"theirs {theirs_bytes:.0f}; theirs / ours = {theirs_bytes / ours_bytes:.2f}")
+        theirs_bytes = theirs_cache_bytes_per_token(theirs[like], prompts, args.new_tokens)
+        config, size = engine.config, getattr(torch, ours_dtype).itemsize
+        formula = (config.kv_lora_rank + config.qk_rope_head_dim) * config.num_hidden_layers * size
+        print(
+            f"\nKV cache bytes per token, {ours_dtype}: ours {ours_bytes} (formula (C + R) x layers x {size} = ", end=""
+        )
+        print(f"{formula}), theirs {theirs_bytes:.0f}; theirs / ours = {theirs_bytes / ours_bytes:.2f}")
 
         print("\nThroughput scaling, ours: total decode tok/s with N concurrent sequences (eager / default)")
         for concurrent in args.scaling:
@@ -222,9 +256,9 @@ def main() -> None:
             print(f"  {concurrent:3d} sequences: {rates[0]:8.1f} / {rates[1]:8.1f} tok/s", flush=True)
 
         flops_per_token = forward_flops_per_token(config, args.prompt_len + args.new_tokens // 2)
-        llama_cpp_rows(engine, default, Path(root) / args.preset, args, flops_per_token, float32_peak)
+        llama_cpp_rows(engine, default, Path(root) / args.preset, args, flops_per_token, peak)
         if args.busy:
-            busy_rows(engine, model, args, flops_per_token, float32_peak)
+            busy_rows(engine, theirs["float32"], args, flops_per_token, peak)
 
 
 def decode_rate(medians: dict[str, float], name: str, sequences: int, new_tokens: int) -> float:
@@ -232,43 +266,59 @@ def decode_rate(medians: dict[str, float], name: str, sequences: int, new_tokens
     return sequences * (new_tokens - 1) / (medians[f"{name}_{new_tokens}"] - medians[f"{name}_1"])
 
 
+GGUF_OF_DTYPE = {"float32": "f32", "bfloat16": "bf16"}  # the llama.cpp file type that is like for like with ours
+
+
 def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops_per_token: float, peak: float) -> None:
-    """Batch-1 greedy decode of llama.cpp (GGUF f32, q8_0) against ours (eager and default), and ours with 8
-    sequences against its one."""
-    threads = engine.step_threads.threads_for(1)
-    print(f"\nllama.cpp, one stream on {threads} thread(s) (the threads ours decodes one sequence on):")
-    peers, reason = load_llama_cpp(model_dir, args.llama_cpp_source, args.prompt_len + args.new_tokens + 8, threads)
+    """Batch-1 greedy decode of llama.cpp (GGUF f32, bf16, q8_0) against ours (eager and default), and ours with 8
+    sequences against its one stream; llama.cpp runs on the threads ours runs each row on."""
+    one, eight = default.step_threads.threads_for(1), default.step_threads.threads_for(8)
+    context = args.prompt_len + args.new_tokens + 8
+    peers, reason = load_llama_cpp(model_dir, args.llama_cpp_source, context, one)
+    ours_dtype = dtype_name(default)
+    print(f"\nllama.cpp, one stream, against ours in {ours_dtype} (like for like: GGUF {GGUF_OF_DTYPE[ours_dtype]}):")
     if reason:
         print(f"  skipped: {reason}")
         return
     prompt = random_prompts(1, args.prompt_len, engine.config.vocab_size)
     ours_tokens = ours_generate(engine, prompt, args.new_tokens)[0]
+    prompts8 = random_prompts(8, args.prompt_len, engine.config.vocab_size)
+
+    def peer_run(peer, threads: int, n: int) -> list[int]:
+        peer.use_threads(threads)
+        return peer.generate(prompt[0].tolist(), n)
+
     runs = {}
     for n in (1, args.new_tokens):
         runs[f"ours_{n}"] = lambda n=n: ours_generate(default, prompt, n)
         runs[f"eager_{n}"] = lambda n=n: ours_generate(engine, prompt, n)
+        runs[f"ours8_{n}"] = lambda n=n: ours_generate(default, prompts8, n)
         for peer in peers:
-            runs[f"{peer.outtype}_{n}"] = lambda peer=peer, n=n: peer.generate(prompt[0].tolist(), n)
-    eight = random_prompts(8, args.prompt_len, engine.config.vocab_size)
-    for n in (1, args.new_tokens):
-        runs[f"ours8_{n}"] = lambda n=n: ours_generate(default, eight, n)
+            for threads in sorted({one, eight}):
+                runs[f"{peer.outtype}@{threads}_{n}"] = lambda p=peer, t=threads, n=n: peer_run(p, t, n)
     medians = interleaved(runs, args.reps, args.clock)
     ours = decode_rate(medians, "ours", 1, args.new_tokens)
     eager = decode_rate(medians, "eager", 1, args.new_tokens)
     print(f"  {'ours (default)':24s} {ours:8.1f} tok/s   {share_of_peak(ours, flops_per_token, peak)}")
     print(f"  {'ours (eager)':24s} {eager:8.1f} tok/s   {share_of_peak(eager, flops_per_token, peak)}")
+    print(f"  batch 1, llama.cpp on {one} thread(s) as ours:")
     for peer in peers:
-        rate = decode_rate(medians, peer.outtype, 1, args.new_tokens)
-        agree = _common_prefix(peer.generate(prompt[0].tolist(), args.new_tokens), ours_tokens) / args.new_tokens
+        rate = decode_rate(medians, f"{peer.outtype}@{one}", 1, args.new_tokens)
+        agree = _common_prefix(peer_run(peer, one, args.new_tokens), ours_tokens) / args.new_tokens
+        like = "  <- like for like" if peer.outtype == GGUF_OF_DTYPE[ours_dtype] else ""
         print(
-            f"  {'llama.cpp ' + peer.outtype:24s} {rate:8.1f} tok/s   ours / this = {ours / rate:.2f}x "
-            f"(eager {eager / rate:.2f}x)   "
-            f"greedy agree {agree:.0%}   (converted in {peer.convert_seconds:.0f} s)"
+            f"  {'llama.cpp ' + peer.outtype:24s} {rate:8.1f} tok/s   ours default / this = {ours / rate:.2f}x "
+            f"(eager {eager / rate:.2f}x)   greedy agree {agree:.0%}   (converted in {peer.convert_seconds:.0f} s)"
+            f"{like}"
         )
     eight_rate = decode_rate(medians, "ours8", 8, args.new_tokens)
-    single = decode_rate(medians, "f32", 1, args.new_tokens)
-    times = eight_rate / single
-    print(f"  ours (default), 8 concurrent sequences {eight_rate:8.1f} tok/s = {times:.2f}x llama.cpp f32's one stream")
+    print(
+        f"  ours (default), 8 concurrent sequences on {eight} thread(s): {eight_rate:.1f} tok/s; llama.cpp on {eight}:"
+    )
+    for peer in peers:
+        single = decode_rate(medians, f"{peer.outtype}@{eight}", 1, args.new_tokens)
+        like = "  <- like for like" if peer.outtype == GGUF_OF_DTYPE[ours_dtype] else ""
+        print(f"    = {eight_rate / single:5.2f}x llama.cpp {peer.outtype}'s one stream ({single:.1f} tok/s){like}")
 
 
 def busy_rows(engine: Engine, model: torch.nn.Module, args, flops_per_token: float, peak: float) -> None:
@@ -299,7 +349,7 @@ def busy_rows(engine: Engine, model: torch.nn.Module, args, flops_per_token: flo
     for name, label in (
         ("ours", "ours eager, default threads"),
         ("all", "ours eager, all threads"),
-        ("theirs", "theirs"),
+        ("theirs", "theirs (float32)"),
     ):
         rate = decode_rate(medians, name, 1, args.new_tokens)
         share = share_of_peak(rate, flops_per_token, peak)

@@ -25,7 +25,7 @@ conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 sys.argv = sys.argv[1:]
 runpy.run_path(str(script), run_name="__main__")
 """
-GGUF_TYPES = ("f32", "q8_0")
+GGUF_TYPES = ("f32", "bf16", "q8_0")
 
 
 @dataclass
@@ -35,6 +35,10 @@ class LlamaCppModel:
     outtype: str
     llama: object  # llama_cpp.Llama
     convert_seconds: float
+
+    def use_threads(self, threads: int) -> None:
+        """Decode (and prefill) on `threads` threads from the next call on."""
+        self.llama._ctx.set_n_threads(threads, threads)
 
     def generate(self, prompt: list[int], new_tokens: int) -> list[int]:
         """Greedy tokens after `prompt`, `new_tokens` of them (no stop at end-of-sequence), from an empty cache."""
@@ -70,6 +74,8 @@ def load_llama_cpp(
         if done.returncode != 0:
             return [], f"convert_hf_to_gguf.py --outtype {outtype} failed: {done.stderr.strip().splitlines()[-1]}"
         seconds = time.perf_counter() - start
-        llama = Llama(str(path), n_ctx=context, n_batch=context, n_threads=threads, verbose=False)
+        llama = Llama(
+            str(path), n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
         models.append(LlamaCppModel(outtype, llama, seconds))
     return models, None

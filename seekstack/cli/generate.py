@@ -46,6 +46,13 @@ Compile = Annotated[
     ),
 ]
 Threads = Annotated[int | None, typer.Option(help="torch threads; decode steps under 1 GFLOP run on one anyway")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="auto (bfloat16 where the CPU has avx512_bf16/amx_bf16 and the model 16M+ parameters, or the GPU native "
+        "bf16; else float32), float32, bfloat16 or float16; the choice is told on stderr"
+    ),
+]
 KvCacheMemory = Annotated[str | None, typer.Option(help="Latent-cache budget, e.g. 4GiB; default half the free memory")]
 DeviceMap = Annotated[
     str | None,
@@ -95,6 +102,7 @@ def generate_command(
     compile: Compile = EngineOptions.compile,
     kv_cache_memory: KvCacheMemory = EngineOptions.kv_cache_memory,
     device_map: DeviceMap = EngineOptions.device_map,
+    dtype: Dtype = EngineOptions.dtype,
     threads: Threads = None,
     adapter: Adapter = None,
     as_json: Annotated[
@@ -121,6 +129,7 @@ def generate_command(
             compile=compile,
             kv_cache_memory=kv_cache_memory,
             device_map=device_map,
+            dtype=dtype,
         )
         engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
@@ -151,6 +160,7 @@ def chat_command(
     compile: Compile = EngineOptions.compile,
     kv_cache_memory: KvCacheMemory = EngineOptions.kv_cache_memory,
     device_map: DeviceMap = EngineOptions.device_map,
+    dtype: Dtype = EngineOptions.dtype,
     threads: Threads = None,
     adapter: Adapter = None,
 ) -> None:
@@ -172,6 +182,7 @@ def chat_command(
             compile=compile,
             kv_cache_memory=kv_cache_memory,
             device_map=device_map,
+            dtype=dtype,
         )
         engine = load_engine(model, tokenizer, options, threads, adapter)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
@@ -206,7 +217,16 @@ def load_engine(
         torch.set_num_threads(threads)
     if tokenizer is None and model.is_dir() and not (model / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
-    return Engine.from_pretrained(model, tokenizer=tokenizer, adapter=adapter, **options.engine_kwargs())
+    tell_dtype(options, model)
+    return Engine.from_pretrained(model, tokenizer=tokenizer, adapter=adapter, **options.engine_kwargs(model))
+
+
+def tell_dtype(options: EngineOptions, model: Path) -> None:
+    """Say on stderr which dtype an `auto` engine runs the checkpoint in `model` in, and why, with the way out."""
+    if options.dtype == "auto":
+        dtype, reason = options.validate().resolved_dtype(model)
+        way_out = "--dtype float32 to run in float32" if dtype != "float32" else "--dtype bfloat16 to run in bf16"
+        typer.echo(f"note: dtype {dtype} ({reason}); {way_out}", err=True)
 
 
 def unescape(text: str) -> str:

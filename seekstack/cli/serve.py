@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from seekstack.cli.common import fail, user_errors
-from seekstack.cli.generate import AdaptiveDrafts, DeviceMap, DraftTokens, KvCacheMemory, Speculative, Threads
+from seekstack.cli.generate import (
+    AdaptiveDrafts,
+    DeviceMap,
+    DraftTokens,
+    Dtype,
+    KvCacheMemory,
+    Speculative,
+    Threads,
+    tell_dtype,
+)
 from seekstack.infer.params import EngineOptions
 
 if TYPE_CHECKING:
@@ -47,7 +56,7 @@ def serve_command(
             "off by default, unlike generate and chat: a compile while serving would stall every stream",
         ),
     ] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = EngineOptions.dtype,
+    dtype: Dtype = EngineOptions.dtype,
     kv_cache_memory: KvCacheMemory = None,
     device_map: DeviceMap = None,
     adapter: Annotated[
@@ -90,6 +99,7 @@ def serve_command(
         )  # fmt: skip
         if max_body_bytes is not None:
             options.max_body_bytes = max_body_bytes
+        tell_dtype(engine, model)
         server_app, summary = build_server(model, options)
     typer.echo(summary)
     run_server(server_app, host, port)

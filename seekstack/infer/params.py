@@ -4,6 +4,7 @@ their defaults, written once here for the engine, the command line and the serve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from annotated_types import Ge, Interval, MinLen
@@ -12,7 +13,7 @@ from seekstack.schema import NonNegative, Positive, PositiveFloat, check, rechec
 
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
@@ -81,7 +82,7 @@ class EngineOptions:
     draft_tokens: Positive = 3  # with speculative decoding: tokens the MTP module drafts per step
     adaptive_drafts: bool = True  # draft_tokens is the most: each step drafts 0..most by acceptance and batch
     compile: bool | None = None  # decode steps through torch.compile: always, never, None: once it pays (Engine)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto: bf16 where the devices run this model faster in it
     kv_cache_memory: str | None = None  # latent-cache budget, e.g. "4GiB"; None: half the free device memory
     prefix_caching: bool = True  # share the cache blocks of prompt prefixes between requests
     device_map: str | None = None  # parts on devices (seekstack.infer.placement): "*=cuda:0,layers.*.mlp.experts=cpu"
@@ -96,13 +97,25 @@ class EngineOptions:
                 require(False, "kv_cache_memory", f"a size such as 4GiB ({error})")
         return options
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `Engine.from_pretrained`."""
+    def resolved_dtype(self, model_dir: str | Path | None = None) -> tuple[str, str]:
+        """The dtype the engine runs in and why: `auto` decided for the devices of the device map and the size of the
+        checkpoint in `model_dir` (None: taken as large) by seekstack.infer.precision, any other value as given."""
+        from seekstack.infer.precision import auto_dtype, checkpoint_parameters, map_devices
+
+        if self.dtype != "auto":
+            return self.dtype, "asked for"
+        parameters = checkpoint_parameters(model_dir) if model_dir is not None else None
+        dtype, reason = auto_dtype(map_devices(self.device_map), parameters)
+        return dtype, f"auto: {reason}"
+
+    def engine_kwargs(self, model_dir: str | Path | None = None) -> dict[str, Any]:
+        """The keyword arguments of `Engine.from_pretrained` for the checkpoint in `model_dir` (its size decides
+        an `auto` dtype; None: taken as large)."""
         import torch
 
         options = self.validate()
         return dict(
-            dtype=getattr(torch, options.dtype), max_batch_size=options.max_batch_size,
+            dtype=getattr(torch, options.resolved_dtype(model_dir)[0]), max_batch_size=options.max_batch_size,
             max_model_len=options.max_model_len, speculative=options.speculative,
             draft_tokens=options.draft_tokens, adaptive_drafts=options.adaptive_drafts, compile=options.compile,
             prefix_caching=options.prefix_caching,

@@ -47,7 +47,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
         )
     policy = Policy.load(options.moderation_policy) if options.moderation_policy else None  # before weights load
     engine = Engine.from_pretrained(
-        model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs()
+        model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs(model_dir)
     )
     app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins)
     name = app.state.server.model_name

@@ -17,7 +17,7 @@ runner = CliRunner()
 def invoke(*args: str) -> str:
     result = runner.invoke(app, list(args))
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout  # stderr carries notes (the dtype chosen)
 
 
 def test_train_merge_and_generate_with_the_adapter(tmp_path):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.cli.generate import unescape
-from seekstack.infer import Engine, SamplingParams
+from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.chat import HELP, ChatSession, base_model_reason, run_chat
 from tests.infer.support import model_dir
 
@@ -24,7 +24,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    return Engine.from_pretrained(checkpoint)
+    """The engine the commands run by default: in the dtype `auto` picks on this machine."""
+    return Engine.from_pretrained(checkpoint, dtype=EngineOptions().engine_kwargs(checkpoint)["dtype"])
 
 
 def test_generate_streams_the_same_text_as_the_engine(checkpoint, engine):
@@ -109,7 +110,10 @@ def test_generate_caps_max_new_tokens_to_the_context_with_a_notice(checkpoint, e
             "--max-new-tokens", "500"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    dtype, reason = EngineOptions().resolved_dtype(checkpoint)
+    way_out = "--dtype float32 to run in float32" if dtype != "float32" else "--dtype bfloat16 to run in bf16"
     assert result.stderr == (
+        f"note: dtype {dtype} ({reason}); {way_out}\n"
         f"note: prompt is {prompt_len} tokens; max_new_tokens capped from 500 to {room} to fit the context of 256\n"
     )
     expected = engine.generate([prompt], SamplingParams(max_new_tokens=room, temperature=0, ignore_eos=True))[0]

@@ -111,7 +111,7 @@ def test_from_pretrained_places_the_parts_a_device_map_names(tmp_path):
     prompt = torch.randint(5, 512, (7,), generator=torch.Generator().manual_seed(2)).tolist()
     params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     expected = Engine.from_pretrained(directory).generate([prompt], params)[0].token_ids
-    options = EngineOptions(device_map="*=cpu,layers.*.mlp.experts=disk", kv_cache_memory="1MiB")
+    options = EngineOptions(device_map="*=cpu,layers.*.mlp.experts=disk", kv_cache_memory="1MiB", dtype="float32")
     engine = Engine.from_pretrained(directory, **options.engine_kwargs())
     assert engine.model.placement["layers.1.mlp.experts"] == "disk" and (directory / "offload").is_dir()
     assert engine.generate([prompt], params)[0].token_ids == expected
@@ -141,7 +141,11 @@ def test_disk_parts_already_memory_mapped_from_the_checkpoint_are_used_in_place(
     prompt = torch.randint(5, 512, (7,), generator=torch.Generator().manual_seed(3)).tolist()
     params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     expected = Engine.from_pretrained(directory).generate([prompt], params)[0].token_ids
-    options = EngineOptions(device_map="*=cpu,layers.*.mlp.experts=disk,embed_tokens=disk", kv_cache_memory="1MiB")
+    options = EngineOptions(
+        device_map="*=cpu,layers.*.mlp.experts=disk,embed_tokens=disk",
+        kv_cache_memory="1MiB",
+        dtype="float32",  # the checkpoint's: its disk parts map in place
+    )
     engine = Engine.from_pretrained(directory, **options.engine_kwargs())
     experts = engine.model.layers[1].mlp.experts
     assert mapped_file(experts.gate_up_proj) == mapped_file(engine.model.embed_tokens.weight) == directory / SINGLE_FILE

@@ -1,0 +1,80 @@
+"""The float type inference runs in when asked for `auto`: bfloat16 where every device the model runs on computes it
+fast, float32 elsewhere.
+
+A decode step reads every active weight once, so half the bytes per weight is up to half the time per token. Whether
+bfloat16 is faster depends on the instruction set: a CPU with AVX512-BF16 or AMX-BF16 runs bf16 matmuls in
+dot-product instructions; without them torch widens bf16 to float32 around each op and bf16 can run 3.5x slower
+than float32. CUDA GPUs with native bf16 (compute capability 8.0 and later) run it at least as fast as float32.
+Other CPUs (ARM's bf16 included, unmeasured here) stay in float32.
+
+Even with the instructions, a CPU bf16 matmul costs ~11 us more per call than float32's (measured on a 2-core Zen 5
+with avx512_bf16 and no AMX, one thread: a 256x256 GEMV 14.6 us against 4.2). A model whose float32 weights fit in
+the last-level cache makes hundreds of such small calls per token and gains nothing from fewer bytes: the 2.8M-
+parameter `tiny` (the demo model's size) decodes at 0.51x float32's speed in bf16 (compiled, batch 1). Past
+MIN_BF16_CPU_PARAMETERS the weights stream from memory and bf16's halved bytes win: `small` (58M) at 1.40x.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+FAST_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")  # torch.cpu.get_capabilities() names
+MIN_BF16_CPU_PARAMETERS = 16_000_000  # 64 MB of float32 weights: past a CPU's last-level cache (32 MB on Zen 5)
+DEVICE = re.compile(r"\b(cuda(?::\d+)?|cpu|disk|mps)\b")  # the devices a device map names (disk computes on the CPU)
+
+
+def map_devices(device_map: str | None) -> list[str]:
+    """The devices a model runs on: those a device map (seekstack.infer.placement) names, else the CPU."""
+    named = DEVICE.findall(device_map or "")
+    return sorted({"cpu" if device == "disk" else device for device in named}) or ["cpu"]
+
+
+def cpu_features() -> Mapping[str, object]:
+    """This CPU's instruction-set features, as torch detects them."""
+    import torch
+
+    return torch.cpu.get_capabilities()
+
+
+def runs_bf16_fast(
+    device: str, parameters: int | None = None, features: Mapping[str, object] | None = None
+) -> tuple[bool, str]:
+    """Whether `device` runs a model of `parameters` (None: unknown, taken as large) faster in bfloat16, and why;
+    `features` (the CPU's, default detected) decides a CPU."""
+    import torch
+
+    if device == "cpu":
+        features = cpu_features() if features is None else features
+        present = [name for name in FAST_BF16_CPU_FEATURES if features.get(name)]
+        if not present:
+            return False, f"this CPU has none of {', '.join(FAST_BF16_CPU_FEATURES)}"
+        if parameters is not None and parameters < MIN_BF16_CPU_PARAMETERS:
+            return False, (
+                f"this CPU has {' and '.join(present)}, but a model of {parameters / 1e6:.1f}M parameters "
+                f"(under {MIN_BF16_CPU_PARAMETERS / 1e6:.0f}M) runs faster in float32"
+            )
+        return True, f"this CPU has {' and '.join(present)}"
+    if device.startswith("cuda"):
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+            return True, f"{device} supports bf16 natively"
+        return False, f"{device} has no native bf16"
+    return False, f"bf16 speed on {device} is not known"
+
+
+def auto_dtype(
+    devices: Iterable[str], parameters: int | None = None, features: Mapping[str, object] | None = None
+) -> tuple[str, str]:
+    """("bfloat16" or "float32", the reason): bfloat16 only when every one of `devices` runs it fast."""
+    verdicts = [runs_bf16_fast(device, parameters, features) for device in devices]
+    reasons = "; ".join(reason for _, reason in verdicts)
+    return ("bfloat16" if all(fast for fast, _ in verdicts) else "float32"), reasons
+
+
+def checkpoint_parameters(model_dir: str | Path) -> int:
+    """Parameters of the main model in checkpoint folder `model_dir`, from its config.json."""
+    from seekstack.accounting import main_parameters
+    from seekstack.checkpoint import read_config
+
+    return main_parameters(read_config(model_dir)).total
