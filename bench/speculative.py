@@ -6,9 +6,10 @@ steps on the demo token shards (building them first, as `make demo` does, if the
 
 Both engines load the same checkpoint. Prompts are the openings of held-out documents. Each prompt is
 decoded greedily by both, the outputs are checked to be token-for-token identical, and timed runs of
-the two alternate (median over repetitions). The `default` rows are an engine with the speculative settings a user
+the two alternate (median over repetitions). Every engine runs in `--dtype`, by default the engine's (`auto`:
+bfloat16 where the CPU runs it fast). The `default` rows are an engine with the speculative settings a user
 gets from `--speculative` alone (EngineOptions: up to 3 drafts a step, the count chosen from the acceptance measured
-so far and the batch size, seekstack.infer.speculative.DraftCount); each fixed number of drafts
+so far at each draft depth and the batch size, seekstack.infer.speculative.DraftCount); each fixed number of drafts
 per step in `--draft-tokens` gets an engine and rows too. `accept` is the share of drafted tokens accepted,
 `drafts/tok` the drafts made per generated token.
 
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer.params import DTYPES
 from seekstack.train.config import TrainConfig
 from seekstack.train.state import list_checkpoints
 from seekstack.train.trainer import train
@@ -123,18 +125,23 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=EngineOptions.dtype, help="every engine's (default: %(default)s)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = args.model or find_or_train_model(args.train_steps)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}", flush=True)
-    plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile)
-    default = EngineOptions(speculative=True, max_batch_size=max(args.batches), compile=args.compile)
-    speculative = {"default": Engine.from_pretrained(model_dir, **default.engine_kwargs())}
+    default = EngineOptions(speculative=True, max_batch_size=max(args.batches), compile=args.compile, dtype=args.dtype)
+    dtype_name, why = default.resolved_dtype()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}, {dtype_name} ({why})")
+    dtype = default.engine_kwargs(model_dir)["dtype"]  # every engine in the dtype the default picks (auto)
+    plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile, dtype=dtype)
+    speculative = {"default": Engine.from_pretrained(model_dir, **default.engine_kwargs(model_dir))}
     for k in args.draft_tokens:
         speculative[str(k)] = Engine.from_pretrained(
             model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=k, adaptive_drafts=False,
-            compile=args.compile,
+            compile=args.compile, dtype=dtype,
         )  # fmt: skip
     prompts = held_out_prompts(plain, args.prompts * max(args.batches), args.prompt_len)
     decode = "compiled" if args.compile else "eager"

@@ -123,23 +123,30 @@ def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
     return passed.long().cumprod(dim=1).sum(dim=1)
 
 
-# Tokens a decode forward takes per row at about the cost of one: below this the step is bound by its fixed costs
-# (weights read, kernel launches, Python), above it every verified token adds its matmul work.
-FREE_VERIFY_TOKENS = {"cpu": 8, "cuda": 64}
+# Tokens a decode forward takes for about the cost of a one-token forward: below this the step is bound by its fixed
+# costs (weights read, kernel launches, Python), above it every verified token adds its matmul work. On a CPU, 4 rows
+# verifying one draft each (8 tokens) cost ~0.4 of a plain step more than 4 tokens (issue 19: 0.98x with drafts).
+FREE_VERIFY_TOKENS = {"cpu": 4, "cuda": 64}
 ACCEPTANCE_MEMORY = 0.95  # weight of the acceptance seen so far at each new step (~20 steps of memory)
+PRIOR_CHECKS = 2.0  # checks a depth's prior is worth: 1/2 at depth 1, the rate of the depth before at deeper ones
 PROBE_EVERY = 32  # with drafting off, one step in this many drafts once to keep measuring acceptance
 
 
 class DraftCount:
     """How many drafts the next step verifies, 0..`most`: fixed at `most`, or (adaptive) the count with the best
-    expected speed-up under the acceptance measured so far and the step's cost at the current batch size.
+    expected speed-up under the acceptance measured so far at each draft depth and the step's cost at the current
+    batch size.
 
-    Leviathan et al. 2023, Thm. 3.8: with per-draft acceptance alpha and gamma drafts of relative cost c, a step
-    yields (1 - alpha^(gamma+1)) / (1 - alpha) tokens for the cost of gamma c + 1. Here the verification forward
-    costs max(B (gamma+1), F) / max(B, F) of a plain one (F: FREE_VERIFY_TOKENS), so a busy batch turns drafts off.
+    Leviathan et al. 2023, Thm. 3.8, with an acceptance a_d per depth (draft d passes with a_d once all before it
+    did): gamma drafts of relative cost c yield 1 + a_1 + a_1 a_2 + ... + a_1...a_gamma tokens for the cost of
+    gamma c + 1. Depths may differ: the MTP module is trained for depth 1 only (`mtp_drafts` reapplies it for the
+    others). The verification forward costs
+    max(B (gamma+1), F) / max(B, F) of a plain one (F: FREE_VERIFY_TOKENS), so a busy batch turns drafts off.
     While verifying is free (2 B <= F) a step without drafts still runs the MTP block to keep its cache whole
     (half a draft's cost: the block without the head), and one step in PROBE_EVERY drafts once to measure
     acceptance again; in a busy batch it is a plain step, and the positions it skips stay out of the MTP cache.
+    A depth no longer drafted keeps its rate while its checks fade (ACCEPTANCE_MEMORY) into the prior, the rate of
+    the depth before: after some steps the count tries it again.
     """
 
     def __init__(self, config: ModelConfig, most: int, adaptive: bool, device: torch.device):
@@ -149,13 +156,24 @@ class DraftCount:
         # at 83% acceptance (issue 19) implies c = 0.39; this gives 2 / 5 = 0.4 for its 4 layers.
         self.draft_cost = 2 / (config.num_hidden_layers + 1)
         self.free_tokens = FREE_VERIFY_TOKENS.get(device.type, FREE_VERIFY_TOKENS["cpu"])
-        self.passed, self.checked = 4.0, 8.0  # prior: alpha = 0.5, worth eight checks
+        self.passed, self.checked = [0.0] * most, [0.0] * most  # per depth, recent steps weighted most
         self.steps_off = 0
 
-    @property
-    def accept_rate(self) -> float:
-        """alpha: the share of checked drafts that passed, recent steps weighted most."""
-        return self.passed / self.checked
+    def acceptance(self) -> list[float]:
+        """a_d for depths 1..most: the share of depth d's checks that passed, with PRIOR_CHECKS checks of its prior."""
+        rates, prior = [], 0.5
+        for passed, checked in zip(self.passed, self.checked, strict=True):
+            prior = (passed + PRIOR_CHECKS * prior) / (checked + PRIOR_CHECKS)
+            rates.append(prior)
+        return rates
+
+    def expected_tokens(self, count: int) -> float:
+        """Tokens a row gets from a step of `count` drafts (those accepted and one more): 1 + a_1 + a_1 a_2 + ..."""
+        tokens, reach = 1.0, 1.0
+        for rate in self.acceptance()[:count]:
+            reach *= rate
+            tokens += reach
+        return tokens
 
     def verification_is_free(self, batch: int) -> bool:
         """Whether `batch` rows verify a draft each for about the cost of a plain step."""
@@ -165,10 +183,8 @@ class DraftCount:
         """Expected tokens per unit of step cost with `count` drafts per row of `batch` rows, against plain decoding."""
         if count == 0:
             return 1 / (1 + self.draft_cost / 2) if self.verification_is_free(batch) else 1.0
-        alpha = min(self.accept_rate, 1 - 1e-6)
-        tokens = (1 - alpha ** (count + 1)) / (1 - alpha)
         verify = max(batch * (count + 1), self.free_tokens) / max(batch, self.free_tokens)
-        return tokens / (count * self.draft_cost + verify)
+        return self.expected_tokens(count) / (count * self.draft_cost + verify)
 
     def choose(self, batch: int, seeded: bool = False) -> tuple[int, bool]:
         """The draft count of the next step for `batch` running rows, and whether it fills the MTP cache; the most
@@ -189,6 +205,7 @@ class DraftCount:
         """Count a step's checks: each row checked its drafts up to the first that failed (`drafted` per row)."""
         if drafted == 0:
             return
-        checked = sum(min(count + 1, drafted) for count in accepted)
-        self.passed = ACCEPTANCE_MEMORY * self.passed + sum(accepted)
-        self.checked = ACCEPTANCE_MEMORY * self.checked + checked
+        for depth in range(self.most):
+            checked = sum(min(count + 1, drafted) > depth for count in accepted)
+            self.passed[depth] = ACCEPTANCE_MEMORY * self.passed[depth] + sum(count > depth for count in accepted)
+            self.checked[depth] = ACCEPTANCE_MEMORY * self.checked[depth] + checked

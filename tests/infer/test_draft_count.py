@@ -13,35 +13,53 @@ from tests.infer.support import micro_model, tiny_tokenizer
 CPU = torch.device("cpu")
 
 
-def draft_count(accept_rate: float, adaptive: bool = True, layers: int = 4) -> DraftCount:
+def draft_count(*rates: float, adaptive: bool = True, layers: int = 4) -> DraftCount:
+    """Six drafts at most, each depth measured at its rate in `rates` (the last one for the deeper depths)."""
     count = DraftCount(micro_config(num_hidden_layers=layers), 6, adaptive, CPU)
-    count.passed, count.checked = accept_rate * 1000, 1000.0
+    rates = rates + rates[-1:] * (6 - len(rates))
+    count.passed, count.checked = [rate * 1e6 for rate in rates], [1e6] * 6
     return count
 
 
 def test_each_row_checks_its_drafts_up_to_the_first_that_fails():
     count = DraftCount(micro_config(), 3, True, CPU)
-    count.passed = count.checked = 0.0
     count.observe(3, [3, 0, 1])  # all passed (3 checks); the first failed (1); one passed, the next failed (2)
-    assert (count.passed, count.checked) == (4, 6)
+    assert (count.passed, count.checked) == ([2, 1, 1], [3, 2, 1])
     count.observe(0, [0, 0])  # a step without drafts checks nothing
-    assert (count.passed, count.checked) == (4, 6)
+    assert (count.passed, count.checked) == ([2, 1, 1], [3, 2, 1])
 
 
-def test_the_expected_speedup_follows_leviathan_et_al():
+def test_a_depth_without_checks_takes_the_rate_of_the_depth_before():
+    count = DraftCount(micro_config(), 3, True, CPU)
+    assert count.acceptance() == [0.5, 0.5, 0.5]  # nothing measured: the prior
+    for _ in range(50):
+        count.observe(1, [1])  # depth 1 always passes; depths 2 and 3 are never drafted
+    rates = count.acceptance()
+    assert rates[0] > 0.9 and rates[0] == rates[1] == rates[2]
+
+
+def test_the_expected_speedup_follows_leviathan_et_al_with_a_rate_per_depth():
     count = draft_count(0.8)  # 4 layers: a draft costs 2 / 5 of a forward
     assert count.speedup(0, 1) == pytest.approx(1 / 1.2)  # no drafts, but the MTP block keeps its cache whole
     assert count.speedup(0, 16) == 1.0  # a busy batch without drafts is a plain step
     assert count.speedup(2, 1) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.4 + 1))
     # 16 rows verifying 3 tokens each: 48 tokens cost 48 / 16 = 3 forwards of 16.
     assert count.speedup(2, 16) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.4 + 3))
+    # Draft 2 reached in 0.9 of the steps passes half the time: 1 + 0.9 + 0.9 * 0.5 tokens.
+    assert draft_count(0.9, 0.5).speedup(2, 1) == pytest.approx((1 + 0.9 + 0.45) / (2 * 0.4 + 1))
 
 
 def test_more_drafts_when_they_are_accepted_none_when_they_are_not_or_the_batch_is_busy():
-    assert [draft_count(rate).choose(1)[0] for rate in (0.1, 0.6, 0.83, 0.95)] == [0, 1, 3, 6]
-    assert draft_count(0.95).choose(16) == (0, False)  # verifying would widen all 16 rows: plain steps
+    assert [draft_count(rate).choose(1)[0] for rate in (0.1, 0.6, 0.83, 0.95)] == [0, 1, 3, 3]
+    assert draft_count(0.95).choose(2) == (1, True)  # 2 rows verify 2 tokens each for free, 3 each cost more
+    assert draft_count(0.95).choose(4) == (0, False)  # verifying would widen all 4 rows: plain steps
     assert draft_count(0.1, adaptive=False).choose(16) == (6, True)  # fixed: always the most
     assert draft_count(0.1).choose(16, seeded=True) == (6, True)  # a seeded sampled request: counts fixed too
+
+
+def test_a_weak_depth_is_not_drafted_though_the_depths_before_it_pass():
+    assert draft_count(0.9, 0.9, 0.9).choose(1)[0] >= 3
+    assert draft_count(0.9, 0.9, 0.3).choose(1)[0] == 2  # the third draft rarely passes: two a step
 
 
 def test_with_drafts_off_one_step_in_so_many_drafts_once_to_measure_acceptance_again():
@@ -62,7 +80,7 @@ def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_re
     assert [c.token_ids for c in adaptive.generate(batch, params)] == plain
     # The random MTP module's drafts are rejected: the adaptive engine's estimate falls below its prior of 1/2 and it
     # soon drafts (almost) nothing.
-    assert adaptive.draft_count.accept_rate < 0.5
+    assert adaptive.draft_count.acceptance()[0] < 0.5
     assert adaptive.stats().spec_drafted < fixed.stats().spec_drafted / 3
 
 
@@ -71,7 +89,20 @@ def test_adaptive_engine_samples_a_seeded_request_as_a_fixed_count_does(tmp_path
     params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
     fixed = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=False)
     adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True)
-    adaptive.draft_count.passed, adaptive.draft_count.checked = 0.0, 1000.0  # alone, this would turn drafts off
+    adaptive.draft_count.passed, adaptive.draft_count.checked = [0.0] * 2, [1000.0] * 2  # alone: drafts off
     expected = fixed.generate([[5, 6, 7]], params)[0].token_ids
     assert adaptive.generate([[5, 6, 7]], params)[0].token_ids == expected
     assert adaptive.stats().spec_drafted == fixed.stats().spec_drafted > 0
+
+
+def test_a_busy_batch_of_the_adaptive_engine_decodes_as_the_plain_engine_does(tmp_path):
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    batch = [list(range(5, 5 + n)) for n in (3, 6, 9, 12)]  # 4 rows: verifying a draft each is not free on a CPU
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=2)
+    plain = Engine(model, tokenizer).generate(batch, params)
+    adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=True)
+    outputs = adaptive.generate(batch, params)
+    assert [c.token_ids for c in outputs] == [c.token_ids for c in plain]
+    logprobs = [[entry.logprob for entry in c.logprobs] for c in outputs]
+    assert logprobs == [pytest.approx([entry.logprob for entry in c.logprobs], abs=1e-5) for c in plain]
+    assert adaptive.stats().spec_drafted == 0
