@@ -402,7 +402,8 @@ class Engine:
         # those graphs' cache: several engines (a benchmark comparing draft counts) pass dynamo's default of 8,
         # after which it would run the function eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        options = {"guard_filter_fn": _skip_model_guards, "cpp_wrapper": True}
+        # Dynamo keeps its guards on the model: LoRA loads swap module classes and buffers under a compiled engine.
+        options = {"cpp_wrapper": True}
         self._decode_model = torch.compile(self.model, dynamic=True, options=options)
         self._decode_drafts = torch.compile(mtp_drafts, dynamic=True, options=options)
         self._greedy_speculation = torch.compile(greedy_speculation, dynamic=True, options=options)
@@ -773,13 +774,6 @@ class Engine:
             )
             for request_id, ids in zip(request_ids, prompt_ids, strict=True)
         ]
-
-
-def _skip_model_guards(entries: list) -> list[bool]:
-    """Drop torch.compile's checks on the model (its weights do not change shape under an engine): ~100 tensor
-    checks per call. Those on the batch, its cache plan and the cache pools stay, so a new shape recompiles.
-    The model is `self` in the compiled `Transformer.forward` and `model` in the compiled functions."""
-    return [not entry.name.startswith(("L['self']", "L['model']")) for entry in entries]
 
 
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:
