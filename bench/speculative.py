@@ -133,7 +133,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model_dir = args.model or find_or_train_model(args.train_steps)
     default = EngineOptions(speculative=True, max_batch_size=max(args.batches), compile=args.compile, dtype=args.dtype)
-    dtype_name, why = default.resolved_dtype()
+    dtype_name, why = default.resolved_dtype(model_dir)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}, {dtype_name} ({why})")
     dtype = default.engine_kwargs(model_dir)["dtype"]  # every engine in the dtype the default picks (auto)
     plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile, dtype=dtype)

@@ -69,6 +69,21 @@ def test_with_drafts_off_one_step_in_so_many_drafts_once_to_measure_acceptance_a
     assert set(choices) == {(0, True), (1, True)}  # the MTP cache stays filled in between
 
 
+def test_below_the_most_one_step_in_so_many_drafts_one_more_to_measure_the_next_depth():
+    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU)  # a draft costs 2 / 5 of a forward
+    for _ in range(200):  # depth 1 passes 3 times in 5: one draft a step, depth 2 never measured
+        for accepted in (1, 1, 1, 0, 0):
+            count.observe(1, [accepted])
+    choices = []
+    for _ in range(6 * PROBE_EVERY):  # the probes find depths 2 and 3 passing whenever depth 1 did
+        drafted, _ = count.choose(1)
+        choices.append(drafted)
+        for step in range(5):
+            count.observe(drafted, [drafted if step < 3 else 0])
+    assert choices[: PROBE_EVERY - 1] == [1] * (PROBE_EVERY - 1) and choices[PROBE_EVERY - 1] == 2
+    assert choices[-1] == 3 and count.acceptance()[1] > 0.9
+
+
 def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_rejected(tmp_path):
     model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
     batch = [list(range(5, 5 + n)) for n in (7, 15)]
