@@ -8,7 +8,7 @@ Two `seekstack serve` processes: one with the base only, one with 4 adapters (th
 adapter-1..4). Requests to the second cycle through the 4 adapters, so every decode batch holds rows of all four.
 Rounds alternate between the servers (the CPU may be shared); the medians are compared. `--engine-only` compares
 the engine alone in this process instead (no HTTP, one torch thread): base rows vs rows cycling the 4 adapters.
-`--compile` runs both with compiled decode steps (`serve --compile`); the warm-up round takes the compiles.
+`--compile` runs both with compiled decode steps (`serve --compile`); two warm-up rounds take the compiles.
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ def main() -> None:
         ):
             plain_api = openai.OpenAI(base_url=f"{plain.url}/v1", api_key="-", max_retries=0, timeout=600)
             multi_api = openai.OpenAI(base_url=f"{multi.url}/v1", api_key="-", max_retries=0, timeout=600)
-            round_throughput(plain_api, [base_name], args)  # warm-up of both
-            round_throughput(multi_api, names, args)
+            for _ in range(2 if args.compile else 1):  # warm-up of both (compiled: a second batch shape recompiles)
+                round_throughput(plain_api, [base_name], args)
+                round_throughput(multi_api, names, args)
             base_rates, lora_rates = [], []
             for number in range(args.rounds):
                 base_rates.append(round_throughput(plain_api, [base_name], args))

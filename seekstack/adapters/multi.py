@@ -11,11 +11,14 @@ loops (the low-rank product runs for all S slots: N*S*r*(in+out) multiply-adds n
 
     y = W x + B ((A x) * M)         (LoRA, Hu et al. 2021, eq. 3, each token with its slot's pair)
 
-Routed experts hold each expert's S pairs the same way, as extra stacked weights A_e (S*r, in) and B_e (out, S*r); the
-pairs, already sorted by expert for the dispatch, go through them with the same grouped matmul as the expert weights
-(no per-pair gathers of factors), masked by each pair's slot. Compiled decode takes the experts' gathered path
-instead (each pair gathers its expert's weights, `RoutedExperts.forward_gathered`), where each pair gathers its
-expert's factors the same way.
+That is the eager path: there each op costs more than its arithmetic at decode sizes, and the mask takes the fewest.
+Compiled steps instead gather each row's own slot's factors, A_s (in, r) and B_s (r, out), into two batched matmuls
+(`MultiLoRALinear.forward_per_row`, punica's BGMV): inductor generates those matmuls as loops that read the gathered
+rows in place, so the arithmetic counts, and it is S times less (N*r*(in+out)).
+Routed experts hold E*S factor pairs per weight, of which a step's P pairs use a few, so in both paths each
+(token, expert) pair gathers its own expert's factors for its slot, and only those: y_p = W_e x_p + B_k (A_k x_p),
+with k = e*S + s. The eager dispatch adds this to each grouped matmul, compiled decode
+(`RoutedExperts.forward_gathered`, each pair gathering its expert's weights) to each gathered one.
 MLA's absorbed decode folds kv_b_proj's weight into the query and the output (DeepSeek-V2 §2.1.2); an adapted
 kv_b_proj adds B_s A_s there, which `MultiLoRAAttention` runs as extra latent columns of the same attention call.
 Shapes: B rows, T tokens per row, N = B*T tokens, E experts, K experts per token, P = N*K pairs, S slots, r rank.
@@ -56,7 +59,8 @@ class AdapterRows:
 
     def per_token(self, tokens: int) -> torch.Tensor:
         """The slot of each of N = B*T flattened tokens, row-major as the layers flatten them."""
-        return self._once((tokens, 0), lambda: self.slots.repeat_interleave(tokens // self.slots.shape[0]))
+        rows = self.slots.shape[0]
+        return self._once((tokens, 0), lambda: self.slots.unsqueeze(1).expand(rows, tokens // rows).flatten())
 
     def mask(self, tokens: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
         """M (N, S*rank): 1 on the `rank` columns of each token's slot, 0 elsewhere."""
@@ -64,18 +68,18 @@ class AdapterRows:
         return self._once((tokens, rank), lambda: one_hot().repeat_interleave(rank, dim=1))
 
     def _once(self, key: tuple[int, int], make) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if torch.compiler.is_compiling():
+            return make()  # a memo keyed by sizes would tie a compiled step to one batch size (a compile per size)
         if key not in self._per_forward:
             self._per_forward[key] = make()
         return self._per_forward[key]
 
 
-def stack_factors(
-    per_slot: list[Factors | None], like: torch.Tensor, rank_multiple: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(per_slot: list[Factors | None], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot-stacked A (S, ..., r, in) and B (S, ..., out, r) on `like`'s device and dtype, zero for slots without
-    factors, ranks zero-padded to the largest (rounded up to `rank_multiple`)."""
+    factors, ranks zero-padded to the largest."""
     present = [f for f in per_slot if f is not None]
-    rank = -(-max(a.shape[-2] for a, _ in present) // rank_multiple) * rank_multiple
+    rank = max(a.shape[-2] for a, _ in present)
     a_shape, b_shape = (*present[0][0].shape[:-2], rank, present[0][0].shape[-1]), (*present[0][1].shape[:-1], rank)
     lora_a, lora_b = like.new_zeros(len(per_slot), *a_shape), like.new_zeros(len(per_slot), *b_shape)
     for slot, factors in enumerate(per_slot):
@@ -111,9 +115,21 @@ class MultiLoRALinear(nn.Module):
         out = self.base(x)
         if not self.rows.active:
             return out
+        if torch.compiler.is_compiling():
+            return self.forward_per_row(x, out)
         x = x.reshape(-1, x.shape[-1])  # (N, in)
         low = torch.mm(x, self.down).mul_(self.rows.mask(x.shape[0], self.rank, x.dtype))  # (N, S*r)
         return torch.addmm(out.reshape(-1, out.shape[-1]), low, self.up).view(out.shape)
+
+    def forward_per_row(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """W x (`out`) + B_s (A_s x) with each row's own slot s, for compiled steps: there the matmuls are generated
+        loops that read each row's gathered A_s and B_s in place, so N*r*(in+out) multiply-adds beat the mask's S times
+        that (eager steps pay per op instead, and the mask takes fewer)."""
+        slots, count = self.rows.slots, self.rows.slot_count
+        down = self.down.view(-1, count, self.rank).transpose(0, 1)[slots]  # (B, in, r)
+        up = self.up.view(count, self.rank, -1)[slots]  # (B, r, out)
+        low = torch.bmm(x.reshape(slots.shape[0], -1, x.shape[-1]), down)  # (B, T, r)
+        return out + torch.bmm(low, up).view(out.shape)
 
 
 class MultiLoRAEmbedding(MultiLoRALinear):
@@ -129,39 +145,41 @@ class MultiLoRAEmbedding(MultiLoRALinear):
 
 
 class MultiLoRAExperts(RoutedExperts):
-    """Routed experts whose every (token, expert) pair adds the token's slot's update of that expert.
+    """Routed experts whose every (token, expert) pair adds the update of its token's slot for that expert, and only
+    that one (as punica's BGMV kernel does for vLLM: each pair gathers its own factor pair).
 
-    A RoutedExperts turns into one in place (`adapt`), so the expert weights stay where they are. Each expert holds
-    the factors of all slots side by side, A_e (S*r, in) and B_e (out, S*r), as extra stacked weights; each grouped
-    matmul of the dispatch (`grouped_linear`) adds, for all pairs at once, two more grouped matmuls over them:
-        y_p = W_e x_p + B_e ((A_e x_p) * M_p)     with M_p 1 on the r columns of the pair's slot."""
+    A RoutedExperts turns into one in place (`adapt`), so the expert weights stay where they are. The factors of
+    every (expert, slot) are stacked as extra weights A (E*S, in, r) and B (E*S, r, out), zero for the base slot;
+    a pair of expert e and slot s gathers row k = e*S + s of both, and two batched matmuls give all pairs at once:
+        y_p = W_e x_p + B_k (A_k x_p)     (P*r*(in+out) multiply-adds, not S times that)
+    The eager dispatch (`grouped_linear`) adds it to each grouped matmul, compiled decode (`forward_gathered`) to each
+    gathered one."""
 
     rows: AdapterRows
-    pair_slots: torch.Tensor | None  # (P,) the slot of each (token, expert) pair in dispatch order, during a forward
+    pair_keys: torch.Tensor | None  # (P,) e*S + s of each (token, expert) pair in dispatch order, during a forward
 
     @classmethod
     def adapt(cls, experts: RoutedExperts, rows: AdapterRows) -> MultiLoRAExperts:
         experts.__class__ = cls
         assert isinstance(experts, MultiLoRAExperts)
-        experts.rows, experts.pair_slots = rows, None
+        experts.rows, experts.pair_keys = rows, None
         return experts
 
     def restore(self) -> RoutedExperts:
         """Back to a plain RoutedExperts, without the adapters' buffers."""
         self._drop_factors()
-        del self.rows, self.pair_slots
+        del self.rows, self.pair_keys
         self.__class__ = RoutedExperts
         return self
 
     def set_factors(self, per_param: dict[str, list[Factors | None]]) -> None:
-        """Hold these factors per stacked parameter name, one entry per slot: `NAME_lora_down` A (E, S*r, in) and
-        `NAME_lora_up` B (E, out, S*r), slot-major, laid out as the stacked weights are (E, out, in)."""
+        """Hold these factors per stacked parameter name, one entry per slot: `NAME_lora_down` A^T (E*S, in, r) and
+        `NAME_lora_up` B^T (E*S, r, out), expert-major, for the stacked weight `NAME` (E, out, in)."""
         self._drop_factors()
         for name, per_slot in per_param.items():
-            # (S, E, r, in), (S, E, out, r); S*r rows of 16-byte multiples, as the grouped matmul takes them
-            lora_a, lora_b = stack_factors(per_slot, self.gate_up_proj, rank_multiple=8)
-            self.register_buffer(f"{name}_lora_down", lora_a.transpose(0, 1).flatten(1, 2).contiguous())
-            self.register_buffer(f"{name}_lora_up", lora_b.permute(1, 2, 0, 3).flatten(2, 3).contiguous())
+            lora_a, lora_b = stack_factors(per_slot, self.gate_up_proj)  # (S, E, r, in), (S, E, out, r)
+            self.register_buffer(f"{name}_lora_down", lora_a.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
+            self.register_buffer(f"{name}_lora_up", lora_b.transpose(0, 1).transpose(2, 3).flatten(0, 1).contiguous())
 
     def forward(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
@@ -169,46 +187,51 @@ class MultiLoRAExperts(RoutedExperts):
         if self.rows.active:
             # The order `RoutedExperts.forward` dispatches the pairs in: sorted by expert.
             order = routing.experts.flatten().argsort(stable=True)  # (P,)
-            self.pair_slots = self.rows.per_token(x.shape[0])[order // routing.experts.shape[1]]
+            self.pair_keys = self._keys(x.shape[0], routing.experts)[order]
         try:
             return super().forward(x, routing)
         finally:
-            self.pair_slots = None
+            self.pair_keys = None
 
     def forward_gathered(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoutedExperts.forward_gathered (compiled decode: each pair gathers its expert's weights) with each pair's
-        slot's update of its expert, gathered the same way: y_p = W_e x_p + B_e ((A_e x_p) * M_p)."""
+        """RoutedExperts.forward_gathered (compiled decode: each pair gathers its expert's weights) plus each pair's
+        update, gathered the same way: y_p = W_e x_p + B_k (A_k x_p)."""
         if not self.rows.active:
             return super().forward_gathered(x, routing)
         N, K = routing.experts.shape
         experts = routing.experts.flatten()  # (P,) one (token, expert) pair per row, token-major
+        keys = self._keys(N, routing.experts)
         pairs = x.repeat_interleave(K, dim=0).unsqueeze(1)  # (P, 1, D)
-        gate, up = self._gathered_linear(pairs, "gate_up_proj", experts, K).chunk(2, dim=-1)  # (P, 1, I) each
+        gate, up = self._gathered_linear(pairs, "gate_up_proj", experts, keys).chunk(2, dim=-1)  # (P, 1, I) each
         hidden = F.silu(gate) * up * routing.weights.flatten()[:, None, None].to(x.dtype)
-        combined = self._gathered_linear(hidden, "down_proj", experts, K).view(N, K, -1).sum(dim=1)
+        combined = self._gathered_linear(hidden, "down_proj", experts, keys).view(N, K, -1).sum(dim=1)
         load = torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
         return combined, load
 
-    def _gathered_linear(self, x: torch.Tensor, name: str, experts: torch.Tensor, top_k: int) -> torch.Tensor:
-        """x (P, 1, in) -> (P, 1, out): each pair times its expert's W^T, plus its slot's update where adapted."""
+    def _gathered_linear(self, x: torch.Tensor, name: str, experts: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """x (P, 1, in) -> (P, 1, out): each pair times its expert's W^T, plus its own update where adapted."""
         out = torch.bmm(x, getattr(self, name)[experts].transpose(1, 2))
-        if f"{name}_lora_down" not in self._buffers:
-            return out
-        down, up = self._buffers[f"{name}_lora_down"], self._buffers[f"{name}_lora_up"]  # (E, S*r, in), (E, out, S*r)
-        rank = down.shape[1] // self.rows.slot_count
-        mask = self.rows.mask(x.shape[0] // top_k, rank, x.dtype).repeat_interleave(top_k, dim=0)  # (P, S*r)
-        low = torch.bmm(x, down[experts].transpose(1, 2)).mul_(mask.unsqueeze(1))  # (P, 1, S*r)
-        return out.baddbmm_(low, up[experts].transpose(1, 2))
+        return self._add_update(out, x, name, keys)
 
     def grouped_linear(self, x: torch.Tensor, name: str, load: torch.Tensor) -> torch.Tensor:
-        """The base experts' x W_e^T plus, per pair, its slot's update of its expert: x (P, in) -> (P, out)."""
+        """The base experts' x W_e^T plus each pair's own update: x (P, in) sorted by expert -> (P, out)."""
         out = super().grouped_linear(x, name, load)
-        if self.pair_slots is None or f"{name}_lora_down" not in self._buffers:
+        if self.pair_keys is None:
             return out
-        low = super().grouped_linear(x, f"{name}_lora_down", load)  # (P, S*r)
-        rank = low.shape[-1] // self.rows.slot_count
-        mask = F.one_hot(self.pair_slots, self.rows.slot_count).to(low.dtype).repeat_interleave(rank, dim=1)
-        return out.add_(super().grouped_linear(low.mul_(mask), f"{name}_lora_up", load))
+        return self._add_update(out.unsqueeze(1), x.unsqueeze(1), name, self.pair_keys).squeeze(1)
+
+    def _keys(self, tokens: int, experts: torch.Tensor) -> torch.Tensor:
+        """e*S + s of each (token, expert) pair, token-major: the row of its factors in the stacks (P,)."""
+        slots = self.rows.per_token(tokens).unsqueeze(1)  # (N, 1)
+        return (experts * self.rows.slot_count + slots).flatten()
+
+    def _add_update(self, out: torch.Tensor, x: torch.Tensor, name: str, keys: torch.Tensor) -> torch.Tensor:
+        """out (P, 1, out) += B_k (A_k x_p) for x (P, 1, in), each pair's factors gathered by its key."""
+        if f"{name}_lora_down" not in self._buffers:
+            return out
+        down, up = self._buffers[f"{name}_lora_down"], self._buffers[f"{name}_lora_up"]  # (E*S, in, r), (E*S, r, out)
+        low = torch.bmm(x, down.index_select(0, keys))  # (P, 1, r)
+        return out.baddbmm_(low, up.index_select(0, keys))
 
     def _drop_factors(self) -> None:
         for name in [name for name in self._buffers if name.endswith(("_lora_down", "_lora_up"))]:
@@ -257,11 +280,11 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         B, T, H, _ = q_nope.shape
         extra = self.key_up.shape[-1]  # S*r
         slot_mask = rows.mask(B * T, self.kv_b_proj.rank, q_nope.dtype).view(B, T, 1, extra)
-        q_extra = torch.einsum("bthn,hnk->bthk", q_nope, self.key_up) * slot_mask  # (B, T, H, S*r)
+        q_extra = _per_head(q_nope, self.key_up).mul_(slot_mask)  # (B, T, H, S*r)
         with self.widened(extra):
             out = super().attend_absorbed(torch.cat((q_nope, q_extra), dim=-1), q_rope, cached, mask)
         out, out_extra = out.split([self.v_dim, extra], dim=-1)  # (B, T, H, V), (B, T, H, S*r): A c
-        return out + torch.einsum("bthk,hvk->bthv", out_extra * slot_mask, self.value_up)
+        return out + _per_head(out_extra * slot_mask, self.value_up.transpose(1, 2))
 
     @contextmanager
     def widened(self, extra: int) -> Iterator[None]:
@@ -273,3 +296,9 @@ class MultiLoRAAttention(MultiHeadLatentAttention):
         finally:
             self.nope_dim, self.v_dim = self.nope_dim - extra, self.v_dim - extra
             self.kv_b_proj.absorbed_weight = None
+
+
+def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, in) times each head's matrix (H, in, out) -> (B, T, H, out), as one bmm with heads as its batch."""
+    B, T, H, _ = x.shape
+    return torch.bmm(x.reshape(B * T, H, -1).transpose(0, 1), weight).transpose(0, 1).reshape(B, T, H, -1)

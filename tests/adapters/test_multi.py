@@ -7,10 +7,11 @@ import torch
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
-from seekstack.adapters.files import load_adapter
+from seekstack.adapters.files import load_adapter, merged_model
 from seekstack.adapters.multi import MultiLoRAAttention, MultiLoRAExperts, MultiLoRALinear
 from seekstack.adapters.registry import attach_adapters
 from seekstack.infer import Engine, SamplingParams
+from seekstack.model.moe import Routing
 from tests.adapters.support import write_base, write_random_adapter
 
 ATOL = 1e-5
@@ -124,3 +125,56 @@ def test_compiled_decoding_with_adapters_gives_the_eager_tokens_across_loads(ser
         eager, compiled = (engine.generate(prompts, params, adapters=choice) for engine in engines)
         assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
     assert engines[1].decode_compiled
+
+
+def test_each_expert_pair_applies_only_its_own_adapter_with_mixed_ranks_and_base_rows(served, tmp_path):
+    """Both expert paths (eager steps' dispatch, compiled decode's gathered one) give each row what its adapter
+    merged into the experts gives, with ranks 4 and 8 stacked side by side and base rows among them."""
+    base, adapters = served
+    experts_only = AdapterConfig(rank=8, attention=(), feed_forward=())
+    chosen = {
+        "full": adapters["full"],
+        "experts": write_random_adapter(base, tmp_path / "ex", seed=4, config=experts_only),
+    }
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, chosen)
+    layer = next(i for i, b in enumerate(model.layers) if isinstance(getattr(b.mlp, "experts", None), MultiLoRAExperts))
+    x = torch.randn(8, model.config.hidden_size, generator=torch.Generator().manual_seed(5))  # 4 rows of 2 tokens
+    choice = [None, "full", "experts", None]
+    with torch.no_grad():
+        routing = model.layers[layer].mlp.gate(x)
+        outputs = []
+        for path in (model.layers[layer].mlp.experts, model.layers[layer].mlp.experts.forward_gathered):
+            loaded.select([loaded.slot(name) for name in choice], torch.device("cpu"))
+            outputs.append(path(x, routing)[0])
+        for row, name in enumerate(choice):
+            merged = (
+                seekstack.load_pretrained(base)
+                if name is None
+                else merged_model(seekstack.load_pretrained(base), chosen[name])
+            )
+            tokens = slice(2 * row, 2 * row + 2)
+            own = Routing(routing.weights[tokens], routing.experts[tokens], routing.scores[tokens])
+            expected, _ = merged.layers[layer].mlp.experts(x[tokens], own)
+            for out in outputs:
+                assert (out[tokens] - expected).abs().max() < ATOL
+        plain, _ = seekstack.load_pretrained(base).layers[layer].mlp.experts(x, routing)
+    assert all((outputs[0][2 * r : 2 * r + 2] - plain[2 * r : 2 * r + 2]).abs().max() > 100 * ATOL for r in (1, 2))
+
+
+def test_per_row_linears_of_compiled_steps_match_the_masked_ones_with_mixed_ranks_and_base_rows(served):
+    """The dense layers' path of compiled steps (each row gathers its own slot's factors) gives what the eager steps'
+    masked path gives, ranks 4 and 8 padded side by side, a base row untouched."""
+    base, adapters = served
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    layer = model.layers[0].self_attn.q_a_proj  # both adapters adapt it: "full" with rank 4, "attention" with 8
+    assert isinstance(layer, MultiLoRALinear) and layer.rank == 8
+    x = torch.randn(4, 3, layer.base.in_features, generator=torch.Generator().manual_seed(6))
+    loaded.select([0, loaded.slot("full"), loaded.slot("attention"), loaded.slot("full")], torch.device("cpu"))
+    with torch.no_grad():
+        plain = layer.base(x)
+        masked, per_row = layer(x), layer.forward_per_row(x, plain.clone())
+    assert (per_row - masked).abs().max() < ATOL
+    assert torch.equal(per_row[0], plain[0])
+    assert all((per_row[row] - plain[row]).abs().max() > 100 * ATOL for row in (1, 2, 3))
