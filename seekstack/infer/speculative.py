@@ -129,6 +129,7 @@ def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
 FREE_VERIFY_TOKENS = {"cpu": 4, "cuda": 64}
 ACCEPTANCE_MEMORY = 0.95  # weight of the acceptance seen so far at each new step (~20 steps of memory)
 PRIOR_CHECKS = 2.0  # checks a depth's prior is worth: 1/2 at depth 1, the rate of the depth before at deeper ones
+NEAR_BEST = 0.05  # draft counts whose expected speed-up is within this share of the best's tie; the most wins
 PROBE_EVERY = 32  # below the most drafts, one step in this many drafts one more, to measure the next depth
 
 
@@ -152,10 +153,11 @@ class DraftCount:
 
     def __init__(self, config: ModelConfig, most: int, adaptive: bool, device: torch.device):
         self.most, self.adaptive = most, adaptive
-        # c: a decode step's time goes by layers more than by FLOPs, the output head costing about a block: a draft
-        # (one MTP block and the head) over a forward (L blocks and the head). The demo model's 1.32x with one draft
-        # at 83% acceptance (issue 19) implies c = 0.39; this gives 2 / 5 = 0.4 for its 4 layers.
-        self.draft_cost = 2 / (config.num_hidden_layers + 1)
+        # c: a decode step's time goes by layers more than by FLOPs: a draft (one MTP block, the head and argmax,
+        # inside the verification's compiled graph) over a forward (L blocks and the head). On the demo model
+        # (4 layers), compiled, 3 drafts a step at 68% acceptance gave 1.50x (bench/speculative.py), which implies
+        # c = 0.31; this gives 1.5 / 5 = 0.3.
+        self.draft_cost = 1.5 / (config.num_hidden_layers + 1)
         self.free_tokens = FREE_VERIFY_TOKENS.get(device.type, FREE_VERIFY_TOKENS["cpu"])
         self.passed, self.checked = [0.0] * most, [0.0] * most  # per depth, recent steps weighted most
         self.steps_below_most = 0
@@ -193,7 +195,14 @@ class DraftCount:
         not depend on the other requests in the batch)."""
         if not self.adaptive or seeded:
             return self.most, True
-        best = max(range(self.most + 1), key=lambda count: (self.speedup(count, batch), -count))
+        # Once drafting pays, counts within NEAR_BEST of the best speed-up count as equal and the most drafts among
+        # them wins: the deeper depths stay measured, and the count (a graph each) does not flip on acceptance noise.
+        speedups = [self.speedup(count, batch) for count in range(self.most + 1)]
+        best = max(range(self.most + 1), key=lambda count: (speedups[count], -count))
+        if best > 0:
+            best = max(
+                count for count in range(best, self.most + 1) if speedups[count] >= speedups[best] * (1 - NEAR_BEST)
+            )
         if best == 0 and not self.verification_is_free(batch):
             return 0, False
         if best < self.most:

@@ -39,18 +39,20 @@ def test_a_depth_without_checks_takes_the_rate_of_the_depth_before():
 
 
 def test_the_expected_speedup_follows_leviathan_et_al_with_a_rate_per_depth():
-    count = draft_count(0.8)  # 4 layers: a draft costs 2 / 5 of a forward
-    assert count.speedup(0, 1) == pytest.approx(1 / 1.2)  # no drafts, but the MTP block keeps its cache whole
+    count = draft_count(0.8)  # 4 layers: a draft costs 1.5 / 5 of a forward
+    assert count.speedup(0, 1) == pytest.approx(1 / 1.15)  # no drafts, but the MTP block keeps its cache whole
     assert count.speedup(0, 16) == 1.0  # a busy batch without drafts is a plain step
-    assert count.speedup(2, 1) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.4 + 1))
+    assert count.speedup(2, 1) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.3 + 1))
     # 16 rows verifying 3 tokens each: 48 tokens cost 48 / 16 = 3 forwards of 16.
-    assert count.speedup(2, 16) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.4 + 3))
+    assert count.speedup(2, 16) == pytest.approx((1 + 0.8 + 0.64) / (2 * 0.3 + 3))
     # Draft 2 reached in 0.9 of the steps passes half the time: 1 + 0.9 + 0.9 * 0.5 tokens.
-    assert draft_count(0.9, 0.5).speedup(2, 1) == pytest.approx((1 + 0.9 + 0.45) / (2 * 0.4 + 1))
+    assert draft_count(0.9, 0.5).speedup(2, 1) == pytest.approx((1 + 0.9 + 0.45) / (2 * 0.3 + 1))
 
 
 def test_more_drafts_when_they_are_accepted_none_when_they_are_not_or_the_batch_is_busy():
-    assert [draft_count(rate).choose(1)[0] for rate in (0.1, 0.6, 0.83, 0.95)] == [0, 1, 3, 3]
+    assert [draft_count(rate).choose(1)[0] for rate in (0.1, 0.5, 0.83, 0.95)] == [0, 1, 3, 3]
+    # 1 and 2 drafts at 0.6 expect 1.231x and 1.225x: within NEAR_BEST, the more drafts win.
+    assert draft_count(0.6).choose(1)[0] == 2
     assert draft_count(0.95).choose(2) == (1, True)  # 2 rows verify 2 tokens each for free, 3 each cost more
     assert draft_count(0.95).choose(4) == (0, False)  # verifying would widen all 4 rows: plain steps
     assert draft_count(0.1, adaptive=False).choose(16) == (6, True)  # fixed: always the most
@@ -70,18 +72,18 @@ def test_with_drafts_off_one_step_in_so_many_drafts_once_to_measure_acceptance_a
 
 
 def test_below_the_most_one_step_in_so_many_drafts_one_more_to_measure_the_next_depth():
-    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU)  # a draft costs 2 / 5 of a forward
-    for _ in range(200):  # depth 1 passes 3 times in 5: one draft a step, depth 2 never measured
-        for accepted in (1, 1, 1, 0, 0):
+    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU)  # a draft costs 1.5 / 5 of a forward
+    for _ in range(200):  # depth 1 passes 2 times in 5: one draft a step, depth 2 never measured
+        for accepted in (1, 1, 0, 0, 0):
             count.observe(1, [accepted])
     choices = []
     for _ in range(6 * PROBE_EVERY):  # the probes find depths 2 and 3 passing whenever depth 1 did
         drafted, _ = count.choose(1)
         choices.append(drafted)
         for step in range(5):
-            count.observe(drafted, [drafted if step < 3 else 0])
+            count.observe(drafted, [drafted if step < 2 else 0])
     assert choices[: PROBE_EVERY - 1] == [1] * (PROBE_EVERY - 1) and choices[PROBE_EVERY - 1] == 2
-    assert choices[-1] == 3 and count.acceptance()[1] > 0.9
+    assert choices[-1] == 3 and count.acceptance()[1] > 0.8
 
 
 def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_rejected(tmp_path):
