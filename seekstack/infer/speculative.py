@@ -128,7 +128,11 @@ def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
 # verifying one draft each (8 tokens) cost ~0.4 of a plain step more than 4 tokens (issue 19: 0.98x with drafts).
 FREE_VERIFY_TOKENS = {"cpu": 4, "cuda": 64}
 ACCEPTANCE_MEMORY = 0.95  # weight of the acceptance seen so far at each new step (~20 steps of memory)
-PRIOR_CHECKS = 2.0  # checks a depth's prior is worth: 1/2 at depth 1, the rate of the depth before at deeper ones
+# A depth's prior, worth PRIOR_CHECKS checks: at depth 1 the acceptance DeepSeek-V3 reports for its MTP module's
+# token (85-90%, tech report 5.4.3), so a fresh engine drafts the most and measures every depth at once; at deeper
+# depths the rate of the depth before.
+PRIOR_ACCEPTANCE = 0.85
+PRIOR_CHECKS = 2.0
 NEAR_BEST = 0.05  # draft counts whose expected speed-up is within this share of the best's tie; the most wins
 PROBE_EVERY = 32  # below the most drafts, one step in this many drafts one more, to measure the next depth
 
@@ -164,7 +168,7 @@ class DraftCount:
 
     def acceptance(self) -> list[float]:
         """a_d for depths 1..most: the share of depth d's checks that passed, with PRIOR_CHECKS checks of its prior."""
-        rates, prior = [], 0.5
+        rates, prior = [], PRIOR_ACCEPTANCE
         for passed, checked in zip(self.passed, self.checked, strict=True):
             prior = (passed + PRIOR_CHECKS * prior) / (checked + PRIOR_CHECKS)
             rates.append(prior)

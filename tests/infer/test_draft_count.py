@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.speculative import PROBE_EVERY, DraftCount
+from seekstack.infer.speculative import PRIOR_ACCEPTANCE, PROBE_EVERY, DraftCount
 from tests.conftest import micro_config
 from tests.infer.support import micro_model, tiny_tokenizer
 
@@ -31,7 +31,8 @@ def test_each_row_checks_its_drafts_up_to_the_first_that_fails():
 
 def test_a_depth_without_checks_takes_the_rate_of_the_depth_before():
     count = DraftCount(micro_config(), 3, True, CPU)
-    assert count.acceptance() == [0.5, 0.5, 0.5]  # nothing measured: the prior
+    assert count.acceptance() == [PRIOR_ACCEPTANCE] * 3  # nothing measured: the prior
+    assert count.choose(1)[0] == 3  # a fresh engine drafts the most
     for _ in range(50):
         count.observe(1, [1])  # depth 1 always passes; depths 2 and 3 are never drafted
     rates = count.acceptance()
@@ -95,7 +96,7 @@ def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_re
     adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=True)
     assert [c.token_ids for c in fixed.generate(batch, params)] == plain
     assert [c.token_ids for c in adaptive.generate(batch, params)] == plain
-    # The random MTP module's drafts are rejected: the adaptive engine's estimate falls below its prior of 1/2 and it
+    # The random MTP module's drafts are rejected: the adaptive engine's estimate falls below 1/2 and it
     # soon drafts (almost) nothing.
     assert adaptive.draft_count.acceptance()[0] < 0.5
     assert adaptive.stats().spec_drafted < fixed.stats().spec_drafted / 3
