@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 import seekstack
-from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, is_adapter_parameter, load_adapter
+from seekstack.adapters.config import AdapterConfig
+from seekstack.adapters.data import frequent_tokens
+from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, apply_lora, is_adapter_parameter, load_adapter
 from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.config import resolve_train_config
@@ -69,6 +71,37 @@ LORA_VARIANTS = {
         "tokens; no warmup, no MTP loss",
         ["lora.rank=8", "lora.alpha=16", *FIRST_FFN, "lora.head_tokens=311", *NO_WARMUP_NO_MTP],
     ),
+    # peft's other LoRA recipes on that best variant (config.py): PiSSA / OLoRA start B A from W's SVD / QR (saved
+    # as plain LoRA of rank 2r on the original base: the file holds 2r, trained_percent counts the r trained),
+    # LoRA+ trains B at 16x A's lr. DoRA is refused on parameter targets (the FFN) and on the fused head, so it
+    # goes on the attention variant, with 22 fewer head rows paying for its magnitude vectors.
+    "head_tokens311_ffn0_r8_pissa": (
+        "head_tokens311_ffn0_r8 with PiSSA's start (B A = W's top-8 singular part, trained on the residual)",
+        ["lora.rank=8", "lora.alpha=16", *FIRST_FFN, "lora.head_tokens=311", *NO_WARMUP_NO_MTP, "lora.init=pissa"],
+    ),
+    "head_tokens311_ffn0_r4_pissa": (
+        "the same at rank 4, whose saved rank-8 adapter stays under 2%",
+        ["lora.rank=4", "lora.alpha=8", *FIRST_FFN, "lora.head_tokens=311", *NO_WARMUP_NO_MTP, "lora.init=pissa"],
+    ),
+    "head_tokens311_ffn0_r8_olora": (
+        "head_tokens311_ffn0_r8 with OLoRA's start (B A from W's QR decomposition)",
+        ["lora.rank=8", "lora.alpha=16", *FIRST_FFN, "lora.head_tokens=311", *NO_WARMUP_NO_MTP, "lora.init=olora"],
+    ),
+    "head_tokens311_ffn0_r8_loraplus": (
+        "head_tokens311_ffn0_r8 with LoRA+ (B's lr 16x A's)",
+        [
+            "lora.rank=8",
+            "lora.alpha=16",
+            *FIRST_FFN,
+            "lora.head_tokens=311",
+            *NO_WARMUP_NO_MTP,
+            "lora.loraplus_ratio=16",
+        ],
+    ),
+    "head_tokens314_att_r1_dora": (
+        "head_tokens336_att_r1 with DoRA (a magnitude per output row of each attention projection), 314 head rows",
+        ["lora.rank=1", "lora.alpha=2", *BLOCKS_OFF[1:], "lora.head_tokens=314", "lora.dora=true"],
+    ),
 }
 
 
@@ -109,11 +142,12 @@ def main() -> None:
     parser.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-2, 3e-2], help="each LoRA variant's lrs")
     parser.add_argument("--full-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="the full fine-tune's")
     parser.add_argument("--eval-batches", type=int, default=0, help="validation batches measured; 0 = all")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (a new --out per seed: runs are cached)")
     parser.add_argument("--variants", nargs="+", default=["base", *LORA_VARIANTS, "full"], help="what to measure")
     args = parser.parse_args()
     run = [
         f"max_steps={args.steps}", f"batch_size={args.batch_size}", f"seq_len={args.seq_len}", "eval_every=0",
-        f"save_every={args.steps}", "keep_checkpoints=1", "warmup_steps=10", "seed=0",
+        f"save_every={args.steps}", "keep_checkpoints=1", "warmup_steps=10", f"seed={args.seed}",
     ]  # fmt: skip
     measure = dict(data=args.data, seq_len=args.seq_len, batch_size=args.batch_size, batches=args.eval_batches)
     base_model = seekstack.load_pretrained(args.base)
@@ -129,9 +163,13 @@ def main() -> None:
         )
         tuned = load_adapter(seekstack.load_pretrained(args.base), out)
         trainable = sum(p.numel() for name, p in tuned.named_parameters() if is_adapter_parameter(name))
+        adapter = AdapterConfig.load(out)
+        head_rows = frequent_tokens(args.data, adapter.head_tokens) if adapter.head_tokens else ()
+        trained = apply_lora(seekstack.load_pretrained(args.base), adapter, head_token_ids=head_rows)
         return {
             "val_bpb": val_bits_per_byte(tuned, **measure),
-            "trainable_percent": 100 * trainable / main_params,
+            "trainable_percent": 100 * trainable / main_params,  # of the saved adapter
+            "trained_percent": 100 * sum(p.numel() for p in trained.parameters() if p.requires_grad) / main_params,
             "adapter_bytes": (out / ADAPTER_WEIGHTS_FILE).stat().st_size,
         }
 

@@ -22,10 +22,20 @@ Further options, measured on a code -> prose shift in bench/lora_domain.py:
   the low-rank targets (peft's trainable_token_indices on lm_head: N x D parameters). A domain shift moves the
   scores of the new domain's frequent tokens most, and a full row per such token is worth more there than a
   rank-r update spread over the whole vocabulary. It excludes `lm_head` from `vocabulary` (peft wraps a module one
-  way), and such an adapter is merged (`seekstack lora merge`) rather than served beside others.
+  way). Served beside other adapters, each row adds its own adapter's rows (adapters/multi.py, `MultiTokenRows`).
 - `layers`: the main layers whose attention, feed_forward and experts targets adapt (all by default), to spend a
   small budget where it counts: on that shift, the first layer's dense FFN (gate and up, which read the token's
   embedding) beside the head rows (`head_tokens311_ffn0_r8`).
+- `init`: how A and B start. `lora`: A random, B = 0. `pissa` (Meng et al. 2024): B A is W's top-r singular part
+  (from its SVD), `olora` (Büyükakyüz 2024): from W's QR decomposition; both train on the residual base
+  W - alpha/r B0 A0, and the saved adapter is converted to plain LoRA on the original W, the trained factors beside
+  the initial ones ([A; A0] and [B, -B0], rank 2r, alpha 2 alpha: peft's `path_initial_model_for_weight_conversion`
+  conversion). Module targets and dense FFNs only: peft does not decompose embeddings or stacked experts.
+- `dora`: weight-decomposed LoRA (Liu et al. 2024, peft's use_dora): a trained magnitude per output row beside the
+  low-rank direction update. Module targets only (peft's ParamWrapper refuses it), not the fused head (which reads
+  `weight`, not DoRA's rescaled output); merged rather than served beside other adapters.
+- `loraplus_ratio`: LoRA+ (Hayou et al. 2024): B's learning rate is this multiple of A's (peft's
+  create_loraplus_optimizer; here a per-parameter `lr_scale` the trainer's optimizer groups read).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from seekstack.config import ModelConfig
 from seekstack.schema import Fraction, NonNegative, Positive, PositiveFloat, load_config, recheck, require, write_config
@@ -62,6 +72,9 @@ class AdapterConfig:
     rslora: bool = False  # scale the update by alpha / sqrt(r) (rsLoRA) instead of alpha / r
     head_tokens: NonNegative = 0  # output-head rows of the N most frequent training tokens trained in full
     layers: tuple[int, ...] = ()  # main layers whose attention, feed_forward and experts adapt; () = all
+    init: Literal["lora", "pissa", "olora"] = "lora"  # how A and B start (see above)
+    dora: bool = False  # DoRA: a trained magnitude per output row of each adapted module
+    loraplus_ratio: PositiveFloat = 1.0  # LoRA+: B's learning rate is lr x this
 
     def validate(self) -> AdapterConfig:
         config = recheck(self)
@@ -86,6 +99,19 @@ class AdapterConfig:
             "attention",
             "at least one LoRA target among attention, feed_forward, experts and vocabulary",
         )
+        require(
+            config.init == "lora" or not (config.experts or "embed_tokens" in config.vocabulary),
+            "init",
+            "'lora' when experts or embed_tokens are adapted (peft's PiSSA/OLoRA decompose 2-D Linear weights only); "
+            "set lora.experts=[] and keep embed_tokens out of lora.vocabulary",
+        )
+        require(
+            not config.dora or not (config.feed_forward or config.experts or "lm_head" in config.vocabulary),
+            "dora",
+            "false when feed_forward, experts or lm_head are adapted (peft's parameter targets refuse DoRA, and the "
+            "fused head + loss reads the head's weight, not DoRA's rescaled output)",
+        )
+        require(config.init == "lora" or not config.dora, "dora", f"false with init={config.init!r} (one or other)")
         layers = list(config.layers)
         require(
             len(set(layers)) == len(layers) and min(layers, default=0) >= 0,
@@ -124,6 +150,8 @@ class AdapterConfig:
             target_modules=modules or None,
             target_parameters=parameters or None,
             use_rslora=self.rslora,
+            init_lora_weights=True if self.init == "lora" else self.init,
+            use_dora=self.dora,
             trainable_token_indices={"lm_head": [int(i) for i in head_token_ids]} if head_token_ids else None,
             bias="none",
         )

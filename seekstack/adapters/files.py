@@ -14,6 +14,7 @@ both sides, so that part of the key is kept as it is.
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 import shutil
@@ -38,7 +39,8 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what peft puts before the base model's module names
 ADAPTER_KEY = re.compile(
-    r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_([AB]\.weight|embedding_[AB])|\.token_adapter\.trainable_tokens_delta)"
+    r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_([AB]\.weight|embedding_[AB]|magnitude_vector)"
+    r"|\.token_adapter\.trainable_tokens_delta)"
 )
 ADAPTER_PARAMETERS = (".lora_", ".trainable_tokens_delta")  # what names an adapter's own parameters
 
@@ -103,19 +105,36 @@ def apply_lora(
     return _fuse_head(peft_model)
 
 
-def save_adapter(model: PeftModel, folder: str | Path) -> None:
-    """adapter_config.json and adapter_model.safetensors into the existing `folder` (the caller makes it atomic)."""
-    from peft import get_peft_model_state_dict
+def save_adapter(model: PeftModel, folder: str | Path, initial: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json and adapter_model.safetensors into the existing `folder` (the caller makes it atomic).
 
+    `initial`: the factors a PiSSA/OLoRA run started from (`adapter_state`), whose base holds W - s B0 A0; the
+    adapter is saved as plain LoRA on the original W: s B A - s B0 A0 = s [B, -B0] [A; A0], rank 2r at the same
+    scale (peft's `path_initial_model_for_weight_conversion`)."""
     folder = Path(folder)
     layers = model.get_base_model().config.num_hidden_layers
     tensors = {}
-    for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items():
+    for key, tensor in adapter_state(model).items():
+        if initial is not None and ".lora_A." in key:
+            tensor = torch.cat([tensor, initial[key]], dim=0)
+        elif initial is not None and ".lora_B." in key:
+            tensor = torch.cat([tensor, -initial[key]], dim=1)
         module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
         hf_module = checkpoint_key(f"{module}.weight", layers).removesuffix(".weight")
         tensors[f"{PEFT_PREFIX}{hf_module}{lora}"] = tensor.detach().to("cpu").contiguous()
     save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-    model.peft_config["default"].save_pretrained(str(folder))
+    config = copy.deepcopy(model.peft_config["default"])
+    if initial is not None:  # rsLoRA's scale alpha/sqrt(r) stays the same with alpha x sqrt(2)
+        config.init_lora_weights, config.r = True, 2 * config.r
+        config.lora_alpha *= 2**0.5 if config.use_rslora else 2
+    config.save_pretrained(str(folder))
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's tensors by peft's state-dict keys (`base_model.model.layers.0...lora_A.weight`)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
 
 
 def load_adapter(model: Transformer, folder: str | Path, weightless: bool = False) -> PeftModel:
@@ -132,10 +151,11 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
     return _fuse_head(peft_model).eval()
 
 
-def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = False) -> None:
+def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = False, converted: bool = False) -> None:
     """Read the LoRA weights saved in `folder` into `model`, which peft wrapped with the same targets (`weightless`:
     on the meta device, where they are assigned rather than copied: peft's own assignment moves them to the meta
-    device of the base layers)."""
+    device of the base layers). `converted`: the folder holds a PiSSA/OLoRA run's adapter saved on the original base
+    (`save_adapter`'s `initial`), whose leading r ranks are the trained factors `model` takes back."""
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
@@ -150,8 +170,16 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
             raise CheckpointError(
                 f"{weights}: key {key!r} names no module of the base model: the adapter was trained on another base"
             )
+        if converted and ".lora_A." in lora:
+            tensor = tensor[: tensor.shape[0] // 2]
+        elif converted and ".lora_B." in lora:
+            tensor = tensor[:, : tensor.shape[1] // 2]
         tensors[f"{PEFT_PREFIX}{ours[hf_module]}{lora}"] = tensor
-    full_names = {key.replace(".default", ""): key for key, _ in model.named_parameters() if is_adapter_parameter(key)}
+    full_names = {  # peft saves DoRA's magnitude `lora_magnitude_vector.default.weight` without `.default.weight`
+        key.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): key
+        for key, _ in model.named_parameters()
+        if is_adapter_parameter(key)
+    }
     expected = {key: model.get_parameter(name) for key, name in full_names.items()}
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

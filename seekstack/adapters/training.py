@@ -10,14 +10,15 @@ DATA is token shards, text or chat conversations (seekstack.adapters.data).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
 from seekstack.adapters.data import chat_source, frequent_tokens, prepare_data
-from seekstack.adapters.files import apply_lora, publish_adapter, restore_adapter, save_adapter
+from seekstack.adapters.files import adapter_state, apply_lora, publish_adapter, restore_adapter, save_adapter
 from seekstack.checkpoint import read_config
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, load_config, require
@@ -33,20 +34,30 @@ LORA_DEFAULTS = ("lr=1e-2", "min_lr=1e-3", "warmup_steps=10", "weight_decay=0.0"
 
 @dataclass
 class LoraHooks:
-    """The trainer's model hooks for LoRA: wrap the base with peft, checkpoint the adapter, restore it on resume."""
+    """The trainer's model hooks for LoRA: wrap the base with peft, checkpoint the adapter, restore it on resume.
+
+    A PiSSA/OLoRA run (`init`) keeps the factors it started from, to save each adapter on the original base; with
+    LoRA+ (`loraplus_ratio`) every B factor carries the `lr_scale` the trainer's optimizer gives its group."""
 
     config: AdapterConfig
     base_path: str
     head_token_ids: Sequence[int] = ()  # the config's head_tokens most frequent training tokens
+    initial: dict[str, torch.Tensor] | None = field(default=None, init=False)  # a PiSSA/OLoRA run's A0, B0
 
     def prepare(self, model: Transformer) -> nn.Module:
-        return apply_lora(model, self.config, self.base_path, self.head_token_ids)
+        peft_model = apply_lora(model, self.config, self.base_path, self.head_token_ids)
+        if self.config.init != "lora":
+            self.initial = {key: tensor.detach().clone() for key, tensor in adapter_state(peft_model).items()}
+        for name, param in peft_model.named_parameters():
+            if ".lora_B." in name:
+                param.lr_scale = self.config.loraplus_ratio
+        return peft_model
 
     def write(self, model: nn.Module, folder: Path) -> None:
-        save_adapter(model, folder)
+        save_adapter(model, folder, self.initial)
 
     def restore(self, model: nn.Module, folder: Path) -> None:
-        restore_adapter(model, folder)
+        restore_adapter(model, folder, converted=self.initial is not None)
 
 
 def lora_train_config(

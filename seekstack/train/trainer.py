@@ -132,12 +132,20 @@ class TrainResult:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or other 1-D parameters)."""
+    """AdamW with weight decay on matrices only (not on norms, biases or other 1-D parameters); a parameter with an
+    `lr_scale` attribute (LoRA+'s B factors, seekstack.adapters) gets a group whose lr is the schedule's x lr_scale."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    scales = sorted({getattr(p, "lr_scale", 1.0) for p in params})
+    if scales != [1.0]:
+        groups = [
+            {**group, "params": [p for p in group["params"] if getattr(p, "lr_scale", 1.0) == scale], "lr_scale": scale}
+            for group in groups
+            for scale in scales
+        ]
     if any(isinstance(p, DTensor) for p in params) and not all(isinstance(p, DTensor) for p in params):
         # FSDP with expert parallel: sharded DTensors beside rank-local experts, which one foreach call cannot mix
         groups = [
@@ -334,7 +342,7 @@ class _Run:
         step_start = time.perf_counter()
         lr = learning_rate(self.step, config, self.lr_anchor)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         mtp_weight = mtp_weight_at(self.step, config)
         sums = torch.zeros(3, device=self.ranks.device)  # loss, lm_loss, mtp_loss summed over micro-batches
         micro_losses = torch.zeros(config.grad_accum_steps, device=self.ranks.device)  # lm_loss of each micro-batch

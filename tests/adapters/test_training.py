@@ -8,17 +8,29 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 import seekstack
+from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.data import frequent_tokens
-from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter
-from seekstack.adapters.training import lora_train_config, train_adapter
+from seekstack.adapters.files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    is_adapter_parameter,
+    load_adapter,
+    merge_adapter,
+)
+from seekstack.adapters.registry import read_factors
+from seekstack.adapters.training import LoraHooks, lora_train_config, train_adapter
+from seekstack.checkpoint import CheckpointError
 from seekstack.schema import ConfigError
 from seekstack.tokens.shards import load_index
 from seekstack.train.state import TRAIN_STATE_FILE
-from tests.adapters.support import prompt_ids, write_base
+from tests.adapters.support import prompt_ids, write_base, write_random_adapter
 from tests.train.test_trainer import write_split
 
+PEFT_ATOL = 1e-4  # ours vs transformers + peft
+MERGE_ATOL = 1e-5  # merged weights vs base + adapter, float32
 RUN = ["seq_len=32", "batch_size=4", "max_steps=6", "save_every=3", "eval_every=3", "eval_batches=2", "lr=1e-2"]
 
 
@@ -135,3 +147,97 @@ def test_a_head_tokens_count_above_the_vocabulary_is_refused_before_the_run_fold
     with pytest.raises(ValueError, match="more than the"):
         train_adapter(train_config, adapter)
     assert not (tmp_path / "run").exists()
+
+
+def perturbed(model, seed):
+    """`model` with noise added to its adapter's tensors, as training would move them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_adapter_parameter(name):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_adapter_gives_the_trained_logits_on_the_original_base(base, init, tmp_path):
+    config = AdapterConfig(rank=2, attention=("q_a_proj", "o_proj"), experts=(), layers=(0,), head_tokens=2, init=init)
+    hooks = LoraHooks(config, str(base), head_token_ids=[3, 5])
+    trained = hooks.prepare(seekstack.load_pretrained(base))
+    ids = prompt_ids()
+    with torch.no_grad():
+        start, plain = trained(ids).logits, seekstack.load_pretrained(base)(ids).logits
+        assert (start - plain).abs().max() < 1e-5  # the residual base + B0 A0 is the base
+        residual = trained.get_base_model().layers[0].mlp.gate_proj.weight
+        assert (residual - seekstack.load_pretrained(base).layers[0].mlp.gate_proj.weight).abs().max() > 1e-3
+        trained_logits = perturbed(trained, seed=3)(ids).logits
+    hooks.write(trained, tmp_path)
+    saved = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (4, 32.0, True)
+    ours = load_adapter(seekstack.load_pretrained(base), tmp_path)
+    with torch.no_grad():
+        assert (ours(ids).logits - trained_logits).abs().max() < 1e-5
+        assert (trained_logits - plain).abs().max() > 1e-2
+        merged = ours.merge_and_unload()(ids).logits
+    assert (merged - trained_logits).abs().max() < MERGE_ATOL
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path)
+    with torch.no_grad():
+        assert (reference(ids).logits - trained_logits).abs().max() < PEFT_ATOL
+    resumed = LoraHooks(config, str(base), head_token_ids=[3, 5])
+    again = resumed.prepare(seekstack.load_pretrained(base))
+    resumed.restore(again, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, trained_logits)  # a resume takes back the trained factors exactly
+
+
+def test_a_pissa_run_resumes_exactly(base, data_dir, tmp_path):
+    overrides = [*RUN, "lora.init=pissa", "lora.experts=[]", "lora.attention=[q_a_proj]"]
+    whole = train_adapter(*lora_train_config(base, data_dir, tmp_path / "whole", overrides))
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_6")
+    resumed = train_adapter(*lora_train_config(None, None, tmp_path / "cut", resume=True), resume=True)
+    assert resumed.losses == whole.losses[3:]
+
+
+def test_a_dora_adapter_loads_in_peft_merges_exactly_and_is_refused_by_serving(base, tmp_path):
+    config = AdapterConfig(rank=4, feed_forward=(), experts=(), vocabulary=("embed_tokens",), dora=True)
+    adapter = write_random_adapter(base, tmp_path / "dora", seed=4, config=config)
+    with safe_open(adapter / ADAPTER_WEIGHTS_FILE, "pt") as weights:
+        assert "base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector" in set(weights.keys())
+    ids = prompt_ids()
+    with torch.no_grad():
+        ours = load_adapter(seekstack.load_pretrained(base), adapter)(ids).logits
+        merged = seekstack.load_pretrained(merge_adapter(base, adapter, tmp_path / "merged"))(ids).logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
+    with torch.no_grad():
+        theirs = reference(ids).logits
+    assert (ours - theirs).abs().max() < PEFT_ATOL and (merged - ours).abs().max() < MERGE_ATOL
+    assert (ours - seekstack.load_pretrained(base)(ids).logits).abs().max() > 1e-2
+    with pytest.raises(CheckpointError, match=f"{ADAPTER_CONFIG_FILE}.*DoRA.*lora merge"):
+        read_factors(seekstack.load_pretrained(base).config, adapter)
+
+
+def test_loraplus_moves_the_b_factors_ratio_times_the_lr(base, data_dir, tmp_path):
+    lr = 1e-3
+    overrides = [*RUN, "max_steps=1", "warmup_steps=0", f"lr={lr}", "lora.experts=[]", "lora.feed_forward=[]"]
+    for ratio in (1, 16):  # from B = 0, Adam's first step moves each B entry by lr x ratio (A's gradient is 0)
+        out = tmp_path / f"ratio_{ratio}"
+        train_adapter(*lora_train_config(base, data_dir, out, [*overrides, f"lora.loraplus_ratio={ratio}"]))
+        with safe_open(out / ADAPTER_WEIGHTS_FILE, "pt") as weights:
+            moved = max(weights.get_tensor(k).abs().max().item() for k in weights.keys() if ".lora_B." in k)
+        assert moved == pytest.approx(lr * ratio, rel=1e-3)
+
+
+def test_pissa_beside_experts_and_dora_beside_parameter_targets_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="'init'.*experts"):
+        AdapterConfig(init="pissa").validate()
+    with pytest.raises(ConfigError, match="'dora'.*parameter targets"):
+        AdapterConfig(dora=True, experts=()).validate()
+    with pytest.raises(ConfigError, match="'dora'"):
+        AdapterConfig(dora=True, feed_forward=(), experts=(), vocabulary=("lm_head",)).validate()
