@@ -1,8 +1,9 @@
 """The LoRA adapters a served model holds, by name and slot, loaded and unloaded while it serves.
 
-An adapter's factors are read through peft onto a weightless (meta device) copy of the model, so reading never
-touches the model that serves. Adding or removing an adapter then re-lays the factors of all loaded adapters into
-the adapted layers (seekstack.adapters.multi). A slot stays with its adapter while it is loaded (requests hold slot
+An adapter's factors (and the head or embedding rows it trains in full, `lora.head_tokens`) are read through peft
+onto a weightless (meta device) copy of the model, so reading never touches the model that serves. Adding or removing
+an adapter then re-lays the factors and rows of all loaded adapters into the adapted layers
+(seekstack.adapters.multi). A slot stays with its adapter while it is loaded (requests hold slot
 numbers); a removed adapter's slot is reused by the next one loaded, so what the prefix cache keeps is keyed by
 `cache_salt`, which names the load, not the slot.
 """
@@ -26,6 +27,9 @@ from seekstack.adapters.multi import (
     MultiLoRAEmbedding,
     MultiLoRAExperts,
     MultiLoRALinear,
+    MultiTokenRows,
+    MultiTokenRowsEmbedding,
+    TokenRows,
 )
 from seekstack.checkpoint import CheckpointError
 from seekstack.config import ModelConfig
@@ -45,22 +49,38 @@ class AdapterConflict(ValueError):
     """A load under a name in use, or an unload of an adapter that unfinished requests still use."""
 
 
-def read_factors(config: ModelConfig, folder: str | Path) -> dict[Target, Factors]:
-    """The factors of the adapter saved in `folder` for a model with `config`: (A, B * alpha/r) per adapted weight;
-    CheckpointError naming the file when the adapter does not fit the model, or trains the head's rows in full
-    (`head_tokens`), which the per-row layers (seekstack.adapters.multi) do not apply."""
+@dataclass
+class AdapterWeights:
+    """What the per-row layers apply of one adapter: (A, B * alpha/r) per adapted weight, and the token ids and
+    trained rows per module whose rows it replaces (peft's trainable tokens, `lora.head_tokens`)."""
+
+    factors: dict[Target, Factors]
+    token_rows: dict[str, TokenRows]
+
+
+def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
+    """The weights of the adapter saved in `folder` for a model with `config`; CheckpointError naming the file when
+    the adapter does not fit the model, is DoRA (`dora`), which the per-row layers (seekstack.adapters.multi) do not
+    apply, or replaces token rows of a base whose head and embedding are tied (one matrix: peft's rows of one are
+    rows of both)."""
     from peft import LoraConfig
 
     config_file = Path(folder) / ADAPTER_CONFIG_FILE
-    if config_file.is_file() and LoraConfig.from_pretrained(str(folder)).trainable_token_indices:
+    peft_config = LoraConfig.from_pretrained(str(folder)) if config_file.is_file() else None
+    if peft_config is not None and peft_config.use_dora:
         raise CheckpointError(
-            f"{config_file}: the adapter trains output-head rows in full (trainable_token_indices, lora.head_tokens), "
-            "which serving beside other adapters does not apply; serve the merged checkpoint of `seekstack lora "
-            "merge` instead"
+            f"{config_file}: a DoRA adapter (use_dora, lora.dora) rescales each output row, which serving beside other "
+            "adapters does not apply; serve the merged checkpoint of `seekstack lora merge` instead"
+        )
+    if peft_config is not None and peft_config.trainable_token_indices and config.tie_word_embeddings:
+        raise CheckpointError(
+            f"{config_file}: the adapter replaces token rows (trainable_token_indices) of a base whose output head "
+            "and embedding are tied (tie_word_embeddings), which serving does not apply; use an untied base"
         )
     with torch.device("meta"):
         skeleton = Transformer(config)
-    return _lora_factors(load_adapter(skeleton, folder, weightless=True))
+    peft_model = load_adapter(skeleton, folder, weightless=True)
+    return AdapterWeights(_lora_factors(peft_model), _token_rows(peft_model))
 
 
 @dataclass
@@ -72,7 +92,7 @@ class LoadedAdapters:
     rows: AdapterRows = field(default_factory=AdapterRows)
     folders: dict[str, Path] = field(default_factory=dict)  # replaced, never changed: other threads read it
     slots: dict[str, int] = field(default_factory=dict)
-    factors: dict[str, dict[Target, Factors]] = field(default_factory=dict)
+    weights: dict[str, AdapterWeights] = field(default_factory=dict)
     salts: dict[int, str] = field(default_factory=lambda: {0: ""})  # per slot, what its cached values depend on
     _loads: itertools.count = field(default_factory=lambda: itertools.count(1))
 
@@ -95,8 +115,8 @@ class LoadedAdapters:
     def select(self, slots: list[int], device: torch.device) -> None:
         self.rows.select(slots, device)
 
-    def add(self, name: str, folder: str | Path, factors: dict[Target, Factors]) -> None:
-        """Serve `factors` (from `read_factors(folder)`) as adapter `name` in the lowest free slot."""
+    def add(self, name: str, folder: str | Path, weights: AdapterWeights) -> None:
+        """Serve `weights` (from `read_factors(folder)`) as adapter `name` in the lowest free slot."""
         if not NAME.fullmatch(name):
             raise ValueError(f"adapter name {name!r}: use letters, digits and . _ - : @ / + only")
         if name in self.slots:
@@ -104,7 +124,7 @@ class LoadedAdapters:
         taken = set(self.slots.values())
         self.slots[name] = next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
         self.salts[self.slots[name]] = f"{name}#{next(self._loads)}"
-        self.factors[name] = factors
+        self.weights[name] = weights
         self.folders = {**self.folders, name: Path(folder)}
         self._restack()
 
@@ -115,18 +135,25 @@ class LoadedAdapters:
             raise AdapterConflict(
                 f"adapter {name!r} serves {requests_in_flight} unfinished request(s); unload it once they are done"
             )
-        del self.salts[self.slots[name]], self.slots[name], self.factors[name]
+        del self.salts[self.slots[name]], self.slots[name], self.weights[name]
         self.folders = {key: value for key, value in self.folders.items() if key != name}
         self._restack()
 
     def _restack(self) -> None:
-        """Give every adapted layer the factors of all loaded adapters; a layer none of them adapts is plain again."""
+        """Give every adapted layer the factors and rows of all loaded adapters; a layer none of them adapts is plain
+        again."""
         slot_count = max(self.slots.values(), default=0) + 1
         per_target: dict[Target, list[Factors | None]] = {}
+        per_module: dict[str, list[TokenRows | None]] = {}
         for name, slot in self.slots.items():
-            for target, factors in self.factors[name].items():
+            for target, factors in self.weights[name].factors.items():
                 per_target.setdefault(target, [None] * slot_count)[slot] = factors
+            for module_name, rows in self.weights[name].token_rows.items():
+                per_module.setdefault(module_name, [None] * slot_count)[slot] = rows
         self.rows.slot_count = slot_count
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, MultiTokenRows):  # unwrapped first: the LoRA layers below sit inside it
+                self.model.set_submodule(name, module.base)
         linears: dict[str, list[Factors | None]] = {}
         experts: dict[str, dict[str, list[Factors | None]]] = {}
         for (module_name, param_name), per_slot in per_target.items():
@@ -151,6 +178,13 @@ class LoadedAdapters:
             if not isinstance(module, MultiLoRAExperts):
                 module = MultiLoRAExperts.adapt(module, self.rows)
             module.set_factors(per_param)
+        for name, per_slot in per_module.items():
+            module = self.model.get_submodule(name)
+            inner = module.base if isinstance(module, MultiLoRALinear) else module
+            wrapper = MultiTokenRowsEmbedding if isinstance(inner, nn.Embedding) else MultiTokenRows
+            rows = wrapper(module, self.rows)
+            rows.set_rows(per_slot)
+            self.model.set_submodule(name, rows)
         for module in self.model.modules():
             if not isinstance(module, MultiHeadLatentAttention):
                 continue
@@ -166,6 +200,18 @@ def attach_adapters(model: Transformer, adapters: Mapping[str, str | Path]) -> L
     for name, folder in adapters.items():
         loaded.add(name, folder, read_factors(model.config, folder))
     return loaded
+
+
+def _token_rows(peft_model: nn.Module) -> dict[str, TokenRows]:
+    """Module name -> (token ids, trained rows) for every module whose rows the adapter replaces (trainable tokens)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    return {
+        name: (torch.tensor(module.token_adapter.token_indices["default"]),
+               module.token_adapter.trainable_tokens_delta["default"].detach())
+        for name, module in peft_model.get_base_model().named_modules()
+        if isinstance(module, TrainableTokensWrapper)
+    }  # fmt: skip
 
 
 def _lora_factors(peft_model: nn.Module) -> dict[Target, Factors]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -146,9 +147,16 @@ def test_head_rows_load_in_peft_on_transformers_and_merge_exactly(base, head_row
     assert (merged - ours).abs().max() < MERGE_ATOL
 
 
-def test_serving_refuses_head_rows_naming_the_file(base, head_rows_adapter):
-    with pytest.raises(CheckpointError, match=f"{ADAPTER_CONFIG_FILE}.*lora merge"):
-        read_factors(seekstack.load_pretrained(base).config, head_rows_adapter)
+def test_serving_reads_the_head_rows_and_refuses_them_on_a_tied_head_naming_the_file(base, head_rows_adapter):
+    config = seekstack.load_pretrained(base).config
+    weights = read_factors(config, head_rows_adapter)
+    with safe_open(head_rows_adapter / ADAPTER_WEIGHTS_FILE, "pt") as stored:
+        rows = stored.get_tensor("base_model.model.lm_head.token_adapter.trainable_tokens_delta")
+    [(ids, trained)] = weights.token_rows.values()
+    assert list(weights.token_rows) == ["lm_head"] and ids.tolist() == HEAD_TOKENS and torch.equal(trained, rows)
+    assert weights.factors and not any(module == "lm_head" for module, _ in weights.factors)
+    with pytest.raises(CheckpointError, match=f"{ADAPTER_CONFIG_FILE}.*tied.*untied base"):
+        read_factors(dataclasses.replace(config, tie_word_embeddings=True), head_rows_adapter)
 
 
 def test_head_rows_beside_a_lora_head_or_without_targets_are_refused_naming_the_field():
@@ -175,7 +183,7 @@ def test_layers_restrict_the_block_targets_and_are_checked_against_the_model():
 
 def test_serving_reads_the_factors_of_the_adapted_layers_only(base, tmp_path):
     folder = write_random_adapter(base, tmp_path / "second", 6, AdapterConfig(rank=2, layers=(1,)))
-    factors = read_factors(seekstack.load_pretrained(base).config, folder)
+    factors = read_factors(seekstack.load_pretrained(base).config, folder).factors
     assert (("layers.1.mlp.experts", "gate_up_proj") in factors) and all(m.startswith("layers.1.") for m, _ in factors)
 
 

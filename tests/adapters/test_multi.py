@@ -7,8 +7,8 @@ import torch
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
-from seekstack.adapters.files import load_adapter, merged_model
-from seekstack.adapters.multi import MultiLoRAAttention, MultiLoRAExperts, MultiLoRALinear
+from seekstack.adapters.files import is_adapter_parameter, load_adapter, merged_model, save_adapter
+from seekstack.adapters.multi import MultiLoRAAttention, MultiLoRAExperts, MultiLoRALinear, MultiTokenRows
 from seekstack.adapters.registry import attach_adapters
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import Routing
@@ -178,3 +178,104 @@ def test_per_row_linears_of_compiled_steps_match_the_masked_ones_with_mixed_rank
     assert (per_row - masked).abs().max() < ATOL
     assert torch.equal(per_row[0], plain[0])
     assert all((per_row[row] - plain[row]).abs().max() > 100 * ATOL for row in (1, 2, 3))
+
+
+ROW_TOKENS = [5, 17, 2, 40, 300, 9]  # head rows a `lora.head_tokens` adapter trains in full
+
+
+@pytest.fixture(scope="module")
+def with_head_rows(served, tmp_path_factory):
+    """The base, an adapter with head rows beside a first-FFN LoRA (bench/lora_domain.py's `head_tokens311_ffn0_r8`
+    recipe, smaller) and the plain full LoRA adapter."""
+    base, adapters = served
+    recipe = AdapterConfig(
+        attention=(), feed_forward=("gate_proj", "up_proj"), experts=(), layers=(0,), head_tokens=len(ROW_TOKENS)
+    )
+    folder = tmp_path_factory.mktemp("rows") / "rows"
+    rows = write_random_adapter(base, folder, seed=7, config=recipe, head_token_ids=ROW_TOKENS)
+    return base, {"rows": rows, "full": adapters["full"]}
+
+
+def merged_logits(base, adapter, ids: torch.Tensor) -> torch.Tensor:
+    model = (
+        seekstack.load_pretrained(base) if adapter is None else merged_model(seekstack.load_pretrained(base), adapter)
+    )
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_prefill_rows_of_base_head_rows_and_plain_lora_each_equal_their_adapter_merged(with_head_rows):
+    base, adapters = with_head_rows
+    ids = torch.randint(2, 500, (4, 9), generator=torch.Generator().manual_seed(8))
+    choice = [None, "rows", "full", "rows"]
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, adapters)
+    loaded.select([loaded.slot(name) for name in choice], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = model(ids).logits
+    for row, name in enumerate(choice):
+        expected = merged_logits(base, adapters.get(name), ids[row : row + 1])
+        assert (mixed[row : row + 1] - expected).abs().max() < ATOL
+    plain = merged_logits(base, None, ids[1:2])
+    assert (mixed[1, :, ROW_TOKENS] - plain[0, :, ROW_TOKENS]).abs().min() > 100 * ATOL  # the rows' own logits move
+
+
+def test_decoding_with_head_rows_gives_the_merged_tokens_eager_compiled_and_speculative(with_head_rows):
+    """Decode (and prefill) steps of a mixed batch give each row its merged adapter's tokens and logprobs, with
+    compiled steps and with MTP drafts, whose head is the adapted one."""
+    base, adapters = with_head_rows
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=True, ignore_eos=True)
+    prompts = [[5, 17, 42, 8], [5, 17, 42, 8], [5, 17, 42, 8], [9, 33, 3]]
+    choice = [None, "rows", "full", "rows"]
+    merged = {name: Engine.from_pretrained(base, adapter=adapters.get(name)) for name in set(choice)}
+    alone = [merged[name].generate([prompt], params)[0] for prompt, name in zip(prompts, choice, strict=True)]
+    for options in (dict(), dict(compile=True), dict(speculative=True, draft_tokens=2, adaptive_drafts=False)):
+        engine = Engine.from_pretrained(base, adapters=adapters, max_batch_size=4, **options)
+        mixed = engine.generate(prompts, params, adapters=choice)
+        assert engine.decode_compiled == ("compile" in options) and (engine.spec_drafted > 0) == (
+            "speculative" in options
+        )
+        for completion, expected in zip(mixed, alone, strict=True):
+            assert completion.token_ids == expected.token_ids, options
+            logprobs = [[entry.logprob for entry in c.logprobs] for c in (completion, expected)]
+            assert (torch.tensor(logprobs[0]) - torch.tensor(logprobs[1])).abs().max() < ATOL, options
+    assert mixed[1].token_ids != mixed[0].token_ids  # the head rows change the greedy continuation
+
+
+def write_embedding_rows_adapter(base, folder, token_ids: list[int]):
+    """An adapter replacing the embedding rows of `token_ids` (peft's trainable tokens on embed_tokens, which
+    `seekstack lora train` does not make but peft does), beside a LoRA o_proj; random rows."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=2, target_modules=["layers.0.self_attn.o_proj"], trainable_token_indices={"embed_tokens": token_ids}
+    )
+    model = get_peft_model(seekstack.load_pretrained(base), config)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_adapter_parameter(name):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    folder.mkdir(parents=True)
+    save_adapter(model, folder)
+    return folder
+
+
+def test_embedding_rows_apply_per_row_beside_head_rows_and_unload_to_the_plain_base(with_head_rows, tmp_path):
+    base, adapters = with_head_rows
+    chosen = {**adapters, "embedding": write_embedding_rows_adapter(base, tmp_path / "embedding", ROW_TOKENS)}
+    ids = torch.tensor([ROW_TOKENS + [8, 5]] * 3)
+    choice = [None, "embedding", "rows"]
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, chosen)
+    assert isinstance(model.embed_tokens, MultiTokenRows) and isinstance(model.lm_head, MultiTokenRows)
+    loaded.select([loaded.slot(name) for name in choice], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = model(ids).logits
+    for row, name in enumerate(choice):
+        assert (mixed[row : row + 1] - merged_logits(base, chosen.get(name), ids[row : row + 1])).abs().max() < ATOL
+    assert (mixed[1] - mixed[0]).abs().max() > 100 * ATOL
+    for name in chosen:
+        loaded.remove(name)
+    assert not any(isinstance(m, (MultiTokenRows, MultiLoRALinear, MultiLoRAExperts)) for m in model.modules())
+    assert set(model.state_dict()) == set(seekstack.load_pretrained(base).state_dict())

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
+from seekstack.adapters.config import AdapterConfig
+from seekstack.infer import Engine, SamplingParams
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from tests.adapters.support import write_random_adapter
@@ -16,12 +19,14 @@ from tests.serve.server import make_model_dir, running_server
 MODEL = "model"
 GREEDY_BODY = dict(temperature=0, extra_body={"ignore_eos": True})
 GREEDY = dict(max_tokens=8, **GREEDY_BODY)
+ENGINE_GREEDY = dict(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+HEAD_ROWS = list(range(3, 300, 3))  # the output-head rows a head_tokens adapter trains in full
 PROMPT = "The quick brown"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A server started with adapters `legal` and `poem`, an admin key and a plain key."""
+    """A server started with adapters `legal` and `poem`, an admin key and a plain key; its model folder."""
     root = tmp_path_factory.mktemp("adapter_routes")
     model_dir = make_model_dir(root)
     adapters = {name: write_random_adapter(model_dir, root / name, seed) for name, seed in (("legal", 1), ("poem", 2))}
@@ -31,7 +36,7 @@ def served(tmp_path_factory):
     flags = [flag for name, folder in adapters.items() for flag in ("--adapter", f"{name}={folder}")]
     with running_server(model_dir, database, *flags, timeout_s=300) as server:  # a busy machine starts it slowly
         api = openai.OpenAI(base_url=f"{server.url}/v1", api_key=user, max_retries=0, timeout=120)
-        yield server.url, api, admin, user, adapters
+        yield server.url, api, admin, user, adapters, model_dir
 
 
 def post(url: str, key: str, route: str, **body) -> httpx.Response:
@@ -47,7 +52,7 @@ def complete(api: openai.OpenAI, model: str) -> str:
 
 
 def test_an_adapter_loaded_at_run_time_answers_as_one_loaded_at_startup_and_unloads(served):
-    url, api, admin, _, adapters = served
+    url, api, admin, _, adapters, _ = served
     loaded = post(url, admin, "load_lora_adapter", lora_name="poem-2", lora_path=str(adapters["poem"]))
     assert loaded.status_code == 200, loaded.text
     assert (loaded.json()["id"], loaded.json()["parent"]) == ("poem-2", MODEL)
@@ -61,7 +66,7 @@ def test_an_adapter_loaded_at_run_time_answers_as_one_loaded_at_startup_and_unlo
 
 
 def test_a_reused_slot_does_not_answer_from_the_previous_adapters_cached_prompt(served):
-    url, api, admin, _, adapters = served
+    url, api, admin, _, adapters, _ = served
     assert load(url, admin, "first", adapters["poem"]) == 200
     complete(api, "first")  # its prompt's keys and values, computed with poem's weights, go to the prefix cache
     assert post(url, admin, "unload_lora_adapter", lora_name="first").status_code == 200
@@ -71,7 +76,7 @@ def test_a_reused_slot_does_not_answer_from_the_previous_adapters_cached_prompt(
 
 
 def test_unloading_an_adapter_in_use_is_refused_until_its_requests_end(served):
-    url, api, admin, _, adapters = served
+    url, api, admin, _, adapters, _ = served
     assert load(url, admin, "busy", adapters["legal"]) == 200
     stream = api.completions.create(model="busy", prompt=PROMPT, max_tokens=200, stream=True, **GREEDY_BODY)
     next(iter(stream))  # the request runs
@@ -87,7 +92,7 @@ def test_unloading_an_adapter_in_use_is_refused_until_its_requests_end(served):
 
 
 def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_without_an_adapter(served, tmp_path):
-    url, _, admin, user, adapters = served
+    url, _, admin, user, adapters, _ = served
 
     def error(response: httpx.Response) -> tuple[int, str]:
         return response.status_code, response.json()["error"]["code"]
@@ -105,3 +110,16 @@ def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_w
     empty = post(url, admin, "load_lora_adapter", lora_name="empty", lora_path=str(tmp_path))
     assert error(empty) == (400, "invalid_adapter") and "adapter_config.json" in empty.json()["error"]["message"]
     assert error(post(url, admin, "load_lora_adapter", lora_name="x")) == (400, "invalid_value")  # no lora_path
+
+
+def test_a_head_rows_adapter_loaded_at_run_time_answers_as_merged_into_the_base(served, tmp_path):
+    """An adapter with trained output-head rows (lora.head_tokens) beside LoRA serves per row, as its merge does."""
+    url, api, admin, _, _, model_dir = served
+    recipe = AdapterConfig(rank=4, feed_forward=(), experts=(), head_tokens=len(HEAD_ROWS))
+    rows = write_random_adapter(model_dir, tmp_path / "rows", 3, recipe, HEAD_ROWS)
+    assert load(url, admin, "rows", rows) == 200
+    merged = Engine.from_pretrained(model_dir, adapter=rows).generate([PROMPT], SamplingParams(**ENGINE_GREEDY))
+    with ThreadPoolExecutor(3) as pool:  # in one batch with the base and another adapter
+        answers = list(pool.map(lambda model: complete(api, model), ["rows", MODEL, "legal"]))
+    assert answers[0] == merged[0].text != answers[1]
+    assert post(url, admin, "unload_lora_adapter", lora_name="rows").status_code == 200
