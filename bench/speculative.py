@@ -11,6 +11,7 @@ bfloat16 where the CPU runs it fast). The `default` rows are an engine with the 
 gets from `--speculative` alone (EngineOptions: up to 3 drafts a step, the count chosen from the acceptance measured
 so far at each draft depth and the batch size, seekstack.infer.speculative.DraftCount); each fixed number of drafts
 per step in `--draft-tokens` gets an engine and rows too. `accept` is the share of drafted tokens accepted,
+`accept by depth` each draft depth's share of its checks passed / its checks (depth d is checked once d - 1 passed),
 `drafts/tok` the drafts made per generated token.
 
     decode tok/s = sequences x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
@@ -95,6 +96,8 @@ def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_to
     _, plain_tokens = timed(plain, prompts, new_tokens)
     _, speculative_tokens = timed(speculative, prompts, new_tokens)
     drafted, accepted = speculative.stats().spec_drafted, speculative.stats().spec_accepted
+    counts = speculative.draft_count
+    passed_before, checked_before = list(counts.passed), list(counts.checked)
     runs = {"plain": plain, "speculative": speculative}
     seconds: dict[str, list[float]] = {f"{name}_{n}": [] for name in runs for n in (1, new_tokens)}
     for rep in range(reps):
@@ -109,8 +112,17 @@ def compare(plain: Engine, speculative: Engine, prompts: list[list[int]], new_to
         "identical": plain_tokens == speculative_tokens,
         "accept_rate": (stats.spec_accepted - accepted) / max(stats.spec_drafted - drafted, 1),
         "drafts_per_token": (stats.spec_drafted - drafted) / (len(prompts) * reps * (new_tokens + 1)),
+        "passed_by_depth": [after - before for after, before in zip(counts.passed, passed_before, strict=True)],
+        "checked_by_depth": [after - before for after, before in zip(counts.checked, checked_before, strict=True)],
         **{f"{name}_tok_s": tokens / (median[f"{name}_{new_tokens}"] - median[f"{name}_1"]) for name in runs},
     }
+
+
+def depth_acceptance(rows: list[dict]) -> str:
+    """Draft d's share of checks passed, over the checks made at depth d (reached once all before it passed)."""
+    passed = [sum(depths) for depths in zip(*(r["passed_by_depth"] for r in rows), strict=True)]
+    checked = [sum(depths) for depths in zip(*(r["checked_by_depth"] for r in rows), strict=True)]
+    return " ".join(f"{p / c:.0%}/{c}" if c else "-" for p, c in zip(passed, checked, strict=True))
 
 
 def main() -> None:
@@ -150,7 +162,7 @@ def main() -> None:
     print(f"default: draft_tokens={default.draft_tokens} ({mode}), load average {os.getloadavg()[0]:.2f}")
     header = (
         f"{'batch':>5s} {'drafts':>8s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} "
-        f"{'accept':>7s} {'drafts/tok':>10s} {'identical':>10s}"
+        f"{'accept':>7s} {'drafts/tok':>10s} {'identical':>10s}  accept by depth"
     )
     print(header + "\n" + "-" * len(header))
     with torch.inference_mode():
@@ -163,10 +175,11 @@ def main() -> None:
                 accept = statistics.mean(r["accept_rate"] for r in rows)
                 drafts_per_token = statistics.mean(r["drafts_per_token"] for r in rows)
                 identical = all(r["identical"] for r in rows)
+                by_depth = depth_acceptance(rows)
                 print(
                     f"{batch:5d} {k:>8s} {plain_rate:12.1f} {speculative_rate:15.1f} "
                     f"{speculative_rate / plain_rate:8.2f}x {accept:7.0%} {drafts_per_token:10.2f} "
-                    f"{str(identical):>10s}",
+                    f"{str(identical):>10s}  {by_depth}",
                     flush=True,
                 )
     print(f"load average {os.getloadavg()[0]:.2f}")

@@ -31,8 +31,8 @@ from seekstack.infer.detokenize import TextStream
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.params import EngineOptions, SamplingParams
 from seekstack.infer.placement import device_map_for, layer_devices, place
-from seekstack.infer.sampling import PenaltyState, SamplingBatch, TokenConstraint, token_logprobs
-from seekstack.infer.speculative import DraftCount, accept_drafts, greedy_speculation, mtp_drafts
+from seekstack.infer.sampling import PenaltyState, SamplingBatch, SeededUniforms, TokenConstraint, token_logprobs
+from seekstack.infer.speculative import DraftChecks, DraftCount, accept_drafts, greedy_speculation, mtp_drafts
 from seekstack.infer.threads import StepThreads
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -43,13 +43,14 @@ class _Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    generator: SeededUniforms
     stream: TextStream
     stop_ids: frozenset[int]
     penalties: PenaltyState | None
     ids: list[int]  # prompt + sampled tokens
     num_cached: int = 0  # tokens in the cache (main layers; the MTP layer keeps pace)
     drafts: list[int] = field(default_factory=list)  # the MTP module's guesses for the K tokens after the pending one
+    draft_checks: DraftChecks = field(default_factory=DraftChecks)  # how its drafts fared, per depth (DraftCount)
     scheduled_at: float | None = None  # time.perf_counter() when admitted out of `waiting`
     output_ids: list[int] = field(default_factory=list)  # tokens handed out
     adapter_slot: int = 0  # the LoRA adapter its rows use (seekstack.adapters.multi); 0 = the base model
@@ -296,11 +297,7 @@ class Engine:
                 f"{total} tokens need {self.cache.blocks_for(total + self.draft_slots)} cache blocks; "
                 f"the cache has {self.cache.num_blocks - 1}: raise kv_cache_memory (or num_blocks)"
             )
-        generator = torch.Generator(device=self.device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
+        generator = SeededUniforms(params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eos_id})
         penalties = PenaltyState.from_prompt(prompt_ids, vocab, self.device) if params.penalized else None
         with self.lock:
@@ -487,7 +484,8 @@ class Engine:
             for request, token in zip(finished, tokens, strict=True):
                 request.ids.append(token)
         if self.speculative:  # every chunk enters the MTP layer's cache too; finished prompts get their first drafts
-            count, _ = self.draft_count.choose(len(self.running) + len(self.prefilling), self._seeded())
+            rows = [r.draft_checks for r in itertools.chain(self.running, self.prefilling)]
+            count, _ = self.draft_count.choose(rows, self._seeded())
             drafts = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, count, prefill=True)
             for row in done:
                 batch[row].drafts = drafts[row]
@@ -513,9 +511,13 @@ class Engine:
     def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
         """Verify each request's K drafts with one forward over [pending, drafts]; keep the accepted ones plus one."""
         drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
-        width, (next_count, fill_cache) = drafted + 1, self.draft_count.choose(len(batch), self._seeded())
+        checks = [r.draft_checks for r in batch]
+        width, (next_count, fill_cache) = drafted + 1, self.draft_count.choose(checks, self._seeded())
         rows = [[r.ids[-1], *r.drafts[:drafted]] for r in batch]
-        input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch))
+        # Keys past the verified tokens are gathered only for drafts beyond the first (`mtp_drafts`' follow-ups):
+        # without them a step whose rows are of one length attends without a mask, as a plain one does.
+        lookahead = max(next_count - 1, 0)
+        input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch), lookahead)
         sampling = self._sampling_batch(batch)
         next_drafts = None
         if sampling.all_greedy and not sampling.penalized:  # p is one-hot too: accept exactly when the argmax agrees
@@ -534,7 +536,7 @@ class Engine:
         chosen_list, accepted_list = chosen.tolist(), accepted.tolist()
         self.spec_drafted += drafted * len(batch)
         self.spec_accepted += sum(accepted_list)
-        self.draft_count.observe(drafted, accepted_list)
+        self.draft_count.observe(drafted, accepted_list, checks)
         new_tokens = [chosen_list[b][: count + 1] for b, count in enumerate(accepted_list)]
         logprobs: list[list] = [[] for _ in batch]
         if any(r.params.logprobs for r in batch):
@@ -577,13 +579,20 @@ class Engine:
         return out.logits, out.hidden_states
 
     def _inputs(
-        self, batch: list[_Request], rows: list[list[int]], starts: list[int], counts: list[int]
+        self,
+        batch: list[_Request],
+        rows: list[list[int]],
+        starts: list[int],
+        counts: list[int],
+        lookahead: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plan the cache for the next forward; the rows' token ids padded to one width and their positions (B, T)."""
+        """Plan the cache for the next forward (keys gathered `lookahead` slots further, by default the most drafts
+        need); the rows' token ids padded to one width and their positions (B, T)."""
         width = max(counts)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.device)
         self.lora.select([r.adapter_slot for r in batch], self.device)
-        return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, self.lookahead)
+        lookahead = self.lookahead if lookahead is None else lookahead
+        return input_ids, self.cache.plan([r.request_id for r in batch], starts, counts, width, lookahead)
 
     def _draft(
         self,

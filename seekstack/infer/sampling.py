@@ -8,6 +8,7 @@ Greedy rows (temperature 0) become one-hot distributions, so speculative verific
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +37,39 @@ class PenaltyState:
         self.output_counts[token_id] += 1
 
 
+MASK64 = (1 << 64) - 1
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment: 2^64 / the golden ratio, odd
+
+
+def splitmix64(state: int) -> int:
+    """SplitMix64's output function (Steele, Lea and Flood 2014; Vigna's constants): a 64-bit avalanche mix."""
+    z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+class SeededUniforms:
+    """One request's U(0, 1) numbers: draw n is SplitMix64's n-th output for the request's seed, a function of
+    (seed, n) alone, so a request samples the same tokens whatever the batch around it. Its state is the count of
+    draws (`get_state`/`set_state`, as a torch.Generator's). A batch's draws cost a few integer operations per row
+    in Python and one tensor, not a torch.rand call and an indexed write per row."""
+
+    def __init__(self, seed: int | None = None):
+        self.seed = (secrets.randbits(64) if seed is None else seed) & MASK64  # negative seeds: two's complement
+        self.draws = 0
+
+    def next(self) -> float:
+        """The next number in [0, 1): the top 24 bits of the next output, as torch.rand's float32 has."""
+        self.draws += 1
+        return (splitmix64((self.seed + self.draws * GOLDEN_GAMMA) & MASK64) >> 40) * 2.0**-24
+
+    def get_state(self) -> int:
+        return self.draws
+
+    def set_state(self, draws: int) -> None:
+        self.draws = draws
+
+
 class TokenConstraint(Protocol):
     """A rule on which tokens one request may sample next (JSON mode: `seekstack.infer.json_mode`)."""
 
@@ -54,21 +88,22 @@ class TokenConstraint(Protocol):
 
 
 class SamplingBatch:
-    """The sampling settings of B rows with each row's generator, penalty state and token constraint; (B,) tensors
+    """The sampling settings of B rows with each row's random numbers, penalty state and token constraint; (B,) tensors
     of the settings are made only when a step needs them (an all-greedy batch needs none)."""
 
     def __init__(
         self,
         params: list[SamplingParams],
-        generators: list[torch.Generator],
+        uniforms: list[SeededUniforms],
         penalties: list[PenaltyState | None],
         device: torch.device,
         constraints: list[TokenConstraint | None] | None = None,
     ):
-        self.params, self.generators, self.penalties = params, generators, penalties
+        self.params, self.uniforms, self.penalties = params, uniforms, penalties
         self.constraints = constraints or [None] * len(params)
         self.device = device
         self.all_greedy = all(p.greedy for p in params)
+        self.any_greedy = any(p.greedy for p in params)
         self.filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
         self.penalized = any(p.penalized for p in params)
 
@@ -106,15 +141,15 @@ class SamplingBatch:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution each row samples from (B, V): temperature, top-k, top-p, min-p; greedy rows one-hot."""
-        one_hot = torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
         if self.all_greedy:
-            return one_hot
+            return _one_hot_argmax(logits)
         temperature = self._column([1.0 if p.greedy else p.temperature for p in self.params])
-        logits = logits.float() / temperature[:, None]
-        if self.filtered:
-            logits = self._filter(logits)
+        scaled = logits.float() / temperature[:, None]
+        probs = (self._filter(scaled) if self.filtered else scaled).softmax(dim=-1)
+        if not self.any_greedy:
+            return probs
         greedy = self._column([p.greedy for p in self.params])
-        return torch.where(greedy[:, None], one_hot, logits.softmax(dim=-1))
+        return torch.where(greedy[:, None], _one_hot_argmax(logits), probs)
 
     def _filter(self, logits: torch.Tensor) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -146,25 +181,29 @@ class SamplingBatch:
         return self.draw(self.probabilities(self.penalize(logits)))
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token per row (B,): argmax for greedy rows, else the inverse CDF of a U(0, 1) from the row's own
-        generator: the first token whose cumulative probability exceeds it (one batched search, no per-row
-        torch.multinomial, which costs ~1 ms per row on a CPU)."""
-        greedy_tokens = probs.argmax(dim=-1)
+        """One token per row (B,): argmax for greedy rows, else the inverse CDF of the row's next U(0, 1)
+        (`SeededUniforms`): the first token whose cumulative probability exceeds it (one batched search, no
+        per-row torch.multinomial, which costs ~1 ms per row on a CPU)."""
         if self.all_greedy:
-            return greedy_tokens
+            return probs.argmax(dim=-1)
         cdf = probs.float().cumsum(dim=-1)  # (B, V), unnormalised rows allowed
         u = self.uniform()[:, None] * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
+        if not self.any_greedy:
+            return drawn
         greedy = self._column([p.greedy for p in self.params])
-        return torch.where(greedy, greedy_tokens, drawn)
+        return torch.where(greedy, probs.argmax(dim=-1), drawn)
 
     def uniform(self) -> torch.Tensor:
-        """One U(0, 1) number per row (B,) from the row's generator (greedy rows get 0: they never need one)."""
-        values = torch.zeros(len(self.params), device=self.device)
-        for row, generator in enumerate(self.generators):
-            if not self.params[row].greedy:
-                values[row] = torch.rand(1, generator=generator, device=self.device)[0]
-        return values
+        """One U(0, 1) number per row (B,), the row's next (greedy rows get 0: they never need one)."""
+        rows = zip(self.params, self.uniforms, strict=True)
+        values = [0.0 if params.greedy else numbers.next() for params, numbers in rows]
+        return torch.tensor(values, device=self.device)
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) float32: 1 at each row's argmax."""
+    return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
 
 
 def token_logprobs(

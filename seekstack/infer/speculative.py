@@ -6,6 +6,7 @@ Shapes: B sequences, T tokens per sequence, K drafts per sequence, V vocabulary,
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -127,7 +128,7 @@ def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
 # costs (weights read, kernel launches, Python), above it every verified token adds its matmul work. On a CPU, 4 rows
 # verifying one draft each (8 tokens) cost ~0.4 of a plain step more than 4 tokens (issue 19: 0.98x with drafts).
 FREE_VERIFY_TOKENS = {"cpu": 4, "cuda": 64}
-ACCEPTANCE_MEMORY = 0.95  # weight of the acceptance seen so far at each new step (~20 steps of memory)
+ACCEPTANCE_MEMORY = 0.95  # weight of a request's acceptance seen so far at each of its new steps (~20 steps of memory)
 # A depth's prior, worth PRIOR_CHECKS checks: at depth 1 the acceptance DeepSeek-V3 reports for its MTP module's
 # token (85-90%, tech report 5.4.3), so a fresh engine drafts the most and measures every depth at once; at deeper
 # depths the rate of the depth before.
@@ -137,10 +138,17 @@ NEAR_BEST = 0.05  # draft counts whose expected speed-up is within this share of
 PROBE_EVERY = 32  # below the most drafts, one step in this many drafts one more, to measure the next depth
 
 
+@dataclass
+class DraftChecks:
+    """A request's draft checks passed and made at each depth, its recent steps weighted most (ACCEPTANCE_MEMORY)."""
+
+    passed: list[float] = field(default_factory=list)
+    checked: list[float] = field(default_factory=list)
+
+
 class DraftCount:
     """How many drafts the next step verifies, 0..`most`: fixed at `most`, or (adaptive) the count with the best
-    expected speed-up under the acceptance measured so far at each draft depth and the step's cost at the current
-    batch size.
+    expected speed-up under the acceptance measured at each draft depth and the step's cost at the current batch size.
 
     Leviathan et al. 2023, Thm. 3.8, with an acceptance a_d per depth (draft d passes with a_d once all before it
     did): gamma drafts of relative cost c yield 1 + a_1 + a_1 a_2 + ... + a_1...a_gamma tokens for the cost of
@@ -152,7 +160,12 @@ class DraftCount:
     skips stay out of the MTP cache. A depth not drafted takes the rate of the depth before, which undersells it
     (once a draft passes the next usually does: 0.97 at depth 2 after 0.57 at depth 1 on the demo checkpoint), so
     one step in PROBE_EVERY drafts one more than the best count and measures the next depth (the first, with
-    drafts off). A depth no longer drafted keeps its rate while its checks fade (ACCEPTANCE_MEMORY) into the prior.
+    drafts off).
+
+    Acceptance is a property of the text as much as of the model: on the demo checkpoint one prompt passes every
+    draft and the next none. So each request has its own rates (`DraftChecks`), starting from the engine's rates
+    over all requests so far as their prior and following its own checks, and a step's expected tokens are the mean
+    over its rows: a request whose drafts fail turns drafting off for itself, not for the requests after it.
     """
 
     def __init__(self, config: ModelConfig, most: int, adaptive: bool, device: torch.device):
@@ -163,45 +176,57 @@ class DraftCount:
         # c = 0.31; this gives 1.5 / 5 = 0.3.
         self.draft_cost = 1.5 / (config.num_hidden_layers + 1)
         self.free_tokens = FREE_VERIFY_TOKENS.get(device.type, FREE_VERIFY_TOKENS["cpu"])
-        self.passed, self.checked = [0.0] * most, [0.0] * most  # per depth, recent steps weighted most
+        self.passed, self.checked = [0] * most, [0] * most  # per depth, over every request and step alike
         self.steps_below_most = 0
 
-    def acceptance(self) -> list[float]:
-        """a_d for depths 1..most: the share of depth d's checks that passed, with PRIOR_CHECKS checks of its prior."""
+    def acceptance(self, request: DraftChecks | None = None) -> list[float]:
+        """a_d for depths 1..most: the share of depth d's checks that passed, with PRIOR_CHECKS checks of its prior;
+        the engine's over all requests, or `request`'s own with the engine's rates as its prior."""
         rates, prior = [], PRIOR_ACCEPTANCE
         for passed, checked in zip(self.passed, self.checked, strict=True):
             prior = (passed + PRIOR_CHECKS * prior) / (checked + PRIOR_CHECKS)
             rates.append(prior)
-        return rates
+        if request is None or not request.checked:
+            return rates
+        return [
+            (passed + PRIOR_CHECKS * rate) / (checked + PRIOR_CHECKS)
+            for passed, checked, rate in zip(request.passed, request.checked, rates, strict=True)
+        ]
 
-    def expected_tokens(self, count: int) -> float:
-        """Tokens a row gets from a step of `count` drafts (those accepted and one more): 1 + a_1 + a_1 a_2 + ..."""
-        tokens, reach = 1.0, 1.0
-        for rate in self.acceptance()[:count]:
-            reach *= rate
-            tokens += reach
-        return tokens
+    def expected_tokens(self, count: int, rates: list[list[float]] | None = None) -> float:
+        """Tokens a row gets from a step of `count` drafts (those accepted and one more): 1 + a_1 + a_1 a_2 + ...,
+        under the engine's rates or, averaged over the rows, under each row's `rates`."""
+        rows = rates or [self.acceptance()]
+        drafts_passed = 0.0
+        for row in rows:
+            reach = 1.0
+            for rate in row[:count]:
+                reach *= rate
+                drafts_passed += reach
+        return 1 + drafts_passed / len(rows)
 
     def verification_is_free(self, batch: int) -> bool:
         """Whether `batch` rows verify a draft each for about the cost of a plain step."""
         return 2 * batch <= self.free_tokens
 
-    def speedup(self, count: int, batch: int) -> float:
-        """Expected tokens per unit of step cost with `count` drafts per row of `batch` rows, against plain decoding."""
+    def speedup(self, count: int, batch: int, rates: list[list[float]] | None = None) -> float:
+        """Expected tokens per unit of step cost with `count` drafts per row of `batch` rows (under each row's
+        `rates`, or the engine's), against plain decoding."""
         if count == 0:
             return 1 / (1 + self.draft_cost / 2) if self.verification_is_free(batch) else 1.0
         verify = max(batch * (count + 1), self.free_tokens) / max(batch, self.free_tokens)
-        return self.expected_tokens(count) / (count * self.draft_cost + verify)
+        return self.expected_tokens(count, rates) / (count * self.draft_cost + verify)
 
-    def choose(self, batch: int, seeded: bool = False) -> tuple[int, bool]:
-        """The draft count of the next step for `batch` running rows, and whether it fills the MTP cache; the most
-        when `seeded` (a seeded sampled request runs: its generator's draws depend on the counts, which must then
+    def choose(self, rows: list[DraftChecks], seeded: bool = False) -> tuple[int, bool]:
+        """The draft count of the next step for the running requests' `rows`, and whether it fills the MTP cache; the
+        most when `seeded` (a seeded sampled request runs: its generator's draws depend on the counts, which must then
         not depend on the other requests in the batch)."""
         if not self.adaptive or seeded:
             return self.most, True
+        batch, rates = len(rows), [self.acceptance(row) for row in rows]
         # Once drafting pays, counts within NEAR_BEST of the best speed-up count as equal and the most drafts among
         # them wins: the deeper depths stay measured, and the count (a graph each) does not flip on acceptance noise.
-        speedups = [self.speedup(count, batch) for count in range(self.most + 1)]
+        speedups = [self.speedup(count, batch, rates) for count in range(self.most + 1)]
         best = max(range(self.most + 1), key=lambda count: (speedups[count], -count))
         if best > 0:
             best = max(
@@ -215,11 +240,19 @@ class DraftCount:
                 return best + 1, True
         return best, True
 
-    def observe(self, drafted: int, accepted: list[int]) -> None:
-        """Count a step's checks: each row checked its drafts up to the first that failed (`drafted` per row)."""
+    def observe(self, drafted: int, accepted: list[int], rows: list[DraftChecks] | None = None) -> None:
+        """Count a step's checks: each row (of `rows`' requests) checked its drafts up to the first that failed
+        (`drafted` per row)."""
         if drafted == 0:
             return
-        for depth in range(self.most):
-            checked = sum(min(count + 1, drafted) > depth for count in accepted)
-            self.passed[depth] = ACCEPTANCE_MEMORY * self.passed[depth] + sum(count > depth for count in accepted)
-            self.checked[depth] = ACCEPTANCE_MEMORY * self.checked[depth] + checked
+        for b, count in enumerate(accepted):
+            checked = [int(min(count + 1, drafted) > depth) for depth in range(self.most)]
+            passed = [int(count > depth) for depth in range(self.most)]
+            self.passed = [total + p for total, p in zip(self.passed, passed, strict=True)]
+            self.checked = [total + c for total, c in zip(self.checked, checked, strict=True)]
+            if rows is not None:
+                row = rows[b]
+                if not row.checked:
+                    row.passed, row.checked = [0.0] * self.most, [0.0] * self.most
+                row.passed = [ACCEPTANCE_MEMORY * before + p for before, p in zip(row.passed, passed, strict=True)]
+                row.checked = [ACCEPTANCE_MEMORY * before + c for before, c in zip(row.checked, checked, strict=True)]

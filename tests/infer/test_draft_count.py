@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.speculative import PRIOR_ACCEPTANCE, PROBE_EVERY, DraftCount
+from seekstack.infer.speculative import PRIOR_ACCEPTANCE, PROBE_EVERY, DraftChecks, DraftCount
 from tests.conftest import micro_config
 from tests.infer.support import micro_model, tiny_tokenizer
 
@@ -21,6 +21,11 @@ def draft_count(*rates: float, adaptive: bool = True, layers: int = 4) -> DraftC
     return count
 
 
+def rows(batch: int) -> list[DraftChecks]:
+    """`batch` requests without checks of their own: the engine's rates are theirs."""
+    return [DraftChecks() for _ in range(batch)]
+
+
 def test_each_row_checks_its_drafts_up_to_the_first_that_fails():
     count = DraftCount(micro_config(), 3, True, CPU)
     count.observe(3, [3, 0, 1])  # all passed (3 checks); the first failed (1); one passed, the next failed (2)
@@ -29,10 +34,25 @@ def test_each_row_checks_its_drafts_up_to_the_first_that_fails():
     assert (count.passed, count.checked) == ([2, 1, 1], [3, 2, 1])
 
 
+def test_each_request_follows_its_own_checks_from_the_engines_rates():
+    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU)
+    passing, failing = DraftChecks(), DraftChecks()
+    for _ in range(30):
+        count.observe(3, [3], [passing])
+    for _ in range(30):
+        count.observe(3, [0], [failing])  # this request's drafts all fail
+    assert count.acceptance()[0] == pytest.approx((30 + 2 * PRIOR_ACCEPTANCE) / 62)  # every step alike
+    assert count.acceptance(failing)[0] < 0.1 and count.acceptance(passing)[0] > 0.9  # each from its own checks
+    assert count.choose([failing]) == (0, True)
+    assert count.choose([DraftChecks()])[0] == 3  # the next request starts from the engine's rates: drafts again
+    assert count.choose([failing, failing]) == (0, True)
+    assert count.choose([failing, passing]) == (1, True)  # rows expect ~1 and ~2 tokens from a draft: it pays
+
+
 def test_a_depth_without_checks_takes_the_rate_of_the_depth_before():
     count = DraftCount(micro_config(), 3, True, CPU)
     assert count.acceptance() == [PRIOR_ACCEPTANCE] * 3  # nothing measured: the prior
-    assert count.choose(1)[0] == 3  # a fresh engine drafts the most
+    assert count.choose(rows(1))[0] == 3  # a fresh engine drafts the most
     for _ in range(50):
         count.observe(1, [1])  # depth 1 always passes; depths 2 and 3 are never drafted
     rates = count.acceptance()
@@ -51,23 +71,23 @@ def test_the_expected_speedup_follows_leviathan_et_al_with_a_rate_per_depth():
 
 
 def test_more_drafts_when_they_are_accepted_none_when_they_are_not_or_the_batch_is_busy():
-    assert [draft_count(rate).choose(1)[0] for rate in (0.1, 0.5, 0.83, 0.95)] == [0, 1, 3, 3]
+    assert [draft_count(rate).choose(rows(1))[0] for rate in (0.1, 0.5, 0.83, 0.95)] == [0, 1, 3, 3]
     # 1 and 2 drafts at 0.6 expect 1.231x and 1.225x: within NEAR_BEST, the more drafts win.
-    assert draft_count(0.6).choose(1)[0] == 2
-    assert draft_count(0.95).choose(2) == (1, True)  # 2 rows verify 2 tokens each for free, 3 each cost more
-    assert draft_count(0.95).choose(4) == (0, False)  # verifying would widen all 4 rows: plain steps
-    assert draft_count(0.1, adaptive=False).choose(16) == (6, True)  # fixed: always the most
-    assert draft_count(0.1).choose(16, seeded=True) == (6, True)  # a seeded sampled request: counts fixed too
+    assert draft_count(0.6).choose(rows(1))[0] == 2
+    assert draft_count(0.95).choose(rows(2)) == (1, True)  # 2 rows verify 2 tokens each for free, 3 each cost more
+    assert draft_count(0.95).choose(rows(4)) == (0, False)  # verifying would widen all 4 rows: plain steps
+    assert draft_count(0.1, adaptive=False).choose(rows(16)) == (6, True)  # fixed: always the most
+    assert draft_count(0.1).choose(rows(16), seeded=True) == (6, True)  # a seeded sampled request: counts fixed too
 
 
 def test_a_weak_depth_is_not_drafted_though_the_depths_before_it_pass():
-    assert draft_count(0.9, 0.9, 0.9).choose(1)[0] >= 3
-    assert draft_count(0.9, 0.9, 0.3).choose(1)[0] == 2  # the third draft rarely passes: two a step
+    assert draft_count(0.9, 0.9, 0.9).choose(rows(1))[0] >= 3
+    assert draft_count(0.9, 0.9, 0.3).choose(rows(1))[0] == 2  # the third draft rarely passes: two a step
 
 
 def test_with_drafts_off_one_step_in_so_many_drafts_once_to_measure_acceptance_again():
     count = draft_count(0.05)
-    choices = [count.choose(1) for _ in range(2 * PROBE_EVERY)]
+    choices = [count.choose(rows(1)) for _ in range(2 * PROBE_EVERY)]
     assert choices.count((1, True)) == 2 and choices[PROBE_EVERY - 1] == (1, True)
     assert set(choices) == {(0, True), (1, True)}  # the MTP cache stays filled in between
 
@@ -79,7 +99,7 @@ def test_below_the_most_one_step_in_so_many_drafts_one_more_to_measure_the_next_
             count.observe(1, [accepted])
     choices = []
     for _ in range(6 * PROBE_EVERY):  # the probes find depths 2 and 3 passing whenever depth 1 did
-        drafted, _ = count.choose(1)
+        drafted, _ = count.choose(rows(1))
         choices.append(drafted)
         for step in range(5):
             count.observe(drafted, [drafted if step < 2 else 0])

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from seekstack.infer.detokenize import TextStream
-from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams
+from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, SeededUniforms
 from seekstack.infer.speculative import accept_drafts, verify_drafts
 
 
 def batch_of(*params: SamplingParams, penalties=None) -> SamplingBatch:
-    """A batch whose row i draws with a generator seeded by its `seed` (or by 1000 + i)."""
-    generators = [torch.Generator().manual_seed(1000 + i if p.seed is None else p.seed) for i, p in enumerate(params)]
+    """A batch whose row i draws numbers seeded by its `seed` (or by 1000 + i)."""
+    generators = [SeededUniforms(1000 + i if p.seed is None else p.seed) for i, p in enumerate(params)]
     return SamplingBatch(list(params), generators, penalties or [None] * len(params), torch.device("cpu"))
 
 
@@ -78,6 +78,19 @@ def test_a_seeded_row_draws_the_same_tokens_alone_or_beside_another_row():
     draws_beside = [beside.draw(probs)[1].item() for _ in range(5)]
     assert draws_alone == draws_beside
     assert draws_alone != [batch_of(SamplingParams(seed=8)).draw(probs[:1])[0].item() for _ in range(5)]
+
+
+def test_seeded_uniforms_are_splitmix64_outputs_and_rewind_with_their_state():
+    numbers = SeededUniforms(0)
+    # SplitMix64 from state 0 (Vigna's splitmix64.c) outputs 0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4, ...: top 24 bits
+    assert [numbers.next(), numbers.next()] == [0xE220A8 / 2**24, 0x6E789E / 2**24]
+    numbers.set_state(1)
+    assert numbers.next() == 0x6E789E / 2**24
+    assert SeededUniforms(-1).seed == SeededUniforms(2**64 - 1).seed  # a negative seed is its two's complement
+    draws = torch.tensor([SeededUniforms(seed).next() for seed in range(20_000)])
+    assert 0 <= draws.min() and draws.max() < 1
+    deciles = torch.bincount((draws * 10).long(), minlength=10) / len(draws)
+    torch.testing.assert_close(deciles, torch.full((10,), 0.1), atol=0.01, rtol=0)  # adjacent seeds, independent
 
 
 def test_speculative_rule_with_a_one_hot_draft_samples_the_target_distribution():
