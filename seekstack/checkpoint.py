@@ -320,10 +320,11 @@ def read_config(directory: str | Path) -> ModelConfig:
             f"{config_path}: no such file; a checkpoint keeps its {CONFIG_FILE} beside the weights: "
             f"copy it from where the checkpoint came from, or {DAMAGED}"
         )
-    return ModelConfig.from_dict(_read_json_object(config_path), source=str(config_path))
+    return ModelConfig.from_dict(read_json_object(config_path), source=str(config_path))
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; CheckpointError naming the file when it is not valid JSON or not an object."""
     try:
         raw = json.loads(path.read_bytes())
     except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
@@ -343,6 +344,12 @@ def _open_safetensors(path: Path) -> Any:
         raise CheckpointError(
             f"{path}: not a valid safetensors file ({error}); it is truncated or damaged: {DAMAGED}"
         ) from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file `path`, with a damaged file named as such."""
+    with _open_safetensors(path) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
 
 
 class CheckpointReader:
@@ -373,7 +380,7 @@ class CheckpointReader:
     def _index(self) -> dict[str, str]:
         index_path = self.directory / INDEX_FILE
         if index_path.exists():
-            weight_map = _read_json_object(index_path).get("weight_map")
+            weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object); {DAMAGED}")
             for file in sorted(set(weight_map.values())):

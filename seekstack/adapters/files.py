@@ -23,17 +23,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from seekstack.adapters.config import AdapterConfig
 from seekstack.atomic import staged_files
-from seekstack.checkpoint import CheckpointError, checkpoint_key, load_pretrained, save_pretrained
+from seekstack.checkpoint import (
+    CheckpointError,
+    checkpoint_key,
+    load_pretrained,
+    read_json_object,
+    read_safetensors,
+    save_pretrained,
+)
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import TOKENIZER_FILE
 
 if TYPE_CHECKING:
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -140,15 +147,38 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 def load_adapter(model: Transformer, folder: str | Path, weightless: bool = False) -> PeftModel:
     """`model` under peft with the adapter saved in `folder`; CheckpointError naming the file when it does not fit.
     A `weightless` model (on the meta device) is given the adapter's own tensors."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     folder = Path(folder)
-    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder}: no {name}; an adapter folder holds {ADAPTER_CONFIG_FILE} and weights")
-    peft_model = get_peft_model(model, LoraConfig.from_pretrained(str(folder)), low_cpu_mem_usage=weightless)
+    if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
+        raise CheckpointError(
+            f"{folder}: no {ADAPTER_WEIGHTS_FILE}; an adapter folder holds {ADAPTER_CONFIG_FILE} and weights"
+        )
+    try:
+        peft_model = get_peft_model(model, read_lora_config(folder), low_cpu_mem_usage=weightless)
+    except (TypeError, ValueError) as error:  # peft checks a config's fields against the model only here
+        raise CheckpointError(
+            f"{folder / ADAPTER_CONFIG_FILE}: peft cannot apply this adapter config to the base model ({error})"
+        ) from None
     restore_adapter(peft_model, folder, weightless)
     return _fuse_head(peft_model).eval()
+
+
+def read_lora_config(folder: str | Path) -> LoraConfig:
+    """peft's LoraConfig saved in `folder`; CheckpointError naming the file when it is missing, damaged or holds a
+    field peft refuses."""
+    from peft import LoraConfig
+
+    path = Path(folder) / ADAPTER_CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_FILE}; an adapter folder holds it and the weights")
+    read_json_object(path)  # names the file when it is not valid JSON
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a LoRA adapter config peft accepts ({error})") from None
+    config.base_model_name_or_path = None  # the caller gives the base; peft would warn that the recorded one differs
+    return config
 
 
 def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = False, converted: bool = False) -> None:
@@ -164,7 +194,7 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
     names = [name for name, _ in model.get_base_model().named_modules() if name]
     ours = {checkpoint_key(f"{name}.weight", layers).removesuffix(".weight"): name for name in names}
     tensors = {}
-    for key, tensor in load_file(weights).items():
+    for key, tensor in read_safetensors(weights).items():
         hf_module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
         if hf_module not in ours:
             raise CheckpointError(

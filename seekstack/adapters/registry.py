@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seekstack.adapters.files import ADAPTER_CONFIG_FILE, load_adapter
+from seekstack.adapters.files import ADAPTER_CONFIG_FILE, load_adapter, read_lora_config
 from seekstack.adapters.multi import (
     AdapterRows,
     Factors,
@@ -63,16 +63,14 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
     the adapter does not fit the model, is DoRA (`dora`), which the per-row layers (seekstack.adapters.multi) do not
     apply, or replaces token rows of a base whose head and embedding are tied (one matrix: peft's rows of one are
     rows of both)."""
-    from peft import LoraConfig
-
     config_file = Path(folder) / ADAPTER_CONFIG_FILE
-    peft_config = LoraConfig.from_pretrained(str(folder)) if config_file.is_file() else None
-    if peft_config is not None and peft_config.use_dora:
+    peft_config = read_lora_config(folder)
+    if peft_config.use_dora:
         raise CheckpointError(
             f"{config_file}: a DoRA adapter (use_dora, lora.dora) rescales each output row, which serving beside other "
             "adapters does not apply; serve the merged checkpoint of `seekstack lora merge` instead"
         )
-    if peft_config is not None and peft_config.trainable_token_indices and config.tie_word_embeddings:
+    if peft_config.trainable_token_indices and config.tie_word_embeddings:
         raise CheckpointError(
             f"{config_file}: the adapter replaces token rows (trainable_token_indices) of a base whose output head "
             "and embedding are tied (tie_word_embeddings), which serving does not apply; use an untied base"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -195,6 +196,32 @@ def test_an_adapter_of_another_base_is_refused_naming_the_file(adapter, tmp_path
     wider = seekstack.Transformer(seekstack.ModelConfig.from_dict(config))
     with pytest.raises(CheckpointError, match=f"{ADAPTER_WEIGHTS_FILE}.*another base"):
         load_adapter(wider, adapter)
+
+
+DAMAGES = {  # file -> (what is written over it, what the error says)
+    "weights truncated": (ADAPTER_WEIGHTS_FILE, lambda data: data[:3000], "not a valid safetensors file"),
+    "weights empty": (ADAPTER_WEIGHTS_FILE, lambda data: b"", "not a valid safetensors file"),
+    "config truncated": (ADAPTER_CONFIG_FILE, lambda data: data[:9], "not valid JSON"),
+    "config a list": (ADAPTER_CONFIG_FILE, lambda data: b"[8]", "not an object"),
+    "config field of the wrong type": (
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "target_modules": 3}).encode(),
+        "peft cannot apply",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=list(DAMAGES))
+def test_a_damaged_adapter_file_is_refused_naming_the_file(base, adapter, tmp_path, damage):
+    name, rewrite, message = DAMAGES[damage]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(adapter, damaged)
+    (damaged / name).write_bytes(rewrite((damaged / name).read_bytes()))
+    model = seekstack.load_pretrained(base)
+    with pytest.raises(CheckpointError, match=f"{damaged / name}.*{message}"):
+        read_factors(model.config, damaged)  # what serving reads
+    with pytest.raises(CheckpointError, match=f"{damaged / name}.*{message}"):
+        load_adapter(model, damaged)  # what generate and chat read
 
 
 def test_dropout_with_parameter_targets_is_refused_naming_the_field():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,6 +11,7 @@ import openai
 import pytest
 
 from seekstack.adapters.config import AdapterConfig
+from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE
 from seekstack.infer import Engine, SamplingParams
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
@@ -110,6 +112,12 @@ def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_w
     empty = post(url, admin, "load_lora_adapter", lora_name="empty", lora_path=str(tmp_path))
     assert error(empty) == (400, "invalid_adapter") and "adapter_config.json" in empty.json()["error"]["message"]
     assert error(post(url, admin, "load_lora_adapter", lora_name="x")) == (400, "invalid_value")  # no lora_path
+    damaged = tmp_path / "damaged"
+    shutil.copytree(adapters["poem"], damaged)
+    (damaged / ADAPTER_WEIGHTS_FILE).write_bytes((damaged / ADAPTER_WEIGHTS_FILE).read_bytes()[:3000])
+    truncated = post(url, admin, "load_lora_adapter", lora_name="damaged", lora_path=str(damaged))
+    assert error(truncated) == (400, "invalid_adapter")
+    assert f"{damaged / ADAPTER_WEIGHTS_FILE}: not a valid safetensors file" in truncated.json()["error"]["message"]
 
 
 def test_a_head_rows_adapter_loaded_at_run_time_answers_as_merged_into_the_base(served, tmp_path):
