@@ -6,7 +6,8 @@
   of its text) held out as the validation split;
 - chat: a `.jsonl` of {"messages": [...]}: the conversations of chat SFT (seekstack.posttrain.sft's batch source),
   the loss on the assistant's tokens only.
-`frequent_tokens` picks the tokens whose output-head rows a `head_tokens` adapter trains (config.py).
+`frequent_tokens` picks the tokens whose output-head (and embedding) rows a `head_tokens` (`embedding_tokens`)
+adapter trains (config.py).
 """
 
 from __future__ import annotations
@@ -73,21 +74,32 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
 
 def frequent_tokens(data_dir: str | Path, count: int) -> list[int]:
     """The ids of the `count` most frequent tokens of the train split of token shards in `data_dir`, most frequent
-    first (ties: the smaller id first), for the output-head rows `head_tokens` trains."""
+    first (ties: the smaller id first), for the rows `head_tokens` and `embedding_tokens` train."""
     data_dir = Path(data_dir)
-    if not is_token_shards(data_dir):
-        raise ValueError(
-            f"{data_dir}: lora.head_tokens counts the tokens of token shards or text, not of chat conversations"
-        )
-    index = load_index(data_dir, TRAIN_SPLIT)
+    index = _token_index(data_dir, count)
     vocab = index["tokenizer"]["vocab_size"]
-    if count > vocab:
-        raise ValueError(f"lora.head_tokens={count} is more than the {vocab} tokens of {data_dir}'s vocabulary")
     counts = np.zeros(vocab, dtype=np.int64)
     for shard in index["shards"]:
         ids = np.memmap(data_dir / shard["file"], dtype=np.dtype(index["dtype"]).newbyteorder("<"), mode="r")
         counts += np.bincount(ids, minlength=vocab)[:vocab]
     return np.argsort(-counts, kind="stable")[:count].tolist()
+
+
+def _token_index(data_dir: str | Path, count: int) -> dict:
+    """The train split's index of token shards in `data_dir` whose vocabulary has at least `count` tokens."""
+    data_dir = Path(data_dir)
+    if not is_token_shards(data_dir):
+        raise ValueError(
+            f"{data_dir}: lora.head_tokens and embedding_tokens pick tokens of token shards or text, not of chat"
+        )
+    index = load_index(data_dir, TRAIN_SPLIT)
+    vocab = index["tokenizer"]["vocab_size"]
+    if count > vocab:
+        raise ValueError(
+            f"{count} token rows (lora.head_tokens or embedding_tokens) are more than the {vocab} tokens of "
+            f"{data_dir}'s vocabulary"
+        )
+    return index
 
 
 def chat_source(config: TrainConfig) -> SFTSource | None:

@@ -101,13 +101,19 @@ def _fuse_head(peft_model: PeftModel) -> PeftModel:
 
 
 def apply_lora(
-    model: Transformer, config: AdapterConfig, base_path: str | Path = "", head_token_ids: Sequence[int] = ()
+    model: Transformer,
+    config: AdapterConfig,
+    base_path: str | Path = "",
+    head_token_ids: Sequence[int] = (),
+    embedding_token_ids: Sequence[int] = (),
 ) -> PeftModel:
-    """`model` under peft with fresh LoRA weights (B = 0: the output is the base model's) and, with `head_tokens`,
-    the head's rows of `head_token_ids`; only they train."""
+    """`model` under peft with fresh LoRA weights (B = 0: the output is the base model's) and, with `head_tokens` /
+    `embedding_tokens`, the head's rows of `head_token_ids` / the embedding's of `embedding_token_ids`; only they
+    train."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, config.validate().peft_config(model.config, head_token_ids))
+    peft_config = config.validate().peft_config(model.config, head_token_ids, embedding_token_ids)
+    peft_model = get_peft_model(model, peft_config)
     peft_model.peft_config["default"].base_model_name_or_path = str(base_path) or None  # recorded in the adapter
     return _fuse_head(peft_model)
 

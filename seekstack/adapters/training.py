@@ -42,10 +42,11 @@ class LoraHooks:
     config: AdapterConfig
     base_path: str
     head_token_ids: Sequence[int] = ()  # the config's head_tokens most frequent training tokens
+    embedding_token_ids: Sequence[int] = ()  # the config's embedding_tokens most frequent training tokens
     initial: dict[str, torch.Tensor] | None = field(default=None, init=False)  # a PiSSA/OLoRA run's A0, B0
 
     def prepare(self, model: Transformer) -> nn.Module:
-        peft_model = apply_lora(model, self.config, self.base_path, self.head_token_ids)
+        peft_model = apply_lora(model, self.config, self.base_path, self.head_token_ids, self.embedding_token_ids)
         if self.config.init != "lora":
             self.initial = {key: tensor.detach().clone() for key, tensor in adapter_state(peft_model).items()}
         for name, param in peft_model.named_parameters():
@@ -92,12 +93,13 @@ def lora_train_config(
 
 def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool = False) -> TrainResult:
     """Train the adapter (or continue the run in `out_dir`); the adapter files end up in `out_dir` itself."""
-    head_token_ids = frequent_tokens(train_config.data_dir, adapter.head_tokens) if adapter.head_tokens else ()
-    adapter.peft_config(read_config(train_config.init_from), head_token_ids)  # the targets fit the base (`layers`)
+    rows = (adapter.head_tokens, adapter.embedding_tokens)
+    head_ids, embedding_ids = (frequent_tokens(train_config.data_dir, count) if count else [] for count in rows)
+    adapter.peft_config(read_config(train_config.init_from), head_ids, embedding_ids)  # the targets fit the base
     out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
     adapter.save(out)
-    hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_token_ids)
+    hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids)
     result = train(train_config, resume, hooks, chat_source(train_config))
     if result.checkpoint is not None:
         publish_adapter(result.checkpoint, out)

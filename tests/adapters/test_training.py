@@ -128,6 +128,35 @@ def test_a_head_tokens_run_trains_the_head_rows_of_the_frequent_tokens_only(base
     assert changed == sorted(frequent_tokens(data_dir, 6))
 
 
+def test_an_embedding_tokens_run_trains_the_frequent_rows_loads_in_peft_and_merges(base, data_dir, tmp_path):
+    overrides = [*RUN, "max_steps=2", "lora.attention=[]", "lora.experts=[]", "lora.layers=[0]"]
+    rows = ["lora.head_tokens=4", "lora.embedding_tokens=3"]
+    train_adapter(*lora_train_config(base, data_dir, tmp_path / "rows", [*overrides, *rows]))
+    tuned = load_adapter(seekstack.load_pretrained(base), tmp_path / "rows")
+    before = seekstack.load_pretrained(base)
+    for module, count in (("embed_tokens", 3), ("lm_head", 4)):
+        weight = getattr(tuned.get_base_model(), module).weight
+        changed = (weight != getattr(before, module).weight).any(dim=1).nonzero().flatten().tolist()
+        assert changed == sorted(frequent_tokens(data_dir, count))
+    ids = prompt_ids()
+    with torch.no_grad():
+        ours = tuned(ids).logits
+        merged = seekstack.load_pretrained(merge_adapter(base, tmp_path / "rows", tmp_path / "merged"))(ids).logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(plain, tmp_path / "rows")(ids).logits
+    assert (ours - theirs).abs().max() < PEFT_ATOL and (merged - ours).abs().max() < MERGE_ATOL
+    assert (ours - before(ids).logits).abs().max() > 1e-3
+
+
+def test_embedding_rows_beside_a_lora_embedding_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="'embedding_tokens'.*embed_tokens is in vocabulary"):
+        AdapterConfig(embedding_tokens=2, vocabulary=("embed_tokens",)).validate()
+
+
 def test_layers_given_on_the_command_line_adapt_only_those_layers(base, data_dir, tmp_path):
     overrides = [*RUN, "max_steps=1", "lora.attention=[]", "lora.feed_forward=gate_proj,up_proj", "lora.layers=0"]
     train_config, adapter = lora_train_config(base, data_dir, tmp_path / "first", overrides)
