@@ -69,6 +69,10 @@ def build(preset: str, directory: Path, max_batch: int) -> tuple[Engine, Engine,
     ours = Engine.from_pretrained(directory, **eager.engine_kwargs(directory))
     ours_default = Engine.from_pretrained(directory, **EngineOptions(max_batch_size=max_batch).engine_kwargs(directory))
     print(f"ours in {dtype_name(ours)}: dtype {EngineOptions().resolved_dtype(directory)[1]}", flush=True)
+    head_t = getattr(ours.model.lm_head, "weight_t", None)  # seekstack/infer/packed.py: W^T for one-row products
+    if head_t is not None:
+        extra_mb = head_t.numel() * head_t.element_size() / 1e6
+        print(f"ours: the output head's decode layout (W^T copy) holds {extra_mb:.1f} MB more")
     theirs = {}
     for name in THEIR_DTYPES:
         theirs[name] = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, name)).eval()

@@ -4,11 +4,12 @@ Both runs: one checkpoint (ours loads in transformers as DeepseekV3ForCausalLM),
 (correctness + 0.1 x format), P prompts x G generations per step, the same max completion length, temperature
 1, beta 0, loss_type grpo, one policy update per generation batch, N steps. Prints seconds per step (the median
 of steps 2..N, the first includes warm-up), the share spent generating (median of those steps' shares: a step that
-compiles a new decode graph does not skew it) and the reward of the last steps, and the ratio; then the total of
-all N steps, warm-up included (with `--compile-decode` our rollouts' decode step is compiled during the run).
+compiles a new decode graph does not skew it) and the reward of the last steps, and the ratio; then the seconds our
+rollouts spent compiling their decode step, and the total of all N steps, warm-up included, with and without them.
+`--compile-decode` is rl's `compile_decode` (true, its default, or false).
 Usage:
     OMP_NUM_THREADS=2 python bench/grpo_step.py CHECKPOINT [--steps 10] [--prompts 2] [--generations 8] [--tokens 64]
-        [--compile-decode]
+        [--compile-decode true|false]
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         "step_s": [line["step_s"] for line in lines],
         "generate_s": [line["generate_s"] for line in lines],
         "reward": [line["reward"] for line in lines],
+        "compile_s": [line["compile_s"] for line in lines],
     }
 
 
@@ -107,7 +109,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     step_s = record_step_seconds(trainer)
     trainer.train()
     rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
-    return {"step_s": step_s, "generate_s": generate_s, "reward": rewards}
+    return {"step_s": step_s, "generate_s": generate_s, "reward": rewards, "compile_s": [0.0]}  # TRL runs eagerly
 
 
 def load_average() -> str:
@@ -126,10 +128,12 @@ def summary(name: str, result: dict) -> dict:
         "reward_first": result["reward"][0],
         "reward_last_half": sum(tail) / len(tail),
         "total_s": sum(result["step_s"]),
+        "compile_s": sum(result["compile_s"]),
     }
     print(
         f"{name:10s} {row['s_per_step']:7.3f} s/step  generating {row['generate_share']:5.1%}  "
-        f"reward step 1 {row['reward_first']:.3f}, last half {row['reward_last_half']:.3f}"
+        f"reward step 1 {row['reward_first']:.3f}, last half {row['reward_last_half']:.3f}  "
+        f"compiling {row['compile_s']:.1f} s"
     )
     return row
 
@@ -144,11 +148,13 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--compile-decode", action="store_true", help="our rollouts decode through torch.compile")
+    parser.add_argument(
+        "--compile-decode", choices=["true", "false"], default="true", help="rl's compile_decode for our rollouts"
+    )
     args = parser.parse_args()
     print(
         f"torch threads: {torch.get_num_threads()}; {args.prompts} prompts x {args.generations} x {args.tokens} "
-        f"tokens; our decode {'compiled' if args.compile_decode else 'eager'}"
+        f"tokens; our decode compile_decode={args.compile_decode}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         print(f"load average before: {load_average()}")
@@ -159,7 +165,8 @@ def main() -> None:
     print(f"seekstack is {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step")
     print(
         f"all {args.steps} steps, warm-up included: seekstack {ours['total_s']:.1f} s, trl {trl['total_s']:.1f} s "
-        f"({trl['total_s'] / ours['total_s']:.2f}x)"
+        f"({trl['total_s'] / ours['total_s']:.2f}x); without our {ours['compile_s']:.1f} s of compiling: seekstack "
+        f"{ours['total_s'] - ours['compile_s']:.1f} s ({trl['total_s'] / (ours['total_s'] - ours['compile_s']):.2f}x)"
     )
 
 

@@ -9,8 +9,10 @@ decoded greedily by both, the outputs are checked to be token-for-token identica
 the two alternate (median over repetitions). Every engine runs in `--dtype`, by default the engine's (`auto`:
 bfloat16 where the CPU runs it fast). The `default` rows are an engine with the speculative settings a user
 gets from `--speculative` alone (EngineOptions: up to 3 drafts a step, the count chosen from the acceptance measured
-so far at each draft depth and the batch size, seekstack.infer.speculative.DraftCount); each fixed number of drafts
-per step in `--draft-tokens` gets an engine and rows too. `accept` is the share of drafted tokens accepted,
+so far at each draft depth and the batch size, seekstack.infer.speculative.DraftCount, drafts scored over the 1024
+most frequent tokens, seekstack.infer.draft_vocab); each fixed number of drafts per step in `--draft-tokens` gets an
+engine and rows too, and so does the default with each other draft vocabulary in `--draft-vocab` (`v0`: the whole
+vocabulary). `accept` is the share of drafted tokens accepted,
 `accept by depth` each draft depth's share of its checks passed / its checks (depth d is checked once d - 1 passed),
 `drafts/tok` the drafts made per generated token.
 
@@ -24,6 +26,7 @@ per step in `--draft-tokens` gets an engine and rows too. `accept` is the share 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer.draft_vocab import token_ranking
 from seekstack.infer.params import DTYPES
 from seekstack.train.config import TrainConfig
 from seekstack.train.state import list_checkpoints
@@ -134,6 +138,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16], help="sequences decoded together")
     parser.add_argument("--draft-tokens", nargs="*", type=int, default=[1, 3], help="fixed MTP drafts per step")
+    parser.add_argument(
+        "--draft-vocab", nargs="*", type=int, default=[0], help="default engines with these draft vocabularies too"
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="both engines decode with torch.compile")
@@ -150,6 +157,9 @@ def main() -> None:
     dtype = default.engine_kwargs(model_dir)["dtype"]  # every engine in the dtype the default picks (auto)
     plain = Engine.from_pretrained(model_dir, max_batch_size=max(args.batches), compile=args.compile, dtype=dtype)
     speculative = {"default": Engine.from_pretrained(model_dir, **default.engine_kwargs(model_dir))}
+    for size in args.draft_vocab:
+        options = dataclasses.replace(default, draft_vocab=size)
+        speculative[f"v{size}"] = Engine.from_pretrained(model_dir, **options.engine_kwargs(model_dir))
     for k in args.draft_tokens:
         speculative[str(k)] = Engine.from_pretrained(
             model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=k, adaptive_drafts=False,
@@ -159,7 +169,10 @@ def main() -> None:
     decode = "compiled" if args.compile else "eager"
     print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy,", decode)
     mode = "adaptive" if default.adaptive_drafts else "fixed"
-    print(f"default: draft_tokens={default.draft_tokens} ({mode}), load average {os.getloadavg()[0]:.2f}")
+    _, ranking = token_ranking(model_dir, plain.config.vocab_size)
+    print(f"default: draft_tokens={default.draft_tokens} ({mode}), draft_vocab={default.draft_vocab} ({ranking}),")
+    costs = ", ".join(f"{k} {e.draft_count.draft_cost:.2f}" for k, e in speculative.items() if e.draft_count.adaptive)
+    print(f"measured draft cost (of a plain step): {costs}; load average {os.getloadavg()[0]:.2f}")
     header = (
         f"{'batch':>5s} {'drafts':>8s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} "
         f"{'accept':>7s} {'drafts/tok':>10s} {'identical':>10s}  accept by depth"

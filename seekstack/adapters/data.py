@@ -24,7 +24,7 @@ from seekstack.corpus.sources import open_source
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
-from seekstack.tokens.shards import index_path, load_index, tokenize_corpus
+from seekstack.tokens.shards import index_path, load_index, token_counts, tokenize_corpus
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import VAL_SPLIT
 
@@ -75,14 +75,8 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
 def frequent_tokens(data_dir: str | Path, count: int) -> list[int]:
     """The ids of the `count` most frequent tokens of the train split of token shards in `data_dir`, most frequent
     first (ties: the smaller id first), for the rows `head_tokens` and `embedding_tokens` train."""
-    data_dir = Path(data_dir)
-    index = _token_index(data_dir, count)
-    vocab = index["tokenizer"]["vocab_size"]
-    counts = np.zeros(vocab, dtype=np.int64)
-    for shard in index["shards"]:
-        ids = np.memmap(data_dir / shard["file"], dtype=np.dtype(index["dtype"]).newbyteorder("<"), mode="r")
-        counts += np.bincount(ids, minlength=vocab)[:vocab]
-    return np.argsort(-counts, kind="stable")[:count].tolist()
+    vocab = _token_index(data_dir, count)["tokenizer"]["vocab_size"]
+    return np.argsort(-token_counts(data_dir, TRAIN_SPLIT, vocab), kind="stable")[:count].tolist()
 
 
 def _token_index(data_dir: str | Path, count: int) -> dict:

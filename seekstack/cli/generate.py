@@ -37,6 +37,14 @@ DraftTokens = Annotated[
 AdaptiveDrafts = Annotated[
     bool, typer.Option(help="With --speculative: draft 0..draft-tokens a step, by measured acceptance and batch size")
 ]
+DraftVocab = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="With --speculative: drafts score only this many most frequent tokens (FR-Spec; counted from the training "
+        "run's token shards, else the tokenizer's id order); 0 = the whole vocabulary. Output is unchanged",
+    ),
+]
 Compile = Annotated[
     bool | None,
     typer.Option(
@@ -99,6 +107,7 @@ def generate_command(
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
+    draft_vocab: DraftVocab = EngineOptions.draft_vocab,
     compile: Compile = EngineOptions.compile,
     kv_cache_memory: KvCacheMemory = EngineOptions.kv_cache_memory,
     device_map: DeviceMap = EngineOptions.device_map,
@@ -126,6 +135,7 @@ def generate_command(
             speculative=speculative,
             draft_tokens=draft_tokens,
             adaptive_drafts=adaptive_drafts,
+            draft_vocab=draft_vocab,
             compile=compile,
             kv_cache_memory=kv_cache_memory,
             device_map=device_map,
@@ -157,6 +167,7 @@ def chat_command(
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
+    draft_vocab: DraftVocab = EngineOptions.draft_vocab,
     compile: Compile = EngineOptions.compile,
     kv_cache_memory: KvCacheMemory = EngineOptions.kv_cache_memory,
     device_map: DeviceMap = EngineOptions.device_map,
@@ -179,6 +190,7 @@ def chat_command(
             speculative=speculative,
             draft_tokens=draft_tokens,
             adaptive_drafts=adaptive_drafts,
+            draft_vocab=draft_vocab,
             compile=compile,
             kv_cache_memory=kv_cache_memory,
             device_map=device_map,

@@ -14,6 +14,7 @@ from seekstack.cli.generate import (
     AdaptiveDrafts,
     DeviceMap,
     DraftTokens,
+    DraftVocab,
     Dtype,
     KvCacheMemory,
     Speculative,
@@ -48,6 +49,7 @@ def serve_command(
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
+    draft_vocab: DraftVocab = EngineOptions.draft_vocab,
     compile: Annotated[
         bool,
         typer.Option(
@@ -88,7 +90,8 @@ def serve_command(
             torch.set_num_threads(threads)
         engine = EngineOptions(
             max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,
-            draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts, compile=compile, dtype=dtype,
+            draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts, draft_vocab=draft_vocab, compile=compile,
+            dtype=dtype,
             kv_cache_memory=kv_cache_memory,
             device_map=device_map,
         ).validate()  # fmt: skip

@@ -264,13 +264,12 @@ class PagedLatentCache:
         rows = [self.slots[seq_id][: longest + lookahead] for seq_id in seq_ids]
         key_slots = rows[0][None] if len(rows) == 1 else pad_sequence(rows, batch_first=True, padding_value=TRASH_BLOCK)
         positions_tensor = torch.tensor(positions, device=self.device)  # (B, T)
-        mask = None  # one new token per row, rows of one length: every query sees every key
-        if width > 1 or min(ends) != longest or lookahead:
-            # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
-            key_index = torch.arange(key_slots.shape[1], device=self.device)
-            row_end = torch.tensor(ends, device=self.device)[:, None, None]
-            mask = (key_index < row_end) & (key_index <= positions_tensor[:, :, None])  # (B, T, S)
-        write_slots_tensor = torch.tensor(write_slots, device=self.device)
+        # Query t of row b sees its own keys up to its position; padded queries see all real keys (never none).
+        # Built even when every query sees every key (rows of one length): a compiled step then has one graph.
+        key_index = torch.arange(key_slots.shape[1], device=self.device)
+        row_end = torch.tensor(ends, device=self.device)[:, None, None]
+        mask = (key_index < row_end) & (key_index <= positions_tensor[:, :, None])  # (B, T, S)
+        write_slots_tensor = torch.tensor(write_slots, device=self.device).view(len(seq_ids), width)
         self._plan = _Plan(positions_tensor, write_slots_tensor, key_slots, mask)
         self._start_range = (min(starts), max(starts))
         return positions_tensor
@@ -282,7 +281,7 @@ class PagedLatentCache:
         plan = self._require_plan()
         key_index = torch.arange(plan.key_slots.shape[1], device=positions.device)
         mask = key_index <= positions[:, :, None]  # (B, 1, S)
-        write_slots = plan.key_slots.gather(1, positions).flatten()
+        write_slots = plan.key_slots.gather(1, positions)
         return FollowingCache(self.pools, _Plan(positions, write_slots, plan.key_slots, mask))
 
     def _slot(self, seq_id: str, position: int) -> int:
@@ -303,7 +302,7 @@ class PagedLatentCache:
 
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, T, C) and (B, T, R) in the planned slots; return each row's [c^KV; k^R] (B, S, C+R) and the
         (B, T, S) mask."""
         return _write_and_gather(self.pools[layer_idx], self._require_plan(), kv_latent, k_rope)
@@ -322,19 +321,19 @@ class FollowingCache:
 
     def update(
         self, layer_idx: int, kv_latent: torch.Tensor, k_rope: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """As `PagedLatentCache.update`."""
         return _write_and_gather(self.pools[layer_idx], self.plan, kv_latent, k_rope)
 
 
 def _write_and_gather(
     pool: torch.Tensor, plan: _Plan, kv_latent: torch.Tensor, k_rope: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     new = torch.cat((kv_latent, k_rope), dim=-1).flatten(0, 1).to(pool.dtype)
     write_slots, key_slots = plan.write_slots.to(pool.device), plan.key_slots.to(pool.device)  # no-ops on one device
-    pool.index_put_((write_slots,), new)  # inductor updates an input in place for index_put_, not index_copy_
+    pool.index_put_((write_slots.flatten(),), new)  # inductor updates an input in place for index_put_, not index_copy_
     cached = pool.index_select(0, key_slots.flatten()).view(*key_slots.shape, -1)  # (B, S, C+R)
-    return cached, None if plan.mask is None else plan.mask.to(pool.device)
+    return cached, plan.mask.to(pool.device)
 
 
 @dataclass
@@ -342,6 +341,6 @@ class _Plan:
     """Index tensors of one planned forward, shared by all layers."""
 
     positions: torch.Tensor  # (B, T)
-    write_slots: torch.Tensor  # (B*T,) slot of each new token (padding -> block 0)
+    write_slots: torch.Tensor  # (B, T) slot of each new token (padding -> block 0)
     key_slots: torch.Tensor  # (B, S) slot of each row's keys (padding -> block 0)
-    mask: torch.Tensor | None  # (B, T, S) which keys each query sees; None: all of them
+    mask: torch.Tensor  # (B, T, S) which keys each query sees

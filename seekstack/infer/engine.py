@@ -28,13 +28,23 @@ import torch
 from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.cache import DEFAULT_MEMORY_FRACTION, PagedLatentCache, blocks_in_budget, free_memory
 from seekstack.infer.detokenize import TextStream
+from seekstack.infer.draft_vocab import draft_vocabulary, refresh_draft_vocabulary, token_ranking
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
+from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import EngineOptions, SamplingParams
 from seekstack.infer.placement import device_map_for, layer_devices, place
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SeededUniforms, TokenConstraint, token_logprobs
-from seekstack.infer.speculative import DraftChecks, DraftCount, accept_drafts, greedy_speculation, mtp_drafts
+from seekstack.infer.speculative import (
+    DraftChecks,
+    DraftCount,
+    DraftVocabulary,
+    accept_drafts,
+    greedy_speculation,
+    measured_draft_cost,
+    mtp_drafts,
+)
 from seekstack.infer.threads import StepThreads
-from seekstack.model.transformer import Transformer
+from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -121,6 +131,8 @@ class Engine:
         speculative: bool = EngineOptions.speculative,
         draft_tokens: int = EngineOptions.draft_tokens,
         adaptive_drafts: bool = EngineOptions.adaptive_drafts,
+        draft_vocab: int = EngineOptions.draft_vocab,
+        draft_ranking: torch.Tensor | None = None,
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
         compile: bool | None = False,
@@ -132,7 +144,9 @@ class Engine:
         on the device), never more than max_batch_size requests of max_model_len tokens use.
         `compile`: decode steps through torch.compile from the first step (True), never (False), or, with None, once
         eager decode steps have taken as long as compiling them would (`COMPILE_AFTER_SECONDS`), where the engine
-        can (no device map): a short run never waits for a compile."""
+        can (no device map): a short run never waits for a compile.
+        `draft_vocab`: the drafts score only this many tokens, the first of `draft_ranking` (token ids, most frequent
+        first; by default the tokenizer's id order; seekstack.infer.draft_vocab); 0: the whole vocabulary."""
         placed = getattr(model, "placement", None) is not None  # spread over devices by seekstack.infer.placement
         if placed and (compile or device not in (None, "cpu")):
             raise ValueError("a model placed by a device map runs eagerly, its engine on the CPU: drop compile/device")
@@ -167,7 +181,12 @@ class Engine:
         self.draft_tokens = draft_tokens if speculative else 0
         # With `adaptive_drafts`, draft_tokens is the most a step verifies: fewer (or none) when acceptance or the batch
         # says so (DraftCount); the cache is planned for the most.
-        self.draft_count = DraftCount(self.config, self.draft_tokens, adaptive_drafts, self.device)
+        # FR-Spec's draft vocabulary; not on a placed model (its head may live on another device than the MTP block).
+        ranking = draft_ranking if draft_ranking is not None else torch.arange(self.config.vocab_size)
+        drafting = speculative and not placed
+        self.draft_vocabulary = draft_vocabulary(self.model, draft_vocab, ranking) if drafting else None
+        draft_cost = measured_draft_cost(self.model, self.draft_vocabulary) if drafting and adaptive_drafts else None
+        self.draft_count = DraftCount(self.config, self.draft_tokens, adaptive_drafts, self.device, draft_cost)
         # Verification writes K slots past the pending token; the MTP module's drafts after k accepted reach K - 1
         # further (`mtp_drafts`). Those are the cache plan's lookahead and, with the K, the slots a request
         # holds beyond its last token.
@@ -199,6 +218,7 @@ class Engine:
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
+        self.compile_s = 0.0  # seconds of the decode steps that compiled a new graph (`_decode_timer`)
         if compile is True:
             self._compile_decode()
 
@@ -235,6 +255,10 @@ class Engine:
             model = merged_model(model, adapter)
         if device_map is not None:
             model = place(model, device_map_for(model, device_map), offload_dir=model_dir / "offload")
+        else:  # the engine owns these weights: its decode steps may read a copy laid out for them
+            pack_for_decode(model)
+        if kwargs.get("speculative") and "draft_ranking" not in kwargs:
+            kwargs["draft_ranking"], _ = token_ranking(model_dir, model.config.vocab_size)
         engine = cls(model, loaded_tokenizer, **kwargs)
         engine.model_name = model_dir.resolve().name
         return engine
@@ -357,6 +381,8 @@ class Engine:
         or later requests would share prefix values computed by the old weights."""
         with self.lock:
             self.cache.reset_prefix_cache()
+            repack(self.model)  # the decode layout's copies (seekstack.infer.packed) follow the weights too
+            refresh_draft_vocabulary(self.model, self.draft_vocabulary)  # so do the drafts' rows of the head
 
     def stats(self) -> EngineStats:
         """Requests running (prefilling included) and waiting, cache use, prompt-token and speculative counters."""
@@ -395,13 +421,13 @@ class Engine:
     def _compile_decode(self) -> None:
         """Run decode steps (and their MTP drafts) compiled from now on: one graph each, no device sync inside, the
         MoE on its gathered path. Prefill stays eager: long chunks of varied widths, bound by the matmuls."""
-        # A compiled function gets a graph per batch shape class and draft count, and engines in one process share
-        # those graphs' cache: several engines (a benchmark comparing draft counts) pass dynamo's default of 8,
-        # after which it would run the function eagerly.
+        # A compiled function gets a graph per draft count (and the drafting functions per batch shape class), and
+        # engines in one process share those graphs' cache: several engines (a benchmark comparing draft counts)
+        # pass dynamo's default of 8, after which it would run the function eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # Dynamo keeps its guards on the model: LoRA loads swap module classes and buffers under a compiled engine.
         options = {"cpp_wrapper": True}
-        self._decode_model = torch.compile(self.model, dynamic=True, options=options)
+        self._decode_model = _any_batch_size(torch.compile(self.model, dynamic=True, options=options))
         self._decode_drafts = torch.compile(mtp_drafts, dynamic=True, options=options)
         self._greedy_speculation = torch.compile(greedy_speculation, dynamic=True, options=options)
         self._eager_seconds_left = None
@@ -419,6 +445,7 @@ class Engine:
             if self._eager_seconds_left <= 0:
                 self._compile_decode()
         elif torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
+            self.compile_s += seconds
             print(f"note: compiled the decode step for {sequences} sequence(s) in {seconds:.1f} s", file=sys.stderr)
 
     def _admit(self) -> None:
@@ -514,15 +541,14 @@ class Engine:
         checks = [r.draft_checks for r in batch]
         width, (next_count, fill_cache) = drafted + 1, self.draft_count.choose(checks, self._seeded())
         rows = [[r.ids[-1], *r.drafts[:drafted]] for r in batch]
-        # Keys past the verified tokens are gathered only for drafts beyond the first (`mtp_drafts`' follow-ups):
-        # without them a step whose rows are of one length attends without a mask, as a plain one does.
+        # Keys past the verified tokens are gathered only for drafts beyond the first (`mtp_drafts`' follow-ups).
         lookahead = max(next_count - 1, 0)
         input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch), lookahead)
         sampling = self._sampling_batch(batch)
         next_drafts = None
         if sampling.all_greedy and not sampling.penalized:  # p is one-hot too: accept exactly when the argmax agrees
             logits, chosen, accepted, next_drafts = self._greedy_speculation(
-                self.model, input_ids, positions, self.cache, next_count, fill_cache
+                self.model, input_ids, positions, self.cache, next_count, fill_cache, self._draft_vocabulary()
             )
         else:
             out = self._decode_model(input_ids, cache=self.cache, positions=positions)
@@ -611,7 +637,12 @@ class Engine:
         last = torch.tensor(counts, device=self.device) - 1
         draft = mtp_drafts if prefill else self._decode_drafts
         positions = self.cache.positions()
-        return draft(self.model, hidden, next_ids, positions, last, self.cache, count, fill_cache).tolist()
+        vocabulary = self._draft_vocabulary()
+        return draft(self.model, hidden, next_ids, positions, last, self.cache, count, fill_cache, vocabulary).tolist()
+
+    def _draft_vocabulary(self) -> DraftVocabulary | None:
+        """The drafts' vocabulary, unless a served adapter replaces the output head (its rows are the adapter's)."""
+        return self.draft_vocabulary if isinstance(self.model.lm_head, torch.nn.Linear) else None
 
     # ------------------------------------------------------------------ sampling and output
     def _sampling_batch(self, batch: list[_Request]) -> SamplingBatch:
@@ -783,6 +814,21 @@ class Engine:
             )
             for request_id, ids in zip(request_ids, prompt_ids, strict=True)
         ]
+
+
+def _any_batch_size(compiled_model: Callable[..., ModelOutput]) -> Callable[..., ModelOutput]:
+    """`compiled_model` with one graph for every batch of 2 or more rows (a GRPO rollout's 16 rows finishing one by
+    one, a server's batch): sizes that happen to be equal at the first trace (16 rows, 16 key slots) are not
+    assumed equal after (no duck sizing). A batch of 1 keeps a graph of its own (dynamo's 0/1 specialisation): one
+    compile more per run, and a 1-row step (generate, chat) at its fastest. Marking the batch unbacked gives one
+    graph for all, but its 16-row steps measured 8-30% slower on a 2-core Zen 3; running 1 row as 2 copies, ~35%
+    slower 1-row steps."""
+
+    def decode(input_ids: torch.Tensor, cache: PagedLatentCache, positions: torch.Tensor) -> ModelOutput:
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled_model(input_ids, cache=cache, positions=positions)
+
+    return decode
 
 
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:

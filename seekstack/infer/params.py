@@ -81,6 +81,7 @@ class EngineOptions:
     speculative: bool = False  # MTP speculative decoding (the model needs an MTP module)
     draft_tokens: Positive = 3  # with speculative decoding: tokens the MTP module drafts per step
     adaptive_drafts: bool = True  # draft_tokens is the most: each step drafts 0..most by acceptance and batch
+    draft_vocab: NonNegative = 1024  # drafts score only this many most frequent tokens (FR-Spec); 0: all
     compile: bool | None = None  # decode steps through torch.compile: always, never, None: once it pays (Engine)
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto: bf16 where the devices run this model faster in it
     kv_cache_memory: str | None = None  # latent-cache budget, e.g. "4GiB"; None: half the free device memory
@@ -117,7 +118,8 @@ class EngineOptions:
         return dict(
             dtype=getattr(torch, options.resolved_dtype(model_dir)[0]), max_batch_size=options.max_batch_size,
             max_model_len=options.max_model_len, speculative=options.speculative,
-            draft_tokens=options.draft_tokens, adaptive_drafts=options.adaptive_drafts, compile=options.compile,
+            draft_tokens=options.draft_tokens, adaptive_drafts=options.adaptive_drafts,
+            draft_vocab=options.draft_vocab, compile=options.compile,
             prefix_caching=options.prefix_caching,
             kv_cache_memory=parse_bytes(options.kv_cache_memory) if options.kv_cache_memory else None,
             device_map=options.device_map,

@@ -6,17 +6,37 @@ Shapes: B sequences, T tokens per sequence, K drafts per sequence, V vocabulary,
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from seekstack.config import ModelConfig
 from seekstack.infer.sampling import SamplingBatch
+from seekstack.infer.threads import StepThreads
 
 if TYPE_CHECKING:
     from seekstack.infer.cache import PagedLatentCache
     from seekstack.model.transformer import Transformer
+
+
+class DraftVocabulary(NamedTuple):
+    """The tokens a draft may be (seekstack.infer.draft_vocab, FR-Spec): `ids` (N,) and their rows of the output head,
+    transposed (D, N): a one-row product streams it twice as fast as F.linear does the rows (seekstack.infer.packed).
+    Only the drafts read it; verification scores the whole vocabulary, so the output does not change."""
+
+    ids: torch.Tensor
+    head_t: torch.Tensor
+
+
+def draft_argmax(model: Transformer, normed: torch.Tensor, vocabulary: DraftVocabulary | None) -> torch.Tensor:
+    """The draft (B, 1) from the MTP module's normalised state (B, 1, D): the output head's argmax over the whole
+    vocabulary, or over `vocabulary` alone."""
+    if vocabulary is None:
+        return model.lm_head(normed).argmax(dim=-1)
+    return vocabulary.ids[(normed @ vocabulary.head_t).argmax(dim=-1)]
 
 
 def mtp_drafts(
@@ -28,6 +48,7 @@ def mtp_drafts(
     cache: PagedLatentCache,
     count: int,
     fill_cache: bool = True,
+    vocabulary: DraftVocabulary | None = None,
 ) -> torch.Tensor:
     """`count` drafts (B, K) after column last[b] of a main forward: its hidden (B, T, D) at positions (B, T), with
     the tokens one position on (B, T).
@@ -37,7 +58,8 @@ def mtp_drafts(
     same module again one position on, its own output standing in for the main model's hidden state there (as
     vLLM drafts past a model's MTP depth). The cache entries those write are guesses; the next step writes
     over them before anything reads them. With `count` 0 (drafting off, `DraftCount`) depth 1 still fills the
-    MTP layer's cache when `fill_cache`, so that later drafts see every position.
+    MTP layer's cache when `fill_cache`, so that later drafts see every position. Drafts are among `vocabulary`'s
+    tokens when given (`draft_argmax`).
     """
     no_drafts = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
     if count == 0 and not fill_cache:
@@ -49,12 +71,12 @@ def mtp_drafts(
     if count == 0:
         return no_drafts
     hidden, position = out[rows, last][:, None], positions[rows, last][:, None]  # (B, 1, D), (B, 1)
-    drafts = [model.lm_head(mtp.head_input(hidden)).argmax(dim=-1)]  # (B, 1) each
+    drafts = [draft_argmax(model, mtp.head_input(hidden), vocabulary)]  # (B, 1) each
     for _ in range(count - 1):
         position = position + 1
         cos, sin = model.rotary(position)
         hidden, _ = mtp(hidden, model.embed_tokens(drafts[-1]), cos, sin, cache.follow(position))
-        drafts.append(model.lm_head(mtp.head_input(hidden)).argmax(dim=-1))
+        drafts.append(draft_argmax(model, mtp.head_input(hidden), vocabulary))
     return torch.cat(drafts, dim=1)
 
 
@@ -65,18 +87,19 @@ def greedy_speculation(
     cache: PagedLatentCache,
     count: int,
     fill_cache: bool = True,
+    vocabulary: DraftVocabulary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A greedy speculative step in one call: verify each row's [pending, K drafts] (B, K+1) and draft again.
 
     Returns logits (B, K+1, V), the argmaxes (B, K+1), how many drafts each row accepted (B,) — those up to the
     first that differs from the argmax before it — and the next K drafts (B, K). The first accepted + 1
     argmaxes are the new tokens: the accepted drafts and the token after them (a replacement or a bonus).
-    `count` and `fill_cache` are those of `mtp_drafts`.
+    `count`, `fill_cache` and `vocabulary` are those of `mtp_drafts`.
     """
     out = model(input_ids, cache=cache, positions=positions)
     best = out.logits.argmax(dim=-1)
     accepted = accepted_prefix(best[:, :-1] == input_ids[:, 1:])
-    next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count, fill_cache)
+    next_drafts = mtp_drafts(model, out.hidden_states, best, positions, accepted, cache, count, fill_cache, vocabulary)
     return out.logits, best, accepted, next_drafts
 
 
@@ -85,7 +108,8 @@ def verify_drafts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept each draft (B,) against the target distribution (B, V); return accepted (B,) and replacements (B,).
 
-    The drafts are the MTP module's argmax, so the draft distribution q is one-hot: accept with probability
+    The drafts are the MTP module's argmax (over the draft vocabulary when there is one: q is the distribution over
+    that subset, as in FR-Spec), so the draft distribution q is one-hot: accept with probability
     min(1, p/q) = p(draft), else draw from norm(max(0, p - q)) = p without the draft. Either way the token
     follows p exactly. A replacement is drawn for every row (it is used only where the draft is rejected),
     so each request's generator advances the same way whatever happens to the others.
@@ -122,6 +146,40 @@ def accept_drafts(
 def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
     """How many drafts each row keeps (B,): those before its first failed check in passed (B, K)."""
     return passed.long().cumprod(dim=1).sum(dim=1)
+
+
+def measured_draft_cost(model: Transformer, vocabulary: DraftVocabulary | None, repeats: int = 10) -> float:
+    """A draft's time over a plain decode step's, measured on the model's device, eager: the MTP module and the draft
+    head on one token against the main model's forward of one token, both without a cache, taken in turns `repeats`
+    times after a warm-up; the fastest of each (another process's load then counts less)."""
+    device = model.embed_tokens.weight.device
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    positions = torch.zeros(1, 1, dtype=torch.long, device=device)
+    mtp = model.mtp[0]
+
+    def draft() -> None:
+        embedded = model.embed_tokens(ids)
+        cos, sin = model.rotary(positions)
+        hidden, _ = mtp(embedded, embedded, cos, sin)
+        draft_argmax(model, mtp.head_input(hidden), vocabulary)
+
+    def plain() -> None:
+        model(ids, positions=positions)
+
+    # On as many threads as the engine's one-token steps (seekstack.infer.threads); on one CPU thread, its CPU time:
+    # time that another process takes is then not counted.
+    threads = StepThreads(model.config, device)
+    clock = time.thread_time if device.type == "cpu" and threads.threads_for(1) == 1 else time.perf_counter
+    seconds: dict[Callable[[], None], list[float]] = {draft: [], plain: []}
+    with torch.inference_mode(), threads.running(1):
+        for _ in range(repeats + 1):
+            for run, times in seconds.items():
+                start = clock()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(clock() - start)
+    return min(seconds[draft][1:]) / min(seconds[plain][1:])
 
 
 # Tokens a decode forward takes for about the cost of a one-token forward: below this the step is bound by its fixed
@@ -168,13 +226,14 @@ class DraftCount:
     over its rows: a request whose drafts fail turns drafting off for itself, not for the requests after it.
     """
 
-    def __init__(self, config: ModelConfig, most: int, adaptive: bool, device: torch.device):
+    def __init__(
+        self, config: ModelConfig, most: int, adaptive: bool, device: torch.device, draft_cost: float | None = None
+    ):
         self.most, self.adaptive = most, adaptive
-        # c: a decode step's time goes by layers more than by FLOPs: a draft (one MTP block, the head and argmax,
-        # inside the verification's compiled graph) over a forward (L blocks and the head). On the demo model
-        # (4 layers), compiled, 3 drafts a step at 68% acceptance gave 1.50x (bench/speculative.py), which implies
-        # c = 0.31; this gives 1.5 / 5 = 0.3.
-        self.draft_cost = 1.5 / (config.num_hidden_layers + 1)
+        # c: a draft's time over a plain step's, as `measured_draft_cost` finds it on this machine, else from the model
+        # shapes: a decode step's time goes by layers more than by FLOPs, a draft being one MTP block and the head
+        # against L blocks and the head; on the demo model (4 layers), compiled, c = 0.31 was measured, 1.5 / 5 = 0.3.
+        self.draft_cost = draft_cost if draft_cost is not None else 1.5 / (config.num_hidden_layers + 1)
         self.free_tokens = FREE_VERIFY_TOKENS.get(device.type, FREE_VERIFY_TOKENS["cpu"])
         self.passed, self.checked = [0] * most, [0] * most  # per depth, over every request and step alike
         self.steps_below_most = 0

@@ -77,6 +77,7 @@ class GRPOSource:
         problems = sample_problems(self.task, batch_size, "train", seed=config.seed * 1_000_003 + self.generation)
         self.engine.reset_prefix_cache()  # prompt prefixes cached before the last optimizer step hold stale values
         self.model.eval()  # as the engine's compiled decode step was traced
+        compile_s = self.engine.compile_s
         rollout = sample_groups(
             self.engine,
             self.task,
@@ -95,6 +96,7 @@ class GRPOSource:
             "old_logps": None,
             "ref_logps": None,
             "fresh": True,
+            "compile_s": self.engine.compile_s - compile_s,  # of the rollout's generate_s
         }
         if config.num_iterations > 1:  # with one update per batch the old policy is the current one
             batch["old_logps"] = completion_logps(self.model, rollout, config.temperature, self.device)[0]
@@ -127,6 +129,7 @@ class GRPOSource:
             "clip_high_fraction": result.clip_high_fraction,
             "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
             "generate_s": rollout.generate_s if batch["fresh"] else 0.0,
+            "compile_s": batch.get("compile_s", 0.0) if batch["fresh"] else 0.0,  # absent in older checkpoints
         }
         batch["fresh"] = False
         return dataclasses.replace(out, logits=None, loss=result.loss, lm_loss=result.loss.detach()), metrics

@@ -173,6 +173,21 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
     return index
 
 
+def token_counts(out_dir: str | os.PathLike, split_name: str, vocab: int, limit: int | None = None) -> np.ndarray:
+    """How often each id below `vocab` occurs in `split_name`'s shards (in their first `limit` tokens): (vocab,)."""
+    index = load_index(out_dir, split_name)
+    dtype = np.dtype(index["dtype"]).newbyteorder("<")
+    counts, left = np.zeros(vocab, dtype=np.int64), limit
+    for shard in index["shards"]:
+        ids = np.memmap(index_path(out_dir, split_name).parent / shard["file"], dtype=dtype, mode="r")[:left]
+        counts += np.bincount(ids, minlength=vocab)[:vocab]
+        if left is not None:
+            left -= len(ids)
+            if left <= 0:
+                break
+    return counts
+
+
 class TokenWindows:
     """Windows of seq_len + 1 tokens from a split's shards, in an order fixed by `seed` and resumable.
 

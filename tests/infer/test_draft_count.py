@@ -49,6 +49,14 @@ def test_each_request_follows_its_own_checks_from_the_engines_rates():
     assert count.choose([failing, passing]) == (1, True)  # rows expect ~1 and ~2 tokens from a draft: it pays
 
 
+def test_the_draft_cost_given_decides_how_many_drafts_pay():
+    """At 60% acceptance per depth three drafts pay when a draft costs 0.1 of a plain step, one when it costs 0.9."""
+    counts = {cost: DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU, draft_cost=cost) for cost in (0.1, 0.9)}
+    for count in counts.values():
+        count.passed, count.checked = [0.6e6] * 3, [1e6] * 3
+    assert counts[0.1].choose(rows(1))[0] == 3 and counts[0.9].choose(rows(1))[0] == 1
+
+
 def test_a_depth_without_checks_takes_the_rate_of_the_depth_before():
     count = DraftCount(micro_config(), 3, True, CPU)
     assert count.acceptance() == [PRIOR_ACCEPTANCE] * 3  # nothing measured: the prior

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
-from tests.infer.support import model_dir
+from tests.infer.support import VOCAB, micro_model, model_dir
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
 
@@ -78,6 +78,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model, tokenizer):
 
 
 PENALTIES = [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}]
+EAGER_DRAFT_CASES = [(1, 1, False), (3, 3, False), (3, 2, False), (3, 0, False)]  # drafts, correct ones, compile
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 3])
@@ -101,9 +102,13 @@ def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, pe
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
 @pytest.mark.parametrize(
-    "draft_tokens, correct, compile", [(1, 1, False), (3, 3, False), (3, 2, False), (3, 0, False), (3, 2, True)]
+    "penalties, draft_tokens, correct, compile",
+    [
+        *((penalties, *case) for penalties in PENALTIES for case in EAGER_DRAFT_CASES),
+        (PENALTIES[0], 3, 2, True),  # compiled, the fused greedy step; penalized rows leave it (eager above)
+    ],
+    ids=lambda value: "penalized" if value == PENALTIES[1] else "plain" if value == PENALTIES[0] else None,
 )
-@pytest.mark.parametrize("penalties", PENALTIES, ids=["plain", "penalized"])
 def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(
     model, tokenizer, penalties, draft_tokens, correct, compile
 ):
@@ -165,11 +170,12 @@ def run_joining(engine: Engine, batch: list[list[int]], params: list[SamplingPar
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
 @pytest.mark.parametrize("draft_tokens", [0, 1, 3], ids=["plain", "speculative", "speculative-3"])
 def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, draft_tokens):
-    """Compiled decode steps (the batch and the cache mask change shape as requests join) give the eager tokens."""
+    """Compiled decode steps (the batch and the cache mask change shape as requests join) give the eager tokens;
+    drafts score a draft vocabulary (FR-Spec) of half the tokens."""
     batch = prompts([6, 19, 11])
     params = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (24, 9, 14)]
     options = {"prefill_chunk": 8, "speculative": draft_tokens > 0, "draft_tokens": max(draft_tokens, 1),
-               "adaptive_drafts": False}  # fmt: skip
+               "adaptive_drafts": False, "draft_vocab": VOCAB // 2}  # fmt: skip
     eager = Engine(model, tokenizer, **options)
     compiled = Engine(model, tokenizer, **options, compile=True)
     expected = run_joining(eager, batch, params, join_at=4)
@@ -181,6 +187,26 @@ def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, draft_tokens
             eager.stats().spec_accepted,
         )
     assert compiled.cache.usage == 0  # every finished request gave its blocks back
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+def test_one_compiled_decode_graph_serves_every_batch_of_two_rows_or_more(tokenizer):
+    """A GRPO rollout's batch shrinks as rows finish, and its rows may or may not be of one length: the compiled
+    decode step compiles one graph for every batch of 2 or more rows (a cache mask that comes and goes, or 16 rows
+    equal to 16 key slots at the first trace, would each add one; a single row gets its own, dynamo's 0/1
+    specialisation) and gives the eager tokens."""
+    unique_graphs = torch._dynamo.utils.counters["stats"]
+    before = unique_graphs["unique_graphs"]
+    own_shapes = micro_model(moe_intermediate_size=40)  # no graph another test compiled serves it (no reset)
+    eager = Engine(own_shapes, tokenizer, max_batch_size=16)
+    compiled = Engine(own_shapes, tokenizer, max_batch_size=16, compile=True)
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    mixed_16, same_length_9, mixed_2 = prompts([3 + row % 13 for row in range(16)]), prompts([7] * 9), prompts([4, 9])
+    for batch in (mixed_16, same_length_9, mixed_2):
+        expected = [completion.token_ids for completion in eager.generate(batch, params)]
+        assert [completion.token_ids for completion in compiled.generate(batch, params)] == expected
+    assert unique_graphs["unique_graphs"] - before == 1
+    assert compiled.compile_s > 0 and eager.compile_s == 0  # the engine counts the step that compiled
 
 
 def test_default_compile_waits_until_eager_decoding_has_taken_as_long_as_a_compile(model, tokenizer, monkeypatch):

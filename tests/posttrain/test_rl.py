@@ -13,7 +13,7 @@ from seekstack.posttrain.rollout import Rollout, completion_logps
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
 
-RUN = ["batch_size=2", "num_generations=4", "max_completion_length=12", "temperature=1.0"]
+RUN = ["batch_size=2", "num_generations=4", "max_completion_length=12", "temperature=1.0", "compile_decode=false"]
 
 
 def test_engine_samples_from_the_updated_weights_without_a_reload(tmp_path):
@@ -59,14 +59,16 @@ def test_a_group_prefills_its_prompt_once(tmp_path):
 def test_engine_samples_what_the_learner_scores_after_an_update(tmp_path, compile_decode):
     """The engine's log-probabilities of a rollout equal the loss's, also after an optimizer step: the chat prompt
     spans several cache blocks, which the engine's prefix cache must not serve from the old weights; a compiled
-    decode step reads the weights the step changed in place."""
+    decode step reads the weights the step changed in place; it compiles in the first rollout, and the step that did
+    says how long it took."""
+    torch._dynamo.reset()  # a graph an earlier test compiled would serve this engine
     model_dir = micro_checkpoint(tmp_path / "model")
     config = [f"init_from={model_dir}", *RUN, f"compile_decode={compile_decode}"]
     source = GRPOSource(resolve_train_config(None, config, cls=GRPOConfig))
     model = load_pretrained(model_dir, dtype=torch.float32)
     source.attach(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    for _ in range(2):  # the second rollout is sampled after an update
+    for rollout_index in range(2):  # the second rollout is sampled after an update
         batch = source.batch(2, 0.0)
         rollout = batch["rollout"]
         prompt = rollout.input_ids[0, : rollout.prompt_lengths[0]].tolist()
@@ -77,7 +79,9 @@ def test_engine_samples_what_the_learner_scores_after_an_update(tmp_path, compil
         length = int(rollout.completion_lengths[0])
         assert engine_out.token_ids == rollout.input_ids[0, len(prompt) : len(prompt) + length].tolist()
         model.train()
-        out, _ = source.loss(model, batch, 0.0)
+        out, metrics = source.loss(model, batch, 0.0)
+        if rollout_index == 0 or not compile_decode:  # later rollouts compile only a batch size never seen (1 row)
+            assert (metrics["compile_s"] > 0) == compile_decode
         logps, _, _ = completion_logps(model, rollout, 1.0, torch.device("cpu"))
         engine_logps = torch.tensor([entry.logprob for entry in engine_out.logprobs])
         assert torch.allclose(logps[0, :length].detach(), engine_logps, atol=1e-4)

@@ -1,0 +1,85 @@
+"""The output head's decode layout (seekstack.infer.packed): the same products, the same state dict and tokens,
+and a copy that follows the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seekstack.checkpoint import load_pretrained
+from seekstack.infer import Engine, SamplingParams
+from seekstack.infer.packed import WEIGHT_FIRST_MAX_ROWS, DecodeHead
+from tests.infer.support import VOCAB, model_dir
+
+GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return model_dir(tmp_path_factory.mktemp("packed"))
+
+
+def prompts(count: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(count)
+    return [torch.randint(5, VOCAB, (3 + 4 * row,), generator=generator).tolist() for row in range(count)]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 48), (1, 48), (5, 48), (2, WEIGHT_FIRST_MAX_ROWS // 2, 48), (40, 48)])
+def test_decode_head_gives_the_linear_products_for_every_row_count(shape):
+    linear = nn.Linear(48, 300, bias=False)
+    expected = F.linear(x := torch.randn(shape), linear.weight).detach()
+    with torch.no_grad():
+        out = DecodeHead.adapt(linear)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_the_weight_not_the_copy():
+    linear = nn.Linear(48, 300, bias=False)
+    x = torch.randn(1, 48)
+    expected = torch.autograd.grad(F.linear(x, linear.weight).square().sum(), linear.weight)[0]
+    head = DecodeHead.adapt(linear)
+    torch.testing.assert_close(torch.autograd.grad(head(x).square().sum(), head.weight)[0], expected)
+
+
+def test_from_pretrained_packs_the_head_and_keeps_the_state_dict(checkpoint):
+    engine = Engine.from_pretrained(checkpoint)
+    plain = load_pretrained(checkpoint)
+    head = engine.model.lm_head
+    assert isinstance(head, DecodeHead) and type(plain.lm_head) is nn.Linear
+    ours, theirs = engine.model.state_dict(), plain.state_dict()
+    assert list(ours) == list(theirs)  # weight_t is not saved
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    assert head.weight_t.shape == (head.in_features, head.out_features) and head.weight_t.is_contiguous()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_packed_engine_decodes_the_unpacked_tokens_with_logits_within_rounding(checkpoint, tokenizer, rows):
+    packed = Engine.from_pretrained(checkpoint)
+    unpacked = Engine(load_pretrained(checkpoint), tokenizer)
+    assert isinstance(packed.model.lm_head, DecodeHead) and type(unpacked.model.lm_head) is nn.Linear
+    batch = prompts(rows)
+    expected = [completion.token_ids for completion in unpacked.generate(batch, GREEDY)]
+    assert [completion.token_ids for completion in packed.generate(batch, GREEDY)] == expected
+    with torch.inference_mode():
+        ids = torch.tensor([row[:3] for row in batch])
+        hidden = unpacked.model(ids).hidden_states[:, -1:]  # (rows, 1, D): what a decode step feeds the head
+        torch.testing.assert_close(packed.model.lm_head(hidden), unpacked.model.lm_head(hidden), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+def test_a_compiled_engine_reads_the_weights_changed_in_place_after_reset_prefix_cache(checkpoint, tokenizer):
+    """A one-row step reads the copy; flipping the head's sign in place must change the greedy tokens to the ones the
+    plain model gives with the flipped head, not keep those of the old copy."""
+    compiled = Engine.from_pretrained(checkpoint, compile=True)
+    reference = Engine(load_pretrained(checkpoint), tokenizer)
+    batch = prompts(1)
+    before = [completion.token_ids for completion in compiled.generate(batch, GREEDY)]
+    with torch.no_grad():
+        for engine in (compiled, reference):
+            engine.model.lm_head.weight.neg_()
+    compiled.reset_prefix_cache()
+    expected = [completion.token_ids for completion in reference.generate(batch, GREEDY)]
+    assert expected != before
+    assert [completion.token_ids for completion in compiled.generate(batch, GREEDY)] == expected
