@@ -48,9 +48,11 @@ demo-reason: $(STAMP)
 		$(REASON)/sft/checkpoints/step_200 $(REASON)/rl/checkpoints/step_150 --task addition --difficulty 2
 	$(VENV)/bin/seekstack rl-plot $(REASON)/rl
 
+# One worker per core, one thread each (-n auto): the suite is bound by Python (inductor compiles, micro models), so two
+# processes on two cores run it in ~2/3 of the time one process on two threads takes (12 vs 18 min, cold caches).
 test: $(STAMP)
 	scripts/install_test_deps.sh
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist worksteal
 
 bench: $(STAMP)
 	$(PY) bench/forward.py

@@ -427,7 +427,7 @@ class Engine:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # Dynamo keeps its guards on the model: LoRA loads swap module classes and buffers under a compiled engine.
         options = {"cpp_wrapper": True}
-        self._decode_model = _any_batch_size(torch.compile(self.model, dynamic=True, options=options))
+        self._decode_model = _without_duck_sizing(torch.compile(self.model, dynamic=True, options=options))
         self._decode_drafts = torch.compile(mtp_drafts, dynamic=True, options=options)
         self._greedy_speculation = torch.compile(greedy_speculation, dynamic=True, options=options)
         self._eager_seconds_left = None
@@ -816,7 +816,7 @@ class Engine:
         ]
 
 
-def _any_batch_size(compiled_model: Callable[..., ModelOutput]) -> Callable[..., ModelOutput]:
+def _without_duck_sizing(compiled_model: Callable[..., ModelOutput]) -> Callable[..., ModelOutput]:
     """`compiled_model` with one graph for every batch of 2 or more rows (a GRPO rollout's 16 rows finishing one by
     one, a server's batch): sizes that happen to be equal at the first trace (16 rows, 16 key slots) are not
     assumed equal after (no duck sizing). A batch of 1 keeps a graph of its own (dynamo's 0/1 specialisation): one
