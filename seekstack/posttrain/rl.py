@@ -22,7 +22,7 @@ from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import GRPOConfig, tokenizer_path
 from seekstack.posttrain.grpo import group_advantages, policy_loss
 from seekstack.posttrain.rewards import RewardWeights
-from seekstack.posttrain.rollout import Rollout, completion_logps, sample_groups
+from seekstack.posttrain.rollout import Rollout, completion_logps, sample_groups, trained_tokens
 from seekstack.posttrain.sft import tokenizer_info
 from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
@@ -133,6 +133,9 @@ class GRPOSource:
         }
         batch["fresh"] = False
         return dataclasses.replace(out, logits=None, loss=result.loss, lm_loss=result.loss.detach()), metrics
+
+    def tokens(self, batch: dict[str, Any]) -> tuple[int, int]:
+        return trained_tokens(batch["rollout"])
 
     def state_dict(self) -> dict[str, Any]:
         current = None

@@ -117,6 +117,16 @@ def completion_logps(
     return logps, entropy, out
 
 
+def trained_tokens(rollout: Rollout) -> tuple[int, int]:
+    """The token positions `completion_logps` runs through the model (padding included) and the longest row: the
+    whole (N, L) rows, or the P distinct prompts padded to the longest and the N completions but their last token."""
+    prompts, prompt_of = distinct_prompts(rollout)
+    if len(prompts) == len(prompt_of):
+        return rollout.input_ids.numel(), rollout.input_ids.shape[1]
+    prompt_width, width = max(len(prompt) for prompt in prompts), int(rollout.completion_lengths.max())
+    return len(prompts) * prompt_width + len(prompt_of) * (width - 1), prompt_width + width
+
+
 def distinct_prompts(rollout: Rollout) -> tuple[list[list[int]], torch.Tensor]:
     """The rollout's distinct prompts in order of first use, and (N,) which one each row continues."""
     index: dict[tuple[int, ...], int] = {}

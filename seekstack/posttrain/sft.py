@@ -57,6 +57,10 @@ class SFTSource:
         out = model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False)
         return out, {"assistant_tokens": float((labels != IGNORE_INDEX).sum())}
 
+    def tokens(self, batch: Any) -> tuple[int, int]:
+        input_ids, _ = batch
+        return input_ids.numel(), input_ids.shape[1]
+
     def state_dict(self) -> dict[str, Any]:
         return self.rows.state_dict()
 

@@ -113,6 +113,11 @@ class BatchSource(Protocol):
         over micro-batches; a key ending in `_s` is seconds of the step, also logged as its share (`_share`)."""
         ...
 
+    def tokens(self, batch: Any) -> tuple[int, int]:
+        """The token positions the micro-batch's training forward runs (padding included: it is computed) and the
+        length of its sequences, for tokens/s and MFU: a padded batch is as long as its longest row, not seq_len."""
+        ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -299,8 +304,6 @@ class _Run:
             set_rng_state(train_state["rng"])
         self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.comm_bytes_before = 0
-        self.tokens_per_step = config.batch_size * config.grad_accum_steps * config.seq_len
-        self.flops_per_token = training_flops_per_token(model.config, config.seq_len)
         peak = config.peak_flops or default_peak_flops(ranks.device, self.autocast_dtype or torch.float32)
         self.peak_flops = peak * ranks.world_size
         if ranks.is_main:
@@ -337,6 +340,13 @@ class _Run:
     def is_last_step(self) -> bool:
         return self.step == self.config.max_steps
 
+    def _trained_tokens(self, rows: Any) -> tuple[int, int]:
+        """A micro-batch's trained token positions and their sequence length: shard rows are seq_len long, a batch
+        source's batch says its own."""
+        if self.source is None:
+            return self.config.batch_size * self.config.seq_len, self.config.seq_len
+        return self.source.tokens(rows)
+
     def train_step(self) -> dict[str, Any]:
         config, model = self.config, self.model
         step_start = time.perf_counter()
@@ -348,9 +358,13 @@ class _Run:
         micro_losses = torch.zeros(config.grad_accum_steps, device=self.ranks.device)  # lm_loss of each micro-batch
         expert_load: torch.Tensor | None = None
         extra: dict[str, float] = {}  # a batch source's own metrics, summed over micro-batches
+        tokens, flops = 0, 0  # trained token positions and their training FLOPs, over micro-batches and ranks
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(config.grad_accum_steps):
             rows = self.data.batch(config.batch_size, progress=self.step / config.max_steps)
+            positions, length = self._trained_tokens(rows)
+            tokens += positions
+            flops += positions * training_flops_per_token(model.config, length)
             last = micro == config.grad_accum_steps - 1
             with distributed.gradient_sync(self.wrapped, sync=last), self._autocast():
                 if self.source is None:
@@ -413,8 +427,8 @@ class _Run:
             metrics[name] = total / config.grad_accum_steps
             if name.endswith("_s"):
                 metrics[name.removesuffix("_s") + "_share"] = metrics[name] / step_seconds
-        tokens_per_s = self.tokens_per_step / step_seconds
-        mfu = model_flops_utilisation(tokens_per_s, self.flops_per_token, self.peak_flops)
+        tokens_per_s = tokens / step_seconds
+        mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
         metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
         metrics["step_s"] = step_seconds
         self._log(metrics)

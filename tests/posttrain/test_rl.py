@@ -9,7 +9,7 @@ from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.grpo import policy_loss
 from seekstack.posttrain.padding import pad_rows
 from seekstack.posttrain.rl import GRPOSource, run_rl
-from seekstack.posttrain.rollout import Rollout, completion_logps
+from seekstack.posttrain.rollout import Rollout, completion_logps, trained_tokens
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
 
@@ -160,3 +160,4 @@ def test_completion_logps_share_each_prompt_and_equal_whole_row_forwards(tmp_pat
     # the prompts ran once: routed tokens are the two prompts (padded to 11) and the completions without their last
     tokens_per_layer = out.expert_load.sum(dim=1) // model.config.num_experts_per_tok
     assert tokens_per_layer.tolist() == [2 * 11 + 6 * (9 - 1)] * len(tokens_per_layer)
+    assert trained_tokens(rollout) == (2 * 11 + 6 * (9 - 1), 11 + 9)  # what tokens/s and MFU count

@@ -3,6 +3,8 @@ import json
 import pytest
 import torch
 
+from seekstack.accounting import training_flops_per_token
+from seekstack.checkpoint import load_pretrained
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.conversations import encode_conversation, read_conversations, write_conversations
@@ -83,6 +85,26 @@ def test_sft_lowers_the_assistant_loss_and_resumes_exactly(tmp_path):
     assert resumed.losses == straight.losses[3:]
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(line["assistant_tokens"] > 0 for line in lines)
+
+
+def test_tokens_per_second_and_mfu_count_the_padded_batch_not_seq_len(tmp_path):
+    """Rows are padded to the batch's longest, far below seq_len here: tokens/s and MFU count what was computed."""
+    byte_tokenizer(tmp_path / "tok")
+    data = write_conversations([CHAT, CHAT[:3]] * 3, tmp_path / "chats.jsonl")
+    args = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "batch_size=2", "seq_len=1024", "max_steps=3"]
+    args += ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96"]
+    args += ["model.vocab_size=300", "peak_flops=1e12", f"out_dir={tmp_path / 'run'}"]
+    config = resolve_train_config(None, args, cls=SFTConfig)
+    run_sft(config)
+    replay = SFTSource(config)  # the same seed draws the same batches
+    model_config = load_pretrained(tmp_path / "run" / "checkpoints" / "step_3").config
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        step = json.loads(line)
+        input_ids, _ = replay.batch(2, 0.0)
+        width = input_ids.shape[1]
+        assert width < 200  # far from seq_len: counting seq_len would claim 5x the tokens
+        assert step["tokens_per_s"] * step["step_s"] == pytest.approx(2 * width)
+        assert step["mfu"] == pytest.approx(step["tokens_per_s"] * training_flops_per_token(model_config, width) / 1e12)
 
 
 def test_default_data_is_generated_task_traces(tmp_path):
