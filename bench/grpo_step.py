@@ -6,10 +6,11 @@ Both runs: one checkpoint (ours loads in transformers as DeepseekV3ForCausalLM),
 of steps 2..N, the first includes warm-up), the share spent generating (median of those steps' shares: a step that
 compiles a new decode graph does not skew it) and the reward of the last steps, and the ratio; then the seconds our
 rollouts spent compiling their decode step, and the total of all N steps, warm-up included, with and without them.
-`--compile-decode` is rl's `compile_decode` (true, its default, or false).
+`--compile-decode` is rl's `compile_decode` (true, its default, or false), `--threads` rl's `threads` (1, its
+default; 0 = torch's setting, which TRL runs on).
 Usage:
     OMP_NUM_THREADS=2 python bench/grpo_step.py CHECKPOINT [--steps 10] [--prompts 2] [--generations 8] [--tokens 64]
-        [--compile-decode true|false]
+        [--compile-decode true|false] [--threads 1]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
         f"batch_size={args.prompts}", f"num_generations={args.generations}", f"max_completion_length={args.tokens}",
         f"lr={args.lr}", f"min_lr={args.lr}", "temperature=1.0", "beta=0.0", "loss_type=grpo", "seed=0",
         "format_weight=0.1", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "grad_clip=1.0",
-        f"compile_decode={args.compile_decode}",
+        f"compile_decode={args.compile_decode}", f"threads={args.threads}",
     ]  # fmt: skip
     if args.difficulty:
         overrides.append(f"difficulty={args.difficulty}")
@@ -151,10 +152,11 @@ def main() -> None:
     parser.add_argument(
         "--compile-decode", choices=["true", "false"], default="true", help="rl's compile_decode for our rollouts"
     )
+    parser.add_argument("--threads", type=int, default=1, help="rl's threads for our run (0 = torch's setting)")
     args = parser.parse_args()
     print(
         f"torch threads: {torch.get_num_threads()}; {args.prompts} prompts x {args.generations} x {args.tokens} "
-        f"tokens; our decode compile_decode={args.compile_decode}"
+        f"tokens; ours: compile_decode={args.compile_decode}, threads={args.threads}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         print(f"load average before: {load_average()}")

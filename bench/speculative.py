@@ -171,8 +171,14 @@ def main() -> None:
     mode = "adaptive" if default.adaptive_drafts else "fixed"
     _, ranking = token_ranking(model_dir, plain.config.vocab_size)
     print(f"default: draft_tokens={default.draft_tokens} ({mode}), draft_vocab={default.draft_vocab} ({ranking}),")
-    costs = ", ".join(f"{k} {e.draft_count.draft_cost:.2f}" for k, e in speculative.items() if e.draft_count.adaptive)
-    print(f"measured draft cost (of a plain step): {costs}; load average {os.getloadavg()[0]:.2f}")
+    print(f"measured step costs (of a plain step of as many rows; load average {os.getloadavg()[0]:.2f}):")
+    for k, engine in speculative.items():
+        costs = engine.draft_count.costs
+        if engine.draft_count.adaptive:
+            print(f"  {k}: " + ", ".join(
+                f"batch {batch} draft {draft:.2f} verify " + "/".join(f"{v:.2f}" for v in verify[1:])
+                for batch, draft, verify in zip(costs.batches, costs.draft, costs.verify, strict=True)
+            ))  # fmt: skip
     header = (
         f"{'batch':>5s} {'drafts':>8s} {'plain tok/s':>12s} {'MTP spec tok/s':>15s} {'speed-up':>9s} "
         f"{'accept':>7s} {'drafts/tok':>10s} {'identical':>10s}  accept by depth"

@@ -40,7 +40,7 @@ from seekstack.infer.speculative import (
     DraftVocabulary,
     accept_drafts,
     greedy_speculation,
-    measured_draft_cost,
+    measured_step_costs,
     mtp_drafts,
 )
 from seekstack.infer.threads import StepThreads
@@ -185,8 +185,10 @@ class Engine:
         ranking = draft_ranking if draft_ranking is not None else torch.arange(self.config.vocab_size)
         drafting = speculative and not placed
         self.draft_vocabulary = draft_vocabulary(self.model, draft_vocab, ranking) if drafting else None
-        draft_cost = measured_draft_cost(self.model, self.draft_vocabulary) if drafting and adaptive_drafts else None
-        self.draft_count = DraftCount(self.config, self.draft_tokens, adaptive_drafts, self.device, draft_cost)
+        costs = None
+        if drafting and adaptive_drafts:
+            costs = measured_step_costs(self.model, self.draft_vocabulary, self.draft_tokens, max_batch_size)
+        self.draft_count = DraftCount(self.config, self.draft_tokens, adaptive_drafts, self.device, costs)
         # Verification writes K slots past the pending token; the MTP module's drafts after k accepted reach K - 1
         # further (`mtp_drafts`). Those are the cache plan's lookahead and, with the K, the slots a request
         # holds beyond its last token.

@@ -6,6 +6,10 @@ Shapes: B sequences, T tokens per sequence, K drafts per sequence, V vocabulary,
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,11 +18,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from seekstack.config import ModelConfig
+from seekstack.infer.cache import PagedLatentCache
 from seekstack.infer.sampling import SamplingBatch
 from seekstack.infer.threads import StepThreads
 
 if TYPE_CHECKING:
-    from seekstack.infer.cache import PagedLatentCache
     from seekstack.model.transformer import Transformer
 
 
@@ -148,44 +152,106 @@ def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:
     return passed.long().cumprod(dim=1).sum(dim=1)
 
 
-def measured_draft_cost(model: Transformer, vocabulary: DraftVocabulary | None, repeats: int = 10) -> float:
-    """A draft's time over a plain decode step's, measured on the model's device, eager: the MTP module and the draft
-    head on one token against the main model's forward of one token, both without a cache, taken in turns `repeats`
-    times after a warm-up; the fastest of each (another process's load then counts less)."""
-    device = model.embed_tokens.weight.device
-    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    positions = torch.zeros(1, 1, dtype=torch.long, device=device)
+# The cached context of each row in the measured steps (`measured_step_costs`): about a prompt and its first answer.
+MEASURED_CONTEXT = 128
+MEASURED_BATCHES = 64  # batches above this take its costs: measuring them would slow the engine's start
+MEASURE_SECONDS = 1.0  # no turn starts after this long (the warm-up and one timed turn always run): a fast start
+# Where nothing is measured (`StepCosts.modelled`): tokens a decode forward takes for about the cost of a one-token
+# forward; below this the step is bound by its fixed costs (weights read, kernel launches, Python).
+FREE_VERIFY_TOKENS = {"cpu": 4, "cuda": 64}
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What a decode step costs at each batch size in `batches` (ascending), relative to a plain step of as many rows:
+    `draft` one draft per row (the MTP block and the draft head), `verify` a forward of g + 1 tokens per row at index g
+    (1 at g = 0). A batch between two sizes takes the costs of the larger one, a batch above them the largest's."""
+
+    batches: list[int]
+    draft: list[float]
+    verify: list[list[float]]
+
+    def at(self, batch: int) -> tuple[float, list[float]]:
+        """The draft cost and the verification costs by draft count of a step of `batch` rows."""
+        index = min(bisect.bisect_left(self.batches, batch), len(self.batches) - 1)
+        return self.draft[index], self.verify[index]
+
+    @classmethod
+    def modelled(cls, config: ModelConfig, most: int, device: torch.device) -> StepCosts:
+        """Costs from the model's shapes, for an engine that measured none (a model placed over devices): a step's time
+        goes by layers more than by FLOPs, a draft being one MTP block and the head against L blocks and the head, and
+        a forward over N tokens costs max(N, F) / F one-token forwards (F: FREE_VERIFY_TOKENS)."""
+        free = FREE_VERIFY_TOKENS.get(device.type, FREE_VERIFY_TOKENS["cpu"])
+        batches = [2**power for power in range(free.bit_length() + 1)]  # up to twice F: every row then costs
+        verify = [[max(batch * (count + 1), free) / max(batch, free) for count in range(most + 1)] for batch in batches]
+        return cls(batches, [1.5 / (config.num_hidden_layers + 1)] * len(batches), verify)
+
+
+def measured_step_costs(
+    model: Transformer, vocabulary: DraftVocabulary | None, most: int, max_batch: int, repeats: int = 5
+) -> StepCosts:
+    """`StepCosts` measured on the model's device, eager, at batch sizes 1, 2, 4, ... up to `max_batch` (at most
+    MEASURED_BATCHES): cached decode forwards of 1 to `most` + 1 tokens per row and one draft per row (the MTP block
+    on one token and the draft head), every row after MEASURED_CONTEXT cached tokens, as the engine's steps run them
+    (the cache planned for each forward, attention over the context). All are taken in turns, `repeats` times after
+    a warm-up or as many as MEASURE_SECONDS allows, and the fastest of each counts (another process's load then counts
+    less)."""
+    device, config = model.embed_tokens.weight.device, model.config
+    largest = min(max_batch, MEASURED_BATCHES)
+    batches = sorted({2**power for power in range(largest.bit_length()) if 2**power < largest} | {largest})
+    tokens = MEASURED_CONTEXT + most + 1
+    block_size = 16  # the engine's
+    blocks = largest * math.ceil(tokens / block_size) + 1
+    cache = PagedLatentCache(config, blocks, block_size, model.embed_tokens.weight.dtype, device, prefix_caching=False)
+    rows = [f"measured-{row}" for row in range(largest)]
+    for row in rows:
+        cache.allocate(row, tokens)
+    ids = torch.zeros(largest, most + 1, dtype=torch.long, device=device)
     mtp = model.mtp[0]
 
-    def draft() -> None:
-        embedded = model.embed_tokens(ids)
+    def forward(batch: int, width: int) -> None:
+        positions = cache.plan(rows[:batch], [MEASURED_CONTEXT] * batch, [width] * batch, width)
+        model(ids[:batch, :width], cache=cache, positions=positions)
+
+    def draft(batch: int) -> None:
+        positions = cache.plan(rows[:batch], [MEASURED_CONTEXT] * batch, [1] * batch, 1)
+        embedded = model.embed_tokens(ids[:batch, :1])  # (B, 1, D), standing in for the main model's hidden state too
         cos, sin = model.rotary(positions)
-        hidden, _ = mtp(embedded, embedded, cos, sin)
+        hidden, _ = mtp(embedded, embedded, cos, sin, cache)
         draft_argmax(model, mtp.head_input(hidden), vocabulary)
 
-    def plain() -> None:
-        model(ids, positions=positions)
+    # On as many threads as the engine's steps of each batch (seekstack.infer.threads); on one CPU thread, its CPU
+    # time: time that another process takes is then not counted.
+    threads = StepThreads(config, device)
+    runs: dict[tuple[int, int | str], Callable[[], None]] = {}  # (batch, tokens per row or "draft"): the step
+    for batch in batches:
+        runs[batch, "draft"] = functools.partial(draft, batch)
+        for width in range(1, most + 2):
+            runs[batch, width] = functools.partial(forward, batch, width)
+    seconds: dict[tuple[int, int | str], list[float]] = {key: [] for key in runs}
+    began = time.perf_counter()
+    with torch.inference_mode():
+        for turn in range(repeats + 1):
+            if turn >= 2 and time.perf_counter() - began > MEASURE_SECONDS:
+                break
+            for (batch, name), run in runs.items():
+                with threads.running(batch * (most + 1)):
+                    one_thread = device.type == "cpu" and torch.get_num_threads() == 1
+                    clock = time.thread_time if one_thread else time.perf_counter
+                    start = clock()
+                    run()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    seconds[batch, name].append(clock() - start)
+    fastest = {key: min(times[1:]) for key, times in seconds.items()}
+    # A forward over more tokens never costs less: a wider one measured faster (noise) counts as the one before it.
+    verify = [
+        list(itertools.accumulate((fastest[batch, width] / fastest[batch, 1] for width in range(1, most + 2)), max))
+        for batch in batches
+    ]
+    return StepCosts(batches, [fastest[batch, "draft"] / fastest[batch, 1] for batch in batches], verify)
 
-    # On as many threads as the engine's one-token steps (seekstack.infer.threads); on one CPU thread, its CPU time:
-    # time that another process takes is then not counted.
-    threads = StepThreads(model.config, device)
-    clock = time.thread_time if device.type == "cpu" and threads.threads_for(1) == 1 else time.perf_counter
-    seconds: dict[Callable[[], None], list[float]] = {draft: [], plain: []}
-    with torch.inference_mode(), threads.running(1):
-        for _ in range(repeats + 1):
-            for run, times in seconds.items():
-                start = clock()
-                run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(clock() - start)
-    return min(seconds[draft][1:]) / min(seconds[plain][1:])
 
-
-# Tokens a decode forward takes for about the cost of a one-token forward: below this the step is bound by its fixed
-# costs (weights read, kernel launches, Python), above it every verified token adds its matmul work. On a CPU, 4 rows
-# verifying one draft each (8 tokens) cost ~0.4 of a plain step more than 4 tokens (issue 19: 0.98x with drafts).
-FREE_VERIFY_TOKENS = {"cpu": 4, "cuda": 64}
 ACCEPTANCE_MEMORY = 0.95  # weight of a request's acceptance seen so far at each of its new steps (~20 steps of memory)
 # A depth's prior, worth PRIOR_CHECKS checks: at depth 1 the acceptance DeepSeek-V3 reports for its MTP module's
 # token (85-90%, tech report 5.4.3), so a fresh engine drafts the most and measures every depth at once; at deeper
@@ -206,19 +272,18 @@ class DraftChecks:
 
 class DraftCount:
     """How many drafts the next step verifies, 0..`most`: fixed at `most`, or (adaptive) the count with the best
-    expected speed-up under the acceptance measured at each draft depth and the step's cost at the current batch size.
+    expected speed-up under the acceptance measured at each draft depth and the step's costs at the current batch size.
 
     Leviathan et al. 2023, Thm. 3.8, with an acceptance a_d per depth (draft d passes with a_d once all before it
-    did): gamma drafts of relative cost c yield 1 + a_1 + a_1 a_2 + ... + a_1...a_gamma tokens for the cost of
-    gamma c + 1. Depths may differ: the MTP module is trained for depth 1 only (`mtp_drafts` reapplies it for the
-    others). The verification forward costs
-    max(B (gamma+1), F) / max(B, F) of a plain one (F: FREE_VERIFY_TOKENS), so a busy batch turns drafts off.
-    While verifying is free (2 B <= F) a step without drafts still runs the MTP block to keep its cache whole
-    (half a draft's cost: the block without the head); in a busy batch it is a plain step, and the positions it
-    skips stay out of the MTP cache. A depth not drafted takes the rate of the depth before, which undersells it
-    (once a draft passes the next usually does: 0.97 at depth 2 after 0.57 at depth 1 on the demo checkpoint), so
-    one step in PROBE_EVERY drafts one more than the best count and measures the next depth (the first, with
-    drafts off).
+    did) and costs measured per batch size (`StepCosts`): gamma drafts of relative cost c each and a verification
+    forward of relative cost v_gamma yield 1 + a_1 + a_1 a_2 + ... + a_1...a_gamma tokens for gamma c + v_gamma plain
+    steps. Depths may differ: the MTP module is trained for depth 1 only (`mtp_drafts` reapplies it for the others).
+    At a batch size where drafts accepted at PRIOR_ACCEPTANCE would pay, a step without drafts still runs the MTP
+    block to keep its cache whole (half a draft's cost: the block without the head); elsewhere it is a plain step,
+    and the positions it skips stay out of the MTP cache. A depth not drafted takes the rate of the depth before,
+    which undersells it (once a draft passes the next usually does: 0.97 at depth 2 after 0.57 at depth 1 on the demo
+    checkpoint), so one step in PROBE_EVERY drafts one more than the best count and measures the next depth (the
+    first, with drafts off).
 
     Acceptance is a property of the text as much as of the model: on the demo checkpoint one prompt passes every
     draft and the next none. So each request has its own rates (`DraftChecks`), starting from the engine's rates
@@ -227,14 +292,11 @@ class DraftCount:
     """
 
     def __init__(
-        self, config: ModelConfig, most: int, adaptive: bool, device: torch.device, draft_cost: float | None = None
+        self, config: ModelConfig, most: int, adaptive: bool, device: torch.device, costs: StepCosts | None = None
     ):
         self.most, self.adaptive = most, adaptive
-        # c: a draft's time over a plain step's, as `measured_draft_cost` finds it on this machine, else from the model
-        # shapes: a decode step's time goes by layers more than by FLOPs, a draft being one MTP block and the head
-        # against L blocks and the head; on the demo model (4 layers), compiled, c = 0.31 was measured, 1.5 / 5 = 0.3.
-        self.draft_cost = draft_cost if draft_cost is not None else 1.5 / (config.num_hidden_layers + 1)
-        self.free_tokens = FREE_VERIFY_TOKENS.get(device.type, FREE_VERIFY_TOKENS["cpu"])
+        # As `measured_step_costs` finds them on this machine, else from the model's shapes.
+        self.costs = costs or StepCosts.modelled(config, most, device)
         self.passed, self.checked = [0] * most, [0] * most  # per depth, over every request and step alike
         self.steps_below_most = 0
 
@@ -264,17 +326,18 @@ class DraftCount:
                 drafts_passed += reach
         return 1 + drafts_passed / len(rows)
 
-    def verification_is_free(self, batch: int) -> bool:
-        """Whether `batch` rows verify a draft each for about the cost of a plain step."""
-        return 2 * batch <= self.free_tokens
+    def drafting_can_pay(self, batch: int) -> bool:
+        """Whether drafts accepted at PRIOR_ACCEPTANCE at every depth would speed up steps of `batch` rows."""
+        prior = [[PRIOR_ACCEPTANCE] * self.most]
+        return any(self.speedup(count, batch, prior) > 1 for count in range(1, self.most + 1))
 
     def speedup(self, count: int, batch: int, rates: list[list[float]] | None = None) -> float:
         """Expected tokens per unit of step cost with `count` drafts per row of `batch` rows (under each row's
         `rates`, or the engine's), against plain decoding."""
+        draft, verify = self.costs.at(batch)
         if count == 0:
-            return 1 / (1 + self.draft_cost / 2) if self.verification_is_free(batch) else 1.0
-        verify = max(batch * (count + 1), self.free_tokens) / max(batch, self.free_tokens)
-        return self.expected_tokens(count, rates) / (count * self.draft_cost + verify)
+            return 1 / (1 + draft / 2) if self.drafting_can_pay(batch) else 1.0
+        return self.expected_tokens(count, rates) / (count * draft + verify[count])
 
     def choose(self, rows: list[DraftChecks], seeded: bool = False) -> tuple[int, bool]:
         """The draft count of the next step for the running requests' `rows`, and whether it fills the MTP cache; the
@@ -291,7 +354,7 @@ class DraftCount:
             best = max(
                 count for count in range(best, self.most + 1) if speedups[count] >= speedups[best] * (1 - NEAR_BEST)
             )
-        if best == 0 and not self.verification_is_free(batch):
+        if best == 0 and not self.drafting_can_pay(batch):
             return 0, False
         if best < self.most:
             self.steps_below_most += 1

@@ -39,15 +39,20 @@ class StepThreads:
             return torch.get_num_threads()
         return 1
 
-    @contextlib.contextmanager
-    def running(self, tokens: int) -> Iterator[None]:
+    def running(self, tokens: int) -> contextlib.AbstractContextManager[None]:
         """Run the body on `threads_for(tokens)` threads, then restore torch's setting."""
-        before, wanted = torch.get_num_threads(), self.threads_for(tokens)
-        if wanted == before:
-            yield
-            return
-        torch.set_num_threads(wanted)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+        return running_on(self.threads_for(tokens))
+
+
+@contextlib.contextmanager
+def running_on(threads: int) -> Iterator[None]:
+    """Run the body on `threads` intra-op threads, then restore torch's setting."""
+    before = torch.get_num_threads()
+    if threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

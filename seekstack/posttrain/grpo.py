@@ -110,16 +110,17 @@ def token_logps_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple
 
 
 class _TokenLogProb(torch.autograd.Function):
-    """log p_y = z_y - logsumexp(z), whose gradient is g (onehot(y) - softmax(z)), and H = logsumexp(z) - sum_v p_v z_v.
+    """log p_y = log_softmax(z)_y, whose gradient is g (onehot(y) - softmax(z)), and H = -sum_v p_v log p_v.
 
-    One softmax serves the log-probability, the entropy and the backward, which needs no log-softmax of its own."""
+    One softmax serves the log-probability, the entropy and the backward, which needs no log-softmax of its own; two
+    (tokens, V) tensors are made (log p, p): on a CPU each fresh one costs page faults beside its arithmetic."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        log_normalizer = logits.logsumexp(dim=-1, keepdim=True)
-        probs = (logits - log_normalizer).exp_()
-        picked = (logits.gather(-1, tokens[..., None]) - log_normalizer).squeeze(-1)
-        entropy = log_normalizer.squeeze(-1) - (probs * logits).sum(dim=-1)
+        log_probs = logits.log_softmax(dim=-1)
+        probs = log_probs.exp()
+        picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
+        entropy = -torch.linalg.vecdot(probs, log_probs)
         ctx.save_for_backward(probs, tokens)
         ctx.mark_non_differentiable(entropy)
         return picked, entropy

@@ -18,6 +18,7 @@ from torch import nn
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer import Engine
+from seekstack.infer.threads import running_on
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import GRPOConfig, tokenizer_path
 from seekstack.posttrain.grpo import group_advantages, policy_loss
@@ -169,4 +170,5 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
 def run_rl(config: GRPOConfig, resume: bool | str | Path = False) -> TrainResult:
     """GRPO from `init_from` (or a fresh preset) on the task `config` names."""
     config = config.validate()
-    return train(config, resume=resume, source=GRPOSource(config))
+    with running_on(config.threads or torch.get_num_threads()):
+        return train(config, resume=resume, source=GRPOSource(config))

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.speculative import PRIOR_ACCEPTANCE, PROBE_EVERY, DraftChecks, DraftCount
+from seekstack.infer.speculative import (
+    PRIOR_ACCEPTANCE,
+    PROBE_EVERY,
+    DraftChecks,
+    DraftCount,
+    StepCosts,
+    measured_step_costs,
+)
 from tests.conftest import micro_config
 from tests.infer.support import micro_model, tiny_tokenizer
 
@@ -49,12 +56,65 @@ def test_each_request_follows_its_own_checks_from_the_engines_rates():
     assert count.choose([failing, passing]) == (1, True)  # rows expect ~1 and ~2 tokens from a draft: it pays
 
 
+def costs(draft: float, verify: list[float], batches: tuple[int, ...] = (1,)) -> StepCosts:
+    """The same costs at every batch size in `batches`: a draft's, and verifying 1, 2, ... drafts per row."""
+    return StepCosts(list(batches), [draft] * len(batches), [[1.0, *verify]] * len(batches))
+
+
 def test_the_draft_cost_given_decides_how_many_drafts_pay():
-    """At 60% acceptance per depth three drafts pay when a draft costs 0.1 of a plain step, one when it costs 0.9."""
-    counts = {cost: DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU, draft_cost=cost) for cost in (0.1, 0.9)}
+    """At 60% acceptance per depth three drafts pay when a draft costs 0.1 of a plain step, one when it costs 0.5."""
+    counts = {
+        cost: DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU, costs(cost, [1.0] * 3)) for cost in (0.1, 0.5)
+    }
     for count in counts.values():
         count.passed, count.checked = [0.6e6] * 3, [1e6] * 3
-    assert counts[0.1].choose(rows(1))[0] == 3 and counts[0.9].choose(rows(1))[0] == 1
+    assert counts[0.1].choose(rows(1))[0] == 3 and counts[0.5].choose(rows(1))[0] == 1
+
+
+@pytest.mark.parametrize(("verify_three", "expected"), [(1.2, (3, True)), (4.0, (0, False))])
+def test_the_measured_verification_cost_decides_whether_a_busy_batch_drafts(verify_three, expected):
+    """4 rows at 80% acceptance: when verifying 4x the tokens costs 1.2 plain steps, three drafts pay; when it costs 4,
+    none do and the steps are plain."""
+    measured = costs(0.3, [1 + (verify_three - 1) / 3 * g for g in (1, 2, 3)], batches=(1, 2, 4, 8))
+    count = DraftCount(micro_config(num_hidden_layers=4), 3, True, CPU, measured)
+    count.passed, count.checked = [0.8e6] * 3, [1e6] * 3
+    assert count.choose(rows(4)) == expected
+
+
+def test_each_batch_size_takes_the_costs_measured_at_the_next_size_up():
+    measured = StepCosts([1, 4, 16], [0.2, 0.3, 0.4], [[1.0, 1.1], [1.0, 1.5], [1.0, 2.0]])
+    assert [measured.at(batch)[0] for batch in (1, 2, 4, 5, 16, 64)] == [0.2, 0.3, 0.3, 0.4, 0.4, 0.4]
+    count = DraftCount(micro_config(), 1, True, CPU, measured)
+    assert count.speedup(1, 3) == pytest.approx((1 + PRIOR_ACCEPTANCE) / (0.3 + 1.5))
+
+
+def test_measured_costs_draft_cheaper_against_a_deeper_model_and_verify_a_tiny_one_almost_free():
+    """The costs an adaptive engine starts with, relative to a plain cached step of as many rows: a draft (one MTP block
+    and the head) costs less the more blocks the model has; a forward over more tokens costs no less, and on a model
+    this small (its fixed costs dominate) 4 rows of 4 tokens cost far less than 4 forwards (the modelled 4.0)."""
+    shallow = measured_step_costs(micro_model(num_hidden_layers=1), None, 3, 4, repeats=3)
+    deep = measured_step_costs(micro_model(num_hidden_layers=8), None, 3, 4, repeats=3)
+    assert shallow.batches == deep.batches == [1, 2, 4]
+    assert all(d < 0.5 < s for d, s in zip(deep.draft, shallow.draft, strict=True))
+    assert all(verify[0] == 1.0 and verify == sorted(verify) for verify in deep.verify + shallow.verify)
+    assert deep.at(4)[1][3] < 2.0
+
+
+def test_an_adaptive_engine_drafts_in_a_busy_batch_only_where_it_measured_verification_cheap(tmp_path, monkeypatch):
+    """The engine's measurement, here replaced by given costs, decides: verifying 4x the tokens for 1.01 plain steps,
+    4 rows draft (and keep plain greedy's tokens); for 4 plain steps, they do not."""
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    batch = [list(range(5, 5 + n)) for n in (3, 6, 9, 12)]
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
+    drafted = {}
+    for verify_three in (1.01, 4.0):
+        measured = costs(0.05, [1 + (verify_three - 1) * g / 3 for g in (1, 2, 3)], batches=(1, 2, 4))
+        monkeypatch.setattr("seekstack.infer.engine.measured_step_costs", lambda *args, costs=measured: costs)
+        engine = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=True, max_batch_size=4)
+        assert [c.token_ids for c in engine.generate(batch, params)] == plain
+        drafted[verify_three] = engine.stats().spec_drafted
+    assert drafted[1.01] > 0 and drafted[4.0] == 0
 
 
 def test_a_depth_without_checks_takes_the_rate_of_the_depth_before():
@@ -143,10 +203,11 @@ def test_adaptive_engine_samples_a_seeded_request_as_a_fixed_count_does(tmp_path
 
 def test_a_busy_batch_of_the_adaptive_engine_decodes_as_the_plain_engine_does(tmp_path):
     model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
-    batch = [list(range(5, 5 + n)) for n in (3, 6, 9, 12)]  # 4 rows: verifying a draft each is not free on a CPU
+    batch = [list(range(5, 5 + n)) for n in (3, 6, 9, 12)]
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=True, top_logprobs=2)
     plain = Engine(model, tokenizer).generate(batch, params)
     adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=True)
+    adaptive.draft_count.costs = costs(0.3, [2.0, 3.0, 4.0], batches=(1, 4))  # 4 rows: every verified token costs
     outputs = adaptive.generate(batch, params)
     assert [c.token_ids for c in outputs] == [c.token_ids for c in plain]
     logprobs = [[entry.logprob for entry in c.logprobs] for c in outputs]

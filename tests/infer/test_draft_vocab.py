@@ -11,7 +11,7 @@ import torch
 import seekstack
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer.draft_vocab import draft_vocabulary, token_ranking
-from seekstack.infer.speculative import draft_argmax, measured_draft_cost, verify_drafts
+from seekstack.infer.speculative import draft_argmax, verify_drafts
 from tests.infer.support import VOCAB, micro_model, tiny_tokenizer
 from tests.infer.test_sampling import batch_of
 
@@ -89,10 +89,3 @@ def test_sampling_over_drafts_from_the_subset_follows_the_target_over_the_whole_
     accepted, replacement = verify_drafts(batch_of(*[SamplingParams()] * rows), target.expand(rows, -1), drafts)
     tokens = torch.where(accepted, drafts, replacement)
     torch.testing.assert_close(torch.bincount(tokens, minlength=VOCAB) / rows, target, atol=0.015, rtol=0)
-
-
-def test_a_draft_measures_cheaper_against_a_deeper_main_model():
-    """The adaptive draft count's c is measured: one MTP block and the head against L blocks and the head."""
-    shallow = measured_draft_cost(micro_model(num_hidden_layers=1), None)
-    deep = measured_draft_cost(micro_model(num_hidden_layers=8), None)
-    assert deep < 0.5 < shallow

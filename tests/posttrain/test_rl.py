@@ -161,3 +161,20 @@ def test_completion_logps_share_each_prompt_and_equal_whole_row_forwards(tmp_pat
     tokens_per_layer = out.expert_load.sum(dim=1) // model.config.num_experts_per_tok
     assert tokens_per_layer.tolist() == [2 * 11 + 6 * (9 - 1)] * len(tokens_per_layer)
     assert trained_tokens(rollout) == (2 * 11 + 6 * (9 - 1), 11 + 9)  # what tokens/s and MFU count
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_rl_runs_on_its_threads_and_restores_torchs_setting(tmp_path, monkeypatch, threads):
+    """`threads` sets torch's intra-op threads for the whole run (0 keeps torch's); the caller's setting comes back."""
+    seen = []
+    loss = GRPOSource.loss
+
+    def spy(self, *args):
+        seen.append(torch.get_num_threads())
+        return loss(self, *args)
+
+    monkeypatch.setattr(GRPOSource, "loss", spy)
+    torch.set_num_threads(2)
+    config = [f"init_from={micro_checkpoint(tmp_path / 'model')}", *RUN, "max_steps=1", f"threads={threads}"]
+    run_rl(resolve_train_config(None, [*config, f"out_dir={tmp_path / 'run'}"], cls=GRPOConfig))
+    assert seen == [threads or 2] and torch.get_num_threads() == 2
