@@ -187,7 +187,9 @@ class Engine:
         self.draft_vocabulary = draft_vocabulary(self.model, draft_vocab, ranking) if drafting else None
         costs = None
         if drafting and adaptive_drafts:
-            costs = measured_step_costs(self.model, self.draft_vocabulary, self.draft_tokens, max_batch_size)
+            costs = measured_step_costs(
+                self.model, self.draft_vocabulary, self.draft_tokens, max_batch_size, block_size
+            )
         self.draft_count = DraftCount(self.config, self.draft_tokens, adaptive_drafts, self.device, costs)
         # Verification writes K slots past the pending token; the MTP module's drafts after k accepted reach K - 1
         # further (`mtp_drafts`). Those are the cache plan's lookahead and, with the K, the slots a request

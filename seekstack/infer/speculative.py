@@ -188,19 +188,23 @@ class StepCosts:
 
 
 def measured_step_costs(
-    model: Transformer, vocabulary: DraftVocabulary | None, most: int, max_batch: int, repeats: int = 5
+    model: Transformer,
+    vocabulary: DraftVocabulary | None,
+    most: int,
+    max_batch: int,
+    block_size: int = 16,
+    repeats: int = 5,
 ) -> StepCosts:
     """`StepCosts` measured on the model's device, eager, at batch sizes 1, 2, 4, ... up to `max_batch` (at most
     MEASURED_BATCHES): cached decode forwards of 1 to `most` + 1 tokens per row and one draft per row (the MTP block
     on one token and the draft head), every row after MEASURED_CONTEXT cached tokens, as the engine's steps run them
-    (the cache planned for each forward, attention over the context). All are taken in turns, `repeats` times after
-    a warm-up or as many as MEASURE_SECONDS allows, and the fastest of each counts (another process's load then counts
-    less)."""
+    (the cache planned for each forward in blocks of the engine's `block_size`, attention over the context). All are
+    taken in turns, `repeats` times after a warm-up or as many as MEASURE_SECONDS allows, and the fastest of each
+    counts (another process's load then counts less)."""
     device, config = model.embed_tokens.weight.device, model.config
     largest = min(max_batch, MEASURED_BATCHES)
     batches = sorted({2**power for power in range(largest.bit_length()) if 2**power < largest} | {largest})
     tokens = MEASURED_CONTEXT + most + 1
-    block_size = 16  # the engine's
     blocks = largest * math.ceil(tokens / block_size) + 1
     cache = PagedLatentCache(config, blocks, block_size, model.embed_tokens.weight.dtype, device, prefix_caching=False)
     rows = [f"measured-{row}" for row in range(largest)]
