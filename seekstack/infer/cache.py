@@ -139,7 +139,8 @@ class PagedLatentCache:
             block = self.free_blocks.pop() if self.free_blocks else self._evict()
             self.users[block] = 1
             table.append(block)
-        self._set_slots(seq_id)
+        if needed > 0 or seq_id not in self.slots:  # a decode step mostly writes into a block the table has
+            self._set_slots(seq_id)
 
     def _evict(self) -> int:
         """The least recently used cached block, forgotten by the prefix cache."""

@@ -223,6 +223,7 @@ class Engine:
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
         self.compile_s = 0.0  # seconds of the decode steps that compiled a new graph (`_decode_timer`)
+        self._step_started = 0.0
         if compile is True:
             self._compile_decode()
 
@@ -410,6 +411,7 @@ class Engine:
         """One step: grow (or preempt) running requests, admit waiting ones, decode all running ones together, prefill
         one chunk of prompts."""
         with self.lock.for_step():
+            self._step_started = time.perf_counter()  # a speculative step's overhead counts from here (`DraftCount`)
             outputs, self.aborted = self.aborted, []
             self._grow()
             self._admit()
@@ -545,6 +547,7 @@ class Engine:
         checks = [r.draft_checks for r in batch]
         width, (next_count, fill_cache) = drafted + 1, self.draft_count.choose(checks, self._seeded())
         rows = [[r.ids[-1], *r.drafts[:drafted]] for r in batch]
+        model_started = time.perf_counter()  # the measured step costs include planning the cache
         # Keys past the verified tokens are gathered only for drafts beyond the first (`mtp_drafts`' follow-ups).
         lookahead = max(next_count - 1, 0)
         input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch), lookahead)
@@ -564,6 +567,7 @@ class Engine:
                 failed_row=(torch.zeros(1, dtype=torch.long), torch.zeros(1, width, dtype=torch.long)),
             )  # fmt: skip
         chosen_list, accepted_list = chosen.tolist(), accepted.tolist()
+        model_seconds = time.perf_counter() - model_started
         self.spec_drafted += drafted * len(batch)
         self.spec_accepted += sum(accepted_list)
         self.draft_count.observe(drafted, accepted_list, checks)
@@ -576,12 +580,17 @@ class Engine:
             request.ids.extend(tokens)
         if next_drafts is None:
             counts = [len(tokens) for tokens in new_tokens]
+            drafting_started = time.perf_counter()
             next_list = self._draft(hidden, _shifted_rows(batch, starts, counts), counts, next_count, fill_cache)
+            model_seconds += time.perf_counter() - drafting_started
         else:
             next_list = next_drafts.tolist()
         for request, drafts in zip(batch, next_list, strict=True):
             request.drafts = drafts
-        return [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
+        outputs = [self._emit(r, tokens, lp) for r, tokens, lp in zip(batch, new_tokens, logprobs, strict=True)]
+        step_seconds = time.perf_counter() - self._step_started
+        self.draft_count.observe_step(len(batch), drafted, next_count, fill_cache, step_seconds, model_seconds)
+        return outputs
 
     def _seeded(self) -> bool:
         """Whether a seeded request that samples is running or prefilling: drafting then keeps to a fixed count."""

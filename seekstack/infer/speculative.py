@@ -171,9 +171,13 @@ class StepCosts:
     draft: list[float]
     verify: list[list[float]]
 
+    def index(self, batch: int) -> int:
+        """Which measured batch size a step of `batch` rows takes the costs of."""
+        return min(bisect.bisect_left(self.batches, batch), len(self.batches) - 1)
+
     def at(self, batch: int) -> tuple[float, list[float]]:
         """The draft cost and the verification costs by draft count of a step of `batch` rows."""
-        index = min(bisect.bisect_left(self.batches, batch), len(self.batches) - 1)
+        index = self.index(batch)
         return self.draft[index], self.verify[index]
 
     @classmethod
@@ -256,6 +260,7 @@ def measured_step_costs(
     return StepCosts(batches, [fastest[batch, "draft"] / fastest[batch, 1] for batch in batches], verify)
 
 
+OVERHEAD_MEMORY = 0.9  # weight of the engine's overhead seen so far at each new step (`DraftCount.observe_step`)
 ACCEPTANCE_MEMORY = 0.95  # weight of a request's acceptance seen so far at each of its new steps (~20 steps of memory)
 # A depth's prior, worth PRIOR_CHECKS checks: at depth 1 the acceptance DeepSeek-V3 reports for its MTP module's
 # token (85-90%, tech report 5.4.3), so a fresh engine drafts the most and measures every depth at once; at deeper
@@ -289,6 +294,10 @@ class DraftCount:
     checkpoint), so one step in PROBE_EVERY drafts one more than the best count and measures the next depth (the
     first, with drafts off).
 
+    A step also costs the engine's own work outside the model (scheduling, planning the cache, sampling, output), o
+    plain forwards, paid once however many tokens the step makes; the engine measures it as it runs
+    (`observe_step`), so the speed-up over a plain step of 1 + o is E[tokens] (1 + o) / (gamma c + v_gamma + o).
+
     Acceptance is a property of the text as much as of the model: on the demo checkpoint one prompt passes every
     draft and the next none. So each request has its own rates (`DraftChecks`), starting from the engine's rates
     over all requests so far as their prior and following its own checks, and a step's expected tokens are the mean
@@ -303,6 +312,7 @@ class DraftCount:
         self.costs = costs or StepCosts.modelled(config, most, device)
         self.passed, self.checked = [0] * most, [0] * most  # per depth, over every request and step alike
         self.steps_below_most = 0
+        self.overhead: dict[int, float] = {}  # o by `StepCosts.index`: work outside the model, in plain forwards
 
     def acceptance(self, request: DraftChecks | None = None) -> list[float]:
         """a_d for depths 1..most: the share of depth d's checks that passed, with PRIOR_CHECKS checks of its prior;
@@ -339,9 +349,10 @@ class DraftCount:
         """Expected tokens per unit of step cost with `count` drafts per row of `batch` rows (under each row's
         `rates`, or the engine's), against plain decoding."""
         draft, verify = self.costs.at(batch)
+        overhead = self.overhead.get(self.costs.index(batch), 0.0)
         if count == 0:
-            return 1 / (1 + draft / 2) if self.drafting_can_pay(batch) else 1.0
-        return self.expected_tokens(count, rates) / (count * draft + verify[count])
+            return (1 + overhead) / (1 + draft / 2 + overhead) if self.drafting_can_pay(batch) else 1.0
+        return self.expected_tokens(count, rates) * (1 + overhead) / (count * draft + verify[count] + overhead)
 
     def choose(self, rows: list[DraftChecks], seeded: bool = False) -> tuple[int, bool]:
         """The draft count of the next step for the running requests' `rows`, and whether it fills the MTP cache; the
@@ -365,6 +376,20 @@ class DraftCount:
             if self.steps_below_most % PROBE_EVERY == 0:
                 return best + 1, True
         return best, True
+
+    def observe_step(
+        self, batch: int, verified: int, drafted: int, filled: bool, step_seconds: float, model_seconds: float
+    ) -> None:
+        """Count a step's overhead o: its `step_seconds` less the `model_seconds` of its model calls (a forward
+        verifying `verified` drafts per row of `batch` rows, then `drafted` drafts, or with none the MTP block when
+        `filled`), in plain forwards, whose seconds follow from the model calls' and their relative cost
+        (`StepCosts`)."""
+        draft, verify = self.costs.at(batch)
+        model_cost = verify[verified] + (drafted * draft if drafted else draft / 2 * filled)
+        overhead = max(step_seconds - model_seconds, 0.0) * model_cost / model_seconds
+        index = self.costs.index(batch)
+        before = self.overhead.get(index, overhead)
+        self.overhead[index] = OVERHEAD_MEMORY * before + (1 - OVERHEAD_MEMORY) * overhead
 
     def observe(self, drafted: int, accepted: list[int], rows: list[DraftChecks] | None = None) -> None:
         """Count a step's checks: each row (of `rows`' requests) checked its drafts up to the first that failed

@@ -88,6 +88,29 @@ def test_each_batch_size_takes_the_costs_measured_at_the_next_size_up():
     assert count.speedup(1, 3) == pytest.approx((1 + PRIOR_ACCEPTANCE) / (0.3 + 1.5))
 
 
+def test_the_engines_own_work_per_step_makes_drafts_pay_where_the_model_costs_alone_do_not():
+    """At 60% acceptance a draft costing 0.5 of a plain forward and verification 1.4 lose against plain steps (1.6
+    tokens for 1.9); once the engine's work outside the model is seen to cost 2 plain forwards a step (3 s a step,
+    1 s of it in a plain forward), a step with a draft makes 1.6 tokens for 3.9 against 1 for 3: it pays."""
+    count = DraftCount(micro_config(), 1, True, CPU, costs(0.5, [1.4], batches=(1, 4)))
+    count.passed, count.checked = [0.6e6], [1e6]
+    assert count.choose(rows(1)) == (0, False)
+    count.observe_step(1, 0, 0, False, step_seconds=3.0, model_seconds=1.0)
+    assert count.overhead == {0: pytest.approx(2.0)}
+    assert count.speedup(1, 1) == pytest.approx(1.6 * 3 / 3.9, rel=1e-4)
+    assert count.choose(rows(1)) == (1, True)
+    assert count.choose(rows(4))[0] == 0  # batch 4 takes its own measured overhead: none seen yet
+    count.observe_step(1, 1, 1, True, step_seconds=1.9, model_seconds=1.9)  # a step with no work outside the model
+    assert count.overhead[0] == pytest.approx(0.9 * 2.0)  # the overhead follows the steps seen, recent ones most
+
+
+def test_a_speculative_engine_measures_its_work_outside_the_model_as_it_decodes(tmp_path):
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True, max_batch_size=2)
+    engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+    assert list(engine.draft_count.overhead) == [0] and engine.draft_count.overhead[0] > 0
+
+
 def test_measured_costs_draft_cheaper_against_a_deeper_model_and_verify_a_tiny_one_almost_free():
     """The costs an adaptive engine starts with, relative to a plain cached step of as many rows: a draft (one MTP block
     and the head) costs less the more blocks the model has; a forward over more tokens costs no less, and on a model
