@@ -11,15 +11,26 @@ cover 75% of held-out tokens, the 1024 most frequent 82%).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from seekstack.infer.speculative import DraftVocabulary
+from seekstack.checkpoint import CheckpointError, read_json_object
 from seekstack.model.transformer import Transformer
 from seekstack.tokens.shards import index_path, token_counts
+from seekstack.train.config import TRAIN_SPLIT
+
+
+class DraftVocabulary(NamedTuple):
+    """The tokens a draft may be: `ids` (N,) and their rows of the output head, transposed (D, N): a one-row product
+    streams it twice as fast as F.linear does the rows (seekstack.infer.packed). Only the drafts read it
+    (seekstack.infer.speculative); verification scores the whole vocabulary, so the output does not change."""
+
+    ids: torch.Tensor
+    head_t: torch.Tensor
+
 
 RANKING_SAMPLE_TOKENS = 20_000_000  # counted from the start of the train split: enough to rank a vocabulary
 
@@ -29,9 +40,12 @@ def token_ranking(model_dir: str | Path, vocab_size: int) -> tuple[torch.Tensor,
     (`model_dir` is run/checkpoints/step_N) or, without them, the tokenizer's ids in order (BPE merge rank)."""
     run_config = Path(model_dir).resolve().parent.parent / "train_config.json"
     if run_config.is_file():
-        data_dir = run_config.parent / json.loads(run_config.read_text(encoding="utf-8")).get("data_dir", "")
-        if index_path(data_dir, "train").is_file():
-            counts = token_counts(data_dir, "train", vocab_size, RANKING_SAMPLE_TOKENS)
+        data_dir = read_json_object(run_config).get("data_dir", "")
+        if not isinstance(data_dir, str):
+            raise CheckpointError(f"{run_config}: 'data_dir' is {data_dir!r}, not a folder name")
+        data_dir = run_config.parent / data_dir
+        if index_path(data_dir, TRAIN_SPLIT).is_file():
+            counts = token_counts(data_dir, TRAIN_SPLIT, vocab_size, RANKING_SAMPLE_TOKENS)
             return torch.from_numpy(np.argsort(-counts, kind="stable")), f"token counts of {data_dir}"
     return torch.arange(vocab_size), "tokenizer id order (BPE merge rank): no training shards beside the checkpoint"
 

@@ -13,26 +13,18 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
 from seekstack.config import ModelConfig
 from seekstack.infer.cache import PagedLatentCache
+from seekstack.infer.draft_vocab import DraftVocabulary
 from seekstack.infer.sampling import SamplingBatch
 from seekstack.infer.threads import StepThreads
 
 if TYPE_CHECKING:
     from seekstack.model.transformer import Transformer
-
-
-class DraftVocabulary(NamedTuple):
-    """The tokens a draft may be (seekstack.infer.draft_vocab, FR-Spec): `ids` (N,) and their rows of the output head,
-    transposed (D, N): a one-row product streams it twice as fast as F.linear does the rows (seekstack.infer.packed).
-    Only the drafts read it; verification scores the whole vocabulary, so the output does not change."""
-
-    ids: torch.Tensor
-    head_t: torch.Tensor
 
 
 def draft_argmax(model: Transformer, normed: torch.Tensor, vocabulary: DraftVocabulary | None) -> torch.Tensor:

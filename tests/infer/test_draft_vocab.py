@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import seekstack
+from seekstack.checkpoint import CheckpointError
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer.draft_vocab import draft_vocabulary, token_ranking
 from seekstack.infer.speculative import draft_argmax, verify_drafts
@@ -50,6 +52,16 @@ def test_the_draft_vocabulary_is_the_most_frequent_training_tokens_with_their_he
     ranking, source = token_ranking(tmp_path / "elsewhere" / "checkpoints" / "step_1", VOCAB)  # no run beside it
     assert ranking.tolist() == list(range(VOCAB)) and "merge rank" in source
     assert draft_vocabulary(engine.model, 0, ranking) is None and draft_vocabulary(engine.model, VOCAB, ranking) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "fault"), [('{"data_dir": "../tok', "not valid JSON"), ('{"data_dir": 5}', "'data_dir' is 5")]
+)
+def test_a_damaged_run_config_beside_the_checkpoint_is_named(tmp_path, content, fault):
+    checkpoint = training_run(tmp_path)
+    (tmp_path / "run" / "train_config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=f"train_config.json.*{fault}"):
+        token_ranking(checkpoint, VOCAB)
 
 
 def test_drafts_come_from_the_subset_while_greedy_output_stays_plain_greedy(model, tokenizer):
