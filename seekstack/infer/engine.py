@@ -178,6 +178,11 @@ class Engine:
         self.speculative = speculative
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.max_model_len = max_model_len or self.config.max_position_embeddings
+        if self.max_model_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} is longer than the model's context, max_position_embeddings="
+                f"{self.config.max_position_embeddings}: positions past it were never trained"
+            )
         self.draft_tokens = draft_tokens if speculative else 0
         # With `adaptive_drafts`, draft_tokens is the most a step verifies: fewer (or none) when acceptance or the batch
         # says so (DraftCount); the cache is planned for the most.

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from seekstack.checkpoint import load_pretrained
+from seekstack.config import ConfigError
 from seekstack.infer import Engine
 from seekstack.infer.threads import running_on
 from seekstack.model.transformer import ModelOutput
@@ -50,6 +51,13 @@ class GRPOSource:
         self.model = model
         self.device = next(model.parameters()).device
         rows = self.config.batch_size * self.config.num_generations
+        context = model.config.max_position_embeddings
+        if PROMPT_TOKENS + self.config.max_completion_length > context:
+            raise ConfigError(
+                f"field 'max_completion_length' is {self.config.max_completion_length}: with a prompt's room "
+                f"({PROMPT_TOKENS} tokens) that passes the model's context of {context} tokens; at most "
+                f"{context - PROMPT_TOKENS}"
+            )
         self.engine = Engine(
             model,
             self.tokenizer,

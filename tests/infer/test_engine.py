@@ -362,6 +362,11 @@ def test_engine_defaults_are_the_engine_options_defaults(model, tokenizer):
     assert engine.max_model_len == model.config.max_position_embeddings and options.max_model_len is None
 
 
+def test_a_context_longer_than_the_models_is_refused(model, tokenizer):
+    with pytest.raises(ValueError, match="max_model_len=257 is longer than the model's context, max_position_embed"):
+        Engine(model, tokenizer, max_model_len=model.config.max_position_embeddings + 1)
+
+
 def test_max_new_tokens_is_capped_to_what_fits_the_context_with_a_notice(model, tokenizer):
     engine = Engine(model, tokenizer, max_model_len=64)
     params = SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from seekstack.checkpoint import load_pretrained
+from seekstack.config import ConfigError
 from seekstack.infer import SamplingParams
 from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.grpo import policy_loss
@@ -37,6 +38,13 @@ def test_engine_samples_from_the_updated_weights_without_a_reload(tmp_path):
         optimizer.step()
     after = source.engine.generate([prompt], greedy)[0].token_ids
     assert after[0] == target and before[0] != target
+
+
+def test_a_completion_length_past_the_models_context_is_refused_by_name(tmp_path):
+    model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions, 192 of them a prompt's room
+    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_completion_length=321"], cls=GRPOConfig)
+    with pytest.raises(ConfigError, match="'max_completion_length' is 321: .* context of 512 tokens; at most 320"):
+        GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
 
 
 def test_a_group_prefills_its_prompt_once(tmp_path):
