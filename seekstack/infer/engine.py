@@ -136,6 +136,7 @@ class Engine:
         prefill_chunk: int = 256,
         device: torch.device | str | None = None,
         compile: bool | None = False,
+        eager_lone_row: bool = False,
         adapters: Mapping[str, str | Path] | None = None,
     ):
         """`adapters` name LoRA adapter folders (peft format) that requests may pick by name (`add_request`); rows
@@ -144,7 +145,9 @@ class Engine:
         on the device), never more than max_batch_size requests of max_model_len tokens use.
         `compile`: decode steps through torch.compile from the first step (True), never (False), or, with None, once
         eager decode steps have taken as long as compiling them would (`COMPILE_AFTER_SECONDS`), where the engine
-        can (no device map): a short run never waits for a compile.
+        can (no device map): a short run never waits for a compile. `eager_lone_row`: a compiled engine's plain decode
+        step of a single row runs eagerly instead of compiling a graph of its own (dynamo keeps one for size 1,
+        `_without_duck_sizing`): for callers whose batches see one row only at their end, such as RL rollouts.
         `draft_vocab`: the drafts score only this many tokens, the first of `draft_ranking` (token ids, most frequent
         first; by default the tokenizer's id order; seekstack.infer.draft_vocab); 0: the whole vocabulary."""
         placed = getattr(model, "placement", None) is not None  # spread over devices by seekstack.infer.placement
@@ -225,6 +228,7 @@ class Engine:
         self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
         self._ids = itertools.count()
         self._decode_model, self._decode_drafts, self._greedy_speculation = model, mtp_drafts, greedy_speculation
+        self.eager_lone_row = eager_lone_row
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
         self.compile_s = 0.0  # seconds of the decode steps that compiled a new graph (`_decode_timer`)
@@ -619,7 +623,8 @@ class Engine:
             logits_at = torch.tensor(counts, device=self.device) - 1
             out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
         else:
-            out = self._decode_model(input_ids, cache=self.cache, positions=positions)
+            decode = self.model if self.eager_lone_row and len(batch) == 1 else self._decode_model
+            out = decode(input_ids, cache=self.cache, positions=positions)
         return out.logits, out.hidden_states
 
     def _inputs(

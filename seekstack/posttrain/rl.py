@@ -64,6 +64,7 @@ class GRPOSource:
             max_batch_size=rows,
             max_model_len=PROMPT_TOKENS + self.config.max_completion_length,
             compile=self.config.compile_decode,
+            eager_lone_row=True,  # a rollout's longest completion alone at its end: no second graph to compile
         )
         model.train()
         self.reference = None

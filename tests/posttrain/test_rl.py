@@ -68,8 +68,10 @@ def test_engine_samples_what_the_learner_scores_after_an_update(tmp_path, compil
     """The engine's log-probabilities of a rollout equal the loss's, also after an optimizer step: the chat prompt
     spans several cache blocks, which the engine's prefix cache must not serve from the old weights; a compiled
     decode step reads the weights the step changed in place; it compiles in the first rollout, and the step that did
-    says how long it took."""
+    says how long it took; a row decoding alone (here the engine's own generate) runs eagerly, without a graph of its
+    own."""
     torch._dynamo.reset()  # a graph an earlier test compiled would serve this engine
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     model_dir = micro_checkpoint(tmp_path / "model")
     config = [f"init_from={model_dir}", *RUN, f"compile_decode={compile_decode}"]
     source = GRPOSource(resolve_train_config(None, config, cls=GRPOConfig))
@@ -88,14 +90,14 @@ def test_engine_samples_what_the_learner_scores_after_an_update(tmp_path, compil
         assert engine_out.token_ids == rollout.input_ids[0, len(prompt) : len(prompt) + length].tolist()
         model.train()
         out, metrics = source.loss(model, batch, 0.0)
-        if rollout_index == 0 or not compile_decode:  # later rollouts compile only a batch size never seen (1 row)
-            assert (metrics["compile_s"] > 0) == compile_decode
+        assert (metrics["compile_s"] > 0) == (compile_decode and rollout_index == 0)
         logps, _, _ = completion_logps(model, rollout, 1.0, torch.device("cpu"))
         engine_logps = torch.tensor([entry.logprob for entry in engine_out.logprobs])
         assert torch.allclose(logps[0, :length].detach(), engine_logps, atol=1e-4)
         optimizer.zero_grad()
         (out.loss - logps[0, :length].sum()).backward()  # the GRPO loss plus a push that surely moves the weights
         optimizer.step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == compile_decode  # the one for 2+ rows
 
 
 def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model):
