@@ -22,13 +22,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.cache import DEFAULT_MEMORY_FRACTION, PagedLatentCache, blocks_in_budget, free_memory
 from seekstack.infer.detokenize import TextStream
-from seekstack.infer.draft_vocab import draft_vocabulary, refresh_draft_vocabulary, token_ranking
+from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import EngineOptions, SamplingParams
@@ -37,14 +38,13 @@ from seekstack.infer.sampling import PenaltyState, SamplingBatch, SeededUniforms
 from seekstack.infer.speculative import (
     DraftChecks,
     DraftCount,
-    DraftVocabulary,
     accept_drafts,
     greedy_speculation,
     measured_step_costs,
     mtp_drafts,
 )
 from seekstack.infer.threads import StepThreads
-from seekstack.model.transformer import ModelOutput, Transformer
+from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -147,7 +147,7 @@ class Engine:
         eager decode steps have taken as long as compiling them would (`COMPILE_AFTER_SECONDS`), where the engine
         can (no device map): a short run never waits for a compile. `eager_lone_row`: a compiled engine's plain decode
         step of a single row runs eagerly instead of compiling a graph of its own (dynamo keeps one for size 1,
-        `_without_duck_sizing`): for callers whose batches see one row only at their end, such as RL rollouts.
+        `_compiled`): for callers whose batches see one row only at their end, such as RL rollouts.
         `draft_vocab`: the drafts score only this many tokens, the first of `draft_ranking` (token ids, most frequent
         first; by default the tokenizer's id order; seekstack.infer.draft_vocab); 0: the whole vocabulary."""
         placed = getattr(model, "placement", None) is not None  # spread over devices by seekstack.infer.placement
@@ -441,10 +441,9 @@ class Engine:
         # pass dynamo's default of 8, after which it would run the function eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # Dynamo keeps its guards on the model: LoRA loads swap module classes and buffers under a compiled engine.
-        options = {"cpp_wrapper": True}
-        self._decode_model = _without_duck_sizing(torch.compile(self.model, dynamic=True, options=options))
-        self._decode_drafts = torch.compile(mtp_drafts, dynamic=True, options=options)
-        self._greedy_speculation = torch.compile(greedy_speculation, dynamic=True, options=options)
+        self._decode_model = _compiled(self.model)
+        self._decode_drafts = _compiled(mtp_drafts)
+        self._greedy_speculation = _compiled(greedy_speculation)
         self._eager_seconds_left = None
 
     @contextlib.contextmanager
@@ -839,19 +838,25 @@ class Engine:
         ]
 
 
-def _without_duck_sizing(compiled_model: Callable[..., ModelOutput]) -> Callable[..., ModelOutput]:
-    """`compiled_model` with one graph for every batch of 2 or more rows (a GRPO rollout's 16 rows finishing one by
-    one, a server's batch): sizes that happen to be equal at the first trace (16 rows, 16 key slots) are not
-    assumed equal after (no duck sizing). A batch of 1 keeps a graph of its own (dynamo's 0/1 specialisation): one
-    compile more per run, and a 1-row step (generate, chat) at its fastest. Marking the batch unbacked gives one
+def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` through torch.compile with dynamic shapes, one graph for every batch of 2 or more rows (a GRPO
+    rollout's 16 rows finishing one by one, a server's batch): sizes that happen to be equal at the first trace (16
+    rows, 16 key slots) are not assumed equal after (no duck sizing). A batch of 1 keeps a graph of its own
+    (dynamo's 0/1 specialisation): a 1-row step (generate, chat) at its fastest. Marking the batch unbacked gives one
     graph for all, but its 16-row steps measured 8-30% slower on a 2-core Zen 3; running 1 row as 2 copies, ~35%
-    slower 1-row steps."""
+    slower 1-row steps. The model's float settings (norm epsilons, softmax scales) are constants of the graph: as
+    symbols, inductor could not keep them and compiled the whole step a second time (19 s against 8 s for the demo
+    model's decode step, inductor's caches warm)."""
+    compiled = torch.compile(function, dynamic=True, options={"cpp_wrapper": True})
 
-    def decode(input_ids: torch.Tensor, cache: PagedLatentCache, positions: torch.Tensor) -> ModelOutput:
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            return compiled_model(input_ids, cache=cache, positions=positions)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with (
+            torch.fx.experimental._config.patch(use_duck_shape=False),
+            torch._dynamo.config.patch(specialize_float=True),
+        ):
+            return compiled(*args, **kwargs)
 
-    return decode
+    return run
 
 
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:
