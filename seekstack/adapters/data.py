@@ -7,7 +7,7 @@
 - chat: a `.jsonl` of {"messages": [...]}: the conversations of chat SFT (seekstack.posttrain.sft's batch source),
   the loss on the assistant's tokens only.
 `frequent_tokens` picks the tokens whose output-head (and embedding) rows a `head_tokens` (`embedding_tokens`)
-adapter trains (config.py).
+adapter trains (config.py), `first_batches` the run's first batches an `init=eva` start reads.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.corpus.sources import open_source
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+from seekstack.tokens.mixture import MixtureWindows
 from seekstack.tokens.shards import index_path, load_index, token_counts, tokenize_corpus
-from seekstack.train.config import TrainConfig
+from seekstack.train.config import TRAIN_SPLIT, TrainConfig
 from seekstack.train.trainer import VAL_SPLIT
 
 TOKENS_DIR = "data"  # inside the adapter folder: the tokenized text
-TRAIN_SPLIT = "train"
 VAL_EVERY = 10
 
 
@@ -94,6 +95,16 @@ def _token_index(data_dir: str | Path, count: int) -> dict:
             f"{data_dir}'s vocabulary"
         )
     return index
+
+
+def first_batches(config: TrainConfig, count: int) -> list[torch.Tensor]:
+    """The first `count` micro-batches the run in `config` trains on (its own batch source: the same windows, from
+    the same seed), for a start drawn from the training data (`init=eva`); token shards only."""
+    if not is_token_shards(Path(config.data_dir)):
+        raise ValueError(f"{config.data_dir}: lora.init=eva reads the layers' inputs on token shards or text, not chat")
+    windows = MixtureWindows(config.data_dir, config.mixture_policy(), config.seq_len, config.seed)
+    steps = (number // config.grad_accum_steps for number in range(count))
+    return [windows.batch(config.batch_size, progress=step / config.max_steps) for step in steps]
 
 
 def chat_source(config: TrainConfig) -> SFTSource | None:

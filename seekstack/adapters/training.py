@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
-from seekstack.adapters.data import chat_source, frequent_tokens, prepare_data
+from seekstack.adapters.data import chat_source, first_batches, frequent_tokens, prepare_data
 from seekstack.adapters.files import adapter_state, apply_lora, publish_adapter, restore_adapter, save_adapter
 from seekstack.checkpoint import read_config
 from seekstack.model.transformer import Transformer
@@ -25,29 +26,41 @@ from seekstack.schema import ConfigError, load_config, require
 from seekstack.train.config import TrainConfig, resolve_train_config
 from seekstack.train.trainer import TrainResult, train
 
+if TYPE_CHECKING:
+    import peft
+
 PREFIX = "lora."  # overrides of AdapterConfig fields on the command line: lora.rank=16
 # Where a LoRA run differs from pretraining's defaults: the routing biases belong to the frozen base (no bias
 # update), no weight decay on the low-rank factors, a short warmup, and a higher learning rate (bench/lora_domain.py:
 # 1e-2 beat 3e-3).
 LORA_DEFAULTS = ("lr=1e-2", "min_lr=1e-3", "warmup_steps=10", "weight_decay=0.0", "bias_update_rate=0.0")
+START_BATCHES = 16  # init=eva: the first training batches whose layer inputs give A (cycled until it settles)
 
 
 @dataclass
 class LoraHooks:
     """The trainer's model hooks for LoRA: wrap the base with peft, checkpoint the adapter, restore it on resume.
 
-    A PiSSA/OLoRA run (`init`) keeps the factors it started from, to save each adapter on the original base; with
-    LoRA+ (`loraplus_ratio`) every B factor carries the `lr_scale` the trainer's optimizer gives its group."""
+    A PiSSA/OLoRA run (`init`) keeps the factors it started from, to save each adapter on the original base; an EVA
+    run starts its A factors from the layers' inputs on `start_batches`; with LoRA+ (`loraplus_ratio`) every B factor
+    carries the `lr_scale` the trainer's optimizer gives its group."""
 
     config: AdapterConfig
     base_path: str
     head_token_ids: Sequence[int] = ()  # the config's head_tokens most frequent training tokens
     embedding_token_ids: Sequence[int] = ()  # the config's embedding_tokens most frequent training tokens
+    start_batches: Sequence[torch.Tensor] = ()  # init=eva: the run's first training batches (data.first_batches)
     initial: dict[str, torch.Tensor] | None = field(default=None, init=False)  # a PiSSA/OLoRA run's A0, B0
 
     def prepare(self, model: Transformer) -> nn.Module:
+        eva = None
+        if self.config.init == "eva":  # the base's layer inputs on the training data, before peft wraps the layers
+            config = self.config.peft_config(model.config, self.head_token_ids, self.embedding_token_ids)
+            eva = eva_components(model, config, self.start_batches)
         peft_model = apply_lora(model, self.config, self.base_path, self.head_token_ids, self.embedding_token_ids)
-        if self.config.init != "lora":
+        if eva is not None:
+            eva_start(peft_model, eva)
+        if self.config.init in ("pissa", "olora"):
             self.initial = {key: tensor.detach().clone() for key, tensor in adapter_state(peft_model).items()}
         for name, param in peft_model.named_parameters():
             if ".lora_B." in name:
@@ -59,6 +72,49 @@ class LoraHooks:
 
     def restore(self, model: nn.Module, folder: Path) -> None:
         restore_adapter(model, folder, converted=self.initial is not None)
+
+
+def eva_components(
+    model: Transformer, config: peft.LoraConfig, batches: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """EVA (peft's `get_eva_state_dict`) on the base: per adapted layer, the top right singular vectors of its inputs
+    over `batches` (incremental PCA until they settle), as many as its rank; with eva_rho > 1 the layers' ranks are
+    redistributed by explained variance at the same total (a layer may get 0). Only the LoRA layers are read, not
+    the token-row wrappers (on the peft model they would take part of the total)."""
+    from peft import get_eva_state_dict
+
+    modules, parameters = config.target_modules or [], config.target_parameters or []
+    config.target_modules = [*modules, *(name.rsplit(".", 1)[0] for name in parameters)]  # EVA finds layers by these
+    components = get_eva_state_dict(
+        model,
+        list(batches),
+        config,
+        forward_fn=lambda base, batch: base(batch, keep_logits=False),
+        prepare_model_inputs_fn=None,  # every position of a training window counts (no padding)
+        prepare_layer_inputs_fn=lambda inputs, _, __: inputs[0].reshape(-1, inputs[0].shape[-1]),
+        show_progress_bar=False,
+    )
+    return {f"base_model.model.{name}": vectors for name, vectors in components.items()}
+
+
+def eva_start(model: peft.PeftModel, components: dict[str, torch.Tensor]) -> None:
+    """Each LoRA layer's A = its EVA `components` (peft's `initialize_lora_eva_weights`; B = 0), at their rank. The
+    saved config stays plain LoRA: the targets as given less those left at rank 0, EVA's ranks as rank_pattern
+    (parameter targets by their parameter's name, as peft matches them; peft rewrites them as module targets)."""
+    from peft import initialize_lora_eva_weights
+    from peft.tuners.lora import LoraLayer
+
+    config = model.peft_config["default"]
+    modules, parameters = config.target_modules or [], config.target_parameters or []
+    initialize_lora_eva_weights(model, eva_state_dict=components, show_progress_bar=False)
+    kept = {name.removeprefix("base_model.model.") for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    config.target_modules = sorted(name for name in modules if name in kept) or None
+    config.target_parameters = sorted(name for name in parameters if name.rsplit(".", 1)[0] in kept) or None
+    by_module = {name.rsplit(".", 1)[0]: name for name in config.target_parameters or []}
+    for pattern in (config.rank_pattern, config.alpha_pattern):
+        for module in [name for name in pattern if name in by_module]:
+            pattern[by_module[module]] = pattern.pop(module)
+    config.init_lora_weights, config.eva_config = True, None
 
 
 def lora_train_config(
@@ -99,7 +155,8 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
     out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
     adapter.save(out)
-    hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids)
+    batches = first_batches(train_config, START_BATCHES) if adapter.init == "eva" else []
+    hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids, batches)
     result = train(train_config, resume, hooks, chat_source(train_config))
     if result.checkpoint is not None:
         publish_adapter(result.checkpoint, out)

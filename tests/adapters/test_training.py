@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
-from seekstack.adapters.data import frequent_tokens
+from seekstack.adapters.data import first_batches, frequent_tokens
 from seekstack.adapters.files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -21,7 +21,7 @@ from seekstack.adapters.files import (
     merge_adapter,
 )
 from seekstack.adapters.registry import read_factors
-from seekstack.adapters.training import LoraHooks, lora_train_config, train_adapter
+from seekstack.adapters.training import START_BATCHES, LoraHooks, lora_train_config, train_adapter
 from seekstack.checkpoint import CheckpointError
 from seekstack.schema import ConfigError
 from seekstack.tokens.shards import load_index
@@ -270,3 +270,87 @@ def test_pissa_beside_experts_and_dora_beside_parameter_targets_are_refused_nami
         AdapterConfig(dora=True, experts=()).validate()
     with pytest.raises(ConfigError, match="'dora'"):
         AdapterConfig(dora=True, feed_forward=(), experts=(), vocabulary=("lm_head",)).validate()
+
+
+def test_an_eva_run_starts_a_from_the_inputs_singular_vectors_loads_in_peft_merges_and_resumes(
+    base, data_dir, tmp_path
+):
+    overrides = [*RUN, "lora.attention=[q_a_proj]", "lora.experts=[]", "lora.head_tokens=2", "lora.init=eva"]
+    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "whole", overrides)
+    batches = first_batches(train_config, START_BATCHES)
+    inputs = []  # every input of layer 0's dense gate projection over those batches, as EVA sees them
+    plain = seekstack.load_pretrained(base)
+    gate = plain.layers[0].mlp.gate_proj
+    handle = gate.register_forward_hook(lambda _, args, __: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for batch in batches:
+            plain(batch, keep_logits=False)
+    handle.remove()
+    states = torch.cat(inputs)
+    top = torch.linalg.svd(states - states.mean(dim=0), full_matrices=False).Vh[: adapter.rank]
+    start = LoraHooks(adapter, str(base), head_token_ids=frequent_tokens(data_dir, 2), start_batches=batches)
+    started = start.prepare(seekstack.load_pretrained(base))
+    lora_a = started.get_base_model().layers[0].mlp.gate_proj.lora_A["default"].weight
+    cosines = (lora_a @ top.T).abs().diagonal()  # up to sign; EVA's incremental PCA stops once they settle
+    assert (cosines[:3] > 0.98).all() and torch.allclose(lora_a.norm(dim=1), torch.ones(adapter.rank))
+    ids = prompt_ids()
+    with torch.no_grad():
+        assert (started(ids).logits - plain(ids).logits).abs().max() < 1e-5  # B = 0: the start is the base
+    whole = train_adapter(train_config, adapter)
+    saved = json.loads((tmp_path / "whole" / ADAPTER_CONFIG_FILE).read_text())
+    assert sorted(saved["target_modules"]) == ["layers.0.self_attn.q_a_proj", "layers.1.self_attn.q_a_proj"]
+    assert "layers.0.mlp.gate_proj.weight" in saved["target_parameters"] and saved["init_lora_weights"] is True
+    tuned = load_adapter(seekstack.load_pretrained(base), tmp_path / "whole")
+    with torch.no_grad():
+        ours = tuned(ids).logits
+        merged = seekstack.load_pretrained(merge_adapter(base, tmp_path / "whole", tmp_path / "merged"))(ids).logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "whole"
+    )
+    with torch.no_grad():
+        assert (reference(ids).logits - ours).abs().max() < PEFT_ATOL
+    assert (merged - ours).abs().max() < MERGE_ATOL and (ours - plain(ids).logits).abs().max() > 1e-3
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_6")
+    resumed = train_adapter(*lora_train_config(None, None, tmp_path / "cut", resume=True), resume=True)
+    assert resumed.losses == whole.losses[3:]  # bit for bit
+
+
+def test_eva_rho_moves_ranks_at_the_same_total_and_the_saved_adapter_gives_the_trained_logits(base, data_dir, tmp_path):
+    overrides = [*RUN, "lora.attention=[q_a_proj,o_proj]", "lora.experts=[]", "lora.head_tokens=2"]
+    eva = ["lora.rank=2", "lora.alpha=4", "lora.init=eva", "lora.eva_rho=4"]
+    train_config, adapter = lora_train_config(base, data_dir, tmp_path / "run", [*overrides, *eva])
+    hooks = LoraHooks(adapter, str(base), frequent_tokens(data_dir, 2), start_batches=first_batches(train_config, 4))
+    trained = perturbed(hooks.prepare(seekstack.load_pretrained(base)), seed=5)
+    ids = prompt_ids()
+    with torch.no_grad():
+        trained_logits = trained(ids).logits
+    hooks.write(trained, tmp_path)
+    saved = json.loads((tmp_path / ADAPTER_CONFIG_FILE).read_text())
+    with safe_open(tmp_path / ADAPTER_WEIGHTS_FILE, "pt") as weights:
+        ranks = sorted(weights.get_tensor(key).shape[0] for key in weights.keys() if ".lora_A." in key)
+    assert sum(ranks) == 10 * 2 and ranks[0] < 2 < ranks[-1]  # 4 attention + 6 FFN factors: the same total, moved
+    moved = [rank for rank in ranks if rank != 2]
+    assert sorted(saved["rank_pattern"].values()) == moved  # (parameter targets by their parameter's name)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path)
+    with torch.no_grad():
+        ours = load_adapter(seekstack.load_pretrained(base), tmp_path)(ids).logits
+        assert (ours - trained_logits).abs().max() < 1e-5  # each layer's rank and alpha/r scale as trained
+        assert (reference(ids).logits - ours).abs().max() < PEFT_ATOL
+        merged = seekstack.load_pretrained(merge_adapter(base, tmp_path, tmp_path / "merged"))(ids).logits
+    assert (merged - ours).abs().max() < MERGE_ATOL
+
+
+def test_eva_beside_experts_or_a_vocabulary_lora_and_a_rho_without_eva_are_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="'init'.*not 'eva'"):
+        AdapterConfig(init="eva").validate()
+    with pytest.raises(ConfigError, match="'init'.*not 'eva'"):
+        AdapterConfig(init="eva", experts=(), vocabulary=("lm_head",)).validate()
+    with pytest.raises(ConfigError, match="'eva_rho'.*unless init=eva"):
+        AdapterConfig(eva_rho=2).validate()
