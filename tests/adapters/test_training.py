@@ -20,7 +20,7 @@ from seekstack.adapters.files import (
     load_adapter,
     merge_adapter,
 )
-from seekstack.adapters.registry import read_factors
+from seekstack.adapters.registry import attach_adapters, read_factors
 from seekstack.adapters.training import START_BATCHES, LoraHooks, lora_train_config, train_adapter
 from seekstack.checkpoint import CheckpointError
 from seekstack.schema import ConfigError
@@ -344,7 +344,13 @@ def test_eva_rho_moves_ranks_at_the_same_total_and_the_saved_adapter_gives_the_t
         assert (ours - trained_logits).abs().max() < 1e-5  # each layer's rank and alpha/r scale as trained
         assert (reference(ids).logits - ours).abs().max() < PEFT_ATOL
         merged = seekstack.load_pretrained(merge_adapter(base, tmp_path, tmp_path / "merged"))(ids).logits
+        served = seekstack.load_pretrained(base).eval()  # served per row beside the base (seekstack.adapters.multi)
+        loaded = attach_adapters(served, {"eva": tmp_path})
+        loaded.select([0, loaded.slot("eva")], torch.device("cpu"))
+        mixed, plain = served(ids).logits, seekstack.load_pretrained(base)(ids).logits
     assert (merged - ours).abs().max() < MERGE_ATOL
+    assert (mixed[1] - ours[1]).abs().max() < 1e-5 and (mixed[0] - plain[0]).abs().max() < 1e-5
+    assert (ours[1] - plain[1]).abs().max() > 1e-2  # the adapter's row is not the base's
 
 
 def test_eva_beside_experts_or_a_vocabulary_lora_and_a_rho_without_eva_are_refused_naming_the_field():
