@@ -152,10 +152,10 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
     rows = (adapter.head_tokens, adapter.embedding_tokens)
     head_ids, embedding_ids = (frequent_tokens(train_config.data_dir, count) if count else [] for count in rows)
     adapter.peft_config(read_config(train_config.init_from), head_ids, embedding_ids)  # the targets fit the base
+    batches = first_batches(train_config, START_BATCHES) if adapter.init == "eva" else []  # refuses chat data
     out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
     adapter.save(out)
-    batches = first_batches(train_config, START_BATCHES) if adapter.init == "eva" else []
     hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids, batches)
     result = train(train_config, resume, hooks, chat_source(train_config))
     if result.checkpoint is not None:

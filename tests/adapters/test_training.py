@@ -98,6 +98,10 @@ def test_text_and_chat_data_train_an_adapter(tmp_path):
     assert metrics[-1]["assistant_tokens"] > 0  # SFT's batch source: the loss on the assistant's tokens
     for result, out in ((from_text, "prose"), (from_chat, "chat")):
         assert result.step == 2 and (tmp_path / out / ADAPTER_WEIGHTS_FILE).is_file()
+    eva = [*run, "lora.attention=[]", "lora.experts=[]", "lora.init=eva"]
+    with pytest.raises(ValueError, match="chats.jsonl: lora.init=eva reads the layers' inputs on token shards or text"):
+        train_adapter(*lora_train_config(base, chats, tmp_path / "chat_eva", eva))
+    assert not (tmp_path / "chat_eva").exists()  # refused before anything is written
 
 
 def write_tokens(folder, ids, vocab):
