@@ -6,11 +6,12 @@ Both runs: one checkpoint (ours loads in transformers as DeepseekV3ForCausalLM),
 of steps 2..N, the first includes warm-up), the share spent generating (median of those steps' shares: a step that
 compiles a new decode graph does not skew it) and the reward of the last steps, and the ratio; then the seconds our
 rollouts spent compiling their decode step, and the total of all N steps, warm-up included, with and without them.
-`--compile-decode` is rl's `compile_decode` (true, its default, or false), `--threads` rl's `threads` (1, its
-default; 0 = torch's setting, which TRL runs on).
+`--compile-decode` is rl's `compile_decode` (true, its default, or false), `--threads` rl's `threads` (auto, its
+default: rollouts on one thread, the training half on as many as the machine leaves idle; N; 0 = torch's setting,
+which TRL runs on).
 Usage:
     OMP_NUM_THREADS=2 python bench/grpo_step.py CHECKPOINT [--steps 10] [--prompts 2] [--generations 8] [--tokens 64]
-        [--compile-decode true|false] [--threads 1]
+        [--compile-decode true|false] [--threads auto|N]
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-decode", choices=["true", "false"], default="true", help="rl's compile_decode for our rollouts"
     )
-    parser.add_argument("--threads", type=int, default=1, help="rl's threads for our run (0 = torch's setting)")
+    parser.add_argument("--threads", default="auto", help="rl's threads for our run: auto, N, or 0 = torch's setting")
     args = parser.parse_args()
     print(
         f"torch threads: {torch.get_num_threads()}; {args.prompts} prompts x {args.generations} x {args.tokens} "

@@ -10,12 +10,19 @@ The same holds in bfloat16, although a bf16 GEMV alone runs ~1.8x faster on 2 th
 Zen 5: `small`'s compiled bf16 decode on 2 threads made 11 tok/s against 70 on 1 at batch 1 (65 against 220 at batch
 8) with other jobs on the machine (load ~6), and 1.4 against 32 beside a busy process; so the threshold is one for
 every dtype.
+
+Where a caller can use more threads when nothing else runs (RL's training half: its matmuls are wide enough to gain
+from a second thread, and a barrier that waits on a busy machine costs it 20x), `IdleCores` says how many cores the
+whole machine left idle while the caller ran on one, and `threads_beside` turns that into a thread count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -56,3 +63,51 @@ def running_on(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+IDLE_SHARE_FOR_A_THREAD = 0.8  # a core idle at least this share of an interval takes one more thread
+
+
+class IdleCores:
+    """How many cores the machine left idle over an interval, from the kernel's CPU time counters (Linux /proc/stat:
+    idle and iowait against all time; `steal`, time a VM's host took, counts as busy). None where they cannot be read.
+    """
+
+    def __init__(self, stat_path: str | Path = "/proc/stat"):
+        self.stat_path = Path(stat_path)
+        self.restart()
+
+    def restart(self) -> None:
+        """Start a new interval now."""
+        self._since = self._read()
+
+    def idle(self) -> float | None:
+        """The average count of idle cores since `restart` (1.9: of 2 cores, nearly both idle)."""
+        now = self._read()
+        if now is None or self._since is None:
+            return None
+        idle, total = now[0] - self._since[0], now[1] - self._since[1]
+        if total <= 0:
+            return None
+        return now[2] * idle / total
+
+    def _read(self) -> tuple[int, int, int] | None:
+        """(idle, total) clock ticks summed over all cores since boot, and the count of cores."""
+        try:
+            lines = self.stat_path.read_text().splitlines()
+        except OSError:
+            return None
+        fields = lines[0].split() if lines else []
+        if len(fields) < 9 or fields[0] != "cpu":
+            return None
+        ticks = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest in user)
+        cores = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit()) or os.cpu_count() or 1
+        return ticks[3] + ticks[4], sum(ticks), cores
+
+
+def threads_beside(idle_cores: float | None, most: int) -> int:
+    """One thread, plus one per core that sat idle at least IDLE_SHARE_FOR_A_THREAD of the interval, at most `most`;
+    one where idleness is unknown."""
+    if idle_cores is None:
+        return 1
+    return max(1, min(most, 1 + math.floor(round(idle_cores + 1 - IDLE_SHARE_FOR_A_THREAD, 9))))

@@ -88,12 +88,13 @@ class GRPOConfig(TrainConfig):
     # compile-when-worth-it mode (compile=None): its switch to compiled logits falls at a wall-clock time, so a
     # seeded run could sample other tokens when repeated or resumed.
     compile_decode: bool = True
-    # CPU threads of the whole run (rollouts, forward, backward, optimizer); 0 = torch's setting (OMP_NUM_THREADS).
-    # A small model's ops are thin: split over threads, each ends in a barrier, and with any other job on the machine
-    # the barrier waits a time slice for a descheduled thread. On a 2-core Zen 3 at load ~3 the demo checkpoint's
-    # forward + backward + AdamW step took 454 ms on 1 thread vs 9.6 s on 2 at 1k tokens, 6.4 s vs 30 s at 16k (one
-    # thread won at every size between); set 0 on a quiet machine with cores to spare.
-    threads: NonNegative = 1
+    # CPU threads. A small model's ops are thin: split over threads, each ends in a barrier, and with any other job
+    # on the machine the barrier waits a time slice for a descheduled thread. On a 2-core Zen 3 at load ~3 the demo
+    # checkpoint's forward + backward + AdamW step took 454 ms on 1 thread vs 9.6 s on 2 at 1k tokens, 6.4 s vs 30 s
+    # at 16k; quiet, 2 threads took it from ~220 to ~185 ms. "auto": rollouts on one thread, and the training half
+    # (old/reference log-probs, forward, backward, optimizer) on one more thread per core the machine left idle
+    # while they ran (infer/threads.py IdleCores), at most torch's setting; N: the whole run on N; 0: on torch's.
+    threads: NonNegative | Literal["auto"] = "auto"
 
     def validate(self, source: str | None = None) -> GRPOConfig:
         config = super().validate(source)

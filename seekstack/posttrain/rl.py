@@ -9,6 +9,7 @@ model's log-probabilities; each step's loss is the GRPO objective on that batch 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from torch import nn
 from seekstack.checkpoint import load_pretrained
 from seekstack.config import ConfigError
 from seekstack.infer import Engine
-from seekstack.infer.threads import running_on
+from seekstack.infer.threads import IdleCores, running_on, threads_beside
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import GRPOConfig, tokenizer_path
 from seekstack.posttrain.grpo import group_advantages, policy_loss
@@ -45,11 +46,13 @@ class GRPOSource:
         self.generation = 0  # generation batches sampled so far
         self.iteration = 0  # optimizer steps taken on the current batch
         self.current: dict[str, Any] | None = None
+        self.train_threads = 1  # with threads="auto": the training half's, chosen at each generation batch
 
     def attach(self, model: nn.Module) -> None:
         """Build the engine on the trained model itself, and the frozen reference when beta > 0."""
         self.model = model
         self.device = next(model.parameters()).device
+        self.most_threads = torch.get_num_threads()  # with threads="auto", the training half's limit
         rows = self.config.batch_size * self.config.num_generations
         context = model.config.max_position_embeddings
         if PROMPT_TOKENS + self.config.max_completion_length > context:
@@ -79,6 +82,8 @@ class GRPOSource:
             self.current = self._generate(batch_size)
             self.iteration = 0
         self.iteration += 1
+        if self.config.threads == "auto":
+            torch.set_num_threads(self.train_threads)  # the trainer's forward, backward and step; run_rl restores
         return self.current
 
     @torch.no_grad()
@@ -88,16 +93,22 @@ class GRPOSource:
         self.engine.reset_prefix_cache()  # prompt prefixes cached before the last optimizer step hold stale values
         self.model.eval()  # as the engine's compiled decode step was traced
         compile_s = self.engine.compile_s
-        rollout = sample_groups(
-            self.engine,
-            self.task,
-            problems,
-            config.num_generations,
-            config.max_completion_length,
-            config.temperature,
-            seed=config.seed * 1_000_003 + self.generation,
-            weights=self.weights,
-        )
+        auto = config.threads == "auto"
+        idle = IdleCores()
+        with running_on(1) if auto else contextlib.nullcontext():
+            rollout = sample_groups(
+                self.engine,
+                self.task,
+                problems,
+                config.num_generations,
+                config.max_completion_length,
+                config.temperature,
+                seed=config.seed * 1_000_003 + self.generation,
+                weights=self.weights,
+            )
+        if auto:
+            self.train_threads = threads_beside(idle.idle(), self.most_threads)
+            torch.set_num_threads(self.train_threads)
         self.generation += 1
         self.model.train()
         batch: dict[str, Any] = {
@@ -140,6 +151,7 @@ class GRPOSource:
             "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
             "generate_s": rollout.generate_s if batch["fresh"] else 0.0,
             "compile_s": batch.get("compile_s", 0.0) if batch["fresh"] else 0.0,  # absent in older checkpoints
+            "threads": torch.get_num_threads(),  # of this training half
         }
         batch["fresh"] = False
         return dataclasses.replace(out, logits=None, loss=result.loss, lm_loss=result.loss.detach()), metrics
@@ -179,5 +191,10 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
 def run_rl(config: GRPOConfig, resume: bool | str | Path = False) -> TrainResult:
     """GRPO from `init_from` (or a fresh preset) on the task `config` names."""
     config = config.validate()
-    with running_on(config.threads or torch.get_num_threads()):
+    before = torch.get_num_threads()
+    try:
+        if config.threads != "auto" and config.threads > 0:
+            torch.set_num_threads(config.threads)
         return train(config, resume=resume, source=GRPOSource(config))
+    finally:
+        torch.set_num_threads(before)

@@ -7,7 +7,7 @@ import torch
 
 from seekstack.accounting import forward_flops_per_token
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.threads import MIN_PARALLEL_FLOPS, StepThreads
+from seekstack.infer.threads import MIN_PARALLEL_FLOPS, IdleCores, StepThreads, threads_beside
 from tests.infer.support import micro_model, tiny_tokenizer
 
 
@@ -48,3 +48,29 @@ def test_engine_decodes_on_one_thread_and_prefills_a_long_prompt_on_all(two_thre
     engine.generate([list(range(5, 205))], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
     assert seen == [(200, 2), (1, 1), (1, 1)]
     assert torch.get_num_threads() == 2
+
+
+def _stat(path, user: int, idle: int, iowait: int, steal: int) -> None:
+    """A /proc/stat of two cores whose summed ticks are these (the per-core lines only count the cores)."""
+    cores = "cpu0 0 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n"
+    path.write_text(f"cpu  {user} 0 0 {idle} {iowait} 0 0 {steal} 0 0\n{cores}")
+
+
+def test_idle_cores_are_the_idle_and_iowait_share_of_the_ticks_times_the_cores(tmp_path):
+    stat = tmp_path / "stat"
+    _stat(stat, user=1000, idle=5000, iowait=100, steal=0)
+    meter = IdleCores(stat)
+    # over the interval: 100 user ticks (our thread), 80 idle + 10 iowait, 10 stolen by a VM's host: of 200 ticks on
+    # 2 cores, 90 idle = 0.9 cores
+    _stat(stat, user=1100, idle=5080, iowait=110, steal=10)
+    assert meter.idle() == pytest.approx(0.9)
+    meter.restart()
+    _stat(stat, user=1300, idle=5080, iowait=110, steal=10)  # a competing process took the other core
+    assert meter.idle() == 0.0
+    assert IdleCores(tmp_path / "missing").idle() is None
+
+
+def test_one_thread_more_per_core_idle_at_least_four_fifths_of_the_time_and_one_when_unknown():
+    assert [threads_beside(idle, 2) for idle in (0.0, 0.79, 0.8, 1.95)] == [1, 1, 2, 2]
+    assert threads_beside(6.75, 8) == 7 and threads_beside(6.8, 8) == 8 and threads_beside(7.9, 4) == 4
+    assert threads_beside(None, 8) == 1

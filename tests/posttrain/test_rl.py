@@ -6,6 +6,7 @@ import torch
 from seekstack.checkpoint import load_pretrained
 from seekstack.config import ConfigError
 from seekstack.infer import SamplingParams
+from seekstack.posttrain import rl
 from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.grpo import policy_loss
 from seekstack.posttrain.padding import pad_rows
@@ -188,3 +189,29 @@ def test_rl_runs_on_its_threads_and_restores_torchs_setting(tmp_path, monkeypatc
     config = [f"init_from={micro_checkpoint(tmp_path / 'model')}", *RUN, "max_steps=1", f"threads={threads}"]
     run_rl(resolve_train_config(None, [*config, f"out_dir={tmp_path / 'run'}"], cls=GRPOConfig))
     assert seen == [threads or 2] and torch.get_num_threads() == 2
+
+
+def test_auto_threads_sample_on_one_and_train_on_one_more_per_core_the_machine_left_idle(tmp_path, monkeypatch):
+    """threads=auto: rollouts on one thread; each training half on 1 + the cores idle while they ran (here 1.9, then
+    0.3 of 2 cores: 2, then 1 thread), logged per step; torch's setting comes back after the run."""
+    idle = iter([1.9, 0.3])
+    monkeypatch.setattr(rl.IdleCores, "idle", lambda self: next(idle))
+    sampled, trained = [], []
+    sample, loss = rl.sample_groups, GRPOSource.loss
+
+    def sample_spy(*args, **kwargs):
+        sampled.append(torch.get_num_threads())
+        return sample(*args, **kwargs)
+
+    def loss_spy(self, *args):
+        trained.append(torch.get_num_threads())
+        return loss(self, *args)
+
+    monkeypatch.setattr(rl, "sample_groups", sample_spy)
+    monkeypatch.setattr(GRPOSource, "loss", loss_spy)
+    torch.set_num_threads(2)
+    config = [f"init_from={micro_checkpoint(tmp_path / 'model')}", *RUN, "max_steps=2", "threads=auto"]
+    run_rl(resolve_train_config(None, [*config, f"out_dir={tmp_path / 'run'}"], cls=GRPOConfig))
+    assert sampled == [1, 1] and trained == [2, 1] and torch.get_num_threads() == 2
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["threads"] for m in metrics] == [2, 1]
