@@ -65,10 +65,16 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
         first = error.errors()[0]
         if not first["loc"] and "error" in first.get("ctx", {}):  # raised by the class's own __post_init__ check
             raise _located(ConfigError(str(first["ctx"]["error"])), source) from None
-        name = ".".join(str(part) for part in first["loc"])
-        value = _lookup(values, first["loc"])
-        message = first["msg"][0].lower() + first["msg"][1:]
-        raise _located(ConfigError(f"field {name!r} has value {value!r}: {message}"), source) from None
+        location = _field_location(values, first["loc"])
+        name = ".".join(str(part) for part in location)
+        # a union's value fails each of its members: one error per member, at the same field
+        reasons = [
+            e["msg"][0].lower() + e["msg"][1:] for e in error.errors() if _field_location(values, e["loc"]) == location
+        ]
+        message = " or ".join(dict.fromkeys(reasons))
+        raise _located(
+            ConfigError(f"field {name!r} has value {_lookup(values, location)!r}: {message}"), source
+        ) from None
     except ConfigError as error:  # from a __post_init__
         raise _located(error, source) from None
 
@@ -253,6 +259,18 @@ def _number(text: str) -> Any:
     except ValueError:
         return text
     return int(number) if number.is_integer() and "." not in text and "inf" not in text.lower() else number
+
+
+def _field_location(values: Mapping[str, Any], location: tuple) -> tuple:
+    """pydantic's error location up to its last part that is a key or index of `values` (it appends the tags of a
+    union's members, e.g. 'constrained-int', which name no field)."""
+    value: Any = values
+    for length, part in enumerate(location):
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return tuple(location[:length]) or tuple(location)
+    return tuple(location)
 
 
 def _lookup(values: Mapping[str, Any], location: tuple) -> Any:

@@ -48,6 +48,18 @@ def test_a_completion_length_past_the_models_context_is_refused_by_name(tmp_path
         GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
 
 
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("many", "a valid integer or input should be 'auto'"),
+        ("-1", "greater than or equal to 0 or input should be 'auto'"),
+    ],
+)
+def test_a_bad_thread_count_is_refused_naming_the_field_its_value_and_both_choices(value, reason):
+    with pytest.raises(ConfigError, match=f"field 'threads' has value '?{value}'?: input should be {reason}$"):
+        resolve_train_config(None, ["tokenizer=x.json", f"threads={value}"], cls=GRPOConfig)
+
+
 def test_a_group_prefills_its_prompt_once(tmp_path):
     """Each prompt is fed to the model whole once; its G requests find its full cache blocks in the prefix cache and
     feed only the tokens after them."""
