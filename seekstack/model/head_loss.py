@@ -1,4 +1,5 @@
-"""The output head fused with the cross-entropy: logits are made and consumed a chunk of rows at a time.
+"""The output head fused with what is made of its logits, a chunk of rows at a time: the cross-entropy
+(pre-training, SFT) and each row's token log-probability and entropy (GRPO).
 
 loss = 1/n sum over rows with a target of -log softmax(h W^T)[target], n = rows with a target.
 Made whole, the (N, V) logits, their log-softmax and its backward are several passes over an array far larger
@@ -6,6 +7,11 @@ than the cache. Here each chunk's logits are turned at once into the loss and in
 logits, (softmax - onehot) / n, which goes straight into dL/dh = G W and dL/dW = G^T h while still in cache.
 The gradients are therefore computed in the forward (when autograd will want them) and only scaled by the
 incoming gradient in the backward. Arithmetic is float32 whatever the autocast or model dtype.
+
+`linear_token_logprobs` gives log p_y = log softmax(h W^T)_y per row, whose gradient is g (onehot(y) - p), and
+the entropy H = -sum_v p_v log p_v (logged only, no gradient). The upstream gradient g is a row's own (the policy
+loss), so the forward keeps the softmax p (written once, chunk by chunk) and the backward turns each chunk into
+dL/dh and dL/dW, again in cache.
 
 Shapes: N rows (batch x positions), D hidden, V vocabulary.
 """
@@ -31,7 +37,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, needs_grads: bool, keep_logits: bool):  # type: ignore[override]
         rows, vocab = hidden.shape[0], weight.shape[0]
-        chunk = max(16, CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cuda"]) // vocab)
+        chunk = _chunk_rows(hidden, vocab)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.float(), weight.float()
             counted = targets != IGNORE_INDEX
@@ -66,3 +72,59 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_logits):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(hidden @ weight.T)[token] (N,) for hidden (N, D), weight (V, D), tokens (N,), and each row's
+    entropy (N,) (without gradient), in float32."""
+    return _LinearTokenLogprobs.apply(hidden, weight, tokens)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens):  # type: ignore[override]
+        rows, vocab = hidden.shape[0], weight.shape[0]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.float(), weight.float()
+            picked, entropy, probs = h.new_empty(rows), h.new_empty(rows), h.new_empty(rows, vocab)
+            for part in _chunks(rows, _chunk_rows(hidden, vocab)):
+                log_probs = (h[part] @ w.t()).log_softmax(dim=-1)
+                picked[part] = log_probs.gather(1, tokens[part, None]).squeeze(1)
+                torch.exp(log_probs, out=probs[part])
+                entropy[part] = -torch.linalg.vecdot(probs[part], log_probs)
+        ctx.save_for_backward(h, w, tokens, probs)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(entropy)
+        return picked, entropy
+
+    @staticmethod
+    def backward(ctx, grad_picked, _grad_entropy):  # type: ignore[override]
+        h, w, tokens, probs = ctx.saved_tensors
+        needs_h, needs_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if needs_h else None
+        grad_w = torch.zeros_like(w) if needs_w else None
+        for part in _chunks(len(h), _chunk_rows(h, w.shape[0])):
+            g = grad_picked[part, None].float()
+            grad_logits = probs[part] * -g  # g (onehot(y) - p)
+            grad_logits.scatter_add_(1, tokens[part, None], g)
+            if grad_h is not None:
+                grad_h[part] = grad_logits @ w
+            if grad_w is not None:
+                torch.addmm(grad_w, grad_logits.t(), h[part], out=grad_w)
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (
+            None if grad_h is None else grad_h.to(hidden_dtype),
+            None if grad_w is None else grad_w.to(weight_dtype),
+            None,
+        )
+
+
+def _chunk_rows(hidden: torch.Tensor, vocab: int) -> int:
+    """Rows per chunk: CHUNK_ELEMENTS logits for the device, at least 16 rows."""
+    return max(16, CHUNK_ELEMENTS.get(hidden.device.type, CHUNK_ELEMENTS["cuda"]) // vocab)
+
+
+def _chunks(rows: int, chunk: int) -> list[slice]:
+    return [slice(start, start + chunk) for start in range(0, rows, chunk)]

@@ -101,33 +101,3 @@ def policy_loss(
         clip_low_fraction=float(low_fraction),
         clip_high_fraction=float(high_fraction),
     )
-
-
-def token_logps_and_entropy(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token) and the entropy of the distribution (without gradient: it is only logged), per position:
-    logits (..., V), tokens (...)."""
-    return _TokenLogProb.apply(logits.float(), tokens)
-
-
-class _TokenLogProb(torch.autograd.Function):
-    """log p_y = log_softmax(z)_y, whose gradient is g (onehot(y) - softmax(z)), and H = -sum_v p_v log p_v.
-
-    One softmax serves the log-probability, the entropy and the backward, which needs no log-softmax of its own; two
-    (tokens, V) tensors are made (log p, p): on a CPU each fresh one costs page faults beside its arithmetic."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        log_probs = logits.log_softmax(dim=-1)
-        probs = log_probs.exp()
-        picked = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
-        entropy = -torch.linalg.vecdot(probs, log_probs)
-        ctx.save_for_backward(probs, tokens)
-        ctx.mark_non_differentiable(entropy)
-        return picked, entropy
-
-    @staticmethod
-    def backward(ctx, grad_picked: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        probs, tokens = ctx.saved_tensors
-        grad = probs * -grad_picked[..., None]
-        grad.scatter_add_(-1, tokens[..., None], grad_picked[..., None])
-        return grad, None

@@ -20,9 +20,9 @@ from torch import nn
 
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.attention import SharedPrefixCache
+from seekstack.model.head_loss import linear_token_logprobs
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.conversations import prompt_messages
-from seekstack.posttrain.grpo import token_logps_and_entropy
 from seekstack.posttrain.padding import pad_rows
 from seekstack.posttrain.rewards import RewardWeights, reward_terms, total_reward
 from seekstack.posttrain.tasks import Problem, Task
@@ -110,8 +110,10 @@ def completion_logps(
         hidden, out = _shared_prompt_hidden(model, rollout, prompts, prompt_of.to(device), device)
     completions = rollout.completion_ids.to(device)
     real = rollout.completion_mask.to(device).bool()  # (N, C): the head runs on the completion tokens alone
-    logits = model.lm_head(hidden[real] / temperature)  # (tokens, V) = head(h) / T: the head has no bias
-    real_logps, real_entropy = token_logps_and_entropy(logits, completions[real])
+    # head(h) / T = head(h / T): the head has no bias; its logits are made and used a chunk of rows at a time
+    real_logps, real_entropy = linear_token_logprobs(
+        hidden[real] / temperature, model.lm_head.weight, completions[real]
+    )
     logps = torch.zeros(real.shape, device=device).masked_scatter(real, real_logps)
     entropy = torch.zeros(real.shape, device=device).masked_scatter(real, real_entropy)
     return logps, entropy, out

@@ -1,4 +1,5 @@
-"""The output head fused with the cross-entropy computes what `F.cross_entropy(h @ W.T)` does, loss and gradients."""
+"""The output head fused with the cross-entropy computes what `F.cross_entropy(h @ W.T)` does, and fused with the
+token log-probabilities what `log_softmax(h @ W.T)` gives, values and gradients."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from seekstack.model import head_loss
-from seekstack.model.head_loss import IGNORE_INDEX, linear_cross_entropy
+from seekstack.model.head_loss import IGNORE_INDEX, linear_cross_entropy, linear_token_logprobs
 
 
 @pytest.mark.parametrize("chunk_elements", [2**19, 300])  # one chunk; many chunks with a ragged last one
@@ -47,3 +48,23 @@ def test_fused_head_loss_runs_in_float32_under_bfloat16_autocast():
         loss, _ = linear_cross_entropy(hidden, weight, targets)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(F.cross_entropy(hidden @ weight.t(), targets).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**19, 300])  # one chunk; many chunks with a ragged last one
+def test_fused_token_logprobs_match_the_log_softmax_of_the_logits_and_its_gradients(monkeypatch, chunk_elements):
+    monkeypatch.setitem(head_loss.CHUNK_ELEMENTS, "cpu", chunk_elements)
+    hidden = (torch.randn(37, 16) * 2).requires_grad_(True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    tokens, upstream = torch.randint(50, (37,)), torch.randn(37)  # each row's own gradient, as a policy loss gives
+    log_probs = (hidden @ weight.t()).log_softmax(dim=-1)
+    expected = log_probs.gather(1, tokens[:, None]).squeeze(1)
+    (expected * upstream).sum().backward()
+    expected_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logps, entropy = linear_token_logprobs(hidden, weight, tokens)
+    (logps * upstream).sum().backward()
+    torch.testing.assert_close(logps, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, -(log_probs.exp() * log_probs).sum(dim=-1).detach(), rtol=0, atol=1e-5)
+    assert not entropy.requires_grad
+    torch.testing.assert_close(hidden.grad, expected_grads[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(weight.grad, expected_grads[1], rtol=0, atol=1e-5)

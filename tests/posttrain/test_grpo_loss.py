@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seekstack.posttrain.evaluate import pass_at_k
-from seekstack.posttrain.grpo import STD_EPS, group_advantages, k3_kl, policy_loss, token_logps_and_entropy
+from seekstack.posttrain.grpo import STD_EPS, group_advantages, k3_kl, policy_loss
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])  # 2 groups of 4
 
@@ -89,21 +89,6 @@ def test_on_policy_gradient_is_the_advantage_weighted_score():
 def test_beta_without_a_reference_is_an_error():
     with pytest.raises(ValueError, match="ref_logps"):
         policy_loss(LOGPS, OLD, ADV, MASK, "grpo", 0.2, 0.2, beta=0.1)
-
-
-def test_token_logps_and_entropy_match_the_log_softmax_and_its_gradient():
-    logits = (torch.randn(3, 5, 11) * 3).requires_grad_(True)
-    tokens, weights = torch.randint(0, 11, (3, 5)), torch.randn(3, 5)
-    logps, entropy = token_logps_and_entropy(logits, tokens)
-    (logps * weights).sum().backward()
-    grad, logits.grad = logits.grad, None
-    log_probs = logits.log_softmax(dim=-1)
-    reference = log_probs.gather(-1, tokens[..., None]).squeeze(-1)
-    (reference * weights).sum().backward()
-    assert torch.allclose(logps, reference, atol=1e-5)
-    assert torch.allclose(entropy, -(log_probs.exp() * log_probs).sum(dim=-1), atol=1e-5)
-    assert not entropy.requires_grad
-    assert torch.allclose(grad, logits.grad, atol=1e-6)
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
