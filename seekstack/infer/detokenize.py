@@ -14,8 +14,10 @@ REPLACEMENT = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
 class TextStream:
     """Feed generated token ids one at a time; get back the text that is safe to show."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = False):
-        self.tokenizer, self.stop = tokenizer, stop
+    def __init__(
+        self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = False, enabled: bool = True
+    ):
+        self.tokenizer, self.stop, self.enabled = tokenizer, stop, enabled  # not enabled: every call gives no text
         self.longest_stop = max((len(text) for text in stop), default=0)
         special = tokenizer.special_tokens if skip_special_tokens else ()
         self.skipped_ids = {tokenizer.backend.token_to_id(token) for token in special}
@@ -28,7 +30,7 @@ class TextStream:
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text newly safe to show, whether a stop string has now appeared)."""
-        if token_id in self.skipped_ids:
+        if token_id in self.skipped_ids or not self.enabled:
             return "", False
         self.ids.append(token_id)
         full = self.tokenizer.decode(self.ids[self.prefix_offset :])
@@ -40,6 +42,8 @@ class TextStream:
 
     def flush(self) -> str:
         """At the end without a stop string: everything not yet shown, incomplete bytes as U+FFFD."""
+        if not self.enabled:
+            return ""
         self.text += self.tokenizer.decode(self.ids[self.read_offset :])
         self.read_offset = len(self.ids)
         out, self.released = self.text[self.released :], len(self.text)

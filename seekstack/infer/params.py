@@ -51,6 +51,7 @@ class SamplingParams:
     top_logprobs: Annotated[int, Interval(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = False  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
+    detokenize: bool = True  # False: outputs carry token ids only, text "" (as vLLM's), for callers that decode
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
@@ -59,7 +60,9 @@ class SamplingParams:
 
     def validate(self) -> SamplingParams:
         """This request's parameters, checked: types and ranges of every field."""
-        return recheck(self)
+        params = recheck(self)
+        require(params.detokenize or not params.stop, "stop", "empty with detokenize=False (stop strings match text)")
+        return params
 
     @property
     def greedy(self) -> bool:

@@ -69,10 +69,12 @@ def sample_groups(
     # A group's G requests share one prefill: one-token requests put each prompt in the engine's prefix cache, where
     # the G find all its full blocks and feed only the tokens after them (at least the last, for its logits).
     if group_size > 1:
-        engine.generate(distinct, SamplingParams(max_new_tokens=1, temperature=0.0))
+        engine.generate(distinct, SamplingParams(max_new_tokens=1, temperature=0.0, detokenize=False))
     prompts = [prompt for prompt in distinct for _ in range(group_size)]
     params = [
-        SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 1_000_003 + row)
+        SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 1_000_003 + row, detokenize=False
+        )
         for row in range(len(prompts))
     ]
     completions = engine.generate(prompts, params)

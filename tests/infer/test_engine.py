@@ -3,6 +3,7 @@ steps, errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
@@ -325,6 +326,14 @@ def test_a_stop_token_id_ends_generation_right_after_that_token(model, tokenizer
     assert stopped.finish_reason == "stop"
 
 
+def test_without_detokenizing_the_tokens_are_the_same_and_the_text_is_empty(model, tokenizer):
+    prompt = prompts([8])[0]
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+    [text] = Engine(model, tokenizer).generate([prompt], params)
+    [ids] = Engine(model, tokenizer).generate([prompt], dataclasses.replace(params, detokenize=False))
+    assert ids.token_ids == text.token_ids and text.text and ids.text == ""
+
+
 def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
     prompt = prompts([8])[0]
     plain = Engine(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=60, temperature=0))[0]
@@ -347,6 +356,7 @@ def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
         ([1], SamplingParams(max_new_tokens="5"), "field 'max_new_tokens' has value '5'"),
         ([1], SamplingParams(stop=("",)), "field 'stop.0' has value ''"),
         ([1], SamplingParams(seed=2**64), "field 'seed' has value 18446744073709551616"),
+        ([1], SamplingParams(stop=("x",), detokenize=False), "field 'stop' must be empty with detokenize=False"),
     ],
 )
 def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, params, message):
