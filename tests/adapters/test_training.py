@@ -132,20 +132,30 @@ def test_a_head_tokens_run_trains_the_head_rows_of_the_frequent_tokens_only(base
     assert changed == sorted(frequent_tokens(data_dir, 6))
 
 
-def test_an_embedding_tokens_run_trains_the_frequent_rows_loads_in_peft_and_merges(base, data_dir, tmp_path):
-    overrides = [*RUN, "max_steps=2", "lora.attention=[]", "lora.experts=[]", "lora.layers=[0]"]
-    rows = ["lora.head_tokens=4", "lora.embedding_tokens=3"]
-    train_adapter(*lora_train_config(base, data_dir, tmp_path / "rows", [*overrides, *rows]))
+@pytest.mark.parametrize("head", ["rows", "lora"])
+def test_embedding_rows_beside_head_rows_or_a_head_lora_train_load_in_peft_merge_and_serve(
+    base, data_dir, tmp_path, head
+):
+    """The embedding rows beside the head's rows, or beside a LoRA on the head (bench/lora_domain.py's
+    `embedding215_head_r3_ffn_r3`, smaller): the fused loss trains the head's update either way."""
+    overrides = [*RUN, "max_steps=2", "lora.attention=[]", "lora.experts=[]", "lora.embedding_tokens=3"]
+    head_side = {"rows": ["lora.head_tokens=4", "lora.layers=[0]"], "lora": ["lora.vocabulary=[lm_head]"]}[head]
+    train_adapter(*lora_train_config(base, data_dir, tmp_path / "rows", [*overrides, *head_side]))
     tuned = load_adapter(seekstack.load_pretrained(base), tmp_path / "rows")
     before = seekstack.load_pretrained(base)
-    for module, count in (("embed_tokens", 3), ("lm_head", 4)):
+    head_rows = sorted(frequent_tokens(data_dir, 4)) if head == "rows" else list(range(before.config.vocab_size))
+    for module, expected in (("embed_tokens", sorted(frequent_tokens(data_dir, 3))), ("lm_head", head_rows)):
         weight = getattr(tuned.get_base_model(), module).weight
         changed = (weight != getattr(before, module).weight).any(dim=1).nonzero().flatten().tolist()
-        assert changed == sorted(frequent_tokens(data_dir, count))
+        assert changed == expected
     ids = prompt_ids()
     with torch.no_grad():
         ours = tuned(ids).logits
         merged = seekstack.load_pretrained(merge_adapter(base, tmp_path / "rows", tmp_path / "merged"))(ids).logits
+        served = seekstack.load_pretrained(base).eval()  # per row beside the base (seekstack.adapters.multi)
+        loaded = attach_adapters(served, {"rows": tmp_path / "rows"})
+        loaded.select([loaded.slot("rows"), 0], torch.device("cpu"))
+        mixed = served(ids).logits
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -153,6 +163,7 @@ def test_an_embedding_tokens_run_trains_the_frequent_rows_loads_in_peft_and_merg
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(plain, tmp_path / "rows")(ids).logits
     assert (ours - theirs).abs().max() < PEFT_ATOL and (merged - ours).abs().max() < MERGE_ATOL
+    assert (mixed[0] - ours[0]).abs().max() < 1e-5 and (mixed[1] - before(ids).logits[1]).abs().max() < 1e-5
     assert (ours - before(ids).logits).abs().max() > 1e-3
 
 
