@@ -221,12 +221,11 @@ def load_engine(
     import torch
 
     from seekstack.infer.engine import Engine
+    from seekstack.infer.threads import checked_thread_count
     from seekstack.tokenizer import TOKENIZER_FILE
 
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads {threads}: must be at least 1")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(checked_thread_count(threads, "--threads"))
     if tokenizer is None and model.is_dir() and not (model / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
     tell_dtype(options, model)

@@ -65,6 +65,15 @@ def running_on(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def checked_thread_count(threads: int, name: str) -> int:
+    """`threads` if it is from 1 to the machine's CPU count, else a ValueError naming `name`: more threads than CPUs
+    only oversubscribe them, and a typo's 100000 makes torch hang creating them."""
+    most = os.cpu_count() or 1
+    if not 1 <= threads <= most:
+        raise ValueError(f"{name} {threads}: must be from 1 to this machine's {most} CPUs")
+    return threads
+
+
 IDLE_SHARE_FOR_A_THREAD = 0.8  # a core idle at least this share of an interval takes one more thread
 
 

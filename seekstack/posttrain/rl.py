@@ -20,7 +20,7 @@ from torch import nn
 from seekstack.checkpoint import load_pretrained
 from seekstack.config import ConfigError
 from seekstack.infer import Engine
-from seekstack.infer.threads import IdleCores, running_on, threads_beside
+from seekstack.infer.threads import IdleCores, checked_thread_count, running_on, threads_beside
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import GRPOConfig, tokenizer_path
 from seekstack.posttrain.grpo import group_advantages, policy_loss
@@ -194,7 +194,7 @@ def run_rl(config: GRPOConfig, resume: bool | str | Path = False) -> TrainResult
     before = torch.get_num_threads()
     try:
         if config.threads != "auto" and config.threads > 0:
-            torch.set_num_threads(config.threads)
+            torch.set_num_threads(checked_thread_count(config.threads, "field 'threads'"))
         return train(config, resume=resume, source=GRPOSource(config))
     finally:
         torch.set_num_threads(before)

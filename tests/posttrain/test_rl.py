@@ -60,6 +60,18 @@ def test_a_bad_thread_count_is_refused_naming_the_field_its_value_and_both_choic
         resolve_train_config(None, ["tokenizer=x.json", f"threads={value}"], cls=GRPOConfig)
 
 
+def test_more_threads_than_the_machine_has_cpus_is_refused_before_anything_runs(tmp_path):
+    config = [
+        f"init_from={micro_checkpoint(tmp_path / 'model')}",
+        *RUN,
+        "threads=100000",
+        f"out_dir={tmp_path / 'run'}",
+    ]
+    with pytest.raises(ValueError, match="field 'threads' 100000: must be from 1 to this machine's"):
+        run_rl(resolve_train_config(None, config, cls=GRPOConfig))
+    assert not (tmp_path / "run").exists() and torch.get_num_threads() == 1
+
+
 def test_a_group_prefills_its_prompt_once(tmp_path):
     """Each prompt is fed to the model whole once; its G requests find its full cache blocks in the prefix cache and
     feed only the tokens after them."""
