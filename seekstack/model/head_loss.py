@@ -37,7 +37,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, needs_grads: bool, keep_logits: bool):  # type: ignore[override]
         rows, vocab = hidden.shape[0], weight.shape[0]
-        chunk = _chunk_rows(hidden, vocab)
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.float(), weight.float()
             counted = targets != IGNORE_INDEX
@@ -47,8 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits_out = h.new_empty(rows, vocab) if keep_logits else None
             grad_h = torch.empty_like(h) if needs_grads else None
             grad_w = torch.zeros_like(w) if needs_grads else None
-            for start in range(0, rows, chunk):
-                part = slice(start, start + chunk)
+            for part in _chunks(rows, _chunk_rows(hidden, vocab)):
                 logits = h[part] @ w.t()  # (n, V)
                 if logits_out is not None:
                     logits_out[part] = logits
