@@ -234,6 +234,14 @@ class PagedLatentCache:
                 self.cached[keys[-1]] = block
                 self.block_key[block] = keys[-1]
 
+    def copy_tokens(self, copies: list[tuple[str, str, int, int]]) -> None:
+        """For each (source, target, start, count): the target sequence's slots at positions start...start+count-1
+        take the source's values there, in every layer (a twin prefill computed them once)."""
+        source = torch.cat([self.slots[seq_id][start : start + count] for seq_id, _, start, count in copies])
+        target = torch.cat([self.slots[seq_id][start : start + count] for _, seq_id, start, count in copies])
+        for pool in self.pools:
+            pool.index_copy_(0, target.to(pool.device), pool.index_select(0, source.to(pool.device)))
+
     @property
     def usage(self) -> float:
         """Fraction of the usable blocks in use."""

@@ -501,18 +501,40 @@ class Engine:
             self.cache.allocate(request_id, tokens)
 
     def _prefill(self) -> list[RequestOutput]:
-        """Feed up to `prefill_chunk` prompt tokens, over as many prefilling requests as they reach."""
-        batch, counts, budget = [], [], self.prefill_chunk
+        """Feed up to `prefill_chunk` prompt tokens, over as many prefilling requests as they reach.
+
+        Twins (the same tokens so far, adapter and cached length: n samples of one prompt, GRPO's G completions) are
+        computed once: the first one's forward gives the others their logits and a copy of its new cache slots, and
+        they cost the chunk nothing. Not with speculative decoding, whose prefill drafts from each row's own sampled
+        token."""
+        batch, counts, computed_by, budget = [], [], [], self.prefill_chunk
+        first_of: dict[tuple, int] = {}  # a twin key -> the row computing it
         for request in self.prefilling:
-            if budget == 0:
-                break
-            counts.append(min(request.prefill_len - request.num_cached, budget))
+            twin = () if self.speculative else tuple(request.ids[: request.prefill_len])
+            key = (request.adapter_slot, request.num_cached, twin or request.request_id)
+            if key in first_of:
+                counts.append(counts[first_of[key]])
+            elif budget > 0:
+                counts.append(min(request.prefill_len - request.num_cached, budget))
+                budget -= counts[-1]
+                first_of[key] = len(batch)
+            else:
+                continue
+            computed_by.append(first_of[key])
             batch.append(request)
-            budget -= counts[-1]
         starts = [request.num_cached for request in batch]
         rows = [r.ids[start : start + count] for r, start, count in zip(batch, starts, counts, strict=True)]
-        self.prefill_tokens += sum(counts)
-        logits, hidden = self._forward(batch, rows, starts, counts, prefill=True)
+        computed = sorted(set(computed_by))
+        self.prefill_tokens += sum(counts[row] for row in computed)
+        logits, hidden = self._forward(
+            *([values[row] for row in computed] for values in (batch, rows, starts, counts)), prefill=True
+        )
+        if len(computed) < len(batch):
+            self.cache.copy_tokens(
+                [(batch[first].request_id, request.request_id, starts[first], counts[first])
+                 for row, (request, first) in enumerate(zip(batch, computed_by, strict=True)) if first != row]
+            )  # fmt: skip
+            logits = logits[torch.tensor([computed.index(first) for first in computed_by], device=self.device)]
         done, finished, tokens, logprobs = [], [], [], []
         for row, (request, count) in enumerate(zip(batch, counts, strict=True)):
             request.num_cached += count

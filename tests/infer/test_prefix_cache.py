@@ -87,3 +87,16 @@ def test_outputs_with_the_prefix_cache_equal_those_without_and_report_cached_tok
     # 20 of the 21 system tokens are whole blocks (with speculation a block's key also holds the token after it).
     assert cached_tokens == [{0}, {20}, {20}]
     assert cached.stats().prefill_tokens == plain.stats().prefill_tokens - 40
+
+
+def test_twin_prompts_in_one_prefill_are_computed_once_and_sample_as_if_alone(model, tokenizer):
+    """n samples of one prompt (GRPO's G) share one forward; the others get its logits and its cache slots. The chunk
+    budget (16) splits the 30-token prompt: its twins follow it through both chunks without costing budget."""
+    prompt, other = tokens(30, 8), tokens(12, 9)
+    batch = [prompt, prompt, other, prompt]
+    params = [SamplingParams(max_new_tokens=6, temperature=0.9, seed=seed, ignore_eos=True) for seed in range(4)]
+    alone = Engine(model, tokenizer, block_size=4, prefix_caching=False)
+    expected = [alone.generate([p], q)[0].token_ids for p, q in zip(batch, params, strict=True)]
+    engine = Engine(model, tokenizer, block_size=4, prefill_chunk=16)
+    assert [out.token_ids for out in engine.generate(batch, params)] == expected
+    assert engine.stats().prefill_tokens == 30 + 12
