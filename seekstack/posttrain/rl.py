@@ -3,14 +3,19 @@
 `GRPOSource` is the trainer's batch source (seekstack.train.trainer.BatchSource). Every `num_iterations` steps it
 samples a generation batch (G completions for each of `batch_size` training prompts) from the policy being
 trained, scores it, computes the group-normalised advantages and, when needed, the old policy's and the reference
-model's log-probabilities; each step's loss is the GRPO objective on that batch (posttrain/grpo.py). Its state
-(position, the current batch) is saved in checkpoints, so a resumed run continues exactly.
+model's log-probabilities; each step's loss is the GRPO objective on that batch (posttrain/grpo.py). With
+`async_rollouts` the next batch is sampled on a thread of its own, by a copy of the policy whose weights are synced
+before each batch, while the trainer trains on this one. Its state (position, the current batch, a batch sampled
+ahead) is saved in checkpoints, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +51,15 @@ class GRPOSource:
         self.generation = 0  # generation batches sampled so far
         self.iteration = 0  # optimizer steps taken on the current batch
         self.current: dict[str, Any] | None = None
+        self.ahead: Future | None = None  # with async_rollouts: the next generation batch, being sampled
         self.train_threads = 1  # with threads="auto": the training half's, chosen at each generation batch
 
     def attach(self, model: nn.Module) -> None:
-        """Build the engine on the trained model itself, and the frozen reference when beta > 0."""
+        """Build the engine on the trained model itself (with async_rollouts on a copy of it), and the frozen
+        reference when beta > 0."""
         self.model = model
+        self.sampler = copy.deepcopy(model).eval().requires_grad_(False) if self.config.async_rollouts else model
+        self.ahead_thread = ThreadPoolExecutor(1, thread_name_prefix="rollouts") if self.config.async_rollouts else None
         self.device = next(model.parameters()).device
         self.most_threads = torch.get_num_threads()  # with threads="auto", the training half's limit
         rows = self.config.batch_size * self.config.num_generations
@@ -62,7 +71,7 @@ class GRPOSource:
                 f"{context - PROMPT_TOKENS}"
             )
         self.engine = Engine(
-            model,
+            self.sampler,
             self.tokenizer,
             max_batch_size=rows,
             max_model_len=PROMPT_TOKENS + self.config.max_completion_length,
@@ -79,21 +88,42 @@ class GRPOSource:
 
     def batch(self, batch_size: int, progress: float) -> dict[str, Any]:
         if self.current is None or self.iteration == self.config.num_iterations:
-            self.current = self._generate(batch_size)
+            self.current = self._next_generation(batch_size, progress)
             self.iteration = 0
         self.iteration += 1
         if self.config.threads == "auto":
             torch.set_num_threads(self.train_threads)  # the trainer's forward, backward and step; run_rl restores
         return self.current
 
+    def _next_generation(self, batch_size: int, progress: float) -> dict[str, Any]:
+        """This step's generation batch; with async_rollouts the one sampled ahead (the first run's is sampled here),
+        and the next one starts on the rollout thread with the weights as they are now, unless no step will use it."""
+        if self.ahead_thread is None:
+            return self._generate(batch_size)
+        threads = 1 if self.config.threads == "auto" else torch.get_num_threads()
+        waited = time.perf_counter()
+        batch = self._generate_on(threads, batch_size) if self.ahead is None else self.ahead.result()
+        batch["wait_s"] = time.perf_counter() - waited  # of the step: what the rollouts did not hide
+        self.ahead = None
+        step = round(progress * self.config.max_steps)
+        if step + self.config.num_iterations < self.config.max_steps:
+            self.sampler.load_state_dict(self.model.state_dict())  # in place: the engine's graph reads the same tensors
+            self.ahead = self.ahead_thread.submit(self._generate_on, threads, batch_size)
+        return batch
+
+    def _generate_on(self, threads: int, batch_size: int) -> dict[str, Any]:
+        """`_generate` on the rollout thread, which takes its own thread count (an OpenMP setting is per thread)."""
+        torch.set_num_threads(threads)
+        return self._generate(batch_size)
+
     @torch.no_grad()
     def _generate(self, batch_size: int) -> dict[str, Any]:
         config = self.config
         problems = sample_problems(self.task, batch_size, "train", seed=config.seed * 1_000_003 + self.generation)
         self.engine.reset_prefix_cache()  # prompt prefixes cached before the last optimizer step hold stale values
-        self.model.eval()  # as the engine's compiled decode step was traced
+        self.sampler.eval()  # as the engine's compiled decode step was traced
         compile_s = self.engine.compile_s
-        auto = config.threads == "auto"
+        auto = config.threads == "auto" and self.ahead_thread is None  # torch's thread setting is the process's
         idle = IdleCores()
         with running_on(1) if auto else contextlib.nullcontext():
             rollout = sample_groups(
@@ -110,7 +140,7 @@ class GRPOSource:
             self.train_threads = threads_beside(idle.idle(), self.most_threads)
             torch.set_num_threads(self.train_threads)
         self.generation += 1
-        self.model.train()
+        self.sampler.train(self.sampler is self.model)  # the trained model back to training; a copy stays in eval
         batch: dict[str, Any] = {
             "rollout": rollout,
             "advantages": group_advantages(rollout.rewards, config.num_generations, config.scale_rewards),
@@ -119,8 +149,8 @@ class GRPOSource:
             "fresh": True,
             "compile_s": self.engine.compile_s - compile_s,  # of the rollout's generate_s
         }
-        if config.num_iterations > 1:  # with one update per batch the old policy is the current one
-            batch["old_logps"] = completion_logps(self.model, rollout, config.temperature, self.device)[0]
+        if config.num_iterations > 1 or self.sampler is not self.model:  # else the old policy is the current one
+            batch["old_logps"] = completion_logps(self.sampler, rollout, config.temperature, self.device)[0]
         if self.reference is not None:
             batch["ref_logps"] = completion_logps(self.reference, rollout, config.temperature, self.device)[0]
         return batch
@@ -153,6 +183,8 @@ class GRPOSource:
             "compile_s": batch.get("compile_s", 0.0) if batch["fresh"] else 0.0,  # absent in older checkpoints
             "threads": torch.get_num_threads(),  # of this training half
         }
+        if "wait_s" in batch:  # async_rollouts: the step's wait for its batch, generate_s being beside the training
+            metrics["wait_s"] = batch["wait_s"] if batch["fresh"] else 0.0
         batch["fresh"] = False
         return dataclasses.replace(out, logits=None, loss=result.loss, lm_loss=result.loss.detach()), metrics
 
@@ -160,15 +192,30 @@ class GRPOSource:
         return trained_tokens(batch["rollout"])
 
     def state_dict(self) -> dict[str, Any]:
-        current = None
-        if self.current is not None:
-            current = {**self.current, "rollout": dataclasses.asdict(self.current["rollout"])}
-        return {"generation": self.generation, "iteration": self.iteration, "current": current}
+        """Position and batches; a batch being sampled ahead is waited for and saved with them."""
+        ahead = None if self.ahead is None else self.ahead.result()
+        return {
+            "generation": self.generation,
+            "iteration": self.iteration,
+            "current": None if self.current is None else _stored(self.current),
+            "ahead": None if ahead is None else _stored(ahead),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generation, self.iteration = state["generation"], state["iteration"]
-        current = state["current"]
-        self.current = None if current is None else {**current, "rollout": Rollout(**current["rollout"])}
+        self.current = None if state["current"] is None else _restored(state["current"])
+        self.ahead = None
+        if state.get("ahead") is not None:  # absent in checkpoints of older versions
+            self.ahead = Future()
+            self.ahead.set_result(_restored(state["ahead"]))
+
+
+def _stored(batch: dict[str, Any]) -> dict[str, Any]:
+    return {**batch, "rollout": dataclasses.asdict(batch["rollout"])}
+
+
+def _restored(batch: dict[str, Any]) -> dict[str, Any]:
+    return {**batch, "rollout": Rollout(**batch["rollout"])}
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

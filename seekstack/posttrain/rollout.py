@@ -66,11 +66,7 @@ def sample_groups(
     started = time.perf_counter()
     tokenizer = engine.tokenizer
     distinct = [tokenizer.encode_chat(prompt_messages(p)) for p in problems]
-    # A group's G requests share one prefill: one-token requests put each prompt in the engine's prefix cache, where
-    # the G find all its full blocks and feed only the tokens after them (at least the last, for its logits).
-    if group_size > 1:
-        engine.generate(distinct, SamplingParams(max_new_tokens=1, temperature=0.0, detokenize=False))
-    prompts = [prompt for prompt in distinct for _ in range(group_size)]
+    prompts = [prompt for prompt in distinct for _ in range(group_size)]  # the engine prefills a group's G once
     params = [
         SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 1_000_003 + row, detokenize=False

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -41,6 +42,37 @@ def test_engine_samples_from_the_updated_weights_without_a_reload(tmp_path):
     assert after[0] == target and before[0] != target
 
 
+def test_async_rollouts_sample_each_batch_with_the_weights_before_the_last_update(tmp_path):
+    """A copy of the policy samples the next batch on the rollout thread, synced when the current batch is taken:
+    batch k + 1 is sampled, and its old log-probabilities computed, by the weights before update k, and the next
+    batch by the updated ones; no batch is sampled that no step would train on."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    config = [f"init_from={model_dir}", *RUN, "async_rollouts=true", "max_steps=3"]
+    source = GRPOSource(resolve_train_config(None, config, cls=GRPOConfig))
+    model = load_pretrained(model_dir, dtype=torch.float32)
+    source.attach(model)
+    assert source.engine.model is not model
+    cpu = torch.device("cpu")
+
+    def logps(policy: torch.nn.Module, batch: dict) -> torch.Tensor:
+        policy = copy.deepcopy(policy).eval()  # the sampler's mode
+        with torch.no_grad():
+            return completion_logps(policy, batch["rollout"], 1.0, cpu)[0]
+
+    first = source.batch(2, 0.0)
+    assert torch.allclose(first["old_logps"], logps(model, first), atol=1e-6)
+    before = copy.deepcopy(model)
+    with torch.no_grad():  # an optimizer step's worth of change
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    second = source.batch(2, 1 / 3)
+    assert torch.allclose(second["old_logps"], logps(before, second), atol=1e-6)
+    assert not torch.allclose(second["old_logps"], logps(model, second), atol=1e-3)
+    third = source.batch(2, 2 / 3)
+    assert torch.allclose(third["old_logps"], logps(model, third), atol=1e-6)
+    assert source.ahead is None  # the third step is the last
+
+
 def test_a_completion_length_past_the_models_context_is_refused_by_name(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions, 192 of them a prompt's room
     config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_completion_length=321"], cls=GRPOConfig)
@@ -73,18 +105,13 @@ def test_more_threads_than_the_machine_has_cpus_is_refused_before_anything_runs(
 
 
 def test_a_group_prefills_its_prompt_once(tmp_path):
-    """Each prompt is fed to the model whole once; its G requests find its full cache blocks in the prefix cache and
-    feed only the tokens after them."""
+    """Each prompt is fed to the model once for its G requests (the engine's twin prefill)."""
     model_dir = micro_checkpoint(tmp_path / "model")
     source = GRPOSource(resolve_train_config(None, [f"init_from={model_dir}", *RUN], cls=GRPOConfig))
     source.attach(load_pretrained(model_dir, dtype=torch.float32))
     rollout = source.batch(2, 0.0)["rollout"]
-    group, block = source.config.num_generations, source.engine.cache.block_size
-    lengths = rollout.prompt_lengths[::group].tolist()
-    assert all(length > 2 * block for length in lengths)
-    uncached = [length - (length - 1) // block * block for length in lengths]  # the last token is always computed
-    expected = sum(length + group * tail for length, tail in zip(lengths, uncached, strict=True))
-    assert source.engine.stats().prefill_tokens == expected
+    assert source.config.num_generations > 1
+    assert source.engine.stats().prefill_tokens == sum(rollout.prompt_lengths[:: source.config.num_generations])
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
@@ -125,8 +152,11 @@ def test_engine_samples_what_the_learner_scores_after_an_update(tmp_path, compil
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == compile_decode  # the one for 2+ rows
 
 
-def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model):
+@pytest.mark.parametrize("async_rollouts", [False, True], ids=["on_policy", "async"])
+def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model, async_rollouts):
+    """With async_rollouts the checkpoint at step 2 holds the batch being sampled ahead for step 3."""
     common = [f"init_from={sft_model}", *RUN, "num_iterations=2", "beta=0.1", "lr=1e-3", "max_steps=4"]
+    common += [f"async_rollouts={async_rollouts}"]
     common += ["max_completion_length=40", "task=addition", "difficulty=1"]
     straight = run_rl(
         resolve_train_config(
