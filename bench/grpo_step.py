@@ -8,7 +8,8 @@ compiles a new decode graph does not skew it) and the reward of the last steps, 
 rollouts spent compiling their decode step, and the total of all N steps, warm-up included, with and without them.
 `--compile-decode` is rl's `compile_decode` (true, its default, or false), `--threads` rl's `threads` (auto, its
 default: rollouts on one thread, the training half on as many as the machine leaves idle; N; 0 = torch's setting,
-which TRL runs on).
+which TRL runs on). Ours runs twice: as rl's defaults do (on-policy, as TRL) and with `async_rollouts` (the next
+batch sampled beside the training, one step off-policy), whose share is the step's wait for its batch.
 Usage:
     OMP_NUM_THREADS=2 python bench/grpo_step.py CHECKPOINT [--steps 10] [--prompts 2] [--generations 8] [--tokens 64]
         [--compile-decode true|false] [--threads auto|N]
@@ -39,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer_timing import record_step_seconds  # noqa: E402
 
 
-def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
+def run_ours(args: argparse.Namespace, out_dir: Path, async_rollouts: bool) -> dict:
     overrides = [
         f"init_from={args.checkpoint}", f"out_dir={out_dir}", f"task={args.task}", f"max_steps={args.steps}",
         f"batch_size={args.prompts}", f"num_generations={args.generations}", f"max_completion_length={args.tokens}",
         f"lr={args.lr}", f"min_lr={args.lr}", "temperature=1.0", "beta=0.0", "loss_type=grpo", "seed=0",
         "format_weight=0.1", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "grad_clip=1.0",
-        f"compile_decode={args.compile_decode}", f"threads={args.threads}",
+        f"compile_decode={args.compile_decode}", f"threads={args.threads}", f"async_rollouts={async_rollouts}",
     ]  # fmt: skip
     if args.difficulty:
         overrides.append(f"difficulty={args.difficulty}")
@@ -53,7 +54,8 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict:
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         "step_s": [line["step_s"] for line in lines],
-        "generate_s": [line["generate_s"] for line in lines],
+        "generate_s": [line["wait_s" if async_rollouts else "generate_s"] for line in lines],
+        "share_of": "waiting" if async_rollouts else "generating",
         "reward": [line["reward"] for line in lines],
         "compile_s": [line["compile_s"] for line in lines],
     }
@@ -133,7 +135,8 @@ def summary(name: str, result: dict) -> dict:
         "compile_s": sum(result["compile_s"]),
     }
     print(
-        f"{name:10s} {row['s_per_step']:7.3f} s/step  generating {row['generate_share']:5.1%}  "
+        f"{name:10s} {row['s_per_step']:7.3f} s/step  {result.get('share_of', 'generating')} "
+        f"{row['generate_share']:5.1%}  "
         f"reward step 1 {row['reward_first']:.3f}, last half {row['reward_last_half']:.3f}  "
         f"compiling {row['compile_s']:.1f} s"
     )
@@ -161,11 +164,14 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as scratch:
         print(f"load average before: {load_average()}")
-        ours = summary("seekstack", run_ours(args, Path(scratch) / "ours"))
+        ours = summary("seekstack", run_ours(args, Path(scratch) / "ours", async_rollouts=False))
         print(f"load average between: {load_average()}")
         trl = summary("trl", run_trl(args, Path(scratch) / "trl"))
+        print(f"load average between: {load_average()}")
+        ahead = summary("async", run_ours(args, Path(scratch) / "async", async_rollouts=True))
         print(f"load average after: {load_average()}")
     print(f"seekstack is {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step")
+    print(f"seekstack with async_rollouts is {trl['s_per_step'] / ahead['s_per_step']:.2f}x faster per step")
     print(
         f"all {args.steps} steps, warm-up included: seekstack {ours['total_s']:.1f} s, trl {trl['total_s']:.1f} s "
         f"({trl['total_s'] / ours['total_s']:.2f}x); without our {ours['compile_s']:.1f} s of compiling: seekstack "
