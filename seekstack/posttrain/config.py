@@ -96,9 +96,9 @@ class GRPOConfig(TrainConfig):
     # while they ran (infer/threads.py IdleCores), at most torch's setting; N: the whole run on N; 0: on torch's.
     threads: NonNegative | Literal["auto"] = "auto"
     # Generate the next batch on a copy of the policy while this batch trains (one step off-policy, as verl's and
-    # PipelineRL's asynchronous rollouts): batch k is sampled by the weights before step k - 1's update and trained
-    # after it, its importance ratio taken against the sampling weights' log-probabilities. The two halves run side
-    # by side on two threads of one process; with threads="auto" each takes one core, with N both share torch's N.
+    # PipelineRL's asynchronous rollouts): each batch after the first is sampled by the weights one update behind
+    # those it trains, its importance ratio taken against the sampling weights' log-probabilities. The two halves run
+    # side by side on two threads of one process; with threads="auto" each takes one core, with N both share torch's N.
     async_rollouts: bool = False
 
     def validate(self, source: str | None = None) -> GRPOConfig:
