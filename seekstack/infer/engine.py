@@ -12,6 +12,7 @@ Shapes: B sequences in a forward, T tokens per sequence (padded), K drafted toke
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import math
@@ -860,6 +861,14 @@ class Engine:
         ]
 
 
+# Inductor's options for the compiled decode steps (`_compiled` says why each); bench/decode_options.py times others.
+DECODE_COMPILE_OPTIONS: dict[str, Any] = {
+    "cpp_wrapper": True,
+    "memory_planning": True,
+    "post_grad_fusion_options": {"decompose_mm_pass": {}},
+}
+
+
 def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     """`function` through torch.compile with dynamic shapes, one graph for every batch of 2 or more rows (a GRPO
     rollout's 16 rows finishing one by one, a server's batch): sizes that happen to be equal at the first trace (16
@@ -875,8 +884,7 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     `memory_planning` gives a step's intermediate buffers one pooled allocation instead of one each (the C++
     wrapper's allocations and frees were most of its own time): `small`, one thread, engines with and without it
     alternating in one process, 8 rounds each, +2% and +7% decode tokens/s at batch 1, -5% and 0% at batch 8."""
-    options = {"cpp_wrapper": True, "memory_planning": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
-    compiled = torch.compile(function, dynamic=True, options=options)
+    compiled = torch.compile(function, dynamic=True, options=copy.deepcopy(DECODE_COMPILE_OPTIONS))
     settings = (
         (torch.fx.experimental._config, "use_duck_shape", False),
         (torch._dynamo.config, "specialize_float", True),
