@@ -1,7 +1,7 @@
 """Inductor options of the compiled decode step against each other: engines built with each set, decoding the same
 prompts greedily, timed alternately in one process (the machine's drift hits every set alike).
 
-    python bench/decode_options.py --preset small --rows 1 --options '{}' '{"memory_planning": false}'
+    python bench/decode_options.py --preset small --rows 1 --options '{}' '{"memory_planning": true}'
 
 Each OPTIONS is JSON merged over seekstack.infer.engine.DECODE_COMPILE_OPTIONS (the default set, '{}'). Prints each
 set's median decode tokens/s over the rounds, its median per-round ratio to the first set, and whether every set
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=33)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--options", nargs="+", type=json.loads, default=[{}, {"memory_planning": False}])
+    parser.add_argument("--options", nargs="+", type=json.loads, default=[{}, {"memory_planning": True}])
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = seekstack.preset(args.preset, num_nextn_predict_layers=0)

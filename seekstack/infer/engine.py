@@ -864,7 +864,6 @@ class Engine:
 # Inductor's options for the compiled decode steps (`_compiled` says why each); bench/decode_options.py times others.
 DECODE_COMPILE_OPTIONS: dict[str, Any] = {
     "cpp_wrapper": True,
-    "memory_planning": True,
     "post_grad_fusion_options": {"decompose_mm_pass": {}},
 }
 
@@ -881,9 +880,9 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     matrix-vector products with both weight sides <= 2048 into its own loops: they stream the weights faster than
     the BLAS call (`small`, batch 1, one thread: +12-30% decode tokens/s in four alternating runs; the output head,
     wider, stays the BLAS call of infer/packed.py, which measured 1.8x faster than inductor's loop there).
-    `memory_planning` gives a step's intermediate buffers one pooled allocation instead of one each (the C++
-    wrapper's allocations and frees were most of its own time): `small`, one thread, engines with and without it
-    alternating in one process, 8 rounds each, +2% and +7% decode tokens/s at batch 1, -5% and 0% at batch 8."""
+    Not adopted: `memory_planning` (one pooled allocation for a step's buffers): `bench/decode_options.py`, `small`,
+    one thread, five A/B runs at batch 1 and 8 moved decode tokens/s by -5% to +7%, the sign changing between runs;
+    `aggressive_fusion`: -3% at batch 1."""
     compiled = torch.compile(function, dynamic=True, options=copy.deepcopy(DECODE_COMPILE_OPTIONS))
     settings = (
         (torch.fx.experimental._config, "use_duck_shape", False),
