@@ -1,5 +1,5 @@
-"""The output head's decode layout (seekstack.infer.packed): the same products, the same state dict and tokens,
-and a copy that follows the weights."""
+"""The output head's decode layout and the block linears' weight-first products (seekstack.infer.packed): the same
+products, the same state dict and tokens, and a copy that follows the weights."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.packed import WEIGHT_FIRST_MAX_ROWS, DecodeHead
+from seekstack.infer.packed import WEIGHT_FIRST_MAX_ROWS, DecodeHead, DecodeLinear
 from tests.infer.support import VOCAB, model_dir
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
@@ -35,6 +35,17 @@ def test_decode_head_gives_the_linear_products_for_every_row_count(shape):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
+def test_decode_linear_compiled_over_several_rows_gives_the_linear_products():
+    linear = nn.Linear(48, 30, bias=False)
+    x = torch.randn(2, 3, 48)
+    expected = F.linear(x, linear.weight).detach()
+    linear.__class__ = DecodeLinear
+    with torch.no_grad():
+        out = torch.compile(linear, dynamic=True)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_gradients_reach_the_weight_not_the_copy():
     linear = nn.Linear(48, 300, bias=False)
     x = torch.randn(1, 48)
@@ -48,6 +59,7 @@ def test_from_pretrained_packs_the_head_and_keeps_the_state_dict(checkpoint):
     plain = load_pretrained(checkpoint)
     head = engine.model.lm_head
     assert isinstance(head, DecodeHead) and type(plain.lm_head) is nn.Linear
+    assert type(engine.model.layers[0].self_attn.o_proj) is DecodeLinear
     ours, theirs = engine.model.state_dict(), plain.state_dict()
     assert list(ours) == list(theirs)  # weight_t is not saved
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
