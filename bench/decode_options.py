@@ -3,7 +3,9 @@ prompts greedily, timed alternately in one process (the machine's drift hits eve
 
     python bench/decode_options.py --preset small --rows 1 --options '{}' '{"memory_planning": true}'
 
-Each OPTIONS is JSON merged over seekstack.infer.engine.DECODE_COMPILE_OPTIONS (the default set, '{}'). Prints each
+Each OPTIONS is JSON merged over seekstack.infer.engine.DECODE_COMPILE_OPTIONS (the default set, '{}'), except the
+key "weight_first_linears": false, which gives that engine's block linears back their plain x W^T product
+(seekstack/infer/packed.py `DecodeLinear`). Prints each
 set's median decode tokens/s over the rounds, its median per-round ratio to the first set, and whether every set
 produced the same tokens. One thread (as bench/decode.py's like-for-like rows), random weights of the preset.
 """
@@ -18,10 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import seekstack
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer import engine as engine_module
+from seekstack.infer.packed import DecodeLinear
 from seekstack.tokenizer import train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for the tokenizer
@@ -33,8 +37,13 @@ def build_engines(directory: Path, option_sets: list[dict], rows: int) -> list[E
     engines = []
     try:
         for options in option_sets:
-            engine_module.DECODE_COMPILE_OPTIONS = {**default, **options}
+            inductor = {key: value for key, value in options.items() if key != "weight_first_linears"}
+            engine_module.DECODE_COMPILE_OPTIONS = {**default, **inductor}
             engine = Engine.from_pretrained(directory, compile=True, max_batch_size=max(rows, 2))
+            if not options.get("weight_first_linears", True):
+                for module in engine.model.modules():
+                    if type(module) is DecodeLinear:
+                        module.__class__ = nn.Linear
             started = time.perf_counter()
             engine.generate([[5] * 8] * rows, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
             print(f"{json.dumps(options)}: warmed up in {time.perf_counter() - started:.0f} s", flush=True)
