@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from decode import CORPUS, random_prompts
 from torch import nn
 
 import seekstack
@@ -27,8 +28,6 @@ from seekstack.infer import Engine, SamplingParams
 from seekstack.infer import engine as engine_module
 from seekstack.infer.packed import DecodeLinear
 from seekstack.tokenizer import train_tokenizer
-
-CORPUS = Path(__file__).resolve().parents[1] / "seekstack"  # our own source: enough text for the tokenizer
 
 
 def build_engines(directory: Path, option_sets: list[dict], rows: int) -> list[Engine]:
@@ -73,6 +72,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--options", nargs="+", type=json.loads, default=[{}, {"memory_planning": True}])
     args = parser.parse_args()
+    known = {*torch._inductor.config.get_config_copy(), "weight_first_linears"}
+    for options in args.options:
+        if unknown := sorted(set(options) - known):
+            parser.error(f"--options {json.dumps(options)}: {', '.join(unknown)} is not an inductor option")
     torch.set_num_threads(1)
     config = seekstack.preset(args.preset, num_nextn_predict_layers=0)
     with tempfile.TemporaryDirectory() as folder:
@@ -81,8 +84,7 @@ def main() -> None:
         texts = [path.read_text() for path in sorted(CORPUS.rglob("*.py"))] * 4
         train_tokenizer(texts, vocab_size=config.vocab_size, out_path=Path(folder))
         engines = build_engines(Path(folder), args.options, args.rows)
-    generator = torch.Generator().manual_seed(0)
-    prompts = torch.randint(5, config.vocab_size, (args.rows, args.prompt_len), generator=generator).tolist()
+    prompts = random_prompts(args.rows, args.prompt_len, config.vocab_size).tolist()
     rates: list[list[float]] = [[] for _ in engines]
     tokens = []
     for round_number in range(args.rounds):
