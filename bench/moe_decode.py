@@ -1,10 +1,11 @@
-"""Compiled decode's routed experts: each (token, expert) pair gathering its expert against every expert on every token.
+"""Compiled decode's routed experts: each (token, expert) pair gathering its expert, every expert on every token, and
+the grouped-experts kernel (each chosen expert read once; float32 only, seekstack.model.expert_kernel).
 
-`RoutedExperts.forward_gathered` picks `forward_pairs` or `forward_dense` by dtype and shape; this times both, and
-the pick, as the engine compiles them (dynamic shapes, cpp wrapper), over the MoE layers of a preset chained as in
-one decode step. Each timed step gets fresh tokens and routing and starts with the L3 cache flushed: a real step
-reads the rest of the model's weights between two MoE layers. Outputs are checked against the eager grouped
-dispatch first. Median wall milliseconds per step.
+`RoutedExperts.forward_gathered` picks one of them by dtype and shape; this times each, and the pick, as the engine
+compiles them (dynamic shapes, cpp wrapper), over the MoE layers of a preset chained as in one decode step.
+Each timed step gets fresh tokens and routing and starts with the L3 cache flushed: a real step
+reads the rest of the model's weights between two MoE layers. Outputs are checked against the pairs run eagerly
+first. Median wall milliseconds per step.
 
     python bench/moe_decode.py                          # small, 1-64 tokens, float32 and bfloat16, one thread
     python bench/moe_decode.py --tokens 8 16 --dtypes bfloat16
@@ -21,6 +22,7 @@ import time
 import torch
 
 import seekstack
+from seekstack.model import expert_kernel
 from seekstack.model.moe import MoE, Routing
 
 FLUSH_FLOATS = 32 * 1024 * 1024  # 128 MB written before each step, beyond any L3
@@ -46,7 +48,9 @@ def main() -> None:
     moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
     flush = torch.zeros(FLUSH_FLOATS)
     print(f"{args.preset}: {len(moes)} MoE layers, {args.threads} thread(s), median wall ms per step of {args.reps}")
-    print(f"{'dtype':9s} {'N':>4s} {'pairs':>8s} {'dense':>8s} {'dense/pairs':>12s} {'gathered (the pick)':>20s}")
+    kernel = expert_kernel.available()
+    header = f"{'dtype':9s} {'N':>4s} {'pairs':>8s} {'dense':>8s} {'kernel':>8s} {'dense/pairs':>12s}"
+    print(f"{header} {'kernel/pairs':>13s} {'gathered (the pick)':>20s}")
     for dtype in [getattr(torch, name) for name in args.dtypes]:
         for moe in moes:
             moe.to(dtype)
@@ -56,16 +60,17 @@ def main() -> None:
                 for _ in range(args.reps):
                     xs = [torch.randn(tokens, model.config.hidden_size, dtype=dtype) for _ in moes]
                     inputs.append((xs, [moe.gate(x) for moe, x in zip(moes, xs, strict=True)]))
-                grouped = step(moes, "forward", *inputs[0])
-                scale = grouped.float().abs().max().item()
-                ms = {}
-                for path in ("forward_pairs", "forward_dense", "forward_gathered"):
+                reference = step(moes, "forward_pairs", *inputs[0])
+                scale = reference.float().abs().max().item()
+                ms = {"forward_kernel": float("nan")}
+                paths = ["forward_pairs", "forward_dense", "forward_gathered"]
+                for path in paths + (["forward_kernel"] if kernel and dtype == torch.float32 else []):
                     compiled = torch.compile(
                         lambda xs, routings, path=path: step(moes, path, xs, routings),
                         dynamic=True,
                         options={"cpp_wrapper": True},
                     )
-                    error = (compiled(*inputs[0]).float() - grouped.float()).abs().max().item() / scale
+                    error = (compiled(*inputs[0]).float() - reference.float()).abs().max().item() / scale
                     assert error < (1e-5 if dtype == torch.float32 else 3e-2), f"{path} {dtype} N={tokens}: {error}"
                     seconds = []
                     for xs, routings in inputs:
@@ -74,10 +79,10 @@ def main() -> None:
                         compiled(xs, routings)
                         seconds.append(time.perf_counter() - start)
                     ms[path] = 1e3 * statistics.median(seconds)
-            pairs, dense = ms["forward_pairs"], ms["forward_dense"]
+            pairs, dense, grouped = ms["forward_pairs"], ms["forward_dense"], ms["forward_kernel"]
             print(
-                f"{str(dtype)[6:]:9s} {tokens:4d} {pairs:8.2f} {dense:8.2f} {dense / pairs:11.2f}x "
-                f"{ms['forward_gathered']:20.2f}",
+                f"{str(dtype)[6:]:9s} {tokens:4d} {pairs:8.2f} {dense:8.2f} {grouped:8.2f} {dense / pairs:11.2f}x "
+                f"{grouped / pairs:12.2f}x {ms['forward_gathered']:20.2f}",
                 flush=True,
             )
 

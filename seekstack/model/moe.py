@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekstack.config import ModelConfig
+from seekstack.model import expert_kernel
 
 
 class FeedForward(nn.Module):
@@ -112,6 +113,8 @@ class RoutedExperts(nn.Module):
         """x (N, D) -> (sum_k g_k FFN_{e_k}(x) (N, D), tokens per expert (E,))."""
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.forward_gathered(x, routing)
+        if not torch.is_grad_enabled() and x.shape[0] <= expert_kernel.MAX_TOKENS and self._kernel_takes(x, eager=True):
+            return self.forward_kernel(x, routing)
         top_k = routing.experts.shape[1]
         flat_experts = routing.experts.flatten()  # (N*K,)
         order = flat_experts.argsort(stable=True)  # assignments sorted by expert
@@ -147,16 +150,39 @@ class RoutedExperts(nn.Module):
         """The same sum with no data-dependent shape, for compiled inference (the engine's decode step).
 
         `forward` splits tokens by expert counts it reads back from the device, which torch.compile cannot
-        trace as one graph; the two paths here can. Each (token, expert) pair gathering its expert's weights
-        (`forward_pairs`) suits few tokens; every expert on every token (`forward_dense`) reads each expert once
-        but does E/K times the FLOPs, which pays only where the matmul has FLOPs to spare: bfloat16 with at least
-        `DENSE_MIN_PAIRS_PER_EXPERT` pairs per expert. The choice is by shape and dtype only, so a compiled graph
-        holds one path and recompiles when a batch crosses over.
+        trace as one graph; the paths here can. In float32 on a CPU, from 2 tokens, a C++ kernel groups the pairs by
+        expert and reads each chosen expert once (`forward_kernel`). Otherwise each (token, expert) pair gathering its
+        expert's weights (`forward_pairs`) suits few tokens; every expert on every token (`forward_dense`) reads each
+        expert once but does E/K times the FLOPs, which pays only where the matmul has FLOPs to spare: bfloat16 with
+        at least `DENSE_MIN_PAIRS_PER_EXPERT` pairs per expert. The choice is by shape and dtype only, so a compiled
+        graph holds one path and recompiles when a batch crosses over.
         """
+        if x.shape[0] > 1 and self._kernel_takes(x, eager=False):  # one token: the pairs, fused by inductor, as fast
+            return self.forward_kernel(x, routing)
         pairs, num_experts = routing.experts.numel(), routing.scores.shape[1]
         if x.dtype == torch.bfloat16 and pairs >= DENSE_MIN_PAIRS_PER_EXPERT * num_experts:
             return self.forward_dense(x, routing)
         return self.forward_pairs(x, routing)
+
+    def forward_kernel(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs grouped by expert in a C++ kernel (seekstack.model.expert_kernel): each chosen expert's weights
+        read once, for float32 on a CPU."""
+        combined = expert_kernel.grouped_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
+        return combined, _expert_load(routing)
+
+    def _kernel_takes(self, x: torch.Tensor, eager: bool) -> bool:
+        """Whether `forward_kernel` can stand in for this path. The compiled paths read the stacked weights as they are,
+        like the kernel; the eager one defers to subclasses that change the experts' matmuls (quantized, LoRA). Eager
+        calls build the kernel on first use, a compiled region only reads whether it was built (Engine builds it
+        before compiling)."""
+        if eager:
+            overridden = (type(self).grouped_linear, type(self).expert_linear) != (
+                RoutedExperts.grouped_linear,
+                RoutedExperts.expert_linear,
+            )
+            if overridden or not expert_kernel.available():
+                return False
+        return expert_kernel.usable(x, self.gate_up_proj)
 
     def forward_pairs(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each (token, expert) pair gathers its expert's weights: N*K expert weight sets read, N*K GEMVs."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seekstack.model import expert_kernel
 from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss
 from seekstack.model.transformer import Transformer
 from seekstack.train.balance import max_violation, update_expert_bias
@@ -88,22 +89,81 @@ def test_each_compiled_inference_path_gives_the_grouped_dispatch_per_token(path,
     [
         (torch.bfloat16, 31, "forward_pairs"),
         (torch.bfloat16, 32, "forward_dense"),
-        (torch.float32, 64, "forward_pairs"),
+        (torch.float32, 1, "forward_pairs"),
+        (torch.float32, 64, "forward_kernel"),
     ],
 )
 def test_compiled_inference_picks_its_path_by_dtype_and_shape_in_one_graph(dtype, tokens, expected_path):
+    assert expert_kernel.available()  # float32 on a CPU: the grouped-experts kernel, built before compiling
     moe = make_moe().eval().to(dtype)  # 8 experts, K=2: dense from 8 pairs per expert, 32 tokens, in bfloat16 only
     flat = torch.randn(tokens, 64, dtype=dtype)
+    with torch.no_grad():
+        routing = moe.gate(flat)
+        grouped, _ = moe.experts(flat, routing)  # eager
     taken = []
-    for path in ("forward_pairs", "forward_dense"):
+    for path in ("forward_pairs", "forward_dense", "forward_kernel"):
         run = getattr(moe.experts, path)
         setattr(moe.experts, path, lambda x, routing, run=run, path=path: taken.append(path) or run(x, routing))
     with torch.no_grad():
-        routing = moe.gate(flat)
         compiled, _ = torch.compile(moe.experts, backend="eager", fullgraph=True, dynamic=True)(flat, routing)
-        grouped, _ = moe.experts(flat, routing)
     assert taken == [expected_path]
     assert (compiled.float() - grouped.float()).abs().max().item() < 2e-2 * grouped.float().abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "tokens, hidden, expert_width",
+    [(1, 64, 32), (3, 64, 32), (16, 64, 32), (40, 64, 32), (5, 36, 6)],
+    ids=["1-token", "3-tokens", "16-tokens", "40-tokens", "widths-off-8-floats"],
+)
+def test_grouped_experts_kernel_gives_the_per_token_loop(tokens, hidden, expert_width):
+    assert expert_kernel.available()
+    moe = make_moe(hidden_size=hidden, moe_intermediate_size=expert_width).eval()
+    flat = torch.randn(tokens, hidden)
+    with torch.no_grad():
+        routing = moe.gate(flat)
+        routed, load = moe.experts.forward_kernel(flat, routing)
+        expected = reference_moe(moe, flat.unsqueeze(0)).squeeze(0) - moe.shared_experts(flat)
+        _, pairs_load = moe.experts.forward_pairs(flat, routing)
+    assert (routed - expected).abs().max().item() < 1e-5
+    assert load.tolist() == pairs_load.tolist()
+
+
+def test_grouped_experts_kernel_with_every_token_on_the_same_experts_and_most_experts_idle():
+    assert expert_kernel.available()
+    moe = make_moe().eval()
+    flat = torch.randn(6, 64)
+    with torch.no_grad():
+        routing = moe.gate(flat)
+        same = Routing(routing.weights, torch.tensor([[5, 2]] * 6), routing.scores)
+        routed, load = moe.experts.forward_kernel(flat, same)
+        _, pairs_load = moe.experts.forward_pairs(flat, same)
+        expected, _ = moe.experts.forward_pairs(flat, same)
+    assert (routed - expected).abs().max().item() < 1e-5
+    assert load.tolist() == pairs_load.tolist() == [0, 0, 6, 0, 0, 6, 0, 0]
+
+
+def test_grouped_experts_kernel_refuses_an_expert_id_out_of_range_by_value():
+    assert expert_kernel.available()
+    moe = make_moe().eval()
+    flat = torch.randn(2, 64)
+    routing = Routing(torch.ones(2, 2), torch.tensor([[0, 1], [3, 8]]), torch.zeros(2, 8))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="expert id 8 out of range"):
+        moe.experts.forward_kernel(flat, routing)
+
+
+def test_eager_inference_of_few_tokens_runs_the_kernel_and_training_the_grouped_matmul():
+    assert expert_kernel.available()
+    moe = make_moe()
+    taken = []
+    kernel = moe.experts.forward_kernel
+    moe.experts.forward_kernel = lambda x, routing: taken.append(x.shape[0]) or kernel(x, routing)
+    few, many = torch.randn(expert_kernel.MAX_TOKENS, 64), torch.randn(expert_kernel.MAX_TOKENS + 1, 64)
+    with torch.no_grad():
+        inferred, _ = moe.experts(few, moe.gate(few))
+        moe.experts(many, moe.gate(many))
+    trained, _ = moe.experts(few, moe.gate(few))
+    assert taken == [expert_kernel.MAX_TOKENS]
+    assert trained.requires_grad and (trained - inferred).abs().max().item() < 1e-5
 
 
 def test_compiled_float32_training_forward_matches_eager_with_gradients():

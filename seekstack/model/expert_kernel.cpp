@@ -1,0 +1,131 @@
+// The routed experts of a few tokens with each chosen expert's weights read once (seekstack/model/expert_kernel.py).
+//
+// y_t = sum_k g_{t,k} W_down[e_{t,k}] (SiLU(W_gate[e] x_t) * W_up[e] x_t), DeepSeek-V3 eq. 12-13, for float32 CPU
+// tensors. A decode step's few tokens are bound by the bytes of expert weights read, not by FLOPs: the pairs are
+// grouped by expert, and every weight row of an expert is loaded once for all of that expert's tokens.
+// Shapes: N tokens, K experts per token, P = N*K (token, expert) pairs, E experts, D hidden, I expert width.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kRowsPerLoad = 4;  // token rows that share each load of a weight row
+
+// outputs[r][j] = dot(weight[j, :], inputs[r]) for j < out_features, r < rows; weight is (out_features, in_features).
+void rows_times_weight(const float* weight, int64_t out_features, int64_t in_features, const float* const* inputs,
+                       float* const* outputs, int64_t rows) {
+  for (int64_t j = 0; j < out_features; ++j) {
+    const float* weight_row = weight + j * in_features;
+    for (int64_t first = 0; first < rows; first += kRowsPerLoad) {
+      const int64_t count = std::min(kRowsPerLoad, rows - first);
+      float sums[kRowsPerLoad] = {0.f, 0.f, 0.f, 0.f};
+      int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      __m256 acc[kRowsPerLoad] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (; d + 8 <= in_features; d += 8) {
+        const __m256 w = _mm256_loadu_ps(weight_row + d);
+        for (int64_t r = 0; r < count; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(inputs[first + r] + d), acc[r]);
+      }
+      for (int64_t r = 0; r < count; ++r) {
+        __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        half = _mm_hadd_ps(half, half);
+        sums[r] = _mm_cvtss_f32(_mm_hadd_ps(half, half));
+      }
+#endif
+      for (int64_t r = 0; r < count; ++r) {
+        const float* input = inputs[first + r];
+        for (int64_t tail = d; tail < in_features; ++tail) sums[r] += weight_row[tail] * input[tail];
+        outputs[first + r][j] = sums[r];
+      }
+    }
+  }
+}
+
+at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                           const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "grouped_experts: x must be float32 on the CPU");
+  TORCH_CHECK(gate_up_proj.scalar_type() == at::kFloat && down_proj.scalar_type() == at::kFloat,
+              "grouped_experts: expert weights must be float32");
+  TORCH_CHECK(experts.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
+              "grouped_experts: experts must be int64, weights float32");
+  const int64_t N = x.size(0), D = x.size(1), K = experts.size(1), E = gate_up_proj.size(0);
+  const int64_t I = down_proj.size(2);
+  TORCH_CHECK(experts.size(0) == N && weights.sizes() == experts.sizes(), "grouped_experts: routing shape mismatch");
+  TORCH_CHECK(gate_up_proj.size(1) == 2 * I && gate_up_proj.size(2) == D && down_proj.size(0) == E &&
+                  down_proj.size(1) == D,
+              "grouped_experts: expert weight shapes do not match x");
+  const at::Tensor x_c = x.contiguous(), experts_c = experts.contiguous(), weights_c = weights.contiguous();
+  const at::Tensor gate_up_c = gate_up_proj.contiguous(), down_c = down_proj.contiguous();
+  const float* x_data = x_c.data_ptr<float>();
+  const int64_t* expert_of = experts_c.data_ptr<int64_t>();
+  const float* gate_of = weights_c.data_ptr<float>();
+  const float* gate_up = gate_up_c.data_ptr<float>();
+  const float* down = down_c.data_ptr<float>();
+  const int64_t P = N * K;
+
+  // Counting sort of the pairs by expert: pairs_of[first[e] .. first[e + 1]) are expert e's.
+  std::vector<int64_t> first(E + 1, 0), pairs_of(P);
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(expert_of[p] >= 0 && expert_of[p] < E, "grouped_experts: expert id ", expert_of[p], " out of range");
+    ++first[expert_of[p] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) first[e + 1] += first[e];
+  std::vector<int64_t> next(first.begin(), first.end() - 1);
+  for (int64_t p = 0; p < P; ++p) pairs_of[next[expert_of[p]]++] = p;
+
+  std::vector<float> projected(P * 2 * I), hidden(P * I), pair_out(P * D);
+  at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> inputs;
+    std::vector<float*> outputs;
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t count = first[e + 1] - first[e];
+      if (count == 0) continue;
+      inputs.resize(count);
+      outputs.resize(count);
+      for (int64_t q = 0; q < count; ++q) {
+        const int64_t p = pairs_of[first[e] + q];
+        inputs[q] = x_data + (p / K) * D;
+        outputs[q] = projected.data() + p * 2 * I;
+      }
+      rows_times_weight(gate_up + e * 2 * I * D, 2 * I, D, inputs.data(), outputs.data(), count);
+      for (int64_t q = 0; q < count; ++q) {  // h = g * SiLU(gate) * up: the combine weight folded in before W_down
+        const int64_t p = pairs_of[first[e] + q];
+        const float* gate = projected.data() + p * 2 * I;
+        float* h = hidden.data() + p * I;
+        for (int64_t i = 0; i < I; ++i) h[i] = gate_of[p] * gate[i] / (1.f + std::exp(-gate[i])) * gate[I + i];
+        inputs[q] = h;
+        outputs[q] = pair_out.data() + p * D;
+      }
+      rows_times_weight(down + e * D * I, D, I, inputs.data(), outputs.data(), count);
+    }
+  });
+
+  at::Tensor y = at::empty({N, D}, x.options());
+  float* y_data = y.data_ptr<float>();
+  for (int64_t t = 0; t < N; ++t) {  // each token's K pair outputs summed in routing order: deterministic
+    float* out = y_data + t * D;
+    const float* pair = pair_out.data() + t * K * D;
+    for (int64_t d = 0; d < D; ++d) out[d] = pair[d];
+    for (int64_t k = 1; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) out[d] += pair[k * D + d];
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(seekstack, m) {
+  m.def("grouped_experts(Tensor x, Tensor experts, Tensor weights, Tensor gate_up_proj, Tensor down_proj) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(seekstack, CPU, m) { m.impl("grouped_experts", grouped_experts); }
