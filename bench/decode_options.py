@@ -4,8 +4,8 @@ prompts greedily, timed alternately in one process (the machine's drift hits eve
     python bench/decode_options.py --preset small --rows 1 --options '{}' '{"memory_planning": true}'
 
 Each OPTIONS is JSON merged over seekstack.infer.engine.DECODE_COMPILE_OPTIONS (the default set, '{}'), except the
-key "weight_first_linears": false, which gives that engine's block linears back their plain x W^T product
-(seekstack/infer/packed.py `DecodeLinear`). Prints each
+key "weight_first_linears": false, which gives that engine's block linears back their plain x W^T product, neither
+the rows_linear kernel nor the weight-first form (seekstack/infer/packed.py `DecodeLinear`). Prints each
 set's median decode tokens/s over the rounds, its median per-round ratio to the first set, and whether every set
 produced the same tokens. One thread (as bench/decode.py's like-for-like rows), random weights of the preset.
 """

@@ -1,5 +1,5 @@
 """Compiled decode's routed experts: each (token, expert) pair gathering its expert, every expert on every token, and
-the grouped-experts kernel (each chosen expert read once; float32 only, seekstack.model.expert_kernel).
+the grouped-experts kernel (each chosen expert read once; float32 only, seekstack.model.cpu_kernels).
 
 `RoutedExperts.forward_gathered` picks one of them by dtype and shape; this times each, and the pick, as the engine
 compiles them (dynamic shapes, cpp wrapper), over the MoE layers of a preset chained as in one decode step.
@@ -22,7 +22,7 @@ import time
 import torch
 
 import seekstack
-from seekstack.model import expert_kernel
+from seekstack.model import cpu_kernels
 from seekstack.model.moe import MoE, Routing
 
 FLUSH_FLOATS = 32 * 1024 * 1024  # 128 MB written before each step, beyond any L3
@@ -48,7 +48,7 @@ def main() -> None:
     moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
     flush = torch.zeros(FLUSH_FLOATS)
     print(f"{args.preset}: {len(moes)} MoE layers, {args.threads} thread(s), median wall ms per step of {args.reps}")
-    kernel = expert_kernel.available()
+    kernel = cpu_kernels.available()
     header = f"{'dtype':9s} {'N':>4s} {'pairs':>8s} {'dense':>8s} {'kernel':>8s} {'dense/pairs':>12s}"
     print(f"{header} {'kernel/pairs':>13s} {'gathered (the pick)':>20s}")
     for dtype in [getattr(torch, name) for name in args.dtypes]:

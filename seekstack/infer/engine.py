@@ -45,7 +45,7 @@ from seekstack.infer.speculative import (
     mtp_drafts,
 )
 from seekstack.infer.threads import StepThreads
-from seekstack.model import expert_kernel
+from seekstack.model import cpu_kernels
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -442,7 +442,7 @@ class Engine:
         # engines in one process share those graphs' cache: several engines (a benchmark comparing draft counts)
         # pass dynamo's default of 8, after which it would run the function eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        expert_kernel.available()  # built here, outside the graph that calls it
+        cpu_kernels.available()  # built here, outside the graph that calls it
         # Dynamo keeps its guards on the model: LoRA loads swap module classes and buffers under a compiled engine.
         self._decode_model = _compiled(self.model)
         self._decode_drafts = _compiled(mtp_drafts)

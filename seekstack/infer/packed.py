@@ -3,12 +3,14 @@
 A decode step multiplies a few token rows x (M, D) by the head's weight W (V, D), the largest matrix the step reads.
 On a CPU, float32 (MKL, 1 thread, AMD Zen 3, micro-benches of these calls on the `small` head):
 - one row, x W^T with W row-major (F.linear) streams W at ~3 GB/s; x @ W_t, with W^T stored contiguous, at ~7-8 GB/s;
-- 2-16 rows, (W x^T)^T, the weight as the product's first operand, beats F.linear 1.3-2x, needing no copy;
+- 2-16 rows, (W x^T)^T, the weight as the product's first operand, beats F.linear 1.3-2x, needing no copy, and
+  seekstack's `rows_linear` kernel (seekstack.model.cpu_kernels) beats that 1.2-1.45x, where it is built;
 - more rows (prefill chunks) keep F.linear, the call not measured against the others there.
 So the head keeps W^T beside W (`weight_t`, outside the state dict): V x D more bytes, 25 MB on `small`.
-The block's own bias-free linears (attention projections, dense FFNs, shared experts) take the weight-first form in
-compiled decode steps of 2 or more rows (`DecodeLinear`), with no copy; a 1-row step keeps x W^T, which inductor's
-`decompose_mm_pass` turns into its own loops (engine.py `_compiled`).
+The block's own bias-free linears (attention projections, dense FFNs, shared experts) run 2-16 rows of inference
+through `rows_linear` too, compiled or eager (`DecodeLinear`), with no copy; without the kernel, compiled steps take
+the weight-first form. A 1-row step keeps x W^T, which inductor's `decompose_mm_pass` turns into its own loops
+(engine.py `_compiled`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekstack.model import cpu_kernels
 from seekstack.model.transformer import Transformer
 
 WEIGHT_FIRST_MAX_ROWS = 16  # up to here (W x^T)^T; beyond it F.linear (measured at 4, 8 and 16 rows)
@@ -30,6 +33,8 @@ def decode_head(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor) -
     if rows == 1:
         return x @ weight_t
     if rows <= WEIGHT_FIRST_MAX_ROWS:
+        if cpu_kernels.available() and cpu_kernels.usable(x, weight):
+            return cpu_kernels.rows_linear(x, weight)
         return (weight @ x.t()).t().contiguous()
     return F.linear(x, weight)
 
@@ -72,15 +77,23 @@ class DecodeHead(nn.Linear):
 
 
 class DecodeLinear(nn.Linear):
-    """A bias-free linear (an nn.Linear: same parameter, same state dict) that a compiled decode step of 2 or more rows
-    runs as (W x^T)^T. `small`, one thread, `bench/decode_options.py --rows N --options '{}'
-    '{"weight_first_linears": false}'`: decode +6% / +8% / +3% at 2 / 4 / 8 rows, -1% at 16 (noise), same tokens."""
+    """A bias-free linear (an nn.Linear: same parameter, same state dict) that runs 2-16 rows of inference through the
+    `rows_linear` kernel, or, compiled and without the kernel, as (W x^T)^T (`small`, one thread, `bench/
+    decode_options.py --rows N --options '{}' '{"weight_first_linears": false}'`: decode +6% / +8% / +3% at 2 / 4 /
+    8 rows, -1% at 16 (noise), same tokens, before the kernel)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if torch.is_grad_enabled() or not torch.compiler.is_compiling() or rows == 1:
+        if torch.is_grad_enabled() or rows == 1:
             return F.linear(x, self.weight)
-        return (self.weight @ x.reshape(rows, -1).t()).t().view(*x.shape[:-1], -1)
+        flat = x.reshape(rows, -1)
+        if torch.compiler.is_compiling():  # rows_linear passes more than MAX_TOKENS rows on to F.linear itself
+            if cpu_kernels.usable(x, self.weight):
+                return cpu_kernels.rows_linear(flat, self.weight).view(*x.shape[:-1], -1)
+            return (self.weight @ flat.t()).t().view(*x.shape[:-1], -1)
+        if rows <= cpu_kernels.MAX_TOKENS and cpu_kernels.available() and cpu_kernels.usable(x, self.weight):
+            return cpu_kernels.rows_linear(flat, self.weight).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)
 
 
 def pack_for_decode(model: Transformer) -> int:

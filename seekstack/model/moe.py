@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekstack.config import ModelConfig
-from seekstack.model import expert_kernel
+from seekstack.model import cpu_kernels
 
 
 class FeedForward(nn.Module):
@@ -113,7 +113,7 @@ class RoutedExperts(nn.Module):
         """x (N, D) -> (sum_k g_k FFN_{e_k}(x) (N, D), tokens per expert (E,))."""
         if torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return self.forward_gathered(x, routing)
-        if not torch.is_grad_enabled() and x.shape[0] <= expert_kernel.MAX_TOKENS and self._kernel_takes(x, eager=True):
+        if not torch.is_grad_enabled() and x.shape[0] <= cpu_kernels.MAX_TOKENS and self._kernel_takes(x, eager=True):
             return self.forward_kernel(x, routing)
         top_k = routing.experts.shape[1]
         flat_experts = routing.experts.flatten()  # (N*K,)
@@ -165,9 +165,9 @@ class RoutedExperts(nn.Module):
         return self.forward_pairs(x, routing)
 
     def forward_kernel(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs grouped by expert in a C++ kernel (seekstack.model.expert_kernel): each chosen expert's weights
+        """The pairs grouped by expert in a C++ kernel (seekstack.model.cpu_kernels): each chosen expert's weights
         read once, for float32 on a CPU."""
-        combined = expert_kernel.grouped_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
+        combined = cpu_kernels.grouped_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
         return combined, _expert_load(routing)
 
     def _kernel_takes(self, x: torch.Tensor, eager: bool) -> bool:
@@ -180,9 +180,9 @@ class RoutedExperts(nn.Module):
                 RoutedExperts.grouped_linear,
                 RoutedExperts.expert_linear,
             )
-            if overridden or not expert_kernel.available():
+            if overridden or not cpu_kernels.available():
                 return False
-        return expert_kernel.usable(x, self.gate_up_proj)
+        return cpu_kernels.usable(x, self.gate_up_proj)
 
     def forward_pairs(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each (token, expert) pair gathers its expert's weights: N*K expert weight sets read, N*K GEMVs."""

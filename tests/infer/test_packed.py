@@ -11,6 +11,7 @@ from torch import nn
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer.packed import WEIGHT_FIRST_MAX_ROWS, DecodeHead, DecodeLinear
+from seekstack.model import cpu_kernels
 from tests.infer.support import VOCAB, model_dir
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
@@ -35,15 +36,52 @@ def test_decode_head_gives_the_linear_products_for_every_row_count(shape):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [2, 5, 16, 17, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_linear_kernel_gives_the_linear_products(rows, threads):
+    assert cpu_kernels.available()
+    x, weight = torch.randn(rows, 37), torch.randn(700, 37)  # rows of 37 floats: a tail past the 8-float vectors
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 700 outputs: split over the threads in blocks of 256
+    try:
+        out = cpu_kernels.rows_linear(x, weight)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_linear_kernel_refuses_a_weight_of_another_width_by_its_shape():
+    assert cpu_kernels.available()
+    with pytest.raises(RuntimeError, match=r"weight \[30, 40\] does not take rows of 48"):
+        cpu_kernels.rows_linear(torch.randn(3, 48), torch.randn(30, 40))
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
-def test_decode_linear_compiled_over_several_rows_gives_the_linear_products():
+@pytest.mark.parametrize("shape", [(2, 3, 48), (3, 7, 48)], ids=["6-rows-kernel", "21-rows-blas"])
+def test_decode_linear_compiled_over_several_rows_gives_the_linear_products(shape):
+    assert cpu_kernels.available()
     linear = nn.Linear(48, 30, bias=False)
-    x = torch.randn(2, 3, 48)
+    x = torch.randn(shape)
     expected = F.linear(x, linear.weight).detach()
     linear.__class__ = DecodeLinear
     with torch.no_grad():
         out = torch.compile(linear, dynamic=True)(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_linear_runs_the_kernel_for_few_rows_without_gradients_only(monkeypatch):
+    assert cpu_kernels.available()
+    calls = []
+    kernel = cpu_kernels.rows_linear
+    monkeypatch.setattr(cpu_kernels, "rows_linear", lambda x, weight: calls.append(x.shape[0]) or kernel(x, weight))
+    linear = nn.Linear(48, 30, bias=False)
+    linear.__class__ = DecodeLinear
+    few, many = torch.randn(4, 48), torch.randn(cpu_kernels.MAX_TOKENS + 1, 48)
+    with torch.no_grad():
+        for x in (few, many, few[:1]):
+            torch.testing.assert_close(linear(x), F.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+    trained = linear(few)
+    assert calls == [4] and trained.requires_grad
 
 
 def test_gradients_reach_the_weight_not_the_copy():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seekstack.model import expert_kernel
+from seekstack.model import cpu_kernels
 from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss
 from seekstack.model.transformer import Transformer
 from seekstack.train.balance import max_violation, update_expert_bias
@@ -94,7 +94,7 @@ def test_each_compiled_inference_path_gives_the_grouped_dispatch_per_token(path,
     ],
 )
 def test_compiled_inference_picks_its_path_by_dtype_and_shape_in_one_graph(dtype, tokens, expected_path):
-    assert expert_kernel.available()  # float32 on a CPU: the grouped-experts kernel, built before compiling
+    assert cpu_kernels.available()  # float32 on a CPU: the grouped-experts kernel, built before compiling
     moe = make_moe().eval().to(dtype)  # 8 experts, K=2: dense from 8 pairs per expert, 32 tokens, in bfloat16 only
     flat = torch.randn(tokens, 64, dtype=dtype)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_compiled_inference_picks_its_path_by_dtype_and_shape_in_one_graph(dtype
     ids=["1-token", "3-tokens", "16-tokens", "40-tokens", "widths-off-8-floats"],
 )
 def test_grouped_experts_kernel_gives_the_per_token_loop(tokens, hidden, expert_width):
-    assert expert_kernel.available()
+    assert cpu_kernels.available()
     moe = make_moe(hidden_size=hidden, moe_intermediate_size=expert_width).eval()
     flat = torch.randn(tokens, hidden)
     with torch.no_grad():
@@ -129,7 +129,7 @@ def test_grouped_experts_kernel_gives_the_per_token_loop(tokens, hidden, expert_
 
 
 def test_grouped_experts_kernel_with_every_token_on_the_same_experts_and_most_experts_idle():
-    assert expert_kernel.available()
+    assert cpu_kernels.available()
     moe = make_moe().eval()
     flat = torch.randn(6, 64)
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_grouped_experts_kernel_with_every_token_on_the_same_experts_and_most_ex
 
 
 def test_grouped_experts_kernel_refuses_an_expert_id_out_of_range_by_value():
-    assert expert_kernel.available()
+    assert cpu_kernels.available()
     moe = make_moe().eval()
     flat = torch.randn(2, 64)
     routing = Routing(torch.ones(2, 2), torch.tensor([[0, 1], [3, 8]]), torch.zeros(2, 8))
@@ -152,17 +152,17 @@ def test_grouped_experts_kernel_refuses_an_expert_id_out_of_range_by_value():
 
 
 def test_eager_inference_of_few_tokens_runs_the_kernel_and_training_the_grouped_matmul():
-    assert expert_kernel.available()
+    assert cpu_kernels.available()
     moe = make_moe()
     taken = []
     kernel = moe.experts.forward_kernel
     moe.experts.forward_kernel = lambda x, routing: taken.append(x.shape[0]) or kernel(x, routing)
-    few, many = torch.randn(expert_kernel.MAX_TOKENS, 64), torch.randn(expert_kernel.MAX_TOKENS + 1, 64)
+    few, many = torch.randn(cpu_kernels.MAX_TOKENS, 64), torch.randn(cpu_kernels.MAX_TOKENS + 1, 64)
     with torch.no_grad():
         inferred, _ = moe.experts(few, moe.gate(few))
         moe.experts(many, moe.gate(many))
     trained, _ = moe.experts(few, moe.gate(few))
-    assert taken == [expert_kernel.MAX_TOKENS]
+    assert taken == [cpu_kernels.MAX_TOKENS]
     assert trained.requires_grad and (trained - inferred).abs().max().item() < 1e-5
 
 

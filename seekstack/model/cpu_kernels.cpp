@@ -1,13 +1,11 @@
-// The routed experts of a few tokens with each chosen expert's weights read once (seekstack/model/expert_kernel.py).
-//
-// y_t = sum_k g_{t,k} W_down[e_{t,k}] (SiLU(W_gate[e] x_t) * W_up[e] x_t), DeepSeek-V3 eq. 12-13, for float32 CPU
-// tensors. A decode step's few tokens are bound by the bytes of expert weights read, not by FLOPs: the pairs are
-// grouped by expert, and every weight row of an expert is loaded once for all of that expert's tokens.
+// Kernels for a decode step's few token rows on a CPU, float32 (seekstack/model/cpu_kernels.py says why and when).
+// A few rows are bound by the weight bytes read, not by FLOPs: every weight row is loaded once for all rows.
 // Shapes: N tokens, K experts per token, P = N*K (token, expert) pairs, E experts, D hidden, I expert width.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -51,11 +49,41 @@ void rows_times_weight(const float* weight, int64_t out_features, int64_t in_fea
   }
 }
 
+void check_float_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, op,
+              ": x must be 2-D float32 on the CPU");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, op, ": weights must be float32");
+}
+
+constexpr int64_t kMostRows = 16;  // measured up to here (cpu_kernels.MAX_TOKENS); more rows go to the BLAS call
+
+// y = x W^T for W (out, in): output rows split over threads.
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight) {
+  check_float_rows(x, weight, "rows_linear");
+  if (x.size(0) > kMostRows) return at::linear(x, weight);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "rows_linear: weight ", weight.sizes(),
+              " does not take rows of ", x.size(1));
+  const at::Tensor x_c = x.contiguous(), weight_c = weight.contiguous();
+  const int64_t N = x_c.size(0), in_features = x_c.size(1), out_features = weight_c.size(0);
+  at::Tensor y = at::empty({N, out_features}, x.options());
+  std::vector<const float*> inputs(N);
+  for (int64_t r = 0; r < N; ++r) inputs[r] = x_c.data_ptr<float>() + r * in_features;
+  const float* w = weight_c.data_ptr<float>();
+  float* y_data = y.data_ptr<float>();
+  at::parallel_for(0, out_features, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float*> outputs(N);
+    for (int64_t r = 0; r < N; ++r) outputs[r] = y_data + r * out_features + begin;
+    rows_times_weight(w + begin * in_features, end - begin, in_features, inputs.data(), outputs.data(), N);
+  });
+  return y;
+}
+
+// y_t = sum_k g_{t,k} W_down[e_{t,k}] (SiLU(W_gate[e] x_t) * W_up[e] x_t), DeepSeek-V3 eq. 12-13: the pairs grouped
+// by expert, each chosen expert's weights read once for all of its tokens.
 at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
                            const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "grouped_experts: x must be float32 on the CPU");
-  TORCH_CHECK(gate_up_proj.scalar_type() == at::kFloat && down_proj.scalar_type() == at::kFloat,
-              "grouped_experts: expert weights must be float32");
+  check_float_rows(x, gate_up_proj, "grouped_experts");
+  check_float_rows(x, down_proj, "grouped_experts");
   TORCH_CHECK(experts.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
               "grouped_experts: experts must be int64, weights float32");
   const int64_t N = x.size(0), D = x.size(1), K = experts.size(1), E = gate_up_proj.size(0);
@@ -125,7 +153,11 @@ at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(seekstack, m) {
+  m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("grouped_experts(Tensor x, Tensor experts, Tensor weights, Tensor gate_up_proj, Tensor down_proj) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(seekstack, CPU, m) { m.impl("grouped_experts", grouped_experts); }
+TORCH_LIBRARY_IMPL(seekstack, CPU, m) {
+  m.impl("rows_linear", rows_linear);
+  m.impl("grouped_experts", grouped_experts);
+}
