@@ -17,34 +17,47 @@
 
 namespace {
 
-constexpr int64_t kRowsPerLoad = 4;  // token rows that share each load of a weight row
+constexpr int64_t kRowsPerLoad = 4;  // token rows that share each load of a weight row (8 measured no faster)
+
+// outputs[r][j] = dot(weight_row, inputs[r]) for R rows; R a constant, so that the accumulators stay in registers.
+template <int R>
+inline void dot_rows(const float* weight_row, int64_t in_features, const float* const* inputs, float* const* outputs,
+                     int64_t j) {
+  float sums[R] = {};
+  int64_t d = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (; d + 8 <= in_features; d += 8) {
+    const __m256 w = _mm256_loadu_ps(weight_row + d);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(inputs[r] + d), acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+    half = _mm_hadd_ps(half, half);
+    sums[r] = _mm_cvtss_f32(_mm_hadd_ps(half, half));
+  }
+#endif
+  for (int r = 0; r < R; ++r) {
+    for (int64_t tail = d; tail < in_features; ++tail) sums[r] += weight_row[tail] * inputs[r][tail];
+    outputs[r][j] = sums[r];
+  }
+}
 
 // outputs[r][j] = dot(weight[j, :], inputs[r]) for j < out_features, r < rows; weight is (out_features, in_features).
+// Each weight row is read from memory once: the row blocks after the first find it in L1.
 void rows_times_weight(const float* weight, int64_t out_features, int64_t in_features, const float* const* inputs,
                        float* const* outputs, int64_t rows) {
   for (int64_t j = 0; j < out_features; ++j) {
     const float* weight_row = weight + j * in_features;
-    for (int64_t first = 0; first < rows; first += kRowsPerLoad) {
-      const int64_t count = std::min(kRowsPerLoad, rows - first);
-      float sums[kRowsPerLoad] = {0.f, 0.f, 0.f, 0.f};
-      int64_t d = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-      __m256 acc[kRowsPerLoad] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (; d + 8 <= in_features; d += 8) {
-        const __m256 w = _mm256_loadu_ps(weight_row + d);
-        for (int64_t r = 0; r < count; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(inputs[first + r] + d), acc[r]);
-      }
-      for (int64_t r = 0; r < count; ++r) {
-        __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        half = _mm_hadd_ps(half, half);
-        sums[r] = _mm_cvtss_f32(_mm_hadd_ps(half, half));
-      }
-#endif
-      for (int64_t r = 0; r < count; ++r) {
-        const float* input = inputs[first + r];
-        for (int64_t tail = d; tail < in_features; ++tail) sums[r] += weight_row[tail] * input[tail];
-        outputs[first + r][j] = sums[r];
-      }
+    int64_t first = 0;
+    for (; first + kRowsPerLoad <= rows; first += kRowsPerLoad)
+      dot_rows<kRowsPerLoad>(weight_row, in_features, inputs + first, outputs + first, j);
+    switch (rows - first) {
+      case 3: dot_rows<3>(weight_row, in_features, inputs + first, outputs + first, j); break;
+      case 2: dot_rows<2>(weight_row, in_features, inputs + first, outputs + first, j); break;
+      case 1: dot_rows<1>(weight_row, in_features, inputs + first, outputs + first, j); break;
+      default: break;
     }
   }
 }
