@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.cpp_extension
 
 from seekstack.model import cpu_kernels
 from seekstack.model.moe import MoE, Router, Routing, sequence_balance_loss
@@ -256,3 +257,21 @@ def test_correction_bias_stays_float32_when_the_model_is_cast():
     assert model.layers[1].mlp.gate.weight.dtype == torch.bfloat16
     update_expert_bias(model, torch.ones(3, 8).index_fill_(1, torch.tensor([0]), 5.0), rate=0.001)
     assert bias[0].item() == pytest.approx(0.1224567, abs=1e-7)  # a 1e-3 step survives
+
+
+def test_without_a_compiler_the_kernels_warn_once_and_the_experts_keep_their_grouped_matmul(monkeypatch):
+    def no_compiler(**kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_built", {})  # as in a fresh process
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="cpu_kernels.cpp did not build.*Ninja is required") as warned:
+        assert not cpu_kernels.available()
+        assert not cpu_kernels.available()  # tried once: no second build, no second warning
+    assert len(warned) == 1
+    moe = make_moe().eval()
+    flat = torch.randn(3, 64)
+    with torch.no_grad():
+        routed, _ = moe.experts(flat, moe.gate(flat))
+    expected = reference_moe(moe, flat.unsqueeze(0)).squeeze(0) - moe.shared_experts(flat)
+    assert (routed - expected).abs().max().item() < 1e-5
