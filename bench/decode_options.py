@@ -4,8 +4,9 @@ prompts greedily, timed alternately in one process (the machine's drift hits eve
     python bench/decode_options.py --preset small --rows 1 --options '{}' '{"memory_planning": true}'
 
 Each OPTIONS is JSON merged over seekstack.infer.engine.DECODE_COMPILE_OPTIONS (the default set, '{}'), except the
-key "weight_first_linears": false, which gives that engine's block linears back their plain x W^T product, neither
-the rows_linear kernel nor the weight-first form (seekstack/infer/packed.py `DecodeLinear`). Prints each
+keys "weight_first_linears": false, which gives that engine's block linears back their plain x W^T product, neither
+the rows_linear kernel nor the weight-first form (seekstack/infer/packed.py `DecodeLinear`), and "cpu_kernels":
+false, which runs that engine without seekstack.model.cpu_kernels (MoE and linears alike). Prints each
 set's median decode tokens/s over the rounds, its median per-round ratio to the first set, and whether every set
 produced the same tokens. One thread (as bench/decode.py's like-for-like rows), random weights of the preset.
 """
@@ -27,7 +28,10 @@ import seekstack
 from seekstack.infer import Engine, SamplingParams
 from seekstack.infer import engine as engine_module
 from seekstack.infer.packed import DecodeLinear
+from seekstack.model import cpu_kernels
 from seekstack.tokenizer import train_tokenizer
+
+OUR_KEYS = ("weight_first_linears", "cpu_kernels")  # the options that are seekstack's, not inductor's
 
 
 def build_engines(directory: Path, option_sets: list[dict], rows: int) -> list[Engine]:
@@ -36,19 +40,21 @@ def build_engines(directory: Path, option_sets: list[dict], rows: int) -> list[E
     engines = []
     try:
         for options in option_sets:
-            inductor = {key: value for key, value in options.items() if key != "weight_first_linears"}
+            inductor = {key: value for key, value in options.items() if key not in OUR_KEYS}
             engine_module.DECODE_COMPILE_OPTIONS = {**default, **inductor}
             engine = Engine.from_pretrained(directory, compile=True, max_batch_size=max(rows, 2))
             if not options.get("weight_first_linears", True):
                 for module in engine.model.modules():
                     if type(module) is DecodeLinear:
                         module.__class__ = nn.Linear
+            cpu_kernels.set_enabled(options.get("cpu_kernels", True))
             started = time.perf_counter()
             engine.generate([[5] * 8] * rows, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
             print(f"{json.dumps(options)}: warmed up in {time.perf_counter() - started:.0f} s", flush=True)
             engines.append(engine)
     finally:
         engine_module.DECODE_COMPILE_OPTIONS = default
+        cpu_kernels.set_enabled(True)
     return engines
 
 
@@ -72,7 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--options", nargs="+", type=json.loads, default=[{}, {"memory_planning": True}])
     args = parser.parse_args()
-    known = {*torch._inductor.config.get_config_copy(), "weight_first_linears"}
+    known = {*torch._inductor.config.get_config_copy(), *OUR_KEYS}
     for options in args.options:
         if unknown := sorted(set(options) - known):
             parser.error(f"--options {json.dumps(options)}: {', '.join(unknown)} is not an inductor option")
@@ -90,6 +96,7 @@ def main() -> None:
     for round_number in range(args.rounds):
         order = range(len(engines)) if round_number % 2 == 0 else reversed(range(len(engines)))
         for index in order:
+            cpu_kernels.set_enabled(args.options[index].get("cpu_kernels", True))
             rate, produced = decode_rate(engines[index], prompts, args.new_tokens)
             rates[index].append(rate)
             tokens.append(produced)

@@ -34,6 +34,7 @@ NAME = "seekstack_cpu_kernels"
 MAX_TOKENS = 16  # up to here the kernels run eager steps too (both measured to 16 rows)
 
 _built: dict[str, bool] = {}  # "ok": whether the build succeeded, once it was tried
+_switch = {"on": True}  # set_enabled
 
 
 def available() -> bool:
@@ -48,12 +49,19 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernels (already built) take these tensors: float32 rows and a plain (not sharded) float32 weight,
     on the CPU."""
     return (
-        _built.get("ok", False)
+        _switch["on"]
+        and _built.get("ok", False)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not isinstance(weight, DTensor)
     )
+
+
+def set_enabled(on: bool) -> None:
+    """Let the callers use the kernels, or not (their other paths then): `bench/decode_options.py` times both in one
+    process. Compiled steps guard on it, so each setting keeps a graph of its own."""
+    _switch["on"] = on
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
