@@ -10,8 +10,9 @@ ops, both loading every weight row once for all rows (AVX2 + FMA where the CPU h
   read 32 sets for ~14 distinct experts. The kernel groups the pairs by expert and reads each chosen expert once,
   one expert per thread. `bench/moe_decode.py`, `small`, float32, one thread, 7 MoE layers with the L3 flushed: 16.3
   against 23.3 ms at 8 tokens, 22.9 against 38.1 at 16; about even at 1-2 tokens, where compiled steps keep the
-  pairs. In the engine (`small`, compiled, alternating in one process, same greedy tokens) decode ran +13-34% faster
-  at 8 rows and +19-29% at 16.
+  pairs.
+Both together, `bench/decode_options.py --preset small --rows N --options '{}' '{"cpu_kernels": false}'` (compiled
+engines alternating in one process, same greedy tokens): decode +21% / +23% / +51% at 2 / 8 / 16 rows.
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
