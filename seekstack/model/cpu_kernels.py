@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from torch.distributed.tensor import DTensor
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 NAME = "seekstack_cpu_kernels"
 MAX_TOKENS = 16  # up to here the kernels run eager steps too (both measured to 16 rows)
+STALE_LOCK_SECONDS = 120.0  # a build takes ~15 s here; a lock file older than this was left by one that died
 
 _built: dict[str, bool] = {}  # "ok": whether the build succeeded, once it was tried
 _switch = {"on": True}  # set_enabled
@@ -85,6 +87,7 @@ def _build() -> bool:
         print(f"note: building {SOURCE.name} for this CPU in {folder} (once, ~15 s)", file=sys.stderr)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(folder / "lock")
         load(
             name=NAME,
             sources=[str(SOURCE)],
@@ -98,6 +101,21 @@ def _build() -> bool:
     torch.library.register_fake("seekstack::grouped_experts")(_grouped_experts_shape)
     torch.library.register_fake("seekstack::rows_linear")(_rows_linear_shape)
     return True
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """cpp_extension waits, with no limit, for the lock file of a build under way; a build killed outside Python
+    (SIGKILL, a crash) leaves its lock behind. Wait while the lock is younger than a build takes, then remove it."""
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the other build just finished
+            return
+        if age > STALE_LOCK_SECONDS:
+            print(f"note: removing {lock}, left {age:.0f} s ago by a build that did not finish", file=sys.stderr)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(0.5)
 
 
 def _cpu_tag() -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -275,3 +279,21 @@ def test_without_a_compiler_the_kernels_warn_once_and_the_experts_keep_their_gro
         routed, _ = moe.experts(flat, moe.gate(flat))
     expected = reference_moe(moe, flat.unsqueeze(0)).squeeze(0) - moe.shared_experts(flat)
     assert (routed - expected).abs().max().item() < 1e-5
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch):
+    stale = tmp_path / "stale" / "lock"
+    stale.parent.mkdir()
+    stale.touch()
+    os.utime(stale, (time.time() - 2 * cpu_kernels.STALE_LOCK_SECONDS,) * 2)
+    cpu_kernels._clear_stale_lock(stale)
+    assert not stale.exists()
+
+    live = tmp_path / "live" / "lock"
+    live.parent.mkdir()
+    live.touch()
+    finished = threading.Timer(1.0, live.unlink)  # the other build finishing
+    finished.start()
+    started = time.monotonic()
+    cpu_kernels._clear_stale_lock(live)
+    assert time.monotonic() - started >= 0.9 and not live.exists()
