@@ -21,6 +21,7 @@ the build fails once, with a warning, and the callers keep their other paths.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import sys
@@ -83,11 +84,13 @@ def _build() -> bool:
     from torch.utils.cpp_extension import get_default_build_root, load
 
     folder = Path(get_default_build_root()) / f"{NAME}-torch{torch.__version__}-{_cpu_tag()}"
-    if not (folder / f"{NAME}.so").exists():
-        print(f"note: building {SOURCE.name} for this CPU in {folder} (once, ~15 s)", file=sys.stderr)
+    library = folder / f"{NAME}.so"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(folder / "lock")
+        _drop_unproven(library)
+        if not library.exists():
+            print(f"note: building {SOURCE.name} for this CPU in {folder} (once, ~15 s)", file=sys.stderr)
         load(
             name=NAME,
             sources=[str(SOURCE)],
@@ -98,9 +101,28 @@ def _build() -> bool:
     except Exception as error:  # no compiler, no ninja, an unknown -march: the callers keep their other paths
         warnings.warn(f"seekstack: {SOURCE.name} did not build, decode runs without it: {error}", stacklevel=3)
         return False
+    with contextlib.suppress(OSError):  # another process rebuilding it meanwhile: the next run proves it
+        _proof(library).write_text(_signature(library))
     torch.library.register_fake("seekstack::grouped_experts")(_grouped_experts_shape)
     torch.library.register_fake("seekstack::rows_linear")(_rows_linear_shape)
     return True
+
+
+def _drop_unproven(library: Path) -> None:
+    """Remove a built library that no process has loaded as it is now: a build killed while linking, or a full disk,
+    leaves a truncated file, and loading one kills the process (SIGBUS) where a rebuild costs ~15 s."""
+    proof = _proof(library)
+    if library.exists() and not (proof.exists() and proof.read_text() == _signature(library)):
+        library.unlink()
+
+
+def _proof(library: Path) -> Path:
+    return library.with_suffix(".loaded")  # the library's size and time when a process last loaded it
+
+
+def _signature(library: Path) -> str:
+    status = library.stat()
+    return f"{status.st_size} {status.st_mtime_ns}"
 
 
 def _clear_stale_lock(lock: Path) -> None:
