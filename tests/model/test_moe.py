@@ -141,8 +141,7 @@ def test_grouped_experts_kernel_with_every_token_on_the_same_experts_and_most_ex
         routing = moe.gate(flat)
         same = Routing(routing.weights, torch.tensor([[5, 2]] * 6), routing.scores)
         routed, load = moe.experts.forward_kernel(flat, same)
-        _, pairs_load = moe.experts.forward_pairs(flat, same)
-        expected, _ = moe.experts.forward_pairs(flat, same)
+        expected, pairs_load = moe.experts.forward_pairs(flat, same)
     assert (routed - expected).abs().max().item() < 1e-5
     assert load.tolist() == pairs_load.tolist() == [0, 0, 6, 0, 0, 6, 0, 0]
 
@@ -297,3 +296,19 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_waited_fo
     started = time.monotonic()
     cpu_kernels._clear_stale_lock(live)
     assert time.monotonic() - started >= 0.9 and not live.exists()
+
+
+def test_a_kernel_library_no_process_loaded_as_it_is_is_rebuilt_not_loaded(tmp_path):
+    library = tmp_path / f"{cpu_kernels.NAME}.so"
+    library.write_bytes(b"\x7fELF" + bytes(100))  # a link cut short: loading it would kill the process
+    cpu_kernels._drop_unproven(library)
+    assert not library.exists()
+
+    library.write_bytes(b"\x7fELF" + bytes(4000))
+    cpu_kernels._proof(library).write_text(cpu_kernels._signature(library))  # what a successful load records
+    cpu_kernels._drop_unproven(library)
+    assert library.exists()
+    with library.open("r+b") as damaged:
+        damaged.truncate(1000)
+    cpu_kernels._drop_unproven(library)
+    assert not library.exists()
