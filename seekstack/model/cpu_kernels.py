@@ -16,7 +16,8 @@ engines alternating in one process, same greedy tokens): decode +21% / +23% / +5
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
-the build fails once, with a warning, and the callers keep their other paths.
+the build fails once, with a warning, and the callers keep their other paths. A build left unfinished (its lock, a
+truncated library) is redone rather than waited on or loaded.
 """
 
 from __future__ import annotations
