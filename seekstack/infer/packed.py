@@ -84,12 +84,14 @@ class DecodeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if torch.is_grad_enabled() or rows == 1:
+        if torch.is_grad_enabled():
             return F.linear(x, self.weight)
         flat = x.reshape(rows, -1)
         if torch.compiler.is_compiling():  # rows_linear passes more than MAX_TOKENS rows on to F.linear itself
             if cpu_kernels.usable(x, self.weight):
                 return cpu_kernels.rows_linear(flat, self.weight).view(*x.shape[:-1], -1)
+            if rows == 1:
+                return F.linear(x, self.weight)
             return (self.weight @ flat.t()).t().view(*x.shape[:-1], -1)
         if rows <= cpu_kernels.MAX_TOKENS and cpu_kernels.available() and cpu_kernels.usable(x, self.weight):
             return cpu_kernels.rows_linear(flat, self.weight).view(*x.shape[:-1], -1)

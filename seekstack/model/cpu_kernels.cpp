@@ -44,22 +44,75 @@ inline void dot_rows(const float* weight_row, int64_t in_features, const float* 
   }
 }
 
-// outputs[r][j] = dot(weight[j, :], inputs[r]) for j < out_features, r < rows; weight is (out_features, in_features).
+// outputs[r][j] = dot(weight[j, :], inputs[r]) for first <= j < last, r < rows; weight is (out_features, in_features).
 // Each weight row is read from memory once: the row blocks after the first find it in L1.
-void rows_times_weight(const float* weight, int64_t out_features, int64_t in_features, const float* const* inputs,
-                       float* const* outputs, int64_t rows) {
-  for (int64_t j = 0; j < out_features; ++j) {
+void rows_times_weight_rows(const float* weight, int64_t first, int64_t last, int64_t in_features,
+                            const float* const* inputs, float* const* outputs, int64_t rows) {
+  for (int64_t j = first; j < last; ++j) {
     const float* weight_row = weight + j * in_features;
-    int64_t first = 0;
-    for (; first + kRowsPerLoad <= rows; first += kRowsPerLoad)
-      dot_rows<kRowsPerLoad>(weight_row, in_features, inputs + first, outputs + first, j);
-    switch (rows - first) {
-      case 3: dot_rows<3>(weight_row, in_features, inputs + first, outputs + first, j); break;
-      case 2: dot_rows<2>(weight_row, in_features, inputs + first, outputs + first, j); break;
-      case 1: dot_rows<1>(weight_row, in_features, inputs + first, outputs + first, j); break;
+    int64_t row = 0;
+    for (; row + kRowsPerLoad <= rows; row += kRowsPerLoad)
+      dot_rows<kRowsPerLoad>(weight_row, in_features, inputs + row, outputs + row, j);
+    switch (rows - row) {
+      case 3: dot_rows<3>(weight_row, in_features, inputs + row, outputs + row, j); break;
+      case 2: dot_rows<2>(weight_row, in_features, inputs + row, outputs + row, j); break;
+      case 1: dot_rows<1>(weight_row, in_features, inputs + row, outputs + row, j); break;
       default: break;
     }
   }
+}
+
+constexpr int kStreams = 4;  // weight rows read side by side from far-apart parts of the matrix
+constexpr int kStreamRows = 2;  // token rows per pass over those weight rows
+
+// outputs[r][j + s * part] = dot(weight[j + s * part, :], inputs[r]) for s < kStreams: one load of each token row
+// serves kStreams weight rows, each from its own part of W, so that kStreams sequential streams are in flight
+// (one core reads several streams faster than one: 1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s on a Zen 3).
+template <int R>
+inline void dot_streams(const float* weight, int64_t part, int64_t in_features, const float* const* inputs,
+                        float* const* outputs, int64_t j) {
+  float sums[kStreams][R] = {};
+  int64_t d = 0;
+  const float* w[kStreams];
+  for (int s = 0; s < kStreams; ++s) w[s] = weight + (j + s * part) * in_features;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[kStreams][R];
+  for (int s = 0; s < kStreams; ++s)
+    for (int r = 0; r < R; ++r) acc[s][r] = _mm256_setzero_ps();
+  for (; d + 8 <= in_features; d += 8) {
+    __m256 xs[R];
+    for (int r = 0; r < R; ++r) xs[r] = _mm256_loadu_ps(inputs[r] + d);
+    for (int s = 0; s < kStreams; ++s) {
+      const __m256 ws = _mm256_loadu_ps(w[s] + d);
+      for (int r = 0; r < R; ++r) acc[s][r] = _mm256_fmadd_ps(ws, xs[r], acc[s][r]);
+    }
+  }
+  for (int s = 0; s < kStreams; ++s)
+    for (int r = 0; r < R; ++r) {
+      __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc[s][r]), _mm256_extractf128_ps(acc[s][r], 1));
+      half = _mm_hadd_ps(half, half);
+      sums[s][r] = _mm_cvtss_f32(_mm_hadd_ps(half, half));
+    }
+#endif
+  for (int s = 0; s < kStreams; ++s)
+    for (int r = 0; r < R; ++r) {
+      for (int64_t tail = d; tail < in_features; ++tail) sums[s][r] += w[s][tail] * inputs[r][tail];
+      outputs[r][j + s * part] = sums[s][r];
+    }
+}
+
+// outputs[r][j] = dot(weight[j, :], inputs[r]) for j < out_features, r < rows: the weight rows in kStreams equal
+// parts read side by side, the last out_features % kStreams rows alone.
+void rows_times_weight(const float* weight, int64_t out_features, int64_t in_features, const float* const* inputs,
+                       float* const* outputs, int64_t rows) {
+  const int64_t part = out_features / kStreams;
+  for (int64_t j = 0; j < part; ++j) {
+    int64_t row = 0;
+    for (; row + kStreamRows <= rows; row += kStreamRows)
+      dot_streams<kStreamRows>(weight, part, in_features, inputs + row, outputs + row, j);
+    if (row < rows) dot_streams<1>(weight, part, in_features, inputs + row, outputs + row, j);
+  }
+  rows_times_weight_rows(weight, part * kStreams, out_features, in_features, inputs, outputs, rows);
 }
 
 void check_float_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {

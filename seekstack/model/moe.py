@@ -157,7 +157,7 @@ class RoutedExperts(nn.Module):
         at least `DENSE_MIN_PAIRS_PER_EXPERT` pairs per expert. The choice is by shape and dtype only, so a compiled
         graph holds one path and recompiles when a batch crosses over.
         """
-        if x.shape[0] > 1 and self._kernel_takes(x, eager=False):  # one token: the pairs, fused by inductor, as fast
+        if self._kernel_takes(x, eager=False):
             return self.forward_kernel(x, routing)
         pairs, num_experts = routing.experts.numel(), routing.scores.shape[1]
         if x.dtype == torch.bfloat16 and pairs >= DENSE_MIN_PAIRS_PER_EXPERT * num_experts:

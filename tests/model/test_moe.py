@@ -94,7 +94,7 @@ def test_each_compiled_inference_path_gives_the_grouped_dispatch_per_token(path,
     [
         (torch.bfloat16, 31, "forward_pairs"),
         (torch.bfloat16, 32, "forward_dense"),
-        (torch.float32, 1, "forward_pairs"),
+        (torch.float32, 1, "forward_kernel"),
         (torch.float32, 64, "forward_kernel"),
     ],
 )
