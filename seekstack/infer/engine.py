@@ -878,7 +878,8 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     graph for all, but its 16-row steps measured 8-30% slower on a 2-core Zen 3; running 1 row as 2 copies, ~35%
     slower 1-row steps. The model's float settings (norm epsilons, softmax scales) are constants of the graph: as
     symbols, inductor could not keep them and compiled the whole step a second time (19 s against 8 s for the demo
-    model's decode step, inductor's caches warm). Inductor's `decompose_mm_pass` turns a 1-row graph's
+    model's decode step, inductor's caches warm). Where seekstack.model.cpu_kernels are not built (they take a step's
+    float32 products where they are), inductor's `decompose_mm_pass` turns a 1-row graph's
     matrix-vector products with both weight sides <= 2048 into its own loops: they stream the weights faster than
     the BLAS call (`small`, batch 1, one thread: +12-30% decode tokens/s in four alternating runs; the output head,
     wider, stays the BLAS call of infer/packed.py, which measured 1.8x faster than inductor's loop there).

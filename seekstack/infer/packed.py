@@ -7,9 +7,9 @@ On a CPU, float32 (MKL, 1 thread, AMD Zen 3, micro-benches of these calls on the
   seekstack's `rows_linear` kernel (seekstack.model.cpu_kernels) beats that 1.2-1.45x, where it is built;
 - more rows (prefill chunks) keep F.linear, the call not measured against the others there.
 So the head keeps W^T beside W (`weight_t`, outside the state dict): V x D more bytes, 25 MB on `small`.
-The block's own bias-free linears (attention projections, dense FFNs, shared experts) run 2-16 rows of inference
-through `rows_linear` too, compiled or eager (`DecodeLinear`), with no copy; without the kernel, compiled steps take
-the weight-first form. A 1-row step keeps x W^T, which inductor's `decompose_mm_pass` turns into its own loops
+The block's own bias-free linears (attention projections, dense FFNs, shared experts) run 1-16 rows of inference
+through `rows_linear`, compiled or eager (`DecodeLinear`), with no copy; without the kernel, compiled steps take the
+weight-first form at 2-16 rows and x W^T at one, which inductor's `decompose_mm_pass` turns into its own loops
 (engine.py `_compiled`).
 """
 
@@ -77,8 +77,8 @@ class DecodeHead(nn.Linear):
 
 
 class DecodeLinear(nn.Linear):
-    """A bias-free linear (an nn.Linear: same parameter, same state dict) that runs 2-16 rows of inference through the
-    `rows_linear` kernel, or, compiled and without the kernel, as (W x^T)^T (`small`, one thread, `bench/
+    """A bias-free linear (an nn.Linear: same parameter, same state dict) that runs 1-16 rows of inference through the
+    `rows_linear` kernel, or, compiled and without the kernel, 2-16 rows as (W x^T)^T (`small`, one thread, `bench/
     decode_options.py --rows N --options '{}' '{"weight_first_linears": false}'`: decode +6% / +8% / +3% at 2 / 4 /
     8 rows, -1% at 16 (noise), same tokens, before the kernel)."""
 

@@ -2,17 +2,21 @@
 
 A decode step has far fewer FLOPs than weight bytes, so its time is the bytes it streams, and the BLAS calls made
 for wide matrices stream them slowly at a few rows (MKL, float32, one thread: 2.5-5 GB/s of this core's ~10). Two
-ops, both loading every weight row once for all rows (AVX2 + FMA where the CPU has them, plain loops elsewhere):
-- `rows_linear`: x W^T for 2-16 rows of x, W row-major (out, in), split over threads by output rows. `small`'s
-  block and head shapes, weights flushed from the L3, one thread: 1.2-1.45x MKL's (W x^T)^T at 2-16 rows.
+ops, both loading every weight row once for all rows (AVX2 + FMA where the CPU has them, plain loops elsewhere), and
+both reading a weight as 4 streams side by side (its rows in 4 equal parts, one row of each per step): one core keeps
+more reads in flight over several streams than over one (a plain sum over 128 MB, one Zen 3 core, under load:
+1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s).
+- `rows_linear`: x W^T for 1-16 rows of x, W row-major (out, in), split over threads by output rows. `small`'s
+  block and head shapes, weights flushed from the L3, one thread, against the one-stream kernel before it: 1.8x at 1
+  row, 1.4-1.6x at 2-4, 1.1x at 8, even at 16 (where the dot products, not the reads, bound it).
 - `grouped_experts`: the routed experts of few tokens. Each (token, expert) pair gathering its expert
   (`RoutedExperts.forward_pairs`, what inductor fuses) reads N*K expert weight sets; `small`'s 8 tokens x 4 choices
   read 32 sets for ~14 distinct experts. The kernel groups the pairs by expert and reads each chosen expert once,
-  one expert per thread. `bench/moe_decode.py`, `small`, float32, one thread, 7 MoE layers with the L3 flushed: 16.3
-  against 23.3 ms at 8 tokens, 22.9 against 38.1 at 16; about even at 1-2 tokens, where compiled steps keep the
-  pairs.
-Both together, `bench/decode_options.py --preset small --rows N --options '{}' '{"cpu_kernels": false}'` (compiled
-engines alternating in one process, same greedy tokens): decode +21% / +23% / +51% at 2 / 8 / 16 rows.
+  one expert per thread.
+Compiled decode steps (1-16 rows) and eager inference of up to 16 tokens run them. `bench/decode_options.py --preset
+small --rows N --options '{}' '{"cpu_kernels": false}'` (compiled engines alternating in one process, same greedy
+tokens): decode +18% at 1 row, +81% at 8 (under load; before the 4 streams: +21% / +23% / +51% at 2 / 8 / 16 rows and
+1-row steps left to inductor's loops).
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found

@@ -150,7 +150,7 @@ class RoutedExperts(nn.Module):
         """The same sum with no data-dependent shape, for compiled inference (the engine's decode step).
 
         `forward` splits tokens by expert counts it reads back from the device, which torch.compile cannot
-        trace as one graph; the paths here can. In float32 on a CPU, from 2 tokens, a C++ kernel groups the pairs by
+        trace as one graph; the paths here can. In float32 on a CPU a C++ kernel groups the pairs by
         expert and reads each chosen expert once (`forward_kernel`). Otherwise each (token, expert) pair gathering its
         expert's weights (`forward_pairs`) suits few tokens; every expert on every token (`forward_dense`) reads each
         expert once but does E/K times the FLOPs, which pays only where the matmul has FLOPs to spare: bfloat16 with
