@@ -5,6 +5,7 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   write_atomic(path, data)      one file
   staged_files(folder)          several files that appear together once all are complete (a corpus, token shards)
   atomic_directory(path)        a folder (a checkpoint), swapped in whole; the old one is deleted only afterwards
+  refuse_to_replace(path, ...)  before one: a folder of other files (a user's) is not a checkpoint to replace
 If a write raises, its temporary files are deleted and the target is left as it was.
 """
 
@@ -85,6 +86,23 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(path.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_to_replace(path: str | os.PathLike, marker: str, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
+    """FileExistsError unless `atomic_directory` may replace folder `path` whole: absent, empty, or holding `marker`
+    (a folder such a write made), and none of `inputs` (the folders the new one is made from). Other files in it
+    would be deleted with the old folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path}: is a file, not a folder; nothing was written")
+    for source in inputs:
+        if path.resolve() == Path(source).resolve():
+            raise FileExistsError(f"{path}: is the input folder {source}; write to another one (nothing was written)")
+    if path.is_dir() and not (path / marker).is_file() and any(path.iterdir()):
+        raise FileExistsError(
+            f"{path}: holds files but no {marker}, and writing there replaces the whole folder; choose a new or empty "
+            "folder (nothing was written)"
+        )
 
 
 def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> Path:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from seekstack.atomic import atomic_directory
+from seekstack.atomic import atomic_directory, refuse_to_replace
 from seekstack.compress.formats import compressed_tensors_config, dequantize_int, unpack_int4
 from seekstack.compress.linear import (
     QuantizedExperts,
@@ -583,6 +583,7 @@ def save_pretrained(
     checkpoint, and an existing one stays until the new one is complete.
     """
     refuse_hf_export(model.config, directory)
+    refuse_to_replace(directory, CONFIG_FILE)
     directory = Path(directory)
     with atomic_directory(directory) as staging:
         write_pretrained_files(model, staging, max_shard_bytes, fp8_block, stacked_experts)

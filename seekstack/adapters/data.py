@@ -42,7 +42,7 @@ def is_chat(path: Path) -> bool:
     """Whether `path` is a JSONL file whose first record holds `messages`."""
     if path.suffix != ".jsonl" or not path.is_file():
         return False
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:  # the reader names a line that is not UTF-8
         first = next((line for line in handle if line.strip()), "")
     try:
         record = json.loads(first)

@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import save_file
 
 from seekstack.adapters.config import AdapterConfig
-from seekstack.atomic import staged_files
+from seekstack.atomic import refuse_to_replace, staged_files
 from seekstack.checkpoint import (
+    CONFIG_FILE,
     CheckpointError,
     checkpoint_key,
     load_pretrained,
@@ -160,8 +161,9 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
         raise CheckpointError(
             f"{folder}: no {ADAPTER_WEIGHTS_FILE}; an adapter folder holds {ADAPTER_CONFIG_FILE} and weights"
         )
+    config = read_lora_config(folder)  # its own errors name what is wrong with the file
     try:
-        peft_model = get_peft_model(model, read_lora_config(folder), low_cpu_mem_usage=weightless)
+        peft_model = get_peft_model(model, config, low_cpu_mem_usage=weightless)
     except (TypeError, ValueError) as error:  # peft checks a config's fields against the model only here
         raise CheckpointError(
             f"{folder / ADAPTER_CONFIG_FILE}: peft cannot apply this adapter config to the base model ({error})"
@@ -243,6 +245,7 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Write base + adapter as a plain checkpoint folder (W + alpha/r B A in every adapted weight), with the
     tokenizer of the adapter or of the base."""
+    refuse_to_replace(out, CONFIG_FILE, inputs=(base, adapter))
     out = save_pretrained(merged_model(load_pretrained(base, dtype=torch.float32), adapter), out)
     for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
         source = next((Path(d) / name for d in (adapter, base) if (Path(d) / name).is_file()), None)

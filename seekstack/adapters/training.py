@@ -24,6 +24,7 @@ from seekstack.checkpoint import read_config
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, load_config, require
 from seekstack.train.config import TrainConfig, resolve_train_config
+from seekstack.train.state import checkpoint_dir
 from seekstack.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:
@@ -127,22 +128,32 @@ def lora_train_config(
 ) -> tuple[TrainConfig, AdapterConfig]:
     """The run's TrainConfig and AdapterConfig: `lora.FIELD=V` overrides go to the adapter, the rest to training.
 
-    DATA is prepared first (text tokenized into `out`, seekstack.adapters.data); a resumed run starts from the
-    configs saved in `out`."""
+    Both are checked before DATA is prepared (text tokenized into `out`, seekstack.adapters.data). A resumed run
+    starts from the configs saved in `out`, its adapter's as they are (its checkpoints hold factors of that shape); a
+    new run refuses an `out` that holds a run already."""
     adapter_overrides = [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
     train_overrides = [o for o in overrides if not o.startswith(PREFIX)]
     saved = Path(out) / CONFIG_FILE
-    if not resume and base is not None and data_dir is not None:
-        data_dir = prepare_data(data_dir, base, out)
     given = [f"{name}={value}" for name, value in (("init_from", base), ("data_dir", data_dir)) if value is not None]
     if resume:
+        if adapter_overrides:
+            raise ConfigError(
+                f"{PREFIX}{adapter_overrides[0]}: a resumed run keeps the adapter settings it started with ({saved}); "
+                "train a new adapter (another --out) to change them"
+            )
         train_config = resolve_train_config(None, [f"out_dir={out}", *given, *train_overrides], True, warn)
-        adapter = load_config(AdapterConfig, saved, adapter_overrides).validate()
+        adapter = load_config(AdapterConfig, saved, []).validate()
     else:
         if base is None or data_dir is None:
             raise ConfigError("a new LoRA run needs BASE (a checkpoint folder) and DATA (token shards, text or chat)")
-        train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
+        if saved.is_file() or any(checkpoint_dir(out).glob("step_*")):
+            raise ConfigError(
+                f"{out}: holds a LoRA run already; continue it with --resume, or train into another --out"
+            )
         adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
+        arguments = [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides]
+        resolve_train_config(None, arguments)  # every key checked before text is tokenized
+        train_config = resolve_train_config(None, [*arguments, f"data_dir={prepare_data(data_dir, base, out)}"])
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
     return train_config, adapter
 
@@ -155,7 +166,8 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
     batches = first_batches(train_config, START_BATCHES) if adapter.init == "eva" else []  # refuses chat data
     out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
-    adapter.save(out)
+    if not resume:
+        adapter.save(out)
     hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids, batches)
     result = train(train_config, resume, hooks, chat_source(train_config))
     if result.checkpoint is not None:

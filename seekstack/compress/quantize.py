@@ -166,9 +166,10 @@ def resident_bytes(model: nn.Module) -> int:
 def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -> Path:
     """Write `model` as checkpoint folder `out` (atomically), with the tokenizer files of checkpoint `source`,
     so `out` is a model folder generate/chat/serve load as is."""
-    from seekstack.atomic import atomic_directory
-    from seekstack.checkpoint import write_pretrained_files
+    from seekstack.atomic import atomic_directory, refuse_to_replace
+    from seekstack.checkpoint import CONFIG_FILE, write_pretrained_files
 
+    refuse_to_replace(out, CONFIG_FILE, inputs=(source,))
     out = Path(out)
     with atomic_directory(out) as staging:
         write_pretrained_files(model, staging)  # type: ignore[arg-type]

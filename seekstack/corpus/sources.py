@@ -59,8 +59,14 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
 def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = None) -> Iterator[Document]:
     """One document per line of a JSON Lines file, its text in `field`; ids are `id_field` or `file:line`."""
     path = Path(path)
-    with open(path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with open(path, "rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataSourceError(
+                    f"{path}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -68,7 +74,9 @@ def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = Non
             except json.JSONDecodeError as error:
                 raise DataSourceError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict) or field not in record:
-                raise DataSourceError(f"{path}:{line_number}: no field {field!r} (use --field to name the text field)")
+                raise DataSourceError(
+                    f"{path}:{line_number}: no field {field!r} (`seekstack data` commands name another with --field)"
+                )
             text = record[field]
             if not isinstance(text, str):
                 raise DataSourceError(f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not a string")

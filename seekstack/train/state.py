@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from seekstack.atomic import atomic_directory
+from seekstack.atomic import atomic_directory, refuse_to_replace
 from seekstack.checkpoint import (
+    CONFIG_FILE,
     CheckpointError,
     load_pretrained,
     read_config,
@@ -173,6 +174,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     if not (source / TRAIN_STATE_FILE).is_file():
         source = latest_checkpoint(source)
     refuse_hf_export(read_config(source), out)
+    refuse_to_replace(out, CONFIG_FILE, inputs=(source,))
     out = Path(out)
     with atomic_directory(out) as staging:
         for entry in source.iterdir():

@@ -97,6 +97,32 @@ def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):
     assert (merged - logits_with_adapter(base, adapter, ids)).abs().max() < MERGE_ATOL
 
 
+def test_merging_over_an_input_a_file_or_a_folder_of_other_files_is_refused_and_loses_nothing(base, adapter, tmp_path):
+    copy = tmp_path / "adapter"
+    shutil.copytree(adapter, copy)
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for out, message in [
+        (copy, "is the input folder"),
+        (base, "is the input folder"),
+        (tmp_path, "holds files but no config.json"),
+        (tmp_path / "file", "is a file"),
+    ]:
+        with pytest.raises(FileExistsError, match=message):
+            merge_adapter(base, copy, out)
+    assert (copy / ADAPTER_WEIGHTS_FILE).is_file() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "file").read_text() == "mine" and (base / "config.json").is_file()
+    first = merge_adapter(base, copy, tmp_path / "merged")
+    assert merge_adapter(base, copy, first) == first  # a checkpoint folder is replaced by the new one
+
+
+def test_a_folder_without_an_adapter_config_is_refused_saying_so(base, adapter, tmp_path):
+    shutil.copytree(adapter, tmp_path / "bare")
+    (tmp_path / "bare" / ADAPTER_CONFIG_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"no {ADAPTER_CONFIG_FILE}; an adapter folder holds it"):
+        load_adapter(seekstack.load_pretrained(base), tmp_path / "bare")
+
+
 HEAD_TOKENS = [5, 17, 2, 40]
 
 

@@ -75,6 +75,29 @@ def test_lora_run_resumes_exactly(base, data_dir, tmp_path):
     assert resumed.losses == whole.losses[3:]  # bit for bit
 
 
+def test_a_resumed_run_refuses_other_adapter_settings_and_a_new_run_refuses_a_run_folder(base, data_dir, tmp_path):
+    out = tmp_path / "run"
+    train_adapter(*lora_train_config(base, data_dir, out, [*RUN, "max_steps=3"]))
+    saved = (out / "lora_config.json").read_text()
+    for change in ("lora.rank=4", "lora.alpha=64"):  # a rank no checkpoint fits; a scale its factors did not train at
+        with pytest.raises(ConfigError, match=f"{change}: a resumed run keeps the adapter settings"):
+            lora_train_config(None, None, out, ["max_steps=6", change], resume=True)
+    assert (out / "lora_config.json").read_text() == saved  # the run can still be resumed
+    with pytest.raises(ConfigError, match="holds a LoRA run already; continue it with --resume"):
+        lora_train_config(base, data_dir, out, [*RUN, "lora.rank=4"])
+    resumed = train_adapter(*lora_train_config(None, None, out, ["max_steps=6"], resume=True), resume=True)
+    assert resumed.step == 6
+
+
+def test_text_data_is_not_tokenized_before_the_settings_are_checked(base, tmp_path):
+    text = tmp_path / "prose.txt"
+    text.write_text("A few words of prose to adapt to. " * 200)
+    for typo in ("max_step=3", "lora.rank=0"):
+        with pytest.raises(ConfigError):
+            lora_train_config(base, text, tmp_path / "run", [*RUN, typo])
+        assert not (tmp_path / "run").exists()
+
+
 def test_a_bias_update_is_refused_because_the_base_stays_frozen(base, data_dir, tmp_path):
     with pytest.raises(ConfigError, match="bias_update_rate"):
         lora_train_config(base, data_dir, tmp_path, ["bias_update_rate=0.001"])

@@ -232,11 +232,15 @@ def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("second_line", "message"),
-    [('{"body": "x"}', r"docs.jsonl:2: no field 'text'"), ("{oops", r"docs.jsonl:2: not valid JSON")],
+    [
+        ('{"body": "x"}', r"docs.jsonl:2: no field 'text'"),
+        ("{oops", r"docs.jsonl:2: not valid JSON"),
+        ('{"text": "caf\xe9"}', r"docs.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 13\)"),
+    ],
 )
 def test_jsonl_errors_name_file_line_and_field(tmp_path: Path, second_line: str, message: str) -> None:
     path = tmp_path / "docs.jsonl"
-    path.write_text('{"text": "ok"}\n' + second_line + "\n")
+    path.write_bytes(b'{"text": "ok"}\n' + second_line.encode("latin-1") + b"\n")  # latin-1: the \xe9 as one byte
     with pytest.raises(DataSourceError, match=message):
         list(read_jsonl(path))
 
