@@ -102,8 +102,18 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token strings in it become their single ids."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; special-token strings in it become their single ids. ValueError for text holding a lone
+        surrogate: how Python keeps bytes that were not UTF-8 (in arguments, pipes), which no tokenizer can take."""
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            surrogate = next((char for char in text if 0xD800 <= ord(char) <= 0xDFFF), None)
+            if surrogate is None:
+                raise
+            raise ValueError(
+                f"the text is not valid UTF-8: it holds {surrogate!r}, a byte that was not UTF-8 or half a character "
+                "UTF-8 cannot hold"
+            ) from None
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:

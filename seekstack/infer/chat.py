@@ -36,10 +36,10 @@ class ChatSession:
         self.notify = notify
         self.turns: list[dict] = []
 
-    def messages(self) -> list[dict]:
-        """The system prompt (if any) and the turns so far, as the chat template takes them."""
+    def messages(self, turns: list[dict] | None = None) -> list[dict]:
+        """The system prompt (if any) and the turns so far (or `turns`), as the chat template takes them."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.turns
+        return system + (self.turns if turns is None else turns)
 
     def reply(self, user_text: str) -> Iterator[str]:
         """Stream the answer to `user_text`; both turns join the history (the oldest go when the context is full).
@@ -72,15 +72,19 @@ class ChatSession:
         self.turns.append({"role": "assistant", "content": "".join(shown)})
 
     def _fitting_prompt(self) -> list[int]:
-        prompt = self.engine.tokenizer.encode_chat(self.messages())
-        while len(prompt) >= self.engine.max_model_len and len(self.turns) > 1:
-            self.turns = self.turns[2:]  # the oldest user + assistant pair
-            prompt = self.engine.tokenizer.encode_chat(self.messages())
+        """The prompt of the history with the oldest turns dropped until it fits; the history stays whole when even
+        the new message alone does not fit (its error asks for a shorter one)."""
+        turns = self.turns
+        prompt = self.engine.tokenizer.encode_chat(self.messages(turns))
+        while len(prompt) >= self.engine.max_model_len and len(turns) > 1:
+            turns = turns[2:]  # the oldest user + assistant pair
+            prompt = self.engine.tokenizer.encode_chat(self.messages(turns))
         if len(prompt) >= self.engine.max_model_len:
             raise ValueError(
                 f"the message needs {len(prompt)} tokens with the system prompt; the context holds "
                 f"{self.engine.max_model_len}: write less or change /system"
             )
+        self.turns = turns
         return prompt
 
 
@@ -101,7 +105,7 @@ def run_chat(
         if line == "/reset":
             session.turns = []
             write("(history cleared)\n")
-        elif line.startswith("/system"):
+        elif line == "/system" or line.startswith("/system "):
             session.system = line[len("/system") :].strip() or None
             session.turns = []
             write(f"(system prompt {'set' if session.system else 'removed'}; history cleared)\n")
@@ -130,13 +134,24 @@ def _answer(session: ChatSession, line: str, write: Callable[[str], None]) -> No
         write("\n")
 
 
+def _fine_tuned(checkpoint: Path) -> bool:
+    """Whether the run that wrote training checkpoint `checkpoint` (RUN/checkpoints/step_N) started from another
+    model (`init_from` in RUN's train_config.json: sft, rl, distill), rather than pretraining from scratch."""
+    try:
+        config = json.loads((checkpoint.parent.parent / "train_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("init_from"))
+
+
 def base_model_reason(model_dir: str | Path, tokenizer_dir: str | Path) -> str | None:
     """Why the checkpoint looks like a base model with no chat training, or None when nothing says so.
 
     The signs: the tokenizer_config.json beside the tokenizer has no `chat_template` (how Hugging Face marks a
-    model meant for chat); the folder is a seekstack training checkpoint (it holds train_state.pt, and seekstack
-    only pretrains); its name ends in "base", as DeepSeek names its base releases (DeepSeek-V3-Base). A heuristic
-    for a notice: a base model that ships a chat template under another name passes for a chat model."""
+    model meant for chat); the folder is a checkpoint of a seekstack run that pretrained from scratch (it holds
+    train_state.pt, and its run has no init_from: sft, rl and distill runs start from a model); its name ends in
+    "base", as DeepSeek names its base releases (DeepSeek-V3-Base). A heuristic for a notice: a base model that
+    ships a chat template under another name passes for a chat model."""
     model_dir, config_path = Path(model_dir), Path(tokenizer_dir) / CONFIG_FILE
     try:
         tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -144,8 +159,8 @@ def base_model_reason(model_dir: str | Path, tokenizer_dir: str | Path) -> str |
         tokenizer_config = {}
     if not isinstance(tokenizer_config, dict) or not tokenizer_config.get("chat_template"):
         return f"{config_path} has no chat_template"
-    if (model_dir / TRAIN_STATE_FILE).is_file():
-        return f"{model_dir} is a seekstack training checkpoint (it holds {TRAIN_STATE_FILE}); seekstack only pretrains"
+    if (model_dir / TRAIN_STATE_FILE).is_file() and not _fine_tuned(model_dir):
+        return f"{model_dir} is a checkpoint of a run that trained from scratch (its {TRAIN_STATE_FILE}; no init_from)"
     if model_dir.resolve().name.lower().endswith("base"):
         return f"its folder is named {model_dir.resolve().name!r}"
     return None

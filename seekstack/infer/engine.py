@@ -113,6 +113,7 @@ class _StepLock:
             yield
 
 
+MAX_DRAFT_TOKENS = 16  # speculative drafts a step at most (bench/speculative.py measured 1 to 6)
 COMPILE_AFTER_SECONDS = 10.0  # with compile=None: about what compiling the decode step takes on a CPU, cache warm
 
 
@@ -180,6 +181,11 @@ class Engine:
         ):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        if draft_tokens > MAX_DRAFT_TOKENS:
+            raise ValueError(
+                f"draft_tokens={draft_tokens}: at most {MAX_DRAFT_TOKENS} (each draft is another MTP forward a step, "
+                "the engine times every draft count at start-up, and past a few drafts few are accepted)"
+            )
         self.speculative = speculative
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.max_model_len = max_model_len or self.config.max_position_embeddings

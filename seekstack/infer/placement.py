@@ -191,6 +191,14 @@ def place(model: Transformer, placement: dict[str, str], offload_dir: str | Path
     unknown = set(placement) ^ set(parts)
     if unknown:
         raise ValueError(f"the placement does not match the model's parts: {sorted(unknown)[:3]}")
+    for device in sorted(set(placement.values()) - {DISK}):
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:  # no such device here, or a torch built without its kind
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"the placement puts parts on {device}, which this torch cannot reach ({reason})"
+            ) from None
     model.to("cpu")
     for name, module in parts.items():
         device = placement[name]

@@ -190,6 +190,23 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(checkpoint):
     assert len(engine.tokenizer.encode_chat(session.messages())) < 48
 
 
+def test_chat_keeps_its_history_when_a_message_alone_is_too_long_and_names_text_that_is_not_utf8(checkpoint):
+    engine = Engine.from_pretrained(checkpoint, max_model_len=48)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+    assert "".join(session.reply("one two"))
+    history = list(session.turns)
+    for text, message in (("word " * 60, "the message needs"), ("caf\udce9", r"not valid UTF-8: it holds '\\udce9'")):
+        with pytest.raises(ValueError, match=message):
+            "".join(session.reply(text))
+        assert session.turns == history  # the message is refused; the conversation stays
+
+
+def test_chat_takes_only_the_system_command_itself(checkpoint):
+    args = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "2"]
+    result = runner.invoke(app, args, input="/systemic design\n/quit\n")
+    assert result.exit_code == 0 and f"unknown command '/systemic'; {HELP}" in result.stdout
+
+
 def test_a_stream_closed_early_frees_its_blocks(engine):
     stream = engine.stream([5, 6, 7], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))
     first = next(stream)
@@ -321,8 +338,15 @@ def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(check
     assert base_model_reason(bare, bare) == f"{bare / 'tokenizer_config.json'} has no chat_template"
     (bare / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     assert base_model_reason(bare, bare) is None
-    (bare / "train_state.pt").write_bytes(b"")
-    assert "seekstack training checkpoint" in base_model_reason(bare, bare)
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_9"
+    shutil.copytree(bare, step)
+    (step / "train_state.pt").write_bytes(b"")
+    assert "a run that trained from scratch" in base_model_reason(step, step)  # no train_config.json: pretraining
+    (run / "train_config.json").write_text(json.dumps({"init_from": None}))
+    assert "a run that trained from scratch" in base_model_reason(step, step)
+    (run / "train_config.json").write_text(json.dumps({"init_from": "runs/base"}))
+    assert base_model_reason(step, step) is None  # sft, rl and distill runs start from a model
     release = shutil.copytree(checkpoint, tmp_path / "DeepSeek-V3-Base")
     assert base_model_reason(release, release) == "its folder is named 'DeepSeek-V3-Base'"
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, SamplingParams
+from seekstack.infer.engine import MAX_DRAFT_TOKENS
 from seekstack.infer.speculative import (
     PRIOR_ACCEPTANCE,
     PROBE_EVERY,
@@ -109,6 +110,12 @@ def test_a_speculative_engine_measures_its_work_outside_the_model_as_it_decodes(
     engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True, max_batch_size=2)
     engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
     assert list(engine.draft_count.overhead) == [0] and engine.draft_count.overhead[0] > 0
+
+
+def test_a_draft_count_past_the_most_is_refused_before_the_engine_times_its_steps(tmp_path):
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match=f"draft_tokens={MAX_DRAFT_TOKENS + 1}: at most {MAX_DRAFT_TOKENS}"):
+        Engine(model, tokenizer, speculative=True, draft_tokens=MAX_DRAFT_TOKENS + 1)
 
 
 def test_measured_costs_draft_cheaper_against_a_deeper_model_and_verify_a_tiny_one_almost_free():

@@ -61,6 +61,13 @@ def test_the_plan_puts_the_bytes_read_most_per_token_on_the_fastest_device():
     assert tight.resident_bytes["disk"] > 10 * 2**30 and tight.placement["layers.26.mlp.experts"] == "disk"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a device this machine lacks")
+def test_placing_parts_on_a_device_this_torch_cannot_reach_is_refused_naming_it(model):
+    placement = parse_device_map("*=cpu,layers.1.mlp.experts=cuda:0", list(units(model)))
+    with pytest.raises(ValueError, match="puts parts on cuda:0, which this torch cannot reach"):
+        place(copy.deepcopy(model), placement)
+
+
 @torch.inference_mode()
 def test_parts_in_memory_and_memory_mapped_from_disk_compute_the_same_logits(model, tmp_path):
     tokens = torch.randint(5, 512, (2, 11), generator=torch.Generator().manual_seed(0))
