@@ -10,7 +10,7 @@ DATA is token shards, text or chat conversations (seekstack.adapters.data).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -151,9 +151,8 @@ def lora_train_config(
                 f"{out}: holds a LoRA run already; continue it with --resume, or train into another --out"
             )
         adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
-        arguments = [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides]
-        resolve_train_config(None, arguments)  # every key checked before text is tokenized
-        train_config = resolve_train_config(None, [*arguments, f"data_dir={prepare_data(data_dir, base, out)}"])
+        train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
+        train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))  # keys checked first
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
     return train_config, adapter
 

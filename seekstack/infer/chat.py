@@ -14,6 +14,7 @@ from pathlib import Path
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.tokenizer import CONFIG_FILE
+from seekstack.train.config import CONFIG_FILE as RUN_CONFIG_FILE
 from seekstack.train.state import TRAIN_STATE_FILE
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /quit leaves; Ctrl-C stops a reply"
@@ -138,7 +139,7 @@ def _fine_tuned(checkpoint: Path) -> bool:
     """Whether the run that wrote training checkpoint `checkpoint` (RUN/checkpoints/step_N) started from another
     model (`init_from` in RUN's train_config.json: sft, rl, distill), rather than pretraining from scratch."""
     try:
-        config = json.loads((checkpoint.parent.parent / "train_config.json").read_text(encoding="utf-8"))
+        config = json.loads((checkpoint.parent.parent / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and bool(config.get("init_from"))
