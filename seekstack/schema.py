@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,9 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
     for name in values:
         if name not in known:
             raise _located(ConfigError(f"unknown field {name!r}; known fields are {', '.join(known)}"), source)
+    for name, value in values.items():
+        if _has_lone_surrogate(value):
+            raise _located(ConfigError(f"field {name!r} has value {value!r}: not valid Unicode text"), source)
     try:
         text = json.dumps(dict(values), default=_jsonable)
         return _adapter(cls).validate_json(text)
@@ -224,7 +228,8 @@ def _adapter(cls: type) -> Any:
     import pydantic
 
     if "__pydantic_config__" not in cls.__dict__:
-        cls.__pydantic_config__ = pydantic.ConfigDict(strict=True, extra="forbid")  # type: ignore[attr-defined]
+        config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)  # no NaN past a range check
+        cls.__pydantic_config__ = config  # type: ignore[attr-defined]
     return pydantic.TypeAdapter(cls)
 
 
@@ -285,6 +290,21 @@ def _lookup(values: Mapping[str, Any], location: tuple) -> Any:
 
 def _located(error: ConfigError, source: str | None) -> ConfigError:
     return ConfigError(f"{source}: {error}") if source else error
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether a string in `value` holds half of a UTF-16 pair (Python's stand-in for undecodable bytes), which
+    JSON, and so the check, cannot carry."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, Mapping):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
 
 
 def _jsonable(value: Any) -> Any:

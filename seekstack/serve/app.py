@@ -165,6 +165,13 @@ class Server:
         cards = [ModelCard(id=self.model_name, **common), *adapters]
         return ModelList(data=[card for card in cards if key is None or key.may_use(card.id)])
 
+    def model(self, model_id: str, key: ApiKey | None = None) -> ModelCard:
+        """One card of `models` (OpenAI's models.retrieve); 404 in OpenAI's shape for a model `key` may not see."""
+        for card in self.models(key).data:
+            if card.id == model_id:
+                return card
+        raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+
     def adapter_for(self, model: str) -> str | None:
         """The adapter a request's `model` names (None: the base model); 404 in OpenAI's shape for an unknown one."""
         if model == self.model_name:
@@ -493,6 +500,10 @@ def create_app(
     @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403, 500))
     async def models(request: Request) -> JSONResponse:
         return JSONResponse(server.models(server.authenticate(request)).model_dump())
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 403, 404, 500))
+    async def model(model_id: str, request: Request) -> JSONResponse:
+        return JSONResponse(server.model(model_id, server.authenticate(request)).model_dump())
 
     generation_errors = (400, 401, 403, 404, 413, 415, 429, 500)
 

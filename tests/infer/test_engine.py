@@ -357,6 +357,9 @@ def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
         ([1], SamplingParams(stop=("",)), "field 'stop.0' has value ''"),
         ([1], SamplingParams(seed=2**64), "field 'seed' has value 18446744073709551616"),
         ([1], SamplingParams(stop=("x",), detokenize=False), "field 'stop' must be empty with detokenize=False"),
+        ([1], SamplingParams(temperature=float("nan")), "field 'temperature' has value nan: input should be a finite"),
+        ([1], SamplingParams(top_p=float("inf")), "field 'top_p' has value inf: input should be a finite number"),
+        ([1], SamplingParams(stop=("ok", "\ud800")), r"field 'stop' has value \('ok', '\\ud800'\): not valid Unicode"),
     ],
 )
 def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, params, message):

@@ -94,6 +94,15 @@ def test_models_lists_the_served_model(base_url, keys):
     assert [m.id for m in models.data] == [MODEL]
 
 
+def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_a_404(base_url, keys):
+    api = client(base_url, keys.create("retrieve"))
+    card = api.models.retrieve(MODEL)
+    assert (card.id, card.object) == (MODEL, "model")
+    with pytest.raises(openai.NotFoundError) as raised:
+        api.models.retrieve("no-such-model")
+    assert raised.value.body["code"] == "model_not_found" and "no-such-model" in raised.value.body["message"]
+
+
 def test_chat_completion_has_text_usage_and_finish_reason(base_url, keys):
     reply = client(base_url, keys.create("chat")).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=12, temperature=0, extra_body=NO_EOS

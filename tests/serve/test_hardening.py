@@ -272,14 +272,16 @@ def test_a_key_uses_only_its_models_and_only_admin_keys_read_usage(engine, tmp_p
         return (
             await client.post("/v1/completions", json=COMPLETION, headers=as_narrow),
             await client.get("/v1/models", headers=as_narrow),
+            await client.get(f"/v1/models/{engine.model_name}", headers=as_narrow),
             await client.get("/v1/admin/usage", headers=as_narrow),
             await client.get("/v1/admin/usage", headers=as_boss),
         )
 
-    generation, models, user_usage, admin_usage = run(app, scenario)
+    generation, models, base_card, user_usage, admin_usage = run(app, scenario)
     error = error_of(generation, 403)
     assert (error["code"], error["param"], error["type"]) == ("model_not_allowed", "model", "permission_error")
     assert models.json()["data"] == []  # it may not use the base model
+    assert error_of(base_card, 404)["code"] == "model_not_found"  # nor see it
     assert error_of(user_usage, 403)["code"] == "admin_required"
     assert admin_usage.status_code == 200 and admin_usage.json()["data"][0]["key_name"] == "narrow"
 
