@@ -25,7 +25,7 @@ from torch import nn
 from seekstack.checkpoint import load_pretrained
 from seekstack.config import ConfigError
 from seekstack.infer import Engine
-from seekstack.infer.threads import IdleCores, checked_thread_count, running_on, threads_beside
+from seekstack.infer.threads import IdleCores, configured_threads, running_on, threads_beside
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import GRPOConfig, tokenizer_path
 from seekstack.posttrain.grpo import group_advantages, policy_loss
@@ -41,6 +41,8 @@ PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per reque
 
 class GRPOSource:
     """Generation batches from the policy being trained, and the GRPO loss on them."""
+
+    chooses_threads = True  # with threads="auto", each generation batch sets its training half's threads
 
     def __init__(self, config: GRPOConfig):
         self.config = config
@@ -238,10 +240,5 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
 def run_rl(config: GRPOConfig, resume: bool | str | Path = False) -> TrainResult:
     """GRPO from `init_from` (or a fresh preset) on the task `config` names."""
     config = config.validate()
-    before = torch.get_num_threads()
-    try:
-        if config.threads != "auto" and config.threads > 0:
-            torch.set_num_threads(checked_thread_count(config.threads, "field 'threads'"))
+    with configured_threads(config.threads):  # before the source: its engine starts on the run's threads
         return train(config, resume=resume, source=GRPOSource(config))
-    finally:
-        torch.set_num_threads(before)

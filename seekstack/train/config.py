@@ -89,6 +89,12 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = (
         "float32"  # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32)
     )
+    # CPU threads of the steps. "auto": torch's setting while the machine's other cores sit idle, fewer while other
+    # processes keep them busy: a split op ends in a barrier that then waits a time slice for a descheduled thread
+    # (`tiny` trained at ~1,200 tok/s on 2 threads beside one busy process, ~2,700 on 1); every 20th step runs on one
+    # thread to look (infer/threads.py LoadAwareThreads; a step's sums then differ in the last bits). N: every step
+    # on N threads. 0: torch's setting throughout.
+    threads: NonNegative | Literal["auto"] = "auto"
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     compile: bool = False  # torch.compile each block
     float8: bool = False  # train the blocks' linear layers in float8 (torchao; GPUs with FP8 tensor cores only)

@@ -29,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
+from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.model.moe import MoE
 from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.parallel import distributed
@@ -96,7 +97,8 @@ class ModelHooks(Protocol):
 class BatchSource(Protocol):
     """Where a run's batches come from instead of token shards (SFT conversations, RL rollouts,
     seekstack.posttrain): it sees the module being trained, computes each micro-batch's loss, and saves its
-    position for an exact resume. One process only."""
+    position for an exact resume. One process only. A source with `chooses_threads` true sets torch's threads itself
+    (RL: from how idle the machine left the cores during its rollouts) instead of the run's `LoadAwareThreads`."""
 
     tokenizer_info: dict[str, Any]  # vocab_size; path and sha256 of the tokenizer checkpoints carry
 
@@ -229,7 +231,8 @@ def train(
     config = config.validate()
     ranks = distributed.init_distributed()
     try:
-        return _Run(config, ranks, resume, hooks, source).run()
+        with configured_threads(config.threads):
+            return _Run(config, ranks, resume, hooks, source).run()
     finally:
         distributed.shutdown(ranks)
 
@@ -249,6 +252,9 @@ class _Run:
         if source is not None and ranks.distributed:
             raise ValueError("a batch source (sft, rl) runs in one process; start it without torchrun")
         self.out_dir = Path(config.out_dir)
+        sets_threads = getattr(source, "chooses_threads", False)
+        load_aware = config.threads == "auto" and ranks.device.type == "cpu" and not sets_threads
+        self.threads = LoadAwareThreads(torch.get_num_threads(), enabled=load_aware)
         self.data = source or MixtureWindows(config.data_dir, config.mixture_policy(), config.seq_len, config.seed)
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
@@ -318,7 +324,8 @@ class _Run:
         try:
             while self.step < self.config.max_steps:
                 data_at_step_start = self.data.state_dict()
-                metrics = self.train_step()
+                with self.threads.step(self.step):
+                    metrics = self.train_step()
                 self.step += 1
                 result.losses.append(metrics["loss"])
                 elapsed = time.perf_counter() - started
@@ -431,6 +438,7 @@ class _Run:
         mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
         metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
         metrics["step_s"] = step_seconds
+        metrics["threads"] = torch.get_num_threads()
         self._log(metrics)
         return metrics
 
@@ -581,6 +589,8 @@ class _Run:
             f"{metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}  "
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
         )
+        if self.threads.watches and metrics["threads"] < self.threads.most:
+            line += f"  {metrics['threads']} of {self.threads.most} threads (other processes busy)"
         if "mix" in metrics:
             line += "  mix " + " ".join(f"{name.removeprefix('train_')} {w:.0%}" for name, w in metrics["mix"].items())
         if sys.stderr.isatty():

@@ -7,7 +7,14 @@ import torch
 
 from seekstack.accounting import forward_flops_per_token
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.threads import MIN_PARALLEL_FLOPS, IdleCores, StepThreads, threads_beside
+from seekstack.infer.threads import (
+    MIN_PARALLEL_FLOPS,
+    IdleCores,
+    LoadAwareThreads,
+    StepThreads,
+    configured_threads,
+    threads_beside,
+)
 from tests.infer.support import micro_model, tiny_tokenizer
 
 
@@ -74,3 +81,49 @@ def test_one_thread_more_per_core_idle_at_least_four_fifths_of_the_time_and_one_
     assert [threads_beside(idle, 2) for idle in (0.0, 0.79, 0.8, 1.95)] == [1, 1, 2, 2]
     assert threads_beside(6.75, 8) == 7 and threads_beside(6.8, 8) == 8 and threads_beside(7.9, 4) == 4
     assert threads_beside(None, 8) == 1
+
+
+class ScriptedIdle:
+    """IdleCores whose readings are given: one per interval, in order."""
+
+    readable = True
+
+    def __init__(self, readings):
+        self.readings = list(readings)
+
+    def restart(self) -> None:
+        pass
+
+    def idle(self):
+        return self.readings.pop(0)
+
+
+def test_training_steps_look_at_the_machine_on_one_thread_and_leave_a_busy_core_alone(two_threads):
+    # every 4th step from step 1 looks (on 1 thread): quiet at step 1, the other core busy at steps 5 and 6, idle
+    # again at 7
+    guard = LoadAwareThreads(2, probe_every=4, idle=ScriptedIdle([1.0, 0.0, 0.1, 0.95]))
+    ran = []
+    for number in range(9):
+        with guard.step(number):
+            ran.append(torch.get_num_threads())
+    assert ran == [2, 1, 2, 2, 2, 1, 1, 1, 2]
+    assert torch.get_num_threads() == 2
+
+
+def test_training_threads_stay_where_the_counters_cannot_be_read_or_one_thread_is_all(two_threads, tmp_path):
+    unreadable = LoadAwareThreads(2, probe_every=1, idle=IdleCores(tmp_path / "missing"))
+    off = LoadAwareThreads(2, probe_every=1, idle=ScriptedIdle([]), enabled=False)  # threads=N, a GPU, RL
+    single = LoadAwareThreads(1, probe_every=1, idle=ScriptedIdle([]))
+    for guard in (unreadable, off, single):
+        for number in range(3):
+            with guard.step(number):
+                assert torch.get_num_threads() == 2  # torch's setting, whatever `most` says
+
+
+def test_a_runs_threads_field_sets_torchs_threads_for_the_run_and_restores_them(two_threads):
+    for field, inside in ((1, 1), (0, 2), ("auto", 2)):
+        with configured_threads(field):
+            assert torch.get_num_threads() == inside
+        assert torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="field 'threads' 100000: must be from 1"), configured_threads(100000):
+        pass

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from seekstack.infer.threads import IdleCores
 from seekstack.schema import ConfigError
 from seekstack.train.config import TrainConfig, load_train_config
 from seekstack.train.schedule import learning_rate
@@ -316,3 +317,19 @@ def test_cuda_run_with_bfloat16_activation_checkpointing_and_compile(data_dir, t
     assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
     assert {p.dtype for p in load_pretrained(tmp_path / "checkpoints" / "step_6").parameters()} == {torch.float32}
     assert 0 < read_metrics(tmp_path)[0]["mfu"] < 1  # against the card's bf16 peak
+
+
+def test_the_threads_field_sets_each_steps_threads_and_auto_watches_a_busy_machine(data_dir, tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(run_config(data_dir, tmp_path / "fixed", threads=1, max_steps=3, eval_every=0, save_every=0))
+        assert [m["threads"] for m in read_metrics(tmp_path / "fixed") if "loss" in m] == [1, 1, 1]
+        assert torch.get_num_threads() == 2  # restored after the run
+        # auto: step 2 (the second) looks on one thread; the machine's other core reads busy, so the rest stay on one
+        monkeypatch.setattr(IdleCores, "idle", lambda self: 0.0)
+        train(run_config(data_dir, tmp_path / "auto", max_steps=4, eval_every=0, save_every=0))
+        assert [m["threads"] for m in read_metrics(tmp_path / "auto") if "loss" in m] == [2, 1, 1, 1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
