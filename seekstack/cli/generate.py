@@ -150,8 +150,10 @@ def generate_command(
         if as_json:
             typer.echo(json.dumps(completion_record(engine, engine.generate([prompt_ids], params)[0]), indent=2))
             return
+        terminal = StreamedText()
+        engine.notify = terminal.note
         for output in engine.stream(prompt_ids, params):
-            typer.echo(output.text, nl=False)
+            terminal.write(output.text)
     typer.echo()
 
 
@@ -205,12 +207,30 @@ def chat_command(
     if interactive:
         typer.echo(f"{engine.model_name}: {HELP}")
 
-    def write(text: str) -> None:
+    terminal = StreamedText()
+    engine.notify = terminal.note
+    session = ChatSession(engine, params, system, notify=terminal.note)
+    run_chat(session, line_reader(interactive), terminal.write, prompt="> " if interactive else "")
+
+
+class StreamedText:
+    """Text streamed to stdout and notes to stderr: where both show on one terminal, a note that comes while the
+    text's line is open (the engine compiling mid-reply) starts on a line of its own."""
+
+    def __init__(self) -> None:
+        self.open_line = False
+
+    def write(self, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
+        if text:
+            self.open_line = not text.endswith("\n")
 
-    session = ChatSession(engine, params, system, notify=lambda notice: typer.echo(f"note: {notice}", err=True))
-    run_chat(session, line_reader(interactive), write, prompt="> " if interactive else "")
+    def note(self, text: str) -> None:
+        if self.open_line and sys.stdout.isatty() and sys.stderr.isatty():
+            sys.stderr.write("\n")
+            self.open_line = False
+        typer.echo(f"note: {text}", err=True)
 
 
 def load_engine(

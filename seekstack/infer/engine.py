@@ -240,6 +240,7 @@ class Engine:
         # Eager decode seconds still to run before compiling (None: never compile, or compiled already).
         self._eager_seconds_left = COMPILE_AFTER_SECONDS if compile is None and not placed else None
         self.compile_s = 0.0  # seconds of the decode steps that compiled a new graph (`_decode_timer`)
+        self.notify: Callable[[str], None] = _note_on_stderr  # what the engine has to tell its user (a compile)
         self._step_started = 0.0
         if compile is True:
             self._compile_decode()
@@ -469,7 +470,7 @@ class Engine:
                 self._compile_decode()
         elif torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
             self.compile_s += seconds
-            print(f"note: compiled the decode step for {sequences} sequence(s) in {seconds:.1f} s", file=sys.stderr)
+            self.notify(f"compiled the decode step for {sequences} sequence(s) in {seconds:.1f} s")
 
     def _admit(self) -> None:
         """Move waiting requests to prefilling, first come first served, while the batch has room and the cache
@@ -915,3 +916,7 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:
     """The tokens one position after each row's new tokens: what MTP depth 1 embeds (token i+1 at position i)."""
     return [r.ids[start + 1 : start + count + 1] for r, start, count in zip(batch, starts, counts, strict=True)]
+
+
+def _note_on_stderr(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)

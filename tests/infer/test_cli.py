@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
 from seekstack.cli import app
-from seekstack.cli.generate import unescape
+from seekstack.cli.generate import StreamedText, unescape
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.chat import HELP, ChatSession, base_model_reason, run_chat
 from tests.infer.support import model_dir
@@ -360,3 +361,18 @@ def test_chat_says_once_at_the_start_that_a_base_model_has_no_chat_training(chec
         result = runner.invoke(app, ["chat", "--model", str(model), "--max-new-tokens", "2"], input="hi\nho\n")
         assert result.exit_code == 0, result.output
         assert result.stderr.count("looks like a base model with no chat training") == notes
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_note_while_text_streams_starts_its_own_line_on_a_terminal(monkeypatch, capsys, terminal):
+    text = StreamedText()
+    for stream in (sys.stdout, sys.stderr):
+        monkeypatch.setattr(stream, "isatty", lambda: terminal)
+    text.write("def add(")
+    text.note("compiled the decode step for 1 sequence(s) in 3.0 s")
+    text.write("a, b):\n")
+    text.note("after a whole line")
+    out, err = capsys.readouterr()
+    assert out == "def add(a, b):\n"
+    opened = "\n" if terminal else ""
+    assert err == f"{opened}note: compiled the decode step for 1 sequence(s) in 3.0 s\nnote: after a whole line\n"
