@@ -21,7 +21,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine import matmul_peaks, share_of_peak
 
+from seekstack.accounting import training_flops_per_token
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import train
 
@@ -52,6 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{args.preset}, {args.batch} x {args.seq_len} tokens a step, {args.steps} steps a run, torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip
+    peak = matmul_peaks()["float32"]  # quiet, on torch's threads
+    flops_per_token = training_flops_per_token(TrainConfig(model=args.preset).model_config(), args.seq_len)
     with tempfile.TemporaryDirectory() as scratch:
         for busy in (False, True):
             competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
@@ -73,8 +77,9 @@ def main() -> None:
             for setting, label in (("auto", "threads=auto"), (0, "threads=0 (torch's)")):
                 share_on_one = used[setting].count(1) / len(used[setting])
                 runs = ", ".join(f"{rate:,.0f}" for rate in rates[setting])
-                print(f"  {label:20s} {statistics.median(rates[setting]):8,.0f} tok/s  ({runs}; {share_on_one:.0%} of"
-                      " steps on 1 thread)")  # fmt: skip
+                rate = statistics.median(rates[setting])
+                print(f"  {label:20s} {rate:8,.0f} tok/s  ({runs}; {share_on_one:.0%} of steps on 1 thread)  "
+                      f"{share_of_peak(rate, flops_per_token, peak)}")  # fmt: skip
             print(f"  auto / torch's = {auto / fixed:.2f}x")
 
 
