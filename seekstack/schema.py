@@ -117,8 +117,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     try:
-        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        if path.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif path.suffix == ".json":
+            raw = json.loads(text)  # JSON's numbers: 5e-05 is one (YAML 1.1 reads it as a string)
+        else:
+            raw = yaml.load(text, Loader=_YamlLoader)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot be parsed ({error})") from None
     if raw is None:
         return {}
@@ -335,4 +340,15 @@ def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def _is_path_field(name: str) -> bool:
-    return name.endswith(("_dir", "_path")) or name in ("tokenizer", "init_from")
+    return name.endswith(("_dir", "_path")) or name in ("tokenizer", "init_from", "data", "teacher", "teacher_cache")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as written by people: `lr: 1e-3` is a float (YAML 1.1 wants a dot, 1.0e-3, and reads 1e-3 as a string)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)

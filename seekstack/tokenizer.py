@@ -145,16 +145,7 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt))
 
     def _check_message(self, position: int, message: dict) -> None:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"chat message {position} must be a dict with 'role' and 'content', got {message!r}")
-        if message["role"] not in CHAT_ROLES:
-            raise ValueError(
-                f"chat message {position} has unknown role {message['role']!r}; expected one of {CHAT_ROLES}"
-            )
-        if not isinstance(message["content"], str):
-            raise ValueError(
-                f"chat message {position} content must be a string, got {type(message['content']).__name__}"
-            )
+        check_chat_message(position, message)
         # A special token typed into content would be encoded as the real token and could forge a turn.
         forged = [token for token in self.special_tokens if token in message["content"]]
         if forged:
@@ -165,6 +156,16 @@ class Tokenizer:
         if token_id is None:
             raise ValueError(f"tokenizer {self.source} has no special token {token!r}, which seekstack requires")
         return token_id
+
+
+def check_chat_message(position: int, message: object) -> None:
+    """Raise a ValueError naming `position` unless `message` is a dict with a known `role` and string `content`."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise ValueError(f"chat message {position} must be a dict with 'role' and 'content', got {message!r}")
+    if message["role"] not in CHAT_ROLES:
+        raise ValueError(f"chat message {position} has unknown role {message['role']!r}; expected one of {CHAT_ROLES}")
+    if not isinstance(message["content"], str):
+        raise ValueError(f"chat message {position} content must be a string, got {type(message['content']).__name__}")
 
 
 def train_tokenizer(

@@ -7,6 +7,7 @@ that ends the turn) and are IGNORE_INDEX (-100) elsewhere: BOS, system prompt, u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Task, sample_problems
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import Tokenizer, check_chat_message
 
 Conversation = list[dict]
 
@@ -23,11 +24,13 @@ def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[l
     """(ids, labels) of one conversation: labels are the ids on assistant tokens, IGNORE_INDEX elsewhere."""
     ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
-    for position, message in enumerate(messages):
+    system = [m for m in messages if m["role"] == "system"]  # the chat template puts every system message first
+    turns = [m for m in messages if m["role"] != "system"]
+    for position, message in enumerate(turns):
         if message["role"] != "assistant":
             continue
-        start = len(tokenizer.encode_chat(messages[:position], add_generation_prompt=True))
-        end = len(tokenizer.encode_chat(messages[: position + 1], add_generation_prompt=False))
+        start = len(tokenizer.encode_chat([*system, *turns[:position]], add_generation_prompt=True))
+        end = len(tokenizer.encode_chat([*system, *turns[: position + 1]], add_generation_prompt=False))
         labels[start:end] = ids[start:end]
     return ids, labels
 
@@ -44,7 +47,14 @@ def read_conversations(path: str | Path) -> list[Conversation]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not JSON ({error})") from None
             messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not any(m.get("role") == "assistant" for m in messages):
+            if not isinstance(messages, list):
+                raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
+            for position, message in enumerate(messages):
+                try:
+                    check_chat_message(position, message)
+                except ValueError as error:
+                    raise ValueError(f"{path}:{number}: {error}") from None
+            if not any(m["role"] == "assistant" for m in messages):
                 raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
             conversations.append(messages)
     if not conversations:
@@ -78,6 +88,8 @@ class ShuffledRows:
 
     def __init__(self, rows: list[tuple[list[int], list[int]]], seed: int):
         self.rows, self.seed = rows, seed
+        # a fingerprint of the rows: a resume on other data is refused instead of training on it
+        self.digest = hashlib.blake2b(json.dumps(rows).encode(), digest_size=16).hexdigest()
         self.epoch, self.cursor = 0, 0
         self.order = self._order()
 
@@ -97,8 +109,13 @@ class ShuffledRows:
         return taken
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "digest": self.digest}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("digest", self.digest) != self.digest:  # older checkpoints carry none
+            raise ValueError(
+                f"the run's data ({len(self.rows)} conversations) is not what its checkpoint was trained on: resume "
+                "with the same data (and tokenizer), or start a new run"
+            )
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order()

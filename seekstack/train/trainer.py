@@ -49,6 +49,7 @@ from seekstack.parallel.fsdp import (
     save_optimizer,
 )
 from seekstack.parallel.parallelize import apply_activation_checkpointing, apply_compile, apply_float8
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
@@ -60,6 +61,7 @@ from seekstack.train.schedule import LrAnchor, learning_rate, resumed_lr_anchor
 from seekstack.train.state import (
     OPTIMIZER_DIR,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     rank_optimizer_file,
@@ -275,6 +277,12 @@ class _Run:
             self.lr_anchor = resumed_lr_anchor(train_state, config)
             self._say(f"resumed from step {self.step} ({path})")
         else:
+            earlier = list_checkpoints(self.out_dir)
+            if earlier:  # a new run would trim its metrics and prune its checkpoints
+                raise ConfigError(
+                    f"out_dir {self.out_dir} holds a run (checkpoint {earlier[-1].name}); continue it with --resume, "
+                    "or train into another out_dir"
+                )
             torch.manual_seed(config.seed)
             np.random.seed(config.seed)
             random.seed(config.seed)
@@ -320,13 +328,14 @@ class _Run:
     def run(self) -> TrainResult:
         result = TrainResult(self.step)
         started, first_step = time.perf_counter(), self.step
-        data_at_step_start = self.data.state_dict()
+        step_start: tuple[dict[str, Any], dict[str, Any]] | None = None  # data and RNG states, inside a step
         try:
             while self.step < self.config.max_steps:
-                data_at_step_start = self.data.state_dict()
+                step_start = self.data.state_dict(), rng_state()
                 with self.threads.step(self.step):
                     metrics = self.train_step()
                 self.step += 1
+                step_start = None
                 result.losses.append(metrics["loss"])
                 elapsed = time.perf_counter() - started
                 eta = elapsed / (self.step - first_step) * (self.config.max_steps - self.step)
@@ -336,7 +345,9 @@ class _Run:
                 if self.config.save_every and self.step % self.config.save_every == 0 or self.is_last_step:
                     result.checkpoint = self.save()
         except KeyboardInterrupt:
-            self.data.load_state_dict(data_at_step_start)  # the interrupted step is re-run on resume
+            if step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
+                self.data.load_state_dict(step_start[0])
+                set_rng_state(step_start[1])
             result.checkpoint = self.save()
             self._say(f"\ninterrupted: saved {result.checkpoint}; continue with --resume")
             raise

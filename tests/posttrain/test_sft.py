@@ -7,7 +7,12 @@ from seekstack.accounting import training_flops_per_token
 from seekstack.checkpoint import load_pretrained
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.config import SFTConfig
-from seekstack.posttrain.conversations import encode_conversation, read_conversations, write_conversations
+from seekstack.posttrain.conversations import (
+    ShuffledRows,
+    encode_conversation,
+    read_conversations,
+    write_conversations,
+)
 from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.tokenizer import ASSISTANT, EOS
@@ -123,6 +128,35 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": CHAT[:2]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: .*assistant"):
         read_conversations(path)
+    path.write_text("\n" + json.dumps({"messages": ["hello", *CHAT]}) + "\n")  # a message that is not an object
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: chat message 0 must be a dict with 'role' and 'content'"):
+        read_conversations(path)
+    path.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}, *CHAT]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: chat message 0 has unknown role 'robot'"):
+        read_conversations(path)
+
+
+def test_a_system_message_after_the_first_turn_labels_the_assistant_turns_all_the_same(tmp_path):
+    tokenizer = byte_tokenizer(tmp_path)
+    late = [*CHAT[1:3], {"role": "system", "content": "Be terse."}, *CHAT[3:]]  # the template puts it first
+    first = [{"role": "system", "content": "Be terse."}, *CHAT[1:]]
+    assert encode_conversation(tokenizer, late) == encode_conversation(tokenizer, first)
+    ids, labels = encode_conversation(tokenizer, late)
+    assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == (
+        "<think> 1+2=3 </think> 3" + EOS + "4" + EOS
+    )
+
+
+def test_resuming_on_other_conversations_is_refused(tmp_path):
+    tokenizer = byte_tokenizer(tmp_path)
+    rows = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 3, seed=0)
+    rows.take(2)
+    other = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 2, seed=0)
+    with pytest.raises(ValueError, match=r"the run's data \(2 conversations\) is not what its checkpoint was trained"):
+        other.load_state_dict(rows.state_dict())
+    again = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 3, seed=0)
+    again.load_state_dict(rows.state_dict())
+    assert again.take(2) == rows.take(2)
 
 
 def test_sft_and_rl_write_their_resolved_config(tmp_path):

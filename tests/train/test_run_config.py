@@ -112,3 +112,30 @@ def test_a_run_can_start_from_an_exported_checkpoint(data_dir, tmp_path):
     assert runner.invoke(app, ["train", *fresh]).exit_code == 0
     untrained = [m["lm_loss"] for m in read_metrics(tmp_path / "c") if "lm_loss" in m]
     assert after[0] < untrained[0] - 0.05 and after[0] <= before[0]  # the trained weights, not a new model
+
+
+def test_files_read_exponent_floats_and_a_saved_config_with_a_small_lr_reads_back(tmp_path) -> None:
+    (tmp_path / "run.json").write_text('{"lr": 3e-5, "min_lr": 1e-6}')
+    (tmp_path / "run.yaml").write_text("lr: 1e-3\nmin_lr: 5E-05\n")
+    for name, expected in (("run.json", (3e-5, 1e-6)), ("run.yaml", (1e-3, 5e-5))):
+        config = load_train_config(tmp_path / name)
+        assert (config.lr, config.min_lr) == expected
+    config = load_train_config(None, ["lr=5e-5", "min_lr=5e-5", f"out_dir={tmp_path / 'run'}"])
+    saved = load_train_config(config.save(tmp_path / "run"))  # what --resume reads
+    assert (saved.lr, saved.min_lr) == (5e-5, 5e-5)
+    (tmp_path / "comma.json").write_text('{"lr": 0.001,}')
+    with pytest.raises(ConfigError, match="comma.json: cannot be parsed"):
+        load_train_config(tmp_path / "comma.json")
+
+
+def test_data_and_teacher_paths_in_a_file_are_relative_to_its_folder(tmp_path) -> None:
+    from seekstack.distill.config import DistillConfig
+    from seekstack.posttrain.config import SFTConfig
+    from seekstack.schema import load_config
+
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "sft.yaml").write_text("data: chats.jsonl\n")
+    (folder / "distill.yaml").write_text("teacher: ../teacher\n")
+    assert load_config(SFTConfig, folder / "sft.yaml").data == str(folder / "chats.jsonl")
+    assert Path(load_config(DistillConfig, folder / "distill.yaml").teacher) == folder / "../teacher"

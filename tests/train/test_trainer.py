@@ -14,7 +14,7 @@ from seekstack.infer.threads import IdleCores
 from seekstack.schema import ConfigError
 from seekstack.train.config import TrainConfig, load_train_config
 from seekstack.train.schedule import learning_rate
-from seekstack.train.state import list_checkpoints
+from seekstack.train.state import list_checkpoints, read_train_state
 from seekstack.train.trainer import TrainingDiverged, build_model, build_optimizer, train
 
 VOCAB = 96
@@ -196,9 +196,13 @@ def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tm
 
     original = trainer._Run.train_step
 
+    at_step_start = {}
+
     def interrupted_step(self):
         if self.step == 2:
+            at_step_start["torch"] = torch.get_rng_state()
             self.data.batch(4, progress=0.5)  # a micro-batch drawn before the interrupt must not be skipped on resume
+            torch.rand(3)  # nor random numbers the step drew (on-policy distillation samples with torch's generator)
             raise KeyboardInterrupt
         return original(self)
 
@@ -206,6 +210,8 @@ def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tm
     with pytest.raises(KeyboardInterrupt):
         train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0))
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_2"]
+    saved_rng = read_train_state(list_checkpoints(tmp_path / "cut")[0])["rng"]["torch"]
+    assert torch.equal(saved_rng, at_step_start["torch"])
     monkeypatch.setattr(trainer._Run, "train_step", original)
     resumed = train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0), resume=True)
     assert resumed.losses == whole.losses[2:]
@@ -333,3 +339,11 @@ def test_the_threads_field_sets_each_steps_threads_and_auto_watches_a_busy_machi
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(data_dir, tmp_path):
+    train(run_config(data_dir, tmp_path, max_steps=3, eval_every=0, save_every=0))
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    with pytest.raises(ConfigError, match=f"out_dir {tmp_path} holds a run \\(checkpoint step_3\\); continue it with"):
+        train(run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0))
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
