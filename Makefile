@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/seekstack data tokenize --corpus runs/demo/corpus --tokenizer runs/demo/tokenizer --out runs/demo/tokens --buckets
 	$(VENV)/bin/seekstack info tiny
 	$(VENV)/bin/seekstack info deepseek-v3
+	rm -rf runs/demo/train  # a new run refuses a folder holding one: the demo starts afresh each time
 	$(VENV)/bin/seekstack train $(DEMO_TRAIN)
 	$(VENV)/bin/seekstack sample runs/demo/train
 	$(VENV)/bin/seekstack plot runs/demo/train
@@ -40,6 +41,7 @@ REASON_SFT := task=addition difficulty=2 max_steps=200 batch_size=32 lr=3e-3 min
 REASON_RL := task=addition difficulty=2 max_steps=150 batch_size=8 num_generations=8 max_completion_length=40 \
 	lr=5e-5 min_lr=5e-5 format_weight=0
 demo-reason: $(STAMP)
+	rm -rf $(REASON)
 	OMP_NUM_THREADS=1 $(VENV)/bin/seekstack sft tokenizer=runs/demo/tokenizer init_from=runs/demo/train/checkpoints/step_450 \
 		out_dir=$(REASON)/sft $(REASON_SFT)
 	OMP_NUM_THREADS=1 $(VENV)/bin/seekstack rl init_from=$(REASON)/sft/checkpoints/step_200 out_dir=$(REASON)/rl \

@@ -9,6 +9,7 @@ and MaxVio over the whole validation split (Wang et al. 2024's MaxVio_global), a
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +42,7 @@ def short_run(data_dir: Path, out_dir: Path, steps: int, **changes: Any) -> dict
         **settings, data_dir=str(data_dir), out_dir=str(out_dir), max_steps=steps,
         eval_every=steps, eval_batches=eval_batches,
     ).validate()  # fmt: skip
+    shutil.rmtree(out_dir, ignore_errors=True)  # a run of the study starts afresh (train refuses a folder holding one)
     train(config)
     records = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
     steps_logged = [r for r in records if "loss" in r]
