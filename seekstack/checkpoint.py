@@ -115,9 +115,14 @@ def checkpoint_tensors(
         yield from quantized_sources(layer_key(name, layers), layer, stacked_experts)
     if part:
         return
+    head = quantized.get("lm_head")
     for k in range(len(model.mtp)):  # copies, not aliases: safetensors refuses two keys over one storage
         yield f"model.layers.{layers + k}.embed_tokens.weight", model.embed_tokens.weight.detach().clone()
-        yield f"model.layers.{layers + k}.shared_head.head.weight", model.lm_head.weight.detach().clone()
+        if head is None:
+            yield f"model.layers.{layers + k}.shared_head.head.weight", model.lm_head.weight.detach().clone()
+        else:  # a quantized head's stored tensors, as the main one's
+            copies = quantized_sources(f"model.layers.{layers + k}.shared_head.head", head)
+            yield from ((key, tensor.detach().clone()) for key, tensor in copies)
 
 
 # ---------------------------------------------------------------------------------------- quantized layers
@@ -346,6 +351,12 @@ def _open_safetensors(path: Path) -> Any:
         ) from None
 
 
+def check_safetensors(path: Path) -> None:
+    """CheckpointError naming `path` unless it is a whole safetensors file (its header and every tensor it lists)."""
+    with _open_safetensors(path):
+        pass
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file `path`, with a damaged file named as such."""
     with _open_safetensors(path) as handle:
@@ -554,7 +565,7 @@ def load_pretrained(
                 else:
                     view.copy_(tensor)
     model.reset_rope()
-    ignorable = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$")
+    ignorable = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")  # MTP's copies
     unused = sorted(k for k in reader.key_to_file if k not in reader.used and not ignorable.match(k))
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)

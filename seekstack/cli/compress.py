@@ -4,6 +4,7 @@ optionally progressively with a quality gate on held-out text."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -57,6 +58,13 @@ def quantize_command(
         resolved = load_config(QuantConfig, config, overrides)
         if progressive and adaptive:
             raise ValueError("choose --progressive or --adaptive, not both")
+        for name, value in (("--max-bpb-increase", max_bpb_increase), ("--max-kl", max_kl)):
+            if progressive and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} {value}: must be a number >= 0")
+        if adaptive and not (math.isfinite(budget_bits) and budget_bits > 0):
+            raise ValueError(f"--budget-bits {budget_bits}: must be a number > 0")
+        if adaptive and (keep is not None or config is not None):
+            raise ValueError("--adaptive chooses every layer's scheme itself: --keep and --config apply without it")
         if progressive:
             report = _progressive(model, out, resolved, data, max_bpb_increase, max_kl)
         elif adaptive:

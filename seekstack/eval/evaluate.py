@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seekstack.atomic import write_atomic
 from seekstack.eval.tasks import CODE_TASKS, REASONING_PREFIX, REASONING_TASKS, TASKS, task_configs
 from seekstack.tokenizer import Tokenizer
 
@@ -42,9 +43,12 @@ def evaluate(
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     model_args = {"pretrained": str(model_dir), **({"dtype": "float32", "device": "cpu"} if backend == "hf" else {})}
     started = time.perf_counter()
-    output = lm_eval.simple_evaluate(
-        model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit, log_samples=False
-    )
+    try:
+        output = lm_eval.simple_evaluate(
+            model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit, log_samples=False
+        )
+    except KeyError as error:  # how lm_eval refuses a task name it does not know
+        raise ValueError(f"lm_eval: {error.args[0] if error.args else error}") from None
     wall_s = time.perf_counter() - started
     not_metrics = ("alias", "name", "sample_len")
     results = {
@@ -71,9 +75,10 @@ def results_table(report: dict[str, Any]) -> str:
 def write_results(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
     """`out`.json (everything) and `out`.md (the table and the wall time); returns both paths."""
     out = Path(out)
+    stem = out.with_suffix("") if out.suffix in (".json", ".md") else out  # model_v1.5: a name, not a suffix
+    json_path, table_path = stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, table_path = out.with_suffix(".json"), out.with_suffix(".md")
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_atomic(json_path, json.dumps(report, indent=2, default=str) + "\n")
     header = f"Model `{report['model']}`, backend `{report['backend']}`, wall time {report['wall_s']:.1f} s\n\n"
-    table_path.write_text(header + results_table(report) + "\n")
+    write_atomic(table_path, header + results_table(report) + "\n")
     return json_path, table_path

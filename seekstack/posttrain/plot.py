@@ -14,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from seekstack.train.plot import read_metrics  # noqa: E402
+from seekstack.atomic import write_atomic  # noqa: E402
+from seekstack.train.plot import png_path, read_metrics  # noqa: E402
 
 PANELS = (
     ("reward", ("accuracy", "reward_format")),
@@ -37,7 +38,8 @@ def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], lis
 
 
 def plot_rl_runs(run_dirs: list[Path], out_path: Path, smooth: int = 10) -> Path:
-    """Draw the runs' curves to `out_path`; return it."""
+    """Draw the runs' curves to `out_path` (a .png); return it."""
+    out_path = png_path(out_path)
     figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
     for run_dir in run_dirs:
         records = [r for r in read_metrics(run_dir) if "reward" in r]
@@ -54,6 +56,6 @@ def plot_rl_runs(run_dirs: list[Path], out_path: Path, smooth: int = 10) -> Path
         axis.legend(fontsize=7)
     figure.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=90)
+    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=90, format="png"))
     plt.close(figure)
     return out_path

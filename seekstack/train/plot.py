@@ -37,6 +37,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     """Draw the run's curves to `out_path` (default `run_dir/curves.png`); return the path written."""
+    out_path = png_path(out_path if out_path is not None else Path(run_dir) / "curves.png")
     records = read_metrics(run_dir)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -83,11 +84,19 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
 
     figure.suptitle(str(run_dir))
     figure.tight_layout()
-    out_path = Path(out_path) if out_path is not None else Path(run_dir) / "curves.png"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     plt.close(figure)
     return out_path
+
+
+def png_path(path: str | Path) -> Path:
+    """`path` as a plot's output: a .png name, so that a slip of `--out` never writes a picture over the run's
+    metrics or weights; ValueError naming it otherwise."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {path}: a plot is written as a .png file; name one (e.g. {path.with_suffix('.png')})")
+    return path
 
 
 def _main_layer_count(run_dir: str | Path) -> int | None:

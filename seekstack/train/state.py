@@ -24,6 +24,7 @@ from seekstack.atomic import atomic_directory, refuse_to_replace
 from seekstack.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
+    check_safetensors,
     load_pretrained,
     read_config,
     refuse_hf_export,
@@ -176,8 +177,10 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     refuse_hf_export(read_config(source), out)
     refuse_to_replace(out, CONFIG_FILE, inputs=(source,))
     out = Path(out)
+    files = [e for e in source.iterdir() if e.is_file() and e.name != TRAIN_STATE_FILE]  # not eval/, optimizer/
+    for weights in (e for e in files if e.suffix == ".safetensors"):
+        check_safetensors(weights)  # a damaged checkpoint is refused here, not when the export is loaded
     with atomic_directory(out) as staging:
-        for entry in source.iterdir():
-            if entry.name not in (TRAIN_STATE_FILE, OPTIMIZER_DIR):
-                shutil.copyfile(entry, staging / entry.name)
+        for entry in files:
+            shutil.copyfile(entry, staging / entry.name)
     return out

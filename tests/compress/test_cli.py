@@ -70,3 +70,31 @@ def test_prune_command_removes_heads_and_experts_and_healing_lowers_the_loss(tmp
     batch = calibration[0]
     with torch.no_grad():
         assert healed(batch, labels=batch).lm_loss < model(batch, labels=batch).lm_loss - 0.05
+
+
+def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
+    model = model_for_tests()
+    assert len(model.mtp) > 0  # the MTP module's copy of the head was what failed
+    seekstack.save_pretrained(model, tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--keep", "layers.0.*"]
+    )
+    assert result.exit_code == 0, result.output
+    loaded = seekstack.load_pretrained(tmp_path / "q")
+    assert isinstance(loaded.lm_head, QuantizedLinear)
+    reference = logits(model, INPUT_IDS)
+    assert ((logits(loaded, INPUT_IDS) - reference).norm() / reference.norm()).item() < 0.05
+
+
+def test_quantize_refuses_tolerances_and_budgets_that_are_no_numbers_and_adaptive_with_keep(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--data", str(tmp_path)]
+    for extra, message in (
+        (["--progressive", "--max-bpb-increase", "-1"], "--max-bpb-increase -1.0: must be a number >= 0"),
+        (["--progressive", "--max-kl", "nan"], "--max-kl nan: must be a number >= 0"),
+        (["--adaptive", "--budget-bits", "nan"], "--budget-bits nan: must be a number > 0"),
+        (["--adaptive", "--keep", "lm_head"], "--adaptive chooses every layer's scheme itself"),
+    ):
+        result = CliRunner().invoke(app, [*base, *extra])
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "q").exists()

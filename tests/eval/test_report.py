@@ -80,3 +80,15 @@ def test_explain_through_the_command_line_writes_the_page_and_routing_statistics
     }
     [record] = json.loads((out / "routing_stats.json").read_text())  # the micro model has one MoE layer
     assert record["tokens"] == 512 and len(record["load"]) == 4
+
+
+def test_results_are_written_beside_the_name_given_whatever_dots_it_holds(tmp_path):
+    from seekstack.eval.evaluate import write_results
+
+    report = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}, "samples": {}}
+    (tmp_path / "model_v1.json").write_text("earlier results")
+    written = [write_results(report, tmp_path / name) for name in ("model_v1.5", "plain", "named.json")]
+    assert [(j.name, t.name) for j, t in written] == [
+        ("model_v1.5.json", "model_v1.5.md"), ("plain.json", "plain.md"), ("named.json", "named.md"),
+    ]  # fmt: skip
+    assert (tmp_path / "model_v1.json").read_text() == "earlier results"

@@ -93,3 +93,10 @@ def test_plot_writes_a_png_of_the_run(demo_run, tmp_path):
 def test_plot_names_the_run_without_metrics(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
+
+
+def test_plot_refuses_an_output_that_is_not_a_png_and_leaves_it_alone(demo_run):
+    metrics = (demo_run / "run" / "metrics.jsonl").read_bytes()
+    result = CliRunner().invoke(app, ["plot", str(demo_run / "run"), "--out", str(demo_run / "run" / "metrics.jsonl")])
+    assert result.exit_code == 1 and "a plot is written as a .png file" in result.output
+    assert (demo_run / "run" / "metrics.jsonl").read_bytes() == metrics

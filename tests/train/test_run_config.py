@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from seekstack.cli import app
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE, load_train_config
+from seekstack.train.state import list_checkpoints
 from tests.train.test_trainer import MICRO_MODEL, read_metrics, write_split
 
 
@@ -103,6 +104,19 @@ def test_a_run_can_start_from_an_exported_checkpoint(data_dir, tmp_path):
     result = runner.invoke(app, ["checkpoint", "export", str(tmp_path / "a"), "--out", str(exported)])
     assert result.exit_code == 0, result.output
     assert (exported / "model.safetensors").is_file() and not (exported / "train_state.pt").exists()
+    checkpoint = list_checkpoints(tmp_path / "a")[-1]
+    (checkpoint / "eval").mkdir()  # what `seekstack eval` leaves in a checkpoint: not part of the model
+    (checkpoint / "eval" / "results.json").write_text("{}")
+    again = runner.invoke(app, ["checkpoint", "export", str(checkpoint), "--out", str(tmp_path / "again")])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.name for p in exported.iterdir())
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint, damaged)
+    with open(damaged / "model.safetensors", "r+b") as weights:
+        weights.truncate(weights.seek(0, 2) // 2)
+    refused = runner.invoke(app, ["checkpoint", "export", str(damaged), "--out", str(tmp_path / "none")])
+    assert refused.exit_code == 1 and "model.safetensors: not a valid safetensors file" in refused.output
+    assert not (tmp_path / "none").exists()
     overrides = micro_overrides(data_dir, tmp_path / "b", max_steps=1, lr=1e-12, min_lr=0, warmup_steps=0)
     second = runner.invoke(app, ["train", *overrides, f"init_from={exported}"])
     assert second.exit_code == 0, second.output
