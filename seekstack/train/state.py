@@ -137,7 +137,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
     """The newest complete checkpoint of a run; FileNotFoundError naming the directory when there is none."""
     found = list_checkpoints(out_dir)
     if not found:
-        raise FileNotFoundError(f"no checkpoint to resume under {checkpoint_dir(out_dir)}; start the run afresh")
+        raise FileNotFoundError(
+            f"{out_dir}: no checkpoint (neither a checkpoint folder with {TRAIN_STATE_FILE} nor a run with "
+            f"{checkpoint_dir(out_dir).name}/step_N)"
+        )
     return found[-1]
 
 

@@ -263,6 +263,7 @@ class _Run:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
         self.step = 0
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
+        self.resumed_from: Path | None = None
         train_state: dict[str, Any] | None = None
         if resume:
             path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
@@ -276,6 +277,7 @@ class _Run:
             self.data.load_state_dict(train_state["data"])
             self.lr_anchor = resumed_lr_anchor(train_state, config)
             self._say(f"resumed from step {self.step} ({path})")
+            self.resumed_from = path
         else:
             earlier = list_checkpoints(self.out_dir)
             if earlier:  # a new run would trim its metrics and prune its checkpoints
@@ -289,6 +291,11 @@ class _Run:
             model = build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device)
             if hooks is not None:
                 model = hooks.prepare(model)
+        if config.seq_len > model.config.max_position_embeddings:
+            raise ConfigError(
+                f"field 'seq_len' has value {config.seq_len}: longer than the model's context "
+                f"(max_position_embeddings {model.config.max_position_embeddings})"
+            )
         self.model = model
         if source is not None:
             source.attach(model)
@@ -326,7 +333,7 @@ class _Run:
 
     # ------------------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
-        result = TrainResult(self.step)
+        result = TrainResult(self.step, checkpoint=self.resumed_from)  # a finished run resumed trains nothing
         started, first_step = time.perf_counter(), self.step
         step_start: tuple[dict[str, Any], dict[str, Any]] | None = None  # data and RNG states, inside a step
         try:

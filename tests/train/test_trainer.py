@@ -347,3 +347,14 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(da
     with pytest.raises(ConfigError, match=f"out_dir {tmp_path} holds a run \\(checkpoint step_3\\); continue it with"):
         train(run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0))
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
+
+
+def test_a_seq_len_past_the_models_context_is_refused_and_a_finished_run_resumed_names_its_checkpoint(
+    data_dir, tmp_path
+):
+    with pytest.raises(ConfigError, match="field 'seq_len' has value 300: longer than the model's context"):
+        train(run_config(data_dir, tmp_path / "long", seq_len=300, model_overrides={**MICRO_MODEL,
+              "max_position_embeddings": 256}))  # fmt: skip
+    train(run_config(data_dir, tmp_path / "done", max_steps=2, eval_every=0, save_every=0))
+    again = train(run_config(data_dir, tmp_path / "done", max_steps=2, eval_every=0, save_every=0), resume=True)
+    assert again.step == 2 and again.checkpoint == tmp_path / "done" / "checkpoints" / "step_2"
