@@ -60,12 +60,15 @@ def pass_at_k_command(
     (for several models) the same as a table."""
     from seekstack.infer import Engine
     from seekstack.posttrain.evaluate import evaluate_task
+    from seekstack.posttrain.rl import PROMPT_TOKENS
     from seekstack.posttrain.tasks import make_task
 
     rows = []
     with user_errors():
         for model in models:
-            engine = Engine.from_pretrained(model, max_batch_size=problems * samples, max_model_len=256)
+            engine = Engine.from_pretrained(
+                model, max_batch_size=problems * samples, max_model_len=PROMPT_TOKENS + max_new_tokens
+            )
             scores = evaluate_task(
                 engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
             )
@@ -95,10 +98,13 @@ def traces_command(
     from seekstack.infer import Engine
     from seekstack.posttrain.conversations import write_conversations
     from seekstack.posttrain.distill import verified_traces
+    from seekstack.posttrain.rl import PROMPT_TOKENS
     from seekstack.posttrain.tasks import make_task
 
     with user_errors():
-        engine = Engine.from_pretrained(model, max_batch_size=64 * samples, max_model_len=256)
+        engine = Engine.from_pretrained(
+            model, max_batch_size=64 * samples, max_model_len=PROMPT_TOKENS + max_new_tokens
+        )
         traces = verified_traces(
             engine, make_task(task, difficulty), prompts, samples, max_new_tokens, temperature, seed
         )
