@@ -344,7 +344,17 @@ def _is_path_field(name: str) -> bool:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML as written by people: `lr: 1e-3` is a float (YAML 1.1 wants a dot, 1.0e-3, and reads 1e-3 as a string)."""
+    """YAML as written by people: `lr: 1e-3` is a float (YAML 1.1 wants a dot, 1.0e-3, and reads 1e-3 as a string),
+    and a key given twice is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _YamlLoader.add_implicit_resolver(

@@ -6,6 +6,7 @@ labels (IGNORE_INDEX off the assistant's tokens), in a seeded order whose positi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,14 @@ class SFTSource:
         else:
             conversations = task_conversations(make_task(config.task, config.difficulty), config.examples, config.seed)
         self.rows = ShuffledRows([encode_conversation(self.tokenizer, c) for c in conversations], config.seed)
+        # a label at position t is predicted from position t - 1: a row's first seq_len positions hold its targets
+        untrained = sum(all(label == IGNORE_INDEX for label in row[1][1 : config.seq_len]) for row in self.rows.rows)
+        if untrained:
+            print(
+                f"note: {untrained} of {len(self.rows.rows)} conversations have no assistant token within "
+                f"seq_len={config.seq_len}: they train nothing; raise seq_len or shorten their prompts",
+                file=sys.stderr,
+            )
         self.device = torch.device("cpu")
 
     def attach(self, model: nn.Module) -> None:

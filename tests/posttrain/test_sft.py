@@ -170,3 +170,15 @@ def test_sft_and_rl_write_their_resolved_config(tmp_path):
         result = CliRunner().invoke(app, [command, f"init_from={model_dir}", f"{field}=7", "--write-config", str(path)])
         assert result.exit_code == 0, result.output
         assert f"{field}: 7" in path.read_text()
+
+
+def test_conversations_whose_assistant_turn_starts_past_seq_len_are_reported(tmp_path, capsys):
+    byte_tokenizer(tmp_path / "tok")
+    data = write_conversations([CHAT, CHAT[:3]], tmp_path / "chats.jsonl")
+    common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "model.vocab_size=300"]
+    SFTSource(resolve_train_config(None, [*common, "seq_len=512"], cls=SFTConfig))
+    assert "train nothing" not in capsys.readouterr().err
+    SFTSource(resolve_train_config(None, [*common, "seq_len=8"], cls=SFTConfig))
+    assert "note: 2 of 2 conversations have no assistant token within seq_len=8: they train nothing" in (
+        capsys.readouterr().err
+    )

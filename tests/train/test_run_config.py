@@ -140,6 +140,9 @@ def test_files_read_exponent_floats_and_a_saved_config_with_a_small_lr_reads_bac
     (tmp_path / "comma.json").write_text('{"lr": 0.001,}')
     with pytest.raises(ConfigError, match="comma.json: cannot be parsed"):
         load_train_config(tmp_path / "comma.json")
+    (tmp_path / "twice.yaml").write_text("lr: 1e-3\nmax_steps: 5\nlr: 2e-3\n")  # YAML would keep the last
+    with pytest.raises(ConfigError, match="twice.yaml: cannot be parsed \\(key 'lr' is given twice"):
+        load_train_config(tmp_path / "twice.yaml")
 
 
 def test_data_and_teacher_paths_in_a_file_are_relative_to_its_folder(tmp_path) -> None:
