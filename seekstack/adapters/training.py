@@ -24,7 +24,7 @@ from seekstack.checkpoint import read_config
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, load_config, require
 from seekstack.train.config import TrainConfig, resolve_train_config
-from seekstack.train.state import checkpoint_dir
+from seekstack.train.state import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:
@@ -146,10 +146,9 @@ def lora_train_config(
     else:
         if base is None or data_dir is None:
             raise ConfigError("a new LoRA run needs BASE (a checkpoint folder) and DATA (token shards, text or chat)")
-        if saved.is_file() or any(checkpoint_dir(out).glob("step_*")):
-            raise ConfigError(
-                f"{out}: holds a LoRA run already; continue it with --resume, or train into another --out"
-            )
+        refuse_new_run_into(out)
+        if saved.is_file():  # a run stopped before its first checkpoint
+            raise ConfigError(f"{out} holds a LoRA run ({saved}); continue it with --resume, or train into another --out")
         adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
         train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
         train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))  # keys checked first

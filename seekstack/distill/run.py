@@ -25,6 +25,7 @@ from seekstack.posttrain.config import tokenizer_path
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.shards import load_index
+from seekstack.train.state import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 STATE_FILE = "distill_state.pt"
@@ -76,5 +77,7 @@ class DistillHooks:
 def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> TrainResult:
     """Distill `config.teacher` into the student `config` describes (or continue the run in `out_dir`)."""
     config = config.validate()
+    if not resume:
+        refuse_new_run_into(config.out_dir)  # before the conversations are read
     source = SFTSource(config) if config.conversational else None  # type: ignore[arg-type]  # the fields it reads
     return train(config, resume=resume, hooks=DistillHooks(config), source=source)

@@ -34,6 +34,7 @@ from seekstack.posttrain.rollout import Rollout, completion_logps, sample_groups
 from seekstack.posttrain.sft import tokenizer_info
 from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+from seekstack.train.state import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request
@@ -240,5 +241,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
 def run_rl(config: GRPOConfig, resume: bool | str | Path = False) -> TrainResult:
     """GRPO from `init_from` (or a fresh preset) on the task `config` names."""
     config = config.validate()
+    if not resume:
+        refuse_new_run_into(config.out_dir)  # before the rollout engine is built
     with configured_threads(config.threads):  # before the source: its engine starts on the run's threads
         return train(config, resume=resume, source=GRPOSource(config))

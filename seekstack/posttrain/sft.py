@@ -25,6 +25,7 @@ from seekstack.posttrain.conversations import (
 from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+from seekstack.train.state import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 
@@ -80,4 +81,6 @@ class SFTSource:
 def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult:
     """Fine-tune `init_from` (or a fresh preset) on the conversations `config` names."""
     config = config.validate()
+    if not resume:
+        refuse_new_run_into(config.out_dir)  # before the conversations are read and tokenized
     return train(config, resume=resume, source=SFTSource(config))

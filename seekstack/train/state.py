@@ -32,6 +32,7 @@ from seekstack.checkpoint import (
 )
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
+from seekstack.schema import ConfigError
 
 TRAIN_STATE_FILE = "train_state.pt"
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
@@ -131,6 +132,17 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / TRAIN_STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def refuse_new_run_into(out_dir: str | Path) -> None:
+    """A new run into a folder that holds a run would trim its metrics and prune its checkpoints: refused, before the
+    run builds anything (its data, its model, a post-training source)."""
+    earlier = list_checkpoints(out_dir)
+    if earlier:
+        raise ConfigError(
+            f"out_dir {out_dir} holds a run (checkpoint {earlier[-1].name}); continue it with --resume, "
+            "or train into another out_dir"
+        )
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path:

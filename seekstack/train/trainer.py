@@ -61,11 +61,11 @@ from seekstack.train.schedule import LrAnchor, learning_rate, resumed_lr_anchor
 from seekstack.train.state import (
     OPTIMIZER_DIR,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     rank_optimizer_file,
     read_train_state,
+    refuse_new_run_into,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -279,12 +279,7 @@ class _Run:
             self._say(f"resumed from step {self.step} ({path})")
             self.resumed_from = path
         else:
-            earlier = list_checkpoints(self.out_dir)
-            if earlier:  # a new run would trim its metrics and prune its checkpoints
-                raise ConfigError(
-                    f"out_dir {self.out_dir} holds a run (checkpoint {earlier[-1].name}); continue it with --resume, "
-                    "or train into another out_dir"
-                )
+            refuse_new_run_into(self.out_dir)
             torch.manual_seed(config.seed)
             np.random.seed(config.seed)
             random.seed(config.seed)

@@ -83,8 +83,14 @@ def test_a_resumed_run_refuses_other_adapter_settings_and_a_new_run_refuses_a_ru
         with pytest.raises(ConfigError, match=f"{change}: a resumed run keeps the adapter settings"):
             lora_train_config(None, None, out, ["max_steps=6", change], resume=True)
     assert (out / "lora_config.json").read_text() == saved  # the run can still be resumed
-    with pytest.raises(ConfigError, match="holds a LoRA run already; continue it with --resume"):
+    with pytest.raises(ConfigError, match="holds a run .checkpoint step_3.; continue it with --resume"):
         lora_train_config(base, data_dir, out, [*RUN, "lora.rank=4"])
+    started = tmp_path / "started"  # stopped before its first checkpoint: its settings are saved already
+    started.mkdir()
+    (out / "lora_config.json").rename(started / "lora_config.json")
+    with pytest.raises(ConfigError, match="holds a LoRA run .*lora_config.json.; continue it with --resume"):
+        lora_train_config(base, data_dir, started, RUN)
+    (started / "lora_config.json").rename(out / "lora_config.json")
     resumed = train_adapter(*lora_train_config(None, None, out, ["max_steps=6"], resume=True), resume=True)
     assert resumed.step == 6
 

@@ -349,6 +349,32 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(da
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
+def test_post_training_into_a_folder_holding_a_run_is_refused_before_its_data_or_teacher_is_read(
+    data_dir, tmp_path, monkeypatch
+):
+    from seekstack.distill import run as distill_run
+    from seekstack.distill.config import DistillConfig
+    from seekstack.posttrain import rl, sft
+    from seekstack.posttrain.config import GRPOConfig, SFTConfig
+
+    train(run_config(data_dir, tmp_path, max_steps=3, eval_every=0, save_every=0))
+    base = tmp_path / "checkpoints" / "step_3"
+
+    def built(*args, **kwargs):
+        raise AssertionError("the run's data or teacher was read before the folder was checked")
+
+    for module, name in ((sft, "SFTSource"), (rl, "GRPOSource"), (distill_run, "SFTSource"), (distill_run, "DistillHooks")):
+        monkeypatch.setattr(module, name, built)
+    runs = (
+        lambda: sft.run_sft(SFTConfig(out_dir=str(tmp_path), init_from=str(base))),
+        lambda: rl.run_rl(GRPOConfig(out_dir=str(tmp_path), init_from=str(base))),
+        lambda: distill_run.run_distill(DistillConfig(out_dir=str(tmp_path), teacher=str(base), data_dir=str(data_dir))),
+    )
+    for run in runs:
+        with pytest.raises(ConfigError, match="holds a run \\(checkpoint step_3\\); continue it with --resume"):
+            run()
+
+
 def test_a_seq_len_past_the_models_context_is_refused_and_a_finished_run_resumed_names_its_checkpoint(
     data_dir, tmp_path
 ):
