@@ -148,7 +148,9 @@ def lora_train_config(
             raise ConfigError("a new LoRA run needs BASE (a checkpoint folder) and DATA (token shards, text or chat)")
         refuse_new_run_into(out)
         if saved.is_file():  # a run stopped before its first checkpoint
-            raise ConfigError(f"{out} holds a LoRA run ({saved}); continue it with --resume, or train into another --out")
+            raise ConfigError(
+                f"{out} holds a LoRA run ({saved}); continue it with --resume, or train into another --out"
+            )
         adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
         train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
         train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))  # keys checked first

@@ -363,12 +363,15 @@ def test_post_training_into_a_folder_holding_a_run_is_refused_before_its_data_or
     def built(*args, **kwargs):
         raise AssertionError("the run's data or teacher was read before the folder was checked")
 
-    for module, name in ((sft, "SFTSource"), (rl, "GRPOSource"), (distill_run, "SFTSource"), (distill_run, "DistillHooks")):
-        monkeypatch.setattr(module, name, built)
+    for module, names in ((sft, ["SFTSource"]), (rl, ["GRPOSource"]), (distill_run, ["SFTSource", "DistillHooks"])):
+        for name in names:
+            monkeypatch.setattr(module, name, built)
     runs = (
         lambda: sft.run_sft(SFTConfig(out_dir=str(tmp_path), init_from=str(base))),
         lambda: rl.run_rl(GRPOConfig(out_dir=str(tmp_path), init_from=str(base))),
-        lambda: distill_run.run_distill(DistillConfig(out_dir=str(tmp_path), teacher=str(base), data_dir=str(data_dir))),
+        lambda: distill_run.run_distill(
+            DistillConfig(out_dir=str(tmp_path), teacher=str(base), data_dir=str(data_dir))
+        ),
     )
     for run in runs:
         with pytest.raises(ConfigError, match="holds a run \\(checkpoint step_3\\); continue it with --resume"):
