@@ -87,6 +87,8 @@ def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
         for candidate in (source.parent / "report.json", Path.cwd() / source.parent / "report.json"):
             if corpus_report is None and candidate.is_file():
                 corpus_report = json.loads(candidate.read_text())
+    if not rows:  # moved or deleted since the run, or a folder without shards
+        return f"## Data\n\nToken shards `{data_dir}`: no *_index.json there (moved or deleted since the run?)."
     text = f"## Data\n\nToken shards `{data_dir}`:\n\n"
     text += _table(("split", "documents", "tokens", "text bytes", "bytes/token"), rows)
     if corpus_report:

@@ -92,3 +92,10 @@ def test_results_are_written_beside_the_name_given_whatever_dots_it_holds(tmp_pa
         ("model_v1.5.json", "model_v1.5.md"), ("plain.json", "plain.md"), ("named.json", "named.md"),
     ]  # fmt: skip
     assert (tmp_path / "model_v1.json").read_text() == "earlier results"
+
+
+def test_reports_data_section_says_when_the_runs_shards_are_gone(tmp_path):
+    from seekstack.eval.report import _data
+
+    section = _data(tmp_path / "run", {"data_dir": "../tokens"})  # as train_config.json holds it: from the run
+    assert f"Token shards `{tmp_path / 'tokens'}`: no *_index.json there" in section and "| split |" not in section
