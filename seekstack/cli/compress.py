@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 def quantize_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to quantize (float, or quantized: re-quantized)")],
     out: Annotated[Path, typer.Option(help="Folder to write the quantized checkpoint to (tokenizer copied)")],
-    scheme: Annotated[str, typer.Option(help="int8 (per channel) | int4 (per group) | fp8 (e4m3, 128x128 blocks)")] = (
-        "int8"
-    ),
-    group_size: Annotated[int, typer.Option(help="int4: input columns per scale (32, 64 or 128)")] = 32,
+    scheme: Annotated[
+        str | None, typer.Option(help="int8 (per channel; the default) | int4 (per group) | fp8 (e4m3, 128x128 blocks)")
+    ] = None,
+    group_size: Annotated[
+        int | None, typer.Option(help="int4: input columns per scale (32, the default, 64, 128)")
+    ] = None,
     keep: Annotated[
         list[str] | None,
         typer.Option(help="Layer pattern left in float (repeatable; replaces the default: lm_head)"),
@@ -49,12 +51,13 @@ def quantize_command(
 
     Always high precision: embedding, router gates, norms, kv_b_proj (absorbed by MLA). By default also lm_head,
     and with fp8 the MTP eh_proj, as DeepSeek-V3's FP8 release."""
+    from seekstack.compress.adaptive import SMALLEST_BITS
     from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_checkpoint
     from seekstack.schema import load_config
 
     with user_errors(as_json):
-        overrides = [f"scheme={scheme}", f"group_size={group_size}"]
-        overrides += [f"keep={json.dumps(keep)}"] if keep is not None else []
+        given = {"scheme": scheme, "group_size": group_size, "keep": None if keep is None else json.dumps(keep)}
+        overrides = [f"{name}={value}" for name, value in given.items() if value is not None]
         resolved = load_config(QuantConfig, config, overrides)
         if progressive and adaptive:
             raise ValueError("choose --progressive or --adaptive, not both")
@@ -63,8 +66,16 @@ def quantize_command(
                 raise ValueError(f"{name} {value}: must be a number >= 0")
         if adaptive and not (math.isfinite(budget_bits) and budget_bits > 0):
             raise ValueError(f"--budget-bits {budget_bits}: must be a number > 0")
-        if adaptive and (keep is not None or config is not None):
-            raise ValueError("--adaptive chooses every layer's scheme itself: --keep and --config apply without it")
+        if adaptive and (overrides or config is not None):
+            raise ValueError(
+                "--adaptive chooses every layer's scheme itself: --scheme, --group-size, --keep and --config apply "
+                "without it"
+            )
+        if adaptive and budget_bits < SMALLEST_BITS:
+            raise ValueError(
+                f"--budget-bits {budget_bits}: below the smallest option (int4 g128: {SMALLEST_BITS} bits per weight, "
+                "scales included)"
+            )
         if progressive:
             report = _progressive(model, out, resolved, data, max_bpb_increase, max_kl)
         elif adaptive:

@@ -39,6 +39,9 @@ def bits_per_weight(option: str, in_features: int) -> float:
     return 4 + 16 / int(option.split("-g")[1])
 
 
+SMALLEST_BITS = bits_per_weight(OPTIONS[0], 1)  # 4.125: no assignment fits a smaller budget
+
+
 def option_config(option: str) -> QuantConfig:
     if option == "int8":
         return QuantConfig(scheme="int8", keep=[])

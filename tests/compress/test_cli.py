@@ -86,7 +86,7 @@ def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
     assert ((logits(loaded, INPUT_IDS) - reference).norm() / reference.norm()).item() < 0.05
 
 
-def test_quantize_refuses_tolerances_and_budgets_that_are_no_numbers_and_adaptive_with_keep(tmp_path):
+def test_quantize_refuses_bad_tolerances_and_budgets_and_adaptive_with_fixed_schemes(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--data", str(tmp_path)]
     for extra, message in (
@@ -94,6 +94,9 @@ def test_quantize_refuses_tolerances_and_budgets_that_are_no_numbers_and_adaptiv
         (["--progressive", "--max-kl", "nan"], "--max-kl nan: must be a number >= 0"),
         (["--adaptive", "--budget-bits", "nan"], "--budget-bits nan: must be a number > 0"),
         (["--adaptive", "--keep", "lm_head"], "--adaptive chooses every layer's scheme itself"),
+        (["--adaptive", "--scheme", "int4"], "--adaptive chooses every layer's scheme itself: --scheme, --group-size"),
+        (["--adaptive", "--group-size", "128"], "--adaptive chooses every layer's scheme itself"),
+        (["--adaptive", "--budget-bits", "4"], "--budget-bits 4.0: below the smallest option (int4 g128: 4.125"),
     ):
         result = CliRunner().invoke(app, [*base, *extra])
         assert result.exit_code == 1 and message in result.output, result.output
