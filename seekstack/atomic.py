@@ -5,16 +5,17 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   write_atomic(path, data)      one file
   staged_files(folder)          several files that appear together once all are complete (a corpus, token shards)
   atomic_directory(path)        a folder (a checkpoint), swapped in whole; the old one is deleted only afterwards
-  refuse_to_replace(path, ...)  before one: a folder of other files (a user's) is not a checkpoint to replace
+  refuse_to_replace(path, ...)  before one: a folder holding other files (a user's, a training state) is kept
 If a write raises, its temporary files are deleted and the target is left as it was.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,20 +89,32 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def refuse_to_replace(path: str | os.PathLike, marker: str, inputs: tuple[str | os.PathLike, ...] = ()) -> None:
-    """FileExistsError unless `atomic_directory` may replace folder `path` whole: absent, empty, or holding `marker`
-    (a folder such a write made), and none of `inputs` (the folders the new one is made from). Other files in it
-    would be deleted with the old folder."""
+def refuse_to_replace(
+    path: str | os.PathLike, makes: Sequence[str], inputs: tuple[str | os.PathLike, ...] = ()
+) -> None:
+    """FileExistsError unless `atomic_directory` may replace folder `path` whole: absent, or holding only files
+    whose names match `makes` (the glob patterns of the files such a write makes, e.g. an older checkpoint), and
+    none of `inputs` (the folders the new one is made from). Anything else in it (a training state, a model card, a
+    subfolder, a user's files) would be deleted with the old folder."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path}: is a file, not a folder; nothing was written")
     for source in inputs:
         if path.resolve() == Path(source).resolve():
             raise FileExistsError(f"{path}: is the input folder {source}; write to another one (nothing was written)")
-    if path.is_dir() and not (path / marker).is_file() and any(path.iterdir()):
+    if not path.is_dir():
+        return
+    others = sorted(
+        entry.name + "/" * entry.is_dir()
+        for entry in path.iterdir()
+        if entry.is_dir() or not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in makes)
+    )
+    if others:
+        shown = [*others[:3], f"{len(others) - 3} more"] if len(others) > 4 else others
+        listed = " and ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown)
         raise FileExistsError(
-            f"{path}: holds files but no {marker}, and writing there replaces the whole folder; choose a new or empty "
-            "folder (nothing was written)"
+            f"{path}: holds {listed} besides the files this command writes ({', '.join(makes)}), and writing there "
+            "replaces the whole folder; choose a new or empty folder (nothing was written)"
         )
 
 

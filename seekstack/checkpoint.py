@@ -52,6 +52,11 @@ from seekstack.model.transformer import Transformer
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# What a model folder written here (or by transformers' save_pretrained) holds: such a folder may be replaced whole.
+MODEL_FOLDER_FILES = (
+    CONFIG_FILE, "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer*.json", "special_tokens_map.json",
+    "chat_template.jinja",
+)  # fmt: skip
 DAMAGED = "re-save or re-download the checkpoint"  # what to do about a file that is truncated, damaged or missing
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 DEFAULT_FP8_BLOCK = (128, 128)
@@ -594,7 +599,7 @@ def save_pretrained(
     checkpoint, and an existing one stays until the new one is complete.
     """
     refuse_hf_export(model.config, directory)
-    refuse_to_replace(directory, CONFIG_FILE)
+    refuse_to_replace(directory, MODEL_FOLDER_FILES)
     directory = Path(directory)
     with atomic_directory(directory) as staging:
         write_pretrained_files(model, staging, max_shard_bytes, fp8_block, stacked_experts)

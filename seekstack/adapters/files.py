@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from seekstack.adapters.config import AdapterConfig
 from seekstack.atomic import refuse_to_replace, staged_files
 from seekstack.checkpoint import (
-    CONFIG_FILE,
+    MODEL_FOLDER_FILES,
     CheckpointError,
     checkpoint_key,
     load_pretrained,
@@ -245,7 +245,7 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Write base + adapter as a plain checkpoint folder (W + alpha/r B A in every adapted weight), with the
     tokenizer of the adapter or of the base."""
-    refuse_to_replace(out, CONFIG_FILE, inputs=(base, adapter))
+    refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(base, adapter))
     out = save_pretrained(merged_model(load_pretrained(base, dtype=torch.float32), adapter), out)
     for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
         source = next((Path(d) / name for d in (adapter, base) if (Path(d) / name).is_file()), None)

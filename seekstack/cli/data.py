@@ -74,17 +74,23 @@ def data_tokenize(
     ] = False,
 ) -> None:
     """Encode the corpus splits into memory-mapped token shards with an index."""
+    from seekstack.atomic import atomic_directory, refuse_to_replace
     from seekstack.tokenizer import Tokenizer
     from seekstack.tokens.difficulty import difficulty_bounds, tokenize_buckets
-    from seekstack.tokens.shards import tokenize_corpus
+    from seekstack.tokens.shards import SHARD_FILES, tokenize_corpus
 
     with user_errors():
         encoder = Tokenizer.from_file(tokenizer)
+        refuse_to_replace(out, SHARD_FILES, inputs=(corpus,))
         # Scored first: a corpus too small for the buckets fails before any split is written.
         bounds = difficulty_bounds(corpus / "train.jsonl") if buckets else None
-        indexes = [tokenize_corpus(corpus / f"{split}.jsonl", encoder, out, split) for split in ("train", "val")]
-        if bounds is not None:
-            indexes += tokenize_buckets(corpus / "train.jsonl", encoder, out, "train", bounds=bounds)
+        # Every split together, replacing the folder whole: no split of an earlier corpus is left beside them.
+        with atomic_directory(out) as staging:
+            indexes = [
+                tokenize_corpus(corpus / f"{split}.jsonl", encoder, staging, split) for split in ("train", "val")
+            ]
+            if bounds is not None:
+                indexes += tokenize_buckets(corpus / "train.jsonl", encoder, staging, "train", bounds=bounds)
         for index in indexes:
             typer.echo(
                 f"{index['split']}: {index['documents']} documents, {index['total_tokens']:,} tokens ({index['dtype']})"

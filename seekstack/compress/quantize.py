@@ -167,9 +167,9 @@ def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -
     """Write `model` as checkpoint folder `out` (atomically), with the tokenizer files of checkpoint `source`,
     so `out` is a model folder generate/chat/serve load as is."""
     from seekstack.atomic import atomic_directory, refuse_to_replace
-    from seekstack.checkpoint import CONFIG_FILE, write_pretrained_files
+    from seekstack.checkpoint import MODEL_FOLDER_FILES, write_pretrained_files
 
-    refuse_to_replace(out, CONFIG_FILE, inputs=(source,))
+    refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(source,))
     out = Path(out)
     with atomic_directory(out) as staging:
         write_pretrained_files(model, staging)  # type: ignore[arg-type]

@@ -119,6 +119,8 @@ def select_corpus(
     if (threshold is None) == (top_fraction is None):
         raise ValueError("select by exactly one of threshold and top_fraction")
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    if out_dir.resolve() == corpus_dir.resolve():
+        raise ValueError(f"{out_dir}: is the corpus folder; write the selection to another one (nothing was written)")
     train = corpus_dir / "train.jsonl"
     if not train.is_file():
         raise FileNotFoundError(f"no corpus file at {train}: run `data build` first")

@@ -26,6 +26,7 @@ from seekstack.tokenizer import Tokenizer
 INDEX_VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 ENCODE_BATCH_DOCUMENTS = 256  # documents handed to the tokenizer's threads at once
+SHARD_FILES = ("*_index.json", "*_[0-9][0-9][0-9][0-9][0-9].bin")  # what a folder of token shards holds
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -22,7 +22,7 @@ from torch import nn
 
 from seekstack.atomic import atomic_directory, refuse_to_replace
 from seekstack.checkpoint import (
-    CONFIG_FILE,
+    MODEL_FOLDER_FILES,
     CheckpointError,
     check_safetensors,
     load_pretrained,
@@ -190,7 +190,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     if not (source / TRAIN_STATE_FILE).is_file():
         source = latest_checkpoint(source)
     refuse_hf_export(read_config(source), out)
-    refuse_to_replace(out, CONFIG_FILE, inputs=(source,))
+    refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(source,))
     out = Path(out)
     files = [e for e in source.iterdir() if e.is_file() and e.name != TRAIN_STATE_FILE]  # not eval/, optimizer/
     for weights in (e for e in files if e.suffix == ".safetensors"):

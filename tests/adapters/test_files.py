@@ -105,7 +105,7 @@ def test_merging_over_an_input_a_file_or_a_folder_of_other_files_is_refused_and_
     for out, message in [
         (copy, "is the input folder"),
         (base, "is the input folder"),
-        (tmp_path, "holds files but no config.json"),
+        (tmp_path, "holds adapter/, file and notes.txt besides the files this command writes"),
         (tmp_path / "file", "is a file"),
     ]:
         with pytest.raises(FileExistsError, match=message):
@@ -114,6 +114,10 @@ def test_merging_over_an_input_a_file_or_a_folder_of_other_files_is_refused_and_
     assert (tmp_path / "file").read_text() == "mine" and (base / "config.json").is_file()
     first = merge_adapter(base, copy, tmp_path / "merged")
     assert merge_adapter(base, copy, first) == first  # a checkpoint folder is replaced by the new one
+    (first / "README.md").write_text("a model card")  # or a training state, an eval/ folder: kept, not replaced
+    with pytest.raises(FileExistsError, match="holds README.md besides the files this command writes"):
+        merge_adapter(base, copy, first)
+    assert (first / "README.md").read_text() == "a model card"
 
 
 def test_a_folder_without_an_adapter_config_is_refused_saying_so(base, adapter, tmp_path):

@@ -73,6 +73,10 @@ def test_select_keeps_the_top_fraction_and_scores_every_row(model: QualityModel,
     assert by_threshold["selected"] < 10
     with pytest.raises(ValueError, match="exactly one"):
         select_corpus(model, corpus, tmp_path / "x", threshold=0.5, top_fraction=0.5)
+    before = (corpus / "train.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="is the corpus folder; write the selection to another one"):
+        select_corpus(model, corpus, corpus / ".." / "corpus", top_fraction=0.3)
+    assert (corpus / "train.jsonl").read_bytes() == before
 
 
 def test_cli_trains_and_selects(tmp_path: Path) -> None:

@@ -269,6 +269,40 @@ def test_tokenize_buckets_on_a_three_document_corpus_writes_three_non_empty_buck
     assert [load_index(tmp_path / "tokens", f"train_{b}")["documents"] for b in ("easy", "medium", "hard")] == [1, 1, 1]
 
 
+def test_retokenizing_replaces_every_split_together_or_leaves_the_folder_as_it_was(tmp_path, tokenizer):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    texts = stdlib_documents(4)
+    first, second, broken = (tmp_path / name for name in ("first", "second", "broken"))
+    for corpus, train in ((first, [texts[0] * 20, texts[1], texts[2]]), (second, texts[1:3]), (broken, texts[:2])):
+        corpus.mkdir()
+        write_corpus(corpus / "train.jsonl", train)
+        write_corpus(corpus / "val.jsonl", texts[3:])
+    (broken / "val.jsonl").write_text('{"text": 5}\n')
+    out = tmp_path / "tokens"
+    assert run_tokenize(first, Path(tokenizer.source), out).exit_code == 0  # with the difficulty buckets
+
+    def tokenize(corpus: Path):  # without them
+        args = ["data", "tokenize", "--corpus", str(corpus), "--tokenizer", tokenizer.source, "--out", str(out)]
+        return CliRunner().invoke(app, args)
+
+    failed = tokenize(broken)  # its train split is written before val fails: none of it reaches the folder
+    assert failed.exit_code == 1 and "val.jsonl:1" in failed.output
+    assert {load_index(out, split)["source"] for split in ("train", "val", "train_easy")} == {
+        str(first / "train.jsonl"),
+        str(first / "val.jsonl"),
+    }
+    assert tokenize(second).exit_code == 0
+    assert sorted(path.name for path in out.glob("*_index.json")) == ["train_index.json", "val_index.json"]
+    assert load_index(out, "train")["source"] == str(second / "train.jsonl")  # no bucket of `first` is left
+    (out / "notes.txt").write_text("mine")
+    refused = tokenize(second)
+    assert refused.exit_code == 1 and "holds notes.txt besides the files this command writes" in refused.output
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_tokenizer_train_says_when_the_corpus_cannot_fill_the_vocabulary(tmp_path):
     from typer.testing import CliRunner
 

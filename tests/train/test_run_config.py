@@ -117,6 +117,11 @@ def test_a_run_can_start_from_an_exported_checkpoint(data_dir, tmp_path):
     refused = runner.invoke(app, ["checkpoint", "export", str(damaged), "--out", str(tmp_path / "none")])
     assert refused.exit_code == 1 and "model.safetensors: not a valid safetensors file" in refused.output
     assert not (tmp_path / "none").exists()
+    step = tmp_path / "other_run_step"  # another run's checkpoint: its training state is not an export's to replace
+    shutil.copytree(checkpoint, step)
+    onto = runner.invoke(app, ["checkpoint", "export", str(checkpoint), "--out", str(step)])
+    assert onto.exit_code == 1 and "holds eval/ and train_state.pt besides the files this command" in onto.output
+    assert (step / "train_state.pt").is_file() and (step / "eval" / "results.json").is_file()
     overrides = micro_overrides(data_dir, tmp_path / "b", max_steps=1, lr=1e-12, min_lr=0, warmup_steps=0)
     second = runner.invoke(app, ["train", *overrides, f"init_from={exported}"])
     assert second.exit_code == 0, second.output
