@@ -265,28 +265,35 @@ class Server:
 
     async def complete(self, body, group: RequestGroup, bill: Bill, categories: list[Category]) -> JSONResponse:
         """Gather every choice and answer in one JSON body; `bill` counts the tokens as they come; the content
-        policy judges each choice's whole text."""
+        policy reads each choice as it is generated, as in `stream` (a choice it blocks stops there, billed for the
+        tokens it had, and ends with finish_reason "content_filter")."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
-        texts, logprobs = [""] * n, [[] for _ in range(n)]
+        texts, logprobs, shown_logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
         finish_reasons, completion_tokens = [None] * n, [0] * n
+        moderated = [ModeratedStream(categories) for _ in range(n)] if categories else None
+        held = [HeldLogprobs(self.engine.tokenizer, body.skip_special_tokens) for _ in range(n)] if categories else []
+        blocked: set[int] = set()
         async for index, output in group:
-            texts[index] += output.text
-            logprobs[index] += output.logprobs or []
-            finish_reasons[index] = output.finish_reason
             completion_tokens[index] = output.completion_tokens
             bill.completion_tokens = sum(completion_tokens)
             bill.cached_tokens = max(bill.cached_tokens, output.cached_tokens)
-        shown_logprobs = list(logprobs)  # ranking best_of reads them all; the answer shows those of shown text
-        for index in range(n) if categories else ():
-            moderated = ModeratedStream(categories)
-            texts[index], blocking = moderated.push(texts[index], final=True)
-            self.safety.note(bill, moderated.hits)
-            if blocking is not None:
-                finish_reasons[index] = "content_filter"
-            held = HeldLogprobs(self.engine.tokenizer, body.skip_special_tokens)
-            held.add(logprobs[index], final=True)
-            shown_logprobs[index] = held.release(moderated)
+            if index in blocked:  # delivered before its abort
+                continue
+            text, entries = output.text, output.logprobs or []
+            logprobs[index] += entries  # ranking best_of reads them all; the answer shows those of shown text
+            finish_reasons[index] = output.finish_reason
+            if moderated is not None:
+                text, blocking = moderated[index].push(text, final=output.finished)
+                self.safety.note(bill, moderated[index].hits)
+                if blocking is not None:
+                    group.stop(index)
+                    blocked.add(index)
+                    finish_reasons[index] = "content_filter"
+                held[index].add(entries, final=output.finished)
+                entries = held[index].release(moderated[index])
+            texts[index] += text
+            shown_logprobs[index] += entries
         per_prompt = candidates(body)
         kept = []  # engine request of each choice: per prompt, the n candidates of the highest total logprob
         for first in range(0, n, per_prompt):

@@ -169,7 +169,7 @@ def run_joining(engine: Engine, batch: list[list[int]], params: list[SamplingPar
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # inductor's notes on the host compiler
-@pytest.mark.parametrize("draft_tokens", [0, 1], ids=["plain", "speculative"])  # 3 compiled drafts: above
+@pytest.mark.parametrize("draft_tokens", [0, 3], ids=["plain", "speculative"])  # 3: the graphs of the test above
 def test_compiled_decoding_gives_the_eager_tokens(model, tokenizer, draft_tokens):
     """Compiled decode steps (the batch and the cache mask change shape as requests join) give the eager tokens;
     drafts score a draft vocabulary (FR-Spec) of half the tokens."""

@@ -170,7 +170,8 @@ def test_a_stream_crossing_the_line_stops_with_content_filter(model_dir, tmp_pat
     assert free.json()["choices"][0]["text"].strip()
     rows = Ledger(database).records()
     assert [row["moderation"] for row in rows] == ["anything", "anything", None]
-    assert rows[0]["completion_tokens"] < 40  # the blocked stream's generation was stopped
+    assert rows[0]["completion_tokens"] < 40 and rows[1]["completion_tokens"] < 40  # both were stopped, not billed
+    assert whole.json()["usage"]["completion_tokens"] == rows[1]["completion_tokens"]  # for 40 tokens
 
 
 def test_moderations_endpoint_reports_categories_and_classifier_scores(model_dir, policy, tmp_path):
