@@ -64,8 +64,8 @@ class Bill:
         with self._lock:  # the event loop and a worker thread may both try; an update may be writing
             if self.recorded:
                 return
-            self.recorded = True
             self.ledger.record(self.usage_record(status), self.row_id)
+            self.recorded = True  # after the write: if it failed, the caller's error path records the request
 
     def open(self) -> None:
         """Write the row of a stream about to start, billed for its prompt."""

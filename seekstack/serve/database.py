@@ -142,6 +142,11 @@ class SQLiteDatabase:
             return self._connection.execute(sql, parameters).fetchall()
 
     @staticmethod
+    def busy(error: Exception) -> bool:
+        """Whether `error` says another connection held the database past the busy timeout (worth trying again)."""
+        return isinstance(error, sqlite3.OperationalError) and ("locked" in str(error) or "busy" in str(error))
+
+    @staticmethod
     def day(column: str) -> str:
         """SQL for the UTC day (YYYY-MM-DD) of a Unix-seconds column."""
         return f"date({column}, 'unixepoch')"
@@ -184,6 +189,13 @@ class PostgresDatabase:
     def query(self, sql: str, parameters: tuple = ()) -> list[dict]:
         with self._lock:
             return self._connection.execute(_qmark_to_format(sql), parameters).fetchall()
+
+    @staticmethod
+    def busy(error: Exception) -> bool:
+        """Whether `error` is a lock wait or conflict that a new transaction may not meet."""
+        from psycopg import errors
+
+        return isinstance(error, (errors.LockNotAvailable, errors.SerializationFailure, errors.DeadlockDetected))
 
     @staticmethod
     def day(column: str) -> str:

@@ -106,6 +106,28 @@ def test_records_survive_a_new_connection(tmp_path):
     assert rows == [(3, 4, 200)]
 
 
+def test_a_usage_write_waits_for_a_database_another_connection_holds(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from seekstack.serve import ledger as ledger_module
+
+    database = open_database(tmp_path / "db")
+    database._connection.execute("PRAGMA busy_timeout=50")  # SQLite's own wait ends long before the other's lock
+    usage = UsageRecord("k", "m", "/v1/completions", 5, 7, 0.1, 200)
+    other = sqlite3.connect(tmp_path / "db", isolation_level=None, check_same_thread=False)  # another server, a backup
+    other.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    started = time.monotonic()
+    Ledger(database).record(usage)  # was: "database is locked", and the request's usage was lost
+    assert time.monotonic() - started >= 0.4 and [r["completion_tokens"] for r in Ledger(database).records()] == [7]
+    monkeypatch.setattr(ledger_module, "BUSY_RETRY_S", 0.3)  # held for longer than a write waits: the error stays
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        Ledger(database).record(usage)
+    other.execute("COMMIT")
+
+
 def test_parse_day_names_the_expected_format():
     assert parse_day("2026-01-31") == dt.date(2026, 1, 31)
     with pytest.raises(ValueError, match="'31/01/2026' is not in the form YYYY-MM-DD"):
