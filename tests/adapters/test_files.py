@@ -238,6 +238,11 @@ DAMAGES = {  # file -> (what is written over it, what the error says)
         lambda data: json.dumps({**json.loads(data), "target_modules": 3}).encode(),
         "peft cannot apply",
     ),
+    "another peft method": (
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "peft_type": "IA3"}).encode(),
+        "peft_type 'IA3', not LoRA",
+    ),
 }
 
 
