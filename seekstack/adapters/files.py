@@ -182,7 +182,9 @@ def read_lora_config(folder: str | Path) -> LoraConfig:
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_FILE}; an adapter folder holds it and the weights")
     kind = read_json_object(path).get("peft_type", "LORA")  # names the file when it is not valid JSON
     if kind != "LORA":
-        raise CheckpointError(f"{path}: peft_type {kind!r}, not LoRA: seekstack trains, merges and serves LoRA adapters")
+        raise CheckpointError(
+            f"{path}: peft_type {kind!r}, not LoRA: seekstack trains, merges and serves LoRA adapters"
+        )
     try:
         config = LoraConfig.from_pretrained(str(folder))
     except (TypeError, ValueError) as error:

@@ -38,6 +38,7 @@ class ServeOptions:
 
 def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
     """The app for `model_dir` and a line telling the user where it listens and whether keys are required."""
+    check_listenable(options.host, options.port)  # before the weights load
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
@@ -61,6 +62,20 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
         else f"API keys required (from {database.location})"
     )
     return app, f"serving {name!r} on http://{options.host}:{options.port} (chat page at /); {access}"
+
+
+def check_listenable(host: str, port: int) -> None:
+    """ValueError naming --port when it is out of range or `host`:`port` cannot be listened on (another server
+    there, a privileged port), found by binding it once as uvicorn will."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: must be between 0 and 65535")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+            probe.bind(address)
+    except OSError as error:
+        raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror or error})") from None
 
 
 def run_server(app: FastAPI, host: str, port: int) -> None:

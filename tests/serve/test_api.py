@@ -614,3 +614,8 @@ def test_without_keys_the_server_runs_open_on_localhost_and_says_so(model_dir, o
         cli, ["serve", "--model", str(model_dir), "--db", str(database_path), "--host", "0.0.0.0"]
     )
     assert refused.exit_code == 1 and "refusing to serve without authentication on 0.0.0.0" in refused.stderr
+    serve = ["serve", "--model", str(model_dir), "--db", str(database_path), "--port"]
+    taken_port = server.url.rsplit(":", 1)[1]  # the running server's
+    for port, message in ((99999, "--port 99999: must be between 0 and 65535"), (taken_port, "cannot listen on")):
+        taken = CliRunner().invoke(cli, [*serve, str(port)])  # before the weights load, and no "serving" line
+        assert taken.exit_code == 1 and message in taken.stderr and "serving" not in taken.output, taken.output
