@@ -117,8 +117,14 @@ class Tokenizer:
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
-        """`encode` for many texts at once, in parallel threads."""
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        """Token ids of many documents (corpus text) at once, in parallel threads. Unlike `encode`, a special-token
+        string in them is encoded as the plain text it is: a document quoting `<｜end▁of▁sentence｜>` or
+        `<｜User｜>` gets no false document boundary or chat turn in the training data."""
+        self.backend.encode_special_tokens = True
+        try:
+            encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        finally:
+            self.backend.encode_special_tokens = False
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
 
     def decode(self, ids: Iterable[int]) -> str:

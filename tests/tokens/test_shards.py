@@ -72,6 +72,15 @@ def test_shards_hold_every_document_followed_by_eos(shards, tokenizer, documents
     assert stream[-1] == tokenizer.eos_id
 
 
+def test_special_token_strings_in_documents_are_tokenized_as_plain_text(tmp_path, tokenizer):
+    quoting = 'The stop token is "<｜end▁of▁sentence｜>", a turn starts with <｜User｜>.'
+    tokenize_corpus(write_corpus(tmp_path / "train.jsonl", [quoting]), tokenizer, tmp_path, "train")
+    stream = read_stream(tmp_path, "train").tolist()
+    assert stream.count(tokenizer.eos_id) == 1 and stream[-1] == tokenizer.eos_id  # the document's own end only
+    assert tokenizer.decode(stream[:-1]) == quoting and len(stream) > 20
+    assert tokenizer.encode("<｜User｜>") == [tokenizer.backend.token_to_id("<｜User｜>")]  # chat keeps the token
+
+
 def test_index_records_counts_bytes_and_tokenizer(shards, tokenizer, documents):
     index = json.loads((shards / "train_index.json").read_text(encoding="utf-8"))
     total = len(expected_stream(tokenizer, documents))
