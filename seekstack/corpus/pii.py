@@ -2,7 +2,8 @@
 
 Private, loopback and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are kept,
 as in the StarCoder PII pipeline. A version such as `3.11.7` has three parts and is never an IPv4 address; a
-four-part one such as `2.7.2.2` (both leading parts one digit) and slices such as `a[1::2]` are kept too.
+four-part one such as `2.7.2.2` (both leading parts one digit), slices such as `a[1::2]` or `buf[256::]` and
+matrix products such as `w@x.mean()` are kept too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ EMAIL = "<EMAIL>"
 IP = "<IP>"
 SECRET = "<SECRET>"
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
+# Not before "(": `weights@inputs.mean()` is a matrix product and a method call, not an address.
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b(?!\()")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\w|/\d)")  # a network prefix (`/24`) is not a host
 _IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|:)?(?![\w:]|/\d)")
@@ -43,12 +45,12 @@ def _is_public_ip(candidate: str) -> bool:
 
 
 def _looks_like_ip(candidate: str) -> bool:
-    """Tells addresses from look-alikes: `7.1.4.34` is a version or section number, `1::2` a slice."""
+    """Tells addresses from look-alikes: `7.1.4.34` is a version or section number, `1::2`, `256::` and
+    `1000::4` are slices (a public IPv6 address shows at least three groups: `2001:db8::1`)."""
     if "." in candidate:
         first, second = candidate.split(".")[:2]
         return len(first) > 1 or len(second) > 1
-    groups = [group for group in candidate.split(":") if group]
-    return len(groups) >= 3 or any(len(group) >= 3 for group in groups)
+    return len([group for group in candidate.split(":") if group]) >= 3
 
 
 def _looks_random(token: str) -> bool:
