@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a code point UTF-8 cannot hold (json.loads pairs whole ones)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 
@@ -44,8 +46,7 @@ def read_text_folder(
         for name in sorted(files):
             path = Path(directory, name)
             if path.suffix in suffixes:
-                text = path.read_bytes().decode("utf-8", errors="replace")
-                yield Document(path.relative_to(folder).as_posix(), text, folder.name)
+                yield Document(path.relative_to(folder).as_posix(), _decoded(path.read_bytes()), folder.name)
 
 
 def read_text_file(path: str | Path) -> Iterator[Document]:
@@ -53,7 +54,13 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
     path = Path(path)
     if not path.is_file():
         raise DataSourceError(f"{path}: no such file")
-    yield Document(path.name, path.read_bytes().decode("utf-8", errors="replace"), path.name)
+    yield Document(path.name, _decoded(path.read_bytes()), path.name)
+
+
+def _decoded(data: bytes) -> str:
+    """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document), bytes
+    that are not UTF-8 shown as U+FFFD."""
+    return data.decode("utf-8-sig", errors="replace")
 
 
 def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = None) -> Iterator[Document]:
@@ -62,7 +69,7 @@ def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = Non
     with open(path, "rb") as lines:
         for line_number, raw in enumerate(lines, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a byte-order mark opening the file
             except UnicodeDecodeError as error:
                 raise DataSourceError(
                     f"{path}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start})"
@@ -81,7 +88,8 @@ def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = Non
             if not isinstance(text, str):
                 raise DataSourceError(f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not a string")
             doc_id = str(record.get(id_field, "")) if id_field else ""
-            yield Document(doc_id or f"{path.name}:{line_number}", text, path.name)
+            # JSON may escape half a character ("\ud83d", an emoji cut by a scraper): U+FFFD, as a text file's bad bytes
+            yield Document(doc_id or f"{path.name}:{line_number}", _LONE_SURROGATE.sub("\ufffd", text), path.name)
 
 
 def _documents_from_batches(batches: Iterator[pa.RecordBatch], column: str, origin: Path) -> Iterator[Document]:

@@ -229,6 +229,9 @@ def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:
         Document("docs.jsonl:3", "second", "docs.jsonl"),
     ]
     assert [doc.doc_id for doc in read_jsonl(path, "content", id_field="uid")] == ["a", "b"]
+    scraped = tmp_path / "scraped.jsonl"  # a byte-order mark, an emoji cut in half, a whole one
+    scraped.write_bytes(b'\xef\xbb\xbf{"text": "cut \\ud83d here"}\n{"text": "whole \\ud83d\\ude00"}\n')
+    assert [doc.text for doc in read_jsonl(scraped)] == ["cut \ufffd here", "whole \U0001f600"]
 
 
 @pytest.mark.parametrize(
@@ -278,7 +281,10 @@ def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "sub" / "b.py").write_text("beta")
     (tmp_path / "sub" / "c.bin").write_bytes(b"\x00\x01")
-    assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path)] == [("a.txt", "alpha"), ("sub/b.py", "beta")]
+    (tmp_path / "sub" / "d.md").write_bytes("\ufeffsaved with a byte-order mark".encode())
+    assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path)] == [
+        ("a.txt", "alpha"), ("sub/b.py", "beta"), ("sub/d.md", "saved with a byte-order mark")
+    ]  # fmt: skip
     with pytest.raises(DataSourceError, match="missing.jsonl: no such file or folder"):
         open_source(tmp_path / "missing.jsonl")
 
