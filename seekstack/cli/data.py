@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -150,11 +149,14 @@ def tokenizer_train(
     ),
 ) -> None:
     """Train a byte-level BPE tokenizer on the training split."""
+    from seekstack.corpus.sources import read_jsonl
     from seekstack.tokenizer import train_tokenizer
 
     with user_errors():
-        texts = (json.loads(line)["text"] for line in (corpus / "train.jsonl").open(encoding="utf-8"))
-        trained = train_tokenizer(texts, vocab_size, out)
+        train = corpus / "train.jsonl"
+        if not train.is_file():
+            raise FileNotFoundError(f"{train}: no such file; build the corpus first (`seekstack data build`)")
+        trained = train_tokenizer((document.text for document in read_jsonl(train)), vocab_size, out)
     typer.echo(f"wrote {out}/tokenizer.json: {trained.vocab_size} tokens")
     if trained.vocab_size < vocab_size:
         typer.echo(
