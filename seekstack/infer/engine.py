@@ -19,6 +19,7 @@ import math
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -115,6 +116,23 @@ class _StepLock:
 
 MAX_DRAFT_TOKENS = 16  # speculative drafts a step at most (bench/speculative.py measured 1 to 6)
 COMPILE_AFTER_SECONDS = 10.0  # with compile=None: about what compiling the decode step takes on a CPU, cache warm
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, model_dir: Path) -> None:
+    """ValueError when `tokenizer` has ids past the model's vocabulary; a warning when it is not the tokenizer.json
+    saved with the model (another tokenizer's ids mean other text: the model answers in garbage)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+            f"({vocab_size}, {model_dir}): it is not this model's tokenizer"
+        )
+    own = model_dir / TOKENIZER_FILE
+    if own.is_file() and Path(tokenizer.source).resolve() != own.resolve():
+        if Tokenizer.from_file(own).fingerprint != tokenizer.fingerprint:
+            warnings.warn(
+                f"tokenizer {tokenizer.source} is not the one saved with the model ({own}); its ids mean other text",
+                stacklevel=3,
+            )
 
 
 class Engine:
@@ -270,6 +288,7 @@ class Engine:
                 f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
             )
         loaded_tokenizer = Tokenizer.from_file(tokenizer or model_dir)
+        check_tokenizer_fits(loaded_tokenizer, read_config(model_dir).vocab_size, model_dir)
         device = kwargs.get("device") or "cpu"
         model = load_pretrained(model_dir, dtype=dtype, device=device)
         if adapter is not None:

@@ -66,6 +66,19 @@ def test_generate_rejects_bad_sampling_values_and_missing_tokenizer(checkpoint, 
     assert result.exit_code == 1 and f"{tmp_path / 'nowhere'}: no such folder" in result.stderr
 
 
+def test_a_tokenizer_that_is_not_the_models_is_refused_or_named(checkpoint, tmp_path):
+    from seekstack.infer.engine import check_tokenizer_fits
+    from seekstack.tokenizer import Tokenizer, train_tokenizer
+
+    own = Tokenizer.from_file(checkpoint)
+    with pytest.raises(ValueError, match=f"has {own.vocab_size} tokens, more than the model's vocabulary .10"):
+        check_tokenizer_fits(own, 10, checkpoint)
+    other = train_tokenizer(["quite other text, of another tokenizer"] * 20, vocab_size=270, out_path=tmp_path / "t")
+    with pytest.warns(UserWarning, match="is not the one saved with the model"):
+        check_tokenizer_fits(other, 10_000, checkpoint)
+    check_tokenizer_fits(own, own.vocab_size, checkpoint)  # its own: nothing to say
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
