@@ -34,11 +34,22 @@ class EngineFailure(RuntimeError):
 
 
 @dataclass
-class _Timing:
-    """Per engine request, for the latency metrics (perf_counter seconds)."""
+class _Call:
+    """One API call, for the metrics counted per request as vLLM counts them (its n choices count once)."""
 
-    arrival: float
+    arrival: float  # perf_counter seconds
+    running: int  # choices not finished or aborted yet
     scheduled: bool = False  # its queue time has been recorded
+    answered: bool = False  # its time to first token has been recorded
+    prompts_counted: set[int] = field(default_factory=set)  # of its prompts, those whose tokens were counted
+
+
+@dataclass
+class _Timing:
+    """Per engine request (one choice): its call, which of the call's prompts it continues, its last token's time."""
+
+    call: _Call
+    prompt: int
     last_token: float | None = None
 
 
@@ -132,11 +143,13 @@ class AsyncEngine:
         constraints: list[TokenConstraint] | None,
     ) -> None:
         added: list[str] = []
+        call = _Call(arrival, running=len(group.request_ids))
+        prompt_numbers: dict[int, int] = {}  # the n choices of a prompt share its list (app.py): one prompt
         try:
             for index, (request_id, prompt_ids, params) in enumerate(
                 zip(group.request_ids, prompts, choices, strict=True)
             ):
-                timing = _Timing(arrival)
+                timing = _Timing(call, prompt=prompt_numbers.setdefault(id(prompt_ids), len(prompt_numbers)))
                 with self._lock:  # routed before added, so no output can arrive unrouted
                     self._routes[request_id] = (loop, group.queue, index, timing)
                 constraint = constraints[index] if constraints else None
@@ -154,9 +167,10 @@ class AsyncEngine:
         """Stop routing these requests now; the engine thread aborts them before its next step."""
         with self._lock:
             for request_id in request_ids:
-                if self._routes.pop(request_id, None) is not None:
+                route = self._routes.pop(request_id, None)
+                if route is not None:
                     self._pending_aborts.append(request_id)
-                    self.metrics.request_finished("abort")
+                    self._choice_ended(route[3].call, "abort", time.perf_counter())
         self._wake.set()
 
     def _run(self) -> None:
@@ -202,22 +216,32 @@ class AsyncEngine:
         return generated
 
     def _observe(self, output: RequestOutput, timing: _Timing, now: float) -> None:
-        metrics = self.metrics
-        if output.scheduled_at is not None and not timing.scheduled:
-            timing.scheduled = True
-            metrics.queue_time.observe(max(0.0, output.scheduled_at - timing.arrival))
+        metrics, call = self.metrics, timing.call
+        if output.scheduled_at is not None and not call.scheduled:
+            call.scheduled = True
+            metrics.queue_time.observe(max(0.0, output.scheduled_at - call.arrival))
         if output.token_ids:
             if timing.last_token is None:
-                metrics.prompt_tokens.inc(output.prompt_tokens)
-                metrics.time_to_first_token.observe(now - timing.arrival)
+                if timing.prompt not in call.prompts_counted:  # a prompt's tokens once, whatever its n
+                    call.prompts_counted.add(timing.prompt)
+                    metrics.prompt_tokens.inc(output.prompt_tokens)
+                if not call.answered:
+                    call.answered = True
+                    metrics.time_to_first_token.observe(now - call.arrival)
             else:
                 for _ in output.token_ids:  # several tokens in one step (speculative): share the gap
                     metrics.inter_token_latency.observe((now - timing.last_token) / len(output.token_ids))
             timing.last_token = now
             metrics.generation_tokens.inc(len(output.token_ids))
         if output.finished:
-            metrics.e2e_latency.observe(now - timing.arrival)
-            metrics.request_finished(output.finish_reason or "stop")
+            self._choice_ended(call, output.finish_reason or "stop", now)
+
+    def _choice_ended(self, call: _Call, reason: str, now: float) -> None:
+        """Count the call as finished (with the reason of its last choice) once none of its choices runs."""
+        call.running -= 1
+        if call.running == 0:
+            self.metrics.e2e_latency.observe(now - call.arrival)
+            self.metrics.request_finished(reason)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:

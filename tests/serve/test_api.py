@@ -497,6 +497,11 @@ def test_metrics_use_vllm_names_with_the_seekstack_prefix(base_url, keys):
     )
     assert step_tokens == generated_tokens + prompt_tokens  # each step's prompt tokens, and the generated ones
     assert "seekstack:spec_decode_num_accepted_tokens_total" in after
+    two = api.completions.create(model=MODEL, prompt="count", max_tokens=3, n=2, extra_body=NO_EOS)
+    then = metric_samples(base_url)  # per request, as vLLM counts: its prompt once, one latency, not one per choice
+    assert then["seekstack:prompt_tokens_total"] - after["seekstack:prompt_tokens_total"] == two.usage.prompt_tokens
+    for name in ("e2e_request_latency_seconds_count", "time_to_first_token_seconds_count"):
+        assert then[f"seekstack:{name}"] - after[f"seekstack:{name}"] == 1, name
 
 
 # ---------------------------------------------------------------------------------------------- process-level
