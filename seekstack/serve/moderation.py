@@ -10,7 +10,8 @@ A policy (`--moderation-policy FILE`, .yaml/.toml/.json):
     plans: {free: [pii, weapons]}        # categories enforced for keys on a plan (default: every category)
     keys: {research: [pii]}              # ... or for one key (before its plan)
 
-Terms match whole words, case-insensitively. A classifier is any object with `score(text) -> probability`
+Terms match whole words, case-insensitively, in the text's NFKC form without invisible characters (`folded`:
+`ｓｅｌｆ` and `s<zero-width space>elf` are `self`). A classifier is any object with `score(text) -> probability`
 (`Classifier`); the one we ship is the hashed n-gram logistic regression of `seekstack data quality-train
 --reference CATEGORY_EXAMPLES --pool ACCEPTABLE_EXAMPLES --out FILE.npz`. Terms and patterns act on the span they
 match (a block cuts the text before it, a redaction replaces it); a classifier judges the whole text so far.
@@ -25,6 +26,7 @@ never ahead of it, and never for blocked or redacted text (`HeldLogprobs`).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from seekstack.schema import ConfigError, check, read_config_file
 from seekstack.tokenizer import Tokenizer
 
 CLASSIFY_EVERY_CHARS = 200
+INVISIBLE = frozenset("\u00ad\u180e\u200b\u200c\u200d\u2060\ufeff")  # soft hyphen, zero-width characters
 Action = Literal["block", "redact", "flag"]
 
 
@@ -89,17 +92,18 @@ class Category:
     classifier: Classifier | None
 
     def spans(self, text: str, start: int = 0) -> list[Hit]:
-        """Every term or pattern match in text[start:] (positions in `text`)."""
+        """Every term or pattern match in text[start:] as `folded` reads it (positions in `text`)."""
         if self.expression is None:
             return []
-        return [Hit(self.name, self.rule.action, m.span(), 1.0) for m in self.expression.finditer(text, start)
-                if m.end() > m.start()]  # fmt: skip
+        view, origin = folded(text, start)
+        return [Hit(self.name, self.rule.action, (origin[m.start()], origin[m.end() - 1] + 1), 1.0)
+                for m in self.expression.finditer(view) if m.end() > m.start()]  # fmt: skip
 
     def judge(self, text: str) -> Hit | None:
         """The classifier's verdict on the whole text, if it finds the category."""
         if self.classifier is None:
             return None
-        score = self.classifier.score(text)
+        score = self.classifier.score(folded(text)[0])
         return Hit(self.name, self.rule.action, None, score) if score >= self.rule.threshold else None
 
 
@@ -260,6 +264,23 @@ class HeldLogprobs:
 def _shifted(hits: list[Hit], offset: int) -> list[Hit]:
     return [Hit(hit.category, hit.action, (hit.span[0] - offset, hit.span[1] - offset), hit.score) for hit in hits
             if hit.span is not None]  # fmt: skip
+
+
+def folded(text: str, start: int = 0) -> tuple[str, list[int]]:
+    """text[start:] as the policy reads it, so that look-alike spellings match what they spell: each character in its
+    NFKC compatibility form (fullwidth `ｓｅｌｆ` -> `self`, the ligature `ﬁ` -> `fi`), invisible ones (zero-width
+    spaces and joiners, soft hyphens) dropped; and per character of it, the position in `text` it came from."""
+    if text.isascii():
+        return text[start:], list(range(start, len(text)))
+    characters, origin = [], []
+    for position in range(start, len(text)):
+        character = text[position]
+        if character in INVISIBLE:
+            continue
+        form = character if character.isascii() else unicodedata.normalize("NFKC", character)
+        characters.append(form)
+        origin += [position] * len(form)
+    return "".join(characters), origin
 
 
 def _expression(rule: CategoryRule) -> re.Pattern | None:

@@ -82,6 +82,16 @@ def test_a_blocked_term_split_across_pieces_is_never_released(policy):
     assert shown == "Now I will build a " and hits[-1].category == "weapons" and hits[-1].span is not None
 
 
+def test_look_alike_spellings_of_a_term_are_found_where_they_stand(policy):
+    weapons = policy.categories["weapons"]
+    for text in ("build a ｐｉｐｅ ｂｏｍｂ now", "build a pi\u200bpe bo\u00admb now", "build a Pipe bomb now"):
+        (hit,) = weapons.spans(text)
+        assert text[hit.span[0] : hit.span[1]].startswith(("ｐ", "pi", "Pi")) and text[hit.span[1] :] == " now", text
+    stream = ModeratedStream(list(policy.categories.values()))
+    shown, blocking = stream.push("Now build a ｐｉｐｅ ｂｏｍｂ and more", final=True)
+    assert "ｐ" not in shown and blocking.category == "weapons"  # (its classifier reads the folded text too)
+
+
 def test_an_email_split_across_pieces_is_redacted_and_a_flag_passes_through(policy):
     stream = ModeratedStream(list(policy.categories.values()))
     pieces = ["write to jane.d", "oe@example.c", "om, you stupid", " person"]
