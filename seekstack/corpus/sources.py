@@ -5,6 +5,7 @@ Every source is a generator of `Document`s, so memory stays bounded by one file,
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -45,8 +46,8 @@ def read_text_folder(
         subdirs[:] = sorted(name for name in subdirs if name not in skipped_dirs)
         for name in sorted(files):
             path = Path(directory, name)
-            if path.suffix in suffixes:
-                yield Document(path.relative_to(folder).as_posix(), _decoded(path.read_bytes()), folder.name)
+            if _kind(path) in suffixes:
+                yield Document(path.relative_to(folder).as_posix(), _decoded(_read(path)), folder.name)
 
 
 def read_text_file(path: str | Path) -> Iterator[Document]:
@@ -54,7 +55,23 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
     path = Path(path)
     if not path.is_file():
         raise DataSourceError(f"{path}: no such file")
-    yield Document(path.name, _decoded(path.read_bytes()), path.name)
+    yield Document(path.name, _decoded(_read(path)), path.name)
+
+
+def _kind(path: Path) -> str:
+    """A file's suffix as it says what the text is, in lower case and through a .gz: `NOTES.TXT.gz` -> `.txt`."""
+    inner = path.with_suffix("") if path.suffix.lower() == ".gz" else path
+    return inner.suffix.lower()
+
+
+def _read(path: Path) -> bytes:
+    """A file's bytes, decompressed when it is gzipped (`.gz`)."""
+    if path.suffix.lower() != ".gz":
+        return path.read_bytes()
+    try:
+        return gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as error:
+        raise DataSourceError(f"{path}: not a readable gzip file ({error})") from None
 
 
 def _decoded(data: bytes) -> str:
@@ -66,7 +83,7 @@ def _decoded(data: bytes) -> str:
 def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = None) -> Iterator[Document]:
     """One document per line of a JSON Lines file, its text in `field`; ids are `id_field` or `file:line`."""
     path = Path(path)
-    with open(path, "rb") as lines:
+    with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as lines:
         for line_number, raw in enumerate(lines, start=1):
             try:
                 line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a byte-order mark opening the file
@@ -154,8 +171,8 @@ def open_source(spec: str | Path, field: str = "text") -> Iterator[Document]:
         return read_text_folder(path)
     if not path.is_file():
         raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
-    if path.suffix == ".jsonl":
+    if _kind(path) == ".jsonl":
         return read_jsonl(path, field)
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         return read_parquet(path, field)
     return read_text_file(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import gzip
 import json
 import random
 import sysconfig
@@ -282,9 +283,14 @@ def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
     (tmp_path / "sub" / "b.py").write_text("beta")
     (tmp_path / "sub" / "c.bin").write_bytes(b"\x00\x01")
     (tmp_path / "sub" / "d.md").write_bytes("\ufeffsaved with a byte-order mark".encode())
+    (tmp_path / "sub" / "E.TXT").write_text("upper case")
+    (tmp_path / "sub" / "f.txt.gz").write_bytes(gzip.compress(b"compressed"))
     assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path)] == [
-        ("a.txt", "alpha"), ("sub/b.py", "beta"), ("sub/d.md", "saved with a byte-order mark")
+        ("a.txt", "alpha"), ("sub/E.TXT", "upper case"), ("sub/b.py", "beta"),
+        ("sub/d.md", "saved with a byte-order mark"), ("sub/f.txt.gz", "compressed"),
     ]  # fmt: skip
+    (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a row"}\n'))
+    assert [doc.text for doc in open_source(tmp_path / "rows.jsonl.gz")] == ["a row"]
     with pytest.raises(DataSourceError, match="missing.jsonl: no such file or folder"):
         open_source(tmp_path / "missing.jsonl")
 
