@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -135,5 +136,7 @@ def parse_day(text: str) -> dt.date:
     """A YYYY-MM-DD date, or a ValueError saying which format is expected."""
     try:
         return dt.date.fromisoformat(text)
-    except ValueError:
+    except ValueError as error:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):  # the form is right, the day is not
+            raise ValueError(f"date {text!r} is no day of the calendar ({error})") from None
         raise ValueError(f"date {text!r} is not in the form YYYY-MM-DD") from None

@@ -73,6 +73,8 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
     if isinstance(request, ChatCompletionRequest):
         if request.tools or request.functions:
             raise unsupported("tools", "this model does not call tools (functions); send the request without them")
+        if request.top_logprobs is not None and not request.logprobs:  # OpenAI's answer too
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         return
     engine_requests = len(completion_prompts(request)) * candidates(request)
     if engine_requests > MAX_ENGINE_REQUESTS:

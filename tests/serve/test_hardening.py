@@ -320,6 +320,7 @@ def test_echo_best_of_and_the_refused_fields_of_openai(engine, tmp_path):
             "suffix": await client.post("/v1/completions", json={**COMPLETION, "suffix": "end"}),
             "tools": await client.post("/v1/chat/completions", json={**chat, "tools": [{"type": "function"}]}),
             "text": await client.post("/v1/chat/completions", json={**chat, "response_format": {"type": "text"}}),
+            "top_logprobs": await client.post("/v1/chat/completions", json={**chat, "top_logprobs": 2}),
         }
         return answers
 
@@ -334,7 +335,7 @@ def test_echo_best_of_and_the_refused_fields_of_openai(engine, tmp_path):
     totals = [sum(choice["logprobs"]["token_logprobs"]) for choice in best["choices"]]
     assert totals == sorted(totals, reverse=True)  # the likeliest first
     for name, param in (("best_of < n", "best_of"), ("best_of stream", "best_of"), ("suffix", "suffix"),
-                        ("tools", "tools")):  # fmt: skip
+                        ("tools", "tools"), ("top_logprobs", "top_logprobs")):  # fmt: skip
         assert error_of(answers[name], 400)["param"] == param, name
     assert answers["text"].status_code == 200
 

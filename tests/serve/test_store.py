@@ -132,6 +132,8 @@ def test_parse_day_names_the_expected_format():
     assert parse_day("2026-01-31") == dt.date(2026, 1, 31)
     with pytest.raises(ValueError, match="'31/01/2026' is not in the form YYYY-MM-DD"):
         parse_day("31/01/2026")
+    with pytest.raises(ValueError, match="'2099-13-45' is no day of the calendar"):
+        parse_day("2099-13-45")
 
 
 def test_database_that_is_not_sqlite_is_named(tmp_path):
