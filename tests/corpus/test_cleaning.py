@@ -87,6 +87,7 @@ PROSE_ONLY_BAD_DOCUMENTS = {
     "min_mean_word_chars": "\n".join(" ".join(random.Random(i).choices("abcdefghij", k=15)) + "." for i in range(9)),
     "max_mean_word_chars": " ".join("".join(random.Random(i).choices("abcdefghijklmnop", k=16)) for i in range(80)),
     "terminal_line_fraction": "\n".join(" ".join(VOCABULARY[i : i + 3]) for i in range(0, 36, 3)) * 2,
+    "duplicate_10grams": prose(3, 60).replace("\n", " ") * 30,  # a paragraph repeated on one line
 }
 
 
