@@ -258,6 +258,13 @@ class _Run:
         load_aware = config.threads == "auto" and ranks.device.type == "cpu" and not sets_threads
         self.threads = LoadAwareThreads(torch.get_num_threads(), enabled=load_aware)
         self.data = source or MixtureWindows(config.data_dir, config.mixture_policy(), config.seq_len, config.seed)
+        if source is None and config.eval_every:  # a val split too small to evaluate fails now, not at its first use
+            try:
+                TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
+            except FileNotFoundError:
+                pass  # no val split: the run trains without evaluations
+            except ValueError as error:
+                raise ConfigError(f"{error}; or set eval_every=0 to train without evaluations") from None
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
