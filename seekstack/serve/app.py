@@ -271,27 +271,16 @@ class Server:
         n = len(group.request_ids)
         texts, logprobs, shown_logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
         finish_reasons, completion_tokens = [None] * n, [0] * n
-        moderated = [ModeratedStream(categories) for _ in range(n)] if categories else None
-        held = [HeldLogprobs(self.engine.tokenizer, body.skip_special_tokens) for _ in range(n)] if categories else []
-        blocked: set[int] = set()
+        policy = ChoicesPolicy(self, body, group, bill, categories)
         async for index, output in group:
             completion_tokens[index] = output.completion_tokens
             bill.completion_tokens = sum(completion_tokens)
             bill.cached_tokens = max(bill.cached_tokens, output.cached_tokens)
-            if index in blocked:  # delivered before its abort
+            if index in policy.blocked:  # delivered before its abort
                 continue
-            text, entries = output.text, output.logprobs or []
-            logprobs[index] += entries  # ranking best_of reads them all; the answer shows those of shown text
-            finish_reasons[index] = output.finish_reason
-            if moderated is not None:
-                text, blocking = moderated[index].push(text, final=output.finished)
-                self.safety.note(bill, moderated[index].hits)
-                if blocking is not None:
-                    group.stop(index)
-                    blocked.add(index)
-                    finish_reasons[index] = "content_filter"
-                held[index].add(entries, final=output.finished)
-                entries = held[index].release(moderated[index])
+            logprobs[index] += output.logprobs or []  # ranking best_of reads them all; the answer: those shown
+            text, entries, blocked = policy.read(index, output, output.logprobs or [])
+            finish_reasons[index] = "content_filter" if blocked else output.finish_reason
             texts[index] += text
             shown_logprobs[index] += entries
         per_prompt = candidates(body)
@@ -335,9 +324,7 @@ class Server:
         n = len(group.request_ids)
         response_id, created = _response_id(is_chat), int(time.time())
         completion_tokens, text_offsets = [0] * n, [0] * n
-        moderated = [ModeratedStream(categories) for _ in range(n)] if categories else None
-        held = [HeldLogprobs(self.engine.tokenizer, body.skip_special_tokens) for _ in range(n)] if categories else []
-        blocked: set[int] = set()
+        policy = ChoicesPolicy(self, body, group, bill, categories)
         try:
             if is_chat:
                 yield sse(self._chat_chunk(response_id, created, bill.model, [_role_choice(i) for i in range(n)]))
@@ -349,19 +336,10 @@ class Server:
                 bill.completion_tokens = sum(completion_tokens)
                 bill.cached_tokens = max(bill.cached_tokens, output.cached_tokens)
                 bill.update_soon()
-                if index in blocked:  # delivered before its abort
+                if index in policy.blocked:  # delivered before its abort
                     continue
-                text, finish_reason, entries = output.text, output.finish_reason, output.logprobs
-                if moderated is not None:
-                    text, blocking = moderated[index].push(text, final=output.finished)
-                    self.safety.note(bill, moderated[index].hits)
-                    if blocking is not None:
-                        group.stop(index)
-                        blocked.add(index)
-                        finish_reason = "content_filter"
-                    if entries is not None:  # held back with their text
-                        held[index].add(entries, final=output.finished)
-                        entries = held[index].release(moderated[index])
+                text, entries, blocked = policy.read(index, output, output.logprobs)
+                finish_reason = "content_filter" if blocked else output.finish_reason
                 if not (text or entries or finish_reason):
                     continue
                 if is_chat:
@@ -409,6 +387,34 @@ class Server:
         except ValueError as error:
             raise APIError(400, str(error), param="since") from None
         return UsageReport(data=[day.to_dict() for day in days], total_cost=sum(day.cost for day in days))
+
+
+class ChoicesPolicy:
+    """The content policy over the n choices of a call as they are generated (`complete` and `stream` alike): each
+    choice's text goes through its ModeratedStream, its logprobs out with that text (HeldLogprobs), and a choice
+    the policy blocks is stopped there (billed for the tokens it had). Without categories it passes all through."""
+
+    def __init__(self, server: Server, body, group: RequestGroup, bill: Bill, categories: list[Category]):
+        n = len(group.request_ids)
+        self.safety, self.group, self.bill = server.safety, group, bill
+        self.moderated = [ModeratedStream(categories) for _ in range(n)] if categories else None
+        tokenizer = server.engine.tokenizer
+        self.held = [HeldLogprobs(tokenizer, body.skip_special_tokens) for _ in range(n)] if categories else []
+        self.blocked: set[int] = set()
+
+    def read(self, index: int, output, entries: list | None) -> tuple[str, list | None, bool]:
+        """What choice `index` shows of `output` (its text and its logprob `entries`), and whether it was blocked."""
+        if self.moderated is None:
+            return output.text, entries, False
+        text, blocking = self.moderated[index].push(output.text, final=output.finished)
+        self.safety.note(self.bill, self.moderated[index].hits)
+        if blocking is not None:
+            self.group.stop(index)
+            self.blocked.add(index)
+        if entries is not None:  # held back with their text
+            self.held[index].add(entries, final=output.finished)
+            entries = self.held[index].release(self.moderated[index])
+        return text, entries, blocking is not None
 
 
 class ClientLeft(Exception):
