@@ -139,14 +139,17 @@ def test_bad_corpus_lines_are_named_by_file_and_line(tmp_path, tokenizer, line, 
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_text_that_is_not_unicode_is_named_and_earlier_shards_survive(tmp_path, tokenizer):
+def test_a_bad_line_is_named_and_earlier_shards_survive_and_half_characters_become_u_fffd(tmp_path, tokenizer):
     corpus = write_corpus(tmp_path / "train.jsonl", ["first", "second"])
     before = tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train")
-    corpus.write_text('{"id": "a", "text": "ok"}\n{"id": "b", "text": "lone \\udcff surrogate"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="train.jsonl:2: text is not valid Unicode"):
+    corpus.write_text('{"id": "a", "text": "ok"}\n{"id": "b", "text": 5}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="train.jsonl:2: field 'text' is int"):
         tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train", shard_tokens=1)
     assert load_index(tmp_path / "out", "train") == before
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["train_00000.bin", "train_index.json"]
+    corpus.write_text('{"text": "lone \\udcff surrogate"}\n', encoding="utf-8")  # JSON escaping half a character
+    tokenize_corpus(corpus, tokenizer, tmp_path / "cut", "train")
+    assert tokenizer.decode(read_stream(tmp_path / "cut", "train").tolist()[:-1]) == "lone \ufffd surrogate"
 
 
 def test_missing_corpus_is_named(tmp_path, tokenizer):
