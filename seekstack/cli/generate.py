@@ -80,7 +80,7 @@ ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
 def generate_command(
-    prompt: Annotated[str, typer.Argument(help="Text to continue")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue ('-': read it from standard input)")],
     model: ModelDir,
     tokenizer: TokenizerPath = None,
     max_new_tokens: MaxNewTokens = SamplingParams.max_new_tokens,
@@ -124,6 +124,10 @@ def generate_command(
     from seekstack.infer.outputs import completion_record
 
     with user_errors(as_json):
+        if top_logprobs and not as_json:
+            raise ValueError(f"--top-logprobs {top_logprobs}: the log-probabilities are printed with --json only")
+        if prompt == "-":
+            prompt = sys.stdin.read()
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,

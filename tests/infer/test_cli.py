@@ -37,6 +37,17 @@ def test_generate_streams_the_same_text_as_the_engine(checkpoint, engine):
     assert result.stdout == engine.generate(["def main():"], params)[0].text + "\n"
 
 
+def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_not_show(checkpoint, engine):
+    args = ["generate", "--model", str(checkpoint), "--max-new-tokens", "5", "--temperature", "0"]
+    typed = runner.invoke(app, [*args, "def add(a, b):"])
+    piped = runner.invoke(app, [*args, "-"], input="def add(a, b):")
+    assert piped.exit_code == 0 and piped.stdout == typed.stdout, piped.output
+    shown = runner.invoke(app, [*args, "x", "--top-logprobs", "2"])
+    assert (
+        shown.exit_code == 1 and "--top-logprobs 2: the log-probabilities are printed with --json only" in shown.stderr
+    )
+
+
 def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine):
     args = ["generate", "--model", str(checkpoint), "import os", "--json", "--temperature", "0", "--speculative",
             "--draft-tokens", "2", "--no-adaptive-drafts", "--max-new-tokens", "6", "--ignore-eos", "--top-logprobs",
