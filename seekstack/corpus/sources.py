@@ -5,6 +5,7 @@ Every source is a generator of `Document`s, so memory stays bounded by one file,
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import os
@@ -75,9 +76,15 @@ def _read(path: Path) -> bytes:
 
 
 def _decoded(data: bytes) -> str:
-    """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document), bytes
-    that are not UTF-8 shown as U+FFFD."""
-    return data.decode("utf-8-sig", errors="replace")
+    """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document); UTF-16
+    when it opens with UTF-16's mark; Windows-1252 (Latin-1's superset) when not one of its bytes above 127 starts a
+    valid UTF-8 character (a legacy 8-bit file: `café` stays `café`); else UTF-8 with bad bytes as U+FFFD."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16", errors="replace")
+    text = data.decode("utf-8-sig", errors="replace")
+    if "\ufffd" in text and all(char == "\ufffd" for char in text if not char.isascii()):
+        return data.decode("cp1252", errors="replace")
+    return text
 
 
 def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = None) -> Iterator[Document]:

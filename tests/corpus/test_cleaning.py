@@ -286,9 +286,13 @@ def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
     (tmp_path / "sub" / "d.md").write_bytes("\ufeffsaved with a byte-order mark".encode())
     (tmp_path / "sub" / "E.TXT").write_text("upper case")
     (tmp_path / "sub" / "f.txt.gz").write_bytes(gzip.compress(b"compressed"))
+    (tmp_path / "sub" / "g.txt").write_bytes("caf\u00e9 \u201cquoted\u201d".encode("cp1252"))  # legacy 8-bit
+    (tmp_path / "sub" / "h.txt").write_bytes("wide \u00e9".encode("utf-16"))  # with its byte-order mark
+    (tmp_path / "sub" / "i.txt").write_bytes("caf\u00e9 ".encode() + b"\xff")  # UTF-8 with one bad byte
     assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path)] == [
         ("a.txt", "alpha"), ("sub/E.TXT", "upper case"), ("sub/b.py", "beta"),
         ("sub/d.md", "saved with a byte-order mark"), ("sub/f.txt.gz", "compressed"),
+        ("sub/g.txt", "caf\u00e9 \u201cquoted\u201d"), ("sub/h.txt", "wide \u00e9"), ("sub/i.txt", "caf\u00e9 \ufffd"),
     ]  # fmt: skip
     (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a row"}\n'))
     assert [doc.text for doc in open_source(tmp_path / "rows.jsonl.gz")] == ["a row"]
