@@ -121,8 +121,9 @@ for _kind in ("code", "prose", "cjk"):
 
 
 def normalise(text: str) -> str:
-    """Unicode NFC with `\\n` line endings, the form every later stage (rules, hashes, output) sees."""
-    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+    """Unicode NFC with `\\n` line endings and no NUL characters (the padding of binary formats, never text), the
+    form every later stage (rules, hashes, output) sees."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", ""))
 
 
 def rule_kind(text: str, profile: Profile, name: str = "") -> tuple[Kind, str]:

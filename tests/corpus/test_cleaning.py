@@ -121,6 +121,7 @@ def test_data_table_module_is_removed() -> None:
 
 def test_normalise_applies_nfc_and_unix_line_endings() -> None:
     assert normalise("cafe\u0301\r\nline\rend") == "caf\u00e9\nline\nend"
+    assert normalise("pad\x00ded") == "padded"
 
 
 def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
