@@ -39,18 +39,26 @@ class APIError(Exception):
         return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
+LENGTH_ERRORS = ("too_long", "too_short")  # pydantic's types for a sequence outside its length bounds
+
+
 def invalid_body(error: ValidationError) -> APIError:
     """A 400 naming every field that failed validation, with the value sent."""
     problems, params = [], []
-    for problem in error.errors():
+    found = error.errors()
+    # A field whose length is out of bounds (17 prompts) failed every branch of its union too: its bound says it.
+    bounded = {problem["loc"][0] for problem in found if problem["type"] in LENGTH_ERRORS and problem["loc"]}
+    found = [p for p in found if not p["loc"] or p["loc"][0] not in bounded or p["type"] in LENGTH_ERRORS]
+    for problem in found:
         if problem["type"] == "json_invalid":
             return APIError(400, f"the request body is not valid JSON: {problem['ctx']['error']}", code="invalid_json")
         param = ".".join(str(part) for part in _field_path(problem["loc"])) or "body"
         shown = repr(problem["input"])
         shown = shown if len(shown) <= MAX_SHOWN_INPUT else shown[:MAX_SHOWN_INPUT] + "..."
         detail = problem["msg"] if problem["type"] == "missing" else f"{problem['msg']}, got {shown}"
-        problems.append(f"{param}: {detail}")
-        params.append(param)
+        if f"{param}: {detail}" not in problems:  # union branches failing alike say it once
+            problems.append(f"{param}: {detail}")
+            params.append(param)
     return APIError(400, "invalid request: " + "; ".join(problems), param=params[0], code="invalid_value")
 
 

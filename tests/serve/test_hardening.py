@@ -197,9 +197,12 @@ def test_error_fields_name_the_parameter_not_the_type(engine, tmp_path):
     async def scenario(client):
         unknown = await client.post("/v1/completions", json={**COMPLETION, "model": "gpt-9"})
         out_of_vocabulary = await client.post("/v1/completions", json={**COMPLETION, "prompt": [10**6]})
-        return unknown, out_of_vocabulary
+        too_many = await client.post("/v1/completions", json={**COMPLETION, "prompt": ["a"] * 17})
+        return unknown, out_of_vocabulary, too_many
 
-    unknown, out_of_vocabulary = run(app, scenario)
+    unknown, out_of_vocabulary, too_many = run(app, scenario)
+    message = error_of(too_many, 400)["message"]  # its bound, once: not every union branch of `prompt` failing
+    assert message.startswith("invalid request: prompt: List should have at most 16 items") and ";" not in message
     assert error_of(unknown, 404) == {**unknown.json()["error"], "type": "invalid_request_error", "param": "model"}
     assert error_of(out_of_vocabulary, 400)["type"] == "invalid_request_error"
     assert out_of_vocabulary.json()["error"]["param"] == "prompt"
