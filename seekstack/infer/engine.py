@@ -282,13 +282,13 @@ class Engine:
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer is
         reported before any weights load."""
         model_dir = Path(model_dir)
-        read_config(model_dir)  # CheckpointError naming the folder when it does not exist or has no config.json
+        config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
         if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(
                 f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
             )
         loaded_tokenizer = Tokenizer.from_file(tokenizer or model_dir)
-        check_tokenizer_fits(loaded_tokenizer, read_config(model_dir).vocab_size, model_dir)
+        check_tokenizer_fits(loaded_tokenizer, config.vocab_size, model_dir)
         device = kwargs.get("device") or "cpu"
         model = load_pretrained(model_dir, dtype=dtype, device=device)
         if adapter is not None:

@@ -25,9 +25,11 @@ never ahead of it, and never for blocked or redacted text (`HeldLogprobs`).
 
 from __future__ import annotations
 
+import bisect
 import re
 import unicodedata
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
@@ -40,6 +42,7 @@ from seekstack.schema import ConfigError, check, read_config_file
 from seekstack.tokenizer import Tokenizer
 
 CLASSIFY_EVERY_CHARS = 200
+CONTEXT_CHARS = 64  # characters before a scan's start that its matches may look back at
 INVISIBLE = frozenset("\u00ad\u180e\u200b\u200c\u200d\u2060\ufeff")  # soft hyphen, zero-width characters
 Action = Literal["block", "redact", "flag"]
 
@@ -95,9 +98,10 @@ class Category:
         """Every term or pattern match in text[start:] as `folded` reads it (positions in `text`)."""
         if self.expression is None:
             return []
-        view, origin = folded(text, start)
+        view, origin = folded(text, max(0, start - CONTEXT_CHARS))  # what precedes `start`: `\b`, lookbehinds
         return [Hit(self.name, self.rule.action, (origin[m.start()], origin[m.end() - 1] + 1), 1.0)
-                for m in self.expression.finditer(view) if m.end() > m.start()]  # fmt: skip
+                for m in self.expression.finditer(view, bisect.bisect_left(origin, start))
+                if m.end() > m.start()]  # fmt: skip
 
     def judge(self, text: str) -> Hit | None:
         """The classifier's verdict on the whole text, if it finds the category."""
@@ -266,12 +270,12 @@ def _shifted(hits: list[Hit], offset: int) -> list[Hit]:
             if hit.span is not None]  # fmt: skip
 
 
-def folded(text: str, start: int = 0) -> tuple[str, list[int]]:
+def folded(text: str, start: int = 0) -> tuple[str, Sequence[int]]:
     """text[start:] as the policy reads it, so that look-alike spellings match what they spell: each character in its
     NFKC compatibility form (fullwidth `ｓｅｌｆ` -> `self`, the ligature `ﬁ` -> `fi`), invisible ones (zero-width
     spaces and joiners, soft hyphens) dropped; and per character of it, the position in `text` it came from."""
     if text.isascii():
-        return text[start:], list(range(start, len(text)))
+        return text[start:], range(start, len(text))
     characters, origin = [], []
     for position in range(start, len(text)):
         character = text[position]
