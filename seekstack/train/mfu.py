@@ -6,6 +6,8 @@ Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
 - CPU: measured, the best of a few square `torch.mm`s in the training dtype on torch's threads (once per process,
   dtype and thread count): the rate this machine's matmul library really reaches, whatever its instruction set
   (on some CPUs bfloat16 runs 3x slower than float32, on others 2x faster). The benchmarks report against it too.
+  A probe that ran while other processes held the cores reads low, and a step's MFU then comes out above 100%:
+  the trainer probes again at that step (`matmul_flops`, on all its threads) and keeps the higher peak.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
 
 @functools.cache
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, threads: int = 0) -> float:
-    """FLOP/s of the fastest of a few (n x n) @ (n x n) CPU matmuls in `dtype` (2 n^3 FLOPs each), after a warm-up.
+    """`matmul_flops(dtype)`, once per process: `threads` only keys the cache (call it with
+    `torch.get_num_threads()`, the threads the probe runs on)."""
+    return matmul_flops(dtype)
 
-    `threads` only keys the cache: call it with `torch.get_num_threads()`, the threads the probe runs on.
-    """
+
+def matmul_flops(dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the fastest of a few (n x n) @ (n x n) CPU matmuls in `dtype` (2 n^3 FLOPs each), after a warm-up."""
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(MATMUL_PROBE_SIZE, MATMUL_PROBE_SIZE, generator=generator).to(dtype) for _ in range(2))
     torch.mm(a, b)

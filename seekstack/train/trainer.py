@@ -56,7 +56,7 @@ from seekstack.tokens.mixture import MixtureWindows
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import TrainConfig
-from seekstack.train.mfu import default_peak_flops, model_flops_utilisation
+from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
 from seekstack.train.schedule import LrAnchor, learning_rate, resumed_lr_anchor
 from seekstack.train.state import (
     OPTIMIZER_DIR,
@@ -329,6 +329,7 @@ class _Run:
         self.comm_bytes_before = 0
         peak = config.peak_flops or default_peak_flops(ranks.device, self.autocast_dtype or torch.float32)
         self.peak_flops = peak * ranks.world_size
+        self.peak_probed = not config.peak_flops and ranks.device.type == "cpu"
         if ranks.is_main:
             config.save(self.out_dir)
             self._trim_metrics()
@@ -456,6 +457,11 @@ class _Run:
                 metrics[name.removesuffix("_s") + "_share"] = metrics[name] / step_seconds
         tokens_per_s = tokens / step_seconds
         mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
+        if mfu > 1 and self.peak_probed:  # the start's probe ran on a busy machine: probe again, keep the higher peak
+            with configured_threads(self.threads.most):
+                probe = matmul_flops(self.autocast_dtype or torch.float32) * self.ranks.world_size
+            self.peak_flops = max(self.peak_flops, probe)
+            mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
         metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
         metrics["step_s"] = step_seconds
         metrics["threads"] = torch.get_num_threads()

@@ -311,6 +311,17 @@ def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_pat
     assert given["mfu"] == pytest.approx(given["tokens_per_s"] * flops_per_token / 1e15)
 
 
+def test_a_peak_probed_on_a_busy_machine_is_probed_again_when_a_step_beats_it(data_dir, tmp_path, monkeypatch):
+    """The start's matmul probe ran while other processes held the cores (here: read 1 MFLOP/s), so the first step's
+    MFU came out far above 100%: the trainer probes again and reports against the higher peak."""
+    import seekstack.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "default_peak_flops", lambda device, dtype: 1e6)
+    train(run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0))
+    steps = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert len(steps) == 2 and all(0 < step["mfu"] < 1 for step in steps)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run_with_bfloat16_activation_checkpointing_and_compile(data_dir, tmp_path):
     from seekstack.checkpoint import load_pretrained
