@@ -387,8 +387,9 @@ class Engine:
             self.waiting.append(request)
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        """Drop a request and free its cache blocks at once; its last output says finish_reason "abort"."""
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its cache blocks at once; its last output says finish_reason "abort". Returns
+        whether it had started (left the waiting queue, or finished already): one that had not cost no compute."""
         with self.lock:
             for queue in (self.waiting, self.prefilling, self.running):
                 for request in queue:
@@ -396,7 +397,8 @@ class Engine:
                         queue.remove(request)
                         self.cache.free(request_id)
                         self.aborted.append(self._output(request, [], "", None, "abort"))
-                        return
+                        return request.scheduled_at is not None
+        return True
 
     def load_adapter(self, name: str, folder: str | Path) -> None:
         """Serve the LoRA adapter in `folder` as `name` from the next step on (seekstack.adapters.registry); raises

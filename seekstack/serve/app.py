@@ -226,8 +226,17 @@ class Server:
         bill.prompt_tokens = prompt_tokens
 
         async def finish(status: int) -> None:
-            """Free the request's engine slots, settle its rate-limit charge, bill it (no-ops when done before)."""
-            group.close()
+            """Free the request's engine slots, settle its rate-limit charge, bill it (no-ops when done before). A
+            prompt none of whose choices the engine had started (a client that left while it was queued) is not
+            billed."""
+            unstarted = await group.close()
+            if unstarted:
+                per_prompt = candidates(body)
+                bill.prompt_tokens = sum(
+                    len(prompt)
+                    for number, prompt in enumerate(prompts)
+                    if not unstarted.issuperset(range(number * per_prompt, (number + 1) * per_prompt))
+                )
             if charge:
                 await asyncio.to_thread(self.limiter.settle, charge, bill.total_tokens)
             await bill.record_async(status)

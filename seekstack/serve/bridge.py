@@ -26,6 +26,7 @@ from seekstack.serve.metrics import ServerMetrics
 
 log = logging.getLogger("seekstack.serve")
 IDLE_WAIT_S = 0.5
+ABORT_REPORT_S = 30.0  # the longest a closing request waits to learn whether the engine had started it
 
 
 class EngineFailure(RuntimeError):
@@ -77,10 +78,19 @@ class RequestGroup:
                 self.unfinished.discard(index)
             yield index, output
 
-    def close(self) -> None:
-        """Abort the choices still running (a client that left): their cache blocks are freed before the next step."""
-        self.bridge.abort([self.request_ids[index] for index in self.unfinished])
-        self.unfinished.clear()
+    async def close(self) -> set[int]:
+        """Abort the choices still running (a client that left): their cache blocks are freed before the next step.
+        Returns the choices the engine had not started (still queued: their prompts were never computed)."""
+        running, self.unfinished = sorted(self.unfinished), set()
+        if not running:
+            return set()
+        report = asyncio.get_running_loop().create_future()
+        self.bridge.abort([self.request_ids[index] for index in running], report)
+        try:
+            started = await asyncio.wait_for(report, ABORT_REPORT_S)
+        except TimeoutError:  # the engine thread is gone or stuck: count them as started
+            return set()
+        return {index for index, began in zip(running, started, strict=True) if not began}
 
     def stop(self, index: int) -> None:
         """Abort one choice (the content policy ended it); the others go on."""
@@ -96,7 +106,7 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int, _Timing]] = {}
-        self._pending_aborts: list[str] = []
+        self._pending_aborts: list[tuple[list[str], asyncio.Future | None]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -111,6 +121,7 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        self._apply_aborts()  # those that came after its last step, their reports included
 
     @property
     def alive(self) -> bool:
@@ -163,14 +174,15 @@ class AsyncEngine:
             raise
         self._wake.set()
 
-    def abort(self, request_ids: list[str]) -> None:
-        """Stop routing these requests now; the engine thread aborts them before its next step."""
+    def abort(self, request_ids: list[str], report: asyncio.Future | None = None) -> None:
+        """Stop routing these requests now; the engine thread aborts them before its next step and sets `report` (a
+        future of the caller's loop) to whether each had started (`Engine.abort`; one finished already had)."""
         with self._lock:
             for request_id in request_ids:
                 route = self._routes.pop(request_id, None)
                 if route is not None:
-                    self._pending_aborts.append(request_id)
                     self._choice_ended(route[3].call, "abort", time.perf_counter())
+            self._pending_aborts.append((request_ids, report))
         self._wake.set()
 
     def _run(self) -> None:
@@ -196,8 +208,10 @@ class AsyncEngine:
     def _apply_aborts(self) -> None:
         with self._lock:
             aborts, self._pending_aborts = self._pending_aborts, []
-        for request_id in aborts:
-            self.engine.abort(request_id)
+        for request_ids, report in aborts:
+            started = [self.engine.abort(request_id) for request_id in request_ids]
+            if report is not None:
+                report.get_loop().call_soon_threadsafe(_settle, report, started)
 
     def _deliver(self, outputs: list[RequestOutput], now: float) -> int:
         """Route each output to its request's queue; returns the tokens the step generated."""
@@ -249,3 +263,8 @@ class AsyncEngine:
         for request_id, (loop, queue, index, _) in routes.items():
             self.engine.abort(request_id)
             loop.call_soon_threadsafe(queue.put_nowait, (index, error))
+
+
+def _settle(report: asyncio.Future, result: list[bool]) -> None:
+    if not report.done():  # its waiter may have given up (cancelled)
+        report.set_result(result)

@@ -591,9 +591,10 @@ def test_keys_and_ledger_on_postgresql(model_dir):
 
 @pytest.fixture(scope="module")
 def open_speculative_server(model_dir, tmp_path_factory):
-    """A server on a database without keys (open, on localhost), decoding with two MTP drafts every step."""
+    """A server on a database without keys (open, on localhost), decoding with two MTP drafts every step, one
+    request at a time."""
     database_path = tmp_path_factory.mktemp("open") / "open.db"
-    options = ("--speculative", "--draft-tokens", "2", "--no-adaptive-drafts")
+    options = ("--speculative", "--draft-tokens", "2", "--no-adaptive-drafts", "--max-batch-size", "1")
     with running_server(model_dir, database_path, *options) as server:
         yield server, database_path
 
@@ -624,3 +625,46 @@ def test_without_keys_the_server_runs_open_on_localhost_and_says_so(model_dir, o
     for port, message in ((99999, "--port 99999: must be between 0 and 65535"), (taken_port, "cannot listen on")):
         taken = CliRunner().invoke(cli, [*serve, str(port)])  # before the weights load, and no "serving" line
         assert taken.exit_code == 1 and message in taken.stderr and "serving" not in taken.output, taken.output
+
+
+def test_a_request_whose_client_leaves_while_it_is_queued_is_not_billed_for_its_prompt(open_speculative_server):
+    """One request runs at a time: a second one, queued behind it, whose client hangs up before it is scheduled
+    never had its prompt computed, and the ledger bills it none; the running one, which left too, keeps its prompt's."""
+    server, database_path = open_speculative_server
+    host, port = server.url.removeprefix("http://").split(":")
+    queued = json.dumps({"model": MODEL, "prompt": "a b c d e", "max_tokens": 8, "n": 2}).encode()
+    running = {"model": MODEL, "prompt": "a", "max_tokens": MAX_MODEL_LEN - 2, "stream": True, **NO_EOS}
+
+    def waiting() -> float:
+        return metric_samples(server.url)["seekstack:num_requests_waiting"]
+
+    def rows() -> list[dict]:
+        connection = sqlite3.connect(database_path)
+        connection.row_factory = sqlite3.Row
+        query = "SELECT * FROM usage WHERE status = 499 AND key_name IS NULL ORDER BY id"
+        return [dict(row) for row in connection.execute(query)]
+
+    before = len(rows())
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=running) as stream:
+        events = stream.iter_lines()  # kept: a dropped iterator closes the response
+        assert next(events).startswith("data: ")  # it runs, in the only slot
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(
+                f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(queued)}\r\n\r\n".encode()
+                + queued
+            )
+            deadline = time.monotonic() + 10
+            while waiting() < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert waiting() == 2  # both choices queued behind the stream when their client hangs up
+        deadline = time.monotonic() + 10
+        while len(rows()) < before + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metric_samples(server.url)["seekstack:num_requests_running"] == 1  # the stream still held the slot
+    deadline = time.monotonic() + 10
+    while len(rows()) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    left_running, left_queued = rows()[before:]  # the stream's row was opened first
+    assert (left_queued["prompt_tokens"], left_queued["completion_tokens"]) == (0, 0)
+    assert left_running["prompt_tokens"] > 0 and left_running["completion_tokens"] > 0

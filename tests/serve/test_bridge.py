@@ -1,0 +1,34 @@
+"""The engine bridge: a request group closed by a client that left says which of its choices the engine had not
+started yet, so a request that never left the queue is not billed for its prompt."""
+
+from __future__ import annotations
+
+import asyncio
+
+from seekstack.infer import Engine, SamplingParams
+from seekstack.serve.bridge import AsyncEngine
+from seekstack.serve.metrics import ServerMetrics
+from tests.infer.support import micro_model, tiny_tokenizer
+
+
+def test_closing_a_group_names_the_choices_still_queued(tmp_path):
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path), max_batch_size=1)  # one running request at a time
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[set[int], set[int], set[int]]:
+        running = await bridge.submit([[5, 6, 7]], [long])
+        await anext(aiter(running))  # its first token: it runs, and holds the only slot
+        queued = await bridge.submit([[8, 9], [8, 9]], [long, long])  # two choices waiting behind it
+        left_queued = await queued.close()
+        left_running = await running.close()
+        return left_queued, left_running, await running.close()
+
+    bridge.start()
+    try:
+        left_queued, left_running, closed_twice = asyncio.run(scenario())
+    finally:
+        bridge.stop()
+    assert left_queued == {0, 1}  # never started: their prompt was never computed
+    assert left_running == set() and closed_twice == set()
+    assert not engine.has_unfinished()
