@@ -191,7 +191,10 @@ class Engine:
                 "path; the engine serves plain MLA models"
             )
         if speculative and len(model.mtp) == 0:
-            raise ValueError("speculative decoding needs an MTP module; this model has num_nextn_predict_layers=0")
+            raise ValueError(
+                "speculative decoding needs an MTP module; this model has none (num_nextn_predict_layers=0, or a "
+                "checkpoint without MTP weights, as transformers' save_pretrained writes)"
+            )
         for name, value in (
             ("max_batch_size", max_batch_size),
             ("prefill_chunk", prefill_chunk),

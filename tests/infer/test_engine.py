@@ -82,6 +82,11 @@ PENALTIES = [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}]
 EAGER_DRAFT_CASES = [(1, 1, False), (3, 3, False), (3, 2, False), (3, 0, False)]  # drafts, correct ones, compile
 
 
+def test_speculative_decoding_without_an_mtp_module_is_refused_saying_why(tokenizer):
+    with pytest.raises(ValueError, match="needs an MTP module.*without MTP weights, as transformers' save_pretrained"):
+        Engine(micro_model(num_nextn_predict_layers=0), tokenizer, speculative=True)
+
+
 @pytest.mark.parametrize("draft_tokens", [1, 3])
 @pytest.mark.parametrize("penalties", PENALTIES, ids=["plain", "penalized"])
 def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, penalties, draft_tokens):
