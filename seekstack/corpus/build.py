@@ -35,7 +35,7 @@ from seekstack.atomic import staged_files
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash, minhash_signature
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
-from seekstack.corpus.sources import Document
+from seekstack.corpus.sources import TEXT_SUFFIXES, Document
 from seekstack.corpus.split import EXACT_SPLIT_MAX_DOCUMENTS, split_score, validation_cutoff
 
 EXACT_DUPLICATE = "exact_duplicate"
@@ -65,6 +65,7 @@ class Report:
     examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # reason -> [{"id", "kind", "snippet"}]
     kinds: dict[str, dict[str, int]] = field(default_factory=dict)  # "prose/en" -> {"in": n, "kept": n}
     pii_replacements: dict[str, int] = field(default_factory=dict)  # email / ip / secret -> count
+    skipped_files: dict[str, int] = field(default_factory=dict)  # input folders' files not read, by suffix
     seconds: float = 0.0
     workers: int = 1
     config: dict[str, Any] = field(default_factory=dict)
@@ -160,6 +161,7 @@ def build_corpus(
     Raises CorpusBuildError, writing nothing, when fewer than `config.min_kept_fraction` of the documents are kept.
     """
     config = config or CleaningConfig()
+    sources = list(sources)  # read twice: their documents, then what folders skipped
     out_dir = Path(out_dir)
     report = Report(config=dataclasses.asdict(config), workers=workers)
     exact = ExactDeduplicator()
@@ -204,6 +206,10 @@ def build_corpus(
                 scores.append(score)
             else:
                 scores = None
+        skipped = Counter[str]()
+        for source in sources:
+            skipped.update(getattr(source, "skipped", {}))  # a folder's files of other suffixes (TextFolder)
+        report.skipped_files = dict(skipped.most_common())
         _check_enough_kept(report, config)
         cutoff = validation_cutoff(scores, config.val_fraction)
         kept.seek(0)
@@ -225,7 +231,7 @@ def build_corpus(
 
 def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
     if report.documents_in == 0:
-        raise CorpusBuildError("the inputs hold no documents; check the paths and --field")
+        raise CorpusBuildError(f"the inputs hold no documents; check the paths and --field{_skipped(report)}")
     if report.documents_kept >= max(1, config.min_kept_fraction * report.documents_in):
         return
     causes = "; ".join(
@@ -237,7 +243,18 @@ def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
         f"kept {report.documents_kept:,} of {report.documents_in:,} documents, below min_kept_fraction="
         f"{config.min_kept_fraction}; removed most by {causes}. Detected kinds: {kinds} (profile "
         f"{config.profile}). Try --profile web|code|zh, or loosen those rules' thresholds with --config "
-        "(--write-config writes them); nothing was written"
+        f"(--write-config writes them); nothing was written{_skipped(report)}"
+    )
+
+
+def _skipped(report: Report) -> str:
+    """What the input folders held that was not read, as the end of an error message."""
+    if not report.skipped_files:
+        return ""
+    counts = ", ".join(f"{suffix} {count:,}" for suffix, count in report.skipped_files.items())
+    return (
+        f". The input folders' {sum(report.skipped_files.values()):,} files of other suffixes ({counts}) were not "
+        f"read; a folder's files are read by suffix: {' '.join(TEXT_SUFFIXES)} (and .gz of them)"
     )
 
 
@@ -255,6 +272,9 @@ def report_table(report: Report) -> Table:
         if count:
             example = report.examples.get(reason, [{}])[0]
             table.add_row(f"  removed: {reason}", f"{count:,}", f"{example.get('id', '')} ({example.get('kind')})")
+    if report.skipped_files:
+        counts = ", ".join(f"{suffix} {count:,}" for suffix, count in report.skipped_files.items())
+        table.add_row("  not read: other suffixes", f"{sum(report.skipped_files.values()):,} files", counts)
     table.add_row("kept", f"{report.documents_kept:,}", f"{report.bytes_kept / 2**20:.1f} MiB")
     table.add_row("  train / val", f"{report.train_documents:,} / {report.val_documents:,}", "")
     for kind, count in report.pii_replacements.items():

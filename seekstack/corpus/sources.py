@@ -11,7 +11,8 @@ import json
 import os
 import re
 import sysconfig
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,10 +37,13 @@ class Document(NamedTuple):
 
 
 def read_text_folder(
-    folder: str | Path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, skipped_dirs: frozenset[str] = frozenset()
+    folder: str | Path,
+    suffixes: tuple[str, ...] = TEXT_SUFFIXES,
+    skipped_dirs: frozenset[str] = frozenset(),
+    skipped: Counter[str] | None = None,
 ) -> Iterator[Document]:
     """Every file below `folder` whose suffix is in `suffixes`, one document each, in sorted order; folders named
-    in `skipped_dirs` are not entered."""
+    in `skipped_dirs` are not entered; `skipped` counts the other files by suffix."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataSourceError(f"{folder}: not a folder")
@@ -49,6 +53,20 @@ def read_text_folder(
             path = Path(directory, name)
             if _kind(path) in suffixes:
                 yield Document(path.relative_to(folder).as_posix(), _decoded(_read(path)), folder.name)
+            elif skipped is not None:
+                skipped[_kind(path) or "(no suffix)"] += 1
+
+
+class TextFolder:
+    """A folder's text files as documents (`read_text_folder`), counting the files of other suffixes it passes
+    over in `skipped`, for the build report: a folder of `.html` pages is not read, and says so."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.skipped: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[Document]:
+        return read_text_folder(self.folder, skipped=self.skipped)
 
 
 def read_text_file(path: str | Path) -> Iterator[Document]:
@@ -167,15 +185,16 @@ def read_stdlib() -> Iterator[Document]:
         yield Document(doc_id, text, "stdlib")
 
 
-def open_source(spec: str | Path, field: str = "text") -> Iterator[Document]:
-    """The source a command-line argument names: `stdlib`, a saved dataset, a folder, `.jsonl`, `.parquet`, a file."""
+def open_source(spec: str | Path, field: str = "text") -> Iterable[Document]:
+    """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
+    `.parquet`, a file."""
     if str(spec) == "stdlib":
         return read_stdlib()
     path = Path(spec)
     if is_saved_dataset(path):
         return read_saved_dataset(path, field)
     if path.is_dir():
-        return read_text_folder(path)
+        return TextFolder(path)
     if not path.is_file():
         raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
     if _kind(path) == ".jsonl":

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from seekstack.cli import app
-from seekstack.corpus.build import CorpusBuildError, Report, build_corpus
+from seekstack.corpus.build import CorpusBuildError, Report, build_corpus, report_table
 from seekstack.corpus.rules import CleaningConfig
-from seekstack.corpus.sources import Document
+from seekstack.corpus.sources import Document, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
 from tests.corpus.test_cleaning import prose
 from tests.corpus.test_kinds import CHINESE_ARTICLE, ENGLISH_ARTICLE, STDLIB, junk
@@ -111,3 +112,21 @@ def test_build_of_twenty_documents_holds_out_two_for_a_tenth(tmp_path: Path) -> 
     report = build_corpus([documents], tmp_path / "out", CleaningConfig(val_fraction=0.1), show_progress=False)
     assert (report.train_documents, report.val_documents) == (18, 2)
     assert len(read_rows(tmp_path / "out")["val"]) == 2
+
+
+def test_a_folder_input_reports_the_files_it_did_not_read_by_suffix(tmp_path: Path) -> None:
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"page{i}.html").write_text(f"<p>{prose(i)}</p>")
+    (folder / "README").write_text(prose(7))
+    with pytest.raises(CorpusBuildError, match=r"no documents.*files of other suffixes \(\.html 3, \(no suffix\) 1\)"):
+        build_corpus([open_source(folder)], tmp_path / "none", show_progress=False)
+    for i in range(4):
+        (folder / f"notes{i}.txt").write_text(prose(10 + i))
+    report = build_corpus([open_source(folder)], tmp_path / "out", show_progress=False)
+    assert report.documents_in == 4 and report.skipped_files == {".html": 3, "(no suffix)": 1}
+    assert Report.load(tmp_path / "out" / "report.json") == report
+    console = Console(record=True, width=120)
+    console.print(report_table(report))
+    assert "not read: other suffixes │   4 files │ .html 3, (no suffix) 1" in console.export_text()
