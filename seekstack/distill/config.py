@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from seekstack.config import ConfigError, ModelConfig
@@ -60,7 +61,16 @@ class DistillConfig(TrainConfig):
         config = super().validate(source)
         try:
             require(bool(config.teacher), "teacher", "a checkpoint folder (the model to distill from)")
+            require(Path(config.teacher).is_dir(), "teacher", f"an existing checkpoint folder, not {config.teacher!r}")
             require(not config.task or config.task in TASKS, "task", f"'' or one of {', '.join(TASKS)}")
+            require(
+                not (config.task and config.data), "task", "'' when data is given (conversations from one or other)"
+            )
+            require(
+                config.ce_weight > 0 or config.kd_weight > 0 or bool(config.feature_layers),
+                "kd_weight",
+                "above 0 when ce_weight is 0 and no feature_layers are mapped (the student would learn nothing)",
+            )
             require(
                 config.lmbda == 0 or config.conversational or config.prompt_tokens < config.seq_len,
                 "prompt_tokens",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from seekstack.checkpoint import load_pretrained, write_pretrained_files
+from seekstack.checkpoint import load_pretrained, read_config, write_pretrained_files
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations
@@ -23,6 +23,7 @@ from seekstack.distill.teacher import Teacher, TopKCache, check_shared_tokenizer
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.config import tokenizer_path
 from seekstack.posttrain.sft import SFTSource
+from seekstack.schema import require
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.shards import load_index
 from seekstack.train.state import refuse_new_run_into
@@ -77,6 +78,9 @@ class DistillHooks:
 def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> TrainResult:
     """Distill `config.teacher` into the student `config` describes (or continue the run in `out_dir`)."""
     config = config.validate()
+    if config.teacher_cache:
+        vocab_size = read_config(config.teacher).vocab_size
+        require(config.cache_top_k <= vocab_size, "cache_top_k", f"at most the teacher's vocab_size {vocab_size:,}")
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read
     source = SFTSource(config) if config.conversational else None  # type: ignore[arg-type]  # the fields it reads

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.cli import app
+from seekstack.config import ConfigError
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.losses import kl_divergence
 from seekstack.distill.model import DistillModel
@@ -155,3 +156,17 @@ def test_teacher_scores_of_a_corpus_batch_come_from_the_top_k_cache_the_second_t
     torch.testing.assert_close(first.gather(1, top.indices), top.values, atol=1e-2, rtol=0)
     teacher.model.forward = None  # the teacher must not run again
     torch.testing.assert_close(teacher.score(rows, every_position, []).logits, first)
+
+
+def test_configs_that_cannot_distill_are_refused_before_anything_is_written(workspace, tmp_path):
+    refused = {
+        "teacher": dict(teacher=str(tmp_path / "nosuch")),  # was: "has no tokenizer.json ... copy it"
+        "kd_weight": dict(ce_weight=0.0, kd_weight=0.0),  # trained on a loss of 0
+        "task": dict(task="addition", data=str(tmp_path / "traces.jsonl")),  # which one was used?
+        "cache_top_k": dict(teacher_cache=str(tmp_path / "cache"), cache_top_k=100_000),  # was: a traceback
+    }
+    logits_alone = dict(feature_layers={}, feature_weights={})
+    for field, changes in refused.items():
+        with pytest.raises(ConfigError, match=f"field '{field}' must be"):
+            run_distill(distill_config(workspace, tmp_path / field, **logits_alone, **changes))
+        assert not (tmp_path / field).exists() and not (tmp_path / "cache").exists()
