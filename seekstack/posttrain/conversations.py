@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Task, sample_problems
@@ -38,25 +39,18 @@ def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[l
 def read_conversations(path: str | Path) -> list[Conversation]:
     """The conversations of a JSONL file, one `{"messages": [...]}` object a line."""
     conversations = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    for number, record in jsonl_records(path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list):
+            raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
+        for position, message in enumerate(messages):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from None
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list):
-                raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
-            for position, message in enumerate(messages):
-                try:
-                    check_chat_message(position, message)
-                except ValueError as error:
-                    raise ValueError(f"{path}:{number}: {error}") from None
-            if not any(m["role"] == "assistant" for m in messages):
-                raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
-            conversations.append(messages)
+                check_chat_message(position, message)
+            except ValueError as error:
+                raise ValueError(f"{path}:{number}: {error}") from None
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
+        conversations.append(messages)
     if not conversations:
         raise ValueError(f"{path}: no conversations")
     return conversations

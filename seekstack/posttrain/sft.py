@@ -48,6 +48,11 @@ class SFTSource:
         self.rows = ShuffledRows([encode_conversation(self.tokenizer, c) for c in conversations], config.seed)
         # a label at position t is predicted from position t - 1: a row's first seq_len positions hold its targets
         untrained = sum(all(label == IGNORE_INDEX for label in row[1][1 : config.seq_len]) for row in self.rows.rows)
+        if untrained == len(self.rows.rows):
+            raise ValueError(
+                f"{config.data or config.task}: none of the {untrained} conversations has an assistant token within "
+                f"seq_len={config.seq_len}, so there is nothing to train on; raise seq_len or shorten their prompts"
+            )
         if untrained:
             print(
                 f"note: {untrained} of {len(self.rows.rows)} conversations have no assistant token within "

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.config import preset  # noqa: E402
+from seekstack.jsonl import jsonl_records  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
 from seekstack.train.trainer import METRICS_FILE  # noqa: E402
 
@@ -26,13 +27,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack train` run?")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return records
+    return [record for _, record in jsonl_records(path)]
 
 
 def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:

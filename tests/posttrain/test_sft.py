@@ -134,6 +134,9 @@ def test_malformed_jsonl_names_the_line(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "robot", "content": "hi"}, *CHAT]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: chat message 0 has unknown role 'robot'"):
         read_conversations(path)
+    path.write_bytes(json.dumps({"messages": CHAT}).encode() + b"\n" + '{"caf\u00e9"'.encode("cp1252") + b"\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 5\)"):
+        read_conversations(path)
 
 
 def test_a_system_message_after_the_first_turn_labels_the_assistant_turns_all_the_same(tmp_path):
@@ -174,11 +177,14 @@ def test_sft_and_rl_write_their_resolved_config(tmp_path):
 
 def test_conversations_whose_assistant_turn_starts_past_seq_len_are_reported(tmp_path, capsys):
     byte_tokenizer(tmp_path / "tok")
-    data = write_conversations([CHAT, CHAT[:3]], tmp_path / "chats.jsonl")
+    long_prompt = [{"role": "user", "content": "Count the words of this long question. " * 4}, CHAT[2]]
+    data = write_conversations([CHAT, CHAT[:3], long_prompt], tmp_path / "chats.jsonl")
     common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "model.vocab_size=300"]
     SFTSource(resolve_train_config(None, [*common, "seq_len=512"], cls=SFTConfig))
     assert "train nothing" not in capsys.readouterr().err
-    SFTSource(resolve_train_config(None, [*common, "seq_len=8"], cls=SFTConfig))
-    assert "note: 2 of 2 conversations have no assistant token within seq_len=8: they train nothing" in (
+    SFTSource(resolve_train_config(None, [*common, "seq_len=80"], cls=SFTConfig))
+    assert "note: 1 of 3 conversations have no assistant token within seq_len=80: they train nothing" in (
         capsys.readouterr().err
     )
+    with pytest.raises(ValueError, match="none of the 3 conversations has an assistant token within seq_len=8,"):
+        SFTSource(resolve_train_config(None, [*common, "seq_len=8"], cls=SFTConfig))
