@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from seekstack.cli.common import user_errors
 from seekstack.cli.train import run_stage
 
+if TYPE_CHECKING:
+    from seekstack.infer import Engine
+
 ConfigArg = Annotated[Path | None, typer.Argument(help="Config file (YAML/TOML/JSON); defaults otherwise")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. init_from=DIR")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint")]
 WriteConfigOpt = Annotated[Path | None, typer.Option(help="Write the resolved config (YAML/JSON by suffix) and exit")]
+SAMPLING_BATCH = 256  # pass-at-k and traces: completions decoded together at most
 
 
 def sft_command(
@@ -58,17 +62,13 @@ def pass_at_k_command(
 ) -> None:
     """Held-out pass@1, pass@k, greedy accuracy and format rate of each model on a task, one JSON line each, then
     (for several models) the same as a table."""
-    from seekstack.infer import Engine
     from seekstack.posttrain.evaluate import evaluate_task
-    from seekstack.posttrain.rl import PROMPT_TOKENS
     from seekstack.posttrain.tasks import make_task
 
     rows = []
     with user_errors():
         for model in models:
-            engine = Engine.from_pretrained(
-                model, max_batch_size=problems * samples, max_model_len=PROMPT_TOKENS + max_new_tokens
-            )
+            engine = _sampling_engine(model, problems * samples, max_new_tokens)
             scores = evaluate_task(
                 engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
             )
@@ -95,16 +95,14 @@ def traces_command(
 ) -> None:
     """R1-distill data: the teacher's traces on training problems, kept only when verified correct (rejection
     sampling); then `seekstack sft data=OUT init_from=STUDENT` trains a student on them."""
-    from seekstack.infer import Engine
     from seekstack.posttrain.conversations import write_conversations
     from seekstack.posttrain.distill import verified_traces
-    from seekstack.posttrain.rl import PROMPT_TOKENS
     from seekstack.posttrain.tasks import make_task
 
     with user_errors():
-        engine = Engine.from_pretrained(
-            model, max_batch_size=64 * samples, max_model_len=PROMPT_TOKENS + max_new_tokens
-        )
+        if out.is_dir():
+            raise ValueError(f"--out {out}: a folder; traces are written to a JSONL file")
+        engine = _sampling_engine(model, 64 * samples, max_new_tokens)
         traces = verified_traces(
             engine, make_task(task, difficulty), prompts, samples, max_new_tokens, temperature, seed
         )
@@ -114,6 +112,23 @@ def traces_command(
     summary = {"out": str(out), "kept": len(traces.conversations), "sampled": traces.sampled}
     summary |= {"accept_rate": traces.accept_rate, "prompts_solved": traces.prompts_solved / traces.prompts}
     typer.echo(json.dumps(summary))
+
+
+def _sampling_engine(model: Path, sequences: int, max_new_tokens: int) -> Engine:
+    """An engine for `sequences` completions of a task prompt and up to `max_new_tokens` tokens each, decoding at
+    most SAMPLING_BATCH of them at a time (the rest queue: a cache for all at once can outgrow the memory)."""
+    from seekstack.checkpoint import read_config
+    from seekstack.infer import Engine
+    from seekstack.posttrain.rl import PROMPT_TOKENS
+
+    context = read_config(model).max_position_embeddings
+    if PROMPT_TOKENS + max_new_tokens > context:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens}: at most {context - PROMPT_TOKENS} for {model} (its context of "
+            f"{context} tokens holds a prompt of up to {PROMPT_TOKENS})"
+        )
+    max_batch_size = min(sequences, SAMPLING_BATCH)
+    return Engine.from_pretrained(model, max_batch_size=max_batch_size, max_model_len=PROMPT_TOKENS + max_new_tokens)
 
 
 def rl_plot_command(

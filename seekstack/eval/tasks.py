@@ -74,13 +74,14 @@ def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int
 
 
 def reasoning_docs(task_name: str, tokenizer: Tokenizer, count: int = REASONING_PROBLEMS) -> list[dict[str, Any]]:
-    """`count` held-out problems of a post-training task: the chat prompt (R1 system prompt, the question, the
-    assistant turn opened) and what the verifier needs to rebuild the problem."""
+    """`count` distinct held-out problems of a post-training task (all of them where it has fewer: multiplication
+    79): the chat prompt (R1 system prompt, the question, the assistant turn opened) and what the verifier needs to
+    rebuild the problem."""
     task = make_task(task_name)
     return [
         {"prompt": tokenizer.render_chat(prompt_messages(p)), "key": p.key, "question": p.question,
          "answer": p.answer, "data": json.dumps(p.data)}
-        for p in sample_problems(task, count, "heldout", seed=0)
+        for p in sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
     ]  # fmt: skip
 
 

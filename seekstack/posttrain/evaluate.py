@@ -28,7 +28,7 @@ def evaluate_task(
     seed: int = 0,
 ) -> dict[str, float]:
     """pass@1, pass@{samples}, greedy accuracy and format rate on `problems` held-out problems of `task`."""
-    heldout = sample_problems(task, problems, "heldout", seed)
+    heldout = sample_problems(task, problems, "heldout", seed, distinct=True)
     weights = RewardWeights()
     sampled = sample_groups(engine, task, heldout, samples, max_new_tokens, temperature, seed, weights)
     correct = sampled.terms["correctness"].view(problems, samples).sum(dim=1).tolist()

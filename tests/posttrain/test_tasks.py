@@ -27,6 +27,16 @@ def test_train_and_heldout_splits_never_overlap(name):
     assert all(split_of(key) == "heldout" for key in heldout)
 
 
+def test_distinct_draws_hold_each_problem_once_and_a_split_too_small_says_so():
+    addition = make_task("addition", 2)
+    assert len({p.key for p in sample_problems(addition, 100, "heldout", seed=0)}) < 100  # training draws repeat
+    assert len({p.key for p in sample_problems(addition, 100, "heldout", seed=0, distinct=True)}) == 100
+    one_digit = make_task("addition", 1)
+    with pytest.raises(ValueError, match="yielded only 15 distinct heldout problems of 100 asked"):
+        sample_problems(one_digit, 100, "heldout", seed=0, distinct=True)
+    assert len(sample_problems(one_digit, 100, "heldout", seed=0, distinct=True, up_to=True)) == 15
+
+
 def test_generators_are_seeded():
     task = make_task("countdown")
     assert sample_problems(task, 5, "train", seed=3) == sample_problems(task, 5, "train", seed=3)

@@ -49,20 +49,31 @@ def split_of(key: str) -> Split:
 
 
 def sample_problems(
-    task: Task, count: int, split: Split, seed: int, max_draws_per_problem: int = 1000
+    task: Task,
+    count: int,
+    split: Split,
+    seed: int,
+    max_draws_per_problem: int = 1000,
+    distinct: bool = False,
+    up_to: bool = False,
 ) -> list[Problem]:
-    """`count` problems of `split`, drawn by a generator seeded with (task, difficulty, split, seed)."""
+    """`count` problems of `split`, drawn by a generator seeded with (task, difficulty, split, seed); `distinct`:
+    no problem twice (an evaluation counts each once), else problems may repeat (training draws). A split that
+    yields fewer is a ValueError, or with `up_to` all it yields."""
     rng = random.Random(f"{task.name}/{task.difficulty}/{split}/{seed}")
     problems: list[Problem] = []
+    seen: set[str] = set()
     for _ in range(count * max_draws_per_problem):
         if len(problems) == count:
             return problems
         problem = task.generate(rng)
-        if split_of(problem.key) == split:
+        if split_of(problem.key) == split and not (distinct and problem.key in seen):
             problems.append(problem)
-    if len(problems) < count:
-        raise ValueError(
-            f"task {task.name} at difficulty {task.difficulty} yielded only {len(problems)} {split} problems of "
-            f"{count} asked: its problem space is too small; raise the difficulty or ask for fewer"
-        )
-    return problems
+            seen.add(problem.key)
+    if up_to:
+        return problems
+    kind = "distinct " if distinct else ""
+    raise ValueError(
+        f"task {task.name} at difficulty {task.difficulty} yielded only {len(problems)} {kind}{split} problems of "
+        f"{count} asked: its problem space is too small; raise the difficulty or ask for fewer"
+    )
