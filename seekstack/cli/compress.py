@@ -38,13 +38,19 @@ def quantize_command(
         bool,
         typer.Option(help="Precision per layer (int4 g128/g64/g32, int8) by sensitivity, within --budget-bits"),
     ] = False,
-    budget_bits: Annotated[float, typer.Option(help="Adaptive: average bits per weight, scales included")] = 4.5,
+    budget_bits: Annotated[
+        float | None, typer.Option(help="Adaptive: average bits per weight, scales included (default 4.5)")
+    ] = None,
     data: Annotated[
         Path | None,
         typer.Option(help="Token shards: val split for --progressive's gate, train split to calibrate --adaptive"),
     ] = None,
-    max_bpb_increase: Annotated[float, typer.Option(help="Progressive: largest relative bits/byte increase")] = 0.01,
-    max_kl: Annotated[float, typer.Option(help="Progressive: largest mean KL (nats) from the original")] = 1.0,
+    max_bpb_increase: Annotated[
+        float | None, typer.Option(help="Progressive: largest relative bits/byte increase (default 0.01)")
+    ] = None,
+    max_kl: Annotated[
+        float | None, typer.Option(help="Progressive: largest mean KL (nats) from the original (default 1.0)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """Quantize a checkpoint's weights; the output loads in generate/chat/serve and runs on low-bit kernels.
@@ -61,6 +67,19 @@ def quantize_command(
         resolved = load_config(QuantConfig, config, overrides)
         if progressive and adaptive:
             raise ValueError("choose --progressive or --adaptive, not both")
+        mode_options = {
+            "--budget-bits": (budget_bits, adaptive, "--adaptive"),
+            "--max-bpb-increase": (max_bpb_increase, progressive, "--progressive"),
+            "--max-kl": (max_kl, progressive, "--progressive"),
+            "--data": (data, progressive or adaptive, "--progressive or --adaptive"),
+            "--scheme": (scheme, not progressive, "a quantization without --progressive (which tries int8, then int4)"),
+        }
+        for name, (value, applies, where) in mode_options.items():
+            if value is not None and not applies:
+                raise ValueError(f"{name} applies to {where} only")
+        budget_bits = 4.5 if budget_bits is None else budget_bits
+        max_bpb_increase = 0.01 if max_bpb_increase is None else max_bpb_increase
+        max_kl = 1.0 if max_kl is None else max_kl
         for name, value in (("--max-bpb-increase", max_bpb_increase), ("--max-kl", max_kl)):
             if progressive and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} {value}: must be a number >= 0")
@@ -71,6 +90,8 @@ def quantize_command(
                 "--adaptive chooses every layer's scheme itself: --scheme, --group-size, --keep and --config apply "
                 "without it"
             )
+        if group_size is not None and resolved.scheme != "int4" and "int4" not in resolved.layers.values():
+            raise ValueError(f"--group-size {group_size} applies to int4 (the scheme is {resolved.scheme})")
         if adaptive and budget_bits < SMALLEST_BITS:
             raise ValueError(
                 f"--budget-bits {budget_bits}: below the smallest option (int4 g128: {SMALLEST_BITS} bits per weight, "
