@@ -13,6 +13,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +193,8 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     refuse_hf_export(read_config(source), out)
     refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(source,))
     out = Path(out)
-    files = [e for e in source.iterdir() if e.is_file() and e.name != TRAIN_STATE_FILE]  # not eval/, optimizer/
+    # the model's files alone: not train_state.pt, a post-training run's own state (distill_state.pt), eval/
+    files = [e for e in source.iterdir() if e.is_file() and any(fnmatch(e.name, p) for p in MODEL_FOLDER_FILES)]
     for weights in (e for e in files if e.suffix == ".safetensors"):
         check_safetensors(weights)  # a damaged checkpoint is refused here, not when the export is loaded
     with atomic_directory(out) as staging:

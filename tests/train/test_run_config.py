@@ -107,9 +107,11 @@ def test_a_run_can_start_from_an_exported_checkpoint(data_dir, tmp_path):
     checkpoint = list_checkpoints(tmp_path / "a")[-1]
     (checkpoint / "eval").mkdir()  # what `seekstack eval` leaves in a checkpoint: not part of the model
     (checkpoint / "eval" / "results.json").write_text("{}")
+    (checkpoint / "distill_state.pt").write_bytes(b"a post-training run's own state: not part of the model either")
     again = runner.invoke(app, ["checkpoint", "export", str(checkpoint), "--out", str(tmp_path / "again")])
     assert again.exit_code == 0, again.output
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.name for p in exported.iterdir())
+    (checkpoint / "distill_state.pt").unlink()
     damaged = tmp_path / "damaged"
     shutil.copytree(checkpoint, damaged)
     with open(damaged / "model.safetensors", "r+b") as weights:
