@@ -100,16 +100,19 @@ class DecodeLinear(nn.Linear):
 
 def pack_for_decode(model: Transformer) -> int:
     """Give a float32 CPU model's output head its decode layout (`DecodeHead`) and its other bias-free linears the
-    weight-first product (`DecodeLinear`); the extra bytes it holds then (the head's W^T copy). Other layers are left
-    as they are: quantized, biased or adapter-wrapped ones keep their own forward, and the layouts' gain is measured
-    on CPU float32 only."""
+    weight-first product (`DecodeLinear`); the extra bytes it holds then (the head's W^T copy). In bfloat16, where the
+    kernels are built, every bias-free linear, the head too, runs its 1-16 rows through `rows_linear` (`DecodeLinear`):
+    it streams half float32's bytes, where the BLAS call at a few bfloat16 rows ran no faster than float32 (`small`,
+    batch 1, one thread, a CPU with avx512_bf16). Other layers are left as they are: quantized, biased or
+    adapter-wrapped ones keep their own forward."""
     extra = 0
     for module in model.modules():
-        if not (type(module) is nn.Linear and module.bias is None):
+        if not (type(module) is nn.Linear and module.bias is None) or module.weight.device.type != "cpu":
             continue
-        if module.weight.device.type != "cpu" or module.weight.dtype != torch.float32:
+        dtype = module.weight.dtype
+        if not (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_kernels.available())):
             continue
-        if module is model.lm_head:
+        if module is model.lm_head and dtype == torch.float32:
             DecodeHead.adapt(module)
             extra = module.weight_t.numel() * module.weight_t.element_size()
         else:

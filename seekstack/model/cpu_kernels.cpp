@@ -1,5 +1,7 @@
-// Kernels for a decode step's few token rows on a CPU, float32 (seekstack/model/cpu_kernels.py says why and when).
-// A few rows are bound by the weight bytes read, not by FLOPs: every weight row is loaded once for all rows.
+// Kernels for a decode step's few token rows on a CPU, float32 or bfloat16 weights (seekstack/model/cpu_kernels.py
+// says why and when). A few rows are bound by the weight bytes read, not by FLOPs: every weight row is loaded once for
+// all rows. bfloat16 weights halve those bytes; each is widened to float32 as it is loaded (its 16 bits are a float32's
+// high half), and the products and sums are float32.
 // Shapes: N tokens, K experts per token, P = N*K (token, expert) pairs, E experts, D hidden, I expert width.
 
 #include <ATen/Parallel.h>
@@ -9,6 +11,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -19,9 +23,27 @@ namespace {
 
 constexpr int64_t kRowsPerLoad = 4;  // token rows that share each load of a weight row (8 measured no faster)
 
+using bf16_bits = uint16_t;  // a bfloat16 weight as stored
+
+inline float widened(float w) { return w; }
+inline float widened(bf16_bits w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const bf16_bits* w) {
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+#endif
+
 // outputs[r][j] = dot(weight_row, inputs[r]) for R rows; R a constant, so that the accumulators stay in registers.
-template <int R>
-inline void dot_rows(const float* weight_row, int64_t in_features, const float* const* inputs, float* const* outputs,
+template <int R, typename W>
+inline void dot_rows(const W* weight_row, int64_t in_features, const float* const* inputs, float* const* outputs,
                      int64_t j) {
   float sums[R] = {};
   int64_t d = 0;
@@ -29,7 +51,7 @@ inline void dot_rows(const float* weight_row, int64_t in_features, const float* 
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (; d + 8 <= in_features; d += 8) {
-    const __m256 w = _mm256_loadu_ps(weight_row + d);
+    const __m256 w = load8(weight_row + d);
     for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(inputs[r] + d), acc[r]);
   }
   for (int r = 0; r < R; ++r) {
@@ -39,24 +61,25 @@ inline void dot_rows(const float* weight_row, int64_t in_features, const float* 
   }
 #endif
   for (int r = 0; r < R; ++r) {
-    for (int64_t tail = d; tail < in_features; ++tail) sums[r] += weight_row[tail] * inputs[r][tail];
+    for (int64_t tail = d; tail < in_features; ++tail) sums[r] += widened(weight_row[tail]) * inputs[r][tail];
     outputs[r][j] = sums[r];
   }
 }
 
 // outputs[r][j] = dot(weight[j, :], inputs[r]) for first <= j < last, r < rows; weight is (out_features, in_features).
 // Each weight row is read from memory once: the row blocks after the first find it in L1.
-void rows_times_weight_rows(const float* weight, int64_t first, int64_t last, int64_t in_features,
+template <typename W>
+void rows_times_weight_rows(const W* weight, int64_t first, int64_t last, int64_t in_features,
                             const float* const* inputs, float* const* outputs, int64_t rows) {
   for (int64_t j = first; j < last; ++j) {
-    const float* weight_row = weight + j * in_features;
+    const W* weight_row = weight + j * in_features;
     int64_t row = 0;
     for (; row + kRowsPerLoad <= rows; row += kRowsPerLoad)
-      dot_rows<kRowsPerLoad>(weight_row, in_features, inputs + row, outputs + row, j);
+      dot_rows<kRowsPerLoad, W>(weight_row, in_features, inputs + row, outputs + row, j);
     switch (rows - row) {
-      case 3: dot_rows<3>(weight_row, in_features, inputs + row, outputs + row, j); break;
-      case 2: dot_rows<2>(weight_row, in_features, inputs + row, outputs + row, j); break;
-      case 1: dot_rows<1>(weight_row, in_features, inputs + row, outputs + row, j); break;
+      case 3: dot_rows<3, W>(weight_row, in_features, inputs + row, outputs + row, j); break;
+      case 2: dot_rows<2, W>(weight_row, in_features, inputs + row, outputs + row, j); break;
+      case 1: dot_rows<1, W>(weight_row, in_features, inputs + row, outputs + row, j); break;
       default: break;
     }
   }
@@ -68,12 +91,12 @@ constexpr int kStreamRows = 2;  // token rows per pass over those weight rows
 // outputs[r][j + s * part] = dot(weight[j + s * part, :], inputs[r]) for s < kStreams: one load of each token row
 // serves kStreams weight rows, each from its own part of W, so that kStreams sequential streams are in flight
 // (one core reads several streams faster than one: 1 / 2 / 4 streams 5.0 / 7.7 / 9.8 GB/s on a Zen 3).
-template <int R>
-inline void dot_streams(const float* weight, int64_t part, int64_t in_features, const float* const* inputs,
+template <int R, typename W>
+inline void dot_streams(const W* weight, int64_t part, int64_t in_features, const float* const* inputs,
                         float* const* outputs, int64_t j) {
   float sums[kStreams][R] = {};
   int64_t d = 0;
-  const float* w[kStreams];
+  const W* w[kStreams];
   for (int s = 0; s < kStreams; ++s) w[s] = weight + (j + s * part) * in_features;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc[kStreams][R];
@@ -83,7 +106,7 @@ inline void dot_streams(const float* weight, int64_t part, int64_t in_features, 
     __m256 xs[R];
     for (int r = 0; r < R; ++r) xs[r] = _mm256_loadu_ps(inputs[r] + d);
     for (int s = 0; s < kStreams; ++s) {
-      const __m256 ws = _mm256_loadu_ps(w[s] + d);
+      const __m256 ws = load8(w[s] + d);
       for (int r = 0; r < R; ++r) acc[s][r] = _mm256_fmadd_ps(ws, xs[r], acc[s][r]);
     }
   }
@@ -96,60 +119,76 @@ inline void dot_streams(const float* weight, int64_t part, int64_t in_features, 
 #endif
   for (int s = 0; s < kStreams; ++s)
     for (int r = 0; r < R; ++r) {
-      for (int64_t tail = d; tail < in_features; ++tail) sums[s][r] += w[s][tail] * inputs[r][tail];
+      for (int64_t tail = d; tail < in_features; ++tail) sums[s][r] += widened(w[s][tail]) * inputs[r][tail];
       outputs[r][j + s * part] = sums[s][r];
     }
 }
 
 // outputs[r][j] = dot(weight[j, :], inputs[r]) for j < out_features, r < rows: the weight rows in kStreams equal
 // parts read side by side, the last out_features % kStreams rows alone.
-void rows_times_weight(const float* weight, int64_t out_features, int64_t in_features, const float* const* inputs,
+template <typename W>
+void rows_times_weight(const W* weight, int64_t out_features, int64_t in_features, const float* const* inputs,
                        float* const* outputs, int64_t rows) {
   const int64_t part = out_features / kStreams;
   for (int64_t j = 0; j < part; ++j) {
     int64_t row = 0;
     for (; row + kStreamRows <= rows; row += kStreamRows)
-      dot_streams<kStreamRows>(weight, part, in_features, inputs + row, outputs + row, j);
-    if (row < rows) dot_streams<1>(weight, part, in_features, inputs + row, outputs + row, j);
+      dot_streams<kStreamRows, W>(weight, part, in_features, inputs + row, outputs + row, j);
+    if (row < rows) dot_streams<1, W>(weight, part, in_features, inputs + row, outputs + row, j);
   }
   rows_times_weight_rows(weight, part * kStreams, out_features, in_features, inputs, outputs, rows);
 }
 
-void check_float_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2, op,
-              ": x must be 2-D float32 on the CPU");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, op, ": weights must be float32");
+void check_rows(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              op, ": x must be 2-D float32 or bfloat16 on the CPU");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weights must be in x's dtype");
+}
+
+// The weight's elements as stored: float, or the 16 bits of each bfloat16.
+template <typename W>
+const W* weight_data(const at::Tensor& weight) {
+  return reinterpret_cast<const W*>(weight.const_data_ptr());
 }
 
 constexpr int64_t kMostRows = 16;  // measured up to here (cpu_kernels.MAX_TOKENS); more rows go to the BLAS call
 
-// y = x W^T for W (out, in): output rows split over threads.
-at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight) {
-  check_float_rows(x, weight, "rows_linear");
-  if (x.size(0) > kMostRows) return at::linear(x, weight);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "rows_linear: weight ", weight.sizes(),
-              " does not take rows of ", x.size(1));
-  const at::Tensor x_c = x.contiguous(), weight_c = weight.contiguous();
-  const int64_t N = x_c.size(0), in_features = x_c.size(1), out_features = weight_c.size(0);
-  at::Tensor y = at::empty({N, out_features}, x.options());
+// y = x W^T for W (out, in) of element type W: output rows split over threads; x and y float32.
+template <typename W>
+void rows_linear_into(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y) {
+  const int64_t N = x.size(0), in_features = x.size(1), out_features = weight.size(0);
   std::vector<const float*> inputs(N);
-  for (int64_t r = 0; r < N; ++r) inputs[r] = x_c.data_ptr<float>() + r * in_features;
-  const float* w = weight_c.data_ptr<float>();
+  for (int64_t r = 0; r < N; ++r) inputs[r] = x.data_ptr<float>() + r * in_features;
+  const W* w = weight_data<W>(weight);
   float* y_data = y.data_ptr<float>();
   at::parallel_for(0, out_features, 256, [&](int64_t begin, int64_t end) {
     std::vector<float*> outputs(N);
     for (int64_t r = 0; r < N; ++r) outputs[r] = y_data + r * out_features + begin;
     rows_times_weight(w + begin * in_features, end - begin, in_features, inputs.data(), outputs.data(), N);
   });
-  return y;
+}
+
+// y = x W^T for W (out, in), in x's dtype (float32 or bfloat16; bfloat16 rows are widened first, y rounded last).
+at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& weight) {
+  check_rows(x, weight, "rows_linear");
+  if (x.size(0) > kMostRows) return at::linear(x, weight);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "rows_linear: weight ", weight.sizes(),
+              " does not take rows of ", x.size(1));
+  const at::Tensor x_c = x.to(at::kFloat).contiguous(), weight_c = weight.contiguous();
+  at::Tensor y = at::empty({x_c.size(0), weight_c.size(0)}, x_c.options());
+  if (weight_c.scalar_type() == at::kBFloat16)
+    rows_linear_into<bf16_bits>(x_c, weight_c, y);
+  else
+    rows_linear_into<float>(x_c, weight_c, y);
+  return y.to(x.scalar_type());
 }
 
 // y_t = sum_k g_{t,k} W_down[e_{t,k}] (SiLU(W_gate[e] x_t) * W_up[e] x_t), DeepSeek-V3 eq. 12-13: the pairs grouped
 // by expert, each chosen expert's weights read once for all of its tokens.
-at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
-                           const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
-  check_float_rows(x, gate_up_proj, "grouped_experts");
-  check_float_rows(x, down_proj, "grouped_experts");
+template <typename W>
+at::Tensor grouped_experts_of(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                              const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
   TORCH_CHECK(experts.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
               "grouped_experts: experts must be int64, weights float32");
   const int64_t N = x.size(0), D = x.size(1), K = experts.size(1), E = gate_up_proj.size(0);
@@ -158,13 +197,14 @@ at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const
   TORCH_CHECK(gate_up_proj.size(1) == 2 * I && gate_up_proj.size(2) == D && down_proj.size(0) == E &&
                   down_proj.size(1) == D,
               "grouped_experts: expert weight shapes do not match x");
-  const at::Tensor x_c = x.contiguous(), experts_c = experts.contiguous(), weights_c = weights.contiguous();
+  const at::Tensor x_c = x.to(at::kFloat).contiguous(), experts_c = experts.contiguous();
+  const at::Tensor weights_c = weights.contiguous();
   const at::Tensor gate_up_c = gate_up_proj.contiguous(), down_c = down_proj.contiguous();
   const float* x_data = x_c.data_ptr<float>();
   const int64_t* expert_of = experts_c.data_ptr<int64_t>();
   const float* gate_of = weights_c.data_ptr<float>();
-  const float* gate_up = gate_up_c.data_ptr<float>();
-  const float* down = down_c.data_ptr<float>();
+  const W* gate_up = weight_data<W>(gate_up_c);
+  const W* down = weight_data<W>(down_c);
   const int64_t P = N * K;
 
   // Counting sort of the pairs by expert: pairs_of[first[e] .. first[e + 1]) are expert e's.
@@ -204,7 +244,7 @@ at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const
     }
   });
 
-  at::Tensor y = at::empty({N, D}, x.options());
+  at::Tensor y = at::empty({N, D}, x_c.options());
   float* y_data = y.data_ptr<float>();
   for (int64_t t = 0; t < N; ++t) {  // each token's K pair outputs summed in routing order: deterministic
     float* out = y_data + t * D;
@@ -213,7 +253,16 @@ at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const
     for (int64_t k = 1; k < K; ++k)
       for (int64_t d = 0; d < D; ++d) out[d] += pair[k * D + d];
   }
-  return y;
+  return y.to(x.scalar_type());
+}
+
+at::Tensor grouped_experts(const at::Tensor& x, const at::Tensor& experts, const at::Tensor& weights,
+                           const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+  check_rows(x, gate_up_proj, "grouped_experts");
+  check_rows(x, down_proj, "grouped_experts");
+  if (gate_up_proj.scalar_type() == at::kBFloat16)
+    return grouped_experts_of<bf16_bits>(x, experts, weights, gate_up_proj, down_proj);
+  return grouped_experts_of<float>(x, experts, weights, gate_up_proj, down_proj);
 }
 
 }  // namespace

@@ -150,23 +150,23 @@ class RoutedExperts(nn.Module):
         """The same sum with no data-dependent shape, for compiled inference (the engine's decode step).
 
         `forward` splits tokens by expert counts it reads back from the device, which torch.compile cannot
-        trace as one graph; the paths here can. In float32 on a CPU a C++ kernel groups the pairs by
-        expert and reads each chosen expert once (`forward_kernel`). Otherwise each (token, expert) pair gathering its
-        expert's weights (`forward_pairs`) suits few tokens; every expert on every token (`forward_dense`) reads each
-        expert once but does E/K times the FLOPs, which pays only where the matmul has FLOPs to spare: bfloat16 with
-        at least `DENSE_MIN_PAIRS_PER_EXPERT` pairs per expert. The choice is by shape and dtype only, so a compiled
+        trace as one graph; the paths here can. Every expert on every token (`forward_dense`) reads each expert once
+        but does E/K times the FLOPs, which pays only where the matmul has FLOPs to spare: bfloat16 with at least
+        `DENSE_MIN_PAIRS_PER_EXPERT` pairs per expert. Below that, on a CPU, a C++ kernel groups the pairs by expert
+        and reads each chosen expert once (`forward_kernel`, float32 or bfloat16); else each (token, expert) pair
+        gathers its expert's weights (`forward_pairs`). The choice is by shape and dtype only, so a compiled
         graph holds one path and recompiles when a batch crosses over.
         """
-        if self._kernel_takes(x, eager=False):
-            return self.forward_kernel(x, routing)
         pairs, num_experts = routing.experts.numel(), routing.scores.shape[1]
         if x.dtype == torch.bfloat16 and pairs >= DENSE_MIN_PAIRS_PER_EXPERT * num_experts:
             return self.forward_dense(x, routing)
+        if self._kernel_takes(x, eager=False):
+            return self.forward_kernel(x, routing)
         return self.forward_pairs(x, routing)
 
     def forward_kernel(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """The pairs grouped by expert in a C++ kernel (seekstack.model.cpu_kernels): each chosen expert's weights
-        read once, for float32 on a CPU."""
+        read once, for float32 or bfloat16 on a CPU."""
         combined = cpu_kernels.grouped_experts(x, routing.experts, routing.weights, self.gate_up_proj, self.down_proj)
         return combined, _expert_load(routing)
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer import Engine, SamplingParams
-from seekstack.infer.packed import WEIGHT_FIRST_MAX_ROWS, DecodeHead, DecodeLinear
+from seekstack.infer.packed import WEIGHT_FIRST_MAX_ROWS, DecodeHead, DecodeLinear, pack_for_decode
 from seekstack.model import cpu_kernels
-from tests.infer.support import VOCAB, model_dir
+from tests.infer.support import VOCAB, micro_model, model_dir
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
 
@@ -51,6 +51,20 @@ def test_rows_linear_kernel_gives_the_linear_products(rows, threads, outputs):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+def test_rows_linear_kernel_takes_bfloat16_weights_and_rows(rows):
+    """bfloat16 in, bfloat16 out: the weights widened as they are read, the sums in float32, rounded once at the end
+    (258 outputs: 4 streams and 2 rows left over; 37 columns: a tail past the 8-value vectors)."""
+    assert cpu_kernels.available()
+    x, weight = torch.randn(rows, 37, dtype=torch.bfloat16), torch.randn(258, 37, dtype=torch.bfloat16)
+    out = cpu_kernels.rows_linear(x, weight)
+    exact = F.linear(x.float(), weight.float())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, exact.to(torch.bfloat16), rtol=1e-2, atol=1e-2)  # one rounding of the float sum
+    with pytest.raises(RuntimeError, match="weights must be in x's dtype"):
+        cpu_kernels.rows_linear(x, weight.float())
 
 
 def test_rows_linear_kernel_refuses_a_weight_of_another_width_by_its_shape():
@@ -136,3 +150,16 @@ def test_a_compiled_engine_reads_the_weights_changed_in_place_after_reset_prefix
     expected = [completion.token_ids for completion in reference.generate(batch, GREEDY)]
     assert expected != before
     assert [completion.token_ids for completion in compiled.generate(batch, GREEDY)] == expected
+
+
+def test_a_bfloat16_model_runs_every_linear_and_its_head_through_the_kernel_with_the_same_logits():
+    assert cpu_kernels.available()
+    model = micro_model().to(torch.bfloat16)
+    plain = micro_model().to(torch.bfloat16)
+    assert pack_for_decode(model) == 0  # no W^T copy: the kernel reads W itself
+    packed = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+    assert model.lm_head in packed and not any(isinstance(m, DecodeHead) for m in model.modules())
+    tokens = torch.randint(5, VOCAB, (1, 6))
+    with torch.no_grad():
+        expected, got = plain(tokens).logits.float(), model(tokens).logits.float()
+    assert (got - expected).abs().max().item() < 0.05 * expected.abs().max().item()  # bfloat16 roundings apart

@@ -92,7 +92,7 @@ def test_each_compiled_inference_path_gives_the_grouped_dispatch_per_token(path,
 @pytest.mark.parametrize(
     "dtype, tokens, expected_path",
     [
-        (torch.bfloat16, 31, "forward_pairs"),
+        (torch.bfloat16, 31, "forward_kernel"),
         (torch.bfloat16, 32, "forward_dense"),
         (torch.float32, 1, "forward_kernel"),
         (torch.float32, 64, "forward_kernel"),
@@ -131,6 +131,19 @@ def test_grouped_experts_kernel_gives_the_per_token_loop(tokens, hidden, expert_
         _, pairs_load = moe.experts.forward_pairs(flat, routing)
     assert (routed - expected).abs().max().item() < 1e-5
     assert load.tolist() == pairs_load.tolist()
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+def test_grouped_experts_kernel_takes_bfloat16_experts(tokens):
+    assert cpu_kernels.available()
+    moe = make_moe(hidden_size=36, moe_intermediate_size=6).eval().to(torch.bfloat16)  # widths off the 8-value vectors
+    flat = torch.randn(tokens, 36, dtype=torch.bfloat16)
+    with torch.no_grad():
+        routing = moe.gate(flat)
+        routed, load = moe.experts.forward_kernel(flat, routing)
+        expected, pairs_load = moe.experts.forward_pairs(flat, routing)
+    assert routed.dtype == torch.bfloat16 and load.tolist() == pairs_load.tolist()
+    assert (routed.float() - expected.float()).abs().max().item() < 2e-2 * expected.float().abs().max().item()
 
 
 def test_grouped_experts_kernel_with_every_token_on_the_same_experts_and_most_experts_idle():
