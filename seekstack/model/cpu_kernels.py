@@ -16,10 +16,10 @@ more reads in flight over several streams than over one (a plain sum over 128 MB
 Compiled decode steps (1-16 rows) and eager inference of up to 16 tokens run them, on float32 weights or bfloat16
 ones (widened to float32 as they are read, float32 sums: half the bytes, where a BLAS call at a few bfloat16 rows ran
 no faster than float32). A CPU with avx512_bf16, where `dtype auto` is bfloat16, `bench/decode.py --preset small
---threads 1`: decode 203 -> 255 tok/s at batch 1, 389 -> 611 at 8 (compiled), 60 -> 110 at batch 1 eager. `bench/decode_options.py --preset
-small --rows N --options '{}' '{"cpu_kernels": false}'` (compiled engines alternating in one process, same greedy
-tokens): decode +18% at 1 row, +81% at 8 (under load; before the 4 streams: +21% / +23% / +51% at 2 / 8 / 16 rows and
-1-row steps left to inductor's loops).
+--threads 1`: decode 203 -> 255 tok/s at batch 1, 389 -> 611 at 8 (compiled), 60 -> 110 at batch 1 eager.
+Float32, `bench/decode_options.py --preset small --rows N --options '{}' '{"cpu_kernels": false}'` (compiled engines
+alternating in one process, same greedy tokens): decode +18% at 1 row, +81% at 8 (under load; before the 4 streams:
++21% / +23% / +51% at 2 / 8 / 16 rows and 1-row steps left to inductor's loops).
 
 They are built for this CPU on first use (torch.utils.cpp_extension, cached under TORCH_EXTENSIONS_DIR, ~15 s) and
 registered as `torch.ops.seekstack.*`, ops that compiled steps call like any other. Where no C++ compiler is found
