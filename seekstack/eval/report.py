@@ -15,6 +15,7 @@ from typing import Any
 
 from seekstack import accounting
 from seekstack.checkpoint import read_config
+from seekstack.config import ModelConfig
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.plot import plot_run, read_metrics
 from seekstack.train.state import latest_checkpoint
@@ -36,7 +37,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
         f"files; newest checkpoint `{checkpoint}`.",
         _environment(),
         _data(run_dir, train_config),
-        _model(checkpoint, train_config),
+        _model(checkpoint, train_config, records),
         _training(run_dir, out_dir, records),
         _evaluation(run_dir),
     ]
@@ -72,9 +73,34 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _reads_token_shards(train_config: dict[str, Any]) -> bool:
+    """Whether the run trained on `data_dir`'s shards (rows seq_len long) rather than a task's prompts (`rl`) or
+    conversations (`sft`, `distill data=`/`task=`), which leave data_dir and seq_len at unused defaults."""
+    is_rl = "num_generations" in train_config
+    return (
+        bool(train_config.get("data_dir")) and not is_rl and not (train_config.get("data") or train_config.get("task"))
+    )
+
+
 def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
-    if not train_config.get("data_dir"):
-        return ""
+    teacher = f"\n\nTeacher: `{(run_dir / train_config['teacher']).resolve()}`." if train_config.get("teacher") else ""
+    if not _reads_token_shards(train_config):
+        return f"## Data\n\n{_task_data(run_dir, train_config)}{teacher}" if train_config else ""
+    return _shard_data(run_dir, train_config) + teacher
+
+
+def _task_data(run_dir: Path, train_config: dict[str, Any]) -> str:
+    """What a run that read no token shards trained on: a task's prompts (`rl`) or conversations."""
+    difficulty = train_config.get("difficulty")
+    task = f"task `{train_config['task']}` ({f'difficulty {difficulty}' if difficulty else 'default difficulty'})"
+    if "num_generations" in train_config:
+        return f"Prompts of {task}, {train_config['num_generations']} completions each sampled from the policy."
+    if train_config.get("data"):
+        return f"Conversations from `{(run_dir / train_config['data']).resolve()}`."
+    return f"{train_config.get('examples', 0):,} generated conversations of {task}."
+
+
+def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     data_dir = (run_dir / train_config["data_dir"]).resolve()
     rows, tokenizer, corpus_report = [], None, None
     for index_path in sorted(data_dir.glob("*_index.json")):
@@ -106,27 +132,62 @@ def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
     return text
 
 
-def _model(checkpoint: Path, train_config: dict[str, Any]) -> str:
-    config = read_config(checkpoint)
+def _model(checkpoint: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    config = read_config(checkpoint)  # the checkpoint's own config.json: the model the run really has
     main = accounting.main_parameters(config)
-    seq_len = train_config.get("seq_len", 256)
-    per_token = accounting.training_flops_per_token(config, seq_len)
+    mtp_depths = config.num_nextn_predict_layers
     last_step = int(checkpoint.name.removeprefix("step_"))  # the checkpoint's step: the model this page describes
-    tokens = last_step * train_config.get("batch_size", 0) * train_config.get("grad_accum_steps", 1) * seq_len
+    tokens = _tokens_trained(records, last_step)
     cache = accounting.kv_cache_bytes_per_token(config)
+    origin = f"from `{train_config['init_from']}`" if train_config.get("init_from") else train_config.get("model", "-")
     rows = [
-        ("preset / layers", f"{train_config.get('model', '-')} / {config.num_hidden_layers}"),
+        ("preset / layers", f"{origin} / {config.num_hidden_layers}"),
         ("parameters (main model)", f"{main.total:,}"),
         ("activated per token", f"{main.activated:,}"),
-        ("MTP module parameters", f"{accounting.mtp_parameters(config).total:,}"),
-        ("routed experts", f"{config.n_routed_experts} ({config.num_experts_per_tok} per token)"),
-        (f"forward FLOPs per token (context {seq_len})", f"{accounting.forward_flops_per_token(config, seq_len):,}"),
-        ("training FLOPs per token (with MTP)", f"{per_token:,}"),
-        ("tokens trained", f"{tokens:,} ({last_step} steps)"),
-        ("training compute", f"{per_token * tokens:.3e} FLOP"),
-        ("KV cache per token (bf16)", f"{cache.latent:,} B latent vs {cache.mha:,} B plain MHA ({cache.ratio:.1f}x)"),
+        ("routed experts", _routed_experts(config)),
     ]
+    if mtp_depths:
+        rows.append(("MTP module parameters", f"{accounting.mtp_parameters(config).total:,}"))
+    per_token = None
+    if _reads_token_shards(train_config):  # rows of seq_len tokens: the FLOPs per token are exact
+        seq_len = train_config.get("seq_len", 256)
+        per_token = accounting.training_flops_per_token(config, seq_len)
+        rows += [
+            (
+                f"forward FLOPs per token (context {seq_len})",
+                f"{accounting.forward_flops_per_token(config, seq_len):,}",
+            ),
+            ("training FLOPs per token" + (" (with MTP)" if mtp_depths else ""), f"{per_token:,}"),
+        ]
+    if tokens is not None:
+        rows.append(("tokens trained", f"{tokens:,} ({last_step} steps)"))
+        if per_token is not None:
+            rows.append(("training compute", f"{per_token * tokens:.3e} FLOP"))
+    rows.append(
+        ("KV cache per token (bf16)", f"{cache.latent:,} B latent vs {cache.mha:,} B plain MHA ({cache.ratio:.1f}x)")
+    )
     return "## Model\n\n" + _table(("", ""), rows)
+
+
+def _routed_experts(config: ModelConfig) -> str:
+    moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
+    if not moe_layers:
+        return "none (a dense FFN in every layer)"
+    return (
+        f"{config.n_routed_experts} ({config.num_experts_per_tok} per token) in {moe_layers} of "
+        f"{config.num_hidden_layers} layers"
+    )
+
+
+def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> int | None:
+    """The token positions trained up to `last_step`, as metrics.jsonl logged them (tokens/s x step time, padding
+    included); None when the log misses a step (a resumed run re-logs steps: the later record counts)."""
+    per_step = {
+        r["step"]: round(r["tokens_per_s"] * r["step_s"])
+        for r in records
+        if "tokens_per_s" in r and "step_s" in r and r["step"] <= last_step
+    }
+    return sum(per_step.values()) if len(per_step) == last_step else None
 
 
 def _training(run_dir: Path, out_dir: Path, records: list[dict[str, Any]]) -> str:

@@ -82,6 +82,15 @@ def test_explain_through_the_command_line_writes_the_page_and_routing_statistics
     assert record["tokens"] == 512 and len(record["load"]) == 4
 
 
+def test_explain_out_on_a_file_names_it_and_says_out_is_a_folder_before_loading_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "maps"):
+        result = CliRunner().invoke(app, ["explain", str(tmp_path / "no_model"), "x", "--out", str(out)])
+        assert result.exit_code == 1 and "Errno" not in result.output
+        assert f"{tmp_path / 'notes.txt'} is a file; --out is the folder explain writes" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_results_are_written_beside_the_name_given_whatever_dots_it_holds(tmp_path):
     from seekstack.eval.evaluate import write_results
 
@@ -99,3 +108,38 @@ def test_reports_data_section_says_when_the_runs_shards_are_gone(tmp_path):
 
     section = _data(tmp_path / "run", {"data_dir": "../tokens"})  # as train_config.json holds it: from the run
     assert f"Token shards `{tmp_path / 'tokens'}`: no *_index.json there" in section and "| split |" not in section
+
+
+def _step_checkpoint(root: Path, step: int, **fields) -> Path:
+    """A checkpoint folder holding only config.json: the tiny preset with `fields` changed."""
+    from seekstack.config import preset
+
+    path = root / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(preset("tiny", **fields).to_dict()))
+    return path
+
+
+def test_report_of_an_rl_run_names_its_task_and_the_tokens_it_logged_not_unused_shards(tmp_path):
+    from seekstack.eval.report import _data, _model
+
+    rl_config = {"data_dir": "../data/shards", "seq_len": 256, "batch_size": 2, "init_from": "../base/step_20",
+                 "task": "addition", "difficulty": 3, "num_generations": 4}  # fmt: skip
+    data = _data(tmp_path, rl_config)
+    assert "Prompts of task `addition` (difficulty 3), 4 completions each" in data and "shards" not in data
+    records = [{"step": 1, "tokens_per_s": 100.0, "step_s": 3.0}, {"step": 2, "tokens_per_s": 50.0, "step_s": 2.0}]
+    model = _model(_step_checkpoint(tmp_path, 2), rl_config, records)
+    assert "| tokens trained | 400 (2 steps) |" in model  # 300 + 100 logged, not 2 x 256 x 2
+    assert "FLOP" not in model.replace("FLOPs per token", "") and "from `../base/step_20`" in model
+    assert "tokens trained" not in _model(tmp_path / "checkpoints" / "step_2", rl_config, records[1:])  # a gap
+
+
+def test_report_of_a_dense_student_without_mtp_claims_no_experts_and_no_mtp(tmp_path):
+    from seekstack.eval.report import _model
+
+    student = _step_checkpoint(tmp_path, 1, first_k_dense_replace=4, num_nextn_predict_layers=0)
+    model = _model(student, {"data_dir": "../tokens", "seq_len": 64, "teacher": "../teacher"}, [])
+    assert "| routed experts | none (a dense FFN in every layer) |" in model
+    assert "MTP" not in model and "| training FLOPs per token |" in model and "tokens trained" not in model
+    moe = _model(_step_checkpoint(tmp_path / "moe", 1), {"data_dir": "../tokens", "seq_len": 64}, [])
+    assert "| routed experts | 8 (2 per token) in 3 of 4 layers |" in moe and "(with MTP)" in moe
