@@ -115,7 +115,7 @@ def quantize_command(
             f"KL {stage['mean_kl']:.5f}  top-1 {stage['top1_agreement']:.2%}  {verdict}"
         )
     for layer in report.get("layers", []):
-        kl = "  ".join(f"{option} {value:.2e}" for option, value in layer["kl"].items())
+        kl = "  ".join(f"{option} {value:.4g}" for option, value in layer["kl"].items())
         typer.echo(f"{layer['name']:<40} {layer['choice']:<9} KL, the rest int4 g32: {kl}")
     if "average_bits" in report:
         typer.echo(f"average {report['average_bits']:.3f} bits per weight (budget {budget_bits})")
@@ -202,6 +202,7 @@ def prune_command(
     from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 
     with user_errors():
+        _refuse_quantized(model)
         network = load_pretrained(model, dequantize=True).eval()
         batches = held_out_batches(str(data), batches=calibration_batches, split="train")
         removed = prune_experts(network, gate_mass(network, batches), experts) if experts else {}
@@ -217,6 +218,17 @@ def prune_command(
         typer.echo(f"{layer}: removed {'heads' if layer.endswith('self_attn') else 'experts'} {ids}")
     before, after = checkpoint_bytes(model), checkpoint_bytes(out)
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
+
+
+def _refuse_quantized(model: Path) -> None:
+    """Pruning works on float weights: a quantized input would be written back dequantized, larger than it came."""
+    from seekstack.checkpoint import read_config
+
+    if "quantization_config" in read_config(model).extra:
+        raise ValueError(
+            f"{model} is quantized (its config.json has a quantization_config); prune the float checkpoint it was "
+            "made from, then quantize the pruned one (`seekstack quantize PRUNED --out ...`)"
+        )
 
 
 def register(app: typer.Typer) -> None:

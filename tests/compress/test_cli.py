@@ -72,6 +72,17 @@ def test_prune_command_removes_heads_and_experts_and_healing_lowers_the_loss(tmp
         assert healed(batch, labels=batch).lm_loss < model(batch, labels=batch).lm_loss - 0.05
 
 
+def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_first(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    runner = CliRunner()
+    assert runner.invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "int8")]).exit_code == 0
+    result = runner.invoke(
+        app, ["prune", str(tmp_path / "int8"), "--data", str(tmp_path / "no_shards"), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert f"{tmp_path / 'int8'} is quantized" in result.output and "prune the float checkpoint" in result.output
+
+
 def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
     model = model_for_tests()
     assert len(model.mtp) > 0  # the MTP module's copy of the head was what failed
@@ -107,3 +118,20 @@ def test_quantize_refuses_bad_tolerances_and_budgets_and_adaptive_with_fixed_sch
     result = CliRunner().invoke(app, [*base[:4], "--scheme", "int8", "--group-size", "64"])
     assert result.exit_code == 1 and "--group-size 64 applies to int4 (the scheme is int8)" in result.output
     assert not (tmp_path / "q").exists()
+
+
+def test_adaptive_text_output_prints_kl_options_with_digits_enough_to_tell_them_apart(tmp_path, monkeypatch):
+    import seekstack.cli.compress as compress
+
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    kl = {"int4-g128": 1.0841e-3, "int4-g64": 1.0812e-3, "int4-g32": 1.0796e-3, "int8": 1.0773e-3}
+
+    def measured(model, out, data, budget_bits):  # the calibration's result, without its minute of CPU
+        seekstack.save_pretrained(model_for_tests(), out)
+        return {"layers": [{"name": "layers.0.mlp.down_proj", "choice": "int8", "kl": kl, "bits": 8.0}],
+                "average_bits": 4.5, "assignment": {}}  # fmt: skip
+
+    monkeypatch.setattr(compress, "_adaptive", measured)
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--adaptive"])
+    assert result.exit_code == 0, result.output
+    assert "int4-g128 0.001084  int4-g64 0.001081  int4-g32 0.00108  int8 0.001077" in result.output
