@@ -169,6 +169,8 @@ def parse_budgets(text: str) -> dict[str, int]:
         device, _, amount = entry.partition("=")
         if not amount or device == DISK:
             raise ValueError(f"memory entry {entry!r}: expected device=size, e.g. cuda:0=80GiB (disk needs no size)")
+        if device in budgets:  # the later budget would silently replace the first
+            raise ValueError(f"memory entry {entry!r}: {device} named twice; give each device one budget")
         budgets[device] = parse_bytes(amount)
     return budgets
 

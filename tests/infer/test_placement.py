@@ -141,6 +141,17 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     assert bad.exit_code == 1 and "size 'lots'" in bad.output
 
 
+def test_a_device_given_two_budgets_is_refused_naming_it():
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=1MiB, cuda:0=1GiB,cpu=100GiB"])
+    assert result.exit_code == 1 and "cpu named twice" in result.output and "--device-map" not in result.output
+    with pytest.raises(ValueError, match="'cpu=2GiB': cpu named twice"):
+        parse_budgets("cpu=1MiB,cpu=2GiB")  # --device-map auto:... in generate, chat and serve too
+
+
 def test_disk_parts_already_memory_mapped_from_the_checkpoint_are_used_in_place(tmp_path):
     directory = tmp_path / "model"
     seekstack.save_pretrained(micro_model(), directory, stacked_experts=True)
