@@ -183,6 +183,16 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"field {key!r}: {text!r} cannot be read ({error})") from None
+    unspaced = _UNSPACED_KEY.search(text) if isinstance(value, dict) else None
+    if unspaced:
+        minutes, seconds = unspaced.groups()
+        base_60 = int(minutes) * 60 + int(seconds)
+        read_as = f"the base-60 number {base_60}" if base_60 in value else "one key"
+        spaced = re.sub(r"(\d):(?=\d)", r"\1: ", text)
+        raise ConfigError(
+            f"field {key!r}: {text!r} has no space after a key's colon, so YAML reads {minutes}:{seconds} as "
+            f"{read_as} with no value; write {spaced!r}"
+        )
     if isinstance(value, str):
         value = _number(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
@@ -341,6 +351,10 @@ def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def _is_path_field(name: str) -> bool:
     return name.endswith(("_dir", "_path")) or name in ("tokenizer", "init_from", "data", "teacher", "teacher_cache")
+
+
+# a flow mapping's number key with no space after its colon, `{5:1}`: YAML 1.1 reads `5:1` as 5 * 60 + 1 = 301
+_UNSPACED_KEY = re.compile(r"[{,]\s*(\d+):(\d+)\b")
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -64,6 +64,7 @@ def explain_command(
     with user_errors():
         if text is None and corpus is None:
             raise ValueError("give a TEXT to explain, --corpus for routing statistics, or both")
+        _require_folder_path(out)
         path = checkpoint_or_latest(model)
         network, tokenizer = load_pretrained(path).eval(), Tokenizer.from_file(path)
         if text is not None:
@@ -81,6 +82,16 @@ def explain_command(
                     f"consecutive tokens share an expert {record['consecutive_share']:.1%} "
                     f"(random pairs {record['chance_share']:.1%})"
                 )
+
+
+def _require_folder_path(out: Path) -> None:
+    """Fail before any model work when --out, the folder explain writes into, is a file or lies under one."""
+    blocking = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(
+            f"--out {out}: {blocking} is a file; --out is the folder explain writes its PNGs, explain.html and "
+            "routing_stats.json into (new or existing), e.g. --out explain"
+        )
 
 
 def report_command(

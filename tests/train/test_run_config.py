@@ -40,6 +40,20 @@ def test_nested_override_of_an_unknown_model_field_names_it_and_the_known_ones()
         load_train_config(None, ["model.hidden_size=0"])
 
 
+def test_a_mapping_override_without_a_space_after_the_colon_shows_the_text_and_the_spaced_form() -> None:
+    from seekstack.distill.config import DistillConfig
+    from seekstack.schema import load_config
+
+    with pytest.raises(ConfigError, match=r"'\{5:1\}' .* reads 5:1 as the base-60 number 301 .* write '\{5: 1\}'"):
+        load_config(DistillConfig, None, ["feature_layers={5:1}"])
+    with pytest.raises(ConfigError, match=r"reads 6:2 as the base-60 number 362 .* write '\{5: 1, 6: 2\}'"):
+        load_config(DistillConfig, None, ["feature_layers={5: 1, 6:2}"])
+    assert load_config(DistillConfig, None, ["feature_layers={5: 1}"]).feature_layers == {5: 1}
+    assert load_config(DistillConfig, None, ['model.rope_scaling={rope_type: "1:2"}']).model_overrides == {
+        "rope_scaling": {"rope_type": "1:2"}
+    }  # a colon inside a quoted value is the user's text, not a key
+
+
 def test_model_overrides_written_in_a_file_are_checked_like_overrides(tmp_path: Path) -> None:
     (tmp_path / "run.yaml").write_text("model_overrides:\n  hidden_sise: 64\n")
     with pytest.raises(ConfigError, match=r"run.yaml: field 'model_overrides': ModelConfig has no field 'hidden_sise'"):
