@@ -11,6 +11,7 @@ never waits for a step to end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -211,7 +212,8 @@ class AsyncEngine:
         for request_ids, report in aborts:
             started = [self.engine.abort(request_id) for request_id in request_ids]
             if report is not None:
-                report.get_loop().call_soon_threadsafe(_settle, report, started)
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile (a server shutting down)
+                    report.get_loop().call_soon_threadsafe(_settle, report, started)
 
     def _deliver(self, outputs: list[RequestOutput], now: float) -> int:
         """Route each output to its request's queue; returns the tokens the step generated."""
