@@ -35,6 +35,8 @@ def test_distinct_draws_hold_each_problem_once_and_a_split_too_small_says_so():
     with pytest.raises(ValueError, match="yielded only 15 distinct heldout problems of 100 asked"):
         sample_problems(one_digit, 100, "heldout", seed=0, distinct=True)
     assert len(sample_problems(one_digit, 100, "heldout", seed=0, distinct=True, up_to=True)) == 15
+    with pytest.raises(ValueError, match="difficulty 0: must be at least 1"):  # was "yielded only 0 problems"
+        make_task("addition", 0)
 
 
 def test_generators_are_seeded():

@@ -19,4 +19,6 @@ def make_task(name: str, difficulty: int | None = None) -> Task:
     """The task called `name` at `difficulty` (its default when None)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks are {', '.join(TASKS)}")
+    if difficulty is not None and difficulty < 1:
+        raise ValueError(f"difficulty {difficulty}: must be at least 1 (digits or numbers of task {name!r})")
     return TASKS[name]() if difficulty is None else TASKS[name](difficulty=difficulty)
