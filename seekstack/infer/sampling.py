@@ -211,9 +211,12 @@ def token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities under the model's raw distribution (as vLLM reports them, before any sampling setting).
 
-    logits (B, V), tokens (B,) -> chosen (B,), top values (B, top_n), top ids (B, top_n).
+    logits (B, V), tokens (B,) -> chosen (B,), top values (B, top_n), top ids (B, top_n). Tied values are listed
+    by id, as argmax picks among them (bfloat16 logits tie often): a greedy token is the first of its top list.
     """
     logprobs = logits.float().log_softmax(dim=-1)
     chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
-    top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (logprobs[:, :0], tokens[:, None][:, :0])
-    return chosen, top_values, top_ids
+    if not top_n:
+        return chosen, logprobs[:, :0], tokens[:, None][:, :0]
+    top_values, top_ids = logprobs.sort(dim=-1, descending=True, stable=True)
+    return chosen, top_values[:, :top_n], top_ids[:, :top_n]

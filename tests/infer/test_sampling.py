@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seekstack.infer.detokenize import TextStream
-from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, SeededUniforms
+from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, SeededUniforms, token_logprobs
 from seekstack.infer.speculative import accept_drafts, verify_drafts
 
 
@@ -57,6 +57,16 @@ def test_a_vanishing_temperature_or_nucleus_decodes_greedily_instead_of_overflow
     logits = torch.randn(2, 50) * 10
     for params in (SamplingParams(temperature=1e-45), SamplingParams(top_p=1e-300), SamplingParams(top_p=1e-46)):
         assert batch_of(params, params).sample(logits).tolist() == logits.argmax(-1).tolist(), params
+
+
+def test_tied_top_logprobs_are_listed_by_id_so_the_greedy_token_comes_first():
+    logits = torch.full((2, 400), -5.0)
+    logits[0, [290, 316, 7]] = torch.tensor([2.0, 2.0, 1.0])  # bfloat16 logits tie: 290 and 316
+    logits[1, [12, 9]] = 3.0
+    greedy = logits.argmax(dim=-1)
+    _, values, ids = token_logprobs(logits, greedy, top_n=3)
+    assert greedy.tolist() == [290, 9] and ids[:, 0].tolist() == [290, 9]
+    assert ids[0].tolist() == [290, 316, 7] and values[0, 0] == values[0, 1] > values[0, 2]
 
 
 def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():
