@@ -485,6 +485,7 @@ class Engine:
         """Count an eager decode step's seconds towards compiling (`compile=None`); say on stderr how long a step
         that compiled a new graph took (inductor keeps the generated code on disk: a later run compiles faster)."""
         graphs, sequences = torch._dynamo.utils.counters["stats"]["unique_graphs"], len(self.running)
+        drafts = min((len(r.drafts) for r in self.running), default=0)  # a graph of its own per draft count
         started = time.perf_counter()
         yield
         seconds = time.perf_counter() - started
@@ -494,7 +495,8 @@ class Engine:
                 self._compile_decode()
         elif torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs:
             self.compile_s += seconds
-            self.notify(f"compiled the decode step for {sequences} sequence(s) in {seconds:.1f} s")
+            verifying = f", verifying {drafts} draft(s)," if self.speculative else ""
+            self.notify(f"compiled the decode step for {sequences} sequence(s){verifying} in {seconds:.1f} s")
 
     def _admit(self) -> None:
         """Move waiting requests to prefilling, first come first served, while the batch has room and the cache
