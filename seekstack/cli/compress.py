@@ -16,6 +16,11 @@ from seekstack.cli.common import size, user_errors
 if TYPE_CHECKING:
     from seekstack.compress.quantize import QuantConfig
 
+# The mode options' defaults; left None on the command line, so that one given without its mode can be refused.
+DEFAULT_BUDGET_BITS = 4.5  # --adaptive
+DEFAULT_MAX_BPB_INCREASE = 0.01  # --progressive
+DEFAULT_MAX_KL = 1.0  # --progressive
+
 
 def quantize_command(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to quantize (float, or quantized: re-quantized)")],
@@ -39,17 +44,20 @@ def quantize_command(
         typer.Option(help="Precision per layer (int4 g128/g64/g32, int8) by sensitivity, within --budget-bits"),
     ] = False,
     budget_bits: Annotated[
-        float | None, typer.Option(help="Adaptive: average bits per weight, scales included (default 4.5)")
+        float | None,
+        typer.Option(help=f"Adaptive: average bits per weight, scales included (default {DEFAULT_BUDGET_BITS})"),
     ] = None,
     data: Annotated[
         Path | None,
         typer.Option(help="Token shards: val split for --progressive's gate, train split to calibrate --adaptive"),
     ] = None,
     max_bpb_increase: Annotated[
-        float | None, typer.Option(help="Progressive: largest relative bits/byte increase (default 0.01)")
+        float | None,
+        typer.Option(help=f"Progressive: largest relative bits/byte increase (default {DEFAULT_MAX_BPB_INCREASE})"),
     ] = None,
     max_kl: Annotated[
-        float | None, typer.Option(help="Progressive: largest mean KL (nats) from the original (default 1.0)")
+        float | None,
+        typer.Option(help=f"Progressive: largest mean KL (nats) from the original (default {DEFAULT_MAX_KL})"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
@@ -77,9 +85,9 @@ def quantize_command(
         for name, (value, applies, where) in mode_options.items():
             if value is not None and not applies:
                 raise ValueError(f"{name} applies to {where} only")
-        budget_bits = 4.5 if budget_bits is None else budget_bits
-        max_bpb_increase = 0.01 if max_bpb_increase is None else max_bpb_increase
-        max_kl = 1.0 if max_kl is None else max_kl
+        budget_bits = DEFAULT_BUDGET_BITS if budget_bits is None else budget_bits
+        max_bpb_increase = DEFAULT_MAX_BPB_INCREASE if max_bpb_increase is None else max_bpb_increase
+        max_kl = DEFAULT_MAX_KL if max_kl is None else max_kl
         for name, value in (("--max-bpb-increase", max_bpb_increase), ("--max-kl", max_kl)):
             if progressive and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} {value}: must be a number >= 0")

@@ -247,13 +247,18 @@ def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
     )
 
 
+def _skipped_counts(report: Report) -> str:
+    """The files not read, by suffix: `.html 3, (no suffix) 1`."""
+    return ", ".join(f"{suffix} {count:,}" for suffix, count in report.skipped_files.items())
+
+
 def _skipped(report: Report) -> str:
     """What the input folders held that was not read, as the end of an error message."""
     if not report.skipped_files:
         return ""
-    counts = ", ".join(f"{suffix} {count:,}" for suffix, count in report.skipped_files.items())
     return (
-        f". The input folders' {sum(report.skipped_files.values()):,} files of other suffixes ({counts}) were not "
+        f". The input folders' {sum(report.skipped_files.values()):,} files of other suffixes "
+        f"({_skipped_counts(report)}) were not "
         f"read; a folder's files are read by suffix: {' '.join(TEXT_SUFFIXES)} (and .gz of them)"
     )
 
@@ -273,8 +278,8 @@ def report_table(report: Report) -> Table:
             example = report.examples.get(reason, [{}])[0]
             table.add_row(f"  removed: {reason}", f"{count:,}", f"{example.get('id', '')} ({example.get('kind')})")
     if report.skipped_files:
-        counts = ", ".join(f"{suffix} {count:,}" for suffix, count in report.skipped_files.items())
-        table.add_row("  not read: other suffixes", f"{sum(report.skipped_files.values()):,} files", counts)
+        files = f"{sum(report.skipped_files.values()):,} files"
+        table.add_row("  not read: other suffixes", files, _skipped_counts(report))
     table.add_row("kept", f"{report.documents_kept:,}", f"{report.bytes_kept / 2**20:.1f} MiB")
     table.add_row("  train / val", f"{report.train_documents:,} / {report.val_documents:,}", "")
     for kind, count in report.pii_replacements.items():

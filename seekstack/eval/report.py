@@ -73,13 +73,16 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _is_rl(train_config: dict[str, Any]) -> bool:
+    """Whether the run is `seekstack rl` (GRPO samples its groups on a task's prompts)."""
+    return "num_generations" in train_config
+
+
 def _reads_token_shards(train_config: dict[str, Any]) -> bool:
     """Whether the run trained on `data_dir`'s shards (rows seq_len long) rather than a task's prompts (`rl`) or
     conversations (`sft`, `distill data=`/`task=`), which leave data_dir and seq_len at unused defaults."""
-    is_rl = "num_generations" in train_config
-    return (
-        bool(train_config.get("data_dir")) and not is_rl and not (train_config.get("data") or train_config.get("task"))
-    )
+    conversations = train_config.get("data") or train_config.get("task")
+    return bool(train_config.get("data_dir")) and not _is_rl(train_config) and not conversations
 
 
 def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
@@ -91,12 +94,12 @@ def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
 
 def _task_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     """What a run that read no token shards trained on: a task's prompts (`rl`) or conversations."""
+    if train_config.get("data") and not _is_rl(train_config):
+        return f"Conversations from `{(run_dir / train_config['data']).resolve()}`."
     difficulty = train_config.get("difficulty")
     task = f"task `{train_config['task']}` ({f'difficulty {difficulty}' if difficulty else 'default difficulty'})"
-    if "num_generations" in train_config:
+    if _is_rl(train_config):
         return f"Prompts of {task}, {train_config['num_generations']} completions each sampled from the policy."
-    if train_config.get("data"):
-        return f"Conversations from `{(run_dir / train_config['data']).resolve()}`."
     return f"{train_config.get('examples', 0):,} generated conversations of {task}."
 
 
