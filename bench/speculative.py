@@ -167,6 +167,14 @@ def main() -> None:
         )  # fmt: skip
     prompts = held_out_prompts(plain, args.prompts * max(args.batches), args.prompt_len)
     decode = "compiled" if args.compile else "eager"
+    groups = {}  # `--prompts` full groups of each batch size while the held-out documents last (one at least)
+    for batch in args.batches:
+        full = [prompts[i : i + batch] for i in range(0, len(prompts) - batch + 1, batch)][: args.prompts]
+        groups[batch] = full or [prompts]
+        if len(full) < args.prompts:
+            print(
+                f"batch {batch}: {len(groups[batch])} group(s) of {len(groups[batch][0])} prompts (too few documents)"
+            )
     print(f"{len(prompts)} held-out prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy,", decode)
     mode = "adaptive" if default.adaptive_drafts else "fixed"
     _, ranking = token_ranking(model_dir, plain.config.vocab_size)
@@ -187,8 +195,7 @@ def main() -> None:
     with torch.inference_mode():
         for batch in args.batches:
             for k, engine in speculative.items():
-                rows = [compare(plain, engine, prompts[i : i + batch], args.new_tokens, args.reps)
-                        for i in range(0, args.prompts * batch, batch)]  # fmt: skip
+                rows = [compare(plain, engine, group, args.new_tokens, args.reps) for group in groups[batch]]
                 plain_rate = statistics.mean(r["plain_tok_s"] for r in rows)
                 speculative_rate = statistics.mean(r["speculative_tok_s"] for r in rows)
                 accept = statistics.mean(r["accept_rate"] for r in rows)

@@ -599,19 +599,25 @@ class Engine:
         """One token per running request, or with speculative decoding the verified draft plus one."""
         batch = list(self.running)
         starts = [len(r.ids) - 1 for r in batch]
-        if not self.speculative:
-            logits, _ = self._forward(batch, [[r.ids[-1]] for r in batch], starts, [1] * len(batch))
-            tokens, logprobs = self._sample(batch, logits[:, 0])
-            for request, token in zip(batch, tokens, strict=True):
-                request.ids.append(token)
-            return self._emit_each(batch, tokens, logprobs)
-        return self._decode_speculative(batch, starts)
+        if self.speculative:
+            drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
+            next_count, fill_cache = self.draft_count.choose([r.draft_checks for r in batch], self._seeded())
+            if drafted or fill_cache:
+                return self._decode_speculative(batch, starts, drafted, next_count, fill_cache)
+            # Drafting is off at this batch size: a step as an engine without MTP runs it (the MTP cache not filled).
+        logits, _ = self._forward(batch, [[r.ids[-1]] for r in batch], starts, [1] * len(batch))
+        tokens, logprobs = self._sample(batch, logits[:, 0])
+        for request, token in zip(batch, tokens, strict=True):
+            request.ids.append(token)
+        return self._emit_each(batch, tokens, logprobs)
 
-    def _decode_speculative(self, batch: list[_Request], starts: list[int]) -> list[RequestOutput]:
-        """Verify each request's K drafts with one forward over [pending, drafts]; keep the accepted ones plus one."""
-        drafted = min(len(r.drafts) for r in batch)  # chosen when the drafts were made; prefill drafts the most
+    def _decode_speculative(
+        self, batch: list[_Request], starts: list[int], drafted: int, next_count: int, fill_cache: bool
+    ) -> list[RequestOutput]:
+        """Verify each request's `drafted` drafts with one forward over [pending, drafts]; keep the accepted ones plus
+        one; draft `next_count` for the next step (`DraftCount.choose`), the MTP cache filled when `fill_cache`."""
         checks = [r.draft_checks for r in batch]
-        width, (next_count, fill_cache) = drafted + 1, self.draft_count.choose(checks, self._seeded())
+        width = drafted + 1
         rows = [[r.ids[-1], *r.drafts[:drafted]] for r in batch]
         model_started = time.perf_counter()  # the measured step costs include planning the cache
         # Keys past the verified tokens are gathered only for drafts beyond the first (`mtp_drafts`' follow-ups).

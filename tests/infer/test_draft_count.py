@@ -10,6 +10,7 @@ from seekstack.infer.engine import MAX_DRAFT_TOKENS
 from seekstack.infer.speculative import (
     PRIOR_ACCEPTANCE,
     PROBE_EVERY,
+    UNEVEN_FINISH_GAIN,
     DraftChecks,
     DraftCount,
     StepCosts,
@@ -214,6 +215,7 @@ def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_re
     adaptive = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=True)
     assert [c.token_ids for c in fixed.generate(batch, params)] == plain
     assert [c.token_ids for c in adaptive.generate(batch, params)] == plain
+    assert [adaptive.generate([prompt], params)[0].token_ids for prompt in batch] == plain  # each alone: it drafts
     # The random MTP module's drafts are rejected: the adaptive engine's estimate falls below 1/2 and it
     # soon drafts (almost) nothing.
     assert adaptive.draft_count.acceptance()[0] < 0.5
@@ -243,3 +245,30 @@ def test_a_busy_batch_of_the_adaptive_engine_decodes_as_the_plain_engine_does(tm
     logprobs = [[entry.logprob for entry in c.logprobs] for c in outputs]
     assert logprobs == [pytest.approx([entry.logprob for entry in c.logprobs], abs=1e-5) for c in plain]
     assert adaptive.stats().spec_drafted == 0
+
+
+def test_at_several_rows_a_batch_size_drafts_only_where_drafts_at_the_prior_promise_the_margin():
+    """One draft at the prior (85%) expects 1.85 tokens for 1.6 plain steps (1.16x): drafted at 1 row, at 2 not at
+    all (UNEVEN_FINISH_GAIN), however well its rows' drafts pass, and the MTP cache is not filled."""
+    count = DraftCount(micro_config(num_hidden_layers=4), 1, True, CPU, costs(0.3, [1.3], batches=(1, 2)))
+    prior = [[PRIOR_ACCEPTANCE]]
+    assert count.speedup(1, 2, prior) == pytest.approx(1.85 / 1.6) and 1 < 1.85 / 1.6 < UNEVEN_FINISH_GAIN
+    assert count.choose(rows(1)) == (1, True)
+    count.passed, count.checked = [1e6], [1e6]
+    assert count.choose(rows(2)) == (0, False)
+
+
+def test_where_drafting_is_off_a_speculative_engines_steps_are_plain_ones(tmp_path, monkeypatch):
+    """4 rows whose drafts would not pay even at the prior: after the prefill's drafts are verified, every step is a
+    plain step (no MTP call, the same tokens as an engine without speculation)."""
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    batch = [list(range(5, 5 + n)) for n in (3, 6, 9, 12)]
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
+    engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True, max_batch_size=4)
+    engine.draft_count.costs = costs(0.3, [3.0, 5.0], batches=(1, 4))
+    mtp_calls = []
+    monkeypatch.setattr(engine, "_decode_drafts", lambda *args, **kwargs: mtp_calls.append(1))
+    monkeypatch.setattr(engine, "_greedy_speculation", lambda *args, **kwargs: mtp_calls.append(1))
+    assert [c.token_ids for c in engine.generate(batch, params)] == plain
+    assert mtp_calls == [] and engine.stats().spec_drafted == 0
