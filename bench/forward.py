@@ -7,13 +7,17 @@ forwards of ours and transformers' alternate, and the median over repetitions is
 from other processes on the machine falls on both sides alike. A profile then attributes each model's
 time to its components (attention projections, routed experts, ...) and lists the costliest aten ops.
 
-theirs(default) is what `from_pretrained` picks unasked; theirs(fastest) is the experts x attention
-implementation that is fastest at that length (screened with a few forwards each, then confirmed by the
-interleaved measurement). Ratio = ours tok/s / theirs tok/s: above 1 means seekstack is faster.
+Ours runs in `--dtype`, by default `auto`: the dtype `generate`, `chat` and `serve` pick for the model on this CPU
+(seekstack/infer/precision.py: bfloat16 on a CPU with avx512_bf16 or amx_bf16 for a model of 16M parameters or more,
+else float32). theirs(default) is what `from_pretrained` picks unasked (float32); theirs(fastest) is the experts x
+attention implementation and dtype that is fastest at that length (screened with a few forwards each, then confirmed
+by the interleaved measurement): every implementation in float32, and in bfloat16 too where this machine's measured
+bfloat16 matmul peak is above its float32 one. Ratio = ours tok/s / theirs tok/s: above 1 means seekstack is faster.
 
     python bench/forward.py                                   # full run, a few minutes on 2 cores
     python bench/forward.py --presets tiny --seq-lens 128 --reps 3 --no-profile   # quick check
     python bench/forward.py --threads 1 --clock cpu --no-profile   # on a machine others are using
+    python bench/forward.py --dtype float32 --no-profile   # like for like in float32 wherever auto picks bfloat16
 
 Shapes: B batch, T tokens per sequence.
 """
@@ -34,7 +38,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import seekstack
-from seekstack.accounting import forward_flops_per_token
+from seekstack.accounting import forward_flops_per_token, main_parameters
+from seekstack.infer.precision import auto_dtype
 
 DEFAULT_SEQ_LENS = {"tiny": [128, 512, 1024], "small": [128, 512]}
 # transformers' implementations that run on a CPU; deepgemm, sonicmoe and flash_attention_* need CUDA.
@@ -44,6 +49,10 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 # bytes it would take minutes and most of the machine's memory, so it is reported as skipped.
 BATCHED_MM_GATHER_LIMIT = 2 * 2**30
 PARITY_ATOL = 1e-3
+# Where either side runs bfloat16 (8 mantissa bits), against float32 logits of magnitude ~5: `small`, T = 512, max
+# |difference| 0.36 for ours and 0.42 for transformers in bfloat16; a model computing another function differs by
+# about the logits' own size.
+BF16_PARITY_ATOL = 1.0
 SCREEN_ROUNDS = 3  # timed forwards per transformers implementation when looking for the fastest
 LABEL = "§"  # prefix of the profiler ranges that name model components
 
@@ -56,6 +65,7 @@ class Contender:
     name: str
     model: nn.Module
     logits: Callable[[torch.Tensor], torch.Tensor]
+    dtype: torch.dtype = torch.float32
     note: str = ""  # why it could not run, when it could not
 
 
@@ -71,39 +81,57 @@ class Setting:
     fastest: dict[int, str] = field(default_factory=dict)  # T -> key of the fastest implementation
 
 
-def build_setting(preset: str, directory: Path) -> Setting:
-    """Random weights saved once; ours and every transformers implementation load them from disk."""
+def ours_dtype(config: seekstack.ModelConfig, asked: str) -> tuple[torch.dtype, str]:
+    """The dtype ours runs in for `--dtype` `asked`, and why: `auto` decides as the inference engine does."""
+    if asked != "auto":
+        return getattr(torch, asked), "asked"
+    name, why = auto_dtype(["cpu"], main_parameters(config).total)
+    return getattr(torch, name), f"auto: {why}"
+
+
+def build_setting(preset: str, directory: Path, dtype: torch.dtype, their_dtypes: list[torch.dtype]) -> Setting:
+    """Random weights saved once; ours (in `dtype`) and every transformers implementation in each of `their_dtypes`
+    load them from disk."""
     # Forward without labels never runs MTP, and transformers does not load MTP layers: leave them out.
     config = seekstack.preset(preset, num_nextn_predict_layers=0)
     torch.manual_seed(0)
     seekstack.save_pretrained(seekstack.Transformer(config), directory)
-    ours_model = seekstack.load_pretrained(directory).eval()
-    ours = Contender("ours", ours_model, lambda ids: ours_model(ids).logits)
+    ours_model = seekstack.load_pretrained(directory).eval().to(dtype)
+    ours = Contender("ours", ours_model, lambda ids: ours_model(ids).logits, dtype)
 
     theirs = {}
-    default_model = _load_transformers(directory)
-    default = _implementation_key(default_model)
-    theirs[default] = _transformers_contender(default, default_model)
-    for experts in EXPERTS_IMPLEMENTATIONS:
-        for attention in ATTENTION_IMPLEMENTATIONS:
-            key = f"{experts}+{attention}"
-            if key not in theirs:
-                model = _load_transformers(directory, experts_implementation=experts, attn_implementation=attention)
-                theirs[key] = _transformers_contender(key, model)
+    default_model = _load_transformers(directory, torch.float32)
+    default = _implementation_key(default_model, torch.float32)
+    theirs[default] = _transformers_contender(default, default_model, torch.float32)
+    for their_dtype in their_dtypes:
+        for experts in EXPERTS_IMPLEMENTATIONS:
+            for attention in ATTENTION_IMPLEMENTATIONS:
+                implementations = {"experts_implementation": experts, "attn_implementation": attention}
+                key = _implementation_key(None, their_dtype, **implementations)
+                if key not in theirs:
+                    model = _load_transformers(directory, their_dtype, **implementations)
+                    theirs[key] = _transformers_contender(key, model, their_dtype)
     return Setting(preset, config, ours, theirs, default)
 
 
-def _load_transformers(directory: Path, **implementations: str) -> nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **implementations)
+def _load_transformers(directory: Path, dtype: torch.dtype, **implementations: str) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **implementations)
     return model.eval()
 
 
-def _implementation_key(model: nn.Module) -> str:
-    return f"{model.config._experts_implementation}+{model.config._attn_implementation}"
+def _implementation_key(
+    model: nn.Module | None, dtype: torch.dtype, experts_implementation: str = "", attn_implementation: str = ""
+) -> str:
+    """'experts+attention', with ' bf16' for a bfloat16 model: of `model`, or of the implementations named."""
+    if model is not None:
+        experts_implementation = model.config._experts_implementation
+        attn_implementation = model.config._attn_implementation
+    suffix = " bf16" if dtype == torch.bfloat16 else ""
+    return f"{experts_implementation}+{attn_implementation}{suffix}"
 
 
-def _transformers_contender(key: str, model: nn.Module) -> Contender:
-    return Contender(key, model, lambda ids: model(input_ids=ids, use_cache=False).logits)
+def _transformers_contender(key: str, model: nn.Module, dtype: torch.dtype) -> Contender:
+    return Contender(key, model, lambda ids: model(input_ids=ids, use_cache=False).logits, dtype)
 
 
 def batched_mm_gather_bytes(config: seekstack.ModelConfig, batch: int, seq_len: int) -> int:
@@ -121,11 +149,14 @@ def timed_forward(contender: Contender, input_ids: torch.Tensor, clock: str) -> 
 
 
 def check_parity(setting: Setting, contender: Contender, logits: torch.Tensor, reference: torch.Tensor) -> float:
-    """Max |logit difference| to ours; raises when the two models do not compute the same function."""
-    difference = (logits - reference).abs().max().item()
-    assert difference < PARITY_ATOL, (
+    """Max |logit difference| to ours; raises when the two models do not compute the same function (within what
+    bfloat16 allows where either side runs it)."""
+    difference = (logits.float() - reference.float()).abs().max().item()
+    float32 = contender.dtype == setting.ours.dtype == torch.float32
+    tolerance = PARITY_ATOL if float32 else BF16_PARITY_ATOL
+    assert difference < tolerance, (
         f"{setting.preset}, T={reference.shape[1]}: transformers {contender.name} logits differ from seekstack's "
-        f"by {difference:.2e} (> {PARITY_ATOL}); the two models no longer compute the same function"
+        f"by {difference:.2e} (> {tolerance}); the two models no longer compute the same function"
     )
     return difference
 
@@ -201,11 +232,14 @@ def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int
     }
 
 
-def print_table(rows: list[dict[str, object]], batch: int, settings: list[Setting], float32_peak: float) -> None:
-    """The throughput table: one row per (preset, T), ours also as matmul FLOP/s against the measured float32 peak."""
+def print_table(rows: list[dict[str, object]], batch: int, settings: list[Setting], peaks: dict[str, float]) -> None:
+    """The throughput table: one row per (preset, T), ours also as matmul FLOP/s against the measured peak in its
+    dtype."""
     default_names = {s.preset: s.default for s in settings}
     configs = {s.preset: s.config for s in settings}
-    print(f"\nForward throughput, batch {batch}, float32, torch threads {torch.get_num_threads()}")
+    dtypes = {s.preset: str(s.ours.dtype).removeprefix("torch.") for s in settings}
+    print(f"\nForward throughput, batch {batch}, torch threads {torch.get_num_threads()}, ours in " +
+          ", ".join(f"{preset}: {dtype}" for preset, dtype in dtypes.items()))  # fmt: skip
     print("transformers default per preset: " + ", ".join(f"{p}: {n}" for p, n in default_names.items()))
     header = (
         f"{'preset':7s} {'T':>5s} {'ours tok/s':>11s} {'theirs(default)':>16s} {'ratio':>6s} "
@@ -219,10 +253,11 @@ def print_table(rows: list[dict[str, object]], batch: int, settings: list[Settin
             f"{row['ours'] / row['default']:6.2f} {row['fastest']:16.0f} {row['fastest_name']:28s} "
             f"{row['ours'] / row['fastest']:6.2f} {row['max_difference']:11.1e}"
         )
-    print("ours as matmul FLOP/s (seekstack.accounting: every key counts, as in PaLM's MFU):")
+    print("ours as matmul FLOP/s against the peak in its dtype (seekstack.accounting: all keys count, as PaLM's MFU):")
     for row in rows:
         flops_per_token = forward_flops_per_token(configs[row["preset"]], row["T"])
-        print(f"  {row['preset']:7s} T={row['T']:<5d} {share_of_peak(row['ours'], flops_per_token, float32_peak)}")
+        peak = peaks[dtypes[row["preset"]]]
+        print(f"  {row['preset']:7s} T={row['T']:<5d} {share_of_peak(row['ours'], flops_per_token, peak)}")
 
 
 # ---------------------------------------------------------------------------------------- profile
@@ -370,6 +405,9 @@ def main() -> None:
     parser.add_argument("--profile-seq-len", type=int, default=512, help="T of the profile")
     parser.add_argument("--profile-reps", type=int, default=2, help="profiled forwards per model")
     parser.add_argument("--no-profile", action="store_true", help="only the throughput table")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="ours' dtype (default: %(default)s)"
+    )
     add_machine_options(parser)
     args = parser.parse_args()
     if args.warmup < 1:
@@ -377,15 +415,18 @@ def main() -> None:
     prepare_machine(args)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     peaks = matmul_peaks()
+    their_dtypes = [torch.float32] + ([torch.bfloat16] if peaks["bfloat16"] > peaks["float32"] else [])
 
     rows, settings = [], []
     with tempfile.TemporaryDirectory() as root, torch.inference_mode():
         for preset in args.presets:
-            setting = build_setting(preset, Path(root) / preset)
+            dtype, why = ours_dtype(seekstack.preset(preset), args.dtype)
+            print(f"{preset}: ours in {str(dtype).removeprefix('torch.')} ({why})", flush=True)
+            setting = build_setting(preset, Path(root) / preset, dtype, their_dtypes)
             settings.append(setting)
             for seq_len in args.seq_lens or DEFAULT_SEQ_LENS[preset]:
                 rows.append(benchmark(setting, seq_len, args.batch, args.reps, args.warmup, args.clock))
-        print_table(rows, args.batch, settings, peaks["float32"])
+        print_table(rows, args.batch, settings, peaks)
         if not args.no_profile:
             for setting in settings:
                 if args.profile_seq_len not in setting.fastest:
