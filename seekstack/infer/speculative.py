@@ -136,7 +136,9 @@ def accept_drafts(
         passed.append(accepted)
         tokens.append(torch.where(accepted, drafts[:, t], replacement))
     tokens.append(sampling.draw(sampling.probabilities(sampling.penalize(logits[:, count], extra_tokens=drafts))))
-    return accepted_prefix(torch.stack(passed, dim=1)), torch.stack(tokens, dim=1)
+    # With no drafts (the count chose none) the step is a plain draw: nothing to accept.
+    checks = torch.stack(passed, dim=1) if passed else torch.zeros_like(drafts, dtype=torch.bool)
+    return accepted_prefix(checks), torch.stack(tokens, dim=1)
 
 
 def accepted_prefix(passed: torch.Tensor) -> torch.Tensor:

@@ -359,3 +359,9 @@ def test_build_that_fails_midway_keeps_the_previous_corpus_and_leaves_no_tempora
         build_corpus([source_that_breaks()], out, CleaningConfig(val_fraction=0.5), show_progress=False)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert sorted(before) == ["report.json", "train.jsonl", "val.jsonl"]
+
+
+def test_an_email_written_between_chinese_or_japanese_characters_is_scrubbed():
+    for text in ("请联系zhang.san@company.com获取资料", "メールはtaro@example.jpまで"):
+        scrubbed, counts = scrub_pii(text)
+        assert "@" not in scrubbed and counts == {"email": 1}

@@ -272,3 +272,14 @@ def test_where_drafting_is_off_a_speculative_engines_steps_are_plain_ones(tmp_pa
     monkeypatch.setattr(engine, "_greedy_speculation", lambda *args, **kwargs: mtp_calls.append(1))
     assert [c.token_ids for c in engine.generate(batch, params)] == plain
     assert mtp_calls == [] and engine.stats().spec_drafted == 0
+
+
+def test_a_sampled_speculative_request_runs_on_when_the_count_turns_drafts_off(tmp_path):
+    """An unseeded sampled request alone on an adaptive engine whose drafts all fail: steps without drafts accept
+    none and draw one token (they raised on an empty list of checks, ending the request with an error)."""
+    model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True)
+    engine.draft_count.passed, engine.draft_count.checked = [0.0] * 2, [1000.0] * 2  # drafts off from the start
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    output = engine.generate([[5, 6, 7]], params)[0]
+    assert output.finish_reason == "length" and len(output.token_ids) == 12
