@@ -152,13 +152,20 @@ def generate_command(
         if notice:
             typer.echo(f"note: {notice}", err=True)
         if as_json:
-            typer.echo(json.dumps(completion_record(engine, engine.generate([prompt_ids], params)[0]), indent=2))
+            completion = engine.generate([prompt_ids], params)[0]
+            typer.echo(json.dumps(completion_record(engine, completion), indent=2))
+            if completion.error is not None:
+                raise typer.Exit(code=1)
             return
         terminal = StreamedText()
         engine.notify = terminal.note
+        error = None
         for output in engine.stream(prompt_ids, params):
             terminal.write(output.text)
+            error = output.error
     typer.echo()
+    if error is not None:  # the engine ended this request: say why, after the text it made
+        fail(f"generation stopped: {error}")
 
 
 def chat_command(

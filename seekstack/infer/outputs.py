@@ -62,6 +62,7 @@ class Completion:
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None
     timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s
+    error: str | None = None  # with finish_reason "error": why the request failed
 
 
 def joined_completion(
@@ -77,9 +78,8 @@ def joined_completion(
         "total_s": end - started,
         "decode_tokens_per_s": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
     }
-    return Completion(
-        request_id, prompt_ids, tokens, "".join(p.text for p in parts), parts[-1].finish_reason, logprobs, timings
-    )
+    text, last = "".join(p.text for p in parts), parts[-1]
+    return Completion(request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error)
 
 
 def completion_record(engine: Engine, completion: Completion) -> dict:
@@ -93,6 +93,8 @@ def completion_record(engine: Engine, completion: Completion) -> dict:
         "token_ids": completion.token_ids,
         "timings": completion.timings,
     }
+    if completion.error is not None:
+        record["error"] = {"message": completion.error}
     if completion.logprobs is not None:
         record["logprobs"] = [dataclasses.asdict(entry) for entry in completion.logprobs]
     if engine.speculative:

@@ -400,3 +400,22 @@ def test_a_note_while_text_streams_starts_its_own_line_on_a_terminal(monkeypatch
     assert out == "def add(a, b):\n"
     opened = "\n" if terminal else ""
     assert err == f"{opened}note: compiled the decode step for 1 sequence(s) in 3.0 s\nnote: after a whole line\n"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_generate_reports_a_request_the_engine_failed_and_exits_non_zero(checkpoint, monkeypatch, as_json):
+    """A sampling failure ends the request with finish_reason "error": the message reaches the user (stderr, or the
+    JSON's error) and the exit code is 1, not a cut-short text and 0."""
+
+    def failing(self, logits):
+        raise RuntimeError("sampler broke")
+
+    monkeypatch.setattr("seekstack.infer.sampling.SamplingBatch.sample", failing)
+    args = ["generate", "--model", str(checkpoint), "def main():", "--max-new-tokens", "4", "--no-compile"]
+    result = runner.invoke(app, args + (["--json"] if as_json else []))
+    assert result.exit_code == 1
+    if as_json:
+        record = json.loads(result.stdout)
+        assert record["finish_reason"] == "error" and "sampler broke" in record["error"]["message"]
+    else:
+        assert "generation stopped" in result.stderr and "sampler broke" in result.stderr
