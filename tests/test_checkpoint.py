@@ -579,3 +579,22 @@ def test_a_model_written_part_by_part_equals_the_model_written_whole(tmp_path):
     assert (tmp_path / "parts" / INDEX_FILE).exists()
     assert stored_keys(tmp_path / "parts") == stored_keys(tmp_path / "whole")
     assert_same_state(seekstack.load_pretrained(tmp_path / "parts"), seekstack.load_pretrained(tmp_path / "whole"))
+
+
+def test_config_counting_fewer_layers_than_the_weights_is_refused(saved):
+    config = json.loads((saved / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (saved / "config.json").write_text(json.dumps(config))
+    message = load_error(saved)
+    assert message.startswith(str(saved / "config.json")) and "num_hidden_layers is 1" in message
+    assert "decoder layer 1" in message
+
+
+def test_mtp_layers_past_the_config_count_are_skipped_with_a_warning(tmp_path):
+    seekstack.save_pretrained(random_model(num_nextn_predict_layers=1), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="checkpoint keys were not used"):
+        model = seekstack.load_pretrained(tmp_path)
+    assert not model.mtp
