@@ -139,6 +139,16 @@ def code_task_configs(
     """The code tasks' configs, their documents built from the corpus's held-out modules."""
     modules = held_out_modules(corpus)
     questions = next_line_docs(modules, per_module)
+    val = Path(corpus) / "val.jsonl"
+    if not modules:
+        raise ValueError(f"{val}: no held-out documents; build the corpus with a validation share")
+    line_tasks = [task for task in tasks if task in ("code_cloze", "code_next_line")]
+    if line_tasks and not questions:
+        raise ValueError(
+            f"{val}: no held-out document has {CHOICES} distinct lines of {MIN_LINE_CHARS}+ characters after "
+            f"{CONTEXT_LINES} lines of context, so {' and '.join(line_tasks)} have no questions (they are made "
+            "for source code); code_perplexity scores any text"
+        )
     openings = [{"module": m["id"], "text": m["text"][:PERPLEXITY_CHARS]} for m in modules]
     configs = {
         "code_cloze": {

@@ -66,6 +66,16 @@ def test_unknown_task_and_missing_corpus_are_named(tmp_path):
         held_out_modules(tmp_path / "nowhere")
 
 
+def test_line_tasks_on_a_corpus_without_enough_distinct_lines_say_so_and_perplexity_still_runs(tmp_path):
+    prose = "A short paragraph of prose.\n" * 40  # one distinct line: no four choices to ask between
+    corpus = write_corpus(tmp_path / "prose", [prose])
+    with pytest.raises(ValueError, match=r"val\.jsonl: no held-out document has 4 distinct lines.*code_cloze"):
+        task_configs(corpus, ("code_cloze", "code_perplexity"))
+    assert [config["task"] for config in task_configs(corpus, ("code_perplexity",))] == ["code_perplexity"]
+    with pytest.raises(ValueError, match=r"val\.jsonl: no held-out documents"):
+        task_configs(write_corpus(tmp_path / "empty", []), ("code_perplexity",))
+
+
 def test_local_tasks_score_the_same_on_our_backend_and_lm_evals_hf_backend(checkpoint, tmp_path):
     from seekstack.eval.evaluate import evaluate
 
