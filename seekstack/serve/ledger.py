@@ -3,7 +3,8 @@
 The server writes a request's row before the last byte of its response leaves, so a client that
 has its answer is also on the bill, whatever happens to the server afterwards. A stream's row is
 opened (status 0) when it starts and brought up to date as its tokens go out (see `app.Bill`), so a
-server that dies mid-stream has billed all but the last few tokens it sent.
+server that dies mid-stream has billed all but the last few tokens it sent. A request the server failed
+(a 5xx status) is recorded with its tokens but costs nothing: the user is not charged for the server's error.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ class UsageRecord:
     cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
     moderation: str | None = None  # the content-safety category that blocked, redacted or flagged it
     free: bool = False  # the content policy waives its cost (the tokens are still recorded)
+
+    @property
+    def charged(self) -> bool:
+        """Whether its tokens cost the key anything: not when the content policy waives them, nor when the server
+        failed the request (a 5xx status)."""
+        return not self.free and not 500 <= self.status < 600
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,9 @@ class Ledger:
                     (usage.key_name, DEFAULT_PLAN),
                 ).fetchone()
             )
-            cost = 0.0 if usage.free else plan.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+            cost = 0.0
+            if usage.charged:
+                cost = plan.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
             values = (
                 usage.key_name, usage.model, usage.endpoint, usage.prompt_tokens, usage.completion_tokens,
                 usage.latency_s, usage.status, cost, usage.cached_tokens, usage.moderation,

@@ -1,5 +1,5 @@
 """A failing engine step, in process: the requests in flight end with a 500 (an error event in a stream, then
-`data: [DONE]`), the ledger records them as 500, and the server goes on serving."""
+`data: [DONE]`), the ledger records them as 500 at no cost, and the server goes on serving."""
 
 from __future__ import annotations
 
@@ -61,3 +61,5 @@ def test_failing_step_ends_requests_with_500_and_the_server_keeps_serving(tmp_pa
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 20
     rows = Ledger(database).records()
     assert [row["status"] for row in rows] == [500, 500, 200]
+    assert rows[0]["completion_tokens"] > 0  # the stream's tokens are recorded, but the user is not charged
+    assert [row["cost"] for row in rows[:2]] == [0.0, 0.0] and rows[2]["cost"] > 0

@@ -82,6 +82,19 @@ def test_cost_follows_the_plan_of_the_key_when_recorded(database):
     assert ledger.records("payer")[0]["cost"] == pytest.approx(0.07)  # a price change does not rewrite history
 
 
+def test_a_request_the_server_failed_is_recorded_but_not_charged(database):
+    ledger = Ledger(database)
+    assert ledger.record(usage("k", 1000, 500, status=500)) == 0.0
+    assert ledger.record(usage("k", 1000, 500, status=503)) == 0.0
+    assert ledger.record(usage("k", 1000, 500, status=499)) == pytest.approx(0.003)  # the client left: billed
+    rows = ledger.records("k")
+    assert [(row["status"], row["prompt_tokens"], row["completion_tokens"]) for row in rows] == [
+        (500, 1000, 500), (503, 1000, 500), (499, 1000, 500),
+    ]  # fmt: skip
+    (day,) = ledger.daily("k")
+    assert (day.requests, day.cost) == (3, pytest.approx(0.003))
+
+
 def test_daily_totals_per_key_and_since_filter(database):
     ledger = Ledger(database)
     KeyStore(database).create("k1")
