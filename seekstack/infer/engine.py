@@ -69,7 +69,7 @@ class _Request:
     adapter_slot: int = 0  # the LoRA adapter its rows use (seekstack.adapters.multi); 0 = the base model
     cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     admitted: int = 0  # admission order (the latest admitted is preempted first)
-    error: str | None = None  # why its sampling raised (`Engine._isolated`): it ends alone at its next output
+    error: Exception | None = None  # what its sampling raised (`Engine._isolated`): it ends alone at its next output
     constraint: TokenConstraint | None = None  # what it may sample next (JSON mode); it stops once `complete`
 
     @property
@@ -770,7 +770,7 @@ class Engine:
             try:
                 parts.append(compute([row]))
             except Exception as error:
-                request.error = f"{type(error).__name__}: {error}"
+                request.error = error
                 parts.append(failed_row)
         return tuple(torch.cat(column).to(self.device) for column in zip(*parts, strict=True))
 
@@ -794,7 +794,8 @@ class Engine:
         if request.error is not None:
             self.running.remove(request)
             self.cache.free(request.request_id)
-            return dataclasses.replace(self._output(request, [], "", None, "error"), error=request.error)
+            reason = f"{type(request.error).__name__}: {request.error}"
+            return dataclasses.replace(self._output(request, [], "", None, "error"), error=reason, cause=request.error)
         text, emitted, reason = "", [], None
         for token in tokens:
             emitted.append(token)

@@ -4,7 +4,7 @@ JSON record `seekstack generate --json` prints. Plain dataclasses, no torch."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class RequestOutput:
     scheduled_at: float | None  # time.perf_counter() when the request left the waiting queue; None if it never did
     error: str | None = None  # with finish_reason "error": why this request (alone) failed
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
+    cause: Exception | None = field(default=None, repr=False)  # the exception behind `error`, with its traceback
 
 
 @dataclass

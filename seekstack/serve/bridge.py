@@ -74,7 +74,7 @@ class RequestGroup:
             if isinstance(output, BaseException):
                 raise EngineFailure(f"the engine step failed: {output}") from output
             if output.error is not None:
-                raise EngineFailure(f"the engine failed this request alone: {output.error}")
+                raise EngineFailure(f"the engine failed this request alone: {output.error}") from output.cause
             if output.finished:
                 self.unfinished.discard(index)
             yield index, output
