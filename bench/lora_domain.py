@@ -230,6 +230,13 @@ LORA_VARIANTS = {
     # +0.2 points: 90.8 / 89.7 / 89.9 / 86.9 / 87.8 / 88.0 / 87.6 / 87.6 / 91.5), x4 88.4%; beta2 0.99 90.4%, 0.999
     # 88.7% over seeds 0-8 (paired +0.06); min_lr 5e-4 / 2e-3 89.9% / 90.2%; WSD decaying over the last 30% / 60%
     # 89.1% / 89.4%. Each within a seed's noise of the recipe or below it.
+    # On the base re-trained later (the recipe 86.4 / 87.7 / 87.7% on seeds 0-2, 87.5% over 0-8), with a temporary
+    # patch that trained and saved extra base tensors beside the adapter, rows cut to keep the budget: every RMSNorm
+    # weight (1,536 parameters, 12 fewer rows) 86.7 / 88.0 / 88.05% (+0.3 on each seed: too little to be worth norms
+    # in the adapter format and per-row serving), the MoE routers' weights (24 fewer rows) 84.9 / 85.1 / 87.4%, both
+    # 85.1% on seed 0; rank 3 on the routed experts too (3.6% trainable) 87.6% on seed 0. Where a full fine-tune's
+    # change pasted into this base gains (`--paste-from`): embedding + head 40.7%, the blocks 70.9%, layer 0's FFN
+    # 39.3% (its gate and up 25.3%), layer 3's MoE 28.6%, each attention 6-13%, the norms 0.8%.
     **{
         f"embedding215_head_r3_ffn_r3_{name}": (
             f"embedding215_head_r3_ffn_r3 with {override}",
