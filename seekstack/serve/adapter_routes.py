@@ -79,7 +79,8 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
 
 
 async def _parse(request: Request, schema: type[Body], max_body_bytes: int) -> Body:
+    raw = await read_body(request, max_body_bytes)
     try:
-        return schema.model_validate_json(await read_body(request, max_body_bytes))
+        return schema.model_validate_json(raw)
     except ValidationError as error:
-        raise invalid_body(error) from None
+        raise invalid_body(error, raw) from None

@@ -459,7 +459,7 @@ def _parse(schema: type[BaseModel], raw: bytes) -> Any:
     try:
         return schema.model_validate_json(raw)
     except ValidationError as error:
-        raise invalid_body(error) from None
+        raise invalid_body(error, raw) from None
 
 
 def _response_id(is_chat: bool) -> str:

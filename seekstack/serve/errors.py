@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -12,6 +15,7 @@ from pydantic import ValidationError
 from seekstack.serve.schemas import ErrorDetail, ErrorResponse
 
 MAX_SHOWN_INPUT = 80
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads keeps an unpaired "\\ud800" escape as this code point
 UNION_MEMBER = re.compile(r"str|int|float|bool|constrained-\w+|.*\[.*\]")  # how pydantic names a union's branches
 log = logging.getLogger("seekstack.serve")
 
@@ -42,8 +46,9 @@ class APIError(Exception):
 LENGTH_ERRORS = ("too_long", "too_short")  # pydantic's types for a sequence outside its length bounds
 
 
-def invalid_body(error: ValidationError) -> APIError:
-    """A 400 naming every field that failed validation, with the value sent."""
+def invalid_body(error: ValidationError, raw: bytes = b"") -> APIError:
+    """A 400 naming every field that failed validation, with the value sent; for a body that is not JSON, what in
+    `raw` (the body as sent) makes it so, where pydantic's message does not say it."""
     problems, params = [], []
     found = error.errors()
     # A field whose length is out of bounds (17 prompts) failed every branch of its union too: its bound says it.
@@ -51,7 +56,9 @@ def invalid_body(error: ValidationError) -> APIError:
     found = [p for p in found if not p["loc"] or p["loc"][0] not in bounded or p["type"] in LENGTH_ERRORS]
     for problem in found:
         if problem["type"] == "json_invalid":
-            return APIError(400, f"the request body is not valid JSON: {problem['ctx']['error']}", code="invalid_json")
+            return _invalid_text(raw) or APIError(
+                400, f"the request body is not valid JSON: {problem['ctx']['error']}", code="invalid_json"
+            )
         param = ".".join(str(part) for part in _field_path(problem["loc"])) or "body"
         shown = repr(problem["input"])
         shown = shown if len(shown) <= MAX_SHOWN_INPUT else shown[:MAX_SHOWN_INPUT] + "..."
@@ -68,6 +75,44 @@ def internal_error(error: BaseException, what: str) -> APIError:
     log.error("error %s while %s", error_id, what, exc_info=error)
     return APIError(500, f"internal server error while {what} (error id {error_id}); the server log has the details",
                     "server_error")  # fmt: skip
+
+
+def _invalid_text(raw: bytes) -> APIError | None:
+    """A 400 for a body that is not UTF-8, or whose JSON string escapes a lone UTF-16 surrogate ("\\ud800" without
+    its low half: no Unicode character), naming the byte or the field; None for a body with neither."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return APIError(400, f"the request body is not UTF-8: byte 0x{raw[error.start]:02x} at offset {error.start}; "
+                        "send JSON encoded as UTF-8", code="invalid_unicode")  # fmt: skip
+    try:
+        strings = _strings(json.loads(text), [])
+        lone = next(((path, found) for path, string in strings if (found := LONE_SURROGATE.search(string))), None)
+    except (ValueError, RecursionError):  # not JSON to Python either, or nested too deep: pydantic's message says
+        return None
+    if lone is None:
+        return None
+    path, found = lone
+    param = ".".join(str(part).encode("utf-8", "backslashreplace").decode() for part in path) or "body"
+    message = (
+        f"invalid request: {param}: the string escapes a lone surrogate \\u{ord(found.group()):04x} (at character "
+        f"{found.start()}), which is no Unicode character; escape a character beyond U+FFFF as its pair "
+        "(\\ud83d\\ude00), or send it as UTF-8"
+    )
+    return APIError(400, message, param=param, code="invalid_unicode")
+
+
+def _strings(value: Any, path: list) -> Iterator[tuple[list, str]]:
+    """Each string of a JSON document, object keys included, with the path of the field holding it."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield [*path, key], key
+            yield from _strings(item, [*path, key])
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, [*path, index])
 
 
 def _field_path(location: tuple) -> list:

@@ -208,6 +208,27 @@ def test_error_fields_name_the_parameter_not_the_type(engine, tmp_path):
     assert out_of_vocabulary.json()["error"]["param"] == "prompt"
 
 
+def test_a_lone_surrogate_escape_gets_400_naming_the_field_and_a_pair_is_read(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+    headers = {"Content-Type": "application/json"}
+
+    def chat(content: str) -> bytes:
+        return b'{"model":"model","max_tokens":1,"messages":[{"role":"user","content":"' + content.encode() + b'"}]}'
+
+    async def scenario(client):
+        latin1 = chat("café").replace("é".encode(), "é".encode("latin-1"))
+        bodies = [chat(r"\ud800"), chat(r"ok \udc00"), chat(r"\ud83d\ude00"), latin1]
+        return [await client.post("/v1/chat/completions", content=body, headers=headers) for body in bodies]
+
+    high, low, pair, latin1 = run(app, scenario)
+    error = error_of(high, 400)
+    assert (error["param"], error["code"]) == ("messages.0.content", "invalid_unicode")
+    assert "lone surrogate \\ud800" in error["message"] and "messages.0.content" in error["message"]
+    assert "lone surrogate \\udc00 (at character 3)" in error_of(low, 400)["message"]
+    assert pair.status_code == 200, pair.text  # a surrogate pair is one character (U+1F600)
+    assert error_of(latin1, 400)["message"].startswith("the request body is not UTF-8: byte 0xe9 at offset")
+
+
 def test_a_request_larger_than_the_tokens_per_minute_gets_400_not_429(engine, tmp_path):
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("small", tpm=20)
