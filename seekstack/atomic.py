@@ -6,6 +6,7 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   staged_files(folder)          several files that appear together once all are complete (a corpus, token shards)
   atomic_directory(path)        a folder (a checkpoint), swapped in whole; the old one is deleted only afterwards
   refuse_to_replace(path, ...)  before one: a folder holding other files (a user's, a training state) is kept
+  entries_besides(path, makes)  what a folder holds besides the files a command writes, listed for a message
 If a write raises, its temporary files are deleted and the target is left as it was.
 """
 
@@ -102,20 +103,27 @@ def refuse_to_replace(
     for source in inputs:
         if path.resolve() == Path(source).resolve():
             raise FileExistsError(f"{path}: is the input folder {source}; write to another one (nothing was written)")
+    listed = entries_besides(path, makes)
+    if listed:
+        raise FileExistsError(
+            f"{path}: holds {listed} besides the files this command writes ({', '.join(makes)}), and writing there "
+            "replaces the whole folder; choose a new or empty folder (nothing was written)"
+        )
+
+
+def entries_besides(path: str | os.PathLike, makes: Sequence[str]) -> str:
+    """The entries of folder `path` that match none of the glob patterns `makes` (subfolders always), listed for a
+    message ("a, b/ and c"; past four, the first three and how many more); "" when there are none or no folder."""
+    path = Path(path)
     if not path.is_dir():
-        return
+        return ""
     others = sorted(
         entry.name + "/" * entry.is_dir()
         for entry in path.iterdir()
         if entry.is_dir() or not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in makes)
     )
-    if others:
-        shown = [*others[:3], f"{len(others) - 3} more"] if len(others) > 4 else others
-        listed = " and ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown)
-        raise FileExistsError(
-            f"{path}: holds {listed} besides the files this command writes ({', '.join(makes)}), and writing there "
-            "replaces the whole folder; choose a new or empty folder (nothing was written)"
-        )
+    shown = [*others[:3], f"{len(others) - 3} more"] if len(others) > 4 else others
+    return " and ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown)
 
 
 def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> Path:

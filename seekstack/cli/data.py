@@ -144,9 +144,13 @@ def data_select(
 def tokenizer_train(
     corpus: Annotated[Path, typer.Option(help="Folder with train.jsonl (from `data build`)")],
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included")] = 4096,
-    out: Annotated[Path, typer.Option(help="Folder for tokenizer.json and tokenizer_config.json")] = Path(
-        "data/tokenizer"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder for tokenizer.json and tokenizer_config.json; one holding other files (a checkpoint's) is "
+            "refused, an earlier tokenizer alone there is replaced"
+        ),
+    ] = Path("data/tokenizer"),
 ) -> None:
     """Train a byte-level BPE tokenizer on the training split."""
     from seekstack.corpus.sources import read_jsonl
@@ -156,6 +160,7 @@ def tokenizer_train(
         train = corpus / "train.jsonl"
         if not train.is_file():
             raise FileNotFoundError(f"{train}: no such file; build the corpus first (`seekstack data build`)")
+        _refuse_a_folder_of_other_files(out)
         trained = train_tokenizer((document.text for document in read_jsonl(train)), vocab_size, out)
     typer.echo(f"wrote {out}/tokenizer.json: {trained.vocab_size} tokens")
     if trained.vocab_size < vocab_size:
@@ -164,6 +169,24 @@ def tokenizer_train(
             f"of pairs to merge: the corpus is small); train the model with model.vocab_size={trained.vocab_size}, "
             "since a larger vocabulary has ids that decode to no token",
             err=True,
+        )
+
+
+def _refuse_a_folder_of_other_files(out: Path) -> None:
+    """FileExistsError, before any training, when the tokenizer's folder is a file or holds files besides a
+    tokenizer's: a checkpoint there would keep its weights and get a tokenizer its model was not trained with."""
+    from seekstack.atomic import entries_besides
+    from seekstack.tokenizer import CONFIG_FILE, TOKENIZER_FILE, tokenizer_json_path
+
+    folder = tokenizer_json_path(out).parent
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder}: is a file, not a folder; nothing was written")
+    others = entries_besides(folder, (TOKENIZER_FILE, CONFIG_FILE))
+    if others:
+        raise FileExistsError(
+            f"{folder}: holds {others} besides a tokenizer's {TOKENIZER_FILE} and {CONFIG_FILE}, which a new "
+            "tokenizer would replace, leaving what is there (a checkpoint's model) with a tokenizer it was not "
+            "trained with; choose a new or empty folder for --out (nothing was written)"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,6 +26,7 @@ from seekstack.checkpoint import load_pretrained, save_pretrained
 from seekstack.cli import app
 from seekstack.config import preset
 from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import Tokenizer
 
 runner = CliRunner()
 
@@ -183,6 +185,25 @@ def test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path):
     index = json.loads((tmp_path / "tokens" / "train_index.json").read_text())
     assert index["documents"] == 2 and index["dtype"] == "uint16" and index["total_tokens"] > 1000
     assert "val: 1 documents" in result.output
+
+
+def test_tokenizer_train_refuses_a_folder_holding_other_files_and_replaces_an_earlier_tokenizer(tmp_path):
+    test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path)
+    checkpoint = tmp_path / "checkpoint"  # a model folder: its config beside the tokenizer it was trained with
+    shutil.copytree(tmp_path / "tok", checkpoint)
+    (checkpoint / "config.json").write_text("{}")
+    before = {entry.name: entry.read_bytes() for entry in checkpoint.iterdir()}
+    args = ["tokenizer", "train", "--corpus", str(tmp_path / "corpus"), "--vocab-size", "300"]
+    refused = runner.invoke(app, [*args, "--out", str(checkpoint)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert f"{checkpoint}: holds config.json besides a tokenizer's tokenizer.json and tokenizer_config.json" in (
+        refused.output
+    )
+    assert "nothing was written" in refused.output and "replaces the whole folder" not in refused.output
+    assert {entry.name: entry.read_bytes() for entry in checkpoint.iterdir()} == before
+    replaced = runner.invoke(app, [*args, "--out", str(tmp_path / "tok")])
+    assert replaced.exit_code == 0, replaced.output
+    assert Tokenizer.from_file(tmp_path / "tok").vocab_size == 300
 
 
 def test_tokenize_names_a_missing_corpus(tmp_path):
