@@ -219,10 +219,20 @@ def usage_command(
     from rich.console import Console
     from rich.table import Table
 
+    from seekstack.serve.keys import KeyStore
     from seekstack.serve.ledger import Ledger, parse_day
 
     with user_errors(as_json):
-        days = Ledger(_database(db)).daily(key, parse_day(since) if since else None)
+        database = _database(db)
+        ledger = Ledger(database)
+        days = ledger.daily(key, parse_day(since) if since else None)
+        if key is not None and not days:
+            if key not in {known.name for known in KeyStore(database).list()} and not ledger.records(key):
+                fail(f"no key named {key!r} in {database.location}, and no usage recorded for one; "
+                     "`seekstack keys list` shows the keys", as_json)  # fmt: skip
+            if not as_json:
+                typer.echo(f"no usage recorded for key {key!r}" + (f" since {since}" if since else ""))
+                return
     if as_json:
         typer.echo(json.dumps([day.to_dict() for day in days], indent=2))
         return

@@ -211,3 +211,20 @@ def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
     assert "frank" in table and "1,000" in table and "0.003000" in table  # 1.5k tokens at 0.002 per 1k
     bad_day = runner.invoke(app, ["usage", "--since", "yesterday", "--db", db])
     assert bad_day.exit_code == 1 and "'yesterday' is not in the form YYYY-MM-DD" in bad_day.stderr
+
+
+def test_usage_of_an_unknown_key_fails_and_a_key_without_usage_says_it_has_none(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    KeyStore(open_database(db)).create("idle")
+    Ledger(open_database(db)).record(usage("gone", 10, 10))  # a key the ledger knows, no longer in the store
+
+    unknown = runner.invoke(app, ["usage", "--key", "nosuch", "--db", db])
+    assert unknown.exit_code == 1 and "no key named 'nosuch'" in unknown.stderr and "total" not in unknown.stdout
+    as_json = runner.invoke(app, ["usage", "--key", "nosuch", "--json", "--db", db])
+    assert as_json.exit_code == 1 and "no key named 'nosuch'" in as_json.stdout
+    idle = runner.invoke(app, ["usage", "--key", "idle", "--db", db])
+    assert (idle.exit_code, idle.stdout.strip()) == (0, "no usage recorded for key 'idle'")
+    assert runner.invoke(app, ["usage", "--key", "idle", "--json", "--db", db]).stdout.strip() == "[]"
+    future = runner.invoke(app, ["usage", "--key", "gone", "--since", "2999-01-01", "--db", db])
+    assert (future.exit_code, future.stdout.strip()) == (0, "no usage recorded for key 'gone' since 2999-01-01")
+    assert "gone" in runner.invoke(app, ["usage", "--key", "gone", "--db", db]).stdout
