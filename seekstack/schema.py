@@ -172,7 +172,8 @@ def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str])
 
 
 def parse_value(text: str, annotation: Any, key: str) -> Any:
-    """`text` from the command line as a value of type `annotation` ("3e-4" a float, "a,b" a tuple, YAML else)."""
+    """`text` from the command line as a value of type `annotation` ("3e-4" a float, "1e3" an int, "a,b" a tuple,
+    else YAML read as config files are: `{lr: 1e-3}` holds a float, a key given twice is an error)."""
     annotation = _strip(annotation)
     origin = typing.get_origin(annotation)
     if annotation is str:
@@ -180,9 +181,9 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
     if origin is tuple and not text.lstrip().startswith("["):
         return [parse_value(part, typing.get_args(annotation)[0], key) for part in text.split(",")]
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"field {key!r}: {text!r} cannot be read ({error})") from None
+        raise ConfigError(f"field {key!r}: {text!r} cannot be read ({_yaml_problem(error)})") from None
     unspaced = _UNSPACED_KEY.search(text) if isinstance(value, dict) else None
     if unspaced:
         minutes, seconds = unspaced.groups()
@@ -193,8 +194,9 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
             f"field {key!r}: {text!r} has no space after a key's colon, so YAML reads {minutes}:{seconds} as "
             f"{read_as} with no value; write {spaced!r}"
         )
-    if isinstance(value, str):
-        value = _number(value)
+    if isinstance(value, (str, float)):  # a number as Python writes it: "1e3" is the int 1000, "inf" a float
+        number = _number(text.strip())
+        value = value if isinstance(number, str) else number
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     return value
@@ -279,6 +281,14 @@ def _number(text: str) -> Any:
     except ValueError:
         return text
     return int(number) if number.is_integer() and "." not in text and "inf" not in text.lower() else number
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and at which character of the text (YAML's own text spans lines)."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    return f"{problem} at character {mark.column + 1}" if mark is not None else problem
 
 
 def _field_location(values: Mapping[str, Any], location: tuple) -> tuple:

@@ -35,9 +35,11 @@ class MixtureSchedule:
     def __init__(self, weights: dict[str, Any]):
         if not weights:
             raise ValueError("a mixture needs at least one source")
-        per_phase = {name: [w] if isinstance(w, (int, float)) else list(w) for name, w in weights.items()}
+        per_phase = {name: list(w) if isinstance(w, (list, tuple)) else [w] for name, w in weights.items()}
         phases = max(len(ws) for ws in per_phase.values())
         for name, ws in per_phase.items():
+            if not ws:
+                raise ValueError(f"mixture source {name!r} has no weights; give a number, or one per phase")
             if len(ws) not in (1, phases):
                 raise ValueError(f"mixture source {name!r} has {len(ws)} weights; give 1 or {phases} (one per phase)")
             if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in ws):

@@ -166,6 +166,21 @@ def test_files_read_exponent_floats_and_a_saved_config_with_a_small_lr_reads_bac
         load_train_config(tmp_path / "twice.yaml")
 
 
+def test_mixture_overrides_are_read_as_config_files_are_and_checked_before_the_run(tmp_path) -> None:
+    (tmp_path / "run.yaml").write_text("mixture: {train: 1e-3, train_hard: [1e-3, 2e-3]}\n")
+    from_file = load_train_config(tmp_path / "run.yaml").mixture
+    assert from_file == {"train": 0.001, "train_hard": [0.001, 0.002]}
+    assert load_train_config(None, ["mixture={train: 1e-3, train_hard: [1e-3, 2e-3]}"]).mixture == from_file
+    assert load_train_config(None, ["mixture.train=1e-3", "mixture.train_hard=[1e-3, 2e-3]"]).mixture == from_file
+    with pytest.raises(ConfigError, match="field 'mixture': '.*' cannot be read \\(key 'train' is given twice"):
+        load_train_config(None, ["mixture={train: 1, train: 2}"])
+    for empty in ("mixture={train: []}", "mixture.train=[]"):
+        with pytest.raises(ConfigError, match="field 'mixture': mixture source 'train' has no weights"):
+            load_train_config(None, [empty])
+    with pytest.raises(ConfigError, match=r"mixture source 'train' has weights \['1e-3'\]; they must be numbers"):
+        load_train_config(None, ["mixture={train: '1e-3'}"])  # a quoted weight is text, kept whole in the message
+
+
 def test_data_and_teacher_paths_in_a_file_are_relative_to_its_folder(tmp_path) -> None:
     from seekstack.distill.config import DistillConfig
     from seekstack.posttrain.config import SFTConfig
