@@ -177,10 +177,13 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="Name of the key")], db
 @keys_app.command("plan")
 def keys_plan(
     name: Annotated[str | None, typer.Argument(help="Plan to create or change; none: list the plans")] = None,
-    prompt_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k prompt tokens")] = None,
-    completion_price: Annotated[float | None, typer.Option(min=0, help="Price per 1k completion tokens")] = None,
+    prompt_price: Annotated[float | None, typer.Option(help="Price per 1k prompt tokens (finite, >= 0)")] = None,
+    completion_price: Annotated[
+        float | None, typer.Option(help="Price per 1k completion tokens (finite, >= 0)")
+    ] = None,
     cached_prompt_price: Annotated[
-        float | None, typer.Option(min=0, help="Price per 1k prompt tokens read from the prefix cache; default prompt")
+        float | None,
+        typer.Option(help="Price per 1k prompt tokens read from the prefix cache (finite, >= 0); default prompt"),
     ] = None,
     db: DatabaseOption = None,
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
@@ -129,8 +130,8 @@ class KeyStore:
         prices = (("prompt price", prompt_per_1k), ("completion price", completion_per_1k),
                   ("cached prompt price", cached_prompt_per_1k or 0))  # fmt: skip
         for field, price in prices:
-            if price < 0:
-                raise KeyStoreError(f"{field} of plan {name!r} must not be negative, got {price}")
+            if not math.isfinite(price) or price < 0:  # nan would slip past `< 0`, inf would bill inf
+                raise KeyStoreError(f"{field} of plan {name!r} must be a finite number >= 0, got {price}")
         with self.database.transaction() as connection:
             connection.execute(
                 "INSERT INTO plans (name, prompt_per_1k, completion_per_1k, cached_prompt_per_1k) VALUES (?, ?, ?, ?) "

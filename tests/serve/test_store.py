@@ -228,3 +228,15 @@ def test_usage_of_an_unknown_key_fails_and_a_key_without_usage_says_it_has_none(
     future = runner.invoke(app, ["usage", "--key", "gone", "--since", "2999-01-01", "--db", db])
     assert (future.exit_code, future.stdout.strip()) == (0, "no usage recorded for key 'gone' since 2999-01-01")
     assert "gone" in runner.invoke(app, ["usage", "--key", "gone", "--db", db]).stdout
+
+
+@pytest.mark.parametrize("price", ["nan", "inf", "-inf", "1e400", "-0.5"])
+def test_a_price_that_is_not_a_finite_number_at_least_zero_is_refused_and_says_so(tmp_path, price):
+    db = str(tmp_path / "cli.db")
+    priced = CliRunner().invoke(app, ["keys", "plan", "pro", "--prompt-price", price, "--completion-price", "1",
+                                      "--db", db])  # fmt: skip
+    assert priced.exit_code == 1
+    assert "prompt price of plan 'pro' must be a finite number >= 0, got" in priced.stderr
+    assert [plan.name for plan in KeyStore(open_database(db)).plans()] == ["default"]  # nothing stored
+    with pytest.raises(KeyStoreError, match="cached prompt price of plan 'default' must be a finite number >= 0"):
+        KeyStore(open_database(db)).set_plan("default", 1.0, 1.0, cached_prompt_per_1k=float(price))
