@@ -601,11 +601,26 @@ class _Run:
                 handle.write(json.dumps(metrics) + "\n")
 
     def _trim_metrics(self) -> None:
-        """Drop lines past the step a resumed run starts from, so metrics.jsonl tells one history."""
+        """Drop lines past the step a resumed run starts from, so metrics.jsonl tells one history. A last line cut
+        short (what a run killed while writing it leaves) is dropped with a warning; a damaged earlier one is an
+        error naming it."""
         path = self.out_dir / METRICS_FILE
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                if number < len(lines):
+                    raise ValueError(
+                        f"{path}:{number}: not valid JSON ({error.msg}); mend or delete that line"
+                    ) from None
+                self._say(f"warning: {path}:{number}: dropped the last line, cut short ({error.msg}) by a stopped run")
+                continue
+            if record["step"] <= self.step:
+                kept.append(line)
         write_atomic(path, "".join(line + "\n" for line in kept))
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:

@@ -178,6 +178,21 @@ def test_resume_true_picks_the_latest_checkpoint_and_trims_metrics(data_dir, tmp
     assert read_metrics(tmp_path)[: len(metrics_before)] == metrics_before
 
 
+def test_resume_drops_a_last_metrics_line_cut_short_with_a_warning_and_names_a_damaged_earlier_one(
+    data_dir, tmp_path, capsys
+):
+    train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes()[:-20])  # killed while writing step 4's line
+    train(run_config(data_dir, tmp_path, max_steps=6, save_every=2, eval_every=0), resume=True)
+    assert f"warning: {metrics}:4: dropped the last line, cut short" in capsys.readouterr().err
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 5, 6]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], lines[1][:-20], *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match=f"{metrics}:2: not valid JSON .*; mend or delete that line"):
+        train(run_config(data_dir, tmp_path, max_steps=8, save_every=2, eval_every=0), resume=True)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     train(run_config(data_dir, tmp_path, max_steps=2, save_every=2))
     good = (tmp_path / "checkpoints" / "step_2" / "model.safetensors").read_bytes()
