@@ -79,8 +79,8 @@ class Tokenizer:
         path = tokenizer_json_path(path_or_dir)
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path}: no such file; train a tokenizer there (train_tokenizer), or copy the tokenizer.json "
-                "of the model's release"
+                f"{path}: no such file; train a tokenizer into {path.parent}, or copy the tokenizer.json of the "
+                "model's release there"
             )
         try:
             backend = BackendTokenizer.from_file(str(path))

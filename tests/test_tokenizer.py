@@ -222,6 +222,7 @@ def test_missing_tokenizer_file_is_named(tmp_path):
         Tokenizer.from_file(tmp_path)
     assert str(error.value).startswith(f"{tmp_path / 'tokenizer.json'}: no such file; ")
     assert "--" not in str(error.value) and "seekstack " not in str(error.value)  # the library names no CLI
+    assert "train_tokenizer" not in str(error.value)  # nor a Python function, meaningless on the command line
 
 
 DAMAGES = {

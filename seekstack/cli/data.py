@@ -32,8 +32,11 @@ def data_build(
         str | None,
         typer.Option(help="Rules per document: auto (detected kind), web (prose/CJK by script), code, zh (CJK)"),
     ] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Fraction of documents held out for validation")] = None,
-    workers: Annotated[int, typer.Option(help="Processes for the per-document work; 0: one per CPU core")] = 0,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(help="Fraction of documents held out for validation (at least one when above 0; 0: none)"),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=0, help="Processes for the per-document work; 0: one per CPU core")] = 0,
     write_config: Annotated[Path | None, typer.Option(help="Write the resolved thresholds to this file, exit")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:

@@ -163,6 +163,7 @@ def build_corpus(
     config = config or CleaningConfig()
     sources = list(sources)  # read twice: their documents, then what folders skipped
     out_dir = Path(out_dir)
+    _refuse_a_file_in_the_way(out_dir)
     report = Report(config=dataclasses.asdict(config), workers=workers)
     exact = ExactDeduplicator()
     near = NearDeduplicator(config.near_duplicate_threshold, config.minhash_permutations)
@@ -245,6 +246,17 @@ def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
         f"{config.profile}). Try --profile web|code|zh, or loosen those rules' thresholds with --config "
         f"(--write-config writes them); nothing was written{_skipped(report)}"
     )
+
+
+def _refuse_a_file_in_the_way(out_dir: Path) -> None:
+    """CorpusBuildError, before the cleaning, when `out_dir` or a folder above it is a file."""
+    blocking = next((path for path in (out_dir, *out_dir.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        within = "" if blocking == out_dir else f" (on the way to {out_dir})"
+        raise CorpusBuildError(
+            f"{blocking}: is a file, not a folder{within}; choose another output folder for train.jsonl, val.jsonl "
+            "and report.json (nothing was written)"
+        )
 
 
 def _skipped_counts(report: Report) -> str:

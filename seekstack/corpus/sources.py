@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a code point UTF-8 cannot hold (json.loads pairs whole ones)
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 class DataSourceError(ValueError):
@@ -52,6 +53,11 @@ def read_text_folder(
         for name in sorted(files):
             path = Path(directory, name)
             if _kind(path) in suffixes:
+                if not path.exists():  # os.walk lists a symbolic link to nothing among the files
+                    raise DataSourceError(
+                        f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target "
+                        "or remove the link"
+                    )
                 yield Document(path.relative_to(folder).as_posix(), _decoded(_read(path)), folder.name)
             elif skipped is not None:
                 skipped[_kind(path) or "(no suffix)"] += 1
@@ -122,7 +128,12 @@ def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = Non
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataSourceError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or field not in record:
+            if not isinstance(record, dict):
+                raise DataSourceError(
+                    f"{path}:{line_number}: a JSON {_JSON_TYPES.get(type(record), 'value')}, not an object with a "
+                    f"{field!r} field (JSON Lines holds one object per line)"
+                )
+            if field not in record:
                 raise DataSourceError(
                     f"{path}:{line_number}: no field {field!r} (`seekstack data` commands name another with --field)"
                 )

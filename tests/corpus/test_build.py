@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from seekstack.cli import app
 from seekstack.corpus.build import CorpusBuildError, Report, build_corpus, report_table
 from seekstack.corpus.rules import CleaningConfig
-from seekstack.corpus.sources import Document, open_source
+from seekstack.corpus.sources import DataSourceError, Document, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
 from tests.corpus.test_cleaning import prose
 from tests.corpus.test_kinds import CHINESE_ARTICLE, ENGLISH_ARTICLE, STDLIB, junk
@@ -130,3 +131,37 @@ def test_a_folder_input_reports_the_files_it_did_not_read_by_suffix(tmp_path: Pa
     console = Console(record=True, width=120)
     console.print(report_table(report))
     assert "not read: other suffixes │   4 files │ .html 3, (no suffix) 1" in console.export_text()
+
+
+def test_a_dangling_link_in_an_input_folder_is_named_with_its_target_and_nothing_is_written(tmp_path: Path) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text(prose(1))
+    (folder / "b.txt").symlink_to(tmp_path / "moved.txt")
+    with pytest.raises(DataSourceError, match=f"b.txt: a symbolic link to {tmp_path / 'moved.txt'}, which does not"):
+        build_corpus([open_source(folder)], tmp_path / "out", show_progress=False)
+    assert list((tmp_path / "out").rglob("*")) == []
+
+
+@pytest.mark.parametrize("out", ["taken.txt", "taken.txt/corpus"])
+def test_an_output_folder_that_is_or_lies_under_a_file_is_refused_before_the_cleaning(tmp_path: Path, out) -> None:
+    (tmp_path / "taken.txt").write_text("a user's file")
+
+    def never_read() -> Iterator[Document]:
+        pytest.fail("the cleaning started")
+        yield
+
+    with pytest.raises(CorpusBuildError, match=f"{tmp_path / 'taken.txt'}: is a file, not a folder"):
+        build_corpus([never_read()], tmp_path / out, show_progress=False)
+    assert (tmp_path / "taken.txt").read_text() == "a user's file"
+
+
+def test_cli_refuses_a_negative_worker_count_and_documents_a_zero_val_fraction(tmp_path: Path) -> None:
+    args = ["data", "build", "--out", str(tmp_path / "out"), "--no-progress"]
+    refused = CliRunner().invoke(app, [*args, "--workers", "-3"])
+    assert refused.exit_code == 2 and "--workers" in refused.output and not (tmp_path / "out").exists()
+    (tmp_path / "web.jsonl").write_text("".join(json.dumps({"text": prose(i)}) + "\n" for i in range(3)))
+    built = CliRunner().invoke(app, [*args, str(tmp_path / "web.jsonl"), "--val-fraction", "0", "--workers", "1"])
+    assert built.exit_code == 0, built.output
+    assert read_rows(tmp_path / "out")["val"] == []
+    assert "0: none" in CliRunner().invoke(app, ["data", "build", "--help"], env={"COLUMNS": "200"}).output

@@ -242,6 +242,8 @@ def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:
     [
         ('{"body": "x"}', r"docs.jsonl:2: no field 'text'"),
         ("{oops", r"docs.jsonl:2: not valid JSON"),
+        ('["x", "y"]', r"docs.jsonl:2: a JSON array, not an object with a 'text' field"),
+        ("3", r"docs.jsonl:2: a JSON number, not an object with a 'text' field"),
         ('{"text": "caf\xe9"}', r"docs.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 13\)"),
     ],
 )
