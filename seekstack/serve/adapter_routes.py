@@ -12,23 +12,21 @@ JSON requests only (serve/access.py).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from seekstack.adapters.registry import AdapterConflict, UnknownAdapter
 from seekstack.checkpoint import CheckpointError
 from seekstack.serve.access import read_body
-from seekstack.serve.errors import APIError, invalid_body
+from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.openapi import error_responses
 from seekstack.serve.schemas import ModelCard
 
 if TYPE_CHECKING:
     from seekstack.serve.app import Server
-
-Body = TypeVar("Body", bound=BaseModel)
 
 
 class LoadAdapterRequest(BaseModel):
@@ -49,7 +47,7 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
     async def load_lora_adapter(request: Request) -> JSONResponse:
         """Serve the LoRA adapter in `lora_path` as model `lora_name` (admin keys only)."""
         await asyncio.to_thread(server.authenticate, request, True)
-        body = await _parse(request, LoadAdapterRequest, server.max_body_bytes)
+        body = parse_body(LoadAdapterRequest, await read_body(request, server.max_body_bytes))
         if body.lora_name == server.model_name:
             raise APIError(409, f"{body.lora_name!r} is the base model's name; give the adapter another one",
                            param="lora_name", code="adapter_exists")  # fmt: skip
@@ -68,7 +66,7 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         """Stop serving adapter `lora_name`; refused while unfinished requests use it (admin keys only)."""
         await asyncio.to_thread(server.authenticate, request, True)
-        body = await _parse(request, UnloadAdapterRequest, server.max_body_bytes)
+        body = parse_body(UnloadAdapterRequest, await read_body(request, server.max_body_bytes))
         try:
             await asyncio.to_thread(server.engine.unload_adapter, body.lora_name)
         except UnknownAdapter as error:
@@ -76,11 +74,3 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
         except AdapterConflict as error:
             raise APIError(409, str(error), param="lora_name", code="adapter_in_use") from None
         return JSONResponse({"id": body.lora_name, "object": "model", "deleted": True})
-
-
-async def _parse(request: Request, schema: type[Body], max_body_bytes: int) -> Body:
-    raw = await read_body(request, max_body_bytes)
-    try:
-        return schema.model_validate_json(raw)
-    except ValidationError as error:
-        raise invalid_body(error, raw) from None

@@ -31,7 +31,7 @@ from seekstack.serve.adapter_routes import add_adapter_routes
 from seekstack.serve.billing import Bill
 from seekstack.serve.bridge import AsyncEngine, RequestGroup
 from seekstack.serve.database import Database
-from seekstack.serve.errors import APIError, internal_error, invalid_body
+from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
 from seekstack.serve.keys import ApiKey, KeyStore
 from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.serve.metrics import ServerMetrics
@@ -189,7 +189,7 @@ class Server:
         bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
         try:
             raw = await read_body(request, self.max_body_bytes)
-            body = await asyncio.to_thread(_parse, schema, raw)  # JSON and tokenizer: off the event loop
+            body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
             bill.model = body.model  # the ledger records which model served (or was asked for)
             refuse_unsupported(body)
             adapter = self.adapter_for(body.model)
@@ -454,14 +454,6 @@ def _role_choice(index: int) -> ChatChunkChoice:
     return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
 
 
-def _parse(schema: type[BaseModel], raw: bytes) -> Any:
-    """The request body as `schema`, or a 400 naming every field at fault."""
-    try:
-        return schema.model_validate_json(raw)
-    except ValidationError as error:
-        raise invalid_body(error, raw) from None
-
-
 def _response_id(is_chat: bool) -> str:
     return f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
 
@@ -554,7 +546,7 @@ def create_app(
     async def moderations(request: Request) -> JSONResponse:
         """Which of the server's content-policy categories each input falls in (none without a policy)."""
         key = await asyncio.to_thread(server.authenticate, request)
-        body = _parse(ModerationRequest, await read_body(request, server.max_body_bytes))
+        body = parse_body(ModerationRequest, await read_body(request, server.max_body_bytes))
         return JSONResponse((await asyncio.to_thread(server.safety.moderations, body, key)).model_dump())
 
     @app.get("/v1/admin/usage", response_model=UsageReport, responses=error_responses(400, 401, 403, 500))

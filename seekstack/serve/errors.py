@@ -7,12 +7,14 @@ import logging
 import re
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from seekstack.serve.schemas import ErrorDetail, ErrorResponse
+
+Model = TypeVar("Model", bound=BaseModel)
 
 MAX_SHOWN_INPUT = 80
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads keeps an unpaired "\\ud800" escape as this code point
@@ -44,6 +46,14 @@ class APIError(Exception):
 
 
 LENGTH_ERRORS = ("too_long", "too_short")  # pydantic's types for a sequence outside its length bounds
+
+
+def parse_body(schema: type[Model], raw: bytes) -> Model:
+    """The request body `raw` as `schema`, or a 400 naming every field at fault."""
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as error:
+        raise invalid_body(error, raw) from None
 
 
 def invalid_body(error: ValidationError, raw: bytes = b"") -> APIError:
