@@ -152,7 +152,7 @@ def keys_list(db: DatabaseOption = None) -> None:
     from seekstack.serve.keys import KeyStore
 
     with user_errors():
-        keys = KeyStore(_database(db)).list()
+        keys = KeyStore(_database(db, existing=True)).list()
     table = Table(title="API keys")
     for column in ("name", "key", "plan", "rpm", "tpm", "admin", "created (UTC)", "state"):
         table.add_column(column)
@@ -170,7 +170,7 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="Name of the key")], db
     from seekstack.serve.keys import KeyStore
 
     with user_errors():
-        KeyStore(_database(db)).revoke(name)
+        KeyStore(_database(db, existing=True)).revoke(name)
     typer.echo(f"revoked key {name!r}")
 
 
@@ -191,7 +191,9 @@ def keys_plan(
     from seekstack.serve.keys import KeyStore
 
     with user_errors():
-        store = KeyStore(_database(db))
+        if name is None and (prompt_price, completion_price, cached_prompt_price) != (None, None, None):
+            fail("prices are set on a plan: name it, e.g. `seekstack keys plan pro --prompt-price 0.5 ...`")
+        store = KeyStore(_database(db, existing=name is None))
         if name is not None:
             current = next((plan for plan in store.plans() if plan.name == name), None)
             if current is None and (prompt_price is None or completion_price is None):
@@ -226,7 +228,7 @@ def usage_command(
     from seekstack.serve.ledger import Ledger, parse_day
 
     with user_errors(as_json):
-        database = _database(db)
+        database = _database(db, existing=True)
         ledger = Ledger(database)
         days = ledger.daily(key, parse_day(since) if since else None)
         if key is not None and not days:
@@ -251,10 +253,12 @@ def usage_command(
     Console(markup=False).print(table)
 
 
-def _database(location: str | None) -> Database:
+def _database(location: str | None, existing: bool = False) -> Database:
+    """The keys-and-usage database; `existing`: for commands that only read it, a SQLite file that is not there is
+    an error rather than a new empty database."""
     from seekstack.serve.database import default_database_location, open_database
 
-    return open_database(location or default_database_location())
+    return open_database(location or default_database_location(), create=not existing)
 
 
 def _utc(timestamp: float) -> str:

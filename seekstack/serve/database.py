@@ -89,10 +89,16 @@ def default_database_location() -> str:
     return os.environ.get(DATABASE_ENV, DEFAULT_DATABASE)
 
 
-def open_database(location: str | os.PathLike) -> Database:
-    """The database at `location`: a `postgresql://` URL, or else the path of a SQLite file (created if new)."""
+def open_database(location: str | os.PathLike, create: bool = True) -> Database:
+    """The database at `location`: a `postgresql://` URL, or else the path of a SQLite file (created if new, or
+    FileNotFoundError naming it without `create`)."""
     if urlsplit(str(location)).scheme in POSTGRES_SCHEMES:
         return PostgresDatabase(str(location))
+    if not create and not Path(location).is_file():
+        raise FileNotFoundError(
+            f"{location}: no such database; `seekstack serve` and `seekstack keys create` write it (--db or "
+            f"${DATABASE_ENV} name another)"
+        )
     return SQLiteDatabase(Path(location))
 
 

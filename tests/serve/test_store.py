@@ -240,3 +240,17 @@ def test_a_price_that_is_not_a_finite_number_at_least_zero_is_refused_and_says_s
     assert [plan.name for plan in KeyStore(open_database(db)).plans()] == ["default"]  # nothing stored
     with pytest.raises(KeyStoreError, match="cached prompt price of plan 'default' must be a finite number >= 0"):
         KeyStore(open_database(db)).set_plan("default", 1.0, 1.0, cached_prompt_per_1k=float(price))
+
+
+@pytest.mark.parametrize("command", [["usage"], ["keys", "list"], ["keys", "plan"], ["keys", "revoke", "ci"]])
+def test_commands_that_read_the_database_name_a_missing_one_instead_of_creating_it(tmp_path, command):
+    missing = tmp_path / "typo.db"
+    result = CliRunner().invoke(app, [*command, "--db", str(missing)])
+    assert result.exit_code == 1 and f"{missing}: no such database" in result.stderr
+    assert not missing.exists()
+
+
+def test_prices_without_a_plan_name_are_refused_not_ignored(tmp_path):
+    db = str(tmp_path / "cli.db")
+    result = CliRunner().invoke(app, ["keys", "plan", "--prompt-price", "1", "--db", db])
+    assert result.exit_code == 1 and "name it" in result.stderr
