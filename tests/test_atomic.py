@@ -154,4 +154,4 @@ def test_damaged_train_state_is_named_with_what_to_do(tmp_path):
         load_checkpoint(path)
     message = str(error.value)
     assert message.startswith(f"{path / 'train_state.pt'}: not a readable training state")
-    assert "resume from an earlier checkpoint" in message
+    assert f"move {path} out of {path.parent}, and --resume continues from the checkpoint before it" in message

@@ -186,8 +186,8 @@ def resolve_train_config(
     cls: type[T] = TrainConfig,
 ) -> T:
     """The config of a run (a TrainConfig, or a stage's subclass of it). With `resume`, the run's saved
-    `train_config.json` (in the `out_dir` the file or the overrides name, else the default) is the base, and `warn`
-    hears of every field the file or overrides change."""
+    `train_config.json` (in the `out_dir` the file or the overrides name, else the default; it holds the config of
+    the run's last start or resume) is the base, and `warn` hears of every field the file or overrides change."""
     given = _given_values(path)
     source = str(path) if path is not None else None
     base: dict[str, Any] = {}
@@ -206,7 +206,7 @@ def resolve_train_config(
         for f in dataclasses.fields(cls):
             old, new = getattr(saved, f.name), getattr(config, f.name)
             if old != new:
-                warn(f"resuming with {f.name}={json.dumps(new)} (the run was started with {json.dumps(old)})")
+                warn(f"resuming with {f.name}={json.dumps(new)} (the run last ran with {json.dumps(old)})")
     return config
 
 

@@ -179,8 +179,8 @@ def read_train_state(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} has no {TRAIN_STATE_FILE}: it is not a training checkpoint") from None
     except Exception as error:  # pickle and zip errors of a truncated or damaged file
         raise CheckpointError(
-            f"{state_file}: not a readable training state ({error}); it is truncated or damaged: "
-            "resume from an earlier checkpoint"
+            f"{state_file}: not a readable training state ({error}); it is truncated or damaged: move {path} out "
+            f"of {Path(path).parent}, and --resume continues from the checkpoint before it (if the run kept one)"
         ) from None
 
 

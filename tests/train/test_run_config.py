@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.schema import ConfigError
-from seekstack.train.config import CONFIG_FILE, load_train_config
+from seekstack.train.config import CONFIG_FILE, load_train_config, resolve_train_config
 from seekstack.train.state import list_checkpoints
 from tests.train.test_trainer import MICRO_MODEL, read_metrics, write_split
 
@@ -90,7 +90,7 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     # Only out_dir and the new max_steps: data_dir, batch, lengths and the model come from train_config.json.
     resumed = runner.invoke(app, ["train", f"out_dir={out_dir}", "max_steps=12", "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    assert "warning: resuming with max_steps=12 (the run was started with 6)" in resumed.output
+    assert "warning: resuming with max_steps=12 (the run last ran with 6)" in resumed.output
     assert resumed.output.count("warning:") == 1
     assert "resumed from step 3" in resumed.output
     saved = load_train_config(out_dir / CONFIG_FILE)
@@ -102,6 +102,19 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     after_warmup = rates[2:]
     assert all(b < a for a, b in zip(after_warmup, after_warmup[1:], strict=False)), rates  # one decay, no jump
     assert 3e-4 < rates[-1] < 4e-4  # near min_lr at the new last step
+
+
+def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(tmp_path) -> None:
+    out = tmp_path / "run"
+    load_train_config(None, [f"out_dir={out}", "max_steps=6"]).save(out)
+    warnings: list[str] = []
+    for max_steps in (12, 18):  # each start and resume saves the config it runs with, as the trainer does
+        overrides = [f"out_dir={out}", f"max_steps={max_steps}"]
+        resolve_train_config(None, overrides, resume=True, warn=warnings.append).save(out)
+    assert warnings == [
+        "resuming with max_steps=12 (the run last ran with 6)",
+        "resuming with max_steps=18 (the run last ran with 12)",
+    ]
 
 
 def test_resume_without_a_saved_config_says_where_it_looked(tmp_path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from seekstack.checkpoint import CheckpointError
 from seekstack.infer.threads import IdleCores
 from seekstack.schema import ConfigError
 from seekstack.train.config import TrainConfig, load_train_config
@@ -191,6 +192,20 @@ def test_resume_drops_a_last_metrics_line_cut_short_with_a_warning_and_names_a_d
     metrics.write_text("\n".join([lines[0], lines[1][:-20], *lines[2:]]) + "\n")
     with pytest.raises(ValueError, match=f"{metrics}:2: not valid JSON .*; mend or delete that line"):
         train(run_config(data_dir, tmp_path, max_steps=8, save_every=2, eval_every=0), resume=True)
+
+
+def test_a_damaged_training_state_says_how_to_resume_from_the_checkpoint_before_it(data_dir, tmp_path):
+    config = run_config(data_dir, tmp_path / "run", max_steps=4, save_every=2, eval_every=0)
+    train(config)
+    newest = tmp_path / "run" / "checkpoints" / "step_4"
+    (newest / "train_state.pt").write_bytes((newest / "train_state.pt").read_bytes()[:100])  # cut short
+    more = run_config(data_dir, tmp_path / "run", max_steps=6, save_every=2, eval_every=0)
+    with pytest.raises(
+        CheckpointError, match=f"truncated or damaged: move {newest} out of {newest.parent}, and --resume"
+    ):
+        train(more, resume=True)
+    newest.rename(tmp_path / "step_4.damaged")  # what the message says to do
+    assert len(train(more, resume=True).losses) == 4  # steps 3 to 6, from step_2
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
