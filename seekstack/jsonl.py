@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 
-def jsonl_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, decoded JSON value) of each non-blank line of `path`; a ValueError naming `path:line` for a
-    line that is not UTF-8 or not JSON."""
+    line that is not UTF-8 or not JSON. With `on_torn_tail`, a last line that is neither and has no newline (what a
+    process stopped while appending it leaves) is skipped, and `on_torn_tail` is told why."""
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
+            torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                if line.strip():
+                    yield number, json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                what = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "not valid JSON"
+                reason = f"{error.reason} at byte {error.start}" if isinstance(error, UnicodeDecodeError) else error.msg
+                if torn:
+                    on_torn_tail(f"{path}:{number}: dropped the last line, cut short ({reason}) by a stopped run")
+                    return
+                raise ValueError(f"{path}:{number}: {what} ({reason}); mend or delete that line") from None

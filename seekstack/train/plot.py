@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -23,11 +24,12 @@ from seekstack.train.trainer import METRICS_FILE  # noqa: E402
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of `run_dir/metrics.jsonl`; ValueError naming the file and line that is not JSON."""
+    """The records of `run_dir/metrics.jsonl`; ValueError naming the file and line that is not JSON (a last line
+    cut short by a run stopped while writing it is left out, with a warning)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack train` run?")
-    return [record for _, record in jsonl_records(path)]
+    return [record for _, record in jsonl_records(path, on_torn_tail=warnings.warn)]
 
 
 def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:

@@ -30,6 +30,7 @@ from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
+from seekstack.jsonl import jsonl_records
 from seekstack.model.moe import MoE
 from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.parallel import distributed
@@ -607,21 +608,9 @@ class _Run:
         path = self.out_dir / METRICS_FILE
         if not path.is_file():
             return
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                if number < len(lines):
-                    raise ValueError(
-                        f"{path}:{number}: not valid JSON ({error.msg}); mend or delete that line"
-                    ) from None
-                self._say(f"warning: {path}:{number}: dropped the last line, cut short ({error.msg}) by a stopped run")
-                continue
-            if record["step"] <= self.step:
-                kept.append(line)
-        write_atomic(path, "".join(line + "\n" for line in kept))
+        records = jsonl_records(path, on_torn_tail=lambda why: self._say(f"warning: {why}"))
+        kept = [record for _, record in records if record["step"] <= self.step]
+        write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:
         line = (

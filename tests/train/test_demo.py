@@ -100,3 +100,15 @@ def test_plot_refuses_an_output_that_is_not_a_png_and_leaves_it_alone(demo_run):
     result = CliRunner().invoke(app, ["plot", str(demo_run / "run"), "--out", str(demo_run / "run" / "metrics.jsonl")])
     assert result.exit_code == 1 and "a plot is written as a .png file" in result.output
     assert (demo_run / "run" / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_plot_reads_a_run_stopped_while_writing_its_last_metrics_line(demo_run, tmp_path):
+    torn = tmp_path / "run"
+    torn.mkdir()
+    records = (demo_run / "run" / "metrics.jsonl").read_bytes()
+    (torn / "metrics.jsonl").write_bytes(records[:-20])
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl:\d+: dropped the last line, cut short"):
+        assert len(read_metrics(torn)) == records.count(b"\n") - 1
+    (torn / "metrics.jsonl").write_bytes(b'{"step": 1, "lo\n' + records)  # a damaged line before others: an error
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:1: not valid JSON"):
+        read_metrics(torn)
