@@ -42,7 +42,9 @@ class MixtureSchedule:
                 raise ValueError(f"mixture source {name!r} has no weights; give a number, or one per phase")
             if len(ws) not in (1, phases):
                 raise ValueError(f"mixture source {name!r} has {len(ws)} weights; give 1 or {phases} (one per phase)")
-            if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in ws):
+            if not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in ws
+            ):
                 raise ValueError(f"mixture source {name!r} has weights {ws}; they must be numbers >= 0")
         self.phases = phases
         self.weights = {name: ws * phases if len(ws) == 1 else ws for name, ws in per_phase.items()}

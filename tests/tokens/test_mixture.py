@@ -99,6 +99,8 @@ def test_schedule_errors_name_the_source():
         MixtureSchedule({"easy": [1, 1, 1], "hard": [1, 1]})
     with pytest.raises(ValueError, match=r"'easy' has weights \[-1\]"):
         MixtureSchedule({"easy": -1})
+    with pytest.raises(ValueError, match=r"'easy' has weights \[True, 1\]"):  # YAML's `true` is no weight
+        MixtureSchedule({"easy": [True, 1], "hard": [1, 1]})
     with pytest.raises(ValueError, match="phase 2 of 2 has no source with a positive weight"):
         MixtureSchedule({"easy": [1, 0], "hard": [1, 0]})
 
