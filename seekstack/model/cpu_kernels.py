@@ -14,9 +14,11 @@ more reads in flight over several streams than over one (a plain sum over 128 MB
   read 32 sets for ~14 distinct experts. The kernel groups the pairs by expert and reads each chosen expert once,
   one expert per thread.
 Compiled decode steps (1-16 rows) and eager inference of up to 16 tokens run them, on float32 weights or bfloat16
-ones (widened to float32 as they are read, float32 sums: half the bytes, where a BLAS call at a few bfloat16 rows ran
-no faster than float32). A CPU with avx512_bf16, where `dtype auto` is bfloat16, `bench/decode.py --preset small
---threads 1`: decode 203 -> 255 tok/s at batch 1, 389 -> 611 at 8 (compiled), 60 -> 110 at batch 1 eager.
+ones (half the bytes, where a BLAS call at a few bfloat16 rows ran no faster than float32). A CPU with avx512_bf16,
+where `dtype auto` is bfloat16, multiplies bfloat16 weights by bfloat16 rows in `vdpbf16ps` (float32 sums; widening
+each weight first bound the products by the core at 24-39 GB/s); other CPUs widen each weight as it is read.
+`bench/decode.py --preset small --threads 1` on an avx512_bf16 EPYC: decode 203 -> 255 tok/s at batch 1 and 389 ->
+611 at 8 (compiled) with widened weights, 60 -> 110 at batch 1 eager; then 227 -> 302 and 607 -> 825 with `vdpbf16ps`.
 Float32, `bench/decode_options.py --preset small --rows N --options '{}' '{"cpu_kernels": false}'` (compiled engines
 alternating in one process, same greedy tokens): decode +18% at 1 row, +81% at 8 (under load; before the 4 streams:
 +21% / +23% / +51% at 2 / 8 / 16 rows and 1-row steps left to inductor's loops).

@@ -54,11 +54,13 @@ def test_rows_linear_kernel_gives_the_linear_products(rows, threads, outputs):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17])
-def test_rows_linear_kernel_takes_bfloat16_weights_and_rows(rows):
-    """bfloat16 in, bfloat16 out: the weights widened as they are read, the sums in float32, rounded once at the end
-    (258 outputs: 4 streams and 2 rows left over; 37 columns: a tail past the 8-value vectors)."""
+@pytest.mark.parametrize("columns", [37, 101])
+def test_rows_linear_kernel_takes_bfloat16_weights_and_rows(rows, columns):
+    """bfloat16 in, bfloat16 out: exact products (vdpbf16ps, or weights widened as they are read), the sums in
+    float32, rounded once at the end (258 outputs: 4 streams and 2 rows left over; 37 and 101 columns: tails past the
+    8- and 32-value vectors)."""
     assert cpu_kernels.available()
-    x, weight = torch.randn(rows, 37, dtype=torch.bfloat16), torch.randn(258, 37, dtype=torch.bfloat16)
+    x, weight = torch.randn(rows, columns, dtype=torch.bfloat16), torch.randn(258, columns, dtype=torch.bfloat16)
     out = cpu_kernels.rows_linear(x, weight)
     exact = F.linear(x.float(), weight.float())
     assert out.dtype == torch.bfloat16

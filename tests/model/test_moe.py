@@ -134,10 +134,11 @@ def test_grouped_experts_kernel_gives_the_per_token_loop(tokens, hidden, expert_
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 16])
-def test_grouped_experts_kernel_takes_bfloat16_experts(tokens):
+@pytest.mark.parametrize(("hidden", "expert_width"), [(36, 6), (100, 70)])  # widths off the 8- and 32-value vectors
+def test_grouped_experts_kernel_takes_bfloat16_experts(tokens, hidden, expert_width):
     assert cpu_kernels.available()
-    moe = make_moe(hidden_size=36, moe_intermediate_size=6).eval().to(torch.bfloat16)  # widths off the 8-value vectors
-    flat = torch.randn(tokens, 36, dtype=torch.bfloat16)
+    moe = make_moe(hidden_size=hidden, moe_intermediate_size=expert_width).eval().to(torch.bfloat16)
+    flat = torch.randn(tokens, hidden, dtype=torch.bfloat16)
     with torch.no_grad():
         routing = moe.gate(flat)
         routed, load = moe.experts.forward_kernel(flat, routing)
