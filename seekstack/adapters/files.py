@@ -36,6 +36,7 @@ from seekstack.checkpoint import (
     read_safetensors,
     save_pretrained,
 )
+from seekstack.compress.linear import QuantizedWeight
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import TOKENIZER_FILE
@@ -162,6 +163,7 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
             f"{folder}: no {ADAPTER_WEIGHTS_FILE}; an adapter folder holds {ADAPTER_CONFIG_FILE} and weights"
         )
     config = read_lora_config(folder)  # its own errors name what is wrong with the file
+    refuse_quantized_base(model, folder)
     try:
         peft_model = get_peft_model(model, config, low_cpu_mem_usage=weightless)
     except (TypeError, ValueError) as error:  # peft checks a config's fields against the model only here
@@ -170,6 +172,18 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
         ) from None
     restore_adapter(peft_model, folder, weightless)
     return _fuse_head(peft_model).eval()
+
+
+def refuse_quantized_base(model: torch.nn.Module, folder: str | Path) -> None:
+    """CheckpointError naming the adapter `folder` when `model` holds quantized layers (seekstack.compress), which
+    adapters are not applied to yet."""
+    scheme = next((m.scheme for m in model.modules() if isinstance(m, QuantizedWeight)), None)
+    if scheme is not None:
+        raise CheckpointError(
+            f"{folder}: the base model is quantized ({scheme}), and adapters are not applied to quantized layers yet; "
+            "use the float checkpoint it was quantized from, or merge the adapter into that (`seekstack lora merge`) "
+            "and quantize the result"
+        )
 
 
 def read_lora_config(folder: str | Path) -> LoraConfig:

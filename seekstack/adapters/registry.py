@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seekstack.adapters.files import ADAPTER_CONFIG_FILE, load_adapter, read_lora_config
+from seekstack.adapters.files import ADAPTER_CONFIG_FILE, load_adapter, read_lora_config, refuse_quantized_base
 from seekstack.adapters.multi import (
     AdapterRows,
     Factors,
@@ -117,6 +117,7 @@ class LoadedAdapters:
         """Serve `weights` (from `read_factors(folder)`) as adapter `name` in the lowest free slot."""
         if not NAME.fullmatch(name):
             raise ValueError(f"adapter name {name!r}: use letters, digits and . _ - : @ / + only")
+        refuse_quantized_base(self.model, folder)
         if name in self.slots:
             raise AdapterConflict(f"an adapter named {name!r} is already loaded (from {self.folders[name]})")
         taken = set(self.slots.values())

@@ -265,3 +265,15 @@ def test_dropout_with_parameter_targets_is_refused_naming_the_field():
     attention_only = AdapterConfig(dropout=0.1, feed_forward=(), experts=()).validate()
     modules, parameters = attention_only.targets(seekstack.preset("tiny", **TINY))
     assert parameters == [] and "layers.1.self_attn.kv_b_proj" in modules
+
+
+def test_an_adapter_on_a_quantized_base_is_refused_naming_the_scheme(base, adapter):
+    from seekstack.adapters.registry import attach_adapters
+    from seekstack.compress.quantize import QuantConfig, quantize_model
+
+    quantized = seekstack.load_pretrained(base)
+    quantize_model(quantized, QuantConfig(scheme="int8"))
+    with pytest.raises(CheckpointError, match=f"{adapter}: the base model is quantized \\(int8\\)"):
+        load_adapter(quantized, adapter)  # generate, chat, merge
+    with pytest.raises(CheckpointError, match="the base model is quantized"):
+        attach_adapters(quantized, {"domain": adapter})  # serve
