@@ -473,9 +473,11 @@ class _Run:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
         """Next-token loss over `eval_batches` validation batches, bits per byte, and MaxVio over all those
-        batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only."""
-        if not self.ranks.is_main and not self.expert_parallel or self.source is not None:
-            return None  # experts on every rank: all evaluate; a batch source has no validation shards
+        batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only, or every rank where the parameters are split
+        over the ranks (experts, FSDP shards), whose forward gathers from all of them."""
+        split = self.expert_parallel or is_sharded(self.model)
+        if not self.ranks.is_main and not split or self.source is not None:
+            return None  # a batch source has no validation shards
         try:
             val = TokenWindows(self.config.data_dir, VAL_SPLIT, self.config.seq_len)
         except FileNotFoundError:

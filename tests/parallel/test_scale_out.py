@@ -50,14 +50,17 @@ def losses(out_dir: Path) -> list[float]:
 
 
 def test_fsdp_on_two_ranks_matches_one_process_at_the_same_global_batch(data_dir, tmp_path):  # noqa: F811
-    steps = dict(max_steps=20, eval_every=0, save_every=0)
+    steps = dict(max_steps=20, eval_every=10, eval_batches=2, save_every=0)  # every rank joins the evaluation
     single = train(run_config(data_dir, tmp_path / "one", **steps))
     train_on_two_ranks(run_config(data_dir, tmp_path / "fsdp", parallel="fsdp", **steps))
     sharded = read_metrics(tmp_path / "fsdp")
     assert losses(tmp_path / "fsdp") == pytest.approx(single.losses, abs=1e-5)
     one = read_metrics(tmp_path / "one")
-    assert sharded[-1]["grad_norm"] == pytest.approx(one[-1]["grad_norm"], rel=1e-4)
-    assert sharded[-1]["maxvio"] == pytest.approx(one[-1]["maxvio"], abs=1e-5)
+    val_losses = [[m["val_loss"] for m in metrics if "val_loss" in m] for metrics in (sharded, one)]
+    assert len(val_losses[0]) == 2 and val_losses[0] == pytest.approx(val_losses[1], abs=1e-5)
+    last_sharded, last_one = ([m for m in metrics if "loss" in m][-1] for metrics in (sharded, one))
+    assert last_sharded["grad_norm"] == pytest.approx(last_one["grad_norm"], rel=1e-4)
+    assert last_sharded["maxvio"] == pytest.approx(last_one["maxvio"], abs=1e-5)
     # ZeRO-3: each rank holds about half of the parameters, gradients and optimizer state.
     memory = sharded[0]["rank_memory"]
     whole = sum(p.numel() * 4 for p in single_model_parameters(tmp_path / "one"))
