@@ -572,16 +572,23 @@ def load_pretrained(
     model.reset_rope()
     ignorable = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")  # MTP's copies
     unused = sorted(k for k in reader.key_to_file if k not in reader.used and not ignorable.match(k))
-    _refuse_uncounted_layers(unused, reader, config_path, config.num_hidden_layers)
+    _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)
     return model
 
 
-def _refuse_uncounted_layers(unused: list[str], reader: CheckpointReader, config_path: Path, layers: int) -> None:
-    """Weights of decoder layers past `num_hidden_layers` mean the config is not these weights' (the model would
-    run without them and produce garbage); such layers that hold an MTP module (`eh_proj`) are skipped MTP depth."""
+def _refuse_miscounted_layers(unused: list[str], reader: CheckpointReader, config_path: Path, layers: int) -> None:
+    """A config whose `num_hidden_layers` is not the weights' is refused: past it, decoder layers would go unused
+    and the model produce garbage (layers there holding an MTP module, `eh_proj`, are skipped MTP depth, which is
+    allowed); within it, an MTP layer would run as a decoder layer."""
     mtp_layers = {m[1] for key in reader.key_to_file if (m := re.match(r"model\.layers\.(\d+)\.eh_proj\.", key))}
+    first_mtp = min(map(int, mtp_layers), default=layers)
+    if first_mtp < layers:
+        raise CheckpointError(
+            f"{config_path}: num_hidden_layers is {layers}, but layer {first_mtp} of the weights is an MTP module "
+            f"(eh_proj), so they hold {first_mtp} decoder layers; use the {CONFIG_FILE} saved with these weights"
+        )
     for key in unused:
         layer = re.match(r"model\.layers\.(\d+)\.", key)
         if layer and int(layer[1]) >= layers and layer[1] not in mtp_layers:

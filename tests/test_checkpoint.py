@@ -590,6 +590,16 @@ def test_config_counting_fewer_layers_than_the_weights_is_refused(saved):
     assert "decoder layer 1" in message
 
 
+def test_config_counting_an_mtp_layer_as_a_decoder_layer_is_refused(tmp_path):
+    seekstack.save_pretrained(random_model(num_nextn_predict_layers=1), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    config["num_hidden_layers"] = layers + 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    message = load_error(tmp_path)
+    assert f"num_hidden_layers is {layers + 1}" in message and f"they hold {layers} decoder layers" in message
+
+
 def test_mtp_layers_past_the_config_count_are_skipped_with_a_warning(tmp_path):
     seekstack.save_pretrained(random_model(num_nextn_predict_layers=1), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
