@@ -87,7 +87,7 @@ def traces_command(
     out: Annotated[Path, typer.Option(help="JSONL of verified conversations, for `seekstack sft data=OUT`")],
     task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
     difficulty: Annotated[int | None, typer.Option(help="The task's knob (digits, numbers); default: its own")] = None,
-    prompts: Annotated[int, typer.Option(min=1, help="Training problems to sample traces on")] = 1000,
+    prompts: Annotated[int, typer.Option(min=1, help="Distinct training problems to sample traces on")] = 1000,
     samples: Annotated[int, typer.Option(min=1, help="Traces sampled per problem")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,

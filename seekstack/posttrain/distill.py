@@ -39,10 +39,12 @@ def verified_traces(
     seed: int = 0,
     batch_prompts: int = 64,
 ) -> Traces:
-    """`samples` completions of each of `prompts` training problems by the engine's model, each kept (once per
-    distinct text) when it is well formed and the verifier accepts its answer."""
-    problems = sample_problems(task, prompts, "train", seed)
+    """`samples` completions of each of `prompts` distinct training problems by the engine's model, each kept (once
+    per distinct question and text) when it is well formed and the verifier accepts its answer. A task with fewer
+    distinct training problems is a ValueError, as in pass-at-k."""
+    problems = sample_problems(task, prompts, "train", seed, distinct=True)
     tokenizer, conversations, solved = engine.tokenizer, [], 0
+    kept: set[tuple[str, str]] = set()  # (question, trace)
     for start in range(0, prompts, batch_prompts):
         chunk = problems[start : start + batch_prompts]
         rollout = sample_groups(
@@ -50,13 +52,13 @@ def verified_traces(
         )
         correct = rollout.terms["correctness"] > 0
         for index, problem in enumerate(chunk):
-            kept: set[str] = set()
-            for row in range(index * samples, (index + 1) * samples):
+            rows = range(index * samples, (index + 1) * samples)
+            for row in rows:
                 start_at, length = int(rollout.prompt_lengths[row]), int(rollout.completion_lengths[row])
                 ids = rollout.input_ids[row, start_at : start_at + length].tolist()
                 text = tokenizer.decode(t for t in ids if t != tokenizer.eos_id).strip()
-                if correct[row] and text not in kept:
-                    kept.add(text)
+                if correct[row] and (problem.question, text) not in kept:
+                    kept.add((problem.question, text))
                     conversations.append([*prompt_messages(problem), {"role": "assistant", "content": text}])
-            solved += bool(kept)
+            solved += bool(correct[rows.start : rows.stop].any())
     return Traces(conversations, prompts * samples, prompts, solved)

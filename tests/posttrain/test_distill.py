@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from seekstack.checkpoint import load_pretrained
@@ -18,13 +19,33 @@ def test_rejection_sampling_keeps_only_verified_traces_of_training_problems(teac
     engine = Engine(model, tokenizer, max_batch_size=64, max_model_len=160)
     traces = verified_traces(engine, task, prompts=16, samples=4, max_new_tokens=40, seed=0, batch_prompts=8)
     assert traces.sampled == 64 and 0 < len(traces.conversations) < traces.sampled
-    problems = {p.question: p for p in sample_problems(task, 16, "train", 0)}
+    problems = {p.question: p for p in sample_problems(task, 16, "train", 0, distinct=True)}
     for messages in traces.conversations:
         problem = problems[messages[1]["content"]]
         assert split_of(problem.key) == "train"
         assert task.verify(problem, extract_answer(messages[2]["content"]))
     texts = [(m[1]["content"], m[2]["content"]) for m in traces.conversations]
     assert len(set(texts)) == len(texts)  # each distinct trace once
+
+
+def test_traces_sample_each_distinct_problem_once_and_keep_each_trace_once(teacher_model):
+    task = make_task("addition", 1)  # 85 distinct training problems
+    model, tokenizer = load_pretrained(teacher_model), Tokenizer.from_file(teacher_model)
+    engine = Engine(model, tokenizer, max_batch_size=64, max_model_len=160)
+    traces = verified_traces(engine, task, prompts=85, samples=1, max_new_tokens=40, seed=0, batch_prompts=64)
+    questions = [m[1]["content"] for m in traces.conversations]
+    assert traces.sampled == traces.prompts == 85 and 0 < len(questions) == len(set(questions))
+    assert traces.prompts_solved == len(questions)  # one sample a problem: each solved problem keeps its one trace
+    with pytest.raises(ValueError, match="yielded only 85 distinct train problems of 86 asked"):
+        verified_traces(engine, task, prompts=86, samples=1, max_new_tokens=40)
+
+
+def test_traces_command_refuses_more_prompts_than_distinct_problems_and_writes_nothing(teacher_model, tmp_path):
+    out = tmp_path / "traces.jsonl"
+    args = ["traces", str(teacher_model), "--out", str(out), "--difficulty", "1", "--prompts", "5000"]
+    result = CliRunner().invoke(app, [*args, "--samples", "1", "--max-new-tokens", "40"])
+    assert result.exit_code == 1 and "only 85 distinct train problems of 5000 asked" in result.output, result.output
+    assert not out.exists()
 
 
 def test_traces_command_writes_conversations_sft_reads(teacher_model, tmp_path):
