@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -18,18 +18,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.config import preset  # noqa: E402
-from seekstack.jsonl import jsonl_records  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
-from seekstack.train.trainer import METRICS_FILE  # noqa: E402
+from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file  # noqa: E402
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of `run_dir/metrics.jsonl`; ValueError naming the file and line that is not JSON (a last line
-    cut short by a run stopped while writing it is left out, with a warning)."""
+    """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
+    line cut short by a stopped run is left out with a warning)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack train` run?")
-    return [record for _, record in jsonl_records(path, on_torn_tail=warnings.warn)]
+    return read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr))
 
 
 def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
@@ -45,21 +44,22 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     columns = math.ceil(panels / 2)
     figure, axes = plt.subplots(2, columns, figsize=(5 * columns, 7), squeeze=False)
     axes = axes.flatten()
+    path = Path(run_dir) / METRICS_FILE
     x = [r["step"] for r in steps]
 
-    axes[0].plot(x, [r["loss"] for r in steps], label="loss (total)", linewidth=0.8)
-    axes[0].plot(x, [r["lm_loss"] for r in steps], label="next-token", linewidth=0.8)
+    axes[0].plot(x, column(steps, "loss", path), label="loss (total)", linewidth=0.8)
+    axes[0].plot(x, column(steps, "lm_loss", path), label="next-token", linewidth=0.8)
     if any(r.get("mtp_loss") for r in steps):
-        axes[0].plot(x, [r["mtp_loss"] for r in steps], label="MTP", linewidth=0.8)
+        axes[0].plot(x, column(steps, "mtp_loss", path), label="MTP", linewidth=0.8)
     if evals:
-        axes[0].plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+        axes[0].plot([r["step"] for r in evals], column(evals, "val_loss", path), "o-", label="validation")
     _style(axes[0], "loss (nats per token)")
 
     if evals:
-        axes[1].plot([r["step"] for r in evals], [r["val_bpb"] for r in evals], "o-")
+        axes[1].plot([r["step"] for r in evals], column(evals, "val_bpb", path), "o-")
     _style(axes[1], "validation bits per byte")
 
-    axes[2].plot(x, [r["lr"] for r in steps])
+    axes[2].plot(x, column(steps, "lr", path))
     _style(axes[2], "learning rate")
 
     layers = sorted({layer for r in steps for layer in r.get("maxvio_per_layer", {})}, key=int)

@@ -30,7 +30,6 @@ from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
-from seekstack.jsonl import jsonl_records
 from seekstack.model.moe import MoE
 from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.parallel import distributed
@@ -57,6 +56,7 @@ from seekstack.tokens.mixture import MixtureWindows
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import TrainConfig
+from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
 from seekstack.train.schedule import LrAnchor, learning_rate, resumed_lr_anchor
 from seekstack.train.state import (
@@ -76,7 +76,6 @@ from seekstack.train.state import (
 )
 
 VAL_SPLIT = "val"
-METRICS_FILE = "metrics.jsonl"
 PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a terminal (a log file, CI)
 
 
@@ -600,8 +599,7 @@ class _Run:
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if self.ranks.is_main:
-            with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(metrics) + "\n")
+            append_metrics(self.out_dir, metrics)
 
     def _trim_metrics(self) -> None:
         """Drop lines past the step a resumed run starts from, so metrics.jsonl tells one history. A last line cut
@@ -610,8 +608,8 @@ class _Run:
         path = self.out_dir / METRICS_FILE
         if not path.is_file():
             return
-        records = jsonl_records(path, on_torn_tail=lambda why: self._say(f"warning: {why}"))
-        kept = [record for _, record in records if record["step"] <= self.step]
+        records = read_metrics_file(path, on_torn_tail=lambda why: self._say(f"warning: {why}"))
+        kept = [record for record in records if record["step"] <= self.step]
         write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:

@@ -6,6 +6,7 @@ And what it leaves behind: a checkpoint directory that loads as a model with its
 from __future__ import annotations
 
 import json
+import re
 import sysconfig
 from pathlib import Path
 
@@ -102,13 +103,31 @@ def test_plot_refuses_an_output_that_is_not_a_png_and_leaves_it_alone(demo_run):
     assert (demo_run / "run" / "metrics.jsonl").read_bytes() == metrics
 
 
-def test_plot_reads_a_run_stopped_while_writing_its_last_metrics_line(demo_run, tmp_path):
+def test_plot_reads_a_run_stopped_while_writing_its_last_metrics_line(demo_run, tmp_path, capsys):
     torn = tmp_path / "run"
     torn.mkdir()
     records = (demo_run / "run" / "metrics.jsonl").read_bytes()
     (torn / "metrics.jsonl").write_bytes(records[:-20])
-    with pytest.warns(UserWarning, match=r"metrics\.jsonl:\d+: dropped the last line, cut short"):
-        assert len(read_metrics(torn)) == records.count(b"\n") - 1
+    assert len(read_metrics(torn)) == records.count(b"\n") - 1
+    assert re.search(r"^warning: .*metrics\.jsonl:\d+: dropped the last line, cut short", capsys.readouterr().err)
     (torn / "metrics.jsonl").write_bytes(b'{"step": 1, "lo\n' + records)  # a damaged line before others: an error
     with pytest.raises(ValueError, match=r"metrics\.jsonl:1: not valid JSON"):
         read_metrics(torn)
+
+
+@pytest.mark.parametrize(
+    ("line", "fault"),
+    [('{"loss": 3}', "not a metrics record"), ("[1, 2]", "not a metrics record"),
+     ('{"step": "7", "loss": 1}', "not a metrics record"),
+     ('{"step": 999, "loss": 3}', "step 999 has no number 'lm_loss'"),
+     ('{"step": 999, "val_loss": "x", "val_bpb": 1}', "step 999 has no number 'val_loss'")],
+)  # fmt: skip
+def test_plot_names_a_metrics_line_that_is_json_but_no_record(demo_run, tmp_path, line, fault):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = (demo_run / "run" / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(records + line + "\n")
+    result = CliRunner().invoke(app, ["plot", str(run_dir)])
+    assert result.exit_code == 1 and "metrics.jsonl" in result.output and fault in result.output
+    if "not a metrics record" in fault:
+        assert f"metrics.jsonl:{records.count(chr(10)) + 1}:" in result.output

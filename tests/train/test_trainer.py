@@ -192,6 +192,9 @@ def test_resume_drops_a_last_metrics_line_cut_short_with_a_warning_and_names_a_d
     metrics.write_text("\n".join([lines[0], lines[1][:-20], *lines[2:]]) + "\n")
     with pytest.raises(ValueError, match=f"{metrics}:2: not valid JSON .*; mend or delete that line"):
         train(run_config(data_dir, tmp_path, max_steps=8, save_every=2, eval_every=0), resume=True)
+    metrics.write_text("\n".join([lines[0], "[1, 2]", *lines[2:]]) + "\n")  # JSON, but no record
+    with pytest.raises(ValueError, match=f"{metrics}:2: not a metrics record"):
+        train(run_config(data_dir, tmp_path, max_steps=8, save_every=2, eval_every=0), resume=True)
 
 
 def test_a_damaged_training_state_says_how_to_resume_from_the_checkpoint_before_it(data_dir, tmp_path):
