@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 from seekstack.config import ConfigError, ModelConfig
-from seekstack.posttrain.config import _loop_fields
+from seekstack.posttrain.config import _loop_fields, require_conversations_file
 from seekstack.posttrain.tasks import TASKS
 from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
-from seekstack.train.config import TrainConfig
+from seekstack.train.config import TrainConfig, require_tokenizer_file
 
 FeatureLoss = Literal["mse", "cosine"]  # the distance between mapped hidden states
 
@@ -83,10 +83,15 @@ class DistillConfig(TrainConfig):
                 "teacher_cache",
                 "'' with feature_layers (feature KD needs the teacher's hidden states at every step)",
             )
+            require_conversations_file(config.data)
+            if config.conversational and not config.init_from and not config.tokenizer:
+                expectation = (
+                    "a checkpoint folder with its tokenizer.json (the conversations' tokenizer; or set tokenizer)"
+                )
+                require_tokenizer_file(config.teacher, "teacher", expectation)
+                config = dataclasses.replace(config, tokenizer=config.teacher)  # teacher and student share it
         except ConfigError as error:
             raise ConfigError(f"{source}: {error}" if source else str(error)) from None
-        if config.conversational and not (config.tokenizer or config.init_from):
-            config = dataclasses.replace(config, tokenizer=config.teacher)  # teacher and student share it
         return config
 
     def layer_weight(self, student_layer: int) -> float:

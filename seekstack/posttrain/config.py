@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from annotated_types import Interval
@@ -20,7 +21,7 @@ from seekstack.schema import (
     nested_config,
     require,
 )
-from seekstack.train.config import TrainConfig
+from seekstack.train.config import TrainConfig, require_tokenizer_file
 
 C = TypeVar("C", bound=TrainConfig)
 
@@ -49,6 +50,10 @@ class SFTConfig(TrainConfig):
         config = super().validate(source)
         _require_task(config, source)
         _require_tokenizer(config, source)
+        try:
+            require_conversations_file(config.data)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
         return config
 
     def to_dict(self) -> dict:
@@ -140,6 +145,16 @@ def _require_tokenizer(config: TrainConfig, source: str | None) -> None:
         raise ConfigError(f"{where}field 'tokenizer' must name a tokenizer.json (or set init_from to a checkpoint)")
 
 
+def require_conversations_file(data: str) -> None:
+    """A ConfigError naming `data` unless it is "" or a file (a folder or a missing path is refused up front)."""
+    why = "a folder" if Path(data).is_dir() else "no such file"
+    require(not data or Path(data).is_file(), "data", f"a JSONL file of conversations, not {data!r} ({why})")
+
+
 def tokenizer_path(config: TrainConfig) -> str:
-    """The tokenizer a post-training run encodes with: `tokenizer`, else the one in `init_from`."""
+    """The tokenizer a post-training run encodes with: `tokenizer`, else the one in `init_from` (a ConfigError naming
+    init_from when it holds none; TrainConfig.validate checked a given `tokenizer`)."""
+    if not config.tokenizer:
+        expectation = "a checkpoint folder with its tokenizer.json (or set tokenizer)"
+        require_tokenizer_file(config.init_from, "init_from", expectation)
     return config.tokenizer or config.init_from

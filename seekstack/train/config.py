@@ -122,6 +122,14 @@ class TrainConfig:
                 "'none' with parallel=fsdp (FSDP reduce-scatters; compression hooks are DDP's)",
             )
             require(not config.cpu_offload or config.parallel == "fsdp", "cpu_offload", "false unless parallel=fsdp")
+            init_from = config.init_from
+            require(
+                not init_from or Path(init_from).is_dir(),
+                "init_from",
+                f"an existing checkpoint folder, not {init_from!r}",
+            )
+            if config.tokenizer:
+                require_tokenizer_file(config.tokenizer, "tokenizer", "a tokenizer.json or a folder holding one")
             config.model_config()
             try:
                 config.mixture_policy()
@@ -168,6 +176,14 @@ class TrainConfig:
 
 
 nested_config(TrainConfig, "model_overrides", ModelConfig, prefix="model")
+
+
+def require_tokenizer_file(path: str, name: str, expectation: str) -> None:
+    """A ConfigError naming the field `name` unless its `path` is a tokenizer.json or a folder holding one."""
+    from seekstack.tokenizer import tokenizer_json_path
+
+    file = tokenizer_json_path(path)
+    require(file.is_file(), name, f"{expectation}, not {path!r} (no such file: {file})")
 
 
 def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -139,6 +139,32 @@ def test_malformed_jsonl_names_the_line(tmp_path):
         read_conversations(path)
 
 
+def test_a_missing_or_unusable_data_init_from_or_tokenizer_is_refused_naming_its_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    checkpoint, bare = micro_checkpoint(tmp_path / "model"), tmp_path / "bare"
+    bare.mkdir()
+    start = f"init_from={checkpoint}"
+    refused = [  # were: "[Errno 2] No such file ...", "[Errno 21] Is a directory", "nonexist/tokenizer.json: ..."
+        ([start, "data=nope.jsonl"], "'data' must be a JSONL file of conversations, not 'nope.jsonl' (no such file)"),
+        ([start, f"data={bare}"], f"'data' must be a JSONL file of conversations, not '{bare}' (a folder)"),
+        (["init_from=nonexist"], "'init_from' must be an existing checkpoint folder, not 'nonexist'"),
+        (
+            [f"{start}/config.json"],
+            f"'init_from' must be an existing checkpoint folder, not '{checkpoint}/config.json'",
+        ),
+        ([f"init_from={bare}"], "'init_from' must be a checkpoint folder with its tokenizer.json (or set tokenizer)"),
+        ([start, f"tokenizer={bare}"], f"'tokenizer' must be a tokenizer.json or a folder holding one, not '{bare}'"),
+    ]
+    for overrides, message in refused:
+        run = tmp_path / "run"
+        result = CliRunner().invoke(app, ["sft", *overrides, f"out_dir={run}"])
+        assert result.exit_code == 1 and f"error: field {message}" in result.output, result.output
+        assert not run.exists()
+
+
 def test_a_system_message_after_the_first_turn_labels_the_assistant_turns_all_the_same(tmp_path):
     tokenizer = byte_tokenizer(tmp_path)
     late = [*CHAT[1:3], {"role": "system", "content": "Be terse."}, *CHAT[3:]]  # the template puts it first

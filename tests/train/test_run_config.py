@@ -62,11 +62,14 @@ def test_model_overrides_written_in_a_file_are_checked_like_overrides(tmp_path: 
 
 def test_relative_paths_in_a_config_file_resolve_against_its_folder(tmp_path: Path) -> None:
     (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "run.yaml").write_text("data_dir: ../tokens\nout_dir: runs/a\ntokenizer: /abs/tok\n")
+    tokenizer = tmp_path / "tok" / "tokenizer.json"  # an absolute path, which stays as it is
+    tokenizer.parent.mkdir()
+    tokenizer.write_text("{}")
+    (tmp_path / "configs" / "run.yaml").write_text(f"data_dir: ../tokens\nout_dir: runs/a\ntokenizer: {tokenizer}\n")
     config = load_train_config(tmp_path / "configs" / "run.yaml", ["seed=3"])
     assert Path(config.data_dir) == tmp_path / "configs" / "../tokens"
     assert Path(config.out_dir) == tmp_path / "configs" / "runs" / "a"
-    assert config.tokenizer == "/abs/tok"
+    assert config.tokenizer == str(tokenizer)
 
 
 def test_write_config_gives_a_file_that_reads_back_to_the_same_config(tmp_path: Path, monkeypatch) -> None:
