@@ -40,7 +40,13 @@ def apply_fsdp(
     ignored: set[nn.Parameter] | None = None,
 ) -> None:
     """Shard `model` over all ranks: each main and MTP decoder block, then the root (embeddings, norms, head,
-    MTP projections: the root's parameters stay gathered through its forward, where the MTP head reads them)."""
+    MTP projections: the root's parameters stay gathered through its forward, where the MTP head reads them).
+    `cpu_offload` keeps the shards in CPU memory between a GPU's uses of them; ValueError on a CPU run."""
+    if cpu_offload and ranks.device.type != "cuda":
+        raise ValueError(
+            f"cpu_offload=true keeps FSDP's shards in CPU memory for a GPU run; this run is on {ranks.device.type}, "
+            "where they are in CPU memory already: set cpu_offload=false"
+        )
     mesh = init_device_mesh(ranks.device.type, (ranks.world_size,))
     bf16_on_cuda = bfloat16 and ranks.device.type == "cuda"
     options: dict[str, Any] = dict(

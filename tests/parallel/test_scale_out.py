@@ -258,6 +258,13 @@ def test_float8_training_on_a_cpu_is_refused_naming_what_it_needs(data_dir, tmp_
         train(run_config(data_dir, tmp_path / "f8", max_steps=1, float8=True))
 
 
+def test_cpu_offload_on_a_cpu_run_is_refused_naming_the_key(data_dir, tmp_path):  # noqa: F811
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(mp.ProcessRaisedException, match="cpu_offload=true keeps FSDP's shards in CPU memory for a"):
+        train_on_two_ranks(run_config(data_dir, tmp_path / "offload", max_steps=1, parallel="fsdp", cpu_offload=True))
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores"
 )
