@@ -27,6 +27,22 @@ from seekstack.model.transformer import Transformer  # noqa: E402
 from seekstack.tokenizer import Tokenizer  # noqa: E402
 
 MAX_LABELLED_TOKENS = 48  # beyond this, heatmaps carry no token labels
+FIGURE_DPI = 110
+MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): longer texts are drawn resampled
+MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte in a token's string."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {
+        **{chr(byte): byte for byte in printable},
+        **{chr(256 + index): byte for index, byte in enumerate(others)},
+    }
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 def visible(token: str) -> str:
@@ -34,15 +50,40 @@ def visible(token: str) -> str:
     return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "→")
 
 
+def token_label(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token's text for a label, whitespace shown; bytes that are only part of a character (a byte-level piece of
+    你 or an emoji) as their hex values, <e4><bd>, where decoding them alone would give U+FFFD."""
+    piece = tokenizer.backend.id_to_token(token_id)
+    if piece in tokenizer.special_tokens or any(char not in BYTE_OF_CHAR for char in piece):
+        return visible(tokenizer.decode([token_id]))  # a special token, or a tokenizer that is not byte-level
+    raw, parts = bytes(BYTE_OF_CHAR[char] for char in piece), []
+    while raw:
+        try:
+            parts.append(visible(raw.decode("utf-8")))
+            break
+        except UnicodeDecodeError as error:
+            parts.append(visible(raw[: error.start].decode("utf-8")))
+            parts.append("".join(f"<{byte:02x}>" for byte in raw[error.start : error.end]))
+            raw = raw[error.end :]
+    return "".join(parts)
+
+
 def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: str | Path) -> dict[str, Path]:
-    """Write attention.png, routing.png and explain.html for `text` into `out_dir`; return the paths by name."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write attention.png, routing.png and explain.html for `text` into `out_dir`; return the paths by name.
+    ValueError, before anything is written, for a text longer than the model's context."""
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("the text is empty: nothing to explain")
+    context = model.config.max_position_embeddings
+    if len(ids) > context:
+        raise ValueError(
+            f"the text is {len(ids):,} tokens, longer than the model's context of {context:,} tokens "
+            f"(max_position_embeddings): explain at most {context:,} tokens, e.g. a part of the text"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     input_ids = torch.tensor(ids)
-    tokens = [visible(tokenizer.decode([i])) for i in ids]
+    tokens = [token_label(tokenizer, i) for i in ids]
     maps = attention_maps(model, input_ids)
     routing = capture_routing(model, input_ids.view(1, -1))
     paths = {
@@ -69,8 +110,10 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
 
 
 def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) -> Path:
+    """One heatmap per layer and head; each at most MAX_PANEL_INCHES, the figure at most MAX_FIGURE_INCHES a side,
+    so a long text's maps are drawn resampled (the page holds every weight) and not at 0.12 inch per token."""
     layers, heads = len(maps), maps[0].weights.shape[0]
-    size = max(2.2, 0.12 * len(tokens))
+    size = min(max(2.2, 0.12 * len(tokens)), MAX_PANEL_INCHES, MAX_FIGURE_INCHES / max(layers, heads))
     figure, axes = plt.subplots(layers, heads, figsize=(size * heads, size * layers), squeeze=False)
     labelled = len(tokens) <= MAX_LABELLED_TOKENS
     for layer, layer_map in enumerate(maps):
@@ -83,17 +126,19 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) ->
             if labelled:
                 axis.set_xticklabels(tokens if layer == layers - 1 else [], rotation=90, fontsize=6)
                 axis.set_yticklabels(tokens if head == 0 else [], fontsize=6)
-    figure.suptitle("attention (row: query token, column: key token)")
+    title = "attention (row: query token, column: key token)"
+    if size * FIGURE_DPI < len(tokens):
+        title += f"; {len(tokens)} tokens drawn in {int(size * FIGURE_DPI)} px, resampled: explain.html holds them all"
+    figure.suptitle(title)
     figure.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
 
 
 def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: int, path: Path) -> Path:
-    figure, axes = plt.subplots(
-        1, len(routing), figsize=(3 + 0.25 * num_experts * len(routing), 2 + 0.14 * len(tokens))
-    )
+    width = min(3 + 0.25 * num_experts * len(routing), MAX_FIGURE_INCHES)
+    figure, axes = plt.subplots(1, len(routing), figsize=(width, min(2 + 0.14 * len(tokens), MAX_FIGURE_INCHES)))
     axes = axes if len(routing) > 1 else [axes]
     for axis, layer in zip(axes, routing, strict=True):
         grid = torch.zeros(len(tokens), num_experts).scatter_(1, layer.experts, layer.weights)
@@ -106,7 +151,7 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
         figure.colorbar(image, ax=axis, fraction=0.05)
     figure.suptitle("gate weight of each selected expert, per token")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
 

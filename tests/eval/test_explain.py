@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from seekstack.checkpoint import load_pretrained
-from seekstack.eval.attention_maps import attention_maps, attention_output
-from seekstack.eval.explain import corpus_routing, explain_text
+from seekstack.eval.attention_maps import LayerAttention, attention_maps, attention_output
+from seekstack.eval.explain import (
+    FIGURE_DPI,
+    MAX_PANEL_INCHES,
+    _attention_png,
+    corpus_routing,
+    explain_text,
+    token_label,
+)
 from seekstack.eval.routing import LayerRouting, capture_routing, routing_statistics, token_class
 from seekstack.tokenizer import Tokenizer
 from tests.infer.support import micro_model
@@ -108,3 +115,30 @@ def test_corpus_routing_counts_every_token_once_per_layer(checkpoint):
         assert record["tokens"] % 32 == 0 and sum(record["load"]) == pytest.approx(1, abs=1e-3)
         assert 0 <= record["chance_share"] <= 1 and 0 <= record["consecutive_share"] <= 1
         assert sum(record["class_tokens"].values()) == record["tokens"]
+
+
+def test_explain_refuses_a_text_longer_than_the_context_and_writes_nothing(checkpoint, tmp_path):
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+    text = "x = 1\n" * 200
+    count = len(tokenizer.encode(text))
+    assert count > model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"the text is {count:,} tokens, longer than the model's context of 256"):
+        explain_text(model, tokenizer, text, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_attention_figure_of_a_long_text_is_capped_in_size(tmp_path):
+    tokens = 400  # 0.12 inch a token would be 48 inches, 5,280 px, per heatmap
+    weights = torch.rand(2, tokens, tokens).tril().softmax(-1)
+    maps = [LayerAttention(weights, torch.zeros(2, tokens, 4), torch.zeros(tokens, 8))]
+    png = _attention_png(maps, ["t"] * tokens, tmp_path / "attention.png").read_bytes()
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")  # the PNG's IHDR
+    assert width <= 2 * MAX_PANEL_INCHES * FIGURE_DPI and height <= MAX_PANEL_INCHES * FIGURE_DPI + 1
+
+
+def test_token_labels_show_pieces_of_a_character_as_bytes(checkpoint):
+    tokenizer = Tokenizer.from_file(checkpoint)
+    ids = tokenizer.encode("你好 x\n")
+    labels = [token_label(tokenizer, i) for i in ids]
+    assert labels == ["<e4>", "<bd>", "<a0>", "<e5>", "<a5>", "<bd>", "␣x", "↵"]  # the tiny vocabulary splits 你好
+    assert token_label(tokenizer, tokenizer.bos_id) == tokenizer.decode([tokenizer.bos_id])
