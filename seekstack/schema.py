@@ -359,6 +359,13 @@ def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     return resolved
 
 
+def same_value(name: str, old: Any, new: Any) -> bool:
+    """Whether two values of field `name` mean the same; paths (fields as in resolve_paths) name the same file."""
+    if _is_path_field(name) and isinstance(old, str) and isinstance(new, str) and old and new:
+        return Path(old).resolve() == Path(new).resolve()
+    return old == new
+
+
 def _is_path_field(name: str) -> bool:
     return name.endswith(("_dir", "_path")) or name in ("tokenizer", "init_from", "data", "teacher", "teacher_cache")
 

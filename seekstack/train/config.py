@@ -29,6 +29,7 @@ from seekstack.schema import (
     recheck,
     require,
     resolve_paths,
+    same_value,
     write_config,
 )
 
@@ -221,7 +222,7 @@ def resolve_train_config(
         saved = check(cls, base, str(saved_path))
         for f in dataclasses.fields(cls):
             old, new = getattr(saved, f.name), getattr(config, f.name)
-            if old != new:
+            if not same_value(f.name, old, new):  # a saved path is relative to its file, the user's to the cwd
                 warn(f"resuming with {f.name}={json.dumps(new)} (the run last ran with {json.dumps(old)})")
     return config
 

@@ -120,6 +120,22 @@ def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(
     ]
 
 
+def test_a_resume_given_the_same_relative_paths_warns_of_no_change(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the saved paths are relative to run/, these to the working folder
+    for folder in ("ck", "other_ck", "tok"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    paths = ["init_from=ck", "tokenizer=tok", "data_dir=tokens", "out_dir=run"]
+    load_train_config(None, paths).save("run")
+    assert json.loads(Path("run", CONFIG_FILE).read_text())["init_from"] == "../ck"
+    warnings: list[str] = []
+    resolve_train_config(None, paths, resume=True, warn=warnings.append)
+    resolve_train_config(None, ["init_from=./ck", *paths[1:]], resume=True, warn=warnings.append)
+    assert warnings == []  # was: 'resuming with init_from="ck" (the run last ran with "run/../ck")', and for each path
+    resolve_train_config(None, ["init_from=other_ck", *paths[1:]], resume=True, warn=warnings.append)
+    assert warnings == ['resuming with init_from="other_ck" (the run last ran with "run/../ck")']
+
+
 def test_resume_without_a_saved_config_says_where_it_looked(tmp_path) -> None:
     result = CliRunner().invoke(app, ["train", f"out_dir={tmp_path / 'none'}", "--resume"])
     assert result.exit_code == 1
