@@ -38,14 +38,17 @@ def run_stage(
 ) -> None:
     """Resolve a training stage's config (`cls`: TrainConfig or a post-training subclass), then `run(config, resume=)`
     it, or with `write_to` write the config and stop."""
+    from seekstack.parallel.distributed import is_main_process
     from seekstack.schema import write_config
     from seekstack.train.config import resolve_train_config
     from seekstack.train.trainer import TrainingDiverged
 
+    main = is_main_process()  # under torchrun, rank 0 alone prints the warnings and the outcome
     with user_errors():
         if config is not None and "=" in str(config):  # only overrides were given
             overrides, config = [str(config), *(overrides or [])], None
-        resolved = resolve_train_config(config, overrides or [], resume=resume, warn=_warn, cls=cls)
+        warn = _warn if main else lambda message: None
+        resolved = resolve_train_config(config, overrides or [], resume=resume, warn=warn, cls=cls)
         if write_to is not None:
             write_config(resolved, write_to)
             typer.echo(f"wrote the config to {write_to}")
@@ -54,7 +57,8 @@ def run_stage(
             result = run(resolved, resume=resume)
         except TrainingDiverged as error:
             fail(str(error))
-    typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+    if main:
+        typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
 
 
 def _warn(message: str) -> None:

@@ -36,6 +36,11 @@ class Ranks:
         return self.world_size > 1
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of the run torchrun describes (or runs alone): the one that prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed() -> Ranks:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), or run as a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

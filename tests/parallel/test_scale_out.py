@@ -185,6 +185,7 @@ def test_two_nodes_on_localhost_through_torchrun_c10d_train_like_one_process(dat
     ]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs
+    assert sum(output.count("trained to step 3") for output in outputs) == 1, outputs  # rank 0 alone prints
     single = train(run_config_from(overrides, tmp_path / "single"))
     assert losses(tmp_path / "nodes") == pytest.approx(single.losses, abs=1e-5)
 
