@@ -37,9 +37,9 @@ class SFTConfig(TrainConfig):
     max_steps: Positive = 300
     lr: PositiveFloat = 1e-3
     min_lr: NonNegativeFloat = 1e-4
-    warmup_steps: int = 20
-    eval_every: int = 0
-    save_every: int = 0
+    warmup_steps: NonNegative = 20
+    eval_every: NonNegative = 0
+    save_every: NonNegative = 0
     keep_checkpoints: Positive = 1
     data: str = ""  # JSONL of {"messages": [...]}; "" = `examples` generated traces of `task`
     task: str = "addition"  # a name of seekstack.posttrain.tasks.TASKS
@@ -70,10 +70,10 @@ class GRPOConfig(TrainConfig):
     max_steps: Positive = 100
     lr: PositiveFloat = 1e-4
     min_lr: NonNegativeFloat = 1e-4
-    warmup_steps: int = 0
+    warmup_steps: NonNegative = 0
     weight_decay: NonNegativeFloat = 0.0
-    eval_every: int = 0
-    save_every: int = 0
+    eval_every: NonNegative = 0
+    save_every: NonNegative = 0
     keep_checkpoints: Positive = 1
     bias_update_rate: NonNegativeFloat = 0.0
     task: str = "addition"

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -5,8 +6,10 @@ import torch
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.checkpoint import load_pretrained
+from seekstack.config import ConfigError
+from seekstack.distill.config import DistillConfig
 from seekstack.model.head_loss import IGNORE_INDEX
-from seekstack.posttrain.config import SFTConfig
+from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.conversations import (
     ShuffledRows,
     encode_conversation,
@@ -163,6 +166,15 @@ def test_a_missing_or_unusable_data_init_from_or_tokenizer_is_refused_naming_its
         result = CliRunner().invoke(app, ["sft", *overrides, f"out_dir={run}"])
         assert result.exit_code == 1 and f"error: field {message}" in result.output, result.output
         assert not run.exists()
+
+
+@pytest.mark.parametrize("cls", [SFTConfig, GRPOConfig, DistillConfig])
+def test_a_negative_step_count_is_refused_naming_the_field(cls):
+    counts = [f.name for f in dataclasses.fields(cls) if f.name.endswith(("_steps", "_every", "_after"))]
+    assert {"warmup_steps", "eval_every", "save_every", "max_steps"} <= set(counts)
+    for name in counts:  # was: sft and rl took warmup_steps=-3, eval_every=-1, save_every=-1
+        with pytest.raises(ConfigError, match=f"field '{name}' has value -1: input should be greater than"):
+            resolve_train_config(None, ["tokenizer=tok.json", f"{name}=-1"], cls=cls)
 
 
 def test_a_system_message_after_the_first_turn_labels_the_assistant_turns_all_the_same(tmp_path):
