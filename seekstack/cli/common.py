@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from seekstack.config import PRESETS, ModelConfig, preset
+from seekstack.schema import ConfigError
 
 Model = Annotated[str, typer.Argument(help=f"A preset ({', '.join(PRESETS)}) or a checkpoint directory.")]
 
@@ -22,6 +24,15 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         yield
     except (OSError, ValueError) as error:
         fail(str(error), as_json)
+
+
+@contextmanager
+def options_named() -> Iterator[None]:
+    """Settings built from a command's options: their errors name the option (--top-p), not the field (top_p)."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(re.sub(r"field '(\w+)'", lambda m: "--" + m[1].replace("_", "-"), str(error))) from None
 
 
 def fail(message: str, as_json: bool = False) -> NoReturn:

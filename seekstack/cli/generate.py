@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer.core import TyperCommand
 
-from seekstack.cli.common import fail, user_errors
+from seekstack.cli.common import fail, options_named, user_errors
 from seekstack.infer.params import EngineOptions, SamplingParams
 
 try:
@@ -128,23 +128,24 @@ def generate_command(
             raise ValueError(f"--top-logprobs {top_logprobs}: the log-probabilities are printed with --json only")
         if prompt == "-":
             prompt = sys.stdin.read()
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
-            ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
-        ).validate()  # fmt: skip
-        options = EngineOptions(
-            max_batch_size=1,
-            speculative=speculative,
-            draft_tokens=draft_tokens,
-            adaptive_drafts=adaptive_drafts,
-            draft_vocab=draft_vocab,
-            compile=compile,
-            kv_cache_memory=kv_cache_memory,
-            device_map=device_map,
-            dtype=dtype,
-        )
+        with options_named():
+            params = SamplingParams(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
+                ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
+            ).validate()  # fmt: skip
+            options = EngineOptions(
+                max_batch_size=1,
+                speculative=speculative,
+                draft_tokens=draft_tokens,
+                adaptive_drafts=adaptive_drafts,
+                draft_vocab=draft_vocab,
+                compile=compile,
+                kv_cache_memory=kv_cache_memory,
+                device_map=device_map,
+                dtype=dtype,
+            ).validate()
         engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
@@ -195,20 +196,21 @@ def chat_command(
     from seekstack.tokenizer import tokenizer_json_path
 
     with user_errors():
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-        ).validate()
-        options = EngineOptions(
-            max_batch_size=1,
-            speculative=speculative,
-            draft_tokens=draft_tokens,
-            adaptive_drafts=adaptive_drafts,
-            draft_vocab=draft_vocab,
-            compile=compile,
-            kv_cache_memory=kv_cache_memory,
-            device_map=device_map,
-            dtype=dtype,
-        )
+        with options_named():
+            params = SamplingParams(
+                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+            ).validate()
+            options = EngineOptions(
+                max_batch_size=1,
+                speculative=speculative,
+                draft_tokens=draft_tokens,
+                adaptive_drafts=adaptive_drafts,
+                draft_vocab=draft_vocab,
+                compile=compile,
+                kv_cache_memory=kv_cache_memory,
+                device_map=device_map,
+                dtype=dtype,
+            ).validate()
         engine = load_engine(model, tokenizer, options, threads, adapter)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
     if reason:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import fail, user_errors
+from seekstack.cli.common import fail, options_named, user_errors
 from seekstack.cli.generate import (
     AdaptiveDrafts,
     DeviceMap,
@@ -88,13 +88,12 @@ def serve_command(
             if threads < 1:
                 raise ValueError(f"--threads {threads}: must be at least 1")
             torch.set_num_threads(threads)
-        engine = EngineOptions(
-            max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,
-            draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts, draft_vocab=draft_vocab, compile=compile,
-            dtype=dtype,
-            kv_cache_memory=kv_cache_memory,
-            device_map=device_map,
-        ).validate()  # fmt: skip
+        with options_named():
+            engine = EngineOptions(
+                max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,
+                draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts, draft_vocab=draft_vocab, compile=compile,
+                dtype=dtype, kv_cache_memory=kv_cache_memory, device_map=device_map,
+            ).validate()  # fmt: skip
         options = ServeOptions(
             host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
             served_model_name=served_model_name, engine=engine, adapters=_named_adapters(adapter or []),

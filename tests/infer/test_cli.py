@@ -48,6 +48,16 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
     )
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize(
+    ("option", "value"), [("--max-new-tokens", "0"), ("--top-p", "2"), ("--kv-cache-memory", "abc")]
+)
+def test_a_bad_option_value_is_named_by_its_option(checkpoint, command, option, value):
+    prompt = ["x"] if command == "generate" else []
+    result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, option, value], input="")
+    assert result.exit_code == 1 and f"error: {option} " in result.stderr and "field" not in result.stderr
+
+
 def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine):
     args = ["generate", "--model", str(checkpoint), "import os", "--json", "--temperature", "0", "--speculative",
             "--draft-tokens", "2", "--no-adaptive-drafts", "--max-new-tokens", "6", "--ignore-eos", "--top-logprobs",
