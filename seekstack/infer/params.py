@@ -3,6 +3,7 @@ their defaults, written once here for the engine, the command line and the serve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +19,8 @@ BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB"
 
 
 def parse_bytes(text: str) -> int:
-    """A size such as "4GiB", "512MiB", "2GB" or "1000000" in bytes; ValueError naming the text otherwise."""
+    """A size such as "4GiB", "512MiB", "2GB" or "1000000" in bytes; ValueError naming the text otherwise (a non-number,
+    inf, nan, less than one byte)."""
     number = text.strip().rstrip("BbIiKkMmGgTt")
     unit = text.strip()[len(number) :].upper()
     try:
@@ -26,8 +28,10 @@ def parse_bytes(text: str) -> int:
     except (ValueError, KeyError):
         units = ", ".join(BYTE_UNITS)
         raise ValueError(f"size {text!r}: expected a number with an optional unit ({units})") from None
-    if size <= 0:
-        raise ValueError(f"size {text!r} must be positive")
+    if not math.isfinite(size):
+        raise ValueError(f"size {text!r} is not a finite number of bytes")
+    if size < 1:
+        raise ValueError(f"size {text!r} must be at least one byte")
     return int(size)
 
 

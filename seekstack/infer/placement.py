@@ -57,11 +57,7 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
         pattern, _, device = entry.partition("=")
         if not device:
             raise ValueError(f"device map entry {entry!r}: expected pattern=device, e.g. layers.*.mlp.experts=cpu")
-        if device != DISK:
-            try:
-                torch.device(device)
-            except RuntimeError:
-                raise ValueError(f"device map entry {entry!r}: {device!r} is not cpu, cuda:N or disk") from None
+        device = device_name(device, f"device map entry {entry!r}")
         matched = [name for name in names if _matches(pattern.strip(), name)]
         if not matched:
             raise ValueError(f"device map entry {entry!r} matches no part of the model (parts: {names[0]}, ...)")
@@ -70,6 +66,18 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
     if missing:
         raise ValueError(f"the device map places no device for {missing[0]} (and {len(missing) - 1} more parts)")
     return {name: placement[name] for name in names}
+
+
+def device_name(text: str, where: str) -> str:
+    """The device `text` names, written one way: `cpu`, `disk` or `cuda:N` (`cuda` is cuda:0), in any case; ValueError
+    starting with `where` (the entry it came from) for anything else, such as gpu, mps or meta."""
+    name = text.strip().lower()
+    kind, colon, index = name.partition(":")
+    if name in ("cpu", DISK):
+        return name
+    if kind == "cuda" and (not colon or index.isdigit()):
+        return f"cuda:{int(index or 0)}"
+    raise ValueError(f"{where}: {text.strip()!r} is not cpu, cuda:N or disk")
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -163,15 +171,24 @@ def _unit_bytes(module: nn.Module, config: ModelConfig, bytes_per_param: float) 
 
 
 def parse_budgets(text: str) -> dict[str, int]:
-    """`cuda:0=80GiB,cpu=20GiB` as {device: bytes}, in the order given; ValueError naming a bad entry."""
-    budgets = {}
+    """`cuda:0=80GiB,cpu=20GiB` as {device: bytes}, in the order given, devices written as `device_name` writes
+    them; ValueError naming a bad entry: an unknown device, a bad size, a device named twice (`cuda` and `cuda:0`)."""
+    budgets, entries = {}, {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         device, _, amount = entry.partition("=")
-        if not amount or device == DISK:
+        device = device_name(device, f"memory entry {entry!r}") if amount else DISK
+        if device == DISK:
             raise ValueError(f"memory entry {entry!r}: expected device=size, e.g. cuda:0=80GiB (disk needs no size)")
         if device in budgets:  # the later budget would silently replace the first
-            raise ValueError(f"memory entry {entry!r}: {device} named twice; give each device one budget")
-        budgets[device] = parse_bytes(amount)
+            raise ValueError(
+                f"memory entry {entry!r}: {device} named twice (also in {entries[device]!r}); give each device one "
+                "budget"
+            )
+        entries[device] = entry
+        try:
+            budgets[device] = parse_bytes(amount)
+        except ValueError as error:
+            raise ValueError(f"memory entry {entry!r}: {error}") from None
     return budgets
 
 

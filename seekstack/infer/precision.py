@@ -22,12 +22,13 @@ from pathlib import Path
 
 FAST_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")  # torch.cpu.get_capabilities() names
 MIN_BF16_CPU_PARAMETERS = 16_000_000  # 64 MB of float32 weights: past a CPU's last-level cache (32 MB on Zen 5)
-DEVICE = re.compile(r"\b(cuda(?::\d+)?|cpu|disk|mps)\b")  # the devices a device map names (disk computes on the CPU)
+# the devices a device map names, in any case as placement.device_name takes them (disk computes on the CPU)
+DEVICE = re.compile(r"\b(cuda(?::\d+)?|cpu|disk)\b", re.IGNORECASE)
 
 
 def map_devices(device_map: str | None) -> list[str]:
     """The devices a model runs on: those a device map (seekstack.infer.placement) names, else the CPU."""
-    named = DEVICE.findall(device_map or "")
+    named = [device.lower() for device in DEVICE.findall(device_map or "")]
     return sorted({"cpu" if device == "disk" else device for device in named}) or ["cpu"]
 
 

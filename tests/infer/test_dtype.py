@@ -29,6 +29,7 @@ def test_auto_needs_every_device_of_the_map_fast():
     assert map_devices(None) == ["cpu"]
     assert map_devices("*=cuda:0,layers.*.mlp.experts=disk") == ["cpu", "cuda:0"]
     assert map_devices("auto:cuda:1=80GiB,cpu=20GiB") == ["cpu", "cuda:1"]
+    assert map_devices("*=CUDA:1,embed_tokens=CPU") == ["cpu", "cuda:1"]  # the device map takes any case
     with_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     assert auto_dtype(["cpu", "cuda:0"], features=ZEN5)[0] == ("bfloat16" if with_gpu else "float32")
     assert auto_dtype(["cpu", "cuda:0"], features=SKYLAKE)[0] == "float32"

@@ -12,6 +12,7 @@ import seekstack
 from seekstack.accounting import main_parameters, mtp_parameters
 from seekstack.checkpoint import SINGLE_FILE
 from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer.params import parse_bytes
 from seekstack.infer.placement import (
     format_device_map,
     layer_devices,
@@ -22,6 +23,7 @@ from seekstack.infer.placement import (
     plan_placement,
     units,
 )
+from seekstack.schema import ConfigError
 from tests.infer.support import micro_model, model_dir, tiny_tokenizer
 
 KTRANSFORMERS_SPLIT = "*=cuda:0,embed_tokens=cpu,layers.*.mlp.experts=cpu"
@@ -150,6 +152,39 @@ def test_a_device_given_two_budgets_is_refused_naming_it():
     assert result.exit_code == 1 and "cpu named twice" in result.output and "--device-map" not in result.output
     with pytest.raises(ValueError, match="'cpu=2GiB': cpu named twice"):
         parse_budgets("cpu=1MiB,cpu=2GiB")  # --device-map auto:... in generate, chat and serve too
+
+
+@pytest.mark.parametrize(
+    "memory, message",
+    [("gpu=1MiB", "'gpu=1MiB': 'gpu' is not cpu, cuda:N or disk"),
+     ("meta=1GiB", "'meta' is not cpu, cuda:N or disk"), ("mps=1GiB", "'mps' is not cpu, cuda:N or disk"),
+     ("CPU=10GiB,cpu=1GiB", "'cpu=1GiB': cpu named twice \\(also in 'CPU=10GiB'\\)"),
+     ("cuda=10GiB,cuda:0=10GiB", "'cuda:0=10GiB': cuda:0 named twice \\(also in 'cuda=10GiB'\\)"),
+     ("cuda:0=infGiB", "'cuda:0=infGiB': size 'infGiB' is not a finite number of bytes"),
+     ("cpu=nanGiB", "'cpu=nanGiB': size 'nanGiB' is not a finite number of bytes"),
+     ("cpu=1e400", "size '1e400' is not a finite"), ("cpu=0.5", "size '0.5' must be at least one byte")],
+)  # fmt: skip
+def test_budgets_name_a_device_that_is_not_one_or_a_size_that_is_not_finite(memory, message):
+    with pytest.raises(ValueError, match=message):
+        parse_budgets(memory)
+
+
+def test_budget_and_map_devices_are_written_one_way():
+    assert parse_budgets(" CPU=1GiB, Cuda=2GiB,cuda:1=3GiB") == {"cpu": 2**30, "cuda:0": 2 * 2**30, "cuda:1": 3 * 2**30}
+    names = ["embed_tokens", "norm", "lm_head"]
+    assert parse_device_map("*=CPU,norm=Disk,lm_head=cuda", names) == {
+        "embed_tokens": "cpu", "norm": "disk", "lm_head": "cuda:0",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="'lm_head=meta': 'meta' is not cpu, cuda:N or disk"):
+        parse_device_map("*=cpu,lm_head=meta", names)
+
+
+def test_a_size_that_is_not_finite_is_refused_naming_it():
+    with pytest.raises(ValueError, match="size 'nanGiB' is not a finite number of bytes"):
+        parse_bytes("nanGiB")
+    with pytest.raises(ConfigError, match="kv_cache_memory.*'inf' is not a finite number"):
+        EngineOptions(kv_cache_memory="inf").validate()
+    assert parse_bytes("1.5KiB") == 1536
 
 
 def test_disk_parts_already_memory_mapped_from_the_checkpoint_are_used_in_place(tmp_path):
