@@ -78,7 +78,7 @@ def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine)
 def test_generate_rejects_bad_sampling_values_and_missing_tokenizer(checkpoint, tmp_path):
     result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--top-p", "1.5"])
     assert result.exit_code == 1
-    assert "error: field 'top_p' has value 1.5: input should be less than or equal to 1" in result.stderr
+    assert "error: --top-p has value 1.5: input should be less than or equal to 1" in result.stderr
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     result = runner.invoke(app, ["generate", "--model", str(tmp_path), "x"])
     assert result.exit_code == 1
@@ -103,8 +103,8 @@ def test_a_tokenizer_that_is_not_the_models_is_refused_or_named(checkpoint, tmp_
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--top-p", "1.5"], "field 'top_p' has value 1.5"),
-        (["--draft-tokens", "0"], "field 'draft_tokens' has value 0"),
+        (["--top-p", "1.5"], "--top-p has value 1.5"),
+        (["--draft-tokens", "0"], "--draft-tokens has value 0"),
         (["--threads", "0"], "--threads 0: must be from 1 to this machine's"),
         (["--threads", "100000"], "--threads 100000: must be from 1 to this machine's"),
         (["--temperature", "hot"], "Invalid value for '--temperature'"),
