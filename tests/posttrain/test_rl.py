@@ -3,8 +3,10 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from seekstack.checkpoint import load_pretrained
+from seekstack.cli import app
 from seekstack.config import ConfigError
 from seekstack.infer import SamplingParams
 from seekstack.posttrain import rl
@@ -78,6 +80,19 @@ def test_a_completion_length_past_the_models_context_is_refused_by_name(tmp_path
     config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_completion_length=321"], cls=GRPOConfig)
     with pytest.raises(ConfigError, match="'max_completion_length' is 321: .* context of 512 tokens; at most 320"):
         GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
+
+
+def test_a_difficulty_whose_prompts_pass_the_prompt_room_is_refused_before_anything_is_written(tmp_path):
+    model_dir = micro_checkpoint(tmp_path / "model")  # byte-level: 2 more prompt tokens a digit, 196 at 60 digits
+    run = tmp_path / "run"
+    args = ["rl", f"init_from={model_dir}", *RUN, "task=addition", "difficulty=60", "max_steps=1", f"out_dir={run}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output  # was: the engine's "prompt has 196 tokens, more than max_model_len"
+    assert result.output.startswith(
+        "error: field 'difficulty' is 60: addition prompts of that difficulty take up to 196 tokens, more than a "
+        "rollout's prompt room of 192 (PROMPT_TOKENS in seekstack/posttrain/rl.py; max_completion_length "
+    ), result.output
+    assert not run.exists()
 
 
 @pytest.mark.parametrize(
