@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import size, user_errors
+from seekstack.cli.common import fail, size, user_errors
 
 if TYPE_CHECKING:
     from seekstack.compress.quantize import QuantConfig
@@ -218,7 +218,13 @@ def prune_command(
         if heal_steps:
             with tempfile.TemporaryDirectory(prefix="seekstack_heal_") as work:
                 save_with_tokenizer(network, model, Path(work) / "pruned")
-                healed = heal(Path(work) / "pruned", data, heal_steps, Path(work) / "run", heal_lr, heal_batch_size)
+                try:
+                    healed = heal(Path(work) / "pruned", data, heal_steps, Path(work) / "run", heal_lr, heal_batch_size)
+                except KeyboardInterrupt:  # the trainer's "continue with --resume" does not apply to a temporary run
+                    fail(
+                        f"the healing run was in a temporary folder, removed now, and nothing was written to {out}: "
+                        "`seekstack prune` has no --resume; run it again to prune and heal from the start"
+                    )
                 save_with_tokenizer(load_pretrained(healed), model, out)
         else:
             save_with_tokenizer(network, model, out)

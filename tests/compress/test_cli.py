@@ -72,6 +72,23 @@ def test_prune_command_removes_heads_and_experts_and_healing_lowers_the_loss(tmp
         assert healed(batch, labels=batch).lm_loss < model(batch, labels=batch).lm_loss - 0.05
 
 
+def test_prune_stopped_while_healing_says_the_run_is_gone_and_writes_nothing(tmp_path, monkeypatch):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("seekstack.compress.heal.heal", interrupted)
+    write_train_shard(tmp_path / "shards")
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "healed"),
+              "--heads", "0.5", "--calibration-batches", "1", "--heal-steps", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "`seekstack prune` has no --resume; run it again" in result.output
+    assert not (tmp_path / "healed").exists()
+
+
 def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_first(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     runner = CliRunner()
