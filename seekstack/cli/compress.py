@@ -15,6 +15,7 @@ from seekstack.cli.common import fail, size, user_errors
 
 if TYPE_CHECKING:
     from seekstack.compress.quantize import QuantConfig
+    from seekstack.config import ModelConfig
 
 # The mode options' defaults; left None on the command line, so that one given without its mode can be refused.
 DEFAULT_BUDGET_BITS = 4.5  # --adaptive
@@ -213,8 +214,10 @@ def prune_command(
         _refuse_quantized(model)
         network = load_pretrained(model, dequantize=True).eval()
         batches = held_out_batches(str(data), batches=calibration_batches, split="train")
+        before = network.config
         removed = prune_experts(network, gate_mass(network, batches), experts) if experts else {}
         removed |= prune_heads(network, head_importance(network, batches), heads) if heads else {}
+        notes = _rounding_notes(before, network.config, experts, heads)
         if heal_steps:
             with tempfile.TemporaryDirectory(prefix="seekstack_heal_") as work:
                 save_with_tokenizer(network, model, Path(work) / "pruned")
@@ -230,8 +233,30 @@ def prune_command(
             save_with_tokenizer(network, model, out)
     for layer, ids in removed.items():
         typer.echo(f"{layer}: removed {'heads' if layer.endswith('self_attn') else 'experts'} {ids}")
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     before, after = checkpoint_bytes(model), checkpoint_bytes(out)
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
+
+
+def _rounding_notes(before: ModelConfig, after: ModelConfig, experts: float, heads: float) -> list[str]:
+    """What pruning removed where the asked fractions round to whole experts (per routing group) or heads; ValueError
+    before anything is written when it removed nothing at all."""
+    expert_step = (before.n_group or 1) / (before.n_routed_experts or 1)  # one expert of each routing group
+    notes = []
+    for option, asked, count, left, step in (
+        ("--experts", experts, before.n_routed_experts, after.n_routed_experts, expert_step),
+        ("--heads", heads, before.num_attention_heads, after.num_attention_heads, 1 / before.num_attention_heads),
+    ):
+        share = (count - left) / count if count else 0.0
+        if asked and abs(share - asked) > 1e-9:
+            notes.append(
+                f"{option} {asked:g} removed {count - left} of {count} per layer ({share:.1%}): pruning takes whole "
+                f"ones, a step of {step:.3g}"
+            )
+    if before == after:
+        raise ValueError("nothing to remove: " + "; ".join(notes or ["--experts and --heads are both 0"]))
+    return notes
 
 
 def _refuse_quantized(model: Path) -> None:

@@ -89,6 +89,23 @@ def test_prune_stopped_while_healing_says_the_run_is_gone_and_writes_nothing(tmp
     assert not (tmp_path / "healed").exists()
 
 
+def test_prune_says_what_a_fraction_rounds_to_and_refuses_one_that_removes_nothing(tmp_path):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    heads = seekstack.load_pretrained(tmp_path / "float").config.num_attention_heads
+    args = ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--calibration-batches", "1"]
+    nothing = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "none"), "--heads", "0.01", "--experts", "0"])
+    assert nothing.exit_code == 1
+    assert f"nothing to remove: --heads 0.01 removed 0 of {heads} per layer" in nothing.output
+    assert not (tmp_path / "none").exists()
+    rounded = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "some"), "--heads", "0.4", "--experts", "0"])
+    assert rounded.exit_code == 0, rounded.output
+    removed = round(heads * 0.4)
+    assert f"note: --heads 0.4 removed {removed} of {heads} per layer ({removed / heads:.1%})" in rounded.output
+
+
 def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_first(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     runner = CliRunner()
