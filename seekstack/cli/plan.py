@@ -3,13 +3,41 @@ device (no weight is materialised), and the `--device-map` that places it so."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from seekstack.cli.common import Model, model_config, size, user_errors
+from seekstack.config import PRESETS, ModelConfig
 
 BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.0, "int8": 1.0, "int4": 0.5}
+
+
+def stored_weights(model: str, config: ModelConfig) -> str:
+    """The width (a BYTES_PER_PARAM name) checkpoint `model` stores its weights in, from its config.json:
+    quantization_config (fp8; compressed-tensors int8/int4, the widest group), else torch_dtype, else bfloat16.
+    ValueError naming the file for a quantization_config it cannot read."""
+    quantization = config.extra.get("quantization_config")
+    if quantization is None:
+        dtype = config.extra.get("torch_dtype", config.extra.get("dtype"))
+        return dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+    method = quantization.get("quant_method", "fp8") if isinstance(quantization, dict) else None
+    if method == "fp8":
+        return "float8"
+    groups = quantization.get("config_groups") if method == "compressed-tensors" else None
+    weights = (
+        [group.get("weights") for group in groups.values() if isinstance(group, dict)]
+        if isinstance(groups, dict)
+        else []
+    )
+    bits = {entry.get("num_bits") for entry in weights if isinstance(entry, dict)}
+    if bits and bits <= {4, 8}:
+        return f"int{max(bits)}"
+    raise ValueError(
+        f"{Path(model) / 'config.json'}: quantization_config (quant_method {method!r}) is neither fp8 nor "
+        "compressed-tensors int8/int4 groups; give the stored width with --weights"
+    )
 
 
 def plan(
@@ -18,8 +46,12 @@ def plan(
         str, typer.Option(help="Budgets per device, fastest first, e.g. cuda:0=80GiB,cpu=20GiB; the rest goes to disk.")
     ],
     weights: Annotated[
-        str, typer.Option(help=f"Stored width of the weights: {', '.join(BYTES_PER_PARAM)}.")
-    ] = "bfloat16",
+        str | None,
+        typer.Option(
+            help=f"Stored width of the weights: {', '.join(BYTES_PER_PARAM)}; default: a checkpoint's own "
+            "(config.json quantization_config or torch_dtype), bfloat16 for a preset."
+        ),
+    ] = None,
 ) -> None:
     """Plan a placement of MODEL's embeddings, blocks (attention, shared and routed experts), MTP and head: print the
     resident bytes and the weight bytes one decoded token reads on each device, and the device map to pass to
@@ -27,11 +59,16 @@ def plan(
     from seekstack.infer.placement import parse_budgets, plan_placement
 
     with user_errors():
-        if weights not in BYTES_PER_PARAM:
+        if weights is not None and weights not in BYTES_PER_PARAM:
             raise ValueError(f"--weights {weights!r}: choose one of {', '.join(BYTES_PER_PARAM)}")
         config = model_config(model)
+        as_stored = weights is None and model not in PRESETS
+        weights = weights or stored_weights(model, config)
         result = plan_placement(config, parse_budgets(memory), BYTES_PER_PARAM[weights])
-    typer.echo(f"{model}, {weights} weights (the latent cache comes on top: --kv-cache-memory)")
+    typer.echo(
+        f"{model}, {weights} weights{' as stored' if as_stored else ''} (the latent cache comes on top: "
+        "--kv-cache-memory)"
+    )
     typer.echo(f"{'device':<10}{'parts':>7}  {'resident':<32}{'read per token':<32}")
     for device, resident in result.resident_bytes.items():
         parts = sum(1 for placed in result.placement.values() if placed == device)

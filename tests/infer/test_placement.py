@@ -4,6 +4,7 @@ the CPU, memory-mapped from disk, or on a GPU) computing the logits of the model
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -141,6 +142,44 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     assert parse_device_map(device_map, names) == expected.placement and "disk" in device_map
     bad = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=lots"])
     assert bad.exit_code == 1 and "size 'lots'" in bad.output
+
+
+@pytest.mark.parametrize(
+    "stored, weights, bytes_per_param",
+    [({"torch_dtype": "float32"}, "float32", 4.0), ({"torch_dtype": "bfloat16"}, "bfloat16", 2.0),
+     ({"torch_dtype": "float32", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}}, "float8", 1.0),
+     ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
+         "group_0": {"weights": {"num_bits": 4}}, "group_1": {"weights": {"num_bits": 8}}}}}, "int8", 1.0)],
+)  # fmt: skip
+def test_the_plan_of_a_checkpoint_takes_the_width_it_is_stored_in(tmp_path, stored, weights, bytes_per_param):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    config = seekstack.preset("tiny")
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), **stored}))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1MiB"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith(f"{tmp_path}, {weights} weights as stored")
+    expected = plan_placement(config, {"cpu": 2**20}, bytes_per_param)
+    assert result.output.splitlines()[-1] == f"--device-map {expected.device_map()}"
+    assert f"({expected.resident_bytes['disk']:,} B)" in result.output
+    overridden = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1MiB", "--weights", "int4"])
+    assert overridden.output.startswith(f"{tmp_path}, int4 weights (")
+
+
+def test_the_plan_of_a_checkpoint_quantized_in_an_unknown_way_asks_for_the_width(tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    quantization = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(
+        json.dumps({**seekstack.preset("tiny").to_dict(), "quantization_config": quantization})
+    )
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1MiB"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'config.json'}: quantization_config" in result.output and "--weights" in result.output
 
 
 def test_a_device_given_two_budgets_is_refused_naming_it():
