@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,7 +218,10 @@ def resolve_train_config(
             )
         base = _given_values(saved_path)
     values = apply_overrides(cls, {**base, **given}, overrides)
-    config = check(cls, values, source).validate(source)
+    try:
+        config = check(cls, values).validate()
+    except ConfigError as error:
+        raise ConfigError(f"{_blamed(str(error), overrides, source)}: {error}" if source else error) from None
     if resume and warn is not None:
         saved = check(cls, base, str(saved_path))
         for f in dataclasses.fields(cls):
@@ -225,6 +229,13 @@ def resolve_train_config(
             if not same_value(f.name, old, new):  # a saved path is relative to its file, the user's to the cwd
                 warn(f"resuming with {f.name}={json.dumps(new)} (the run last ran with {json.dumps(old)})")
     return config
+
+
+def _blamed(message: str, overrides: Sequence[str], source: str) -> str:
+    """Where the value a config error names came from: the command line's key=value, or else config file `source`."""
+    field = re.match(r"field '(\w+)", message)
+    given = {override.partition("=")[0].strip().partition(".")[0] for override in overrides}
+    return "key=value on the command line" if field and field[1] in given else source
 
 
 def _given_values(path: str | Path | None) -> dict[str, Any]:

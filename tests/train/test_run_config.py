@@ -224,3 +224,13 @@ def test_data_and_teacher_paths_in_a_file_are_relative_to_its_folder(tmp_path) -
     (folder / "distill.yaml").write_text("teacher: ../teacher\n")
     assert load_config(SFTConfig, folder / "sft.yaml").data == str(folder / "chats.jsonl")
     assert Path(load_config(DistillConfig, folder / "distill.yaml").teacher) == folder / "../teacher"
+
+
+def test_an_error_in_a_key_value_override_is_blamed_on_the_command_line_not_the_file(tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("model: tiny\nmax_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"^key=value on the command line: field 'max_steps' has value 'five'"):
+        resolve_train_config(config, ["max_steps=five"])
+    config.write_text("model: tiny\nmax_steps: five\n")
+    with pytest.raises(ConfigError, match=rf"^{config}: field 'max_steps' has value 'five'"):
+        resolve_train_config(config, ["lr=1e-3"])
