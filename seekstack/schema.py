@@ -268,10 +268,16 @@ def _strip(annotation: Any) -> Any:
 
 
 def _type_name(annotation: Any) -> str:
+    """A field's type as --help shows it: `tuple[float, float]`, `int | auto`, without constraints' markers."""
     stripped = _strip(annotation)
-    if typing.get_origin(stripped) is typing.Literal:
-        return " | ".join(str(choice) for choice in typing.get_args(stripped))
-    return getattr(stripped, "__name__", str(stripped)) if typing.get_origin(stripped) is None else str(stripped)
+    origin, args = typing.get_origin(stripped), typing.get_args(stripped)
+    if origin is typing.Literal:
+        return " | ".join(str(choice) for choice in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join('...' if arg is Ellipsis else _type_name(arg) for arg in args)}]"
+    return "any" if stripped is Any else getattr(stripped, "__name__", str(stripped))
 
 
 def _number(text: str) -> Any:

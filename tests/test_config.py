@@ -114,3 +114,12 @@ def test_errors_name_the_file(tmp_path):
 def test_unknown_preset_is_named():
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         preset("huge")
+
+
+def test_help_shows_each_field_type_without_constraint_markers():
+    from seekstack.posttrain.config import SFTConfig
+    from seekstack.schema import describe_fields
+
+    described = describe_fields(SFTConfig)
+    assert "betas = [0.9, 0.95]  (tuple[float, float])" in described and 'threads = "auto"  (int | auto)' in described
+    assert "typing" not in described and "Interval" not in described
