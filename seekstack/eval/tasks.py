@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.rewards import extract_answer
 from seekstack.posttrain.tasks import TASKS as POSTTRAIN_TASKS
@@ -38,12 +39,25 @@ PERPLEXITY_CHARS = 4000  # the opening of each module that code_perplexity score
 
 
 def held_out_modules(corpus: str | Path) -> list[dict[str, str]]:
-    """The validation documents ({"id", "text"}) of a corpus folder, in file order."""
+    """The validation documents ({"id", "text"}) of a corpus folder, in file order, blank lines skipped; ValueError
+    naming val.jsonl:line for a line that is not JSON, not an object, or lacks a string "id" or "text"."""
     path = Path(corpus) / "val.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; pass --corpus the folder `seekstack data build` wrote")
-    with path.open(encoding="utf-8") as lines:
-        return [{"id": doc["id"], "text": doc["text"]} for doc in map(json.loads, lines)]
+    modules = []
+    for number, doc in jsonl_records(path):
+        wrong = None if isinstance(doc, dict) else f"holds {json.dumps(doc)[:40]}, not a JSON object"
+        for field in ("id", "text") if wrong is None else ():
+            if not isinstance(doc.get(field), str):
+                wrong = f"field {field!r} " + (f"holds {json.dumps(doc[field])[:40]}" if field in doc else "is missing")
+                break
+        if wrong is not None:
+            raise ValueError(
+                f'{path}:{number}: {wrong}; each line of val.jsonl is an object with string "id" and "text" (as '
+                "`seekstack data build` writes): mend or delete that line"
+            )
+        modules.append({"id": doc["id"], "text": doc["text"]})
+    return modules
 
 
 def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int = 0) -> list[dict[str, Any]]:

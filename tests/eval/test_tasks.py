@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -64,6 +65,22 @@ def test_unknown_task_and_missing_corpus_are_named(tmp_path):
         task_configs(write_corpus(tmp_path, [MODULE]), ("code_clozee",))
     with pytest.raises(FileNotFoundError, match="val.jsonl"):
         held_out_modules(tmp_path / "nowhere")
+
+
+def test_held_out_modules_skip_blank_lines_and_name_the_line_of_a_damaged_one(tmp_path):
+    corpus = write_corpus(tmp_path, [MODULE, "x = 1\n"])
+    path = corpus / "val.jsonl"
+    path.write_text(path.read_text() + "\n  \n")  # trailing blank lines, as an editor leaves them
+    assert [module["id"] for module in held_out_modules(corpus)] == ["m0.py", "m1.py"]
+    for line, message in [
+        ('{"text": "x = 1"}', "field 'id' is missing"),
+        ('{"id": "m.py", "text": 3}', "field 'text' holds 3"),
+        ('["m.py", "x = 1"]', re.escape('holds ["m.py", "x = 1"], not a JSON object')),
+        ('{"id": "m.py", "text": "x', "not valid JSON"),
+    ]:
+        path.write_text(json.dumps({"id": "m0.py", "text": MODULE}) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}:2: {message}"):
+            held_out_modules(corpus)
 
 
 def test_line_tasks_on_a_corpus_without_enough_distinct_lines_say_so_and_perplexity_still_runs(tmp_path):
