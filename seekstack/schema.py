@@ -72,15 +72,22 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
         location = _field_location(values, first["loc"])
         name = ".".join(str(part) for part in location)
         # a union's value fails each of its members: one error per member, at the same field
-        reasons = [
-            e["msg"][0].lower() + e["msg"][1:] for e in error.errors() if _field_location(values, e["loc"]) == location
-        ]
+        reasons = [_reason(cls, e) for e in error.errors() if _field_location(values, e["loc"]) == location]
         message = " or ".join(dict.fromkeys(reasons))
         raise _located(
             ConfigError(f"field {name!r} has value {_lookup(values, location)!r}: {message}"), source
         ) from None
     except ConfigError as error:  # from a __post_init__
         raise _located(error, source) from None
+
+
+def _reason(cls: type, error: Mapping[str, Any]) -> str:
+    """pydantic's message for one error, lower-cased; for a tuple given too few values, how many it takes."""
+    field = _hints(cls).get(str(error["loc"][0])) if error["loc"] else None
+    arity = typing.get_args(_strip(field)) if field is not None and typing.get_origin(_strip(field)) is tuple else ()
+    if error["type"] == "missing" and len(error["loc"]) == 2 and arity and Ellipsis not in arity:
+        return f"give {len(arity)} values"
+    return error["msg"][0].lower() + error["msg"][1:]
 
 
 def recheck(config: T, source: str | None = None) -> T:

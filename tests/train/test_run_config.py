@@ -234,3 +234,8 @@ def test_an_error_in_a_key_value_override_is_blamed_on_the_command_line_not_the_
     config.write_text("model: tiny\nmax_steps: five\n")
     with pytest.raises(ConfigError, match=rf"^{config}: field 'max_steps' has value 'five'"):
         resolve_train_config(config, ["lr=1e-3"])
+
+
+def test_a_pair_given_one_value_says_how_many_it_takes() -> None:
+    with pytest.raises(ConfigError, match=r"field 'betas' has value \[0\.9\]: give 2 values"):
+        resolve_train_config(None, ["betas=[0.9]"])
