@@ -29,7 +29,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_config = json.loads((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).is_file() else {}
+    train_config = _json_object(run_dir / CONFIG_FILE, "restore it, or delete it to report without the run's settings")
     records = read_metrics(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     sections = [
@@ -107,7 +107,7 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     data_dir = (run_dir / train_config["data_dir"]).resolve()
     rows, tokenizer, corpus_report = [], None, None
     for index_path in sorted(data_dir.glob("*_index.json")):
-        index = json.loads(index_path.read_text())
+        index = _json_object(index_path, "tokenize the corpus again (seekstack data tokenize)")
         tokens, text_bytes = index["total_tokens"], index.get("text_bytes") or 0
         per_token = f"{text_bytes / tokens:.2f}" if tokens and text_bytes else "-"
         rows.append((index["split"], f"{index['documents']:,}", f"{tokens:,}", f"{text_bytes:,}", per_token))
@@ -115,7 +115,7 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
         source = Path(index.get("source", ""))
         for candidate in (source.parent / "report.json", Path.cwd() / source.parent / "report.json"):
             if corpus_report is None and candidate.is_file():
-                corpus_report = json.loads(candidate.read_text())
+                corpus_report = _json_object(candidate, "build the corpus again (seekstack data build), or delete it")
     if not rows:  # moved or deleted since the run, or a folder without shards
         return f"## Data\n\nToken shards `{data_dir}`: no *_index.json there (moved or deleted since the run?)."
     text = f"## Data\n\nToken shards `{data_dir}`:\n\n"
@@ -217,7 +217,14 @@ def _evaluation(run_dir: Path) -> str:
     path = run_dir / EVAL_RESULTS
     if not path.is_file():
         return f"## Evaluation\n\nNo `{EVAL_RESULTS}` yet: `seekstack eval {run_dir} --tasks ...` writes it."
-    results = json.loads(path.read_text())
+    remedy = f"run `seekstack eval {run_dir}` again to rewrite it, or delete it"
+    results = _json_object(path, remedy)
+    for key, kind in (("backend", str), ("wall_s", (int, float)), ("results", dict), ("samples", dict)):
+        wrong = not isinstance(results.get(key), kind)
+        wrong = wrong or (key == "results" and not all(isinstance(m, dict) for m in results[key].values()))
+        if wrong:
+            found = f"holds {json.dumps(results[key])[:40]}" if key in results else "is missing"
+            raise ValueError(f"{path}: key {key!r} {found}, not what `seekstack eval` writes; {remedy}")
     return (
         f"## Evaluation\n\nlm-evaluation-harness, backend `{results['backend']}`, {results['wall_s']:.1f} s:\n\n"
         + results_table(results)
@@ -231,6 +238,20 @@ def _samples(checkpoint: Path) -> str:
     for prompt, greedy, _ in demo_samples(checkpoint, max_new_tokens=48):
         parts.append(f"```python\n{prompt}{greedy}\n```")
     return "\n\n".join(parts)
+
+
+def _json_object(path: Path, remedy: str) -> dict[str, Any]:
+    """The JSON object in `path` ({} when there is no such file); ValueError naming the file, and `remedy`, when
+    it is not valid JSON or not an object."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+        raise ValueError(f"{path}: not valid JSON ({error}); the file is truncated or damaged: {remedy}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds {json.dumps(value)[:40]}, not a JSON object; {remedy}")
+    return value
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -143,3 +143,32 @@ def test_report_of_a_dense_student_without_mtp_claims_no_experts_and_no_mtp(tmp_
     assert "MTP" not in model and "| training FLOPs per token |" in model and "tokens trained" not in model
     moe = _model(_step_checkpoint(tmp_path / "moe", 1), {"data_dir": "../tokens", "seq_len": 64}, [])
     assert "| routed experts | 8 (2 per token) in 3 of 4 layers |" in moe and "(with MTP)" in moe
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [('{"backend": "seekst', "not valid JSON"), ("[]", "holds \\[\\], not a JSON object"),
+     ('{"results": {}}', "key 'backend' is missing"),
+     ('{"backend": "seekstack", "wall_s": 1, "results": {"t": 3}, "samples": {}}', 'key \'results\' holds {"t": 3}')],
+)  # fmt: skip
+def test_a_damaged_eval_results_file_is_named_with_what_to_do(tmp_path, saved, message):
+    from seekstack.eval.report import EVAL_RESULTS, _evaluation
+
+    (tmp_path / EVAL_RESULTS).parent.mkdir()
+    (tmp_path / EVAL_RESULTS).write_text(saved)
+    with pytest.raises(
+        ValueError, match=f"{tmp_path / EVAL_RESULTS}: {message}.*run `seekstack eval {tmp_path}` again"
+    ):
+        _evaluation(tmp_path)
+
+
+def test_a_damaged_run_config_or_shard_index_is_named(tmp_path):
+    from seekstack.eval.report import _data, write_report
+
+    (tmp_path / "train_config.json").write_text('{"model": "tiny",')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'train_config.json'}: not valid JSON"):
+        write_report(tmp_path, samples=False)
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "train_index.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'tokens' / 'train_index.json'}: not valid JSON.*data tokenize"):
+        _data(tmp_path / "run", {"data_dir": "../tokens"})
