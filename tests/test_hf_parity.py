@@ -360,6 +360,23 @@ def test_transformers_loads_our_checkpoint_with_the_same_logits(tmp_path, overri
     assert max_diff(got, expected) < ATOL
 
 
+@pytest.mark.parametrize("overrides", [OUR_CASES["v3-one-mtp"], OUR_CASES["v2-greedy"]], ids=["v3", "v2"])
+def test_transformers_loads_our_stacked_experts_layout_with_the_same_logits(tmp_path, overrides):
+    config = ModelConfig.from_dict({"model_type": "deepseek_v3", **OURS, **copy.deepcopy(overrides)})
+    ours = Transformer(config).eval()
+    randomise(ours, seed=2)
+    seekstack.save_pretrained(ours, tmp_path, stacked_experts=True)  # model.layers.{i}.mlp.experts.gate_up_proj
+
+    reference, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    input_ids = torch.randint(0, config.vocab_size, (2, SEQ_LEN))
+    with torch.no_grad():
+        expected, got = ours(input_ids).logits, reference.eval()(input_ids).logits
+    assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
+    mtp_layers = {str(config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)}
+    assert {re.match(r"model\.layers\.(\d+)\.", key)[1] for key in info["unexpected_keys"]} == mtp_layers
+    assert max_diff(got, expected) < ATOL
+
+
 def test_transformers_reports_every_mtp_layer_key_and_nothing_else(tmp_path):
     config = ModelConfig.from_dict({"model_type": "deepseek_v3", **OURS, "num_nextn_predict_layers": 1})
     seekstack.save_pretrained(Transformer(config), tmp_path)
