@@ -40,7 +40,7 @@ def test_a_cache_budget_too_small_for_the_request_is_told_with_the_option_to_rai
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--kv-cache-memory", "lots"], "kv_cache_memory"),
+        (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
         (["--device-map", "layers.*.nothing=cpu"], "matches no part of the model"),
         (["--device-map", "*=tpu:0"], "is not cpu, cuda:N or disk"),
     ],
@@ -57,4 +57,4 @@ def test_chat_takes_the_cache_budget_and_the_device_map(checkpoint):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
     result = runner.invoke(app, ["chat", "--model", str(checkpoint), "--kv-cache-memory", "lots"], input="hello\n")
-    assert result.exit_code == 1 and "kv_cache_memory" in result.stderr
+    assert result.exit_code == 1 and "--kv-cache-memory" in result.stderr
