@@ -135,17 +135,9 @@ def generate_command(
                 frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
                 ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
             ).validate()  # fmt: skip
-            options = EngineOptions(
-                max_batch_size=1,
-                speculative=speculative,
-                draft_tokens=draft_tokens,
-                adaptive_drafts=adaptive_drafts,
-                draft_vocab=draft_vocab,
-                compile=compile,
-                kv_cache_memory=kv_cache_memory,
-                device_map=device_map,
-                dtype=dtype,
-            ).validate()
+            options = one_stream(
+                speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map, dtype
+            )
         engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
@@ -200,17 +192,9 @@ def chat_command(
             params = SamplingParams(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
             ).validate()
-            options = EngineOptions(
-                max_batch_size=1,
-                speculative=speculative,
-                draft_tokens=draft_tokens,
-                adaptive_drafts=adaptive_drafts,
-                draft_vocab=draft_vocab,
-                compile=compile,
-                kv_cache_memory=kv_cache_memory,
-                device_map=device_map,
-                dtype=dtype,
-            ).validate()
+            options = one_stream(
+                speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map, dtype
+            )
         engine = load_engine(model, tokenizer, options, threads, adapter)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
     if reason:
@@ -244,6 +228,23 @@ class StreamedText:
             sys.stderr.write("\n")
             self.open_line = False
         typer.echo(f"note: {text}", err=True)
+
+
+def one_stream(
+    speculative: bool,
+    draft_tokens: int,
+    adaptive_drafts: bool,
+    draft_vocab: int,
+    compile: bool | None,
+    kv_cache_memory: str | None,
+    device_map: str | None,
+    dtype: str,
+) -> EngineOptions:
+    """The engine options of a one-stream command (generate, chat), checked."""
+    return EngineOptions(
+        max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts,
+        draft_vocab=draft_vocab, compile=compile, kv_cache_memory=kv_cache_memory, device_map=device_map, dtype=dtype,
+    ).validate()  # fmt: skip
 
 
 def load_engine(
