@@ -231,7 +231,7 @@ def usage_command(
         ledger = Ledger(database)
         days = ledger.daily(key, parse_day(since) if since else None)
         if key is not None and not days:
-            if key not in {known.name for known in KeyStore(database).list()} and not ledger.records(key):
+            if not KeyStore(database).knows(key) and not ledger.knows(key):
                 fail(f"no key named {key!r} in {database.location}, and no usage recorded for one; "
                      "`seekstack keys list` shows the keys", as_json)  # fmt: skip
             if not as_json:

@@ -395,6 +395,9 @@ class Server:
             days = self.ledger.daily(key_name, parse_day(since) if since else None)
         except ValueError as error:
             raise APIError(400, str(error), param="since") from None
+        if key_name is not None and not days and not self.keys.knows(key_name) and not self.ledger.knows(key_name):
+            raise APIError(404, f"no key named {key_name!r}, and no usage recorded for one", param="key",
+                           code="key_not_found")  # fmt: skip
         return UsageReport(data=[day.to_dict() for day in days], total_cost=sum(day.cost for day in days))
 
 
@@ -549,7 +552,7 @@ def create_app(
         body = parse_body(ModerationRequest, await read_body(request, server.max_body_bytes))
         return JSONResponse((await asyncio.to_thread(server.safety.moderations, body, key)).model_dump())
 
-    @app.get("/v1/admin/usage", response_model=UsageReport, responses=error_responses(400, 401, 403, 500))
+    @app.get("/v1/admin/usage", response_model=UsageReport, responses=error_responses(400, 401, 403, 404, 500))
     async def admin_usage(
         request: Request,
         key: Annotated[str | None, Query(description="Only this key's usage (by name)")] = None,

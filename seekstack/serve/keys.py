@@ -119,6 +119,10 @@ class KeyStore:
         rows = self.database.query("SELECT * FROM keys WHERE key_hash = ? AND revoked_at IS NULL", (hash_key(key),))
         return _api_key(rows[0]) if rows else None
 
+    def knows(self, name: str) -> bool:
+        """Whether a key named `name` was ever created (revoked ones included)."""
+        return bool(self.database.query("SELECT 1 FROM keys WHERE name = ? LIMIT 1", (name,)))
+
     def any_keys(self) -> bool:
         """Whether any key was ever created: without one the server is open (localhost only)."""
         return bool(self.database.query("SELECT 1 FROM keys LIMIT 1"))

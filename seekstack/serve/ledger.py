@@ -122,6 +122,10 @@ class Ledger:
         where, parameters = ("WHERE key_name = ?", (key_name,)) if key_name is not None else ("", ())
         return [dict(row) for row in self.database.query(f"SELECT * FROM usage {where} ORDER BY id", parameters)]
 
+    def knows(self, key_name: str) -> bool:
+        """Whether any usage is recorded for key `key_name`."""
+        return bool(self.database.query("SELECT 1 FROM usage WHERE key_name = ? LIMIT 1", (key_name,)))
+
     def daily(self, key_name: str | None = None, since: dt.date | None = None) -> list[DailyUsage]:
         """Requests, tokens and cost per key and UTC day, from `since` (inclusive) on."""
         conditions, parameters = [], []

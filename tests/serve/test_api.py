@@ -470,6 +470,10 @@ def test_every_request_is_in_the_ledger_and_the_admin_report(base_url, keys, dat
         f"{base_url}/v1/admin/usage", params={"since": "May 1"}, headers={"Authorization": f"Bearer {admin}"}
     )
     assert_error(bad_day, 400, "'May 1' is not in the form YYYY-MM-DD")
+    unknown = httpx.get(
+        f"{base_url}/v1/admin/usage", params={"key": "nosuch"}, headers={"Authorization": f"Bearer {admin}"}
+    )
+    assert_error(unknown, 404, "no key named 'nosuch'")  # as `seekstack usage --key nosuch` says
 
 
 def test_metrics_use_vllm_names_with_the_seekstack_prefix(base_url, keys):
