@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import user_errors
+from seekstack.cli.common import options_named, user_errors
 from seekstack.cli.train import run_stage
 
 if TYPE_CHECKING:
@@ -69,9 +69,10 @@ def pass_at_k_command(
     with user_errors():
         for model in models:
             engine = _sampling_engine(model, problems * samples, max_new_tokens)
-            scores = evaluate_task(
-                engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
-            )
+            with options_named():  # a difficulty whose prompts pass the prompt room names --difficulty
+                scores = evaluate_task(
+                    engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
+                )
             rows.append({"model": str(model), "task": task, **scores})
             typer.echo(json.dumps(rows[-1]))
     if len(rows) > 1:
@@ -103,9 +104,10 @@ def traces_command(
         if out.is_dir():
             raise ValueError(f"--out {out}: a folder; traces are written to a JSONL file")
         engine = _sampling_engine(model, 64 * samples, max_new_tokens)
-        traces = verified_traces(
-            engine, make_task(task, difficulty), prompts, samples, max_new_tokens, temperature, seed
-        )
+        with options_named():
+            traces = verified_traces(
+                engine, make_task(task, difficulty), prompts, samples, max_new_tokens, temperature, seed
+            )
         if not traces.conversations:
             raise ValueError(f"{model}: none of {traces.sampled} traces verified; nothing to write to {out}")
         write_conversations(traces.conversations, out)
@@ -119,7 +121,7 @@ def _sampling_engine(model: Path, sequences: int, max_new_tokens: int) -> Engine
     most SAMPLING_BATCH of them at a time (the rest queue: a cache for all at once can outgrow the memory)."""
     from seekstack.checkpoint import read_config
     from seekstack.infer import Engine
-    from seekstack.posttrain.rl import PROMPT_TOKENS
+    from seekstack.posttrain.rollout import PROMPT_TOKENS
 
     context = read_config(model).max_position_embeddings
     if PROMPT_TOKENS + max_new_tokens > context:

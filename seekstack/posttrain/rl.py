@@ -31,14 +31,20 @@ from seekstack.posttrain.config import GRPOConfig, tokenizer_path
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.grpo import group_advantages, policy_loss
 from seekstack.posttrain.rewards import RewardWeights
-from seekstack.posttrain.rollout import Rollout, completion_logps, sample_groups, trained_tokens
+from seekstack.posttrain.rollout import (
+    PROMPT_TOKENS,
+    Rollout,
+    completion_logps,
+    require_prompt_room,
+    sample_groups,
+    trained_tokens,
+)
 from seekstack.posttrain.sft import tokenizer_info
-from seekstack.posttrain.tasks import Problem, Task, make_task, sample_problems
+from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.train.state import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
-PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request
 PROMPT_SAMPLE = 256  # training problems whose prompts are measured against PROMPT_TOKENS before the run starts
 
 
@@ -52,7 +58,8 @@ class GRPOSource:
         self.tokenizer = Tokenizer.from_file(tokenizer_json_path(tokenizer_path(config)))
         self.tokenizer_info = tokenizer_info(self.tokenizer)
         self.task = make_task(config.task, config.difficulty)
-        require_prompt_room(self.tokenizer, self.task, sample_problems(self.task, PROMPT_SAMPLE, "train", config.seed))
+        sample = sample_problems(self.task, PROMPT_SAMPLE, "train", config.seed)
+        require_prompt_room(self.task, [self.tokenizer.encode_chat(prompt_messages(p)) for p in sample])
         self.weights = RewardWeights(correctness=1.0, format=config.format_weight)
         self.generation = 0  # generation batches sampled so far
         self.iteration = 0  # optimizer steps taken on the current batch
@@ -126,7 +133,6 @@ class GRPOSource:
     def _generate(self, batch_size: int) -> dict[str, Any]:
         config = self.config
         problems = sample_problems(self.task, batch_size, "train", seed=config.seed * 1_000_003 + self.generation)
-        require_prompt_room(self.tokenizer, self.task, problems)  # one longer than those measured up front
         self.engine.reset_prefix_cache()  # prompt prefixes cached before the last optimizer step hold stale values
         self.sampler.eval()  # as the engine's compiled decode step was traced
         compile_s = self.engine.compile_s
@@ -215,17 +221,6 @@ class GRPOSource:
         if state.get("ahead") is not None:  # absent in checkpoints of older versions
             self.ahead = Future()
             self.ahead.set_result(_restored(state["ahead"]))
-
-
-def require_prompt_room(tokenizer: Tokenizer, task: Task, problems: list[Problem]) -> None:
-    """A ConfigError naming `difficulty` unless every problem's prompt fits the PROMPT_TOKENS a rollout leaves it."""
-    longest = max(len(tokenizer.encode_chat(prompt_messages(problem))) for problem in problems)
-    if longest > PROMPT_TOKENS:
-        raise ConfigError(
-            f"field 'difficulty' is {task.difficulty}: {task.name} prompts of that difficulty take up to {longest} "
-            f"tokens, more than a rollout's prompt room of {PROMPT_TOKENS} (PROMPT_TOKENS in seekstack/posttrain/"
-            "rl.py; max_completion_length sets the completion's room, apart from it); lower difficulty"
-        )
 
 
 def _stored(batch: dict[str, Any]) -> dict[str, Any]:

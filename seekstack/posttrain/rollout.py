@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from seekstack.config import ConfigError
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.attention import SharedPrefixCache
 from seekstack.model.head_loss import linear_token_logprobs
@@ -52,6 +53,20 @@ class Rollout:
         return self.input_ids.gather(1, columns.clamp(max=self.input_ids.shape[1] - 1))
 
 
+PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request (rl, traces, pass-at-k)
+
+
+def require_prompt_room(task: Task, prompts: list[list[int]]) -> None:
+    """A ConfigError naming `difficulty` unless every prompt (token ids) fits the PROMPT_TOKENS a rollout leaves it."""
+    longest = max(map(len, prompts))
+    if longest > PROMPT_TOKENS:
+        raise ConfigError(
+            f"field 'difficulty' is {task.difficulty}: {task.name} prompts of that difficulty take up to {longest} "
+            f"tokens, more than a rollout's prompt room of {PROMPT_TOKENS} (PROMPT_TOKENS in seekstack/posttrain/"
+            "rollout.py; the completion's room is apart from it); lower difficulty"
+        )
+
+
 def sample_groups(
     engine: Engine,
     task: Task,
@@ -66,6 +81,7 @@ def sample_groups(
     started = time.perf_counter()
     tokenizer = engine.tokenizer
     distinct = [tokenizer.encode_chat(prompt_messages(p)) for p in problems]
+    require_prompt_room(task, distinct)
     prompts = [prompt for prompt in distinct for _ in range(group_size)]  # the engine prefills a group's G once
     params = [
         SamplingParams(

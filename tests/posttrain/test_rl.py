@@ -90,7 +90,7 @@ def test_a_difficulty_whose_prompts_pass_the_prompt_room_is_refused_before_anyth
     assert result.exit_code == 1, result.output  # was: the engine's "prompt has 196 tokens, more than max_model_len"
     assert result.output.startswith(
         "error: field 'difficulty' is 60: addition prompts of that difficulty take up to 196 tokens, more than a "
-        "rollout's prompt room of 192 (PROMPT_TOKENS in seekstack/posttrain/rl.py; max_completion_length "
+        "rollout's prompt room of 192 (PROMPT_TOKENS in seekstack/posttrain/rollout.py; the completion's room "
     ), result.output
     assert not run.exists()
 
@@ -287,3 +287,14 @@ def test_auto_threads_sample_on_one_and_train_on_one_more_per_core_the_machine_l
     assert sampled == [1, 1] and trained == [2, 1] and torch.get_num_threads() == 2
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["threads"] for m in metrics] == [2, 1]
+
+
+@pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--prompts", "1"]])
+def test_sampling_commands_refuse_a_difficulty_whose_prompts_pass_the_prompt_room_naming_the_option(tmp_path, command):
+    model_dir = micro_checkpoint(tmp_path / "model")  # 196 prompt tokens at 60 digits
+    out = ["--out", str(tmp_path / "traces.jsonl")] if command[0] == "traces" else []
+    task = ["--task", "addition", "--difficulty", "60", "--samples", "1"]
+    args = [command[0], str(model_dir), *command[1:], *out, *task]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "error: --difficulty is 60: addition prompts" in result.output, result.output
+    assert "prompt room of 192" in result.output and not (tmp_path / "traces.jsonl").exists()
