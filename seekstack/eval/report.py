@@ -108,6 +108,12 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     rows, tokenizer, corpus_report = [], None, None
     for index_path in sorted(data_dir.glob("*_index.json")):
         index = _json_object(index_path, "tokenize the corpus again (seekstack data tokenize)")
+        missing = [key for key in ("split", "documents", "total_tokens") if key not in index]
+        if missing:
+            raise ValueError(
+                f"{index_path}: a shard index without {', '.join(map(repr, missing))}; tokenize the corpus again "
+                "(seekstack data tokenize)"
+            )
         tokens, text_bytes = index["total_tokens"], index.get("text_bytes") or 0
         per_token = f"{text_bytes / tokens:.2f}" if tokens and text_bytes else "-"
         rows.append((index["split"], f"{index['documents']:,}", f"{tokens:,}", f"{text_bytes:,}", per_token))

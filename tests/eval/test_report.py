@@ -172,3 +172,6 @@ def test_a_damaged_run_config_or_shard_index_is_named(tmp_path):
     (tmp_path / "tokens" / "train_index.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match=f"{tmp_path / 'tokens' / 'train_index.json'}: not valid JSON.*data tokenize"):
         _data(tmp_path / "run", {"data_dir": "../tokens"})
+    (tmp_path / "tokens" / "train_index.json").write_text('{"split": "train"}')
+    with pytest.raises(ValueError, match="train_index.json: a shard index without 'documents', 'total_tokens'"):
+        _data(tmp_path / "run", {"data_dir": "../tokens"})
