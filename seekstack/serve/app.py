@@ -237,8 +237,9 @@ class Server:
                     for number, prompt in enumerate(prompts)
                     if not unstarted.issuperset(range(number * per_prompt, (number + 1) * per_prompt))
                 )
-            if charge:
-                await asyncio.to_thread(self.limiter.settle, charge, bill.total_tokens)
+            failed = 500 <= (bill.status or status) < 600  # a stream records its own ending first
+            if charge:  # a request the server failed, like one it refused, uses none of the key's tokens per minute
+                await asyncio.to_thread(self.limiter.settle, charge, 0 if failed else bill.total_tokens)
             await bill.record_async(status)
 
         if body.stream:

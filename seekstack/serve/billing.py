@@ -39,6 +39,7 @@ class Bill:
     moderation: str | None = None  # the content-safety category that acted on it
     free: bool = False  # that category's policy waives the cost
     recorded: bool = False
+    status: int | None = None  # the final row's HTTP status, once written
     row_id: int | None = None  # the stream's open row
     _billed_tokens: int = 0
     _billed_at: float = 0.0
@@ -65,7 +66,7 @@ class Bill:
             if self.recorded:
                 return
             self.ledger.record(self.usage_record(status), self.row_id)
-            self.recorded = True  # after the write: if it failed, the caller's error path records the request
+            self.recorded, self.status = True, status  # after the write: if it failed, the error path records it
 
     def open(self) -> None:
         """Write the row of a stream about to start, billed for its prompt."""

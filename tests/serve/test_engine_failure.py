@@ -14,6 +14,7 @@ import httpx
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
+from seekstack.serve.keys import KeyStore
 from seekstack.serve.ledger import Ledger
 from tests.serve.server import make_model_dir
 
@@ -35,14 +36,14 @@ def engine_failing_at_steps(engine: Engine, failing: set[int]) -> Engine:
     return engine
 
 
-async def post_all(app, bodies: list[dict]) -> list[httpx.Response]:
+async def post_all(app, bodies: list[dict], headers: dict | None = None) -> list[httpx.Response]:
     """The requests one after the other, through the app's ASGI interface, with its engine thread running."""
     bridge = app.state.server.bridge
     bridge.start()
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as http:
-            return [await http.post("/v1/completions", json=body) for body in bodies]
+            return [await http.post("/v1/completions", json=body, headers=headers) for body in bodies]
     finally:
         bridge.stop()
 
@@ -51,8 +52,10 @@ def test_failing_step_ends_requests_with_500_and_the_server_keeps_serving(tmp_pa
     engine = Engine.from_pretrained(make_model_dir(tmp_path))
     database = open_database(tmp_path / "serve.db")
     # each request's third step fails: prefill, decode, failure (step 4 hands out the ended request's abort)
+    key = KeyStore(database).create("limited", tpm=10_000)
     app = create_app(engine_failing_at_steps(engine, failing={3, 7}), database)
-    streamed, whole, after = asyncio.run(post_all(app, [{**REQUEST, "stream": True}, REQUEST, REQUEST]))
+    bodies = [{**REQUEST, "stream": True}, REQUEST, REQUEST]
+    streamed, whole, after = asyncio.run(post_all(app, bodies, {"Authorization": f"Bearer {key}"}))
 
     events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line]
     assert streamed.status_code == 200 and events[-1] == "[DONE]"
@@ -66,6 +69,8 @@ def test_failing_step_ends_requests_with_500_and_the_server_keeps_serving(tmp_pa
     assert [row["status"] for row in rows] == [500, 500, 200]
     assert rows[0]["completion_tokens"] > 0  # the stream's tokens are recorded, but the user is not charged
     assert [row["cost"] for row in rows[:2]] == [0.0, 0.0] and rows[2]["cost"] > 0
+    charged = [row["tokens"] for row in database.query("SELECT tokens FROM rate_charges ORDER BY id")]
+    assert charged == [0, 0, rows[2]["prompt_tokens"] + 20]  # failed requests use none of the tokens per minute
 
 
 def test_the_log_entry_of_a_500_carries_the_engine_traceback_of_a_request_failed_alone(tmp_path, caplog):
