@@ -249,6 +249,11 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
                 f"{weights}: key {key!r} has shape {tuple(tensor.shape)}, the base model needs "
                 f"{tuple(expected[key].shape)}: the adapter was trained on another base"
             )
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"{weights}: key {key!r} holds NaN or infinite values: the training that wrote it diverged; "
+                "train the adapter again (e.g. with a lower lr)"
+            )
     if weightless:
         model.load_state_dict({full_names[key]: tensor for key, tensor in tensors.items()}, strict=False, assign=True)
     else:

@@ -9,6 +9,8 @@ import shutil
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
@@ -228,7 +230,15 @@ def test_an_adapter_of_another_base_is_refused_naming_the_file(adapter, tmp_path
         load_adapter(wider, adapter)
 
 
+def with_a_nan(data: bytes) -> bytes:
+    """The adapter weights with one value of its last tensor NaN (what a diverged training writes)."""
+    tensors = load_safetensors(data)
+    tensors[sorted(tensors)[-1]].view(-1)[0] = float("nan")
+    return save_safetensors(tensors)
+
+
 DAMAGES = {  # file -> (what is written over it, what the error says)
+    "weights NaN": (ADAPTER_WEIGHTS_FILE, with_a_nan, "holds NaN or infinite values"),
     "weights truncated": (ADAPTER_WEIGHTS_FILE, lambda data: data[:3000], "not a valid safetensors file"),
     "weights empty": (ADAPTER_WEIGHTS_FILE, lambda data: b"", "not a valid safetensors file"),
     "config truncated": (ADAPTER_CONFIG_FILE, lambda data: data[:9], "not valid JSON"),
