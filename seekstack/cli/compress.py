@@ -223,7 +223,7 @@ def prune_command(
                 save_with_tokenizer(network, model, Path(work) / "pruned")
                 try:
                     healed = heal(Path(work) / "pruned", data, heal_steps, Path(work) / "run", heal_lr, heal_batch_size)
-                except KeyboardInterrupt:  # the trainer's "continue with --resume" does not apply to a temporary run
+                except KeyboardInterrupt:
                     fail(
                         f"the healing run was in a temporary folder, removed now, and nothing was written to {out}: "
                         "`seekstack prune` has no --resume; run it again to prune and heal from the start"

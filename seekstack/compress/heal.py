@@ -26,6 +26,6 @@ def heal(
         tokenizer.is_file() else "", max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10),
         batch_size=batch_size, seq_len=seq_len, eval_every=0, save_every=0, keep_checkpoints=1,
     )  # fmt: skip
-    result = train(config)
+    result = train(config, resumable=False)  # an interrupt ends the command (`seekstack prune` says so)
     assert result.checkpoint is not None  # the trainer always saves the last step
     return result.checkpoint

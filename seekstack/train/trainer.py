@@ -224,17 +224,20 @@ def train(
     resume: bool | str | Path = False,
     hooks: ModelHooks | None = None,
     source: BatchSource | None = None,
+    resumable: bool = True,
 ) -> TrainResult:
     """Run (or, with `resume`, continue from the latest or a given checkpoint) the pre-training `config` describes.
 
     Works in one process or under torchrun; only rank 0 writes files. `hooks` train a module made from the model
     (e.g. LoRA) instead of the whole model; `source` supplies batches and their loss instead of `data_dir`.
+    Ctrl-C saves a checkpoint to continue from with --resume, unless the run is not `resumable` (a temporary run
+    inside another command, which says itself what an interrupt means).
     """
     config = config.validate()
     ranks = distributed.init_distributed()
     try:
         with configured_threads(config.threads):
-            return _Run(config, ranks, resume, hooks, source).run()
+            return _Run(config, ranks, resume, hooks, source).run(resumable)
     finally:
         distributed.shutdown(ranks)
 
@@ -335,7 +338,7 @@ class _Run:
             self._trim_metrics()
 
     # ------------------------------------------------------------------------------ loop
-    def run(self) -> TrainResult:
+    def run(self, resumable: bool = True) -> TrainResult:
         result = TrainResult(self.step, checkpoint=self.resumed_from)  # a finished run resumed trains nothing
         started, first_step = time.perf_counter(), self.step
         step_start: tuple[dict[str, Any], dict[str, Any]] | None = None  # data and RNG states, inside a step
@@ -355,6 +358,8 @@ class _Run:
                 if self.config.save_every and self.step % self.config.save_every == 0 or self.is_last_step:
                     result.checkpoint = self.save()
         except KeyboardInterrupt:
+            if not resumable:
+                raise
             if step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
                 self.data.load_state_dict(step_start[0])
                 set_rng_state(step_start[1])

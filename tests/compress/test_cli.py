@@ -78,7 +78,7 @@ def test_prune_stopped_while_healing_says_the_run_is_gone_and_writes_nothing(tmp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("seekstack.compress.heal.heal", interrupted)
+    monkeypatch.setattr("seekstack.train.trainer._Run.train_step", interrupted)  # Ctrl-C in the healing's first step
     write_train_shard(tmp_path / "shards")
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
     result = CliRunner().invoke(
@@ -86,6 +86,7 @@ def test_prune_stopped_while_healing_says_the_run_is_gone_and_writes_nothing(tmp
               "--heads", "0.5", "--calibration-batches", "1", "--heal-steps", "2"],
     )  # fmt: skip
     assert result.exit_code == 1 and "`seekstack prune` has no --resume; run it again" in result.output
+    assert "saved" not in result.output and "continue with --resume" not in result.output  # not the trainer's hint
     assert not (tmp_path / "healed").exists()
 
 
