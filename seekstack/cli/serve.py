@@ -241,14 +241,15 @@ def usage_command(
         typer.echo(json.dumps([day.to_dict() for day in days], indent=2))
         return
     table = Table(title="usage per key and day (UTC)")
-    for column in ("day", "key", "requests", "prompt tokens", "completion tokens", "cost"):
+    for column in ("day", "key", "requests", "failed (5xx, free)", "prompt tokens", "completion tokens", "cost"):
         table.add_column(column, justify="left" if column in ("day", "key") else "right")
     for day in days:
         table.add_row(
-            day.day, day.key_name or "(open)", str(day.requests), f"{day.prompt_tokens:,}",
+            day.day, day.key_name or "(open)", str(day.requests), str(day.failed), f"{day.prompt_tokens:,}",
             f"{day.completion_tokens:,}", f"{day.cost:.6f}",
         )  # fmt: skip
-    table.add_row("total", "", str(sum(d.requests for d in days)), "", "", f"{sum(d.cost for d in days):.6f}")
+    total = [str(sum(d.requests for d in days)), str(sum(d.failed for d in days)), "", ""]
+    table.add_row("total", "", *total, f"{sum(d.cost for d in days):.6f}")
     Console(markup=False).print(table)
 
 

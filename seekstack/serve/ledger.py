@@ -51,6 +51,7 @@ class DailyUsage:
     key_name: str | None
     day: str  # YYYY-MM-DD
     requests: int
+    failed: int  # of the requests, those the server failed (a 5xx status): their tokens are counted, not charged
     prompt_tokens: int
     completion_tokens: int
     cost: float
@@ -138,6 +139,7 @@ class Ledger:
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self.database.query(
             f"SELECT key_name, {self.database.day('created_at')} AS day, COUNT(*) AS requests, "
+            "SUM(CASE WHEN status BETWEEN 500 AND 599 THEN 1 ELSE 0 END) AS failed, "
             "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, SUM(cost) AS cost "
             f"FROM usage {where} GROUP BY key_name, day ORDER BY day, key_name",
             tuple(parameters),

@@ -92,7 +92,7 @@ def test_a_request_the_server_failed_is_recorded_but_not_charged(database):
         (500, 1000, 500), (503, 1000, 500), (499, 1000, 500),
     ]  # fmt: skip
     (day,) = ledger.daily("k")
-    assert (day.requests, day.cost) == (3, pytest.approx(0.003))
+    assert (day.requests, day.failed, day.cost) == (3, 2, pytest.approx(0.003))
 
 
 def test_daily_totals_per_key_and_since_filter(database):
