@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -100,9 +101,17 @@ def test_explain_writes_pngs_and_a_page_holding_the_maps(checkpoint, tmp_path):
     page = paths["html"].read_text()
     data = json.loads(re.search(r"const data = (.*);\n", page).group(1))
     assert len(data["tokens"]) == len(tokenizer.encode(CODE)) and "↵" in "".join(data["tokens"])
-    assert len(data["attention"]) == model.config.num_hidden_layers
-    for head in data["attention"][0]:
-        assert all(sum(row) == pytest.approx(1, abs=1e-3) for row in head)
+    tokens, layers = len(data["tokens"]), model.config.num_hidden_layers
+    assert len(data["attention"]) == layers
+    maps = attention_maps(model, torch.tensor(tokenizer.encode(CODE)))
+    for layer, heads in enumerate(data["attention"]):
+        for head, encoded in enumerate(heads):  # causal rows, one byte a weight: query q holds keys 0..q
+            levels = torch.tensor(list(base64.b64decode(encoded)), dtype=torch.float32) / data["attention_levels"]
+            assert len(levels) == tokens * (tokens + 1) // 2
+            rows, keys = torch.tril_indices(tokens, tokens)
+            torch.testing.assert_close(levels, maps[layer].weights[head][rows, keys], atol=0.5 / 255, rtol=0)
+    weights = layers * model.config.num_attention_heads * tokens * tokens
+    assert len(page) < 0.75 * weights + 20_000  # ~1.3 bytes a causal weight, not ~7 as JSON numbers
     assert len(data["routing"]) == 2 and len(data["routing"][0]["experts"]) == len(data["tokens"])
     assert "<script>" in page and "http" not in page  # self-contained: nothing to fetch
 
