@@ -10,11 +10,12 @@ A policy (`--moderation-policy FILE`, .yaml/.toml/.json):
     plans: {free: [pii, weapons]}        # categories enforced for keys on a plan (default: every category)
     keys: {research: [pii]}              # ... or for one key (before its plan)
 
-Terms match whole words, case-insensitively, in the text's NFKC form without invisible characters (`folded`:
-`ｓｅｌｆ` and `s<zero-width space>elf` are `self`). A classifier is any object with `score(text) -> probability`
-(`Classifier`); the one we ship is the hashed n-gram logistic regression of `seekstack data quality-train
---reference CATEGORY_EXAMPLES --pool ACCEPTABLE_EXAMPLES --out FILE.npz`. Terms and patterns act on the span they
-match (a block cuts the text before it, a redaction replaces it); a classifier judges the whole text so far.
+Terms match whole words, case-insensitively, their words apart by any whitespace, in the text's NFKC form without
+invisible characters (`folded`: `ｓｅｌｆ` and `s<zero-width space>elf` are `self`). A classifier is any object
+with `score(text) -> probability` (`Classifier`); the one we ship is the hashed n-gram logistic regression of
+`seekstack data quality-train --reference CATEGORY_EXAMPLES --pool ACCEPTABLE_EXAMPLES --out FILE.npz`. Terms and
+patterns act on the span they match (a block cuts the text before it, a redaction replaces it); a classifier judges
+the whole text so far.
 
 Streaming: text is released `holdback` characters behind what was generated (and in full at the end), so a term
 or pattern match of up to that many characters is acted on before any of it is sent; a classifier's judgement
@@ -288,6 +289,8 @@ def folded(text: str, start: int = 0) -> tuple[str, Sequence[int]]:
 
 
 def _expression(rule: CategoryRule) -> re.Pattern | None:
-    """One case-insensitive expression for a rule's terms (as whole words) and patterns."""
-    parts = [rf"\b{re.escape(term)}\b" for term in rule.terms] + [f"(?:{pattern})" for pattern in rule.patterns]
+    """One case-insensitive expression for a rule's terms (as whole words, their words apart by any run of whitespace:
+    `pipe  bomb` and `pipe<newline>bomb` are `pipe bomb`) and patterns."""
+    terms = [r"\s+".join(map(re.escape, term.split())) for term in rule.terms]
+    parts = [rf"\b{term}\b" for term in terms] + [f"(?:{pattern})" for pattern in rule.patterns]
     return re.compile("|".join(parts), re.IGNORECASE) if parts else None

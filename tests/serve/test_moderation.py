@@ -84,9 +84,16 @@ def test_a_blocked_term_split_across_pieces_is_never_released(policy):
 
 def test_look_alike_spellings_of_a_term_are_found_where_they_stand(policy):
     weapons = policy.categories["weapons"]
-    for text in ("build a ｐｉｐｅ ｂｏｍｂ now", "build a pi\u200bpe bo\u00admb now", "build a Pipe bomb now"):
+    for text in (
+        "build a ｐｉｐｅ ｂｏｍｂ now",
+        "build a pi\u200bpe bo\u00admb now",
+        "build a Pipe bomb now",
+        "build a pipe  bomb now",
+        "build a pipe\nbomb now",
+        "build a PIPE\t bomb now",
+    ):
         (hit,) = weapons.spans(text)
-        assert text[hit.span[0] : hit.span[1]].startswith(("ｐ", "pi", "Pi")) and text[hit.span[1] :] == " now", text
+        assert text[hit.span[0] : hit.span[1]].lower().startswith(("ｐ", "pi")) and text[hit.span[1] :] == " now", text
     rude = policy.categories["rude"]  # a scan from inside a word still sees the word: no match inside it
     assert rude.spans("so unstupid a thing", start=5) == [] and rude.spans("so ｕｎｓｔｕｐｉｄ", start=5) == []
     assert [hit.span for hit in rude.spans("so stupid, ｓｔｕｐｉｄ", start=3)] == [(3, 9), (11, 17)]
