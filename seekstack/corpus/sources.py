@@ -138,6 +138,8 @@ def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = Non
                     f"{path}:{line_number}: no field {field!r} (`seekstack data` commands name another with --field)"
                 )
             text = record[field]
+            if text is None:
+                continue  # no text (a null in a dataset export): skipped, as a Parquet row's null is
             if not isinstance(text, str):
                 raise DataSourceError(f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not a string")
             doc_id = str(record.get(id_field, "")) if id_field else ""

@@ -226,10 +226,10 @@ def test_split_is_deterministic_and_near_the_fraction() -> None:
 
 def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
-    path.write_text('{"content": "first", "uid": "a"}\n\n{"content": "second", "uid": "b"}\n')
-    assert list(read_jsonl(path, "content")) == [
+    path.write_text('{"content": "first", "uid": "a"}\n\n{"content": null}\n{"content": "second", "uid": "b"}\n')
+    assert list(read_jsonl(path, "content")) == [  # a null text (dataset exports hold them) skipped, as in Parquet
         Document("docs.jsonl:1", "first", "docs.jsonl"),
-        Document("docs.jsonl:3", "second", "docs.jsonl"),
+        Document("docs.jsonl:4", "second", "docs.jsonl"),
     ]
     assert [doc.doc_id for doc in read_jsonl(path, "content", id_field="uid")] == ["a", "b"]
     scraped = tmp_path / "scraped.jsonl"  # a byte-order mark, an emoji cut in half, a whole one
