@@ -26,6 +26,7 @@ from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
+from seekstack.tokens.provenance import require_checkpoint_tokenizer
 from seekstack.tokens.shards import index_path, load_index, token_counts, tokenize_corpus
 from seekstack.train.config import TRAIN_SPLIT, TrainConfig
 from seekstack.train.trainer import VAL_SPLIT
@@ -52,10 +53,13 @@ def is_chat(path: Path) -> bool:
 
 
 def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
-    """The run's `data_dir`: token shards and chat files as they are, text tokenized into `out`/data with the base's
-    tokenizer (a missing file or folder is a DataSourceError naming it)."""
+    """The run's `data_dir`: token shards (of the base's tokenizer) and chat files as they are, text tokenized into
+    `out`/data with the base's tokenizer (a missing file or folder is a DataSourceError naming it)."""
     data, out = Path(data), Path(out)
-    if is_token_shards(data) or is_chat(data):
+    if is_token_shards(data):  # checked before the run writes its folder
+        require_checkpoint_tokenizer(base, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
+        return data
+    if is_chat(data):
         return data
     tokens = out / TOKENS_DIR
     corpus = tokens / "corpus.jsonl"

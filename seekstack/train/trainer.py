@@ -53,6 +53,7 @@ from seekstack.schema import ConfigError
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
+from seekstack.tokens.provenance import require_checkpoint_tokenizer
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import TrainConfig
@@ -268,6 +269,8 @@ class _Run:
                 pass  # no val split: the run trains without evaluations
             except ValueError as error:
                 raise ConfigError(f"{error}; or set eval_every=0 to train without evaluations") from None
+        if source is None and config.init_from:  # a start from a checkpoint reads the shards with its embeddings
+            require_checkpoint_tokenizer(config.init_from, config.data_dir, self.data.tokenizer_info)
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")

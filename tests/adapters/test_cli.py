@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 from seekstack.cli import app
 from seekstack.train.state import list_checkpoints
 from tests.adapters.support import write_base
-from tests.train.test_trainer import write_split
 
 runner = CliRunner()
 
@@ -22,7 +21,12 @@ def invoke(*args: str) -> str:
 
 def test_train_merge_and_generate_with_the_adapter(tmp_path):
     base = write_base(tmp_path / "base", with_tokenizer=True)
-    write_split(tmp_path / "data", "train", 4_000, seed=1)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, count in (("train", 40), ("val", 2)):
+        lines = (json.dumps({"text": f"def f{number}(x):\n    return x + {number}\n" * 4}) for number in range(count))
+        (corpus / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    invoke("data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(base), "--out", str(tmp_path / "data"))
     adapter = tmp_path / "adapter"
     run = ["seq_len=32", "batch_size=2", "max_steps=2", "eval_every=0", "lr=5e-2", "lora.rank=2", "lora.alpha=8"]
     invoke("lora", "train", str(base), str(tmp_path / "data"), *run, "--out", str(adapter))

@@ -1,0 +1,59 @@
+"""Which tokenizer made a folder of token shards, checked against the tokenizer of the checkpoint a run starts from.
+
+Ids mean tokens only under the tokenizer that made them: shards of another tokenizer with the same vocabulary size
+load and train without an error, and the model learns the wrong text. Each shard index records its tokenizer's
+sha256 (shards.py); a checkpoint holds its tokenizer.json. When they differ the text must be encoded again with the
+checkpoint's tokenizer, with the `data tokenize` command `retokenize_command` spells out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+
+CORPUS_PLACEHOLDER = "CORPUS"  # when the index does not say which `data build` folder the shards were encoded from
+
+
+def retokenize_command(data_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> str:
+    """The `seekstack data tokenize` command, in backticks, that encodes the text of the shards in `data_dir` again
+    with `checkpoint`'s tokenizer (a tokenizer.json or a folder holding one) into a new folder beside `data_dir`;
+    a placeholder, explained after it, for a corpus it cannot name."""
+    data_dir = Path(data_dir)
+    corpus = corpus_folder(data_dir)
+    out = data_dir.with_name(f"{data_dir.name}_{tokenizer_json_path(checkpoint).parent.name}")
+    command = f"`seekstack data tokenize --corpus {corpus or CORPUS_PLACEHOLDER} --tokenizer {checkpoint} --out {out}`"
+    return command if corpus else f"{command} ({CORPUS_PLACEHOLDER}: the folder `seekstack data build` wrote)"
+
+
+def corpus_folder(data_dir: str | os.PathLike) -> Path | None:
+    """The `data build` folder (train.jsonl, val.jsonl) the shards in `data_dir` were encoded from, as their
+    indexes record it; None when none records one that still exists."""
+    for index in sorted(Path(data_dir).glob("*_index.json")):
+        try:
+            source = json.loads(index.read_text(encoding="utf-8")).get("source")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(source, str) and (Path(source).parent / "train.jsonl").is_file():
+            return Path(source).parent
+    return None
+
+
+def require_checkpoint_tokenizer(
+    checkpoint: str | os.PathLike, data_dir: str | os.PathLike, tokenizer_info: dict
+) -> None:
+    """ValueError naming both folders when the shards in `data_dir` (their index's `tokenizer_info`) were encoded
+    with another tokenizer than `checkpoint`'s tokenizer.json. Nothing to compare, so no error, when the checkpoint
+    holds no tokenizer.json or the index records no sha256 (made before indexes did)."""
+    recorded = tokenizer_info.get("sha256")
+    file = tokenizer_json_path(checkpoint)
+    if not recorded or not file.is_file() or Tokenizer.from_file(file).fingerprint == recorded:
+        return
+    made_with = tokenizer_info.get("path") or "another tokenizer"
+    raise ValueError(
+        f"{data_dir} was tokenized with {made_with}, not with {file}, the tokenizer of checkpoint {checkpoint}: "
+        "the model would read its ids as other text. Tokenize the text with the checkpoint's tokenizer, "
+        f"{retokenize_command(data_dir, checkpoint)}, and train on that folder"
+    )
