@@ -11,8 +11,9 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from seekstack.adapters.training import lora_train_config
+from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.cli import app
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import index_path, tokenize_corpus
 from seekstack.train.config import TrainConfig
@@ -94,3 +95,39 @@ def test_shards_whose_index_records_no_tokenizer_hash_are_not_checked(base, othe
         index_path(old, split).write_text(json.dumps(index))
     train_config, _ = lora_train_config(base, old, tmp_path / "adapter", RUN)
     assert train_config.data_dir == str(old)
+
+
+@pytest.fixture(scope="module")
+def text_run(base, tmp_path_factory):
+    """A LoRA run of one step on text, its DATA tokenized into the adapter folder."""
+    folder = tmp_path_factory.mktemp("text_run")
+    text = folder / "prose.txt"
+    text.write_text(
+        "\n\n".join(f"Clause {n}: the tenant keeps the garden tidy and the gate shut." * 8 for n in range(20))
+    )
+    train_adapter(*lora_train_config(base, text, folder / "adapter", RUN))
+    return text, folder / "adapter"
+
+
+def test_a_resumed_lora_run_refuses_another_base_or_data_naming_the_runs(base, other_shards, text_run, tmp_path):
+    text, out = text_run
+    other_base = shutil.copytree(base, tmp_path / "other_base")
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(text.read_text().replace("garden", "orchard"))
+    saved = (out / "train_config.json").read_text()
+    for given, thing in ((other_base, "BASE"), (other_text, "DATA"), (other_shards, "DATA")):
+        data, base_given = (text, given) if thing == "BASE" else (given, base)
+        with pytest.raises(ConfigError, match=f"{given}: the run in {out} trains its adapter with {thing} "):
+            lora_train_config(base_given, data, out, ["max_steps=2"], resume=True)
+    with pytest.raises(ConfigError, match="trains its adapter with BASE"):
+        lora_train_config(None, None, out, ["max_steps=2", f"init_from={other_base}"], resume=True)
+    assert (out / "train_config.json").read_text() == saved
+
+
+def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, text_run):
+    text, out = text_run
+    tokens_written = index_path(out / "data", "train").stat().st_mtime_ns
+    train_config, adapter = lora_train_config(base, text, out, ["max_steps=2"], resume=True)
+    assert train_config.data_dir == str(out / "data")
+    assert train_adapter(train_config, adapter, resume=True).step == 2
+    assert index_path(out / "data", "train").stat().st_mtime_ns == tokens_written  # not tokenized again

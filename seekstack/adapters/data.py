@@ -32,6 +32,7 @@ from seekstack.train.config import TRAIN_SPLIT, TrainConfig
 from seekstack.train.trainer import VAL_SPLIT
 
 TOKENS_DIR = "data"  # inside the adapter folder: the tokenized text
+CORPUS_FILE = "corpus.jsonl"  # inside TOKENS_DIR: the text's documents, as they were tokenized
 VAL_EVERY = 10
 
 
@@ -62,12 +63,9 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     if is_chat(data):
         return data
     tokens = out / TOKENS_DIR
-    corpus = tokens / "corpus.jsonl"
-    documents = [document.text for document in open_source(data) if document.text.strip()]
-    if not documents:
-        raise ValueError(f"{data}: no text to train on")
+    documents = _documents(data)
     tokens.mkdir(parents=True, exist_ok=True)
-    write_atomic(corpus, "".join(json.dumps({"text": text}) + "\n" for text in documents))
+    corpus = write_atomic(tokens / CORPUS_FILE, _corpus_text(documents))
     tokenizer = Tokenizer.from_file(tokenizer_json_path(base))
     held_out = [_held_out(text) for text in documents]
     keep_all = all(held_out) or not any(held_out)  # too few documents to hold one out and train on the rest
@@ -75,6 +73,18 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     if not keep_all:
         tokenize_corpus(corpus, tokenizer, tokens, VAL_SPLIT, select=_held_out)
     return tokens
+
+
+def resumed_data(data: str | Path, out: str | Path) -> Path:
+    """The `data_dir` DATA means to the resumed run in `out`: token shards and chat files as they are; text, the
+    run's tokens in `out`/data when they were tokenized from the same documents (nothing is tokenized again),
+    else the text itself, which is not the data the run trains on."""
+    data, tokens = Path(data), Path(out) / TOKENS_DIR
+    if is_token_shards(data) or is_chat(data):
+        return data
+    corpus = tokens / CORPUS_FILE
+    same_text = corpus.is_file() and corpus.read_text(encoding="utf-8") == _corpus_text(_documents(data))
+    return tokens if same_text else data
 
 
 def frequent_tokens(data_dir: str | Path, count: int) -> list[int]:
@@ -117,6 +127,18 @@ def chat_source(config: TrainConfig) -> SFTSource | None:
         return None
     loop = {field.name: getattr(config, field.name) for field in dataclasses.fields(TrainConfig)}
     return SFTSource(SFTConfig(**loop, data=config.data_dir))
+
+
+def _documents(data: Path) -> list[str]:
+    documents = [document.text for document in open_source(data) if document.text.strip()]
+    if not documents:
+        raise ValueError(f"{data}: no text to train on")
+    return documents
+
+
+def _corpus_text(documents: list[str]) -> str:
+    """The JSONL corpus the text is tokenized from, kept in the adapter folder."""
+    return "".join(json.dumps({"text": text}) + "\n" for text in documents)
 
 
 def _held_out(text: str) -> bool:

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
-from seekstack.adapters.data import chat_source, first_batches, frequent_tokens, prepare_data
+from seekstack.adapters.data import chat_source, first_batches, frequent_tokens, prepare_data, resumed_data
 from seekstack.adapters.files import adapter_state, apply_lora, publish_adapter, restore_adapter, save_adapter
 from seekstack.checkpoint import read_config
 from seekstack.model.transformer import Transformer
-from seekstack.schema import ConfigError, load_config, require
+from seekstack.schema import ConfigError, load_config, require, same_value
+from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
 from seekstack.train.state import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
@@ -134,14 +135,19 @@ def lora_train_config(
     adapter_overrides = [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
     train_overrides = [o for o in overrides if not o.startswith(PREFIX)]
     saved = Path(out) / CONFIG_FILE
-    given = [f"{name}={value}" for name, value in (("init_from", base), ("data_dir", data_dir)) if value is not None]
     if resume:
         if adapter_overrides:
             raise ConfigError(
                 f"{PREFIX}{adapter_overrides[0]}: a resumed run keeps the adapter settings it started with ({saved}); "
                 "train a new adapter (another --out) to change them"
             )
-        train_config = resolve_train_config(None, [f"out_dir={out}", *given, *train_overrides], True, warn)
+        data_dir = None if data_dir is None else resumed_data(data_dir, out)
+        given = _given(base, data_dir)
+        changes: list[str] = []  # told once the base and data are known to be the run's
+        train_config = resolve_train_config(None, [f"out_dir={out}", *given, *train_overrides], True, changes.append)
+        refuse_another_base_or_data(train_config, resolve_train_config(None, [f"out_dir={out}"], True))
+        for change in changes if warn is not None else ():
+            warn(change)
         adapter = load_config(AdapterConfig, saved, []).validate()
     else:
         if base is None or data_dir is None:
@@ -152,10 +158,30 @@ def lora_train_config(
                 f"{out} holds a LoRA run ({saved}); continue it with --resume, or train into another --out"
             )
         adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
+        given = _given(base, data_dir)
         train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
         train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))  # keys checked first
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
     return train_config, adapter
+
+
+def refuse_another_base_or_data(config: TrainConfig, started: TrainConfig) -> None:
+    """A ConfigError when a resumed run's `config` names another base or DATA than the run in its out_dir trains
+    with (`started`, its train_config.json): its adapter's factors are trained on that base and data."""
+    saved = Path(config.out_dir) / TRAIN_CONFIG_FILE
+    for name, thing in (("init_from", "BASE"), ("data_dir", "DATA")):
+        given, kept = getattr(config, name), getattr(started, name)
+        if not same_value(name, kept, given):
+            raise ConfigError(
+                f"{given}: the run in {config.out_dir} trains its adapter with {thing} {kept} ({saved}); resume it "
+                f"with that {thing} (or none: `seekstack lora train --resume --out {config.out_dir}`), or train a new "
+                f"adapter with this {thing} into another --out"
+            )
+
+
+def _given(base: str | Path | None, data_dir: str | Path | None) -> list[str]:
+    """BASE and DATA as the overrides of the run's init_from and data_dir."""
+    return [f"{name}={value}" for name, value in (("init_from", base), ("data_dir", data_dir)) if value is not None]
 
 
 def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool = False) -> TrainResult:
