@@ -17,7 +17,7 @@ from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import index_path, tokenize_corpus
 from seekstack.train.config import TrainConfig
-from seekstack.train.trainer import train
+from seekstack.train.trainer import build_model, train
 from tests.adapters.support import write_base
 
 RUN = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
@@ -95,6 +95,24 @@ def test_shards_whose_index_records_no_tokenizer_hash_are_not_checked(base, othe
         index_path(old, split).write_text(json.dumps(index))
     train_config, _ = lora_train_config(base, old, tmp_path / "adapter", RUN)
     assert train_config.data_dir == str(old)
+
+
+def test_a_checkpoint_vocabulary_smaller_than_the_data_advises_tokenizing_with_its_tokenizer(
+    corpus, other_shards, tmp_path
+):
+    small = write_base(tmp_path / "small")  # 96 ids, no tokenizer.json
+    advice = re.escape(
+        f"the checkpoint {small} cannot grow its vocabulary: tokenize the text with the checkpoint's tokenizer, "
+        f"`seekstack data tokenize --corpus {corpus} --tokenizer TOKENIZER --out {other_shards}_small` (TOKENIZER: "
+        f"the tokenizer {small} was trained with; it holds none)"
+    )
+    with pytest.raises(ValueError, match=advice) as refused:
+        lora_train_config(small, other_shards, tmp_path / "adapter", RUN)
+    assert "model.vocab_size" not in str(refused.value)
+    assert not (tmp_path / "adapter").exists()
+    config = TrainConfig(init_from=str(small), data_dir=str(other_shards), out_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=advice):
+        build_model(config, 512)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from seekstack.atomic import write_atomic
+from seekstack.checkpoint import read_config
 from seekstack.corpus.sources import open_source
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.sft import SFTSource
@@ -29,7 +30,7 @@ from seekstack.tokens.mixture import MixtureWindows
 from seekstack.tokens.provenance import require_checkpoint_tokenizer
 from seekstack.tokens.shards import index_path, load_index, token_counts, tokenize_corpus
 from seekstack.train.config import TRAIN_SPLIT, TrainConfig
-from seekstack.train.trainer import VAL_SPLIT
+from seekstack.train.trainer import VAL_SPLIT, require_vocabulary
 
 TOKENS_DIR = "data"  # inside the adapter folder: the tokenized text
 CORPUS_FILE = "corpus.jsonl"  # inside TOKENS_DIR: the text's documents, as they were tokenized
@@ -58,7 +59,9 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     `out`/data with the base's tokenizer (a missing file or folder is a DataSourceError naming it)."""
     data, out = Path(data), Path(out)
     if is_token_shards(data):  # checked before the run writes its folder
-        require_checkpoint_tokenizer(base, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
+        made_with = load_index(data, TRAIN_SPLIT)["tokenizer"]
+        require_checkpoint_tokenizer(base, data, made_with)
+        require_vocabulary(read_config(base).vocab_size, made_with["vocab_size"], data, base)
         return data
     if is_chat(data):
         return data

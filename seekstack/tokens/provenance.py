@@ -15,17 +15,25 @@ from pathlib import Path
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 
 CORPUS_PLACEHOLDER = "CORPUS"  # when the index does not say which `data build` folder the shards were encoded from
+TOKENIZER_PLACEHOLDER = "TOKENIZER"  # when the checkpoint holds no tokenizer.json
 
 
 def retokenize_command(data_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> str:
     """The `seekstack data tokenize` command, in backticks, that encodes the text of the shards in `data_dir` again
     with `checkpoint`'s tokenizer (a tokenizer.json or a folder holding one) into a new folder beside `data_dir`;
-    a placeholder, explained after it, for a corpus it cannot name."""
-    data_dir = Path(data_dir)
+    placeholders, explained after it, for a corpus or tokenizer it cannot name."""
+    data_dir, checkpoint = Path(data_dir), Path(checkpoint)
     corpus = corpus_folder(data_dir)
+    tokenizer = checkpoint if tokenizer_json_path(checkpoint).is_file() else None
     out = data_dir.with_name(f"{data_dir.name}_{tokenizer_json_path(checkpoint).parent.name}")
-    command = f"`seekstack data tokenize --corpus {corpus or CORPUS_PLACEHOLDER} --tokenizer {checkpoint} --out {out}`"
-    return command if corpus else f"{command} ({CORPUS_PLACEHOLDER}: the folder `seekstack data build` wrote)"
+    command = (
+        f"`seekstack data tokenize --corpus {corpus or CORPUS_PLACEHOLDER} --tokenizer "
+        f"{tokenizer or TOKENIZER_PLACEHOLDER} --out {out}`"
+    )
+    notes = [f"{CORPUS_PLACEHOLDER}: the folder `seekstack data build` wrote"] if corpus is None else []
+    if tokenizer is None:
+        notes.append(f"{TOKENIZER_PLACEHOLDER}: the tokenizer {checkpoint} was trained with; it holds none")
+    return f"{command} ({'; '.join(notes)})" if notes else command
 
 
 def corpus_folder(data_dir: str | os.PathLike) -> Path | None:

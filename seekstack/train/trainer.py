@@ -53,7 +53,7 @@ from seekstack.schema import ConfigError
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
-from seekstack.tokens.provenance import require_checkpoint_tokenizer
+from seekstack.tokens.provenance import require_checkpoint_tokenizer, retokenize_command
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import TrainConfig
@@ -172,8 +172,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
 
 def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     """A fresh model from the preset and overrides, or the checkpoint `init_from` names, with the run's
-    balance-loss weight. A fresh model's vocabulary must be the tokenizer's `vocab_needed` ids: fewer cannot embed
-    the data, more would let the model emit ids that decode to no token."""
+    balance-loss weight, whose vocabulary fits the tokenizer's `vocab_needed` ids (`require_vocabulary`)."""
     if config.init_from:
         model = load_pretrained(config.init_from, dequantize=True)
         model_config = model.config = model.config.replace(aux_loss_alpha=config.aux_loss_alpha)
@@ -182,18 +181,29 @@ def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     else:
         model_config = config.model_config()
         model = None
-    if model_config.vocab_size < vocab_needed:
-        raise ValueError(
-            f"model vocab_size={model_config.vocab_size} is smaller than the tokenizer's {vocab_needed} ids of "
-            f"{config.data_dir}; set model.vocab_size={vocab_needed}"
-        )
-    if model is None and model_config.vocab_size > vocab_needed:
-        raise ValueError(
-            f"model vocab_size={model_config.vocab_size} is larger than the tokenizer's {vocab_needed} tokens of "
-            f"{config.data_dir}: ids {vocab_needed}..{model_config.vocab_size - 1} decode to no token; "
-            f"set model.vocab_size={vocab_needed}"
-        )
+    require_vocabulary(model_config.vocab_size, vocab_needed, config.data_dir, config.init_from)
     return model if model is not None else Transformer(model_config)
+
+
+def require_vocabulary(vocab_size: int, vocab_needed: int, data_dir: str | Path, init_from: str | Path = "") -> None:
+    """ValueError unless a model of `vocab_size` ids (the checkpoint `init_from`, else a fresh one) can train on the
+    shards in `data_dir`, of a tokenizer of `vocab_needed` ids: fewer cannot embed the data, and a fresh model's must
+    be exactly those, as more would let it emit ids that decode to no token."""
+    if vocab_size < vocab_needed:
+        advice = (
+            f"the checkpoint {init_from} cannot grow its vocabulary: tokenize the text with the checkpoint's "
+            f"tokenizer, {retokenize_command(data_dir, init_from)}, and train on that folder"
+            if init_from
+            else f"set model.vocab_size={vocab_needed}"
+        )
+        raise ValueError(
+            f"model vocab_size={vocab_size} is smaller than the tokenizer's {vocab_needed} ids of {data_dir}; {advice}"
+        )
+    if not init_from and vocab_size > vocab_needed:
+        raise ValueError(
+            f"model vocab_size={vocab_size} is larger than the tokenizer's {vocab_needed} tokens of {data_dir}: ids "
+            f"{vocab_needed}..{vocab_size - 1} decode to no token; set model.vocab_size={vocab_needed}"
+        )
 
 
 def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
