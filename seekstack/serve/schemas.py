@@ -242,6 +242,7 @@ class UsageDay(BaseModel):
     key_name: str | None
     day: str  # YYYY-MM-DD (UTC)
     requests: int
+    failed: int  # of the requests, those the server failed (5xx): their tokens are counted, at no cost
     prompt_tokens: int
     completion_tokens: int
     cost: float
