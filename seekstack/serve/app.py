@@ -205,8 +205,14 @@ class Server:
             if categories and self.safety.moderate_prompt(body, categories, bill, prompt_tokens):
                 prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)  # redacted
                 prompt_tokens = sum(len(prompt) for prompt in prompts)
-            max_model_len = self.engine.max_model_len
-            choices = [params for prompt in prompts for params in sampling_params(body, len(prompt), max_model_len)]
+            max_model_len, unasked_limit = self.engine.max_model_len, None
+            if bill.key is not None and bill.key.tpm is not None:  # a completion without max_tokens runs to the limit
+                unasked_limit = (bill.key.tpm - prompt_tokens) // (len(prompts) * candidates(body))
+            choices = [
+                params
+                for prompt in prompts
+                for params in sampling_params(body, len(prompt), max_model_len, unasked_limit)
+            ]
             requests = [prompt for prompt in prompts for _ in range(candidates(body))]  # one per engine request
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             charge = await asyncio.to_thread(self.admit, bill.key, tokens)

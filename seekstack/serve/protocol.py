@@ -144,10 +144,14 @@ def refuse_overlong_text(
 
 
 def sampling_params(
-    request: ChatCompletionRequest | CompletionRequest, prompt_tokens: int, max_model_len: int
+    request: ChatCompletionRequest | CompletionRequest,
+    prompt_tokens: int,
+    max_model_len: int,
+    unasked_limit: int | None = None,
 ) -> list[SamplingParams]:
     """One validated `SamplingParams` per engine request: per choice, or per best_of candidate (request i uses
-    seed + i); 400 when the context cannot hold it."""
+    seed + i); 400 when the context cannot hold it. A chat request without max_tokens may fill the context's room,
+    or at most `unasked_limit` tokens when that is given (what its key's tokens per minute leave it)."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
     requested = (request.max_completion_tokens or request.max_tokens) if is_chat else request.max_tokens
@@ -169,7 +173,7 @@ def sampling_params(
     choices = []
     for index in range(candidates(request)):
         params = SamplingParams(
-            max_new_tokens=requested or room,
+            max_new_tokens=requested or (room if unasked_limit is None else min(room, max(unasked_limit, 1))),
             temperature=1.0 if request.temperature is None else request.temperature,
             top_k=max(request.top_k or 0, 0),
             top_p=1.0 if request.top_p is None else request.top_p,

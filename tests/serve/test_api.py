@@ -415,6 +415,17 @@ def test_requests_over_the_rate_limit_get_429_with_retry_after(base_url, keys):
         client(base_url, key).completions.create(model=MODEL, prompt="hi", max_tokens=1)
 
 
+def test_a_chat_call_without_max_tokens_runs_as_far_as_its_keys_tokens_per_minute_allow(base_url, keys, database_path):
+    key = keys.create("small-quota", tpm=40)  # less than the context: a chat call may not fill the context's room
+    answer = client(base_url, key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body=NO_EOS
+    )
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.prompt_tokens + answer.usage.completion_tokens == 40  # all the minute's tokens, no more
+    assert_error(post(base_url, "/v1/chat/completions", key, {"model": MODEL, "messages": [{"role": "user",
+                 "content": "hi"}]}), 429, "40 tokens per minute")  # fmt: skip
+
+
 def test_unexpected_inputs_do_not_take_the_server_down(base_url, keys):
     key = keys.create("fuzzer")
     bodies = [
