@@ -149,3 +149,24 @@ def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, t
     assert train_config.data_dir == str(out / "data")
     assert train_adapter(train_config, adapter, resume=True).step == 2
     assert index_path(out / "data", "train").stat().st_mtime_ns == tokens_written  # not tokenized again
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("lora.rank=0", "field 'lora.rank' has value 0"),
+        ("lora.rnk=3", "unknown field 'lora.rnk'; known fields are lora."),
+    ],
+)
+def test_errors_about_lora_keys_name_them_with_their_prefix(base, other_shards, override, named, tmp_path):
+    with pytest.raises(ConfigError, match=named):
+        lora_train_config(base, other_shards, tmp_path / "adapter", [*RUN, override])
+
+
+def test_a_lora_layer_the_base_lacks_is_named_with_its_prefix_before_the_run_is_written(base, corpus, tmp_path):
+    text = tmp_path / "text.jsonl"
+    shutil.copy(corpus / "train.jsonl", text)
+    config = lora_train_config(base, text, tmp_path / "adapter", [*RUN, "lora.layers=[9]"])
+    with pytest.raises(ConfigError, match="field 'lora.layers' must be main layer numbers below 2"):
+        train_adapter(*config)
+    assert not (tmp_path / "adapter" / "lora_config.json").exists()

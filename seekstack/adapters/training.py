@@ -9,7 +9,9 @@ DATA is token shards, text or chat conversations (seekstack.adapters.data).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -132,7 +134,7 @@ def lora_train_config(
     Both are checked before DATA is prepared (text tokenized into `out`, seekstack.adapters.data). A resumed run
     starts from the configs saved in `out`, its adapter's as they are (its checkpoints hold factors of that shape); a
     new run refuses an `out` that holds a run already."""
-    adapter_overrides = [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
+    adapter_overrides = _adapter_overrides(overrides)
     train_overrides = [o for o in overrides if not o.startswith(PREFIX)]
     saved = Path(out) / CONFIG_FILE
     if resume:
@@ -157,12 +159,36 @@ def lora_train_config(
             raise ConfigError(
                 f"{out} holds a LoRA run ({saved}); continue it with --resume, or train into another --out"
             )
-        adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
+        with lora_keys():
+            adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
         given = _given(base, data_dir)
         train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
         train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))  # keys checked first
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
     return train_config, adapter
+
+
+@contextmanager
+def lora_keys() -> Iterator[None]:
+    """ConfigErrors about the AdapterConfig's fields name them as the command line sets them: `lora.rank`."""
+    try:
+        yield
+    except ConfigError as error:
+        if error.field is None:
+            raise
+        raise ConfigError(error.problem, PREFIX + error.field, error.source) from None
+
+
+def _adapter_overrides(overrides: Sequence[str]) -> list[str]:
+    """The `lora.FIELD=V` overrides as AdapterConfig's `FIELD=V`; a ConfigError for a FIELD it does not have."""
+    known = [f.name for f in dataclasses.fields(AdapterConfig)]
+    for override in (o for o in overrides if o.startswith(PREFIX)):
+        key = override.partition("=")[0].strip()
+        if key.removeprefix(PREFIX) not in known:
+            raise ConfigError(
+                f"override {override!r}: unknown field {key!r}; known fields are {', '.join(PREFIX + k for k in known)}"
+            )
+    return [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
 
 
 def refuse_another_base_or_data(config: TrainConfig, started: TrainConfig) -> None:
@@ -188,7 +214,8 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
     """Train the adapter (or continue the run in `out_dir`); the adapter files end up in `out_dir` itself."""
     rows = (adapter.head_tokens, adapter.embedding_tokens)
     head_ids, embedding_ids = (frequent_tokens(train_config.data_dir, count) if count else [] for count in rows)
-    adapter.peft_config(read_config(train_config.init_from), head_ids, embedding_ids)  # the targets fit the base
+    with lora_keys():
+        adapter.peft_config(read_config(train_config.init_from), head_ids, embedding_ids)  # the targets fit the base
     batches = first_batches(train_config, START_BATCHES) if adapter.init == "eva" else []  # refuses chat data
     out = Path(train_config.out_dir)  # written only once the configuration holds
     out.mkdir(parents=True, exist_ok=True)
