@@ -170,3 +170,16 @@ def test_a_lora_layer_the_base_lacks_is_named_with_its_prefix_before_the_run_is_
     with pytest.raises(ConfigError, match="field 'lora.layers' must be main layer numbers below 2"):
         train_adapter(*config)
     assert not (tmp_path / "adapter" / "lora_config.json").exists()
+
+
+def test_tokenizing_an_empty_corpus_is_refused_naming_it(base, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "val"):
+        (corpus / f"{split}.jsonl").write_text("")
+    out = tmp_path / "tokens"
+    result = runner.invoke(
+        app, ["data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(base), "--out", str(out)]
+    )
+    assert result.exit_code == 1 and f"{corpus / 'train.jsonl'}: no documents to tokenize" in result.output
+    assert not out.exists()

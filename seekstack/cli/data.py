@@ -91,6 +91,11 @@ def data_tokenize(
             indexes = [
                 tokenize_corpus(corpus / f"{split}.jsonl", encoder, staging, split) for split in ("train", "val")
             ]
+            if not indexes[0]["documents"]:  # raised inside: nothing is written
+                raise ValueError(
+                    f"{corpus / 'train.jsonl'}: no documents to tokenize; build the corpus from your text first "
+                    f"(`seekstack data build TEXT --out {corpus}`)"
+                )
             if bounds is not None:
                 indexes += tokenize_buckets(corpus / "train.jsonl", encoder, staging, "train", bounds=bounds)
         for index in indexes:
