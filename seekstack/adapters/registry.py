@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class LoadedAdapters:
     model: Transformer
     rows: AdapterRows = field(default_factory=AdapterRows)
     folders: dict[str, Path] = field(default_factory=dict)  # replaced, never changed: other threads read it
+    loaded_at: dict[str, int] = field(default_factory=dict)  # Unix seconds of each load; replaced as `folders`
     slots: dict[str, int] = field(default_factory=dict)
     weights: dict[str, AdapterWeights] = field(default_factory=dict)
     salts: dict[int, str] = field(default_factory=lambda: {0: ""})  # per slot, what its cached values depend on
@@ -124,6 +126,7 @@ class LoadedAdapters:
         self.slots[name] = next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
         self.salts[self.slots[name]] = f"{name}#{next(self._loads)}"
         self.weights[name] = weights
+        self.loaded_at = {**self.loaded_at, name: int(time.time())}  # before `folders`, which readers go by
         self.folders = {**self.folders, name: Path(folder)}
         self._restack()
 
@@ -136,6 +139,7 @@ class LoadedAdapters:
             )
         del self.salts[self.slots[name]], self.slots[name], self.weights[name]
         self.folders = {key: value for key, value in self.folders.items() if key != name}
+        self.loaded_at = {key: value for key, value in self.loaded_at.items() if key != name}
         self._restack()
 
     def _restack(self) -> None:

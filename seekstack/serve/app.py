@@ -157,12 +157,14 @@ class Server:
 
     def models(self, key: ApiKey | None = None) -> ModelList:
         """The base model, then each LoRA adapter loaded on it (those `key` may use)."""
-        common = dict(created=self.created, max_model_len=self.engine.max_model_len)
+        lora, length = self.engine.lora, self.engine.max_model_len
         adapters = [
-            ModelCard(id=name, root=str(root), parent=self.model_name, **common)
-            for name, root in self.engine.lora.folders.items()
+            ModelCard(
+                id=name, root=str(root), parent=self.model_name, created=lora.loaded_at[name], max_model_len=length
+            )
+            for name, root in lora.folders.items()
         ]
-        cards = [ModelCard(id=self.model_name, **common), *adapters]
+        cards = [ModelCard(id=self.model_name, created=self.created, max_model_len=length), *adapters]
         return ModelList(data=[card for card in cards if key is None or key.may_use(card.id)])
 
     def model(self, model_id: str, key: ApiKey | None = None) -> ModelCard:

@@ -55,10 +55,14 @@ def complete(api: openai.OpenAI, model: str) -> str:
 
 def test_an_adapter_loaded_at_run_time_answers_as_one_loaded_at_startup_and_unloads(served):
     url, api, admin, _, adapters, _ = served
+    time.sleep(1.1)  # a second after the server started, at the least
+    before = int(time.time())
     loaded = post(url, admin, "load_lora_adapter", lora_name="poem-2", lora_path=str(adapters["poem"]))
     assert loaded.status_code == 200, loaded.text
     assert (loaded.json()["id"], loaded.json()["parent"]) == ("poem-2", MODEL)
-    assert [card.id for card in api.models.list().data] == [MODEL, "legal", "poem", "poem-2"]
+    cards = api.models.list().data
+    assert [card.id for card in cards] == [MODEL, "legal", "poem", "poem-2"]
+    assert cards[-1].created >= before > cards[0].created  # when it was loaded, not when the server started
     assert complete(api, "poem-2") == complete(api, "poem") != complete(api, MODEL)
     unloaded = post(url, admin, "unload_lora_adapter", lora_name="poem-2")
     assert unloaded.json() == {"id": "poem-2", "object": "model", "deleted": True}
