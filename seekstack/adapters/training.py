@@ -137,19 +137,21 @@ def lora_train_config(
     adapter_overrides = _adapter_overrides(overrides)
     train_overrides = [o for o in overrides if not o.startswith(PREFIX)]
     saved = Path(out) / CONFIG_FILE
+    if resume and data_dir is not None:  # the run's own tokens when DATA is the text they were tokenized from
+        data_dir = resumed_data(data_dir, out)
+    given = [f"{name}={value}" for name, value in (("init_from", base), ("data_dir", data_dir)) if value is not None]
     if resume:
         if adapter_overrides:
             raise ConfigError(
                 f"{PREFIX}{adapter_overrides[0]}: a resumed run keeps the adapter settings it started with ({saved}); "
                 "train a new adapter (another --out) to change them"
             )
-        data_dir = None if data_dir is None else resumed_data(data_dir, out)
-        given = _given(base, data_dir)
         changes: list[str] = []  # told once the base and data are known to be the run's
         train_config = resolve_train_config(None, [f"out_dir={out}", *given, *train_overrides], True, changes.append)
         refuse_another_base_or_data(train_config, resolve_train_config(None, [f"out_dir={out}"], True))
-        for change in changes if warn is not None else ():
-            warn(change)
+        if warn is not None:
+            for change in changes:
+                warn(change)
         adapter = load_config(AdapterConfig, saved, []).validate()
     else:
         if base is None or data_dir is None:
@@ -161,7 +163,6 @@ def lora_train_config(
             )
         with lora_keys():
             adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
-        given = _given(base, data_dir)
         train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
         train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))  # keys checked first
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
@@ -203,11 +204,6 @@ def refuse_another_base_or_data(config: TrainConfig, started: TrainConfig) -> No
                 f"with that {thing} (or none: `seekstack lora train --resume --out {config.out_dir}`), or train a new "
                 f"adapter with this {thing} into another --out"
             )
-
-
-def _given(base: str | Path | None, data_dir: str | Path | None) -> list[str]:
-    """BASE and DATA as the overrides of the run's init_from and data_dir."""
-    return [f"{name}={value}" for name, value in (("init_from", base), ("data_dir", data_dir)) if value is not None]
 
 
 def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool = False) -> TrainResult:

@@ -210,7 +210,7 @@ def test_layers_given_on_the_command_line_adapt_only_those_layers(base, data_dir
     assert sorted(saved["target_parameters"]) == ["layers.0.mlp.gate_proj.weight", "layers.0.mlp.up_proj.weight"]
     assert not saved["target_modules"]
     train_config, adapter = lora_train_config(base, data_dir, tmp_path / "beyond", [*RUN, "lora.layers=0,2"])
-    with pytest.raises(ConfigError, match="'layers'.*below 2"):  # the base has 2 main layers
+    with pytest.raises(ConfigError, match="'lora.layers'.*below 2"):  # the base has 2 main layers
         train_adapter(train_config, adapter)
     assert not (tmp_path / "beyond").exists()
 
