@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import struct
@@ -38,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from seekstack.atomic import atomic_directory, refuse_to_replace
-from seekstack.compress.formats import compressed_tensors_config, dequantize_int, unpack_int4
+from seekstack.compress.formats import SCALE_DTYPE, compressed_tensors_config, dequantize_int, unpack_int4
 from seekstack.compress.linear import (
     QuantizedExperts,
     QuantizedLinear,
@@ -71,6 +72,9 @@ SAFETENSORS_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
+STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
+# The MTP modules' copies of the embedding and head: loading uses the main model's, so these stay unread.
+MTP_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")
 
 
 class CheckpointError(ValueError):
@@ -473,6 +477,17 @@ class CheckpointReader:
         self._get(key, handle_only=True)
         return self._handles[self.key_to_file[key]].get_slice(key).get_dtype()
 
+    def stored_bytes(self, key: str) -> int:
+        """The bytes of `key` in its file, from the header only; CheckpointError naming the file and key for a dtype
+        seekstack does not read."""
+        width = STORED_WIDTHS.get(self.stored_dtype(key))
+        if width is None:
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} is stored as {self.stored_dtype(key)}, which seekstack does not "
+                f"read ({', '.join(STORED_WIDTHS)})"
+            )
+        return math.prod(self.stored_shape(key)) * width
+
     def read(self, key: str, dequantize: bool = True) -> torch.Tensor:
         """The tensor under `key`; a quantized weight (FP8, or compressed-tensors int8/int4) is dequantized to
         float32 unless `dequantize` is False."""
@@ -516,6 +531,24 @@ class CheckpointReader:
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, or an aligned copy of it where it starts off an ALIGNMENT boundary (files not written by us)."""
     return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
+
+
+def stored_tensor_bytes(directory: str | Path) -> dict[str, int]:
+    """The bytes each tensor of checkpoint `directory` takes once loaded, by key, from its safetensors headers alone (no
+    tensor is read): as stored, without what loading leaves unread (the MTP modules' copies of the embedding and head,
+    compressed-tensors' `weight_shape`), and integer scales as the quantized layers hold them: in SCALE_DTYPE, int4's
+    with a zero point each (the CPU kernel's scale-and-zero table)."""
+    with CheckpointReader(Path(directory), None) as reader:
+        sizes = {}
+        for key in reader.key_to_file:
+            if MTP_COPIES.match(key) or key.endswith(".weight_shape"):
+                continue
+            if key.endswith(".weight_scale"):
+                per_scale = 2 if f"{key.removesuffix('_scale')}_packed" in reader else 1
+                sizes[key] = math.prod(reader.stored_shape(key)) * per_scale * SCALE_DTYPE.itemsize
+            else:
+                sizes[key] = reader.stored_bytes(key)
+    return sizes
 
 
 def load_pretrained(
@@ -571,8 +604,7 @@ def load_pretrained(
                 else:
                     view.copy_(tensor)
     model.reset_rope()
-    ignorable = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")  # MTP's copies
-    unused = sorted(k for k in reader.key_to_file if k not in reader.used and not ignorable.match(k))
+    unused = sorted(k for k in reader.key_to_file if k not in reader.used and not MTP_COPIES.match(k))
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)

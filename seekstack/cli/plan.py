@@ -1,5 +1,5 @@
 """`seekstack plan`: where each part of a model would live within per-device memory budgets, computed on the meta
-device (no weight is materialised), and the `--device-map` that places it so."""
+device from a checkpoint's safetensors headers (no weight is read), and the `--device-map` that places it so."""
 
 from __future__ import annotations
 
@@ -40,6 +40,24 @@ def stored_weights(model: str, config: ModelConfig) -> str:
     )
 
 
+def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[dict[str, int], str]:
+    """What each tensor of MODEL takes (by checkpoint key), and how that was found: every parameter at `weights` when
+    given; else a checkpoint's tensors from its safetensors headers (quantized layers with their scales, the
+    embedding, head and norms as stored), the width its config.json states when it has no weight files, or
+    bfloat16 for a preset."""
+    from seekstack.checkpoint import INDEX_FILE, stored_tensor_bytes
+    from seekstack.infer.placement import tensor_bytes_at_width
+
+    if weights is None and model not in PRESETS:
+        directory = Path(model)
+        if (directory / INDEX_FILE).exists() or any(directory.glob("*.safetensors")):
+            return stored_tensor_bytes(directory), "weights as stored in its safetensors files"
+        weights = stored_weights(model, config)
+        return tensor_bytes_at_width(config, BYTES_PER_PARAM[weights]), f"{weights} weights as stored (config.json)"
+    weights = weights or "bfloat16"
+    return tensor_bytes_at_width(config, BYTES_PER_PARAM[weights]), f"{weights} weights"
+
+
 def plan(
     model: Model,
     memory: Annotated[
@@ -48,8 +66,9 @@ def plan(
     weights: Annotated[
         str | None,
         typer.Option(
-            help=f"Stored width of the weights: {', '.join(BYTES_PER_PARAM)}; default: a checkpoint's own "
-            "(config.json quantization_config or torch_dtype), bfloat16 for a preset."
+            help=f"Price every parameter at this width: {', '.join(BYTES_PER_PARAM)}; default: a checkpoint's tensors "
+            "as its safetensors headers give them (quantized layers with their scales), the width its config.json "
+            "states when it has no weight files, bfloat16 for a preset."
         ),
     ] = None,
 ) -> None:
@@ -62,13 +81,9 @@ def plan(
         if weights is not None and weights not in BYTES_PER_PARAM:
             raise ValueError(f"--weights {weights!r}: choose one of {', '.join(BYTES_PER_PARAM)}")
         config = model_config(model)
-        as_stored = weights is None and model not in PRESETS
-        weights = weights or stored_weights(model, config)
-        result = plan_placement(config, parse_budgets(memory), BYTES_PER_PARAM[weights])
-    typer.echo(
-        f"{model}, {weights} weights{' as stored' if as_stored else ''} (the latent cache comes on top: "
-        "--kv-cache-memory)"
-    )
+        sizes, priced = tensor_bytes(model, config, weights)
+        result = plan_placement(config, parse_budgets(memory), sizes)
+    typer.echo(f"{model}, {priced} (the latent cache comes on top: --kv-cache-memory)")
     typer.echo(f"{'device':<10}{'parts':>7}  {'resident':<32}{'read per token':<32}")
     for device, resident in result.resident_bytes.items():
         parts = sum(1 for placed in result.placement.values() if placed == device)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seekstack.checkpoint import checkpoint_key, layer_key
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
 from seekstack.model.moe import MoE, RoutedExperts
@@ -129,25 +130,36 @@ class Plan:
         return format_device_map(self.placement)
 
 
-def plan_placement(config: ModelConfig, budgets: dict[str, int], bytes_per_param: float = 2.0) -> Plan:
+def plan_placement(config: ModelConfig, budgets: dict[str, int], tensor_bytes: dict[str, int]) -> Plan:
     """Place every unit of `config`'s model within `budgets` (device -> bytes, in order of preference, fastest
-    first; the CPU also holds the norms and routers), without materialising a weight (meta device). Units that
-    read the most of their bytes per token go first (attention, dense and shared FFNs, the head, then routed
-    experts, then the embedding, of which a token reads one row), each on the first device with room; what fits
-    nowhere goes to `disk`."""
+    first; the CPU also holds the norms and routers), priced by `tensor_bytes` (what each tensor takes, by checkpoint
+    key: `model_tensor_bytes`, `stored_tensor_bytes` of a checkpoint on disk, or `tensor_bytes_at_width`), without
+    materialising a weight (meta device). Units that read the most of their bytes per token go first (attention,
+    dense and shared FFNs, the head, then routed experts, then the embedding, of which a token reads one row), each
+    on the first device with room; what fits nowhere goes to `disk`."""
     with torch.device("meta"):
         model = Transformer(config)
-    sized = {name: _unit_bytes(module, config, bytes_per_param) for name, module in units(model).items()}
+    layers = config.num_hidden_layers
+    unit_of = {layer_key(name, layers): name for name in units(model)}
+    routed_of = {layer_key(name, layers): name for name, m in model.named_modules() if isinstance(m, RoutedExperts)}
+    held, routed = dict.fromkeys(unit_of.values(), 0), dict.fromkeys(unit_of.values(), 0)
+    for key, size in tensor_bytes.items():
+        unit = _owner(key, unit_of)
+        if unit is not None:
+            held[unit] += size
+        if unit is not None and _owner(key, routed_of) is not None:
+            routed[unit] += size
+    sized = {name: (held[name], _read_per_token(name, held[name], routed[name], config)) for name in held}
     order = sorted(sized, key=lambda name: -sized[name][1] / max(sized[name][0], 1))  # stable: model order in ties
     # What no unit holds (the blocks' norms, the routers) stays on the CPU with the activations, and runs every token.
-    rest = int(sum(p.numel() for p in model.parameters()) * bytes_per_param) - sum(s for s, _ in sized.values())
+    rest = sum(tensor_bytes.values()) - sum(held.values())
     room, placement = dict(budgets), {}
     room["cpu"] = room.get("cpu", 0) - rest
     for name in order:
-        stored = sized[name][0]
-        device = next((d for d, free in room.items() if free >= stored), DISK)
+        size = sized[name][0]
+        device = next((d for d, free in room.items() if free >= size), DISK)
         if device != DISK:
-            room[device] -= stored
+            room[device] -= size
         placement[name] = device
     placement = {name: placement[name] for name in sized}
     resident = {device: 0 for device in [*budgets, "cpu", DISK]}
@@ -160,14 +172,34 @@ def plan_placement(config: ModelConfig, budgets: dict[str, int], bytes_per_param
     return Plan(placement, resident, active)
 
 
-def _unit_bytes(module: nn.Module, config: ModelConfig, bytes_per_param: float) -> tuple[int, int]:
-    """(stored, read per token) bytes of a unit: routed experts read K of their E experts, an embedding one row."""
-    stored = int(sum(p.numel() for p in module.parameters()) * bytes_per_param)
-    if isinstance(module, nn.Embedding):
-        return stored, stored // module.num_embeddings
-    routed = sum(p.numel() for m in module.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
-    unread = routed * (1 - config.num_experts_per_tok / config.n_routed_experts) if routed else 0
-    return stored, int(stored - unread * bytes_per_param)
+def _owner(key: str, owners: dict[str, str]) -> str | None:
+    """The name `owners` gives the shortest dotted prefix of `key` it holds, or None."""
+    parts = key.split(".")
+    return next((owners[p] for i in range(1, len(parts)) if (p := ".".join(parts[:i])) in owners), None)
+
+
+def _read_per_token(name: str, held: int, routed: int, config: ModelConfig) -> int:
+    """The bytes one token reads of unit `name`, which holds `held` bytes, `routed` of them routed experts: K of
+    their E experts, and one row of the embedding."""
+    if name == "embed_tokens":
+        return held // config.vocab_size
+    return int(held - routed * (1 - config.num_experts_per_tok / config.n_routed_experts))
+
+
+def model_tensor_bytes(model: nn.Module) -> dict[str, int]:
+    """The bytes each parameter and buffer of loaded `model` holds (a tied one once), by checkpoint key."""
+    layers = model.config.num_hidden_layers
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return {checkpoint_key(name, layers): tensor.numel() * tensor.element_size() for name, tensor in tensors}
+
+
+def tensor_bytes_at_width(config: ModelConfig, bytes_per_param: float) -> dict[str, int]:
+    """The bytes each parameter of `config`'s model takes stored at `bytes_per_param`, by checkpoint key: a plan for
+    a width rather than for weights at hand (meta device)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    layers = config.num_hidden_layers
+    return {checkpoint_key(name, layers): int(p.numel() * bytes_per_param) for name, p in model.named_parameters()}
 
 
 def parse_budgets(text: str) -> dict[str, int]:
@@ -195,8 +227,8 @@ def parse_budgets(text: str) -> dict[str, int]:
 def device_map_for(model: Transformer, text: str) -> dict[str, str]:
     """The placement `text` asks for: `pattern=device` entries, or `auto:` and budgets planned by `plan_placement`."""
     if text.startswith("auto:"):
-        width = model.embed_tokens.weight.element_size()
-        return plan_placement(model.config, parse_budgets(text.removeprefix("auto:")), width).placement
+        budgets = parse_budgets(text.removeprefix("auto:"))
+        return plan_placement(model.config, budgets, model_tensor_bytes(model)).placement
     return parse_device_map(text, list(units(model)))
 
 

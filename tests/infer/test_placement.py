@@ -11,17 +11,21 @@ import torch
 
 import seekstack
 from seekstack.accounting import main_parameters, mtp_parameters
-from seekstack.checkpoint import SINGLE_FILE
+from seekstack.checkpoint import SINGLE_FILE, read_config, read_safetensors, stored_tensor_bytes
+from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.params import parse_bytes
 from seekstack.infer.placement import (
+    device_map_for,
     format_device_map,
     layer_devices,
     mapped_file,
+    model_tensor_bytes,
     parse_budgets,
     parse_device_map,
     place,
     plan_placement,
+    tensor_bytes_at_width,
     units,
 )
 from seekstack.schema import ConfigError
@@ -48,7 +52,7 @@ def test_later_entries_override_earlier_ones_and_ranges_pick_layers(model):
 
 def test_the_plan_puts_the_bytes_read_most_per_token_on_the_fastest_device():
     config = seekstack.preset("deepseek-v3")
-    plan = plan_placement(config, parse_budgets("cuda:0=141GiB,cpu=512GiB"), bytes_per_param=1.0)
+    plan = plan_placement(config, parse_budgets("cuda:0=141GiB,cpu=512GiB"), tensor_bytes_at_width(config, 1.0))
     placement = plan.placement
     assert all(placement[f"layers.{i}.self_attn"] == "cuda:0" for i in range(config.num_hidden_layers))
     assert all(placement[f"layers.{i}.mlp.shared_experts"] == "cuda:0" for i in range(3, config.num_hidden_layers))
@@ -59,7 +63,7 @@ def test_the_plan_puts_the_bytes_read_most_per_token_on_the_fastest_device():
     parameters = main_parameters(config).total + mtp_parameters(config).total
     assert sum(plan.resident_bytes.values()) == parameters
     lite = seekstack.preset("deepseek-v2-lite")
-    tight = plan_placement(lite, parse_budgets("cuda:0=8GiB,cpu=12GiB"), bytes_per_param=2.0)
+    tight = plan_placement(lite, parse_budgets("cuda:0=8GiB,cpu=12GiB"), tensor_bytes_at_width(lite, 2.0))
     assert tight.resident_bytes["cuda:0"] <= 8 * 2**30 and tight.resident_bytes["cpu"] <= 12 * 2**30
     assert tight.resident_bytes["disk"] > 10 * 2**30 and tight.placement["layers.26.mlp.experts"] == "disk"
 
@@ -136,7 +140,7 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     assert result.exit_code == 0, result.output
     device_map = result.output.splitlines()[-1].removeprefix("--device-map ")
     config = seekstack.preset("tiny")
-    expected = plan_placement(config, {"cpu": 2**20}, bytes_per_param=4.0)
+    expected = plan_placement(config, {"cpu": 2**20}, tensor_bytes_at_width(config, 4.0))
     with torch.device("meta"):
         names = list(units(seekstack.Transformer(config)))
     assert parse_device_map(device_map, names) == expected.placement and "disk" in device_map
@@ -151,7 +155,7 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
      ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
          "group_0": {"weights": {"num_bits": 4}}, "group_1": {"weights": {"num_bits": 8}}}}}, "int8", 1.0)],
 )  # fmt: skip
-def test_the_plan_of_a_checkpoint_takes_the_width_it_is_stored_in(tmp_path, stored, weights, bytes_per_param):
+def test_a_config_without_weights_is_planned_at_the_width_it_states(tmp_path, stored, weights, bytes_per_param):
     from typer.testing import CliRunner
 
     from seekstack.cli import app
@@ -161,11 +165,56 @@ def test_the_plan_of_a_checkpoint_takes_the_width_it_is_stored_in(tmp_path, stor
     result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1MiB"])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0].startswith(f"{tmp_path}, {weights} weights as stored")
-    expected = plan_placement(config, {"cpu": 2**20}, bytes_per_param)
+    expected = plan_placement(config, {"cpu": 2**20}, tensor_bytes_at_width(config, bytes_per_param))
     assert result.output.splitlines()[-1] == f"--device-map {expected.device_map()}"
     assert f"({expected.resident_bytes['disk']:,} B)" in result.output
     overridden = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1MiB", "--weights", "int4"])
     assert overridden.output.startswith(f"{tmp_path}, int4 weights (")
+
+
+INT4_TILEABLE = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)
+
+
+def checkpoint_in(directory, scheme: str) -> seekstack.Transformer:
+    """The micro model saved under `directory` as `scheme` (float32, or quantized as `seekstack quantize` does:
+    embedding, head, norms, routers, kv_b_proj left in float32), and loaded back as generate/serve load it."""
+    model = micro_model(**INT4_TILEABLE)
+    if scheme != "float32":
+        quantize_model(model, QuantConfig(scheme=scheme))
+    seekstack.save_pretrained(model, directory)
+    return seekstack.load_pretrained(directory)
+
+
+@pytest.mark.parametrize("scheme", ["float32", "int8", "int4"])
+def test_the_plan_of_a_checkpoint_holds_what_loading_it_holds(tmp_path, scheme):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    loaded = checkpoint_in(tmp_path, scheme)
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1GiB"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{tmp_path}, weights as stored in its safetensors files")
+    plan = plan_placement(read_config(tmp_path), {"cpu": 2**30}, stored_tensor_bytes(tmp_path))
+    assert f"({plan.resident_bytes['cpu']:,} B)" in result.output
+    # The loaded model holds the files' tensors and the rotary frequencies it computes: nothing else, nothing less.
+    assert plan.resident_bytes["cpu"] == sum(model_tensor_bytes(loaded).values()) - loaded.rotary.inv_freq.nbytes
+    copies = ("model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight")  # MTP's; unread
+    stored = read_safetensors(tmp_path / SINGLE_FILE)
+    file_bytes = sum(tensor.nbytes for key, tensor in stored.items() if key not in copies)
+    # int4's scales are held with a zero point each (the kernel's table): at 32 columns a group, 1/9 more.
+    assert file_bytes <= plan.resident_bytes["cpu"] <= file_bytes * 1.12
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_an_auto_device_map_of_a_quantized_model_fills_its_budget_and_no_more(tmp_path, scheme):
+    loaded = checkpoint_in(tmp_path, scheme)
+    held = {name: sum(t.nbytes for t in [*part.parameters(), *part.buffers()]) for name, part in units(loaded).items()}
+    budget = sum(held.values()) // 2
+    placement = device_map_for(loaded, f"auto:cuda:0={budget},cpu=1GiB")
+    room_left = budget - sum(held[name] for name, device in placement.items() if device == "cuda:0")
+    # Within the budget, and every part the GPU did not get would have overfilled it.
+    assert 0 <= room_left < min(held[name] for name, device in placement.items() if device != "cuda:0")
 
 
 def test_the_plan_of_a_checkpoint_quantized_in_an_unknown_way_asks_for_the_width(tmp_path):
