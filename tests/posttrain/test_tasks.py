@@ -1,4 +1,5 @@
 import random
+import time
 
 import pytest
 
@@ -35,6 +36,10 @@ def test_distinct_draws_hold_each_problem_once_and_a_split_too_small_says_so():
     with pytest.raises(ValueError, match="yielded only 15 distinct heldout problems of 100 asked"):
         sample_problems(one_digit, 100, "heldout", seed=0, distinct=True)
     assert len(sample_problems(one_digit, 100, "heldout", seed=0, distinct=True, up_to=True)) == 15
+    started = time.perf_counter()  # far more than the task has: refused once draws stop giving new ones, not after
+    with pytest.raises(ValueError, match="distinct train problems of 100000 asked"):  # 1,000 draws per problem asked
+        sample_problems(addition, 100_000, "train", seed=0, distinct=True)
+    assert time.perf_counter() - started < 10
     with pytest.raises(ValueError, match="difficulty 0: must be at least 1"):  # was "yielded only 0 problems"
         make_task("addition", 0)
 

@@ -53,24 +53,26 @@ def sample_problems(
     count: int,
     split: Split,
     seed: int,
-    max_draws_per_problem: int = 1000,
+    max_draws_without_one: int = 10_000,
     distinct: bool = False,
     up_to: bool = False,
 ) -> list[Problem]:
     """`count` problems of `split`, drawn by a generator seeded with (task, difficulty, split, seed); `distinct`:
     no problem twice (an evaluation counts each once), else problems may repeat (training draws). A split that
-    yields fewer is a ValueError, or with `up_to` all it yields."""
+    yields no new problem in `max_draws_without_one` draws in a row (~0.1 s) has no more to give: then fewer than
+    `count` is a ValueError, or with `up_to` all it yielded."""
     rng = random.Random(f"{task.name}/{task.difficulty}/{split}/{seed}")
     problems: list[Problem] = []
     seen: set[str] = set()
-    for _ in range(count * max_draws_per_problem):
-        if len(problems) == count:
-            return problems
+    draws_without_one = 0
+    while len(problems) < count and draws_without_one < max_draws_without_one:
         problem = task.generate(rng)
+        draws_without_one += 1
         if split_of(problem.key) == split and not (distinct and problem.key in seen):
             problems.append(problem)
             seen.add(problem.key)
-    if up_to:
+            draws_without_one = 0
+    if len(problems) == count or up_to:
         return problems
     kind = "distinct " if distinct else ""
     raise ValueError(
