@@ -106,45 +106,51 @@ class AdapterConfig:
         require(
             config.dropout == 0 or not (config.feed_forward or config.experts),
             "dropout",
-            "0 when feed_forward or experts are adapted (peft's parameter targets refuse dropout); "
+            "0 when lora.feed_forward or lora.experts are adapted (peft's parameter targets refuse dropout); "
             "set lora.feed_forward=[] lora.experts=[] for an attention-only adapter with dropout",
         )
         require(
             not (config.head_tokens and "lm_head" in config.vocabulary),
             "head_tokens",
-            "0 when lm_head is in vocabulary (the head's rows train in full or the head gets LoRA, not both)",
+            "0 when lm_head is in lora.vocabulary (the head's rows train in full or the head gets LoRA, not both)",
         )
         require(
             not (config.embedding_tokens and "embed_tokens" in config.vocabulary),
             "embedding_tokens",
-            "0 when embed_tokens is in vocabulary (the embedding's rows train in full or it gets LoRA, not both)",
+            "0 when embed_tokens is in lora.vocabulary (the embedding's rows train in full or it gets LoRA, not both)",
         )
         require(
             bool(config.attention or config.feed_forward or config.experts or config.vocabulary),
             "attention",
-            "at least one LoRA target among attention, feed_forward, experts and vocabulary",
+            "at least one LoRA target among lora.attention, lora.feed_forward, lora.experts and lora.vocabulary",
         )
         require(
             config.init not in ("pissa", "olora") or not (config.experts or "embed_tokens" in config.vocabulary),
             "init",
-            "not pissa or olora when experts or embed_tokens are adapted (they decompose 2-D Linear weights only); "
-            "set lora.experts=[] and keep embed_tokens out of lora.vocabulary",
+            "not pissa or olora when lora.experts or embed_tokens (lora.vocabulary) are adapted (they decompose 2-D "
+            "Linear weights only); set lora.experts=[] and keep embed_tokens out of lora.vocabulary",
         )
         require(
             not config.dora or not (config.feed_forward or config.experts or "lm_head" in config.vocabulary),
             "dora",
-            "false when feed_forward, experts or lm_head are adapted (peft's parameter targets refuse DoRA, and the "
-            "fused head + loss reads the head's weight, not DoRA's rescaled output)",
+            "false when lora.feed_forward, lora.experts or lm_head (lora.vocabulary) are adapted (peft's parameter "
+            "targets refuse DoRA, and the fused head + loss reads the head's weight, not DoRA's rescaled output)",
         )
-        require(config.init == "lora" or not config.dora, "dora", f"false with init={config.init!r} (one or other)")
+        require(
+            config.init == "lora" or not config.dora, "dora", f"false with lora.init={config.init!r} (one or other)"
+        )
         require(
             config.init != "eva" or not (config.experts or config.vocabulary),
             "init",
-            "not 'eva' when experts or vocabulary are adapted (EVA starts attention and dense FFN factors); set "
-            "lora.experts=[] lora.vocabulary=[] (head_tokens and embedding_tokens rows are fine)",
+            "not 'eva' when lora.experts or lora.vocabulary are adapted (EVA starts attention and dense FFN factors); "
+            "set lora.experts=[] lora.vocabulary=[] (lora.head_tokens and lora.embedding_tokens rows are fine)",
         )
         require(config.eva_rho >= 1, "eva_rho", f"at least 1 (not {config.eva_rho})")
-        require(config.eva_rho == 1 or config.init == "eva", "eva_rho", f"1 unless init=eva (init={config.init!r})")
+        require(
+            config.eva_rho == 1 or config.init == "eva",
+            "eva_rho",
+            f"1 unless lora.init=eva (lora.init={config.init!r})",
+        )
         layers = list(config.layers)
         require(
             len(set(layers)) == len(layers) and min(layers, default=0) >= 0,
@@ -178,7 +184,7 @@ class AdapterConfig:
         require(
             bool(modules or parameters),
             "layers",
-            f"main layers with at least one of the adapted targets (layers {list(self.layers)} have none of them)",
+            f"main layers with at least one of the adapted targets (lora.layers {list(self.layers)} have none of them)",
         )
         return LoraConfig(
             r=self.rank,

@@ -73,7 +73,9 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     held_out = [_held_out(text) for text in documents]
     keep_all = all(held_out) or not any(held_out)  # too few documents to hold one out and train on the rest
     tokenize_corpus(corpus, tokenizer, tokens, TRAIN_SPLIT, select=lambda text: keep_all or not _held_out(text))
-    if not keep_all:
+    if keep_all:  # a validation split there is an earlier attempt's, held out of other text
+        index_path(tokens, VAL_SPLIT).unlink(missing_ok=True)
+    else:
         tokenize_corpus(corpus, tokenizer, tokens, VAL_SPLIT, select=_held_out)
     return tokens
 
@@ -102,13 +104,13 @@ def _token_index(data_dir: str | Path, count: int) -> dict:
     data_dir = Path(data_dir)
     if not is_token_shards(data_dir):
         raise ValueError(
-            f"{data_dir}: lora.head_tokens and embedding_tokens pick tokens of token shards or text, not of chat"
+            f"{data_dir}: lora.head_tokens and lora.embedding_tokens pick tokens of token shards or text, not of chat"
         )
     index = load_index(data_dir, TRAIN_SPLIT)
     vocab = index["tokenizer"]["vocab_size"]
     if count > vocab:
         raise ValueError(
-            f"{count} token rows (lora.head_tokens or embedding_tokens) are more than the {vocab} tokens of "
+            f"{count} token rows (lora.head_tokens or lora.embedding_tokens) are more than the {vocab} tokens of "
             f"{data_dir}'s vocabulary"
         )
     return index

@@ -156,11 +156,7 @@ def lora_train_config(
     else:
         if base is None or data_dir is None:
             raise ConfigError("a new LoRA run needs BASE (a checkpoint folder) and DATA (token shards, text or chat)")
-        refuse_new_run_into(out)
-        if saved.is_file():  # a run stopped before its first checkpoint
-            raise ConfigError(
-                f"{out} holds a LoRA run ({saved}); continue it with --resume, or train into another --out"
-            )
+        refuse_new_run_into(out)  # a folder without a checkpoint starts anew, as with `seekstack train`
         with lora_keys():
             adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
         train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])

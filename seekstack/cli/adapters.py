@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -9,13 +11,14 @@ import typer
 
 from seekstack.cli.common import fail, user_errors
 
+OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a key=value positional (lora.rank=4); a path has no key before '='
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
 
 
 def train_command(
-    base: Annotated[Path | None, typer.Argument(help="Base checkpoint folder (config.json, safetensors)")] = None,
+    base: Annotated[str | None, typer.Argument(help="Base checkpoint folder (config.json, safetensors)")] = None,
     data: Annotated[
-        Path | None,
+        str | None,
         typer.Argument(
             help="Token shards (from `data tokenize`); or text (a file, a folder of text files, .jsonl of "
             '{"text"}, .parquet), tokenized into --out/data; or chat conversations (.jsonl of {"messages"})'
@@ -36,10 +39,8 @@ def train_command(
     from seekstack.train.trainer import TrainingDiverged
 
     with user_errors():
-        if resume and base is not None and "=" in str(base):  # `--resume key=value ...`: only overrides were given
-            overrides, base = [str(base), *([str(data)] if data else []), *(overrides or [])], None
-            data = None
-        train_config, adapter = lora_train_config(base, data, out, overrides or [], resume, _warn)
+        (base, data), overrides = _paths_and_overrides([a for a in (base, data, *(overrides or [])) if a is not None])
+        train_config, adapter = lora_train_config(base, data, out, overrides, resume, _warn)
         try:
             result = train_adapter(train_config, adapter, resume)
         except TrainingDiverged as error:
@@ -58,6 +59,19 @@ def merge_command(
     with user_errors():
         written = merge_adapter(base, adapter, out)
     typer.echo(f"wrote {written}")
+
+
+def _paths_and_overrides(arguments: list[str]) -> tuple[tuple[str | None, str | None], list[str]]:
+    """(BASE, DATA) and the overrides from `lora train`'s positionals: BASE and DATA are those before the first
+    `key=value` (`--resume` needs neither, so its overrides may come first)."""
+    paths = list(itertools.takewhile(lambda argument: not OVERRIDE.match(argument), arguments))
+    if len(paths) > 2:
+        raise ValueError(
+            f"{paths[2]}: neither BASE nor DATA (given as {paths[0]} and {paths[1]}) nor a key=value override; "
+            "write `seekstack lora train BASE DATA key=value ...`"
+        )
+    base, data = [*paths, None, None][:2]
+    return (base, data), arguments[len(paths) :]
 
 
 def _warn(message: str) -> None:

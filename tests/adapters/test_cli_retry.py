@@ -1,0 +1,100 @@
+"""`lora train` on the command line: a run that failed before its first checkpoint is retried into the same folder,
+BASE and DATA are told from key=value overrides, and errors name every adapter key with its `lora.` prefix."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from seekstack.adapters.data import prepare_data
+from seekstack.cli import app
+from seekstack.tokens.shards import index_path
+from seekstack.train.state import list_checkpoints
+from tests.adapters.support import write_base
+
+RUN = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("base") / "base", with_tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "prose.txt"
+    path.write_text("A few words of prose to adapt to. " * 200)
+    return path
+
+
+def lora_train(*args: object) -> tuple[int, str]:
+    result = runner.invoke(app, ["lora", "train", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_retried_into_the_same_folder(base, text, tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    code, output = lora_train(base, text, *RUN, "seq_len=1024", "--out", out)  # beyond the base's 128 positions
+    assert code == 1 and "seq_len" in output and "longer than the model's context" in output
+    assert (out / "lora_config.json").is_file() and not list_checkpoints(out)  # written, nothing trained
+    code, output = lora_train(base, text, *RUN, "--out", out)
+    assert code == 0, output
+    assert [path.name for path in list_checkpoints(out)] == ["step_1"]
+    assert (out / "notes.md").read_text() == "mine"
+    code, output = lora_train(base, text, *RUN, "--out", out)  # now it holds a run
+    assert code == 1 and "holds a run (checkpoint step_1); continue it with --resume" in output
+
+
+def test_a_retry_on_other_text_keeps_no_validation_split_of_the_earlier_text(base, tmp_path):
+    many, one = tmp_path / "many", tmp_path / "one.txt"
+    many.mkdir()
+    for number in range(12):  # one in 10 held out, by hash
+        (many / f"doc{number}.txt").write_text(f"The licence number {number} grants the rights below. " * 20)
+    one.write_text("A single document: nothing to hold out. " * 50)
+    tokens = prepare_data(many, base, tmp_path / "adapter")
+    assert index_path(tokens, "val").is_file()
+    assert prepare_data(one, base, tmp_path / "adapter") == tokens
+    assert not index_path(tokens, "val").is_file()
+
+
+def test_key_value_positionals_are_overrides_not_base_or_data(base, text, tmp_path):
+    out = tmp_path / "adapter"
+    assert lora_train(base, text, *RUN, "--out", out)[0] == 0
+    code, output = lora_train("--resume", base, "max_steps=2", "--out", out)  # BASE, then an override
+    assert code == 0 and "trained to step 2" in output, output
+    code, output = lora_train("--resume", base, f"init_from={base}", "max_steps=3", "--out", out)
+    assert code == 0 and "trained to step 3" in output, output
+    code, output = lora_train("--resume", "max_steps=4", "--out", out)  # overrides only
+    assert code == 0 and "trained to step 4" in output, output
+    code, output = lora_train(base, "max_steps=2", "--out", tmp_path / "new")
+    assert code == 1 and "a new LoRA run needs BASE (a checkpoint folder) and DATA" in output
+    code, output = lora_train(base, text, "extra", "max_steps=2", "--out", tmp_path / "new")
+    assert code == 1 and "extra: neither BASE nor DATA" in output and "BASE DATA key=value" in output
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["lora.eva_rho=2"], "field 'lora.eva_rho' must be 1 unless lora.init=eva (lora.init='lora')"),
+        (["lora.dropout=0.1"], "field 'lora.dropout' must be 0 when lora.feed_forward or lora.experts are adapted"),
+        (
+            ["lora.attention=[]", "lora.feed_forward=[]", "lora.experts=[]"],
+            "among lora.attention, lora.feed_forward, lora.experts and lora.vocabulary",
+        ),
+        (["lora.head_tokens=2", "lora.vocabulary=[lm_head]"], "0 when lm_head is in lora.vocabulary"),
+        (["lora.init=eva"], "not 'eva' when lora.experts or lora.vocabulary are adapted"),
+        (["lora.init=pissa"], "not pissa or olora when lora.experts or embed_tokens (lora.vocabulary) are adapted"),
+        (
+            ["lora.init=pissa", "lora.dora=true", "lora.feed_forward=[]", "lora.experts=[]"],
+            "field 'lora.dora' must be false with lora.init='pissa'",
+        ),
+    ],
+)
+def test_adapter_errors_name_the_other_keys_with_their_prefix(base, text, overrides, named, tmp_path):
+    code, output = lora_train(base, text, *RUN, *overrides, "--out", tmp_path / "adapter")
+    assert code == 1 and named in output, output
+    assert not (tmp_path / "adapter").exists()
