@@ -180,7 +180,7 @@ class ModelConfig:
         try:
             return check(cls, {**values, "extra": extra}).validate()
         except ConfigError as error:
-            raise ConfigError(f"{source}: {error}") from None
+            raise error.at(source) from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
@@ -237,7 +237,7 @@ def _normalise_rope(raw: dict[str, Any], values: dict[str, Any], source: str) ->
         if given is None:
             continue
         if not isinstance(given, dict):
-            raise ConfigError(f"{source}: field {key!r} must be an object, got {given!r}")
+            raise ConfigError(f"must be an object, got {given!r}", field=key, source=source)
         given = dict(given)
         if "type" in given:
             given["rope_type"] = given.pop("type")

@@ -38,13 +38,37 @@ __all__ = ["Fraction", "Le", "NonNegative", "NonNegativeFloat", "Positive", "Pos
 
 
 class ConfigError(ValueError):
-    """A configuration value that cannot be used; the message names the file (when there is one) and the field."""
+    """A configuration value that cannot be used; the message names the file (when there is one) and the field.
+
+    `field` is the dotted path of the field at fault (`top_p`, `rope_scaling.factor`, `stop.0`), None when the error
+    is about no one field; `source` is where the value came from (a file), None when unknown. Callers read them to
+    name the field otherwise (a command's `--top-p`) or to say where its value was given.
+    """
+
+    def __init__(self, problem: str, field: str | None = None, source: str | None = None) -> None:
+        """`problem` is what is wrong; with a `field`, said after the field's name: "must be even" reads
+        "field 'x' must be even", ": ..." reads "field 'x': ..."."""
+        self.problem, self.field, self.source = problem, field, source
+        super().__init__(self.naming(f"field {field!r}"))
+
+    def naming(self, subject: str) -> str:
+        """The message, with the field called `subject` (`field 'top_p'`, or `--top-p` on a command line)."""
+        said = self.problem
+        if self.field is not None:
+            said = f"{subject}{self.problem}" if self.problem.startswith(":") else f"{subject} {self.problem}"
+        return f"{self.source}: {said}" if self.source else said
+
+    def at(self, source: str | None) -> ConfigError:
+        """This error, said to come from `source` (a file, `key=value on the command line`); None leaves it as is."""
+        if not source:
+            return self
+        return ConfigError(self.problem, self.field, f"{source}: {self.source}" if self.source else source)
 
 
 def require(ok: bool, name: str, expectation: str) -> None:
     """A rule across fields: raise ConfigError naming `name` unless `ok`."""
     if not ok:
-        raise ConfigError(f"field {name!r} must be {expectation}")
+        raise ConfigError(f"must be {expectation}", field=name)
 
 
 def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) -> T:
@@ -58,27 +82,26 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
     known = [f.name for f in dataclasses.fields(cls)]
     for name in values:
         if name not in known:
-            raise _located(ConfigError(f"unknown field {name!r}; known fields are {', '.join(known)}"), source)
+            raise ConfigError(f"unknown field {name!r}; known fields are {', '.join(known)}").at(source)
     for name, value in values.items():
         if _has_lone_surrogate(value):
-            raise _located(ConfigError(f"field {name!r} has value {value!r}: not valid Unicode text"), source)
+            raise ConfigError(f"has value {value!r}: not valid Unicode text", field=name).at(source)
     try:
         text = json.dumps(dict(values), default=_jsonable)
         return _adapter(cls).validate_json(text)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         if not first["loc"] and "error" in first.get("ctx", {}):  # raised by the class's own __post_init__ check
-            raise _located(ConfigError(str(first["ctx"]["error"])), source) from None
+            raised = first["ctx"]["error"]
+            raise (raised if isinstance(raised, ConfigError) else ConfigError(str(raised))).at(source) from None
         location = _field_location(values, first["loc"])
         name = ".".join(str(part) for part in location)
         # a union's value fails each of its members: one error per member, at the same field
         reasons = [_reason(cls, e) for e in error.errors() if _field_location(values, e["loc"]) == location]
         message = " or ".join(dict.fromkeys(reasons))
-        raise _located(
-            ConfigError(f"field {name!r} has value {_lookup(values, location)!r}: {message}"), source
-        ) from None
+        raise ConfigError(f"has value {_lookup(values, location)!r}: {message}", field=name).at(source) from None
     except ConfigError as error:  # from a __post_init__
-        raise _located(error, source) from None
+        raise error.at(source) from None
 
 
 def _reason(cls: type, error: Mapping[str, Any]) -> str:
@@ -190,7 +213,7 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
     try:
         value = yaml.load(text, Loader=_YamlLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"field {key!r}: {text!r} cannot be read ({_yaml_problem(error)})") from None
+        raise ConfigError(f": {text!r} cannot be read ({_yaml_problem(error)})", field=key) from None
     unspaced = _UNSPACED_KEY.search(text) if isinstance(value, dict) else None
     if unspaced:
         minutes, seconds = unspaced.groups()
@@ -198,8 +221,9 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
         read_as = f"the base-60 number {base_60}" if base_60 in value else "one key"
         spaced = re.sub(r"(\d):(?=\d)", r"\1: ", text)
         raise ConfigError(
-            f"field {key!r}: {text!r} has no space after a key's colon, so YAML reads {minutes}:{seconds} as "
-            f"{read_as} with no value; write {spaced!r}"
+            f": {text!r} has no space after a key's colon, so YAML reads {minutes}:{seconds} as "
+            f"{read_as} with no value; write {spaced!r}",
+            field=key,
         )
     if isinstance(value, (str, float)):  # a number as Python writes it: "1e3" is the int 1000, "inf" a float
         number = _number(text.strip())
@@ -324,10 +348,6 @@ def _lookup(values: Mapping[str, Any], location: tuple) -> Any:
         except (KeyError, IndexError, TypeError):
             return None
     return value
-
-
-def _located(error: ConfigError, source: str | None) -> ConfigError:
-    return ConfigError(f"{source}: {error}") if source else error
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")

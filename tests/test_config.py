@@ -111,6 +111,13 @@ def test_errors_name_the_file(tmp_path):
         ModelConfig.from_json(path)
 
 
+def test_a_config_error_carries_its_field_and_file_apart_from_its_message():
+    with pytest.raises(ConfigError) as caught:
+        ModelConfig.from_dict({"model_type": "deepseek_v3", "rope_scaling": {"type": "yarn", "factor": 0.5}}, "c.json")
+    assert (caught.value.field, caught.value.source) == ("rope_scaling.factor", "c.json")
+    assert str(caught.value) == "c.json: field 'rope_scaling.factor' must be >= 1"
+
+
 def test_unknown_preset_is_named():
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         preset("huge")

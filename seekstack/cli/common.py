@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,11 +27,15 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
 
 @contextmanager
 def options_named() -> Iterator[None]:
-    """Settings built from a command's options: their errors name the option (--top-p), not the field (top_p)."""
+    """Settings built from a command's options: their errors name the option (--top-p), not the field (top_p).
+
+    A field inside an option's value (`stop.0`, the first --stop) keeps its field's name."""
     try:
         yield
     except ConfigError as error:
-        raise ConfigError(re.sub(r"field '(\w+)'", lambda m: "--" + m[1].replace("_", "-"), str(error))) from None
+        if error.field is None or "." in error.field:
+            raise
+        raise ConfigError(error.naming("--" + error.field.replace("_", "-"))) from None
 
 
 def fail(message: str, as_json: bool = False) -> NoReturn:

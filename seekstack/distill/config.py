@@ -91,7 +91,7 @@ class DistillConfig(TrainConfig):
                 require_tokenizer_file(config.teacher, "teacher", expectation)
                 config = dataclasses.replace(config, tokenizer=config.teacher)  # teacher and student share it
         except ConfigError as error:
-            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+            raise error.at(source) from None
         return config
 
     def layer_weight(self, student_layer: int) -> float:

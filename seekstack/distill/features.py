@@ -32,8 +32,9 @@ class FeatureProjections(nn.Module):
         for student_layer, teacher_layer in layer_map.items():
             if not (0 <= student_layer < student_layers and 0 <= teacher_layer < teacher_layers):
                 raise ConfigError(
-                    f"field 'feature_layers': {student_layer}: {teacher_layer} is out of range; the student has "
-                    f"layers 0..{student_layers - 1}, the teacher 0..{teacher_layers - 1}"
+                    f": {student_layer}: {teacher_layer} is out of range; the student has "
+                    f"layers 0..{student_layers - 1}, the teacher 0..{teacher_layers - 1}",
+                    field="feature_layers",
                 )
         self.layer_map, self.weights = dict(layer_map), dict(weights)
         self.maps = nn.ModuleDict(

@@ -53,7 +53,7 @@ class SFTConfig(TrainConfig):
         try:
             require_conversations_file(config.data)
         except ConfigError as error:
-            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+            raise error.at(source) from None
         return config
 
     def to_dict(self) -> dict:
@@ -113,7 +113,7 @@ class GRPOConfig(TrainConfig):
         try:
             require(config.grad_accum_steps == 1, "grad_accum_steps", "1 (a step's rollouts are one batch)")
         except ConfigError as error:
-            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+            raise error.at(source) from None
         return config
 
     @property
@@ -135,14 +135,13 @@ nested_config(GRPOConfig, "model_overrides", ModelConfig, prefix="model")
 
 def _require_task(config: SFTConfig | GRPOConfig, source: str | None) -> None:
     if config.task not in TASKS:
-        where = f"{source}: " if source else ""
-        raise ConfigError(f"{where}field 'task' must be one of {', '.join(TASKS)}, got {config.task!r}")
+        raise ConfigError(f"must be one of {', '.join(TASKS)}, got {config.task!r}", field="task", source=source)
 
 
 def _require_tokenizer(config: TrainConfig, source: str | None) -> None:
     if not config.tokenizer and not config.init_from:
-        where = f"{source}: " if source else ""
-        raise ConfigError(f"{where}field 'tokenizer' must name a tokenizer.json (or set init_from to a checkpoint)")
+        problem = "must name a tokenizer.json (or set init_from to a checkpoint)"
+        raise ConfigError(problem, field="tokenizer", source=source)
 
 
 def require_conversations_file(data: str) -> None:

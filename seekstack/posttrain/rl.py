@@ -79,9 +79,10 @@ class GRPOSource:
         context = model.config.max_position_embeddings
         if PROMPT_TOKENS + self.config.max_completion_length > context:
             raise ConfigError(
-                f"field 'max_completion_length' is {self.config.max_completion_length}: with a prompt's room "
+                f"is {self.config.max_completion_length}: with a prompt's room "
                 f"({PROMPT_TOKENS} tokens) that passes the model's context of {context} tokens; at most "
-                f"{context - PROMPT_TOKENS}"
+                f"{context - PROMPT_TOKENS}",
+                field="max_completion_length",
             )
         self.engine = Engine(
             self.sampler,

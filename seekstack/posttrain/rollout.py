@@ -61,9 +61,10 @@ def require_prompt_room(task: Task, prompts: list[list[int]]) -> None:
     longest = max(map(len, prompts))
     if longest > PROMPT_TOKENS:
         raise ConfigError(
-            f"field 'difficulty' is {task.difficulty}: {task.name} prompts of that difficulty take up to {longest} "
+            f"is {task.difficulty}: {task.name} prompts of that difficulty take up to {longest} "
             f"tokens, more than a rollout's prompt room of {PROMPT_TOKENS} (PROMPT_TOKENS in seekstack/posttrain/"
-            "rollout.py; the completion's room is apart from it); lower difficulty"
+            "rollout.py; the completion's room is apart from it); lower difficulty",
+            field="difficulty",
         )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,9 +135,9 @@ class TrainConfig:
             try:
                 config.mixture_policy()
             except ValueError as error:
-                raise ConfigError(f"field 'mixture': {error}") from None
+                raise ConfigError(f": {error}", field="mixture") from None
         except ConfigError as error:
-            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+            raise error.at(source) from None
         return config
 
     def model_config(self) -> ModelConfig:
@@ -147,14 +146,14 @@ class TrainConfig:
         for name in self.model_overrides:
             if name not in known:
                 raise ConfigError(
-                    f"field 'model_overrides': ModelConfig has no field {name!r}; "
-                    f"known fields are {', '.join(sorted(known))}"
+                    f": ModelConfig has no field {name!r}; known fields are {', '.join(sorted(known))}",
+                    field="model_overrides",
                 )
         overrides = {**self.model_overrides, "aux_loss_alpha": self.aux_loss_alpha}
         try:
             return preset(self.model, **overrides)
         except ConfigError as error:
-            raise ConfigError(f"field 'model_overrides': {error}") from None
+            raise ConfigError(f": {error}", field="model_overrides") from None
 
     def mixture_schedule(self) -> MixtureSchedule:
         """The schedule of `mixture`; the `train` split alone when it is empty."""
@@ -221,7 +220,7 @@ def resolve_train_config(
     try:
         config = check(cls, values).validate()
     except ConfigError as error:
-        raise ConfigError(f"{_blamed(str(error), overrides, source)}: {error}" if source else error) from None
+        raise (error.at(_blamed(error, overrides, source)) if source else error) from None
     if resume and warn is not None:
         saved = check(cls, base, str(saved_path))
         for f in dataclasses.fields(cls):
@@ -231,11 +230,11 @@ def resolve_train_config(
     return config
 
 
-def _blamed(message: str, overrides: Sequence[str], source: str) -> str:
-    """Where the value a config error names came from: the command line's key=value, or else config file `source`."""
-    field = re.match(r"field '(\w+)", message)
+def _blamed(error: ConfigError, overrides: Sequence[str], source: str) -> str:
+    """Where the value of the field at fault came from: the command line's key=value, or else config file `source`."""
+    field = error.field.partition(".")[0] if error.field else None
     given = {override.partition("=")[0].strip().partition(".")[0] for override in overrides}
-    return "key=value on the command line" if field and field[1] in given else source
+    return "key=value on the command line" if field in given else source
 
 
 def _given_values(path: str | Path | None) -> dict[str, Any]:

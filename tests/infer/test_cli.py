@@ -87,6 +87,12 @@ def test_generate_rejects_bad_sampling_values_and_missing_tokenizer(checkpoint, 
     assert result.exit_code == 1 and f"{tmp_path / 'nowhere'}: no such folder" in result.stderr
 
 
+def test_an_options_error_names_the_option_and_quotes_the_value_as_given(checkpoint):
+    result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--kv-cache-memory", "field 'dtype'"])
+    assert result.exit_code == 1
+    assert "error: --kv-cache-memory must be a size such as 4GiB (size \"field 'dtype'\": expected" in result.stderr
+
+
 def test_a_tokenizer_that_is_not_the_models_is_refused_or_named(checkpoint, tmp_path):
     from seekstack.infer.engine import check_tokenizer_fits
     from seekstack.tokenizer import Tokenizer, train_tokenizer

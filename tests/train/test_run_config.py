@@ -236,6 +236,20 @@ def test_an_error_in_a_key_value_override_is_blamed_on_the_command_line_not_the_
         resolve_train_config(config, ["lr=1e-3"])
 
 
+def test_a_config_error_carries_the_path_of_its_field_and_where_its_value_was_given(tmp_path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("model: tiny\nbetas: [0.9, 1.5]\n")
+    with pytest.raises(ConfigError) as in_file:
+        resolve_train_config(config, ["lr=1e-3"])
+    assert (in_file.value.field, in_file.value.source) == ("betas.1", str(config))
+    with pytest.raises(ConfigError) as on_command_line:
+        resolve_train_config(config, ["betas=[0.9, 1.5]"])
+    assert (on_command_line.value.field, on_command_line.value.source) == ("betas.1", "key=value on the command line")
+    assert str(on_command_line.value) == (
+        "key=value on the command line: field 'betas.1' has value 1.5: input should be less than 1"
+    )
+
+
 def test_a_pair_given_one_value_says_how_many_it_takes() -> None:
     with pytest.raises(ConfigError, match=r"field 'betas' has value \[0\.9\]: give 2 values"):
         resolve_train_config(None, ["betas=[0.9]"])
