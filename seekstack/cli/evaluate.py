@@ -97,10 +97,13 @@ def _require_folder_path(out: Path) -> None:
 def report_command(
     run: Annotated[Path, typer.Argument(help="A training run's out_dir")],
     out: Annotated[Path | None, typer.Option(help="Folder for report.md and its PNGs; default RUN")] = None,
-    samples: Annotated[bool, typer.Option(help="Generate the demo prompts' continuations")] = True,
+    samples: Annotated[
+        bool, typer.Option(help="Generate samples: the demo prompts' continuations, or a task run's answers")
+    ] = True,
 ) -> None:
-    """One Markdown page for a run: environment, data, tokenizer, model size and FLOPs, curves, speed,
-    evaluation (from `seekstack eval RUN`), samples."""
+    """One Markdown page for a run: environment, data, tokenizer, model size and FLOPs, curves, speed (an rl run:
+    reward, accuracy, completion length), evaluation (from `seekstack eval RUN`, naming the checkpoint it measured),
+    samples (a run on a task: its held-out questions in the chat template, verified)."""
     from seekstack.eval.report import write_report
 
     with user_errors():

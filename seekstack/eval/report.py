@@ -1,5 +1,9 @@
 """`seekstack report RUN`: one Markdown page for a training run, with its PNGs beside it (report card after
-nanochat's): environment, data, tokenizer, model size and FLOPs, training curves, speed, evaluation, samples."""
+nanochat's): environment, data, tokenizer, model size and FLOPs, training curves, speed, evaluation, samples.
+
+An `rl` run is reported by its rewards, accuracy and completion lengths (GRPO's loss is ~0 by construction), and a
+run on a post-training task (`rl`, `sft`/`distill task=`) is sampled on the task's held-out questions in the chat
+template; other runs continue the demo's code prompts."""
 
 from __future__ import annotations
 
@@ -16,11 +20,15 @@ from typing import Any
 from seekstack import accounting
 from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
+from seekstack.posttrain.plot import plot_rl_runs
+from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.plot import plot_run, read_metrics
 from seekstack.train.state import latest_checkpoint
 
 REPORT_FILE = "report.md"
+RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths
+SAMPLE_QUESTIONS = 4  # held-out questions a run on a task answers in the report
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
 
 
@@ -38,11 +46,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
         _environment(),
         _data(run_dir, train_config),
         _model(checkpoint, train_config, records),
-        _training(run_dir, out_dir, records),
-        _evaluation(run_dir),
+        _training(run_dir, out_dir, train_config, records),
+        _evaluation(run_dir, checkpoint),
     ]
     if samples:
-        sections.append(_samples(checkpoint))
+        sections.append(_samples(checkpoint, train_config))
     path = out_dir / REPORT_FILE
     path.write_text("\n\n".join(section for section in sections if section) + "\n")
     return path
@@ -76,6 +84,14 @@ def _version(package: str) -> str:
 def _is_rl(train_config: dict[str, Any]) -> bool:
     """Whether the run is `seekstack rl` (GRPO samples its groups on a task's prompts)."""
     return "num_generations" in train_config
+
+
+def _trained_task(train_config: dict[str, Any]) -> Task | None:
+    """The post-training task whose prompts the run trained on (`rl`; `sft` and `distill` with `task` and no
+    `data`, which they would read instead), else None."""
+    if not train_config.get("task") or train_config.get("data"):
+        return None
+    return make_task(train_config["task"], train_config.get("difficulty"))
 
 
 def _reads_token_shards(train_config: dict[str, Any]) -> bool:
@@ -199,25 +215,54 @@ def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> int | None
     return sum(per_step.values()) if len(per_step) == last_step else None
 
 
-def _training(run_dir: Path, out_dir: Path, records: list[dict[str, Any]]) -> str:
-    curves = plot_run(run_dir, out_dir / "curves.png")
+def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     tail = steps[len(steps) * 3 // 4 :]  # the last quarter: past warm-up and compilation
-    text = "## Training\n\n![training curves](" + curves.name + ")\n\n"
+    if _is_rl(train_config):
+        rl_steps = [r for r in steps if "reward" in r]
+        window = max(1, min(RL_WINDOW, len(rl_steps) // 4))
+        curves = plot_rl_runs([run_dir], out_dir / "rl_curves.png", smooth=window)
+        text = f"## Training\n\n![RL curves]({curves.name})\n\n" + _rl_progress(rl_steps, window)
+    else:
+        curves = plot_run(run_dir, out_dir / "curves.png")
+        text = f"## Training\n\n![training curves]({curves.name})\n\n"
+        text += f"Last step {steps[-1]['step']}: loss {steps[-1]['lm_loss']:.4f}. " if steps else ""
     if steps:
         speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)
         mfu = statistics.median(r["mfu"] for r in tail if "mfu" in r)
-        text += (
-            f"Last step {steps[-1]['step']}: loss {steps[-1]['lm_loss']:.4f}. Speed over the last quarter of the "
-            f"steps (median): {speed:,.0f} tokens/s, MFU {mfu:.1%}.\n\n"
-        )
+        text += f"Speed over the last quarter of the steps (median): {speed:,.0f} tokens/s, MFU {mfu:.1%}.\n\n"
     rows = [(str(r["step"]), f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r.get('val_maxvio', 0):.2f}")
             for r in evals]  # fmt: skip
-    return text + _table(("step", "val loss", "val bits/byte", "val MaxVio"), rows) if rows else text
+    return text + _table(("step", "val loss", "val bits/byte", "val MaxVio"), rows) if rows else text.rstrip()
 
 
-def _evaluation(run_dir: Path) -> str:
+RL_QUANTITIES = (
+    ("reward", "reward", ".3f"), ("accuracy", "accuracy (answers that verify)", ".1%"),
+    ("reward_format", "format reward", ".3f"), ("completion_length", "completion length (tokens)", ".1f"),
+    ("kl", "KL to the reference", ".4f"), ("entropy", "entropy (nats)", ".3f"),
+)  # fmt: skip
+
+
+def _rl_progress(steps: list[dict[str, Any]], window: int) -> str:
+    """What `rl-plot` draws, as a table: each quantity's mean over the first and over the last `window` steps."""
+    if not steps:
+        return ""
+    first, last = steps[:window], steps[-window:]
+    header = ("", *(_steps_label(part[0]["step"], part[-1]["step"]) for part in (first, last)))
+    rows = [
+        (label, *(format(statistics.fmean(r[key] for r in part), spec) for part in (first, last)))
+        for key, label, spec in RL_QUANTITIES
+        if all(key in r for r in first + last)
+    ]
+    return _table(header, rows) + "\n\n"
+
+
+def _steps_label(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last} (mean)"
+
+
+def _evaluation(run_dir: Path, checkpoint: Path) -> str:
     from seekstack.eval.evaluate import results_table
 
     path = run_dir / EVAL_RESULTS
@@ -225,24 +270,55 @@ def _evaluation(run_dir: Path) -> str:
         return f"## Evaluation\n\nNo `{EVAL_RESULTS}` yet: `seekstack eval {run_dir} --tasks ...` writes it."
     remedy = f"run `seekstack eval {run_dir}` again to rewrite it, or delete it"
     results = _json_object(path, remedy)
-    for key, kind in (("backend", str), ("wall_s", (int, float)), ("results", dict), ("samples", dict)):
+    checks = (("backend", str), ("wall_s", (int, float)), ("results", dict), ("samples", dict), ("model", str))
+    for key, kind in checks:
         wrong = not isinstance(results.get(key), kind)
         wrong = wrong or (key == "results" and not all(isinstance(m, dict) for m in results[key].values()))
         if wrong:
             found = f"holds {json.dumps(results[key])[:40]}" if key in results else "is missing"
             raise ValueError(f"{path}: key {key!r} {found}, not what `seekstack eval` writes; {remedy}")
-    return (
-        f"## Evaluation\n\nlm-evaluation-harness, backend `{results['backend']}`, {results['wall_s']:.1f} s:\n\n"
-        + results_table(results)
+    measured = Path(results["model"])
+    text = (
+        f"## Evaluation\n\nlm-evaluation-harness on `{measured}`, backend `{results['backend']}`, "
+        f"{results['wall_s']:.1f} s:\n\n" + results_table(results)
+    )
+    # eval records the checkpoint as it was named, from wherever it ran: its run's checkpoints/step_N identify it
+    if measured.parts[-2:] == checkpoint.parts[-2:]:
+        return text
+    return text + (
+        f"\n\n**Not the newest checkpoint:** these results are `{measured}`'s; the run's newest is "
+        f"`{checkpoint.name}`. `seekstack eval {run_dir} --tasks {','.join(results['results'])}` (with the options it "
+        f"ran with) measures `{checkpoint.name}` and rewrites `{EVAL_RESULTS}`."
     )
 
 
-def _samples(checkpoint: Path) -> str:
+def _samples(checkpoint: Path, train_config: dict[str, Any]) -> str:
     from seekstack.eval.samples import demo_samples
 
+    task = _trained_task(train_config)
+    if task is not None:
+        return _task_answers(checkpoint, task, train_config)
     parts = ["## Samples\n\nGreedy continuations from the engine:"]
     for prompt, greedy, _ in demo_samples(checkpoint, max_new_tokens=48):
         parts.append(f"```python\n{prompt}{greedy}\n```")
+    return "\n\n".join(parts)
+
+
+def _task_answers(checkpoint: Path, task: Task, train_config: dict[str, Any]) -> str:
+    """The samples of a run on a task: its held-out questions in the chat template, answered greedily, verified."""
+    from seekstack.eval.samples import task_samples
+    from seekstack.eval.tasks import REASONING_MAX_TOKENS
+
+    max_new_tokens = train_config.get("max_completion_length", REASONING_MAX_TOKENS)  # rl's, or reason_<task>'s
+    answers = task_samples(checkpoint, task, SAMPLE_QUESTIONS, max_new_tokens)
+    parts = [
+        f"## Samples\n\nGreedy answers from the engine to held-out questions of task `{task.name}` (difficulty "
+        f"{task.difficulty}), in the chat template with the R1 system prompt: {sum(a.right for a in answers)} of "
+        f"{len(answers)} verify."
+    ]
+    for answer in answers:
+        verdict = "Verifies." if answer.right else f"Does not verify (the answer is {answer.answer})."
+        parts.append(f"```text\n{answer.prompt}{answer.completion}\n```\n\n{verdict}")
     return "\n\n".join(parts)
 
 

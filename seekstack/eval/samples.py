@@ -1,4 +1,5 @@
-"""Continuations of prompts from a freshly trained model, greedy and sampled: what `make demo` prints.
+"""Continuations of prompts from a freshly trained model, greedy and sampled: what `make demo` prints; and a
+chat model's greedy answers to a post-training task's held-out questions, verified.
 
 Generation runs on the inference engine (`seekstack/infer/`), all prompts in one batch.
 """
@@ -6,10 +7,16 @@ Generation runs on the inference engine (`seekstack/infer/`), all prompts in one
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
-from seekstack.checkpoint import load_pretrained
+from seekstack.checkpoint import load_pretrained, read_config
+from seekstack.eval.tasks import REASONING_MAX_TOKENS
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
+from seekstack.posttrain.conversations import prompt_messages
+from seekstack.posttrain.rewards import RewardWeights
+from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
+from seekstack.posttrain.tasks import Task, sample_problems
 from seekstack.tokenizer import Tokenizer
 from seekstack.train.state import latest_checkpoint
 
@@ -40,3 +47,35 @@ def demo_samples(
     completions = engine.generate([*prompts, *prompts], [greedy] * len(prompts) + [sampled] * len(prompts))
     texts = [completion.text for completion in completions]
     return list(zip(prompts, texts[: len(prompts)], texts[len(prompts) :], strict=True))
+
+
+class TaskSample(NamedTuple):
+    """A held-out question of a task as the model saw it, its greedy answer, the reference answer, the verdict."""
+
+    prompt: str  # the chat template's text: R1 system prompt, the question, the assistant turn opened
+    completion: str
+    answer: str
+    right: bool  # the answer after </think> verifies
+
+
+def task_samples(
+    model_path: str | Path, task: Task, count: int = 4, max_new_tokens: int = REASONING_MAX_TOKENS
+) -> list[TaskSample]:
+    """`count` held-out problems of `task` answered greedily by a checkpoint or run's newest, sampled as
+    `pass-at-k` samples its greedy rollout (at most the room its context leaves after a prompt's)."""
+    path = checkpoint_or_latest(model_path)
+    max_new_tokens = min(max_new_tokens, read_config(path).max_position_embeddings - PROMPT_TOKENS)
+    engine = Engine.from_pretrained(path, max_batch_size=count, max_model_len=PROMPT_TOKENS + max_new_tokens)
+    tokenizer = engine.tokenizer
+    problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
+    rollout = sample_groups(engine, task, problems, 1, max_new_tokens, 0.0, 0, RewardWeights())
+    completions = [
+        tokenizer.decode(t for t in row[:length].tolist() if t != tokenizer.eos_id)
+        for row, length in zip(rollout.completion_ids, rollout.completion_lengths.tolist(), strict=True)
+    ]
+    return [
+        TaskSample(tokenizer.render_chat(prompt_messages(problem)), completion, problem.answer, bool(correct))
+        for problem, completion, correct in zip(
+            problems, completions, rollout.terms["correctness"].tolist(), strict=True
+        )
+    ]

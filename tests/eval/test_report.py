@@ -68,6 +68,7 @@ def test_report_is_one_page_with_every_section_and_its_png(small_run):
     assert "![training curves](curves.png)" in page and (small_run / "page" / "curves.png").stat().st_size > 1000
     assert "| train | 26 |" in page and "400 tokens" in page and "4 steps" in page
     assert "| code_cloze | acc |" in page and "```python\ndef fibonacci(n):" in page
+    assert f"on `{small_run / 'run' / 'checkpoints' / 'step_4'}`" in page and "Not the newest" not in page
     assert "26 train / 4 val" in page
 
 
@@ -159,7 +160,7 @@ def test_a_damaged_eval_results_file_is_named_with_what_to_do(tmp_path, saved, m
     with pytest.raises(
         ValueError, match=f"{tmp_path / EVAL_RESULTS}: {message}.*run `seekstack eval {tmp_path}` again"
     ):
-        _evaluation(tmp_path)
+        _evaluation(tmp_path, tmp_path / "checkpoints" / "step_1")
 
 
 def test_a_damaged_run_config_or_shard_index_is_named(tmp_path):
