@@ -175,9 +175,8 @@ def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str])
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not of the form key=value")
-        head, dot, rest = key.partition(".")
-        if dot:
-            head = _NESTED_PREFIXES.get((cls, head), head)
+        head, _, rest = key.partition(".")
+        head = overridden_field(cls, key)
         if head not in hints:
             raise ConfigError(
                 f"override {override!r}: unknown field {head!r}; known fields are {', '.join(sorted(hints))}"
@@ -265,6 +264,13 @@ def nested_config(cls: type, field_name: str, nested: type, prefix: str) -> None
     """Declare that `cls.field_name` holds overrides of `nested`'s fields, set on the command line as `prefix.F=V`."""
     _NESTED[(cls, field_name)] = nested
     _NESTED_PREFIXES[(cls, prefix)] = field_name
+
+
+def overridden_field(cls: type, key: str) -> str:
+    """The field of `cls` that an override `key` sets: `lr` -> lr, `model.hidden_size` -> model_overrides (a nested
+    config's prefix, `nested_config`), `betas.1` -> betas."""
+    head, dot, _ = key.strip().partition(".")
+    return _NESTED_PREFIXES.get((cls, head), head) if dot else head
 
 
 _NESTED: dict[tuple[type, str], type] = {}

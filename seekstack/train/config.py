@@ -25,6 +25,7 @@ from seekstack.schema import (
     apply_overrides,
     check,
     nested_config,
+    overridden_field,
     read_config_file,
     recheck,
     require,
@@ -220,7 +221,7 @@ def resolve_train_config(
     try:
         config = check(cls, values).validate()
     except ConfigError as error:
-        raise (error.at(_blamed(error, overrides, source)) if source else error) from None
+        raise (error.at(_blamed(cls, error, overrides, source)) if source else error) from None
     if resume and warn is not None:
         saved = check(cls, base, str(saved_path))
         for f in dataclasses.fields(cls):
@@ -230,10 +231,10 @@ def resolve_train_config(
     return config
 
 
-def _blamed(error: ConfigError, overrides: Sequence[str], source: str) -> str:
+def _blamed(cls: type, error: ConfigError, overrides: Sequence[str], source: str) -> str:
     """Where the value of the field at fault came from: the command line's key=value, or else config file `source`."""
     field = error.field.partition(".")[0] if error.field else None
-    given = {override.partition("=")[0].strip().partition(".")[0] for override in overrides}
+    given = {overridden_field(cls, override.partition("=")[0]) for override in overrides}
     return "key=value on the command line" if field in given else source
 
 

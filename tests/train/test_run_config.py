@@ -234,6 +234,9 @@ def test_an_error_in_a_key_value_override_is_blamed_on_the_command_line_not_the_
     config.write_text("model: tiny\nmax_steps: five\n")
     with pytest.raises(ConfigError, match=rf"^{config}: field 'max_steps' has value 'five'"):
         resolve_train_config(config, ["lr=1e-3"])
+    config.write_text("model: tiny\n")  # a model field given as model.F=V sets model_overrides
+    with pytest.raises(ConfigError, match=r"^key=value on the command line: field 'model_overrides'.*hidden_size"):
+        resolve_train_config(config, ["model.hidden_size=0"])
 
 
 def test_a_config_error_carries_the_path_of_its_field_and_where_its_value_was_given(tmp_path) -> None:
