@@ -206,7 +206,7 @@ def _routed_experts(config: ModelConfig) -> str:
 
 def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> int | None:
     """The token positions trained up to `last_step`, as metrics.jsonl logged them (tokens/s x step time, padding
-    included); None when the log misses a step (a resumed run re-logs steps: the later record counts)."""
+    included); None when the log misses a step (a step logged twice counts once, its later record)."""
     per_step = {
         r["step"]: round(r["tokens_per_s"] * r["step_s"])
         for r in records
