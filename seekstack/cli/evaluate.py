@@ -98,12 +98,13 @@ def report_command(
     run: Annotated[Path, typer.Argument(help="A training run's out_dir")],
     out: Annotated[Path | None, typer.Option(help="Folder for report.md and its PNGs; default RUN")] = None,
     samples: Annotated[
-        bool, typer.Option(help="Generate samples: the demo prompts' continuations, or a task run's answers")
+        bool, typer.Option(help="Generate samples: the demo prompts' continuations, or a post-training run's answers")
     ] = True,
 ) -> None:
     """One Markdown page for a run: environment, data, tokenizer, model size and FLOPs, curves, speed (an rl run:
     reward, accuracy, completion length), evaluation (from `seekstack eval RUN`, naming the checkpoint it measured),
-    samples (a run on a task: its held-out questions in the chat template, verified)."""
+    samples (a run on a task: its held-out questions in the chat template, verified; on a conversations file: its
+    first conversations up to their last assistant turn, answered beside the file's answers)."""
     from seekstack.eval.report import write_report
 
     with user_errors():

@@ -3,7 +3,8 @@ nanochat's): environment, data, tokenizer, model size and FLOPs, training curves
 
 An `rl` run is reported by its rewards, accuracy and completion lengths (GRPO's loss is ~0 by construction), and a
 run on a post-training task (`rl`, `sft`/`distill task=`) is sampled on the task's held-out questions in the chat
-template; other runs continue the demo's code prompts."""
+template, and one on a conversations file (`sft`/`distill data=`) on its first conversations, each answered where its
+last assistant turn starts; other runs continue the demo's code prompts."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from seekstack.train.state import latest_checkpoint
 
 REPORT_FILE = "report.md"
 RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths
-SAMPLE_QUESTIONS = 4  # held-out questions a run on a task answers in the report
+SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's first, a run answers in the report
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
 
 
@@ -50,7 +51,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
         _evaluation(run_dir, checkpoint),
     ]
     if samples:
-        sections.append(_samples(checkpoint, train_config))
+        sections.append(_samples(run_dir, checkpoint, train_config))
     path = out_dir / REPORT_FILE
     path.write_text("\n\n".join(section for section in sections if section) + "\n")
     return path
@@ -94,6 +95,14 @@ def _trained_task(train_config: dict[str, Any]) -> Task | None:
     return make_task(train_config["task"], train_config.get("difficulty"))
 
 
+def _conversations_file(run_dir: Path, train_config: dict[str, Any]) -> Path | None:
+    """The conversations file an `sft` or `distill data=` run trained on (train_config.json holds it relative to the
+    run's folder), else None."""
+    if not train_config.get("data") or _is_rl(train_config):
+        return None
+    return (run_dir / train_config["data"]).resolve()
+
+
 def _reads_token_shards(train_config: dict[str, Any]) -> bool:
     """Whether the run trained on `data_dir`'s shards (rows seq_len long) rather than a task's prompts (`rl`) or
     conversations (`sft`, `distill data=`/`task=`), which leave data_dir and seq_len at unused defaults."""
@@ -110,8 +119,9 @@ def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
 
 def _task_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     """What a run that read no token shards trained on: a task's prompts (`rl`) or conversations."""
-    if train_config.get("data") and not _is_rl(train_config):
-        return f"Conversations from `{(run_dir / train_config['data']).resolve()}`."
+    conversations_file = _conversations_file(run_dir, train_config)
+    if conversations_file is not None:
+        return f"Conversations from `{conversations_file}`."
     difficulty = train_config.get("difficulty")
     task = f"task `{train_config['task']}` ({f'difficulty {difficulty}' if difficulty else 'default difficulty'})"
     if _is_rl(train_config):
@@ -292,12 +302,15 @@ def _evaluation(run_dir: Path, checkpoint: Path) -> str:
     )
 
 
-def _samples(checkpoint: Path, train_config: dict[str, Any]) -> str:
+def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> str:
     from seekstack.eval.samples import demo_samples
 
     task = _trained_task(train_config)
     if task is not None:
         return _task_answers(checkpoint, task, train_config)
+    conversations_file = _conversations_file(run_dir, train_config)
+    if conversations_file is not None:
+        return _conversation_answers(checkpoint, conversations_file, train_config)
     parts = ["## Samples\n\nGreedy continuations from the engine:"]
     for prompt, greedy, _ in demo_samples(checkpoint, max_new_tokens=48):
         parts.append(f"```python\n{prompt}{greedy}\n```")
@@ -319,6 +332,34 @@ def _task_answers(checkpoint: Path, task: Task, train_config: dict[str, Any]) ->
     for answer in answers:
         verdict = "Verifies." if answer.right else f"Does not verify (the answer is {answer.answer})."
         parts.append(f"```text\n{answer.prompt}{answer.completion}\n```\n\n{verdict}")
+    return "\n\n".join(parts)
+
+
+def _conversation_answers(checkpoint: Path, path: Path, train_config: dict[str, Any]) -> str:
+    """The samples of a run on a conversations file: its first conversations in the chat template up to their last
+    assistant turn, answered greedily, each beside the file's own answer."""
+    from seekstack.eval.samples import conversation_samples
+    from seekstack.eval.tasks import REASONING_MAX_TOKENS
+    from seekstack.posttrain.conversations import read_conversations
+
+    if not path.is_file():
+        return (
+            f"## Samples\n\nNone: the run's conversations file `{path}` is gone (moved or deleted). Put it back to "
+            f"see the model answer its conversations here, or talk to the model: `seekstack chat {checkpoint}`."
+        )
+    conversations = read_conversations(path)[:SAMPLE_QUESTIONS]  # sft holds none out: these are training data
+    max_new_tokens = train_config.get("seq_len", REASONING_MAX_TOKENS)  # no row the run trained on was longer
+    answers = conversation_samples(checkpoint, conversations, max_new_tokens)
+    left_out = len(conversations) - len(answers)
+    parts = [
+        f"## Samples\n\nGreedy answers from the engine to the first {len(conversations)} conversations of `{path}` "
+        "(data the run trained on: it holds none out), each in the chat template up to its last assistant turn, "
+        "beside that turn from the file."
+        + (f" {left_out} of them left out: a prompt that fills the model's context leaves no room." if left_out else "")
+    ]
+    for answer in answers:
+        parts.append(f"```text\n{answer.prompt}{answer.completion}\n```")
+        parts.append(f"The file's answer:\n\n```text\n{answer.reference}\n```")
     return "\n\n".join(parts)
 
 

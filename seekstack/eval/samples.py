@@ -1,5 +1,6 @@
 """Continuations of prompts from a freshly trained model, greedy and sampled: what `make demo` prints; and a
-chat model's greedy answers to a post-training task's held-out questions, verified.
+chat model's greedy answers to a post-training task's held-out questions, verified, or to conversations up to their
+last assistant turn, beside that turn.
 
 Generation runs on the inference engine (`seekstack/infer/`), all prompts in one batch.
 """
@@ -13,7 +14,7 @@ from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.eval.tasks import REASONING_MAX_TOKENS
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.posttrain.conversations import prompt_messages
+from seekstack.posttrain.conversations import Conversation, prompt_messages
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
 from seekstack.posttrain.tasks import Task, sample_problems
@@ -78,4 +79,36 @@ def task_samples(
         for problem, completion, correct in zip(
             problems, completions, rollout.terms["correctness"].tolist(), strict=True
         )
+    ]
+
+
+class ConversationSample(NamedTuple):
+    """A conversation as the model saw it up to its last assistant turn, its greedy answer, and that turn's content."""
+
+    prompt: str  # the chat template's text: the turns before the last assistant turn, the assistant turn opened
+    completion: str
+    reference: str  # the last assistant turn's content, the answer the conversation gives
+
+
+def conversation_samples(
+    model_path: str | Path, conversations: list[Conversation], max_new_tokens: int
+) -> list[ConversationSample]:
+    """Each conversation's turns before its last assistant turn answered greedily by a checkpoint or run's newest,
+    all in one batch; an answer gets at most the room the context leaves after its prompt, and a conversation whose
+    prompt fills the context is left out."""
+    path = checkpoint_or_latest(model_path)
+    engine = Engine.from_pretrained(path, max_batch_size=len(conversations))
+    asked = []  # (prompt text, its ids, the reference answer)
+    for messages in conversations:
+        last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")
+        prompt = engine.tokenizer.render_chat(messages[:last])
+        ids = engine.tokenizer.encode(prompt)  # encode_chat's ids, as sft trained on them
+        if len(ids) < engine.max_model_len:
+            asked.append((prompt, ids, messages[last]["content"]))
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    params = [engine.fit_max_new_tokens(len(ids), greedy)[0] for _, ids, _ in asked]
+    completions = engine.generate([ids for _, ids, _ in asked], params) if asked else []
+    return [
+        ConversationSample(prompt, completion.text, reference)
+        for (prompt, _, reference), completion in zip(asked, completions, strict=True)
     ]

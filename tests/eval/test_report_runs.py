@@ -1,4 +1,5 @@
-"""`seekstack report` on post-training runs and on a run evaluated before its newest checkpoint."""
+"""`seekstack report` on post-training runs (rl, sft on a task or on a conversations file) and on a run evaluated
+before its newest checkpoint."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import pytest
 import torch
 
 from seekstack.eval.report import EVAL_RESULTS, _evaluation, write_report
-from seekstack.posttrain.conversations import prompt_messages
+from seekstack.eval.samples import conversation_samples
+from seekstack.infer.engine import Engine
+from seekstack.posttrain.conversations import prompt_messages, write_conversations
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT
 from seekstack.posttrain.tasks import make_task, sample_problems
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import ASSISTANT, EOS, USER, Tokenizer
 from seekstack.train.state import TRAIN_STATE_FILE
 from tests.posttrain.support import micro_checkpoint
 
@@ -59,13 +62,18 @@ def test_a_run_is_sampled_on_the_task_it_trained_on_when_it_trained_on_one(train
         assert found.difficulty == train_config.get("difficulty", make_task(task).difficulty)
 
 
+def _post_training_run(run_dir: Path, train_config: dict, records: list[dict]) -> Path:
+    """A run's folder: train_config.json, metrics.jsonl of `records`, a micro checkpoint at the last record's step."""
+    checkpoint = micro_checkpoint(run_dir / "checkpoints" / f"step_{records[-1]['step']}")
+    torch.save({}, checkpoint / TRAIN_STATE_FILE)  # a complete checkpoint to latest_checkpoint
+    (run_dir / "train_config.json").write_text(json.dumps(train_config))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return run_dir
+
+
 @pytest.fixture
 def rl_run(tmp_path) -> Path:
     """An `rl` run's folder: its config, 8 steps of metrics (GRPO's loss ~0, the reward rising), checkpoint step_8."""
-    run_dir = tmp_path / "rl"
-    checkpoint = micro_checkpoint(run_dir / "checkpoints" / "step_8")
-    torch.save({}, checkpoint / TRAIN_STATE_FILE)  # a complete checkpoint to latest_checkpoint
-    (run_dir / "train_config.json").write_text(json.dumps(RL_CONFIG))
     records = [
         {"step": step, "loss": 1e-8, "lm_loss": 1e-8, "reward": 0.1 * step, "accuracy": step / 16,
          "reward_format": 1.0, "completion_length": 20.0 - step,
@@ -73,8 +81,7 @@ def rl_run(tmp_path) -> Path:
          "tokens_per_s": 900.0, "mfu": 0.3, "step_s": 1.0}
         for step in range(1, 9)
     ]  # fmt: skip
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-    return run_dir
+    return _post_training_run(tmp_path / "rl", RL_CONFIG, records)
 
 
 def test_report_of_an_rl_run_gives_its_rewards_and_answers_to_the_tasks_questions_in_the_chat_template(rl_run):
@@ -98,3 +105,62 @@ def test_report_of_an_rl_run_gives_its_rewards_and_answers_to_the_tasks_question
         assert f"```text\n{tokenizer.render_chat(prompt_messages(problem))}" in samples
     verdicts = samples.count("Verifies.") + samples.count("Does not verify (the answer is ")
     assert verdicts == 4 and f"{samples.count('Verifies.')} of 4 verify." in samples
+
+
+CHATS = [
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris"}],
+    [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"},
+     {"role": "user", "content": "Now louder."}, {"role": "assistant", "content": "HI!"}],
+    [{"role": "user", "content": "x " * 600}, {"role": "assistant", "content": "too long to answer"}],
+    [{"role": "user", "content": "x " * 250 + "2 + 2?"}, {"role": "assistant", "content": "4"}],  # ~510 tokens
+    [{"role": "user", "content": "The fifth question"}, {"role": "assistant", "content": "not sampled"}],
+]  # fmt: skip
+
+
+@pytest.fixture
+def sft_run(tmp_path) -> Path:
+    """An `sft data=chats.jsonl` run's folder (sft's config keeps its default task), 2 steps, checkpoint step_2."""
+    write_conversations(CHATS, tmp_path / "chats.jsonl")
+    train_config = {"model": "tiny", "data": "../chats.jsonl", "task": "addition", "seq_len": 16, "batch_size": 2}
+    records = [
+        {"step": step, "loss": 2.0, "lm_loss": 2.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": 0.3} for step in (1, 2)
+    ]
+    return _post_training_run(tmp_path / "sft", train_config, records)
+
+
+def test_report_of_an_sft_run_on_a_conversations_file_answers_its_conversations_beside_the_files_answers(sft_run):
+    samples = write_report(sft_run).read_text().split("## Samples")[1]
+    assert "```python" not in samples and "def fibonacci" not in samples and R1_SYSTEM_PROMPT not in samples
+    assert f"the first 4 conversations of `{sft_run.parent / 'chats.jsonl'}`" in samples
+    assert "1 of them left out: a prompt that fills the model's context" in samples and "x " * 600 not in samples
+    tokenizer = Tokenizer.from_file(sft_run / "checkpoints" / "step_2")
+    for chat in (CHATS[0], CHATS[1], CHATS[3]):  # each up to its last assistant turn, that turn the reference
+        prompt = tokenizer.render_chat(chat[:-1])
+        assert (
+            f"```text\n{prompt}" in samples and f"The file's answer:\n\n```text\n{chat[-1]['content']}\n```" in samples
+        )
+    assert f"{ASSISTANT}hi{EOS}{USER}Now louder." in samples  # the earlier answer, in the prompt
+    assert "The fifth question" not in samples and samples.count("The file's answer") == 3
+
+
+def test_a_conversations_answer_stops_at_the_runs_seq_len_or_where_the_context_ends(sft_run, monkeypatch):
+    asked = []  # (prompt tokens, max_new_tokens) of each request
+    generate = Engine.generate
+
+    def recording_generate(engine, prompts, params, adapters=None):
+        asked.extend((len(prompt), request.max_new_tokens) for prompt, request in zip(prompts, params, strict=True))
+        return generate(engine, prompts, params, adapters)
+
+    monkeypatch.setattr(Engine, "generate", recording_generate)
+    answers = conversation_samples(sft_run, [CHATS[0], CHATS[3]], max_new_tokens=16)
+    assert [answer.reference for answer in answers] == ["Paris", "4"]
+    (_, short_cap), (long, long_cap) = asked
+    assert short_cap == 16 and 512 - 16 < long < 512 and long_cap == 512 - long  # micro_checkpoint's context: 512
+
+
+def test_report_of_an_sft_run_whose_conversations_file_is_gone_names_it(sft_run):
+    (sft_run.parent / "chats.jsonl").rename(sft_run.parent / "moved.jsonl")
+    samples = write_report(sft_run).read_text().split("## Samples")[1]
+    assert f"the run's conversations file `{sft_run.parent / 'chats.jsonl'}` is gone (moved or deleted)" in samples
+    assert f"`seekstack chat {sft_run / 'checkpoints' / 'step_2'}`" in samples and "```python" not in samples
