@@ -22,6 +22,9 @@ TINY = dict(
 )  # fmt: skip
 
 
+QUICK_RUN = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]  # a one-step LoRA run
+
+
 def write_base(folder: Path, seed: int = 0, with_tokenizer: bool = False) -> Path:
     """A random tiny DeepSeek-V3 (one dense layer, one MoE layer, an MTP module) saved as a checkpoint; with
     `with_tokenizer`, a model directory the inference engine loads (its vocabulary that of the tiny tokenizer)."""

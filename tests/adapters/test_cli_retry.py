@@ -10,9 +10,8 @@ from seekstack.adapters.data import prepare_data
 from seekstack.cli import app
 from seekstack.tokens.shards import index_path
 from seekstack.train.state import list_checkpoints
-from tests.adapters.support import write_base
+from tests.adapters.support import QUICK_RUN, write_base
 
-RUN = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
 runner = CliRunner()
 
 
@@ -37,14 +36,14 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_retried_into_the_same_
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "notes.md").write_text("mine")
-    code, output = lora_train(base, text, *RUN, "seq_len=1024", "--out", out)  # beyond the base's 128 positions
+    code, output = lora_train(base, text, *QUICK_RUN, "seq_len=1024", "--out", out)  # beyond the base's 128 positions
     assert code == 1 and "seq_len" in output and "longer than the model's context" in output
     assert (out / "lora_config.json").is_file() and not list_checkpoints(out)  # written, nothing trained
-    code, output = lora_train(base, text, *RUN, "--out", out)
+    code, output = lora_train(base, text, *QUICK_RUN, "--out", out)
     assert code == 0, output
     assert [path.name for path in list_checkpoints(out)] == ["step_1"]
     assert (out / "notes.md").read_text() == "mine"
-    code, output = lora_train(base, text, *RUN, "--out", out)  # now it holds a run
+    code, output = lora_train(base, text, *QUICK_RUN, "--out", out)  # now it holds a run
     assert code == 1 and "holds a run (checkpoint step_1); continue it with --resume" in output
 
 
@@ -62,7 +61,7 @@ def test_a_retry_on_other_text_keeps_no_validation_split_of_the_earlier_text(bas
 
 def test_key_value_positionals_are_overrides_not_base_or_data(base, text, tmp_path):
     out = tmp_path / "adapter"
-    assert lora_train(base, text, *RUN, "--out", out)[0] == 0
+    assert lora_train(base, text, *QUICK_RUN, "--out", out)[0] == 0
     code, output = lora_train("--resume", base, "max_steps=2", "--out", out)  # BASE, then an override
     assert code == 0 and "trained to step 2" in output, output
     code, output = lora_train("--resume", base, f"init_from={base}", "max_steps=3", "--out", out)
@@ -95,6 +94,6 @@ def test_key_value_positionals_are_overrides_not_base_or_data(base, text, tmp_pa
     ],
 )
 def test_adapter_errors_name_the_other_keys_with_their_prefix(base, text, overrides, named, tmp_path):
-    code, output = lora_train(base, text, *RUN, *overrides, "--out", tmp_path / "adapter")
+    code, output = lora_train(base, text, *QUICK_RUN, *overrides, "--out", tmp_path / "adapter")
     assert code == 1 and named in output, output
     assert not (tmp_path / "adapter").exists()

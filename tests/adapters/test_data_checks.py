@@ -18,9 +18,8 @@ from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import index_path, tokenize_corpus
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import build_model, train
-from tests.adapters.support import write_base
+from tests.adapters.support import QUICK_RUN, write_base
 
-RUN = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
 runner = CliRunner()
 
 
@@ -62,7 +61,7 @@ def test_lora_train_refuses_shards_of_another_tokenizer_and_gives_the_command_th
     base, corpus, other_shards, tmp_path
 ):
     with pytest.raises(ValueError) as refused:
-        lora_train_config(base, other_shards, tmp_path / "adapter", RUN)
+        lora_train_config(base, other_shards, tmp_path / "adapter", QUICK_RUN)
     message = str(refused.value)
     assert (
         message.startswith(f"{other_shards} was tokenized with ") and f"the tokenizer of checkpoint {base}" in message
@@ -73,7 +72,7 @@ def test_lora_train_refuses_shards_of_another_tokenizer_and_gives_the_command_th
     assert command == f"seekstack data tokenize --corpus {corpus} --tokenizer {base} --out {retokenized}"
     result = runner.invoke(app, shlex.split(command)[1:])
     assert result.exit_code == 0, result.output
-    train_config, _ = lora_train_config(base, retokenized, tmp_path / "adapter", RUN)
+    train_config, _ = lora_train_config(base, retokenized, tmp_path / "adapter", QUICK_RUN)
     assert train_config.data_dir == str(retokenized)
 
 
@@ -93,7 +92,7 @@ def test_shards_whose_index_records_no_tokenizer_hash_are_not_checked(base, othe
         index = json.loads(index_path(old, split).read_text())
         del index["tokenizer"]["sha256"]
         index_path(old, split).write_text(json.dumps(index))
-    train_config, _ = lora_train_config(base, old, tmp_path / "adapter", RUN)
+    train_config, _ = lora_train_config(base, old, tmp_path / "adapter", QUICK_RUN)
     assert train_config.data_dir == str(old)
 
 
@@ -107,7 +106,7 @@ def test_a_checkpoint_vocabulary_smaller_than_the_data_advises_tokenizing_with_i
         f"the tokenizer {small} was trained with; it holds none)"
     )
     with pytest.raises(ValueError, match=advice) as refused:
-        lora_train_config(small, other_shards, tmp_path / "adapter", RUN)
+        lora_train_config(small, other_shards, tmp_path / "adapter", QUICK_RUN)
     assert "model.vocab_size" not in str(refused.value)
     assert not (tmp_path / "adapter").exists()
     config = TrainConfig(init_from=str(small), data_dir=str(other_shards), out_dir=str(tmp_path / "run"))
@@ -123,7 +122,7 @@ def text_run(base, tmp_path_factory):
     text.write_text(
         "\n\n".join(f"Clause {n}: the tenant keeps the garden tidy and the gate shut." * 8 for n in range(20))
     )
-    train_adapter(*lora_train_config(base, text, folder / "adapter", RUN))
+    train_adapter(*lora_train_config(base, text, folder / "adapter", QUICK_RUN))
     return text, folder / "adapter"
 
 
@@ -160,13 +159,13 @@ def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, t
 )
 def test_errors_about_lora_keys_name_them_with_their_prefix(base, other_shards, override, named, tmp_path):
     with pytest.raises(ConfigError, match=named):
-        lora_train_config(base, other_shards, tmp_path / "adapter", [*RUN, override])
+        lora_train_config(base, other_shards, tmp_path / "adapter", [*QUICK_RUN, override])
 
 
 def test_a_lora_layer_the_base_lacks_is_named_with_its_prefix_before_the_run_is_written(base, corpus, tmp_path):
     text = tmp_path / "text.jsonl"
     shutil.copy(corpus / "train.jsonl", text)
-    config = lora_train_config(base, text, tmp_path / "adapter", [*RUN, "lora.layers=[9]"])
+    config = lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, "lora.layers=[9]"])
     with pytest.raises(ConfigError, match="field 'lora.layers' must be main layer numbers below 2"):
         train_adapter(*config)
     assert not (tmp_path / "adapter" / "lora_config.json").exists()
