@@ -563,7 +563,8 @@ def load_pretrained(
     stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds.
     Layers stored quantized (fp8, int8, int4) load as quantized modules that run their low-bit kernels
     (seekstack.compress), unless `dequantize` asks for plain float weights.
-    A missing, truncated or damaged file raises CheckpointError naming it.
+    A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
+    differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
@@ -575,7 +576,8 @@ def load_pretrained(
         for name in ("weight", "weight_packed")
     ):
         present_mtp += 1
-    config = config.replace(num_nextn_predict_layers=present_mtp)
+    config = follow_moe_layout_of_weights(config.replace(num_nextn_predict_layers=present_mtp), reader, config_path)
+    warn_transformers_divergences(config, directory)
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -631,6 +633,43 @@ def _refuse_miscounted_layers(unused: list[str], reader: CheckpointReader, confi
             )
 
 
+def follow_moe_layout_of_weights(config: ModelConfig, reader: CheckpointReader, config_path: Path) -> ModelConfig:
+    """`config`, with moe_layer_freq=1 when the weights hold a router in every layer from first_k_dense_replace on:
+    transformers ignores moe_layer_freq and writes that layout, so its checkpoints load as it runs them. Weights in
+    neither layout are refused, naming the layers."""
+    layers = range(config.first_k_dense_replace, config.num_hidden_layers)
+    dense_by_config = [i for i in layers if config.n_routed_experts and not config.is_moe_layer(i)]
+    routed = [i for i in layers if f"model.layers.{i}.mlp.gate.weight" in reader]
+    if not dense_by_config or not set(routed) & set(dense_by_config):
+        return config
+    if routed == list(layers):
+        warnings.warn(
+            f"{config_path}: moe_layer_freq is {config.moe_layer_freq}, but the weights hold routed experts in every "
+            f"layer from first_k_dense_replace={config.first_k_dense_replace} on, the layout transformers writes (it "
+            "ignores moe_layer_freq); loaded as transformers runs it, with moe_layer_freq=1",
+            stacklevel=3,
+        )
+        return config.replace(moe_layer_freq=1)
+    raise CheckpointError(
+        f"{config_path}: the weights hold routed experts in layers {routed}, which is neither layout of this config: "
+        f"moe_layer_freq={config.moe_layer_freq} makes layers {dense_by_config} dense (DeepSeek's V2 code, seekstack) "
+        f"and transformers, which ignores moe_layer_freq, makes all of {list(layers)} MoE; use the {CONFIG_FILE} "
+        "saved with these weights"
+    )
+
+
+def warn_transformers_divergences(config: ModelConfig, where: str | Path) -> None:
+    """Warn that transformers runs the checkpoint at `where` as another model, naming the fields and why."""
+    divergences = config.transformers_divergences()
+    if divergences:
+        reasons = "; ".join(f"{name}={getattr(config, name)!r}: {reason}" for name, reason in divergences.items())
+        warnings.warn(
+            f"{where}: transformers computes this checkpoint differently from seekstack, so their logits differ: "
+            f"{reasons}",
+            stacklevel=3,
+        )
+
+
 def _tensor_of(model: torch.nn.Module, name: str) -> torch.Tensor:
     """The parameter or buffer named `name` in state-dict terms."""
     module, _, attribute = name.rpartition(".")
@@ -650,13 +689,15 @@ def save_pretrained(
     With `fp8_block`, block projections are stored as e4m3 with `weight_scale_inv`, as in DeepSeek's
     FP8 release; with `stacked_experts`, routed experts in seekstack's memory-mappable layout. The folder is
     swapped in whole when complete (`atomic_directory`): an interrupted save never leaves a half-written
-    checkpoint, and an existing one stays until the new one is complete.
+    checkpoint, and an existing one stays until the new one is complete. A config transformers computes differently
+    (`ModelConfig.transformers_divergences`) is warned about.
     """
     refuse_hf_export(model.config, directory)
     refuse_to_replace(directory, MODEL_FOLDER_FILES)
     directory = Path(directory)
     with atomic_directory(directory) as staging:
         write_pretrained_files(model, staging, max_shard_bytes, fp8_block, stacked_experts)
+    warn_transformers_divergences(model.config, directory)
     return directory
 
 

@@ -54,7 +54,7 @@ class ModelConfig:
     n_shared_experts: NonNegative | None = 1
     num_experts_per_tok: Positive | None = 8  # K_r, routed experts per token
     first_k_dense_replace: NonNegative = 3  # layers [0, k) use a dense FFN
-    moe_layer_freq: Positive = 1  # a layer l >= k is MoE when l % moe_layer_freq == 0
+    moe_layer_freq: Positive = 1  # a layer l >= k is MoE when l % moe_layer_freq == 0 (transformers: every l >= k)
     n_group: Positive | None = 8  # expert groups for group-limited routing
     topk_group: Positive | None = 4  # groups a token may route to
     topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] = (
@@ -100,6 +100,39 @@ class ModelConfig:
             and layer_idx >= self.first_k_dense_replace
             and layer_idx % self.moe_layer_freq == 0
         )
+
+    def transformers_divergences(self) -> dict[str, str]:
+        """Field -> what transformers' DeepseekV2/V3 computes instead, for each field whose value here it ignores.
+
+        seekstack honours these fields, so a checkpoint setting any of them gives other logits in transformers.
+        """
+        found: dict[str, str] = {}
+        if not self.n_routed_experts:
+            return found
+        if self.model_type == "deepseek_v3":
+            if self.scoring_func != "sigmoid":
+                found["scoring_func"] = "transformers' DeepseekV3 scores experts with a sigmoid"
+            if self.topk_method != "noaux_tc":
+                found["topk_method"] = (
+                    "transformers' DeepseekV3 always routes with 'noaux_tc' (groups by top-2 sum, selection biased by "
+                    "e_score_correction_bias)"
+                )
+        else:
+            if self.scoring_func != "softmax":
+                found["scoring_func"] = "transformers' DeepseekV2 scores experts with a softmax"
+            if self.topk_method == "noaux_tc":
+                found["topk_method"] = "transformers' DeepseekV2 routes only with 'greedy' or 'group_limited_greedy'"
+            if self.norm_topk_prob:
+                found["norm_topk_prob"] = "transformers' DeepseekV2 never renormalises the top-K gate weights"
+        layers = range(self.first_k_dense_replace, self.num_hidden_layers)
+        dense_between = [i for i in layers if not self.is_moe_layer(i)]
+        if dense_between:
+            found["moe_layer_freq"] = (
+                "transformers ignores it and makes every layer from first_k_dense_replace="
+                f"{self.first_k_dense_replace} on MoE; seekstack, as DeepSeek's V2 code, keeps layers {dense_between} "
+                "dense"
+            )
+        return found
 
     @property
     def softmax_scale(self) -> float:

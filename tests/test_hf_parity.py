@@ -129,10 +129,22 @@ CASES = [
         ablation=dict(norm_topk_prob=False),
     ),
     Case("v3-attention-bias", 3, dict(q_lora_rank=16, n_group=2, topk_group=1, attention_bias=True)),
+    Case(  # the latent norms (q_a_layernorm, kv_a_layernorm) keep eps 1e-6 whatever rms_norm_eps says
+        "v3-rms-norm-eps-not-1e-6",
+        3,
+        dict(q_lora_rank=16, n_group=2, topk_group=1, rms_norm_eps=0.5),
+        ablation=dict(rms_norm_eps=1e-6),
+    ),
     Case("v3-tied-embeddings", 3, dict(q_lora_rank=16, n_group=2, topk_group=1, tie_word_embeddings=True)),
     Case("v3-sharded-by-transformers", 3, dict(q_lora_rank=16, n_group=2, topk_group=1), max_shard_size="20KB"),
     Case("v2-greedy-no-q-lora", 2, dict(q_lora_rank=None, topk_method="greedy", n_shared_experts=2)),
     Case("v2-greedy-q-lora", 2, dict(q_lora_rank=16, topk_method="greedy", routed_scaling_factor=16.0)),
+    Case(
+        "v2-rms-norm-eps-not-1e-6",
+        2,
+        dict(q_lora_rank=16, topk_method="greedy", rms_norm_eps=0.05),
+        ablation=dict(rms_norm_eps=1e-6),
+    ),
     Case(
         "v2-group-limited-greedy",
         2,

@@ -16,6 +16,10 @@ from seekstack.config import ModelConfig
 from seekstack.model.norm import RMSNorm
 from seekstack.model.rope import apply_rotary
 
+# eps of the latent norms (q_a_layernorm, kv_a_layernorm): fixed, not rms_norm_eps. DeepSeek's reference code and
+# transformers' DeepseekV2/V3 build both with their RMSNorm's default, so a config's rms_norm_eps never reaches them.
+LATENT_NORM_EPS = 1e-6
+
 
 class LatentCache(Protocol):
     """What the absorbed decode path needs from a cache: per layer, only c^KV and the rope key k^R."""
@@ -49,11 +53,11 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, qk_out, bias=False)
         else:
             self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(config.q_lora_rank, qk_out, bias=False)
         # KV: [c^KV; k^R] = W^DKV h (eq. 9, 14); [k^C; v^C] = W^UK c^KV, W^UV c^KV (eq. 10-11).
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
 
