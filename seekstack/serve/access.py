@@ -20,7 +20,14 @@ JSON = "application/json"
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request's body; 413 in OpenAI's shape as soon as it is known to be over `limit` bytes (from its
-    Content-Length, or while it arrives), so an oversized body is never held whole."""
+    Content-Length, or while it arrives), so an oversized body is never held whole; 415 for a compressed one."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise APIError(
+            415,
+            f"Content-Encoding {encoding!r} is not supported: send the request body uncompressed",
+            code="unsupported_content_encoding",
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)

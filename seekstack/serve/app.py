@@ -484,8 +484,9 @@ def create_app(
     server = Server(engine, database, model_name, max_body_bytes, policy)
     app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None)
     if cors_origins:
+        # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)  # fmt: skip
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)  # fmt: skip
     app.state.server = server
     chat_page = files("seekstack.serve").joinpath("chat.html").read_text(encoding="utf-8")
     describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest],
@@ -509,11 +510,14 @@ def create_app(
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         return internal_error(error, f"answering {request.method} {request.url.path}").response()
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def chat() -> HTMLResponse:
         return HTMLResponse(chat_page)
 
-    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Engine stopped"}})
+    @app.api_route(  # HEAD too: what uptime checks and load balancers probe with
+        "/health", methods=["GET", "HEAD"], response_model=Health,
+        responses={503: {"model": Health, "description": "Engine stopped"}},
+    )  # fmt: skip
     async def health() -> JSONResponse:
         healthy = server.bridge.alive
         body = Health(status="ok" if healthy else "engine stopped", auth=server.keys.any_keys())

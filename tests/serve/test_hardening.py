@@ -8,6 +8,7 @@ test_api.py, where a server process can be killed."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import random
 import stat
@@ -315,16 +316,38 @@ def test_cors_admits_the_configured_origins_only(engine, tmp_path):
 
     async def scenario(client):
         def preflight(origin: str):
+            # the headers OpenAI's JS client sends on every call from a browser
             headers = {"Origin": origin, "Access-Control-Request-Method": "POST",
-                       "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+                       "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,"
+                                                         "x-stainless-retry-count,openai-organization"}  # fmt: skip
             return client.options("/v1/chat/completions", headers=headers)
 
-        return await preflight("https://app.example"), await preflight("https://evil.example")
+        limited = await client.post("/v1/completions", json=COMPLETION, headers={"Origin": "https://app.example"})
+        return await preflight("https://app.example"), await preflight("https://evil.example"), limited
 
-    allowed, refused = run(app, scenario)
+    allowed, refused, answer = run(app, scenario)
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
-    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert "x-stainless-os" in allowed.headers["access-control-allow-headers"].lower()
     assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    assert "retry-after" in answer.headers["access-control-expose-headers"].lower()  # a page can read a 429's wait
+
+
+def test_health_and_the_chat_page_answer_head_and_a_compressed_body_is_refused_naming_its_encoding(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    async def scenario(client):
+        compressed = gzip.compress(json.dumps(COMPLETION).encode())
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        return (
+            await client.head("/health"),
+            await client.head("/"),
+            await client.post("/v1/completions", content=compressed, headers=headers),
+        )
+
+    health, page, gzipped = run(app, scenario)
+    assert health.status_code == 200 and page.status_code == 200
+    assert error_of(gzipped, 415)["code"] == "unsupported_content_encoding"
+    assert "'gzip'" in error_of(gzipped, 415)["message"]
 
 
 def test_echo_best_of_and_the_refused_fields_of_openai(engine, tmp_path):
