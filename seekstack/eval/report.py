@@ -3,8 +3,9 @@ nanochat's): environment, data, tokenizer, model size and FLOPs, training curves
 
 An `rl` run is reported by its rewards, accuracy and completion lengths (GRPO's loss is ~0 by construction), and a
 run on a post-training task (`rl`, `sft`/`distill task=`) is sampled on the task's held-out questions in the chat
-template, and one on a conversations file (`sft`/`distill data=`) on its first conversations, each answered where its
-last assistant turn starts; other runs continue the demo's code prompts."""
+template, and one on a conversations file (`sft`/`distill data=`) on its held-out conversations (sft's val_data or
+val_fraction), else the file's first, each answered where its last assistant turn starts; other runs continue the
+demo's code prompts."""
 
 from __future__ import annotations
 
@@ -310,7 +311,7 @@ def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> s
         return _task_answers(checkpoint, task, train_config)
     conversations_file = _conversations_file(run_dir, train_config)
     if conversations_file is not None:
-        return _conversation_answers(checkpoint, conversations_file, train_config)
+        return _conversation_answers(run_dir, checkpoint, conversations_file, train_config)
     parts = ["## Samples\n\nGreedy continuations from the engine:"]
     for prompt, greedy, _ in demo_samples(checkpoint, max_new_tokens=48):
         parts.append(f"```python\n{prompt}{greedy}\n```")
@@ -335,9 +336,9 @@ def _task_answers(checkpoint: Path, task: Task, train_config: dict[str, Any]) ->
     return "\n\n".join(parts)
 
 
-def _conversation_answers(checkpoint: Path, path: Path, train_config: dict[str, Any]) -> str:
-    """The samples of a run on a conversations file: its first conversations in the chat template up to their last
-    assistant turn, answered greedily, each beside the file's own answer."""
+def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_config: dict[str, Any]) -> str:
+    """The samples of a run on a conversations file: its held-out conversations (else the file's first) in the chat
+    template up to their last assistant turn, answered greedily, each beside the file's own answer."""
     from seekstack.eval.samples import conversation_samples
     from seekstack.eval.tasks import REASONING_MAX_TOKENS
     from seekstack.posttrain.conversations import read_conversations
@@ -347,20 +348,42 @@ def _conversation_answers(checkpoint: Path, path: Path, train_config: dict[str, 
             f"## Samples\n\nNone: the run's conversations file `{path}` is gone (moved or deleted). Put it back to "
             f"see the model answer its conversations here, or talk to the model: `seekstack chat {checkpoint}`."
         )
-    conversations = read_conversations(path)[:SAMPLE_QUESTIONS]  # sft holds none out: these are training data
+    conversations = read_conversations(path)
+    held_out = _held_out_conversations(run_dir, conversations, train_config)[:SAMPLE_QUESTIONS]
+    if held_out:
+        conversations, which = held_out, f"{len(held_out)} of the run's held-out conversations (never trained on)"
+    else:
+        conversations = conversations[:SAMPLE_QUESTIONS]
+        which = f"the first {len(conversations)} conversations of `{path}` (data the run trained on: it holds none out)"
     max_new_tokens = train_config.get("seq_len", REASONING_MAX_TOKENS)  # no row the run trained on was longer
     answers = conversation_samples(checkpoint, conversations, max_new_tokens)
     left_out = len(conversations) - len(answers)
     parts = [
-        f"## Samples\n\nGreedy answers from the engine to the first {len(conversations)} conversations of `{path}` "
-        "(data the run trained on: it holds none out), each in the chat template up to its last assistant turn, "
-        "beside that turn from the file."
+        f"## Samples\n\nGreedy answers from the engine to {which}, each in the chat template up to its last "
+        "assistant turn, beside that turn from the file."
         + (f" {left_out} of them left out: a prompt that fills the model's context leaves no room." if left_out else "")
     ]
     for answer in answers:
         parts.append(f"```text\n{answer.prompt}{answer.completion}\n```")
         parts.append(f"The file's answer:\n\n```text\n{answer.reference}\n```")
     return "\n\n".join(parts)
+
+
+def _held_out_conversations(
+    run_dir: Path, conversations: list[list[dict]], train_config: dict[str, Any]
+) -> list[list[dict]]:
+    """The conversations an `sft` run held out for val_loss: its `val_data` file's (when still there), or the share
+    of `conversations` it kept back (none for distill, and for sft runs from before held-out conversations)."""
+    from seekstack.posttrain.config import held_out_fraction
+    from seekstack.posttrain.conversations import hold_out, read_conversations
+
+    if train_config.get("val_data"):
+        val_data = (run_dir / train_config["val_data"]).resolve()
+        return read_conversations(val_data) if val_data.is_file() else []
+    if "val_fraction" not in train_config:
+        return []
+    fraction = held_out_fraction("", train_config["val_fraction"], train_config.get("eval_every", 0))
+    return hold_out(conversations, fraction)[1]
 
 
 def _json_object(path: Path, remedy: str) -> dict[str, Any]:

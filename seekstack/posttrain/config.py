@@ -24,12 +24,14 @@ from seekstack.schema import (
 from seekstack.train.config import TrainConfig, require_tokenizer_file
 
 C = TypeVar("C", bound=TrainConfig)
+DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
 
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """Chat SFT: TrainConfig's loop on conversations, the loss on assistant tokens only. `data_dir`,
-    `mixture` and evaluation are unused; `init_from` is the starting checkpoint ("" = a fresh `model` preset)."""
+    """Chat SFT: TrainConfig's loop on conversations, the loss on assistant tokens only, evaluated every `eval_every`
+    steps on up to `eval_batches` batches of held-out conversations (`val_loss`, assistant tokens only). `data_dir`
+    and `mixture` are unused; `init_from` is the starting checkpoint ("" = a fresh `model` preset)."""
 
     out_dir: str = "runs/sft"
     seq_len: Positive = 256  # rows longer than this are cut
@@ -38,13 +40,18 @@ class SFTConfig(TrainConfig):
     lr: PositiveFloat = 1e-3
     min_lr: NonNegativeFloat = 1e-4
     warmup_steps: NonNegative = 20
-    eval_every: NonNegative = 0
+    eval_every: NonNegative = 50  # steps between evaluations on the held-out conversations; 0 = none
     save_every: NonNegative = 0
     keep_checkpoints: Positive = 1
     data: str = ""  # JSONL of {"messages": [...]}; "" = `examples` generated traces of `task`
     task: str = "addition"  # a name of seekstack.posttrain.tasks.TASKS
     difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
     examples: Positive = 4000  # generated conversations when `data` is ""
+    val_data: str = ""  # JSONL of held-out conversations (as `data`) for val_loss; "" = val_fraction of the data
+    # Share held out for val_loss: of `data`'s conversations (chosen by content hash, every copy of each, never
+    # trained on), or with `task` that share of `examples` as distinct problems of the task's held-out split.
+    # None = 0.05 while eval_every > 0 (rounded down: a file of fewer than 20 conversations holds none out), else 0.
+    val_fraction: Fraction | None = None
 
     def validate(self, source: str | None = None) -> SFTConfig:
         config = super().validate(source)
@@ -52,9 +59,28 @@ class SFTConfig(TrainConfig):
         _require_tokenizer(config, source)
         try:
             require_conversations_file(config.data)
+            require_conversations_file(config.val_data, "val_data")
+            require(
+                not config.val_data or not config.data or not Path(config.val_data).samefile(config.data),
+                "val_data",
+                "another file than data (held-out conversations are never trained on)",
+            )
+            fraction = config.val_fraction
+            require(fraction is None or fraction < 1, "val_fraction", "below 1 (1 leaves nothing to train on)")
+            require(not (config.val_data and fraction), "val_fraction", "0 or unset when val_data is given")
+            require(
+                bool(config.data) or not fraction or int(fraction * config.examples) > 0,
+                "val_fraction",
+                f"0 or at least 1/examples={1 / config.examples:.2g}, to hold out a problem of task {config.task}",
+            )
         except ConfigError as error:
             raise error.at(source) from None
         return config
+
+    @property
+    def held_out_fraction(self) -> float:
+        """The share of the data held out (`held_out_fraction`)."""
+        return held_out_fraction(self.val_data, self.val_fraction, self.eval_every)
 
     def to_dict(self) -> dict:
         return _loop_fields(self)
@@ -124,6 +150,16 @@ class GRPOConfig(TrainConfig):
         return _loop_fields(self)
 
 
+def held_out_fraction(val_data: str, val_fraction: float | None, eval_every: int) -> float:
+    """The share of an SFT run's data held out: `val_fraction`, or by default DEFAULT_VAL_FRACTION while evaluations
+    read it; 0 when a `val_data` file holds the held-out conversations."""
+    if val_data:
+        return 0.0
+    if val_fraction is not None:
+        return val_fraction
+    return DEFAULT_VAL_FRACTION if eval_every else 0.0
+
+
 def _loop_fields(config: TrainConfig) -> dict:
     """The TrainConfig part of a post-training config: what the trainer's state records (and reads on resume)."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -144,10 +180,11 @@ def _require_tokenizer(config: TrainConfig, source: str | None) -> None:
         raise ConfigError(problem, field="tokenizer", source=source)
 
 
-def require_conversations_file(data: str) -> None:
-    """A ConfigError naming `data` unless it is "" or a file (a folder or a missing path is refused up front)."""
-    why = "a folder" if Path(data).is_dir() else "no such file"
-    require(not data or Path(data).is_file(), "data", f"a JSONL file of conversations, not {data!r} ({why})")
+def require_conversations_file(path: str, name: str = "data") -> None:
+    """A ConfigError naming the field `name` unless `path` is "" or a file (a folder or a missing path is refused
+    up front)."""
+    why = "a folder" if Path(path).is_dir() else "no such file"
+    require(not path or Path(path).is_file(), name, f"a JSONL file of conversations, not {path!r} ({why})")
 
 
 def tokenizer_path(config: TrainConfig) -> str:

@@ -8,14 +8,16 @@ that ends the turn) and are IGNORE_INDEX (-100) elsewhere: BOS, system prompt, u
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
-from seekstack.posttrain.tasks import Problem, Task, sample_problems
+from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
 from seekstack.tokenizer import Tokenizer, check_chat_message
 
 Conversation = list[dict]
@@ -34,6 +36,34 @@ def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[l
         end = len(tokenizer.encode_chat([*system, *turns[: position + 1]], add_generation_prompt=False))
         labels[start:end] = ids[start:end]
     return ids, labels
+
+
+def labelled_text_bytes(tokenizer: Tokenizer, labels: list[int], length: int) -> int:
+    """UTF-8 bytes of the text a row's labelled targets spell, the row cut to `length` (its first label is no target:
+    nothing predicts it; special tokens such as the EOS count none, as in the token shards' bits per byte)."""
+    special = {tokenizer.backend.token_to_id(token) for token in tokenizer.special_tokens}
+    spans = itertools.groupby(labels[1:length], key=lambda label: label != IGNORE_INDEX and label not in special)
+    return sum(len(tokenizer.decode(list(span)).encode("utf-8")) for is_text, span in spans if is_text)
+
+
+def conversation_key(messages: Conversation) -> str:
+    """A fingerprint of a conversation's content: equal for every copy of it."""
+    return hashlib.blake2b(json.dumps(messages, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def hold_out(conversations: list[Conversation], fraction: float) -> tuple[list[Conversation], list[Conversation]]:
+    """(kept, held_out): at least int(fraction x N) conversations held out, every copy of each (so none is also
+    trained on), chosen by their content's hash: the same ones whatever the seed or the file's order."""
+    keys = [conversation_key(c) for c in conversations]
+    copies, wanted = Counter(keys), int(fraction * len(conversations))
+    held: set[str] = set()
+    for key in sorted(copies):
+        if wanted <= 0:
+            break
+        held.add(key)
+        wanted -= copies[key]
+    kept = [c for c, key in zip(conversations, keys, strict=True) if key not in held]
+    return kept, [c for c, key in zip(conversations, keys, strict=True) if key in held]
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
@@ -61,11 +91,13 @@ def prompt_messages(problem: Problem) -> Conversation:
     return [{"role": "system", "content": R1_SYSTEM_PROMPT}, {"role": "user", "content": problem.question}]
 
 
-def task_conversations(task: Task, count: int, seed: int) -> list[Conversation]:
-    """`count` training problems of `task` as conversations whose assistant turn is the worked trace + answer."""
+def task_conversations(task: Task, count: int, seed: int, split: Split = "train") -> list[Conversation]:
+    """`count` problems of `task` as conversations whose assistant turn is the worked trace + answer: training
+    problems (repeats allowed), or up to `count` distinct held-out ones (fewer when the split has fewer)."""
+    heldout = split == "heldout"
     return [
         [*prompt_messages(p), {"role": "assistant", "content": r1_completion(p.trace, p.answer)}]
-        for p in sample_problems(task, count, "train", seed)
+        for p in sample_problems(task, count, split, seed, distinct=heldout, up_to=heldout)
     ]
 
 

@@ -1,7 +1,8 @@
 """Chat SFT: the pretraining trainer's loop fed conversations, the loss on assistant tokens only.
 
 `SFTSource` is the trainer's batch source (seekstack.train.trainer.BatchSource): right-padded rows with their
-labels (IGNORE_INDEX off the assistant's tokens), in a seeded order whose position is saved for an exact resume.
+labels (IGNORE_INDEX off the assistant's tokens), in a seeded order whose position is saved for an exact resume,
+and the held-out conversations as fixed validation batches (`val_loss` on their assistant tokens).
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from seekstack.config import ConfigError
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import SFTConfig, tokenizer_path
 from seekstack.posttrain.conversations import (
+    Conversation,
     ShuffledRows,
+    conversation_key,
     encode_conversation,
+    hold_out,
+    labelled_text_bytes,
     read_conversations,
     task_conversations,
 )
@@ -26,7 +32,7 @@ from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.train.state import refuse_new_run_into
-from seekstack.train.trainer import TrainResult, train
+from seekstack.train.trainer import TrainResult, ValidationBatch, train
 
 
 def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -34,18 +40,48 @@ def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:
     return {"vocab_size": tokenizer.vocab_size, "path": tokenizer.source, "sha256": tokenizer.fingerprint}
 
 
-class SFTSource:
-    """Conversations as (input_ids, labels) micro-batches for the trainer."""
+def split_conversations(
+    config: SFTConfig, fraction: float, val_data: str
+) -> tuple[list[Conversation], list[Conversation]]:
+    """(trained, held_out) conversations of an SFT run: `data` less the `fraction` `hold_out` keeps back, or
+    `examples` training problems of `task` and `fraction` x `examples` distinct held-out ones; the held-out ones are
+    `val_data`'s instead when it names a file. The same for every start and resume of the run."""
+    if config.data:
+        trained, held_out = hold_out(read_conversations(config.data), fraction)
+    else:
+        task = make_task(config.task, config.difficulty)
+        trained = task_conversations(task, config.examples, config.seed)
+        held_out = task_conversations(task, int(fraction * config.examples), config.seed, "heldout")
+    if not val_data:
+        return trained, held_out
+    held_out = read_conversations(val_data)
+    trained_keys = {conversation_key(c) for c in trained}
+    also_trained = sum(conversation_key(c) in trained_keys for c in held_out)
+    if also_trained:
+        print(
+            f"note: {also_trained} of the {len(held_out)} conversations of val_data={val_data} are also in the "
+            "training data: val_loss measures them trained on",
+            file=sys.stderr,
+        )
+    return trained, held_out
 
-    def __init__(self, config: SFTConfig):
+
+class SFTSource:
+    """Conversations as (input_ids, labels) micro-batches for the trainer; with `holds_out` (an SFT run: its config's
+    val_data or val_fraction), the held-out ones as its fixed validation batches. Distill reads conversations through
+    this source without: it validates on token shards only."""
+
+    def __init__(self, config: SFTConfig, holds_out: bool = False):
         self.config = config
         self.tokenizer = Tokenizer.from_file(tokenizer_json_path(tokenizer_path(config)))
         self.tokenizer_info = tokenizer_info(self.tokenizer)
-        if config.data:
-            conversations = read_conversations(config.data)
+        if holds_out:
+            conversations, held_out = split_conversations(config, config.held_out_fraction, config.val_data)
+            _require_a_split(config, len(conversations), len(held_out))
         else:
-            conversations = task_conversations(make_task(config.task, config.difficulty), config.examples, config.seed)
+            conversations, held_out = split_conversations(config, 0.0, "")
         self.rows = ShuffledRows([encode_conversation(self.tokenizer, c) for c in conversations], config.seed)
+        self.validation = self._validation_rows(held_out) if holds_out else []
         # a label at position t is predicted from position t - 1: a row's first seq_len positions hold its targets
         untrained = sum(all(label == IGNORE_INDEX for label in row[1][1 : config.seq_len]) for row in self.rows.rows)
         if untrained == len(self.rows.rows):
@@ -60,6 +96,39 @@ class SFTSource:
                 file=sys.stderr,
             )
         self.device = torch.device("cpu")
+
+    def _validation_rows(self, held_out: list[Conversation]) -> list[tuple[list[int], list[int]]]:
+        """The held-out conversations' rows that have an assistant token within seq_len (the others score nothing);
+        a note when some are left out, or when evaluations are asked for and none are held out."""
+        config = self.config
+        rows = [encode_conversation(self.tokenizer, c) for c in held_out]
+        scored = [row for row in rows if any(label != IGNORE_INDEX for label in row[1][1 : config.seq_len])]
+        if len(scored) < len(rows):
+            print(
+                f"note: {len(rows) - len(scored)} of {len(rows)} held-out conversations have no assistant token within "
+                f"seq_len={config.seq_len}: val_loss leaves them out",
+                file=sys.stderr,
+            )
+        if config.eval_every and not scored:
+            print(
+                f"note: no held-out conversations (val_fraction={config.held_out_fraction} of "
+                f"{config.data or f'{config.examples} examples'}), so the run logs no val_loss; set val_data or "
+                "val_fraction",
+                file=sys.stderr,
+            )
+        return scored
+
+    def validation_batches(self, batch_size: int, count: int) -> list[ValidationBatch] | None:
+        """The first `count` batches of the held-out rows, in a fixed order; None when none are held out."""
+        if not self.validation:
+            return None
+        batches = []
+        for start in range(0, min(len(self.validation), batch_size * count), batch_size):
+            rows = self.validation[start : start + batch_size]
+            input_ids, labels = pad_labelled(rows, self.tokenizer.pad_id, self.config.seq_len)
+            text_bytes = sum(labelled_text_bytes(self.tokenizer, targets, self.config.seq_len) for _, targets in rows)
+            batches.append(ValidationBatch(input_ids, labels, text_bytes))
+        return batches
 
     def attach(self, model: nn.Module) -> None:
         self.device = next(model.parameters()).device
@@ -83,9 +152,24 @@ class SFTSource:
         self.rows.load_state_dict(state)
 
 
+def _require_a_split(config: SFTConfig, trained: int, held_out: int) -> None:
+    """A ConfigError naming val_fraction when it leaves `data` no conversation to train on, or when it was given and
+    holds none out."""
+    if not config.data or config.val_data:
+        return
+    total, fraction = trained + held_out, config.held_out_fraction
+    if not trained:
+        problem = f"holds out all {total} conversations of {config.data} (with every copy of each it draws)"
+    elif config.val_fraction and not held_out:
+        problem = f"holds out none of the {total} conversations of {config.data}; raise it to at least 1/{total}"
+    else:
+        return
+    raise ConfigError(f"has value {fraction}: it {problem}, or give val_data", field="val_fraction")
+
+
 def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult:
     """Fine-tune `init_from` (or a fresh preset) on the conversations `config` names."""
     config = config.validate()
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read and tokenized
-    return train(config, resume=resume, source=SFTSource(config))
+    return train(config, resume=resume, source=SFTSource(config, holds_out=True))

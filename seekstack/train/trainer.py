@@ -5,13 +5,15 @@ computes it), a clipped AdamW update, then the auxiliary-loss-free bias update f
 summed over all micro-batches and ranks: the MaxVio logged is that of the whole step's batch, per MoE layer.
 Rows come from a mixture of splits whose weights follow a schedule (the curriculum) or are learned by an EXP3
 bandit from each micro-batch's loss (tokens/bandit.py); the weights in effect are logged. Each step appends one
-JSON line to `out_dir/metrics.jsonl`; each evaluation appends one with `val_loss`.
+JSON line to `out_dir/metrics.jsonl`; each evaluation appends one with `val_loss`, over the val split's token
+windows or a batch source's validation batches (SFT's held-out conversations).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -30,6 +32,7 @@ from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
+from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.moe import MoE
 from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.parallel import distributed
@@ -101,7 +104,9 @@ class BatchSource(Protocol):
     """Where a run's batches come from instead of token shards (SFT conversations, RL rollouts,
     seekstack.posttrain): it sees the module being trained, computes each micro-batch's loss, and saves its
     position for an exact resume. One process only. A source with `chooses_threads` true sets torch's threads itself
-    (RL: from how idle the machine left the cores during its rollouts) instead of the run's `LoadAwareThreads`."""
+    (RL: from how idle the machine left the cores during its rollouts) instead of the run's `LoadAwareThreads`. A
+    source with a `validation_batches(batch_size, count)` method (SFT) is evaluated on what it returns, the same
+    `ValidationBatch`es every time, or not at all when it returns None or has no such method (RL)."""
 
     tokenizer_info: dict[str, Any]  # vocab_size; path and sha256 of the tokenizer checkpoints carry
 
@@ -126,6 +131,16 @@ class BatchSource(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class ValidationBatch:
+    """Rows an evaluation scores: the loss counts the targets whose label is not IGNORE_INDEX (all of a token
+    window's; an SFT row's assistant tokens), and `text_bytes` is the UTF-8 bytes they stand for (bits per byte)."""
+
+    input_ids: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T); labels[:, t] is predicted from position t - 1
+    text_bytes: float
 
 
 class TrainingDiverged(RuntimeError):
@@ -489,33 +504,28 @@ class _Run:
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
-        """Next-token loss over `eval_batches` validation batches, bits per byte, and MaxVio over all those
-        batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only, or every rank where the parameters are split
-        over the ranks (experts, FSDP shards), whose forward gathers from all of them."""
+        """Next-token loss over `eval_batches` validation batches (the targets their labels count), bits per byte, and
+        MaxVio over all those batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only, or every rank where the
+        parameters are split over the ranks (experts, FSDP shards), whose forward gathers from all of them."""
         split = self.expert_parallel or is_sharded(self.model)
-        if not self.ranks.is_main and not split or self.source is not None:
-            return None  # a batch source has no validation shards
-        try:
-            val = TokenWindows(self.config.data_dir, VAL_SPLIT, self.config.seq_len)
-        except FileNotFoundError:
+        batches = self._validation_batches() if self.ranks.is_main or split else None
+        if batches is None:
             return None
         self.model.eval()
-        loss_sum, targets, expert_load = 0.0, 0, None
-        for number, batch in enumerate(val.sequential(self.config.batch_size)):
-            if number == self.config.eval_batches:
-                break
+        loss_sum, targets, text_bytes, expert_load = 0.0, 0, 0.0, None
+        for batch in batches:
+            input_ids, labels = batch.input_ids.to(self.ranks.device), batch.labels.to(self.ranks.device)
             with self._autocast():
-                out = self.model(batch.to(self.ranks.device), labels=batch.to(self.ranks.device), keep_logits=False)
-            count = batch.shape[0] * (batch.shape[1] - 1)
+                out = self.model(input_ids, labels=labels, keep_logits=False)
+            count = int((labels[:, 1:] != IGNORE_INDEX).sum())
             loss_sum += out.lm_loss.item() * count
             targets += count
+            text_bytes += batch.text_bytes
             if out.expert_load is not None:
                 expert_load = out.expert_load.float() if expert_load is None else expert_load + out.expert_load
         self.model.train()
         val_loss = loss_sum / targets
-        index = load_index(self.config.data_dir, VAL_SPLIT)
-        # bits per byte = nats per token * tokens / (ln 2 * UTF-8 bytes), with the split's token and byte counts
-        bpb = val_loss * index["total_tokens"] / (math.log(2) * index["text_bytes"])
+        bpb = loss_sum / (math.log(2) * text_bytes)  # bits per byte = nats summed over the targets / (ln 2 * bytes)
         metrics = {"step": self.step, "val_loss": val_loss, "val_bpb": bpb}
         if expert_load is not None:
             per_layer = max_violation(expert_load)
@@ -528,6 +538,22 @@ class _Run:
             ("\n" if on_progress_line else "") + f"step {self.step}: val loss {val_loss:.4f}, {bpb:.4f} bits/byte"
         )
         return metrics
+
+    def _validation_batches(self) -> list[ValidationBatch] | None:
+        """The first `eval_batches` batches of the val split's token windows (each target's bytes the split's mean
+        bytes per token) or of the batch source's validation set; None when there is none."""
+        config = self.config
+        if self.source is not None:
+            validation_batches = getattr(self.source, "validation_batches", None)
+            return None if validation_batches is None else validation_batches(config.batch_size, config.eval_batches)
+        try:
+            val = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
+        except FileNotFoundError:
+            return None
+        index = load_index(config.data_dir, VAL_SPLIT)
+        bytes_per_token = index["text_bytes"] / index["total_tokens"]
+        windows = itertools.islice(val.sequential(config.batch_size), config.eval_batches)
+        return [ValidationBatch(w, w, w.shape[0] * (w.shape[1] - 1) * bytes_per_token) for w in windows]
 
     # ------------------------------------------------------------------------------ files and output
     def save(self) -> Path | None:

@@ -12,7 +12,7 @@ import torch
 from seekstack.eval.report import EVAL_RESULTS, _evaluation, write_report
 from seekstack.eval.samples import conversation_samples
 from seekstack.infer.engine import Engine
-from seekstack.posttrain.conversations import prompt_messages, write_conversations
+from seekstack.posttrain.conversations import hold_out, prompt_messages, write_conversations
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT
 from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import ASSISTANT, EOS, USER, Tokenizer
@@ -142,6 +142,17 @@ def test_report_of_an_sft_run_on_a_conversations_file_answers_its_conversations_
         )
     assert f"{ASSISTANT}hi{EOS}{USER}Now louder." in samples  # the earlier answer, in the prompt
     assert "The fifth question" not in samples and samples.count("The file's answer") == 3
+
+
+def test_report_of_an_sft_run_that_held_out_conversations_answers_those(sft_run):
+    train_config = json.loads((sft_run / "train_config.json").read_text())
+    (sft_run / "train_config.json").write_text(json.dumps({**train_config, "val_fraction": 0.4, "seq_len": 64}))
+    _, held_out = hold_out(CHATS, 0.4)  # the 2 of 5 conversations sft kept back for val_loss
+    samples = write_report(sft_run).read_text().split("## Samples")[1]
+    assert "2 of the run's held-out conversations (never trained on)" in samples and "the first 4" not in samples
+    assert samples.count("The file's answer") == 2
+    for chat in held_out:
+        assert f"The file's answer:\n\n```text\n{chat[-1]['content']}\n```" in samples
 
 
 def test_a_conversations_answer_stops_at_the_runs_seq_len_or_where_the_context_ends(sft_run, monkeypatch):

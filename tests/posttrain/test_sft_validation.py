@@ -1,0 +1,138 @@
+"""SFT's held-out conversations: never trained on, scored every eval_every steps as the masked loss on their
+assistant tokens, the same after a resume."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seekstack.checkpoint import load_pretrained
+from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.posttrain.config import SFTConfig
+from seekstack.posttrain.conversations import encode_conversation, write_conversations
+from seekstack.posttrain.sft import SFTSource, run_sft
+from seekstack.posttrain.tasks import split_of
+from seekstack.train.config import resolve_train_config
+from tests.posttrain.support import byte_tokenizer, micro_checkpoint
+
+SUMS = [
+    [
+        {"role": "user", "content": f"What is {a} + {b}?"},
+        {"role": "assistant", "content": f"<think> {a + b} </think> é"},
+    ]
+    for a in range(8)
+    for b in range(5)
+]  # 40 distinct conversations; "é" is two UTF-8 bytes
+
+
+def sft_config(tmp_path, *overrides: str) -> SFTConfig:
+    byte_tokenizer(tmp_path / "tok")
+    common = [f"tokenizer={tmp_path / 'tok'}", "model.vocab_size=300", "seq_len=128", "batch_size=4", "threads=1"]
+    common += ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "warmup_steps=0"]
+    return resolve_train_config(None, [*common, *overrides], cls=SFTConfig)
+
+
+def test_held_out_conversations_are_never_in_training_batches(tmp_path):
+    data = write_conversations(SUMS + SUMS[:10], tmp_path / "sums.jsonl")  # the first 10 twice
+    source = SFTSource(sft_config(tmp_path, f"data={data}", "val_fraction=0.2"), holds_out=True)
+    held_out = {tuple(ids) for ids, _ in source.validation}
+    trained = {tuple(ids) for ids, _ in source.rows.rows}
+    assert len(source.validation) >= 10 and len(source.validation) + len(source.rows.rows) == 50
+    for _ in range(30):  # three epochs of the training rows
+        input_ids, _ = source.batch(4, 0.0)
+        for row in input_ids.tolist():
+            ids = tuple(token for token in row if token != source.tokenizer.pad_id)
+            assert ids in trained and ids not in held_out
+    other_seed = SFTSource(sft_config(tmp_path, f"data={data}", "val_fraction=0.2", "seed=7"), holds_out=True)
+    assert other_seed.validation == source.validation  # chosen by content, not by the seed
+    default = SFTSource(sft_config(tmp_path, f"data={data}"), holds_out=True)  # 5% of 50 while eval_every > 0
+    assert len(default.validation) >= 2 and len(default.rows.rows) == 50 - len(default.validation)
+    assert not SFTSource(sft_config(tmp_path, f"data={data}", "eval_every=0"), holds_out=True).validation
+
+
+def test_val_loss_is_logged_every_eval_every_steps_as_the_masked_loss_and_a_resume_logs_the_same(tmp_path):
+    data = write_conversations(SUMS, tmp_path / "sums.jsonl")
+    run = ["max_steps=4", "eval_every=2", "eval_batches=3", "val_fraction=0.25", "save_every=2", "keep_checkpoints=2"]
+    straight = sft_config(tmp_path, f"data={data}", f"out_dir={tmp_path / 'a'}", *run)
+    run_sft(straight)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [2, 4]
+    # directly: the summed cross-entropy of every assistant token of the 10 held-out conversations, per token and byte
+    source = SFTSource(straight, holds_out=True)
+    tokenizer = source.tokenizer
+    held_out = [c for c in SUMS if encode_conversation(tokenizer, c) in source.validation]
+    assert len(held_out) == 10  # 3 batches of 4 hold them all
+    model = load_pretrained(tmp_path / "a" / "checkpoints" / "step_4").eval()
+    nats, targets = 0.0, 0
+    for conversation in held_out:
+        ids, labels = encode_conversation(tokenizer, conversation)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        nats += F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), reduction="sum").item()
+        targets += sum(label != IGNORE_INDEX for label in labels[1:])
+    text_bytes = sum(len(c[1]["content"].encode()) for c in held_out)  # the EOS ending each answer counts none
+    assert evaluations[-1]["val_loss"] == pytest.approx(nats / targets, rel=1e-5)
+    assert evaluations[-1]["val_bpb"] == pytest.approx(nats / (math.log(2) * text_bytes), rel=1e-5)
+
+    resumed = sft_config(tmp_path, f"data={data}", f"out_dir={tmp_path / 'b'}", *run)
+    run_sft(resumed, resume=tmp_path / "a" / "checkpoints" / "step_2")
+    again = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in again if "val_loss" in r] == evaluations[1:]
+
+
+def test_a_val_data_file_holds_the_held_out_conversations_and_data_is_trained_whole(tmp_path):
+    data = write_conversations(SUMS[:30], tmp_path / "train.jsonl")
+    val_data = write_conversations(SUMS[30:], tmp_path / "val.jsonl")
+    config = sft_config(tmp_path, f"data={data}", f"val_data={val_data}")
+    source = SFTSource(config, holds_out=True)
+    assert len(source.rows.rows) == 30
+    assert source.validation == [encode_conversation(source.tokenizer, c) for c in SUMS[30:]]
+    batches = source.validation_batches(batch_size=4, count=2)
+    assert [b.input_ids.shape[0] for b in batches] == [4, 4]  # 8 of the 10: eval_batches x batch_size at most
+    assert sum(b.text_bytes for b in batches) == sum(len(c[1]["content"].encode()) for c in SUMS[30:38])
+
+
+def test_a_task_run_holds_out_problems_of_the_tasks_held_out_split(tmp_path):
+    source = SFTSource(
+        sft_config(tmp_path, "task=addition", "difficulty=2", "examples=200", "val_fraction=0.05"), holds_out=True
+    )
+
+    def sums(rows: list[tuple[list[int], list[int]]]) -> list[str]:  # each row's question as its problem key, a+b
+        return [
+            re.search(r"What is (\d+) \+ (\d+)\?", source.tokenizer.decode(ids)).expand(r"\1+\2") for ids, _ in rows
+        ]
+
+    held_out = sums(source.validation)
+    assert len(set(held_out)) == 10 and all(split_of(key) == "heldout" for key in held_out)
+    assert all(split_of(key) == "train" for key in sums(source.rows.rows))
+
+
+def test_a_bad_val_fraction_or_val_data_is_refused_naming_its_key(tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    checkpoint = micro_checkpoint(tmp_path / "model")
+    data = write_conversations(SUMS[:8], tmp_path / "chats.jsonl")
+    start, on_data = f"init_from={checkpoint}", f"data={data}"
+    refused = [
+        ([start, on_data, "val_fraction=1"], "'val_fraction' must be below 1 (1 leaves nothing to train on)"),
+        ([start, "val_fraction=1.5"], "'val_fraction' has value 1.5: input should be less than or equal to 1"),
+        (
+            [start, on_data, "val_fraction=0.1"],
+            "'val_fraction' has value 0.1: it holds out none of the 8 conversations",
+        ),
+        ([start, "examples=10", "val_fraction=0.05"], "'val_fraction' must be 0 or at least 1/examples=0.1"),
+        ([start, "val_data=nope.jsonl"], "'val_data' must be a JSONL file of conversations, not 'nope.jsonl'"),
+        ([start, on_data, f"val_data={data}"], "'val_data' must be another file than data"),
+        ([start, f"val_data={data}", "val_fraction=0.5"], "'val_fraction' must be 0 or unset when val_data is given"),
+    ]
+    for overrides, message in refused:
+        run = tmp_path / "run"
+        result = CliRunner().invoke(app, ["sft", *overrides, f"out_dir={run}"])
+        assert result.exit_code == 1 and f"error: field {message}" in result.output, (overrides, result.output)
+        assert not run.exists()
