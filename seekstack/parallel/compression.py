@@ -11,6 +11,11 @@ kept from the last step, e = g + r, sends q = round(e / s) as int8 with s = max|
 of the bucket, keeps r = e - s q, and every rank averages the gathered s_k q_k. An all-gather is used because a
 sum of int8 values would overflow.
 
+PowerSGD starts its P and Q all-reduces from future callbacks. On gloo, a callback runs on the thread that finished
+the previous collective, racing DDP's start of the next bucket, so the ranks could issue their collectives in
+different orders (gloo's "collective mismatch" abort, or a hang). On gloo, each bucket's collectives therefore end
+before the next bucket's begin, giving up the overlap of one bucket's communication with the next one's.
+
 No `from __future__ import annotations` here: DDP checks the hooks' annotations as objects.
 """
 
@@ -62,7 +67,10 @@ def register_compression(
             use_error_feedback=True,
             warm_start=True,
         )
-        model.register_comm_hook(state, _counted(powerSGD_hook.powerSGD_hook, counter, _powersgd_bytes(state)))
+        hook = _counted(powerSGD_hook.powerSGD_hook, counter, _powersgd_bytes(state))
+        if dist.get_backend() == dist.Backend.GLOO:
+            hook = _one_bucket_at_a_time(hook)
+        model.register_comm_hook(state, hook)
     else:
         hook, width = {
             "none": (default_hooks.allreduce_hook, 4),
@@ -113,6 +121,23 @@ def _counted(hook: Callable, counter: CommCounter, bytes_of: Callable[[dist.Grad
         return hook(state, bucket)
 
     return counted
+
+
+def _one_bucket_at_a_time(hook: Callable) -> Callable:
+    """`hook`, starting a bucket only once the previous bucket's future, with every collective its callbacks issued,
+    has completed. DDP calls the hook in bucket order, so every rank then issues the same collectives in the same
+    order. NCCL needs no such wait: its futures complete when the collective is queued, so callbacks run in order."""
+    previous: list[torch.futures.Future] = []  # the earlier bucket of this step, until the next bucket starts
+
+    def in_turn(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        if previous:
+            previous.pop().wait()
+        future = hook(state, bucket)
+        if not bucket.is_last():
+            previous.append(future)
+        return future
+
+    return in_turn
 
 
 def _powersgd_bytes(state: powerSGD_hook.PowerSGDState) -> Callable[[dist.GradBucket], int]:
