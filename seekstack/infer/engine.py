@@ -349,7 +349,11 @@ class Engine:
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.config.vocab_size
-        for name, ids in (("prompt", prompt_ids), ("stop_token_ids", params.stop_token_ids)):
+        for name, ids in (
+            ("prompt", prompt_ids),
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", params.logit_bias),
+        ):
             bad = [token for token in ids if not 0 <= token < vocab]
             if bad:
                 raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary [0, {vocab})")
@@ -625,7 +629,7 @@ class Engine:
         input_ids, positions = self._inputs(batch, rows, starts, [width] * len(batch), lookahead)
         sampling = self._sampling_batch(batch)
         next_drafts = None
-        if sampling.all_greedy and not sampling.penalized:  # p is one-hot too: accept exactly when the argmax agrees
+        if sampling.raw_argmax:  # p is one-hot on the logits' argmax: accept exactly when it agrees
             logits, chosen, accepted, next_drafts = self._greedy_speculation(
                 self.model, input_ids, positions, self.cache, next_count, fill_cache, self._draft_vocabulary()
             )

@@ -4,7 +4,7 @@ their defaults, written once here for the engine, the command line and the serve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +14,7 @@ from seekstack.schema import NonNegative, Positive, PositiveFloat, check, rechec
 
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: -100 bans a token, +100 as good as forces it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
@@ -47,6 +48,10 @@ class SamplingParams:
     repetition_penalty: PositiveFloat = 1.0  # vLLM/HF semantics: divide positive logits, multiply negative ones
     presence_penalty: Annotated[float, Interval(ge=-2, le=2)] = 0.0  # OpenAI semantics
     frequency_penalty: Annotated[float, Interval(ge=-2, le=2)] = 0.0
+    # token id -> added to its logit before anything else (OpenAI semantics); the engine checks ids against its vocab
+    logit_bias: dict[Annotated[int, Ge(0)], Annotated[float, Interval(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]] = (
+        field(default_factory=dict)
+    )
     # per-request generator: same seed -> same output, whatever else is in the batch; torch takes [-2**63, 2**64)
     seed: Annotated[int, Interval(ge=-(2**63), lt=2**64)] | None = None
     stop_token_ids: tuple[Annotated[int, Ge(0)], ...] = ()  # the tokenizer's EOS always stops unless ignore_eos

@@ -1,13 +1,14 @@
 """The per-row, batched sampler of the engine (the parameters are `params.SamplingParams`).
 
 Shapes: B rows (one per sequence being sampled), V vocabulary.
-Order of operations, as vLLM: constraints (JSON mode) and penalties on the raw logits -> temperature ->
+Order of operations, as vLLM: constraints (JSON mode), logit bias and penalties on the raw logits -> temperature ->
 top-k / top-p / min-p -> draw.
 Greedy rows (temperature 0) become one-hot distributions, so speculative verification treats them like any other.
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 from typing import Protocol
@@ -106,6 +107,12 @@ class SamplingBatch:
         self.any_greedy = any(p.greedy for p in params)
         self.filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
         self.penalized = any(p.penalized for p in params)
+        self.biased = any(p.logit_bias for p in params)
+
+    @property
+    def raw_argmax(self) -> bool:
+        """Whether every row's token is the argmax of its logits as the model gave them (after any constraint)."""
+        return self.all_greedy and not self.penalized and not self.biased
 
     def _column(self, values: list) -> torch.Tensor:
         return torch.tensor(values, device=self.device)
@@ -113,6 +120,28 @@ class SamplingBatch:
     def _settings(self, *names: str) -> list[torch.Tensor]:
         """The named parameters of every row as (B,) tensors."""
         return [self._column([float(getattr(p, name)) for p in self.params]) for name in names]
+
+    @functools.cached_property
+    def _bias_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every row's `logit_bias` as (rows, token ids, biases), each (N,): made once per batch (a
+        speculative step biases each of its columns)."""
+        rows, ids, values = [], [], []
+        for row, params in enumerate(self.params):
+            rows += [row] * len(params.logit_bias)
+            ids += params.logit_bias.keys()
+            values += params.logit_bias.values()
+        return self._column(rows), self._column(ids), self._column(values).float()
+
+    def bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V), float32, plus each row's `logit_bias` (OpenAI: added to the logits before sampling)."""
+        if not self.biased:
+            return logits
+        rows, ids, values = self._bias_entries
+        return logits.float().index_put((rows, ids), values, accumulate=True)
+
+    def adjust(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) as each row samples from them before temperature: logit bias, then penalties (`penalize`)."""
+        return self.penalize(self.bias(logits), extra_tokens)
 
     def penalize(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Repetition (HF/vLLM), presence and frequency (OpenAI) penalties on logits (B, V).
@@ -174,11 +203,11 @@ class SamplingBatch:
         return logits.masked_fill(forbidden.to(self.device), float("-inf"))
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per row (B,) from logits (B, V): constraints, penalties, the row's distribution, a draw."""
-        logits = self.constrain(logits)
-        if self.all_greedy and not self.penalized:
+        """One token per row (B,) from logits (B, V): constraints, bias, penalties, the row's distribution, a draw."""
+        logits = self.adjust(self.constrain(logits))
+        if self.all_greedy:
             return logits.argmax(dim=-1)
-        return self.draw(self.probabilities(self.penalize(logits)))
+        return self.draw(self.probabilities(logits))
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One token per row (B,): argmax for greedy rows, else the inverse CDF of the row's next U(0, 1)

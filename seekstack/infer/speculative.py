@@ -122,20 +122,20 @@ def accept_drafts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling over K drafts per row (B, K) from the target's logits (B, K+1, V) at [pending, drafts].
 
-    Draft t is judged under the distribution after the drafts before it (penalties count them as generated)
-    and accepted while all before it were; the first rejected one is replaced from its residual, and when
-    all K pass, a bonus token is drawn from the last column. Returns how many drafts each row accepted (B,)
-    and the tokens (B, K+1): the first accepted + 1 are the new ones. Every row draws at every column, so a
-    request's generator advances the same way whatever the others do.
+    Draft t is judged under the distribution after the drafts before it (`SamplingBatch.adjust`: the logit bias, then
+    penalties that count those drafts as generated) and accepted while all before it were; the first rejected one is
+    replaced from its residual, and when all K pass, a bonus token is drawn from the last column. Returns how many
+    drafts each row accepted (B,) and the tokens (B, K+1): the first accepted + 1 are the new ones. Every row draws at
+    every column, so a request's generator advances the same way whatever the others do.
     """
     count = drafts.shape[1]
     passed, tokens = [], []
     for t in range(count):
-        target = sampling.probabilities(sampling.penalize(logits[:, t], extra_tokens=drafts[:, :t]))
+        target = sampling.probabilities(sampling.adjust(logits[:, t], extra_tokens=drafts[:, :t]))
         accepted, replacement = verify_drafts(sampling, target, drafts[:, t])
         passed.append(accepted)
         tokens.append(torch.where(accepted, drafts[:, t], replacement))
-    tokens.append(sampling.draw(sampling.probabilities(sampling.penalize(logits[:, count], extra_tokens=drafts))))
+    tokens.append(sampling.draw(sampling.probabilities(sampling.adjust(logits[:, count], extra_tokens=drafts))))
     # With no drafts (the count chose none) the step is a plain draw: nothing to accept.
     checks = torch.stack(passed, dim=1) if passed else torch.zeros_like(drafts, dtype=torch.bool)
     return accepted_prefix(checks), torch.stack(tokens, dim=1)

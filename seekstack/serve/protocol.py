@@ -8,6 +8,7 @@ Values too small for float32 sampling are the engine's to handle: a temperature 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
 
 MAX_ENGINE_REQUESTS = 64  # generations one API request may start (prompts x choices)
+NO_TOOLS = "this model does not call tools (functions)"
+# Chat fields declared only to be refused when set (schemas.ChatCompletionRequest): why this server cannot honour each
+REFUSED_CHAT_FIELDS = {
+    "tools": NO_TOOLS,
+    "tool_choice": NO_TOOLS,
+    "parallel_tool_calls": NO_TOOLS,
+    "functions": NO_TOOLS,
+    "function_call": NO_TOOLS,
+    "audio": "this model reads and writes text only",
+    "modalities": "this model writes text only",
+    "web_search_options": "this server does not search the web",
+    "reasoning_effort": "this model does not reason before it answers",
+    "verbosity": "this model has no verbosity setting",
+}
+ASKING_NOTHING = {"tool_choice": "none", "function_call": "none", "modalities": ["text"]}  # what is done anyway
 
 
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
@@ -37,7 +53,9 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
 
 
 def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """Each prompt's token ids: the chat template for chat, each text (or the ids as given) for completions."""
+    """Each prompt's token ids: the chat template for chat, each text (or the ids as given) for completions; 400 for
+    token ids (of a prompt or `logit_bias`) outside the vocabulary."""
+    refuse_outside_vocabulary(request.logit_bias or (), tokenizer, "logit_bias")
     if isinstance(request, ChatCompletionRequest):
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
@@ -51,28 +69,35 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
         if isinstance(prompt, str):
             prompts.append(tokenizer.encode(prompt))
             continue
-        out_of_range = [token for token in prompt if not 0 <= token < tokenizer.vocab_size]
-        if out_of_range:
-            raise APIError(
-                400,
-                f"prompt token id {out_of_range[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
-                param="prompt",
-                code="invalid_value",
-            )
+        refuse_outside_vocabulary(prompt, tokenizer, "prompt")
         prompts.append(list(prompt))
     return prompts
 
 
+def refuse_outside_vocabulary(token_ids: Iterable[int], tokenizer: Tokenizer, param: str) -> None:
+    """400 naming `param` for the first of `token_ids` outside the tokenizer's vocabulary."""
+    out_of_range = [token for token in token_ids if not 0 <= token < tokenizer.vocab_size]
+    if out_of_range:
+        raise APIError(
+            400,
+            f"{param} token id {out_of_range[0]} is outside the vocabulary [0, {tokenizer.vocab_size})",
+            param=param,
+            code="invalid_value",
+        )
+
+
 def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
-    """400 in OpenAI's shape for what this server reads but cannot do: tools, suffix, echo with logprobs, best_of
-    below n or with a stream."""
+    """400 in OpenAI's shape for what this server reads but cannot do: tools, audio, web search and the other
+    `REFUSED_CHAT_FIELDS`, suffix, echo with logprobs, best_of below n or with a stream."""
 
     def unsupported(param: str, message: str) -> APIError:
         return APIError(400, message, param=param, code="unsupported_parameter")
 
     if isinstance(request, ChatCompletionRequest):
-        if request.tools or request.functions:
-            raise unsupported("tools", "this model does not call tools (functions); send the request without them")
+        for param, reason in REFUSED_CHAT_FIELDS.items():
+            value = getattr(request, param)
+            if value not in (None, [], ASKING_NOTHING.get(param)):
+                raise unsupported(param, f"{reason}: send the request without {param}")
         if request.top_logprobs is not None and not request.logprobs:  # OpenAI's answer too
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         return
@@ -181,6 +206,7 @@ def sampling_params(
             repetition_penalty=request.repetition_penalty or 1.0,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
+            logit_bias=request.logit_bias or {},
             seed=None if request.seed is None else request.seed + index,
             stop=stop,
             logprobs=logprobs or ranked,

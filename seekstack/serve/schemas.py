@@ -3,24 +3,32 @@
 Requests are validated strictly from JSON: a string where a number belongs is a 400, not a guess, and
 every number has a range (OpenAI's where it documents one), so no value reaches the engine that it
 cannot sample with. Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep
-working.
+working; OpenAI's fields that would change the reply and that this server cannot honour are declared, to be refused.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+
+from seekstack.infer.params import LOGIT_BIAS_LIMIT
 
 MAX_CHOICES = 16
 MAX_PROMPTS = 16  # prompts in one completions request
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 MAX_INT32 = 2**31 - 1  # the bound of counts (max_tokens, top_k) that have no natural one
+MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 PromptText = Annotated[str, Field(min_length=1)]
 PromptIds = Annotated[list[int], Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]  # the vocabulary's bound is the tokenizer's (protocol.prompt_ids checks it)
+LogitBiases = Annotated[
+    dict[TokenId, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]],
+    Field(max_length=MAX_LOGIT_BIASES, json_schema_extra={"propertyNames": {"pattern": "^[0-9]+$"}}),
+]  # token id (a JSON key: "123") -> added to its logit
 
 
 class StrictRequest(BaseModel):
@@ -42,6 +50,7 @@ class SamplingFields(StrictRequest):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch takes [-2**63, 2**64): room for seed + index
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: LogitBiases | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -59,10 +68,20 @@ class TextPart(StrictRequest):
 
 class ChatMessage(StrictRequest):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None  # null only in an assistant turn (a replayed history), read as ""
+
+    @field_validator("content")
+    @classmethod
+    def _null_only_from_the_assistant(cls, content: str | list[TextPart] | None, info: ValidationInfo) -> Any:
+        if content is None and info.data.get("role", "assistant") != "assistant":
+            raise ValueError(f"a {info.data['role']} message needs content (text or text parts); only an assistant "
+                             "message's may be null")  # fmt: skip
+        return content
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content)
 
 
 class JsonSchemaSpec(StrictRequest):
@@ -92,9 +111,19 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None  # declared to be refused (protocol.refuse_unsupported)
-    functions: list[dict[str, Any]] | None = None
     response_format: ResponseFormat | None = None
+    # OpenAI's fields that would change the reply and that this server cannot honour: declared to be refused when
+    # set (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # "none" accepted
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None  # "none" accepted
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None  # ["text"] accepted
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -78,7 +78,12 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model, tokenizer):
     assert Engine(model, tokenizer).generate([target], other_seed)[0].token_ids != alone
 
 
-PENALTIES = [{}, {"frequency_penalty": -0.5, "repetition_penalty": 1.2}]
+PENALTIES = [
+    {},
+    {"frequency_penalty": -0.5, "repetition_penalty": 1.2},
+    {"logit_bias": dict.fromkeys(range(0, VOCAB, 2), -100)},
+]
+PENALTY_NAMES = ["plain", "penalized", "biased"]  # the last bans every even token
 EAGER_DRAFT_CASES = [(1, 1, False), (3, 3, False), (3, 2, False), (3, 0, False)]  # drafts, correct ones, compile
 
 
@@ -88,7 +93,7 @@ def test_speculative_decoding_without_an_mtp_module_is_refused_saying_why(tokeni
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 3])
-@pytest.mark.parametrize("penalties", PENALTIES, ids=["plain", "penalized"])
+@pytest.mark.parametrize("penalties", PENALTIES, ids=PENALTY_NAMES)
 def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, penalties, draft_tokens):
     batch = prompts([5, 21, 12])
     params = SamplingParams(max_new_tokens=25, temperature=0, ignore_eos=True, **penalties)
@@ -113,7 +118,7 @@ def test_speculative_greedy_is_token_for_token_plain_greedy(model, tokenizer, pe
         *((penalties, *case) for penalties in PENALTIES for case in EAGER_DRAFT_CASES),
         (PENALTIES[0], 3, 2, True),  # compiled, the fused greedy step; penalized rows leave it (eager above)
     ],
-    ids=lambda value: "penalized" if value == PENALTIES[1] else "plain" if value == PENALTIES[0] else None,
+    ids=lambda value: PENALTY_NAMES[PENALTIES.index(value)] if value in PENALTIES else None,
 )
 def test_accepted_drafts_and_the_token_after_them_are_plain_greedy(
     model, tokenizer, penalties, draft_tokens, correct, compile
@@ -348,6 +353,16 @@ def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
     assert penalized.token_ids != plain.token_ids
 
 
+def test_logit_bias_bans_or_forces_tokens_of_greedy_decoding(model, tokenizer):
+    prompt = prompts([8])[0]
+    plain = Engine(model, tokenizer).generate([prompt], GREEDY)[0].token_ids
+    ban = dict.fromkeys(plain, -100)
+    banned = Engine(model, tokenizer).generate([prompt], dataclasses.replace(GREEDY, logit_bias=ban))[0].token_ids
+    assert len(banned) == len(plain) and not set(banned) & set(plain)
+    forced = dataclasses.replace(GREEDY, logit_bias={7: 100})
+    assert Engine(model, tokenizer).generate([prompt], forced)[0].token_ids == [7] * GREEDY.max_new_tokens
+
+
 @pytest.mark.parametrize(
     ("prompt", "params", "message"),
     [
@@ -355,6 +370,11 @@ def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
         ([1] * 300, SamplingParams(max_new_tokens=1), "prompt has 300 tokens, more than max_model_len=256"),
         ([1] * 200, SamplingParams(max_new_tokens=100), r"200 tokens\) \+ max_new_tokens \(100\) = 300 exceeds"),
         ([1, 9999], SamplingParams(), "prompt holds token id 9999, outside the vocabulary"),
+        (
+            [1],
+            SamplingParams(logit_bias={512: -100}),
+            r"logit_bias holds token id 512, outside the vocabulary \[0, 512\)",
+        ),
         ([1], SamplingParams(temperature=-1), "field 'temperature' has value -1"),
         ([1], SamplingParams(top_p=0), "field 'top_p' has value 0"),
         ([1], SamplingParams(top_logprobs=21), "field 'top_logprobs' has value 21"),

@@ -28,6 +28,12 @@ def test_params_from_a_mapping_refuse_unknown_keys_and_bad_values():
         SamplingParams(stop=("",)).validate()
     with pytest.raises(ValueError, match="field 'seed' has value 18446744073709551616"):
         SamplingParams(seed=2**64).validate()
+    with pytest.raises(
+        ValueError, match=r"field 'logit_bias' has value \{5: 101\}: input should be less than or equal"
+    ):
+        SamplingParams(logit_bias={5: 101}).validate()
+    with pytest.raises(ValueError, match=r"field 'logit_bias' has value \{-1: 1.0\}: input should be greater than"):
+        SamplingParams(logit_bias={-1: 1.0}).validate()
 
 
 def test_top_k_top_p_and_min_p_keep_exactly_the_expected_tokens():
@@ -78,6 +84,29 @@ def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics(
     out = batch_of(params, penalties=[state]).penalize(logits)[0]
     # token 0: prompt only -> 2/2; token 1: twice -> -2*2 - 0.5 - 0.5; token 2: once -> 4/2 - 0.5 - 0.25; 3 untouched
     assert out.tolist() == pytest.approx([1.0, -5.0, 1.25, 1.0])
+
+
+def test_logit_bias_is_added_to_its_rows_logits_greedy_or_sampled():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    banned = SamplingParams(temperature=0, logit_bias={1: -100.0})  # the argmax banned: the runner-up
+    forced = SamplingParams(temperature=1.5, logit_bias={0: 100.0})  # the least likely token all but certain
+    sampling = batch_of(banned, forced, SamplingParams(temperature=0))
+    torch.testing.assert_close(sampling.bias(logits), logits + torch.tensor([[0, -100, 0, 0], [100, 0, 0, 0], [0] * 4]))
+    for _ in range(20):
+        assert sampling.sample(logits).tolist() == [3, 0, 1]
+    unbiased = batch_of(SamplingParams(temperature=0))
+    assert unbiased.raw_argmax and unbiased.bias(logits) is logits  # nothing made for requests without a bias
+
+
+def test_speculative_verification_judges_drafts_under_the_logit_bias():
+    """Greedy, token 2 banned: the draft 2 (the raw argmax) is rejected for token 3, the next draft accepted."""
+    logits = torch.tensor([[[0.0, 0.0, 2.0, 1.0], [0.0, 3.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]])
+    sampling = batch_of(SamplingParams(temperature=0, logit_bias={2: -100.0}))
+    assert not sampling.raw_argmax
+    accepted, tokens = accept_drafts(sampling, logits, torch.tensor([[2, 1]]))
+    assert accepted.item() == 0 and tokens[0, 0].item() == 3
+    accepted, tokens = accept_drafts(sampling, logits, torch.tensor([[3, 1]]))
+    assert accepted.item() == 2 and tokens[0].tolist() == [3, 1, 0]
 
 
 def test_a_seeded_row_draws_the_same_tokens_alone_or_beside_another_row():

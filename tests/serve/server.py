@@ -1,7 +1,9 @@
-"""Helpers for the server tests: a tiny random-weight checkpoint with a trained tokenizer, and a live server."""
+"""Helpers for the server tests: a tiny random-weight checkpoint with a trained tokenizer, a live server, and an app
+served in process."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -10,8 +12,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,36 @@ def running_server(model_dir: Path, database: Path | str, *extra: str, timeout_s
         finally:
             server.process.kill()
             server.process.wait()
+
+
+@asynccontextmanager
+async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `app` addressed to localhost, with the app's engine thread running."""
+    app.state.server.bridge.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000", timeout=60) as client:
+            yield client
+    finally:
+        app.state.server.bridge.stop()
+
+
+def run(app, scenario) -> object:
+    """`scenario(client)` against `app` (in process, `serving`), to its end."""
+
+    async def main():
+        async with serving(app) as client:
+            return await scenario(client)
+
+    return asyncio.run(main())
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    """The OpenAI-shaped error of a response that has `status`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
 
 
 def postgres_bin_dir() -> Path | None:

@@ -13,10 +13,7 @@ import json
 import random
 import stat
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import httpx
 import pytest
 
 from seekstack.infer.detokenize import TextStream
@@ -26,7 +23,7 @@ from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.ledger import Ledger
-from tests.serve.server import make_model_dir
+from tests.serve.server import error_of, make_model_dir, run
 
 NO_EOS = {"ignore_eos": True}
 COMPLETION = {"model": "model", "prompt": "hello", "max_tokens": 4, **NO_EOS}
@@ -40,35 +37,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def engine(model_dir) -> Engine:
     return Engine.from_pretrained(model_dir)
-
-
-@asynccontextmanager
-async def serving(app) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of `app` addressed to localhost, with the app's engine thread running."""
-    app.state.server.bridge.start()
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000", timeout=60) as client:
-            yield client
-    finally:
-        app.state.server.bridge.stop()
-
-
-def run(app, scenario) -> object:
-    """`scenario(client)` against `app`, to its end."""
-
-    async def main():
-        async with serving(app) as client:
-            return await scenario(client)
-
-    return asyncio.run(main())
-
-
-def error_of(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
 
 
 def test_sampling_fields_out_of_range_get_400_naming_the_field(engine, tmp_path):

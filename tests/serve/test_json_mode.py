@@ -26,8 +26,7 @@ from seekstack.serve.database import open_database
 from seekstack.serve.errors import APIError
 from seekstack.serve.protocol import json_format
 from seekstack.serve.schemas import ChatCompletionRequest
-from tests.serve.server import make_model_dir
-from tests.serve.test_hardening import serving
+from tests.serve.server import make_model_dir, serving
 
 PROMPTS = ["Give me a JSON object.", "Describe a cat as JSON", "{}"]
 JSON_OBJECT = {"type": "json_object"}

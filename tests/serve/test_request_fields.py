@@ -1,0 +1,117 @@
+"""OpenAI request fields no longer dropped in silence: `logit_bias` is honoured on both endpoints, fields that would
+change the reply and cannot be honoured are refused naming them, and an assistant turn's null content is read as "".
+
+In process, through the app's ASGI interface with its engine thread running."""
+
+from __future__ import annotations
+
+import pytest
+
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
+from seekstack.serve.database import open_database
+from tests.serve.server import error_of, make_model_dir, run
+
+GREEDY = {"model": "model", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+COMPLETION = {**GREEDY, "prompt": "The quick brown", "logprobs": 0}
+CHAT = {**GREEDY, "messages": [{"role": "user", "content": "Hello"}], "logprobs": True}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("fields")))
+
+
+def post_each(engine: Engine, database_path, requests: list[tuple[str, dict]]) -> list:
+    """Each (route, body) posted in turn to an app serving `engine`; the responses."""
+
+    async def scenario(client):
+        return [await client.post(route, json=body) for route, body in requests]
+
+    return run(create_app(engine, open_database(database_path)), scenario)
+
+
+def tokens_of(response) -> list[str]:
+    """The text of each generated token, from the logprobs of either endpoint's first choice."""
+    choice = response.json()["choices"][0]
+    logprobs = choice["logprobs"]
+    return logprobs["tokens"] if "tokens" in logprobs else [entry["token"] for entry in logprobs["content"]]
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_logit_bias_bans_and_forces_tokens_of_greedy_replies(engine, tmp_path, route, body):
+    [plain] = post_each(engine, tmp_path / "db", [(route, body)])
+    seen = set(tokens_of(plain))
+    ban = {str(i): -100 for i in range(engine.tokenizer.vocab_size) if engine.tokenizer.decode([i]) in seen}
+    forced_id = engine.tokenizer.encode(" fox")[-1]
+    banned, forced = post_each(
+        engine,
+        tmp_path / "db",
+        [(route, {**body, "logit_bias": ban}), (route, {**body, "logit_bias": {str(forced_id): 100}})],
+    )
+    assert len(tokens_of(banned)) == 8 and not seen & set(tokens_of(banned))
+    assert tokens_of(forced) == [engine.tokenizer.decode([forced_id])] * 8
+
+
+@pytest.mark.parametrize(
+    "logit_bias, param, fragment",
+    [
+        ({"320": 5}, "logit_bias", "logit_bias token id 320 is outside the vocabulary [0, 320)"),
+        ({"5": 101}, "logit_bias.5", "less than or equal to 100"),
+        ({"5": -100.5}, "logit_bias.5", "greater than or equal to -100"),
+        ({"-1": 1}, "logit_bias.-1", "greater than or equal to 0"),
+        ({"fox": 1}, "logit_bias.fox", "valid integer"),
+        ({str(i): 1 for i in range(301)}, "logit_bias", "at most 300 items"),
+    ],
+)
+def test_bad_logit_bias_is_a_400_naming_logit_bias(engine, tmp_path, logit_bias, param, fragment):
+    requests = [("/v1/completions", {**COMPLETION, "logit_bias": logit_bias}),
+                ("/v1/chat/completions", {**CHAT, "logit_bias": logit_bias})]  # fmt: skip
+    for response in post_each(engine, tmp_path / "db", requests):
+        error = error_of(response, 400)
+        assert error["param"] == param and fragment in error["message"], error
+
+
+REFUSED = {
+    "tool_choice": "auto",
+    "parallel_tool_calls": False,
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": {"name": "f"},
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "web_search_options": {},
+    "reasoning_effort": "high",
+    "verbosity": "low",
+}
+
+
+def test_openai_fields_that_would_change_the_reply_are_refused_by_name(engine, tmp_path):
+    requests = [("/v1/chat/completions", {**CHAT, field: value}) for field, value in REFUSED.items()]
+    for field, response in zip(REFUSED, post_each(engine, tmp_path / "db", requests), strict=True):
+        error = error_of(response, 400)
+        assert (error["param"], error["code"]) == (field, "unsupported_parameter"), error
+
+
+def test_fields_that_ask_for_nothing_the_server_does_not_do_are_accepted(engine, tmp_path):
+    harmless = {"tool_choice": "none", "function_call": "none", "modalities": ["text"], "store": False,
+                "metadata": {"run": "1"}, "service_tier": "auto", "user": "u1", "some_vllm_extra": 1}  # fmt: skip
+    [plain, *answers] = post_each(
+        engine, tmp_path / "db", [("/v1/chat/completions", CHAT)] + [("/v1/chat/completions", {**CHAT, **harmless})]
+    )
+    assert [answer.status_code for answer in answers] == [200]
+    assert answers[0].json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
+def test_an_assistant_turns_null_content_is_read_as_empty_and_a_users_is_refused(engine, tmp_path):
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": None}]
+    empty = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ""}]
+    null_reply, empty_reply, null_user = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", {**CHAT, "messages": [*history, {"role": "user", "content": "Hi"}]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [*empty, {"role": "user", "content": "Hi"}]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": None}]}),
+    ])  # fmt: skip
+    assert null_reply.status_code == 200, null_reply.text
+    assert null_reply.json()["choices"] == empty_reply.json()["choices"]
+    assert null_reply.json()["usage"] == empty_reply.json()["usage"]
+    error = error_of(null_user, 400)
+    assert error["param"] == "messages.0.content" and "a user message needs content" in error["message"]
