@@ -106,8 +106,8 @@ def data_tokenize(
 
 @data_app.command("quality-train")
 def data_quality_train(
-    reference: Annotated[list[str], typer.Option(help="The text to prefer: folders, .txt/.jsonl/.parquet files")],
-    pool: Annotated[list[str], typer.Option(help="The raw pool to select from (a sample of it is enough)")],
+    reference: Annotated[list[str], typer.Option(help="Text to prefer: folders, .txt/.jsonl/.parquet (repeatable)")],
+    pool: Annotated[list[str], typer.Option(help="The raw pool to select from (a sample of it is enough; repeatable)")],
     out: Annotated[Path, typer.Option(help="The model file (.npz)")] = Path("data/quality.npz"),
     field: Annotated[str, typer.Option(help="Text field of .jsonl / column of .parquet")] = "text",
     max_documents: Annotated[int, typer.Option(help="Documents read from each side at most")] = 20_000,

@@ -62,11 +62,14 @@ def pass_at_k_command(
 ) -> None:
     """Held-out pass@1, pass@k, greedy accuracy and format rate of each model on a task, one JSON line each, then
     (for several models) the same as a table."""
+    from seekstack.checkpoint import read_config
     from seekstack.posttrain.evaluate import evaluate_task
     from seekstack.posttrain.tasks import make_task
 
     rows = []
     with user_errors():
+        for model in models:  # every model there before the first is scored (minutes) rather than after
+            read_config(model)
         for model in models:
             engine = _sampling_engine(model, problems * samples, max_new_tokens)
             with options_named():  # a difficulty whose prompts pass the prompt room names --difficulty

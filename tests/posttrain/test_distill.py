@@ -69,5 +69,7 @@ def test_pass_at_k_command_tables_several_models(teacher_model):
     assert first == second  # the same model, problems and seeds
     assert lines[2].split()[:3] == ["model", "pass@1", "pass@2"] and len(lines) == 5
     assert float(lines[3].split()[1]) == round(first["pass@1"], 3)
+    missing = CliRunner().invoke(app, [*args[:2], str(teacher_model.parent / "nope"), "--problems", "4"])
+    assert missing.exit_code == 1 and "nope: no such folder" in missing.output and not missing.output.startswith("{")
     too_long = CliRunner().invoke(app, [*args[:2], "--max-new-tokens", "100000"])
     assert too_long.exit_code == 1 and "--max-new-tokens 100000: at most " in too_long.output, too_long.output
