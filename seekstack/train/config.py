@@ -53,7 +53,7 @@ class TrainConfig:
     # A checkpoint folder (Hugging Face format: ours, an export, a DeepSeek release) whose weights start the run;
     # model and model_overrides are then unused.
     init_from: str = ""
-    data_dir: str = "data/shards"  # holds train_index.json (and val_index.json for evaluation)
+    data_dir: str = "data/tokens"  # holds train_index.json (and val_index.json): where `data tokenize` writes
     # Splits of data_dir to draw from, each with a weight or one weight per phase (phases cut training evenly),
     # e.g. {train_easy: [0.7, 0.2, 0.1], train_medium: [0.2, 0.5, 0.3], train_hard: [0.1, 0.3, 0.6]}; {} = train
     mixture: dict[str, Any] = field(default_factory=dict)

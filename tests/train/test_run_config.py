@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.schema import ConfigError
-from seekstack.train.config import CONFIG_FILE, load_train_config, resolve_train_config
+from seekstack.train.config import CONFIG_FILE, TrainConfig, load_train_config, resolve_train_config
 from seekstack.train.state import list_checkpoints
 from tests.train.test_trainer import MICRO_MODEL, read_metrics, write_split
 
@@ -256,3 +256,12 @@ def test_a_config_error_carries_the_path_of_its_field_and_where_its_value_was_gi
 def test_a_pair_given_one_value_says_how_many_it_takes() -> None:
     with pytest.raises(ConfigError, match=r"field 'betas' has value \[0\.9\]: give 2 values"):
         resolve_train_config(None, ["betas=[0.9]"])
+
+
+def test_train_reads_by_default_where_data_tokenize_writes() -> None:
+    import inspect
+
+    from seekstack.cli.data import data_tokenize
+
+    written = inspect.signature(data_tokenize).parameters["out"].default
+    assert Path(TrainConfig().data_dir) == written  # `train` right after `data tokenize` finds the shards
