@@ -22,7 +22,7 @@ import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
-from seekstack.corpus.sources import open_source
+from seekstack.corpus.sources import TEXT_SUFFIXES, open_source
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
@@ -135,9 +135,17 @@ def chat_source(config: TrainConfig) -> SFTSource | None:
 
 
 def _documents(data: Path) -> list[str]:
-    documents = [document.text for document in open_source(data) if document.text.strip()]
+    source = open_source(data)
+    documents = [document.text for document in source if document.text.strip()]
     if not documents:
-        raise ValueError(f"{data}: no text to train on")
+        skipped = sum(getattr(source, "skipped", {}).values())  # a folder's files of other suffixes (TextFolder)
+        unread = (
+            f"; its {skipped:,} files were not read: a folder's files are read by suffix, {' '.join(TEXT_SUFFIXES)} "
+            "(and .gz of them)"
+            if skipped
+            else ""
+        )
+        raise ValueError(f"{data}: no text to train on{unread}")
     return documents
 
 

@@ -182,3 +182,12 @@ def test_tokenizing_an_empty_corpus_is_refused_naming_it(base, tmp_path):
     )
     assert result.exit_code == 1 and f"{corpus / 'train.jsonl'}: no documents to tokenize" in result.output
     assert not out.exists()
+
+
+def test_a_folder_whose_files_have_no_text_suffix_says_they_were_not_read(base, tmp_path):
+    licenses = tmp_path / "licenses"  # as /usr/share/common-licenses: Apache-2.0, GPL-2, ...
+    licenses.mkdir()
+    for name in ("Apache-2.0", "GPL-2"):
+        (licenses / name).write_text("Licensed under the terms below. " * 50)
+    with pytest.raises(ValueError, match=r"no text to train on; its 2 files were not read: .*\.txt"):
+        lora_train_config(base, licenses, tmp_path / "adapter", QUICK_RUN)
