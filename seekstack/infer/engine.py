@@ -887,21 +887,30 @@ class Engine:
         parts: dict[str, list[RequestOutput]] = {request_id: [] for request_id in request_ids}
         first_token: dict[str, float] = {}
         finished_at: dict[str, float] = {}
+        compiling: dict[str, float] = {}  # per request, the compile seconds of its decode steps (`compile_s`)
         try:
             while any(request_id not in finished_at for request_id in request_ids):
                 for output in self.step():
                     if output.request_id in parts:
                         parts[output.request_id].append(output)
                         first_token.setdefault(output.request_id, time.perf_counter())
+                        compiling.setdefault(output.request_id, -self.compile_s)
                         if output.finished:
                             finished_at[output.request_id] = time.perf_counter()
+                            compiling[output.request_id] += self.compile_s
         finally:  # a failing step or an interrupt leaves no request behind holding cache blocks
             for request_id in request_ids:
                 if request_id not in finished_at:
                     self.abort(request_id)
         return [
             joined_completion(
-                request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id]
+                request_id,
+                ids,
+                parts[request_id],
+                started,
+                first_token[request_id],
+                finished_at[request_id],
+                compiling[request_id],
             )
             for request_id, ids in zip(request_ids, prompt_ids, strict=True)
         ]

@@ -62,22 +62,30 @@ class Completion:
     text: str
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None
-    timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s
+    timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s, compile_s
     error: str | None = None  # with finish_reason "error": why the request failed
 
 
 def joined_completion(
-    request_id: str, prompt_ids: list[int], parts: list[RequestOutput], started: float, first: float, end: float
+    request_id: str,
+    prompt_ids: list[int],
+    parts: list[RequestOutput],
+    started: float,
+    first: float,
+    end: float,
+    compile_seconds: float = 0.0,
 ) -> Completion:
     """One request's outputs joined into a `Completion`, timed from `started` (added), `first` (its first output)
-    and `end` (its last), all time.perf_counter() seconds."""
+    and `end` (its last), all time.perf_counter() seconds; `compile_seconds` of its decode steps went to compiling a
+    graph (a first run with --compile), which the decode speed leaves out and `compile_s` reports."""
     tokens = [token for part in parts for token in part.token_ids]
     logprobs = [entry for part in parts for entry in part.logprobs] if parts[-1].logprobs is not None else None
-    decode_seconds = end - first
+    decode_seconds = end - first - compile_seconds
     timings = {
         "time_to_first_token_s": first - started,
         "total_s": end - started,
         "decode_tokens_per_s": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
+        "compile_s": compile_seconds,
     }
     text, last = "".join(p.text for p in parts), parts[-1]
     return Completion(request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -73,6 +74,24 @@ def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine)
     assert 0 <= record["speculative"]["accepted"] <= record["speculative"]["drafted"] > 0
     assert record["speculative"]["drafted"] % 2 == 0  # two drafts a step
     assert [len(entry["top"]) for entry in record["logprobs"]] == [2] * 6
+
+
+def test_the_decode_speed_leaves_out_the_steps_that_compiled_a_graph(engine, monkeypatch):
+    step, calls = engine.step, []
+
+    def compiling_once(*args, **kwargs):  # the second step (the first decode) compiles for half a second
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(0.5)
+            engine.compile_s += 0.5
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "step", compiling_once)
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    timings = engine.generate(["import os"], params)[0].timings
+    assert timings["compile_s"] == 0.5
+    decoding = timings["total_s"] - timings["time_to_first_token_s"] - 0.5
+    assert timings["decode_tokens_per_s"] == pytest.approx(5 / decoding, rel=1e-6)  # not 5 / (decoding + 0.5)
 
 
 def test_generate_rejects_bad_sampling_values_and_missing_tokenizer(checkpoint, tmp_path):
