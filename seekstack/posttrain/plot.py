@@ -53,7 +53,8 @@ def plot_rl_runs(run_dirs: list[Path], out_path: Path, smooth: int = 10) -> Path
             axis.set_title(title)
             axis.set_xlabel("step")
     for axis in axes:
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:  # a panel whose quantities no run logged stays empty, unlabelled
+            axis.legend(fontsize=7)
     figure.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=90, format="png"))
