@@ -79,7 +79,7 @@ class SFTConfig(TrainConfig):
 
     @property
     def held_out_fraction(self) -> float:
-        """The share of the data held out (`held_out_fraction`)."""
+        """The share of the data this run holds out (the module's `held_out_fraction` of its fields)."""
         return held_out_fraction(self.val_data, self.val_fraction, self.eval_every)
 
     def to_dict(self) -> dict:
