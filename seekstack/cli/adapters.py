@@ -9,14 +9,19 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import fail, user_errors
+from seekstack.cli.common import fail, run_to_checkpoint, user_errors
 
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a key=value positional (lora.rank=4); a path has no key before '='
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
 
 
 def train_command(
-    base: Annotated[str | None, typer.Argument(help="Base checkpoint folder (config.json, safetensors)")] = None,
+    base: Annotated[
+        str | None,
+        typer.Argument(
+            help="Base checkpoint folder (config.json, safetensors) or a run's out_dir", callback=run_to_checkpoint
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Argument(
@@ -49,7 +54,7 @@ def train_command(
 
 
 def merge_command(
-    base: Annotated[Path, typer.Argument(help="Base checkpoint folder")],
+    base: Annotated[Path, typer.Argument(help="Base checkpoint folder or a run's out_dir", callback=run_to_checkpoint)],
     adapter: Annotated[Path, typer.Argument(help="Adapter folder (adapter_config.json, adapter_model.safetensors)")],
     out: Annotated[Path, typer.Option(help="Folder for the merged checkpoint")],
 ) -> None:

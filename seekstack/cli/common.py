@@ -13,7 +13,32 @@ import typer
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.schema import ConfigError
 
-Model = Annotated[str, typer.Argument(help=f"A preset ({', '.join(PRESETS)}) or a checkpoint directory.")]
+
+def run_to_checkpoint(value: str | Path | list | None) -> str | Path | list | None:
+    """Argument callback: a run's out_dir (`checkpoints/step_N` inside, no config.json) stands for its newest
+    checkpoint, named on stderr; a checkpoint folder, a preset or anything else passes through unchanged."""
+    if isinstance(value, list):
+        return [run_to_checkpoint(item) for item in value]
+    if value is None or (Path(value) / "config.json").is_file():
+        return value
+    from seekstack.train.state import checkpoint_dir, latest_checkpoint
+
+    if not checkpoint_dir(value).is_dir():
+        return value
+    try:
+        newest = latest_checkpoint(value)
+    except FileNotFoundError as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(f"{value}: using the run's newest checkpoint, {newest}", err=True)
+    return str(newest) if isinstance(value, str) else newest
+
+
+Model = Annotated[
+    str,
+    typer.Argument(
+        help=f"A preset ({', '.join(PRESETS)}), a checkpoint directory or a run's out_dir", callback=run_to_checkpoint
+    ),
+]
 
 
 @contextmanager

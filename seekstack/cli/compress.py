@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import fail, size, user_errors
+from seekstack.cli.common import fail, run_to_checkpoint, size, user_errors
 
 if TYPE_CHECKING:
     from seekstack.compress.quantize import QuantConfig
@@ -24,7 +24,13 @@ DEFAULT_MAX_KL = 1.0  # --progressive
 
 
 def quantize_command(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to quantize (float, or quantized: re-quantized)")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="Checkpoint folder to quantize (float, or quantized: re-quantized), or a run's out_dir",
+            callback=run_to_checkpoint,
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Folder to write the quantized checkpoint to (tokenizer copied)")],
     scheme: Annotated[
         str | None, typer.Option(help="int8 (per channel; the default) | int4 (per group) | fp8 (e4m3, 128x128 blocks)")
@@ -182,7 +188,9 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
 
 
 def prune_command(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune")],
+    model: Annotated[
+        Path, typer.Argument(help="Checkpoint folder to prune, or a run's out_dir", callback=run_to_checkpoint)
+    ],
     out: Annotated[Path, typer.Option(help="Folder to write the pruned checkpoint to (tokenizer copied)")],
     data: Annotated[
         Path, typer.Option(help="Token shards: calibration text (the train split), and the healing fine-tune's data")

@@ -32,7 +32,7 @@ def eval_command(
 ) -> None:
     """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json and a Markdown table OUT.md."""
     from seekstack.eval.evaluate import evaluate, results_table, write_results
-    from seekstack.eval.samples import checkpoint_or_latest
+    from seekstack.train.state import checkpoint_or_latest
 
     with user_errors():
         names = tuple(name.strip() for name in tasks.split(",") if name.strip())
@@ -57,9 +57,9 @@ def explain_command(
 
     from seekstack.checkpoint import load_pretrained
     from seekstack.eval.explain import corpus_routing, explain_text, routing_png
-    from seekstack.eval.samples import checkpoint_or_latest
     from seekstack.eval.tasks import held_out_modules
     from seekstack.tokenizer import Tokenizer
+    from seekstack.train.state import checkpoint_or_latest
 
     with user_errors():
         if text is None and corpus is None:

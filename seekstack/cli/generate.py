@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from typer.core import TyperCommand
 
-from seekstack.cli.common import fail, options_named, user_errors
+from seekstack.cli.common import fail, options_named, run_to_checkpoint, user_errors
 from seekstack.infer.params import EngineOptions, SamplingParams
 
 try:
@@ -23,7 +23,14 @@ except ImportError:
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
 
-ModelDir = Annotated[Path, typer.Option("--model", help="Checkpoint folder: config.json, safetensors, tokenizer.json")]
+ModelDir = Annotated[
+    Path,
+    typer.Option(
+        "--model",
+        help="Checkpoint folder (config.json, safetensors, tokenizer.json) or a run's out_dir (its newest)",
+        callback=run_to_checkpoint,
+    ),
+]
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
 MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy")]

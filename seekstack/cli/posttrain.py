@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import options_named, user_errors
+from seekstack.cli.common import options_named, run_to_checkpoint, user_errors
 from seekstack.cli.train import run_stage
 
 if TYPE_CHECKING:
@@ -51,7 +51,12 @@ def rl_command(
 
 
 def pass_at_k_command(
-    models: Annotated[list[Path], typer.Argument(help="Checkpoint directories with their tokenizers")],
+    models: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint directories with their tokenizers, or runs' out_dirs", callback=run_to_checkpoint
+        ),
+    ],
     task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
     difficulty: Annotated[int | None, typer.Option(help="The task's knob (digits, numbers); default: its own")] = None,
     problems: Annotated[int, typer.Option(min=1, help="Held-out problems")] = 100,
@@ -87,7 +92,13 @@ def pass_at_k_command(
 
 
 def traces_command(
-    model: Annotated[Path, typer.Argument(help="The teacher: a checkpoint directory with its tokenizer")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="The teacher: a checkpoint directory with its tokenizer, or a run's out_dir",
+            callback=run_to_checkpoint,
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="JSONL of verified conversations, for `seekstack sft data=OUT`")],
     task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
     difficulty: Annotated[int | None, typer.Option(help="The task's knob (digits, numbers); default: its own")] = None,

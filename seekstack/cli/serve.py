@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import fail, options_named, user_errors
+from seekstack.cli.common import fail, options_named, run_to_checkpoint, user_errors
 from seekstack.cli.generate import (
     AdaptiveDrafts,
     DeviceMap,
@@ -34,7 +34,13 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `
 
 
 def serve_command(
-    model: Annotated[Path, typer.Option(help="Checkpoint directory (with tokenizer.json unless --tokenizer)")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="Checkpoint directory (with tokenizer.json unless --tokenizer) or a run's out_dir (its newest)",
+            callback=run_to_checkpoint,
+        ),
+    ],
     host: Annotated[str, typer.Option(help="Address to listen on; without API keys only loopback is allowed")] = (
         "127.0.0.1"
     ),

@@ -19,16 +19,10 @@ from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
 from seekstack.posttrain.tasks import Task, sample_problems
 from seekstack.tokenizer import Tokenizer
-from seekstack.train.state import latest_checkpoint
+from seekstack.train.state import checkpoint_or_latest
 
 # Prompts end where a token ends: byte-level BPE glues spaces and newlines to the next word or indentation.
 DEMO_PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n\n\nclass", "    for line in lines:")
-
-
-def checkpoint_or_latest(path: str | Path) -> Path:
-    """`path` itself if it is a model directory (has config.json), else the newest checkpoint of run `path`."""
-    path = Path(path)
-    return path if (path / "config.json").is_file() else latest_checkpoint(path)
 
 
 def demo_samples(

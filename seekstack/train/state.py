@@ -157,6 +157,12 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
     return found[-1]
 
 
+def checkpoint_or_latest(path: str | Path) -> Path:
+    """`path` itself if it is a model directory (has config.json), else the newest checkpoint of run `path`."""
+    path = Path(path)
+    return path if (path / "config.json").is_file() else latest_checkpoint(path)
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, dict[str, Any]]:
     """The model (float32, on `device`) and the train state saved in checkpoint directory `path`."""
     path = Path(path)

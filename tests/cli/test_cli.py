@@ -87,6 +87,26 @@ def test_info_reads_the_config_json_of_a_checkpoint_directory(tmp_path):
     assert f"{main_parameters(config).total:,}" in result.output
 
 
+def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
+    """info, forward, generate, serve, quantize, prune, pass-at-k, traces and lora take a run's out_dir as
+    eval, explain, sample and report do: its newest checkpoint, named on stderr."""
+    for step, layers in ((3, 2), (10, 4), (12, 6)):
+        checkpoint = tmp_path / "run" / "checkpoints" / f"step_{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.json").write_text(json.dumps(preset("small").replace(num_hidden_layers=layers).to_dict()))
+        if step != 12:  # step_12 is still being written: no train state yet
+            (checkpoint / "train_state.pt").write_bytes(b"")
+    result = run("info", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert f"using the run's newest checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_10'}" in result.stderr
+    assert "4 (1 dense, 3 MoE)" in result.stdout
+
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    result = run("info", str(tmp_path / "empty"))
+    assert result.exit_code == 2
+    assert f"{tmp_path / 'empty'}: no checkpoint" in result.output
+
+
 def test_unknown_preset_fails_with_a_message_naming_the_presets():
     result = run("info", "deepseek-v9")
     assert result.exit_code == 1
