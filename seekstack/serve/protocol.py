@@ -88,11 +88,15 @@ def refuse_outside_vocabulary(token_ids: Iterable[int], tokenizer: Tokenizer, pa
 
 def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
     """400 in OpenAI's shape for what this server reads but cannot do: tools, audio, web search and the other
-    `REFUSED_CHAT_FIELDS`, suffix, echo with logprobs, best_of below n or with a stream."""
+    `REFUSED_CHAT_FIELDS`, suffix, echo with logprobs, best_of below n or with a stream; and for stream_options
+    without a stream (as OpenAI and vLLM refuse it)."""
 
     def unsupported(param: str, message: str) -> APIError:
         return APIError(400, message, param=param, code="unsupported_parameter")
 
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
+                       code="invalid_value")  # fmt: skip
     if isinstance(request, ChatCompletionRequest):
         for param, reason in REFUSED_CHAT_FIELDS.items():
             value = getattr(request, param)

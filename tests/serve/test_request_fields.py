@@ -92,6 +92,16 @@ def test_openai_fields_that_would_change_the_reply_are_refused_by_name(engine, t
         assert (error["param"], error["code"]) == (field, "unsupported_parameter"), error
 
 
+def test_stream_options_without_a_stream_is_refused_naming_it(engine, tmp_path):
+    options = {"stream_options": {"include_usage": True}}
+    requests = [("/v1/completions", {**COMPLETION, **options}), ("/v1/chat/completions", {**CHAT, **options}),
+                ("/v1/completions", {**COMPLETION, **options, "stream": False})]  # fmt: skip
+    for response in post_each(engine, tmp_path / "db", requests):
+        error = error_of(response, 400)
+        assert (error["param"], error["code"]) == ("stream_options", "invalid_value"), error
+        assert "stream: true" in error["message"]
+
+
 def test_fields_that_ask_for_nothing_the_server_does_not_do_are_accepted(engine, tmp_path):
     harmless = {"tool_choice": "none", "function_call": "none", "modalities": ["text"], "store": False,
                 "metadata": {"run": "1"}, "service_tier": "auto", "user": "u1", "some_vllm_extra": 1}  # fmt: skip
