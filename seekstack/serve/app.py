@@ -204,7 +204,7 @@ class Server:
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
             categories = self.safety.categories_for(bill.key)
-            if categories and self.safety.moderate_prompt(body, categories, bill, prompt_tokens):
+            if categories and self.safety.moderate_prompt(body, categories, bill):
                 prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)  # redacted
                 prompt_tokens = sum(len(prompt) for prompt in prompts)
             max_model_len, unasked_limit = self.engine.max_model_len, None

@@ -36,10 +36,10 @@ class ContentSafety:
         body: ChatCompletionRequest | CompletionRequest,
         categories: list[Category],
         bill: Bill,
-        prompt_tokens: int,
     ) -> bool:
-        """400 when a category blocks the prompt's text (billed as the policy says), else redact it in place; returns
-        whether the text changed. Token-id prompts are not read."""
+        """400 when a category blocks the prompt's text (the bill names the category; a refused request has no tokens
+        and costs nothing), else redact it in place; returns whether the text changed. Token-id prompts are not
+        read."""
         is_chat = isinstance(body, ChatCompletionRequest)
         texts = [message.text() for message in body.messages] if is_chat else completion_prompts(body)
         cleaned = list(texts)
@@ -49,7 +49,6 @@ class ContentSafety:
                 continue
             blocking = self.note(bill, hits)
             if blocking is not None:
-                bill.prompt_tokens = prompt_tokens
                 raise APIError(
                     400,
                     f"the prompt was refused by this server's content policy (category {blocking.category!r})",

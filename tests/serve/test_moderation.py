@@ -151,8 +151,25 @@ def test_prompts_are_blocked_or_redacted_and_the_ledger_has_the_category(model_d
     assert flagged.status_code == 200
     rows = Ledger(database).records()
     assert [(row["status"], row["moderation"]) for row in rows] == [(400, "weapons"), (200, "pii"), (200, "rude")]
-    assert rows[0]["prompt_tokens"] > 0 and rows[0]["cost"] == 0  # billing: none for weapons
+    assert rows[0]["prompt_tokens"] == 0 and rows[0]["cost"] == 0  # refused: no tokens, whatever its billing
     assert rows[1]["cost"] > 0
+
+
+def test_a_blocked_prompt_costs_nothing_even_where_its_category_bills_tokens(model_dir, tmp_path):
+    policy = write_policy(tmp_path, {"code": {"action": "block", "terms": ["import"], "billing": "tokens"}})
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("coder")
+    app = create_app(Engine.from_pretrained(model_dir), database, policy=policy)
+    body = {"model": "model", "prompt": "import os", "max_tokens": 4}
+
+    async def scenario(client):
+        return await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+    assert error_of(run(app, scenario), 400)["code"] == "content_policy_violation"
+    [row] = Ledger(database).records()
+    assert (row["status"], row["prompt_tokens"], row["completion_tokens"], row["cost"], row["moderation"]) == (
+        400, 0, 0, 0.0, "code",
+    )  # fmt: skip
 
 
 def test_a_stream_crossing_the_line_stops_with_content_filter(model_dir, tmp_path):
@@ -191,6 +208,7 @@ def test_a_stream_crossing_the_line_stops_with_content_filter(model_dir, tmp_pat
     assert [row["moderation"] for row in rows] == ["anything", "anything", None]
     assert rows[0]["completion_tokens"] < 40 and rows[1]["completion_tokens"] < 40  # both were stopped, not billed
     assert whole.json()["usage"]["completion_tokens"] == rows[1]["completion_tokens"]  # for 40 tokens
+    assert all(row["status"] == 200 and row["cost"] > 0 for row in rows[:2])  # but billed for what was generated
 
 
 def test_moderations_endpoint_reports_categories_and_classifier_scores(model_dir, policy, tmp_path):
