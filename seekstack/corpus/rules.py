@@ -25,7 +25,14 @@ from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, 
 Profile = Literal["auto", "web", "code", "zh"]
 _DIGIT = re.compile(r"\d")
 _LETTER = re.compile(r"[^\W\d_]")
-TERMINAL_PUNCTUATION = tuple('.!?"\u201d\u2026\u3002\uff01\uff1f\uff1b\uff1a\u300d\u300f')  # . ! ? " ” … 。！？；：」』
+# Characters that end a sentence: Latin . ! ? and closing quotes; CJK 。！？；：」』 and halfwidth ｡; Devanagari
+# (Hindi, Marathi, Nepali, also Bengali's) danda । and ॥; Arabic ؟ and Urdu ۔; Armenian ։; Ethiopic ። ፧; Myanmar ။;
+# Khmer ។ ៕; Tibetan ། (Greek's question mark U+037E is ";" after NFC, not told from a semicolon: Greek prose is
+# judged by its full stops).
+TERMINAL_PUNCTUATION = tuple(
+    '.!?"\u201d\u2026\u203c\u2047\u2048\u2049\u3002\uff01\uff1f\uff1b\uff1a\u300d\u300f\uff61'
+    "\u0964\u0965\u061f\u06d4\u0589\u1362\u1367\u104b\u17d4\u17d5\u0f0d"
+)
 
 
 @dataclass

@@ -115,6 +115,40 @@ def test_prose_passes_every_rule() -> None:
     assert failed_rule(prose(0), ProseRules()) is None
 
 
+HINDI_ARTICLE = "\n".join(
+    [
+        "भारत एक विशाल देश है जहाँ अनेक भाषाएँ बोली जाती हैं।",
+        "गाँवों में किसान सुबह जल्दी उठकर खेतों में काम करते हैं।",
+        "शहरों में लोग दफ्तरों और कारखानों में नौकरी करते हैं।",
+        "बच्चे स्कूल जाते हैं और नई बातें सीखते हैं।",
+        "नदियाँ और पहाड़ इस देश की सुंदरता को बढ़ाते हैं।",
+        "हर राज्य की अपनी अलग संस्कृति और भोजन है।",
+        "यहाँ के लोग अपने त्योहारों को बड़े उत्साह से मनाते हैं।",
+        "सर्दियों में उत्तर के पहाड़ों पर बर्फ गिरती है॥",
+    ]
+)
+
+
+def test_hindi_prose_whose_sentences_end_in_the_danda_passes_every_rule() -> None:
+    assert failed_rule(normalise(HINDI_ARTICLE), ProseRules()) is None
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "یہ ایک پرانی کتاب ہے۔",  # Urdu
+        "هل أنت بخير اليوم؟",  # Arabic
+        "Սա իմ գիրքն է։",  # Armenian
+        "ይህ የእኔ መጽሐፍ ነው።",  # Amharic
+        "ဒါ ကျွန်တော့် စာအုပ် ဖြစ်တယ်။",  # Burmese
+        "នេះ​ជា​សៀវភៅ​របស់​ខ្ញុំ។",  # Khmer
+        "འདི་ངའི་དཔེ་ཆ་ཡིན། ",  # Tibetan
+    ],
+)
+def test_a_sentence_ended_in_its_scripts_full_stop_or_question_mark_is_a_terminal_line(sentence: str) -> None:
+    assert not fails("terminal_line_fraction", "\n".join([sentence] * 4), ProseRules())
+
+
 def test_data_table_module_is_removed() -> None:
     assert failed_rule(normalise((STDLIB / "stringprep.py").read_text(encoding="utf-8")), CodeRules()) is not None
 
