@@ -78,14 +78,14 @@ def data_tokenize(
     """Encode the corpus splits into memory-mapped token shards with an index."""
     from seekstack.atomic import atomic_directory, refuse_to_replace
     from seekstack.tokenizer import Tokenizer
-    from seekstack.tokens.difficulty import difficulty_bounds, tokenize_buckets
+    from seekstack.tokens.difficulty import difficulty_buckets, tokenize_buckets
     from seekstack.tokens.shards import SHARD_FILES, tokenize_corpus
 
     with user_errors():
         encoder = Tokenizer.from_file(tokenizer)
         refuse_to_replace(out, SHARD_FILES, inputs=(corpus,))
         # Scored first: a corpus too small for the buckets fails before any split is written.
-        bounds = difficulty_bounds(corpus / "train.jsonl") if buckets else None
+        difficulty = difficulty_buckets(corpus / "train.jsonl") if buckets else None
         # Every split together, replacing the folder whole: no split of an earlier corpus is left beside them.
         with atomic_directory(out) as staging:
             indexes = [
@@ -96,8 +96,8 @@ def data_tokenize(
                     f"{corpus / 'train.jsonl'}: no documents to tokenize; build the corpus from your text first "
                     f"(`seekstack data build TEXT --out {corpus}`)"
                 )
-            if bounds is not None:
-                indexes += tokenize_buckets(corpus / "train.jsonl", encoder, staging, "train", bounds=bounds)
+            if difficulty is not None:
+                indexes += tokenize_buckets(corpus / "train.jsonl", encoder, staging, "train", difficulty=difficulty)
         for index in indexes:
             typer.echo(
                 f"{index['split']}: {index['documents']} documents, {index['total_tokens']:,} tokens ({index['dtype']})"

@@ -5,16 +5,17 @@ repeats itself (tables, boilerplate, regular code) and is easy to predict; one t
 bringing new content. Why this one: compressed size is an upper bound on the text's information content
 under a simple adaptive model (LZ77 + Huffman), so it tracks what a language model finds hard, yet it needs
 no trained model and no tokenizer, and costs one zlib pass when the split is tokenized.
-A split's documents, sorted by score, are cut into buckets holding equal shares of its bytes, so that each
-bucket is a split of its own (`train_easy`, `train_medium`, `train_hard`) that a mixture can draw from.
+A split's documents, sorted by score (equal scores in document order), are cut into buckets holding equal
+shares of its bytes, so that each bucket is a split of its own (`train_easy`, `train_medium`, `train_hard`) that
+a mixture can draw from.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import os
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from seekstack.corpus.sources import read_jsonl
@@ -31,24 +32,42 @@ def compression_ratio(text: str) -> float:
     return len(zlib.compress(raw, 6)) / max(len(raw), 1)
 
 
-def bucket_bounds(scores: list[float], sizes: list[int], buckets: int) -> list[float]:
-    """The `buckets - 1` score bounds that cut documents sorted by score into parts of about equal total size.
+def bucket_parts(scores: list[float], sizes: list[int], buckets: int) -> list[int]:
+    """The part (0 = easiest) of each document when documents sorted by score are cut into `buckets` parts of about
+    equal total size; equal scores keep document order, so tied documents may go to different parts.
 
-    Sorted by score, a document joins the part its middle byte falls in; bound k is the highest score of parts
-    0..k, so a document with score s goes to bucket `bisect_left(bounds, s)`. With at least `buckets` documents
-    no part is left empty: a part never skips one after the previous document's, and the last documents fill
-    the parts still empty (a small corpus, or one document holding most of the bytes).
+    Sorted by score, a document joins the part its middle byte falls in. With at least `buckets` documents no
+    part is left empty: a part never skips one after the previous document's, and the last documents fill the
+    parts still empty (a small corpus, one document holding most of the bytes, or documents of equal score).
     """
-    order = sorted(range(len(scores)), key=scores.__getitem__)
+    order = sorted(range(len(scores)), key=scores.__getitem__)  # a stable sort: ties in document order
     total, before, previous = max(sum(sizes), 1), 0, 0
-    bounds = [-math.inf] * (buckets - 1)
+    parts = [0] * len(scores)
     for rank, document in enumerate(order):
         part = min(int(buckets * (before + sizes[document] / 2) / total), buckets - 1, previous + 1, rank)
         part = max(part, buckets - (len(order) - rank))  # the documents left must fill the parts left
-        for k in range(part, buckets - 1):
-            bounds[k] = max(bounds[k], scores[document])
+        parts[document] = part
         before, previous = before + sizes[document], part
-    return bounds
+    return parts
+
+
+@dataclass(frozen=True)
+class DifficultyBuckets:
+    """The difficulty score and bucket number (0 = easiest) of each document of a split, in file order."""
+
+    scores: list[float]
+    parts: list[int]
+
+    def score_range(self, part: int) -> tuple[float, float]:
+        """The lowest and the highest score among the documents of `part`."""
+        in_part = [score for score, its_part in zip(self.scores, self.parts, strict=True) if its_part == part]
+        return min(in_part), max(in_part)
+
+    def select(self, part: int) -> Callable[[str], bool]:
+        """A `select` for `tokenize_corpus` that keeps the documents of `part`; it is asked once per document,
+        in file order, so it keeps them by position, not by text."""
+        parts_in_order = iter(self.parts)
+        return lambda _text: next(parts_in_order) == part
 
 
 def bucket_split_name(split_name: str, bucket: str) -> str:
@@ -56,8 +75,8 @@ def bucket_split_name(split_name: str, bucket: str) -> str:
     return f"{split_name}_{bucket}"
 
 
-def difficulty_bounds(jsonl_path: str | os.PathLike, buckets: int = len(BUCKETS)) -> list[float]:
-    """Score every document of `jsonl_path` and return the `bucket_bounds`; ValueError, naming the file, when it
+def difficulty_buckets(jsonl_path: str | os.PathLike, buckets: int = len(BUCKETS)) -> DifficultyBuckets:
+    """Score every document of `jsonl_path` and cut them into `bucket_parts`; ValueError, naming the file, when it
     has fewer documents than buckets."""
     jsonl_path = Path(jsonl_path)
     if not jsonl_path.is_file():
@@ -71,7 +90,7 @@ def difficulty_bounds(jsonl_path: str | os.PathLike, buckets: int = len(BUCKETS)
             f"{jsonl_path} has {len(scores)} documents, too few for {buckets} difficulty buckets; "
             "tokenize without --buckets, or build a larger corpus"
         )
-    return bucket_bounds(scores, sizes, buckets)
+    return DifficultyBuckets(scores, bucket_parts(scores, sizes, buckets))
 
 
 def tokenize_buckets(
@@ -80,32 +99,33 @@ def tokenize_buckets(
     out_dir: str | os.PathLike,
     split_name: str = "train",
     buckets: tuple[str, ...] = BUCKETS,
-    bounds: list[float] | None = None,
+    difficulty: DifficultyBuckets | None = None,
 ) -> list[dict]:
-    """Tokenize each difficulty bucket of `jsonl_path` as split `{split_name}_{bucket}`, with the `bounds` of
-    `difficulty_bounds` (computed here when not given).
+    """Tokenize each difficulty bucket of `jsonl_path` as split `{split_name}_{bucket}`, with the parts of
+    `difficulty_buckets` (computed here when not given).
 
-    Returns the buckets' indexes; each records the measure and its score range under `difficulty`.
+    Returns the buckets' indexes; each records the measure and its documents' score range under `difficulty`.
     """
     jsonl_path = Path(jsonl_path)
-    bounds = difficulty_bounds(jsonl_path, len(buckets)) if bounds is None else bounds
+    difficulty = difficulty_buckets(jsonl_path, len(buckets)) if difficulty is None else difficulty
     indexes = []
-    for number, bucket in enumerate(buckets):
-        low = bounds[number - 1] if number > 0 else None  # None: unbounded
-        high = bounds[number] if number < len(bounds) else None
-
-        def in_bucket(text: str, number: int = number) -> bool:
-            return bisect.bisect_left(bounds, compression_ratio(text)) == number
-
-        difficulty = {"measure": MEASURE, "bucket": bucket, "score_above": low, "score_at_most": high}
+    for part, bucket in enumerate(buckets):
+        lowest, highest = difficulty.score_range(part)
         indexes.append(
             tokenize_corpus(
                 jsonl_path,
                 tokenizer,
                 out_dir,
                 bucket_split_name(split_name, bucket),
-                select=in_bucket,
-                extra_index={"difficulty": difficulty},
+                select=difficulty.select(part),
+                extra_index={
+                    "difficulty": {
+                        "measure": MEASURE,
+                        "bucket": bucket,
+                        "lowest_score": lowest,
+                        "highest_score": highest,
+                    }
+                },
             )
         )
     return indexes

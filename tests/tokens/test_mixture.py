@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from seekstack.tokenizer import train_tokenizer
-from seekstack.tokens.difficulty import bucket_bounds, compression_ratio, tokenize_buckets
+from seekstack.tokens.difficulty import bucket_parts, compression_ratio, tokenize_buckets
 from seekstack.tokens.mixture import MixtureSchedule, MixtureWindows
 from seekstack.tokens.shards import load_index, tokenize_corpus
 
@@ -55,10 +55,15 @@ def test_compression_ratio_ranks_repetitive_text_easier_than_dense_text():
     assert compression_ratio(repetitive) < 0.05 and compression_ratio(dense) > 0.7
 
 
-def test_bucket_bounds_give_each_bucket_an_equal_share_of_bytes():
+def test_bucket_parts_give_each_bucket_an_equal_share_of_bytes():
     scores = [0.9, 0.1, 0.5, 0.3, 0.7, 0.2]
-    assert bucket_bounds(scores, [1] * 6, 3) == [0.2, 0.5]  # two documents per bucket
-    assert bucket_bounds(scores, [10, 1, 1, 1, 1, 1], 2) == [0.7]  # the 10-byte document fills the top half alone
+    assert bucket_parts(scores, [1] * 6, 3) == [2, 0, 1, 1, 2, 0]  # two documents per bucket
+    assert bucket_parts(scores, [10, 1, 1, 1, 1, 1], 2) == [1, 0, 0, 0, 0, 0]  # the 10-byte document: the top half
+
+
+def test_documents_of_equal_score_are_cut_in_document_order_into_equal_parts():
+    assert bucket_parts([0.5] * 6, [1] * 6, 3) == [0, 0, 1, 1, 2, 2]
+    assert bucket_parts([0.9, 0.5, 0.5, 0.5, 0.5, 0.1], [1] * 6, 3) == [2, 0, 1, 1, 2, 0]
 
 
 def test_tokenize_buckets_partitions_the_split_from_easy_to_hard(tmp_path):
@@ -75,10 +80,10 @@ def test_tokenize_buckets_partitions_the_split_from_easy_to_hard(tmp_path):
     assert easy["documents"] + medium["documents"] + hard["documents"] == whole["documents"] == 12
     assert easy["total_tokens"] + medium["total_tokens"] + hard["total_tokens"] == whole["total_tokens"]
     assert easy["text_bytes"] + medium["text_bytes"] + hard["text_bytes"] == whole["text_bytes"]
-    assert easy["difficulty"]["score_above"] is None and hard["difficulty"]["score_at_most"] is None
-    assert easy["difficulty"]["score_at_most"] == medium["difficulty"]["score_above"]
-    assert medium["difficulty"]["score_at_most"] == hard["difficulty"]["score_above"]
-    assert easy["difficulty"]["score_at_most"] < hard["difficulty"]["score_above"]
+    scores = [
+        (part["difficulty"]["lowest_score"], part["difficulty"]["highest_score"]) for part in (easy, medium, hard)
+    ]
+    assert scores[0][1] <= scores[1][0] <= scores[1][1] <= scores[2][0]  # each bucket's scores from easy to hard
     assert load_index(tmp_path / "tokens", "train_hard")["tokenizer"]["path"] == str(Path(tokenizer.source).resolve())
 
 

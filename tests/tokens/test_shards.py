@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import bisect
 import json
 import sysconfig
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -242,13 +242,11 @@ def test_split_shorter_than_one_window_is_rejected(tmp_path, tokenizer):
 
 
 def test_small_corpus_fills_every_difficulty_bucket():
-    from seekstack.tokens.difficulty import bucket_bounds
+    from seekstack.tokens.difficulty import bucket_parts
 
     # One document holds most bytes: by bytes alone the easy part would be empty.
-    bounds = bucket_bounds([0.1, 0.2, 0.3], [100, 1, 1], 3)
-    assert [bisect.bisect_left(bounds, score) for score in (0.1, 0.2, 0.3)] == [0, 1, 2]
-    bounds = bucket_bounds([0.1, 0.2, 0.3, 0.4, 0.5], [1, 1, 1, 100, 100], 3)
-    assert sorted({bisect.bisect_left(bounds, score) for score in (0.1, 0.2, 0.3, 0.4, 0.5)}) == [0, 1, 2]
+    assert bucket_parts([0.1, 0.2, 0.3], [100, 1, 1], 3) == [0, 1, 2]
+    assert sorted(set(bucket_parts([0.1, 0.2, 0.3, 0.4, 0.5], [1, 1, 1, 100, 100], 3))) == [0, 1, 2]
 
 
 def run_tokenize(corpus: Path, tokenizer_dir: Path, out: Path):
@@ -279,6 +277,22 @@ def test_tokenize_buckets_on_a_three_document_corpus_writes_three_non_empty_buck
     result = run_tokenize(corpus, Path(tokenizer.source), tmp_path / "tokens")
     assert result.exit_code == 0, result.output
     assert [load_index(tmp_path / "tokens", f"train_{b}")["documents"] for b in ("easy", "medium", "hard")] == [1, 1, 1]
+
+
+def test_tokenize_buckets_cuts_documents_of_equal_difficulty_into_three_equal_buckets(tmp_path, tokenizer):
+    from seekstack.tokens.difficulty import compression_ratio
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [f"Order {1000 + i} shipped to customer {20000 + 3 * i} on day {10 + i}." for i in range(30)]
+    assert max(Counter(compression_ratio(text) for text in texts).values()) == 28  # all but two tie
+    write_corpus(corpus / "train.jsonl", texts)
+    write_corpus(corpus / "val.jsonl", texts[:1])
+    result = run_tokenize(corpus, Path(tokenizer.source), tmp_path / "tokens")
+    assert result.exit_code == 0, result.output
+    buckets = [load_index(tmp_path / "tokens", f"train_{b}") for b in ("easy", "medium", "hard")]
+    assert [bucket["documents"] for bucket in buckets] == [10, 10, 10]  # was 30, 0, 0: ties all went to easy
+    assert [bucket["text_bytes"] for bucket in buckets] == [10 * len(texts[0].encode())] * 3
 
 
 def test_retokenizing_replaces_every_split_together_or_leaves_the_folder_as_it_was(tmp_path, tokenizer):
