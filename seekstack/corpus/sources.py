@@ -44,12 +44,14 @@ def read_text_folder(
     skipped: Counter[str] | None = None,
 ) -> Iterator[Document]:
     """Every file below `folder` whose suffix is in `suffixes`, one document each, in sorted order; folders named
-    in `skipped_dirs` are not entered; `skipped` counts the other files by suffix."""
+    in `skipped_dirs` are not entered; `skipped` counts the other files by suffix. Symbolic links to folders are
+    followed, as those to files are, each folder read once (a link back up to a folder being read is no loop)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataSourceError(f"{folder}: not a folder")
-    for directory, subdirs, files in os.walk(folder):
-        subdirs[:] = sorted(name for name in subdirs if name not in skipped_dirs)
+    claimed = {folder.resolve()}
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = _unclaimed_folders(Path(directory), subdirs, skipped_dirs, claimed)
         for name in sorted(files):
             path = Path(directory, name)
             if _kind(path) in suffixes:
@@ -61,6 +63,20 @@ def read_text_folder(
                 yield Document(path.relative_to(folder).as_posix(), _decoded(_read(path)), folder.name)
             elif skipped is not None:
                 skipped[_kind(path) or "(no suffix)"] += 1
+
+
+def _unclaimed_folders(
+    directory: Path, names: list[str], skipped_dirs: frozenset[str], claimed: set[Path]
+) -> list[str]:
+    """The sorted `names` of folders in `directory` to enter: not in `skipped_dirs`, and not a folder `claimed`
+    already (by its real path: through a link, or as the folder the link is in); they join `claimed`."""
+    entered = []
+    for name in sorted(names):
+        real_path = (directory / name).resolve()
+        if name not in skipped_dirs and real_path not in claimed:
+            claimed.add(real_path)
+            entered.append(name)
+    return entered
 
 
 class TextFolder:

@@ -337,6 +337,22 @@ def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
         open_source(tmp_path / "missing.jsonl")
 
 
+def test_text_folder_follows_links_to_folders_and_reads_each_folder_once(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "s.txt").write_text("linked in")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("alpha")
+    (notes / "again").symlink_to(shared)
+    (notes / "linked").symlink_to(shared)  # a second link to a folder read already
+    (notes / "loop").symlink_to(notes)  # a link back up to the folder being read
+    assert [(doc.doc_id, doc.text) for doc in read_text_folder(notes)] == [
+        ("a.txt", "alpha"),
+        ("again/s.txt", "linked in"),
+    ]
+
+
 def test_stdlib_source_skips_tests_and_idle() -> None:
     docs = list(itertools.islice(read_stdlib(), 300))
     assert len(docs) == 300 and all(doc.doc_id.endswith(".py") and doc.source == "stdlib" for doc in docs)
