@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a code point UTF-8 cannot hold (json.loads pairs whole ones)
+_DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -121,10 +122,18 @@ def _decoded(data: bytes) -> str:
     valid UTF-8 character (a legacy 8-bit file: `café` stays `café`); else UTF-8 with bad bytes as U+FFFD."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16", errors="replace")
-    text = data.decode("utf-8-sig", errors="replace")
-    if "\ufffd" in text and all(char == "\ufffd" for char in text if not char.isascii()):
+    if _starts_no_utf8_character(data):
         return data.decode("cp1252", errors="replace")
-    return text
+    return data.decode("utf-8-sig", errors="replace")
+
+
+def _starts_no_utf8_character(data: bytes) -> bool:
+    """True when no byte above 127 starts a UTF-8 character: none decodes as one (a real U+FFFD does), and the end
+    does not cut one after its second byte (`F0 9F 98`, an emoji cut by a scraper; a last lone `E9` may be an é)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")  # a bad byte -> U+DC80..U+DCFF
+    text = decoder.decode(data)  # not final: a character cut by the end waits in the decoder
+    cut_character, _ = decoder.getstate()
+    return len(cut_character) < 2 and not _DECODED_ABOVE_127.search(text)
 
 
 def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = None) -> Iterator[Document]:

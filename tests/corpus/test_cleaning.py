@@ -337,6 +337,21 @@ def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
         open_source(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        (b"Great day " + "\U0001f600".encode()[:3], "Great day \ufffd"),  # a scrape that cut its last emoji: UTF-8
+        (b"missing = '\xef\xbf\xbd'", "missing = '\ufffd'"),  # U+FFFD written in UTF-8 is a UTF-8 character
+        (b"menu: caf\xe9", "menu: caf\u00e9"),  # one last byte above 127 starts no character: Windows-1252
+    ],
+)
+def test_a_file_is_utf8_when_a_byte_above_127_starts_a_utf8_character_even_one_cut_by_its_end(
+    tmp_path: Path, data: bytes, text: str
+) -> None:
+    (tmp_path / "page.txt").write_bytes(data)
+    assert [doc.text for doc in open_source(tmp_path / "page.txt")] == [text]
+
+
 def test_text_folder_follows_links_to_folders_and_reads_each_folder_once(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
