@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from seekstack.atomic import atomic_directory, refuse_to_replace
-from seekstack.compress.formats import SCALE_DTYPE, compressed_tensors_config, dequantize_int, unpack_int4
+from seekstack.compress.formats import SCALE_DTYPE, compressed_tensors_config, dequantize_int, pack_codes, unpack_codes
 from seekstack.compress.linear import (
     QuantizedExperts,
     QuantizedLinear,
@@ -173,15 +173,22 @@ def quantization_config(
     return compressed_tensors_config(
         {f"group_{i}": (scheme, group, targets) for i, ((scheme, group), targets) in enumerate(sorted(groups.items()))},
         ignore=[layer_key(name, layers) for name in kept],
+        packed_int8=not stacked_experts,
     )
 
 
-def _with_shape(stored: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-    """compressed-tensors' pack-quantized layout records each packed matrix's (rows, columns)."""
-    if "weight_packed" in stored:
-        columns = stored["weight_packed"].shape[-1] * 8
-        stored = {**stored, "weight_shape": torch.tensor([rows, columns], dtype=torch.int64)}
-    return stored
+def _pack_quantized(stored: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """A matrix's stored tensors in compressed-tensors' pack-quantized layout: int8 codes packed four per int32 word
+    (int4's come packed), and the matrix's (rows, columns) recorded."""
+    codes = stored.get("weight")
+    if codes is not None and codes.dtype == torch.int8:
+        stored = {"weight_packed": pack_codes(codes, 8), "weight_scale": stored["weight_scale"]}
+        columns = codes.shape[-1]
+    elif "weight_packed" in stored:
+        columns = stored["weight_packed"].shape[-1] * 8  # eight int4 codes per word
+    else:
+        return stored
+    return {**stored, "weight_shape": torch.tensor([rows, columns], dtype=torch.int64)}
 
 
 def quantized_sources(key: str, module: torch.nn.Module, stacked: bool = False) -> list[tuple[str, torch.Tensor]]:
@@ -189,7 +196,8 @@ def quantized_sources(key: str, module: torch.nn.Module, stacked: bool = False) 
     `key.{e}.{gate,up,down}_proj.weight...` per expert (gate and up each half of gate_up_proj's rows), or with
     `stacked` `key.{gate_up,down}_proj.weight...` as the model holds them."""
     if isinstance(module, QuantizedLinear):
-        stored = _with_shape(module.qweight.stored(), module.out_features)
+        stored = module.qweight.stored()
+        stored = stored if stacked else _pack_quantized(stored, module.out_features)
         sources = [(f"{key}.{name}", tensor) for name, tensor in stored.items()]
         return sources + ([(f"{key}.bias", module.bias)] if module.bias is not None else [])
     if stacked:
@@ -204,7 +212,7 @@ def quantized_sources(key: str, module: torch.nn.Module, stacked: bool = False) 
         down = {name: tensor[e] for name, tensor in module.down_proj.stored().items()}
         halves = [{name: parts[i] for name, parts in gate_up.items()} for i in (0, 1)]
         for proj, stored in zip(("gate_proj", "up_proj", "down_proj"), (*halves, down), strict=True):
-            stored = _with_shape(stored, next(iter(stored.values())).shape[0])
+            stored = _pack_quantized(stored, next(iter(stored.values())).shape[0])
             sources += [(f"{key}.{e}.{proj}.{name}", tensor) for name, tensor in stored.items()]
     return sources
 
@@ -215,16 +223,16 @@ def _quantized_from_reader(reader: CheckpointReader, key: str) -> QuantizedWeigh
     names = _stored_names(reader, key)
     if names is None:
         return None
-    return weight_from_stored(
-        {name: reader.read(f"{key}.{name}", dequantize=False) for name in names}, reader.fp8_block
-    )
+    tensors = {name: reader.read(f"{key}.{name}", dequantize=False) for name in names}
+    return weight_from_stored(tensors, reader.fp8_block, bits=reader.packed_bits(key))
 
 
 def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
     if f"{key}.weight_packed" in reader:
         reader.used.add(f"{key}.weight_shape")
-        columns = reader.stored_shape(f"{key}.weight_packed")[-1] * 8  # eight 4-bit codes per int32
-        reader.check_int_scheme(key, 4, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
+        bits = reader.packed_bits(key)
+        columns = reader.stored_shape(f"{key}.weight_packed")[-1] * 32 // bits
+        reader.check_int_scheme(key, bits, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
         return ["weight_packed", "weight_scale"]
     if f"{key}.weight" not in reader:
         return None
@@ -249,7 +257,10 @@ def _expert_weights_from_reader(
             {name: reader.read(f"{key}.{proj}.{name}", dequantize=False) for name in stacked}
             for proj in ("gate_up_proj", "down_proj")
         )
-        return weight_from_stored(gate_up, reader.fp8_block, parts=2), weight_from_stored(down, reader.fp8_block)
+        return (
+            weight_from_stored(gate_up, reader.fp8_block, 2, reader.packed_bits(f"{key}.gate_up_proj")),
+            weight_from_stored(down, reader.fp8_block, 1, reader.packed_bits(f"{key}.down_proj")),
+        )
     names = _stored_names(reader, f"{key}.0.gate_proj")
     if names is None:
         return None
@@ -266,7 +277,10 @@ def _expert_weights_from_reader(
         down[name] = torch.stack([per_expert[2] for per_expert in read])
         for e in range(experts):
             reader.used.update(f"{key}.{e}.{proj}.weight_shape" for proj in ("gate_proj", "up_proj", "down_proj"))
-    return weight_from_stored(gate_up, reader.fp8_block, parts=2), weight_from_stored(down, reader.fp8_block)
+    return (
+        weight_from_stored(gate_up, reader.fp8_block, 2, reader.packed_bits(f"{key}.0.gate_proj")),
+        weight_from_stored(down, reader.fp8_block, 1, reader.packed_bits(f"{key}.0.down_proj")),
+    )
 
 
 def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: torch.device | str) -> set[str]:
@@ -439,10 +453,7 @@ class CheckpointReader:
         the compressed-tensors config group that targets it says otherwise (an edited config.json, swapped weights).
         A target is a module class (`Linear`), an exact layer name, or `re:` and a pattern."""
         config = self.directory / CONFIG_FILE
-        for name, group in self.config_groups.items():
-            targets = group.get("targets") or []
-            if not any(t == "Linear" or t == key or (t.startswith("re:") and re.match(t[3:], key)) for t in targets):
-                continue
+        for name, group in self._groups_targeting(key):
             weights = group.get("weights") or {}
             if weights.get("num_bits") != bits:
                 raise CheckpointError(
@@ -463,6 +474,36 @@ class CheckpointReader:
                 f"{config}: layer {key!r} is stored as int{bits}, but no quantization_config group targets it; "
                 f"the config and the weights disagree: {DAMAGED}"
             )
+
+    def _groups_targeting(self, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The compressed-tensors config groups whose targets name layer `key`: a module class (`Linear`), the exact
+        name, or `re:` and a pattern."""
+        for name, group in self.config_groups.items():
+            targets = group.get("targets") or []
+            if any(t == "Linear" or t == key or (t.startswith("re:") and re.match(t[3:], key)) for t in targets):
+                yield name, group
+
+    def packed_bits(self, key: str) -> int | None:
+        """Bits per code of layer `key` when it is stored as pack-quantized int32 words (else None): from the (rows,
+        columns) stored beside them, else from the config group targeting the layer (seekstack's stacked-experts
+        layout stores no shape)."""
+        if f"{key}.weight_packed" not in self:
+            return None
+        words = self.stored_shape(f"{key}.weight_packed")[-1]
+        if f"{key}.weight_shape" in self:
+            columns = int(self._get(f"{key}.weight_shape")[-1])
+            bits = words * 32 // columns if columns > 0 and words * 32 % columns == 0 else None
+            source = f"its weight_shape: {columns} columns in {words} int32 words per row"
+        else:
+            configured = [(group.get("weights") or {}).get("num_bits") for _, group in self._groups_targeting(key)]
+            bits = configured[0] if configured else 4
+            source = f"its config group: num_bits={bits}"
+        if bits not in (4, 8):
+            raise CheckpointError(
+                f"{self.file_of(f'{key}.weight_packed')}: layer {key!r} is packed as neither int4 nor int8 ({source}): "
+                f"{DAMAGED}"
+            )
+        return bits
 
     def _weight_key(self, key: str) -> str:
         return f"{key}.weight_packed" if f"{key}.weight_packed" in self.key_to_file else f"{key}.weight"
@@ -494,7 +535,7 @@ class CheckpointReader:
         packed_key = key + "_packed"
         if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
             self.used.update((packed_key, key + "_scale", key + "_shape"))
-            codes = unpack_int4(self._get(packed_key).contiguous().view(torch.uint8))
+            codes = unpack_codes(self._get(packed_key), self.packed_bits(key.removesuffix(".weight")))
             return dequantize_int(codes, self._get(key + "_scale"))
         if key not in self.key_to_file:
             where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
@@ -534,17 +575,17 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def stored_tensor_bytes(directory: str | Path) -> dict[str, int]:
-    """The bytes each tensor of checkpoint `directory` takes once loaded, by key, from its safetensors headers alone (no
-    tensor is read): as stored, without what loading leaves unread (the MTP modules' copies of the embedding and head,
-    compressed-tensors' `weight_shape`), and integer scales as the quantized layers hold them: in SCALE_DTYPE, int4's
-    with a zero point each (the CPU kernel's scale-and-zero table)."""
+    """The bytes each tensor of checkpoint `directory` takes once loaded, by key, from its safetensors headers (no
+    weight is read; only compressed-tensors' two-number `weight_shape`s): as stored, without what loading leaves unread
+    (the MTP modules' copies of the embedding and head, the `weight_shape`s), and integer scales as the quantized
+    layers hold them: in SCALE_DTYPE, int4's with a zero point each (the CPU kernel's scale-and-zero table)."""
     with CheckpointReader(Path(directory), None) as reader:
         sizes = {}
         for key in reader.key_to_file:
             if MTP_COPIES.match(key) or key.endswith(".weight_shape"):
                 continue
             if key.endswith(".weight_scale"):
-                per_scale = 2 if f"{key.removesuffix('_scale')}_packed" in reader else 1
+                per_scale = 2 if reader.packed_bits(key.removesuffix(".weight_scale")) == 4 else 1
                 sizes[key] = math.prod(reader.stored_shape(key)) * per_scale * SCALE_DTYPE.itemsize
             else:
                 sizes[key] = reader.stored_bytes(key)

@@ -1,9 +1,10 @@
 """Weight quantization formats: the arithmetic and the on-disk layout, nothing about modules.
 
 int8: symmetric per output channel, W ~ q * s with q in [-127, 127], s = amax(row) / 127.
-int4: symmetric per group of `group` input columns, W ~ q * s with q in [-8, 7], s = amax(group) / 7.5;
-      stored packed two per byte, low nibble first, each as q + 8 (the compressed-tensors `pack-quantized`
-      layout: 8 values per little-endian int32 word, so the bytes are the same).
+int4: symmetric per group of `group` input columns, W ~ q * s with q in [-8, 7], s = amax(group) / 7.5.
+Both are stored in compressed-tensors' `pack-quantized` layout (what vLLM's weight-only kernels and transformers read,
+MoE experts included): each code as the unsigned q + 2^(bits-1), 32/bits codes per little-endian int32 word, the
+first in the lowest bits; so int4 is two codes per byte, low nibble first, and int8 one code per byte.
 fp8:  e4m3 with one float32 scale per 128x128 block (DeepSeek-V3's release; see seekstack.checkpoint).
 Scales of int8/int4 are bfloat16: the CPU kernels (`torch._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`)
 take them so, and storing them so makes the file and the kernel agree exactly.
@@ -48,30 +49,39 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float().repeat_interleave(group, dim=-1)
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (..., O, I) int8 in [-8, 7] -> (..., O, I/2) uint8: element 2j in the low nibble, 2j+1 in the high, each +8."""
-    unsigned = (q.to(torch.int16) + 8).to(torch.uint8)
-    return unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q (..., O, I) int8 codes of `bits` (4 or 8) bits -> (..., O, I * bits / 32) int32 words, pack-quantized."""
+    if q.shape[-1] % (32 // bits):
+        raise ValueError(f"{q.shape[-1]} input features do not fill whole int32 words of {32 // bits} int{bits} codes")
+    unsigned = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+    if bits == 4:
+        unsigned = unsigned[..., 0::2] | (unsigned[..., 1::2] << 4)
+    return unsigned.contiguous().view(torch.int32)
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack_int4`: (..., O, I/2) uint8 -> (..., O, I) int8 in [-8, 7]."""
-    low, high = (packed & 0xF).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
-    return torch.stack((low, high), dim=-1).flatten(-2)
+def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_codes`: (..., O, W) int32 -> (..., O, W * 32 / bits) int8 codes."""
+    unsigned = words.contiguous().view(torch.uint8)
+    if bits == 4:
+        unsigned = torch.stack((unsigned & 0xF, unsigned >> 4), dim=-1).flatten(-2)
+    return (unsigned.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
-def compressed_tensors_config(groups: dict[str, tuple[str, int | None, list[str]]], ignore: list[str]) -> dict:
+def compressed_tensors_config(
+    groups: dict[str, tuple[str, int | None, list[str]]], ignore: list[str], packed_int8: bool = True
+) -> dict:
     """A compressed-tensors `quantization_config` (what vLLM and the `compressed-tensors` library read).
 
     `groups` maps a group name to (scheme, group size, targets); targets are module names as `re:` patterns.
-    Weight-only, symmetric; int8 in the `int-quantized` format, int4 in `pack-quantized`.
+    Weight-only, symmetric, in the `pack-quantized` format (vLLM runs weight-only int8 only in it, and transformers
+    reads MoE experts only in it), or int8 in `int-quantized` (one code per int8) unless `packed_int8`.
     """
     config_groups: dict[str, Any] = {}
     formats = set()
     for name, (scheme, group, targets) in groups.items():
         weights: dict[str, Any] = {"num_bits": 8 if scheme == "int8" else 4, "type": "int", "symmetric": True}
         weights.update({"strategy": "channel"} if scheme == "int8" else {"strategy": "group", "group_size": group})
-        layout = "int-quantized" if scheme == "int8" else "pack-quantized"
+        layout = "int-quantized" if scheme == "int8" and not packed_int8 else "pack-quantized"
         formats.add(layout)
         config_groups[name] = {"targets": targets, "weights": weights, "input_activations": None, "format": layout}
     return {

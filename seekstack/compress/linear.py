@@ -23,10 +23,10 @@ from torch import nn
 from seekstack.compress.formats import (
     SCALE_DTYPE,
     dequantize_int,
-    pack_int4,
+    pack_codes,
     quantize_int4,
     quantize_int8,
-    unpack_int4,
+    unpack_codes,
 )
 from seekstack.model.moe import FeedForward, RoutedExperts, Routing
 
@@ -162,8 +162,7 @@ class Int4Weight(QuantizedWeight):
         return dequantize_int(self.codes(), self.scale())
 
     def stored(self) -> dict[str, torch.Tensor]:
-        packed = pack_int4(self.codes()).contiguous()
-        return {"weight_packed": packed.view(torch.int32), "weight_scale": self.scale()}
+        return {"weight_packed": pack_codes(self.codes(), 4), "weight_scale": self.scale()}
 
     @property
     def shape(self) -> torch.Size:
@@ -219,13 +218,14 @@ class Fp8Weight(QuantizedWeight):
 
 
 def weight_from_stored(
-    tensors: dict[str, torch.Tensor], fp8_block: tuple[int, int] | None, parts: int = 1
+    tensors: dict[str, torch.Tensor], fp8_block: tuple[int, int] | None, parts: int = 1, bits: int | None = None
 ) -> QuantizedWeight:
-    """The QuantizedWeight for tensors as a checkpoint stores them (`weight_packed`: int4, int8 `weight`: int8,
-    e4m3 `weight`: fp8); a stack of experts has the expert dimension first."""
+    """The QuantizedWeight for tensors as a checkpoint stores them (`weight_packed`: `bits`-bit codes, default 4; int8
+    `weight`: int8 codes unpacked, as seekstack's stacked-experts layout and compressed-tensors' `int-quantized`
+    format have them; e4m3 `weight`: fp8); a stack of experts has the expert dimension first."""
     if "weight_packed" in tensors:
-        packed = tensors["weight_packed"].contiguous().view(torch.uint8)
-        return Int4Weight(unpack_int4(packed), tensors["weight_scale"])
+        codes = unpack_codes(tensors["weight_packed"], bits or 4)
+        return Int8Weight(codes, tensors["weight_scale"]) if bits == 8 else Int4Weight(codes, tensors["weight_scale"])
     weight = tensors["weight"]
     if weight.dtype == torch.int8:
         return Int8Weight(weight, tensors["weight_scale"])

@@ -36,6 +36,7 @@ ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above
 DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("mtp.*.eh_proj",)
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
+INT8_PER_WORD = 4  # int8 codes are stored packed, four per int32 word
 
 
 @dataclass
@@ -134,16 +135,16 @@ def _round_through_fp8(module: nn.Module, block: tuple[int, int]) -> None:
 
 
 def _unsupported(module: nn.Module, scheme: str, group: int) -> str | None:
-    if scheme != "int4":
-        return None
+    """Why `module`'s shape cannot take `scheme`, or None when it can."""
     shapes = [module.gate_up_proj.shape, module.down_proj.shape] if isinstance(module, RoutedExperts) else [
         module.weight.shape
     ]  # fmt: skip
-    for shape in shapes:
-        rows, cols = shape[-2], shape[-1]
-        if cols % group:
+    for rows, cols in ((shape[-2], shape[-1]) for shape in shapes):
+        if scheme == "int8" and cols % INT8_PER_WORD:
+            return f"{cols} input features are not a multiple of {INT8_PER_WORD} (int8 codes per stored int32)"
+        if scheme == "int4" and cols % group:
             return f"{cols} input features are not a multiple of the group size {group}"
-        if rows % INT4_ROW_MULTIPLE:
+        if scheme == "int4" and rows % INT4_ROW_MULTIPLE:
             return f"{rows} output features are not a multiple of {INT4_ROW_MULTIPLE} (the int4 kernel's tile)"
     return None
 

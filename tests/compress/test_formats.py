@@ -1,36 +1,54 @@
-"""Quantization arithmetic and bit layouts: int8 per channel, int4 per group packed two per byte, fp8 blocks."""
+"""Quantization arithmetic and bit layouts: int8 per channel, int4 per group, both packed into int32 words as
+compressed-tensors' pack-quantized format has them; fp8 blocks."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from seekstack.checkpoint import dequantize_fp8, quantize_fp8
 from seekstack.compress.formats import (
     dequantize_int,
-    pack_int4,
+    pack_codes,
     quantize_int4,
     quantize_int8,
-    unpack_int4,
+    unpack_codes,
 )
 from seekstack.compress.linear import Fp8Weight, Int4Weight, Int8Weight
 
 
 def test_int4_packing_puts_element_2j_in_the_low_nibble_offset_by_8():
-    q = torch.tensor([[-8, 7, 0, -1, 3, -3]], dtype=torch.int8)
-    packed = pack_int4(q)
-    # (-8+8) | (7+8)<<4 = 0xF0; (0+8) | (-1+8)<<4 = 0x78; (3+8) | (-3+8)<<4 = 0x5B
-    assert packed.tolist() == [[0xF0, 0x78, 0x5B]]
-    assert torch.equal(unpack_int4(packed), q)
+    q = torch.tensor([[-8, 7, 0, -1, 3, -3, 1, 2]], dtype=torch.int8)
+    packed = pack_codes(q, 4)
+    # (-8+8) | (7+8)<<4 = 0xF0; (0+8) | (-1+8)<<4 = 0x78; (3+8) | (-3+8)<<4 = 0x5B; (1+8) | (2+8)<<4 = 0xA9
+    assert packed.view(torch.uint8).tolist() == [[0xF0, 0x78, 0x5B, 0xA9]]
+    assert torch.equal(unpack_codes(packed, 4), q)
 
 
-def test_int4_packing_matches_compressed_tensors_int32_words():
-    """compressed-tensors packs 8 values per int32, value i at bits 4i: on a little-endian machine, our bytes."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+def test_int8_packing_stores_each_code_plus_128_in_one_byte_of_the_word():
+    q = torch.tensor([[-127, 127, 0, -1]], dtype=torch.int8)
+    packed = pack_codes(q, 8)
+    assert packed.dtype == torch.int32 and packed.view(torch.uint8).tolist() == [[1, 255, 128, 127]]
+    assert torch.equal(unpack_codes(packed, 8), q)
 
-    q = torch.randint(-8, 8, (6, 64), dtype=torch.int8)
-    assert torch.equal(pack_int4(q).view(torch.int32), pack_to_int32(q, 4))
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_matches_compressed_tensors_int32_words(bits):
+    """compressed-tensors packs 32/bits values per int32, value i at bits `bits` x i: on a little-endian machine, our
+    bytes; its unpacking reads our words back."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    half = 1 << (bits - 1)
+    q = torch.randint(-half + (bits == 8), half, (6, 64), dtype=torch.int8)
+    assert torch.equal(pack_codes(q, bits), pack_to_int32(q, bits))
+    assert torch.equal(unpack_from_int32(pack_codes(q, bits), bits, q.shape), q)
+
+
+def test_packing_refuses_a_row_that_does_not_fill_whole_words():
+    with pytest.raises(ValueError, match="6 input features do not fill whole int32 words of 4 int8 codes"):
+        pack_codes(torch.zeros(2, 6, dtype=torch.int8), 8)
 
 
 def test_int8_error_is_at_most_half_a_step_of_each_row():

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import seekstack
 from seekstack import Transformer
+from seekstack.checkpoint import checkpoint_tensors
 from seekstack.compress.linear import QuantizedExperts, QuantizedFeedForward, QuantizedLinear
 from seekstack.compress.quantize import QuantConfig, quantize_model, resident_bytes
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
@@ -69,9 +70,10 @@ def test_int8_and_int4_files_use_the_compressed_tensors_names_and_config(tmp_pat
         quantize_model(model, QuantConfig(scheme=scheme))
         seekstack.save_pretrained(model, tmp_path / scheme)
     int8, int4 = stored(tmp_path / "int8"), stored(tmp_path / "int4")
-    assert int8["model.layers.0.self_attn.o_proj.weight"] == ("I8", [64, 64])
+    assert int8["model.layers.0.self_attn.o_proj.weight_packed"] == ("I32", [64, 16])  # 64 values, 4 per word
     assert int8["model.layers.0.self_attn.o_proj.weight_scale"] == ("BF16", [64, 1])
-    assert int8["model.layers.1.mlp.experts.3.up_proj.weight"] == ("I8", [32, 64])
+    assert int8["model.layers.1.mlp.experts.3.up_proj.weight_packed"] == ("I32", [32, 16])
+    assert int8["model.layers.1.mlp.experts.3.up_proj.weight_shape"] == ("I64", [2])
     assert int4["model.layers.1.mlp.experts.3.up_proj.weight_packed"] == ("I32", [32, 8])  # 64 values, 8 per word
     assert int4["model.layers.1.mlp.experts.3.up_proj.weight_scale"] == ("BF16", [32, 2])
     assert int4["model.layers.1.mlp.experts.3.up_proj.weight_shape"] == ("I64", [2])
@@ -84,6 +86,10 @@ def test_int8_and_int4_files_use_the_compressed_tensors_names_and_config(tmp_pat
     [group] = config["config_groups"].values()
     assert group["weights"] == {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
     assert "lm_head" in config["ignore"]
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]
+    [group] = config["config_groups"].values()  # vLLM runs weight-only int8 (W8A16), MoE too, only pack-quantized
+    assert config["format"] == group["format"] == "pack-quantized" and group["input_activations"] is None
+    assert group["weights"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
 
 
 @pytest.mark.parametrize(
@@ -243,3 +249,29 @@ def test_resident_bytes_shrink_with_the_format():
         quantize_model(model, QuantConfig(scheme=scheme, keep=[]))
         sizes[scheme] = resident_bytes(model) / before
     assert sizes["int4"] < sizes["int8"] < 0.6
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_transformers_loads_the_int_checkpoints_of_a_moe_model_experts_included(tmp_path, scheme):
+    """transformers (through compressed-tensors) reads routed experts only in the pack-quantized format, and
+    dequantizes codes x bfloat16 scales in bfloat16: its weights are ours rounded so, and its logits follow."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme=scheme))
+    seekstack.save_pretrained(model, tmp_path)
+    reference = seekstack.load_pretrained(tmp_path, dequantize=True).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (QuantizedLinear, QuantizedExperts)):
+                for weight in reference.get_submodule(name).parameters(recurse=False):
+                    weight.copy_(weight.bfloat16())
+    dense = CompressedTensorsConfig(dequantize=True)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=dense).eval()
+    their_weights = theirs.state_dict()
+    ours = dict(checkpoint_tensors(reference, stacked_experts=True))
+    compared = [key for key in their_weights if key in ours]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in compared and len(compared) > 40
+    for key in compared:
+        assert torch.equal(their_weights[key], ours[key]), key
+    torch.testing.assert_close(logits(theirs), logits(reference), rtol=0, atol=1e-3)

@@ -201,7 +201,7 @@ def test_the_plan_of_a_checkpoint_holds_what_loading_it_holds(tmp_path, scheme):
     assert plan.resident_bytes["cpu"] == sum(model_tensor_bytes(loaded).values()) - loaded.rotary.inv_freq.nbytes
     copies = ("model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight")  # MTP's; unread
     stored = read_safetensors(tmp_path / SINGLE_FILE)
-    file_bytes = sum(tensor.nbytes for key, tensor in stored.items() if key not in copies)
+    file_bytes = sum(tensor.nbytes for key, tensor in stored.items() if key not in copies and "_shape" not in key)
     # int4's scales are held with a zero point each (the kernel's table): at 32 columns a group, 1/9 more.
     assert file_bytes <= plan.resident_bytes["cpu"] <= file_bytes * 1.12
 
