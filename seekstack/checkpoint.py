@@ -10,13 +10,13 @@ On disk (the DeepSeek releases' layout)          In seekstack
   model.layers.{L+k}.{embed_tokens,shared_head.head} copies of the shared embedding and head
   lm_head.weight                                     lm_head.weight
 FP8 releases store `weight` as float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block.
-Quantized layers (seekstack.compress) are stored under the same keys in their format's names: int8 as `weight`
-(int8) + `weight_scale`, int4 as `weight_packed` + `weight_scale` + `weight_shape` (compressed-tensors), fp8 as above.
+Quantized layers (seekstack.compress) are stored under the same keys in their format's names: int8 and int4 as
+`weight_packed` + `weight_scale` + `weight_shape` (compressed-tensors' pack-quantized), fp8 as above.
 
 seekstack's stacked-experts layout (`stacked_experts=True`; transformers 5 reads it for float weights) keeps each
 layer's routed experts as the model holds them, one (E, ...) tensor per name:
 `model.layers.{i}.mlp.experts.gate_up_proj` (float) or `...experts.gate_up_proj.weight` + `.weight_scale`
-(quantized), and the same for `down_proj`.
+(quantized; int8 codes unpacked, compressed-tensors' int-quantized, so they map), and the same for `down_proj`.
 Loading memory-maps: a tensor stored in the dtype the model asks for is used in place, its pages read from the file
 on first use (copy-on-write: the file is never changed), so the resident set is what a forward touches. Per-expert
 keys are copied into the stacked tensors; the stacked layout maps them as they are.
