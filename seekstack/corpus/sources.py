@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import sysconfig
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,9 +123,10 @@ def _decoded(data: bytes) -> str:
     valid UTF-8 character (a legacy 8-bit file: `café` stays `café`); else UTF-8 with bad bytes as U+FFFD."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16", errors="replace")
-    if _starts_no_utf8_character(data):
-        return data.decode("cp1252", errors="replace")
-    return data.decode("utf-8-sig", errors="replace")
+    try:
+        return data.decode("utf-8-sig")  # nearly every file, in one pass
+    except UnicodeDecodeError:
+        return data.decode("cp1252" if _starts_no_utf8_character(data) else "utf-8-sig", errors="replace")
 
 
 def _starts_no_utf8_character(data: bytes) -> bool:
@@ -139,37 +141,48 @@ def _starts_no_utf8_character(data: bytes) -> bool:
 def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = None) -> Iterator[Document]:
     """One document per line of a JSON Lines file, its text in `field`; ids are `id_field` or `file:line`."""
     path = Path(path)
-    with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as lines:
-        for line_number, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a byte-order mark opening the file
-            except UnicodeDecodeError as error:
-                raise DataSourceError(
-                    f"{path}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataSourceError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataSourceError(
-                    f"{path}:{line_number}: a JSON {_JSON_TYPES.get(type(record), 'value')}, not an object with a "
-                    f"{field!r} field (JSON Lines holds one object per line)"
-                )
-            if field not in record:
-                raise DataSourceError(
-                    f"{path}:{line_number}: no field {field!r} (`seekstack data` commands name another with --field)"
-                )
-            text = record[field]
-            if text is None:
-                continue  # no text (a null in a dataset export): skipped, as a Parquet row's null is
-            if not isinstance(text, str):
-                raise DataSourceError(f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not a string")
-            doc_id = str(record.get(id_field, "")) if id_field else ""
-            # JSON may escape half a character ("\ud83d", an emoji cut by a scraper): U+FFFD, as a text file's bad bytes
-            yield Document(doc_id or f"{path.name}:{line_number}", _LONE_SURROGATE.sub("\ufffd", text), path.name)
+    for line_number, line in _jsonl_lines(path):
+        if not line.strip():
+            continue
+        record = _json_object(line, f"{path}:{line_number}", field)
+        if field not in record:
+            raise DataSourceError(
+                f"{path}:{line_number}: no field {field!r} (`seekstack data` commands name another with --field)"
+            )
+        text = record[field]
+        if text is None:
+            continue  # no text (a null in a dataset export): skipped, as a Parquet row's null is
+        if not isinstance(text, str):
+            raise DataSourceError(f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not a string")
+        doc_id = str(record.get(id_field, "")) if id_field else ""
+        # JSON may escape half a character ("\ud83d", an emoji cut by a scraper): U+FFFD, as a text file's bad bytes
+        yield Document(doc_id or f"{path.name}:{line_number}", _LONE_SURROGATE.sub("\ufffd", text), path.name)
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """A JSON Lines file's lines, numbered from 1, decoded as text files are: all as UTF-16 when the file opens with
+    UTF-16's byte-order mark (as Windows PowerShell 5 writes), else each line by `_decoded`."""
+    with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as binary:
+        if binary.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            yield from enumerate(io.TextIOWrapper(binary, "utf-16", errors="replace", newline="\n"), start=1)
+        else:
+            yield from enumerate(map(_decoded, binary), start=1)
+
+
+def _json_object(line: str, where: str, field: str) -> dict[str, Any]:
+    """The JSON object on one line of a JSON Lines file, `where` (`file:line`) it stands, holding a text `field`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataSourceError(f"{where}: not valid JSON ({error.msg})") from None
+    except ValueError as error:  # an integer longer than Python converts (sys.get_int_max_str_digits, 4300 digits)
+        raise DataSourceError(f"{where}: a JSON number too long to read ({error})") from None
+    if not isinstance(record, dict):
+        raise DataSourceError(
+            f"{where}: a JSON {_JSON_TYPES.get(type(record), 'value')}, not an object with a {field!r} field (JSON "
+            "Lines holds one object per line)"
+        )
+    return record
 
 
 def _documents_from_batches(batches: Iterator[pa.RecordBatch], column: str, origin: Path) -> Iterator[Document]:

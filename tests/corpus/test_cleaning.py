@@ -278,14 +278,23 @@ def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:
         ("{oops", r"docs.jsonl:2: not valid JSON"),
         ('["x", "y"]', r"docs.jsonl:2: a JSON array, not an object with a 'text' field"),
         ("3", r"docs.jsonl:2: a JSON number, not an object with a 'text' field"),
-        ('{"text": "caf\xe9"}', r"docs.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 13\)"),
+        ('{"text": "x", "n": ' + "9" * 5000 + "}", r"docs.jsonl:2: a JSON number too long to read \(Exceeds"),
     ],
 )
 def test_jsonl_errors_name_file_line_and_field(tmp_path: Path, second_line: str, message: str) -> None:
     path = tmp_path / "docs.jsonl"
-    path.write_bytes(b'{"text": "ok"}\n' + second_line.encode("latin-1") + b"\n")  # latin-1: the \xe9 as one byte
+    path.write_text('{"text": "ok"}\n' + second_line + "\n")
     with pytest.raises(DataSourceError, match=message):
         list(read_jsonl(path))
+
+
+def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
+    powershell = tmp_path / "powershell.jsonl"  # Windows PowerShell 5's `Out-File`: UTF-16 with its mark, CRLF
+    powershell.write_bytes('{"text": "caf\u00e9 \U0001f600"}\r\n{"text": "two"}\r\n'.encode("utf-16"))
+    assert [doc.text for doc in read_jsonl(powershell)] == ["caf\u00e9 \U0001f600", "two"]
+    stray = tmp_path / "stray.jsonl"  # a legacy 8-bit line, then a UTF-8 line with one byte that is not UTF-8
+    stray.write_bytes(b'{"text": "caf\xe9"}\n{"text": "caf\xc3\xa9 \xff"}\n')
+    assert [doc.text for doc in read_jsonl(stray)] == ["caf\u00e9", "caf\u00e9 \ufffd"]
 
 
 def test_parquet_source_streams_every_row(tmp_path: Path) -> None:
