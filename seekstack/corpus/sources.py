@@ -14,6 +14,7 @@ import re
 import sysconfig
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -201,10 +202,20 @@ def _documents_from_batches(batches: Iterator[pa.RecordBatch], column: str, orig
 def read_parquet(path: str | Path, column: str = "text", batch_size: int = 1024) -> Iterator[Document]:
     """Rows of a Parquet file, text in `column`, streamed by record batches; ids are `file:row`."""
     path = Path(path)
-    parquet = pq.ParquetFile(path)
-    if column not in parquet.schema_arrow.names:
-        raise DataSourceError(f"{path}: no column {column!r}; columns are {parquet.schema_arrow.names}")
-    yield from _documents_from_batches(parquet.iter_batches(batch_size=batch_size, columns=[column]), column, path)
+    with _arrow_errors_named(path, "Parquet"):
+        parquet = pq.ParquetFile(path)
+        if column not in parquet.schema_arrow.names:
+            raise DataSourceError(f"{path}: no column {column!r}; columns are {parquet.schema_arrow.names}")
+        yield from _documents_from_batches(parquet.iter_batches(batch_size=batch_size, columns=[column]), column, path)
+
+
+@contextmanager
+def _arrow_errors_named(path: Path, file_format: str) -> Iterator[None]:
+    """pyarrow's errors reading `path` (a damaged file, or one of another format) as DataSourceErrors naming it."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as error:
+        raise DataSourceError(f"{path}: cannot be read as {file_format} ({error})") from None
 
 
 def is_saved_dataset(folder: Path) -> bool:
@@ -225,7 +236,11 @@ def read_saved_dataset(folder: str | Path, column: str = "text") -> Iterator[Doc
     for arrow_file in arrow_files:
         if not arrow_file.is_file():
             raise DataSourceError(f"{folder / 'state.json'}: lists {arrow_file.name}, which does not exist")
-        with pa.memory_map(str(arrow_file)) as mapped, pa.ipc.open_stream(mapped) as reader:
+        with (
+            _arrow_errors_named(arrow_file, "an Arrow stream"),
+            pa.memory_map(str(arrow_file)) as mapped,
+            pa.ipc.open_stream(mapped) as reader,
+        ):
             yield from _documents_from_batches(iter(reader), column, arrow_file)
 
 

@@ -307,6 +307,23 @@ def test_parquet_source_streams_every_row(tmp_path: Path) -> None:
         next(read_parquet(tmp_path / "d.parquet"))
 
 
+def test_a_damaged_parquet_or_arrow_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "notes.parquet").write_bytes(b"hello")  # not Parquet at all
+    with pytest.raises(DataSourceError, match=r"notes.parquet: cannot be read as Parquet \(Parquet file size is 5"):
+        list(open_source(tmp_path / "notes.parquet"))
+    pq.write_table(pa.table({"text": ["a row"] * 100}), tmp_path / "whole.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "whole.parquet").read_bytes()[:-100])  # a download cut short
+    with pytest.raises(DataSourceError, match=r"cut.parquet: cannot be read as Parquet \(Parquet magic bytes not"):
+        list(open_source(tmp_path / "cut.parquet"))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "data.arrow").write_bytes(b"not an arrow stream")
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data.arrow"}]}))
+    (saved / "dataset_info.json").write_text("{}")
+    with pytest.raises(DataSourceError, match=r"data.arrow: cannot be read as an Arrow stream"):
+        list(open_source(saved))
+
+
 def test_saved_dataset_source_reads_arrow_streams(tmp_path: Path) -> None:
     folder = tmp_path / "saved"
     folder.mkdir()
