@@ -138,14 +138,14 @@ def keys_create(
     ] = None,
     db: DatabaseOption = None,
 ) -> None:
-    """Create an API key and print it: it is shown this once and stored only as a hash."""
+    """Create an API key and print it: it is shown this once and stored only as a hash. A name whose keys are all
+    revoked may be used again."""
     from seekstack.serve.keys import KeyStore
 
     with user_errors():
         models = tuple(model) if model else None
         key = KeyStore(_database(db)).create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin, models=models)
-    typer.echo(key)
-    typer.echo(f"created key {name!r}; copy it now, it cannot be shown again", err=True)
+    _show_new_key(key, f"created key {name!r}")
 
 
 @keys_app.command("list")
@@ -177,6 +177,23 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="Name of the key")], db
     with user_errors():
         KeyStore(_database(db, existing=True)).revoke(name)
     typer.echo(f"revoked key {name!r}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(name: Annotated[str, typer.Argument(help="Name of the key")], db: DatabaseOption = None) -> None:
+    """Replace a key (one that leaked): revoke it and print a new one under its name, with its plan, limits, models
+    and admin flag; its usage, old and new, shows under the name."""
+    from seekstack.serve.keys import KeyStore
+
+    with user_errors():
+        key = KeyStore(_database(db, existing=True)).rotate(name)
+    _show_new_key(key, f"rotated key {name!r}: the old one is revoked")
+
+
+def _show_new_key(key: str, done: str) -> None:
+    """Print a new key on stdout, and on stderr what was done and that it is shown only now."""
+    typer.echo(key)
+    typer.echo(f"{done}; copy it now, it cannot be shown again", err=True)
 
 
 @keys_app.command("plan")

@@ -3,14 +3,16 @@
 `open_database(location)` takes a file path (SQLite) or a `postgresql://` URL. Tables, created on first open:
   plans(name, prompt_per_1k, completion_per_1k, cached_prompt_per_1k)   prices in the user's currency per 1k
         tokens; cached_prompt_per_1k: prompt tokens read from the prefix cache (NULL: the prompt price)
-  keys(name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models)   only a key's sha256
+  keys(name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models)   only a key's sha256; a
+        name has at most one active key, and may be given a new one once its keys are revoked
   usage(id, created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost,
         cached_tokens, moderation)   status 0: a stream still running, or cut off by a crash (see ledger.py)
   rate_charges(id, key_name, at, tokens)   the last minute's requests per key, for the rate limits of every process
 Times are Unix seconds (UTC). A committed write is durable: SQLite runs with `synchronous=FULL`, PostgreSQL
 with its default synchronous commit. Statements are written once, with `?` placeholders and SQL both
 dialects accept; rows come back as dicts. A SQLite file is created readable by its owner only (0600): it
-holds the key hashes and everyone's bill. Columns added since a database was created are added when it opens.
+holds the key hashes and everyone's bill. Columns added since a database was created are added when it opens, and
+a keys table from before names could be reused (its name a primary key) is rebuilt without that constraint.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ DEFAULT_PLAN = "default"
 DEFAULT_PRICE_PER_1K = 0.002
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
+KEYS_COLUMNS = """
+        name TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        plan TEXT NOT NULL REFERENCES plans(name),
+        rpm INTEGER,
+        tpm INTEGER,
+        admin INTEGER NOT NULL DEFAULT 0,
+        created_at DOUBLE PRECISION NOT NULL,
+        revoked_at DOUBLE PRECISION,
+        models TEXT
+"""
+KEYS_COLUMN_NAMES = "name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models"
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS plans (
         name TEXT PRIMARY KEY,
@@ -38,17 +53,7 @@ SCHEMA = (
     )""",
     f"""INSERT INTO plans (name, prompt_per_1k, completion_per_1k)
         VALUES ('{DEFAULT_PLAN}', {DEFAULT_PRICE_PER_1K}, {DEFAULT_PRICE_PER_1K}) ON CONFLICT (name) DO NOTHING""",
-    """CREATE TABLE IF NOT EXISTS keys (
-        name TEXT PRIMARY KEY,
-        key_hash TEXT NOT NULL UNIQUE,
-        prefix TEXT NOT NULL,
-        plan TEXT NOT NULL REFERENCES plans(name),
-        rpm INTEGER,
-        tpm INTEGER,
-        admin INTEGER NOT NULL DEFAULT 0,
-        created_at DOUBLE PRECISION NOT NULL,
-        revoked_at DOUBLE PRECISION
-    )""",
+    f"CREATE TABLE IF NOT EXISTS keys ({KEYS_COLUMNS})",
     """CREATE TABLE IF NOT EXISTS usage (
         id {id_column},
         created_at DOUBLE PRECISION NOT NULL,
@@ -74,7 +79,11 @@ ADDED_COLUMNS = (  # (table, column, definition): columns newer than the tables 
     ("plans", "cached_prompt_per_1k", "DOUBLE PRECISION"),
     ("usage", "cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
     ("usage", "moderation", "TEXT"),  # the content-safety category that blocked, redacted or flagged it
-    ("keys", "models", "TEXT"),  # JSON list of the models the key may use; NULL: all
+    ("keys", "models", "TEXT"),  # JSON list of the models the key may use; NULL: all (before a rebuild copies it)
+)
+KEYS_INDEXES = (  # made once the keys table is rebuilt, if it had to be (SQLiteDatabase._free_revoked_key_names)
+    "CREATE UNIQUE INDEX IF NOT EXISTS keys_active_name ON keys (name) WHERE revoked_at IS NULL",
+    "CREATE INDEX IF NOT EXISTS keys_by_name ON keys (name)",
 )
 
 
@@ -127,9 +136,32 @@ class SQLiteDatabase:
                 except sqlite3.OperationalError as error:
                     if "duplicate column" not in str(error):  # there already, or just added by another process
                         raise
+            self._free_revoked_key_names()
+            for statement in KEYS_INDEXES:
+                self._connection.execute(statement)
         except sqlite3.DatabaseError as error:
             raise ValueError(f"{path} is not a usable seekstack database: {error}") from error
         self._lock = threading.Lock()
+
+    def _free_revoked_key_names(self) -> None:
+        """Rebuild a keys table whose name is its primary key (one key per name, ever) without that constraint, in
+        one transaction: SQLite cannot drop a primary key in place."""
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")  # another process opening the database waits, then finds it done
+        try:
+            if any(
+                column["name"] == "name" and column["pk"] for column in connection.execute("PRAGMA table_info(keys)")
+            ):
+                connection.execute(f"CREATE TABLE keys_rebuilt ({KEYS_COLUMNS})")
+                connection.execute(
+                    f"INSERT INTO keys_rebuilt ({KEYS_COLUMN_NAMES}) SELECT {KEYS_COLUMN_NAMES} FROM keys"
+                )
+                connection.execute("DROP TABLE keys")
+                connection.execute("ALTER TABLE keys_rebuilt RENAME TO keys")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
 
     @contextmanager
     def transaction(self) -> Iterator[Statements]:
@@ -183,6 +215,9 @@ class PostgresDatabase:
                     )
                 for table, column, definition in ADDED_COLUMNS:
                     self._connection.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
+                self._connection.execute("ALTER TABLE keys DROP CONSTRAINT IF EXISTS keys_pkey")  # a name, reusable
+                for statement in KEYS_INDEXES:
+                    self._connection.execute(statement)
         except psycopg.Error as error:
             raise ValueError(f"cannot use the database {self.location}: {error}") from error
         self._lock = threading.Lock()

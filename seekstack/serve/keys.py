@@ -1,8 +1,9 @@
-"""API keys and price plans: create (the key is shown once), list, revoke, verify.
+"""API keys and price plans: create (the key is shown once), list, revoke, rotate, verify.
 
 A key is `sk-ss-` + 43 random URL-safe characters (256 bits); the database keeps its sha256 and
 its first characters (to recognise it in a list), never the key. High-entropy keys need no slow
-password hash: sha256 cannot be inverted and there is nothing to guess.
+password hash: sha256 cannot be inverted and there is nothing to guess. A name has at most one active key; once
+its keys are revoked it may be given a new one, and usage (recorded by name) shows old and new together.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from seekstack.serve.database import DEFAULT_PLAN, Database
+from seekstack.serve.database import DEFAULT_PLAN, Database, Statements
 
 KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
@@ -81,34 +82,34 @@ class KeyStore:
         admin: bool = False,
         models: tuple[str, ...] | None = None,
     ) -> str:
-        """Store a new key under `name` and return it; this is the only time it is available."""
+        """Store a new key under `name` (free, or with only revoked keys) and return it; this is the only time it is
+        available."""
         if not NAME_PATTERN.fullmatch(name):
             raise KeyStoreError(f"key name {name!r} must be 1-64 letters, digits or _.@-")
         for field, limit in (("rpm", rpm), ("tpm", tpm)):
             if limit is not None and limit < 1:
                 raise KeyStoreError(f"{field} must be at least 1 (or unset for no limit), got {limit}")
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
-        allowed = None if models is None else json.dumps(list(models))
         with self.database.transaction() as connection:
-            if connection.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone():
-                raise KeyStoreError(f"a key named {name!r} already exists; revoke it or choose another name")
-            if not connection.execute("SELECT 1 FROM plans WHERE name = ?", (plan,)).fetchone():
-                raise KeyStoreError(f"no plan {plan!r}; create it with `seekstack keys plan {plan} --prompt-price ...`")
-            connection.execute(
-                "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at, models) "
-                "VALUES (?,?,?,?,?,?,?,?,?)",
-                (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time(), allowed),
-            )
-        return key
+            if connection.execute("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
+                raise KeyStoreError(f"an active key named {name!r} already exists; rotate it (`seekstack keys rotate "
+                                    f"{name}`), revoke it or choose another name")  # fmt: skip
+            return _insert(connection, name, plan, rpm, tpm, admin, models)
 
     def revoke(self, name: str) -> None:
         """Mark the key `name` revoked: it stops working on the next request."""
         with self.database.transaction() as connection:
-            updated = connection.execute(
-                "UPDATE keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (time.time(), name)
-            ).rowcount
-        if not updated:
-            raise KeyStoreError(f"no active key named {name!r}")
+            if _revoke_active(connection, name) is None:
+                raise KeyStoreError(f"no active key named {name!r}")
+
+    def rotate(self, name: str) -> str:
+        """Revoke the active key `name` and store a new one under the name with its plan, limits, models and admin
+        flag, in one transaction; return the new key (shown this once)."""
+        with self.database.transaction() as connection:
+            old = _revoke_active(connection, name)
+            if old is None:
+                raise KeyStoreError(f"no active key named {name!r} to rotate; `seekstack keys create --name {name}` "
+                                    "makes one")  # fmt: skip
+            return _insert(connection, name, old.plan, old.rpm, old.tpm, old.admin, old.models)
 
     def list(self) -> list[ApiKey]:
         """All keys, revoked ones included, oldest first."""
@@ -148,6 +149,36 @@ class KeyStore:
     def plans(self) -> list[Plan]:
         """All plans, by name."""
         return [Plan(**row) for row in self.database.query("SELECT * FROM plans ORDER BY name")]
+
+
+def _insert(
+    connection: Statements,
+    name: str,
+    plan: str,
+    rpm: int | None,
+    tpm: int | None,
+    admin: bool,
+    models: tuple[str, ...] | None,
+) -> str:
+    """Store a new active key (in `connection`'s transaction) and return it."""
+    if not connection.execute("SELECT 1 FROM plans WHERE name = ?", (plan,)).fetchone():
+        raise KeyStoreError(f"no plan {plan!r}; create it with `seekstack keys plan {plan} --prompt-price ...`")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    allowed = None if models is None else json.dumps(list(models))
+    connection.execute(
+        "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at, models) "
+        "VALUES (?,?,?,?,?,?,?,?,?)",
+        (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time(), allowed),
+    )
+    return key
+
+
+def _revoke_active(connection: Statements, name: str) -> ApiKey | None:
+    """Revoke the active key `name` (in `connection`'s transaction); the key, or None when `name` has no active one."""
+    rows = connection.execute(
+        "UPDATE keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING *", (time.time(), name)
+    ).fetchall()
+    return _api_key(rows[0]) if rows else None
 
 
 def _api_key(row) -> ApiKey:

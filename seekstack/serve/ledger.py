@@ -61,7 +61,8 @@ class DailyUsage:
 
 
 class Ledger:
-    """Append-only usage records and their totals per key and day."""
+    """Append-only usage records and their totals per key name and day (a name's keys, old and new, together),
+    each row priced when written, at the plan of the name's newest key."""
 
     def __init__(self, database: Database):
         self.database = database
@@ -93,7 +94,8 @@ class Ledger:
         with self.database.transaction() as connection:
             plan = Plan(
                 **connection.execute(
-                    "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ?), ?)",
+                    "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ? "
+                    "ORDER BY created_at DESC LIMIT 1), ?)",  # a name's newest key: its active one, if it has one
                     (usage.key_name, DEFAULT_PLAN),
                 ).fetchone()
             )

@@ -24,11 +24,16 @@ def postgres_server() -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path) -> Database:
+def database_location(request, tmp_path) -> str:
     """The same tests on both backends: a SQLite file, and a fresh database on the PostgreSQL server."""
     if request.param == "sqlite":
-        return open_database(tmp_path / "serve.db")
-    return open_database(new_postgres_database(request.getfixturevalue("postgres_server")))
+        return str(tmp_path / "serve.db")
+    return new_postgres_database(request.getfixturevalue("postgres_server"))
+
+
+@pytest.fixture
+def database(database_location) -> Database:
+    return open_database(database_location)
 
 
 def usage(key_name: str | None, prompt: int, completion: int, status: int = 200) -> UsageRecord:
@@ -68,6 +73,71 @@ def test_key_errors_name_the_key_or_plan(database):
         keys.revoke("nobody")
     with pytest.raises(KeyStoreError, match="key name"):
         keys.create("white space")
+
+
+def test_a_name_whose_keys_are_revoked_can_be_given_a_new_key(database):
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.set_plan("gold", prompt_per_1k=0.01, completion_per_1k=0.03)
+    old = keys.create("late")
+    ledger.record(usage("late", 1000, 0))
+    keys.revoke("late")
+    new = keys.create("late", plan="gold")  # was: "a key named 'late' already exists"
+    with pytest.raises(KeyStoreError, match="an active key named 'late' already exists; rotate it"):
+        keys.create("late")
+    assert keys.verify(old) is None and keys.verify(new).plan == "gold"
+    assert [(key.name, key.revoked_at is None) for key in keys.list()] == [("late", False), ("late", True)]
+    assert ledger.record(usage("late", 1000, 0)) == pytest.approx(0.01)  # priced by the name's active key
+    (day,) = ledger.daily("late")
+    assert (day.requests, day.prompt_tokens) == (2, 2000)
+
+
+def test_rotate_revokes_the_key_and_gives_its_name_a_new_one_with_its_settings(database):
+    keys = KeyStore(database)
+    keys.set_plan("gold", prompt_per_1k=0.01, completion_per_1k=0.03)
+    old = keys.create("leaky", plan="gold", rpm=7, tpm=900, admin=True, models=("legal",))
+    new = keys.rotate("leaky")
+    assert keys.verify(old) is None and new != old
+    rotated = keys.verify(new)
+    assert (rotated.name, rotated.plan, rotated.rpm, rotated.tpm, rotated.admin, rotated.models) == (
+        "leaky", "gold", 7, 900, True, ("legal",),
+    )  # fmt: skip
+    assert [key.revoked_at is None for key in keys.list()] == [False, True]
+    keys.revoke("leaky")
+    with pytest.raises(KeyStoreError, match="no active key named 'leaky' to rotate"):
+        keys.rotate("leaky")
+
+
+OLD_KEYS_SCHEMA = (  # a database from before a name could be given a new key: its name the primary key, no models
+    "CREATE TABLE plans (name TEXT PRIMARY KEY, prompt_per_1k DOUBLE PRECISION NOT NULL, "
+    "completion_per_1k DOUBLE PRECISION NOT NULL)",
+    "INSERT INTO plans VALUES ('default', 0.002, 0.002)",
+    "CREATE TABLE keys (name TEXT PRIMARY KEY, key_hash TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL, "
+    "plan TEXT NOT NULL REFERENCES plans(name), rpm INTEGER, tpm INTEGER, admin INTEGER NOT NULL DEFAULT 0, "
+    "created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION)",
+    f"INSERT INTO keys VALUES ('old', '{hash_key('sk-ss-old')}', 'sk-ss-old', 'default', 3, NULL, 1, 100.0, NULL)",
+)
+
+
+def test_a_database_from_before_names_were_reusable_keeps_its_keys_and_frees_revoked_names(database_location):
+    if database_location.startswith("postgresql"):
+        import psycopg
+
+        with psycopg.connect(database_location, autocommit=True) as connection:
+            for statement in OLD_KEYS_SCHEMA:
+                connection.execute(statement)
+    else:
+        with sqlite3.connect(database_location) as connection:
+            for statement in OLD_KEYS_SCHEMA:
+                connection.execute(statement)
+    keys = KeyStore(open_database(database_location))
+    kept = keys.verify("sk-ss-old")
+    assert (kept.name, kept.rpm, kept.admin, kept.created_at, kept.models) == ("old", 3, True, 100.0, None)
+    new = keys.rotate("old")
+    assert keys.verify("sk-ss-old") is None and keys.verify(new).rpm == 3
+    keys.revoke("old")
+    keys.create("old")
+    reopened = KeyStore(open_database(database_location))  # a second open finds nothing left to do
+    assert [key.revoked_at is None for key in reopened.list()] == [False, False, True]
 
 
 def test_cost_follows_the_plan_of_the_key_when_recorded(database):
@@ -213,6 +283,19 @@ def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
     assert bad_day.exit_code == 1 and "'yesterday' is not in the form YYYY-MM-DD" in bad_day.stderr
 
 
+def test_keys_rotate_prints_the_new_key_once_and_revokes_the_old(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    old = KeyStore(open_database(db)).create("leaky", rpm=5)
+    rotated = runner.invoke(app, ["keys", "rotate", "leaky", "--db", db])
+    assert rotated.exit_code == 0, rotated.output
+    new = rotated.stdout.strip()
+    assert "rotated key 'leaky': the old one is revoked; copy it now" in rotated.stderr
+    store = KeyStore(open_database(db))
+    assert store.verify(old) is None and store.verify(new).rpm == 5
+    unknown = runner.invoke(app, ["keys", "rotate", "nobody", "--db", db])
+    assert unknown.exit_code == 1 and "no active key named 'nobody' to rotate" in unknown.stderr
+
+
 def test_usage_of_an_unknown_key_fails_and_a_key_without_usage_says_it_has_none(tmp_path):
     runner, db = CliRunner(), str(tmp_path / "cli.db")
     KeyStore(open_database(db)).create("idle")
@@ -242,7 +325,9 @@ def test_a_price_that_is_not_a_finite_number_at_least_zero_is_refused_and_says_s
         KeyStore(open_database(db)).set_plan("default", 1.0, 1.0, cached_prompt_per_1k=float(price))
 
 
-@pytest.mark.parametrize("command", [["usage"], ["keys", "list"], ["keys", "plan"], ["keys", "revoke", "ci"]])
+@pytest.mark.parametrize(
+    "command", [["usage"], ["keys", "list"], ["keys", "plan"], ["keys", "revoke", "ci"], ["keys", "rotate", "ci"]]
+)
 def test_commands_that_read_the_database_name_a_missing_one_instead_of_creating_it(tmp_path, command):
     missing = tmp_path / "typo.db"
     result = CliRunner().invoke(app, [*command, "--db", str(missing)])
