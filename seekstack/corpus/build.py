@@ -53,7 +53,7 @@ class CorpusBuildError(ValueError):
 @dataclass
 class Report:
     """What `build_corpus` did: documents and bytes in and kept, removals per reason with examples, documents per
-    detected kind, PII counts."""
+    detected kind, PII counts, and what the inputs held that was not read (files of other suffixes, null texts)."""
 
     documents_in: int = 0
     bytes_in: int = 0
@@ -66,6 +66,7 @@ class Report:
     kinds: dict[str, dict[str, int]] = field(default_factory=dict)  # "prose/en" -> {"in": n, "kept": n}
     pii_replacements: dict[str, int] = field(default_factory=dict)  # email / ip / secret -> count
     skipped_files: dict[str, int] = field(default_factory=dict)  # input folders' files not read, by suffix
+    null_texts: dict[str, int] = field(default_factory=dict)  # rows whose text is null, not read, by file
     seconds: float = 0.0
     workers: int = 1
     config: dict[str, Any] = field(default_factory=dict)
@@ -161,7 +162,7 @@ def build_corpus(
     Raises CorpusBuildError, writing nothing, when fewer than `config.min_kept_fraction` of the documents are kept.
     """
     config = config or CleaningConfig()
-    sources = list(sources)  # read twice: their documents, then what folders skipped
+    sources = list(sources)  # read twice: their documents, then what they did not read
     out_dir = Path(out_dir)
     _refuse_a_file_in_the_way(out_dir)
     report = Report(config=dataclasses.asdict(config), workers=workers)
@@ -207,10 +208,12 @@ def build_corpus(
                 scores.append(score)
             else:
                 scores = None
-        skipped = Counter[str]()
+        skipped, null_texts = Counter[str](), Counter[str]()
         for source in sources:
             skipped.update(getattr(source, "skipped", {}))  # a folder's files of other suffixes (TextFolder)
+            null_texts.update(getattr(source, "null_texts", {}))  # rows whose text is null (Rows)
         report.skipped_files = dict(skipped.most_common())
+        report.null_texts = dict(null_texts.most_common())
         _check_enough_kept(report, config)
         cutoff = validation_cutoff(scores, config.val_fraction)
         kept.seek(0)
@@ -232,7 +235,7 @@ def build_corpus(
 
 def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
     if report.documents_in == 0:
-        raise CorpusBuildError(f"the inputs hold no documents; check the paths and --field{_skipped(report)}")
+        raise CorpusBuildError(f"the inputs hold no documents; check the paths and --field{_not_read(report)}")
     if report.documents_kept >= max(1, config.min_kept_fraction * report.documents_in):
         return
     causes = "; ".join(
@@ -244,7 +247,7 @@ def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
         f"kept {report.documents_kept:,} of {report.documents_in:,} documents, below min_kept_fraction="
         f"{config.min_kept_fraction}; removed most by {causes}. Detected kinds: {kinds} (profile "
         f"{config.profile}). Try --profile web|code|zh, or loosen those rules' thresholds with --config "
-        f"(--write-config writes them); nothing was written{_skipped(report)}"
+        f"(--write-config writes them); nothing was written{_not_read(report)}"
     )
 
 
@@ -259,20 +262,25 @@ def _refuse_a_file_in_the_way(out_dir: Path) -> None:
         )
 
 
-def _skipped_counts(report: Report) -> str:
-    """The files not read, by suffix: `.html 3, (no suffix) 1`."""
-    return ", ".join(f"{suffix} {count:,}" for suffix, count in report.skipped_files.items())
+def _counts(counts: dict[str, int]) -> str:
+    """Counts by suffix or file: `.html 3, (no suffix) 1`."""
+    return ", ".join(f"{name} {count:,}" for name, count in counts.items())
 
 
-def _skipped(report: Report) -> str:
-    """What the input folders held that was not read, as the end of an error message."""
-    if not report.skipped_files:
-        return ""
-    return (
-        f". The input folders' {sum(report.skipped_files.values()):,} files of other suffixes "
-        f"({_skipped_counts(report)}) were not "
-        f"read; a folder's files are read by suffix: {' '.join(TEXT_SUFFIXES)} (and .gz of them)"
-    )
+def _not_read(report: Report) -> str:
+    """What the inputs held that was not read, as the end of an error message."""
+    unread = ""
+    if report.skipped_files:
+        unread += (
+            f". The input folders' {sum(report.skipped_files.values()):,} files of other suffixes "
+            f"({_counts(report.skipped_files)}) were not "
+            f"read; a folder's files are read by suffix: {' '.join(TEXT_SUFFIXES)} (and .gz of them)"
+        )
+    if report.null_texts:
+        unread += (
+            f". {sum(report.null_texts.values()):,} rows with a null text were not read ({_counts(report.null_texts)})"
+        )
+    return unread
 
 
 def report_table(report: Report) -> Table:
@@ -291,7 +299,10 @@ def report_table(report: Report) -> Table:
             table.add_row(f"  removed: {reason}", f"{count:,}", f"{example.get('id', '')} ({example.get('kind')})")
     if report.skipped_files:
         files = f"{sum(report.skipped_files.values()):,} files"
-        table.add_row("  not read: other suffixes", files, _skipped_counts(report))
+        table.add_row("  not read: other suffixes", files, _counts(report.skipped_files))
+    if report.null_texts:
+        rows = f"{sum(report.null_texts.values()):,} rows"
+        table.add_row("  not read: null text", rows, _counts(report.null_texts))
     table.add_row("kept", f"{report.documents_kept:,}", f"{report.bytes_kept / 2**20:.1f} MiB")
     table.add_row("  train / val", f"{report.train_documents:,} / {report.val_documents:,}", "")
     for kind, count in report.pii_replacements.items():

@@ -13,7 +13,7 @@ import os
 import re
 import sysconfig
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -94,6 +94,19 @@ class TextFolder:
         return read_text_folder(self.folder, skipped=self.skipped)
 
 
+class Rows:
+    """The rows of a JSONL, Parquet or saved-dataset source (`read` of `path`, text in `field`) as documents,
+    counting in `null_texts` by file the rows whose text is null (dataset exports hold them), which are skipped, for
+    the build report."""
+
+    def __init__(self, read: Callable[..., Iterator[Document]], path: Path, field: str):
+        self.read, self.path, self.field = read, path, field
+        self.null_texts: Counter[str] = Counter()
+
+    def __iter__(self) -> Iterator[Document]:
+        return self.read(self.path, self.field, null_texts=self.null_texts)
+
+
 def read_text_file(path: str | Path) -> Iterator[Document]:
     """A single text file as one document."""
     path = Path(path)
@@ -139,8 +152,11 @@ def _starts_no_utf8_character(data: bytes) -> bool:
     return len(cut_character) < 2 and not _DECODED_ABOVE_127.search(text)
 
 
-def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = None) -> Iterator[Document]:
-    """One document per line of a JSON Lines file, its text in `field`; ids are `id_field` or `file:line`."""
+def read_jsonl(
+    path: str | Path, field: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
+) -> Iterator[Document]:
+    """One document per line of a JSON Lines file, its text in `field`; ids are `id_field` or `file:line`. A line
+    whose text is null is skipped, and counted under the file's name in `null_texts`."""
     path = Path(path)
     for line_number, line in _jsonl_lines(path):
         if not line.strip():
@@ -151,8 +167,10 @@ def read_jsonl(path: str | Path, field: str = "text", id_field: str | None = Non
                 f"{path}:{line_number}: no field {field!r} (`seekstack data` commands name another with --field)"
             )
         text = record[field]
-        if text is None:
-            continue  # no text (a null in a dataset export): skipped, as a Parquet row's null is
+        if text is None:  # no text (a null in a dataset export): skipped, as a Parquet row's null is
+            if null_texts is not None:
+                null_texts[path.name] += 1
+            continue
         if not isinstance(text, str):
             raise DataSourceError(f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not a string")
         doc_id = str(record.get(id_field, "")) if id_field else ""
@@ -186,27 +204,37 @@ def _json_object(line: str, where: str, field: str) -> dict[str, Any]:
     return record
 
 
-def _documents_from_batches(batches: Iterator[pa.RecordBatch], column: str, origin: Path) -> Iterator[Document]:
+def _documents_from_batches(
+    batches: Iterator[pa.RecordBatch], column: str, origin: Path, null_texts: Counter[str] | None
+) -> Iterator[Document]:
+    """The rows of `origin`'s record batches as documents; a null text is skipped, and counted in `null_texts`."""
     row = 0
     for batch in batches:
         if column not in batch.schema.names:
             raise DataSourceError(f"{origin}: no column {column!r}; columns are {batch.schema.names}")
         for text in batch.column(column).to_pylist():
-            if text is not None and not isinstance(text, str):
+            if text is None:
+                if null_texts is not None:
+                    null_texts[origin.name] += 1
+            elif not isinstance(text, str):
                 raise DataSourceError(f"{origin}: row {row} of column {column!r} is {type(text).__name__}, not text")
-            if text is not None:
+            else:
                 yield Document(f"{origin.name}:{row}", text, origin.name)
             row += 1
 
 
-def read_parquet(path: str | Path, column: str = "text", batch_size: int = 1024) -> Iterator[Document]:
-    """Rows of a Parquet file, text in `column`, streamed by record batches; ids are `file:row`."""
+def read_parquet(
+    path: str | Path, column: str = "text", batch_size: int = 1024, null_texts: Counter[str] | None = None
+) -> Iterator[Document]:
+    """Rows of a Parquet file, text in `column`, streamed by record batches; ids are `file:row`. Rows whose text is
+    null are skipped, and counted under the file's name in `null_texts`."""
     path = Path(path)
     with _arrow_errors_named(path, "Parquet"):
         parquet = pq.ParquetFile(path)
         if column not in parquet.schema_arrow.names:
             raise DataSourceError(f"{path}: no column {column!r}; columns are {parquet.schema_arrow.names}")
-        yield from _documents_from_batches(parquet.iter_batches(batch_size=batch_size, columns=[column]), column, path)
+        batches = parquet.iter_batches(batch_size=batch_size, columns=[column])
+        yield from _documents_from_batches(batches, column, path, null_texts)
 
 
 @contextmanager
@@ -223,8 +251,11 @@ def is_saved_dataset(folder: Path) -> bool:
     return folder.is_dir() and (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
 
 
-def read_saved_dataset(folder: str | Path, column: str = "text") -> Iterator[Document]:
-    """Rows of a `save_to_disk` dataset, read from its Arrow stream files without the `datasets` library."""
+def read_saved_dataset(
+    folder: str | Path, column: str = "text", null_texts: Counter[str] | None = None
+) -> Iterator[Document]:
+    """Rows of a `save_to_disk` dataset, read from its Arrow stream files without the `datasets` library; rows whose
+    text is null are skipped, and counted under their Arrow file's name in `null_texts`."""
     folder = Path(folder)
     if not is_saved_dataset(folder):
         raise DataSourceError(f"{folder}: not a saved dataset (expected state.json and dataset_info.json)")
@@ -241,7 +272,7 @@ def read_saved_dataset(folder: str | Path, column: str = "text") -> Iterator[Doc
             pa.memory_map(str(arrow_file)) as mapped,
             pa.ipc.open_stream(mapped) as reader,
         ):
-            yield from _documents_from_batches(iter(reader), column, arrow_file)
+            yield from _documents_from_batches(iter(reader), column, arrow_file, null_texts)
 
 
 def read_stdlib() -> Iterator[Document]:
@@ -253,18 +284,18 @@ def read_stdlib() -> Iterator[Document]:
 
 def open_source(spec: str | Path, field: str = "text") -> Iterable[Document]:
     """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
-    `.parquet`, a file."""
+    `.parquet` (`Rows`), a file."""
     if str(spec) == "stdlib":
         return read_stdlib()
     path = Path(spec)
     if is_saved_dataset(path):
-        return read_saved_dataset(path, field)
+        return Rows(read_saved_dataset, path, field)
     if path.is_dir():
         return TextFolder(path)
     if not path.is_file():
         raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
     if _kind(path) == ".jsonl":
-        return read_jsonl(path, field)
+        return Rows(read_jsonl, path, field)
     if path.suffix.lower() == ".parquet":
-        return read_parquet(path, field)
+        return Rows(read_parquet, path, field)
     return read_text_file(path)

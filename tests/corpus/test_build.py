@@ -6,6 +6,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -131,6 +133,22 @@ def test_a_folder_input_reports_the_files_it_did_not_read_by_suffix(tmp_path: Pa
     console = Console(record=True, width=120)
     console.print(report_table(report))
     assert "not read: other suffixes │   4 files │ .html 3, (no suffix) 1" in console.export_text()
+
+
+def test_rows_whose_text_is_null_are_counted_by_file_in_the_report(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": None if i % 4 == 0 else prose(i)}) + "\n" for i in range(8)))
+    pq.write_table(pa.table({"text": [prose(20), None]}), tmp_path / "more.parquet")
+    sources = [open_source(rows), open_source(tmp_path / "more.parquet")]
+    report = build_corpus(sources, tmp_path / "out", show_progress=False)
+    assert report.documents_in == 7 and report.null_texts == {"rows.jsonl": 2, "more.parquet": 1}  # 10 rows in all
+    assert Report.load(tmp_path / "out" / "report.json") == report
+    console = Console(record=True, width=120)
+    console.print(report_table(report))
+    assert "not read: null text │    3 rows │ rows.jsonl 2, more.parquet 1" in console.export_text()
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n' * 3)
+    with pytest.raises(CorpusBuildError, match=r"no documents.*3 rows with a null text were not read \(nulls.jsonl 3"):
+        build_corpus([open_source(tmp_path / "nulls.jsonl")], tmp_path / "none", show_progress=False)
 
 
 def test_a_dangling_link_in_an_input_folder_is_named_with_its_target_and_nothing_is_written(tmp_path: Path) -> None:
