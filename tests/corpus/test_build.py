@@ -135,6 +135,13 @@ def test_a_folder_input_reports_the_files_it_did_not_read_by_suffix(tmp_path: Pa
     assert "not read: other suffixes │   4 files │ .html 3, (no suffix) 1" in console.export_text()
 
 
+def test_documents_are_written_in_nfc_with_unix_line_endings_and_no_nul(tmp_path: Path) -> None:
+    windows = prose(1).replace("\n", "\r\n") + "\r\nThe cafe\u0301 closes.\x00"
+    build_corpus([[Document("windows", windows, "web")]], tmp_path / "out", show_progress=False)
+    [row] = [row for split in read_rows(tmp_path / "out").values() for row in split]
+    assert row["text"] == prose(1) + "\nThe caf\u00e9 closes."
+
+
 def test_rows_whose_text_is_null_are_counted_by_file_in_the_report(tmp_path: Path) -> None:
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"text": None if i % 4 == 0 else prose(i)}) + "\n" for i in range(8)))
