@@ -1,9 +1,11 @@
 """Replace e-mail addresses, public IP addresses and secrets (API keys, tokens, passwords) with placeholders.
 
-Private, loopback and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are kept,
-as in the StarCoder PII pipeline. A version such as `3.11.7` has three parts and is never an IPv4 address; a
-four-part one such as `2.7.2.2` (both leading parts one digit), slices such as `a[1::2]` or `buf[256::]` and
-matrix products such as `w@x.mean()` are kept too.
+Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out).
+Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
+kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
+multicast (`224.0.0.251`, `ff02::1:3`) addresses. A version such as `3.11.7` has three parts and is never an IPv4
+address; a four-part one such as `2.7.2.2` (both leading parts one digit), slices such as `a[1::2]` or `buf[256::]`
+and matrix products such as `w@x.mean()` are kept too.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ _ASSIGNED_SECRET = re.compile(
 
 
 def _is_public_ip(candidate: str) -> bool:
+    """True for a globally reachable unicast address: one host on the public internet."""
     try:
         address = ipaddress.ip_address(candidate)
     except ValueError:
         return False
-    return not (address.is_private or address.is_loopback or address.is_unspecified or address.is_link_local)
+    return address.is_global and not address.is_multicast
 
 
 def _looks_like_ip(candidate: str) -> bool:

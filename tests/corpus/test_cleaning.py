@@ -232,6 +232,11 @@ def test_pii_is_replaced_and_counted() -> None:
     assert not any(secret in scrubbed for secret in ("sk-abc", "AKIA", "ghp_", "9f86d0", "hunter2"))
 
 
+def test_addresses_that_reach_no_single_public_host_are_kept() -> None:
+    text = "cgnat = '100.64.0.1'\ndocs = '192.0.2.1'\nmdns = '224.0.0.251'\nllmnr = 'ff02::1:3'\n"
+    assert scrub_pii(text) == (text, {})
+
+
 def test_code_without_pii_is_untouched() -> None:
     code = (
         "class Reader:\n    def __init__(self, token=None):\n        self.version = '3.11.7'\n"
