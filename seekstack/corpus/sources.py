@@ -189,7 +189,8 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _json_object(line: str, where: str, field: str) -> dict[str, Any]:
-    """The JSON object on one line of a JSON Lines file, `where` (`file:line`) it stands, holding a text `field`."""
+    """The JSON object on one line of a JSON Lines file, at `where` (`file:line`); an error for any other value
+    names the text `field` it should hold."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
