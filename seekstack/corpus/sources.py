@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sysconfig
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -181,11 +182,14 @@ def read_jsonl(
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     """A JSON Lines file's lines, numbered from 1, decoded as text files are: all as UTF-16 when the file opens with
     UTF-16's byte-order mark (as Windows PowerShell 5 writes), else each line by `_decoded`."""
-    with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as binary:
-        if binary.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-            yield from enumerate(io.TextIOWrapper(binary, "utf-16", errors="replace", newline="\n"), start=1)
-        else:
-            yield from enumerate(map(_decoded, binary), start=1)
+    try:
+        with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as binary:
+            if binary.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+                yield from enumerate(io.TextIOWrapper(binary, "utf-16", errors="replace", newline="\n"), start=1)
+            else:
+                yield from enumerate(map(_decoded, binary), start=1)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # what only a damaged .gz raises while being read
+        raise DataSourceError(f"{path}: not a readable gzip file ({error})") from None
 
 
 def _json_object(line: str, where: str, field: str) -> dict[str, Any]:

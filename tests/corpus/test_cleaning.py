@@ -302,6 +302,15 @@ def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     assert [doc.text for doc in read_jsonl(stray)] == ["caf\u00e9", "caf\u00e9 \ufffd"]
 
 
+def test_a_jsonl_gz_that_is_not_gzip_or_is_cut_short_is_named(tmp_path: Path) -> None:
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not compressed"}\n')
+    with pytest.raises(DataSourceError, match=r"plain.jsonl.gz: not a readable gzip file \(Not a gzipped file"):
+        list(read_jsonl(tmp_path / "plain.jsonl.gz"))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a row"}\n' * 1000)[:-12])
+    with pytest.raises(DataSourceError, match=r"cut.jsonl.gz: not a readable gzip file"):
+        list(read_jsonl(tmp_path / "cut.jsonl.gz"))
+
+
 def test_parquet_source_streams_every_row(tmp_path: Path) -> None:
     texts = [f"row {i}" for i in range(2500)]
     pq.write_table(pa.table({"body": texts, "n": list(range(2500))}), tmp_path / "d.parquet", row_group_size=700)
