@@ -28,15 +28,19 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass / per engine batch")] = 8,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task")] = None,
     per_module: Annotated[int, typer.Option(min=1, help="Questions per held-out module (cloze, next line)")] = 4,
+    device: Annotated[
+        str | None, typer.Option(help="Where the model runs: cuda, cuda:1, cpu; default cuda when available, else cpu")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Results path without suffix; default MODEL/eval/results")] = None,
 ) -> None:
-    """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json and a Markdown table OUT.md."""
+    """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json (with the options it ran with) and a Markdown
+    table OUT.md."""
     from seekstack.eval.evaluate import evaluate, results_table, write_results
     from seekstack.train.state import checkpoint_or_latest
 
     with user_errors():
         names = tuple(name.strip() for name in tasks.split(",") if name.strip())
-        report = evaluate(checkpoint_or_latest(model), names, corpus, backend, batch_size, limit, per_module)
+        report = evaluate(checkpoint_or_latest(model), names, corpus, backend, batch_size, limit, per_module, device)
         json_path, table_path = write_results(report, out or model / "eval" / "results")
     typer.echo(results_table(report))
     typer.echo(f"wall time {report['wall_s']:.1f} s; wrote {json_path} and {table_path}")

@@ -24,13 +24,15 @@ def evaluate(
     batch_size: int = 8,
     limit: int | None = None,
     per_module: int = 4,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint; return
-    {"model", "backend", "wall_s", "results": {task: {metric: value}}, "samples": n per task}."""
+    """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
+    (default: CUDA when there is one, else the CPU); return {"model", "backend", "wall_s", "results": {task:
+    {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack eval` takes them}."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
     import lm_eval
 
-    import seekstack.eval.harness  # noqa: F401  (registers the `seekstack` model with lm_eval)
+    from seekstack.eval.harness import resolve_device  # importing it registers the `seekstack` model with lm_eval
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -41,7 +43,8 @@ def evaluate(
     tokenizer = Tokenizer.from_file(model_dir) if any(task in REASONING_TASKS for task in local) else None
     specs: list[Any] = [task for task in tasks if task not in TASKS]
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
-    model_args = {"pretrained": str(model_dir), **({"dtype": "float32", "device": "cpu"} if backend == "hf" else {})}
+    device = str(resolve_device(device))
+    model_args = {"pretrained": str(model_dir), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
     started = time.perf_counter()
     try:
         output = lm_eval.simple_evaluate(
@@ -56,7 +59,14 @@ def evaluate(
         for task, values in output["results"].items()
     }
     samples = {task: counts["effective"] for task, counts in output.get("n-samples", {}).items()}
-    return {"model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples}
+    options = {
+        "tasks": list(tasks), "corpus": str(Path(corpus).resolve()) if corpus is not None else None,
+        "backend": backend, "batch_size": batch_size, "limit": limit, "per_module": per_module, "device": device,
+    }  # fmt: skip
+    return {
+        "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,
+        "options": options,
+    }  # fmt: skip
 
 
 def results_table(report: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ MAX_LABELLED_TOKENS = 48  # beyond this, heatmaps carry no token labels
 FIGURE_DPI = 110
 MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): longer texts are drawn resampled
 MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
+ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
 ATTENTION_LEVELS = 255  # the page holds each attention weight as one byte, round(p * 255): the shading's own depth
 
 
@@ -172,34 +173,38 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
 def corpus_routing(
     model: Transformer, tokenizer: Tokenizer, texts: list[str], max_tokens: int = 32768, window: int = 256
 ) -> list[dict[str, Any]]:
-    """Routing statistics of every MoE layer over up to `max_tokens` tokens of `texts`, cut in windows of
+    """Routing statistics of every MoE layer over the first `max_tokens` tokens of `texts`, cut in windows of
     `window` tokens (each its own sequence); one JSON-ready dict per layer."""
-    rows, classes = [], []
-    for ids in tokenizer.encode_batch(texts):
-        for start in range(0, len(ids) - window + 1, window):
-            rows.append(ids[start : start + window])
-            classes += [token_class(tokenizer.decode([i])) for i in rows[-1]]
-            if len(rows) * window >= max_tokens:
-                break
-        if len(rows) * window >= max_tokens:
-            break
+    rows = _token_windows(tokenizer.encode_batch(texts), window, max_tokens)
     if not rows:
         raise ValueError(f"the texts hold no window of {window} tokens")
-    input_ids = torch.tensor(rows)
-    follows = torch.ones(input_ids.shape).bool()
-    follows[:, 0] = False
-    stats = []
-    for batch_start in range(0, len(rows), 16):
-        stats.append(capture_routing(model, input_ids[batch_start : batch_start + 16]))
+    classes = [token_class(tokenizer.decode([i])) for row in rows for i in row]
+    follows = torch.cat([torch.arange(len(row)) > 0 for row in rows])  # a window's first token follows nothing
+    whole = [row for row in rows if len(row) == window]
+    batches = [whole[start : start + ROUTING_BATCH] for start in range(0, len(whole), ROUTING_BATCH)]
+    batches += [rows[len(whole) :]] if len(rows) > len(whole) else []  # the last window, cut short at max_tokens
+    stats = [capture_routing(model, torch.tensor(batch)) for batch in batches]
     records = []
     for layer_index, first in enumerate(stats[0]):
         experts = torch.cat([batch[layer_index].experts for batch in stats])
         weights = torch.cat([batch[layer_index].weights for batch in stats])
         joined = LayerRouting(first.layer, experts, weights)
-        records.append(
-            _statistics_record(routing_statistics(joined, classes, follows.flatten(), model.config.n_routed_experts))
-        )
+        records.append(_statistics_record(routing_statistics(joined, classes, follows, model.config.n_routed_experts)))
     return records
+
+
+def _token_windows(texts_ids: list[list[int]], window: int, max_tokens: int) -> list[list[int]]:
+    """Each text's consecutive `window`-token pieces (a tail shorter than a window left out), in order, until they
+    hold `max_tokens` tokens: the last piece is cut to end there."""
+    rows: list[list[int]] = []
+    left = max_tokens
+    for ids in texts_ids:
+        for start in range(0, len(ids) - window + 1, window):
+            if left <= 0:
+                return rows
+            rows.append(ids[start : start + min(window, left)])
+            left -= len(rows[-1])
+    return rows
 
 
 def _statistics_record(stats: RoutingStatistics) -> dict[str, Any]:

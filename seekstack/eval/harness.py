@@ -1,7 +1,8 @@
 """seekstack as an lm-evaluation-harness model: `lm_eval --model seekstack --model_args pretrained=DIR`.
 
 Log-likelihoods run the model's forward directly (right-padded batches, float32 log-softmax); generation runs on
-the inference engine (all requests batched, stop strings matched on the streamed text). Tokenization and the
+the inference engine (all requests batched, stop strings matched on the streamed text, each sampled request seeded
+from torch's generator, which lm_eval seeds). Tokenization and the
 request-to-window bookkeeping are lm_eval's own (`TemplateLM._encode_pair`, its rolling windows), so per-request
 log-likelihoods are those of lm_eval's HF backend on the same checkpoint loaded through transformers.
 
@@ -10,6 +11,10 @@ Shapes: B requests in a batch, T tokens, V vocabulary.
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (lm_eval lists its own backends only into an empty registry: before ours)
@@ -17,15 +22,52 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer
 
 # A scoring request as TemplateLM hands it over: (request strings or None, context ids, continuation ids).
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
+# SamplingParams fields generate_until sets itself: from lm_eval's `until` and `max_gen_toks`, the seed per request,
+# and the plain text lm_eval takes back
+HARNESS_SETS = ("max_new_tokens", "stop", "seed", "logprobs", "top_logprobs", "detokenize")
+GENERATION_KWARGS = tuple(field.name for field in fields(SamplingParams) if field.name not in HARNESS_SETS)
+LM_EVAL_GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample")  # left after lm_eval's normalize_gen_kwargs
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`device`, by default CUDA when there is one, else the CPU; a CUDA device on a machine without CUDA (lm_eval's
+    own command line defaults to cuda:0) falls back to the CPU with a warning, as lm_eval's HF backend does."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:  # how torch refuses a name that is no device
+        raise ValueError(f"device {device!r} is not a torch device name (cuda, cuda:1, cpu): {error}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"device {device!r}: CUDA is not available here, running on the CPU", stacklevel=2)
+        return torch.device("cpu")
+    return chosen
+
+
+def request_seeds(requests: list) -> list[int]:
+    """A sampling seed per generate_until request: a hash of one draw from torch's generator (which lm_eval seeds)
+    and the request's task, document, index and context, plus its repeat (lm_eval repeats a request k times for
+    k samples); so a request samples the same text on every seeded run, whatever other requests run beside it."""
+    base = int(torch.randint(2**62, ()))
+    repeats: collections.Counter = collections.Counter()
+    seeds = []
+    for request in requests:
+        key = (request.task_name, request.doc_id, request.idx, request.args[0])
+        digest = hashlib.blake2b(repr((base, key, repeats[key])).encode(), digest_size=8).digest()
+        seeds.append(int.from_bytes(digest, "little"))
+        repeats[key] += 1
+    return seeds
 
 
 @register_model("seekstack")
@@ -47,7 +89,7 @@ class SeekstackLM(TemplateLM):
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise ValueError(f"batch_size={batch_size!r}: seekstack takes a number of requests per batch, not 'auto'")
         self.batch_size_per_step = int(batch_size)
-        self._device = torch.device(device or "cpu")
+        self._device = resolve_device(device)
         self.model = load_pretrained(pretrained, dtype=getattr(torch, dtype), device=self._device).eval()
         self.tokenizer_ = Tokenizer.from_file(tokenizer or pretrained)
         self.max_length = max_length or self.model.config.max_position_embeddings
@@ -86,6 +128,7 @@ class SeekstackLM(TemplateLM):
         The input is (context + continuation)[-(max_length+1):][:-1], as lm_eval's HF backend cuts it; batches
         group requests of similar length (longest first) and are right-padded, which a causal model never sees.
         """
+        self._check_continuation_lengths(requests)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         for start in range(0, len(order), self.batch_size_per_step):
@@ -104,6 +147,17 @@ class SeekstackLM(TemplateLM):
                 total = scored.gather(1, target[:, None]).double().sum().item()  # float64: thousands of terms
                 results[i] = (total, bool((scored.argmax(dim=-1) == target).all()))
         return results  # type: ignore[return-value]
+
+    def _check_continuation_lengths(self, requests: list[TokenRequest]) -> None:
+        """ValueError naming the first request whose continuation alone is longer than max_length: its input
+        window could not hold the tokens it scores (lm_eval's HF backend fails on an assert there)."""
+        for index, (strings, _, continuation) in enumerate(requests):
+            if len(continuation) > self.max_length:
+                text = f" (continuation {strings[1][:40]!r})" if strings else ""
+                raise ValueError(
+                    f"loglikelihood request {index}{text}: the continuation is {len(continuation):,} tokens, more "
+                    f"than max_length={self.max_length:,} the model scores at once; shorten it or raise max_length"
+                )
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of each whole string, scored in disjoint windows of max_length tokens (lm_eval's own
@@ -124,25 +178,38 @@ class SeekstackLM(TemplateLM):
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Continue each context on the engine, all requests in one batch, until a stop string, EOS or
-        max_gen_toks. `do_sample` false (the default) decodes greedily; otherwise temperature/top_p/top_k apply."""
-        prompts, params = [], []
-        for context, gen_kwargs in (request.args for request in requests):
-            kwargs = dict(gen_kwargs)
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            sampled = bool(kwargs.pop("do_sample", False))
-            params.append(
-                SamplingParams(
-                    max_new_tokens=max_new,
-                    temperature=float(kwargs.get("temperature", 1.0)) if sampled else 0.0,
-                    top_p=float(kwargs.get("top_p", 1.0)),
-                    top_k=int(kwargs.get("top_k", 0)),
-                    stop=tuple(stop for stop in until if stop),
-                )
-            )
-            prompts.append(self.tok_encode(context)[-(self.max_length - max_new) :])  # left-truncated, as HF does
+        max_gen_toks. Generation kwargs as lm_eval normalizes them: greedy unless `do_sample` (or a temperature
+        above 0); the engine's sampling settings apply (temperature, top_p, top_k, min_p, repetition_penalty, ...);
+        any other kwarg is refused. Sampled requests are seeded by `request_seeds`."""
+        params = [
+            self._sampling_params(request.args[1], seed, index)
+            for index, (request, seed) in enumerate(zip(requests, request_seeds(requests), strict=True))
+        ]
+        prompts = [  # left-truncated, as HF does
+            self.tok_encode(request.args[0])[-(self.max_length - sampling.max_new_tokens) :]
+            for request, sampling in zip(requests, params, strict=True)
+        ]
         return [completion.text for completion in self.engine.generate(prompts, params)]
+
+    def _sampling_params(self, gen_kwargs: dict, seed: int, index: int) -> SamplingParams:
+        """The engine's parameters for generate_until request `index`; ValueError naming a kwarg it cannot apply."""
+        kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
+        unknown = sorted(set(kwargs) - set(LM_EVAL_GENERATION_KWARGS) - set(GENERATION_KWARGS))
+        if unknown:
+            raise ValueError(
+                f"generate_until request {index}: generation kwargs {', '.join(map(repr, unknown))} not supported by "
+                f"the seekstack backend; it takes {', '.join(LM_EVAL_GENERATION_KWARGS + GENERATION_KWARGS)}"
+            )
+        until = kwargs.pop("until")
+        max_new_tokens = kwargs.pop("max_gen_toks")
+        if not kwargs.pop("do_sample"):
+            kwargs["temperature"] = 0.0
+        stop = tuple(text for text in until if text)
+        try:
+            return SamplingParams.from_dict({**kwargs, "max_new_tokens": max_new_tokens, "stop": stop, "seed": seed})
+        except ConfigError as error:
+            problem = error.naming(f"generation kwarg {error.field!r}")
+            raise ValueError(f"generate_until request {index}: {problem}") from None
 
     def get_model_info(self) -> dict:
         return {"model_path": self.pretrained, "model_type": self.model.config.model_type}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import seekstack
 from seekstack import accounting
 from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
@@ -32,6 +34,7 @@ REPORT_FILE = "report.md"
 RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths
 SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's first, a run answers in the report
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
+EVAL_OPTIONS = ("tasks", "corpus", "backend", "batch_size", "limit", "per_module", "device")  # as results.json has them
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples: bool = True) -> Path:
@@ -61,12 +64,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
 def _environment() -> str:
     import torch
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown (not a git checkout)"
+    commit = _source_commit()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     rows = [
         ("seekstack", _version("seekstack")), ("commit", commit), ("python", platform.python_version()),
@@ -74,6 +72,24 @@ def _environment() -> str:
         ("device", device), ("torch threads", str(torch.get_num_threads())),
     ]  # fmt: skip
     return "## Environment\n\n" + _table(("", ""), rows)
+
+
+def _source_commit() -> str:
+    """The commit of the git checkout seekstack's own source is a tracked part of, wherever the report runs; unknown
+    for a package installed from a wheel (even into a folder inside some other repository)."""
+    package = Path(seekstack.__file__).parent
+    try:
+        _git(package, "ls-files", "--error-unmatch", "__init__.py")  # fails where git does not track the package
+        return _git(package, "rev-parse", "--short", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+
+
+def _git(folder: Path, *arguments: str) -> str:
+    """What `git ARGUMENTS` run in `folder` prints; CalledProcessError when it fails."""
+    return subprocess.run(
+        ["git", *arguments], cwd=folder, capture_output=True, text=True, check=True, timeout=5
+    ).stdout.strip()
 
 
 def _version(package: str) -> str:
@@ -242,10 +258,20 @@ def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], record
     if steps:
         speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)
         mfu = statistics.median(r["mfu"] for r in tail if "mfu" in r)
-        text += f"Speed over the last quarter of the steps (median): {speed:,.0f} tokens/s, MFU {mfu:.1%}.\n\n"
+        text += f"Speed over the last quarter of the steps (median): {speed:,.0f} tokens/s, {_mfu_text(mfu)}.\n\n"
     rows = [(str(r["step"]), f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r.get('val_maxvio', 0):.2f}")
             for r in evals]  # fmt: skip
     return text + _table(("step", "val loss", "val bits/byte", "val MaxVio"), rows) if rows else text.rstrip()
+
+
+def _mfu_text(mfu: float) -> str:
+    """MFU as a percentage; one above 100% is no utilisation but a peak FLOP/s measured too low, and says so."""
+    if mfu <= 1:
+        return f"MFU {mfu:.1%}"
+    return (
+        f"MFU not known: {mfu:.1%} logged, above 100% because the peak FLOP/s it divides by was too low (a CPU "
+        "matmul probe that ran while other processes held the cores, or a `peak_flops` set too low)"
+    )
 
 
 RL_QUANTITIES = (
@@ -281,8 +307,11 @@ def _evaluation(run_dir: Path, checkpoint: Path) -> str:
         return f"## Evaluation\n\nNo `{EVAL_RESULTS}` yet: `seekstack eval {run_dir} --tasks ...` writes it."
     remedy = f"run `seekstack eval {run_dir}` again to rewrite it, or delete it"
     results = _json_object(path, remedy)
-    checks = (("backend", str), ("wall_s", (int, float)), ("results", dict), ("samples", dict), ("model", str))
+    checks = (("backend", str), ("wall_s", (int, float)), ("results", dict), ("samples", dict), ("model", str),
+              ("options", dict))  # fmt: skip
     for key, kind in checks:
+        if key == "options" and key not in results:  # written before `seekstack eval` recorded its options
+            continue
         wrong = not isinstance(results.get(key), kind)
         wrong = wrong or (key == "results" and not all(isinstance(m, dict) for m in results[key].values()))
         if wrong:
@@ -298,9 +327,23 @@ def _evaluation(run_dir: Path, checkpoint: Path) -> str:
         return text
     return text + (
         f"\n\n**Not the newest checkpoint:** these results are `{measured}`'s; the run's newest is "
-        f"`{checkpoint.name}`. `seekstack eval {run_dir} --tasks {','.join(results['results'])}` (with the options it "
-        f"ran with) measures `{checkpoint.name}` and rewrites `{EVAL_RESULTS}`."
+        f"`{checkpoint.name}`. {_eval_again(run_dir, results)} measures `{checkpoint.name}` and rewrites "
+        f"`{EVAL_RESULTS}`."
     )
+
+
+def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
+    """The `seekstack eval` command that measures the run's newest checkpoint as `results` were measured, with the
+    options results.json records (a file from before they were recorded: its tasks, and a reminder)."""
+    options = results.get("options")
+    if options is None:
+        return f"`seekstack eval {run_dir} --tasks {','.join(results['results'])}` (with the options it ran with)"
+    words = ["seekstack", "eval", str(run_dir)]
+    for key in EVAL_OPTIONS:
+        value = options.get(key)
+        if value is not None:
+            words += [f"--{key.replace('_', '-')}", ",".join(value) if key == "tasks" else str(value)]
+    return f"`{shlex.join(words)}`"
 
 
 def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> str:

@@ -126,6 +126,14 @@ def test_corpus_routing_counts_every_token_once_per_layer(checkpoint):
         assert sum(record["class_tokens"].values()) == record["tokens"]
 
 
+def test_corpus_routing_reads_at_most_max_tokens_cutting_the_last_window(checkpoint):
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+    texts = [CODE * 20, "The cat sat on the mat. " * 30]
+    for max_tokens in (70, 64, 20):
+        for record in corpus_routing(model, tokenizer, texts, max_tokens=max_tokens, window=32):
+            assert record["tokens"] == max_tokens and sum(record["class_tokens"].values()) == max_tokens
+
+
 def test_explain_refuses_a_text_longer_than_the_context_and_writes_nothing(checkpoint, tmp_path):
     model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
     text = "x = 1\n" * 200

@@ -121,3 +121,54 @@ def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_transformers_model(chec
         assert our_logprob == pytest.approx(their_logprob, abs=ATOL)
         assert our_greedy == their_greedy
     assert ours.loglikelihood_rolling(rolling) == pytest.approx(theirs.loglikelihood_rolling(rolling), abs=ATOL)
+
+
+def test_sampled_generation_repeats_under_torchs_seed_whatever_requests_run_beside_it(ours):
+    sampled = {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 1.0}
+    request = Instance("generate_until", {}, ("def add(a, b):\n", sampled), 0)
+    neighbour = Instance("generate_until", {}, ("import os\n", sampled), 1)
+
+    def generate(seed: int, batch: list[Instance]) -> list[str]:
+        torch.manual_seed(seed)  # what lm_eval's simple_evaluate does before it runs the requests
+        return ours.generate_until(batch)
+
+    [alone] = generate(1234, [request])
+    assert generate(1234, [neighbour, request])[1] == alone
+    first, repeat = generate(1234, [request, request])  # lm_eval repeats a request for k samples: each its own
+    assert first == alone and repeat != alone
+    assert generate(99, [request]) != [alone]
+
+
+def test_generation_kwargs_reach_the_engine_and_any_it_cannot_apply_are_refused(ours, monkeypatch):
+    taken = []
+    monkeypatch.setattr(ours.engine, "generate", lambda prompts, params: taken.extend(params) or [])
+    kwargs = {"until": "\n", "max_gen_toks": 7, "repetition_penalty": 1.5, "min_p": 0.1, "presence_penalty": 0.5}
+    ours.generate_until(requests("generate_until", [("x = ", kwargs), ("y = ", {"temperature": 0.7, "top_k": 5})]))
+    greedy, sampled = taken
+    assert (greedy.max_new_tokens, greedy.stop, greedy.temperature) == (7, ("\n",), 0.0)
+    assert (greedy.repetition_penalty, greedy.min_p, greedy.presence_penalty) == (1.5, 0.1, 0.5)
+    assert (sampled.temperature, sampled.top_k) == (0.7, 5)  # a temperature above 0 samples, as lm_eval normalizes
+    unknown = "request 1: generation kwargs 'bogus_key', 'no_repeat_ngram_size' not supported"
+    for bad, message in (
+        ({"no_repeat_ngram_size": 2, "bogus_key": 3}, unknown),
+        ({"do_sample": True, "top_p": 2.0}, "request 1: generation kwarg 'top_p' has value 2.0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ours.generate_until(requests("generate_until", [("x = ", {}), ("y = ", bad)]))
+
+
+def test_a_cuda_device_on_a_machine_without_cuda_runs_on_the_cpu(checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="device 'cuda:0': CUDA is not available here, running on the CPU"):
+        lm = SeekstackLM(pretrained=checkpoint, device="cuda:0")  # lm_eval's command line's default device
+    assert lm.device == torch.device("cpu") and next(lm.model.parameters()).device.type == "cpu"
+    assert SeekstackLM(pretrained=checkpoint).device == torch.device("cpu")
+
+
+def test_a_continuation_longer_than_max_length_is_refused_naming_the_request(checkpoint):
+    lm = SeekstackLM(pretrained=checkpoint, max_length=8)
+    long = "x = [1, 2, 3, 4, 5, 6, 7, 8, 9]"
+    assert len(lm.tok_encode(long)) > 8
+    with pytest.raises(ValueError, match=r"loglikelihood request 1 \(continuation 'x = \[1, 2,.*: the continuation is "
+                       r"\d+ tokens, more than max_length=8"):  # fmt: skip
+        lm.loglikelihood(requests("loglikelihood", [("a = ", "1"), ("a = ", long)]))

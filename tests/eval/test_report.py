@@ -50,10 +50,14 @@ def small_run(tmp_path_factory) -> Path:
 
 def test_eval_writes_json_and_a_table(small_run):
     result = run("eval", small_run / "run", "--tasks", "code_cloze,code_perplexity", "--corpus",
-                 small_run / "corpus", "--limit", 4, "--batch-size", 4)  # fmt: skip
+                 small_run / "corpus", "--limit", 4, "--batch-size", 4, "--device", "cpu")  # fmt: skip
     assert "| code_cloze | acc |" in result.output and "wall time" in result.output
     saved = json.loads((small_run / "run" / "eval" / "results.json").read_text())
     assert set(saved["results"]) == {"code_cloze", "code_perplexity"}
+    assert saved["options"] == {
+        "tasks": ["code_cloze", "code_perplexity"], "corpus": str((small_run / "corpus").resolve()),
+        "backend": "seekstack", "batch_size": 4, "limit": 4, "per_module": 4, "device": "cpu",
+    }  # fmt: skip
     assert 0 <= saved["results"]["code_cloze"]["acc"] <= 1 and saved["results"]["code_perplexity"]["bits_per_byte"] > 0
     assert (small_run / "run" / "eval" / "results.md").read_text().count("| code_") == 5  # acc, acc_norm, 3 ppl
 
@@ -70,6 +74,24 @@ def test_report_is_one_page_with_every_section_and_its_png(small_run):
     assert "| code_cloze | acc |" in page and "```python\ndef fibonacci(n):" in page
     assert f"on `{small_run / 'run' / 'checkpoints' / 'step_4'}`" in page and "Not the newest" not in page
     assert "26 train / 4 val" in page
+
+
+@pytest.mark.parametrize("backend", ["seekstack", "hf"])
+def test_eval_runs_either_backend_on_the_device_asked_for_or_the_cpu_without_cuda(backend, tmp_path, monkeypatch):
+    import lm_eval
+    import torch
+
+    from seekstack.eval.evaluate import evaluate
+
+    asked = []
+    output = {"results": {"hellaswag": {"acc,none": 0.5}}, "n-samples": {"hellaswag": {"effective": 2}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs["model_args"]) or output)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluate(tmp_path, ("hellaswag",), None, backend, device="cpu")["options"]["device"] == "cpu"
+    with pytest.warns(UserWarning, match="'cuda': CUDA is not available here"):
+        evaluate(tmp_path, ("hellaswag",), None, backend, device="cuda")
+    assert evaluate(tmp_path, ("hellaswag",), None, backend)["options"]["device"] == "cpu"  # the default, here
+    assert [args["device"] for args in asked] == ["cpu", "cpu", "cpu"]
 
 
 def test_explain_through_the_command_line_writes_the_page_and_routing_statistics(small_run):
@@ -176,3 +198,38 @@ def test_a_damaged_run_config_or_shard_index_is_named(tmp_path):
     (tmp_path / "tokens" / "train_index.json").write_text('{"split": "train"}')
     with pytest.raises(ValueError, match="train_index.json: a shard index without 'documents', 'total_tokens'"):
         _data(tmp_path / "run", {"data_dir": "../tokens"})
+
+
+@pytest.mark.parametrize("mfu, said", [(0.42, "MFU 42.0%."), (1.935, "MFU not known: 193.5% logged, above 100%")])
+def test_speed_gives_the_mfu_and_calls_one_above_100_percent_a_peak_measured_too_low(tmp_path, mfu, said):
+    from seekstack.eval.report import _training
+
+    records = [{"step": step, "loss": 2.0, "lm_loss": 2.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": mfu}
+               for step in (1, 2)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    speed = _training(tmp_path, tmp_path, {}, records)
+    assert f"900 tokens/s, {said}" in speed and ("too low" in speed) == (mfu > 1)
+
+
+def test_environment_names_seekstacks_own_commit_not_that_of_the_folder_it_runs_in(tmp_path, monkeypatch):
+    import subprocess
+
+    import seekstack
+    from seekstack.eval.report import _environment
+
+    def git(folder: Path, *arguments: str) -> str:
+        done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *arguments], cwd=folder,
+                              capture_output=True, text=True)  # fmt: skip
+        return done.stdout.strip() if done.returncode == 0 else "unknown (not a git checkout)"
+
+    other = tmp_path / "other"
+    (other / "site-packages" / "seekstack").mkdir(parents=True)
+    git(other, "init", "-q")
+    git(other, "commit", "-q", "--allow-empty", "-m", "another project")
+    monkeypatch.chdir(other)
+    own = git(Path(seekstack.__file__).parent, "rev-parse", "--short", "HEAD")
+    assert f"| commit | {own} |" in _environment() and own != git(other, "rev-parse", "--short", "HEAD")
+    installed = other / "site-packages" / "seekstack" / "__init__.py"  # a wheel's copy, in another repository's folder
+    installed.write_text("")
+    monkeypatch.setattr(seekstack, "__file__", str(installed))
+    assert "| commit | unknown (not a git checkout) |" in _environment()

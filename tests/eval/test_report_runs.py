@@ -23,28 +23,41 @@ RL_CONFIG = {"init_from": "../sft", "task": "addition", "difficulty": 1, "batch_
              "max_completion_length": 12}  # fmt: skip
 
 
-def _write_eval_results(run_dir: Path, model: str) -> None:
-    """eval/results.json as `seekstack eval` writes it, having measured checkpoint `model`."""
+EVAL_OPTIONS = {"tasks": ["reason_addition"], "corpus": "/data/my corpus", "backend": "hf", "batch_size": 2,
+                "limit": 40, "per_module": 4, "device": "cpu"}  # fmt: skip
+
+
+def _write_eval_results(run_dir: Path, model: str, **options: object) -> None:
+    """eval/results.json as `seekstack eval` writes it, having measured checkpoint `model` with `options` (none: as
+    it wrote the file before it recorded them)."""
     (run_dir / EVAL_RESULTS).parent.mkdir(parents=True)
     (run_dir / EVAL_RESULTS).write_text(json.dumps({
         "model": model, "backend": "seekstack", "wall_s": 3.0, "results": {"reason_addition": {"exact_match": 0.5}},
-        "samples": {"reason_addition": 10},
+        "samples": {"reason_addition": 10}, **({"options": options} if options else {}),
     }))  # fmt: skip
 
 
 def test_evaluation_names_the_checkpoint_it_measured_and_says_when_the_run_has_a_newer_one(tmp_path):
     run_dir = tmp_path / "rlA"
-    _write_eval_results(run_dir, "rlA/checkpoints/step_16")  # relative to where eval ran, as the user named the run
+    _write_eval_results(run_dir, "rlA/checkpoints/step_16", **EVAL_OPTIONS)  # the run named as the user named it
     stale = _evaluation(run_dir, run_dir / "checkpoints" / "step_18")
     assert (
         "lm-evaluation-harness on `rlA/checkpoints/step_16`" in stale and "| reason_addition | exact_match |" in stale
     )
     assert "**Not the newest checkpoint:** these results are `rlA/checkpoints/step_16`'s; the run's newest is" in stale
-    assert (
-        f"`seekstack eval {run_dir} --tasks reason_addition` (with the options it ran with) measures `step_18`" in stale
+    rerun = (
+        f"seekstack eval {run_dir} --tasks reason_addition --corpus '/data/my corpus' --backend hf --batch-size 2 "
+        "--limit 40 --per-module 4 --device cpu"
     )
+    assert f"`{rerun}` measures `step_18` and rewrites `eval/results.json`" in stale
     current = _evaluation(run_dir, run_dir / "checkpoints" / "step_16")
     assert "on `rlA/checkpoints/step_16`" in current and "newest" not in current
+
+
+def test_evaluation_results_from_before_eval_recorded_its_options_still_name_the_rerun(tmp_path):
+    _write_eval_results(tmp_path, "checkpoints/step_16")
+    stale = _evaluation(tmp_path, tmp_path / "checkpoints" / "step_18")
+    assert f"`seekstack eval {tmp_path} --tasks reason_addition` (with the options it ran with) measures" in stale
 
 
 @pytest.mark.parametrize(
