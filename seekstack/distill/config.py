@@ -25,8 +25,10 @@ class DistillConfig(TrainConfig):
     JSD_beta(teacher, student) + sum over mapped layers of weight * feature distance (+ the student's MTP and
     balance terms, as in pretraining); validation (token shards only) scores the student alone."""
 
+    checkpoint_fields = ("init_from", "teacher")  # a run's out_dir given there stands for its newest checkpoint
+
     out_dir: str = "runs/distill"
-    teacher: str = ""  # the teacher's checkpoint folder (with its tokenizer.json, the student's tokenizer)
+    teacher: str = ""  # the teacher's checkpoint folder (with its tokenizer.json, the student's tokenizer) or run
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"  # the frozen teacher's weights and arithmetic
     ce_weight: NonNegativeFloat = 0.5  # the student's next-token cross-entropy on the corpus
     kd_weight: NonNegativeFloat = 0.5  # the divergence from the teacher's next-token distribution

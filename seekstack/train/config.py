@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from annotated_types import Interval
 
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "train_config.json"
 TRAIN_SPLIT = "train"
+VAL_SPLIT = "val"  # the split evaluations score
 Beta = Annotated[float, Interval(ge=0, lt=1)]
+Seed = Annotated[int, Interval(ge=0, lt=2**32)]  # numpy's seeds are 32-bit
 T = TypeVar("T", bound="TrainConfig")
 
 
@@ -48,10 +50,12 @@ T = TypeVar("T", bound="TrainConfig")
 class TrainConfig:
     """Everything a pre-training run needs. Batch sizes count sequences of `seq_len` tokens, over all ranks."""
 
+    # Fields naming a checkpoint folder, where a run's out_dir stands for its newest checkpoint (resolve_train_config)
+    checkpoint_fields: ClassVar[tuple[str, ...]] = ("init_from",)
     model: str = "tiny"  # a preset name of seekstack.config.PRESETS
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
-    # A checkpoint folder (Hugging Face format: ours, an export, a DeepSeek release) whose weights start the run;
-    # model and model_overrides are then unused.
+    # A checkpoint folder (Hugging Face format: ours, an export, a DeepSeek release), or a run's out_dir for its newest
+    # checkpoint, whose weights start the run; model and model_overrides, when given, must then describe its model.
     init_from: str = ""
     data_dir: str = "data/tokens"  # holds train_index.json (and val_index.json): where `data tokenize` writes
     # Splits of data_dir to draw from, each with a weight or one weight per phase (phases cut training evenly),
@@ -87,7 +91,7 @@ class TrainConfig:
     eval_batches: Positive = 20
     save_every: NonNegative = 500  # a checkpoint is also written at the last step and on Ctrl-C
     keep_checkpoints: Positive = 3
-    seed: int = 0
+    seed: Seed = 0
     dtype: Literal["float32", "bfloat16"] = (
         "float32"  # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32)
     )
@@ -124,6 +128,13 @@ class TrainConfig:
                 "'none' with parallel=fsdp (FSDP reduce-scatters; compression hooks are DDP's)",
             )
             require(not config.cpu_offload or config.parallel == "fsdp", "cpu_offload", "false unless parallel=fsdp")
+            require_folder_path(config.out_dir, "out_dir")
+            require(
+                VAL_SPLIT not in config.mixture or not config.eval_every,
+                "mixture",
+                f"without the {VAL_SPLIT!r} split, which evaluations score (its val_loss would be a training loss); "
+                "or set eval_every=0",
+            )
             init_from = config.init_from
             require(
                 not init_from or Path(init_from).is_dir(),
@@ -180,6 +191,12 @@ class TrainConfig:
 nested_config(TrainConfig, "model_overrides", ModelConfig, prefix="model")
 
 
+def require_folder_path(path: str, name: str) -> None:
+    """A ConfigError naming the field `name` unless `path` is a folder or can be made one (no file in the way)."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    require(existing.is_dir(), name, f"a folder, not {path!r} ({existing} is a file)")
+
+
 def require_tokenizer_file(path: str, name: str, expectation: str) -> None:
     """A ConfigError naming the field `name` unless its `path` is a tokenizer.json or a folder holding one."""
     from seekstack.tokenizer import tokenizer_json_path
@@ -205,7 +222,10 @@ def resolve_train_config(
 ) -> T:
     """The config of a run (a TrainConfig, or a stage's subclass of it). With `resume`, the run's saved
     `train_config.json` (in the `out_dir` the file or the overrides name, else the default; it holds the config of
-    the run's last start or resume) is the base, and `warn` hears of every field the file or overrides change."""
+    the run's last start or resume) is the base, and `warn` hears of every field the file or overrides change.
+    A run's out_dir given for a checkpoint (`init_from`) stands for its newest checkpoint, which `warn` hears of.
+    Model settings the file or overrides give that are not the model of the checkpoint the run trains (`init_from`'s,
+    or on resume its own) are refused: that model is trained whatever they say."""
     given = _given_values(path)
     source = str(path) if path is not None else None
     base: dict[str, Any] = {}
@@ -217,9 +237,10 @@ def resolve_train_config(
                 f"{saved_path}: no such file; a run to resume has its config there (start without resume)"
             )
         base = _given_values(saved_path)
-    values = apply_overrides(cls, {**base, **given}, overrides)
+    values = _checkpoints_of_runs(cls, apply_overrides(cls, {**base, **given}, overrides), warn)
     try:
         config = check(cls, values).validate()
+        _refuse_another_model(config, _model_settings(cls, given, overrides), resume)
     except ConfigError as error:
         raise (error.at(_blamed(cls, error, overrides, source)) if source else error) from None
     if resume and warn is not None:
@@ -231,9 +252,81 @@ def resolve_train_config(
     return config
 
 
+def _checkpoints_of_runs(
+    cls: type[TrainConfig], values: dict[str, Any], tell: Callable[[str], None] | None
+) -> dict[str, Any]:
+    """`values` with each checkpoint field that names a run's out_dir (`checkpoints/step_N` inside, no config.json)
+    set to the run's newest complete checkpoint, which `tell` hears of."""
+    from seekstack.train.state import checkpoint_dir, checkpoint_or_latest
+
+    values = dict(values)
+    for name in cls.checkpoint_fields:
+        given = values.get(name)
+        if not isinstance(given, str) or not given or not checkpoint_dir(given).is_dir():
+            continue
+        try:
+            picked = checkpoint_or_latest(given)
+        except FileNotFoundError as error:
+            raise ConfigError(f": {error}", field=name) from None
+        if picked != Path(given):
+            values[name] = str(picked)
+            if tell is not None:
+                tell(f"{name}={given}: using the run's newest checkpoint, {picked}")
+    return values
+
+
+def _model_settings(cls: type[TrainConfig], given: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """The model settings a config file or the overrides give, by key (`model`, `model.F` per ModelConfig field F).
+    A file's `model` counts when it is not the default (--write-config writes every field, defaults included)."""
+    model_fields = ("model", "model_overrides")
+    on_command_line = [o for o in overrides if overridden_field(cls, o.partition("=")[0]) in model_fields]
+    set_there = apply_overrides(cls, {}, on_command_line)
+    preset_name = set_there.get("model", given.get("model", cls.model))
+    settings = {"model": preset_name} if "model" in set_there or preset_name != cls.model else {}
+    fields_set = {**given.get("model_overrides", {}), **set_there.get("model_overrides", {})}
+    return settings | {f"model.{name}": value for name, value in fields_set.items()}
+
+
+def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume: bool) -> None:
+    """A ConfigError naming the first of the model `settings` given when they describe another model than the
+    checkpoint the run trains (a new run from scratch builds what they say)."""
+    from seekstack.checkpoint import read_config
+
+    checkpoint = _trained_checkpoint(config, resume) if settings else None
+    if checkpoint is None:
+        return
+    theirs, said = read_config(checkpoint), config.model_config()
+    if "model" in settings:
+        names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
+    else:
+        names = [setting.removeprefix("model.") for setting in settings]
+    differ = [name for name in names if name != "aux_loss_alpha" and getattr(said, name) != getattr(theirs, name)]
+    if not differ:
+        return
+    given = ", ".join(f"{setting}={value}" for setting, value in settings.items())
+    values = "; ".join(f"{name} {getattr(theirs, name)!r} there, {getattr(said, name)!r} here" for name in differ)
+    how = "starts from it" if config.init_from else "is resumed from it"
+    raise ConfigError(
+        f": {given} given, but the checkpoint {checkpoint} holds another model ({values}); a run that {how} trains "
+        "its model: leave the model settings out",
+        field=next(iter(settings)),
+    )
+
+
+def _trained_checkpoint(config: TrainConfig, resume: bool) -> Path | None:
+    """The checkpoint whose model the run trains: `init_from`, else on resume the run's newest; None for a new run
+    from scratch (or a resumed one that saved no checkpoint yet)."""
+    from seekstack.train.state import list_checkpoints
+
+    if config.init_from:
+        return Path(config.init_from)
+    found = list_checkpoints(config.out_dir) if resume else []
+    return found[-1] if found else None
+
+
 def _blamed(cls: type, error: ConfigError, overrides: Sequence[str], source: str) -> str:
     """Where the value of the field at fault came from: the command line's key=value, or else config file `source`."""
-    field = error.field.partition(".")[0] if error.field else None
+    field = overridden_field(cls, error.field) if error.field else None
     given = {overridden_field(cls, override.partition("=")[0]) for override in overrides}
     return "key=value on the command line" if field in given else source
 

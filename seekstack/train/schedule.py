@@ -1,5 +1,6 @@
-"""Learning rate as a pure function of the optimizer step, so resuming needs only the step number (and, when a
-resumed run was given more steps, the point its decay continues from)."""
+"""The schedules of training as pure functions of the optimizer step: the learning rate, and the progress that the
+mixture's phases and the MTP loss weight follow. Resuming needs only the step number (and, when a resumed run was
+given another `max_steps`, the anchors its schedules continue from)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,31 @@ def learning_rate(step: int, config: TrainConfig, anchor: LrAnchor | None = None
     return config.lr + (config.min_lr - config.lr) * progress
 
 
+@dataclass(frozen=True)
+class ProgressAnchor:
+    """A resumed run was given another `max_steps` at `step`, when `progress` of training was done: from there
+    progress runs on to 1 over the steps left, so the mixture's phases and the MTP weight never go back."""
+
+    step: int
+    progress: float
+
+
+def training_progress(step: int, config: TrainConfig, anchor: ProgressAnchor | None = None) -> float:
+    """The fraction of training done before optimizer step `step` (0-based), which the mixture's phases and the MTP
+    loss weight follow: step / max_steps, or from an anchor, its progress stretched over the steps left."""
+    if anchor is None:
+        return step / config.max_steps
+    span = max(config.max_steps - anchor.step, 1)
+    return anchor.progress + (1 - anchor.progress) * min((step - anchor.step) / span, 1.0)
+
+
+def mtp_weight_at(progress: float, config: TrainConfig) -> float:
+    """lambda = `mtp_loss_weight` for the first `mtp_switch_fraction` of training, then `mtp_loss_weight_late`
+    (0.3, then 0.1 in DeepSeek-V3 §4.2)."""
+    early = progress < config.mtp_switch_fraction
+    return config.mtp_loss_weight if early else config.mtp_loss_weight_late
+
+
 def _decay_from(anchor: LrAnchor, step: int, config: TrainConfig) -> float:
     """The schedule's decay shape, started at the anchor's rate and stretched over the steps left."""
     span = max(config.max_steps - anchor.step, 1)
@@ -61,3 +87,15 @@ def resumed_lr_anchor(train_state: dict[str, Any], config: TrainConfig) -> LrAnc
     if config.schedule == "wsd" and rate == config.lr and anchor is None:
         return None  # still on the plateau: the longer schedule simply holds it longer
     return LrAnchor(step, rate)
+
+
+def resumed_progress_anchor(train_state: dict[str, Any], config: TrainConfig) -> ProgressAnchor | None:
+    """The progress anchor a resumed run continues from: the saved one, or a new one at the resume step, holding the
+    progress the run had reached, when `max_steps` changed."""
+    saved = train_state.get("progress_anchor")
+    anchor = ProgressAnchor(**saved) if saved else None
+    old = check(TrainConfig, train_state["config"])
+    if old.max_steps == config.max_steps:
+        return anchor
+    step = int(train_state["step"])
+    return ProgressAnchor(step, training_progress(step, old, anchor))

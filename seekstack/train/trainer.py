@@ -17,8 +17,11 @@ import itertools
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,10 +62,18 @@ from seekstack.tokens.mixture import MixtureWindows
 from seekstack.tokens.provenance import require_checkpoint_tokenizer, retokenize_command
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.balance import max_violation, update_expert_bias
-from seekstack.train.config import TrainConfig
+from seekstack.train.config import VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
-from seekstack.train.schedule import LrAnchor, learning_rate, resumed_lr_anchor
+from seekstack.train.schedule import (
+    LrAnchor,
+    ProgressAnchor,
+    learning_rate,
+    mtp_weight_at,
+    resumed_lr_anchor,
+    resumed_progress_anchor,
+    training_progress,
+)
 from seekstack.train.state import (
     OPTIMIZER_DIR,
     latest_checkpoint,
@@ -79,7 +90,6 @@ from seekstack.train.state import (
     write_training_files,
 )
 
-VAL_SPLIT = "val"
 PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a terminal (a log file, CI)
 
 
@@ -115,7 +125,7 @@ class BatchSource(Protocol):
         ...
 
     def batch(self, batch_size: int, progress: float) -> Any:
-        """The next micro-batch; `progress` is the fraction of training done."""
+        """The next micro-batch; `progress` is the fraction of the run's steps done (step / max_steps)."""
         ...
 
     def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
@@ -238,11 +248,21 @@ def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
     return [path, config_file] if config_file.is_file() else [path]
 
 
-def mtp_weight_at(step: int, config: TrainConfig) -> float:
-    """lambda = `mtp_loss_weight` for the first `mtp_switch_fraction` of training, then `mtp_loss_weight_late`
-    (0.3, then 0.1 in DeepSeek-V3 §4.2)."""
-    early = step < config.mtp_switch_fraction * config.max_steps
-    return config.mtp_loss_weight if early else config.mtp_loss_weight_late
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) inside the block interrupts at its end, so the block runs whole; outside the main thread,
+    where Python delivers no signals, the block is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)  # to the handler the block had held back: KeyboardInterrupt by default
 
 
 def train(
@@ -301,6 +321,9 @@ class _Run:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
         self.step = 0
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
+        self.progress_anchor: ProgressAnchor | None = None  # where it continues its mixture phases and MTP weight
+        self.evaluation_pending = False  # this step's evaluation is due and not yet logged
+        self.step_start: tuple[dict[str, Any], dict[str, Any]] | None = None  # data and RNG states, inside a step
         self.resumed_from: Path | None = None
         train_state: dict[str, Any] | None = None
         if resume:
@@ -314,6 +337,8 @@ class _Run:
             self.step = int(train_state["step"])
             self.data.load_state_dict(train_state["data"])
             self.lr_anchor = resumed_lr_anchor(train_state, config)
+            self.progress_anchor = resumed_progress_anchor(train_state, config)
+            self.evaluation_pending = bool(train_state.get("evaluation_pending")) and config.eval_every > 0
             self._say(f"resumed from step {self.step} ({path})")
             self.resumed_from = path
         else:
@@ -369,33 +394,37 @@ class _Run:
     def run(self, resumable: bool = True) -> TrainResult:
         result = TrainResult(self.step, checkpoint=self.resumed_from)  # a finished run resumed trains nothing
         started, first_step = time.perf_counter(), self.step
-        step_start: tuple[dict[str, Any], dict[str, Any]] | None = None  # data and RNG states, inside a step
         try:
+            self._evaluate_pending()  # a run interrupted during its last step's evaluation runs it first
             while self.step < self.config.max_steps:
-                step_start = self.data.state_dict(), rng_state()
+                self.step_start = self.data.state_dict(), rng_state()
                 with self.threads.step(self.step):
-                    metrics = self.train_step()
-                self.step += 1
-                step_start = None
+                    metrics = self.train_step()  # counts the step once its update is made
                 result.losses.append(metrics["loss"])
                 elapsed = time.perf_counter() - started
                 eta = elapsed / (self.step - first_step) * (self.config.max_steps - self.step)
                 self._progress(metrics, eta)
-                if self.config.eval_every and self.step % self.config.eval_every == 0:
-                    self.evaluate()
+                self._evaluate_pending()
                 if self.config.save_every and self.step % self.config.save_every == 0 or self.is_last_step:
                     result.checkpoint = self.save()
         except KeyboardInterrupt:
             if not resumable:
                 raise
-            if step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
-                self.data.load_state_dict(step_start[0])
-                set_rng_state(step_start[1])
+            if self.step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
+                self.data.load_state_dict(self.step_start[0])
+                set_rng_state(self.step_start[1])
             result.checkpoint = self.save()
             self._say(f"\ninterrupted: saved {result.checkpoint}; continue with --resume")
             raise
         result.step = self.step
         return result
+
+    def _evaluate_pending(self) -> None:
+        """The evaluation of the step just done, when one is due; a checkpoint saved on Ctrl-C during it says it is
+        still due, so the resumed run logs it as an uninterrupted one does."""
+        if self.evaluation_pending:
+            self.evaluate()
+            self.evaluation_pending = False
 
     @property
     def is_last_step(self) -> bool:
@@ -414,7 +443,9 @@ class _Run:
         lr = learning_rate(self.step, config, self.lr_anchor)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        mtp_weight = mtp_weight_at(self.step, config)
+        progress = training_progress(self.step, config, self.progress_anchor)  # of the mixture and MTP schedules
+        mtp_weight = mtp_weight_at(progress, config)
+        data_progress = progress if self.source is None else self.step / config.max_steps  # a source counts steps
         sums = torch.zeros(3, device=self.ranks.device)  # loss, lm_loss, mtp_loss summed over micro-batches
         micro_losses = torch.zeros(config.grad_accum_steps, device=self.ranks.device)  # lm_loss of each micro-batch
         expert_load: torch.Tensor | None = None
@@ -422,7 +453,7 @@ class _Run:
         tokens, flops = 0, 0  # trained token positions and their training FLOPs, over micro-batches and ranks
         self.optimizer.zero_grad(set_to_none=True)
         for micro in range(config.grad_accum_steps):
-            rows = self.data.batch(config.batch_size, progress=self.step / config.max_steps)
+            rows = self.data.batch(config.batch_size, progress=data_progress)
             positions, length = self._trained_tokens(rows)
             tokens += positions
             flops += positions * training_flops_per_token(model.config, length)
@@ -457,48 +488,53 @@ class _Run:
                 f"step {self.step + 1}: loss={loss} grad_norm={grad_norm.item()} is not finite; the weights were "
                 f"not updated. Last good checkpoint: {self._last_checkpoint_text()}. Lower lr or raise warmup_steps."
             )
-        self.optimizer.step()
-        if self.source is None and self.data.adaptive:  # a bandit mixture: each micro-batch's loss is its reward
-            distributed.all_reduce_sum(micro_losses, self.ranks)
-            self.data.observe((micro_losses / self.ranks.world_size).tolist())
-        metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss}
-        if self.comm is not None:
-            metrics["comm_bytes"] = self.comm.bytes_sent - self.comm_bytes_before
-            self.comm_bytes_before = self.comm.bytes_sent
-        if self.step == 0:
-            memory = rank_memory(model, self.optimizer)
-            metrics["rank_memory"] = dataclasses.asdict(memory)
-            layout = f"{self.config.parallel}, {self.ranks.world_size} ranks" if self.ranks.distributed else "1 process"
-            self._say(
-                f"memory on rank 0 ({layout}): parameters {memory.parameters:,} B, gradients "
-                f"{memory.gradients:,} B, optimizer {memory.optimizer:,} B"
-            )
-        if expert_load is not None:
-            distributed.all_reduce_sum(expert_load, self.ranks)
-            if config.bias_update_rate > 0:
-                update_expert_bias(model, expert_load, config.bias_update_rate)
-            per_layer = max_violation(expert_load)
-            metrics["maxvio"] = per_layer.mean().item()  # averaged over MoE layers, as Wang et al. 2024 report it
-            layer_ids = model.moe_layer_ids[: len(per_layer)]
-            metrics["maxvio_per_layer"] = {str(i): v for i, v in zip(layer_ids, per_layer.tolist(), strict=True)}
-        if self.source is None and len(self.data.sources) > 1:
-            metrics["mix"] = self.data.schedule.weights_at(self.step / config.max_steps)
-        step_seconds = time.perf_counter() - step_start
-        for name, total in extra.items():
-            metrics[name] = total / config.grad_accum_steps
-            if name.endswith("_s"):
-                metrics[name.removesuffix("_s") + "_share"] = metrics[name] / step_seconds
-        tokens_per_s = tokens / step_seconds
-        mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
-        if mfu > 1 and self.peak_probed:  # the start's probe ran on a busy machine: probe again, keep the higher peak
-            with configured_threads(self.threads.most):
-                probe = matmul_flops(self.autocast_dtype or torch.float32) * self.ranks.world_size
-            self.peak_flops = max(self.peak_flops, probe)
+        with interrupts_deferred():  # the update, its log line and the step count happen whole
+            self.optimizer.step()
+            if self.source is None and self.data.adaptive:  # a bandit mixture: each micro-batch's loss is its reward
+                distributed.all_reduce_sum(micro_losses, self.ranks)
+                self.data.observe((micro_losses / self.ranks.world_size).tolist())
+            metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss}
+            if self.comm is not None:
+                metrics["comm_bytes"] = self.comm.bytes_sent - self.comm_bytes_before
+                self.comm_bytes_before = self.comm.bytes_sent
+            if self.step == 0:
+                memory = rank_memory(model, self.optimizer)
+                metrics["rank_memory"] = dataclasses.asdict(memory)
+                ranks = self.ranks
+                layout = f"{config.parallel}, {ranks.world_size} ranks" if ranks.distributed else "1 process"
+                self._say(
+                    f"memory on rank 0 ({layout}): parameters {memory.parameters:,} B, gradients "
+                    f"{memory.gradients:,} B, optimizer {memory.optimizer:,} B"
+                )
+            if expert_load is not None:
+                distributed.all_reduce_sum(expert_load, self.ranks)
+                if config.bias_update_rate > 0:
+                    update_expert_bias(model, expert_load, config.bias_update_rate)
+                per_layer = max_violation(expert_load)
+                metrics["maxvio"] = per_layer.mean().item()  # averaged over MoE layers, as Wang et al. 2024 report it
+                layer_ids = model.moe_layer_ids[: len(per_layer)]
+                metrics["maxvio_per_layer"] = {str(i): v for i, v in zip(layer_ids, per_layer.tolist(), strict=True)}
+            if self.source is None and len(self.data.sources) > 1:
+                metrics["mix"] = self.data.schedule.weights_at(progress)
+            step_seconds = time.perf_counter() - step_start
+            for name, total in extra.items():
+                metrics[name] = total / config.grad_accum_steps
+                if name.endswith("_s"):
+                    metrics[name.removesuffix("_s") + "_share"] = metrics[name] / step_seconds
+            tokens_per_s = tokens / step_seconds
             mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
-        metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
-        metrics["step_s"] = step_seconds
-        metrics["threads"] = torch.get_num_threads()
-        self._log(metrics)
+            if mfu > 1 and self.peak_probed:  # the start's probe ran on a busy machine: probe again, keep the higher
+                with configured_threads(self.threads.most):
+                    probe = matmul_flops(self.autocast_dtype or torch.float32) * self.ranks.world_size
+                self.peak_flops = max(self.peak_flops, probe)
+                mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
+            metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
+            metrics["step_s"] = step_seconds
+            metrics["threads"] = torch.get_num_threads()
+            self._log(metrics)
+            self.step += 1
+            self.step_start = None  # the step is done: a Ctrl-C from here on keeps it
+            self.evaluation_pending = bool(config.eval_every) and self.step % config.eval_every == 0
         return metrics
 
     # ------------------------------------------------------------------------------ evaluation
@@ -564,6 +600,8 @@ class _Run:
             "rng": rng_state(),
             "config": self.config.to_dict(),
             "lr_anchor": None if self.lr_anchor is None else dataclasses.asdict(self.lr_anchor),
+            "progress_anchor": None if self.progress_anchor is None else dataclasses.asdict(self.progress_anchor),
+            "evaluation_pending": self.evaluation_pending,
         }
         keep, path = self.config.keep_checkpoints, None
         if is_sharded(self.model) or self.expert_parallel:
@@ -646,14 +684,19 @@ class _Run:
             append_metrics(self.out_dir, metrics)
 
     def _trim_metrics(self) -> None:
-        """Drop lines past the step a resumed run starts from, so metrics.jsonl tells one history. A last line cut
-        short (what a run killed while writing it leaves) is dropped with a warning; a damaged earlier one is an
-        error naming it."""
+        """Drop lines past the step a resumed run starts from (and that step's evaluation when it runs again), so
+        metrics.jsonl tells one history. A last line cut short (what a run killed while writing it leaves) is dropped
+        with a warning; a damaged earlier one is an error naming it."""
         path = self.out_dir / METRICS_FILE
         if not path.is_file():
             return
         records = read_metrics_file(path, on_torn_tail=lambda why: self._say(f"warning: {why}"))
-        kept = [record for record in records if record["step"] <= self.step]
+        redone = self.evaluation_pending  # this step's evaluation runs again: one an earlier resume logged goes
+        kept = [
+            record
+            for record in records
+            if record["step"] < self.step or record["step"] == self.step and not (redone and "val_loss" in record)
+        ]
         write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:

@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from seekstack.cli import app
+from seekstack.config import preset
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE, TrainConfig, load_train_config, resolve_train_config
 from seekstack.train.state import list_checkpoints
@@ -265,3 +266,62 @@ def test_train_reads_by_default_where_data_tokenize_writes() -> None:
 
     written = inspect.signature(data_tokenize).parameters["out"].default
     assert Path(TrainConfig().data_dir) == written  # `train` right after `data tokenize` finds the shards
+
+
+def fake_run(out: Path, steps: tuple[int, ...] = (2,)) -> list[Path]:
+    """A run's folder as training leaves it, without training: its train_config.json and checkpoints step_N of the
+    micro model (config.json, a train_state.pt)."""
+    load_train_config(None, [f"out_dir={out}", *(f"model.{k}={v}" for k, v in MICRO_MODEL.items())]).save(out)
+    checkpoints = [out / "checkpoints" / f"step_{step}" for step in steps]
+    for checkpoint in checkpoints:
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.json").write_text(json.dumps(preset("tiny", **MICRO_MODEL).to_dict()))
+        (checkpoint / "train_state.pt").write_bytes(b"")
+    return checkpoints
+
+
+def test_model_settings_unlike_the_checkpoint_a_run_resumes_or_starts_from_are_refused_naming_the_field(tmp_path):
+    run = tmp_path / "run"
+    (checkpoint,) = fake_run(run)
+    with pytest.raises(ConfigError) as resumed_as_small:
+        resolve_train_config(None, [f"out_dir={run}", "model=small"], resume=True)
+    assert resumed_as_small.value.field == "model"
+    said = str(resumed_as_small.value)  # the run's model.F settings kept, on top of the small preset
+    assert f"model=small given, but the checkpoint {checkpoint} holds another model (" in said
+    assert "max_position_embeddings 1024 there, 2048 here" in said and "leave the model settings out" in said
+    with pytest.raises(ConfigError, match=r"field 'model.hidden_size': .*hidden_size 64 there, 32 here.*resumed"):
+        resolve_train_config(None, [f"out_dir={run}", "model.hidden_size=32"], resume=True)
+    new_run = f"out_dir={tmp_path / 'new'}"
+    with pytest.raises(ConfigError, match=r"field 'model.num_hidden_layers': .* 2 there, 3 here.*starts from it"):
+        resolve_train_config(None, [new_run, f"init_from={checkpoint}", "model.num_hidden_layers=3"])
+    # What agrees with the checkpoint, and defaults nobody set (a file --write-config wrote holds them all), pass.
+    resolve_train_config(None, [f"out_dir={run}", "model.hidden_size=64", "max_steps=9"], resume=True)
+    load_train_config(None, [new_run, f"init_from={checkpoint}"]).save(tmp_path / "written")
+    assert Path(resolve_train_config(tmp_path / "written" / CONFIG_FILE).init_from).resolve() == checkpoint
+    assert resolve_train_config(None, [new_run, "model=small"]).model == "small"  # a new run builds what it is told
+
+
+def test_init_from_a_runs_out_dir_starts_from_its_newest_checkpoint_and_says_which(tmp_path):
+    run = tmp_path / "run"
+    newest = fake_run(run, steps=(2, 4))[-1]
+    told: list[str] = []
+    config = resolve_train_config(None, [f"init_from={run}", f"out_dir={tmp_path / 'b'}"], warn=told.append)
+    assert config.init_from == str(newest)
+    assert told == [f"init_from={run}: using the run's newest checkpoint, {newest}"]
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"field 'init_from': .*empty: no checkpoint"):
+        resolve_train_config(None, [f"init_from={tmp_path / 'empty'}"])
+
+
+def test_a_seed_numpy_cannot_take_an_out_dir_that_is_a_file_and_training_on_the_val_split_are_refused(tmp_path):
+    for seed in ("-1", "99999999999999999999"):
+        with pytest.raises(ConfigError, match=f"field 'seed' has value {seed}"):
+            resolve_train_config(None, [f"seed={seed}"])
+    assert resolve_train_config(None, [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+    (tmp_path / "afile").write_text("")
+    for out_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(ConfigError, match=f"field 'out_dir' must be a folder, not '{out_dir}'.*afile is a file"):
+            resolve_train_config(None, [f"out_dir={out_dir}"])
+    with pytest.raises(ConfigError, match=r"field 'mixture' must be without the 'val' split, which evaluations"):
+        resolve_train_config(None, ["mixture={val: 1, train: 1}"])
+    assert resolve_train_config(None, ["mixture={val: 1}", "eval_every=0"]).mixture == {"val": 1}

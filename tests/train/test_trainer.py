@@ -14,7 +14,13 @@ from seekstack.checkpoint import CheckpointError
 from seekstack.infer.threads import IdleCores
 from seekstack.schema import ConfigError
 from seekstack.train.config import TrainConfig, load_train_config
-from seekstack.train.schedule import learning_rate
+from seekstack.train.schedule import (
+    ProgressAnchor,
+    learning_rate,
+    mtp_weight_at,
+    resumed_progress_anchor,
+    training_progress,
+)
 from seekstack.train.state import list_checkpoints, read_train_state
 from seekstack.train.trainer import TrainingDiverged, build_model, build_optimizer, train
 
@@ -250,6 +256,58 @@ def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tm
     assert resumed.losses == whole.losses[2:]
 
 
+def history(out_dir: Path) -> list[tuple]:
+    """What metrics.jsonl says of each step and evaluation, in order: the step, its training loss, its val loss."""
+    return [(m["step"], m.get("loss"), m.get("val_loss")) for m in read_metrics(out_dir)]
+
+
+def test_ctrl_c_during_an_evaluation_logs_it_on_resume_as_an_uninterrupted_run_does(data_dir, tmp_path, monkeypatch):
+    changes = dict(max_steps=4, eval_every=2, save_every=0, keep_checkpoints=3)
+    train(run_config(data_dir, tmp_path / "whole", **changes))
+    from seekstack.train import trainer
+
+    original = trainer._Run.evaluate
+
+    def interrupted_evaluation(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(trainer._Run, "evaluate", interrupted_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(data_dir, tmp_path / "cut", **changes))
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_2"]
+    monkeypatch.setattr(trainer._Run, "evaluate", original)
+    resumed = train(run_config(data_dir, tmp_path / "cut", **changes), resume=True)
+    assert history(tmp_path / "cut") == history(tmp_path / "whole")  # step 2's val loss, then steps 3 and 4's
+    assert len(resumed.losses) == 2
+    train(run_config(data_dir, tmp_path / "cut", **changes), resume=tmp_path / "cut" / "checkpoints" / "step_2")
+    assert history(tmp_path / "cut") == history(tmp_path / "whole")  # evaluated again, logged once
+
+
+def test_ctrl_c_after_a_steps_update_waits_for_its_log_line_and_keeps_the_step(data_dir, tmp_path, monkeypatch):
+    import signal
+
+    whole = train(run_config(data_dir, tmp_path / "whole", max_steps=4, save_every=0, eval_every=0))
+    from seekstack.train import trainer
+
+    original = trainer.update_expert_bias
+
+    def interrupted_bias_update(model, expert_load, rate):  # after the optimizer's update, before the log line
+        original(model, expert_load, rate)
+        if not list_checkpoints(tmp_path / "cut") and (tmp_path / "cut" / "metrics.jsonl").is_file():
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(trainer, "update_expert_bias", interrupted_bias_update)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0, eval_every=0))
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_2"]  # step 2 updated the weights: kept
+    monkeypatch.setattr(trainer, "update_expert_bias", original)
+    resumed = train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0, eval_every=0), resume=True)
+    assert resumed.losses == whole.losses[2:]
+    assert history(tmp_path / "cut") == history(tmp_path / "whole")
+
+
 # ---------------------------------------------------------------------------------- curriculum
 CURRICULUM = {"train_easy": [0.7, 0.2, 0.1], "train_medium": [0.2, 0.5, 0.3], "train_hard": [0.1, 0.3, 0.6]}
 
@@ -272,6 +330,30 @@ def test_curriculum_logs_the_mix_of_each_step_and_resumes_exactly(bucket_dir, tm
     resumed_config = run_config(bucket_dir, tmp_path / "resumed", max_steps=6, save_every=3, mixture=CURRICULUM)
     resumed = train(resumed_config, resume=tmp_path / "whole" / "checkpoints" / "step_3")
     assert resumed.losses == whole.losses[3:]  # bit-for-bit, the source draws included
+
+
+def test_more_steps_on_resume_continue_the_mixture_phases_and_mtp_weight_from_where_the_run_was(bucket_dir, tmp_path):
+    changes = dict(max_steps=6, save_every=3, mixture=CURRICULUM, aux_loss_alpha=0.0, mtp_switch_fraction=0.5)
+    train(run_config(bucket_dir, tmp_path, **changes))
+    train(run_config(bucket_dir, tmp_path, **{**changes, "max_steps": 12}), resume=True)
+    steps = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert [m["mix"]["train_easy"] for m in steps[6:]] == pytest.approx([0.1] * 6)  # the last phase, not the second
+    mtp_weights = [(m["loss"] - m["lm_loss"]) / m["mtp_loss"] for m in steps]  # loss = lm + lambda * mtp here
+    assert mtp_weights == pytest.approx([0.3] * 3 + [0.1] * 9, rel=1e-4)  # late from step 4 on, never early again
+
+
+def test_a_resumed_runs_progress_runs_on_from_where_it_was_over_the_steps_left():
+    config = TrainConfig(max_steps=12)
+    state = {"step": 6, "config": config.to_dict()}
+    longer = TrainConfig(max_steps=20)
+    anchor = resumed_progress_anchor(state, longer)
+    assert anchor == ProgressAnchor(6, 0.5)
+    assert [training_progress(step, longer, anchor) for step in (6, 13, 20)] == [0.5, 0.75, 1.0]
+    again = resumed_progress_anchor({"step": 13, "config": longer.to_dict(), "progress_anchor": anchor.__dict__},
+                                    TrainConfig(max_steps=41))  # fmt: skip
+    assert again == ProgressAnchor(13, 0.75)
+    assert resumed_progress_anchor(state, config) is None  # the same max_steps: step / max_steps
+    assert mtp_weight_at(0.69, config) == 0.3 and mtp_weight_at(0.7, config) == 0.1
 
 
 def test_mixture_config_errors_name_the_field(bucket_dir, tmp_path):
