@@ -91,6 +91,7 @@ from seekstack.train.state import (
 )
 
 PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a terminal (a log file, CI)
+PEAK_PROBES = 3  # matmul probes a CPU run makes again when a step's MFU beats the peak (each ~0.1 s of 2 cores)
 
 
 class ModelHooks(Protocol):
@@ -385,7 +386,7 @@ class _Run:
         self.comm_bytes_before = 0
         peak = config.peak_flops or default_peak_flops(ranks.device, self.autocast_dtype or torch.float32)
         self.peak_flops = peak * ranks.world_size
-        self.peak_probed = not config.peak_flops and ranks.device.type == "cpu"
+        self.peak_probes_left = PEAK_PROBES if not config.peak_flops and ranks.device.type == "cpu" else 0
         if ranks.is_main:
             config.save(self.out_dir)
             self._trim_metrics()
@@ -523,7 +524,9 @@ class _Run:
                     metrics[name.removesuffix("_s") + "_share"] = metrics[name] / step_seconds
             tokens_per_s = tokens / step_seconds
             mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
-            if mfu > 1 and self.peak_probed:  # the start's probe ran on a busy machine: probe again, keep the higher
+            if mfu > 1 and self.peak_probes_left:  # the start's probe ran on a busy machine: probe again, keep the
+                # higher; a few times only: on a machine that stays busy every probe reads low and costs a step's time
+                self.peak_probes_left -= 1
                 with configured_threads(self.threads.most):
                     probe = matmul_flops(self.autocast_dtype or torch.float32) * self.ranks.world_size
                 self.peak_flops = max(self.peak_flops, probe)
