@@ -69,6 +69,14 @@ class TextPart(StrictRequest):
 class ChatMessage(StrictRequest):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None  # null only in an assistant turn (a replayed history), read as ""
+    tool_calls: Any = None  # an assistant turn's calls in a replayed history: refused, as tools are
+    function_call: Any = None
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_calls_to_replay(cls, calls: Any) -> None:
+        if calls is not None:
+            raise ValueError("this model does not call tools (functions): a history holding tool calls cannot be read")
 
     @field_validator("content")
     @classmethod

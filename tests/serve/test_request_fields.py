@@ -125,3 +125,12 @@ def test_an_assistant_turns_null_content_is_read_as_empty_and_a_users_is_refused
     assert null_reply.json()["usage"] == empty_reply.json()["usage"]
     error = error_of(null_user, 400)
     assert error["param"] == "messages.0.content" and "a user message needs content" in error["message"]
+
+
+def test_a_history_replaying_tool_calls_is_refused_naming_them(engine, tmp_path):
+    """The calls would vanish from the prompt (the message read as empty) and the reply answer another history."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "Add"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    [refused] = post_each(engine, tmp_path / "db", [("/v1/chat/completions", {**CHAT, "messages": messages})])
+    error = error_of(refused, 400)
+    assert error["param"] == "messages.1.tool_calls" and "does not call tools" in error["message"]
