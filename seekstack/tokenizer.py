@@ -136,7 +136,7 @@ class Tokenizer:
         for token in (USER, ASSISTANT):
             self._special_id(token)
         for position, message in enumerate(messages):
-            self._check_message(position, message)
+            self.check_message(position, message)
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = []
         for message in messages:
@@ -150,7 +150,9 @@ class Tokenizer:
         """Token ids of `render_chat(messages)`, starting with BOS."""
         return self.encode(self.render_chat(messages, add_generation_prompt))
 
-    def _check_message(self, position: int, message: dict) -> None:
+    def check_message(self, position: int, message: object) -> None:
+        """`check_chat_message`, and a ValueError naming `position` when the content holds one of this tokenizer's
+        special tokens."""
         check_chat_message(position, message)
         # A special token typed into content would be encoded as the real token and could forge a turn.
         forged = [token for token in self.special_tokens if token in message["content"]]

@@ -85,7 +85,8 @@ class DistillModel(nn.Module):
         return self.distillation_loss(input_ids, labels, mtp_loss_weight)
 
     def distillation_loss(self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float) -> ModelOutput:
-        """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms."""
+        """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms;
+        `lm_loss` None when no token is labelled (the student's own answers to conversations: no cross-entropy)."""
         config = self.settings
         warm = self.micro_batches // config.grad_accum_steps >= config.on_policy_after
         self.micro_batches += 1
@@ -96,8 +97,10 @@ class DistillModel(nn.Module):
         with layer_outputs(self.student, self.projections.student_layers) as student_states:
             out, student_logits = self.student_outputs(rows, labels, mtp_loss_weight)
         loss = config.ce_weight * out.lm_loss + (out.loss - out.lm_loss)  # + the student's MTP and balance terms
-        if config.kd_weight == 0 and not self.projections.layer_map:
-            return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher
+        if not (labels[:, 1:] != IGNORE_INDEX).any():
+            out = dataclasses.replace(out, lm_loss=None)
+        if config.kd_weight == 0 and not self.projections.layer_map or not compared.any():
+            return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher, or nothing to compare it on
         teacher = self.teacher.score(rows, compared, self.projections.teacher_layers)
         kd = logit_distillation(student_logits(compared), teacher.logits, config.beta, config.temperature)
         loss = loss + config.kd_weight * kd

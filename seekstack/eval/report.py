@@ -254,7 +254,10 @@ def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], record
     else:
         curves = plot_run(run_dir, out_dir / "curves.png")
         text = f"## Training\n\n![training curves]({curves.name})\n\n"
-        text += f"Last step {steps[-1]['step']}: loss {steps[-1]['lm_loss']:.4f}. " if steps else ""
+        if steps:  # a step that trained no labelled token (on-policy answers) has no next-token loss
+            last = steps[-1]
+            loss = f"loss {last['lm_loss']:.4f}" if "lm_loss" in last else f"loss (total) {last['loss']:.4f}"
+            text += f"Last step {last['step']}: {loss}. "
     if steps:
         speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)
         mfu = statistics.median(r["mfu"] for r in tail if "mfu" in r)

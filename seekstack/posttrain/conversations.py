@@ -66,24 +66,62 @@ def hold_out(conversations: list[Conversation], fraction: float) -> tuple[list[C
     return kept, [c for c, key in zip(conversations, keys, strict=True) if key in held]
 
 
-def read_conversations(path: str | Path) -> list[Conversation]:
-    """The conversations of a JSONL file, one `{"messages": [...]}` object a line."""
+def read_conversations(path: str | Path, tokenizer: Tokenizer | None = None) -> list[Conversation]:
+    """The conversations of a JSONL file, one `{"messages": [...]}` object a line, their messages in the chat
+    template's terms (`template_message`); with `tokenizer`, content holding one of its special tokens is refused too.
+    Errors name the file and line."""
     conversations = []
     for number, record in jsonl_records(path):
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list):
             raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
-        for position, message in enumerate(messages):
-            try:
-                check_chat_message(position, message)
-            except ValueError as error:
-                raise ValueError(f"{path}:{number}: {error}") from None
+        try:
+            messages = [template_message(position, message, tokenizer) for position, message in enumerate(messages)]
+        except ValueError as error:
+            raise ValueError(f"{path}:{number}: {error}") from None
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
         conversations.append(messages)
     if not conversations:
         raise ValueError(f"{path}: no conversations")
     return conversations
+
+
+def template_message(position: int, message: object, tokenizer: Tokenizer | None = None) -> dict:
+    """An OpenAI chat message as the chat template takes it: the `developer` role (OpenAI's newer name for system) as
+    `system`, and content given as a list of text parts as their texts joined by newlines (as vLLM's server joins
+    them). Tool messages and tool calls are refused: the template has no tool turns. ValueError naming `position`
+    unless the result is a `check_chat_message` message (with `tokenizer`, `Tokenizer.check_message`)."""
+    if isinstance(message, dict):
+        if message.get("role") == "tool" or message.get("tool_calls"):
+            raise ValueError(
+                f"chat message {position} is a tool {'result' if message.get('role') == 'tool' else 'call'}: tool "
+                "messages and tool_calls are not supported (the chat template has no tool turns); leave out "
+                "conversations that use tools"
+            )
+        message = dict(message)
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        if isinstance(message.get("content"), list):
+            message["content"] = "\n".join(
+                part_text(position, index, part) for index, part in enumerate(message["content"])
+            )
+    if tokenizer is None:
+        check_chat_message(position, message)
+    else:
+        tokenizer.check_message(position, message)
+    return message  # type: ignore[return-value]  # checked above
+
+
+def part_text(position: int, index: int, part: object) -> str:
+    """The text of a content part `{"type": "text", "text": ...}`; ValueError naming the message and part otherwise."""
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    raise ValueError(
+        f'chat message {position} content part {index} is {kind!r}: only text parts {{"type": "text", "text": ...}} '
+        "are supported"
+    )
 
 
 def prompt_messages(problem: Problem) -> Conversation:

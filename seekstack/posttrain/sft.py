@@ -41,20 +41,20 @@ def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def split_conversations(
-    config: SFTConfig, fraction: float, val_data: str
+    config: SFTConfig, tokenizer: Tokenizer, fraction: float, val_data: str
 ) -> tuple[list[Conversation], list[Conversation]]:
     """(trained, held_out) conversations of an SFT run: `data` less the `fraction` `hold_out` keeps back, or
     `examples` training problems of `task` and `fraction` x `examples` distinct held-out ones; the held-out ones are
     `val_data`'s instead when it names a file. The same for every start and resume of the run."""
     if config.data:
-        trained, held_out = hold_out(read_conversations(config.data), fraction)
+        trained, held_out = hold_out(read_conversations(config.data, tokenizer), fraction)
     else:
         task = make_task(config.task, config.difficulty)
         trained = task_conversations(task, config.examples, config.seed)
         held_out = task_conversations(task, int(fraction * config.examples), config.seed, "heldout")
     if not val_data:
         return trained, held_out
-    held_out = read_conversations(val_data)
+    held_out = read_conversations(val_data, tokenizer)
     trained_keys = {conversation_key(c) for c in trained}
     also_trained = sum(conversation_key(c) in trained_keys for c in held_out)
     if also_trained:
@@ -76,10 +76,12 @@ class SFTSource:
         self.tokenizer = Tokenizer.from_file(tokenizer_json_path(tokenizer_path(config)))
         self.tokenizer_info = tokenizer_info(self.tokenizer)
         if holds_out:
-            conversations, held_out = split_conversations(config, config.held_out_fraction, config.val_data)
+            conversations, held_out = split_conversations(
+                config, self.tokenizer, config.held_out_fraction, config.val_data
+            )
             _require_a_split(config, len(conversations), len(held_out))
         else:
-            conversations, held_out = split_conversations(config, 0.0, "")
+            conversations, held_out = split_conversations(config, self.tokenizer, 0.0, "")
         self.rows = ShuffledRows([encode_conversation(self.tokenizer, c) for c in conversations], config.seed)
         self.validation = self._validation_rows(held_out) if holds_out else []
         # a label at position t is predicted from position t - 1: a row's first seq_len positions hold its targets
@@ -136,10 +138,17 @@ class SFTSource:
     def batch(self, batch_size: int, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_labelled(self.rows.take(batch_size), self.tokenizer.pad_id, self.config.seq_len)
 
+    def labelled_tokens(self, batch: Any) -> int:
+        """The assistant tokens the micro-batch's loss averages over: its labels predicted from a position before."""
+        _, labels = batch
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
     def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
         input_ids, labels = (t.to(self.device) for t in batch)
         out = model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False)
-        return out, {"assistant_tokens": float((labels != IGNORE_INDEX).sum())}
+        # the assistant tokens trained: none when distillation answered the prompts itself (on-policy, no lm_loss)
+        trained = self.labelled_tokens(batch) if out.lm_loss is not None else 0
+        return out, {"assistant_tokens": float(trained)}
 
     def tokens(self, batch: Any) -> tuple[int, int]:
         input_ids, _ = batch

@@ -48,7 +48,8 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     x = [r["step"] for r in steps]
 
     axes[0].plot(x, column(steps, "loss", path), label="loss (total)", linewidth=0.8)
-    axes[0].plot(x, column(steps, "lm_loss", path), label="next-token", linewidth=0.8)
+    trained = [r for r in steps if "lm_loss" in r]  # a step that trained no labelled token (on-policy) has none
+    axes[0].plot([r["step"] for r in trained], column(trained, "lm_loss", path), label="next-token", linewidth=0.8)
     if any(r.get("mtp_loss") for r in steps):
         axes[0].plot(x, column(steps, "mtp_loss", path), label="MTP", linewidth=0.8)
     if evals:

@@ -1,12 +1,14 @@
 """The pre-training loop: AdamW, gradient accumulation and clipping, DeepSeek-V3 losses and bias balancing.
 
 Per optimizer step: `grad_accum_steps` micro-batches of loss = L_next + lambda * L_MTP + L_balance (the model
-computes it), a clipped AdamW update, then the auxiliary-loss-free bias update from the step's expert loads,
-summed over all micro-batches and ranks: the MaxVio logged is that of the whole step's batch, per MoE layer.
-Rows come from a mixture of splits whose weights follow a schedule (the curriculum) or are learned by an EXP3
-bandit from each micro-batch's loss (tokens/bandit.py); the weights in effect are logged. Each step appends one
-JSON line to `out_dir/metrics.jsonl`; each evaluation appends one with `val_loss`, over the val split's token
-windows or a batch source's validation batches (SFT's held-out conversations).
+computes it), each weighted by its share of the step's labelled targets (a per-token mean over the step, as
+transformers' `num_items_in_batch`; token windows all weigh the same), a clipped AdamW update, then the
+auxiliary-loss-free bias update from the step's expert loads, summed over all micro-batches and ranks: the MaxVio
+logged is that of the whole step's batch, per MoE layer. Rows come from a mixture of splits whose weights follow a
+schedule (the curriculum) or are learned by an EXP3 bandit from each micro-batch's loss (tokens/bandit.py); the
+weights in effect are logged. Each step appends one JSON line to `out_dir/metrics.jsonl`; each evaluation appends
+one with `val_loss`, over the val split's token windows or a batch source's validation batches (SFT's held-out
+conversations).
 """
 
 from __future__ import annotations
@@ -117,7 +119,9 @@ class BatchSource(Protocol):
     position for an exact resume. One process only. A source with `chooses_threads` true sets torch's threads itself
     (RL: from how idle the machine left the cores during its rollouts) instead of the run's `LoadAwareThreads`. A
     source with a `validation_batches(batch_size, count)` method (SFT) is evaluated on what it returns, the same
-    `ValidationBatch`es every time, or not at all when it returns None or has no such method (RL)."""
+    `ValidationBatch`es every time, or not at all when it returns None or has no such method (RL). A source with a
+    `labelled_tokens(batch)` method (SFT) weighs each micro-batch's loss by that count's share of the step's (a
+    per-token mean over the step); without one (RL) its micro-batches weigh the same."""
 
     tokenizer_info: dict[str, Any]  # vocab_size; path and sha256 of the tokenizer checkpoints carry
 
@@ -130,8 +134,10 @@ class BatchSource(Protocol):
         ...
 
     def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
-        """The micro-batch's model output with `loss` (and `lm_loss`) set, and metrics of its own to log, averaged
-        over micro-batches; a key ending in `_s` is seconds of the step, also logged as its share (`_share`)."""
+        """The micro-batch's model output with `loss` set, and `lm_loss` unless it trained no labelled token (then
+        None: a step with none logs no lm_loss), and metrics of its own to log, averaged over micro-batches; a key
+        ending in `_tokens` is a count, logged as the step's total; one ending in `_s` is seconds of the step, also
+        logged as its share (`_share`)."""
         ...
 
     def tokens(self, batch: Any) -> tuple[int, int]:
@@ -438,6 +444,24 @@ class _Run:
             return self.config.batch_size * self.config.seq_len, self.config.seq_len
         return self.source.tokens(rows)
 
+    def _labelled_targets(self, rows: Any) -> int:
+        """The targets a micro-batch's loss averages over on this rank: every position of a token window but the
+        first, or a batch source's `labelled_tokens`; 1 for a source without it (its micro-batches weigh the same)."""
+        if self.source is None:
+            windows = distributed.local_rows(rows, self.ranks)
+            return windows.shape[0] * (windows.shape[1] - 1)
+        labelled_tokens = getattr(self.source, "labelled_tokens", None)
+        return 1 if labelled_tokens is None else labelled_tokens(rows)
+
+    def _loss_shares(self, micro_batches: list[Any]) -> list[float]:
+        """Each micro-batch's weight in the step's loss: its share of the labelled targets of all the step's
+        micro-batches on all ranks (all-reduced, as transformers' `num_items_in_batch`) times the number of ranks,
+        whose gradients DDP and FSDP average. 1 / grad_accum_steps each for token windows, which hold as many."""
+        counts = [self._labelled_targets(rows) for rows in micro_batches]
+        total = torch.tensor(sum(counts), dtype=torch.int64, device=self.ranks.device)
+        total = int(distributed.all_reduce_sum(total, self.ranks).item())
+        return [count * self.ranks.world_size / max(total, 1) for count in counts]
+
     def train_step(self) -> dict[str, Any]:
         config, model = self.config, self.model
         step_start = time.perf_counter()
@@ -447,14 +471,18 @@ class _Run:
         progress = training_progress(self.step, config, self.progress_anchor)  # of the mixture and MTP schedules
         mtp_weight = mtp_weight_at(progress, config)
         data_progress = progress if self.source is None else self.step / config.max_steps  # a source counts steps
-        sums = torch.zeros(3, device=self.ranks.device)  # loss, lm_loss, mtp_loss summed over micro-batches
+        # loss, lm_loss, mtp_loss weighted by each micro-batch's share, and the shares of those with an lm_loss
+        sums = torch.zeros(4, device=self.ranks.device)
         micro_losses = torch.zeros(config.grad_accum_steps, device=self.ranks.device)  # lm_loss of each micro-batch
         expert_load: torch.Tensor | None = None
         extra: dict[str, float] = {}  # a batch source's own metrics, summed over micro-batches
         tokens, flops = 0, 0  # trained token positions and their training FLOPs, over micro-batches and ranks
         self.optimizer.zero_grad(set_to_none=True)
-        for micro in range(config.grad_accum_steps):
-            rows = self.data.batch(config.batch_size, progress=data_progress)
+        micro_batches = [
+            self.data.batch(config.batch_size, progress=data_progress) for _ in range(config.grad_accum_steps)
+        ]
+        shares = self._loss_shares(micro_batches)
+        for micro, (rows, share) in enumerate(zip(micro_batches, shares, strict=True)):
             positions, length = self._trained_tokens(rows)
             tokens += positions
             flops += positions * training_flops_per_token(model.config, length)
@@ -466,16 +494,19 @@ class _Run:
                 else:
                     out, own = self.source.loss(self.wrapped, rows, mtp_weight)
                     extra = {name: extra.get(name, 0.0) + value for name, value in own.items()}
-            (out.loss / config.grad_accum_steps).backward()
+            (out.loss * share).backward()
             mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros_like(out.loss)
-            sums += torch.stack([out.loss, out.lm_loss, mtp]).detach().float()
-            micro_losses[micro] = out.lm_loss.detach().float()
+            lm_loss, lm_share = (out.lm_loss, share) if out.lm_loss is not None else (torch.zeros_like(out.loss), 0.0)
+            weighted = torch.stack([out.loss * share, lm_loss * lm_share, mtp * share, out.loss.new_tensor(lm_share)])
+            sums += weighted.detach().float()
+            micro_losses[micro] = lm_loss.detach().float()
             if out.expert_load is not None:
                 load = out.expert_load.detach().float()
                 expert_load = load if expert_load is None else expert_load + load
-        # Means over micro-batches and ranks: every rank holds the same number of equally long rows.
+        # Means over the step's labelled targets: the shares of all micro-batches on all ranks sum to the ranks.
         distributed.all_reduce_sum(sums, self.ranks)
-        sums /= config.grad_accum_steps * self.ranks.world_size
+        loss, lm_loss_sum, mtp_loss, lm_shares = sums.tolist()
+        loss, mtp_loss = loss / self.ranks.world_size, mtp_loss / self.ranks.world_size
         clip = config.grad_clip if config.grad_clip > 0 else math.inf
         if self.expert_parallel:
             grad_norm = clip_gradients(model, clip)
@@ -483,7 +514,6 @@ class _Run:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
             grad_norm = grad_norm.full_tensor()
-        loss, lm_loss, mtp_loss = sums.tolist()
         if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
             raise TrainingDiverged(
                 f"step {self.step + 1}: loss={loss} grad_norm={grad_norm.item()} is not finite; the weights were "
@@ -494,7 +524,9 @@ class _Run:
             if self.source is None and self.data.adaptive:  # a bandit mixture: each micro-batch's loss is its reward
                 distributed.all_reduce_sum(micro_losses, self.ranks)
                 self.data.observe((micro_losses / self.ranks.world_size).tolist())
-            metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss}
+            metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss, "mtp_loss": mtp_loss}
+            if lm_shares > 0:  # else no micro-batch trained a labelled token (on-policy answers): no cross-entropy
+                metrics["lm_loss"] = lm_loss_sum / lm_shares
             if self.comm is not None:
                 metrics["comm_bytes"] = self.comm.bytes_sent - self.comm_bytes_before
                 self.comm_bytes_before = self.comm.bytes_sent
@@ -519,7 +551,7 @@ class _Run:
                 metrics["mix"] = self.data.schedule.weights_at(progress)
             step_seconds = time.perf_counter() - step_start
             for name, total in extra.items():
-                metrics[name] = total / config.grad_accum_steps
+                metrics[name] = total if name.endswith("_tokens") else total / config.grad_accum_steps
                 if name.endswith("_s"):
                     metrics[name.removesuffix("_s") + "_share"] = metrics[name] / step_seconds
             tokens_per_s = tokens / step_seconds
@@ -703,9 +735,13 @@ class _Run:
         write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:
+        loss = (  # a step that trained no labelled token (on-policy answers) has no next-token loss
+            f"loss {metrics['lm_loss']:.4f} (total {metrics['loss']:.4f})"
+            if "lm_loss" in metrics
+            else f"loss (total) {metrics['loss']:.4f}"
+        )
         line = (
-            f"step {self.step}/{self.config.max_steps}  "
-            f"loss {metrics['lm_loss']:.4f} (total {metrics['loss']:.4f})  "
+            f"step {self.step}/{self.config.max_steps}  {loss}  "
             f"{metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}  "
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
         )

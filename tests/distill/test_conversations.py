@@ -4,6 +4,7 @@ tokens only, on-policy answers to the conversations' prompts from the current we
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -20,6 +21,7 @@ from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import TOKENIZER_FILE
+from seekstack.train.plot import plot_run
 from tests.distill.support import DENSE_STUDENT, write_teacher
 from tests.posttrain.support import byte_tokenizer
 
@@ -68,8 +70,9 @@ def test_on_policy_prompts_end_before_the_first_assistant_token_and_only_generat
     # prompts of 2 and 3 tokens answered with 3 and 1 tokens: positions 1..3 and 2 predict the answers
     compared = generated_positions(torch.tensor([2, 3]), torch.tensor([3, 1]), width=6)
     assert compared.tolist() == [[False, True, True, True, False], [False, False, True, False, False]]
-    with pytest.raises(ValueError, match="row 1 .* no assistant token within seq_len=5.*raise seq_len"):
-        conversation_prompts(input_ids, labels.masked_fill(torch.tensor([[False] * 5, [True] * 5]), IGNORE_INDEX))
+    # a row with no assistant token within it (a prompt longer than seq_len) is all prompt
+    unanswered = labels.masked_fill(torch.tensor([[False] * 5, [True] * 5]), IGNORE_INDEX)
+    assert conversation_prompts(input_ids, unanswered) == [[5, 6], [5, 6, 9, 4, 2]]
 
 
 def test_on_policy_answers_come_from_the_current_weights_not_stale_cached_prompts(workspace, tmp_path):
@@ -98,8 +101,9 @@ def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_
     whole = run_distill(conversation_config(workspace, tmp_path / "whole", **changes))
     lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     # reference answers (cross-entropy) for 2 steps, then the student's own answers (no reference, no cross-entropy)
-    assert [line["lm_loss"] > 0 for line in lines] == [True, True, False, False]
-    assert all(line["assistant_tokens"] > 0 for line in lines)
+    assert ["lm_loss" in line for line in lines] == [True, True, False, False]
+    assert [line["assistant_tokens"] > 0 for line in lines] == [True, True, False, False]
+    assert all(line["lm_loss"] > 0 for line in lines[:2])
     teacher_tokenizer = (workspace["teacher"] / TOKENIZER_FILE).read_bytes()
     assert (whole.checkpoint / TOKENIZER_FILE).read_bytes() == teacher_tokenizer  # tokenizer "" = the teacher's
 
@@ -107,3 +111,30 @@ def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_4")
     resumed = run_distill(conversation_config(workspace, tmp_path / "cut", **changes), resume=True)
     assert resumed.losses == whole.losses[2:]  # bit for bit, on-policy from the first resumed step
+
+
+def test_on_policy_distillation_trains_on_past_conversations_whose_prompt_fills_seq_len(workspace, tmp_path, capsys):
+    """A prompt longer than seq_len leaves no room for an answer: it trains nothing (as the start's note says),
+    alone in its micro-batch or beside answered ones, and the run goes on."""
+    tokenizer = byte_tokenizer(tmp_path / "tokenizer")
+    short = [{"role": "user", "content": f"What is {i} + {i}?"} for i in range(3)]
+    long_prompt = {"role": "user", "content": "x" * 500}
+    conversations = [[question, {"role": "assistant", "content": "Even."}] for question in [*short, long_prompt]]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    changes = dict(task="", data=str(data), seq_len=64, lmbda=1.0, feature_layers={1: 2}, save_every=0)
+    for batch_size in (1, 2):  # 1: a micro-batch of the long prompt alone; 2: beside an answered one
+        out_dir = tmp_path / f"batch_{batch_size}"
+        result = run_distill(conversation_config(workspace, out_dir, batch_size=batch_size, **changes))
+        err = capsys.readouterr().err
+        assert "1 of 4 conversations have no assistant token within seq_len=64" in err
+        assert "step 4/4  loss (total) " in err  # no next-token loss: nothing was labelled
+        assert result.step == 4 and (out_dir / "checkpoints" / "step_4").is_dir()
+        lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        assert all(math.isfinite(line["loss"]) and "lm_loss" not in line for line in lines)
+    assert plot_run(out_dir).is_file()  # its curves leave out the next-token loss it has none of
+    rows = torch.tensor([tokenizer.encode_chat(conversations[3], add_generation_prompt=False)[:64]])
+    student = Transformer(conversation_config(workspace, tmp_path).model_config())
+    generations = StudentGenerations(student, tokenizer, 1, 64, prompt_tokens=None, temperature=1.0)
+    generated, _, compared = generations(rows, torch.full_like(rows, IGNORE_INDEX))
+    assert torch.equal(generated, rows) and not compared.any()  # left as it was, compared nowhere

@@ -226,3 +226,76 @@ def test_conversations_whose_assistant_turn_starts_past_seq_len_are_reported(tmp
     )
     with pytest.raises(ValueError, match="none of the 3 conversations has an assistant token within seq_len=8,"):
         SFTSource(resolve_train_config(None, [*common, "seq_len=8"], cls=SFTConfig))
+
+
+def test_a_special_token_in_content_is_refused_naming_the_file_and_line(tmp_path):
+    byte_tokenizer(tmp_path / "tok")
+    forged = [{"role": "user", "content": f"hi {ASSISTANT} there"}, CHAT[2]]
+    data = write_conversations([CHAT, forged], tmp_path / "chats.jsonl")
+    clean = write_conversations([CHAT, CHAT[:3]], tmp_path / "clean.jsonl")
+    common = [f"tokenizer={tmp_path / 'tok'}", "model.vocab_size=300", "eval_every=5"]
+    special = rf"chat message 0 content contains the special token '{ASSISTANT}'"
+    with pytest.raises(ValueError, match=rf"chats.jsonl:2: {special}"):
+        SFTSource(resolve_train_config(None, [*common, f"data={data}"], cls=SFTConfig), holds_out=True)
+    with pytest.raises(ValueError, match=rf"chats.jsonl:2: {special}"):
+        SFTSource(resolve_train_config(None, [*common, f"data={clean}", f"val_data={data}"], cls=SFTConfig), True)
+
+
+def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_joined_text(tmp_path):
+    path = tmp_path / "openai.jsonl"
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "1 + 2?"}]
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}, CHAT[2]]
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    assert read_conversations(path) == [[CHAT[0], {"role": "user", "content": "What is\n1 + 2?"}, CHAT[2]]]
+
+
+@pytest.mark.parametrize(
+    ("message", "refusal"),
+    [
+        ({"role": "tool", "content": "3", "tool_call_id": "1"}, "chat message 1 is a tool result: tool messages"),
+        (
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+            "chat message 1 is a tool call: tool messages and tool_calls are not supported",
+        ),
+        ({"role": "user", "content": [{"type": "image_url"}]}, "chat message 1 content part 0 is 'image_url'"),
+        ({"role": "assistant", "content": None}, "chat message 1 content must be a string, got NoneType"),
+    ],
+)
+def test_tool_turns_and_non_text_content_are_refused_naming_the_line(tmp_path, message, refusal):
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": [CHAT[1], message, *CHAT]}) + "\n")
+    with pytest.raises(ValueError, match=rf"tools.jsonl:2: {refusal}"):
+        read_conversations(path)
+
+
+def test_accumulated_micro_batches_weigh_every_assistant_token_the_same_whatever_the_split(tmp_path, monkeypatch):
+    """4 conversations whose answers are 1 and 40 words: 1 x 4, 2 x 2 and 4 x 1 micro-batches give one step the
+    same loss and gradients (a mean over the step's assistant tokens, not a mean of micro-batch means)."""
+    start = micro_checkpoint(tmp_path / "start")
+    long_answer = {"role": "assistant", "content": " ".join(["forty"] * 40)}
+    data = write_conversations([CHAT[1:3], [CHAT[1], long_answer]] * 2, tmp_path / "chats.jsonl")
+    gradients: list[list[torch.Tensor]] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        gradients.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    steps = []
+    for batch_size, accumulated in [(4, 1), (2, 2), (1, 4)]:
+        out_dir = tmp_path / f"{batch_size}x{accumulated}"
+        args = [f"init_from={start}", f"data={data}", f"out_dir={out_dir}", "max_steps=1", "seq_len=320"]
+        args += [f"batch_size={batch_size}", f"grad_accum_steps={accumulated}", "eval_every=0", "grad_clip=0"]
+        args += ["aux_loss_alpha=0"]  # the balance loss counts the padding, whose width the split changes
+        run_sft(resolve_train_config(None, args, cls=SFTConfig))
+        steps.append(json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0]))
+    for other, grads in zip(steps[1:], gradients[1:], strict=True):
+        assert other["loss"] == pytest.approx(steps[0]["loss"], rel=1e-5)
+        assert other["lm_loss"] == pytest.approx(steps[0]["lm_loss"], rel=1e-5)
+        assert other["grad_norm"] == pytest.approx(steps[0]["grad_norm"], rel=1e-4)
+        assert other["assistant_tokens"] == steps[0]["assistant_tokens"]  # the step's total
+        for grad, reference in zip(grads, gradients[0], strict=True):
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
+    source = SFTSource(resolve_train_config(None, [f"init_from={start}", f"data={data}"], cls=SFTConfig))
+    assert steps[0]["assistant_tokens"] == sum(source.labelled_tokens(source.batch(1, 0.0)) for _ in range(4))

@@ -119,7 +119,7 @@ def test_plot_reads_a_run_stopped_while_writing_its_last_metrics_line(demo_run, 
     ("line", "fault"),
     [('{"loss": 3}', "not a metrics record"), ("[1, 2]", "not a metrics record"),
      ('{"step": "7", "loss": 1}', "not a metrics record"),
-     ('{"step": 999, "loss": 3}', "step 999 has no number 'lm_loss'"),
+     ('{"step": 999, "loss": 3}', "step 999 has no number 'mtp_loss'"),  # lm_loss: none when nothing was labelled
      ('{"step": 999, "val_loss": "x", "val_bpb": 1}', "step 999 has no number 'val_loss'")],
 )  # fmt: skip
 def test_plot_names_a_metrics_line_that_is_json_but_no_record(demo_run, tmp_path, line, fault):
