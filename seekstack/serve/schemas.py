@@ -89,7 +89,7 @@ class ChatMessage(StrictRequest):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM's server joins them, and `seekstack sft`
 
 
 class JsonSchemaSpec(StrictRequest):

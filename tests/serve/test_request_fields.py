@@ -134,3 +134,14 @@ def test_a_history_replaying_tool_calls_is_refused_naming_them(engine, tmp_path)
     [refused] = post_each(engine, tmp_path / "db", [("/v1/chat/completions", {**CHAT, "messages": messages})])
     error = error_of(refused, 400)
     assert error["param"] == "messages.1.tool_calls" and "does not call tools" in error["message"]
+
+
+def test_text_parts_are_read_as_their_texts_joined_by_newlines(engine, tmp_path):
+    """As vLLM's server joins them, and as `seekstack sft` reads them: a conversation is served as it was trained."""
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    joined, split = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "Hello\nthere"}]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": parts}]}),
+    ])  # fmt: skip
+    assert split.status_code == 200, split.text
+    assert split.json()["choices"] == joined.json()["choices"] and split.json()["usage"] == joined.json()["usage"]
