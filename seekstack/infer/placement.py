@@ -4,9 +4,10 @@ budgets, and applied with hooks that move activations to a part's device and its
 The parts (units) a map places: `embed_tokens`, `layers.{i}.self_attn`, `layers.{i}.mlp` (dense layers) or
 `layers.{i}.mlp.shared_experts` (with the router) and `layers.{i}.mlp.experts` (routed), `mtp.{k}`, `norm`, `lm_head`.
 A device is `cpu`, `cuda:N`, or `disk`: computed on the CPU from weights memory-mapped from a file (the
-checkpoint's own, where `load_pretrained` mapped them; else a copy written once), whose pages the OS reads in on
-use and may drop again. This is the DeepSeek deployment's [CPU] -> [GPU1] -> [GPU2] -> [CPU]
-pipeline when blocks go to different devices, and KTransformers' split when routed experts stay on the CPU.
+checkpoint's own, where `load_pretrained` mapped them; else a copy named by a hash of what it holds, which later
+runs holding the same values reuse), whose pages the OS reads in on use and may drop again. This is the DeepSeek
+deployment's [CPU] -> [GPU1] -> [GPU2] -> [CPU] pipeline when blocks go to different devices, and KTransformers'
+split when routed experts stay on the CPU.
 
 Written as `pattern=device` entries separated by commas, later entries overriding earlier ones; a pattern's
 dot-separated components match a unit's leading ones, each literally, by `*`, or by an inclusive range `a-b`:
@@ -16,7 +17,9 @@ dot-separated components match a unit's leading ones, each literally, by `*`, or
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seekstack.atomic import write_atomic
 from seekstack.checkpoint import checkpoint_key, layer_key
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
@@ -31,6 +35,7 @@ from seekstack.model.moe import MoE, RoutedExperts
 from seekstack.model.transformer import Transformer
 
 DISK = "disk"
+COPY_DIGEST_CHARS = 16  # hex digits of a disk copy's SHA-256 in its file name (`_mapped_copy`)
 
 
 # ---------------------------------------------------------------------------------------- units and maps
@@ -235,9 +240,9 @@ def device_map_for(model: Transformer, text: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- applying
 def place(model: Transformer, placement: dict[str, str], offload_dir: str | Path | None = None) -> Transformer:
     """Move each unit of `model` to its device (`disk`: its weights memory-mapped, from the checkpoint where they
-    already are, else written once under `offload_dir` and mapped back) and hook it so that its inputs move to it
-    and its outputs back. Everything else (norms of the blocks, rotary tables) stays on the CPU, where the cache
-    plan and the sampler run."""
+    already are, else copied under `offload_dir` unless a copy of the same values is there, and mapped back) and
+    hook it so that its inputs move to it and its outputs back. Everything else (norms of the blocks, rotary tables)
+    stays on the CPU, where the cache plan and the sampler run."""
     parts = units(model)
     unknown = set(placement) ^ set(parts)
     if unknown:
@@ -274,16 +279,34 @@ def layer_devices(model: Transformer) -> list[torch.device]:
 
 def _memory_map(module: nn.Module, directory: Path) -> None:
     """Swap in memory-mapped views of the unit's tensors: those `load_pretrained` mapped from the checkpoint stay as
-    they are; the others are written to raw files under `directory` (once) and mapped back."""
+    they are; the others are mapped from copies under `directory` (`_mapped_copy`)."""
     for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
-        if mapped_file(tensor) is not None:
-            continue
+        if mapped_file(tensor) is None:
+            tensor.data = _mapped_copy(tensor, directory, name)
+
+
+def _mapped_copy(tensor: torch.Tensor, directory: Path, name: str) -> torch.Tensor:
+    """`tensor` memory-mapped from its raw copy `directory/{name}.{digest}.bin`, the digest a hash of its dtype, shape
+    and bytes: a copy an earlier run wrote is reused only when it holds these very values, and writing a new one
+    (atomically) deletes the copies of `name` that hold others (another dtype, weights since changed)."""
+    raw = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
+    digest = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+    digest.update(raw)
+    path = directory / f"{name}.{digest.hexdigest()[:COPY_DIGEST_CHARS]}.bin"
+    if not (path.is_file() and path.stat().st_size == raw.nbytes):
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{name}.bin"
-        if not path.exists():
-            tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tofile(path)
-        mapped = torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
-        tensor.data = mapped
+        _delete_copies(directory, name)
+        write_atomic(path, raw.tofile)
+    return torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+
+
+def _delete_copies(directory: Path, name: str) -> None:
+    """Delete the copies of tensor `name` in `directory` (those named `{name}.bin` too, from before copies were named
+    by their digest). A run that maps one keeps its pages: a mapping outlives the file's name."""
+    copy_name = re.compile(rf"{re.escape(name)}(\.[0-9a-f]{{{COPY_DIGEST_CHARS}}})?\.bin")
+    for entry in directory.iterdir():
+        if copy_name.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)
 
 
 def mapped_file(tensor: torch.Tensor) -> Path | None:

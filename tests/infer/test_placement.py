@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -129,6 +130,63 @@ def test_from_pretrained_places_the_parts_a_device_map_names(tmp_path):
     engine = Engine.from_pretrained(directory, **options.engine_kwargs())
     assert engine.model.placement["layers.1.mlp.experts"] == "disk" and (directory / "offload").is_dir()
     assert engine.generate([prompt], params)[0].token_ids == expected
+
+
+def disk_run_tokens(directory, dtype: str, device_map: str | None = "*=cpu,layers.*.mlp.experts=disk") -> list[int]:
+    """The greedy tokens of the checkpoint in `directory` in `dtype`, its routed experts on disk (or all in memory)."""
+    prompt = torch.randint(5, 512, (7,), generator=torch.Generator().manual_seed(2)).tolist()
+    options = EngineOptions(device_map=device_map, kv_cache_memory="1MiB", dtype=dtype)
+    engine = Engine.from_pretrained(directory, **options.engine_kwargs())
+    return engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
+
+
+def test_disk_copies_of_another_dtype_or_of_weights_since_changed_are_not_read(tmp_path):
+    directory = model_dir(tmp_path / "model")
+    offload = directory / "offload" / "layers.1.mlp.experts"
+    assert disk_run_tokens(directory, "float32") == disk_run_tokens(directory, "float32", device_map=None)
+    float32_copies = sorted(offload.iterdir())
+    assert disk_run_tokens(directory, "bfloat16") == disk_run_tokens(directory, "bfloat16", device_map=None)
+    bfloat16_copies = sorted(offload.iterdir())
+    assert len(bfloat16_copies) == len(float32_copies) and not set(bfloat16_copies) & set(float32_copies)  # replaced
+    assert disk_run_tokens(directory, "float32") == disk_run_tokens(directory, "float32", device_map=None)
+    old_tokens = disk_run_tokens(directory, "float32")
+    changed = micro_model()
+    with torch.no_grad():
+        for block in changed.layers[1:]:
+            block.mlp.experts.down_proj.mul_(-30)
+    seekstack.save_pretrained(changed, tmp_path / "changed")
+    (tmp_path / "changed" / SINGLE_FILE).replace(directory / SINGLE_FILE)
+    expected = disk_run_tokens(directory, "float32", device_map=None)
+    assert expected != old_tokens and disk_run_tokens(directory, "float32") == expected
+
+
+@torch.inference_mode()
+def test_a_half_written_disk_copy_is_never_read(model, tmp_path, monkeypatch):
+    from seekstack import atomic
+    from seekstack.infer import placement
+
+    tokens = torch.randint(5, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected = model(tokens).logits
+    disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
+
+    def killed_mid_write(path, write):
+        def half(temporary):
+            write(temporary)
+            os.truncate(temporary, temporary.stat().st_size // 2)
+            raise KeyboardInterrupt
+
+        return atomic.write_atomic(path, half)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(placement, "write_atomic", killed_mid_write)
+        with pytest.raises(KeyboardInterrupt):
+            place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
+    assert not list(tmp_path.rglob("*.bin*"))  # nothing left under a name a later run would read
+    place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
+    for copied in tmp_path.glob("*/*.bin"):  # cut short at their own names (as by a full disk)
+        copied.write_bytes(copied.read_bytes()[: copied.stat().st_size // 2])
+    placed = place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
+    torch.testing.assert_close(placed(tokens).logits, expected, rtol=0, atol=0)
 
 
 def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(model):
