@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -22,6 +25,7 @@ except ImportError:
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
+    from seekstack.infer.outputs import RequestOutput
 
 ModelDir = Annotated[
     Path,
@@ -84,9 +88,12 @@ Stop = Annotated[
 ]
 ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr\\])")
 ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+DRAFTING_OPTIONS = ("draft_tokens", "adaptive_drafts", "draft_vocab")  # what --speculative decoding alone reads
+INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (SIGINT), as shells give it
 
 
 def generate_command(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="Text to continue ('-': read it from standard input)")],
     model: ModelDir,
     tokenizer: TokenizerPath = None,
@@ -122,15 +129,14 @@ def generate_command(
     threads: Threads = None,
     adapter: Adapter = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object with tokens and timings (errors too)")
+        bool,
+        typer.Option("--json", help="Print one JSON object with tokens and timings (errors too; Ctrl-C: text so far)"),
     ] = False,
 ) -> None:
     """Continue PROMPT with a checkpoint, streaming the text (or, with --json, a machine-readable result).
 
     A max-new-tokens that does not fit the context with the prompt is capped, with a notice on stderr."""
-    from seekstack.infer.outputs import completion_record
-
-    with user_errors(as_json):
+    with failures_as_json(as_json), user_errors(as_json):
         if top_logprobs and not as_json:
             raise ValueError(f"--top-logprobs {top_logprobs}: the log-probabilities are printed with --json only")
         if prompt == "-":
@@ -145,6 +151,7 @@ def generate_command(
             options = one_stream(
                 speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map, dtype
             )
+        refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
         prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
@@ -152,10 +159,7 @@ def generate_command(
         if notice:
             typer.echo(f"note: {notice}", err=True)
         if as_json:
-            completion = engine.generate([prompt_ids], params)[0]
-            typer.echo(json.dumps(completion_record(engine, completion), indent=2))
-            if completion.error is not None:
-                raise typer.Exit(code=1)
+            print_completion_json(engine, prompt_ids, params)
             return
         terminal = StreamedText()
         engine.notify = terminal.note
@@ -169,6 +173,7 @@ def generate_command(
 
 
 def chat_command(
+    ctx: typer.Context,
     model: ModelDir,
     tokenizer: TokenizerPath = None,
     system: Annotated[str | None, typer.Option(help="System prompt")] = None,
@@ -202,6 +207,7 @@ def chat_command(
             options = one_stream(
                 speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map, dtype
             )
+        refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
     if reason:
@@ -215,6 +221,74 @@ def chat_command(
     engine.notify = terminal.note
     session = ChatSession(engine, params, system, notify=terminal.note)
     run_chat(session, line_reader(interactive), terminal.write, prompt="> " if interactive else "")
+
+
+def print_completion_json(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+    """Print the JSON record of the completion of `prompt_ids`, and exit 1 when the engine failed the request. Ctrl-C
+    prints the record of the text made so far, with finish_reason "abort" (as vLLM's), and exits 130."""
+    from seekstack.infer.outputs import completion_record, joined_completion
+
+    parts: list[RequestOutput] = []
+    started, first, compiled_before = time.perf_counter(), None, engine.compile_s
+    try:
+        for output in engine.stream(prompt_ids, params):  # timed as Engine.generate times a request
+            if first is None:
+                first, compiled_before = time.perf_counter(), engine.compile_s
+            parts.append(output)
+    except KeyboardInterrupt:
+        parts.append(aborted_output(parts, len(prompt_ids), params))
+    end = time.perf_counter()
+    first = end if first is None else first
+    completion = joined_completion(parts[0].request_id, prompt_ids, parts, started, first, end,
+                                   engine.compile_s - compiled_before)  # fmt: skip
+    typer.echo(json.dumps(completion_record(engine, completion), indent=2))
+    if completion.finish_reason == "abort":
+        raise typer.Exit(code=INTERRUPTED)
+    if completion.error is not None:
+        raise typer.Exit(code=1)
+
+
+def aborted_output(parts: list[RequestOutput], prompt_tokens: int, params: SamplingParams) -> RequestOutput:
+    """The last output of a request stopped after `parts`: no new tokens, finish_reason "abort"."""
+    from seekstack.infer.outputs import RequestOutput
+
+    return RequestOutput(
+        request_id=parts[-1].request_id if parts else "", token_ids=[], text="",
+        logprobs=[] if params.logprobs else None, finished=True, finish_reason="abort", prompt_tokens=prompt_tokens,
+        completion_tokens=parts[-1].completion_tokens if parts else 0, scheduled_at=None,
+    )  # fmt: skip
+
+
+@contextmanager
+def failures_as_json(as_json: bool) -> Iterator[None]:
+    """With --json, a failure `user_errors` does not report still prints one JSON object, `{"error": {"message":
+    ...}}`: an unexpected exception (its traceback on stderr) exits 1, Ctrl-C before any text exits 130."""
+    if not as_json:
+        yield
+        return
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        typer.echo(json.dumps({"error": {"message": "interrupted (Ctrl-C) before any text was generated"}}))
+        raise typer.Exit(code=INTERRUPTED) from None
+    except Exception as error:
+        traceback.print_exc(file=sys.stderr)
+        typer.echo(json.dumps({"error": {"message": f"{type(error).__name__}: {error}"}}))
+        raise typer.Exit(code=1) from None
+
+
+def refuse_drafting_without_speculation(ctx: typer.Context) -> None:
+    """ValueError naming a drafting option (--draft-tokens, --adaptive-drafts, --draft-vocab) given on the command
+    line without --speculative, which would leave it unread."""
+    if ctx.params["speculative"]:
+        return
+    for name in DRAFTING_OPTIONS:
+        if ctx.get_parameter_source(name).name != "DEFAULT":
+            option = "--" + "no-" * (ctx.params[name] is False) + name.replace("_", "-")  # as typed
+            raise ValueError(f"{option} sets how speculative decoding drafts, which is off: add --speculative, or "
+                             f"leave {option} out")  # fmt: skip
 
 
 class StreamedText:

@@ -19,6 +19,7 @@ from seekstack.cli.generate import (
     KvCacheMemory,
     Speculative,
     Threads,
+    refuse_drafting_without_speculation,
     tell_dtype,
 )
 from seekstack.infer.params import EngineOptions
@@ -34,6 +35,7 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `
 
 
 def serve_command(
+    ctx: typer.Context,
     model: Annotated[
         Path,
         typer.Option(
@@ -100,6 +102,7 @@ def serve_command(
                 draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts, draft_vocab=draft_vocab, compile=compile,
                 dtype=dtype, kv_cache_memory=kv_cache_memory, device_map=device_map,
             ).validate()  # fmt: skip
+        refuse_drafting_without_speculation(ctx)
         options = ServeOptions(
             host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
             served_model_name=served_model_name, engine=engine, adapters=_named_adapters(adapter or []),

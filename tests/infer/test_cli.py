@@ -155,6 +155,54 @@ def test_generate_json_reports_a_missing_model_or_tokenizer_as_json(checkpoint, 
         assert json.loads(result.stdout)["error"]["message"].startswith(message)
 
 
+def test_generate_json_on_ctrl_c_prints_the_text_so_far_with_finish_reason_abort(checkpoint, engine, monkeypatch):
+    real_step, steps = Engine.step, []
+
+    def interrupted_in_the_fourth_step(self):  # the prefill and two decode steps went out
+        steps.append(1)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", interrupted_in_the_fourth_step)
+    args = ["generate", "--model", str(checkpoint), "import os", "--json", "--temperature", "0", "--no-compile",
+            "--max-new-tokens", "20", "--ignore-eos", "--top-logprobs", "1"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    record = json.loads(result.stdout)
+    plain = engine.generate(["import os"], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))[0]
+    assert record["finish_reason"] == "abort" and record["token_ids"] == plain.token_ids[:3]
+    assert record["completion_tokens"] == 3 and len(record["logprobs"]) == 3 and plain.text.startswith(record["text"])
+    assert record["timings"]["total_s"] >= record["timings"]["time_to_first_token_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("failure", "exit_code", "message"),
+    [(RuntimeError("the loader broke"), 1, "RuntimeError: the loader broke"),
+     (KeyboardInterrupt(), 130, "interrupted (Ctrl-C) before any text was generated")],
+)  # fmt: skip
+def test_generate_json_reports_any_other_failure_as_json(checkpoint, monkeypatch, failure, exit_code, message):
+    def failing(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("seekstack.cli.generate.load_engine", failing)
+    result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--json"])
+    assert result.exit_code == exit_code
+    assert json.loads(result.stdout) == {"error": {"message": message}}
+    assert ("Traceback" in result.stderr and "the loader broke" in result.stderr) == (exit_code == 1)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("option", [["--draft-tokens", "4"], ["--no-adaptive-drafts"], ["--draft-vocab", "0"]])
+def test_a_drafting_option_without_speculative_is_refused_naming_it(checkpoint, monkeypatch, command, option):
+    for starts in ("seekstack.cli.generate.load_engine", "seekstack.serve.launch.build_server"):
+        monkeypatch.setattr(starts, lambda *args, **kwargs: pytest.fail("started without --speculative"))
+    prompt = ["x"] if command == "generate" else []
+    result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, *option], input="")
+    assert result.exit_code == 1
+    assert f"error: {option[0]} sets how speculative decoding drafts, which is off: add --speculative" in result.stderr
+
+
 def long_prompt(engine, tokens: int) -> str:
     """A text of at least `tokens` tokens."""
     text = ""
