@@ -25,10 +25,12 @@ keys are copied into the stacked tensors; the stacked layout maps them as they a
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import math
 import os
 import re
+import shutil
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -59,6 +61,9 @@ MODEL_FOLDER_FILES = (
     CONFIG_FILE, "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer*.json", "special_tokens_map.json",
     "chat_template.jinja",
 )  # fmt: skip
+# What `save_pretrained` writes. The other files of a model folder it saves over (the tokenizer's, a generation
+# config, a chat template) stay, as transformers' save_pretrained leaves them.
+SAVED_FILES = (CONFIG_FILE, "*.safetensors", INDEX_FILE)
 DAMAGED = "re-save or re-download the checkpoint"  # what to do about a file that is truncated, damaged or missing
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 DEFAULT_FP8_BLOCK = (128, 128)
@@ -730,16 +735,28 @@ def save_pretrained(
     With `fp8_block`, block projections are stored as e4m3 with `weight_scale_inv`, as in DeepSeek's
     FP8 release; with `stacked_experts`, routed experts in seekstack's memory-mappable layout. The folder is
     swapped in whole when complete (`atomic_directory`): an interrupted save never leaves a half-written
-    checkpoint, and an existing one stays until the new one is complete. A config transformers computes differently
-    (`ModelConfig.transformers_divergences`) is warned about.
+    checkpoint, and an existing one stays until the new one is complete; its files this save does not write (the
+    tokenizer's) are kept. A config transformers computes differently (`ModelConfig.transformers_divergences`) is
+    warned about.
     """
     refuse_hf_export(model.config, directory)
     refuse_to_replace(directory, MODEL_FOLDER_FILES)
     directory = Path(directory)
     with atomic_directory(directory) as staging:
         write_pretrained_files(model, staging, max_shard_bytes, fp8_block, stacked_experts)
+        _copy_unsaved_files(directory, staging)
     warn_transformers_divergences(model.config, directory)
     return directory
+
+
+def _copy_unsaved_files(directory: Path, staging: Path) -> None:
+    """Copy the files of model folder `directory` (if it exists) that `save_pretrained` does not write
+    (`SAVED_FILES`) into `staging`, the folder that replaces it."""
+    if not directory.is_dir():
+        return
+    for entry in sorted(directory.iterdir()):
+        if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in SAVED_FILES):
+            shutil.copy2(entry, staging / entry.name)
 
 
 def refuse_hf_export(config: ModelConfig, destination: str | Path) -> None:

@@ -146,6 +146,18 @@ def test_saving_over_a_sharded_checkpoint_leaves_no_stale_shards(tmp_path):
     assert_same_state(model, seekstack.load_pretrained(tmp_path / "ckpt"))
 
 
+def test_saving_over_a_model_folder_keeps_the_tokenizer_files_it_does_not_write(tmp_path):
+    model = random_model()
+    seekstack.save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)
+    kept = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": "{}", "generation_config.json": "{}"}
+    for name, text in kept.items():
+        (tmp_path / "ckpt" / name).write_text(text)
+    seekstack.save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(["config.json", SINGLE_FILE, *kept])
+    assert {name: (tmp_path / "ckpt" / name).read_text() for name in kept} == kept
+    assert_same_state(model, seekstack.load_pretrained(tmp_path / "ckpt"))
+
+
 # ------------------------------------------------------------------ multi-token prediction
 def test_mtp_modules_are_stored_as_the_layers_after_the_main_ones(tmp_path):
     model = random_model(num_nextn_predict_layers=2)
