@@ -4,7 +4,8 @@ Sensitivity of layer l at option o = the mean KL from the original when l is qua
 sits at the base option (uniform int4 g32: the operating point adaptive precision is compared with, so the
 measurement includes how l's error combines with the others'). Assuming those changes add up (the first-order view
 of HAWQ), the assignment starts every layer at its smallest option and repeatedly takes the upgrade with the largest
-KL saved per extra byte that still fits the budget (a greedy knapsack).
+KL saved per extra byte that still fits the budget (a greedy knapsack). An upgrade may go to any larger option with a
+lower KL, past ones that measure worse, so with budget to spare every layer ends at its lowest-KL option.
 Options, smallest first: int4 g128, int4 g64, int4 g32, int8 (a layer only gets those its shapes allow).
 Budget: average bits per quantized weight, scales included (uniform int4 g32 is 4.5: 4 bits + a bf16 scale per 32).
 """
@@ -103,22 +104,27 @@ def assign(choices: list[LayerChoice], budget_bits: float) -> dict[str, str]:
             f"({used / total_weights:.3f} bits per weight)"
         )
     while True:
-        best, best_gain = None, 0.0
-        for c in choices:
-            ranked = sorted(c.bits, key=c.bits.get)  # type: ignore[arg-type]
-            position = ranked.index(current[c.name])
-            if position + 1 == len(ranked):
-                continue
-            upgrade = ranked[position + 1]
-            extra = (c.bits[upgrade] - c.bits[current[c.name]]) * c.weights
-            saved = c.kl[current[c.name]] - c.kl[upgrade]
-            if used + extra <= budget and saved / extra > best_gain:
-                best, best_gain = (c, upgrade, extra), saved / extra
-        if best is None:
+        fitting = [
+            (saved / extra, c, option, extra)
+            for c in choices
+            for option, extra, saved in _upgrades(c, current[c.name])
+            if used + extra <= budget
+        ]
+        if not fitting:
             return current
-        choice, upgrade, extra = best
+        _, choice, upgrade, extra = max(fitting, key=lambda candidate: candidate[0])
         current[choice.name] = upgrade
         used += extra
+
+
+def _upgrades(choice: LayerChoice, at: str) -> list[tuple[str, float, float]]:
+    """(option, extra bits in all, KL saved) for each option of `choice` with more bits than `at` and a lower KL:
+    any of them, not only the next one up (an option between may measure worse than both)."""
+    return [
+        (option, (choice.bits[option] - choice.bits[at]) * choice.weights, choice.kl[at] - choice.kl[option])
+        for option in choice.bits
+        if choice.bits[option] > choice.bits[at] and choice.kl[option] < choice.kl[at]
+    ]
 
 
 def average_bits(choices: list[LayerChoice], assignment: dict[str, str]) -> float:

@@ -35,6 +35,15 @@ def test_budget_goes_to_the_layers_where_a_bit_saves_the_most_kl():
         assign(choices, budget_bits=4.0)
 
 
+def test_a_layer_upgrades_past_options_that_measure_worse_to_its_lowest_kl_option():
+    # measured by `seekstack quantize --adaptive` for layers.0.mlp.gate_proj on the demo checkpoint
+    bits = {"int4-g128": 4.125, "int4-g64": 4.25, "int4-g32": 4.5, "int8": 8 + 16 / 128}
+    kl = {"int4-g128": 0.004938, "int4-g64": 0.005085, "int4-g32": 0.005201, "int8": 0.004488}
+    layer = LayerChoice("layers.0.mlp.gate_proj", 128 * 384, bits, kl)
+    assert assign([layer], budget_bits=100.0) == {"layers.0.mlp.gate_proj": "int8"}
+    assert assign([layer], budget_bits=8.0) == {"layers.0.mlp.gate_proj": "int4-g128"}  # g64 and g32 never help
+
+
 def test_sensitivities_are_measured_around_uniform_int4_g32_and_leave_the_model_unchanged():
     model = Transformer(micro_config(**SHAPES)).eval()
     with torch.no_grad():  # weights large enough that each layer moves the logits measurably
