@@ -179,11 +179,16 @@ def refuse_quantized_base(model: torch.nn.Module, folder: str | Path) -> None:
     adapters are not applied to yet."""
     scheme = next((m.scheme for m in model.modules() if isinstance(m, QuantizedWeight)), None)
     if scheme is not None:
-        raise CheckpointError(
-            f"{folder}: the base model is quantized ({scheme}), and adapters are not applied to quantized layers yet; "
-            "use the float checkpoint it was quantized from, or merge the adapter into that (`seekstack lora merge`) "
-            "and quantize the result"
-        )
+        raise quantized_base_error(folder, scheme)
+
+
+def quantized_base_error(where: str | Path, scheme: str) -> CheckpointError:
+    """The refusal of a base quantized as `scheme` (int8, int4, fp8), naming `where` (the adapter or the base)."""
+    return CheckpointError(
+        f"{where}: the base model is quantized ({scheme}), and adapters are not applied to quantized layers yet; "
+        "use the float checkpoint it was quantized from, or merge the adapter into that (`seekstack lora merge`) "
+        "and quantize the result"
+    )
 
 
 def read_lora_config(folder: str | Path) -> LoraConfig:

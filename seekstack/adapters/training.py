@@ -21,7 +21,14 @@ from torch import nn
 
 from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
 from seekstack.adapters.data import chat_source, first_batches, frequent_tokens, prepare_data, resumed_data
-from seekstack.adapters.files import adapter_state, apply_lora, publish_adapter, restore_adapter, save_adapter
+from seekstack.adapters.files import (
+    adapter_state,
+    apply_lora,
+    publish_adapter,
+    quantized_base_error,
+    restore_adapter,
+    save_adapter,
+)
 from seekstack.checkpoint import read_config
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, load_config, require, same_value
@@ -156,6 +163,7 @@ def lora_train_config(
     else:
         if base is None or data_dir is None:
             raise ConfigError("a new LoRA run needs BASE (a checkpoint folder) and DATA (token shards, text or chat)")
+        refuse_quantized_checkpoint(base)
         refuse_new_run_into(out)  # a folder without a checkpoint starts anew, as with `seekstack train`
         with lora_keys():
             adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
@@ -163,6 +171,18 @@ def lora_train_config(
         train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))  # keys checked first
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
     return train_config, adapter
+
+
+def refuse_quantized_checkpoint(base: str | Path) -> None:
+    """CheckpointError, before the run writes anything, when checkpoint `base` is stored quantized: the run would train
+    on its dequantized weights an adapter that generate, merge and serve refuse on that base."""
+    quantization = read_config(base).extra.get("quantization_config")
+    if quantization is None:
+        return
+    groups = (quantization.get("config_groups") or {}).values()
+    bits = sorted({group.get("weights", {}).get("num_bits") for group in groups} - {None}, reverse=True)
+    scheme = ", ".join(f"int{b}" for b in bits) if bits else quantization.get("quant_method", "fp8")
+    raise quantized_base_error(base, scheme)
 
 
 @contextmanager

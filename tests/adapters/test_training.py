@@ -98,6 +98,19 @@ def test_text_data_is_not_tokenized_before_the_settings_are_checked(base, tmp_pa
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_a_quantized_base_is_refused_naming_the_scheme_before_anything_is_written(base, scheme, tmp_path):
+    from seekstack.compress.quantize import QuantConfig, quantize_checkpoint
+
+    quantized = tmp_path / "quantized"
+    quantize_checkpoint(base, quantized, QuantConfig(scheme=scheme))  # type: ignore[arg-type]
+    text = tmp_path / "prose.txt"
+    text.write_text("A few words of prose to adapt to. " * 200)
+    with pytest.raises(CheckpointError, match=f"{quantized}: the base model is quantized \\({scheme}\\)"):
+        lora_train_config(quantized, text, tmp_path / "run", RUN)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bias_update_is_refused_because_the_base_stays_frozen(base, data_dir, tmp_path):
     with pytest.raises(ConfigError, match="bias_update_rate"):
         lora_train_config(base, data_dir, tmp_path, ["bias_update_rate=0.001"])
