@@ -40,7 +40,11 @@ def quantize_command(
     ] = None,
     keep: Annotated[
         list[str] | None,
-        typer.Option(help="Layer pattern left in float (repeatable; replaces the default: lm_head)"),
+        typer.Option(
+            help="Layer pattern left in float (repeatable; replaces the default: lm_head): our names "
+            "(layers.1.mlp.experts, mtp.0.block.mlp.experts, *.o_proj) or the checkpoint's "
+            "(model.layers.1.mlp.experts); one matching no layer is refused"
+        ),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="A QuantConfig file (YAML/TOML/JSON); options go on top")] = None,
     progressive: Annotated[

@@ -6,12 +6,14 @@ tiny), the norms and biases, and `kv_b_proj` (MLA's decode path absorbs it as a 
 keeps it unquantized). By default also `lm_head` (the vocabulary projection decides every token; DeepSeek's FP8
 release keeps it in bf16), and with fp8 the MTP `eh_proj` (as DeepSeek's FP8 release does). `keep` replaces those
 defaults; `layers` assigns a scheme per layer (what adaptive precision writes).
-Layer names are ours, fnmatch patterns: `lm_head`, `layers.3.mlp.experts`, `*.self_attn.o_proj`.
+Layer names are fnmatch patterns, of our names (`lm_head`, `layers.3.mlp.experts`, `*.self_attn.o_proj`) or of the
+checkpoint's (`model.layers.3.mlp.experts`, `model.layers.*.self_attn.o_proj`); one that names no layer is refused.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -29,7 +31,7 @@ from seekstack.compress.linear import (
     use_quantized_feed_forwards,
 )
 from seekstack.model.moe import RoutedExperts
-from seekstack.schema import Positive, require
+from seekstack.schema import ConfigError, Positive, require
 
 Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
@@ -56,16 +58,45 @@ class QuantConfig:
         schemes = {self.scheme, *(v.split("-")[0] for v in self.layers.values())} - {"none"}
         require("fp8" not in schemes or schemes == {"fp8"}, "layers", "all fp8 or none fp8 (one checkpoint format)")
 
-    def scheme_of(self, name: str) -> str | None:
-        """The scheme layer `name` gets (`int4-gN` when its group is set per layer), or None when it stays in
-        high precision."""
-        if any(fnmatch(name, pattern) for pattern in ALWAYS_KEPT):
+    def scheme_of(self, name: str, key: str | None = None) -> str | None:
+        """The scheme layer `name` (checkpoint name `key`) gets (`int4-gN` when its group is set per layer), or None
+        when it stays in high precision."""
+        names = (name,) if key is None else (name, key)
+        if _matches(ALWAYS_KEPT, (name,)):
             return None
         for pattern, scheme in self.layers.items():
-            if fnmatch(name, pattern):
+            if _matches((pattern,), names):
                 return None if scheme == "none" else scheme
         keep = [*self.keep, *(FP8_KEEP if self.scheme == "fp8" else ())]
-        return None if any(fnmatch(name, pattern) for pattern in keep) else self.scheme
+        return None if _matches(keep, names) else self.scheme
+
+    def refuse_unmatched_patterns(self, layers: dict[str, str]) -> None:
+        """ConfigError naming the first `keep` or `layers` pattern that matches none of `layers` (our name ->
+        checkpoint name), with a few layer names as examples."""
+        for field_name, patterns in (("keep", self.keep), ("layers", self.layers)):
+            for pattern in patterns:
+                if not any(_matches((pattern,), names) for names in layers.items()):
+                    examples = list(layers)[:: max(1, len(layers) // 4)][:4]
+                    raise ConfigError(
+                        f": pattern {pattern!r} matches no layer of the model; a pattern names layers as seekstack "
+                        "does (`layers.1.mlp.experts`, `*.o_proj`) or as the checkpoint does "
+                        f"(`model.layers.1.mlp.experts`); this model's layers include {', '.join(examples)}",
+                        field=field_name,
+                    )
+
+
+def _matches(patterns: Iterable[str], names: Iterable[str]) -> bool:
+    return any(fnmatch(name, pattern) for pattern in patterns for name in names)
+
+
+def layer_names(model: nn.Module) -> dict[str, str]:
+    """Our name -> checkpoint name (`layers.1.mlp.experts` -> `model.layers.1.mlp.experts`) of each layer a pattern
+    can name: the quantizable ones and a tied lm_head (the default keeps it)."""
+    from seekstack.checkpoint import layer_key
+
+    config = getattr(model, "config", None)
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, RoutedExperts))]
+    return {n: layer_key(n, config.num_hidden_layers) if config is not None else n for n in names}
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -82,9 +113,11 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 def quantize_model(model: nn.Module, config: QuantConfig) -> dict[str, str]:
     """Swap each chosen layer of `model` for its quantized module, in place (a SwiGLU whose three projections end up
     quantized becomes one QuantizedFeedForward). Returns layer -> scheme, or why kept."""
+    names = layer_names(model)
+    config.refuse_unmatched_patterns(names)
     assignment = {}
     for name in quantizable_layers(model):
-        scheme = config.scheme_of(name)
+        scheme = config.scheme_of(name, names[name])
         module = model.get_submodule(name)
         if scheme is None and config.scheme == "fp8" and _is_absorbed(name):
             _round_through_fp8(module, tuple(config.fp8_block))

@@ -132,6 +132,17 @@ def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
     assert ((logits(loaded, INPUT_IDS) - reference).norm() / reference.norm()).item() < 0.05
 
 
+def test_quantize_refuses_a_keep_pattern_that_names_no_layer_and_takes_checkpoint_names(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q")]
+    result = CliRunner().invoke(app, [*base, "--keep", "nosuchlayer"])
+    assert result.exit_code == 1 and "pattern 'nosuchlayer' matches no layer of the model" in result.output
+    assert "layers.0.self_attn" in result.output and not (tmp_path / "q").exists()
+    result = CliRunner().invoke(app, [*base, "--keep", "model.layers.*.mlp.experts", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["assignment"]["layers.1.mlp.experts"] == "kept"
+
+
 def test_quantize_refuses_bad_tolerances_and_budgets_and_adaptive_with_fixed_schemes(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--data", str(tmp_path)]

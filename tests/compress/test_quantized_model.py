@@ -15,6 +15,7 @@ from seekstack.checkpoint import checkpoint_tensors
 from seekstack.compress.linear import QuantizedExperts, QuantizedFeedForward, QuantizedLinear
 from seekstack.compress.quantize import QuantConfig, quantize_model, resident_bytes
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
+from seekstack.schema import ConfigError
 from tests.conftest import micro_config
 
 SHAPES = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)  # int4-tileable
@@ -228,6 +229,19 @@ def test_default_keeps_head_and_absorbed_kv_b_proj_and_keep_is_overridable():
     assert assignment["layers.0.self_attn.o_proj"] == "kept"
     assert assignment["layers.0.self_attn.kv_b_proj"] == "kept"  # always: MLA absorbs it
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules() if isinstance(m, Router))
+
+
+def test_patterns_name_layers_as_we_do_or_as_the_checkpoint_does_and_one_naming_none_is_refused():
+    model = model_for_tests()
+    config = QuantConfig(keep=["model.layers.*.mlp.experts"], layers={"model.layers.0.self_attn.o_proj": "int4"})
+    assignment = quantize_model(model, config)
+    for experts in ("layers.1.mlp.experts", "layers.2.mlp.experts", "mtp.0.block.mlp.experts"):  # mtp: model.layers.3
+        assert assignment[experts] == "kept"
+    assert assignment["layers.1.mlp.shared_experts.up_proj"] == "int8" and assignment["lm_head"] == "int8"
+    assert assignment["layers.0.self_attn.o_proj"] == "int4 g32"
+    for given, field in ((dict(keep=["nosuchlayer"]), "keep"), (dict(layers={"layers.9.*": "int8"}), "layers")):
+        with pytest.raises(ConfigError, match=f"field '{field}': pattern .* matches no layer of the model.*layers.0"):
+            quantize_model(model_for_tests(), QuantConfig(**given))
 
 
 def test_int4_leaves_layers_its_kernel_cannot_tile_in_float_and_says_why():
