@@ -121,8 +121,8 @@ def quantize_command(
         elif adaptive:
             report = _adaptive(model, out, data, budget_bits)
         else:
-            assignment = quantize_checkpoint(model, out, resolved)
-            report = {"assignment": assignment}
+            assignment, notes = quantize_checkpoint(model, out, resolved)
+            report = {"assignment": assignment, "notes": notes}
         report |= {"bytes_before": checkpoint_bytes(model), "bytes_after": checkpoint_bytes(out), "out": str(out)}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -141,6 +141,8 @@ def quantize_command(
     if "assignment" in report:
         counts = Counter(value.split(":")[0] for value in report["assignment"].values())
         typer.echo("layers: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+    for note in report.get("notes", []):
+        typer.echo(f"note: {note}", err=True)
     before, after = report["bytes_before"], report["bytes_after"]
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
 

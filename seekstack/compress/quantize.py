@@ -212,12 +212,41 @@ def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -
     return out
 
 
-def quantize_checkpoint(model_dir: str | Path, out: str | Path, config: QuantConfig) -> dict[str, str]:
+def quantize_checkpoint(
+    model_dir: str | Path, out: str | Path, config: QuantConfig
+) -> tuple[dict[str, str], list[str]]:
     """Load checkpoint `model_dir` in float32, quantize it per `config` and save it as `out`; returns the
-    assignment (layer -> scheme, or why it was kept)."""
+    assignment (layer -> scheme, or why it was kept) and notes on how other readers take the result."""
     from seekstack.checkpoint import load_pretrained
 
     model = load_pretrained(model_dir, dequantize=True)
     assignment = quantize_model(model, config)
     save_with_tokenizer(model, model_dir, out)
-    return assignment
+    return assignment, _ragged_fp8_notes(model, assignment, tuple(config.fp8_block))
+
+
+def _ragged_fp8_notes(model: nn.Module, assignment: dict[str, str], block: tuple[int, int]) -> list[str]:
+    """A note when layers stored fp8 have a side that is not a multiple of `block`: DeepSeek-V3's format covers it
+    with ceil(side / block) blocks, the last partial, but transformers 5.23 derives the block as rows / scale rows."""
+    stored_fp8 = [name for name, how in assignment.items() if how == "fp8" or how.startswith("kept: fp8")]
+    ragged = [name for name in stored_fp8 if _has_ragged_side(model.get_submodule(name), block)]
+    if not ragged:
+        return []
+    return [
+        f"{len(ragged)} fp8 layers ({', '.join(ragged[:3])}{', ...' if len(ragged) > 3 else ''}) have a side that is "
+        f"not a multiple of the {block[0]}x{block[1]} block: written as DeepSeek-V3's format has it, edge blocks "
+        "partial, which seekstack, vLLM and DeepSeek's code read as written; transformers 5.23 reads their blocks "
+        "differently (rows / scale rows) and dequantizes these layers otherwise"
+    ]
+
+
+def _has_ragged_side(module: nn.Module, block: tuple[int, int]) -> bool:
+    """Whether a matrix `module` stores in fp8 (each part of a stacked one apart) has a side not a multiple of
+    `block`."""
+    if isinstance(module, nn.Linear):  # kv_b_proj: fp8 on disk, expanded in memory
+        sides = [tuple(module.weight.shape)]
+    else:
+        sides = [
+            (w.weight.shape[-2] // w.parts, w.weight.shape[-1]) for w in module.modules() if isinstance(w, Fp8Weight)
+        ]
+    return any(rows % block[0] or cols % block[1] for rows, cols in sides)

@@ -143,6 +143,16 @@ def test_quantize_refuses_a_keep_pattern_that_names_no_layer_and_takes_checkpoin
     assert json.loads(result.output)["assignment"]["layers.1.mlp.experts"] == "kept"
 
 
+def test_quantize_to_fp8_prints_a_note_on_layers_transformers_reads_with_other_blocks(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--scheme", "fp8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "note: " in result.output and "not a multiple of the 128x128 block" in result.output
+    assert "transformers 5.23 reads their blocks differently" in result.output
+
+
 def test_quantize_refuses_bad_tolerances_and_budgets_and_adaptive_with_fixed_schemes(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--data", str(tmp_path)]

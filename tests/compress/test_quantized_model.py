@@ -13,7 +13,7 @@ import seekstack
 from seekstack import Transformer
 from seekstack.checkpoint import checkpoint_tensors
 from seekstack.compress.linear import QuantizedExperts, QuantizedFeedForward, QuantizedLinear
-from seekstack.compress.quantize import QuantConfig, quantize_model, resident_bytes
+from seekstack.compress.quantize import QuantConfig, quantize_checkpoint, quantize_model, resident_bytes
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from seekstack.schema import ConfigError
 from tests.conftest import micro_config
@@ -158,6 +158,17 @@ def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
         "activation_scheme": "dynamic",
         "weight_block_size": [128, 128],
     }
+
+
+def test_quantizing_to_fp8_notes_the_layers_whose_sides_are_not_block_multiples(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    assignment, notes = quantize_checkpoint(tmp_path / "float", tmp_path / "blocks_128", QuantConfig(scheme="fp8"))
+    stored_fp8 = [name for name, how in assignment.items() if how == "fp8" or how.startswith("kept: fp8")]
+    assert len(notes) == 1 and notes[0].startswith(f"{len(stored_fp8)} fp8 layers (")  # 64 wide: every one is ragged
+    assert "not a multiple of the 128x128 block" in notes[0] and "transformers 5.23 reads their blocks" in notes[0]
+    small_blocks = QuantConfig(scheme="fp8", fp8_block=(8, 8))  # every side of this model is a multiple of 8
+    assert quantize_checkpoint(tmp_path / "float", tmp_path / "blocks_8", small_blocks)[1] == []
+    assert quantize_checkpoint(tmp_path / "float", tmp_path / "int8", QuantConfig(scheme="int8"))[1] == []
 
 
 def test_our_fp8_save_path_and_the_quantized_model_write_the_same_file(tmp_path):
