@@ -65,6 +65,10 @@ class DistillModel(nn.Module):
         self.__dict__["generations"] = generations
         self.micro_batches = 0  # trained so far: on-policy batches start after config.on_policy_after steps
 
+    def block(self, index: int) -> nn.Module:
+        """The student's decoder block `index` (the trainer's bias update reaches its routers through it)."""
+        return self.student.block(index)
+
     def training_state(self) -> dict:
         """What a resume needs besides the student's weights: the projections and the micro-batches trained."""
         return {"projections": self.projections.state_dict(), "micro_batches": self.micro_batches}

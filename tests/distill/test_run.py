@@ -104,6 +104,14 @@ def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp
     assert all(torch.equal(maps[name], resumed_maps[name]) for name in maps)
 
 
+def test_a_moe_student_trains_and_its_routers_bias_moves_with_the_expert_load(workspace, tmp_path):
+    """The trainer's auxiliary-loss-free bias update reaches the student's routers through the DistillModel."""
+    config = distill_config(workspace, tmp_path, model_overrides=MOE_STUDENT, max_steps=2, eval_every=0, save_every=2)
+    checkpoint = run_distill(config).checkpoint
+    bias = load_pretrained(checkpoint).block(1).mlp.gate.e_score_correction_bias
+    assert bias.abs().sum() > 0  # moved by bias_update_rate x sign(mean load - load) on each step
+
+
 def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path):
     other = tmp_path / "other_teacher"
     shutil.copytree(workspace["teacher"], other)
