@@ -150,12 +150,19 @@ def refuse_new_run_into(out_dir: str | Path) -> None:
 def latest_checkpoint(out_dir: str | Path) -> Path:
     """The newest complete checkpoint of a run; FileNotFoundError naming the directory when there is none."""
     found = list_checkpoints(out_dir)
-    if not found:
+    if found:
+        return found[-1]
+    root = checkpoint_dir(out_dir)
+    incomplete = sorted(p.name for p in root.iterdir() if STEP_DIR.fullmatch(p.name)) if root.is_dir() else []
+    if incomplete:
         raise FileNotFoundError(
-            f"{out_dir}: no checkpoint (neither a checkpoint folder with {TRAIN_STATE_FILE} nor a run with "
-            f"{checkpoint_dir(out_dir).name}/step_N)"
+            f"{out_dir}: no complete checkpoint: {', '.join(incomplete)} under {root} hold no {TRAIN_STATE_FILE} (a "
+            "save cut short, or a model copied there): pass such a model folder itself"
         )
-    return found[-1]
+    raise FileNotFoundError(
+        f"{out_dir}: no checkpoint (neither a checkpoint folder with {TRAIN_STATE_FILE} nor a run with "
+        f"{root.name}/step_N)"
+    )
 
 
 def checkpoint_or_latest(path: str | Path) -> Path:

@@ -106,6 +106,11 @@ def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
     assert result.exit_code == 2
     assert f"{tmp_path / 'empty'}: no checkpoint" in result.output
 
+    (tmp_path / "cut" / "checkpoints" / "step_5").mkdir(parents=True)  # a save cut short: no train state
+    result = run("info", str(tmp_path / "cut"))
+    assert result.exit_code == 2
+    assert "no complete checkpoint: step_5 under" in result.output and "hold no train_state.pt" in result.output
+
 
 def test_unknown_preset_fails_with_a_message_naming_the_presets():
     result = run("info", "deepseek-v9")
