@@ -202,11 +202,6 @@ class SeekstackLM(TemplateLM):
             )
         until = kwargs.pop("until")
         max_new_tokens = kwargs.pop("max_gen_toks")
-        if max_new_tokens >= self.max_length:  # no room left for the context
-            raise ValueError(
-                f"generate_until request {index}: max_gen_toks={max_new_tokens} leaves no room for the context in "
-                f"max_length={self.max_length}; lower max_gen_toks or raise max_length"
-            )
         if not kwargs.pop("do_sample"):
             kwargs["temperature"] = 0.0
         stop = tuple(text for text in until if text)

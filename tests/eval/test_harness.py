@@ -172,11 +172,3 @@ def test_a_continuation_longer_than_max_length_is_refused_naming_the_request(che
     with pytest.raises(ValueError, match=r"loglikelihood request 1 \(continuation 'x = \[1, 2,.*: the continuation is "
                        r"\d+ tokens, more than max_length=8"):  # fmt: skip
         lm.loglikelihood(requests("loglikelihood", [("a = ", "1"), ("a = ", long)]))
-
-
-def test_max_gen_toks_that_leave_no_room_for_the_context_are_refused_naming_the_request(checkpoint):
-    """HF's backend asserts here; sliced at -(max_length - max_gen_toks) the context was kept whole or cut wrongly."""
-    lm = SeekstackLM(pretrained=checkpoint, max_length=8)
-    with pytest.raises(ValueError, match=r"generate_until request 1: max_gen_toks=8 leaves no room for the context in "
-                       r"max_length=8"):  # fmt: skip
-        lm.generate_until(requests("generate_until", [("a = ", {"max_gen_toks": 2}), ("b = ", {"max_gen_toks": 8})]))
