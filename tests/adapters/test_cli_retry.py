@@ -10,14 +10,9 @@ from seekstack.adapters.data import prepare_data
 from seekstack.cli import app
 from seekstack.tokens.shards import index_path
 from seekstack.train.state import list_checkpoints
-from tests.adapters.support import QUICK_RUN, write_base
+from tests.adapters.support import QUICK_RUN
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_base(tmp_path_factory.mktemp("base") / "base", with_tokenizer=True)
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_base(tmp_path_factory.mktemp("base") / "base", with_tokenizer=True)
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A `data build` folder: train.jsonl and val.jsonl."""
     folder = tmp_path_factory.mktemp("corpus")
