@@ -19,16 +19,16 @@ def run_to_checkpoint(value: str | Path | list | None) -> str | Path | list | No
     checkpoint, named on stderr; a checkpoint folder, a preset or anything else passes through unchanged."""
     if isinstance(value, list):
         return [run_to_checkpoint(item) for item in value]
-    if value is None or (Path(value) / "config.json").is_file():
+    if value is None or (Path(value) / "config.json").is_file():  # a checkpoint: answered without importing torch
         return value
-    from seekstack.train.state import checkpoint_dir, latest_checkpoint
+    from seekstack.train.state import run_checkpoint
 
-    if not checkpoint_dir(value).is_dir():
-        return value
     try:
-        newest = latest_checkpoint(value)
+        newest = run_checkpoint(value)
     except FileNotFoundError as error:
         raise typer.BadParameter(str(error)) from None
+    if newest is None:
+        return value
     typer.echo(f"{value}: using the run's newest checkpoint, {newest}", err=True)
     return str(newest) if isinstance(value, str) else newest
 

@@ -257,18 +257,18 @@ def _checkpoints_of_runs(
 ) -> dict[str, Any]:
     """`values` with each checkpoint field that names a run's out_dir (`checkpoints/step_N` inside, no config.json)
     set to the run's newest complete checkpoint, which `tell` hears of."""
-    from seekstack.train.state import checkpoint_dir, checkpoint_or_latest
+    from seekstack.train.state import run_checkpoint
 
     values = dict(values)
     for name in cls.checkpoint_fields:
         given = values.get(name)
-        if not isinstance(given, str) or not given or not checkpoint_dir(given).is_dir():
+        if not isinstance(given, str) or not given:
             continue
         try:
-            picked = checkpoint_or_latest(given)
+            picked = run_checkpoint(given)
         except FileNotFoundError as error:
             raise ConfigError(f": {error}", field=name) from None
-        if picked != Path(given):
+        if picked is not None:
             values[name] = str(picked)
             if tell is not None:
                 tell(f"{name}={given}: using the run's newest checkpoint, {picked}")

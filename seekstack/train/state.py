@@ -165,6 +165,15 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
     )
 
 
+def run_checkpoint(path: str | Path) -> Path | None:
+    """The newest complete checkpoint when `path` is a run's out_dir (`checkpoints/` inside, no config.json), else
+    None; FileNotFoundError naming the run when it has none."""
+    path = Path(path)
+    if (path / "config.json").is_file() or not checkpoint_dir(path).is_dir():
+        return None
+    return latest_checkpoint(path)
+
+
 def checkpoint_or_latest(path: str | Path) -> Path:
     """`path` itself if it is a model directory (has config.json), else the newest checkpoint of run `path`."""
     path = Path(path)
