@@ -29,7 +29,7 @@ from seekstack.distill.run import run_distill
 from seekstack.model.transformer import Transformer
 from seekstack.tokens.shards import TokenWindows, load_index
 from seekstack.train.config import TrainConfig, resolve_train_config
-from seekstack.train.state import latest_checkpoint
+from seekstack.train.runs import latest_checkpoint
 from seekstack.train.trainer import train
 
 TEACHER_STEPS = 400

@@ -33,7 +33,7 @@ from seekstack.posttrain.evaluate import evaluate_task
 from seekstack.posttrain.sft import run_sft
 from seekstack.posttrain.tasks import make_task
 from seekstack.train.config import resolve_train_config
-from seekstack.train.state import latest_checkpoint
+from seekstack.train.runs import latest_checkpoint
 
 TEACHER_STEPS = 800
 TEACHER_SFT = [

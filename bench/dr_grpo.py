@@ -22,7 +22,7 @@ from seekstack.posttrain.rl import run_rl
 from seekstack.posttrain.tasks import make_task
 from seekstack.train.config import resolve_train_config
 from seekstack.train.plot import read_metrics
-from seekstack.train.state import list_checkpoints
+from seekstack.train.runs import list_checkpoints
 
 LOSSES = {"grpo": ["loss_type=grpo", "scale_rewards=group"], "dr_grpo": ["loss_type=dr_grpo", "scale_rewards=none"]}
 

@@ -19,7 +19,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from seekstack.eval.evaluate import evaluate, write_results  # noqa: E402
 from seekstack.eval.harness import SeekstackLM  # noqa: E402
 from seekstack.eval.tasks import PERPLEXITY_CHARS, held_out_modules, next_line_docs  # noqa: E402
-from seekstack.train.state import checkpoint_or_latest  # noqa: E402
+from seekstack.train.runs import checkpoint_or_latest  # noqa: E402
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.draft_vocab import token_ranking
 from seekstack.infer.params import DTYPES
 from seekstack.train.config import TrainConfig
-from seekstack.train.state import list_checkpoints
+from seekstack.train.runs import list_checkpoints
 from seekstack.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

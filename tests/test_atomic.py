@@ -12,7 +12,8 @@ from seekstack.atomic import atomic_directory, staged_files, write_atomic
 from seekstack.checkpoint import CheckpointError
 from seekstack.model.transformer import Transformer
 from seekstack.train import state
-from seekstack.train.state import list_checkpoints, load_checkpoint, save_checkpoint
+from seekstack.train.runs import list_checkpoints
+from seekstack.train.state import load_checkpoint, save_checkpoint
 from tests.conftest import micro_config
 
 

@@ -34,7 +34,7 @@ from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
-from seekstack.train.state import refuse_new_run_into
+from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ def run_to_checkpoint(value: str | Path | list | None) -> str | Path | list | No
         return [run_to_checkpoint(item) for item in value]
     if value is None or (Path(value) / "config.json").is_file():  # a checkpoint: answered without importing torch
         return value
-    from seekstack.train.state import run_checkpoint
+    from seekstack.train.runs import run_checkpoint
 
     try:
         newest = run_checkpoint(value)

@@ -36,7 +36,7 @@ def eval_command(
     """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json (with the options it ran with) and a Markdown
     table OUT.md."""
     from seekstack.eval.evaluate import evaluate, results_table, write_results
-    from seekstack.train.state import checkpoint_or_latest
+    from seekstack.train.runs import checkpoint_or_latest
 
     with user_errors():
         names = tuple(name.strip() for name in tasks.split(",") if name.strip())
@@ -63,7 +63,7 @@ def explain_command(
     from seekstack.eval.explain import corpus_routing, explain_text, routing_png
     from seekstack.eval.tasks import held_out_modules
     from seekstack.tokenizer import Tokenizer
-    from seekstack.train.state import checkpoint_or_latest
+    from seekstack.train.runs import checkpoint_or_latest
 
     with user_errors():
         if text is None and corpus is None:

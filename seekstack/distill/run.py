@@ -26,7 +26,7 @@ from seekstack.posttrain.sft import SFTSource
 from seekstack.schema import require
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.shards import load_index
-from seekstack.train.state import refuse_new_run_into
+from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 STATE_FILE = "distill_state.pt"

@@ -28,7 +28,7 @@ from seekstack.posttrain.plot import plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.plot import plot_run, read_metrics
-from seekstack.train.state import latest_checkpoint
+from seekstack.train.runs import latest_checkpoint
 
 REPORT_FILE = "report.md"
 RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths

@@ -19,7 +19,7 @@ from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
 from seekstack.posttrain.tasks import Task, sample_problems
 from seekstack.tokenizer import Tokenizer
-from seekstack.train.state import checkpoint_or_latest
+from seekstack.train.runs import checkpoint_or_latest
 
 # Prompts end where a token ends: byte-level BPE glues spaces and newlines to the next word or indentation.
 DEMO_PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n\n\nclass", "    for line in lines:")

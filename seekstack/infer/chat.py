@@ -15,7 +15,7 @@ from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.tokenizer import CONFIG_FILE
 from seekstack.train.config import CONFIG_FILE as RUN_CONFIG_FILE
-from seekstack.train.state import TRAIN_STATE_FILE
+from seekstack.train.runs import TRAIN_STATE_FILE
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /quit leaves; Ctrl-C stops a reply"
 

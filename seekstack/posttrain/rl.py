@@ -42,7 +42,7 @@ from seekstack.posttrain.rollout import (
 from seekstack.posttrain.sft import tokenizer_info
 from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
-from seekstack.train.state import refuse_new_run_into
+from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 PROMPT_SAMPLE = 256  # training problems whose prompts are measured against PROMPT_TOKENS before the run starts

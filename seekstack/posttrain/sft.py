@@ -31,7 +31,7 @@ from seekstack.posttrain.conversations import (
 from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
-from seekstack.train.state import refuse_new_run_into
+from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, ValidationBatch, train
 
 

@@ -257,7 +257,7 @@ def _checkpoints_of_runs(
 ) -> dict[str, Any]:
     """`values` with each checkpoint field that names a run's out_dir (`checkpoints/step_N` inside, no config.json)
     set to the run's newest complete checkpoint, which `tell` hears of."""
-    from seekstack.train.state import run_checkpoint
+    from seekstack.train.runs import run_checkpoint
 
     values = dict(values)
     for name in cls.checkpoint_fields:
@@ -316,7 +316,7 @@ def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume:
 def _trained_checkpoint(config: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint whose model the run trains: `init_from`, else on resume the run's newest; None for a new run
     from scratch (or a resumed one that saved no checkpoint yet)."""
-    from seekstack.train.state import list_checkpoints
+    from seekstack.train.runs import list_checkpoints
 
     if config.init_from:
         return Path(config.init_from)

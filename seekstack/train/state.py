@@ -10,7 +10,6 @@ no scheduler object is stored, only the anchors of a run resumed with another ma
 from __future__ import annotations
 
 import random
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,16 +33,10 @@ from seekstack.checkpoint import (
 )
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
-from seekstack.schema import ConfigError
+from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints, step_dir
 
-TRAIN_STATE_FILE = "train_state.pt"
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
-STEP_DIR = re.compile(r"step_(\d+)")
 ModelWriter = Callable[[nn.Module, Path], None]  # writes a model's files into a checkpoint folder
-
-
-def checkpoint_dir(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,10 +73,6 @@ def save_checkpoint(
         write_training_files(staging, model, train_state, extra_files, write_model)
     prune_checkpoints(out_dir, keep)
     return final
-
-
-def step_dir(out_dir: str | Path, step: int) -> Path:
-    return checkpoint_dir(out_dir) / f"step_{step}"
 
 
 def write_training_files(
@@ -125,59 +114,6 @@ def shared_staging(final: Path, ranks: Ranks) -> Iterator[Path]:
         staging = Path(broadcast_text("", ranks))
         yield staging
         barrier(ranks)
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under `out_dir`, oldest first."""
-    root = checkpoint_dir(out_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / TRAIN_STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
-
-
-def refuse_new_run_into(out_dir: str | Path) -> None:
-    """A new run into a folder that holds a run would trim its metrics and prune its checkpoints: refused, before the
-    run builds anything (its data, its model, a post-training source)."""
-    earlier = list_checkpoints(out_dir)
-    if earlier:
-        raise ConfigError(
-            f"out_dir {out_dir} holds a run (checkpoint {earlier[-1].name}); continue it with --resume, "
-            "or train into another out_dir"
-        )
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path:
-    """The newest complete checkpoint of a run; FileNotFoundError naming the directory when there is none."""
-    found = list_checkpoints(out_dir)
-    if found:
-        return found[-1]
-    root = checkpoint_dir(out_dir)
-    incomplete = sorted(p.name for p in root.iterdir() if STEP_DIR.fullmatch(p.name)) if root.is_dir() else []
-    if incomplete:
-        raise FileNotFoundError(
-            f"{out_dir}: no complete checkpoint: {', '.join(incomplete)} under {root} hold no {TRAIN_STATE_FILE} (a "
-            "save cut short, or a model copied there): pass such a model folder itself"
-        )
-    raise FileNotFoundError(
-        f"{out_dir}: no checkpoint (neither a checkpoint folder with {TRAIN_STATE_FILE} nor a run with "
-        f"{root.name}/step_N)"
-    )
-
-
-def run_checkpoint(path: str | Path) -> Path | None:
-    """The newest complete checkpoint when `path` is a run's out_dir (`checkpoints/` inside, no config.json), else
-    None; FileNotFoundError naming the run when it has none."""
-    path = Path(path)
-    if (path / "config.json").is_file() or not checkpoint_dir(path).is_dir():
-        return None
-    return latest_checkpoint(path)
-
-
-def checkpoint_or_latest(path: str | Path) -> Path:
-    """`path` itself if it is a model directory (has config.json), else the newest checkpoint of run `path`."""
-    path = Path(path)
-    return path if (path / "config.json").is_file() else latest_checkpoint(path)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, dict[str, Any]]:

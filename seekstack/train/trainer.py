@@ -67,6 +67,7 @@ from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
+from seekstack.train.runs import latest_checkpoint, refuse_new_run_into, step_dir
 from seekstack.train.schedule import (
     LrAnchor,
     ProgressAnchor,
@@ -78,17 +79,14 @@ from seekstack.train.schedule import (
 )
 from seekstack.train.state import (
     OPTIMIZER_DIR,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     rank_optimizer_file,
     read_train_state,
-    refuse_new_run_into,
     rng_state,
     save_checkpoint,
     set_rng_state,
     shared_staging,
-    step_dir,
     write_training_files,
 )
 

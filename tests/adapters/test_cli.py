@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from seekstack.cli import app
-from seekstack.train.state import list_checkpoints
+from seekstack.train.runs import list_checkpoints
 from tests.adapters.support import write_base
 
 runner = CliRunner()

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from seekstack.adapters.data import prepare_data
 from seekstack.cli import app
 from seekstack.tokens.shards import index_path
-from seekstack.train.state import list_checkpoints
+from seekstack.train.runs import list_checkpoints
 from tests.adapters.support import QUICK_RUN
 
 runner = CliRunner()

@@ -25,7 +25,7 @@ from seekstack.adapters.training import START_BATCHES, LoraHooks, lora_train_con
 from seekstack.checkpoint import CheckpointError
 from seekstack.schema import ConfigError
 from seekstack.tokens.shards import load_index
-from seekstack.train.state import TRAIN_STATE_FILE
+from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.adapters.support import prompt_ids, write_base, write_random_adapter
 from tests.train.test_trainer import write_split
 

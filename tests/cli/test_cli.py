@@ -260,6 +260,20 @@ def test_the_command_line_starts_without_importing_the_stages() -> None:
     assert loaded.strip() == "[]"
 
 
+def test_a_run_folder_is_resolved_without_importing_torch(tmp_path) -> None:
+    """The run's out_dir is resolved while the arguments parse, before a command's own handlers (generate --json's
+    Ctrl-C answer) are in place: loading torch there left a window of seconds in which Ctrl-C printed nothing."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.pt").write_bytes(b"")
+    code = (
+        "import sys; from seekstack.cli.common import run_to_checkpoint; "
+        f"print(run_to_checkpoint({str(tmp_path / 'run')!r}), 'torch' in sys.modules)"
+    )
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert printed.split() == [str(checkpoint), "False"]
+
+
 def test_python_m_seekstack_runs_the_command_line() -> None:
     result = subprocess.run([sys.executable, "-m", "seekstack", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout and "generate" in result.stdout

@@ -24,7 +24,7 @@ from seekstack.distill.run import STATE_FILE, DistillHooks, run_distill
 from seekstack.distill.teacher import Teacher, TopKCache
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import train_tokenizer
-from seekstack.train.state import TRAIN_STATE_FILE
+from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.distill.support import DENSE_STUDENT, write_data, write_teacher
 from tests.train.test_distributed import free_port
 

@@ -16,7 +16,7 @@ from seekstack.posttrain.conversations import hold_out, prompt_messages, write_c
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT
 from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import ASSISTANT, EOS, USER, Tokenizer
-from seekstack.train.state import TRAIN_STATE_FILE
+from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.posttrain.support import micro_checkpoint
 
 RL_CONFIG = {"init_from": "../sft", "task": "addition", "difficulty": 1, "batch_size": 2, "num_generations": 4,

@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from seekstack.parallel.compression import CommCounter, Int8State, int8_hook, register_compression
-from seekstack.train.state import OPTIMIZER_DIR, list_checkpoints
+from seekstack.train.runs import list_checkpoints
+from seekstack.train.state import OPTIMIZER_DIR
 from seekstack.train.trainer import train
 from tests.train.test_trainer import MICRO_MODEL, data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 

@@ -15,7 +15,7 @@ from seekstack.cli import app
 from seekstack.config import preset
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE, TrainConfig, load_train_config, resolve_train_config
-from seekstack.train.state import list_checkpoints
+from seekstack.train.runs import list_checkpoints
 from tests.train.test_trainer import MICRO_MODEL, read_metrics, write_split
 
 

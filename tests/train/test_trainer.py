@@ -14,6 +14,7 @@ from seekstack.checkpoint import CheckpointError
 from seekstack.infer.threads import IdleCores
 from seekstack.schema import ConfigError
 from seekstack.train.config import TrainConfig, load_train_config
+from seekstack.train.runs import list_checkpoints
 from seekstack.train.schedule import (
     ProgressAnchor,
     learning_rate,
@@ -21,7 +22,7 @@ from seekstack.train.schedule import (
     resumed_progress_anchor,
     training_progress,
 )
-from seekstack.train.state import list_checkpoints, read_train_state
+from seekstack.train.state import read_train_state
 from seekstack.train.trainer import TrainingDiverged, build_model, build_optimizer, train
 
 VOCAB = 96
