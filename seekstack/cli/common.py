@@ -12,17 +12,19 @@ import typer
 
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.schema import ConfigError
+from seekstack.train.runs import run_checkpoint
+
+RUNS_GIVEN = "runs_given"  # ctx.meta key: each resolved checkpoint -> the run's out_dir the user named
 
 
-def run_to_checkpoint(value: str | Path | list | None) -> str | Path | list | None:
+def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> str | Path | list | None:
     """Argument callback: a run's out_dir (`checkpoints/step_N` inside, no config.json) stands for its newest
-    checkpoint, named on stderr; a checkpoint folder, a preset or anything else passes through unchanged."""
+    checkpoint, named on stderr (and recorded in ctx.meta[RUNS_GIVEN]); a checkpoint folder, a preset or anything
+    else passes through unchanged."""
     if isinstance(value, list):
-        return [run_to_checkpoint(item) for item in value]
-    if value is None or (Path(value) / "config.json").is_file():  # a checkpoint: answered without importing torch
+        return [run_to_checkpoint(ctx, item) for item in value]
+    if value is None or (Path(value) / "config.json").is_file():
         return value
-    from seekstack.train.runs import run_checkpoint
-
     try:
         newest = run_checkpoint(value)
     except FileNotFoundError as error:
@@ -30,6 +32,7 @@ def run_to_checkpoint(value: str | Path | list | None) -> str | Path | list | No
     if newest is None:
         return value
     typer.echo(f"{value}: using the run's newest checkpoint, {newest}", err=True)
+    ctx.meta.setdefault(RUNS_GIVEN, {})[str(newest)] = Path(value)
     return str(newest) if isinstance(value, str) else newest
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import fail, options_named, run_to_checkpoint, user_errors
+from seekstack.cli.common import RUNS_GIVEN, fail, options_named, run_to_checkpoint, user_errors
 from seekstack.cli.generate import (
     AdaptiveDrafts,
     DeviceMap,
@@ -34,6 +34,13 @@ DatabaseOption = Annotated[
 keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `seekstack serve`.")
 
 
+def _run_name(ctx: typer.Context, model: Path) -> str | None:
+    """The name of the run whose newest checkpoint `model` is, if the user named a run: an id that stays as the run
+    trains on (its checkpoint's folder, step_N, does not)."""
+    run = ctx.meta.get(RUNS_GIVEN, {}).get(str(model))
+    return run.resolve().name if run else None
+
+
 def serve_command(
     ctx: typer.Context,
     model: Annotated[
@@ -49,7 +56,9 @@ def serve_command(
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
     db: DatabaseOption = None,
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if not in --model")] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Model id in the API; default the folder name")] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model id in the API; default the folder's name (a run out_dir's own name)")
+    ] = None,
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = (
         EngineOptions.max_batch_size
     ),
@@ -105,7 +114,8 @@ def serve_command(
         refuse_drafting_without_speculation(ctx)
         options = ServeOptions(
             host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
-            served_model_name=served_model_name, engine=engine, adapters=_named_adapters(adapter or []),
+            served_model_name=served_model_name or _run_name(ctx, model), engine=engine,
+            adapters=_named_adapters(adapter or []),
             moderation_policy=moderation_policy, cors_origins=tuple(cors_origin or ()),
         )  # fmt: skip
         if max_body_bytes is not None:

@@ -267,8 +267,9 @@ def test_a_run_folder_is_resolved_without_importing_torch(tmp_path) -> None:
     checkpoint.mkdir(parents=True)
     (checkpoint / "train_state.pt").write_bytes(b"")
     code = (
-        "import sys; from seekstack.cli.common import run_to_checkpoint; "
-        f"print(run_to_checkpoint({str(tmp_path / 'run')!r}), 'torch' in sys.modules)"
+        "import sys, click, typer; from seekstack.cli.common import run_to_checkpoint; "
+        f"context = typer.Context(click.Command('x')); "
+        f"print(run_to_checkpoint(context, {str(tmp_path / 'run')!r}), 'torch' in sys.modules)"
     )
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert printed.split() == [str(checkpoint), "False"]

@@ -203,6 +203,21 @@ def test_a_drafting_option_without_speculative_is_refused_naming_it(checkpoint, 
     assert f"error: {option[0]} sets how speculative decoding drafts, which is off: add --speculative" in result.stderr
 
 
+def test_serve_names_a_run_s_model_by_the_run(checkpoint, monkeypatch, tmp_path):
+    """A run's out_dir is served under the run's name, which stays as it trains (step_N, its checkpoint's, did not);
+    a checkpoint folder keeps its own name, and --served-model-name wins over both."""
+    step = tmp_path / "prose_run" / "checkpoints" / "step_7"
+    shutil.copytree(checkpoint, step)
+    (step / "train_state.pt").write_bytes(b"")
+    served = []
+    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda model, options: served.append(options) or 1 / 0)
+    for model, name in ((step.parent.parent, "prose_run"), (step, None)):
+        runner.invoke(app, ["serve", "--model", str(model)])
+        assert served.pop().served_model_name == name
+    runner.invoke(app, ["serve", "--model", str(step.parent.parent), "--served-model-name", "mine"])
+    assert served.pop().served_model_name == "mine"
+
+
 def long_prompt(engine, tokens: int) -> str:
     """A text of at least `tokens` tokens."""
     text = ""
