@@ -182,11 +182,11 @@ class SamplingBatch:
 
     def _filter(self, logits: torch.Tensor) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
         rank = torch.arange(logits.shape[-1], device=logits.device)
         top_k = self._column([p.top_k or logits.shape[-1] for p in self.params])
         top_p, min_p = self._settings("top_p", "min_p")
         remove = rank[None, :] >= top_k[:, None]
+        sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)  # top-p within the top k
         remove |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]  # keep the nucleus
         remove |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
         remove[:, 0] = False  # the likeliest token stays, even when a tiny top_p rounds to 0 in float32

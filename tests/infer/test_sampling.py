@@ -45,6 +45,9 @@ def test_top_k_top_p_and_min_p_keep_exactly_the_expected_tokens():
         (SamplingParams(top_p=0.76), [0, 1, 2]),
         (SamplingParams(min_p=0.2), [0, 1, 2]),  # keep p >= 0.2 * 0.5
         (SamplingParams(top_k=4, min_p=0.1), [0, 1, 2, 3]),
+        # top-p measured within the top k, as transformers' and vLLM's: the two kept are 0.667 / 0.333
+        (SamplingParams(top_k=2, top_p=0.6), [0]),
+        (SamplingParams(top_k=3, top_p=0.6), [0, 1]),  # 0.556 < 0.6 of the three kept
     ]
     for params, kept in cases:
         out = batch_of(params).probabilities(logits)[0]
