@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+HIDDEN_TOKEN_BYTES = 4  # random bytes in a hidden temporary's name, as hex
+
 
 class StagedFiles:
     """Files being written under hidden names in one folder, renamed to their real names by `staged_files`."""
@@ -126,11 +128,17 @@ def entries_besides(path: str | os.PathLike, makes: Sequence[str]) -> str:
     return " and ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown)
 
 
+def hidden_pattern(name_pattern: str) -> str:
+    """A regular expression matching the hidden temporaries of the names `name_pattern` matches: what a write
+    killed outright (SIGKILL, power loss) leaves behind, for its writer to clear on its next write."""
+    return rf"\.(?:{name_pattern})\.[0-9a-f]{{{2 * HIDDEN_TOKEN_BYTES}}}\.tmp"
+
+
 def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> Path:
     """A new `.{name}.{random}.tmp` in `folder`, made by `create`, which raises FileExistsError if it exists.
     Not `tempfile`: its files and folders are private (0600, 0700); these get the umask's permissions."""
     while True:
-        hidden = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+        hidden = folder / f".{name}.{secrets.token_hex(HIDDEN_TOKEN_BYTES)}.tmp"
         try:
             create(hidden)
             return hidden

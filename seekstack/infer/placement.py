@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seekstack.atomic import write_atomic
+from seekstack.atomic import hidden_pattern, write_atomic
 from seekstack.checkpoint import checkpoint_key, layer_key
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
@@ -302,8 +302,10 @@ def _mapped_copy(tensor: torch.Tensor, directory: Path, name: str) -> torch.Tens
 
 def _delete_copies(directory: Path, name: str) -> None:
     """Delete the copies of tensor `name` in `directory` (those named `{name}.bin` too, from before copies were named
-    by their digest). A run that maps one keeps its pages: a mapping outlives the file's name."""
-    copy_name = re.compile(rf"{re.escape(name)}(\.[0-9a-f]{{{COPY_DIGEST_CHARS}}})?\.bin")
+    by their digest, and the hidden part of one whose writer was killed). A run that maps one keeps its pages: a
+    mapping outlives the file's name."""
+    copy = rf"{re.escape(name)}(\.[0-9a-f]{{{COPY_DIGEST_CHARS}}})?\.bin"
+    copy_name = re.compile(rf"{copy}|{hidden_pattern(copy)}")
     for entry in directory.iterdir():
         if copy_name.fullmatch(entry.name):
             entry.unlink(missing_ok=True)

@@ -182,7 +182,10 @@ def test_a_half_written_disk_copy_is_never_read(model, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
     assert not list(tmp_path.rglob("*.bin*"))  # nothing left under a name a later run would read
+    killed = tmp_path / "layers.1.mlp.experts" / ".gate_up_proj.0123456789abcdef.bin.89abcdef.tmp"
+    killed.write_bytes(b"the part a SIGKILL-ed write left")
     place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
+    assert not killed.exists()  # cleared by the next write of that tensor's copy
     for copied in tmp_path.glob("*/*.bin"):  # cut short at their own names (as by a full disk)
         copied.write_bytes(copied.read_bytes()[: copied.stat().st_size // 2])
     placed = place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
