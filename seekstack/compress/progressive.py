@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from seekstack.compress.quality import Quality
-from seekstack.compress.quantize import QuantConfig, quantize_model
+from seekstack.compress.quantize import QuantConfig, layer_names, quantize_model
 
 STAGES = ("float32", "bfloat16", "int8", "int4")
 
@@ -47,7 +47,9 @@ def progressive(
     max_kl: float = float("inf"),
     stages: tuple[str, ...] = STAGES,
 ) -> tuple[nn.Module, list[Stage]]:
-    """Run `stages` in order with the gate after each; returns the last passing model and every stage's report."""
+    """Run `stages` in order with the gate after each; returns the last passing model and every stage's report.
+    A `config` pattern naming no layer is refused before the first evaluation, not at the first quantized stage."""
+    config.refuse_unmatched_patterns(layer_names(original))
     baseline = evaluate(original).bits_per_byte
     report: list[Stage] = []
     chosen = original

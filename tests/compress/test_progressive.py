@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from seekstack import Transformer
@@ -9,6 +10,7 @@ from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedLinear
 from seekstack.compress.progressive import progressive
 from seekstack.compress.quality import Quality, measure
 from seekstack.compress.quantize import QuantConfig
+from seekstack.schema import ConfigError
 from tests.conftest import micro_config
 
 SHAPES = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)
@@ -58,3 +60,11 @@ def test_gate_measures_real_stages_and_int4_drifts_further_than_int8():
     assert quality["float32"].mean_kl == 0 and quality["float32"].top1_agreement == 1
     assert 0 < quality["int8"].mean_kl < quality["int4"].mean_kl
     assert all(s.passed for s in report)
+
+
+def test_a_keep_pattern_naming_no_layer_is_refused_before_any_stage_is_measured():
+    original = Transformer(micro_config(**SHAPES)).eval()
+    measured = []
+    with pytest.raises(ConfigError, match="field 'keep': pattern 'nosuchlayer' matches no layer"):
+        progressive(original, measured.append, QuantConfig(keep=("nosuchlayer",)))
+    assert measured == []  # the float32 baseline and bfloat16 stage (minutes on a real model) were not run first
