@@ -32,22 +32,38 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_ROLES = ("system", "user", "assistant")
 
-# The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`.
+# The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
+# seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
+# (joined by newlines), an assistant's null content as empty; other roles, parts and tool calls raise.
 CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system_prompt='', is_first_sp=true) -%}"
+    "{%- set ns = namespace(system_prompts=[], turns='') -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- if ns.is_first_sp -%}{%- set ns.system_prompt = message['content'] -%}{%- set ns.is_first_sp = false -%}"
-    "{%- else -%}{%- set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] -%}{%- endif -%}"
+    "{%- set position = 'chat message ' ~ loop.index0 -%}"
+    "{%- if message['tool_calls'] -%}"
+    "{{- raise_exception(position ~ ' has tool_calls: the chat template has no tool turns') -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- elif message['content'] is none and message['role'] == 'assistant' -%}{%- set content = '' -%}"
+    "{%- elif message['content'] is iterable and message['content'] is not mapping -%}"
+    "{%- if message['content'] | rejectattr('type', 'equalto', 'text') | list -%}"
+    "{{- raise_exception(position ~ ' has a content part that is not text') -}}"
+    "{%- endif -%}"
+    "{%- set content = message['content'] | map(attribute='text') | join('\\n') -%}"
+    "{%- else -%}"
+    "{{- raise_exception(position ~ ' content must be a string or a list of text parts') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] in ('system', 'developer') -%}"
+    "{%- set ns.system_prompts = ns.system_prompts + [content] -%}"
+    "{%- elif message['role'] == 'user' -%}{%- set ns.turns = ns.turns + '<｜User｜>' + content -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- set ns.turns = ns.turns + '<｜Assistant｜>' + content + eos_token -%}"
+    "{%- else -%}"
+    "{{- raise_exception(position ~ ' has unknown role ' ~ message['role'] ~ ': expected system, developer, user '"
+    " ~ 'or assistant') -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜>' }}{%- endif -%}"
+    "{{- bos_token + ns.system_prompts | join('\\n\\n') + ns.turns -}}"
+    "{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
 )
 
 
@@ -68,7 +84,10 @@ class Tokenizer:
         # DeepSeek-V2 releases have no pad token and pad with EOS, as their tokenizer_config does.
         pad_id = backend.token_to_id(PAD)
         self.pad_id = self.eos_id if pad_id is None else pad_id
-        self.special_tokens = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
+        # Refused in chat content and skipped by skip_special_tokens: the added tokens flagged special, and seekstack's
+        # own by name, which releases such as DeepSeek-R1-Distill's list with "special": false.
+        flagged = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
+        self.special_tokens = flagged | {token for token in SPECIAL_TOKENS if backend.token_to_id(token) is not None}
 
     @classmethod
     def from_file(cls, path_or_dir: str | os.PathLike) -> Tokenizer:
@@ -154,10 +173,14 @@ class Tokenizer:
         """`check_chat_message`, and a ValueError naming `position` when the content holds one of this tokenizer's
         special tokens."""
         check_chat_message(position, message)
-        # A special token typed into content would be encoded as the real token and could forge a turn.
-        forged = [token for token in self.special_tokens if token in message["content"]]
+        forged = self.special_token_in(message["content"])
         if forged:
-            raise ValueError(f"chat message {position} content contains the special token {forged[0]!r}")
+            raise ValueError(f"chat message {position} content contains the special token {forged!r}")
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first of this tokenizer's special tokens in `text`, or None. Text holding one would be encoded with the
+        real token: in a chat message, a forged turn."""
+        return min((token for token in self.special_tokens if token in text), key=text.index, default=None)
 
     def _special_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
