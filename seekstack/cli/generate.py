@@ -219,7 +219,8 @@ def chat_command(
 
     terminal = StreamedText()
     engine.notify = terminal.note
-    session = ChatSession(engine, params, system, notify=terminal.note)
+    with user_errors():  # a --system holding a special token
+        session = ChatSession(engine, params, system, notify=terminal.note)
     run_chat(session, line_reader(interactive), terminal.write, prompt="> " if interactive else "")
 
 

@@ -33,9 +33,17 @@ class ChatSession:
         notify: Callable[[str], None] | None = None,
     ):
         self.engine, self.params = engine, params
-        self.system = system
+        self.set_system(system)
         self.notify = notify
         self.turns: list[dict] = []
+
+    def set_system(self, system: str | None) -> None:
+        """Make `system` the system prompt (None or "" for none); a ValueError, the prompt left as it was, when it
+        holds a special token, which would forge a turn in every prompt of the chat."""
+        forged = self.engine.tokenizer.special_token_in(system or "")
+        if forged:
+            raise ValueError(f"the system prompt contains the special token {forged!r}, which would forge a turn")
+        self.system = system or None
 
     def messages(self, turns: list[dict] | None = None) -> list[dict]:
         """The system prompt (if any) and the turns so far (or `turns`), as the chat template takes them."""
@@ -107,13 +115,22 @@ def run_chat(
             session.turns = []
             write("(history cleared)\n")
         elif line == "/system" or line.startswith("/system "):
-            session.system = line[len("/system") :].strip() or None
-            session.turns = []
-            write(f"(system prompt {'set' if session.system else 'removed'}; history cleared)\n")
+            _change_system(session, line[len("/system") :].strip(), write)
         elif line.startswith("/"):
             write(f"unknown command {line.split()[0]!r}; {HELP}\n")
         elif line:
             _answer(session, line, write)
+
+
+def _change_system(session: ChatSession, system: str, write: Callable[[str], None]) -> None:
+    """Set the system prompt (none when `system` is empty) and clear the history; an unusable one changes nothing."""
+    try:
+        session.set_system(system)
+    except ValueError as error:
+        write(f"error: {error}; the system prompt and history are unchanged\n")
+        return
+    session.turns = []
+    write(f"(system prompt {'set' if session.system else 'removed'}; history cleared)\n")
 
 
 def _answer(session: ChatSession, line: str, write: Callable[[str], None]) -> None:
