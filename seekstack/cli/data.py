@@ -170,7 +170,7 @@ def tokenizer_train(
             raise FileNotFoundError(f"{train}: no such file; build the corpus first (`seekstack data build`)")
         _refuse_a_folder_of_other_files(out)
         trained = train_tokenizer((document.text for document in read_jsonl(train)), vocab_size, out)
-    typer.echo(f"wrote {out}/tokenizer.json: {trained.vocab_size} tokens")
+    typer.echo(f"wrote {trained.source}: {trained.vocab_size} tokens")
     if trained.vocab_size < vocab_size:
         typer.echo(
             f"warning: the corpus yields only {trained.vocab_size} of the {vocab_size} tokens asked for (BPE ran out "

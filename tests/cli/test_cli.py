@@ -212,6 +212,17 @@ def test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path):
     assert "val: 1 documents" in result.output
 
 
+@pytest.mark.parametrize("out", ["tok", "tok/tokenizer.json"])
+def test_tokenizer_train_names_the_file_it_wrote(tmp_path, out):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(json.dumps({"id": "0", "text": "def f(x):\n    return x\n"}) + "\n")
+    args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {tmp_path / 'tok' / 'tokenizer.json'}: ")
+
+
 def test_tokenizer_train_refuses_a_folder_holding_other_files_and_replaces_an_earlier_tokenizer(tmp_path):
     test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path)
     checkpoint = tmp_path / "checkpoint"  # a model folder: its config beside the tokenizer it was trained with
