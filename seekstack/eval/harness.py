@@ -29,7 +29,7 @@ from seekstack.checkpoint import load_pretrained
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.schema import ConfigError
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import CHAT_TEMPLATE, EOS, Tokenizer
 
 # A scoring request as TemplateLM hands it over: (request strings or None, context ids, continuation ids).
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -112,7 +112,29 @@ class SeekstackLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.tokenizer_.source
+        """The tokenizer's path with "/" as "__" (lm_eval's HF backend's form): part of the name of a request cache."""
+        return self.tokenizer_.source.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The Jinja form of the DeepSeek chat template `apply_chat_template` renders (lm_eval records it with the
+        results); None when no chat template is asked for. seekstack has this one template: a name is refused."""
+        if isinstance(chat_template, str):
+            raise ValueError(
+                f"--apply_chat_template {chat_template!r}: the seekstack backend has one chat template, DeepSeek's; "
+                "give --apply_chat_template without a name"
+            )
+        return CHAT_TEMPLATE if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        """`chat_history` in the DeepSeek chat template as seekstack's chat and server render it. Without
+        `add_generation_prompt` the last message, an assistant's (lm_eval's gen_prefix), is left open for the model
+        to continue, as transformers' continue_final_message leaves it."""
+        text = self.tokenizer_.render_chat(chat_history, add_generation_prompt)
+        if add_generation_prompt:
+            return text
+        if not chat_history or chat_history[-1]["role"] != "assistant":
+            raise ValueError("a chat history to continue must end with an assistant message (lm_eval's gen_prefix)")
+        return text.removesuffix(EOS)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: object) -> list[int]:
         """Token ids of `string`, no BOS: our tokenizer_config says add_bos_token=false, as HF reads it too."""

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 lm_eval = pytest.importorskip("lm_eval")
+transformers = pytest.importorskip("transformers")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 
@@ -155,6 +156,31 @@ def test_generation_kwargs_reach_the_engine_and_any_it_cannot_apply_are_refused(
     ):
         with pytest.raises(ValueError, match=message):
             ours.generate_until(requests("generate_until", [("x = ", {}), ("y = ", bad)]))
+
+
+CHAT = [
+    {"role": "system", "content": "Answer with a number."},
+    {"role": "user", "content": "What is 1+1?"},
+    {"role": "assistant", "content": "2"},
+    {"role": "user", "content": "And 2+2?"},
+]
+
+
+@pytest.mark.parametrize("gen_prefix", [None, "Answer:"])
+def test_apply_chat_template_renders_as_transformers_renders_the_checkpoints_template(checkpoint, ours, gen_prefix):
+    messages = [*CHAT, {"role": "assistant", "content": gen_prefix}] if gen_prefix else CHAT
+    expected = transformers.AutoTokenizer.from_pretrained(checkpoint).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=not gen_prefix, continue_final_message=bool(gen_prefix)
+    )
+    assert ours.apply_chat_template(messages, add_generation_prompt=not gen_prefix) == expected
+
+
+def test_chat_template_is_the_one_checkpoints_ship_and_the_tokenizer_name_is_a_file_name(checkpoint, ours):
+    assert ours.chat_template(True) == transformers.AutoTokenizer.from_pretrained(checkpoint).chat_template
+    assert ours.chat_template(False) is None
+    with pytest.raises(ValueError, match="--apply_chat_template 'chatml': the seekstack backend has one"):
+        ours.chat_template("chatml")
+    assert "/" not in ours.tokenizer_name and ours.tokenizer_name.endswith("tokenizer.json")
 
 
 def test_a_cuda_device_on_a_machine_without_cuda_runs_on_the_cpu(checkpoint, monkeypatch):
