@@ -852,7 +852,8 @@ def write_config(
     """Write the config.json of `model`'s checkpoint (with its quantization_config); `model` may be on meta."""
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    stored_dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    config["dtype"] = config["torch_dtype"] = stored_dtype  # transformers 5 reads `dtype`, 4.x `torch_dtype`
     quantized = quantized_layers(model)
     if quantized:
         config["quantization_config"] = quantization_config(model, quantized, stacked_experts)

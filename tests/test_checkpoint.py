@@ -539,6 +539,16 @@ def test_bfloat16_load_gives_bfloat16_weights_and_keeps_the_routing_bias_float32
     assert ((logits(loaded, INPUT_IDS).float() - reference).norm() / reference.norm()).item() < 0.05
 
 
+def test_saved_config_names_the_dtype_of_the_saved_weights_not_the_dtype_it_was_loaded_from(tmp_path):
+    seekstack.save_pretrained(random_model(), tmp_path / "float32")
+    rewrite_config(tmp_path / "float32", dtype="float32")  # as transformers 5 writes it
+    loaded = seekstack.load_pretrained(tmp_path / "float32", dtype=torch.bfloat16)
+    seekstack.save_pretrained(loaded, tmp_path / "bfloat16")
+    config = json.loads((tmp_path / "bfloat16" / "config.json").read_text())
+    assert (config["dtype"], config["torch_dtype"]) == ("bfloat16", "bfloat16")
+    assert set(stored_keys(tmp_path / "bfloat16").values()) == {"BF16", "F32"}  # F32: the routing biases
+
+
 # ------------------------------------------------------------------ memory-mapped loading
 def test_weights_stored_in_the_loaded_dtype_are_memory_mapped_from_the_checkpoint(tmp_path):
     model = random_model()
