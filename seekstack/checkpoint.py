@@ -33,7 +33,7 @@ import re
 import shutil
 import struct
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +222,13 @@ def quantized_sources(key: str, module: torch.nn.Module, stacked: bool = False) 
     return sources
 
 
-def _quantized_from_reader(reader: CheckpointReader, key: str) -> QuantizedWeight | None:
+def _quantized_from_reader(reader: CheckpointReader, key: str, shape: tuple[int, ...]) -> QuantizedWeight | None:
     """The quantized weight stored under checkpoint layer `key` (`key.weight_packed` / int8 or e4m3 `key.weight`),
-    or None when the layer is stored in floating point."""
+    or None when the layer is stored in floating point; CheckpointError unless it is the `shape` the config implies."""
     names = _stored_names(reader, key)
     if names is None:
         return None
+    reader.check_quantized_shape(key, shape)
     tensors = {name: reader.read(f"{key}.{name}", dequantize=False) for name in names}
     return weight_from_stored(tensors, reader.fp8_block, bits=reader.packed_bits(key))
 
@@ -252,12 +253,16 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
 
 
 def _expert_weights_from_reader(
-    reader: CheckpointReader, key: str, experts: int
+    reader: CheckpointReader, key: str, experts: RoutedExperts
 ) -> tuple[QuantizedWeight, QuantizedWeight] | None:
-    """Stacked (gate_up, down) quantized weights from the keys under `key` (`...mlp.experts`): the stacked layout's,
-    memory-mapped as they are, or the per-expert ones, copied into stacks."""
+    """Stacked (gate_up, down) quantized weights for `experts` from the keys under `key` (`...mlp.experts`): the
+    stacked layout's, memory-mapped as they are, or the per-expert ones, copied into stacks. CheckpointError naming
+    the file and the key for a weight not of the shape the config gives `experts`."""
+    gate_up_shape, down_shape = tuple(experts.gate_up_proj.shape), tuple(experts.down_proj.shape)
     stacked = _stored_names(reader, f"{key}.gate_up_proj")
     if stacked is not None:
+        reader.check_quantized_shape(f"{key}.gate_up_proj", gate_up_shape, parts=2)
+        reader.check_quantized_shape(f"{key}.down_proj", down_shape)
         gate_up, down = (
             {name: reader.read(f"{key}.{proj}.{name}", dequantize=False) for name in stacked}
             for proj in ("gate_up_proj", "down_proj")
@@ -269,6 +274,11 @@ def _expert_weights_from_reader(
     names = _stored_names(reader, f"{key}.0.gate_proj")
     if names is None:
         return None
+    count, gate_up_rows, hidden = gate_up_shape
+    half = (gate_up_rows // 2, hidden)
+    for e in range(count):
+        for proj, shape in {"gate_proj": half, "up_proj": half, "down_proj": down_shape[1:]}.items():
+            reader.check_quantized_shape(f"{key}.{e}.{proj}", shape)
     gate_up, down = {}, {}
     for name in names:
         read = [
@@ -276,11 +286,11 @@ def _expert_weights_from_reader(
                 reader.read(f"{key}.{e}.{proj}.{name}", dequantize=False)
                 for proj in ("gate_proj", "up_proj", "down_proj")
             ]
-            for e in range(experts)
+            for e in range(count)
         ]
         gate_up[name] = torch.stack([torch.cat(per_expert[:2]) for per_expert in read])
         down[name] = torch.stack([per_expert[2] for per_expert in read])
-        for e in range(experts):
+        for e in range(count):
             reader.used.update(f"{key}.{e}.{proj}.weight_shape" for proj in ("gate_proj", "up_proj", "down_proj"))
     return (
         weight_from_stored(gate_up, reader.fp8_block, 2, reader.packed_bits(f"{key}.0.gate_proj")),
@@ -297,12 +307,12 @@ def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: 
         key = layer_key(name, layers)
         replacement: torch.nn.Module | None = None
         if isinstance(module, RoutedExperts):
-            weights = _expert_weights_from_reader(reader, key, module.gate_up_proj.shape[0])
+            weights = _expert_weights_from_reader(reader, key, module)
             replacement = QuantizedExperts(*weights) if weights else None
         elif isinstance(module, torch.nn.Linear) and not name.endswith("kv_b_proj"):
             if name == "lm_head" and model.config.tie_word_embeddings:
                 continue
-            weight = _quantized_from_reader(reader, key)
+            weight = _quantized_from_reader(reader, key, tuple(module.weight.shape))
             bias = reader.read(f"{key}.bias").to(module.bias.dtype) if module.bias is not None and weight else None
             replacement = QuantizedLinear(weight, bias) if weight else None
         if replacement is not None:
@@ -313,9 +323,23 @@ def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: 
 
 
 # ---------------------------------------------------------------------------------------- FP8
+def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int], parts: int = 1) -> tuple[int, ...]:
+    """The `weight_scale_inv` shape of an e4m3 weight of `shape` (..., rows, columns): a scale per block, edge blocks
+    partial, for each of `parts` matrices stacked by rows (an expert's [W_gate; W_up])."""
+    *leading, rows, cols = shape
+    return (*leading, parts * math.ceil(rows // parts / block[0]), math.ceil(cols / block[1]))
+
+
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """W = Q * s for each block (edge blocks partial); scale_inv is (ceil(out/b0), ceil(in/b1)) float32."""
+    """W = Q * s for each block (edge blocks partial); scale_inv is (ceil(out/b0), ceil(in/b1)) float32, else
+    ValueError."""
     rows, cols = weight.shape
+    expected = fp8_scale_shape((rows, cols), block)
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"scale_inv has shape {tuple(scale_inv.shape)}; a ({rows}, {cols}) e4m3 weight in {block} blocks takes "
+            f"{expected}"
+        )
     scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
     return weight.float() * scale
 
@@ -515,13 +539,65 @@ class CheckpointReader:
 
     def stored_shape(self, key: str) -> list[int]:
         """The shape of `key`, read from the header only."""
-        self._get(key, handle_only=True)
-        return self._handles[self.key_to_file[key]].get_slice(key).get_shape()
+        return self._from_file(key, lambda handle: handle.get_slice(key).get_shape())
 
     def stored_dtype(self, key: str) -> str:
         """The safetensors dtype name of `key` ("F32", "I8", "F8_E4M3", ...), read from the header only."""
-        self._get(key, handle_only=True)
-        return self._handles[self.key_to_file[key]].get_slice(key).get_dtype()
+        return self._from_file(key, lambda handle: handle.get_slice(key).get_dtype())
+
+    def unpacked_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of the tensor under `key` as the model holds it, from the headers: a `...weight_packed`'s int32
+        words counted as the int4/int8 codes they hold."""
+        shape = tuple(self.stored_shape(key))
+        if not key.endswith(".weight_packed"):
+            return shape
+        bits = self.packed_bits(key.removesuffix(".weight_packed"))
+        return (*shape[:-1], shape[-1] * 32 // bits)  # type: ignore[operator]
+
+    def check_shape(self, key: str, expected: tuple[int, ...]) -> None:
+        """CheckpointError naming the file and the key unless the tensor under `key` (unpacked) is of the shape
+        `expected` that the config implies."""
+        shape = self.unpacked_shape(key)
+        if shape != expected:
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} has shape {shape}, the config {self.directory / CONFIG_FILE} "
+                f"implies {expected}; use the {CONFIG_FILE} saved with these weights"
+            )
+
+    def check_quantized_shape(self, layer: str, expected: tuple[int, ...], parts: int = 1) -> None:
+        """CheckpointError naming the file and the key unless the quantized weight of checkpoint layer `layer` is the
+        (..., rows, columns) `expected` that the config implies, with scales that fit it (`check_scales`)."""
+        weight_key = self._weight_key(layer)
+        self.check_shape(weight_key, expected)
+        self.check_scales(weight_key, parts)
+
+    def check_scales(self, weight_key: str, parts: int = 1) -> None:
+        """CheckpointError naming the file and the key when the scales of quantized weight `weight_key` are missing or
+        do not fit its shape: e4m3's `weight_scale_inv` one per fp8 block of each of `parts` matrices stacked by rows,
+        int8/int4's `weight_scale` one per row and group of columns."""
+        shape = self.unpacked_shape(weight_key)
+        if self.stored_dtype(weight_key) == "F8_E4M3":
+            scale_key = weight_key + "_scale_inv"
+            if self.fp8_block is None or scale_key not in self.key_to_file:
+                raise CheckpointError(
+                    f"{self.file_of(weight_key)}: FP8 tensor {weight_key!r} has no {scale_key!r} / "
+                    f"quantization_config; {DAMAGED}"
+                )
+            expected = fp8_scale_shape(shape, self.fp8_block, parts)
+            scale_shape = tuple(self.stored_shape(scale_key))
+            block_rows, block_cols = self.fp8_block
+            fits, wanted = scale_shape == expected, f"{expected}, a scale per {block_rows}x{block_cols} block"
+        else:
+            scale_key = weight_key.removesuffix("_packed") + "_scale"
+            scale_shape = tuple(self.stored_shape(scale_key))
+            *rows, groups = scale_shape
+            fits = tuple(rows) == shape[:-1] and groups > 0 and shape[-1] % groups == 0
+            wanted = f"({', '.join(map(str, shape[:-1]))}, G) with G dividing {shape[-1]}, a scale per row and group"
+        if not fits:
+            raise CheckpointError(
+                f"{self.file_of(scale_key)}: key {scale_key!r} has shape {scale_shape}, but the {shape} weight "
+                f"{weight_key!r} takes {wanted}; {DAMAGED}"
+            )
 
     def stored_bytes(self, key: str) -> int:
         """The bytes of `key` in its file, from the header only; CheckpointError naming the file and key for a dtype
@@ -534,42 +610,48 @@ class CheckpointReader:
             )
         return math.prod(self.stored_shape(key)) * width
 
-    def read(self, key: str, dequantize: bool = True) -> torch.Tensor:
+    def read(self, key: str, dequantize: bool = True, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor under `key`; a quantized weight (FP8, or compressed-tensors int8/int4) is dequantized to
-        float32 unless `dequantize` is False."""
+        float32 unless `dequantize` is False. With `shape` (what the config implies), CheckpointError naming the file
+        and the key for a tensor stored in another shape, and for quantized weights' scales that do not fit it."""
         packed_key = key + "_packed"
         if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
+            if shape is not None:
+                self.check_shape(packed_key, shape)
+            self.check_scales(packed_key)
             self.used.update((packed_key, key + "_scale", key + "_shape"))
             codes = unpack_codes(self._get(packed_key), self.packed_bits(key.removesuffix(".weight")))
             return dequantize_int(codes, self._get(key + "_scale"))
-        if key not in self.key_to_file:
-            where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
-            raise CheckpointError(f"{where}: missing key {key!r}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
+        if shape is not None:
+            self.check_shape(key, shape)
         tensor = self._get(key)
         self.used.add(key)
         if not dequantize:  # memory-mapped; the mapping outlives the reader for as long as the tensor does
             return _aligned(tensor)
         if tensor.dtype == torch.int8 and key + "_scale" in self.key_to_file:
+            self.check_scales(key)
             self.used.add(key + "_scale")
             return dequantize_int(tensor, self._get(key + "_scale"))
         if tensor.dtype == torch.float8_e4m3fn:
-            scale_key = key + "_scale_inv"
-            if self.fp8_block is None or scale_key not in self.key_to_file:
-                raise CheckpointError(
-                    f"{self.file_of(key)}: FP8 tensor {key!r} has no {scale_key!r} / quantization_config; {DAMAGED}"
-                )
-            self.used.add(scale_key)
-            tensor = dequantize_fp8(tensor, self._get(scale_key), self.fp8_block)
+            self.check_scales(key)  # refuses a missing scale or fp8 quantization_config too
+            self.used.add(key + "_scale_inv")
+            tensor = dequantize_fp8(tensor, self._get(key + "_scale_inv"), self.fp8_block)  # type: ignore[arg-type]
         return _aligned(tensor)
 
-    def _get(self, key: str, handle_only: bool = False) -> torch.Tensor:
+    def _get(self, key: str) -> torch.Tensor:
+        return self._from_file(key, lambda handle: handle.get_tensor(key))
+
+    def _from_file(self, key: str, read: Callable[[Any], Any]) -> Any:
+        """`read(handle)` on the open safetensors file the index names for `key`; CheckpointError naming the file and
+        the key when the key is missing or the file cannot give it (an index pointing at the wrong shard)."""
+        if key not in self.key_to_file:
+            where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
+            raise CheckpointError(f"{where}: missing key {key!r}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
         file = self.key_to_file[key]
         if file not in self._handles:
             self._handles[file] = self._files.enter_context(_open_safetensors(self.directory / file))
-        if handle_only:
-            return None  # type: ignore[return-value]
         try:
-            return self._handles[file].get_tensor(key)
+            return read(self._handles[file])
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
 
@@ -640,13 +722,7 @@ def load_pretrained(
             key = checkpoint_key(name, config.num_hidden_layers)
             stacked = key in reader  # a float expert stack in the stacked layout: one key
             for source_key, view in (None if stacked else expert_sources(key, target)) or [(key, target)]:
-                tensor = reader.read(source_key)
-                if tensor.shape != view.shape:
-                    raise CheckpointError(
-                        f"{reader.file_of(source_key)}: key {source_key!r} has shape {tuple(tensor.shape)}, "
-                        f"the config {config_path} implies {tuple(view.shape)}; use the {CONFIG_FILE} saved with "
-                        "these weights"
-                    )
+                tensor = reader.read(source_key, shape=tuple(view.shape))
                 if view is target and tensor.dtype == target.dtype and target.device.type == "cpu":
                     _tensor_of(model, name).data = tensor  # the memory-mapped tensor itself: no copy
                 else:

@@ -1,0 +1,115 @@
+"""Damaged quantized checkpoints (fp8, int8, int4) are refused on load, naming the file and the key, as float ones
+are: weights or scales not of the shapes the config implies, and an index that names the wrong shard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import seekstack
+from seekstack import Transformer
+from seekstack.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, dequantize_fp8, quantize_fp8
+from seekstack.compress.quantize import QuantConfig, quantize_model
+from tests.conftest import micro_config
+
+SHAPES = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)  # int4-tileable
+FP8_BLOCK = (16, 16)
+Q_B = "model.layers.1.self_attn.q_b_proj"  # (96, 32); in fp8 scale_inv (6, 2)
+UP = "model.layers.1.mlp.experts.3.up_proj"  # (32, 64)
+STACKED = "model.layers.1.mlp.experts.gate_up_proj"  # (8, 64, 64) in fp8: scale_inv (8, 4, 4)
+
+Damage = Callable[[dict[str, torch.Tensor]], None]
+
+
+def save_fp8(directory: Path, **options) -> Path:
+    seekstack.save_pretrained(Transformer(micro_config(**SHAPES)), directory, fp8_block=FP8_BLOCK, **options)
+    return directory
+
+
+def save_quantized(directory: Path, scheme: str, **options) -> Path:
+    model = Transformer(micro_config(**SHAPES))
+    quantize_model(model, QuantConfig(scheme=scheme, fp8_block=FP8_BLOCK))
+    seekstack.save_pretrained(model, directory, **options)
+    return directory
+
+
+def damage(file: Path, change: Damage) -> None:
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def replace(key: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Damage:
+    return lambda tensors: tensors.__setitem__(key, make(tensors[key]).contiguous())
+
+
+def load_error(directory: Path, dequantize: bool) -> str:
+    with pytest.raises(CheckpointError) as error:
+        seekstack.load_pretrained(directory, dequantize=dequantize)
+    return str(error.value)
+
+
+FP8_DAMAGES = {
+    "scale-too-small": (f"{Q_B}.weight_scale_inv", lambda scale: scale[:1], "(1, 2)"),
+    "scale-too-big": (f"{Q_B}.weight_scale_inv", lambda scale: torch.ones(7, 9), "(7, 9)"),
+    "weight-row-short": (f"{Q_B}.weight", lambda weight: weight[:-1], "(95, 32)"),
+    "expert-column-short": (f"{UP}.weight", lambda weight: weight[:, :-1], "(32, 63)"),
+}
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
+@pytest.mark.parametrize("key, make, shape", FP8_DAMAGES.values(), ids=FP8_DAMAGES.keys())
+def test_fp8_weight_or_scale_of_the_wrong_shape_is_refused_naming_the_file_and_the_key(
+    tmp_path, key, make, shape, dequantize
+):
+    directory = save_fp8(tmp_path / "fp8")
+    damage(directory / SINGLE_FILE, replace(key, make))
+    message = load_error(directory, dequantize)
+    assert message.startswith(f"{directory / SINGLE_FILE}: key {key!r} has shape {shape}"), message
+
+
+def test_fp8_stacked_experts_scale_of_the_wrong_shape_is_refused_naming_the_file_and_the_key(tmp_path):
+    directory = save_quantized(tmp_path / "fp8", "fp8", stacked_experts=True)
+    damage(directory / SINGLE_FILE, replace(f"{STACKED}.weight_scale_inv", lambda s: s[:, :-1]))
+    message = load_error(directory, dequantize=False)
+    assert message.startswith(f"{directory / SINGLE_FILE}: key '{STACKED}.weight_scale_inv' has shape (8, 3, 4)")
+    assert "takes (8, 4, 4)" in message
+
+
+INT_DAMAGES = {
+    "int8-weight-row-short": ("int8", f"{Q_B}.weight_packed", lambda words: words[:-1]),
+    "int8-scale-row-short": ("int8", f"{Q_B}.weight_scale", lambda scale: scale[:-1]),
+    "int4-weight-row-short": ("int4", f"{Q_B}.weight_packed", lambda words: words[:-1]),
+    "int4-scale-row-short": ("int4", f"{Q_B}.weight_scale", lambda scale: scale[:-1]),
+    "int4-expert-row-short": ("int4", f"{UP}.weight_packed", lambda words: words[:-1]),
+}
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
+@pytest.mark.parametrize("scheme, key, make", INT_DAMAGES.values(), ids=INT_DAMAGES.keys())
+def test_int_weight_or_scale_of_the_wrong_shape_is_refused_naming_the_file_and_the_key(
+    tmp_path, scheme, key, make, dequantize
+):
+    directory = save_quantized(tmp_path / scheme, scheme)
+    damage(directory / SINGLE_FILE, replace(key, make))
+    assert load_error(directory, dequantize).startswith(f"{directory / SINGLE_FILE}: key {key!r} has shape ")
+
+
+def test_dequantize_fp8_refuses_scales_that_do_not_cover_the_weight_in_blocks():
+    weight, scale_inv = quantize_fp8(torch.randn(32, 16), FP8_BLOCK)
+    with pytest.raises(ValueError, match=r"scale_inv has shape \(7, 9\).*takes \(2, 1\)"):
+        dequantize_fp8(weight, torch.ones(7, 9), FP8_BLOCK)
+    assert dequantize_fp8(weight, scale_inv, FP8_BLOCK).shape == (32, 16)
+
+
+def test_fp8_key_the_index_places_in_a_shard_without_it_is_refused_naming_the_shard_and_the_key(tmp_path):
+    directory = save_fp8(tmp_path / "fp8", max_shard_bytes=8_000)
+    shard = directory / json.loads((directory / INDEX_FILE).read_text())["weight_map"][f"{Q_B}.weight"]
+    damage(shard, lambda tensors: tensors.pop(f"{Q_B}.weight"))
+    message = load_error(directory, dequantize=False)
+    assert message.startswith(f"{shard}: cannot read key '{Q_B}.weight'"), message
