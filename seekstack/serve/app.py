@@ -47,6 +47,7 @@ from seekstack.serve.protocol import (
     prompt_ids,
     refuse_overlong_text,
     refuse_unsupported,
+    requested_max_tokens,
     sampling_params,
 )
 from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
@@ -207,15 +208,13 @@ class Server:
             if categories and self.safety.moderate_prompt(body, categories, bill):
                 prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)  # redacted
                 prompt_tokens = sum(len(prompt) for prompt in prompts)
-            max_model_len, unasked_limit = self.engine.max_model_len, None
-            if bill.key is not None and bill.key.tpm is not None:  # a completion without max_tokens runs to the limit
-                unasked_limit = (bill.key.tpm - prompt_tokens) // (len(prompts) * candidates(body))
+            requests = [prompt for prompt in prompts for _ in range(candidates(body))]  # one per engine request
+            unasked_limit = await asyncio.to_thread(self.unasked_limit, body, bill.key, prompt_tokens, len(requests))
             choices = [
                 params
                 for prompt in prompts
-                for params in sampling_params(body, len(prompt), max_model_len, unasked_limit)
+                for params in sampling_params(body, len(prompt), self.engine.max_model_len, unasked_limit)
             ]
-            requests = [prompt for prompt in prompts for _ in range(candidates(body))]  # one per engine request
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             charge = await asyncio.to_thread(self.admit, bill.key, tokens)
             constraints = [output_format.constraint() for _ in choices] if output_format else None
@@ -267,6 +266,14 @@ class Server:
         finally:
             await finish(status)  # before the response leaves
 
+    def unasked_limit(self, body, key: ApiKey | None, prompt_tokens: int, requests: int) -> int | None:
+        """The most tokens each of a call's `requests` engine requests may generate when it gives no max_tokens: its
+        share of what is left of `key`'s tokens per minute (less what its window has charged) after the prompt; None
+        for a call with max_tokens or a key without that limit."""
+        if key is None or key.tpm is None or requested_max_tokens(body) is not None:
+            return None
+        return (self.limiter.tokens_left(key.name, key.tpm) - prompt_tokens) // requests
+
     def admit(self, key: ApiKey | None, tokens: int) -> Charge | None:
         """Charge the key's rate limits with `tokens` (None for a key without limits); 429 when over them."""
         if key is None or (key.rpm is None and key.tpm is None):
@@ -288,12 +295,10 @@ class Server:
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         texts, logprobs, shown_logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
-        finish_reasons, completion_tokens = [None] * n, [0] * n
+        finish_reasons, usage = [None] * n, ChoicesUsage(n, candidates(body))
         policy = ChoicesPolicy(self, body, group, bill, categories)
         async for index, output in group:
-            completion_tokens[index] = output.completion_tokens
-            bill.completion_tokens = sum(completion_tokens)
-            bill.cached_tokens = max(bill.cached_tokens, output.cached_tokens)
+            usage.count(index, output, bill)
             if index in policy.blocked:  # delivered before its abort
                 continue
             logprobs[index] += output.logprobs or []  # ranking best_of reads them all; the answer: those shown
@@ -313,7 +318,7 @@ class Server:
                     ChatChoice(
                         index=position,
                         message=AssistantMessage(content=texts[i]),
-                        logprobs=chat_logprobs(shown_logprobs[i]) if body.logprobs else None,
+                        logprobs=chat_logprobs(shown_logprobs[i], self.engine.tokenizer) if body.logprobs else None,
                         finish_reason=finish_reasons[i],
                     )
                     for position, i in enumerate(kept)
@@ -341,7 +346,7 @@ class Server:
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         response_id, created = _response_id(is_chat), int(time.time())
-        completion_tokens, text_offsets = [0] * n, [0] * n
+        usage, text_offsets = ChoicesUsage(n, candidates(body)), [0] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         try:
             if is_chat:
@@ -350,9 +355,7 @@ class Server:
                 echo = [CompletionChoice(index=i, text=self.echo_text(body, i // body.n)) for i in range(n)]
                 yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=echo))
             async for index, output in group:
-                completion_tokens[index] = output.completion_tokens
-                bill.completion_tokens = sum(completion_tokens)
-                bill.cached_tokens = max(bill.cached_tokens, output.cached_tokens)
+                usage.count(index, output, bill)
                 bill.update_soon()
                 if index in policy.blocked:  # delivered before its abort
                     continue
@@ -364,7 +367,7 @@ class Server:
                     choice = ChatChunkChoice(
                         index=index,
                         delta=ChatDelta(content=text),
-                        logprobs=chat_logprobs(entries) if body.logprobs and entries else None,
+                        logprobs=chat_logprobs(entries, self.engine.tokenizer) if body.logprobs and entries else None,
                         finish_reason=finish_reason,
                     )
                     yield sse(self._chat_chunk(response_id, created, bill.model, [choice]))
@@ -410,31 +413,56 @@ class Server:
         return UsageReport(data=[day.to_dict() for day in days], total_cost=sum(day.cost for day in days))
 
 
+class ChoicesUsage:
+    """The tokens of a call's engine requests (`per_prompt` for each prompt, in order) as they come: completion tokens
+    summed over all; cached prompt tokens, for each prompt the most any of its choices read (they share the prompt,
+    billed once), summed over the prompts."""
+
+    def __init__(self, requests: int, per_prompt: int):
+        self.per_prompt = per_prompt
+        self.completion_tokens, self.cached_tokens = [0] * requests, [0] * requests
+
+    def count(self, index: int, output, bill: Bill) -> None:
+        """Take request `index`'s latest `output` into `bill`."""
+        self.completion_tokens[index], self.cached_tokens[index] = output.completion_tokens, output.cached_tokens
+        bill.completion_tokens = sum(self.completion_tokens)
+        prompts = range(0, len(self.cached_tokens), self.per_prompt)
+        bill.cached_tokens = sum(max(self.cached_tokens[first : first + self.per_prompt]) for first in prompts)
+
+
 class ChoicesPolicy:
     """The content policy over the n choices of a call as they are generated (`complete` and `stream` alike): each
-    choice's text goes through its ModeratedStream, its logprobs out with that text (HeldLogprobs), and a choice
-    the policy blocks is stopped there (billed for the tokens it had). Without categories it passes all through."""
+    choice's text goes through its ModeratedStream, and a choice the policy blocks is stopped there (billed for the
+    tokens it had). Without categories it passes the text through. Where text is held back (by the policy, or while
+    it may be the start of a stop string), the logprobs go out with their text (HeldLogprobs): only tokens whose
+    whole text is shown, so a stop string's tokens never do."""
 
     def __init__(self, server: Server, body, group: RequestGroup, bill: Bill, categories: list[Category]):
         n = len(group.request_ids)
         self.safety, self.group, self.bill = server.safety, group, bill
         self.moderated = [ModeratedStream(categories) for _ in range(n)] if categories else None
         tokenizer = server.engine.tokenizer
-        self.held = [HeldLogprobs(tokenizer, body.skip_special_tokens) for _ in range(n)] if categories else []
+        held_back = categories or body.stop
+        self.held = [HeldLogprobs(tokenizer, body.skip_special_tokens) for _ in range(n)] if held_back else None
+        self.shown = [0] * n  # characters of each choice's text shown
         self.blocked: set[int] = set()
 
     def read(self, index: int, output, entries: list | None) -> tuple[str, list | None, bool]:
         """What choice `index` shows of `output` (its text and its logprob `entries`), and whether it was blocked."""
-        if self.moderated is None:
-            return output.text, entries, False
-        text, blocking = self.moderated[index].push(output.text, final=output.finished)
-        self.safety.note(self.bill, self.moderated[index].hits)
-        if blocking is not None:
-            self.group.stop(index)
-            self.blocked.add(index)
-        if entries is not None:  # held back with their text
+        text, blocking, withheld = output.text, None, ()
+        if self.moderated is not None:
+            moderated = self.moderated[index]
+            text, blocking = moderated.push(output.text, final=output.finished)
+            self.safety.note(self.bill, moderated.hits)
+            if blocking is not None:
+                self.group.stop(index)
+                self.blocked.add(index)
+            self.shown[index], withheld = moderated.released, moderated.redacted_spans
+        else:
+            self.shown[index] += len(text)
+        if entries is not None and self.held is not None:  # held back with their text
             self.held[index].add(entries, final=output.finished)
-            entries = self.held[index].release(self.moderated[index])
+            entries = self.held[index].release(self.shown[index], withheld)
         return text, entries, blocking is not None
 
 

@@ -228,8 +228,9 @@ class ModeratedStream:
 
 
 class HeldLogprobs:
-    """The logprobs of one moderated choice, let out only with the text they are of: a token's entry goes once the
-    moderated text is shown past the end of that token's text, and never when the text was blocked or redacted.
+    """The logprobs of one choice whose text is held back (moderated, or while it may start a stop string), let out
+    only with the text they are of: a token's entry goes once the text is shown past the end of that token's text,
+    and never when the text was blocked, redacted or cut at a stop string.
 
     The choice's tokens are decoded again (as the engine does) to place each token's text in the generated text; a
     token whose text appears only with a later one (part of a UTF-8 character, a skipped special token) takes
@@ -251,10 +252,11 @@ class HeldLogprobs:
         if final:
             self._place(len(self.decoded.flush()))
 
-    def release(self, moderated: ModeratedStream) -> list[TokenLogprob]:
-        """The entries whose text `moderated` has now shown, less those of redacted text."""
-        out, withheld = [], moderated.redacted_spans
-        while self.pending and self.pending[0][1] <= moderated.released:
+    def release(self, shown: int, withheld: Sequence[tuple[int, int]] = ()) -> list[TokenLogprob]:
+        """The entries whose text lies in the first `shown` characters of the generated text, less those of the
+        `withheld` (redacted) spans."""
+        out = []
+        while self.pending and self.pending[0][1] <= shown:
             start, end, entry = self.pending.popleft()
             if not any(left < end and start < right for left, right in withheld):
                 out.append(entry)

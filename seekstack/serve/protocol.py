@@ -172,6 +172,13 @@ def refuse_overlong_text(
         )
 
 
+def requested_max_tokens(request: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """The completion tokens a request asks for at most; None for a chat request that leaves it to the server."""
+    if isinstance(request, ChatCompletionRequest):
+        return request.max_completion_tokens or request.max_tokens
+    return request.max_tokens
+
+
 def sampling_params(
     request: ChatCompletionRequest | CompletionRequest,
     prompt_tokens: int,
@@ -183,7 +190,7 @@ def sampling_params(
     or at most `unasked_limit` tokens when that is given (what its key's tokens per minute leave it)."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
-    requested = (request.max_completion_tokens or request.max_tokens) if is_chat else request.max_tokens
+    requested = requested_max_tokens(request)
     if room < 1 or (requested is not None and requested > room):
         asked = f"{prompt_tokens} in the prompt" + (f" + {requested} for the completion" if requested else "")
         raise APIError(
@@ -225,19 +232,41 @@ def sampling_params(
     return choices
 
 
-def chat_logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
-    """Chat's `logprobs.content`: each token with its logprob, UTF-8 bytes and top alternatives."""
+def chat_logprobs(entries: list[TokenLogprob], tokenizer: Tokenizer) -> ChatLogprobs:
+    """Chat's `logprobs.content`: each token with its logprob, its own bytes and its top alternatives."""
     return ChatLogprobs(
         content=[
             TokenLogprobEntry(
                 token=entry.token,
                 logprob=entry.logprob,
-                bytes=list(entry.token.encode("utf-8")),
-                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode("utf-8"))) for _, t, lp in entry.top],
+                bytes=token_bytes(tokenizer, entry.token_id),
+                top_logprobs=[
+                    TopLogprob(token=text, logprob=logprob, bytes=token_bytes(tokenizer, token_id))
+                    for token_id, text, logprob in entry.top
+                ],
             )
             for entry in entries
         ]
     )
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's `bytes_to_unicode`, inverted): each byte's printable stand-in -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {chr(byte): byte for byte in printable} | {chr(256 + n): byte for n, byte in enumerate(others)}
+
+
+BYTE_OF_CHARACTER = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
+    """The bytes a token stands for, as the byte-level decoder joins them: one per character of its vocabulary
+    string (so part of a UTF-8 character keeps its own bytes, not U+FFFD's), or an added token's text in UTF-8."""
+    piece = tokenizer.backend.id_to_token(token_id)
+    if all(character in BYTE_OF_CHARACTER for character in piece):
+        return [BYTE_OF_CHARACTER[character] for character in piece]
+    return list(piece.encode("utf-8"))
 
 
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
@@ -249,14 +278,16 @@ def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> Comple
     return CompletionLogprobs(
         tokens=[entry.token for entry in entries],
         token_logprobs=[entry.logprob for entry in entries],
-        top_logprobs=[_by_text(entry.top) for entry in entries],
+        top_logprobs=[_by_text(entry) for entry in entries],
         text_offset=offsets,
     )
 
 
-def _by_text(top: list[tuple[int, str, float]]) -> dict[str, float]:
-    """{text: logprob}, most likely first; tokens that print alike (partial UTF-8) keep the likeliest's logprob."""
+def _by_text(entry: TokenLogprob) -> dict[str, float]:
+    """{text: logprob} of the top alternatives, most likely first, then the sampled token when it is not among them
+    (as OpenAI and vLLM: up to logprobs + 1 entries); tokens that print alike (partial UTF-8) keep the likeliest's."""
     by_text: dict[str, float] = {}
-    for _, text, logprob in top:
+    alternatives = [(text, logprob) for _, text, logprob in entry.top]
+    for text, logprob in [*alternatives, (entry.token, entry.logprob)]:
         by_text.setdefault(text, logprob)
     return by_text

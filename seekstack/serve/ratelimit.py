@@ -73,6 +73,13 @@ class RateLimiter:
             ).fetchone()
         return Charge(row["id"])
 
+    def tokens_left(self, key_name: str, tpm: int) -> int:
+        """The tokens `key_name` may still use of its `tpm` tokens per minute: those its window has not charged."""
+        charges = self.database.query(
+            "SELECT tokens FROM rate_charges WHERE key_name = ? AND at > ?", (key_name, self._clock() - WINDOW_S)
+        )
+        return max(tpm - sum(charge["tokens"] for charge in charges), 0)
+
     def settle(self, charge: Charge, tokens: int) -> None:
         """Correct an admitted request's charge to the `tokens` it really used."""
         with self.database.transaction() as connection:

@@ -415,3 +415,132 @@ def test_prompt_tokens_read_from_the_prefix_cache_are_reported_and_billed_at_the
     assert [row["cached_tokens"] for row in rows] == [0, cached]
     expected = ((64 - cached) * 1.0 + cached * 0.1 + 4 * 2.0) / 1000
     assert rows[1]["cost"] == pytest.approx(expected) and rows[0]["cost"] == pytest.approx((64 + 8) / 1000)
+
+
+def events_of(streamed) -> list[dict]:
+    """The JSON events of a streamed answer, [DONE] left out."""
+    return [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+
+
+def test_cached_prompt_tokens_of_several_prompts_are_summed_over_the_prompts(engine, tmp_path):
+    """Each prompt's n choices share it (billed once): per prompt the most any choice read from the cache."""
+    database = open_database(tmp_path / "db")
+    app = create_app(engine, database)
+    first, second = list(range(40, 104)), list(range(140, 204))  # 64 tokens each: four full cache blocks
+    body = {**COMPLETION, "prompt": [first, second], "n": 2}
+
+    async def scenario(client):
+        await client.post("/v1/completions", json=body)  # fills the cache with both prompts
+        alone = (await client.post("/v1/completions", json={**COMPLETION, "prompt": first})).json()["usage"]
+        whole = (await client.post("/v1/completions", json=body)).json()["usage"]
+        streamed = await client.post(
+            "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        )
+        return alone, whole, events_of(streamed)[-1]["usage"]
+
+    alone, whole, streamed = run(app, scenario)
+    cached_once = alone["prompt_tokens_details"]["cached_tokens"]
+    assert 48 <= cached_once < 64
+    for usage in (whole, streamed):
+        assert (usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]) == (128, 2 * cached_once)
+    assert [row["cached_tokens"] for row in Ledger(database).records()[-2:]] == [2 * cached_once] * 2
+
+
+def test_chat_logprob_bytes_are_each_tokens_own_bytes_even_part_of_a_character(engine, tmp_path):
+    """OpenAI's `bytes`: a token holding part of a UTF-8 character has its own bytes, not U+FFFD's."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+    emoji = "\U0001f600"
+    pieces = engine.tokenizer.encode(emoji)  # one token per byte: the tokenizer learned no merge for it
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **NO_EOS,
+            "logprobs": True, "top_logprobs": 5}  # fmt: skip
+
+    async def scenario(client):
+        forced = [{**chat, "logit_bias": {str(piece): 100}} for piece in pieces]
+        return [(await client.post("/v1/chat/completions", json=body)).json() for body in forced]
+
+    entries = [answer["choices"][0]["logprobs"]["content"][0] for answer in run(app, scenario)]
+    assert len(pieces) == 4 and [entry["token"] for entry in entries] == ["\ufffd"] * 4
+    assert bytes(sum((entry["bytes"] for entry in entries), [])) == emoji.encode("utf-8")
+    alternatives = [top for entry in entries for top in entry["top_logprobs"]]
+    parts = [top["bytes"] for top in alternatives if top["token"] == "\ufffd"]  # bytes of a character, one a token
+    assert parts and all(len(part) == 1 and part[0] >= 0x80 for part in parts)
+    assert all(bytes(top["bytes"]).decode() == top["token"] for top in alternatives if top["token"] != "\ufffd")
+
+
+def test_a_chat_call_without_max_tokens_gets_what_its_keys_minute_has_left(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("minute", tpm=40)
+    app = create_app(engine, database)
+    chat = {"model": "model", "messages": [{"role": "user", "content": "hi"}], **NO_EOS}
+
+    async def scenario(client):
+        headers = {"Authorization": f"Bearer {key}"}
+        first = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 10}, headers=headers)
+        rest = await client.post("/v1/chat/completions", json=chat, headers=headers)
+        none_left = await client.post("/v1/chat/completions", json=chat, headers=headers)
+        return first.json()["usage"], rest, none_left
+
+    first, rest, none_left = run(app, scenario)
+    assert rest.status_code == 200, rest.text
+    assert rest.json()["choices"][0]["finish_reason"] == "length"
+    assert first["total_tokens"] + rest.json()["usage"]["total_tokens"] == 40  # all the minute's tokens, no more
+    assert error_of(none_left, 429)["type"] == "rate_limit_error" and "Retry-After" in none_left.headers
+
+
+def test_completion_top_logprobs_hold_the_sampled_token_also_outside_the_top(engine, tmp_path):
+    """OpenAI: "the API will always return the logprob of the sampled token", so up to logprobs + 1 entries."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+    forced = engine.tokenizer.encode(" fox")[-1]  # forced by logit_bias; logprobs are the model's own, unbiased
+    body = {**COMPLETION, "logit_bias": {str(forced): 100}}
+
+    async def scenario(client):
+        return [(await client.post("/v1/completions", json={**body, "logprobs": k})).json() for k in (0, 2)]
+
+    for k, answer in zip((0, 2), run(app, scenario), strict=True):
+        logprobs = answer["choices"][0]["logprobs"]
+        token = engine.tokenizer.decode([forced])
+        assert logprobs["tokens"] == [token] * 4
+        for top, logprob in zip(logprobs["top_logprobs"], logprobs["token_logprobs"], strict=True):
+            assert len(top) == k + 1 and top[token] == logprob  # not among the k likeliest, listed after them
+
+
+def token_texts(choice: dict) -> list[str]:
+    """The text of each token in a choice's logprobs, from either endpoint."""
+    logprobs = choice["logprobs"]
+    return logprobs["tokens"] if "tokens" in logprobs else [entry["token"] for entry in logprobs["content"]]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_logprobs_hold_only_the_tokens_whose_text_a_stop_string_left(engine, tmp_path, route):
+    """A stop string's tokens, and one holding the text's end and the stop string's start, are cut with it."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+    tokenizer = engine.tokenizer
+    unprintable = [i for i in range(tokenizer.vocab_size) if not tokenizer.decode([i]).isascii() or i < 5]
+    body = {"model": "model", "max_tokens": 12, "temperature": 0, **NO_EOS,
+            "logit_bias": {str(i): -100 for i in unprintable}}  # fmt: skip
+    if route == "/v1/completions":
+        body |= {"prompt": "hello", "logprobs": 0}
+    else:
+        body |= {"messages": [{"role": "user", "content": "hello"}], "logprobs": True}
+
+    def text_of(choice: dict) -> str:
+        return choice["text"] if "text" in choice else choice["message"]["content"]
+
+    async def scenario(client):
+        free = (await client.post(route, json=body)).json()["choices"][0]
+        tokens = token_texts(free)
+        starts = [len("".join(tokens[:i])) for i in range(len(tokens))]
+        straddled = next(i for i, token in enumerate(tokens) if len(token) > 1 and i > 0)
+        stop = text_of(free)[starts[straddled] + 1 :]  # begins inside a token
+        whole = await client.post(route, json={**body, "stop": stop})
+        streamed = await client.post(route, json={**body, "stop": stop, "stream": True})
+        return tokens, whole.json()["choices"][0], events_of(streamed)
+
+    tokens, whole, events = run(app, scenario)
+    text = text_of(whole)
+    kept = [token for i, token in enumerate(tokens) if len("".join(tokens[: i + 1])) <= len(text)]
+    assert whole["finish_reason"] == "stop" and len("".join(kept)) < len(text)  # the token the stop string began in
+    assert token_texts(whole) == kept
+    streamed = [token for event in events for choice in event["choices"] if choice.get("logprobs")
+                for token in token_texts(choice)]  # fmt: skip
+    assert streamed == kept

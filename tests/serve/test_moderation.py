@@ -121,7 +121,7 @@ def test_logprobs_go_out_with_their_text_and_never_for_redacted_or_blocked_text(
         new_text, blocking = moderated.push(piece)
         shown += new_text
         held.add([TokenLogprob(token, tokenizer.decode([token]), -1.0, [])])
-        released += held.release(moderated)
+        released += held.release(moderated.released, moderated.redacted_spans)
         assert len("".join(entry.token for entry in released)) <= moderated.released  # never ahead of the text
         if blocking:
             break
