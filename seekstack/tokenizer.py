@@ -199,6 +199,22 @@ def check_chat_message(position: int, message: object) -> None:
         raise ValueError(f"chat message {position} content must be a string, got {type(message['content']).__name__}")
 
 
+def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:
+    """Copy the tokenizer_config.json `source` into the model folder `folder` with `model_max_length` the model's
+    context: the length transformers' `truncation=True` cuts at. ValueError naming `source` when it is no JSON
+    object."""
+    try:
+        config = json.loads(Path(source).read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(
+            f"{source}: not valid JSON ({error}); write or copy the tokenizer's {CONFIG_FILE} again"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    config["model_max_length"] = model_max_length
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike, model_max_length: int = 4096
 ) -> Tokenizer:

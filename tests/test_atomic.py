@@ -11,6 +11,7 @@ import torch
 from seekstack.atomic import atomic_directory, staged_files, write_atomic
 from seekstack.checkpoint import CheckpointError
 from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import train_tokenizer
 from seekstack.train import state
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import load_checkpoint, save_checkpoint
@@ -146,6 +147,18 @@ def test_training_checkpoints_hold_the_model_the_state_and_the_extra_files(tmp_p
     assert path == tmp_path / "run" / "checkpoints" / "step_5"
     assert entries(path) == ["config.json", "model.safetensors", "tokenizer.json", "train_state.pt"]
     assert entries(path.parent) == ["step_5"]
+
+
+def test_a_checkpoints_tokenizer_config_gives_the_models_context_as_model_max_length(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    train_tokenizer(["def f(x):\n    return x\n"], vocab_size=300, out_path=tmp_path / "tok")  # its config says 4096
+    extra_files = [tmp_path / "tok" / "tokenizer.json", tmp_path / "tok" / "tokenizer_config.json"]
+    model = Transformer(micro_config())
+    path = save_checkpoint(tmp_path / "run", model, {"step": 1}, keep=1, extra_files=extra_files)
+    loaded = transformers.AutoTokenizer.from_pretrained(str(path))
+    assert loaded.model_max_length == model.config.max_position_embeddings == 256
+    assert len(loaded("x " * 400, truncation=True)["input_ids"]) == 256
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok")).model_max_length == 4096  # left as it was
 
 
 def test_damaged_train_state_is_named_with_what_to_do(tmp_path):

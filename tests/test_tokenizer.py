@@ -22,6 +22,7 @@ from seekstack.tokenizer import (
     SPECIAL_TOKENS,
     USER,
     Tokenizer,
+    copy_tokenizer_config,
     train_tokenizer,
 )
 
@@ -302,6 +303,16 @@ def test_damaged_tokenizer_file_is_named_with_what_to_do(trained, tmp_path, dama
     message = str(error.value)
     assert message.startswith(f"{path}: not a valid Hugging Face tokenizer.json (")
     assert "truncated or damaged" in message and "--" not in message
+
+
+@pytest.mark.parametrize(("content", "problem"), [("{", "not valid JSON"), ("[]", "expected a JSON object, got list")])
+def test_a_damaged_tokenizer_config_copied_into_a_model_folder_is_named(tmp_path, content, problem):
+    source = tmp_path / "tokenizer_config.json"
+    source.write_text(content)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ValueError, match=f"^{source}: {problem}"):
+        copy_tokenizer_config(source, tmp_path / "model", 256)
+    assert not (tmp_path / "model" / "tokenizer_config.json").exists()
 
 
 def test_too_small_vocab_is_rejected(tmp_path):

@@ -33,6 +33,8 @@ from seekstack.checkpoint import (
 )
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
+from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from seekstack.tokenizer import copy_tokenizer_config
 from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints, step_dir
 
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
@@ -87,7 +89,10 @@ def write_training_files(
     write_model(model, folder)
     torch.save(train_state, folder / TRAIN_STATE_FILE)
     for extra in extra_files:
-        shutil.copyfile(extra, folder / Path(extra).name)
+        if Path(extra).name == TOKENIZER_CONFIG_FILE:  # with the model's context as the tokenizer's model_max_length
+            copy_tokenizer_config(extra, folder, model.config.max_position_embeddings)
+        else:
+            shutil.copyfile(extra, folder / Path(extra).name)
 
 
 def rank_optimizer_file(rank: int) -> str:
