@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from seekstack.adapters.registry import AdapterConflict, UnknownAdapter
 from seekstack.checkpoint import CheckpointError
 from seekstack.serve.access import read_body
 from seekstack.serve.errors import APIError, parse_body
-from seekstack.serve.openapi import error_responses
+from seekstack.serve.openapi import error_responses, json_request
 from seekstack.serve.schemas import ModelCard
 
 if TYPE_CHECKING:
@@ -31,19 +31,25 @@ if TYPE_CHECKING:
 
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lora_name: str  # the model id requests will use
-    lora_path: str  # the adapter folder (adapter_config.json, adapter_model.safetensors), on the server's disk
+    lora_name: str = Field(min_length=1)  # the model id requests will use
+    # the adapter folder (adapter_config.json, adapter_model.safetensors), on the server's disk
+    lora_path: str = Field(min_length=1)
 
 
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    lora_name: str
+    lora_name: str = Field(min_length=1)
 
 
 def add_adapter_routes(app: FastAPI, server: Server) -> None:
     """The two admin routes that change which adapters `server` serves."""
 
-    @app.post("/v1/load_lora_adapter", response_model=ModelCard, responses=error_responses(400, 401, 403, 409, 413))
+    @app.post(
+        "/v1/load_lora_adapter",
+        openapi_extra=json_request(LoadAdapterRequest, inline=True),
+        response_model=ModelCard,
+        responses=error_responses(400, 401, 403, 409, 413),
+    )
     async def load_lora_adapter(request: Request) -> JSONResponse:
         """Serve the LoRA adapter in `lora_path` as model `lora_name` (admin keys only)."""
         await asyncio.to_thread(server.authenticate, request, True)
@@ -62,7 +68,11 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
         [card] = [card for card in server.models().data if card.id == body.lora_name]
         return JSONResponse(card.model_dump())
 
-    @app.post("/v1/unload_lora_adapter", responses=error_responses(400, 401, 403, 404, 409, 413))
+    @app.post(
+        "/v1/unload_lora_adapter",
+        openapi_extra=json_request(UnloadAdapterRequest, inline=True),
+        responses=error_responses(400, 401, 403, 404, 409, 413),
+    )
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         """Stop serving adapter `lora_name`; refused while unfinished requests use it (admin keys only)."""
         await asyncio.to_thread(server.authenticate, request, True)

@@ -542,10 +542,13 @@ def create_app(
     async def chat() -> HTMLResponse:
         return HTMLResponse(chat_page)
 
-    @app.api_route(  # HEAD too: what uptime checks and load balancers probe with
-        "/health", methods=["GET", "HEAD"], response_model=Health,
-        responses={503: {"model": Health, "description": "Engine stopped"}},
-    )  # fmt: skip
+    health_answers: dict[str, Any] = {
+        "response_model": Health,
+        "responses": {503: {"model": Health, "description": "Engine stopped"}},
+    }
+
+    @app.get("/health", **health_answers)
+    @app.head("/health", **health_answers)  # what uptime checks and load balancers probe with: an operation of its own
     async def health() -> JSONResponse:
         healthy = server.bridge.alive
         body = Health(status="ok" if healthy else "engine stopped", auth=server.keys.any_keys())
@@ -597,7 +600,9 @@ def create_app(
     async def admin_usage(
         request: Request,
         key: Annotated[str | None, Query(description="Only this key's usage (by name)")] = None,
-        since: Annotated[str | None, Query(description="From this UTC day on, YYYY-MM-DD")] = None,
+        since: Annotated[
+            str | None, Query(description="From this UTC day on, YYYY-MM-DD", json_schema_extra={"format": "date"})
+        ] = None,
     ) -> JSONResponse:
         """Requests, tokens and cost per key and UTC day (admin keys only)."""
         return JSONResponse(server.usage_report(request, key, since).model_dump())

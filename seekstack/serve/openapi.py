@@ -33,9 +33,10 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
 
 
-def json_request(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra=` declaring a required JSON body of `model` (added to the components by `describe`)."""
-    schema = {"$ref": SCHEMAS + model.__name__}
+def json_request(model: type[BaseModel], inline: bool = False) -> dict[str, Any]:
+    """`openapi_extra=` declaring a required JSON body of `model`: a reference to it in the components (`describe`
+    adds it there), or with `inline` its schema itself (for a model with no nested ones, not given to `describe`)."""
+    schema = model.model_json_schema() if inline else {"$ref": SCHEMAS + model.__name__}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 

@@ -2,15 +2,28 @@
 
 Requests are validated strictly from JSON: a string where a number belongs is a 400, not a guess, and
 every number has a range (OpenAI's where it documents one), so no value reaches the engine that it
-cannot sample with. Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep
-working; OpenAI's fields that would change the reply and that this server cannot honour are declared, to be refused.
+cannot sample with. A null is read as the field's default, as OpenAI documents its fields ("or null") and vLLM
+reads them. Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working; OpenAI's
+fields that would change the reply and that this server cannot honour are declared, to be refused.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticUseDefault, core_schema
 
 from seekstack.infer.params import LOGIT_BIAS_LIMIT
 
@@ -31,12 +44,33 @@ LogitBiases = Annotated[
 ]  # token id (a JSON key: "123") -> added to its logit
 
 
+class NullIsDefault:
+    """A field's annotation: JSON null is read as the field's default, and its schema allows null."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_before_validator_function(_default_for_null, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"anyOf": [handler(schema), {"type": "null"}]}
+
+
+def _default_for_null(value: Any) -> Any:
+    if value is None:
+        raise PydanticUseDefault()
+    return value
+
+
+OrDefault = NullIsDefault()  # `n: Annotated[int, Field(ge=1), OrDefault] = 1` reads "n": null as 1
+
+
 class StrictRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(StrictRequest):
-    include_usage: bool = False
+    include_usage: Annotated[bool, OrDefault] = False
 
 
 class SamplingFields(StrictRequest):
@@ -45,20 +79,20 @@ class SamplingFields(StrictRequest):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), OrDefault] = 1
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # torch takes [-2**63, 2**64): room for seed + index
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: LogitBiases | None = None
-    stream: bool = False
+    stream: Annotated[bool, OrDefault] = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # vLLM extras from here on; -1 or 0: off
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True  # drop <｜User｜> and the like from the text, as vLLM does
+    ignore_eos: Annotated[bool, OrDefault] = False
+    skip_special_tokens: Annotated[bool, OrDefault] = True  # drop <｜User｜> and the like from the text, as vLLM does
 
 
 class TextPart(StrictRequest):
@@ -67,6 +101,12 @@ class TextPart(StrictRequest):
 
 
 class ChatMessage(StrictRequest):
+    model_config = ConfigDict(
+        json_schema_extra={  # as `_null_only_from_the_assistant` reads it
+            "if": {"properties": {"role": {"const": "assistant"}}},
+            "else": {"properties": {"content": {"not": {"type": "null"}}}},
+        }
+    )
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None  # null only in an assistant turn (a replayed history), read as ""
     tool_calls: Any = None  # an assistant turn's calls in a replayed history: refused, as tools are
@@ -117,7 +157,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
-    logprobs: bool = False
+    logprobs: Annotated[bool, OrDefault] = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     # OpenAI's fields that would change the reply and that this server cannot honour: declared to be refused when
@@ -143,9 +183,14 @@ class CompletionRequest(SamplingFields):
     )  # one prompt (text or token ids), or a list of them: each gets n choices
     max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False  # the prompt's text before each choice's
+    echo: Annotated[bool, OrDefault] = False  # the prompt's text before each choice's
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)  # candidates per prompt; the n likeliest are returned
     suffix: str | None = None  # declared to be refused: the model does no fill-in-the-middle
+
+    @field_validator("suffix")
+    @classmethod
+    def _empty_suffix_is_none(cls, suffix: str | None) -> str | None:
+        return suffix or None  # "" asks for no text after the completion, as OpenAI reads it
 
 
 class PromptTokensDetails(BaseModel):
@@ -292,7 +337,7 @@ class UsageReport(BaseModel):
 
 
 class ModerationRequest(StrictRequest):
-    input: str | list[str] = Field(min_length=1)
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
     model: str | None = None  # the server's policy answers, whatever is named
 
 

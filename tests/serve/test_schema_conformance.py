@@ -1,0 +1,148 @@
+"""/openapi.json says what the server does: a body the schema allows is served, one it forbids is refused, null is
+allowed where OpenAI documents a field "or null" and read as the field's default, and each operation has an id of
+its own. The schema's verdict comes from jsonschema_rs, the validator schemathesis checks requests with.
+
+In process, through the app's ASGI interface with its engine thread running."""
+
+from __future__ import annotations
+
+import warnings
+
+import jsonschema_rs
+import pytest
+
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
+from seekstack.serve.database import open_database
+from tests.serve.server import error_of, make_model_dir, run
+
+GREEDY = {"model": "model", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+CHAT = {**GREEDY, "messages": [{"role": "user", "content": "Hello"}]}
+COMPLETION = {**GREEDY, "prompt": "The quick brown"}
+# OpenAI's fields documented "or null" (and vLLM's extras) that the greedy bodies above leave to their defaults
+SHARED_NULLABLE = ["n", "stream", "stream_options", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+                   "logit_bias", "user", "top_k", "min_p", "repetition_penalty", "skip_special_tokens"]  # fmt: skip
+CHAT_NULLABLE = [*SHARED_NULLABLE, "logprobs", "top_logprobs", "max_completion_tokens", "response_format"]
+COMPLETION_NULLABLE = [*SHARED_NULLABLE, "logprobs", "echo", "best_of", "suffix"]
+SET_BY_GREEDY = ["temperature", "max_tokens", "ignore_eos"]  # nullable too, but a null would change the reply
+USER_NULL = {**CHAT, "messages": [{"role": "user", "content": None}]}
+ASSISTANT_NULL = {**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "content": None}, *CHAT["messages"]]}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("conformance")))
+
+
+@pytest.fixture
+def app(engine, tmp_path):
+    return create_app(engine, open_database(tmp_path / "db"))
+
+
+def post_each(app, requests: list[tuple[str, dict | None]]) -> list:
+    """Each (route, JSON body, or None for an empty one) posted in turn to `app`; the responses."""
+
+    async def post(client, route: str, body: dict | None):
+        if body is None:
+            return await client.post(route, content=b"", headers={"Content-Type": "application/json"})
+        return await client.post(route, json=body)
+
+    async def scenario(client):
+        return [await post(client, route, body) for route, body in requests]
+
+    return run(app, scenario)
+
+
+def request_schema(document: dict, route: str) -> dict:
+    """The JSON Schema of `route`'s request body, its references resolvable."""
+    body = document["paths"][route]["post"]["requestBody"]
+    assert body["required"], route
+    return {**body["content"]["application/json"]["schema"], "components": document["components"]}
+
+
+def schema_allows(document: dict, route: str, body: dict | None) -> bool:
+    return body is not None and jsonschema_rs.Draft202012Validator(request_schema(document, route)).is_valid(body)
+
+
+@pytest.mark.parametrize(
+    "route, body, nullable",
+    [("/v1/chat/completions", CHAT, CHAT_NULLABLE), ("/v1/completions", COMPLETION, COMPLETION_NULLABLE)],
+)
+def test_null_is_allowed_and_read_as_the_default_for_every_nullable_field(app, route, body, nullable):
+    document = app.openapi()
+    for field in [*nullable, *SET_BY_GREEDY]:
+        assert schema_allows(document, route, {**body, field: None}), field
+    nulls = {field: None for field in nullable}
+    plain, with_nulls = post_each(app, [(route, body), (route, {**body, **nulls})])
+    assert with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json()["choices"] == plain.json()["choices"]
+    assert with_nulls.json()["usage"] == plain.json()["usage"]
+
+
+@pytest.mark.parametrize(
+    "route, body, allowed",
+    [
+        ("/v1/moderations", {"input": []}, False),
+        ("/v1/moderations", {"input": ""}, False),
+        ("/v1/moderations", {"input": ["fine"]}, True),
+        ("/v1/chat/completions", USER_NULL, False),
+        ("/v1/chat/completions", ASSISTANT_NULL, True),
+        ("/v1/completions", {**COMPLETION, "suffix": ""}, True),
+        ("/v1/completions", {**COMPLETION, "echo": None}, True),
+        ("/v1/chat/completions", {**CHAT, "n": None, "stream": None, "logprobs": None}, True),
+        ("/v1/load_lora_adapter", None, False),
+        ("/v1/load_lora_adapter", {"lora_name": "", "lora_path": "folder"}, False),
+        ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "folder", "extra": 1}, False),
+        ("/v1/unload_lora_adapter", {}, False),
+        ("/v1/unload_lora_adapter", {"lora_name": ""}, False),
+        ("/v1/unload_lora_adapter", {"lora_name": "absent"}, True),  # 404: a valid request, for no adapter
+    ],
+)
+def test_the_schema_allows_exactly_the_bodies_the_server_reads(app, route, body, allowed):
+    [response] = post_each(app, [(route, body)])
+    assert schema_allows(app.openapi(), route, body) == allowed
+    assert (response.status_code != 400) == allowed, response.text
+
+
+def test_a_body_the_adapter_routes_refuse_gets_an_openai_error_naming_the_field(app):
+    empty_name, wrong_type = post_each(
+        app, [("/v1/unload_lora_adapter", {"lora_name": ""}), ("/v1/load_lora_adapter", {"lora_name": 1})]
+    )
+    assert error_of(empty_name, 400)["param"] == "lora_name"
+    error = error_of(wrong_type, 400)
+    assert (error["param"], error["code"]) == ("lora_name", "invalid_value")
+    assert "lora_path: Field required" in error["message"]
+
+
+def test_the_adapter_routes_document_their_json_bodies(app):
+    document = app.openapi()
+    load = request_schema(document, "/v1/load_lora_adapter")
+    unload = request_schema(document, "/v1/unload_lora_adapter")
+    assert (load["required"], unload["required"]) == (["lora_name", "lora_path"], ["lora_name"])
+    assert load["properties"]["lora_path"] == {"type": "string", "minLength": 1, "title": "Lora Path"}
+
+
+def test_every_operation_has_an_id_of_its_own_and_health_answers_get_and_head(app):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FastAPI warns "Duplicate Operation ID"
+        document = app.openapi()
+    ids = [operation["operationId"] for path in document["paths"].values() for operation in path.values()]
+    assert len(ids) == len(set(ids)), ids
+    assert set(document["paths"]["/health"]) == {"get", "head"}
+
+    async def scenario(client):
+        return [(await client.get("/health")).status_code, (await client.head("/health")).status_code]
+
+    assert run(app, scenario) == [200, 200]
+
+
+def test_usage_since_is_documented_as_the_date_it_must_be(app):
+    [since] = [p for p in app.openapi()["paths"]["/v1/admin/usage"]["get"]["parameters"] if p["name"] == "since"]
+    assert since["schema"]["format"] == "date"
+
+    async def scenario(client):
+        return [await client.get("/v1/admin/usage", params={"since": day}) for day in ("2024-02-29", "yesterday")]
+
+    day, not_a_day = run(app, scenario)
+    assert day.status_code == 200, day.text
+    assert error_of(not_a_day, 400)["param"] == "since"
