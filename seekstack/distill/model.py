@@ -83,23 +83,31 @@ class DistillModel(nn.Module):
         labels: torch.Tensor | None = None,
         mtp_loss_weight: float = MTP_LOSS_WEIGHT,
         keep_logits: bool = True,
+        counted: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """`counted`: the tokens the student's MoE statistics count (`Transformer.forward`)."""
         if not self.training or labels is None:
-            return self.student(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=keep_logits)
-        return self.distillation_loss(input_ids, labels, mtp_loss_weight)
+            return self.student(
+                input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=keep_logits, counted=counted
+            )
+        return self.distillation_loss(input_ids, labels, mtp_loss_weight, counted)
 
-    def distillation_loss(self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float) -> ModelOutput:
+    def distillation_loss(
+        self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float, counted: torch.Tensor | None = None
+    ) -> ModelOutput:
         """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms;
-        `lm_loss` None when no token is labelled (the student's own answers to conversations: no cross-entropy)."""
+        `lm_loss` None when no token is labelled (the student's own answers to conversations: no cross-entropy).
+        The student's own answers count every token of their rows in its MoE statistics."""
         config = self.settings
         warm = self.micro_batches // config.grad_accum_steps >= config.on_policy_after
         self.micro_batches += 1
         if self.generations is not None and warm and torch.rand(()) < config.lmbda:
             rows, labels, compared = self.generations(rows, labels)
+            counted = None
         else:
             compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens
         with layer_outputs(self.student, self.projections.student_layers) as student_states:
-            out, student_logits = self.student_outputs(rows, labels, mtp_loss_weight)
+            out, student_logits = self.student_outputs(rows, labels, mtp_loss_weight, counted)
         loss = config.ce_weight * out.lm_loss + (out.loss - out.lm_loss)  # + the student's MTP and balance terms
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             out = dataclasses.replace(out, lm_loss=None)
@@ -113,7 +121,7 @@ class DistillModel(nn.Module):
         return dataclasses.replace(out, loss=loss)
 
     def student_outputs(
-        self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float
+        self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float, counted: torch.Tensor | None = None
     ) -> tuple[ModelOutput, Callable[[torch.Tensor], torch.Tensor]]:
         """The student's output with its pretraining losses (`loss`, `lm_loss`), and a function giving its logits
         (N, V), with gradient, at the positions a (B, T - 1) mask selects.
@@ -122,7 +130,7 @@ class DistillModel(nn.Module):
         with the cross-entropy), then its head again on the compared positions; a dense one without MTP runs its
         head once, and the cross-entropy comes from those logits."""
         if self.student.mtp or self.student.moe_layer_ids:
-            out = self.student(rows, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False)
+            out = self.student(rows, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, counted=counted)
             return out, lambda compared: self.student.lm_head(out.hidden_states[:, :-1][compared])
         out = self.student(rows)
         logits = out.logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1

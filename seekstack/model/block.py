@@ -29,11 +29,16 @@ class DecoderBlock(nn.Module):
             self.mlp = FeedForward(config.hidden_size, config.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentCache | None = None,
+        counted: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
+        """`counted` (B, T): the tokens a MoE's routing statistics count (`MoE.forward`)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx)
-        ffn_out = self.mlp(self.post_attention_layernorm(x))
-        if isinstance(ffn_out, tuple):
-            ffn_out, stats = ffn_out
+        if isinstance(self.mlp, MoE):
+            ffn_out, stats = self.mlp(self.post_attention_layernorm(x), counted)
             return x + ffn_out, stats
-        return x + ffn_out, None
+        return x + self.mlp(self.post_attention_layernorm(x)), None

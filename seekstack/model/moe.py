@@ -206,10 +206,11 @@ class RoutedExperts(nn.Module):
         return weighted.sum(dim=0), _expert_load(routing)
 
 
-def _expert_load(routing: Routing) -> torch.Tensor:
-    """Tokens routed to each expert (E,), counted without a data-dependent shape."""
+def _expert_load(routing: Routing, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens routed to each expert (E,), of the `counted` ones (N,) when given, without a data-dependent shape."""
     experts = routing.experts.flatten()
-    return torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, torch.ones_like(experts))
+    ones = torch.ones_like(experts) if counted is None else counted.repeat_interleave(routing.experts.shape[1]).long()
+    return torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, ones)
 
 
 @torch.compiler.disable
@@ -241,28 +242,39 @@ class MoE(nn.Module):
         self.shared_experts = FeedForward(config.hidden_size, config.moe_intermediate_size * shared) if shared else None
         self.aux_loss_alpha = config.aux_loss_alpha
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, counted: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """`counted` (B, T) bool: the tokens the routing statistics (expert load, balance loss) count; padding is
+        routed and computed like any token but counts in neither (default: every token counts)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         routing = self.gate(flat)
         out, load = self.experts(flat, routing)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
+        if counted is not None:
+            load = _expert_load(routing, counted.reshape(B * T))
         balance = None
         if self.training and self.aux_loss_alpha > 0:
-            balance = self.aux_loss_alpha * sequence_balance_loss(routing, B, T)
+            balance = self.aux_loss_alpha * sequence_balance_loss(routing, B, T, counted)
         return out.view(B, T, D), MoEStats(load.detach(), balance)
 
 
-def sequence_balance_loss(routing: Routing, batch: int, seq_len: int) -> torch.Tensor:
+def sequence_balance_loss(
+    routing: Routing, batch: int, seq_len: int, counted: torch.Tensor | None = None
+) -> torch.Tensor:
     """Sequence-wise balance loss, DeepSeek-V3 eq. 17-20, averaged over the sequences of the batch.
 
-    L_Bal = sum_i f_i P_i,  f_i = E/(K T) sum_t 1[i in TopK_t],  P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t}.
+    L_Bal = sum_i f_i P_i,  f_i = E/(K T) sum_t 1[i in TopK_t],  P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t},
+    with T and the sums over a sequence's `counted` tokens (B, T) only (its padding left out), when given.
     """
     num_experts, top_k = routing.scores.shape[1], routing.experts.shape[1]
     scores = routing.scores.view(batch, seq_len, num_experts)
-    probs = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # P_i per sequence, (B, E)
-    selected = torch.zeros(batch, num_experts, device=scores.device)
-    selected.scatter_add_(1, routing.experts.view(batch, -1), torch.ones(batch, seq_len * top_k, device=scores.device))
-    fraction = selected * num_experts / (top_k * seq_len)  # f_i per sequence, (B, E)
+    if counted is None:
+        counted = torch.ones(batch, seq_len, dtype=torch.bool, device=scores.device)
+    weights = counted.reshape(batch, seq_len).to(scores.dtype)
+    tokens = weights.sum(dim=1, keepdim=True).clamp(min=1)  # T per sequence, (B, 1)
+    probs = (scores / scores.sum(dim=-1, keepdim=True) * weights[..., None]).sum(dim=1) / tokens  # P_i, (B, E)
+    selected = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
+    selected.scatter_add_(1, routing.experts.view(batch, -1), weights.repeat_interleave(top_k, dim=1))
+    fraction = selected * num_experts / (top_k * tokens)  # f_i per sequence, (B, E)
     return (fraction * probs).sum(dim=1).mean()

@@ -101,11 +101,14 @@ class Transformer(nn.Module):
         mtp_loss_weight: float = MTP_LOSS_WEIGHT,
         keep_logits: bool = True,
         logits_at: torch.Tensor | None = None,
+        counted: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds.
 
         `logits_at` (B,) picks one position per row whose logits alone are computed, (B, 1, V): prefill needs no more.
         With labels, `keep_logits=False` returns no logits: the loss never needs them whole, so training skips them.
+        `counted` (B, T) bool marks the tokens the MoE layers' expert load and balance loss count: a padded batch
+        leaves its padding out (as transformers' attention_mask does for its balance loss).
         """
         T = input_ids.shape[1]
         if positions is None:
@@ -115,7 +118,7 @@ class Transformer(nn.Module):
         hidden = self.embed_tokens(input_ids)
         stats: list[MoEStats] = []
         for layer in self.layers:
-            hidden, layer_stats = layer(hidden, cos, sin, cache)
+            hidden, layer_stats = layer(hidden, cos, sin, cache, counted)
             stats += [layer_stats] if layer_stats is not None else []
         hidden = self.norm(hidden)
         if labels is not None:
@@ -127,7 +130,7 @@ class Transformer(nn.Module):
         if labels is None:
             return ModelOutput(logits, hidden, _stack_load(stats))
 
-        mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats)
+        mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats, counted)
         balance_losses = [s.balance_loss for s in stats if s.balance_loss is not None]
         balance_loss = torch.stack(balance_losses).sum() if balance_losses else None
         loss = lm_loss + mtp_loss_weight * mtp_loss if mtp_loss is not None else lm_loss
@@ -143,6 +146,7 @@ class Transformer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         stats: list[MoEStats],
+        counted: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """L_MTP = 1/D sum_k CE(P^k_{i}, t_{i+k+1})  (V3 eq. 24-25); the weight lambda is applied by the caller."""
         T = input_ids.shape[1]
@@ -152,7 +156,10 @@ class Transformer(nn.Module):
         losses = []
         for k in depths:
             n = T - k  # positions i with a token i+k to embed
-            hidden, depth_stats = self.mtp[k - 1](hidden[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:n], sin[:n])
+            depth_counted = None if counted is None else counted[:, k:]  # position i reads token i+k
+            hidden, depth_stats = self.mtp[k - 1](
+                hidden[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:n], sin[:n], counted=depth_counted
+            )
             stats += [depth_stats] if depth_stats is not None else []
             depth_loss, _ = self.head_loss(self.mtp[k - 1].head_input(hidden[:, :-1]), labels[:, k + 1 :])
             losses.append(depth_loss)

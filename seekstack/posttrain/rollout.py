@@ -158,7 +158,9 @@ def _whole_rows_hidden(model: nn.Module, rollout: Rollout, device: torch.device)
     """(N, C, D) states predicting each completion token, from one forward over the whole (N, L) rows."""
     input_ids = rollout.input_ids.to(device)
     N, L = input_ids.shape
-    out = model(input_ids, logits_at=torch.zeros(N, dtype=torch.long, device=device))  # (N, 1, V): a token cost
+    ends = (rollout.prompt_lengths + rollout.completion_lengths).to(device)
+    counted = torch.arange(L, device=device)[None, :] < ends[:, None]  # the rows' padding counts in no expert load
+    out = model(input_ids, logits_at=torch.zeros(N, dtype=torch.long, device=device), counted=counted)  # (N, 1, V)
     width = int(rollout.completion_lengths.max())
     # the position predicting completion token j of row i is prompt_length_i - 1 + j (position t predicts t + 1)
     columns = rollout.prompt_lengths[:, None].to(device) - 1 + torch.arange(width, device=device)[None, :]
@@ -174,13 +176,16 @@ def _shared_prompt_hidden(
 
     A completion's first token is predicted by its prompt's last state, token j > 0 by the completion's state j - 1,
     so the completions run without their last token. The output's `expert_load`, which MaxVio and the router's bias
-    update read, counts each distinct prompt token once (padding of shorter prompts included) and the completion
-    tokens run, not G copies of a prompt; GRPO's loss has no balance term, so none is returned."""
+    update read, counts each distinct prompt token once and the completion tokens run, not G copies of a prompt nor
+    any padding; GRPO's loss has no balance term, so none is returned."""
     prompt_lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
     P, width = len(prompts), int(rollout.completion_lengths.max())
     cache = SharedPrefixCache(prompt_lengths, prompt_of)
     prompt_ids = pad_rows(prompts, 0).to(device)  # padding after a prompt's end is never attended to
-    prompt_out = model(prompt_ids, cache=cache, logits_at=torch.zeros(P, dtype=torch.long, device=device))
+    prompt_counted = torch.arange(prompt_ids.shape[1], device=device)[None, :] < prompt_lengths[:, None]
+    prompt_out = model(
+        prompt_ids, cache=cache, logits_at=torch.zeros(P, dtype=torch.long, device=device), counted=prompt_counted
+    )
     last = prompt_out.hidden_states[torch.arange(P, device=device), prompt_lengths - 1]  # (P, D)
     hidden, load = last[prompt_of].unsqueeze(1), prompt_out.expert_load  # (N, 1, D)
     if width > 1:
@@ -188,6 +193,7 @@ def _shared_prompt_hidden(
         out = model(
             rollout.completion_ids[:, :-1].to(device), cache=cache, positions=positions.to(device),
             logits_at=torch.zeros(len(prompt_of), dtype=torch.long, device=device),
+            counted=rollout.completion_mask[:, :-1].bool().to(device),
         )  # fmt: skip
         hidden = torch.cat((hidden, out.hidden_states), dim=1)
         load = None if load is None else load + out.expert_load

@@ -145,7 +145,8 @@ class SFTSource:
 
     def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
         input_ids, labels = (t.to(self.device) for t in batch)
-        out = model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False)
+        counted = input_ids != self.tokenizer.pad_id  # the padding is routed but not counted in the expert load
+        out = model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, counted=counted)
         # the assistant tokens trained: none when distillation answered the prompts itself (on-policy, no lm_loss)
         trained = self.labelled_tokens(batch) if out.lm_loss is not None else 0
         return out, {"assistant_tokens": float(trained)}

@@ -460,6 +460,14 @@ class _Run:
         total = int(distributed.all_reduce_sum(total, self.ranks).item())
         return [count * self.ranks.world_size / max(total, 1) for count in counts]
 
+    def _weighted_loss(self, out: ModelOutput, share: float) -> torch.Tensor:
+        """A micro-batch's part of the step's loss: its per-token terms weighted by `share` (`_loss_shares`), its
+        balance loss, a mean over its sequences (V3 eq. 20), by its share of the step's sequences, 1 /
+        grad_accum_steps (micro-batches hold as many): how the step's rows are split leaves both terms as they are."""
+        if out.balance_loss is None:
+            return out.loss * share
+        return (out.loss - out.balance_loss) * share + out.balance_loss / self.config.grad_accum_steps
+
     def train_step(self) -> dict[str, Any]:
         config, model = self.config, self.model
         step_start = time.perf_counter()
@@ -492,10 +500,11 @@ class _Run:
                 else:
                     out, own = self.source.loss(self.wrapped, rows, mtp_weight)
                     extra = {name: extra.get(name, 0.0) + value for name, value in own.items()}
-            (out.loss * share).backward()
+            objective = self._weighted_loss(out, share)
+            objective.backward()
             mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros_like(out.loss)
             lm_loss, lm_share = (out.lm_loss, share) if out.lm_loss is not None else (torch.zeros_like(out.loss), 0.0)
-            weighted = torch.stack([out.loss * share, lm_loss * lm_share, mtp * share, out.loss.new_tensor(lm_share)])
+            weighted = torch.stack([objective, lm_loss * lm_share, mtp * share, out.loss.new_tensor(lm_share)])
             sums += weighted.detach().float()
             micro_losses[micro] = lm_loss.detach().float()
             if out.expert_load is not None:

@@ -248,6 +248,23 @@ def test_balance_loss_reported_only_when_enabled_and_training():
     assert Transformer(micro_config()).train()(ids, labels=ids).balance_loss is None
 
 
+def test_padding_counts_in_neither_the_expert_load_nor_the_balance_loss():
+    """Rows of 5 and 9 tokens padded to 9 give the load and balance loss of the two rows run alone (the padding is
+    routed: uncounted, its pad tokens sent the balance bias and loss against the experts they pick)."""
+    model = Transformer(micro_config(aux_loss_alpha=0.1)).train()
+    rows = [torch.randint(3, 128, (length,), generator=torch.Generator().manual_seed(length)) for length in (5, 9)]
+    padded = torch.full((2, 9), 2)
+    for index, row in enumerate(rows):
+        padded[index, : len(row)] = row
+    together = model(padded, labels=padded, counted=padded != 2)
+    alone = [model(row[None], labels=row[None]) for row in rows]
+    torch.testing.assert_close(together.expert_load, alone[0].expert_load + alone[1].expert_load, rtol=0, atol=0)
+    torch.testing.assert_close(together.balance_loss, (alone[0].balance_loss + alone[1].balance_loss) / 2)
+    uncounted = model(padded, labels=padded)
+    # without `counted`: 4 padded positions in each of the 2 MoE layers and the MTP block, 2 experts each
+    assert uncounted.expert_load.sum() - together.expert_load.sum() == 2 * (4 + 4 + 4)
+
+
 def test_bias_update_lowers_overloaded_experts():
     model = Transformer(micro_config())
     load = torch.zeros(len(model.moe_layer_ids), 8)

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -240,10 +241,17 @@ def test_completion_logps_share_each_prompt_and_equal_whole_row_forwards(tmp_pat
     assert shared_grads.keys() == whole_grads.keys()
     for name, grad in whole_grads.items():
         assert (shared_grads[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-7, name
-    # the prompts ran once: routed tokens are the two prompts (padded to 11) and the completions without their last
+    # the prompts ran once, padded to 11, and the completions without their last, padded to 8; the expert load
+    # (the balance bias's input) counts the prompts' 11 + 6 tokens and the completions' first 8 at most, no padding
     tokens_per_layer = out.expert_load.sum(dim=1) // model.config.num_experts_per_tok
-    assert tokens_per_layer.tolist() == [2 * 11 + 6 * (9 - 1)] * len(tokens_per_layer)
+    assert tokens_per_layer.tolist() == [11 + 6 + (4 + 8 + 1 + 7 + 7 + 2)] * len(tokens_per_layer)
     assert trained_tokens(rollout) == (2 * 11 + 6 * (9 - 1), 11 + 9)  # what tokens/s and MFU count
+    distinct = dataclasses.replace(
+        rollout, input_ids=rollout.input_ids[[0, 3]], prompt_lengths=rollout.prompt_lengths[[0, 3]],
+        completion_lengths=rollout.completion_lengths[[0, 3]],
+    )  # fmt: skip
+    out = completion_logps(model, distinct, 0.7, torch.device("cpu"))[2]  # whole rows, padded to 11 + 9
+    assert (out.expert_load.sum(dim=1) // model.config.num_experts_per_tok).tolist()[0] == (11 + 4) + (6 + 7)
 
 
 @pytest.mark.parametrize("threads", [0, 1])
