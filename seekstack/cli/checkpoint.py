@@ -7,14 +7,17 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import user_errors
+from seekstack.cli.common import run_to_checkpoint, user_errors
 
 checkpoint_app = typer.Typer(no_args_is_help=True, help="Training checkpoints: export the model they hold.")
 
 
 @checkpoint_app.command("export")
 def export_command(
-    source: Annotated[Path, typer.Argument(help="A checkpoint folder (checkpoints/step_N) or a run's out_dir")],
+    source: Annotated[
+        Path,
+        typer.Argument(help="A checkpoint folder (checkpoints/step_N) or a run's out_dir", callback=run_to_checkpoint),
+    ],
     out: Annotated[Path, typer.Option(help="Folder to write: config.json, safetensors, tokenizer files")],
 ) -> None:
     """Write the model of a training checkpoint (the newest of a run) without its training state, for

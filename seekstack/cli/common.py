@@ -25,6 +25,8 @@ def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> st
         return [run_to_checkpoint(ctx, item) for item in value]
     if value is None or (Path(value) / "config.json").is_file():
         return value
+    if isinstance(value, Path) and not value.exists():  # a path argument (a str one also takes a preset's name)
+        raise typer.BadParameter(f"{value}: no such file or folder")  # not "no config.json" or "no tokenizer"
     try:
         newest = run_checkpoint(value)
     except FileNotFoundError as error:
@@ -36,11 +38,21 @@ def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> st
     return str(newest) if isinstance(value, str) else newest
 
 
+def run_given(ctx: typer.Context, checkpoint: str | Path) -> Path | None:
+    """The run's out_dir the user named, when `run_to_checkpoint` resolved it to `checkpoint`; else None."""
+    return ctx.meta.get(RUNS_GIVEN, {}).get(str(checkpoint))
+
+
 Model = Annotated[
     str,
     typer.Argument(
         help=f"A preset ({', '.join(PRESETS)}), a checkpoint directory or a run's out_dir", callback=run_to_checkpoint
     ),
+]
+
+Checkpoint = Annotated[
+    Path,
+    typer.Argument(help="A checkpoint directory with its tokenizer, or a run's out_dir", callback=run_to_checkpoint),
 ]
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import user_errors
+from seekstack.cli.common import Checkpoint, run_given, user_errors
 
 # seekstack/eval/tasks.py's TASKS, kept here for a fast --help (a test checks they agree)
 LOCAL_TASKS = (
@@ -17,7 +17,8 @@ LOCAL_TASKS = (
 
 
 def eval_command(
-    model: Annotated[Path, typer.Argument(help="A checkpoint directory with its tokenizer, or a run's out_dir")],
+    ctx: typer.Context,
+    model: Checkpoint,
     tasks: Annotated[
         str, typer.Option(help=f"Comma-separated: local tasks ({LOCAL_TASKS}) or any lm_eval task name")
     ] = "code_cloze,code_next_line,code_perplexity",
@@ -34,20 +35,19 @@ def eval_command(
     out: Annotated[Path | None, typer.Option(help="Results path without suffix; default MODEL/eval/results")] = None,
 ) -> None:
     """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json (with the options it ran with) and a Markdown
-    table OUT.md."""
+    table OUT.md (by default in the run's out_dir when MODEL is one, where `report` reads it)."""
     from seekstack.eval.evaluate import evaluate, results_table, write_results
-    from seekstack.train.runs import checkpoint_or_latest
 
     with user_errors():
         names = tuple(name.strip() for name in tasks.split(",") if name.strip())
-        report = evaluate(checkpoint_or_latest(model), names, corpus, backend, batch_size, limit, per_module, device)
-        json_path, table_path = write_results(report, out or model / "eval" / "results")
+        report = evaluate(model, names, corpus, backend, batch_size, limit, per_module, device)
+        json_path, table_path = write_results(report, out or (run_given(ctx, model) or model) / "eval" / "results")
     typer.echo(results_table(report))
     typer.echo(f"wall time {report['wall_s']:.1f} s; wrote {json_path} and {table_path}")
 
 
 def explain_command(
-    model: Annotated[Path, typer.Argument(help="A checkpoint directory with its tokenizer, or a run's out_dir")],
+    model: Checkpoint,
     text: Annotated[str | None, typer.Argument(help="The text to look at")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the PNGs and the HTML page")] = Path("explain"),
     corpus: Annotated[
@@ -63,14 +63,12 @@ def explain_command(
     from seekstack.eval.explain import corpus_routing, explain_text, routing_png
     from seekstack.eval.tasks import held_out_modules
     from seekstack.tokenizer import Tokenizer
-    from seekstack.train.runs import checkpoint_or_latest
 
     with user_errors():
         if text is None and corpus is None:
             raise ValueError("give a TEXT to explain, --corpus for routing statistics, or both")
         _require_folder_path(out)
-        path = checkpoint_or_latest(model)
-        network, tokenizer = load_pretrained(path).eval(), Tokenizer.from_file(path)
+        network, tokenizer = load_pretrained(model).eval(), Tokenizer.from_file(model)
         if text is not None:
             for name, written in explain_text(network, tokenizer, text, out).items():
                 typer.echo(f"{name}: {written}")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import RUNS_GIVEN, fail, options_named, run_to_checkpoint, user_errors
+from seekstack.cli.common import fail, options_named, run_given, run_to_checkpoint, user_errors
 from seekstack.cli.generate import (
     AdaptiveDrafts,
     DeviceMap,
@@ -37,7 +37,7 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `
 def _run_name(ctx: typer.Context, model: Path) -> str | None:
     """The name of the run whose newest checkpoint `model` is, if the user named a run: an id that stays as the run
     trains on (its checkpoint's folder, step_N, does not)."""
-    run = ctx.meta.get(RUNS_GIVEN, {}).get(str(model))
+    run = run_given(ctx, model)
     return run.resolve().name if run else None
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import fail, user_errors
+from seekstack.cli.common import Checkpoint, fail, user_errors
 
 
 def train_command(
@@ -18,7 +18,7 @@ def train_command(
         bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint, with its saved config")
     ] = False,
     write_config: Annotated[
-        Path | None, typer.Option(help="Write the resolved config (YAML/TOML/JSON by suffix) and exit")
+        Path | None, typer.Option(help="Write the resolved config (YAML or JSON by suffix) and exit")
     ] = None,
 ) -> None:
     """Pretrain a model on token shards (from `data tokenize`); run under torchrun for several processes."""
@@ -78,7 +78,7 @@ def plot_command(
 
 
 def sample_command(
-    model: Annotated[Path, typer.Argument(help="A checkpoint directory with its tokenizer, or a run's out_dir")],
+    model: Checkpoint,
     prompt: Annotated[list[str] | None, typer.Option(help="Prompt to continue (repeatable); default: Python")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to write per continuation")] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="Temperature of the sampled continuation")] = 0.8,

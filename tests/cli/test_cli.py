@@ -112,6 +112,47 @@ def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
     assert "no complete checkpoint: step_5 under" in result.output and "hold no train_state.pt" in result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "starts"),
+    [
+        (["sample", "{run}"], "seekstack.eval.samples.demo_samples"),
+        (["checkpoint", "export", "{run}", "--out", "exported"], "seekstack.train.state.export_checkpoint"),
+        (["explain", "{run}", "--corpus", "corpus"], "seekstack.checkpoint.load_pretrained"),
+        (["eval", "{run}"], "seekstack.eval.evaluate.evaluate"),
+    ],
+)
+def test_commands_reading_a_run_name_the_checkpoint_they_picked(tmp_path, monkeypatch, command, starts):
+    """sample, checkpoint export, explain and eval say which checkpoint of a run they read, as generate and info do."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.pt").write_bytes(b"")
+    given = []
+    monkeypatch.setattr(starts, lambda path, *args, **kwargs: given.append(Path(path)) or 1 / 0)
+    result = runner.invoke(app, [part.format(run=tmp_path / "run") for part in command])
+    assert f"using the run's newest checkpoint, {checkpoint}" in result.stderr
+    assert given == [checkpoint]
+
+
+def test_eval_of_a_run_writes_its_results_in_the_run_where_report_reads_them(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.pt").write_bytes(b"")
+    written = []
+    monkeypatch.setattr("seekstack.eval.evaluate.evaluate", lambda *args: {"wall_s": 0.0})
+    monkeypatch.setattr("seekstack.eval.evaluate.write_results", lambda report, out: written.append(out) or 1 / 0)
+    runner.invoke(app, ["eval", str(tmp_path / "run")])
+    assert written == [tmp_path / "run" / "eval" / "results"]
+
+
+@pytest.mark.parametrize(
+    "command", [["generate", "--model", "{run}", "x"], ["serve", "--model", "{run}"], ["sample", "{run}"]]
+)
+def test_a_model_path_that_does_not_exist_is_named_as_such(tmp_path, command):
+    missing = tmp_path / "chekpoint"
+    result = runner.invoke(app, [part.format(run=missing) for part in command])
+    assert result.exit_code == 2 and f"{missing}: no such file or folder" in result.output
+
+
 def test_unknown_preset_fails_with_a_message_naming_the_presets():
     result = run("info", "deepseek-v9")
     assert result.exit_code == 1
