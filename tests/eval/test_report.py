@@ -107,6 +107,7 @@ def test_explain_through_the_command_line_writes_the_page_and_routing_statistics
 
 def test_explain_out_on_a_file_names_it_and_says_out_is_a_folder_before_loading_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "no_model").mkdir()  # a folder that holds no model: loading it would fail
     for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "maps"):
         result = CliRunner().invoke(app, ["explain", str(tmp_path / "no_model"), "x", "--out", str(out)])
         assert result.exit_code == 1 and "Errno" not in result.output
