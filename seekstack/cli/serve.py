@@ -26,6 +26,7 @@ from seekstack.infer.params import EngineOptions
 
 if TYPE_CHECKING:
     from seekstack.serve.database import Database
+    from seekstack.serve.keys import ApiKey, KeyStore
 
 DatabaseOption = Annotated[
     str | None,
@@ -157,13 +158,14 @@ def keys_create(
 
     with user_errors():
         models = tuple(model) if model else None
-        key = KeyStore(_database(db)).create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin, models=models)
-    _show_new_key(key, f"created key {name!r}")
+        store = KeyStore(_database(db))
+        key = store.create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin, models=models)
+    _show_new_key(store, key, f"created key {name!r}")
 
 
 @keys_app.command("list")
 def keys_list(db: DatabaseOption = None) -> None:
-    """All keys (by name and first characters), their plan, limits and state."""
+    """All keys (by name and first characters), their plan, limits, models and state."""
     from rich.console import Console
     from rich.table import Table
 
@@ -172,13 +174,14 @@ def keys_list(db: DatabaseOption = None) -> None:
     with user_errors():
         keys = KeyStore(_database(db, existing=True)).list()
     table = Table(title="API keys")
-    for column in ("name", "key", "plan", "rpm", "tpm", "admin", "created (UTC)", "state"):
-        table.add_column(column)
+    for column in ("name", "key", "plan", "rpm", "tpm", "models", "admin", "created (UTC)", "state"):
+        table.add_column(column, no_wrap=column == "key")  # a narrow terminal squeezes the others, never the prefix
     for key in keys:
         state = "active" if key.revoked_at is None else f"revoked {_utc(key.revoked_at)}"
         limits = [str(limit) if limit else "-" for limit in (key.rpm, key.tpm)]
         admin = "yes" if key.admin else ""
-        table.add_row(key.name, key.prefix + "...", key.plan, *limits, admin, _utc(key.created_at), state)
+        row = (key.name, key.prefix + "...", key.plan, *limits, _models(key), admin, _utc(key.created_at), state)
+        table.add_row(*row)
     Console(markup=False).print(table)
 
 
@@ -199,14 +202,25 @@ def keys_rotate(name: Annotated[str, typer.Argument(help="Name of the key")], db
     from seekstack.serve.keys import KeyStore
 
     with user_errors():
-        key = KeyStore(_database(db, existing=True)).rotate(name)
-    _show_new_key(key, f"rotated key {name!r}: the old one is revoked")
+        store = KeyStore(_database(db, existing=True))
+        key = store.rotate(name)
+    _show_new_key(store, key, f"rotated key {name!r}: the old one is revoked")
 
 
-def _show_new_key(key: str, done: str) -> None:
-    """Print a new key on stdout, and on stderr what was done and that it is shown only now."""
+def _show_new_key(store: KeyStore, key: str, done: str) -> None:
+    """Print a new key alone on stdout (for scripts), and on stderr what was done, that it is shown only now, and
+    its plan, limits, models and admin flag."""
+    terms = store.verify(key)
+    rpm, tpm = ("unlimited" if limit is None else str(limit) for limit in (terms.rpm, terms.tpm))
+    admin = "yes" if terms.admin else "no"
     typer.echo(key)
     typer.echo(f"{done}; copy it now, it cannot be shown again", err=True)
+    typer.echo(f"plan {terms.plan!r}, rpm {rpm}, tpm {tpm}, models {_models(terms)}, admin {admin}", err=True)
+
+
+def _models(key: ApiKey) -> str:
+    """The models `key` may use, as `keys list` and a new key's summary show them."""
+    return "all" if key.models is None else ", ".join(key.models)
 
 
 @keys_app.command("plan")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.serve.database import Database, open_database
-from seekstack.serve.keys import KeyStore, KeyStoreError, hash_key
+from seekstack.serve.keys import KEY_PREFIX, KeyStore, KeyStoreError, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.ratelimit import NeverFits, RateLimited, RateLimiter
 from tests.serve.server import new_postgres_database, postgres_or_skip
@@ -290,10 +290,44 @@ def test_keys_rotate_prints_the_new_key_once_and_revokes_the_old(tmp_path):
     assert rotated.exit_code == 0, rotated.output
     new = rotated.stdout.strip()
     assert "rotated key 'leaky': the old one is revoked; copy it now" in rotated.stderr
+    assert "plan 'default', rpm 5, tpm unlimited, models all, admin no" in rotated.stderr
     store = KeyStore(open_database(db))
     assert store.verify(old) is None and store.verify(new).rpm == 5
     unknown = runner.invoke(app, ["keys", "rotate", "nobody", "--db", db])
     assert unknown.exit_code == 1 and "no active key named 'nobody' to rotate" in unknown.stderr
+
+
+def test_keys_create_and_rotate_print_the_key_alone_on_stdout_and_its_terms_on_stderr(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    runner.invoke(app, ["keys", "plan", "pro", "--prompt-price", "1", "--completion-price", "2", "--db", db])
+    flags = ["--plan", "pro", "--tpm", "900", "--admin", "--model", "legal", "--model", "poem", "--db", db]
+    created = runner.invoke(app, ["keys", "create", "--name", "legal-team", *flags])
+    rotated = runner.invoke(app, ["keys", "rotate", "legal-team", "--db", db])
+    store = KeyStore(open_database(db))
+    for printed in (created, rotated):
+        assert printed.exit_code == 0, printed.output
+        assert printed.stdout.startswith(KEY_PREFIX)
+        assert len(printed.stdout.splitlines()) == 1  # `KEY=$(seekstack keys create ...)` gets the key alone
+        assert "plan 'pro', rpm unlimited, tpm 900, models legal, poem, admin yes" in printed.stderr
+    assert store.verify(rotated.stdout.strip()).models == ("legal", "poem")
+
+
+def test_keys_list_shows_the_models_each_key_may_use(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    store = KeyStore(open_database(db))
+    store.create("legal-team", models=("legal", "poem"))
+    store.create("everything")
+    listed = runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "200"})  # one line per key
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    header = next(cells(line, "┃") for line in lines if "name" in line)
+    rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in lines if line.startswith("│")]
+    assert [(row["name"], row["models"]) for row in rows] == [("legal-team", "legal, poem"), ("everything", "all")]
+
+
+def cells(line: str, border: str) -> list[str]:
+    """The cells of one line of a rich table."""
+    return [cell.strip() for cell in line.split(border)[1:-1]]
 
 
 def test_usage_of_an_unknown_key_fails_and_a_key_without_usage_says_it_has_none(tmp_path):
