@@ -236,6 +236,17 @@ def require_vocabulary(vocab_size: int, vocab_needed: int, data_dir: str | Path,
         )
 
 
+def require_val_split(config: TrainConfig) -> None:
+    """ConfigError when evaluations are due (`eval_every`) and the val split of `data_dir` is missing or too small for
+    one window: the run would train without ever logging a val_loss."""
+    if not config.eval_every:
+        return
+    try:
+        TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"{error}; or set eval_every=0 to train without evaluations") from None
+
+
 def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
     """tokenizer.json and tokenizer_config.json to copy into every checkpoint, so that it loads for inference.
 
@@ -312,13 +323,8 @@ class _Run:
         load_aware = config.threads == "auto" and ranks.device.type == "cpu" and not sets_threads
         self.threads = LoadAwareThreads(torch.get_num_threads(), enabled=load_aware)
         self.data = source or MixtureWindows(config.data_dir, config.mixture_policy(), config.seq_len, config.seed)
-        if source is None and config.eval_every:  # a val split too small to evaluate fails now, not at its first use
-            try:
-                TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
-            except FileNotFoundError:
-                pass  # no val split: the run trains without evaluations
-            except ValueError as error:
-                raise ConfigError(f"{error}; or set eval_every=0 to train without evaluations") from None
+        if source is None:  # a val split missing or too small to evaluate fails now, not at its first use
+            require_val_split(config)
         if source is None and config.init_from:  # a start from a checkpoint reads the shards with its embeddings
             require_checkpoint_tokenizer(config.init_from, config.data_dir, self.data.tokenizer_info)
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
@@ -624,10 +630,7 @@ class _Run:
         if self.source is not None:
             validation_batches = getattr(self.source, "validation_batches", None)
             return None if validation_batches is None else validation_batches(config.batch_size, config.eval_batches)
-        try:
-            val = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
-        except FileNotFoundError:
-            return None
+        val = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
         index = load_index(config.data_dir, VAL_SPLIT)
         bytes_per_token = index["text_bytes"] / index["total_tokens"]
         windows = itertools.islice(val.sequential(config.batch_size), config.eval_batches)

@@ -488,10 +488,16 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(da
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
-def test_a_val_split_too_small_to_evaluate_is_refused_before_the_first_step(tmp_path):
+@pytest.mark.parametrize(
+    ("val_tokens", "problem"),
+    [(10, "holds 10 tokens, too few for one window of 33"), (None, r"val_index\.json: tokenize split 'val' first")],
+    ids=["too-small", "missing"],
+)
+def test_a_val_split_missing_or_too_small_to_evaluate_is_refused_before_the_first_step(tmp_path, val_tokens, problem):
     write_split(tmp_path / "data", "train", 20_000, seed=1)
-    write_split(tmp_path / "data", "val", 10, seed=2)  # `data build --val-fraction 0`: next to nothing
-    with pytest.raises(ConfigError, match="too few for one window .*; or set eval_every=0"):
+    if val_tokens is not None:
+        write_split(tmp_path / "data", "val", val_tokens, seed=2)  # `data build --val-fraction 0`: next to nothing
+    with pytest.raises(ConfigError, match=f"{problem}; or set eval_every=0"):
         train(run_config(tmp_path / "data", tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # not one step was trained for nothing
     assert train(run_config(tmp_path / "data", tmp_path / "run", eval_every=0, max_steps=1)).step == 1
