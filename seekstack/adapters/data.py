@@ -3,7 +3,8 @@
 - token shards (a folder with train_index.json, from `seekstack data tokenize`): as they are;
 - text: a file, a folder of text files, a `.jsonl` of {"text": ...} or a `.parquet` (seekstack.corpus's sources):
   tokenized with the base's tokenizer into shards in ADAPTER/data, one document in `VAL_EVERY` (chosen by the hash
-  of its text) held out as the validation split;
+  of its text) held out as the validation split; when that holds out none or all of them (a few documents), the
+  text's last 1/`VAL_EVERY` (whole documents from the end, then the tail of one, cut at the start of a word);
 - chat: a `.jsonl` of {"messages": [...]}: the conversations of chat SFT (seekstack.posttrain.sft's batch source),
   the loss on the assistant's tokens only.
 `frequent_tokens` picks the tokens whose output-head (and embedding) rows a `head_tokens` (`embedding_tokens`)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -66,17 +68,15 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     if is_chat(data):
         return data
     tokens = out / TOKENS_DIR
-    documents = _documents(data)
+    texts, held_out = _split(_documents(data))
     tokens.mkdir(parents=True, exist_ok=True)
-    corpus = write_atomic(tokens / CORPUS_FILE, _corpus_text(documents))
+    corpus = write_atomic(tokens / CORPUS_FILE, _corpus_text(texts))
     tokenizer = Tokenizer.from_file(tokenizer_json_path(base))
-    held_out = [_held_out(text) for text in documents]
-    keep_all = all(held_out) or not any(held_out)  # too few documents to hold one out and train on the rest
-    tokenize_corpus(corpus, tokenizer, tokens, TRAIN_SPLIT, select=lambda text: keep_all or not _held_out(text))
-    if keep_all:  # a validation split there is an earlier attempt's, held out of other text
+    tokenize_corpus(corpus, tokenizer, tokens, TRAIN_SPLIT, select=lambda text: text not in held_out)
+    if held_out:
+        tokenize_corpus(corpus, tokenizer, tokens, VAL_SPLIT, select=held_out.__contains__)
+    else:  # a text too short to hold a part out: a validation split there is an earlier attempt's, of other text
         index_path(tokens, VAL_SPLIT).unlink(missing_ok=True)
-    else:
-        tokenize_corpus(corpus, tokenizer, tokens, VAL_SPLIT, select=_held_out)
     return tokens
 
 
@@ -88,7 +88,7 @@ def resumed_data(data: str | Path, out: str | Path) -> Path:
     if is_token_shards(data) or is_chat(data):
         return data
     corpus = tokens / CORPUS_FILE
-    same_text = corpus.is_file() and corpus.read_text(encoding="utf-8") == _corpus_text(_documents(data))
+    same_text = corpus.is_file() and corpus.read_text(encoding="utf-8") == _corpus_text(_split(_documents(data))[0])
     return tokens if same_text else data
 
 
@@ -154,5 +154,36 @@ def _corpus_text(documents: list[str]) -> str:
     return "".join(json.dumps({"text": text}) + "\n" for text in documents)
 
 
+def _split(documents: list[str]) -> tuple[list[str], set[str]]:
+    """The texts to tokenize and those of them held out for validation: one document in `VAL_EVERY` by the hash of its
+    text; when that holds out none or all of them, the text's tail (`_tail_split`)."""
+    held_out = {text for text in documents if _held_out(text)}
+    if held_out and not held_out.issuperset(documents):
+        return documents, held_out
+    return _tail_split(documents)
+
+
 def _held_out(text: str) -> bool:
     return zlib.crc32(text.encode("utf-8")) % VAL_EVERY == 0
+
+
+def _tail_split(documents: list[str]) -> tuple[list[str], set[str]]:
+    """The documents with the last 1/`VAL_EVERY` of their characters held out (few documents have one at most):
+    whole documents from the end, then the tail of the one before them, cut at the start of a word."""
+    texts = list(documents)
+    tail_chars = sum(map(len, texts)) // VAL_EVERY
+    held_out: list[str] = []
+    while len(texts[-1]) <= tail_chars:  # never all of them: the tail is a tenth of the text
+        tail_chars -= len(texts[-1])
+        held_out.append(texts.pop())
+    if tail_chars:
+        last = texts.pop()
+        cut = _word_start(last, len(last) - tail_chars)
+        texts.append(last[:cut])
+        held_out.append(last[cut:])
+    return texts + held_out[::-1], set(held_out)
+
+
+def _word_start(text: str, position: int) -> int:
+    """`position` moved back to the start of the word it falls in; kept where no whitespace comes before it."""
+    return re.search(r"\S*\Z", text[:position]).start() or position

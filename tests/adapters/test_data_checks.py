@@ -15,7 +15,7 @@ from seekstack.adapters.training import lora_train_config, train_adapter
 from seekstack.cli import app
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer
-from seekstack.tokens.shards import index_path, tokenize_corpus
+from seekstack.tokens.shards import index_path, load_index, tokenize_corpus
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import build_model, train
 from tests.adapters.support import QUICK_RUN, write_base
@@ -143,6 +143,20 @@ def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, t
     assert train_config.data_dir == str(out / "data")
     assert train_adapter(train_config, adapter, resume=True).step == 2
     assert index_path(out / "data", "train").stat().st_mtime_ns == tokens_written  # not tokenized again
+
+
+def test_text_of_one_document_holds_out_its_last_tenth_and_the_run_evaluates_on_it(base, tmp_path):
+    text = "\n\n".join(f"Clause {n}: the licensee keeps this notice in every copy." * 8 for n in range(20))
+    (tmp_path / "legal.txt").write_text(text)  # one document: hashing holds out all of it or none
+    run = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=1", "eval_batches=1", "lora.rank=2"]
+    train_adapter(*lora_train_config(base, tmp_path / "legal.txt", tmp_path / "adapter", run))
+    data = tmp_path / "adapter" / "data"
+    head, tail = (json.loads(line)["text"] for line in (data / "corpus.jsonl").read_text().splitlines())
+    assert head + tail == text and head.endswith(" ") and not tail.startswith(" ")  # cut at the start of a word
+    assert len(text) // 10 <= len(tail) < len(text) // 10 + len("licensee")
+    assert [load_index(data, split)["documents"] for split in ("train", "val")] == [1, 1]
+    metrics = [json.loads(line) for line in (tmp_path / "adapter" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [1]
 
 
 @pytest.mark.parametrize(
