@@ -180,6 +180,7 @@ class Engine:
         self.config = model.config
         self.tokenizer = tokenizer
         self.model_name = "seekstack"
+        self.model_dir: Path | None = None  # the checkpoint folder `from_pretrained` loaded; None: a model built here
         if tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's "
@@ -305,7 +306,8 @@ class Engine:
         if kwargs.get("speculative") and "draft_ranking" not in kwargs:
             kwargs["draft_ranking"], _ = token_ranking(model_dir, model.config.vocab_size)
         engine = cls(model, loaded_tokenizer, **kwargs)
-        engine.model_name = model_dir.resolve().name
+        engine.model_dir = model_dir.resolve()
+        engine.model_name = engine.model_dir.name
         return engine
 
     @property

@@ -165,7 +165,8 @@ class Server:
             )
             for name, root in lora.folders.items()
         ]
-        cards = [ModelCard(id=self.model_name, created=self.created, max_model_len=length), *adapters]
+        checkpoint = None if self.engine.model_dir is None else str(self.engine.model_dir)
+        cards = [ModelCard(id=self.model_name, root=checkpoint, created=self.created, max_model_len=length), *adapters]
         return ModelList(data=[card for card in cards if key is None or key.may_use(card.id)])
 
     def model(self, model_id: str, key: ApiKey | None = None) -> ModelCard:

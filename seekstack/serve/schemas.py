@@ -221,7 +221,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "seekstack"
     max_model_len: int
-    root: str | None = None  # a LoRA adapter's folder (as vLLM lists adapters)
+    root: str | None = None  # the base model's checkpoint folder, or a LoRA adapter's (as vLLM lists them)
     parent: str | None = None  # a LoRA adapter's base model
 
 

@@ -89,9 +89,9 @@ def assert_error(response: httpx.Response, status: int, *fragments: str) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- happy paths
-def test_models_lists_the_served_model(base_url, keys):
+def test_models_lists_the_served_model_with_its_checkpoint_folder_as_root(base_url, keys, model_dir):
     models = client(base_url, keys.create("models")).models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [(m.id, getattr(m, "root", None)) for m in models.data] == [(MODEL, str(model_dir.resolve()))]
 
 
 def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_a_404(base_url, keys):
