@@ -25,8 +25,6 @@ def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> st
         return [run_to_checkpoint(ctx, item) for item in value]
     if value is None or (Path(value) / "config.json").is_file():
         return value
-    if isinstance(value, Path) and not value.exists():  # a path argument (a str one also takes a preset's name)
-        raise typer.BadParameter(f"{value}: no such file or folder")  # not "no config.json" or "no tokenizer"
     try:
         newest = run_checkpoint(value)
     except FileNotFoundError as error:

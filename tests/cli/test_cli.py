@@ -144,15 +144,6 @@ def test_eval_of_a_run_writes_its_results_in_the_run_where_report_reads_them(tmp
     assert written == [tmp_path / "run" / "eval" / "results"]
 
 
-@pytest.mark.parametrize(
-    "command", [["generate", "--model", "{run}", "x"], ["serve", "--model", "{run}"], ["sample", "{run}"]]
-)
-def test_a_model_path_that_does_not_exist_is_named_as_such(tmp_path, command):
-    missing = tmp_path / "chekpoint"
-    result = runner.invoke(app, [part.format(run=missing) for part in command])
-    assert result.exit_code == 2 and f"{missing}: no such file or folder" in result.output
-
-
 def test_unknown_preset_fails_with_a_message_naming_the_presets():
     result = run("info", "deepseek-v9")
     assert result.exit_code == 1
