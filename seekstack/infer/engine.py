@@ -315,6 +315,12 @@ class Engine:
         """Whether decode steps run through torch.compile now (`compile`)."""
         return self._decode_model is not self.model
 
+    @property
+    def longest_cached_request(self) -> int:
+        """The most tokens (prompt + completion) a request may have for the cache to hold it: every block but the
+        reserved one, less the slots its drafts take beyond its last token."""
+        return (self.cache.num_blocks - 1) * self.cache.block_size - self.draft_slots
+
     def fit_max_new_tokens(self, prompt_len: int, params: SamplingParams) -> tuple[SamplingParams, str | None]:
         """`params` with max_new_tokens capped so that the prompt and the completion fit max_model_len, and a
         notice saying so when it had to be capped; ValueError when the prompt alone leaves no room."""
@@ -367,7 +373,7 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
                 f"exceeds max_model_len={self.max_model_len}; shorten the prompt or lower max_new_tokens"
             )
-        if self.cache.blocks_for(total + self.draft_slots) > self.cache.num_blocks - 1:
+        if total > self.longest_cached_request:
             raise ValueError(
                 f"{total} tokens need {self.cache.blocks_for(total + self.draft_slots)} cache blocks; "
                 f"the cache has {self.cache.num_blocks - 1}: raise kv_cache_memory (or num_blocks)"

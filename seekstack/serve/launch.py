@@ -50,6 +50,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
     engine = Engine.from_pretrained(
         model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs(model_dir)
     )
+    check_cache_holds_context(engine, options.engine)
     app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins)
     name = app.state.server.model_name
     if name in options.adapters:
@@ -76,6 +77,29 @@ def check_listenable(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as error:
         raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror or error})") from None
+
+
+def check_cache_holds_context(engine: Engine, options: EngineOptions) -> None:
+    """ValueError naming --max-model-len and --kv-cache-memory when the latent cache cannot hold one request of
+    max_model_len tokens, as vLLM refuses to start: the server would answer every call without max_tokens with 400."""
+    longest = engine.longest_cached_request
+    if engine.max_model_len <= longest:
+        return
+    context = (
+        f"--max-model-len {options.max_model_len}"
+        if options.max_model_len
+        else f"max_model_len {engine.max_model_len} (the model's context; --max-model-len)"
+    )
+    budget = (
+        f"--kv-cache-memory {options.kv_cache_memory}"
+        if options.kv_cache_memory
+        else "the cache (half the free device memory; --kv-cache-memory)"
+    )
+    raise ValueError(
+        f"{context} is more than the latent cache holds: {budget} holds {engine.cache.num_blocks - 1} blocks of "
+        f"{engine.cache.block_size} tokens, requests of at most {longest} tokens; lower --max-model-len to {longest} "
+        "or raise --kv-cache-memory"
+    )
 
 
 def run_server(app: FastAPI, host: str, port: int) -> None:

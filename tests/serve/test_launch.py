@@ -1,0 +1,43 @@
+"""Building the server of `seekstack serve` (seekstack.serve.launch): what it refuses before serving."""
+
+from __future__ import annotations
+
+import pytest
+
+from seekstack.infer.params import EngineOptions
+from seekstack.serve.launch import ServeOptions, build_server
+from tests.serve.server import free_port, make_model_dir, run
+
+CACHE_OF_10_BLOCKS = "60KiB"  # micro_config: (16 + 8) latent values x 4 layers x 4 bytes x 16 tokens = 6 KiB a block
+
+
+def serve_options(tmp_path, max_model_len: int | None = None) -> ServeOptions:
+    engine = EngineOptions(dtype="float32", kv_cache_memory=CACHE_OF_10_BLOCKS, max_model_len=max_model_len)
+    return ServeOptions(port=free_port(), database=str(tmp_path / "serve.db"), engine=engine)
+
+
+def test_serve_refuses_a_context_longer_than_the_cache_holds_naming_both_options(tmp_path):
+    model_dir = make_model_dir(tmp_path, max_position_embeddings=256)
+    with pytest.raises(ValueError) as refused:
+        build_server(model_dir, serve_options(tmp_path))
+    assert str(refused.value) == (
+        "max_model_len 256 (the model's context; --max-model-len) is more than the latent cache holds: "
+        "--kv-cache-memory 60KiB holds 9 blocks of 16 tokens, requests of at most 144 tokens; lower --max-model-len "
+        "to 144 or raise --kv-cache-memory"
+    )
+    with pytest.raises(ValueError, match="^--max-model-len 200 is more than the latent cache holds"):
+        build_server(model_dir, serve_options(tmp_path, max_model_len=200))
+
+
+def test_serve_with_a_context_the_cache_holds_answers_a_chat_without_max_tokens(tmp_path):
+    app, _ = build_server(make_model_dir(tmp_path, max_position_embeddings=256), serve_options(tmp_path, 144))
+    chat = {"model": "model", "messages": [{"role": "user", "content": "Hello"}], "ignore_eos": True}
+
+    async def scenario(client):
+        return (await client.get("/v1/models")).json(), await client.post("/v1/chat/completions", json=chat)
+
+    models, answer = run(app, scenario)
+    assert [card["max_model_len"] for card in models["data"]] == [144]
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 144  # the default fills the context
