@@ -83,6 +83,30 @@ def test_countdown_expressions_beyond_arithmetic_are_rejected_without_running(te
     assert evaluate_expression(text) is None
 
 
+@pytest.mark.parametrize("text", ["0x5+3+2", "0b101+3+2", "0o5+3+2", "1_0", "5+3+2 # not sure, maybe 11", "\u0665+3+2"])
+def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
+    task = make_task("countdown")
+    problem = Problem("k", "q", "", "", {"numbers": [5, 3, 2], "target": 10})
+    assert task.verify(problem, " 5 + (3 + 2) ")
+    assert not task.verify(problem, text)
+    assert evaluate_expression(text) is None
+
+
+@pytest.mark.parametrize("answer", ["\u0664\u0662", "\uff14\uff12", "+42", "42.", "\u221242"])
+def test_arithmetic_answers_are_plain_ascii_integers(answer):
+    problem = Problem("40+2", "What is 40 + 2?", "42", "", {"value": 42})
+    task = make_task("addition", 2)
+    assert task.verify(problem, " 42 ")
+    assert not task.verify(problem, answer)
+
+
+def test_an_answer_longer_than_int_reads_is_wrong_not_an_error():
+    task = make_task("addition", 2)
+    problem = Problem("40+2", "What is 40 + 2?", "42", "", {"value": 42})
+    assert reward_terms(task, problem, "<think> x </think> " + "9" * 4301) == {"correctness": 0.0, "format": 1.0}
+    assert not task.verify(problem, "-" + "4" * 100_000)
+
+
 @pytest.mark.parametrize(
     ("completion", "answer"),
     [

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 from seekstack.posttrain.tasks.base import Problem
 
-INTEGER = re.compile(r"-?\d+")
+INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only, as the answers are written: no other script's, no "+"
 
 
 def parse_integer(answer: str) -> int | None:
-    """The answer as an integer when it is exactly one (surrounding spaces allowed), else None."""
+    """The answer as an integer when it is exactly one (surrounding spaces allowed) that `int` reads, else None."""
     text = answer.strip()
-    return int(text) if INTEGER.fullmatch(text) else None
+    return int(text) if INTEGER.fullmatch(text) and _within_int_digit_limit(text.lstrip("-")) else None
+
+
+def _within_int_digit_limit(digits: str) -> bool:
+    """Whether `int` reads this many digits (sys.get_int_max_str_digits, 0 = no limit; a problem's answer, written
+    by `str`, is under the same limit): a longer answer is a wrong one, not a ValueError in the middle of a run."""
+    limit = sys.get_int_max_str_digits()
+    return limit == 0 or len(digits) <= limit
 
 
 def _operand(rng: random.Random, digits: int) -> int:

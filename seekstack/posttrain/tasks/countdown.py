@@ -1,7 +1,7 @@
 """Countdown: reach a target from `difficulty` numbers with + - * / and parentheses, each number used exactly once.
 
-The verifier parses the expression with `ast` (only numbers, the four operators and parentheses are accepted;
-nothing is executed), checks that the numbers used are exactly the given ones, and evaluates it in exact
+The verifier parses the expression with `ast` (only plain decimal numbers, the four operators, parentheses and spaces
+are accepted; nothing is executed), checks that the numbers used are exactly the given ones, and evaluates it in exact
 fractions (a division by zero is a wrong answer).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
@@ -17,14 +18,18 @@ from seekstack.posttrain.tasks.base import Problem
 
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 MAX_ANSWER_CHARS = 200
+# What an answer may be written with: ASCII digits, + - * /, parentheses and spaces. Checked before `ast` reads it,
+# which would also take 0x5, 0b101, 1_0, other digit scripts and a trailing # comment as Python does.
+EXPRESSION_CHARACTERS = re.compile(r"[0-9+\-*/() ]+")
 
 
 def evaluate_expression(text: str) -> tuple[Fraction, list[int]] | None:
     """(value, numbers used) of an arithmetic expression, or None when it is not one or divides by zero."""
-    if len(text) > MAX_ANSWER_CHARS:
+    text = text.strip()
+    if len(text) > MAX_ANSWER_CHARS or not EXPRESSION_CHARACTERS.fullmatch(text):
         return None
     try:
-        tree = ast.parse(text.strip(), mode="eval")
+        tree = ast.parse(text, mode="eval")
     except SyntaxError:
         return None
     numbers: list[int] = []
