@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from seekstack.adapters.registry import UnknownAdapter
 from seekstack.infer.engine import Engine
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_request, read_body
 from seekstack.serve.adapter_routes import add_adapter_routes
@@ -182,8 +183,12 @@ class Server:
             return None
         if model in self.engine.lora.folders:
             return model
+        raise self.unknown_model(model)
+
+    def unknown_model(self, model: str) -> APIError:
+        """The 404, in OpenAI's shape, for a request's `model` this server does not have, naming those it has."""
         known = ", ".join(repr(card.id) for card in self.models().data)
-        raise APIError(
+        return APIError(
             404, f"the model {model!r} does not exist; this server has {known}", param="model", code="model_not_found"
         )
 
@@ -224,6 +229,8 @@ class Server:
             except ValueError as error:
                 if charge:
                     await asyncio.to_thread(self.limiter.settle, charge, 0)
+                if isinstance(error, UnknownAdapter):  # unloaded since adapter_for found it
+                    raise self.unknown_model(body.model) from None
                 raise APIError(400, str(error)) from None
         except ClientDisconnect:  # gone before its body arrived
             await bill.record_async(CLIENT_CLOSED)

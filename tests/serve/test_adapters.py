@@ -8,10 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from tests.adapters.support import write_random_adapter
-from tests.serve.server import make_model_dir, running_server
+from tests.serve.server import error_of, make_model_dir, run, running_server
 
 MODEL = "model"
 GREEDY = dict(max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
@@ -70,3 +72,24 @@ def test_an_unknown_model_gets_404_in_openai_shape_naming_the_served_ones(served
     assert "'medical' does not exist; this server has 'model', 'legal', 'poem'" in str(refused.value)
     row = sqlite3.connect(database).execute("SELECT model, status FROM usage ORDER BY id DESC LIMIT 1").fetchone()
     assert row == ("medical", 404)
+
+
+def test_a_request_whose_adapter_is_unloaded_while_it_is_admitted_gets_404_model_not_found(tmp_path):
+    model_dir = make_model_dir(tmp_path)
+    legal = write_random_adapter(model_dir, tmp_path / "legal", 1)
+    engine = Engine.from_pretrained(model_dir, adapters={"legal": legal})
+    app = create_app(engine, open_database(tmp_path / "serve.db"))
+    add_request = engine.add_request
+
+    def unloaded_first(*args, **kwargs):  # the unload lands between the request's model check and its admission
+        engine.unload_adapter("legal")
+        return add_request(*args, **kwargs)
+
+    engine.add_request = unloaded_first
+    request = {"model": "legal", "prompt": "The quick brown", "max_tokens": 4}
+    response = run(app, lambda client: client.post("/v1/completions", json=request))
+    error = error_of(response, 404)
+    assert (error["code"], error["param"]) == ("model_not_found", "model")
+    assert error["message"] == "the model 'legal' does not exist; this server has 'model'"
+    row = sqlite3.connect(tmp_path / "serve.db").execute("SELECT model, status FROM usage").fetchall()
+    assert row == [("legal", 404)]
