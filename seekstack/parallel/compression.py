@@ -12,9 +12,10 @@ of the bucket, keeps r = e - s q, and every rank averages the gathered s_k q_k. 
 sum of int8 values would overflow.
 
 PowerSGD starts its P and Q all-reduces from future callbacks. On gloo, a callback runs on the thread that finished
-the previous collective, racing DDP's start of the next bucket, so the ranks could issue their collectives in
-different orders (gloo's "collective mismatch" abort, or a hang). On gloo, each bucket's collectives therefore end
-before the next bucket's begin, giving up the overlap of one bucket's communication with the next one's.
+the previous collective, racing DDP's start of the next bucket and the backward pass's own collectives (expert
+parallel's all-to-all), so the ranks could issue their collectives in different orders (gloo's "collective
+mismatch" abort, or a hang). On gloo, each bucket's collectives therefore end before the backward pass goes on,
+giving up the overlap of a bucket's communication with the rest of the backward pass.
 
 No `from __future__ import annotations` here: DDP checks the hooks' annotations as objects.
 """
@@ -69,7 +70,7 @@ def register_compression(
         )
         hook = _counted(powerSGD_hook.powerSGD_hook, counter, _powersgd_bytes(state))
         if dist.get_backend() == dist.Backend.GLOO:
-            hook = _one_bucket_at_a_time(hook)
+            hook = _whole_bucket_at_a_time(hook)
         model.register_comm_hook(state, hook)
     else:
         hook, width = {
@@ -123,21 +124,18 @@ def _counted(hook: Callable, counter: CommCounter, bytes_of: Callable[[dist.Grad
     return counted
 
 
-def _one_bucket_at_a_time(hook: Callable) -> Callable:
-    """`hook`, starting a bucket only once the previous bucket's future, with every collective its callbacks issued,
-    has completed. DDP calls the hook in bucket order, so every rank then issues the same collectives in the same
-    order. NCCL needs no such wait: its futures complete when the collective is queued, so callbacks run in order."""
-    previous: list[torch.futures.Future] = []  # the earlier bucket of this step, until the next bucket starts
+def _whole_bucket_at_a_time(hook: Callable) -> Callable:
+    """`hook`, returning only once the bucket's future, with every collective its callbacks issued, has completed.
+    DDP calls the hook in bucket order from the backward pass, so every rank then issues the same collectives in the
+    same order, the backward's own (expert parallel's all-to-all) included. NCCL needs no such wait: its futures
+    complete when the collective is queued, so the callbacks run at once, in order, on the backward's thread."""
 
-    def in_turn(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        if previous:
-            previous.pop().wait()
+    def whole(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         future = hook(state, bucket)
-        if not bucket.is_last():
-            previous.append(future)
+        future.wait()
         return future
 
-    return in_turn
+    return whole
 
 
 def _powersgd_bytes(state: powerSGD_hook.PowerSGDState) -> Callable[[dist.GradBucket], int]:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -46,6 +47,17 @@ def _train_rank(rank: int, world_size: int, port: int, config, resume) -> None:
 
 def train_on_two_ranks(config, resume=False) -> None:
     mp.spawn(_train_rank, args=(2, free_port(), config, resume), nprocs=2, join=True)
+
+
+def train_on_two_ranks_within(seconds: float, config) -> None:
+    """`train_on_two_ranks`, failing the test instead of waiting forever when the ranks hang."""
+    context = mp.spawn(_train_rank, args=(2, free_port(), config, False), nprocs=2, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two ranks still ran after {seconds} s: hung")
 
 
 def losses(out_dir: Path) -> list[float]:
@@ -268,6 +280,24 @@ def test_int8_error_feedback_survives_ddp_regrouping_its_buckets(data_dir, tmp_p
     )
     train_on_two_ranks(config)
     assert len([m for m in read_metrics(tmp_path / "int8") if "comm_bytes" in m]) == 3
+
+
+def test_powersgd_with_expert_parallel_keeps_the_ranks_collectives_in_order(data_dir, tmp_path):  # noqa: F811
+    """Expert parallel's all-to-all runs in the backward pass beside PowerSGD's per-bucket all-reduces."""
+    config = run_config(
+        data_dir,
+        tmp_path / "ep_powersgd",
+        model_overrides={"vocab_size": MICRO_MODEL["vocab_size"]},  # the tiny preset's widths: several buckets
+        max_steps=3,
+        eval_every=0,
+        save_every=0,
+        expert_parallel=2,
+        grad_compression="powersgd",
+        powersgd_start=2,
+    )
+    train_on_two_ranks_within(90, config)
+    sent = [m["comm_bytes"] for m in read_metrics(tmp_path / "ep_powersgd")]
+    assert len(sent) == 3 and sent[2] < 0.5 * sent[0]  # the third step sent PowerSGD's factors
 
 
 def test_fsdp_with_expert_parallel_on_two_ranks_matches_one_process(data_dir, tmp_path):  # noqa: F811
