@@ -45,7 +45,7 @@ def run_ours(args: argparse.Namespace, out_dir: Path, async_rollouts: bool) -> d
         f"init_from={args.checkpoint}", f"out_dir={out_dir}", f"task={args.task}", f"max_steps={args.steps}",
         f"batch_size={args.prompts}", f"num_generations={args.generations}", f"max_completion_length={args.tokens}",
         f"lr={args.lr}", f"min_lr={args.lr}", "temperature=1.0", "beta=0.0", "loss_type=grpo", "seed=0",
-        "format_weight=0.1", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "grad_clip=1.0",
+        "format_weight=0.1", "grad_clip=1.0",
         f"compile_decode={args.compile_decode}", f"threads={args.threads}", f"async_rollouts={async_rollouts}",
     ]  # fmt: skip
     if args.difficulty:

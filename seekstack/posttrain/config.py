@@ -89,7 +89,9 @@ class SFTConfig(TrainConfig):
 @dataclass
 class GRPOConfig(TrainConfig):
     """R1-style GRPO on a verifiable task (DeepSeek-Math §4.1, with TRL's options): each step samples
-    `num_generations` completions for each of `batch_size` prompts from the policy being trained."""
+    `num_generations` completions for each of `batch_size` prompts from the policy being trained. The TrainConfig
+    fields of UNUSED_BY_RL are refused at any value but their default; `data_dir` is unused too (not checked: a
+    saved run's holds the default resolved where the run started)."""
 
     out_dir: str = "runs/rl"
     batch_size: Positive = 4  # prompts per generation batch; each brings num_generations completions
@@ -133,6 +135,7 @@ class GRPOConfig(TrainConfig):
     async_rollouts: bool = False
 
     def validate(self, source: str | None = None) -> GRPOConfig:
+        _refuse_unused_by_rl(self, source)  # first: TrainConfig's rules would speak of them as if rl used them
         config = super().validate(source)
         _require_task(config, source)
         _require_tokenizer(config, source)
@@ -148,6 +151,33 @@ class GRPOConfig(TrainConfig):
 
     def to_dict(self) -> dict:
         return _loop_fields(self)
+
+
+UNSHARDED = "rl samples its prompts from `task`, not from token shards"
+NO_MTP = "the GRPO loss has no MTP term"
+NO_EVALUATION = "rl evaluates nothing held out during the run; `seekstack pass-at-k` scores its checkpoints"
+# TrainConfig fields GRPO never reads, and why. Runs and --write-config files carry them at their defaults.
+UNUSED_BY_RL = {
+    "seq_len": "a rollout's rows are a prompt and at most max_completion_length tokens",
+    "mixture": UNSHARDED,
+    "mixture_mode": UNSHARDED,
+    "bandit_reward_scale": UNSHARDED,
+    "mtp_loss_weight": NO_MTP,
+    "mtp_loss_weight_late": NO_MTP,
+    "mtp_switch_fraction": NO_MTP,
+    "eval_every": NO_EVALUATION,
+    "eval_batches": NO_EVALUATION,
+}
+
+
+def _refuse_unused_by_rl(config: GRPOConfig, source: str | None) -> None:
+    """A ConfigError naming the first field of UNUSED_BY_RL set to other than its default, which rl would ignore."""
+    defaults = GRPOConfig()
+    for name, why in UNUSED_BY_RL.items():
+        value, default = getattr(config, name), getattr(defaults, name)
+        if value != default:
+            problem = f"has value {value!r}: rl does not use it ({why}); leave it at its default {default!r}"
+            raise ConfigError(problem, field=name, source=source)
 
 
 def held_out_fraction(val_data: str, val_fraction: float | None, eval_every: int) -> float:

@@ -16,7 +16,8 @@ from seekstack.posttrain.grpo import policy_loss
 from seekstack.posttrain.padding import pad_rows
 from seekstack.posttrain.rl import GRPOSource, run_rl
 from seekstack.posttrain.rollout import Rollout, completion_logps, trained_tokens
-from seekstack.train.config import resolve_train_config
+from seekstack.schema import write_config
+from seekstack.train.config import CONFIG_FILE, resolve_train_config
 from tests.posttrain.support import micro_checkpoint
 
 RUN = ["batch_size=2", "num_generations=4", "max_completion_length=12", "temperature=1.0", "compile_decode=false"]
@@ -106,6 +107,26 @@ def test_a_difficulty_whose_prompts_pass_the_prompt_room_is_refused_before_anyth
 def test_a_bad_thread_count_is_refused_naming_the_field_its_value_and_both_choices(value, reason):
     with pytest.raises(ConfigError, match=f"field 'threads' has value '?{value}'?: input should be {reason}$"):
         resolve_train_config(None, ["tokenizer=x.json", f"threads={value}"], cls=GRPOConfig)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["eval_every=5", "eval_batches=3", "seq_len=8", "mixture={train: 1.0}", "mixture_mode=bandit",
+     "bandit_reward_scale=0.5", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "mtp_switch_fraction=0.5"],
+)  # fmt: skip
+def test_trainer_fields_rl_does_not_use_are_refused_unless_left_at_their_defaults(tmp_path, override):
+    model_dir = micro_checkpoint(tmp_path / "model")
+    name = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"field '{name}' has value .*: rl does not use it \\(.+\\); leave it at"):
+        resolve_train_config(None, [f"init_from={model_dir}", override], cls=GRPOConfig)
+    run = tmp_path / "run"  # a --write-config file and a run's saved config carry the field at its default
+    written = write_config(
+        resolve_train_config(None, [f"init_from={model_dir}", f"out_dir={run}"], cls=GRPOConfig), run / CONFIG_FILE
+    )
+    assert name in json.loads(written.read_text())
+    default = getattr(GRPOConfig(), name)
+    assert getattr(resolve_train_config(written, cls=GRPOConfig), name) == default
+    assert getattr(resolve_train_config(None, [f"out_dir={run}"], resume=True, cls=GRPOConfig), name) == default
 
 
 def test_more_threads_than_the_machine_has_cpus_is_refused_before_anything_runs(tmp_path):
