@@ -74,19 +74,23 @@ from seekstack.serve.schemas import (
 
 log = logging.getLogger("seekstack.serve")
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the response ended
+SERVER_STOPPED = 503  # a request the server cut off, forced to stop (a second Ctrl-C): its failure, at no cost
 
 
 class EventStream(StreamingResponse):
     """Server-sent events that notice a client leaving at once, not at the next write, then run `on_close`
-    however the stream ended (also when the client left before the first event: the generator never ran)."""
+    however the stream ended (also when the client left before the first event: the generator never ran), with
+    the status of a stream that did not record its own ending: CLIENT_CLOSED, or SERVER_STOPPED when the server
+    cancelled it."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[int], Awaitable[None]]):
         super().__init__(events)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
+        ended_by = CLIENT_CLOSED
         try:
             async with anyio.create_task_group() as tasks:
 
@@ -100,9 +104,12 @@ class EventStream(StreamingResponse):
                 tasks.start_soon(stream)
                 await self.listen_for_disconnect(receive)
                 tasks.cancel_scope.cancel()
+        except asyncio.CancelledError:  # not the client leaving (that ends the task group): the server stopping
+            ended_by = SERVER_STOPPED
+            raise
         finally:
             await self.body_iterator.aclose()
-            await self.on_close()
+            await self.on_close(ended_by)
 
 
 def sse(payload: BaseModel | dict) -> str:
@@ -235,6 +242,9 @@ class Server:
         except ClientDisconnect:  # gone before its body arrived
             await bill.record_async(CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)
+        except asyncio.CancelledError:  # the server stopping
+            await bill.record_async(SERVER_STOPPED)
+            raise
         except Exception as error:
             await bill.record_async(error.status if isinstance(error, APIError) else 500)
             raise
@@ -260,7 +270,7 @@ class Server:
         if body.stream:
             await asyncio.to_thread(bill.open)
             events = self.stream(body, group, bill, categories)
-            return EventStream(events, on_close=lambda: finish(CLIENT_CLOSED))
+            return EventStream(events, on_close=finish)
         status = CLIENT_CLOSED
         try:
             response = await _unless_client_leaves(request, self.complete(body, group, bill, categories))
@@ -268,6 +278,9 @@ class Server:
             return response
         except ClientLeft:
             return Response(status_code=CLIENT_CLOSED)
+        except asyncio.CancelledError:  # the server stopping
+            status = SERVER_STOPPED
+            raise
         except Exception as error:
             status = 500
             raise internal_error(error, "generating") from None

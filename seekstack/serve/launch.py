@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.config import STARTUP_FAILURE
 
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import EngineOptions
@@ -18,6 +23,8 @@ from seekstack.serve.app import create_app
 from seekstack.serve.database import default_database_location, open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.moderation import Policy
+
+CUT_OFF = "forced exit: cut off a request still running"
 
 
 @dataclass
@@ -103,8 +110,31 @@ def check_cache_holds_context(engine: Engine, options: EngineOptions) -> None:
 
 
 def run_server(app: FastAPI, host: str, port: int) -> None:
-    """Serve `app` with uvicorn until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    """Serve `app` with uvicorn until interrupted: a first Ctrl-C lets the requests running finish, a second cuts
+    them off (the ledger records them as the server's failures: app.SERVER_STOPPED)."""
+    server = QuietForcedExit(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+class QuietForcedExit(uvicorn.Server):
+    """uvicorn's server, whose forced exit logs one line for each request it cuts off, not its cancellation's
+    traceback, and nothing for the application shutdown it skips."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self.force_exit:
+            logging.getLogger("uvicorn.error").addFilter(cut_off_in_one_line)
+
+
+def cut_off_in_one_line(record: logging.LogRecord) -> bool:
+    """A log filter for a forced exit: the traceback of a request's cancellation becomes one line; the lifespan's
+    (a traceback as text, ending with the cancellation) is dropped."""
+    if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
+        record.msg, record.args, record.exc_info, record.exc_text = CUT_OFF, (), None, None
+        return True
+    return not record.getMessage().rstrip().endswith("CancelledError")
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,0 +1,106 @@
+"""A forced exit (a second Ctrl-C) cutting off requests still running: the ledger records each as the server's failure
+(503, at no cost), and the log has one line for each instead of its cancellation's traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sqlite3
+import time
+
+import pytest
+import uvicorn
+
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import SERVER_STOPPED, create_app
+from seekstack.serve.database import open_database
+from seekstack.serve.keys import KeyStore
+from seekstack.serve.launch import CUT_OFF, QuietForcedExit, cut_off_in_one_line
+from tests.serve.server import make_model_dir
+
+STEP_S = 0.005  # each engine step is slowed down so that a request is still running when it is cut off
+
+
+def slowed(engine: Engine) -> Engine:
+    """The real engine, each of whose steps takes STEP_S longer."""
+    real_step = engine.step
+
+    def step():
+        time.sleep(STEP_S)
+        return real_step()
+
+    engine.step = step
+    return engine
+
+
+async def cut_off(app, body: dict, key: str) -> None:
+    """POST `body` to /v1/completions through the app's ASGI interface, from a client that stays connected, and cancel
+    it as uvicorn's forced exit does once the engine is generating for it."""
+    engine = app.state.server.engine
+    headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http", "root_path": "",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000)}  # fmt: skip
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()  # the client never leaves
+        return {}
+
+    async def send(message: dict) -> None:
+        pass
+
+    request = asyncio.ensure_future(app(scope, receive, send))
+    while not any(r.output_ids for r in engine.running) and not request.done():
+        await asyncio.sleep(0.01)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_request_the_server_cuts_off_is_recorded_as_its_failure_at_no_cost(tmp_path, stream):
+    database = open_database(tmp_path / "serve.db")
+    key = KeyStore(database).create("cut")
+    app = create_app(slowed(Engine.from_pretrained(make_model_dir(tmp_path))), database)
+    body = {"model": "model", "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": stream}
+    app.state.server.bridge.start()
+    try:
+        asyncio.run(cut_off(app, body, key))
+    finally:
+        app.state.server.bridge.stop()
+    query = "SELECT status, completion_tokens, cost FROM usage WHERE key_name = 'cut'"
+    [(status, completion_tokens, cost)] = sqlite3.connect(tmp_path / "serve.db").execute(query).fetchall()
+    assert (status, cost) == (SERVER_STOPPED, 0)
+    assert 0 < completion_tokens < 200  # recorded with the tokens it had
+
+
+def test_a_forced_exit_logs_one_line_for_each_request_it_cuts_off_and_none_for_the_lifespan():
+    server = QuietForcedExit(uvicorn.Config(app=None, log_config=None))
+    logger, records = logging.getLogger("uvicorn.error"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+
+    def cancellation_logged() -> None:
+        try:
+            raise asyncio.CancelledError
+        except asyncio.CancelledError as error:
+            logger.error("Exception in ASGI application\n", exc_info=error)
+        logger.error("Traceback (most recent call last):\n  ...\nasyncio.exceptions.CancelledError\n")  # lifespan's
+
+    try:
+        server.handle_exit(signal.SIGINT, None)  # the first Ctrl-C: requests may finish, errors keep tracebacks
+        cancellation_logged()
+        assert [record.exc_info is not None for record in records] == [True, False]
+        records.clear()
+        server.handle_exit(signal.SIGINT, None)  # the second: a forced exit
+        cancellation_logged()
+        assert [(record.getMessage(), record.exc_info) for record in records] == [(CUT_OFF, None)]
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(cut_off_in_one_line)
