@@ -472,7 +472,8 @@ class _Run:
         grad_accum_steps (micro-batches hold as many): how the step's rows are split leaves both terms as they are."""
         if out.balance_loss is None:
             return out.loss * share
-        return (out.loss - out.balance_loss) * share + out.balance_loss / self.config.grad_accum_steps
+        # the balance loss moved from `share` to its own: + 0 exactly where they agree (token windows' equal shares)
+        return out.loss * share + out.balance_loss * (1 / self.config.grad_accum_steps - share)
 
     def train_step(self) -> dict[str, Any]:
         config, model = self.config, self.model
