@@ -1,8 +1,11 @@
 """`seekstack rl-plot RUN...`: the curves of one or more `seekstack rl` runs, overlaid, in one PNG.
 
 Panels: accuracy (the correctness reward) and the format reward; completion length of correct and of incorrect
-answers; KL to the reference and the clipped fraction; entropy; the share of each step spent generating.
-Each point is the mean over a window of steps (`smooth`), since one step's batch is small.
+answers; KL to the reference and the clipped fraction; entropy; the share of each step spent on rollouts: generating
+them, or with async_rollouts waiting for them (`wait_share`: its `generate_share` compares the rollout, which ran
+beside the step before, with this step and passes 1 when rollouts take longer than training).
+Each point is the mean over a window of steps (`smooth`), since one step's batch is small; a curve of few points
+is drawn with markers, so that one of a single point shows.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.train.plot import png_path, read_metrics  # noqa: E402
@@ -22,8 +26,12 @@ PANELS = (
     ("completion length (tokens)", ("completion_length_correct", "completion_length_incorrect")),
     ("KL, clipped fraction", ("kl", "clip_fraction")),
     ("entropy (nats)", ("entropy",)),
-    ("share of the step generating", ("generate_share",)),
+    ("share of the step spent on rollouts", ("generate_share", "wait_share")),
 )
+# A run that logs a pair's second quantity draws it instead of the first: with async_rollouts, the rollouts that
+# sampled a step's batch ran beside the step before, and the share of the step is its wait for them.
+INSTEAD = {"generate_share": "wait_share"}
+MARKED_UP_TO = 20  # points of a curve drawn with markers (a line alone shows no single point)
 
 
 def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], list[float]]:
@@ -40,23 +48,42 @@ def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], lis
 def plot_rl_runs(run_dirs: list[Path], out_path: Path, smooth: int = 10) -> Path:
     """Draw the runs' curves to `out_path` (a .png); return it."""
     out_path = png_path(out_path)
+    figure = rl_figure(run_dirs, smooth)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=90, format="png"))
+    plt.close(figure)
+    return out_path
+
+
+def rl_figure(run_dirs: list[Path], smooth: int = 10) -> Figure:
+    """The runs' curves, one panel of PANELS each, each point the mean of `smooth` steps."""
+    runs = [(Path(run_dir).name, _rl_records(run_dir)) for run_dir in run_dirs]  # all read before a figure opens
     figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
-    for run_dir in run_dirs:
-        records = [r for r in read_metrics(run_dir) if "reward" in r]
-        if not records:
-            raise ValueError(f"{run_dir}/metrics.jsonl has no reward: is it the out_dir of a `seekstack rl` run?")
+    for name, records in runs:
         for axis, (title, keys) in zip(axes, PANELS, strict=True):
-            for key in keys:
+            for key in _drawn(keys, records):
                 steps, values = smoothed(records, key, smooth)
                 if steps:
-                    axis.plot(steps, values, label=f"{Path(run_dir).name}: {key}")
+                    marker = "o" if len(steps) <= MARKED_UP_TO else None
+                    axis.plot(steps, values, marker=marker, markersize=3, label=f"{name}: {key}")
             axis.set_title(title)
             axis.set_xlabel("step")
     for axis in axes:
         if axis.get_legend_handles_labels()[0]:  # a panel whose quantities no run logged stays empty, unlabelled
             axis.legend(fontsize=7)
     figure.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=90, format="png"))
-    plt.close(figure)
-    return out_path
+    return figure
+
+
+def _rl_records(run_dir: Path) -> list[dict]:
+    """The run's step records (those with a reward); an error naming the run when it has none."""
+    records = [r for r in read_metrics(run_dir, command="rl") if "reward" in r]
+    if not records:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no reward: is it the out_dir of a `seekstack rl` run?")
+    return records
+
+
+def _drawn(keys: tuple[str, ...], records: list[dict]) -> list[str]:
+    """The panel's `keys` this run draws: of a pair in INSTEAD, the second when the run logged it."""
+    logged = {key for record in records for key in record}
+    return [key for key in keys if not (key in INSTEAD and INSTEAD[key] in logged)]

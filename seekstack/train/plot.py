@@ -22,12 +22,13 @@ from seekstack.train.config import CONFIG_FILE  # noqa: E402
 from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file  # noqa: E402
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
-    line cut short by a stopped run is left out with a warning)."""
+    line cut short by a stopped run is left out with a warning); a missing file is an error naming the `seekstack
+    command` whose run was expected."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack train` run?")
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack {command}` run?")
     return read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr))
 
 

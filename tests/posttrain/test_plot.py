@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 
-from seekstack.posttrain.plot import plot_rl_runs, smoothed
+from seekstack.posttrain.plot import plot_rl_runs, rl_figure, smoothed
 
 
 def test_smoothing_averages_windows_of_steps_that_have_the_key():
@@ -25,3 +25,35 @@ def test_rl_runs_are_drawn_and_other_runs_refused(tmp_path):
     (pretrain / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0}) + "\n")
     with pytest.raises(ValueError, match="no reward"):
         plot_rl_runs([pretrain], tmp_path / "x.png")
+
+
+def write_run(run, lines):
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run
+
+
+def panel(figure, title):
+    return next(axis for axis in figure.axes if axis.get_title() == title)
+
+
+def test_an_async_run_draws_the_share_of_the_step_spent_waiting_for_rollouts(tmp_path):
+    step = {"reward": 0.5, "accuracy": 0.5}
+    sync = write_run(tmp_path / "sync", [{"step": s, **step, "generate_share": 0.6} for s in range(1, 4)])
+    lines = [{"step": s, **step, "generate_share": 1.5 * s, "wait_share": 0.1} for s in range(1, 4)]
+    overlapped = write_run(tmp_path / "async", lines)  # generate_s ran beside the step before: 1.5, 3, 4.5 of it
+    figure = rl_figure([sync, overlapped], smooth=1)
+    shares = panel(figure, "share of the step spent on rollouts")
+    assert [line.get_label() for line in shares.lines] == ["sync: generate_share", "async: wait_share"]
+    assert max(max(line.get_ydata()) for line in shares.lines) <= 1
+
+
+def test_curves_of_few_points_show_markers_and_a_missing_run_names_rl(tmp_path):
+    run = write_run(tmp_path / "short", [{"step": s, "reward": 0.5, "accuracy": 0.1 * s} for s in range(1, 4)])
+    (accuracy,) = panel(rl_figure([run]), "reward").lines  # 3 steps, smooth=10: one point
+    assert list(accuracy.get_ydata()) == pytest.approx([0.2]) and accuracy.get_marker() == "o"
+    long = write_run(tmp_path / "long", [{"step": s, "reward": 0.5, "accuracy": 0.5} for s in range(1, 401)])
+    assert panel(rl_figure([long]), "reward").lines[0].get_marker() == "None"  # 40 points: a line
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is it the out_dir of a `seekstack rl` run"):
+        plot_rl_runs([tmp_path / "empty"], tmp_path / "x.png")
