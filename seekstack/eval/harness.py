@@ -25,9 +25,9 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from seekstack.checkpoint import load_pretrained
+from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.engine import Engine
-from seekstack.infer.params import SamplingParams
+from seekstack.infer.params import DTYPES, SamplingParams
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import CHAT_TEMPLATE, EOS, Tokenizer
 
@@ -38,6 +38,7 @@ TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
 HARNESS_SETS = ("max_new_tokens", "stop", "seed", "logprobs", "top_logprobs", "detokenize")
 GENERATION_KWARGS = tuple(field.name for field in fields(SamplingParams) if field.name not in HARNESS_SETS)
 LM_EVAL_GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample")  # left after lm_eval's normalize_gen_kwargs
+FLOAT_DTYPES = tuple(name for name in DTYPES if name != "auto")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -53,6 +54,32 @@ def resolve_device(device: str | None) -> torch.device:
         warnings.warn(f"device {device!r}: CUDA is not available here, running on the CPU", stacklevel=2)
         return torch.device("cpu")
     return chosen
+
+
+def model_dtype(dtype: str, pretrained: str | Path) -> torch.dtype:
+    """The torch dtype of model arg `dtype`, one of DTYPES; ValueError naming any other value."""
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"dtype={dtype!r}: the seekstack backend runs in one of {', '.join(DTYPES)} (auto: the checkpoint's dtype)"
+        )
+    return getattr(torch, checkpoint_dtype(pretrained) if dtype == "auto" else dtype)
+
+
+def checkpoint_dtype(pretrained: str | Path) -> str:
+    """What `dtype=auto` means, as in transformers: the dtype the checkpoint's config.json states (`dtype`, or 4.x's
+    `torch_dtype`); float32 where it states none of FLOAT_DTYPES."""
+    stated = read_config(pretrained).extra
+    stored = stated.get("dtype") or stated.get("torch_dtype")
+    return stored if stored in FLOAT_DTYPES else "float32"
+
+
+def check_max_length(max_length: int | None) -> None:
+    """ValueError for a negative model arg `max_length` (None or 0: the model's context)."""
+    if max_length is not None and max_length < 0:
+        raise ValueError(
+            f"max_length={max_length}: the tokens the model reads at once cannot be negative; give a positive number, "
+            "or leave it out (or 0) for the model's context"
+        )
 
 
 def request_seeds(requests: list) -> list[int]:
@@ -90,7 +117,8 @@ class SeekstackLM(TemplateLM):
             raise ValueError(f"batch_size={batch_size!r}: seekstack takes a number of requests per batch, not 'auto'")
         self.batch_size_per_step = int(batch_size)
         self._device = resolve_device(device)
-        self.model = load_pretrained(pretrained, dtype=getattr(torch, dtype), device=self._device).eval()
+        check_max_length(max_length)
+        self.model = load_pretrained(pretrained, dtype=model_dtype(dtype, pretrained), device=self._device).eval()
         self.tokenizer_ = Tokenizer.from_file(tokenizer or pretrained)
         self.max_length = max_length or self.model.config.max_position_embeddings
         self.max_gen_toks = max_gen_toks
@@ -224,6 +252,12 @@ class SeekstackLM(TemplateLM):
             )
         until = kwargs.pop("until")
         max_new_tokens = kwargs.pop("max_gen_toks")
+        if max_new_tokens >= self.max_length:  # lm_eval's HF backend refuses it too: no room would be left for a prompt
+            raise ValueError(
+                f"generate_until request {index}: max_gen_toks={max_new_tokens} must be less than "
+                f"max_length={self.max_length}, which holds the prompt and the generated tokens; lower max_gen_toks "
+                "(the task's generation_kwargs or the model arg) or raise max_length"
+            )
         if not kwargs.pop("do_sample"):
             kwargs["temperature"] = 0.0
         stop = tuple(text for text in until if text)

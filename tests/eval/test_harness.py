@@ -3,6 +3,9 @@ log-likelihoods against lm_eval's own HF backend on the same checkpoint loaded t
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,8 @@ def requests(kind: str, arguments: list[tuple]) -> list[Instance]:
 
 @pytest.fixture(scope="module")
 def ours(checkpoint) -> SeekstackLM:
-    return SeekstackLM(pretrained=checkpoint, batch_size=2)
+    # max_gen_toks below the micro model's 256-token context (the default 256 would leave no room for a prompt)
+    return SeekstackLM(pretrained=checkpoint, batch_size=2, max_gen_toks=32)
 
 
 def direct_logprobs(lm: SeekstackLM, ids: list[int]) -> torch.Tensor:
@@ -198,3 +202,38 @@ def test_a_continuation_longer_than_max_length_is_refused_naming_the_request(che
     with pytest.raises(ValueError, match=r"loglikelihood request 1 \(continuation 'x = \[1, 2,.*: the continuation is "
                        r"\d+ tokens, more than max_length=8"):  # fmt: skip
         lm.loglikelihood(requests("loglikelihood", [("a = ", "1"), ("a = ", long)]))
+
+
+def test_generation_that_leaves_no_room_for_the_prompt_is_refused_naming_max_gen_toks_and_max_length(
+    checkpoint, monkeypatch
+):
+    lm = SeekstackLM(pretrained=checkpoint, max_length=20)  # max_gen_toks: the default 256
+    prompts = []
+    monkeypatch.setattr(lm.engine, "generate", lambda taken, params: prompts.extend(taken) or [])
+    context = "import os\nimport sys\n" * 4
+    assert len(lm.tok_encode(context)) > 20
+    for kwargs, refused in (({"max_gen_toks": 24}, 24), ({"max_gen_toks": 20}, 20), ({}, 256)):
+        with pytest.raises(ValueError, match=rf"request 1: max_gen_toks={refused} must be less than max_length=20"):
+            lm.generate_until(requests("generate_until", [(context, {"max_gen_toks": 4}), (context, kwargs)]))
+    lm.generate_until(requests("generate_until", [(context, {"max_gen_toks": 19})]))
+    assert prompts == [lm.tok_encode(context)[-1:]]  # left-truncated to max_length - max_gen_toks tokens
+
+
+def test_dtype_auto_is_the_checkpoints_dtype_and_a_name_that_is_no_float_dtype_is_refused(checkpoint, tmp_path):
+    stated_bf16 = shutil.copytree(checkpoint, tmp_path / "model")
+    config = json.loads((stated_bf16 / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"] = "bfloat16"
+    (stated_bf16 / "config.json").write_text(json.dumps(config))
+    for directory, expected in ((checkpoint, torch.float32), (stated_bf16, torch.bfloat16)):
+        assert next(SeekstackLM(pretrained=directory, dtype="auto").model.parameters()).dtype == expected
+    assert next(SeekstackLM(pretrained=checkpoint, dtype="float16").model.parameters()).dtype == torch.float16
+    for wrong in ("nn", "int8", "bool", "float"):
+        with pytest.raises(ValueError, match=rf"dtype='{wrong}': .* one of auto, float32, bfloat16, float16"):
+            SeekstackLM(pretrained=checkpoint, dtype=wrong)
+
+
+def test_a_negative_max_length_is_refused_naming_it_and_0_means_the_models_context(checkpoint):
+    with pytest.raises(ValueError, match="max_length=-3: the tokens the model reads at once cannot be negative"):
+        SeekstackLM(pretrained=checkpoint, max_length=-3)
+    context = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
+    assert SeekstackLM(pretrained=checkpoint, max_length=0).max_length == context
