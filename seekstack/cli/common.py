@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,11 +78,23 @@ def options_named() -> Iterator[None]:
 
 
 def fail(message: str, as_json: bool = False) -> NoReturn:
-    if as_json:
-        typer.echo(json.dumps({"error": {"message": message}}))
-    else:
-        typer.echo(f"error: {message}", err=True)
+    """Print `message` as the command's error and exit with code 1; under torchrun the other ranks, which meet the
+    same error, exit quietly."""
+    if _prints():
+        if as_json:
+            typer.echo(json.dumps({"error": {"message": message}}))
+        else:
+            typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=1)
+
+
+def _prints() -> bool:
+    """Whether this process prints: it runs alone, or is rank 0 of those torchrun started."""
+    if "RANK" not in os.environ:  # not under torchrun: no need to load torch to know
+        return True
+    from seekstack.parallel.distributed import is_main_process
+
+    return is_main_process()
 
 
 def model_config(model: str) -> ModelConfig:

@@ -48,3 +48,17 @@ def test_each_rank_takes_its_own_slice_of_the_global_batch():
     assert torch.equal(torch.cat(slices), batch) and torch.equal(slices[1], torch.tensor([[4, 5], [6, 7]]))
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 ranks"):
         local_rows(batch, Ranks(0, 4, torch.device("cpu")))
+
+
+def test_under_torchrun_rank_0_alone_prints_an_error_every_rank_meets_and_all_exit_with_its_code(monkeypatch, capsys):
+    import typer
+
+    from seekstack.cli.common import fail
+
+    message = "batch_size=3 is not divisible by the 2 ranks (WORLD_SIZE)"
+    for rank, printed in (("0", f"error: {message}\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(typer.Exit) as exited:
+            fail(message)
+        assert exited.value.exit_code == 1
+        assert capsys.readouterr().err == printed, rank
