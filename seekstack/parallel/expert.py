@@ -77,7 +77,7 @@ class ShardedExperts(nn.Module):
 
 def apply_expert_parallel(model: Transformer, ranks: Ranks) -> list[str]:
     """Split every MoE layer's routed experts over all ranks; returns the names of the now rank-local parameters
-    (DDP must not average them)."""
+    (DDP must not average them). ValueError naming expert_parallel for a model without routed experts."""
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, RoutedExperts):
@@ -87,6 +87,12 @@ def apply_expert_parallel(model: Transformer, ranks: Ranks) -> list[str]:
             for param_name in EXPERT_PARAMS:
                 getattr(sharded, param_name).register_hook(lambda grad, world=ranks.world_size: grad / world)
                 names.append(f"{name}.{param_name}")
+    if not names:
+        raise ValueError(
+            f"expert_parallel={ranks.world_size} splits the routed experts over the ranks, and the model has none "
+            f"(model.n_routed_experts={model.config.n_routed_experts}, first_k_dense_replace="
+            f"{model.config.first_k_dense_replace} of {model.config.num_hidden_layers} layers): set expert_parallel=1"
+        )
     return names
 
 

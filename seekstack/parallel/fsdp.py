@@ -83,6 +83,30 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+def load_whole_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, whole: dict[str, Any], source: Path
+) -> None:
+    """Fill the sharded `optimizer` from the whole state a run without FSDP saved (`optimizer.state_dict()` of one
+    process, its parameters numbered in the order of this optimizer's groups, read from `source`): each rank keeps
+    its shard."""
+    groups, saved_groups = optimizer.param_groups, whole["param_groups"]
+    if [len(group["params"]) for group in groups] != [len(group["params"]) for group in saved_groups]:
+        raise ValueError(
+            f"{source}: its optimizer state has parameter groups of {[len(g['params']) for g in saved_groups]} "
+            f"parameters, this run's optimizer {[len(g['params']) for g in groups]}: it is not this model's"
+        )
+    name_of = {id(param): name for name, param in model.named_parameters()}
+    state, named_groups = {}, []
+    for group, saved in zip(groups, saved_groups, strict=True):
+        names = [name_of[id(param)] for param in group["params"]]
+        for index, name in zip(saved["params"], names, strict=True):
+            if index in whole["state"]:  # a parameter that never had a gradient has no state yet
+                state[name] = whole["state"][index]
+        named_groups.append({**saved, "params": names})
+    full = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": named_groups}, options=full)
+
+
 @dataclass
 class RankMemory:
     """Bytes this rank holds of the parameters, their gradients and the optimizer state."""

@@ -53,6 +53,7 @@ from seekstack.parallel.fsdp import (
     full_model_state,
     is_sharded,
     load_optimizer,
+    load_whole_optimizer,
     rank_memory,
     save_optimizer,
 )
@@ -67,7 +68,7 @@ from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
-from seekstack.train.runs import latest_checkpoint, refuse_new_run_into, step_dir
+from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, refuse_new_run_into, step_dir
 from seekstack.train.schedule import (
     LrAnchor,
     ProgressAnchor,
@@ -694,25 +695,45 @@ class _Run:
         return apply_expert_parallel(model, self.ranks)
 
     def _load_optimizer(self, train_state: dict[str, Any], path: Path) -> None:
-        """The optimizer state of a resumed run: whole in train_state.pt, or sharded beside it (an FSDP run,
-        resharded to this run's ranks)."""
-        own_file = path / rank_optimizer_file(self.ranks.rank)
-        if self.expert_parallel or own_file.exists():
-            others = path / rank_optimizer_file(self.ranks.world_size)
-            if not (self.expert_parallel and own_file.exists()) or others.exists():
-                raise ValueError(
-                    f"{path} holds expert-parallel optimizer state of another layout; resume it with the "
-                    "expert_parallel and number of ranks it was saved with"
-                )
-            self.optimizer.load_state_dict(torch.load(own_file, map_location="cpu", weights_only=False))
+        """The optimizer state of a resumed run: one file per rank (expert parallel), whole in train_state.pt (loaded
+        into FSDP's shards when this run has them), or sharded beside it by FSDP (resharded to this run's ranks)."""
+        saved = train_state.get("config", {})
+        if self.expert_parallel:
+            self._load_rank_optimizer(path, saved)
+        elif (path / rank_optimizer_file(0)).exists():
+            raise ValueError(
+                f"{path} holds the optimizer state of an expert-parallel run, one file per rank "
+                f"({rank_optimizer_file(0)}, ...); resume it with expert_parallel={saved.get('expert_parallel')} on as "
+                "many ranks"
+            )
         elif "optimizer" not in train_state:
             load_optimizer(self.model, self.optimizer, path / OPTIMIZER_DIR)
         elif is_sharded(self.model):
-            raise ValueError(
-                f"{path} was saved by a run without FSDP (its optimizer state is whole); resume it with parallel=ddp"
-            )
+            load_whole_optimizer(self.model, self.optimizer, train_state["optimizer"], path / TRAIN_STATE_FILE)
         else:
             self.optimizer.load_state_dict(train_state["optimizer"])
+
+    def _load_rank_optimizer(self, path: Path, saved: dict[str, Any]) -> None:
+        """This rank's file of an expert-parallel checkpoint saved at as many ranks and with the same `parallel`
+        (FSDP's optimizer holds its shards in other parameter groups than DDP's)."""
+        own_file = path / rank_optimizer_file(self.ranks.rank)
+        if not (path / rank_optimizer_file(0)).exists():
+            raise ValueError(
+                f"{path} holds a whole optimizer state (saved without expert parallel), which expert_parallel="
+                f"{self.config.expert_parallel} cannot split over the ranks; resume it without expert_parallel, or "
+                f"start a new run from its weights with init_from={path}"
+            )
+        if not own_file.exists() or (path / rank_optimizer_file(self.ranks.world_size)).exists():
+            raise ValueError(
+                f"{path} holds expert-parallel optimizer state of another number of ranks; resume it with "
+                f"expert_parallel={saved.get('expert_parallel')} on as many ranks"
+            )
+        if saved.get("parallel", self.config.parallel) != self.config.parallel:
+            raise ValueError(
+                f"{own_file} holds the optimizer state of an expert-parallel run with parallel={saved['parallel']}; "
+                f"resume it with parallel={saved['parallel']} (this run has parallel={self.config.parallel})"
+            )
+        self.optimizer.load_state_dict(torch.load(own_file, map_location="cpu", weights_only=False))
 
     def _last_checkpoint_text(self) -> str:
         try:

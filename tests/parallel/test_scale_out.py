@@ -335,3 +335,42 @@ def test_float8_training_runs_and_lowers_the_loss_on_a_gpu(data_dir, tmp_path): 
     config = run_config(data_dir, tmp_path / "f8", max_steps=6, eval_every=0, save_every=0, float8=True)
     result = train(config)
     assert all(math.isfinite(loss) for loss in result.losses) and result.losses[-1] < result.losses[0]
+
+
+def test_expert_parallel_on_a_model_without_routed_experts_is_refused_naming_it(data_dir, tmp_path):  # noqa: F811
+    from seekstack.model.transformer import Transformer
+    from seekstack.parallel.distributed import Ranks
+    from seekstack.parallel.expert import apply_expert_parallel
+
+    config = run_config(data_dir, tmp_path, model_overrides={**MICRO_MODEL, "n_routed_experts": 0}).model_config()
+    with pytest.raises(
+        ValueError, match=r"expert_parallel=2 .* has none \(model.n_routed_experts=0.*expert_parallel=1"
+    ):
+        apply_expert_parallel(Transformer(config), Ranks(0, 2, torch.device("cpu")))
+
+
+def resume_from(checkpoint: Path, out_dir: Path) -> Path:
+    """A new run folder whose only checkpoint is `checkpoint` (linked)."""
+    (out_dir / "checkpoints").mkdir(parents=True)
+    os.symlink(checkpoint, out_dir / "checkpoints" / checkpoint.name)
+    return out_dir
+
+
+def test_a_whole_checkpoint_resumes_on_two_ranks_under_fsdp_continuing_the_loss_curve(data_dir, tmp_path):  # noqa: F811
+    steps = dict(max_steps=6, eval_every=0, save_every=3, parallel="fsdp")  # one process saves it whole
+    single = train(run_config(data_dir, tmp_path / "one", **steps))
+    out_dir = resume_from(tmp_path / "one" / "checkpoints" / "step_3", tmp_path / "two")
+    train_on_two_ranks(run_config(data_dir, out_dir, **steps), resume=True)
+    assert losses(out_dir)[-3:] == pytest.approx(single.losses[-3:], abs=1e-5)
+
+
+def test_resuming_with_another_optimizer_layout_is_refused_naming_what_to_resume_with(data_dir, tmp_path):  # noqa: F811
+    steps = dict(max_steps=3, eval_every=0, save_every=2)
+    train(run_config(data_dir, tmp_path / "one", max_steps=2, eval_every=0))
+    whole = resume_from(tmp_path / "one" / "checkpoints" / "step_2", tmp_path / "whole_to_ep")
+    with pytest.raises(mp.ProcessRaisedException, match="holds a whole optimizer state .saved without expert paral"):
+        train_on_two_ranks(run_config(data_dir, whole, expert_parallel=2, **steps), resume=True)
+    train_on_two_ranks(run_config(data_dir, tmp_path / "ep_ddp", expert_parallel=2, **{**steps, "max_steps": 2}))
+    ep_ddp = resume_from(tmp_path / "ep_ddp" / "checkpoints" / "step_2", tmp_path / "ep_fsdp")
+    with pytest.raises(mp.ProcessRaisedException, match=r"optimizer_rank\d.pt holds .* resume it with parallel=ddp"):
+        train_on_two_ranks(run_config(data_dir, ep_ddp, expert_parallel=2, parallel="fsdp", **steps), resume=True)
