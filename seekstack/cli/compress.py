@@ -223,15 +223,19 @@ def prune_command(
     from seekstack.compress.prune import gate_mass, prune_experts
     from seekstack.compress.quality import held_out_batches
     from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
+    from seekstack.tokens.provenance import require_checkpoint_tokenizer
+    from seekstack.tokens.shards import load_index
+    from seekstack.train.config import TRAIN_SPLIT
 
     with user_errors():
         _refuse_quantized(model)
+        require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True).eval()
-        batches = held_out_batches(str(data), batches=calibration_batches, split="train")
-        before = network.config
-        removed = prune_experts(network, gate_mass(network, batches), experts) if experts else {}
+        batches = held_out_batches(str(data), batches=calibration_batches, split=TRAIN_SPLIT)
+        before, has_moe = network.config, bool(network.moe_layer_ids)
+        removed = prune_experts(network, gate_mass(network, batches), experts) if experts and has_moe else {}
         removed |= prune_heads(network, head_importance(network, batches), heads) if heads else {}
-        notes = _rounding_notes(before, network.config, experts, heads)
+        notes = _rounding_notes(before, network.config, experts, heads, has_moe)
         if heal_steps:
             with tempfile.TemporaryDirectory(prefix="seekstack_heal_") as work:
                 save_with_tokenizer(network, model, Path(work) / "pruned")
@@ -253,13 +257,14 @@ def prune_command(
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
 
 
-def _rounding_notes(before: ModelConfig, after: ModelConfig, experts: float, heads: float) -> list[str]:
-    """What pruning removed where the asked fractions round to whole experts (per routing group) or heads; ValueError
-    before anything is written when it removed nothing at all."""
+def _rounding_notes(before: ModelConfig, after: ModelConfig, experts: float, heads: float, has_moe: bool) -> list[str]:
+    """What pruning removed where the asked fractions round to whole experts (per routing group) or heads, or that
+    a model without MoE layers has no experts to remove; ValueError before anything is written when it removed
+    nothing at all."""
+    notes = ["the model has no MoE layers; nothing for --experts to remove"] if experts and not has_moe else []
     expert_step = (before.n_group or 1) / (before.n_routed_experts or 1)  # one expert of each routing group
-    notes = []
     for option, asked, count, left, step in (
-        ("--experts", experts, before.n_routed_experts, after.n_routed_experts, expert_step),
+        ("--experts", experts if has_moe else 0.0, before.n_routed_experts, after.n_routed_experts, expert_step),
         ("--heads", heads, before.num_attention_heads, after.num_attention_heads, 1 / before.num_attention_heads),
     ):
         share = (count - left) / count if count else 0.0

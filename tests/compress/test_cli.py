@@ -14,6 +14,7 @@ from seekstack.compress.heads import head_importance, prune_heads
 from seekstack.compress.linear import Int4Weight, QuantizedLinear
 from seekstack.compress.prune import gate_mass, prune_experts
 from seekstack.compress.quality import held_out_batches
+from seekstack.tokenizer import train_tokenizer
 from tests.compress.test_quantized_model import INPUT_IDS, logits, model_for_tests
 
 
@@ -116,6 +117,47 @@ def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_fi
     )
     assert result.exit_code == 1 and not (tmp_path / "out").exists()
     assert f"{tmp_path / 'int8'} is quantized" in result.output and "prune the float checkpoint" in result.output
+
+
+def test_prune_refuses_shards_of_another_tokenizer_before_calibrating_naming_both(tmp_path, monkeypatch):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    def calibrated(*args, **kwargs):
+        raise AssertionError("calibrated on shards of another tokenizer")
+
+    monkeypatch.setattr("seekstack.compress.quality.held_out_batches", calibrated)
+    write_train_shard(tmp_path / "shards")
+    index = json.loads((tmp_path / "shards" / "train_index.json").read_text())
+    index["tokenizer"]["path"] = str(tmp_path / "other" / "tokenizer.json")
+    (tmp_path / "shards" / "train_index.json").write_text(json.dumps(index))
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    train_tokenizer(["def area(width, height):\n    return width * height\n"], 300, tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "out"),
+              "--calibration-batches", "1", "--heal-steps", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    assert (
+        f"{tmp_path / 'shards'} was tokenized with {tmp_path / 'other' / 'tokenizer.json'}, not with "
+        f"{tmp_path / 'float' / 'tokenizer.json'}, the tokenizer of checkpoint {tmp_path / 'float'}"
+    ) in " ".join(result.output.split())
+
+
+def test_prune_of_a_model_without_moe_layers_says_there_are_no_experts_to_remove(tmp_path):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    dense = {**MICRO_MODEL, "first_k_dense_replace": 2, "num_nextn_predict_layers": 0}
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **dense)), tmp_path / "dense")
+    args = ["prune", str(tmp_path / "dense"), "--data", str(tmp_path / "shards"), "--calibration-batches", "1"]
+    experts = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "experts"), "--experts", "0.25"])
+    assert experts.exit_code == 1 and not (tmp_path / "experts").exists()
+    assert "nothing to remove: the model has no MoE layers; nothing for --experts to remove" in experts.output
+    heads = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "heads"), "--heads", "0.5"])
+    assert heads.exit_code == 0, heads.output
+    assert "note: the model has no MoE layers; nothing for --experts to remove" in heads.output
+    assert "--experts 0.25 removed" not in heads.output
+    assert seekstack.load_pretrained(tmp_path / "heads").config.num_attention_heads == 1
 
 
 def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
