@@ -7,7 +7,7 @@ conversations, IGNORE_INDEX elsewhere): with probability `lmbda` the rows are re
 the feature distances compare teacher and student at the positions predicting them (off-policy) or predicting the
 generated tokens (on-policy).
 
-Shapes: B rows, T tokens, N positions compared, V vocabulary.
+Shapes: B rows, T tokens, N positions compared, V vocabulary (the divergence: the tokenizer's ids alone).
 """
 
 from __future__ import annotations
@@ -40,16 +40,20 @@ class DistillModel(nn.Module):
         student: Transformer,
         teacher: Teacher,
         config: DistillConfig,
+        tokenizer_vocab: int,
         generations: StudentGenerations | None = None,
     ):
+        """`tokenizer_vocab`: the shared tokenizer's ids, those the distributions are compared on; a vocab_size
+        padded past them (as released checkpoints round it up) adds logits of ids no text has."""
         super().__init__()
-        if student.config.vocab_size != teacher.model.config.vocab_size:
+        if teacher.model.config.vocab_size < tokenizer_vocab:
             raise ValueError(
-                f"the student's vocab_size={student.config.vocab_size} differs from the teacher's "
-                f"{teacher.model.config.vocab_size} ({teacher.directory}/config.json); set "
-                f"model.vocab_size={teacher.model.config.vocab_size}"
+                f"the teacher's vocab_size={teacher.model.config.vocab_size} ({teacher.directory}/config.json) is "
+                f"smaller than its tokenizer's {tokenizer_vocab} tokens: it cannot score the ids past it; use a "
+                "teacher checkpoint that fits its tokenizer.json"
             )
         self.student = student
+        self.tokenizer_vocab = tokenizer_vocab
         self.projections = FeatureProjections(
             config.feature_layers,
             {layer: config.layer_weight(layer) for layer in config.feature_layers},
@@ -114,7 +118,10 @@ class DistillModel(nn.Module):
         if config.kd_weight == 0 and not self.projections.layer_map or not compared.any():
             return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher, or nothing to compare it on
         teacher = self.teacher.score(rows, compared, self.projections.teacher_layers)
-        kd = logit_distillation(student_logits(compared), teacher.logits, config.beta, config.temperature)
+        real = slice(self.tokenizer_vocab)  # the tokenizer's ids: a padded vocab's extra logits left out
+        kd = logit_distillation(
+            student_logits(compared)[:, real], teacher.logits[:, real], config.beta, config.temperature
+        )
         loss = loss + config.kd_weight * kd
         if self.projections.layer_map:
             loss = loss + self.projections.loss(student_states, teacher.states, compared, config.feature_loss)

@@ -63,7 +63,7 @@ class DistillHooks:
             generations = StudentGenerations(
                 model, self.tokenizer, config.batch_size, tokens, prompt, config.sample_temperature
             )
-        return DistillModel(model, teacher, config, generations)
+        return DistillModel(model, teacher, config, self.tokenizer.vocab_size, generations)
 
     def write(self, model: DistillModel, folder: Path) -> None:
         write_pretrained_files(model.student, folder)

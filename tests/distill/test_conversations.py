@@ -22,7 +22,7 @@ from seekstack.model.transformer import Transformer
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import TOKENIZER_FILE
 from seekstack.train.plot import plot_run
-from tests.distill.support import DENSE_STUDENT, write_teacher
+from tests.distill.support import DENSE_STUDENT, VOCAB, write_teacher
 from tests.posttrain.support import byte_tokenizer
 
 
@@ -50,7 +50,7 @@ def test_conversation_losses_count_the_assistant_tokens_only(workspace, tmp_path
     torch.manual_seed(0)
     student = Transformer(config.model_config())
     teacher = Teacher(workspace["teacher"], "float32", torch.device("cpu"))
-    model = DistillModel(student, teacher, config).train()
+    model = DistillModel(student, teacher, config, VOCAB).train()
     loss = model(input_ids, labels=labels).loss
     answer = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting the assistant's tokens
     assert 0 < answer.sum() < answer.numel() / 2  # the system and user turns and the padding are left out

@@ -1,5 +1,5 @@
 """`seekstack distill` through the trainer: the loss it trains on, the checkpoints it writes, exact resume, and the
-refusals (tokenizers that differ, vocabularies that differ)."""
+refusals (tokenizers that differ, a teacher vocabulary short of the tokenizer's)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from seekstack.distill.teacher import Teacher, TopKCache
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import train_tokenizer
 from seekstack.train.runs import TRAIN_STATE_FILE
-from tests.distill.support import DENSE_STUDENT, write_data, write_teacher
+from tests.distill.support import DENSE_STUDENT, VOCAB, write_data, write_teacher
 from tests.train.test_distributed import free_port
 
 
@@ -58,7 +58,7 @@ def test_training_loss_is_ce_plus_t_squared_kl_to_the_teacher(workspace, tmp_pat
     torch.manual_seed(0)
     student = Transformer(config.model_config())
     teacher = Teacher(workspace["teacher"], "float32", torch.device("cpu"))
-    model = DistillModel(student, teacher, config).train()
+    model = DistillModel(student, teacher, config, VOCAB).train()
     rows = torch.randint(0, 300, (2, 9))
     loss = model(rows, labels=rows).loss
     with torch.no_grad():
@@ -124,10 +124,26 @@ def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path):
         DistillHooks(distill_config(workspace, tmp_path, teacher=str(other)))
 
 
-def test_a_teacher_vocabulary_unlike_the_students_is_refused(workspace, tmp_path):
-    padded = write_teacher(tmp_path / "padded", workspace["root"] / "tokenizer", vocab_size=320)
-    with pytest.raises(ValueError, match=r"vocab_size=300 differs from the teacher's 320 .*model.vocab_size=320"):
-        run_distill(distill_config(workspace, tmp_path, teacher=str(padded)))
+def test_a_teacher_with_a_padded_vocabulary_is_compared_on_the_tokenizers_ids(workspace, tmp_path):
+    padded = write_teacher(tmp_path / "padded", workspace["root"] / "tokenizer", vocab_size=VOCAB + 20)
+    config = distill_config(workspace, tmp_path / "run", teacher=str(padded), lmbda=0.0, feature_layers={},
+                            feature_weights={}, ce_weight=0.0, kd_weight=1.0, max_steps=1, eval_every=0)  # fmt: skip
+    torch.manual_seed(0)
+    student = Transformer(config.model_config())
+    teacher = Teacher(padded, "float32", torch.device("cpu"))
+    rows = torch.randint(0, VOCAB, (2, 9))
+    loss = DistillModel(student, teacher, config, VOCAB).train()(rows, labels=rows).loss
+    with torch.no_grad():
+        student_logits, teacher_logits = student(rows).logits[:, :-1], teacher.model(rows).logits[:, :-1, :VOCAB]
+        expected = kl_divergence(teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert run_distill(config).checkpoint is not None  # a student of the tokenizer's 300 ids, as train makes it
+
+
+def test_a_teacher_vocabulary_smaller_than_its_tokenizer_is_refused(workspace, tmp_path):
+    short = write_teacher(tmp_path / "short", workspace["root"] / "tokenizer", vocab_size=VOCAB - 10)
+    with pytest.raises(ValueError, match=rf"teacher's vocab_size={VOCAB - 10} .* smaller than its tokenizer's {VOCAB}"):
+        run_distill(distill_config(workspace, tmp_path, teacher=str(short)))
 
 
 def overrides(workspace, out_dir, **changes) -> list[str]:
