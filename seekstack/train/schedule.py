@@ -83,7 +83,9 @@ def resumed_lr_anchor(train_state: dict[str, Any], config: TrainConfig) -> LrAnc
     step = int(train_state["step"])
     if old.max_steps == config.max_steps or step < config.warmup_steps:
         return anchor
-    rate = learning_rate(step, old, anchor)
+    # the rate of the next step; a run that had finished goes on from the rate of its last step (its schedule's
+    # value at old max_steps is min_lr, which no step trained at: the rate would drop there and stay)
+    rate = learning_rate(min(step, old.max_steps - 1), old, anchor)
     if config.schedule == "wsd" and rate == config.lr and anchor is None:
         return None  # still on the plateau: the longer schedule simply holds it longer
     return LrAnchor(step, rate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from seekstack.train.schedule import (
     ProgressAnchor,
     learning_rate,
     mtp_weight_at,
+    resumed_lr_anchor,
     resumed_progress_anchor,
     training_progress,
 )
@@ -101,6 +103,19 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     assert learning_rate(104, config) == pytest.approx(0.1)
     rates = [learning_rate(s, config) for s in range(4, 105)]
     assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+
+
+def test_a_finished_run_resumed_with_more_steps_decays_on_from_its_last_rate():
+    """5 steps end at 0.000695 on a short cosine (0.0003 only at the untrained step 5); 3 more steps go on from there
+    down to min_lr (they dropped to min_lr at once and held it)."""
+    old = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=5)
+    last = learning_rate(4, old)
+    state = {"step": 5, "config": dataclasses.asdict(old)}
+    longer = dataclasses.replace(old, max_steps=8)
+    anchor = resumed_lr_anchor(state, longer)
+    rates = [learning_rate(step, longer, anchor) for step in range(5, 8)]
+    assert rates[0] == pytest.approx(last) and last > 2 * old.min_lr
+    assert rates[0] > rates[1] > rates[2] > old.min_lr
 
 
 def test_wsd_schedule_holds_the_peak_then_decays_linearly():
