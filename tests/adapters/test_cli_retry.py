@@ -3,12 +3,16 @@ BASE and DATA are told from key=value overrides, and errors name every adapter k
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from seekstack.adapters.data import prepare_data
 from seekstack.cli import app
-from seekstack.tokens.shards import index_path
+from seekstack.tokenizer import Tokenizer
+from seekstack.tokens.shards import load_index
 from seekstack.train.runs import list_checkpoints
 from tests.adapters.support import QUICK_RUN
 
@@ -47,11 +51,19 @@ def test_a_retry_on_other_text_keeps_no_validation_split_of_the_earlier_text(bas
     many.mkdir()
     for number in range(12):  # one in 10 held out, by hash
         (many / f"doc{number}.txt").write_text(f"The licence number {number} grants the rights below. " * 20)
-    one.write_text("A single document: nothing to hold out. " * 50)
+    one.write_text("A single document: its tail is held out. " * 50)
     tokens = prepare_data(many, base, tmp_path / "adapter")
-    assert index_path(tokens, "val").is_file()
+    assert "licence" in held_out_text(tokens, base)
     assert prepare_data(one, base, tmp_path / "adapter") == tokens
-    assert not index_path(tokens, "val").is_file()
+    held_out = held_out_text(tokens, base)
+    assert "its tail is held out" in held_out and "licence" not in held_out
+
+
+def held_out_text(tokens: Path, base: Path) -> str:
+    """The text of the val split's shards, decoded with the base's tokenizer."""
+    index = load_index(tokens, "val")
+    ids = np.concatenate([np.fromfile(tokens / shard["file"], dtype=index["dtype"]) for shard in index["shards"]])
+    return Tokenizer.from_file(base).decode(ids.tolist())
 
 
 def test_key_value_positionals_are_overrides_not_base_or_data(base, text, tmp_path):
