@@ -256,7 +256,8 @@ def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], record
         text = f"## Training\n\n![training curves]({curves.name})\n\n"
         if steps:  # a step that trained no labelled token (on-policy answers) has no next-token loss
             last = steps[-1]
-            loss = f"loss {last['lm_loss']:.4f}" if "lm_loss" in last else f"loss (total) {last['loss']:.4f}"
+            total = f"(total {last['loss']:.4f})"  # as the progress line: metrics.jsonl's `loss` is the total
+            loss = f"loss {last['lm_loss']:.4f} {total}" if "lm_loss" in last else f"loss {total}"
             text += f"Last step {last['step']}: {loss}. "
     if steps:
         speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)

@@ -234,3 +234,13 @@ def test_environment_names_seekstacks_own_commit_not_that_of_the_folder_it_runs_
     installed.write_text("")
     monkeypatch.setattr(seekstack, "__file__", str(installed))
     assert "| commit | unknown (not a git checkout) |" in _environment()
+
+
+def test_the_last_steps_loss_is_named_as_the_progress_line_names_it(tmp_path):
+    """metrics.jsonl's `loss` is the total (MTP and balance terms in it); the report's loss is the next-token one,
+    with the total beside it as on the progress line."""
+    from seekstack.eval.report import _training
+
+    records = [{"step": 2, "loss": 8.3473, "lm_loss": 8.3469, "lr": 1e-3, "tokens_per_s": 900.0}]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    assert "Last step 2: loss 8.3469 (total 8.3473)." in _training(tmp_path, tmp_path, {}, records)
