@@ -241,6 +241,7 @@ def test_the_last_steps_loss_is_named_as_the_progress_line_names_it(tmp_path):
     with the total beside it as on the progress line."""
     from seekstack.eval.report import _training
 
-    records = [{"step": 2, "loss": 8.3473, "lm_loss": 8.3469, "lr": 1e-3, "tokens_per_s": 900.0}]
-    (tmp_path / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    records = [{"step": step, "loss": 8.3473, "lm_loss": 8.3469, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": 0.4}
+               for step in (1, 2)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     assert "Last step 2: loss 8.3469 (total 8.3473)." in _training(tmp_path, tmp_path, {}, records)
