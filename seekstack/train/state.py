@@ -100,6 +100,11 @@ def rank_optimizer_file(rank: int) -> str:
     return f"optimizer_rank{rank}.pt"
 
 
+def rank_compression_file(rank: int) -> str:
+    """What one rank's gradient compression keeps between steps (int8's residuals, PowerSGD's errors and factors)."""
+    return f"compression_rank{rank}.pt"
+
+
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints."""
     for old in list_checkpoints(out_dir)[:-keep]:

@@ -41,7 +41,7 @@ from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.moe import MoE
 from seekstack.model.transformer import ModelOutput, Transformer
 from seekstack.parallel import distributed
-from seekstack.parallel.compression import CommCounter, register_compression
+from seekstack.parallel.compression import Compression, register_compression
 from seekstack.parallel.expert import (
     apply_expert_parallel,
     clip_gradients,
@@ -82,6 +82,7 @@ from seekstack.train.state import (
     OPTIMIZER_DIR,
     load_checkpoint,
     prune_checkpoints,
+    rank_compression_file,
     rank_optimizer_file,
     read_train_state,
     rng_state,
@@ -375,7 +376,7 @@ class _Run:
             apply_activation_checkpointing(model)
         if config.compile:
             apply_compile(model)
-        self.comm: CommCounter | None = None  # bytes sent by DDP's gradient all-reduce
+        self.comm: Compression | None = None  # DDP's gradient all-reduce: the bytes it sent, what it keeps
         rank_local = self._apply_expert_parallel(model)  # sets self.expert_parallel
         if ranks.distributed and config.parallel == "fsdp":
             apply_fsdp(
@@ -392,6 +393,7 @@ class _Run:
         self.optimizer = build_optimizer(model, config, ranks.device)
         if train_state is not None:
             self._load_optimizer(train_state, path)
+            self._load_compression(train_state.get("config", {}), path)
             set_rng_state(train_state["rng"])
         self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.comm_bytes_before = 0
@@ -543,8 +545,8 @@ class _Run:
             if lm_shares > 0:  # else no micro-batch trained a labelled token (on-policy answers): no cross-entropy
                 metrics["lm_loss"] = lm_loss_sum / lm_shares
             if self.comm is not None:
-                metrics["comm_bytes"] = self.comm.bytes_sent - self.comm_bytes_before
-                self.comm_bytes_before = self.comm.bytes_sent
+                metrics["comm_bytes"] = self.comm.counter.bytes_sent - self.comm_bytes_before
+                self.comm_bytes_before = self.comm.counter.bytes_sent
             if self.step == 0:
                 memory = rank_memory(model, self.optimizer)
                 metrics["rank_memory"] = dataclasses.asdict(memory)
@@ -651,7 +653,7 @@ class _Run:
             "evaluation_pending": self.evaluation_pending,
         }
         keep, path = self.config.keep_checkpoints, None
-        if is_sharded(self.model) or self.expert_parallel:
+        if is_sharded(self.model) or self.expert_parallel or self.comm is not None and self.comm.keeps_state:
             path = self._save_in_parts(state)
         elif self.ranks.is_main:
             state["optimizer"] = self.optimizer.state_dict()
@@ -661,26 +663,47 @@ class _Run:
         return path
 
     def _save_in_parts(self, state: dict[str, Any]) -> Path | None:
-        """FSDP or expert parallel: every rank writes its part of the optimizer state (sharded by
-        torch.distributed.checkpoint, or one file per rank), rank 0 the whole model gathered from all ranks."""
-        whole_state = full_model_state(self.model) if is_sharded(self.model) else self.model.state_dict()
-        if self.expert_parallel:
-            whole_state = gather_expert_state(self.model, whole_state)
+        """FSDP, expert parallel, or DDP with a compression that keeps state: every rank writes its part of the
+        optimizer state (sharded by torch.distributed.checkpoint, or one file per rank; DDP's is whole, rank 0's) and
+        what its gradient compression keeps, rank 0 the model (gathered from all ranks where they split it)."""
+        gathered = self._gathered_model_state()
         final = step_dir(self.out_dir, self.step)
         with shared_staging(final, self.ranks) as staging:
             if self.expert_parallel:  # each rank's experts have their own moments: one file per rank
                 torch.save(self.optimizer.state_dict(), staging / rank_optimizer_file(self.ranks.rank))
-            else:
+            elif is_sharded(self.model):
                 save_optimizer(self.model, self.optimizer, staging / OPTIMIZER_DIR)
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+            if self.comm is not None and self.comm.keeps_state:
+                torch.save(self.comm.state_dict(), staging / rank_compression_file(self.ranks.rank))
             if self.ranks.is_main:
-                with torch.device("meta"):
-                    whole = Transformer(self.model.config)
-                whole.load_state_dict(whole_state, assign=True)
-                write_training_files(staging, whole, state, self.tokenizer_files)
+                self._write_model_and_state(staging, gathered, state)
         if not self.ranks.is_main:
             return None
         prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
         return final
+
+    def _gathered_model_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict gathered from FSDP's shards and expert parallel's experts (all ranks call
+        it); None where rank 0's model is whole (DDP)."""
+        if not (is_sharded(self.model) or self.expert_parallel):
+            return None
+        whole_state = full_model_state(self.model) if is_sharded(self.model) else self.model.state_dict()
+        return gather_expert_state(self.model, whole_state) if self.expert_parallel else whole_state
+
+    def _write_model_and_state(
+        self, folder: Path, gathered: dict[str, torch.Tensor] | None, state: dict[str, Any]
+    ) -> None:
+        """Rank 0: the model (`gathered`, or its own whole one) and the train state into a checkpoint folder."""
+        if gathered is None:
+            write_model = write_pretrained_files if self.hooks is None else self.hooks.write
+            write_training_files(folder, self.model, state, self.tokenizer_files, write_model)
+            return
+        with torch.device("meta"):
+            whole = Transformer(self.model.config)
+        whole.load_state_dict(gathered, assign=True)
+        write_training_files(folder, whole, state, self.tokenizer_files)
 
     def _apply_expert_parallel(self, model: Transformer) -> list[str]:
         """Split the routed experts over all ranks when `expert_parallel` asks; the rank-local parameter names."""
@@ -734,6 +757,28 @@ class _Run:
                 f"resume it with parallel={saved['parallel']} (this run has parallel={self.config.parallel})"
             )
         self.optimizer.load_state_dict(torch.load(own_file, map_location="cpu", weights_only=False))
+
+    def _load_compression(self, saved: dict[str, Any], path: Path) -> None:
+        """What this rank's gradient compression kept (int8's residuals, PowerSGD's step, errors and factors), saved
+        with the same grad_compression at as many ranks; else it starts afresh, with a warning. Every rank decides
+        alike: PowerSGD's step sets which collectives they run."""
+        if self.comm is None or not self.comm.keeps_state:
+            return
+        files = (path / rank_compression_file(rank) for rank in itertools.count())
+        saved_ranks = sum(1 for _ in itertools.takewhile(Path.exists, files))
+        scheme = saved.get("grad_compression")
+        if scheme != self.config.grad_compression:
+            why = f"it was saved with grad_compression={scheme}"
+        elif saved_ranks != self.ranks.world_size:
+            why = f"it holds the compression state of {saved_ranks} ranks, not {self.ranks.world_size}"
+        else:
+            own_file = path / rank_compression_file(self.ranks.rank)
+            self.comm.load_state_dict(torch.load(own_file, map_location="cpu", weights_only=False))
+            return
+        self._say(
+            f"warning: {path}: {why}; grad_compression={self.config.grad_compression} starts afresh (error "
+            "feedback, PowerSGD's warm-up), so the losses differ from those of an uninterrupted run"
+        )
 
     def _last_checkpoint_text(self) -> str:
         try:

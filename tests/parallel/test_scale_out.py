@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -112,23 +113,27 @@ def _int8_rank(rank: int, world_size: int, port: int, gradients: torch.Tensor, r
     _join(rank, world_size, port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     bucket = _Bucket(gradients[rank].clone())
-    state = Int8State(CommCounter())
+    state = Int8State(CommCounter(), names={id(bucket.weight): "weight"})
     averaged = int8_hook(state, bucket).wait()
-    results[rank] = (averaged.clone(), state.residuals[0].clone(), state.counter.bytes_sent)
+    results[rank] = (averaged.clone(), state.residuals["weight"].clone(), state.counter.bytes_sent)
     dist.destroy_process_group()
 
 
 class _Bucket:
-    """The two methods of `dist.GradBucket` the hook uses."""
+    """The methods of `dist.GradBucket` the hook uses, for a bucket of one parameter."""
 
     def __init__(self, buffer: torch.Tensor):
         self._buffer = buffer
+        self.weight = torch.nn.Parameter(torch.empty_like(buffer))
 
     def buffer(self) -> torch.Tensor:
         return self._buffer
 
-    def index(self) -> int:
-        return 0
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def gradients(self) -> list[torch.Tensor]:
+        return [self._buffer]
 
 
 def test_int8_hook_averages_within_one_quantisation_step_and_keeps_the_error_for_the_next():
@@ -144,7 +149,7 @@ def test_int8_hook_averages_within_one_quantisation_step_and_keeps_the_error_for
     assert torch.equal(averaged, results[1][0])  # every rank ends with the same gradient
     quantised = (torch.round(blocks[0] / scales[0]) * scales[0]).flatten()[:3000]
     assert torch.allclose(residual, gradients[0] - quantised, atol=1e-6)
-    assert sent == 3072 + 3 * 4  # one byte per value (padded to whole blocks) and a float32 scale per block
+    assert sent == 3000 + 3 * 4  # one byte per value and a float32 scale per block
 
 
 def _powersgd_rank(rank: int, world_size: int, port: int, results) -> None:
@@ -154,7 +159,7 @@ def _powersgd_rank(rank: int, world_size: int, port: int, results) -> None:
     widths = (64, 56, 48, 40, 32)  # a bucket of its own per weight, each a different size
     layers = torch.nn.Sequential(*(torch.nn.Linear(i, o) for i, o in pairwise(widths)))
     model = torch.nn.parallel.DistributedDataParallel(layers, bucket_cap_mb=0.005)
-    counter = register_compression(model, "powersgd", powersgd_rank=2, powersgd_start=2)
+    counter = register_compression(model, "powersgd", powersgd_rank=2, powersgd_start=2).counter
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(1 + rank)  # each rank its own data
     for _ in range(6):
@@ -374,3 +379,28 @@ def test_resuming_with_another_optimizer_layout_is_refused_naming_what_to_resume
     ep_ddp = resume_from(tmp_path / "ep_ddp" / "checkpoints" / "step_2", tmp_path / "ep_fsdp")
     with pytest.raises(mp.ProcessRaisedException, match=r"optimizer_rank\d.pt holds .* resume it with parallel=ddp"):
         train_on_two_ranks(run_config(data_dir, ep_ddp, expert_parallel=2, parallel="fsdp", **steps), resume=True)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "powersgd"])
+def test_a_run_with_compressed_gradients_resumes_exactly_at_the_same_number_of_ranks(data_dir, tmp_path, capfd, scheme):  # noqa: F811
+    """The checkpoint holds each rank's int8 residuals or PowerSGD's step, errors and Q factors; those of another
+    number of ranks are left, with a warning."""
+    steps = dict(
+        model_overrides={"vocab_size": MICRO_MODEL["vocab_size"]},  # the tiny preset's widths: DDP regroups buckets
+        max_steps=6,
+        eval_every=0,
+        save_every=3,
+        grad_compression=scheme,
+        powersgd_start=2,
+    )
+    train_on_two_ranks(run_config(data_dir, tmp_path / "whole", **steps))
+    out_dir = resume_from(tmp_path / "whole" / "checkpoints" / "step_3", tmp_path / "resumed")
+    train_on_two_ranks(run_config(data_dir, out_dir, **steps), resume=True)
+    assert losses(out_dir)[-3:] == losses(tmp_path / "whole")[-3:]
+    three_ranks = tmp_path / "three_ranks" / "checkpoints" / "step_3"
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step_3", three_ranks)
+    shutil.copy(three_ranks / "compression_rank1.pt", three_ranks / "compression_rank2.pt")  # as if saved at 3 ranks
+    capfd.readouterr()
+    train_on_two_ranks(run_config(data_dir, tmp_path / "three_ranks", **steps), resume=True)
+    warning = f"holds the compression state of 3 ranks, not 2; grad_compression={scheme} starts afresh"
+    assert capfd.readouterr().err.count(warning) == 1  # from rank 0
