@@ -157,7 +157,7 @@ def _progressive(
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import save_with_tokenizer
 
-    batches, per_token = _held_out(data, "--progressive")
+    batches, per_token = _held_out(model, data, "--progressive")
     original = load_pretrained(model, dequantize=True).eval()
     chosen, stages = progressive(
         original, lambda m: measure(m, original, batches, per_token), config, max_bpb_increase, max_kl
@@ -167,12 +167,16 @@ def _progressive(
     return {"stages": rows, "chosen": next((s.name for s in reversed(stages) if s.passed), "float32")}
 
 
-def _held_out(data: Path | None, what: str, split: str = "val", batches: int = 8) -> tuple[list, float]:
-    """`batches` batches of 8 x 256 tokens of `split` of token shards `data`, and the val split's bytes per token."""
+def _held_out(model: Path, data: Path | None, what: str, split: str = "val", batches: int = 8) -> tuple[list, float]:
+    """`batches` batches of 8 x 256 tokens of `split` of token shards `data`, and the val split's bytes per token;
+    shards of another tokenizer than checkpoint `model`'s are refused (its ids would read as other text)."""
     from seekstack.compress.quality import bytes_per_token, held_out_batches
+    from seekstack.tokens.provenance import require_checkpoint_tokenizer
+    from seekstack.tokens.shards import load_index
 
     if data is None:
         raise ValueError(f"{what} needs --data: token shards with train and val splits (`seekstack data tokenize`)")
+    require_checkpoint_tokenizer(model, data, load_index(data, split)["tokenizer"])
     return held_out_batches(str(data), batches=batches, split=split), bytes_per_token(str(data))
 
 
@@ -182,7 +186,7 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import quantize_model, save_with_tokenizer
 
-    calibration, per_token = _held_out(data, "--adaptive", split="train", batches=2)
+    calibration, per_token = _held_out(model, data, "--adaptive", split="train", batches=2)
     original = load_pretrained(model, dequantize=True).eval()
     reference = load_pretrained(model, dequantize=True).eval()
     choices = sensitivities(original, lambda m: measure(m, reference, calibration, per_token).mean_kl)

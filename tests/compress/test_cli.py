@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -119,7 +120,16 @@ def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_fi
     assert f"{tmp_path / 'int8'} is quantized" in result.output and "prune the float checkpoint" in result.output
 
 
-def test_prune_refuses_shards_of_another_tokenizer_before_calibrating_naming_both(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["prune", "--calibration-batches", "1", "--heal-steps", "1"],
+        ["quantize", "--adaptive", "--budget-bits", "6"],
+        ["quantize", "--progressive"],
+    ],
+)
+def test_calibration_refuses_shards_of_another_tokenizer_before_calibrating_naming_both(tmp_path, monkeypatch, command):
+    """prune, quantize --adaptive and --progressive read the shards' ids with the checkpoint's embeddings."""
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
     def calibrated(*args, **kwargs):
@@ -129,12 +139,13 @@ def test_prune_refuses_shards_of_another_tokenizer_before_calibrating_naming_bot
     write_train_shard(tmp_path / "shards")
     index = json.loads((tmp_path / "shards" / "train_index.json").read_text())
     index["tokenizer"]["path"] = str(tmp_path / "other" / "tokenizer.json")
-    (tmp_path / "shards" / "train_index.json").write_text(json.dumps(index))
+    for split in ("train", "val"):
+        (tmp_path / "shards" / f"{split}_index.json").write_text(json.dumps(index))
     seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
     train_tokenizer(["def area(width, height):\n    return width * height\n"], 300, tmp_path / "float")
     result = CliRunner().invoke(
-        app, ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "out"),
-              "--calibration-batches", "1", "--heal-steps", "1"],
+        app, [command[0], str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "out"),
+              *command[1:]],
     )  # fmt: skip
     assert result.exit_code == 1 and not (tmp_path / "out").exists()
     assert (
