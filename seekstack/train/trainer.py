@@ -403,6 +403,12 @@ class _Run:
         if ranks.is_main:
             config.save(self.out_dir)
             self._trim_metrics()
+        if config.warmup_steps >= config.max_steps:
+            self._say(
+                f"warning: warmup_steps={config.warmup_steps} is not below max_steps={config.max_steps}: the learning "
+                f"rate rises for the whole run and ends at {learning_rate(config.max_steps - 1, config):.3g}, short "
+                f"of lr={config.lr:g}; lower warmup_steps to reach it"
+            )
 
     # ------------------------------------------------------------------------------ loop
     def run(self, resumable: bool = True) -> TrainResult:

@@ -118,6 +118,15 @@ def test_a_finished_run_resumed_with_more_steps_decays_on_from_its_last_rate():
     assert rates[0] > rates[1] > rates[2] > old.min_lr
 
 
+def test_a_warmup_as_long_as_the_run_is_told_it_never_reaches_the_peak(data_dir, tmp_path, capsys):
+    train(run_config(data_dir, tmp_path, max_steps=2, warmup_steps=10, eval_every=0, save_every=0))
+    said = capsys.readouterr().err
+    assert "warning: warmup_steps=10 is not below max_steps=2: the learning rate rises for the whole run" in said
+    assert "ends at 0.0006, short of lr=0.003" in said
+    train(run_config(data_dir, tmp_path / "fits", max_steps=2, warmup_steps=1, eval_every=0, save_every=0))
+    assert "warmup_steps" not in capsys.readouterr().err
+
+
 def test_wsd_schedule_holds_the_peak_then_decays_linearly():
     config = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=2, max_steps=100, schedule="wsd", wsd_decay_fraction=0.1)
     assert learning_rate(1, config) == 1.0 and learning_rate(89, config) == 1.0
