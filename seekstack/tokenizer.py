@@ -11,14 +11,15 @@ Chat template: the message-only subset of DeepSeek-V3's `chat_template` (tool ca
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from seekstack.atomic import write_atomic
 
@@ -139,12 +140,29 @@ class Tokenizer:
         """Token ids of many documents (corpus text) at once, in parallel threads. Unlike `encode`, a special-token
         string in them is encoded as the plain text it is: a document quoting `<｜end▁of▁sentence｜>` or
         `<｜User｜>` gets no false document boundary or chat turn in the training data."""
-        self.backend.encode_special_tokens = True
+        backend = self._corpus_backend
+        backend.encode_special_tokens = True
         try:
-            encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+            encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
         finally:
-            self.backend.encode_special_tokens = False
+            backend.encode_special_tokens = False
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
+
+    @functools.cached_property
+    def _corpus_backend(self) -> BackendTokenizer:
+        """The backend, or a copy of it whose `special_tokens` are all flagged special where the file lists some as
+        plain added tokens (DeepSeek-R1-Distill's role tokens): `encode_special_tokens` splits flagged ones alone.
+        The same ids for any other text; `fingerprint` stays the file's."""
+        unflagged = [
+            token.content
+            for token in self.backend.get_added_tokens_decoder().values()
+            if token.content in self.special_tokens and not token.special
+        ]
+        if not unflagged:
+            return self.backend
+        copy = BackendTokenizer.from_str(self.backend.to_str())
+        copy.add_special_tokens([AddedToken(token, special=True) for token in unflagged])
+        return copy
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, special tokens kept as their strings."""

@@ -259,6 +259,16 @@ def test_role_tokens_a_release_does_not_flag_special_are_refused_in_content_and_
     assert shown == tokenizer.decode(tokenizer.encode("ab"))  # "a b": this tokenizer has no decoder to join tokens
 
 
+def test_corpus_text_quoting_role_tokens_a_release_does_not_flag_special_gets_no_role_token(tmp_path):
+    """Corpus encoding keeps a quoted role token plain text also where the file lists it as a plain added token."""
+    path = deepseek_like_tokenizer(tmp_path / "tokenizer.json", [BOS, EOS], unflagged_tokens=(USER, ASSISTANT))
+    tokenizer = Tokenizer.from_file(path)
+    role_ids = {tokenizer.backend.token_to_id(token) for token in (USER, ASSISTANT, EOS)}
+    [quoted, plain] = tokenizer.encode_batch([f"a {USER} b {ASSISTANT} c {EOS}", "a b c"])
+    assert not role_ids & set(quoted) and plain == tokenizer.encode("a b c")
+    assert tokenizer.fingerprint == Tokenizer.from_file(path).fingerprint  # the file's, unchanged
+
+
 def test_foreign_tokenizer_without_pad_pads_with_eos(tmp_path):
     tokenizer = Tokenizer.from_file(deepseek_like_tokenizer(tmp_path / "tokenizer.json", [BOS, EOS]))
     assert tokenizer.pad_id == tokenizer.eos_id == 96
