@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import itertools
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from seekstack.model.moe import MoE, RoutedExperts
 from seekstack.model.transformer import Transformer
 
 DISK = "disk"
+KILLED_WRITE_SECONDS = 600  # a hidden copy left this long is a killed write's (a write takes seconds)
 COPY_DIGEST_CHARS = 16  # hex digits of a disk copy's SHA-256 in its file name (`_mapped_copy`)
 
 
@@ -302,13 +304,20 @@ def _mapped_copy(tensor: torch.Tensor, directory: Path, name: str) -> torch.Tens
 
 def _delete_copies(directory: Path, name: str) -> None:
     """Delete the copies of tensor `name` in `directory` (those named `{name}.bin` too, from before copies were named
-    by their digest, and the hidden part of one whose writer was killed). A run that maps one keeps its pages: a
-    mapping outlives the file's name."""
+    by their digest, and the hidden part of one whose writer was killed: untouched for KILLED_WRITE_SECONDS, so not
+    another process's write under way). A run that maps one keeps its pages: a mapping outlives the file's name."""
     copy = rf"{re.escape(name)}(\.[0-9a-f]{{{COPY_DIGEST_CHARS}}})?\.bin"
-    copy_name = re.compile(rf"{copy}|{hidden_pattern(copy)}")
+    copy_name, hidden_name = re.compile(copy), re.compile(hidden_pattern(copy))
     for entry in directory.iterdir():
-        if copy_name.fullmatch(entry.name):
+        if copy_name.fullmatch(entry.name) or hidden_name.fullmatch(entry.name) and _untouched_since_long(entry):
             entry.unlink(missing_ok=True)
+
+
+def _untouched_since_long(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > KILLED_WRITE_SECONDS
+    except FileNotFoundError:  # its write finished meanwhile
+        return False
 
 
 def mapped_file(tensor: torch.Tensor) -> Path | None:

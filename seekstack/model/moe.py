@@ -268,13 +268,13 @@ def sequence_balance_loss(
     with T and the sums over a sequence's `counted` tokens (B, T) only (its padding left out), when given.
     """
     num_experts, top_k = routing.scores.shape[1], routing.experts.shape[1]
-    scores = routing.scores.view(batch, seq_len, num_experts)
+    scores = routing.scores.view(batch, seq_len, num_experts).float()  # counts past 256 are exact (not bf16's)
     if counted is None:
         counted = torch.ones(batch, seq_len, dtype=torch.bool, device=scores.device)
-    weights = counted.reshape(batch, seq_len).to(scores.dtype)
+    weights = counted.reshape(batch, seq_len).float()
     tokens = weights.sum(dim=1, keepdim=True).clamp(min=1)  # T per sequence, (B, 1)
     probs = (scores / scores.sum(dim=-1, keepdim=True) * weights[..., None]).sum(dim=1) / tokens  # P_i, (B, E)
-    selected = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
+    selected = torch.zeros(batch, num_experts, device=scores.device)
     selected.scatter_add_(1, routing.experts.view(batch, -1), weights.repeat_interleave(top_k, dim=1))
     fraction = selected * num_experts / (top_k * tokens)  # f_i per sequence, (B, E)
     return (fraction * probs).sum(dim=1).mean()

@@ -25,3 +25,9 @@ def pad_labelled(
     input_ids = pad_rows([ids[:width] for ids, _ in rows], pad_id, width)
     labels = pad_rows([labels[:width] for _, labels in rows], IGNORE_INDEX, width)
     return input_ids, labels
+
+
+def real_tokens(input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, T) bool: the tokens of a `pad_labelled` batch that are not padding. Where the pad id is EOS (DeepSeek-V2
+    releases have no pad token) an EOS is real when labelled, as every assistant turn's is."""
+    return (input_ids != pad_id) | (labels != IGNORE_INDEX)

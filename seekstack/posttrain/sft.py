@@ -28,7 +28,7 @@ from seekstack.posttrain.conversations import (
     read_conversations,
     task_conversations,
 )
-from seekstack.posttrain.padding import pad_labelled
+from seekstack.posttrain.padding import pad_labelled, real_tokens
 from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.train.runs import refuse_new_run_into
@@ -145,7 +145,7 @@ class SFTSource:
 
     def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
         input_ids, labels = (t.to(self.device) for t in batch)
-        counted = input_ids != self.tokenizer.pad_id  # the padding is routed but not counted in the expert load
+        counted = real_tokens(input_ids, labels, self.tokenizer.pad_id)  # padding is routed, not counted in the load
         out = model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, counted=counted)
         # the assistant tokens trained: none when distillation answered the prompts itself (on-policy, no lm_loss)
         trained = self.labelled_tokens(batch) if out.lm_loss is not None else 0

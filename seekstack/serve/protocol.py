@@ -262,8 +262,11 @@ BYTE_OF_CHARACTER = _byte_level_alphabet()
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
     """The bytes a token stands for, as the byte-level decoder joins them: one per character of its vocabulary
-    string (so part of a UTF-8 character keeps its own bytes, not U+FFFD's), or an added token's text in UTF-8."""
+    string (so part of a UTF-8 character keeps its own bytes, not U+FFFD's), or an added token's text in UTF-8; none
+    for an id past the tokenizer's (a model's vocabulary padded beyond it, as DeepSeek-V3's)."""
     piece = tokenizer.backend.id_to_token(token_id)
+    if piece is None:
+        return []
     if all(character in BYTE_OF_CHARACTER for character in piece):
         return [BYTE_OF_CHARACTER[character] for character in piece]
     return list(piece.encode("utf-8"))

@@ -779,7 +779,7 @@ class _Run:
             why = f"it holds the compression state of {saved_ranks} ranks, not {self.ranks.world_size}"
         else:
             own_file = path / rank_compression_file(self.ranks.rank)
-            self.comm.load_state_dict(torch.load(own_file, map_location="cpu", weights_only=False))
+            self.comm.load_state_dict(torch.load(own_file, map_location=self.ranks.device, weights_only=False))
             return
         self._say(
             f"warning: {path}: {why}; grad_compression={self.config.grad_compression} starts afresh (error "

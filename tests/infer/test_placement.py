@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -182,10 +183,13 @@ def test_a_half_written_disk_copy_is_never_read(model, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
     assert not list(tmp_path.rglob("*.bin*"))  # nothing left under a name a later run would read
-    killed = tmp_path / "layers.1.mlp.experts" / ".gate_up_proj.0123456789abcdef.bin.89abcdef.tmp"
+    killed, writing = (tmp_path / "layers.1.mlp.experts" / f".{name}.0123456789abcdef.bin.89abcdef.tmp"
+                       for name in ("gate_up_proj", "down_proj"))  # fmt: skip
     killed.write_bytes(b"the part a SIGKILL-ed write left")
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
+    writing.write_bytes(b"another process's write under way")
     place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
-    assert not killed.exists()  # cleared by the next write of that tensor's copy
+    assert not killed.exists() and writing.exists()  # the next write of the tensor clears a killed one's part only
     for copied in tmp_path.glob("*/*.bin"):  # cut short at their own names (as by a full disk)
         copied.write_bytes(copied.read_bytes()[: copied.stat().st_size // 2])
     placed = place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)

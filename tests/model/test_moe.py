@@ -239,6 +239,14 @@ def test_sequence_balance_loss_is_one_when_perfectly_balanced():
     assert sequence_balance_loss(skewed, batch=1, seq_len=2).item() == pytest.approx(2 * 0.9)
 
 
+def test_sequence_balance_loss_counts_in_float32_under_bfloat16_scores():
+    """bf16 router scores (autocast) still count an expert chosen 409 times as 409, not bf16's 408, in float32."""
+    scores = torch.tensor([[0.75, 0.25]], dtype=torch.bfloat16).expand(409, 2)
+    routing = Routing(weights=torch.ones(409, 1), experts=torch.zeros(409, 1, dtype=torch.long), scores=scores)
+    loss = sequence_balance_loss(routing, batch=1, seq_len=409)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(2 * 0.75, rel=1e-6)  # f_0 = 2, P_0 = 0.75
+
+
 def test_balance_loss_reported_only_when_enabled_and_training():
     model = Transformer(micro_config(aux_loss_alpha=0.01)).train()
     ids = torch.randint(0, 128, (2, 12))

@@ -299,3 +299,12 @@ def test_accumulated_micro_batches_weigh_every_assistant_token_the_same_whatever
             torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
     source = SFTSource(resolve_train_config(None, [f"init_from={start}", f"data={data}"], cls=SFTConfig))
     assert steps[0]["assistant_tokens"] == sum(source.labelled_tokens(source.batch(1, 0.0)) for _ in range(4))
+
+
+def test_padding_is_told_from_a_labelled_eos_where_eos_pads():
+    """Where the pad id is EOS (V2 releases), an assistant turn's labelled EOS counts as a real token."""
+    from seekstack.posttrain.padding import pad_labelled, real_tokens
+
+    eos = 1
+    input_ids, labels = pad_labelled([([5, 6, eos], [-100, 6, eos]), ([5, eos], [-100, eos])], eos, 8)
+    assert real_tokens(input_ids, labels, eos).tolist() == [[True, True, True], [True, True, False]]

@@ -467,6 +467,16 @@ def test_chat_logprob_bytes_are_each_tokens_own_bytes_even_part_of_a_character(e
     assert all(bytes(top["bytes"]).decode() == top["token"] for top in alternatives if top["token"] != "\ufffd")
 
 
+def test_a_logprob_of_an_id_past_the_tokenizers_has_no_bytes(engine):
+    """A model's vocabulary padded past its tokenizer's ids (as DeepSeek-V3's): such an id can be ranked in
+    top_logprobs; its bytes are none (the lookup of a missing id made the answer a 500)."""
+    from seekstack.serve.protocol import token_bytes
+
+    [letter] = engine.tokenizer.encode("b")
+    assert token_bytes(engine.tokenizer, engine.tokenizer.vocab_size + 3) == []
+    assert token_bytes(engine.tokenizer, letter) == list(b"b")
+
+
 def test_a_chat_call_without_max_tokens_gets_what_its_keys_minute_has_left(engine, tmp_path):
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("minute", tpm=40)
