@@ -60,8 +60,10 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     """Turn configuration, checkpoint and file errors into a one-line message and exit code 1 (JSON if asked)."""
     try:
         yield
-    except (OSError, ValueError) as error:
+    except ConfigError as error:  # the configuration: every rank of a torchrun meets it alike
         fail(str(error), as_json)
+    except (OSError, ValueError) as error:  # a file, a checkpoint: possibly this rank's own
+        fail(str(error), as_json, every_rank=True)
 
 
 @contextmanager
@@ -77,24 +79,27 @@ def options_named() -> Iterator[None]:
         raise ConfigError(error.naming("--" + error.field.replace("_", "-"))) from None
 
 
-def fail(message: str, as_json: bool = False) -> NoReturn:
-    """Print `message` as the command's error and exit with code 1; under torchrun the other ranks, which meet the
-    same error, exit quietly."""
-    if _prints():
+def fail(message: str, as_json: bool = False, every_rank: bool = False) -> NoReturn:
+    """Print `message` as the command's error and exit with code 1. Under torchrun rank 0 prints it and the other
+    ranks, which meet the same error, exit quietly; with `every_rank` (an error that may be one rank's own: its file,
+    its disk) they print it too, naming their rank."""
+    rank = _rank()
+    if rank == 0 or every_rank:
+        where = "" if rank == 0 else f" (rank {rank})"
         if as_json:
             typer.echo(json.dumps({"error": {"message": message}}))
         else:
-            typer.echo(f"error: {message}", err=True)
+            typer.echo(f"error{where}: {message}", err=True)
     raise typer.Exit(code=1)
 
 
-def _prints() -> bool:
-    """Whether this process prints: it runs alone, or is rank 0 of those torchrun started."""
-    if "RANK" not in os.environ:  # not under torchrun: no need to load torch to know
-        return True
+def _rank() -> int:
+    """This process's rank among those torchrun started; 0 when it runs alone (no need to load torch to know)."""
+    if "RANK" not in os.environ:
+        return 0
     from seekstack.parallel.distributed import is_main_process
 
-    return is_main_process()
+    return 0 if is_main_process() else int(os.environ["RANK"])
 
 
 def model_config(model: str) -> ModelConfig:

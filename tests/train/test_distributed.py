@@ -62,3 +62,22 @@ def test_under_torchrun_rank_0_alone_prints_an_error_every_rank_meets_and_all_ex
             fail(message)
         assert exited.value.exit_code == 1
         assert capsys.readouterr().err == printed, rank
+
+
+def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_rank_naming_it(monkeypatch, capsys):
+    """A missing file of rank 1's own (its optimizer part, its node's shard) is not left unsaid; a config error
+    every rank meets is printed once."""
+    import typer
+
+    from seekstack.cli.common import user_errors
+    from seekstack.schema import ConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    for error, printed in (
+        (FileNotFoundError("/node2/optimizer_rank1.pt: no such file"), "error (rank 1): /node2/optimizer_rank1.pt"),
+        (ConfigError("batch_size=3 is not divisible by the 2 ranks"), ""),
+    ):
+        with pytest.raises(typer.Exit), user_errors():
+            raise error
+        said = capsys.readouterr().err
+        assert said.startswith(printed) if printed else said == ""
