@@ -203,6 +203,7 @@ class Server:
         """A chat or text completion: validate, admit, submit, then answer in one piece or as a stream."""
         bill = Bill(self.ledger, None, self.model_name, request.url.path, time.perf_counter())
         bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
+        charge = None  # the rate-limit charge, once admitted
         try:
             raw = await read_body(request, self.max_body_bytes)
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
@@ -242,7 +243,9 @@ class Server:
         except ClientDisconnect:  # gone before its body arrived
             await bill.record_async(CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)
-        except asyncio.CancelledError:  # the server stopping
+        except asyncio.CancelledError:  # the server stopping: at no cost, its rate-limit charge included
+            if charge:
+                await asyncio.to_thread(self.limiter.settle, charge, 0)
             await bill.record_async(SERVER_STOPPED)
             raise
         except Exception as error:

@@ -35,9 +35,9 @@ def slowed(engine: Engine) -> Engine:
     return engine
 
 
-async def cut_off(app, body: dict, key: str) -> None:
+async def cut_off(app, body: dict, key: str, reached: asyncio.Event | None = None) -> None:
     """POST `body` to /v1/completions through the app's ASGI interface, from a client that stays connected, and cancel
-    it as uvicorn's forced exit does once the engine is generating for it."""
+    it as uvicorn's forced exit does once the engine is generating for it (or once `reached` is set)."""
     engine = app.state.server.engine
     headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
@@ -55,7 +55,7 @@ async def cut_off(app, body: dict, key: str) -> None:
         pass
 
     request = asyncio.ensure_future(app(scope, receive, send))
-    while not any(r.output_ids for r in engine.running) and not request.done():
+    while not (reached.is_set() if reached else any(r.output_ids for r in engine.running)) and not request.done():
         await asyncio.sleep(0.01)
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -77,6 +77,24 @@ def test_a_request_the_server_cuts_off_is_recorded_as_its_failure_at_no_cost(tmp
     [(status, completion_tokens, cost)] = sqlite3.connect(tmp_path / "serve.db").execute(query).fetchall()
     assert (status, cost) == (SERVER_STOPPED, 0)
     assert 0 < completion_tokens < 200  # recorded with the tokens it had
+
+
+def test_a_request_cut_off_while_it_waits_to_enter_the_engine_gives_back_its_rate_limit_charge(tmp_path):
+    database = open_database(tmp_path / "serve.db")
+    key = KeyStore(database).create("cut", tpm=100_000)
+    app = create_app(Engine.from_pretrained(make_model_dir(tmp_path)), database)
+    waiting = asyncio.Event()
+
+    async def submit_behind_a_long_step(*args, **kwargs):
+        waiting.set()
+        await asyncio.sleep(3600)
+
+    app.state.server.bridge.submit = submit_behind_a_long_step
+
+    asyncio.run(cut_off(app, {"model": "model", "prompt": "x", "max_tokens": 200}, key, waiting))
+    connection = sqlite3.connect(tmp_path / "serve.db")
+    assert connection.execute("SELECT status, cost FROM usage WHERE key_name = 'cut'").fetchall() == [(503, 0)]
+    assert connection.execute("SELECT tokens FROM rate_charges WHERE key_name = 'cut'").fetchall() == [(0,)]
 
 
 def test_a_forced_exit_logs_one_line_for_each_request_it_cuts_off_and_none_for_the_lifespan():
