@@ -74,6 +74,24 @@ def tokenizer_json_path(path_or_dir: str | os.PathLike) -> Path:
     return path if path.suffix == ".json" else path / TOKENIZER_FILE
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's `bytes_to_unicode`, inverted): each byte's printable stand-in -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {chr(byte): byte for byte in printable} | {chr(256 + n): byte for n, byte in enumerate(others)}
+
+
+BYTE_OF_CHARACTER = _byte_level_alphabet()
+
+
+def byte_level_bytes(piece: str) -> bytes | None:
+    """The bytes a byte-level BPE vocabulary string stands for (part of a UTF-8 character keeps its own bytes), or
+    None when `piece` is no such string (an added token's text, a tokenizer that is not byte-level)."""
+    if any(character not in BYTE_OF_CHARACTER for character in piece):
+        return None
+    return bytes(BYTE_OF_CHARACTER[character] for character in piece)
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens and the chat template."""
 

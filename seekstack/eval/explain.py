@@ -25,7 +25,7 @@ from seekstack.eval.routing import (  # noqa: E402
     token_class,
 )
 from seekstack.model.transformer import Transformer  # noqa: E402
-from seekstack.tokenizer import Tokenizer  # noqa: E402
+from seekstack.tokenizer import Tokenizer, byte_level_bytes  # noqa: E402
 
 MAX_LABELLED_TOKENS = 48  # beyond this, heatmaps carry no token labels
 FIGURE_DPI = 110
@@ -33,19 +33,6 @@ MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): long
 MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
 ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
 ATTENTION_LEVELS = 255  # the page holds each attention weight as one byte, round(p * 255): the shading's own depth
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte in a token's string."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [byte for byte in range(256) if byte not in printable]
-    return {
-        **{chr(byte): byte for byte in printable},
-        **{chr(256 + index): byte for index, byte in enumerate(others)},
-    }
-
-
-BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 def visible(token: str) -> str:
@@ -57,9 +44,9 @@ def token_label(tokenizer: Tokenizer, token_id: int) -> str:
     """A token's text for a label, whitespace shown; bytes that are only part of a character (a byte-level piece of
     你 or an emoji) as their hex values, <e4><bd>, where decoding them alone would give U+FFFD."""
     piece = tokenizer.backend.id_to_token(token_id)
-    if piece in tokenizer.special_tokens or any(char not in BYTE_OF_CHAR for char in piece):
+    raw, parts = byte_level_bytes(piece), []
+    if piece in tokenizer.special_tokens or raw is None:
         return visible(tokenizer.decode([token_id]))  # a special token, or a tokenizer that is not byte-level
-    raw, parts = bytes(BYTE_OF_CHAR[char] for char in piece), []
     while raw:
         try:
             parts.append(visible(raw.decode("utf-8")))

@@ -23,7 +23,7 @@ from seekstack.serve.schemas import (
     TokenLogprobEntry,
     TopLogprob,
 )
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import Tokenizer, byte_level_bytes
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
@@ -250,26 +250,15 @@ def chat_logprobs(entries: list[TokenLogprob], tokenizer: Tokenizer) -> ChatLogp
     )
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's alphabet (GPT-2's `bytes_to_unicode`, inverted): each byte's printable stand-in -> the byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [byte for byte in range(256) if byte not in printable]
-    return {chr(byte): byte for byte in printable} | {chr(256 + n): byte for n, byte in enumerate(others)}
-
-
-BYTE_OF_CHARACTER = _byte_level_alphabet()
-
-
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
-    """The bytes a token stands for, as the byte-level decoder joins them: one per character of its vocabulary
-    string (so part of a UTF-8 character keeps its own bytes, not U+FFFD's), or an added token's text in UTF-8; none
-    for an id past the tokenizer's (a model's vocabulary padded beyond it, as DeepSeek-V3's)."""
+    """The bytes a token stands for, as the byte-level decoder joins them (so part of a UTF-8 character keeps its own
+    bytes, not U+FFFD's), or an added token's text in UTF-8; none for an id past the tokenizer's (a model's
+    vocabulary padded beyond it, as DeepSeek-V3's)."""
     piece = tokenizer.backend.id_to_token(token_id)
     if piece is None:
         return []
-    if all(character in BYTE_OF_CHARACTER for character in piece):
-        return [BYTE_OF_CHARACTER[character] for character in piece]
-    return list(piece.encode("utf-8"))
+    raw = byte_level_bytes(piece)
+    return list(raw if raw is not None else piece.encode("utf-8"))
 
 
 def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
