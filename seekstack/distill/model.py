@@ -100,14 +100,12 @@ class DistillModel(nn.Module):
         self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float, counted: torch.Tensor | None = None
     ) -> ModelOutput:
         """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms;
-        `lm_loss` None when no token is labelled (the student's own answers to conversations: no cross-entropy).
-        The student's own answers count every token of their rows in its MoE statistics."""
+        `lm_loss` None when no token is labelled (the student's own answers to conversations: no cross-entropy)."""
         config = self.settings
         warm = self.micro_batches // config.grad_accum_steps >= config.on_policy_after
         self.micro_batches += 1
         if self.generations is not None and warm and torch.rand(()) < config.lmbda:
-            rows, labels, compared = self.generations(rows, labels)
-            counted = None
+            rows, labels, compared, counted = self.generations(rows, labels)
         else:
             compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens
         with layer_outputs(self.student, self.projections.student_layers) as student_states:

@@ -18,7 +18,7 @@ import torch
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
-from seekstack.posttrain.padding import pad_rows
+from seekstack.posttrain.padding import pad_rows, within_lengths
 from seekstack.tokenizer import Tokenizer
 
 
@@ -52,8 +52,9 @@ def conversation_prompts(input_ids: torch.Tensor, labels: torch.Tensor) -> list[
 
 class StudentGenerations:
     """GKD's on-policy micro-batches: (rows, labels) -> the student's own rows, their labels (the corpus prompt for
-    continued corpus rows, nothing for answered conversations) and the positions the teacher is compared on (the
-    generated tokens). `prompt_tokens` None = conversations; rows hold at most `max_tokens` tokens."""
+    continued corpus rows, nothing for answered conversations), the positions the teacher is compared on (the
+    generated tokens) and the tokens the student's MoE statistics count (None: all; answered conversations leave
+    their padding out). `prompt_tokens` None = conversations; rows hold at most `max_tokens` tokens."""
 
     def __init__(
         self,
@@ -70,18 +71,24 @@ class StudentGenerations:
         student.train()  # the engine put it in eval mode
 
     @torch.no_grad()
-    def __call__(self, rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, rows: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.prompt_tokens is not None:  # corpus rows: continue the first P tokens to the row's length T
             prompts = rows[:, : self.prompt_tokens].tolist()
             completions = self._sample(prompts, [rows.shape[1] - self.prompt_tokens] * len(prompts), ignore_eos=True)
             generated = torch.tensor([p + c for p, c in zip(prompts, completions, strict=True)], device=rows.device)
-            return generated, *on_policy_targets(generated, self.prompt_tokens)
+            return generated, *on_policy_targets(generated, self.prompt_tokens), None
         prompts = conversation_prompts(rows, labels)
         completions = self._sample(prompts, [self.max_tokens - len(p) for p in prompts], ignore_eos=False)
         generated = pad_rows([p + c for p, c in zip(prompts, completions, strict=True)], self.pad_id).to(rows.device)
-        lengths = [torch.tensor([len(x) for x in part], device=rows.device) for part in (prompts, completions)]
+        prompt_lengths, completion_lengths = (
+            torch.tensor([len(x) for x in part], device=rows.device) for part in (prompts, completions)
+        )
         no_labels = torch.full_like(generated, IGNORE_INDEX)  # nothing here is a reference answer
-        return generated, no_labels, generated_positions(*lengths, generated.shape[1])
+        width = generated.shape[1]
+        compared = generated_positions(prompt_lengths, completion_lengths, width)
+        return generated, no_labels, compared, within_lengths(prompt_lengths + completion_lengths, width)
 
     def _sample(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool) -> list[list[int]]:
         """The student's completion of each prompt, each with its own seed (EOS included when it stopped there); none

@@ -31,3 +31,8 @@ def real_tokens(input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int) -> t
     """(B, T) bool: the tokens of a `pad_labelled` batch that are not padding. Where the pad id is EOS (DeepSeek-V2
     releases have no pad token) an EOS is real when labelled, as every assistant turn's is."""
     return (input_ids != pad_id) | (labels != IGNORE_INDEX)
+
+
+def within_lengths(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) bool: the first `lengths[i]` positions of each row (its tokens, not the padding after them)."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]

@@ -24,7 +24,7 @@ from seekstack.model.attention import SharedPrefixCache
 from seekstack.model.head_loss import linear_token_logprobs
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.conversations import prompt_messages
-from seekstack.posttrain.padding import pad_rows
+from seekstack.posttrain.padding import pad_rows, within_lengths
 from seekstack.posttrain.rewards import RewardWeights, reward_terms, total_reward
 from seekstack.posttrain.tasks import Problem, Task
 
@@ -159,7 +159,7 @@ def _whole_rows_hidden(model: nn.Module, rollout: Rollout, device: torch.device)
     input_ids = rollout.input_ids.to(device)
     N, L = input_ids.shape
     ends = (rollout.prompt_lengths + rollout.completion_lengths).to(device)
-    counted = torch.arange(L, device=device)[None, :] < ends[:, None]  # the rows' padding counts in no expert load
+    counted = within_lengths(ends, L)  # the rows' padding counts in no expert load
     out = model(input_ids, logits_at=torch.zeros(N, dtype=torch.long, device=device), counted=counted)  # (N, 1, V)
     width = int(rollout.completion_lengths.max())
     # the position predicting completion token j of row i is prompt_length_i - 1 + j (position t predicts t + 1)
@@ -182,7 +182,7 @@ def _shared_prompt_hidden(
     P, width = len(prompts), int(rollout.completion_lengths.max())
     cache = SharedPrefixCache(prompt_lengths, prompt_of)
     prompt_ids = pad_rows(prompts, 0).to(device)  # padding after a prompt's end is never attended to
-    prompt_counted = torch.arange(prompt_ids.shape[1], device=device)[None, :] < prompt_lengths[:, None]
+    prompt_counted = within_lengths(prompt_lengths, prompt_ids.shape[1])
     prompt_out = model(
         prompt_ids, cache=cache, logits_at=torch.zeros(P, dtype=torch.long, device=device), counted=prompt_counted
     )

@@ -88,12 +88,36 @@ def test_on_policy_answers_come_from_the_current_weights_not_stale_cached_prompt
         for parameter in student.parameters():
             parameter.add_(0.5 * torch.randn_like(parameter))
     torch.manual_seed(2)
-    rows, no_labels, compared = generations(input_ids, labels)
+    rows, no_labels, compared, _ = generations(input_ids, labels)
     fresh = StudentGenerations(student, source.tokenizer, 2, 128, prompt_tokens=None, temperature=1.0)
     torch.manual_seed(2)
     assert torch.equal(rows, fresh(input_ids, labels)[0])
     assert (no_labels == IGNORE_INDEX).all() and compared.any(dim=1).all()
     assert student.training
+
+
+def test_on_policy_answers_that_stop_early_leave_their_padding_out_of_the_moe_statistics(workspace, tmp_path):
+    """An answer that ends at EOS is padded to the longest row: the student's expert load counts its tokens (prompt,
+    answer, EOS) and not the padding after them, as SFT's and GRPO's rows do."""
+    config = conversation_config(workspace, tmp_path)
+    source = SFTSource(config)
+    input_ids, labels = source.batch(4, progress=0.0)
+    student = Transformer(config.model_config())
+    with torch.no_grad():
+        student.lm_head.weight.zero_()  # every token equally likely: EOS ends some answers early, not all
+    generations = StudentGenerations(student, source.tokenizer, 4, 128, prompt_tokens=None, temperature=1.0)
+    torch.manual_seed(0)
+    rows, _, compared, counted = generations(input_ids, labels)
+    prompt_lengths = torch.tensor([len(prompt) for prompt in conversation_prompts(input_ids, labels)])
+    eos = source.tokenizer.eos_id
+    lengths = torch.tensor(
+        [p + next((t + 1 for t, token in enumerate(row[p:].tolist()) if token == eos), row.shape[0] - p)
+         for p, row in zip(prompt_lengths.tolist(), rows, strict=True)]
+    )  # fmt: skip
+    assert (lengths < rows.shape[1]).any() and (lengths == rows.shape[1]).any()  # padded rows beside a full one
+    assert torch.equal(counted.sum(dim=1), lengths)
+    assert torch.equal(counted, torch.arange(rows.shape[1])[None, :] < lengths[:, None])
+    assert not (compared & ~counted[:, 1:]).any()  # the teacher compares nothing that is not counted
 
 
 def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_exactly(workspace, tmp_path):
@@ -136,5 +160,5 @@ def test_on_policy_distillation_trains_on_past_conversations_whose_prompt_fills_
     rows = torch.tensor([tokenizer.encode_chat(conversations[3], add_generation_prompt=False)[:64]])
     student = Transformer(conversation_config(workspace, tmp_path).model_config())
     generations = StudentGenerations(student, tokenizer, 1, 64, prompt_tokens=None, temperature=1.0)
-    generated, _, compared = generations(rows, torch.full_like(rows, IGNORE_INDEX))
+    generated, _, compared, _ = generations(rows, torch.full_like(rows, IGNORE_INDEX))
     assert torch.equal(generated, rows) and not compared.any()  # left as it was, compared nowhere
