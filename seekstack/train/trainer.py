@@ -547,7 +547,9 @@ class _Run:
             if self.source is None and self.data.adaptive:  # a bandit mixture: each micro-batch's loss is its reward
                 distributed.all_reduce_sum(micro_losses, self.ranks)
                 self.data.observe((micro_losses / self.ranks.world_size).tolist())
-            metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss, "mtp_loss": mtp_loss}
+            metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss}
+            if out.mtp_loss is not None:  # a model without MTP modules (or rows too short for them) has no MTP loss
+                metrics["mtp_loss"] = mtp_loss
             if lm_shares > 0:  # else no micro-batch trained a labelled token (on-policy answers): no cross-entropy
                 metrics["lm_loss"] = lm_loss_sum / lm_shares
             if self.comm is not None:

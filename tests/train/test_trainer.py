@@ -175,6 +175,13 @@ def test_training_lowers_the_loss_and_logs_every_step(data_dir, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_12"]  # the last step is always saved
 
 
+def test_a_model_without_mtp_modules_logs_no_mtp_loss(data_dir, tmp_path):
+    config = run_config(data_dir, tmp_path, model_overrides=MICRO_MODEL | {"num_nextn_predict_layers": 0}, max_steps=2)
+    train(dataclasses.replace(config, eval_every=0, save_every=0))
+    steps = read_metrics(tmp_path)
+    assert [m["step"] for m in steps] == [1, 2] and not any("mtp_loss" in m for m in steps)  # not a made-up 0.0
+
+
 def test_bias_update_moves_routing_biases_only_when_enabled(data_dir, tmp_path):
     def router_bias(out_dir: Path) -> torch.Tensor:
         from seekstack.checkpoint import load_pretrained
