@@ -52,6 +52,7 @@ class GRPOSource:
     """Generation batches from the policy being trained, and the GRPO loss on them."""
 
     chooses_threads = True  # with threads="auto", each generation batch sets its training half's threads
+    rows_fit_context = True  # a prompt's room and max_completion_length, checked against the context by `attach`
 
     def __init__(self, config: GRPOConfig):
         self.config = config

@@ -121,7 +121,9 @@ class BatchSource(Protocol):
     source with a `validation_batches(batch_size, count)` method (SFT) is evaluated on what it returns, the same
     `ValidationBatch`es every time, or not at all when it returns None or has no such method (RL). A source with a
     `labelled_tokens(batch)` method (SFT) weighs each micro-batch's loss by that count's share of the step's (a
-    per-token mean over the step); without one (RL) its micro-batches weigh the same."""
+    per-token mean over the step); without one (RL) its micro-batches weigh the same. A source with `rows_fit_context`
+    true sizes its rows itself and checks them against the model's context (RL: a prompt and a completion); the
+    run's `seq_len` is not held to the context for it."""
 
     tokenizer_info: dict[str, Any]  # vocab_size; path and sha256 of the tokenizer checkpoints carry
 
@@ -362,7 +364,7 @@ class _Run:
             model = build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device)
             if hooks is not None:
                 model = hooks.prepare(model)
-        if config.seq_len > model.config.max_position_embeddings:
+        if config.seq_len > model.config.max_position_embeddings and not getattr(source, "rows_fit_context", False):
             raise ConfigError(
                 f"field 'seq_len' has value {config.seq_len}: longer than the model's context "
                 f"(max_position_embeddings {model.config.max_position_embeddings})"

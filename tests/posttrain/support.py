@@ -17,9 +17,9 @@ def byte_tokenizer(directory: Path) -> Tokenizer:
     return train_tokenizer(TEXTS, vocab_size=300, out_path=directory)
 
 
-def micro_checkpoint(directory: Path) -> Path:
-    """A random micro model with the byte tokenizer, saved as a model directory."""
-    model = Transformer(micro_config(vocab_size=300, max_position_embeddings=512))
+def micro_checkpoint(directory: Path, context: int = 512) -> Path:
+    """A random micro model of `context` positions with the byte tokenizer, saved as a model directory."""
+    model = Transformer(micro_config(vocab_size=300, max_position_embeddings=context))
     save_pretrained(model, directory)
     assert byte_tokenizer(directory).vocab_size == 300
     return directory

@@ -84,6 +84,17 @@ def test_a_completion_length_past_the_models_context_is_refused_by_name(tmp_path
         GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
 
 
+def test_a_model_whose_context_holds_a_rollout_but_not_seq_len_trains(tmp_path):
+    """rl's rows are a prompt's room and a completion (204 tokens here), not seq_len (256, unused by rl, which
+    refuses any other value): a 224-position model was refused for the seq_len it could not change."""
+    model_dir = micro_checkpoint(tmp_path / "model", context=224)
+    run = tmp_path / "run"
+    args = ["rl", f"init_from={model_dir}", *RUN, "task=addition", "max_steps=1", "save_every=0", f"out_dir={run}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (run / "checkpoints" / "step_1").is_dir()
+
+
 def test_a_difficulty_whose_prompts_pass_the_prompt_room_is_refused_before_anything_is_written(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model")  # byte-level: 2 more prompt tokens a digit, 196 at 60 digits
     run = tmp_path / "run"
