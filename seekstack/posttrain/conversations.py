@@ -47,8 +47,11 @@ def labelled_text_bytes(tokenizer: Tokenizer, labels: list[int], length: int) ->
 
 
 def conversation_key(messages: Conversation) -> str:
-    """A fingerprint of a conversation's content: equal for every copy of it."""
-    return hashlib.blake2b(json.dumps(messages, sort_keys=True).encode(), digest_size=16).hexdigest()
+    """A fingerprint of what the chat template encodes of a conversation (its system prompts, which it puts first,
+    then its turns' roles and contents): equal for every copy of it, whatever other keys a copy's messages carry."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns = [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
+    return hashlib.blake2b(json.dumps([system, turns]).encode(), digest_size=16).hexdigest()
 
 
 def hold_out(conversations: list[Conversation], fraction: float) -> tuple[list[Conversation], list[Conversation]]:

@@ -161,10 +161,11 @@ def test_report_of_an_sft_run_that_held_out_conversations_answers_those(sft_run)
     train_config = json.loads((sft_run / "train_config.json").read_text())
     (sft_run / "train_config.json").write_text(json.dumps({**train_config, "val_fraction": 0.4, "seq_len": 64}))
     _, held_out = hold_out(CHATS, 0.4)  # the 2 of 5 conversations sft kept back for val_loss
+    answered = [chat for chat in held_out if chat is not CHATS[2]]  # CHATS[2]'s prompt fills the context: left out
     samples = write_report(sft_run).read_text().split("## Samples")[1]
     assert "2 of the run's held-out conversations (never trained on)" in samples and "the first 4" not in samples
-    assert samples.count("The file's answer") == 2
-    for chat in held_out:
+    assert samples.count("The file's answer") == len(answered) >= 1
+    for chat in answered:
         assert f"The file's answer:\n\n```text\n{chat[-1]['content']}\n```" in samples
 
 

@@ -136,3 +136,23 @@ def test_a_bad_val_fraction_or_val_data_is_refused_naming_its_key(tmp_path):
         result = CliRunner().invoke(app, ["sft", *overrides, f"out_dir={run}"])
         assert result.exit_code == 1 and f"error: field {message}" in result.output, (overrides, result.output)
         assert not run.exists()
+
+
+def test_copies_differing_only_in_keys_the_template_ignores_are_one_conversation(tmp_path, capsys):
+    """A copy whose messages carry `name`, `"tool_calls": null`, `reasoning_content` or `weight: 1` encodes the same
+    row: val_fraction holds it out with the original, and val_data holding it is noted as trained on."""
+    dressed = [
+        [{**user, "name": "ada"}, {**answer, "tool_calls": None, "reasoning_content": "sum", "weight": 1}]
+        for user, answer in SUMS
+    ]
+    data = write_conversations(SUMS + dressed, tmp_path / "sums.jsonl")
+    source = SFTSource(sft_config(tmp_path, f"data={data}", "val_fraction=0.2"), holds_out=True)
+    held_out = {tuple(ids) for ids, _ in source.validation}
+    assert len(source.validation) == 16 and len(held_out) == 8  # both copies of 8 conversations
+    assert held_out.isdisjoint(tuple(ids) for ids, _ in source.rows.rows)
+    plain = write_conversations(SUMS, tmp_path / "plain.jsonl")
+    val_data = write_conversations(dressed[:5], tmp_path / "val.jsonl")
+    SFTSource(sft_config(tmp_path, f"data={plain}", f"val_data={val_data}"), holds_out=True)
+    assert f"note: 5 of the 5 conversations of val_data={val_data} are also in the training data" in (
+        capsys.readouterr().err
+    )
