@@ -1,11 +1,11 @@
-"""`data build`: stream documents through normalisation, kind detection, quality rules, dedup, PII scrubbing and the
+"""`data build`: stream documents through normalisation, PII scrubbing, kind detection, quality rules, dedup and the
 split.
 
 Writes `train.jsonl` and `val.jsonl` (fields `id`, `text`, `source`, `kind`: the detected `kind/lang`) and
 `report.json` into the output folder. The three are written under hidden names and renamed together when complete
 (`staged_files`), so a crash or an error never leaves half a corpus, nor a new split beside an old one.
 
-Work per document (normalise, detect, rules, hashes, MinHash signature, PII) runs in `workers` processes on
+Work per document (normalise, PII scrubbing, detect, rules, hashes, MinHash signature) runs in `workers` processes on
 batches of `BATCH_DOCUMENTS`, at most `2 x workers` batches in flight; the main process keeps the dedup indexes
 and writes the output in input order, so the result is the same for any number of workers. Memory holds the
 batches in flight, the hashes and signatures of kept documents, and the split scores of the first
@@ -99,7 +99,7 @@ class Report:
 
 class Analysed(NamedTuple):
     """One document after the per-document work: the text to write (scrubbed) when it passed the rules, else a
-    snippet; what it failed; its hashes and signature for dedup and the split."""
+    snippet of it; what it failed; the hash and signature of the scrubbed text, for dedup and the split."""
 
     doc_id: str
     source: str
@@ -113,18 +113,21 @@ class Analysed(NamedTuple):
 
 
 def analyse(doc: Document, config: CleaningConfig) -> Analysed:
-    """Normalise, detect the kind, apply its rules; for a document that passes, its MinHash signature and PII
-    scrubbing too."""
-    text = normalise(doc.text)
+    """Normalise and scrub PII first, so that every later stage (rules, hashes, MinHash signature, the split, the
+    report's snippets) sees the text that is written; then detect the kind and apply its rules."""
+    text, replaced = scrub_pii(normalise(doc.text))
     kind, label = rule_kind(text, config.profile, doc.doc_id)
     failed = failed_rule(text, config.rules_for(kind))
     bytes_in = len(doc.text.encode("utf-8", errors="surrogatepass"))
     if failed is not None:
-        snippet = " ".join(text[:SNIPPET_CHARS].split())
-        return Analysed(doc.doc_id, doc.source, bytes_in, label, failed, snippet, "", None, {})
+        return Analysed(doc.doc_id, doc.source, bytes_in, label, failed, _snippet(text), "", None, {})
     signature = minhash_signature(text, config.minhash_permutations)
-    scrubbed, replaced = scrub_pii(text)
-    return Analysed(doc.doc_id, doc.source, bytes_in, label, None, scrubbed, content_hash(text), signature, replaced)
+    return Analysed(doc.doc_id, doc.source, bytes_in, label, None, text, content_hash(text), signature, replaced)
+
+
+def _snippet(text: str) -> str:
+    """The start of a (scrubbed) text as the report shows a removed document: `SNIPPET_CHARS`, whitespace squeezed."""
+    return " ".join(text[:SNIPPET_CHARS].split())
 
 
 def _analyse_batch(batch: list[Document], config: CleaningConfig) -> list[Analysed]:
@@ -194,8 +197,7 @@ def build_corpus(
             if reason is None and near.is_duplicate(doc.digest, doc.signature):
                 reason = NEAR_DUPLICATE
             if reason is not None:
-                snippet = doc.text if doc.failed else " ".join(doc.text[:SNIPPET_CHARS].split())
-                report.record_removal(reason, doc.doc_id, doc.kind, snippet)
+                report.record_removal(reason, doc.doc_id, doc.kind, doc.text if doc.failed else _snippet(doc.text))
                 continue
             pii_counts.update(doc.pii)
             score = split_score(doc.digest)

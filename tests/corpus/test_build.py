@@ -190,3 +190,32 @@ def test_cli_refuses_a_negative_worker_count_and_documents_a_zero_val_fraction(t
     assert built.exit_code == 0, built.output
     assert read_rows(tmp_path / "out")["val"] == []
     assert "0: none" in CliRunner().invoke(app, ["data", "build", "--help"], env={"COLUMNS": "200"}).output
+
+
+def test_documents_that_differ_only_in_pii_are_exact_duplicates_and_one_is_written(tmp_path: Path) -> None:
+    documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]
+    documents += [
+        Document("alice", prose(99) + "\nWrite to alice@example.com from 93.184.216.34.", "web"),
+        Document("bob", prose(99) + "\nWrite to bob@example.org from 151.101.1.69.", "web"),
+    ]
+    report = build_corpus([documents], tmp_path / "out", CleaningConfig(val_fraction=0.5), show_progress=False)
+    assert report.removed["exact_duplicate"] == 1
+    assert report.examples["exact_duplicate"][0]["id"] == "bob"
+    written = [row["id"] for split in read_rows(tmp_path / "out").values() for row in split]
+    assert "alice" in written and "bob" not in written
+
+
+def test_report_snippets_of_removed_documents_hold_no_pii(tmp_path: Path) -> None:
+    secrets = "Mail carol@example.com, api_key = 'Zx81mQ0pLk77aa11bb22'"
+    documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]
+    documents += [
+        Document("stub", secrets, "web"),  # fails min_chars
+        Document("copy", f"{secrets}\n{prose(0)}\nThe end.", "web"),
+        Document("copy again", f"{secrets}\n{prose(0)}\nThe end.", "web"),  # an exact duplicate
+    ]
+    build_corpus([documents], tmp_path / "out", CleaningConfig(), show_progress=False)
+    report = Report.load(tmp_path / "out" / "report.json")
+    snippets = [report.examples[reason][0]["snippet"] for reason in ("min_chars", "exact_duplicate")]
+    for snippet in snippets:
+        assert snippet.startswith("Mail <EMAIL>, api_key = '<SECRET>'")
+    assert "carol@" not in (tmp_path / "out" / "report.json").read_text() and "Zx81" not in snippets[0]
