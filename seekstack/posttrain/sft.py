@@ -82,29 +82,36 @@ class SFTSource:
             _require_a_split(config, len(conversations), len(held_out))
         else:
             conversations, held_out = split_conversations(config, self.tokenizer, 0.0, "")
-        self.rows = ShuffledRows([encode_conversation(self.tokenizer, c) for c in conversations], config.seed)
+        self.rows = ShuffledRows(self._training_rows(conversations), config.seed)
         self.validation = self._validation_rows(held_out) if holds_out else []
-        # a label at position t is predicted from position t - 1: a row's first seq_len positions hold its targets
-        untrained = sum(all(label == IGNORE_INDEX for label in row[1][1 : config.seq_len]) for row in self.rows.rows)
-        if untrained == len(self.rows.rows):
+        self.device = torch.device("cpu")
+
+    def _training_rows(self, conversations: list[Conversation]) -> list[tuple[list[int], list[int]]]:
+        """The conversations' rows that have an assistant token within seq_len (a micro-batch of the others would
+        still take an optimizer step, on the balance loss alone); a note when some are left out, a ValueError naming
+        data and seq_len when all are."""
+        config = self.config
+        rows = [encode_conversation(self.tokenizer, c) for c in conversations]
+        trained = [row for row in rows if has_targets_within(row, config.seq_len)]
+        if not trained:
             raise ValueError(
-                f"{config.data or config.task}: none of the {untrained} conversations has an assistant token within "
+                f"{config.data or config.task}: none of the {len(rows)} conversations has an assistant token within "
                 f"seq_len={config.seq_len}, so there is nothing to train on; raise seq_len or shorten their prompts"
             )
-        if untrained:
+        if len(trained) < len(rows):
             print(
-                f"note: {untrained} of {len(self.rows.rows)} conversations have no assistant token within "
-                f"seq_len={config.seq_len}: they train nothing; raise seq_len or shorten their prompts",
+                f"note: {len(rows) - len(trained)} of {len(rows)} conversations have no assistant token within "
+                f"seq_len={config.seq_len}: left out of training; raise seq_len or shorten their prompts",
                 file=sys.stderr,
             )
-        self.device = torch.device("cpu")
+        return trained
 
     def _validation_rows(self, held_out: list[Conversation]) -> list[tuple[list[int], list[int]]]:
         """The held-out conversations' rows that have an assistant token within seq_len (the others score nothing);
         a note when some are left out, or when evaluations are asked for and none are held out."""
         config = self.config
         rows = [encode_conversation(self.tokenizer, c) for c in held_out]
-        scored = [row for row in rows if any(label != IGNORE_INDEX for label in row[1][1 : config.seq_len])]
+        scored = [row for row in rows if has_targets_within(row, config.seq_len)]
         if len(scored) < len(rows):
             print(
                 f"note: {len(rows) - len(scored)} of {len(rows)} held-out conversations have no assistant token within "
@@ -160,6 +167,11 @@ class SFTSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows.load_state_dict(state)
+
+
+def has_targets_within(row: tuple[list[int], list[int]], seq_len: int) -> bool:
+    """Whether a row's first seq_len positions hold a target: a label at position t is predicted from t - 1."""
+    return any(label != IGNORE_INDEX for label in row[1][1:seq_len])
 
 
 def _require_a_split(config: SFTConfig, trained: int, held_out: int) -> None:

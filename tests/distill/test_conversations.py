@@ -138,8 +138,8 @@ def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_
 
 
 def test_on_policy_distillation_trains_on_past_conversations_whose_prompt_fills_seq_len(workspace, tmp_path, capsys):
-    """A prompt longer than seq_len leaves no room for an answer: it trains nothing (as the start's note says),
-    alone in its micro-batch or beside answered ones, and the run goes on."""
+    """A prompt longer than seq_len leaves no room for an answer: it is left out of the training rows (as the start's
+    note says), whatever the batch size, and the run goes on; the student leaves such a row unanswered."""
     tokenizer = byte_tokenizer(tmp_path / "tokenizer")
     short = [{"role": "user", "content": f"What is {i} + {i}?"} for i in range(3)]
     long_prompt = {"role": "user", "content": "x" * 500}

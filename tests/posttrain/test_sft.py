@@ -213,17 +213,20 @@ def test_sft_and_rl_write_their_resolved_config(tmp_path):
         assert f"{field}: 7" in path.read_text()
 
 
-def test_conversations_whose_assistant_turn_starts_past_seq_len_are_reported(tmp_path, capsys):
+def test_conversations_whose_assistant_turn_starts_past_seq_len_are_left_out_and_reported(tmp_path, capsys):
+    """A micro-batch of them alone would still take an optimizer step, on its balance loss: they are not drawn."""
     byte_tokenizer(tmp_path / "tok")
     long_prompt = [{"role": "user", "content": "Count the words of this long question. " * 4}, CHAT[2]]
     data = write_conversations([CHAT, CHAT[:3], long_prompt], tmp_path / "chats.jsonl")
     common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "model.vocab_size=300"]
-    SFTSource(resolve_train_config(None, [*common, "seq_len=512"], cls=SFTConfig))
-    assert "train nothing" not in capsys.readouterr().err
-    SFTSource(resolve_train_config(None, [*common, "seq_len=80"], cls=SFTConfig))
-    assert "note: 1 of 3 conversations have no assistant token within seq_len=80: they train nothing" in (
+    assert len(SFTSource(resolve_train_config(None, [*common, "seq_len=512"], cls=SFTConfig)).rows.rows) == 3
+    assert "left out" not in capsys.readouterr().err
+    source = SFTSource(resolve_train_config(None, [*common, "seq_len=80"], cls=SFTConfig))
+    assert "note: 1 of 3 conversations have no assistant token within seq_len=80: left out of training" in (
         capsys.readouterr().err
     )
+    assert len(source.rows.rows) == 2
+    assert all(source.labelled_tokens(source.batch(1, 0.0)) > 0 for _ in range(6))
     with pytest.raises(ValueError, match="none of the 3 conversations has an assistant token within seq_len=8,"):
         SFTSource(resolve_train_config(None, [*common, "seq_len=8"], cls=SFTConfig))
 
