@@ -34,9 +34,10 @@ _KNOWN_TOKENS = re.compile(
     r"|AIza[0-9A-Za-z_-]{35})"  # Google
 )
 # A quoted or bare long token assigned to a name like api_key, secret, token or password; names start at a word's
-# start (the same matches, without trying every position inside each word).
+# start, and the atomic group takes a name's first keyword for good and the possessive rest of it to the word's end:
+# linear time (backtracking over where in a long word the keyword lies made `keykeykey...` quadratic).
 _ASSIGNED_SECRET = re.compile(
-    r"(?i)(?P<name>(?<![\w-])[\w-]*(?:key|secret|token|passwd|password|pwd)[\w-]*['\"]?\s*[:=]\s*)"
+    r"(?i)(?P<name>(?<![\w-])(?>[\w-]*?(?:key|secret|token|passwd|password|pwd))[\w-]*+['\"]?\s*[:=]\s*)"
     r"(?P<value>(?P<quote>['\"])[A-Za-z0-9+/_.=~-]{12,}(?P=quote)|[0-9a-f]{32,}\b|[A-Za-z0-9+/]{32,}={0,2})"
 )
 
