@@ -55,16 +55,16 @@ def conversation_key(messages: Conversation) -> str:
 
 
 def hold_out(conversations: list[Conversation], fraction: float) -> tuple[list[Conversation], list[Conversation]]:
-    """(kept, held_out): at least int(fraction x N) conversations held out, every copy of each (so none is also
-    trained on), chosen by their content's hash: the same ones whatever the seed or the file's order."""
+    """(kept, held_out): up to int(fraction x N) conversations held out, every copy of each (so none is also trained
+    on), chosen by their content's hash: the same ones whatever the seed or the file's order. A conversation with
+    more copies than are still wanted is passed over, so a big group of copies never takes more than the fraction."""
     keys = [conversation_key(c) for c in conversations]
     copies, wanted = Counter(keys), int(fraction * len(conversations))
     held: set[str] = set()
     for key in sorted(copies):
-        if wanted <= 0:
-            break
-        held.add(key)
-        wanted -= copies[key]
+        if copies[key] <= wanted:
+            held.add(key)
+            wanted -= copies[key]
     kept = [c for c, key in zip(conversations, keys, strict=True) if key not in held]
     return kept, [c for c, key in zip(conversations, keys, strict=True) if key in held]
 

@@ -183,7 +183,10 @@ def _require_a_split(config: SFTConfig, trained: int, held_out: int) -> None:
     if not trained:
         problem = f"holds out all {total} conversations of {config.data} (with every copy of each it draws)"
     elif config.val_fraction and not held_out:
-        problem = f"holds out none of the {total} conversations of {config.data}; raise it to at least 1/{total}"
+        problem = (
+            f"holds out none of the {total} conversations of {config.data}; raise it to at least 1/{total} (more "
+            "where each has copies: they are held out together)"
+        )
     else:
         return
     raise ConfigError(f"has value {fraction}: it {problem}, or give val_data", field="val_fraction")

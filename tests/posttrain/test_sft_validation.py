@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from seekstack.checkpoint import load_pretrained
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.config import SFTConfig
-from seekstack.posttrain.conversations import encode_conversation, write_conversations
+from seekstack.posttrain.conversations import encode_conversation, hold_out, write_conversations
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.posttrain.tasks import split_of
 from seekstack.train.config import resolve_train_config
@@ -156,3 +156,14 @@ def test_copies_differing_only_in_keys_the_template_ignores_are_one_conversation
     assert f"note: 5 of the 5 conversations of val_data={val_data} are also in the training data" in (
         capsys.readouterr().err
     )
+
+
+def test_a_big_group_of_copies_is_not_held_out_past_val_fraction(tmp_path):
+    """60 distinct conversations and 40 copies of one greeting at 0.05: 5 held out, none of them the greeting (its 40
+    copies, kept together, would have been 40% of the data)."""
+    greeting = [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Hey!"}]  # its key sorts first
+    conversations = [*SUMS, *SUMS[:20], *[greeting] * 40]
+    conversations[40:60] = [[user, {**answer, "content": "é?"}] for user, answer in SUMS[:20]]  # 60 distinct
+    kept, held_out = hold_out(conversations, 0.05)
+    assert len(held_out) == 5 and greeting not in held_out and len(kept) == 95
+    assert hold_out(conversations[::-1], 0.05)[1] == held_out[::-1]  # the same ones, whatever the order
