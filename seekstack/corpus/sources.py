@@ -159,24 +159,55 @@ def read_jsonl(
     """One document per line of a JSON Lines file, its text in `field`; ids are `id_field` or `file:line`. A line
     whose text is null is skipped, and counted under the file's name in `null_texts`."""
     path = Path(path)
+    yield from _documents_from_values(_jsonl_values(path), path, field, id_field, null_texts)
+
+
+def read_json(
+    path: str | Path, field: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
+) -> Iterator[Document]:
+    """The rows of a `.json` file as `read_jsonl` reads them: JSON Lines (what `datasets.Dataset.to_json` writes),
+    or one JSON array of objects, read whole (ids `file:N` for its N-th object, from 1)."""
+    path = Path(path)
+    first_line = next((line for _, line in _jsonl_lines(path) if line.strip()), "")
+    if not first_line.lstrip().startswith("["):
+        yield from read_jsonl(path, field, id_field, null_texts)
+        return
+    items = enumerate(_parsed_json(_decoded(_read(path)), str(path)), start=1)
+    values = ((number, f"{path}: item {number}", item) for number, item in items)
+    yield from _documents_from_values(values, path, field, id_field, null_texts)
+
+
+def _jsonl_values(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """The JSON value on each non-blank line of a JSON Lines file, with its line number and `file:line`."""
     for line_number, line in _jsonl_lines(path):
-        if not line.strip():
-            continue
-        record = _json_object(line, f"{path}:{line_number}", field)
+        if line.strip():
+            where = f"{path}:{line_number}"
+            yield line_number, where, _parsed_json(line, where)
+
+
+def _documents_from_values(
+    values: Iterable[tuple[int, str, Any]],
+    path: Path,
+    field: str,
+    id_field: str | None,
+    null_texts: Counter[str] | None,
+) -> Iterator[Document]:
+    """Documents from the JSON objects of `path`, each given with its number (ids `file:number`) and where it is
+    (for errors), text in `field`; a null text is skipped, and counted under the file's name in `null_texts`."""
+    for number, where, value in values:
+        record = _json_object(value, where, field)
         if field not in record:
-            raise DataSourceError(
-                f"{path}:{line_number}: no field {field!r} (`seekstack data` commands name another with --field)"
-            )
+            raise DataSourceError(f"{where}: no field {field!r} (`seekstack data` commands name another with --field)")
         text = record[field]
         if text is None:  # no text (a null in a dataset export): skipped, as a Parquet row's null is
             if null_texts is not None:
                 null_texts[path.name] += 1
             continue
         if not isinstance(text, str):
-            raise DataSourceError(f"{path}:{line_number}: field {field!r} is {type(text).__name__}, not a string")
+            raise DataSourceError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
         doc_id = str(record.get(id_field, "")) if id_field else ""
         # JSON may escape half a character ("\ud83d", an emoji cut by a scraper): U+FFFD, as a text file's bad bytes
-        yield Document(doc_id or f"{path.name}:{line_number}", _LONE_SURROGATE.sub("\ufffd", text), path.name)
+        yield Document(doc_id or f"{path.name}:{number}", _LONE_SURROGATE.sub("\ufffd", text), path.name)
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -192,21 +223,25 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
         raise DataSourceError(f"{path}: not a readable gzip file ({error})") from None
 
 
-def _json_object(line: str, where: str, field: str) -> dict[str, Any]:
-    """The JSON object on one line of a JSON Lines file, at `where` (`file:line`); an error for any other value
-    names the text `field` it should hold."""
+def _parsed_json(text: str, where: str) -> Any:
+    """The JSON value of `text`, found at `where`; a DataSourceError naming it when the text is not JSON."""
     try:
-        record = json.loads(line)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise DataSourceError(f"{where}: not valid JSON ({error.msg})") from None
     except ValueError as error:  # an integer longer than Python converts (sys.get_int_max_str_digits, 4300 digits)
         raise DataSourceError(f"{where}: a JSON number too long to read ({error})") from None
-    if not isinstance(record, dict):
+
+
+def _json_object(value: Any, where: str, field: str) -> dict[str, Any]:
+    """`value`, a JSON Lines file's line or a JSON array's item at `where`, when it is an object; an error for any
+    other value names the text `field` it should hold."""
+    if not isinstance(value, dict):
         raise DataSourceError(
-            f"{where}: a JSON {_JSON_TYPES.get(type(record), 'value')}, not an object with a {field!r} field (JSON "
-            "Lines holds one object per line)"
+            f"{where}: a JSON {_JSON_TYPES.get(type(value), 'value')}, not an object with a {field!r} field (JSON "
+            "Lines holds one object per line; a JSON array, one object per item)"
         )
-    return record
+    return value
 
 
 def _documents_from_batches(
@@ -289,7 +324,7 @@ def read_stdlib() -> Iterator[Document]:
 
 def open_source(spec: str | Path, field: str = "text") -> Iterable[Document]:
     """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
-    `.parquet` (`Rows`), a file."""
+    `.json`, `.parquet` (`Rows`), a file."""
     if str(spec) == "stdlib":
         return read_stdlib()
     path = Path(spec)
@@ -301,6 +336,8 @@ def open_source(spec: str | Path, field: str = "text") -> Iterable[Document]:
         raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
     if _kind(path) == ".jsonl":
         return Rows(read_jsonl, path, field)
+    if _kind(path) == ".json":
+        return Rows(read_json, path, field)
     if path.suffix.lower() == ".parquet":
         return Rows(read_parquet, path, field)
     return read_text_file(path)

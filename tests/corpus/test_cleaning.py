@@ -287,6 +287,26 @@ def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:
     assert [doc.text for doc in read_jsonl(scraped)] == ["cut \ufffd here", "whole \U0001f600"]
 
 
+def test_a_json_file_of_json_lines_or_of_one_array_is_read_as_rows(tmp_path: Path) -> None:
+    rows = [{"text": "first", "n": 1}, {"text": None}, {"text": "second", "n": 2}]
+    lines = tmp_path / "lines.json"  # as datasets.Dataset.to_json writes it
+    lines.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    array = tmp_path / "array.json.gz"
+    array.write_bytes(gzip.compress(json.dumps(rows, indent=2).encode()))
+    assert list(open_source(lines)) == [
+        Document("lines.json:1", "first", "lines.json"),
+        Document("lines.json:3", "second", "lines.json"),
+    ]
+    assert list(open_source(array)) == [
+        Document("array.json.gz:1", "first", "array.json.gz"),
+        Document("array.json.gz:3", "second", "array.json.gz"),
+    ]
+    strings = tmp_path / "strings.json"
+    strings.write_text('["first", "second"]')
+    with pytest.raises(DataSourceError, match=r"strings.json: item 1: a JSON string, not an object with a 'text'"):
+        list(open_source(strings))
+
+
 @pytest.mark.parametrize(
     ("second_line", "message"),
     [
