@@ -1,9 +1,9 @@
 """What kind of text a document is — code, prose, or CJK (Chinese, Japanese, Korean) — its language, and how
 to split it into words when it has no spaces.
 
-A document whose name ends in a source-code suffix (`CODE_SUFFIXES`: `.py`, `.c`, `.rs`, ...) is code in that
-language, whatever its text; a Python module holding pages of documentation in strings is still code. Otherwise
-detection reads the first `SAMPLE_CHARS` characters:
+A document whose name ends in a source-code suffix (`CODE_SUFFIXES`: `.py`, `.c`, `.rs`, ...; through `.gz`,
+`mod.py.gz`) is code in that language, whatever its text; a Python module holding pages of documentation in strings
+is still code. Otherwise detection reads the first `SAMPLE_CHARS` characters:
   cjk    Han, kana or Hangul characters are >= `CJK_MIN_SHARE` of the words (each such character one word, as
          `words` splits text); language `ja` when kana are >= `KANA_MIN_SHARE` of those characters, `ko` when
          Hangul is most of them, `zh` otherwise.
@@ -96,7 +96,8 @@ def looks_like_code(line: str) -> bool:
 def detect_kind(text: str, name: str = "") -> DetectedKind:
     """The kind and language of `text`, from the suffix of its `name` (a path or document id) when that names
     source code, else from its first `SAMPLE_CHARS` characters (see the module docstring)."""
-    suffix = name[name.rfind(".") :].lower() if "." in name else ""
+    stem = name.lower().removesuffix(".gz")  # suffixes count through .gz, as sources read them: `mod.py.gz` is code
+    suffix = stem[stem.rfind(".") :] if "." in stem else ""
     if suffix in CODE_SUFFIXES:
         return DetectedKind("code", CODE_SUFFIXES[suffix])
     sample = text[:SAMPLE_CHARS]

@@ -177,5 +177,7 @@ def test_a_source_code_suffix_makes_a_document_code() -> None:
     docs_in_a_module = '"""' + ENGLISH_ARTICLE + '"""\n'
     assert detect_kind(docs_in_a_module) == DetectedKind("prose", "en")
     assert detect_kind(docs_in_a_module, "pydoc_data/topics.py") == DetectedKind("code", "python")
+    assert detect_kind(docs_in_a_module, "pydoc_data/topics.py.gz") == DetectedKind("code", "python")
+    assert detect_kind(docs_in_a_module, "LIB/TOPICS.PY.GZ") == DetectedKind("code", "python")
     assert detect_kind(ENGLISH_ARTICLE, "notes.txt") == DetectedKind("prose", "en")
     assert rule_kind(docs_in_a_module, "auto", "lib/main.rs") == ("code", "code/rust")
