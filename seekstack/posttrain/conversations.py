@@ -113,7 +113,20 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
         check_chat_message(position, message)
     else:
         tokenizer.check_message(position, message)
+    check_whole_characters(position, message["content"])  # type: ignore[index]  # checked above
     return message  # type: ignore[return-value]  # checked above
+
+
+def check_whole_characters(position: int, content: str) -> None:
+    """ValueError naming the message when its content holds half of a surrogate pair (a JSON escape such as
+    `\\ud83d` without its other half), which no UTF-8 text can hold and the tokenizer refuses."""
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"chat message {position} content holds {content[error.start]!r} at character {error.start}: half of a "
+            "surrogate pair, a JSON escape without its other half, which is no text; mend that escape"
+        ) from None
 
 
 def part_text(position: int, index: int, part: object) -> str:

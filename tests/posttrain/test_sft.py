@@ -262,6 +262,10 @@ def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_jo
         ),
         ({"role": "user", "content": [{"type": "image_url"}]}, "chat message 1 content part 0 is 'image_url'"),
         ({"role": "assistant", "content": None}, "chat message 1 content must be a string, got NoneType"),
+        (
+            {"role": "user", "content": "smile \ud83d"},  # written as the JSON escape "\\ud83d", its pair missing
+            r"chat message 1 content holds '\\ud83d' at character 6: half of a surrogate pair",
+        ),
     ],
 )
 def test_tool_turns_and_non_text_content_are_refused_naming_the_line(tmp_path, message, refusal):
