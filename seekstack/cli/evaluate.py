@@ -60,7 +60,7 @@ def explain_command(
     import json
 
     from seekstack.checkpoint import load_pretrained
-    from seekstack.eval.explain import corpus_routing, explain_text, routing_png
+    from seekstack.eval.explain import NO_MOE_LAYERS, corpus_routing, explain_text, routing_png
     from seekstack.eval.tasks import held_out_modules
     from seekstack.tokenizer import Tokenizer
 
@@ -69,15 +69,20 @@ def explain_command(
             raise ValueError("give a TEXT to explain, --corpus for routing statistics, or both")
         _require_folder_path(out)
         network, tokenizer = load_pretrained(model).eval(), Tokenizer.from_file(model)
-        if text is not None:
-            for name, written in explain_text(network, tokenizer, text, out).items():
-                typer.echo(f"{name}: {written}")
-        if corpus is not None:
+        records = None
+        if corpus is not None:  # before anything is written: a model or corpus it cannot read leaves no output
             texts = [module["text"] for module in held_out_modules(corpus)]
-            records = corpus_routing(network, tokenizer, texts, max_tokens)
+            records = corpus_routing(network, tokenizer, texts, max_tokens, source=str(corpus / "val.jsonl"))
+        if text is not None:
+            written = explain_text(network, tokenizer, text, out)
+            for name, path in written.items():
+                typer.echo(f"{name}: {path}")
+            if "routing" not in written:
+                typer.echo(f"routing: none. {NO_MOE_LAYERS}")
+        if records is not None:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "routing_stats.json").write_text(json.dumps(records, indent=1) + "\n")
             typer.echo(f"routing statistics: {routing_png(records, out / 'routing_stats.png')}")
+            (out / "routing_stats.json").write_text(json.dumps(records, indent=1) + "\n")
             for record in records:
                 typer.echo(
                     f"layer {record['layer']}: {record['tokens']:,} tokens, MaxVio {record['max_violation']:.2f}, "

@@ -33,6 +33,7 @@ MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): long
 MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
 ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
 ATTENTION_LEVELS = 255  # the page holds each attention weight as one byte, round(p * 255): the shading's own depth
+NO_MOE_LAYERS = "The model has no MoE layers (a dense FFN in every layer): no token is routed to experts."
 
 
 def visible(token: str) -> str:
@@ -94,10 +95,16 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
             }
             for r in routing
         ],  # fmt: skip
-        "num_experts": model.config.n_routed_experts or 0,
+        "num_experts": model.config.n_routed_experts if routing else 0,
+        "routing_note": "" if routing else NO_MOE_LAYERS,
     }
     paths["html"].write_text(_PAGE.replace("__DATA__", json.dumps(data)).replace("__TITLE__", html.escape(text[:60])))
     return paths
+
+
+def has_moe_layers(model: Transformer) -> bool:
+    """Whether any main layer of `model` routes its tokens to experts (a dense model's layers all hold an FFN)."""
+    return any(model.config.is_moe_layer(layer) for layer in range(model.config.num_hidden_layers))
 
 
 def _causal_bytes(weights: torch.Tensor) -> str:
@@ -158,13 +165,26 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
 
 @torch.no_grad()
 def corpus_routing(
-    model: Transformer, tokenizer: Tokenizer, texts: list[str], max_tokens: int = 32768, window: int = 256
+    model: Transformer,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    max_tokens: int = 32768,
+    window: int = 256,
+    source: str = "the texts",
 ) -> list[dict[str, Any]]:
     """Routing statistics of every MoE layer over the first `max_tokens` tokens of `texts`, cut in windows of
-    `window` tokens (each its own sequence); one JSON-ready dict per layer."""
-    rows = _token_windows(tokenizer.encode_batch(texts), window, max_tokens)
+    `window` tokens (each its own sequence); one JSON-ready dict per layer. ValueError for a model without MoE
+    layers, which routes nothing, and for texts (read from `source`) of which none fills a window."""
+    if not has_moe_layers(model):
+        raise ValueError(f"{NO_MOE_LAYERS} Routing statistics need routed experts; explain a text for its attention")
+    texts_ids = tokenizer.encode_batch(texts)
+    rows = _token_windows(texts_ids, window, max_tokens)
     if not rows:
-        raise ValueError(f"the texts hold no window of {window} tokens")
+        longest = max(map(len, texts_ids), default=0)
+        raise ValueError(
+            f"{source}: no document fills a window of {window} tokens ({len(texts)} documents, the longest "
+            f"{longest} tokens); documents shorter than a window are skipped: give a corpus with longer documents"
+        )
     classes = [token_class(tokenizer.decode([i])) for row in rows for i in row]
     follows = torch.cat([torch.arange(len(row)) > 0 for row in rows])  # a window's first token follows nothing
     whole = [row for row in rows if len(row) == window]
@@ -252,7 +272,8 @@ table.routing td { font-family: monospace; font-size: 11px; padding: 1px 4px; te
 <p>layer <select id="layer"></select> head <select id="head"></select>
 Hover a token (click to hold): the others are shaded by the attention it pays them.</p>
 <div id="tokens"></div>
-<h2>Expert routing</h2><p>Each token's selected experts, shaded by gate weight.</p><div id="routing"></div>
+<h2>Expert routing</h2><p id="routing_note">Each token's selected experts, shaded by gate weight.</p>
+<div id="routing"></div>
 <script>
 const data = __DATA__;
 const layerSelect = document.getElementById("layer"), headSelect = document.getElementById("head");
@@ -296,6 +317,7 @@ function show(query) {
 layerSelect.onchange = headSelect.onchange = () => show(held === null ? 0 : held);
 show(0);
 const routing = document.getElementById("routing");
+if (data.routing_note) document.getElementById("routing_note").textContent = data.routing_note;
 data.routing.forEach(layer => {
   const table = document.createElement("table"); table.className = "routing";
   table.innerHTML = `<caption>layer ${layer.layer}</caption>`;

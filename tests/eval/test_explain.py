@@ -159,3 +159,23 @@ def test_token_labels_show_pieces_of_a_character_as_bytes(checkpoint):
     labels = [token_label(tokenizer, i) for i in ids]
     assert labels == ["<e4>", "<bd>", "<a0>", "<e5>", "<a5>", "<bd>", "␣x", "↵"]  # the tiny vocabulary splits 你好
     assert token_label(tokenizer, tokenizer.bos_id) == tokenizer.decode([tokenizer.bos_id])
+
+
+def test_corpus_routing_of_a_model_without_moe_layers_says_so(checkpoint):
+    dense, tokenizer = micro_model(first_k_dense_replace=3), Tokenizer.from_file(checkpoint)
+    with pytest.raises(ValueError, match="The model has no MoE layers"):
+        corpus_routing(dense, tokenizer, [CODE * 20], window=32)
+
+
+def test_explaining_a_text_on_a_model_without_moe_layers_says_it_has_none(checkpoint, tmp_path):
+    dense, tokenizer = micro_model(first_k_dense_replace=3), Tokenizer.from_file(checkpoint)
+    paths = explain_text(dense, tokenizer, CODE, tmp_path)
+    data = json.loads(re.search(r"const data = (.*);\n", paths["html"].read_text()).group(1))
+    assert "routing" not in paths and data["routing"] == [] and data["num_experts"] == 0
+    assert data["routing_note"].startswith("The model has no MoE layers")
+
+
+def test_corpus_routing_without_a_whole_window_names_the_source_and_the_window(checkpoint):
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+    with pytest.raises(ValueError, match="corpus/val.jsonl: no document fills a window of 256 tokens .*shorter than"):
+        corpus_routing(model, tokenizer, ["x = 1\n", CODE], source="corpus/val.jsonl")

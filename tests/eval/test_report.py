@@ -245,3 +245,21 @@ def test_the_last_steps_loss_is_named_as_the_progress_line_names_it(tmp_path):
                for step in (1, 2)]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     assert "Last step 2: loss 8.3469 (total 8.3473)." in _training(tmp_path, tmp_path, {}, records)
+
+
+def test_explain_corpus_on_a_model_without_moe_layers_refuses_before_writing_anything(tmp_path):
+    import seekstack
+    from tests.infer.support import micro_model, tiny_tokenizer
+
+    model = seekstack.save_pretrained(micro_model(first_k_dense_replace=3), tmp_path / "dense")
+    tiny_tokenizer(model)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "val.jsonl").write_text(json.dumps({"id": "a", "text": "x = 1\n" * 400}) + "\n")
+    out = tmp_path / "explain"
+    result = CliRunner().invoke(app, ["explain", str(model), "def f(x):", "--out", str(out), "--corpus", str(corpus)])
+    assert result.exit_code == 1 and "The model has no MoE layers" in result.output
+    assert not out.exists()
+    text_only = run("explain", model, "def f(x):", "--out", out)
+    assert "routing: none. The model has no MoE layers" in text_only.output
+    assert sorted(path.name for path in out.iterdir()) == ["attention.png", "explain.html"]
