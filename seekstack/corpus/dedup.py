@@ -8,6 +8,7 @@ tuned by datasketch for the threshold) finds the kept documents estimated above 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -53,6 +54,26 @@ def minhash_signature(text: str, num_perm: int = 128) -> np.ndarray:
     signature = MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME)
     signature.update_batch(list(word_shingles(text)))
     return signature.hashvalues
+
+
+@functools.cache
+def lsh_can_band(threshold: float, num_perm: int) -> bool:
+    """True when datasketch's LSH, tuned for `threshold`, splits `num_perm` permutations into the 2 or more bands
+    it needs (a threshold near 1 wants one band of all of them)."""
+    try:
+        MinHashLSH(threshold=threshold, num_perm=num_perm)
+    except ValueError:
+        return False
+    return True
+
+
+def max_lsh_threshold(num_perm: int) -> float:
+    """The highest threshold, in hundredths, that LSH can band `num_perm` (>= 2) permutations for: 0.98 for 128."""
+    low, high = 0, 100  # in hundredths: 0.0 bands any 2 or more permutations, 1.0 none
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if lsh_can_band(middle / 100, num_perm) else (low, middle)
+    return low / 100
 
 
 class NearDeduplicator:

@@ -19,8 +19,18 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+from seekstack.corpus.dedup import lsh_can_band, max_lsh_threshold
 from seekstack.corpus.kinds import Kind, detect_kind, looks_like_code, words
-from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config
+from seekstack.schema import (
+    ConfigError,
+    Fraction,
+    NonNegative,
+    NonNegativeFloat,
+    Positive,
+    PositiveFloat,
+    nested_config,
+    require,
+)
 
 Profile = Literal["auto", "web", "code", "zh"]
 _DIGIT = re.compile(r"\d")
@@ -117,6 +127,19 @@ class CleaningConfig:
     minhash_permutations: Positive = 128
     val_fraction: Fraction = 0.01  # share of documents in the validation split
     min_kept_fraction: Fraction = 0.05  # a build keeping a smaller share of its documents fails, naming the rules
+
+    def __post_init__(self) -> None:
+        """MinHash LSH splits the permutations into 2 or more bands: at least 2 of them, and a threshold low enough
+        for that (datasketch's own errors name no field)."""
+        permutations, threshold = self.minhash_permutations, self.near_duplicate_threshold
+        require(permutations >= 2, "minhash_permutations", "at least 2 (MinHash LSH splits them into 2 or more bands)")
+        if not lsh_can_band(threshold, permutations):
+            raise ConfigError(
+                f"has value {threshold!r}: must be at most {max_lsh_threshold(permutations)} with "
+                f"minhash_permutations={permutations} (MinHash LSH needs 2 or more bands; more permutations allow a "
+                "higher threshold)",
+                field="near_duplicate_threshold",
+            )
 
     def rules_for(self, kind: Kind) -> KindRules:
         """The thresholds that apply to documents of `kind`."""

@@ -186,6 +186,15 @@ def test_config_accepts_int_for_float_and_keeps_each_kinds_defaults(tmp_path: Pa
             "field 'cjk.max_digit_fraction' has value 1.5: input should be less than or equal to 1",
         ),
         ("profile: news\n", "field 'profile' has value 'news': input should be 'auto', 'web', 'code' or 'zh'"),
+        (
+            "near_duplicate_threshold: 1.0\n",
+            "field 'near_duplicate_threshold' has value 1.0: must be at most 0.98 with minhash_permutations=128",
+        ),
+        (
+            "near_duplicate_threshold: 0.7\nminhash_permutations: 4\n",
+            "field 'near_duplicate_threshold' has value 0.7: must be at most 0.63 with minhash_permutations=4",
+        ),
+        ("minhash_permutations: 1\n", "field 'minhash_permutations' must be at least 2"),
     ],
 )
 def test_config_errors_name_the_key_and_file(tmp_path: Path, content: str, message: str) -> None:
