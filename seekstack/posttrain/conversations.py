@@ -2,7 +2,8 @@
 
 A conversation is a list of OpenAI-style messages (`{"role": ..., "content": ...}`). Its row is
 `Tokenizer.encode_chat(messages)`; the labels equal the ids on every assistant token (its content and the EOS
-that ends the turn) and are IGNORE_INDEX (-100) elsewhere: BOS, system prompt, user turns, role tokens, padding.
+that ends the turn) and are IGNORE_INDEX (-100) elsewhere: BOS, system prompt, user turns, role tokens, padding,
+and the assistant turns of `"weight": 0` (OpenAI fine-tuning's: in the row as context, not trained on).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -24,13 +26,14 @@ Conversation = list[dict]
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one conversation: labels are the ids on assistant tokens, IGNORE_INDEX elsewhere."""
+    """(ids, labels) of one conversation: labels are the ids on the tokens of assistant turns not of weight 0,
+    IGNORE_INDEX elsewhere."""
     ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
     system = [m for m in messages if m["role"] == "system"]  # the chat template puts every system message first
     turns = [m for m in messages if m["role"] != "system"]
     for position, message in enumerate(turns):
-        if message["role"] != "assistant":
+        if not is_trained(message):
             continue
         start = len(tokenizer.encode_chat([*system, *turns[:position]], add_generation_prompt=True))
         end = len(tokenizer.encode_chat([*system, *turns[: position + 1]], add_generation_prompt=False))
@@ -84,6 +87,11 @@ def read_conversations(path: str | Path, tokenizer: Tokenizer | None = None) -> 
             raise ValueError(f"{path}:{number}: {error}") from None
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
+        if not any(is_trained(m) for m in messages):
+            raise ValueError(
+                f"{path}:{number}: every assistant message has weight 0, so the conversation trains nothing; give one "
+                "weight 1 or leave the conversation out"
+            )
         conversations.append(messages)
     if not conversations:
         raise ValueError(f"{path}: no conversations")
@@ -94,7 +102,8 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     """An OpenAI chat message as the chat template takes it: the `developer` role (OpenAI's newer name for system) as
     `system`, and content given as a list of text parts as their texts joined by newlines (as vLLM's server joins
     them). Tool messages and tool calls are refused: the template has no tool turns. ValueError naming `position`
-    unless the result is a `check_chat_message` message (with `tokenizer`, `Tokenizer.check_message`)."""
+    unless the result is a `check_chat_message` message (with `tokenizer`, `Tokenizer.check_message`) whose weight,
+    if any, is `check_weight`'s."""
     if isinstance(message, dict):
         if message.get("role") == "tool" or message.get("tool_calls"):
             raise ValueError(
@@ -113,8 +122,30 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
         check_chat_message(position, message)
     else:
         tokenizer.check_message(position, message)
-    check_whole_characters(position, message["content"])  # type: ignore[index]  # checked above
-    return message  # type: ignore[return-value]  # checked above
+    checked = cast(dict, message)  # a dict with a known role and string content
+    check_whole_characters(position, checked["content"])
+    if "weight" in checked:
+        check_weight(position, checked)
+    return checked
+
+
+def check_weight(position: int, message: dict) -> None:
+    """ValueError naming the message unless its `weight` is OpenAI fine-tuning's: 0 or 1, on an assistant message."""
+    weight = message["weight"]
+    if message["role"] != "assistant":
+        raise ValueError(
+            f"chat message {position} field 'weight' is on a {message['role']} message: only assistant messages take "
+            "one (0: not trained on, 1: trained on)"
+        )
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ValueError(
+            f"chat message {position} field 'weight' has value {weight!r}: it must be 0 (not trained on) or 1"
+        )
+
+
+def is_trained(message: dict) -> bool:
+    """Whether a templated message's tokens are labelled: an assistant message not of weight 0."""
+    return message["role"] == "assistant" and message.get("weight", 1) == 1
 
 
 def check_whole_characters(position: int, content: str) -> None:

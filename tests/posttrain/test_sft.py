@@ -275,6 +275,34 @@ def test_tool_turns_and_non_text_content_are_refused_naming_the_line(tmp_path, m
         read_conversations(path)
 
 
+def test_an_assistant_turn_of_weight_0_is_context_not_trained_on(tmp_path):
+    """OpenAI fine-tuning's `weight`: 0 keeps the turn in the row, its tokens unlabelled; 1 trains it as usual."""
+    tokenizer = byte_tokenizer(tmp_path)
+    path = tmp_path / "weighted.jsonl"
+    weighted = [*CHAT[:2], {**CHAT[2], "weight": 0}, CHAT[3], {**CHAT[4], "weight": 1}]
+    path.write_text(json.dumps({"messages": weighted}) + "\n")
+    ids, labels = encode_conversation(tokenizer, read_conversations(path, tokenizer)[0])
+    assert ids == tokenizer.encode_chat(CHAT, add_generation_prompt=False)
+    assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == "4" + EOS
+
+
+@pytest.mark.parametrize(
+    ("weight", "refusal"),
+    [
+        ({"role": "assistant", "content": "4", "weight": 2}, "chat message 4 field 'weight' has value 2: it must be 0"),
+        ({"role": "assistant", "content": "4", "weight": True}, "chat message 4 field 'weight' has value True"),
+        ({"role": "user", "content": "Hi", "weight": 1}, "chat message 4 field 'weight' is on a user message"),
+        ({"role": "assistant", "content": "4", "weight": 0}, "every assistant message has weight 0"),
+    ],
+)
+def test_a_weight_other_than_0_or_1_on_an_assistant_message_is_refused_naming_the_line(tmp_path, weight, refusal):
+    path = tmp_path / "weighted.jsonl"
+    messages = [*CHAT[:2], {**CHAT[2], "weight": 0}, CHAT[3], weight]
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(ValueError, match=rf"weighted.jsonl:2: {refusal}"):
+        read_conversations(path)
+
+
 def test_accumulated_micro_batches_weigh_every_assistant_token_the_same_whatever_the_split(tmp_path, monkeypatch):
     """4 conversations whose answers are 1 and 40 words: 1 x 4, 2 x 2 and 4 x 1 micro-batches give one step the
     same loss and gradients (a mean over the step's assistant tokens, not a mean of micro-batch means)."""
