@@ -101,15 +101,15 @@ def read_conversations(path: str | Path, tokenizer: Tokenizer | None = None) -> 
 def template_message(position: int, message: object, tokenizer: Tokenizer | None = None) -> dict:
     """An OpenAI chat message as the chat template takes it: the `developer` role (OpenAI's newer name for system) as
     `system`, and content given as a list of text parts as their texts joined by newlines (as vLLM's server joins
-    them). Tool messages and tool calls are refused: the template has no tool turns. ValueError naming `position`
-    unless the result is a `check_chat_message` message (with `tokenizer`, `Tokenizer.check_message`) whose weight,
-    if any, is `check_weight`'s."""
+    them). Tool messages and tool calls (`tool_calls`, the legacy `function_call`) are refused: the template has no
+    tool turns. ValueError naming `position` unless the result is a `check_chat_message` message (with `tokenizer`,
+    `Tokenizer.check_message`) whose weight, if any, is `check_weight`'s."""
     if isinstance(message, dict):
-        if message.get("role") == "tool" or message.get("tool_calls"):
+        if message.get("role") == "tool" or message.get("tool_calls") or message.get("function_call"):
             raise ValueError(
                 f"chat message {position} is a tool {'result' if message.get('role') == 'tool' else 'call'}: tool "
-                "messages and tool_calls are not supported (the chat template has no tool turns); leave out "
-                "conversations that use tools"
+                "messages, tool_calls and function_call are not supported (the chat template has no tool turns); "
+                "leave out conversations that use tools"
             )
         message = dict(message)
         if message.get("role") == "developer":

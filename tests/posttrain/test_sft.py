@@ -258,7 +258,11 @@ def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_jo
         ({"role": "tool", "content": "3", "tool_call_id": "1"}, "chat message 1 is a tool result: tool messages"),
         (
             {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
-            "chat message 1 is a tool call: tool messages and tool_calls are not supported",
+            "chat message 1 is a tool call: tool messages, tool_calls and function_call are not supported",
+        ),
+        (
+            {"role": "assistant", "content": "Let me look.", "function_call": {"name": "f", "arguments": "{}"}},
+            "chat message 1 is a tool call: tool messages, tool_calls and function_call",
         ),
         ({"role": "user", "content": [{"type": "image_url"}]}, "chat message 1 content part 0 is 'image_url'"),
         ({"role": "assistant", "content": None}, "chat message 1 content must be a string, got NoneType"),
