@@ -104,6 +104,14 @@ class SFTSource:
                 f"seq_len={config.seq_len}: left out of training; raise seq_len or shorten their prompts",
                 file=sys.stderr,
             )
+        cut = sum(not ends_within(row, config.seq_len) for row in trained)
+        if cut:
+            print(
+                f"note: {cut} of {len(trained)} conversations have their last assistant turn cut by "
+                f"seq_len={config.seq_len}, its EOS with it: the model learns not to stop on them; raise seq_len or "
+                "shorten them",
+                file=sys.stderr,
+            )
         return trained
 
     def _validation_rows(self, held_out: list[Conversation]) -> list[tuple[list[int], list[int]]]:
@@ -172,6 +180,13 @@ class SFTSource:
 def has_targets_within(row: tuple[list[int], list[int]], seq_len: int) -> bool:
     """Whether a row's first seq_len positions hold a target: a label at position t is predicted from t - 1."""
     return any(label != IGNORE_INDEX for label in row[1][1:seq_len])
+
+
+def ends_within(row: tuple[list[int], list[int]], seq_len: int) -> bool:
+    """Whether a row's last target (the EOS ending its last trained assistant turn) is within its first seq_len
+    positions, which are all a row keeps."""
+    labelled = [position for position, label in enumerate(row[1]) if label != IGNORE_INDEX]
+    return labelled[-1] < seq_len
 
 
 def _require_a_split(config: SFTConfig, trained: int, held_out: int) -> None:

@@ -231,6 +231,21 @@ def test_conversations_whose_assistant_turn_starts_past_seq_len_are_left_out_and
         SFTSource(resolve_train_config(None, [*common, "seq_len=8"], cls=SFTConfig))
 
 
+def test_conversations_whose_last_answer_is_cut_by_seq_len_are_counted(tmp_path, capsys):
+    """A row keeps its first seq_len tokens: an answer cut there loses its EOS, and the model learns not to stop."""
+    tokenizer = byte_tokenizer(tmp_path / "tok")
+    data = write_conversations([CHAT, CHAT[:3], CHAT[:3]], tmp_path / "chats.jsonl")
+    whole = len(encode_conversation(tokenizer, CHAT)[0])
+    common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "model.vocab_size=300"]
+    SFTSource(resolve_train_config(None, [*common, f"seq_len={whole}"], cls=SFTConfig))
+    assert "cut by" not in capsys.readouterr().err
+    SFTSource(resolve_train_config(None, [*common, f"seq_len={whole - 1}"], cls=SFTConfig))
+    assert (
+        f"note: 1 of 3 conversations have their last assistant turn cut by seq_len={whole - 1}, its EOS with it: the "
+        "model learns not to stop on them" in capsys.readouterr().err
+    )
+
+
 def test_a_special_token_in_content_is_refused_naming_the_file_and_line(tmp_path):
     byte_tokenizer(tmp_path / "tok")
     forged = [{"role": "user", "content": f"hi {ASSISTANT} there"}, CHAT[2]]
