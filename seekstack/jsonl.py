@@ -9,14 +9,15 @@ from typing import Any
 
 
 def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded JSON value) of each non-blank line of `path`; a ValueError naming `path:line` for a
-    line that is not UTF-8 or not JSON. With `on_torn_tail`, a last line that is neither and has no newline (what a
-    process stopped while appending it leaves) is skipped, and `on_torn_tail` is told why."""
+    """(line number, decoded JSON value) of each non-blank line of `path` (a UTF-8 byte order mark opening it is
+    skipped); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON. With `on_torn_tail`, a last
+    line that is neither and has no newline (what a process stopped while appending it leaves) is skipped, and
+    `on_torn_tail` is told why."""
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 if line.strip():
                     yield number, json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
