@@ -21,6 +21,11 @@ def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None =
                 if line.strip():
                     yield number, json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                if number == 1 and isinstance(error, json.JSONDecodeError) and line.lstrip().startswith("["):
+                    raise ValueError(
+                        f"{path}:1: not JSON Lines: the file starts a JSON array; write one JSON object a line (JSON "
+                        "Lines), e.g. with jq -c '.[]'"
+                    ) from None
                 what = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "not valid JSON"
                 reason = f"{error.reason} at byte {error.start}" if isinstance(error, UnicodeDecodeError) else error.msg
                 if torn:

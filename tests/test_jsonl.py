@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from seekstack.jsonl import jsonl_records
 
 RECORDS = [{"messages": [{"role": "user", "content": "q"}]}, {"step": 2}]
@@ -10,3 +12,13 @@ def test_a_byte_order_mark_opening_the_file_is_skipped(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in RECORDS).encode())
     assert list(jsonl_records(path)) == [(1, RECORDS[0]), (2, RECORDS[1])]
+
+
+def test_a_json_array_file_is_refused_as_not_json_lines(tmp_path):
+    path = tmp_path / "chats.json"
+    path.write_text(json.dumps(RECORDS, indent=2))  # "[" alone on line 1
+    with pytest.raises(ValueError, match=r"chats.json:1: not JSON Lines: the file starts a JSON array; write one JSON"):
+        list(jsonl_records(path))
+    path.write_text("[" + json.dumps(RECORDS[0]) + ",\n" + json.dumps(RECORDS[1]) + "]\n")
+    with pytest.raises(ValueError, match=r"chats.json:1: not JSON Lines"):
+        list(jsonl_records(path))
