@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from seekstack.adapters.config import AdapterConfig
 from seekstack.atomic import refuse_to_replace, staged_files
 from seekstack.checkpoint import (
+    CONFIG_FILE,
     MODEL_FOLDER_FILES,
     CheckpointError,
     checkpoint_key,
@@ -280,6 +281,27 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
         if source is not None:
             shutil.copyfile(source, out / name)
     return out
+
+
+def adapter_checkpoint_base(folder: str | Path) -> Path | None:
+    """The base model of an adapter checkpoint (a `lora train` run's checkpoints/step_N or out_dir: adapter files and
+    no config.json of their own), as its adapter_config.json records it; None for any other folder. CheckpointError
+    naming the file when the recorded base is not there."""
+    folder = Path(folder)
+    config_path = folder / ADAPTER_CONFIG_FILE
+    if (folder / CONFIG_FILE).is_file() or not config_path.is_file():
+        return None
+    recorded = read_json_object(config_path).get("base_model_name_or_path")
+    merge = f"or merge the adapter into its base (`seekstack lora merge BASE {folder} --out MERGED`) and use MERGED"
+    if not recorded:
+        raise CheckpointError(f"{config_path}: the adapter records no base model (base_model_name_or_path); {merge}")
+    base = Path(recorded)
+    if not (base / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{config_path}: the adapter's base model {base} (base_model_name_or_path) holds no {CONFIG_FILE} (moved "
+            f"or deleted?): put it back, {merge}"
+        )
+    return base
 
 
 def publish_adapter(checkpoint: str | Path, out: str | Path) -> Path:

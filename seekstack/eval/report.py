@@ -185,7 +185,9 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
 
 
 def _model(checkpoint: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    config = read_config(checkpoint)  # the checkpoint's own config.json: the model the run really has
+    from seekstack.eval.samples import model_and_adapter
+
+    config = read_config(model_and_adapter(checkpoint)[0])  # the checkpoint's (a LoRA run's: its base's) config.json
     main = accounting.main_parameters(config)
     mtp_depths = config.num_nextn_predict_layers
     last_step = int(checkpoint.name.removeprefix("step_"))  # the checkpoint's step: the model this page describes

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from seekstack.checkpoint import load_pretrained, read_config
+from seekstack.adapters.files import adapter_checkpoint_base
+from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import REASONING_MAX_TOKENS
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
@@ -18,11 +19,26 @@ from seekstack.posttrain.conversations import Conversation, prompt_messages
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
 from seekstack.posttrain.tasks import Task, sample_problems
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import TOKENIZER_FILE
 from seekstack.train.runs import checkpoint_or_latest
 
 # Prompts end where a token ends: byte-level BPE glues spaces and newlines to the next word or indentation.
 DEMO_PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n\n\nclass", "    for line in lines:")
+
+
+def model_and_adapter(model_path: str | Path) -> tuple[Path, Path | None]:
+    """The checkpoint folder holding the weights of a checkpoint, a run's newest or a LoRA adapter checkpoint (`lora
+    train`'s: its recorded base), and the adapter folder to merge into them (None but for an adapter checkpoint)."""
+    base = adapter_checkpoint_base(model_path)
+    return (base, Path(model_path)) if base is not None else (checkpoint_or_latest(model_path), None)
+
+
+def _engine(model_path: str | Path, **options) -> Engine:
+    """An engine on the model `model_path` names (`model_and_adapter`), an adapter merged as `generate --adapter`
+    merges it, with the tokenizer of `model_path` when it holds one."""
+    weights, adapter = model_and_adapter(model_path)
+    tokenizer = model_path if adapter is not None and (Path(model_path) / TOKENIZER_FILE).is_file() else None
+    return Engine.from_pretrained(weights, tokenizer=tokenizer, adapter=adapter, **options)
 
 
 def demo_samples(
@@ -35,8 +51,7 @@ def demo_samples(
 ) -> list[tuple[str, str, str]]:
     """(prompt, greedy continuation, sampled continuation) for each prompt, from a checkpoint or run directory
     holding the tokenizer."""
-    path = checkpoint_or_latest(model_path)
-    engine = Engine(load_pretrained(path), Tokenizer.from_file(path), max_batch_size=2 * len(prompts))
+    engine = _engine(model_path, max_batch_size=2 * len(prompts))
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     completions = engine.generate([*prompts, *prompts], [greedy] * len(prompts) + [sampled] * len(prompts))
@@ -58,9 +73,9 @@ def task_samples(
 ) -> list[TaskSample]:
     """`count` held-out problems of `task` answered greedily by a checkpoint or run's newest, sampled as
     `pass-at-k` samples its greedy rollout (at most the room its context leaves after a prompt's)."""
-    path = checkpoint_or_latest(model_path)
-    max_new_tokens = min(max_new_tokens, read_config(path).max_position_embeddings - PROMPT_TOKENS)
-    engine = Engine.from_pretrained(path, max_batch_size=count, max_model_len=PROMPT_TOKENS + max_new_tokens)
+    weights, _ = model_and_adapter(model_path)
+    max_new_tokens = min(max_new_tokens, read_config(weights).max_position_embeddings - PROMPT_TOKENS)
+    engine = _engine(model_path, max_batch_size=count, max_model_len=PROMPT_TOKENS + max_new_tokens)
     tokenizer = engine.tokenizer
     problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
     rollout = sample_groups(engine, task, problems, 1, max_new_tokens, 0.0, 0, RewardWeights())
@@ -90,8 +105,7 @@ def conversation_samples(
     """Each conversation's turns before its last assistant turn answered greedily by a checkpoint or run's newest,
     all in one batch; an answer gets at most the room the context leaves after its prompt, and a conversation whose
     prompt fills the context is left out."""
-    path = checkpoint_or_latest(model_path)
-    engine = Engine.from_pretrained(path, max_batch_size=len(conversations))
+    engine = _engine(model_path, max_batch_size=len(conversations))
     asked = []  # (prompt text, its ids, the reference answer)
     for messages in conversations:
         last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")

@@ -79,6 +79,11 @@ def _post_training_run(run_dir: Path, train_config: dict, records: list[dict]) -
     """A run's folder: train_config.json, metrics.jsonl of `records`, a micro checkpoint at the last record's step."""
     checkpoint = micro_checkpoint(run_dir / "checkpoints" / f"step_{records[-1]['step']}")
     torch.save({}, checkpoint / TRAIN_STATE_FILE)  # a complete checkpoint to latest_checkpoint
+    return _run_files(run_dir, train_config, records)
+
+
+def _run_files(run_dir: Path, train_config: dict, records: list[dict]) -> Path:
+    """A run's train_config.json and its metrics.jsonl of `records`."""
     (run_dir / "train_config.json").write_text(json.dumps(train_config))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     return run_dir
@@ -189,3 +194,53 @@ def test_report_of_an_sft_run_whose_conversations_file_is_gone_names_it(sft_run)
     samples = write_report(sft_run).read_text().split("## Samples")[1]
     assert f"the run's conversations file `{sft_run.parent / 'chats.jsonl'}` is gone (moved or deleted)" in samples
     assert f"`seekstack chat {sft_run / 'checkpoints' / 'step_2'}`" in samples and "```python" not in samples
+
+
+@pytest.fixture
+def lora_run(tmp_path) -> Path:
+    """A `lora train` run's folder: its checkpoint holds an adapter (non-zero LoRA weights) on a base it records,
+    the tokenizer, and no config.json of its own."""
+    from tests.adapters.support import write_base, write_random_adapter
+
+    base = write_base(tmp_path / "base", with_tokenizer=True)
+    run_dir = tmp_path / "lora"
+    checkpoint = write_random_adapter(base, run_dir / "checkpoints" / "step_2", seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).write_bytes((base / name).read_bytes())
+    torch.save({}, checkpoint / TRAIN_STATE_FILE)
+    records = [{"step": step, "loss": 2.0, "lr": 1e-2, "tokens_per_s": 900.0, "mfu": 0.3} for step in (1, 2)]
+    return _run_files(run_dir, {"model": "tiny", "init_from": "../base", "data_dir": "../tokens"}, records)
+
+
+def test_report_and_explain_of_a_lora_run_use_its_base_with_the_adapter_merged(lora_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.adapters.files import merge_adapter
+    from seekstack.cli import app
+    from seekstack.eval.samples import demo_samples
+
+    merged = merge_adapter(lora_run.parent / "base", lora_run / "checkpoints" / "step_2", tmp_path / "merged")
+    report = write_report(lora_run).read_text()
+    assert "| routed experts | 4 (2 per token) in 1 of 2 layers |" in report
+    for prompt, greedy, _ in demo_samples(merged, max_new_tokens=48):  # the adapter's model, not the base's
+        assert f"```python\n{prompt}{greedy}\n```" in report
+    for model, out in ((lora_run, tmp_path / "lora_explain"), (merged, tmp_path / "merged_explain")):
+        result = CliRunner().invoke(app, ["explain", str(model), "def f(x):", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "lora_explain" / "explain.html").read_text() == (
+        tmp_path / "merged_explain" / "explain.html"
+    ).read_text()
+
+
+def test_explain_of_a_lora_run_whose_base_is_gone_names_the_base_and_the_merge(lora_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    (lora_run.parent / "base").rename(tmp_path / "moved")
+    result = CliRunner().invoke(app, ["explain", str(lora_run), "def f(x):", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"the adapter's base model {lora_run.parent / 'base'} (base_model_name_or_path) holds no config.json" in (
+        result.output.replace("\n", "")
+    )
+    assert "seekstack lora merge BASE" in result.output.replace("\n", "")
