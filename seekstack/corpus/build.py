@@ -15,11 +15,15 @@ batches in flight, the hashes and signatures of kept documents, and the split sc
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import json
 import multiprocessing
+import multiprocessing.pool
+import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -143,7 +147,7 @@ def analysed_documents(documents: Iterable[Document], config: CleaningConfig, wo
         for batch in batches:
             yield from _analyse_batch(batch, config)
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with worker_pool(workers) as pool:
         in_flight: collections.deque = collections.deque()
         for batch in batches:
             in_flight.append(pool.apply_async(_analyse_batch, (batch, config)))
@@ -151,6 +155,27 @@ def analysed_documents(documents: Iterable[Document], config: CleaningConfig, wo
                 yield from in_flight.popleft().get()
         while in_flight:
             yield from in_flight.popleft().get()
+
+
+def worker_pool(workers: int) -> multiprocessing.pool.Pool:
+    """`workers` spawned processes that ignore Ctrl-C from their start (an ignored signal stays ignored through
+    exec, and Python then installs no KeyboardInterrupt handler): the main process takes it, ends them and exits
+    with 130, without a traceback from every worker."""
+    with _ctrl_c_ignored():
+        return multiprocessing.get_context("spawn").Pool(workers)
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process meanwhile, when it runs on the main thread (the only one that may set it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def build_corpus(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from seekstack.cli import app
-from seekstack.corpus.build import CorpusBuildError, Report, build_corpus, report_table
+from seekstack.corpus.build import CorpusBuildError, Report, build_corpus, report_table, worker_pool
 from seekstack.corpus.rules import CleaningConfig
 from seekstack.corpus.sources import DataSourceError, Document, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
@@ -219,3 +220,9 @@ def test_report_snippets_of_removed_documents_hold_no_pii(tmp_path: Path) -> Non
     for snippet in snippets:
         assert snippet.startswith("Mail <EMAIL>, api_key = '<SECRET>'")
     assert "carol@" not in (tmp_path / "out" / "report.json").read_text() and "Zx81" not in snippets[0]
+
+
+def test_worker_processes_leave_ctrl_c_to_the_main_process() -> None:
+    with worker_pool(2) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process still takes it
