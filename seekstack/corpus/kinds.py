@@ -14,7 +14,9 @@ is still code. Otherwise detection reads the first `SAMPLE_CHARS` characters:
   prose  everything else; language `en` when >= `ENGLISH_MIN_STOPWORD_SHARE` of the words are English
          stop words, `und` (undetermined, BCP 47) otherwise.
 Words: a run of non-space characters, except that every CJK character is a word of its own (the unit the
-length and repetition rules count for text without spaces; word segmentation would need a dictionary).
+length and repetition rules count for text without spaces; word segmentation would need a dictionary). Thai, Lao,
+Myanmar and Khmer, also written without spaces between words, keep their runs (phrases; their characters carry
+combining vowels and marks), and the rules do not judge the mean length of those (`written_without_spaces`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ KINDS: tuple[Kind, ...] = ("code", "prose", "cjk")
 
 SAMPLE_CHARS = 20_000
 CJK_MIN_SHARE = 0.3
+UNSPACED_MIN_SHARE = 0.3
 KANA_MIN_SHARE = 0.1
 CODE_MIN_LINE_SHARE = 0.35
 CODE_MAX_LINE_CHARS = 160  # a longer line is a paragraph of prose, whatever it ends with ...
@@ -39,6 +42,8 @@ _HANGUL = "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
 CJK_CHAR = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]")
 _KANA_CHAR = re.compile(f"[{_KANA}]")
 _HANGUL_CHAR = re.compile(f"[{_HANGUL}]")
+# Thai, Lao, Myanmar, Khmer: scripts that put no spaces between words (only between phrases or sentences)
+_UNSPACED_CHAR = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u19e0-\u19ff]")
 _CJK_WORD = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]|[^\\s{_HAN}{_KANA}{_HANGUL}]+")
 
 _CODE_LINE = re.compile(
@@ -83,6 +88,14 @@ def words(text: str) -> list[str]:
     if CJK_CHAR.search(text) is None:
         return text.split()
     return _CJK_WORD.findall(text)
+
+
+def written_without_spaces(text: str) -> bool:
+    """True when letters of Thai, Lao, Myanmar or Khmer, scripts with no spaces between words, are
+    >= `UNSPACED_MIN_SHARE` of the first `SAMPLE_CHARS` characters that are not spaces: its `words` are phrases, whose
+    length says nothing of the text's quality."""
+    sample = "".join(text[:SAMPLE_CHARS].split())
+    return bool(sample) and len(_UNSPACED_CHAR.findall(sample)) >= UNSPACED_MIN_SHARE * len(sample)
 
 
 def looks_like_code(line: str) -> bool:

@@ -7,6 +7,7 @@ that kind. Lengths and n-grams count words as `kinds.words` splits them, so ever
   prose  Gopher's thresholds (Rae et al. 2021, appendix A) and FineWeb's line punctuation rule; a paragraph may be
          one line of any length, as web-text JSONL stores it.
   cjk    prose rules counted in characters; no word-length rule (a "word" is one character).
+Thai, Lao, Myanmar and Khmer prose (no spaces between words) is not judged by the mean word length either.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from functools import cached_property
 from typing import Literal
 
 from seekstack.corpus.dedup import lsh_can_band, max_lsh_threshold
-from seekstack.corpus.kinds import Kind, detect_kind, looks_like_code, words
+from seekstack.corpus.kinds import Kind, detect_kind, looks_like_code, words, written_without_spaces
 from seekstack.schema import (
     ConfigError,
     Fraction,
@@ -241,7 +242,10 @@ def _alpha_word_fraction(stats: TextStats, _: KindRules) -> float:
     return sum(1 for word in stats.words if _LETTER.search(word)) / max(1, len(stats.words))
 
 
-def _mean_word_chars(stats: TextStats, _: KindRules) -> float:
+def _mean_word_chars(stats: TextStats, _: KindRules) -> float | None:
+    """None (not judged) for Thai, Lao, Myanmar or Khmer text, whose space-separated "words" are phrases."""
+    if written_without_spaces(stats.text):
+        return None
     return stats.word_chars / max(1, len(stats.words))
 
 
@@ -267,7 +271,7 @@ class Rule:
     the `KindRules` field `threshold`; a threshold of None turns the rule off."""
 
     name: str
-    measure: Callable[[TextStats, KindRules], float]
+    measure: Callable[[TextStats, KindRules], float | None]  # None: the statistic means nothing for this text
     threshold: str
     is_max: bool
 
@@ -276,6 +280,8 @@ class Rule:
         if limit is None:
             return True
         value = self.measure(stats, rules)
+        if value is None:
+            return True
         return value <= limit if self.is_max else value >= limit
 
 

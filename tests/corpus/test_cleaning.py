@@ -57,6 +57,9 @@ def prose(seed: int, words: int = 300) -> str:
     return "\n".join(" ".join(chosen[i : i + 10]) + "." for i in range(0, words, 10))
 
 
+ENGLISH_RUN_TOGETHER = "Thewordsofthissentencerunalltogether. " * 3
+
+
 def fails(rule_name: str, text: str, rules: KindRules) -> bool:
     rule = next(rule for rule in RULES if rule.name == rule_name)
     return not rule.passes(TextStats(normalise(text)), rules)
@@ -132,6 +135,25 @@ HINDI_ARTICLE = "\n".join(
 
 def test_hindi_prose_whose_sentences_end_in_the_danda_passes_every_rule() -> None:
     assert failed_rule(normalise(HINDI_ARTICLE), ProseRules()) is None
+
+
+UNSPACED_PROSE = {  # scripts with no spaces between words, only between phrases or sentences
+    "thai": "ภาษาไทยเป็นภาษาราชการของประเทศไทยและเป็นภาษาแม่ของคนไทยส่วนใหญ่ "
+    "คนไทยเขียนคำติดกันโดยไม่เว้นวรรคระหว่างคำ แต่จะเว้นวรรคเมื่อจบประโยคหรือวลี "
+    "เด็กนักเรียนเริ่มเรียนอ่านและเขียนตั้งแต่ชั้นประถมศึกษาปีที่หนึ่ง",
+    "khmer": "ភាសាខ្មែរជាភាសាផ្លូវការរបស់ព្រះរាជាណាចក្រកម្ពុជា។ ប្រជាជនខ្មែរភាគច្រើននិយាយភាសានេះនៅក្នុងជីវិតប្រចាំថ្ងៃ។ "
+    "អក្សរខ្មែរមានប្រវត្តិយូរលង់ណាស់មកហើយ។ សិស្សរៀនអាននិងសរសេរនៅសាលាបឋមសិក្សា។",
+    "myanmar": "မြန်မာဘာသာစကားသည် မြန်မာနိုင်ငံ၏ ရုံးသုံးဘာသာစကားဖြစ်သည်။ လူအများစုသည် နေ့စဉ်ဘဝတွင် "
+    "ဤဘာသာစကားကို ပြောဆိုကြသည်။ ကျောင်းသားများသည် မူလတန်းကျောင်းတွင် စာဖတ်ခြင်းနှင့် စာရေးခြင်းကို သင်ယူကြသည်။",
+}
+
+
+@pytest.mark.parametrize("language", UNSPACED_PROSE)
+def test_prose_written_without_spaces_between_words_is_not_judged_by_word_length(language: str) -> None:
+    text = UNSPACED_PROSE[language]
+    assert not fails("max_mean_word_chars", text, ProseRules())  # its space-separated "words" are phrases
+    assert not fails("min_mean_word_chars", text, ProseRules())
+    assert fails("max_mean_word_chars", ENGLISH_RUN_TOGETHER, ProseRules())  # still judged in a spaced script
 
 
 @pytest.mark.parametrize(
