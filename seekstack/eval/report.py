@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -363,7 +364,7 @@ def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> s
         return _conversation_answers(run_dir, checkpoint, conversations_file, train_config)
     parts = ["## Samples\n\nGreedy continuations from the engine:"]
     for prompt, greedy, _ in demo_samples(checkpoint, max_new_tokens=48):
-        parts.append(f"```python\n{prompt}{greedy}\n```")
+        parts.append(_fenced(prompt + greedy, "python"))
     return "\n\n".join(parts)
 
 
@@ -381,7 +382,7 @@ def _task_answers(checkpoint: Path, task: Task, train_config: dict[str, Any]) ->
     ]
     for answer in answers:
         verdict = "Verifies." if answer.right else f"Does not verify (the answer is {answer.answer})."
-        parts.append(f"```text\n{answer.prompt}{answer.completion}\n```\n\n{verdict}")
+        parts.append(f"{_fenced(answer.prompt + answer.completion)}\n\n{verdict}")
     return "\n\n".join(parts)
 
 
@@ -413,8 +414,8 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
         + (f" {left_out} of them left out: a prompt that fills the model's context leaves no room." if left_out else "")
     ]
     for answer in answers:
-        parts.append(f"```text\n{answer.prompt}{answer.completion}\n```")
-        parts.append(f"The file's answer:\n\n```text\n{answer.reference}\n```")
+        parts.append(_fenced(answer.prompt + answer.completion))
+        parts.append(f"The file's answer:\n\n{_fenced(answer.reference)}")
     return "\n\n".join(parts)
 
 
@@ -447,6 +448,14 @@ def _json_object(path: Path, remedy: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds {json.dumps(value)[:40]}, not a JSON object; {remedy}")
     return value
+
+
+def _fenced(text: str, language: str = "text") -> str:
+    """`text` as a Markdown code block whose fence is longer than any run of backticks in it (CommonMark's rule), so
+    a sample that holds a code fence of its own stays inside its block."""
+    longest = max((len(run) for run in re.findall("`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

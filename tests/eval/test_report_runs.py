@@ -244,3 +244,24 @@ def test_explain_of_a_lora_run_whose_base_is_gone_names_the_base_and_the_merge(l
         result.output.replace("\n", "")
     )
     assert "seekstack lora merge BASE" in result.output.replace("\n", "")
+
+
+def test_samples_holding_a_code_fence_or_backticks_stay_inside_their_blocks(sft_run, monkeypatch):
+    from seekstack.eval import report
+    from seekstack.eval.samples import ConversationSample, TaskSample
+
+    markdown_it = pytest.importorskip("markdown_it")
+    answer = "Here:\n```python\nprint(1)\n```\nand ```` four"
+    monkeypatch.setattr("seekstack.eval.samples.demo_samples", lambda *_, **__: [("def f():", answer, "")])
+    monkeypatch.setattr("seekstack.eval.samples.task_samples", lambda *_: [TaskSample("Q: ", answer, "3", False)])
+    monkeypatch.setattr(
+        "seekstack.eval.samples.conversation_samples", lambda *_: [ConversationSample("Q: ", answer, answer)]
+    )
+    checkpoint = sft_run / "checkpoints" / "step_2"
+    sections = [
+        report._samples(sft_run, checkpoint, {}),
+        report._task_answers(checkpoint, make_task("addition"), {}),
+        report._conversation_answers(sft_run, checkpoint, sft_run.parent / "chats.jsonl", {}),
+    ]
+    blocks = [[t.content for t in markdown_it.MarkdownIt().parse(s) if t.type == "fence"] for s in sections]
+    assert blocks == [[f"def f():{answer}\n"], [f"Q: {answer}\n"], [f"Q: {answer}\n", f"{answer}\n"]]
