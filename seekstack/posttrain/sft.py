@@ -190,21 +190,16 @@ def ends_within(row: tuple[list[int], list[int]], seq_len: int) -> bool:
 
 
 def _require_a_split(config: SFTConfig, trained: int, held_out: int) -> None:
-    """A ConfigError naming val_fraction when it leaves `data` no conversation to train on, or when it was given and
-    holds none out."""
-    if not config.data or config.val_data:
+    """A ConfigError naming val_fraction when it was given and holds none of `data` out. (It never holds all out:
+    below 1, it leaves at least one conversation to train on.)"""
+    if not config.data or config.val_data or not config.val_fraction or held_out:
         return
-    total, fraction = trained + held_out, config.held_out_fraction
-    if not trained:
-        problem = f"holds out all {total} conversations of {config.data} (with every copy of each it draws)"
-    elif config.val_fraction and not held_out:
-        problem = (
-            f"holds out none of the {total} conversations of {config.data}; raise it to at least 1/{total} (more "
-            "where each has copies: they are held out together)"
-        )
-    else:
-        return
-    raise ConfigError(f"has value {fraction}: it {problem}, or give val_data", field="val_fraction")
+    total = trained + held_out
+    raise ConfigError(
+        f"has value {config.held_out_fraction}: it holds out none of the {total} conversations of {config.data}; raise "
+        f"it to at least 1/{total} (more where each has copies: they are held out together), or give val_data",
+        field="val_fraction",
+    )
 
 
 def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult:
