@@ -31,7 +31,14 @@ class LayerAttention:
 
 @torch.no_grad()
 def attention_maps(model: Transformer, input_ids: torch.Tensor) -> list[LayerAttention]:
-    """Per main layer, the attention of the one sequence `input_ids` (T,) or (1, T), from one forward pass."""
+    """Per main layer, the attention of the one sequence `input_ids` (T,) or (1, T), from one forward pass.
+    ValueError for `attention_variant=3d`, whose output these weights do not give."""
+    if model.config.attention_variant != "mla":
+        raise ValueError(
+            f"attention_variant={model.config.attention_variant!r} is a training ablation whose attention adds a "
+            "channel gate and a temporal convolution to MLA (model/attention_3d.py): MLA's weights alone would not "
+            "describe what its attention computes; explain draws plain MLA models"
+        )
     caught: dict[int, tuple[tuple, torch.Tensor]] = {}
     hooks = []
     for index, layer in enumerate(model.layers):

@@ -61,7 +61,8 @@ def token_label(tokenizer: Tokenizer, token_id: int) -> str:
 
 def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: str | Path) -> dict[str, Path]:
     """Write attention.png, routing.png and explain.html for `text` into `out_dir`; return the paths by name.
-    ValueError, before anything is written, for a text longer than the model's context."""
+    ValueError, before anything is written, for a text longer than the model's context and for a model whose
+    attention the maps do not describe (`attention_maps`)."""
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("the text is empty: nothing to explain")
@@ -71,12 +72,12 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
             f"the text is {len(ids):,} tokens, longer than the model's context of {context:,} tokens "
             f"(max_position_embeddings): explain at most {context:,} tokens, e.g. a part of the text"
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     input_ids = torch.tensor(ids)
     tokens = [token_label(tokenizer, i) for i in ids]
     maps = attention_maps(model, input_ids)
     routing = capture_routing(model, input_ids.view(1, -1))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "attention": _attention_png(maps, tokens, out_dir / "attention.png"),
         "html": out_dir / "explain.html",

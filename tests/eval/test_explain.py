@@ -179,3 +179,10 @@ def test_corpus_routing_without_a_whole_window_names_the_source_and_the_window(c
     model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
     with pytest.raises(ValueError, match="corpus/val.jsonl: no document fills a window of 256 tokens .*shorter than"):
         corpus_routing(model, tokenizer, ["x = 1\n", CODE], source="corpus/val.jsonl")
+
+
+def test_explain_refuses_the_3d_attention_variant_whose_output_the_maps_do_not_give(checkpoint, tmp_path):
+    variant, tokenizer = micro_model(attention_variant="3d"), Tokenizer.from_file(checkpoint)
+    with pytest.raises(ValueError, match="attention_variant='3d' is a training ablation .* channel gate"):
+        explain_text(variant, tokenizer, CODE, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
