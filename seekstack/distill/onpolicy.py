@@ -1,8 +1,8 @@
 """On-policy rows for GKD (Agarwal et al. 2024): the student writes the rows the teacher then scores.
 
 Token shards: the student continues the first `prompt_tokens` of each corpus row to the row's length. Conversations:
-the student answers each conversation's prompt (its tokens before the first assistant token) until EOS; a prompt
-that fills seq_len (the note SFTSource gives at the start counts them) is left unanswered and trains nothing. Generation
+the student answers each conversation's prompt (its tokens before the first assistant token) until EOS or seq_len;
+SFTSource leaves out conversations without an assistant token within seq_len, so every prompt has room. Generation
 runs on the inference engine built on the very student being trained, as the RL rollouts do
 (seekstack/posttrain/rollout.py): an optimizer step changes the weights in place and the next generation uses
 them, with no copy. Each row has its own seed, drawn from the global generator the trainer saves and restores,
@@ -41,11 +41,10 @@ def on_policy_targets(rows: torch.Tensor, prompt_tokens: int) -> tuple[torch.Ten
 
 
 def conversation_prompts(input_ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
-    """Each conversation row's tokens before its first assistant token (the first one labelled): the whole row when
-    none is within it (a prompt longer than seq_len, which leaves no room for an answer and trains nothing)."""
+    """Each conversation row's tokens before its first assistant token (the first one labelled)."""
     prompts = []
     for ids, row_labels in zip(input_ids.tolist(), labels.tolist(), strict=True):
-        answer = next((t for t, label in enumerate(row_labels) if label != IGNORE_INDEX), len(ids))
+        answer = next(t for t, label in enumerate(row_labels) if label != IGNORE_INDEX)
         prompts.append(ids[:answer])
     return prompts
 
@@ -91,18 +90,13 @@ class StudentGenerations:
         return generated, no_labels, compared, within_lengths(prompt_lengths + completion_lengths, width)
 
     def _sample(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool) -> list[list[int]]:
-        """The student's completion of each prompt, each with its own seed (EOS included when it stopped there); none
-        for a prompt given no room (`max_new_tokens` 0)."""
+        """The student's completion of each prompt, each with its own seed (EOS included when it stopped there)."""
         self.engine.reset_prefix_cache()  # prompt blocks cached before the last optimizer step hold stale values
         seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
-        answered = [row for row, room in enumerate(max_new_tokens) if room > 0]
         params = [
-            SamplingParams(
-                max_new_tokens=max_new_tokens[row], temperature=self.temperature, seed=seeds[row], ignore_eos=ignore_eos
-            )
-            for row in answered
+            SamplingParams(max_new_tokens=room, temperature=self.temperature, seed=seed, ignore_eos=ignore_eos)
+            for room, seed in zip(max_new_tokens, seeds, strict=True)
         ]
-        completions = self.engine.generate([prompts[row] for row in answered], params)
+        completions = self.engine.generate(prompts, params)
         self.student.train()
-        answers = {row: completion.token_ids for row, completion in zip(answered, completions, strict=True)}
-        return [answers.get(row, []) for row in range(len(prompts))]
+        return [completion.token_ids for completion in completions]
