@@ -1,4 +1,11 @@
-"""Replace e-mail addresses, public IP addresses and secrets (API keys, tokens, passwords) with placeholders.
+"""Replace e-mail addresses, public IP addresses and secrets with placeholders.
+
+Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----`, to their END line or, cut short, to the next `--`),
+passwords in URLs (`postgres://user:password@host` keeps `user`), the tokens of known services by their prefixes
+(OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`), JWTs (`eyJ...`, three base64url parts), and long
+random values assigned to a name like api_key, secret, token or password. Not replaced: phone numbers, payment card
+and bank account numbers, national id numbers, street addresses and people's names (no pattern tells them from
+other numbers and words without false positives), and secrets of no known form assigned to no such name.
 
 Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out).
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
@@ -31,8 +38,17 @@ _KNOWN_TOKENS = re.compile(
     r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key id
     r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"  # GitHub
     r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
-    r"|AIza[0-9A-Za-z_-]{35})"  # Google
+    r"|AIza[0-9A-Za-z_-]{35}"  # Google
+    r"|[rs]k_(?:live|test)_[A-Za-z0-9]{16,})"  # Stripe
+    r"|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"  # JWT: header.payload.signature
 )
+# Base64 lines (newlines also escaped, `\n` in a string literal) and headers (`Proc-Type: 4,ENCRYPTED`) to the END
+# line, or to where a block cut short stops looking like one; possessive: linear time.
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:[A-Za-z0-9+/=\\:,\n\r\t]|(?<=:) |-(?!-))*+"
+    r"(?:-----END [A-Z0-9 ]*PRIVATE KEY-----)?"
+)
+_URL_PASSWORD = re.compile(r"(?<=://)(?P<user>[^\s:/@]*+):[^\s/@]++(?=@)")  # scheme://user:password@host
 # A quoted or bare long token assigned to a name like api_key, secret, token or password; names start at a word's
 # start, and the atomic group takes a name's first keyword for good and the possessive rest of it to the word's end:
 # linear time (backtracking over where in a long word the keyword lies made `keykeykey...` quadratic).
@@ -82,7 +98,13 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         counts["ip"] += 1
         return IP
 
-    text, counts["secret"] = _KNOWN_TOKENS.subn(SECRET, text)
+    for pattern, replacement in (
+        (_PRIVATE_KEY, SECRET),
+        (_URL_PASSWORD, rf"\g<user>:{SECRET}"),
+        (_KNOWN_TOKENS, SECRET),
+    ):
+        text, found = pattern.subn(replacement, text)
+        counts["secret"] += found
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
     text, counts["email"] = _EMAIL.subn(EMAIL, text)
     text = _IPV4.sub(replace_ip, text)

@@ -264,9 +264,43 @@ def test_pii_is_replaced_and_counted() -> None:
     assert not any(secret in scrubbed for secret in ("sk-abc", "AKIA", "ghp_", "9f86d0", "hunter2"))
 
 
+def test_private_keys_url_passwords_stripe_keys_and_jwts_are_replaced() -> None:
+    private_key = (
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n"
+        "VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK\n-----END RSA PRIVATE KEY-----"
+    )
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+    text = (
+        f'PEM = """{private_key}"""\n'
+        "DATABASE_URL = 'postgres://shop:s3cret-Pa55@db.example.com:5432/orders'\n"
+        "stripe.charge(key=sk_live_4eC39HqLyjWDarjtT1zdp7dc)\n"
+        f"Authorization: Bearer {jwt}\n"
+        "cut = '-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7'\n"
+        "site = 'https://docs.example.com:8080/page'\n"
+    )
+    assert scrub_pii(text) == (
+        'PEM = """<SECRET>"""\n'
+        "DATABASE_URL = 'postgres://shop:<SECRET>@db.example.com:5432/orders'\n"
+        "stripe.charge(key=<SECRET>)\n"
+        "Authorization: Bearer <SECRET>\n"
+        "cut = '<SECRET>'\n"
+        "site = 'https://docs.example.com:8080/page'\n",
+        {"secret": 5},
+    )
+
+
 @pytest.mark.parametrize(
     "text",
-    ["key" * 10_000, "api_" + "key" * 10_000 + " = 1", "password" * 4_000, "token-" * 5_000, "a" * 30_000 + "@"],
+    [
+        "key" * 10_000,
+        "api_" + "key" * 10_000 + " = 1",
+        "password" * 4_000,
+        "token-" * 5_000,
+        "a" * 30_000 + "@",
+        "eyJ-" * 7_500,
+        "-----BEGIN PRIVATE KEY-----" * 1_000,
+        "://a:" * 6_000,
+    ],
 )
 def test_scrubbing_takes_linear_time_on_long_keyword_runs(text: str) -> None:
     started = time.perf_counter()
