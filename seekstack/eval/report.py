@@ -266,9 +266,10 @@ def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], record
         speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)
         mfu = statistics.median(r["mfu"] for r in tail if "mfu" in r)
         text += f"Speed over the last quarter of the steps (median): {speed:,.0f} tokens/s, {_mfu_text(mfu)}.\n\n"
-    rows = [(str(r["step"]), f"{r['val_loss']:.4f}", f"{r['val_bpb']:.4f}", f"{r.get('val_maxvio', 0):.2f}")
-            for r in evals]  # fmt: skip
-    return text + _table(("step", "val loss", "val bits/byte", "val MaxVio"), rows) if rows else text.rstrip()
+    columns = [column for column in VALIDATION_COLUMNS if any(column[1] in r for r in evals)]  # no MoE: no MaxVio
+    rows = [(str(r["step"]), *(format(r[key], spec) if key in r else "-" for _, key, spec in columns)) for r in evals]
+    header = ("step", *(label for label, _, _ in columns))
+    return text + _table(header, rows) if rows else text.rstrip()
 
 
 def _mfu_text(mfu: float) -> str:
@@ -279,6 +280,10 @@ def _mfu_text(mfu: float) -> str:
         f"MFU not known: {mfu:.1%} logged, above 100% because the peak FLOP/s it divides by was too low (a CPU "
         "matmul probe that ran while other processes held the cores, or a `peak_flops` set too low)"
     )
+
+
+VALIDATION_COLUMNS = (("val loss", "val_loss", ".4f"), ("val bits/byte", "val_bpb", ".4f"),
+                      ("val MaxVio", "val_maxvio", ".2f"))  # fmt: skip
 
 
 RL_QUANTITIES = (

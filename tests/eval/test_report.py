@@ -263,3 +263,17 @@ def test_explain_corpus_on_a_model_without_moe_layers_refuses_before_writing_any
     text_only = run("explain", model, "def f(x):", "--out", out)
     assert "routing: none. The model has no MoE layers" in text_only.output
     assert sorted(path.name for path in out.iterdir()) == ["attention.png", "explain.html"]
+
+
+def test_validation_table_shows_maxvio_only_for_a_run_that_logged_it(tmp_path):
+    from seekstack.eval.report import _training
+
+    dense = [{"step": 2, "loss": 3.0, "lr": 1e-3, "tokens_per_s": 9.0, "mfu": 0.1, "val_loss": 3.1, "val_bpb": 1.2}]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(dense[0]) + "\n")
+    table = _training(tmp_path, tmp_path, {}, dense)
+    assert "| step | val loss | val bits/byte |\n|---|---|---|\n| 2 | 3.1000 | 1.2000 |" in table
+    assert "MaxVio" not in table
+    moe = [*dense, {**dense[0], "step": 4, "val_maxvio": 0.25}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in moe))
+    table = _training(tmp_path, tmp_path, {}, moe)
+    assert "| 2 | 3.1000 | 1.2000 | - |\n| 4 | 3.1000 | 1.2000 | 0.25 |" in table
