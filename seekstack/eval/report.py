@@ -51,7 +51,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
         f"files; newest checkpoint `{checkpoint}`.",
         _environment(),
         _data(run_dir, train_config),
-        _model(checkpoint, train_config, records),
+        _model(run_dir, checkpoint, train_config, records),
         _training(run_dir, out_dir, train_config, records),
         _evaluation(run_dir, checkpoint),
     ]
@@ -118,7 +118,7 @@ def _conversations_file(run_dir: Path, train_config: dict[str, Any]) -> Path | N
     run's folder), else None."""
     if not train_config.get("data") or _is_rl(train_config):
         return None
-    return (run_dir / train_config["data"]).resolve()
+    return _from_run(run_dir, train_config["data"])
 
 
 def _reads_token_shards(train_config: dict[str, Any]) -> bool:
@@ -129,7 +129,7 @@ def _reads_token_shards(train_config: dict[str, Any]) -> bool:
 
 
 def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
-    teacher = f"\n\nTeacher: `{(run_dir / train_config['teacher']).resolve()}`." if train_config.get("teacher") else ""
+    teacher = f"\n\nTeacher: `{_from_run(run_dir, train_config['teacher'])}`." if train_config.get("teacher") else ""
     if not _reads_token_shards(train_config):
         return f"## Data\n\n{_task_data(run_dir, train_config)}{teacher}" if train_config else ""
     return _shard_data(run_dir, train_config) + teacher
@@ -148,7 +148,7 @@ def _task_data(run_dir: Path, train_config: dict[str, Any]) -> str:
 
 
 def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
-    data_dir = (run_dir / train_config["data_dir"]).resolve()
+    data_dir = _from_run(run_dir, train_config["data_dir"])
     rows, tokenizer, corpus_report = [], None, None
     for index_path in sorted(data_dir.glob("*_index.json")):
         index = _json_object(index_path, "tokenize the corpus again (seekstack data tokenize)")
@@ -185,7 +185,7 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     return text
 
 
-def _model(checkpoint: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     from seekstack.eval.samples import model_and_adapter
 
     config = read_config(model_and_adapter(checkpoint)[0])  # the checkpoint's (a LoRA run's: its base's) config.json
@@ -194,7 +194,8 @@ def _model(checkpoint: Path, train_config: dict[str, Any], records: list[dict[st
     last_step = int(checkpoint.name.removeprefix("step_"))  # the checkpoint's step: the model this page describes
     tokens = _tokens_trained(records, last_step)
     cache = accounting.kv_cache_bytes_per_token(config)
-    origin = f"from `{train_config['init_from']}`" if train_config.get("init_from") else train_config.get("model", "-")
+    init_from = train_config.get("init_from")
+    origin = f"from `{_from_run(run_dir, init_from)}`" if init_from else train_config.get("model", "-")
     rows = [
         ("preset / layers", f"{origin} / {config.num_hidden_layers}"),
         ("parameters (main model)", f"{main.total:,}"),
@@ -433,12 +434,17 @@ def _held_out_conversations(
     from seekstack.posttrain.conversations import hold_out, read_conversations
 
     if train_config.get("val_data"):
-        val_data = (run_dir / train_config["val_data"]).resolve()
+        val_data = _from_run(run_dir, train_config["val_data"])
         return read_conversations(val_data) if val_data.is_file() else []
     if "val_fraction" not in train_config:
         return []
     fraction = held_out_fraction("", train_config["val_fraction"], train_config.get("eval_every", 0))
     return hold_out(conversations, fraction)[1]
+
+
+def _from_run(run_dir: Path, path: str) -> Path:
+    """A path train_config.json holds (relative to the run's folder, as the run resolved it) made absolute."""
+    return (run_dir / path).resolve()
 
 
 def _json_object(path: Path, remedy: str) -> dict[str, Any]:

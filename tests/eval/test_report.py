@@ -152,20 +152,20 @@ def test_report_of_an_rl_run_names_its_task_and_the_tokens_it_logged_not_unused_
     data = _data(tmp_path, rl_config)
     assert "Prompts of task `addition` (difficulty 3), 4 completions each" in data and "shards" not in data
     records = [{"step": 1, "tokens_per_s": 100.0, "step_s": 3.0}, {"step": 2, "tokens_per_s": 50.0, "step_s": 2.0}]
-    model = _model(_step_checkpoint(tmp_path, 2), rl_config, records)
+    model = _model(tmp_path, _step_checkpoint(tmp_path, 2), rl_config, records)
     assert "| tokens trained | 400 (2 steps) |" in model  # 300 + 100 logged, not 2 x 256 x 2
-    assert "FLOP" not in model.replace("FLOPs per token", "") and "from `../base/step_20`" in model
-    assert "tokens trained" not in _model(tmp_path / "checkpoints" / "step_2", rl_config, records[1:])  # a gap
+    assert "FLOP" not in model.replace("FLOPs per token", "") and f"from `{tmp_path.parent / 'base/step_20'}`" in model
+    assert "tokens trained" not in _model(tmp_path, tmp_path / "checkpoints" / "step_2", rl_config, records[1:])
 
 
 def test_report_of_a_dense_student_without_mtp_claims_no_experts_and_no_mtp(tmp_path):
     from seekstack.eval.report import _model
 
     student = _step_checkpoint(tmp_path, 1, first_k_dense_replace=4, num_nextn_predict_layers=0)
-    model = _model(student, {"data_dir": "../tokens", "seq_len": 64, "teacher": "../teacher"}, [])
+    model = _model(tmp_path, student, {"data_dir": "../tokens", "seq_len": 64, "teacher": "../teacher"}, [])
     assert "| routed experts | none (a dense FFN in every layer) |" in model
     assert "MTP" not in model and "| training FLOPs per token |" in model and "tokens trained" not in model
-    moe = _model(_step_checkpoint(tmp_path / "moe", 1), {"data_dir": "../tokens", "seq_len": 64}, [])
+    moe = _model(tmp_path, _step_checkpoint(tmp_path / "moe", 1), {"data_dir": "../tokens", "seq_len": 64}, [])
     assert "| routed experts | 8 (2 per token) in 3 of 4 layers |" in moe and "(with MTP)" in moe
 
 
