@@ -4,6 +4,7 @@ token) as PNGs and one self-contained HTML page, and its routing over a corpus (
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 from pathlib import Path
@@ -14,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
 
 from seekstack.eval.attention_maps import LayerAttention, attention_maps  # noqa: E402
 from seekstack.eval.routing import (  # noqa: E402
@@ -34,11 +37,27 @@ MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however m
 ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
 ATTENTION_LEVELS = 255  # the page holds each attention weight as one byte, round(p * 255): the shading's own depth
 NO_MOE_LAYERS = "The model has no MoE layers (a dense FFN in every layer): no token is routed to experts."
+WHITESPACE_SIGNS = {" ": "␣", "\n": "↵", "\t": "→"}  # how a token label shows them; other unprintables: escaped
 
 
 def visible(token: str) -> str:
-    """A token's text with its whitespace shown: space as ␣, newline as ↵, tab as →."""
-    return token.replace(" ", "␣").replace("\n", "↵").replace("\t", "→")
+    """A token's text with its whitespace shown (space as ␣, newline as ↵, tab as →) and any other character that
+    prints nothing (\\r, \\x0b, \\x0c, U+2028, ...) as its escape, `\\r`."""
+    return "".join(WHITESPACE_SIGNS.get(char) or (char if char.isprintable() else repr(char)[1:-1]) for char in token)
+
+
+@functools.cache
+def _label_font_characters() -> frozenset[int]:
+    """The code points the PNGs' label font (matplotlib's default) has a glyph for."""
+    return frozenset(FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
+
+
+def drawable(label: str) -> str:
+    """A label as the PNGs draw it: a character the font has no glyph for (你, an emoji, ｜) as its escape,
+    `\\u4f60`, rather than an empty box, and `$` escaped (matplotlib reads $...$ as math)."""
+    font = _label_font_characters()
+    escaped = (char if ord(char) in font else char.encode("unicode_escape").decode("ascii") for char in label)
+    return "".join(escaped).replace("$", r"\$")
 
 
 def token_label(tokenizer: Tokenizer, token_id: int) -> str:
@@ -78,12 +97,13 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
     routing = capture_routing(model, input_ids.view(1, -1))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    labels = [drawable(token) for token in tokens]
     paths = {
-        "attention": _attention_png(maps, tokens, out_dir / "attention.png"),
+        "attention": _attention_png(maps, labels, out_dir / "attention.png"),
         "html": out_dir / "explain.html",
     }
     if routing:
-        paths["routing"] = _routing_png(routing, tokens, model.config.n_routed_experts, out_dir / "routing.png")
+        paths["routing"] = _routing_png(routing, labels, model.config.n_routed_experts, out_dir / "routing.png")
     data = {
         "tokens": tokens,
         "attention": [[_causal_bytes(head) for head in m.weights] for m in maps],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from seekstack.eval.explain import (
     MAX_PANEL_INCHES,
     _attention_png,
     corpus_routing,
+    drawable,
     explain_text,
     token_label,
 )
@@ -186,3 +188,13 @@ def test_explain_refuses_the_3d_attention_variant_whose_output_the_maps_do_not_g
     with pytest.raises(ValueError, match="attention_variant='3d' is a training ablation .* channel gate"):
         explain_text(variant, tokenizer, CODE, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_labels_show_control_characters_and_the_pngs_draw_no_empty_boxes(checkpoint, tmp_path):
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+    ids = tokenizer.encode("<｜end▁of▁sentence｜>a\r\x0b\x0c b")
+    assert [token_label(tokenizer, i) for i in ids][1:5] == ["a", "\\r", "\\x0b", "\\x0c"]
+    assert drawable("<｜end▁of▁sentence｜>你🚀 $x$") == "<\\uff5cend▁of▁sentence\\uff5c>\\u4f60\\U0001f680 \\$x\\$"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of each glyph its font lacks
+        explain_text(model, tokenizer, "<｜end▁of▁sentence｜>a\r\x0b\x0c b", tmp_path)
