@@ -115,17 +115,19 @@ def checkpoint_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of `model` under its checkpoint key, experts split (unless `stacked_experts`), MTP embedding/head
     copies added. `part` (a module name such as `layers.3`) gives only that module's tensors, for writing a model
-    one part at a time; the MTP copies come with the whole model only."""
+    one part at a time; the MTP copies come with the whole model only. Routed experts left in float in a model with
+    int8/int4 layers are written stacked: transformers reads a compressed-tensors checkpoint's float experts only so."""
     layers = model.config.num_hidden_layers
     module, prefix = model.get_submodule(part), f"{part}." if part else ""
     quantized = {prefix + name: layer for name, layer in quantized_layers(module).items()}
+    stack_float_experts = stacked_experts or _has_int_layers(model)
     for name, tensor in module.state_dict(prefix=prefix).items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         if any(name.startswith(layer + ".") for layer in quantized):
             continue
         key = checkpoint_key(name, layers)
-        yield from (None if stacked_experts else expert_sources(key, tensor)) or [(key, tensor)]
+        yield from (None if stack_float_experts else expert_sources(key, tensor)) or [(key, tensor)]
     for name, layer in quantized.items():
         yield from quantized_sources(layer_key(name, layers), layer, stacked_experts)
     if part:
@@ -144,6 +146,11 @@ def checkpoint_tensors(
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Our name -> module, for each QuantizedLinear and QuantizedExperts of `model`."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedExperts))}
+
+
+def _has_int_layers(model: torch.nn.Module) -> bool:
+    """Whether `model` has int8/int4 layers (a compressed-tensors checkpoint)."""
+    return any(_layer_weight(layer).scheme != "fp8" for layer in quantized_layers(model).values())
 
 
 def _layer_weight(layer: torch.nn.Module) -> QuantizedWeight:
@@ -569,7 +576,21 @@ class CheckpointReader:
         (..., rows, columns) `expected` that the config implies, with scales that fit it (`check_scales`)."""
         weight_key = self._weight_key(layer)
         self.check_shape(weight_key, expected)
+        self.check_recorded_shape(weight_key)
         self.check_scales(weight_key, parts)
+
+    def check_recorded_shape(self, weight_key: str) -> None:
+        """CheckpointError naming the file and the key when the (rows, columns) compressed-tensors records beside
+        packed weight `weight_key` are not its own (transformers would unpack it to them)."""
+        shape_key = weight_key.removesuffix("_packed") + "_shape"
+        if not weight_key.endswith("_packed") or shape_key not in self.key_to_file:
+            return
+        recorded, held = self._get(shape_key).tolist(), list(self.unpacked_shape(weight_key))
+        if recorded != held:
+            raise CheckpointError(
+                f"{self.file_of(shape_key)}: key {shape_key!r} is {recorded}, but {weight_key!r} holds a {held} "
+                f"matrix; {DAMAGED}"
+            )
 
     def check_scales(self, weight_key: str, parts: int = 1) -> None:
         """CheckpointError naming the file and the key when the scales of quantized weight `weight_key` are missing or
@@ -618,6 +639,7 @@ class CheckpointReader:
         if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
             if shape is not None:
                 self.check_shape(packed_key, shape)
+            self.check_recorded_shape(packed_key)
             self.check_scales(packed_key)
             self.used.update((packed_key, key + "_scale", key + "_shape"))
             codes = unpack_codes(self._get(packed_key), self.packed_bits(key.removesuffix(".weight")))
@@ -677,6 +699,15 @@ def stored_tensor_bytes(directory: str | Path) -> dict[str, int]:
             else:
                 sizes[key] = reader.stored_bytes(key)
     return sizes
+
+
+def stored_float_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype checkpoint `directory` stores its float weights in: its embedding's (a quantized checkpoint's
+    float layers are in it too)."""
+    with CheckpointReader(Path(directory), None) as reader:
+        name = reader.stored_dtype("model.embed_tokens.weight")
+    dtypes = {stored: dtype for dtype, stored in SAFETENSORS_DTYPES.items()}
+    return dtypes[name]
 
 
 def load_pretrained(

@@ -113,3 +113,15 @@ def test_fp8_key_the_index_places_in_a_shard_without_it_is_refused_naming_the_sh
     damage(shard, lambda tensors: tensors.pop(f"{Q_B}.weight"))
     message = load_error(directory, dequantize=False)
     assert message.startswith(f"{shard}: cannot read key '{Q_B}.weight'"), message
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_int_weight_shape_that_is_not_the_packed_weights_is_refused_naming_the_file_and_the_key(
+    tmp_path, scheme, dequantize
+):
+    directory = save_quantized(tmp_path / scheme, scheme)  # q_b_proj: (96, 32)
+    damage(directory / SINGLE_FILE, replace(f"{Q_B}.weight_shape", lambda _: torch.tensor([32, 32])))
+    message = load_error(directory, dequantize)
+    assert message.startswith(f"{directory / SINGLE_FILE}: key '{Q_B}.weight_shape' is [32, 32], but "), message
+    assert f"'{Q_B}.weight_packed' holds a [96, 32] matrix" in message

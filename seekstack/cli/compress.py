@@ -48,7 +48,7 @@ def quantize_command(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="A QuantConfig file (YAML/TOML/JSON); options go on top")] = None,
     progressive: Annotated[
-        bool, typer.Option(help="Try float32 -> bfloat16 -> int8 -> int4, keep the last within the tolerance")
+        bool, typer.Option(help="Try float32 -> bfloat16 -> int8 -> int4, keep the smallest within the tolerance")
     ] = False,
     adaptive: Annotated[
         bool,
@@ -131,7 +131,7 @@ def quantize_command(
         verdict = "pass" if stage["passed"] else "fail"
         typer.echo(
             f"stage {stage['name']:<9} bits/byte {stage['bits_per_byte']:.4f} ({stage['bpb_increase']:+.2%})  "
-            f"KL {stage['mean_kl']:.5f}  top-1 {stage['top1_agreement']:.2%}  {verdict}"
+            f"KL {stage['mean_kl']:.5f}  top-1 {stage['top1_agreement']:.2%}  {size(stage['bytes'])}  {verdict}"
         )
     for layer in report.get("layers", []):
         kl = "  ".join(f"{option} {value:.4g}" for option, value in layer["kl"].items())
@@ -139,12 +139,20 @@ def quantize_command(
     if "average_bits" in report:
         typer.echo(f"average {report['average_bits']:.3f} bits per weight (budget {budget_bits})")
     if "assignment" in report:
-        counts = Counter(value.split(":")[0] for value in report["assignment"].values())
-        typer.echo("layers: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+        _print_assignment(report["assignment"])
     for note in report.get("notes", []):
         typer.echo(f"note: {note}", err=True)
     before, after = report["bytes_before"], report["bytes_after"]
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
+
+
+def _print_assignment(assignment: dict[str, str]) -> None:
+    """The layers per scheme, then the reasons layers were kept, each with how many it kept."""
+    counts = Counter(value.split(":")[0] for value in assignment.values())
+    typer.echo("layers: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+    kept = [value.partition(": ")[2] for value in assignment.values() if value.startswith("kept")]
+    for reason, n in sorted(Counter(reason or "always kept, kept by default or by --keep" for reason in kept).items()):
+        typer.echo(f"  {n} kept: {reason}")
 
 
 def _progressive(
@@ -163,8 +171,12 @@ def _progressive(
         original, lambda m: measure(m, original, batches, per_token), config, max_bpb_increase, max_kl
     )
     save_with_tokenizer(chosen, model, out)
-    rows = [{"name": s.name, **asdict(s.quality), "bpb_increase": s.bpb_increase, "passed": s.passed} for s in stages]
-    return {"stages": rows, "chosen": next((s.name for s in reversed(stages) if s.passed), "float32")}
+    rows = [
+        {"name": s.name, **asdict(s.quality), "bpb_increase": s.bpb_increase, "passed": s.passed, "bytes": s.bytes}
+        for s in stages
+    ]
+    smallest = min((s for s in stages if s.passed), key=lambda s: s.bytes, default=None)
+    return {"stages": rows, "chosen": smallest.name if smallest else "float32"}
 
 
 def _held_out(model: Path, data: Path | None, what: str, split: str = "val", batches: int = 8) -> tuple[list, float]:
@@ -181,8 +193,8 @@ def _held_out(model: Path, data: Path | None, what: str, split: str = "val", bat
 
 
 def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> dict:
-    from seekstack.checkpoint import load_pretrained
-    from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities
+    from seekstack.checkpoint import load_pretrained, stored_float_dtype
+    from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities, unmeasured_notes
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import quantize_model, save_with_tokenizer
 
@@ -191,10 +203,16 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
     reference = load_pretrained(model, dequantize=True).eval()
     choices = sensitivities(original, lambda m: measure(m, reference, calibration, per_token).mean_kl)
     chosen = assign(choices, budget_bits)
+    notes = unmeasured_notes(original)
     assignment = quantize_model(original, adaptive_config(chosen))
-    save_with_tokenizer(original, model, out)
+    save_with_tokenizer(original.to(stored_float_dtype(model)), model, out)
     layers = [{"name": c.name, "choice": chosen[c.name], "kl": c.kl, "bits": c.bits[chosen[c.name]]} for c in choices]
-    return {"layers": layers, "average_bits": average_bits(choices, chosen), "assignment": assignment}
+    return {
+        "layers": layers,
+        "average_bits": average_bits(choices, chosen),
+        "assignment": assignment,
+        "notes": notes,
+    }
 
 
 def prune_command(

@@ -8,6 +8,8 @@ KL saved per extra byte that still fits the budget (a greedy knapsack). An upgra
 lower KL, past ones that measure worse, so with budget to spare every layer ends at its lowest-KL option.
 Options, smallest first: int4 g128, int4 g64, int4 g32, int8 (a layer only gets those its shapes allow).
 Budget: average bits per quantized weight, scales included (uniform int4 g32 is 4.5: 4 bits + a bf16 scale per 32).
+The MTP modules' layers are not measured (the KL compares the main model's logits, which MTP does not change): they
+take int8, the safest option, outside the budget.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantiz
 
 OPTIONS = ("int4-g128", "int4-g64", "int4-g32", "int8")
 BASE_OPTION = "int4-g32"
+UNMEASURED_OPTION = "int8"  # the MTP layers' (see above); adaptive_config's default scheme
+MTP_PREFIX = "mtp."
 
 
 @dataclass
@@ -53,10 +57,9 @@ def option_config(option: str) -> QuantConfig:
 def sensitivities(
     model: nn.Module, kl_of: Callable[[nn.Module], float], layers: list[str] | None = None
 ) -> list[LayerChoice]:
-    """For each layer (default: every quantizable layer but those the defaults keep), the KL of each option with
-    the other layers at BASE_OPTION. `model` is float and is left as it was."""
-    default = QuantConfig()
-    names = layers if layers is not None else [n for n in quantizable_layers(model) if default.scheme_of(n)]
+    """For each layer (default: `measured_layers`), the KL of each option with the other layers at BASE_OPTION.
+    `model` is float and is left as it was."""
+    names = layers if layers is not None else measured_layers(model)
     work = copy.deepcopy(model)  # the trials swap layers in a copy, so `model` is left as it was
     base_assignment = quantize_model(work, QuantConfig(keep=["*"], layers=dict.fromkeys(names, BASE_OPTION)))
     base_kl = kl_of(work)
@@ -82,6 +85,24 @@ def sensitivities(
         if kl:
             choices.append(LayerChoice(name, count, bits, kl))
     return choices
+
+
+def measured_layers(model: nn.Module) -> list[str]:
+    """The layers adaptive precision measures: the quantizable ones the defaults do not keep, but the MTP modules'."""
+    default = QuantConfig()
+    return [n for n in quantizable_layers(model) if default.scheme_of(n) and not n.startswith(MTP_PREFIX)]
+
+
+def unmeasured_notes(model: nn.Module) -> list[str]:
+    """A note naming the MTP layers adaptive precision does not measure, and what they take instead."""
+    mtp = [n for n in quantizable_layers(model) if n.startswith(MTP_PREFIX) and QuantConfig().scheme_of(n)]
+    if not mtp:
+        return []
+    return [
+        f"{len(mtp)} MTP layers ({', '.join(mtp[:2])}, ...) are not measured: the KL compares the main model's "
+        f"logits, which the MTP modules do not change; they are quantized {UNMEASURED_OPTION}, the safest option, "
+        "outside --budget-bits (average_bits counts the measured layers)"
+    ]
 
 
 def _quantized(layer: nn.Module, option: str) -> nn.Module | None:
@@ -133,5 +154,6 @@ def average_bits(choices: list[LayerChoice], assignment: dict[str, str]) -> floa
 
 
 def adaptive_config(assignment: dict[str, str]) -> QuantConfig:
-    """The QuantConfig that applies `assignment` (layer -> option), other layers as the defaults say."""
-    return QuantConfig(scheme="int8", layers=dict(assignment))  # type: ignore[arg-type]
+    """The QuantConfig that applies `assignment` (layer -> option), other layers (the MTP ones) int8 unless the
+    defaults keep them."""
+    return QuantConfig(scheme=UNMEASURED_OPTION, layers=dict(assignment))  # type: ignore[arg-type]

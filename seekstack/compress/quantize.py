@@ -13,6 +13,7 @@ checkpoint's (`model.layers.3.mlp.experts`, `model.layers.*.self_attn.o_proj`); 
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -27,10 +28,12 @@ from seekstack.compress.linear import (
     Int4Weight,
     Int8Weight,
     QuantizedExperts,
+    QuantizedFeedForward,
     QuantizedLinear,
+    QuantizedWeight,
     use_quantized_feed_forwards,
 )
-from seekstack.model.moe import RoutedExperts
+from seekstack.model.moe import FeedForward, RoutedExperts
 from seekstack.schema import ConfigError, Positive, require
 
 Scheme = Literal["int8", "int4", "fp8"]
@@ -110,11 +113,14 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     ]
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> dict[str, str]:
+def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.Module] | None = None) -> dict[str, str]:
     """Swap each chosen layer of `model` for its quantized module, in place (a SwiGLU whose three projections end up
-    quantized becomes one QuantizedFeedForward). Returns layer -> scheme, or why kept."""
+    quantized becomes one QuantizedFeedForward). `stored`: the quantized modules a checkpoint held (see
+    `dequantize_layers`), put back as they are where a layer is assigned their format, so re-quantizing to the same
+    format is lossless. Returns layer -> scheme, or why kept."""
     names = layer_names(model)
     config.refuse_unmatched_patterns(names)
+    stored = stored or {}
     assignment = {}
     for name in quantizable_layers(model):
         scheme = config.scheme_of(name, names[name])
@@ -132,10 +138,59 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> dict[str, str]:
         if problem:
             assignment[name] = f"kept: {problem}"
             continue
-        model.set_submodule(name, quantized_module(module, scheme, config, group))
-        assignment[name] = scheme if scheme != "int4" else f"int4 g{group}"
+        label = scheme if scheme != "int4" else f"int4 g{group}"
+        if name in stored and stored_format(stored[name]) == _target_format(label, config):
+            model.set_submodule(name, stored[name])
+        else:
+            model.set_submodule(name, quantized_module(module, scheme, config, group))
+        assignment[name] = label
     use_quantized_feed_forwards(model)
     return assignment
+
+
+def stored_format(layer: nn.Module) -> str:
+    """The format of a quantized layer: `int8`, `int4 gN` or `fp8 RxC` (its block)."""
+    weight: QuantizedWeight = layer.qweight if isinstance(layer, QuantizedLinear) else layer.gate_up_proj
+    if isinstance(weight, Int4Weight):
+        return f"int4 g{weight.group}"
+    if isinstance(weight, Fp8Weight):
+        return f"fp8 {weight.block[0]}x{weight.block[1]}"
+    return weight.scheme
+
+
+def _target_format(label: str, config: QuantConfig) -> str:
+    return f"fp8 {config.fp8_block[0]}x{config.fp8_block[1]}" if label == "fp8" else label
+
+
+def dequantize_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Swap each quantized layer of `model` (loaded from a quantized checkpoint) for a float one holding its
+    dequantized weights, in place, quantized SwiGLUs back to FeedForward; returns the quantized modules by name."""
+    stored = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedFeedForward):
+            with torch.device("meta"):
+                plain = FeedForward(1, 1)
+            plain.gate_proj, plain.up_proj, plain.down_proj = module.gate_proj, module.up_proj, module.down_proj
+            model.set_submodule(name, plain)
+        elif isinstance(module, (QuantizedLinear, QuantizedExperts)):
+            stored[name] = module
+            model.set_submodule(name, _dequantized(module, model))
+    return stored
+
+
+def _dequantized(layer: nn.Module, model: nn.Module) -> nn.Module:
+    """The float module (nn.Linear, RoutedExperts) with the weights quantized `layer` represents."""
+    if isinstance(layer, QuantizedLinear):
+        with torch.device("meta"):
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight = nn.Parameter(layer.qweight.dequantize())
+        linear.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float())
+        return linear
+    with torch.device("meta"):
+        experts = RoutedExperts(model.config)  # type: ignore[arg-type]
+    experts.gate_up_proj = nn.Parameter(layer.gate_up_proj.dequantize())
+    experts.down_proj = nn.Parameter(layer.down_proj.dequantize())
+    return experts
 
 
 def quantized_module(module: nn.Module, scheme: str, config: QuantConfig, group: int) -> nn.Module:
@@ -187,6 +242,13 @@ def checkpoint_bytes(directory: str | Path) -> int:
     return sum(file.stat().st_size for file in Path(directory).glob("*.safetensors"))
 
 
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors `model`'s checkpoint holds (headers aside): what `checkpoint_bytes` of it would be."""
+    from seekstack.checkpoint import checkpoint_tensors
+
+    return sum(tensor.numel() * tensor.element_size() for _, tensor in checkpoint_tensors(model))  # type: ignore[arg-type]
+
+
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer of `model` (shared tensors once): what it holds in memory."""
     seen, total = set(), 0
@@ -215,14 +277,37 @@ def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -
 def quantize_checkpoint(
     model_dir: str | Path, out: str | Path, config: QuantConfig
 ) -> tuple[dict[str, str], list[str]]:
-    """Load checkpoint `model_dir` in float32, quantize it per `config` and save it as `out`; returns the
-    assignment (layer -> scheme, or why it was kept) and notes on how other readers take the result."""
-    from seekstack.checkpoint import load_pretrained
+    """Quantize checkpoint `model_dir` per `config` and save it as `out`: layers kept in float stay in the
+    checkpoint's dtype, layers it stores quantized in their assigned format keep their codes and scales, others are
+    quantized from float32 weights. Returns the assignment (layer -> scheme, or why it was kept) and notes on how
+    other readers take the result."""
+    from seekstack.checkpoint import load_pretrained, stored_float_dtype
 
-    model = load_pretrained(model_dir, dequantize=True)
-    assignment = quantize_model(model, config)
+    model = load_pretrained(model_dir)
+    stored = dequantize_layers(model)
+    assignment = quantize_model(model, config, stored)
+    model.to(stored_float_dtype(model_dir))
     save_with_tokenizer(model, model_dir, out)
-    return assignment, _ragged_fp8_notes(model, assignment, tuple(config.fp8_block))
+    notes = _requantized_notes(stored, assignment, model)
+    return assignment, notes + _ragged_fp8_notes(model, assignment, tuple(config.fp8_block))
+
+
+def _requantized_notes(stored: dict[str, nn.Module], assignment: dict[str, str], model: nn.Module) -> list[str]:
+    """A note per (stored format -> new assignment) of the layers a quantized checkpoint held that were not kept as
+    stored: quantized again from their dequantized weights (a second rounding), or left in float."""
+    changed = Counter(
+        (stored_format(module), assignment[name].split(":")[0])
+        for name, module in stored.items()
+        if model.get_submodule(name) is not module
+    )
+    notes = []
+    for (before, after), count in sorted(changed.items()):
+        became = "left in float" if after == "kept" else f"re-quantized to {after}"
+        notes.append(
+            f"{count} layers stored {before} were {became} from their dequantized weights: a second rounding "
+            "(llama.cpp asks --allow-requantize for the same); quantize the float checkpoint instead where you have it"
+        )
+    return notes
 
 
 def _ragged_fp8_notes(model: nn.Module, assignment: dict[str, str], block: tuple[int, int]) -> list[str]:

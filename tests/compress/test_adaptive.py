@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from seekstack import Transformer
-from seekstack.compress.adaptive import LayerChoice, adaptive_config, assign, average_bits, sensitivities
+from seekstack.compress.adaptive import (
+    LayerChoice,
+    adaptive_config,
+    assign,
+    average_bits,
+    measured_layers,
+    sensitivities,
+    unmeasured_notes,
+)
 from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedExperts, QuantizedLinear
 from seekstack.compress.quality import measure
-from seekstack.compress.quantize import QuantConfig, quantize_model
+from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantize_model
 from tests.conftest import micro_config
 
 SHAPES = dict(hidden_size=128, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=32, q_lora_rank=128)
@@ -78,3 +86,15 @@ def test_adaptive_config_applies_each_layers_choice():
         isinstance(model.layers[0].mlp.up_proj.qweight, Int4Weight) and model.layers[0].mlp.up_proj.qweight.group == 128
     )
     assert done["layers.0.mlp.up_proj"] == "int4 g128" and done["lm_head"] == "kept"
+
+
+def test_mtp_layers_are_not_measured_and_a_note_says_they_take_int8_outside_the_budget():
+    model = Transformer(micro_config(**SHAPES)).eval()
+    measured = measured_layers(model)
+    assert "layers.0.self_attn.o_proj" in measured and not any(name.startswith("mtp.") for name in measured)
+    assert "mtp.0.eh_proj" in quantizable_layers(model)
+    (note,) = unmeasured_notes(model)
+    assert note.startswith("9 MTP layers (mtp.0.eh_proj, mtp.0.block.self_attn.q_a_proj, ...) are not measured")
+    assert "quantized int8, the safest option, outside --budget-bits" in note
+    assignment = quantize_model(model, adaptive_config(dict.fromkeys(measured, "int4-g32")))
+    assert assignment["mtp.0.eh_proj"] == assignment["mtp.0.block.mlp.experts"] == "int8"

@@ -9,7 +9,7 @@ from seekstack import Transformer
 from seekstack.compress.linear import Int4Weight, Int8Weight, QuantizedLinear
 from seekstack.compress.progressive import progressive
 from seekstack.compress.quality import Quality, measure
-from seekstack.compress.quantize import QuantConfig
+from seekstack.compress.quantize import QuantConfig, stored_bytes
 from seekstack.schema import ConfigError
 from tests.conftest import micro_config
 
@@ -68,3 +68,13 @@ def test_a_keep_pattern_naming_no_layer_is_refused_before_any_stage_is_measured(
     with pytest.raises(ConfigError, match="field 'keep': pattern 'nosuchlayer' matches no layer"):
         progressive(original, measured.append, QuantConfig(keep=("nosuchlayer",)))
     assert measured == []  # the float32 baseline and bfloat16 stage (minutes on a real model) were not run first
+
+
+def test_stages_shrink_in_order_int8_and_int4_keeping_float_layers_in_bfloat16():
+    original = Transformer(micro_config(**SHAPES)).eval()
+    bpb = {"float32": 2.0, "bfloat16": 2.0, "int8": 2.0, "int4": 2.0}
+    chosen, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
+    sizes = [s.bytes for s in report]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+    assert stage_of(chosen) == "int4" and chosen.lm_head.weight.dtype == torch.bfloat16
+    assert stored_bytes(chosen) == sizes[-1]

@@ -300,3 +300,61 @@ def test_transformers_loads_the_int_checkpoints_of_a_moe_model_experts_included(
     for key in compared:
         assert torch.equal(their_weights[key], ours[key]), key
     torch.testing.assert_close(logits(theirs), logits(reference), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "scheme, config", [("int8", dict(keep=["layers.1.mlp.experts"])), ("int4", dict(group_size=64))]
+)
+def test_transformers_loads_int_checkpoints_whose_routed_experts_stay_float(tmp_path, scheme, config):
+    """Experts kept in float (by --keep, or a group that does not divide their 32 inputs) are written stacked, the
+    layout transformers reads float experts in within a compressed-tensors checkpoint; seekstack loads it too."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = model_for_tests()
+    assignment = quantize_model(model, QuantConfig(scheme=scheme, **config))
+    assert assignment["layers.1.mlp.experts"].startswith("kept")
+    seekstack.save_pretrained(model, tmp_path)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in stored(tmp_path)
+    loaded = seekstack.load_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))
+    dense = CompressedTensorsConfig(dequantize=True)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=dense).eval()
+    assert torch.equal(
+        theirs.state_dict()["model.layers.1.mlp.experts.down_proj"], model.layers[1].mlp.experts.down_proj
+    )
+    torch.testing.assert_close(logits(theirs), logits(model), rtol=0, atol=5e-3)  # theirs: bf16 dequantized
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_quantizing_a_bfloat16_checkpoint_keeps_its_float_layers_in_bfloat16_and_shrinks_it(tmp_path, scheme):
+    seekstack.save_pretrained(model_for_tests().to(torch.bfloat16), tmp_path / "bf16")
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / scheme, QuantConfig(scheme=scheme))
+    tensors = stored(tmp_path / scheme)
+    assert tensors["model.embed_tokens.weight"][0] == tensors["lm_head.weight"][0] == "BF16"
+    assert tensors["model.layers.0.input_layernorm.weight"][0] == "BF16"
+    assert json.loads((tmp_path / scheme / "config.json").read_text())["dtype"] == "bfloat16"
+    before, after = ((tmp_path / name / "model.safetensors").stat().st_size for name in ("bf16", scheme))
+    assert after < before
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
+def test_requantizing_to_the_same_format_keeps_codes_and_scales_bit_for_bit(tmp_path, scheme):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    quantize_checkpoint(tmp_path / "float", tmp_path / "once", QuantConfig(scheme=scheme))
+    _, notes = quantize_checkpoint(tmp_path / "once", tmp_path / "twice", QuantConfig(scheme=scheme))
+    with safe_open(tmp_path / "once" / "model.safetensors", "pt") as once:
+        with safe_open(tmp_path / "twice" / "model.safetensors", "pt") as twice:
+            assert set(once.keys()) == set(twice.keys())
+            for key in once.keys():
+                assert torch.equal(once.get_tensor(key).view(torch.uint8), twice.get_tensor(key).view(torch.uint8)), key
+    assert notes == [] or "re-quantized" not in " ".join(notes)
+
+
+def test_requantizing_to_another_format_says_it_quantizes_dequantized_weights(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    quantize_checkpoint(tmp_path / "float", tmp_path / "int8", QuantConfig(scheme="int8"))
+    _, notes = quantize_checkpoint(tmp_path / "int8", tmp_path / "int4", QuantConfig(scheme="int4"))
+    assert len(notes) == 1 and "layers stored int8 were re-quantized to int4 g32 from their dequantized" in notes[0]
+    assert "--allow-requantize" in notes[0]
+    _, notes = quantize_checkpoint(tmp_path / "int4", tmp_path / "int4-g64", QuantConfig(scheme="int4", group_size=64))
+    assert "stored int4 g32 were re-quantized to int4 g64" in notes[0]
