@@ -239,7 +239,7 @@ def prune_command(
     fine-tune with the trainer."""
     import tempfile
 
-    from seekstack.checkpoint import load_pretrained
+    from seekstack.checkpoint import load_pretrained, stored_float_dtype
     from seekstack.compress.heads import head_importance, prune_heads
     from seekstack.compress.heal import heal
     from seekstack.compress.prune import gate_mass, prune_experts
@@ -253,6 +253,7 @@ def prune_command(
         _refuse_quantized(model)
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True).eval()
+        dtype = stored_float_dtype(model)  # pruned (and healed) in float32, written in the dtype it came in
         batches = held_out_batches(str(data), batches=calibration_batches, split=TRAIN_SPLIT)
         before, has_moe = network.config, bool(network.moe_layer_ids)
         removed = prune_experts(network, gate_mass(network, batches), experts) if experts and has_moe else {}
@@ -268,9 +269,9 @@ def prune_command(
                         f"the healing run was in a temporary folder, removed now, and nothing was written to {out}: "
                         "`seekstack prune` has no --resume; run it again to prune and heal from the start"
                     )
-                save_with_tokenizer(load_pretrained(healed), model, out)
+                save_with_tokenizer(load_pretrained(healed, dtype=dtype), model, out)
         else:
-            save_with_tokenizer(network, model, out)
+            save_with_tokenizer(network.to(dtype), model, out)
     for layer, ids in removed.items():
         typer.echo(f"{layer}: removed {'heads' if layer.endswith('self_attn') else 'experts'} {ids}")
     for note in notes:

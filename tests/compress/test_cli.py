@@ -4,12 +4,14 @@ runs."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import seekstack
+from seekstack.checkpoint import stored_float_dtype
 from seekstack.cli import app
 from seekstack.compress.heads import head_importance, prune_heads
 from seekstack.compress.linear import Int4Weight, QuantizedLinear
@@ -152,6 +154,23 @@ def test_calibration_refuses_shards_of_another_tokenizer_before_calibrating_nami
         f"{tmp_path / 'shards'} was tokenized with {tmp_path / 'other' / 'tokenizer.json'}, not with "
         f"{tmp_path / 'float' / 'tokenizer.json'}, the tokenizer of checkpoint {tmp_path / 'float'}"
     ) in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("heal_steps", ["0", "1"])
+def test_prune_writes_a_bfloat16_checkpoint_in_bfloat16(tmp_path, heal_steps):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    model = seekstack.Transformer(seekstack.preset("tiny", **{**MICRO_MODEL, "n_routed_experts": 8}))
+    seekstack.save_pretrained(model.to(torch.bfloat16), tmp_path / "bf16")
+    result = CliRunner().invoke(
+        app, ["prune", str(tmp_path / "bf16"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "pruned"),
+              "--experts", "0.25", "--calibration-batches", "1", "--heal-steps", heal_steps, "--heal-batch-size", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert float(re.search(r"on disk, ([\d.]+)% of", result.output)[1]) < 100  # it shrank (float32: 150%)
+    assert stored_float_dtype(tmp_path / "pruned") == torch.bfloat16
+    assert json.loads((tmp_path / "pruned" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_prune_of_a_model_without_moe_layers_says_there_are_no_experts_to_remove(tmp_path):
