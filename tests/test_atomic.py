@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import resource
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from seekstack.atomic import atomic_directory, staged_files, write_atomic
+from seekstack.atomic import WriteRefused, atomic_directory, entries_besides, staged_files, write_atomic
 from seekstack.checkpoint import CheckpointError
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import train_tokenizer
@@ -70,6 +77,105 @@ def test_written_files_and_folders_get_the_usual_permissions_not_private_tempora
         pass
     assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode
     assert (tmp_path / "atomic_folder").stat().st_mode == (tmp_path / "plain_folder").stat().st_mode
+
+
+@contextmanager
+def file_size_limit(limit: int):
+    """`ulimit -f`: a write past `limit` bytes fails with EFBIG, as a full disk fails with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_write_the_storage_refuses_names_its_target_and_keeps_the_old_file(tmp_path):
+    write_atomic(tmp_path / "index.json", "old")
+    with pytest.raises(WriteRefused) as refused, file_size_limit(50_000):
+        write_atomic(tmp_path / "index.json", b"x" * 100_000)
+    assert str(refused.value) == (
+        f"{tmp_path / 'index.json'}: not written (File too large: a full disk or a file size limit); nothing was "
+        "written, and what was there is as it was"
+    )
+    assert isinstance(refused.value, OSError) and refused.value.errno == errno.EFBIG
+    assert (tmp_path / "index.json").read_text() == "old" and entries(tmp_path) == ["index.json"]
+
+
+def test_a_torch_save_cut_short_in_a_folder_names_the_folder_not_torchs_zip_writer(tmp_path):
+    with pytest.raises(WriteRefused) as refused, file_size_limit(50_000):
+        with atomic_directory(tmp_path / "step_8") as staging:
+            torch.save({"weights": torch.zeros(100_000)}, staging / "train_state.pt")
+    assert str(refused.value).startswith(f"{tmp_path / 'step_8'}: not written (torch.save was cut short: a full disk")
+    assert entries(tmp_path) == []
+
+
+def test_the_temporaries_of_the_files_a_command_makes_are_not_listed_as_other_files(tmp_path):
+    for name in ("tokenizer.json", ".tokenizer.json.fe642753.tmp", "notes.txt", ".notes.txt.fe642753.tmp"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".tokenizer_config.json.01234567.tmp").mkdir()
+    listed = entries_besides(tmp_path, ("tokenizer.json", "tokenizer_config.json"))
+    assert listed == ".notes.txt.fe642753.tmp and notes.txt"
+
+
+# ------------------------------------------------------------------ what a writer killed outright leaves
+WRITER = """
+import sys, time
+from seekstack.atomic import atomic_directory, write_atomic
+if sys.argv[2] == "file":
+    write_atomic(sys.argv[1], lambda temporary: (temporary.write_text("half"), time.sleep(60)))
+with atomic_directory(sys.argv[1]) as staging:
+    (staging / "model.safetensors").write_text("half")
+    time.sleep(60)
+"""
+
+
+def hidden_of(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def start_writer(path: Path, kind: str) -> subprocess.Popen:
+    """Another process writing `path` (a file or a folder), stopped midway until it is killed."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), kind])
+    deadline = time.monotonic() + 20
+    while not (hidden_of(path) and hidden_of(path)[0].stat().st_size and writer.poll() is None):
+        assert time.monotonic() < deadline and writer.poll() is None, "the writer never began"
+        time.sleep(0.02)
+    return writer
+
+
+def write_here(path: Path, kind: str) -> None:
+    if kind == "file":
+        write_atomic(path, "new")
+    else:
+        with atomic_directory(path) as staging:
+            (staging / "model.safetensors").write_text("new")
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_the_next_write_of_a_target_clears_what_a_write_killed_outright_left(tmp_path, kind):
+    killed = start_writer(tmp_path / "step_8", kind)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    left = hidden_of(tmp_path / "step_8")
+    assert len(left) == 1
+    write_here(tmp_path / "step_80", kind)  # another target's write leaves it
+    assert hidden_of(tmp_path / "step_8") == left
+    write_here(tmp_path / "step_8", kind)
+    assert hidden_of(tmp_path / "step_8") == []
+    assert entries(tmp_path) == ["step_8", "step_80"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_write_leaves_the_temporary_of_another_process_writing_the_same_target(tmp_path, kind):
+    writer = start_writer(tmp_path / "step_8", kind)
+    try:
+        under_way = hidden_of(tmp_path / "step_8")
+        write_here(tmp_path / "step_8", kind)
+        assert hidden_of(tmp_path / "step_8") == under_way and writer.poll() is None
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 # ------------------------------------------------------------------ files that appear together

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import itertools
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seekstack.atomic import hidden_pattern, write_atomic
+from seekstack.atomic import clear_killed_writes, write_atomic
 from seekstack.checkpoint import checkpoint_key, layer_key
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
@@ -36,7 +35,6 @@ from seekstack.model.moe import MoE, RoutedExperts
 from seekstack.model.transformer import Transformer
 
 DISK = "disk"
-KILLED_WRITE_SECONDS = 600  # a hidden copy left this long is a killed write's (a write takes seconds)
 COPY_DIGEST_CHARS = 16  # hex digits of a disk copy's SHA-256 in its file name (`_mapped_copy`)
 
 
@@ -304,20 +302,13 @@ def _mapped_copy(tensor: torch.Tensor, directory: Path, name: str) -> torch.Tens
 
 def _delete_copies(directory: Path, name: str) -> None:
     """Delete the copies of tensor `name` in `directory` (those named `{name}.bin` too, from before copies were named
-    by their digest, and the hidden part of one whose writer was killed: untouched for KILLED_WRITE_SECONDS, so not
-    another process's write under way). A run that maps one keeps its pages: a mapping outlives the file's name."""
+    by their digest, and the hidden part of one whose writer was killed, `clear_killed_writes`; never another
+    process's write under way). A run that maps one keeps its pages: a mapping outlives the file's name."""
     copy = rf"{re.escape(name)}(\.[0-9a-f]{{{COPY_DIGEST_CHARS}}})?\.bin"
-    copy_name, hidden_name = re.compile(copy), re.compile(hidden_pattern(copy))
     for entry in directory.iterdir():
-        if copy_name.fullmatch(entry.name) or hidden_name.fullmatch(entry.name) and _untouched_since_long(entry):
+        if re.fullmatch(copy, entry.name):
             entry.unlink(missing_ok=True)
-
-
-def _untouched_since_long(path: Path) -> bool:
-    try:
-        return time.time() - path.stat().st_mtime > KILLED_WRITE_SECONDS
-    except FileNotFoundError:  # its write finished meanwhile
-        return False
+    clear_killed_writes(directory, copy)
 
 
 def mapped_file(tensor: torch.Tensor) -> Path | None:

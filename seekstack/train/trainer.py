@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from seekstack.accounting import training_flops_per_token
-from seekstack.atomic import write_atomic
+from seekstack.atomic import WriteRefused, write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -68,7 +68,7 @@ from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
-from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, refuse_new_run_into, step_dir
+from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints, refuse_new_run_into, step_dir
 from seekstack.train.schedule import (
     LrAnchor,
     ProgressAnchor,
@@ -435,8 +435,9 @@ class _Run:
             if self.step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
                 self.data.load_state_dict(self.step_start[0])
                 set_rng_state(self.step_start[1])
-            result.checkpoint = self.save()
-            self._say(f"\ninterrupted: saved {result.checkpoint}; continue with --resume")
+            with interrupts_deferred():  # a second Ctrl-C does not throw away the checkpoint being saved
+                result.checkpoint = self.save()
+                self._say(f"\ninterrupted: saved {result.checkpoint}; continue with --resume")
             raise
         result.step = self.step
         return result
@@ -652,6 +653,21 @@ class _Run:
 
     # ------------------------------------------------------------------------------ files and output
     def save(self) -> Path | None:
+        """Write `checkpoints/step_N`; a checkpoint the storage refuses (a full disk) stops the run with an error
+        that says which steps are lost and where to continue from."""
+        try:
+            return self._write_checkpoint()
+        except WriteRefused as refused:
+            raise WriteRefused(f"{refused}; training stopped at step {self.step}: {self._steps_lost()}") from refused
+
+    def _steps_lost(self) -> str:
+        """The steps a checkpoint that could not be written loses, and what to do."""
+        saved = list_checkpoints(self.out_dir)
+        if not saved:
+            return "the run has no checkpoint, so all its steps are lost: free some space and start it again"
+        return f"the steps since {saved[-1]} are lost: free some space and continue from it with --resume"
+
+    def _write_checkpoint(self) -> Path | None:
         """Write `checkpoints/step_N` (rank 0; under FSDP or expert parallel every rank adds its optimizer part)."""
         state = {
             "step": self.step,

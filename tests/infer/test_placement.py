@@ -4,9 +4,9 @@ the CPU, memory-mapped from disk, or on a GPU) computing the logits of the model
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -186,9 +186,10 @@ def test_a_half_written_disk_copy_is_never_read(model, tmp_path, monkeypatch):
     killed, writing = (tmp_path / "layers.1.mlp.experts" / f".{name}.0123456789abcdef.bin.89abcdef.tmp"
                        for name in ("gate_up_proj", "down_proj"))  # fmt: skip
     killed.write_bytes(b"the part a SIGKILL-ed write left")
-    os.utime(killed, (time.time() - 3600, time.time() - 3600))
     writing.write_bytes(b"another process's write under way")
-    place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
+    with writing.open("rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # what its writer holds until it is done
+        place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
     assert not killed.exists() and writing.exists()  # the next write of the tensor clears a killed one's part only
     for copied in tmp_path.glob("*/*.bin"):  # cut short at their own names (as by a full disk)
         copied.write_bytes(copied.read_bytes()[: copied.stat().st_size // 2])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,60 @@ def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tm
     monkeypatch.setattr(trainer._Run, "train_step", original)
     resumed = train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0), resume=True)
     assert resumed.losses == whole.losses[2:]
+
+
+def interrupt_at_step_2(monkeypatch) -> None:
+    """Ctrl-C in the third step, before its update."""
+    from seekstack.train import trainer
+
+    original = trainer._Run.train_step
+
+    def interrupted_step(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(trainer._Run, "train_step", interrupted_step)
+
+
+def test_a_second_ctrl_c_during_the_save_the_first_began_lets_it_finish(data_dir, tmp_path, monkeypatch, capsys):
+    from seekstack.train import trainer
+
+    interrupt_at_step_2(monkeypatch)
+    save = trainer.save_checkpoint
+
+    def interrupted_again(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C again while the checkpoint is written
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", interrupted_again)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(data_dir, tmp_path, max_steps=4, save_every=0))
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    saved = tmp_path / "checkpoints" / "step_2"
+    assert f"interrupted: saved {saved}; continue with --resume" in capsys.readouterr().err
+
+
+def test_a_checkpoint_the_disk_refuses_stops_the_run_naming_it_and_the_steps_lost(data_dir, tmp_path, monkeypatch):
+    from seekstack.train import state
+
+    save = state.torch.save
+
+    def disk_full_at_step_4(obj, path):
+        if Path(path).parent.name.startswith(".step_4."):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 19926080 vs 19925972")
+        save(obj, path)
+
+    monkeypatch.setattr(state.torch, "save", disk_full_at_step_4)
+    with pytest.raises(OSError) as refused:
+        train(run_config(data_dir, tmp_path, max_steps=6, save_every=2))
+    checkpoints = tmp_path / "checkpoints"
+    assert str(refused.value) == (
+        f"{checkpoints / 'step_4'}: not written (torch.save was cut short: a full disk or a file size limit); nothing "
+        f"was written, and what was there is as it was; training stopped at step 4: the steps since "
+        f"{checkpoints / 'step_2'} are lost: free some space and continue from it with --resume"
+    )
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_2"]
 
 
 def history(out_dir: Path) -> list[tuple]:
