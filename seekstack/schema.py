@@ -234,13 +234,14 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
 
 def write_config(config: Any, path: str | Path) -> Path:
     """Write a config's every field to `path` (.yaml/.yml or .json) so that `load_config` reads it back; paths
-    are written relative to the file's folder, as `load_config` reads them."""
+    given relative, and those inside the file's folder, are written relative to it, as `load_config` reads them
+    (they move with the file); other absolute paths stay as they are (a run moved away still finds its data)."""
     path = Path(path)
     values = _plain(dataclasses.asdict(config))
     folder = path.parent.resolve()
     for name, value in values.items():  # the inverse of `resolve_paths`
         if isinstance(value, str) and value and _is_path_field(name):
-            values[name] = os.path.relpath(Path(value).resolve(), folder)
+            values[name] = _written_path(value, folder)
     if path.suffix in (".yaml", ".yml"):
         text = yaml.safe_dump(values, sort_keys=False)
     elif path.suffix == ".json":
@@ -249,6 +250,14 @@ def write_config(config: Any, path: str | Path) -> Path:
         raise ConfigError(f"{path}: configs are written as .yaml, .yml or .json (TOML is read, not written)")
     write_atomic(path, text)
     return path
+
+
+def _written_path(value: str, folder: Path) -> str:
+    """Path `value` as `write_config` writes it into a file in `folder`."""
+    resolved = Path(value).resolve()
+    if Path(value).is_absolute() and not resolved.is_relative_to(folder):
+        return value
+    return os.path.relpath(resolved, folder)
 
 
 def describe_fields(cls: type) -> str:

@@ -9,7 +9,8 @@ The tensor keys name transformers' modules (`model.layers.0.self_attn.q_a_proj`)
 mapping of `seekstack.checkpoint` (`checkpoint_key`), so `peft.PeftModel.from_pretrained` loads the adapter on the
 `transformers` DeepseekV3ForCausalLM of the base. A parameter target wraps its module once per parameter (peft's
 nested ParamWrapper), which adds `.base_layer` before `lora_A` for all but the outermost; the nesting is the same on
-both sides, so that part of the key is kept as it is.
+both sides, so that part of the key is kept as it is. The config names modules as peft matched them on whichever
+model made the adapter; it is read as on transformers' model (seekstack/adapters/peft_targets.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from seekstack.adapters.config import AdapterConfig
+from seekstack.adapters.peft_targets import config_for_seekstack, quiet_parameter_patterns
 from seekstack.atomic import refuse_to_replace, staged_files
 from seekstack.checkpoint import (
     CONFIG_FILE,
@@ -52,6 +54,11 @@ ADAPTER_KEY = re.compile(
     r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_([AB]\.weight|embedding_[AB]|magnitude_vector)"
     r"|\.token_adapter\.trainable_tokens_delta)"
 )
+BASE_LAYER_COPY = re.compile(r"(?P<module>.+?)\.base_layer\.weight")  # peft's save_embedding_layers: the base's
+UNSUPPORTED_OPTIONS = {  # peft's LoraConfig fields seekstack refuses, and what they add
+    "lora_bias": "a trained bias on each lora_B; seekstack's adapted layers have no bias to merge it into",
+    "modules_to_save": "whole modules trained in full beside the LoRA factors",
+}
 ADAPTER_PARAMETERS = (".lora_", ".trainable_tokens_delta")  # what names an adapter's own parameters
 
 
@@ -166,7 +173,9 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
     config = read_lora_config(folder)  # its own errors name what is wrong with the file
     refuse_quantized_base(model, folder)
     try:
-        peft_model = get_peft_model(model, config, low_cpu_mem_usage=weightless)
+        config = config_for_seekstack(config, model.config)
+        with quiet_parameter_patterns():
+            peft_model = get_peft_model(model, config, low_cpu_mem_usage=weightless)
     except (TypeError, ValueError) as error:  # peft checks a config's fields against the model only here
         raise CheckpointError(
             f"{folder / ADAPTER_CONFIG_FILE}: peft cannot apply this adapter config to the base model ({error})"
@@ -209,6 +218,12 @@ def read_lora_config(folder: str | Path) -> LoraConfig:
         config = LoraConfig.from_pretrained(str(folder))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: not a LoRA adapter config peft accepts ({error})") from None
+    for option, what in UNSUPPORTED_OPTIONS.items():
+        if getattr(config, option):
+            raise CheckpointError(
+                f"{path}: peft's {option}={getattr(config, option)!r} ({what}) is not supported; retrain the adapter "
+                f"without {option}"
+            )
     config.base_model_name_or_path = None  # the caller gives the base; peft would warn that the recorded one differs
     return config
 
@@ -227,11 +242,15 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
     ours = {checkpoint_key(f"{name}.weight", layers).removesuffix(".weight"): name for name in names}
     tensors = {}
     for key, tensor in read_safetensors(weights).items():
-        hf_module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
+        base_copy = BASE_LAYER_COPY.fullmatch(key.removeprefix(PEFT_PREFIX))
+        hf_module, lora = (base_copy["module"], "") if base_copy else _split(key.removeprefix(PEFT_PREFIX), folder)
         if hf_module not in ours:
             raise CheckpointError(
                 f"{weights}: key {key!r} names no module of the base model: the adapter was trained on another base"
             )
+        if base_copy:
+            _check_base_layer_copy(model.get_base_model().get_submodule(ours[hf_module]), key, tensor, weights)
+            continue
         if converted and ".lora_A." in lora:
             tensor = tensor[: tensor.shape[0] // 2]
         elif converted and ".lora_B." in lora:
@@ -264,6 +283,24 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
         model.load_state_dict({full_names[key]: tensor for key, tensor in tensors.items()}, strict=False, assign=True)
     else:
         set_peft_model_state_dict(model, tensors)
+
+
+def _check_base_layer_copy(layer: torch.nn.Module, key: str, stored: torch.Tensor, weights: Path) -> None:
+    """CheckpointError naming `key` when the copy of an adapted embedding's or head's base weight that peft saved
+    beside the adapter (its save_embedding_layers, on by default for those targets) is not `layer`'s base weight:
+    the adapter was trained on another base, or on resized embeddings. Equal at bfloat16 precision (the copy may come
+    from a float32 or a bfloat16 load of the base); on a weightless model only the shape is checked."""
+    base = (layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer).weight
+    if stored.shape != base.shape:
+        differs = f"shape {tuple(stored.shape)}, this base's {tuple(base.shape)}"
+    elif base.is_meta or torch.equal(stored.to(torch.bfloat16), base.detach().to(torch.bfloat16)):
+        return
+    else:
+        differs = "other values"
+    raise CheckpointError(
+        f"{weights}: key {key!r}, the base weight peft saved beside the adapter (save_embedding_layers), differs from "
+        f"this base model's ({differs}): the adapter was trained on another base or on resized embeddings"
+    )
 
 
 def merged_model(model: Transformer, adapter: str | Path) -> Transformer:

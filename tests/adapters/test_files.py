@@ -287,3 +287,107 @@ def test_an_adapter_on_a_quantized_base_is_refused_naming_the_scheme(base, adapt
         load_adapter(quantized, adapter)  # generate, chat, merge
     with pytest.raises(CheckpointError, match="the base model is quantized"):
         attach_adapters(quantized, {"domain": adapter})  # serve
+
+
+def write_peft_adapter(base, folder, **lora_fields):
+    """An adapter made by peft itself on transformers' model of `base`, its lora_B factors random (a fresh one's are
+    zero), saved as peft saves it by default."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), LoraConfig(**lora_fields))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+def peft_logits(base, adapter, ids):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        return plain(ids).logits, PeftModel.from_pretrained(plain, adapter)(ids).logits
+
+
+MAIN_LAYER_ATTENTION = [f"layers.{layer}.self_attn.{name}" for layer in (0, 1) for name in ("q_a_proj", "o_proj")]
+PEFT_CONFIGS = {  # LoraConfig fields of adapters users make with peft on transformers' model of our base
+    "patterns naming transformers' modules": dict(
+        target_modules=MAIN_LAYER_ATTENTION,
+        rank_pattern={"model.layers.0.self_attn.o_proj": 2},
+        alpha_pattern={"model.layers.1.self_attn.q_a_proj": 32},
+    ),
+    "patterns as regexes on transformers' names": dict(
+        target_modules=MAIN_LAYER_ATTENTION,
+        rank_pattern={r"^model\.layers\.0\.self_attn\.o_proj": 2},
+        alpha_pattern={r"^model\.layers\.1\.self_attn\.q_a_proj": 32},
+    ),
+    "short names": dict(target_modules=["q_a_proj", "o_proj"]),
+    "all-linear": dict(target_modules="all-linear"),
+    "expert parameters by suffix": dict(target_modules=[], target_parameters=["mlp.experts.gate_up_proj"]),
+    "gaussian init": dict(target_modules=["kv_b_proj"], init_lora_weights="gaussian"),
+    "transformers' full module paths": dict(
+        target_modules=["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_a_proj"]
+    ),
+    "layers_to_transform without layers_pattern": dict(target_modules=["o_proj"], layers_to_transform=[1]),
+    "exclude_modules by transformers' name": dict(
+        target_modules=["kv_b_proj"], exclude_modules=["model.layers.0.self_attn.kv_b_proj"]
+    ),
+    "head and embedding with their base weights saved": dict(target_modules=["lm_head", "embed_tokens"]),
+}
+
+
+@pytest.mark.parametrize("fields", PEFT_CONFIGS.values(), ids=list(PEFT_CONFIGS))
+def test_an_adapter_peft_made_on_transformers_model_loads_and_merges_with_peft_logits(base, tmp_path, fields):
+    adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, **{"init_lora_weights": False, **fields})
+    ids = prompt_ids(seed=6)
+    plain, theirs = peft_logits(base, adapter, ids)
+    assert (plain - theirs).abs().max() > 100 * PEFT_ATOL  # the adapter changes peft's logits
+    assert (logits_with_adapter(base, adapter, ids) - theirs).abs().max() < PEFT_ATOL  # generate, chat
+    with torch.no_grad():
+        merged = seekstack.load_pretrained(merge_adapter(base, adapter, tmp_path / "merged"))(ids).logits
+    assert (merged - theirs).abs().max() < PEFT_ATOL
+    factors = read_factors(seekstack.load_pretrained(base).config, adapter).factors  # serve
+    assert factors and not any(module.startswith("mtp.") for module, _ in factors)
+
+
+def test_serving_scales_each_factor_by_the_alpha_peft_gives_its_module(base, tmp_path):
+    fields = PEFT_CONFIGS["patterns as regexes on transformers' names"]
+    adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, init_lora_weights=False, **fields)
+    factors = read_factors(seekstack.load_pretrained(base).config, adapter).factors
+    with safe_open(adapter / ADAPTER_WEIGHTS_FILE, "pt") as stored:
+        up = {layer: stored.get_tensor(f"base_model.model.model.layers.{layer}.self_attn.q_a_proj.lora_B.weight")
+              for layer in (0, 1)}  # fmt: skip
+    assert torch.allclose(factors[("layers.0.self_attn.q_a_proj", "weight")][1], up[0] * 8 / 4)
+    assert torch.allclose(factors[("layers.1.self_attn.q_a_proj", "weight")][1], up[1] * 32 / 4)  # alpha_pattern
+    assert factors[("layers.0.self_attn.o_proj", "weight")][0].shape[0] == 2  # rank_pattern
+
+
+UNSUPPORTED_PEFT_OPTIONS = {
+    "lora_bias": dict(target_modules=["o_proj"], lora_bias=True),
+    "modules_to_save": dict(target_modules=["o_proj"], modules_to_save=["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("option", UNSUPPORTED_PEFT_OPTIONS)
+def test_a_peft_option_seekstack_does_not_apply_is_refused_naming_it(base, tmp_path, option):
+    fields = UNSUPPORTED_PEFT_OPTIONS[option]
+    adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, init_lora_weights=False, **fields)
+    model = seekstack.load_pretrained(base)
+    for load in (lambda: load_adapter(model, adapter), lambda: read_factors(model.config, adapter)):
+        with pytest.raises(CheckpointError, match=f"{adapter / ADAPTER_CONFIG_FILE}: peft's {option}=.*not supported"):
+            load()
+
+
+def test_a_saved_head_base_weight_of_another_base_is_refused_naming_the_key(base, tmp_path):
+    fields = PEFT_CONFIGS["head and embedding with their base weights saved"]
+    adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, init_lora_weights=False, **fields)
+    tensors = load_safetensors((adapter / ADAPTER_WEIGHTS_FILE).read_bytes())
+    tensors["base_model.model.lm_head.base_layer.weight"] += 0.01
+    (adapter / ADAPTER_WEIGHTS_FILE).write_bytes(save_safetensors(tensors))
+    with pytest.raises(CheckpointError, match="'base_model.model.lm_head.base_layer.weight'.*differs.*another base"):
+        load_adapter(seekstack.load_pretrained(base), adapter)

@@ -83,6 +83,22 @@ def test_write_config_gives_a_file_that_reads_back_to_the_same_config(tmp_path: 
     assert load_train_config(path.name) == load_train_config(None, ["lr=1e-3", "model.hidden_size=64"])
 
 
+def test_a_saved_config_keeps_absolute_paths_so_a_moved_run_still_finds_its_data(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tokenizer = tmp_path / "shared" / "tokenizer.json"  # given absolute
+    tokenizer.parent.mkdir()
+    tokenizer.write_text("{}")
+    paths = [f"tokenizer={tokenizer}", "data_dir=tokens", f"out_dir={tmp_path / 'runs' / 'a'}"]
+    load_train_config(None, paths).save("runs/a")
+    written = json.loads(Path("runs", "a", CONFIG_FILE).read_text())
+    assert (written["tokenizer"], written["data_dir"], written["out_dir"]) == (str(tokenizer), "../../tokens", ".")
+    shutil.move("runs/a", "moved")
+    moved = load_train_config(tmp_path / "moved" / CONFIG_FILE)  # was: no such file moved/../../shared/tokenizer.json
+    assert Path(moved.tokenizer) == tokenizer
+    assert Path(moved.out_dir).resolve() == tmp_path / "moved"
+    assert Path(moved.data_dir).resolve() == tmp_path.parent / "tokens"  # given relative: it moves with the run
+
+
 def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_continuous(data_dir, tmp_path):
     out_dir = tmp_path / "run"
     runner = CliRunner()
