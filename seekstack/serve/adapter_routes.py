@@ -64,7 +64,7 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
         except CheckpointError as error:
             raise APIError(400, str(error), param="lora_path", code="invalid_adapter") from None
         except ValueError as error:
-            raise APIError(400, str(error), param="lora_name") from None
+            raise APIError(400, str(error), param="lora_name", code="invalid_value") from None
         [card] = [card for card in server.models().data if card.id == body.lora_name]
         return JSONResponse(card.model_dump())
 

@@ -116,6 +116,8 @@ def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_w
     empty = post(url, admin, "load_lora_adapter", lora_name="empty", lora_path=str(tmp_path))
     assert error(empty) == (400, "invalid_adapter") and "adapter_config.json" in empty.json()["error"]["message"]
     assert error(post(url, admin, "load_lora_adapter", lora_name="x")) == (400, "invalid_value")  # no lora_path
+    spaced = post(url, admin, "load_lora_adapter", lora_name="x y", lora_path=str(adapters["poem"]))
+    assert error(spaced) == (400, "invalid_value") and spaced.json()["error"]["param"] == "lora_name"
     damaged = tmp_path / "damaged"
     shutil.copytree(adapters["poem"], damaged)
     (damaged / ADAPTER_WEIGHTS_FILE).write_bytes((damaged / ADAPTER_WEIGHTS_FILE).read_bytes()[:3000])
