@@ -246,6 +246,14 @@ def test_interrupted_training_checkpoint_keeps_the_previous_one_of_that_step(tmp
     assert load_checkpoint(list_checkpoints(tmp_path)[0])[1] == {"step": 2}
 
 
+def test_a_training_checkpoint_clears_what_a_killed_save_of_another_step_left(tmp_path):
+    killed = tmp_path / "checkpoints" / ".step_6.7a7d1e6a.tmp"  # a run killed while saving step 6, resumed from 4
+    killed.mkdir(parents=True)
+    (killed / "model.safetensors").write_text("half")
+    save_checkpoint(tmp_path, Transformer(micro_config()), {"step": 8}, keep=3)
+    assert entries(tmp_path / "checkpoints") == ["step_8"]
+
+
 def test_training_checkpoints_hold_the_model_the_state_and_the_extra_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     extra_files = [tmp_path / "tokenizer.json"]

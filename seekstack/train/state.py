@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seekstack.atomic import atomic_directory, refuse_to_replace
+from seekstack.atomic import atomic_directory, clear_killed_writes, refuse_to_replace
 from seekstack.checkpoint import (
     MODEL_FOLDER_FILES,
     CheckpointError,
@@ -35,7 +35,14 @@ from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import copy_tokenizer_config
-from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints, step_dir
+from seekstack.train.runs import (
+    STEP_DIR,
+    TRAIN_STATE_FILE,
+    checkpoint_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    step_dir,
+)
 
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
 ModelWriter = Callable[[nn.Module, Path], None]  # writes a model's files into a checkpoint folder
@@ -106,9 +113,10 @@ def rank_compression_file(rank: int) -> str:
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints."""
+    """Delete all but the newest `keep` checkpoints, and what saves killed outright left of any step's."""
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
+    clear_killed_writes(checkpoint_dir(out_dir), STEP_DIR.pattern)
 
 
 @contextmanager
