@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from seekstack.atomic import write_atomic
+from seekstack.eval.samples import model_and_adapter
 from seekstack.eval.tasks import CODE_TASKS, REASONING_PREFIX, REASONING_TASKS, TASKS, task_configs
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
 
@@ -44,7 +45,7 @@ def evaluate(
     specs: list[Any] = [task for task in tasks if task not in TASKS]
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     device = str(resolve_device(device))
-    model_args = {"pretrained": str(model_dir), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
+    model_args = {**_model_args(model_dir), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
     started = time.perf_counter()
     try:
         output = lm_eval.simple_evaluate(
@@ -67,6 +68,16 @@ def evaluate(
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,
         "options": options,
     }  # fmt: skip
+
+
+def _model_args(model_dir: str | Path) -> dict[str, str]:
+    """lm_eval model args of a checkpoint, or of a LoRA run's adapter checkpoint: its base as `pretrained` with the
+    adapter as `peft` (which both backends merge) and the adapter checkpoint's tokenizer."""
+    weights, adapter = model_and_adapter(model_dir)
+    if adapter is None:
+        return {"pretrained": str(weights)}
+    tokenizer = adapter if (adapter / TOKENIZER_FILE).is_file() else weights
+    return {"pretrained": str(weights), "peft": str(adapter), "tokenizer": str(tokenizer)}
 
 
 def results_table(report: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from seekstack.adapters.files import merged_model
 from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import DTYPES, SamplingParams
@@ -111,14 +112,17 @@ class SeekstackLM(TemplateLM):
         max_gen_toks: int = 256,
         dtype: str = "float32",
         device: str | None = None,
+        peft: str | Path | None = None,
     ):
+        """`peft`: a LoRA adapter folder (peft's format) merged into the model, as the HF backend's `peft` arg."""
         super().__init__()
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise ValueError(f"batch_size={batch_size!r}: seekstack takes a number of requests per batch, not 'auto'")
         self.batch_size_per_step = int(batch_size)
         self._device = resolve_device(device)
         check_max_length(max_length)
-        self.model = load_pretrained(pretrained, dtype=model_dtype(dtype, pretrained), device=self._device).eval()
+        self.model = load_pretrained(pretrained, dtype=model_dtype(dtype, pretrained), device=self._device)
+        self.model = (self.model if peft is None else merged_model(self.model, peft)).eval()
         self.tokenizer_ = Tokenizer.from_file(tokenizer or pretrained)
         self.max_length = max_length or self.model.config.max_position_embeddings
         self.max_gen_toks = max_gen_toks

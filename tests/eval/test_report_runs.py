@@ -232,6 +232,24 @@ def test_report_and_explain_of_a_lora_run_use_its_base_with_the_adapter_merged(l
     ).read_text()
 
 
+@pytest.mark.parametrize("backend", ["seekstack", "hf"])
+def test_eval_of_a_lora_run_scores_its_base_with_the_adapter_merged(lora_run, tmp_path, backend):
+    """lm_eval's `peft` model arg (the HF backend's, and ours) carries the adapter: the scores are the merged
+    checkpoint's (it was refused for the adapter checkpoint's missing config.json)."""
+    from seekstack.adapters.files import merge_adapter
+    from seekstack.eval.evaluate import evaluate
+    from tests.eval.test_tasks import MODULE, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    merged = merge_adapter(lora_run.parent / "base", lora_run / "checkpoints" / "step_2", tmp_path / "merged")
+    base, adapter, merged_scores = (
+        evaluate(model, ("code_perplexity",), corpus, backend, limit=1)["results"]["code_perplexity"]
+        for model in (lora_run.parent / "base", lora_run / "checkpoints" / "step_2", merged)
+    )
+    assert adapter["bits_per_byte"] == pytest.approx(merged_scores["bits_per_byte"], rel=1e-4)
+    assert adapter["bits_per_byte"] != pytest.approx(base["bits_per_byte"], rel=1e-3)  # the adapter counts
+
+
 def test_explain_of_a_lora_run_whose_base_is_gone_names_the_base_and_the_merge(lora_run, tmp_path):
     from typer.testing import CliRunner
 
