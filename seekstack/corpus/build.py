@@ -147,7 +147,8 @@ def analysed_documents(documents: Iterable[Document], config: CleaningConfig, wo
         for batch in batches:
             yield from _analyse_batch(batch, config)
         return
-    with worker_pool(workers) as pool:
+    pool = worker_pool(workers)
+    try:
         in_flight: collections.deque = collections.deque()
         for batch in batches:
             in_flight.append(pool.apply_async(_analyse_batch, (batch, config)))
@@ -155,6 +156,9 @@ def analysed_documents(documents: Iterable[Document], config: CleaningConfig, wo
                 yield from in_flight.popleft().get()
         while in_flight:
             yield from in_flight.popleft().get()
+    finally:  # not Pool.terminate: it can hang for good when Ctrl-C comes while a batch is being sent to a worker
+        pool.close()  # the batches in flight (at most 2 x workers) are finished, then the workers exit
+        pool.join()
 
 
 def worker_pool(workers: int) -> multiprocessing.pool.Pool:
