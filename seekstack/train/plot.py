@@ -51,8 +51,9 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     axes[0].plot(x, column(steps, "loss", path), label="loss (total)", linewidth=0.8)
     trained = [r for r in steps if "lm_loss" in r]  # a step that trained no labelled token (on-policy) has none
     axes[0].plot([r["step"] for r in trained], column(trained, "lm_loss", path), label="next-token", linewidth=0.8)
-    if any(r.get("mtp_loss") for r in steps):
-        axes[0].plot(x, column(steps, "mtp_loss", path), label="MTP", linewidth=0.8)
+    with_mtp = [r for r in steps if "mtp_loss" in r]  # none without MTP modules (older runs logged 0.0)
+    if any(r["mtp_loss"] for r in with_mtp):
+        axes[0].plot([r["step"] for r in with_mtp], column(with_mtp, "mtp_loss", path), label="MTP", linewidth=0.8)
     if evals:
         axes[0].plot([r["step"] for r in evals], column(evals, "val_loss", path), "o-", label="validation")
     _style(axes[0], "loss (nats per token)")

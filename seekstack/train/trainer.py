@@ -502,6 +502,7 @@ class _Run:
         expert_load: torch.Tensor | None = None
         extra: dict[str, float] = {}  # a batch source's own metrics, summed over micro-batches
         tokens, flops = 0, 0  # trained token positions and their training FLOPs, over micro-batches and ranks
+        has_mtp = False  # whether a micro-batch had an MTP loss (none without MTP modules, or on rows too short)
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = [
             self.data.batch(config.batch_size, progress=data_progress) for _ in range(config.grad_accum_steps)
@@ -521,6 +522,7 @@ class _Run:
                     extra = {name: extra.get(name, 0.0) + value for name, value in own.items()}
             objective = self._weighted_loss(out, share)
             objective.backward()
+            has_mtp = has_mtp or out.mtp_loss is not None
             mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros_like(out.loss)
             lm_loss, lm_share = (out.lm_loss, share) if out.lm_loss is not None else (torch.zeros_like(out.loss), 0.0)
             weighted = torch.stack([objective, lm_loss * lm_share, mtp * share, out.loss.new_tensor(lm_share)])
@@ -551,7 +553,7 @@ class _Run:
                 distributed.all_reduce_sum(micro_losses, self.ranks)
                 self.data.observe((micro_losses / self.ranks.world_size).tolist())
             metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss}
-            if out.mtp_loss is not None:  # a model without MTP modules (or rows too short for them) has no MTP loss
+            if has_mtp:
                 metrics["mtp_loss"] = mtp_loss
             if lm_shares > 0:  # else no micro-batch trained a labelled token (on-policy answers): no cross-entropy
                 metrics["lm_loss"] = lm_loss_sum / lm_shares

@@ -91,6 +91,17 @@ def test_plot_writes_a_png_of_the_run(demo_run, tmp_path):
     assert str(tmp_path / "curves.png") in result.output
 
 
+def test_plot_draws_a_run_whose_step_had_no_mtp_loss(demo_run, tmp_path):
+    """A step whose micro-batches were all too short for MTP (or a model without it) logs no mtp_loss."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = (demo_run / "run" / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(records + '{"step": 999, "loss": 3, "lr": 0.001}\n')
+    result = CliRunner().invoke(app, ["plot", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_plot_names_the_run_without_metrics(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
@@ -119,7 +130,7 @@ def test_plot_reads_a_run_stopped_while_writing_its_last_metrics_line(demo_run, 
     ("line", "fault"),
     [('{"loss": 3}', "not a metrics record"), ("[1, 2]", "not a metrics record"),
      ('{"step": "7", "loss": 1}', "not a metrics record"),
-     ('{"step": 999, "loss": 3}', "step 999 has no number 'mtp_loss'"),  # lm_loss: none when nothing was labelled
+     ('{"step": 999, "loss": 3, "mtp_loss": null}', "step 999 has no number 'mtp_loss'"),
      ('{"step": 999, "val_loss": "x", "val_bpb": 1}', "step 999 has no number 'val_loss'")],
 )  # fmt: skip
 def test_plot_names_a_metrics_line_that_is_json_but_no_record(demo_run, tmp_path, line, fault):
