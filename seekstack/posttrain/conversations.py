@@ -103,7 +103,8 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     `system`, and content given as a list of text parts as their texts joined by newlines (as vLLM's server joins
     them). Tool messages and tool calls (`tool_calls`, the legacy `function_call`) are refused: the template has no
     tool turns. ValueError naming `position` unless the result is a `check_chat_message` message (with `tokenizer`,
-    `Tokenizer.check_message`) whose weight, if any, is `check_weight`'s."""
+    `Tokenizer.check_message`) whose weight, if an assistant message has one, is `check_weight`'s (OpenAI fine-tuning
+    gives weight a meaning on assistant messages only: on another role it is ignored, as the template ignores it)."""
     if isinstance(message, dict):
         if message.get("role") == "tool" or message.get("tool_calls") or message.get("function_call"):
             raise ValueError(
@@ -124,19 +125,13 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
         tokenizer.check_message(position, message)
     checked = cast(dict, message)  # a dict with a known role and string content
     check_whole_characters(position, checked["content"])
-    if "weight" in checked:
-        check_weight(position, checked)
+    if checked["role"] == "assistant" and "weight" in checked:
+        check_weight(position, checked["weight"])
     return checked
 
 
-def check_weight(position: int, message: dict) -> None:
-    """ValueError naming the message unless its `weight` is OpenAI fine-tuning's: 0 or 1, on an assistant message."""
-    weight = message["weight"]
-    if message["role"] != "assistant":
-        raise ValueError(
-            f"chat message {position} field 'weight' is on a {message['role']} message: only assistant messages take "
-            "one (0: not trained on, 1: trained on)"
-        )
+def check_weight(position: int, weight: object) -> None:
+    """ValueError naming the message unless an assistant message's `weight` is OpenAI fine-tuning's: 0 or 1."""
     if isinstance(weight, bool) or weight not in (0, 1):
         raise ValueError(
             f"chat message {position} field 'weight' has value {weight!r}: it must be 0 (not trained on) or 1"

@@ -310,7 +310,6 @@ def test_an_assistant_turn_of_weight_0_is_context_not_trained_on(tmp_path):
     [
         ({"role": "assistant", "content": "4", "weight": 2}, "chat message 4 field 'weight' has value 2: it must be 0"),
         ({"role": "assistant", "content": "4", "weight": True}, "chat message 4 field 'weight' has value True"),
-        ({"role": "user", "content": "Hi", "weight": 1}, "chat message 4 field 'weight' is on a user message"),
         ({"role": "assistant", "content": "4", "weight": 0}, "every assistant message has weight 0"),
     ],
 )
@@ -320,6 +319,17 @@ def test_a_weight_other_than_0_or_1_on_an_assistant_message_is_refused_naming_th
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": messages}) + "\n")
     with pytest.raises(ValueError, match=rf"weighted.jsonl:2: {refusal}"):
         read_conversations(path)
+
+
+def test_a_weight_on_a_message_other_than_the_assistants_is_ignored(tmp_path):
+    """OpenAI fine-tuning gives `weight` a meaning on assistant messages only; converted datasets that put one on
+    every message (any value) train as without it."""
+    tokenizer = byte_tokenizer(tmp_path)
+    path = tmp_path / "weighted.jsonl"
+    weighted = [{**CHAT[0], "weight": 0}, {**CHAT[1], "weight": 1}, CHAT[2], {**CHAT[3], "weight": 0.5}, CHAT[4]]
+    path.write_text(json.dumps({"messages": weighted}) + "\n")
+    conversation = read_conversations(path, tokenizer)[0]
+    assert encode_conversation(tokenizer, conversation) == encode_conversation(tokenizer, CHAT)
 
 
 def test_accumulated_micro_batches_weigh_every_assistant_token_the_same_whatever_the_split(tmp_path, monkeypatch):
