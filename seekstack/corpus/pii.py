@@ -1,7 +1,8 @@
 """Replace e-mail addresses, public IP addresses and secrets with placeholders.
 
-Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----`, to their END line or, cut short, to the next `--`),
-passwords in URLs (`postgres://user:password@host` keeps `user`), the tokens of known services by their prefixes
+Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----` with a base64 body, to their END line or, cut short,
+to the next `--`), passwords in URLs (`postgres://user:password@host` keeps `user`; template placeholders such as
+`{password}`, `${DB_PASS}` or `%s` are kept), the tokens of known services by their prefixes
 (OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`), JWTs (`eyJ...`, three base64url parts), and long
 random values assigned to a name like api_key, secret, token or password. Not replaced: phone numbers, payment card
 and bank account numbers, national id numbers, street addresses and people's names (no pattern tells them from
@@ -43,12 +44,17 @@ _KNOWN_TOKENS = re.compile(
     r"|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"  # JWT: header.payload.signature
 )
 # Base64 lines (newlines also escaped, `\n` in a string literal) and headers (`Proc-Type: 4,ENCRYPTED`) to the END
-# line, or to where a block cut short stops looking like one; possessive: linear time.
+# line, or to where a block cut short stops looking like one; possessive: linear time. A key has a body: a header
+# alone (`PEM_HEADER = "-----BEGIN RSA PRIVATE KEY-----"`, prose naming it) has no such body and is kept.
 _PRIVATE_KEY = re.compile(
-    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:[A-Za-z0-9+/=\\:,\n\r\t]|(?<=:) |-(?!-))*+"
+    r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?P<body>(?:[A-Za-z0-9+/=\\:,\n\r\t]|(?<=:) |-(?!-))*+)"
     r"(?:-----END [A-Z0-9 ]*PRIVATE KEY-----)?"
 )
-_URL_PASSWORD = re.compile(r"(?<=://)(?P<user>[^\s:/@]*+):[^\s/@]++(?=@)")  # scheme://user:password@host
+_PRIVATE_KEY_BODY = re.compile(r"[A-Za-z0-9+/]{40}")  # base64 of a key: lines of 64 (PEM) or 70 (OpenSSH) characters
+# scheme://user:password@host. The password ends where the host's path, query or fragment would start (`/ ? #`:
+# `https://host:8443?ref=a@b.com` holds none), and is no template placeholder (`{password}`, `${DB_PASS}`, `%s`,
+# `<password>`); a `%` is only a percent-encoded character (`p%40ss`).
+_URL_PASSWORD = re.compile(r"(?<=://)(?P<user>[^\s:/?#@]*+):(?:[^\s/?#@{}$%<>]|%[0-9A-Fa-f]{2})++(?=@)")
 # A quoted or bare long token assigned to a name like api_key, secret, token or password; names start at a word's
 # start, and the atomic group takes a name's first keyword for good and the possessive rest of it to the word's end:
 # linear time (backtracking over where in a long word the keyword lies made `keykeykey...` quadratic).
@@ -92,14 +98,20 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         counts["secret"] += 1
         return f"{match['name']}{quote}{SECRET}{quote}"
 
+    def replace_private_key(match: re.Match[str]) -> str:
+        if _PRIVATE_KEY_BODY.search(match["body"]) is None:
+            return match[0]
+        counts["secret"] += 1
+        return SECRET
+
     def replace_ip(match: re.Match[str]) -> str:
         if not (_looks_like_ip(match[0]) and _is_public_ip(match[0])):
             return match[0]
         counts["ip"] += 1
         return IP
 
+    text = _PRIVATE_KEY.sub(replace_private_key, text)
     for pattern, replacement in (
-        (_PRIVATE_KEY, SECRET),
         (_URL_PASSWORD, rf"\g<user>:{SECRET}"),
         (_KNOWN_TOKENS, SECRET),
     ):

@@ -292,6 +292,34 @@ def test_private_keys_url_passwords_stripe_keys_and_jwts_are_replaced() -> None:
 @pytest.mark.parametrize(
     "text",
     [
+        'PEM_HEADER = "-----BEGIN RSA PRIVATE KEY-----"\nPEM_FOOTER = "-----END RSA PRIVATE KEY-----"\n',
+        "A key file starts with -----BEGIN PRIVATE KEY----- and ends with -----END PRIVATE KEY-----.\n",
+        'url = f"postgres://{user}:{password}@{host}/{name}"\n',
+        'url = "redis://:%s@%s:%d" % (password, host, port)\n',
+        "DATABASE_URL=postgres://${DB_USER}:${DB_PASS}@db:5432/app\n",
+        "Connect to mysql://<user>:<password>@<host>/<database>.\n",
+    ],
+)
+def test_key_headers_and_url_password_placeholders_are_not_secrets(text: str) -> None:
+    assert scrub_pii(text) == (text, {})
+
+
+def test_a_url_password_ends_before_a_query_or_fragment() -> None:
+    text = "see https://example.com:8443?ref=a@b.com and https://example.com:8443#x@y, mail c@d.org\n"
+    assert scrub_pii(text) == (
+        "see https://example.com:8443?ref=<EMAIL> and https://example.com:8443#x@y, mail <EMAIL>\n",
+        {"email": 2},
+    )
+    real = "amqp://guest:Zq9%40xV2@mq.example.com:5672/?heartbeat=30 https://u:p4ss@h.example.com?q=1\n"
+    assert scrub_pii(real) == (
+        "amqp://guest:<SECRET>@mq.example.com:5672/?heartbeat=30 https://u:<SECRET>@h.example.com?q=1\n",
+        {"secret": 2},
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         "key" * 10_000,
         "api_" + "key" * 10_000 + " = 1",
         "password" * 4_000,
