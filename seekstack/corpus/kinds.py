@@ -16,7 +16,7 @@ is still code. Otherwise detection reads the first `SAMPLE_CHARS` characters:
 Words: a run of non-space characters, except that every CJK character is a word of its own (the unit the
 length and repetition rules count for text without spaces; word segmentation would need a dictionary). Thai, Lao,
 Myanmar and Khmer, also written without spaces between words, keep their runs (phrases; their characters carry
-combining vowels and marks), and the rules do not judge the mean length of those (`written_without_spaces`).
+combining vowels and marks), and the rules count their words by characters instead (`written_without_spaces`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ _KANA_CHAR = re.compile(f"[{_KANA}]")
 _HANGUL_CHAR = re.compile(f"[{_HANGUL}]")
 # Thai, Lao, Myanmar, Khmer: scripts that put no spaces between words (only between phrases or sentences)
 _UNSPACED_CHAR = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u19e0-\u19ff]")
+# Thai and Lao: of those, the ones that end a sentence with no mark either (a space or a line break ends it)
+_UNMARKED_SENTENCE_CHAR = re.compile("[\u0e00-\u0eff]")
 _CJK_WORD = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]|[^\\s{_HAN}{_KANA}{_HANGUL}]+")
 
 _CODE_LINE = re.compile(
@@ -91,11 +93,21 @@ def words(text: str) -> list[str]:
 
 
 def written_without_spaces(text: str) -> bool:
-    """True when letters of Thai, Lao, Myanmar or Khmer, scripts with no spaces between words, are
-    >= `UNSPACED_MIN_SHARE` of the first `SAMPLE_CHARS` characters that are not spaces: its `words` are phrases, whose
-    length says nothing of the text's quality."""
+    """True for Thai, Lao, Myanmar or Khmer text, scripts with no spaces between words: its `words` are phrases,
+    whose number and length say little of the text's quality."""
+    return _mostly_in(text, _UNSPACED_CHAR)
+
+
+def ends_sentences_without_marks(text: str) -> bool:
+    """True for Thai or Lao text, which ends a sentence with a space or a line break, never a punctuation mark."""
+    return _mostly_in(text, _UNMARKED_SENTENCE_CHAR)
+
+
+def _mostly_in(text: str, script: re.Pattern[str]) -> bool:
+    """True when characters of `script` are >= `UNSPACED_MIN_SHARE` of the first `SAMPLE_CHARS` characters that are
+    not spaces."""
     sample = "".join(text[:SAMPLE_CHARS].split())
-    return bool(sample) and len(_UNSPACED_CHAR.findall(sample)) >= UNSPACED_MIN_SHARE * len(sample)
+    return bool(sample) and len(script.findall(sample)) >= UNSPACED_MIN_SHARE * len(sample)
 
 
 def looks_like_code(line: str) -> bool:

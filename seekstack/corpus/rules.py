@@ -7,7 +7,9 @@ that kind. Lengths and n-grams count words as `kinds.words` splits them, so ever
   prose  Gopher's thresholds (Rae et al. 2021, appendix A) and FineWeb's line punctuation rule; a paragraph may be
          one line of any length, as web-text JSONL stores it.
   cjk    prose rules counted in characters; no word-length rule (a "word" is one character).
-Thai, Lao, Myanmar and Khmer prose (no spaces between words) is not judged by the mean word length either.
+Thai, Lao, Myanmar and Khmer prose (no spaces between words, so its space-separated "words" are phrases) has its
+words counted as its characters over `UNSPACED_WORD_CHARS` and is not judged by the mean word length; Thai and Lao,
+which end sentences with no mark, are not judged by the line punctuation rule either.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from functools import cached_property
 from typing import Literal
 
 from seekstack.corpus.dedup import lsh_can_band, max_lsh_threshold
-from seekstack.corpus.kinds import Kind, detect_kind, looks_like_code, words, written_without_spaces
+from seekstack.corpus.kinds import (
+    Kind,
+    detect_kind,
+    ends_sentences_without_marks,
+    looks_like_code,
+    words,
+    written_without_spaces,
+)
 from seekstack.schema import (
     ConfigError,
     Fraction,
@@ -36,6 +45,7 @@ from seekstack.schema import (
 Profile = Literal["auto", "web", "code", "zh"]
 _DIGIT = re.compile(r"\d")
 _LETTER = re.compile(r"[^\W\d_]")
+UNSPACED_WORD_CHARS = 4  # a Thai word's length in code points, vowel and tone marks included (4.0 in our test text)
 # Characters that end a sentence: Latin . ! ? and closing quotes; CJK 。！？；：」』 and halfwidth ｡; Devanagari
 # (Hindi, Marathi, Nepali, also Bengali's) danda । and ॥; Arabic ؟ and Urdu ۔; Armenian ։; Ethiopic ። ፧; Myanmar ။;
 # Khmer ។ ៕; Tibetan ། (Greek's question mark U+037E is ";" after NFC, not told from a semicolon: Greek prose is
@@ -186,6 +196,16 @@ class TextStats:
         return sum(len(word) for word in self.words)
 
     @cached_property
+    def unspaced(self) -> bool:
+        return written_without_spaces(self.text)
+
+    @cached_property
+    def word_count(self) -> int:
+        """How many words the text holds: its `words`, or in text written without spaces (whose `words` are
+        phrases) its characters over `UNSPACED_WORD_CHARS`."""
+        return self.word_chars // UNSPACED_WORD_CHARS if self.unspaced else len(self.words)
+
+    @cached_property
     def prose_lines(self) -> list[str]:
         """The non-blank lines that do not look like code."""
         return [line for line in self.nonblank_lines if not looks_like_code(line)]
@@ -231,7 +251,7 @@ class TextStats:
 
 def _symbol_word_ratio(stats: TextStats, _: KindRules) -> float:
     symbols = stats.text.count("#") + stats.text.count("...") + stats.text.count("\u2026")
-    return symbols / max(1, len(stats.words))
+    return symbols / max(1, stats.word_count)
 
 
 def _digit_fraction(stats: TextStats, _: KindRules) -> float:
@@ -244,7 +264,7 @@ def _alpha_word_fraction(stats: TextStats, _: KindRules) -> float:
 
 def _mean_word_chars(stats: TextStats, _: KindRules) -> float | None:
     """None (not judged) for Thai, Lao, Myanmar or Khmer text, whose space-separated "words" are phrases."""
-    if written_without_spaces(stats.text):
+    if stats.unspaced:
         return None
     return stats.word_chars / max(1, len(stats.words))
 
@@ -258,9 +278,11 @@ def _long_line_fraction(stats: TextStats, rules: KindRules) -> float:
     return long_lines / max(1, len(stats.nonblank_lines))
 
 
-def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float:
+def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float | None:
     """Share of the lines that are not code (a tutorial's listings are neither sentences nor junk) that end a
-    sentence."""
+    sentence; None (not judged) for Thai or Lao text, which ends sentences with no mark."""
+    if ends_sentences_without_marks(stats.text):
+        return None
     ended = sum(1 for line in stats.prose_lines if line.rstrip().endswith(TERMINAL_PUNCTUATION))
     return ended / max(1, len(stats.prose_lines))
 
@@ -288,8 +310,8 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule("min_chars", lambda s, r: len(s.text), "min_chars", is_max=False),
     Rule("max_chars", lambda s, r: len(s.text), "max_chars", is_max=True),
-    Rule("min_words", lambda s, r: len(s.words), "min_words", is_max=False),
-    Rule("max_words", lambda s, r: len(s.words), "max_words", is_max=True),
+    Rule("min_words", lambda s, r: s.word_count, "min_words", is_max=False),
+    Rule("max_words", lambda s, r: s.word_count, "max_words", is_max=True),
     Rule("symbol_word_ratio", _symbol_word_ratio, "max_symbol_word_ratio", is_max=True),
     Rule("digit_fraction", _digit_fraction, "max_digit_fraction", is_max=True),
     Rule("mean_line_chars", _mean_line_chars, "max_mean_line_chars", is_max=True),

@@ -156,6 +156,58 @@ def test_prose_written_without_spaces_between_words_is_not_judged_by_word_length
     assert fails("max_mean_word_chars", ENGLISH_RUN_TOGETHER, ProseRules())  # still judged in a spaced script
 
 
+THAI_ARTICLE = "\n".join(  # Thai ends a sentence with a space or a line break, never a mark
+    [
+        "กรุงเทพมหานครเป็นเมืองหลวงและเมืองที่มีประชากรมากที่สุดของประเทศไทย",
+        "แม่น้ำเจ้าพระยาไหลผ่านใจกลางเมืองและเป็นเส้นทางคมนาคมที่สำคัญมาตั้งแต่สมัยโบราณ",
+        "ทุกเช้าพระสงฆ์จะเดินบิณฑบาตตามถนน ชาวบ้านจะนำอาหารมาใส่บาตรหน้าบ้านของตน",
+        "ฤดูฝนในประเทศไทยเริ่มประมาณเดือนพฤษภาคมและสิ้นสุดในเดือนตุลาคม",
+        "อาหารไทยมีชื่อเสียงไปทั่วโลกเพราะมีรสเปรี้ยว หวาน เค็ม และเผ็ดอยู่ในจานเดียวกัน",
+        "นักท่องเที่ยวจำนวนมากเดินทางไปเที่ยวทะเลทางภาคใต้ในช่วงฤดูหนาว",
+        "ตลาดน้ำเป็นสถานที่ที่พ่อค้าแม่ค้าขายผลไม้และอาหารจากเรือลำเล็ก",
+        "ชาวนาในภาคอีสานปลูกข้าวเหนียวเป็นอาหารหลักของครอบครัว",
+    ]
+)
+LAO_ARTICLE = "\n".join(
+    [
+        "ນະຄອນຫຼວງວຽງຈັນເປັນເມືອງຫຼວງຂອງປະເທດລາວ ແລະ ຕັ້ງຢູ່ແຄມແມ່ນ້ຳຂອງ",
+        "ແມ່ນ້ຳຂອງໄຫຼຜ່ານຫຼາຍແຂວງຂອງປະເທດ ແລະ ເປັນແຫຼ່ງອາຫານຂອງຊາວບ້ານ",
+        "ຄົນລາວສ່ວນຫຼາຍກິນເຂົ້າໜຽວທຸກມື້ ພ້ອມກັບປາ ແລະ ຜັກ",
+        "ເດັກນ້ອຍຮຽນອ່ານ ແລະ ຂຽນຢູ່ໂຮງຮຽນປະຖົມຕັ້ງແຕ່ອາຍຸຫົກປີ",
+    ]
+)
+
+
+@pytest.mark.parametrize("text", [THAI_ARTICLE, LAO_ARTICLE])
+def test_thai_and_lao_prose_ending_sentences_with_no_mark_passes_every_rule(text: str) -> None:
+    assert not fails("terminal_line_fraction", text, ProseRules())
+    assert failed_rule(normalise(text), ProseRules()) is None
+
+
+def test_khmer_and_myanmar_are_still_held_to_their_sentence_marks() -> None:
+    for language in ("khmer", "myanmar"):
+        unmarked = UNSPACED_PROSE[language].replace("\u17d4", "").replace("\u104b", "").replace(" ", "\n")
+        assert fails("terminal_line_fraction", unmarked, ProseRules())
+
+
+def test_short_thai_prose_has_its_words_counted_by_characters() -> None:
+    text = "\n".join(THAI_ARTICLE.split("\n")[:4])  # 4 lines, 5 space-separated phrases, 279 letters: ~70 words
+    assert not fails("min_words", text, ProseRules())
+    assert fails("min_words", "\n".join(THAI_ARTICLE.split("\n")[:2]), ProseRules())
+
+
+@pytest.mark.parametrize(
+    ("text", "rule"),
+    [
+        ("\n".join([THAI_ARTICLE.split("\n")[0]] * 30), "duplicate_lines"),
+        ("สวัสดีครับ ยินดีต้อนรับ " * 40, "top_2gram"),
+        ("ตลาดน้ำ", "min_chars"),
+    ],
+)
+def test_thai_junk_is_still_removed(text: str, rule: str) -> None:
+    assert failed_rule(normalise(text), ProseRules()) == rule
+
+
 @pytest.mark.parametrize(
     "sentence",
     [
