@@ -64,6 +64,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None
     timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s, compile_s
     error: str | None = None  # with finish_reason "error": why the request failed
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 def joined_completion(
@@ -88,7 +89,9 @@ def joined_completion(
         "compile_s": compile_seconds,
     }
     text, last = "".join(p.text for p in parts), parts[-1]
-    return Completion(request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error)
+    return Completion(
+        request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error, last.cached_tokens
+    )
 
 
 def completion_record(engine: Engine, completion: Completion) -> dict:

@@ -87,6 +87,8 @@ def test_outputs_with_the_prefix_cache_equal_those_without_and_report_cached_tok
     # 20 of the 21 system tokens are whole blocks (with speculation a block's key also holds the token after it).
     assert cached_tokens == [{0}, {20}, {20}]
     assert cached.stats().prefill_tokens == plain.stats().prefill_tokens - 40
+    # again, `generate`'s completions say so: now each prompt's own whole blocks are cached too (its last token never)
+    assert [c.cached_tokens for c in cached.generate(batch, params)] == [20, 24, 20]
 
 
 def test_twin_prompts_in_one_prefill_are_computed_once_and_sample_as_if_alone(model, tokenizer):
