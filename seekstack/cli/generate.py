@@ -79,6 +79,13 @@ DeviceMap = Annotated[
         help="Parts on devices, e.g. '*=cuda:0,layers.*.mlp.experts=cpu' or auto:cuda:0=80GiB (`seekstack plan`)"
     ),
 ]
+OffloadDir = Annotated[
+    str | None,
+    typer.Option(
+        help="With --device-map: the folder for copies of the parts placed on disk (memory-mapped); default the "
+        "model folder's offload/ (parts the checkpoint stores as they run are mapped from it, not copied)"
+    ),
+]
 Adapter = Annotated[
     Path | None, typer.Option(help="LoRA adapter folder (peft format, from `lora train`), merged into the weights")
 ]
@@ -125,6 +132,7 @@ def generate_command(
     compile: Compile = EngineOptions.compile,
     kv_cache_memory: KvCacheMemory = EngineOptions.kv_cache_memory,
     device_map: DeviceMap = EngineOptions.device_map,
+    offload_dir: OffloadDir = EngineOptions.offload_dir,
     dtype: Dtype = EngineOptions.dtype,
     threads: Threads = None,
     adapter: Adapter = None,
@@ -149,8 +157,9 @@ def generate_command(
                 ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
             ).validate()  # fmt: skip
             options = one_stream(
-                speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map, dtype
-            )
+                speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map,
+                offload_dir, dtype,
+            )  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
@@ -189,6 +198,7 @@ def chat_command(
     compile: Compile = EngineOptions.compile,
     kv_cache_memory: KvCacheMemory = EngineOptions.kv_cache_memory,
     device_map: DeviceMap = EngineOptions.device_map,
+    offload_dir: OffloadDir = EngineOptions.offload_dir,
     dtype: Dtype = EngineOptions.dtype,
     threads: Threads = None,
     adapter: Adapter = None,
@@ -205,8 +215,9 @@ def chat_command(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
             ).validate()
             options = one_stream(
-                speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map, dtype
-            )
+                speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map,
+                offload_dir, dtype,
+            )  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
@@ -320,12 +331,14 @@ def one_stream(
     compile: bool | None,
     kv_cache_memory: str | None,
     device_map: str | None,
+    offload_dir: str | None,
     dtype: str,
 ) -> EngineOptions:
     """The engine options of a one-stream command (generate, chat), checked."""
     return EngineOptions(
         max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts,
-        draft_vocab=draft_vocab, compile=compile, kv_cache_memory=kv_cache_memory, device_map=device_map, dtype=dtype,
+        draft_vocab=draft_vocab, compile=compile, kv_cache_memory=kv_cache_memory, device_map=device_map,
+        offload_dir=offload_dir, dtype=dtype,
     ).validate()  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from seekstack.cli.generate import (
     DraftVocab,
     Dtype,
     KvCacheMemory,
+    OffloadDir,
     Speculative,
     Threads,
     refuse_drafting_without_speculation,
@@ -79,6 +80,7 @@ def serve_command(
     dtype: Dtype = EngineOptions.dtype,
     kv_cache_memory: KvCacheMemory = None,
     device_map: DeviceMap = None,
+    offload_dir: OffloadDir = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(help="NAME=DIR: a LoRA adapter folder served as model NAME (repeatable; one batch for all)"),
@@ -110,7 +112,7 @@ def serve_command(
             engine = EngineOptions(
                 max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,
                 draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts, draft_vocab=draft_vocab, compile=compile,
-                dtype=dtype, kv_cache_memory=kv_cache_memory, device_map=device_map,
+                dtype=dtype, kv_cache_memory=kv_cache_memory, device_map=device_map, offload_dir=offload_dir,
             ).validate()  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         options = ServeOptions(

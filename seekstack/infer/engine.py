@@ -275,12 +275,14 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         adapter: str | Path | None = None,
         device_map: str | None = None,
+        offload_dir: str | Path | None = None,
         **kwargs,
     ) -> Engine:
         """An engine on the checkpoint in `model_dir`, with its tokenizer.json (or the one at `tokenizer`).
 
         `device_map` spreads the model over devices (seekstack.infer.placement): `pattern=device` entries, or
-        `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets; `disk` weights go under `model_dir`/offload.
+        `auto:cuda:0=80GiB,cpu=20GiB` for a plan within those budgets; `disk` weights not mapped from the checkpoint
+        are copied under `offload_dir` (default `model_dir`/offload).
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
         (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer is
@@ -300,7 +302,7 @@ class Engine:
 
             model = merged_model(model, adapter)
         if device_map is not None:
-            model = place(model, device_map_for(model, device_map), offload_dir=model_dir / "offload")
+            model = place(model, device_map_for(model, device_map), offload_dir=offload_dir or model_dir / "offload")
         else:  # the engine owns these weights: its decode steps may read a copy laid out for them
             pack_for_decode(model)
         if kwargs.get("speculative") and "draft_ranking" not in kwargs:

@@ -99,10 +99,16 @@ class EngineOptions:
     kv_cache_memory: str | None = None  # latent-cache budget, e.g. "4GiB"; None: half the free device memory
     prefix_caching: bool = True  # share the cache blocks of prompt prefixes between requests
     device_map: str | None = None  # parts on devices (seekstack.infer.placement): "*=cuda:0,layers.*.mlp.experts=cpu"
+    offload_dir: str | None = None  # where copies of disk-placed weights go; None: the checkpoint's offload/
 
     def validate(self) -> EngineOptions:
         options = recheck(self)
         require(options.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
+        placed = options.device_map is not None
+        require(not (placed and options.compile), "compile", "off with a device map (--device-map, device_map=): a "
+                "placed model runs eagerly")  # fmt: skip
+        require(options.offload_dir is None or placed, "offload_dir", "left out without a device map (--device-map, "
+                "device_map=): it holds the copies of parts placed on disk")  # fmt: skip
         if options.kv_cache_memory is not None:
             try:
                 parse_bytes(options.kv_cache_memory)
@@ -134,5 +140,5 @@ class EngineOptions:
             draft_vocab=options.draft_vocab, compile=options.compile,
             prefix_caching=options.prefix_caching,
             kv_cache_memory=parse_bytes(options.kv_cache_memory) if options.kv_cache_memory else None,
-            device_map=options.device_map,
+            device_map=options.device_map, offload_dir=options.offload_dir,
         )  # fmt: skip

@@ -16,18 +16,23 @@ dot-separated components match a unit's leading ones, each literally, by `*`, or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import itertools
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from seekstack.atomic import clear_killed_writes, write_atomic
+from seekstack.atomic import WriteRefused, _delete_unless_locked, _same_file, hidden_pattern, write_atomic
 from seekstack.checkpoint import checkpoint_key, layer_key
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
@@ -35,6 +40,7 @@ from seekstack.model.moe import MoE, RoutedExperts
 from seekstack.model.transformer import Transformer
 
 DISK = "disk"
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}  # an offload folder this process may not write in
 COPY_DIGEST_CHARS = 16  # hex digits of a disk copy's SHA-256 in its file name (`_mapped_copy`)
 
 
@@ -287,28 +293,81 @@ def _memory_map(module: nn.Module, directory: Path) -> None:
 
 def _mapped_copy(tensor: torch.Tensor, directory: Path, name: str) -> torch.Tensor:
     """`tensor` memory-mapped from its raw copy `directory/{name}.{digest}.bin`, the digest a hash of its dtype, shape
-    and bytes: a copy an earlier run wrote is reused only when it holds these very values, and writing a new one
-    (atomically) deletes the copies of `name` that hold others (another dtype, weights since changed)."""
+    and bytes: a copy an earlier run wrote is reused when its name and size match (its contents are not read back),
+    and writing a new one (atomically) deletes the copies of `name` that hold other values (another dtype, weights
+    since changed) unless another process is mapping them. Written again when another process deleted it first."""
     raw = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
     digest = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
     digest.update(raw)
     path = directory / f"{name}.{digest.hexdigest()[:COPY_DIGEST_CHARS]}.bin"
-    if not (path.is_file() and path.stat().st_size == raw.nbytes):
-        directory.mkdir(parents=True, exist_ok=True)
-        _delete_copies(directory, name)
-        write_atomic(path, raw.tofile)
-    return torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+    while (mapped := _map_whole_copy(path, tensor)) is None:
+        _write_copy(path, raw, name)
+    return mapped
 
 
-def _delete_copies(directory: Path, name: str) -> None:
-    """Delete the copies of tensor `name` in `directory` (those named `{name}.bin` too, from before copies were named
-    by their digest, and the hidden part of one whose writer was killed, `clear_killed_writes`; never another
-    process's write under way). A run that maps one keeps its pages: a mapping outlives the file's name."""
+def _map_whole_copy(path: Path, tensor: torch.Tensor) -> torch.Tensor | None:
+    """`tensor`'s copy at `path` memory-mapped, or None when there is none of its size. A shared lock held from
+    before the copy is found until it is mapped keeps another process's `_delete_copies` from deleting it in
+    between; once mapped, it may go: a mapping outlives the file's name."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock: nothing to hold off
+            fcntl.flock(descriptor, fcntl.LOCK_SH)
+        whole = _same_file(path, descriptor) and os.fstat(descriptor).st_size == tensor.numel() * tensor.element_size()
+        if not whole:  # absent, cut short, or deleted (or replaced) before it was locked
+            return None
+        return torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+    finally:
+        os.close(descriptor)
+
+
+def _write_copy(path: Path, raw: np.ndarray, name: str) -> None:
+    """Write the bytes `raw` of tensor `name` to `path` atomically, its other copies deleted (`_delete_copies`); an
+    error the offload folder's storage gives in its words (`_offload_refusal`)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _delete_copies(path.parent, name, keep=path.name)
+        write_atomic(path, lambda temporary: temporary.write_bytes(memoryview(raw)))
+    except OSError as error:
+        refusal = _offload_refusal(path, raw.nbytes, error)
+        if refusal is None:
+            raise
+        raise refusal from error
+
+
+def _offload_refusal(path: Path, size: int, error: OSError) -> OSError | None:
+    """What writing the copy of `size` bytes at `path` met, said for the user: an offload folder this process may not
+    write in, or a disk that refuses the copy (full, a file size limit), a `WriteRefused`; None for anything else."""
+    offload_dir, reason = path.parent.parent, os.strerror(error.errno) if error.errno else str(error)
+    if error.errno in UNWRITABLE:
+        refusal = OSError(
+            f"{offload_dir}: the copies of the parts placed on disk go in this offload folder, which cannot be "
+            f"written ({reason}); choose another with --offload-dir"
+        )
+    elif isinstance(error, WriteRefused):
+        refusal = WriteRefused(
+            f"{path}: the disk copy of this tensor ({size:,} B) was not written ({reason}): the disk of the offload "
+            f"folder {offload_dir} is full or refuses a file this large; free room there or choose another folder "
+            "with --offload-dir"
+        )
+    else:
+        return None
+    refusal.errno = error.errno
+    return refusal
+
+
+def _delete_copies(directory: Path, name: str, keep: str) -> None:
+    """Delete the copies of tensor `name` in `directory` but `keep` (those named `{name}.bin` too, from before copies
+    were named by their digest) and the hidden parts of those whose writer was killed, listing it once; never a copy
+    another process is mapping (`_map_whole_copy` holds it locked) nor its write under way."""
     copy = rf"{re.escape(name)}(\.[0-9a-f]{{{COPY_DIGEST_CHARS}}})?\.bin"
+    stale = re.compile(rf"{copy}|{hidden_pattern(copy)}")
     for entry in directory.iterdir():
-        if re.fullmatch(copy, entry.name):
-            entry.unlink(missing_ok=True)
-    clear_killed_writes(directory, copy)
+        if entry.name != keep and stale.fullmatch(entry.name):
+            _delete_unless_locked(entry)
 
 
 def mapped_file(tensor: torch.Tensor) -> Path | None:

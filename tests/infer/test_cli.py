@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -217,6 +219,49 @@ def test_serve_names_a_run_s_model_by_the_run(checkpoint, monkeypatch, tmp_path)
         assert served.pop().served_model_name == name
     runner.invoke(app, ["serve", "--model", str(step.parent.parent), "--served-model-name", "mine"])
     assert served.pop().served_model_name == "mine"
+
+
+def test_disk_parts_are_copied_to_the_offload_dir_given_and_an_unwritable_one_is_named(
+    checkpoint, monkeypatch, tmp_path
+):
+    model, elsewhere = tmp_path / "read_only", tmp_path / "elsewhere"
+    shutil.copytree(checkpoint, model)
+    mkdir = Path.mkdir
+
+    def read_only_model_folder(folder, *args, **kwargs):
+        if folder.is_relative_to(model):
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return mkdir(folder, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_model_folder)
+    args = ["generate", "--model", str(model), "def main():", "--temperature", "0", "--max-new-tokens", "6",
+            "--ignore-eos", "--dtype", "float32"]  # fmt: skip
+    disk = ["--device-map", "*=cpu,layers.*.mlp.experts=disk"]
+    refused = runner.invoke(app, [*args, *disk])
+    assert refused.exit_code == 1
+    assert (
+        f"error: {model / 'offload'}: the copies of the parts placed on disk go in this offload folder, which cannot "
+        "be written (Permission denied); choose another with --offload-dir"
+    ) in refused.stderr
+    placed = runner.invoke(app, [*args, *disk, "--offload-dir", str(elsewhere)])
+    assert placed.exit_code == 0, placed.output
+    assert placed.stdout == runner.invoke(app, args).stdout and list(elsewhere.glob("layers.1.mlp.experts/*.bin"))
+    served = []
+    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda model, options: served.append(options) or 1 / 0)
+    runner.invoke(app, ["serve", "--model", str(model), *disk, "--offload-dir", str(elsewhere)])
+    assert served.pop().engine.offload_dir == str(elsewhere)
+    unread = runner.invoke(app, [*args, "--offload-dir", str(elsewhere)])
+    assert unread.exit_code == 1 and "error: --offload-dir must be left out without a device map" in unread.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_compile_with_a_device_map_is_refused_naming_both_options(checkpoint, monkeypatch, command):
+    for starts in ("seekstack.cli.generate.load_engine", "seekstack.serve.launch.build_server"):
+        monkeypatch.setattr(starts, lambda *args, **kwargs: pytest.fail("started a compiled placed model"))
+    prompt = ["x"] if command == "generate" else []
+    result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, "--compile", "--device-map", "*=cpu"])
+    assert result.exit_code == 1
+    assert "error: --compile must be off with a device map (--device-map, device_map=)" in result.stderr
 
 
 def long_prompt(engine, tokens: int) -> str:

@@ -197,6 +197,64 @@ def test_a_half_written_disk_copy_is_never_read(model, tmp_path, monkeypatch):
     torch.testing.assert_close(placed(tokens).logits, expected, rtol=0, atol=0)
 
 
+@torch.inference_mode()
+def test_a_disk_copy_another_process_is_mapping_is_not_deleted_by_a_run_writing_other_values(model, tmp_path):
+    disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
+    place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
+    float32_copies = sorted(tmp_path.glob("*/*.bin"))
+    mapping = float32_copies[0]
+    with mapping.open("rb") as mapper:
+        fcntl.flock(mapper, fcntl.LOCK_SH)  # what another run holds on it between finding it and mapping it
+        place(copy.deepcopy(model).to(torch.bfloat16), disk_experts, offload_dir=tmp_path)
+    assert mapping.exists() and not any(path.exists() for path in float32_copies[1:])
+    assert len(list(tmp_path.glob("*/*.bin"))) == len(float32_copies) + 1  # the bfloat16 copies beside it
+
+
+@torch.inference_mode()
+def test_a_disk_copy_is_locked_until_mapped_and_written_again_when_another_process_deleted_it_first(
+    model, tmp_path, monkeypatch
+):
+    from seekstack import atomic
+    from seekstack.infer import placement
+
+    tokens = torch.randint(5, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
+    deleted, from_file = [], torch.from_file
+
+    def deleted_once_written(path, write):
+        atomic.write_atomic(path, write)
+        if not deleted:  # another run's `_delete_copies` got there before this one mapped it
+            deleted.append(path)
+            path.unlink()
+        return path
+
+    def mapped_while_locked(name, *args, **kwargs):
+        with open(name, "rb") as deleter, pytest.raises(BlockingIOError):
+            fcntl.flock(deleter, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `_delete_copies` of another run tries
+        return from_file(name, *args, **kwargs)
+
+    monkeypatch.setattr(placement, "write_atomic", deleted_once_written)
+    monkeypatch.setattr(torch, "from_file", mapped_while_locked)
+    placed = place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
+    assert deleted and deleted[0].exists()  # written again
+    torch.testing.assert_close(placed(tokens).logits, model(tokens).logits, rtol=0, atol=0)
+
+
+def test_a_disk_copy_the_storage_refuses_is_named_with_its_size_and_the_offload_folder(model, tmp_path):
+    from seekstack.atomic import WriteRefused
+    from tests.test_atomic import file_size_limit
+
+    disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
+    experts = model.layers[1].mlp.experts.gate_up_proj
+    with pytest.raises(WriteRefused) as refused, file_size_limit(experts.nbytes // 2):
+        place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path / "offload")
+    copy_path = next(iter((tmp_path / "offload" / "layers.1.mlp.experts").glob("*")), None)
+    message = str(refused.value)
+    assert copy_path is None and message.startswith(f"{tmp_path / 'offload' / 'layers.1.mlp.experts'}/gate_up_proj.")
+    assert f"({experts.nbytes:,} B) was not written (File too large)" in message
+    assert f"the offload folder {tmp_path / 'offload'} is full" in message and "--offload-dir" in message
+
+
 def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(model):
     from typer.testing import CliRunner
 
