@@ -80,6 +80,7 @@ SAFETENSORS_DTYPES = {
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
 # The MTP modules' copies of the embedding and head: loading uses the main model's, so these stay unread.
 MTP_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")
+KEPT_FLOAT = "kv_b_proj"  # the layer loading keeps a float Linear however it is stored (attention absorbs its matrix)
 
 
 class CheckpointError(ValueError):
@@ -316,7 +317,7 @@ def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: 
         if isinstance(module, RoutedExperts):
             weights = _expert_weights_from_reader(reader, key, module)
             replacement = QuantizedExperts(*weights) if weights else None
-        elif isinstance(module, torch.nn.Linear) and not name.endswith("kv_b_proj"):
+        elif isinstance(module, torch.nn.Linear) and not name.endswith(KEPT_FLOAT):
             if name == "lm_head" and model.config.tie_word_embeddings:
                 continue
             weight = _quantized_from_reader(reader, key, tuple(module.weight.shape))
@@ -686,12 +687,20 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 def stored_tensor_bytes(directory: str | Path) -> dict[str, int]:
     """The bytes each tensor of checkpoint `directory` takes once loaded, by key, from its safetensors headers (no
     weight is read; only compressed-tensors' two-number `weight_shape`s): as stored, without what loading leaves unread
-    (the MTP modules' copies of the embedding and head, the `weight_shape`s), and integer scales as the quantized
-    layers hold them: in SCALE_DTYPE, int4's with a zero point each (the CPU kernel's scale-and-zero table)."""
+    (the MTP modules' copies of the embedding and head, the `weight_shape`s), integer scales as the quantized
+    layers hold them: in SCALE_DTYPE, int4's with a zero point each (the CPU kernel's scale-and-zero table), and a
+    quantized `kv_b_proj` as loading holds it: expanded to the float dtype of the embedding, without its scales."""
     with CheckpointReader(Path(directory), None) as reader:
+        embedding = "model.embed_tokens.weight"
+        float_width = reader.stored_bytes(embedding) // math.prod(reader.stored_shape(embedding))
         sizes = {}
         for key in reader.key_to_file:
+            layer, _, part = key.rpartition(".")
             if MTP_COPIES.match(key) or key.endswith(".weight_shape"):
+                continue
+            if layer.endswith(KEPT_FLOAT) and part != "bias":  # read dequantized; its scales are not held
+                if part in ("weight", "weight_packed"):
+                    sizes[f"{layer}.weight"] = math.prod(reader.unpacked_shape(key)) * float_width
                 continue
             if key.endswith(".weight_scale"):
                 per_scale = 2 if reader.packed_bits(key.removesuffix(".weight_scale")) == 4 else 1

@@ -309,7 +309,7 @@ def checkpoint_in(directory, scheme: str) -> seekstack.Transformer:
     return seekstack.load_pretrained(directory)
 
 
-@pytest.mark.parametrize("scheme", ["float32", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["float32", "int8", "int4", "fp8"])
 def test_the_plan_of_a_checkpoint_holds_what_loading_it_holds(tmp_path, scheme):
     from typer.testing import CliRunner
 
