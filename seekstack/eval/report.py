@@ -405,12 +405,19 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
             f"see the model answer its conversations here, or talk to the model: `seekstack chat {checkpoint}`."
         )
     conversations = read_conversations(path)
-    held_out = _held_out_conversations(run_dir, conversations, train_config)[:SAMPLE_QUESTIONS]
+    held_out = _held_out_conversations(run_dir, conversations, train_config)
     if held_out:
-        conversations, which = held_out, f"{len(held_out)} of the run's held-out conversations (never trained on)"
+        conversations = held_out[:SAMPLE_QUESTIONS]
+        which = f"{len(conversations)} of the run's held-out conversations (never trained on)"
     else:
         conversations = conversations[:SAMPLE_QUESTIONS]
-        which = f"the first {len(conversations)} conversations of `{path}` (data the run trained on: it holds none out)"
+        trained = (
+            "data the run trained on: it holds none out"
+            if held_out == []
+            else "perhaps trained on: the run held some conversations out, but an earlier seekstack started it and "
+            "recorded not which"
+        )
+        which = f"the first {len(conversations)} conversations of `{path}` ({trained})"
     max_new_tokens = train_config.get("seq_len", REASONING_MAX_TOKENS)  # no row the run trained on was longer
     answers = conversation_samples(checkpoint, conversations, max_new_tokens)
     left_out = len(conversations) - len(answers)
@@ -427,19 +434,23 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
 
 def _held_out_conversations(
     run_dir: Path, conversations: list[list[dict]], train_config: dict[str, Any]
-) -> list[list[dict]]:
-    """The conversations an `sft` run held out for val_loss: its `val_data` file's (when still there), or the share
-    of `conversations` it kept back (none for distill, and for sft runs from before held-out conversations)."""
+) -> list[list[dict]] | None:
+    """The conversations an `sft` run held out for val_loss: its `val_data` file's (when still there), or those of
+    `conversations` its out_dir records it kept back (none for distill, and for sft runs from before held-out
+    conversations). None when it held some back but recorded not which (started by an earlier seekstack)."""
     from seekstack.posttrain.config import held_out_fraction
-    from seekstack.posttrain.conversations import hold_out, read_conversations
+    from seekstack.posttrain.conversations import conversation_key, read_conversations, read_held_out
 
     if train_config.get("val_data"):
         val_data = _from_run(run_dir, train_config["val_data"])
         return read_conversations(val_data) if val_data.is_file() else []
+    recorded = read_held_out(run_dir)
+    if recorded is not None:
+        return [c for c in conversations if conversation_key(c) in recorded]
     if "val_fraction" not in train_config:
         return []
     fraction = held_out_fraction("", train_config["val_fraction"], train_config.get("eval_every", 0))
-    return hold_out(conversations, fraction)[1]
+    return None if fraction else []
 
 
 def _from_run(run_dir: Path, path: str) -> Path:

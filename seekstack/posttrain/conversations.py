@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import cast
 
+from seekstack.atomic import write_atomic
 from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
@@ -23,6 +24,7 @@ from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
 from seekstack.tokenizer import Tokenizer, check_chat_message
 
 Conversation = list[dict]
+HELD_OUT_FILE = "held_out.json"  # in an SFT run's out_dir: the conversation_keys of the conversations it holds out
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[list[int], list[int]]:
@@ -70,6 +72,23 @@ def hold_out(conversations: list[Conversation], fraction: float) -> tuple[list[C
             wanted -= copies[key]
     kept = [c for c, key in zip(conversations, keys, strict=True) if key not in held]
     return kept, [c for c, key in zip(conversations, keys, strict=True) if key in held]
+
+
+def write_held_out(out_dir: str | Path, held_out: list[Conversation]) -> Path:
+    """Record in `out_dir` which conversations a run holds out (their `conversation_key`s), so that `seekstack report`
+    reads the run's own choice rather than redoing it by rules a later seekstack may change."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    keys = sorted({conversation_key(c) for c in held_out})
+    return write_atomic(Path(out_dir) / HELD_OUT_FILE, json.dumps({"conversation_keys": keys}))
+
+
+def read_held_out(run_dir: str | Path) -> set[str] | None:
+    """The conversation_keys `write_held_out` recorded for a run; None when it recorded none (a run started by a
+    seekstack before the record, whose choice of held-out conversations may differ from this one's)."""
+    path = Path(run_dir) / HELD_OUT_FILE
+    if not path.is_file():
+        return None
+    return set(json.loads(path.read_text())["conversation_keys"])
 
 
 def read_conversations(path: str | Path, tokenizer: Tokenizer | None = None) -> list[Conversation]:

@@ -19,6 +19,7 @@ from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import SFTConfig, tokenizer_path
 from seekstack.posttrain.conversations import (
+    HELD_OUT_FILE,
     Conversation,
     ShuffledRows,
     conversation_key,
@@ -27,6 +28,7 @@ from seekstack.posttrain.conversations import (
     labelled_text_bytes,
     read_conversations,
     task_conversations,
+    write_held_out,
 )
 from seekstack.posttrain.padding import pad_labelled, real_tokens
 from seekstack.posttrain.tasks import make_task
@@ -68,8 +70,8 @@ def split_conversations(
 
 class SFTSource:
     """Conversations as (input_ids, labels) micro-batches for the trainer; with `holds_out` (an SFT run: its config's
-    val_data or val_fraction), the held-out ones as its fixed validation batches. Distill reads conversations through
-    this source without: it validates on token shards only."""
+    val_data or val_fraction), the held-out ones (`held_out`) as its fixed validation batches. Distill reads
+    conversations through this source without: it validates on token shards only."""
 
     def __init__(self, config: SFTConfig, holds_out: bool = False):
         self.config = config
@@ -83,6 +85,7 @@ class SFTSource:
         else:
             conversations, held_out = split_conversations(config, self.tokenizer, 0.0, "")
         self.rows = ShuffledRows(self._training_rows(conversations), config.seed)
+        self.held_out = held_out if holds_out else None
         self.validation = self._validation_rows(held_out) if holds_out else []
         self.device = torch.device("cpu")
 
@@ -174,7 +177,20 @@ class SFTSource:
         return self.rows.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where `state` left the rows. An SFT run whose out_dir has no HELD_OUT_FILE was started by an
+        earlier seekstack: it continues only when its rows are this one's (so are its held-out conversations, which
+        are then recorded), and is refused otherwise, naming how to go on from its weights."""
+        unrecorded = self.held_out is not None and not (Path(self.config.out_dir) / HELD_OUT_FILE).is_file()
+        if unrecorded and state.get("digest") != self.rows.digest:
+            raise ValueError(
+                f"{self.config.out_dir} has no {HELD_OUT_FILE}: its run was started by an earlier seekstack, which "
+                "chose the held-out conversations and the training rows by other rules, so this one cannot continue "
+                "its checkpoint's place in the rows (the same data gives other rows now). Start a new run from its "
+                f"weights instead: init_from={self.config.out_dir} (its newest checkpoint) and another out_dir"
+            )
         self.rows.load_state_dict(state)
+        if unrecorded:  # the same rows, so the same held-out conversations
+            write_held_out(self.config.out_dir, self.held_out)
 
 
 def has_targets_within(row: tuple[list[int], list[int]], seq_len: int) -> bool:
@@ -207,4 +223,7 @@ def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult
     config = config.validate()
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read and tokenized
-    return train(config, resume=resume, source=SFTSource(config, holds_out=True))
+    source = SFTSource(config, holds_out=True)
+    if not resume:
+        write_held_out(config.out_dir, source.held_out)
+    return train(config, resume=resume, source=source)

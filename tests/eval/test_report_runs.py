@@ -12,7 +12,7 @@ import torch
 from seekstack.eval.report import EVAL_RESULTS, _evaluation, write_report
 from seekstack.eval.samples import conversation_samples
 from seekstack.infer.engine import Engine
-from seekstack.posttrain.conversations import hold_out, prompt_messages, write_conversations
+from seekstack.posttrain.conversations import hold_out, prompt_messages, write_conversations, write_held_out
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT
 from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.tokenizer import ASSISTANT, EOS, USER, Tokenizer
@@ -162,16 +162,37 @@ def test_report_of_an_sft_run_on_a_conversations_file_answers_its_conversations_
     assert "The fifth question" not in samples and samples.count("The file's answer") == 3
 
 
-def test_report_of_an_sft_run_that_held_out_conversations_answers_those(sft_run):
-    train_config = json.loads((sft_run / "train_config.json").read_text())
-    (sft_run / "train_config.json").write_text(json.dumps({**train_config, "val_fraction": 0.4, "seq_len": 64}))
-    _, held_out = hold_out(CHATS, 0.4)  # the 2 of 5 conversations sft kept back for val_loss
-    answered = [chat for chat in held_out if chat is not CHATS[2]]  # CHATS[2]'s prompt fills the context: left out
+def _holding_out(run_dir: Path, val_fraction: float) -> None:
+    """Give the run's train_config.json a val_fraction (and room for its answers)."""
+    train_config = json.loads((run_dir / "train_config.json").read_text())
+    (run_dir / "train_config.json").write_text(
+        json.dumps({**train_config, "val_fraction": val_fraction, "seq_len": 64})
+    )
+
+
+def test_report_of_an_sft_run_that_held_out_conversations_answers_those_it_recorded(sft_run):
+    """The held-out conversations are those the run recorded in its folder, not a choice redone by today's rule."""
+    _holding_out(sft_run, 0.4)
+    held_out = [CHATS[1], CHATS[4]]
+    assert hold_out(CHATS, 0.4)[1] != held_out  # the rule now would choose others
+    write_held_out(sft_run, held_out)
     samples = write_report(sft_run).read_text().split("## Samples")[1]
-    assert "2 of the run's held-out conversations (never trained on)" in samples and "the first 4" not in samples
-    assert samples.count("The file's answer") == len(answered) >= 1
-    for chat in answered:
+    assert "2 of the run's held-out conversations (never trained on)" in samples and "the first" not in samples
+    assert samples.count("The file's answer") == 2
+    for chat in held_out:
         assert f"The file's answer:\n\n```text\n{chat[-1]['content']}\n```" in samples
+
+
+def test_report_of_an_sft_run_from_an_earlier_seekstack_calls_none_of_its_conversations_held_out(sft_run):
+    """A run that held conversations out but recorded not which (an earlier seekstack, whose rule differed) may
+    have trained on any of them: its samples are the file's first conversations, said to be perhaps trained on."""
+    _holding_out(sft_run, 0.4)
+    samples = write_report(sft_run).read_text().split("## Samples")[1]
+    assert "held-out conversations" not in samples and "never trained on" not in samples
+    assert (
+        f"the first 4 conversations of `{sft_run.parent / 'chats.jsonl'}` (perhaps trained on: the run held some "
+        "conversations out, but an earlier seekstack started it and recorded not which)" in samples
+    )
 
 
 def test_a_conversations_answer_stops_at_the_runs_seq_len_or_where_the_context_ends(sft_run, monkeypatch):

@@ -1,6 +1,7 @@
 """SFT's held-out conversations: never trained on, scored every eval_every steps as the masked loss on their
 assistant tokens, the same after a resume."""
 
+import hashlib
 import json
 import math
 import re
@@ -12,10 +13,18 @@ import torch.nn.functional as F
 from seekstack.checkpoint import load_pretrained
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.config import SFTConfig
-from seekstack.posttrain.conversations import encode_conversation, hold_out, write_conversations
+from seekstack.posttrain.conversations import (
+    HELD_OUT_FILE,
+    conversation_key,
+    encode_conversation,
+    hold_out,
+    read_held_out,
+    write_conversations,
+)
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.posttrain.tasks import split_of
 from seekstack.train.config import resolve_train_config
+from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.posttrain.support import byte_tokenizer, micro_checkpoint
 
 SUMS = [
@@ -167,3 +176,50 @@ def test_a_big_group_of_copies_is_not_held_out_past_val_fraction(tmp_path):
     kept, held_out = hold_out(conversations, 0.05)
     assert len(held_out) == 5 and greeting not in held_out and len(kept) == 95
     assert hold_out(conversations[::-1], 0.05)[1] == held_out[::-1]  # the same ones, whatever the order
+
+
+def earlier_seekstacks_digest(tokenizer, conversations: list[list[dict]], fraction: float) -> str:
+    """The rows digest an SFT checkpoint of seekstack 13fb86a (before held_out.json) saved: it held out at least
+    int(fraction x N) conversations in the order of their JSON's hash and trained on the rows of all the others."""
+    keys = [hashlib.blake2b(json.dumps(c, sort_keys=True).encode(), digest_size=16).hexdigest() for c in conversations]
+    held, wanted = set(), int(fraction * len(conversations))
+    for key in sorted(set(keys)):
+        if wanted <= 0:
+            break
+        held.add(key)
+        wanted -= keys.count(key)
+    rows = [encode_conversation(tokenizer, c) for c, key in zip(conversations, keys, strict=True) if key not in held]
+    return hashlib.blake2b(json.dumps(rows).encode(), digest_size=16).hexdigest()
+
+
+def test_a_run_records_its_held_out_conversations_and_one_an_earlier_seekstack_started_resumes_only_on_its_rows(
+    tmp_path,
+):
+    """A run writes the keys of its held-out conversations to out_dir/held_out.json at its start. A run folder
+    without one is an earlier seekstack's, which held out others (6 of these 10): its checkpoint is refused saying
+    so and naming init_from, not blaming the data; one whose rows are this seekstack's resumes and is recorded."""
+    data = write_conversations(SUMS, tmp_path / "sums.jsonl")
+    run_dir = tmp_path / "run"
+    run = [f"data={data}", "val_fraction=0.25", f"out_dir={run_dir}", "save_every=2", "eval_every=0"]
+    run_sft(sft_config(tmp_path, *run, "max_steps=2"))
+    source = SFTSource(sft_config(tmp_path, *run), holds_out=True)
+    recorded = {conversation_key(c) for c in source.held_out}
+    assert len(source.held_out) == 10 and read_held_out(run_dir) == recorded
+
+    (run_dir / HELD_OUT_FILE).unlink()  # the run folder an earlier seekstack left
+    checkpoint = run_dir / "checkpoints" / "step_2" / TRAIN_STATE_FILE
+    state = torch.load(checkpoint, weights_only=False)
+    todays_digest = state["data"]["digest"]
+    state["data"]["digest"] = earlier_seekstacks_digest(source.tokenizer, SUMS, 0.25)
+    torch.save(state, checkpoint)
+    with pytest.raises(
+        ValueError, match="has no held_out.json: its run was started by an earlier seekstack"
+    ) as refusal:
+        run_sft(sft_config(tmp_path, *run, "max_steps=3"), resume=True)
+    assert f"init_from={run_dir} (its newest checkpoint) and another out_dir" in str(refusal.value)
+    assert "resume with the same data" not in str(refusal.value) and not (run_dir / HELD_OUT_FILE).exists()
+
+    state["data"]["digest"] = todays_digest  # an earlier seekstack's run whose rows are this one's
+    torch.save(state, checkpoint)
+    assert run_sft(sft_config(tmp_path, *run, "max_steps=3"), resume=True).step == 3
+    assert read_held_out(run_dir) == recorded
