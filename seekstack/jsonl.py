@@ -10,25 +10,37 @@ from typing import Any
 
 def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, decoded JSON value) of each non-blank line of `path` (a UTF-8 byte order mark opening it is
-    skipped); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON. With `on_torn_tail`, a last
-    line that is neither and has no newline (what a process stopped while appending it leaves) is skipped, and
-    `on_torn_tail` is told why."""
+    skipped); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON, and one saying the file is not
+    JSON Lines when it starts a JSON array of objects (`json.dump(records, f)`, on one line or many; no caller reads
+    lines that are arrays). With `on_torn_tail`, a last line that is neither and has no newline (what a process
+    stopped while appending it leaves) is skipped, and `on_torn_tail` is told why."""
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 if line.strip():
-                    yield number, json.loads(line)
+                    value = json.loads(line)
+                    if number == 1 and _is_array_of_objects(value):
+                        raise _not_json_lines(path)
+                    yield number, value
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 if number == 1 and isinstance(error, json.JSONDecodeError) and line.lstrip().startswith("["):
-                    raise ValueError(
-                        f"{path}:1: not JSON Lines: the file starts a JSON array; write one JSON object a line (JSON "
-                        "Lines), e.g. with jq -c '.[]'"
-                    ) from None
+                    raise _not_json_lines(path) from None
                 what = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "not valid JSON"
                 reason = f"{error.reason} at byte {error.start}" if isinstance(error, UnicodeDecodeError) else error.msg
                 if torn:
                     on_torn_tail(f"{path}:{number}: dropped the last line, cut short ({reason}) by a stopped run")
                     return
                 raise ValueError(f"{path}:{number}: {what} ({reason}); mend or delete that line") from None
+
+
+def _is_array_of_objects(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, dict) for item in value)
+
+
+def _not_json_lines(path: str | Path) -> ValueError:
+    return ValueError(
+        f"{path}:1: not JSON Lines: the file starts a JSON array; write one JSON object a line (JSON Lines), e.g. "
+        "with jq -c '.[]'"
+    )

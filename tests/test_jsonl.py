@@ -22,3 +22,12 @@ def test_a_json_array_file_is_refused_as_not_json_lines(tmp_path):
     path.write_text("[" + json.dumps(RECORDS[0]) + ",\n" + json.dumps(RECORDS[1]) + "]\n")
     with pytest.raises(ValueError, match=r"chats.json:1: not JSON Lines"):
         list(jsonl_records(path))
+
+
+def test_a_json_array_written_on_one_line_is_refused_as_not_json_lines(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(RECORDS))  # what json.dump(records, f) writes
+    with pytest.raises(ValueError, match=r"chats.jsonl:1: not JSON Lines: the file starts a JSON array"):
+        list(jsonl_records(path))
+    path.write_text("[1, 2]\n" + json.dumps(RECORDS[1]) + "\n")  # an array of other values: the caller names it
+    assert list(jsonl_records(path)) == [(1, [1, 2]), (2, RECORDS[1])]
