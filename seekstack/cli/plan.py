@@ -82,13 +82,20 @@ def plan(
             raise ValueError(f"--weights {weights!r}: choose one of {', '.join(BYTES_PER_PARAM)}")
         config = model_config(model)
         sizes, priced = tensor_bytes(model, config, weights)
-        result = plan_placement(config, parse_budgets(memory), sizes)
+        budgets = parse_budgets(memory)
+        result = plan_placement(config, budgets, sizes)
     typer.echo(f"{model}, {priced} (the latent cache comes on top: --kv-cache-memory)")
     typer.echo(f"{'device':<10}{'parts':>7}  {'resident':<32}{'read per token':<32}")
     for device, resident in result.resident_bytes.items():
         parts = sum(1 for placed in result.placement.values() if placed == device)
         typer.echo(f"{device:<10}{parts:>7}  {size(resident):<32}{size(result.active_bytes[device]):<32}")
     typer.echo(f"--device-map {result.device_map()}")
+    for device, over in result.overruns(budgets).items():
+        typer.echo(
+            f"warning: {device} holds {size(result.resident_bytes[device])}, {size(over)} past its budget of "
+            f"{size(budgets[device])}: the norms and routers, which stay on the CPU, do not fit in it; give it more",
+            err=True,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -140,6 +140,12 @@ class Plan:
     def device_map(self) -> str:
         return format_device_map(self.placement)
 
+    def overruns(self, budgets: dict[str, int]) -> dict[str, int]:
+        """The bytes each device holds past its budget: only the CPU's can, the norms and routers no unit holds
+        staying there whatever its budget."""
+        return {device: self.resident_bytes[device] - budget for device, budget in budgets.items()
+                if self.resident_bytes[device] > budget}  # fmt: skip
+
 
 def plan_placement(config: ModelConfig, budgets: dict[str, int], tensor_bytes: dict[str, int]) -> Plan:
     """Place every unit of `config`'s model within `budgets` (device -> bytes, in order of preference, fastest
@@ -232,6 +238,10 @@ def parse_budgets(text: str) -> dict[str, int]:
             budgets[device] = parse_bytes(amount)
         except ValueError as error:
             raise ValueError(f"memory entry {entry!r}: {error}") from None
+    if not budgets:  # everything would go to disk
+        raise ValueError(
+            f"memory budgets {text!r}: none given; expected device=size entries, e.g. cuda:0=80GiB,cpu=20GiB"
+        )
     return budgets
 
 

@@ -272,6 +272,36 @@ def test_the_plan_command_prints_resident_bytes_and_a_device_map_that_parses(mod
     assert bad.exit_code == 1 and "size 'lots'" in bad.output
 
 
+def test_the_plan_warns_by_how_much_the_norms_and_routers_overrun_a_cpu_budget_too_small_for_them(model):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+    from seekstack.cli.common import size
+
+    config = seekstack.preset("tiny")
+    held = plan_placement(config, {"cpu": 1024}, tensor_bytes_at_width(config, 2.0)).resident_bytes["cpu"]
+    result = CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=1KiB"])
+    assert result.exit_code == 0, result.output
+    warning = (
+        f"warning: cpu holds {size(held)}, {size(held - 1024)} past its budget of {size(1024)}: the norms and "
+        "routers, which stay on the CPU, do not fit in it"
+    )
+    assert held > 1024 and warning in result.stderr
+    assert "warning" not in CliRunner().invoke(app, ["plan", "tiny", "--memory", "cpu=1MiB"]).stderr
+
+
+@pytest.mark.parametrize("budgets", ["", " , "])
+def test_no_budget_at_all_is_refused_rather_than_everything_put_on_disk(model, budgets):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    with pytest.raises(ValueError, match=f"memory budgets {budgets!r}: none given; expected device=size entries"):
+        device_map_for(model, f"auto:{budgets}")
+    result = CliRunner().invoke(app, ["plan", "tiny", "--memory", budgets])
+    assert result.exit_code == 1 and "none given" in result.stderr
+
+
 @pytest.mark.parametrize(
     "stored, weights, bytes_per_param",
     [({"torch_dtype": "float32"}, "float32", 4.0), ({"torch_dtype": "bfloat16"}, "bfloat16", 2.0),
