@@ -8,9 +8,18 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   refuse_to_replace(path, ...)  before one: a folder holding other files (a user's, a training state) is kept
   entries_besides(path, makes)  what a folder holds besides the files a command writes, listed for a message
 If a write raises, its temporary files are deleted and the target is left as it was; a write the storage refuses
-(a full disk, a file size limit) raises `WriteRefused`, which names the target. A writer holds an exclusive lock
-(flock) on its temporary while it writes; the kernel drops it when the writer dies, even killed outright (SIGKILL),
-so each write first deletes the temporaries of its target that no one holds (`clear_killed_writes`).
+(a full disk, a file size limit, a read-only or failing disk) raises `WriteRefused`, which names the target.
+
+A writer holds an exclusive lock (flock) on its temporary while it writes; the kernel drops it when the writer dies,
+even killed outright (SIGKILL), so the first write of a process into a folder deletes the temporaries there that no
+one holds (`clear_killed_writes`), whatever their target; later writes there do not look again (a folder of 50,000
+files is read once, not once per write). Retired folders (`.NAME.old.*.tmp`, the only copy of a folder replaced by
+`atomic_directory` when a crash came between its two renames) are never deleted. Where the cleanup works: local file
+systems; NFS, where Linux emulates flock with fcntl locks held on the server (so file temporaries are opened
+read-write: an exclusive fcntl lock needs a writable descriptor; a folder cannot be opened so, and there a killed
+save's folder is left to delete by hand). Where flock fails (no lock service), nothing is cleared. Where it is local
+to each machine (NFS mounted `local_lock=flock` or `nolock`, Lustre's `localflock`), a writer on another machine is
+not seen and its temporary could be deleted under it: let one machine at a time write into a folder there.
 """
 
 from __future__ import annotations
@@ -27,12 +36,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 HIDDEN_TOKEN_BYTES = 4  # random bytes in a hidden temporary's name, as hex
-STORAGE_REFUSALS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO, errno.EROFS}
+RETIRED = ".old"  # `.NAME.old.*.tmp`: an old folder between atomic_directory's renames, never cleared
+STORAGE_REFUSALS = {  # what each refusal means, after the system's own words
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "past the disk quota",
+    errno.EFBIG: "past the file size limit (ulimit -f) or the largest file the file system holds",
+    errno.EIO: "the storage failed to write; check the disk",
+    errno.EROFS: "the storage is mounted read-only",
+}
 TORCH_SHORT_WRITE = ("PytorchStreamWriter failed", "unexpected pos")  # torch.save's zip writer, cut short
+TORCH_SHORT_WRITE_MEANS = "torch.save was cut short: a full disk or a file size limit"  # its message has no errno
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # a Rust writer's io::Error (safetensors' SafetensorError)
+NAMED_FILES = 3  # a refused write of more files than this names the first ones and how many more
 
 
 class WriteRefused(OSError):
-    """The storage refused a write (a full disk, a file size limit); the message names the target, left as it was."""
+    """The storage refused a write (a full disk, a file size limit, a read-only or failing disk); the message names
+    the target, left as it was, and why; `errno` is the refusal's (None for torch.save's short write)."""
 
 
 class StagedFiles:
@@ -47,7 +67,6 @@ class StagedFiles:
         """A new, empty hidden file in the folder, which becomes `folder / name` when the files are published."""
         if name in self.hidden:
             raise ValueError(f"{self.folder / name} is already staged")
-        clear_killed_writes(self.folder, re.escape(name))
         self.hidden[name], lock = _create_locked(self.folder, name, lambda hidden: hidden.touch(exist_ok=False))
         self.locks.append(lock)
         return self.hidden[name]
@@ -59,9 +78,10 @@ def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
     and renamed to `folder / name` in the order staged. On an error the staged files are deleted."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _clear_killed_writes_once(folder)
     staged = StagedFiles(folder)
     try:
-        with _refusals_named(lambda: [folder / name for name in staged.hidden] or [folder]):
+        with _refusals_named(lambda: _files_named(folder, list(staged.hidden))):
             yield staged
             for hidden in staged.hidden.values():
                 _fsync(hidden)
@@ -93,15 +113,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     `path`, and only then is the old `path` deleted. On an error it is deleted and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clear_killed_writes(path.parent, re.escape(path.name))
+    _clear_killed_writes_once(path.parent)
     staging, lock = _create_locked(path.parent, path.name, Path.mkdir)
     try:
-        with _refusals_named(lambda: [path]):
+        with _refusals_named(lambda: str(path)):
             yield staging
             for entry in [*staging.rglob("*"), staging]:
                 _fsync(entry)
         if path.exists():
-            retired = _create_hidden(path.parent, f"{path.name}.old", Path.mkdir)
+            retired = _create_hidden(path.parent, f"{path.name}{RETIRED}", Path.mkdir)
             os.replace(path, retired / path.name)  # a crash before the next rename leaves the old folder in `retired`
             os.replace(staging, path)
             shutil.rmtree(retired)
@@ -141,8 +161,12 @@ def entries_besides(path: str | os.PathLike, makes: Sequence[str]) -> str:
     path = Path(path)
     if not path.is_dir():
         return ""
-    others = sorted(entry.name + "/" * entry.is_dir() for entry in path.iterdir() if not _made_by(entry, makes))
-    shown = [*others[:3], f"{len(others) - 3} more"] if len(others) > 4 else others
+    return _listed(sorted(entry.name + "/" * entry.is_dir() for entry in path.iterdir() if not _made_by(entry, makes)))
+
+
+def _listed(names: list[str]) -> str:
+    """`names` for a message: "a, b and c"; past one more than NAMED_FILES, the first ones and how many more."""
+    shown = [*names[:NAMED_FILES], f"{len(names) - NAMED_FILES} more"] if len(names) > NAMED_FILES + 1 else names
     return " and ".join([", ".join(shown[:-1]), shown[-1]] if len(shown) > 1 else shown)
 
 
@@ -163,7 +187,8 @@ def hidden_pattern(name_pattern: str) -> str:
 
 def clear_killed_writes(folder: Path, name_pattern: str) -> None:
     """Delete the hidden temporaries in `folder` of the names the regular expression `name_pattern` matches whose
-    writer is gone (killed outright: none holds its lock); those of writes under way are left to them."""
+    writer is gone (killed outright: none holds its lock); those of writes under way are left to them. Reads the
+    whole folder: for one write among many, `write_atomic` and the others clear each folder once per process."""
     temporary = re.compile(hidden_pattern(name_pattern))
     if folder.is_dir():
         for entry in folder.iterdir():
@@ -171,9 +196,22 @@ def clear_killed_writes(folder: Path, name_pattern: str) -> None:
                 _delete_unless_locked(entry)
 
 
+_CLEARED_FOLDERS: set[tuple[int, int]] = set()  # (device, inode) of the folders this process has cleared
+
+
+def _clear_killed_writes_once(folder: Path) -> None:
+    """`clear_killed_writes` of every target's temporaries but retired folders, the first time this process writes
+    into `folder`."""
+    status = folder.stat()
+    identity = (status.st_dev, status.st_ino)
+    if identity not in _CLEARED_FOLDERS:
+        clear_killed_writes(folder, rf".+(?<!{re.escape(RETIRED)})")
+        _CLEARED_FOLDERS.add(identity)
+
+
 def _delete_unless_locked(hidden: Path) -> None:
     try:
-        descriptor = os.open(hidden, os.O_RDONLY | os.O_NOFOLLOW)
+        descriptor = _open_to_lock(hidden)
     except OSError:  # gone meanwhile (its write finished), or not a temporary of ours
         return
     try:
@@ -191,7 +229,7 @@ def _create_locked(folder: Path, name: str, create: Callable[[Path], None]) -> t
     while True:
         hidden = _create_hidden(folder, name, create)
         try:
-            descriptor = os.open(hidden, os.O_RDONLY)
+            descriptor = _open_to_lock(hidden)
         except FileNotFoundError:  # a cleaner deleted it before it was locked: make another
             continue
         _lock(descriptor, blocking=True)
@@ -210,6 +248,16 @@ def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> P
             return hidden
         except FileExistsError:
             continue
+
+
+def _open_to_lock(hidden: Path) -> int:
+    """A descriptor of temporary `hidden` to lock: read-write for a file (NFS's flock, an fcntl lock on the server,
+    refuses an exclusive lock on a read-only descriptor with EBADF), read-only for a folder (which nothing can open
+    for writing)."""
+    try:
+        return os.open(hidden, os.O_RDWR | os.O_NOFOLLOW)
+    except IsADirectoryError:
+        return os.open(hidden, os.O_RDONLY | os.O_NOFOLLOW)
 
 
 def _lock(descriptor: int, blocking: bool) -> bool:
@@ -231,28 +279,46 @@ def _same_file(path: Path, descriptor: int) -> bool:
     return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
+def _files_named(folder: Path, names: list[str]) -> str:
+    """What a refused write of files `names` in `folder` was writing, for its message: the one file, or the folder
+    and its files (the first few of many)."""
+    if len(names) == 1:
+        return str(folder / names[0])
+    return f"{folder} ({_listed(names)})" if names else str(folder)
+
+
 @contextmanager
-def _refusals_named(targets: Callable[[], list[Path]]) -> Iterator[None]:
-    """Turn a write the storage refuses (an OSError of a full disk or file size limit, torch.save's short write),
-    here or in a write nested in this one, into a `WriteRefused` naming `targets()`, which are left as they were."""
+def _refusals_named(targets: Callable[[], str]) -> Iterator[None]:
+    """Turn a write the storage refuses (an OSError or a Rust writer's error of a full disk, a file size limit, a
+    read-only or failing disk; torch.save's short write), here or in a write nested in this one, into a
+    `WriteRefused` naming `targets()`, which are left as they were."""
     try:
         yield
-    except (OSError, RuntimeError) as error:
+    except Exception as error:
         cause = error.__cause__ if isinstance(error, WriteRefused) else error
-        if not _refused_by_storage(cause):
+        code = _storage_refusal(cause)
+        if code is None and not _torch_short_write(cause):
             raise
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else "torch.save was cut short"
+        reason = f"{os.strerror(code)}: {STORAGE_REFUSALS[code]}" if code else TORCH_SHORT_WRITE_MEANS
         refused = WriteRefused(
-            f"{' and '.join(map(str, targets()))}: not written ({reason}: a full disk or a file size limit); nothing "
-            "was written, and what was there is as it was"
+            f"{targets()}: not written ({reason}); nothing was written, and what was there is as it was"
         )
-        refused.errno = getattr(cause, "errno", None)
+        refused.errno = code
         raise refused from cause
 
 
-def _refused_by_storage(error: BaseException | None) -> bool:
-    if isinstance(error, OSError):
-        return error.errno in STORAGE_REFUSALS
+def _storage_refusal(error: BaseException | None) -> int | None:
+    """The errno of a write the storage refused (one of STORAGE_REFUSALS): an OSError's, or the `(os error N)` of a
+    Rust writer's message (safetensors raises SafetensorError, no OSError); None for any other error."""
+    if isinstance(error, OSError) and error.errno is not None:
+        code = error.errno
+    else:
+        rust = RUST_OS_ERROR.search(str(error))
+        code = int(rust[1]) if rust else None
+    return code if code in STORAGE_REFUSALS else None
+
+
+def _torch_short_write(error: BaseException | None) -> bool:
     return isinstance(error, RuntimeError) and any(sign in str(error) for sign in TORCH_SHORT_WRITE)
 
 

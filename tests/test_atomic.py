@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
+import os
 import resource
 import signal
 import subprocess
@@ -14,8 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from seekstack.atomic import WriteRefused, atomic_directory, entries_besides, staged_files, write_atomic
+from seekstack.atomic import (
+    WriteRefused,
+    atomic_directory,
+    clear_killed_writes,
+    entries_besides,
+    staged_files,
+    write_atomic,
+)
 from seekstack.checkpoint import CheckpointError
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import train_tokenizer
@@ -95,11 +105,55 @@ def test_a_write_the_storage_refuses_names_its_target_and_keeps_the_old_file(tmp
     with pytest.raises(WriteRefused) as refused, file_size_limit(50_000):
         write_atomic(tmp_path / "index.json", b"x" * 100_000)
     assert str(refused.value) == (
-        f"{tmp_path / 'index.json'}: not written (File too large: a full disk or a file size limit); nothing was "
-        "written, and what was there is as it was"
+        f"{tmp_path / 'index.json'}: not written (File too large: past the file size limit (ulimit -f) or the "
+        "largest file the file system holds); nothing was written, and what was there is as it was"
     )
     assert isinstance(refused.value, OSError) and refused.value.errno == errno.EFBIG
     assert (tmp_path / "index.json").read_text() == "old" and entries(tmp_path) == ["index.json"]
+
+
+def test_a_safetensors_file_the_storage_refuses_is_a_write_refused_naming_it(tmp_path):
+    weights = {"weight": torch.zeros(100_000)}
+    with pytest.raises(WriteRefused) as refused, file_size_limit(50_000):  # safetensors: "(os error 27)"
+        write_atomic(tmp_path / "adapter_model.safetensors", lambda temporary: save_file(weights, temporary))
+    assert str(refused.value).startswith(f"{tmp_path / 'adapter_model.safetensors'}: not written (File too large: ")
+    assert refused.value.errno == errno.EFBIG and entries(tmp_path) == []
+    with pytest.raises(WriteRefused) as refused, file_size_limit(50_000):
+        with atomic_directory(tmp_path / "step_8") as staging:
+            save_file(weights, staging / "model.safetensors")
+    assert str(refused.value).startswith(f"{tmp_path / 'step_8'}: not written (File too large: ")
+    assert entries(tmp_path) == []
+
+
+def test_a_refused_write_of_many_files_names_their_folder_the_first_files_and_how_many_more(tmp_path):
+    with pytest.raises(WriteRefused) as refused, file_size_limit(50_000), staged_files(tmp_path) as staged:
+        for shard in range(5):
+            staged.path(f"train_{shard:05d}.bin").write_bytes(b"z")
+        staged.path("train_00005.bin").write_bytes(b"z" * 100_000)
+    assert str(refused.value).startswith(
+        f"{tmp_path} (train_00000.bin, train_00001.bin, train_00002.bin and 3 more): not written (File too large"
+    )
+    assert entries(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        (errno.ENOSPC, "No space left on device: the disk is full"),
+        (errno.EDQUOT, "Disk quota exceeded: past the disk quota"),
+        (errno.EIO, "Input/output error: the storage failed to write; check the disk"),
+        (errno.EROFS, "Read-only file system: the storage is mounted read-only"),
+    ],
+)
+def test_a_refused_write_says_why_the_storage_refused_it(tmp_path, code, reason):
+    with pytest.raises(WriteRefused) as refused, staged_files(tmp_path) as staged:
+        staged.path("train.jsonl").write_text("a\n")
+        staged.path("val.jsonl").write_text("b\n")
+        raise OSError(code, os.strerror(code))
+    assert str(refused.value) == (
+        f"{tmp_path} (train.jsonl and val.jsonl): not written ({reason}); nothing was written, and what was there "
+        "is as it was"
+    )
 
 
 def test_a_torch_save_cut_short_in_a_folder_names_the_folder_not_torchs_zip_writer(tmp_path):
@@ -153,17 +207,54 @@ def write_here(path: Path, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])
-def test_the_next_write_of_a_target_clears_what_a_write_killed_outright_left(tmp_path, kind):
+def test_a_process_first_write_into_a_folder_clears_what_writes_killed_outright_left_there(tmp_path, kind):
     killed = start_writer(tmp_path / "step_8", kind)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    left = hidden_of(tmp_path / "step_8")
-    assert len(left) == 1
-    write_here(tmp_path / "step_80", kind)  # another target's write leaves it
-    assert hidden_of(tmp_path / "step_8") == left
-    write_here(tmp_path / "step_8", kind)
-    assert hidden_of(tmp_path / "step_8") == []
-    assert entries(tmp_path) == ["step_8", "step_80"]
+    assert len(hidden_of(tmp_path / "step_8")) == 1
+    write_here(tmp_path / "step_80", kind)  # another target's: the temporaries of every target are cleared
+    assert entries(tmp_path) == ["step_80"]
+
+
+def test_a_retired_folder_is_never_cleared_it_may_hold_the_only_copy_of_a_checkpoint(tmp_path):
+    retired = tmp_path / ".step_8.old.0123abcd.tmp" / "step_8"  # a crash between atomic_directory's two renames
+    retired.mkdir(parents=True)
+    (retired / "model.safetensors").write_text("the only copy")
+    (tmp_path / ".step_9.0123abcd.tmp").mkdir()  # a killed save
+    write_here(tmp_path / "step_10", "folder")
+    assert entries(tmp_path) == [".step_8.old.0123abcd.tmp", "step_10"]
+
+
+def test_writes_into_a_folder_read_it_once_not_once_per_file(tmp_path, monkeypatch):
+    reads = []
+    iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda folder: reads.append(folder) or iterdir(folder))
+    for batch in range(20):  # distill's teacher cache: a file per batch
+        write_atomic(tmp_path / f"batch_{batch}.pt", b"x")
+    with staged_files(tmp_path / "shards") as staged:  # token shards
+        for shard in range(20):
+            staged.path(f"train_{shard:05d}.bin").write_bytes(b"z")
+    assert reads == [tmp_path, tmp_path / "shards"]
+
+
+def test_killed_writes_are_cleared_where_an_exclusive_flock_needs_a_writable_descriptor_as_on_nfs(
+    tmp_path, monkeypatch
+):
+    flock = fcntl.flock
+
+    def flock_as_on_nfs(descriptor, operation):  # Linux's NFS client: an fcntl lock on the server
+        if operation & fcntl.LOCK_EX and fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_as_on_nfs)
+    (tmp_path / ".index.json.0123abcd.tmp").write_text("half")  # what a killed write left
+    with staged_files(tmp_path) as staged:
+        under_way = staged.path("train.jsonl")
+        under_way.write_text("a\n")
+        clear_killed_writes(tmp_path, "train.jsonl")  # another process's cleanup
+        assert under_way.exists()  # its writer holds the lock
+    assert entries(tmp_path) == ["train.jsonl"]
 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])
