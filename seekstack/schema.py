@@ -124,8 +124,7 @@ def load_config(
 ) -> T:
     """`cls` from `base` (or the defaults), then the file at `path`, then `key=value` overrides; checked.
 
-    Relative paths in a file (fields named `*_dir`, `*_path`, `tokenizer`, `init_from`) resolve against the
-    file's folder.
+    Relative paths in a file (the path fields of `resolve_paths`) resolve against the file's folder.
     """
     values: dict[str, Any] = dict(base or {})
     source = None
@@ -234,8 +233,9 @@ def parse_value(text: str, annotation: Any, key: str) -> Any:
 
 def write_config(config: Any, path: str | Path) -> Path:
     """Write a config's every field to `path` (.yaml/.yml or .json) so that `load_config` reads it back; paths
-    given relative, and those inside the file's folder, are written relative to it, as `load_config` reads them
-    (they move with the file); other absolute paths stay as they are (a run moved away still finds its data)."""
+    given relative (on the command line, or in a config file however the file was named), and those inside the
+    file's folder, are written relative to it, as `load_config` reads them (they move with the file); other absolute
+    paths stay as they are (a run moved away still finds its data)."""
     path = Path(path)
     values = _plain(dataclasses.asdict(config))
     folder = path.parent.resolve()
@@ -255,9 +255,16 @@ def write_config(config: Any, path: str | Path) -> Path:
 def _written_path(value: str, folder: Path) -> str:
     """Path `value` as `write_config` writes it into a file in `folder`."""
     resolved = Path(value).resolve()
-    if Path(value).is_absolute() and not resolved.is_relative_to(folder):
+    if _given_absolute(value) and not resolved.is_relative_to(folder):
         return value
     return os.path.relpath(resolved, folder)
+
+
+def _given_absolute(value: str) -> bool:
+    """Whether path `value` was given absolute: not relative, and not made by `resolve_paths` of a relative one
+    (nor inside one: a run's newest checkpoint, found in the run folder given)."""
+    path = Path(value)
+    return path.is_absolute() and not any(path.is_relative_to(made) for made in _RESOLVED_FROM_RELATIVE)
 
 
 def describe_fields(cls: type) -> str:
@@ -397,25 +404,34 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# the paths `resolve_paths` made of relative ones: absolute when a config file is named by an absolute path, yet
+# given relative, so `write_config` writes them relative
+_RESOLVED_FROM_RELATIVE: set[str] = set()
+
+
 def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """`values` with relative paths (fields named `*_dir`, `*_path`, `tokenizer`, `init_from`) made relative to
-    `folder`."""
+    """`values` with relative paths (path fields: `*_dir`, `*_path`, `tokenizer`, `init_from`, `data`, `val_data`,
+    `teacher`, `teacher_cache`) made relative to `folder`."""
     resolved = dict(values)
     for name, value in values.items():
         if isinstance(value, str) and value and _is_path_field(name) and not Path(value).is_absolute():
             resolved[name] = str(folder / value)
+            _RESOLVED_FROM_RELATIVE.add(resolved[name])
     return resolved
 
 
 def same_value(name: str, old: Any, new: Any) -> bool:
-    """Whether two values of field `name` mean the same; paths (fields as in resolve_paths) name the same file."""
+    """Whether two values of field `name` mean the same; paths (the fields of `resolve_paths`) name the same file."""
     if _is_path_field(name) and isinstance(old, str) and isinstance(new, str) and old and new:
         return Path(old).resolve() == Path(new).resolve()
     return old == new
 
 
+PATH_FIELDS = ("tokenizer", "init_from", "data", "val_data", "teacher", "teacher_cache")  # and `*_dir`, `*_path`
+
+
 def _is_path_field(name: str) -> bool:
-    return name.endswith(("_dir", "_path")) or name in ("tokenizer", "init_from", "data", "teacher", "teacher_cache")
+    return name.endswith(("_dir", "_path")) or name in PATH_FIELDS
 
 
 # a flow mapping's number key with no space after its colon, `{5:1}`: YAML 1.1 reads `5:1` as 5 * 60 + 1 = 301

@@ -99,6 +99,35 @@ def test_a_saved_config_keeps_absolute_paths_so_a_moved_run_still_finds_its_data
     assert Path(moved.data_dir).resolve() == tmp_path.parent / "tokens"  # given relative: it moves with the run
 
 
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative --config", "absolute --config"])
+def test_a_relative_path_in_a_config_file_is_saved_relative_to_the_run_however_the_file_is_named(
+    tmp_path, monkeypatch, absolute
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "x.yaml").write_text("data_dir: ../data/tokens\nout_dir: ../runs/a\n")
+    config_file = tmp_path / "configs" / "x.yaml" if absolute else Path("configs", "x.yaml")
+    load_train_config(config_file).save(tmp_path / "runs" / "a")
+    written = json.loads((tmp_path / "runs" / "a" / CONFIG_FILE).read_text())
+    assert (written["data_dir"], written["out_dir"]) == ("../../data/tokens", ".")  # was '/.../configs/../data/tokens'
+
+
+def test_sfts_val_data_in_a_config_file_is_a_path_read_from_the_files_folder_and_saved_relative_to_the_run(
+    tmp_path, monkeypatch
+) -> None:
+    from seekstack.posttrain.config import SFTConfig
+    from seekstack.schema import load_config
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "sft.yaml").write_text("data: train.jsonl\nval_data: held_out.jsonl\n")
+    monkeypatch.chdir(tmp_path / "configs")
+    config = load_config(SFTConfig, tmp_path / "configs" / "sft.yaml")
+    assert Path(config.val_data) == tmp_path / "configs" / "held_out.jsonl"  # was 'held_out.jsonl', of the cwd
+    config.save(tmp_path / "runs" / "sft")
+    written = json.loads((tmp_path / "runs" / "sft" / CONFIG_FILE).read_text())
+    assert written["val_data"] == "../../configs/held_out.jsonl"  # as `report` reads it: from the run's folder
+
+
 def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_continuous(data_dir, tmp_path):
     out_dir = tmp_path / "run"
     runner = CliRunner()
