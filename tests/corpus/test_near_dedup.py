@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
+from datasketch import MinHash
 
-from seekstack.corpus.dedup import NearDeduplicator
+from seekstack.corpus.dedup import NearDeduplicator, minhash_signature
 from tests.corpus.test_kinds import CHINESE_ARTICLE
 
 WORDS = ["".join(random.Random(i).choices("abcdefghijklmnopqrstuvwxyz", k=5)) for i in range(5000)]
@@ -46,3 +48,20 @@ def test_near_dedup_finds_an_edited_chinese_article() -> None:
     assert not dedup.is_duplicate("original", CHINESE_ARTICLE)
     assert dedup.is_duplicate("edited", CHINESE_ARTICLE.replace("周一", "周二").replace("热泵", "地源热泵"))
     assert not dedup.is_duplicate("other", CHINESE_ARTICLE[::-1])
+
+
+def test_a_pair_lsh_bands_together_below_the_threshold_is_not_a_near_duplicate() -> None:
+    """LSH's banding pairs some copies whose estimated similarity is below the threshold (at 5% edits, Jaccard about
+    0.65): a candidate is a near duplicate only when its estimate (the share of equal MinHash values) is 0.8 or more."""
+    corpus = planted_corpus(60, 0.05)
+    banded_below = 0
+    for number in range(60):  # each copy against its own original alone
+        original, copy = corpus[number][0], corpus[120 + number][0]
+        dedup = NearDeduplicator(threshold=0.8)
+        dedup.is_duplicate("original", original)
+        signature = minhash_signature(copy)
+        estimate = float(np.mean(minhash_signature(original) == signature))
+        banded = bool(dedup.index.query(MinHash(num_perm=128, seed=1, hashvalues=signature, scheme="affine32")))
+        banded_below += banded and estimate < 0.8
+        assert dedup.is_duplicate("copy", copy) == (banded and estimate >= 0.8)
+    assert banded_below > 0  # the premise: LSH alone flags some pairs below the threshold
