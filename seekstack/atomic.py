@@ -193,7 +193,7 @@ def clear_killed_writes(folder: Path, name_pattern: str) -> None:
     if folder.is_dir():
         for entry in folder.iterdir():
             if temporary.fullmatch(entry.name):
-                _delete_unless_locked(entry)
+                delete_unless_locked(entry)
 
 
 _CLEARED_FOLDERS: set[tuple[int, int]] = set()  # (device, inode) of the folders this process has cleared
@@ -209,13 +209,15 @@ def _clear_killed_writes_once(folder: Path) -> None:
         _CLEARED_FOLDERS.add(identity)
 
 
-def _delete_unless_locked(hidden: Path) -> None:
+def delete_unless_locked(hidden: Path) -> None:
+    """Delete file or folder `hidden` unless a live process holds a lock on it (a write under way, a disk copy
+    being mapped); nothing when it is gone meanwhile."""
     try:
         descriptor = _open_to_lock(hidden)
     except OSError:  # gone meanwhile (its write finished), or not a temporary of ours
         return
     try:
-        if _lock(descriptor, blocking=False) and _same_file(hidden, descriptor):
+        if _lock(descriptor, blocking=False) and same_file(hidden, descriptor):
             if hidden.is_dir():
                 shutil.rmtree(hidden, ignore_errors=True)
             else:
@@ -233,7 +235,7 @@ def _create_locked(folder: Path, name: str, create: Callable[[Path], None]) -> t
         except FileNotFoundError:  # a cleaner deleted it before it was locked: make another
             continue
         _lock(descriptor, blocking=True)
-        if _same_file(hidden, descriptor):
+        if same_file(hidden, descriptor):
             return hidden, descriptor
         os.close(descriptor)  # deleted by a cleaner between its creation and the lock
 
@@ -270,7 +272,7 @@ def _lock(descriptor: int, blocking: bool) -> bool:
         return False
 
 
-def _same_file(path: Path, descriptor: int) -> bool:
+def same_file(path: Path, descriptor: int) -> bool:
     """Whether `path` still names the file open at `descriptor`."""
     try:
         named, opened = os.stat(path, follow_symlinks=False), os.fstat(descriptor)

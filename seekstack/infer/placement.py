@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seekstack.atomic import WriteRefused, _delete_unless_locked, _same_file, hidden_pattern, write_atomic
+from seekstack.atomic import WriteRefused, delete_unless_locked, hidden_pattern, same_file, write_atomic
 from seekstack.checkpoint import checkpoint_key, layer_key
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
@@ -326,7 +326,7 @@ def _map_whole_copy(path: Path, tensor: torch.Tensor) -> torch.Tensor | None:
     try:
         with contextlib.suppress(OSError):  # a file system without flock: nothing to hold off
             fcntl.flock(descriptor, fcntl.LOCK_SH)
-        whole = _same_file(path, descriptor) and os.fstat(descriptor).st_size == tensor.numel() * tensor.element_size()
+        whole = same_file(path, descriptor) and os.fstat(descriptor).st_size == tensor.numel() * tensor.element_size()
         if not whole:  # absent, cut short, or deleted (or replaced) before it was locked
             return None
         return torch.from_file(str(path), shared=False, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
@@ -377,7 +377,7 @@ def _delete_copies(directory: Path, name: str, keep: str) -> None:
     stale = re.compile(rf"{copy}|{hidden_pattern(copy)}")
     for entry in directory.iterdir():
         if entry.name != keep and stale.fullmatch(entry.name):
-            _delete_unless_locked(entry)
+            delete_unless_locked(entry)
 
 
 def mapped_file(tensor: torch.Tensor) -> Path | None:
