@@ -10,6 +10,7 @@ demo's code prompts."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -188,7 +189,8 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
 def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
     from seekstack.eval.samples import model_and_adapter
 
-    config = read_config(model_and_adapter(checkpoint)[0])  # the checkpoint's (a LoRA run's: its base's) config.json
+    weights, adapter = model_and_adapter(checkpoint)
+    config = read_config(weights)  # the checkpoint's (a LoRA run's: its base's) config.json
     main = accounting.main_parameters(config)
     mtp_depths = config.num_nextn_predict_layers
     last_step = int(checkpoint.name.removeprefix("step_"))  # the checkpoint's step: the model this page describes
@@ -204,6 +206,8 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
     ]
     if mtp_depths:
         rows.append(("MTP module parameters", f"{accounting.mtp_parameters(config).total:,}"))
+    if adapter is not None:
+        rows.append(("LoRA adapter", _adapter_summary(adapter, main.total)))
     per_token = None
     if _reads_token_shards(train_config):  # rows of seq_len tokens: the FLOPs per token are exact
         seq_len = train_config.get("seq_len", 256)
@@ -223,6 +227,23 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
         ("KV cache per token (bf16)", f"{cache.latent:,} B latent vs {cache.mha:,} B plain MHA ({cache.ratio:.1f}x)")
     )
     return "## Model\n\n" + _table(("", ""), rows)
+
+
+def _adapter_summary(adapter: Path, base_parameters: int) -> str:
+    """A LoRA run's adapter as the report's model table shows it: rank, alpha, parameters and their share of the
+    base's main model, file size."""
+    from safetensors import safe_open
+
+    from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
+    lora = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    with safe_open(adapter / ADAPTER_WEIGHTS_FILE, "pt") as weights:
+        parameters = sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+    size = (adapter / ADAPTER_WEIGHTS_FILE).stat().st_size
+    return (
+        f"rank {lora.get('r')}, alpha {lora.get('lora_alpha')}: {parameters:,} parameters "
+        f"({parameters / base_parameters:.2%} of the base's), {size / 2**20:.2f} MiB, on the base above"
+    )
 
 
 def _routed_experts(config: ModelConfig) -> str:
