@@ -46,7 +46,9 @@ STORAGE_REFUSALS = {  # what each refusal means, after the system's own words
 }
 TORCH_SHORT_WRITE = ("PytorchStreamWriter failed", "unexpected pos")  # torch.save's zip writer, cut short
 TORCH_SHORT_WRITE_MEANS = "torch.save was cut short: a full disk or a file size limit"  # its message has no errno
-RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # a Rust writer's io::Error (safetensors' SafetensorError)
+# a Rust writer's io::Error (safetensors' SafetensorError): "... (os error 27)", or before safetensors 0.6 its Debug
+# form "IoError(Os { code: 27, kind: FileTooLarge, ... })"
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 NAMED_FILES = 3  # a refused write of more files than this names the first ones and how many more
 
 
@@ -310,13 +312,13 @@ def _refusals_named(targets: Callable[[], str]) -> Iterator[None]:
 
 
 def _storage_refusal(error: BaseException | None) -> int | None:
-    """The errno of a write the storage refused (one of STORAGE_REFUSALS): an OSError's, or the `(os error N)` of a
+    """The errno of a write the storage refused (one of STORAGE_REFUSALS): an OSError's, or the os error code of a
     Rust writer's message (safetensors raises SafetensorError, no OSError); None for any other error."""
     if isinstance(error, OSError) and error.errno is not None:
         code = error.errno
     else:
         rust = RUST_OS_ERROR.search(str(error))
-        code = int(rust[1]) if rust else None
+        code = int(rust[1] or rust[2]) if rust else None
     return code if code in STORAGE_REFUSALS else None
 
 

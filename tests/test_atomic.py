@@ -125,6 +125,17 @@ def test_a_safetensors_file_the_storage_refuses_is_a_write_refused_naming_it(tmp
     assert entries(tmp_path) == []
 
 
+def test_a_safetensors_error_in_the_wording_before_0_6_is_a_write_refused_too(tmp_path):
+    from safetensors import SafetensorError
+
+    def full_disk(temporary):  # what safetensors 0.4-0.5 raise: the io::Error's Debug form
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "" })')
+
+    with pytest.raises(WriteRefused) as refused:
+        write_atomic(tmp_path / "adapter_model.safetensors", full_disk)
+    assert refused.value.errno == errno.ENOSPC and entries(tmp_path) == []
+
+
 def test_a_refused_write_of_many_files_names_their_folder_the_first_files_and_how_many_more(tmp_path):
     with pytest.raises(WriteRefused) as refused, file_size_limit(50_000), staged_files(tmp_path) as staged:
         for shard in range(5):
