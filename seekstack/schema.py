@@ -255,16 +255,9 @@ def write_config(config: Any, path: str | Path) -> Path:
 def _written_path(value: str, folder: Path) -> str:
     """Path `value` as `write_config` writes it into a file in `folder`."""
     resolved = Path(value).resolve()
-    if _given_absolute(value) and not resolved.is_relative_to(folder):
-        return value
+    if Path(value).is_absolute() and not resolved.is_relative_to(folder):
+        return value  # given absolute: a run moved elsewhere still finds it
     return os.path.relpath(resolved, folder)
-
-
-def _given_absolute(value: str) -> bool:
-    """Whether path `value` was given absolute: not relative, and not made by `resolve_paths` of a relative one
-    (nor inside one: a run's newest checkpoint, found in the run folder given)."""
-    path = Path(value)
-    return path.is_absolute() and not any(path.is_relative_to(made) for made in _RESOLVED_FROM_RELATIVE)
 
 
 def describe_fields(cls: type) -> str:
@@ -404,19 +397,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# the paths `resolve_paths` made of relative ones: absolute when a config file is named by an absolute path, yet
-# given relative, so `write_config` writes them relative
-_RESOLVED_FROM_RELATIVE: set[str] = set()
-
-
 def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     """`values` with relative paths (path fields: `*_dir`, `*_path`, `tokenizer`, `init_from`, `data`, `val_data`,
-    `teacher`, `teacher_cache`) made relative to `folder`."""
+    `teacher`, `teacher_cache`) made relative to `folder`; kept relative, to the working directory, where they lie
+    under it (a config file named by an absolute path too), so that `write_config` tells them from paths given
+    absolute and writes them relative to the run."""
     resolved = dict(values)
     for name, value in values.items():
         if isinstance(value, str) and value and _is_path_field(name) and not Path(value).is_absolute():
-            resolved[name] = str(folder / value)
-            _RESOLVED_FROM_RELATIVE.add(resolved[name])
+            joined = folder / value
+            under_cwd = os.path.relpath(joined)
+            resolved[name] = str(joined) if under_cwd.startswith(os.pardir) else under_cwd
     return resolved
 
 

@@ -122,7 +122,7 @@ def test_sfts_val_data_in_a_config_file_is_a_path_read_from_the_files_folder_and
     (tmp_path / "configs" / "sft.yaml").write_text("data: train.jsonl\nval_data: held_out.jsonl\n")
     monkeypatch.chdir(tmp_path / "configs")
     config = load_config(SFTConfig, tmp_path / "configs" / "sft.yaml")
-    assert Path(config.val_data) == tmp_path / "configs" / "held_out.jsonl"  # was 'held_out.jsonl', of the cwd
+    assert Path(config.val_data).resolve() == tmp_path / "configs" / "held_out.jsonl"  # was of the cwd, as given
     config.save(tmp_path / "runs" / "sft")
     written = json.loads((tmp_path / "runs" / "sft" / CONFIG_FILE).read_text())
     assert written["val_data"] == "../../configs/held_out.jsonl"  # as `report` reads it: from the run's folder
@@ -179,7 +179,19 @@ def test_a_resume_given_the_same_relative_paths_warns_of_no_change(tmp_path, mon
     resolve_train_config(None, ["init_from=./ck", *paths[1:]], resume=True, warn=warnings.append)
     assert warnings == []  # was: 'resuming with init_from="ck" (the run last ran with "run/../ck")', and for each path
     resolve_train_config(None, ["init_from=other_ck", *paths[1:]], resume=True, warn=warnings.append)
-    assert warnings == ['resuming with init_from="other_ck" (the run last ran with "run/../ck")']
+    assert warnings == ['resuming with init_from="other_ck" (the run last ran with "ck")']
+
+
+def test_a_path_given_absolute_is_saved_absolute_whatever_this_process_resolved_before(tmp_path, monkeypatch) -> None:
+    """Which paths were given relative is read from the values themselves, not from earlier runs of the process (a
+    resume of run a, whose saved out_dir '.' names its folder, made run b save a's checkpoint relative)."""
+    monkeypatch.chdir(tmp_path)
+    load_train_config(None, ["data_dir=tokens", "out_dir=runs/a"]).save("runs/a")
+    resolve_train_config(None, [f"out_dir={tmp_path / 'runs' / 'a'}"], resume=True)
+    checkpoint = str(tmp_path / "runs" / "a" / "checkpoints" / "step_100")
+    Path(checkpoint).mkdir(parents=True)
+    load_train_config(None, [f"init_from={checkpoint}", "data_dir=tokens", "out_dir=elsewhere/b"]).save("elsewhere/b")
+    assert json.loads(Path("elsewhere", "b", CONFIG_FILE).read_text())["init_from"] == checkpoint
 
 
 def test_resume_without_a_saved_config_says_where_it_looked(tmp_path) -> None:
