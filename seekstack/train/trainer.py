@@ -496,13 +496,13 @@ class _Run:
         progress = training_progress(self.step, config, self.progress_anchor)  # of the mixture and MTP schedules
         mtp_weight = mtp_weight_at(progress, config)
         data_progress = progress if self.source is None else self.step / config.max_steps  # a source counts steps
-        # loss, lm_loss, mtp_loss weighted by each micro-batch's share, and the shares of those with an lm_loss
-        sums = torch.zeros(4, device=self.ranks.device)
+        # loss, lm_loss, mtp_loss weighted by each micro-batch's share, and the shares of those with an lm_loss and of
+        # those with an mtp_loss (none without MTP modules, or on rows too short for them)
+        sums = torch.zeros(5, device=self.ranks.device)
         micro_losses = torch.zeros(config.grad_accum_steps, device=self.ranks.device)  # lm_loss of each micro-batch
         expert_load: torch.Tensor | None = None
         extra: dict[str, float] = {}  # a batch source's own metrics, summed over micro-batches
         tokens, flops = 0, 0  # trained token positions and their training FLOPs, over micro-batches and ranks
-        has_mtp = False  # whether a micro-batch had an MTP loss (none without MTP modules, or on rows too short)
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = [
             self.data.batch(config.batch_size, progress=data_progress) for _ in range(config.grad_accum_steps)
@@ -522,10 +522,11 @@ class _Run:
                     extra = {name: extra.get(name, 0.0) + value for name, value in own.items()}
             objective = self._weighted_loss(out, share)
             objective.backward()
-            has_mtp = has_mtp or out.mtp_loss is not None
-            mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros_like(out.loss)
-            lm_loss, lm_share = (out.lm_loss, share) if out.lm_loss is not None else (torch.zeros_like(out.loss), 0.0)
-            weighted = torch.stack([objective, lm_loss * lm_share, mtp * share, out.loss.new_tensor(lm_share)])
+            zero = torch.zeros_like(out.loss)
+            mtp, mtp_share = (out.mtp_loss, share) if out.mtp_loss is not None else (zero, 0.0)
+            lm_loss, lm_share = (out.lm_loss, share) if out.lm_loss is not None else (zero, 0.0)
+            shares_had = out.loss.new_tensor([lm_share, mtp_share])
+            weighted = torch.cat([torch.stack([objective, lm_loss * lm_share, mtp * mtp_share]), shares_had])
             sums += weighted.detach().float()
             micro_losses[micro] = lm_loss.detach().float()
             if out.expert_load is not None:
@@ -533,8 +534,8 @@ class _Run:
                 expert_load = load if expert_load is None else expert_load + load
         # Means over the step's labelled targets: the shares of all micro-batches on all ranks sum to the ranks.
         distributed.all_reduce_sum(sums, self.ranks)
-        loss, lm_loss_sum, mtp_loss, lm_shares = sums.tolist()
-        loss, mtp_loss = loss / self.ranks.world_size, mtp_loss / self.ranks.world_size
+        loss, lm_loss_sum, mtp_loss_sum, lm_shares, mtp_shares = sums.tolist()
+        loss = loss / self.ranks.world_size
         clip = config.grad_clip if config.grad_clip > 0 else math.inf
         if self.expert_parallel:
             grad_norm = clip_gradients(model, clip)
@@ -553,8 +554,8 @@ class _Run:
                 distributed.all_reduce_sum(micro_losses, self.ranks)
                 self.data.observe((micro_losses / self.ranks.world_size).tolist())
             metrics: dict[str, Any] = {"step": self.step + 1, "loss": loss}
-            if has_mtp:
-                metrics["mtp_loss"] = mtp_loss
+            if mtp_shares > 0:
+                metrics["mtp_loss"] = mtp_loss_sum / mtp_shares
             if lm_shares > 0:  # else no micro-batch trained a labelled token (on-policy answers): no cross-entropy
                 metrics["lm_loss"] = lm_loss_sum / lm_shares
             if self.comm is not None:
