@@ -1,11 +1,11 @@
-"""`data build`: stream documents through normalisation, kind detection, quality rules, PII scrubbing, dedup and the
+"""`data build`: stream documents through normalisation, PII scrubbing, kind detection, quality rules, dedup and the
 split.
 
 Writes `train.jsonl` and `val.jsonl` (fields `id`, `text`, `source`, `kind`: the detected `kind/lang`) and
 `report.json` into the output folder. The three are written under hidden names and renamed together when complete
 (`staged_files`), so a crash or an error never leaves half a corpus, nor a new split beside an old one.
 
-Work per document (normalise, detect, rules, PII scrubbing, hashes, MinHash signature) runs in `workers` processes on
+Work per document (normalise, PII scrubbing, detect, rules, hashes, MinHash signature) runs in `workers` processes on
 batches of `BATCH_DOCUMENTS`, at most `2 x workers` batches in flight; the main process keeps the dedup indexes
 and writes the output in input order, so the result is the same for any number of workers. Memory holds the
 batches in flight, the hashes and signatures of kept documents, and the split scores of the first
@@ -47,9 +47,6 @@ NEAR_DUPLICATE = "near_duplicate"
 REMOVAL_REASONS = tuple(rule.name for rule in RULES) + (EXACT_DUPLICATE, NEAR_DUPLICATE)
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 120
-# A removed document's start scrubbed for its snippet: the snippet and room for a secret or address that begins
-# inside it to end (a JWT or a private-key block is hundreds of characters; cut short, it would go unrecognised).
-SNIPPET_SCRUB_CHARS = 2_000
 BATCH_DOCUMENTS = 64
 
 
@@ -120,17 +117,14 @@ class Analysed(NamedTuple):
 
 
 def analyse(doc: Document, config: CleaningConfig) -> Analysed:
-    """Normalise, detect the kind and apply its rules; scrub PII from a document that passes, so that its hash,
-    MinHash signature and split score are those of the text that is written, and from the start of one that fails,
-    which its report snippet quotes (scrubbing, the costliest step, is not spent on the rest of a removed text)."""
-    text = normalise(doc.text)
+    """Normalise and scrub PII first, so that every later stage (rules, hashes, MinHash signature, the split, the
+    report's snippets) sees the text that is written; then detect the kind and apply its rules."""
+    text, replaced = scrub_pii(normalise(doc.text))
     kind, label = rule_kind(text, config.profile, doc.doc_id)
     failed = failed_rule(text, config.rules_for(kind))
     bytes_in = len(doc.text.encode("utf-8", errors="surrogatepass"))
     if failed is not None:
-        start, _ = scrub_pii(text[:SNIPPET_SCRUB_CHARS])
-        return Analysed(doc.doc_id, doc.source, bytes_in, label, failed, _snippet(start), "", None, {})
-    text, replaced = scrub_pii(text)
+        return Analysed(doc.doc_id, doc.source, bytes_in, label, failed, _snippet(text), "", None, {})
     signature = minhash_signature(text, config.minhash_permutations)
     return Analysed(doc.doc_id, doc.source, bytes_in, label, None, text, content_hash(text), signature, replaced)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,10 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from seekstack.cli import app
-from seekstack.corpus import build
 from seekstack.corpus.build import CorpusBuildError, Report, build_corpus, report_table, worker_pool
-from seekstack.corpus.dedup import content_hash
-from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import CleaningConfig
 from seekstack.corpus.sources import DataSourceError, Document, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
@@ -224,25 +220,6 @@ def test_report_snippets_of_removed_documents_hold_no_pii(tmp_path: Path) -> Non
     for snippet in snippets:
         assert snippet.startswith("Mail <EMAIL>, api_key = '<SECRET>'")
     assert "carol@" not in (tmp_path / "out" / "report.json").read_text() and "Zx81" not in snippets[0]
-
-
-def test_a_removed_document_is_scrubbed_only_where_its_snippet_quotes(monkeypatch: pytest.MonkeyPatch) -> None:
-    scrubbed_lengths: list[int] = []
-
-    def recording_scrub(text: str) -> tuple[str, Counter[str]]:
-        scrubbed_lengths.append(len(text))
-        return scrub_pii(text)
-
-    monkeypatch.setattr(build, "scrub_pii", recording_scrub)
-    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
-    spam = f"Mail dave@example.com for {'x' * 80} {jwt}\n" + junk("prose", "top_2gram") * 40  # the JWT crosses char 120
-    assert len(spam) > build.SNIPPET_SCRUB_CHARS
-    removed = build.analyse(Document("spam", spam, "web"), CleaningConfig())
-    assert removed.failed is not None and scrubbed_lengths == [build.SNIPPET_SCRUB_CHARS]
-    assert removed.text.startswith("Mail <EMAIL> for x") and " <SECRET> Buy" in removed.text
-    kept = build.analyse(Document("prose", prose(0) + "\nMail dave@example.com.", "web"), CleaningConfig())
-    assert kept.failed is None and kept.text.endswith("Mail <EMAIL>.") and kept.pii == {"email": 1}
-    assert kept.digest == content_hash(kept.text)
 
 
 def test_worker_processes_leave_ctrl_c_to_the_main_process() -> None:
