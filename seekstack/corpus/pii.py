@@ -52,9 +52,9 @@ _PRIVATE_KEY = re.compile(
 )
 _PRIVATE_KEY_BODY = re.compile(r"[A-Za-z0-9+/]{40}")  # base64 of a key: lines of 64 (PEM) or 70 (OpenSSH) characters
 # scheme://user:password@host. The password ends where the host's path, query or fragment would start (`/ ? #`:
-# `https://host:8443?ref=a@b.com` holds none), and is no template placeholder (`{password}`, `${DB_PASS}`, `%s`,
-# `<password>`); a `%` is only a percent-encoded character (`p%40ss`).
-_URL_PASSWORD = re.compile(r"(?<=://)(?P<user>[^\s:/?#@]*+):(?:[^\s/?#@{}$%<>]|%[0-9A-Fa-f]{2})++(?=@)")
+# `https://host:8443?ref=a@b.com` holds none), and is not wholly a template placeholder (`{password}`, `${DB_PASS}`,
+# `%s`, `<password>`); one holding such characters among others (`S3cr$t`, `p<ss>`) is a password.
+_URL_PASSWORD = re.compile(r"(?<=://)(?P<user>[^\s:/?#@]*+):(?!(?:\$?\{[^{}@\s]*\}|%s|<[^<>@\s]*>)@)[^\s/?#@]++(?=@)")
 # A quoted or bare long token assigned to a name like api_key, secret, token or password; names start at a word's
 # start, and the atomic group takes a name's first keyword for good and the possessive rest of it to the word's end:
 # linear time (backtracking over where in a long word the keyword lies made `keykeykey...` quadratic).

@@ -356,6 +356,14 @@ def test_key_headers_and_url_password_placeholders_are_not_secrets(text: str) ->
     assert scrub_pii(text) == (text, {})
 
 
+@pytest.mark.parametrize("password", ["S3cr$tPass", "hunter2%", "p<ss>word", "abc{123}xyz", "${A}b"])
+def test_a_url_password_holding_placeholder_characters_among_others_is_a_secret(password: str) -> None:
+    assert scrub_pii(f"postgres://admin:{password}@db.example.com/app") == (
+        "postgres://admin:<SECRET>@db.example.com/app",
+        {"secret": 1},
+    )
+
+
 def test_a_url_password_ends_before_a_query_or_fragment() -> None:
     text = "see https://example.com:8443?ref=a@b.com and https://example.com:8443#x@y, mail c@d.org\n"
     assert scrub_pii(text) == (
