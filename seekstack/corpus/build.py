@@ -48,6 +48,7 @@ REMOVAL_REASONS = tuple(rule.name for rule in RULES) + (EXACT_DUPLICATE, NEAR_DU
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 120
 BATCH_DOCUMENTS = 64
+IN_FLIGHT_WAIT_S = 30.0  # how long an interrupted build waits for the batches in flight before it ends the workers
 
 
 class CorpusBuildError(ValueError):
@@ -148,17 +149,25 @@ def analysed_documents(documents: Iterable[Document], config: CleaningConfig, wo
             yield from _analyse_batch(batch, config)
         return
     pool = worker_pool(workers)
+    in_flight: collections.deque = collections.deque()
     try:
-        in_flight: collections.deque = collections.deque()
         for batch in batches:
             in_flight.append(pool.apply_async(_analyse_batch, (batch, config)))
             if len(in_flight) >= 2 * workers:
-                yield from in_flight.popleft().get()
+                yield from in_flight[0].get()
+                in_flight.popleft()  # only once had: an interrupted wait leaves it among those in flight
         while in_flight:
-            yield from in_flight.popleft().get()
-    finally:  # not Pool.terminate: it can hang for good when Ctrl-C comes while a batch is being sent to a worker
+            yield from in_flight[0].get()
+            in_flight.popleft()
+    finally:  # not Pool.terminate at once: it can hang for good when Ctrl-C comes while a batch is being sent
         pool.close()  # the batches in flight (at most 2 x workers) are finished, then the workers exit
-        pool.join()
+        deadline = time.monotonic() + IN_FLIGHT_WAIT_S
+        for result in in_flight:
+            result.wait(max(0.0, deadline - time.monotonic()))
+        if all(result.ready() for result in in_flight):
+            pool.join()
+        else:  # a worker died with its batch (killed, out of memory?): it never comes, and every batch was sent
+            pool.terminate()
 
 
 def worker_pool(workers: int) -> multiprocessing.pool.Pool:
