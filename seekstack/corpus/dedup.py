@@ -85,7 +85,8 @@ class NearDeduplicator:
     def __init__(self, threshold: float = 0.8, num_perm: int = 128) -> None:
         self.num_perm, self.threshold = num_perm, threshold
         self.index = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.signatures: dict[str, np.ndarray] = {}  # the kept documents' values, as uint32 (affine32's range)
+        self.rows: dict[str, int] = {}  # a kept document's row in `signatures`
+        self.signatures = np.empty((1024, num_perm), dtype=np.uint32)  # their values (affine32's range), grown x2
 
     def is_duplicate(self, key: str, text_or_signature: str | np.ndarray) -> bool:
         """True when the text (or its `minhash_signature`) nearly duplicates a document indexed before; otherwise it
@@ -97,9 +98,12 @@ class NearDeduplicator:
         )
         signature = MinHash(num_perm=self.num_perm, seed=MINHASH_SEED, hashvalues=hashvalues, scheme=MINHASH_SCHEME)
         values = np.asarray(hashvalues, dtype=np.uint32)
-        for candidate in self.index.query(signature):
-            if np.mean(self.signatures[candidate] == values) >= self.threshold:
-                return True
+        candidates = [self.rows[candidate] for candidate in self.index.query(signature)]
+        if candidates and (self.signatures[candidates] == values).mean(axis=1).max() >= self.threshold:
+            return True  # one comparison for all candidates: templated pages make many, each below the threshold
         self.index.insert(key, signature)
-        self.signatures[key] = values
+        if len(self.rows) == len(self.signatures):
+            self.signatures = np.concatenate((self.signatures, np.empty_like(self.signatures)))
+        self.signatures[len(self.rows)] = values
+        self.rows[key] = len(self.rows)
         return False
