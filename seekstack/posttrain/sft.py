@@ -181,7 +181,9 @@ class SFTSource:
         earlier seekstack: it continues only when its rows are this one's (so are its held-out conversations, which
         are then recorded), and is refused otherwise, naming how to go on from its weights."""
         unrecorded = self.held_out is not None and not (Path(self.config.out_dir) / HELD_OUT_FILE).is_file()
-        if unrecorded and state.get("digest") != self.rows.digest:
+        # a state older still has no digest of its rows: as ShuffledRows, taken on trust when nothing is held out
+        changed = state["digest"] != self.rows.digest if "digest" in state else bool(self.held_out)
+        if unrecorded and changed:
             raise ValueError(
                 f"{self.config.out_dir} has no {HELD_OUT_FILE}: its run was started by an earlier seekstack, which "
                 "chose the held-out conversations and the training rows by other rules, so this one cannot continue "

@@ -223,3 +223,16 @@ def test_a_run_records_its_held_out_conversations_and_one_an_earlier_seekstack_s
     torch.save(state, checkpoint)
     assert run_sft(sft_config(tmp_path, *run, "max_steps=3"), resume=True).step == 3
     assert read_held_out(run_dir) == recorded
+
+
+def test_a_checkpoint_older_than_row_digests_resumes_when_its_run_holds_nothing_out(tmp_path):
+    data = write_conversations(SUMS, tmp_path / "sums.jsonl")
+    run_dir = tmp_path / "run"
+    run = [f"data={data}", "val_fraction=0", f"out_dir={run_dir}", "save_every=2", "eval_every=0"]
+    run_sft(sft_config(tmp_path, *run, "max_steps=2"))
+    (run_dir / HELD_OUT_FILE).unlink()  # and no digest in its state: nothing to check it against, nothing held out
+    checkpoint = run_dir / "checkpoints" / "step_2" / TRAIN_STATE_FILE
+    state = torch.load(checkpoint, weights_only=False)
+    del state["data"]["digest"]
+    torch.save(state, checkpoint)
+    assert run_sft(sft_config(tmp_path, *run, "max_steps=3"), resume=True).step == 3
