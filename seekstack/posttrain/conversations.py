@@ -240,7 +240,9 @@ class ShuffledRows:
         if state.get("digest", self.digest) != self.digest:  # older checkpoints carry none
             raise ValueError(
                 f"the run's data ({len(self.rows)} conversations) is not what its checkpoint was trained on: resume "
-                "with the same data (and tokenizer), or start a new run"
+                "with the same data (and tokenizer), or start a new run (init_from= the checkpoint keeps its "
+                "weights); a checkpoint written by seekstack before 2026-12-03 meets this with its own data too: "
+                "rows are built from conversations by other rules now"
             )
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order()

@@ -195,6 +195,8 @@ def test_resuming_on_other_conversations_is_refused(tmp_path):
     other = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 2, seed=0)
     with pytest.raises(ValueError, match=r"the run's data \(2 conversations\) is not what its checkpoint was trained"):
         other.load_state_dict(rows.state_dict())
+    with pytest.raises(ValueError, match=r"keeps its weights\); a checkpoint written by seekstack before 2026-12-03"):
+        other.load_state_dict(rows.state_dict())
     again = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 3, seed=0)
     again.load_state_dict(rows.state_dict())
     assert again.take(2) == rows.take(2)
