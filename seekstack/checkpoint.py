@@ -46,6 +46,7 @@ from seekstack.compress.linear import (
     QuantizedExperts,
     QuantizedLinear,
     QuantizedWeight,
+    layer_weight,
     use_quantized_feed_forwards,
     weight_from_stored,
 )
@@ -151,11 +152,7 @@ def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def _has_int_layers(model: torch.nn.Module) -> bool:
     """Whether `model` has int8/int4 layers (a compressed-tensors checkpoint)."""
-    return any(_layer_weight(layer).scheme != "fp8" for layer in quantized_layers(model).values())
-
-
-def _layer_weight(layer: torch.nn.Module) -> QuantizedWeight:
-    return layer.qweight if isinstance(layer, QuantizedLinear) else layer.gate_up_proj
+    return any(layer_weight(layer).scheme != "fp8" for layer in quantized_layers(model).values())
 
 
 def layer_key(name: str, num_hidden_layers: int) -> str:
@@ -170,7 +167,7 @@ def quantization_config(
     compressed-tensors one whose targets name each quantized layer (per-expert Linear modules for experts, or the
     stacked tensors in the stacked-experts layout)."""
     layers = model.config.num_hidden_layers
-    weights = {name: _layer_weight(m) for name, m in quantized.items()}
+    weights = {name: layer_weight(m) for name, m in quantized.items()}
     if {w.scheme for w in weights.values()} == {"fp8"}:
         block = next(iter(weights.values())).block
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
@@ -983,7 +980,7 @@ def write_config(
 def _stored_tensors(
     model: Transformer, fp8_block: tuple[int, int] | None, stacked_experts: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    fp8_layers = [w for w in map(_layer_weight, quantized_layers(model).values()) if w.scheme == "fp8"]
+    fp8_layers = [w for w in map(layer_weight, quantized_layers(model).values()) if w.scheme == "fp8"]
     if fp8_layers and fp8_block is None:  # an fp8 model: the release also stores the layers kept in float (kv_b_proj)
         fp8_block = fp8_layers[0].block
     for key, tensor in checkpoint_tensors(model, stacked_experts):

@@ -95,11 +95,7 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False) -> NoRet
 
 def _rank() -> int:
     """This process's rank among those torchrun started; 0 when it runs alone (no need to load torch to know)."""
-    if "RANK" not in os.environ:
-        return 0
-    from seekstack.parallel.distributed import is_main_process
-
-    return 0 if is_main_process() else int(os.environ["RANK"])
+    return int(os.environ.get("RANK", "0"))
 
 
 def model_config(model: str) -> ModelConfig:

@@ -332,3 +332,8 @@ class QuantizedExperts(RoutedExperts):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.gate_up_proj.shape)}, {tuple(self.down_proj.shape)}, {self.gate_up_proj.scheme}"
+
+
+def layer_weight(layer: nn.Module) -> QuantizedWeight:
+    """The quantized weight of a QuantizedLinear, or a QuantizedExperts' gate/up weight (its format is both's)."""
+    return layer.qweight if isinstance(layer, QuantizedLinear) else layer.gate_up_proj

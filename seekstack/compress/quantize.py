@@ -30,7 +30,7 @@ from seekstack.compress.linear import (
     QuantizedExperts,
     QuantizedFeedForward,
     QuantizedLinear,
-    QuantizedWeight,
+    layer_weight,
     use_quantized_feed_forwards,
 )
 from seekstack.model.moe import FeedForward, RoutedExperts
@@ -150,7 +150,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
 
 def stored_format(layer: nn.Module) -> str:
     """The format of a quantized layer: `int8`, `int4 gN` or `fp8 RxC` (its block)."""
-    weight: QuantizedWeight = layer.qweight if isinstance(layer, QuantizedLinear) else layer.gate_up_proj
+    weight = layer_weight(layer)
     if isinstance(weight, Int4Weight):
         return f"int4 g{weight.group}"
     if isinstance(weight, Fp8Weight):

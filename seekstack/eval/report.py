@@ -234,14 +234,14 @@ def _adapter_summary(adapter: Path, base_parameters: int) -> str:
     base's main model, file size."""
     from safetensors import safe_open
 
-    from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+    from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, read_lora_config
 
-    lora = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    lora = read_lora_config(adapter)  # a damaged adapter_config.json named
     with safe_open(adapter / ADAPTER_WEIGHTS_FILE, "pt") as weights:
         parameters = sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
     size = (adapter / ADAPTER_WEIGHTS_FILE).stat().st_size
     return (
-        f"rank {lora.get('r')}, alpha {lora.get('lora_alpha')}: {parameters:,} parameters "
+        f"rank {lora.r}, alpha {lora.lora_alpha}: {parameters:,} parameters "
         f"({parameters / base_parameters:.2%} of the base's), {size / 2**20:.2f} MiB, on the base above"
     )
 
