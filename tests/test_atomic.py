@@ -203,10 +203,28 @@ def start_writer(path: Path, kind: str) -> subprocess.Popen:
     """Another process writing `path` (a file or a folder), stopped midway until it is killed."""
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), kind])
     deadline = time.monotonic() + 20
-    while not (hidden_of(path) and hidden_of(path)[0].stat().st_size and writer.poll() is None):
+    while not (hidden_of(path) and locked(hidden_of(path)[0]) and writer.poll() is None):
         assert time.monotonic() < deadline and writer.poll() is None, "the writer never began"
         time.sleep(0.02)
     return writer
+
+
+def locked(temporary: Path) -> bool:
+    """Whether a process holds the flock on `temporary` (a folder's size says nothing of whether its writer has
+    taken it: a cleaner may still delete it between its creation and the lock, and the writer makes another)."""
+    try:
+        descriptor = os.open(temporary, os.O_RDONLY if temporary.is_dir() else os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(descriptor)
 
 
 def write_here(path: Path, kind: str) -> None:
