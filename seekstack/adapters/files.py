@@ -21,7 +21,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -43,6 +43,7 @@ from seekstack.compress.linear import QuantizedWeight
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import TOKENIZER_FILE
+from seekstack.train.runs import checkpoint_or_latest
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -320,14 +321,25 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     return out
 
 
-def adapter_checkpoint_base(folder: str | Path) -> Path | None:
-    """The base model of an adapter checkpoint (a `lora train` run's checkpoints/step_N or out_dir: adapter files and
-    no config.json of their own), as its adapter_config.json records it; None for any other folder. CheckpointError
-    naming the file when the recorded base is not there."""
+class ModelFolders(NamedTuple):
+    """Where the parts of the model a folder names are: a checkpoint is all three; an adapter checkpoint (a `lora
+    train` run's checkpoints/step_N or out_dir) is the adapter, its base's weights, and its own tokenizer or else
+    its base's."""
+
+    weights: Path  # the checkpoint folder holding the (base) weights
+    adapter: Path | None  # the adapter folder to merge into them; None but for an adapter checkpoint
+    tokenizer: Path  # the folder whose tokenizer.json reads the model's text
+
+
+def model_folders(folder: str | Path) -> ModelFolders:
+    """The `ModelFolders` of a checkpoint, a run's out_dir (its newest checkpoint) or an adapter checkpoint (adapter
+    files and no config.json of their own: the base its adapter_config.json records). CheckpointError naming the
+    file when the recorded base is not there."""
     folder = Path(folder)
     config_path = folder / ADAPTER_CONFIG_FILE
     if (folder / CONFIG_FILE).is_file() or not config_path.is_file():
-        return None
+        weights = checkpoint_or_latest(folder)
+        return ModelFolders(weights, None, weights)
     recorded = read_json_object(config_path).get("base_model_name_or_path")
     merge = f"or merge the adapter into its base (`seekstack lora merge BASE {folder} --out MERGED`) and use MERGED"
     if not recorded:
@@ -338,7 +350,7 @@ def adapter_checkpoint_base(folder: str | Path) -> Path | None:
             f"{config_path}: the adapter's base model {base} (base_model_name_or_path) holds no {CONFIG_FILE} (moved "
             f"or deleted?): put it back, {merge}"
         )
-    return base
+    return ModelFolders(base, folder, folder if (folder / TOKENIZER_FILE).is_file() else base)
 
 
 def publish_adapter(checkpoint: str | Path, out: str | Path) -> Path:

@@ -59,7 +59,7 @@ def explain_command(
     statistics (load, co-selection, consecutive tokens sharing an expert, token classes) over its val split."""
     import json
 
-    from seekstack.adapters.files import adapter_checkpoint_base, merged_model
+    from seekstack.adapters.files import merged_model, model_folders
     from seekstack.checkpoint import load_pretrained
     from seekstack.eval.explain import NO_MOE_LAYERS, corpus_routing, explain_text, routing_png
     from seekstack.eval.tasks import held_out_modules
@@ -69,9 +69,9 @@ def explain_command(
         if text is None and corpus is None:
             raise ValueError("give a TEXT to explain, --corpus for routing statistics, or both")
         _require_folder_path(out)
-        base = adapter_checkpoint_base(model)  # a LoRA run's checkpoint: its base, the adapter merged
-        network = load_pretrained(model) if base is None else merged_model(load_pretrained(base), model)
-        network, tokenizer = network.eval(), Tokenizer.from_file(model)
+        weights, adapter, tokenizer_folder = model_folders(model)  # a LoRA run's checkpoint: its base, merged
+        network = load_pretrained(weights) if adapter is None else merged_model(load_pretrained(weights), adapter)
+        network, tokenizer = network.eval(), Tokenizer.from_file(tokenizer_folder)
         records = None
         if corpus is not None:  # before anything is written: a model or corpus it cannot read leaves no output
             texts = [module["text"] for module in held_out_modules(corpus)]

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seekstack.adapters.files import adapter_checkpoint_base
+from seekstack.adapters.files import model_folders
 from seekstack.atomic import write_atomic
 from seekstack.eval.tasks import CODE_TASKS, REASONING_PREFIX, REASONING_TASKS, TASKS, task_configs
-from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
+from seekstack.tokenizer import Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
 
@@ -72,12 +72,11 @@ def evaluate(
 
 def _model_args(model_dir: str | Path) -> dict[str, str]:
     """lm_eval model args of a checkpoint, or of a LoRA run's adapter checkpoint: its base as `pretrained` with the
-    adapter as `peft` (which both backends merge) and the adapter checkpoint's tokenizer."""
-    base = adapter_checkpoint_base(model_dir)
-    if base is None:
-        return {"pretrained": str(model_dir)}
-    tokenizer = model_dir if (Path(model_dir) / TOKENIZER_FILE).is_file() else base
-    return {"pretrained": str(base), "peft": str(model_dir), "tokenizer": str(tokenizer)}
+    adapter as `peft` (which both backends merge) and its tokenizer (`model_folders`)."""
+    weights, adapter, tokenizer = model_folders(model_dir)
+    if adapter is None:
+        return {"pretrained": str(weights)}
+    return {"pretrained": str(weights), "peft": str(adapter), "tokenizer": str(tokenizer)}
 
 
 def results_table(report: dict[str, Any]) -> str:

@@ -187,9 +187,9 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
 
 
 def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
-    from seekstack.eval.samples import model_and_adapter
+    from seekstack.adapters.files import model_folders
 
-    weights, adapter = model_and_adapter(checkpoint)
+    weights, adapter, _ = model_folders(checkpoint)
     config = read_config(weights)  # the checkpoint's (a LoRA run's: its base's) config.json
     main = accounting.main_parameters(config)
     mtp_depths = config.num_nextn_predict_layers

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from seekstack.adapters.files import adapter_checkpoint_base
+from seekstack.adapters.files import model_folders
 from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import REASONING_MAX_TOKENS
 from seekstack.infer.engine import Engine
@@ -19,25 +19,15 @@ from seekstack.posttrain.conversations import Conversation, prompt_messages
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
 from seekstack.posttrain.tasks import Task, sample_problems
-from seekstack.tokenizer import TOKENIZER_FILE
-from seekstack.train.runs import checkpoint_or_latest
 
 # Prompts end where a token ends: byte-level BPE glues spaces and newlines to the next word or indentation.
 DEMO_PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n\n\nclass", "    for line in lines:")
 
 
-def model_and_adapter(model_path: str | Path) -> tuple[Path, Path | None]:
-    """The checkpoint folder holding the weights of a checkpoint, a run's newest or a LoRA adapter checkpoint (`lora
-    train`'s: its recorded base), and the adapter folder to merge into them (None but for an adapter checkpoint)."""
-    base = adapter_checkpoint_base(model_path)
-    return (base, Path(model_path)) if base is not None else (checkpoint_or_latest(model_path), None)
-
-
 def _engine(model_path: str | Path, **options) -> Engine:
-    """An engine on the model `model_path` names (`model_and_adapter`), an adapter merged as `generate --adapter`
-    merges it, with the tokenizer of `model_path` when it holds one."""
-    weights, adapter = model_and_adapter(model_path)
-    tokenizer = model_path if adapter is not None and (Path(model_path) / TOKENIZER_FILE).is_file() else None
+    """An engine on the model `model_path` names (`model_folders`): an adapter checkpoint's merged into its base as
+    `generate --adapter` merges it."""
+    weights, adapter, tokenizer = model_folders(model_path)
     return Engine.from_pretrained(weights, tokenizer=tokenizer, adapter=adapter, **options)
 
 
@@ -73,8 +63,8 @@ def task_samples(
 ) -> list[TaskSample]:
     """`count` held-out problems of `task` answered greedily by a checkpoint or run's newest, sampled as
     `pass-at-k` samples its greedy rollout (at most the room its context leaves after a prompt's)."""
-    weights, _ = model_and_adapter(model_path)
-    max_new_tokens = min(max_new_tokens, read_config(weights).max_position_embeddings - PROMPT_TOKENS)
+    context = read_config(model_folders(model_path).weights).max_position_embeddings
+    max_new_tokens = min(max_new_tokens, context - PROMPT_TOKENS)
     engine = _engine(model_path, max_batch_size=count, max_model_len=PROMPT_TOKENS + max_new_tokens)
     tokenizer = engine.tokenizer
     problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)

@@ -255,6 +255,20 @@ def test_report_and_explain_of_a_lora_run_use_its_base_with_the_adapter_merged(l
     ).read_text()
 
 
+def test_explain_of_an_adapter_checkpoint_without_a_tokenizer_reads_with_its_base_tokenizer(lora_run, tmp_path):
+    """As generate, eval and report do (`model_folders`): the adapter holds no tokenizer.json, its base does."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    checkpoint = lora_run / "checkpoints" / "step_2"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).unlink()
+    result = CliRunner().invoke(app, ["explain", str(checkpoint), "def f(x):", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "def" in (tmp_path / "out" / "explain.html").read_text()
+
+
 @pytest.mark.parametrize("backend", ["seekstack", "hf"])
 def test_eval_of_a_lora_run_scores_its_base_with_the_adapter_merged(lora_run, tmp_path, backend):
     """lm_eval's `peft` model arg (the HF backend's, and ours) carries the adapter: the scores are the merged
