@@ -101,6 +101,11 @@ class ModelConfig:
             and layer_idx % self.moe_layer_freq == 0
         )
 
+    @property
+    def moe_layer_count(self) -> int:
+        """How many main (non-MTP) layers use DeepSeekMoE; the others hold a dense FFN."""
+        return sum(self.is_moe_layer(layer_idx) for layer_idx in range(self.num_hidden_layers))
+
     def transformers_divergences(self) -> dict[str, str]:
         """Field -> what transformers' DeepseekV2/V3 computes instead, for each field whose value here it ignores.
 

@@ -36,7 +36,7 @@ def info(
         config = model_config(model)
     main_params, mtp_params = main_parameters(config), mtp_parameters(config)
     cache = kv_cache_bytes_per_token(config, torch.bfloat16)
-    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    moe_layers = config.moe_layer_count
     experts = f"{config.n_routed_experts} / {config.num_experts_per_tok} / {config.n_shared_experts or 0}"
     table = Table(title=f"{model} ({config.model_type})")
     table.add_column("quantity")

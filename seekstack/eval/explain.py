@@ -123,11 +123,6 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
     return paths
 
 
-def has_moe_layers(model: Transformer) -> bool:
-    """Whether any main layer of `model` routes its tokens to experts (a dense model's layers all hold an FFN)."""
-    return any(model.config.is_moe_layer(layer) for layer in range(model.config.num_hidden_layers))
-
-
 def _causal_bytes(weights: torch.Tensor) -> str:
     """One head's causal attention (T, T) for the page: the lower triangle's rows (query q: keys 0..q) one after
     another, each weight as a byte of ATTENTION_LEVELS levels, in base64. A 1,000-token text's page takes ~1.3 bytes
@@ -196,7 +191,7 @@ def corpus_routing(
     """Routing statistics of every MoE layer over the first `max_tokens` tokens of `texts`, cut in windows of
     `window` tokens (each its own sequence); one JSON-ready dict per layer. ValueError for a model without MoE
     layers, which routes nothing, and for texts (read from `source`) of which none fills a window."""
-    if not has_moe_layers(model):
+    if not model.config.moe_layer_count:
         raise ValueError(f"{NO_MOE_LAYERS} Routing statistics need routed experts; explain a text for its attention")
     texts_ids = tokenizer.encode_batch(texts)
     rows = _token_windows(texts_ids, window, max_tokens)

@@ -247,7 +247,7 @@ def _adapter_summary(adapter: Path, base_parameters: int) -> str:
 
 
 def _routed_experts(config: ModelConfig) -> str:
-    moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
+    moe_layers = config.moe_layer_count
     if not moe_layers:
         return "none (a dense FFN in every layer)"
     return (
