@@ -133,6 +133,8 @@ def quantize_command(
             f"stage {stage['name']:<9} bits/byte {stage['bits_per_byte']:.4f} ({stage['bpb_increase']:+.2%})  "
             f"KL {stage['mean_kl']:.5f}  top-1 {stage['top1_agreement']:.2%}  {size(stage['bytes'])}  {verdict}"
         )
+    if "chosen" in report:
+        typer.echo(f"chosen: {report['chosen']}, the smallest stage that passed")
     for layer in report.get("layers", []):
         kl = "  ".join(f"{option} {value:.4g}" for option, value in layer["kl"].items())
         typer.echo(f"{layer['name']:<40} {layer['choice']:<9} KL, the rest int4 g32: {kl}")
@@ -167,7 +169,7 @@ def _progressive(
 
     batches, per_token = _held_out(model, data, "--progressive")
     original = load_pretrained(model, dequantize=True).eval()
-    chosen, stages = progressive(
+    chosen, chosen_name, stages = progressive(
         original, lambda m: measure(m, original, batches, per_token), config, max_bpb_increase, max_kl
     )
     save_with_tokenizer(chosen, model, out)
@@ -175,8 +177,7 @@ def _progressive(
         {"name": s.name, **asdict(s.quality), "bpb_increase": s.bpb_increase, "passed": s.passed, "bytes": s.bytes}
         for s in stages
     ]
-    smallest = min((s for s in stages if s.passed), key=lambda s: s.bytes, default=None)
-    return {"stages": rows, "chosen": smallest.name if smallest else "float32"}
+    return {"stages": rows, "chosen": chosen_name}
 
 
 def _held_out(model: Path, data: Path | None, what: str, split: str = "val", batches: int = 8) -> tuple[list, float]:

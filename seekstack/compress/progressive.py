@@ -47,13 +47,14 @@ def progressive(
     max_bpb_increase: float = 0.01,
     max_kl: float = float("inf"),
     stages: tuple[str, ...] = STAGES,
-) -> tuple[nn.Module, list[Stage]]:
-    """Run `stages` in order with the gate after each; returns the smallest passing model and every stage's report.
-    A `config` pattern naming no layer is refused before the first evaluation, not at the first quantized stage."""
+) -> tuple[nn.Module, str, list[Stage]]:
+    """Run `stages` in order with the gate after each; returns the smallest passing model, its stage's name
+    (`float32`, the original, when none passed) and every stage's report. A `config` pattern naming no layer is
+    refused before the first evaluation, not at the first quantized stage."""
     config.refuse_unmatched_patterns(layer_names(original))
     baseline = evaluate(original).bits_per_byte
     report: list[Stage] = []
-    chosen, chosen_bytes = original, stored_bytes(original)
+    chosen, chosen_name, chosen_bytes = original, "float32", stored_bytes(original)
     for name in stages:
         model = build_stage(original, name, config)
         quality = evaluate(model)
@@ -63,5 +64,5 @@ def progressive(
         if not passed:
             break
         if report[-1].bytes <= chosen_bytes:
-            chosen, chosen_bytes = model, report[-1].bytes
-    return chosen, report
+            chosen, chosen_name, chosen_bytes = model, name, report[-1].bytes
+    return chosen, chosen_name, report

@@ -275,3 +275,21 @@ def test_quantize_text_output_gives_the_reasons_layers_were_kept_with_their_coun
     assert "layers: 25 int4 g64, 12 kept\n" in result.output, result.output
     assert "  7 kept: 32 input features are not a multiple of the group size 64\n" in result.output
     assert "  5 kept: always kept, kept by default or by --keep\n" in result.output  # kv_b_proj x 4, lm_head
+
+
+def test_progressive_names_the_stage_it_chose_and_writes_that_stage(tmp_path):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")  # its train split read as the val split too
+    (tmp_path / "shards" / "val_index.json").write_bytes((tmp_path / "shards" / "train_index.json").read_bytes())
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "q"),
+              "--progressive", "--max-bpb-increase", "0.001", "--max-kl", "1e-6"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    verdicts = re.findall(r"^stage (\w+) .* (pass|fail)$", result.output, re.MULTILINE)
+    passed = [name for name, verdict in verdicts if verdict == "pass"]
+    assert passed and len(passed) < 4  # the KL gate stops it before int4
+    assert f"chosen: {passed[-1]}, the smallest stage that passed" in result.output
+    assert stored_float_dtype(tmp_path / "q") == (torch.float32 if passed[-1] == "float32" else torch.bfloat16)

@@ -33,29 +33,31 @@ def scripted(bits_per_byte: dict[str, float]):
 def test_gate_stops_at_the_last_stage_within_tolerance():
     original = Transformer(micro_config(**SHAPES)).eval()
     bpb = {"float32": 2.0, "bfloat16": 2.001, "int8": 2.01, "int4": 2.2}  # +0.05%, +0.5%, +10%
-    chosen, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
+    chosen, name, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
     assert [(s.name, s.passed) for s in report] == [
         ("float32", True),
         ("bfloat16", True),
         ("int8", True),
         ("int4", False),
     ]
-    assert stage_of(chosen) == "int8"
+    assert stage_of(chosen) == "int8" and name == "int8"
     assert abs(report[2].bpb_increase - 0.005) < 1e-9
 
 
 def test_gate_stops_at_the_first_failure_even_if_a_later_stage_would_pass():
     original = Transformer(micro_config(**SHAPES)).eval()
     bpb = {"float32": 2.0, "bfloat16": 2.1, "int8": 2.0, "int4": 2.0}
-    chosen, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
+    chosen, name, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
     assert [s.name for s in report] == ["float32", "bfloat16"] and not report[1].passed
-    assert stage_of(chosen) == "float32"
+    assert stage_of(chosen) == "float32" and name == "float32"
 
 
 def test_gate_measures_real_stages_and_int4_drifts_further_than_int8():
     original = Transformer(micro_config(**SHAPES)).eval()
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-    _, report = progressive(original, lambda m: measure(m, original, batches, 1.0), QuantConfig(), max_bpb_increase=1.0)
+    _, _, report = progressive(
+        original, lambda m: measure(m, original, batches, 1.0), QuantConfig(), max_bpb_increase=1.0
+    )
     quality = {s.name: s.quality for s in report}
     assert quality["float32"].mean_kl == 0 and quality["float32"].top1_agreement == 1
     assert 0 < quality["int8"].mean_kl < quality["int4"].mean_kl
@@ -73,8 +75,8 @@ def test_a_keep_pattern_naming_no_layer_is_refused_before_any_stage_is_measured(
 def test_stages_shrink_in_order_int8_and_int4_keeping_float_layers_in_bfloat16():
     original = Transformer(micro_config(**SHAPES)).eval()
     bpb = {"float32": 2.0, "bfloat16": 2.0, "int8": 2.0, "int4": 2.0}
-    chosen, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
+    chosen, name, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
     sizes = [s.bytes for s in report]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
-    assert stage_of(chosen) == "int4" and chosen.lm_head.weight.dtype == torch.bfloat16
+    assert stage_of(chosen) == name == "int4" and chosen.lm_head.weight.dtype == torch.bfloat16
     assert stored_bytes(chosen) == sizes[-1]
