@@ -7,7 +7,8 @@ Writes `train.jsonl` and `val.jsonl` (fields `id`, `text`, `source`, `kind`: the
 
 Work per document (normalise, PII scrubbing, detect, rules, hashes, MinHash signature) runs in `workers` processes on
 batches of `BATCH_DOCUMENTS`, at most `2 x workers` batches in flight; the main process keeps the dedup indexes
-and writes the output in input order, so the result is the same for any number of workers. Memory holds the
+and writes the output in input order, so the result is the same for any number of workers; a worker that dies
+(killed, out of memory) ends the build with WorkerDied, naming it and the documents in flight. Memory holds the
 batches in flight, the hashes and signatures of kept documents, and the split scores of the first
 `EXACT_SPLIT_MAX_DOCUMENTS` kept ones.
 """
@@ -15,18 +16,20 @@ batches in flight, the hashes and signatures of kept documents, and the split sc
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
 import json
 import multiprocessing
-import multiprocessing.pool
 import signal
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -141,41 +144,64 @@ def _analyse_batch(batch: list[Document], config: CleaningConfig) -> list[Analys
 
 def analysed_documents(documents: Iterable[Document], config: CleaningConfig, workers: int) -> Iterator[Analysed]:
     """`analyse` over the documents, in their order, in `workers` processes (here when 1), with a bounded number of
-    batches in flight so that memory does not grow with the corpus."""
+    batches in flight so that memory does not grow with the corpus. Raises WorkerDied when a worker process dies."""
     stream = iter(documents)
     batches = iter(lambda: list(itertools.islice(stream, BATCH_DOCUMENTS)), [])
     if workers <= 1:
         for batch in batches:
             yield from _analyse_batch(batch, config)
         return
-    pool = worker_pool(workers)
-    in_flight: collections.deque = collections.deque()
+    pool = WorkerPool(workers)
+    in_flight: collections.deque[InFlight] = collections.deque()
     try:
         for batch in batches:
-            in_flight.append(pool.apply_async(_analyse_batch, (batch, config)))
+            in_flight.append(InFlight(pool.submit(_analyse_batch, batch, config), batch[0].doc_id, batch[-1].doc_id))
             if len(in_flight) >= 2 * workers:
-                yield from in_flight[0].get()
+                yield from in_flight[0].analysed.result()
                 in_flight.popleft()  # only once had: an interrupted wait leaves it among those in flight
         while in_flight:
-            yield from in_flight[0].get()
+            yield from in_flight[0].analysed.result()
             in_flight.popleft()
-    finally:  # not Pool.terminate at once: it can hang for good when Ctrl-C comes while a batch is being sent
-        pool.close()  # the batches in flight (at most 2 x workers) are finished, then the workers exit
-        deadline = time.monotonic() + IN_FLIGHT_WAIT_S
-        for result in in_flight:
-            result.wait(max(0.0, deadline - time.monotonic()))
-        if all(result.ready() for result in in_flight):
-            pool.join()
-        else:  # a worker died with its batch (killed, out of memory?): it never comes, and every batch was sent
-            pool.terminate()
+    except BrokenProcessPool as error:
+        pool.shutdown()  # the pool ends its other workers once one died; how each ended is known once joined
+        raise WorkerDied(_worker_death(pool, in_flight)) from error
+    finally:
+        _end_workers(pool, in_flight)
 
 
-def worker_pool(workers: int) -> multiprocessing.pool.Pool:
+class InFlight(NamedTuple):
+    """A batch sent to the workers: its analysed documents to come, and the ids of its first and last document."""
+
+    analysed: Future[list[Analysed]]
+    first_id: str
+    last_id: str
+
+
+class WorkerDied(ChildProcessError):
+    """A worker process of `data build` died (killed, out of memory, a crash in a native library); nothing is
+    written."""
+
+
+class WorkerPool(ProcessPoolExecutor):
     """`workers` spawned processes that ignore Ctrl-C from their start (an ignored signal stays ignored through
     exec, and Python then installs no KeyboardInterrupt handler): the main process takes it, ends them and exits
-    with 130, without a traceback from every worker."""
-    with _ctrl_c_ignored():
-        return multiprocessing.get_context("spawn").Pool(workers)
+    with 130, without a traceback from every worker. A worker that dies breaks the pool: every batch in flight
+    fails with BrokenProcessPool at once (a multiprocessing Pool replaced the worker and waited for its batch for
+    good, and its terminate could hang on the queue lock a killed idle worker held)."""
+
+    def __init__(self, workers: int):
+        super().__init__(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.processes = self._processes  # the pool's own, by pid; shutdown drops the pool's reference, not ours
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """As ProcessPoolExecutor's; a worker it starts (they start as work comes) inherits Ctrl-C ignored."""
+        with _ctrl_c_ignored():
+            return super().submit(fn, *args, **kwargs)
+
+    def kill(self) -> None:
+        """End every worker now (SIGKILL): the pool, broken, fails the batches they held."""
+        for process in self.processes.values():
+            process.kill()
 
 
 @contextlib.contextmanager
@@ -189,6 +215,39 @@ def _ctrl_c_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _end_workers(pool: WorkerPool, in_flight: Iterable[InFlight]) -> None:
+    """Cancel the batches not yet sent, let the workers finish those they hold (within `IN_FLIGHT_WAIT_S`, so that an
+    interrupted build ends), kill them when one does not, and join them."""
+    sent = [batch.analysed for batch in in_flight if not batch.analysed.cancel()]  # cancel fails once sent
+    _, unfinished = concurrent.futures.wait(sent, timeout=IN_FLIGHT_WAIT_S)
+    if unfinished:  # a worker hangs (a native library's deadlock?)
+        pool.kill()
+    pool.shutdown()
+
+
+def _worker_death(pool: WorkerPool, in_flight: collections.deque[InFlight]) -> str:
+    """The message of WorkerDied: which workers died and how, which documents were being analysed, what to try."""
+    ended_by_pool = -signal.SIGTERM  # how the pool ends the other workers once one died
+    deaths = [
+        f"pid {pid} {_exit_status(process.exitcode)}"
+        for pid, process in pool.processes.items()
+        if process.exitcode not in (None, 0, ended_by_pool)
+    ]
+    return (
+        f"data build: a worker process died ({', '.join(deaths) or 'ended by SIGTERM'}) while analysing "
+        f"(normalise, PII, kind, rules, MinHash) the batches of documents {in_flight[0].first_id!r} to "
+        f"{in_flight[-1].last_id!r}; nothing was written. SIGKILL is often the out-of-memory killer (try fewer "
+        "--workers); --workers 1 analyses in the main process, where a crash in a native library shows its error"
+    )
+
+
+def _exit_status(exitcode: int) -> str:
+    """A process's exit code in words: `killed by SIGKILL`, `exit code 3`."""
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
 
 
 def build_corpus(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from seekstack.cli import app
-from seekstack.corpus.build import CorpusBuildError, Report, build_corpus, report_table, worker_pool
+from seekstack.corpus.build import CorpusBuildError, Report, WorkerPool, build_corpus, report_table
 from seekstack.corpus.rules import CleaningConfig
 from seekstack.corpus.sources import DataSourceError, Document, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
@@ -223,6 +225,44 @@ def test_report_snippets_of_removed_documents_hold_no_pii(tmp_path: Path) -> Non
 
 
 def test_worker_processes_leave_ctrl_c_to_the_main_process() -> None:
-    with worker_pool(2) as pool:
-        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+    with WorkerPool(2) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process still takes it
+
+
+class KilledOnArrival(str):
+    """A text that kills the worker process which receives it (SIGKILL, as the out-of-memory killer sends)."""
+
+    def __reduce__(self) -> tuple:
+        return signal.raise_signal, (signal.SIGKILL,)
+
+
+@contextlib.contextmanager
+def fails_after(seconds: int, what: str) -> Iterator[None]:
+    """Fail the test when the block takes longer than `seconds` (a hang), rather than wait for good."""
+
+    def hang(signum: int, frame: object) -> None:
+        pytest.fail(f"{what} still ran after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_killed_worker_ends_the_build_with_an_error_naming_it(tmp_path: Path, monkeypatch) -> None:
+    documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(100)]
+    documents.append(Document("doomed", KilledOnArrival("The end."), "web"))
+    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field: documents)
+    monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 1.0)  # a hang fails in seconds, not in 30
+    out = tmp_path / "out"
+    with fails_after(30, "data build with a killed worker"):
+        result = CliRunner().invoke(app, ["data", "build", "corpus", "--out", str(out), "--workers", "2"])
+    assert result.exit_code == 1
+    assert "a worker process died (pid " in result.output and " killed by SIGKILL)" in result.output
+    assert "to 'doomed'; nothing was written" in result.output  # from the first batch not yet had (prose0 or 64)
+    assert list(out.iterdir()) == []  # not even a hidden temporary
+    assert multiprocessing.active_children() == []  # every worker ended and joined
