@@ -235,8 +235,7 @@ class Server:
             try:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
             except ValueError as error:
-                if charge:
-                    await asyncio.to_thread(self.limiter.settle, charge, 0)
+                await self.settle(charge, 0)
                 if isinstance(error, UnknownAdapter):  # unloaded since adapter_for found it
                     raise self.unknown_model(body.model) from None
                 raise APIError(400, str(error)) from None
@@ -244,8 +243,7 @@ class Server:
             await bill.record_async(CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)
         except asyncio.CancelledError:  # the server stopping: at no cost, its rate-limit charge included
-            if charge:
-                await asyncio.to_thread(self.limiter.settle, charge, 0)
+            await self.settle(charge, 0)
             await bill.record_async(SERVER_STOPPED)
             raise
         except Exception as error:
@@ -266,9 +264,10 @@ class Server:
                     if not unstarted.issuperset(range(number * per_prompt, (number + 1) * per_prompt))
                 )
             failed = 500 <= (bill.status or status) < 600  # a stream records its own ending first
-            if charge:  # a request the server failed, like one it refused, uses none of the key's tokens per minute
-                await asyncio.to_thread(self.limiter.settle, charge, 0 if failed else bill.total_tokens)
-            await bill.record_async(status)
+            try:  # a request the server failed, like one it refused, uses none of the key's tokens per minute
+                await self.settle(charge, 0 if failed else bill.total_tokens)
+            finally:
+                await bill.record_async(status)
 
         if body.stream:
             await asyncio.to_thread(bill.open)
@@ -289,6 +288,19 @@ class Server:
             raise internal_error(error, "generating") from None
         finally:
             await finish(status)  # before the response leaves
+
+    async def settle(self, charge: Charge | None, tokens: int) -> None:
+        """Correct a request's rate-limit `charge` (None: its key has no limits) to the `tokens` it used. A database
+        held by another connection past the retries leaves the charge at the tokens admitted (the most the request
+        could use, out of the window within a minute): logged, not raised, so the request's answer and usage row go
+        out."""
+        if charge is None:
+            return
+        try:
+            await asyncio.to_thread(self.limiter.settle, charge, tokens)
+        except Exception as error:
+            log.warning("rate-limit charge %d keeps its admitted tokens, not the %d used: %s", charge.charge_id,
+                        tokens, error)  # fmt: skip
 
     def unasked_limit(self, body, key: ApiKey | None, prompt_tokens: int, requests: int) -> int | None:
         """The most tokens each of a call's `requests` engine requests may generate when it gives no max_tokens: its

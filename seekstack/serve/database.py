@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_DATABASE = "seekstack.db"
@@ -31,6 +32,8 @@ DATABASE_ENV = "SEEKSTACK_DB"
 DEFAULT_PLAN = "default"
 DEFAULT_PRICE_PER_1K = 0.002
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+BUSY_RETRY_S = 120.0  # how long a write waits for a database another connection holds (beyond its own timeout)
+Result = TypeVar("Result")
 
 KEYS_COLUMNS = """
         name TEXT NOT NULL,
@@ -109,6 +112,20 @@ def open_database(location: str | os.PathLike, create: bool = True) -> Database:
             f"${DATABASE_ENV} name another)"
         )
     return SQLiteDatabase(Path(location))
+
+
+def retrying_while_busy(database: Database, write: Callable[[], Result]) -> Result:
+    """`write()`, tried again while another connection holds `database` (another server on it, a backup) for up to
+    BUSY_RETRY_S: a request's usage row or rate-limit charge is not lost because the database was busy a while."""
+    deadline, pause = time.monotonic() + BUSY_RETRY_S, 0.05
+    while True:
+        try:
+            return write()
+        except Exception as error:
+            if not database.busy(error) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
 
 
 class SQLiteDatabase:

@@ -15,11 +15,10 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
-from seekstack.serve.database import DEFAULT_PLAN, Database
+from seekstack.serve.database import DEFAULT_PLAN, Database, retrying_while_busy
 from seekstack.serve.keys import Plan
 
 IN_PROGRESS = 0  # the status of a stream's row until it ends; a row left so was cut off by a crash
-BUSY_RETRY_S = 120.0  # how long a usage write waits for a database another connection holds (beyond its own timeout)
 
 
 @dataclass(frozen=True)
@@ -78,17 +77,8 @@ class Ledger:
         return self._write(dataclasses.replace(usage, status=IN_PROGRESS), None)[0]
 
     def _write(self, usage: UsageRecord, row_id: int | None) -> tuple[int, float]:
-        """`_write_once`, tried again while another connection holds the database (another server on it, a backup),
-        for up to BUSY_RETRY_S: a request's usage is not dropped because the database was busy for a while."""
-        deadline, pause = time.monotonic() + BUSY_RETRY_S, 0.05
-        while True:
-            try:
-                return self._write_once(usage, row_id)
-            except Exception as error:
-                if not self.database.busy(error) or time.monotonic() + pause > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(2 * pause, 1.0)
+        """`_write_once`, tried again while another connection holds the database (`retrying_while_busy`)."""
+        return retrying_while_busy(self.database, lambda: self._write_once(usage, row_id))
 
     def _write_once(self, usage: UsageRecord, row_id: int | None) -> tuple[int, float]:
         with self.database.transaction() as connection:

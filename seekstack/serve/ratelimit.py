@@ -5,7 +5,8 @@ A request is charged its prompt tokens plus the completion tokens it may generat
 ends. The windows live in the server's database (table `rate_charges`), so every server process
 sharing it sees the same window: admitting reads the key's charges and adds one in a single write
 transaction (SQLite's BEGIN IMMEDIATE; on PostgreSQL the key's row is locked), so two processes
-cannot both take the last request of a minute. Times are Unix seconds, shared by the processes.
+cannot both take the last request of a minute. Times are Unix seconds, shared by the processes. A write that
+meets the database held by another connection is tried again, as the ledger's are (`retrying_while_busy`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from seekstack.serve.database import Database
+from seekstack.serve.database import Database, retrying_while_busy
 
 WINDOW_S = 60.0
 
@@ -52,6 +53,9 @@ class RateLimiter:
                 f"the request may use {tokens} tokens (prompt + max_tokens), more than key {key_name!r} "
                 f"may use in a minute ({tpm}); lower max_tokens or shorten the prompt"
             )
+        return retrying_while_busy(self.database, lambda: self._admit_once(key_name, rpm, tpm, tokens))
+
+    def _admit_once(self, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
         with self.database.transaction() as connection:
             connection.execute(f"SELECT 1 FROM keys WHERE name = ?{self.database.lock_rows}", (key_name,))
             now = self._clock()
@@ -82,6 +86,9 @@ class RateLimiter:
 
     def settle(self, charge: Charge, tokens: int) -> None:
         """Correct an admitted request's charge to the `tokens` it really used."""
+        retrying_while_busy(self.database, lambda: self._settle_once(charge, tokens))
+
+    def _settle_once(self, charge: Charge, tokens: int) -> None:
         with self.database.transaction() as connection:
             connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
 

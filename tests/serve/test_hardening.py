@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import json
 import random
+import sqlite3
 import stat
 import time
 
@@ -214,6 +215,22 @@ def test_a_request_larger_than_the_tokens_per_minute_gets_400_not_429(engine, tm
     assert error_of(never, 400)["param"] == "max_tokens" and "Retry-After" not in never.headers
     assert fits.status_code == 200
     assert error_of(later, 429)["type"] == "rate_limit_error" and "Retry-After" in later.headers
+
+
+def test_a_rate_limit_charge_that_cannot_be_settled_loses_neither_the_answer_nor_its_usage_row(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("limited", tpm=1000)
+    app = create_app(engine, database)
+
+    def database_held(charge, tokens):  # another connection held the database past every retry
+        raise sqlite3.OperationalError("database is locked")
+
+    app.state.server.limiter.settle = database_held
+    headers = {"Authorization": f"Bearer {key}"}
+    answer = run(app, lambda client: client.post("/v1/completions", json=COMPLETION, headers=headers))
+    assert answer.status_code == 200, answer.text  # was: 500 once its tokens were generated, and no row
+    rows = Ledger(database).records("limited")
+    assert [(row["status"], row["completion_tokens"]) for row in rows] == [(200, 4)]
 
 
 def test_open_mode_answers_only_loopback_hosts_and_json_bodies(engine, tmp_path):

@@ -193,7 +193,7 @@ def test_a_usage_write_waits_for_a_database_another_connection_holds(tmp_path, m
     import threading
     import time
 
-    from seekstack.serve import ledger as ledger_module
+    from seekstack.serve import database as database_module
 
     database = open_database(tmp_path / "db")
     database._connection.execute("PRAGMA busy_timeout=50")  # SQLite's own wait ends long before the other's lock
@@ -204,11 +204,27 @@ def test_a_usage_write_waits_for_a_database_another_connection_holds(tmp_path, m
     started = time.monotonic()
     Ledger(database).record(usage)  # was: "database is locked", and the request's usage was lost
     assert time.monotonic() - started >= 0.4 and [r["completion_tokens"] for r in Ledger(database).records()] == [7]
-    monkeypatch.setattr(ledger_module, "BUSY_RETRY_S", 0.3)  # held for longer than a write waits: the error stays
+    monkeypatch.setattr(database_module, "BUSY_RETRY_S", 0.3)  # held for longer than a write waits: the error stays
     other.execute("BEGIN EXCLUSIVE")
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         Ledger(database).record(usage)
     other.execute("COMMIT")
+
+
+def test_rate_limit_writes_wait_for_a_database_another_connection_holds(tmp_path):
+    import threading
+
+    database = open_database(tmp_path / "db")
+    database._connection.execute("PRAGMA busy_timeout=50")  # SQLite's own wait ends long before the other's lock
+    limiter = RateLimiter(database)
+    other = sqlite3.connect(tmp_path / "db", isolation_level=None, check_same_thread=False)  # a backup, say
+    other.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    charge = limiter.admit("k", rpm=None, tpm=100, tokens=80)  # was: "database is locked", a 500 for the request
+    other.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    limiter.settle(charge, 20)  # was: "database is locked", and the request's usage row was lost with it
+    assert limiter.tokens_left("k", 100) == 80
 
 
 def test_parse_day_names_the_expected_format():
