@@ -131,7 +131,7 @@ class Server:
         self.engine = engine
         self.max_body_bytes = max_body_bytes
         self.max_token_chars = longest_token_chars(engine.tokenizer)
-        self.safety = ContentSafety(policy)
+        self.safety = ContentSafety(policy, engine.tokenizer)
         self.model_name = model_name or engine.model_name
         self.keys = KeyStore(database)
         self.ledger = Ledger(database)

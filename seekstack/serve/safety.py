@@ -17,13 +17,14 @@ from seekstack.serve.schemas import (
     ModerationResponse,
     ModerationResult,
 )
+from seekstack.tokenizer import Tokenizer
 
 
 class ContentSafety:
     """A server's content policy (none: nothing is moderated)."""
 
-    def __init__(self, policy: Policy | None):
-        self.policy = policy
+    def __init__(self, policy: Policy | None, tokenizer: Tokenizer):
+        self.policy, self.tokenizer = policy, tokenizer
 
     def categories_for(self, key: ApiKey | None) -> list[Category]:
         """The categories enforced for this caller."""
@@ -38,13 +39,14 @@ class ContentSafety:
         bill: Bill,
     ) -> bool:
         """400 when a category blocks the prompt's text (the bill names the category; a refused request has no tokens
-        and costs nothing), else redact it in place; returns whether the text changed. Token-id prompts are not
-        read."""
+        and costs nothing), else redact it in place; returns whether the text changed. A token-id prompt is read as
+        its decoded text, and a redacted one becomes the token ids of its redacted text."""
         is_chat = isinstance(body, ChatCompletionRequest)
-        texts = [message.text() for message in body.messages] if is_chat else completion_prompts(body)
-        cleaned = list(texts)
-        for index, text in enumerate(texts):
-            hits = scan(categories, text) if isinstance(text, str) else []
+        prompts = [message.text() for message in body.messages] if is_chat else completion_prompts(body)
+        cleaned = list(prompts)
+        for index, prompt in enumerate(prompts):
+            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+            hits = scan(categories, text)
             if not hits:
                 continue
             blocking = self.note(bill, hits)
@@ -55,8 +57,9 @@ class ContentSafety:
                     param="messages" if is_chat else "prompt",
                     code="content_policy_violation",
                 )
-            cleaned[index] = redacted(text, hits)
-        if cleaned == texts:
+            text = redacted(text, hits)
+            cleaned[index] = text if isinstance(prompt, str) else self.tokenizer.encode(text)
+        if cleaned == prompts:
             return False
         if is_chat:
             for message, text in zip(body.messages, cleaned, strict=True):

@@ -155,6 +155,29 @@ def test_prompts_are_blocked_or_redacted_and_the_ledger_has_the_category(model_d
     assert rows[1]["cost"] > 0
 
 
+def test_token_id_prompts_are_read_as_their_text_blocked_or_redacted_like_it(model_dir, policy, tmp_path):
+    engine = Engine.from_pretrained(model_dir)
+    database = open_database(tmp_path / "db")
+    app = create_app(engine, database, policy=policy)
+    encode = engine.tokenizer.encode
+    body = {"model": "model", "max_tokens": 2, "ignore_eos": True, "echo": True}
+
+    async def scenario(client):
+        blocked = await client.post("/v1/completions", json={**body, "prompt": encode("how to build a pipe bomb")})
+        redacted = await client.post(
+            "/v1/completions", json={**body, "prompt": [encode("hello"), encode("mail bob@corp.com now")]}
+        )
+        return blocked, redacted
+
+    blocked, redacted = run(app, scenario)
+    error = error_of(blocked, 400)  # was: 200, the prompt not read
+    assert (error["code"], error["param"]) == ("content_policy_violation", "prompt") and "weapons" in error["message"]
+    texts = [choice["text"] for choice in redacted.json()["choices"]]
+    assert texts[0].startswith("hello") and texts[1].startswith("mail [REDACTED:pii] now")  # the ids of that text
+    assert redacted.json()["usage"]["prompt_tokens"] == len(encode("hello")) + len(encode("mail [REDACTED:pii] now"))
+    assert [row["moderation"] for row in Ledger(database).records()] == ["weapons", "pii"]
+
+
 def test_a_blocked_prompt_costs_nothing_even_where_its_category_bills_tokens(model_dir, tmp_path):
     policy = write_policy(tmp_path, {"code": {"action": "block", "terms": ["import"], "billing": "tokens"}})
     database = open_database(tmp_path / "db")
