@@ -238,7 +238,8 @@ def keys_plan(
     ] = None,
     db: DatabaseOption = None,
 ) -> None:
-    """Set a plan's prices per 1k tokens (new usage is billed at them), or list the plans."""
+    """Set a plan's prices per 1k tokens (requests that come after are billed at them; those under way keep the
+    prices they came with), or list the plans."""
     from seekstack.serve.keys import KeyStore
 
     with user_errors():

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from seekstack.serve.keys import ApiKey
+from seekstack.serve.keys import ApiKey, Plan
 from seekstack.serve.ledger import IN_PROGRESS, Ledger, UsageRecord
 from seekstack.serve.schemas import PromptTokensDetails, Usage
 
@@ -38,6 +38,7 @@ class Bill:
     cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
     moderation: str | None = None  # the content-safety category that acted on it
     free: bool = False  # that category's policy waives the cost
+    plan: Plan | None = None  # the prices of its key's plan as it came (None: those when its row is written)
     recorded: bool = False
     status: int | None = None  # the final row's HTTP status, once written
     row_id: int | None = None  # the stream's open row
@@ -58,6 +59,7 @@ class Bill:
             cached_tokens=self.cached_tokens,
             moderation=self.moderation,
             free=self.free,
+            plan=self.plan,
         )
 
     def record(self, status: int) -> None:

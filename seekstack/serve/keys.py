@@ -131,7 +131,8 @@ class KeyStore:
     def set_plan(
         self, name: str, prompt_per_1k: float, completion_per_1k: float, cached_prompt_per_1k: float | None = None
     ) -> Plan:
-        """Create or change the prices of plan `name`; usage already recorded keeps its cost."""
+        """Create or change the prices of plan `name` for requests that come after; usage already recorded, and
+        requests under way, keep the prices they came with."""
         prices = (("prompt price", prompt_per_1k), ("completion price", completion_per_1k),
                   ("cached prompt price", cached_prompt_per_1k or 0))  # fmt: skip
         for field, price in prices:

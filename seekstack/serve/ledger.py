@@ -1,4 +1,5 @@
-"""The usage ledger: one row per API request, priced by the key's plan when it is written.
+"""The usage ledger: one row per API request, priced at its key's plan as the request came (the server reads it then:
+a price change bills new requests, never tokens already under way), or else when the row is written.
 
 The server writes a request's row before the last byte of its response leaves, so a client that
 has its answer is also on the bill, whatever happens to the server afterwards. A stream's row is
@@ -18,6 +19,10 @@ from dataclasses import asdict, dataclass
 from seekstack.serve.database import DEFAULT_PLAN, Database, retrying_while_busy
 from seekstack.serve.keys import Plan
 
+PLAN_OF_KEY = (  # parameters: the key's name, the default plan (a name without keys: the open server)
+    "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ? "
+    "ORDER BY created_at DESC LIMIT 1), ?)"  # a name's newest key: its active one, if it has one
+)
 IN_PROGRESS = 0  # the status of a stream's row until it ends; a row left so was cut off by a crash
 
 
@@ -35,6 +40,7 @@ class UsageRecord:
     cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
     moderation: str | None = None  # the content-safety category that blocked, redacted or flagged it
     free: bool = False  # the content policy waives its cost (the tokens are still recorded)
+    plan: Plan | None = None  # the prices it is billed at; None: its key's plan when the row is written
 
     @property
     def charged(self) -> bool:
@@ -61,7 +67,7 @@ class DailyUsage:
 
 class Ledger:
     """Append-only usage records and their totals per key name and day (a name's keys, old and new, together),
-    each row priced when written, at the plan of the name's newest key."""
+    each row priced at its record's plan, else at the plan of the name's newest key when written."""
 
     def __init__(self, database: Database):
         self.database = database
@@ -76,19 +82,17 @@ class Ledger:
         `record`."""
         return self._write(dataclasses.replace(usage, status=IN_PROGRESS), None)[0]
 
+    def plan_for(self, key_name: str | None) -> Plan:
+        """The prices a request of `key_name` (None: the open server) is billed at now."""
+        return Plan(**self.database.query(PLAN_OF_KEY, (key_name, DEFAULT_PLAN))[0])
+
     def _write(self, usage: UsageRecord, row_id: int | None) -> tuple[int, float]:
         """`_write_once`, tried again while another connection holds the database (`retrying_while_busy`)."""
         return retrying_while_busy(self.database, lambda: self._write_once(usage, row_id))
 
     def _write_once(self, usage: UsageRecord, row_id: int | None) -> tuple[int, float]:
         with self.database.transaction() as connection:
-            plan = Plan(
-                **connection.execute(
-                    "SELECT * FROM plans WHERE name = COALESCE((SELECT plan FROM keys WHERE name = ? "
-                    "ORDER BY created_at DESC LIMIT 1), ?)",  # a name's newest key: its active one, if it has one
-                    (usage.key_name, DEFAULT_PLAN),
-                ).fetchone()
-            )
+            plan = usage.plan or Plan(**connection.execute(PLAN_OF_KEY, (usage.key_name, DEFAULT_PLAN)).fetchone())
             cost = 0.0
             if usage.charged:
                 cost = plan.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)

@@ -233,6 +233,29 @@ def test_a_rate_limit_charge_that_cannot_be_settled_loses_neither_the_answer_nor
     assert [(row["status"], row["completion_tokens"]) for row in rows] == [(200, 4)]
 
 
+def test_a_request_is_billed_at_the_prices_of_its_plan_when_it_came_whatever_they_become(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    store = KeyStore(database)
+    store.set_plan("pro", prompt_per_1k=1.0, completion_per_1k=3.0)
+    key = store.create("payer", plan="pro")
+    app = create_app(engine, database)
+    add_request = engine.add_request
+
+    def repriced_first(*args, **kwargs):  # the price change lands once the request is admitted
+        store.set_plan("pro", prompt_per_1k=100.0, completion_per_1k=100.0)
+        return add_request(*args, **kwargs)
+
+    engine.add_request = repriced_first
+    body = {**COMPLETION, "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True}}
+    answer = run(
+        app, lambda client: client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    )
+    usage = json.loads(answer.text.split("data: ")[-2])["usage"]
+    [row] = Ledger(database).records("payer")
+    assert usage["completion_tokens"] == 40 and row["completion_tokens"] == 40
+    assert row["cost"] == pytest.approx((usage["prompt_tokens"] * 1.0 + 40 * 3.0) / 1000)  # was: at 100 per 1k
+
+
 def test_open_mode_answers_only_loopback_hosts_and_json_bodies(engine, tmp_path):
     app = create_app(engine, open_database(tmp_path / "db"))
 
