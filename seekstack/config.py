@@ -151,13 +151,8 @@ class ModelConfig:
 
     @property
     def rope_factor(self) -> float:
-        scaling = self.rope_scaling or {}
-        factor = scaling.get("factor")
-        if factor is None:
-            factor = self.max_position_embeddings / scaling.get(
-                "original_max_position_embeddings", self.max_position_embeddings
-            )
-        return float(factor)
+        """YaRN's context extension ratio s (1 without scaling)."""
+        return float((self.rope_scaling or {}).get("factor", 1.0))
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> ModelConfig:
@@ -172,6 +167,12 @@ class ModelConfig:
                 f"rope_scaling.rope_type={config.rope_type!r} is not supported; expected one of {ROPE_TYPES}"
             )
         if config.rope_type == "yarn":
+            require(
+                (config.rope_scaling or {}).get("factor") is not None,
+                "rope_scaling.factor",
+                "given under yarn: the ratio the context was extended by (40 in DeepSeek-V3's config.json); "
+                "transformers refuses a yarn config without it too",
+            )
             require(config.rope_factor >= 1, "rope_scaling.factor", ">= 1")
         return config
 

@@ -130,3 +130,10 @@ def test_help_shows_each_field_type_without_constraint_markers():
     described = describe_fields(SFTConfig)
     assert "betas = [0.9, 0.95]  (tuple[float, float])" in described and 'threads = "auto"  (int | auto)' in described
     assert "typing" not in described and "Interval" not in described
+
+
+def test_a_yarn_config_without_a_factor_is_refused_naming_the_field_as_transformers_refuses_it():
+    config = {"model_type": "deepseek_v3", "max_position_embeddings": 16384,
+              "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096}}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"rope_scaling\.factor.*given under yarn"):
+        ModelConfig.from_dict(config, "c.json")
