@@ -19,13 +19,15 @@ layer's routed experts as the model holds them, one (E, ...) tensor per name:
 (quantized; int8 codes unpacked, compressed-tensors' int-quantized, so they map), and the same for `down_proj`.
 Loading memory-maps: a tensor stored in the dtype the model asks for is used in place, its pages read from the file
 on first use (copy-on-write: the file is never changed), so the resident set is what a forward touches. Per-expert
-keys are copied into the stacked tensors; the stacked layout maps them as they are.
+keys are copied into the stacked tensors (or, for a part placed on disk, into its disk copy: `offload`); the stacked
+layout maps them as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -84,6 +86,11 @@ MTP_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.
 KEPT_FLOAT = "kv_b_proj"  # the layer loading keeps a float Linear however it is stored (attention absorbs its matrix)
 
 
+# A tensor held as a file's pages, from the tensor it replaces (its dtype and shape) and a function giving its values
+# one piece at a time, in memory order: how `load_pretrained(offload=...)` writes a tensor straight to disk.
+MappedCopy = Callable[[torch.Tensor, Callable[[], Iterable[torch.Tensor]]], torch.Tensor]
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file (and the key) and says what to do."""
 
@@ -98,7 +105,7 @@ def checkpoint_key(name: str, num_hidden_layers: int) -> str:
 
 
 def expert_sources(key: str, param: torch.Tensor) -> list[tuple[str, torch.Tensor]] | None:
-    """For a stacked expert parameter, the per-expert checkpoint keys and the views they fill."""
+    """For a stacked expert parameter, the per-expert checkpoint keys and the views they fill, in memory order."""
     prefix, _, kind = key.rpartition(".")
     if not prefix.endswith("mlp.experts") or kind not in ("gate_up_proj", "down_proj"):
         return None
@@ -721,11 +728,16 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     dequantize: bool = False,
+    offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`.
 
     Tensors are read one at a time into a model materialised directly on `device`, so peak memory
     stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds.
+    `offload`, given the model once its layers are built and before its float weights are read, names the tensors
+    (state-dict names) that are to be file pages rather than memory, and how to write them (`MappedCopy`): those
+    not mapped from the checkpoint as stored are written one piece (one expert's matrix) at a time, never whole in
+    memory (seekstack.infer.placement's disk parts).
     Layers stored quantized (fp8, int8, int4) load as quantized modules that run their low-bit kernels
     (seekstack.compress), unless `dequantize` asks for plain float weights.
     A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
@@ -751,19 +763,24 @@ def load_pretrained(
 
     with reader, torch.no_grad():
         swapped = load_quantized_layers(model, reader, device) if reader.quantized and not dequantize else set()
+        copies = offload(model) if offload is not None else {}
         for name, target in model.state_dict().items():
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue
             if any(name.startswith(layer + ".") for layer in swapped):
                 continue
             key = checkpoint_key(name, config.num_hidden_layers)
-            stacked = key in reader  # a float expert stack in the stacked layout: one key
-            for source_key, view in (None if stacked else expert_sources(key, target)) or [(key, target)]:
-                tensor = reader.read(source_key, shape=tuple(view.shape))
-                if view is target and tensor.dtype == target.dtype and target.device.type == "cpu":
-                    _tensor_of(model, name).data = tensor  # the memory-mapped tensor itself: no copy
-                else:
-                    view.copy_(tensor)
+            per_expert = None if key in reader else expert_sources(key, target)  # the stacked layout: one key
+            if per_expert is None and _maps_in_place(reader, key, target):
+                _tensor_of(model, name).data = reader.read(key, shape=tuple(target.shape))  # the file's pages: no copy
+                continue
+            sources = per_expert or [(key, target)]
+            if name in copies:
+                pieces = functools.partial(_read_pieces, reader, sources, target.dtype)
+                _tensor_of(model, name).data = copies[name](target, pieces)
+            else:
+                for (_, view), piece in zip(sources, _read_pieces(reader, sources, target.dtype), strict=True):
+                    view.copy_(piece)
     model.reset_rope()
     unused = sorted(k for k in reader.key_to_file if k not in reader.used and not MTP_COPIES.match(k))
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
@@ -827,6 +844,21 @@ def warn_transformers_divergences(config: ModelConfig, where: str | Path) -> Non
             f"{reasons}",
             stacklevel=3,
         )
+
+
+def _maps_in_place(reader: CheckpointReader, key: str, target: torch.Tensor) -> bool:
+    """Whether checkpoint `key` holds all of `target` (a CPU tensor) in its dtype: its memory-mapped pages are it."""
+    stored = SAFETENSORS_DTYPES.get(target.dtype)
+    return target.device.type == "cpu" and key in reader and reader.stored_dtype(key) == stored
+
+
+def _read_pieces(
+    reader: CheckpointReader, sources: list[tuple[str, torch.Tensor]], dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """The tensors of the checkpoint keys `sources` names, each in `dtype` and checked against the shape of the view
+    it fills; one at a time, in the order `sources` gives (a stacked tensor's memory order: `expert_sources`)."""
+    for key, view in sources:
+        yield reader.read(key, shape=tuple(view.shape)).to(dtype)
 
 
 def _tensor_of(model: torch.nn.Module, name: str) -> torch.Tensor:

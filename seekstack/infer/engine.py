@@ -35,7 +35,7 @@ from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refre
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import EngineOptions, SamplingParams
-from seekstack.infer.placement import device_map_for, layer_devices, place
+from seekstack.infer.placement import device_map_for, layer_devices, offload_while_loading, place
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SeededUniforms, TokenConstraint, token_logprobs
 from seekstack.infer.speculative import (
     DraftChecks,
@@ -296,13 +296,16 @@ class Engine:
         loaded_tokenizer = Tokenizer.from_file(tokenizer or model_dir)
         check_tokenizer_fits(loaded_tokenizer, config.vocab_size, model_dir)
         device = kwargs.get("device") or "cpu"
-        model = load_pretrained(model_dir, dtype=dtype, device=device)
+        offload_dir = offload_dir or model_dir / "offload"
+        # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
+        offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None
+        model = load_pretrained(model_dir, dtype=dtype, device=device, offload=offload)
         if adapter is not None:
             from seekstack.adapters.files import merged_model
 
             model = merged_model(model, adapter)
         if device_map is not None:
-            model = place(model, device_map_for(model, device_map), offload_dir=offload_dir or model_dir / "offload")
+            model = place(model, device_map_for(model, device_map), offload_dir=offload_dir)
         else:  # the engine owns these weights: its decode steps may read a copy laid out for them
             pack_for_decode(model)
         if kwargs.get("speculative") and "draft_ranking" not in kwargs:

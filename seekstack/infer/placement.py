@@ -20,10 +20,12 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import itertools
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from seekstack.atomic import WriteRefused, delete_unless_locked, hidden_pattern, same_file, write_atomic
-from seekstack.checkpoint import checkpoint_key, layer_key
+from seekstack.checkpoint import MappedCopy, checkpoint_key, layer_key
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
 from seekstack.model.moe import MoE, RoutedExperts
@@ -293,26 +295,55 @@ def layer_devices(model: Transformer) -> list[torch.device]:
     return [block.self_attn.kv_a_layernorm.weight.device for block in blocks]
 
 
+def offload_while_loading(device_map: str, offload_dir: str | Path) -> Callable[[Transformer], dict[str, MappedCopy]]:
+    """What `load_pretrained(offload=...)` takes for a model to be placed by `device_map`: for each tensor of a part
+    it puts on disk, the function that writes the tensor's copy under `offload_dir` piece by piece as the checkpoint
+    is read and maps it (`_mapped_copy`), so the disk parts are never held in memory whole."""
+
+    def copies(model: Transformer) -> dict[str, MappedCopy]:
+        placement = device_map_for(model, device_map)
+        return {
+            f"{unit}.{name}": functools.partial(_mapped_copy, directory=Path(offload_dir) / unit, name=name)
+            for unit, module in units(model).items()
+            if placement[unit] == DISK
+            for name, _ in _unit_tensors(module)
+        }
+
+    return copies
+
+
+def _unit_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    return itertools.chain(module.named_parameters(), module.named_buffers())
+
+
 def _memory_map(module: nn.Module, directory: Path) -> None:
-    """Swap in memory-mapped views of the unit's tensors: those `load_pretrained` mapped from the checkpoint stay as
-    they are; the others are mapped from copies under `directory` (`_mapped_copy`)."""
-    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+    """Swap in memory-mapped views of the unit's tensors: those `load_pretrained` mapped from the checkpoint or wrote
+    to disk stay as they are; the others are mapped from copies under `directory` (`_mapped_copy`)."""
+    for name, tensor in _unit_tensors(module):
         if mapped_file(tensor) is None:
-            tensor.data = _mapped_copy(tensor, directory, name)
+            tensor.data = _mapped_copy(tensor, lambda whole=tensor: (whole,), directory, name)
 
 
-def _mapped_copy(tensor: torch.Tensor, directory: Path, name: str) -> torch.Tensor:
-    """`tensor` memory-mapped from its raw copy `directory/{name}.{digest}.bin`, the digest a hash of its dtype, shape
-    and bytes: a copy an earlier run wrote is reused when its name and size match (its contents are not read back),
-    and writing a new one (atomically) deletes the copies of `name` that hold other values (another dtype, weights
-    since changed) unless another process is mapping them. Written again when another process deleted it first."""
-    raw = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
+def _mapped_copy(
+    tensor: torch.Tensor, pieces: Callable[[], Iterable[torch.Tensor]], directory: Path, name: str
+) -> torch.Tensor:
+    """A tensor of `tensor`'s dtype and shape holding the values `pieces` gives (in memory order, one piece at a
+    time), memory-mapped from its raw copy `directory/{name}.{digest}.bin`, the digest a hash of its dtype, shape and
+    bytes: a copy an earlier run wrote is reused when its name and size match (its contents are not read back), and
+    writing a new one (atomically) deletes the copies of `name` that hold other values (another dtype, weights since
+    changed) unless another process is mapping them. Written again when another process deleted it first."""
     digest = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
-    digest.update(raw)
+    for piece in pieces():
+        digest.update(_raw(piece))
     path = directory / f"{name}.{digest.hexdigest()[:COPY_DIGEST_CHARS]}.bin"
     while (mapped := _map_whole_copy(path, tensor)) is None:
-        _write_copy(path, raw, name)
+        _write_copy(path, pieces, tensor.numel() * tensor.element_size(), name)
     return mapped
+
+
+def _raw(tensor: torch.Tensor) -> np.ndarray:
+    """The bytes of `tensor` in memory order."""
+    return tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
 
 
 def _map_whole_copy(path: Path, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -334,15 +365,21 @@ def _map_whole_copy(path: Path, tensor: torch.Tensor) -> torch.Tensor | None:
         os.close(descriptor)
 
 
-def _write_copy(path: Path, raw: np.ndarray, name: str) -> None:
-    """Write the bytes `raw` of tensor `name` to `path` atomically, its other copies deleted (`_delete_copies`); an
-    error the offload folder's storage gives in its words (`_offload_refusal`)."""
+def _write_copy(path: Path, pieces: Callable[[], Iterable[torch.Tensor]], size: int, name: str) -> None:
+    """Write tensor `name`, `size` bytes given by `pieces` one after the other, to `path` atomically, its other copies
+    deleted (`_delete_copies`); an error the offload folder's storage gives in its words (`_offload_refusal`)."""
+
+    def write(temporary: Path) -> None:
+        with temporary.open("wb") as file:
+            for piece in pieces():
+                file.write(memoryview(_raw(piece)))
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _delete_copies(path.parent, name, keep=path.name)
-        write_atomic(path, lambda temporary: temporary.write_bytes(memoryview(raw)))
+        write_atomic(path, write)
     except OSError as error:
-        refusal = _offload_refusal(path, raw.nbytes, error)
+        refusal = _offload_refusal(path, size, error)
         if refusal is None:
             raise
         raise refusal from error

@@ -446,3 +446,73 @@ def test_disk_parts_already_memory_mapped_from_the_checkpoint_are_used_in_place(
     assert mapped_file(experts.gate_up_proj) == mapped_file(engine.model.embed_tokens.weight) == directory / SINGLE_FILE
     assert not (directory / "offload").exists()  # nothing copied out
     assert engine.generate([prompt], params)[0].token_ids == expected
+
+
+EXPERT_HEAVY = dict(hidden_size=128, moe_intermediate_size=256, n_routed_experts=64)  # experts: 75 of its 82 MB
+PEAK_ANON_LOAD = """
+import sys, threading, torch
+from seekstack.infer import Engine
+
+def anonymous_bytes():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(status["RssAnon"].split()[0]) * 1024
+
+directory, tokenizer, logits_path = sys.argv[1:]
+before, peak, done = anonymous_bytes(), [0], threading.Event()
+def sample():
+    while not done.wait(0.001):
+        peak[0] = max(peak[0], anonymous_bytes())
+sampler = threading.Thread(target=sample)
+sampler.start()
+try:
+    engine = Engine.from_pretrained(directory, tokenizer=tokenizer, device_map="*=disk", kv_cache_memory=2**20)
+finally:
+    done.set()
+    sampler.join()
+with torch.inference_mode():
+    torch.save(engine.model(torch.arange(5, 16)[None]).logits, logits_path)
+print(max(peak[0], anonymous_bytes()) - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssAnon (Linux)")
+def test_disk_parts_are_written_to_their_copies_as_the_checkpoint_is_read_never_whole_in_memory(tmp_path):
+    import subprocess
+    import sys
+
+    model = micro_model(**EXPERT_HEAVY)
+    seekstack.save_pretrained(model, tmp_path / "model")  # routed experts per expert, as the releases store them
+    tiny_tokenizer(tmp_path / "tokenizer")
+    experts = sum(p.nbytes for name, p in model.named_parameters() if ".experts." in name)
+    arguments = [str(tmp_path / name) for name in ("model", "tokenizer", "logits.pt")]
+    loaded = subprocess.run(
+        [sys.executable, "-c", PEAK_ANON_LOAD, *arguments],
+        capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    peak_rise = int(loaded.stdout.split()[-1])
+    # Anonymous memory grew by the engine's own (~11 MB) and an expert matrix at a time, not by 75 MB of experts.
+    assert peak_rise < experts / 4, (peak_rise, experts)
+    with torch.inference_mode():
+        expected = seekstack.load_pretrained(tmp_path / "model").eval()(torch.arange(5, 16)[None]).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+
+
+def test_an_adapter_merged_into_parts_placed_on_disk_gives_the_tokens_of_the_merged_model(tmp_path):
+    from tests.adapters.support import write_base, write_random_adapter
+
+    base = write_base(tmp_path / "base", with_tokenizer=True)
+    adapter = write_random_adapter(base, tmp_path / "adapter", seed=1)
+    prompt = torch.randint(5, 512, (7,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+
+    def tokens(adapter, device_map=None):
+        engine = Engine.from_pretrained(base, adapter=adapter, device_map=device_map, kv_cache_memory=2**20)
+        return engine.generate([prompt], params)[0].token_ids, engine.model
+
+    merged, _ = tokens(adapter)
+    placed, model = tokens(adapter, "*=cpu,layers.*.mlp.experts=disk")
+    assert placed == merged != tokens(None)[0]
+    experts = model.layers[1].mlp.experts.gate_up_proj  # adapted (lora.experts): its copy holds the merged values
+    copied = mapped_file(experts)
+    assert copied is not None and copied.parent == base / "offload" / "layers.1.mlp.experts"
+    assert torch.equal(torch.from_file(str(copied), size=experts.numel()).view_as(experts), experts)
