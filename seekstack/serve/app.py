@@ -75,6 +75,7 @@ from seekstack.serve.schemas import (
 log = logging.getLogger("seekstack.serve")
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the response ended
 SERVER_STOPPED = 503  # a request the server cut off, forced to stop (a second Ctrl-C): its failure, at no cost
+CUT_OFF = "forced exit: cut off a request still running"
 
 
 class EventStream(StreamingResponse):
@@ -246,7 +247,7 @@ class Server:
         except asyncio.CancelledError:  # the server stopping: at no cost, its rate-limit charge included
             await self.settle(charge, 0)
             await bill.record_async(SERVER_STOPPED)
-            raise
+            return _answered_stop()
         except Exception as error:
             await bill.record_async(error.status if isinstance(error, APIError) else 500)
             raise
@@ -283,7 +284,7 @@ class Server:
             return Response(status_code=CLIENT_CLOSED)
         except asyncio.CancelledError:  # the server stopping
             status = SERVER_STOPPED
-            raise
+            return _answered_stop()
         except Exception as error:
             status = 500
             raise internal_error(error, "generating") from None
@@ -525,6 +526,15 @@ async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, JSON
     if left:
         raise ClientLeft
     return answer.result()
+
+
+def _answered_stop() -> JSONResponse:
+    """The answer of a request the server cut off (a second Ctrl-C) before its response began: 503 in OpenAI's shape,
+    in place of uvicorn's plain-text 500, while the connection lasts. The cancellation is answered, so it ends here."""
+    asyncio.current_task().uncancel()
+    log.warning(CUT_OFF)
+    message = "the server was stopped (a forced exit) before this request finished; it is not charged"
+    return APIError(SERVER_STOPPED, message, "server_error", code="server_stopped").response()
 
 
 def _role_choice(index: int) -> ChatChunkChoice:

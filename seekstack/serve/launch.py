@@ -19,12 +19,10 @@ from uvicorn.config import STARTUP_FAILURE
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import EngineOptions
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES
-from seekstack.serve.app import create_app
+from seekstack.serve.app import CUT_OFF, create_app
 from seekstack.serve.database import default_database_location, open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.moderation import Policy
-
-CUT_OFF = "forced exit: cut off a request still running"
 
 
 @dataclass

@@ -35,9 +35,10 @@ def slowed(engine: Engine) -> Engine:
     return engine
 
 
-async def cut_off(app, body: dict, key: str, reached: asyncio.Event | None = None) -> None:
+async def cut_off(app, body: dict, key: str, reached: asyncio.Event | None = None) -> list[dict]:
     """POST `body` to /v1/completions through the app's ASGI interface, from a client that stays connected, and cancel
-    it as uvicorn's forced exit does once the engine is generating for it (or once `reached` is set)."""
+    it as uvicorn's forced exit does once the engine is generating for it (or once `reached` is set); the messages
+    the app sent."""
     engine = app.state.server.engine
     headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
     scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
@@ -51,15 +52,29 @@ async def cut_off(app, body: dict, key: str, reached: asyncio.Event | None = Non
         await asyncio.Event().wait()  # the client never leaves
         return {}
 
+    sent = []
+
     async def send(message: dict) -> None:
-        pass
+        sent.append(message)
 
     request = asyncio.ensure_future(app(scope, receive, send))
     while not (reached.is_set() if reached else any(r.output_ids for r in engine.running)) and not request.done():
         await asyncio.sleep(0.01)
     request.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    if body.get("stream"):  # its answer had begun: the cancellation goes on, and uvicorn closes the connection
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    else:
         await request
+    return sent
+
+
+def assert_answered_503(sent: list[dict]) -> None:
+    """The messages of a non-streaming request cut off: 503 with an OpenAI error, not uvicorn's plain-text 500."""
+    start, body = sent
+    assert start["status"] == SERVER_STOPPED and (b"content-type", b"application/json") in start["headers"]
+    error = json.loads(body["body"])["error"]
+    assert (error["type"], error["code"]) == ("server_error", "server_stopped")
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -70,9 +85,11 @@ def test_a_request_the_server_cuts_off_is_recorded_as_its_failure_at_no_cost(tmp
     body = {"model": "model", "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": stream}
     app.state.server.bridge.start()
     try:
-        asyncio.run(cut_off(app, body, key))
+        sent = asyncio.run(cut_off(app, body, key))
     finally:
         app.state.server.bridge.stop()
+    if not stream:
+        assert_answered_503(sent)  # was: uvicorn's plain-text 500 while the ledger said 503
     query = "SELECT status, completion_tokens, cost FROM usage WHERE key_name = 'cut'"
     [(status, completion_tokens, cost)] = sqlite3.connect(tmp_path / "serve.db").execute(query).fetchall()
     assert (status, cost) == (SERVER_STOPPED, 0)
@@ -91,7 +108,7 @@ def test_a_request_cut_off_while_it_waits_to_enter_the_engine_gives_back_its_rat
 
     app.state.server.bridge.submit = submit_behind_a_long_step
 
-    asyncio.run(cut_off(app, {"model": "model", "prompt": "x", "max_tokens": 200}, key, waiting))
+    assert_answered_503(asyncio.run(cut_off(app, {"model": "model", "prompt": "x", "max_tokens": 200}, key, waiting)))
     connection = sqlite3.connect(tmp_path / "serve.db")
     assert connection.execute("SELECT status, cost FROM usage WHERE key_name = 'cut'").fetchall() == [(503, 0)]
     assert connection.execute("SELECT tokens FROM rate_charges WHERE key_name = 'cut'").fetchall() == [(0,)]
