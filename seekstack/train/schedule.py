@@ -22,14 +22,14 @@ class LrAnchor:
 
 
 def learning_rate(step: int, config: TrainConfig, anchor: LrAnchor | None = None) -> float:
-    """The rate for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay to min_lr."""
+    """The rate for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay to min_lr at the
+    last step (max_steps - 1)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if anchor is not None and step >= anchor.step:
         return _decay_from(anchor, step, config)
     if config.schedule == "cosine":
-        span = max(config.max_steps - config.warmup_steps, 1)
-        progress = min((step - config.warmup_steps) / span, 1.0)
+        progress = _decay_progress(step, config.warmup_steps, config)
         return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
     # WSD (MiniCPM, Hu et al. 2024): hold the peak, then decay linearly over the last wsd_decay_fraction of steps.
     decay_steps = max(round(config.max_steps * config.wsd_decay_fraction), 1)
@@ -67,11 +67,17 @@ def mtp_weight_at(progress: float, config: TrainConfig) -> float:
 
 def _decay_from(anchor: LrAnchor, step: int, config: TrainConfig) -> float:
     """The schedule's decay shape, started at the anchor's rate and stretched over the steps left."""
-    span = max(config.max_steps - anchor.step, 1)
-    progress = min((step - anchor.step) / span, 1.0)
+    progress = _decay_progress(step, anchor.step, config)
     if config.schedule == "cosine":
         return config.min_lr + 0.5 * (anchor.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
     return anchor.lr + (config.min_lr - anchor.lr) * progress
+
+
+def _decay_progress(step: int, start: int, config: TrainConfig) -> float:
+    """How far `step` is along a decay from step `start` (0: its peak rate) to the last step, max_steps - 1 (1:
+    min_lr); 1 from the last step on."""
+    span = config.max_steps - 1 - start
+    return min((step - start) / span, 1.0) if span > 0 else 1.0
 
 
 def resumed_lr_anchor(train_state: dict[str, Any], config: TrainConfig) -> LrAnchor | None:
@@ -83,8 +89,8 @@ def resumed_lr_anchor(train_state: dict[str, Any], config: TrainConfig) -> LrAnc
     step = int(train_state["step"])
     if old.max_steps == config.max_steps or step < config.warmup_steps:
         return anchor
-    # the rate of the next step; a run that had finished goes on from the rate of its last step (its schedule's
-    # value at old max_steps is min_lr, which no step trained at: the rate would drop there and stay)
+    # the rate of the next step; a run that had finished goes on from the rate of its last step (min_lr, or a rate
+    # short of lr where its warmup_steps was not below max_steps: its schedule has no rate past the end)
     rate = learning_rate(min(step, old.max_steps - 1), old, anchor)
     if config.schedule == "wsd" and rate == config.lr and anchor is None:
         return None  # still on the plateau: the longer schedule simply holds it longer

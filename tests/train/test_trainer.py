@@ -97,26 +97,31 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- schedule
-def test_cosine_schedule_warms_up_then_decays_to_min_lr():
-    config = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=104)
-    assert [learning_rate(s, config) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+def test_cosine_schedule_warms_up_then_decays_to_min_lr_at_the_last_step():
+    config = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=105)
+    assert [learning_rate(s, config) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert learning_rate(54, config) == pytest.approx(0.55)  # half way: min + (max - min) / 2
-    assert learning_rate(104, config) == pytest.approx(0.1)
+    assert learning_rate(104, config) == pytest.approx(0.1)  # the last step trains at min_lr
     rates = [learning_rate(s, config) for s in range(4, 105)]
     assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    short = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=6)  # ended at 6.95e-4
+    assert learning_rate(5, short) == pytest.approx(3e-4)
 
 
-def test_a_finished_run_resumed_with_more_steps_decays_on_from_its_last_rate():
-    """5 steps end at 0.000695 on a short cosine (0.0003 only at the untrained step 5); 3 more steps go on from there
-    down to min_lr (they dropped to min_lr at once and held it)."""
-    old = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=5)
-    last = learning_rate(4, old)
-    state = {"step": 5, "config": dataclasses.asdict(old)}
-    longer = dataclasses.replace(old, max_steps=8)
-    anchor = resumed_lr_anchor(state, longer)
-    rates = [learning_rate(step, longer, anchor) for step in range(5, 8)]
-    assert rates[0] == pytest.approx(last) and last > 2 * old.min_lr
-    assert rates[0] > rates[1] > rates[2] > old.min_lr
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_run_resumed_with_more_steps_decays_on_from_its_rate_to_min_lr_at_the_new_last_step(schedule):
+    """Stopped at step 5 of 10 and given 20: the decay goes on from step 5's rate and ends at min_lr on step 19 (it
+    ended at 9.75e-4, short of min_lr); a finished run, whose last step trained at min_lr, stays there."""
+    old = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=1, max_steps=10, schedule=schedule, wsd_decay_fraction=0.8)
+    longer = dataclasses.replace(old, max_steps=20)
+    anchor = resumed_lr_anchor({"step": 5, "config": dataclasses.asdict(old)}, longer)
+    rates = [learning_rate(step, longer, anchor) for step in range(5, 20)]
+    assert rates[0] == pytest.approx(learning_rate(5, old)) and rates[0] > 2 * old.min_lr
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[-1] == pytest.approx(old.min_lr)
+    assert learning_rate(9, old) == pytest.approx(old.min_lr)
+    finished = resumed_lr_anchor({"step": 10, "config": dataclasses.asdict(old)}, longer)
+    assert [learning_rate(step, longer, finished) for step in (10, 19)] == pytest.approx([old.min_lr] * 2)
 
 
 def test_a_warmup_as_long_as_the_run_is_told_it_never_reaches_the_peak(data_dir, tmp_path, capsys):
