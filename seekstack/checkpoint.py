@@ -449,7 +449,7 @@ class CheckpointReader:
                     f"({', '.join(COMPRESSED_TENSORS_FORMATS)}) checkpoints"
                 )
             if fp8:
-                self.fp8_block = tuple(quantization.get("weight_block_size", DEFAULT_FP8_BLOCK))  # type: ignore[assignment]
+                self.fp8_block = _fp8_block(quantization, directory / CONFIG_FILE)
         self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
         self.used: set[str] = set()
 
@@ -681,6 +681,20 @@ class CheckpointReader:
             return read(self._handles[file])
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
+
+
+def _fp8_block(quantization: dict[str, Any], config_path: Path) -> tuple[int, int]:
+    """The (rows, columns) scale block of an fp8 `quantization` config (DeepSeek's 128x128 when it names none);
+    CheckpointError naming the file and the field unless `weight_block_size` is two positive integers."""
+    block = quantization.get("weight_block_size", DEFAULT_FP8_BLOCK)
+    sizes = block if isinstance(block, (list, tuple)) else []
+    if len(sizes) != 2 or not all(type(size) is int and size > 0 for size in sizes):
+        raise CheckpointError(
+            f"{config_path}: quantization_config.weight_block_size is {block!r}; an fp8 checkpoint names its scale "
+            f"block as two positive integers [rows, columns] (DeepSeek's: {list(DEFAULT_FP8_BLOCK)}): use the "
+            f"{CONFIG_FILE} saved with these weights"
+        )
+    return sizes[0], sizes[1]
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:

@@ -125,3 +125,13 @@ def test_int_weight_shape_that_is_not_the_packed_weights_is_refused_naming_the_f
     message = load_error(directory, dequantize)
     assert message.startswith(f"{directory / SINGLE_FILE}: key '{Q_B}.weight_shape' is [32, 32], but "), message
     assert f"'{Q_B}.weight_packed' holds a [96, 32] matrix" in message
+
+
+@pytest.mark.parametrize("block", [None, [16, 16, 16], [16], [16, 0], "16x16", [16.0, 16]])
+def test_fp8_weight_block_size_that_is_not_two_positive_integers_is_refused_naming_the_field(tmp_path, block):
+    directory = save_fp8(tmp_path / "fp8")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = block
+    (directory / "config.json").write_text(json.dumps(config))
+    message = load_error(directory, dequantize=False)
+    assert message.startswith(f"{directory / 'config.json'}: quantization_config.weight_block_size is {block!r}; ")
