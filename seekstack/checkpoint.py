@@ -465,17 +465,33 @@ class CheckpointReader:
                         f"{index_path}: names shard {file!r}, which is missing from {self.directory}; "
                         f"the download is incomplete: fetch that shard, or {DAMAGED}"
                     )
+            self._refuse_keys_in_two_shards(weight_map)
             return weight_map
-        files = sorted(self.directory.glob("*.safetensors"))
-        if not files:
+        single = self.directory / SINGLE_FILE
+        if not single.is_file():  # as transformers: other safetensors files are read only through an index
+            others = ", ".join(sorted(file.name for file in self.directory.glob("*.safetensors")))
+            unread = f"{others} are read only through an index listing their keys, as transformers reads them; "
             raise CheckpointError(
-                f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}; the weights are missing: {DAMAGED}"
+                f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}; {unread if others else ''}the weights are "
+                f"missing: {DAMAGED}"
             )
-        key_to_file = {}
-        for file in files:
-            with _open_safetensors(file) as handle:
-                key_to_file.update({key: file.name for key in handle.keys()})
-        return key_to_file
+        with _open_safetensors(single) as handle:
+            return {key: SINGLE_FILE for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
+
+    def _refuse_keys_in_two_shards(self, weight_map: dict[str, str]) -> None:
+        """CheckpointError naming both shards and the key when two shards of the index hold one key: which one
+        the model gets would depend on the reader (headers only are read)."""
+        holder: dict[str, str] = {}
+        for file in sorted(set(weight_map.values())):
+            with _open_safetensors(self.directory / file) as handle:
+                for key in handle.keys():  # noqa: SIM118 (a safe_open handle)
+                    if key in holder:
+                        raise CheckpointError(
+                            f"{self.directory}: key {key!r} is stored in both {holder[key]} and {file} (the index "
+                            f"{INDEX_FILE} names {weight_map.get(key)!r}); a checkpoint stores each key once: "
+                            f"{DAMAGED}"
+                        )
+                    holder[key] = file
 
     def __enter__(self) -> CheckpointReader:
         return self

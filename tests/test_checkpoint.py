@@ -138,6 +138,33 @@ def test_small_shard_limit_writes_several_shards_and_an_index_that_loads_back(tm
     assert_same_state(model, seekstack.load_pretrained(tmp_path))
 
 
+O_PROJ = "model.layers.0.self_attn.o_proj.weight"
+
+
+def test_a_stray_safetensors_file_beside_model_safetensors_is_not_read(saved):
+    reference = seekstack.load_pretrained(saved)
+    save_file({O_PROJ: torch.randn_like(reference.layers[0].self_attn.o_proj.weight)}, saved / "zz_old.safetensors")
+    assert_same_state(reference, seekstack.load_pretrained(saved))
+
+
+def test_safetensors_files_without_model_safetensors_or_an_index_are_refused_naming_them(saved):
+    (saved / SINGLE_FILE).rename(saved / "weights.safetensors")
+    save_file({O_PROJ: torch.zeros(2)}, saved / "backup.safetensors")
+    message = load_error(saved)
+    assert message.startswith(f"{saved}: no {SINGLE_FILE} or {INDEX_FILE}; backup.safetensors, weights.safetensors ")
+
+
+def test_a_key_stored_in_two_shards_of_an_index_is_refused_naming_both(tmp_path):
+    seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
+    weight_map = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
+    holder = weight_map[O_PROJ]
+    other = next(file for file in sorted(set(weight_map.values())) if file != holder)
+    save_file({**load_file(tmp_path / other), O_PROJ: torch.randn(64, 64)}, tmp_path / other)
+    first, second = sorted([holder, other])
+    message = load_error(tmp_path)
+    assert message.startswith(f"{tmp_path}: key {O_PROJ!r} is stored in both {first} and {second} "), message
+
+
 def test_saving_over_a_sharded_checkpoint_leaves_no_stale_shards(tmp_path):
     model = random_model()
     seekstack.save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)
