@@ -179,26 +179,29 @@ class Server:
         return ModelList(data=[card for card in cards if key is None or key.may_use(card.id)])
 
     def model(self, model_id: str, key: ApiKey | None = None) -> ModelCard:
-        """One card of `models` (OpenAI's models.retrieve); 404 in OpenAI's shape for a model `key` may not see."""
+        """One card of `models` (OpenAI's models.retrieve); `unknown_model`'s 404 for a model `key` may not see."""
         for card in self.models(key).data:
             if card.id == model_id:
                 return card
-        raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        raise self.unknown_model(model_id, key)
 
-    def adapter_for(self, model: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model); 404 in OpenAI's shape for an unknown one."""
+    def adapter_for(self, model: str, key: ApiKey | None = None) -> str | None:
+        """The adapter a request's `model` names (None: the base model); `unknown_model`'s 404 for one this server
+        does not have or `key` may not use."""
+        if key is not None and not key.may_use(model):
+            raise self.unknown_model(model, key)
         if model == self.model_name:
             return None
         if model in self.engine.lora.folders:
             return model
-        raise self.unknown_model(model)
+        raise self.unknown_model(model, key)
 
-    def unknown_model(self, model: str) -> APIError:
-        """The 404, in OpenAI's shape, for a request's `model` this server does not have, naming those it has."""
-        known = ", ".join(repr(card.id) for card in self.models().data)
-        return APIError(
-            404, f"the model {model!r} does not exist; this server has {known}", param="model", code="model_not_found"
-        )
+    def unknown_model(self, model: str, key: ApiKey | None = None) -> APIError:
+        """The 404, in OpenAI's shape, for a `model` this server does not have or `key` may not use, alike (a key
+        learns nothing of the models it may not see), naming those it may use."""
+        usable = ", ".join(repr(card.id) for card in self.models(key).data) or "none"
+        message = f"the model {model!r} does not exist or you do not have access to it; you may use {usable}"
+        return APIError(404, message, param="model", code="model_not_found")
 
     async def generate(self, request: Request, schema: type[ChatCompletionRequest | CompletionRequest]) -> Response:
         """A chat or text completion: validate, admit, submit, then answer in one piece or as a stream."""
@@ -211,11 +214,7 @@ class Server:
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
             bill.model = body.model  # the ledger records which model served (or was asked for)
             refuse_unsupported(body)
-            adapter = self.adapter_for(body.model)
-            if bill.key is not None and not bill.key.may_use(body.model):
-                raise APIError(403, f"key {bill.key.name!r} may not use the model {body.model!r}; it may use "
-                               f"{', '.join(bill.key.models) or 'none'}", "permission_error", "model",
-                               "model_not_allowed")  # fmt: skip
+            adapter = self.adapter_for(body.model, bill.key)
             refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)
             output_format = await asyncio.to_thread(json_format, body, self.engine)  # compiles a grammar
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
@@ -239,7 +238,7 @@ class Server:
             except ValueError as error:
                 await self.settle(charge, 0)
                 if isinstance(error, UnknownAdapter):  # unloaded since adapter_for found it
-                    raise self.unknown_model(body.model) from None
+                    raise self.unknown_model(body.model, bill.key) from None
                 raise APIError(400, str(error)) from None
         except ClientDisconnect:  # gone before its body arrived
             await bill.record_async(CLIENT_CLOSED)

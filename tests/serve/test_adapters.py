@@ -69,7 +69,8 @@ def test_an_unknown_model_gets_404_in_openai_shape_naming_the_served_ones(served
     with pytest.raises(openai.NotFoundError) as refused:
         complete(api, "medical")
     assert refused.value.code == "model_not_found"
-    assert "'medical' does not exist; this server has 'model', 'legal', 'poem'" in str(refused.value)
+    message = "'medical' does not exist or you do not have access to it; you may use 'model', 'legal', 'poem'"
+    assert message in str(refused.value)
     row = sqlite3.connect(database).execute("SELECT model, status FROM usage ORDER BY id DESC LIMIT 1").fetchone()
     assert row == ("medical", 404)
 
@@ -90,6 +91,6 @@ def test_a_request_whose_adapter_is_unloaded_while_it_is_admitted_gets_404_model
     response = run(app, lambda client: client.post("/v1/completions", json=request))
     error = error_of(response, 404)
     assert (error["code"], error["param"]) == ("model_not_found", "model")
-    assert error["message"] == "the model 'legal' does not exist; this server has 'model'"
+    assert error["message"] == "the model 'legal' does not exist or you do not have access to it; you may use 'model'"
     row = sqlite3.connect(tmp_path / "serve.db").execute("SELECT model, status FROM usage").fetchall()
     assert row == [("legal", 404)]

@@ -304,17 +304,23 @@ def test_a_key_uses_only_its_models_and_only_admin_keys_read_usage(engine, tmp_p
         as_narrow, as_boss = {"Authorization": f"Bearer {narrow}"}, {"Authorization": f"Bearer {boss}"}
         return (
             await client.post("/v1/completions", json=COMPLETION, headers=as_narrow),
+            await client.post("/v1/completions", json={**COMPLETION, "model": "typo"}, headers=as_narrow),
             await client.get("/v1/models", headers=as_narrow),
             await client.get(f"/v1/models/{engine.model_name}", headers=as_narrow),
             await client.get("/v1/admin/usage", headers=as_narrow),
             await client.get("/v1/admin/usage", headers=as_boss),
         )
 
-    generation, models, base_card, user_usage, admin_usage = run(app, scenario)
-    error = error_of(generation, 403)
-    assert (error["code"], error["param"], error["type"]) == ("model_not_allowed", "model", "permission_error")
+    generation, unknown, models, base_card, user_usage, admin_usage = run(app, scenario)
     assert models.json()["data"] == []  # it may not use the base model
-    assert error_of(base_card, 404)["code"] == "model_not_found"  # nor see it
+    # was: 403 model_not_allowed for the base model, and 404 naming it ("this server has 'model'") for a typo
+    not_allowed, not_there = error_of(generation, 404), error_of(unknown, 404)
+    assert not_there == {**not_allowed, "message": not_allowed["message"].replace("'model'", "'typo'", 1)}
+    assert (not_allowed["code"], not_allowed["param"]) == ("model_not_found", "model")
+    assert (
+        not_allowed["message"] == "the model 'model' does not exist or you do not have access to it; you may use none"
+    )
+    assert error_of(base_card, 404) == not_allowed  # nor see it
     assert error_of(user_usage, 403)["code"] == "admin_required"
     assert admin_usage.status_code == 200 and admin_usage.json()["data"][0]["key_name"] == "narrow"
 
