@@ -606,9 +606,9 @@ class _Run:
     # ------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
-        """Next-token loss over `eval_batches` validation batches (the targets their labels count), bits per byte, and
-        MaxVio over all those batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only, or every rank where the
-        parameters are split over the ranks (experts, FSDP shards), whose forward gathers from all of them."""
+        """Next-token loss over `eval_batches` global validation batches (the targets their labels count), bits per
+        byte, and MaxVio over all those batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only, or every rank
+        where the parameters are split over the ranks (experts, FSDP shards), whose forward gathers from all of them."""
         split = self.expert_parallel or is_sharded(self.model)
         batches = self._validation_batches() if self.ranks.is_main or split else None
         if batches is None:
@@ -642,16 +642,18 @@ class _Run:
         return metrics
 
     def _validation_batches(self) -> list[ValidationBatch] | None:
-        """The first `eval_batches` batches of the val split's token windows (each target's bytes the split's mean
+        """The first `eval_batches` global batches (each `grad_accum_steps` micro-batches of `batch_size` rows, the
+        same rows however a step is split) of the val split's token windows (each target's bytes the split's mean
         bytes per token) or of the batch source's validation set; None when there is none."""
         config = self.config
+        micro_batches = config.eval_batches * config.grad_accum_steps
         if self.source is not None:
             validation_batches = getattr(self.source, "validation_batches", None)
-            return None if validation_batches is None else validation_batches(config.batch_size, config.eval_batches)
+            return None if validation_batches is None else validation_batches(config.batch_size, micro_batches)
         val = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
         index = load_index(config.data_dir, VAL_SPLIT)
         bytes_per_token = index["text_bytes"] / index["total_tokens"]
-        windows = itertools.islice(val.sequential(config.batch_size), config.eval_batches)
+        windows = itertools.islice(val.sequential(config.batch_size), micro_batches)
         return [ValidationBatch(w, w, w.shape[0] * (w.shape[1] - 1) * bytes_per_token) for w in windows]
 
     # ------------------------------------------------------------------------------ files and output

@@ -93,6 +93,22 @@ def test_val_loss_is_logged_every_eval_every_steps_as_the_masked_loss_and_a_resu
     assert [r for r in again if "val_loss" in r] == evaluations[1:]
 
 
+def test_held_out_conversations_scored_are_the_same_however_a_steps_batch_is_split(tmp_path):
+    """eval_batches counts global batches: 3 of 4 x 1 and of 2 x 2 both score all 10 held-out conversations (2 x 2
+    scored 6 of them: eval_batches micro-batches)."""
+    data = write_conversations(SUMS, tmp_path / "sums.jsonl")
+    run = ["max_steps=1", "eval_every=1", "eval_batches=3", "val_fraction=0.25", "save_every=0"]
+    evaluations = []
+    for batch_size, grad_accum_steps in ((4, 1), (2, 2)):
+        out_dir = tmp_path / f"{batch_size}x{grad_accum_steps}"
+        split = [f"batch_size={batch_size}", f"grad_accum_steps={grad_accum_steps}", f"out_dir={out_dir}"]
+        run_sft(sft_config(tmp_path, f"data={data}", *run, *split))
+        records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        evaluations.extend(r for r in records if "val_loss" in r)
+    assert evaluations[1]["val_loss"] == pytest.approx(evaluations[0]["val_loss"], rel=1e-5)
+    assert evaluations[1]["val_bpb"] == pytest.approx(evaluations[0]["val_bpb"], rel=1e-5)
+
+
 def test_a_val_data_file_holds_the_held_out_conversations_and_data_is_trained_whole(tmp_path):
     data = write_conversations(SUMS[:30], tmp_path / "train.jsonl")
     val_data = write_conversations(SUMS[30:], tmp_path / "val.jsonl")

@@ -181,6 +181,20 @@ def test_training_lowers_the_loss_and_logs_every_step(data_dir, tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_12"]  # the last step is always saved
 
 
+def test_validation_scores_the_same_windows_however_a_steps_batch_is_split(data_dir, tmp_path):
+    """eval_batches counts global batches: 8 x 1, 4 x 2 and 2 x 4 score the same 2 x 8 windows (the val_loss at
+    step 6 was 7.9180 / 7.8638 / 7.9019: eval_batches micro-batches)."""
+    evaluations = []
+    for batch_size, grad_accum_steps in ((8, 1), (4, 2), (2, 4)):
+        out_dir = tmp_path / f"{batch_size}x{grad_accum_steps}"
+        train(run_config(data_dir, out_dir, batch_size=batch_size, grad_accum_steps=grad_accum_steps, max_steps=1,
+                         eval_every=1, save_every=0))  # fmt: skip
+        (evaluation,) = [m for m in read_metrics(out_dir) if "val_loss" in m]
+        evaluations.append(evaluation)
+    for name in ("val_loss", "val_bpb", "val_maxvio"):
+        assert [e[name] for e in evaluations] == pytest.approx([evaluations[0][name]] * 3, rel=1e-5)
+
+
 def test_a_model_without_mtp_modules_logs_no_mtp_loss(data_dir, tmp_path):
     config = run_config(data_dir, tmp_path, model_overrides=MICRO_MODEL | {"num_nextn_predict_layers": 0}, max_steps=2)
     train(dataclasses.replace(config, eval_every=0, save_every=0))
