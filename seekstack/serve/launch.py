@@ -24,6 +24,8 @@ from seekstack.serve.database import default_database_location, open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.moderation import Policy
 
+log = logging.getLogger("seekstack.serve")
+
 
 @dataclass
 class ServeOptions:
@@ -52,6 +54,8 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
             "create one with `seekstack keys create --name NAME` or serve on 127.0.0.1"
         )
     policy = Policy.load(options.moderation_policy) if options.moderation_policy else None  # before weights load
+    if policy is not None:
+        warn_of_unknown_scopes(policy, options.moderation_policy, KeyStore(database))
     engine = Engine.from_pretrained(
         model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs(model_dir)
     )
@@ -68,6 +72,16 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
         else f"API keys required (from {database.location})"
     )
     return app, f"serving {name!r} on http://{options.host}:{options.port} (chat page at /); {access}"
+
+
+def warn_of_unknown_scopes(policy: Policy, path: Path, store: KeyStore) -> None:
+    """Log the plans and keys the policy file at `path` names that `store`'s database does not have (it may gain
+    them later): a misspelled one leaves its keys under every category, with no other sign."""
+    known = {"plan": {plan.name for plan in store.plans()}, "key": {key.name for key in store.list()}}
+    for kind, scopes in (("plan", policy.plans), ("key", policy.keys)):
+        for name in sorted(set(scopes) - known[kind]):
+            log.warning("%s: %ss.%s: no %s %r in the database %s (yet), so this entry applies to no key", path, kind,
+                        name, kind, name, store.database.location)  # fmt: skip
 
 
 def check_listenable(host: str, port: int) -> None:

@@ -126,8 +126,14 @@ class Policy:
 
         path = Path(path)
         policy = check(PolicyFile, read_config_file(path), str(path))
+        if not policy.categories:
+            raise ConfigError(f"{path}: no categories: the policy would moderate nothing; define them under "
+                              "`categories:` (or serve without --moderation-policy)")  # fmt: skip
         categories = []
         for name, rule in policy.categories.items():
+            blank = next((term for term in rule.terms if not term.split()), None)
+            if blank is not None:
+                raise ConfigError(f"{path}: category {name!r} has a blank term {blank!r}, which matches nothing")
             try:
                 expression = _expression(rule)
             except re.error as error:

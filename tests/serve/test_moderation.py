@@ -17,6 +17,7 @@ from seekstack.schema import ConfigError
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
+from seekstack.serve.launch import warn_of_unknown_scopes
 from seekstack.serve.ledger import Ledger
 from seekstack.serve.moderation import HeldLogprobs, ModeratedStream, Policy
 from seekstack.tokenizer import Tokenizer
@@ -66,6 +67,31 @@ def test_a_policy_file_with_a_mistake_is_refused_naming_it(tmp_path):
         write_policy(tmp_path, {"pii": {"classifier": "missing.npz"}})
     with pytest.raises(ConfigError, match="action"):
         write_policy(tmp_path, {"pii": {"terms": ["x"], "action": "shout"}})
+
+
+def test_a_policy_file_that_could_never_act_is_refused_naming_what(tmp_path):
+    with pytest.raises(ConfigError, match=r"policy.yaml: no categories: the policy would moderate nothing"):
+        write_policy(tmp_path, {})  # was: loaded, and moderated nothing
+    (tmp_path / "policy.yaml").write_text("")
+    with pytest.raises(ConfigError, match="no categories"):
+        Policy.load(tmp_path / "policy.yaml")
+    with pytest.raises(ConfigError, match=r"category 'pii' has a blank term '   ', which matches nothing"):
+        write_policy(tmp_path, {"pii": {"terms": ["foo", "   "]}})
+
+
+def test_serving_warns_of_the_plans_and_keys_a_policy_names_that_the_database_lacks(tmp_path, caplog):
+    database = open_database(tmp_path / "db")
+    store = KeyStore(database)
+    store.create("alice")
+    policy = write_policy(tmp_path, {"pii": {"terms": ["x"]}}, plans={"default": ["pii"], "fre": ["pii"]},
+                          keys={"alice": [], "bob": ["pii"]})  # fmt: skip
+    warn_of_unknown_scopes(policy, tmp_path / "policy.yaml", store)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{tmp_path / 'policy.yaml'}: plans.fre: no plan 'fre' in the database {database.location} (yet), so this "
+        "entry applies to no key",
+        f"{tmp_path / 'policy.yaml'}: keys.bob: no key 'bob' in the database {database.location} (yet), so this "
+        "entry applies to no key",
+    ]  # fmt: skip
 
 
 def test_a_blocked_term_split_across_pieces_is_never_released(policy):
