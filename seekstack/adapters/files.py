@@ -15,6 +15,7 @@ model made the adapter; it is read as on transformers' model (seekstack/adapters
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import re
@@ -175,8 +176,8 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
     refuse_quantized_base(model, folder)
     try:
         config = config_for_seekstack(config, model.config)
-        with quiet_parameter_patterns():
-            peft_model = get_peft_model(model, config, low_cpu_mem_usage=weightless)
+        with quiet_parameter_patterns(), torch.device("meta") if weightless else contextlib.nullcontext():
+            peft_model = get_peft_model(model, config)  # not low_cpu_mem_usage, which is process-wide (peft_targets)
     except (TypeError, ValueError) as error:  # peft checks a config's fields against the model only here
         raise CheckpointError(
             f"{folder / ADAPTER_CONFIG_FILE}: peft cannot apply this adapter config to the base model ({error})"

@@ -51,11 +51,13 @@ def config_for_seekstack(config: LoraConfig, model_config: ModelConfig) -> LoraC
 
     probe = copy.deepcopy(config)  # the targeting fields only: nothing is initialised on the weightless view
     probe.init_lora_weights, probe.use_dora, probe.lora_bias, probe.trainable_token_indices = False, False, False, None
-    with torch.device("meta"):
-        view = transformers_view(Transformer(model_config))
-    with warnings.catch_warnings():  # what peft warns about the config, the load on our model warns again
+    # The LoRA layers made on the meta device by torch's device mode, which holds in this thread only; peft's
+    # low_cpu_mem_usage instead patches nn.Module.register_parameter for the whole process, which moves the tensors
+    # another thread loads meanwhile (a server's concurrent adapter loads) to the meta device.
+    with torch.device("meta"), warnings.catch_warnings():  # what peft warns, the load on our model warns again
         warnings.simplefilter("ignore")
-        get_peft_model(view, probe, low_cpu_mem_usage=True)
+        view = transformers_view(Transformer(model_config))
+        get_peft_model(view, probe)
     modules, parameters, ranks, alphas = [], [], {}, {}
     for name, layer in view.named_modules():
         if not isinstance(layer, LoraLayer):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import itertools
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,12 +124,13 @@ class LoadedAdapters:
         if name in self.slots:
             raise AdapterConflict(f"an adapter named {name!r} is already loaded (from {self.folders[name]})")
         taken = set(self.slots.values())
-        self.slots[name] = next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
-        self.salts[self.slots[name]] = f"{name}#{next(self._loads)}"
-        self.weights[name] = weights
-        self.loaded_at = {**self.loaded_at, name: int(time.time())}  # before `folders`, which readers go by
-        self.folders = {**self.folders, name: Path(folder)}
-        self._restack()
+        slot = next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
+        with self._undone_on_error():
+            self.slots, self.weights = {**self.slots, name: slot}, {**self.weights, name: weights}
+            self.salts = {**self.salts, slot: f"{name}#{next(self._loads)}"}
+            self.loaded_at = {**self.loaded_at, name: int(time.time())}  # before `folders`, which readers go by
+            self.folders = {**self.folders, name: Path(folder)}
+            self._restack()
 
     def remove(self, name: str, requests_in_flight: int = 0) -> None:
         """Stop serving adapter `name`; AdapterConflict while `requests_in_flight` (unfinished ones using it) > 0."""
@@ -141,6 +143,19 @@ class LoadedAdapters:
         self.folders = {key: value for key, value in self.folders.items() if key != name}
         self.loaded_at = {key: value for key, value in self.loaded_at.items() if key != name}
         self._restack()
+
+    @contextmanager
+    def _undone_on_error(self) -> Iterator[None]:
+        """The adapters as they were, their factors laid out again, when what runs inside raises (a failed load must
+        leave no entry that every later restack would fail on); what runs inside replaces the dicts, never changes
+        them."""
+        before = self.slots, self.weights, self.salts, self.loaded_at, self.folders
+        try:
+            yield
+        except BaseException:
+            self.slots, self.weights, self.salts, self.loaded_at, self.folders = before
+            self._restack()
+            raise
 
     def _restack(self) -> None:
         """Give every adapted layer the factors and rows of all loaded adapters; a layer none of them adapts is plain

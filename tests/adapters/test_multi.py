@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ import seekstack
 from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.files import is_adapter_parameter, load_adapter, merged_model, save_adapter
 from seekstack.adapters.multi import MultiLoRAAttention, MultiLoRAExperts, MultiLoRALinear, MultiTokenRows
-from seekstack.adapters.registry import attach_adapters
+from seekstack.adapters.registry import AdapterWeights, attach_adapters, read_factors
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.moe import Routing
 from tests.adapters.support import write_base, write_random_adapter
@@ -279,3 +281,64 @@ def test_embedding_rows_apply_per_row_beside_head_rows_and_unload_to_the_plain_b
         loaded.remove(name)
     assert not any(isinstance(m, (MultiTokenRows, MultiLoRALinear, MultiLoRAExperts)) for m in model.modules())
     assert set(model.state_dict()) == set(seekstack.load_pretrained(base).state_dict())
+
+
+def same_weights(read: AdapterWeights, expected: AdapterWeights) -> bool:
+    """Whether `read` holds `expected`'s factors, on a real device (a meta tensor equals nothing)."""
+    pairs = [(read.factors[target], factors) for target, factors in expected.factors.items()]
+    tensors = [(ours, theirs) for pair in pairs for ours, theirs in zip(*pair, strict=True)]
+    return read.factors.keys() == expected.factors.keys() and all(
+        not ours.is_meta and torch.equal(ours, theirs) for ours, theirs in tensors
+    )
+
+
+@pytest.mark.parametrize("wrapping", ["targets' probe", "weightless model"])
+def test_adapters_read_at_the_same_time_each_get_the_factors_of_a_read_alone(served, monkeypatch, wrapping):
+    """A read that starts while another is inside peft's wrapping (of the view that finds the targets or of the
+    weightless model; a server's two overlapping loads) gets its own factors, not tensors on the meta device."""
+    from peft.tuners.lora import LoraModel
+
+    base, adapters = served
+    config = seekstack.load_pretrained(base).config
+    alone = {name: read_factors(config, folder) for name, folder in adapters.items()}
+    first_inside, second_read = threading.Event(), threading.Event()
+    create_and_replace = LoraModel._create_and_replace
+
+    def pausing_the_first_read(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        in_wrapping = isinstance(self.model, seekstack.Transformer) == (wrapping == "weightless model")
+        if threading.current_thread().name == "first" and in_wrapping and not first_inside.is_set():
+            first_inside.set()
+            second_read.wait(timeout=60)
+        return create_and_replace(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "_create_and_replace", pausing_the_first_read)
+    read = {}
+    first = threading.Thread(target=lambda: read.update(full=read_factors(config, adapters["full"])), name="first")
+    first.start()
+    assert first_inside.wait(timeout=60)
+    try:
+        read["attention"] = read_factors(config, adapters["attention"])
+    finally:
+        second_read.set()
+        first.join()
+    assert same_weights(read["attention"], alone["attention"]) and same_weights(read["full"], alone["full"])
+
+
+def test_a_load_that_fails_to_restack_leaves_the_loaded_adapters_serving_as_before(served):
+    base, adapters = served
+    ids = torch.randint(2, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    model = seekstack.load_pretrained(base).eval()
+    loaded = attach_adapters(model, {"full": adapters["full"]})
+    loaded.select([0, loaded.slot("full")], torch.device("cpu"))
+    with torch.no_grad():
+        before = model(ids).logits
+    unreadable = read_factors(model.config, adapters["attention"])
+    unreadable.factors = {target: (a.to("meta"), b.to("meta")) for target, (a, b) in unreadable.factors.items()}
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        loaded.add("broken", adapters["attention"], unreadable)
+    assert loaded.names == ["full"] and loaded.slots == {"full": 1} and list(loaded.weights) == ["full"]
+    loaded.select([0, loaded.slot("full")], torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    loaded.add("attention", adapters["attention"], read_factors(model.config, adapters["attention"]))
+    assert loaded.slot("attention") == 2
