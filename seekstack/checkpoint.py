@@ -81,6 +81,9 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
+FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
+# The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.
+QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32")}
 # The MTP modules' copies of the embedding and head: loading uses the main model's, so these stay unread.
 MTP_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")
 KEPT_FLOAT = "kv_b_proj"  # the layer loading keeps a float Linear however it is stored (attention absorbs its matrix)
@@ -247,6 +250,7 @@ def _quantized_from_reader(reader: CheckpointReader, key: str, shape: tuple[int,
 
 def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
     if f"{key}.weight_packed" in reader:
+        reader.check_stored_format(f"{key}.weight_packed")
         reader.used.add(f"{key}.weight_shape")
         bits = reader.packed_bits(key)
         columns = reader.stored_shape(f"{key}.weight_packed")[-1] * 32 // bits
@@ -254,6 +258,7 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
         return ["weight_packed", "weight_scale"]
     if f"{key}.weight" not in reader:
         return None
+    reader.check_stored_format(f"{key}.weight")
     stored = reader.stored_dtype(f"{key}.weight")
     if stored == "I8":
         columns = reader.stored_shape(f"{key}.weight")[-1]
@@ -438,6 +443,7 @@ class CheckpointReader:
         self._handles: dict[str, Any] = {}
         self.fp8_block: tuple[int, int] | None = None
         self.quantized = quantization is not None
+        self.quant_method = (quantization or {}).get("quant_method", "fp8") if self.quantized else None
         if quantization is not None:
             method = quantization.get("quant_method", "fp8")
             fp8 = method == "fp8" and quantization.get("fmt", "e4m3") == "e4m3"
@@ -641,6 +647,32 @@ class CheckpointReader:
                 f"{weight_key!r} takes {wanted}; {DAMAGED}"
             )
 
+    def check_stored_format(self, key: str) -> None:
+        """CheckpointError naming the file, the key and its dtype unless tensor `key` is stored as loading reads it:
+        e4m3 beside a `_scale_inv`, int8 beside a `_scale`, int32 words as `weight_packed`, else a float dtype (or
+        e4m3, whose missing scale `check_scales` names); quantized only in the quantization_config's format."""
+        stored = self.stored_dtype(key)
+        if f"{key}_scale_inv" in self:
+            loadable, expected = ("F8_E4M3",), f"fp8 e4m3, as its {key}_scale_inv says"
+        elif key.endswith(".weight_packed"):
+            loadable, expected = ("I32",), "int4/int8 codes packed in int32 words"
+        elif f"{key}_scale" in self:
+            loadable, expected = ("I8",), f"int8 codes, as its {key}_scale says"
+        else:
+            loadable, expected = (*FLOAT_STORED, "F8_E4M3"), f"a float weight ({', '.join(FLOAT_STORED)})"
+        if stored not in loadable:
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} is stored as {stored}, but seekstack loads it only as {expected}; "
+                f"{DAMAGED}"
+            )
+        configured = QUANTIZED_STORED.get(self.quant_method or "", ())
+        if stored not in FLOAT_STORED and self.quant_method is not None and stored not in configured:
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} is stored as {stored}, but the quantization_config of "
+                f"{self.directory / CONFIG_FILE} is {self.quant_method!r}, whose weights are {', '.join(configured)}; "
+                f"the config and the weights disagree: {DAMAGED}"
+            )
+
     def stored_bytes(self, key: str) -> int:
         """The bytes of `key` in its file, from the header only; CheckpointError naming the file and key for a dtype
         seekstack does not read."""
@@ -658,6 +690,7 @@ class CheckpointReader:
         and the key for a tensor stored in another shape, and for quantized weights' scales that do not fit it."""
         packed_key = key + "_packed"
         if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
+            self.check_stored_format(packed_key)
             if shape is not None:
                 self.check_shape(packed_key, shape)
             self.check_recorded_shape(packed_key)
@@ -667,6 +700,7 @@ class CheckpointReader:
             return dequantize_int(codes, self._get(key + "_scale"))
         if shape is not None:
             self.check_shape(key, shape)
+        self.check_stored_format(key)
         tensor = self._get(key)
         self.used.add(key)
         if not dequantize:  # memory-mapped; the mapping outlives the reader for as long as the tensor does

@@ -500,6 +500,16 @@ def test_fp8_weight_without_its_scale_is_reported_with_the_file_and_the_key(tmp_
     assert "'model.layers.0.self_attn.o_proj.weight_scale_inv'" in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "dtype, stored", [(torch.int32, "I32"), (torch.uint8, "U8"), (torch.bool, "BOOL"), (torch.float8_e5m2, "F8_E5M2")]
+)
+def test_a_weight_stored_in_no_float_dtype_is_refused_naming_the_file_the_key_and_the_dtype(saved, dtype, stored):
+    tensors = load_file(saved / SINGLE_FILE)
+    tensors[O_PROJ] = (tensors[O_PROJ] * 100).to(dtype)
+    save_file(tensors, saved / SINGLE_FILE)
+    assert load_error(saved).startswith(f"{saved / SINGLE_FILE}: key {O_PROJ!r} is stored as {stored}, but ")
+
+
 def test_unused_checkpoint_keys_are_reported_in_a_warning(saved):
     tensors = load_file(saved / SINGLE_FILE)
     tensors["model.layers.0.mlp.surplus.weight"] = torch.zeros(2)

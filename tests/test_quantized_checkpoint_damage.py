@@ -135,3 +135,25 @@ def test_fp8_weight_block_size_that_is_not_two_positive_integers_is_refused_nami
     (directory / "config.json").write_text(json.dumps(config))
     message = load_error(directory, dequantize=False)
     assert message.startswith(f"{directory / 'config.json'}: quantization_config.weight_block_size is {block!r}; ")
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
+@pytest.mark.parametrize("dtype, stored", [(torch.float8_e5m2, "F8_E5M2"), (torch.int8, "I8"), (torch.float32, "F32")])
+def test_fp8_weight_stored_in_another_dtype_beside_its_scale_is_refused_naming_the_file_the_key_and_the_dtype(
+    tmp_path, dtype, stored, dequantize
+):
+    directory = save_fp8(tmp_path / "fp8")
+    damage(directory / SINGLE_FILE, replace(f"{Q_B}.weight", lambda weight: weight.float().to(dtype)))
+    message = load_error(directory, dequantize)
+    assert message.startswith(f"{directory / SINGLE_FILE}: key '{Q_B}.weight' is stored as {stored}, but "), message
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
+def test_int_weights_under_an_fp8_quantization_config_are_refused_naming_the_file_and_the_config(tmp_path, dequantize):
+    directory = save_quantized(tmp_path / "int8", "int8")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(FP8_BLOCK)}
+    (directory / "config.json").write_text(json.dumps(config))
+    message = load_error(directory, dequantize)
+    assert message.startswith(f"{directory / SINGLE_FILE}: key "), message
+    assert f"is stored as I32, but the quantization_config of {directory / 'config.json'} is 'fp8'" in message
