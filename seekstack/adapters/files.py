@@ -56,6 +56,7 @@ ADAPTER_KEY = re.compile(
     r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_([AB]\.weight|embedding_[AB]|magnitude_vector)"
     r"|\.token_adapter\.trainable_tokens_delta)"
 )
+LORA_FACTOR = re.compile(r"\.lora_(embedding_)?(?P<factor>[AB])\.")  # in peft's parameter names, `.lora_A.default`
 BASE_LAYER_COPY = re.compile(r"(?P<module>.+?)\.base_layer\.weight")  # peft's save_embedding_layers: the base's
 UNSUPPORTED_OPTIONS = {  # peft's LoraConfig fields seekstack refuses, and what they add
     "lora_bias": "a trained bias on each lora_B; seekstack's adapted layers have no bias to merge it into",
@@ -144,9 +145,7 @@ def save_adapter(model: PeftModel, folder: str | Path, initial: dict[str, torch.
             tensor = torch.cat([tensor, initial[key]], dim=0)
         elif initial is not None and ".lora_B." in key:
             tensor = torch.cat([tensor, -initial[key]], dim=1)
-        module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
-        hf_module = checkpoint_key(f"{module}.weight", layers).removesuffix(".weight")
-        tensors[f"{PEFT_PREFIX}{hf_module}{lora}"] = tensor.detach().to("cpu").contiguous()
+        tensors[_file_key(key, layers, folder)] = tensor.detach().to("cpu").contiguous()
     save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
     config = copy.deepcopy(model.peft_config["default"])
     if initial is not None:  # rsLoRA's scale alpha/sqrt(r) stays the same with alpha x sqrt(2)
@@ -242,7 +241,7 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
     layers = model.get_base_model().config.num_hidden_layers
     names = [name for name, _ in model.get_base_model().named_modules() if name]
     ours = {checkpoint_key(f"{name}.weight", layers).removesuffix(".weight"): name for name in names}
-    tensors = {}
+    tensors, file_keys = {}, {}  # by peft's key on our model; that key -> the file's
     for key, tensor in read_safetensors(weights).items():
         base_copy = BASE_LAYER_COPY.fullmatch(key.removeprefix(PEFT_PREFIX))
         hf_module, lora = (base_copy["module"], "") if base_copy else _split(key.removeprefix(PEFT_PREFIX), folder)
@@ -258,6 +257,7 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
         elif converted and ".lora_B." in lora:
             tensor = tensor[:, : tensor.shape[1] // 2]
         tensors[f"{PEFT_PREFIX}{ours[hf_module]}{lora}"] = tensor
+        file_keys[f"{PEFT_PREFIX}{ours[hf_module]}{lora}"] = key
     full_names = {  # peft saves DoRA's magnitude `lora_magnitude_vector.default.weight` without `.default.weight`
         key.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): key
         for key, _ in model.named_parameters()
@@ -265,26 +265,55 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
     }
     expected = {key: model.get_parameter(name) for key, name in full_names.items()}
     if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        missing = sorted(_file_key(key, layers, folder) for key in set(expected) - set(tensors))
+        extra = sorted(file_keys[key] for key in set(tensors) - set(expected))
         raise CheckpointError(
             f"{weights}: the weights do not match {ADAPTER_CONFIG_FILE} (missing {missing[:3]}, unexpected "
             f"{extra[:3]}): re-save the adapter"
         )
     for key, tensor in tensors.items():
         if tensor.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{weights}: key {key!r} has shape {tuple(tensor.shape)}, the base model needs "
-                f"{tuple(expected[key].shape)}: the adapter was trained on another base"
+            raise _shape_error(
+                model, full_names[key], tensor.shape, expected[key].shape, f"{weights}: key {file_keys[key]!r}"
             )
         if not torch.isfinite(tensor).all():
             raise CheckpointError(
-                f"{weights}: key {key!r} holds NaN or infinite values: the training that wrote it diverged; "
+                f"{weights}: key {file_keys[key]!r} holds NaN or infinite values: the training that wrote it diverged; "
                 "train the adapter again (e.g. with a lower lr)"
             )
     if weightless:
         model.load_state_dict({full_names[key]: tensor for key, tensor in tensors.items()}, strict=False, assign=True)
     else:
         set_peft_model_state_dict(model, tensors)
+
+
+def _shape_error(
+    model: PeftModel, parameter: str, stored: torch.Size, needed: torch.Size, where: str
+) -> CheckpointError:
+    """The refusal of a stored tensor (`where`: file and key) of shape `stored` for the adapter `parameter` of `model`,
+    which is `needed`: the rank in adapter_config.json disagrees with the weights when only a factor's rank differs,
+    else the adapter was trained on another base."""
+    if not _differs_in_rank_only(parameter, stored, needed):
+        return CheckpointError(
+            f"{where} has shape {tuple(stored)}, the base model needs {tuple(needed)}: the adapter was trained on "
+            "another base"
+        )
+    rank = model.get_submodule(parameter.rsplit(".lora_", 1)[0]).r["default"]
+    return CheckpointError(
+        f"{where} has shape {tuple(stored)}, where rank {rank} of {ADAPTER_CONFIG_FILE} (r / rank_pattern) needs "
+        f"{tuple(needed)}: the rank in {ADAPTER_CONFIG_FILE} disagrees with the weights; correct r / rank_pattern, "
+        "or re-save the adapter"
+    )
+
+
+def _differs_in_rank_only(parameter: str, stored: torch.Size, needed: torch.Size) -> bool:
+    """Whether the shapes of LoRA factor `parameter`, A (r, in) or B (out, r) (an expert parameter's E pairs side by
+    side along r), differ only in its rank dimension."""
+    factor = LORA_FACTOR.search(parameter)
+    if factor is None or len(stored) != len(needed):
+        return False
+    rank_dim = 0 if factor["factor"] == "A" else len(needed) - 1
+    return all(ours == theirs for dim, (ours, theirs) in enumerate(zip(stored, needed, strict=True)) if dim != rank_dim)
 
 
 def _check_base_layer_copy(layer: torch.nn.Module, key: str, stored: torch.Tensor, weights: Path) -> None:
@@ -367,6 +396,13 @@ def publish_adapter(checkpoint: str | Path, out: str | Path) -> Path:
 def is_adapter_parameter(name: str) -> bool:
     """Whether a parameter of a peft model belongs to the adapter (a LoRA factor or a trained head row)."""
     return any(part in name for part in ADAPTER_PARAMETERS)
+
+
+def _file_key(key: str, layers: int, folder: Path) -> str:
+    """The key in the adapter file of the tensor peft keys `key` on our model of `layers` main layers
+    (`base_model.model.layers.0.mlp.down_proj.lora_A.weight` -> `base_model.model.model.layers.0...`)."""
+    module, lora = _split(key.removeprefix(PEFT_PREFIX), folder)
+    return f"{PEFT_PREFIX}{checkpoint_key(f'{module}.weight', layers).removesuffix('.weight')}{lora}"
 
 
 def _split(key: str, folder: Path) -> tuple[str, str]:

@@ -269,6 +269,50 @@ def test_a_damaged_adapter_file_is_refused_naming_the_file(base, adapter, tmp_pa
         load_adapter(model, damaged)  # what generate and chat read
 
 
+FIRST_B = "base_model.model.model.layers.0.self_attn.kv_a_proj_with_mqa.lora_B.weight"  # (out, r): rank 4
+
+
+def with_rank_widened(data: bytes) -> bytes:
+    """The adapter weights with FIRST_B's rank widened from 4 to 6 (a factor that its config's r does not size)."""
+    tensors = load_safetensors(data)
+    tensors[FIRST_B] = torch.cat([tensors[FIRST_B], torch.zeros(tensors[FIRST_B].shape[0], 2)], dim=1)
+    return save_safetensors(tensors)
+
+
+def without_first_b(data: bytes) -> bytes:
+    return save_safetensors({key: t for key, t in load_safetensors(data).items() if key != FIRST_B})
+
+
+MISMATCHES = {  # file -> (what is written over it, what the error says, naming the file's key)
+    "config rank above the weights'": (
+        ADAPTER_CONFIG_FILE,
+        lambda data: json.dumps({**json.loads(data), "r": 8}).encode(),
+        r"key 'base_model\.model\.lm_head\.lora_A\.weight' has shape \(4, \d+\), where rank 8 of adapter_config\.json "
+        r"\(r / rank_pattern\) needs \(8, \d+\): the rank in adapter_config\.json disagrees with the weights",
+    ),
+    "one factor of another rank": (
+        ADAPTER_WEIGHTS_FILE,
+        with_rank_widened,
+        rf"key '{FIRST_B}' has shape \(\d+, 6\), where rank 4 of adapter_config\.json \(r / rank_pattern\) needs "
+        r"\(\d+, 4\): the rank in adapter_config\.json disagrees",
+    ),
+    "a factor missing": (ADAPTER_WEIGHTS_FILE, without_first_b, rf"missing \['{FIRST_B}'\], unexpected \[\]"),
+}
+
+
+@pytest.mark.parametrize("mismatch", MISMATCHES, ids=list(MISMATCHES))
+def test_weights_that_do_not_match_the_adapter_config_are_refused_naming_the_files_key(
+    base, adapter, tmp_path, mismatch
+):
+    name, rewrite, message = MISMATCHES[mismatch]
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(adapter, mismatched)
+    (mismatched / name).write_bytes(rewrite((mismatched / name).read_bytes()))
+    with pytest.raises(CheckpointError, match=f"{mismatched / ADAPTER_WEIGHTS_FILE}: .*{message}") as refusal:
+        read_factors(seekstack.load_pretrained(base).config, mismatched)
+    assert "another base" not in str(refusal.value)
+
+
 def test_dropout_with_parameter_targets_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match="dropout"):
         AdapterConfig(dropout=0.1).validate()
