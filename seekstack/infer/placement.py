@@ -432,9 +432,11 @@ def mapped_file(tensor: torch.Tensor) -> Path | None:
 
 
 def _moved(value: Any, device: torch.device) -> Any:
-    """`value` with every tensor in it (in tuples, lists, dicts and dataclasses) on `device`."""
+    """`value` with every tensor in it (in tuples, lists, dicts and dataclasses) on `device`. A copy to the CPU
+    waits for its data (a non-blocking one from a GPU returns before it arrives, and the CPU parts read it at once);
+    one to a GPU need not, being ordered on that GPU's stream before the kernels that read it."""
     if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
+        return value.to(device, non_blocking=device.type != "cpu")
     if isinstance(value, (tuple, list)):
         return type(value)(_moved(item, device) for item in value)
     if isinstance(value, dict):

@@ -18,6 +18,8 @@ from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.params import parse_bytes
 from seekstack.infer.placement import (
+    _inputs_to,
+    _outputs_to,
     device_map_for,
     format_device_map,
     layer_devices,
@@ -120,6 +122,21 @@ def test_attention_on_the_gpu_and_routed_experts_on_the_cpu_give_the_logits_of_o
         Engine(placed, tokenizer).generate([prompt], params)[0].token_ids
         == Engine(model, tokenizer).generate([prompt], params)[0].token_ids
     )
+
+
+def test_results_copied_back_to_the_cpu_wait_for_their_data_and_inputs_sent_to_a_gpu_need_not(monkeypatch):
+    # A non-blocking GPU->CPU copy returns before its data arrives; the CPU norms and routers read it at once.
+    copies = []
+
+    def recorded_copy(tensor, device, non_blocking=False):
+        copies.append((torch.device(device).type, non_blocking))
+        return tensor
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded_copy)
+    activation = torch.ones(2)
+    _outputs_to(torch.device("cpu"))(None, (), (activation, {"kv_latent": activation}))
+    _inputs_to(torch.device("cuda:0"))(None, (activation,), {})
+    assert copies == [("cpu", False), ("cpu", False), ("cuda", True)]
 
 
 def test_from_pretrained_places_the_parts_a_device_map_names(tmp_path):
