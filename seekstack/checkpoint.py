@@ -295,6 +295,7 @@ def _expert_weights_from_reader(
     half = (gate_up_rows // 2, hidden)
     for e in range(count):
         for proj, shape in {"gate_proj": half, "up_proj": half, "down_proj": down_shape[1:]}.items():
+            _check_stored_like(reader, f"{key}.{e}.{proj}", f"{key}.0.gate_proj")
             reader.check_quantized_shape(f"{key}.{e}.{proj}", shape)
     gate_up, down = {}, {}
     for name in names:
@@ -313,6 +314,18 @@ def _expert_weights_from_reader(
         weight_from_stored(gate_up, reader.fp8_block, 2, reader.packed_bits(f"{key}.0.gate_proj")),
         weight_from_stored(down, reader.fp8_block, 1, reader.packed_bits(f"{key}.0.down_proj")),
     )
+
+
+def _check_stored_like(reader: CheckpointReader, layer: str, reference: str) -> None:
+    """CheckpointError naming the file and the key when checkpoint layer `layer` (an expert's projection) is stored
+    in another format than `reference` (expert 0's): a layer's experts load as one stack in one format."""
+    weight, reference_weight = reader.weight_key(layer), reader.weight_key(reference)
+    stored, expected = reader.stored_dtype(weight), reader.stored_dtype(reference_weight)
+    if (weight.removeprefix(layer), stored) != (reference_weight.removeprefix(reference), expected):
+        raise CheckpointError(
+            f"{reader.file_of(weight)}: key {weight!r} is stored as {stored}, but {reference_weight!r} as {expected}; "
+            f"the experts of a layer load as one stack, stored in one format: {DAMAGED}"
+        )
 
 
 def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: torch.device | str) -> set[str]:
@@ -521,7 +534,7 @@ class CheckpointReader:
             if weights.get("num_bits") != bits:
                 raise CheckpointError(
                     f"{config}: quantization_config group {name!r} says num_bits={weights.get('num_bits')} for layer "
-                    f"{key!r}, but {self.file_of(self._weight_key(key))} stores it as int{bits}; the config and the "
+                    f"{key!r}, but {self.file_of(self.weight_key(key))} stores it as int{bits}; the config and the "
                     f"weights disagree: {DAMAGED}"
                 )
             group_size = weights.get("group_size") if weights.get("strategy") == "group" else columns
@@ -568,7 +581,8 @@ class CheckpointReader:
             )
         return bits
 
-    def _weight_key(self, key: str) -> str:
+    def weight_key(self, key: str) -> str:
+        """The key of checkpoint layer `key`'s stored weight: `key.weight_packed` or `key.weight`."""
         return f"{key}.weight_packed" if f"{key}.weight_packed" in self.key_to_file else f"{key}.weight"
 
     def stored_shape(self, key: str) -> list[int]:
@@ -601,7 +615,7 @@ class CheckpointReader:
     def check_quantized_shape(self, layer: str, expected: tuple[int, ...], parts: int = 1) -> None:
         """CheckpointError naming the file and the key unless the quantized weight of checkpoint layer `layer` is the
         (..., rows, columns) `expected` that the config implies, with scales that fit it (`check_scales`)."""
-        weight_key = self._weight_key(layer)
+        weight_key = self.weight_key(layer)
         self.check_shape(weight_key, expected)
         self.check_recorded_shape(weight_key)
         self.check_scales(weight_key, parts)

@@ -157,3 +157,15 @@ def test_int_weights_under_an_fp8_quantization_config_are_refused_naming_the_fil
     message = load_error(directory, dequantize)
     assert message.startswith(f"{directory / SINGLE_FILE}: key "), message
     assert f"is stored as I32, but the quantization_config of {directory / 'config.json'} is 'fp8'" in message
+
+
+@pytest.mark.parametrize("dtype, stored", [(torch.float32, "F32"), (torch.float8_e5m2, "F8_E5M2")])
+def test_an_expert_stored_unlike_the_others_is_refused_naming_its_shard_its_key_and_both_formats(
+    tmp_path, dtype, stored
+):
+    directory = save_fp8(tmp_path / "fp8", max_shard_bytes=8_000)
+    shard = directory / json.loads((directory / INDEX_FILE).read_text())["weight_map"][f"{UP}.weight"]
+    damage(shard, replace(f"{UP}.weight", lambda weight: weight.float().to(dtype)))
+    message = load_error(directory, dequantize=False)
+    assert message.startswith(f"{shard}: key '{UP}.weight' is stored as {stored}, but "), message
+    assert "'model.layers.1.mlp.experts.0.gate_proj.weight' as F8_E4M3" in message
