@@ -4,7 +4,8 @@ Each layer's pool holds, per token slot, the compressed KV latent (C = kv_lora_r
 (R = qk_rope_head_dim) side by side, so a token costs (C + R) x layers x dtype size bytes. A sequence owns
 a block table (list of block ids); token j of it lives in slot table[j // block_size] * block_size + j % block_size.
 Block 0 is never handed out: padding writes land there. The pool is sized by a memory budget
-(`blocks_in_budget`), and a sequence's table grows block by block as its tokens arrive (`allocate`).
+(`blocks_in_budget`; by default, each device's pools by the memory free there: `blocks_in_free_memory`), and a
+sequence's table grows block by block as its tokens arrive (`allocate`).
 
 Automatic prefix caching (as vLLM's): a full block whose tokens are computed is registered under the chained
 hash of every token up to its end (`commit`), so a later sequence with the same prefix shares it (`admit`)
@@ -24,7 +25,7 @@ import hashlib
 import math
 import os
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,13 +57,38 @@ def free_memory(device: torch.device | str) -> int:
 def blocks_in_budget(config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype) -> int:
     """Blocks (block 0 included) whose pools fit in `budget_bytes`; ValueError when fewer than the 2 a cache needs."""
     layers = config.num_hidden_layers + config.num_nextn_predict_layers
-    block_bytes = (config.kv_lora_rank + config.qk_rope_head_dim) * layers * dtype.itemsize * block_size
+    block_bytes = _block_bytes(config, block_size, dtype, layers)
     if budget_bytes < 2 * block_bytes:
         raise ValueError(
             f"kv_cache_memory={budget_bytes} bytes holds {budget_bytes // block_bytes} cache blocks of {block_bytes} "
             f"bytes; the cache needs at least 2 (block 0 is reserved): raise kv_cache_memory"
         )
     return budget_bytes // block_bytes
+
+
+def blocks_in_free_memory(
+    config: ModelConfig, layer_devices: list[torch.device], block_size: int, dtype: torch.dtype
+) -> int:
+    """Blocks (block 0 included) whose pools fit, on each device of `layer_devices` (one per cache layer), in
+    `DEFAULT_MEMORY_FRACTION` of the memory free there; ValueError naming the device where fewer than 2 fit."""
+    fits = {}  # device -> (blocks, bytes free, bytes of a block of its layers)
+    for device, layers in Counter(layer_devices).items():
+        free, block_bytes = free_memory(device), _block_bytes(config, block_size, dtype, layers)
+        fits[device] = (int(DEFAULT_MEMORY_FRACTION * free) // block_bytes, free, block_bytes)
+    device = min(fits, key=lambda d: fits[d][0])
+    blocks, free, block_bytes = fits[device]
+    if blocks < 2:
+        raise ValueError(
+            f"{device} has {free} bytes free; {DEFAULT_MEMORY_FRACTION:.0%} of them hold {blocks} cache blocks of "
+            f"{block_bytes} bytes (its layers' pools); the cache needs at least 2 (block 0 is reserved): free memory "
+            "there or give kv_cache_memory"
+        )
+    return blocks
+
+
+def _block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype, layers: int) -> int:
+    """Bytes one cache block takes in the pools of `layers` layers."""
+    return (config.kv_lora_rank + config.qk_rope_head_dim) * layers * dtype.itemsize * block_size
 
 
 class PagedLatentCache:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from seekstack.checkpoint import load_pretrained, read_config
-from seekstack.infer.cache import DEFAULT_MEMORY_FRACTION, PagedLatentCache, blocks_in_budget, free_memory
+from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
@@ -162,8 +162,9 @@ class Engine:
     ):
         """`adapters` name LoRA adapter folders (peft format) that requests may pick by name (`add_request`); rows
         of different adapters share every step, each with its own adapter (seekstack.adapters.multi).
-        The cache takes `num_blocks`, or as many as `kv_cache_memory` bytes hold (by default half the memory free
-        on the device), never more than max_batch_size requests of max_model_len tokens use.
+        The cache takes `num_blocks`, or as many as `kv_cache_memory` bytes hold (by default, as many as half the
+        memory free on each device holds of its layers' pools), never more than max_batch_size requests of
+        max_model_len tokens use.
         `compile`: decode steps through torch.compile from the first step (True), never (False), or, with None, once
         eager decode steps have taken as long as compiling them would (`COMPILE_AFTER_SECONDS`), where the engine
         can (no device map): a short run never waits for a compile. `eager_lone_row`: a compiled engine's plain decode
@@ -234,18 +235,23 @@ class Engine:
         # holds beyond its last token.
         self.lookahead = max(self.draft_tokens - 1, 0)
         self.draft_slots = self.draft_tokens + self.lookahead
+        pool_devices = layer_devices(self.model)
         if num_blocks is None:
             dtype = model.embed_tokens.weight.dtype
-            budget = kv_cache_memory or int(DEFAULT_MEMORY_FRACTION * free_memory(self.device))
             whole_batch = max_batch_size * math.ceil((self.max_model_len + self.draft_slots) / block_size) + 1
-            num_blocks = min(blocks_in_budget(self.config, budget, block_size, dtype), whole_batch)
+            fits = (
+                blocks_in_budget(self.config, kv_cache_memory, block_size, dtype)
+                if kv_cache_memory
+                else blocks_in_free_memory(self.config, pool_devices, block_size, dtype)
+            )
+            num_blocks = min(fits, whole_batch)
         from seekstack.adapters.registry import attach_adapters
 
         self.lora = attach_adapters(self.model, adapters or {})
         self.cache = PagedLatentCache(
             self.config, num_blocks, block_size, model.embed_tokens.weight.dtype, self.device,
             prefix_caching=prefix_caching, key_extra_tokens=1 if speculative else 0,
-            layer_devices=layer_devices(self.model),
+            layer_devices=pool_devices,
         )  # fmt: skip
         self.preemptions = 0
         self._admissions = itertools.count()

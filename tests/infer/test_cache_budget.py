@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import seekstack.infer.cache as cache_module
+import seekstack.infer.engine as engine_module
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.cache import blocks_in_budget
 
@@ -29,6 +31,34 @@ def test_the_cache_holds_as_many_blocks_as_the_memory_budget_pays_for(model, tok
     assert default.cache.num_blocks == 2 * 64 // 4 + 1
     kwargs = EngineOptions(kv_cache_memory="2MiB", prefix_caching=False).engine_kwargs()
     assert kwargs["kv_cache_memory"] == 2 * 2**20 and kwargs["prefix_caching"] is False
+
+
+def pools_on_a_second_device(model, monkeypatch, free_blocks: float) -> int:
+    """Put the main layers' pools on a second device (meta, standing in for the GPU of a device map) with room free
+    for `free_blocks` blocks (of 4 float32 tokens) of them, the MTP layer's on a roomy CPU; the bytes free there."""
+    gpu_layers = model.config.num_hidden_layers
+    devices = [torch.device("meta")] * gpu_layers + [torch.device("cpu")]
+    block_bytes = (model.config.kv_lora_rank + model.config.qk_rope_head_dim) * gpu_layers * 4 * 4
+    free = {"meta": int(free_blocks * block_bytes), "cpu": 2**40}
+    monkeypatch.setattr(engine_module, "layer_devices", lambda placed: devices)
+    monkeypatch.setattr(cache_module, "free_memory", lambda device: free[torch.device(device).type])
+    return free["meta"]
+
+
+def test_the_default_cache_of_each_device_is_sized_by_the_memory_free_on_that_device(model, tokenizer, monkeypatch):
+    pools_on_a_second_device(model, monkeypatch, free_blocks=20.5)
+    engine = Engine(model, tokenizer, block_size=4)
+    assert engine.cache.num_blocks == 10  # half the second device's free memory, not the host's
+    assert [pool.device.type for pool in engine.cache.pools] == ["meta"] * model.config.num_hidden_layers + ["cpu"]
+
+
+def test_a_device_whose_free_memory_holds_no_cache_is_refused_naming_it_and_the_numbers(model, tokenizer, monkeypatch):
+    free = pools_on_a_second_device(model, monkeypatch, free_blocks=3)
+    block_bytes = free // 3
+    with pytest.raises(
+        ValueError, match=f"meta has {free} bytes free; 50% of them hold 1 cache blocks of {block_bytes}"
+    ):
+        Engine(model, tokenizer, block_size=4)
 
 
 def test_blocks_grow_with_the_sequence_instead_of_being_reserved_for_max_tokens(model, tokenizer):
