@@ -832,6 +832,7 @@ def load_pretrained(
     ):
         present_mtp += 1
     config = follow_moe_layout_of_weights(config.replace(num_nextn_predict_layers=present_mtp), reader, config_path)
+    config = untie_a_stored_head(config, reader, config_path)
     warn_transformers_divergences(config, directory)
 
     with torch.device("meta"):
@@ -910,6 +911,23 @@ def follow_moe_layout_of_weights(config: ModelConfig, reader: CheckpointReader, 
         f"and transformers, which ignores moe_layer_freq, makes all of {list(layers)} MoE; use the {CONFIG_FILE} "
         "saved with these weights"
     )
+
+
+def untie_a_stored_head(config: ModelConfig, reader: CheckpointReader, config_path: Path) -> ModelConfig:
+    """`config`, untied (tie_word_embeddings=False, with a warning) when it ties the head to the embedding but the
+    weights store a head that is not the embedding: transformers then keeps that head untied, so it is used."""
+    if not config.tie_word_embeddings or reader.weight_key("lm_head") not in reader:
+        return config
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if head in reader and reader.stored_shape(head) == reader.stored_shape(embedding):
+        if torch.equal(reader.read(head), reader.read(embedding)):  # a tied head stored anyway: tie it
+            return config
+    warnings.warn(
+        f"{config_path}: tie_word_embeddings is true, but {reader.file_of(reader.weight_key('lm_head'))} stores an "
+        "lm_head that is not the embedding; it is loaded untied (tie_word_embeddings=False), as transformers loads it",
+        stacklevel=3,
+    )
+    return config.replace(tie_word_embeddings=False)
 
 
 def warn_transformers_divergences(config: ModelConfig, where: str | Path) -> None:

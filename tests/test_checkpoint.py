@@ -112,6 +112,27 @@ def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
 
 
 # ------------------------------------------------------------------ sharding
+def test_a_stored_head_that_is_not_the_embedding_is_loaded_untied_under_a_tying_config_as_transformers_does(tmp_path):
+    model = random_model(num_nextn_predict_layers=0)
+    seekstack.save_pretrained(model, tmp_path)
+    rewrite_config(tmp_path, tie_word_embeddings=True)
+    with pytest.warns(UserWarning, match=r"tie_word_embeddings is true, but .*model\.safetensors stores an lm_head"):
+        loaded = seekstack.load_pretrained(tmp_path).eval()
+    assert not loaded.config.tie_word_embeddings and loaded.lm_head.weight is not loaded.embed_tokens.weight
+    assert torch.equal(logits(loaded, INPUT_IDS), logits(model, INPUT_IDS))
+
+
+def test_a_stored_head_equal_to_the_embedding_is_tied_under_a_tying_config(tmp_path):
+    model = random_model(num_nextn_predict_layers=0)
+    model.lm_head.weight.data.copy_(model.embed_tokens.weight)
+    seekstack.save_pretrained(model, tmp_path)
+    rewrite_config(tmp_path, tie_word_embeddings=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = seekstack.load_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+
+
 def test_small_shard_limit_writes_several_shards_and_an_index_that_loads_back(tmp_path):
     model = random_model()
     limit = 40_000
