@@ -22,6 +22,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 from tokenizers import Tokenizer as BackendTokenizer
 
 from seekstack.atomic import write_atomic
+from seekstack.schema import ConfigError
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -32,6 +33,11 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4 in a trained token
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_ROLES = ("system", "user", "assistant")
+SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
+# 4x the largest vocabulary of a released model (Gemma 3's 262,144; DeepSeek-V3 has 129,280): ids far below what
+# uint32 shards hold, and ~75 MB for the BPE trainer, which allocates ~70 bytes per token asked for up front (it
+# aborts the process, past Python's reach, when that fails: 1e9 tokens asks for 70 GB).
+LARGEST_VOCAB = 2**20
 
 # The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
@@ -251,16 +257,31 @@ def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, 
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+def check_vocab_size(vocab_size: int) -> None:
+    """ConfigError naming the field `vocab_size` unless a BPE of that many tokens can be trained here."""
+    if vocab_size < SMALLEST_VOCAB:
+        raise ConfigError(
+            f"is {vocab_size:,}, too small: at least {SMALLEST_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special "
+            "tokens)",
+            "vocab_size",
+        )
+    if vocab_size > LARGEST_VOCAB:
+        raise ConfigError(
+            f"is {vocab_size:,}, too large: at most {LARGEST_VOCAB:,}, 4x the largest vocabulary a released model "
+            "uses (Gemma 3's 262,144)",
+            "vocab_size",
+        )
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike, model_max_length: int = 4096
 ) -> Tokenizer:
     """Train a byte-level BPE on `texts`; write `tokenizer.json` and `tokenizer_config.json` to `out_path`.
 
-    `out_path` is the directory, or the `tokenizer.json` path inside it.
+    `out_path` is the directory, or the `tokenizer.json` path inside it; a `vocab_size` outside
+    [SMALLEST_VOCAB, LARGEST_VOCAB] is a ConfigError, raised before `texts` is read.
     """
-    smallest = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
-    if vocab_size < smallest:
-        raise ValueError(f"vocab_size {vocab_size} is too small: 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    check_vocab_size(vocab_size)
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()

@@ -14,6 +14,7 @@ from tokenizers import models
 
 from seekstack.infer.detokenize import TextStream
 from seekstack.posttrain.conversations import template_message
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import (
     ASSISTANT,
     BOS,
@@ -326,5 +327,16 @@ def test_a_damaged_tokenizer_config_copied_into_a_model_folder_is_named(tmp_path
 
 
 def test_too_small_vocab_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="vocab_size 100 is too small"):
+    with pytest.raises(ConfigError, match=r"^field 'vocab_size' is 100, too small: at least 261 \(256 bytes"):
         train_tokenizer(["abc"], vocab_size=100, out_path=tmp_path)
+
+
+@pytest.mark.parametrize("vocab_size", [2**20 + 1, 2**64])  # 2**64: an OverflowError from the trainer
+def test_a_vocab_larger_than_any_model_uses_is_refused_before_the_texts_are_read(tmp_path, vocab_size):
+    def texts():
+        raise AssertionError("the texts were read")
+        yield
+
+    with pytest.raises(ConfigError, match=f"^field 'vocab_size' is {vocab_size:,}, too large: at most 1,048,576"):
+        train_tokenizer(texts(), vocab_size=vocab_size, out_path=tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()

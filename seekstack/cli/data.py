@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import user_errors
+from seekstack.cli.common import options_named, user_errors
 
 data_app = typer.Typer(no_args_is_help=True, help="Corpus stages: clean raw text into train/val splits, tokenize.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Byte-level BPE tokenizer.")
@@ -86,6 +86,7 @@ def data_tokenize(
     with user_errors():
         encoder = Tokenizer.from_file(tokenizer)
         refuse_to_replace(out, SHARD_FILES, inputs=(corpus,))
+        _require_training_documents(corpus, "to tokenize")
         # Scored first: a corpus too small for the buckets fails before any split is written.
         difficulty = difficulty_buckets(corpus / "train.jsonl") if buckets else None
         # Every split together, replacing the folder whole: no split of an earlier corpus is left beside them.
@@ -93,11 +94,6 @@ def data_tokenize(
             indexes = [
                 tokenize_corpus(corpus / f"{split}.jsonl", encoder, staging, split) for split in ("train", "val")
             ]
-            if not indexes[0]["documents"]:  # raised inside: nothing is written
-                raise ValueError(
-                    f"{corpus / 'train.jsonl'}: no documents to tokenize; build the corpus from your text first "
-                    f"(`seekstack data build TEXT --out {corpus}`)"
-                )
             if difficulty is not None:
                 indexes += tokenize_buckets(corpus / "train.jsonl", encoder, staging, "train", difficulty=difficulty)
         for index in indexes:
@@ -167,11 +163,11 @@ def tokenizer_train(
     from seekstack.tokenizer import train_tokenizer
 
     with user_errors():
-        train = corpus / "train.jsonl"
-        if not train.is_file():
-            raise FileNotFoundError(f"{train}: no such file; build the corpus first (`seekstack data build`)")
+        _require_training_documents(corpus, "to train a tokenizer on")
         _refuse_a_folder_of_other_files(out)
-        trained = train_tokenizer((document.text for document in read_jsonl(train)), vocab_size, out)
+        texts = (document.text for document in read_jsonl(corpus / "train.jsonl"))
+        with options_named():
+            trained = train_tokenizer(texts, vocab_size, out)
     typer.echo(f"wrote {trained.source}: {trained.vocab_size} tokens")
     if trained.vocab_size < vocab_size:
         typer.echo(
@@ -180,6 +176,19 @@ def tokenizer_train(
             "since a larger vocabulary has ids that decode to no token",
             err=True,
         )
+
+
+def _require_training_documents(corpus: Path, purpose: str) -> None:
+    """FileNotFoundError or ValueError naming the corpus's train.jsonl, before anything is written, when it is
+    missing or holds no document: what was made from it would be empty (`purpose`: what it holds none for)."""
+    from seekstack.corpus.sources import read_jsonl
+
+    train = corpus / "train.jsonl"
+    build = f"build the corpus from your text first (`seekstack data build TEXT --out {corpus}`)"
+    if not train.is_file():
+        raise FileNotFoundError(f"{train}: no such file; {build}")
+    if next(iter(read_jsonl(train)), None) is None:
+        raise ValueError(f"{train}: no documents {purpose}; {build}")
 
 
 def _refuse_a_folder_of_other_files(out: Path) -> None:

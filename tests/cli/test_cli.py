@@ -274,6 +274,29 @@ def test_tokenizer_train_refuses_a_folder_holding_other_files_and_replaces_an_ea
     assert Tokenizer.from_file(tmp_path / "tok").vocab_size == 300
 
 
+def test_tokenizer_train_refuses_an_empty_corpus_as_tokenize_does(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "val"):
+        (corpus / f"{split}.jsonl").write_text("")
+    args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok")]
+    result = run(*args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{corpus / 'train.jsonl'}: no documents to train a tokenizer on; build the corpus" in result.output
+    assert not (tmp_path / "tok").exists()
+
+
+def test_tokenizer_train_names_vocab_size_and_its_largest_value(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(json.dumps({"id": "0", "text": "def f(x):\n    return x\n"}) + "\n")
+    args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", str(2**64), "--out", str(tmp_path / "tok")]
+    result = run(*args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"--vocab-size is {2**64:,}, too large: at most 1,048,576" in result.output
+    assert not (tmp_path / "tok").exists()
+
+
 def test_tokenize_names_a_missing_corpus(tmp_path):
     args = ["data", "tokenize", "--corpus", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "t")]
     result = runner.invoke(app, args)
