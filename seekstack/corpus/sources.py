@@ -197,7 +197,10 @@ def _documents_from_values(
     for number, where, value in values:
         record = _json_object(value, where, field)
         if field not in record:
-            raise DataSourceError(f"{where}: no field {field!r} (`seekstack data` commands name another with --field)")
+            raise DataSourceError(
+                f"{where}: no field {field!r}, only {', '.join(map(repr, record)) or 'none'}; name the text's field "
+                "with --field NAME in `seekstack data build` (whose corpus holds it as 'text') or `data quality-train`"
+            )
         text = record[field]
         if text is None:  # no text (a null in a dataset export): skipped, as a Parquet row's null is
             if null_texts is not None:

@@ -463,7 +463,7 @@ def test_a_json_file_of_json_lines_or_of_one_array_is_read_as_rows(tmp_path: Pat
 @pytest.mark.parametrize(
     ("second_line", "message"),
     [
-        ('{"body": "x"}', r"docs.jsonl:2: no field 'text'"),
+        ('{"body": "x"}', r"docs.jsonl:2: no field 'text', only 'body'; name the text's field with --field NAME in `"),
         ("{oops", r"docs.jsonl:2: not valid JSON"),
         ('["x", "y"]', r"docs.jsonl:2: a JSON array, not an object with a 'text' field"),
         ("3", r"docs.jsonl:2: a JSON number, not an object with a 'text' field"),
