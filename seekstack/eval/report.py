@@ -150,7 +150,7 @@ def _task_data(run_dir: Path, train_config: dict[str, Any]) -> str:
 
 def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     data_dir = _from_run(run_dir, train_config["data_dir"])
-    rows, tokenizer, corpus_report = [], None, None
+    rows, tokenizer = [], None
     for index_path in sorted(data_dir.glob("*_index.json")):
         index = _json_object(index_path, "tokenize the corpus again (seekstack data tokenize)")
         missing = [key for key in ("split", "documents", "total_tokens") if key not in index]
@@ -163,14 +163,11 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
         per_token = f"{text_bytes / tokens:.2f}" if tokens and text_bytes else "-"
         rows.append((index["split"], f"{index['documents']:,}", f"{tokens:,}", f"{text_bytes:,}", per_token))
         tokenizer = tokenizer or index.get("tokenizer")
-        source = Path(index.get("source", ""))
-        for candidate in (source.parent / "report.json", Path.cwd() / source.parent / "report.json"):
-            if corpus_report is None and candidate.is_file():
-                corpus_report = _json_object(candidate, "build the corpus again (seekstack data build), or delete it")
     if not rows:  # moved or deleted since the run, or a folder without shards
         return f"## Data\n\nToken shards `{data_dir}`: no *_index.json there (moved or deleted since the run?)."
     text = f"## Data\n\nToken shards `{data_dir}`:\n\n"
     text += _table(("split", "documents", "tokens", "text bytes", "bytes/token"), rows)
+    corpus_report = _corpus_report(data_dir)
     if corpus_report:
         removed = ", ".join(f"{count} {rule}" for rule, count in corpus_report.get("removed", {}).items() if count)
         text += (
@@ -184,6 +181,16 @@ def _shard_data(run_dir: Path, train_config: dict[str, Any]) -> str:
             f"{tokenizer['eos_id']}, `{tokenizer.get('path', '')}` (sha256 {tokenizer['sha256'][:16]}...)."
         )
     return text
+
+
+def _corpus_report(data_dir: Path) -> dict[str, Any] | None:
+    """The report.json of the `data build` folder the shards in `data_dir` were encoded from, when it is there."""
+    from seekstack.tokens.provenance import corpus_folder
+
+    corpus = corpus_folder(data_dir)
+    if corpus is None or not (corpus / "report.json").is_file():
+        return None
+    return _json_object(corpus / "report.json", "build the corpus again (seekstack data build), or delete it")
 
 
 def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:

@@ -38,7 +38,8 @@ def retokenize_command(data_dir: str | os.PathLike, checkpoint: str | os.PathLik
 
 def corpus_folder(data_dir: str | os.PathLike) -> Path | None:
     """The `data build` folder (train.jsonl, val.jsonl) the shards in `data_dir` were encoded from, as their
-    indexes record it; None when none records one that still exists."""
+    indexes record it (absolute; an older index's relative path is taken from the working folder); None when none
+    records one that still exists."""
     for index in sorted(Path(data_dir).glob("*_index.json")):
         try:
             source = json.loads(index.read_text(encoding="utf-8")).get("source")

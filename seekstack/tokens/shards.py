@@ -116,7 +116,7 @@ def tokenize_corpus(
     index = {
         "version": INDEX_VERSION,
         "split": split_name,
-        "source": str(jsonl_path),
+        "source": str(jsonl_path.resolve()),  # absolute, as the tokenizer's path: found from any working folder
         "dtype": dtype.name,
         "shards": writer.shards,
         "documents": documents,

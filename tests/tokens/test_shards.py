@@ -97,6 +97,18 @@ def test_index_records_counts_bytes_and_tokenizer(shards, tokenizer, documents):
     )
 
 
+def test_index_records_the_corpus_path_whole_so_any_working_folder_finds_the_corpus(tmp_path, tokenizer, monkeypatch):
+    from seekstack.tokens.provenance import corpus_folder
+
+    (tmp_path / "corpus").mkdir()
+    write_corpus(tmp_path / "corpus" / "train.jsonl", ["def f(x):\n    return x\n"])
+    monkeypatch.chdir(tmp_path)
+    index = tokenize_corpus(Path("corpus/train.jsonl"), tokenizer, "tokens", "train")
+    assert index["source"] == str(tmp_path.resolve() / "corpus" / "train.jsonl")
+    monkeypatch.chdir(tmp_path / "corpus")  # `report` or `train` run from another folder
+    assert corpus_folder(tmp_path / "tokens") == tmp_path.resolve() / "corpus"
+
+
 def test_bos_is_written_before_each_document_when_asked(tmp_path, tokenizer, documents):
     corpus = write_corpus(tmp_path / "val.jsonl", documents[:3])
     index = tokenize_corpus(corpus, tokenizer, tmp_path / "out", "val", add_bos=True)
