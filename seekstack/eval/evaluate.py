@@ -3,11 +3,14 @@ name, with our backend (harness.py) or lm_eval's HF one on the same directory; r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from seekstack.adapters.files import model_folders
 from seekstack.atomic import write_atomic
@@ -48,9 +51,10 @@ def evaluate(
     model_args = {**_model_args(model_dir), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
     started = time.perf_counter()
     try:
-        output = lm_eval.simple_evaluate(
-            model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit, log_samples=False
-        )
+        with _without_lm_evals_git_hash():
+            output = lm_eval.simple_evaluate(
+                model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit, log_samples=False
+            )
     except KeyError as error:  # how lm_eval refuses a task name it does not know
         raise ValueError(f"lm_eval: {error.args[0] if error.args else error}") from None
     wall_s = time.perf_counter() - started
@@ -68,6 +72,17 @@ def evaluate(
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,
         "options": options,
     }  # fmt: skip
+
+
+@contextlib.contextmanager
+def _without_lm_evals_git_hash() -> Iterator[None]:
+    """lm_eval's evaluator, while in this block, with no `git_hash` in its output: it runs `git describe` in the
+    working folder with stderr left open, printing "fatal: not a git repository" outside a checkout. The results
+    kept here never held it, and `seekstack report` records seekstack's own commit."""
+    import lm_eval.evaluator
+
+    with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+        yield
 
 
 def _model_args(model_dir: str | Path) -> dict[str, str]:

@@ -111,6 +111,16 @@ def test_local_tasks_score_the_same_on_our_backend_and_lm_evals_hf_backend(check
     assert 5 < ours_bpb < 20 and ours_bpb == pytest.approx(theirs_bpb, abs=1e-6)  # random weights: ~log2(512)/bytes
 
 
+def test_eval_outside_a_git_checkout_prints_no_git_error(checkpoint, tmp_path, monkeypatch, capfd):
+    from seekstack.eval.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)  # no git checkout: lm_eval's `git describe` there printed "fatal: not a git repository"
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    result = evaluate(checkpoint, ("code_perplexity",), corpus=corpus, limit=1, device="cpu")
+    assert result["samples"] == {"code_perplexity": 1}
+    assert "not a git repository" not in capfd.readouterr().err
+
+
 def test_help_lists_every_local_task():
     from seekstack.cli.evaluate import LOCAL_TASKS
 
