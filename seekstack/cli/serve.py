@@ -24,6 +24,7 @@ from seekstack.cli.generate import (
     tell_dtype,
 )
 from seekstack.infer.params import EngineOptions
+from seekstack.serve.keys import MAX_LIMIT
 
 if TYPE_CHECKING:
     from seekstack.serve.database import Database
@@ -145,8 +146,12 @@ def _named_adapters(values: list[str]) -> dict[str, Path]:
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="Who the key is for; names it in `keys list` and `usage`")],
-    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute; default unlimited")] = None,
-    tpm: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per minute")] = None,
+    rpm: Annotated[
+        int | None, typer.Option(min=1, max=MAX_LIMIT, help="Requests per minute; default unlimited")
+    ] = None,
+    tpm: Annotated[
+        int | None, typer.Option(min=1, max=MAX_LIMIT, help="Prompt + completion tokens per minute; default unlimited")
+    ] = None,
     plan: Annotated[str, typer.Option(help="Price plan (see `keys plan`)")] = "default",
     admin: Annotated[bool, typer.Option(help="May read everyone's usage at /v1/admin/usage")] = False,
     model: Annotated[

@@ -21,6 +21,7 @@ from seekstack.serve.database import DEFAULT_PLAN, Database, Statements
 KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
 
 
 class KeyStoreError(ValueError):
@@ -87,8 +88,8 @@ class KeyStore:
         if not NAME_PATTERN.fullmatch(name):
             raise KeyStoreError(f"key name {name!r} must be 1-64 letters, digits or _.@-")
         for field, limit in (("rpm", rpm), ("tpm", tpm)):
-            if limit is not None and limit < 1:
-                raise KeyStoreError(f"{field} must be at least 1 (or unset for no limit), got {limit}")
+            if limit is not None and not 1 <= limit <= MAX_LIMIT:
+                raise KeyStoreError(f"{field} must be between 1 and {MAX_LIMIT} (or unset for no limit), got {limit}")
         with self.database.transaction() as connection:
             if connection.execute("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
                 raise KeyStoreError(f"an active key named {name!r} already exists; rotate it (`seekstack keys rotate "

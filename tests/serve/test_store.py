@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.serve.database import Database, open_database
-from seekstack.serve.keys import KEY_PREFIX, KeyStore, KeyStoreError, hash_key
+from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, KeyStore, KeyStoreError, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.ratelimit import NeverFits, RateLimited, RateLimiter
 from tests.serve.server import new_postgres_database, postgres_or_skip
@@ -67,12 +67,24 @@ def test_key_errors_name_the_key_or_plan(database):
         keys.create("carol")
     with pytest.raises(KeyStoreError, match="no plan 'gold'"):
         keys.create("dave", plan="gold")
-    with pytest.raises(KeyStoreError, match="rpm must be at least 1"):
+    with pytest.raises(KeyStoreError, match="rpm must be between 1 and"):
         keys.create("erin", rpm=0)
     with pytest.raises(KeyStoreError, match="no active key named 'nobody'"):
         keys.revoke("nobody")
     with pytest.raises(KeyStoreError, match="key name"):
         keys.create("white space")
+
+
+def test_a_limit_beyond_the_database_integer_is_refused_naming_the_field_and_bound(tmp_path):
+    keys = KeyStore(open_database(tmp_path / "serve.db"))
+    for field in ("rpm", "tpm"):
+        with pytest.raises(KeyStoreError, match=rf"{field} must be between 1 and {MAX_LIMIT} .* got {MAX_LIMIT + 1}"):
+            keys.create("erin", **{field: MAX_LIMIT + 1})
+    assert keys.verify(keys.create("erin", rpm=MAX_LIMIT, tpm=MAX_LIMIT)).rpm == MAX_LIMIT
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    for flag, value in (("--rpm", "9223372036854775808"), ("--tpm", "99999999999999999999999")):
+        refused = runner.invoke(app, ["keys", "create", "--name", "e2", flag, value, "--db", db])
+        assert refused.exit_code == 2 and flag in refused.output and str(MAX_LIMIT) in refused.output, refused.output
 
 
 def test_a_name_whose_keys_are_revoked_can_be_given_a_new_key(database):
