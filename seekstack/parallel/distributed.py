@@ -18,6 +18,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+CUDA_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532): NCCL maps only CUDA's
+
 
 @dataclass
 class Ranks:
@@ -42,7 +44,8 @@ def is_main_process() -> bool:
 
 
 def init_distributed() -> Ranks:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU), or run as a single process."""
+    """Join the process group torchrun describes (gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones,
+    such as the gradients FSDP's cpu_offload keeps on the CPU), or run as a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:
@@ -51,7 +54,7 @@ def init_distributed() -> Ranks:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(CUDA_BACKENDS if cuda else "gloo", rank=rank, world_size=world_size)
     return Ranks(rank, world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
