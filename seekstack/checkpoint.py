@@ -45,6 +45,7 @@ from safetensors import SafetensorError, safe_open
 from seekstack.atomic import atomic_directory, refuse_to_replace
 from seekstack.compress.formats import SCALE_DTYPE, compressed_tensors_config, dequantize_int, pack_codes, unpack_codes
 from seekstack.compress.linear import (
+    Fp8Weight,
     QuantizedExperts,
     QuantizedLinear,
     QuantizedWeight,
@@ -86,6 +87,7 @@ FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads 
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32")}
 # The MTP modules' copies of the embedding and head: loading uses the main model's, so these stay unread.
 MTP_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")
+STACKED_EXPERT_PARTS = {"gate_up_proj": 2, "down_proj": 1}  # the matrices each stacked expert tensor holds by rows
 KEPT_FLOAT = "kv_b_proj"  # the layer loading keeps a float Linear however it is stored (attention absorbs its matrix)
 
 
@@ -1112,9 +1114,15 @@ def _stored_tensors(
     if fp8_layers and fp8_block is None:  # an fp8 model: the release also stores the layers kept in float (kv_b_proj)
         fp8_block = fp8_layers[0].block
     for key, tensor in checkpoint_tensors(model, stacked_experts):
-        if fp8_block is not None and tensor.dtype != torch.float8_e4m3fn and _is_fp8_quantizable(key, tensor):
+        stacked_parts = STACKED_EXPERT_PARTS.get(key.rpartition(".")[2]) if ".mlp.experts." in key else None
+        if fp8_block is None or tensor.dtype == torch.float8_e4m3fn:
+            yield key, tensor
+        elif _is_fp8_quantizable(key, tensor):
             quantized, scale = quantize_fp8(tensor, fp8_block)
             yield key, quantized
             yield key + "_scale_inv", scale
+        elif stacked_parts is not None:  # as an fp8 QuantizedExperts stores them: gate and up each in their blocks
+            stored = Fp8Weight.from_float(tensor, fp8_block, stacked_parts).stored()
+            yield from ((f"{key}.{name}", part) for name, part in stored.items())
         else:
             yield key, tensor

@@ -318,6 +318,20 @@ def test_fp8_save_writes_e4m3_weights_with_block_scales_and_a_quantization_confi
     assert checked > 20
 
 
+def test_fp8_save_of_stacked_experts_stores_them_in_e4m3_and_loads_as_the_per_expert_save(tmp_path):
+    model = random_model(**FP8_SHAPES)
+    seekstack.save_pretrained(model, tmp_path / "stacked", fp8_block=(128, 128), stacked_experts=True)
+    seekstack.save_pretrained(model, tmp_path / "per_expert", fp8_block=(128, 128))
+    keys = stored_keys(tmp_path / "stacked")
+    experts = "model.layers.1.mlp.experts"  # 8 experts of (136, 160): gate_up (8, 272, 160), down (8, 160, 136)
+    assert keys[f"{experts}.gate_up_proj.weight"] == keys[f"{experts}.down_proj.weight"] == "F8_E4M3"
+    with safe_open(tmp_path / "stacked" / SINGLE_FILE, "pt") as handle:
+        assert handle.get_slice(f"{experts}.gate_up_proj.weight_scale_inv").get_shape() == [8, 4, 2]  # 2 x 2 blocks
+        assert handle.get_slice(f"{experts}.down_proj.weight_scale_inv").get_shape() == [8, 2, 2]
+    stacked, per_expert = (seekstack.load_pretrained(tmp_path / name).eval() for name in ("stacked", "per_expert"))
+    assert torch.equal(logits(stacked, INPUT_IDS), logits(per_expert, INPUT_IDS))
+
+
 def test_fp8_save_quantizes_the_matrices_deepseeks_fp8_release_quantizes(tmp_path):
     """DeepSeek-V3's release stores every attention and FFN projection of a block in e4m3 (kv_a_proj_with_mqa
     included, e.g. [576, 7168] with a [5, 56] scale), the MTP block's too, and keeps embeddings, head, norms,
