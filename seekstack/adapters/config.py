@@ -58,6 +58,7 @@ Further options, measured on a code -> prose shift in bench/lora_domain.py:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ ATTENTION = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"
 FEED_FORWARD = ("gate_proj", "up_proj", "down_proj")
 EXPERTS = ("gate_up_proj", "down_proj")
 VOCABULARY = ("embed_tokens", "lm_head")
+ADAPTER_NAME = re.compile(r"[\w.:@/+-]+")  # what an adapter may be called (it becomes a model id a key may name)
 
 
 @dataclass

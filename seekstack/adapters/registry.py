@@ -11,7 +11,6 @@ numbers); a removed adapter's slot is reused by the next one loaded, so what the
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from seekstack.adapters.config import ADAPTER_NAME
 from seekstack.adapters.files import ADAPTER_CONFIG_FILE, load_adapter, read_lora_config, refuse_quantized_base
 from seekstack.adapters.multi import (
     AdapterRows,
@@ -40,7 +40,6 @@ from seekstack.model.moe import RoutedExperts
 from seekstack.model.transformer import Transformer
 
 Target = tuple[str, str]  # (module name, parameter name), in seekstack's names
-NAME = re.compile(r"[\w.:@/+-]+")  # what an adapter may be called (it becomes a model id)
 
 
 class UnknownAdapter(ValueError):
@@ -118,7 +117,7 @@ class LoadedAdapters:
 
     def add(self, name: str, folder: str | Path, weights: AdapterWeights) -> None:
         """Serve `weights` (from `read_factors(folder)`) as adapter `name` in the lowest free slot."""
-        if not NAME.fullmatch(name):
+        if not ADAPTER_NAME.fullmatch(name):
             raise ValueError(f"adapter name {name!r}: use letters, digits and . _ - : @ / + only")
         refuse_quantized_base(self.model, folder)
         if name in self.slots:

@@ -16,11 +16,12 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from seekstack.adapters.config import ADAPTER_NAME
 from seekstack.serve.database import DEFAULT_PLAN, Database, Statements
 
 KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan
 MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
 
 
@@ -85,11 +86,14 @@ class KeyStore:
     ) -> str:
         """Store a new key under `name` (free, or with only revoked keys) and return it; this is the only time it is
         available."""
-        if not NAME_PATTERN.fullmatch(name):
-            raise KeyStoreError(f"key name {name!r} must be 1-64 letters, digits or _.@-")
+        _require_name("key", name)
+        _require_name("plan", plan)
         for field, limit in (("rpm", rpm), ("tpm", tpm)):
             if limit is not None and not 1 <= limit <= MAX_LIMIT:
                 raise KeyStoreError(f"{field} must be between 1 and {MAX_LIMIT} (or unset for no limit), got {limit}")
+        for model in models or ():
+            if not ADAPTER_NAME.fullmatch(model):
+                raise KeyStoreError(f"model {model!r}: a model name is letters, digits and . _ - : @ / + only")
         with self.database.transaction() as connection:
             if connection.execute("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
                 raise KeyStoreError(f"an active key named {name!r} already exists; rotate it (`seekstack keys rotate "
@@ -134,6 +138,7 @@ class KeyStore:
     ) -> Plan:
         """Create or change the prices of plan `name` for requests that come after; usage already recorded, and
         requests under way, keep the prices they came with."""
+        _require_name("plan", name)
         prices = (("prompt price", prompt_per_1k), ("completion price", completion_per_1k),
                   ("cached prompt price", cached_prompt_per_1k or 0))  # fmt: skip
         for field, price in prices:
@@ -151,6 +156,12 @@ class KeyStore:
     def plans(self) -> list[Plan]:
         """All plans, by name."""
         return [Plan(**row) for row in self.database.query("SELECT * FROM plans ORDER BY name")]
+
+
+def _require_name(kind: str, name: str) -> None:
+    """KeyStoreError unless `name` may name a key or a plan (`kind`)."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise KeyStoreError(f"{kind} name {name!r} must be 1-64 letters, digits or _.@-")
 
 
 def _insert(

@@ -87,6 +87,21 @@ def test_a_limit_beyond_the_database_integer_is_refused_naming_the_field_and_bou
         assert refused.exit_code == 2 and flag in refused.output and str(MAX_LIMIT) in refused.output, refused.output
 
 
+def test_plan_and_model_names_are_refused_when_empty_or_malformed(database):
+    keys = KeyStore(database)
+    for plan in ("", "white space", "x" * 65):
+        with pytest.raises(KeyStoreError, match=f"plan name {plan!r} must be 1-64"):
+            keys.set_plan(plan, prompt_per_1k=1, completion_per_1k=1)
+        with pytest.raises(KeyStoreError, match=f"plan name {plan!r} must be 1-64"):
+            keys.create("hank", plan=plan)
+    for model in ("", "two words"):
+        with pytest.raises(KeyStoreError, match=f"model {model!r}: a model name is letters, digits and"):
+            keys.create("dave", models=("tiny", model))
+    assert not keys.any_keys() and [plan.name for plan in keys.plans()] == ["default"]
+    key = keys.create("dave", models=("legal-v2", "org/base:1"))
+    assert keys.verify(key).models == ("legal-v2", "org/base:1")
+
+
 def test_a_name_whose_keys_are_revoked_can_be_given_a_new_key(database):
     keys, ledger = KeyStore(database), Ledger(database)
     keys.set_plan("gold", prompt_per_1k=0.01, completion_per_1k=0.03)
