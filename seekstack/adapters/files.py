@@ -44,7 +44,7 @@ from seekstack.compress.linear import QuantizedWeight
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import TOKENIZER_FILE
-from seekstack.train.runs import checkpoint_or_latest
+from seekstack.train.runs import run_checkpoint
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
@@ -368,7 +368,7 @@ def model_folders(folder: str | Path) -> ModelFolders:
     folder = Path(folder)
     config_path = folder / ADAPTER_CONFIG_FILE
     if (folder / CONFIG_FILE).is_file() or not config_path.is_file():
-        weights = checkpoint_or_latest(folder)
+        weights = run_checkpoint(folder) or folder
         return ModelFolders(weights, None, weights)
     recorded = read_json_object(config_path).get("base_model_name_or_path")
     merge = f"or merge the adapter into its base (`seekstack lora merge BASE {folder} --out MERGED`) and use MERGED"
