@@ -25,8 +25,9 @@ import seekstack
 from seekstack.compress.heads import head_importance, prune_heads
 from seekstack.compress.heal import heal
 from seekstack.compress.prune import gate_mass, prune_experts
-from seekstack.compress.quality import bytes_per_token, held_out_batches, measure
+from seekstack.compress.quality import held_out_batches, measure
 from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
+from seekstack.tokens.token_bytes import split_byte_lengths
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quantize import decode_speeds  # noqa: E402  (bench/quantize.py: the same interleaved decode timing)
@@ -51,7 +52,7 @@ def main() -> None:
     original = seekstack.load_pretrained(args.model).eval()
     calibration = held_out_batches(args.data, batches=args.calibration_batches, split="train")
     mass, importance = gate_mass(original, calibration), head_importance(original, calibration)
-    batches, per_token = held_out_batches(args.data, batches=args.batches), bytes_per_token(args.data)
+    batches, per_token = held_out_batches(args.data, batches=args.batches), split_byte_lengths(args.data, "val")[0]
     work = Path(tempfile.mkdtemp(prefix="bench_prune_"))
     variants = {
         "unpruned": (0.0, 0.0),

@@ -27,9 +27,10 @@ import torch
 
 import seekstack
 from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities
-from seekstack.compress.quality import bytes_per_token, held_out_batches, measure
+from seekstack.compress.quality import held_out_batches, measure
 from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_model, resident_bytes
 from seekstack.model.attention import ContiguousLatentCache
+from seekstack.tokens.token_bytes import split_byte_lengths
 
 
 @torch.no_grad()
@@ -59,7 +60,7 @@ def adaptive_models(original, data: str, budgets: list[float]) -> dict:
     """Per-layer precision by sensitivity (KL on 2 train batches, measured once) within each of `budgets` bits per
     weight: name -> quantized model."""
     reference = copy.deepcopy(original)
-    batches, per_token = held_out_batches(data, batches=2, split="train"), bytes_per_token(data)
+    batches, per_token = held_out_batches(data, batches=2, split="train"), split_byte_lengths(data, "train")[0]
     choices = sensitivities(reference, lambda m: measure(m, original, batches, per_token).mean_kl)
     uniform = {c.name: "int4-g32" for c in choices}
     models = {}
@@ -182,7 +183,7 @@ def main() -> None:
     speeds = decode_speeds(models, (1, 8), args.reps, clock)
     qualities = {}
     if not args.preset:
-        batches, per_token = held_out_batches(args.data, batches=args.batches), bytes_per_token(args.data)
+        batches, per_token = held_out_batches(args.data, batches=args.batches), split_byte_lengths(args.data, "val")[0]
         qualities = {name: measure(model, original, batches, per_token) for name, model in models.items()}
 
     source = f"random {args.preset}" if args.preset else args.model

@@ -14,6 +14,8 @@ import typer
 from seekstack.cli.common import fail, run_to_checkpoint, size, user_errors
 
 if TYPE_CHECKING:
+    import torch
+
     from seekstack.compress.quantize import QuantConfig
     from seekstack.config import ModelConfig
 
@@ -167,10 +169,10 @@ def _progressive(
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import save_with_tokenizer
 
-    batches, per_token = _held_out(model, data, "--progressive")
+    batches, byte_lengths = _held_out(model, data, "--progressive")
     original = load_pretrained(model, dequantize=True).eval()
     chosen, chosen_name, stages = progressive(
-        original, lambda m: measure(m, original, batches, per_token), config, max_bpb_increase, max_kl
+        original, lambda m: measure(m, original, batches, byte_lengths), config, max_bpb_increase, max_kl
     )
     save_with_tokenizer(chosen, model, out)
     rows = [
@@ -180,17 +182,25 @@ def _progressive(
     return {"stages": rows, "chosen": chosen_name}
 
 
-def _held_out(model: Path, data: Path | None, what: str, split: str = "val", batches: int = 8) -> tuple[list, float]:
-    """`batches` batches of 8 x 256 tokens of `split` of token shards `data`, and the val split's bytes per token;
-    shards of another tokenizer than checkpoint `model`'s are refused (its ids would read as other text)."""
-    from seekstack.compress.quality import bytes_per_token, held_out_batches
+def _held_out(
+    model: Path, data: Path | None, what: str, split: str = "val", batches: int = 8
+) -> tuple[list, torch.Tensor]:
+    """`batches` batches of 8 x 256 tokens of `split` of token shards `data`, and the UTF-8 bytes of each token id
+    (`split_byte_lengths`: the checkpoint's tokenizer, or the split's mean bytes per token, said on stderr); shards of
+    another tokenizer than checkpoint `model`'s are refused (its ids would read as other text)."""
+    from seekstack.compress.quality import held_out_batches
+    from seekstack.tokenizer import tokenizer_json_path
     from seekstack.tokens.provenance import require_checkpoint_tokenizer
     from seekstack.tokens.shards import load_index
+    from seekstack.tokens.token_bytes import split_byte_lengths
 
     if data is None:
         raise ValueError(f"{what} needs --data: token shards with train and val splits (`seekstack data tokenize`)")
     require_checkpoint_tokenizer(model, data, load_index(data, split)["tokenizer"])
-    return held_out_batches(str(data), batches=batches, split=split), bytes_per_token(str(data))
+    byte_lengths, estimated = split_byte_lengths(data, split, tokenizer_json_path(model))
+    if estimated:
+        typer.echo(f"note: {estimated}", err=True)
+    return held_out_batches(str(data), batches=batches, split=split), byte_lengths
 
 
 def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> dict:
@@ -199,10 +209,10 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import quantize_model, save_with_tokenizer
 
-    calibration, per_token = _held_out(model, data, "--adaptive", split="train", batches=2)
+    calibration, byte_lengths = _held_out(model, data, "--adaptive", split="train", batches=2)
     original = load_pretrained(model, dequantize=True).eval()
     reference = load_pretrained(model, dequantize=True).eval()
-    choices = sensitivities(original, lambda m: measure(m, reference, calibration, per_token).mean_kl)
+    choices = sensitivities(original, lambda m: measure(m, reference, calibration, byte_lengths).mean_kl)
     chosen = assign(choices, budget_bits)
     notes = unmeasured_notes(original)
     assignment = quantize_model(original, adaptive_config(chosen))

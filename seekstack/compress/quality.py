@@ -2,7 +2,8 @@
 next-token distribution, and how often both pick the same top-1 token.
 
 KL(P_orig || P_quant) = sum_v p_v (log p_v - log q_v), averaged over every predicted position.
-bits per byte = nats per token x tokens / (ln 2 x UTF-8 bytes), with the split's token and byte counts.
+bits per byte = nats summed over the targets / (ln 2 x the UTF-8 bytes they spell), counted per token
+(tokens/token_bytes.py).
 Shapes: B batch, T tokens, V vocabulary.
 """
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekstack.tokens.shards import TokenWindows, load_index
+from seekstack.tokens.shards import TokenWindows
+from seekstack.tokens.token_bytes import scored_text_bytes
 
 VAL_SPLIT = "val"
 
@@ -41,15 +43,13 @@ def held_out_batches(
     return out
 
 
-def bytes_per_token(data_dir: str) -> float:
-    index = load_index(data_dir, VAL_SPLIT)
-    return index["text_bytes"] / index["total_tokens"]
-
-
 @torch.no_grad()
-def measure(model: nn.Module, reference: nn.Module, batches: Iterable[torch.Tensor], bytes_per_tok: float) -> Quality:
-    """`model` against `reference` on `batches` (B, T) of token ids."""
-    nats = kl = agree = 0.0
+def measure(
+    model: nn.Module, reference: nn.Module, batches: Iterable[torch.Tensor], byte_lengths: torch.Tensor
+) -> Quality:
+    """`model` against `reference` on `batches` (B, T) of token ids, each target's bytes counted by `byte_lengths`
+    (V,) (`split_byte_lengths`)."""
+    nats = kl = agree = text_bytes = 0.0
     positions = 0
     for batch in batches:
         ref_logp = reference(batch).logits[:, :-1].float().log_softmax(dim=-1)  # (B, T-1, V)
@@ -59,4 +59,5 @@ def measure(model: nn.Module, reference: nn.Module, batches: Iterable[torch.Tens
         kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
         agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         positions += targets.numel()
-    return Quality(nats / positions / (math.log(2) * bytes_per_tok), kl / positions, agree / positions)
+        text_bytes += scored_text_bytes(byte_lengths, batch)
+    return Quality(nats / (math.log(2) * text_bytes), kl / positions, agree / positions)

@@ -9,12 +9,13 @@ and the assistant turns of `"weight": 0` (OpenAI fine-tuning's: in the row as co
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import random
 from collections import Counter
 from pathlib import Path
 from typing import cast
+
+import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.jsonl import jsonl_records
@@ -22,6 +23,7 @@ from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
 from seekstack.tokenizer import Tokenizer, check_chat_message
+from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
 Conversation = list[dict]
 HELD_OUT_FILE = "held_out.json"  # in an SFT run's out_dir: the conversation_keys of the conversations it holds out
@@ -45,10 +47,9 @@ def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[l
 
 def labelled_text_bytes(tokenizer: Tokenizer, labels: list[int], length: int) -> int:
     """UTF-8 bytes of the text a row's labelled targets spell, the row cut to `length` (its first label is no target:
-    nothing predicts it; special tokens such as the EOS count none, as in the token shards' bits per byte)."""
-    special = {tokenizer.backend.token_to_id(token) for token in tokenizer.special_tokens}
-    spans = itertools.groupby(labels[1:length], key=lambda label: label != IGNORE_INDEX and label not in special)
-    return sum(len(tokenizer.decode(list(span)).encode("utf-8")) for is_text, span in spans if is_text)
+    nothing predicts it; special tokens such as the EOS count none), counted per token as pretraining's bits per byte
+    counts them (tokens/token_bytes.py)."""
+    return int(scored_text_bytes(token_byte_lengths(tokenizer), torch.tensor(labels[:length], dtype=torch.int64)))
 
 
 def conversation_key(messages: Conversation) -> str:

@@ -63,7 +63,8 @@ from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
 from seekstack.tokens.provenance import require_checkpoint_tokenizer, retokenize_command
-from seekstack.tokens.shards import TokenWindows, load_index
+from seekstack.tokens.shards import TokenWindows
+from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
@@ -334,6 +335,7 @@ class _Run:
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
+        self.val_byte_lengths = self._val_byte_lengths()
         self.step = 0
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
         self.progress_anchor: ProgressAnchor | None = None  # where it continues its mixture phases and MTP weight
@@ -643,18 +645,29 @@ class _Run:
 
     def _validation_batches(self) -> list[ValidationBatch] | None:
         """The first `eval_batches` global batches (each `grad_accum_steps` micro-batches of `batch_size` rows, the
-        same rows however a step is split) of the val split's token windows (each target's bytes the split's mean
-        bytes per token) or of the batch source's validation set; None when there is none."""
+        same rows however a step is split) of the val split's token windows (their targets' bytes counted per token,
+        `_val_byte_lengths`) or of the batch source's validation set; None when there is none."""
         config = self.config
         micro_batches = config.eval_batches * config.grad_accum_steps
         if self.source is not None:
             validation_batches = getattr(self.source, "validation_batches", None)
             return None if validation_batches is None else validation_batches(config.batch_size, micro_batches)
         val = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
-        index = load_index(config.data_dir, VAL_SPLIT)
-        bytes_per_token = index["text_bytes"] / index["total_tokens"]
         windows = itertools.islice(val.sequential(config.batch_size), micro_batches)
-        return [ValidationBatch(w, w, w.shape[0] * (w.shape[1] - 1) * bytes_per_token) for w in windows]
+        return [ValidationBatch(w, w, scored_text_bytes(self.val_byte_lengths, w)) for w in windows]
+
+    def _val_byte_lengths(self) -> torch.Tensor | None:
+        """The UTF-8 bytes of each token id of the tokenizer the val split was encoded with (`split_byte_lengths`),
+        for bits per byte over the bytes the scored windows spell; where it is not at hand (shards without a recorded
+        tokenizer.json, a moved one), the split's mean bytes per token, said once. None for a batch source."""
+        config = self.config
+        if self.source is not None or not config.eval_every:
+            return None
+        tokenizer_file = self.tokenizer_files[0] if self.tokenizer_files else None
+        byte_lengths, estimated = split_byte_lengths(config.data_dir, VAL_SPLIT, tokenizer_file)
+        if estimated:
+            self._say(f"note: {estimated}; set `tokenizer` to count the bytes val_bpb's tokens spell")
+        return byte_lengths
 
     # ------------------------------------------------------------------------------ files and output
     def save(self) -> Path | None:

@@ -20,6 +20,7 @@ from seekstack.compress.quality import measure
 from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantize_model
 from tests.conftest import micro_config
 
+ONE_BYTE = torch.ones(128)  # each token id of the micro model's vocabulary: bits per byte are bits per token
 SHAPES = dict(hidden_size=128, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=32, q_lora_rank=128)
 
 
@@ -62,7 +63,7 @@ def test_sensitivities_are_measured_around_uniform_int4_g32_and_leave_the_model_
     reference.load_state_dict(model.state_dict())
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))]
     names = ["layers.0.self_attn.q_a_proj", "layers.0.mlp.down_proj", "layers.1.mlp.experts"]
-    choices = sensitivities(model, lambda m: measure(m, reference, batches, 1.0).mean_kl, names)
+    choices = sensitivities(model, lambda m: measure(m, reference, batches, ONE_BYTE).mean_kl, names)
     assert [c.name for c in choices] == names
     assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in model.modules())
     layer = next(c for c in choices if c.name == "layers.0.self_attn.q_a_proj")
@@ -71,7 +72,7 @@ def test_sensitivities_are_measured_around_uniform_int4_g32_and_leave_the_model_
     uniform = Transformer(micro_config(**SHAPES)).eval()
     uniform.load_state_dict(model.state_dict())
     quantize_model(uniform, QuantConfig(keep=["*"], layers=dict.fromkeys(names, "int4-g32")))
-    base_kl = measure(uniform, reference, batches, 1.0).mean_kl  # the others sit at int4 g32 in every measurement
+    base_kl = measure(uniform, reference, batches, ONE_BYTE).mean_kl  # the others sit at int4 g32 in every measurement
     assert all(c.kl["int4-g32"] == pytest.approx(base_kl, rel=1e-6) for c in choices)
     experts = next(c for c in choices if c.name == "layers.1.mlp.experts")
     assert "int4-g128" not in experts.kl  # down_proj has 32 inputs: no group of 128

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -52,11 +54,24 @@ def test_gate_stops_at_the_first_failure_even_if_a_later_stage_would_pass():
     assert stage_of(chosen) == "float32" and name == "float32"
 
 
+def test_bits_per_byte_count_the_bytes_the_scored_tokens_spell():
+    """Each target counts its own token's bytes (was: the val split's mean bytes per token for every target)."""
+    model = Transformer(micro_config(**SHAPES)).eval()
+    batch = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    byte_lengths = torch.arange(128) % 4  # 0 to 3 bytes, as special tokens, ASCII and CJK pieces
+    with torch.no_grad():
+        logits = model(batch).logits[:, :-1]
+    nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+    spelled = (batch[:, 1:] % 4).sum().item()
+    quality = measure(model, model, [batch], byte_lengths)
+    assert quality.bits_per_byte == pytest.approx(nats / (math.log(2) * spelled), rel=1e-5)
+
+
 def test_gate_measures_real_stages_and_int4_drifts_further_than_int8():
     original = Transformer(micro_config(**SHAPES)).eval()
     batches = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
     _, _, report = progressive(
-        original, lambda m: measure(m, original, batches, 1.0), QuantConfig(), max_bpb_increase=1.0
+        original, lambda m: measure(m, original, batches, torch.ones(128)), QuantConfig(), max_bpb_increase=1.0
     )
     quality = {s.name: s.quality for s in report}
     assert quality["float32"].mean_kl == 0 and quality["float32"].top1_agreement == 1

@@ -13,6 +13,7 @@ from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.conversations import (
     ShuffledRows,
     encode_conversation,
+    labelled_text_bytes,
     read_conversations,
     write_conversations,
 )
@@ -46,6 +47,16 @@ def test_labels_cover_exactly_the_assistant_turns_and_their_eos(tmp_path):
     assert spans == ["<think> 1+2=3 </think> 3" + EOS, "4" + EOS]
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
     assert labels[ids.index(tokenizer.backend.token_to_id(ASSISTANT))] == IGNORE_INDEX
+
+
+def test_labelled_text_bytes_count_each_target_tokens_own_bytes_even_where_seq_len_cuts_a_character(tmp_path):
+    """The answer "café" + EOS: 5 bytes whole (the EOS counts none); cut between the two bytes of "é", the byte kept
+    counts 1 (decoding the kept tokens counted its U+FFFD, 3)."""
+    tokenizer = byte_tokenizer(tmp_path)  # "é" is two byte tokens: its vocabulary has no merge of them
+    chat = [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "café"}]
+    ids, labels = encode_conversation(tokenizer, chat)
+    assert labelled_text_bytes(tokenizer, labels, len(ids)) == len("café".encode())
+    assert labelled_text_bytes(tokenizer, labels, len(ids) - 2) == len(b"caf\xc3")
 
 
 def test_padding_is_masked_and_rows_are_cut():

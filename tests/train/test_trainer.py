@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -15,6 +16,8 @@ import torch
 from seekstack.checkpoint import CheckpointError
 from seekstack.infer.threads import IdleCores
 from seekstack.schema import ConfigError
+from seekstack.tokenizer import Tokenizer, train_tokenizer
+from seekstack.tokens.shards import TokenWindows, load_index, tokenize_corpus
 from seekstack.train.config import TrainConfig, load_train_config
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.schedule import (
@@ -193,6 +196,48 @@ def test_validation_scores_the_same_windows_however_a_steps_batch_is_split(data_
         evaluations.append(evaluation)
     for name in ("val_loss", "val_bpb", "val_maxvio"):
         assert [e[name] for e in evaluations] == pytest.approx([evaluations[0][name]] * 3, rel=1e-5)
+
+
+def tokenized_splits(root: Path) -> Path:
+    """Train and val shards of a byte-level BPE, the val text ASCII first and then three-byte CJK: its first windows
+    spell far fewer bytes per token than the split's mean."""
+    texts = {
+        "train": ["the cat sat on the mat. 猫坐在垫子上。" * 40],
+        "val": ["a cat on a mat. " * 30 + "猫坐在垫子上。" * 60],
+    }
+    tokenizer = train_tokenizer(texts["train"], vocab_size=300, out_path=root / "tokenizer")
+    for split, documents in texts.items():
+        corpus = root / f"{split}.jsonl"
+        corpus.write_text("".join(json.dumps({"id": str(n), "text": t}) + "\n" for n, t in enumerate(documents)))
+        tokenize_corpus(corpus, tokenizer, root / "tokens", split)
+    return root / "tokens"
+
+
+def test_val_bpb_counts_the_bytes_the_scored_tokens_spell_or_says_it_estimates(tmp_path, capsys):
+    """Exact bytes from the tokenizer the shards record (was: the val split's mean bytes per token, here ~1.9x the
+    ASCII windows' bytes); a tokenizer no longer where it was recorded falls back to that estimate, with a note."""
+    tokens = tokenized_splits(tmp_path)
+    tokenizer = Tokenizer.from_file(tmp_path / "tokenizer")
+    model = MICRO_MODEL | {"vocab_size": tokenizer.vocab_size}
+    settings = dict(model_overrides=model, batch_size=2, grad_accum_steps=1, max_steps=1, eval_every=1, save_every=0)
+    train(run_config(tokens, tmp_path / "exact", **settings))
+    (evaluation,) = [m for m in read_metrics(tmp_path / "exact") if "val_loss" in m]
+    windows = torch.cat(list(itertools.islice(TokenWindows(tokens, "val", 32).sequential(2), 2)))  # eval_batches=2
+    nats = evaluation["val_loss"] * windows[:, 1:].numel()
+    spelled = sum(len(tokenizer.decode(row[1:]).encode()) for row in windows.tolist())  # ASCII: no cut characters
+    assert evaluation["val_bpb"] == pytest.approx(nats / (math.log(2) * spelled), rel=1e-6)
+    index = load_index(tokens, "val")
+    estimate = windows[:, 1:].numel() * index["text_bytes"] / index["total_tokens"]
+    assert estimate > 1.5 * spelled
+    assert "scored token the split's mean" not in capsys.readouterr().err
+
+    (tmp_path / "tokenizer").rename(tmp_path / "moved")
+    train(run_config(tokens, tmp_path / "estimated", **settings))
+    mean = index["text_bytes"] / index["total_tokens"]
+    assert capsys.readouterr().err.count(f"bits per byte count each scored token the split's mean {mean:.3f}") == 1
+    (evaluation,) = [m for m in read_metrics(tmp_path / "estimated") if "val_loss" in m]
+    nats = evaluation["val_loss"] * windows[:, 1:].numel()
+    assert evaluation["val_bpb"] == pytest.approx(nats / (math.log(2) * estimate), rel=1e-6)
 
 
 def test_a_model_without_mtp_modules_logs_no_mtp_loss(data_dir, tmp_path):

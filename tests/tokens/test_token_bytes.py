@@ -1,0 +1,55 @@
+"""Specification of the per-token byte counts bits per byte sums over the targets a model scores."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.tokenizer import EOS, SPECIAL_TOKENS, train_tokenizer
+from seekstack.tokens.shards import index_path, tokenize_corpus
+from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths, token_byte_lengths
+
+TEXT = "naïve café 👩‍👩‍👧 猫坐在垫子上 plain ascii"
+
+
+def test_token_bytes_sum_to_the_utf8_bytes_of_the_text_and_special_tokens_count_none(tmp_path):
+    tokenizer = train_tokenizer([TEXT * 5], vocab_size=280, out_path=tmp_path)
+    byte_lengths = token_byte_lengths(tokenizer)
+    assert byte_lengths.shape == (tokenizer.vocab_size,)
+    assert [byte_lengths[tokenizer.backend.token_to_id(token)].item() for token in SPECIAL_TOKENS] == [0] * 5
+    ids = tokenizer.encode(TEXT)
+    assert int(byte_lengths[ids].sum()) == len(TEXT.encode("utf-8"))
+    first_byte_of_e_acute = tokenizer.backend.token_to_id("Ã")  # byte-level BPE's stand-in for 0xC3
+    assert byte_lengths[first_byte_of_e_acute] == 1  # part of a character counts its own bytes
+    assert token_byte_lengths(tokenizer) is byte_lengths  # built once per tokenizer
+
+
+def test_scored_text_bytes_counts_the_targets_after_the_first_label_that_are_not_ignored(tmp_path):
+    tokenizer = train_tokenizer([TEXT * 5], vocab_size=280, out_path=tmp_path)
+    byte_lengths = token_byte_lengths(tokenizer)
+    prompt, answer = tokenizer.encode("naïve "), tokenizer.encode("café")
+    eos = tokenizer.backend.token_to_id(EOS)
+    labels = torch.tensor([[*[IGNORE_INDEX] * len(prompt), *answer, eos], [*prompt, *answer, eos]])
+    first_row = len("café".encode())
+    second_row = len(tokenizer.decode([*prompt[1:], *answer]).encode())  # nothing predicts the first token
+    assert scored_text_bytes(byte_lengths, labels) == first_row + second_row
+
+
+def test_a_splits_byte_lengths_come_from_the_tokenizer_its_index_records_or_are_its_mean_with_a_note(tmp_path):
+    tokenizer = train_tokenizer([TEXT * 5], vocab_size=280, out_path=tmp_path / "tokenizer")
+    corpus = tmp_path / "val.jsonl"
+    corpus.write_text(json.dumps({"id": "0", "text": TEXT * 3}) + "\n")
+    index = tokenize_corpus(corpus, tokenizer, tmp_path / "tokens", "val")
+    recorded, note = split_byte_lengths(tmp_path / "tokens", "val")
+    assert note is None and torch.equal(recorded, token_byte_lengths(tokenizer))
+    (tmp_path / "tokenizer").rename(tmp_path / "moved")
+    given, note = split_byte_lengths(tmp_path / "tokens", "val", tmp_path / "moved")
+    assert note is None and torch.equal(given, token_byte_lengths(tokenizer))
+    other = train_tokenizer(["other text"], vocab_size=280, out_path=tmp_path / "other")
+    assert other.fingerprint != tokenizer.fingerprint
+    estimated, note = split_byte_lengths(tmp_path / "tokens", "val", tmp_path / "other")
+    mean = index["text_bytes"] / index["total_tokens"]
+    assert torch.equal(estimated, torch.full((280,), mean, dtype=torch.float64))
+    assert note and str(index_path(tmp_path / "tokens", "val")) in note and f"mean {mean:.3f} bytes per token" in note
