@@ -100,7 +100,7 @@ def serve_command(
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
     from seekstack.serve.database import default_database_location
-    from seekstack.serve.launch import ServeOptions, build_server, run_server
+    from seekstack.serve.launch import ServeOptions, build_server, check_listenable, run_server
 
     with user_errors():
         if threads is not None:
@@ -116,6 +116,7 @@ def serve_command(
                 dtype=dtype, kv_cache_memory=kv_cache_memory, device_map=device_map, offload_dir=offload_dir,
             ).validate()  # fmt: skip
         refuse_drafting_without_speculation(ctx)
+        check_listenable(host, port)  # before the dtype note and the weights
         options = ServeOptions(
             host=host, port=port, database=db or default_database_location(), tokenizer=tokenizer,
             served_model_name=served_model_name or _run_name(ctx, model), engine=engine,

@@ -85,17 +85,30 @@ def warn_of_unknown_scopes(policy: Policy, path: Path, store: KeyStore) -> None:
 
 
 def check_listenable(host: str, port: int) -> None:
-    """ValueError naming --port when it is out of range or `host`:`port` cannot be listened on (another server
-    there, a privileged port), found by binding it once as uvicorn will."""
+    """ValueError naming --port when it is out of range, --host when it does not resolve, and --port when
+    `host`:`port` cannot be listened on (another server there, a privileged port), found by binding it once as
+    uvicorn will."""
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port}: must be between 0 and 65535")
+    family, kind, address = _resolved(host, port)
     try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
             probe.bind(address)
     except OSError as error:
         raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({error.strerror or error})") from None
+
+
+def _resolved(host: str, port: int) -> tuple[socket.AddressFamily, socket.SocketKind, tuple]:
+    """The family, socket kind and address uvicorn listens on for `host`:`port`; ValueError naming --host when
+    `host` is neither an address nor a name this machine resolves."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ValueError(
+            f"--host {host}: not an address or a host name this machine resolves ({error.strerror})"
+        ) from None
+    return family, kind, address
 
 
 def check_cache_holds_context(engine: Engine, options: EngineOptions) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from typer.testing import CliRunner
 
+from seekstack.cli import app
 from seekstack.infer.params import EngineOptions
 from seekstack.serve.launch import ServeOptions, build_server
 from tests.serve.server import free_port, make_model_dir, run
@@ -41,3 +43,20 @@ def test_serve_with_a_context_the_cache_holds_answers_a_chat_without_max_tokens(
     assert answer.status_code == 200, answer.text
     usage = answer.json()["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 144  # the default fills the context
+
+
+@pytest.mark.parametrize(
+    ("place", "message"),
+    [
+        (["--host", "not a host"], "error: --host not a host: not an address or a host name this machine resolves"),
+        (["--port", "-1"], "error: --port -1: must be between 0 and 65535"),
+    ],
+)
+def test_serve_refuses_a_host_or_port_it_cannot_listen_on_naming_it_before_reading_the_model(
+    tmp_path, monkeypatch, place, message
+):
+    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda *args: pytest.fail("read the model"))
+    model_dir = make_model_dir(tmp_path)
+    refused = CliRunner().invoke(app, ["serve", "--model", str(model_dir), "--db", str(tmp_path / "k.db"), *place])
+    assert refused.exit_code == 1 and message in refused.stderr, refused.output
+    assert "note: dtype" not in refused.stderr
