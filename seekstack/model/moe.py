@@ -14,6 +14,7 @@ from torch import nn
 
 from seekstack.config import ModelConfig
 from seekstack.model import cpu_kernels
+from seekstack.model.precision import Float32Buffers
 
 
 class FeedForward(nn.Module):
@@ -36,13 +37,16 @@ class Routing:
     scores: torch.Tensor  # (N, E) affinities s_{i,t}
 
 
-class Router(nn.Module):
+class Router(Float32Buffers):
     """The gate: affinity scores, (group-limited) top-K selection, combine weights.
 
     V3 eq. 15-16: s_i = Sigmoid(u^T e_i); select TopK over s_i + b_i; g_i = s_i / sum_{selected} s_j.
     V2 eq. 22: s_i = Softmax_i(u^T e_i); g_i = s_i for the K largest.
-    The bias b (`e_score_correction_bias`) only decides which experts are selected, never the weights.
+    The bias b (`e_score_correction_bias`) only decides which experts are selected, never the weights; it stays
+    float32 in a bf16 model: its updates (~1e-3) vanish in bf16.
     """
+
+    float32_buffers = ("e_score_correction_bias",)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -54,16 +58,6 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         if self.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        """Move with the model, but keep the selection bias float32: its updates (~1e-3) vanish in bf16."""
-        bias = self._buffers.get("e_score_correction_bias")
-        super()._apply(fn, recurse)
-        if bias is not None:
-            moved = self._buffers["e_score_correction_bias"]
-            kept = torch.empty_like(moved, dtype=torch.float32) if bias.is_meta else bias.to(moved.device)
-            self._buffers["e_score_correction_bias"] = kept
-        return self
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x (N, D) -> Routing. Scores are computed in float32."""

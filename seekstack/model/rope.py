@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from seekstack.config import ModelConfig, yarn_mscale
+from seekstack.model.precision import Float32Buffers
 
 
 def yarn_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -49,8 +49,12 @@ def yarn_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention_factor)
 
 
-class RotaryEmbedding(nn.Module):
-    """Computes the (cos, sin) tables for given positions; `apply_rotary` rotates a tensor with them."""
+class RotaryEmbedding(Float32Buffers):
+    """Computes the (cos, sin) tables for given positions; `apply_rotary` rotates a tensor with them. The inverse
+    frequencies stay float32 in a bf16 model: rounded to bf16, the angle at position 16k of DeepSeek-V3's slowest
+    pairs is off by radians."""
+
+    float32_buffers = ("inv_freq",)
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -18,6 +18,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Atten
 
 from seekstack.config import ModelConfig, preset, yarn_mscale
 from seekstack.model.rope import RotaryEmbedding, apply_rotary, yarn_inverse_frequencies
+from seekstack.model.transformer import Transformer
 
 V3_MSCALE = 1.3688879454113936  # 0.1 ln 40 + 1: DeepSeek-V3's factor 40 with mscale_all_dim 1.0
 # Scores of unit-variance q, k (R = 16, |score| < 20) at positions up to 3000, where float32 angles p * theta
@@ -243,3 +244,25 @@ def test_scores_depend_only_on_the_distance_between_positions():
 
     torch.testing.assert_close(scores(far), scores(near), rtol=0, atol=ANGLE_ATOL)
     assert not torch.allclose(scores(near), torch.einsum("thr,shr->hts", q, k), atol=1e-2)  # and they do turn
+
+
+def test_a_bfloat16_model_turns_long_positions_by_the_angles_of_a_float32_one():
+    # Rounded to bf16, the inverse frequencies put the angles at position 16000 off by radians (DeepSeek-V3: cos by
+    # up to 1.96): the tables stay float32 and the rotation is computed in float32, then rounded to the activations'.
+    config = rope_config(YARN_V3, 163840)
+    positions = torch.tensor([16000, 100000])
+    expected = Transformer(config).rotary(positions)
+    cast = Transformer(config).to(torch.bfloat16)
+    with torch.device("meta"):
+        loaded = Transformer(config)
+    loaded = loaded.to(dtype=torch.bfloat16).to_empty(device="cpu")  # as load_pretrained builds a bf16 model
+    loaded.reset_rope()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = cast.rotary(positions)
+    for tables in (cast.rotary(positions), loaded.rotary(positions), under_autocast):
+        assert all(table.dtype == torch.float32 for table in tables)
+        torch.testing.assert_close(tables, expected, rtol=0, atol=0)
+    q = torch.randn(2, 3, 16).bfloat16()  # (T, H, R)
+    rotated = apply_rotary(q, *cast.rotary(positions), config.rope_interleave)
+    assert rotated.dtype == torch.bfloat16
+    assert torch.equal(rotated, apply_rotary(q.float(), *expected, config.rope_interleave).bfloat16())
