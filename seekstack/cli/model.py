@@ -15,7 +15,12 @@ from seekstack.config import PRESETS, ModelConfig
 
 def info(
     model: Model,
-    context: Annotated[int, typer.Option(min=1, help="Keys each token attends to, for the FLOPs per token.")] = 4096,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Keys each token attends to, for the FLOPs per token; default the model's context (at most)."
+        ),
+    ] = None,
 ) -> None:
     """Parameters (main model, MTP modules), activated parameters, FLOPs and KV-cache bytes per token, and the
     architecture."""
@@ -34,6 +39,7 @@ def info(
 
     with user_errors():
         config = model_config(model)
+    context, context_label = _flops_context(config, context)
     main_params, mtp_params = main_parameters(config), mtp_parameters(config)
     cache = kv_cache_bytes_per_token(config, torch.bfloat16)
     moe_layers = config.moe_layer_count
@@ -56,8 +62,8 @@ def info(
         ("params, main model + MTP modules", count(main_params.total + mtp_params.total)),
         ("params, MTP in a checkpoint (+ emb./head copies)", count(mtp_checkpoint_parameters(config))),
         ("params activated per token, main (head, no emb.)", count(main_params.activated)),
-        (f"forward FLOPs/token, context {context}", flops(forward_flops_per_token(config, context))),
-        (f"training FLOPs/token, seq {context}", flops(training_flops_per_token(config, context))),
+        (f"forward FLOPs/token, context {context_label}", flops(forward_flops_per_token(config, context))),
+        (f"training FLOPs/token, seq {context_label}", flops(training_flops_per_token(config, context))),
         ("KV cache/token bf16, MLA latent", size(cache.latent)),
         ("KV cache/token bf16, plain MHA", size(cache.mha)),
         ("KV cache MHA / latent", f"{cache.ratio:.1f}x"),
@@ -65,6 +71,17 @@ def info(
     for row in rows:
         table.add_row(*row)
     Console(markup=False).print(table)
+
+
+def _flops_context(config: ModelConfig, context: int | None) -> tuple[int, str]:
+    """The context of the info table's FLOPs and how it is named: --context, or the model's own when not given;
+    exits naming --context when it is longer than the model's (max_position_embeddings)."""
+    longest = config.max_position_embeddings
+    if context is None:
+        return longest, f"{longest} (the model's)"
+    if context > longest:
+        fail(f"--context {context}: longer than the model's context (max_position_embeddings {longest})")
+    return context, str(context)
 
 
 def forward(

@@ -71,3 +71,18 @@ def test_forward_on_a_truncated_checkpoint_prints_one_line_naming_the_file(tmp_p
     assert result.exit_code == 1
     assert result.output.startswith(f"error: {weights}: not a valid safetensors file")
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_info_counts_flops_at_the_model_s_context_and_refuses_a_longer_one():
+    context = preset("tiny").max_position_embeddings
+    default, shorter, longer = (
+        run("info", "tiny"),
+        run("info", "tiny", "--context", "512"),
+        run("info", "tiny", "--context", str(context + 1)),
+    )
+    assert f"forward FLOPs/token, context {context} (the model's)" in default.output, default.output
+    assert f"training FLOPs/token, seq {context} (the model's)" in default.output
+    assert "forward FLOPs/token, context 512 " in shorter.output
+    assert longer.exit_code == 1
+    expected = f"error: --context {context + 1}: longer than the model's context (max_position_embeddings {context})"
+    assert expected in longer.stderr
