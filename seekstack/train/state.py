@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -57,11 +58,28 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the RNG states `rng_state` saved (CUDA's onto the devices visible here: `_set_cuda_rng_states`)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _set_cuda_rng_states(state["cuda"])
+
+
+def _set_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """The saved CUDA generator states onto the visible devices of the same index. A run saved where another number
+    of GPUs was visible (resumed at another number of ranks, or CUDA_VISIBLE_DEVICES narrowed) restores the devices
+    both have, with a warning: this rank's device is what its dropout draws on."""
+    visible = torch.cuda.device_count()
+    if len(states) != visible:
+        warnings.warn(
+            f"the checkpoint holds the CUDA RNG states of {len(states)} devices and {visible} are visible here: "
+            f"restoring the first {min(len(states), visible)}; random draws on any other device differ from an "
+            "uninterrupted run's",
+            stacklevel=3,
+        )
+    for index, saved in enumerate(states[:visible]):
+        torch.cuda.set_rng_state(saved, index)
 
 
 def save_checkpoint(
