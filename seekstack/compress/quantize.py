@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -34,7 +35,7 @@ from seekstack.compress.linear import (
     use_quantized_feed_forwards,
 )
 from seekstack.model.moe import FeedForward, RoutedExperts
-from seekstack.schema import ConfigError, Positive, require
+from seekstack.schema import ConfigError, Positive, recheck, require
 
 Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
@@ -42,6 +43,7 @@ DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("mtp.*.eh_proj",)
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
 INT8_PER_WORD = 4  # int8 codes are stored packed, four per int32 word
+_RECHECKING: ContextVar[bool] = ContextVar("quant_config_rechecking", default=False)  # the copy recheck builds
 
 
 @dataclass
@@ -58,6 +60,14 @@ class QuantConfig:
     )
 
     def __post_init__(self) -> None:
+        """ConfigError naming the field: each checked against its annotation, as a config file's values are (a
+        dataclass built in Python checks nothing), then the rule across them."""
+        if not _RECHECKING.get():  # recheck builds a checked copy, whose own __post_init__ must not recheck again
+            token = _RECHECKING.set(True)
+            try:
+                recheck(self)
+            finally:
+                _RECHECKING.reset(token)
         schemes = {self.scheme, *(v.split("-")[0] for v in self.layers.values())} - {"none"}
         require("fp8" not in schemes or schemes == {"fp8"}, "layers", "all fp8 or none fp8 (one checkpoint format)")
 
@@ -202,7 +212,9 @@ def quantized_module(module: nn.Module, scheme: str, config: QuantConfig, group:
             return Int8Weight.from_float(tensor)
         if scheme == "int4":
             return Int4Weight.from_float(tensor, group)
-        return Fp8Weight.from_float(tensor, tuple(config.fp8_block), parts)
+        if scheme == "fp8":
+            return Fp8Weight.from_float(tensor, tuple(config.fp8_block), parts)
+        raise ValueError(f"quantization scheme {scheme!r}: expected int8, int4 or fp8")
 
     if isinstance(module, RoutedExperts):
         return QuantizedExperts(weight(module.gate_up_proj, parts=2), weight(module.down_proj))

@@ -13,7 +13,13 @@ import seekstack
 from seekstack import Transformer
 from seekstack.checkpoint import checkpoint_tensors
 from seekstack.compress.linear import QuantizedExperts, QuantizedFeedForward, QuantizedLinear
-from seekstack.compress.quantize import QuantConfig, quantize_checkpoint, quantize_model, resident_bytes
+from seekstack.compress.quantize import (
+    QuantConfig,
+    quantize_checkpoint,
+    quantize_model,
+    quantized_module,
+    resident_bytes,
+)
 from seekstack.model.moe import FeedForward, RoutedExperts, Router
 from seekstack.schema import ConfigError
 from tests.conftest import micro_config
@@ -358,3 +364,23 @@ def test_requantizing_to_another_format_says_it_quantizes_dequantized_weights(tm
     assert "--allow-requantize" in notes[0]
     _, notes = quantize_checkpoint(tmp_path / "int4", tmp_path / "int4-g64", QuantConfig(scheme="int4", group_size=64))
     assert "stored int4 g32 were re-quantized to int4 g64" in notes[0]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"scheme": "foo"}, "field 'scheme' has value 'foo': input should be 'int8', 'int4' or 'fp8'"),
+        ({"scheme": "int4", "group_size": 17}, "field 'group_size' has value 17: input should be 32, 64 or 128"),
+        ({"keep": "lm_head"}, "field 'keep' has value 'lm_head': input should be a valid array"),
+        ({"layers": {"lm_head": "int3"}}, "field 'layers.lm_head' has value 'int3'"),
+    ],
+)
+def test_a_quant_config_built_in_python_is_checked_naming_the_field(values, message):
+    with pytest.raises(ConfigError) as refused:
+        QuantConfig(**values)
+    assert str(refused.value).startswith(message)
+
+
+def test_an_unknown_scheme_is_refused_by_the_module_swap_not_made_fp8():
+    with pytest.raises(ValueError, match="quantization scheme 'foo': expected int8, int4 or fp8"):
+        quantized_module(torch.nn.Linear(32, 16), "foo", QuantConfig(), group=32)
