@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 from annotated_types import Interval
 
@@ -93,6 +93,7 @@ class GRPOConfig(TrainConfig):
     fields of UNUSED_BY_RL are refused at any value but their default; `data_dir` is unused too (not checked: a
     saved run's holds the default resolved where the run started)."""
 
+    rows_fit_context: ClassVar[bool] = True
     out_dir: str = "runs/rl"
     batch_size: Positive = 4  # prompts per generation batch; each brings num_generations completions
     max_steps: Positive = 100

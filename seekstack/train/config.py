@@ -52,6 +52,9 @@ class TrainConfig:
 
     # Fields naming a checkpoint folder, where a run's out_dir stands for its newest checkpoint (resolve_train_config)
     checkpoint_fields: ClassVar[tuple[str, ...]] = ("init_from",)
+    # Whether the stage's rows size themselves and are checked against the context by their source (GRPO's: a
+    # prompt and a completion), rather than being seq_len long, which must then fit the model's context
+    rows_fit_context: ClassVar[bool] = False
     model: str = "tiny"  # a preset name of seekstack.config.PRESETS
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
     # A checkpoint folder (Hugging Face format: ours, an export, a DeepSeek release), or a run's out_dir for its newest
@@ -166,6 +169,24 @@ class TrainConfig:
             return preset(self.model, **overrides)
         except ConfigError as error:
             raise ConfigError(f": {error}", field="model_overrides") from None
+
+    def require_seq_len_within(self, context: int) -> None:
+        """ConfigError naming seq_len when the run's rows (seq_len tokens) are longer than the model's `context`
+        (max_position_embeddings)."""
+        if self.seq_len > context:
+            raise ConfigError(
+                f"has value {self.seq_len}: longer than the model's context (max_position_embeddings {context})",
+                field="seq_len",
+            )
+
+    def trained_context(self) -> int:
+        """The context (max_position_embeddings) of the model the run trains: init_from's, else the preset's with
+        model_overrides."""
+        if self.init_from:
+            from seekstack.checkpoint import read_config
+
+            return read_config(self.init_from).max_position_embeddings
+        return self.model_config().max_position_embeddings
 
     def mixture_schedule(self) -> MixtureSchedule:
         """The schedule of `mixture`; the `train` split alone when it is empty."""

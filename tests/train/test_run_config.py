@@ -83,6 +83,22 @@ def test_write_config_gives_a_file_that_reads_back_to_the_same_config(tmp_path: 
     assert load_train_config(path.name) == load_train_config(None, ["lr=1e-3", "model.hidden_size=64"])
 
 
+def test_write_config_refuses_a_seq_len_longer_than_the_model_s_context_as_the_run_does(tmp_path: Path) -> None:
+    path, context = tmp_path / "c.yaml", preset("tiny").max_position_embeddings
+    for overrides, longest in (
+        ([f"seq_len={context + 1}"], context),
+        (["seq_len=300", "model.max_position_embeddings=256"], 256),
+    ):
+        refused = CliRunner().invoke(app, ["train", *overrides, "--write-config", str(path)])
+        assert refused.exit_code == 1 and not path.exists()
+        said = refused.stderr.strip()
+        seq_len = overrides[0].split("=")[1]
+        assert said.endswith(f"field 'seq_len' has value {seq_len}: longer than the model's context "
+                             f"(max_position_embeddings {longest})"), said  # fmt: skip
+    written = CliRunner().invoke(app, ["train", f"seq_len={context}", "--write-config", str(path)])
+    assert written.exit_code == 0 and yaml.safe_load(path.read_text())["seq_len"] == context
+
+
 def test_a_saved_config_keeps_absolute_paths_so_a_moved_run_still_finds_its_data(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     tokenizer = tmp_path / "shared" / "tokenizer.json"  # given absolute
