@@ -113,15 +113,6 @@ def test_deepseek_v3_yarn_keeps_fast_pairs_and_divides_slow_pairs_by_40():
     assert ratio[16] == pytest.approx(1 / 40 * 6 / 13 + 7 / 13, rel=1e-6)  # ramp (16 - 10) / (23 - 10)
 
 
-def test_yarn_factor_defaults_to_the_context_ratio():
-    scaling = dict(rope_type="yarn", original_max_position_embeddings=512)
-    config = rope_config(scaling, 2048)
-    assert config.rope_factor == 4.0
-    inv_freq, attention_factor = yarn_inverse_frequencies(config)
-    torch.testing.assert_close(inv_freq.double(), yarn_reference(16, 10000.0, 4.0, 512, 32, 1, True), rtol=1e-6, atol=0)
-    assert attention_factor == pytest.approx(0.1 * math.log(4) + 1)
-
-
 # ---------------------------------------------------------------------------------- temperatures
 def test_mscale_is_one_tenth_log_factor_plus_one_and_one_without_extension():
     assert yarn_mscale(1.0) == 1.0 and yarn_mscale(0.5) == 1.0 and yarn_mscale(1.0, 0.707) == 1.0
