@@ -366,11 +366,8 @@ class _Run:
             model = build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device)
             if hooks is not None:
                 model = hooks.prepare(model)
-        if config.seq_len > model.config.max_position_embeddings and not getattr(source, "rows_fit_context", False):
-            raise ConfigError(
-                f"field 'seq_len' has value {config.seq_len}: longer than the model's context "
-                f"(max_position_embeddings {model.config.max_position_embeddings})"
-            )
+        if not getattr(source, "rows_fit_context", False):
+            config.require_seq_len_within(model.config.max_position_embeddings)
         self.model = model
         if source is not None:
             source.attach(model)
