@@ -110,6 +110,11 @@ class Transformer(nn.Module):
         `counted` (B, T) bool marks the tokens the MoE layers' expert load and balance loss count: a padded batch
         leaves its padding out (as transformers' attention_mask does for its balance loss).
         """
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}: labels must be aligned "
+                "with the inputs, one per token (the shift to the next token happens inside the loss)"
+            )
         T = input_ids.shape[1]
         if positions is None:
             start = cache.length() if cache is not None else 0
