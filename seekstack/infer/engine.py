@@ -887,12 +887,13 @@ class Engine:
 
     def generate(
         self,
-        prompts: list[str] | list[list[int]],
+        prompts: str | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams],
         adapters: list[str | None] | None = None,
     ) -> list[Completion]:
-        """Add all prompts (text is encoded without BOS, as training shards are), each on the base or on the loaded
-        adapter `adapters` names for it, and step until all finish."""
+        """Add all prompts (a str is one prompt, as in vLLM; text is encoded without BOS, as training shards are), each
+        on the base or on the loaded adapter `adapters` names for it, and step until all finish."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapter_list = adapters if adapters is not None else [None] * len(prompts)
         if not len(params_list) == len(adapter_list) == len(prompts):

@@ -269,6 +269,13 @@ def test_a_generate_call_that_fails_mid_way_leaves_no_request_holding_blocks(mod
     assert [out.finish_reason for out in engine.step()] == ["abort", "abort"] and not engine.has_unfinished()
 
 
+def test_a_str_is_one_prompt_as_in_vllm(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    [alone] = engine.generate("def f", GREEDY)
+    [listed] = engine.generate(["def f"], GREEDY)
+    assert alone.prompt_token_ids == tokenizer.encode("def f") and alone.token_ids == listed.token_ids
+
+
 def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=1)
     first, second, never = (engine.add_request(prompt, GREEDY) for prompt in prompts([4, 4, 4]))
