@@ -892,7 +892,8 @@ class Engine:
         adapters: list[str | None] | None = None,
     ) -> list[Completion]:
         """Add all prompts (a str is one prompt, as in vLLM; text is encoded without BOS, as training shards are), each
-        on the base or on the loaded adapter `adapters` names for it, and step until all finish."""
+        on the base or on the loaded adapter `adapters` names for it, and step until all finish. A prompt refused
+        (too long, an adapter not loaded) raises ValueError, the prompts added before it aborted, none left queued."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapter_list = adapters if adapters is not None else [None] * len(prompts)
@@ -901,14 +902,15 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {counts}")
         prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         started = time.perf_counter()
-        request_ids = [
-            self.add_request(ids, p, adapter=a) for ids, p, a in zip(prompt_ids, params_list, adapter_list, strict=True)
-        ]
-        parts: dict[str, list[RequestOutput]] = {request_id: [] for request_id in request_ids}
+        request_ids: list[str] = []
+        parts: dict[str, list[RequestOutput]] = {}
         first_token: dict[str, float] = {}
         finished_at: dict[str, float] = {}
         compiling: dict[str, float] = {}  # per request, the compile seconds of its decode steps (`compile_s`)
         try:
+            for ids, p, a in zip(prompt_ids, params_list, adapter_list, strict=True):
+                request_ids.append(self.add_request(ids, p, adapter=a))
+                parts[request_ids[-1]] = []
             while any(request_id not in finished_at for request_id in request_ids):
                 for output in self.step():
                     if output.request_id in parts:
@@ -918,7 +920,7 @@ class Engine:
                         if output.finished:
                             finished_at[output.request_id] = time.perf_counter()
                             compiling[output.request_id] += self.compile_s
-        finally:  # a failing step or an interrupt leaves no request behind holding cache blocks
+        finally:  # a prompt refused, a failing step or an interrupt leaves no request behind holding cache blocks
             for request_id in request_ids:
                 if request_id not in finished_at:
                     self.abort(request_id)

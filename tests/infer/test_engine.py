@@ -269,6 +269,17 @@ def test_a_generate_call_that_fails_mid_way_leaves_no_request_holding_blocks(mod
     assert [out.finish_reason for out in engine.step()] == ["abort", "abort"] and not engine.has_unfinished()
 
 
+def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    too_long = prompts([engine.max_model_len + 1])[0]
+    with pytest.raises(ValueError, match="more than max_model_len"):
+        engine.generate([prompts([6])[0], too_long], GREEDY)
+    assert not engine.waiting and engine.cache.tables == {}
+    assert [out.finish_reason for out in engine.step()] == ["abort"] and not engine.has_unfinished()
+    [completion] = engine.generate(prompts([5]), GREEDY)  # the next call steps for its own prompt only
+    assert completion.finish_reason == "length"
+
+
 def test_a_str_is_one_prompt_as_in_vllm(model, tokenizer):
     engine = Engine(model, tokenizer)
     [alone] = engine.generate("def f", GREEDY)
