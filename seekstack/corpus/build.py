@@ -164,7 +164,7 @@ def analysed_documents(documents: Iterable[Document], config: CleaningConfig, wo
             in_flight.popleft()
     except BrokenProcessPool as error:
         pool.shutdown()  # the pool ends its other workers once one died; how each ended is known once joined
-        raise WorkerDied(_worker_death(pool, in_flight)) from error
+        raise WorkerDied(_worker_death(pool, in_flight, error)) from error
     finally:
         _end_workers(pool, in_flight)
 
@@ -227,19 +227,28 @@ def _end_workers(pool: WorkerPool, in_flight: Iterable[InFlight]) -> None:
     pool.shutdown()
 
 
-def _worker_death(pool: WorkerPool, in_flight: collections.deque[InFlight]) -> str:
-    """The message of WorkerDied: which workers died and how, which documents were being analysed, what to try."""
+def _worker_death(pool: WorkerPool, in_flight: collections.deque[InFlight], error: BrokenProcessPool) -> str:
+    """The message of WorkerDied: which workers died and how (or, when none did, the error that broke the pool: a
+    worker's result or exception the main process could not unpickle), which documents were being analysed, what to
+    try."""
     ended_by_pool = -signal.SIGTERM  # how the pool ends the other workers once one died
     deaths = [
         f"pid {pid} {_exit_status(process.exitcode)}"
         for pid, process in pool.processes.items()
         if process.exitcode not in (None, 0, ended_by_pool)
     ]
+    documents = f"the batches of documents {in_flight[0].first_id!r} to {in_flight[-1].last_id!r}"
+    remote = [line for line in str(error.__cause__ or "").splitlines() if line.strip(" \"'")]  # a traceback quoted
+    if not deaths and remote:
+        return (
+            f"data build: a worker's answer could not be read back while analysing {documents} ({remote[-1]}); "
+            "nothing was written. --workers 1 analyses in the main process, where the error shows its traceback"
+        )
     return (
         f"data build: a worker process died ({', '.join(deaths) or 'ended by SIGTERM'}) while analysing "
-        f"(normalise, PII, kind, rules, MinHash) the batches of documents {in_flight[0].first_id!r} to "
-        f"{in_flight[-1].last_id!r}; nothing was written. SIGKILL is often the out-of-memory killer (try fewer "
-        "--workers); --workers 1 analyses in the main process, where a crash in a native library shows its error"
+        f"(normalise, PII, kind, rules, MinHash) {documents}; nothing was written. SIGKILL is often the "
+        "out-of-memory killer (try fewer --workers); --workers 1 analyses in the main process, where a crash in a "
+        "native library shows its error"
     )
 
 

@@ -237,6 +237,20 @@ class KilledOnArrival(str):
         return signal.raise_signal, (signal.SIGKILL,)
 
 
+class TwoArgumentError(Exception):
+    """An exception pickle cannot rebuild: its args hold one message, its __init__ wants two."""
+
+    def __init__(self, what: str, where: str):
+        super().__init__(f"{what} in {where}")
+
+
+class RaisesUnpicklable(str):
+    """A text whose normalising raises an exception the main process cannot unpickle (a native library's may)."""
+
+    def replace(self, *args: object) -> str:
+        raise TwoArgumentError("refused", "replace")
+
+
 @contextlib.contextmanager
 def fails_after(seconds: int, what: str) -> Iterator[None]:
     """Fail the test when the block takes longer than `seconds` (a hang), rather than wait for good."""
@@ -266,3 +280,15 @@ def test_a_killed_worker_ends_the_build_with_an_error_naming_it(tmp_path: Path, 
     assert "to 'doomed'; nothing was written" in result.output  # from the first batch not yet had (prose0 or 64)
     assert list(out.iterdir()) == []  # not even a hidden temporary
     assert multiprocessing.active_children() == []  # every worker ended and joined
+
+
+def test_a_worker_answer_that_cannot_be_read_back_is_named_not_called_a_death(tmp_path: Path, monkeypatch) -> None:
+    documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(10)]
+    documents.append(Document("picky", RaisesUnpicklable("The end."), "web"))
+    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field: documents)
+    monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 1.0)
+    with fails_after(30, "data build with an unpicklable worker error"):
+        result = CliRunner().invoke(app, ["data", "build", "corpus", "--out", str(tmp_path / "out"), "--workers", "2"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1 and "a worker's answer could not be read back" in output
+    assert "TypeError" in output and "died" not in output and "out-of-memory" not in output
