@@ -87,13 +87,17 @@ FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads 
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32")}
 # The MTP modules' copies of the embedding and head: loading uses the main model's, so these stay unread.
 MTP_COPIES = re.compile(r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight\w*$")
-STACKED_EXPERT_PARTS = {"gate_up_proj": 2, "down_proj": 1}  # the matrices each stacked expert tensor holds by rows
 KEPT_FLOAT = "kv_b_proj"  # the layer loading keeps a float Linear however it is stored (attention absorbs its matrix)
+# The projections of an expert each stacked expert weight holds, stacked by rows.
+PER_EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+STACKED_EXPERT_PARTS = {stack: len(projections) for stack, projections in PER_EXPERT_PROJECTIONS.items()}
 
 
 # A tensor held as a file's pages, from the tensor it replaces (its dtype and shape) and a function giving its values
 # one piece at a time, in memory order: how `load_pretrained(offload=...)` writes a tensor straight to disk.
 MappedCopy = Callable[[torch.Tensor, Callable[[], Iterable[torch.Tensor]]], torch.Tensor]
+# Expert e's quantized weight of a stack of routed experts' (gate_up or down), read from a checkpoint.
+ExpertWeight = Callable[[int], QuantizedWeight]
 
 
 class CheckpointError(ValueError):
@@ -273,49 +277,102 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
 
 def _expert_weights_from_reader(
     reader: CheckpointReader, key: str, experts: RoutedExperts
-) -> tuple[QuantizedWeight, QuantizedWeight] | None:
-    """Stacked (gate_up, down) quantized weights for `experts` from the keys under `key` (`...mlp.experts`): the
-    stacked layout's, memory-mapped as they are, or the per-expert ones, copied into stacks. CheckpointError naming
-    the file and the key for a weight not of the shape the config gives `experts`."""
-    gate_up_shape, down_shape = tuple(experts.gate_up_proj.shape), tuple(experts.down_proj.shape)
+) -> tuple[tuple[QuantizedWeight, QuantizedWeight], dict[str, ExpertWeight]] | None:
+    """Stacked (gate_up, down) quantized weights for `experts` from the keys under `key` (`...mlp.experts`), or None
+    when they are stored in float: the stacked layout's, memory-mapped as they are, or, from per-expert keys, stacks
+    left empty (on meta) with the function reading each expert's weight, by stack name (`gate_up_proj`,
+    `down_proj`), for `_fill_expert_stack`. CheckpointError naming the file and the key for a weight not of the shape
+    the config gives `experts`."""
+    shapes = {stack: tuple(getattr(experts, stack).shape) for stack in PER_EXPERT_PROJECTIONS}
     stacked = _stored_names(reader, f"{key}.gate_up_proj")
     if stacked is not None:
-        reader.check_quantized_shape(f"{key}.gate_up_proj", gate_up_shape, parts=2)
-        reader.check_quantized_shape(f"{key}.down_proj", down_shape)
         gate_up, down = (
-            {name: reader.read(f"{key}.{proj}.{name}", dequantize=False) for name in stacked}
-            for proj in ("gate_up_proj", "down_proj")
+            _stacked_weight(reader, f"{key}.{stack}", _stacked_stored(reader, f"{key}.{stack}", shape, stacked))
+            for stack, shape in shapes.items()
         )
-        return (
-            weight_from_stored(gate_up, reader.fp8_block, 2, reader.packed_bits(f"{key}.gate_up_proj")),
-            weight_from_stored(down, reader.fp8_block, 1, reader.packed_bits(f"{key}.down_proj")),
-        )
+        return (gate_up, down), {}
     names = _stored_names(reader, f"{key}.0.gate_proj")
     if names is None:
         return None
-    count, gate_up_rows, hidden = gate_up_shape
+    count, gate_up_rows, hidden = shapes["gate_up_proj"]
     half = (gate_up_rows // 2, hidden)
     for e in range(count):
-        for proj, shape in {"gate_proj": half, "up_proj": half, "down_proj": down_shape[1:]}.items():
+        for proj, shape in {"gate_proj": half, "up_proj": half, "down_proj": shapes["down_proj"][1:]}.items():
             _check_stored_like(reader, f"{key}.{e}.{proj}", f"{key}.0.gate_proj")
             reader.check_quantized_shape(f"{key}.{e}.{proj}", shape)
-    gate_up, down = {}, {}
-    for name in names:
-        read = [
-            [
-                reader.read(f"{key}.{e}.{proj}.{name}", dequantize=False)
-                for proj in ("gate_proj", "up_proj", "down_proj")
-            ]
-            for e in range(count)
-        ]
-        gate_up[name] = torch.stack([torch.cat(per_expert[:2]) for per_expert in read])
-        down[name] = torch.stack([per_expert[2] for per_expert in read])
-        for e in range(count):
-            reader.used.update(f"{key}.{e}.{proj}.weight_shape" for proj in ("gate_proj", "up_proj", "down_proj"))
-    return (
-        weight_from_stored(gate_up, reader.fp8_block, 2, reader.packed_bits(f"{key}.0.gate_proj")),
-        weight_from_stored(down, reader.fp8_block, 1, reader.packed_bits(f"{key}.0.down_proj")),
+            reader.used.add(f"{key}.{e}.{proj}.weight_shape")
+    (gate_up, read_gate_up), (down, read_down) = (
+        _per_expert_stack(reader, key, stack, names, count) for stack in PER_EXPERT_PROJECTIONS
     )
+    return (gate_up, down), {"gate_up_proj": read_gate_up, "down_proj": read_down}
+
+
+def _stacked_stored(
+    reader: CheckpointReader, key: str, shape: tuple[int, ...], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """The stored tensors `names` of stacked expert weight `key` (`...mlp.experts.gate_up_proj` or `.down_proj`) in
+    the stacked layout, memory-mapped as they are; CheckpointError naming the file and the key for a missing one or
+    a weight not of `shape`, the config's."""
+    reader.check_quantized_shape(key, shape, parts=STACKED_EXPERT_PARTS[key.rpartition(".")[2]])
+    return {name: reader.read(f"{key}.{name}", dequantize=False) for name in names}
+
+
+def _stacked_weight(
+    reader: CheckpointReader, key: str, stored: dict[str, torch.Tensor], bits_key: str | None = None
+) -> QuantizedWeight:
+    """The quantized weight holding `stored`, the tensors of stacked expert weight `key` (the stack's or one
+    expert's), int codes of the bits checkpoint layer `bits_key` (default: `key`) is packed in."""
+    parts = STACKED_EXPERT_PARTS[key.rpartition(".")[2]]
+    return weight_from_stored(stored, reader.fp8_block, parts, reader.packed_bits(bits_key or key))
+
+
+def _per_expert_stack(
+    reader: CheckpointReader, key: str, stack: str, names: list[str], count: int
+) -> tuple[QuantizedWeight, ExpertWeight]:
+    """Stacked expert weight `stack` (`gate_up_proj`, `down_proj`) of the `count` experts under `key`, stored per
+    expert: the stack, empty (on meta) until `_fill_expert_stack` fills it, and the function reading expert e's
+    weight from its projections' stored tensors `names` (gate's and up's stacked by rows)."""
+    projections = PER_EXPERT_PROJECTIONS[stack]
+    weight = functools.partial(_stacked_weight, reader, f"{key}.{stack}", bits_key=f"{key}.0.{projections[0]}")
+
+    def stored(e: int) -> dict[str, torch.Tensor]:
+        read = {name: [reader.read(f"{key}.{e}.{p}.{name}", dequantize=False) for p in projections] for name in names}
+        return {name: torch.cat(tensors) for name, tensors in read.items()}
+
+    empty = {name: torch.empty((count, *t.shape), dtype=t.dtype, device="meta") for name, t in stored(0).items()}
+    return weight(stored=empty), lambda e: weight(stored=stored(e))
+
+
+def _fill_expert_stack(
+    stack: QuantizedWeight,
+    name: str,
+    expert: ExpertWeight,
+    copies: dict[str, MappedCopy],
+    device: torch.device | str,
+) -> None:
+    """Fill the empty buffers of `stack` (state-dict name `name`), a stack of expert weights, with the experts' own,
+    one expert at a time (`expert(e)`): into memory on `device`, or, for a part placed on disk, into its disk copy
+    (`copies`), so that it is never whole in memory."""
+    filled = {}
+    for buffer, empty in stack.named_buffers():
+        pieces = functools.partial(_expert_buffers, expert, buffer, len(empty))
+        copy = copies.get(f"{name}.{buffer}")
+        filled[buffer] = copy(empty, pieces) if copy is not None else _stacked(pieces(), empty, device)
+    stack.fill_buffers(filled)
+
+
+def _expert_buffers(expert: ExpertWeight, buffer: str, count: int) -> Iterator[torch.Tensor]:
+    """Buffer `buffer` of each of the `count` experts' weights (`expert(e)`), one expert at a time."""
+    for e in range(count):
+        yield expert(e).get_buffer(buffer)
+
+
+def _stacked(pieces: Iterable[torch.Tensor], empty: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A tensor on `device` of `empty`'s dtype and shape, whose first dimension's slices hold `pieces`, in turn."""
+    stack = torch.empty_like(empty, device=device)
+    for view, piece in zip(stack, pieces, strict=True):
+        view.copy_(piece)
+    return stack
 
 
 def _check_stored_like(reader: CheckpointReader, layer: str, reference: str) -> None:
@@ -330,17 +387,24 @@ def _check_stored_like(reader: CheckpointReader, layer: str, reference: str) -> 
         )
 
 
-def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: torch.device | str) -> set[str]:
-    """Swap in a quantized module for each layer the checkpoint stores quantized; returns their names.
-    `kv_b_proj` stays a float Linear (attention absorbs its matrix), read dequantized."""
+def load_quantized_layers(
+    model: Transformer, reader: CheckpointReader, device: torch.device | str
+) -> tuple[set[str], dict[str, ExpertWeight]]:
+    """Swap in a quantized module for each layer the checkpoint stores quantized; returns their names, and the stacks
+    of expert weights stored per expert, left empty (on meta) for `_fill_expert_stack`: the function reading expert
+    e's weight, by the stack's name. `kv_b_proj` stays a float Linear (attention absorbs its matrix), read
+    dequantized."""
     layers = model.config.num_hidden_layers
-    swapped = set()
+    swapped, unfilled = set(), {}
     for name, module in list(model.named_modules()):
         key = layer_key(name, layers)
         replacement: torch.nn.Module | None = None
+        per_expert: dict[str, ExpertWeight] = {}
         if isinstance(module, RoutedExperts):
-            weights = _expert_weights_from_reader(reader, key, module)
-            replacement = QuantizedExperts(*weights) if weights else None
+            read = _expert_weights_from_reader(reader, key, module)
+            if read is not None:
+                weights, per_expert = read
+                replacement = QuantizedExperts(*weights)
         elif isinstance(module, torch.nn.Linear) and not name.endswith(KEPT_FLOAT):
             if name == "lm_head" and model.config.tie_word_embeddings:
                 continue
@@ -348,10 +412,11 @@ def load_quantized_layers(model: Transformer, reader: CheckpointReader, device: 
             bias = reader.read(f"{key}.bias").to(module.bias.dtype) if module.bias is not None and weight else None
             replacement = QuantizedLinear(weight, bias) if weight else None
         if replacement is not None:
-            model.set_submodule(name, replacement.to(device))
+            model.set_submodule(name, replacement if per_expert else replacement.to(device))  # empty: filled later
             swapped.add(name)
+            unfilled.update({f"{name}.{stack}": expert for stack, expert in per_expert.items()})
     use_quantized_feed_forwards(model)  # as quantize_model leaves a quantized model, so both compute alike
-    return swapped
+    return swapped, unfilled
 
 
 # ---------------------------------------------------------------------------------------- FP8
@@ -816,8 +881,8 @@ def load_pretrained(
     stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds.
     `offload`, given the model once its layers are built and before its float weights are read, names the tensors
     (state-dict names) that are to be file pages rather than memory, and how to write them (`MappedCopy`): those
-    not mapped from the checkpoint as stored are written one piece (one expert's matrix) at a time, never whole in
-    memory (seekstack.infer.placement's disk parts).
+    not mapped from the checkpoint as stored are written one piece (one expert's matrix, or a quantized expert's
+    codes or scales) at a time, never whole in memory (seekstack.infer.placement's disk parts).
     Layers stored quantized (fp8, int8, int4) load as quantized modules that run their low-bit kernels
     (seekstack.compress), unless `dequantize` asks for plain float weights.
     A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
@@ -843,24 +908,25 @@ def load_pretrained(
     model.tie_weights()
 
     with reader, torch.no_grad():
-        swapped = load_quantized_layers(model, reader, device) if reader.quantized and not dequantize else set()
+        quantized = reader.quantized and not dequantize
+        swapped, unfilled = load_quantized_layers(model, reader, device) if quantized else (set(), {})
         copies = offload(model) if offload is not None else {}
+        for name, expert in unfilled.items():
+            _fill_expert_stack(model.get_submodule(name), name, expert, copies, device)
         for name, target in model.state_dict().items():
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue
             if any(name.startswith(layer + ".") for layer in swapped):
                 continue
             key = checkpoint_key(name, config.num_hidden_layers)
-            per_expert = None if key in reader else expert_sources(key, target)  # the stacked layout: one key
-            if per_expert is None and _maps_in_place(reader, key, target):
+            if _maps_in_place(reader, key, target):
                 _tensor_of(model, name).data = reader.read(key, shape=tuple(target.shape))  # the file's pages: no copy
                 continue
-            sources = per_expert or [(key, target)]
+            views, pieces = _float_pieces(reader, key, target)
             if name in copies:
-                pieces = functools.partial(_read_pieces, reader, sources, target.dtype)
                 _tensor_of(model, name).data = copies[name](target, pieces)
             else:
-                for (_, view), piece in zip(sources, _read_pieces(reader, sources, target.dtype), strict=True):
+                for view, piece in zip(views, pieces(), strict=True):
                     view.copy_(piece)
     model.reset_rope()
     unused = sorted(k for k in reader.key_to_file if k not in reader.used and not MTP_COPIES.match(k))
@@ -948,6 +1014,31 @@ def _maps_in_place(reader: CheckpointReader, key: str, target: torch.Tensor) -> 
     """Whether checkpoint `key` holds all of `target` (a CPU tensor) in its dtype: its memory-mapped pages are it."""
     stored = SAFETENSORS_DTYPES.get(target.dtype)
     return target.device.type == "cpu" and key in reader and reader.stored_dtype(key) == stored
+
+
+def _float_pieces(
+    reader: CheckpointReader, key: str, target: torch.Tensor
+) -> tuple[list[torch.Tensor], Callable[[], Iterator[torch.Tensor]]]:
+    """The views of float tensor `target` (checkpoint key `key`) that the checkpoint fills one at a time, in memory
+    order, and the function giving their values in `target`'s dtype: an expert stack's, per expert
+    (`expert_sources`; the stacked layout's quantized stack dequantized expert by expert), else `target` itself."""
+    sources = expert_sources(key, target)
+    names = _stored_names(reader, key) if sources is not None else None
+    if names is not None:  # the stacked layout, quantized
+        stored = _stacked_stored(reader, key, tuple(target.shape), names)
+        return list(target), functools.partial(_dequantized_experts, reader, key, stored, target.dtype)
+    sources = None if key in reader else sources  # the stacked layout in float: one key
+    sources = sources or [(key, target)]
+    return [view for _, view in sources], functools.partial(_read_pieces, reader, sources, target.dtype)
+
+
+def _dequantized_experts(
+    reader: CheckpointReader, key: str, stored: dict[str, torch.Tensor], dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """Each expert's matrix of the stack of quantized expert weights `stored` (stacked expert weight `key`),
+    dequantized to `dtype`, one expert at a time."""
+    for e in range(len(next(iter(stored.values())))):
+        yield _stacked_weight(reader, key, {name: tensor[e] for name, tensor in stored.items()}).dequantize().to(dtype)
 
 
 def _read_pieces(

@@ -28,6 +28,7 @@ from seekstack.checkpoint import (
 from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.config import ConfigError
 from seekstack.infer.placement import mapped_file
+from seekstack.model.moe import RoutedExperts
 from tests.conftest import micro_config
 
 E4M3_RELATIVE_STEP = 2**-4  # 3 mantissa bits: rounding moves a normal value by at most 1/16 of its size
@@ -330,6 +331,26 @@ def test_fp8_save_of_stacked_experts_stores_them_in_e4m3_and_loads_as_the_per_ex
         assert handle.get_slice(f"{experts}.down_proj.weight_scale_inv").get_shape() == [8, 2, 2]
     stacked, per_expert = (seekstack.load_pretrained(tmp_path / name).eval() for name in ("stacked", "per_expert"))
     assert torch.equal(logits(stacked, INPUT_IDS), logits(per_expert, INPUT_IDS))
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+def test_dequantize_reads_stacked_quantized_experts_as_their_per_expert_save(tmp_path, scheme):
+    model = random_model(**FP8_SHAPES) if scheme == "fp8" else random_model()
+    if scheme != "fp8":
+        quantize_model(model, QuantConfig(scheme=scheme))
+    fp8_block = (128, 128) if scheme == "fp8" else None
+    for layout, stacked_experts in (("stacked", True), ("per_expert", False)):
+        seekstack.save_pretrained(model, tmp_path / layout, fp8_block=fp8_block, stacked_experts=stacked_experts)
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" not in stored_keys(tmp_path / "stacked")
+    stacked, per_expert = (
+        seekstack.load_pretrained(tmp_path / name, dequantize=True) for name in ("stacked", "per_expert")
+    )
+    experts = stacked.layers[1].mlp.experts
+    assert type(experts) is RoutedExperts and experts.gate_up_proj.dtype == torch.float32
+    assert_same_state(stacked, per_expert)
+    quantized = seekstack.load_pretrained(tmp_path / "stacked").layers[1].mlp.experts
+    assert torch.equal(experts.gate_up_proj, quantized.gate_up_proj.dequantize())
+    assert torch.equal(experts.down_proj, quantized.down_proj.dequantize())
 
 
 def test_fp8_save_quantizes_the_matrices_deepseeks_fp8_release_quantizes(tmp_path):

@@ -53,6 +53,14 @@ class QuantizedWeight(nn.Module):
         self.operands = tuple(tensors)
         self.expert_operands = list(zip(*(t.unbind(0) for t in tensors), strict=True)) if tensors[0].dim() == 3 else []
 
+    def fill_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Hold `buffers` in place of the buffers of those names, whose dtypes and shapes they have: a stack of
+        experts' weights built empty (on meta) and filled expert by expert as a checkpoint is read."""
+        for name, tensor in buffers.items():
+            setattr(self, name, tensor)
+        if self.operand_names:
+            self.bind_operands()
+
     def kernel_operands(self, index: int | None) -> tuple[torch.Tensor, ...]:
         return self.operands if index is None else self.expert_operands[index]
 

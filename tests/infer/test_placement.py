@@ -25,6 +25,7 @@ from seekstack.infer.placement import (
     layer_devices,
     mapped_file,
     model_tensor_bytes,
+    offload_while_loading,
     parse_budgets,
     parse_device_map,
     place,
@@ -465,7 +466,7 @@ def test_disk_parts_already_memory_mapped_from_the_checkpoint_are_used_in_place(
     assert engine.generate([prompt], params)[0].token_ids == expected
 
 
-EXPERT_HEAVY = dict(hidden_size=128, moe_intermediate_size=256, n_routed_experts=64)  # experts: 75 of its 82 MB
+EXPERT_HEAVY = dict(hidden_size=128, moe_intermediate_size=256, n_routed_experts=64)  # float32 experts: 75 of 82 MB
 PEAK_ANON_LOAD = """
 import sys, threading, torch
 from seekstack.infer import Engine
@@ -493,25 +494,39 @@ print(max(peak[0], anonymous_bytes()) - before)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssAnon (Linux)")
-def test_disk_parts_are_written_to_their_copies_as_the_checkpoint_is_read_never_whole_in_memory(tmp_path):
+@pytest.mark.parametrize(
+    "overrides, fp8_block",
+    [(EXPERT_HEAVY, None), ({**EXPERT_HEAVY, "moe_intermediate_size": 1024, "n_routed_experts": 128}, (128, 128))],
+    ids=["float32", "fp8 (DeepSeek-V3's release: e4m3 codes and block scales per expert)"],
+)
+def test_disk_parts_are_written_to_their_copies_as_the_checkpoint_is_read_never_whole_in_memory(
+    tmp_path, overrides, fp8_block
+):
     import subprocess
     import sys
 
-    model = micro_model(**EXPERT_HEAVY)
-    seekstack.save_pretrained(model, tmp_path / "model")  # routed experts per expert, as the releases store them
+    # Routed experts per expert, as the releases store them.
+    seekstack.save_pretrained(micro_model(**overrides), tmp_path / "model", fp8_block=fp8_block)
     tiny_tokenizer(tmp_path / "tokenizer")
-    experts = sum(p.nbytes for name, p in model.named_parameters() if ".experts." in name)
+    experts = sum(size for key, size in stored_tensor_bytes(tmp_path / "model").items() if ".experts." in key)
     arguments = [str(tmp_path / name) for name in ("model", "tokenizer", "logits.pt")]
     loaded = subprocess.run(
         [sys.executable, "-c", PEAK_ANON_LOAD, *arguments],
         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     peak_rise = int(loaded.stdout.split()[-1])
-    # Anonymous memory grew by the engine's own (~11 MB) and an expert matrix at a time, not by 75 MB of experts.
+    # Anonymous memory grew by the engine's own (~11 MB) and an expert's tensors at a time, not by the experts'.
     assert peak_rise < experts / 4, (peak_rise, experts)
+    copies = tmp_path / "model" / "offload" / "layers.1.mlp.experts"
+    written = {copy: copy.stat().st_mtime_ns for copy in copies.iterdir()}
+    offload = offload_while_loading("*=disk", tmp_path / "model" / "offload")
     with torch.inference_mode():
         expected = seekstack.load_pretrained(tmp_path / "model").eval()(torch.arange(5, 16)[None]).logits
+        reloaded = seekstack.load_pretrained(tmp_path / "model", offload=offload).layers[1].mlp.experts
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+    # Each stacked tensor (fp8: codes and scales) is mapped from its copy, which a second load reuses as it is.
+    assert {mapped_file(tensor) for tensor in [*reloaded.parameters(), *reloaded.buffers()]} == set(written)
+    assert {copy: copy.stat().st_mtime_ns for copy in copies.iterdir()} == written
 
 
 def test_an_adapter_merged_into_parts_placed_on_disk_gives_the_tokens_of_the_merged_model(tmp_path):
