@@ -87,7 +87,8 @@ class KeyStore:
         """Store a new key under `name` (free, or with only revoked keys) and return it; this is the only time it is
         available."""
         _require_name("key", name)
-        _require_name("plan", plan)
+        if not plan:
+            raise KeyStoreError("a key's plan name must not be empty; `seekstack keys plan` lists the plans")
         for field, limit in (("rpm", rpm), ("tpm", tpm)):
             if limit is not None and not 1 <= limit <= MAX_LIMIT:
                 raise KeyStoreError(f"{field} must be between 1 and {MAX_LIMIT} (or unset for no limit), got {limit}")
@@ -137,14 +138,16 @@ class KeyStore:
         self, name: str, prompt_per_1k: float, completion_per_1k: float, cached_prompt_per_1k: float | None = None
     ) -> Plan:
         """Create or change the prices of plan `name` for requests that come after; usage already recorded, and
-        requests under way, keep the prices they came with."""
-        _require_name("plan", name)
+        requests under way, keep the prices they came with. A new plan's name follows the key-name rule; plans an
+        earlier seekstack created under other names keep them."""
         prices = (("prompt price", prompt_per_1k), ("completion price", completion_per_1k),
                   ("cached prompt price", cached_prompt_per_1k or 0))  # fmt: skip
         for field, price in prices:
             if not math.isfinite(price) or price < 0:  # nan would slip past `< 0`, inf would bill inf
                 raise KeyStoreError(f"{field} of plan {name!r} must be a finite number >= 0, got {price}")
         with self.database.transaction() as connection:
+            if not _plan_exists(connection, name):
+                _require_name("plan", name)
             connection.execute(
                 "INSERT INTO plans (name, prompt_per_1k, completion_per_1k, cached_prompt_per_1k) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET prompt_per_1k = excluded.prompt_per_1k, "
@@ -164,6 +167,11 @@ def _require_name(kind: str, name: str) -> None:
         raise KeyStoreError(f"{kind} name {name!r} must be 1-64 letters, digits or _.@-")
 
 
+def _plan_exists(connection: Statements, name: str) -> bool:
+    """Whether plan `name` is in the database (in `connection`'s transaction)."""
+    return connection.execute("SELECT 1 FROM plans WHERE name = ?", (name,)).fetchone() is not None
+
+
 def _insert(
     connection: Statements,
     name: str,
@@ -174,7 +182,7 @@ def _insert(
     models: tuple[str, ...] | None,
 ) -> str:
     """Store a new active key (in `connection`'s transaction) and return it."""
-    if not connection.execute("SELECT 1 FROM plans WHERE name = ?", (plan,)).fetchone():
+    if not _plan_exists(connection, plan):
         raise KeyStoreError(f"no plan {plan!r}; create it with `seekstack keys plan {plan} --prompt-price ...`")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     allowed = None if models is None else json.dumps(list(models))

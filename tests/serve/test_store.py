@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.serve.database import Database, open_database
-from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, KeyStore, KeyStoreError, hash_key
+from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, KeyStore, KeyStoreError, Plan, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.ratelimit import NeverFits, RateLimited, RateLimiter
 from tests.serve.server import new_postgres_database, postgres_or_skip
@@ -87,17 +87,34 @@ def test_a_limit_beyond_the_database_integer_is_refused_naming_the_field_and_bou
         assert refused.exit_code == 2 and flag in refused.output and str(MAX_LIMIT) in refused.output, refused.output
 
 
-def test_plan_and_model_names_are_refused_when_empty_or_malformed(database):
+def test_a_new_plan_name_is_refused_when_malformed_and_a_key_needs_a_plan_name(database):
     keys = KeyStore(database)
     for plan in ("", "white space", "x" * 65):
         with pytest.raises(KeyStoreError, match=f"plan name {plan!r} must be 1-64"):
             keys.set_plan(plan, prompt_per_1k=1, completion_per_1k=1)
-        with pytest.raises(KeyStoreError, match=f"plan name {plan!r} must be 1-64"):
-            keys.create("hank", plan=plan)
+    with pytest.raises(KeyStoreError, match="a key's plan name must not be empty"):
+        keys.create("hank", plan="")
+    with pytest.raises(KeyStoreError, match="no plan 'white space'"):
+        keys.create("hank", plan="white space")
+    assert not keys.any_keys() and [plan.name for plan in keys.plans()] == ["default"]
+
+
+def test_a_plan_an_earlier_seekstack_named_freely_still_takes_new_keys_and_prices(database):
+    keys = KeyStore(database)
+    with database.transaction() as connection:  # names were not checked before: "Pro tier" may be in a database
+        connection.execute("INSERT INTO plans (name, prompt_per_1k, completion_per_1k) VALUES ('Pro tier', 1, 2)")
+    assert keys.set_plan("Pro tier", prompt_per_1k=3, completion_per_1k=4) == Plan("Pro tier", 3, 4)
+    key = keys.create("ivan", plan="Pro tier")
+    assert keys.verify(key).plan == "Pro tier"
+    assert {plan.name: plan.prompt_per_1k for plan in keys.plans()} == {"Pro tier": 3, "default": 0.002}
+
+
+def test_model_names_are_refused_when_empty_or_malformed(database):
+    keys = KeyStore(database)
     for model in ("", "two words"):
         with pytest.raises(KeyStoreError, match=f"model {model!r}: a model name is letters, digits and"):
             keys.create("dave", models=("tiny", model))
-    assert not keys.any_keys() and [plan.name for plan in keys.plans()] == ["default"]
+    assert not keys.any_keys()
     key = keys.create("dave", models=("legal-v2", "org/base:1"))
     assert keys.verify(key).models == ("legal-v2", "org/base:1")
 
