@@ -16,7 +16,6 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from seekstack.adapters.config import ADAPTER_NAME
 from seekstack.serve.database import DEFAULT_PLAN, Database, Statements
 
 KEY_PREFIX = "sk-ss-"
@@ -93,8 +92,7 @@ class KeyStore:
             if limit is not None and not 1 <= limit <= MAX_LIMIT:
                 raise KeyStoreError(f"{field} must be between 1 and {MAX_LIMIT} (or unset for no limit), got {limit}")
         for model in models or ():
-            if not ADAPTER_NAME.fullmatch(model):
-                raise KeyStoreError(f"model {model!r}: a model name is letters, digits and . _ - : @ / + only")
+            _require_model_name(model)
         with self.database.transaction() as connection:
             if connection.execute("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
                 raise KeyStoreError(f"an active key named {name!r} already exists; rotate it (`seekstack keys rotate "
@@ -165,6 +163,13 @@ def _require_name(kind: str, name: str) -> None:
     """KeyStoreError unless `name` may name a key or a plan (`kind`)."""
     if not NAME_PATTERN.fullmatch(name):
         raise KeyStoreError(f"{kind} name {name!r} must be 1-64 letters, digits or _.@-")
+
+
+def _require_model_name(model: str) -> None:
+    """KeyStoreError when `model` is empty, blank or has whitespace around it (a slip: a key would match no request's
+    model). Any other name may be served: a checkpoint folder's, --served-model-name's ("DeepSeek V3"), an adapter's."""
+    if not model or model != model.strip():
+        raise KeyStoreError(f"model {model!r}: a model name must not be empty or begin or end with whitespace")
 
 
 def _plan_exists(connection: Statements, name: str) -> bool:
