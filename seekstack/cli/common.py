@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -67,16 +67,20 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
 
 
 @contextmanager
-def options_named() -> Iterator[None]:
-    """Settings built from a command's options: their errors name the option (--top-p), not the field (top_p).
+def options_named(options: Collection[str] | None = None) -> Iterator[None]:
+    """Settings built from a command's options: their errors name the option (--top-p, --stop), not the field
+    (top_p, or stop.0 inside the option's value).
 
-    A field inside an option's value (`stop.0`, the first --stop) keeps its field's name."""
+    `options`: the fields the options set, where the others come from a --config file and keep their field's name;
+    None: every field is an option's."""
     try:
         yield
     except ConfigError as error:
-        if error.field is None or "." in error.field:
+        field = error.field.split(".")[0] if error.field else None
+        if field is None or (options is not None and field not in options):
             raise
-        raise ConfigError(error.naming("--" + error.field.replace("_", "-"))) from None
+        given = ConfigError(error.problem, error.field)  # the value came from the option, not from a file
+        raise ConfigError(given.naming("--" + field.replace("_", "-"))) from None
 
 
 def fail(message: str, as_json: bool = False, every_rank: bool = False) -> NoReturn:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import fail, run_to_checkpoint, size, user_errors
+from seekstack.cli.common import fail, options_named, run_to_checkpoint, size, user_errors
 
 if TYPE_CHECKING:
     import torch
@@ -82,9 +82,10 @@ def quantize_command(
     from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_checkpoint
     from seekstack.schema import load_config
 
-    with user_errors(as_json):
-        given = {"scheme": scheme, "group_size": group_size, "keep": None if keep is None else json.dumps(keep)}
-        overrides = [f"{name}={value}" for name, value in given.items() if value is not None]
+    options = {"scheme": scheme, "group_size": group_size, "keep": None if keep is None else json.dumps(keep)}
+    given = {name: value for name, value in options.items() if value is not None}
+    overrides = [f"{name}={value}" for name, value in given.items()]
+    with user_errors(as_json), options_named(given):
         resolved = load_config(QuantConfig, config, overrides)
         if progressive and adaptive:
             raise ValueError("choose --progressive or --adaptive, not both")

@@ -54,10 +54,12 @@ def data_build(
     from seekstack.schema import load_config
     from seekstack.schema import write_config as write
 
+    options = {"val_fraction": val_fraction, "profile": profile}
+    given = {name: value for name, value in options.items() if value is not None}
+    overrides = [f"{name}={value}" for name, value in given.items()]
     with user_errors():
-        overrides = [] if val_fraction is None else [f"val_fraction={val_fraction}"]
-        overrides += [] if profile is None else [f"profile={profile}"]
-        cleaning = load_config(CleaningConfig, config, overrides)
+        with options_named(given):
+            cleaning = load_config(CleaningConfig, config, overrides)
         if write_config is not None:
             write(cleaning, write_config)
             typer.echo(f"wrote the cleaning thresholds to {write_config}")

@@ -34,7 +34,7 @@ from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.packed import pack_for_decode, repack
-from seekstack.infer.params import EngineOptions, SamplingParams
+from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
 from seekstack.infer.placement import device_map_for, layer_devices, offload_while_loading, place
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SeededUniforms, TokenConstraint, token_logprobs
 from seekstack.infer.speculative import (
@@ -114,7 +114,6 @@ class _StepLock:
             yield
 
 
-MAX_DRAFT_TOKENS = 16  # speculative drafts a step at most (bench/speculative.py measured 1 to 6)
 COMPILE_AFTER_SECONDS = 10.0  # with compile=None: about what compiling the decode step takes on a CPU, cache warm
 
 
@@ -205,10 +204,7 @@ class Engine:
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
         if draft_tokens > MAX_DRAFT_TOKENS:
-            raise ValueError(
-                f"draft_tokens={draft_tokens}: at most {MAX_DRAFT_TOKENS} (each draft is another MTP forward a step, "
-                "the engine times every draft count at start-up, and past a few drafts few are accepted)"
-            )
+            raise ValueError(f"draft_tokens={draft_tokens}: {DRAFT_TOKENS_LIMIT}")
         self.speculative = speculative
         self.max_batch_size, self.prefill_chunk = max_batch_size, prefill_chunk
         self.max_model_len = max_model_len or self.config.max_position_embeddings

@@ -84,6 +84,13 @@ class SamplingParams:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
+MAX_DRAFT_TOKENS = 16  # speculative drafts a step at most (bench/speculative.py measured 1 to 6)
+DRAFT_TOKENS_LIMIT = (
+    f"at most {MAX_DRAFT_TOKENS} (each draft is another MTP forward a step, the engine times every draft count at "
+    "start-up, and past a few drafts few are accepted)"
+)
+
+
 @dataclass
 class EngineOptions:
     """How an engine runs a checkpoint: what `generate`, `chat` and `serve` set from their options."""
@@ -103,6 +110,7 @@ class EngineOptions:
 
     def validate(self) -> EngineOptions:
         options = recheck(self)
+        require(options.draft_tokens <= MAX_DRAFT_TOKENS, "draft_tokens", DRAFT_TOKENS_LIMIT)
         require(options.dtype in DTYPES, "dtype", f"one of {', '.join(DTYPES)}")
         placed = options.device_map is not None
         require(not (placed and options.compile), "compile", "off with a device map (--device-map, device_map=): a "

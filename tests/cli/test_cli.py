@@ -222,6 +222,15 @@ def test_data_build_names_a_missing_input(tmp_path):
     assert result.exit_code == 1 and "nope" in result.output and "Traceback" not in result.output
 
 
+def test_data_build_names_the_option_or_the_config_files_field_at_fault(tmp_path):
+    args = ["data", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    by_option = CliRunner().invoke(app, [*args, "--val-fraction", "1.5"])
+    assert by_option.exit_code == 1 and "error: --val-fraction has value 1.5: input should be" in by_option.output
+    (tmp_path / "cleaning.yaml").write_text("val_fraction: 1.5\n")
+    by_file = CliRunner().invoke(app, [*args, "--config", str(tmp_path / "cleaning.yaml")])
+    assert by_file.exit_code == 1 and "cleaning.yaml: field 'val_fraction' has value 1.5" in by_file.output
+
+
 def test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()

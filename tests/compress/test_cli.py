@@ -204,6 +204,28 @@ def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
     assert ((logits(loaded, INPUT_IDS) - reference).norm() / reference.norm()).item() < 0.05
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--scheme", "foo"], "error: --scheme has value 'foo': input should be 'int8', 'int4' or 'fp8'"),
+        (["--scheme", "int4", "--group-size", "17"], "error: --group-size has value 17: input should be 32, 64 or 128"),
+        (["--keep", "nomatch"], "error: --keep: pattern 'nomatch' matches no layer of the model"),
+    ],
+)
+def test_quantize_errors_name_the_option_at_fault(tmp_path, options, message):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), *options])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_quantize_errors_of_the_config_file_name_its_field(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    (tmp_path / "quant.yaml").write_text("scheme: foo\n")
+    args = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--config", str(tmp_path / "quant.yaml")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "quant.yaml: field 'scheme' has value 'foo'" in result.output
+
+
 def test_quantize_refuses_a_keep_pattern_that_names_no_layer_and_takes_checkpoint_names(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q")]

@@ -133,6 +133,8 @@ def test_a_tokenizer_that_is_not_the_models_is_refused_or_named(checkpoint, tmp_
     [
         (["--top-p", "1.5"], "--top-p has value 1.5"),
         (["--draft-tokens", "0"], "--draft-tokens has value 0"),
+        (["--speculative", "--draft-tokens", "1000"], "--draft-tokens must be at most 16"),
+        (["--stop", ""], "--stop has value '': string should have at least 1 character"),
         (["--threads", "0"], "--threads 0: must be from 1 to this machine's"),
         (["--threads", "100000"], "--threads 100000: must be from 1 to this machine's"),
         (["--temperature", "hot"], "Invalid value for '--temperature'"),
