@@ -368,8 +368,8 @@ def model_folders(folder: str | Path) -> ModelFolders:
     folder = Path(folder)
     config_path = folder / ADAPTER_CONFIG_FILE
     if (folder / CONFIG_FILE).is_file() or not config_path.is_file():
-        weights = run_checkpoint(folder) or folder
-        return ModelFolders(weights, None, weights)
+        newest = run_checkpoint(folder)  # a run's out_dir: its newest checkpoint (a LoRA run's holds an adapter)
+        return model_folders(newest) if newest is not None else ModelFolders(folder, None, folder)
     recorded = read_json_object(config_path).get("base_model_name_or_path")
     merge = f"or merge the adapter into its base (`seekstack lora merge BASE {folder} --out MERGED`) and use MERGED"
     if not recorded:

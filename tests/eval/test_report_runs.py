@@ -255,6 +255,15 @@ def test_report_and_explain_of_a_lora_run_use_its_base_with_the_adapter_merged(l
     ).read_text()
 
 
+def test_a_lora_runs_folder_stands_for_its_newest_adapter_checkpoint_on_its_base(lora_run):
+    """A run whose adapter is not yet published at its root (training under way or cut short) still resolves."""
+    from seekstack.adapters.files import model_folders
+
+    checkpoint = lora_run / "checkpoints" / "step_2"
+    assert not (lora_run / "adapter_config.json").exists()
+    assert model_folders(lora_run) == (lora_run.parent / "base", checkpoint, checkpoint)
+
+
 def test_explain_of_an_adapter_checkpoint_without_a_tokenizer_reads_with_its_base_tokenizer(lora_run, tmp_path):
     """As generate, eval and report do (`model_folders`): the adapter holds no tokenizer.json, its base does."""
     from typer.testing import CliRunner
