@@ -48,18 +48,19 @@ class QuantizedWeight(nn.Module):
 
     def bind_operands(self) -> None:
         """Hold the kernel's operands as plain attributes, whole and per expert (views, no copies): a buffer
-        lookup or an expert slice costs a Python dispatch on every call, a sizeable part of a decode-width call."""
+        lookup or an expert slice costs a Python dispatch on every call, a sizeable part of a decode-width call.
+        Called again whenever the buffers' data is swapped (moved, filled, memory-mapped), or the views go stale."""
         tensors = [self._buffers[name] for name in self.operand_names]
+        stacked = bool(tensors) and tensors[0].dim() == 3
         self.operands = tuple(tensors)
-        self.expert_operands = list(zip(*(t.unbind(0) for t in tensors), strict=True)) if tensors[0].dim() == 3 else []
+        self.expert_operands = list(zip(*(t.unbind(0) for t in tensors), strict=True)) if stacked else []
 
     def fill_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
         """Hold `buffers` in place of the buffers of those names, whose dtypes and shapes they have: a stack of
         experts' weights built empty (on meta) and filled expert by expert as a checkpoint is read."""
         for name, tensor in buffers.items():
             setattr(self, name, tensor)
-        if self.operand_names:
-            self.bind_operands()
+        self.bind_operands()
 
     def kernel_operands(self, index: int | None) -> tuple[torch.Tensor, ...]:
         return self.operands if index is None else self.expert_operands[index]
@@ -89,8 +90,7 @@ class QuantizedWeight(nn.Module):
             if buffer is not None:
                 moved = fn(buffer)
                 self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
-        if self.operand_names:
-            self.bind_operands()
+        self.bind_operands()
         return self
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from seekstack.atomic import WriteRefused, delete_unless_locked, hidden_pattern, same_file, write_atomic
 from seekstack.checkpoint import MappedCopy, checkpoint_key, layer_key
+from seekstack.compress.linear import QuantizedWeight
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
 from seekstack.model.moe import MoE, RoutedExperts
@@ -318,10 +319,14 @@ def _unit_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 def _memory_map(module: nn.Module, directory: Path) -> None:
     """Swap in memory-mapped views of the unit's tensors: those `load_pretrained` mapped from the checkpoint or wrote
-    to disk stay as they are; the others are mapped from copies under `directory` (`_mapped_copy`)."""
+    to disk stay as they are; the others are mapped from copies under `directory` (`_mapped_copy`), and the
+    quantized weights' kernels bound to them (their per-expert views would still read the tensors they replace)."""
     for name, tensor in _unit_tensors(module):
         if mapped_file(tensor) is None:
             tensor.data = _mapped_copy(tensor, lambda whole=tensor: (whole,), directory, name)
+    for weight in module.modules():
+        if isinstance(weight, QuantizedWeight):
+            weight.bind_operands()
 
 
 def _mapped_copy(

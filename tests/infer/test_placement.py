@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import itertools
 import json
 import os
 
@@ -93,6 +94,23 @@ def test_parts_in_memory_and_memory_mapped_from_disk_compute_the_same_logits(mod
     ]
     experts = placed.layers[1].mlp.experts.gate_up_proj
     assert experts.untyped_storage().nbytes() == experts.numel() * 4  # a view of the file, not a copy in memory
+    torch.testing.assert_close(placed(tokens).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@torch.inference_mode()
+def test_quantized_parts_placed_on_disk_run_their_kernels_on_the_disk_copies(tmp_path, scheme):
+    from seekstack.compress.linear import QuantizedWeight
+
+    model = micro_model(**INT4_TILEABLE)
+    quantize_model(model, QuantConfig(scheme=scheme))
+    tokens = torch.randint(5, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected = model(tokens).logits
+    placed = place(model, parse_device_map("*=disk", list(units(model))), offload_dir=tmp_path)
+    weights = [m for m in placed.modules() if isinstance(m, QuantizedWeight)]
+    operands = [t for w in weights for t in [*w.operands, *itertools.chain(*w.expert_operands)]]
+    assert any(w.expert_operands for w in weights)  # the routed experts' stacks, viewed per expert
+    assert all(mapped_file(operand) is not None for operand in operands)  # not the in-memory stacks they replace
     torch.testing.assert_close(placed(tokens).logits, expected, rtol=0, atol=0)
 
 
