@@ -114,10 +114,16 @@ def write_training_files(
     write_model(model, folder)
     torch.save(train_state, folder / TRAIN_STATE_FILE)
     for extra in extra_files:
-        if Path(extra).name == TOKENIZER_CONFIG_FILE:  # with the model's context as the tokenizer's model_max_length
-            copy_tokenizer_config(extra, folder, model.config.max_position_embeddings)
-        else:
-            shutil.copyfile(extra, folder / Path(extra).name)
+        copy_model_folder_file(Path(extra), folder, model.config.max_position_embeddings)
+
+
+def copy_model_folder_file(source: Path, folder: Path, context: int) -> None:
+    """Copy file `source` into model folder `folder`; a tokenizer_config.json gets the model's `context` as its
+    model_max_length (the length transformers' truncation cuts at), whatever the one copied said."""
+    if source.name == TOKENIZER_CONFIG_FILE:
+        copy_tokenizer_config(source, folder, context)
+    else:
+        shutil.copyfile(source, folder / source.name)
 
 
 def rank_optimizer_file(rank: int) -> str:
@@ -181,11 +187,14 @@ def read_train_state(path: str | Path) -> dict[str, Any]:
 
 def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     """The model of a training checkpoint (or of a run's newest one) as a plain Hugging Face-format folder: the
-    same config, safetensors and tokenizer files, without the training state. `init_from` reads it back."""
+    same config, safetensors and tokenizer files, without the training state. The tokenizer_config.json's
+    model_max_length becomes the model's context (a checkpoint written before 3 December 2026 says the tokenizer's
+    4096). `init_from` reads it back."""
     source = Path(source)
     if not (source / TRAIN_STATE_FILE).is_file():
         source = latest_checkpoint(source)
-    refuse_hf_export(read_config(source), out)
+    config = read_config(source)
+    refuse_hf_export(config, out)
     refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(source,))
     out = Path(out)
     # the model's files alone: not train_state.pt, a post-training run's own state (distill_state.pt), eval/
@@ -194,5 +203,5 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
         check_safetensors(weights)  # a damaged checkpoint is refused here, not when the export is loaded
     with atomic_directory(out) as staging:
         for entry in files:
-            shutil.copyfile(entry, staging / entry.name)
+            copy_model_folder_file(entry, staging, config.max_position_embeddings)
     return out

@@ -1,13 +1,19 @@
-"""Training state: the RNG states a checkpoint saves are restored where the run resumes."""
+"""Training state: the RNG states a checkpoint saves are restored where the run resumes; exporting a checkpoint."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.cuda.random
 
-from seekstack.train.state import rng_state, set_rng_state
+from seekstack.model.transformer import Transformer
+from seekstack.tokenizer import train_tokenizer
+from seekstack.train.state import export_checkpoint, rng_state, save_checkpoint, set_rng_state
+from tests.conftest import micro_config
 
 
 def seeded_state(seed: int) -> torch.Tensor:
@@ -29,3 +35,14 @@ def test_a_run_saved_with_two_gpus_visible_resumes_where_one_is_restoring_its_st
         set_rng_state(saved)
     assert torch.equal(one_gpu.get_state(), seeded_state(1))
     assert np.random.rand() == next_draw  # and the host's generators as saved
+
+
+def test_export_gives_an_older_checkpoints_tokenizer_config_the_models_context(tmp_path):
+    train_tokenizer(["def f(x):\n    return x\n"], vocab_size=300, out_path=tmp_path / "tok")  # its config says 4096
+    model = Transformer(micro_config())
+    old = save_checkpoint(tmp_path / "run", model, {"step": 1}, keep=1, extra_files=[tmp_path / "tok/tokenizer.json"])
+    shutil.copyfile(tmp_path / "tok/tokenizer_config.json", old / "tokenizer_config.json")  # copied as it was
+    exported = export_checkpoint(old, tmp_path / "exported")
+    config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == model.config.max_position_embeddings == 256
+    assert config["eos_token"] == json.loads((old / "tokenizer_config.json").read_text())["eos_token"]
