@@ -767,8 +767,9 @@ class CheckpointReader:
 
     def read(self, key: str, dequantize: bool = True, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor under `key`; a quantized weight (FP8, or compressed-tensors int8/int4) is dequantized to
-        float32 unless `dequantize` is False. With `shape` (what the config implies), CheckpointError naming the file
-        and the key for a tensor stored in another shape, and for quantized weights' scales that do not fit it."""
+        float32 unless `dequantize` is False, and then starts at an ALIGNMENT boundary (the int kernels use it in
+        place; copied where the file's does not). With `shape` (what the config implies), CheckpointError naming the
+        file and the key for a tensor stored in another shape, and for quantized weights' scales that do not fit it."""
         packed_key = key + "_packed"
         if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
             self.check_stored_format(packed_key)
@@ -794,7 +795,12 @@ class CheckpointReader:
             self.check_scales(key)  # refuses a missing scale or fp8 quantization_config too
             self.used.add(key + "_scale_inv")
             tensor = dequantize_fp8(tensor, self._get(key + "_scale_inv"), self.fp8_block)  # type: ignore[arg-type]
-        return _aligned(tensor)
+        return tensor  # a float weight memory-mapped as it is, aligned or not (`_maps_in_place` asks)
+
+    def starts_aligned(self, key: str) -> bool:
+        """Whether tensor `key` starts at a multiple of ALIGNMENT bytes into its memory map, so into its file: files
+        seekstack did not write (safetensors pads a header to 8 bytes only) often hold tensors that do not."""
+        return self._get(key).data_ptr() % ALIGNMENT == 0
 
     def _get(self, key: str) -> torch.Tensor:
         return self._from_file(key, lambda handle: handle.get_tensor(key))
@@ -1011,9 +1017,11 @@ def warn_transformers_divergences(config: ModelConfig, where: str | Path) -> Non
 
 
 def _maps_in_place(reader: CheckpointReader, key: str, target: torch.Tensor) -> bool:
-    """Whether checkpoint `key` holds all of `target` (a CPU tensor) in its dtype: its memory-mapped pages are it."""
+    """Whether checkpoint `key` holds all of `target` (a CPU tensor) in its dtype, at an ALIGNMENT boundary: its
+    memory-mapped pages are it. Others are copied: into `target`, or, piece by piece, into its disk copy."""
     stored = SAFETENSORS_DTYPES.get(target.dtype)
-    return target.device.type == "cpu" and key in reader and reader.stored_dtype(key) == stored
+    in_dtype = target.device.type == "cpu" and key in reader and reader.stored_dtype(key) == stored
+    return in_dtype and reader.starts_aligned(key)
 
 
 def _float_pieces(

@@ -654,6 +654,33 @@ def test_weights_stored_in_the_loaded_dtype_are_memory_mapped_from_the_checkpoin
     assert mapped_file(seekstack.load_pretrained(tmp_path, dtype=torch.bfloat16).embed_tokens.weight) is None
 
 
+def file_offsets(path: Path) -> dict[str, int]:
+    """Where each tensor of safetensors file `path` starts, in bytes into the file (from its header)."""
+    with path.open("rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    return {key: 8 + length + entry["data_offsets"][0] for key, entry in header.items() if key != "__metadata__"}
+
+
+def test_a_checkpoint_with_unaligned_tensors_loads_parts_placed_on_disk_as_file_pages_only(tmp_path):
+    from seekstack.infer.placement import offload_while_loading, units
+
+    model = random_model()
+    seekstack.save_pretrained(model, tmp_path / "ours")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "config.json").write_text((tmp_path / "ours" / "config.json").read_text())
+    save_file(load_file(tmp_path / "ours" / SINGLE_FILE), tmp_path / "theirs" / SINGLE_FILE)  # 8-byte aligned only
+    assert file_offsets(tmp_path / "theirs" / SINGLE_FILE)["model.embed_tokens.weight"] % 64 != 0
+    offload = offload_while_loading("*=disk", tmp_path / "offload")
+    loaded = seekstack.load_pretrained(tmp_path / "theirs", offload=offload)
+    parts = units(loaded).values()  # the units a device map places: all of them on disk
+    held = [tensor.shape for part in parts for tensor in part.state_dict().values() if mapped_file(tensor) is None]
+    assert held == []  # none cloned into memory for being unaligned: mapped as stored or written to a copy
+    assert mapped_file(loaded.embed_tokens.weight).parent == tmp_path / "offload" / "embed_tokens"
+    assert_same_state(loaded, model)
+    assert_same_state(seekstack.load_pretrained(tmp_path / "theirs"), model)  # kept in memory: copied, as aligned
+
+
 def test_writing_to_a_memory_mapped_weight_leaves_the_checkpoint_unchanged(tmp_path):
     seekstack.save_pretrained(random_model(), tmp_path)
     before = digest(tmp_path)
