@@ -12,13 +12,17 @@ import typer
 from seekstack.cli.common import Model, count, fail, flops, model_config, size, user_errors
 from seekstack.config import PRESETS, ModelConfig
 
+DEFAULT_FLOPS_CONTEXT = 4096  # DeepSeek-V3 pretrained on 4K-token sequences (V3 report, section 4.2)
+
 
 def info(
     model: Model,
     context: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Keys each token attends to, for the FLOPs per token; default the model's context (at most)."
+            min=1,
+            help=f"Keys each token attends to, for the FLOPs per token; default {DEFAULT_FLOPS_CONTEXT} (DeepSeek-V3's "
+            "pretraining sequence) or the model's context when shorter",
         ),
     ] = None,
 ) -> None:
@@ -74,11 +78,14 @@ def info(
 
 
 def _flops_context(config: ModelConfig, context: int | None) -> tuple[int, str]:
-    """The context of the info table's FLOPs and how it is named: --context, or the model's own when not given;
-    exits naming --context when it is longer than the model's (max_position_embeddings)."""
+    """The context of the info table's FLOPs and how it is named: --context, or DEFAULT_FLOPS_CONTEXT (the model's
+    own when shorter) when not given; exits naming --context when it is longer than the model's
+    (max_position_embeddings)."""
     longest = config.max_position_embeddings
     if context is None:
-        return longest, f"{longest} (the model's)"
+        if longest < DEFAULT_FLOPS_CONTEXT:
+            return longest, f"{longest} (the model's)"
+        return DEFAULT_FLOPS_CONTEXT, str(DEFAULT_FLOPS_CONTEXT)
     if context > longest:
         fail(f"--context {context}: longer than the model's context (max_position_embeddings {longest})")
     return context, str(context)
