@@ -3,13 +3,16 @@ prompts blocked or redacted, the category that acted and its billing on the bill
 
 from __future__ import annotations
 
+import bisect
+import codecs
 import uuid
+from dataclasses import dataclass, replace
 
 from seekstack.serve.billing import Bill
 from seekstack.serve.errors import APIError
 from seekstack.serve.keys import ApiKey
 from seekstack.serve.moderation import Category, Hit, Policy, redacted, scan
-from seekstack.serve.protocol import completion_prompts
+from seekstack.serve.protocol import completion_prompts, token_bytes
 from seekstack.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -40,12 +43,13 @@ class ContentSafety:
     ) -> bool:
         """400 when a category blocks the prompt's text (the bill names the category; a refused request has no tokens
         and costs nothing), else redact it in place; returns whether the text changed. A token-id prompt is read as
-        its decoded text, and a redacted one becomes the token ids of its redacted text."""
+        the text it spells, and only its tokens that spell a redacted span are replaced (`redacted_ids`)."""
         is_chat = isinstance(body, ChatCompletionRequest)
         prompts = [message.text() for message in body.messages] if is_chat else completion_prompts(body)
         cleaned = list(prompts)
         for index, prompt in enumerate(prompts):
-            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+            spelled = None if isinstance(prompt, str) else Spelling.of(self.tokenizer, prompt)
+            text = prompt if spelled is None else spelled.text
             hits = scan(categories, text)
             if not hits:
                 continue
@@ -57,8 +61,9 @@ class ContentSafety:
                     param="messages" if is_chat else "prompt",
                     code="content_policy_violation",
                 )
-            text = redacted(text, hits)
-            cleaned[index] = text if isinstance(prompt, str) else self.tokenizer.encode(text)
+            cleaned[index] = (
+                redacted(text, hits) if spelled is None else redacted_ids(self.tokenizer, prompt, spelled, hits)
+            )
         if cleaned == prompts:
             return False
         if is_chat:
@@ -94,3 +99,61 @@ class ContentSafety:
         return ModerationResponse(
             id=f"modr-{uuid.uuid4().hex}", model=body.model or "seekstack-policy", results=results
         )
+
+
+@dataclass
+class Spelling:
+    """The text token ids spell, as the byte-level decoder joins their bytes (part of a UTF-8 character in one token,
+    the rest in the next), and where each token starts in it: before token i (and, at len(ids), after the last)
+    `chars[i]` characters are complete, and `aligned[i]` says no part of the next one came before (a character
+    boundary)."""
+
+    text: str
+    chars: list[int]
+    aligned: list[bool]
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer, ids: list[int]) -> Spelling:
+        """The spelling of `ids`; bytes that are no UTF-8 read as U+FFFD, as `Tokenizer.decode` reads them."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        parts, chars, aligned, length = [], [], [], 0
+        for token_id in ids:
+            chars.append(length)
+            aligned.append(not decoder.getstate()[0])
+            parts.append(decoder.decode(bytes(token_bytes(tokenizer, token_id))))
+            length += len(parts[-1])
+        parts.append(decoder.decode(b"", final=True))
+        text = "".join(parts)
+        return cls(text, [*chars, len(text)], [*aligned, True])
+
+    def tokens_around(self, span: tuple[int, int]) -> tuple[int, int]:
+        """The fewest whole tokens, [first, end), spelling whole characters, that hold the characters of `span`."""
+        first = bisect.bisect_right(self.chars, span[0]) - 1
+        while not self.aligned[first]:
+            first -= 1
+        end = max(first + 1, bisect.bisect_left(self.chars, span[1]))
+        while not self.aligned[end]:
+            end += 1
+        return first, end
+
+
+def redacted_ids(tokenizer: Tokenizer, ids: list[int], spelled: Spelling, hits: list[Hit]) -> list[int]:
+    """`ids` with the tokens around each redacting hit's span (`Spelling.tokens_around`) replaced by the ids of their
+    text redacted; every other id stays as sent (overlapping hits: the first wins, as in `redacted`)."""
+    runs: list[tuple[int, int, list[Hit]]] = []  # [first, end) tokens and the hits they hold
+    for hit in hits:
+        if hit.action != "redact" or hit.span is None or (runs and hit.span[0] < runs[-1][2][-1].span[1]):
+            continue
+        first, end = spelled.tokens_around(hit.span)
+        held = [hit]
+        if runs and first < runs[-1][1]:  # a token shared with the run before: one run
+            first, _, before = runs.pop()
+            held = [*before, hit]
+        runs.append((first, end, held))
+    out, position = [], 0
+    for first, end, held in runs:
+        start = spelled.chars[first]
+        shifted = [replace(hit, span=(hit.span[0] - start, hit.span[1] - start)) for hit in held]
+        out += [*ids[position:first], *tokenizer.encode(redacted(spelled.text[start : spelled.chars[end]], shifted))]
+        position = end
+    return out + ids[position:]

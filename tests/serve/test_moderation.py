@@ -15,11 +15,14 @@ from seekstack.infer.engine import Engine
 from seekstack.infer.outputs import TokenLogprob
 from seekstack.schema import ConfigError
 from seekstack.serve.app import create_app
+from seekstack.serve.billing import Bill
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import warn_of_unknown_scopes
 from seekstack.serve.ledger import Ledger
 from seekstack.serve.moderation import HeldLogprobs, ModeratedStream, Policy
+from seekstack.serve.safety import ContentSafety, Spelling
+from seekstack.serve.schemas import CompletionRequest
 from seekstack.tokenizer import Tokenizer
 from tests.serve.server import error_of, make_model_dir, run
 
@@ -202,6 +205,25 @@ def test_token_id_prompts_are_read_as_their_text_blocked_or_redacted_like_it(mod
     assert texts[0].startswith("hello") and texts[1].startswith("mail [REDACTED:pii] now")  # the ids of that text
     assert redacted.json()["usage"]["prompt_tokens"] == len(encode("hello")) + len(encode("mail [REDACTED:pii] now"))
     assert [row["moderation"] for row in Ledger(database).records()] == ["weapons", "pii"]
+
+
+def test_a_redacted_token_id_prompt_keeps_every_id_outside_the_hit_as_sent(model_dir, policy):
+    tokenizer = Tokenizer.from_file(model_dir)
+    safety = ContentSafety(policy, tokenizer)
+    spelled_apart = [token_id for character in "hello café " for token_id in tokenizer.encode(character)]
+    lone_byte = tokenizer.encode("é")[:1]  # half a character: read as U+FFFD, sent on as the byte it is
+    before, after = spelled_apart + lone_byte + tokenizer.encode("mail"), tokenizer.encode(" now")
+    body = CompletionRequest(model="model", prompt=[*before, *tokenizer.encode(" bob@corp.com"), *after])
+    assert safety.moderate_prompt(body, safety.categories_for(None), Bill(None, None, "model", "/v1/completions", 0))
+    [redacted_ids] = body.prompt
+    assert redacted_ids[: len(before)] == before and redacted_ids[-len(after) :] == after  # was: all re-encoded
+    assert redacted_ids[len(before) : -len(after)] == tokenizer.encode(" [REDACTED:pii]")
+
+
+def test_the_spelling_of_token_ids_is_their_decoded_text(model_dir):
+    tokenizer = Tokenizer.from_file(model_dir)
+    ids = [tokenizer.bos_id, *tokenizer.encode("naïve 你好"), *tokenizer.encode("你")[:2], *tokenizer.encode("ok")]
+    assert Spelling.of(tokenizer, ids).text == tokenizer.decode(ids)
 
 
 def test_a_blocked_prompt_costs_nothing_even_where_its_category_bills_tokens(model_dir, tmp_path):
