@@ -12,7 +12,6 @@ checkpoint's (`model.layers.3.mlp.experts`, `model.layers.*.self_attn.o_proj`); 
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -276,13 +275,14 @@ def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -
     so `out` is a model folder generate/chat/serve load as is."""
     from seekstack.atomic import atomic_directory, refuse_to_replace
     from seekstack.checkpoint import MODEL_FOLDER_FILES, write_pretrained_files
+    from seekstack.train.state import copy_model_folder_file
 
     refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(source,))
     out = Path(out)
     with atomic_directory(out) as staging:
         write_pretrained_files(model, staging)  # type: ignore[arg-type]
         for file in sorted(Path(source).glob("tokenizer*.json")):
-            shutil.copy2(file, staging / file.name)
+            copy_model_folder_file(file, staging, model.config.max_position_embeddings)  # type: ignore[union-attr]
     return out
 
 

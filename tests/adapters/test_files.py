@@ -90,6 +90,25 @@ def test_the_fused_head_and_loss_scores_the_adapted_head(base, adapter):
     assert (fused - expected).abs() < 1e-5
 
 
+@pytest.mark.parametrize("writer", ["lora merge", "quantize"])
+def test_a_written_model_folder_gives_its_tokenizer_config_the_models_context(base, adapter, tmp_path, writer):
+    """A tokenizer_config.json copied from a checkpoint written before model_max_length followed the model (4096 for
+    a 1024-token model) gets the model's context, as `checkpoint export` gives it."""
+    from seekstack.compress.quantize import save_with_tokenizer
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for entry in base.iterdir():
+        (source / entry.name).write_bytes(entry.read_bytes())
+    (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
+    if writer == "lora merge":
+        out = merge_adapter(source, adapter, tmp_path / "out")
+    else:
+        out = save_with_tokenizer(seekstack.load_pretrained(source), source, tmp_path / "out")
+    context = json.loads((out / "config.json").read_text())["max_position_embeddings"]
+    assert context != 4096 and json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == context
+
+
 def test_merged_checkpoint_equals_base_plus_adapter(base, adapter, tmp_path):
     merged_dir = merge_adapter(base, adapter, tmp_path / "merged")
     assert not (merged_dir / ADAPTER_CONFIG_FILE).exists()
