@@ -73,6 +73,11 @@ class StagedFiles:
         self.locks.append(lock)
         return self.hidden[name]
 
+    def rename(self, name: str, new_name: str) -> None:
+        """Have the file staged as `name` become `folder / new_name` instead: a name known only once the file is
+        written (a digest of its contents)."""
+        self.hidden[new_name] = self.hidden.pop(name)
+
 
 @contextmanager
 def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:

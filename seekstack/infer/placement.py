@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seekstack.atomic import WriteRefused, delete_unless_locked, hidden_pattern, same_file, write_atomic
+from seekstack.atomic import WriteRefused, delete_unless_locked, hidden_pattern, same_file, staged_files
 from seekstack.checkpoint import MappedCopy, checkpoint_key, layer_key
 from seekstack.compress.linear import QuantizedWeight
 from seekstack.config import ModelConfig
@@ -336,14 +336,44 @@ def _mapped_copy(
     time), memory-mapped from its raw copy `directory/{name}.{digest}.bin`, the digest a hash of its dtype, shape and
     bytes: a copy an earlier run wrote is reused when its name and size match (its contents are not read back), and
     writing a new one (atomically) deletes the copies of `name` that hold other values (another dtype, weights since
-    changed) unless another process is mapping them. Written again when another process deleted it first."""
-    digest = hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
-    for piece in pieces():
-        digest.update(_raw(piece))
-    path = directory / f"{name}.{digest.hexdigest()[:COPY_DIGEST_CHARS]}.bin"
-    while (mapped := _map_whole_copy(path, tensor)) is None:
-        _write_copy(path, pieces, tensor.numel() * tensor.element_size(), name)
+    changed) unless another process is mapping them. Written again when another process deleted it first. The pieces
+    are given once: hashed as they are written, or, where a copy of `name` of this size may be reused, hashed first
+    (and given again only to write a copy of other values)."""
+    size = tensor.numel() * tensor.element_size()
+    mapped = None
+    if _has_copy_of_size(directory, name, size):
+        digest = _digest_of(tensor)
+        for piece in pieces():
+            digest.update(_raw(piece))
+        mapped = _map_whole_copy(_copy_path(directory, name, digest), tensor)
+    while mapped is None:
+        mapped = _map_whole_copy(_write_copy(tensor, pieces, directory, name), tensor)
     return mapped
+
+
+def _digest_of(tensor: torch.Tensor) -> Any:
+    """The hash naming a copy of `tensor`, begun with its dtype and shape; its bytes are to be added."""
+    return hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}".encode())
+
+
+def _copy_path(directory: Path, name: str, digest: Any) -> Path:
+    return directory / f"{name}.{digest.hexdigest()[:COPY_DIGEST_CHARS]}.bin"
+
+
+def _copy_pattern(name: str) -> str:
+    """A regular expression matching the names of tensor `name`'s copies (and `{name}.bin`, from before copies were
+    named by their digest)."""
+    return rf"{re.escape(name)}(\.[0-9a-f]{{{COPY_DIGEST_CHARS}}})?\.bin"
+
+
+def _has_copy_of_size(directory: Path, name: str, size: int) -> bool:
+    """Whether `directory` holds a copy of tensor `name` of `size` bytes: one an earlier run may have written."""
+    copy = re.compile(_copy_pattern(name))
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by another process's `_delete_copies`
+            if copy.fullmatch(entry.name) and entry.stat().st_size == size:
+                return True
+    return False
 
 
 def _raw(tensor: torch.Tensor) -> np.ndarray:
@@ -370,24 +400,29 @@ def _map_whole_copy(path: Path, tensor: torch.Tensor) -> torch.Tensor | None:
         os.close(descriptor)
 
 
-def _write_copy(path: Path, pieces: Callable[[], Iterable[torch.Tensor]], size: int, name: str) -> None:
-    """Write tensor `name`, `size` bytes given by `pieces` one after the other, to `path` atomically, its other copies
-    deleted (`_delete_copies`); an error the offload folder's storage gives in its words (`_offload_refusal`)."""
-
-    def write(temporary: Path) -> None:
-        with temporary.open("wb") as file:
-            for piece in pieces():
-                file.write(memoryview(_raw(piece)))
-
+def _write_copy(tensor: torch.Tensor, pieces: Callable[[], Iterable[torch.Tensor]], directory: Path, name: str) -> Path:
+    """Write the copy of `tensor` (state-dict name `name`) holding the values `pieces` gives, one after the other, in
+    `directory` atomically, hashing them as they are written: it takes the name their digest gives once whole
+    (replacing a copy of that name, which holds the same values), and the other copies of `name` are deleted
+    (`_delete_copies`); returns its path. An error the offload folder's storage gives is said in its words
+    (`_offload_refusal`)."""
+    digest, unnamed = _digest_of(tensor), f"{name}.bin"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _delete_copies(path.parent, name, keep=path.name)
-        write_atomic(path, write)
+        with staged_files(directory) as staged:
+            with staged.path(unnamed).open("wb") as file:
+                for piece in pieces():
+                    raw = memoryview(_raw(piece))
+                    digest.update(raw)
+                    file.write(raw)
+            path = _copy_path(directory, name, digest)
+            staged.rename(unnamed, path.name)
+        _delete_copies(directory, name, keep=path.name)
     except OSError as error:
-        refusal = _offload_refusal(path, size, error)
+        refusal = _offload_refusal(directory / unnamed, tensor.numel() * tensor.element_size(), error)
         if refusal is None:
             raise
         raise refusal from error
+    return path
 
 
 def _offload_refusal(path: Path, size: int, error: OSError) -> OSError | None:
@@ -415,7 +450,7 @@ def _delete_copies(directory: Path, name: str, keep: str) -> None:
     """Delete the copies of tensor `name` in `directory` but `keep` (those named `{name}.bin` too, from before copies
     were named by their digest) and the hidden parts of those whose writer was killed, listing it once; never a copy
     another process is mapping (`_map_whole_copy` holds it locked) nor its write under way."""
-    copy = rf"{re.escape(name)}(\.[0-9a-f]{{{COPY_DIGEST_CHARS}}})?\.bin"
+    copy = _copy_pattern(name)
     stale = re.compile(rf"{copy}|{hidden_pattern(copy)}")
     for entry in directory.iterdir():
         if entry.name != keep and stale.fullmatch(entry.name):

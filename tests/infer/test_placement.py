@@ -3,6 +3,8 @@ the CPU, memory-mapped from disk, or on a GPU) computing the logits of the model
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import fcntl
 import itertools
@@ -206,16 +208,16 @@ def test_a_half_written_disk_copy_is_never_read(model, tmp_path, monkeypatch):
     expected = model(tokens).logits
     disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
 
-    def killed_mid_write(path, write):
-        def half(temporary):
-            write(temporary)
-            os.truncate(temporary, temporary.stat().st_size // 2)
+    @contextlib.contextmanager
+    def killed_mid_write(folder):
+        with atomic.staged_files(folder) as staged:
+            yield staged
+            for temporary in staged.hidden.values():
+                os.truncate(temporary, temporary.stat().st_size // 2)
             raise KeyboardInterrupt
 
-        return atomic.write_atomic(path, half)
-
     with monkeypatch.context() as patched:
-        patched.setattr(placement, "write_atomic", killed_mid_write)
+        patched.setattr(placement, "staged_files", killed_mid_write)
         with pytest.raises(KeyboardInterrupt):
             place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
     assert not list(tmp_path.rglob("*.bin*"))  # nothing left under a name a later run would read
@@ -250,15 +252,14 @@ def test_a_disk_copy_another_process_is_mapping_is_not_deleted_by_a_run_writing_
 def test_a_disk_copy_is_locked_until_mapped_and_written_again_when_another_process_deleted_it_first(
     model, tmp_path, monkeypatch
 ):
-    from seekstack import atomic
     from seekstack.infer import placement
 
     tokens = torch.randint(5, 512, (2, 11), generator=torch.Generator().manual_seed(0))
     disk_experts = parse_device_map("*=cpu,layers.*.mlp.experts=disk", list(units(model)))
-    deleted, from_file = [], torch.from_file
+    deleted, from_file, write_copy = [], torch.from_file, placement._write_copy
 
-    def deleted_once_written(path, write):
-        atomic.write_atomic(path, write)
+    def deleted_once_written(*args):
+        path = write_copy(*args)
         if not deleted:  # another run's `_delete_copies` got there before this one mapped it
             deleted.append(path)
             path.unlink()
@@ -269,7 +270,7 @@ def test_a_disk_copy_is_locked_until_mapped_and_written_again_when_another_proce
             fcntl.flock(deleter, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `_delete_copies` of another run tries
         return from_file(name, *args, **kwargs)
 
-    monkeypatch.setattr(placement, "write_atomic", deleted_once_written)
+    monkeypatch.setattr(placement, "_write_copy", deleted_once_written)
     monkeypatch.setattr(torch, "from_file", mapped_while_locked)
     placed = place(copy.deepcopy(model), disk_experts, offload_dir=tmp_path)
     assert deleted and deleted[0].exists()  # written again
@@ -545,6 +546,31 @@ def test_disk_parts_are_written_to_their_copies_as_the_checkpoint_is_read_never_
     # Each stacked tensor (fp8: codes and scales) is mapped from its copy, which a second load reuses as it is.
     assert {mapped_file(tensor) for tensor in [*reloaded.parameters(), *reloaded.buffers()]} == set(written)
     assert {copy: copy.stat().st_mtime_ns for copy in copies.iterdir()} == written
+
+
+def test_a_tensor_of_a_part_placed_on_disk_is_read_from_the_checkpoint_once_per_load(tmp_path, monkeypatch):
+    from seekstack.checkpoint import CheckpointReader
+
+    seekstack.save_pretrained(micro_model(), tmp_path / "model")
+    reads, read = collections.Counter(), CheckpointReader.read
+
+    def counted(reader, key, *args, **kwargs):
+        reads[key] += 1
+        return read(reader, key, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointReader, "read", counted)
+    offload = offload_while_loading("*=cpu,layers.*.mlp.experts=disk", tmp_path / "offload")
+    expert = "model.layers.1.mlp.experts.0.gate_proj.weight"  # converted (to bfloat16) and stacked on the way
+    loaded = seekstack.load_pretrained(tmp_path / "model", dtype=torch.bfloat16, offload=offload)
+    assert reads[expert] == 1  # hashed as it is written, not read once for the digest and again to write
+    written = {copy: copy.stat().st_mtime_ns for copy in (tmp_path / "offload").rglob("*.bin")}
+    reused = seekstack.load_pretrained(tmp_path / "model", dtype=torch.bfloat16, offload=offload)
+    assert reads[expert] == 2  # once for the digest naming the copy to reuse
+    assert {copy: copy.stat().st_mtime_ns for copy in (tmp_path / "offload").rglob("*.bin")} == written
+    in_memory = seekstack.load_pretrained(tmp_path / "model", dtype=torch.bfloat16).layers[1].mlp.experts
+    for experts in (loaded.layers[1].mlp.experts, reused.layers[1].mlp.experts):
+        assert mapped_file(experts.gate_up_proj) in written
+        assert torch.equal(experts.gate_up_proj, in_memory.gate_up_proj)
 
 
 def test_an_adapter_merged_into_parts_placed_on_disk_gives_the_tokens_of_the_merged_model(tmp_path):
