@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 TRANSFORMERS_PREFIX = "model."  # what transformers' model puts before every module name but the output head's
+# warnings.catch_warnings saves and restores the process-wide filter list: two at once in different threads (a
+# server's concurrent adapter loads) can restore each other's "ignore" for good, so they take turns.
+_WARNING_FILTERS = threading.RLock()
 
 
 def transformers_view(model: Transformer) -> nn.Module:
@@ -54,8 +58,7 @@ def config_for_seekstack(config: LoraConfig, model_config: ModelConfig) -> LoraC
     # The LoRA layers made on the meta device by torch's device mode, which holds in this thread only; peft's
     # low_cpu_mem_usage instead patches nn.Module.register_parameter for the whole process, which moves the tensors
     # another thread loads meanwhile (a server's concurrent adapter loads) to the meta device.
-    with torch.device("meta"), warnings.catch_warnings():  # what peft warns, the load on our model warns again
-        warnings.simplefilter("ignore")
+    with torch.device("meta"), _ignoring_warnings():  # what peft warns, the load on our model warns again
         view = transformers_view(Transformer(model_config))
         get_peft_model(view, probe)
     modules, parameters, ranks, alphas = [], [], {}, {}
@@ -80,6 +83,14 @@ def quiet_parameter_patterns() -> Iterator[None]:
     """peft's warning that rank_pattern / alpha_pattern keys match no targeted module silenced: it checks them
     against module targets only, so it names every key of a parameter target (`config_for_seekstack`), which it
     applies all the same."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"The following (rank|alpha)_pattern keys did not match", RuntimeWarning)
+    with _ignoring_warnings(r"The following (rank|alpha)_pattern keys did not match", RuntimeWarning):
+        yield
+
+
+@contextmanager
+def _ignoring_warnings(message: str = "", category: type[Warning] = Warning) -> Iterator[None]:
+    """Warnings of `category` whose text starts with the regex `message` ignored in the block (any, by default),
+    the filters restored after it, one such block in the process at a time."""
+    with _WARNING_FILTERS, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message, category)
         yield
