@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-CUDA_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532): NCCL maps only CUDA's
+CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
 
 
 @dataclass
@@ -43,9 +43,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def init_distributed() -> Ranks:
-    """Join the process group torchrun describes (gloo on CPU; on CUDA, NCCL for CUDA tensors and gloo for CPU ones,
-    such as the gradients FSDP's cpu_offload keeps on the CPU), or run as a single process."""
+def init_distributed(cpu_collectives: bool = False) -> Ranks:
+    """Join the process group torchrun describes (gloo on CPU, NCCL on CUDA), or run as a single process. A CUDA run
+    whose collectives also take CPU tensors (`cpu_collectives`: the gradients FSDP's cpu_offload keeps on the CPU,
+    which NCCL cannot reduce) gets gloo beside NCCL for those; other CUDA runs NCCL alone, whose network interface
+    choice multi-node clusters are set up for."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world_size == 1:
@@ -54,8 +56,15 @@ def init_distributed() -> Ranks:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(CUDA_BACKENDS if cuda else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(_backend(cuda, cpu_collectives), rank=rank, world_size=world_size)
     return Ranks(rank, world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+
+
+def _backend(cuda: bool, cpu_collectives: bool) -> str:
+    """The process group's backend: gloo on CPU; NCCL on CUDA, with gloo for CPU tensors when `cpu_collectives`."""
+    if not cuda:
+        return "gloo"
+    return CUDA_AND_CPU_BACKENDS if cpu_collectives else "nccl"
 
 
 def shutdown(ranks: Ranks) -> None:

@@ -301,7 +301,7 @@ def train(
     inside another command, which says itself what an interrupt means).
     """
     config = config.validate()
-    ranks = distributed.init_distributed()
+    ranks = distributed.init_distributed(cpu_collectives=config.cpu_offload)  # FSDP's offloaded gradients
     try:
         with configured_threads(config.threads):
             return _Run(config, ranks, resume, hooks, source).run(resumable)
