@@ -551,7 +551,6 @@ class CheckpointReader:
                         f"{index_path}: names shard {file!r}, which is missing from {self.directory}; "
                         f"the download is incomplete: fetch that shard, or {DAMAGED}"
                     )
-            self._refuse_keys_in_two_shards(weight_map)
             return weight_map
         single = self.directory / SINGLE_FILE
         if not single.is_file():  # as transformers: other safetensors files are read only through an index
@@ -564,17 +563,17 @@ class CheckpointReader:
         with _open_safetensors(single) as handle:
             return {key: SINGLE_FILE for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
 
-    def _refuse_keys_in_two_shards(self, weight_map: dict[str, str]) -> None:
+    def refuse_keys_in_two_shards(self) -> None:
         """CheckpointError naming both shards and the key when two shards of the index hold one key: which one
-        the model gets would depend on the reader (headers only are read)."""
+        the model gets would depend on the reader. Reads every shard's header: for loading the whole checkpoint."""
         holder: dict[str, str] = {}
-        for file in sorted(set(weight_map.values())):
+        for file in sorted(set(self.key_to_file.values())):
             with _open_safetensors(self.directory / file) as handle:
                 for key in handle.keys():  # noqa: SIM118 (a safe_open handle)
                     if key in holder:
                         raise CheckpointError(
                             f"{self.directory}: key {key!r} is stored in both {holder[key]} and {file} (the index "
-                            f"{INDEX_FILE} names {weight_map.get(key)!r}); a checkpoint stores each key once: "
+                            f"{INDEX_FILE} names {self.key_to_file.get(key)!r}); a checkpoint stores each key once: "
                             f"{DAMAGED}"
                         )
                     holder[key] = file
@@ -898,6 +897,7 @@ def load_pretrained(
     config_path = directory / CONFIG_FILE
     config = read_config(directory)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
+    reader.refuse_keys_in_two_shards()
     present_mtp = 0
     while present_mtp < config.num_nextn_predict_layers and any(
         f"model.layers.{config.num_hidden_layers + present_mtp}.eh_proj.{name}" in reader

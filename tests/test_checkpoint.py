@@ -187,6 +187,22 @@ def test_a_key_stored_in_two_shards_of_an_index_is_refused_naming_both(tmp_path)
     assert message.startswith(f"{tmp_path}: key {O_PROJ!r} is stored in both {first} and {second} "), message
 
 
+def test_the_float_dtype_of_a_sharded_checkpoint_is_read_from_the_embedding_shard_alone(tmp_path, monkeypatch):
+    from seekstack import checkpoint
+
+    seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
+    opened, open_safetensors = [], checkpoint._open_safetensors
+
+    def recorded(path):
+        opened.append(path.name)
+        return open_safetensors(path)
+
+    monkeypatch.setattr(checkpoint, "_open_safetensors", recorded)
+    assert checkpoint.stored_float_dtype(tmp_path) == torch.float32
+    weight_map = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
+    assert opened == [weight_map["model.embed_tokens.weight"]]  # not every shard's header: loading checks those
+
+
 def test_saving_over_a_sharded_checkpoint_leaves_no_stale_shards(tmp_path):
     model = random_model()
     seekstack.save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)

@@ -249,8 +249,13 @@ def _unsupported(module: nn.Module, scheme: str, group: int) -> str | None:
 
 
 def checkpoint_bytes(directory: str | Path) -> int:
-    """Bytes of a checkpoint's weight files (safetensors: codes and scales together)."""
-    return sum(file.stat().st_size for file in Path(directory).glob("*.safetensors"))
+    """Bytes of a checkpoint's weight files (safetensors: codes and scales together): those loading reads (the
+    shards its index names, or model.safetensors), not stray ones beside them (a backup)."""
+    from seekstack.checkpoint import CheckpointReader
+
+    with CheckpointReader(Path(directory), None) as reader:
+        files = set(reader.key_to_file.values())
+    return sum((Path(directory) / file).stat().st_size for file in files)
 
 
 def stored_bytes(model: nn.Module) -> int:

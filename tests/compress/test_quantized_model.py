@@ -15,6 +15,7 @@ from seekstack.checkpoint import checkpoint_tensors
 from seekstack.compress.linear import QuantizedExperts, QuantizedFeedForward, QuantizedLinear
 from seekstack.compress.quantize import (
     QuantConfig,
+    checkpoint_bytes,
     quantize_checkpoint,
     quantize_model,
     quantized_module,
@@ -69,6 +70,14 @@ def test_quantized_logits_stay_near_the_float_model(scheme, bound):
     quantize_model(model, QuantConfig(scheme=scheme))
     relative = ((logits(model) - reference).norm() / reference.norm()).item()
     assert 0 < relative < bound
+
+
+@pytest.mark.parametrize("max_shard_bytes", [2**30, 40_000], ids=["one file", "shards"])
+def test_checkpoint_bytes_counts_the_files_loading_reads_not_a_stray_backup(tmp_path, max_shard_bytes):
+    seekstack.save_pretrained(model_for_tests(), tmp_path, max_shard_bytes=max_shard_bytes)
+    weights = sum(file.stat().st_size for file in tmp_path.glob("*.safetensors"))
+    (tmp_path / "model.safetensors.bak.safetensors").write_bytes(b"\0" * 1000)  # ignored by the loader
+    assert checkpoint_bytes(tmp_path) == weights
 
 
 def test_int8_and_int4_files_use_the_compressed_tensors_names_and_config(tmp_path):
