@@ -13,6 +13,7 @@ import os
 import weakref
 
 import torch
+from tokenizers import AddedToken
 
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.tokenizer import Tokenizer, byte_level_bytes, tokenizer_json_path
@@ -25,13 +26,17 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
     """(V,) int64: the UTF-8 bytes each id of `tokenizer` spells; built once per tokenizer."""
     table = _TABLES.get(tokenizer)
     if table is None:
-        lengths = [_token_bytes(tokenizer, token_id) for token_id in range(tokenizer.vocab_size)]
+        added = tokenizer.backend.get_added_tokens_decoder()
+        lengths = [_token_bytes(tokenizer, token_id, added.get(token_id)) for token_id in range(tokenizer.vocab_size)]
         table = _TABLES[tokenizer] = torch.tensor(lengths, dtype=torch.int64)
     return table
 
 
-def _token_bytes(tokenizer: Tokenizer, token_id: int) -> int:
-    """The UTF-8 bytes of one id: its byte-level piece's, else (an added token) its text's; 0 for a special token."""
+def _token_bytes(tokenizer: Tokenizer, token_id: int, added: AddedToken | None) -> int:
+    """The UTF-8 bytes of one id: an added token's (`added`) text's, 0 for a special one; a vocabulary piece's bytes
+    (its byte-level bytes, or its decoded text's where the tokenizer is not byte-level)."""
+    if added is not None:
+        return 0 if added.content in tokenizer.special_tokens else len(added.content.encode("utf-8"))
     piece = tokenizer.backend.id_to_token(token_id)
     if piece is None or piece in tokenizer.special_tokens:
         return 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
+from tokenizers import AddedToken
 
 from seekstack.model.head_loss import IGNORE_INDEX
-from seekstack.tokenizer import EOS, SPECIAL_TOKENS, train_tokenizer
+from seekstack.tokenizer import EOS, SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from seekstack.tokens.shards import index_path, tokenize_corpus
 from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths, token_byte_lengths
 
@@ -24,6 +25,19 @@ def test_token_bytes_sum_to_the_utf8_bytes_of_the_text_and_special_tokens_count_
     first_byte_of_e_acute = tokenizer.backend.token_to_id("Ã")  # byte-level BPE's stand-in for 0xC3
     assert byte_lengths[first_byte_of_e_acute] == 1  # part of a character counts its own bytes
     assert token_byte_lengths(tokenizer) is byte_lengths  # built once per tokenizer
+
+
+def test_an_added_token_counts_the_utf8_bytes_of_its_text_even_where_it_reads_as_byte_level_characters(tmp_path):
+    # "é" and "°" are also byte-level BPE's stand-ins for single bytes: read as a piece, "café" would count 4, not 5
+    backend = train_tokenizer([TEXT * 5], vocab_size=280, out_path=tmp_path).backend
+    backend.add_tokens([AddedToken("café", special=False), AddedToken("°C", special=False)])
+    backend.add_special_tokens(["<tool>"])
+    tokenizer = Tokenizer(backend)
+    byte_lengths = token_byte_lengths(tokenizer)
+    counted = {token: byte_lengths[backend.token_to_id(token)].item() for token in ("café", "°C", "<tool>")}
+    assert counted == {"café": 5, "°C": 3, "<tool>": 0}
+    text = "a café at 25°C"
+    assert int(byte_lengths[tokenizer.encode(text)].sum()) == len(text.encode("utf-8"))
 
 
 def test_scored_text_bytes_counts_the_targets_after_the_first_label_that_are_not_ignored(tmp_path):
