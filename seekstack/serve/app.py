@@ -236,7 +236,6 @@ class Server:
             try:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
             except ValueError as error:
-                await self.settle(charge, 0)
                 if isinstance(error, UnknownAdapter):  # unloaded since adapter_for found it
                     raise self.unknown_model(body.model, bill.key) from None
                 raise APIError(400, str(error)) from None
@@ -244,16 +243,15 @@ class Server:
             await bill.record_async(CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)
         except asyncio.CancelledError:  # the server stopping: at no cost, its rate-limit charge included
-            await self.settle(charge, 0)
-            await bill.record_async(SERVER_STOPPED)
+            await self.close_bill(bill, SERVER_STOPPED, charge, 0)
             return _answered_stop()
-        except Exception as error:
-            await bill.record_async(error.status if isinstance(error, APIError) else 500)
+        except Exception as error:  # refused (or failed) after its charge, if any: it uses none of it
+            await self.close_bill(bill, error.status if isinstance(error, APIError) else 500, charge, 0)
             raise
         bill.prompt_tokens = prompt_tokens
 
         async def finish(status: int) -> None:
-            """Free the request's engine slots, settle its rate-limit charge, bill it (no-ops when done before). A
+            """Free the request's engine slots, bill it, settle its rate-limit charge (no-ops when done before). A
             prompt none of whose choices the engine had started (a client that left while it was queued) is not
             billed."""
             unstarted = await group.close()
@@ -265,10 +263,8 @@ class Server:
                     if not unstarted.issuperset(range(number * per_prompt, (number + 1) * per_prompt))
                 )
             failed = 500 <= (bill.status or status) < 600  # a stream records its own ending first
-            try:  # a request the server failed, like one it refused, uses none of the key's tokens per minute
-                await self.settle(charge, 0 if failed else bill.total_tokens)
-            finally:
-                await bill.record_async(status)
+            # a request the server failed, like one it refused, uses none of the key's tokens per minute
+            await self.close_bill(bill, status, charge, 0 if failed else bill.total_tokens)
 
         if body.stream:
             await asyncio.to_thread(bill.open)
@@ -290,15 +286,23 @@ class Server:
         finally:
             await finish(status)  # before the response leaves
 
-    async def settle(self, charge: Charge | None, tokens: int) -> None:
-        """Correct a request's rate-limit `charge` (None: its key has no limits) to the `tokens` it used. A database
-        held by another connection past the retries leaves the charge at the tokens admitted (the most the request
-        could use, out of the window within a minute): logged, not raised, so the request's answer and usage row go
-        out."""
+    async def close_bill(self, bill: Bill, status: int, charge: Charge | None, tokens: int) -> None:
+        """Write a request's usage row with `status` (retried while the database is held), then correct its rate-limit
+        `charge` to the `tokens` it used: the row never waits for the charge."""
+        try:
+            await bill.record_async(status)
+        finally:
+            await self.settle(charge, tokens, retry=status != SERVER_STOPPED)
+
+    async def settle(self, charge: Charge | None, tokens: int, retry: bool) -> None:
+        """Correct a request's rate-limit `charge` (None: its key has no limits) to the `tokens` it used, trying again
+        while the database is held if `retry` (not for a request a forced exit cuts off: the exit does not wait). A
+        charge that cannot be corrected keeps the tokens admitted (the most the request could use, out of the window
+        within a minute): logged, not raised, so the request's answer goes out."""
         if charge is None:
             return
         try:
-            await asyncio.to_thread(self.limiter.settle, charge, tokens)
+            await asyncio.to_thread(self.limiter.settle if retry else self.limiter.settle_once, charge, tokens)
         except Exception as error:
             log.warning("rate-limit charge %d keeps its admitted tokens, not the %d used: %s", charge.charge_id,
                         tokens, error)  # fmt: skip

@@ -85,10 +85,12 @@ class RateLimiter:
         return max(tpm - sum(charge["tokens"] for charge in charges), 0)
 
     def settle(self, charge: Charge, tokens: int) -> None:
-        """Correct an admitted request's charge to the `tokens` it really used."""
-        retrying_while_busy(self.database, lambda: self._settle_once(charge, tokens))
+        """Correct an admitted request's charge to the `tokens` it really used (tried again while the database is
+        held)."""
+        retrying_while_busy(self.database, lambda: self.settle_once(charge, tokens))
 
-    def _settle_once(self, charge: Charge, tokens: int) -> None:
+    def settle_once(self, charge: Charge, tokens: int) -> None:
+        """`settle` in one try: the database's error when another connection holds it."""
         with self.database.transaction() as connection:
             connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
 

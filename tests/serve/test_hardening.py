@@ -233,6 +233,21 @@ def test_a_rate_limit_charge_that_cannot_be_settled_loses_neither_the_answer_nor
     assert [(row["status"], row["completion_tokens"]) for row in rows] == [(200, 4)]
 
 
+def test_a_requests_usage_row_is_written_before_its_rate_limit_charge_is_settled(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("limited", tpm=1000)
+    app = create_app(engine, database)
+    rows_when_settling = []
+
+    def settle_while_the_database_is_held(charge, tokens):  # retried up to 120 s: the row and answer waited for it
+        rows_when_settling.append([row["status"] for row in Ledger(database).records("limited")])
+
+    app.state.server.limiter.settle = settle_while_the_database_is_held
+    headers = {"Authorization": f"Bearer {key}"}
+    answer = run(app, lambda client: client.post("/v1/completions", json=COMPLETION, headers=headers))
+    assert answer.status_code == 200 and rows_when_settling == [[200]]  # was: [[]], settled first
+
+
 def test_a_request_is_billed_at_the_prices_of_its_plan_when_it_came_whatever_they_become(engine, tmp_path):
     database = open_database(tmp_path / "db")
     store = KeyStore(database)

@@ -14,8 +14,9 @@ import pytest
 import uvicorn
 
 from seekstack.infer.engine import Engine
+from seekstack.serve import database as database_module
 from seekstack.serve.app import SERVER_STOPPED, create_app
-from seekstack.serve.database import open_database
+from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import CUT_OFF, QuietForcedExit, cut_off_in_one_line
 from tests.serve.server import make_model_dir
@@ -112,6 +113,45 @@ def test_a_request_cut_off_while_it_waits_to_enter_the_engine_gives_back_its_rat
     connection = sqlite3.connect(tmp_path / "serve.db")
     assert connection.execute("SELECT status, cost FROM usage WHERE key_name = 'cut'").fetchall() == [(503, 0)]
     assert connection.execute("SELECT tokens FROM rate_charges WHERE key_name = 'cut'").fetchall() == [(0,)]
+
+
+class HeldForCharges:
+    """The rate limiter's view of `database` once `held` is set: every write meets it held by another connection."""
+
+    def __init__(self, database: Database):
+        self.database, self.held, self.tries = database, False, 0
+
+    def transaction(self):
+        if self.held:
+            self.tries += 1
+            raise sqlite3.OperationalError("database is locked")
+        return self.database.transaction()
+
+    def __getattr__(self, name: str):
+        return getattr(self.database, name)
+
+
+def test_a_request_cut_off_settles_its_charge_in_one_try_not_waiting_for_a_held_database(tmp_path, monkeypatch):
+    monkeypatch.setattr(database_module, "BUSY_RETRY_S", 1.0)  # was: retried for all of it (120 s by default)
+    database = open_database(tmp_path / "serve.db")
+    key = KeyStore(database).create("cut", tpm=100_000)
+    app = create_app(Engine.from_pretrained(make_model_dir(tmp_path)), database)
+    charges = app.state.server.limiter.database = HeldForCharges(database)
+    waiting = asyncio.Event()
+
+    async def submit_while_the_database_is_held(*args, **kwargs):
+        charges.held = True
+        waiting.set()
+        await asyncio.sleep(3600)
+
+    app.state.server.bridge.submit = submit_while_the_database_is_held
+
+    assert_answered_503(asyncio.run(cut_off(app, {"model": "model", "prompt": "x", "max_tokens": 200}, key, waiting)))
+    assert charges.tries == 1
+    connection = sqlite3.connect(tmp_path / "serve.db")
+    assert connection.execute("SELECT status, cost FROM usage WHERE key_name = 'cut'").fetchall() == [(503, 0)]
+    [(tokens,)] = connection.execute("SELECT tokens FROM rate_charges WHERE key_name = 'cut'").fetchall()
+    assert tokens > 200  # the admitted charge, stale for one window
 
 
 def test_a_forced_exit_logs_one_line_for_each_request_it_cuts_off_and_none_for_the_lifespan():
