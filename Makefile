@@ -1,5 +1,7 @@
 # seekstack: `make demo` runs the main job, `make test` the whole suite. Both create the venv as needed.
-PYTHON ?= python3
+# The first of these that is Python >= 3.11 (the secret scrubber's possessive regexes and asyncio's uncancel need it).
+PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo $$p && break; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -7,6 +9,8 @@ STAMP := $(VENV)/.installed
 .PHONY: demo demo-reason test bench lint format clean
 
 $(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "seekstack needs Python >= 3.11; python3 is $$(python3 --version 2>&1):" \
+		"install python3.11 or later, or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch; pinned so no multi-GB CUDA wheel is ever downloaded here.
