@@ -209,7 +209,7 @@ class Server:
         bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
         charge = None  # the rate-limit charge, once admitted
         try:
-            bill.plan = await asyncio.to_thread(self.ledger.plan_for, bill.key.name if bill.key else None)
+            bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
             bill.model = body.model  # the ledger records which model served (or was asked for)

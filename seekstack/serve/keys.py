@@ -14,7 +14,7 @@ import math
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from seekstack.serve.database import DEFAULT_PLAN, Database, Statements
 
@@ -22,6 +22,10 @@ KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan
 MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
+ACTIVE_KEY_WITH_PRICES = (  # parameter: the key's hash
+    "SELECT keys.*, plans.prompt_per_1k, plans.completion_per_1k, plans.cached_prompt_per_1k "
+    "FROM keys JOIN plans ON plans.name = keys.plan WHERE keys.key_hash = ? AND keys.revoked_at IS NULL"
+)
 
 
 class KeyStoreError(ValueError):
@@ -41,6 +45,7 @@ class ApiKey:
     created_at: float
     revoked_at: float | None
     models: tuple[str, ...] | None = None  # the models (base or adapters) it may use; None: all
+    prices: Plan | None = None  # its plan's prices when it was verified (None: not read with it)
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -120,9 +125,13 @@ class KeyStore:
         return [_api_key(row) for row in self.database.query("SELECT * FROM keys ORDER BY created_at")]
 
     def verify(self, key: str) -> ApiKey | None:
-        """The active key whose hash matches `key`, or None."""
-        rows = self.database.query("SELECT * FROM keys WHERE key_hash = ? AND revoked_at IS NULL", (hash_key(key),))
-        return _api_key(rows[0]) if rows else None
+        """The active key whose hash matches `key`, with its plan's prices now (one read), or None."""
+        rows = self.database.query(ACTIVE_KEY_WITH_PRICES, (hash_key(key),))
+        if not rows:
+            return None
+        row = rows[0]
+        prices = Plan(row["plan"], row["prompt_per_1k"], row["completion_per_1k"], row["cached_prompt_per_1k"])
+        return replace(_api_key(row), prices=prices)
 
     def knows(self, name: str) -> bool:
         """Whether a key named `name` was ever created (revoked ones included)."""

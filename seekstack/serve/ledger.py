@@ -82,9 +82,10 @@ class Ledger:
         `record`."""
         return self._write(dataclasses.replace(usage, status=IN_PROGRESS), None)[0]
 
-    def plan_for(self, key_name: str | None) -> Plan:
-        """The prices a request of `key_name` (None: the open server) is billed at now."""
-        return Plan(**self.database.query(PLAN_OF_KEY, (key_name, DEFAULT_PLAN))[0])
+    def default_plan(self) -> Plan:
+        """The prices a request of the open server (no keys yet) is billed at now; a key's come with it
+        (`KeyStore.verify`)."""
+        return Plan(**self.database.query("SELECT * FROM plans WHERE name = ?", (DEFAULT_PLAN,))[0])
 
     def _write(self, usage: UsageRecord, row_id: int | None) -> tuple[int, float]:
         """`_write_once`, tried again while another connection holds the database (`retrying_while_busy`)."""

@@ -271,6 +271,35 @@ def test_a_request_is_billed_at_the_prices_of_its_plan_when_it_came_whatever_the
     assert row["cost"] == pytest.approx((usage["prompt_tokens"] * 1.0 + 40 * 3.0) / 1000)  # was: at 100 per 1k
 
 
+class QueriesSeen:
+    """`database`, noting the statement of each query made through it."""
+
+    def __init__(self, database):
+        self.database, self.statements = database, []
+
+    def query(self, statement: str, parameters=()):
+        self.statements.append(statement)
+        return self.database.query(statement, parameters)
+
+    def __getattr__(self, name: str):
+        return getattr(self.database, name)
+
+
+def test_a_keyed_request_reads_its_plan_with_its_key_and_no_plan_apart(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    store = KeyStore(database)
+    store.set_plan("pro", prompt_per_1k=1.0, completion_per_1k=3.0)
+    key = store.create("payer", plan="pro")
+    app = create_app(engine, database)
+    ledger = app.state.server.ledger
+    ledger.database = QueriesSeen(database)
+    headers = {"Authorization": f"Bearer {key}"}
+    answer = run(app, lambda client: client.post("/v1/completions", json=COMPLETION, headers=headers))
+    assert answer.status_code == 200 and ledger.database.statements == []  # was: the plan read again after verify
+    [row] = Ledger(database).records("payer")
+    assert row["cost"] == pytest.approx((row["prompt_tokens"] * 1.0 + 4 * 3.0) / 1000)
+
+
 def test_open_mode_answers_only_loopback_hosts_and_json_bodies(engine, tmp_path):
     app = create_app(engine, open_database(tmp_path / "db"))
 

@@ -110,6 +110,15 @@ def test_a_plan_an_earlier_seekstack_named_freely_still_takes_new_keys_and_price
     assert {plan.name: plan.prompt_per_1k for plan in keys.plans()} == {"Pro tier": 3, "default": 0.002}
 
 
+def test_a_verified_key_comes_with_its_plans_prices_as_they_are_now(database):
+    keys = KeyStore(database)
+    gold = keys.set_plan("gold", prompt_per_1k=0.01, completion_per_1k=0.03, cached_prompt_per_1k=0.005)
+    key = keys.create("judy", plan="gold")
+    assert keys.verify(key).prices == gold  # read with the key: a request reads no plan apart
+    repriced = keys.set_plan("gold", prompt_per_1k=0.02, completion_per_1k=0.06)
+    assert keys.verify(key).prices == repriced
+
+
 def test_a_key_may_name_any_served_model_but_not_an_empty_or_padded_one(database):
     keys = KeyStore(database)
     for model in ("", "   ", " tiny", "tiny\n"):
