@@ -15,13 +15,13 @@ import functools
 import json
 import os
 import re
+import tomllib
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import tomllib
 import yaml
 from annotated_types import Ge, Gt, Interval, Le
 

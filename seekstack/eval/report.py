@@ -17,7 +17,7 @@ import re
 import shlex
 import statistics
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
     records = read_metrics(run_dir)
     checkpoint = latest_checkpoint(run_dir)
     sections = [
-        f"# Run report: `{run_dir}`\n\nWritten {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the run's "
+        f"# Run report: `{run_dir}`\n\nWritten {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the run's "
         f"files; newest checkpoint `{checkpoint}`.",
         _environment(),
         _data(run_dir, train_config),

@@ -132,7 +132,7 @@ class Ledger:
             parameters.append(key_name)
         if since is not None:
             conditions.append("created_at >= ?")
-            parameters.append(dt.datetime.combine(since, dt.time(), tzinfo=dt.timezone.utc).timestamp())
+            parameters.append(dt.datetime.combine(since, dt.time(), tzinfo=dt.UTC).timestamp())
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self.database.query(
             f"SELECT key_name, {self.database.day('created_at')} AS day, COUNT(*) AS requests, "

@@ -225,7 +225,7 @@ def test_daily_totals_per_key_and_since_filter(database):
     for prompt, completion in ((10, 20), (30, 40)):
         ledger.record(usage("k1", prompt, completion))
     ledger.record(usage("k2", 5, 5, status=429))
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     days = {d.key_name: d for d in ledger.daily()}
     assert (days["k1"].day, days["k1"].requests, days["k1"].prompt_tokens, days["k1"].completion_tokens) == (
         today.isoformat(), 2, 40, 60,
