@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import numbers
 import sys
 import threading
 import time
@@ -883,14 +884,17 @@ class Engine:
 
     def generate(
         self,
-        prompts: str | list[str] | list[list[int]],
+        prompts: str | list[int] | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams],
         adapters: list[str | None] | None = None,
     ) -> list[Completion]:
-        """Add all prompts (a str is one prompt, as in vLLM; text is encoded without BOS, as training shards are), each
-        on the base or on the loaded adapter `adapters` names for it, and step until all finish. A prompt refused
-        (too long, an adapter not loaded) raises ValueError, the prompts added before it aborted, none left queued."""
-        prompts = [prompts] if isinstance(prompts, str) else prompts
+        """Add all prompts (a str or a list of token ids is one prompt, as in vLLM; text is encoded without BOS, as
+        training shards are), each on the base or on the loaded adapter `adapters` names for it, and step until all
+        finish. A prompt refused (too long, an adapter not loaded) raises ValueError, the prompts added before it
+        aborted, none left queued."""
+        token_ids = len(prompts) > 0 and all(isinstance(t, numbers.Integral) for t in prompts)
+        one_prompt = isinstance(prompts, str) or token_ids
+        prompts = [prompts] if one_prompt else list(prompts)
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapter_list = adapters if adapters is not None else [None] * len(prompts)
         if not len(params_list) == len(adapter_list) == len(prompts):

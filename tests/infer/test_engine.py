@@ -280,11 +280,14 @@ def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, token
     assert completion.finish_reason == "length"
 
 
-def test_a_str_is_one_prompt_as_in_vllm(model, tokenizer):
+def test_a_str_or_a_list_of_token_ids_is_one_prompt_as_in_vllm(model, tokenizer):
     engine = Engine(model, tokenizer)
+    ids = tokenizer.encode("def f")
     [alone] = engine.generate("def f", GREEDY)
     [listed] = engine.generate(["def f"], GREEDY)
-    assert alone.prompt_token_ids == tokenizer.encode("def f") and alone.token_ids == listed.token_ids
+    [as_ids] = engine.generate(ids, GREEDY)
+    assert alone.prompt_token_ids == as_ids.prompt_token_ids == ids
+    assert alone.token_ids == listed.token_ids == as_ids.token_ids
 
 
 def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
