@@ -335,8 +335,10 @@ def _check_base_layer_copy(layer: torch.nn.Module, key: str, stored: torch.Tenso
 
 
 def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
-    """`model` with the adapter in `adapter` folded into its weights: W + alpha/r B A for every adapted weight."""
-    return load_adapter(model, adapter).merge_and_unload()
+    """`model` with the adapter in `adapter` folded into its weights: W + alpha/r B A for every adapted weight, each
+    merged weight a new tensor (peft's safe_merge), never the memory-mapped checkpoint pages changed in place (which
+    a device map would take for weights still on disk)."""
+    return load_adapter(model, adapter).merge_and_unload(safe_merge=True)
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:

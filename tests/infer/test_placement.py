@@ -16,7 +16,7 @@ import torch
 
 import seekstack
 from seekstack.accounting import main_parameters, mtp_parameters
-from seekstack.checkpoint import SINGLE_FILE, read_config, read_safetensors, stored_tensor_bytes
+from seekstack.checkpoint import SINGLE_FILE, checkpoint_key, read_config, read_safetensors, stored_tensor_bytes
 from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.params import parse_bytes
@@ -592,3 +592,10 @@ def test_an_adapter_merged_into_parts_placed_on_disk_gives_the_tokens_of_the_mer
     copied = mapped_file(experts)
     assert copied is not None and copied.parent == base / "offload" / "layers.1.mlp.experts"
     assert torch.equal(torch.from_file(str(copied), size=experts.numel()).view_as(experts), experts)
+    stored = read_safetensors(base / SINGLE_FILE)
+    on_disk, model = tokens(adapter, "*=disk")
+    assert on_disk == merged
+    for name, tensor in model.named_parameters():  # an adapted weight the checkpoint's pages held is copied merged
+        key = checkpoint_key(name, model.config.num_hidden_layers)
+        source = mapped_file(tensor)
+        assert source is not None and (source.name != SINGLE_FILE or torch.equal(stored[key], tensor)), name
