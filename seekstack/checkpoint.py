@@ -81,6 +81,7 @@ SAFETENSORS_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
 FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
 # The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.
@@ -96,8 +97,9 @@ STACKED_EXPERT_PARTS = {stack: len(projections) for stack, projections in PER_EX
 # A tensor held as a file's pages, from the tensor it replaces (its dtype and shape) and a function giving its values
 # one piece at a time, in memory order: how `load_pretrained(offload=...)` writes a tensor straight to disk.
 MappedCopy = Callable[[torch.Tensor, Callable[[], Iterable[torch.Tensor]]], torch.Tensor]
-# Expert e's quantized weight of a stack of routed experts' (gate_up or down), read from a checkpoint.
-ExpertWeight = Callable[[int], QuantizedWeight]
+# Buffer `buffer` (codes or scales) of expert e's quantized weight of a stack of routed experts' (gate_up or down),
+# `(buffer, e)`, built from the one stored tensor it comes from, read from a checkpoint.
+ExpertBuffer = Callable[[str, int], torch.Tensor]
 
 
 class CheckpointError(ValueError):
@@ -255,6 +257,8 @@ def _quantized_from_reader(reader: CheckpointReader, key: str, shape: tuple[int,
 
 
 def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
+    """The names of the stored tensors of checkpoint layer `key`'s quantized weight, its codes' then its scales', or
+    None for a layer stored in float."""
     if f"{key}.weight_packed" in reader:
         reader.check_stored_format(f"{key}.weight_packed")
         reader.used.add(f"{key}.weight_shape")
@@ -277,12 +281,12 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
 
 def _expert_weights_from_reader(
     reader: CheckpointReader, key: str, experts: RoutedExperts
-) -> tuple[tuple[QuantizedWeight, QuantizedWeight], dict[str, ExpertWeight]] | None:
+) -> tuple[tuple[QuantizedWeight, QuantizedWeight], dict[str, ExpertBuffer]] | None:
     """Stacked (gate_up, down) quantized weights for `experts` from the keys under `key` (`...mlp.experts`), or None
     when they are stored in float: the stacked layout's, memory-mapped as they are, or, from per-expert keys, stacks
-    left empty (on meta) with the function reading each expert's weight, by stack name (`gate_up_proj`,
-    `down_proj`), for `_fill_expert_stack`. CheckpointError naming the file and the key for a weight not of the shape
-    the config gives `experts`."""
+    left empty (on meta) with the function reading each expert's buffers (`ExpertBuffer`), by stack name
+    (`gate_up_proj`, `down_proj`), for `_fill_expert_stack`. CheckpointError naming the file and the key for a weight
+    not of the shape the config gives `experts`."""
     shapes = {stack: tuple(getattr(experts, stack).shape) for stack in PER_EXPERT_PROJECTIONS}
     stacked = _stored_names(reader, f"{key}.gate_up_proj")
     if stacked is not None:
@@ -328,43 +332,53 @@ def _stacked_weight(
 
 def _per_expert_stack(
     reader: CheckpointReader, key: str, stack: str, names: list[str], count: int
-) -> tuple[QuantizedWeight, ExpertWeight]:
+) -> tuple[QuantizedWeight, ExpertBuffer]:
     """Stacked expert weight `stack` (`gate_up_proj`, `down_proj`) of the `count` experts under `key`, stored per
-    expert: the stack, empty (on meta) until `_fill_expert_stack` fills it, and the function reading expert e's
-    weight from its projections' stored tensors `names` (gate's and up's stacked by rows)."""
-    projections = PER_EXPERT_PROJECTIONS[stack]
-    weight = functools.partial(_stacked_weight, reader, f"{key}.{stack}", bits_key=f"{key}.0.{projections[0]}")
+    expert: the stack, empty (on meta) until `_fill_expert_stack` fills it, and the function building a buffer of
+    expert e's weight from the one stored tensor (of `names`) it comes from, its projections' stacked by rows."""
+    projections, first = PER_EXPERT_PROJECTIONS[stack], f"{key}.0.{PER_EXPERT_PROJECTIONS[stack][0]}"
+    expert = {name: _empty_stored(reader, [f"{key}.0.{p}.{name}" for p in projections]) for name in names}
+    empty = {name: tensor.expand(count, *tensor.shape) for name, tensor in expert.items()}
+    stacked, bits = _stacked_weight(reader, f"{key}.{stack}", empty, bits_key=first), reader.packed_bits(first)
 
-    def stored(e: int) -> dict[str, torch.Tensor]:
-        read = {name: [reader.read(f"{key}.{e}.{p}.{name}", dequantize=False) for p in projections] for name in names}
-        return {name: torch.cat(tensors) for name, tensors in read.items()}
+    def expert_buffer(buffer: str, e: int) -> torch.Tensor:
+        source = names[stacked.stored_buffers.index(buffer)]  # codes from codes, scales from scales
+        read = [reader.read(f"{key}.{e}.{p}.{source}", dequantize=False) for p in projections]
+        return stacked.buffer_from_stored(buffer, torch.cat(read), bits)
 
-    empty = {name: torch.empty((count, *t.shape), dtype=t.dtype, device="meta") for name, t in stored(0).items()}
-    return weight(stored=empty), lambda e: weight(stored=stored(e))
+    return stacked, expert_buffer
+
+
+def _empty_stored(reader: CheckpointReader, keys: list[str]) -> torch.Tensor:
+    """An empty tensor (on meta) of the dtype and shape the stored tensors `keys` have stacked by rows, from their
+    headers."""
+    shapes = [reader.stored_shape(key) for key in keys]
+    rows = sum(shape[0] for shape in shapes)
+    return torch.empty((rows, *shapes[0][1:]), dtype=TORCH_DTYPES[reader.stored_dtype(keys[0])], device="meta")
 
 
 def _fill_expert_stack(
     stack: QuantizedWeight,
     name: str,
-    expert: ExpertWeight,
+    expert_buffer: ExpertBuffer,
     copies: dict[str, MappedCopy],
     device: torch.device | str,
 ) -> None:
     """Fill the empty buffers of `stack` (state-dict name `name`), a stack of expert weights, with the experts' own,
-    one expert at a time (`expert(e)`): into memory on `device`, or, for a part placed on disk, into its disk copy
-    (`copies`), so that it is never whole in memory."""
+    one expert at a time (`expert_buffer(buffer, e)`, each stored tensor read once): into memory on `device`, or,
+    for a part placed on disk, into its disk copy (`copies`), so that it is never whole in memory."""
     filled = {}
     for buffer, empty in stack.named_buffers():
-        pieces = functools.partial(_expert_buffers, expert, buffer, len(empty))
+        pieces = functools.partial(_expert_buffers, expert_buffer, buffer, len(empty))
         copy = copies.get(f"{name}.{buffer}")
         filled[buffer] = copy(empty, pieces) if copy is not None else _stacked(pieces(), empty, device)
     stack.fill_buffers(filled)
 
 
-def _expert_buffers(expert: ExpertWeight, buffer: str, count: int) -> Iterator[torch.Tensor]:
-    """Buffer `buffer` of each of the `count` experts' weights (`expert(e)`), one expert at a time."""
+def _expert_buffers(expert_buffer: ExpertBuffer, buffer: str, count: int) -> Iterator[torch.Tensor]:
+    """Buffer `buffer` of each of the `count` experts' weights (`expert_buffer`), one expert at a time."""
     for e in range(count):
-        yield expert(e).get_buffer(buffer)
+        yield expert_buffer(buffer, e)
 
 
 def _stacked(pieces: Iterable[torch.Tensor], empty: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -389,17 +403,17 @@ def _check_stored_like(reader: CheckpointReader, layer: str, reference: str) -> 
 
 def load_quantized_layers(
     model: Transformer, reader: CheckpointReader, device: torch.device | str
-) -> tuple[set[str], dict[str, ExpertWeight]]:
+) -> tuple[set[str], dict[str, ExpertBuffer]]:
     """Swap in a quantized module for each layer the checkpoint stores quantized; returns their names, and the stacks
-    of expert weights stored per expert, left empty (on meta) for `_fill_expert_stack`: the function reading expert
-    e's weight, by the stack's name. `kv_b_proj` stays a float Linear (attention absorbs its matrix), read
-    dequantized."""
+    of expert weights stored per expert, left empty (on meta) for `_fill_expert_stack`: the function reading the
+    experts' buffers (`ExpertBuffer`), by the stack's name. `kv_b_proj` stays a float Linear (attention absorbs its
+    matrix), read dequantized."""
     layers = model.config.num_hidden_layers
     swapped, unfilled = set(), {}
     for name, module in list(model.named_modules()):
         key = layer_key(name, layers)
         replacement: torch.nn.Module | None = None
-        per_expert: dict[str, ExpertWeight] = {}
+        per_expert: dict[str, ExpertBuffer] = {}
         if isinstance(module, RoutedExperts):
             read = _expert_weights_from_reader(reader, key, module)
             if read is not None:
@@ -869,8 +883,7 @@ def stored_float_dtype(directory: str | Path) -> torch.dtype:
     float layers are in it too)."""
     with CheckpointReader(Path(directory), None) as reader:
         name = reader.stored_dtype("model.embed_tokens.weight")
-    dtypes = {stored: dtype for dtype, stored in SAFETENSORS_DTYPES.items()}
-    return dtypes[name]
+    return TORCH_DTYPES[name]
 
 
 def load_pretrained(

@@ -45,6 +45,25 @@ class QuantizedWeight(nn.Module):
     scheme: str
     kernel_dtype: torch.dtype | None = None  # the activation dtype the kernel takes; None: the activations' own
     operand_names: tuple[str, ...] = ()  # the buffers the kernel takes, in its argument order
+    stored_buffers: tuple[str, str]  # the buffers of its codes and of its scales, each built from one stored tensor
+
+    @staticmethod
+    def codes_buffer(q: torch.Tensor) -> torch.Tensor:
+        """The codes buffer holding codes q (..., O, I) as stored unpacked."""
+        return q.contiguous()
+
+    @staticmethod
+    def scale_buffer(scale: torch.Tensor) -> torch.Tensor:
+        """The scales buffer holding scales `scale` as stored."""
+        raise NotImplementedError
+
+    def buffer_from_stored(self, buffer: str, stored: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+        """Buffer `buffer` of a weight in this format, built from the one stored tensor it comes from, as
+        `weight_from_stored` takes it (codes `bits`-bit packed in int32 words, or unpacked; or scales): a stack of
+        experts' buffers built expert by expert as a checkpoint is read."""
+        if buffer == self.stored_buffers[1]:
+            return self.scale_buffer(stored)
+        return self.codes_buffer(unpack_codes(stored, bits or 4) if stored.dtype == torch.int32 else stored)
 
     def bind_operands(self) -> None:
         """Hold the kernel's operands as plain attributes, whole and per expert (views, no copies): a buffer
@@ -99,13 +118,17 @@ class Int8Weight(QuantizedWeight):
 
     scheme = "int8"
     kernel_dtype = COMPUTE_DTYPE
-    operand_names = ("weight", "weight_scale")
+    operand_names = stored_buffers = ("weight", "weight_scale")
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        self.register_buffer("weight", q.contiguous())
-        self.register_buffer("weight_scale", scale.to(SCALE_DTYPE).reshape(q.shape[:-1]).contiguous())
+        self.register_buffer("weight", self.codes_buffer(q))
+        self.register_buffer("weight_scale", self.scale_buffer(scale))
         self.bind_operands()
+
+    @staticmethod
+    def scale_buffer(scale: torch.Tensor) -> torch.Tensor:
+        return scale.to(SCALE_DTYPE).squeeze(-1).contiguous()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> Int8Weight:
@@ -131,18 +154,26 @@ class Int4Weight(QuantizedWeight):
 
     scheme = "int4"
     kernel_dtype = COMPUTE_DTYPE
-    operand_names = ("packed", "scales_and_zeros")
+    operand_names = stored_buffers = ("packed", "scales_and_zeros")
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.group = q.shape[-1] // scale.shape[-1]
-        unsigned = (q.to(torch.int32) + 8).reshape(-1, *q.shape[-2:])
-        packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1) for u in unsigned])
-        scales_and_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1).transpose(-3, -2)  # (..., G, O, 2)
-        self.register_buffer("packed", packed.view(*q.shape[:-1], -1))
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(SCALE_DTYPE).contiguous())
+        self.register_buffer("packed", self.codes_buffer(q))
+        self.register_buffer("scales_and_zeros", self.scale_buffer(scale))
         self._shape = q.shape
         self.bind_operands()
+
+    @staticmethod
+    def codes_buffer(q: torch.Tensor) -> torch.Tensor:
+        unsigned = (q.to(torch.int32) + 8).reshape(-1, *q.shape[-2:])
+        packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1) for u in unsigned])
+        return packed.view(*q.shape[:-1], -1)
+
+    @staticmethod
+    def scale_buffer(scale: torch.Tensor) -> torch.Tensor:
+        scales_and_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1).transpose(-3, -2)  # (..., G, O, 2)
+        return scales_and_zeros.to(SCALE_DTYPE).contiguous()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group: int) -> Int4Weight:
@@ -182,12 +213,17 @@ class Fp8Weight(QuantizedWeight):
     (an expert's [W_gate; W_up]) each have their own blocks, as the checkpoint stores them separately."""
 
     scheme = "fp8"
+    stored_buffers = ("weight", "weight_scale_inv")
 
     def __init__(self, q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], parts: int = 1):
         super().__init__()
-        self.register_buffer("weight", q.contiguous())
-        self.register_buffer("weight_scale_inv", scale_inv.float().contiguous())
+        self.register_buffer("weight", self.codes_buffer(q))
+        self.register_buffer("weight_scale_inv", self.scale_buffer(scale_inv))
         self.block, self.parts = tuple(block), parts
+
+    @staticmethod
+    def scale_buffer(scale: torch.Tensor) -> torch.Tensor:
+        return scale.float().contiguous()
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, block: tuple[int, int], parts: int = 1) -> Fp8Weight:

@@ -573,6 +573,37 @@ def test_a_tensor_of_a_part_placed_on_disk_is_read_from_the_checkpoint_once_per_
         assert torch.equal(experts.gate_up_proj, in_memory.gate_up_proj)
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+def test_a_quantized_expert_stored_per_expert_is_read_once_per_load_into_memory_or_into_its_disk_copy(
+    tmp_path, monkeypatch, scheme
+):
+    from seekstack.checkpoint import CheckpointReader
+
+    model = micro_model(**INT4_TILEABLE)
+    if scheme != "fp8":
+        quantize_model(model, QuantConfig(scheme=scheme))
+    fp8_block = (32, 32) if scheme == "fp8" else None
+    seekstack.save_pretrained(model, tmp_path / "model", fp8_block=fp8_block, stacked_experts=False)
+    reads, read = collections.Counter(), CheckpointReader.read
+
+    def counted(reader, key, *args, **kwargs):
+        reads[key] += 1
+        return read(reader, key, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointReader, "read", counted)
+    offload = offload_while_loading("*=disk", tmp_path / "offload")
+    loaded = {}
+    for where, options in {"memory": {}, "disk": {"offload": offload}}.items():
+        reads.clear()
+        loaded[where] = seekstack.load_pretrained(tmp_path / "model", **options).layers[1].mlp.experts
+        per_expert = {key: count for key, count in reads.items() if ".mlp.experts." in key}
+        layers = {key.rpartition(".")[0] for key in per_expert}
+        assert {"model.layers.1.mlp.experts.0.down_proj", "model.layers.1.mlp.experts.3.up_proj"} <= layers
+        assert set(per_expert.values()) == {1}, (where, per_expert)  # each stored tensor built into its stack once
+    for (name, on_disk), in_memory in zip(loaded["disk"].named_buffers(), loaded["memory"].buffers(), strict=True):
+        assert mapped_file(on_disk) is not None and torch.equal(on_disk, in_memory), name
+
+
 def test_an_adapter_merged_into_parts_placed_on_disk_gives_the_tokens_of_the_merged_model(tmp_path):
     from tests.adapters.support import write_base, write_random_adapter
 
