@@ -406,19 +406,25 @@ def _write_copy(tensor: torch.Tensor, pieces: Callable[[], Iterable[torch.Tensor
     (replacing a copy of that name, which holds the same values), and the other copies of `name` are deleted
     (`_delete_copies`); returns its path. An error the offload folder's storage gives is said in its words
     (`_offload_refusal`)."""
-    digest, unnamed = _digest_of(tensor), f"{name}.bin"
+    digest, unnamed, size, written = _digest_of(tensor), f"{name}.bin", tensor.numel() * tensor.element_size(), 0
     try:
         with staged_files(directory) as staged:
             with staged.path(unnamed).open("wb") as file:
                 for piece in pieces():
                     raw = memoryview(_raw(piece))
                     digest.update(raw)
-                    file.write(raw)
+                    written += file.write(raw)
+            if written != size:  # a copy never whole would be written again and again
+                raise ValueError(
+                    f"{name}: its parts in the checkpoint hold {written:,} B, where the {tuple(tensor.shape)} "
+                    f"{tensor.dtype} tensor the model holds takes {size:,} B: they do not match it (experts stored in "
+                    "different formats or group sizes?)"
+                )
             path = _copy_path(directory, name, digest)
             staged.rename(unnamed, path.name)
         _delete_copies(directory, name, keep=path.name)
     except OSError as error:
-        refusal = _offload_refusal(directory / unnamed, tensor.numel() * tensor.element_size(), error)
+        refusal = _offload_refusal(directory / unnamed, size, error)
         if refusal is None:
             raise
         raise refusal from error

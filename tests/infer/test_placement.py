@@ -630,3 +630,15 @@ def test_an_adapter_merged_into_parts_placed_on_disk_gives_the_tokens_of_the_mer
         key = checkpoint_key(name, model.config.num_hidden_layers)
         source = mapped_file(tensor)
         assert source is not None and (source.name != SINGLE_FILE or torch.equal(stored[key], tensor)), name
+
+
+def test_a_copy_whose_pieces_do_not_fill_its_tensor_is_refused_naming_both_sizes_not_rewritten_for_ever(tmp_path):
+    """Experts stored unlike one another (int4 group sizes) can give a stack fewer bytes than it holds: the copy would
+    never be whole, and `_mapped_copy` wrote it again and again."""
+    from seekstack.infer.placement import _mapped_copy
+
+    stack = torch.empty(2, 4, 8)
+    pieces = lambda: [torch.ones(4, 8), torch.ones(2, 8)]  # noqa: E731 - the second expert stored at half the rows
+    with pytest.raises(ValueError, match=r"experts: its parts in the checkpoint hold 192 B, where the \(2, 4, 8\)"):
+        _mapped_copy(stack, pieces, tmp_path / "offload", "experts")
+    assert not any((tmp_path / "offload").iterdir())  # no copy, no temporary left
