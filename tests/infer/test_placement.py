@@ -548,10 +548,10 @@ def test_disk_parts_are_written_to_their_copies_as_the_checkpoint_is_read_never_
     assert {copy: copy.stat().st_mtime_ns for copy in copies.iterdir()} == written
 
 
-def test_a_tensor_of_a_part_placed_on_disk_is_read_from_the_checkpoint_once_per_load(tmp_path, monkeypatch):
+def counted_reads(monkeypatch) -> collections.Counter:
+    """How many times each checkpoint key is read from here on (CheckpointReader.read counted)."""
     from seekstack.checkpoint import CheckpointReader
 
-    seekstack.save_pretrained(micro_model(), tmp_path / "model")
     reads, read = collections.Counter(), CheckpointReader.read
 
     def counted(reader, key, *args, **kwargs):
@@ -559,6 +559,12 @@ def test_a_tensor_of_a_part_placed_on_disk_is_read_from_the_checkpoint_once_per_
         return read(reader, key, *args, **kwargs)
 
     monkeypatch.setattr(CheckpointReader, "read", counted)
+    return reads
+
+
+def test_a_tensor_of_a_part_placed_on_disk_is_read_from_the_checkpoint_once_per_load(tmp_path, monkeypatch):
+    seekstack.save_pretrained(micro_model(), tmp_path / "model")
+    reads = counted_reads(monkeypatch)
     offload = offload_while_loading("*=cpu,layers.*.mlp.experts=disk", tmp_path / "offload")
     expert = "model.layers.1.mlp.experts.0.gate_proj.weight"  # converted (to bfloat16) and stacked on the way
     loaded = seekstack.load_pretrained(tmp_path / "model", dtype=torch.bfloat16, offload=offload)
@@ -577,20 +583,12 @@ def test_a_tensor_of_a_part_placed_on_disk_is_read_from_the_checkpoint_once_per_
 def test_a_quantized_expert_stored_per_expert_is_read_once_per_load_into_memory_or_into_its_disk_copy(
     tmp_path, monkeypatch, scheme
 ):
-    from seekstack.checkpoint import CheckpointReader
-
     model = micro_model(**INT4_TILEABLE)
     if scheme != "fp8":
         quantize_model(model, QuantConfig(scheme=scheme))
     fp8_block = (32, 32) if scheme == "fp8" else None
     seekstack.save_pretrained(model, tmp_path / "model", fp8_block=fp8_block, stacked_experts=False)
-    reads, read = collections.Counter(), CheckpointReader.read
-
-    def counted(reader, key, *args, **kwargs):
-        reads[key] += 1
-        return read(reader, key, *args, **kwargs)
-
-    monkeypatch.setattr(CheckpointReader, "read", counted)
+    reads = counted_reads(monkeypatch)
     offload = offload_while_loading("*=disk", tmp_path / "offload")
     loaded = {}
     for where, options in {"memory": {}, "disk": {"offload": offload}}.items():
