@@ -248,11 +248,16 @@ def test_a_requests_usage_row_is_written_before_its_rate_limit_charge_is_settled
     assert answer.status_code == 200 and rows_when_settling == [[200]]  # was: [[]], settled first
 
 
-def test_a_request_is_billed_at_the_prices_of_its_plan_when_it_came_whatever_they_become(engine, tmp_path):
+def pro_payer(tmp_path):
+    """A database whose key `payer` (returned) is on plan `pro`: 1 and 3 per 1k prompt and completion tokens."""
     database = open_database(tmp_path / "db")
     store = KeyStore(database)
     store.set_plan("pro", prompt_per_1k=1.0, completion_per_1k=3.0)
-    key = store.create("payer", plan="pro")
+    return database, store, store.create("payer", plan="pro")
+
+
+def test_a_request_is_billed_at_the_prices_of_its_plan_when_it_came_whatever_they_become(engine, tmp_path):
+    database, store, key = pro_payer(tmp_path)
     app = create_app(engine, database)
     add_request = engine.add_request
 
@@ -286,10 +291,7 @@ class QueriesSeen:
 
 
 def test_a_keyed_request_reads_its_plan_with_its_key_and_no_plan_apart(engine, tmp_path):
-    database = open_database(tmp_path / "db")
-    store = KeyStore(database)
-    store.set_plan("pro", prompt_per_1k=1.0, completion_per_1k=3.0)
-    key = store.create("payer", plan="pro")
+    database, _, key = pro_payer(tmp_path)
     app = create_app(engine, database)
     ledger = app.state.server.ledger
     ledger.database = QueriesSeen(database)
