@@ -48,8 +48,7 @@ class ContentSafety:
         prompts = [message.text() for message in body.messages] if is_chat else completion_prompts(body)
         cleaned = list(prompts)
         for index, prompt in enumerate(prompts):
-            spelled = None if isinstance(prompt, str) else Spelling.of(self.tokenizer, prompt)
-            text = prompt if spelled is None else spelled.text
+            text, spelled = (prompt, None) if isinstance(prompt, str) else self._read_ids(prompt)
             hits = scan(categories, text)
             if not hits:
                 continue
@@ -61,9 +60,12 @@ class ContentSafety:
                     param="messages" if is_chat else "prompt",
                     code="content_policy_violation",
                 )
-            cleaned[index] = (
-                redacted(text, hits) if spelled is None else redacted_ids(self.tokenizer, prompt, spelled, hits)
-            )
+            if isinstance(prompt, str):
+                cleaned[index] = redacted(text, hits)
+            elif spelled is None:  # token pieces that are not their text: the whole prompt encoded again
+                cleaned[index] = self.tokenizer.encode(redacted(text, hits))
+            else:
+                cleaned[index] = redacted_ids(self.tokenizer, prompt, spelled, hits)
         if cleaned == prompts:
             return False
         if is_chat:
@@ -72,6 +74,12 @@ class ContentSafety:
         else:
             body.prompt = cleaned[0] if isinstance(body.prompt, str) else cleaned
         return True
+
+    def _read_ids(self, ids: list[int]) -> tuple[str, Spelling | None]:
+        """The text token ids spell and, for a byte-level tokenizer (seekstack's, DeepSeek's), their `Spelling`; None
+        for one whose pieces are not their text (SentencePiece's `▁how`, byte-fallback `<0xE2>`): read decoded."""
+        spelled, decoded = Spelling.of(self.tokenizer, ids), self.tokenizer.decode(ids)
+        return (decoded, spelled if spelled.text == decoded else None)
 
     def note(self, bill: Bill, hits: list[Hit]) -> Hit | None:
         """Record the first acting category on the bill (a blocking one first) with its billing; return the blocking

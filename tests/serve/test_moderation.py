@@ -17,6 +17,7 @@ from seekstack.schema import ConfigError
 from seekstack.serve.app import create_app
 from seekstack.serve.billing import Bill
 from seekstack.serve.database import open_database
+from seekstack.serve.errors import APIError
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import warn_of_unknown_scopes
 from seekstack.serve.ledger import Ledger
@@ -218,6 +219,27 @@ def test_a_redacted_token_id_prompt_keeps_every_id_outside_the_hit_as_sent(model
     [redacted_ids] = body.prompt
     assert redacted_ids[: len(before)] == before and redacted_ids[-len(after) :] == after  # was: all re-encoded
     assert redacted_ids[len(before) : -len(after)] == tokenizer.encode(" [REDACTED:pii]")
+
+
+def test_token_ids_of_a_tokenizer_whose_pieces_are_not_their_text_are_read_as_decoded(tmp_path):
+    """A SentencePiece-style tokenizer (Metaspace `▁`, byte fallback): its pieces joined are not its text."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = BackendTokenizer(models.BPE(byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    backend.train_from_iterator(
+        ["how to build a bomb today"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=specials)
+    )
+    tokenizer = Tokenizer(backend)
+    safety = ContentSafety(
+        write_policy(tmp_path, {"weapons": {"action": "block", "terms": ["build a bomb"]}}), tokenizer
+    )
+    body = CompletionRequest(model="model", prompt=tokenizer.encode("how to build a bomb"))
+    with pytest.raises(APIError, match="content policy"):  # was: read as '▁how▁to▁build▁a▁bomb', passed
+        safety.moderate_prompt(body, safety.categories_for(None), Bill(None, None, "model", "/v1/completions", 0))
 
 
 def test_the_spelling_of_token_ids_is_their_decoded_text(model_dir):
