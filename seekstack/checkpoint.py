@@ -369,16 +369,24 @@ def _fill_expert_stack(
     for a part placed on disk, into its disk copy (`copies`), so that it is never whole in memory."""
     filled = {}
     for buffer, empty in stack.named_buffers():
-        pieces = functools.partial(_expert_buffers, expert_buffer, buffer, len(empty))
+        pieces = functools.partial(_expert_buffers, expert_buffer, name, buffer, empty)
         copy = copies.get(f"{name}.{buffer}")
         filled[buffer] = copy(empty, pieces) if copy is not None else _stacked(pieces(), empty, device)
     stack.fill_buffers(filled)
 
 
-def _expert_buffers(expert_buffer: ExpertBuffer, buffer: str, count: int) -> Iterator[torch.Tensor]:
-    """Buffer `buffer` of each of the `count` experts' weights (`expert_buffer`), one expert at a time."""
-    for e in range(count):
-        yield expert_buffer(buffer, e)
+def _expert_buffers(expert_buffer: ExpertBuffer, name: str, buffer: str, empty: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Buffer `buffer` of each expert's weight (`expert_buffer`), one expert at a time, for the stack `empty` (its
+    first dimension the experts); CheckpointError when an expert's is not of the stack's shape (stored with another
+    group size than expert 0, whose shapes the stack has), which copying would broadcast or refuse unnamed."""
+    for e in range(len(empty)):
+        piece = expert_buffer(buffer, e)
+        if piece.shape != empty.shape[1:]:
+            raise CheckpointError(
+                f"{name}: expert {e}'s {buffer} has shape {tuple(piece.shape)}, expert 0's {tuple(empty.shape[1:])}: "
+                "the experts of a layer must be stored alike (one format, bits and group size)"
+            )
+        yield piece
 
 
 def _stacked(pieces: Iterable[torch.Tensor], empty: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -169,3 +169,26 @@ def test_an_expert_stored_unlike_the_others_is_refused_naming_its_shard_its_key_
     message = load_error(directory, dequantize=False)
     assert message.startswith(f"{shard}: key '{UP}.weight' is stored as {stored}, but "), message
     assert "'model.layers.1.mlp.experts.0.gate_proj.weight' as F8_E4M3" in message
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_experts_of_one_layer_stored_at_other_group_sizes_are_refused_naming_the_expert(tmp_path, where):
+    """Expert 3 re-stored at int4 g64 among g32 experts: its scales were broadcast into the stack (in memory) or its
+    disk copy never filled, and written again for good."""
+    from seekstack.checkpoint import load_pretrained, read_safetensors, save_aligned
+    from seekstack.compress.formats import pack_codes, quantize_int4
+    from seekstack.infer.placement import offload_while_loading
+
+    torch.manual_seed(0)
+    model = Transformer(micro_config(hidden_size=64, moe_intermediate_size=32, intermediate_size=128))
+    quantize_model(model, QuantConfig(scheme="int4", group_size=32))
+    seekstack.save_pretrained(model, tmp_path / "model")
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / "model" / SINGLE_FILE).items()}
+    for projection in ("gate_proj", "up_proj"):
+        codes, scales = quantize_int4(torch.randn(32, 64), 64)
+        key = f"model.layers.1.mlp.experts.3.{projection}"
+        tensors[f"{key}.weight_packed"], tensors[f"{key}.weight_scale"] = pack_codes(codes, 4), scales
+    save_aligned(tensors, tmp_path / "model" / SINGLE_FILE)
+    offload = {"offload": offload_while_loading("*=disk", tmp_path / "offload")} if where == "disk" else {}
+    with pytest.raises(CheckpointError, match=r"experts.gate_up_proj: expert 3's scales_and_zeros has shape"):
+        load_pretrained(tmp_path / "model", **offload)
