@@ -88,6 +88,7 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 BYTE_OF_CHARACTER = _byte_level_alphabet()
+CHARACTER_OF_BYTE = {byte: character for character, byte in BYTE_OF_CHARACTER.items()}
 
 
 def byte_level_bytes(piece: str) -> bytes | None:
@@ -96,6 +97,19 @@ def byte_level_bytes(piece: str) -> bytes | None:
     if any(character not in BYTE_OF_CHARACTER for character in piece):
         return None
     return bytes(BYTE_OF_CHARACTER[character] for character in piece)
+
+
+def _misread_added_tokens(backend: BackendTokenizer) -> dict[int, str]:
+    """Added tokens a ByteLevel decoder misreads -> their text spelled in the byte-level alphabet, which it reads
+    right. The decoder takes a token whose characters are all in the alphabet for byte-level characters (tokenizers
+    issue #1392): an added 'café' decodes to b'caf\\xe9', U+FFFD; 'đem' to '\\x11em'."""
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        return {}
+    return {
+        token_id: "".join(CHARACTER_OF_BYTE[byte] for byte in token.content.encode("utf-8"))
+        for token_id, token in backend.get_added_tokens_decoder().items()
+        if byte_level_bytes(token.content) not in (None, token.content.encode("utf-8"))
+    }
 
 
 class Tokenizer:
@@ -113,6 +127,7 @@ class Tokenizer:
         # own by name, which releases such as DeepSeek-R1-Distill's list with "special": false.
         flagged = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
         self.special_tokens = flagged | {token for token in SPECIAL_TOKENS if backend.token_to_id(token) is not None}
+        self._misread_added = _misread_added_tokens(backend)
 
     @classmethod
     def from_file(cls, path_or_dir: str | os.PathLike) -> Tokenizer:
@@ -189,8 +204,13 @@ class Tokenizer:
         return copy
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`, special tokens kept as their strings."""
-        return self.backend.decode(list(ids), skip_special_tokens=False)
+        """Text of `ids`, special tokens kept as their strings and added tokens as their own text; ids the tokenizer
+        does not have (a model's vocabulary padded past it) give none."""
+        ids = list(ids)
+        if self._misread_added.keys().isdisjoint(ids):
+            return self.backend.decode(ids, skip_special_tokens=False)
+        pieces = [self._misread_added.get(token_id) or self.backend.id_to_token(token_id) for token_id in ids]
+        return self.backend.decoder.decode([piece for piece in pieces if piece is not None])
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The DeepSeek-V3 chat string for `messages` (dicts with `role` and `content`)."""

@@ -107,6 +107,22 @@ def test_special_tokens_are_single_ids_and_never_split(trained):
     assert tokenizer.encode("ab", add_bos=True) == [tokenizer.bos_id, *tokenizer.encode("ab")]
 
 
+def test_added_tokens_decode_to_their_own_text_whole_and_streamed(trained, tmp_path):
+    """The ByteLevel decoder reads an added token whose characters are all byte-level stand-ins as bytes (tokenizers
+    issue #1392: 'café' gave U+FFFD, 'đem' a control character); decode gives each added token's own text."""
+    tokenizer, _ = trained
+    backend = BackendTokenizer.from_str(tokenizer.backend.to_str())
+    backend.add_tokens(["café", "đem", "Ö", "日本", "ascii"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    added = Tokenizer.from_file(tmp_path)
+    text = f"{BOS}un café, đem Ö 日本 ascii 😀{EOS}{USER}é"
+    ids = added.encode(text)
+    assert added.decode(ids) == text
+    assert [added.decode([token_id]) for token_id in added.encode("caféđemÖ")] == ["café", "đem", "Ö"]
+    stream = TextStream(added)
+    assert "".join(stream.push(token_id)[0] for token_id in ids) + stream.flush() == text
+
+
 def test_transformers_loads_files_unchanged_and_encodes_identically(trained):
     tokenizer, out_dir = trained
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out_dir / "tokenizer.json"))
