@@ -209,8 +209,14 @@ class Tokenizer:
         ids = list(ids)
         if self._misread_added.keys().isdisjoint(ids):
             return self.backend.decode(ids, skip_special_tokens=False)
-        pieces = [self._misread_added.get(token_id) or self.backend.id_to_token(token_id) for token_id in ids]
+        pieces = [self.decoder_piece(token_id) for token_id in ids]
         return self.backend.decoder.decode([piece for piece in pieces if piece is not None])
+
+    def decoder_piece(self, token_id: int) -> str | None:
+        """The string the decoder reads for `token_id` (for `byte_level_bytes`): its vocabulary piece, or an added
+        token's text, spelled in the byte-level alphabet where the decoder would misread it; None for an id the
+        tokenizer does not have."""
+        return self._misread_added.get(token_id) or self.backend.id_to_token(token_id)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The DeepSeek-V3 chat string for `messages` (dicts with `role` and `content`)."""

@@ -63,7 +63,7 @@ def drawable(label: str) -> str:
 def token_label(tokenizer: Tokenizer, token_id: int) -> str:
     """A token's text for a label, whitespace shown; bytes that are only part of a character (a byte-level piece of
     你 or an emoji) as their hex values, <e4><bd>, where decoding them alone would give U+FFFD."""
-    piece = tokenizer.backend.id_to_token(token_id)
+    piece = tokenizer.decoder_piece(token_id)
     raw, parts = byte_level_bytes(piece), []
     if piece in tokenizer.special_tokens or raw is None:
         return visible(tokenizer.decode([token_id]))  # a special token, or a tokenizer that is not byte-level

@@ -254,7 +254,7 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
     """The bytes a token stands for, as the byte-level decoder joins them (so part of a UTF-8 character keeps its own
     bytes, not U+FFFD's), or an added token's text in UTF-8; none for an id past the tokenizer's (a model's
     vocabulary padded beyond it, as DeepSeek-V3's)."""
-    piece = tokenizer.backend.id_to_token(token_id)
+    piece = tokenizer.decoder_piece(token_id)
     if piece is None:
         return []
     raw = byte_level_bytes(piece)

@@ -163,6 +163,14 @@ def test_token_labels_show_pieces_of_a_character_as_bytes(checkpoint):
     assert token_label(tokenizer, tokenizer.bos_id) == tokenizer.decode([tokenizer.bos_id])
 
 
+def test_an_added_token_is_labelled_with_its_own_text(checkpoint):
+    """An added 'café' is all byte-level stand-ins: read as a vocabulary piece it was labelled 'caf<e9>'."""
+    backend = Tokenizer.from_file(checkpoint).backend
+    backend.add_tokens(["café", "đem"])
+    tokenizer = Tokenizer(backend)
+    assert [token_label(tokenizer, i) for i in tokenizer.encode("café đem")] == ["café", "␣", "đem"]
+
+
 def test_corpus_routing_of_a_model_without_moe_layers_says_so(checkpoint):
     dense, tokenizer = micro_model(first_k_dense_replace=3), Tokenizer.from_file(checkpoint)
     with pytest.raises(ValueError, match="The model has no MoE layers"):

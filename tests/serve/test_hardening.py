@@ -569,6 +569,20 @@ def test_a_logprob_of_an_id_past_the_tokenizers_has_no_bytes(engine):
     assert token_bytes(engine.tokenizer, letter) == list(b"b")
 
 
+def test_the_logprob_bytes_of_an_added_token_are_its_texts_utf8(engine):
+    """An added 'café' is all byte-level stand-ins: read as a vocabulary piece it spelled b'caf\\xe9', not UTF-8."""
+    from tokenizers import Tokenizer as BackendTokenizer
+
+    from seekstack.serve.protocol import token_bytes
+    from seekstack.tokenizer import Tokenizer
+
+    backend = BackendTokenizer.from_str(engine.tokenizer.backend.to_str())
+    backend.add_tokens(["café", "đem", "日本"])
+    added = Tokenizer(backend)
+    for text in ("café", "đem", "日本"):
+        assert token_bytes(added, backend.token_to_id(text)) == list(text.encode("utf-8"))
+
+
 def test_a_chat_call_without_max_tokens_gets_what_its_keys_minute_has_left(engine, tmp_path):
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("minute", tpm=40)
