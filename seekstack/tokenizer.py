@@ -206,7 +206,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, special tokens kept as their strings and added tokens as their own text; ids the tokenizer
         does not have (a model's vocabulary padded past it) give none."""
-        ids = list(ids)
+        ids = [int(token_id) for token_id in ids]  # numpy or torch scalars hash unlike the ints they equal
         if self._misread_added.keys().isdisjoint(ids):
             return self.backend.decode(ids, skip_special_tokens=False)
         pieces = [self.decoder_piece(token_id) for token_id in ids]

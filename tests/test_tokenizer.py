@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jinja2
 import pytest
+import torch
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models
 
@@ -117,7 +118,7 @@ def test_added_tokens_decode_to_their_own_text_whole_and_streamed(trained, tmp_p
     added = Tokenizer.from_file(tmp_path)
     text = f"{BOS}un café, đem Ö 日本 ascii 😀{EOS}{USER}é"
     ids = added.encode(text)
-    assert added.decode(ids) == text
+    assert added.decode(ids) == added.decode(torch.tensor(ids)) == text
     assert [added.decode([token_id]) for token_id in added.encode("caféđemÖ")] == ["café", "đem", "Ö"]
     stream = TextStream(added)
     assert "".join(stream.push(token_id)[0] for token_id in ids) + stream.flush() == text
