@@ -133,7 +133,8 @@ class Tokenizer:
     def from_file(cls, path_or_dir: str | os.PathLike) -> Tokenizer:
         """Load a `tokenizer.json` (ours or a DeepSeek release's), given the file or its directory.
 
-        FileNotFoundError when there is none, ValueError when it is truncated or damaged; both name the file.
+        FileNotFoundError when there is none, ValueError when it is another JSON file or truncated or damaged; both
+        name the file.
         """
         path = tokenizer_json_path(path_or_dir)
         if not path.is_file():
@@ -144,10 +145,7 @@ class Tokenizer:
         try:
             backend = BackendTokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception
-            raise ValueError(
-                f"{path}: not a valid Hugging Face tokenizer.json ({error}); it is truncated or damaged: "
-                "train or copy it again"
-            ) from None
+            raise ValueError(f"{path}: {_why_not_a_tokenizer(path, error)}") from None
         return cls(backend, source=str(path))
 
     @property
@@ -255,6 +253,22 @@ class Tokenizer:
         if token_id is None:
             raise ValueError(f"tokenizer {self.source} has no special token {token!r}, which seekstack requires")
         return token_id
+
+
+def _why_not_a_tokenizer(path: Path, error: Exception) -> str:
+    """Why the tokenizers library refused `path` (its `error`): another JSON file given for the tokenizer.json (the
+    tokenizer_config.json beside it, a model's config.json), or a tokenizer.json truncated or damaged."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        content = None
+    if isinstance(content, dict) and "model" not in content:
+        fields = ", ".join(repr(key) for key in list(content)[:4]) + (", ..." if len(content) > 4 else "")
+        return (
+            f"a JSON file but not a Hugging Face tokenizer.json: it has no 'model' field (its fields: "
+            f"{fields or 'none'}); give the tokenizer's {TOKENIZER_FILE}, or the folder holding it"
+        )
+    return f"not a valid Hugging Face tokenizer.json ({error}); it is truncated or damaged: train or copy it again"
 
 
 def check_chat_message(position: int, message: object) -> None:

@@ -333,6 +333,19 @@ def test_damaged_tokenizer_file_is_named_with_what_to_do(trained, tmp_path, dama
     assert "truncated or damaged" in message and "--" not in message
 
 
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json"])
+def test_another_json_file_given_for_the_tokenizer_is_named_as_such_not_as_damaged(trained, tmp_path, name):
+    _, out_dir = trained
+    path = tmp_path / name
+    path.write_text((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        Tokenizer.from_file(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: a JSON file but not a Hugging Face tokenizer.json: it has no 'model' field")
+    assert "'tokenizer_class', 'bos_token'" in message and "give the tokenizer's tokenizer.json" in message
+    assert "damaged" not in message
+
+
 @pytest.mark.parametrize(("content", "problem"), [("{", "not valid JSON"), ("[]", "expected a JSON object, got list")])
 def test_a_damaged_tokenizer_config_copied_into_a_model_folder_is_named(tmp_path, content, problem):
     source = tmp_path / "tokenizer_config.json"
