@@ -4,7 +4,8 @@ The model is, in order of preference: `--model DIR`; the newest checkpoint of th
 (runs/demo/train, from `make demo`); or a `tiny` model this script trains itself for `--train-steps`
 steps on the demo token shards (building them first, as `make demo` does, if they are missing).
 
-Both engines load the same checkpoint. Prompts are the openings of held-out documents. Each prompt is
+Both engines load the same checkpoint. Prompts are the openings of held-out documents: the val.jsonl of
+`--corpus`, a `seekstack data build` folder (by default the demo run's). Each prompt is
 decoded greedily by both, the outputs are checked to be token-for-token identical, and timed runs of
 the two alternate (median over repetitions). Every engine runs in `--dtype`, by default the engine's (`auto`:
 bfloat16 where the CPU runs it fast). The `default` rows are an engine with the speculative settings a user
@@ -20,6 +21,7 @@ vocabulary). `accept` is the share of drafted tokens accepted,
 
     python bench/speculative.py                     # trains first if there is no demo checkpoint (~10 min)
     python bench/speculative.py --model runs/demo/train/checkpoints/step_450
+    python bench/speculative.py --model runs/tiny --corpus data/corpus   # prompts from another corpus's val.jsonl
     python bench/speculative.py --prompts 2 --new-tokens 32 --reps 2 --draft-tokens   # quick check, default only
 """
 
@@ -40,6 +42,7 @@ import torch
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.draft_vocab import token_ranking
 from seekstack.infer.params import DTYPES
+from seekstack.tokenizer import Tokenizer
 from seekstack.train.config import TrainConfig
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.trainer import train
@@ -47,6 +50,7 @@ from seekstack.train.trainer import train
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "runs" / "demo"
 OWN_RUN = ROOT / "runs" / "bench_speculative"
+VAL_FILE = "val.jsonl"  # the held-out documents of a `data build` folder
 
 
 def find_or_train_model(train_steps: int) -> Path:
@@ -75,16 +79,19 @@ def find_or_train_model(train_steps: int) -> Path:
     return list_checkpoints(OWN_RUN)[-1]
 
 
-def held_out_prompts(engine: Engine, count: int, length: int) -> list[list[int]]:
-    """The first `length` tokens of the first `count` validation documents long enough to have them."""
+def held_out_prompts(corpus: Path, tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
+    """The first `length` tokens of the first `count` documents of `corpus`/val.jsonl long enough to have them;
+    ValueError naming the file when it has none."""
     prompts = []
-    with open(DEMO / "corpus" / "val.jsonl", encoding="utf-8") as lines:
+    with open(corpus / VAL_FILE, encoding="utf-8") as lines:
         for line in lines:
-            ids = engine.tokenizer.encode(json.loads(line)["text"])
+            ids = tokenizer.encode(json.loads(line)["text"])
             if len(ids) >= length:
                 prompts.append(ids[:length])
             if len(prompts) == count:
                 break
+    if not prompts:
+        raise ValueError(f"{corpus / VAL_FILE} has no document of {length} tokens or more: lower --prompt-len")
     return prompts
 
 
@@ -132,6 +139,9 @@ def depth_acceptance(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: demo run, else train one)")
+    parser.add_argument(
+        "--corpus", type=Path, default=DEMO / "corpus", help="`data build` folder whose val.jsonl gives the prompts"
+    )
     parser.add_argument("--train-steps", type=int, default=600, help="steps when the script trains its own model")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -151,6 +161,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = args.model or find_or_train_model(args.train_steps)
+    if not (args.corpus / VAL_FILE).is_file():
+        parser.error(f"--corpus {args.corpus}: no {VAL_FILE} there, whose held-out documents give the prompts; give a "
+                     "`seekstack data build` folder (make demo builds runs/demo/corpus)")  # fmt: skip
     default = EngineOptions(speculative=True, max_batch_size=max(args.batches), compile=args.compile, dtype=args.dtype)
     dtype_name, why = default.resolved_dtype(model_dir)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}, {dtype_name} ({why})")
@@ -165,7 +178,10 @@ def main() -> None:
             model_dir, max_batch_size=max(args.batches), speculative=True, draft_tokens=k, adaptive_drafts=False,
             compile=args.compile, dtype=dtype,
         )  # fmt: skip
-    prompts = held_out_prompts(plain, args.prompts * max(args.batches), args.prompt_len)
+    try:
+        prompts = held_out_prompts(args.corpus, plain.tokenizer, args.prompts * max(args.batches), args.prompt_len)
+    except ValueError as error:
+        parser.error(str(error))
     decode = "compiled" if args.compile else "eager"
     groups = {}  # `--prompts` full groups of each batch size while the held-out documents last (one at least)
     for batch in args.batches:

@@ -1,0 +1,42 @@
+"""bench/speculative.py's prompts: the openings of a corpus's held-out documents, from the corpus it is given."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.speculative import held_out_prompts
+from tests.infer.support import tiny_tokenizer
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "speculative.py"
+
+
+def write_corpus(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir()
+    rows = "".join(json.dumps({"id": str(i), "text": text}) + "\n" for i, text in enumerate(texts))
+    (folder / "val.jsonl").write_text(rows, encoding="utf-8")
+    return folder
+
+
+def test_prompts_are_the_openings_of_the_held_out_documents_long_enough(tmp_path):
+    tokenizer = tiny_tokenizer(tmp_path / "tokenizer")
+    texts = ["x", "def main():\n    return os.path.join(a, b)\n", "import sys\nprint(sys.argv[1:])\n"]
+    corpus = write_corpus(tmp_path / "corpus", texts)
+    prompts = held_out_prompts(corpus, tokenizer, count=2, length=4)
+    assert prompts == [tokenizer.encode(text)[:4] for text in texts[1:]]
+    with pytest.raises(ValueError, match=r"val\.jsonl has no document of 400 tokens or more: lower --prompt-len"):
+        held_out_prompts(corpus, tokenizer, count=2, length=400)
+
+
+def test_a_corpus_without_held_out_documents_is_refused_naming_the_option(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(tmp_path / "model"), "--corpus", str(empty)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2
+    assert f"--corpus {empty}: no val.jsonl there" in run.stderr
