@@ -33,19 +33,27 @@ class TextStream:
         if token_id in self.skipped_ids or not self.enabled:
             return "", False
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(full) > len(self.prefix_text) and not full.endswith(REPLACEMENT):
-            self.prefix_text = full[len(self.prefix_text) :]  # = the text of ids[read_offset:], now the prefix
-            self.text += self.prefix_text
+        new_text = self._new_text()
+        if new_text and not new_text.endswith(REPLACEMENT):
+            self.text += new_text
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            # Decoded alone, as the next token's decode reads it: a decoder need not spell a token first as it did
+            # after others (SentencePiece's drops a first ▁, a tokenizer without one joins tokens with spaces).
+            self.prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset :])
         return self._release()
+
+    def _new_text(self) -> str:
+        """The text ids[read_offset:] add after the prefix's, decoded in its context (bytes of one character may
+        be split between tokens)."""
+        return self.tokenizer.decode(self.ids[self.prefix_offset :])[len(self.prefix_text) :]
 
     def flush(self) -> str:
         """At the end without a stop string: everything not yet shown, incomplete bytes as U+FFFD."""
         if not self.enabled:
             return ""
-        self.text += self.tokenizer.decode(self.ids[self.read_offset :])
-        self.read_offset = len(self.ids)
+        self.text += self._new_text()
+        self.prefix_offset = self.read_offset = len(self.ids)
+        self.prefix_text = ""
         out, self.released = self.text[self.released :], len(self.text)
         return out
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, SeededUniforms, token_logprobs
 from seekstack.infer.speculative import accept_drafts, verify_drafts
+from seekstack.tokenizer import BOS, EOS, Tokenizer
 
 
 def batch_of(*params: SamplingParams, penalties=None) -> SamplingBatch:
@@ -187,6 +190,32 @@ def test_streamed_text_is_always_valid_utf8_for_emoji_and_cjk(tokenizer):
     pieces = [stream.push(token)[0] for token in ids]
     assert all("\ufffd" not in piece for piece in pieces)
     assert "".join(pieces) + stream.flush() == text
+
+
+def sentencepiece_like_tokenizer(decoder: decoders.Decoder | None) -> Tokenizer:
+    """Words as single tokens with SentencePiece's ▁ for a space, read back by `decoder` (None: the tokenizers library
+    joins tokens with spaces)."""
+    vocab = {"▁": 0, "▁hello": 1, "▁world": 2, "▁foo": 3, "▁bar": 4}
+    backend = BackendTokenizer(models.WordLevel(vocab=vocab, unk_token="▁"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    if decoder is not None:
+        backend.decoder = decoder
+    backend.add_special_tokens([BOS, EOS])
+    return Tokenizer(backend)
+
+
+@pytest.mark.parametrize(
+    ("decoder", "text"),
+    [(decoders.Metaspace(), "hello world foo bar hello"), (None, "▁hello ▁world ▁foo ▁bar ▁hello")],
+    ids=["metaspace", "none"],
+)
+def test_streamed_text_is_the_whole_decode_for_a_decoder_that_spells_a_first_token_apart(decoder, text):
+    """A decoder that drops a first token's ▁ (or joins tokens with spaces) spells a token alone otherwise than after
+    others: the stream lost the space before every token after the second ('hello worldfoo')."""
+    tokenizer = sentencepiece_like_tokenizer(decoder)
+    ids = tokenizer.encode("hello world foo bar hello")
+    stream = TextStream(tokenizer)
+    assert "".join(stream.push(token)[0] for token in ids) + stream.flush() == tokenizer.decode(ids) == text
 
 
 def test_text_that_may_start_a_stop_string_is_held_back_until_decided(tokenizer):
