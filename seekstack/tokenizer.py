@@ -319,9 +319,16 @@ def train_tokenizer(
     """Train a byte-level BPE on `texts`; write `tokenizer.json` and `tokenizer_config.json` to `out_path`.
 
     `out_path` is the directory, or the `tokenizer.json` path inside it; a `vocab_size` outside
-    [SMALLEST_VOCAB, LARGEST_VOCAB] is a ConfigError, raised before `texts` is read.
+    [SMALLEST_VOCAB, LARGEST_VOCAB] is a ConfigError and a `.json` path of another name a ValueError, both raised
+    before `texts` is read.
     """
     check_vocab_size(vocab_size)
+    path = tokenizer_json_path(out_path)
+    if path.name != TOKENIZER_FILE:
+        raise ValueError(
+            f"{out_path}: a tokenizer is written as {TOKENIZER_FILE}, the name transformers loads from its folder; "
+            f"give the folder ({path.parent}) or {path.parent / TOKENIZER_FILE}"
+        )
     backend = BackendTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
@@ -334,7 +341,6 @@ def train_tokenizer(
     )
     backend.train_from_iterator(texts, trainer=trainer)
 
-    path = tokenizer_json_path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -361,6 +361,21 @@ def test_too_small_vocab_is_rejected(tmp_path):
         train_tokenizer(["abc"], vocab_size=100, out_path=tmp_path)
 
 
+def test_a_json_path_not_named_tokenizer_json_is_refused_before_the_texts_are_read(tmp_path):
+    """Written as my.json, a tokenizer's folder was no tokenizer transformers loads, and the same command run again
+    was refused for the my.json it had written."""
+
+    def texts():
+        raise AssertionError("the texts were read")
+        yield
+
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'tok' / 'my.json'}: a tokenizer is written as tokenizer.json"):
+        train_tokenizer(texts(), vocab_size=300, out_path=tmp_path / "tok" / "my.json")
+    assert not (tmp_path / "tok").exists()
+    train_tokenizer(["abc abd"], vocab_size=300, out_path=tmp_path / "tok" / "tokenizer.json")
+    assert sorted(path.name for path in (tmp_path / "tok").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+
+
 @pytest.mark.parametrize("vocab_size", [2**20 + 1, 2**64])  # 2**64: an OverflowError from the trainer
 def test_a_vocab_larger_than_any_model_uses_is_refused_before_the_texts_are_read(tmp_path, vocab_size):
     def texts():
