@@ -163,24 +163,21 @@ class Tokenizer:
         surrogate: how Python keeps bytes that were not UTF-8 (in arguments, pipes), which no tokenizer can take."""
         try:
             ids = self.backend.encode(text, add_special_tokens=False).ids
-        except TypeError:
-            surrogate = next((char for char in text if 0xD800 <= ord(char) <= 0xDFFF), None)
-            if surrogate is None:
-                raise
-            raise ValueError(
-                f"the text is not valid UTF-8: it holds {surrogate!r}, a byte that was not UTF-8 or half a character "
-                "UTF-8 cannot hold"
-            ) from None
+        except TypeError as error:
+            raise _lone_surrogate_error([text], "the text") or error from None
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
         """Token ids of many documents (corpus text) at once, in parallel threads. Unlike `encode`, a special-token
         string in them is encoded as the plain text it is: a document quoting `<｜end▁of▁sentence｜>` or
-        `<｜User｜>` gets no false document boundary or chat turn in the training data."""
+        `<｜User｜>` gets no false document boundary or chat turn in the training data. ValueError naming the
+        document (its position in `texts`) that holds a lone surrogate, as `encode`."""
         backend = self._corpus_backend
         backend.encode_special_tokens = True
         try:
             encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+        except TypeError as error:
+            raise _lone_surrogate_error(texts, f"document {{}} of the {len(texts)} given") or error from None
         finally:
             backend.encode_special_tokens = False
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
@@ -253,6 +250,21 @@ class Tokenizer:
         if token_id is None:
             raise ValueError(f"tokenizer {self.source} has no special token {token!r}, which seekstack requires")
         return token_id
+
+
+def _lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:
+    """A ValueError for the first of `texts` holding a lone surrogate (`which` names it; {} is its position from 1),
+    or None when none does: how Python keeps bytes that were not UTF-8 (in arguments, pipes), which no tokenizer can
+    take."""
+    for position, text in enumerate(texts, start=1):
+        characters = text if isinstance(text, str) else ""  # not text at all: the library's TypeError says so
+        surrogate = next((char for char in characters if 0xD800 <= ord(char) <= 0xDFFF), None)
+        if surrogate is not None:
+            return ValueError(
+                f"{which.format(position)} is not valid UTF-8: it holds {surrogate!r}, a byte that was not UTF-8 or "
+                "half a character UTF-8 cannot hold"
+            )
+    return None
 
 
 def _why_not_a_tokenizer(path: Path, error: Exception) -> str:

@@ -190,10 +190,14 @@ def corpus_routing(
 ) -> list[dict[str, Any]]:
     """Routing statistics of every MoE layer over the first `max_tokens` tokens of `texts`, cut in windows of
     `window` tokens (each its own sequence); one JSON-ready dict per layer. ValueError for a model without MoE
-    layers, which routes nothing, and for texts (read from `source`) of which none fills a window."""
+    layers, which routes nothing, and for texts (read from `source`) of which none fills a window or one is not
+    UTF-8."""
     if not model.config.moe_layer_count:
         raise ValueError(f"{NO_MOE_LAYERS} Routing statistics need routed experts; explain a text for its attention")
-    texts_ids = tokenizer.encode_batch(texts)
+    try:
+        texts_ids = tokenizer.encode_batch(texts)
+    except ValueError as error:  # a document holding a lone surrogate
+        raise ValueError(f"{source}: {error}") from None
     rows = _token_windows(texts_ids, window, max_tokens)
     if not rows:
         longest = max(map(len, texts_ids), default=0)

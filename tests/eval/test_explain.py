@@ -191,6 +191,12 @@ def test_corpus_routing_without_a_whole_window_names_the_source_and_the_window(c
         corpus_routing(model, tokenizer, ["x = 1\n", CODE], source="corpus/val.jsonl")
 
 
+def test_corpus_routing_names_the_source_and_document_that_is_not_utf8(checkpoint):
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+    with pytest.raises(ValueError, match=r"^corpus/val.jsonl: document 2 of the 2 given is not valid UTF-8"):
+        corpus_routing(model, tokenizer, [CODE * 20, "half \ud83d an emoji"], source="corpus/val.jsonl")
+
+
 def test_explain_refuses_the_3d_attention_variant_whose_output_the_maps_do_not_give(checkpoint, tmp_path):
     variant, tokenizer = micro_model(attention_variant="3d"), Tokenizer.from_file(checkpoint)
     with pytest.raises(ValueError, match="attention_variant='3d' is a training ablation .* channel gate"):
