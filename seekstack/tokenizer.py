@@ -32,6 +32,7 @@ ASSISTANT = "<｜Assistant｜>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4 in a trained tokenizer; BOS/EOS/PAD as in DeepSeek-V3
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
 CHAT_ROLES = ("system", "user", "assistant")
 SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
 # 4x the largest vocabulary of a released model (Gemma 3's 262,144; DeepSeek-V3 has 129,280): ids far below what
@@ -295,7 +296,8 @@ def check_chat_message(position: int, message: object) -> None:
 
 def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:
     """Copy the tokenizer_config.json `source` into the model folder `folder` with `model_max_length` the model's
-    context: the length transformers' `truncation=True` cuts at. ValueError naming `source` when it is no JSON
+    context: the length transformers' `truncation=True` cuts at, and the chat template that transformers (5) saves
+    beside it in chat_template.jinja, where it has none of its own. ValueError naming `source` when it is no JSON
     object."""
     try:
         config = json.loads(Path(source).read_text(encoding="utf-8"))
@@ -306,6 +308,9 @@ def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, 
     if not isinstance(config, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
     config["model_max_length"] = model_max_length
+    template_file = Path(source).parent / CHAT_TEMPLATE_FILE
+    if "chat_template" not in config and template_file.is_file():
+        config["chat_template"] = template_file.read_text(encoding="utf-8")
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
 
 

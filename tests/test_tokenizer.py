@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -354,6 +355,20 @@ def test_another_json_file_given_for_the_tokenizer_is_named_as_such_not_as_damag
     assert message.startswith(f"{path}: a JSON file but not a Hugging Face tokenizer.json: it has no 'model' field")
     assert "'tokenizer_class', 'bos_token'" in message and "give the tokenizer's tokenizer.json" in message
     assert "damaged" not in message
+
+
+def test_a_tokenizer_saved_by_transformers_keeps_its_chat_template_in_a_model_folder(auto_tokenizer, tmp_path):
+    """transformers 5 saves the template in chat_template.jinja, not in tokenizer_config.json: a checkpoint that
+    copied the config alone had no chat template ('Cannot use chat template functions ...')."""
+    auto_tokenizer.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "chat_template.jinja").is_file()
+    (tmp_path / "model").mkdir()
+    shutil.copyfile(tmp_path / "saved" / "tokenizer.json", tmp_path / "model" / "tokenizer.json")
+    copy_tokenizer_config(tmp_path / "saved" / "tokenizer_config.json", tmp_path / "model", 256)
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    rendered = reloaded.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert rendered == auto_tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert reloaded.model_max_length == 256
 
 
 @pytest.mark.parametrize(("content", "problem"), [("{", "not valid JSON"), ("[]", "expected a JSON object, got list")])
