@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +122,32 @@ def broadcast_text(text: str, ranks: Ranks) -> str:
     box = [text]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextlib.contextmanager
+def interrupts_agreed(ranks: Ranks) -> Iterator[Callable[[], None]]:
+    """Ctrl-C of a run on several ranks, taken by all of them at the same point. Each rank is reached at another
+    place of its step (torchrun passes SIGINT on to every rank; a terminal reaches only its own machine's), and the
+    checkpoint an interrupt saves runs collectives that would meet another rank's step's: the ranks would wait on
+    each other until torchrun kills them, with nothing saved. So inside the block SIGINT only marks this rank, and
+    the yielded check, which every rank calls at the same point (a step's start), raises KeyboardInterrupt on all of
+    them once any was marked. In one process, or outside the main thread, Ctrl-C raises where it lands and the check
+    does nothing."""
+    if not ranks.distributed or threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    marked: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: marked.append(signum))
+
+    def stop_if_interrupted() -> None:
+        anywhere = all_reduce_sum(torch.tensor([len(marked)], device=ranks.device), ranks)
+        if anywhere.item():
+            raise KeyboardInterrupt
+
+    try:
+        yield stop_if_interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -415,31 +415,37 @@ class _Run:
     def run(self, resumable: bool = True) -> TrainResult:
         result = TrainResult(self.step, checkpoint=self.resumed_from)  # a finished run resumed trains nothing
         started, first_step = time.perf_counter(), self.step
-        try:
-            self._evaluate_pending()  # a run interrupted during its last step's evaluation runs it first
-            while self.step < self.config.max_steps:
-                self.step_start = self.data.state_dict(), rng_state()
-                with self.threads.step(self.step):
-                    metrics = self.train_step()  # counts the step once its update is made
-                result.losses.append(metrics["loss"])
-                elapsed = time.perf_counter() - started
-                eta = elapsed / (self.step - first_step) * (self.config.max_steps - self.step)
-                self._progress(metrics, eta)
-                self._evaluate_pending()
-                if self.config.save_every and self.step % self.config.save_every == 0 or self.is_last_step:
+        with distributed.interrupts_agreed(self.ranks) as stop_if_interrupted:
+            try:
+                self._evaluate_pending()  # a run interrupted during its last step's evaluation runs it first
+                while self.step < self.config.max_steps:
+                    stop_if_interrupted()  # several ranks: all stop here once Ctrl-C reached any of them
+                    self._train_one_step(result, started, first_step)
+            except KeyboardInterrupt:
+                if not resumable:
+                    raise
+                if self.step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
+                    self.data.load_state_dict(self.step_start[0])
+                    set_rng_state(self.step_start[1])
+                with interrupts_deferred():  # a second Ctrl-C does not throw away the checkpoint being saved
                     result.checkpoint = self.save()
-        except KeyboardInterrupt:
-            if not resumable:
+                    self._say(f"\ninterrupted: saved {result.checkpoint}; continue with --resume")
                 raise
-            if self.step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
-                self.data.load_state_dict(self.step_start[0])
-                set_rng_state(self.step_start[1])
-            with interrupts_deferred():  # a second Ctrl-C does not throw away the checkpoint being saved
-                result.checkpoint = self.save()
-                self._say(f"\ninterrupted: saved {result.checkpoint}; continue with --resume")
-            raise
         result.step = self.step
         return result
+
+    def _train_one_step(self, result: TrainResult, started: float, first_step: int) -> None:
+        """A step, its progress line, the evaluation and the checkpoint due after it."""
+        self.step_start = self.data.state_dict(), rng_state()
+        with self.threads.step(self.step):
+            metrics = self.train_step()  # counts the step once its update is made
+        result.losses.append(metrics["loss"])
+        elapsed = time.perf_counter() - started
+        eta = elapsed / (self.step - first_step) * (self.config.max_steps - self.step)
+        self._progress(metrics, eta)
+        self._evaluate_pending()
+        if self.config.save_every and self.step % self.config.save_every == 0 or self.is_last_step:
+            result.checkpoint = self.save()
 
     def _evaluate_pending(self) -> None:
         """The evaluation of the step just done, when one is due; a checkpoint saved on Ctrl-C during it says it is

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,9 +51,10 @@ def train_on_two_ranks(config, resume=False) -> None:
     mp.spawn(_train_rank, args=(2, free_port(), config, resume), nprocs=2, join=True)
 
 
-def train_on_two_ranks_within(seconds: float, config) -> None:
-    """`train_on_two_ranks`, failing the test instead of waiting forever when the ranks hang."""
-    context = mp.spawn(_train_rank, args=(2, free_port(), config, False), nprocs=2, join=False)
+def train_on_two_ranks_within(seconds: float, config, rank_main=_train_rank) -> None:
+    """`train_on_two_ranks` (each rank running `rank_main`), failing the test instead of waiting forever when the
+    ranks hang."""
+    context = mp.spawn(rank_main, args=(2, free_port(), config, False), nprocs=2, join=False)
     deadline = time.monotonic() + seconds
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -426,3 +428,32 @@ def test_a_run_with_compressed_gradients_resumes_exactly_at_the_same_number_of_r
     train_on_two_ranks(run_config(data_dir, tmp_path / "three_ranks", **steps), resume=True)
     warning = f"holds the compression state of 3 ranks, not 2; grad_compression={scheme} starts afresh"
     assert capfd.readouterr().err.count(warning) == 1  # from rank 0
+
+
+def _train_rank_ctrl_c_on_rank_0_in_step_3(rank: int, world_size: int, port: int, config, resume) -> None:
+    """A rank of a run whose rank 0 alone gets Ctrl-C at the start of the third step, before its collectives."""
+    from seekstack.train import trainer
+
+    train_step = trainer._Run.train_step
+
+    def interrupted_step(self):
+        if rank == 0 and self.step == 2:
+            signal.raise_signal(signal.SIGINT)
+        return train_step(self)
+
+    trainer._Run.train_step = interrupted_step
+    _train_rank(rank, world_size, port, config, resume)
+
+
+def test_ctrl_c_reaching_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint_that_resumes_exactly(
+    data_dir,  # noqa: F811
+    tmp_path,
+):
+    steps = dict(max_steps=5, eval_every=0, save_every=0)
+    single = train(run_config(data_dir, tmp_path / "one", **steps))
+    train_on_two_ranks_within(
+        120, run_config(data_dir, tmp_path / "cut", **steps), _train_rank_ctrl_c_on_rank_0_in_step_3
+    )
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_3"]  # the step it reached was finished
+    train_on_two_ranks(run_config(data_dir, tmp_path / "cut", **steps), resume=True)
+    assert losses(tmp_path / "cut") == pytest.approx(single.losses, abs=1e-5)
