@@ -3,17 +3,21 @@
 Ctrl-C during a reply stops it: the engine request is aborted (its cache blocks freed) and the reply joins the
 history as far as it was shown, so that what the model sees next is what the user saw; a reply stopped before
 any text leaves neither turn behind. Ctrl-C or end of input at the prompt ends the chat.
+
+A reply ends at any special token (the end of sentence, a `<｜User｜>` opening the next turn the model writes for the
+user, as Ollama's DeepSeek templates stop): the history never holds one, which the chat template refuses in a message.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.tokenizer import CONFIG_FILE
+from seekstack.tokenizer import CONFIG_FILE, Tokenizer
 from seekstack.train.config import CONFIG_FILE as RUN_CONFIG_FILE
 from seekstack.train.runs import TRAIN_STATE_FILE
 
@@ -32,7 +36,7 @@ class ChatSession:
         system: str | None = None,
         notify: Callable[[str], None] | None = None,
     ):
-        self.engine, self.params = engine, params
+        self.engine, self.params = engine, ending_at_special_tokens(params, engine.tokenizer)
         self.set_system(system)
         self.notify = notify
         self.turns: list[dict] = []
@@ -95,6 +99,12 @@ class ChatSession:
             )
         self.turns = turns
         return prompt
+
+
+def ending_at_special_tokens(params: SamplingParams, tokenizer: Tokenizer) -> SamplingParams:
+    """`params` that also stop at each of the tokenizer's special tokens, those a chat message may not hold."""
+    special_ids = sorted(tokenizer.backend.token_to_id(token) for token in tokenizer.special_tokens)
+    return dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, *special_ids))
 
 
 def run_chat(

@@ -502,6 +502,20 @@ def test_each_reply_ends_its_line_once(engine):
     assert "".join(terminal.shown) == "ab\nc\n\n"
 
 
+def test_a_reply_ends_at_a_special_token_the_model_writes_and_the_next_message_is_answered(engine):
+    writes_user_turn = {engine.tokenizer.backend.token_to_id(USER): 100.0}  # the model opens a turn of the user's
+    session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, logit_bias=writes_user_turn))
+    terminal = Terminal(engine, ["hello", "again"])
+    run_chat(session, terminal.read_line, terminal.write)
+    assert terminal.shown == ["", "\n", "", "\n"]  # no "error: chat message 1 content contains the special token"
+    assert session.turns == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": ""},
+    ]
+
+
 def test_a_system_prompt_holding_a_special_token_is_refused_and_changes_nothing(engine):
     session = ChatSession(engine, SamplingParams(max_new_tokens=3), system="Be brief.")
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
