@@ -104,7 +104,8 @@ class DistillModel(nn.Module):
         config = self.settings
         warm = self.micro_batches // config.grad_accum_steps >= config.on_policy_after
         self.micro_batches += 1
-        if self.generations is not None and warm and torch.rand(()) < config.lmbda:
+        on_policy = self.generations is not None and warm and bool(torch.rand(()) < config.lmbda)
+        if on_policy:
             rows, labels, compared, counted = self.generations(rows, labels)
         else:
             compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens
@@ -115,7 +116,7 @@ class DistillModel(nn.Module):
             out = dataclasses.replace(out, lm_loss=None)
         if config.kd_weight == 0 and not self.projections.layer_map or not compared.any():
             return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher, or nothing to compare it on
-        teacher = self.teacher.score(rows, compared, self.projections.teacher_layers)
+        teacher = self.teacher.score(rows, compared, self.projections.teacher_layers, generated=on_policy)
         real = slice(self.tokenizer_vocab)  # the tokenizer's ids: a padded vocab's extra logits left out
         kd = logit_distillation(
             student_logits(compared)[:, real], teacher.logits[:, real], config.beta, config.temperature

@@ -72,9 +72,10 @@ class TeacherScores:
 
 
 class TopKCache:
-    """Top-k teacher log-probabilities of whole corpus batches on disk, one file per batch named by a hash of its
-    tokens. A cached distribution is the k log-probabilities with the rest of the mass spread evenly over the other
-    tokens, so that every divergence (forward, reverse, JSD) is defined on it."""
+    """Top-k teacher log-probabilities of the compared positions of corpus and conversation batches on disk, one file
+    per batch named by a hash of its tokens (and of its compared positions, unless it compares every one, as a corpus
+    batch does). A cached distribution is the k log-probabilities with the rest of the mass spread evenly over the
+    other tokens, so that every divergence (forward, reverse, JSD) is defined on it."""
 
     def __init__(self, folder: str | Path, top_k: int, teacher_dir: str | Path):
         self.folder, self.top_k = Path(folder), top_k
@@ -88,13 +89,16 @@ class TopKCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(info_path, json.dumps(info) + "\n")
 
-    def _path(self, rows: torch.Tensor) -> Path:
-        digest = hashlib.sha256(rows.cpu().numpy().tobytes() + str(tuple(rows.shape)).encode()).hexdigest()
-        return self.folder / f"{digest[:32]}.pt"
+    def _path(self, rows: torch.Tensor, compared: torch.Tensor) -> Path:
+        key = rows.cpu().numpy().tobytes() + str(tuple(rows.shape)).encode()
+        if not compared.all():  # a conversation batch: its labels, not its tokens alone, choose the positions
+            key += compared.cpu().numpy().tobytes()
+        return self.folder / f"{hashlib.sha256(key).hexdigest()[:32]}.pt"
 
-    def read(self, rows: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-        """The cached (N, V) log-probabilities of every position of `rows` (B, T), or None when not cached."""
-        path = self._path(rows)
+    def read(self, rows: torch.Tensor, compared: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+        """The cached (N, V) log-probabilities of the positions of `rows` (B, T) that `compared` (B, T - 1) selects,
+        or None when not cached."""
+        path = self._path(rows, compared)
         if not path.is_file():
             return None
         stored = torch.load(path, map_location=rows.device)
@@ -103,11 +107,11 @@ class TopKCache:
         spread = (tail_mass / (vocab_size - self.top_k)).log()  # (N, 1): each token outside the top k
         return spread.expand(-1, vocab_size).scatter(1, indices, values)
 
-    def write(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
-        """Store the top-k log-probabilities of (N, V) `logits` at every position of `rows`."""
+    def write(self, rows: torch.Tensor, compared: torch.Tensor, logits: torch.Tensor) -> None:
+        """Store the top-k log-probabilities of (N, V) `logits` at the positions of `rows` that `compared` selects."""
         values, indices = logits.float().log_softmax(-1).topk(self.top_k, dim=-1)
         stored = {"log_probs": values.to(torch.float16).cpu(), "indices": indices.to(torch.int32).cpu()}
-        write_atomic(self._path(rows), lambda path: torch.save(stored, path))
+        write_atomic(self._path(rows, compared), lambda path: torch.save(stored, path))
 
 
 class Teacher:
@@ -120,12 +124,15 @@ class Teacher:
         self.cache = cache
 
     @torch.no_grad()
-    def score(self, rows: torch.Tensor, compared: torch.Tensor, layer_ids: list[int]) -> TeacherScores:
-        """Logits at the positions `compared` (B, T - 1) selects, and the outputs of layers `layer_ids`; a corpus
-        batch (every position compared) comes from the cache when it holds it, and goes into it otherwise."""
-        cacheable = self.cache is not None and not layer_ids and bool(compared.all())
+    def score(
+        self, rows: torch.Tensor, compared: torch.Tensor, layer_ids: list[int], generated: bool = False
+    ) -> TeacherScores:
+        """Logits at the positions `compared` (B, T - 1) selects, and the outputs of layers `layer_ids`; a batch of
+        the data (not `generated` by the student, whose rows differ every time) comes from the cache when it holds
+        it, and goes into it otherwise."""
+        cacheable = self.cache is not None and not layer_ids and not generated
         if cacheable:
-            cached = self.cache.read(rows, self.model.config.vocab_size)
+            cached = self.cache.read(rows, compared, self.model.config.vocab_size)
             if cached is not None:
                 return TeacherScores(cached)
         with layer_outputs(self.model, layer_ids) as states:
@@ -134,6 +141,6 @@ class Teacher:
             hidden = self.model(rows, logits_at=torch.zeros(B, dtype=torch.long, device=rows.device)).hidden_states
         logits = self.model.lm_head(hidden[:, :-1][compared])
         if cacheable:  # from the cache from the first run on, so that a rerun trains on the same distributions
-            self.cache.write(rows, logits)
-            return TeacherScores(self.cache.read(rows, self.model.config.vocab_size))
+            self.cache.write(rows, compared, logits)
+            return TeacherScores(self.cache.read(rows, compared, self.model.config.vocab_size))
         return TeacherScores(logits, dict(states))

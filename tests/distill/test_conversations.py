@@ -16,7 +16,7 @@ from seekstack.distill.losses import kl_divergence
 from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations, conversation_prompts, generated_positions
 from seekstack.distill.run import run_distill
-from seekstack.distill.teacher import Teacher, layer_outputs
+from seekstack.distill.teacher import Teacher, TopKCache, layer_outputs
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.sft import SFTSource
@@ -132,6 +132,31 @@ def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_4")
     resumed = run_distill(conversation_config(workspace, tmp_path / "cut", **changes), resume=True)
     assert resumed.losses == whole.losses[2:]  # bit for bit, on-policy from the first resumed step
+
+
+def test_teacher_cache_serves_conversation_batches_on_a_rerun_and_keeps_on_policy_answers_out(workspace, tmp_path):
+    cache = tmp_path / "cache"
+    first = run_distill(conversation_config(workspace, tmp_path / "first", teacher_cache=str(cache), cache_top_k=16))
+    cached = sorted(cache.glob("*.pt"))
+    assert len(cached) == 4  # one per step's batch of reference answers (was: none, the option ignored)
+    rerun = run_distill(conversation_config(workspace, tmp_path / "rerun", teacher_cache=str(cache), cache_top_k=16))
+    assert sorted(cache.glob("*.pt")) == cached and rerun.losses == first.losses  # read back, not scored again
+    changes = dict(teacher_cache=str(tmp_path / "on_policy_cache"), lmbda=1.0, on_policy_after=2, max_steps=3)
+    run_distill(conversation_config(workspace, tmp_path / "on_policy", **changes))
+    assert len(list((tmp_path / "on_policy_cache").glob("*.pt"))) == 2  # the student's own answers differ every time
+
+
+def test_teacher_cache_keys_a_conversation_batch_by_its_compared_positions_too(workspace, tmp_path):
+    teacher = Teacher(workspace["teacher"], "float32", torch.device("cpu"), TopKCache(tmp_path / "cache", 16, "t"))
+    rows = torch.randint(0, VOCAB, (2, 9))
+    answer, longer_answer = torch.zeros(2, 8, dtype=torch.bool), torch.zeros(2, 8, dtype=torch.bool)
+    answer[:, 5:], longer_answer[:, 3:] = True, True  # the same tokens with an earlier turn of weight 1
+    first = teacher.score(rows, answer, []).logits
+    assert first.shape == (6, VOCAB) and teacher.score(rows, longer_answer, []).logits.shape == (10, VOCAB)
+    exact = teacher.model(rows).logits[:, :-1][answer].log_softmax(-1).topk(16, dim=-1)
+    torch.testing.assert_close(first.gather(1, exact.indices), exact.values, atol=1e-2, rtol=0)
+    teacher.model.forward = None  # the teacher must not run again
+    torch.testing.assert_close(teacher.score(rows, answer, []).logits, first)
 
 
 def test_on_policy_distillation_trains_on_past_conversations_whose_prompt_fills_seq_len(workspace, tmp_path, capsys):

@@ -131,11 +131,11 @@ def test_feature_projections_map_student_width_to_teacher_width_with_per_layer_w
 
 def test_topk_cache_keeps_the_top_k_and_spreads_the_rest_of_the_mass(tmp_path):
     cache = TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
-    rows = torch.tensor([[5, 6, 7]])
+    rows, every_position = torch.tensor([[5, 6, 7]]), torch.ones(1, 2, dtype=torch.bool)
     logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
-    assert cache.read(rows, 10) is None
-    cache.write(rows, logits)
-    restored = cache.read(rows, 10)
+    assert cache.read(rows, every_position, 10) is None
+    cache.write(rows, every_position, logits)
+    restored = cache.read(rows, every_position, 10)
     exact = logits.log_softmax(-1)
     top = exact.topk(3, dim=-1)
     torch.testing.assert_close(restored.gather(1, top.indices), top.values, atol=2e-3, rtol=0)
