@@ -11,6 +11,7 @@ Chat template: the message-only subset of DeepSeek-V3's `chat_template` (tool ca
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import json
@@ -270,9 +271,16 @@ def _lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:
 
 def _why_not_a_tokenizer(path: Path, error: Exception) -> str:
     """Why the tokenizers library refused `path` (its `error`): another JSON file given for the tokenizer.json (the
-    tokenizer_config.json beside it, a model's config.json), or a tokenizer.json truncated or damaged."""
+    tokenizer_config.json beside it, a model's config.json), a byte-order mark before the JSON, or a tokenizer.json
+    truncated or damaged."""
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        return (
+            "starts with a UTF-8 byte-order mark, which neither seekstack nor transformers reads in JSON (an editor "
+            "such as Windows Notepad adds one); save the file as UTF-8 without it"
+        )
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         content = None
     if isinstance(content, dict) and "model" not in content:

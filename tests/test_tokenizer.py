@@ -344,6 +344,15 @@ def test_damaged_tokenizer_file_is_named_with_what_to_do(trained, tmp_path, dama
     assert "truncated or damaged" in message and "--" not in message
 
 
+def test_a_tokenizer_file_opening_with_a_byte_order_mark_is_named_as_such(trained, tmp_path):
+    """Read as damaged before: 'expected value at line 1 column 1 ... truncated or damaged: train or copy it again'."""
+    _, out_dir = trained
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(b"\xef\xbb\xbf" + (out_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(ValueError, match=f"^{path}: starts with a UTF-8 byte-order mark, .* save the file as UTF-8"):
+        Tokenizer.from_file(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json"])
 def test_another_json_file_given_for_the_tokenizer_is_named_as_such_not_as_damaged(trained, tmp_path, name):
     _, out_dir = trained
