@@ -405,10 +405,16 @@ class _Run:
             config.save(self.out_dir)
             self._trim_metrics()
         if config.warmup_steps >= config.max_steps:
+            last = learning_rate(config.max_steps - 1, config)
+            ending = (
+                f"ends at {last:.3g}, short of lr={config.lr:g}; lower warmup_steps to reach it"
+                if last < config.lr
+                else f"reaches lr={config.lr:g} at the last step, never decaying to min_lr={config.min_lr:g}; lower "
+                "warmup_steps to decay it"
+            )
             self._say(
                 f"warning: warmup_steps={config.warmup_steps} is not below max_steps={config.max_steps}: the learning "
-                f"rate rises for the whole run and ends at {learning_rate(config.max_steps - 1, config):.3g}, short "
-                f"of lr={config.lr:g}; lower warmup_steps to reach it"
+                f"rate rises for the whole run and {ending}"
             )
 
     # ------------------------------------------------------------------------------ loop

@@ -136,6 +136,13 @@ def test_a_warmup_as_long_as_the_run_is_told_it_never_reaches_the_peak(data_dir,
     assert "warmup_steps" not in capsys.readouterr().err
 
 
+def test_a_warmup_exactly_as_long_as_the_run_is_told_it_reaches_the_peak_but_never_decays(data_dir, tmp_path, capsys):
+    train(run_config(data_dir, tmp_path, max_steps=2, warmup_steps=2, eval_every=0, save_every=0))
+    said = capsys.readouterr().err
+    assert "reaches lr=0.003 at the last step, never decaying to min_lr=0.0003; lower warmup_steps to decay it" in said
+    assert "short of" not in said  # was: "ends at 0.003, short of lr=0.003"
+
+
 def test_wsd_schedule_holds_the_peak_then_decays_linearly():
     config = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=2, max_steps=100, schedule="wsd", wsd_decay_fraction=0.1)
     assert learning_rate(1, config) == 1.0 and learning_rate(89, config) == 1.0
