@@ -345,17 +345,18 @@ def one_stream(
 def load_engine(
     model: Path, tokenizer: Path | None, options: EngineOptions, threads: int | None, adapter: Path | None = None
 ) -> Engine:
-    """`Engine.from_pretrained` with the command's options (and LoRA adapter); a missing tokenizer is told in the
-    command's words."""
+    """`Engine.from_pretrained` with the command's options (and LoRA adapter); a checkpoint missing its tokenizer is
+    told in the command's words (a folder without config.json is no checkpoint: from_pretrained says so)."""
     import torch
 
+    from seekstack.checkpoint import CONFIG_FILE
     from seekstack.infer.engine import Engine
     from seekstack.infer.threads import checked_thread_count
     from seekstack.tokenizer import TOKENIZER_FILE
 
     if threads is not None:
         torch.set_num_threads(checked_thread_count(threads, "--threads"))
-    if tokenizer is None and model.is_dir() and not (model / TOKENIZER_FILE).is_file():
+    if tokenizer is None and (model / CONFIG_FILE).is_file() and not (model / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
     tell_dtype(options, model)
     return Engine.from_pretrained(model, tokenizer=tokenizer, adapter=adapter, **options.engine_kwargs(model))

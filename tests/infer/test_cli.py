@@ -109,6 +109,15 @@ def test_generate_rejects_bad_sampling_values_and_missing_tokenizer(checkpoint, 
     assert result.exit_code == 1 and f"{tmp_path / 'nowhere'}: no such folder" in result.stderr
 
 
+def test_a_folder_that_is_no_checkpoint_is_named_for_its_missing_config_not_its_tokenizer(checkpoint, tmp_path):
+    runs = tmp_path / "runs"  # a folder of runs, or a run's checkpoints/ folder, given for --model
+    (runs / "demo").mkdir(parents=True)
+    result = runner.invoke(app, ["generate", "--model", str(runs), "x"])
+    assert result.exit_code == 1
+    assert f"error: {runs / 'config.json'}: no such file" in result.stderr
+    assert "--tokenizer" not in result.stderr
+
+
 def test_an_options_error_names_the_option_and_quotes_the_value_as_given(checkpoint):
     result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--kv-cache-memory", "field 'dtype'"])
     assert result.exit_code == 1
