@@ -43,8 +43,12 @@ LARGEST_VOCAB = 2**20
 
 # The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
-# (joined by newlines), an assistant's null content as empty; other roles, parts and tool calls raise.
+# (joined by newlines), an assistant's null content as empty; other roles, parts, tool calls and tools raise (as the
+# server refuses `tools`: a prompt rendered without them would be answered as if none were offered).
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- raise_exception('tools were given: the chat template has no tool definitions (the model calls no tools)') -}}"
+    "{%- endif -%}"
     "{%- set ns = namespace(system_prompts=[], turns='') -%}"
     "{%- for message in messages -%}"
     "{%- set position = 'chat message ' ~ loop.index0 -%}"

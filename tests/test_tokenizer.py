@@ -216,6 +216,15 @@ def test_text_holding_a_lone_surrogate_is_refused_naming_it_whole_or_in_a_batch(
     assert tokenizer.encode_batch(["fine"]) == [tokenizer.encode("fine")]
 
 
+def test_jinja_chat_template_raises_for_tools_as_the_server_refuses_them(auto_tokenizer):
+    """The template rendered the messages without the tools, silently: the model answered as if none were offered."""
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    chat = [{"role": "user", "content": "hi"}]
+    with pytest.raises(jinja2.TemplateError, match="tools were given: the chat template has no tool definitions"):
+        auto_tokenizer.apply_chat_template(chat, tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert auto_tokenizer.apply_chat_template(chat, tools=[], tokenize=False) == f"{BOS}{USER}hi"
+
+
 def test_encode_chat_has_role_tokens_as_single_ids(trained):
     tokenizer, _ = trained
     ids = tokenizer.encode_chat(CHAT[1:3], add_generation_prompt=False)
