@@ -71,6 +71,8 @@ class SamplingParams:
         """This request's parameters, checked: types and ranges of every field."""
         params = recheck(self)
         require(params.detokenize or not params.stop, "stop", "empty with detokenize=False (stop strings match text)")
+        require(params.logprobs or not params.top_logprobs, "top_logprobs", "0 without logprobs=True (as OpenAI's "
+                "top_logprobs needs logprobs): no log-probabilities are returned without it")  # fmt: skip
         return params
 
     @property

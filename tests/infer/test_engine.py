@@ -399,6 +399,7 @@ def test_logit_bias_bans_or_forces_tokens_of_greedy_decoding(model, tokenizer):
         ([1], SamplingParams(temperature=-1), "field 'temperature' has value -1"),
         ([1], SamplingParams(top_p=0), "field 'top_p' has value 0"),
         ([1], SamplingParams(top_logprobs=21), "field 'top_logprobs' has value 21"),
+        ([1], SamplingParams(top_logprobs=3), "field 'top_logprobs' must be 0 without logprobs=True"),
         ([1], SamplingParams(max_new_tokens="5"), "field 'max_new_tokens' has value '5'"),
         ([1], SamplingParams(stop=("",)), "field 'stop.0' has value ''"),
         ([1], SamplingParams(seed=2**64), "field 'seed' has value 18446744073709551616"),
