@@ -10,6 +10,7 @@ CPU the trainer's autocast does the mixed precision instead. Optimizer state is 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,12 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Fill `optimizer` from a saved state written at any number of ranks (resharded to this run's)."""
+    """Fill `optimizer` from a saved state written at any number of ranks (resharded to this run's, or to one
+    process)."""
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=directory)
+    with warnings.catch_warnings():  # alone, torch warns that it assumes what we mean: to load in a single process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=directory)
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 

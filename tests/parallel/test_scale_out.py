@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from datetime import timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -457,3 +458,28 @@ def test_ctrl_c_reaching_one_rank_stops_every_rank_at_the_same_step_with_a_check
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_3"]  # the step it reached was finished
     train_on_two_ranks(run_config(data_dir, tmp_path / "cut", **steps), resume=True)
     assert losses(tmp_path / "cut") == pytest.approx(single.losses, abs=1e-5)
+
+
+def test_a_sharded_optimizer_state_loads_in_one_process_without_torch_warning_of_it(tmp_path):
+    """A run resumed alone from an FSDP checkpoint: torch warned 'torch.distributed is disabled, ... assuming the
+    intent is to load in a single process', with a line of its own source, on every such resume."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from seekstack.parallel.fsdp import load_optimizer
+
+    torch.manual_seed(0)
+    saved_model = torch.nn.Linear(4, 3)
+    saved_optimizer = torch.optim.AdamW(saved_model.parameters())
+    saved_model(torch.randn(2, 4)).sum().backward()
+    saved_optimizer.step()
+    dcp.save(
+        {"optimizer": get_optimizer_state_dict(saved_model, saved_optimizer)}, checkpoint_id=tmp_path, no_dist=True
+    )
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_optimizer(model, optimizer, tmp_path)
+    for name in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(optimizer.state[model.weight][name], saved_optimizer.state[saved_model.weight][name])
