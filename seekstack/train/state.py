@@ -35,7 +35,7 @@ from seekstack.checkpoint import (
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
-from seekstack.tokenizer import copy_tokenizer_config
+from seekstack.tokenizer import TOKENIZER_FILE, copy_tokenizer_config
 from seekstack.train.runs import (
     STEP_DIR,
     TRAIN_STATE_FILE,
@@ -110,20 +110,23 @@ def write_training_files(
     write_model: ModelWriter = write_pretrained_files,
 ) -> None:
     """The model (config.json, safetensors; or what `write_model` writes), train_state.pt and the tokenizer's
-    files, into `folder`."""
+    files (`extra_files`: its JSON, under any name, and its tokenizer_config.json), into `folder`."""
     write_model(model, folder)
     torch.save(train_state, folder / TRAIN_STATE_FILE)
-    for extra in extra_files:
-        copy_model_folder_file(Path(extra), folder, model.config.max_position_embeddings)
+    for extra in map(Path, extra_files):
+        # The name every loader reads, whatever the file was called (`data tokenize --tokenizer dir/my.json`).
+        name = extra.name if extra.name == TOKENIZER_CONFIG_FILE else TOKENIZER_FILE
+        copy_model_folder_file(extra, folder, model.config.max_position_embeddings, name)
 
 
-def copy_model_folder_file(source: Path, folder: Path, context: int) -> None:
-    """Copy file `source` into model folder `folder`; a tokenizer_config.json gets the model's `context` as its
-    model_max_length (the length transformers' truncation cuts at), whatever the one copied said."""
+def copy_model_folder_file(source: Path, folder: Path, context: int, name: str | None = None) -> None:
+    """Copy file `source` into model folder `folder`, as `name` (by default its own); a tokenizer_config.json gets
+    the model's `context` as its model_max_length (the length transformers' truncation cuts at), whatever the one
+    copied said."""
     if source.name == TOKENIZER_CONFIG_FILE:
         copy_tokenizer_config(source, folder, context)
     else:
-        shutil.copyfile(source, folder / source.name)
+        shutil.copyfile(source, folder / (name or source.name))
 
 
 def rank_optimizer_file(rank: int) -> str:

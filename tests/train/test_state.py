@@ -11,7 +11,7 @@ import torch
 import torch.cuda.random
 
 from seekstack.model.transformer import Transformer
-from seekstack.tokenizer import train_tokenizer
+from seekstack.tokenizer import Tokenizer, train_tokenizer
 from seekstack.train.state import export_checkpoint, rng_state, save_checkpoint, set_rng_state
 from tests.conftest import micro_config
 
@@ -35,6 +35,21 @@ def test_a_run_saved_with_two_gpus_visible_resumes_where_one_is_restoring_its_st
         set_rng_state(saved)
     assert torch.equal(one_gpu.get_state(), seeded_state(1))
     assert np.random.rand() == next_draw  # and the host's generators as saved
+
+
+def test_a_checkpoint_holds_its_tokenizer_as_tokenizer_json_whatever_the_file_was_called(tmp_path):
+    """`data tokenize --tokenizer dir/my.json` recorded my.json; checkpoints held my.json, and generate, serve and
+    transformers found no tokenizer.json in them."""
+    train_tokenizer(["def f(x):\n    return x\n"], vocab_size=300, out_path=tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").rename(tmp_path / "tok" / "my.json")
+    extra_files = [tmp_path / "tok" / "my.json", tmp_path / "tok" / "tokenizer_config.json"]
+    path = save_checkpoint(tmp_path / "run", Transformer(micro_config()), {"step": 1}, keep=1, extra_files=extra_files)
+    assert sorted(entry.name for entry in path.iterdir() if "tokenizer" in entry.name or entry.suffix == ".json") == [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert Tokenizer.from_file(path).fingerprint == Tokenizer.from_file(tmp_path / "tok" / "my.json").fingerprint
 
 
 def test_export_gives_an_older_checkpoints_tokenizer_config_the_models_context(tmp_path):
