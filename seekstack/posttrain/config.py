@@ -220,8 +220,27 @@ def require_conversations_file(path: str, name: str = "data") -> None:
 
 def tokenizer_path(config: TrainConfig) -> str:
     """The tokenizer a post-training run encodes with: `tokenizer`, else the one in `init_from` (a ConfigError naming
-    init_from when it holds none; TrainConfig.validate checked a given `tokenizer`)."""
+    init_from when it holds none; TrainConfig.validate checked a given `tokenizer`). A `tokenizer` other than the one
+    `init_from` holds is a ConfigError naming both: the checkpoint's embeddings would read its ids as other tokens."""
     if not config.tokenizer:
         expectation = "a checkpoint folder with its tokenizer.json (or set tokenizer)"
         require_tokenizer_file(config.init_from, "init_from", expectation)
-    return config.tokenizer or config.init_from
+        return config.init_from
+    if config.init_from:
+        _require_the_checkpoints_tokenizer(config.tokenizer, config.init_from)
+    return config.tokenizer
+
+
+def _require_the_checkpoints_tokenizer(tokenizer: str, checkpoint: str) -> None:
+    """A ConfigError naming `tokenizer` when `checkpoint` holds a tokenizer.json that is another tokenizer (nothing to
+    compare when it holds none)."""
+    from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+
+    given, held = tokenizer_json_path(tokenizer), tokenizer_json_path(checkpoint)
+    if held.is_file() and Tokenizer.from_file(given).fingerprint != Tokenizer.from_file(held).fingerprint:
+        raise ConfigError(
+            f"is {tokenizer!r} ({given}), another tokenizer than {held}, the one init_from={checkpoint!r} was trained "
+            "with: its embeddings would read every id as another token. Leave tokenizer unset (the checkpoint's is "
+            "used) or name that one",
+            field="tokenizer",
+        )

@@ -19,7 +19,7 @@ from seekstack.posttrain.conversations import (
 )
 from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
-from seekstack.tokenizer import ASSISTANT, EOS
+from seekstack.tokenizer import ASSISTANT, EOS, train_tokenizer
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import byte_tokenizer, micro_checkpoint
 
@@ -177,6 +177,26 @@ def test_a_missing_or_unusable_data_init_from_or_tokenizer_is_refused_naming_its
         result = CliRunner().invoke(app, ["sft", *overrides, f"out_dir={run}"])
         assert result.exit_code == 1 and f"error: field {message}" in result.output, result.output
         assert not run.exists()
+
+
+@pytest.mark.parametrize("command", ["sft", "rl"])
+def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    checkpoint = micro_checkpoint(tmp_path / "model")
+    other = train_tokenizer(["another corpus, other merges"] * 20, vocab_size=290, out_path=tmp_path / "other")
+    same = byte_tokenizer(tmp_path / "same")  # the checkpoint's tokenizer in another folder: accepted
+    assert SFTSource(SFTConfig(init_from=str(checkpoint), tokenizer=str(tmp_path / "same"), examples=8)).tokenizer
+    run = tmp_path / "run"
+    args = [command, f"init_from={checkpoint}", f"tokenizer={tmp_path / 'other'}", f"out_dir={run}"]
+    result = CliRunner().invoke(app, args)  # was: trained, the checkpoint reading other.json's ids as its own
+    assert result.exit_code == 1 and not run.exists(), result.output
+    said = result.output
+    assert f"error: field 'tokenizer' is '{tmp_path / 'other'}' ({other.source}), another tokenizer than" in said
+    assert f"{checkpoint}/tokenizer.json, the one init_from='{checkpoint}' was trained with" in said
+    assert same.fingerprint != other.fingerprint
 
 
 @pytest.mark.parametrize("cls", [SFTConfig, GRPOConfig, DistillConfig])
