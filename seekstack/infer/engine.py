@@ -884,14 +884,17 @@ class Engine:
 
     def generate(
         self,
-        prompts: str | list[int] | list[str] | list[list[int]],
+        prompts: str | list[int] | list[str] | list[list[int]] | torch.Tensor,
         params: SamplingParams | list[SamplingParams],
         adapters: list[str | None] | None = None,
     ) -> list[Completion]:
-        """Add all prompts (a str or a list of token ids is one prompt, as in vLLM; text is encoded without BOS, as
+        """Add all prompts (a str or a list of token ids is one prompt, as in vLLM; a tensor of ids reads as its
+        list: 1-D one prompt, 2-D a prompt per row, as transformers' input_ids; text is encoded without BOS, as
         training shards are), each on the base or on the loaded adapter `adapters` names for it, and step until all
         finish. A prompt refused (too long, an adapter not loaded) raises ValueError, the prompts added before it
         aborted, none left queued."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
         token_ids = len(prompts) > 0 and all(isinstance(t, numbers.Integral) for t in prompts)
         one_prompt = isinstance(prompts, str) or token_ids
         prompts = [prompts] if one_prompt else list(prompts)

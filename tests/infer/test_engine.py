@@ -290,6 +290,16 @@ def test_a_str_or_a_list_of_token_ids_is_one_prompt_as_in_vllm(model, tokenizer)
     assert alone.token_ids == listed.token_ids == as_ids.token_ids
 
 
+def test_a_tensor_of_token_ids_is_one_prompt_or_one_per_row_as_transformers_input_ids(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    ids = tokenizer.encode("def f")
+    [as_ids] = engine.generate(ids, GREEDY)
+    [one] = engine.generate(torch.tensor(ids), GREEDY)
+    rows = engine.generate(torch.tensor([ids, ids]), GREEDY)
+    assert [c.prompt_token_ids for c in (one, *rows)] == [ids] * 3
+    assert [c.token_ids for c in (one, *rows)] == [as_ids.token_ids] * 3
+
+
 def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=1)
     first, second, never = (engine.add_request(prompt, GREEDY) for prompt in prompts([4, 4, 4]))
