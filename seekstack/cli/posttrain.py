@@ -135,13 +135,14 @@ def _sampling_engine(model: Path, sequences: int, max_new_tokens: int) -> Engine
     most SAMPLING_BATCH of them at a time (the rest queue: a cache for all at once can outgrow the memory)."""
     from seekstack.checkpoint import read_config
     from seekstack.infer import Engine
-    from seekstack.posttrain.rollout import PROMPT_TOKENS
+    from seekstack.posttrain.rollout import PROMPT_TOKENS, completion_room
 
     context = read_config(model).max_position_embeddings
-    if PROMPT_TOKENS + max_new_tokens > context:
+    room = completion_room(context, str(model))
+    if max_new_tokens > room:
         raise ValueError(
-            f"--max-new-tokens {max_new_tokens}: at most {context - PROMPT_TOKENS} for {model} (its context of "
-            f"{context} tokens holds a prompt of up to {PROMPT_TOKENS})"
+            f"--max-new-tokens {max_new_tokens}: at most {room} for {model} (its context of {context} tokens holds a "
+            f"prompt of up to {PROMPT_TOKENS})"
         )
     max_batch_size = min(sequences, SAMPLING_BATCH)
     return Engine.from_pretrained(model, max_batch_size=max_batch_size, max_model_len=PROMPT_TOKENS + max_new_tokens)

@@ -35,6 +35,7 @@ from seekstack.posttrain.rollout import (
     PROMPT_TOKENS,
     Rollout,
     completion_logps,
+    completion_room,
     require_prompt_room,
     sample_groups,
     trained_tokens,
@@ -78,11 +79,11 @@ class GRPOSource:
         self.most_threads = torch.get_num_threads()  # with threads="auto", the training half's limit
         rows = self.config.batch_size * self.config.num_generations
         context = model.config.max_position_embeddings
-        if PROMPT_TOKENS + self.config.max_completion_length > context:
+        room = completion_room(context, self.config.init_from or f"model={self.config.model}")
+        if self.config.max_completion_length > room:
             raise ConfigError(
                 f"is {self.config.max_completion_length}: with a prompt's room "
-                f"({PROMPT_TOKENS} tokens) that passes the model's context of {context} tokens; at most "
-                f"{context - PROMPT_TOKENS}",
+                f"({PROMPT_TOKENS} tokens) that passes the model's context of {context} tokens; at most {room}",
                 field="max_completion_length",
             )
         self.engine = Engine(

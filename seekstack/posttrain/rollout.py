@@ -56,6 +56,18 @@ class Rollout:
 PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request (rl, traces, pass-at-k)
 
 
+def completion_room(context: int, model: str) -> int:
+    """The most completion tokens a model of `context` positions takes after a prompt's room (PROMPT_TOKENS); a
+    ValueError naming `model` when that room alone fills its context."""
+    if context <= PROMPT_TOKENS:
+        raise ValueError(
+            f"{model}: its context of {context} tokens (max_position_embeddings) leaves no room for a completion "
+            f"after a task prompt's room of {PROMPT_TOKENS} tokens (PROMPT_TOKENS in seekstack/posttrain/rollout.py); "
+            f"use a model of a context above {PROMPT_TOKENS}"
+        )
+    return context - PROMPT_TOKENS
+
+
 def require_prompt_room(task: Task, prompts: list[list[int]]) -> None:
     """A ConfigError naming `difficulty` unless every prompt (token ids) fits the PROMPT_TOKENS a rollout leaves it."""
     longest = max(map(len, prompts))

@@ -11,6 +11,7 @@ from seekstack.posttrain.distill import verified_traces
 from seekstack.posttrain.rewards import extract_answer
 from seekstack.posttrain.tasks import make_task, sample_problems, split_of
 from seekstack.tokenizer import Tokenizer
+from tests.posttrain.support import micro_checkpoint
 
 
 def test_rejection_sampling_keeps_only_verified_traces_of_training_problems(teacher_model):
@@ -73,3 +74,11 @@ def test_pass_at_k_command_tables_several_models(teacher_model):
     assert missing.exit_code == 1 and "nope: no such folder" in missing.output and not missing.output.startswith("{")
     too_long = CliRunner().invoke(app, [*args[:2], "--max-new-tokens", "100000"])
     assert too_long.exit_code == 1 and "--max-new-tokens 100000: at most " in too_long.output, too_long.output
+
+
+@pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--out", "traces.jsonl"]])
+def test_sampling_a_model_whose_context_holds_no_more_than_a_prompts_room_is_refused_naming_it(tmp_path, command):
+    model_dir = micro_checkpoint(tmp_path / "model", context=160)
+    result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], "--max-new-tokens", "8"])
+    assert result.exit_code == 1, result.output  # was: "--max-new-tokens 8: at most -32 for ..."
+    assert f"error: {model_dir}: its context of 160 tokens (max_position_embeddings) leaves no room" in result.output

@@ -84,6 +84,14 @@ def test_a_completion_length_past_the_models_context_is_refused_by_name(tmp_path
         GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
 
 
+def test_a_model_whose_context_holds_no_more_than_a_prompts_room_is_refused_naming_it(tmp_path):
+    model_dir = micro_checkpoint(tmp_path / "model", context=160)  # a prompt's room is 192 positions
+    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN], cls=GRPOConfig)
+    message = f"{model_dir}: its context of 160 tokens .* leaves no room for a completion after a task prompt's room"
+    with pytest.raises(ValueError, match=message):  # was: "max_completion_length' is 12: ...; at most -32"
+        GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
+
+
 def test_a_model_whose_context_holds_a_rollout_but_not_seq_len_trains(tmp_path):
     """rl's rows are a prompt's room and a completion (204 tokens here), not seq_len (256, unused by rl, which
     refuses any other value): a 224-position model was refused for the seq_len it could not change."""
