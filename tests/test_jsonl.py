@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pytest
@@ -31,3 +32,17 @@ def test_a_json_array_written_on_one_line_is_refused_as_not_json_lines(tmp_path)
         list(jsonl_records(path))
     path.write_text("[1, 2]\n" + json.dumps(RECORDS[1]) + "\n")  # an array of other values: the caller names it
     assert list(jsonl_records(path)) == [(1, [1, 2]), (2, RECORDS[1])]
+
+
+def test_a_gzipped_file_is_read_through_and_a_broken_one_is_refused_naming_it(tmp_path):
+    """As datasets' JSON loader reads it (was: 'chats.jsonl.gz:1: not UTF-8 text ...; mend or delete that line')."""
+    path = tmp_path / "chats.JSONL.GZ"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS).encode()))
+    assert list(jsonl_records(path)) == [(1, RECORDS[0]), (2, RECORDS[1])]
+    path.write_bytes(path.read_bytes()[:-12])  # cut short, as an interrupted download leaves it
+    with pytest.raises(ValueError, match=r"chats.JSONL.GZ: not a whole gzip file \(.*\); compress it again"):
+        list(jsonl_records(path))
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_text(json.dumps(RECORDS[0]) + "\n")  # named .gz, never compressed
+    with pytest.raises(ValueError, match=r"plain.jsonl.gz: not a whole gzip file \(Not a gzipped file"):
+        list(jsonl_records(plain))
