@@ -89,13 +89,13 @@ class ChatSession:
         the new message alone does not fit (its error asks for a shorter one)."""
         turns = self.turns
         prompt = self.engine.tokenizer.encode_chat(self.messages(turns))
-        while len(prompt) >= self.engine.max_model_len and len(turns) > 1:
+        while len(prompt) >= self.engine.context_len and len(turns) > 1:
             turns = turns[2:]  # the oldest user + assistant pair
             prompt = self.engine.tokenizer.encode_chat(self.messages(turns))
-        if len(prompt) >= self.engine.max_model_len:
+        if len(prompt) >= self.engine.context_len:
             raise ValueError(
                 f"the message needs {len(prompt)} tokens with the system prompt; the context holds "
-                f"{self.engine.max_model_len}: write less or change /system"
+                f"{self.engine.context_len}: write less or change /system"
             )
         self.turns = turns
         return prompt

@@ -329,20 +329,29 @@ class Engine:
         reserved one, less the slots its drafts take beyond its last token."""
         return (self.cache.num_blocks - 1) * self.cache.block_size - self.draft_slots
 
+    @property
+    def context_len(self) -> int:
+        """The most tokens (prompt + completion) one request may have: max_model_len, or fewer where the cache's
+        budget holds fewer (`longest_cached_request`)."""
+        return min(self.max_model_len, self.longest_cached_request)
+
     def fit_max_new_tokens(self, prompt_len: int, params: SamplingParams) -> tuple[SamplingParams, str | None]:
-        """`params` with max_new_tokens capped so that the prompt and the completion fit max_model_len, and a
-        notice saying so when it had to be capped; ValueError when the prompt alone leaves no room."""
-        room = self.max_model_len - prompt_len
+        """`params` with max_new_tokens capped so that the prompt and the completion fit the context (`context_len`),
+        and a notice saying so when it had to be capped; ValueError when the prompt alone leaves no room."""
+        room = self.context_len - prompt_len
+        if self.context_len == self.max_model_len:
+            context = f"the context of {self.max_model_len}"
+        else:
+            context = f"the {self.context_len} tokens the cache holds (--kv-cache-memory, kv_cache_memory=, for more)"
         if room < 1:
             raise ValueError(
-                f"prompt is {prompt_len} tokens; the context of {self.max_model_len} leaves no room for a new "
-                "token: shorten the prompt"
+                f"prompt is {prompt_len} tokens; {context} leaves no room for a new token: shorten the prompt"
             )
         if params.max_new_tokens <= room:
             return params, None
         notice = (
-            f"prompt is {prompt_len} tokens; max_new_tokens capped from {params.max_new_tokens} to {room} "
-            f"to fit the context of {self.max_model_len}"
+            f"prompt is {prompt_len} tokens; max_new_tokens capped from {params.max_new_tokens} to {room} to fit "
+            f"{context}"
         )
         return dataclasses.replace(params, max_new_tokens=room), notice
 

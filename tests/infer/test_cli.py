@@ -370,6 +370,16 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(checkpoint):
     assert len(engine.tokenizer.encode_chat(session.messages())) < 48
 
 
+def test_chat_within_a_small_cache_budget_drops_the_oldest_turns_instead_of_failing(checkpoint):
+    engine = Engine.from_pretrained(checkpoint, num_blocks=4, block_size=16)  # 48 tokens of the model's 256
+    session = ChatSession(engine, SamplingParams(max_new_tokens=512, temperature=0, ignore_eos=True))
+    said = ["one two three four", "five six seven eight", "nine ten eleven"]
+    for text in said:
+        assert len("".join(session.reply(text))) > 0  # each reply capped to the room the cache leaves
+    users = [turn["content"] for turn in session.turns if turn["role"] == "user"]
+    assert users[-1] == said[-1] and users[0] != said[0]
+
+
 def test_chat_keeps_its_history_when_a_message_alone_is_too_long_and_names_text_that_is_not_utf8(checkpoint):
     engine = Engine.from_pretrained(checkpoint, max_model_len=48)
     session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))

@@ -452,6 +452,21 @@ def test_max_new_tokens_is_capped_to_what_fits_the_context_with_a_notice(model, 
             engine.fit_max_new_tokens(prompt_len, params)
 
 
+def test_max_new_tokens_is_capped_to_what_the_cache_budget_holds_with_a_notice(model, tokenizer):
+    engine = Engine(model, tokenizer, num_blocks=5, block_size=16)  # 4 usable blocks: 64 tokens, the model's 256
+    params = SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True)
+    capped, notice = engine.fit_max_new_tokens(50, params)
+    assert capped.max_new_tokens == 14
+    assert notice == (
+        "prompt is 50 tokens; max_new_tokens capped from 100 to 14 to fit the 64 tokens the cache holds "
+        "(--kv-cache-memory, kv_cache_memory=, for more)"
+    )
+    [completion] = engine.generate(prompts([50]), capped)  # accepted, where 100 new tokens were refused
+    assert len(completion.token_ids) == 14 and completion.finish_reason == "length"
+    with pytest.raises(ValueError, match="prompt is 64 tokens; the 64 tokens the cache holds .* leaves no room"):
+        engine.fit_max_new_tokens(64, params)
+
+
 def test_from_pretrained_names_a_missing_folder_and_a_missing_tokenizer_in_python_terms(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'nowhere'}: no such folder")):
         Engine.from_pretrained(tmp_path / "nowhere")
