@@ -11,6 +11,7 @@ micro-batches trained in `distill_state.pt` (outside the student's safetensors).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -83,5 +84,12 @@ def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> Tra
         require(config.cache_top_k <= vocab_size, "cache_top_k", f"at most the teacher's vocab_size {vocab_size:,}")
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read
+    if config.conversational and config.eval_every:
+        print(
+            f"note: eval_every={config.eval_every} evaluates nothing here: distillation on conversations "
+            f"({config.data or f'task={config.task}'}) holds none out and scores no token shards; score the student "
+            "with `seekstack pass-at-k` (a task) or `seekstack eval`, or set eval_every=0",
+            file=sys.stderr,
+        )
     source = SFTSource(config) if config.conversational else None  # type: ignore[arg-type]  # the fields it reads
     return train(config, resume=resume, hooks=DistillHooks(config), source=source)

@@ -134,6 +134,15 @@ def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_
     assert resumed.losses == whole.losses[2:]  # bit for bit, on-policy from the first resumed step
 
 
+def test_a_conversation_run_says_its_eval_every_evaluates_nothing(workspace, tmp_path, capsys):
+    run_distill(conversation_config(workspace, tmp_path / "run", eval_every=1, max_steps=1, save_every=0))
+    said = capsys.readouterr().err  # was: silence, and no val_loss in metrics.jsonl
+    assert "note: eval_every=1 evaluates nothing here: distillation on conversations (task=addition) holds" in said
+    assert "val_loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    run_distill(conversation_config(workspace, tmp_path / "quiet", eval_every=0, max_steps=1, save_every=0))
+    assert "eval_every" not in capsys.readouterr().err
+
+
 def test_teacher_cache_serves_conversation_batches_on_a_rerun_and_keeps_on_policy_answers_out(workspace, tmp_path):
     cache = tmp_path / "cache"
     first = run_distill(conversation_config(workspace, tmp_path / "first", teacher_cache=str(cache), cache_top_k=16))
