@@ -188,17 +188,17 @@ def test_a_key_stored_in_two_shards_of_an_index_is_refused_naming_both(tmp_path)
 
 
 def test_the_float_dtype_of_a_sharded_checkpoint_is_read_from_the_embedding_shard_alone(tmp_path, monkeypatch):
-    from seekstack import checkpoint
+    from seekstack.checkpoint import reader
 
     seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
-    opened, open_safetensors = [], checkpoint._open_safetensors
+    opened, open_safetensors = [], reader._open_safetensors
 
     def recorded(path):
         opened.append(path.name)
         return open_safetensors(path)
 
-    monkeypatch.setattr(checkpoint, "_open_safetensors", recorded)
-    assert checkpoint.stored_float_dtype(tmp_path) == torch.float32
+    monkeypatch.setattr(reader, "_open_safetensors", recorded)
+    assert reader.stored_float_dtype(tmp_path) == torch.float32
     weight_map = json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]
     assert opened == [weight_map["model.embed_tokens.weight"]]  # not every shard's header: loading checks those
 
@@ -598,7 +598,7 @@ class ShardWriteFailure(RuntimeError):
 def fail_on_second_shard(monkeypatch) -> list[str]:
     written: list[str] = []
 
-    save_aligned = seekstack.checkpoint.save_aligned
+    save_aligned = seekstack.checkpoint.save.save_aligned
 
     def save_then_fail(tensors, path):
         if written:
@@ -606,7 +606,7 @@ def fail_on_second_shard(monkeypatch) -> list[str]:
         save_aligned(tensors, path)
         written.append(path)
 
-    monkeypatch.setattr(seekstack.checkpoint, "save_aligned", save_then_fail)
+    monkeypatch.setattr(seekstack.checkpoint.save, "save_aligned", save_then_fail)
     return written
 
 

@@ -1,0 +1,228 @@
+"""`load_pretrained`: a checkpoint folder into a `Transformer`, and the config changes its weights call for.
+
+Loading memory-maps: a tensor stored in the dtype the model asks for is used in place, its pages read from the file
+on first use (copy-on-write: the file is never changed), so the resident set is what a forward touches. Per-expert
+keys are copied into the stacked tensors (or, for a part placed on disk, into its disk copy: `offload`); the stacked
+layout maps them as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from seekstack.checkpoint.keys import (
+    CONFIG_FILE,
+    MTP_COPIES,
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    checkpoint_key,
+    expert_sources,
+)
+from seekstack.checkpoint.quantized import (
+    MappedCopy,
+    _fill_expert_stack,
+    _stacked_stored,
+    _stacked_weight,
+    _stored_names,
+    load_quantized_layers,
+)
+from seekstack.checkpoint.reader import CheckpointReader, read_config
+from seekstack.config import ModelConfig
+from seekstack.model.transformer import Transformer
+
+
+def load_pretrained(
+    directory: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    dequantize: bool = False,
+    offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
+) -> Transformer:
+    """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`.
+
+    Tensors are read one at a time into a model materialised directly on `device`, so peak memory
+    stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds.
+    `offload`, given the model once its layers are built and before its float weights are read, names the tensors
+    (state-dict names) that are to be file pages rather than memory, and how to write them (`MappedCopy`): those
+    not mapped from the checkpoint as stored are written one piece (one expert's matrix, or a quantized expert's
+    codes or scales) at a time, never whole in memory (seekstack.infer.placement's disk parts).
+    Layers stored quantized (fp8, int8, int4) load as quantized modules that run their low-bit kernels
+    (seekstack.compress), unless `dequantize` asks for plain float weights.
+    A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
+    differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    config = read_config(directory)
+    reader = CheckpointReader(directory, config.extra.get("quantization_config"))
+    reader.refuse_keys_in_two_shards()
+    present_mtp = 0
+    while present_mtp < config.num_nextn_predict_layers and any(
+        f"model.layers.{config.num_hidden_layers + present_mtp}.eh_proj.{name}" in reader
+        for name in ("weight", "weight_packed")
+    ):
+        present_mtp += 1
+    config = follow_moe_layout_of_weights(config.replace(num_nextn_predict_layers=present_mtp), reader, config_path)
+    config = untie_a_stored_head(config, reader, config_path)
+    warn_transformers_divergences(config, directory)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
+
+    with reader, torch.no_grad():
+        quantized = reader.quantized and not dequantize
+        swapped, unfilled = load_quantized_layers(model, reader, device) if quantized else (set(), {})
+        copies = offload(model) if offload is not None else {}
+        for name, expert in unfilled.items():
+            _fill_expert_stack(model.get_submodule(name), name, expert, copies, device)
+        for name, target in model.state_dict().items():
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            if any(name.startswith(layer + ".") for layer in swapped):
+                continue
+            key = checkpoint_key(name, config.num_hidden_layers)
+            if _maps_in_place(reader, key, target):
+                _tensor_of(model, name).data = reader.read(key, shape=tuple(target.shape))  # the file's pages: no copy
+                continue
+            views, pieces = _float_pieces(reader, key, target)
+            if name in copies:
+                _tensor_of(model, name).data = copies[name](target, pieces)
+            else:
+                for view, piece in zip(views, pieces(), strict=True):
+                    view.copy_(piece)
+    model.reset_rope()
+    unused = sorted(k for k in reader.key_to_file if k not in reader.used and not MTP_COPIES.match(k))
+    _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
+    if unused:
+        warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)
+    return model
+
+
+def _refuse_miscounted_layers(unused: list[str], reader: CheckpointReader, config_path: Path, layers: int) -> None:
+    """A config whose `num_hidden_layers` is not the weights' is refused: past it, decoder layers would go unused
+    and the model produce garbage (layers there holding an MTP module, `eh_proj`, are skipped MTP depth, which is
+    allowed); within it, an MTP layer would run as a decoder layer."""
+    mtp_layers = {m[1] for key in reader.key_to_file if (m := re.match(r"model\.layers\.(\d+)\.eh_proj\.", key))}
+    first_mtp = min(map(int, mtp_layers), default=layers)
+    if first_mtp < layers:
+        raise CheckpointError(
+            f"{config_path}: num_hidden_layers is {layers}, but layer {first_mtp} of the weights is an MTP module "
+            f"(eh_proj), so they hold {first_mtp} decoder layers; use the {CONFIG_FILE} saved with these weights"
+        )
+    for key in unused:
+        layer = re.match(r"model\.layers\.(\d+)\.", key)
+        if layer and int(layer[1]) >= layers and layer[1] not in mtp_layers:
+            raise CheckpointError(
+                f"{config_path}: num_hidden_layers is {layers}, but {reader.file_of(key)} holds decoder layer "
+                f"{layer[1]} ({key!r}); use the {CONFIG_FILE} saved with these weights"
+            )
+
+
+def follow_moe_layout_of_weights(config: ModelConfig, reader: CheckpointReader, config_path: Path) -> ModelConfig:
+    """`config`, with moe_layer_freq=1 when the weights hold a router in every layer from first_k_dense_replace on:
+    transformers ignores moe_layer_freq and writes that layout, so its checkpoints load as it runs them. Weights in
+    neither layout are refused, naming the layers."""
+    layers = range(config.first_k_dense_replace, config.num_hidden_layers)
+    dense_by_config = [i for i in layers if config.n_routed_experts and not config.is_moe_layer(i)]
+    routed = [i for i in layers if f"model.layers.{i}.mlp.gate.weight" in reader]
+    if not dense_by_config or not set(routed) & set(dense_by_config):
+        return config
+    if routed == list(layers):
+        warnings.warn(
+            f"{config_path}: moe_layer_freq is {config.moe_layer_freq}, but the weights hold routed experts in every "
+            f"layer from first_k_dense_replace={config.first_k_dense_replace} on, the layout transformers writes (it "
+            "ignores moe_layer_freq); loaded as transformers runs it, with moe_layer_freq=1",
+            stacklevel=3,
+        )
+        return config.replace(moe_layer_freq=1)
+    raise CheckpointError(
+        f"{config_path}: the weights hold routed experts in layers {routed}, which is neither layout of this config: "
+        f"moe_layer_freq={config.moe_layer_freq} makes layers {dense_by_config} dense (DeepSeek's V2 code, seekstack) "
+        f"and transformers, which ignores moe_layer_freq, makes all of {list(layers)} MoE; use the {CONFIG_FILE} "
+        "saved with these weights"
+    )
+
+
+def untie_a_stored_head(config: ModelConfig, reader: CheckpointReader, config_path: Path) -> ModelConfig:
+    """`config`, untied (tie_word_embeddings=False, with a warning) when it ties the head to the embedding but the
+    weights store a head that is not the embedding: transformers then keeps that head untied, so it is used."""
+    if not config.tie_word_embeddings or reader.weight_key("lm_head") not in reader:
+        return config
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if head in reader and reader.stored_shape(head) == reader.stored_shape(embedding):
+        if torch.equal(reader.read(head), reader.read(embedding)):  # a tied head stored anyway: tie it
+            return config
+    warnings.warn(
+        f"{config_path}: tie_word_embeddings is true, but {reader.file_of(reader.weight_key('lm_head'))} stores an "
+        "lm_head that is not the embedding; it is loaded untied (tie_word_embeddings=False), as transformers loads it",
+        stacklevel=3,
+    )
+    return config.replace(tie_word_embeddings=False)
+
+
+def warn_transformers_divergences(config: ModelConfig, where: str | Path) -> None:
+    """Warn that transformers runs the checkpoint at `where` as another model, naming the fields and why."""
+    divergences = config.transformers_divergences()
+    if divergences:
+        reasons = "; ".join(f"{name}={getattr(config, name)!r}: {reason}" for name, reason in divergences.items())
+        warnings.warn(
+            f"{where}: transformers computes this checkpoint differently from seekstack, so their logits differ: "
+            f"{reasons}",
+            stacklevel=3,
+        )
+
+
+def _maps_in_place(reader: CheckpointReader, key: str, target: torch.Tensor) -> bool:
+    """Whether checkpoint `key` holds all of `target` (a CPU tensor) in its dtype, at an ALIGNMENT boundary: its
+    memory-mapped pages are it. Others are copied: into `target`, or, piece by piece, into its disk copy."""
+    stored = SAFETENSORS_DTYPES.get(target.dtype)
+    in_dtype = target.device.type == "cpu" and key in reader and reader.stored_dtype(key) == stored
+    return in_dtype and reader.starts_aligned(key)
+
+
+def _float_pieces(
+    reader: CheckpointReader, key: str, target: torch.Tensor
+) -> tuple[list[torch.Tensor], Callable[[], Iterator[torch.Tensor]]]:
+    """The views of float tensor `target` (checkpoint key `key`) that the checkpoint fills one at a time, in memory
+    order, and the function giving their values in `target`'s dtype: an expert stack's, per expert
+    (`expert_sources`; the stacked layout's quantized stack dequantized expert by expert), else `target` itself."""
+    sources = expert_sources(key, target)
+    names = _stored_names(reader, key) if sources is not None else None
+    if names is not None:  # the stacked layout, quantized
+        stored = _stacked_stored(reader, key, tuple(target.shape), names)
+        return list(target), functools.partial(_dequantized_experts, reader, key, stored, target.dtype)
+    sources = None if key in reader else sources  # the stacked layout in float: one key
+    sources = sources or [(key, target)]
+    return [view for _, view in sources], functools.partial(_read_pieces, reader, sources, target.dtype)
+
+
+def _dequantized_experts(
+    reader: CheckpointReader, key: str, stored: dict[str, torch.Tensor], dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """Each expert's matrix of the stack of quantized expert weights `stored` (stacked expert weight `key`),
+    dequantized to `dtype`, one expert at a time."""
+    for e in range(len(next(iter(stored.values())))):
+        yield _stacked_weight(reader, key, {name: tensor[e] for name, tensor in stored.items()}).dequantize().to(dtype)
+
+
+def _read_pieces(
+    reader: CheckpointReader, sources: list[tuple[str, torch.Tensor]], dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """The tensors of the checkpoint keys `sources` names, each in `dtype` and checked against the shape of the view
+    it fills; one at a time, in the order `sources` gives (a stacked tensor's memory order: `expert_sources`)."""
+    for key, view in sources:
+        yield reader.read(key, shape=tuple(view.shape)).to(dtype)
+
+
+def _tensor_of(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer named `name` in state-dict terms."""
+    module, _, attribute = name.rpartition(".")
+    return getattr(model.get_submodule(module), attribute)

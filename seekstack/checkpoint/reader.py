@@ -1,0 +1,449 @@
+"""Reading a checkpoint folder: its config.json, its safetensors files one memory-mapped tensor at a time
+(`CheckpointReader`, which checks each against the config), and what it stores (`stored_*`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from seekstack.checkpoint.fp8 import DEFAULT_FP8_BLOCK, dequantize_fp8, fp8_scale_shape
+from seekstack.checkpoint.keys import (
+    ALIGNMENT,
+    CONFIG_FILE,
+    DAMAGED,
+    INDEX_FILE,
+    KEPT_FLOAT,
+    MTP_COPIES,
+    SAFETENSORS_DTYPES,
+    SINGLE_FILE,
+    TORCH_DTYPES,
+    CheckpointError,
+)
+from seekstack.compress.formats import SCALE_DTYPE, dequantize_int, unpack_codes
+from seekstack.config import ModelConfig
+
+COMPRESSED_TENSORS_FORMATS = ("int-quantized", "pack-quantized", "mixed-precision")
+STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
+FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
+# The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.
+QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32")}
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    """The `ModelConfig` of checkpoint folder `directory`: CheckpointError when the folder or its config.json is
+    missing or not JSON, ConfigError naming the field when a value is wrong."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        problem = "not a folder" if directory.exists() else "no such folder"
+        raise CheckpointError(
+            f"{directory}: {problem}; a checkpoint is a folder holding {CONFIG_FILE} and safetensors weights"
+        )
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{config_path}: no such file; a checkpoint keeps its {CONFIG_FILE} beside the weights: "
+            f"copy it from where the checkpoint came from, or {DAMAGED}"
+        )
+    return ModelConfig.from_dict(read_json_object(config_path), source=str(config_path))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; CheckpointError naming the file when it is not valid JSON or not an object."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError for binary garbage
+        raise CheckpointError(
+            f"{path}: not valid JSON ({error}); the file is truncated or damaged: {DAMAGED}"
+        ) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(raw).__name__}, not an object; {DAMAGED}")
+    return raw
+
+
+def _open_safetensors(path: Path) -> Any:
+    """`safe_open(path)`, with a damaged file (empty, truncated, not safetensors at all) named as such."""
+    try:
+        return safe_open(path, "pt")
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{path}: not a valid safetensors file ({error}); it is truncated or damaged: {DAMAGED}"
+        ) from None
+
+
+def check_safetensors(path: Path) -> None:
+    """CheckpointError naming `path` unless it is a whole safetensors file (its header and every tensor it lists)."""
+    with _open_safetensors(path):
+        pass
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file `path`, with a damaged file named as such."""
+    with _open_safetensors(path) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
+
+
+class CheckpointReader:
+    """Lazy access to a directory of safetensors shards: one tensor at a time, memory-mapped."""
+
+    def __init__(self, directory: Path, quantization: dict | None):
+        self.directory = directory
+        self.key_to_file = self._index()
+        self._files = contextlib.ExitStack()
+        self._handles: dict[str, Any] = {}
+        self.fp8_block: tuple[int, int] | None = None
+        self.quantized = quantization is not None
+        self.quant_method = (quantization or {}).get("quant_method", "fp8") if self.quantized else None
+        if quantization is not None:
+            method = quantization.get("quant_method", "fp8")
+            fp8 = method == "fp8" and quantization.get("fmt", "e4m3") == "e4m3"
+            compressed = method == "compressed-tensors" and quantization.get("format") in COMPRESSED_TENSORS_FORMATS
+            if not (fp8 or compressed):
+                raise CheckpointError(
+                    f"{directory / CONFIG_FILE}: unsupported quantization_config {quantization}; seekstack reads "
+                    "unquantized, block-wise fp8 (e4m3) and compressed-tensors weight-only int8/int4 "
+                    f"({', '.join(COMPRESSED_TENSORS_FORMATS)}) checkpoints"
+                )
+            if fp8:
+                self.fp8_block = _fp8_block(quantization, directory / CONFIG_FILE)
+        self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
+        self.used: set[str] = set()
+
+    def _index(self) -> dict[str, str]:
+        index_path = self.directory / INDEX_FILE
+        if index_path.exists():
+            weight_map = read_json_object(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object); {DAMAGED}")
+            for file in sorted(set(weight_map.values())):
+                if not (self.directory / file).is_file():
+                    raise CheckpointError(
+                        f"{index_path}: names shard {file!r}, which is missing from {self.directory}; "
+                        f"the download is incomplete: fetch that shard, or {DAMAGED}"
+                    )
+            return weight_map
+        single = self.directory / SINGLE_FILE
+        if not single.is_file():  # as transformers: other safetensors files are read only through an index
+            others = ", ".join(sorted(file.name for file in self.directory.glob("*.safetensors")))
+            unread = f"{others} are read only through an index listing their keys, as transformers reads them; "
+            raise CheckpointError(
+                f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}; {unread if others else ''}the weights are "
+                f"missing: {DAMAGED}"
+            )
+        with _open_safetensors(single) as handle:
+            return {key: SINGLE_FILE for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
+
+    def refuse_keys_in_two_shards(self) -> None:
+        """CheckpointError naming both shards and the key when two shards of the index hold one key: which one
+        the model gets would depend on the reader. Reads every shard's header: for loading the whole checkpoint."""
+        holder: dict[str, str] = {}
+        for file in sorted(set(self.key_to_file.values())):
+            with _open_safetensors(self.directory / file) as handle:
+                for key in handle.keys():  # noqa: SIM118 (a safe_open handle)
+                    if key in holder:
+                        raise CheckpointError(
+                            f"{self.directory}: key {key!r} is stored in both {holder[key]} and {file} (the index "
+                            f"{INDEX_FILE} names {self.key_to_file.get(key)!r}); a checkpoint stores each key once: "
+                            f"{DAMAGED}"
+                        )
+                    holder[key] = file
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._files.close()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def file_of(self, key: str) -> Path:
+        return self.directory / self.key_to_file[key]
+
+    def check_int_scheme(self, key: str, bits: int, columns: int, scale_columns: int) -> None:
+        """Refuse layer `key`, stored as `bits`-bit integers with `scale_columns` scales over `columns` inputs, when
+        the compressed-tensors config group that targets it says otherwise (an edited config.json, swapped weights).
+        A target is a module class (`Linear`), an exact layer name, or `re:` and a pattern."""
+        config = self.directory / CONFIG_FILE
+        for name, group in self._groups_targeting(key):
+            weights = group.get("weights") or {}
+            if weights.get("num_bits") != bits:
+                raise CheckpointError(
+                    f"{config}: quantization_config group {name!r} says num_bits={weights.get('num_bits')} for layer "
+                    f"{key!r}, but {self.file_of(self.weight_key(key))} stores it as int{bits}; the config and the "
+                    f"weights disagree: {DAMAGED}"
+                )
+            group_size = weights.get("group_size") if weights.get("strategy") == "group" else columns
+            if group_size is None or group_size * scale_columns != columns:
+                raise CheckpointError(
+                    f"{config}: quantization_config group {name!r} says group_size={group_size} for layer {key!r}, "
+                    f"but its weight_scale holds {scale_columns} scale(s) per row of {columns} inputs; the config "
+                    f"and the weights disagree: {DAMAGED}"
+                )
+            return
+        if self.config_groups:
+            raise CheckpointError(
+                f"{config}: layer {key!r} is stored as int{bits}, but no quantization_config group targets it; "
+                f"the config and the weights disagree: {DAMAGED}"
+            )
+
+    def _groups_targeting(self, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The compressed-tensors config groups whose targets name layer `key`: a module class (`Linear`), the exact
+        name, or `re:` and a pattern."""
+        for name, group in self.config_groups.items():
+            targets = group.get("targets") or []
+            if any(t == "Linear" or t == key or (t.startswith("re:") and re.match(t[3:], key)) for t in targets):
+                yield name, group
+
+    def packed_bits(self, key: str) -> int | None:
+        """Bits per code of layer `key` when it is stored as pack-quantized int32 words (else None): from the (rows,
+        columns) stored beside them, else from the config group targeting the layer (seekstack's stacked-experts
+        layout stores no shape)."""
+        if f"{key}.weight_packed" not in self:
+            return None
+        words = self.stored_shape(f"{key}.weight_packed")[-1]
+        if f"{key}.weight_shape" in self:
+            columns = int(self._get(f"{key}.weight_shape")[-1])
+            bits = words * 32 // columns if columns > 0 and words * 32 % columns == 0 else None
+            source = f"its weight_shape: {columns} columns in {words} int32 words per row"
+        else:
+            configured = [(group.get("weights") or {}).get("num_bits") for _, group in self._groups_targeting(key)]
+            bits = configured[0] if configured else 4
+            source = f"its config group: num_bits={bits}"
+        if bits not in (4, 8):
+            raise CheckpointError(
+                f"{self.file_of(f'{key}.weight_packed')}: layer {key!r} is packed as neither int4 nor int8 ({source}): "
+                f"{DAMAGED}"
+            )
+        return bits
+
+    def weight_key(self, key: str) -> str:
+        """The key of checkpoint layer `key`'s stored weight: `key.weight_packed` or `key.weight`."""
+        return f"{key}.weight_packed" if f"{key}.weight_packed" in self.key_to_file else f"{key}.weight"
+
+    def stored_shape(self, key: str) -> list[int]:
+        """The shape of `key`, read from the header only."""
+        return self._from_file(key, lambda handle: handle.get_slice(key).get_shape())
+
+    def stored_dtype(self, key: str) -> str:
+        """The safetensors dtype name of `key` ("F32", "I8", "F8_E4M3", ...), read from the header only."""
+        return self._from_file(key, lambda handle: handle.get_slice(key).get_dtype())
+
+    def unpacked_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of the tensor under `key` as the model holds it, from the headers: a `...weight_packed`'s int32
+        words counted as the int4/int8 codes they hold."""
+        shape = tuple(self.stored_shape(key))
+        if not key.endswith(".weight_packed"):
+            return shape
+        bits = self.packed_bits(key.removesuffix(".weight_packed"))
+        return (*shape[:-1], shape[-1] * 32 // bits)  # type: ignore[operator]
+
+    def check_shape(self, key: str, expected: tuple[int, ...]) -> None:
+        """CheckpointError naming the file and the key unless the tensor under `key` (unpacked) is of the shape
+        `expected` that the config implies."""
+        shape = self.unpacked_shape(key)
+        if shape != expected:
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} has shape {shape}, the config {self.directory / CONFIG_FILE} "
+                f"implies {expected}; use the {CONFIG_FILE} saved with these weights"
+            )
+
+    def check_quantized_shape(self, layer: str, expected: tuple[int, ...], parts: int = 1) -> None:
+        """CheckpointError naming the file and the key unless the quantized weight of checkpoint layer `layer` is the
+        (..., rows, columns) `expected` that the config implies, with scales that fit it (`check_scales`)."""
+        weight_key = self.weight_key(layer)
+        self.check_shape(weight_key, expected)
+        self.check_recorded_shape(weight_key)
+        self.check_scales(weight_key, parts)
+
+    def check_recorded_shape(self, weight_key: str) -> None:
+        """CheckpointError naming the file and the key when the (rows, columns) compressed-tensors records beside
+        packed weight `weight_key` are not its own (transformers would unpack it to them)."""
+        shape_key = weight_key.removesuffix("_packed") + "_shape"
+        if not weight_key.endswith("_packed") or shape_key not in self.key_to_file:
+            return
+        recorded, held = self._get(shape_key).tolist(), list(self.unpacked_shape(weight_key))
+        if recorded != held:
+            raise CheckpointError(
+                f"{self.file_of(shape_key)}: key {shape_key!r} is {recorded}, but {weight_key!r} holds a {held} "
+                f"matrix; {DAMAGED}"
+            )
+
+    def check_scales(self, weight_key: str, parts: int = 1) -> None:
+        """CheckpointError naming the file and the key when the scales of quantized weight `weight_key` are missing or
+        do not fit its shape: e4m3's `weight_scale_inv` one per fp8 block of each of `parts` matrices stacked by rows,
+        int8/int4's `weight_scale` one per row and group of columns."""
+        shape = self.unpacked_shape(weight_key)
+        if self.stored_dtype(weight_key) == "F8_E4M3":
+            scale_key = weight_key + "_scale_inv"
+            if self.fp8_block is None or scale_key not in self.key_to_file:
+                raise CheckpointError(
+                    f"{self.file_of(weight_key)}: FP8 tensor {weight_key!r} has no {scale_key!r} / "
+                    f"quantization_config; {DAMAGED}"
+                )
+            expected = fp8_scale_shape(shape, self.fp8_block, parts)
+            scale_shape = tuple(self.stored_shape(scale_key))
+            block_rows, block_cols = self.fp8_block
+            fits, wanted = scale_shape == expected, f"{expected}, a scale per {block_rows}x{block_cols} block"
+        else:
+            scale_key = weight_key.removesuffix("_packed") + "_scale"
+            scale_shape = tuple(self.stored_shape(scale_key))
+            *rows, groups = scale_shape
+            fits = tuple(rows) == shape[:-1] and groups > 0 and shape[-1] % groups == 0
+            wanted = f"({', '.join(map(str, shape[:-1]))}, G) with G dividing {shape[-1]}, a scale per row and group"
+        if not fits:
+            raise CheckpointError(
+                f"{self.file_of(scale_key)}: key {scale_key!r} has shape {scale_shape}, but the {shape} weight "
+                f"{weight_key!r} takes {wanted}; {DAMAGED}"
+            )
+
+    def check_stored_format(self, key: str) -> None:
+        """CheckpointError naming the file, the key and its dtype unless tensor `key` is stored as loading reads it:
+        e4m3 beside a `_scale_inv`, int8 beside a `_scale`, int32 words as `weight_packed`, else a float dtype (or
+        e4m3, whose missing scale `check_scales` names); quantized only in the quantization_config's format."""
+        stored = self.stored_dtype(key)
+        if f"{key}_scale_inv" in self:
+            loadable, expected = ("F8_E4M3",), f"fp8 e4m3, as its {key}_scale_inv says"
+        elif key.endswith(".weight_packed"):
+            loadable, expected = ("I32",), "int4/int8 codes packed in int32 words"
+        elif f"{key}_scale" in self:
+            loadable, expected = ("I8",), f"int8 codes, as its {key}_scale says"
+        else:
+            loadable, expected = (*FLOAT_STORED, "F8_E4M3"), f"a float weight ({', '.join(FLOAT_STORED)})"
+        if stored not in loadable:
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} is stored as {stored}, but seekstack loads it only as {expected}; "
+                f"{DAMAGED}"
+            )
+        configured = QUANTIZED_STORED.get(self.quant_method or "", ())
+        if stored not in FLOAT_STORED and self.quant_method is not None and stored not in configured:
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} is stored as {stored}, but the quantization_config of "
+                f"{self.directory / CONFIG_FILE} is {self.quant_method!r}, whose weights are {', '.join(configured)}; "
+                f"the config and the weights disagree: {DAMAGED}"
+            )
+
+    def stored_bytes(self, key: str) -> int:
+        """The bytes of `key` in its file, from the header only; CheckpointError naming the file and key for a dtype
+        seekstack does not read."""
+        width = STORED_WIDTHS.get(self.stored_dtype(key))
+        if width is None:
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} is stored as {self.stored_dtype(key)}, which seekstack does not "
+                f"read ({', '.join(STORED_WIDTHS)})"
+            )
+        return math.prod(self.stored_shape(key)) * width
+
+    def read(self, key: str, dequantize: bool = True, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor under `key`; a quantized weight (FP8, or compressed-tensors int8/int4) is dequantized to
+        float32 unless `dequantize` is False, and then starts at an ALIGNMENT boundary (the int kernels use it in
+        place; copied where the file's does not). With `shape` (what the config implies), CheckpointError naming the
+        file and the key for a tensor stored in another shape, and for quantized weights' scales that do not fit it."""
+        packed_key = key + "_packed"
+        if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
+            self.check_stored_format(packed_key)
+            if shape is not None:
+                self.check_shape(packed_key, shape)
+            self.check_recorded_shape(packed_key)
+            self.check_scales(packed_key)
+            self.used.update((packed_key, key + "_scale", key + "_shape"))
+            codes = unpack_codes(self._get(packed_key), self.packed_bits(key.removesuffix(".weight")))
+            return dequantize_int(codes, self._get(key + "_scale"))
+        if shape is not None:
+            self.check_shape(key, shape)
+        self.check_stored_format(key)
+        tensor = self._get(key)
+        self.used.add(key)
+        if not dequantize:  # memory-mapped; the mapping outlives the reader for as long as the tensor does
+            return _aligned(tensor)
+        if tensor.dtype == torch.int8 and key + "_scale" in self.key_to_file:
+            self.check_scales(key)
+            self.used.add(key + "_scale")
+            return dequantize_int(tensor, self._get(key + "_scale"))
+        if tensor.dtype == torch.float8_e4m3fn:
+            self.check_scales(key)  # refuses a missing scale or fp8 quantization_config too
+            self.used.add(key + "_scale_inv")
+            tensor = dequantize_fp8(tensor, self._get(key + "_scale_inv"), self.fp8_block)  # type: ignore[arg-type]
+        return tensor  # a float weight memory-mapped as it is, aligned or not (`_maps_in_place` asks)
+
+    def starts_aligned(self, key: str) -> bool:
+        """Whether tensor `key` starts at a multiple of ALIGNMENT bytes into its memory map, so into its file: files
+        seekstack did not write (safetensors pads a header to 8 bytes only) often hold tensors that do not."""
+        return self._get(key).data_ptr() % ALIGNMENT == 0
+
+    def _get(self, key: str) -> torch.Tensor:
+        return self._from_file(key, lambda handle: handle.get_tensor(key))
+
+    def _from_file(self, key: str, read: Callable[[Any], Any]) -> Any:
+        """`read(handle)` on the open safetensors file the index names for `key`; CheckpointError naming the file and
+        the key when the key is missing or the file cannot give it (an index pointing at the wrong shard)."""
+        if key not in self.key_to_file:
+            where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
+            raise CheckpointError(f"{where}: missing key {key!r}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
+        file = self.key_to_file[key]
+        if file not in self._handles:
+            self._handles[file] = self._files.enter_context(_open_safetensors(self.directory / file))
+        try:
+            return read(self._handles[file])
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
+
+
+def _fp8_block(quantization: dict[str, Any], config_path: Path) -> tuple[int, int]:
+    """The (rows, columns) scale block of an fp8 `quantization` config (DeepSeek's 128x128 when it names none);
+    CheckpointError naming the file and the field unless `weight_block_size` is two positive integers."""
+    block = quantization.get("weight_block_size", DEFAULT_FP8_BLOCK)
+    sizes = block if isinstance(block, (list, tuple)) else []
+    if len(sizes) != 2 or not all(type(size) is int and size > 0 for size in sizes):
+        raise CheckpointError(
+            f"{config_path}: quantization_config.weight_block_size is {block!r}; an fp8 checkpoint names its scale "
+            f"block as two positive integers [rows, columns] (DeepSeek's: {list(DEFAULT_FP8_BLOCK)}): use the "
+            f"{CONFIG_FILE} saved with these weights"
+        )
+    return sizes[0], sizes[1]
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or an aligned copy of it where it starts off an ALIGNMENT boundary (files not written by us)."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
+
+
+def stored_tensor_bytes(directory: str | Path) -> dict[str, int]:
+    """The bytes each tensor of checkpoint `directory` takes once loaded, by key, from its safetensors headers (no
+    weight is read; only compressed-tensors' two-number `weight_shape`s): as stored, without what loading leaves unread
+    (the MTP modules' copies of the embedding and head, the `weight_shape`s), integer scales as the quantized
+    layers hold them: in SCALE_DTYPE, int4's with a zero point each (the CPU kernel's scale-and-zero table), and a
+    quantized `kv_b_proj` as loading holds it: expanded to the float dtype of the embedding, without its scales."""
+    with CheckpointReader(Path(directory), None) as reader:
+        embedding = "model.embed_tokens.weight"
+        float_width = reader.stored_bytes(embedding) // math.prod(reader.stored_shape(embedding))
+        sizes = {}
+        for key in reader.key_to_file:
+            layer, _, part = key.rpartition(".")
+            if MTP_COPIES.match(key) or key.endswith(".weight_shape"):
+                continue
+            if layer.endswith(KEPT_FLOAT) and part != "bias":  # read dequantized; its scales are not held
+                if part in ("weight", "weight_packed"):
+                    sizes[f"{layer}.weight"] = math.prod(reader.unpacked_shape(key)) * float_width
+                continue
+            if key.endswith(".weight_scale"):
+                per_scale = 2 if reader.packed_bits(key.removesuffix(".weight_scale")) == 4 else 1
+                sizes[key] = math.prod(reader.stored_shape(key)) * per_scale * SCALE_DTYPE.itemsize
+            else:
+                sizes[key] = reader.stored_bytes(key)
+    return sizes
+
+
+def stored_float_dtype(directory: str | Path) -> torch.dtype:
+    """The dtype checkpoint `directory` stores its float weights in: its embedding's (a quantized checkpoint's
+    float layers are in it too)."""
+    with CheckpointReader(Path(directory), None) as reader:
+        name = reader.stored_dtype("model.embed_tokens.weight")
+    return TORCH_DTYPES[name]
