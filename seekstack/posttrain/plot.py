@@ -57,7 +57,7 @@ def plot_rl_runs(run_dirs: list[Path], out_path: Path, smooth: int = 10) -> Path
 
 def rl_figure(run_dirs: list[Path], smooth: int = 10) -> Figure:
     """The runs' curves, one panel of PANELS each, each point the mean of `smooth` steps."""
-    runs = [(Path(run_dir).name, _rl_records(run_dir)) for run_dir in run_dirs]  # all read before a figure opens
+    runs = [(name, _rl_records(run_dir)) for name, run_dir in zip(run_names(run_dirs), run_dirs, strict=True)]
     figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
     for name, records in runs:
         for axis, (title, keys) in zip(axes, PANELS, strict=True):
@@ -73,6 +73,13 @@ def rl_figure(run_dirs: list[Path], smooth: int = 10) -> Figure:
             axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Each run's name in the legends: its folder's name, or its path as given when two runs share that name
+    (runs/a/rl and runs/b/rl)."""
+    names = [Path(run_dir).name for run_dir in run_dirs]
+    return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
 
 
 def _rl_records(run_dir: Path) -> list[dict]:

@@ -57,3 +57,12 @@ def test_curves_of_few_points_show_markers_and_a_missing_run_names_rl(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="is it the out_dir of a `seekstack rl` run"):
         plot_rl_runs([tmp_path / "empty"], tmp_path / "x.png")
+
+
+def test_runs_of_the_same_folder_name_are_told_apart_by_their_paths(tmp_path):
+    lines = [{"step": s, "reward": 0.5, "accuracy": 0.5} for s in range(1, 4)]
+    for arm in ("grpo", "dr_grpo"):
+        (tmp_path / arm).mkdir()
+    first, second = (write_run(tmp_path / arm / "rl", lines) for arm in ("grpo", "dr_grpo"))
+    labels = [line.get_label() for line in panel(rl_figure([first, second]), "reward").lines]
+    assert labels == [f"{first}: accuracy", f"{second}: accuracy"]  # was: "rl: accuracy" twice
