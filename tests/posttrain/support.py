@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from seekstack.checkpoint import save_pretrained
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import Tokenizer, train_tokenizer
@@ -18,8 +20,11 @@ def byte_tokenizer(directory: Path) -> Tokenizer:
 
 
 def micro_checkpoint(directory: Path, context: int = 512) -> Path:
-    """A random micro model of `context` positions with the byte tokenizer, saved as a model directory."""
-    model = Transformer(micro_config(vocab_size=300, max_position_embeddings=context))
+    """A random micro model of `context` positions with the byte tokenizer, saved as a model directory. Its weights
+    are the same whichever tests ran before in the process (the models SFT trains from it are then the same too)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Transformer(micro_config(vocab_size=300, max_position_embeddings=context))
     save_pretrained(model, directory)
     assert byte_tokenizer(directory).vocab_size == 300
     return directory
