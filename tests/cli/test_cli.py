@@ -27,6 +27,7 @@ from seekstack.cli import app
 from seekstack.config import preset
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import Tokenizer
+from tests.infer.support import model_dir
 
 runner = CliRunner()
 
@@ -131,6 +132,15 @@ def test_commands_reading_a_run_name_the_checkpoint_they_picked(tmp_path, monkey
     result = runner.invoke(app, [part.format(run=tmp_path / "run") for part in command])
     assert f"using the run's newest checkpoint, {checkpoint}" in result.stderr
     assert given == [checkpoint]
+
+
+def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
+    checkpoint = model_dir(tmp_path / "model")
+    for option, value, problem in [("--temperature", "200", "200.0: input should be less than or equal to 100"),
+                                   ("--seed", str(2**64), f"{2**64}: input should be less than {2**64}")]:  # fmt: skip
+        result = run("sample", str(checkpoint), option, value, "--max-new-tokens", "2")
+        assert result.exit_code == 1
+        assert f"error: {option} has value {problem}" in result.stderr
 
 
 def test_eval_of_a_run_writes_its_results_in_the_run_where_report_reads_them(tmp_path, monkeypatch):
