@@ -31,17 +31,25 @@ HELD_OUT_FILE = "held_out.json"  # in an SFT run's out_dir: the conversation_key
 
 def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[list[int], list[int]]:
     """(ids, labels) of one conversation: labels are the ids on the tokens of assistant turns not of weight 0,
-    IGNORE_INDEX elsewhere."""
+    IGNORE_INDEX elsewhere. Every turn of the template opens with its role's special token, which the tokenizer never
+    merges across, so a turn's tokens are those of the turn encoded alone: one encoding per turn (encoding every
+    prefix of the conversation took 25 s for one of 200 turns)."""
     ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
+    bos = len(tokenizer.encode_chat([], add_generation_prompt=False))
+    role = len(tokenizer.encode_chat([], add_generation_prompt=True)) - bos  # the assistant's role token
     system = [m for m in messages if m["role"] == "system"]  # the chat template puts every system message first
-    turns = [m for m in messages if m["role"] != "system"]
-    for position, message in enumerate(turns):
-        if not is_trained(message):
-            continue
-        start = len(tokenizer.encode_chat([*system, *turns[:position]], add_generation_prompt=True))
-        end = len(tokenizer.encode_chat([*system, *turns[: position + 1]], add_generation_prompt=False))
-        labels[start:end] = ids[start:end]
+    start = len(tokenizer.encode_chat(system, add_generation_prompt=False))
+    for message in (m for m in messages if m["role"] != "system"):
+        end = start + len(tokenizer.encode_chat([message], add_generation_prompt=False)) - bos
+        if is_trained(message):
+            labels[start + role : end] = ids[start + role : end]
+        start = end
+    if start != len(ids):
+        raise ValueError(
+            f"tokenizer {tokenizer.source} encodes a conversation's turns into {start} tokens one by one but "
+            f"{len(ids)} together: it merges across its role tokens, so the assistant's tokens cannot be told apart"
+        )
     return ids, labels
 
 

@@ -49,6 +49,20 @@ def test_labels_cover_exactly_the_assistant_turns_and_their_eos(tmp_path):
     assert labels[ids.index(tokenizer.backend.token_to_id(ASSISTANT))] == IGNORE_INDEX
 
 
+def test_a_long_conversation_is_encoded_once_per_turn_not_once_per_prefix(tmp_path):
+    tokenizer = byte_tokenizer(tmp_path)
+    messages = [{"role": "system", "content": "Be brief."}]
+    for turn in range(60):
+        messages += [{"role": "user", "content": f"Question {turn}?"}, {"role": "assistant", "content": f"{turn}"}]
+    rendered, render = [], tokenizer.render_chat
+    tokenizer.render_chat = lambda chat, prompt=True: rendered.append(render(chat, prompt)) or rendered[-1]
+    ids, labels = encode_conversation(tokenizer, messages)
+    whole = len(render(messages, False))
+    assert sum(map(len, rendered)) < 3 * whole  # was ~60x: every prefix encoded twice (25 s for 200 long turns)
+    trained = [tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])]
+    assert trained == ["".join(f"{turn}{EOS}" for turn in range(60))]
+
+
 def test_labelled_text_bytes_count_each_target_tokens_own_bytes_even_where_seq_len_cuts_a_character(tmp_path):
     """The answer "café" + EOS: 5 bytes whole (the EOS counts none); cut between the two bytes of "é", the byte kept
     counts 1 (decoding the kept tokens counted its U+FFFD, 3)."""
