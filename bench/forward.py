@@ -13,6 +13,8 @@ else float32). theirs(default) is what `from_pretrained` picks unasked (float32)
 attention implementation and dtype that is fastest at that length (screened with a few forwards each, then confirmed
 by the interleaved measurement): every implementation in float32, and in bfloat16 too where this machine's measured
 bfloat16 matmul peak is above its float32 one. Ratio = ours tok/s / theirs tok/s: above 1 means seekstack is faster.
+max|dlogit| is ours against the transformers implementations in ours' dtype; each implementation's own is in the
+screening lines.
 
     python bench/forward.py                                   # full run, a few minutes on 2 cores
     python bench/forward.py --presets tiny --seq-lens 128 --reps 3 --no-profile   # quick check
@@ -163,10 +165,11 @@ def check_parity(setting: Setting, contender: Contender, logits: torch.Tensor, r
 
 def screen(
     setting: Setting, input_ids: torch.Tensor, reference: torch.Tensor, warmup: int, clock: str
-) -> tuple[str, float]:
-    """Warm up and parity-check every transformers implementation, time each; return the fastest and max |diff|."""
+) -> tuple[str, dict[str, float]]:
+    """Warm up and parity-check every transformers implementation, time each; return the fastest and each one's
+    max |logit difference| to ours."""
     B, T = input_ids.shape
-    candidates, max_difference = [], 0.0
+    candidates, differences = [], {}
     for contender in setting.theirs.values():
         contender.note = ""
         if (
@@ -181,7 +184,7 @@ def screen(
         except Exception as error:  # an implementation transformers offers but cannot run here
             contender.note = f"could not run: {type(error).__name__}: {str(error).splitlines()[0][:100]}"
             continue
-        max_difference = max(max_difference, check_parity(setting, contender, logits, reference))
+        differences[contender.name] = check_parity(setting, contender, logits, reference)
         candidates.append(contender)
     best: dict[str, float] = {}
     for _ in range(SCREEN_ROUNDS):
@@ -189,9 +192,12 @@ def screen(
             seconds = timed_forward(contender, input_ids, clock)
             best[contender.name] = min(best.get(contender.name, seconds), seconds)
     for contender in setting.theirs.values():
-        result = f"{B * T / best[contender.name]:10.0f} tok/s" if contender.name in best else contender.note
+        if contender.name in best:
+            result = f"{B * T / best[contender.name]:10.0f} tok/s, max|dlogit| {differences[contender.name]:.1e}"
+        else:
+            result = contender.note
         print(f"    {contender.name:28s} {result}", flush=True)
-    return min(best, key=best.__getitem__), max_difference
+    return min(best, key=best.__getitem__), differences
 
 
 def interleaved_medians(
@@ -213,7 +219,11 @@ def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int
     for _ in range(warmup):
         reference = setting.ours.logits(input_ids)
     print(f"  {setting.preset} T={seq_len}: screening transformers implementations", flush=True)
-    fastest, max_difference = screen(setting, input_ids, reference, warmup, clock)
+    fastest, differences = screen(setting, input_ids, reference, warmup, clock)
+    # Parity is judged like for like: a bfloat16 implementation's rounding says nothing of ours in float32.
+    same_dtype = [
+        difference for name, difference in differences.items() if setting.theirs[name].dtype == setting.ours.dtype
+    ]
     default = setting.theirs[setting.default]
     contenders = [setting.ours, default] + ([setting.theirs[fastest]] if fastest != setting.default else [])
     medians = interleaved_medians(contenders, input_ids, reps, clock)
@@ -228,7 +238,7 @@ def benchmark(setting: Setting, seq_len: int, batch: int, reps: int, warmup: int
         "default": tokens / medians[default.name],
         "fastest": tokens / medians[fastest],
         "fastest_name": fastest,
-        "max_difference": max_difference,
+        "max_difference": max(same_dtype, default=float("nan")),
     }
 
 
@@ -241,6 +251,7 @@ def print_table(rows: list[dict[str, object]], batch: int, settings: list[Settin
     print(f"\nForward throughput, batch {batch}, torch threads {torch.get_num_threads()}, ours in " +
           ", ".join(f"{preset}: {dtype}" for preset, dtype in dtypes.items()))  # fmt: skip
     print("transformers default per preset: " + ", ".join(f"{p}: {n}" for p, n in default_names.items()))
+    print("max|dlogit|: ours against the transformers implementations in ours' dtype (nan: none ran in it)")
     header = (
         f"{'preset':7s} {'T':>5s} {'ours tok/s':>11s} {'theirs(default)':>16s} {'ratio':>6s} "
         f"{'theirs(fastest)':>16s} {'which':28s} {'ratio':>6s} {'max|dlogit|':>11s}"
