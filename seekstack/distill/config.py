@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Literal
 
 from seekstack.config import ConfigError, ModelConfig
-from seekstack.posttrain.config import _loop_fields, require_conversations_file
+from seekstack.posttrain.config import (
+    _loop_fields,
+    held_out_fraction,
+    require_conversations_file,
+    require_held_out_fields,
+)
 from seekstack.posttrain.tasks import TASKS
 from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
 from seekstack.train.config import TrainConfig, require_tokenizer_file
@@ -23,7 +28,8 @@ class DistillConfig(TrainConfig):
     checkpoint on `data_dir`'s token shards, or on conversations (`data` or `task`, as `seekstack sft` reads them)
     with every loss on the assistant's tokens only. Per micro-batch the loss is ce_weight * CE + kd_weight * T^2 *
     JSD_beta(teacher, student) + sum over mapped layers of weight * feature distance (+ the student's MTP and
-    balance terms, as in pretraining); validation (token shards only) scores the student alone."""
+    balance terms, as in pretraining); validation scores the student alone, on data_dir's val split or on the
+    held-out conversations (`val_data` or `val_fraction`, as in `seekstack sft`)."""
 
     checkpoint_fields = ("init_from", "teacher")  # a run's out_dir given there stands for its newest checkpoint
 
@@ -53,11 +59,20 @@ class DistillConfig(TrainConfig):
     task: str = ""  # with `data` "": `examples` generated traces of this seekstack.posttrain.tasks task
     difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
     examples: Positive = 4000  # generated conversations of `task`
+    val_data: str = ""  # conversations: JSONL of held-out conversations for val_loss; "" = val_fraction of the data
+    # conversations: share held out for val_loss, as `seekstack sft` holds it out (of `data`, by content hash; with
+    # `task`, distinct problems of its held-out split); None = 0.05 while eval_every > 0, else 0
+    val_fraction: Fraction | None = None
 
     @property
     def conversational(self) -> bool:
         """Whether the rows are conversations (`data` or `task`) rather than `data_dir`'s token shards."""
         return bool(self.data or self.task)
+
+    @property
+    def held_out_fraction(self) -> float:
+        """The share of the conversations this run holds out (`held_out_fraction` of its fields)."""
+        return held_out_fraction(self.val_data, self.val_fraction, self.eval_every)
 
     def validate(self, source: str | None = None) -> DistillConfig:
         config = super().validate(source)
@@ -86,6 +101,14 @@ class DistillConfig(TrainConfig):
                 "'' with feature_layers (feature KD needs the teacher's hidden states at every step)",
             )
             require_conversations_file(config.data)
+            for name in ("val_data", "val_fraction"):
+                require(
+                    config.conversational or getattr(config, name) in ("", None),
+                    name,
+                    "unset without data or task (a run on token shards is validated on data_dir's val split)",
+                )
+            if config.conversational:
+                require_held_out_fields(config)
             if config.conversational and not config.init_from and not config.tokenizer:
                 expectation = (
                     "a checkpoint folder with its tokenizer.json (the conversations' tokenizer; or set tokenizer)"

@@ -2,7 +2,8 @@
 
 The run is an ordinary training run on `data_dir`'s token shards (same loop, progress, metrics.jsonl, validation
 bits per byte of the student, atomic checkpoints, exact resume, DDP), or on conversations through the SFT stage's
-batch source (seekstack/posttrain/sft.py: assistant tokens labelled, the rest IGNORE_INDEX; one process), whose
+batch source (seekstack/posttrain/sft.py: assistant tokens labelled, the rest IGNORE_INDEX; held-out conversations
+recorded in out_dir and scored as in SFT; one process), whose
 model hooks (`DistillHooks`) wrap the student in a `DistillModel`: the teacher in the loop, the feature projections
 trained beside the student. Each
 checkpoint is the student's own Hugging Face-format folder plus, for resume, the projections and the count of
@@ -11,7 +12,6 @@ micro-batches trained in `distill_state.pt` (outside the student's safetensors).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from seekstack.distill.onpolicy import StudentGenerations
 from seekstack.distill.teacher import Teacher, TopKCache, check_shared_tokenizer
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.config import tokenizer_path
+from seekstack.posttrain.conversations import write_held_out
 from seekstack.posttrain.sft import SFTSource
 from seekstack.schema import require
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
@@ -84,12 +85,9 @@ def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> Tra
         require(config.cache_top_k <= vocab_size, "cache_top_k", f"at most the teacher's vocab_size {vocab_size:,}")
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read
-    if config.conversational and config.eval_every:
-        print(
-            f"note: eval_every={config.eval_every} evaluates nothing here: distillation on conversations "
-            f"({config.data or f'task={config.task}'}) holds none out and scores no token shards; score the student "
-            "with `seekstack pass-at-k` (a task) or `seekstack eval`, or set eval_every=0",
-            file=sys.stderr,
-        )
-    source = SFTSource(config) if config.conversational else None  # type: ignore[arg-type]  # the fields it reads
+    source = None
+    if config.conversational:
+        source = SFTSource(config, holds_out=True)  # type: ignore[arg-type]  # the fields it reads
+        if not resume:
+            write_held_out(config.out_dir, source.held_out)
     return train(config, resume=resume, hooks=DistillHooks(config), source=source)

@@ -463,9 +463,9 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
 def _held_out_conversations(
     run_dir: Path, conversations: list[list[dict]], train_config: dict[str, Any]
 ) -> list[list[dict]] | None:
-    """The conversations an `sft` run held out for val_loss: its `val_data` file's (when still there), or those of
-    `conversations` its out_dir records it kept back (none for distill, and for sft runs from before held-out
-    conversations). None when it held some back but recorded not which (started by an earlier seekstack)."""
+    """The conversations an `sft` or `distill` run held out for val_loss: its `val_data` file's (when still there), or
+    those of `conversations` its out_dir records it kept back (none for runs from before held-out conversations).
+    None when it held some back but recorded not which (started by an earlier seekstack)."""
     from seekstack.posttrain.config import held_out_fraction
     from seekstack.posttrain.conversations import conversation_key, read_conversations, read_held_out
 

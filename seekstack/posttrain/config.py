@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, TypeVar
 
 from annotated_types import Interval
 
@@ -22,6 +22,9 @@ from seekstack.schema import (
     require,
 )
 from seekstack.train.config import TrainConfig, require_tokenizer_file
+
+if TYPE_CHECKING:
+    from seekstack.distill.config import DistillConfig  # which imports this module
 
 C = TypeVar("C", bound=TrainConfig)
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
@@ -59,20 +62,7 @@ class SFTConfig(TrainConfig):
         _require_tokenizer(config, source)
         try:
             require_conversations_file(config.data)
-            require_conversations_file(config.val_data, "val_data")
-            require(
-                not config.val_data or not config.data or not Path(config.val_data).samefile(config.data),
-                "val_data",
-                "another file than data (held-out conversations are never trained on)",
-            )
-            fraction = config.val_fraction
-            require(fraction is None or fraction < 1, "val_fraction", "below 1 (1 leaves nothing to train on)")
-            require(not (config.val_data and fraction), "val_fraction", "0 or unset when val_data is given")
-            require(
-                bool(config.data) or not fraction or int(fraction * config.examples) > 0,
-                "val_fraction",
-                f"0 or at least 1/examples={1 / config.examples:.2g}, to hold out a problem of task {config.task}",
-            )
+            require_held_out_fields(config)
         except ConfigError as error:
             raise error.at(source) from None
         return config
@@ -181,9 +171,28 @@ def _refuse_unused_by_rl(config: GRPOConfig, source: str | None) -> None:
             raise ConfigError(problem, field=name, source=source)
 
 
+def require_held_out_fields(config: SFTConfig | DistillConfig) -> None:
+    """ConfigErrors naming val_data or val_fraction when they cannot hold conversations out of the run's `data` or
+    `task` (SFT, and distillation on conversations)."""
+    require_conversations_file(config.val_data, "val_data")
+    require(
+        not config.val_data or not config.data or not Path(config.val_data).samefile(config.data),
+        "val_data",
+        "another file than data (held-out conversations are never trained on)",
+    )
+    fraction = config.val_fraction
+    require(fraction is None or fraction < 1, "val_fraction", "below 1 (1 leaves nothing to train on)")
+    require(not (config.val_data and fraction), "val_fraction", "0 or unset when val_data is given")
+    require(
+        bool(config.data) or not fraction or int(fraction * config.examples) > 0,
+        "val_fraction",
+        f"0 or at least 1/examples={1 / config.examples:.2g}, to hold out a problem of task {config.task}",
+    )
+
+
 def held_out_fraction(val_data: str, val_fraction: float | None, eval_every: int) -> float:
-    """The share of an SFT run's data held out: `val_fraction`, or by default DEFAULT_VAL_FRACTION while evaluations
-    read it; 0 when a `val_data` file holds the held-out conversations."""
+    """The share of an SFT (or conversation distillation) run's data held out: `val_fraction`, or by default
+    DEFAULT_VAL_FRACTION while evaluations read it; 0 when a `val_data` file holds the held-out conversations."""
     if val_data:
         return 0.0
     if val_fraction is not None:

@@ -69,9 +69,9 @@ def split_conversations(
 
 
 class SFTSource:
-    """Conversations as (input_ids, labels) micro-batches for the trainer; with `holds_out` (an SFT run: its config's
-    val_data or val_fraction), the held-out ones (`held_out`) as its fixed validation batches. Distill reads
-    conversations through this source without: it validates on token shards only."""
+    """Conversations as (input_ids, labels) micro-batches for the trainer; with `holds_out` (an SFT or conversation
+    distillation run: its config's val_data or val_fraction), the held-out ones (`held_out`) as its fixed validation
+    batches. Without, none are held out (adapters on a chat file, seekstack/adapters/data.py)."""
 
     def __init__(self, config: SFTConfig, holds_out: bool = False):
         self.config = config

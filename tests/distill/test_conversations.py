@@ -1,5 +1,6 @@
 """`seekstack distill` on conversations (the SFT stage's data and batch source): every loss on the assistant's
-tokens only, on-policy answers to the conversations' prompts from the current weights, exact resume."""
+tokens only, on-policy answers to the conversations' prompts from the current weights, held-out conversations scored
+every eval_every steps (as SFT's), exact resume."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seekstack.checkpoint import load_pretrained
+from seekstack.config import ConfigError
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.losses import kl_divergence
 from seekstack.distill.model import DistillModel
@@ -19,7 +22,16 @@ from seekstack.distill.run import run_distill
 from seekstack.distill.teacher import Teacher, TopKCache, layer_outputs
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
+from seekstack.posttrain.conversations import (
+    HELD_OUT_FILE,
+    conversation_key,
+    labelled_text_bytes,
+    read_held_out,
+    task_conversations,
+    write_conversations,
+)
 from seekstack.posttrain.sft import SFTSource
+from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import TOKENIZER_FILE
 from seekstack.train.plot import plot_run
 from tests.distill.support import DENSE_STUDENT, VOCAB, write_teacher
@@ -134,13 +146,79 @@ def test_conversation_distillation_goes_on_policy_after_its_warm_up_and_resumes_
     assert resumed.losses == whole.losses[2:]  # bit for bit, on-policy from the first resumed step
 
 
-def test_a_conversation_run_says_its_eval_every_evaluates_nothing(workspace, tmp_path, capsys):
-    run_distill(conversation_config(workspace, tmp_path / "run", eval_every=1, max_steps=1, save_every=0))
-    said = capsys.readouterr().err  # was: silence, and no val_loss in metrics.jsonl
-    assert "note: eval_every=1 evaluates nothing here: distillation on conversations (task=addition) holds" in said
-    assert "val_loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
-    run_distill(conversation_config(workspace, tmp_path / "quiet", eval_every=0, max_steps=1, save_every=0))
-    assert "eval_every" not in capsys.readouterr().err
+def evaluations(out_dir) -> list[dict]:
+    """The val_loss records of a run's metrics.jsonl."""
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if "val_loss" in record]
+
+
+def test_held_out_conversations_are_left_out_of_training_and_val_loss_is_the_students_loss_on_them(workspace, tmp_path):
+    data = write_conversations(task_conversations(make_task("addition", 1), 16, seed=0), tmp_path / "sums.jsonl")
+    changes = dict(task="", data=str(data), val_fraction=0.25, eval_every=2, eval_batches=2, save_every=0)
+    config = conversation_config(workspace, tmp_path / "run", **changes)
+    run_distill(config)  # was: eval_every evaluated nothing, and no val_loss was logged
+    source = SFTSource(config, holds_out=True)  # type: ignore[arg-type]
+    assert len(source.validation) == 4 and len(source.rows.rows) == 12
+    assert {tuple(ids) for ids, _ in source.validation}.isdisjoint(tuple(ids) for ids, _ in source.rows.rows)
+    assert read_held_out(tmp_path / "run") == {conversation_key(c) for c in source.held_out}
+    logged = evaluations(tmp_path / "run")
+    assert [record["step"] for record in logged] == [2, 4]
+    # directly: the student's summed cross-entropy on every assistant token of the 4 held-out conversations
+    student = load_pretrained(tmp_path / "run" / "checkpoints" / "step_4").eval()
+    nats, targets, text_bytes = 0.0, 0, 0
+    for ids, labels in source.validation:
+        with torch.no_grad():
+            logits = student(torch.tensor([ids])).logits[0]
+        nats += F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), reduction="sum").item()
+        targets += sum(label != IGNORE_INDEX for label in labels[1:])
+        text_bytes += labelled_text_bytes(source.tokenizer, labels, config.seq_len)
+    assert logged[-1]["val_loss"] == pytest.approx(nats / targets, rel=1e-5)
+    assert logged[-1]["val_bpb"] == pytest.approx(nats / (math.log(2) * text_bytes), rel=1e-5)
+
+
+def test_a_resumed_conversation_run_keeps_its_held_out_set_and_logs_the_same_val_loss(workspace, tmp_path):
+    changes = dict(val_fraction=0.25, eval_every=2, eval_batches=2, max_steps=4, save_every=2)
+    run_distill(conversation_config(workspace, tmp_path / "whole", **changes))
+    held_out = read_held_out(tmp_path / "whole")
+    assert len(held_out) == 4  # distinct problems of the task's held-out split
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_4")
+    run_distill(conversation_config(workspace, tmp_path / "cut", **changes), resume=True)
+    assert read_held_out(tmp_path / "cut") == held_out
+    assert evaluations(tmp_path / "cut") == evaluations(tmp_path / "whole")  # step 4's scored the same conversations
+
+
+def test_a_conversation_run_from_before_its_hold_out_resumes_only_on_its_rows(workspace, tmp_path):
+    """A run started before distillation held conversations out trained on all of them and has no held_out.json. On a
+    data file, holding some out now changes its rows: refused naming init_from; holding none out, it resumes. A task's
+    held-out problems come from another split: its rows are the same, so it resumes and records them."""
+    data = write_conversations(task_conversations(make_task("addition", 1), 16, seed=0), tmp_path / "sums.jsonl")
+    on_data, held_out = dict(task="", data=str(data)), dict(val_fraction=0.25, eval_every=2)
+    for run_dir, source in ((tmp_path / "data", on_data), (tmp_path / "task", {})):
+        run_distill(conversation_config(workspace, run_dir, max_steps=2, save_every=2, **source))
+        (run_dir / HELD_OUT_FILE).unlink()  # the run folder an earlier seekstack left
+
+    with pytest.raises(ValueError, match="has no held_out.json: its run was started by an earlier") as refusal:
+        run_distill(conversation_config(workspace, tmp_path / "data", max_steps=3, **on_data, **held_out), resume=True)
+    assert f"init_from={tmp_path / 'data'} (its newest checkpoint) and another out_dir" in str(refusal.value)
+    assert run_distill(conversation_config(workspace, tmp_path / "data", max_steps=3, **on_data), resume=True).step == 3
+    assert read_held_out(tmp_path / "data") == set()
+
+    task_run = conversation_config(workspace, tmp_path / "task", max_steps=3, **held_out)
+    assert run_distill(task_run, resume=True).step == 3
+    assert len(read_held_out(tmp_path / "task")) == 4
+
+
+def test_held_out_fields_are_refused_on_token_shards_or_out_of_range_naming_their_key(workspace, tmp_path):
+    for changes, message in [
+        (dict(task="", val_fraction=0.1), "field 'val_fraction' must be unset without data or task"),
+        (dict(task="", val_data="chats.jsonl"), "field 'val_data' must be unset without data or task"),
+        (dict(val_fraction=1.0), "field 'val_fraction' must be below 1 (1 leaves nothing to train on)"),
+        (dict(val_data="nope.jsonl"), "field 'val_data' must be a JSONL file of conversations, not 'nope.jsonl'"),
+    ]:
+        with pytest.raises(ConfigError) as refusal:
+            conversation_config(workspace, tmp_path / "run", **changes)
+        assert message in str(refusal.value), (changes, str(refusal.value))
 
 
 def test_teacher_cache_serves_conversation_batches_on_a_rerun_and_keeps_on_policy_answers_out(workspace, tmp_path):
