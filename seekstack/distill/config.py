@@ -28,8 +28,8 @@ class DistillConfig(TrainConfig):
     checkpoint on `data_dir`'s token shards, or on conversations (`data` or `task`, as `seekstack sft` reads them)
     with every loss on the assistant's tokens only. Per micro-batch the loss is ce_weight * CE + kd_weight * T^2 *
     JSD_beta(teacher, student) + sum over mapped layers of weight * feature distance (+ the student's MTP and
-    balance terms, as in pretraining); validation scores the student alone, on data_dir's val split or on the
-    held-out conversations (`val_data` or `val_fraction`, as in `seekstack sft`)."""
+    balance terms, as in pretraining); validation scores the student's loss and its divergence from the teacher, on
+    data_dir's val split or on the held-out conversations (`val_data` or `val_fraction`, as in `seekstack sft`)."""
 
     checkpoint_fields = ("init_from", "teacher")  # a run's out_dir given there stands for its newest checkpoint
 

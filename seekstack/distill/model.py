@@ -32,8 +32,8 @@ from seekstack.model.transformer import ModelOutput, Transformer
 class DistillModel(nn.Module):
     """Student + feature projections. In training mode `forward(rows, labels=rows)` returns the distillation loss
     (`lm_loss` stays the student's cross-entropy); in eval mode it is the student's forward, so validation scores
-    the student alone. The teacher is kept out of the module tree: frozen, it is never trained, saved, wrapped by
-    DDP or touched by the expert-bias update."""
+    the student's own loss, and `validation_terms` its divergence from the teacher. The teacher is kept out of the
+    module tree: frozen, it is never trained, saved, wrapped by DDP or touched by the expert-bias update."""
 
     def __init__(
         self,
@@ -95,6 +95,20 @@ class DistillModel(nn.Module):
                 input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=keep_logits, counted=counted
             )
         return self.distillation_loss(input_ids, labels, mtp_loss_weight, counted)
+
+    def validation_terms(self, rows: torch.Tensor, labels: torch.Tensor, out: ModelOutput) -> dict[str, torch.Tensor]:
+        """What an evaluation logs beside the student's loss, given the student's output `out` on the rows:
+        `divergence`, the T^2 JSD_beta term the run trains (teacher from the cache when it holds the rows), averaged
+        over the positions predicting labelled tokens."""
+        compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1)
+        student_logits = self.student.lm_head(out.hidden_states[:, :-1][compared])
+        teacher = self.teacher.score(rows, compared, [])
+        real = slice(self.tokenizer_vocab)
+        config = self.settings
+        divergence = logit_distillation(
+            student_logits[:, real], teacher.logits[:, real], config.beta, config.temperature
+        )
+        return {"divergence": divergence}
 
     def distillation_loss(
         self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float, counted: torch.Tensor | None = None

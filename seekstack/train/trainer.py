@@ -619,18 +619,25 @@ class _Run:
     def evaluate(self) -> dict[str, Any] | None:
         """Next-token loss over `eval_batches` global validation batches (the targets their labels count), bits per
         byte, and MaxVio over all those batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only, or every rank
-        where the parameters are split over the ranks (experts, FSDP shards), whose forward gathers from all of them."""
+        where the parameters are split over the ranks (experts, FSDP shards), whose forward gathers from all of them.
+        A model with `validation_terms(input_ids, labels, out)` (distillation) has each term it returns, a mean over
+        the batch's targets, averaged over all the targets and logged as `val_NAME`."""
         split = self.expert_parallel or is_sharded(self.model)
         batches = self._validation_batches() if self.ranks.is_main or split else None
         if batches is None:
             return None
         self.model.eval()
         loss_sum, targets, text_bytes, expert_load = 0.0, 0, 0.0, None
+        terms = getattr(self.model, "validation_terms", None)  # distillation's divergence to its teacher
+        term_sums: dict[str, float] = {}
         for batch in batches:
             input_ids, labels = batch.input_ids.to(self.ranks.device), batch.labels.to(self.ranks.device)
             with self._autocast():
                 out = self.model(input_ids, labels=labels, keep_logits=False)
+                batch_terms = terms(input_ids, labels, out) if terms is not None else {}
             count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            for name, value in batch_terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value.item() * count
             loss_sum += out.lm_loss.item() * count
             targets += count
             text_bytes += batch.text_bytes
@@ -640,6 +647,7 @@ class _Run:
         val_loss = loss_sum / targets
         bpb = loss_sum / (math.log(2) * text_bytes)  # bits per byte = nats summed over the targets / (ln 2 * bytes)
         metrics = {"step": self.step, "val_loss": val_loss, "val_bpb": bpb}
+        metrics |= {f"val_{name}": total / targets for name, total in term_sums.items()}
         if expert_load is not None:
             per_layer = max_violation(expert_load)
             metrics["val_maxvio"] = per_layer.mean().item()

@@ -163,17 +163,23 @@ def test_held_out_conversations_are_left_out_of_training_and_val_loss_is_the_stu
     assert read_held_out(tmp_path / "run") == {conversation_key(c) for c in source.held_out}
     logged = evaluations(tmp_path / "run")
     assert [record["step"] for record in logged] == [2, 4]
-    # directly: the student's summed cross-entropy on every assistant token of the 4 held-out conversations
+    # directly: the student's summed cross-entropy on every assistant token of the 4 held-out conversations, and its
+    # KL from the teacher (beta 0, temperature 1) at the positions predicting them, over the tokenizer's ids
     student = load_pretrained(tmp_path / "run" / "checkpoints" / "step_4").eval()
-    nats, targets, text_bytes = 0.0, 0, 0
+    teacher = load_pretrained(workspace["teacher"]).eval()
+    nats, kl, targets, text_bytes = 0.0, 0.0, 0, 0
     for ids, labels in source.validation:
+        answer = torch.tensor(labels[1:]) != IGNORE_INDEX
         with torch.no_grad():
-            logits = student(torch.tensor([ids])).logits[0]
-        nats += F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), reduction="sum").item()
-        targets += sum(label != IGNORE_INDEX for label in labels[1:])
+            logits, teacher_logits = (model(torch.tensor([ids])).logits[0, :-1] for model in (student, teacher))
+        nats += F.cross_entropy(logits, torch.tensor(labels[1:]), reduction="sum").item()
+        mine, theirs = (x[answer, : source.tokenizer.vocab_size].log_softmax(-1) for x in (logits, teacher_logits))
+        kl += kl_divergence(theirs, mine).sum().item()
+        targets += int(answer.sum())
         text_bytes += labelled_text_bytes(source.tokenizer, labels, config.seq_len)
     assert logged[-1]["val_loss"] == pytest.approx(nats / targets, rel=1e-5)
     assert logged[-1]["val_bpb"] == pytest.approx(nats / (math.log(2) * text_bytes), rel=1e-5)
+    assert logged[-1]["val_divergence"] == pytest.approx(kl / targets, rel=1e-4)
 
 
 def test_a_resumed_conversation_run_keeps_its_held_out_set_and_logs_the_same_val_loss(workspace, tmp_path):

@@ -94,6 +94,7 @@ def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp
     assert {name: tuple(t.shape) for name, t in maps.items()} == {"maps.0.weight": (64, 32), "maps.1.weight": (64, 32)}
     lines = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "val_bpb" in line] == [2, 4]  # validation of the student
+    assert all(line["val_divergence"] > 0 for line in lines if "val_bpb" in line)  # and of its gap to the teacher
 
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_4")
