@@ -11,7 +11,8 @@ token); their greedy tokens are compared first. Each timed run of ours alternate
 over repetitions is reported, so load from other processes falls on both sides alike.
 
     prefill tok/s = B x prompt_len / t(1 new token)
-    decode tok/s  = B x (new_tokens - 1) / (t(new_tokens) - t(1 new token))
+    decode tok/s  = B x (new_tokens - 1) / (t(new_tokens) - t(1 new token)), nan where t(new_tokens) is not above
+                    t(1 new token): the decode time is within timing noise (raise --new-tokens or --reps)
 
 KV-cache bytes per token: ours from the paged pool, (kv_lora_rank + qk_rope_head_dim) x layers x dtype
 size; theirs by measuring the tensors of the cache object `generate` returns. Then the total decode
@@ -33,6 +34,7 @@ Every rate is also given as matmul FLOP/s against the machine's matmul peak in o
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -160,16 +162,16 @@ def speed_row(
         common = sum(_common_prefix(a, b) for a, b in zip(ours_tokens, theirs_tokens, strict=True))
         agree = min(agree, common / (batch * new_tokens))
     runs = {}
-    for suffix, n in (("1", 1), ("n", new_tokens)):
-        runs[f"ours_{suffix}"] = lambda n=n: ours_generate(engine, prompts, n)
-        runs[f"default_{suffix}"] = lambda n=n: ours_generate(default, prompts, n)
+    for n in (1, new_tokens):
+        runs[f"ours_{n}"] = lambda n=n: ours_generate(engine, prompts, n)
+        runs[f"default_{n}"] = lambda n=n: ours_generate(default, prompts, n)
         for name, model in theirs.items():
-            runs[f"{name}_{suffix}"] = lambda model=model, n=n: theirs_generate(model, prompts, n)
+            runs[f"{name}_{n}"] = lambda model=model, n=n: theirs_generate(model, prompts, n)
     medians = interleaved(runs, reps, clock)
     row = {"batch": batch, "agree": agree}
     for side in ("ours", "default", *theirs):
         row[f"{side}_prefill"] = batch * prompt_len / medians[f"{side}_1"]
-        row[f"{side}_decode"] = batch * (new_tokens - 1) / (medians[f"{side}_n"] - medians[f"{side}_1"])
+        row[f"{side}_decode"] = decode_rate(medians, side, batch, new_tokens)
     return row
 
 
@@ -189,6 +191,8 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true", help="also batch 1 beside a competing busy process")
     add_machine_options(parser)
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens {args.new_tokens}: at least 2, the decode rate is t(N new tokens) - t(1 new token)")
     prepare_machine(args)
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, preset {args.preset}; ours in the default "
@@ -219,6 +223,7 @@ def main() -> None:
             f"{'greedy agree':>13s}"
         )
         print(header + "\n" + "-" * len(header))
+        rates = []
         for batch in args.batches:
             row = speed_row(engine, default, theirs, batch, args.prompt_len, args.new_tokens, args.reps, args.clock)
             print(
@@ -229,6 +234,8 @@ def main() -> None:
                 f"{row['ours_decode'] / row[f'{like}_decode']:11.2f}x {row['agree']:13.0%}",
                 flush=True,
             )
+            rates += [value for key, value in row.items() if key.endswith("_decode")]
+        print_noise_notice(rates)
 
         prompts = random_prompts(1, args.prompt_len, engine.config.vocab_size)
         ours_bytes = engine.cache.bytes_per_token()
@@ -253,11 +260,9 @@ def main() -> None:
                 args.reps,
                 args.clock,
             )
-            rates = [
-                concurrent * (args.new_tokens - 1) / (medians[f"{name}_{args.new_tokens}"] - medians[f"{name}_1"])
-                for name in ("eager", "default")
-            ]
+            rates = [decode_rate(medians, name, concurrent, args.new_tokens) for name in ("eager", "default")]
             print(f"  {concurrent:3d} sequences: {rates[0]:8.1f} / {rates[1]:8.1f} tok/s", flush=True)
+            print_noise_notice(rates)
 
         flops_per_token = forward_flops_per_token(config, args.prompt_len + args.new_tokens // 2)
         llama_cpp_rows(engine, default, Path(root) / args.preset, args, flops_per_token, peak)
@@ -266,8 +271,16 @@ def main() -> None:
 
 
 def decode_rate(medians: dict[str, float], name: str, sequences: int, new_tokens: int) -> float:
-    """sequences x (new_tokens - 1) / (t(new_tokens) - t(1)) from medians keyed `name_1`, `name_<new_tokens>`."""
-    return sequences * (new_tokens - 1) / (medians[f"{name}_{new_tokens}"] - medians[f"{name}_1"])
+    """sequences x (new_tokens - 1) / (t(new_tokens) - t(1)) from medians keyed `name_1`, `name_<new_tokens>`; nan
+    where t(new_tokens) is not above t(1): the decode time is within timing noise, and no rate can be told from it."""
+    decode_seconds = medians[f"{name}_{new_tokens}"] - medians[f"{name}_1"]
+    return sequences * (new_tokens - 1) / decode_seconds if decode_seconds > 0 else math.nan
+
+
+def print_noise_notice(rates: list[float]) -> None:
+    """Say why a rate printed above is nan, and what to do."""
+    if any(math.isnan(rate) for rate in rates):
+        print("  nan: t(new tokens) was not above t(1 new token), within timing noise: raise --new-tokens or --reps")
 
 
 GGUF_OF_DTYPE = {"float32": "f32", "bfloat16": "bf16"}  # the llama.cpp file type that is like for like with ours
@@ -306,8 +319,10 @@ def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops
     print(f"  {'ours (default)':24s} {ours:8.1f} tok/s   {share_of_peak(ours, flops_per_token, peak)}")
     print(f"  {'ours (eager)':24s} {eager:8.1f} tok/s   {share_of_peak(eager, flops_per_token, peak)}")
     print(f"  batch 1, llama.cpp on {one} thread(s) as ours:")
+    rates = [ours, eager]
     for peer in peers:
         rate = decode_rate(medians, f"{peer.outtype}@{one}", 1, args.new_tokens)
+        rates.append(rate)
         agree = _common_prefix(peer_run(peer, one, args.new_tokens), ours_tokens) / args.new_tokens
         like = "  <- like for like" if peer.outtype == GGUF_OF_DTYPE[ours_dtype] else ""
         print(
@@ -316,13 +331,16 @@ def llama_cpp_rows(engine: Engine, default: Engine, model_dir: Path, args, flops
             f"{like}"
         )
     eight_rate = decode_rate(medians, "ours8", 8, args.new_tokens)
+    rates.append(eight_rate)
     print(
         f"  ours (default), 8 concurrent sequences on {eight} thread(s): {eight_rate:.1f} tok/s; llama.cpp on {eight}:"
     )
     for peer in peers:
         single = decode_rate(medians, f"{peer.outtype}@{eight}", 1, args.new_tokens)
+        rates.append(single)
         like = "  <- like for like" if peer.outtype == GGUF_OF_DTYPE[ours_dtype] else ""
         print(f"    = {eight_rate / single:5.2f}x llama.cpp {peer.outtype}'s one stream ({single:.1f} tok/s){like}")
+    print_noise_notice(rates)
 
 
 def busy_rows(engine: Engine, model: torch.nn.Module, args, flops_per_token: float, peak: float) -> None:
@@ -350,14 +368,17 @@ def busy_rows(engine: Engine, model: torch.nn.Module, args, flops_per_token: flo
         competitor.wait()
     print(f"\nbatch 1 beside a competing busy process, torch threads {torch.get_num_threads()}:")
     theirs = decode_rate(medians, "theirs", 1, args.new_tokens)
+    rates = []
     for name, label in (
         ("ours", "ours eager, default threads"),
         ("all", "ours eager, all threads"),
         ("theirs", "theirs (float32)"),
     ):
         rate = decode_rate(medians, name, 1, args.new_tokens)
+        rates.append(rate)
         share = share_of_peak(rate, flops_per_token, peak)
         print(f"  {label:22s} {rate:8.1f} tok/s   / theirs = {rate / theirs:.2f}x   {share}")
+    print_noise_notice(rates)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,26 @@
+"""bench/decode.py's decode rate, B x (N - 1) / (t(N) - t(1)): never negative or infinite, and settings that cannot
+measure one are refused."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
+sys.path.insert(0, str(SCRIPT.parent))  # its siblings (machine.py, llama_cpp_peer.py), as when run
+from bench.decode import decode_rate  # noqa: E402
+
+
+def test_decode_rate_is_the_decode_tokens_over_the_time_past_the_first_token():
+    assert decode_rate({"ours_1": 0.01, "ours_4": 0.04}, "ours", sequences=2, new_tokens=4) == 2 * 3 / 0.03
+
+
+def test_decode_rate_is_nan_where_the_timing_noise_hides_the_decode_time():
+    for longest in (0.0199, 0.02):  # t(4 tokens) below t(1), and equal to it: a negative and an infinite rate
+        assert math.isnan(decode_rate({"ours_1": 0.02, "ours_4": longest}, "ours", sequences=1, new_tokens=4))
+
+
+def test_one_new_token_is_refused_naming_the_option():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--new-tokens", "1"], capture_output=True, text=True, timeout=90)
+    assert run.returncode == 2
+    assert "--new-tokens 1: at least 2" in run.stderr
