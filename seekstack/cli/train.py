@@ -52,8 +52,9 @@ def run_stage(
         if write_to is not None:
             if not cls.rows_fit_context:  # as the run will refuse it
                 resolved.require_seq_len_within(resolved.trained_context())
-            write_config(resolved, write_to)
-            typer.echo(f"wrote the config to {write_to}")
+            if main:  # under torchrun every rank resolved the same config: rank 0 writes it, the others exit quietly
+                write_config(resolved, write_to)
+                typer.echo(f"wrote the config to {write_to}")
             return
         try:
             result = run(resolved, resume=resume)
