@@ -263,6 +263,13 @@ def resolve_train_config(
         config = check(cls, values).validate()
         _refuse_another_model(config, _model_settings(cls, given, overrides), resume)
     except ConfigError as error:
+        if resume and _kept_from_saved_config(cls, error, given, overrides):
+            raise ConfigError(
+                f"{error.problem}; the run's saved config holds this value (its relative paths are relative to the "
+                f"run's folder, so a copied or moved run can lose what they name): give {error.field}=... on the "
+                "command line to replace it",
+                error.field,
+            ).at(str(saved_path)) from None
         raise (error.at(_blamed(cls, error, overrides, source)) if source else error) from None
     if resume and warn is not None:
         saved = check(cls, base, str(saved_path))
@@ -350,6 +357,15 @@ def _blamed(cls: type, error: ConfigError, overrides: Sequence[str], source: str
     field = overridden_field(cls, error.field) if error.field else None
     given = {overridden_field(cls, override.partition("=")[0]) for override in overrides}
     return "key=value on the command line" if field in given else source
+
+
+def _kept_from_saved_config(cls: type, error: ConfigError, given: dict[str, Any], overrides: Sequence[str]) -> bool:
+    """Whether the field at fault has the value a resumed run saved: neither the config file nor the command line
+    gave one."""
+    if error.field is None:
+        return False
+    given_fields = set(given) | {overridden_field(cls, override.partition("=")[0]) for override in overrides}
+    return overridden_field(cls, error.field) not in given_fields
 
 
 def _given_values(path: str | Path | None) -> dict[str, Any]:

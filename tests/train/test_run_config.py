@@ -209,6 +209,21 @@ def test_a_resume_given_the_same_relative_paths_warns_of_no_change(tmp_path, mon
     assert warnings == ['resuming with init_from="other_ck" (the run last ran with "ck")']
 
 
+def test_a_run_copied_to_another_depth_names_its_saved_config_for_a_lost_path_and_resumes_given_it_again(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "ck").mkdir(parents=True)
+    load_train_config(None, ["init_from=runs/ck", "out_dir=runs/x/rl"]).save("runs/x/rl")  # saved as ../../ck
+    shutil.copytree("runs/x/rl", "o/rl")  # its ../../ck is now o/../../ck
+    with pytest.raises(ConfigError) as refused:
+        resolve_train_config(None, ["out_dir=o/rl"], resume=True)
+    assert str(refused.value).startswith(f"o/rl/{CONFIG_FILE}: field 'init_from' must be an existing checkpoint folder")
+    assert str(refused.value).endswith("give init_from=... on the command line to replace it")
+    resumed = resolve_train_config(None, ["out_dir=o/rl", "init_from=runs/ck"], resume=True)
+    assert resumed.init_from == "runs/ck"
+
+
 def test_a_path_given_absolute_is_saved_absolute_whatever_this_process_resolved_before(tmp_path, monkeypatch) -> None:
     """Which paths were given relative is read from the values themselves, not from earlier runs of the process (a
     resume of run a, whose saved out_dir '.' names its folder, made run b save a's checkpoint relative)."""
