@@ -19,6 +19,9 @@ ConfigArg = Annotated[Path | None, typer.Argument(help="Config file (YAML/TOML/J
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. init_from=DIR")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint")]
 WriteConfigOpt = Annotated[Path | None, typer.Option(help="Write the resolved config (YAML/JSON by suffix) and exit")]
+DifficultyOpt = Annotated[
+    int | None, typer.Option(min=1, help="The task's knob (digits, numbers), at least 1; default: its own")
+]
 SAMPLING_BATCH = 256  # pass-at-k and traces: completions decoded together at most
 
 
@@ -58,7 +61,7 @@ def pass_at_k_command(
         ),
     ],
     task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
-    difficulty: Annotated[int | None, typer.Option(help="The task's knob (digits, numbers); default: its own")] = None,
+    difficulty: DifficultyOpt = None,
     problems: Annotated[int, typer.Option(min=1, help="Held-out problems")] = 100,
     samples: Annotated[int, typer.Option(min=1, help="Samples per problem (k of pass@k)")] = 8,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
@@ -101,7 +104,7 @@ def traces_command(
     ],
     out: Annotated[Path, typer.Option(help="JSONL of verified conversations, for `seekstack sft data=OUT`")],
     task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
-    difficulty: Annotated[int | None, typer.Option(help="The task's knob (digits, numbers); default: its own")] = None,
+    difficulty: DifficultyOpt = None,
     prompts: Annotated[int, typer.Option(min=1, help="Distinct training problems to sample traces on")] = 1000,
     samples: Annotated[int, typer.Option(min=1, help="Traces sampled per problem")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,

@@ -337,6 +337,14 @@ def test_auto_threads_sample_on_one_and_train_on_one_more_per_core_the_machine_l
     assert [m["threads"] for m in metrics] == [2, 1]
 
 
+@pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--out", "traces.jsonl"]])
+def test_sampling_commands_refuse_a_difficulty_below_1_naming_the_option(tmp_path, command):
+    model_dir = micro_checkpoint(tmp_path / "model")
+    result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], "--difficulty", "0"])
+    assert result.exit_code == 2, result.output  # was: "error: difficulty 0: must be at least 1 (...)"
+    assert "Invalid value for '--difficulty': Input should be greater than or equal to 1" in result.output
+
+
 @pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--prompts", "1"]])
 def test_sampling_commands_refuse_a_difficulty_whose_prompts_pass_the_prompt_room_naming_the_option(tmp_path, command):
     model_dir = micro_checkpoint(tmp_path / "model")  # 196 prompt tokens at 60 digits
