@@ -11,6 +11,7 @@ back in a form `load_config` reads.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -82,7 +83,7 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
     known = [f.name for f in dataclasses.fields(cls)]
     for name in values:
         if name not in known:
-            raise ConfigError(f"unknown field {name!r}; known fields are {', '.join(known)}").at(source)
+            raise ConfigError(f"unknown field {name!r}; {known_fields(name, known)}").at(source)
     for name, value in values.items():
         if _has_lone_surrogate(value):
             raise ConfigError(f"has value {value!r}: not valid Unicode text", field=name).at(source)
@@ -177,9 +178,7 @@ def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str])
         head, _, rest = key.partition(".")
         head = overridden_field(cls, key)
         if head not in hints:
-            raise ConfigError(
-                f"override {override!r}: unknown field {head!r}; known fields are {', '.join(sorted(hints))}"
-            )
+            raise ConfigError(f"override {override!r}: unknown field {head!r}; {known_fields(head, sorted(hints))}")
         if not rest:
             values[head] = parse_value(text, hints[head], head)
             continue
@@ -190,13 +189,20 @@ def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str])
             if rest not in nested_hints:
                 raise ConfigError(
                     f"override {override!r}: {nested.__name__} has no field {rest!r}; "
-                    f"known fields are {', '.join(sorted(nested_hints))}"
+                    f"{known_fields(rest, sorted(nested_hints))}"
                 )
             annotation = nested_hints[rest]
         elif typing.get_origin(_strip(hints[head])) is not dict:
             raise ConfigError(f"override {override!r}: field {head!r} is not a mapping")
         values[head] = {**(values.get(head) or {}), rest: parse_value(text, annotation, key)}
     return values
+
+
+def known_fields(name: str, known: Sequence[str]) -> str:
+    """What to say after an unknown field `name`: the closest of the `known` names, if one is close, then them all."""
+    close = difflib.get_close_matches(name, known, n=1)
+    did_you_mean = f"did you mean {close[0]!r}? " if close else ""
+    return f"{did_you_mean}known fields are {', '.join(known)}"
 
 
 def parse_value(text: str, annotation: Any, key: str) -> Any:

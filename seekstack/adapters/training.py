@@ -31,7 +31,7 @@ from seekstack.adapters.files import (
 )
 from seekstack.checkpoint import read_config
 from seekstack.model.transformer import Transformer
-from seekstack.schema import ConfigError, load_config, require, same_value
+from seekstack.schema import ConfigError, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
 from seekstack.train.runs import refuse_new_run_into
@@ -203,7 +203,7 @@ def _adapter_overrides(overrides: Sequence[str]) -> list[str]:
         key = override.partition("=")[0].strip()
         if key.removeprefix(PREFIX) not in known:
             raise ConfigError(
-                f"override {override!r}: unknown field {key!r}; known fields are {', '.join(PREFIX + k for k in known)}"
+                f"override {override!r}: unknown field {key!r}; {known_fields(key, [PREFIX + k for k in known])}"
             )
     return [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
 

@@ -24,6 +24,7 @@ from seekstack.schema import (
     PositiveFloat,
     apply_overrides,
     check,
+    known_fields,
     nested_config,
     overridden_field,
     read_config_file,
@@ -161,7 +162,7 @@ class TrainConfig:
         for name in self.model_overrides:
             if name not in known:
                 raise ConfigError(
-                    f": ModelConfig has no field {name!r}; known fields are {', '.join(sorted(known))}",
+                    f": ModelConfig has no field {name!r}; {known_fields(name, sorted(known))}",
                     field="model_overrides",
                 )
         overrides = {**self.model_overrides, "aux_loss_alpha": self.aux_loss_alpha}

@@ -163,7 +163,7 @@ def test_text_of_one_document_holds_out_its_last_tenth_and_the_run_evaluates_on_
     ("override", "named"),
     [
         ("lora.rank=0", "field 'lora.rank' has value 0"),
-        ("lora.rnk=3", "unknown field 'lora.rnk'; known fields are lora."),
+        ("lora.rnk=3", "unknown field 'lora.rnk'; did you mean 'lora.rank'\\? known fields are lora."),
     ],
 )
 def test_errors_about_lora_keys_name_them_with_their_prefix(base, other_shards, override, named, tmp_path):

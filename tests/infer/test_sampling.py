@@ -21,7 +21,9 @@ def batch_of(*params: SamplingParams, penalties=None) -> SamplingBatch:
 
 def test_params_from_a_mapping_refuse_unknown_keys_and_bad_values():
     assert SamplingParams.from_dict({"temperature": 0, "stop": ["\n"]}).stop == ("\n",)
-    with pytest.raises(ValueError, match="unknown field 'temprature'; known fields are max_new_tokens, temperature"):
+    with pytest.raises(
+        ValueError, match="'temprature'; did you mean 'temperature'\\? known fields are max_new_tokens, temperature"
+    ):
         SamplingParams.from_dict({"temprature": 0.5})
     with pytest.raises(ValueError, match="field 'min_p' has value 2: input should be less than or equal to 1"):
         SamplingParams.from_dict({"min_p": 2})

@@ -337,6 +337,12 @@ def test_auto_threads_sample_on_one_and_train_on_one_more_per_core_the_machine_l
     assert [m["threads"] for m in metrics] == [2, 1]
 
 
+def test_an_unknown_rl_key_is_answered_with_the_closest_known_one():
+    result = CliRunner().invoke(app, ["rl", "num_generation=4"])
+    assert result.exit_code == 1
+    assert "unknown field 'num_generation'; did you mean 'num_generations'? known fields are" in result.output
+
+
 @pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--out", "traces.jsonl"]])
 def test_sampling_commands_refuse_a_difficulty_below_1_naming_the_option(tmp_path, command):
     model_dir = micro_checkpoint(tmp_path / "model")

@@ -35,10 +35,22 @@ def micro_overrides(data_dir: Path, out_dir: Path, **changes) -> list[str]:
 
 
 def test_nested_override_of_an_unknown_model_field_names_it_and_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="ModelConfig has no field 'hidden_sise'; known fields are .*hidden_size"):
+    with pytest.raises(ConfigError, match="has no field 'hidden_sise'; did you mean 'hidden_size'\\? known fields are"):
         load_train_config(None, ["model.hidden_sise=64"])
     with pytest.raises(ConfigError, match="field 'hidden_size' has value 0: input should be greater than 0"):
         load_train_config(None, ["model.hidden_size=0"])
+
+
+def test_an_unknown_key_in_a_file_or_an_override_is_answered_with_the_closest_known_one(tmp_path: Path) -> None:
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("max_step: 5\n")
+    with pytest.raises(ConfigError, match=f"{config_file}: unknown field 'max_step'; did you mean 'max_steps'\\?"):
+        load_train_config(config_file)
+    with pytest.raises(ConfigError, match="unknown field 'warmup'; did you mean 'warmup_steps'\\? known fields are"):
+        load_train_config(None, ["warmup=5"])
+    with pytest.raises(ConfigError, match="unknown field 'zzz'; known fields are") as far_from_any:
+        load_train_config(None, ["zzz=5"])
+    assert "did you mean" not in str(far_from_any.value)
 
 
 def test_a_mapping_override_without_a_space_after_the_colon_shows_the_text_and_the_spaced_form() -> None:
