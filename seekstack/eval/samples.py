@@ -94,14 +94,14 @@ def conversation_samples(
 ) -> list[ConversationSample]:
     """Each conversation's turns before its last assistant turn answered greedily by a checkpoint or run's newest,
     all in one batch; an answer gets at most the room the context leaves after its prompt, and a conversation whose
-    prompt fills the context is left out."""
+    prompt fills the context (or what the cache holds, `Engine.context_len`) is left out."""
     engine = _engine(model_path, max_batch_size=len(conversations))
     asked = []  # (prompt text, its ids, the reference answer)
     for messages in conversations:
         last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")
         prompt = engine.tokenizer.render_chat(messages[:last])
         ids = engine.tokenizer.encode(prompt)  # encode_chat's ids, as sft trained on them
-        if len(ids) < engine.max_model_len:
+        if len(ids) < engine.context_len:
             asked.append((prompt, ids, messages[last]["content"]))
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     params = [engine.fit_max_new_tokens(len(ids), greedy)[0] for _, ids, _ in asked]

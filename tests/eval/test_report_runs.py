@@ -211,6 +211,13 @@ def test_a_conversations_answer_stops_at_the_runs_seq_len_or_where_the_context_e
     assert short_cap == 16 and 512 - 16 < long < 512 and long_cap == 512 - long  # micro_checkpoint's context: 512
 
 
+def test_a_conversation_longer_than_the_cache_holds_is_left_out_as_one_that_fills_the_context(sft_run, monkeypatch):
+    # A cache of 16 blocks (of 16 tokens) for the 512-token context: the engine's context_len is 240.
+    monkeypatch.setattr("seekstack.infer.engine.blocks_in_free_memory", lambda *_: 16)
+    answers = conversation_samples(sft_run, [CHATS[0], CHATS[3]], max_new_tokens=16)
+    assert [answer.reference for answer in answers] == ["Paris"]  # CHATS[3]'s prompt: 496 to 512 tokens
+
+
 def test_report_of_an_sft_run_whose_conversations_file_is_gone_names_it(sft_run):
     (sft_run.parent / "chats.jsonl").rename(sft_run.parent / "moved.jsonl")
     samples = write_report(sft_run).read_text().split("## Samples")[1]
