@@ -103,12 +103,15 @@ class DistillModel(nn.Module):
         compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1)
         student_logits = self.student.lm_head(out.hidden_states[:, :-1][compared])
         teacher = self.teacher.score(rows, compared, [])
+        return {"divergence": self.divergence(student_logits, teacher.logits)}
+
+    def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """T^2 JSD_beta between the student's and the teacher's (N, V) logits over the tokenizer's ids (a padded
+        vocabulary's extra logits left out)."""
         real = slice(self.tokenizer_vocab)
-        config = self.settings
-        divergence = logit_distillation(
-            student_logits[:, real], teacher.logits[:, real], config.beta, config.temperature
+        return logit_distillation(
+            student_logits[:, real], teacher_logits[:, real], self.settings.beta, self.settings.temperature
         )
-        return {"divergence": divergence}
 
     def distillation_loss(
         self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float, counted: torch.Tensor | None = None
@@ -131,11 +134,7 @@ class DistillModel(nn.Module):
         if config.kd_weight == 0 and not self.projections.layer_map or not compared.any():
             return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher, or nothing to compare it on
         teacher = self.teacher.score(rows, compared, self.projections.teacher_layers, generated=on_policy)
-        real = slice(self.tokenizer_vocab)  # the tokenizer's ids: a padded vocab's extra logits left out
-        kd = logit_distillation(
-            student_logits(compared)[:, real], teacher.logits[:, real], config.beta, config.temperature
-        )
-        loss = loss + config.kd_weight * kd
+        loss = loss + config.kd_weight * self.divergence(student_logits(compared), teacher.logits)
         if self.projections.layer_map:
             loss = loss + self.projections.loss(student_states, teacher.states, compared, config.feature_loss)
         return dataclasses.replace(out, loss=loss)
