@@ -202,7 +202,8 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
     checkpoint = micro_checkpoint(tmp_path / "model")
     other = train_tokenizer(["another corpus, other merges"] * 20, vocab_size=290, out_path=tmp_path / "other")
     same = byte_tokenizer(tmp_path / "same")  # the checkpoint's tokenizer in another folder: accepted
-    assert SFTSource(SFTConfig(init_from=str(checkpoint), tokenizer=str(tmp_path / "same"), examples=8)).tokenizer
+    source = SFTSource(SFTConfig(init_from=str(checkpoint), tokenizer=str(tmp_path / "same"), examples=8))
+    assert source.tokenizer.fingerprint == same.fingerprint
     run = tmp_path / "run"
     args = [command, f"init_from={checkpoint}", f"tokenizer={tmp_path / 'other'}", f"out_dir={run}"]
     result = CliRunner().invoke(app, args)  # was: trained, the checkpoint reading other.json's ids as its own
