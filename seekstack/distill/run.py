@@ -22,11 +22,11 @@ from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations
 from seekstack.distill.teacher import Teacher, TopKCache, check_shared_tokenizer
 from seekstack.model.transformer import Transformer
-from seekstack.posttrain.config import tokenizer_path
+from seekstack.posttrain.config import run_tokenizer
 from seekstack.posttrain.conversations import write_held_out
 from seekstack.posttrain.sft import SFTSource
 from seekstack.schema import require
-from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
@@ -38,7 +38,7 @@ def student_tokenizer(config: DistillConfig) -> Tokenizer:
     """The tokenizer the student's data is encoded with: `tokenizer` (conversations: else `init_from`'s), else the
     one `data tokenize` recorded."""
     if config.conversational:
-        return Tokenizer.from_file(tokenizer_json_path(tokenizer_path(config)))
+        return run_tokenizer(config)
     first_split = config.mixture_schedule().sources[0]
     recorded = load_index(config.data_dir, first_split)["tokenizer"].get("path")
     return Tokenizer.from_file(config.tokenizer or recorded)

@@ -25,6 +25,7 @@ from seekstack.train.config import TrainConfig, require_tokenizer_file
 
 if TYPE_CHECKING:
     from seekstack.distill.config import DistillConfig  # which imports this module
+    from seekstack.tokenizer import Tokenizer
 
 C = TypeVar("C", bound=TrainConfig)
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
@@ -227,29 +228,32 @@ def require_conversations_file(path: str, name: str = "data") -> None:
     require(not path or Path(path).is_file(), name, f"a JSONL file of conversations, not {path!r} ({why})")
 
 
-def tokenizer_path(config: TrainConfig) -> str:
+def run_tokenizer(config: TrainConfig) -> Tokenizer:
     """The tokenizer a post-training run encodes with: `tokenizer`, else the one in `init_from` (a ConfigError naming
     init_from when it holds none; TrainConfig.validate checked a given `tokenizer`). A `tokenizer` other than the one
     `init_from` holds is a ConfigError naming both: the checkpoint's embeddings would read its ids as other tokens."""
+    from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+
     if not config.tokenizer:
         expectation = "a checkpoint folder with its tokenizer.json (or set tokenizer)"
         require_tokenizer_file(config.init_from, "init_from", expectation)
-        return config.init_from
+        return Tokenizer.from_file(tokenizer_json_path(config.init_from))
+    tokenizer = Tokenizer.from_file(tokenizer_json_path(config.tokenizer))
     if config.init_from:
-        _require_the_checkpoints_tokenizer(config.tokenizer, config.init_from)
-    return config.tokenizer
+        _require_the_checkpoints_tokenizer(tokenizer, config.tokenizer, config.init_from)
+    return tokenizer
 
 
-def _require_the_checkpoints_tokenizer(tokenizer: str, checkpoint: str) -> None:
-    """A ConfigError naming `tokenizer` when `checkpoint` holds a tokenizer.json that is another tokenizer (nothing to
-    compare when it holds none)."""
+def _require_the_checkpoints_tokenizer(given: Tokenizer, tokenizer: str, checkpoint: str) -> None:
+    """A ConfigError naming `tokenizer` (read as `given`) when `checkpoint` holds a tokenizer.json that is another
+    tokenizer (nothing to compare when it holds none)."""
     from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 
-    given, held = tokenizer_json_path(tokenizer), tokenizer_json_path(checkpoint)
-    if held.is_file() and Tokenizer.from_file(given).fingerprint != Tokenizer.from_file(held).fingerprint:
+    held = tokenizer_json_path(checkpoint)
+    if held.is_file() and given.fingerprint != Tokenizer.from_file(held).fingerprint:
         raise ConfigError(
-            f"is {tokenizer!r} ({given}), another tokenizer than {held}, the one init_from={checkpoint!r} was trained "
-            "with: its embeddings would read every id as another token. Leave tokenizer unset (the checkpoint's is "
-            "used) or name that one",
+            f"is {tokenizer!r} ({tokenizer_json_path(tokenizer)}), another tokenizer than {held}, the one "
+            f"init_from={checkpoint!r} was trained with: its embeddings would read every id as another token. Leave "
+            "tokenizer unset (the checkpoint's is used) or name that one",
             field="tokenizer",
         )

@@ -27,7 +27,7 @@ from seekstack.config import ConfigError
 from seekstack.infer import Engine
 from seekstack.infer.threads import IdleCores, configured_threads, running_on, threads_beside
 from seekstack.model.transformer import ModelOutput
-from seekstack.posttrain.config import GRPOConfig, tokenizer_path
+from seekstack.posttrain.config import GRPOConfig, run_tokenizer
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.grpo import group_advantages, policy_loss
 from seekstack.posttrain.rewards import RewardWeights
@@ -42,7 +42,6 @@ from seekstack.posttrain.rollout import (
 )
 from seekstack.posttrain.sft import tokenizer_info
 from seekstack.posttrain.tasks import make_task, sample_problems
-from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
@@ -57,7 +56,7 @@ class GRPOSource:
 
     def __init__(self, config: GRPOConfig):
         self.config = config
-        self.tokenizer = Tokenizer.from_file(tokenizer_json_path(tokenizer_path(config)))
+        self.tokenizer = run_tokenizer(config)
         self.tokenizer_info = tokenizer_info(self.tokenizer)
         self.task = make_task(config.task, config.difficulty)
         sample = sample_problems(self.task, PROMPT_SAMPLE, "train", config.seed)

@@ -17,7 +17,7 @@ from torch import nn
 from seekstack.config import ConfigError
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import ModelOutput
-from seekstack.posttrain.config import SFTConfig, tokenizer_path
+from seekstack.posttrain.config import SFTConfig, run_tokenizer
 from seekstack.posttrain.conversations import (
     HELD_OUT_FILE,
     Conversation,
@@ -32,7 +32,7 @@ from seekstack.posttrain.conversations import (
 )
 from seekstack.posttrain.padding import pad_labelled, real_tokens
 from seekstack.posttrain.tasks import make_task
-from seekstack.tokenizer import Tokenizer, tokenizer_json_path
+from seekstack.tokenizer import Tokenizer
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, ValidationBatch, train
 
@@ -75,7 +75,7 @@ class SFTSource:
 
     def __init__(self, config: SFTConfig, holds_out: bool = False):
         self.config = config
-        self.tokenizer = Tokenizer.from_file(tokenizer_json_path(tokenizer_path(config)))
+        self.tokenizer = run_tokenizer(config)
         self.tokenizer_info = tokenizer_info(self.tokenizer)
         if holds_out:
             conversations, held_out = split_conversations(
