@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import itertools
 import json
 import multiprocessing
 import signal
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +42,7 @@ from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
 from seekstack.corpus.sources import TEXT_SUFFIXES, Document
 from seekstack.corpus.split import EXACT_SPLIT_MAX_DOCUMENTS, split_score, validation_cutoff
+from seekstack.interrupts import sigint_handled_by
 
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
@@ -195,26 +194,13 @@ class WorkerPool(ProcessPoolExecutor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         """As ProcessPoolExecutor's; a worker it starts (they start as work comes) inherits Ctrl-C ignored."""
-        with _ctrl_c_ignored():
+        with sigint_handled_by(signal.SIG_IGN):
             return super().submit(fn, *args, **kwargs)
 
     def kill(self) -> None:
         """End every worker now (SIGKILL): the pool, broken, fails the batches they held."""
         for process in self.processes.values():
             process.kill()
-
-
-@contextlib.contextmanager
-def _ctrl_c_ignored() -> Iterator[None]:
-    """SIGINT ignored in this process meanwhile, when it runs on the main thread (the only one that may set it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _end_workers(pool: WorkerPool, in_flight: Iterable[InFlight]) -> None:

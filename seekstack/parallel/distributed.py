@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
+
+from seekstack.interrupts import sigint_noted
 
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
 
@@ -133,21 +133,17 @@ def interrupts_agreed(ranks: Ranks) -> Iterator[Callable[[], None]]:
     the yielded check, which every rank calls at the same point (a step's start), raises KeyboardInterrupt on all of
     them once any was marked. In one process, or outside the main thread, Ctrl-C raises where it lands and the check
     does nothing."""
-    if not ranks.distributed or threading.current_thread() is not threading.main_thread():
+    if not ranks.distributed:
         yield lambda: None
         return
-    marked: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: marked.append(signum))
+    with sigint_noted() as marked:
 
-    def stop_if_interrupted() -> None:
-        anywhere = all_reduce_sum(torch.tensor([len(marked)], device=ranks.device), ranks)
-        if anywhere.item():
-            raise KeyboardInterrupt
+        def stop_if_interrupted() -> None:
+            anywhere = all_reduce_sum(torch.tensor([len(marked)], device=ranks.device), ranks)
+            if anywhere.item():
+                raise KeyboardInterrupt
 
-    try:
         yield stop_if_interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

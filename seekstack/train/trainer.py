@@ -19,11 +19,8 @@ import itertools
 import json
 import math
 import random
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +34,7 @@ from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import WriteRefused, write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
+from seekstack.interrupts import interrupts_deferred
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.moe import MoE
 from seekstack.model.transformer import ModelOutput, Transformer
@@ -267,23 +265,6 @@ def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
         raise ValueError(f"tokenizer {path} is not the one {config.data_dir} was tokenized with; set `tokenizer`")
     config_file = path.parent / TOKENIZER_CONFIG_FILE
     return [path, config_file] if config_file.is_file() else [path]
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C (SIGINT) inside the block interrupts at its end, so the block runs whole; outside the main thread,
-    where Python delivers no signals, the block is left as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        signal.raise_signal(signal.SIGINT)  # to the handler the block had held back: KeyboardInterrupt by default
 
 
 def train(
