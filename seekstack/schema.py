@@ -371,14 +371,14 @@ def _lookup(values: Mapping[str, Any], location: tuple) -> Any:
     return value
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # half a UTF-16 pair: Python's stand-in for bytes that were not UTF-8
 
 
 def _has_lone_surrogate(value: Any) -> bool:
     """Whether a string in `value` holds half of a UTF-16 pair (Python's stand-in for undecodable bytes), which
     JSON, and so the check, cannot carry."""
     if isinstance(value, str):
-        return _LONE_SURROGATE.search(value) is not None
+        return LONE_SURROGATE.search(value) is not None
     if isinstance(value, Mapping):
         return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
     if isinstance(value, (list, tuple)):

@@ -23,7 +23,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 from tokenizers import Tokenizer as BackendTokenizer
 
 from seekstack.atomic import write_atomic
-from seekstack.schema import ConfigError
+from seekstack.schema import LONE_SURROGATE, ConfigError
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -133,6 +133,7 @@ class Tokenizer:
         # own by name, which releases such as DeepSeek-R1-Distill's list with "special": false.
         flagged = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
         self.special_tokens = flagged | {token for token in SPECIAL_TOKENS if backend.token_to_id(token) is not None}
+        self.special_ids = frozenset(backend.token_to_id(token) for token in self.special_tokens)
         self._misread_added = _misread_added_tokens(backend)
 
     @classmethod
@@ -263,12 +264,11 @@ def _lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:
     or None when none does: how Python keeps bytes that were not UTF-8 (in arguments, pipes), which no tokenizer can
     take."""
     for position, text in enumerate(texts, start=1):
-        characters = text if isinstance(text, str) else ""  # not text at all: the library's TypeError says so
-        surrogate = next((char for char in characters if 0xD800 <= ord(char) <= 0xDFFF), None)
+        surrogate = LONE_SURROGATE.search(text) if isinstance(text, str) else None  # else the library's TypeError
         if surrogate is not None:
             return ValueError(
-                f"{which.format(position)} is not valid UTF-8: it holds {surrogate!r}, a byte that was not UTF-8 or "
-                "half a character UTF-8 cannot hold"
+                f"{which.format(position)} is not valid UTF-8: it holds {surrogate.group()!r}, a byte that was not "
+                "UTF-8 or half a character UTF-8 cannot hold"
             )
     return None
 

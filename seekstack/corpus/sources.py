@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a code point UTF-8 cannot hold (json.loads pairs whole ones)
+from seekstack.schema import LONE_SURROGATE
+
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
@@ -210,7 +211,7 @@ def _documents_from_values(
             raise DataSourceError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
         doc_id = str(record.get(id_field, "")) if id_field else ""
         # JSON may escape half a character ("\ud83d", an emoji cut by a scraper): U+FFFD, as a text file's bad bytes
-        yield Document(doc_id or f"{path.name}:{number}", _LONE_SURROGATE.sub("\ufffd", text), path.name)
+        yield Document(doc_id or f"{path.name}:{number}", LONE_SURROGATE.sub("\ufffd", text), path.name)
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:

@@ -103,8 +103,7 @@ class ChatSession:
 
 def ending_at_special_tokens(params: SamplingParams, tokenizer: Tokenizer) -> SamplingParams:
     """`params` that also stop at each of the tokenizer's special tokens, those a chat message may not hold."""
-    special_ids = sorted(tokenizer.backend.token_to_id(token) for token in tokenizer.special_tokens)
-    return dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, *special_ids))
+    return dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, *sorted(tokenizer.special_ids)))
 
 
 def run_chat(

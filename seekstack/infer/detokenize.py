@@ -19,8 +19,7 @@ class TextStream:
     ):
         self.tokenizer, self.stop, self.enabled = tokenizer, stop, enabled  # not enabled: every call gives no text
         self.longest_stop = max((len(text) for text in stop), default=0)
-        special = tokenizer.special_tokens if skip_special_tokens else ()
-        self.skipped_ids = {tokenizer.backend.token_to_id(token) for token in special}
+        self.skipped_ids = tokenizer.special_ids if skip_special_tokens else frozenset()
         self.ids: list[int] = []
         self.prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already taken into `text`
         self.read_offset = 0
