@@ -114,19 +114,19 @@ def write_training_files(
     write_model(model, folder)
     torch.save(train_state, folder / TRAIN_STATE_FILE)
     for extra in map(Path, extra_files):
-        # The name every loader reads, whatever the file was called (`data tokenize --tokenizer dir/my.json`).
-        name = extra.name if extra.name == TOKENIZER_CONFIG_FILE else TOKENIZER_FILE
-        copy_model_folder_file(extra, folder, model.config.max_position_embeddings, name)
+        if extra.name == TOKENIZER_CONFIG_FILE:
+            copy_model_folder_file(extra, folder, model.config.max_position_embeddings)
+        else:  # the name every loader reads, whatever the file was called (`data tokenize --tokenizer dir/my.json`)
+            shutil.copyfile(extra, folder / TOKENIZER_FILE)
 
 
-def copy_model_folder_file(source: Path, folder: Path, context: int, name: str | None = None) -> None:
-    """Copy file `source` into model folder `folder`, as `name` (by default its own); a tokenizer_config.json gets
-    the model's `context` as its model_max_length (the length transformers' truncation cuts at), whatever the one
-    copied said."""
+def copy_model_folder_file(source: Path, folder: Path, context: int) -> None:
+    """Copy file `source` into model folder `folder`; a tokenizer_config.json gets the model's `context` as its
+    model_max_length (the length transformers' truncation cuts at), whatever the one copied said."""
     if source.name == TOKENIZER_CONFIG_FILE:
         copy_tokenizer_config(source, folder, context)
     else:
-        shutil.copyfile(source, folder / (name or source.name))
+        shutil.copyfile(source, folder / source.name)
 
 
 def rank_optimizer_file(rank: int) -> str:
