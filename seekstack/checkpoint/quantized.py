@@ -176,6 +176,7 @@ def _expert_weights_from_reader(
         for proj, shape in {"gate_proj": half, "up_proj": half, "down_proj": shapes["down_proj"][1:]}.items():
             _check_stored_like(reader, f"{key}.{e}.{proj}", f"{key}.0.gate_proj")
             reader.check_quantized_shape(f"{key}.{e}.{proj}", shape)
+            _check_shaped_like(reader, f"{key}.{e}.{proj}", f"{key}.0.{proj}", names)
             reader.used.add(f"{key}.{e}.{proj}.weight_shape")
     (gate_up, read_gate_up), (down, read_down) = (
         _per_expert_stack(reader, key, stack, names, count) for stack in PER_EXPERT_PROJECTIONS
@@ -241,24 +242,16 @@ def _fill_expert_stack(
     for a part placed on disk, into its disk copy (`copies`), so that it is never whole in memory."""
     filled = {}
     for buffer, empty in stack.named_buffers():
-        pieces = functools.partial(_expert_buffers, expert_buffer, name, buffer, empty)
+        pieces = functools.partial(_expert_buffers, expert_buffer, buffer, len(empty))
         copy = copies.get(f"{name}.{buffer}")
         filled[buffer] = copy(empty, pieces) if copy is not None else _stacked(pieces(), empty, device)
     stack.fill_buffers(filled)
 
 
-def _expert_buffers(expert_buffer: ExpertBuffer, name: str, buffer: str, empty: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Buffer `buffer` of each expert's weight (`expert_buffer`), one expert at a time, for the stack `empty` (its
-    first dimension the experts); CheckpointError when an expert's is not of the stack's shape (stored with another
-    group size than expert 0, whose shapes the stack has), which copying would broadcast or refuse unnamed."""
-    for e in range(len(empty)):
-        piece = expert_buffer(buffer, e)
-        if piece.shape != empty.shape[1:]:
-            raise CheckpointError(
-                f"{name}: expert {e}'s {buffer} has shape {tuple(piece.shape)}, expert 0's {tuple(empty.shape[1:])}: "
-                "the experts of a layer must be stored alike (one format, bits and group size)"
-            )
-        yield piece
+def _expert_buffers(expert_buffer: ExpertBuffer, buffer: str, count: int) -> Iterator[torch.Tensor]:
+    """Buffer `buffer` of each of the `count` experts' weights (`expert_buffer`), one expert at a time."""
+    for e in range(count):
+        yield expert_buffer(buffer, e)
 
 
 def _stacked(pieces: Iterable[torch.Tensor], empty: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -279,6 +272,22 @@ def _check_stored_like(reader: CheckpointReader, layer: str, reference: str) -> 
             f"{reader.file_of(weight)}: key {weight!r} is stored as {stored}, but {reference_weight!r} as {expected}; "
             f"the experts of a layer load as one stack, stored in one format: {DAMAGED}"
         )
+
+
+def _check_shaped_like(reader: CheckpointReader, layer: str, reference: str, names: list[str]) -> None:
+    """CheckpointError naming the file and the key when a stored tensor (of `names`) of checkpoint layer `layer` (an
+    expert's projection) has another shape than `reference`'s (expert 0's same projection, whose shapes the stack
+    takes): its weight of the config's shape, but codes or scales of other bits or group size, which stacking would
+    broadcast or refuse unnamed. From the headers, before anything is read."""
+    for name in names:
+        key, reference_key = f"{layer}.{name}", f"{reference}.{name}"
+        shape, expected = reader.stored_shape(key), reader.stored_shape(reference_key)
+        if shape != expected:
+            raise CheckpointError(
+                f"{reader.file_of(key)}: key {key!r} has shape {tuple(shape)}, but {reference_key!r} "
+                f"{tuple(expected)}: the experts of a layer load as one stack, stored alike (one format, bits and "
+                "group size)"
+            )
 
 
 def load_quantized_layers(
