@@ -140,7 +140,7 @@ def data_select(
     """Score every document with a quality model and keep the best training documents (val is kept whole)."""
     from seekstack.corpus.quality import QualityModel, select_corpus
 
-    with user_errors():
+    with user_errors(), options_named():
         summary = select_corpus(QualityModel.load(model), corpus, out, threshold, top_fraction)
     typer.echo(
         f"selected {summary['selected']:,} of {summary['documents']:,} training documents (score >= "

@@ -79,6 +79,25 @@ def test_select_keeps_the_top_fraction_and_scores_every_row(model: QualityModel,
     assert (corpus / "train.jsonl").read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--top-fraction", "30", "--top-fraction is 30.0: must be a share in (0, 1]"),
+        ("--top-fraction", "0", "--top-fraction is 0.0: must be a share in (0, 1]"),
+        ("--threshold", "2", "--threshold is 2.0: must be in [0, 1]"),
+    ],
+)
+def test_select_refuses_a_top_fraction_or_threshold_out_of_range_naming_the_option(
+    model: QualityModel, tmp_path: Path, option: str, value: str, says: str
+) -> None:
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:45])
+    model_path = model.save(tmp_path / "q.npz")
+    args = ["data", "select", "--corpus", str(corpus), "--model", str(model_path), "--out", str(tmp_path / "sel")]
+    refused = CliRunner().invoke(app, [*args, option, value])
+    assert refused.exit_code == 1 and says in " ".join(refused.output.split())
+    assert not (tmp_path / "sel").exists()
+
+
 def test_cli_trains_and_selects(tmp_path: Path) -> None:
     (tmp_path / "ref").mkdir()
     (tmp_path / "pool").mkdir()
