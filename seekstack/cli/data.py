@@ -119,12 +119,15 @@ def data_quality_train(
     from seekstack.corpus.quality import train_quality_model
     from seekstack.corpus.sources import open_source
 
-    def texts(specs: list[str]) -> list[str]:
+    def texts(specs: list[str], option: str) -> list[str]:
         documents = itertools.chain.from_iterable(open_source(spec, field) for spec in specs)
-        return [doc.text for doc in itertools.islice(documents, max_documents)]
+        read = [doc.text for doc in itertools.islice(documents, max_documents)]
+        if not read:
+            raise ValueError(f"{option} {' '.join(specs)}: no documents; check the paths and --field")
+        return read
 
     with user_errors():
-        positives, negatives = texts(reference), texts(pool)
+        positives, negatives = texts(reference, "--reference"), texts(pool, "--pool")
         train_quality_model(positives, negatives, seed=seed).save(out)
     typer.echo(f"wrote {out}: trained on {len(positives)} reference and {len(negatives)} pool documents")
 

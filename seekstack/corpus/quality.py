@@ -84,8 +84,12 @@ def train_quality_model(
     examples = [(ngram_ids(text, buckets), 1.0) for text in positives]
     examples += [(ngram_ids(text, buckets), 0.0) for text in negatives]
     labels = np.array([label for _, label in examples])
-    if labels.min() == labels.max():
-        raise ValueError("quality training needs both reference (positive) and pool (negative) documents")
+    reference_count = int(labels.sum())
+    if reference_count in (0, len(labels)):
+        raise ValueError(
+            "quality training needs both reference (positive) and pool (negative) documents; got "
+            f"{reference_count} reference and {len(labels) - reference_count} pool documents"
+        )
     class_weight = {1.0: len(labels) / (2 * labels.sum()), 0.0: len(labels) / (2 * (len(labels) - labels.sum()))}
     weights = np.zeros(buckets, dtype=np.float64)
     squared = np.full(buckets, 1e-8)  # Adagrad accumulators

@@ -48,9 +48,22 @@ def test_cjk_text_gets_character_ngrams() -> None:
     assert len(ngram_ids("质量分类器", 1000)) == 5 + 4
 
 
-def test_training_needs_both_classes() -> None:
-    with pytest.raises(ValueError, match="both reference"):
+def test_training_needs_both_classes_and_says_how_many_of_each_it_got() -> None:
+    with pytest.raises(ValueError, match="both reference .* got 3 reference and 0 pool documents"):
         train_quality_model(CODE[:3], [])
+    with pytest.raises(ValueError, match="both reference .* got 0 reference and 0 pool documents"):
+        train_quality_model([], [])
+
+
+def test_cli_quality_train_names_the_option_whose_inputs_hold_no_documents(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "ref.txt").write_text(CODE[0])
+    for reference, says in ((tmp_path / "empty", "--reference"), (tmp_path / "ref.txt", "--pool")):
+        args = ["data", "quality-train", "--reference", str(reference), "--pool", str(tmp_path / "empty")]
+        refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "q.npz")])
+        message = " ".join(refused.output.split())
+        assert refused.exit_code == 1 and f"{says} " in message and "no documents; check the paths" in message
+    assert not (tmp_path / "q.npz").exists()
 
 
 def write_corpus(folder: Path, texts: list[str]) -> Path:
