@@ -295,6 +295,19 @@ def is_saved_dataset(folder: Path) -> bool:
     return folder.is_dir() and (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
 
 
+def refuse_a_saved_dataset_dict(folder: Path) -> None:
+    """DataSourceError naming the split folders to give instead, for a folder written by
+    `datasets.DatasetDict.save_to_disk` (`dataset_dict.json` and a saved dataset per split): which splits are
+    training text is the user's call (a `test` split read into the corpus would be trained on)."""
+    if not (folder / "dataset_dict.json").is_file():
+        return
+    splits = sorted(entry for entry in folder.iterdir() if is_saved_dataset(entry))
+    raise DataSourceError(
+        f"{folder}: a DatasetDict saved by save_to_disk, with splits {', '.join(split.name for split in splits)}; "
+        f"give the splits to read as inputs ({' '.join(map(str, splits))})"
+    )
+
+
 def read_saved_dataset(
     folder: str | Path, column: str = "text", null_texts: Counter[str] | None = None
 ) -> Iterator[Document]:
@@ -328,12 +341,13 @@ def read_stdlib() -> Iterator[Document]:
 
 def open_source(spec: str | Path, field: str = "text") -> Iterable[Document]:
     """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
-    `.json`, `.parquet` (`Rows`), a file."""
+    `.json`, `.parquet` (`Rows`), a file; a saved DatasetDict is refused, naming its splits' folders."""
     if str(spec) == "stdlib":
         return read_stdlib()
     path = Path(spec)
     if is_saved_dataset(path):
         return Rows(read_saved_dataset, path, field)
+    refuse_a_saved_dataset_dict(path)
     if path.is_dir():
         return TextFolder(path)
     if not path.is_file():

@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import random
+import re
 import sysconfig
 import time
 from collections.abc import Iterator
@@ -537,6 +538,24 @@ def test_saved_dataset_source_reads_arrow_streams(tmp_path: Path) -> None:
     assert docs[3].doc_id == "data-00001-of-00002.arrow:0"
     with pytest.raises(DataSourceError, match="no column 'content'"):
         list(read_saved_dataset(folder, "content"))
+
+
+def test_a_saved_dataset_dict_is_refused_naming_the_split_folders_to_give(tmp_path: Path) -> None:
+    """`DatasetDict.save_to_disk` writes dataset_dict.json and one saved dataset per split: reading it as a folder
+    of text files found no documents and blamed the suffixes."""
+    folder = tmp_path / "dict"
+    for split in ("train", "test"):
+        (folder / split).mkdir(parents=True)
+        table = pa.table({"text": [f"{split} doc"]})
+        with pa.OSFile(str(folder / split / "data.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
+            out.write_table(table)
+        (folder / split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data.arrow"}]}))
+        (folder / split / "dataset_info.json").write_text("{}")
+    (folder / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    splits = f"with splits test, train; give the splits to read as inputs ({folder / 'test'} {folder / 'train'})"
+    with pytest.raises(DataSourceError, match=re.escape(f"{folder}: a DatasetDict saved by save_to_disk, {splits}")):
+        open_source(folder)
+    assert [doc.text for doc in open_source(folder / "train")] == ["train doc"]
 
 
 def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
