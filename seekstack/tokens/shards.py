@@ -26,7 +26,8 @@ from seekstack.tokenizer import Tokenizer
 INDEX_VERSION = 1
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 ENCODE_BATCH_DOCUMENTS = 256  # documents handed to the tokenizer's threads at once
-SHARD_FILES = ("*_index.json", "*_[0-9][0-9][0-9][0-9][0-9].bin")  # what a folder of token shards holds
+INDEX_SUFFIX = "_index.json"
+SHARD_FILES = (f"*{INDEX_SUFFIX}", "*_[0-9][0-9][0-9][0-9][0-9].bin")  # what a folder of token shards holds
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -36,7 +37,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def index_path(out_dir: str | os.PathLike, split_name: str) -> Path:
     """Where the index of `split_name`'s shards lives."""
-    return Path(out_dir) / f"{split_name}_index.json"
+    return Path(out_dir) / f"{split_name}{INDEX_SUFFIX}"
 
 
 class _ShardWriter:
@@ -149,7 +150,7 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
     """The index of `split_name`'s shards, checked against the shard files it lists."""
     path = index_path(out_dir, split_name)
     if not path.is_file():
-        raise FileNotFoundError(f"no shard index at {path}: tokenize split {split_name!r} first")
+        raise FileNotFoundError(f"no shard index at {path}: tokenize split {split_name!r} first{_splits_held(out_dir)}")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
         dtype = np.dtype(index["dtype"])
@@ -169,6 +170,12 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
                 f"shard {shard_path} has {shard_path.stat().st_size} bytes, {path} says {expected}; re-tokenize"
             )
     return index
+
+
+def _splits_held(out_dir: str | os.PathLike) -> str:
+    """The splits a folder holds shards of, for an error about one it lacks (a misspelt `mixture` source)."""
+    splits = sorted(path.name.removesuffix(INDEX_SUFFIX) for path in Path(out_dir).glob(f"*{INDEX_SUFFIX}"))
+    return f" ({out_dir} holds {', '.join(splits)})" if splits else ""
 
 
 def token_counts(out_dir: str | os.PathLike, split_name: str, vocab: int, limit: int | None = None) -> np.ndarray:

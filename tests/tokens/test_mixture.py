@@ -149,3 +149,10 @@ def test_mixture_refuses_sources_tokenized_differently(data_dir, tmp_path):
     write_constant_split(tmp_path, "hard", 300)
     with pytest.raises(ValueError, match="different tokenizers"):
         MixtureWindows(tmp_path, MixtureSchedule({"easy": 1, "hard": 1}), SEQ_LEN)
+
+
+def test_a_misspelt_mixture_source_is_named_with_the_splits_the_data_folder_holds(data_dir):
+    with pytest.raises(
+        FileNotFoundError, match=r"hrad_index\.json: tokenize split 'hrad' first \(.* holds easy, hard, medium\)"
+    ):
+        MixtureWindows(data_dir, MixtureSchedule({"easy": 1, "hrad": 1}), SEQ_LEN)
