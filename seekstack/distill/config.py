@@ -9,27 +9,24 @@ from pathlib import Path
 from typing import Literal
 
 from seekstack.config import ConfigError, ModelConfig
-from seekstack.posttrain.config import (
-    _loop_fields,
-    held_out_fraction,
-    require_conversations_file,
-    require_held_out_fields,
-)
+from seekstack.posttrain.config import ConversationConfig, require_conversation_fields
 from seekstack.posttrain.tasks import TASKS
 from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
-from seekstack.train.config import TrainConfig, require_tokenizer_file
+from seekstack.train.config import require_tokenizer_file
 
 FeatureLoss = Literal["mse", "cosine"]  # the distance between mapped hidden states
 
 
 @dataclass
-class DistillConfig(TrainConfig):
+class DistillConfig(ConversationConfig):
     """Distillation: the student (`model` + `model_overrides`, or `init_from`) trained against a frozen `teacher`
     checkpoint on `data_dir`'s token shards, or on conversations (`data` or `task`, as `seekstack sft` reads them)
     with every loss on the assistant's tokens only. Per micro-batch the loss is ce_weight * CE + kd_weight * T^2 *
     JSD_beta(teacher, student) + sum over mapped layers of weight * feature distance (+ the student's MTP and
     balance terms, as in pretraining); validation scores the student's loss and its divergence from the teacher, on
-    data_dir's val split or on the held-out conversations (`val_data` or `val_fraction`, as in `seekstack sft`)."""
+    data_dir's val split or on the held-out conversations (`val_data` or `val_fraction`, as in `seekstack sft`). On
+    conversations (e.g. the teacher's verified traces, `seekstack traces`) `tokenizer` "" is the teacher's, and
+    on-policy the student answers each conversation's prompt (the turns before its first assistant token) itself."""
 
     checkpoint_fields = ("init_from", "teacher")  # a run's out_dir given there stands for its newest checkpoint
 
@@ -53,26 +50,6 @@ class DistillConfig(TrainConfig):
     feature_loss: FeatureLoss = "mse"  # mse | cosine
     teacher_cache: str = ""  # folder of cached top-k teacher log-probabilities of corpus batches; "" = none
     cache_top_k: Positive = 64  # log-probabilities kept per position in the cache
-    # Conversations instead of token shards (as `seekstack sft` reads them; `tokenizer` "" = the teacher's). On-policy,
-    # the student answers each conversation's prompt (the turns before its first assistant token) itself.
-    data: str = ""  # JSONL of {"messages": [...]}, e.g. the teacher's verified traces (`seekstack traces`)
-    task: str = ""  # with `data` "": `examples` generated traces of this seekstack.posttrain.tasks task
-    difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
-    examples: Positive = 4000  # generated conversations of `task`
-    val_data: str = ""  # conversations: JSONL of held-out conversations for val_loss; "" = val_fraction of the data
-    # conversations: share held out for val_loss, as `seekstack sft` holds it out (of `data`, by content hash; with
-    # `task`, distinct problems of its held-out split); None = 0.05 while eval_every > 0, else 0
-    val_fraction: Fraction | None = None
-
-    @property
-    def conversational(self) -> bool:
-        """Whether the rows are conversations (`data` or `task`) rather than `data_dir`'s token shards."""
-        return bool(self.data or self.task)
-
-    @property
-    def held_out_fraction(self) -> float:
-        """The share of the conversations this run holds out (`held_out_fraction` of its fields)."""
-        return held_out_fraction(self.val_data, self.val_fraction, self.eval_every)
 
     def validate(self, source: str | None = None) -> DistillConfig:
         config = super().validate(source)
@@ -100,15 +77,7 @@ class DistillConfig(TrainConfig):
                 "teacher_cache",
                 "'' with feature_layers (feature KD needs the teacher's hidden states at every step)",
             )
-            require_conversations_file(config.data)
-            for name in ("val_data", "val_fraction"):
-                require(
-                    config.conversational or getattr(config, name) in ("", None),
-                    name,
-                    "unset without data or task (a run on token shards is validated on data_dir's val split)",
-                )
-            if config.conversational:
-                require_held_out_fields(config)
+            require_conversation_fields(config)
             if config.conversational and not config.init_from and not config.tokenizer:
                 expectation = (
                     "a checkpoint folder with its tokenizer.json (the conversations' tokenizer; or set tokenizer)"
@@ -122,9 +91,6 @@ class DistillConfig(TrainConfig):
     def layer_weight(self, student_layer: int) -> float:
         """The weight of a mapped student layer's feature distance."""
         return self.feature_weights.get(student_layer, 1.0)
-
-    def to_dict(self) -> dict:
-        return _loop_fields(self)
 
 
 nested_config(DistillConfig, "model_overrides", ModelConfig, prefix="model")

@@ -23,8 +23,7 @@ from seekstack.distill.onpolicy import StudentGenerations
 from seekstack.distill.teacher import Teacher, TopKCache, check_shared_tokenizer
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.config import run_tokenizer
-from seekstack.posttrain.conversations import write_held_out
-from seekstack.posttrain.sft import SFTSource
+from seekstack.posttrain.sft import conversation_source
 from seekstack.schema import require
 from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import load_index
@@ -85,9 +84,5 @@ def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> Tra
         require(config.cache_top_k <= vocab_size, "cache_top_k", f"at most the teacher's vocab_size {vocab_size:,}")
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read
-    source = None
-    if config.conversational:
-        source = SFTSource(config, holds_out=True)  # type: ignore[arg-type]  # the fields it reads
-        if not resume:
-            write_held_out(config.out_dir, source.held_out)
+    source = conversation_source(config, resume)
     return train(config, resume=resume, hooks=DistillHooks(config), source=source)

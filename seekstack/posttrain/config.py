@@ -24,7 +24,6 @@ from seekstack.schema import (
 from seekstack.train.config import TrainConfig, require_tokenizer_file
 
 if TYPE_CHECKING:
-    from seekstack.distill.config import DistillConfig  # which imports this module
     from seekstack.tokenizer import Tokenizer
 
 C = TypeVar("C", bound=TrainConfig)
@@ -32,7 +31,37 @@ DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class ConversationConfig(TrainConfig):
+    """TrainConfig plus the conversations a run trains on (`data`, else `examples` generated traces of `task`) and
+    those it holds out for `val_loss` (`val_data`, else `val_fraction` of them): `seekstack sft`'s, and `seekstack
+    distill`'s on conversations."""
+
+    data: str = ""  # JSONL of {"messages": [...]}; "" = `examples` generated traces of `task`
+    task: str = ""  # a name of seekstack.posttrain.tasks.TASKS; distill: "" with `data` "" = data_dir's token shards
+    difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
+    examples: Positive = 4000  # generated conversations when `data` is ""
+    val_data: str = ""  # JSONL of held-out conversations (as `data`) for val_loss; "" = val_fraction of the data
+    # Share held out for val_loss: of `data`'s conversations (chosen by content hash, every copy of each, never
+    # trained on), or with `task` that share of `examples` as distinct problems of the task's held-out split.
+    # None = 0.05 while eval_every > 0 (rounded down: a file of fewer than 20 conversations holds none out), else 0.
+    val_fraction: Fraction | None = None
+
+    @property
+    def conversational(self) -> bool:
+        """Whether the rows are conversations (`data` or `task`); only distillation has another source."""
+        return bool(self.data or self.task)
+
+    @property
+    def held_out_fraction(self) -> float:
+        """The share of the conversations this run holds out (the module's `held_out_fraction` of its fields)."""
+        return held_out_fraction(self.val_data, self.val_fraction, self.eval_every)
+
+    def to_dict(self) -> dict:
+        return _loop_fields(self)
+
+
+@dataclass
+class SFTConfig(ConversationConfig):
     """Chat SFT: TrainConfig's loop on conversations, the loss on assistant tokens only, evaluated every `eval_every`
     steps on up to `eval_batches` batches of held-out conversations (`val_loss`, assistant tokens only). `data_dir`
     and `mixture` are unused; `init_from` is the starting checkpoint ("" = a fresh `model` preset)."""
@@ -47,34 +76,17 @@ class SFTConfig(TrainConfig):
     eval_every: NonNegative = 50  # steps between evaluations on the held-out conversations; 0 = none
     save_every: NonNegative = 0
     keep_checkpoints: Positive = 1
-    data: str = ""  # JSONL of {"messages": [...]}; "" = `examples` generated traces of `task`
-    task: str = "addition"  # a name of seekstack.posttrain.tasks.TASKS
-    difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
-    examples: Positive = 4000  # generated conversations when `data` is ""
-    val_data: str = ""  # JSONL of held-out conversations (as `data`) for val_loss; "" = val_fraction of the data
-    # Share held out for val_loss: of `data`'s conversations (chosen by content hash, every copy of each, never
-    # trained on), or with `task` that share of `examples` as distinct problems of the task's held-out split.
-    # None = 0.05 while eval_every > 0 (rounded down: a file of fewer than 20 conversations holds none out), else 0.
-    val_fraction: Fraction | None = None
+    task: str = "addition"  # with `data` "": this task's generated traces
 
     def validate(self, source: str | None = None) -> SFTConfig:
         config = super().validate(source)
         _require_task(config, source)
         _require_tokenizer(config, source)
         try:
-            require_conversations_file(config.data)
-            require_held_out_fields(config)
+            require_conversation_fields(config)
         except ConfigError as error:
             raise error.at(source) from None
         return config
-
-    @property
-    def held_out_fraction(self) -> float:
-        """The share of the data this run holds out (the module's `held_out_fraction` of its fields)."""
-        return held_out_fraction(self.val_data, self.val_fraction, self.eval_every)
-
-    def to_dict(self) -> dict:
-        return _loop_fields(self)
 
 
 @dataclass
@@ -172,9 +184,18 @@ def _refuse_unused_by_rl(config: GRPOConfig, source: str | None) -> None:
             raise ConfigError(problem, field=name, source=source)
 
 
-def require_held_out_fields(config: SFTConfig | DistillConfig) -> None:
-    """ConfigErrors naming val_data or val_fraction when they cannot hold conversations out of the run's `data` or
-    `task` (SFT, and distillation on conversations)."""
+def require_conversation_fields(config: ConversationConfig) -> None:
+    """ConfigErrors naming data when it is no file, and val_data or val_fraction when they cannot hold conversations
+    out of the run's `data` or `task`, or are set on a (distillation) run on token shards."""
+    require_conversations_file(config.data)
+    for name in ("val_data", "val_fraction"):
+        require(
+            config.conversational or getattr(config, name) in ("", None),
+            name,
+            "unset without data or task (a run on token shards is validated on data_dir's val split)",
+        )
+    if not config.conversational:
+        return
     require_conversations_file(config.val_data, "val_data")
     require(
         not config.val_data or not config.data or not Path(config.val_data).samefile(config.data),

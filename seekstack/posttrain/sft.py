@@ -17,7 +17,7 @@ from torch import nn
 from seekstack.config import ConfigError
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import ModelOutput
-from seekstack.posttrain.config import SFTConfig, run_tokenizer
+from seekstack.posttrain.config import ConversationConfig, SFTConfig, run_tokenizer
 from seekstack.posttrain.conversations import (
     HELD_OUT_FILE,
     Conversation,
@@ -43,7 +43,7 @@ def tokenizer_info(tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def split_conversations(
-    config: SFTConfig, tokenizer: Tokenizer, fraction: float, val_data: str
+    config: ConversationConfig, tokenizer: Tokenizer, fraction: float, val_data: str
 ) -> tuple[list[Conversation], list[Conversation]]:
     """(trained, held_out) conversations of an SFT run: `data` less the `fraction` `hold_out` keeps back, or
     `examples` training problems of `task` and `fraction` x `examples` distinct held-out ones; the held-out ones are
@@ -73,7 +73,7 @@ class SFTSource:
     distillation run: its config's val_data or val_fraction), the held-out ones (`held_out`) as its fixed validation
     batches. Without, none are held out (adapters on a chat file, seekstack/adapters/data.py)."""
 
-    def __init__(self, config: SFTConfig, holds_out: bool = False):
+    def __init__(self, config: ConversationConfig, holds_out: bool = False):
         self.config = config
         self.tokenizer = run_tokenizer(config)
         self.tokenizer_info = tokenizer_info(self.tokenizer)
@@ -207,7 +207,7 @@ def ends_within(row: tuple[list[int], list[int]], seq_len: int) -> bool:
     return labelled[-1] < seq_len
 
 
-def _require_a_split(config: SFTConfig, trained: int, held_out: int) -> None:
+def _require_a_split(config: ConversationConfig, trained: int, held_out: int) -> None:
     """A ConfigError naming val_fraction when it was given and holds none of `data` out. (It never holds all out:
     below 1, it leaves at least one conversation to train on.)"""
     if not config.data or config.val_data or not config.val_fraction or held_out:
@@ -220,12 +220,21 @@ def _require_a_split(config: SFTConfig, trained: int, held_out: int) -> None:
     )
 
 
+def conversation_source(config: ConversationConfig, resume: bool | str | Path) -> SFTSource | None:
+    """The batch source of a run on conversations (SFT; distillation with `data` or `task`), holding out the
+    conversations of its val_data or val_fraction, which a new run records in out_dir (HELD_OUT_FILE); None for a
+    distillation run on token shards."""
+    if not config.conversational:
+        return None
+    source = SFTSource(config, holds_out=True)
+    if not resume:
+        write_held_out(config.out_dir, source.held_out)
+    return source
+
+
 def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult:
     """Fine-tune `init_from` (or a fresh preset) on the conversations `config` names."""
     config = config.validate()
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read and tokenized
-    source = SFTSource(config, holds_out=True)
-    if not resume:
-        write_held_out(config.out_dir, source.held_out)
-    return train(config, resume=resume, source=source)
+    return train(config, resume=resume, source=conversation_source(config, resume))
