@@ -138,15 +138,11 @@ def _sampling_engine(model: Path, sequences: int, max_new_tokens: int) -> Engine
     most SAMPLING_BATCH of them at a time (the rest queue: a cache for all at once can outgrow the memory)."""
     from seekstack.checkpoint import read_config
     from seekstack.infer import Engine
-    from seekstack.posttrain.rollout import PROMPT_TOKENS, completion_room
+    from seekstack.posttrain.rollout import PROMPT_TOKENS, require_completion_room
 
     context = read_config(model).max_position_embeddings
-    room = completion_room(context, str(model))
-    if max_new_tokens > room:
-        raise ValueError(
-            f"--max-new-tokens {max_new_tokens}: at most {room} for {model} (its context of {context} tokens holds a "
-            f"prompt of up to {PROMPT_TOKENS})"
-        )
+    with options_named():
+        require_completion_room(context, str(model), max_new_tokens, "max_new_tokens")
     max_batch_size = min(sequences, SAMPLING_BATCH)
     return Engine.from_pretrained(model, max_batch_size=max_batch_size, max_model_len=PROMPT_TOKENS + max_new_tokens)
 

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from seekstack.checkpoint import load_pretrained
-from seekstack.config import ConfigError
 from seekstack.infer import Engine
 from seekstack.infer.threads import IdleCores, configured_threads, running_on, threads_beside
 from seekstack.model.transformer import ModelOutput
@@ -35,7 +34,7 @@ from seekstack.posttrain.rollout import (
     PROMPT_TOKENS,
     Rollout,
     completion_logps,
-    completion_room,
+    require_completion_room,
     require_prompt_room,
     sample_groups,
     trained_tokens,
@@ -78,13 +77,8 @@ class GRPOSource:
         self.most_threads = torch.get_num_threads()  # with threads="auto", the training half's limit
         rows = self.config.batch_size * self.config.num_generations
         context = model.config.max_position_embeddings
-        room = completion_room(context, self.config.init_from or f"model={self.config.model}")
-        if self.config.max_completion_length > room:
-            raise ConfigError(
-                f"is {self.config.max_completion_length}: with a prompt's room "
-                f"({PROMPT_TOKENS} tokens) that passes the model's context of {context} tokens; at most {room}",
-                field="max_completion_length",
-            )
+        model_name = self.config.init_from or f"model={self.config.model}"
+        require_completion_room(context, model_name, self.config.max_completion_length, "max_completion_length")
         self.engine = Engine(
             self.sampler,
             self.tokenizer,

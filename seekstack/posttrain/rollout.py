@@ -56,8 +56,9 @@ class Rollout:
 PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request (rl, traces, pass-at-k)
 
 
-def completion_room(context: int, model: str) -> int:
-    """The most completion tokens a model of `context` positions takes after a prompt's room (PROMPT_TOKENS); a
+def require_completion_room(context: int, model: str, completion_tokens: int, name: str) -> None:
+    """Refuse `completion_tokens` (the field or option `name`) when they do not fit after a prompt's room
+    (PROMPT_TOKENS) in a model of `context` positions: a ConfigError naming `name` and the most that fit, or a
     ValueError naming `model` when that room alone fills its context."""
     if context <= PROMPT_TOKENS:
         raise ValueError(
@@ -65,7 +66,13 @@ def completion_room(context: int, model: str) -> int:
             f"after a task prompt's room of {PROMPT_TOKENS} tokens (PROMPT_TOKENS in seekstack/posttrain/rollout.py); "
             f"use a model of a context above {PROMPT_TOKENS}"
         )
-    return context - PROMPT_TOKENS
+    room = context - PROMPT_TOKENS
+    if completion_tokens > room:
+        raise ConfigError(
+            f"is {completion_tokens}: it and a task prompt's room of {PROMPT_TOKENS} tokens pass the model's ({model}) "
+            f"context of {context} tokens; at most {room}",
+            field=name,
+        )
 
 
 def require_prompt_room(task: Task, prompts: list[list[int]]) -> None:
