@@ -53,12 +53,23 @@ OWN_RUN = ROOT / "runs" / "bench_speculative"
 VAL_FILE = "val.jsonl"  # the held-out documents of a `data build` folder
 
 
-def find_or_train_model(train_steps: int) -> Path:
-    """The demo run's newest checkpoint, else this benchmark's own (trained now if it has none)."""
+def trained_model() -> Path | None:
+    """The demo run's newest checkpoint, else this benchmark's own; None when neither run has one."""
     for run in (DEMO / "train", OWN_RUN):
         if list_checkpoints(run):
             return list_checkpoints(run)[-1]
-    if not (DEMO / "tokens" / "train_index.json").is_file():
+    return None
+
+
+def demo_data_missing() -> bool:
+    """Whether `train_own_model` builds the demo data (its corpus among them) before training: no demo shards."""
+    return not (DEMO / "tokens" / "train_index.json").is_file()
+
+
+def train_own_model(train_steps: int) -> Path:
+    """A `tiny` model trained for `train_steps` steps on the demo shards (built first when missing): this benchmark's
+    own run's newest checkpoint."""
+    if demo_data_missing():
         seekstack = [sys.executable, "-m", "seekstack.cli"]
         print("no demo data: building it as `make demo` does", flush=True)
         subprocess.run(
@@ -160,10 +171,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = args.model or find_or_train_model(args.train_steps)
-    if not (args.corpus / VAL_FILE).is_file():
+    model_dir = args.model or trained_model()
+    # checked before any work: only the demo corpus is built here, and only on the way to a model of the script's own
+    built_here = model_dir is None and demo_data_missing() and args.corpus.resolve() == (DEMO / "corpus").resolve()
+    if not (args.corpus / VAL_FILE).is_file() and not built_here:
         parser.error(f"--corpus {args.corpus}: no {VAL_FILE} there, whose held-out documents give the prompts; give a "
                      "`seekstack data build` folder (make demo builds runs/demo/corpus)")  # fmt: skip
+    model_dir = model_dir or train_own_model(args.train_steps)
     default = EngineOptions(speculative=True, max_batch_size=max(args.batches), compile=args.compile, dtype=args.dtype)
     dtype_name, why = default.resolved_dtype(model_dir)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {model_dir}, {dtype_name} ({why})")

@@ -40,3 +40,35 @@ def test_a_corpus_without_held_out_documents_is_refused_naming_the_option(tmp_pa
     )
     assert run.returncode == 2
     assert f"--corpus {empty}: no val.jsonl there" in run.stderr
+
+
+class WorkStarted(Exception):
+    """Raised in place of the work the script would start (training a model, building the demo data)."""
+
+
+def test_a_wrong_corpus_is_refused_before_the_script_trains_its_model(tmp_path, monkeypatch, capsys):
+    """Without --model and a demo checkpoint the script trains one (~10 min): a --corpus without val.jsonl was refused
+    only after it. The demo corpus, which the script builds on its way to a model when the demo data are missing,
+    is not refused for being missing yet."""
+    from bench import speculative
+
+    def work(*args, **kwargs):
+        raise WorkStarted
+
+    monkeypatch.setattr(speculative, "DEMO", tmp_path / "demo")
+    monkeypatch.setattr(speculative, "OWN_RUN", tmp_path / "own_run")
+    monkeypatch.setattr(speculative, "train", work)
+    monkeypatch.setattr(speculative.subprocess, "run", work)
+    (tmp_path / "demo" / "tokens").mkdir(parents=True)
+    (tmp_path / "demo" / "tokens" / "train_index.json").write_text("{}")  # demo shards: the script would train on them
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(sys, "argv", ["speculative.py", "--corpus", str(empty)])
+    with pytest.raises(SystemExit) as refusal:
+        speculative.main()
+    assert refusal.value.code == 2 and f"--corpus {empty}: no val.jsonl there" in capsys.readouterr().err
+
+    (tmp_path / "demo" / "tokens" / "train_index.json").unlink()  # no demo data: built with the model, corpus first
+    monkeypatch.setattr(sys, "argv", ["speculative.py"])
+    with pytest.raises(WorkStarted):
+        speculative.main()
