@@ -226,6 +226,7 @@ def read_lora_config(folder: str | Path) -> LoraConfig:
                 f"without {option}"
             )
     config.base_model_name_or_path = None  # the caller gives the base; peft would warn that the recorded one differs
+    config.task_type = None  # CAUSAL_LM's wrapper adds transformers' generation hooks, which our model does not have
     return config
 
 

@@ -401,6 +401,7 @@ PEFT_CONFIGS = {  # LoraConfig fields of adapters users make with peft on transf
         target_modules=["kv_b_proj"], exclude_modules=["model.layers.0.self_attn.kv_b_proj"]
     ),
     "head and embedding with their base weights saved": dict(target_modules=["lm_head", "embed_tokens"]),
+    "task_type CAUSAL_LM, as peft's guides write it": dict(target_modules=["o_proj"], task_type="CAUSAL_LM"),
 }
 
 
