@@ -65,9 +65,11 @@ def read_text_folder(
                         f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target "
                         "or remove the link"
                     )
-                yield Document(path.relative_to(folder).as_posix(), _decoded(_read(path)), folder.name)
+                yield Document(
+                    _as_text(path.relative_to(folder).as_posix()), _decoded(_read(path)), _as_text(folder.name)
+                )
             elif skipped is not None:
-                skipped[_kind(path) or "(no suffix)"] += 1
+                skipped[_as_text(_kind(path)) or "(no suffix)"] += 1
 
 
 def _unclaimed_folders(
@@ -114,7 +116,7 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
     path = Path(path)
     if not path.is_file():
         raise DataSourceError(f"{path}: no such file")
-    yield Document(path.name, _decoded(_read(path)), path.name)
+    yield Document(_as_text(path.name), _decoded(_read(path)), _as_text(path.name))
 
 
 def _kind(path: Path) -> str:
@@ -143,6 +145,12 @@ def _decoded(data: bytes) -> str:
         return data.decode("utf-8-sig")  # nearly every file, in one pass
     except UnicodeDecodeError:
         return data.decode("cp1252" if _starts_no_utf8_character(data) else "utf-8-sig", errors="replace")
+
+
+def _as_text(name: str) -> str:
+    """A file system name as text: one whose bytes are not UTF-8 (a Latin-1 name out of an old archive), which Python
+    holds as surrogate escapes that no UTF-8 file can store, decoded by the rules of a file's text (`_decoded`)."""
+    return _decoded(os.fsencode(name))
 
 
 def _starts_no_utf8_character(data: bytes) -> bool:
@@ -205,13 +213,14 @@ def _documents_from_values(
         text = record[field]
         if text is None:  # no text (a null in a dataset export): skipped, as a Parquet row's null is
             if null_texts is not None:
-                null_texts[path.name] += 1
+                null_texts[_as_text(path.name)] += 1
             continue
         if not isinstance(text, str):
             raise DataSourceError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
         doc_id = str(record.get(id_field, "")) if id_field else ""
         # JSON may escape half a character ("\ud83d", an emoji cut by a scraper): U+FFFD, as a text file's bad bytes
-        yield Document(doc_id or f"{path.name}:{number}", LONE_SURROGATE.sub("\ufffd", text), path.name)
+        name = _as_text(path.name)
+        yield Document(doc_id or f"{name}:{number}", LONE_SURROGATE.sub("\ufffd", text), name)
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -259,11 +268,11 @@ def _documents_from_batches(
         for text in batch.column(column).to_pylist():
             if text is None:
                 if null_texts is not None:
-                    null_texts[origin.name] += 1
+                    null_texts[_as_text(origin.name)] += 1
             elif not isinstance(text, str):
                 raise DataSourceError(f"{origin}: row {row} of column {column!r} is {type(text).__name__}, not text")
             else:
-                yield Document(f"{origin.name}:{row}", text, origin.name)
+                yield Document(f"{_as_text(origin.name)}:{row}", text, _as_text(origin.name))
             row += 1
 
 

@@ -161,6 +161,25 @@ def test_rows_whose_text_is_null_are_counted_by_file_in_the_report(tmp_path: Pat
         build_corpus([open_source(tmp_path / "nulls.jsonl")], tmp_path / "none", show_progress=False)
 
 
+def test_file_names_that_are_not_utf8_are_decoded_as_latin_1_in_ids_sources_and_the_report(tmp_path: Path) -> None:
+    """A Latin-1 name out of an old archive is held by Python as surrogate escapes, which no UTF-8 file can store: the
+    build failed writing it ('utf-8' codec can't encode character '\\udce9'), naming no file."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    try:
+        (folder / "caf\udce9.txt").write_text(prose(1))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("the file system refuses names that are not UTF-8")
+    (folder / "menu\udce9.html").write_text("<p>not read</p>")
+    rows = tmp_path / "r\udce9sum\udce9s.jsonl"
+    rows.write_text(json.dumps({"text": prose(2)}) + "\n" + json.dumps({"text": None}) + "\n")
+    report = build_corpus([open_source(folder), open_source(rows)], tmp_path / "out", show_progress=False)
+    written = {(row["id"], row["source"]) for split in read_rows(tmp_path / "out").values() for row in split}
+    assert written == {("caf\u00e9.txt", "notes"), ("r\u00e9sum\u00e9s.jsonl:1", "r\u00e9sum\u00e9s.jsonl")}
+    assert report.null_texts == {"r\u00e9sum\u00e9s.jsonl": 1} and report.skipped_files == {".html": 1}
+    assert Report.load(tmp_path / "out" / "report.json") == report
+
+
 def test_a_dangling_link_in_an_input_folder_is_named_with_its_target_and_nothing_is_written(tmp_path: Path) -> None:
     folder = tmp_path / "notes"
     folder.mkdir()
