@@ -61,6 +61,8 @@ BASE_LAYER_COPY = re.compile(r"(?P<module>.+?)\.base_layer\.weight")  # peft's s
 UNSUPPORTED_OPTIONS = {  # peft's LoraConfig fields seekstack refuses, and what they add
     "lora_bias": "a trained bias on each lora_B; seekstack's adapted layers have no bias to merge it into",
     "modules_to_save": "whole modules trained in full beside the LoRA factors",
+    "alora_invocation_tokens": "activated LoRA: the update applies only from an invocation sequence of tokens on",
+    "layer_replication": "a deeper model made of repeated layers of the base",
 }
 ADAPTER_PARAMETERS = (".lora_", ".trainable_tokens_delta")  # what names an adapter's own parameters
 

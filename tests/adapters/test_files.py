@@ -434,6 +434,8 @@ def test_serving_scales_each_factor_by_the_alpha_peft_gives_its_module(base, tmp
 UNSUPPORTED_PEFT_OPTIONS = {
     "lora_bias": dict(target_modules=["o_proj"], lora_bias=True),
     "modules_to_save": dict(target_modules=["o_proj"], modules_to_save=["lm_head"]),
+    "alora_invocation_tokens": dict(target_modules=["o_proj"], alora_invocation_tokens=[5, 17]),
+    "layer_replication": dict(target_modules=["o_proj"], layer_replication=[[0, 2], [1, 2]]),
 }
 
 
