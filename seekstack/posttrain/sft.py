@@ -173,6 +173,12 @@ class SFTSource:
         input_ids, _ = batch
         return input_ids.numel(), input_ids.shape[1]
 
+    def record(self, out_dir: Path) -> None:
+        """Record in a new run's out_dir the conversations it holds out (HELD_OUT_FILE); the trainer calls this once
+        the run has passed every check."""
+        if self.held_out is not None:
+            write_held_out(out_dir, self.held_out)
+
     def state_dict(self) -> dict[str, Any]:
         return self.rows.state_dict()
 
@@ -220,16 +226,11 @@ def _require_a_split(config: ConversationConfig, trained: int, held_out: int) ->
     )
 
 
-def conversation_source(config: ConversationConfig, resume: bool | str | Path) -> SFTSource | None:
+def conversation_source(config: ConversationConfig) -> SFTSource | None:
     """The batch source of a run on conversations (SFT; distillation with `data` or `task`), holding out the
-    conversations of its val_data or val_fraction, which a new run records in out_dir (HELD_OUT_FILE); None for a
-    distillation run on token shards."""
-    if not config.conversational:
-        return None
-    source = SFTSource(config, holds_out=True)
-    if not resume:
-        write_held_out(config.out_dir, source.held_out)
-    return source
+    conversations of its val_data or val_fraction, which a new run records in out_dir (`SFTSource.record`); None for
+    a distillation run on token shards."""
+    return SFTSource(config, holds_out=True) if config.conversational else None
 
 
 def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult:
@@ -237,4 +238,4 @@ def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult
     config = config.validate()
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read and tokenized
-    return train(config, resume=resume, source=conversation_source(config, resume))
+    return train(config, resume=resume, source=conversation_source(config))

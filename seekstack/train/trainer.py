@@ -122,7 +122,9 @@ class BatchSource(Protocol):
     `labelled_tokens(batch)` method (SFT) weighs each micro-batch's loss by that count's share of the step's (a
     per-token mean over the step); without one (RL) its micro-batches weigh the same. A source with `rows_fit_context`
     true sizes its rows itself and checks them against the model's context (RL: a prompt and a completion); the
-    run's `seq_len` is not held to the context for it."""
+    run's `seq_len` is not held to the context for it. A source with a `record(out_dir)` method (SFT) writes files
+    of its own into a new run's out_dir beside its config, once the run has passed every check (a refused run writes
+    nothing)."""
 
     tokenizer_info: dict[str, Any]  # vocab_size; path and sha256 of the tokenizer checkpoints carry
 
@@ -384,6 +386,8 @@ class _Run:
         self.peak_probes_left = PEAK_PROBES if not config.peak_flops and ranks.device.type == "cpu" else 0
         if ranks.is_main:
             config.save(self.out_dir)
+            if not resume and hasattr(source, "record"):
+                source.record(self.out_dir)
             self._trim_metrics()
         if config.warmup_steps >= config.max_steps:
             last = learning_rate(config.max_steps - 1, config)

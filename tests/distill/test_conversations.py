@@ -271,3 +271,14 @@ def test_on_policy_distillation_trains_on_past_conversations_whose_prompt_fills_
         lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
         assert all(math.isfinite(line["loss"]) and "lm_loss" not in line for line in lines)
     assert plot_run(out_dir).is_file()  # its curves leave out the next-token loss it has none of
+
+
+def test_a_conversation_run_refused_after_its_conversations_are_read_writes_nothing_into_out_dir(workspace, tmp_path):
+    """A student whose context is shorter than seq_len is refused once it is built, after the conversations were
+    read and split: held_out.json was written by then, into an out_dir the refused run never used."""
+    short_context = {**DENSE_STUDENT, "max_position_embeddings": 64}
+    config = conversation_config(workspace, tmp_path / "run", model_overrides=short_context, val_fraction=0.25)
+    with pytest.raises(ConfigError, match="field 'seq_len' has value 128: longer than the model's context"):
+        run_distill(config)
+    assert not (tmp_path / "run").exists()
+

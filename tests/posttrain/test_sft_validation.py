@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from seekstack.checkpoint import load_pretrained
+from seekstack.config import ConfigError
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.conversations import (
@@ -252,3 +253,14 @@ def test_a_checkpoint_older_than_row_digests_resumes_when_its_run_holds_nothing_
     del state["data"]["digest"]
     torch.save(state, checkpoint)
     assert run_sft(sft_config(tmp_path, *run, "max_steps=3"), resume=True).step == 3
+
+
+def test_a_run_refused_after_its_conversations_are_read_writes_nothing_into_out_dir(tmp_path):
+    """A seq_len past the model's context is refused once the model is built, after the conversations were read and
+    split: held_out.json was written by then, into an out_dir the refused run never used."""
+    data = write_conversations(SUMS, tmp_path / "sums.jsonl")
+    run_dir = tmp_path / "run"
+    config = sft_config(tmp_path, f"data={data}", f"out_dir={run_dir}", "model.max_position_embeddings=64")
+    with pytest.raises(ConfigError, match="field 'seq_len' has value 128: longer than the model's context"):
+        run_sft(config)
+    assert not run_dir.exists()
