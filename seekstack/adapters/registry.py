@@ -36,7 +36,7 @@ from seekstack.adapters.multi import (
 from seekstack.checkpoint import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.model.attention import MultiHeadLatentAttention
-from seekstack.model.moe import RoutedExperts
+from seekstack.model.moe import RoutedExperts, Router
 from seekstack.model.transformer import Transformer
 
 Target = tuple[str, str]  # (module name, parameter name), in seekstack's names
@@ -61,9 +61,9 @@ class AdapterWeights:
 
 def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
     """The weights of the adapter saved in `folder` for a model with `config`; CheckpointError naming the file when
-    the adapter does not fit the model, is DoRA (`dora`), which the per-row layers (seekstack.adapters.multi) do not
-    apply, or replaces token rows of a base whose head and embedding are tied (one matrix: peft's rows of one are
-    rows of both)."""
+    the adapter does not fit the model, is DoRA (`dora`) or adapts an MoE router (peft's all-linear targets
+    `mlp.gate.weight`), which the per-row layers (seekstack.adapters.multi) do not apply, or replaces token rows of a
+    base whose head and embedding are tied (one matrix: peft's rows of one are rows of both)."""
     config_file = Path(folder) / ADAPTER_CONFIG_FILE
     peft_config = read_lora_config(folder)
     if peft_config.use_dora:
@@ -79,7 +79,16 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
     with torch.device("meta"):
         skeleton = Transformer(config)
     peft_model = load_adapter(skeleton, folder, weightless=True)
-    return AdapterWeights(_lora_factors(peft_model), _token_rows(peft_model))
+    factors = _lora_factors(peft_model)
+    adapted = peft_model.get_base_model()
+    routers = [name for name, _ in factors if isinstance(adapted.get_submodule(name).get_base_layer(), Router)]
+    if routers:
+        raise CheckpointError(
+            f"{config_file}: the adapter adapts the MoE router ({', '.join(f'{name}.weight' for name in routers)}, "
+            "as peft's all-linear does), which serving beside other adapters does not apply; serve the merged "
+            "checkpoint of `seekstack lora merge` instead, or retrain without the routers"
+        )
+    return AdapterWeights(factors, _token_rows(peft_model))
 
 
 @dataclass
