@@ -312,6 +312,7 @@ def _mfu_text(mfu: float) -> str:
 
 
 VALIDATION_COLUMNS = (("val loss", "val_loss", ".4f"), ("val bits/byte", "val_bpb", ".4f"),
+                      ("val divergence", "val_divergence", ".4f"),  # distillation's, from the teacher
                       ("val MaxVio", "val_maxvio", ".2f"))  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """`seekstack plot RUN`: a run's curves from its metrics.jsonl, drawn to one PNG.
 
-Panels: training loss (total, next-token, MTP) with the validation loss; validation bits per byte; learning
-rate; MaxVio of each MoE layer; and, for a mixture run, the weight of each source over training.
+Panels: training loss (total, next-token, MTP) with the validation loss (and a distillation's divergence from its
+teacher); validation bits per byte; learning rate; MaxVio of each MoE layer; and, for a mixture run, the weight of
+each source over training.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
         axes[0].plot([r["step"] for r in with_mtp], column(with_mtp, "mtp_loss", path), label="MTP", linewidth=0.8)
     if evals:
         axes[0].plot([r["step"] for r in evals], column(evals, "val_loss", path), "o-", label="validation")
+    diverged = [r for r in evals if "val_divergence" in r]  # distillation: the student's from its teacher
+    if diverged:
+        divergence = column(diverged, "val_divergence", path)
+        axes[0].plot([r["step"] for r in diverged], divergence, "s--", label="validation divergence")
     _style(axes[0], "loss (nats per token)")
 
     if evals:

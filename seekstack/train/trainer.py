@@ -640,8 +640,10 @@ class _Run:
             metrics["val_maxvio_per_layer"] = {str(i): v for i, v in zip(layer_ids, per_layer.tolist(), strict=True)}
         self._log(metrics)
         on_progress_line = sys.stderr.isatty() and not self.is_last_step
+        terms_text = "".join(f", {name} {metrics[f'val_{name}']:.4f}" for name in term_sums)  # distillation's
         self._say(
-            ("\n" if on_progress_line else "") + f"step {self.step}: val loss {val_loss:.4f}, {bpb:.4f} bits/byte"
+            ("\n" if on_progress_line else "")
+            + f"step {self.step}: val loss {val_loss:.4f}, {bpb:.4f} bits/byte{terms_text}"
         )
         return metrics
 

@@ -282,3 +282,32 @@ def test_a_conversation_run_refused_after_its_conversations_are_read_writes_noth
         run_distill(config)
     assert not (tmp_path / "run").exists()
 
+
+def test_val_divergence_is_shown_where_val_loss_is_in_the_progress_plot_and_report(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    """val_divergence (the student's T^2 JSD_beta from its teacher on the held-out conversations) was logged to
+    metrics.jsonl only: the evaluation's line, the curves and the report's validation table showed val_loss alone."""
+    from seekstack.eval.report import _training
+    from seekstack.train import plot
+
+    changes = dict(val_fraction=0.25, eval_every=2, max_steps=4, save_every=0)
+    run_distill(conversation_config(workspace, tmp_path / "run", **changes))
+    logged = evaluations(tmp_path / "run")
+    err = capsys.readouterr().err
+    for record in logged:
+        assert f"bits/byte, divergence {record['val_divergence']:.4f}" in err
+
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)
+    plot_run(tmp_path / "run")
+    curves = {line.get_label(): line.get_ydata().tolist() for line in figures[0].axes[0].get_lines()}
+    assert curves["validation divergence"] == [record["val_divergence"] for record in logged]
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    table = _training(tmp_path / "run", tmp_path / "report", {}, records)
+    assert "| step | val loss | val bits/byte | val divergence |" in table
+    assert (
+        f"| 4 | {logged[-1]['val_loss']:.4f} | {logged[-1]['val_bpb']:.4f} | {logged[-1]['val_divergence']:.4f} |"
+        in table
+    )
