@@ -21,8 +21,11 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
+import multiprocessing.connection
+import os
 import signal
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -186,10 +189,12 @@ class WorkerPool(ProcessPoolExecutor):
     exec, and Python then installs no KeyboardInterrupt handler): the main process takes it, ends them and exits
     with 130, without a traceback from every worker. A worker that dies breaks the pool: every batch in flight
     fails with BrokenProcessPool at once (a multiprocessing Pool replaced the worker and waited for its batch for
-    good, and its terminate could hang on the queue lock a killed idle worker held)."""
+    good, and its terminate could hang on the queue lock a killed idle worker held). A main process killed outright
+    takes its workers with it (`_exit_with_the_main_process`)."""
 
     def __init__(self, workers: int):
-        super().__init__(workers, mp_context=multiprocessing.get_context("spawn"))
+        spawn = multiprocessing.get_context("spawn")
+        super().__init__(workers, mp_context=spawn, initializer=_exit_with_the_main_process)
         self.processes = self._processes  # the pool's own, by pid; shutdown drops the pool's reference, not ours
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -201,6 +206,19 @@ class WorkerPool(ProcessPoolExecutor):
         """End every worker now (SIGKILL): the pool, broken, fails the batches they held."""
         for process in self.processes.values():
             process.kill()
+
+
+def _exit_with_the_main_process() -> None:
+    """In a worker, as it starts: a thread that ends it once the main process is gone without ending it (killed by
+    SIGKILL or the out-of-memory killer, or by SIGTERM, which runs no cleanup), where it would wait, orphaned and
+    holding its memory, for batches that never come."""
+    main_process = multiprocessing.parent_process()
+
+    def exit_when_gone() -> None:
+        multiprocessing.connection.wait([main_process.sentinel])  # readable once the main process is gone
+        os._exit(1)
+
+    threading.Thread(target=exit_when_gone, name="exit-with-the-main-process", daemon=True).start()
 
 
 def _end_workers(pool: WorkerPool, in_flight: Iterable[InFlight]) -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,6 +251,35 @@ def test_worker_processes_leave_ctrl_c_to_the_main_process() -> None:
     with WorkerPool(2) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process still takes it
+
+
+def is_running(pid: int) -> bool:
+    """Whether process `pid` runs still: it exists and is no zombie (an orphan's exit that no init reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_workers_exit_when_the_main_process_is_killed_outright(tmp_path: Path) -> None:
+    """SIGKILL (the out-of-memory killer) or SIGTERM ends the main process without its cleanup: its workers waited,
+    orphaned, for batches that never came, each holding its memory, for good."""
+    main = "import os, pathlib, signal, sys; from seekstack.corpus.build import WorkerPool; pool = WorkerPool(2); "
+    main += "pathlib.Path(sys.argv[1]).write_text(str(pool.submit(os.getpid).result())); "
+    main += "os.kill(os.getpid(), signal.SIGKILL)"
+    pid_file = tmp_path / "worker.pid"  # not a pipe: an orphaned worker would hold it open
+    ran = subprocess.run([sys.executable, "-c", main, str(pid_file)], stdout=subprocess.DEVNULL, timeout=60)
+    assert ran.returncode == -signal.SIGKILL
+    worker = int(pid_file.read_text())
+    try:
+        deadline = time.monotonic() + 10
+        while is_running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not is_running(worker)
+    finally:
+        if is_running(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 class KilledOnArrival(str):
