@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from seekstack.cli.notices import quiet_third_party_notices
+
 # One module per stage, in pipeline order; each has `register(app)` adding its commands.
 STAGES = (
     "model",
@@ -47,6 +49,7 @@ def main(
 ) -> None:
     """seekstack: the DeepSeek-V3 stack in plain PyTorch. Pipeline: data build -> tokenizer train -> data tokenize
     -> train -> sample / generate / chat / serve."""
+    quiet_third_party_notices()
 
 
 for stage in STAGES:
