@@ -244,6 +244,8 @@ def _parsed_json(text: str, where: str) -> Any:
         raise DataSourceError(f"{where}: not valid JSON ({error.msg})") from None
     except ValueError as error:  # an integer longer than Python converts (sys.get_int_max_str_digits, 4300 digits)
         raise DataSourceError(f"{where}: a JSON number too long to read ({error})") from None
+    except RecursionError:  # arrays or objects nested deeper than the interpreter's recursion limit (~1000)
+        raise DataSourceError(f"{where}: JSON nested too deeply to read (~1000 levels of arrays or objects)") from None
 
 
 def _json_object(value: Any, where: str, field: str) -> dict[str, Any]:

@@ -469,6 +469,7 @@ def test_a_json_file_of_json_lines_or_of_one_array_is_read_as_rows(tmp_path: Pat
         ('["x", "y"]', r"docs.jsonl:2: a JSON array, not an object with a 'text' field"),
         ("3", r"docs.jsonl:2: a JSON number, not an object with a 'text' field"),
         ('{"text": "x", "n": ' + "9" * 5000 + "}", r"docs.jsonl:2: a JSON number too long to read \(Exceeds"),
+        ('{"text": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", r"docs.jsonl:2: JSON nested too deeply"),
     ],
 )
 def test_jsonl_errors_name_file_line_and_field(tmp_path: Path, second_line: str, message: str) -> None:
