@@ -44,12 +44,14 @@ LARGEST_VOCAB = 2**20
 # The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
 # (joined by newlines), an assistant's null content as empty; other roles, parts, tool calls and tools raise (as the
-# server refuses `tools`: a prompt rendered without them would be answered as if none were offered).
+# server refuses `tools`: a prompt rendered without them would be answered as if none were offered). Its
+# `{% generation %}` blocks mark the tokens SFT trains (each answer and its EOS, not an assistant turn of weight 0) for
+# `return_assistant_tokens_mask` (TRL's assistant_only_loss); they render nothing of their own.
 CHAT_TEMPLATE = (
     "{%- if tools -%}"
     "{{- raise_exception('tools were given: the chat template has no tool definitions (the model calls no tools)') -}}"
     "{%- endif -%}"
-    "{%- set ns = namespace(system_prompts=[], turns='') -%}"
+    "{%- set ns = namespace(system_prompts=[], turns=[]) -%}"
     "{%- for message in messages -%}"
     "{%- set position = 'chat message ' ~ loop.index0 -%}"
     "{%- if message['tool_calls'] -%}"
@@ -67,15 +69,20 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- if message['role'] in ('system', 'developer') -%}"
     "{%- set ns.system_prompts = ns.system_prompts + [content] -%}"
-    "{%- elif message['role'] == 'user' -%}{%- set ns.turns = ns.turns + '<｜User｜>' + content -%}"
+    "{%- elif message['role'] == 'user' -%}{%- set ns.turns = ns.turns + [['<｜User｜>', content, false]] -%}"
     "{%- elif message['role'] == 'assistant' -%}"
-    "{%- set ns.turns = ns.turns + '<｜Assistant｜>' + content + eos_token -%}"
+    "{%- set trained = message['weight'] is not defined or message['weight'] != 0 -%}"
+    "{%- set ns.turns = ns.turns + [['<｜Assistant｜>', content + eos_token, trained]] -%}"
     "{%- else -%}"
     "{{- raise_exception(position ~ ' has unknown role ' ~ message['role'] ~ ': expected system, developer, user '"
     " ~ 'or assistant') -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{{- bos_token + ns.system_prompts | join('\\n\\n') + ns.turns -}}"
+    "{{- bos_token + ns.system_prompts | join('\\n\\n') -}}"
+    "{%- for role, text, trained in ns.turns -%}"
+    "{{- role -}}"
+    "{%- if trained -%}{%- generation -%}{{- text -}}{%- endgeneration -%}{%- else -%}{{- text -}}{%- endif -%}"
+    "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
 )
 

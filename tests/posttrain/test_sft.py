@@ -420,3 +420,22 @@ def test_padding_is_told_from_a_labelled_eos_where_eos_pads():
     eos = 1
     input_ids, labels = pad_labelled([([5, 6, eos], [-100, 6, eos]), ([5, eos], [-100, eos])], eos, 8)
     assert real_tokens(input_ids, labels, eos).tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_transformers_assistant_tokens_mask_is_the_sft_labels_mask(tmp_path):
+    """TRL's assistant_only_loss reads the chat template's {% generation %} blocks (apply_chat_template with
+    return_assistant_tokens_mask): the template had none, so transformers could not tell the assistant's tokens.
+    Its mask is SFT's labels: each trained answer and its EOS, not the role tokens, nor a turn of weight 0."""
+    import transformers
+
+    tokenizer = byte_tokenizer(tmp_path)
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    untrained_turn = [{"role": "assistant", "content": "Hm, é?", "weight": 0}, {"role": "user", "content": "Go on."}]
+    for conversation in (CHAT, [*CHAT[:3], *untrained_turn, *CHAT[3:]]):
+        ids, labels = encode_conversation(tokenizer, conversation)
+        rendered = auto.apply_chat_template(
+            conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert rendered["input_ids"] == ids
+        assert rendered["assistant_masks"] == [int(label != IGNORE_INDEX) for label in labels]
+        assert sum(rendered["assistant_masks"]) > 0
