@@ -43,7 +43,7 @@ from seekstack.atomic import staged_files
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash, minhash_signature
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
-from seekstack.corpus.sources import TEXT_SUFFIXES, Document
+from seekstack.corpus.sources import ROW_SUFFIXES, TEXT_SUFFIXES, Document
 from seekstack.corpus.split import EXACT_SPLIT_MAX_DOCUMENTS, split_score, validation_cutoff
 from seekstack.interrupts import sigint_handled_by
 
@@ -388,6 +388,9 @@ def _not_read(report: Report) -> str:
             f"({_counts(report.skipped_files)}) were not "
             f"read; a folder's files are read by suffix: {' '.join(TEXT_SUFFIXES)} (and .gz of them)"
         )
+        rows = [suffix for suffix in ROW_SUFFIXES if suffix in report.skipped_files]
+        if rows:
+            unread += f"; {' '.join(rows)} files are read as rows when each is an input (e.g. FOLDER/*{rows[0]})"
     if report.null_texts:
         unread += (
             f". {sum(report.null_texts.values()):,} rows with a null text were not read ({_counts(report.null_texts)})"

@@ -26,6 +26,7 @@ from seekstack.schema import LONE_SURROGATE
 
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet")  # read as rows when an input names the file, not inside a folder
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 

@@ -142,6 +142,20 @@ def test_a_folder_input_reports_the_files_it_did_not_read_by_suffix(tmp_path: Pa
     assert "not read: other suffixes │   4 files │ .html 3, (no suffix) 1" in console.export_text()
 
 
+def test_a_folder_of_jsonl_and_parquet_shards_says_each_file_is_read_as_rows_as_an_input(tmp_path: Path) -> None:
+    folder = tmp_path / "dumps"
+    for dump in ("CC-MAIN-2024-10", "CC-MAIN-2024-18"):  # FineWeb's layout
+        (folder / dump).mkdir(parents=True)
+        pq.write_table(pa.table({"text": [prose(1), prose(2)]}), folder / dump / "000_00000.parquet")
+    (folder / "extra.jsonl").write_text(json.dumps({"text": prose(3)}) + "\n")
+    rows = r"\(\.parquet 2, \.jsonl 1\) were not read; .*; \.jsonl \.parquet files are read as rows when each is"
+    with pytest.raises(CorpusBuildError, match=rows + r" an input \(e\.g\. FOLDER/\*\.jsonl\)"):
+        build_corpus([open_source(folder)], tmp_path / "none", show_progress=False)
+    inputs = [folder / "extra.jsonl", *sorted(folder.glob("*/*.parquet"))]
+    report = build_corpus([open_source(path) for path in inputs], tmp_path / "out", show_progress=False)
+    assert report.documents_in == 5
+
+
 def test_documents_are_written_in_nfc_with_unix_line_endings_and_no_nul(tmp_path: Path) -> None:
     windows = prose(1).replace("\n", "\r\n") + "\r\nThe cafe\u0301 closes.\x00"
     build_corpus([[Document("windows", windows, "web")]], tmp_path / "out", show_progress=False)
