@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from seekstack.adapters.files import model_folders
+from seekstack.adapters.files import ModelFolders, model_folders
 from seekstack.atomic import write_atomic
 from seekstack.eval.tasks import CODE_TASKS, REASONING_PREFIX, REASONING_TASKS, TASKS, task_configs
 from seekstack.tokenizer import Tokenizer
@@ -44,11 +44,12 @@ def evaluate(
     if misspelt:
         raise ValueError(f"unknown task {misspelt[0]!r}; the local tasks are {', '.join(TASKS)}")
     local = tuple(task for task in tasks if task in TASKS)
-    tokenizer = Tokenizer.from_file(model_dir) if any(task in REASONING_TASKS for task in local) else None
+    folders = model_folders(model_dir)  # an adapter checkpoint: its base, and the tokenizer the two read with
+    tokenizer = Tokenizer.from_file(folders.tokenizer) if any(task in REASONING_TASKS for task in local) else None
     specs: list[Any] = [task for task in tasks if task not in TASKS]
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     device = str(resolve_device(device))
-    model_args = {**_model_args(model_dir), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
+    model_args = {**_model_args(folders), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
     started = time.perf_counter()
     try:
         with _without_lm_evals_git_hash():
@@ -85,10 +86,10 @@ def _without_lm_evals_git_hash() -> Iterator[None]:
         yield
 
 
-def _model_args(model_dir: str | Path) -> dict[str, str]:
+def _model_args(folders: ModelFolders) -> dict[str, str]:
     """lm_eval model args of a checkpoint, or of a LoRA run's adapter checkpoint: its base as `pretrained` with the
-    adapter as `peft` (which both backends merge) and its tokenizer (`model_folders`)."""
-    weights, adapter, tokenizer = model_folders(model_dir)
+    adapter as `peft` (which both backends merge) and its tokenizer."""
+    weights, adapter, tokenizer = folders
     if adapter is None:
         return {"pretrained": str(weights)}
     return {"pretrained": str(weights), "peft": str(adapter), "tokenizer": str(tokenizer)}

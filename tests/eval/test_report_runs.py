@@ -303,6 +303,20 @@ def test_eval_of_a_lora_run_scores_its_base_with_the_adapter_merged(lora_run, tm
     assert adapter["bits_per_byte"] != pytest.approx(base["bits_per_byte"], rel=1e-3)  # the adapter counts
 
 
+def test_eval_of_an_adapter_without_a_tokenizer_asks_the_reasoning_tasks_with_its_base_tokenizer(checkpoint, tmp_path):
+    """The reasoning tasks' chat prompts are rendered by the tokenizer the adapter's model reads with (its base's),
+    as the model lm_eval runs is given it; the scores are the merged checkpoint's."""
+    from seekstack.adapters.files import merge_adapter
+    from seekstack.eval.evaluate import evaluate
+    from tests.adapters.support import write_random_adapter
+
+    adapter = write_random_adapter(checkpoint, tmp_path / "adapter", seed=0)  # no tokenizer.json beside it
+    merged = merge_adapter(checkpoint, adapter, tmp_path / "merged")
+    ours, merged_scores = (evaluate(model, ("reason_addition",), limit=2) for model in (adapter, merged))
+    assert ours["samples"] == merged_scores["samples"] == {"reason_addition": 2}
+    assert ours["results"] == merged_scores["results"]
+
+
 def test_explain_of_a_lora_run_whose_base_is_gone_names_the_base_and_the_merge(lora_run, tmp_path):
     from typer.testing import CliRunner
 
