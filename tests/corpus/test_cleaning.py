@@ -225,6 +225,23 @@ def test_a_sentence_ended_in_its_scripts_full_stop_or_question_mark_is_a_termina
     assert not fails("terminal_line_fraction", "\n".join([sentence] * 4), ProseRules())
 
 
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "\u00ab Je n'ai pas beaucoup dormi, r\u00e9pondit-il. \u00bb",  # French guillemets
+        "\u2018The trains were running again, so I simply bought a ticket and came.\u2019",  # British single quotes
+        "'Neither did I, to be perfectly honest with you.'",  # the same in ASCII
+        "\u201eKomm sofort nach Hause, es wird schon dunkel!\u201c",  # German low-high quotes
+        "\u00bbIch komme gleich, warte bitte noch einen Moment.\u00ab",  # German guillemets, pointing inwards
+        "\u203aOui, bien s\u00fbr, dit-elle.\u2039",  # single guillemets
+    ],
+)
+def test_a_sentence_ended_inside_its_languages_closing_quote_is_a_terminal_line(sentence: str) -> None:
+    """README: a line ends a sentence with `. ! ?` or a closing quote; only " and \u201d counted (French dialogue, each
+    line in \u00ab \u00bb, was removed)."""
+    assert not fails("terminal_line_fraction", "\n".join([sentence] * 4), ProseRules())
+
+
 def test_data_table_module_is_removed() -> None:
     assert failed_rule(normalise((STDLIB / "stringprep.py").read_text(encoding="utf-8")), CodeRules()) is not None
 
