@@ -674,7 +674,11 @@ def test_post_training_into_a_folder_holding_a_run_is_refused_before_its_data_or
     def built(*args, **kwargs):
         raise AssertionError("the run's data or teacher was read before the folder was checked")
 
-    for module, names in ((sft, ["SFTSource"]), (rl, ["GRPOSource"]), (distill_run, ["SFTSource", "DistillHooks"])):
+    for module, names in (
+        (sft, ["SFTSource"]),
+        (rl, ["GRPOSource"]),
+        (distill_run, ["conversation_source", "DistillHooks"]),
+    ):
         for name in names:
             monkeypatch.setattr(module, name, built)
     runs = (
