@@ -1,6 +1,7 @@
 """Where a run keeps its checkpoints, found without torch: the command line resolves a run's out_dir to its newest
 checkpoint while it parses its arguments, before a command imports the model (a Ctrl-C there is the command's own).
 
+    out_dir/train_config.json       written at the run's start, before its first checkpoint
     out_dir/checkpoints/step_{N}/   complete once train_state.pt is in it (train/state.py writes it atomically)
 """
 
@@ -10,6 +11,7 @@ import re
 from pathlib import Path
 
 from seekstack.schema import ConfigError
+from seekstack.train.config import CONFIG_FILE
 
 TRAIN_STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -55,6 +57,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
             f"{out_dir}: no complete checkpoint: {', '.join(incomplete)} under {root} hold no {TRAIN_STATE_FILE} (a "
             "save cut short, or a model copied there): pass such a model folder itself"
         )
+    if (Path(out_dir) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{out_dir}: the run has saved no checkpoint yet (it holds its {CONFIG_FILE} but no {root.name}/step_N): "
+            "a run saves one every save_every steps, at its last step and on Ctrl-C"
+        )
     raise FileNotFoundError(
         f"{out_dir}: no checkpoint (neither a checkpoint folder with {TRAIN_STATE_FILE} nor a run with "
         f"{root.name}/step_N)"
@@ -62,10 +69,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
 
 
 def run_checkpoint(path: str | Path) -> Path | None:
-    """The newest complete checkpoint when `path` is a run's out_dir (`checkpoints/` inside, no config.json), else
-    None; FileNotFoundError naming the run when it has none."""
+    """The newest complete checkpoint when `path` is a run's out_dir (`checkpoints/` or train_config.json inside, no
+    config.json), else None; FileNotFoundError naming the run when it has none."""
     path = Path(path)
-    if (path / "config.json").is_file() or not checkpoint_dir(path).is_dir():
+    is_run = checkpoint_dir(path).is_dir() or (path / CONFIG_FILE).is_file()
+    if (path / "config.json").is_file() or not is_run:
         return None
     return latest_checkpoint(path)
 

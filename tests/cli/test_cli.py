@@ -114,6 +114,22 @@ def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "command", [["eval", "{run}"], ["explain", "{run}", "x"], ["sample", "{run}"], ["info", "{run}"]]
+)
+def test_a_run_that_has_saved_no_checkpoint_yet_is_named_so(tmp_path, command):
+    """A run's out_dir before its first save holds train_config.json and metrics.jsonl: it is named as a run without
+    a checkpoint yet (it was read as a model folder missing its config.json, or, once a save landed during the
+    command, as the folder of a model it never recorded)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "train_config.json").write_text("{}")
+    result = run(*(part.format(run=run_dir) for part in command))
+    assert result.exit_code == 2
+    assert f"{run_dir}: the run has saved no checkpoint yet" in " ".join(result.output.split())
+    assert "config.json: no such file" not in result.output
+
+
+@pytest.mark.parametrize(
     ("command", "starts"),
     [
         (["sample", "{run}"], "seekstack.eval.samples.demo_samples"),
