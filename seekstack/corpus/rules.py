@@ -24,6 +24,7 @@ from typing import Literal
 
 from seekstack.corpus.dedup import lsh_can_band, max_lsh_threshold
 from seekstack.corpus.kinds import (
+    KINDS,
     Kind,
     detect_kind,
     ends_sentences_without_marks,
@@ -127,6 +128,13 @@ class CJKRules(ProseRules):
     max_top_4gram_char_fraction: Fraction = 0.15  # ... 0.13
 
 
+BOUNDS = (  # the `KindRules` thresholds that bound one statistic from below and above
+    ("min_chars", "max_chars"),
+    ("min_words", "max_words"),
+    ("min_mean_word_chars", "max_mean_word_chars"),
+)
+
+
 @dataclass
 class CleaningConfig:
     """The rules' thresholds per kind of text, how a document's kind is chosen, and the dedup and split settings
@@ -142,8 +150,18 @@ class CleaningConfig:
     min_kept_fraction: Fraction = 0.05  # a build keeping a smaller share of its documents fails, naming the rules
 
     def __post_init__(self) -> None:
-        """MinHash LSH splits the permutations into 2 or more bands: at least 2 of them, and a threshold low enough
-        for that (datasketch's own errors name no field)."""
+        """No kind's lower bound above its upper bound (every document of the kind would fail, found only once the
+        corpus was read); MinHash LSH splits the permutations into 2 or more bands: at least 2 of them, and a
+        threshold low enough for that (datasketch's own errors name no field)."""
+        for kind in KINDS:
+            for low, high in BOUNDS:
+                floor, ceiling = getattr(self.rules_for(kind), low), getattr(self.rules_for(kind), high)
+                if floor is not None and ceiling is not None and floor > ceiling:
+                    raise ConfigError(
+                        f"has value {ceiling!r}: must be at least {kind}.{low}={floor!r}, or no {kind} document "
+                        "passes both",
+                        field=f"{kind}.{high}",
+                    )
         permutations, threshold = self.minhash_permutations, self.near_duplicate_threshold
         require(permutations >= 2, "minhash_permutations", "at least 2 (MinHash LSH splits them into 2 or more bands)")
         if not lsh_can_band(threshold, permutations):

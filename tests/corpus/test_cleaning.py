@@ -287,6 +287,18 @@ def test_config_accepts_int_for_float_and_keeps_each_kinds_defaults(tmp_path: Pa
             "field 'near_duplicate_threshold' has value 0.7: must be at most 0.63 with minhash_permutations=4",
         ),
         ("minhash_permutations: 1\n", "field 'minhash_permutations' must be at least 2"),
+        (  # a lower bound above its upper bound fails every document of the kind, once the corpus is read
+            "prose:\n  min_chars: 500\n  max_chars: 100\n",
+            "field 'prose.max_chars' has value 100: must be at least prose.min_chars=500, or no prose document",
+        ),
+        (
+            "cjk:\n  min_words: 300000\n",
+            "field 'cjk.max_words' has value 200000: must be at least cjk.min_words=300000",
+        ),
+        (
+            "code:\n  min_mean_word_chars: 12\n  max_mean_word_chars: 3\n",
+            "field 'code.max_mean_word_chars' has value 3.0: must be at least code.min_mean_word_chars=12.0",
+        ),
     ],
 )
 def test_config_errors_name_the_key_and_file(tmp_path: Path, content: str, message: str) -> None:
