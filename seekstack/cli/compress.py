@@ -29,7 +29,8 @@ def quantize_command(
     model: Annotated[
         Path,
         typer.Argument(
-            help="Checkpoint folder to quantize (float, or quantized: re-quantized), or a run's out_dir",
+            help="Checkpoint folder to quantize (float, or quantized: re-quantized, but not by --progressive or "
+            "--adaptive), or a run's out_dir",
             callback=run_to_checkpoint,
         ),
     ],
@@ -118,6 +119,13 @@ def quantize_command(
             raise ValueError(
                 f"--budget-bits {budget_bits}: below the smallest option (int4 g128: {SMALLEST_BITS} bits per weight, "
                 "scales included)"
+            )
+        if progressive or adaptive:
+            mode = "--progressive" if progressive else "--adaptive"
+            _refuse_quantized(
+                model,
+                f"{mode} measures against the float model and would quantize every layer again from dequantized "
+                f"weights (a second rounding); run {mode} on the float checkpoint it was made from",
             )
         if progressive:
             report = _progressive(model, out, resolved, data, max_bpb_increase, max_kl)
@@ -262,7 +270,11 @@ def prune_command(
     from seekstack.train.config import TRAIN_SPLIT
 
     with user_errors():
-        _refuse_quantized(model)
+        _refuse_quantized(
+            model,
+            "prune the float checkpoint it was made from, then quantize the pruned one "
+            "(`seekstack quantize PRUNED --out ...`)",
+        )
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True).eval()
         dtype = stored_float_dtype(model)  # pruned (and healed) in float32, written in the dtype it came in
@@ -313,15 +325,14 @@ def _rounding_notes(before: ModelConfig, after: ModelConfig, experts: float, hea
     return notes
 
 
-def _refuse_quantized(model: Path) -> None:
-    """Pruning works on float weights: a quantized input would be written back dequantized, larger than it came."""
+def _refuse_quantized(model: Path, what_to_do: str) -> None:
+    """ValueError saying `what_to_do` instead when checkpoint `model` is quantized: pruning, --progressive and
+    --adaptive work on float weights (a quantized input would be written back dequantized, or rounded twice, its
+    stages measured against the quantized model instead of the float one)."""
     from seekstack.checkpoint import read_config
 
     if "quantization_config" in read_config(model).extra:
-        raise ValueError(
-            f"{model} is quantized (its config.json has a quantization_config); prune the float checkpoint it was "
-            "made from, then quantize the pruned one (`seekstack quantize PRUNED --out ...`)"
-        )
+        raise ValueError(f"{model} is quantized (its config.json has a quantization_config); {what_to_do}")
 
 
 def register(app: typer.Typer) -> None:

@@ -122,6 +122,23 @@ def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_fi
     assert f"{tmp_path / 'int8'} is quantized" in result.output and "prune the float checkpoint" in result.output
 
 
+@pytest.mark.parametrize("mode", ["--progressive", "--adaptive"])
+def test_progressive_and_adaptive_refuse_a_quantized_checkpoint_and_say_to_start_from_the_float_one(tmp_path, mode):
+    """Their stages would be measured against the quantized model, every layer rounded a second time."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    runner = CliRunner()
+    assert runner.invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "int4"),
+                               "--scheme", "int4"]).exit_code == 0  # fmt: skip
+    result = runner.invoke(
+        app, ["quantize", str(tmp_path / "int4"), "--out", str(tmp_path / "out"), mode, "--data",
+              str(tmp_path / "no_shards")],
+    )  # fmt: skip
+    assert result.exit_code == 1 and not (tmp_path / "out").exists()
+    message = " ".join(result.output.split())
+    assert f"{tmp_path / 'int4'} is quantized" in message
+    assert f"run {mode} on the float checkpoint it was made from" in message
+
+
 @pytest.mark.parametrize(
     "command",
     [
