@@ -42,11 +42,11 @@ EVAL_OPTIONS = ("tasks", "corpus", "backend", "batch_size", "limit", "per_module
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples: bool = True) -> Path:
     """Write `out_dir/report.md` (default: the run's folder) and curves.png; return the Markdown's path."""
     run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
     train_config = _json_object(run_dir / CONFIG_FILE, "restore it, or delete it to report without the run's settings")
     records = read_metrics(run_dir)
     checkpoint = latest_checkpoint(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)  # once RUN is a run: a mistyped one leaves no empty folder behind
     sections = [
         f"# Run report: `{run_dir}`\n\nWritten {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the run's "
         f"files; newest checkpoint `{checkpoint}`.",

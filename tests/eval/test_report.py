@@ -201,6 +201,16 @@ def test_a_damaged_run_config_or_shard_index_is_named(tmp_path):
         _data(tmp_path / "run", {"data_dir": "../tokens"})
 
 
+@pytest.mark.parametrize("out", [None, "elsewhere"])
+def test_a_folder_that_is_no_run_is_named_and_left_as_it_was(tmp_path, out):
+    """A mistyped RUN (or --out beside it) is refused naming it, and no empty folder is made for the report."""
+    run_dir = tmp_path / "runs" / "tnyi"
+    out_dir = tmp_path / out if out else None
+    result = CliRunner().invoke(app, ["report", str(run_dir), *(["--out", str(out_dir)] if out else [])])
+    assert result.exit_code == 1 and f"no metrics.jsonl in {run_dir}" in " ".join(result.output.split())
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()
+
+
 @pytest.mark.parametrize("mfu, said", [(0.42, "MFU 42.0%."), (1.935, "MFU not known: 193.5% logged, above 100%")])
 def test_speed_gives_the_mfu_and_calls_one_above_100_percent_a_peak_measured_too_low(tmp_path, mfu, said):
     from seekstack.eval.report import _training
