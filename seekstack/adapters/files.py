@@ -175,6 +175,7 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
         )
     config = read_lora_config(folder)  # its own errors name what is wrong with the file
     refuse_quantized_base(model, folder)
+    refuse_token_ids_outside_vocabulary(config, model.config.vocab_size, folder)
     try:
         config = config_for_seekstack(config, model.config)
         with quiet_parameter_patterns(), torch.device("meta") if weightless else contextlib.nullcontext():
@@ -185,6 +186,21 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
         ) from None
     restore_adapter(peft_model, folder, weightless)
     return _fuse_head(peft_model).eval()
+
+
+def refuse_token_ids_outside_vocabulary(config: LoraConfig, vocab_size: int, folder: str | Path) -> None:
+    """CheckpointError naming the adapter's config file when its trainable_token_indices (peft's token rows: a list
+    for the embedding, or ids per module) hold an id outside a vocabulary of `vocab_size` tokens: the adapter was made
+    on a base with more tokens (a resized vocabulary), whose rows this base does not have."""
+    indices = config.trainable_token_indices or {}
+    for module, ids in (indices if isinstance(indices, dict) else {"embed_tokens": indices}).items():
+        outside = sorted(token for token in ids if not 0 <= token < vocab_size)
+        if outside:
+            raise CheckpointError(
+                f"{Path(folder) / ADAPTER_CONFIG_FILE}: trainable_token_indices of {module!r} hold token ids "
+                f"{outside[:5]}{' ...' if len(outside) > 5 else ''} outside this base's vocabulary of {vocab_size} "
+                "tokens: the adapter was made on a base with a larger (resized) vocabulary"
+            )
 
 
 def refuse_quantized_base(model: torch.nn.Module, folder: str | Path) -> None:

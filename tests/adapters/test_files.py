@@ -459,6 +459,19 @@ def test_a_peft_option_seekstack_does_not_apply_is_refused_naming_it(base, tmp_p
             load()
 
 
+def test_token_rows_outside_the_bases_vocabulary_are_refused_naming_the_file_and_the_ids(base, tmp_path):
+    fields = dict(target_modules=["o_proj"], trainable_token_indices={"lm_head": [3, 5], "embed_tokens": [7]})
+    adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, **fields)
+    config = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())
+    config["trainable_token_indices"]["lm_head"] = [3, TINY["vocab_size"] + 4]  # made on a resized vocabulary
+    (adapter / ADAPTER_CONFIG_FILE).write_text(json.dumps(config))
+    model = seekstack.load_pretrained(base)
+    message = rf"{adapter / ADAPTER_CONFIG_FILE}: trainable_token_indices of 'lm_head' hold token ids \[100\] outside"
+    for load in (lambda: load_adapter(model, adapter), lambda: read_factors(model.config, adapter)):
+        with pytest.raises(CheckpointError, match=message):
+            load()
+
+
 def test_a_saved_head_base_weight_of_another_base_is_refused_naming_the_key(base, tmp_path):
     fields = PEFT_CONFIGS["head and embedding with their base weights saved"]
     adapter = write_peft_adapter(base, tmp_path / "peft", r=4, lora_alpha=8, init_lora_weights=False, **fields)
