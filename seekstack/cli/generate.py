@@ -220,7 +220,7 @@ def chat_command(
             )  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
-    reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent)
+    reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent, adapter)
     if reason:
         note = f"{engine.model_name} looks like a base model with no chat training ({reason})"
         typer.echo(f"note: {note}: it may continue the text rather than answer", err=True)

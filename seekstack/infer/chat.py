@@ -161,6 +161,21 @@ def _answer(session: ChatSession, line: str, write: Callable[[str], None]) -> No
         write("\n")
 
 
+def _trained_on_chat(adapter: Path) -> bool:
+    """Whether adapter folder `adapter` is a `lora train` run, or one of its checkpoints (RUN/checkpoints/step_N),
+    whose DATA is chat conversations (`data_dir` in the run's train_config.json, relative to it)."""
+    from seekstack.adapters.data import is_chat
+
+    for run in (adapter, adapter.parent.parent):
+        try:
+            config = json.loads((run / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        data = config.get("data_dir") if isinstance(config, dict) else None
+        return isinstance(data, str) and is_chat(run / data)
+    return False
+
+
 def _fine_tuned(checkpoint: Path) -> bool:
     """Whether the run that wrote training checkpoint `checkpoint` (RUN/checkpoints/step_N) started from another
     model (`init_from` in RUN's train_config.json: sft, rl, distill), rather than pretraining from scratch."""
@@ -171,14 +186,19 @@ def _fine_tuned(checkpoint: Path) -> bool:
     return isinstance(config, dict) and bool(config.get("init_from"))
 
 
-def base_model_reason(model_dir: str | Path, tokenizer_dir: str | Path) -> str | None:
-    """Why the checkpoint looks like a base model with no chat training, or None when nothing says so.
+def base_model_reason(
+    model_dir: str | Path, tokenizer_dir: str | Path, adapter: str | Path | None = None
+) -> str | None:
+    """Why the checkpoint (with `adapter`, a LoRA adapter folder merged in) looks like a base model with no chat
+    training, or None when nothing says so; an adapter trained on chat conversations makes it a chat model.
 
     The signs: the tokenizer_config.json beside the tokenizer has no `chat_template` (how Hugging Face marks a
     model meant for chat); the folder is a checkpoint of a seekstack run that pretrained from scratch (it holds
     train_state.pt, and its run has no init_from: sft, rl and distill runs start from a model); its name ends in
     "base", as DeepSeek names its base releases (DeepSeek-V3-Base). A heuristic for a notice: a base model that
     ships a chat template under another name passes for a chat model."""
+    if adapter is not None and _trained_on_chat(Path(adapter)):
+        return None
     model_dir, config_path = Path(model_dir), Path(tokenizer_dir) / CONFIG_FILE
     try:
         tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))

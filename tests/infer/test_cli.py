@@ -575,6 +575,20 @@ def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(check
     assert base_model_reason(release, release) == "its folder is named 'DeepSeek-V3-Base'"
 
 
+def test_a_base_model_with_an_adapter_trained_on_chat_is_not_called_a_base_model(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()  # no chat_template: a base model
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (tmp_path / "prose.txt").write_text("Some domain text.\n")
+    for name, data in (("chat_adapter", "../chat.jsonl"), ("prose_adapter", "../prose.txt")):
+        (tmp_path / name / "checkpoints" / "step_4").mkdir(parents=True)
+        (tmp_path / name / "train_config.json").write_text(json.dumps({"init_from": "../base", "data_dir": data}))
+    chat_adapter, prose_adapter = tmp_path / "chat_adapter", tmp_path / "prose_adapter"
+    assert base_model_reason(base, base, chat_adapter) is None
+    assert base_model_reason(base, base, chat_adapter / "checkpoints" / "step_4") is None  # one of its checkpoints
+    assert "has no chat_template" in base_model_reason(base, base, prose_adapter)  # a domain adapter, not chat
+
+
 def test_chat_says_once_at_the_start_that_a_base_model_has_no_chat_training(checkpoint, tmp_path):
     base = shutil.copytree(checkpoint, tmp_path / "micro")
     config = json.loads((base / "tokenizer_config.json").read_text())
