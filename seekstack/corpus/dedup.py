@@ -1,8 +1,9 @@
 """Exact deduplication by content hash and near-duplicate removal by MinHash LSH; the first occurrence is kept.
 
-Near duplicates: a document's shingles are its lower-cased word 5-grams (`kinds.words`, so in Chinese or Japanese
-5 characters); 128 MinHash permutations estimate the Jaccard similarity of two shingle sets, and LSH (banding
-tuned by datasketch for the threshold) finds the kept documents estimated above `threshold` (0.8 by default).
+Near duplicates: a document's shingles are its word 5-grams (`kinds.words`, so in Chinese or Japanese 5
+characters), lower-cased and without punctuation; 128 MinHash permutations estimate the Jaccard similarity of two
+shingle sets, and LSH (banding tuned by datasketch for the threshold) finds the kept documents estimated above
+`threshold` (0.8 by default).
 `bench/data_near_dedup.py` measures recall and precision at several edit rates.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
+import unicodedata
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
@@ -40,9 +43,17 @@ class ExactDeduplicator:
         return False
 
 
+@functools.cache
+def _punctuation() -> dict[int, None]:
+    """Every Unicode punctuation character (categories P*), as a `str.translate` table that deletes them."""
+    return dict.fromkeys(code for code in range(sys.maxunicode + 1) if unicodedata.category(chr(code))[0] == "P")
+
+
 def word_shingles(text: str, size: int = SHINGLE_WORDS) -> set[bytes]:
-    """The set of lower-cased word `size`-grams of the text (the whole text when it has fewer words)."""
-    tokens = words(text.lower())
+    """The set of word `size`-grams of the text lower-cased and without punctuation (the whole text when it has
+    fewer words), as datatrove's MinHash normalises it: copies that differ in typography (`don't` / `don’t`,
+    `"` / `“`, `--` / `—`) have the same shingles."""
+    tokens = words(text.lower().translate(_punctuation()))
     if len(tokens) < size:
         return {" ".join(tokens).encode("utf-8")}
     return {" ".join(tokens[i : i + size]).encode("utf-8") for i in range(len(tokens) - size + 1)}
