@@ -142,7 +142,7 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) ->
     for layer, layer_map in enumerate(maps):
         for head in range(heads):
             axis = axes[layer][head]
-            axis.imshow(layer_map.weights[head].numpy(), cmap="viridis", vmin=0, vmax=1)
+            image = axis.imshow(layer_map.weights[head].numpy(), cmap="viridis", vmin=0, vmax=1)
             axis.set_title(f"layer {layer} head {head}", fontsize=8)
             axis.set_xticks(range(len(tokens)) if labelled and layer == layers - 1 else [])
             axis.set_yticks(range(len(tokens)) if labelled and head == 0 else [])
@@ -153,7 +153,9 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) ->
     if size * FIGURE_DPI < len(tokens):
         title += f"; {len(tokens)} tokens drawn in {int(size * FIGURE_DPI)} px, resampled: explain.html holds them all"
     figure.suptitle(title)
-    figure.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
+    figure.tight_layout(rect=(0, 0, 0.9, 0.98))  # room for the title, and on the right for the colour scale
+    scale = figure.add_axes((0.92, 0.2, 0.02, 0.6))
+    figure.colorbar(image, cax=scale, label="attention weight (each row sums to 1)")
     figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
@@ -260,19 +262,26 @@ def routing_png(records: list[dict[str, Any]], path: str | Path) -> Path:
     for row, record in zip(axes, records, strict=True):
         experts = range(len(record["load"]))
         row[0].bar(experts, record["load"])
-        row[0].axhline(1 / len(record["load"]), color="gray", linestyle="--", linewidth=1)
+        row[0].axhline(1 / len(record["load"]), color="gray", linestyle="--", linewidth=1, label="balanced: 1/E")
+        row[0].legend(fontsize=8)
         row[0].set_title(f"layer {record['layer']}: load per expert (MaxVio {record['max_violation']:.2f})", fontsize=9)
-        row[1].imshow(record["co_selection"], cmap="viridis")
+        row[0].set_ylabel("share of assignments")
+        co_selection = row[1].imshow(record["co_selection"], cmap="viridis")
+        figure.colorbar(co_selection, ax=row[1], label="share of tokens choosing both")
         row[1].set_title(
             f"co-selection; consecutive tokens share an expert {record['consecutive_share']:.1%} "
             f"(chance {record['chance_share']:.1%})",
             fontsize=9,
         )
+        row[1].set_ylabel("expert")
         names = [name for name in TOKEN_CLASSES if name in record["class_load"]]
-        row[2].imshow([record["class_load"][name] for name in names], cmap="magma_r", aspect="auto")
+        class_load = row[2].imshow([record["class_load"][name] for name in names], cmap="magma_r", aspect="auto")
+        figure.colorbar(class_load, ax=row[2], label="share of the class's assignments")
         row[2].set_yticks(range(len(names)))
         row[2].set_yticklabels([f"{name} ({record['class_tokens'][name]})" for name in names], fontsize=8)
         row[2].set_title("share of each class's assignments per expert", fontsize=9)
+        for axis in row:
+            axis.set_xlabel("expert")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -155,6 +155,35 @@ def test_attention_figure_of_a_long_text_is_capped_in_size(tmp_path):
     assert width <= 2 * MAX_PANEL_INCHES * FIGURE_DPI and height <= MAX_PANEL_INCHES * FIGURE_DPI + 1
 
 
+def test_the_pngs_name_their_axes_and_colour_scales(checkpoint, tmp_path, monkeypatch):
+    """routing_stats.png: per layer, load (share of assignments against the balanced 1/E), co-selection and class
+    shares over experts, each heatmap with its colour scale; attention.png: the attention weight's colour scale."""
+    from matplotlib.figure import Figure
+
+    from seekstack.eval.explain import routing_png
+
+    figures, savefig = [], Figure.savefig
+
+    def kept(figure, *args, **kwargs):  # the figure as it is saved, to read its labels
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", kept)
+    model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
+    routing_png(corpus_routing(model, tokenizer, [CODE * 20], window=32), tmp_path / "routing_stats.png")
+    maps = [LayerAttention(torch.rand(2, 3, 3).tril().softmax(-1), torch.zeros(2, 3, 4), torch.zeros(3, 8))]
+    _attention_png(maps, ["a", "b", "c"], tmp_path / "attention.png")
+    routing, attention = ([(axis.get_xlabel(), axis.get_ylabel()) for axis in figure.axes] for figure in figures)
+    layers = model.config.moe_layer_count
+    assert routing.count(("expert", "share of assignments")) == layers
+    assert routing.count(("expert", "expert")) == layers
+    assert routing.count(("", "share of tokens choosing both")) == layers
+    assert routing.count(("", "share of the class's assignments")) == layers
+    legends = [axis.get_legend() for axis in figures[0].axes if axis.get_legend() is not None]
+    assert [text.get_text() for legend in legends for text in legend.get_texts()] == ["balanced: 1/E"] * layers
+    assert ("", "attention weight (each row sums to 1)") in attention
+
+
 def test_token_labels_show_pieces_of_a_character_as_bytes(checkpoint):
     tokenizer = Tokenizer.from_file(checkpoint)
     ids = tokenizer.encode("你好 x\n")
