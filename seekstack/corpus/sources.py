@@ -56,6 +56,7 @@ def read_text_folder(
     if not folder.is_dir():
         raise DataSourceError(f"{folder}: not a folder")
     claimed = {folder.resolve()}
+    source = _as_text(Path(os.path.abspath(folder)).name or folder.anchor)  # `.` and `..` by the names they stand for
     for directory, subdirs, files in os.walk(folder, followlinks=True):
         subdirs[:] = _unclaimed_folders(Path(directory), subdirs, skipped_dirs, claimed)
         for name in sorted(files):
@@ -66,9 +67,7 @@ def read_text_folder(
                         f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target "
                         "or remove the link"
                     )
-                yield Document(
-                    _as_text(path.relative_to(folder).as_posix()), _decoded(_read(path)), _as_text(folder.name)
-                )
+                yield Document(_as_text(path.relative_to(folder).as_posix()), _decoded(_read(path)), source)
             elif skipped is not None:
                 skipped[_as_text(_kind(path)) or "(no suffix)"] += 1
 

@@ -588,6 +588,16 @@ def test_a_saved_dataset_dict_is_refused_naming_the_split_folders_to_give(tmp_pa
     assert [doc.text for doc in open_source(folder / "train")] == ["train doc"]
 
 
+def test_a_folder_given_as_dot_or_dot_dot_is_the_source_it_names(tmp_path: Path, monkeypatch) -> None:
+    """`data build .` wrote `"source": ""` on every row (the name of the path `.`)."""
+    (tmp_path / "notes" / "inner").mkdir(parents=True)
+    (tmp_path / "notes" / "a.txt").write_text("alpha")
+    monkeypatch.chdir(tmp_path / "notes")
+    assert [(doc.doc_id, doc.source) for doc in read_text_folder(".")] == [("a.txt", "notes")]
+    monkeypatch.chdir(tmp_path / "notes" / "inner")
+    assert [(doc.doc_id, doc.source) for doc in read_text_folder("..")] == [("a.txt", "notes")]
+
+
 def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("alpha")
