@@ -61,6 +61,7 @@ def quantization_config(
     if {w.scheme for w in weights.values()} == {"fp8"}:
         block = next(iter(weights.values())).block
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    formats = {name: (weight.scheme, getattr(weight, "group", None)) for name, weight in weights.items()}
     groups: dict[tuple[str, int | None], list[str]] = {}
     for name, weight in weights.items():
         if weight.scheme == "fp8":
@@ -68,10 +69,14 @@ def quantization_config(
         target = re.escape(layer_key(name, layers))
         if isinstance(quantized[name], QuantizedExperts):
             target += r"\.(gate_up|down)_proj" if stacked_experts else r"\.\d+\.(gate|up|down)_proj"
-        groups.setdefault((weight.scheme, getattr(weight, "group", None)), []).append(f"re:^{target}$")
+        groups.setdefault(formats[name], []).append(f"re:^{target}$")
+    # transformers 5.23 reads every layer's routed experts in the format of the first group whose targets name
+    # experts: the main model's routed experts' group goes first (it does not load the MTP layers)
+    routed = {formats[n] for n, m in quantized.items() if isinstance(m, QuantizedExperts) and n.startswith("layers.")}
+    ordered = sorted(groups.items(), key=lambda item: (item[0] not in routed, item[0]))
     kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     return compressed_tensors_config(
-        {f"group_{i}": (scheme, group, targets) for i, ((scheme, group), targets) in enumerate(sorted(groups.items()))},
+        {f"group_{i}": (scheme, group, targets) for i, ((scheme, group), targets) in enumerate(ordered)},
         ignore=[layer_key(name, layers) for name in kept],
         packed_int8=not stacked_experts,
     )

@@ -176,7 +176,7 @@ def _progressive(
     from seekstack.checkpoint import load_pretrained
     from seekstack.compress.progressive import progressive
     from seekstack.compress.quality import measure
-    from seekstack.compress.quantize import save_with_tokenizer
+    from seekstack.compress.quantize import mixed_experts_notes, save_with_tokenizer
 
     batches, byte_lengths = _held_out(model, data, "--progressive")
     original = load_pretrained(model, dequantize=True).eval()
@@ -188,7 +188,7 @@ def _progressive(
         {"name": s.name, **asdict(s.quality), "bpb_increase": s.bpb_increase, "passed": s.passed, "bytes": s.bytes}
         for s in stages
     ]
-    return {"stages": rows, "chosen": chosen_name}
+    return {"stages": rows, "chosen": chosen_name, "notes": mixed_experts_notes(chosen)}
 
 
 def _held_out(
@@ -216,15 +216,15 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
     from seekstack.checkpoint import load_pretrained, stored_float_dtype
     from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities, unmeasured_notes
     from seekstack.compress.quality import measure
-    from seekstack.compress.quantize import quantize_model, save_with_tokenizer
+    from seekstack.compress.quantize import mixed_experts_notes, quantize_model, save_with_tokenizer
 
     calibration, byte_lengths = _held_out(model, data, "--adaptive", split="train", batches=2)
     original = load_pretrained(model, dequantize=True).eval()
     reference = load_pretrained(model, dequantize=True).eval()
     choices = sensitivities(original, lambda m: measure(m, reference, calibration, byte_lengths).mean_kl)
     chosen = assign(choices, budget_bits)
-    notes = unmeasured_notes(original)
     assignment = quantize_model(original, adaptive_config(chosen))
+    notes = unmeasured_notes(original) + mixed_experts_notes(original)
     save_with_tokenizer(original.to(stored_float_dtype(model)), model, out)
     layers = [{"name": c.name, "choice": chosen[c.name], "kl": c.kl, "bits": c.bits[chosen[c.name]]} for c in choices]
     return {

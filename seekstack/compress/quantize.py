@@ -305,7 +305,7 @@ def quantize_checkpoint(
     assignment = quantize_model(model, config, stored)
     model.to(stored_float_dtype(model_dir))
     save_with_tokenizer(model, model_dir, out)
-    notes = _requantized_notes(stored, assignment, model)
+    notes = _requantized_notes(stored, assignment, model) + mixed_experts_notes(model)
     return assignment, notes + _ragged_fp8_notes(model, assignment, tuple(config.fp8_block))
 
 
@@ -325,6 +325,24 @@ def _requantized_notes(stored: dict[str, nn.Module], assignment: dict[str, str],
             "(llama.cpp asks --allow-requantize for the same); quantize the float checkpoint instead where you have it"
         )
     return notes
+
+
+def mixed_experts_notes(model: nn.Module) -> list[str]:
+    """A note when the main model's routed experts are quantized in more than one format: transformers 5.23 reads
+    every layer's routed experts in one format (its first config group naming experts), so it misreads the others."""
+    formats = Counter(
+        stored_format(module)
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedExperts) and name.startswith("layers.")
+    )
+    if len(formats) < 2:
+        return []
+    layers = ", ".join(f"{count} layers {fmt}" for fmt, count in sorted(formats.items()))
+    return [
+        f"the routed experts are stored in {len(formats)} formats ({layers}): seekstack reads each as written, "
+        "but transformers 5.23 reads every layer's routed experts in one format (its first config group "
+        "naming experts) and misreads the others; for transformers give all routed experts one scheme"
+    ]
 
 
 def _ragged_fp8_notes(model: nn.Module, assignment: dict[str, str], block: tuple[int, int]) -> list[str]:

@@ -317,6 +317,35 @@ def test_transformers_loads_the_int_checkpoints_of_a_moe_model_experts_included(
     torch.testing.assert_close(logits(theirs), logits(reference), rtol=0, atol=1e-3)
 
 
+def test_transformers_reads_routed_experts_quantized_otherwise_than_the_other_layers(tmp_path):
+    """transformers 5.23 reads every layer's routed experts in the format of the first config group whose targets
+    name experts (the shared experts' do too): the routed experts' group is written first, so int8 experts among
+    int4 layers are not read as int4."""
+    from transformers import AutoModelForCausalLM
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int4", layers={"layers.*.mlp.experts": "int8"}))
+    seekstack.save_pretrained(model, tmp_path)
+    reference = seekstack.load_pretrained(tmp_path, dequantize=True)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict()
+    for layer in (1, 2):
+        for part in ("gate_up_proj", "down_proj"):
+            ours = getattr(reference.layers[layer].mlp.experts, part).detach().bfloat16().float()
+            assert torch.equal(theirs[f"model.layers.{layer}.mlp.experts.{part}"], ours), (layer, part)
+
+
+def test_routed_experts_quantized_in_two_formats_get_a_note_that_transformers_misreads_them(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    one_format = QuantConfig(scheme="int4", layers={"layers.*.mlp.experts": "int8"})
+    assert quantize_checkpoint(tmp_path / "float", tmp_path / "one", one_format)[1] == []
+    two_formats = QuantConfig(scheme="int4", layers={"layers.1.mlp.experts": "int8"})
+    notes = quantize_checkpoint(tmp_path / "float", tmp_path / "two", two_formats)[1]
+    assert len(notes) == 1 and notes[0].startswith(
+        "the routed experts are stored in 2 formats (1 layers int4 g32, 1 layers int8): "
+    )
+    assert "transformers 5.23 reads every layer's routed experts in one format" in notes[0]
+
+
 @pytest.mark.parametrize(
     "scheme, config", [("int8", dict(keep=["layers.1.mlp.experts"])), ("int4", dict(group_size=64))]
 )
