@@ -24,6 +24,20 @@ import pyarrow.parquet as pq
 
 from seekstack.schema import LONE_SURROGATE
 
+_PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such bytes are no text
+    (re.compile(signature, re.DOTALL), name)
+    for signature, name in (
+        (rb"\x28\xb5\x2f\xfd", "a zstd-compressed file"),
+        (rb"BZh[1-9]1AY&SY", "a bzip2-compressed file"),
+        (rb"\xfd7zXZ\x00", "an xz-compressed file"),
+        (rb"\x04\x22\x4d\x18", "an lz4-compressed file"),
+        (rb"\x1f\x8b", "a gzip-compressed file whose name does not end in .gz"),
+        (rb"PK\x03\x04", "a zip archive (or a .docx, .xlsx, .epub)"),
+        (rb"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+        (rb"PAR1.*PAR1\Z", "a Parquet file whose name does not end in .parquet"),  # the mark at both ends
+        (rb"%PDF-", "a PDF document"),
+    )
+)
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")  # read as rows when an input names the file, not inside a folder
@@ -126,13 +140,21 @@ def _kind(path: Path) -> str:
 
 
 def _read(path: Path) -> bytes:
-    """A file's bytes, decompressed when it is gzipped (`.gz`)."""
-    if path.suffix.lower() != ".gz":
-        return path.read_bytes()
-    try:
-        return gzip.decompress(path.read_bytes())
-    except (OSError, EOFError) as error:
-        raise DataSourceError(f"{path}: not a readable gzip file ({error})") from None
+    """A file's bytes, decompressed when it is gzipped (`.gz`); a DataSourceError naming it when they are a compressed
+    file or archive of another kind (`.jsonl.zst`, `.txt.bz2`), which would otherwise be read as text."""
+    data = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:
+            raise DataSourceError(f"{path}: not a readable gzip file ({error})") from None
+    packed = next((name for signature, name in _PACKED_SIGNATURES if signature.match(data)), None)
+    if packed is not None:
+        raise DataSourceError(
+            f"{path}: {packed}, not text; decompress or extract it first (gzip is read through when the name ends "
+            "in .gz, Parquet when it ends in .parquet)"
+        )
+    return data
 
 
 def _decoded(data: bytes) -> str:

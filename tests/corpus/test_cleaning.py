@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import itertools
 import json
+import lzma
 import random
 import re
 import sysconfig
@@ -515,6 +517,27 @@ def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     stray = tmp_path / "stray.jsonl"  # a legacy 8-bit line, then a UTF-8 line with one byte that is not UTF-8
     stray.write_bytes(b'{"text": "caf\xe9"}\n{"text": "caf\xc3\xa9 \xff"}\n')
     assert [doc.text for doc in read_jsonl(stray)] == ["caf\u00e9", "caf\u00e9 \ufffd"]
+
+
+@pytest.mark.parametrize(
+    ("name", "packed", "says"),
+    [
+        ("rows.jsonl.bz2", bz2.compress(b'{"text": "hello"}\n'), "a bzip2-compressed file"),
+        ("rows.jsonl.xz", lzma.compress(b'{"text": "hello"}\n'), "an xz-compressed file"),
+        ("rows.jsonl.zst", b"\x28\xb5\x2f\xfd" + bytes(20), "a zstd-compressed file"),
+        ("notes.txt", gzip.compress(b"hello"), "a gzip-compressed file whose name does not end in .gz"),
+        ("book.txt.gz", gzip.compress(b"PK\x03\x04" + bytes(20)), "a zip archive (or a .docx, .xlsx, .epub)"),
+    ],
+)
+def test_a_compressed_file_of_another_kind_is_named_not_read_as_text(
+    tmp_path: Path, name: str, packed: bytes, says: str
+) -> None:
+    """A `.jsonl.bz2` was one text document of compressed bytes, which the rules then removed (max_mean_word_chars)."""
+    (tmp_path / name).write_bytes(packed)
+    with pytest.raises(DataSourceError, match=re.escape(f"{name}: {says}, not text; decompress or extract it first")):
+        list(open_source(tmp_path / name))
+    (tmp_path / "par1.txt").write_text("PAR1 is the first paragraph, not a Parquet file's mark.")
+    assert [doc.text for doc in open_source(tmp_path / "par1.txt")] == [(tmp_path / "par1.txt").read_text()]
 
 
 def test_a_jsonl_gz_that_is_not_gzip_or_is_cut_short_is_named(tmp_path: Path) -> None:
