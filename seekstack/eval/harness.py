@@ -12,6 +12,7 @@ Shapes: B requests in a batch, T tokens, V vocabulary.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import warnings
 from dataclasses import fields
@@ -126,8 +127,14 @@ class SeekstackLM(TemplateLM):
         self.tokenizer_ = Tokenizer.from_file(tokenizer or pretrained)
         self.max_length = max_length or self.model.config.max_position_embeddings
         self.max_gen_toks = max_gen_toks
-        self.engine = Engine(self.model, self.tokenizer_, max_batch_size=max_batch_size or self.batch_size_per_step)
+        self.max_batch_size = max_batch_size or self.batch_size_per_step
         self.pretrained = str(pretrained)
+
+    @functools.cached_property
+    def engine(self) -> Engine:
+        """The engine generate_until runs on, made for the first generation request: log-likelihoods need none, so a
+        model the engine cannot serve (attention_variant=3d) is still scored, and no KV cache is held for them."""
+        return Engine(self.model, self.tokenizer_, max_batch_size=self.max_batch_size)
 
     @property
     def eot_token_id(self) -> int:

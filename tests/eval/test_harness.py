@@ -60,6 +60,17 @@ def test_loglikelihood_is_the_sum_over_the_continuation_of_one_forward(ours):
         assert logprob == pytest.approx(expected, abs=ATOL)
 
 
+def test_a_model_the_engine_cannot_serve_is_scored_and_only_its_generation_refused(checkpoint_3d):
+    """attention_variant=3d has no cached decode path: log-likelihoods run on its forward (no engine is made for
+    them), and generate_until meets the engine's refusal."""
+    lm = SeekstackLM(pretrained=checkpoint_3d, max_gen_toks=32)
+    ((logprob, _),) = lm.loglikelihood(requests("loglikelihood", [PAIRS[0]]))
+    context, whole = lm.tok_encode(PAIRS[0][0].rstrip()), lm.tok_encode("".join(PAIRS[0]))  # as lm_eval cuts them
+    assert logprob == pytest.approx(direct_logprobs(lm, whole)[len(context) - 1 :].sum().item(), abs=ATOL)
+    with pytest.raises(ValueError, match="attention_variant='3d' is a training ablation without a cached decode"):
+        lm.generate_until(requests("generate_until", [("def f(x):", {"until": ["\n"], "max_gen_toks": 4})]))
+
+
 def test_is_greedy_true_exactly_when_the_continuation_is_the_argmax(ours):
     context = ours.tok_encode("def add(a, b):\n")
     greedy: list[int] = []
