@@ -28,8 +28,13 @@ SECRET = "<SECRET>"
 
 # Not before "(": `weights@inputs.mean()` is a matrix product and a method call, not an address.
 # ASCII boundaries, not \w's: Chinese or Japanese text writes an address with no space beside it (请联系a@b.cn谢谢).
+# Not ending in a file suffix that is no top-level domain: `logo@2x.png`, `react-dom@18.2.0.js` are file names.
+_FILE_SUFFIX = (
+    r"(?:png|jpe?g|gif|webp|svg|bmp|ico|avif|tiff?|css|s[ac]ss|[cm]?js|json|html?|php|txt|pdf|woff2?|ttf|otf)"
+)
 _EMAIL = re.compile(
-    r"(?<![A-Za-z0-9_.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}(?![A-Za-z0-9_(-])"
+    r"(?<![A-Za-z0-9_.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+"
+    rf"(?!(?i:{_FILE_SUFFIX})(?![A-Za-z0-9_(-]))[A-Za-z]{{2,}}(?![A-Za-z0-9_(-])"
 )
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\w|/\d)")  # a network prefix (`/24`) is not a host

@@ -433,6 +433,15 @@ def test_addresses_that_reach_no_single_public_host_are_kept() -> None:
     assert scrub_pii(text) == (text, {})
 
 
+def test_file_names_with_an_at_sign_are_not_e_mail_addresses() -> None:
+    """Retina images (`logo@2x.png`) and pinned packages (`react-dom@18.2.0.js`) were replaced with <EMAIL>; an address
+    whose domain merely holds such a label is still one."""
+    page = '<img src="logo@2x.png" srcset="logo@3x.WEBP 3x">\n<script src="/npm/react-dom@18.2.0.js"></script>\n'
+    page += ".hero { background: url(hero@2x.jpg); }\n"
+    assert scrub_pii(page) == (page, {})
+    assert scrub_pii("ann@site.js.org, bo@png.example.com") == ("<EMAIL>, <EMAIL>", {"email": 2})
+
+
 def test_code_without_pii_is_untouched() -> None:
     code = (
         "class Reader:\n    def __init__(self, token=None):\n        self.version = '3.11.7'\n"
