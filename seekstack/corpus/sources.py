@@ -349,8 +349,15 @@ def read_saved_dataset(
     folder = Path(folder)
     if not is_saved_dataset(folder):
         raise DataSourceError(f"{folder}: not a saved dataset (expected state.json and dataset_info.json)")
-    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    names = [entry["filename"] for entry in state.get("_data_files", [])]
+    state_file = folder / "state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        names = [str(entry["filename"]) for entry in state.get("_data_files", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not {"_data_files": [...]}
+        raise DataSourceError(
+            f"{state_file}: not the state file save_to_disk writes ({type(error).__name__}: {error}); save the "
+            "dataset again"
+        ) from None
     arrow_files = [folder / name for name in names] or sorted(folder.glob("*.arrow"))
     if not arrow_files:
         raise DataSourceError(f"{folder}: state.json lists no data files and the folder has no .arrow files")

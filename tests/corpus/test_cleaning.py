@@ -585,6 +585,22 @@ def test_a_damaged_parquet_or_arrow_file_is_named(tmp_path: Path) -> None:
         list(open_source(saved))
 
 
+@pytest.mark.parametrize(
+    ("state", "why"),
+    [
+        ("{oops", "JSONDecodeError"),
+        ('{"_data_files": [{"name": "x"}]}', "KeyError: 'filename'"),
+        ("[]", "AttributeError"),
+    ],
+)
+def test_a_saved_dataset_whose_state_file_is_damaged_is_named(tmp_path: Path, state: str, why: str) -> None:
+    """A damaged state.json failed naming nothing ('Expecting property name ...') or with a KeyError traceback."""
+    (tmp_path / "state.json").write_text(state)
+    (tmp_path / "dataset_info.json").write_text("{}")
+    with pytest.raises(DataSourceError, match=re.escape(f"state.json: not the state file save_to_disk writes ({why}")):
+        list(open_source(tmp_path))
+
+
 def test_saved_dataset_source_reads_arrow_streams(tmp_path: Path) -> None:
     folder = tmp_path / "saved"
     folder.mkdir()
