@@ -24,7 +24,7 @@ import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
-from seekstack.corpus.sources import TEXT_SUFFIXES, open_source
+from seekstack.corpus.sources import TEXT_SUFFIXES, DataSourceError, MissingTextField, open_source
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
@@ -136,7 +136,13 @@ def chat_source(config: TrainConfig) -> SFTSource | None:
 
 def _documents(data: Path) -> list[str]:
     source = open_source(data)
-    documents = [document.text for document in source if document.text.strip()]
+    try:
+        documents = [document.text for document in source if document.text.strip()]
+    except MissingTextField as error:  # its advice names the --field option of other commands
+        raise DataSourceError(
+            f'{error.problem}; `lora train` reads a .jsonl of {{"text": ...}} (text) or {{"messages": [...]}} (chat '
+            "conversations, told by the first record): write each record's text as 'text'"
+        ) from None
     if not documents:
         skipped = sum(getattr(source, "skipped", {}).values())  # a folder's files of other suffixes (TextFolder)
         unread = (

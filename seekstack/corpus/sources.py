@@ -49,6 +49,18 @@ class DataSourceError(ValueError):
     """A source that cannot be read as documents; the message names the file, line or field."""
 
 
+class MissingTextField(DataSourceError):
+    """A record (at `where`: file and line or item) without the text's `field`; `problem` says so, the message adds
+    how the commands with a --field option name another."""
+
+    def __init__(self, where: str, field: str, present: list[str]):
+        self.problem = f"{where}: no field {field!r}, only {', '.join(map(repr, present)) or 'none'}"
+        super().__init__(
+            f"{self.problem}; name the text's field with --field NAME in `seekstack data build` (whose corpus holds "
+            "it as 'text') or `data quality-train`"
+        )
+
+
 class Document(NamedTuple):
     """One document of a source: a stable id, its text, and the name of the source it came from."""
 
@@ -228,10 +240,7 @@ def _documents_from_values(
     for number, where, value in values:
         record = _json_object(value, where, field)
         if field not in record:
-            raise DataSourceError(
-                f"{where}: no field {field!r}, only {', '.join(map(repr, record)) or 'none'}; name the text's field "
-                "with --field NAME in `seekstack data build` (whose corpus holds it as 'text') or `data quality-train`"
-            )
+            raise MissingTextField(where, field, list(record))
         text = record[field]
         if text is None:  # no text (a null in a dataset export): skipped, as a Parquet row's null is
             if null_texts is not None:

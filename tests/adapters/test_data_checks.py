@@ -200,3 +200,12 @@ def test_a_folder_whose_files_have_no_text_suffix_says_they_were_not_read(base, 
         (licenses / name).write_text("Licensed under the terms below. " * 50)
     with pytest.raises(ValueError, match=r"no text to train on; its 2 files were not read: .*\.txt"):
         lora_train_config(base, licenses, tmp_path / "adapter", QUICK_RUN)
+
+
+def test_a_jsonl_of_other_fields_says_which_fields_lora_train_reads(base, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Say hi.", "completion": "Hi."}) + "\n")
+    result = runner.invoke(app, ["lora", "train", str(base), str(data), "--out", str(tmp_path / "adapter"), *QUICK_RUN])
+    assert result.exit_code == 1
+    assert f"{data}:1: no field 'text', only 'prompt', 'completion'; `lora train` reads a .jsonl of" in result.output
+    assert '{"messages": [...]} (chat conversations' in result.output and "--field" not in result.output
