@@ -57,7 +57,7 @@ def measure(originals: int, rate: float, threshold: float, seed: int = 0) -> tup
     stream = [(f"o{i}", b, False) for i, b in enumerate(bases)] + [(f"u{i}", u, False) for i, u in enumerate(unrelated)]
     stream += [(f"c{i}", c, True) for i, c in enumerate(copies)]
     dedup = NearDeduplicator(threshold=threshold)
-    flagged = [planted for key, text, planted in stream if dedup.is_duplicate(key, " ".join(text))]
+    flagged = [planted for key, text, planted in stream if dedup.duplicate_of(key, " ".join(text)) is not None]
     recall = sum(flagged) / len(copies)
     precision = sum(flagged) / len(flagged) if flagged else 1.0
     jaccards = []

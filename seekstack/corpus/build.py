@@ -72,7 +72,8 @@ class Report:
     train_documents: int = 0
     val_documents: int = 0
     removed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REMOVAL_REASONS, 0))
-    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # reason -> [{"id", "kind", "snippet"}]
+    # reason -> [{"id", "kind", "snippet"}, and "of": the id of the kept document, for a duplicate]
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     kinds: dict[str, dict[str, int]] = field(default_factory=dict)  # "prose/en" -> {"in": n, "kept": n}
     pii_replacements: dict[str, int] = field(default_factory=dict)  # email / ip / secret -> count
     skipped_files: dict[str, int] = field(default_factory=dict)  # input folders' files not read, by suffix
@@ -85,12 +86,13 @@ class Report:
     def documents_removed(self) -> int:
         return sum(self.removed.values())
 
-    def record_removal(self, reason: str, doc_id: str, kind: str, snippet: str) -> None:
-        """Count a removed document under `reason`, keeping its id, kind and a snippet among the first examples."""
+    def record_removal(self, reason: str, doc_id: str, kind: str, snippet: str, original: str | None = None) -> None:
+        """Count a removed document under `reason`, keeping its id, kind and a snippet among the first examples, and
+        for a duplicate the id of the kept document it duplicates (`of`)."""
         self.removed[reason] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < EXAMPLES_PER_REASON:
-            examples.append({"id": doc_id, "kind": kind, "snippet": snippet})
+            examples.append({"id": doc_id, "kind": kind, "snippet": snippet} | ({"of": original} if original else {}))
 
     def top_removals(self, count: int = 3) -> list[tuple[str, int]]:
         """The reasons that removed the most documents, most first."""
@@ -301,13 +303,14 @@ def build_corpus(
             counts = report.kinds.setdefault(doc.kind, {"in": 0, "kept": 0})
             counts["in"] += 1
             progress.update(task, advance=1, kept=report.documents_kept, mib=report.bytes_in / 2**20)
-            reason = doc.failed
-            if reason is None and exact.is_duplicate(doc.digest):
+            reason, original = doc.failed, None
+            if reason is None and (original := exact.duplicate_of(doc.digest, doc.doc_id)) is not None:
                 reason = EXACT_DUPLICATE
-            if reason is None and near.is_duplicate(doc.digest, doc.signature):
-                reason = NEAR_DUPLICATE
+            if reason is None and (near_digest := near.duplicate_of(doc.digest, doc.signature)) is not None:
+                reason, original = NEAR_DUPLICATE, exact.first[near_digest]
             if reason is not None:
-                report.record_removal(reason, doc.doc_id, doc.kind, doc.text if doc.failed else _snippet(doc.text))
+                snippet = doc.text if doc.failed else _snippet(doc.text)
+                report.record_removal(reason, doc.doc_id, doc.kind, snippet, original)
                 continue
             pii_counts.update(doc.pii)
             score = split_score(doc.digest)
@@ -411,7 +414,8 @@ def report_table(report: Report) -> Table:
     for reason, count in report.removed.items():
         if count:
             example = report.examples.get(reason, [{}])[0]
-            table.add_row(f"  removed: {reason}", f"{count:,}", f"{example.get('id', '')} ({example.get('kind')})")
+            of = f" of {example['of']}" if "of" in example else ""
+            table.add_row(f"  removed: {reason}", f"{count:,}", f"{example.get('id', '')} ({example.get('kind')}){of}")
     if report.skipped_files:
         files = f"{sum(report.skipped_files.values()):,} files"
         table.add_row("  not read: other suffixes", files, _counts(report.skipped_files))

@@ -30,17 +30,18 @@ def content_hash(text: str) -> str:
 
 
 class ExactDeduplicator:
-    """Remembers content hashes; a document whose hash was seen before is a duplicate."""
+    """Remembers content hashes and the id of the first document of each; a document whose hash was seen before is
+    a duplicate of that one."""
 
     def __init__(self) -> None:
-        self.seen: set[str] = set()
+        self.first: dict[str, str] = {}  # content hash -> id of the document kept with it
 
-    def is_duplicate(self, digest: str) -> bool:
-        """True when `digest` was seen before; otherwise it is recorded and False is returned."""
-        if digest in self.seen:
-            return True
-        self.seen.add(digest)
-        return False
+    def duplicate_of(self, digest: str, doc_id: str) -> str | None:
+        """The id of the document seen before with `digest`; otherwise None, and `doc_id` is recorded for it."""
+        if digest in self.first:
+            return self.first[digest]
+        self.first[digest] = doc_id
+        return None
 
 
 @functools.cache
@@ -99,9 +100,9 @@ class NearDeduplicator:
         self.rows: dict[str, int] = {}  # a kept document's row in `signatures`
         self.signatures = np.empty((1024, num_perm), dtype=np.uint32)  # their values (affine32's range), grown x2
 
-    def is_duplicate(self, key: str, text_or_signature: str | np.ndarray) -> bool:
-        """True when the text (or its `minhash_signature`) nearly duplicates a document indexed before; otherwise it
-        is indexed under `key`."""
+    def duplicate_of(self, key: str, text_or_signature: str | np.ndarray) -> str | None:
+        """The key of the document indexed before that the text (or its `minhash_signature`) nearly duplicates, the
+        most similar when several do; otherwise None, and it is indexed under `key`."""
         hashvalues = (
             minhash_signature(text_or_signature, self.num_perm)
             if isinstance(text_or_signature, str)
@@ -109,12 +110,14 @@ class NearDeduplicator:
         )
         signature = MinHash(num_perm=self.num_perm, seed=MINHASH_SEED, hashvalues=hashvalues, scheme=MINHASH_SCHEME)
         values = np.asarray(hashvalues, dtype=np.uint32)
-        candidates = [self.rows[candidate] for candidate in self.index.query(signature)]
-        if candidates and (self.signatures[candidates] == values).mean(axis=1).max() >= self.threshold:
-            return True  # one comparison for all candidates: templated pages make many, each below the threshold
+        candidates = self.index.query(signature)
+        if candidates:  # one comparison for all candidates: templated pages make many, each below the threshold
+            similarity = (self.signatures[[self.rows[candidate] for candidate in candidates]] == values).mean(axis=1)
+            if similarity.max() >= self.threshold:
+                return candidates[int(similarity.argmax())]
         self.index.insert(key, signature)
         if len(self.rows) == len(self.signatures):
             self.signatures = np.concatenate((self.signatures, np.empty_like(self.signatures)))
         self.signatures[len(self.rows)] = values
         self.rows[key] = len(self.rows)
-        return False
+        return None

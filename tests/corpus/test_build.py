@@ -246,6 +246,22 @@ def test_documents_that_differ_only_in_pii_are_exact_duplicates_and_one_is_writt
     assert "alice" in written and "bob" not in written
 
 
+def test_report_examples_of_duplicates_name_the_kept_document_they_duplicate(tmp_path: Path) -> None:
+    """The report named a removed duplicate but not its original, which a user needs to check the pair by hand."""
+    documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(10)]
+    documents += [
+        Document("copy of 3", prose(3) + "\nThe end.", "web"),
+        Document("edited 5", prose(5).replace("\n", " \n", 1) + "\nThe end!", "web"),
+    ]
+    report = build_corpus([documents], tmp_path / "out", show_progress=False)
+    assert report.examples["exact_duplicate"][0]["of"] == "prose3"
+    assert report.examples["near_duplicate"][0]["of"] == "prose5"
+    assert Report.load(tmp_path / "out" / "report.json") == report
+    console = Console(record=True, width=120)
+    console.print(report_table(report))
+    assert "copy of 3 (prose/und) of prose3" in console.export_text()
+
+
 def test_report_snippets_of_removed_documents_hold_no_pii(tmp_path: Path) -> None:
     secrets = "Mail carol@example.com, api_key = 'Zx81mQ0pLk77aa11bb22'"
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]

@@ -313,9 +313,9 @@ def test_config_errors_name_the_key_and_file(tmp_path: Path, content: str, messa
 
 def test_exact_dedup_sees_through_line_endings() -> None:
     dedup = ExactDeduplicator()
-    assert not dedup.is_duplicate(content_hash(normalise("a\nb\n")))
-    assert dedup.is_duplicate(content_hash(normalise("a\r\nb\r\n")))
-    assert not dedup.is_duplicate(content_hash(normalise("a\nc\n")))
+    assert dedup.duplicate_of(content_hash(normalise("a\nb\n")), "unix") is None
+    assert dedup.duplicate_of(content_hash(normalise("a\r\nb\r\n")), "windows") == "unix"
+    assert dedup.duplicate_of(content_hash(normalise("a\nc\n")), "other") is None
 
 
 def test_near_dedup_removes_light_edit_and_keeps_unrelated() -> None:
@@ -325,9 +325,9 @@ def test_near_dedup_removes_light_edit_and_keeps_unrelated() -> None:
         words[position] = "zebra"
     edited, unrelated = " ".join(words), prose(11)
     dedup = NearDeduplicator(threshold=0.8)
-    assert not dedup.is_duplicate("original", original)
-    assert dedup.is_duplicate("edited", edited)
-    assert not dedup.is_duplicate("unrelated", unrelated)
+    assert dedup.duplicate_of("original", original) is None
+    assert dedup.duplicate_of("edited", edited) == "original"
+    assert dedup.duplicate_of("unrelated", unrelated) is None
 
 
 def test_pii_is_replaced_and_counted() -> None:
