@@ -647,7 +647,10 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(da
 
 @pytest.mark.parametrize(
     ("val_tokens", "problem"),
-    [(10, "holds 10 tokens, too few for one window of 33"), (None, r"val_index\.json: tokenize split 'val' first")],
+    [
+        (10, "holds 10 tokens, too few for one window of 33"),
+        (None, r"val_index\.json: tokenize split 'val' first \(\S+/data holds train\)"),
+    ],
     ids=["too-small", "missing"],
 )
 def test_a_val_split_missing_or_too_small_to_evaluate_is_refused_before_the_first_step(tmp_path, val_tokens, problem):
