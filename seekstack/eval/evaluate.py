@@ -46,6 +46,8 @@ def evaluate(
     local = tuple(task for task in tasks if task in TASKS)
     folders = model_folders(model_dir)  # an adapter checkpoint: its base, and the tokenizer the two read with
     tokenizer = Tokenizer.from_file(folders.tokenizer) if any(task in REASONING_TASKS for task in local) else None
+    if backend == "hf":
+        _check_transformers_runs(folders.weights)
     specs: list[Any] = [task for task in tasks if task not in TASKS]
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     device = str(resolve_device(device))
@@ -84,6 +86,23 @@ def _without_lm_evals_git_hash() -> Iterator[None]:
 
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
         yield
+
+
+def _check_transformers_runs(weights: Path) -> None:
+    """ValueError when lm_eval's HF backend would score another model than the checkpoint at `weights`: one of
+    seekstack's ablations, whose extra weights transformers drops; a warning for fields transformers computes
+    differently (`transformers_divergences`)."""
+    from seekstack.checkpoint import read_config
+    from seekstack.checkpoint.load import warn_transformers_divergences
+
+    config = read_config(weights)
+    if config.attention_variant != "mla":
+        raise ValueError(
+            f"{weights}: attention_variant={config.attention_variant!r} is a seekstack ablation that transformers "
+            "loads as plain MLA, leaving its channel gate and temporal convolution out: the hf backend would score "
+            "another model; evaluate it with --backend seekstack"
+        )
+    warn_transformers_divergences(config, weights)
 
 
 def _model_args(folders: ModelFolders) -> dict[str, str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +111,27 @@ def test_local_tasks_score_the_same_on_our_backend_and_lm_evals_hf_backend(check
         theirs["results"]["code_perplexity"]["bits_per_byte"],
     )
     assert 5 < ours_bpb < 20 and ours_bpb == pytest.approx(theirs_bpb, abs=1e-6)  # random weights: ~log2(512)/bytes
+
+
+def test_the_hf_backend_refuses_a_checkpoint_transformers_loads_as_another_model_and_warns_of_divergences(
+    checkpoint, checkpoint_3d, tmp_path, monkeypatch
+):
+    """A 3D-attention checkpoint loses its channel gate and convolution in transformers: lm_eval's HF backend would
+    score another model, so it is refused; fields transformers computes differently are warned of by name."""
+    from seekstack.eval.evaluate import evaluate
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    with pytest.raises(ValueError, match=f"{checkpoint_3d}: attention_variant='3d' .* --backend seekstack"):
+        evaluate(checkpoint_3d, ("code_perplexity",), corpus, "hf", limit=1)
+    assert evaluate(checkpoint_3d, ("code_perplexity",), corpus, "seekstack", limit=1)["samples"] == {
+        "code_perplexity": 1
+    }
+
+    softmax = Path(shutil.copytree(checkpoint, tmp_path / "softmax"))  # transformers' DeepseekV3 scores by sigmoid
+    config = json.loads((softmax / "config.json").read_text())
+    (softmax / "config.json").write_text(json.dumps({**config, "scoring_func": "softmax"}))
+    with pytest.warns(UserWarning, match=f"{softmax}: transformers computes this checkpoint differently.*scoring_func"):
+        evaluate(softmax, ("code_perplexity",), corpus, "hf", limit=1)
 
 
 def test_eval_outside_a_git_checkout_prints_no_git_error(checkpoint, tmp_path, monkeypatch, capfd):
