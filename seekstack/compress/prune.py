@@ -11,11 +11,16 @@ Shapes: E routed experts, G groups, N tokens, K experts per token.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from seekstack.model.moe import MoE, Routing
+from seekstack.schema import ConfigError
+
+if TYPE_CHECKING:
+    from seekstack.config import ModelConfig
 
 
 @torch.no_grad()
@@ -40,12 +45,43 @@ def gate_mass(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, to
     return totals
 
 
+def _kept_per_group(per_group: int, fraction: float) -> int:
+    """Experts a group of `per_group` keeps when `fraction` of them go (whole experts, rounded)."""
+    return per_group - round(per_group * fraction)
+
+
+def _refuse_too_few_kept(config: ModelConfig, fraction: float) -> None:
+    """ValueError, before anything is pruned, when removing `fraction` of each group's routed experts leaves fewer
+    than the config's routing takes (num_experts_per_tok, topk_group, noaux_tc's top-2 group score), naming the
+    largest fraction that leaves enough."""
+    groups = config.n_group or 1
+    per_group = config.n_routed_experts // groups
+
+    def refusal(keep: int) -> str | None:
+        if keep == 0:
+            return "none left"
+        try:
+            config.replace(n_routed_experts=keep * groups)
+        except ConfigError as error:
+            return str(error)
+        return None
+
+    keep = _kept_per_group(per_group, fraction)
+    problem = refusal(keep)
+    if problem is None:
+        return
+    fewest = next(count for count in range(keep + 1, per_group + 1) if refusal(count) is None)
+    where = "per layer" if groups == 1 else f"in each of the {groups} routing groups"
+    raise ValueError(
+        f"pruning {fraction:g} of the routed experts leaves {keep} of {per_group} {where}, too few for the model's "
+        f"routing ({problem}): prune {(per_group - fewest) / per_group:g} of them or less"
+    )
+
+
 def experts_to_keep(mass: torch.Tensor, groups: int, fraction: float) -> torch.Tensor:
     """Sorted ids of the experts kept: in each of `groups` groups, all but the `fraction` with the least mass."""
     per_group = mass.view(groups, -1)  # (G, E/G)
-    keep = per_group.shape[1] - round(per_group.shape[1] * fraction)
-    if keep < 2:
-        raise ValueError(f"pruning {fraction:.0%} leaves {keep} expert(s) per group; group routing needs 2")
+    keep = _kept_per_group(per_group.shape[1], fraction)
     kept = per_group.topk(keep, dim=1).indices + torch.arange(groups)[:, None] * per_group.shape[1]
     return kept.flatten().sort().values
 
@@ -55,6 +91,7 @@ def prune_experts(model: nn.Module, mass: dict[str, torch.Tensor], fraction: flo
     """Remove `fraction` of each MoE layer's routed experts (least gate mass first), in place; returns the removed ids
     per layer. The config's n_routed_experts shrinks to match."""
     config = model.config
+    _refuse_too_few_kept(config, fraction)
     groups = config.n_group or 1
     removed = {}
     for name, module in model.named_modules():

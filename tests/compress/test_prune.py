@@ -18,8 +18,33 @@ BATCHES = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_see
 def test_least_used_experts_go_the_same_number_per_group():
     mass = torch.tensor([5.0, 1.0, 7.0, 3.0, 0.5, 9.0, 2.0, 8.0])  # groups {0..3}, {4..7}
     assert experts_to_keep(mass, groups=2, fraction=0.25).tolist() == [0, 2, 3, 5, 6, 7]
-    with pytest.raises(ValueError, match="group routing needs 2"):
-        experts_to_keep(mass, groups=2, fraction=0.75)
+
+
+@pytest.mark.parametrize(
+    "routing, fraction, message",
+    [
+        (dict(n_group=1, topk_group=1, num_experts_per_tok=4), 0.75,
+         "leaves 2 of 8 per layer, too few for the model's routing (field 'num_experts_per_tok' must be between 1 "
+         "and n_routed_experts=2): prune 0.5 of them or less"),
+        (dict(n_group=2, topk_group=1, num_experts_per_tok=1), 0.75,
+         "leaves 1 of 4 in each of the 2 routing groups, too few for the model's routing (field 'n_group' must be "
+         "small enough that each group has >= 2 experts (noaux_tc sums a group's top-2)): prune 0.5 of them or less"),
+        (dict(n_group=2, topk_group=1, num_experts_per_tok=3), 0.5,
+         "leaves 2 of 4 in each of the 2 routing groups, too few for the model's routing (field "
+         "'num_experts_per_tok' must be <= topk_group x experts per group = 2): prune 0.25 of them or less"),
+        (dict(n_group=2, topk_group=1, num_experts_per_tok=2), 1.0,
+         "leaves 0 of 4 in each of the 2 routing groups, too few for the model's routing (none left): prune 0.5 of "
+         "them or less"),
+    ],
+)  # fmt: skip
+def test_pruning_refuses_to_leave_fewer_experts_than_routing_takes_and_names_the_largest_fraction(
+    routing, fraction, message
+):
+    model = Transformer(micro_config(n_routed_experts=8, **routing)).eval()
+    with pytest.raises(ValueError) as refused:
+        prune_experts(model, gate_mass(model, BATCHES), fraction)
+    assert str(refused.value) == f"pruning {fraction:g} of the routed experts {message}"
+    assert model.config.n_routed_experts == 8 and model.layers[1].mlp.experts.gate_up_proj.shape[0] == 8
 
 
 def test_pruned_model_equals_the_model_with_pruned_experts_masked_out(tmp_path):
