@@ -89,6 +89,12 @@ def data_tokenize(
         encoder = Tokenizer.from_file(tokenizer)
         refuse_to_replace(out, SHARD_FILES, inputs=(corpus,))
         _require_training_documents(corpus, "to tokenize")
+        held_out = corpus / "val.jsonl"
+        if not held_out.is_file():  # known before the training split is encoded (hours, for a large corpus)
+            raise FileNotFoundError(
+                f"{held_out}: no such file; `data build` writes it beside train.jsonl (empty with --val-fraction 0): "
+                "build the corpus with it, or add an empty val.jsonl to hold no document out (nothing was written)"
+            )
         # Scored first: a corpus too small for the buckets fails before any split is written.
         difficulty = difficulty_buckets(corpus / "train.jsonl") if buckets else None
         # Every split together, replacing the folder whole: no split of an earlier corpus is left beside them.

@@ -270,6 +270,24 @@ def run_tokenize(corpus: Path, tokenizer_dir: Path, out: Path):
     return CliRunner().invoke(app, [*args, "--buckets"])
 
 
+def test_tokenize_refuses_a_corpus_without_val_jsonl_before_encoding_its_training_split(
+    tmp_path, tokenizer, monkeypatch
+):
+    """It encoded the whole training split first, then failed 'no corpus file at .../val.jsonl'."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_corpus(corpus / "train.jsonl", stdlib_documents(3))
+
+    def encoded(*args, **kwargs):
+        raise AssertionError("the training split was encoded")
+
+    monkeypatch.setattr("seekstack.tokens.shards.tokenize_corpus", encoded)
+    result = run_tokenize(corpus, Path(tokenizer.source), tmp_path / "tokens")
+    message = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"{corpus / 'val.jsonl'}: no such file; `data build` writes it" in message
+    assert not (tmp_path / "tokens").exists()
+
+
 def test_tokenize_buckets_on_too_small_a_corpus_fails_before_writing_anything(tmp_path, tokenizer):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
