@@ -191,11 +191,12 @@ def corpus_routing(
     source: str = "the texts",
 ) -> list[dict[str, Any]]:
     """Routing statistics of every MoE layer over the first `max_tokens` tokens of `texts`, cut in windows of
-    `window` tokens (each its own sequence); one JSON-ready dict per layer. ValueError for a model without MoE
-    layers, which routes nothing, and for texts (read from `source`) of which none fills a window or one is not
-    UTF-8."""
+    `window` tokens, or of the model's context when that is shorter (each its own sequence); one JSON-ready dict per
+    layer. ValueError for a model without MoE layers, which routes nothing, and for texts (read from `source`) of
+    which none fills a window or one is not UTF-8."""
     if not model.config.moe_layer_count:
         raise ValueError(f"{NO_MOE_LAYERS} Routing statistics need routed experts; explain a text for its attention")
+    window = min(window, model.config.max_position_embeddings)  # positions past the context were never trained
     try:
         texts_ids = tokenizer.encode_batch(texts)
     except ValueError as error:  # a document holding a lone surrogate

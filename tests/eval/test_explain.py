@@ -136,6 +136,17 @@ def test_corpus_routing_reads_at_most_max_tokens_cutting_the_last_window(checkpo
             assert record["tokens"] == max_tokens and sum(record["class_tokens"].values()) == max_tokens
 
 
+def test_corpus_routing_windows_fit_in_the_models_context(checkpoint):
+    """A model of a 64-token context routes 64-token windows, not the 256-token default past what it was trained on."""
+    model, tokenizer = micro_model(max_position_embeddings=64), Tokenizer.from_file(checkpoint)
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    text = CODE * 30
+    assert len(tokenizer.encode(text)) > 256
+    (first, *_) = corpus_routing(model, tokenizer, [text], max_tokens=1000)
+    assert {width for _, width in shapes} == {64} and first["tokens"] == sum(rows * 64 for rows, _ in shapes) >= 128
+
+
 def test_explain_refuses_a_text_longer_than_the_context_and_writes_nothing(checkpoint, tmp_path):
     model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
     text = "x = 1\n" * 200
