@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.csv
 import pyarrow.parquet as pq
 
 from seekstack.schema import LONE_SURROGATE
@@ -40,7 +41,9 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
 )
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
-ROW_SUFFIXES = (".jsonl", ".json", ".parquet")  # read as rows when an input names the file, not inside a folder
+# read as rows when an input names the file, not inside a folder
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+CSV_BLOCK_BYTES = 64 * 2**20  # a CSV block holds whole rows: this bounds the longest document
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
@@ -309,6 +312,21 @@ def _documents_from_batches(
             row += 1
 
 
+def read_csv(path: str | Path, column: str = "text", null_texts: Counter[str] | None = None) -> Iterator[Document]:
+    """Rows of a CSV file (tab-separated when its suffix is `.tsv`; `.gz` read through), text in `column`, streamed by
+    blocks; ids are `file:row`. Quoted values may hold line breaks; the column is read as text, whatever it holds."""
+    path = Path(path)
+    delimiter = "\t" if _kind(path) == ".tsv" else ","
+    with _arrow_errors_named(path, "CSV"):
+        reader = pyarrow.csv.open_csv(
+            path,
+            read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+            parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.string()}),
+        )
+        yield from _documents_from_batches(iter(reader), column, path, null_texts)
+
+
 def read_parquet(
     path: str | Path, column: str = "text", batch_size: int = 1024, null_texts: Counter[str] | None = None
 ) -> Iterator[Document]:
@@ -390,7 +408,7 @@ def read_stdlib() -> Iterator[Document]:
 
 def open_source(spec: str | Path, field: str = "text") -> Iterable[Document]:
     """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
-    `.json`, `.parquet` (`Rows`), a file; a saved DatasetDict is refused, naming its splits' folders."""
+    `.json`, `.parquet`, `.csv`, `.tsv` (`Rows`), a file; a saved DatasetDict is refused, naming its splits' folders."""
     if str(spec) == "stdlib":
         return read_stdlib()
     path = Path(spec)
@@ -405,6 +423,8 @@ def open_source(spec: str | Path, field: str = "text") -> Iterable[Document]:
         return Rows(read_jsonl, path, field)
     if _kind(path) == ".json":
         return Rows(read_json, path, field)
+    if _kind(path) in (".csv", ".tsv"):
+        return Rows(read_csv, path, field)
     if path.suffix.lower() == ".parquet":
         return Rows(read_parquet, path, field)
     return read_text_file(path)

@@ -601,6 +601,20 @@ def test_a_saved_dataset_whose_state_file_is_damaged_is_named(tmp_path: Path, st
         list(open_source(tmp_path))
 
 
+def test_csv_and_tsv_files_are_read_as_rows_of_their_text_column(tmp_path: Path) -> None:
+    """A `.csv` was one plain-text document of the whole table (header, quotes, other columns and all)."""
+    (tmp_path / "posts.csv").write_text('id,text,score\n1,"First line,\nsecond ""quoted"" line",3\n2,42,5\n')
+    (tmp_path / "posts.tsv.gz").write_bytes(gzip.compress(b"text\tlabel\nA tab-separated row.\t0\n"))
+    documents = [*open_source(tmp_path / "posts.csv"), *open_source(tmp_path / "posts.tsv.gz")]
+    assert [(doc.doc_id, doc.text) for doc in documents] == [
+        ("posts.csv:0", 'First line,\nsecond "quoted" line'),
+        ("posts.csv:1", "42"),  # the text column is read as text, however it looks
+        ("posts.tsv.gz:0", "A tab-separated row."),
+    ]
+    with pytest.raises(DataSourceError, match=r"posts.csv: no column 'body'; columns are \['id', 'text', 'score'\]"):
+        list(open_source(tmp_path / "posts.csv", "body"))
+
+
 def test_saved_dataset_source_reads_arrow_streams(tmp_path: Path) -> None:
     folder = tmp_path / "saved"
     folder.mkdir()
