@@ -296,12 +296,14 @@ def _json_object(value: Any, where: str, field: str) -> dict[str, Any]:
 def _documents_from_batches(
     batches: Iterator[pa.RecordBatch], column: str, origin: Path, null_texts: Counter[str] | None
 ) -> Iterator[Document]:
-    """The rows of `origin`'s record batches as documents; a null text is skipped, and counted in `null_texts`."""
+    """The rows of `origin`'s record batches as documents; a null text is skipped, and counted in `null_texts`; a
+    binary one is decoded as a text file is (`_decoded`: a legacy 8-bit value as Windows-1252)."""
     row = 0
     for batch in batches:
         if column not in batch.schema.names:
             raise DataSourceError(f"{origin}: no column {column!r}; columns are {batch.schema.names}")
-        for text in batch.column(column).to_pylist():
+        for value in batch.column(column).to_pylist():
+            text = _decoded(value) if isinstance(value, bytes) else value
             if text is None:
                 if null_texts is not None:
                     null_texts[_as_text(origin.name)] += 1
@@ -314,7 +316,8 @@ def _documents_from_batches(
 
 def read_csv(path: str | Path, column: str = "text", null_texts: Counter[str] | None = None) -> Iterator[Document]:
     """Rows of a CSV file (tab-separated when its suffix is `.tsv`; `.gz` read through), text in `column`, streamed by
-    blocks; ids are `file:row`. Quoted values may hold line breaks; the column is read as text, whatever it holds."""
+    blocks; ids are `file:row`. Quoted values may hold line breaks; the column is read as bytes, whatever it holds,
+    and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are not checked."""
     path = Path(path)
     delimiter = "\t" if _kind(path) == ".tsv" else ","
     with _arrow_errors_named(path, "CSV"):
@@ -322,7 +325,7 @@ def read_csv(path: str | Path, column: str = "text", null_texts: Counter[str] | 
             path,
             read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
             parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.string()}),
+            convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.binary()}, check_utf8=False),
         )
         yield from _documents_from_batches(iter(reader), column, path, null_texts)
 

@@ -613,6 +613,8 @@ def test_csv_and_tsv_files_are_read_as_rows_of_their_text_column(tmp_path: Path)
     ]
     with pytest.raises(DataSourceError, match=r"posts.csv: no column 'body'; columns are \['id', 'text', 'score'\]"):
         list(open_source(tmp_path / "posts.csv", "body"))
+    (tmp_path / "excel.csv").write_bytes("note,text\nd\u00e9j\u00e0,caf\u00e9 cr\u00e8me\n".encode("cp1252"))  # Excel's
+    assert [doc.text for doc in open_source(tmp_path / "excel.csv")] == ["caf\u00e9 cr\u00e8me"]
 
 
 def test_saved_dataset_source_reads_arrow_streams(tmp_path: Path) -> None:
