@@ -617,6 +617,16 @@ def test_csv_and_tsv_files_are_read_as_rows_of_their_text_column(tmp_path: Path)
     assert [doc.text for doc in open_source(tmp_path / "excel.csv")] == ["caf\u00e9 cr\u00e8me"]
 
 
+def test_a_binary_parquet_text_column_is_decoded_as_text_files_are(tmp_path: Path) -> None:
+    """It failed 'row 0 of column 'text' is bytes, not text'."""
+    texts = pa.array([b"caf\xc3\xa9 UTF-8", b"caf\xe9 Windows-1252", None], type=pa.binary())
+    pq.write_table(pa.table({"text": texts}), tmp_path / "bytes.parquet")
+    assert [doc.text for doc in open_source(tmp_path / "bytes.parquet")] == [
+        "caf\u00e9 UTF-8",
+        "caf\u00e9 Windows-1252",
+    ]
+
+
 def test_saved_dataset_source_reads_arrow_streams(tmp_path: Path) -> None:
     folder = tmp_path / "saved"
     folder.mkdir()
