@@ -34,7 +34,7 @@ from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
-from seekstack.train.runs import refuse_new_run_into
+from seekstack.train.runs import list_checkpoints, refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:
@@ -223,7 +223,8 @@ def refuse_another_base_or_data(config: TrainConfig, started: TrainConfig) -> No
 
 
 def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool = False) -> TrainResult:
-    """Train the adapter (or continue the run in `out_dir`); the adapter files end up in `out_dir` itself."""
+    """Train the adapter (or continue the run in `out_dir`); the adapter files end up in `out_dir` itself, those of the
+    checkpoint saved at the interruption when Ctrl-C stops the run."""
     rows = (adapter.head_tokens, adapter.embedding_tokens)
     head_ids, embedding_ids = (frequent_tokens(train_config.data_dir, count) if count else [] for count in rows)
     with lora_keys():
@@ -234,7 +235,13 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
     if not resume:
         adapter.save(out)
     hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids, batches)
-    result = train(train_config, resume, hooks, chat_source(train_config))
+    try:
+        result = train(train_config, resume, hooks, chat_source(train_config))
+    except KeyboardInterrupt:  # the trainer saved a checkpoint first (once it trains): the folder's adapter is that
+        saved = list_checkpoints(out)
+        if saved:
+            publish_adapter(saved[-1], out)
+        raise
     if result.checkpoint is not None:
         publish_adapter(result.checkpoint, out)
     return result

@@ -75,6 +75,31 @@ def test_lora_run_resumes_exactly(base, data_dir, tmp_path):
     assert resumed.losses == whole.losses[3:]  # bit for bit
 
 
+def test_a_run_stopped_by_ctrl_c_leaves_the_adapter_of_the_checkpoint_it_saved_in_its_folder(
+    base, data_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    train_adapter(*lora_train_config(base, data_dir, out, [*RUN, "max_steps=3"]))  # the folder's adapter: step 3's
+    from seekstack.train import trainer
+
+    original = trainer._Run.train_step
+
+    def interrupted_step(self):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(trainer._Run, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(*lora_train_config(None, None, out, ["max_steps=6"], resume=True), resume=True)
+    saved = out / "checkpoints" / "step_5"  # saved at the interruption
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        assert (out / name).read_bytes() == (saved / name).read_bytes()
+    assert (out / ADAPTER_WEIGHTS_FILE).read_bytes() != (
+        out / "checkpoints" / "step_3" / ADAPTER_WEIGHTS_FILE
+    ).read_bytes()
+
+
 def test_a_resumed_run_refuses_other_adapter_settings_and_a_new_run_refuses_a_run_folder(base, data_dir, tmp_path):
     out = tmp_path / "run"
     train_adapter(*lora_train_config(base, data_dir, out, [*RUN, "max_steps=3"]))
