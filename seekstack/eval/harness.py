@@ -45,7 +45,8 @@ FLOAT_DTYPES = tuple(name for name in DTYPES if name != "auto")
 
 def resolve_device(device: str | None) -> torch.device:
     """`device`, by default CUDA when there is one, else the CPU; a CUDA device on a machine without CUDA (lm_eval's
-    own command line defaults to cuda:0) falls back to the CPU with a warning, as lm_eval's HF backend does."""
+    own command line defaults to cuda:0) falls back to the CPU with a warning, as lm_eval's HF backend does. ValueError
+    for a name that is no torch device, and for a device of another kind (mps, xpu, ...) this machine does not have."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -55,6 +56,10 @@ def resolve_device(device: str | None) -> torch.device:
     if chosen.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"device {device!r}: CUDA is not available here, running on the CPU", stacklevel=2)
         return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    if chosen.type not in ("cpu", "cuda", accelerator and accelerator.type):
+        present = ", ".join(["cpu", *([accelerator.type] if accelerator else [])])
+        raise ValueError(f"device {device!r}: this machine has no {chosen.type} device; it has {present}")
     return chosen
 
 

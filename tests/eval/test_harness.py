@@ -206,6 +206,13 @@ def test_a_cuda_device_on_a_machine_without_cuda_runs_on_the_cpu(checkpoint, mon
     assert SeekstackLM(pretrained=checkpoint).device == torch.device("cpu")
 
 
+@pytest.mark.parametrize("kind", ["mps", "xpu"])
+def test_a_device_of_a_kind_the_machine_lacks_is_refused_naming_what_it_has(checkpoint, monkeypatch, kind):
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
+    with pytest.raises(ValueError, match=f"device '{kind}': this machine has no {kind} device; it has cpu$"):
+        SeekstackLM(pretrained=checkpoint, device=kind)  # it crashed in torch's kernels with a 300-line traceback
+
+
 def test_a_continuation_longer_than_max_length_is_refused_naming_the_request(checkpoint):
     lm = SeekstackLM(pretrained=checkpoint, max_length=8)
     long = "x = [1, 2, 3, 4, 5, 6, 7, 8, 9]"
