@@ -51,7 +51,11 @@ def quantize_command(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="A QuantConfig file (YAML/TOML/JSON); options go on top")] = None,
     progressive: Annotated[
-        bool, typer.Option(help="Try float32 -> bfloat16 -> int8 -> int4, keep the smallest within the tolerance")
+        bool,
+        typer.Option(
+            help="Try float32 (skipped for a bf16 checkpoint) -> bfloat16 -> int8 -> int4, keep the smallest within "
+            "the tolerance"
+        ),
     ] = False,
     adaptive: Annotated[
         bool,
@@ -173,13 +177,16 @@ def _progressive(
 ) -> dict:
     from dataclasses import asdict
 
-    from seekstack.checkpoint import load_pretrained
+    import torch
+
+    from seekstack.checkpoint import load_pretrained, stored_float_dtype
     from seekstack.compress.progressive import progressive
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import mixed_experts_notes, save_with_tokenizer
 
     batches, byte_lengths = _held_out(model, data, "--progressive")
-    original = load_pretrained(model, dequantize=True).eval()
+    bfloat16 = stored_float_dtype(model) == torch.bfloat16  # a bf16 checkpoint starts at bf16, others at float32
+    original = load_pretrained(model, dtype=torch.bfloat16 if bfloat16 else torch.float32).eval()
     chosen, chosen_name, stages = progressive(
         original, lambda m: measure(m, original, batches, byte_lengths), config, max_bpb_increase, max_kl
     )

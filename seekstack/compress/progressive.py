@@ -1,5 +1,5 @@
-"""Progressive quantization: fp32 -> bf16 -> int8 -> int4, each stage checked against the original on held-out
-text, stopping at the last stage within the tolerance.
+"""Progressive quantization: fp32 -> bf16 -> int8 -> int4 (a bf16 original starts at bf16), each stage checked
+against the original on held-out text, stopping at the last stage within the tolerance.
 
 A stage passes when its bits per byte is at most `max_bpb_increase` (relative) above the original's and its mean
 KL at most `max_kl`. Stages run in order of size (int8 and int4 keep their float layers in bf16, as the bf16 stage
@@ -48,13 +48,16 @@ def progressive(
     max_kl: float = float("inf"),
     stages: tuple[str, ...] = STAGES,
 ) -> tuple[nn.Module, str, list[Stage]]:
-    """Run `stages` in order with the gate after each; returns the smallest passing model, its stage's name
-    (`float32`, the original, when none passed) and every stage's report. A `config` pattern naming no layer is
+    """Run `stages` in order with the gate after each, from the precision `original` is in (a bfloat16 model starts
+    at bfloat16: float32 would double its bytes and add nothing); returns the smallest passing model, its stage's
+    name (the original's precision when none passed) and every stage's report. A `config` pattern naming no layer is
     refused before the first evaluation, not at the first quantized stage."""
     config.refuse_unmatched_patterns(layer_names(original))
+    first = "bfloat16" if next(original.parameters()).dtype == torch.bfloat16 else "float32"
+    stages = stages[stages.index(first) :] if first in stages else stages
     baseline = evaluate(original).bits_per_byte
     report: list[Stage] = []
-    chosen, chosen_name, chosen_bytes = original, "float32", stored_bytes(original)
+    chosen, chosen_name, chosen_bytes = original, first, stored_bytes(original)
     for name in stages:
         model = build_stage(original, name, config)
         quality = evaluate(model)

@@ -332,3 +332,22 @@ def test_progressive_names_the_stage_it_chose_and_writes_that_stage(tmp_path):
     assert passed and len(passed) < 4  # the KL gate stops it before int4
     assert f"chosen: {passed[-1]}, the smallest stage that passed" in result.output
     assert stored_float_dtype(tmp_path / "q") == (torch.float32 if passed[-1] == "float32" else torch.bfloat16)
+
+
+def test_progressive_on_a_bfloat16_checkpoint_starts_at_bfloat16_and_never_writes_it_larger(tmp_path):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    (tmp_path / "shards" / "val_index.json").write_bytes((tmp_path / "shards" / "train_index.json").read_bytes())
+    model = seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)).to(torch.bfloat16)
+    seekstack.save_pretrained(model, tmp_path / "bf16")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "bf16"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "q"),
+              "--progressive", "--max-kl", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    verdicts = re.findall(r"^stage (\w+) .* (pass|fail)$", result.output, re.MULTILINE)
+    assert verdicts == [("bfloat16", "pass"), ("int8", "fail")]
+    assert "chosen: bfloat16, the smallest stage that passed" in result.output
+    assert stored_float_dtype(tmp_path / "q") == torch.bfloat16
+    assert "100.0% of" in result.output

@@ -54,6 +54,15 @@ def test_gate_stops_at_the_first_failure_even_if_a_later_stage_would_pass():
     assert stage_of(chosen) == "float32" and name == "float32"
 
 
+def test_a_bfloat16_original_starts_at_bfloat16_and_stays_bfloat16_when_nothing_smaller_passes():
+    """A float32 stage of bfloat16 weights would double their bytes and add nothing."""
+    original = Transformer(micro_config(**SHAPES)).eval().to(torch.bfloat16)
+    bpb = {"float32": 2.0, "bfloat16": 2.0, "int8": 2.5, "int4": 2.5}
+    chosen, name, report = progressive(original, scripted(bpb), QuantConfig(), max_bpb_increase=0.01)
+    assert [(s.name, s.passed) for s in report] == [("bfloat16", True), ("int8", False)]
+    assert stage_of(chosen) == "bfloat16" and name == "bfloat16"
+
+
 def test_bits_per_byte_count_the_bytes_the_scored_tokens_spell():
     """Each target counts its own token's bytes (was: the val split's mean bytes per token for every target)."""
     model = Transformer(micro_config(**SHAPES)).eval()
