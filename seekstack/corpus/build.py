@@ -308,6 +308,7 @@ def build_corpus(
                 reason = EXACT_DUPLICATE
             if reason is None and (near_digest := near.duplicate_of(doc.digest, doc.signature)) is not None:
                 reason, original = NEAR_DUPLICATE, exact.first[near_digest]
+                exact.first[doc.digest] = original  # its exact copies, removed next, duplicate the kept one too
             if reason is not None:
                 snippet = doc.text if doc.failed else _snippet(doc.text)
                 report.record_removal(reason, doc.doc_id, doc.kind, snippet, original)

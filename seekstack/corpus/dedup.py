@@ -34,7 +34,7 @@ class ExactDeduplicator:
     a duplicate of that one."""
 
     def __init__(self) -> None:
-        self.first: dict[str, str] = {}  # content hash -> id of the document kept with it
+        self.first: dict[str, str] = {}  # content hash -> id of the document kept with it (or in its place)
 
     def duplicate_of(self, digest: str, doc_id: str) -> str | None:
         """The id of the document seen before with `digest`; otherwise None, and `doc_id` is recorded for it."""

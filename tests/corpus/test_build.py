@@ -252,9 +252,13 @@ def test_report_examples_of_duplicates_name_the_kept_document_they_duplicate(tmp
     documents += [
         Document("copy of 3", prose(3) + "\nThe end.", "web"),
         Document("edited 5", prose(5).replace("\n", " \n", 1) + "\nThe end!", "web"),
+        Document("copy of edited 5", prose(5).replace("\n", " \n", 1) + "\nThe end!", "web"),
     ]
     report = build_corpus([documents], tmp_path / "out", show_progress=False)
-    assert report.examples["exact_duplicate"][0]["of"] == "prose3"
+    assert [(example["id"], example["of"]) for example in report.examples["exact_duplicate"]] == [
+        ("copy of 3", "prose3"),
+        ("copy of edited 5", "prose5"),  # the kept document, not the near duplicate it copies
+    ]
     assert report.examples["near_duplicate"][0]["of"] == "prose5"
     assert Report.load(tmp_path / "out" / "report.json") == report
     console = Console(record=True, width=120)
