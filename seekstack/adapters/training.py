@@ -164,6 +164,7 @@ def lora_train_config(
         if base is None or data_dir is None:
             raise ConfigError("a new LoRA run needs BASE (a checkpoint folder) and DATA (token shards, text or chat)")
         refuse_quantized_checkpoint(base)
+        refuse_the_base_folder(base, out)
         refuse_new_run_into(out)  # a folder without a checkpoint starts anew, as with `seekstack train`
         with lora_keys():
             adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
@@ -183,6 +184,17 @@ def refuse_quantized_checkpoint(base: str | Path) -> None:
     bits = sorted({group.get("weights", {}).get("num_bits") for group in groups} - {None}, reverse=True)
     scheme = ", ".join(f"int{b}" for b in bits) if bits else quantization.get("quant_method", "fp8")
     raise quantized_base_error(base, scheme)
+
+
+def refuse_the_base_folder(base: str | Path, out: str | Path) -> None:
+    """ConfigError, before the run writes anything, when `out` is the base checkpoint's own folder: transformers
+    would then load that folder as base + adapter (it applies an adapter_config.json it finds beside config.json),
+    and the run's files would mix with the model's."""
+    if Path(out).resolve() == Path(base).resolve():
+        raise ConfigError(
+            f"--out {out} is the base checkpoint's folder: the adapter files there would make transformers load it as "
+            "base + adapter; train the adapter into another folder (nothing was written)"
+        )
 
 
 @contextmanager

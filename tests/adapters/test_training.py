@@ -114,6 +114,16 @@ def test_a_resumed_run_refuses_other_adapter_settings_and_a_new_run_refuses_a_ru
     assert resumed.step == 6
 
 
+def test_the_base_checkpoints_own_folder_as_out_is_refused_before_anything_is_written(base, tmp_path):
+    own = shutil.copytree(base, tmp_path / "base")
+    before = sorted(path.name for path in own.iterdir())
+    text = tmp_path / "prose.txt"
+    text.write_text("A few words of prose to adapt to. " * 200)
+    with pytest.raises(ConfigError, match=f"--out {own} is the base checkpoint's folder"):
+        lora_train_config(own, text, own, RUN)
+    assert sorted(path.name for path in own.iterdir()) == before  # no adapter_config.json for transformers to apply
+
+
 def test_text_data_is_not_tokenized_before_the_settings_are_checked(base, tmp_path):
     text = tmp_path / "prose.txt"
     text.write_text("A few words of prose to adapt to. " * 200)
