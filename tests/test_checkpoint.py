@@ -457,6 +457,13 @@ DAMAGES = {
 }
 
 
+def test_a_lora_adapter_given_as_a_checkpoint_is_named_as_one_with_what_to_give_instead(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    message = load_error(tmp_path)
+    assert message.startswith(f"{tmp_path}: a LoRA adapter (adapter_config.json), not a model checkpoint")
+    assert "give its base model with the adapter" in message and "`seekstack lora merge`" in message
+
+
 def test_missing_shard_named_in_the_index_is_reported_with_the_index_and_the_shard(tmp_path):
     seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
     missing = sorted(tmp_path.glob("model-*.safetensors"))[1]

@@ -48,6 +48,14 @@ def read_config(directory: str | Path) -> ModelConfig:
         )
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
+        from seekstack.adapters.files import ADAPTER_CONFIG_FILE  # here: adapters.files imports this module
+
+        if (directory / ADAPTER_CONFIG_FILE).is_file():
+            raise CheckpointError(
+                f"{directory}: a LoRA adapter ({ADAPTER_CONFIG_FILE}), not a model checkpoint: give its base model "
+                "with the adapter where a command takes one, or merge the two into a model folder (`seekstack lora "
+                "merge`) and give that"
+            )
         raise CheckpointError(
             f"{config_path}: no such file; a checkpoint keeps its {CONFIG_FILE} beside the weights: "
             f"copy it from where the checkpoint came from, or {DAMAGED}"
