@@ -39,7 +39,8 @@ def quantize_command(
         str | None, typer.Option(help="int8 (per channel; the default) | int4 (per group) | fp8 (e4m3, 128x128 blocks)")
     ] = None,
     group_size: Annotated[
-        int | None, typer.Option(help="int4: input columns per scale (32, the default, 64, 128)")
+        int | None,
+        typer.Option(help="int4 (and --progressive's int4 stage): input columns per scale (32, the default, 64, 128)"),
     ] = None,
     keep: Annotated[
         list[str] | None,
@@ -117,7 +118,9 @@ def quantize_command(
                 "--adaptive chooses every layer's scheme itself: --scheme, --group-size, --keep and --config apply "
                 "without it"
             )
-        if group_size is not None and resolved.scheme != "int4" and "int4" not in resolved.layers.values():
+        # --progressive's last stage is int4, at the group size
+        int4_used = progressive or resolved.scheme == "int4" or "int4" in resolved.layers.values()
+        if group_size is not None and not int4_used:
             raise ValueError(f"--group-size {group_size} applies to int4 (the scheme is {resolved.scheme})")
         if adaptive and budget_bits < SMALLEST_BITS:
             raise ValueError(

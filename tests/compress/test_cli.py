@@ -334,6 +334,25 @@ def test_progressive_names_the_stage_it_chose_and_writes_that_stage(tmp_path):
     assert stored_float_dtype(tmp_path / "q") == (torch.float32 if passed[-1] == "float32" else torch.bfloat16)
 
 
+def test_progressive_takes_a_group_size_for_its_int4_stage(tmp_path):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    (tmp_path / "shards" / "val_index.json").write_bytes((tmp_path / "shards" / "train_index.json").read_bytes())
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    int4_bytes = {}
+    for group in ("32", "64"):
+        result = CliRunner().invoke(
+            app, ["quantize", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out",
+                  str(tmp_path / f"g{group}"), "--progressive", "--max-bpb-increase", "10", "--max-kl", "100",
+                  "--group-size", group, "--json"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        stages = json.loads(result.output[result.output.index("{") :])["stages"]
+        int4_bytes[group] = next(stage["bytes"] for stage in stages if stage["name"] == "int4")
+    assert int4_bytes["32"] != int4_bytes["64"]  # the int4 stage is quantized at the group asked for
+
+
 def test_progressive_on_a_bfloat16_checkpoint_starts_at_bfloat16_and_never_writes_it_larger(tmp_path):
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
