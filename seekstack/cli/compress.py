@@ -105,6 +105,10 @@ def quantize_command(
         for name, (value, applies, where) in mode_options.items():
             if value is not None and not applies:
                 raise ValueError(f"{name} applies to {where} only")
+        if progressive and "fp8" in (resolved.scheme, *resolved.layers.values()):  # set by the --config file
+            raise ValueError(
+                f"{config}: fp8 applies to a quantization without --progressive (which tries int8, then int4)"
+            )
         budget_bits = DEFAULT_BUDGET_BITS if budget_bits is None else budget_bits
         max_bpb_increase = DEFAULT_MAX_BPB_INCREASE if max_bpb_increase is None else max_bpb_increase
         max_kl = DEFAULT_MAX_KL if max_kl is None else max_kl

@@ -243,6 +243,20 @@ def test_quantize_errors_of_the_config_file_name_its_field(tmp_path):
     assert result.exit_code == 1 and "quant.yaml: field 'scheme' has value 'foo'" in result.output
 
 
+@pytest.mark.parametrize("config", ["scheme: fp8\n", "scheme: fp8\nlayers:\n  layers.*.mlp.experts: fp8\n"])
+def test_progressive_refuses_an_fp8_config_file_naming_it_before_measuring(tmp_path, config):
+    """Its stages are int8 and int4: the fp8 scheme was ignored, and fp8 layers failed at the int8 stage."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    (tmp_path / "quant.yaml").write_text(config)
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--config",
+              str(tmp_path / "quant.yaml"), "--progressive", "--data", str(tmp_path / "no_shards")],
+    )  # fmt: skip
+    assert result.exit_code == 1 and not (tmp_path / "q").exists()
+    message = " ".join(result.output.split())
+    assert f"{tmp_path / 'quant.yaml'}: fp8 applies to a quantization without --progressive" in message
+
+
 def test_quantize_refuses_a_keep_pattern_that_names_no_layer_and_takes_checkpoint_names(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q")]
