@@ -389,8 +389,15 @@ def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
 
 
 def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> str:
+    from seekstack.adapters.files import model_folders
     from seekstack.eval.samples import demo_samples
 
+    variant = read_config(model_folders(checkpoint).weights).attention_variant
+    if variant != "mla":  # the engine that would write the samples refuses it
+        return (
+            f"## Samples\n\nNone: the model's attention_variant={variant!r} is a training ablation the inference "
+            "engine does not serve (no cached decode path for its temporal convolution)."
+        )
     task = _trained_task(train_config)
     if task is not None:
         return _task_answers(checkpoint, task, train_config)

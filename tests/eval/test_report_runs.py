@@ -90,6 +90,21 @@ def _run_files(run_dir: Path, train_config: dict, records: list[dict]) -> Path:
     return run_dir
 
 
+def test_report_of_a_3d_attention_run_says_why_it_has_no_samples(checkpoint_3d, tmp_path):
+    """The engine refuses attention_variant=3d: the report is written, its samples section saying why it has none
+    (the whole report failed on the engine's refusal)."""
+    import shutil
+
+    checkpoint = Path(shutil.copytree(checkpoint_3d, tmp_path / "run" / "checkpoints" / "step_2"))
+    torch.save({}, checkpoint / TRAIN_STATE_FILE)
+    records = [{"step": step, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": 0.3} for step in (1, 2)]
+    run_dir = _run_files(tmp_path / "run", {"model": "tiny", "data_dir": "../tokens"}, records)
+    report = write_report(run_dir).read_text()
+    said = "## Samples\n\nNone: the model's attention_variant='3d' is a training ablation the inference engine"
+    assert said in report
+    assert "## Model" in report and "```python" not in report
+
+
 @pytest.fixture
 def rl_run(tmp_path) -> Path:
     """An `rl` run's folder: its config, 8 steps of metrics (GRPO's loss ~0, the reward rising), checkpoint step_8."""
