@@ -81,12 +81,14 @@ def test_eval_runs_either_backend_on_the_device_asked_for_or_the_cpu_without_cud
     import lm_eval
     import torch
 
+    from seekstack.config import preset
     from seekstack.eval.evaluate import evaluate
 
     asked = []
     output = {"results": {"hellaswag": {"acc,none": 0.5}}, "n-samples": {"hellaswag": {"effective": 2}}}
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs["model_args"]) or output)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "config.json").write_text(json.dumps(preset("tiny").to_dict()))  # the hf backend's check reads it
     assert evaluate(tmp_path, ("hellaswag",), None, backend, device="cpu")["options"]["device"] == "cpu"
     with pytest.warns(UserWarning, match="'cuda': CUDA is not available here"):
         evaluate(tmp_path, ("hellaswag",), None, backend, device="cuda")
