@@ -149,6 +149,10 @@ def _remove_stale_shards(out_dir: Path, split_name: str, current: set[str]) -> N
 def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
     """The index of `split_name`'s shards, checked against the shard files it lists."""
     path = index_path(out_dir, split_name)
+    if not Path(out_dir).is_dir():  # a mistyped data_dir / --data, or a run's relative one after the run was moved
+        raise FileNotFoundError(
+            f"no folder of token shards at {Path(out_dir).resolve()}: `seekstack data tokenize --out` writes one"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no shard index at {path}: tokenize split {split_name!r} first{_splits_held(out_dir)}")
     try:

@@ -376,3 +376,10 @@ def test_tokenizer_train_says_when_the_corpus_cannot_fill_the_vocabulary(tmp_pat
     (corpus / "train.jsonl").write_text('{"text": "fine"}\n{"txt": "a typo"}\n')
     typo = CliRunner().invoke(app, args)
     assert typo.exit_code == 1 and "train.jsonl:2: no field 'text'" in typo.output  # was a KeyError traceback
+
+
+def test_a_data_folder_that_does_not_exist_is_named_as_missing_with_its_resolved_path(tmp_path, monkeypatch):
+    """A mistyped data folder (or a moved run's relative data_dir) was told to tokenize split 'train' first."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"no folder of token shards at {tmp_path / 'nothere'}: "):
+        load_index("nothere", "train")
