@@ -534,9 +534,10 @@ def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
         ("rows.jsonl.bz2", bz2.compress(b'{"text": "hello"}\n'), "a bzip2-compressed file"),
         ("rows.jsonl.xz", lzma.compress(b'{"text": "hello"}\n'), "an xz-compressed file"),
         ("rows.jsonl.zst", b"\x28\xb5\x2f\xfd" + bytes(20), "a zstd-compressed file"),
-        ("notes.txt", gzip.compress(b"hello"), "a gzip-compressed file whose name does not end in .gz"),
-        ("book.txt.gz", gzip.compress(b"PK\x03\x04" + bytes(20)), "a zip archive (or a .docx, .xlsx, .epub)"),
+        ("notes.txt", gzip.compress(b"hello", mtime=0), "a gzip-compressed file whose name does not end in .gz"),
+        ("book.txt.gz", gzip.compress(b"PK\x03\x04" + bytes(20), mtime=0), "a zip archive (or a .docx, .xlsx, .epub)"),
     ],
+    ids=["bzip2", "xz", "zstd", "gzip-without-gz", "zip-in-gzip"],
 )
 def test_a_compressed_file_of_another_kind_is_named_not_read_as_text(
     tmp_path: Path, name: str, packed: bytes, says: str
