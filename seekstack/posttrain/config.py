@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from annotated_types import Interval
 
@@ -26,7 +26,6 @@ from seekstack.train.config import TrainConfig, require_tokenizer_file
 if TYPE_CHECKING:
     from seekstack.tokenizer import Tokenizer
 
-C = TypeVar("C", bound=TrainConfig)
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
 
 
