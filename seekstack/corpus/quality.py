@@ -130,22 +130,29 @@ def select_corpus(
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     if out_dir.resolve() == corpus_dir.resolve():
         raise ValueError(f"{out_dir}: is the corpus folder; write the selection to another one (nothing was written)")
-    train = corpus_dir / "train.jsonl"
+    train, held_out = corpus_dir / "train.jsonl", corpus_dir / "val.jsonl"
     if not train.is_file():
         raise FileNotFoundError(f"no corpus file at {train}: run `data build` first")
+    if not held_out.is_file():  # known before every training document is scored
+        raise FileNotFoundError(
+            f"{held_out}: no such file; `data build` writes it beside train.jsonl (empty with --val-fraction 0): "
+            "build the corpus with it, or add an empty val.jsonl to hold no document out (nothing was written)"
+        )
     scores = [model.score(json.loads(line)["text"]) for line in train.open(encoding="utf-8")]
-    if top_fraction is not None:
-        keep = max(1, round(top_fraction * len(scores))) if scores else 0
-        threshold = sorted(scores, reverse=True)[keep - 1] if keep else 1.0
+    if top_fraction is None:
+        kept = {number for number, score in enumerate(scores) if score >= threshold}
+    else:
+        kept = _best(scores, max(1, round(top_fraction * len(scores))) if scores else 0)
+        threshold = min((scores[number] for number in kept), default=1.0)
     selected = 0
     with staged_files(out_dir) as staged:
         with open(staged.path("train.jsonl"), "w", encoding="utf-8") as out:
-            for line, score in zip(train.open(encoding="utf-8"), scores, strict=True):
-                if score >= threshold:
+            for number, (line, score) in enumerate(zip(train.open(encoding="utf-8"), scores, strict=True)):
+                if number in kept:
                     out.write(json.dumps({**json.loads(line), "quality": round(score, 6)}, ensure_ascii=False) + "\n")
                     selected += 1
         with open(staged.path("val.jsonl"), "w", encoding="utf-8") as out:
-            for line in (corpus_dir / "val.jsonl").open(encoding="utf-8"):
+            for line in held_out.open(encoding="utf-8"):
                 row = json.loads(line)
                 out.write(json.dumps({**row, "quality": round(model.score(row["text"]), 6)}, ensure_ascii=False) + "\n")
         summary = {
@@ -156,3 +163,9 @@ def select_corpus(
         }
         staged.path("selection.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _best(scores: list[float], count: int) -> set[int]:
+    """The numbers of the `count` highest `scores`; among equal scores at the cutoff, the earliest in the file, so
+    that a top fraction keeps exactly the share asked for, the same on every run."""
+    return set(sorted(range(len(scores)), key=lambda number: (-scores[number], number))[:count])

@@ -92,6 +92,32 @@ def test_select_keeps_the_top_fraction_and_scores_every_row(model: QualityModel,
     assert (corpus / "train.jsonl").read_bytes() == before
 
 
+def test_top_fraction_keeps_exactly_its_share_when_scores_tie_at_the_cutoff(
+    model: QualityModel, tmp_path: Path
+) -> None:
+    """Every document scoring the cutoff's score was kept: 5 of 8 for a top quarter when four tie there."""
+    texts = [CODE[40], salad(1), CODE[41], CODE[41], salad(2), CODE[41], CODE[41], salad(3)]
+    corpus = write_corpus(tmp_path / "corpus", texts)
+    summary = select_corpus(model, corpus, tmp_path / "top", top_fraction=0.25)
+    rows = [json.loads(line) for line in open(tmp_path / "top" / "train.jsonl")]
+    tie = model.score(CODE[41])
+    assert model.score(CODE[40]) > tie  # the best one, then the first of the four tied
+    assert summary["selected"] == 2 and [row["id"] for row in rows] == ["d0", "d2"]
+    assert summary["threshold"] == tie
+
+
+def test_select_refuses_a_corpus_without_val_jsonl_before_scoring_and_writes_no_folder(
+    model: QualityModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:45])
+    (corpus / "val.jsonl").unlink()
+    scored: list[str] = []
+    monkeypatch.setattr(QualityModel, "score", lambda self, text: scored.append(text) or 0.5)
+    with pytest.raises(FileNotFoundError, match=r"corpus/val\.jsonl: no such file; `data build` writes it"):
+        select_corpus(model, corpus, tmp_path / "out" / "sel", top_fraction=0.5)
+    assert scored == [] and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
