@@ -82,11 +82,14 @@ class StagedFiles:
 @contextmanager
 def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
     """Write each file at `staged.path(name)`; when the block ends without error, every file is flushed to disk
-    and renamed to `folder / name` in the order staged. On an error the staged files are deleted."""
+    and renamed to `folder / name` in the order staged. On an error the staged files are deleted, and so are the
+    folders this write created, when nothing else was put in them meanwhile (a refused build leaves no empty --out)."""
     folder = Path(folder)
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     _clear_killed_writes_once(folder)
     staged = StagedFiles(folder)
+    published = False
     try:
         with _refusals_named(lambda: _files_named(folder, list(staged.hidden))):
             yield staged
@@ -95,11 +98,17 @@ def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
         for name, hidden in staged.hidden.items():
             os.replace(hidden, folder / name)
         _fsync(folder)
+        published = True
     finally:
         for hidden in staged.hidden.values():
             hidden.unlink(missing_ok=True)
         for lock in staged.locks:
             os.close(lock)
+        for path in created if not published else ():
+            try:
+                path.rmdir()
+            except OSError:  # another writer's files are in it now
+                break
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:

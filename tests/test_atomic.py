@@ -318,6 +318,19 @@ def test_staged_files_that_fail_midway_publish_none_and_leave_no_temporary(tmp_p
     assert (tmp_path / "train.jsonl").read_text() == "old train"
 
 
+def test_staged_files_that_fail_leave_no_folder_they_created(tmp_path):
+    """A refused corpus build (it raises inside the block) said 'nothing was written' and left an empty out/corpus."""
+    with pytest.raises(DiskFull), staged_files(tmp_path / "out" / "corpus") as staged:
+        staged.path("train.jsonl").write_text("new train")
+        raise DiskFull("no space left")
+    assert entries(tmp_path) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(DiskFull), staged_files(tmp_path / "kept" / "corpus"):
+        (tmp_path / "kept" / "corpus" / "a users file").write_text("theirs")
+        raise DiskFull("no space left")
+    assert entries(tmp_path / "kept" / "corpus") == ["a users file"]
+
+
 # ------------------------------------------------------------------ folders
 def test_atomic_directory_replaces_the_whole_folder(tmp_path):
     (tmp_path / "ckpt").mkdir()
