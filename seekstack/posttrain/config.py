@@ -51,6 +51,10 @@ class ConversationConfig(TrainConfig):
         return bool(self.data or self.task)
 
     @property
+    def reads_data_dir(self) -> bool:
+        return not self.conversational
+
+    @property
     def held_out_fraction(self) -> float:
         """The share of the conversations this run holds out (the module's `held_out_fraction` of its fields)."""
         return held_out_fraction(self.val_data, self.val_fraction, self.eval_every)
@@ -136,6 +140,10 @@ class GRPOConfig(TrainConfig):
     # those it trains, its importance ratio taken against the sampling weights' log-probabilities. The two halves run
     # side by side on two threads of one process; with threads="auto" each takes one core, with N both share torch's N.
     async_rollouts: bool = False
+
+    @property
+    def reads_data_dir(self) -> bool:
+        return False
 
     def validate(self, source: str | None = None) -> GRPOConfig:
         _refuse_unused_by_rl(self, source)  # first: TrainConfig's rules would speak of them as if rl used them

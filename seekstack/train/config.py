@@ -156,6 +156,11 @@ class TrainConfig:
             raise error.at(source) from None
         return config
 
+    @property
+    def reads_data_dir(self) -> bool:
+        """Whether the run's rows come from `data_dir` (token shards; a LoRA run's chat file)."""
+        return True
+
     def model_config(self) -> ModelConfig:
         """The model this run trains: the preset, `model_overrides` on top, and the run's balance-loss weight."""
         known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
@@ -263,6 +268,8 @@ def resolve_train_config(
     try:
         config = check(cls, values).validate()
         _refuse_another_model(config, _model_settings(cls, given, overrides), resume)
+        if resume:
+            _require_data_dir(config)
     except ConfigError as error:
         if resume and _kept_from_saved_config(cls, error, given, overrides):
             raise ConfigError(
@@ -302,6 +309,17 @@ def _checkpoints_of_runs(
             if tell is not None:
                 tell(f"{name}={given}: using the run's newest checkpoint, {picked}")
     return values
+
+
+def _require_data_dir(config: TrainConfig) -> None:
+    """A ConfigError naming data_dir when the run reads its rows there and nothing is there (a resumed run that was
+    copied or moved loses a relative data_dir)."""
+    data_dir = Path(config.data_dir)
+    require(
+        not config.reads_data_dir or data_dir.exists(),
+        "data_dir",
+        f"an existing folder of token shards, not {config.data_dir!r} (nothing at {data_dir.resolve()})",
+    )
 
 
 def _model_settings(cls: type[TrainConfig], given: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -194,7 +194,8 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
 
 def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(tmp_path) -> None:
     out = tmp_path / "run"
-    load_train_config(None, [f"out_dir={out}", "max_steps=6"]).save(out)
+    (tmp_path / "tokens").mkdir()  # a resume needs the run's data
+    load_train_config(None, [f"out_dir={out}", f"data_dir={tmp_path / 'tokens'}", "max_steps=6"]).save(out)
     warnings: list[str] = []
     for max_steps in (12, 18):  # each start and resume saves the config it runs with, as the trainer does
         overrides = [f"out_dir={out}", f"max_steps={max_steps}"]
@@ -207,7 +208,7 @@ def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(
 
 def test_a_resume_given_the_same_relative_paths_warns_of_no_change(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the saved paths are relative to run/, these to the working folder
-    for folder in ("ck", "other_ck", "tok"):
+    for folder in ("ck", "other_ck", "tok", "tokens"):
         (tmp_path / folder).mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text("{}")
     paths = ["init_from=ck", "tokenizer=tok", "data_dir=tokens", "out_dir=run"]
@@ -226,7 +227,10 @@ def test_a_run_copied_to_another_depth_names_its_saved_config_for_a_lost_path_an
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "ck").mkdir(parents=True)
-    load_train_config(None, ["init_from=runs/ck", "out_dir=runs/x/rl"]).save("runs/x/rl")  # saved as ../../ck
+    (tmp_path / "tokens").mkdir()  # given absolute: the copy still finds it
+    load_train_config(None, ["init_from=runs/ck", f"data_dir={tmp_path / 'tokens'}", "out_dir=runs/x/rl"]).save(
+        "runs/x/rl"
+    )  # init_from saved as ../../ck
     shutil.copytree("runs/x/rl", "o/rl")  # its ../../ck is now o/../../ck
     with pytest.raises(ConfigError) as refused:
         resolve_train_config(None, ["out_dir=o/rl"], resume=True)
@@ -236,10 +240,29 @@ def test_a_run_copied_to_another_depth_names_its_saved_config_for_a_lost_path_an
     assert resumed.init_from == "runs/ck"
 
 
+def test_a_run_moved_to_another_depth_names_its_saved_config_for_its_lost_data_dir_and_resumes_given_it_again(
+    tmp_path, monkeypatch
+) -> None:
+    """A moved run's relative data_dir was said missing at its resolved path, without naming the saved config that
+    holds it or the override that replaces it (as init_from's error does)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tokens").mkdir()
+    load_train_config(None, ["data_dir=tokens", "out_dir=runs/a"]).save("runs/a")  # saved as ../../tokens
+    shutil.move("runs/a", "a")  # its ../../tokens is now a/../../tokens
+    with pytest.raises(ConfigError) as refused:
+        resolve_train_config(None, ["out_dir=a"], resume=True)
+    said = str(refused.value)
+    assert said.startswith(f"a/{CONFIG_FILE}: field 'data_dir' must be an existing folder of token shards")
+    assert f"nothing at {tmp_path.parent / 'tokens'}" in said
+    assert said.endswith("give data_dir=... on the command line to replace it")
+    assert resolve_train_config(None, ["out_dir=a", "data_dir=tokens"], resume=True).data_dir == "tokens"
+
+
 def test_a_path_given_absolute_is_saved_absolute_whatever_this_process_resolved_before(tmp_path, monkeypatch) -> None:
     """Which paths were given relative is read from the values themselves, not from earlier runs of the process (a
     resume of run a, whose saved out_dir '.' names its folder, made run b save a's checkpoint relative)."""
     monkeypatch.chdir(tmp_path)
+    Path("tokens").mkdir()
     load_train_config(None, ["data_dir=tokens", "out_dir=runs/a"]).save("runs/a")
     resolve_train_config(None, [f"out_dir={tmp_path / 'runs' / 'a'}"], resume=True)
     checkpoint = str(tmp_path / "runs" / "a" / "checkpoints" / "step_100")
@@ -382,7 +405,10 @@ def test_train_reads_by_default_where_data_tokenize_writes() -> None:
 def fake_run(out: Path, steps: tuple[int, ...] = (2,)) -> list[Path]:
     """A run's folder as training leaves it, without training: its train_config.json and checkpoints step_N of the
     micro model (config.json, a train_state.pt)."""
-    load_train_config(None, [f"out_dir={out}", *(f"model.{k}={v}" for k, v in MICRO_MODEL.items())]).save(out)
+    data_dir = out.parent / "tokens"
+    data_dir.mkdir(exist_ok=True)
+    model = (f"model.{k}={v}" for k, v in MICRO_MODEL.items())
+    load_train_config(None, [f"out_dir={out}", f"data_dir={data_dir}", *model]).save(out)
     checkpoints = [out / "checkpoints" / f"step_{step}" for step in steps]
     for checkpoint in checkpoints:
         checkpoint.mkdir(parents=True)
