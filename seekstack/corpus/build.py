@@ -9,8 +9,8 @@ Work per document (normalise, PII scrubbing, detect, rules, hashes, MinHash sign
 batches of `BATCH_DOCUMENTS`, at most `2 x workers` batches in flight; the main process keeps the dedup indexes
 and writes the output in input order, so the result is the same for any number of workers; a worker that dies
 (killed, out of memory) ends the build with WorkerDied, naming it and the documents in flight. Memory holds the
-batches in flight, the hashes and signatures of kept documents, and the split scores of the first
-`EXACT_SPLIT_MAX_DOCUMENTS` kept ones.
+batches in flight, every document's id (`UniqueIds`: inputs may hold same-named files), the hashes and signatures of
+kept documents, and the split scores of the first `EXACT_SPLIT_MAX_DOCUMENTS` kept ones.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from rich.table import Table
 
 from seekstack.atomic import staged_files
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash, minhash_signature
+from seekstack.corpus.doc_ids import UniqueIds
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
 from seekstack.corpus.sources import ROW_SUFFIXES, TEXT_SUFFIXES, Document
@@ -281,6 +282,7 @@ def build_corpus(
     out_dir = Path(out_dir)
     _refuse_a_file_in_the_way(out_dir)
     report = Report(config=dataclasses.asdict(config), workers=workers)
+    ids = UniqueIds()
     exact = ExactDeduplicator()
     near = NearDeduplicator(config.near_duplicate_threshold, config.minhash_permutations)
     pii_counts: Counter[str] = Counter()
@@ -298,6 +300,7 @@ def build_corpus(
     with staged_files(out_dir) as staged, progress, tempfile.TemporaryFile("w+", encoding="utf-8") as kept:
         task = progress.add_task("build", total=None, kept=0, mib=0.0)
         for doc in analysed_documents(itertools.chain.from_iterable(sources), config, workers):
+            doc = doc._replace(doc_id=ids.claim(doc.doc_id))  # after the analysis, which reads the file's suffix
             report.documents_in += 1
             report.bytes_in += doc.bytes_in
             counts = report.kinds.setdefault(doc.kind, {"in": 0, "kept": 0})

@@ -266,6 +266,36 @@ def test_report_examples_of_duplicates_name_the_kept_document_they_duplicate(tmp
     assert "copy of 3 (prose/und) of prose3" in console.export_text()
 
 
+def test_same_named_files_of_two_inputs_get_distinct_ids_and_others_keep_theirs(tmp_path: Path) -> None:
+    """`data build a/ b/` with a notes.txt in each wrote two rows with id notes.txt, and a duplicate's `of` named
+    either; a later namesake is now `notes.txt#2`, the ids of a build without namesakes are as they were."""
+    for folder, seeds in (("a", {"notes.txt": 0, "guide.txt": 1}), ("b", {"notes.txt": 2, "zcopy.txt": 2})):
+        (tmp_path / folder).mkdir()
+        for name, seed in seeds.items():
+            (tmp_path / folder / name).write_text(prose(seed) + "\nThe end.", encoding="utf-8")
+    for rows_file in ("a", "b"):
+        (tmp_path / f"{rows_file}.jsonl").mkdir()
+        (tmp_path / f"{rows_file}.jsonl" / "data.jsonl").write_text(
+            json.dumps({"text": prose(10 + ord(rows_file)) + "\nThe end."}) + "\n", encoding="utf-8"
+        )
+    inputs = ["a", "b", "a.jsonl/data.jsonl", "b.jsonl/data.jsonl"]
+    config = CleaningConfig(val_fraction=0)
+    report = build_corpus([open_source(tmp_path / i) for i in inputs], tmp_path / "out", config, show_progress=False)
+    rows = read_rows(tmp_path / "out")["train"]
+    assert [(row["id"], row["source"]) for row in rows] == [
+        ("guide.txt", "a"),
+        ("notes.txt", "a"),
+        ("notes.txt#2", "b"),
+        ("data.jsonl:1", "data.jsonl"),
+        ("data.jsonl:1#2", "data.jsonl"),
+    ]
+    duplicates = report.examples["exact_duplicate"]
+    assert [(example["id"], example["of"]) for example in duplicates] == [("zcopy.txt", "notes.txt#2")]
+    alone = build_corpus([open_source(tmp_path / "a")], tmp_path / "alone", config, show_progress=False)
+    assert alone.documents_kept == 2
+    assert [row["id"] for row in read_rows(tmp_path / "alone")["train"]] == ["guide.txt", "notes.txt"]
+
+
 def test_report_snippets_of_removed_documents_hold_no_pii(tmp_path: Path) -> None:
     secrets = "Mail carol@example.com, api_key = 'Zx81mQ0pLk77aa11bb22'"
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]
