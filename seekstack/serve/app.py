@@ -249,12 +249,16 @@ class Server:
             await self.close_bill(bill, error.status if isinstance(error, APIError) else 500, charge, 0)
             raise
         bill.prompt_tokens = prompt_tokens
+        usage = ChoicesUsage(len(requests), candidates(body))
 
         async def finish(status: int) -> None:
             """Free the request's engine slots, bill it, settle its rate-limit charge (no-ops when done before). A
             prompt none of whose choices the engine had started (a client that left while it was queued) is not
-            billed."""
-            unstarted = await group.close()
+            billed; the tokens generated before the abort that nobody read are."""
+            closed = await group.close()
+            for index, output in closed.unread:
+                usage.count(index, output, bill)
+            unstarted = closed.unstarted
             if unstarted:
                 per_prompt = candidates(body)
                 bill.prompt_tokens = sum(
@@ -268,11 +272,11 @@ class Server:
 
         if body.stream:
             await asyncio.to_thread(bill.open)
-            events = self.stream(body, group, bill, categories)
+            events = self.stream(body, group, bill, usage, categories)
             return EventStream(events, on_close=finish)
         status = CLIENT_CLOSED
         try:
-            response = await _unless_client_leaves(request, self.complete(body, group, bill, categories))
+            response = await _unless_client_leaves(request, self.complete(body, group, bill, usage, categories))
             status = 200
             return response
         except ClientLeft:
@@ -329,14 +333,16 @@ class Server:
                 headers={"Retry-After": str(error.retry_after_s)},
             ) from None  # fmt: skip
 
-    async def complete(self, body, group: RequestGroup, bill: Bill, categories: list[Category]) -> JSONResponse:
-        """Gather every choice and answer in one JSON body; `bill` counts the tokens as they come; the content
+    async def complete(
+        self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category]
+    ) -> JSONResponse:
+        """Gather every choice and answer in one JSON body; `bill` counts the tokens as they come (`usage`); the content
         policy reads each choice as it is generated, as in `stream` (a choice it blocks stops there, billed for the
         tokens it had, and ends with finish_reason "content_filter")."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         texts, logprobs, shown_logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
-        finish_reasons, usage = [None] * n, ChoicesUsage(n, candidates(body))
+        finish_reasons = [None] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         async for index, output in group:
             usage.count(index, output, bill)
@@ -381,13 +387,15 @@ class Server:
             )
         return JSONResponse(response.model_dump())
 
-    async def stream(self, body, group: RequestGroup, bill: Bill, categories: list[Category]) -> AsyncIterator[str]:
+    async def stream(
+        self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category]
+    ) -> AsyncIterator[str]:
         """SSE chunks as the engine produces tokens, through the content policy (a choice it blocks ends with
         finish_reason "content_filter"); usage chunk if asked; billed before `data: [DONE]`."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         response_id, created = _response_id(is_chat), int(time.time())
-        usage, text_offsets = ChoicesUsage(n, candidates(body)), [0] * n
+        text_offsets = [0] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         try:
             if is_chat:

@@ -56,6 +56,14 @@ class _Timing:
 
 
 @dataclass
+class Closed:
+    """What closing a request group found: choices the engine had not started, and outputs delivered but unread."""
+
+    unstarted: set[int] = field(default_factory=set)  # choice indices
+    unread: list[tuple[int, RequestOutput]] = field(default_factory=list)  # (choice index, output), in order
+
+
+@dataclass
 class RequestGroup:
     """The engine requests of one API call (one per choice) and the queue their outputs arrive on."""
 
@@ -79,19 +87,31 @@ class RequestGroup:
                 self.unfinished.discard(index)
             yield index, output
 
-    async def close(self) -> set[int]:
+    async def close(self) -> Closed:
         """Abort the choices still running (a client that left): their cache blocks are freed before the next step.
-        Returns the choices the engine had not started (still queued: their prompts were never computed)."""
+        Returns the choices the engine had not started (still queued: their prompts were never computed) and the
+        outputs the aborted choices had delivered that nobody read (their tokens were generated all the same)."""
         running, self.unfinished = sorted(self.unfinished), set()
         if not running:
-            return set()
+            return Closed()
         report = asyncio.get_running_loop().create_future()
         self.bridge.abort([self.request_ids[index] for index in running], report)
         try:
             started = await asyncio.wait_for(report, ABORT_REPORT_S)
         except TimeoutError:  # the engine thread is gone or stuck: count them as started
-            return set()
-        return {index for index, began in zip(running, started, strict=True) if not began}
+            return Closed(unread=self._unread())
+        unstarted = {index for index, began in zip(running, started, strict=True) if not began}
+        return Closed(unstarted, self._unread())
+
+    def _unread(self) -> list[tuple[int, RequestOutput]]:
+        """The outputs waiting in the queue. Once the engine thread has reported an abort, every output it routed
+        before is here: its deliveries and its report reach the event loop in the order it made them."""
+        waiting = []
+        while not self.queue.empty():
+            index, output = self.queue.get_nowait()
+            if not isinstance(output, BaseException) and output.error is None:
+                waiting.append((index, output))
+        return waiting
 
     def stop(self, index: int) -> None:
         """Abort one choice (the content policy ended it); the others go on."""

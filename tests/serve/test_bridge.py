@@ -1,5 +1,6 @@
 """The engine bridge: a request group closed by a client that left says which of its choices the engine had not
-started yet, so a request that never left the queue is not billed for its prompt."""
+started yet, so a request that never left the queue is not billed for its prompt, and hands over the outputs
+generated before the abort that nobody read, so their tokens are billed."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ def test_closing_a_group_names_the_choices_still_queued(tmp_path):
         running = await bridge.submit([[5, 6, 7]], [long])
         await anext(aiter(running))  # its first token: it runs, and holds the only slot
         queued = await bridge.submit([[8, 9], [8, 9]], [long, long])  # two choices waiting behind it
-        left_queued = await queued.close()
-        left_running = await running.close()
-        return left_queued, left_running, await running.close()
+        left_queued = (await queued.close()).unstarted
+        left_running = (await running.close()).unstarted
+        return left_queued, left_running, (await running.close()).unstarted
 
     bridge.start()
     try:
@@ -32,3 +33,27 @@ def test_closing_a_group_names_the_choices_still_queued(tmp_path):
     assert left_queued == {0, 1}  # never started: their prompt was never computed
     assert left_running == set() and closed_twice == set()
     assert not engine.has_unfinished()
+
+
+def test_closing_a_group_hands_over_the_outputs_generated_before_the_abort_that_nobody_read(tmp_path):
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+
+    async def scenario() -> tuple[int, list[tuple[int, int]]]:
+        group = await bridge.submit([[5, 6, 7], [5, 6, 7]], [long, long])
+        await anext(aiter(group))  # one output read; then the reader stops, as a client that hangs up
+        while group.queue.qsize() < 10:
+            await asyncio.sleep(0.01)
+        closed = await group.close()
+        return closed, [(index, output.completion_tokens) for index, output in closed.unread]
+
+    bridge.start()
+    try:
+        closed, unread = asyncio.run(scenario())
+    finally:
+        bridge.stop()
+    generated = bridge.metrics.registry.get_sample_value("seekstack:generation_tokens_total", {"model_name": "micro"})
+    assert closed.unstarted == set() and len(unread) >= 9  # was: dropped with the group's queue
+    last = {index: tokens for index, tokens in unread}  # each output carries its choice's tokens so far
+    assert sorted(last) == [0, 1] and sum(last.values()) == generated

@@ -248,6 +248,46 @@ def test_a_requests_usage_row_is_written_before_its_rate_limit_charge_is_settled
     assert answer.status_code == 200 and rows_when_settling == [[200]]  # was: [[]], settled first
 
 
+def test_a_client_that_hangs_up_is_billed_every_token_generated_for_it_also_those_it_never_read(engine, tmp_path):
+    """A stream whose client stops reading (its send blocks) and then hangs up: the tokens the engine generated for
+    it meanwhile waited unread in its queue; the ledger and the rate-limit charge count them as the metrics do."""
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("leaver", tpm=100_000)
+    app = create_app(engine, database)
+    body = {**COMPLETION, "max_tokens": 200, "n": 2, "stream": True}
+    headers = [(b"content-type", b"application/json"), (b"authorization", f"Bearer {key}".encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http", "root_path": "",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000)}  # fmt: skip
+    metrics = app.state.server.metrics
+
+    def generated() -> float:
+        return metrics.registry.get_sample_value("seekstack:generation_tokens_total", {"model_name": "model"})
+
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        while generated() < 20:  # the engine goes on while the client reads nothing
+            await asyncio.sleep(0.01)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message.get("body"):  # the first event: the client reads no more
+            await asyncio.Event().wait()
+
+    app.state.server.bridge.start()
+    try:
+        asyncio.run(app(scope, receive, send))
+    finally:
+        app.state.server.bridge.stop()
+    [row] = Ledger(database).records("leaver")
+    assert row["status"] == 499 and row["completion_tokens"] == generated() >= 20  # was: the 2 tokens read
+    [charge] = database.query("SELECT tokens FROM rate_charges")
+    assert charge["tokens"] == row["prompt_tokens"] + row["completion_tokens"]
+
+
 def pro_payer(tmp_path):
     """A database whose key `payer` (returned) is on plan `pro`: 1 and 3 per 1k prompt and completion tokens."""
     database = open_database(tmp_path / "db")
