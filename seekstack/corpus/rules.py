@@ -59,6 +59,18 @@ TERMINAL_PUNCTUATION = tuple(
 )
 
 
+# What may follow a sentence's end on its line without leaving the sentence open: closing parentheses (`(It rained.)`
+# ends a paragraph line; a short line ending in `)` is judged no sentence but code, `looks_like_code`), fullwidth
+# `）】》`, citation marks (`[12]`, `[3, 4]`, C4's `[edit]` and `[citation needed]`; `(Smith, 2020)`), footnote
+# superscripts (`¹`), emoji (`Done! 🎉`); not `]` or `}` (`#[link(name = "m")]` ends no sentence); read in the
+# line's last `SENTENCE_END_TAIL_CHARS` characters.
+_AFTER_SENTENCE_END = re.compile(
+    r"(?:\s|[)\uff09\uff3d\u3011\u3015\u3009\u300b]|\[(?:\d+(?:[,\u2013-]\s*\d+)*|edit|citation needed)\]"
+    r"|\([^()]*\b\d{4}[a-z]?\)|[\u00b9\u00b2\u00b3\u2070-\u2079]|[\u2600-\u27bf\U0001f000-\U0001faff\ufe0f\u200d])+\Z"
+)
+SENTENCE_END_TAIL_CHARS = 80  # bounds the regex's work on a long line (a paragraph is one line)
+
+
 @dataclass
 class KindRules:
     """Thresholds of the quality rules for one kind of text; None turns a rule off. Defaults: code."""
@@ -303,8 +315,15 @@ def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float | None:
     sentence; None (not judged) for Thai or Lao text, which ends sentences with no mark."""
     if ends_sentences_without_marks(stats.text):
         return None
-    ended = sum(1 for line in stats.prose_lines if line.rstrip().endswith(TERMINAL_PUNCTUATION))
+    ended = sum(1 for line in stats.prose_lines if ends_sentence(line))
     return ended / max(1, len(stats.prose_lines))
+
+
+def ends_sentence(line: str) -> bool:
+    """Whether the line ends a sentence: its last mark is one of `TERMINAL_PUNCTUATION`, after which only closing
+    brackets, citation or footnote marks and emoji may come (`...in 1850.[3]`, `(It rained.)`, `Done! 🎉`)."""
+    tail = line.rstrip()[-SENTENCE_END_TAIL_CHARS:]
+    return _AFTER_SENTENCE_END.sub("", tail).endswith(TERMINAL_PUNCTUATION)
 
 
 @dataclass(frozen=True)

@@ -244,6 +244,35 @@ def test_a_sentence_ended_inside_its_languages_closing_quote_is_a_terminal_line(
     assert not fails("terminal_line_fraction", "\n".join([sentence] * 4), ProseRules())
 
 
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "The town was founded in 1850 by the merchants of the river valley.[12]",  # Wikipedia's citation marks
+        "The town was founded in 1850 by the merchants of the river valley. [3, 4]",
+        "The claim remains disputed among the historians of the region.[citation needed]",
+        "The survey drew more replies than any before it, from every county of the state and from readers abroad, "
+        "and its authors thank them all. (The results are published next month.)",  # a paragraph: too long for code
+        "Rainfall rose again through the decade across the whole of the northern plains and the river basins to "
+        "their south, as the station records show. (Smith and Jones, 2020)",
+        "The river floods every spring, as the old parish records show.\u00b2",  # a footnote mark
+        "We finally finished the whole garden this afternoon! \U0001f389",  # an emoji after the sentence
+        "Thanks so much for coming to the party, everyone. \U0001f44d\U0001f3fd",  # with a skin tone
+        "我们今天终于完成了这个花园的全部工作。\U0001f600",
+    ],
+)
+def test_a_sentence_end_followed_by_a_citation_bracket_footnote_or_emoji_is_a_terminal_line(sentence: str) -> None:
+    """Such lines counted as unended: a Wikipedia article, every paragraph closed by `[n]`, was removed as junk
+    (C4 drops the citation marks before it looks at a line's end)."""
+    assert not fails("terminal_line_fraction", "\n".join([sentence] * 4), ProseRules())
+
+
+def test_a_citation_or_emoji_after_no_sentence_end_leaves_the_line_unended() -> None:
+    menu = ["Home page [1]", "Latest news \U0001f389", "Contact us [edit]", "Sign in \u00b9", "About us (2020)"]
+    assert fails("terminal_line_fraction", "\n".join(menu * 4), ProseRules())
+    attributes = ['#[cfg(target_family = "unix")]', '#[link(name = "m")]', "外部函数接口"]
+    assert fails("terminal_line_fraction", "\n".join(attributes * 4), ProseRules())
+
+
 def test_data_table_module_is_removed() -> None:
     assert failed_rule(normalise((STDLIB / "stringprep.py").read_text(encoding="utf-8")), CodeRules()) is not None
 
