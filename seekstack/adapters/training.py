@@ -169,8 +169,17 @@ def lora_train_config(
         with lora_keys():
             adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
         train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
-        train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))  # keys checked first
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
+    require(
+        not (train_config.compile and (adapter.feed_forward or adapter.experts)),
+        "compile",
+        "false when lora.feed_forward or lora.experts are adapted: peft re-parametrizes those weights in every "
+        "forward, which torch.compile recompiles layer by layer until it gives up and runs eager, slower than "
+        "compile=false; "
+        "set compile=false, or lora.feed_forward=[] lora.experts=[] to compile an attention-only adapter",
+    )
+    if not resume:  # keys checked first
+        train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))
     return train_config, adapter
 
 

@@ -180,6 +180,19 @@ def test_a_lora_layer_the_base_lacks_is_named_with_its_prefix_before_the_run_is_
     assert not (tmp_path / "adapter" / "lora_config.json").exists()
 
 
+def test_compile_with_peft_parameter_targets_is_refused_before_the_run_is_written(base, tmp_path):
+    """peft's parameter targets (feed_forward, experts) re-parametrize their weights in every forward: compile=true
+    recompiled each layer until dynamo's limit sent it back to eager, minutes slower than compile=false."""
+    text = tmp_path / "prose.txt"
+    text.write_text("A few words of prose to adapt to. " * 200)
+    with pytest.raises(ConfigError, match=r"field 'compile' must be false when lora.feed_forward or lora.experts are "
+                       r"adapted: .*; set compile=false, or lora.feed_forward=\[\] lora.experts=\[\]"):  # fmt: skip
+        lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, "compile=true"])
+    assert not (tmp_path / "adapter").exists()
+    attention_only = ["compile=true", "lora.feed_forward=[]", "lora.experts=[]"]
+    assert lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, *attention_only])[0].compile
+
+
 def test_tokenizing_an_empty_corpus_is_refused_naming_it(base, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
