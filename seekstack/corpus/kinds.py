@@ -43,7 +43,10 @@ CJK_CHAR = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]")
 _KANA_CHAR = re.compile(f"[{_KANA}]")
 _HANGUL_CHAR = re.compile(f"[{_HANGUL}]")
 # Thai, Lao, Myanmar, Khmer: scripts that put no spaces between words (only between phrases or sentences)
-_UNSPACED_CHAR = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u19e0-\u19ff]")
+_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u19e0-\u19ff"
+_UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
+# Every script written without spaces between words, as ranges for a character class: CJK and the four above
+UNSPACED_SCRIPT_RANGES = f"{_HAN}{_KANA}{_HANGUL}{_UNSPACED}"
 # Thai and Lao: of those, the ones that end a sentence with no mark either (a space or a line break ends it)
 _UNMARKED_SENTENCE_CHAR = re.compile("[\u0e00-\u0eff]")
 _CJK_WORD = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]|[^\\s{_HAN}{_KANA}{_HANGUL}]+")

@@ -22,20 +22,33 @@ import ipaddress
 import re
 from collections import Counter
 
+from seekstack.corpus.kinds import UNSPACED_SCRIPT_RANGES
+
 EMAIL = "<EMAIL>"
 IP = "<IP>"
 SECRET = "<SECRET>"
 
-# Not before "(": `weights@inputs.mean()` is a matrix product and a method call, not an address.
-# ASCII boundaries, not \w's: Chinese or Japanese text writes an address with no space beside it (请联系a@b.cn谢谢).
 # Not ending in a file suffix that is no top-level domain: `logo@2x.png`, `react-dom@18.2.0.js` are file names.
 _FILE_SUFFIX = (
     r"(?:png|jpe?g|gif|webp|svg|bmp|ico|avif|tiff?|css|s[ac]ss|[cm]?js|json|html?|php|txt|pdf|woff2?|ttf|otf)"
 )
-_EMAIL = re.compile(
-    r"(?<![A-Za-z0-9_.%+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+"
-    rf"(?!(?i:{_FILE_SUFFIX})(?![A-Za-z0-9_(-]))[A-Za-z]{{2,}}(?![A-Za-z0-9_(-])"
-)
+
+
+def _email_pattern(excluded: str) -> re.Pattern[str]:
+    """E-mail addresses whose local part and domain hold letters and digits of any script (RFC 6531: `josé@café.fr`,
+    `δοκιμή@παράδειγμα.δοκιμή`) but those of the `excluded` ranges, and whose top-level domain is ASCII or all
+    other letters (`wraps装饰` in `用@functools.wraps装饰` is none); not before "(": `weights@inputs.mean()` is a
+    matrix product and a method call, not an address."""
+    word, alnum, other_letter = (rf"[^\W{chars}{excluded}]" for chars in ("", "_", "\\d_A-Za-z"))
+    return re.compile(
+        rf"(?<!{word})(?<![.%+-]){alnum}(?:{word}|[.%+-])*@(?:(?:{alnum}|-)+\.)+"
+        rf"(?!(?i:{_FILE_SUFFIX})(?!{word}|[(-]))(?:[A-Za-z]{{2,}}|{other_letter}{{2,}})(?!{word}|[(-])"
+    )
+
+
+# First without the scripts written without spaces, whose text writes an address with no space beside it
+# (请联系a@b.cn谢谢: the address is a@b.cn); then of any script (用户@例子.广告), taking the whole unspaced run then.
+_EMAILS = (_email_pattern(UNSPACED_SCRIPT_RANGES), _email_pattern(""))
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\w|/\d)")  # a network prefix (`/24`) is not a host
 _IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|:)?(?![\w:]|/\d)")
@@ -123,7 +136,9 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         text, found = pattern.subn(replacement, text)
         counts["secret"] += found
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
-    text, counts["email"] = _EMAIL.subn(EMAIL, text)
+    for pattern in _EMAILS:
+        text, found = pattern.subn(EMAIL, text)
+        counts["email"] += found
     text = _IPV4.sub(replace_ip, text)
     text = _IPV6_CANDIDATE.sub(replace_ip, text)
     return text, +counts

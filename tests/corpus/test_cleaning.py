@@ -815,6 +815,31 @@ def test_build_that_fails_midway_keeps_the_previous_corpus_and_leaves_no_tempora
     assert sorted(before) == ["report.json", "train.jsonl", "val.jsonl"]
 
 
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("write to josé.garcía@ejemplo.es today", "write to <EMAIL> today"),  # left `josé.garcí<EMAIL>`
+        ("Ünsal@firma.com.tr", "<EMAIL>"),  # left `Ü<EMAIL>`
+        ("mail müller@bücher.de now", "mail <EMAIL> now"),
+        ("x δοκιμή@παράδειγμα.δοκιμή y", "x <EMAIL> y"),
+        ("пишите иван@пример.рф", "пишите <EMAIL>"),
+        ("邮箱：用户@例子.广告。", "邮箱：<EMAIL>。"),
+        ("contact 用户@example.com", "contact <EMAIL>"),
+        ("请联系zhang.san@company.com获取资料", "请联系<EMAIL>获取资料"),
+        ("ติดต่อsomchai@example.co.thครับ", "ติดต่อ<EMAIL>ครับ"),
+    ],
+)
+def test_an_email_address_with_letters_of_any_script_is_replaced_whole(text: str, scrubbed: str) -> None:
+    """RFC 6531 addresses: a non-ASCII local part was kept, or cut at its last non-ASCII letter with the name before
+    it left in the text."""
+    assert scrub_pii(text) == (scrubbed, {"email": 1})
+
+
+def test_a_decorator_or_retina_image_beside_chinese_or_accented_words_is_no_email_address() -> None:
+    for text in ("我们使用@functools.wraps装饰器", "见 café@2x.png 图片", "résumé@media.print()"):
+        assert scrub_pii(text) == (text, {})
+
+
 def test_an_email_written_between_chinese_or_japanese_characters_is_scrubbed():
     for text in ("请联系zhang.san@company.com获取资料", "メールはtaro@example.jpまで"):
         scrubbed, counts = scrub_pii(text)
