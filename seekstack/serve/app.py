@@ -608,8 +608,10 @@ def create_app(
     @app.get("/health", **health_answers)
     @app.head("/health", **health_answers)  # what uptime checks and load balancers probe with: an operation of its own
     async def health() -> JSONResponse:
-        healthy = server.bridge.alive
-        body = Health(status="ok" if healthy else "engine stopped", auth=server.keys.any_keys())
+        # Database reads, here and below, run off the event loop: one waiting for a database that another connection
+        # holds (another server's write, `seekstack keys`) would stop every stream with it.
+        healthy, auth = server.bridge.alive, await asyncio.to_thread(server.keys.any_keys)
+        body = Health(status="ok" if healthy else "engine stopped", auth=auth)
         return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
@@ -618,11 +620,11 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 403, 500))
     async def models(request: Request) -> JSONResponse:
-        return JSONResponse(server.models(server.authenticate(request)).model_dump())
+        return JSONResponse(server.models(await asyncio.to_thread(server.authenticate, request)).model_dump())
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 403, 404, 500))
     async def model(model_id: str, request: Request) -> JSONResponse:
-        return JSONResponse(server.model(model_id, server.authenticate(request)).model_dump())
+        return JSONResponse(server.model(model_id, await asyncio.to_thread(server.authenticate, request)).model_dump())
 
     generation_errors = (400, 401, 403, 404, 413, 415, 429, 500)
 
@@ -663,7 +665,7 @@ def create_app(
         ] = None,
     ) -> JSONResponse:
         """Requests, tokens and cost per key and UTC day (admin keys only)."""
-        return JSONResponse(server.usage_report(request, key, since).model_dump())
+        return JSONResponse((await asyncio.to_thread(server.usage_report, request, key, since)).model_dump())
 
     add_adapter_routes(app, server)  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     return app

@@ -135,6 +135,39 @@ def test_tokenizing_a_prompt_does_not_hold_up_other_requests(engine, tmp_path):
     assert waited < 0.5, f"/health waited {waited:.2f} s behind the tokenizer"
 
 
+@pytest.mark.parametrize("route", ["/health", "/v1/models", "/v1/models/model", "/v1/admin/usage"])
+def test_a_route_whose_database_read_waits_does_not_stop_the_event_loop(engine, tmp_path, route):
+    """While a route's database read waits half a second (as it waits behind this server's writer that waits for
+    another connection holding the database), the event loop goes on serving every other request."""
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("ops", admin=True)
+    app = create_app(engine, database)
+    real_query = database.query
+
+    def held_query(sql, parameters=()):
+        time.sleep(0.5)
+        return real_query(sql, parameters)
+
+    async def scenario(client):
+        ticks = 0
+
+        async def ticker():  # what every other request on the event loop needs: turns
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        beside = asyncio.create_task(ticker())
+        database.query = held_query
+        response = await client.get(route, headers={"Authorization": f"Bearer {key}"})
+        beside.cancel()
+        return response, ticks
+
+    response, ticks = run(app, scenario)
+    assert response.status_code == 200, response.text
+    assert ticks >= 20, f"the event loop turned {ticks} times while {route} read the database"  # was: 0-1
+
+
 def naive_release(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """What may be shown of `text` (the whole text so far): up to the first stop string, else all but a tail that
     could begin one."""
