@@ -95,6 +95,14 @@ PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a termina
 PEAK_PROBES = 3  # matmul probes a CPU run makes again when a step's MFU beats the peak (each ~0.1 s of 2 cores)
 
 
+def eta_text(seconds: float) -> str:
+    """The time left as HH:MM:SS, led by its whole days from one day on (`2d 03:04:05`): a clock time wraps at 24 h."""
+    days, left = divmod(int(seconds), 86_400)
+    hours, left = divmod(left, 3600)
+    clock = f"{hours:02d}:{left // 60:02d}:{left % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 class ModelHooks(Protocol):
     """How a run trains something made from the model rather than the model itself (LoRA adapters,
     seekstack.adapters): the module it trains, what its checkpoints hold, how a resume restores it."""
@@ -868,7 +876,7 @@ class _Run:
         line = (
             f"step {self.step}/{self.config.max_steps}  {loss}  "
             f"{metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}  "
-            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_seconds))}"
+            f"ETA {eta_text(eta_seconds)}"
         )
         if self.threads.watches and metrics["threads"] < self.threads.most:
             line += f"  {metrics['threads']} of {self.threads.most} threads (other processes busy)"

@@ -29,7 +29,7 @@ from seekstack.train.schedule import (
     training_progress,
 )
 from seekstack.train.state import read_train_state
-from seekstack.train.trainer import TrainingDiverged, build_model, build_optimizer, train
+from seekstack.train.trainer import TrainingDiverged, build_model, build_optimizer, eta_text, train
 
 VOCAB = 96
 MICRO_MODEL = dict(
@@ -582,6 +582,13 @@ def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_pat
     train(run_config(data_dir, tmp_path / "given", max_steps=1, eval_every=0, save_every=0, peak_flops=1e15))
     (given,) = [m for m in read_metrics(tmp_path / "given") if "loss" in m]
     assert given["mfu"] == pytest.approx(given["tokens_per_s"] * flops_per_token / 1e15)
+
+
+def test_the_eta_of_a_run_longer_than_a_day_counts_its_days_instead_of_wrapping_at_24_hours():
+    assert eta_text(0.9) == "00:00:00"
+    assert eta_text(23 * 3600 + 59 * 60 + 59) == "23:59:59"
+    assert eta_text(86_400 + 2 * 3600 + 3 * 60 + 4) == "1d 02:03:04"  # a clock time read 02:03:04
+    assert eta_text(11 * 86_400 + 3600) == "11d 01:00:00"
 
 
 def test_a_peak_probed_on_a_busy_machine_is_probed_again_when_a_step_beats_it(data_dir, tmp_path, monkeypatch):
