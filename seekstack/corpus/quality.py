@@ -22,6 +22,7 @@ import numpy as np
 
 from seekstack.atomic import staged_files, write_atomic
 from seekstack.corpus.kinds import words
+from seekstack.corpus.sources import read_jsonl_rows
 from seekstack.schema import ConfigError
 
 DEFAULT_BUCKETS = 2**20
@@ -138,7 +139,8 @@ def select_corpus(
             f"{held_out}: no such file; `data build` writes it beside train.jsonl (empty with --val-fraction 0): "
             "build the corpus with it, or add an empty val.jsonl to hold no document out (nothing was written)"
         )
-    scores = [model.score(json.loads(line)["text"]) for line in train.open(encoding="utf-8")]
+    held_out_scores = [model.score(text) for _, text in read_jsonl_rows(held_out)]  # a bad row named before the rest
+    scores = [model.score(text) for _, text in read_jsonl_rows(train)]
     if top_fraction is None:
         kept = {number for number, score in enumerate(scores) if score >= threshold}
     else:
@@ -147,14 +149,13 @@ def select_corpus(
     selected = 0
     with staged_files(out_dir) as staged:
         with open(staged.path("train.jsonl"), "w", encoding="utf-8") as out:
-            for number, (line, score) in enumerate(zip(train.open(encoding="utf-8"), scores, strict=True)):
+            for number, ((row, _), score) in enumerate(zip(read_jsonl_rows(train), scores, strict=True)):
                 if number in kept:
-                    out.write(json.dumps({**json.loads(line), "quality": round(score, 6)}, ensure_ascii=False) + "\n")
+                    out.write(json.dumps({**row, "quality": round(score, 6)}, ensure_ascii=False) + "\n")
                     selected += 1
         with open(staged.path("val.jsonl"), "w", encoding="utf-8") as out:
-            for line in held_out.open(encoding="utf-8"):
-                row = json.loads(line)
-                out.write(json.dumps({**row, "quality": round(model.score(row["text"]), 6)}, ensure_ascii=False) + "\n")
+            for (row, _), score in zip(read_jsonl_rows(held_out), held_out_scores, strict=True):
+                out.write(json.dumps({**row, "quality": round(score, 6)}, ensure_ascii=False) + "\n")
         summary = {
             "documents": len(scores),
             "selected": selected,

@@ -242,19 +242,38 @@ def _documents_from_values(
     (for errors), text in `field`; a null text is skipped, and counted under the file's name in `null_texts`."""
     for number, where, value in values:
         record = _json_object(value, where, field)
-        if field not in record:
-            raise MissingTextField(where, field, list(record))
-        text = record[field]
+        text = _text_field(record, where, field)
         if text is None:  # no text (a null in a dataset export): skipped, as a Parquet row's null is
             if null_texts is not None:
                 null_texts[_as_text(path.name)] += 1
             continue
-        if not isinstance(text, str):
-            raise DataSourceError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
         doc_id = str(record.get(id_field, "")) if id_field else ""
         # JSON may escape half a character ("\ud83d", an emoji cut by a scraper): U+FFFD, as a text file's bad bytes
         name = _as_text(path.name)
         yield Document(doc_id or f"{name}:{number}", LONE_SURROGATE.sub("\ufffd", text), name)
+
+
+def read_jsonl_rows(path: str | Path, field: str = "text") -> Iterator[tuple[dict[str, Any], str]]:
+    """Each row of a JSON Lines file whole, with its text (`field`), for a command that writes the rows again with
+    more fields (`data select`); blank lines are skipped, and a row without a text is an error naming file:line."""
+    path = Path(path)
+    for _, where, value in _jsonl_values(path):
+        record = _json_object(value, where, field)
+        text = _text_field(record, where, field)
+        if text is None:
+            raise DataSourceError(f"{where}: field {field!r} is null, not a string")
+        yield record, LONE_SURROGATE.sub("\ufffd", text)
+
+
+def _text_field(record: dict[str, Any], where: str, field: str) -> str | None:
+    """The text of a JSON object at `where`, in `field`: a string, or None for a null; an error naming it when the
+    field is missing or holds another value."""
+    if field not in record:
+        raise MissingTextField(where, field, list(record))
+    text = record[field]
+    if text is not None and not isinstance(text, str):
+        raise DataSourceError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
+    return text
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:

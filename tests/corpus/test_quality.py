@@ -118,6 +118,37 @@ def test_select_refuses_a_corpus_without_val_jsonl_before_scoring_and_writes_no_
     assert scored == [] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("{broken", r"not valid JSON"),
+        ('{"id": "x"}', r"no field 'text', only 'id'"),
+        ('{"id": "x", "text": null}', r"field 'text' is null, not a string"),
+    ],
+)
+def test_select_names_the_file_and_line_of_a_bad_corpus_row_before_writing(
+    model: QualityModel, tmp_path: Path, split: str, line: str, says: str
+) -> None:
+    """A bad row stopped select with json's message naming no file (`Expecting value: line 1 column 2`) or a
+    KeyError traceback, a bad val.jsonl row only once all of train was scored."""
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:43])
+    with open(corpus / f"{split}.jsonl", "a", encoding="utf-8") as rows:
+        rows.write(line + "\n")
+    lines = 4 if split == "train" else 2
+    with pytest.raises(ValueError, match=rf"corpus/{split}\.jsonl:{lines}: {says}"):
+        select_corpus(model, corpus, tmp_path / "sel", top_fraction=0.5)
+    assert not (tmp_path / "sel").exists()
+
+
+def test_select_skips_blank_lines_as_the_other_corpus_readers_do(model: QualityModel, tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:44])
+    with open(corpus / "train.jsonl", "a", encoding="utf-8") as rows:
+        rows.write("\n")
+    summary = select_corpus(model, corpus, tmp_path / "sel", top_fraction=0.5)
+    assert summary["documents"] == 4 and summary["selected"] == 2
+
+
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
