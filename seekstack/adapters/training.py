@@ -10,6 +10,8 @@ DATA is token shards, text or chat conversations (seekstack.adapters.data).
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -181,6 +183,32 @@ def lora_train_config(
     if not resume:  # keys checked first
         train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))
     return train_config, adapter
+
+
+@contextmanager
+def undone_if_refused(out: str | Path) -> Iterator[None]:
+    """What a new run writes into `out` before its training starts (the tokenized text in data/, lora_config.json,
+    `out` itself and the parents it made) is removed when the run is refused or interrupted before then, so that
+    `out` is left as it was; once the trainer has passed its checks and written train_config.json, all of it stays."""
+    out = Path(out).absolute()
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
+    before = set(os.listdir(out)) if out.is_dir() else set()
+    started = out / TRAIN_CONFIG_FILE
+    stamp = started.stat().st_mtime_ns if started.exists() else None
+    try:
+        yield
+    except BaseException:
+        if (started.stat().st_mtime_ns if started.exists() else None) == stamp:
+            for name in sorted(set(os.listdir(out)) - before) if out.is_dir() else []:
+                path = out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            for folder in made:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
 
 
 def refuse_quantized_checkpoint(base: str | Path) -> None:

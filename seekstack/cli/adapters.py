@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from pathlib import Path
@@ -40,10 +41,10 @@ def train_command(
 ) -> None:
     """Train a LoRA adapter on a frozen base with the pretraining trainer; writes adapter_config.json and
     adapter_model.safetensors (peft's format) into --out."""
-    from seekstack.adapters.training import lora_train_config, train_adapter
+    from seekstack.adapters.training import lora_train_config, train_adapter, undone_if_refused
     from seekstack.train.trainer import TrainingDiverged
 
-    with user_errors():
+    with user_errors(), contextlib.nullcontext() if resume else undone_if_refused(out):
         (base, data), overrides = _paths_and_overrides([a for a in (base, data, *(overrides or [])) if a is not None])
         train_config, adapter = lora_train_config(base, data, out, overrides, resume, _warn)
         try:

@@ -37,13 +37,33 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_retried_into_the_same_
     (out / "notes.md").write_text("mine")
     code, output = lora_train(base, text, *QUICK_RUN, "seq_len=1024", "--out", out)  # beyond the base's 128 positions
     assert code == 1 and "seq_len" in output and "longer than the model's context" in output
-    assert (out / "lora_config.json").is_file() and not list_checkpoints(out)  # written, nothing trained
+    assert sorted(path.name for path in out.iterdir()) == ["notes.md"]  # was: data/ and lora_config.json left
     code, output = lora_train(base, text, *QUICK_RUN, "--out", out)
     assert code == 0, output
     assert [path.name for path in list_checkpoints(out)] == ["step_1"]
     assert (out / "notes.md").read_text() == "mine"
     code, output = lora_train(base, text, *QUICK_RUN, "--out", out)  # now it holds a run
     assert code == 1 and "holds a run (checkpoint step_1); continue it with --resume" in output
+
+
+@pytest.mark.parametrize(
+    ("refused", "named"),
+    [
+        ("seq_len=1024", "longer than the model's context"),  # by the trainer, once the text was tokenized
+        ("lora.layers=[9]", "field 'lora.layers' must be main layer numbers below"),  # by peft's targets on the base
+        ("lora.head_tokens=100000", "token rows (lora.head_tokens or lora.embedding_tokens) are more than"),
+    ],
+)
+def test_a_refused_run_leaves_its_out_folder_as_it_was(base, text, refused, named, tmp_path):
+    """A run refused after it had tokenized the text (or saved lora_config.json) left them in --out."""
+    new, used = tmp_path / "runs" / "new", tmp_path / "used"
+    used.mkdir()
+    (used / "notes.md").write_text("mine")
+    for out in (new, used):
+        code, output = lora_train(base, text, *QUICK_RUN, refused, "--out", out)
+        assert code == 1 and named in output, output
+    assert not (tmp_path / "runs").exists()
+    assert [(path.name, path.read_text()) for path in used.iterdir()] == [("notes.md", "mine")]
 
 
 def test_a_retry_on_other_text_keeps_no_validation_split_of_the_earlier_text(base, tmp_path):
