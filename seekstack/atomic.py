@@ -6,6 +6,7 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   staged_files(folder)          several files that appear together once all are complete (a corpus, token shards)
   atomic_directory(path)        a folder (a checkpoint), swapped in whole; the old one is deleted only afterwards
   refuse_to_replace(path, ...)  before one: a folder holding other files (a user's, a training state) is kept
+  refuse_a_file_in_the_way(folder, writes)  before staged files: a file where their folder would be, named first
   entries_besides(path, makes)  what a folder holds besides the files a command writes, listed for a message
 If a write raises, its temporary files are deleted and the target is left as it was; a write the storage refuses
 (a full disk, a file size limit, a read-only or failing disk) raises `WriteRefused`, which names the target.
@@ -147,6 +148,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         os.close(lock)
+
+
+def refuse_a_file_in_the_way(folder: str | os.PathLike, writes: str) -> None:
+    """NotADirectoryError, before a command's work, when `folder` or a folder above it is a file, where the command
+    would fail only once it came to write `writes` (the files it makes in `folder`, named in the message)."""
+    folder = Path(folder)
+    blocking = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        within = "" if blocking == folder else f" (on the way to {folder})"
+        raise NotADirectoryError(
+            f"{blocking}: is a file, not a folder{within}; choose another output folder for {writes} (nothing was "
+            "written)"
+        )
 
 
 def refuse_to_replace(

@@ -39,7 +39,7 @@ import numpy as np
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from seekstack.atomic import staged_files
+from seekstack.atomic import refuse_a_file_in_the_way, staged_files
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash, minhash_signature
 from seekstack.corpus.doc_ids import UniqueIds
 from seekstack.corpus.pii import scrub_pii
@@ -280,7 +280,7 @@ def build_corpus(
     config = config or CleaningConfig()
     sources = list(sources)  # read twice: their documents, then what they did not read
     out_dir = Path(out_dir)
-    _refuse_a_file_in_the_way(out_dir)
+    refuse_a_file_in_the_way(out_dir, "train.jsonl, val.jsonl and report.json")
     report = Report(config=dataclasses.asdict(config), workers=workers)
     ids = UniqueIds()
     exact = ExactDeduplicator()
@@ -368,17 +368,6 @@ def _check_enough_kept(report: Report, config: CleaningConfig) -> None:
         f"{config.profile}). Try --profile web|code|zh, or loosen those rules' thresholds with --config "
         f"(--write-config writes them); nothing was written{_not_read(report)}"
     )
-
-
-def _refuse_a_file_in_the_way(out_dir: Path) -> None:
-    """CorpusBuildError, before the cleaning, when `out_dir` or a folder above it is a file."""
-    blocking = next((path for path in (out_dir, *out_dir.parents) if path.exists() and not path.is_dir()), None)
-    if blocking is not None:
-        within = "" if blocking == out_dir else f" (on the way to {out_dir})"
-        raise CorpusBuildError(
-            f"{blocking}: is a file, not a folder{within}; choose another output folder for train.jsonl, val.jsonl "
-            "and report.json (nothing was written)"
-        )
 
 
 def _counts(counts: dict[str, int]) -> str:

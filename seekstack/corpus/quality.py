@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import zipfile
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seekstack.atomic import staged_files, write_atomic
+from seekstack.atomic import refuse_a_file_in_the_way, staged_files, write_atomic
 from seekstack.corpus.kinds import words
 from seekstack.corpus.sources import read_jsonl_rows
 from seekstack.schema import ConfigError
@@ -65,9 +66,15 @@ class QualityModel:
 
     @classmethod
     def load(cls, path: str | Path) -> QualityModel:
-        """Read a model written by `save`."""
-        with np.load(path) as saved:
-            return cls(saved["weights"], float(saved["bias"]), tuple(int(n) for n in saved["ngrams"]))
+        """Read a model written by `save`; a ValueError naming `path` for a file that holds none."""
+        try:
+            with np.load(path) as saved:
+                return cls(saved["weights"], float(saved["bias"]), tuple(int(n) for n in saved["ngrams"]))
+        except (ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(
+                f"{path}: not a quality model written by `seekstack data quality-train` ({type(error).__name__}: "
+                f"{error})"
+            ) from None
 
 
 def train_quality_model(
@@ -131,6 +138,7 @@ def select_corpus(
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     if out_dir.resolve() == corpus_dir.resolve():
         raise ValueError(f"{out_dir}: is the corpus folder; write the selection to another one (nothing was written)")
+    refuse_a_file_in_the_way(out_dir, "train.jsonl, val.jsonl and selection.json")
     train, held_out = corpus_dir / "train.jsonl", corpus_dir / "val.jsonl"
     if not train.is_file():
         raise FileNotFoundError(f"no corpus file at {train}: run `data build` first")

@@ -217,7 +217,7 @@ def test_an_output_folder_that_is_or_lies_under_a_file_is_refused_before_the_cle
         pytest.fail("the cleaning started")
         yield
 
-    with pytest.raises(CorpusBuildError, match=f"{tmp_path / 'taken.txt'}: is a file, not a folder"):
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'taken.txt'}: is a file, not a folder"):
         build_corpus([never_read()], tmp_path / out, show_progress=False)
     assert (tmp_path / "taken.txt").read_text() == "a user's file"
 

@@ -149,6 +149,31 @@ def test_select_skips_blank_lines_as_the_other_corpus_readers_do(model: QualityM
     assert summary["documents"] == 4 and summary["selected"] == 2
 
 
+@pytest.mark.parametrize("out", ["taken.txt", "taken.txt/sel"])
+def test_select_refuses_an_out_folder_that_is_or_lies_under_a_file_before_scoring(
+    model: QualityModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str
+) -> None:
+    """It scored every document, then failed with `[Errno 17] File exists: 'taken.txt'`."""
+    corpus = write_corpus(tmp_path / "corpus", CODE[40:43])
+    (tmp_path / "taken.txt").write_text("a user's file")
+    monkeypatch.setattr(QualityModel, "score", lambda self, text: pytest.fail("scoring started"))
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'taken.txt'}: is a file, not a folder"):
+        select_corpus(model, corpus, tmp_path / out, top_fraction=0.5)
+    assert (tmp_path / "taken.txt").read_text() == "a user's file"
+
+
+@pytest.mark.parametrize("content", [b"{not a model}", b"PK\x03\x04 cut short", None])
+def test_a_model_file_that_is_no_quality_model_is_named(tmp_path: Path, content: bytes | None) -> None:
+    """A JSONL file given as --model failed with numpy's 'This file contains pickled (object) data', naming none."""
+    path = tmp_path / "q.npz"
+    if content is None:
+        np.savez(path, something_else=np.zeros(3))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}: not a quality model written by `seekstack data quality-train`"):
+        QualityModel.load(path)
+
+
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
