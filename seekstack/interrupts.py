@@ -1,10 +1,12 @@
-"""Ctrl-C (SIGINT) held back around work that must run whole.
+"""Ctrl-C (SIGINT) held back around work that must run whole, and SIGTERM taken as Ctrl-C.
 
   sigint_handled_by(handler)  SIGINT goes to `handler` meanwhile (signal.SIG_IGN to ignore it)
   sigint_noted()              SIGINT only noted in a list meanwhile, for the caller to act on where it chooses
   interrupts_deferred()       Ctrl-C inside the block interrupts at its end, so the block runs whole
+  sigterm_as_ctrl_c()         SIGTERM (`kill`, a scheduler's preemption, torchrun passing its own on) does meanwhile
+                              what Ctrl-C does, noted or deferred alike, instead of ending the process on the spot
 Python delivers signals to the main thread only, and only there may a handler be set: elsewhere each of these leaves
-SIGINT as it is (nothing is noted, and Ctrl-C lands wherever the main thread is).
+SIGINT and SIGTERM as they are (nothing is noted, and Ctrl-C lands wherever the main thread is).
 """
 
 from __future__ import annotations
@@ -15,17 +17,23 @@ import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
+Handler = Callable[[int, FrameType | None], object] | signal.Handlers
+
 
 @contextlib.contextmanager
-def sigint_handled_by(handler: Callable[[int, FrameType | None], object] | signal.Handlers) -> Iterator[None]:
+def _handled_by(signum: signal.Signals, handler: Handler) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
+
+
+def sigint_handled_by(handler: Handler) -> contextlib.AbstractContextManager[None]:
+    return _handled_by(signal.SIGINT, handler)
 
 
 @contextlib.contextmanager
@@ -39,5 +47,18 @@ def sigint_noted() -> Iterator[list[int]]:
 def interrupts_deferred() -> Iterator[None]:
     with sigint_noted() as noted:
         yield
-    if noted:
-        signal.raise_signal(signal.SIGINT)  # to the handler the block had held back: KeyboardInterrupt by default
+    if noted:  # to the handler the block had held back (KeyboardInterrupt by default), as the signal that came
+        signal.raise_signal(noted[0])
+
+
+def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM to the SIGINT handler of the moment; KeyboardInterrupt where SIGINT is ignored (a job started in the
+    background by a shell) or left to the system."""
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signum, frame)
+
+
+def sigterm_as_ctrl_c() -> contextlib.AbstractContextManager[None]:
+    return _handled_by(signal.SIGTERM, _as_ctrl_c)

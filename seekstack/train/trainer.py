@@ -34,7 +34,7 @@ from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import WriteRefused, write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
-from seekstack.interrupts import interrupts_deferred
+from seekstack.interrupts import interrupts_deferred, sigterm_as_ctrl_c
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.moe import MoE
 from seekstack.model.transformer import ModelOutput, Transformer
@@ -288,13 +288,13 @@ def train(
 
     Works in one process or under torchrun; only rank 0 writes files. `hooks` train a module made from the model
     (e.g. LoRA) instead of the whole model; `source` supplies batches and their loss instead of `data_dir`.
-    Ctrl-C saves a checkpoint to continue from with --resume, unless the run is not `resumable` (a temporary run
-    inside another command, which says itself what an interrupt means).
+    Ctrl-C, or SIGTERM (a scheduler's preemption), saves a checkpoint to continue from with --resume, unless the run
+    is not `resumable` (a temporary run inside another command, which says itself what an interrupt means).
     """
     config = config.validate()
     ranks = distributed.init_distributed(cpu_collectives=config.cpu_offload)  # FSDP's offloaded gradients
     try:
-        with configured_threads(config.threads):
+        with configured_threads(config.threads), sigterm_as_ctrl_c():
             return _Run(config, ranks, resume, hooks, source).run(resumable)
     finally:
         distributed.shutdown(ranks)

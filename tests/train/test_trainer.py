@@ -443,9 +443,10 @@ def test_ctrl_c_during_an_evaluation_logs_it_on_resume_as_an_uninterrupted_run_d
     assert history(tmp_path / "cut") == history(tmp_path / "whole")  # evaluated again, logged once
 
 
-def test_ctrl_c_after_a_steps_update_waits_for_its_log_line_and_keeps_the_step(data_dir, tmp_path, monkeypatch):
-    import signal
-
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_an_interrupt_after_a_steps_update_waits_for_its_log_line_and_keeps_the_step(
+    data_dir, tmp_path, monkeypatch, signum
+):
     whole = train(run_config(data_dir, tmp_path / "whole", max_steps=4, save_every=0, eval_every=0))
     from seekstack.train import trainer
 
@@ -454,13 +455,37 @@ def test_ctrl_c_after_a_steps_update_waits_for_its_log_line_and_keeps_the_step(d
     def interrupted_bias_update(model, expert_load, rate):  # after the optimizer's update, before the log line
         original(model, expert_load, rate)
         if not list_checkpoints(tmp_path / "cut") and (tmp_path / "cut" / "metrics.jsonl").is_file():
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
 
     monkeypatch.setattr(trainer, "update_expert_bias", interrupted_bias_update)
     with pytest.raises(KeyboardInterrupt):
         train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0, eval_every=0))
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_2"]  # step 2 updated the weights: kept
     monkeypatch.setattr(trainer, "update_expert_bias", original)
+    resumed = train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0, eval_every=0), resume=True)
+    assert resumed.losses == whole.losses[2:]
+    assert history(tmp_path / "cut") == history(tmp_path / "whole")
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly_as_ctrl_c_does(data_dir, tmp_path, monkeypatch, capsys):
+    """A scheduler's preemption or `kill` in the third step, before its update: the step is re-run on resume."""
+    whole = train(run_config(data_dir, tmp_path / "whole", max_steps=4, save_every=0, eval_every=0))
+    from seekstack.train import trainer
+
+    original = trainer._Run.train_step
+
+    def terminated_step(self):
+        if self.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self)
+
+    monkeypatch.setattr(trainer._Run, "train_step", terminated_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0, eval_every=0))
+    saved = tmp_path / "cut" / "checkpoints" / "step_2"
+    assert list_checkpoints(tmp_path / "cut") == [saved]
+    assert f"interrupted: saved {saved}; continue with --resume" in capsys.readouterr().err
+    monkeypatch.setattr(trainer._Run, "train_step", original)
     resumed = train(run_config(data_dir, tmp_path / "cut", max_steps=4, save_every=0, eval_every=0), resume=True)
     assert resumed.losses == whole.losses[2:]
     assert history(tmp_path / "cut") == history(tmp_path / "whole")
