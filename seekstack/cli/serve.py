@@ -27,6 +27,8 @@ from seekstack.infer.params import EngineOptions
 from seekstack.serve.keys import MAX_LIMIT
 
 if TYPE_CHECKING:
+    from rich.table import JustifyMethod, Table
+
     from seekstack.serve.database import Database
     from seekstack.serve.keys import ApiKey, KeyStore
 
@@ -183,7 +185,7 @@ def keys_list(db: DatabaseOption = None) -> None:
         keys = KeyStore(_database(db, existing=True)).list()
     table = Table(title="API keys")
     for column in ("name", "key", "plan", "rpm", "tpm", "models", "admin", "created (UTC)", "state"):
-        table.add_column(column, no_wrap=column == "key")  # a narrow terminal squeezes the others, never the prefix
+        _add_column(table, column, whole=column in ("key", "rpm", "tpm", "admin"))
     for key in keys:
         state = "active" if key.revoked_at is None else f"revoked {_utc(key.revoked_at)}"
         limits = [str(limit) if limit else "-" for limit in (key.rpm, key.tpm)]
@@ -300,8 +302,10 @@ def usage_command(
         typer.echo(json.dumps([day.to_dict() for day in days], indent=2))
         return
     table = Table(title="usage per key and day (UTC)")
-    for column in ("day", "key", "requests", "failed (5xx, free)", "prompt tokens", "completion tokens", "cost"):
-        table.add_column(column, justify="left" if column in ("day", "key") else "right")
+    _add_column(table, "day", whole=True)
+    _add_column(table, "key")
+    for header in ("requests", "failed\n(5xx,\nfree)", "prompt\ntokens", "completion\ntokens", "cost"):
+        _add_column(table, header, whole=True, justify="right")
     for day in days:
         table.add_row(
             day.day, day.key_name or "(open)", str(day.requests), str(day.failed), f"{day.prompt_tokens:,}",
@@ -310,6 +314,13 @@ def usage_command(
     total = [str(sum(d.requests for d in days)), str(sum(d.failed for d in days)), "", ""]
     table.add_row("total", "", *total, f"{sum(d.cost for d in days):.6f}")
     Console(markup=False).print(table)
+
+
+def _add_column(table: Table, header: str, whole: bool = False, justify: JustifyMethod = "left") -> None:
+    """A column of a table the terminal's width may squeeze: a `whole` one (a number, a day, a key's prefix) does not
+    wrap, and the others are squeezed first, their text folding onto more lines rather than cut with an ellipsis (an
+    80-column terminal showed tpm 200000 as '2000…' and each day as '2026-12-…')."""
+    table.add_column(header, justify=justify, no_wrap=whole, overflow="ellipsis" if whole else "fold")
 
 
 def _database(location: str | None, existing: bool = False) -> Database:

@@ -395,6 +395,24 @@ def test_keys_list_shows_the_models_each_key_may_use(tmp_path):
     assert [(row["name"], row["models"]) for row in rows] == [("legal-team", "legal, poem"), ("everything", "all")]
 
 
+def test_an_80_column_terminal_shows_every_number_and_day_whole(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    store = KeyStore(open_database(db))
+    store.set_plan("enterprise", prompt_per_1k=1.25, completion_per_1k=3.75)
+    store.create("analytics", plan="enterprise", rpm=600, tpm=200_000)
+    Ledger(open_database(db)).record(usage("analytics", 1_234_567, 7_654_321))
+    listed = runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "80"})
+    rows = [cells(line, "│") for line in listed.stdout.splitlines() if line.startswith("│")]
+    assert "200000" in rows[0] and "600" in rows[0]  # was: '2000…'
+    report = runner.invoke(app, ["usage", "--db", db], env={"COLUMNS": "80"})
+    day = dt.datetime.now(dt.UTC).date().isoformat()
+    lines = [cells(line, "│") for line in report.stdout.splitlines() if line.startswith("│")]
+    first, folded, total = lines[0], lines[1:-1], lines[-1]
+    assert first[0] == day and first[2:] == ["1", "0", "1,234,567", "7,654,321", "30246.912500"]  # was: '2026-12-…'
+    assert "".join([first[1], *(line[1] for line in folded)]) == "analytics"  # a name folds, and is whole too
+    assert total[-1] == "30246.912500" and max(len(line) for line in report.stdout.splitlines()) <= 80
+
+
 def cells(line: str, border: str) -> list[str]:
     """The cells of one line of a rich table."""
     return [cell.strip() for cell in line.split(border)[1:-1]]
