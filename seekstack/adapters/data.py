@@ -80,6 +80,22 @@ def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
     return tokens
 
 
+def require_text_windows(text: str | Path, tokens: str | Path, config: TrainConfig) -> None:
+    """ValueError naming the user's `text` when the tokens made of it (in `tokens`, as `prepare_data` wrote them) are
+    too few for one of the run's windows (seq_len + 1 tokens), or, while evaluations are due, its held-out part is."""
+    window = config.seq_len + 1
+    parts = [(TRAIN_SPLIT, "training part", "give more text or a smaller seq_len")]
+    if config.eval_every:
+        parts.append((VAL_SPLIT, "held-out part", "give more text, a smaller seq_len, or eval_every=0"))
+    for split, part, advice in parts:
+        made = load_index(tokens, split)["total_tokens"] if index_path(tokens, split).is_file() else 0
+        if made < window:
+            raise ValueError(
+                f"{text}: its {part} makes {made:,} tokens with the base's tokenizer, too few for one window of "
+                f"{window:,} (seq_len + 1); {advice}"
+            )
+
+
 def resumed_data(data: str | Path, out: str | Path) -> Path:
     """The `data_dir` DATA means to the resumed run in `out`: token shards and chat files as they are; text, the
     run's tokens in `out`/data when they were tokenized from the same documents (nothing is tokenized again),

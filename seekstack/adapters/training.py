@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
-from seekstack.adapters.data import chat_source, first_batches, frequent_tokens, prepare_data, resumed_data
+from seekstack.adapters.data import (
+    chat_source,
+    first_batches,
+    frequent_tokens,
+    prepare_data,
+    require_text_windows,
+    resumed_data,
+)
 from seekstack.adapters.files import (
     adapter_state,
     apply_lora,
@@ -181,7 +188,10 @@ def lora_train_config(
         "set compile=false, or lora.feed_forward=[] lora.experts=[] to compile an attention-only adapter",
     )
     if not resume:  # keys checked first
-        train_config = replace(train_config, data_dir=str(prepare_data(data_dir, base, out)))
+        prepared = prepare_data(data_dir, base, out)
+        if prepared != Path(data_dir):  # text, tokenized into `out`: too little of it is named as the user gave it
+            require_text_windows(data_dir, prepared, train_config)
+        train_config = replace(train_config, data_dir=str(prepared))
     return train_config, adapter
 
 

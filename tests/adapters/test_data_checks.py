@@ -193,6 +193,23 @@ def test_compile_with_peft_parameter_targets_is_refused_before_the_run_is_writte
     assert lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, *attention_only])[0].compile
 
 
+@pytest.mark.parametrize(("part", "window", "advice"), [("training part", 2.0, "give more text or a smaller seq_len"),
+                                                       ("held-out part", 0.5, "or eval_every=0")])  # fmt: skip
+def test_text_too_short_for_one_window_is_named_as_the_users_file_not_the_run_s_shards(
+    base, part, window, advice, tmp_path
+):
+    """The refusal named the run's own data/train_index.json (or val_index.json), which the user never wrote."""
+    text = tmp_path / "note.txt"
+    text.write_text("A short note on the licence terms that follow in the next section. " * 6)
+    seq_len = int(len(Tokenizer.from_file(base).encode(text.read_text())) * window)
+    run = [f"seq_len={seq_len}", "batch_size=2", "max_steps=1", "eval_every=1", "lora.rank=2"]
+    with pytest.raises(ValueError) as refused:
+        lora_train_config(base, text, tmp_path / "adapter", run)
+    said = str(refused.value)
+    assert said.startswith(f"{text}: its {part} makes ") and said.endswith(advice), said
+    assert f"too few for one window of {seq_len + 1:,} (seq_len + 1)" in said and "index.json" not in said
+
+
 def test_tokenizing_an_empty_corpus_is_refused_naming_it(base, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
