@@ -307,15 +307,14 @@ def test_resume_drops_a_last_metrics_line_cut_short_with_a_warning_and_names_a_d
         train(run_config(data_dir, tmp_path, max_steps=8, save_every=2, eval_every=0), resume=True)
 
 
-def test_a_damaged_training_state_says_how_to_resume_from_the_checkpoint_before_it(data_dir, tmp_path):
+@pytest.mark.parametrize("damaged", ["train_state.pt", "model.safetensors", "config.json"])
+def test_a_damaged_checkpoint_file_says_how_to_resume_from_the_checkpoint_before_it(data_dir, tmp_path, damaged):
     config = run_config(data_dir, tmp_path / "run", max_steps=4, save_every=2, eval_every=0)
     train(config)
     newest = tmp_path / "run" / "checkpoints" / "step_4"
-    (newest / "train_state.pt").write_bytes((newest / "train_state.pt").read_bytes()[:100])  # cut short
+    (newest / damaged).write_bytes((newest / damaged).read_bytes()[:100])  # cut short
     more = run_config(data_dir, tmp_path / "run", max_steps=6, save_every=2, eval_every=0)
-    with pytest.raises(
-        CheckpointError, match=f"truncated or damaged: move {newest} out of {newest.parent}, and --resume"
-    ):
+    with pytest.raises(CheckpointError, match=f"{newest / damaged}: .*truncated or damaged: .*move {newest} out of "):
         train(more, resume=True)
     newest.rename(tmp_path / "step_4.damaged")  # what the message says to do
     assert len(train(more, resume=True).losses) == 4  # steps 3 to 6, from step_2
