@@ -50,8 +50,9 @@ class RateLimiter:
         """Charge one request of up to `tokens` tokens to `key_name`, or raise `RateLimited` (or `NeverFits`)."""
         if tpm is not None and tokens > tpm:
             raise NeverFits(
-                f"the request may use {tokens} tokens (prompt + max_tokens), more than key {key_name!r} "
-                f"may use in a minute ({tpm}); lower max_tokens or shorten the prompt"
+                f"the request may use {tokens} tokens (its prompt tokens, and max_tokens for each choice it asks for: "
+                f"n, or best_of), more than key {key_name!r} may use in a minute ({tpm}); lower max_tokens or n, or "
+                "shorten the prompt"
             )
         return retrying_while_busy(self.database, lambda: self._admit_once(key_name, rpm, tpm, tokens))
 

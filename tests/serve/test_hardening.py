@@ -240,12 +240,15 @@ def test_a_request_larger_than_the_tokens_per_minute_gets_400_not_429(engine, tm
     async def scenario(client):
         headers = {"Authorization": f"Bearer {key}"}
         never = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 30}, headers=headers)
+        choices = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 8, "n": 3}, headers=headers)
         fits = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 10}, headers=headers)
         later = await client.post("/v1/completions", json={**COMPLETION, "max_tokens": 10}, headers=headers)
-        return never, fits, later
+        return never, choices, fits, later
 
-    never, fits, later = run(app, scenario)
+    never, choices, fits, later = run(app, scenario)
     assert error_of(never, 400)["param"] == "max_tokens" and "Retry-After" not in never.headers
+    message = error_of(choices, 400)["message"]  # 3 x 8 + the prompt's 3: was told as "(prompt + max_tokens)"
+    assert "may use 27 tokens (its prompt tokens, and max_tokens for each choice it asks for" in message
     assert fits.status_code == 200
     assert error_of(later, 429)["type"] == "rate_limit_error" and "Retry-After" in later.headers
 
