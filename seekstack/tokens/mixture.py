@@ -126,15 +126,14 @@ class MixtureWindows:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()` of a mixture over the same sources."""
-        missing = set(self.sources) - set(state["sources"])
-        if missing:
-            raise ValueError(f"the saved data state has no position for mixture sources {sorted(missing)}")
+        """Continue from a `state_dict()`; a source it has no position for (one a resumed run's `mixture` adds, for a
+        new phase of training) starts at its first window, as a source that has served no row would."""
         if self.adaptive and "bandit" not in state:
             raise ValueError("the saved data state has no bandit state: it was saved by a run with a fixed schedule")
         self.seed, self.rows, self.batches = int(state["seed"]), int(state["rows"]), int(state.get("batches", 0))
         self.step_arms = list(state.get("step_arms", []))
         for name, source in self.sources.items():
-            source.load_state_dict(state["sources"][name])
+            if name in state["sources"]:
+                source.load_state_dict(state["sources"][name])
         if isinstance(self.schedule, Exp3Mixture):
             self.schedule.load_state_dict(state["bandit"])

@@ -141,6 +141,24 @@ def test_mixture_resumes_exactly_from_its_state(data_dir):
     assert np.array_equal(resumed.batch(30, progress=0.5).numpy(), expected.numpy())
 
 
+def test_a_source_a_resumed_mixture_adds_starts_at_its_first_window_and_the_others_continue(data_dir):
+    """A run resumed with a new `mixture` (a last phase on other data): the source it trained on goes on where it
+    was, the added one starts as a source that served no row."""
+    before = MixtureWindows(data_dir, MixtureSchedule({"easy": 1}), SEQ_LEN, seed=7)
+    before.batch(30, progress=0.1)
+    state = json.loads(json.dumps(before.state_dict()))
+    easy_next = before.batch(60, progress=0.5).numpy()
+    hard_first = MixtureWindows(data_dir, MixtureSchedule({"hard": 1}), SEQ_LEN, seed=7).batch(60, 0.0).numpy()
+    resumed = MixtureWindows(data_dir, MixtureSchedule({"easy": 1, "hard": 1}), SEQ_LEN, seed=7)
+    resumed.load_state_dict(state)
+    rows = resumed.batch(60, progress=0.5).numpy()
+    drawn = np.array(sources_of(rows))
+    easy, hard = rows[drawn == "easy"], rows[drawn == "hard"]
+    assert len(easy) > 10 and len(hard) > 10
+    assert np.array_equal(easy, easy_next[: len(easy)])
+    assert np.array_equal(hard, hard_first[: len(hard)])
+
+
 def test_mixture_refuses_sources_tokenized_differently(data_dir, tmp_path):
     write_constant_split(tmp_path, "easy", 100)
     index = json.loads((tmp_path / "easy_index.json").read_text())
