@@ -32,16 +32,25 @@ def eval_command(
     device: Annotated[
         str | None, typer.Option(help="Where the model runs: cuda, cuda:1, cpu; default cuda when available, else cpu")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Results path without suffix; default MODEL/eval/results")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Results path without suffix; default RUN/eval/results for a run or its checkpoint, else "
+            "MODEL/eval/results"
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json (with the options it ran with) and a Markdown
-    table OUT.md (by default in the run's out_dir when MODEL is one, where `report` reads it)."""
+    table OUT.md (by default in the run's out_dir when MODEL is one or one of its checkpoints, where `report` reads
+    it)."""
     from seekstack.eval.evaluate import evaluate, results_table, write_results
+    from seekstack.train.runs import run_holding
 
     with user_errors():
         names = tuple(name.strip() for name in tasks.split(",") if name.strip())
         report = evaluate(model, names, corpus, backend, batch_size, limit, per_module, device)
-        json_path, table_path = write_results(report, out or (run_given(ctx, model) or model) / "eval" / "results")
+        folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
+        json_path, table_path = write_results(report, out or folder / "eval" / "results")
     typer.echo(results_table(report))
     typer.echo(f"wall time {report['wall_s']:.1f} s; wrote {json_path} and {table_path}")
 

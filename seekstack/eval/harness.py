@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -26,7 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from seekstack.adapters.files import merged_model
+from seekstack.adapters.files import merged_model, model_folders
 from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import DTYPES, SamplingParams
@@ -120,20 +121,33 @@ class SeekstackLM(TemplateLM):
         device: str | None = None,
         peft: str | Path | None = None,
     ):
-        """`peft`: a LoRA adapter folder (peft's format) merged into the model, as the HF backend's `peft` arg."""
+        """`pretrained`: a checkpoint folder, or a run's out_dir for its newest checkpoint (a `lora train` run or
+        adapter checkpoint: the base its adapter records, with the adapter as `peft`), as `seekstack eval` reads them.
+        `peft`: a LoRA adapter folder (peft's format) merged into the model, as the HF backend's `peft` arg."""
         super().__init__()
         if isinstance(batch_size, str) and not batch_size.isdigit():
             raise ValueError(f"batch_size={batch_size!r}: seekstack takes a number of requests per batch, not 'auto'")
         self.batch_size_per_step = int(batch_size)
         self._device = resolve_device(device)
         check_max_length(max_length)
-        self.model = load_pretrained(pretrained, dtype=model_dtype(dtype, pretrained), device=self._device)
+        weights, adapter, own_tokenizer = model_folders(pretrained)
+        if adapter is not None and peft is not None:
+            raise ValueError(
+                f"pretrained={pretrained} is a LoRA adapter on the base {weights}; give that base as pretrained to "
+                f"merge peft={peft} into it"
+            )
+        measured = adapter or weights
+        if Path(pretrained) != measured or adapter is not None:
+            print(f"pretrained={pretrained}: using {measured}" + (f" on its base {weights}" if adapter else ""),
+                  file=sys.stderr)  # fmt: skip
+        peft = peft or adapter
+        self.model = load_pretrained(weights, dtype=model_dtype(dtype, weights), device=self._device)
         self.model = (self.model if peft is None else merged_model(self.model, peft)).eval()
-        self.tokenizer_ = Tokenizer.from_file(tokenizer or pretrained)
+        self.tokenizer_ = Tokenizer.from_file(tokenizer or own_tokenizer)
         self.max_length = max_length or self.model.config.max_position_embeddings
         self.max_gen_toks = max_gen_toks
         self.max_batch_size = max_batch_size or self.batch_size_per_step
-        self.pretrained = str(pretrained)
+        self.pretrained = str(measured)
 
     @functools.cached_property
     def engine(self) -> Engine:

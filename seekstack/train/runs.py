@@ -78,6 +78,13 @@ def run_checkpoint(path: str | Path) -> Path | None:
     return latest_checkpoint(path)
 
 
+def run_holding(checkpoint: str | Path) -> Path | None:
+    """The run's out_dir when `checkpoint` is one of its checkpoints (out_dir/checkpoints/step_N), else None."""
+    checkpoint = Path(checkpoint)
+    run = checkpoint.parent.parent
+    return run if STEP_DIR.fullmatch(checkpoint.name) and checkpoint.parent == checkpoint_dir(run) else None
+
+
 def checkpoint_or_latest(path: str | Path) -> Path:
     """`path` itself if it is a model directory (has config.json), else the newest checkpoint of run `path`."""
     path = Path(path)

@@ -255,3 +255,14 @@ def test_a_negative_max_length_is_refused_naming_it_and_0_means_the_models_conte
         SeekstackLM(pretrained=checkpoint, max_length=-3)
     context = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
     assert SeekstackLM(pretrained=checkpoint, max_length=0).max_length == context
+
+
+def test_a_runs_out_dir_as_pretrained_loads_its_newest_checkpoint_as_seekstack_eval_does(checkpoint, ours, tmp_path):
+    """`lm_eval --model seekstack --model_args pretrained=RUN` failed to load the run's folder (no config.json)."""
+    for step in (1, 2):
+        shutil.copytree(checkpoint, tmp_path / "run" / "checkpoints" / f"step_{step}")
+        (tmp_path / "run" / "checkpoints" / f"step_{step}" / "train_state.pt").write_bytes(b"")
+    lm = SeekstackLM(pretrained=tmp_path / "run", batch_size=2, max_gen_toks=32)
+    assert lm.pretrained == str(tmp_path / "run" / "checkpoints" / "step_2")
+    pair = [PAIRS[0]]
+    assert lm.loglikelihood(requests("loglikelihood", pair)) == ours.loglikelihood(requests("loglikelihood", pair))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -94,6 +95,27 @@ def test_eval_runs_either_backend_on_the_device_asked_for_or_the_cpu_without_cud
         evaluate(tmp_path, ("hellaswag",), None, backend, device="cuda")
     assert evaluate(tmp_path, ("hellaswag",), None, backend)["options"]["device"] == "cpu"  # the default, here
     assert [args["device"] for args in asked] == ["cpu", "cpu", "cpu"]
+
+
+def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_the_checkpoint(tmp_path, monkeypatch):
+    """They went to RUN/checkpoints/step_N/eval/, which the run's keep_checkpoints deletes and `report RUN` never
+    reads."""
+    import seekstack.eval.evaluate
+
+    measured = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}, "samples": {}}
+    monkeypatch.setattr(seekstack.eval.evaluate, "evaluate", lambda model, *args: measured | {"model": str(model)})
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "train_state.pt").write_bytes(b"")
+    model = tmp_path / "exported"
+    shutil.copytree(checkpoint, model)
+    for given, written in ((checkpoint, tmp_path / "run"), (tmp_path / "run", tmp_path / "run"), (model, model)):
+        run("eval", given, "--tasks", "t")
+        saved = json.loads((written / "eval" / "results.json").read_text())
+        assert saved["model"] == str(checkpoint if given != model else model)
+        (written / "eval" / "results.json").unlink()
+    assert not (checkpoint / "eval").exists()
 
 
 def test_explain_through_the_command_line_writes_the_page_and_routing_statistics(small_run):
