@@ -270,6 +270,7 @@ def resolve_train_config(
         _refuse_another_model(config, _model_settings(cls, given, overrides), resume)
         if resume:
             _require_data_dir(config)
+            _require_saved_seed(config, base)
     except ConfigError as error:
         if resume and _kept_from_saved_config(cls, error, given, overrides):
             raise ConfigError(
@@ -319,6 +320,18 @@ def _require_data_dir(config: TrainConfig) -> None:
         not config.reads_data_dir or data_dir.exists(),
         "data_dir",
         f"an existing folder of token shards, not {config.data_dir!r} (nothing at {data_dir.resolve()})",
+    )
+
+
+def _require_saved_seed(config: TrainConfig, saved: dict[str, Any]) -> None:
+    """A ConfigError naming seed when a resumed run is given another than its `saved` config's: its data order and
+    random state go on from its checkpoint, so the new seed would change nothing but what train_config.json says."""
+    seed = saved.get("seed", type(config).seed)
+    require(
+        config.seed == seed,
+        "seed",
+        f"the run's {seed} on resume: a resumed run draws its data and random numbers on from its checkpoint, which "
+        "no seed changes; for another seed start a new run (init_from= the checkpoint to keep its weights)",
     )
 
 

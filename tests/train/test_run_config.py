@@ -206,6 +206,16 @@ def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(
     ]
 
 
+def test_a_resume_given_another_seed_is_refused_since_the_checkpoint_fixes_its_data_and_random_numbers(tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "tokens").mkdir()  # a resume needs the run's data
+    load_train_config(None, [f"out_dir={out}", f"data_dir={tmp_path / 'tokens'}", "seed=3"]).save(out)
+    with pytest.raises(ConfigError, match="field 'seed' must be the run's 3 on resume: a resumed run draws its data"):
+        resolve_train_config(None, [f"out_dir={out}", "seed=5"], resume=True)
+    assert resolve_train_config(None, [f"out_dir={out}", "seed=3"], resume=True).seed == 3
+    assert json.loads((out / CONFIG_FILE).read_text())["seed"] == 3  # the saved config still tells the run's seed
+
+
 def test_a_resume_given_the_same_relative_paths_warns_of_no_change(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # the saved paths are relative to run/, these to the working folder
     for folder in ("ck", "other_ck", "tok", "tokens"):
