@@ -70,7 +70,7 @@ def explain_command(
 
     from seekstack.adapters.files import merged_model, model_folders
     from seekstack.checkpoint import load_pretrained
-    from seekstack.eval.explain import NO_MOE_LAYERS, corpus_routing, explain_text, routing_png
+    from seekstack.eval.explain import NO_MOE_LAYERS, corpus_routing, explain_text, remove_earlier_outputs, routing_png
     from seekstack.eval.tasks import held_out_modules
     from seekstack.tokenizer import Tokenizer
 
@@ -85,22 +85,28 @@ def explain_command(
         if corpus is not None:  # before anything is written: a model or corpus it cannot read leaves no output
             texts = [module["text"] for module in held_out_modules(corpus)]
             records = corpus_routing(network, tokenizer, texts, max_tokens, source=str(corpus / "val.jsonl"))
+        written: list[Path] = []
         if text is not None:
-            written = explain_text(network, tokenizer, text, out)
-            for name, path in written.items():
+            by_name = explain_text(network, tokenizer, text, out)
+            for name, path in by_name.items():
                 typer.echo(f"{name}: {path}")
-            if "routing" not in written:
+            if "routing" not in by_name:
                 typer.echo(f"routing: none. {NO_MOE_LAYERS}")
+            written += by_name.values()
         if records is not None:
             out.mkdir(parents=True, exist_ok=True)
-            typer.echo(f"routing statistics: {routing_png(records, out / 'routing_stats.png')}")
-            (out / "routing_stats.json").write_text(json.dumps(records, indent=1) + "\n")
+            stats_png, stats_json = routing_png(records, out / "routing_stats.png"), out / "routing_stats.json"
+            typer.echo(f"routing statistics: {stats_png}")
+            stats_json.write_text(json.dumps(records, indent=1) + "\n")
+            written += [stats_png, stats_json]
             for record in records:
                 typer.echo(
                     f"layer {record['layer']}: {record['tokens']:,} tokens, MaxVio {record['max_violation']:.2f}, "
                     f"consecutive tokens share an expert {record['consecutive_share']:.1%} "
                     f"(random pairs {record['chance_share']:.1%})"
                 )
+        for path in remove_earlier_outputs(out, written):
+            typer.echo(f"removed {path}, an earlier explain's")
 
 
 def _require_folder_path(out: Path) -> None:

@@ -7,6 +7,7 @@ import base64
 import functools
 import html
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ ROUTING_BATCH = 16  # windows per forward pass of corpus_routing
 ATTENTION_LEVELS = 255  # the page holds each attention weight as one byte, round(p * 255): the shading's own depth
 NO_MOE_LAYERS = "The model has no MoE layers (a dense FFN in every layer): no token is routed to experts."
 WHITESPACE_SIGNS = {" ": "␣", "\n": "↵", "\t": "→"}  # how a token label shows them; other unprintables: escaped
+# Every file explain writes into --out: the text's (explain_text) and the corpus's routing statistics
+OUTPUT_FILES = ("attention.png", "routing.png", "explain.html", "routing_stats.png", "routing_stats.json")
 
 
 def visible(token: str) -> str:
@@ -121,6 +124,16 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
     }
     paths["html"].write_text(_PAGE.replace("__DATA__", json.dumps(data)).replace("__TITLE__", html.escape(text[:60])))
     return paths
+
+
+def remove_earlier_outputs(out_dir: str | Path, written: Iterable[Path]) -> list[Path]:
+    """Delete the files of OUTPUT_FILES in `out_dir` that this run did not write (an earlier run's, with another
+    text, model or corpus, would read as this one's); return them. Any other file there is left alone."""
+    kept = {Path(path).name for path in written}
+    stale = [Path(out_dir) / name for name in OUTPUT_FILES if name not in kept and (Path(out_dir) / name).is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def _causal_bytes(weights: torch.Tensor) -> str:

@@ -129,6 +129,23 @@ def test_explain_through_the_command_line_writes_the_page_and_routing_statistics
     assert record["tokens"] == 512 and len(record["load"]) == 4
 
 
+def test_explain_into_a_used_out_leaves_only_this_runs_files_and_what_else_is_there(small_run, tmp_path):
+    """An earlier run's routing_stats.* (or attention.png, explain.html) stayed beside the new files, read as theirs."""
+    out = tmp_path / "explain"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    corpus = ("--corpus", small_run / "corpus", "--max-tokens", 512)
+    text_files = {"attention.png", "routing.png", "explain.html"}
+    for args, files in (
+        (("def f(x):", *corpus), text_files | {"routing_stats.png", "routing_stats.json"}),
+        (("import os",), text_files),
+        (corpus, {"routing_stats.png", "routing_stats.json"}),
+    ):
+        run("explain", small_run / "run", *args, "--out", out)
+        assert {path.name for path in out.iterdir()} == files | {"notes.txt"}
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_explain_out_on_a_file_names_it_and_says_out_is_a_folder_before_loading_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "no_model").mkdir()  # a folder that holds no model: loading it would fail
