@@ -271,7 +271,11 @@ class Server:
             await self.close_bill(bill, status, charge, 0 if failed else bill.total_tokens)
 
         if body.stream:
-            await asyncio.to_thread(bill.open)
+            try:
+                await asyncio.to_thread(bill.open)
+            except Exception:  # the database refused its row: no stream, and no engine work for no one
+                await finish(500)
+                raise
             events = self.stream(body, group, bill, usage, categories)
             return EventStream(events, on_close=finish)
         status = CLIENT_CLOSED

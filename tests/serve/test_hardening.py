@@ -324,6 +324,31 @@ def test_a_client_that_hangs_up_is_billed_every_token_generated_for_it_also_thos
     assert charge["tokens"] == row["prompt_tokens"] + row["completion_tokens"]
 
 
+def test_a_stream_whose_usage_row_cannot_be_opened_fails_and_stops_generating(engine, tmp_path):
+    """The database refuses the stream's row (a full disk): the request fails (500) and the engine stops generating
+    for it, rather than running to max_tokens for no one; its rate-limit charge goes back."""
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("streamer", tpm=100_000)
+    app = create_app(engine, database)
+
+    def full_disk(usage):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    app.state.server.ledger.open = full_disk
+    body = {**COMPLETION, "max_tokens": 200, "stream": True}
+    headers = {"Authorization": f"Bearer {key}"}
+
+    async def scenario(client):
+        with pytest.raises(sqlite3.OperationalError):  # answered 500 by the app's handler, then raised to the test
+            await client.post("/v1/completions", json=body, headers=headers)
+        await asyncio.sleep(0.5)  # the engine thread applies the abort before its next step
+        return engine.has_unfinished()
+
+    assert not run(app, scenario)  # was: the request ran on to its 200 tokens
+    assert [(row["status"], row["cost"]) for row in Ledger(database).records("streamer")] == [(500, 0)]
+    assert database.query("SELECT tokens FROM rate_charges") == [{"tokens": 0}]
+
+
 def pro_payer(tmp_path):
     """A database whose key `payer` (returned) is on plan `pro`: 1 and 3 per 1k prompt and completion tokens."""
     database = open_database(tmp_path / "db")
