@@ -343,6 +343,12 @@ class _Run:
                 hooks.restore(model, path)
                 train_state = read_train_state(path)
             self.step = int(train_state["step"])
+            if self.step > config.max_steps:  # else the run would train nothing and say it trained to its step
+                raise ConfigError(
+                    f"has value {config.max_steps}, below step {self.step} of the checkpoint {path} the run resumes "
+                    f"from: it would train nothing; give max_steps above {self.step} to train on",
+                    field="max_steps",
+                )
             self.data.load_state_dict(train_state["data"])
             self.lr_anchor = resumed_lr_anchor(train_state, config)
             self.progress_anchor = resumed_progress_anchor(train_state, config)

@@ -320,6 +320,16 @@ def test_a_damaged_checkpoint_file_says_how_to_resume_from_the_checkpoint_before
     assert len(train(more, resume=True).losses) == 4  # steps 3 to 6, from step_2
 
 
+def test_a_resume_given_fewer_steps_than_its_checkpoint_has_is_refused_naming_max_steps(data_dir, tmp_path):
+    """It would train nothing, yet say it trained to the checkpoint's step and record the smaller max_steps."""
+    train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0))
+    newest = tmp_path / "checkpoints" / "step_4"
+    with pytest.raises(ConfigError, match=f"field 'max_steps' has value 3, below step 4 of the checkpoint {newest}"):
+        train(run_config(data_dir, tmp_path, max_steps=3, save_every=2, eval_every=0), resume=True)
+    assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 4
+    assert train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0), resume=True).step == 4
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     train(run_config(data_dir, tmp_path, max_steps=2, save_every=2))
     good = (tmp_path / "checkpoints" / "step_2" / "model.safetensors").read_bytes()
