@@ -349,7 +349,15 @@ class _Run:
                     f"from: it would train nothing; give max_steps above {self.step} to train on",
                     field="max_steps",
                 )
-            self.data.load_state_dict(train_state["data"])
+            try:
+                self.data.load_state_dict(train_state["data"])
+            except ValueError as error:  # a token mixture that cannot go on from it (another mixture_mode)
+                if source is not None:  # a batch source's errors say themselves how to go on
+                    raise
+                raise ValueError(
+                    f"{path / TRAIN_STATE_FILE}: {error}; resume with the run's mixture and mixture_mode, or start a "
+                    f"new run from its weights with init_from={path}"
+                ) from None
             self.lr_anchor = resumed_lr_anchor(train_state, config)
             self.progress_anchor = resumed_progress_anchor(train_state, config)
             self.evaluation_pending = bool(train_state.get("evaluation_pending")) and config.eval_every > 0

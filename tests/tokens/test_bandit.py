@@ -146,3 +146,15 @@ def test_training_with_the_bandit_resumes_with_the_same_sources_and_losses(bucke
     assert mixes[0] == pytest.approx(dict.fromkeys(BUCKETS, 1 / 3))  # uniform until eps_t falls below 1/K
     assert mixes[-1] != pytest.approx(mixes[0])  # then the bandit moves the weights
     assert [m["mix"] for m in read_metrics(tmp_path / "resumed") if "loss" in m] == mixes[3:]
+
+
+def test_a_run_resumed_as_a_bandit_from_a_scheduled_one_names_its_checkpoint_and_how_to_go_on(bucket_dir, tmp_path):
+    train(run_config(bucket_dir, tmp_path, max_steps=2, save_every=2, mixture=BUCKETS))
+    checkpoint = tmp_path / "checkpoints" / "step_2"
+    with pytest.raises(ValueError) as refused:
+        train(run_config(bucket_dir, tmp_path, max_steps=4, mixture=BUCKETS, mixture_mode="bandit"), resume=True)
+    assert str(refused.value) == (
+        f"{checkpoint / 'train_state.pt'}: the saved data state has no bandit state: it was saved by a run with a "
+        f"fixed schedule; resume with the run's mixture and mixture_mode, or start a new run from its weights with "
+        f"init_from={checkpoint}"
+    )
