@@ -33,6 +33,7 @@ DEFAULT_PLAN = "default"
 DEFAULT_PRICE_PER_1K = 0.002
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 BUSY_RETRY_S = 120.0  # how long a write waits for a database another connection holds (beyond its own timeout)
+SQLITE_BUSY_TIMEOUT_MS = 5000  # SQLite's own wait for another connection's lock, each try
 Result = TypeVar("Result")
 
 KEYS_COLUMNS = """
@@ -142,23 +143,33 @@ class SQLiteDatabase:
         try:
             self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._connection.row_factory = _dict_row
-            self._connection.execute("PRAGMA journal_mode=WAL")
-            self._connection.execute("PRAGMA synchronous=FULL")
-            self._connection.execute("PRAGMA busy_timeout=5000")
-            for statement in SCHEMA:
-                self._connection.execute(statement.format(id_column="INTEGER PRIMARY KEY AUTOINCREMENT"))
-            for table, column, definition in ADDED_COLUMNS:
-                try:
-                    self._connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-                except sqlite3.OperationalError as error:
-                    if "duplicate column" not in str(error):  # there already, or just added by another process
-                        raise
-            self._free_revoked_key_names()
-            for statement in KEYS_INDEXES:
-                self._connection.execute(statement)
+            self._connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            retrying_while_busy(self, self._create_tables)  # writes, as a request's: another server may hold it
         except sqlite3.DatabaseError as error:
+            if self.busy(error):
+                raise ValueError(
+                    f"{path} is held by another connection (another server writing, a VACUUM, an open sqlite3 "
+                    f"session) and stayed locked for {BUSY_RETRY_S:.0f} s: {error}; try again once it is free"
+                ) from error
             raise ValueError(f"{path} is not a usable seekstack database: {error}") from error
         self._lock = threading.Lock()
+
+    def _create_tables(self) -> None:
+        """WAL mode, the tables and the columns added since, each step a no-op where done before."""
+        connection = self._connection
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        for statement in SCHEMA:
+            connection.execute(statement.format(id_column="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        for table, column, definition in ADDED_COLUMNS:
+            try:
+                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            except sqlite3.OperationalError as error:
+                if "duplicate column" not in str(error):  # there already, or just added by another process
+                    raise
+        self._free_revoked_key_names()
+        for statement in KEYS_INDEXES:
+            connection.execute(statement)
 
     def _free_revoked_key_names(self) -> None:
         """Rebuild a keys table whose name is its primary key (one key per name, ever) without that constraint, in

@@ -265,6 +265,25 @@ def test_a_usage_write_waits_for_a_database_another_connection_holds(tmp_path, m
     other.execute("COMMIT")
 
 
+def test_opening_a_database_another_connection_holds_waits_for_it_and_then_says_it_is_held(tmp_path, monkeypatch):
+    import threading
+
+    from seekstack.serve import database as database_module
+
+    monkeypatch.setattr(database_module, "SQLITE_BUSY_TIMEOUT_MS", 50)  # SQLite's own wait ends before the other's lock
+    KeyStore(open_database(tmp_path / "db")).create("k")
+    other = sqlite3.connect(tmp_path / "db", isolation_level=None, check_same_thread=False)  # another server, a VACUUM
+    other.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    # was: "db is not a usable seekstack database: database is locked", and `seekstack serve` did not start
+    assert KeyStore(open_database(tmp_path / "db")).any_keys()
+    monkeypatch.setattr(database_module, "BUSY_RETRY_S", 0.3)  # held for longer than opening waits
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(ValueError, match="db is held by another connection .* and stayed locked for 0 s"):
+        open_database(tmp_path / "db")
+    other.execute("COMMIT")
+
+
 def test_rate_limit_writes_wait_for_a_database_another_connection_holds(tmp_path):
     import threading
 
