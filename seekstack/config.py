@@ -26,6 +26,11 @@ from seekstack.schema import (
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "yarn")
+# The fields of a yarn `rope_scaling` that hold numbers; null takes the default of those that have one.
+YARN_NUMBERS = (
+    "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+    "attention_factor",
+)  # fmt: skip
 SEEKSTACK_ONLY_FIELDS = ("attention_variant",)  # fields transformers does not know; left out of config.json at default
 MTP_LOSS_WEIGHT = 0.3  # lambda of the MTP loss early in training (DeepSeek-V3 §4.2); 0.1 later
 __all__ = ["ConfigError", "ModelConfig", "preset"]
@@ -167,6 +172,7 @@ class ModelConfig:
                 f"rope_scaling.rope_type={config.rope_type!r} is not supported; expected one of {ROPE_TYPES}"
             )
         if config.rope_type == "yarn":
+            config._validate_yarn_numbers()
             require(
                 (config.rope_scaling or {}).get("factor") is not None,
                 "rope_scaling.factor",
@@ -175,6 +181,22 @@ class ModelConfig:
             )
             require(config.rope_factor >= 1, "rope_scaling.factor", ">= 1")
         return config
+
+    def _validate_yarn_numbers(self) -> None:
+        """ConfigError naming the `rope_scaling` field of a yarn config that holds no number where YaRN computes with
+        one (a string, a list, true), or a length or rotation count whose logarithm it cannot take."""
+        scaling = self.rope_scaling or {}
+        for key in YARN_NUMBERS:
+            value = scaling.get(key)
+            if value is not None and not _is_number(value):
+                raise ConfigError(f"has value {value!r}: must be a number", field=f"rope_scaling.{key}")
+        if "original_max_position_embeddings" in scaling:
+            context = scaling["original_max_position_embeddings"]
+            require(context is not None and context > 0, "rope_scaling.original_max_position_embeddings", "> 0")
+        for key in ("beta_fast", "beta_slow"):
+            require((scaling.get(key) or 0) >= 0, f"rope_scaling.{key}", ">= 0 (0 or null: the default)")
+        if "truncate" in scaling:
+            require(isinstance(scaling["truncate"], bool), "rope_scaling.truncate", "true or false")
 
     def _validate_moe(self) -> None:
         experts, k = self.n_routed_experts, self.num_experts_per_tok
@@ -259,6 +281,11 @@ class ModelConfig:
         return dataclasses.replace(self, **changes).validate()
 
 
+def _is_number(value: Any) -> bool:
+    """Whether a config.json value is a JSON number (true and false are not, though Python counts them as ints)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN attention temperature sqrt(1/t) = 0.1 ln(s) + 1 (YaRN paper eq. 22), scaled by `mscale`."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -281,7 +308,10 @@ def _normalise_rope(raw: dict[str, Any], values: dict[str, Any], source: str) ->
         if "type" in given:
             given["rope_type"] = given.pop("type")
         scaling.update(given)
+    theta_field = "rope_parameters.rope_theta" if "rope_theta" in scaling else "rope_theta"
     theta = scaling.pop("rope_theta", theta)
+    if not _is_number(theta):
+        raise ConfigError(f"has value {theta!r}: must be a number", field=theta_field, source=source)
     rope_type = scaling.pop("rope_type", "default")
     if rope_type == "default":
         return float(theta), None

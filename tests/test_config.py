@@ -137,3 +137,40 @@ def test_a_yarn_config_without_a_factor_is_refused_naming_the_field_as_transform
               "rope_scaling": {"type": "yarn", "original_max_position_embeddings": 4096}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"rope_scaling\.factor.*given under yarn"):
         ModelConfig.from_dict(config, "c.json")
+
+
+ORIGINAL = "original_max_position_embeddings"
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0)
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"rope_parameters": {**YARN, "factor": "4"}}, "rope_scaling.factor"),
+        ({"rope_parameters": {**YARN, "factor": [4]}}, "rope_scaling.factor"),
+        ({"rope_parameters": {**YARN, "mscale_all_dim": "1.0"}}, "rope_scaling.mscale_all_dim"),
+        ({"rope_scaling": {**YARN, "original_max_position_embeddings": "4096"}}, f"rope_scaling.{ORIGINAL}"),
+        ({"rope_scaling": {**YARN, "original_max_position_embeddings": 0}}, f"rope_scaling.{ORIGINAL}"),
+        ({"rope_parameters": {**YARN, "beta_fast": "32"}}, "rope_scaling.beta_fast"),
+        ({"rope_parameters": {**YARN, "beta_slow": -1}}, "rope_scaling.beta_slow"),
+        ({"rope_parameters": {**YARN, "attention_factor": True}}, "rope_scaling.attention_factor"),
+        ({"rope_parameters": {**YARN, "truncate": "no"}}, "rope_scaling.truncate"),
+        ({"rope_parameters": {**YARN, "rope_theta": "abc"}}, "rope_parameters.rope_theta"),
+        ({"rope_theta": None}, "rope_theta"),
+    ],
+)  # fmt: skip
+def test_a_rope_field_that_holds_no_usable_number_is_refused_naming_the_file_and_the_field(raw, field):
+    with pytest.raises(ConfigError) as caught:
+        ModelConfig.from_dict({"model_type": "deepseek_v3", **raw}, "c.json")
+    assert (caught.value.field, caught.value.source) == (field, "c.json")
+    assert str(caught.value).startswith(f"c.json: field {field!r} ")
+
+
+def test_null_yarn_fields_that_have_a_default_take_it():
+    from seekstack.model.rope import yarn_inverse_frequencies
+
+    nulls, defaults = (
+        ModelConfig.from_dict({"model_type": "deepseek_v3", "rope_parameters": {**YARN, "beta_fast": beta}}, "c.json")
+        for beta in (None, 32)
+    )
+    assert yarn_inverse_frequencies(nulls)[0].equal(yarn_inverse_frequencies(defaults)[0])
