@@ -241,9 +241,22 @@ class PostgresDatabase:
                     self._connection.execute(
                         statement.format(id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
                     )
+                # ALTER TABLE locks its table against every reader, and queues every later statement behind it while
+                # any transaction reads the table (a report in psql): altered only where a change is due.
+                present = {
+                    (column["table_name"], column["column_name"])
+                    for column in self._connection.execute(
+                        "SELECT table_name, column_name FROM information_schema.columns "
+                        "WHERE table_schema = current_schema()"
+                    )
+                }
                 for table, column, definition in ADDED_COLUMNS:
-                    self._connection.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
-                self._connection.execute("ALTER TABLE keys DROP CONSTRAINT IF EXISTS keys_pkey")  # a name, reusable
+                    if (table, column) not in present:
+                        self._connection.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
+                if self._connection.execute(
+                    "SELECT 1 FROM pg_constraint WHERE conname = 'keys_pkey' AND conrelid = 'keys'::regclass"
+                ).fetchone():
+                    self._connection.execute("ALTER TABLE keys DROP CONSTRAINT IF EXISTS keys_pkey")  # a name, reusable
                 for statement in KEYS_INDEXES:
                     self._connection.execute(statement)
         except psycopg.Error as error:

@@ -284,6 +284,29 @@ def test_opening_a_database_another_connection_holds_waits_for_it_and_then_says_
     other.execute("COMMIT")
 
 
+def test_opening_postgresql_beside_an_open_read_transaction_neither_waits_nor_stalls_the_running_server(
+    postgres_server,
+):
+    import threading
+
+    import psycopg
+
+    url = new_postgres_database(postgres_server)
+    running = open_database(url)  # a server serving
+    report = psycopg.connect(url)  # a report in psql: its SELECT opens a transaction that stays open
+    report.execute("SELECT count(*) FROM usage").fetchall()
+    try:
+        opening = threading.Thread(target=open_database, args=(url,), daemon=True)  # `seekstack usage`, a 2nd server
+        opening.start()
+        opening.join(timeout=5)
+        assert not opening.is_alive()  # was: ALTER TABLE waited for the report, and every write queued behind it
+        Ledger(running).record(usage("k", 1, 1))
+    finally:
+        report.rollback()
+        report.close()
+    assert [row["completion_tokens"] for row in Ledger(running).records()] == [1]
+
+
 def test_rate_limit_writes_wait_for_a_database_another_connection_holds(tmp_path):
     import threading
 
