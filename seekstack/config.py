@@ -238,6 +238,13 @@ class ModelConfig:
             elif key not in DERIVED_FIELDS:
                 extra[key] = value
         values["rope_theta"], values["rope_scaling"] = _normalise_rope(raw, values, source)
+        quantization = extra.get("quantization_config")
+        if quantization is not None and not isinstance(quantization, dict):
+            raise ConfigError(
+                f"must be an object (its quant_method and settings), got {quantization!r}",
+                field="quantization_config",
+                source=source,
+            )
         try:
             return check(cls, {**values, "extra": extra}).validate()
         except ConfigError as error:

@@ -504,6 +504,7 @@ def test_shape_mismatch_is_reported_with_the_file_the_key_and_both_shapes(saved)
         ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
         ({"hidden_size": "64"}, "hidden_size"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 0.5}}, "rope_scaling.factor"),
+        ({"quantization_config": "fp8"}, "quantization_config"),
     ],
     ids=[
         "unknown-model-type",
@@ -512,6 +513,7 @@ def test_shape_mismatch_is_reported_with_the_file_the_key_and_both_shapes(saved)
         "odd-rope-dim",
         "string-size",
         "yarn-shrink",
+        "quantization-not-an-object",
     ],
 )
 def test_bad_config_json_is_reported_with_the_file_and_the_field(saved, changes, field):
