@@ -539,7 +539,10 @@ def test_damaged_shard_of_a_sharded_checkpoint_is_named(tmp_path):
     assert load_error(tmp_path).startswith(f"{shard}: not a valid safetensors file")
 
 
-@pytest.mark.parametrize("content", [b"", b'{"weight_map": {"a": ', b"\xff\xfe\x00garbage", b"[]", b"{}"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b'{"weight_map": {"a": ', b"\xff\xfe\x00garbage", b"[]", b"{}", b'{"weight_map": {"lm_head.weight": null}}'],
+)
 def test_damaged_index_is_named(tmp_path, content):
     seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
     (tmp_path / INDEX_FILE).write_bytes(content)

@@ -130,6 +130,11 @@ class CheckpointReader:
             weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path}: not a safetensors index (no 'weight_map' object); {DAMAGED}")
+            for key, file in weight_map.items():
+                if not isinstance(file, str):
+                    raise CheckpointError(
+                        f"{index_path}: weight_map gives key {key!r} the file {file!r}, not a file name; {DAMAGED}"
+                    )
             for file in sorted(set(weight_map.values())):
                 if not (self.directory / file).is_file():
                     raise CheckpointError(
