@@ -79,7 +79,8 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     _style(axes[3], "MaxVio per MoE layer (step batch)")
 
     if mixed:
-        for source in mixed[0]["mix"]:
+        sources = dict.fromkeys(source for r in mixed for source in r["mix"])  # a resume may add some
+        for source in sources:
             axes[4].plot([r["step"] for r in mixed], [r["mix"].get(source, 0.0) for r in mixed], label=source)
         _style(axes[4], "mixture weight")
     for unused in axes[panels:]:

@@ -103,6 +103,25 @@ def test_plot_draws_a_run_whose_step_had_no_mtp_loss(demo_run, tmp_path):
     assert (run_dir / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_plot_draws_every_split_of_a_mixture_a_resume_added_to(demo_run, tmp_path, monkeypatch):
+    """A run resumed with a mixture of more splits (a last phase on other data) logs them from its resume on."""
+    import seekstack.train.plot as plot
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = (demo_run / "run" / "metrics.jsonl").read_text()
+    added = '{"step": 5, "loss": 3, "lr": 0.001, "mix": {"train_easy": 0.5, "train_extra": 0.5}}\n'
+    (run_dir / "metrics.jsonl").write_text(records + added)
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    plot.plot_run(run_dir)
+    mixture_panel = drawn[0].axes[4]
+    assert mixture_panel.get_title() == "mixture weight"
+    labels = [line.get_label() for line in mixture_panel.get_lines()]
+    assert labels == ["train_easy", "train_medium", "train_hard", "train_extra"]
+    assert list(mixture_panel.get_lines()[3].get_ydata()) == [0.0] * 4 + [0.5]
+
+
 def test_plot_names_the_run_without_metrics(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
