@@ -29,13 +29,14 @@ def linear_cross_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean cross-entropy of `hidden @ weight.T` (N, D) x (V, D) against targets (N,); IGNORE_INDEX rows do not
     count. Returns the loss and, with `keep_logits`, the logits (N, V) (without gradient)."""
-    needs_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, needs_grads, keep_logits)
+    grads = torch.is_grad_enabled()  # of the hidden states and of the weight, each only when it takes one (LoRA: not W)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, grads and hidden.requires_grad,
+                                     grads and weight.requires_grad, keep_logits)  # fmt: skip
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, needs_grads: bool, keep_logits: bool):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, grad_hidden: bool, grad_weight: bool, keep_logits: bool):  # type: ignore[override]
         rows, vocab = hidden.shape[0], weight.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.float(), weight.float()
@@ -44,8 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             safe_targets = targets.clamp(min=0)
             loss = h.new_zeros(())
             logits_out = h.new_empty(rows, vocab) if keep_logits else None
-            grad_h = torch.empty_like(h) if needs_grads else None
-            grad_w = torch.zeros_like(w) if needs_grads else None
+            grad_h = torch.empty_like(h) if grad_hidden else None
+            grad_w = torch.zeros_like(w) if grad_weight else None
             for part in _chunks(rows, _chunk_rows(hidden, vocab)):
                 logits = h[part] @ w.t()  # (n, V)
                 if logits_out is not None:
@@ -53,15 +54,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 log_probs = logits.log_softmax(dim=-1)
                 picked = log_probs.gather(1, safe_targets[part, None]).squeeze(1)
                 loss -= (picked * counted[part]).sum()
-                if needs_grads:
+                if grad_hidden or grad_weight:
                     grad_logits = log_probs.exp_()  # softmax, in place
                     grad_logits.scatter_add_(1, safe_targets[part, None], grad_logits.new_full((len(picked), 1), -1.0))
                     grad_logits.mul_((counted[part] / count)[:, None])
+                if grad_h is not None:
                     grad_h[part] = grad_logits @ w
+                if grad_w is not None:
                     torch.addmm(grad_w, grad_logits.t(), h[part], out=grad_w)  # in place via out=: FLOP counters see it
             loss = loss / count
-        if needs_grads:
-            ctx.save_for_backward(grad_h.to(hidden.dtype), grad_w.to(weight.dtype))
+        if grad_hidden or grad_weight:
+            ctx.save_for_backward(
+                None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype)
+            )
         if logits_out is not None:
             ctx.mark_non_differentiable(logits_out)
         return loss, logits_out
@@ -69,7 +74,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logits):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None
+        scaled = [None if grad is None else grad * grad_loss for grad in (grad_h, grad_w)]
+        return *scaled, None, None, None, None
 
 
 def linear_token_logprobs(

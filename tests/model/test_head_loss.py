@@ -40,6 +40,24 @@ def test_fused_head_loss_computes_no_gradients_without_autograd():
     assert loss.item() == pytest.approx(F.cross_entropy(hidden @ weight.t(), targets).item(), abs=1e-6)
 
 
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_fused_head_loss_computes_only_the_gradients_autograd_asks_for(frozen):
+    """A frozen head (a LoRA run's) had its weight gradient computed anyway: 2 FLOPs per head parameter and token."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight = torch.randn(37, 16), torch.randn(50, 16)
+    targets = torch.randint(50, (37,))
+    reference = {"hidden": hidden.clone().requires_grad_(), "weight": weight.clone().requires_grad_()}
+    F.cross_entropy(reference["hidden"] @ reference["weight"].t(), targets).backward()
+    trained = "hidden" if frozen == "weight" else "weight"
+    inputs = {"hidden": hidden.clone(), "weight": weight.clone()}
+    inputs[trained].requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        linear_cross_entropy(inputs["hidden"], inputs["weight"], targets)[0].backward()
+    torch.testing.assert_close(inputs[trained].grad, reference[trained].grad, rtol=0, atol=1e-6)
+    assert counter.get_total_flops() == 2 * 2 * 37 * 50 * 16  # the logits, then one gradient (was: both)
+
+
 def test_fused_head_loss_runs_in_float32_under_bfloat16_autocast():
     hidden = torch.randn(8, 4, requires_grad=True)
     weight = torch.randn(6, 4, requires_grad=True)
