@@ -117,6 +117,12 @@ def attention_flops_per_layer(config: ModelConfig, context_length: int) -> int:
     return 2 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * context_length
 
 
+def block_forward_flops(config: ModelConfig, layer_idx: int, context_length: int) -> int:
+    """Forward FLOPs of one token through decoder block `layer_idx`: its matrices, and its attention over
+    S = `context_length` keys."""
+    return 2 * block_parameters(config, layer_idx).activated_matmul + attention_flops_per_layer(config, context_length)
+
+
 def forward_flops_per_token(config: ModelConfig, context_length: int) -> int:
     """Forward FLOPs of one token of the main model attending to S = `context_length` keys.
 

@@ -38,7 +38,9 @@ from seekstack.adapters.files import (
     restore_adapter,
     save_adapter,
 )
+from seekstack.adapters.flops import lora_training_flops
 from seekstack.checkpoint import read_config
+from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
@@ -92,6 +94,9 @@ class LoraHooks:
 
     def restore(self, model: nn.Module, folder: Path) -> None:
         restore_adapter(model, folder, converted=self.initial is not None)
+
+    def training_flops(self, config: ModelConfig, positions: int, seq_len: int) -> int:
+        return lora_training_flops(config, self.config, seq_len, positions)
 
 
 def eva_components(

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from seekstack.accounting import training_flops_per_token
 from seekstack.checkpoint import load_pretrained, read_config, write_pretrained_files
+from seekstack.config import ModelConfig
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations
@@ -74,6 +76,9 @@ class DistillHooks:
         device = model.student.embed_tokens.weight.device
         model.student.load_state_dict(load_pretrained(folder, device=device).state_dict())
         model.load_training_state(torch.load(folder / STATE_FILE, map_location=device))
+
+    def training_flops(self, config: ModelConfig, positions: int, seq_len: int) -> int:
+        return positions * training_flops_per_token(config, seq_len)  # the student's (the teacher's are not counted)
 
 
 def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> TrainResult:

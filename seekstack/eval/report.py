@@ -218,14 +218,12 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
     per_token = None
     if _reads_token_shards(train_config):  # rows of seq_len tokens: the FLOPs per token are exact
         seq_len = train_config.get("seq_len", 256)
-        per_token = accounting.training_flops_per_token(config, seq_len)
-        rows += [
-            (
-                f"forward FLOPs per token (context {seq_len})",
-                f"{accounting.forward_flops_per_token(config, seq_len):,}",
-            ),
-            ("training FLOPs per token" + (" (with MTP)" if mtp_depths else ""), f"{per_token:,}"),
-        ]
+        per_token = _training_flops_per_token(config, train_config, run_dir if adapter is not None else None)
+        rows.append(
+            (f"forward FLOPs per token (context {seq_len})", f"{accounting.forward_flops_per_token(config, seq_len):,}")
+        )
+        if per_token is not None:
+            rows.append(("training FLOPs per token" + (" (with MTP)" if mtp_depths else ""), f"{per_token:,}"))
     if tokens is not None:
         rows.append(("tokens trained", f"{tokens:,} ({last_step} steps)"))
         if per_token is not None:
@@ -234,6 +232,21 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
         ("KV cache per token (bf16)", f"{cache.latent:,} B latent vs {cache.mha:,} B plain MHA ({cache.ratio:.1f}x)")
     )
     return "## Model\n\n" + _table(("", ""), rows)
+
+
+def _training_flops_per_token(config: ModelConfig, train_config: dict[str, Any], lora_run: Path | None) -> int | None:
+    """Training FLOPs per token of the run's rows; a LoRA run's (`lora_run`) without weight gradients for its frozen
+    base (seekstack/adapters/flops.py), None when its lora_config.json is not there (a run made by hand)."""
+    from seekstack.adapters.config import CONFIG_FILE, AdapterConfig
+    from seekstack.adapters.flops import lora_training_flops
+
+    seq_len = train_config.get("seq_len", 256)
+    if lora_run is None:
+        return accounting.training_flops_per_token(config, seq_len)
+    if not (lora_run / CONFIG_FILE).is_file():
+        return None
+    positions = train_config.get("batch_size", 1) * seq_len  # of a micro-batch
+    return lora_training_flops(config, AdapterConfig.load(lora_run), seq_len, positions) // positions
 
 
 def _adapter_summary(adapter: Path, base_parameters: int) -> str:

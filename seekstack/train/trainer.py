@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import WriteRefused, write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
+from seekstack.config import ModelConfig
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.interrupts import interrupts_deferred, sigterm_as_ctrl_c
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -117,6 +118,11 @@ class ModelHooks(Protocol):
 
     def restore(self, model: nn.Module, folder: Path) -> None:
         """Load what `write` wrote back into a module `prepare` made (resume)."""
+        ...
+
+    def training_flops(self, config: ModelConfig, positions: int, seq_len: int) -> int:
+        """Training FLOPs of a micro-batch of `positions` trained tokens in rows of `seq_len` of the model `config`
+        describes (for MFU)."""
         ...
 
 
@@ -529,7 +535,10 @@ class _Run:
         for micro, (rows, share) in enumerate(zip(micro_batches, shares, strict=True)):
             positions, length = self._trained_tokens(rows)
             tokens += positions
-            flops += positions * training_flops_per_token(model.config, length)
+            if self.hooks is None:
+                flops += positions * training_flops_per_token(model.config, length)
+            else:  # a module made from the model: a LoRA run computes no weight gradients for the frozen base
+                flops += self.hooks.training_flops(model.config, positions, length)
             last = micro == config.grad_accum_steps - 1
             with distributed.gradient_sync(self.wrapped, sync=last), self._autocast():
                 if self.source is None:
