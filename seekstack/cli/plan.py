@@ -43,14 +43,14 @@ def stored_weights(model: str, config: ModelConfig) -> str:
 def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[dict[str, int], str]:
     """What each tensor of MODEL takes (by checkpoint key), and how that was found: every parameter at `weights` when
     given; else a checkpoint's tensors from its safetensors headers (quantized layers with their scales, the
-    embedding, head and norms as stored), the width its config.json states when it has no weight files, or
-    bfloat16 for a preset."""
-    from seekstack.checkpoint import INDEX_FILE, stored_tensor_bytes
+    embedding, head and norms as stored), the width its config.json states when it has no weight files (a shard
+    index alone, downloaded with config.json to plan before the weights, names no dtype), or bfloat16 for a preset."""
+    from seekstack.checkpoint import stored_tensor_bytes
     from seekstack.infer.placement import tensor_bytes_at_width
 
     if weights is None and model not in PRESETS:
         directory = Path(model)
-        if (directory / INDEX_FILE).exists() or any(directory.glob("*.safetensors")):
+        if any(directory.glob("*.safetensors")):
             return stored_tensor_bytes(directory), "weights as stored in its safetensors files"
         weights = stored_weights(model, config)
         return tensor_bytes_at_width(config, BYTES_PER_PARAM[weights]), f"{weights} weights as stored (config.json)"

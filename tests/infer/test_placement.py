@@ -16,7 +16,14 @@ import torch
 
 import seekstack
 from seekstack.accounting import main_parameters, mtp_parameters
-from seekstack.checkpoint import SINGLE_FILE, checkpoint_key, read_config, read_safetensors, stored_tensor_bytes
+from seekstack.checkpoint import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    checkpoint_key,
+    read_config,
+    read_safetensors,
+    stored_tensor_bytes,
+)
 from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.params import parse_bytes
@@ -362,6 +369,22 @@ def test_a_config_without_weights_is_planned_at_the_width_it_states(tmp_path, st
     assert f"({expected.resident_bytes['disk']:,} B)" in result.output
     overridden = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1MiB", "--weights", "int4"])
     assert overridden.output.startswith(f"{tmp_path}, int4 weights (")
+
+
+def test_a_config_with_only_its_shard_index_is_planned_at_the_width_it_states(tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    config = seekstack.preset("tiny")
+    (tmp_path / "config.json").write_text(json.dumps({**config.to_dict(), "torch_dtype": "bfloat16"}))
+    weight_map = {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1MiB"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{tmp_path}, bfloat16 weights as stored (config.json)")
+    expected = plan_placement(config, {"cpu": 2**20}, tensor_bytes_at_width(config, 2.0))
+    assert result.output.splitlines()[-1] == f"--device-map {expected.device_map()}"
 
 
 INT4_TILEABLE = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)
