@@ -93,7 +93,7 @@ def grouped_experts(
 def _build() -> bool:
     from torch.utils.cpp_extension import get_default_build_root, load
 
-    folder = Path(get_default_build_root()) / f"{NAME}-torch{torch.__version__}-{_cpu_tag()}"
+    folder = _build_folder(Path(get_default_build_root()))
     library = folder / f"{NAME}.so"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -148,6 +148,15 @@ def _clear_stale_lock(lock: Path) -> None:
             lock.unlink(missing_ok=True)
             return
         time.sleep(0.5)
+
+
+def _build_folder(root: Path) -> Path:
+    """The folder under `root` of this installation's build, per torch version, CPU and source file: ninja rebuilds
+    a library whose recorded source path changed, so two installations (two venvs, a checkout and its clone) sharing
+    one folder rebuilt it over each other at every process's first use (~15-30 s each time, waiting on each other's
+    lock), and one could load the library the other had just built from another version of the source."""
+    source = hashlib.sha256(str(SOURCE.resolve()).encode()).hexdigest()[:8]
+    return root / f"{NAME}-torch{torch.__version__}-{_cpu_tag()}-src{source}"
 
 
 def _cpu_tag() -> str:

@@ -351,3 +351,15 @@ def test_a_kernel_library_no_process_loaded_as_it_is_is_rebuilt_not_loaded(tmp_p
         damaged.truncate(1000)
     cpu_kernels._drop_unproven(library)
     assert not library.exists()
+
+
+def test_two_installations_build_the_kernels_in_folders_of_their_own(tmp_path, monkeypatch):
+    """ninja rebuilt the shared library whenever another installation's source path had built it last, so a
+    checkout and its clone (or two venvs) rebuilt it over each other at every process's first use."""
+    here = cpu_kernels._build_folder(tmp_path)
+    monkeypatch.setattr(cpu_kernels, "SOURCE", tmp_path / "clone" / cpu_kernels.SOURCE.name)
+    there = cpu_kernels._build_folder(tmp_path)
+    assert here != there and here.parent == there.parent == tmp_path
+    assert here.name.startswith(f"{cpu_kernels.NAME}-torch{torch.__version__}-")
+    monkeypatch.undo()
+    assert cpu_kernels._build_folder(tmp_path) == here  # the same installation finds its build again
