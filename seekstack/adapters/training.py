@@ -169,7 +169,7 @@ def lora_train_config(
             )
         changes: list[str] = []  # told once the base and data are known to be the run's
         train_config = resolve_train_config(None, [f"out_dir={out}", *given, *train_overrides], True, changes.append)
-        refuse_another_base_or_data(train_config, resolve_train_config(None, [f"out_dir={out}"], True))
+        refuse_another_base_or_data(train_config, load_config(TrainConfig, Path(out) / TRAIN_CONFIG_FILE))
         if warn is not None:
             for change in changes:
                 warn(change)
@@ -274,11 +274,12 @@ def _adapter_overrides(overrides: Sequence[str]) -> list[str]:
 
 def refuse_another_base_or_data(config: TrainConfig, started: TrainConfig) -> None:
     """A ConfigError when a resumed run's `config` names another base or DATA than the run in its out_dir trains
-    with (`started`, its train_config.json): its adapter's factors are trained on that base and data."""
+    with (`started`, its train_config.json): its adapter's factors are trained on that base and data. A saved path
+    that names nothing any more (a relative one of a run copied or moved elsewhere) is the one given."""
     saved = Path(config.out_dir) / TRAIN_CONFIG_FILE
     for name, thing in (("init_from", "BASE"), ("data_dir", "DATA")):
         given, kept = getattr(config, name), getattr(started, name)
-        if not same_value(name, kept, given):
+        if not same_value(name, kept, given) and Path(kept).exists():
             raise ConfigError(
                 f"{given}: the run in {config.out_dir} trains its adapter with {thing} {kept} ({saved}); resume it "
                 f"with that {thing} (or none: `seekstack lora train --resume --out {config.out_dir}`), or train a new "

@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -134,6 +135,23 @@ def test_a_resumed_lora_run_refuses_another_base_or_data_naming_the_runs(base, o
     with pytest.raises(ConfigError, match="trains its adapter with BASE"):
         lora_train_config(None, None, out, ["max_steps=2", f"init_from={other_base}"], resume=True)
     assert (out / "train_config.json").read_text() == saved
+
+
+def test_a_lora_run_moved_to_another_depth_resumes_given_its_base_and_data_again(base, tmp_path, monkeypatch):
+    """Its saved relative base and data name nothing after the move: given again, the resume was refused anyway as
+    'another BASE', the saved config being checked (and failing) before it was compared."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(base, "base")
+    Path("prose.txt").write_text("A few words of prose to adapt to. " * 200)
+    train_adapter(*lora_train_config("base", "prose.txt", "runs/adapter", QUICK_RUN))  # saved as ../../base
+    shutil.copytree("runs/adapter", "adapter")
+    with pytest.raises(ConfigError, match=r"adapter/train_config.json: field 'init_from' must be an existing"):
+        lora_train_config(None, None, "adapter", ["max_steps=2"], resume=True)
+    resumed = lora_train_config("base", "adapter/data", "adapter", ["max_steps=2"], resume=True)
+    assert train_adapter(*resumed, resume=True).step == 2
+    shutil.copytree(base, "other_base")
+    with pytest.raises(ConfigError, match="trains its adapter with BASE"):  # a saved base that is there is compared
+        lora_train_config("other_base", None, "adapter", ["max_steps=3"], resume=True)
 
 
 def test_a_resumed_lora_run_given_its_text_again_continues_on_its_tokens(base, text_run):
