@@ -129,7 +129,8 @@ def forward(
         mtp_loss = f"{output.mtp_loss.item():.4f}"
     else:
         mtp_loss = "n/a (the model has no MTP module)" if len(network.mtp) == 0 else "n/a (needs seq-len >= 3)"
-    console.print(f"lm loss: {output.lm_loss.item():.4f}, mtp loss: {mtp_loss}")
+    lm_loss = f"{output.lm_loss.item():.4f}" if seq_len >= 2 else "n/a (needs seq-len >= 2: no token has a next one)"
+    console.print(f"lm loss: {lm_loss}, mtp loss: {mtp_loss}")
     console.print(f"uniform guess: ln V = {math.log(config.vocab_size):.4f}")
     if output.expert_load is not None:
         table = Table(title="expert load (tokens per routed expert)")

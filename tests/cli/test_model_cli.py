@@ -63,6 +63,13 @@ def test_forward_counts_the_mtp_modules_the_checkpoint_holds(tmp_path):
     assert "mtp loss: n/a (the model has no MTP module)" in result.output
 
 
+def test_forward_of_one_token_prints_no_next_token_loss_rather_than_zero():
+    one, two = (run("forward", "tiny", "--seq-len", seq_len, "--batch", "1") for seq_len in ("1", "2"))
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    assert "lm loss: n/a (needs seq-len >= 2: no token has a next one), mtp loss: n/a" in one.output
+    assert float(re.search(r"lm loss: ([\d.]+),", two.output)[1]) > 1  # random weights: about ln V
+
+
 def test_forward_on_a_truncated_checkpoint_prints_one_line_naming_the_file(tmp_path):
     directory = save_pretrained(Transformer(preset("tiny")), tmp_path / "tiny")
     weights = directory / SINGLE_FILE
