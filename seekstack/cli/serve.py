@@ -311,8 +311,11 @@ def usage_command(
             day.day, day.key_name or "(open)", str(day.requests), str(day.failed), f"{day.prompt_tokens:,}",
             f"{day.completion_tokens:,}", f"{day.cost:.6f}",
         )  # fmt: skip
-    total = [str(sum(d.requests for d in days)), str(sum(d.failed for d in days)), "", ""]
-    table.add_row("total", "", *total, f"{sum(d.cost for d in days):.6f}")
+    table.add_row(
+        "total", "", str(sum(d.requests for d in days)), str(sum(d.failed for d in days)),
+        f"{sum(d.prompt_tokens for d in days):,}", f"{sum(d.completion_tokens for d in days):,}",
+        f"{sum(d.cost for d in days):.6f}",
+    )  # fmt: skip
     Console(markup=False).print(table)
 
 

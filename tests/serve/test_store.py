@@ -391,6 +391,9 @@ def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
     Ledger(open_database(db)).record(usage("frank", 1000, 500))
     table = runner.invoke(app, ["usage", "--db", db]).stdout
     assert "frank" in table and "1,000" in table and "0.003000" in table  # 1.5k tokens at 0.002 per 1k
+    Ledger(open_database(db)).record(usage("frank", 2000, 250))
+    total = next(line for line in runner.invoke(app, ["usage", "--db", db]).stdout.splitlines() if "total" in line)
+    assert [cell.strip() for cell in total.split("│")[3:7]] == ["2", "0", "3,000", "750"]  # the token totals too
     bad_day = runner.invoke(app, ["usage", "--since", "yesterday", "--db", db])
     assert bad_day.exit_code == 1 and "'yesterday' is not in the form YYYY-MM-DD" in bad_day.stderr
 
