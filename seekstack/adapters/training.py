@@ -182,6 +182,7 @@ def lora_train_config(
         refuse_new_run_into(out)  # a folder without a checkpoint starts anew, as with `seekstack train`
         with lora_keys():
             adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
+        refuse_more_rows_than_the_base_has(adapter, base)
         train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
     require(
@@ -224,6 +225,18 @@ def undone_if_refused(out: str | Path) -> Iterator[None]:
                 if folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
         raise
+
+
+def refuse_more_rows_than_the_base_has(adapter: AdapterConfig, base: str | Path) -> None:
+    """A ConfigError naming lora.head_tokens or lora.embedding_tokens, before the run writes anything, when it asks
+    for more trained rows than the base's head and embedding have (its vocab_size)."""
+    vocab_size, config_file = read_config(base).vocab_size, Path(base) / "config.json"
+    for name in ("head_tokens", "embedding_tokens"):
+        require(
+            getattr(adapter, name) <= vocab_size,
+            PREFIX + name,
+            f"at most {vocab_size:,}, the rows of the base's head and embedding (vocab_size in {config_file})",
+        )
 
 
 def refuse_quantized_checkpoint(base: str | Path) -> None:

@@ -51,7 +51,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_retried_into_the_same_
     [
         ("seq_len=1024", "longer than the model's context"),  # by the trainer, once the text was tokenized
         ("lora.layers=[9]", "field 'lora.layers' must be main layer numbers below"),  # by peft's targets on the base
-        ("lora.head_tokens=100000", "token rows (lora.head_tokens or lora.embedding_tokens) are more than"),
+        ("lora.embedding_tokens=100000", "field 'lora.embedding_tokens' must be at most "),  # before the text was read
     ],
 )
 def test_a_refused_run_leaves_its_out_folder_as_it_was(base, text, refused, named, tmp_path):

@@ -228,6 +228,20 @@ def test_text_too_short_for_one_window_is_named_as_the_users_file_not_the_run_s_
     assert f"too few for one window of {seq_len + 1:,} (seq_len + 1)" in said and "index.json" not in said
 
 
+@pytest.mark.parametrize("field", ["head_tokens", "embedding_tokens"])
+def test_more_trained_rows_than_the_base_has_are_refused_naming_the_key_and_the_base_before_writing(
+    base, field, tmp_path
+):
+    """It was refused once the text was tokenized, naming neither key but the run's own data folder's vocabulary."""
+    text = tmp_path / "prose.txt"
+    text.write_text("A few words of prose to adapt to. " * 200)
+    vocab_size = json.loads((base / "config.json").read_text())["vocab_size"]
+    with pytest.raises(ConfigError, match=rf"field 'lora.{field}' must be at most {vocab_size:,}, the rows of the "
+                       rf"base's head and embedding \(vocab_size in {base / 'config.json'}\)"):  # fmt: skip
+        lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, f"lora.{field}={vocab_size + 1}"])
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_tokenizing_an_empty_corpus_is_refused_naming_it(base, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
