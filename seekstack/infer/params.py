@@ -16,7 +16,9 @@ MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: -100 bans a token, +100 as good as forces it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BYTE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+BYTE_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}  # fmt: skip
 
 
 def parse_bytes(text: str) -> int:

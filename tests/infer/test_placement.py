@@ -490,6 +490,11 @@ def test_a_size_that_is_not_finite_is_refused_naming_it():
     assert parse_bytes("1.5KiB") == 1536
 
 
+def test_a_budget_in_tebibytes_is_read_as_every_other_binary_unit_is():
+    assert parse_bytes("1TiB") == 2**40 and parse_bytes("0.5tib") == 2**39
+    assert parse_budgets("cpu=1TiB,cuda:0=141GiB") == {"cuda:0": 141 * 2**30, "cpu": 2**40}
+
+
 def test_disk_parts_already_memory_mapped_from_the_checkpoint_are_used_in_place(tmp_path):
     directory = tmp_path / "model"
     seekstack.save_pretrained(micro_model(), directory, stacked_experts=True)
