@@ -20,8 +20,7 @@ def stored_weights(model: str, config: ModelConfig) -> str:
     ValueError naming the file for a quantization_config it cannot read."""
     quantization = config.extra.get("quantization_config")
     if quantization is None:
-        dtype = config.extra.get("torch_dtype", config.extra.get("dtype"))
-        return dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+        return stated_float_dtype(config)
     method = quantization.get("quant_method", "fp8") if isinstance(quantization, dict) else None
     if method == "fp8":
         return "float8"
@@ -40,12 +39,21 @@ def stored_weights(model: str, config: ModelConfig) -> str:
     )
 
 
+def stated_float_dtype(config: ModelConfig) -> str:
+    """The float dtype (a BYTES_PER_PARAM name) a checkpoint's config.json states its float weights in: torch_dtype
+    (transformers 4) or dtype (5), else bfloat16."""
+    dtype = config.extra.get("torch_dtype", config.extra.get("dtype"))
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+
+
 def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[dict[str, int], str]:
     """What each tensor of MODEL takes (by checkpoint key), and how that was found: every parameter at `weights` when
     given; else a checkpoint's tensors from its safetensors headers (quantized layers with their scales, the
     embedding, head and norms as stored), the width its config.json states when it has no weight files (a shard
-    index alone, downloaded with config.json to plan before the weights, names no dtype), or bfloat16 for a preset."""
-    from seekstack.checkpoint import stored_tensor_bytes
+    index alone, downloaded with config.json to plan before the weights, names no dtype; fp8 in DeepSeek's release
+    layout, with the layers it keeps in float at that width), or bfloat16 for a preset."""
+    from seekstack.checkpoint import CONFIG_FILE, stored_tensor_bytes
+    from seekstack.checkpoint.reader import _fp8_block
     from seekstack.infer.placement import tensor_bytes_at_width
 
     if weights is None and model not in PRESETS:
@@ -53,6 +61,11 @@ def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[
         if any(directory.glob("*.safetensors")):
             return stored_tensor_bytes(directory), "weights as stored in its safetensors files"
         weights = stored_weights(model, config)
+        if weights == "float8":
+            block = _fp8_block(config.extra["quantization_config"], directory / CONFIG_FILE)
+            float_dtype = stated_float_dtype(config)
+            priced = f"float8 weights as stored (config.json), {float_dtype} where DeepSeek's FP8 release keeps them"
+            return tensor_bytes_at_width(config, BYTES_PER_PARAM[float_dtype], block), priced
         return tensor_bytes_at_width(config, BYTES_PER_PARAM[weights]), f"{weights} weights as stored (config.json)"
     weights = weights or "bfloat16"
     return tensor_bytes_at_width(config, BYTES_PER_PARAM[weights]), f"{weights} weights"

@@ -23,6 +23,7 @@ import fcntl
 import functools
 import hashlib
 import itertools
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -36,6 +37,8 @@ from torch import nn
 
 from seekstack.atomic import WriteRefused, delete_unless_locked, hidden_pattern, same_file, staged_files
 from seekstack.checkpoint import MappedCopy, checkpoint_key, layer_key
+from seekstack.checkpoint.fp8 import _is_fp8_quantizable, fp8_scale_shape
+from seekstack.checkpoint.keys import KEPT_FLOAT, STACKED_EXPERT_PARTS
 from seekstack.compress.linear import QuantizedWeight
 from seekstack.config import ModelConfig
 from seekstack.infer.params import parse_bytes
@@ -213,13 +216,26 @@ def model_tensor_bytes(model: nn.Module) -> dict[str, int]:
     return {checkpoint_key(name, layers): tensor.numel() * tensor.element_size() for name, tensor in tensors}
 
 
-def tensor_bytes_at_width(config: ModelConfig, bytes_per_param: float) -> dict[str, int]:
+def tensor_bytes_at_width(
+    config: ModelConfig, bytes_per_param: float, fp8_block: tuple[int, int] | None = None
+) -> dict[str, int]:
     """The bytes each parameter of `config`'s model takes stored at `bytes_per_param`, by checkpoint key: a plan for
-    a width rather than for weights at hand (meta device)."""
+    a width rather than for weights at hand (meta device). With `fp8_block`, what loading DeepSeek's FP8 release
+    layout holds: the projections it quantizes (routed experts too) in e4m3 with a float32 scale per block, the rest
+    (embedding, head, norms, routers, MTP's eh_proj, and kv_b_proj, which loading expands) at `bytes_per_param`."""
     with torch.device("meta"):
         model = Transformer(config)
-    layers = config.num_hidden_layers
-    return {checkpoint_key(name, layers): int(p.numel() * bytes_per_param) for name, p in model.named_parameters()}
+    sizes = {}
+    for name, parameter in model.named_parameters():
+        key = checkpoint_key(name, config.num_hidden_layers)
+        parts = STACKED_EXPERT_PARTS.get(key.rpartition(".")[2]) if ".mlp.experts." in key else None
+        in_fp8 = fp8_block is not None and (parts or _is_fp8_quantizable(key, parameter)) and KEPT_FLOAT not in key
+        if in_fp8:
+            scales = math.prod(fp8_scale_shape(tuple(parameter.shape), fp8_block, parts or 1))  # type: ignore[arg-type]
+            sizes[key] = parameter.numel() + scales * torch.float32.itemsize
+        else:
+            sizes[key] = int(parameter.numel() * bytes_per_param)
+    return sizes
 
 
 def parse_budgets(text: str) -> dict[str, int]:

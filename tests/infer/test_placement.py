@@ -10,6 +10,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -350,7 +351,6 @@ def test_no_budget_at_all_is_refused_rather_than_everything_put_on_disk(model, b
 @pytest.mark.parametrize(
     "stored, weights, bytes_per_param",
     [({"torch_dtype": "float32"}, "float32", 4.0), ({"torch_dtype": "bfloat16"}, "bfloat16", 2.0),
-     ({"torch_dtype": "float32", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}}, "float8", 1.0),
      ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
          "group_0": {"weights": {"num_bits": 4}}, "group_1": {"weights": {"num_bits": 8}}}}}, "int8", 1.0)],
 )  # fmt: skip
@@ -369,6 +369,26 @@ def test_a_config_without_weights_is_planned_at_the_width_it_states(tmp_path, st
     assert f"({expected.resident_bytes['disk']:,} B)" in result.output
     overridden = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1MiB", "--weights", "int4"])
     assert overridden.output.startswith(f"{tmp_path}, int4 weights (")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_fp8_config_without_weights_is_planned_as_loading_deepseeks_release_layout_holds(tmp_path, dtype):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    seekstack.save_pretrained(micro_model().to(dtype), tmp_path / "fp8", fp8_block=(16, 16))
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_bytes((tmp_path / "fp8" / "config.json").read_bytes())
+    folders = (tmp_path / "fp8", tmp_path / "config_only")
+    planned = [CliRunner().invoke(app, ["plan", str(folder), "--memory", "cpu=1GiB"]) for folder in folders]
+    assert all(result.exit_code == 0 for result in planned), planned[1].output
+    float_dtype = str(dtype).removeprefix("torch.")
+    assert f"float8 weights as stored (config.json), {float_dtype} where DeepSeek's" in planned[1].output
+    held = [int(re.search(r"^cpu .*\(([\d,]+) B\)", r.output, re.MULTILINE)[1].replace(",", "")) for r in planned]
+    loaded = seekstack.load_pretrained(tmp_path / "fp8", dtype=dtype)
+    routing_bias = sum(b.nbytes for n, b in loaded.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert held[1] == held[0] - routing_bias  # the config alone prices parameters only: the float32 biases are ~0
 
 
 def test_a_config_with_only_its_shard_index_is_planned_at_the_width_it_states(tmp_path):
