@@ -81,6 +81,22 @@ def test_fp8_stacked_experts_scale_of_the_wrong_shape_is_refused_naming_the_file
     assert "takes (8, 4, 4)" in message
 
 
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
+@pytest.mark.parametrize(
+    "scheme, key, stored_as",
+    [("fp8", f"{Q_B}.weight_scale_inv", torch.int32), ("fp8", f"{UP}.weight_scale_inv", torch.float8_e4m3fn),
+     ("fp8", f"{Q_B}.weight_scale_inv", torch.bool), ("int8", f"{Q_B}.weight_scale", torch.int8)],
+)  # fmt: skip
+def test_a_scale_stored_in_no_float_dtype_is_refused_naming_the_file_the_key_and_the_dtype(
+    tmp_path, scheme, key, stored_as, dequantize
+):
+    directory = save_fp8(tmp_path / "fp8") if scheme == "fp8" else save_quantized(tmp_path / scheme, scheme)
+    damage(directory / SINGLE_FILE, replace(key, lambda scale: scale.to(stored_as)))
+    message = load_error(directory, dequantize)
+    dtype = {torch.int32: "I32", torch.float8_e4m3fn: "F8_E4M3", torch.bool: "BOOL", torch.int8: "I8"}[stored_as]
+    assert message.startswith(f"{directory / SINGLE_FILE}: key {key!r} is stored as {dtype}, but the scales "), message
+
+
 INT_DAMAGES = {
     "int8-weight-row-short": ("int8", f"{Q_B}.weight_packed", lambda words: words[:-1]),
     "int8-scale-row-short": ("int8", f"{Q_B}.weight_scale", lambda scale: scale[:-1]),

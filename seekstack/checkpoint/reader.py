@@ -290,9 +290,9 @@ class CheckpointReader:
             )
 
     def check_scales(self, weight_key: str, parts: int = 1) -> None:
-        """CheckpointError naming the file and the key when the scales of quantized weight `weight_key` are missing or
-        do not fit its shape: e4m3's `weight_scale_inv` one per fp8 block of each of `parts` matrices stacked by rows,
-        int8/int4's `weight_scale` one per row and group of columns."""
+        """CheckpointError naming the file and the key when the scales of quantized weight `weight_key` are missing, not
+        stored in a float dtype, or do not fit its shape: e4m3's `weight_scale_inv` one per fp8 block of each of
+        `parts` matrices stacked by rows, int8/int4's `weight_scale` one per row and group of columns."""
         shape = self.unpacked_shape(weight_key)
         if self.stored_dtype(weight_key) == "F8_E4M3":
             scale_key = weight_key + "_scale_inv"
@@ -315,6 +315,12 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{self.file_of(scale_key)}: key {scale_key!r} has shape {scale_shape}, but the {shape} weight "
                 f"{weight_key!r} takes {wanted}; {DAMAGED}"
+            )
+        stored = self.stored_dtype(scale_key)
+        if stored not in FLOAT_STORED:  # an integer, bool or e4m3 scale would be read as another number, silently
+            raise CheckpointError(
+                f"{self.file_of(scale_key)}: key {scale_key!r} is stored as {stored}, but the scales of {weight_key!r} "
+                f"load only from a float dtype ({', '.join(FLOAT_STORED)}); {DAMAGED}"
             )
 
     def check_stored_format(self, key: str) -> None:
