@@ -483,6 +483,18 @@ def test_missing_key_is_reported_with_the_file_and_the_key(saved):
     assert "'model.layers.1.mlp.experts.3.up_proj.weight'" in str(error.value)
 
 
+@pytest.mark.parametrize("stacked_experts", [True, False], ids=["stacked", "per-expert"])
+def test_missing_routed_experts_are_reported_with_their_key_in_either_layout(tmp_path, stacked_experts):
+    seekstack.save_pretrained(random_model(), tmp_path, stacked_experts=stacked_experts)
+    stack, first_expert = "model.layers.1.mlp.experts.down_proj", "model.layers.1.mlp.experts.0.down_proj.weight"
+    tensors = load_file(tmp_path / SINGLE_FILE)
+    del tensors[stack if stacked_experts else first_expert]
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    assert load_error(tmp_path).startswith(
+        f"{tmp_path / SINGLE_FILE}: missing key {stack!r} (routed experts stacked) or {first_expert!r} (per expert); "
+    )
+
+
 def test_shape_mismatch_is_reported_with_the_file_the_key_and_both_shapes(saved):
     tensors = load_file(saved / SINGLE_FILE)
     key = "model.layers.0.self_attn.kv_b_proj.weight"

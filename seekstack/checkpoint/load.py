@@ -199,6 +199,10 @@ def _float_pieces(
     if names is not None:  # the stacked layout, quantized
         stored = _stacked_stored(reader, key, tuple(target.shape), names)
         return list(target), functools.partial(_dequantized_experts, reader, key, stored, target.dtype)
+    if sources is not None and key not in reader:  # per expert, or in neither layout
+        first_expert = sources[0][0]
+        if reader.weight_key(first_expert.removesuffix(".weight")) not in reader:
+            raise reader.missing(f"{key!r} (routed experts stacked) or {first_expert!r} (per expert)")
     sources = None if key in reader else sources  # the stacked layout in float: one key
     sources = sources or [(key, target)]
     return [view for _, view in sources], functools.partial(_read_pieces, reader, sources, target.dtype)

@@ -397,6 +397,11 @@ class CheckpointReader:
         seekstack did not write (safetensors pads a header to 8 bytes only) often hold tensors that do not."""
         return self._get(key).data_ptr() % ALIGNMENT == 0
 
+    def missing(self, keys: str) -> CheckpointError:
+        """The error for keys the checkpoint lacks (`keys` as the message names them), naming its index or its file."""
+        where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
+        return CheckpointError(f"{where}: missing key {keys}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
+
     def _get(self, key: str) -> torch.Tensor:
         return self._from_file(key, lambda handle: handle.get_tensor(key))
 
@@ -404,8 +409,7 @@ class CheckpointReader:
         """`read(handle)` on the open safetensors file the index names for `key`; CheckpointError naming the file and
         the key when the key is missing or the file cannot give it (an index pointing at the wrong shard)."""
         if key not in self.key_to_file:
-            where = self.directory / (INDEX_FILE if (self.directory / INDEX_FILE).exists() else SINGLE_FILE)
-            raise CheckpointError(f"{where}: missing key {key!r}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
+            raise self.missing(repr(key))
         file = self.key_to_file[key]
         if file not in self._handles:
             self._handles[file] = self._files.enter_context(_open_safetensors(self.directory / file))
