@@ -91,7 +91,7 @@ class TrainConfig:
     bias_update_rate: NonNegativeFloat = 0.001  # gamma of the auxiliary-loss-free bias update; 0 disables it
     aux_loss_alpha: NonNegativeFloat = 1e-4  # sequence-wise balance loss weight, written into the model config
     # Evaluation and checkpoints
-    eval_every: NonNegative = 100  # 0 disables evaluation
+    eval_every: NonNegative = 100  # and at the last step; 0 disables evaluation
     eval_batches: Positive = 20  # global batches each evaluation scores (batch_size x grad_accum_steps rows each)
     save_every: NonNegative = 500  # a checkpoint is also written at the last step and on Ctrl-C
     keep_checkpoints: Positive = 3

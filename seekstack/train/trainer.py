@@ -627,7 +627,10 @@ class _Run:
             self._log(metrics)
             self.step += 1
             self.step_start = None  # the step is done: a Ctrl-C from here on keeps it
-            self.evaluation_pending = bool(config.eval_every) and self.step % config.eval_every == 0
+            # every eval_every steps and at the last, as nanochat does: a run's final weights always get a val_loss
+            self.evaluation_pending = bool(config.eval_every) and (
+                self.step % config.eval_every == 0 or self.is_last_step
+            )
         return metrics
 
     # ------------------------------------------------------------------------------ evaluation

@@ -168,7 +168,7 @@ def test_optimizer_updates_with_the_fused_kernel_on_a_cpu(data_dir, tmp_path):
 
 
 def test_training_lowers_the_loss_and_logs_every_step(data_dir, tmp_path):
-    config = run_config(data_dir, tmp_path, max_steps=12, lr=1e-2, eval_every=12, save_every=0)
+    config = run_config(data_dir, tmp_path, max_steps=12, lr=1e-2, eval_every=5, save_every=0)
     result = train(config)
     assert result.step == 12 and len(result.losses) == 12
     assert result.losses[-1] < result.losses[0] - 0.5
@@ -180,8 +180,9 @@ def test_training_lowers_the_loss_and_logs_every_step(data_dir, tmp_path):
     assert first["lr"] == pytest.approx(5e-3) and first["tokens_per_s"] > 0 and first["grad_norm"] > 0
     assert set(first["maxvio_per_layer"]) == {"1", "2"}  # MoE layer 1 and the MTP block
     assert first["maxvio"] == pytest.approx(np.mean(list(first["maxvio_per_layer"].values())))
-    (evaluation,) = [m for m in metrics if "val_loss" in m]
-    assert evaluation["step"] == 12
+    evaluations = [m for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in evaluations] == [5, 10, 12]  # every eval_every steps and at the last, as nanochat's
+    evaluation = evaluations[-1]
     assert evaluation["val_bpb"] == pytest.approx(evaluation["val_loss"] / (4 * math.log(2)))  # 4 bytes per token
     assert set(evaluation["val_maxvio_per_layer"]) == {"1", "2"}  # over all validation tokens, per MoE layer
     assert evaluation["val_maxvio"] == pytest.approx(np.mean(list(evaluation["val_maxvio_per_layer"].values())))
