@@ -34,6 +34,16 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
 
 
+def incomplete_after(checkpoint: Path) -> list[str]:
+    """The names of the step folders beside `checkpoint`, newer than it, that hold no train_state.pt (saves cut short,
+    which a resume from `checkpoint` passes over and overwrites)."""
+    step = int(STEP_DIR.fullmatch(checkpoint.name).group(1)) if STEP_DIR.fullmatch(checkpoint.name) else None
+    if step is None or not checkpoint.parent.is_dir():
+        return []
+    newer = [p for p in checkpoint.parent.iterdir() if STEP_DIR.fullmatch(p.name) and int(p.name[5:]) > step]
+    return [p.name for p in sorted(newer, key=lambda p: int(p.name[5:])) if not (p / TRAIN_STATE_FILE).is_file()]
+
+
 def refuse_new_run_into(out_dir: str | Path) -> None:
     """A new run into a folder that holds a run would trim its metrics and prune its checkpoints: refused, before the
     run builds anything (its data, its model, a post-training source)."""
@@ -60,7 +70,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path:
     if (Path(out_dir) / CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"{out_dir}: the run has saved no checkpoint yet (it holds its {CONFIG_FILE} but no {root.name}/step_N): "
-            "a run saves one every save_every steps, at its last step and on Ctrl-C"
+            "a run saves one every save_every steps, at its last step and on Ctrl-C or SIGTERM"
         )
     raise FileNotFoundError(
         f"{out_dir}: no checkpoint (neither a checkpoint folder with {TRAIN_STATE_FILE} nor a run with "

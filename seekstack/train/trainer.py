@@ -68,7 +68,14 @@ from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
-from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints, refuse_new_run_into, step_dir
+from seekstack.train.runs import (
+    TRAIN_STATE_FILE,
+    incomplete_after,
+    latest_checkpoint,
+    list_checkpoints,
+    refuse_new_run_into,
+    step_dir,
+)
 from seekstack.train.schedule import (
     LrAnchor,
     ProgressAnchor,
@@ -367,7 +374,9 @@ class _Run:
             self.lr_anchor = resumed_lr_anchor(train_state, config)
             self.progress_anchor = resumed_progress_anchor(train_state, config)
             self.evaluation_pending = bool(train_state.get("evaluation_pending")) and config.eval_every > 0
-            self._say(f"resumed from step {self.step} ({path})")
+            passed_over = ", ".join(incomplete_after(path)) if resume is True else ""
+            note = f"; passed over {passed_over}: no {TRAIN_STATE_FILE} (a save cut short)" if passed_over else ""
+            self._say(f"resumed from step {self.step} ({path}){note}")
             self.resumed_from = path
         else:
             refuse_new_run_into(self.out_dir)

@@ -15,7 +15,7 @@ from seekstack.cli import app
 from seekstack.config import preset
 from seekstack.schema import ConfigError
 from seekstack.train.config import CONFIG_FILE, TrainConfig, load_train_config, resolve_train_config
-from seekstack.train.runs import list_checkpoints
+from seekstack.train.runs import TRAIN_STATE_FILE, list_checkpoints
 from tests.train.test_trainer import MICRO_MODEL, read_metrics, write_split
 
 
@@ -174,13 +174,16 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     assert first.exit_code == 0, first.output
     assert "loss" in first.output and "(total" in first.output  # next-token loss, then the total
     first_rates = [row["lr"] for row in read_metrics(out_dir) if "lr" in row]
-    shutil.rmtree(out_dir / "checkpoints" / "step_6")  # resume half way, where the decay is under way
+    (out_dir / "checkpoints" / "step_6" / TRAIN_STATE_FILE).unlink()  # a save cut short: resume half way, where
+    # the decay is under way, saying the newest folder is passed over
     # Only out_dir and the new max_steps: data_dir, batch, lengths and the model come from train_config.json.
     resumed = runner.invoke(app, ["train", f"out_dir={out_dir}", "max_steps=12", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert "warning: resuming with max_steps=12 (the run last ran with 6)" in resumed.output
     assert resumed.output.count("warning:") == 1
-    assert "resumed from step 3" in resumed.output
+    assert f"resumed from step 3 ({out_dir / 'checkpoints' / 'step_3'}); passed over step_6: no train_state.pt" in (
+        resumed.output
+    )
     saved = load_train_config(out_dir / CONFIG_FILE)
     assert (saved.max_steps, saved.batch_size, saved.seq_len) == (12, 4, 32)
     assert Path(saved.data_dir).resolve() == data_dir.resolve()
