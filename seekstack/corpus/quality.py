@@ -66,7 +66,14 @@ class QualityModel:
 
     @classmethod
     def load(cls, path: str | Path) -> QualityModel:
-        """Read a model written by `save`; a ValueError naming `path` for a file that holds none."""
+        """Read a model written by `save`; a FileNotFoundError naming `path` when it is no file, a ValueError when the
+        file holds no model."""
+        path = Path(path)
+        if not path.is_file():
+            missing = "a folder, not a file" if path.is_dir() else "no such file"
+            raise FileNotFoundError(
+                f"{path}: {missing}; a quality model is the .npz that `seekstack data quality-train` writes"
+            )
         try:
             with np.load(path) as saved:
                 return cls(saved["weights"], float(saved["bias"]), tuple(int(n) for n in saved["ngrams"]))

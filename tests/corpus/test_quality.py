@@ -174,6 +174,14 @@ def test_a_model_file_that_is_no_quality_model_is_named(tmp_path: Path, content:
         QualityModel.load(path)
 
 
+@pytest.mark.parametrize(("name", "says"), [("missing.npz", "no such file"), ("corpus", "a folder, not a file")])
+def test_a_model_path_that_is_no_file_is_named_with_what_to_give(tmp_path: Path, name: str, says: str) -> None:
+    """A --model naming nothing, or a folder, failed with Python's bare '[Errno 2] No such file or directory: ...'."""
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / name}: {says}; a quality model is the .npz that"):
+        QualityModel.load(tmp_path / name)
+
+
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
