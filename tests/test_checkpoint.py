@@ -311,6 +311,14 @@ def test_fp8_edge_blocks_are_quantized_with_their_own_scale():
 FP8_SHAPES = dict(hidden_size=160, intermediate_size=300, moe_intermediate_size=136, q_lora_rank=144)  # crosses 128
 
 
+@pytest.mark.parametrize("block", [(0, 128), (128,), (128.0, 128), (-1, 64)])
+def test_an_fp8_block_that_is_not_two_positive_integers_is_refused_before_anything_is_written(tmp_path, block):
+    """(0, 128) raised ZeroDivisionError from inside the quantizer."""
+    with pytest.raises(ValueError, match=r"fp8_block=.*two positive integers \(rows, columns\)"):
+        seekstack.save_pretrained(random_model(), tmp_path / "out", fp8_block=block)
+    assert not (tmp_path / "out").exists()
+
+
 def test_fp8_save_writes_e4m3_weights_with_block_scales_and_a_quantization_config(tmp_path):
     model = random_model(**FP8_SHAPES)
     seekstack.save_pretrained(model, tmp_path, fp8_block=(128, 128))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from seekstack.atomic import atomic_directory, refuse_to_replace
-from seekstack.checkpoint.fp8 import _is_fp8_quantizable, quantize_fp8
+from seekstack.checkpoint.fp8 import DEFAULT_FP8_BLOCK, _is_fp8_quantizable, quantize_fp8
 from seekstack.checkpoint.keys import (
     ALIGNMENT,
     CONFIG_FILE,
@@ -61,6 +61,11 @@ def save_pretrained(
     tokenizer's) are kept. A config transformers computes differently (`ModelConfig.transformers_divergences`) is
     warned about.
     """
+    if fp8_block is not None and not (len(fp8_block) == 2 and all(type(s) is int and s > 0 for s in fp8_block)):
+        raise ValueError(
+            f"fp8_block={fp8_block!r}: the scale block is two positive integers (rows, columns), e.g. DeepSeek's "
+            f"{DEFAULT_FP8_BLOCK}"
+        )
     refuse_hf_export(model.config, directory)
     refuse_to_replace(directory, MODEL_FOLDER_FILES)
     directory = Path(directory)
