@@ -207,6 +207,9 @@ def _expert_load(routing: Routing, counted: torch.Tensor | None = None) -> torch
     return torch.zeros_like(routing.scores[0], dtype=torch.long).index_add_(0, experts, ones)
 
 
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @torch.compiler.disable
 def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """F.grouped_mm, run eagerly inside compiled blocks: its compile-time shape check takes only bfloat16 (torch 2.13),
@@ -215,8 +218,9 @@ def _grouped_mm(x: torch.Tensor, weight_t: torch.Tensor, offsets: torch.Tensor) 
 
 
 def _grouped_mm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped matmul takes these operands: its rows must span multiples of 16 bytes."""
-    return all(width * x.element_size() % 16 == 0 for width in weight.shape[1:])
+    """Whether torch's grouped matmul takes these operands: float32, bfloat16 or float16 (not a float64 model) in
+    rows that span multiples of 16 bytes."""
+    return x.dtype in GROUPED_MM_DTYPES and all(width * x.element_size() % 16 == 0 for width in weight.shape[1:])
 
 
 @dataclass

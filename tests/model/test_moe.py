@@ -37,6 +37,17 @@ def make_moe(**overrides) -> MoE:
     return model.layers[1].mlp
 
 
+def test_a_float64_moe_runs_its_experts_one_by_one_as_the_float32_one_does_grouped():
+    """torch's grouped matmul takes no float64: `load_pretrained(dtype=torch.float64)` loaded, then its forward
+    failed ('Expected mat_a to be Float32, BFloat16 or Float16')."""
+    moe = make_moe()
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        single, _ = moe(x)
+        double, _ = moe.double()(x.double())
+    assert double.dtype == torch.float64 and (double - single.double()).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"scoring_func": "softmax", "topk_method": "greedy"}, {"topk_method": "group_limited_greedy"}],
