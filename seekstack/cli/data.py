@@ -28,6 +28,13 @@ def data_build(
     field: Annotated[
         str, typer.Option(help="Text field of .jsonl/.json, column of .parquet/.csv/.tsv and saved datasets")
     ] = "text",
+    id_field: Annotated[
+        str | None,
+        typer.Option(
+            help="Field or column of those rows whose value is the document's id (datatrove's id_key); rows without "
+            "one keep file:row"
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="Cleaning thresholds (YAML/TOML/JSON); see --write-config")
     ] = None,
@@ -65,7 +72,7 @@ def data_build(
             write(cleaning, write_config)
             typer.echo(f"wrote the cleaning thresholds to {write_config}")
             return
-        sources = [open_source(spec, field) for spec in inputs or ["stdlib"]]
+        sources = [open_source(spec, field, id_field) for spec in inputs or ["stdlib"]]
         report = build_corpus(sources, out, cleaning, show_progress=progress, workers=workers or os.cpu_count() or 1)
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")

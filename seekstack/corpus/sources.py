@@ -128,16 +128,16 @@ class TextFolder:
 
 
 class Rows:
-    """The rows of a JSONL, Parquet or saved-dataset source (`read` of `path`, text in `field`) as documents,
-    counting in `null_texts` by file the rows whose text is null (dataset exports hold them), which are skipped, for
-    the build report."""
+    """The rows of a JSONL, Parquet or saved-dataset source (`read` of `path`, text in `field`, ids from `id_field`
+    where given) as documents, counting in `null_texts` by file the rows whose text is null (dataset exports hold
+    them), which are skipped, for the build report."""
 
-    def __init__(self, read: Callable[..., Iterator[Document]], path: Path, field: str):
-        self.read, self.path, self.field = read, path, field
+    def __init__(self, read: Callable[..., Iterator[Document]], path: Path, field: str, id_field: str | None = None):
+        self.read, self.path, self.field, self.id_field = read, path, field, id_field
         self.null_texts: Counter[str] = Counter()
 
     def __iter__(self) -> Iterator[Document]:
-        return self.read(self.path, self.field, null_texts=self.null_texts)
+        return self.read(self.path, self.field, id_field=self.id_field, null_texts=self.null_texts)
 
 
 def read_text_file(path: str | Path) -> Iterator[Document]:
@@ -247,10 +247,10 @@ def _documents_from_values(
             if null_texts is not None:
                 null_texts[_as_text(path.name)] += 1
             continue
-        doc_id = str(record.get(id_field, "")) if id_field else ""
         # JSON may escape half a character ("\ud83d", an emoji cut by a scraper): U+FFFD, as a text file's bad bytes
         name = _as_text(path.name)
-        yield Document(doc_id or f"{name}:{number}", LONE_SURROGATE.sub("\ufffd", text), name)
+        doc_id = _row_id(record.get(id_field) if id_field else None, f"{name}:{number}")
+        yield Document(doc_id, LONE_SURROGATE.sub("\ufffd", text), name)
 
 
 def read_jsonl_rows(path: str | Path, field: str = "text") -> Iterator[tuple[dict[str, Any], str]]:
@@ -313,30 +313,47 @@ def _json_object(value: Any, where: str, field: str) -> dict[str, Any]:
 
 
 def _documents_from_batches(
-    batches: Iterator[pa.RecordBatch], column: str, origin: Path, null_texts: Counter[str] | None
+    batches: Iterator[pa.RecordBatch],
+    column: str,
+    origin: Path,
+    null_texts: Counter[str] | None,
+    id_column: str | None = None,
 ) -> Iterator[Document]:
-    """The rows of `origin`'s record batches as documents; a null text is skipped, and counted in `null_texts`; a
-    binary one is decoded as a text file is (`_decoded`: a legacy 8-bit value as Windows-1252)."""
-    row = 0
+    """The rows of `origin`'s record batches as documents, ids from `id_column` where given and not null, else
+    `file:row`; a null text is skipped, and counted in `null_texts`; a binary one is decoded as a text file is
+    (`_decoded`: a legacy 8-bit value as Windows-1252)."""
+    row, name = 0, _as_text(origin.name)
     for batch in batches:
-        if column not in batch.schema.names:
-            raise DataSourceError(f"{origin}: no column {column!r}; columns are {batch.schema.names}")
-        for value in batch.column(column).to_pylist():
+        for wanted in (column, id_column) if id_column else (column,):
+            if wanted not in batch.schema.names:
+                raise DataSourceError(f"{origin}: no column {wanted!r}; columns are {batch.schema.names}")
+        ids = batch.column(id_column).to_pylist() if id_column else [None] * batch.num_rows
+        for value, given_id in zip(batch.column(column).to_pylist(), ids, strict=True):
             text = _decoded(value) if isinstance(value, bytes) else value
             if text is None:
                 if null_texts is not None:
-                    null_texts[_as_text(origin.name)] += 1
+                    null_texts[name] += 1
             elif not isinstance(text, str):
                 raise DataSourceError(f"{origin}: row {row} of column {column!r} is {type(text).__name__}, not text")
             else:
-                yield Document(f"{_as_text(origin.name)}:{row}", text, _as_text(origin.name))
+                yield Document(_row_id(given_id, f"{name}:{row}"), text, name)
             row += 1
 
 
-def read_csv(path: str | Path, column: str = "text", null_texts: Counter[str] | None = None) -> Iterator[Document]:
+def _row_id(given: Any, fallback: str) -> str:
+    """A row's id: the value of its id field or column as text (bytes decoded), `fallback` where it has none."""
+    if given is None or given == "" or given == b"":
+        return fallback
+    return _decoded(given) if isinstance(given, bytes) else str(given)
+
+
+def read_csv(
+    path: str | Path, column: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
+) -> Iterator[Document]:
     """Rows of a CSV file (tab-separated when its suffix is `.tsv`; `.gz` read through), text in `column`, streamed by
-    blocks; ids are `file:row`. Quoted values may hold line breaks; the column is read as bytes, whatever it holds,
-    and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are not checked."""
+    blocks; ids are column `id_field`'s or `file:row`. Quoted values may hold line breaks; the text column is read
+    as bytes, whatever it holds, and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are
+    not checked."""
     path = Path(path)
     delimiter = "\t" if _kind(path) == ".tsv" else ","
     with _arrow_errors_named(path, "CSV"):
@@ -346,21 +363,27 @@ def read_csv(path: str | Path, column: str = "text", null_texts: Counter[str] | 
             parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.binary()}, check_utf8=False),
         )
-        yield from _documents_from_batches(iter(reader), column, path, null_texts)
+        yield from _documents_from_batches(iter(reader), column, path, null_texts, id_field)
 
 
 def read_parquet(
-    path: str | Path, column: str = "text", batch_size: int = 1024, null_texts: Counter[str] | None = None
+    path: str | Path,
+    column: str = "text",
+    id_field: str | None = None,
+    batch_size: int = 1024,
+    null_texts: Counter[str] | None = None,
 ) -> Iterator[Document]:
-    """Rows of a Parquet file, text in `column`, streamed by record batches; ids are `file:row`. Rows whose text is
-    null are skipped, and counted under the file's name in `null_texts`."""
+    """Rows of a Parquet file, text in `column`, streamed by record batches; ids are column `id_field`'s or
+    `file:row`. Rows whose text is null are skipped, and counted under the file's name in `null_texts`."""
     path = Path(path)
     with _arrow_errors_named(path, "Parquet"):
         parquet = pq.ParquetFile(path)
-        if column not in parquet.schema_arrow.names:
-            raise DataSourceError(f"{path}: no column {column!r}; columns are {parquet.schema_arrow.names}")
-        batches = parquet.iter_batches(batch_size=batch_size, columns=[column])
-        yield from _documents_from_batches(batches, column, path, null_texts)
+        columns = [column, id_field] if id_field else [column]
+        for wanted in columns:
+            if wanted not in parquet.schema_arrow.names:
+                raise DataSourceError(f"{path}: no column {wanted!r}; columns are {parquet.schema_arrow.names}")
+        batches = parquet.iter_batches(batch_size=batch_size, columns=columns)
+        yield from _documents_from_batches(batches, column, path, null_texts, id_field)
 
 
 @contextmanager
@@ -391,7 +414,7 @@ def refuse_a_saved_dataset_dict(folder: Path) -> None:
 
 
 def read_saved_dataset(
-    folder: str | Path, column: str = "text", null_texts: Counter[str] | None = None
+    folder: str | Path, column: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
 ) -> Iterator[Document]:
     """Rows of a `save_to_disk` dataset, read from its Arrow stream files without the `datasets` library; rows whose
     text is null are skipped, and counted under their Arrow file's name in `null_texts`."""
@@ -418,7 +441,7 @@ def read_saved_dataset(
             pa.memory_map(str(arrow_file)) as mapped,
             pa.ipc.open_stream(mapped) as reader,
         ):
-            yield from _documents_from_batches(iter(reader), column, arrow_file, null_texts)
+            yield from _documents_from_batches(iter(reader), column, arrow_file, null_texts, id_field)
 
 
 def read_stdlib() -> Iterator[Document]:
@@ -428,25 +451,26 @@ def read_stdlib() -> Iterator[Document]:
         yield Document(doc_id, text, "stdlib")
 
 
-def open_source(spec: str | Path, field: str = "text") -> Iterable[Document]:
+def open_source(spec: str | Path, field: str = "text", id_field: str | None = None) -> Iterable[Document]:
     """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
-    `.json`, `.parquet`, `.csv`, `.tsv` (`Rows`), a file; a saved DatasetDict is refused, naming its splits' folders."""
+    `.json`, `.parquet`, `.csv`, `.tsv` (`Rows`, ids from `id_field` where given), a file; a saved DatasetDict is
+    refused, naming its splits' folders."""
     if str(spec) == "stdlib":
         return read_stdlib()
     path = Path(spec)
     if is_saved_dataset(path):
-        return Rows(read_saved_dataset, path, field)
+        return Rows(read_saved_dataset, path, field, id_field)
     refuse_a_saved_dataset_dict(path)
     if path.is_dir():
         return TextFolder(path)
     if not path.is_file():
         raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
     if _kind(path) == ".jsonl":
-        return Rows(read_jsonl, path, field)
+        return Rows(read_jsonl, path, field, id_field)
     if _kind(path) == ".json":
-        return Rows(read_json, path, field)
+        return Rows(read_json, path, field, id_field)
     if _kind(path) in (".csv", ".tsv"):
-        return Rows(read_csv, path, field)
+        return Rows(read_csv, path, field, id_field)
     if path.suffix.lower() == ".parquet":
-        return Rows(read_parquet, path, field)
+        return Rows(read_parquet, path, field, id_field)
     return read_text_file(path)

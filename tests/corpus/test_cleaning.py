@@ -588,6 +588,23 @@ def test_a_jsonl_gz_that_is_not_gzip_or_is_cut_short_is_named(tmp_path: Path) ->
         list(read_jsonl(tmp_path / "cut.jsonl.gz"))
 
 
+def test_rows_take_their_id_from_the_id_field_given_in_every_row_format(tmp_path: Path) -> None:
+    """datatrove's readers keep a row's own id (id_key); ours named every row file:row and dropped it."""
+    rows = [{"text": "first row", "url": "https://a.example/1"}, {"text": "second row"}, {"text": "third", "url": 7}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = {"text": ["first row", "second row", "third"], "url": ["https://a.example/1", None, "7"]}
+    pq.write_table(pa.table(table), tmp_path / "r.parquet")
+    (tmp_path / "r.csv").write_text("text,url\nfirst row,https://a.example/1\nsecond row,\nthird,7\n")
+    for name in ("r.jsonl", "r.parquet", "r.csv"):
+        ids = [doc.doc_id for doc in open_source(tmp_path / name, id_field="url")]
+        first_row = 1 if name == "r.jsonl" else 0  # lines count from 1, table rows from 0
+        assert ids == ["https://a.example/1", f"{name}:{first_row + 1}", "7"], name  # no id: file:row
+        assert [doc.doc_id for doc in open_source(tmp_path / name)][0] == f"{name}:{first_row}"  # not asked: as before
+    for name in ("r.parquet", "r.csv"):
+        with pytest.raises(DataSourceError, match=rf"{name}: no column 'uri'; columns are \['text', 'url'\]"):
+            next(iter(open_source(tmp_path / name, id_field="uri")))
+
+
 def test_parquet_source_streams_every_row(tmp_path: Path) -> None:
     texts = [f"row {i}" for i in range(2500)]
     pq.write_table(pa.table({"body": texts, "n": list(range(2500))}), tmp_path / "d.parquet", row_group_size=700)
