@@ -130,7 +130,8 @@ def retrying_while_busy(database: Database, write: Callable[[], Result]) -> Resu
 
 
 class SQLiteDatabase:
-    """One SQLite connection shared by threads, one transaction or query at a time."""
+    """Two SQLite connections shared by threads: one for transactions, one at a time, and one for reads (`query`),
+    one at a time, that need not wait for a write (WAL mode)."""
 
     lock_rows = ""  # BEGIN IMMEDIATE already holds the database's write lock across processes
 
@@ -141,10 +142,9 @@ class SQLiteDatabase:
         if not path.exists():  # SQLite gives its -wal and -shm files the database file's permissions
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         try:
-            self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._connection.row_factory = _dict_row
-            self._connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            self._connection = _connect(path)
             retrying_while_busy(self, self._create_tables)  # writes, as a request's: another server may hold it
+            self._reader = _connect(path)  # in WAL mode a read sees the last commit while a writer holds the lock
         except sqlite3.DatabaseError as error:
             if self.busy(error):
                 raise ValueError(
@@ -153,6 +153,7 @@ class SQLiteDatabase:
                 ) from error
             raise ValueError(f"{path} is not a usable seekstack database: {error}") from error
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
 
     def _create_tables(self) -> None:
         """WAL mode, the tables and the columns added since, each step a no-op where done before."""
@@ -204,8 +205,10 @@ class SQLiteDatabase:
             self._connection.execute("COMMIT")
 
     def query(self, sql: str, parameters: tuple = ()) -> list[dict]:
-        with self._lock:
-            return self._connection.execute(sql, parameters).fetchall()
+        """Rows of one read, on a connection of its own: it does not wait behind a write of this process waiting for
+        another's lock, and it sees what was committed (not a transaction still open)."""
+        with self._read_lock:
+            return self._reader.execute(sql, parameters).fetchall()
 
     @staticmethod
     def busy(error: Exception) -> bool:
@@ -218,8 +221,9 @@ class SQLiteDatabase:
         return f"date({column}, 'unixepoch')"
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._connection.close()
+            self._reader.close()
 
 
 class PostgresDatabase:
@@ -300,6 +304,15 @@ class _QmarkStatements:
 
 def _qmark_to_format(sql: str) -> str:
     return sql.replace("?", "%s")  # our statements hold no literal ? or %
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A SQLite connection any thread may use (under a lock), in autocommit mode, giving rows as dicts and waiting
+    SQLITE_BUSY_TIMEOUT_MS for another connection's lock."""
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection.row_factory = _dict_row
+    connection.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    return connection
 
 
 def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict:

@@ -323,6 +323,29 @@ def test_rate_limit_writes_wait_for_a_database_another_connection_holds(tmp_path
     assert limiter.tokens_left("k", 100) == 80
 
 
+def test_a_read_does_not_wait_behind_a_write_of_this_process_waiting_for_another_connections_lock(tmp_path):
+    import threading
+    import time
+
+    database = open_database(tmp_path / "db")
+    ledger = Ledger(database)
+    ledger.record(usage("k", 1, 1))
+    other = sqlite3.connect(tmp_path / "db", isolation_level=None, check_same_thread=False)  # another server, a backup
+    other.execute("BEGIN IMMEDIATE")
+    writer = threading.Thread(target=ledger.record, args=(usage("k", 2, 2),))  # a request's usage row, waiting
+    writer.start()
+    deadline = time.monotonic() + 5
+    while not database._lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    seen = [row["completion_tokens"] for row in ledger.records()]  # what /health, /v1/models, the usage report read
+    waited = time.monotonic() - started
+    other.execute("COMMIT")
+    writer.join()
+    assert waited < 0.5 and seen == [1]  # was: the read queued behind the waiting write, 5 s (SQLite's busy timeout)
+    assert [row["completion_tokens"] for row in ledger.records()] == [1, 2]
+
+
 def test_parse_day_names_the_expected_format():
     assert parse_day("2026-01-31") == dt.date(2026, 1, 31)
     with pytest.raises(ValueError, match="'31/01/2026' is not in the form YYYY-MM-DD"):
