@@ -129,15 +129,25 @@ def data_quality_train(
 ) -> None:
     """Train a quality classifier (logistic regression over hashed word 1-2-grams): reference vs pool."""
     import itertools
+    from collections import Counter
 
     from seekstack.corpus.quality import train_quality_model
-    from seekstack.corpus.sources import open_source
+    from seekstack.corpus.sources import TextFolder, open_source
 
     def texts(specs: list[str], option: str) -> list[str]:
-        documents = itertools.chain.from_iterable(open_source(spec, field) for spec in specs)
+        sources = [open_source(spec, field) for spec in specs]
+        documents = itertools.chain.from_iterable(sources)
         read = [doc.text for doc in itertools.islice(documents, max_documents)]
         if not read:
-            raise ValueError(f"{option} {' '.join(specs)}: no documents; check the paths and --field")
+            skipped = sum((source.skipped for source in sources if isinstance(source, TextFolder)), Counter())
+            unread = ", ".join(f"{suffix} {count:,}" for suffix, count in skipped.items())
+            hint = (
+                f". The folders' files of other suffixes were not read ({unread}): a .jsonl, .parquet or .csv file "
+                "is read when given itself, e.g. FOLDER/train.jsonl"
+            )
+            raise ValueError(
+                f"{option} {' '.join(specs)}: no documents; check the paths and --field{hint if skipped else ''}"
+            )
         return read
 
     with user_errors():

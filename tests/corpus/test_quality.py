@@ -66,6 +66,16 @@ def test_cli_quality_train_names_the_option_whose_inputs_hold_no_documents(tmp_p
     assert not (tmp_path / "q.npz").exists()
 
 
+def test_cli_quality_train_on_a_corpus_folder_says_its_jsonl_files_were_not_read(tmp_path: Path) -> None:
+    """`--reference data/corpus` (what `data build` writes) said only 'no documents; check the paths and --field'."""
+    corpus = write_corpus(tmp_path / "corpus", CODE[:3])
+    args = ["data", "quality-train", "--reference", str(corpus), "--pool", str(corpus)]
+    refused = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "q.npz")])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 1
+    assert "files of other suffixes were not read (.jsonl 2)" in message and "e.g. FOLDER/train.jsonl" in message
+
+
 def write_corpus(folder: Path, texts: list[str]) -> Path:
     folder.mkdir()
     with open(folder / "train.jsonl", "w", encoding="utf-8") as train:
