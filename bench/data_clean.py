@@ -8,9 +8,9 @@ removed per rule with example snippets, under `--profile auto` and, for comparis
 
 from __future__ import annotations
 
-import sys
 import tempfile
-from pathlib import Path
+
+from data_corpora import corpora_folder
 
 from seekstack.corpus.build import CorpusBuildError, build_corpus
 from seekstack.corpus.rules import CleaningConfig
@@ -18,7 +18,7 @@ from seekstack.corpus.sources import read_jsonl
 
 
 def main() -> None:
-    corpora = Path(sys.argv[1] if len(sys.argv) > 1 else "data/bench_corpora")
+    corpora = corpora_folder(__doc__)
     for path in sorted(corpora.glob("*.jsonl")):
         for profile in ("auto", "code"):
             config = CleaningConfig(profile=profile, min_kept_fraction=0.0)

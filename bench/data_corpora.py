@@ -12,11 +12,11 @@ A source that is absent on a machine is skipped and said so; every document keep
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import html.parser
 import json
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,5 +136,19 @@ def assemble(out_dir: Path) -> dict[str, Path]:
     return written
 
 
+def corpora_folder(description: str) -> Path:
+    """The corpora folder named on the command line (the one this script writes), its three files checked: one
+    missing is refused naming the folder, the file and the command that writes it."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpora", type=Path, nargs="?", default=Path("data/bench_corpora"))
+    folder = parser.parse_args().corpora
+    missing = [f"{name}.jsonl" for name in CORPORA if not (folder / f"{name}.jsonl").is_file()]
+    if missing:
+        parser.error(f"{folder} has no {', '.join(missing)}: write them with python bench/data_corpora.py {folder}")
+    return folder
+
+
 if __name__ == "__main__":
-    assemble(Path(sys.argv[1] if len(sys.argv) > 1 else "data/bench_corpora"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", type=Path, nargs="?", default=Path("data/bench_corpora"))
+    assemble(parser.parse_args().out_dir)

@@ -12,13 +12,16 @@ Prints documents kept, the reasons that removed the most, and documents/s.
 
 from __future__ import annotations
 
-import sys
+import importlib.util
 import time
 from collections import Counter
-from pathlib import Path
+
+from data_corpora import corpora_folder
 
 from seekstack.corpus.rules import CleaningConfig, failed_rule, normalise, rule_kind
 from seekstack.corpus.sources import read_jsonl
+
+PEER_PACKAGES = ("datatrove", "spacy")  # spacy: datatrove's word tokenizers
 
 
 def datatrove_filters(language: str) -> list:
@@ -49,15 +52,18 @@ def ours_verdict(config: CleaningConfig, text: str) -> str | None:
 
 
 def main() -> None:
-    corpora = Path(sys.argv[1] if len(sys.argv) > 1 else "data/bench_corpora")
+    corpora = corpora_folder(__doc__)
     config = CleaningConfig()
+    missing = [package for package in PEER_PACKAGES if importlib.util.find_spec(package) is None]
+    if missing:
+        print(f"datatrove: skipped, {' and '.join(missing)} not installed (pip install datatrove spacy)")
     for path in sorted(corpora.glob("*.jsonl")):
         documents = [(doc.doc_id, normalise(doc.text)) for doc in read_jsonl(path, id_field="id")]
-        filters = datatrove_filters("zh" if path.stem == "zh" else "en")
-        for name, verdict in (
-            ("ours", lambda doc_id, text: ours_verdict(config, text)),
-            ("datatrove", lambda doc_id, text, filters=filters: datatrove_verdict(filters, doc_id, text)),
-        ):
+        contenders = {"ours": lambda doc_id, text: ours_verdict(config, text)}
+        if not missing:
+            filters = datatrove_filters("zh" if path.stem == "zh" else "en")
+            contenders["datatrove"] = lambda doc_id, text, filters=filters: datatrove_verdict(filters, doc_id, text)
+        for name, verdict in contenders.items():
             started = time.perf_counter()
             reasons = Counter(verdict(doc_id, text) for doc_id, text in documents)
             seconds = time.perf_counter() - started

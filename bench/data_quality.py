@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from data_corpora import corpora_folder
 
 from seekstack.corpus.quality import train_quality_model
 
@@ -25,7 +25,7 @@ def texts(path: Path) -> list[str]:
 
 
 def main() -> None:
-    corpora = Path(sys.argv[1] if len(sys.argv) > 1 else "data/bench_corpora")
+    corpora = corpora_folder(__doc__)
     code, prose, zh = (texts(corpora / f"{name}.jsonl") for name in ("code", "prose", "zh"))
     rng = random.Random(0)
     vocabulary = " ".join(prose[:50]).split()

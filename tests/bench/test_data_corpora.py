@@ -1,0 +1,47 @@
+"""The data benchmarks' corpora folder (bench/data_corpora.py writes it; data_clean, data_quality and
+data_datatrove read it): --help is help, a folder without the corpora is refused naming it, and datatrove not
+installed is skipped in one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run_bench(script: str, *args: str, cwd: Path, without: str = "") -> subprocess.CompletedProcess:
+    """bench/`script` with `args` in `cwd`; `without`: a package made unimportable first, as if not installed."""
+    launcher = (
+        f"import runpy, sys; sys.modules.update(dict.fromkeys({without.split()!r})); "
+        f"sys.path.insert(0, {str(BENCH)!r}); sys.argv = [{script!r}, *{list(args)!r}]; "
+        f"runpy.run_path({str(BENCH / script)!r}, run_name='__main__')"
+    )
+    return subprocess.run([sys.executable, "-c", launcher], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_data_corpora_help_prints_usage_and_writes_no_folder_named_help(tmp_path):
+    run = run_bench("data_corpora.py", "--help", cwd=tmp_path)
+    assert run.returncode == 0
+    assert "usage:" in run.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corpora_readers_refuse_a_folder_without_the_corpora_naming_folder_and_files(tmp_path):
+    (tmp_path / "code.jsonl").write_text("")
+    for script in ("data_clean.py", "data_quality.py", "data_datatrove.py"):
+        run = run_bench(script, str(tmp_path), cwd=tmp_path)
+        assert run.returncode == 2, script
+        assert f"{tmp_path} has no prose.jsonl, zh.jsonl" in run.stderr, script
+        assert "bench/data_corpora.py" in run.stderr, script
+
+
+def test_datatrove_not_installed_is_skipped_in_one_line_and_ours_still_runs(tmp_path):
+    for name in ("code", "prose", "zh"):
+        line = json.dumps({"id": f"{name}/1", "text": "The cat sat on the mat and looked at the door. " * 20})
+        (tmp_path / f"{name}.jsonl").write_text(line + "\n")
+    run = run_bench("data_datatrove.py", str(tmp_path), cwd=tmp_path, without="datatrove spacy")
+    assert run.returncode == 0, run.stderr
+    assert "datatrove: skipped, datatrove and spacy not installed (pip install datatrove spacy)" in run.stdout
+    rows = [line.split()[:2] for line in run.stdout.splitlines()[1:]]
+    assert rows == [["code.jsonl", "ours"], ["prose.jsonl", "ours"], ["zh.jsonl", "ours"]]
