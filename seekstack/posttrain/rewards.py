@@ -46,9 +46,21 @@ def reward_terms(task: Task, problem: Problem, completion: str) -> dict[str, flo
     completion has the R1 shape."""
     answer = extract_answer(completion)
     return {
-        "correctness": float(answer is not None and task.verify(problem, answer)),
+        "correctness": float(answer is not None and verified(task, problem, answer)),
         "format": float(answer is not None),
     }
+
+
+def verified(task: Task, problem: Problem, answer: str) -> bool:
+    """The task's verdict on `answer`; a ValueError naming the task, the problem and the value when `verify` returns
+    other than True or False (a NaN or a partial score would become the reward, and a NaN the loss)."""
+    verdict = task.verify(problem, answer)
+    if verdict not in (True, False):
+        raise ValueError(
+            f"task {task.name!r}: verify(problem {problem.key!r}, answer {answer!r}) returned {verdict!r}; a verifier "
+            "returns True or False (Task.verify in seekstack/posttrain/tasks/base.py)"
+        )
+    return bool(verdict)
 
 
 def total_reward(terms: dict[str, float], weights: RewardWeights) -> float:

@@ -227,7 +227,8 @@ class SQLiteDatabase:
 
 
 class PostgresDatabase:
-    """One PostgreSQL connection (psycopg 3) shared by threads, one transaction or query at a time."""
+    """Two PostgreSQL connections (psycopg 3) shared by threads: one for transactions, one at a time, and one for reads
+    (`query`), one at a time, that need not wait for a write waiting on another connection's row lock."""
 
     lock_rows = " FOR UPDATE"  # a SELECT's suffix that holds its rows until the transaction ends
 
@@ -263,9 +264,11 @@ class PostgresDatabase:
                     self._connection.execute("ALTER TABLE keys DROP CONSTRAINT IF EXISTS keys_pkey")  # a name, reusable
                 for statement in KEYS_INDEXES:
                     self._connection.execute(statement)
+            self._reader = psycopg.connect(url, autocommit=True, row_factory=dict_row)
         except psycopg.Error as error:
             raise ValueError(f"cannot use the database {self.location}: {error}") from error
         self._lock = threading.Lock()
+        self._read_lock = threading.Lock()
 
     @contextmanager
     def transaction(self) -> Iterator[Statements]:
@@ -273,8 +276,8 @@ class PostgresDatabase:
             yield _QmarkStatements(self._connection)
 
     def query(self, sql: str, parameters: tuple = ()) -> list[dict]:
-        with self._lock:
-            return self._connection.execute(_qmark_to_format(sql), parameters).fetchall()
+        with self._read_lock:
+            return self._reader.execute(_qmark_to_format(sql), parameters).fetchall()
 
     @staticmethod
     def busy(error: Exception) -> bool:
@@ -288,8 +291,9 @@ class PostgresDatabase:
         return f"to_char(to_timestamp({column}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._connection.close()
+            self._reader.close()
 
 
 class _QmarkStatements:

@@ -1,4 +1,5 @@
 import random
+import re
 import time
 
 import pytest
@@ -134,3 +135,13 @@ def test_reward_terms_score_correctness_and_format_separately():
     wrong = str(int(problem.answer) + 1)
     assert reward_terms(task, problem, r1_completion("x", wrong)) == {"correctness": 0.0, "format": 1.0}
     assert reward_terms(task, problem, problem.answer) == {"correctness": 0.0, "format": 0.0}
+
+
+@pytest.mark.parametrize("verdict", [float("nan"), 0.5, None])
+def test_a_verifier_returning_no_true_or_false_is_refused_naming_the_task_problem_and_value(verdict):
+    task = make_task("addition")
+    problem = task.generate(random.Random(0))
+    task.verify = lambda problem, answer: verdict  # a custom verifier's score gone wrong
+    named = re.escape(f"task 'addition': verify(problem {problem.key!r}, answer {problem.answer!r}) returned {verdict}")
+    with pytest.raises(ValueError, match=named):
+        reward_terms(task, problem, r1_completion(problem.trace, problem.answer))

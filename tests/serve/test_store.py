@@ -346,6 +346,32 @@ def test_a_read_does_not_wait_behind_a_write_of_this_process_waiting_for_another
     assert [row["completion_tokens"] for row in ledger.records()] == [1, 2]
 
 
+def test_a_postgresql_read_does_not_wait_behind_a_write_waiting_for_another_connections_row_lock(postgres_server):
+    import threading
+    import time
+
+    import psycopg
+
+    url = new_postgres_database(postgres_server)
+    database = open_database(url)
+    KeyStore(database).create("k")
+    other = psycopg.connect(url)  # another server admitting a request of the same key, a report in psql
+    other.execute("SELECT 1 FROM keys WHERE name = 'k' FOR UPDATE")
+    writer = threading.Thread(target=RateLimiter(database).admit, args=("k", None, 100, 10))  # waits for the row
+    writer.start()
+    deadline = time.monotonic() + 5
+    while not database._lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threading.Timer(2, other.commit).start()  # bounds the wait of the read, were it to queue behind the write
+    started = time.monotonic()
+    assert KeyStore(database).any_keys()
+    waited = time.monotonic() - started
+    writer.join()
+    other.close()
+    assert waited < 0.5  # was: until the other connection let go of the row (2 s here; no limit)
+    assert RateLimiter(database).tokens_left("k", 100) == 90
+
+
 def test_parse_day_names_the_expected_format():
     assert parse_day("2026-01-31") == dt.date(2026, 1, 31)
     with pytest.raises(ValueError, match="'31/01/2026' is not in the form YYYY-MM-DD"):
