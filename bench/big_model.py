@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import subprocess
 import sys
@@ -248,9 +249,21 @@ def run_llama_cpp(path: Path, prompt: list[int], new_tokens: int) -> dict:
     }
 
 
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp cannot be timed here (llama-cpp-python or gguf not installed), or None."""
+    missing = [package for package in ("llama_cpp", "gguf") if importlib.util.find_spec(package) is None]
+    if missing:
+        return f"skipped: {' and '.join(missing)} not installed (pip install -e '.[bench]', a long C++ build)"
+    return None
+
+
 def child(*args: str) -> dict | None:
-    """Run this script with `args` in a child process (its own peak RSS); its last stdout line is JSON."""
-    done = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
+    """Run this script with `args` in a child process (its own peak RSS); its last stdout line is JSON. A child that
+    fails stops the run with its command and the last line of its error."""
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise SystemExit(f"bench/big_model.py {' '.join(args)} failed (exit {done.returncode}): {error}")
     lines = done.stdout.strip().splitlines()
     return json.loads(lines[-1]) if lines else None
 
@@ -264,6 +277,11 @@ def main() -> None:
     parser.add_argument("--keep-gguf", action="store_true", help="keep the GGUF (as large as the checkpoint)")
     parser.add_argument("--child", nargs=2, metavar=("JOB", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for option, value, least in (("--layers", args.layers, 1), ("--prompt-tokens", args.prompt_tokens, 1)):
+        if value < least:
+            parser.error(f"{option} {value}: at least {least}")
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens {args.new_tokens}: at least 2, the decode rate is t(N new tokens) - t(1 new token)")
     torch.set_num_threads(1)
     directory = ROOT / "runs" / "big_model" / f"v2-lite-int8-{args.layers}-layers"
     gguf_path = directory.with_suffix(".q8_0.gguf")
@@ -279,12 +297,15 @@ def main() -> None:
         print(json.dumps(run_llama_cpp(Path(path), prompt, args.new_tokens) if job == "llama_cpp" else resident_gb()))
         return
 
+    skip_llama_cpp = "skipped (--skip-llama-cpp)" if args.skip_llama_cpp else llama_cpp_missing()
+    if skip_llama_cpp:
+        print(f"llama.cpp: {skip_llama_cpp}", flush=True)
     written = {}
     if not (directory / "config.json").exists():
         started = time.perf_counter()
         written["checkpoint"] = {**child("--layers", str(args.layers), "--child", "write", str(directory)),
                                  "seconds": time.perf_counter() - started}  # fmt: skip
-    if not args.skip_llama_cpp and not gguf_path.exists():
+    if not skip_llama_cpp and not gguf_path.exists():
         started = time.perf_counter()
         written["gguf"] = {**child("--layers", str(args.layers), "--child", "gguf", str(gguf_path)),
                            "seconds": time.perf_counter() - started}  # fmt: skip
@@ -303,8 +324,8 @@ def main() -> None:
     }
     del ours
     gc.collect()
-    if args.skip_llama_cpp:
-        result["llama_cpp"] = "skipped (--skip-llama-cpp)"
+    if skip_llama_cpp:
+        result["llama_cpp"] = skip_llama_cpp
     else:
         theirs = child("--layers", str(args.layers), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
                        str(args.new_tokens), "--child", "llama_cpp", str(gguf_path))  # fmt: skip
