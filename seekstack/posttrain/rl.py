@@ -99,6 +99,8 @@ class GRPOSource:
         if self.current is None or self.iteration == self.config.num_iterations:
             self.current = self._next_generation(batch_size, progress)
             self.iteration = 0
+        if self.reference is not None and self.current["ref_logps"] is None:  # sampled by a run resumed at beta > 0
+            self.current["ref_logps"] = self._reference_logps(self.current["rollout"])
         self.iteration += 1
         if self.config.threads == "auto":
             torch.set_num_threads(self.train_threads)  # the trainer's forward, backward and step; run_rl restores
@@ -161,8 +163,13 @@ class GRPOSource:
         if config.num_iterations > 1 or self.sampler is not self.model:  # else the old policy is the current one
             batch["old_logps"] = completion_logps(self.sampler, rollout, config.temperature, self.device)[0]
         if self.reference is not None:
-            batch["ref_logps"] = completion_logps(self.reference, rollout, config.temperature, self.device)[0]
+            batch["ref_logps"] = self._reference_logps(rollout)
         return batch
+
+    @torch.no_grad()
+    def _reference_logps(self, rollout: Rollout) -> torch.Tensor:
+        """(N, C) log-probabilities of the rollout's completions under the frozen starting checkpoint."""
+        return completion_logps(self.reference, rollout, self.config.temperature, self.device)[0]
 
     def loss(self, model: nn.Module, batch: dict[str, Any], mtp_loss_weight: float) -> tuple[ModelOutput, dict]:
         config, rollout = self.config, batch["rollout"]

@@ -239,6 +239,22 @@ def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model, async_r
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
 
 
+def test_a_run_resumed_with_beta_mid_batch_scores_the_saved_batch_against_the_reference(tmp_path, sft_model):
+    """The checkpoint at step 3 holds a batch sampled at beta=0 (no reference log-probabilities) for one more step."""
+    common = [f"init_from={sft_model}", *RUN, "num_iterations=2", "lr=1e-3", "max_steps=4", "task=addition"]
+    common += ["max_completion_length=40", "difficulty=1"]
+    run_rl(
+        resolve_train_config(
+            None, [*common, "beta=0", f"out_dir={tmp_path / 'a'}", "save_every=1", "keep_checkpoints=4"], cls=GRPOConfig
+        )
+    )
+    resumed = resolve_train_config(None, [*common, "beta=0.1", f"out_dir={tmp_path / 'b'}"], cls=GRPOConfig)
+    run_rl(resumed, resume=tmp_path / "a" / "checkpoints" / "step_3")
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [4]
+    assert lines[0]["kl"] > 0  # three updates moved the policy off the starting checkpoint
+
+
 def _grouped_rollout(pad_id: int) -> Rollout:
     """Two prompts of different lengths, three completions each, of different lengths (one of a single token)."""
     prompts = [torch.randint(2, 300, (11,)).tolist(), torch.randint(2, 300, (6,)).tolist()]
