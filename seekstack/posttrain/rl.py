@@ -96,7 +96,7 @@ class GRPOSource:
             self.reference.requires_grad_(False)
 
     def batch(self, batch_size: int, progress: float) -> dict[str, Any]:
-        if self.current is None or self.iteration == self.config.num_iterations:
+        if self.current is None or self.iteration == self.config.num_iterations or self._lacks_sampling_logps():
             self.current = self._next_generation(batch_size, progress)
             self.iteration = 0
         if self.reference is not None and self.current["ref_logps"] is None:  # sampled by a run resumed at beta > 0
@@ -105,6 +105,12 @@ class GRPOSource:
         if self.config.threads == "auto":
             torch.set_num_threads(self.train_threads)  # the trainer's forward, backward and step; run_rl restores
         return self.current
+
+    def _lacks_sampling_logps(self) -> bool:
+        """Whether the current batch, saved by a run at num_iterations=1 and resumed at more (or with async_rollouts),
+        lacks its sampling weights' log-probabilities: those weights are gone, so it cannot be trained on again."""
+        needs_them = self.config.num_iterations > 1 or self.sampler is not self.model
+        return needs_them and self.current is not None and self.current["old_logps"] is None
 
     def _next_generation(self, batch_size: int, progress: float) -> dict[str, Any]:
         """This step's generation batch; with async_rollouts the one sampled ahead (the first run's is sampled here),

@@ -255,6 +255,19 @@ def test_a_run_resumed_with_beta_mid_batch_scores_the_saved_batch_against_the_re
     assert lines[0]["kl"] > 0  # three updates moved the policy off the starting checkpoint
 
 
+def test_a_run_resumed_at_more_iterations_samples_anew_where_its_batch_has_no_sampling_logps(tmp_path, sft_model):
+    """At num_iterations=1 a batch keeps no old log-probabilities; trained on again after the update, its importance
+    ratio would be taken against weights that did not sample it (and be 1)."""
+    common = [f"init_from={sft_model}", *RUN, "task=addition", "difficulty=1"]
+    first = [*common, "num_iterations=1", "max_steps=1", f"out_dir={tmp_path / 'a'}"]
+    run_rl(resolve_train_config(None, first, cls=GRPOConfig))
+    resumed = [*common, "num_iterations=2", "max_steps=3", f"out_dir={tmp_path / 'b'}"]
+    run_rl(resolve_train_config(None, resumed, cls=GRPOConfig), resume=tmp_path / "a" / "checkpoints" / "step_1")
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 3]
+    assert lines[0]["generate_s"] > 0 and lines[1]["generate_s"] == 0  # sampled at step 2, trained on twice
+
+
 def _grouped_rollout(pad_id: int) -> Rollout:
     """Two prompts of different lengths, three completions each, of different lengths (one of a single token)."""
     prompts = [torch.randint(2, 300, (11,)).tolist(), torch.randint(2, 300, (6,)).tolist()]
