@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from options import positive_int
 from short_runs import require_shards, short_run  # noqa: E402
 
 from seekstack.config import preset  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_attention_3d"))
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=positive_int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
     require_shards(args.data, ["train", "val"])

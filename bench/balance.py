@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from options import positive_int
 from short_runs import require_shards, short_run
 
 SETTINGS = {  # name (also the run's folder) -> the TrainConfig fields it sets
@@ -28,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_balance"))
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=positive_int, default=200)
     args = parser.parse_args()
     require_shards(args.data, ["train", "val"])
 

@@ -16,6 +16,8 @@ import argparse
 import random
 import time
 
+from options import positive_int
+
 from seekstack.corpus.dedup import SHINGLE_WORDS, NearDeduplicator, word_shingles
 
 EDIT_RATES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
@@ -69,7 +71,7 @@ def measure(originals: int, rate: float, threshold: float, seed: int = 0) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--originals", type=int, default=500)
+    parser.add_argument("--originals", type=positive_int, default=500)
     args = parser.parse_args()
     started = time.perf_counter()
     print(f"{args.originals} originals + {args.originals} planted copies + {args.originals} unrelated documents;")

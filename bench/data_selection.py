@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 
 from data_mixing import MICRO
+from options import positive_int
 from short_runs import short_run
 
 from seekstack.corpus.quality import train_quality_model
@@ -56,8 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("corpora", type=Path, nargs="?", default=Path("/tmp/corpora"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_data_selection"))
-    parser.add_argument("--tokens", type=int, default=500_000, help="tokens each selection holds")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--tokens", type=positive_int, default=500_000, help="tokens each selection holds")
+    parser.add_argument("--steps", type=positive_int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 from llama_cpp_peer import load_llama_cpp
 from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
+from options import positive_int
 from transformers import AutoModelForCausalLM
 
 import seekstack
@@ -183,10 +184,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--scaling", nargs="+", type=int, default=[1, 4, 16], help="concurrent sequences")
-    parser.add_argument("--reps", type=int, default=3, help="timed runs per side (median reported)")
+    parser.add_argument("--reps", type=positive_int, default=3, help="timed runs per side (median reported)")
     parser.add_argument("--llama-cpp-source", type=Path, help="llama.cpp source tree with convert_hf_to_gguf.py")
     parser.add_argument("--busy", action="store_true", help="also batch 1 beside a competing busy process")
     add_machine_options(parser)

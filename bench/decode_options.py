@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from decode import CORPUS, random_prompts
+from options import positive_int
 from torch import nn
 
 import seekstack
@@ -72,10 +73,10 @@ def decode_rate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--rows", type=int, default=1, help="concurrent sequences")
+    parser.add_argument("--rows", type=positive_int, default=1, help="concurrent sequences")
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=33)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--new-tokens", type=positive_int, default=33)
+    parser.add_argument("--rounds", type=positive_int, default=8)
     parser.add_argument("--options", nargs="+", type=json.loads, default=[{}, {"memory_planning": True}])
     args = parser.parse_args()
     known = {*torch._inductor.config.get_config_copy(), *OUR_KEYS}

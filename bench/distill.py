@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import torch
+from options import positive_int
 
 from seekstack.checkpoint import load_pretrained
 from seekstack.distill.config import DistillConfig
@@ -119,9 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
     parser.add_argument("--out", type=Path, default=Path("runs/distill"))
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=positive_int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--eval-batches", type=int, default=40)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import torch
+from options import positive_int
 
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.run import run_distill
@@ -99,8 +100,8 @@ def main() -> None:
     parser.add_argument("--student", type=Path, default=Path("runs/distill/ce_only/checkpoints/step_200"))
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)
-    parser.add_argument("--prompts", type=int, default=4000)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--prompts", type=positive_int, default=4000)
+    parser.add_argument("--steps", type=positive_int, default=300)
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/distill_reason"))

@@ -26,6 +26,7 @@ from seekstack.tokens.shards import TokenWindows
 from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from options import positive_int
 from trainer_timing import record_step_seconds  # noqa: E402
 
 
@@ -76,9 +77,9 @@ def main() -> None:
     parser.add_argument("teacher", type=Path)
     parser.add_argument("student", type=Path)
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
     args = parser.parse_args()
     tokens = args.batch_size * args.seq_len

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from options import positive_int
+
 from seekstack.infer import Engine
 from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.evaluate import evaluate_task
@@ -53,7 +55,7 @@ def main() -> None:
     parser.add_argument("start", type=Path, help="the SFT checkpoint both runs start from")
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=positive_int, default=150)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--window", type=int, default=30, help="steps per row of the table")
     parser.add_argument("--out", type=Path, default=Path("runs/dr_grpo"))

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
+from options import positive_int
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -410,8 +411,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(DEFAULT_SEQ_LENS), choices=list(DEFAULT_SEQ_LENS))
     parser.add_argument("--seq-lens", nargs="+", type=int, help="tokens per sequence (default: per preset)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=5, help="timed forwards per model (median reported)")
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--reps", type=positive_int, default=5, help="timed forwards per model (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per model, the first checks parity")
     parser.add_argument("--profile-seq-len", type=int, default=512, help="T of the profile")
     parser.add_argument("--profile-reps", type=int, default=2, help="profiled forwards per model")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from options import positive_int
 from short_runs import BASE, require_shards
 
 from seekstack.tokens.shards import load_index
@@ -46,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_grad_compression"))
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=positive_int, default=200)
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     args = parser.parse_args()
     require_shards(args.data, ["train", "val"])

@@ -37,6 +37,7 @@ from seekstack.tokenizer import Tokenizer
 from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from options import positive_int
 from trainer_timing import record_step_seconds  # noqa: E402
 
 
@@ -148,10 +149,10 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=10)
+    parser.add_argument("--prompts", type=positive_int, default=2)
     parser.add_argument("--generations", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=positive_int, default=64)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument(
         "--compile-decode", choices=["true", "false"], default="true", help="rl's compile_decode for our rollouts"

@@ -24,6 +24,8 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
+from options import positive_int
+
 from tests.serve.server import running_server  # noqa: E402  (the test suite's live-server helper)
 
 PROMPTS = ["The licence", "Permission is hereby granted", "You may not", "This program is free", "def main():"]
@@ -75,9 +77,9 @@ def main() -> None:
     parser.add_argument("base", type=Path)
     parser.add_argument("adapters", type=Path, nargs="+")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--requests", type=positive_int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--engine-only", action="store_true", help="the engine in this process, no server")
     parser.add_argument("--compile", action="store_true", help="compiled decode steps, in both")
     args = parser.parse_args()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from options import positive_int
 
 import seekstack
 from seekstack.corpus.quality import train_quality_model
@@ -183,8 +184,8 @@ def overhead(policy: Policy, prompts: list[str], tokens: int) -> tuple[float, fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-template", type=int, default=20, help="texts drawn from each template")
-    parser.add_argument("--requests", type=int, default=20, help="requests timed for the overhead")
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests", type=positive_int, default=20, help="requests timed for the overhead")
+    parser.add_argument("--tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.55, 0.6], help="classifier's")
     args = parser.parse_args()

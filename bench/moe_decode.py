@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from options import positive_int
 
 import seekstack
 from seekstack.model import cpu_kernels
@@ -36,10 +37,10 @@ def step(moes: list[MoE], path: str, xs: list[torch.Tensor], routings: list[Rout
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", choices=["tiny", "small"])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=positive_int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 256  # a graph per path, dtype and token count class

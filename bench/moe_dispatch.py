@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from options import positive_int
 
 import seekstack
 from seekstack.model.moe import RoutedExperts, Routing
@@ -48,7 +49,7 @@ def median_ms(calls: dict[str, Callable[[], None]], reps: int, inner: int) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--reps", type=positive_int, default=9)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU clock, median of {args.reps}")

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from options import positive_int
 
 import seekstack
 from seekstack.infer import Engine, SamplingParams
@@ -44,10 +45,10 @@ def run(engine: Engine, warmup: list[int], prompts: list[list[int]], params: Sam
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--requests", type=positive_int, default=16)
     parser.add_argument("--system-tokens", type=int, default=512)
     parser.add_argument("--question-tokens", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=positive_int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

@@ -30,6 +30,7 @@ from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
 from seekstack.tokens.token_bytes import split_byte_lengths
 
 sys.path.insert(0, str(Path(__file__).parent))
+from options import positive_int
 from quantize import decode_speeds  # noqa: E402  (bench/quantize.py: the same interleaved decode timing)
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--heal-batch-size", type=int, default=8, help="healing: sequences of 256 tokens per step")
     parser.add_argument("--batches", type=int, default=8, help="validation batches of 8 x 256 tokens")
     parser.add_argument("--calibration-batches", type=int, default=4, help="train batches of 8 x 256 tokens")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=positive_int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from options import positive_int
 
 import seekstack
 from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities
@@ -135,7 +136,7 @@ def main() -> None:
     parser.add_argument("--data", default="runs/quant/data/tokens")
     parser.add_argument("--batches", type=int, default=8, help="validation batches of 8 x 256 tokens")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=5, help="interleaved decode rounds (median)")
+    parser.add_argument("--reps", type=positive_int, default=5, help="interleaved decode rounds (median)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: process CPU seconds")
     parser.add_argument("--preset", help="decode speed only, on random weights of this preset (e.g. small)")
     parser.add_argument("--no-torchao", action="store_true")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from options import positive_int
 
 from seekstack.accounting import main_parameters
 from seekstack.checkpoint import load_pretrained
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--student", type=Path, required=True, help="a smaller pretrained checkpoint")
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)
-    parser.add_argument("--prompts", type=int, default=2000, help="training problems the teacher samples on")
+    parser.add_argument("--prompts", type=positive_int, default=2000, help="training problems the teacher samples on")
     parser.add_argument("--samples", type=int, default=2, help="teacher samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling temperature")
     parser.add_argument("--sft-steps", type=int, default=150)

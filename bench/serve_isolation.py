@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from options import positive_int
 from serve_load import LevelRun, make_model, percentile, request_body, start_server, stream_one
 
 HOSTILE = {
@@ -81,8 +82,8 @@ def stream_under_fire(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=positive_int, default=128)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--port", type=int, default=8932)
     parser.add_argument("--threads", type=int, help="torch threads of the server")
     args = parser.parse_args()

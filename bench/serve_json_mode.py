@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from options import positive_int
 from serve_load import stdlib_tokenizer
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
@@ -100,9 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small-vocab", type=int, default=4096)
     parser.add_argument("--large-vocab", type=int, default=129_280)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--tokens", type=positive_int, default=128)
+    parser.add_argument("--reps", type=positive_int, default=3)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

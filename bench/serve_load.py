@@ -40,6 +40,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from options import positive_int
 
 import seekstack
 from seekstack.infer import Engine, SamplingParams
@@ -195,10 +196,12 @@ def percentile(values: list[float], q: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="checkpoint folder with tokenizer.json; default: random tiny")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=2, help="streamed completions per client, one after another")
-    parser.add_argument("--tokens", type=int, default=64, help="tokens per completion")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=positive_int, nargs="+", default=[1, 4, 16])
+    parser.add_argument(
+        "--requests", type=positive_int, default=2, help="streamed completions per client, one after another"
+    )
+    parser.add_argument("--tokens", type=positive_int, default=64, help="tokens per completion")
+    parser.add_argument("--rounds", type=positive_int, default=3)
     parser.add_argument("--port", type=int, default=8931)
     parser.add_argument("--threads", type=int, help="torch threads of the server and of the engine alone")
     args = parser.parse_args()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from machine import matmul_peaks, share_of_peak
+from options import positive_int
 
 from seekstack.accounting import training_flops_per_token
 from seekstack.train.config import TrainConfig
@@ -47,10 +48,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"), help="token shards (data tokenize)")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each setting, alternating (median reported)")
+    parser.add_argument("--steps", type=positive_int, default=30)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument(
+        "--rounds", type=positive_int, default=2, help="runs of each setting, alternating (median reported)"
+    )
     args = parser.parse_args()
     print(f"{args.preset}, {args.batch} x {args.seq_len} tokens a step, {args.steps} steps a run, torch threads "
           f"{torch.get_num_threads()}")  # fmt: skip

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from machine import CLOCKS, add_machine_options, matmul_peaks, prepare_machine, share_of_peak
+from options import positive_int
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -108,9 +109,9 @@ def timed_step(contender: Contender, batch: torch.Tensor, clock: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=7, help="timed steps per contender (median reported)")
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument("--reps", type=positive_int, default=7, help="timed steps per contender (median reported)")
     parser.add_argument("--screen", type=int, default=2, help="steps per transformers implementation to pick one")
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"), help="token shards (data tokenize)")
     add_machine_options(parser)

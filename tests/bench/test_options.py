@@ -1,0 +1,41 @@
+"""The benchmarks' count options (--reps, --rounds, --steps, --tokens, ...): a 0 is refused by name before any
+work; it used to run the whole benchmark and fail on an empty median."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))  # the scripts import options.py as their sibling
+from bench.options import positive_int  # noqa: E402
+
+
+def test_positive_int_takes_a_whole_number_of_at_least_one():
+    assert positive_int("3") == 3
+    for text, message in (("0", "0: at least 1"), ("-2", "-2: at least 1"), ("2.5", "'2.5' is not a whole number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            positive_int(text)
+
+
+@pytest.mark.parametrize(
+    ("script", "option"),
+    [
+        ("forward.py", "--reps"),
+        ("train_step.py", "--reps"),
+        ("moe_decode.py", "--reps"),
+        ("moe_dispatch.py", "--reps"),
+        ("prefix_cache.py", "--reps"),
+        ("decode_options.py", "--rounds"),
+        ("serve_load.py", "--clients"),
+        ("distill_step.py", "--steps"),
+    ],
+)
+def test_a_count_of_zero_is_refused_naming_the_option(script, option):
+    run = subprocess.run(
+        [sys.executable, str(BENCH / script), option, "0"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2, run.stderr[-500:]
+    assert f"argument {option}: 0: at least 1" in run.stderr
