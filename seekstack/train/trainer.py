@@ -237,14 +237,16 @@ def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     else:
         model_config = config.model_config()
         model = None
-    require_vocabulary(model_config.vocab_size, vocab_needed, config.data_dir, config.init_from)
+    # rl, and sft on conversations, read no data_dir: their rows are encoded by `tokenizer` (else init_from's)
+    tokenized_by = config.data_dir if config.reads_data_dir else config.tokenizer or config.init_from
+    require_vocabulary(model_config.vocab_size, vocab_needed, tokenized_by, config.init_from)
     return model if model is not None else Transformer(model_config)
 
 
 def require_vocabulary(vocab_size: int, vocab_needed: int, data_dir: str | Path, init_from: str | Path = "") -> None:
     """ValueError unless a model of `vocab_size` ids (the checkpoint `init_from`, else a fresh one) can train on the
-    shards in `data_dir`, of a tokenizer of `vocab_needed` ids: fewer cannot embed the data, and a fresh model's must
-    be exactly those, as more would let it emit ids that decode to no token."""
+    shards in `data_dir` (or the rows of the tokenizer it names), of a tokenizer of `vocab_needed` ids: fewer cannot
+    embed the data, and a fresh model's must be exactly those, as more would let it emit ids that decode to no token."""
     if vocab_size < vocab_needed:
         advice = (
             f"the checkpoint {init_from} cannot grow its vocabulary: tokenize the text with the checkpoint's "

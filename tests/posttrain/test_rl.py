@@ -1,6 +1,7 @@
 import copy
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -266,6 +267,14 @@ def test_a_run_resumed_at_more_iterations_samples_anew_where_its_batch_has_no_sa
     lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 3]
     assert lines[0]["generate_s"] > 0 and lines[1]["generate_s"] == 0  # sampled at step 2, trained on twice
+
+
+def test_a_fresh_models_vocabulary_is_checked_against_the_tokenizer_rl_names_not_data_dir(tmp_path):
+    tokenizer = micro_checkpoint(tmp_path / "start")  # 300 tokens
+    config = [f"tokenizer={tokenizer}", f"out_dir={tmp_path / 'run'}", *RUN, "model.vocab_size=512", "max_steps=1"]
+    named = re.escape(f"larger than the tokenizer's 300 tokens of {tokenizer}: ids 300..511 decode to no token")
+    with pytest.raises(ValueError, match=named):
+        run_rl(resolve_train_config(None, config, cls=GRPOConfig))
 
 
 def _grouped_rollout(pad_id: int) -> Rollout:
