@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import importlib.util
 import json
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peers import peer_missing
 from torch import nn
 
 import seekstack
@@ -249,14 +249,6 @@ def run_llama_cpp(path: Path, prompt: list[int], new_tokens: int) -> dict:
     }
 
 
-def llama_cpp_missing() -> str | None:
-    """Why llama.cpp cannot be timed here (llama-cpp-python or gguf not installed), or None."""
-    missing = [package for package in ("llama_cpp", "gguf") if importlib.util.find_spec(package) is None]
-    if missing:
-        return f"skipped: {' and '.join(missing)} not installed (pip install -e '.[bench]', a long C++ build)"
-    return None
-
-
 def child(*args: str) -> dict | None:
     """Run this script with `args` in a child process (its own peak RSS); its last stdout line is JSON. A child that
     fails stops the run with its command and the last line of its error."""
@@ -297,9 +289,11 @@ def main() -> None:
         print(json.dumps(run_llama_cpp(Path(path), prompt, args.new_tokens) if job == "llama_cpp" else resident_gb()))
         return
 
-    skip_llama_cpp = "skipped (--skip-llama-cpp)" if args.skip_llama_cpp else llama_cpp_missing()
+    skip_llama_cpp = "llama.cpp: skipped (--skip-llama-cpp)"
+    if not args.skip_llama_cpp:
+        skip_llama_cpp = peer_missing("llama.cpp", ("llama_cpp", "gguf"), "pip install -e '.[bench]', a long C++ build")
     if skip_llama_cpp:
-        print(f"llama.cpp: {skip_llama_cpp}", flush=True)
+        print(skip_llama_cpp, flush=True)
     written = {}
     if not (directory / "config.json").exists():
         started = time.perf_counter()

@@ -12,16 +12,14 @@ Prints documents kept, the reasons that removed the most, and documents/s.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections import Counter
 
 from data_corpora import corpora_folder
+from peers import peer_missing
 
 from seekstack.corpus.rules import CleaningConfig, failed_rule, normalise, rule_kind
 from seekstack.corpus.sources import read_jsonl
-
-PEER_PACKAGES = ("datatrove", "spacy")  # spacy: datatrove's word tokenizers
 
 
 def datatrove_filters(language: str) -> list:
@@ -54,9 +52,9 @@ def ours_verdict(config: CleaningConfig, text: str) -> str | None:
 def main() -> None:
     corpora = corpora_folder(__doc__)
     config = CleaningConfig()
-    missing = [package for package in PEER_PACKAGES if importlib.util.find_spec(package) is None]
+    missing = peer_missing("datatrove", ("datatrove", "spacy"), "pip install datatrove spacy")
     if missing:
-        print(f"datatrove: skipped, {' and '.join(missing)} not installed (pip install datatrove spacy)")
+        print(missing)
     for path in sorted(corpora.glob("*.jsonl")):
         documents = [(doc.doc_id, normalise(doc.text)) for doc in read_jsonl(path, id_field="id")]
         contenders = {"ours": lambda doc_id, text: ours_verdict(config, text)}

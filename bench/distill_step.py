@@ -27,6 +27,7 @@ from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from options import positive_int
+from peers import peer_missing
 from trainer_timing import record_step_seconds  # noqa: E402
 
 
@@ -82,15 +83,23 @@ def main() -> None:
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: at least 2, the first step (warm-up) is not timed")
     tokens = args.batch_size * args.seq_len
     print(f"torch threads: {torch.get_num_threads()}; {args.batch_size} x {args.seq_len} tokens per step")
+    runs = {"seekstack": run_ours, "trl": run_trl}
+    trl_missing = peer_missing("trl", ("trl",), "pip install -e '.[bench]'")
+    if trl_missing:
+        print(trl_missing)
+        del runs["trl"]
     seconds = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for name, run in (("seekstack", run_ours), ("trl", run_trl)):
+        for name, run in runs.items():
             steady = statistics.median(run(args, Path(scratch) / name)[1:])
             seconds[name] = steady
             print(f"{name:10s} {steady:7.3f} s/step  {tokens / steady:8,.0f} student tokens/s")
-    print(f"seekstack is {seconds['trl'] / seconds['seekstack']:.2f}x TRL's GKDTrainer throughput")
+    if "trl" in seconds:
+        print(f"seekstack is {seconds['trl'] / seconds['seekstack']:.2f}x TRL's GKDTrainer throughput")
 
 
 if __name__ == "__main__":

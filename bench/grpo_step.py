@@ -38,6 +38,7 @@ from seekstack.train.config import resolve_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from options import positive_int
+from peers import peer_missing
 from trainer_timing import record_step_seconds  # noqa: E402
 
 
@@ -163,14 +164,20 @@ def main() -> None:
         f"torch threads: {torch.get_num_threads()}; {args.prompts} prompts x {args.generations} x {args.tokens} "
         f"tokens; ours: compile_decode={args.compile_decode}, threads={args.threads}"
     )
+    trl_missing = peer_missing("trl", ("trl",), "pip install -e '.[bench]'")
     with tempfile.TemporaryDirectory() as scratch:
         print(f"load average before: {load_average()}")
         ours = summary("seekstack", run_ours(args, Path(scratch) / "ours", async_rollouts=False))
         print(f"load average between: {load_average()}")
-        trl = summary("trl", run_trl(args, Path(scratch) / "trl"))
-        print(f"load average between: {load_average()}")
+        if trl_missing:
+            print(trl_missing)
+        else:
+            trl = summary("trl", run_trl(args, Path(scratch) / "trl"))
+            print(f"load average between: {load_average()}")
         ahead = summary("async", run_ours(args, Path(scratch) / "async", async_rollouts=True))
         print(f"load average after: {load_average()}")
+    if trl_missing:
+        return
     print(f"seekstack is {trl['s_per_step'] / ours['s_per_step']:.2f}x faster per step")
     print(f"seekstack with async_rollouts is {trl['s_per_step'] / ahead['s_per_step']:.2f}x faster per step")
     print(

@@ -1,0 +1,28 @@
+"""A peer the benchmarks time ours against (trl, llama.cpp, datatrove) that is not installed is skipped in one line
+naming the package and how to install it, and distill_step needs two steps (the first is warm-up, not timed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))  # the scripts import peers.py as their sibling
+from bench.peers import peer_missing  # noqa: E402
+
+
+def test_a_peer_whose_packages_import_is_not_missing():
+    assert peer_missing("stdlib", ("json", "csv"), "nothing to install") is None
+
+
+def test_a_peer_not_installed_is_one_line_naming_each_missing_package_and_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    message = peer_missing("llama.cpp", ("llama_cpp", "json", "gguf"), "pip install -e '.[bench]'")
+    assert message == "llama.cpp: skipped, llama_cpp and gguf not installed (pip install -e '.[bench]')"
+
+
+def test_distill_step_refuses_one_step_before_loading_anything(tmp_path):
+    command = [sys.executable, str(BENCH / "distill_step.py"), str(tmp_path / "t"), str(tmp_path / "s"), "--steps", "1"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "--steps 1: at least 2, the first step (warm-up) is not timed" in run.stderr
