@@ -13,12 +13,9 @@ import time
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
+from options import positive_int  # noqa: E402
+from peers import peer_missing  # noqa: E402
 
-from seekstack.eval.evaluate import evaluate, write_results  # noqa: E402
-from seekstack.eval.harness import SeekstackLM  # noqa: E402
-from seekstack.eval.tasks import PERPLEXITY_CHARS, held_out_modules, next_line_docs  # noqa: E402
 from seekstack.train.runs import checkpoint_or_latest  # noqa: E402
 
 
@@ -26,11 +23,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory or run out_dir")
     parser.add_argument("--corpus", default="runs/demo/corpus")
-    parser.add_argument("--limit", type=int, default=40, help="documents per task")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=positive_int, default=40, help="documents per task")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="folder for results.json/.md (ours) and results_hf.json/.md")
     args = parser.parse_args()
+    missing = peer_missing("lm_eval's HF backend", ("lm_eval",), "pip install -e '.[eval]'")
+    if missing:
+        raise SystemExit(missing)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from seekstack.eval.evaluate import evaluate, write_results
+    from seekstack.eval.harness import SeekstackLM
+    from seekstack.eval.tasks import PERPLEXITY_CHARS, held_out_modules, next_line_docs
+
     torch.set_num_threads(args.threads)
     model_dir = checkpoint_or_latest(args.model)
     modules = held_out_modules(args.corpus)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from options import positive_int
+from peers import peer_missing
 
 import seekstack
 from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities
@@ -175,7 +176,10 @@ def main() -> None:
             models[name], disk[name] = seekstack.load_pretrained(directory).eval(), checkpoint_bytes(directory)
     seekstack.save_pretrained(models["bfloat16"], work / "bf16")
     disk["bfloat16"] = checkpoint_bytes(work / "bf16")
-    for kind in () if args.no_torchao else ("int8", "int4"):
+    torchao_missing = None if args.no_torchao else peer_missing("torchao", ("torchao",), "pip install -e '.[bench]'")
+    if torchao_missing:
+        print(torchao_missing)
+    for kind in () if args.no_torchao or torchao_missing else ("int8", "int4"):
         try:
             models[f"torchao {kind} weight-only"] = torchao_variant(original, kind)
         except Exception as error:  # report, keep the rest of the table

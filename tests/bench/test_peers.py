@@ -26,3 +26,14 @@ def test_distill_step_refuses_one_step_before_loading_anything(tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "--steps 1: at least 2, the first step (warm-up) is not timed" in run.stderr
+
+
+def test_eval_parity_without_lm_eval_stops_in_one_line_before_loading_anything(tmp_path):
+    launcher = (
+        f"import runpy, sys; sys.modules['lm_eval'] = None; sys.path.insert(0, {str(BENCH)!r}); "
+        f"sys.argv = ['eval_parity.py', '--model', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(BENCH / 'eval_parity.py')!r}, run_name='__main__')"
+    )
+    run = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip() == "lm_eval's HF backend: skipped, lm_eval not installed (pip install -e '.[eval]')"
