@@ -37,6 +37,7 @@ from seekstack.tokens.shards import TokenWindows
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import build_optimizer
 
+DEMO_TOKENS = Path("runs/demo/tokens")
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 LOSS_ATOL = 1e-4
@@ -91,12 +92,16 @@ def contenders(preset: str, directory: Path) -> tuple[Contender, list[Contender]
     return ours, theirs
 
 
-def training_batch(data_dir: Path, vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:
-    """The first `batch` windows of the demo shards' train split, or random ids when there are none."""
+def training_batch(data_dir: Path | None, vocab_size: int, batch: int, seq_len: int) -> torch.Tensor:
+    """The first `batch` windows of the train split of `data_dir`'s shards; without a `data_dir`, of the demo's, or
+    random ids when there are none. A `data_dir` given without shards is refused: timing random ids instead would
+    pass them off as the user's data."""
     try:
-        return TokenWindows(data_dir, "train", seq_len - 1, seed=0).batch(batch)
-    except FileNotFoundError:
-        print(f"no token shards under {data_dir}: random token ids")
+        return TokenWindows(data_dir or DEMO_TOKENS, "train", seq_len - 1, seed=0).batch(batch)
+    except FileNotFoundError as error:
+        if data_dir is not None:
+            raise SystemExit(f"--data {data_dir}: {error}") from None
+        print(f"no token shards under {DEMO_TOKENS}: random token ids")
         return torch.randint(vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
 
 
@@ -112,16 +117,16 @@ def main() -> None:
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--reps", type=positive_int, default=7, help="timed steps per contender (median reported)")
-    parser.add_argument("--screen", type=int, default=2, help="steps per transformers implementation to pick one")
-    parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"), help="token shards (data tokenize)")
+    parser.add_argument("--screen", type=positive_int, default=2, help="steps per transformers implementation")
+    parser.add_argument("--data", type=Path, help=f"token shards (data tokenize); default: {DEMO_TOKENS}, if there")
     add_machine_options(parser)
     args = parser.parse_args()
+    batch = training_batch(args.data, seekstack.preset(args.preset).vocab_size, args.batch, args.seq_len)
     prepare_machine(args)
     peaks = matmul_peaks()
 
     with tempfile.TemporaryDirectory() as directory:
         ours, theirs = contenders(args.preset, Path(directory))
-        batch = training_batch(args.data, ours.model.config.vocab_size, args.batch, args.seq_len)
         tokens = batch.numel()
         flops_per_token = training_flops_per_token(ours.model.config, args.seq_len)  # MTP is off: no MTP FLOPs
         print(f"{args.preset}, batch {args.batch} x {args.seq_len}, float32, {torch.get_num_threads()} threads")
