@@ -142,10 +142,18 @@ def corpora_folder(description: str) -> Path:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("corpora", type=Path, nargs="?", default=Path("data/bench_corpora"))
     folder = parser.parse_args().corpora
+    missing = missing_corpora(folder)
+    if missing:
+        parser.error(missing)
+    return folder
+
+
+def missing_corpora(folder: Path) -> str | None:
+    """Which of the three corpora files `folder` lacks, with the command that writes them; None when it has all."""
     missing = [f"{name}.jsonl" for name in CORPORA if not (folder / f"{name}.jsonl").is_file()]
     if missing:
-        parser.error(f"{folder} has no {', '.join(missing)}: write them with python bench/data_corpora.py {folder}")
-    return folder
+        return f"{folder} has no {', '.join(missing)}: write them with python bench/data_corpora.py {folder}"
+    return None
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_corpora import missing_corpora
+from options import positive_int
+
 from seekstack.corpus.build import build_corpus
 from seekstack.corpus.rules import CleaningConfig
 from seekstack.corpus.sources import Document, read_jsonl
@@ -42,6 +45,8 @@ def generated(corpora: Path, mib: float, seed: int = 0) -> Iterator[Document]:
                 yield Document(f"{cycle}:{doc.doc_id}", text, path.stem)
                 if total >= budget:
                     return
+        if total == 0:  # another pass would read nothing either: stop rather than loop for ever
+            raise SystemExit(f"--corpora {corpora}: {', '.join(path.name for path in paths)} hold no text")
         cycle += 1
 
 
@@ -49,8 +54,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpora", type=Path, default=Path("data/bench_corpora"))
     parser.add_argument("--mib", type=float, default=64)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=positive_int, nargs="+", default=[1, 2])
     args = parser.parse_args()
+    missing = missing_corpora(args.corpora)
+    if missing:
+        parser.error(f"--corpora {missing}")
+    if not args.mib > 0:
+        parser.error(f"--mib {args.mib}: more than 0 MiB of documents to build")
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as out:
             started, cpu = time.perf_counter(), time.process_time()

@@ -17,7 +17,7 @@ def run_bench(script: str, *args: str, cwd: Path, without: str = "") -> subproce
         f"sys.path.insert(0, {str(BENCH)!r}); sys.argv = [{script!r}, *{list(args)!r}]; "
         f"runpy.run_path({str(BENCH / script)!r}, run_name='__main__')"
     )
-    return subprocess.run([sys.executable, "-c", launcher], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", launcher], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def test_data_corpora_help_prints_usage_and_writes_no_folder_named_help(tmp_path):
@@ -45,3 +45,25 @@ def test_datatrove_not_installed_is_skipped_in_one_line_and_ours_still_runs(tmp_
     assert "datatrove: skipped, datatrove and spacy not installed (pip install datatrove spacy)" in run.stdout
     rows = [line.split()[:2] for line in run.stdout.splitlines()[1:]]
     assert rows == [["code.jsonl", "ours"], ["prose.jsonl", "ours"], ["zh.jsonl", "ours"]]
+
+
+def test_data_throughput_refuses_a_folder_without_the_corpora_instead_of_looping_for_ever(tmp_path):
+    run = run_bench("data_throughput.py", "--corpora", str(tmp_path / "nope"), "--mib", "1", cwd=tmp_path)
+    assert run.returncode == 2
+    assert f"--corpora {tmp_path / 'nope'} has no code.jsonl, prose.jsonl, zh.jsonl" in run.stderr
+
+
+def test_data_throughput_stops_on_corpora_that_hold_no_text_instead_of_looping_for_ever(tmp_path):
+    for name in ("code", "prose", "zh"):
+        (tmp_path / f"{name}.jsonl").write_text("")
+    run = run_bench("data_throughput.py", "--corpora", str(tmp_path), "--mib", "1", "--workers", "1", cwd=tmp_path)
+    assert run.returncode == 1
+    assert f"--corpora {tmp_path}: code.jsonl, prose.jsonl, zh.jsonl hold no text" in run.stderr
+
+
+def test_data_throughput_refuses_zero_mib(tmp_path):
+    for name in ("code", "prose", "zh"):
+        (tmp_path / f"{name}.jsonl").write_text("")
+    run = run_bench("data_throughput.py", "--corpora", str(tmp_path), "--mib", "0", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "--mib 0.0: more than 0 MiB of documents to build" in run.stderr
