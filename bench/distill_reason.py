@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--prompts", type=positive_int, default=4000)
     parser.add_argument("--steps", type=positive_int, default=300)
-    parser.add_argument("--problems", type=int, default=200)
+    parser.add_argument("--problems", type=positive_int, default=200)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/distill_reason"))
     args = parser.parse_args()

@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("student", type=Path)
     parser.add_argument("--data", type=Path, default=Path("runs/demo/tokens"))
     parser.add_argument("--steps", type=positive_int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
     args = parser.parse_args()

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--steps", type=positive_int, default=150)
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--window", type=int, default=30, help="steps per row of the table")
+    parser.add_argument("--window", type=positive_int, default=30, help="steps per row of the table")
     parser.add_argument("--out", type=Path, default=Path("runs/dr_grpo"))
     args = parser.parse_args()
     runs = train_both(args)

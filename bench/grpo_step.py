@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--difficulty", type=int, default=0)
     parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--prompts", type=positive_int, default=2)
-    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--generations", type=positive_int, default=8)
     parser.add_argument("--tokens", type=positive_int, default=64)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument(

@@ -425,7 +425,7 @@ def main() -> None:
     parser.add_argument("data", type=Path)
     parser.add_argument("--out", type=Path, default=Path("runs/lora/domain"))
     parser.add_argument("--steps", type=positive_int, default=120)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-2, 3e-2], help="each LoRA variant's lrs")
     parser.add_argument("--full-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="the full fine-tune's")

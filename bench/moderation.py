@@ -183,7 +183,7 @@ def overhead(policy: Policy, prompts: list[str], tokens: int) -> tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-template", type=int, default=20, help="texts drawn from each template")
+    parser.add_argument("--per-template", type=positive_int, default=20, help="texts drawn from each template")
     parser.add_argument("--requests", type=positive_int, default=20, help="requests timed for the overhead")
     parser.add_argument("--tokens", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)

@@ -42,9 +42,11 @@ def main() -> None:
     parser.add_argument("--experts", type=float, default=0.25, help="fraction of routed experts removed per layer")
     parser.add_argument("--heal-steps", type=int, default=25, help="0: no healed rows")
     parser.add_argument("--heal-lr", type=float, default=1e-4)
-    parser.add_argument("--heal-batch-size", type=int, default=8, help="healing: sequences of 256 tokens per step")
-    parser.add_argument("--batches", type=int, default=8, help="validation batches of 8 x 256 tokens")
-    parser.add_argument("--calibration-batches", type=int, default=4, help="train batches of 8 x 256 tokens")
+    parser.add_argument(
+        "--heal-batch-size", type=positive_int, default=8, help="healing: sequences of 256 tokens per step"
+    )
+    parser.add_argument("--batches", type=positive_int, default=8, help="validation batches of 8 x 256 tokens")
+    parser.add_argument("--calibration-batches", type=positive_int, default=4, help="train batches of 8 x 256 tokens")
     parser.add_argument("--reps", type=positive_int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)

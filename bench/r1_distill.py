@@ -91,11 +91,11 @@ def main() -> None:
     parser.add_argument("--task", default="addition")
     parser.add_argument("--difficulty", type=int, default=2)
     parser.add_argument("--prompts", type=positive_int, default=2000, help="training problems the teacher samples on")
-    parser.add_argument("--samples", type=int, default=2, help="teacher samples per problem")
+    parser.add_argument("--samples", type=positive_int, default=2, help="teacher samples per problem")
     parser.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling temperature")
     parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--grpo-lr", type=float, default=5e-5)
-    parser.add_argument("--chunk", type=int, default=20, help="GRPO steps between budget checks")
+    parser.add_argument("--chunk", type=positive_int, default=20, help="GRPO steps between budget checks")
     parser.add_argument("--out", type=Path, default=Path("runs/r1_distill"))
     args = parser.parse_args()
     if args.out.exists():

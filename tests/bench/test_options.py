@@ -31,6 +31,10 @@ def test_positive_int_takes_a_whole_number_of_at_least_one():
         ("decode_options.py", "--rounds"),
         ("serve_load.py", "--clients"),
         ("distill_step.py", "--steps"),
+        ("distill_step.py", "--batch-size"),
+        ("grpo_step.py", "--generations"),
+        ("quantize.py", "--batches"),
+        ("prune.py", "--calibration-batches"),
     ],
 )
 def test_a_count_of_zero_is_refused_naming_the_option(script, option):
