@@ -387,7 +387,7 @@ def fails_after(seconds: int, what: str) -> Iterator[None]:
 def test_a_killed_worker_ends_the_build_with_an_error_naming_it(tmp_path: Path, monkeypatch) -> None:
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(100)]
     documents.append(Document("doomed", KilledOnArrival("The end."), "web"))
-    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field: documents)
+    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field, id_field: documents)
     monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 1.0)  # a hang fails in seconds, not in 30
     out = tmp_path / "out"
     with fails_after(30, "data build with a killed worker"):
@@ -402,7 +402,7 @@ def test_a_killed_worker_ends_the_build_with_an_error_naming_it(tmp_path: Path, 
 def test_a_worker_answer_that_cannot_be_read_back_is_named_not_called_a_death(tmp_path: Path, monkeypatch) -> None:
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(10)]
     documents.append(Document("picky", RaisesUnpicklable("The end."), "web"))
-    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field: documents)
+    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field, id_field: documents)
     monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 1.0)
     with fails_after(30, "data build with an unpicklable worker error"):
         result = CliRunner().invoke(app, ["data", "build", "corpus", "--out", str(tmp_path / "out"), "--workers", "2"])
