@@ -86,7 +86,7 @@ def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
     and renamed to `folder / name` in the order staged. On an error the staged files are deleted, and so are the
     folders this write created, when nothing else was put in them meanwhile (a refused build leaves no empty --out)."""
     folder = Path(folder)
-    created = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    created = missing_folders(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _clear_killed_writes_once(folder)
     staged = StagedFiles(folder)
@@ -105,11 +105,26 @@ def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
             hidden.unlink(missing_ok=True)
         for lock in staged.locks:
             os.close(lock)
-        for path in created if not published else ():
-            try:
-                path.rmdir()
-            except OSError:  # another writer's files are in it now
-                break
+        if not published:
+            remove_while_empty(created)
+
+
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first: what creating it will make."""
+    folder = Path(folder).absolute()
+    return [path for path in (folder, *folder.parents) if not path.exists()]
+
+
+def remove_while_empty(folders: Sequence[Path]) -> None:
+    """Remove `folders` (deepest first, as `missing_folders` lists them) up to the first that is not empty, i.e.
+    that another writer put files in meanwhile; what a refused write created is undone and nothing else."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:

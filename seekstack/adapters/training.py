@@ -39,6 +39,7 @@ from seekstack.adapters.files import (
     save_adapter,
 )
 from seekstack.adapters.flops import lora_training_flops
+from seekstack.atomic import missing_folders, remove_while_empty
 from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
@@ -207,7 +208,7 @@ def undone_if_refused(out: str | Path) -> Iterator[None]:
     `out` itself and the parents it made) is removed when the run is refused or interrupted before then, so that
     `out` is left as it was; once the trainer has passed its checks and written train_config.json, all of it stays."""
     out = Path(out).absolute()
-    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
+    made = missing_folders(out)
     before = set(os.listdir(out)) if out.is_dir() else set()
     started = out / TRAIN_CONFIG_FILE
     stamp = started.stat().st_mtime_ns if started.exists() else None
@@ -221,9 +222,7 @@ def undone_if_refused(out: str | Path) -> Iterator[None]:
                     shutil.rmtree(path)
                 else:
                     path.unlink()
-            for folder in made:
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
+            remove_while_empty(made)
         raise
 
 
