@@ -21,11 +21,6 @@ def split_score(key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def is_validation(key: str, val_fraction: float) -> bool:
-    """True when the document keyed by `key` belongs to the validation split of a large corpus."""
-    return split_score(key) < val_fraction
-
-
 def validation_cutoff(scores: list[float] | None, val_fraction: float) -> float:
     """The score below which a document goes to validation: for a small corpus (all its `scores` known) the one
     that takes exactly the intended number of documents, for a large one (`scores` None) the fraction itself."""

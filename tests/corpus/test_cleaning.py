@@ -42,7 +42,7 @@ from seekstack.corpus.sources import (
     read_stdlib,
     read_text_folder,
 )
-from seekstack.corpus.split import is_validation
+from seekstack.corpus.split import split_score, validation_cutoff
 from seekstack.schema import ConfigError, load_config, write_config
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -490,11 +490,13 @@ def test_code_without_pii_is_untouched() -> None:
 
 def test_split_is_deterministic_and_near_the_fraction() -> None:
     keys = [content_hash(f"document {i}") for i in range(20_000)]
-    chosen = [is_validation(key, 0.1) for key in keys]
-    assert chosen == [is_validation(key, 0.1) for key in keys]
+    large_corpus_cutoff = validation_cutoff(None, 0.1)  # the scores of a large corpus are not all known
+    chosen = [split_score(key) < large_corpus_cutoff for key in keys]
+    assert chosen == [split_score(key) < large_corpus_cutoff for key in keys]
     assert 0.09 < sum(chosen) / len(keys) < 0.11
-    assert not any(is_validation(key, 0.0) for key in keys[:100])
-    assert is_validation("document 7", 0.5) == is_validation("document 7", 0.5)
+    assert not any(split_score(key) < validation_cutoff(None, 0.0) for key in keys[:100])
+    scores = [split_score(key) for key in keys[:1000]]
+    assert sum(score < validation_cutoff(scores, 0.1) for score in scores) == 100  # a small corpus: exactly 10%
 
 
 def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:
