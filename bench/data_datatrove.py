@@ -57,6 +57,9 @@ def main() -> None:
         print(missing)
     for path in sorted(corpora.glob("*.jsonl")):
         documents = [(doc.doc_id, normalise(doc.text)) for doc in read_jsonl(path, id_field="id")]
+        if not documents:  # data_corpora.py writes an empty corpus where this machine has no source text for it
+            print(f"{path.name:12} skipped: no documents (bench/data_corpora.py found no source text for it)")
+            continue
         contenders = {"ours": lambda doc_id, text: ours_verdict(config, text)}
         if not missing:
             filters = datatrove_filters("zh" if path.stem == "zh" else "en")

@@ -67,3 +67,17 @@ def test_data_throughput_refuses_zero_mib(tmp_path):
     run = run_bench("data_throughput.py", "--corpora", str(tmp_path), "--mib", "0", cwd=tmp_path)
     assert run.returncode == 2
     assert "--mib 0.0: more than 0 MiB of documents to build" in run.stderr
+
+
+def test_datatrove_bench_skips_an_empty_corpus_in_one_line_instead_of_dividing_by_zero(tmp_path):
+    """data_corpora.py writes an empty zh.jsonl on a machine without Chinese text: the bench died in
+    ZeroDivisionError computing the share kept."""
+    for name in ("code", "prose"):
+        line = json.dumps({"id": f"{name}/1", "text": "The cat sat on the mat and looked at the door. " * 20})
+        (tmp_path / f"{name}.jsonl").write_text(line + "\n")
+    (tmp_path / "zh.jsonl").write_text("")
+    run = run_bench("data_datatrove.py", str(tmp_path), cwd=tmp_path, without="datatrove spacy")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()[1:]
+    assert [line.split()[:2] for line in lines[:2]] == [["code.jsonl", "ours"], ["prose.jsonl", "ours"]]
+    assert lines[2:] == ["zh.jsonl     skipped: no documents (bench/data_corpora.py found no source text for it)"]
