@@ -65,7 +65,7 @@ from seekstack.tokens.provenance import require_checkpoint_tokenizer, retokenize
 from seekstack.tokens.shards import TokenWindows
 from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths
 from seekstack.train.balance import max_violation, update_expert_bias
-from seekstack.train.config import VAL_SPLIT, TrainConfig
+from seekstack.train.config import CONFIG_FILE, VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
 from seekstack.train.runs import (
@@ -275,6 +275,24 @@ def require_val_split(config: TrainConfig) -> None:
         raise ConfigError(f"{error}; or set eval_every=0 to train without evaluations") from None
 
 
+def require_saved_seq_len(config: TrainConfig, saved: dict[str, Any], checkpoint: Path) -> None:
+    """ConfigError naming seq_len when a run resumed on token windows is given another than its checkpoint's
+    (`saved` config): the data position counts windows of that length in an order drawn over them, and windows of
+    another length come in another order, so no position in them continues the data pass without skipping or
+    repeating part of it."""
+    seq_len = saved.get("seq_len", config.seq_len)
+    if config.seq_len == seq_len:
+        return
+    raise ConfigError(
+        f"has value {config.seq_len}, but the checkpoint {checkpoint} the run resumes from holds its data position "
+        f"in windows of seq_len={seq_len} ({checkpoint / TRAIN_STATE_FILE}), drawn in an order over that length: "
+        f"at another seq_len the run would skip or repeat part of its data pass; resume with seq_len={seq_len} "
+        f"(the run's {CONFIG_FILE} held it at that save), or start a new run from its weights with "
+        f"init_from={checkpoint} seq_len={config.seq_len}",
+        field="seq_len",
+    )
+
+
 def tokenizer_files(config: TrainConfig, tokenizer_info: dict) -> list[Path]:
     """tokenizer.json and tokenizer_config.json to copy into every checkpoint, so that it loads for inference.
 
@@ -364,6 +382,8 @@ class _Run:
                     f"from: it would train nothing; give max_steps above {self.step} to train on",
                     field="max_steps",
                 )
+            if source is None:  # token windows, whose position the checkpoint counts at its seq_len
+                require_saved_seq_len(config, train_state["config"], path)
             try:
                 self.data.load_state_dict(train_state["data"])
             except ValueError as error:  # a token mixture that cannot go on from it (another mixture_mode)

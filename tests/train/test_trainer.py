@@ -331,6 +331,21 @@ def test_a_resume_given_fewer_steps_than_its_checkpoint_has_is_refused_naming_ma
     assert train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0), resume=True).step == 4
 
 
+def test_a_resume_at_another_seq_len_is_refused_naming_seq_len_and_the_checkpoints_window_length(data_dir, tmp_path):
+    """The data position counts windows of the checkpoint's length in an order drawn over them: at another length
+    the run would go on at the same count of longer windows, skipping part of its data pass."""
+    train(run_config(data_dir, tmp_path, max_steps=2, save_every=2, eval_every=0))
+    newest = tmp_path / "checkpoints" / "step_2"
+    with pytest.raises(
+        ConfigError,
+        match=f"field 'seq_len' has value 64, but the checkpoint {newest} .* in windows of seq_len=32 .*resume with "
+        f"seq_len=32 .*init_from={newest} seq_len=64",
+    ):
+        train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0, seq_len=64), resume=True)
+    assert json.loads((tmp_path / "train_config.json").read_text())["seq_len"] == 32
+    assert train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0), resume=True).step == 4
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     train(run_config(data_dir, tmp_path, max_steps=2, save_every=2))
     good = (tmp_path / "checkpoints" / "step_2" / "model.safetensors").read_bytes()
