@@ -277,20 +277,19 @@ def _whole_bucket_at_a_time(hook: Callable) -> Callable:
 
 
 def _powersgd_bytes(state: powerSGD_hook.PowerSGDState) -> Callable[[dist.GradBucket], int]:
-    """Bytes PowerSGD sends for a bucket: float32 all-reduce before `start_powerSGD_iter`, then the rank-1
-    tensors in full plus, per matrix (n x m), the factors P (n x r) and Q (m x r)."""
+    """Bytes PowerSGD sends for a bucket: float32 all-reduce before `start_powerSGD_iter`, then per gradient as an
+    (n x m) matrix the factors P (n x r) and Q (m x r) where torch's hook compresses it (`_should_compress`: factors
+    under 1 / `min_compression_rate` of its size), else the whole matrix (vectors, matrices too small to pay)."""
 
     def bytes_of(bucket: dist.GradBucket) -> int:
         if state.iter < state.start_powerSGD_iter:
             return bucket.buffer().numel() * 4
         sent = 0
         for tensor in bucket.gradients():
-            if tensor.ndim <= 1:
-                sent += tensor.numel() * 4
-                continue
             rows, cols = tensor.shape[0], tensor.numel() // tensor.shape[0]
             rank = min(rows, cols, state.matrix_approximation_rank)
-            sent += min((rows + cols) * rank, rows * cols) * 4  # too small to pay: sent uncompressed
+            compress, whole, factors = powerSGD_hook._should_compress(rows, cols, rank, state.min_compression_rate)
+            sent += (factors if compress else whole) * 4
         return sent
 
     return bytes_of

@@ -184,6 +184,39 @@ def test_powersgd_on_gloo_keeps_the_ranks_collectives_in_order_across_buckets():
     assert sent == other_sent and 2 * full < sent < 2 * full + 4 * full / 5  # 2 steps plain, 4 of rank-2 P and Q
 
 
+def _powersgd_bytes_rank(rank: int, world_size: int, port: int, results) -> None:
+    _join(rank, world_size, port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=15))
+    carried = []
+    all_reduce = dist.all_reduce
+
+    def counted_all_reduce(tensor: torch.Tensor, *args, **kwargs):
+        carried.append(tensor.numel() * tensor.element_size())
+        return all_reduce(tensor, *args, **kwargs)
+
+    # a (32, 64) weight is worth rank-2 factors; a (4, 32) one is not (its factors are over half its size)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 4))
+    )
+    counter = register_compression(model, "powersgd", powersgd_rank=2, powersgd_start=2).counter
+    torch.manual_seed(rank)
+    dist.all_reduce = counted_all_reduce
+    for _ in range(4):  # 2 steps of plain all-reduce, 2 of PowerSGD
+        model(torch.randn(8, 64)).square().mean().backward()
+        model.zero_grad()
+    dist.all_reduce = all_reduce
+    results[rank] = (counter.bytes_sent, sum(carried))
+    dist.destroy_process_group()
+
+
+def test_powersgd_counts_the_bytes_its_all_reduces_carry_a_matrix_too_small_to_compress_going_whole():
+    """torch's hook sends a matrix whole unless its factors are under half its size (`min_compression_rate`)."""
+    results = mp.Manager().dict()
+    mp.spawn(_powersgd_bytes_rank, args=(2, free_port(), results), nprocs=2, join=True)
+    counted, carried = results[0]
+    assert counted == carried and results[1] == results[0]
+
+
 def test_compressed_all_reduce_sends_fewer_bytes_and_still_trains(data_dir, tmp_path):  # noqa: F811
     steps = dict(max_steps=4, eval_every=0, save_every=0, powersgd_start=2)
     for scheme in ("none", "bf16", "int8", "powersgd"):
