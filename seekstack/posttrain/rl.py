@@ -165,6 +165,7 @@ class GRPOSource:
             "ref_logps": None,
             "fresh": True,
             "compile_s": self.engine.compile_s - compile_s,  # of the rollout's generate_s
+            "temperature": config.temperature,  # of the sampling, and of the log-probabilities below
         }
         if config.num_iterations > 1 or self.sampler is not self.model:  # else the old policy is the current one
             batch["old_logps"] = completion_logps(self.sampler, rollout, config.temperature, self.device)[0]
@@ -224,20 +225,27 @@ class GRPOSource:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Position and batches; a saved batch sampled at another temperature than this run's is dropped, and a new
+        one sampled in its place: its old policy's and reference's log-probabilities are of that temperature, and the
+        weights that sampled it, to score it again, are gone."""
         self.generation, self.iteration = state["generation"], state["iteration"]
-        self.current = None if state["current"] is None else _restored(state["current"])
+        self.current = self._restored(state["current"])
         self.ahead = None
-        if state.get("ahead") is not None:  # absent in checkpoints of older versions
+        ahead = self._restored(state.get("ahead"))  # absent in checkpoints of older versions
+        if ahead is not None:
             self.ahead = Future()
-            self.ahead.set_result(_restored(state["ahead"]))
+            self.ahead.set_result(ahead)
+
+    def _restored(self, stored: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A saved generation batch as `_generate` made it; None for none, or for one sampled at another temperature
+        (a batch of an older version records none: it is kept)."""
+        if stored is None or stored.get("temperature", self.config.temperature) != self.config.temperature:
+            return None
+        return {**stored, "rollout": Rollout(**stored["rollout"])}
 
 
 def _stored(batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, "rollout": dataclasses.asdict(batch["rollout"])}
-
-
-def _restored(batch: dict[str, Any]) -> dict[str, Any]:
-    return {**batch, "rollout": Rollout(**batch["rollout"])}
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

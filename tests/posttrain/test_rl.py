@@ -269,6 +269,32 @@ def test_a_run_resumed_at_more_iterations_samples_anew_where_its_batch_has_no_sa
     assert lines[0]["generate_s"] > 0 and lines[1]["generate_s"] == 0  # sampled at step 2, trained on twice
 
 
+@pytest.mark.parametrize("saved_batch", [["num_iterations=2", "max_steps=1"], ["async_rollouts=true", "max_steps=2"]])
+def test_a_run_resumed_at_another_temperature_samples_anew_where_its_saved_batch_was_sampled_at_the_old_one(
+    tmp_path, monkeypatch, saved_batch
+):
+    """The saved batch (the current one mid-iteration, or one sampled ahead) has its old policy's log-probabilities at
+    the old temperature and the weights that sampled it are gone: trained on at another, the importance ratio would
+    be off by the temperature's change, not the update's. A new batch is sampled by the resumed weights, so the first
+    step's ratio is 1."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    common = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1", "save_every=1", "keep_checkpoints=2"]
+    common += saved_batch
+    run_rl(resolve_train_config(None, [*common, f"out_dir={tmp_path / 'a'}"], cls=GRPOConfig))
+    log_ratios = []  # the first step's largest |log ratio| first
+
+    def spy(logps, old_logps, advantages, mask, *rest):
+        log_ratios.append(float(((logps.detach() - old_logps).abs() * mask).max()))
+        return policy_loss(logps, old_logps, advantages, mask, *rest)
+
+    monkeypatch.setattr(rl, "policy_loss", spy)
+    resumed = [*common, "temperature=0.5", "max_steps=3", f"out_dir={tmp_path / 'b'}"]
+    run_rl(resolve_train_config(None, resumed, cls=GRPOConfig), resume=tmp_path / "a" / "checkpoints" / "step_1")
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 2 and lines[0]["generate_s"] > 0  # sampled at step 2, at temperature 0.5
+    assert log_ratios[0] < 1e-5
+
+
 def test_a_fresh_models_vocabulary_is_checked_against_the_tokenizer_rl_names_not_data_dir(tmp_path):
     tokenizer = micro_checkpoint(tmp_path / "start")  # 300 tokens
     config = [f"tokenizer={tokenizer}", f"out_dir={tmp_path / 'run'}", *RUN, "model.vocab_size=512", "max_steps=1"]
