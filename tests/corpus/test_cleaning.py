@@ -854,8 +854,29 @@ def test_an_email_address_with_letters_of_any_script_is_replaced_whole(text: str
     assert scrub_pii(text) == (scrubbed, {"email": 1})
 
 
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("请联系张伟@example.com谢谢", "<EMAIL>谢谢"),  # a CJK local part takes its run; kept whole before
+        ("田中@example.jpまで", "<EMAIL>まで"),
+        ("홍길동@example.kr으로 보내세요", "<EMAIL>으로 보내세요"),
+        ("ติดต่อสมศักดิ์@example.comครับ", "<EMAIL>ครับ"),  # and the name ends in a mark (์)
+        ("मोहन@उदाहरण.भारत", "<EMAIL>"),  # left `मो<EMAIL>`: the vowel sign ो is no \w
+        ("write to முருகன்@example.in", "write to <EMAIL>"),  # ends in the virama ்: kept whole
+        ("jose\u0301@example.com", "<EMAIL>"),  # é as e + combining accent (NFD, as macOS file names hold)
+    ],
+)
+def test_an_email_address_against_unspaced_text_or_with_combining_marks_is_replaced_whole(
+    text: str, scrubbed: str
+) -> None:
+    """A non-ASCII local part before an ASCII domain written against the next word of Chinese, Japanese, Korean or
+    Thai text was kept whole, and so was a name ending in a combining mark (Thai, Tamil); one holding a mark
+    (Devanagari's vowel signs) was cut after it, leaving the start of the name."""
+    assert scrub_pii(text) == (scrubbed, {"email": 1})
+
+
 def test_a_decorator_or_retina_image_beside_chinese_or_accented_words_is_no_email_address() -> None:
-    for text in ("我们使用@functools.wraps装饰器", "见 café@2x.png 图片", "résumé@media.print()"):
+    for text in ("我们使用@functools.wraps装饰器", "见 café@2x.png 图片", "résumé@media.print()", "见logo@2x.js说明"):
         assert scrub_pii(text) == (text, {})
 
 
