@@ -320,9 +320,9 @@ def _documents_from_batches(
     id_column: str | None = None,
 ) -> Iterator[Document]:
     """The rows of `origin`'s record batches as documents, ids from `id_column` where given and not null, else
-    `file:row`; a null text is skipped, and counted in `null_texts`; a binary one is decoded as a text file is
-    (`_decoded`: a legacy 8-bit value as Windows-1252)."""
-    row, name = 0, _as_text(origin.name)
+    `file:row`, rows counted from 1 as a JSON Lines file's lines are; a null text is skipped, and counted in
+    `null_texts`; a binary one is decoded as a text file is (`_decoded`: a legacy 8-bit value as Windows-1252)."""
+    row, name = 1, _as_text(origin.name)
     for batch in batches:
         for wanted in (column, id_column) if id_column else (column,):
             if wanted not in batch.schema.names:
@@ -351,7 +351,8 @@ def read_csv(
     path: str | Path, column: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
 ) -> Iterator[Document]:
     """Rows of a CSV file (tab-separated when its suffix is `.tsv`; `.gz` read through), text in `column`, streamed by
-    blocks; ids are column `id_field`'s or `file:row`. Quoted values may hold line breaks; the text column is read
+    blocks; ids are column `id_field`'s or `file:row`, the header not counted (`posts.csv:1` is the first row under
+    it). Quoted values may hold line breaks; the text column is read
     as bytes, whatever it holds, and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are
     not checked."""
     path = Path(path)

@@ -599,12 +599,27 @@ def test_rows_take_their_id_from_the_id_field_given_in_every_row_format(tmp_path
     (tmp_path / "r.csv").write_text("text,url\nfirst row,https://a.example/1\nsecond row,\nthird,7\n")
     for name in ("r.jsonl", "r.parquet", "r.csv"):
         ids = [doc.doc_id for doc in open_source(tmp_path / name, id_field="url")]
-        first_row = 1 if name == "r.jsonl" else 0  # lines count from 1, table rows from 0
-        assert ids == ["https://a.example/1", f"{name}:{first_row + 1}", "7"], name  # no id: file:row
-        assert [doc.doc_id for doc in open_source(tmp_path / name)][0] == f"{name}:{first_row}"  # not asked: as before
+        assert ids == ["https://a.example/1", f"{name}:2", "7"], name  # no id: file:row
+        assert [doc.doc_id for doc in open_source(tmp_path / name)][0] == f"{name}:1"  # not asked: as before
     for name in ("r.parquet", "r.csv"):
         with pytest.raises(DataSourceError, match=rf"{name}: no column 'uri'; columns are \['text', 'url'\]"):
             next(iter(open_source(tmp_path / name, id_field="uri")))
+
+
+def test_table_rows_are_counted_from_1_as_json_lines_lines_are(tmp_path: Path) -> None:
+    """A Parquet, CSV or saved dataset's first row was `file:0`, and so was it in errors ('row 0 of column'), beside
+    JSON Lines' `file:1` for its first line: the same first document had two numbers."""
+    texts = ["first", "second"]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet")
+    (tmp_path / "t.csv").write_text("text\nfirst\nsecond\n")
+    for name in ("t.jsonl", "t.parquet", "t.csv"):
+        assert [doc.doc_id for doc in open_source(tmp_path / name)] == [f"{name}:1", f"{name}:2"], name
+    pq.write_table(
+        pa.table({"text": pa.array([None, 7])}, schema=pa.schema([("text", pa.int64())])), tmp_path / "n.parquet"
+    )
+    with pytest.raises(DataSourceError, match=r"n.parquet: row 2 of column 'text' is int, not text"):
+        list(open_source(tmp_path / "n.parquet"))
 
 
 def test_parquet_source_streams_every_row(tmp_path: Path) -> None:
@@ -612,7 +627,7 @@ def test_parquet_source_streams_every_row(tmp_path: Path) -> None:
     pq.write_table(pa.table({"body": texts, "n": list(range(2500))}), tmp_path / "d.parquet", row_group_size=700)
     docs = list(read_parquet(tmp_path / "d.parquet", "body", batch_size=1000))
     assert [doc.text for doc in docs] == texts
-    assert docs[2499].doc_id == "d.parquet:2499"
+    assert docs[2499].doc_id == "d.parquet:2500"
     with pytest.raises(DataSourceError, match=r"d.parquet: no column 'text'; columns are \['body', 'n'\]"):
         next(read_parquet(tmp_path / "d.parquet"))
 
@@ -656,9 +671,9 @@ def test_csv_and_tsv_files_are_read_as_rows_of_their_text_column(tmp_path: Path)
     (tmp_path / "posts.tsv.gz").write_bytes(gzip.compress(b"text\tlabel\nA tab-separated row.\t0\n"))
     documents = [*open_source(tmp_path / "posts.csv"), *open_source(tmp_path / "posts.tsv.gz")]
     assert [(doc.doc_id, doc.text) for doc in documents] == [
-        ("posts.csv:0", 'First line,\nsecond "quoted" line'),
-        ("posts.csv:1", "42"),  # the text column is read as text, however it looks
-        ("posts.tsv.gz:0", "A tab-separated row."),
+        ("posts.csv:1", 'First line,\nsecond "quoted" line'),
+        ("posts.csv:2", "42"),  # the text column is read as text, however it looks
+        ("posts.tsv.gz:1", "A tab-separated row."),
     ]
     with pytest.raises(DataSourceError, match=r"posts.csv: no column 'body'; columns are \['id', 'text', 'score'\]"):
         list(open_source(tmp_path / "posts.csv", "body"))
@@ -688,7 +703,7 @@ def test_saved_dataset_source_reads_arrow_streams(tmp_path: Path) -> None:
     (folder / "dataset_info.json").write_text("{}")
     docs = list(open_source(folder))
     assert [doc.text for doc in docs] == [f"shard {s} doc {i}" for s in range(2) for i in range(3)]
-    assert docs[3].doc_id == "data-00001-of-00002.arrow:0"
+    assert docs[3].doc_id == "data-00001-of-00002.arrow:1"
     with pytest.raises(DataSourceError, match="no column 'content'"):
         list(read_saved_dataset(folder, "content"))
 
