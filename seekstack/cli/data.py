@@ -169,9 +169,16 @@ def data_select(
 
     with user_errors(), options_named():
         summary = select_corpus(QualityModel.load(model), corpus, out, threshold, top_fraction)
+    threshold, tied = round(summary["threshold"], 6), summary["at_threshold"]  # rounded as the rows' `quality`
+    kept = f"score >= {threshold}"
+    if tied["selected"] < tied["documents"]:
+        kept = (
+            f"score > {threshold}, and the first {tied['selected']:,} of the {tied['documents']:,} scoring "
+            f"{threshold}, to keep the top fraction asked for"
+        )
     typer.echo(
-        f"selected {summary['selected']:,} of {summary['documents']:,} training documents (score >= "
-        f"{summary['threshold']:.4f}); wrote {out}/train.jsonl, {out}/val.jsonl and {out}/selection.json"
+        f"selected {summary['selected']:,} of {summary['documents']:,} training documents ({kept}); wrote "
+        f"{out}/train.jsonl, {out}/val.jsonl and {out}/selection.json"
     )
 
 

@@ -135,7 +135,8 @@ def select_corpus(
 ) -> dict:
     """Score the training documents of a `data build` corpus; write those above `threshold` (or the
     `top_fraction` best) to `out_dir/train.jsonl`, every validation document to `out_dir/val.jsonl` (the
-    held-out set stays as it was), each row with its `quality`, and `selection.json`. Returns the summary."""
+    held-out set stays as it was), each row with its `quality`, and `selection.json`. Returns the summary: documents,
+    selected, the threshold (for a top fraction, the lowest score kept) and how many scored it and were kept."""
     if (threshold is None) == (top_fraction is None):
         raise ValueError("select by exactly one of threshold and top_fraction")
     if top_fraction is not None and not 0 < top_fraction <= 1:
@@ -175,6 +176,11 @@ def select_corpus(
             "documents": len(scores),
             "selected": selected,
             "threshold": threshold,
+            # a top fraction cut among documents of equal score keeps the first of them: how many scored it, and kept
+            "at_threshold": {
+                "documents": sum(score == threshold for score in scores),
+                "selected": sum(scores[number] == threshold for number in kept),
+            },
             "score_quantiles": [round(float(q), 4) for q in np.quantile(scores, [0.1, 0.5, 0.9])] if scores else [],
         }
         staged.path("selection.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

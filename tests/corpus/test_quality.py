@@ -116,6 +116,24 @@ def test_top_fraction_keeps_exactly_its_share_when_scores_tie_at_the_cutoff(
     assert summary["threshold"] == tie
 
 
+def test_select_says_how_many_documents_tied_at_the_cutoff_it_kept(model: QualityModel, tmp_path: Path) -> None:
+    """It said 'score >= X' while it left out three documents scoring X, and printed X rounded up, above the score
+    of the last document it kept."""
+    texts = [CODE[40], salad(1), CODE[41], CODE[41], salad(2), CODE[41], CODE[41], salad(3)]
+    corpus = write_corpus(tmp_path / "corpus", texts)
+    args = ["data", "select", "--corpus", str(corpus), "--model", str(model.save(tmp_path / "q.npz"))]
+    tie = round(model.score(CODE[41]), 6)
+    top = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "top"), "--top-fraction", "0.25"])
+    said = f"selected 2 of 8 training documents (score > {tie}, and the first 1 of the 4 scoring {tie}, to keep"
+    assert top.exit_code == 0 and said in top.output
+    assert json.loads((tmp_path / "top" / "selection.json").read_text())["at_threshold"] == {
+        "documents": 4,
+        "selected": 1,
+    }
+    above = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "above"), "--threshold", "0.5"])
+    assert above.exit_code == 0 and "selected 5 of 8 training documents (score >= 0.5);" in above.output
+
+
 def test_select_refuses_a_corpus_without_val_jsonl_before_scoring_and_writes_no_folder(
     model: QualityModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
