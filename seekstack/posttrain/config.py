@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
-
-from annotated_types import Interval
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.posttrain.tasks import TASKS
@@ -113,7 +111,7 @@ class GRPOConfig(TrainConfig):
     bias_update_rate: NonNegativeFloat = 0.0
     task: str = "addition"
     difficulty: Positive | None = None
-    num_generations: Annotated[int, Interval(ge=2)] = 8  # G, completions per prompt
+    num_generations: Positive = 8  # G, completions per prompt (at least 2: advantages compare a group's rewards)
     max_completion_length: Positive = 64
     temperature: PositiveFloat = 1.0
     num_iterations: Positive = 1  # policy updates (optimizer steps) per generation batch (mu)
@@ -152,6 +150,12 @@ class GRPOConfig(TrainConfig):
         _require_tokenizer(config, source)
         try:
             require(config.grad_accum_steps == 1, "grad_accum_steps", "1 (a step's rollouts are one batch)")
+            require(
+                config.num_generations >= 2,
+                "num_generations",
+                f"at least 2, not {config.num_generations}: a completion's advantage is its reward against the mean "
+                "and std of its prompt's group, which one completion alone does not have",
+            )
         except ConfigError as error:
             raise error.at(source) from None
         return config

@@ -129,6 +129,13 @@ def test_a_bad_thread_count_is_refused_naming_the_field_its_value_and_both_choic
         resolve_train_config(None, ["tokenizer=x.json", f"threads={value}"], cls=GRPOConfig)
 
 
+def test_one_generation_per_prompt_is_refused_saying_that_group_advantages_need_two(tmp_path):
+    model_dir = micro_checkpoint(tmp_path / "model")
+    reason = "field 'num_generations' must be at least 2, not 1: a completion's advantage is its reward against the"
+    with pytest.raises(ConfigError, match=f"^{reason} mean and std of its prompt's group"):
+        resolve_train_config(None, [f"init_from={model_dir}", "num_generations=1"], cls=GRPOConfig)
+
+
 @pytest.mark.parametrize(
     "override",
     ["eval_every=5", "eval_batches=3", "seq_len=8", "mixture={train: 1.0}", "mixture_mode=bandit",
