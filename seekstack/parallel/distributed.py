@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
 
 import torch
 import torch.distributed as dist
@@ -18,7 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
-from seekstack.interrupts import sigint_noted
+from seekstack.interrupts import sigint_handled_by
 
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
 
@@ -124,6 +127,11 @@ def broadcast_text(text: str, ranks: Ranks) -> str:
     return box[0]
 
 
+class RankEnded(ConnectionError):
+    """Another rank of the run ended (an error, or killed) and this one was then interrupted: torchrun's SIGTERM to
+    the ranks left. The checkpoint an interrupt saves needs every rank, so this one ends at once, saving none."""
+
+
 @contextlib.contextmanager
 def interrupts_agreed(ranks: Ranks) -> Iterator[Callable[[], None]]:
     """Ctrl-C of a run on several ranks, taken by all of them at the same point. Each rank is reached at another
@@ -131,12 +139,27 @@ def interrupts_agreed(ranks: Ranks) -> Iterator[Callable[[], None]]:
     checkpoint an interrupt saves runs collectives that would meet another rank's step's: the ranks would wait on
     each other until torchrun kills them, with nothing saved. So inside the block SIGINT only marks this rank, and
     the yielded check, which every rank calls at the same point (a step's start), raises KeyboardInterrupt on all of
-    them once any was marked. In one process, or outside the main thread, Ctrl-C raises where it lands and the check
-    does nothing."""
+    them once any was marked. An interrupt that finds a rank of this machine gone (torchrun stops the others when
+    one fails) raises RankEnded where it lands instead: the rank would otherwise go on with work of its own (rank
+    0's evaluation, its checkpoint) until torchrun kills it 30 s later. In one process, or outside the main thread,
+    Ctrl-C raises where it lands and the check does nothing."""
     if not ranks.distributed:
         yield lambda: None
         return
-    with sigint_noted() as marked:
+    neighbours = _neighbours(ranks)
+    marked: list[int] = []
+
+    def mark(signum: int, frame: FrameType | None) -> None:
+        gone = {rank: pid for rank, pid in neighbours.items() if _process_gone(pid)}
+        if gone:
+            named = ", ".join(f"{rank} (process {pid})" for rank, pid in gone.items())
+            raise RankEnded(
+                f"rank {named} of this run has ended (torchrun's report says how); rank {ranks.rank} stops too, "
+                "without a checkpoint, which needs every rank: continue from the run's newest checkpoint with --resume"
+            )
+        marked.append(signum)
+
+    with sigint_handled_by(mark):
 
         def stop_if_interrupted() -> None:
             anywhere = all_reduce_sum(torch.tensor([len(marked)], device=ranks.device), ranks)
@@ -144,6 +167,32 @@ def interrupts_agreed(ranks: Ranks) -> Iterator[Callable[[], None]]:
                 raise KeyboardInterrupt
 
         yield stop_if_interrupted
+
+
+def _neighbours(ranks: Ranks) -> dict[int, int]:
+    """The process id of each other rank whose process this one can see (same machine and pid namespace), by rank."""
+    everyone: list[tuple[str, int] | None] = [None] * ranks.world_size
+    dist.all_gather_object(everyone, (_process_space(), os.getpid()))
+    here = _process_space()
+    return {rank: pid for rank, (space, pid) in enumerate(everyone) if space == here and rank != ranks.rank}
+
+
+def _process_space() -> str:
+    """What a process id is unique within: this boot of this machine and this pid namespace (Linux), else the host."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() + os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return socket.gethostname()
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, run by another user
+        return False
+    return False
 
 
 @contextlib.contextmanager

@@ -81,3 +81,37 @@ def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_ra
             raise error
         said = capsys.readouterr().err
         assert said.startswith(printed) if printed else said == ""
+
+
+def _rank_failing_while_rank_0_evaluates(rank: int, world_size: int, port: int, config, ended) -> None:
+    """Rank 1 fails after step 1; rank 0 is in its evaluation (its own work, no collective) when the SIGTERM that
+    stops the ranks left reaches it."""
+    import time
+
+    from seekstack.train import trainer
+
+    def evaluate(self):
+        if rank == 1:
+            raise RuntimeError("rank 1 failed")
+        time.sleep(60)  # a long evaluation
+
+    trainer._Run.evaluate = evaluate
+    try:
+        _rank_main(rank, world_size, port, config)
+    except Exception as error:
+        ended[rank] = (type(error).__name__, str(error))
+        raise
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_when_a_rank_fails_the_ranks_left_end_at_once_on_sigterm_naming_it(data_dir, tmp_path):  # noqa: F811
+    """torchrun (as mp.spawn) sends SIGTERM to the ranks left when one fails, and kills those still running 30 s on."""
+    import time
+
+    config = run_config(data_dir, tmp_path / "run", max_steps=3, eval_every=1, save_every=0)
+    ended = mp.Manager().dict()
+    started = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed"):
+        mp.spawn(_rank_failing_while_rank_0_evaluates, args=(2, free_port(), config, ended), nprocs=2, join=True)
+    assert time.monotonic() - started < 25  # not killed after torchrun's 30 s
+    assert ended[0][0] == "RankEnded" and ended[0][1].startswith("rank 1 (process ")
