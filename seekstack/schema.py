@@ -100,9 +100,19 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
         # a union's value fails each of its members: one error per member, at the same field
         reasons = [_reason(cls, e) for e in error.errors() if _field_location(values, e["loc"]) == location]
         message = " or ".join(dict.fromkeys(reasons))
-        raise ConfigError(f"has value {_lookup(values, location)!r}: {message}", field=name).at(source) from None
+        value = _lookup(values, location)
+        raise ConfigError(f"has value {value!r}: {message}{_value_note(cls, name, value)}", field=name).at(
+            source
+        ) from None
     except ConfigError as error:  # from a __post_init__
         raise error.at(source) from None
+
+
+def _value_note(cls: type, name: str, value: Any) -> str:
+    """What `cls.value_notes` says of a refused `value` of field `name` (another tool's name for one of the
+    field's choices, say), after "; "; empty when it says nothing."""
+    notes = getattr(cls, "value_notes", {}).get(name, {})
+    return next((f"; {note}" for noted, note in notes.items() if noted == value), "")
 
 
 def _reason(cls: type, error: Mapping[str, Any]) -> str:

@@ -98,6 +98,13 @@ class GRPOConfig(TrainConfig):
     saved run's holds the default resolved where the run started)."""
 
     rows_fit_context: ClassVar[bool] = True
+    # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
+    value_notes: ClassVar[dict[str, dict[str, str]]] = {
+        "loss_type": {
+            "bnpo": "TRL's bnpo (the token mean over a micro-batch) is what dapo computes here, where a step trains "
+            "on its whole generation batch at once: give loss_type=dapo",
+        },
+    }
     out_dir: str = "runs/rl"
     batch_size: Positive = 4  # prompts per generation batch; each brings num_generations completions
     max_steps: Positive = 100

@@ -136,6 +136,15 @@ def test_one_generation_per_prompt_is_refused_saying_that_group_advantages_need_
         resolve_train_config(None, [f"init_from={model_dir}", "num_generations=1"], cls=GRPOConfig)
 
 
+def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
+    """TRL's bnpo divides by a micro-batch's tokens, its dapo by the generation batch's: one and the same batch here."""
+    choices = "input should be 'grpo', 'dr_grpo' or 'dapo'"
+    with pytest.raises(ConfigError, match=f"'bnpo': {choices}; TRL's bnpo .* is what dapo computes here"):
+        resolve_train_config(None, ["loss_type=bnpo"], cls=GRPOConfig)
+    with pytest.raises(ConfigError, match=f"'foo': {choices}$"):  # no note for a value no tool takes
+        resolve_train_config(None, ["loss_type=foo"], cls=GRPOConfig)
+
+
 @pytest.mark.parametrize(
     "override",
     ["eval_every=5", "eval_batches=3", "seq_len=8", "mixture={train: 1.0}", "mixture_mode=bandit",
