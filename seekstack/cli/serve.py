@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -175,7 +176,8 @@ def keys_create(
 
 @keys_app.command("list")
 def keys_list(db: DatabaseOption = None) -> None:
-    """All keys (by name and first characters), their plan, limits, models and state."""
+    """All keys (by name and first characters), their plan, limits, models and state: a table, one line per key, where
+    the terminal is wide enough for it, else a block per key whose lines wrap between words."""
     from rich.console import Console
     from rich.table import Table
 
@@ -187,12 +189,33 @@ def keys_list(db: DatabaseOption = None) -> None:
     for column in ("name", "key", "plan", "rpm", "tpm", "models", "admin", "created (UTC)", "state"):
         _add_column(table, column, whole=column in ("key", "rpm", "tpm", "admin"))
     for key in keys:
-        state = "active" if key.revoked_at is None else f"revoked {_utc(key.revoked_at)}"
         limits = [str(limit) if limit else "-" for limit in (key.rpm, key.tpm)]
         admin = "yes" if key.admin else ""
-        row = (key.name, key.prefix + "...", key.plan, *limits, _models(key), admin, _utc(key.created_at), state)
+        row = (key.name, _listed_prefix(key), key.plan, *limits, _models(key), admin, _utc(key.created_at), _state(key))
         table.add_row(*row)
-    Console(markup=False).print(table)
+    console = Console(markup=False)
+    unbounded = console.options.update_width(2**16)  # measured against the terminal, a table never exceeds it
+    if console.measure(table, options=unbounded).maximum <= console.width:
+        console.print(table)
+        return
+    # Nine columns fold the words of dates, plans and headers in 80 columns ('defa/ult', 'crea/ted'): a block per key,
+    # its lines wrapped between words, instead
+    typer.echo("API keys (times in UTC)")
+    for key in keys:
+        lines = f"{key.name}  {_listed_prefix(key)}  {_state(key)}", f"{_terms(key)}; created {_utc(key.created_at)}"
+        for line, indent in zip(lines, ("", "    "), strict=True):  # `analytics-team` is one word, not two
+            typer.echo(textwrap.fill(line, console.width, initial_indent=indent, subsequent_indent=indent,
+                                     break_on_hyphens=False))  # fmt: skip
+
+
+def _listed_prefix(key: ApiKey) -> str:
+    """The first characters of `key`, as `keys list` shows it."""
+    return key.prefix + "..."
+
+
+def _state(key: ApiKey) -> str:
+    """`active`, or when `key` was revoked."""
+    return "active" if key.revoked_at is None else f"revoked {_utc(key.revoked_at)}"
 
 
 @keys_app.command("revoke")
@@ -220,12 +243,16 @@ def keys_rotate(name: Annotated[str, typer.Argument(help="Name of the key")], db
 def _show_new_key(store: KeyStore, key: str, done: str) -> None:
     """Print a new key alone on stdout (for scripts), and on stderr what was done, that it is shown only now, and
     its plan, limits, models and admin flag."""
-    terms = store.verify(key)
-    rpm, tpm = ("unlimited" if limit is None else str(limit) for limit in (terms.rpm, terms.tpm))
-    admin = "yes" if terms.admin else "no"
     typer.echo(key)
     typer.echo(f"{done}; copy it now, it cannot be shown again", err=True)
-    typer.echo(f"plan {terms.plan!r}, rpm {rpm}, tpm {tpm}, models {_models(terms)}, admin {admin}", err=True)
+    typer.echo(_terms(store.verify(key)), err=True)
+
+
+def _terms(key: ApiKey) -> str:
+    """`key`'s plan, limits, models and admin flag in one line, as a new key's summary and `keys list` show them."""
+    rpm, tpm = ("unlimited" if limit is None else str(limit) for limit in (key.rpm, key.tpm))
+    admin = "yes" if key.admin else "no"
+    return f"plan {key.plan!r}, rpm {rpm}, tpm {tpm}, models {_models(key)}, admin {admin}"
 
 
 def _models(key: ApiKey) -> str:

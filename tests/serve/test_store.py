@@ -496,8 +496,7 @@ def test_an_80_column_terminal_shows_every_number_and_day_whole(tmp_path):
     store.create("analytics", plan="enterprise", rpm=600, tpm=200_000)
     Ledger(open_database(db)).record(usage("analytics", 1_234_567, 7_654_321))
     listed = runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "80"})
-    rows = [cells(line, "│") for line in listed.stdout.splitlines() if line.startswith("│")]
-    assert "200000" in rows[0] and "600" in rows[0]  # was: '2000…'
+    assert "rpm 600, tpm 200000," in listed.stdout  # was: '2000…'
     report = runner.invoke(app, ["usage", "--db", db], env={"COLUMNS": "80"})
     day = dt.datetime.now(dt.UTC).date().isoformat()
     lines = [cells(line, "│") for line in report.stdout.splitlines() if line.startswith("│")]
@@ -505,6 +504,42 @@ def test_an_80_column_terminal_shows_every_number_and_day_whole(tmp_path):
     assert first[0] == day and first[2:] == ["1", "0", "1,234,567", "7,654,321", "30246.912500"]  # was: '2026-12-…'
     assert "".join([first[1], *(line[1] for line in folded)]) == "analytics"  # a name folds, and is whole too
     assert total[-1] == "30246.912500" and max(len(line) for line in report.stdout.splitlines()) <= 80
+
+
+def test_keys_list_narrower_than_its_table_shows_a_block_per_key_wrapped_between_words(tmp_path):
+    """In 80 columns the nine columns folded words: plan 'defa/ult', header 'crea/ted', state 'activ/e', a day
+    '2026/-12-/04'."""
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    store = KeyStore(open_database(db))
+    store.set_plan("enterprise", prompt_per_1k=1.25, completion_per_1k=3.75)
+    analytics = store.create("analytics-team", plan="enterprise", rpm=600, tpm=200_000)
+    legal = store.create("legal", admin=True, models=("legal-v2", "deepseek-v3-base"))
+    store.revoke("legal")
+    listed = runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "80"})
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert lines[0] == "API keys (times in UTC)" and max(len(line) for line in lines) <= 80
+    blocks: list[list[str]] = []  # a key's line, then its terms indented, wrapped between words
+    for line in lines[1:]:
+        if line.startswith("    "):
+            blocks[-1].append(line.strip())
+        else:
+            blocks.append([line])
+    day = dt.datetime.now(dt.UTC).date().isoformat()
+    assert blocks[0][0] == f"analytics-team  {analytics[:12]}...  active"
+    assert " ".join(blocks[0][1:]).startswith(
+        f"plan 'enterprise', rpm 600, tpm 200000, models all, admin no; created {day} "
+    )
+    assert blocks[1][0].startswith(f"legal  {legal[:12]}...  revoked {day} ")
+    assert " ".join(blocks[1][1:]).startswith(
+        f"plan 'default', rpm unlimited, tpm unlimited, models legal-v2, deepseek-v3-base, admin yes; created {day} "
+    )
+    wide = runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "200"})
+    rows = [cells(line, "│") for line in wide.stdout.splitlines() if line.startswith("│")]
+    assert [row[:3] for row in rows] == [
+        ["analytics-team", f"{analytics[:12]}...", "enterprise"],
+        ["legal", f"{legal[:12]}...", "default"],
+    ]
 
 
 def cells(line: str, border: str) -> list[str]:
