@@ -57,6 +57,7 @@ def plot_rl_runs(run_dirs: list[Path], out_path: Path, smooth: int = 10) -> Path
 
 def rl_figure(run_dirs: list[Path], smooth: int = 10) -> Figure:
     """The runs' curves, one panel of PANELS each, each point the mean of `smooth` steps."""
+    require_each_run_once(run_dirs)
     runs = [(name, _rl_records(run_dir)) for name, run_dir in zip(run_names(run_dirs), run_dirs, strict=True)]
     figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
     for name, records in runs:
@@ -73,6 +74,20 @@ def rl_figure(run_dirs: list[Path], smooth: int = 10) -> Figure:
             axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+def require_each_run_once(run_dirs: list[Path]) -> None:
+    """ValueError naming a run given twice (its folder, however written): its curves would be drawn over each
+    other under one name."""
+    given: dict[Path, Path] = {}
+    for run_dir in map(Path, run_dirs):
+        earlier = given.setdefault(run_dir.resolve(), run_dir)
+        if earlier is not run_dir:
+            also = f" (also as {earlier})" if str(earlier) != str(run_dir) else ""
+            raise ValueError(
+                f"run {run_dir} is given twice{also}: its curves would be drawn over each other under one name; give "
+                "each run once"
+            )
 
 
 def run_names(run_dirs: list[Path]) -> list[str]:

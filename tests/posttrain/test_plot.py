@@ -1,5 +1,6 @@
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,12 @@ def test_runs_of_the_same_folder_name_are_told_apart_by_their_paths(tmp_path):
     first, second = (write_run(tmp_path / arm / "rl", lines) for arm in ("grpo", "dr_grpo"))
     labels = [line.get_label() for line in panel(rl_figure([first, second]), "reward").lines]
     assert labels == [f"{first}: accuracy", f"{second}: accuracy"]  # was: "rl: accuracy" twice
+
+
+def test_a_run_given_twice_is_refused_naming_it_as_it_would_draw_two_curves_under_one_name(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "r1", [{"step": s, "reward": 0.5, "accuracy": 0.5} for s in range(1, 4)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"^run {run} is given twice: .* under one name; give each run once$"):
+        rl_figure([run, run])
+    with pytest.raises(ValueError, match=f"^run r1 is given twice \\(also as {run}\\)"):
+        plot_rl_runs([run, Path("r1")], tmp_path / "x.png")
