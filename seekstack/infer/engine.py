@@ -761,9 +761,10 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and output
     def _sampling_batch(self, batch: list[_Request]) -> SamplingBatch:
+        padded = self.tokenizer.vocab_size < self.config.vocab_size  # ids past the tokenizer's are never sampled
         return SamplingBatch(
             [r.params for r in batch], [r.generator for r in batch], [r.penalties for r in batch], self.device,
-            [r.constraint for r in batch],
+            [r.constraint for r in batch], self.tokenizer.vocab_size if padded else None,
         )  # fmt: skip
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:

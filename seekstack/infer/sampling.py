@@ -99,8 +99,12 @@ class SamplingBatch:
         penalties: list[PenaltyState | None],
         device: torch.device,
         constraints: list[TokenConstraint | None] | None = None,
+        token_count: int | None = None,
     ):
+        """`token_count`: the tokenizer's ids, where the model's vocabulary is padded past them (as released
+        checkpoints round it up): the ids from it on decode to no token and are never sampled. None: all are ids."""
         self.params, self.uniforms, self.penalties = params, uniforms, penalties
+        self.token_count = token_count
         self.constraints = constraints or [None] * len(params)
         self.device = device
         self.all_greedy = all(p.greedy for p in params)
@@ -112,7 +116,7 @@ class SamplingBatch:
     @property
     def raw_argmax(self) -> bool:
         """Whether every row's token is the argmax of its logits as the model gave them (after any constraint)."""
-        return self.all_greedy and not self.penalized and not self.biased
+        return self.all_greedy and not self.penalized and not self.biased and self.token_count is None
 
     def _column(self, values: list) -> torch.Tensor:
         return torch.tensor(values, device=self.device)
@@ -140,7 +144,11 @@ class SamplingBatch:
         return logits.float().index_put((rows, ids), values, accumulate=True)
 
     def adjust(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, V) as each row samples from them before temperature: logit bias, then penalties (`penalize`)."""
+        """Logits (B, V) as each row samples from them before temperature: the padded ids past `token_count` at -inf,
+        logit bias, then penalties (`penalize`)."""
+        if self.token_count is not None:
+            padded = torch.arange(self.token_count, logits.shape[-1], device=logits.device)
+            logits = logits.index_fill(-1, padded, float("-inf"))
         return self.penalize(self.bias(logits), extra_tokens)
 
     def penalize(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:

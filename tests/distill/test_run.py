@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from seekstack.checkpoint import load_pretrained
+from seekstack.checkpoint import load_pretrained, save_pretrained
 from seekstack.cli import app
 from seekstack.config import ConfigError
 from seekstack.distill.config import DistillConfig
@@ -23,8 +23,9 @@ from seekstack.distill.model import DistillModel
 from seekstack.distill.run import STATE_FILE, DistillHooks, run_distill
 from seekstack.distill.teacher import Teacher, TopKCache
 from seekstack.model.transformer import Transformer
-from seekstack.tokenizer import train_tokenizer
+from seekstack.tokenizer import TOKENIZER_FILE, train_tokenizer
 from seekstack.train.runs import TRAIN_STATE_FILE
+from tests.conftest import micro_config
 from tests.distill.support import DENSE_STUDENT, VOCAB, write_data, write_teacher
 from tests.train.test_distributed import free_port
 
@@ -139,6 +140,21 @@ def test_a_teacher_with_a_padded_vocabulary_is_compared_on_the_tokenizers_ids(wo
         expected = kl_divergence(teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert run_distill(config).checkpoint is not None  # a student of the tokenizer's 300 ids, as train makes it
+
+
+def test_a_student_with_a_padded_vocabulary_writes_on_policy_rows_of_the_tokenizers_ids_alone(workspace, tmp_path):
+    """The student's padded ids would decode to no token, and the teacher (of the tokenizer's 300) has no row for
+    them: on-policy rows must never hold one, however likely the student makes them."""
+    torch.manual_seed(0)
+    student = Transformer(micro_config(vocab_size=VOCAB + 20, max_position_embeddings=128))
+    with torch.no_grad():
+        student.lm_head.weight[VOCAB:] = 100 * student.lm_head.weight[:20]  # the padded ids' logits dwarf the rest
+    start = tmp_path / "start"
+    save_pretrained(student, start)
+    shutil.copyfile(workspace["root"] / "tokenizer" / TOKENIZER_FILE, start / TOKENIZER_FILE)
+    config = distill_config(workspace, tmp_path / "run", init_from=str(start), model_overrides={}, lmbda=1.0,
+                            feature_layers={}, feature_weights={}, max_steps=1, eval_every=0)  # fmt: skip
+    assert run_distill(config).step == 1
 
 
 def test_a_teacher_vocabulary_smaller_than_its_tokenizer_is_refused(workspace, tmp_path):

@@ -475,3 +475,23 @@ def test_from_pretrained_names_a_missing_folder_and_a_missing_tokenizer_in_pytho
     with pytest.raises(FileNotFoundError, match="has no tokenizer.json: pass tokenizer= the path") as error:
         Engine.from_pretrained(checkpoint)
     assert "--" not in str(error.value)  # no command-line flag in the Python API's words
+
+
+@pytest.mark.parametrize(
+    ("params", "speculative"),
+    [(GREEDY, False), (GREEDY, True), (dataclasses.replace(GREEDY, temperature=1.0, seed=0), False)],
+)
+@torch.inference_mode()
+def test_a_vocabulary_padded_past_the_tokenizer_never_samples_the_padded_ids(tokenizer, params, speculative):
+    """Ids past the tokenizer's decode to no token (and a distillation teacher of the tokenizer's size has no row
+    for them), however large their logits."""
+    from seekstack import Transformer
+    from tests.conftest import micro_config
+
+    torch.manual_seed(0)
+    padded = Transformer(micro_config(vocab_size=VOCAB + 64)).eval()
+    padded.lm_head.weight[VOCAB:] = 100 * padded.lm_head.weight[:64]  # the padded ids' logits dwarf the others
+    engine = Engine(padded, tokenizer, speculative=speculative)
+    outputs = engine.generate(prompts([5, 9]), params)
+    assert all(0 <= token < VOCAB for output in outputs for token in output.token_ids)
+    assert all(len(output.token_ids) == params.max_new_tokens for output in outputs)
