@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import WriteRefused, write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
+from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE
 from seekstack.config import ModelConfig
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.interrupts import interrupts_deferred, sigterm_as_ctrl_c
@@ -283,12 +284,17 @@ def require_saved_seq_len(config: TrainConfig, saved: dict[str, Any], checkpoint
     seq_len = saved.get("seq_len", config.seq_len)
     if config.seq_len == seq_len:
         return
+    holds_a_model = (checkpoint / MODEL_CONFIG_FILE).is_file()  # not a LoRA run's, which holds its adapter alone
+    new_run = (
+        f"start a new run from its weights with init_from={checkpoint} seq_len={config.seq_len}"
+        if holds_a_model
+        else f"start a new run into another out_dir at seq_len={config.seq_len}"
+    )
     raise ConfigError(
         f"has value {config.seq_len}, but the checkpoint {checkpoint} the run resumes from holds its data position "
         f"in windows of seq_len={seq_len} ({checkpoint / TRAIN_STATE_FILE}), drawn in an order over that length: "
         f"at another seq_len the run would skip or repeat part of its data pass; resume with seq_len={seq_len} "
-        f"(the run's {CONFIG_FILE} held it at that save), or start a new run from its weights with "
-        f"init_from={checkpoint} seq_len={config.seq_len}",
+        f"(the run's {CONFIG_FILE} held it at that save), or {new_run}",
         field="seq_len",
     )
 

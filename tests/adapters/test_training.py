@@ -75,6 +75,16 @@ def test_lora_run_resumes_exactly(base, data_dir, tmp_path):
     assert resumed.losses == whole.losses[3:]  # bit for bit
 
 
+def test_a_resume_at_another_seq_len_is_refused_with_a_way_on_that_fits_an_adapter_run(base, data_dir, tmp_path):
+    """The data position counts windows of the checkpoint's seq_len; the checkpoint holds an adapter, no model to
+    start a new run from (`init_from` is the base)."""
+    out = tmp_path / "run"
+    train_adapter(*lora_train_config(base, data_dir, out, [*RUN, "max_steps=3"]))
+    config, adapter = lora_train_config(None, None, out, ["max_steps=6", "seq_len=16"], resume=True)
+    with pytest.raises(ConfigError, match="in windows of seq_len=32 .*or start a new run into another out_dir at"):
+        train_adapter(config, adapter, resume=True)
+
+
 def test_a_run_stopped_by_ctrl_c_leaves_the_adapter_of_the_checkpoint_it_saved_in_its_folder(
     base, data_dir, tmp_path, monkeypatch
 ):
