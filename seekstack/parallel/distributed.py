@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from seekstack.interrupts import sigint_handled_by
+from seekstack.schema import ConfigError
 
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
 
@@ -95,6 +97,31 @@ def wrap_model(model: nn.Module, ranks: Ranks, rank_local: list[str] = ()) -> nn
     with warnings.catch_warnings():  # torch's own advice: keep broadcast_buffers=False until init_sync_buffers exists
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def require_same_settings(settings: dict[str, Any], ranks: Ranks) -> None:
+    """ConfigError on every rank unless all ranks were given rank 0's `settings`: ranks with another seq_len or lr
+    would train one DDP model on other rows or steps without a word, and another max_steps ends the run in a
+    collective error when one rank stops before the others."""
+    if not ranks.distributed:
+        return
+    everyone: list[dict[str, Any] | None] = [None] * ranks.world_size
+    dist.all_gather_object(everyone, settings)
+    reference = everyone[0]
+    differing = [
+        f"rank {rank} has {_differences(given, reference)}" for rank, given in enumerate(everyone) if given != reference
+    ]
+    if differing:
+        raise ConfigError(
+            f"the ranks were given different settings: {'; '.join(differing)}; give every rank the same config file "
+            "and key=value overrides"
+        )
+
+
+def _differences(given: dict[str, Any], reference: dict[str, Any]) -> str:
+    """`key=value (rank 0: value)` for each setting where `given` differs from rank 0's `reference`."""
+    keys = [key for key in {**reference, **given} if given.get(key) != reference.get(key)]
+    return ", ".join(f"{key}={given.get(key)} (rank 0: {reference.get(key)})" for key in keys)
 
 
 def local_rows(global_batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:

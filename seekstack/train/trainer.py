@@ -333,6 +333,9 @@ def train(
     config = config.validate()
     ranks = distributed.init_distributed(cpu_collectives=config.cpu_offload)  # FSDP's offloaded gradients
     try:
+        # every rank trains the same run; only its torch threads may suit its own machine
+        settings = {key: value for key, value in config.to_dict().items() if key != "threads"}
+        distributed.require_same_settings({**settings, "--resume": str(resume)}, ranks)
         with configured_threads(config.threads), sigterm_as_ctrl_c():
             return _Run(config, ranks, resume, hooks, source).run(resumable)
     finally:

@@ -115,3 +115,24 @@ def test_when_a_rank_fails_the_ranks_left_end_at_once_on_sigterm_naming_it(data_
         mp.spawn(_rank_failing_while_rank_0_evaluates, args=(2, free_port(), config, ended), nprocs=2, join=True)
     assert time.monotonic() - started < 25  # not killed after torchrun's 30 s
     assert ended[0][0] == "RankEnded" and ended[0][1].startswith("rank 1 (process ")
+
+
+def _rank_given_its_own_seq_len(rank: int, world_size: int, port: int, configs, refused) -> None:
+    from seekstack.schema import ConfigError
+
+    try:
+        _rank_main(rank, world_size, port, configs[rank])
+    except ConfigError as error:
+        refused[rank] = str(error)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_ranks_given_different_configs_are_refused_on_every_rank_naming_the_key_and_both_values(data_dir, tmp_path):  # noqa: F811
+    """Rank 1 given seq_len=16 trained other rows than rank 0 under one DDP model, silently."""
+    configs = [run_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0, save_every=0, seq_len=seq_len)
+               for seq_len in (32, 16)]  # fmt: skip
+    refused = mp.Manager().dict()
+    mp.spawn(_rank_given_its_own_seq_len, args=(2, free_port(), configs, refused), nprocs=2, join=True)
+    assert refused[0] == refused[1]
+    assert "rank 1 has seq_len=16 (rank 0: 32)" in refused[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
