@@ -45,6 +45,9 @@ from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 PROMPT_SAMPLE = 256  # training problems whose prompts are measured against PROMPT_TOKENS before the run starts
+# What a generation batch is made under: the distribution its completions and log-probabilities are of, its groups,
+# the completions' cap, and the rewards and their normalisation that give its advantages.
+BATCH_SETTINGS = ("temperature", "num_generations", "max_completion_length", "format_weight", "scale_rewards")
 
 
 class GRPOSource:
@@ -165,7 +168,7 @@ class GRPOSource:
             "ref_logps": None,
             "fresh": True,
             "compile_s": self.engine.compile_s - compile_s,  # of the rollout's generate_s
-            "temperature": config.temperature,  # of the sampling, and of the log-probabilities below
+            "settings": self._batch_settings(),
         }
         if config.num_iterations > 1 or self.sampler is not self.model:  # else the old policy is the current one
             batch["old_logps"] = completion_logps(self.sampler, rollout, config.temperature, self.device)[0]
@@ -225,9 +228,9 @@ class GRPOSource:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Position and batches; a saved batch sampled at another temperature than this run's is dropped, and a new
-        one sampled in its place: its old policy's and reference's log-probabilities are of that temperature, and the
-        weights that sampled it, to score it again, are gone."""
+        """Position and batches; a saved batch made under other BATCH_SETTINGS than this run's is dropped, and a new
+        one sampled in its place: its log-probabilities (old policy's, reference's), groups or advantages are those
+        settings', and the weights that sampled it, to score it again, are gone."""
         self.generation, self.iteration = state["generation"], state["iteration"]
         self.current = self._restored(state["current"])
         self.ahead = None
@@ -237,11 +240,14 @@ class GRPOSource:
             self.ahead.set_result(ahead)
 
     def _restored(self, stored: dict[str, Any] | None) -> dict[str, Any] | None:
-        """A saved generation batch as `_generate` made it; None for none, or for one sampled at another temperature
-        (a batch of an older version records none: it is kept)."""
-        if stored is None or stored.get("temperature", self.config.temperature) != self.config.temperature:
+        """A saved generation batch as `_generate` made it; None for none, or for one made under other settings (a
+        batch of an older version records none: it is kept)."""
+        if stored is None or stored.get("settings", self._batch_settings()) != self._batch_settings():
             return None
         return {**stored, "rollout": Rollout(**stored["rollout"])}
+
+    def _batch_settings(self) -> dict[str, Any]:
+        return {name: getattr(self.config, name) for name in BATCH_SETTINGS}
 
 
 def _stored(batch: dict[str, Any]) -> dict[str, Any]:

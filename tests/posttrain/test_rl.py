@@ -13,7 +13,7 @@ from seekstack.config import ConfigError
 from seekstack.infer import SamplingParams
 from seekstack.posttrain import rl
 from seekstack.posttrain.config import GRPOConfig
-from seekstack.posttrain.grpo import policy_loss
+from seekstack.posttrain.grpo import group_advantages, policy_loss
 from seekstack.posttrain.padding import pad_rows
 from seekstack.posttrain.rl import GRPOSource, run_rl
 from seekstack.posttrain.rollout import Rollout, completion_logps, trained_tokens
@@ -309,6 +309,29 @@ def test_a_run_resumed_at_another_temperature_samples_anew_where_its_saved_batch
     lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 2 and lines[0]["generate_s"] > 0  # sampled at step 2, at temperature 0.5
     assert log_ratios[0] < 1e-5
+
+
+def test_a_run_resumed_with_other_reward_settings_samples_anew_where_its_saved_batch_has_the_old_advantages(
+    tmp_path, monkeypatch, sft_model
+):
+    """A saved batch's advantages are its rewards (format_weight) normalised per group (scale_rewards) as they were
+    set when it was sampled; the resumed run trains on advantages of its own settings."""
+    common = [f"init_from={sft_model}", *RUN, "task=addition", "difficulty=1", "num_iterations=2", "save_every=1"]
+    run_rl(resolve_train_config(None, [*common, "max_steps=1", f"out_dir={tmp_path / 'a'}"], cls=GRPOConfig))
+    trained = []
+    original = GRPOSource.loss
+
+    def spy(self, model, batch, mtp_loss_weight):
+        trained.append(batch)
+        return original(self, model, batch, mtp_loss_weight)
+
+    monkeypatch.setattr(GRPOSource, "loss", spy)
+    resumed = [*common, "format_weight=1.0", "scale_rewards=none", "max_steps=2", f"out_dir={tmp_path / 'b'}"]
+    run_rl(resolve_train_config(None, resumed, cls=GRPOConfig), resume=tmp_path / "a" / "checkpoints" / "step_1")
+    rollout = trained[0]["rollout"]
+    rewards = rollout.terms["correctness"] + 1.0 * rollout.terms["format"]
+    assert torch.equal(trained[0]["advantages"], group_advantages(rewards, 4, "none"))
+    assert trained[0]["advantages"].abs().sum() > 0  # the rewards differ within a group: the check can fail
 
 
 def test_a_fresh_models_vocabulary_is_checked_against_the_tokenizer_rl_names_not_data_dir(tmp_path):
