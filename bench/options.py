@@ -1,8 +1,9 @@
-"""Command-line option types the benchmarks share."""
+"""Command-line option types the benchmarks share, and the check of the options naming a model and its token data."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -15,3 +16,28 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: at least 1")
     return value
+
+
+def load_model_and_data(parser: argparse.ArgumentParser, model: str, data: str) -> tuple:
+    """The checkpoint at --model (loaded, eval mode) and the UTF-8 bytes of each token id of --data's val split (the
+    checkpoint's tokenizer's, as `seekstack quantize` counts them); a --model that is no checkpoint, or a --data
+    without train and val shards of its tokenizer, is refused as one line naming the option, before any work."""
+    import seekstack
+    from seekstack.tokenizer import tokenizer_json_path
+    from seekstack.tokens.provenance import require_checkpoint_tokenizer
+    from seekstack.tokens.shards import load_index
+    from seekstack.tokens.token_bytes import split_byte_lengths
+
+    try:
+        network = seekstack.load_pretrained(model).eval()
+    except (OSError, ValueError) as error:
+        parser.error(f"--model {model}: {error}")
+    try:
+        for split in ("train", "val"):
+            require_checkpoint_tokenizer(model, data, load_index(data, split)["tokenizer"])
+        byte_lengths, estimated = split_byte_lengths(data, "val", tokenizer_json_path(model))
+    except (OSError, ValueError) as error:
+        parser.error(f"--data {data}: {error}")
+    if estimated:
+        print(f"note: {estimated}", file=sys.stderr)
+    return network, byte_lengths

@@ -27,10 +27,9 @@ from seekstack.compress.heal import heal
 from seekstack.compress.prune import gate_mass, prune_experts
 from seekstack.compress.quality import held_out_batches, measure
 from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
-from seekstack.tokens.token_bytes import split_byte_lengths
 
 sys.path.insert(0, str(Path(__file__).parent))
-from options import positive_int
+from options import load_model_and_data, positive_int
 from quantize import decode_speeds  # noqa: E402  (bench/quantize.py: the same interleaved decode timing)
 
 
@@ -52,10 +51,10 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
 
-    original = seekstack.load_pretrained(args.model).eval()
+    original, per_token = load_model_and_data(parser, args.model, args.data)
     calibration = held_out_batches(args.data, batches=args.calibration_batches, split="train")
     mass, importance = gate_mass(original, calibration), head_importance(original, calibration)
-    batches, per_token = held_out_batches(args.data, batches=args.batches), split_byte_lengths(args.data, "val")[0]
+    batches = held_out_batches(args.data, batches=args.batches)
     work = Path(tempfile.mkdtemp(prefix="bench_prune_"))
     variants = {
         "unpruned": (0.0, 0.0),

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from options import positive_int
+from options import load_model_and_data, positive_int
 from peers import peer_missing
 
 import seekstack
@@ -154,7 +154,7 @@ def main() -> None:
     if args.preset:
         original = seekstack.Transformer(seekstack.preset(args.preset)).eval()
     else:
-        original = seekstack.load_pretrained(args.model).eval()
+        original, per_token = load_model_and_data(parser, args.model, args.data)
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
     models, disk = {"float32": original}, {"float32": checkpoint_bytes(args.model) if not args.preset else None}
     models["bfloat16"] = copy.deepcopy(original).to(torch.bfloat16)
@@ -188,7 +188,7 @@ def main() -> None:
     speeds = decode_speeds(models, (1, 8), args.reps, clock)
     qualities = {}
     if not args.preset:
-        batches, per_token = held_out_batches(args.data, batches=args.batches), split_byte_lengths(args.data, "val")[0]
+        batches = held_out_batches(args.data, batches=args.batches)
         qualities = {name: measure(model, original, batches, per_token) for name, model in models.items()}
 
     source = f"random {args.preset}" if args.preset else args.model

@@ -1,0 +1,44 @@
+"""bench/quantize.py and bench/prune.py: a --model that is no checkpoint, or a --data without shards of its
+tokenizer, is refused in one line naming the option, before any work (it was a CheckpointError or
+FileNotFoundError traceback)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import seekstack
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run_bench(script: str, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *options, "--reps", "1"], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("script", ["quantize.py", "prune.py"])
+def test_a_model_that_is_no_checkpoint_is_refused_in_one_line_naming_the_option(script, tmp_path):
+    run = run_bench(script, "--model", str(tmp_path / "nope"), "--data", str(tmp_path))
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        f"{script}: error: --model {tmp_path / 'nope'}: {tmp_path / 'nope'}: no such folder; a checkpoint is a "
+        "folder holding config.json and safetensors weights"
+    )
+
+
+@pytest.mark.parametrize("script", ["quantize.py", "prune.py"])
+def test_a_data_folder_without_shards_is_refused_in_one_line_naming_the_option(script, tmp_path):
+    torch.manual_seed(0)
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny")), tmp_path / "model")
+    run = run_bench(script, "--model", str(tmp_path / "model"), "--data", str(tmp_path / "tokens"))
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        f"{script}: error: --data {tmp_path / 'tokens'}: no folder of token shards at {tmp_path / 'tokens'}: "
+        "`seekstack data tokenize --out` writes one"
+    )
