@@ -391,8 +391,9 @@ class _Run:
                     f"from: it would train nothing; give max_steps above {self.step} to train on",
                     field="max_steps",
                 )
-            if source is None:  # token windows, whose position the checkpoint counts at its seq_len
+            if source is None:  # token windows, whose position the checkpoint counts at its seq_len, of its tokenizer
                 require_saved_seq_len(config, train_state["config"], path)
+                require_checkpoint_tokenizer(path, config.data_dir, self.data.tokenizer_info)
             try:
                 self.data.load_state_dict(train_state["data"])
             except ValueError as error:  # a token mixture that cannot go on from it (another mixture_mode)

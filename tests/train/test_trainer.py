@@ -248,6 +248,22 @@ def test_val_bpb_counts_the_bytes_the_scored_tokens_spell_or_says_it_estimates(t
     assert evaluation["val_bpb"] == pytest.approx(nats / (math.log(2) * estimate), rel=1e-6)
 
 
+def test_a_resume_on_shards_of_another_tokenizer_is_refused_naming_both(tmp_path):
+    """The checkpoint's model reads ids of its tokenizer: on another's it would train on other text, and its next
+    checkpoints would carry that tokenizer as theirs."""
+    tokens = tokenized_splits(tmp_path / "a")
+    vocab = Tokenizer.from_file(tmp_path / "a" / "tokenizer").vocab_size
+    other = train_tokenizer(["a mat sat on the cat. 垫子上的猫。" * 40], vocab_size=vocab, out_path=tmp_path / "b")
+    for split in ("train", "val"):
+        tokenize_corpus(tmp_path / "a" / f"{split}.jsonl", other, tmp_path / "b" / "tokens", split)
+    settings = dict(model_overrides=MICRO_MODEL | {"vocab_size": vocab}, batch_size=2, grad_accum_steps=1,
+                    eval_every=0, save_every=1)  # fmt: skip
+    train(run_config(tokens, tmp_path / "run", max_steps=1, **settings))
+    newest = tmp_path / "run" / "checkpoints" / "step_1"
+    with pytest.raises(ValueError, match=f"tokens was tokenized with .*, not with {newest}/tokenizer.json, the "):
+        train(run_config(tmp_path / "b" / "tokens", tmp_path / "run", max_steps=2, **settings), resume=True)
+
+
 def test_a_model_without_mtp_modules_logs_no_mtp_loss(data_dir, tmp_path):
     config = run_config(data_dir, tmp_path, model_overrides=MICRO_MODEL | {"num_nextn_predict_layers": 0}, max_steps=2)
     train(dataclasses.replace(config, eval_every=0, save_every=0))
