@@ -274,7 +274,7 @@ def prune_command(
     import tempfile
 
     from seekstack.checkpoint import load_pretrained, stored_float_dtype
-    from seekstack.compress.heads import head_importance, prune_heads
+    from seekstack.compress.heads import head_importance, prune_heads, transformers_head_count_notes
     from seekstack.compress.heal import heal
     from seekstack.compress.prune import gate_mass, prune_experts
     from seekstack.compress.quality import held_out_batches
@@ -297,6 +297,7 @@ def prune_command(
         removed = prune_experts(network, gate_mass(network, batches), experts) if experts and has_moe else {}
         removed |= prune_heads(network, head_importance(network, batches), heads) if heads else {}
         notes = _rounding_notes(before, network.config, experts, heads, has_moe)
+        notes += transformers_head_count_notes(before, network.config)
         if heal_steps:
             with tempfile.TemporaryDirectory(prefix="seekstack_heal_") as work:
                 save_with_tokenizer(network, model, Path(work) / "pruned")

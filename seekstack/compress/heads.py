@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from seekstack.model.attention import MultiHeadLatentAttention
+
+if TYPE_CHECKING:
+    from seekstack.config import ModelConfig
 
 
 def attention_layers(model: nn.Module) -> dict[str, MultiHeadLatentAttention]:
@@ -91,6 +95,23 @@ def prune_heads(model: nn.Module, importance: dict[str, torch.Tensor], fraction:
         heads = {len(ids) for ids in removed.values()}
         model.config = model.config.replace(num_attention_heads=model.config.num_attention_heads - heads.pop())
     return removed
+
+
+def transformers_head_count_notes(before: ModelConfig, after: ModelConfig) -> list[str]:
+    """A note when transformers 5.23 will not load a checkpoint of head-pruned config `after`: its DeepseekV2Config
+    (not V3's) requires hidden_size to be a multiple of num_attention_heads, which MLA does not need; the note names
+    the head counts, and --heads fractions, that it loads."""
+    hidden, heads = after.hidden_size, after.num_attention_heads
+    if after.model_type != "deepseek_v2" or hidden % heads == 0:
+        return []
+    total = before.num_attention_heads
+    loadable = [count for count in range(total - 1, 0, -1) if hidden % count == 0]
+    options = ", ".join(f"{count} (--heads {(total - count) / total:g})" for count in loadable)
+    return [
+        f"transformers 5.23 will not load this deepseek_v2 checkpoint: its DeepseekV2Config requires hidden_size "
+        f"({hidden}) to be a multiple of num_attention_heads ({heads}), which MLA does not need (seekstack loads "
+        f"it); for transformers keep a head count dividing {hidden}: {options}"
+    ]
 
 
 def shrink_attention(attention: MultiHeadLatentAttention, kept: torch.Tensor) -> None:

@@ -207,6 +207,31 @@ def test_prune_of_a_model_without_moe_layers_says_there_are_no_experts_to_remove
     assert seekstack.load_pretrained(tmp_path / "heads").config.num_attention_heads == 1
 
 
+def test_prune_notes_a_deepseek_v2_head_count_transformers_refuses_and_the_counts_it_loads(tmp_path):
+    from transformers import AutoConfig
+
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    v2 = {**MICRO_MODEL, "model_type": "deepseek_v2", "num_attention_heads": 4, "scoring_func": "softmax"}
+    v2 |= {"topk_method": "greedy", "n_group": 1, "norm_topk_prob": False, "num_nextn_predict_layers": 0}
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **v2)), tmp_path / "v2")
+    args = ["prune", str(tmp_path / "v2"), "--data", str(tmp_path / "shards"), "--calibration-batches", "1"]
+    three = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "three"), "--heads", "0.25", "--experts", "0"])
+    assert three.exit_code == 0, three.output
+    assert (
+        "note: transformers 5.23 will not load this deepseek_v2 checkpoint: its DeepseekV2Config requires hidden_size "
+        "(64) to be a multiple of num_attention_heads (3), which MLA does not need (seekstack loads it); for "
+        "transformers keep a head count dividing 64: 2 (--heads 0.5), 1 (--heads 0.75)"
+    ) in three.output
+    with pytest.raises(Exception, match=r"hidden size \(64\) is not a multiple of the number of attention heads"):
+        AutoConfig.from_pretrained(tmp_path / "three")
+    assert seekstack.load_pretrained(tmp_path / "three").config.num_attention_heads == 3
+    two = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "two"), "--heads", "0.5", "--experts", "0"])
+    assert two.exit_code == 0 and "will not load" not in two.output
+    assert AutoConfig.from_pretrained(tmp_path / "two").num_attention_heads == 2
+
+
 def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
     model = model_for_tests()
     assert len(model.mtp) > 0  # the MTP module's copy of the head was what failed
