@@ -64,6 +64,23 @@ def test_under_torchrun_rank_0_alone_prints_an_error_every_rank_meets_and_all_ex
         assert capsys.readouterr().err == printed, rank
 
 
+def test_under_torchrun_an_error_is_printed_by_the_first_rank_of_each_machine_whose_log_its_user_reads(
+    monkeypatch, capsys
+):
+    """A config file of node 2's own with a typo: its ranks (1 and 2 here) met the error alone, and nothing was said."""
+    import typer
+
+    from seekstack.cli.common import fail
+
+    message = "override 'max_step=5': unknown field 'max_step'"
+    for rank, local_rank, printed in (("1", "0", f"error (rank 1): {message}\n"), ("2", "1", "")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(typer.Exit):
+            fail(message)
+        assert capsys.readouterr().err == printed, rank
+
+
 def test_under_torchrun_an_error_that_may_be_one_ranks_own_is_printed_by_that_rank_naming_it(monkeypatch, capsys):
     """A missing file of rank 1's own (its optimizer part, its node's shard) is not left unsaid; a config error
     every rank meets is printed once."""
