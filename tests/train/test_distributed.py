@@ -153,3 +153,25 @@ def test_ranks_given_different_configs_are_refused_on_every_rank_naming_the_key_
     assert refused[0] == refused[1]
     assert "rank 1 has seq_len=16 (rank 0: 32)" in refused[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("environment", "named"),
+    [
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a whole number"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 is not a number of processes"),
+    ],
+)
+def test_a_torchrun_environment_set_by_hand_and_wrong_is_refused_naming_the_variable(monkeypatch, environment, named):
+    """WORLD_SIZE left in the environment without RANK ended in a KeyError: 'RANK' traceback, a non-number in
+    'invalid literal for int()'."""
+    from seekstack.parallel.distributed import init_distributed
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=named):
+        init_distributed()
