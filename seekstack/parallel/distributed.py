@@ -150,11 +150,16 @@ def _differences(given: dict[str, Any], reference: dict[str, Any]) -> str:
     return ", ".join(f"{key}={given.get(key)} (rank 0: {reference.get(key)})" for key in keys)
 
 
+def require_rows_divisible(rows: int, ranks: Ranks) -> None:
+    """ConfigError unless the ranks divide a global batch of `rows` (batch_size): each keeps an equal slice."""
+    if rows % ranks.world_size:
+        raise ConfigError(f"batch_size={rows} is not divisible by the {ranks.world_size} ranks (WORLD_SIZE)")
+
+
 def local_rows(global_batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """This rank's contiguous slice of the global batch's rows."""
     rows = global_batch.shape[0]
-    if rows % ranks.world_size:
-        raise ValueError(f"batch_size={rows} is not divisible by the {ranks.world_size} ranks (WORLD_SIZE)")
+    require_rows_divisible(rows, ranks)
     per_rank = rows // ranks.world_size
     return global_batch[ranks.rank * per_rank : (ranks.rank + 1) * per_rank]
 

@@ -356,6 +356,7 @@ class _Run:
             raise ValueError("parallel=fsdp does not train adapters (hooks); use parallel=ddp")
         if source is not None and ranks.distributed:
             raise ValueError("a batch source (sft, rl) runs in one process; start it without torchrun")
+        distributed.require_rows_divisible(config.batch_size, ranks)  # before a model is built to find it out
         self.out_dir = Path(config.out_dir)
         sets_threads = getattr(source, "chooses_threads", False)
         load_aware = config.threads == "auto" and ranks.device.type == "cpu" and not sets_threads

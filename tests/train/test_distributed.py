@@ -175,3 +175,27 @@ def test_a_torchrun_environment_set_by_hand_and_wrong_is_refused_naming_the_vari
         monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=named):
         init_distributed()
+
+
+def _rank_with_an_odd_batch(rank: int, world_size: int, port: int, config, refused) -> None:
+    from seekstack.schema import ConfigError
+    from seekstack.train import trainer
+
+    def build_model(*args):
+        raise AssertionError("the model was built before the batch was checked")
+
+    trainer.build_model = build_model
+    try:
+        _rank_main(rank, world_size, port, config)
+    except ConfigError as error:
+        refused[rank] = str(error)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_a_batch_the_ranks_do_not_divide_is_refused_as_a_config_error_before_the_model_is_built(data_dir, tmp_path):  # noqa: F811
+    """It was a ValueError at the first step, after the model (or init_from's checkpoint) was built, printed by
+    every rank as one of its own."""
+    config = run_config(data_dir, tmp_path / "run", batch_size=5, max_steps=2, eval_every=0, save_every=0)
+    refused = mp.Manager().dict()
+    mp.spawn(_rank_with_an_odd_batch, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    assert refused[0] == refused[1] == "batch_size=5 is not divisible by the 2 ranks (WORLD_SIZE)"
