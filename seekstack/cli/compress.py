@@ -273,10 +273,15 @@ def prune_command(
     fine-tune with the trainer."""
     import tempfile
 
-    from seekstack.checkpoint import load_pretrained, stored_float_dtype
-    from seekstack.compress.heads import head_importance, prune_heads, transformers_head_count_notes
+    from seekstack.checkpoint import load_pretrained, read_config, stored_float_dtype
+    from seekstack.compress.heads import (
+        head_importance,
+        prune_heads,
+        refuse_too_few_heads,
+        transformers_head_count_notes,
+    )
     from seekstack.compress.heal import heal
-    from seekstack.compress.prune import gate_mass, prune_experts
+    from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept
     from seekstack.compress.quality import held_out_batches
     from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
     from seekstack.tokens.provenance import require_checkpoint_tokenizer
@@ -289,6 +294,11 @@ def prune_command(
             "prune the float checkpoint it was made from, then quantize the pruned one "
             "(`seekstack quantize PRUNED --out ...`)",
         )
+        config = read_config(model)  # fractions that leave too few are refused before calibrating
+        if experts and any(map(config.is_moe_layer, range(config.num_hidden_layers))):
+            refuse_too_few_kept(config, experts)
+        if heads:
+            refuse_too_few_heads(config.num_attention_heads, heads)
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True).eval()
         dtype = stored_float_dtype(model)  # pruned (and healed) in float32, written in the dtype it came in

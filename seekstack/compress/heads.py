@@ -73,13 +73,21 @@ def head_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[s
     return importance
 
 
+def refuse_too_few_heads(heads: int, fraction: float) -> None:
+    """ValueError, naming the largest fraction that leaves a head, when removing `fraction` of a layer's `heads`
+    (whole heads, rounded) leaves none."""
+    if heads - round(heads * fraction) < 1:
+        raise ValueError(
+            f"pruning {fraction:g} of the attention heads leaves none of {heads} per layer: prune "
+            f"{(heads - 1) / heads:g} of them or less"
+        )
+
+
 def heads_to_keep(importance: torch.Tensor, fraction: float) -> torch.Tensor:
     """Sorted ids of the heads kept: all but the `fraction` least important (at least one head stays)."""
     heads = importance.numel()
-    keep = heads - round(heads * fraction)
-    if keep < 1:
-        raise ValueError(f"pruning {fraction:.0%} of {heads} heads leaves none; use a smaller fraction")
-    return importance.topk(keep).indices.sort().values
+    refuse_too_few_heads(heads, fraction)
+    return importance.topk(heads - round(heads * fraction)).indices.sort().values
 
 
 @torch.no_grad()

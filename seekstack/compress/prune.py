@@ -50,7 +50,7 @@ def _kept_per_group(per_group: int, fraction: float) -> int:
     return per_group - round(per_group * fraction)
 
 
-def _refuse_too_few_kept(config: ModelConfig, fraction: float) -> None:
+def refuse_too_few_kept(config: ModelConfig, fraction: float) -> None:
     """ValueError, before anything is pruned, when removing `fraction` of each group's routed experts leaves fewer
     than the config's routing takes (num_experts_per_tok, topk_group, noaux_tc's top-2 group score), naming the
     largest fraction that leaves enough."""
@@ -91,7 +91,7 @@ def prune_experts(model: nn.Module, mass: dict[str, torch.Tensor], fraction: flo
     """Remove `fraction` of each MoE layer's routed experts (least gate mass first), in place; returns the removed ids
     per layer. The config's n_routed_experts shrinks to match."""
     config = model.config
-    _refuse_too_few_kept(config, fraction)
+    refuse_too_few_kept(config, fraction)
     groups = config.n_group or 1
     removed = {}
     for name, module in model.named_modules():

@@ -111,6 +111,31 @@ def test_prune_says_what_a_fraction_rounds_to_and_refuses_one_that_removes_nothi
     assert f"note: --heads 0.4 removed {removed} of {heads} per layer ({removed / heads:.1%})" in rounded.output
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--heads", "1.0", "--experts", "0.25"], "pruning 1 of the attention heads leaves none of 2 per layer: prune "
+         "0.5 of them or less"),
+        (["--experts", "1.0"], "pruning 1 of the routed experts leaves 0 of 2 in each of the 2 routing groups, too "
+         "few for the model's routing (none left)"),
+    ],
+)  # fmt: skip
+def test_prune_refuses_a_fraction_that_leaves_too_few_before_calibrating(tmp_path, monkeypatch, options, message):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    def calibration(*_args):
+        raise AssertionError("calibrated before refusing the fraction")
+
+    monkeypatch.setattr("seekstack.compress.prune.gate_mass", calibration)
+    monkeypatch.setattr("seekstack.compress.heads.head_importance", calibration)
+    write_train_shard(tmp_path / "shards")
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    args = ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "out")]
+    refused = CliRunner().invoke(app, [*args, *options])
+    assert refused.exit_code == 1 and not (tmp_path / "out").exists()
+    assert f"error: {message}" in refused.output
+
+
 def test_prune_refuses_a_quantized_checkpoint_and_says_to_prune_the_float_one_first(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     runner = CliRunner()
