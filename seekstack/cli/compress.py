@@ -228,12 +228,20 @@ def _held_out(
 
 def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> dict:
     from seekstack.checkpoint import load_pretrained, stored_float_dtype
-    from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities, unmeasured_notes
+    from seekstack.compress.adaptive import (
+        adaptive_config,
+        assign,
+        average_bits,
+        refuse_budget_below_smallest,
+        sensitivities,
+        unmeasured_notes,
+    )
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import mixed_experts_notes, quantize_model, save_with_tokenizer
 
     calibration, byte_lengths = _held_out(model, data, "--adaptive", split="train", batches=2)
     original = load_pretrained(model, dequantize=True).eval()
+    refuse_budget_below_smallest(original, budget_bits)
     reference = load_pretrained(model, dequantize=True).eval()
     choices = sensitivities(original, lambda m: measure(m, reference, calibration, byte_lengths).mean_kl)
     chosen = assign(choices, budget_bits)

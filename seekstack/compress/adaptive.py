@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantize_model
+from seekstack.compress.quantize import QuantConfig, quantizable_layers, quantize_model, unsupported_reason
 
 OPTIONS = ("int4-g128", "int4-g64", "int4-g32", "int8")
 BASE_OPTION = "int4-g32"
@@ -66,25 +66,50 @@ def sensitivities(
     choices = []
     for name in names:
         original = model.get_submodule(name)
-        weight = original.weight if isinstance(original, nn.Linear) else None
-        shapes = [weight.shape] if weight is not None else [original.gate_up_proj.shape, original.down_proj.shape]
-        count = sum(int(torch.Size(s).numel()) for s in shapes)
+        count, bits = option_bits(original)
         at_base = work.get_submodule(name)
-        bits, kl = {}, {}
-        for option in OPTIONS:
-            trial = _quantized(original, option)
-            if trial is None:
-                continue  # the kernel cannot take this shape at this option
-            bits[option] = sum(bits_per_weight(option, s[-1]) * torch.Size(s).numel() for s in shapes) / count
+        kl = {}
+        for option in bits:
             if option == BASE_OPTION and not base_assignment[name].startswith("kept"):
                 kl[option] = base_kl
                 continue
-            work.set_submodule(name, trial)
+            work.set_submodule(name, _quantized(original, option))
             kl[option] = kl_of(work)
         work.set_submodule(name, at_base)
         if kl:
             choices.append(LayerChoice(name, count, bits, kl))
     return choices
+
+
+def option_bits(layer: nn.Module) -> tuple[int, dict[str, float]]:
+    """The weights of float `layer` (nn.Linear or stacked experts) and, for each option the kernels take its shapes
+    at, its bits per weight, scales included."""
+    weight = layer.weight if isinstance(layer, nn.Linear) else None
+    shapes = [weight.shape] if weight is not None else [layer.gate_up_proj.shape, layer.down_proj.shape]
+    count = sum(int(torch.Size(s).numel()) for s in shapes)
+    bits = {}
+    for option in OPTIONS:
+        scheme, _, group = option.partition("-g")
+        if unsupported_reason(layer, scheme, int(group or 0)) is None:
+            bits[option] = sum(bits_per_weight(option, s[-1]) * torch.Size(s).numel() for s in shapes) / count
+    return count, bits
+
+
+def refuse_budget_below_smallest(model: nn.Module, budget_bits: float, layers: list[str] | None = None) -> None:
+    """ValueError when `budget_bits` is below the smallest assignment `layers` (default: `measured_layers`) of float
+    `model` can have, each at its smallest option its shapes allow: known from the shapes, before any measuring."""
+    sizes = [option_bits(model.get_submodule(n)) for n in (layers if layers is not None else measured_layers(model))]
+    sizes = [(count, bits) for count, bits in sizes if bits]
+    smallest = sum(count * min(bits.values()) for count, bits in sizes) / sum(count for count, _ in sizes)
+    if budget_bits < smallest:
+        raise ValueError(_budget_too_small(budget_bits, smallest))
+
+
+def _budget_too_small(budget_bits: float, smallest: float) -> str:
+    return (
+        f"a budget of {budget_bits} bits per weight is below the smallest assignment ({smallest:.3f} bits per "
+        "weight: each layer at the smallest option its shapes allow)"
+    )
 
 
 def measured_layers(model: nn.Module) -> list[str]:
@@ -105,12 +130,12 @@ def unmeasured_notes(model: nn.Module) -> list[str]:
     ]
 
 
-def _quantized(layer: nn.Module, option: str) -> nn.Module | None:
-    """A quantized copy of float `layer` at `option`, or None when the kernel cannot take its shapes."""
+def _quantized(layer: nn.Module, option: str) -> nn.Module:
+    """A quantized copy of float `layer` at `option`, one its shapes allow (`option_bits`)."""
     holder = nn.Module()
     holder.add_module("layer", copy.deepcopy(layer))
-    done = quantize_model(holder, option_config(option))
-    return None if done["layer"].startswith("kept") else holder.layer
+    quantize_model(holder, option_config(option))
+    return holder.layer
 
 
 def assign(choices: list[LayerChoice], budget_bits: float) -> dict[str, str]:
@@ -120,10 +145,7 @@ def assign(choices: list[LayerChoice], budget_bits: float) -> dict[str, str]:
     budget = budget_bits * total_weights
     used = sum(c.bits[current[c.name]] * c.weights for c in choices)
     if used > budget:
-        raise ValueError(
-            f"a budget of {budget_bits} bits per weight is below the smallest assignment "
-            f"({used / total_weights:.3f} bits per weight)"
-        )
+        raise ValueError(_budget_too_small(budget_bits, used / total_weights))
     while True:
         fitting = [
             (saved / extra, c, option, extra)

@@ -143,7 +143,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
             continue
         scheme, _, group_text = scheme.partition("-g")
         group = int(group_text) if group_text else config.group_size
-        problem = _unsupported(module, scheme, group)
+        problem = unsupported_reason(module, scheme, group)
         if problem:
             assignment[name] = f"kept: {problem}"
             continue
@@ -233,7 +233,7 @@ def _round_through_fp8(module: nn.Module, block: tuple[int, int]) -> None:
     module.weight.copy_(dequantize_fp8(*quantize_fp8(module.weight, block), block))
 
 
-def _unsupported(module: nn.Module, scheme: str, group: int) -> str | None:
+def unsupported_reason(module: nn.Module, scheme: str, group: int) -> str | None:
     """Why `module`'s shape cannot take `scheme`, or None when it can."""
     shapes = [module.gate_up_proj.shape, module.down_proj.shape] if isinstance(module, RoutedExperts) else [
         module.weight.shape

@@ -12,6 +12,7 @@ from seekstack.compress.adaptive import (
     assign,
     average_bits,
     measured_layers,
+    refuse_budget_below_smallest,
     sensitivities,
     unmeasured_notes,
 )
@@ -51,6 +52,20 @@ def test_a_layer_upgrades_past_options_that_measure_worse_to_its_lowest_kl_optio
     layer = LayerChoice("layers.0.mlp.gate_proj", 128 * 384, bits, kl)
     assert assign([layer], budget_bits=100.0) == {"layers.0.mlp.gate_proj": "int8"}
     assert assign([layer], budget_bits=8.0) == {"layers.0.mlp.gate_proj": "int4-g128"}  # g64 and g32 never help
+
+
+def test_a_budget_below_the_smallest_assignment_the_shapes_allow_is_refused_as_assign_refuses_it():
+    model = Transformer(micro_config(**SHAPES)).eval()  # the experts' 32-wide down_proj takes int4 g32 at the least
+    choices = sensitivities(model, kl_of=lambda _model: 0.0)
+    smallest = average_bits(choices, {c.name: min(c.bits, key=c.bits.get) for c in choices})
+    assert 4.125 < smallest < 4.5
+    with pytest.raises(ValueError) as measured:
+        assign(choices, budget_bits=4.13)
+    with pytest.raises(ValueError) as from_shapes:
+        refuse_budget_below_smallest(model, budget_bits=4.13)
+    assert str(from_shapes.value) == str(measured.value)
+    assert f"below the smallest assignment ({smallest:.3f} bits per weight" in str(from_shapes.value)
+    refuse_budget_below_smallest(model, budget_bits=smallest)
 
 
 def test_sensitivities_are_measured_around_uniform_int4_g32_and_leave_the_model_unchanged():

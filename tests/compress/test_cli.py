@@ -351,6 +351,24 @@ def test_quantize_refuses_bad_tolerances_and_budgets_and_adaptive_with_fixed_sch
     assert not (tmp_path / "q").exists()
 
 
+def test_adaptive_refuses_a_budget_its_layer_shapes_cannot_meet_before_measuring(tmp_path, monkeypatch):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    def measuring(*_args):
+        raise AssertionError("measured before refusing the budget")
+
+    monkeypatch.setattr("seekstack.compress.adaptive.sensitivities", measuring)
+    write_train_shard(tmp_path / "shards")
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--adaptive", "--budget-bits",
+              "4.2", "--data", str(tmp_path / "shards")],
+    )  # fmt: skip
+    assert result.exit_code == 1 and not (tmp_path / "q").exists()
+    message = " ".join(result.output.split())
+    assert "error: a budget of 4.2 bits per weight is below the smallest assignment (4.601 bits per weight" in message
+
+
 def test_adaptive_text_output_prints_kl_options_with_digits_enough_to_tell_them_apart(tmp_path, monkeypatch):
     import seekstack.cli.compress as compress
 
