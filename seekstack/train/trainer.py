@@ -356,7 +356,13 @@ class _Run:
             raise ValueError("parallel=fsdp does not train adapters (hooks); use parallel=ddp")
         if source is not None and ranks.distributed:
             raise ValueError("a batch source (sft, rl) runs in one process; start it without torchrun")
-        distributed.require_rows_divisible(config.batch_size, ranks)  # before a model is built to find it out
+        # before a model is built to find them out
+        distributed.require_rows_divisible(config.batch_size, ranks)
+        if config.expert_parallel > 1 and config.expert_parallel != ranks.world_size:
+            raise ConfigError(
+                f"expert_parallel={config.expert_parallel} must equal the number of ranks ({ranks.world_size}): "
+                "experts are split over all of them"
+            )
         self.out_dir = Path(config.out_dir)
         sets_threads = getattr(source, "chooses_threads", False)
         load_aware = config.threads == "auto" and ranks.device.type == "cpu" and not sets_threads
@@ -830,15 +836,11 @@ class _Run:
         write_training_files(folder, whole, state, self.tokenizer_files)
 
     def _apply_expert_parallel(self, model: Transformer) -> list[str]:
-        """Split the routed experts over all ranks when `expert_parallel` asks; the rank-local parameter names."""
+        """Split the routed experts over all ranks (as many as `expert_parallel`, checked at the start) when it asks;
+        the rank-local parameter names."""
         self.expert_parallel: bool = self.config.expert_parallel > 1
         if not self.expert_parallel:
             return []
-        if self.config.expert_parallel != self.ranks.world_size:
-            raise ValueError(
-                f"expert_parallel={self.config.expert_parallel} must equal the number of ranks "
-                f"({self.ranks.world_size}): experts are split over all of them"
-            )
         return apply_expert_parallel(model, self.ranks)
 
     def _load_optimizer(self, train_state: dict[str, Any], path: Path) -> None:

@@ -177,12 +177,12 @@ def test_a_torchrun_environment_set_by_hand_and_wrong_is_refused_naming_the_vari
         init_distributed()
 
 
-def _rank_with_an_odd_batch(rank: int, world_size: int, port: int, config, refused) -> None:
+def _rank_refused_before_building_a_model(rank: int, world_size: int, port: int, config, refused) -> None:
     from seekstack.schema import ConfigError
     from seekstack.train import trainer
 
     def build_model(*args):
-        raise AssertionError("the model was built before the batch was checked")
+        raise AssertionError("the model was built before the ranks were checked")
 
     trainer.build_model = build_model
     try:
@@ -197,5 +197,19 @@ def test_a_batch_the_ranks_do_not_divide_is_refused_as_a_config_error_before_the
     every rank as one of its own."""
     config = run_config(data_dir, tmp_path / "run", batch_size=5, max_steps=2, eval_every=0, save_every=0)
     refused = mp.Manager().dict()
-    mp.spawn(_rank_with_an_odd_batch, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    mp.spawn(_rank_refused_before_building_a_model, args=(2, free_port(), config, refused), nprocs=2, join=True)
     assert refused[0] == refused[1] == "batch_size=5 is not divisible by the 2 ranks (WORLD_SIZE)"
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_expert_parallel_over_another_number_of_ranks_is_refused_as_a_config_error_before_the_model_is_built(
+    data_dir,  # noqa: F811
+    tmp_path,
+):
+    """It was found once the model (or init_from's checkpoint, or the resumed one) was built, and printed by every
+    rank as an error of its own."""
+    config = run_config(data_dir, tmp_path / "run", expert_parallel=3, max_steps=2, eval_every=0, save_every=0)
+    refused = mp.Manager().dict()
+    mp.spawn(_rank_refused_before_building_a_model, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    expected = "expert_parallel=3 must equal the number of ranks (2): experts are split over all of them"
+    assert refused[0] == refused[1] == expected
