@@ -28,7 +28,13 @@ from options import load_model_and_data, positive_int
 from peers import peer_missing
 
 import seekstack
-from seekstack.compress.adaptive import adaptive_config, assign, average_bits, sensitivities
+from seekstack.compress.adaptive import (
+    adaptive_config,
+    assign,
+    average_bits,
+    refuse_budget_below_smallest,
+    sensitivities,
+)
 from seekstack.compress.quality import held_out_batches, measure
 from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_model, resident_bytes
 from seekstack.model.attention import ContiguousLatentCache
@@ -155,6 +161,11 @@ def main() -> None:
         original = seekstack.Transformer(seekstack.preset(args.preset)).eval()
     else:
         original, per_token = load_model_and_data(parser, args.model, args.data)
+        for budget in args.adaptive_bits:  # refused from the layers' shapes, before any measuring
+            try:
+                refuse_budget_below_smallest(original, budget)
+            except ValueError as error:
+                parser.error(f"--adaptive-bits {budget}: {error}")
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
     models, disk = {"float32": original}, {"float32": checkpoint_bytes(args.model) if not args.preset else None}
     models["bfloat16"] = copy.deepcopy(original).to(torch.bfloat16)

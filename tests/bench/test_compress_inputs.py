@@ -1,6 +1,7 @@
 """bench/quantize.py and bench/prune.py: a --model that is no checkpoint, or a --data without shards of its
 tokenizer, is refused in one line naming the option, before any work (it was a CheckpointError or
-FileNotFoundError traceback)."""
+FileNotFoundError traceback); so is an --adaptive-bits below what the model's layer shapes allow (it was a ValueError
+traceback after measuring every layer)."""
 
 import subprocess
 import sys
@@ -41,4 +42,22 @@ def test_a_data_folder_without_shards_is_refused_in_one_line_naming_the_option(s
     assert run.stderr.splitlines()[-1] == (
         f"{script}: error: --data {tmp_path / 'tokens'}: no folder of token shards at {tmp_path / 'tokens'}: "
         "`seekstack data tokenize --out` writes one"
+    )
+
+
+def test_an_adaptive_budget_the_layer_shapes_cannot_meet_is_refused_before_measuring(tmp_path):
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    shards = tmp_path / "shards"  # the same tokens as the val split
+    (shards / "val_00000.bin").write_bytes((shards / "train_00000.bin").read_bytes())
+    (shards / "val_index.json").write_text((shards / "train_index.json").read_text().replace("train", "val"))
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "model")
+    options = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "shards"), "--adaptive-bits", "4.2"]
+    run = run_bench("quantize.py", *options)
+    assert run.returncode == 2, run.stderr[-500:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        "quantize.py: error: --adaptive-bits 4.2: a budget of 4.2 bits per weight is below the smallest assignment "
+        "(4.601 bits per weight: each layer at the smallest option its shapes allow)"
     )
