@@ -126,6 +126,13 @@ def quantize_command(
         int4_used = progressive or resolved.scheme == "int4" or "int4" in resolved.layers.values()
         if group_size is not None and not int4_used:
             raise ValueError(f"--group-size {group_size} applies to int4 (the scheme is {resolved.scheme})")
+        fp8_used = "fp8" in (resolved.scheme, *resolved.layers.values())
+        for name, value, used, scheme in (
+            ("group_size", resolved.group_size, int4_used, "int4"),
+            ("fp8_block", resolved.fp8_block, fp8_used, "fp8"),
+        ):
+            if value != getattr(QuantConfig(), name) and not used:  # set in the --config file, for nothing
+                raise ValueError(f"{config}: {name} {value} applies to {scheme} (the scheme is {resolved.scheme})")
         if adaptive and budget_bits < SMALLEST_BITS:
             raise ValueError(
                 f"--budget-bits {budget_bits}: below the smallest option (int4 g128: {SMALLEST_BITS} bits per weight, "

@@ -293,6 +293,22 @@ def test_quantize_errors_of_the_config_file_name_its_field(tmp_path):
     assert result.exit_code == 1 and "quant.yaml: field 'scheme' has value 'foo'" in result.output
 
 
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("scheme: int8\ngroup_size: 64\n", "group_size 64 applies to int4 (the scheme is int8)"),
+        ("scheme: int4\nfp8_block: [64, 64]\n", "fp8_block (64, 64) applies to fp8 (the scheme is int4)"),
+    ],
+)
+def test_a_config_file_field_of_a_scheme_it_does_not_use_is_refused_naming_the_file(tmp_path, config, message):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    (tmp_path / "quant.yaml").write_text(config)
+    args = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--config", str(tmp_path / "quant.yaml")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and not (tmp_path / "q").exists()
+    assert f"error: {tmp_path / 'quant.yaml'}: {message}" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("config", ["scheme: fp8\n", "scheme: fp8\nlayers:\n  layers.*.mlp.experts: fp8\n"])
 def test_progressive_refuses_an_fp8_config_file_naming_it_before_measuring(tmp_path, config):
     """Its stages are int8 and int4: the fp8 scheme was ignored, and fp8 layers failed at the int8 stage."""
