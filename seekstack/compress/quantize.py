@@ -311,7 +311,8 @@ def quantize_checkpoint(
 
 def _requantized_notes(stored: dict[str, nn.Module], assignment: dict[str, str], model: nn.Module) -> list[str]:
     """A note per (stored format -> new assignment) of the layers a quantized checkpoint held that were not kept as
-    stored: quantized again from their dequantized weights (a second rounding), or left in float."""
+    stored: quantized again from their dequantized weights (a second rounding), or written in float from them (the
+    first rounding kept, in more bytes)."""
     changed = Counter(
         (stored_format(module), assignment[name].split(":")[0])
         for name, module in stored.items()
@@ -319,11 +320,18 @@ def _requantized_notes(stored: dict[str, nn.Module], assignment: dict[str, str],
     )
     notes = []
     for (before, after), count in sorted(changed.items()):
-        became = "left in float" if after == "kept" else f"re-quantized to {after}"
-        notes.append(
-            f"{count} layers stored {before} were {became} from their dequantized weights: a second rounding "
-            "(llama.cpp asks --allow-requantize for the same); quantize the float checkpoint instead where you have it"
-        )
+        if after == "kept":
+            notes.append(
+                f"{count} layers stored {before} were written in float from their dequantized weights: {before}'s "
+                f"rounding error stays, in more bytes than {before}; keep them from the float checkpoint instead "
+                "where you have it"
+            )
+        else:
+            notes.append(
+                f"{count} layers stored {before} were re-quantized to {after} from their dequantized weights: a "
+                "second rounding (llama.cpp asks --allow-requantize for the same); quantize the float checkpoint "
+                "instead where you have it"
+            )
     return notes
 
 

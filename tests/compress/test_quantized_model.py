@@ -404,6 +404,15 @@ def test_requantizing_to_another_format_says_it_quantizes_dequantized_weights(tm
     assert "stored int4 g32 were re-quantized to int4 g64" in notes[0]
 
 
+def test_a_quantized_layer_kept_in_float_is_said_to_keep_its_rounding_not_to_be_rounded_again(tmp_path):
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    quantize_checkpoint(tmp_path / "float", tmp_path / "int8", QuantConfig(scheme="int8"))
+    config = QuantConfig(scheme="int8", keep=["lm_head", "*.o_proj"])
+    _, notes = quantize_checkpoint(tmp_path / "int8", tmp_path / "o_proj-float", config)
+    assert len(notes) == 1 and "layers stored int8 were written in float from their dequantized weights" in notes[0]
+    assert "second rounding" not in notes[0] and "rounding error stays" in notes[0]
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
