@@ -122,6 +122,14 @@ def test_prose_passes_every_rule() -> None:
     assert failed_rule(prose(0), ProseRules()) is None
 
 
+def test_a_document_exactly_at_a_threshold_passes_and_one_past_it_fails() -> None:
+    """A document fails a `min_` rule only below its threshold and a `max_` rule only above it."""
+    text = prose(0)
+    assert failed_rule(text, ProseRules(min_chars=len(text), max_chars=len(text))) is None
+    assert failed_rule(text, ProseRules(min_chars=len(text) + 1)) == "min_chars"
+    assert failed_rule(text, ProseRules(max_chars=len(text) - 1)) == "max_chars"
+
+
 HINDI_ARTICLE = "\n".join(
     [
         "भारत एक विशाल देश है जहाँ अनेक भाषाएँ बोली जाती हैं।",
@@ -347,6 +355,12 @@ def test_exact_dedup_sees_through_line_endings() -> None:
     assert dedup.duplicate_of(content_hash(normalise("a\nc\n")), "other") is None
 
 
+def test_every_later_exact_copy_names_the_first_kept_document() -> None:
+    dedup = ExactDeduplicator()
+    digest = content_hash("same text")
+    assert [dedup.duplicate_of(digest, name) for name in ("first", "second", "third")] == [None, "first", "first"]
+
+
 def test_near_dedup_removes_light_edit_and_keeps_unrelated() -> None:
     original = prose(10)
     words = original.split(" ")
@@ -462,6 +476,17 @@ def test_addresses_that_reach_no_single_public_host_are_kept() -> None:
     assert scrub_pii(text) == (text, {})
 
 
+def test_a_public_address_whose_first_part_is_one_digit_is_replaced() -> None:
+    """Only a four-part number whose two leading parts are both one digit reads as a version (`2.7.2.2`)."""
+    assert scrub_pii("host 8.34.208.1 and 2.7.2.2") == ("host <IP> and 2.7.2.2", {"ip": 1})
+
+
+def test_a_digits_only_value_assigned_to_a_token_like_name_is_kept() -> None:
+    """A secret mixes letters and digits: a number assigned to `max_tokens` or `key_id` is no secret."""
+    text = 'max_tokens = "100000000000000"\nkey_id: 123456789012345678901234567890123456\n'
+    assert scrub_pii(text) == (text, {})
+
+
 def test_file_names_with_an_at_sign_are_not_e_mail_addresses() -> None:
     """Retina images (`logo@2x.png`) and pinned packages (`react-dom@18.2.0.js`) were replaced with <EMAIL>; an address
     whose domain merely holds such a label is still one."""
@@ -497,6 +522,13 @@ def test_split_is_deterministic_and_near_the_fraction() -> None:
     assert not any(split_score(key) < validation_cutoff(None, 0.0) for key in keys[:100])
     scores = [split_score(key) for key in keys[:1000]]
     assert sum(score < validation_cutoff(scores, 0.1) for score in scores) == 100  # a small corpus: exactly 10%
+
+
+def test_a_small_corpus_holds_out_one_document_of_two_and_none_of_one() -> None:
+    """At least one validation document when val_fraction is above 0 and there are two documents or more."""
+    scores = [split_score(content_hash(f"document {i}")) for i in range(2)]
+    assert sum(score < validation_cutoff(scores, 0.01) for score in scores) == 1
+    assert validation_cutoff(scores[:1], 0.9) == 0.0  # a lone document always trains
 
 
 def test_jsonl_source_reads_field_and_ids(tmp_path: Path) -> None:

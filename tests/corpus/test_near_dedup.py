@@ -79,3 +79,29 @@ def test_a_pair_lsh_bands_together_below_the_threshold_is_not_a_near_duplicate()
         banded_below += banded and estimate < 0.8
         assert (dedup.duplicate_of("copy", copy) == "original") == (banded and estimate >= 0.8)
     assert banded_below > 0  # the premise: LSH alone flags some pairs below the threshold
+
+
+def signature_with_changes(base: np.ndarray, positions: range) -> np.ndarray:
+    """`base` with the values at `positions` replaced by values no other signature holds."""
+    changed = base.copy()
+    changed[list(positions)] = np.arange(len(positions), dtype=np.uint64) + 2**31
+    return changed
+
+
+BASE_SIGNATURE = np.random.default_rng(0).integers(0, 2**31 - 1, size=128, dtype=np.uint64)
+
+
+def test_a_document_estimated_exactly_at_the_threshold_is_a_near_duplicate() -> None:
+    """Near duplicates are those estimated at `threshold` or above: 96 of 128 equal values is 0.75."""
+    dedup = NearDeduplicator(threshold=0.75)
+    assert dedup.duplicate_of("original", BASE_SIGNATURE) is None
+    assert dedup.duplicate_of("at", signature_with_changes(BASE_SIGNATURE, range(96, 128))) == "original"
+    assert dedup.duplicate_of("below", signature_with_changes(BASE_SIGNATURE, range(95, 128))) is None
+
+
+def test_a_near_duplicate_of_several_kept_documents_names_the_most_similar() -> None:
+    """Kept A (108/128 equal to C) and B (118/128) differ from each other (98/128, under 0.8); C names B."""
+    dedup = NearDeduplicator(threshold=0.8)
+    assert dedup.duplicate_of("A", signature_with_changes(BASE_SIGNATURE, range(0, 20))) is None
+    assert dedup.duplicate_of("B", signature_with_changes(BASE_SIGNATURE, range(118, 128))) is None
+    assert dedup.duplicate_of("C", BASE_SIGNATURE) == "B"
