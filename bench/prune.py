@@ -52,9 +52,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     original, per_token = load_model_and_data(parser, args.model, args.data)
-    calibration = held_out_batches(args.data, batches=args.calibration_batches, split="train")
+    context = original.config.max_position_embeddings
+    calibration = held_out_batches(args.data, context, batches=args.calibration_batches, split="train")
     mass, importance = gate_mass(original, calibration), head_importance(original, calibration)
-    batches = held_out_batches(args.data, batches=args.batches)
+    batches = held_out_batches(args.data, context, batches=args.batches)
     work = Path(tempfile.mkdtemp(prefix="bench_prune_"))
     variants = {
         "unpruned": (0.0, 0.0),

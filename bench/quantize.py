@@ -68,7 +68,9 @@ def adaptive_models(original, data: str, budgets: list[float]) -> dict:
     """Per-layer precision by sensitivity (KL on 2 train batches, measured once) within each of `budgets` bits per
     weight: name -> quantized model."""
     reference = copy.deepcopy(original)
-    batches, per_token = held_out_batches(data, batches=2, split="train"), split_byte_lengths(data, "train")[0]
+    context = original.config.max_position_embeddings
+    batches = held_out_batches(data, context, batches=2, split="train")
+    per_token = split_byte_lengths(data, "train")[0]
     choices = sensitivities(reference, lambda m: measure(m, original, batches, per_token).mean_kl)
     uniform = {c.name: "int4-g32" for c in choices}
     models = {}
@@ -199,7 +201,7 @@ def main() -> None:
     speeds = decode_speeds(models, (1, 8), args.reps, clock)
     qualities = {}
     if not args.preset:
-        batches = held_out_batches(args.data, batches=args.batches)
+        batches = held_out_batches(args.data, original.config.max_position_embeddings, batches=args.batches)
         qualities = {name: measure(model, original, batches, per_token) for name, model in models.items()}
 
     source = f"random {args.preset}" if args.preset else args.model

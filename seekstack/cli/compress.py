@@ -215,9 +215,11 @@ def _progressive(
 def _held_out(
     model: Path, data: Path | None, what: str, split: str = "val", batches: int = 8
 ) -> tuple[list, torch.Tensor]:
-    """`batches` batches of 8 x 256 tokens of `split` of token shards `data`, and the UTF-8 bytes of each token id
-    (`split_byte_lengths`: the checkpoint's tokenizer, or the split's mean bytes per token, said on stderr); shards of
-    another tokenizer than checkpoint `model`'s are refused (its ids would read as other text)."""
+    """`batches` batches of 8 x 256 tokens (fewer where checkpoint `model`'s context is shorter) of `split` of token
+    shards `data`, and the UTF-8 bytes of each token id (`split_byte_lengths`: the checkpoint's tokenizer, or the
+    split's mean bytes per token, said on stderr); shards of another tokenizer than checkpoint `model`'s are refused
+    (its ids would read as other text)."""
+    from seekstack.checkpoint import read_config
     from seekstack.compress.quality import held_out_batches
     from seekstack.tokenizer import tokenizer_json_path
     from seekstack.tokens.provenance import require_checkpoint_tokenizer
@@ -230,7 +232,8 @@ def _held_out(
     byte_lengths, estimated = split_byte_lengths(data, split, tokenizer_json_path(model))
     if estimated:
         typer.echo(f"note: {estimated}", err=True)
-    return held_out_batches(str(data), batches=batches, split=split), byte_lengths
+    context = read_config(model).max_position_embeddings
+    return held_out_batches(str(data), context, batches=batches, split=split), byte_lengths
 
 
 def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> dict:
@@ -317,7 +320,9 @@ def prune_command(
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
         network = load_pretrained(model, dequantize=True).eval()
         dtype = stored_float_dtype(model)  # pruned (and healed) in float32, written in the dtype it came in
-        batches = held_out_batches(str(data), batches=calibration_batches, split=TRAIN_SPLIT)
+        batches = held_out_batches(
+            str(data), config.max_position_embeddings, batches=calibration_batches, split=TRAIN_SPLIT
+        )
         before, has_moe = network.config, bool(network.moe_layer_ids)
         removed = prune_experts(network, gate_mass(network, batches), experts) if experts and has_moe else {}
         removed |= prune_heads(network, head_importance(network, batches), heads) if heads else {}

@@ -21,6 +21,7 @@ from seekstack.tokens.shards import TokenWindows
 from seekstack.tokens.token_bytes import scored_text_bytes
 
 VAL_SPLIT = "val"
+WINDOW = 256  # tokens a measured window predicts, unless the model's context is shorter
 
 
 @dataclass
@@ -31,10 +32,12 @@ class Quality:
 
 
 def held_out_batches(
-    data_dir: str, seq_len: int = 256, batch_size: int = 8, batches: int = 8, split: str = VAL_SPLIT
+    data_dir: str, context: int, batch_size: int = 8, batches: int = 8, split: str = VAL_SPLIT
 ) -> list[torch.Tensor]:
-    """The first `batches` batches of `split` (default: validation) of token shards `data_dir`, in order."""
-    windows = TokenWindows(data_dir, split, seq_len)
+    """The first `batches` batches of `split` (default: validation) of token shards `data_dir`, in order: windows
+    predicting WINDOW tokens, or `context` (the model's max_position_embeddings) where that is shorter, so that no
+    position is scored past what the model was trained at."""
+    windows = TokenWindows(data_dir, split, min(WINDOW, context))
     out = []
     for batch in windows.sequential(batch_size):
         if len(out) == batches:

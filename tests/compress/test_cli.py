@@ -66,7 +66,8 @@ def test_prune_command_removes_heads_and_experts_and_healing_lowers_the_loss(tmp
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "layers.0.self_attn: removed heads" in result.output and "layers.1.mlp: removed experts" in result.output
-    calibration = held_out_batches(str(tmp_path / "shards"), batches=1, split="train")
+    context = model.config.max_position_embeddings
+    calibration = held_out_batches(str(tmp_path / "shards"), context, batches=1, split="train")
     prune_experts(model, gate_mass(model, calibration), 0.25)  # what the command did before healing
     prune_heads(model, head_importance(model, calibration), 0.5)
     healed = seekstack.load_pretrained(tmp_path / "healed").eval()
@@ -162,6 +163,24 @@ def test_progressive_and_adaptive_refuse_a_quantized_checkpoint_and_say_to_start
     message = " ".join(result.output.split())
     assert f"{tmp_path / 'int4'} is quantized" in message
     assert f"run {mode} on the float checkpoint it was made from" in message
+
+
+def test_calibration_windows_stop_at_a_context_shorter_than_256_tokens(tmp_path, monkeypatch):
+    """A window of 257 tokens would score positions past a 48-token model's max_position_embeddings."""
+    from seekstack.compress import quality
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    read, windows = quality.held_out_batches, []
+    monkeypatch.setattr(quality, "held_out_batches", lambda *a, **k: windows.extend(read(*a, **k)) or windows)
+    write_train_shard(tmp_path / "shards")
+    short = seekstack.preset("tiny", **{**MICRO_MODEL, "n_routed_experts": 8, "max_position_embeddings": 48})
+    seekstack.save_pretrained(seekstack.Transformer(short), tmp_path / "float")
+    result = CliRunner().invoke(
+        app, ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "pruned"),
+              "--calibration-batches", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert windows and {tuple(batch.shape) for batch in windows} == {(8, 49)}
 
 
 @pytest.mark.parametrize(
