@@ -205,6 +205,30 @@ def test_resume_from_state_dict_gives_the_same_next_batches(shards):
     assert all(torch.equal(batch, resumed.batch(40)) for batch in following)
 
 
+def test_each_epoch_visits_every_window_in_an_order_of_its_own(shards):
+    windows = TokenWindows(shards, "train", SEQ_LEN, seed=5)
+    first, second = ([tuple(row.tolist()) for row in windows.batch(windows.num_windows)] for _ in range(2))
+    assert sorted(first) == sorted(second) and len(set(first)) == windows.num_windows
+    assert first != second
+
+
+def test_loading_a_state_into_windows_already_serving_continues_from_that_state(shards):
+    """A state loaded mid-epoch replaces the seed whose order the windows had drawn, not only the position."""
+    expected = TokenWindows(shards, "train", SEQ_LEN, seed=7)
+    expected.batch(10)
+    windows = TokenWindows(shards, "train", SEQ_LEN, seed=0)
+    windows.batch(3)
+    windows.load_state_dict(expected.state_dict())
+    assert torch.equal(windows.batch(10), expected.batch(10))
+
+
+def test_a_split_of_exactly_seq_len_plus_one_tokens_is_one_window_across_shards(shards, tokenizer, documents):
+    stream = torch.from_numpy(expected_stream(tokenizer, documents).astype(np.int64))
+    windows = TokenWindows(shards, "train", len(stream) - 1)
+    assert windows.num_windows == 1 and len(windows.shards) > 1
+    assert torch.equal(windows.batch(1)[0], stream)
+
+
 def test_order_does_not_depend_on_batch_size(shards):
     small, large = TokenWindows(shards, "train", SEQ_LEN, seed=3), TokenWindows(shards, "train", SEQ_LEN, seed=3)
     assert torch.equal(torch.cat([small.batch(3), small.batch(5)]), large.batch(8))
