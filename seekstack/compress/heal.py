@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from seekstack.checkpoint import read_config
 from seekstack.train.config import TrainConfig
 from seekstack.train.trainer import train
 
@@ -19,8 +20,10 @@ def heal(
     seq_len: int = 256,
 ) -> Path:
     """Fine-tune checkpoint `pruned` for `steps` steps on `data_dir`'s train split (cosine from `lr` to lr/10 after a
-    short warmup); returns the checkpoint folder the trainer wrote under `work_dir`."""
+    short warmup), on windows of `seq_len` tokens or of the model's context where that is shorter; returns the
+    checkpoint folder the trainer wrote under `work_dir`."""
     tokenizer = Path(pruned) / "tokenizer.json"
+    seq_len = min(seq_len, read_config(pruned).max_position_embeddings)
     config = TrainConfig(
         init_from=str(pruned), data_dir=str(data_dir), out_dir=str(work_dir), tokenizer=str(tokenizer) if
         tokenizer.is_file() else "", max_steps=steps, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10),

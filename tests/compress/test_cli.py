@@ -165,8 +165,9 @@ def test_progressive_and_adaptive_refuse_a_quantized_checkpoint_and_say_to_start
     assert f"run {mode} on the float checkpoint it was made from" in message
 
 
-def test_calibration_windows_stop_at_a_context_shorter_than_256_tokens(tmp_path, monkeypatch):
-    """A window of 257 tokens would score positions past a 48-token model's max_position_embeddings."""
+def test_calibration_and_healing_windows_stop_at_a_context_shorter_than_256_tokens(tmp_path, monkeypatch):
+    """A window of 257 tokens would score positions past a 48-token model's max_position_embeddings (and the trainer
+    refuses a healing seq_len past it)."""
     from seekstack.compress import quality
     from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
 
@@ -177,7 +178,7 @@ def test_calibration_windows_stop_at_a_context_shorter_than_256_tokens(tmp_path,
     seekstack.save_pretrained(seekstack.Transformer(short), tmp_path / "float")
     result = CliRunner().invoke(
         app, ["prune", str(tmp_path / "float"), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "pruned"),
-              "--calibration-batches", "1"],
+              "--calibration-batches", "1", "--heal-steps", "1", "--heal-batch-size", "2"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert windows and {tuple(batch.shape) for batch in windows} == {(8, 49)}
