@@ -85,17 +85,21 @@ class ChatSession:
         self.turns.append({"role": "assistant", "content": "".join(shown)})
 
     def _fitting_prompt(self) -> list[int]:
-        """The prompt of the history with the oldest turns dropped until it fits; the history stays whole when even
-        the new message alone does not fit (its error asks for a shorter one)."""
+        """The prompt of the history with the oldest turns dropped until the reply has room for max_new_tokens (for
+        at most half the context: a longer reply leaves the history the other half), so that an old turn goes before
+        a reply is cut short; the history stays whole when even the new message alone does not fit (its error asks
+        for a shorter one)."""
+        context_len = self.engine.context_len
+        reply_room = min(self.params.max_new_tokens, context_len // 2)
         turns = self.turns
         prompt = self.engine.tokenizer.encode_chat(self.messages(turns))
-        while len(prompt) >= self.engine.context_len and len(turns) > 1:
+        while len(prompt) + reply_room > context_len and len(turns) > 1:
             turns = turns[2:]  # the oldest user + assistant pair
             prompt = self.engine.tokenizer.encode_chat(self.messages(turns))
-        if len(prompt) >= self.engine.context_len:
+        if len(prompt) >= context_len:
             raise ValueError(
                 f"the message needs {len(prompt)} tokens with the system prompt; the context holds "
-                f"{self.engine.context_len}: write less or change /system"
+                f"{context_len}: write less or change /system"
             )
         self.turns = turns
         return prompt

@@ -370,6 +370,30 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(checkpoint):
     assert len(engine.tokenizer.encode_chat(session.messages())) < 48
 
 
+def test_chat_drops_the_oldest_turns_before_it_cuts_a_reply_short(checkpoint):
+    engine = Engine.from_pretrained(checkpoint, max_model_len=48)
+    notices: list[str] = []
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    session = ChatSession(engine, params, notify=notices.append)
+    "".join(session.reply("one two three four five six"))
+    session.turns[-1]["content"] = "one"  # a short reply: the next prompt (42 tokens) fits, the reply's 8 do not
+    reply = "".join(session.reply("seven eight nine ten eleven"))
+    assert notices == []  # the oldest turns went to give the reply its 8 tokens; it was not capped
+    assert session.turns == [
+        {"role": "user", "content": "seven eight nine ten eleven"},
+        {"role": "assistant", "content": reply},
+    ]
+
+
+def test_chat_with_max_new_tokens_past_the_context_keeps_half_of_it_for_the_history(checkpoint):
+    engine = Engine.from_pretrained(checkpoint, max_model_len=48)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=512, temperature=0, ignore_eos=True))
+    "".join(session.reply("one"))
+    session.turns[-1]["content"] = "two"  # a short reply, so that both turns fit in half the context
+    "".join(session.reply("three"))
+    assert [turn["role"] for turn in session.turns] == ["user", "assistant"] * 2
+
+
 def test_chat_within_a_small_cache_budget_drops_the_oldest_turns_instead_of_failing(checkpoint):
     engine = Engine.from_pretrained(checkpoint, num_blocks=4, block_size=16)  # 48 tokens of the model's 256
     session = ChatSession(engine, SamplingParams(max_new_tokens=512, temperature=0, ignore_eos=True))
