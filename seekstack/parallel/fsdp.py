@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks
 from seekstack.parallel.parallelize import decoder_blocks
+from seekstack.schema import ConfigError
 
 
 def apply_fsdp(
@@ -42,12 +43,8 @@ def apply_fsdp(
 ) -> None:
     """Shard `model` over all ranks: each main and MTP decoder block, then the root (embeddings, norms, head,
     MTP projections: the root's parameters stay gathered through its forward, where the MTP head reads them).
-    `cpu_offload` keeps the shards in CPU memory between a GPU's uses of them; ValueError on a CPU run."""
-    if cpu_offload and ranks.device.type != "cuda":
-        raise ValueError(
-            f"cpu_offload=true keeps FSDP's shards in CPU memory for a GPU run; this run is on {ranks.device.type}, "
-            "where they are in CPU memory already: set cpu_offload=false"
-        )
+    `cpu_offload` keeps the shards in CPU memory between a GPU's uses of them; ConfigError on a CPU run."""
+    require_offload_device(cpu_offload, ranks.device)
     mesh = init_device_mesh(ranks.device.type, (ranks.world_size,))
     bf16_on_cuda = bfloat16 and ranks.device.type == "cuda"
     options: dict[str, Any] = dict(
@@ -61,6 +58,15 @@ def apply_fsdp(
     for block in decoder_blocks(model):
         fully_shard(block, **options)
     fully_shard(model, **options)
+
+
+def require_offload_device(cpu_offload: bool, device: torch.device) -> None:
+    """ConfigError where cpu_offload=true is asked of a run that is not on a GPU."""
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError(
+            f"cpu_offload=true keeps FSDP's shards in CPU memory for a GPU run; this run is on {device.type}, "
+            "where they are in CPU memory already: set cpu_offload=false"
+        )
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seekstack.model.transformer import Transformer
+from seekstack.schema import ConfigError
 
 
 def decoder_blocks(model: Transformer) -> list[nn.Module]:
@@ -45,16 +46,21 @@ def apply_compile(model: Transformer) -> None:
 FLOAT8_CAPABILITY = (8, 9)
 
 
-def apply_float8(model: Transformer) -> None:
-    """Train the decoder blocks' linear layers in float8 (torchao); ValueError naming the device elsewhere."""
+def require_float8_hardware() -> None:
+    """ConfigError naming this machine's device where it has no FP8 tensor cores for float8=true."""
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < FLOAT8_CAPABILITY:
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else "a CPU"
-        raise ValueError(
+        raise ConfigError(
             f"float8=true needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+: H100/H200, L40, "
             f"RTX 4090); this run is on {where}: set float8=false"
         )
+
+
+def apply_float8(model: Transformer) -> None:
+    """Train the decoder blocks' linear layers in float8 (torchao); ConfigError naming the device elsewhere."""
+    require_float8_hardware()
     from torchao.float8 import convert_to_float8_training
 
     for block in decoder_blocks(model):

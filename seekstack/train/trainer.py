@@ -55,9 +55,15 @@ from seekstack.parallel.fsdp import (
     load_optimizer,
     load_whole_optimizer,
     rank_memory,
+    require_offload_device,
     save_optimizer,
 )
-from seekstack.parallel.parallelize import apply_activation_checkpointing, apply_compile, apply_float8
+from seekstack.parallel.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_float8,
+    require_float8_hardware,
+)
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
@@ -363,6 +369,9 @@ class _Run:
                 f"expert_parallel={config.expert_parallel} must equal the number of ranks ({ranks.world_size}): "
                 "experts are split over all of them"
             )
+        if config.float8:
+            require_float8_hardware()
+        require_offload_device(config.cpu_offload, ranks.device)
         self.out_dir = Path(config.out_dir)
         sets_threads = getattr(source, "chooses_threads", False)
         load_aware = config.threads == "auto" and ranks.device.type == "cpu" and not sets_threads

@@ -213,3 +213,28 @@ def test_expert_parallel_over_another_number_of_ranks_is_refused_as_a_config_err
     mp.spawn(_rank_refused_before_building_a_model, args=(2, free_port(), config, refused), nprocs=2, join=True)
     expected = "expert_parallel=3 must equal the number of ranks (2): experts are split over all of them"
     assert refused[0] == refused[1] == expected
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_cpu_offload_on_a_cpu_run_is_refused_as_a_config_error_before_the_model_is_built(data_dir, tmp_path):  # noqa: F811
+    """It was found by FSDP's sharding, after the model was built, and printed by every rank as an error of its own."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = run_config(data_dir, tmp_path / "run", parallel="fsdp", cpu_offload=True, max_steps=2, eval_every=0)
+    refused = mp.Manager().dict()
+    mp.spawn(_rank_refused_before_building_a_model, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    assert refused[0] == refused[1] and refused[0].startswith("cpu_offload=true keeps FSDP's shards in CPU memory")
+
+
+def test_float8_on_a_cpu_is_refused_as_a_config_error_before_the_model_is_built(data_dir, tmp_path, monkeypatch):  # noqa: F811
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from seekstack.schema import ConfigError
+    from seekstack.train import trainer
+
+    def build_model(*args):
+        raise AssertionError("the model was built before float8 was checked")
+
+    monkeypatch.setattr(trainer, "build_model", build_model)
+    with pytest.raises(ConfigError, match="float8=true needs an NVIDIA GPU with FP8 tensor cores.*on a CPU"):
+        trainer.train(run_config(data_dir, tmp_path / "f8", float8=True, max_steps=1, eval_every=0, save_every=0))
