@@ -459,6 +459,11 @@ class _Run:
                 self.comm = register_compression(
                     self.wrapped, config.grad_compression, config.powersgd_rank, config.powersgd_start
                 )
+            elif config.grad_compression != "none":
+                self._say(
+                    f"note: grad_compression={config.grad_compression} compresses the gradients ranks exchange; this "
+                    "run is one process, which exchanges none (start it with torchrun to use it)"
+                )
         self.optimizer = build_optimizer(model, config, ranks.device)
         if train_state is not None:
             self._load_optimizer(train_state, path)

@@ -464,6 +464,13 @@ def test_a_run_with_compressed_gradients_resumes_exactly_at_the_same_number_of_r
     assert capfd.readouterr().err.count(warning) == 1  # from rank 0
 
 
+def test_compressed_gradients_asked_of_one_process_are_said_to_do_nothing(data_dir, tmp_path, capfd):  # noqa: F811
+    train(run_config(data_dir, tmp_path / "one", grad_compression="powersgd", max_steps=1, eval_every=0, save_every=0))
+    assert "note: grad_compression=powersgd compresses the gradients ranks exchange; this run is one process" in (
+        capfd.readouterr().err
+    )
+
+
 def _train_rank_ctrl_c_on_rank_0_in_step_3(rank: int, world_size: int, port: int, config, resume) -> None:
     """A rank of a run whose rank 0 alone gets Ctrl-C at the start of the third step, before its collectives."""
     from seekstack.train import trainer
