@@ -175,6 +175,18 @@ def test_yarn_matches_transformers(case):
     assert config.softmax_scale == pytest.approx(DeepseekV3Attention(reference, layer_idx=0).scaling, rel=1e-12)
 
 
+def test_yarn_ramp_ending_past_the_last_dimension_is_clamped_there_as_transformers_clamps_it():
+    """A small base puts the dimension that turns beta_slow times past R - 1 (d(1) = 17.7 for base 10, L = 1024,
+    R = 16): the ramp then ends at R - 1, in YaRN's code and in transformers, not at R or beyond."""
+    scaling = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=1024)
+    config = rope_config(scaling, 4096, rope_theta=10.0)
+    inv_freq, _ = yarn_inverse_frequencies(config)
+    expected = yarn_reference(16, 10.0, 4.0, 1024, beta_fast=32, beta_slow=1, truncate=True)
+    torch.testing.assert_close(inv_freq.double(), expected, rtol=1e-6, atol=0)
+    expected_inv_freq, _ = ROPE_INIT_FUNCTIONS["yarn"](DeepseekV3Config(**config.to_dict()))
+    torch.testing.assert_close(inv_freq, expected_inv_freq, rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------------------------------- rotations
 def complex_rotation(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """x (T, H, R) with pairs (x_2i, x_2i+1) read as complex numbers, each turned by e^(i angle) (T, R/2), float64.
