@@ -250,6 +250,26 @@ def test_sequence_balance_loss_is_one_when_perfectly_balanced():
     assert sequence_balance_loss(skewed, batch=1, seq_len=2).item() == pytest.approx(2 * 0.9)
 
 
+def test_sequence_balance_loss_normalises_each_tokens_scores_and_averages_the_sequences():
+    """V3 eq. 17-20 by hand with sigmoid scores that do not sum to 1 (s'_{i,t} = s_{i,t} / sum_j s_{j,t}), two
+    sequences of 2 tokens, 2 experts, K = 1.
+    Sequence a: both tokens on expert 0 -> f = (2, 0); s' = (2/3, 1/3), (1/4, 3/4) -> P_0 = 11/24; L = 11/12.
+    Sequence b: experts 1 then 0 -> f = (1, 1); s' = (1/2, 1/2), (3/4, 1/4) -> P = (5/8, 3/8); L = 1.
+    The batch's loss is their mean, 23/24 (unnormalised scores give 21/20; the batch as one sequence 25/24)."""
+    scores = torch.tensor([[0.8, 0.4], [0.2, 0.6], [0.5, 0.5], [0.9, 0.3]])
+    routing = Routing(weights=torch.ones(4, 1), experts=torch.tensor([[0], [0], [1], [0]]), scores=scores)
+    assert sequence_balance_loss(routing, batch=2, seq_len=2).item() == pytest.approx(23 / 24, rel=1e-6)
+
+
+def test_moe_balance_loss_is_alpha_times_the_sequence_wise_loss():
+    moe = make_moe(aux_loss_alpha=0.25).train()
+    x = torch.randn(2, 9, 64)
+    _, stats = moe(x)
+    unscaled = sequence_balance_loss(moe.gate(x.reshape(18, 64)), batch=2, seq_len=9)
+    assert unscaled.item() > 0.5
+    assert stats.balance_loss.item() == pytest.approx(0.25 * unscaled.item(), rel=1e-6)
+
+
 def test_sequence_balance_loss_counts_in_float32_under_bfloat16_scores():
     """bf16 router scores (autocast) still count an expert chosen 409 times as 409, not bf16's 408, in float32."""
     scores = torch.tensor([[0.75, 0.25]], dtype=torch.bfloat16).expand(409, 2)
@@ -293,6 +313,21 @@ def test_bias_update_lowers_overloaded_experts():
     assert bias[0].item() == pytest.approx(-0.01)
     assert torch.allclose(bias[1:], torch.full((7,), 0.01))
     assert model.moe_layer_ids == [1, 2, 3]  # layers 1, 2 and the MTP block 3
+
+
+def test_bias_update_moves_each_moe_layer_by_its_own_load_row():
+    """Row j of the load is MoE layer j's (layers 1 and 2, then the MTP block): every layer is updated, each by its
+    own row."""
+    model = Transformer(micro_config())
+    routers = [model.layers[1].mlp.gate, model.layers[2].mlp.gate, model.mtp[0].block.mlp.gate]
+    load = torch.ones(len(routers), 8)
+    for row in range(len(routers)):
+        load[row, row] = 10.0  # layer j overloads expert j; the other experts are below the mean
+    update_expert_bias(model, load, rate=0.01)
+    for row, router in enumerate(routers):
+        expected = torch.full((8,), 0.01)
+        expected[row] = -0.01
+        torch.testing.assert_close(router.e_score_correction_bias, expected)
 
 
 def test_max_violation():
