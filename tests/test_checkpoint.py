@@ -276,10 +276,12 @@ def test_config_promising_more_mtp_layers_than_stored_loads_those_stored(tmp_pat
 
 
 # ------------------------------------------------------------------ FP8
-def e4m3_error_bound(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+def e4m3_error_bound(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
     """Largest rounding error per element: 1/16 of the value, or half a subnormal step of its block's scale."""
     rows, cols = weight.shape
-    scale = scale_inv.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    scale = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return weight.abs() * E4M3_RELATIVE_STEP + scale * E4M3_SMALLEST_STEP / 2 + 1e-12
 
 
@@ -306,6 +308,19 @@ def test_fp8_edge_blocks_are_quantized_with_their_own_scale():
     restored = dequantize_fp8(quantized, scale_inv, (128, 128))
     assert restored.shape == (rows, cols)
     assert ((restored - weight).abs() <= e4m3_error_bound(weight, scale_inv)).all()
+
+
+def test_fp8_blocks_that_are_not_square_take_rows_by_the_first_size_and_columns_by_the_second():
+    rows, cols, block = 100, 300, (32, 128)  # 4 x 3 blocks, the last of each partial
+    magnitude = torch.logspace(-3, 3, 12).view(4, 3)  # one scale per block, far apart
+    weight = torch.randn(rows, cols) * magnitude.repeat_interleave(32, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+    quantized, scale_inv = quantize_fp8(weight, block)
+    assert scale_inv.shape == (4, 3)
+    for i, j in [(0, 0), (3, 2), (1, 2), (3, 0)]:
+        part = weight[32 * i : 32 * (i + 1), 128 * j : 128 * (j + 1)]
+        assert scale_inv[i, j].item() == pytest.approx(part.abs().max().item() / 448, rel=1e-6)
+    restored = dequantize_fp8(quantized, scale_inv, block)
+    assert ((restored - weight).abs() <= e4m3_error_bound(weight, scale_inv, block)).all()
 
 
 FP8_SHAPES = dict(hidden_size=160, intermediate_size=300, moe_intermediate_size=136, q_lora_rank=144)  # crosses 128
