@@ -91,3 +91,20 @@ def test_typed_message_gets_a_streamed_reply_with_tokens_per_second(browser, pag
     wait_for_reply(browser, 2)
     turns = browser.execute_script("return messages.map(m => m.role)")
     assert turns == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_conversation_past_the_context_leaves_out_its_oldest_exchanges(browser, page_url):
+    browser.get(page_url)
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    # max tokens keeps its default, 512: more than the 256-token context holds, so each reply asks for half of it
+    for count in range(1, 5):
+        send(browser, "tell me more about def add(a, b): return a + b " * 3)
+        wait_for_reply(browser, count)  # answered, where the conversation past the context failed every message
+    sent = browser.execute_script("return messages.slice(firstSent).map(m => m.role)")
+    assert sent[-2:] == ["user", "assistant"] and len(sent) < 8
+    faded = browser.find_elements(By.CSS_SELECTOR, ".msg.left-out")
+    assert len(faded) == 8 - len(sent) and faded[0].get_attribute("title") == "left out of the model's context"
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg")[0] == faded[0]  # the oldest went first
