@@ -12,7 +12,7 @@ import pytest
 
 from seekstack.tokenizer import train_tokenizer
 from seekstack.tokens.difficulty import bucket_parts, compression_ratio, tokenize_buckets
-from seekstack.tokens.mixture import MixtureSchedule, MixtureWindows
+from seekstack.tokens.mixture import MixtureSchedule, MixtureWindows, pick
 from seekstack.tokens.shards import load_index, tokenize_corpus
 
 CURRICULUM = {"easy": [0.7, 0.2, 0.1], "medium": [0.2, 0.5, 0.3], "hard": [0.1, 0.3, 0.6]}
@@ -97,6 +97,12 @@ def test_schedule_changes_the_mix_at_each_third_of_training():
     assert schedule.weights_at(1.0) == pytest.approx({"easy": 0.1, "medium": 0.3, "hard": 0.6})
     constant = MixtureSchedule({"code": 3, "prose": [1.0]})  # one number = every phase; weights are normalised
     assert constant.weights_at(0.9) == {"code": 0.75, "prose": 0.25}
+
+
+def test_a_uniform_draw_on_a_share_boundary_picks_the_next_source_never_one_of_weight_zero():
+    """Each source owns [its start, its end) of [0, 1): a draw at a boundary belongs to the source that starts there."""
+    weights = {"off_first": 0.0, "easy": 0.25, "off_between": 0.0, "hard": 0.75}
+    assert [pick(weights, uniform) for uniform in (0.0, 0.2, 0.25, 0.9)] == ["easy", "easy", "hard", "hard"]
 
 
 def test_schedule_errors_name_the_source():
