@@ -374,6 +374,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     assert (tmp_path / "checkpoints" / "step_2" / "model.safetensors").read_bytes() == good
 
 
+def test_resume_restores_the_random_state_the_checkpointed_step_started_with(data_dir, tmp_path, monkeypatch):
+    """Steps that draw random numbers (dropout, on-policy sampling) draw the same ones after a resume."""
+    from seekstack.train import trainer
+
+    original = trainer._Run.train_step
+    states_at_step_start: dict[str, list[torch.Tensor]] = {"whole": [], "resumed": []}
+
+    def drawing_step(self, run: str):
+        states_at_step_start[run].append(torch.get_rng_state())
+        metrics = original(self)
+        torch.rand(3)  # what a step with dropout or sampling draws
+        return metrics
+
+    for run, resume in (("whole", False), ("resumed", tmp_path / "whole" / "checkpoints" / "step_2")):
+        monkeypatch.setattr(trainer._Run, "train_step", lambda self, run=run: drawing_step(self, run))
+        train(run_config(data_dir, tmp_path / run, max_steps=4, save_every=2, eval_every=0), resume=resume)
+    assert not torch.equal(states_at_step_start["whole"][1], states_at_step_start["whole"][2])
+    assert all(map(torch.equal, states_at_step_start["whole"][2:], states_at_step_start["resumed"]))
+    assert len(states_at_step_start["resumed"]) == 2
+
+
 def test_keyboard_interrupt_saves_a_checkpoint_that_resumes_exactly(data_dir, tmp_path, monkeypatch):
     whole = train(run_config(data_dir, tmp_path / "whole", max_steps=4, save_every=0))
     from seekstack.train import trainer
