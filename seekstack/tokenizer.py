@@ -227,12 +227,19 @@ class Tokenizer:
         tokenizer does not have."""
         return self._misread_added.get(token_id) or self.backend.id_to_token(token_id)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The DeepSeek-V3 chat string for `messages` (dicts with `role` and `content`)."""
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> str:
+        """The DeepSeek-V3 chat string for `messages` (dicts with `role` and `content`). With `continue_final_message`
+        (transformers' name; the DeepSeek API's `prefix`) the last message, an assistant's, is left open for the model
+        to continue: no EOS closes it and no generation prompt follows; ValueError when it is not an assistant's."""
         for token in (USER, ASSISTANT):
             self._special_id(token)
         for position, message in enumerate(messages):
             self.check_message(position, message)
+        if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
+            last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
+            raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = []
         for message in messages:
@@ -240,11 +247,15 @@ class Tokenizer:
                 turns.append(USER + message["content"])
             elif message["role"] == "assistant":
                 turns.append(ASSISTANT + message["content"] + EOS)
+        if continue_final_message:
+            return BOS + system + "".join(turns).removesuffix(EOS)
         return BOS + system + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of `render_chat(messages)`, starting with BOS."""
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+    ) -> list[int]:
+        """Token ids of `render_chat(messages, ...)`, starting with BOS."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message))
 
     def check_message(self, position: int, message: object) -> None:
         """`check_chat_message`, and a ValueError naming `position` when the content holds one of this tokenizer's

@@ -163,6 +163,18 @@ def test_jinja_chat_template_matches_render_chat(trained, add_generation_prompt)
         assert encoded["input_ids"] == tokenizer.encode_chat(messages, add_generation_prompt)
 
 
+@pytest.mark.parametrize("start", ["Sure", "```python\n", ""])
+def test_continue_final_message_leaves_the_assistant_turn_open_as_transformers_does(trained, start):
+    tokenizer, out_dir = trained
+    auto = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+    messages = [*CHAT, {"role": "assistant", "content": start}]
+    rendered = tokenizer.render_chat(messages, continue_final_message=True)
+    assert rendered == tokenizer.render_chat(CHAT) + start  # the generation prompt, then the reply's start
+    assert rendered == auto.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    with pytest.raises(ValueError, match="must end with an assistant message; its last message is a user message"):
+        tokenizer.render_chat(CHAT, continue_final_message=True)
+
+
 @pytest.fixture(scope="module")
 def auto_tokenizer(trained):
     """The trained tokenizer as transformers loads it, with the chat template of its tokenizer_config.json."""

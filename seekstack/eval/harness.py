@@ -32,7 +32,7 @@ from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import DTYPES, SamplingParams
 from seekstack.schema import ConfigError
-from seekstack.tokenizer import CHAT_TEMPLATE, EOS, Tokenizer
+from seekstack.tokenizer import CHAT_TEMPLATE, Tokenizer
 
 # A scoring request as TemplateLM hands it over: (request strings or None, context ids, continuation ids).
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -187,12 +187,9 @@ class SeekstackLM(TemplateLM):
         """`chat_history` in the DeepSeek chat template as seekstack's chat and server render it. Without
         `add_generation_prompt` the last message, an assistant's (lm_eval's gen_prefix), is left open for the model
         to continue, as transformers' continue_final_message leaves it."""
-        text = self.tokenizer_.render_chat(chat_history, add_generation_prompt)
-        if add_generation_prompt:
-            return text
-        if not chat_history or chat_history[-1]["role"] != "assistant":
-            raise ValueError("a chat history to continue must end with an assistant message (lm_eval's gen_prefix)")
-        return text.removesuffix(EOS)
+        return self.tokenizer_.render_chat(
+            chat_history, add_generation_prompt, continue_final_message=not add_generation_prompt
+        )
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: object) -> list[int]:
         """Token ids of `string`, no BOS: our tokenizer_config says add_bos_token=false, as HF reads it too."""

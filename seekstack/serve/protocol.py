@@ -53,15 +53,22 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
 
 
 def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """Each prompt's token ids: the chat template for chat, each text (or the ids as given) for completions; 400 for
-    token ids (of a prompt or `logit_bias`) outside the vocabulary."""
+    """Each prompt's token ids: the chat template for chat (its last message left open for the model to continue
+    when it is a `prefix`, DeepSeek's chat prefix completion), each text (or the ids as given) for completions; 400
+    for token ids (of a prompt or `logit_bias`) outside the vocabulary, and for a prefix that is not the last
+    message, an assistant's."""
     refuse_outside_vocabulary(request.logit_bias or (), tokenizer, "logit_bias")
     if isinstance(request, ChatCompletionRequest):
+        last = len(request.messages) - 1
+        for position, message in enumerate(request.messages):
+            if message.prefix and (position != last or message.role != "assistant"):
+                raise APIError(400, f"messages.{position}.prefix: only the last message, an assistant's, can be a "
+                               "prefix for the model to continue", param=f"messages.{position}.prefix")  # fmt: skip
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
         ]
         try:
-            return [tokenizer.encode_chat(messages)]
+            return [tokenizer.encode_chat(messages, continue_final_message=request.messages[last].prefix)]
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from None
     prompts = []
@@ -123,10 +130,16 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
 
 def json_format(request: ChatCompletionRequest | CompletionRequest, engine: Engine) -> JsonFormat | None:
     """The JSON a chat request's `response_format` asks for, compiled for the engine's tokenizer (None for free
-    text); 400 naming response_format for a schema that cannot be enforced or an engine that cannot enforce one."""
-    response_format = request.response_format if isinstance(request, ChatCompletionRequest) else None
+    text); 400 naming response_format for a schema that cannot be enforced, an engine that cannot enforce one, or a
+    reply continued from a `prefix` message (the continuation alone would be held to the JSON)."""
+    if not isinstance(request, ChatCompletionRequest):
+        return None
+    response_format = request.response_format
     if response_format is None or response_format.type == "text":
         return None
+    if request.messages[-1].prefix:
+        raise APIError(400, "response_format JSON modes cannot continue a prefix message: the continuation alone "
+                       "would be held to the JSON", param="response_format", code="unsupported_parameter")  # fmt: skip
     if engine.speculative:
         raise APIError(400, "response_format JSON modes are not supported with speculative decoding: this server "
                        "runs with --speculative", param="response_format", code="unsupported_parameter")  # fmt: skip

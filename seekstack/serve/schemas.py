@@ -111,6 +111,8 @@ class ChatMessage(StrictRequest):
     content: str | list[TextPart] | None  # null only in an assistant turn (a replayed history), read as ""
     tool_calls: Any = None  # an assistant turn's calls in a replayed history: refused, as tools are
     function_call: Any = None
+    # DeepSeek's chat prefix completion: the last message, an assistant's, starts the reply; the model continues it
+    prefix: Annotated[bool, OrDefault] = False
 
     @field_validator("tool_calls", "function_call")
     @classmethod

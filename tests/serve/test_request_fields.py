@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from seekstack.infer.engine import Engine
+from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from tests.serve.server import error_of, make_model_dir, run
@@ -125,6 +126,27 @@ def test_an_assistant_turns_null_content_is_read_as_empty_and_a_users_is_refused
     assert null_reply.json()["usage"] == empty_reply.json()["usage"]
     error = error_of(null_user, 400)
     assert error["param"] == "messages.0.content" and "a user message needs content" in error["message"]
+
+
+def test_a_prefix_message_is_continued_as_deepseeks_chat_prefix_completion(engine, tmp_path):
+    """The reply continues the last message, an assistant's marked `prefix`, instead of answering it anew."""
+    question = {"role": "user", "content": "Write code"}
+    start = {"role": "assistant", "content": "```python\n", "prefix": True}
+    continued, not_last, json_mode = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", {**CHAT, "messages": [question, start]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [start, question]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [question, start], "response_format": {"type": "json_object"}}),
+    ])  # fmt: skip
+    prompt = engine.tokenizer.encode_chat([question, {**start, "prefix": None}], continue_final_message=True)
+    assert engine.tokenizer.decode(prompt).endswith("<｜Assistant｜>```python\n")
+    greedy_params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, skip_special_tokens=True)
+    [greedy] = engine.generate([prompt], greedy_params)
+    assert continued.status_code == 200, continued.text
+    assert continued.json()["usage"]["prompt_tokens"] == len(prompt)
+    assert continued.json()["choices"][0]["message"]["content"] == greedy.text
+    error = error_of(not_last, 400)
+    assert error["param"] == "messages.0.prefix" and "only the last message, an assistant's" in error["message"]
+    assert error_of(json_mode, 400)["param"] == "response_format"
 
 
 def test_a_history_replaying_tool_calls_is_refused_naming_them(engine, tmp_path):
