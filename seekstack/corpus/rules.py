@@ -5,7 +5,7 @@ Each rule is named, measures one statistic of a document and compares it with a 
 that kind. Lengths and n-grams count words as `kinds.words` splits them, so every CJK character is one word.
   code   the stdlib-tuned rules: long or minified lines fail, symbols and repeated lines are allowed more room.
   prose  Gopher's thresholds (Rae et al. 2021, appendix A) and FineWeb's line punctuation rule; a paragraph may be
-         one line of any length, as web-text JSONL stores it.
+         one line of any length, as web-text JSONL stores it, or hard-wrapped, as text files hold it.
   cjk    prose rules counted in characters; no word-length rule (a "word" is one character).
 Thai, Lao, Myanmar and Khmer prose (no spaces between words, so its space-separated "words" are phrases) has its
 words counted as its characters over `UNSPACED_WORD_CHARS` and is not judged by the mean word length; Thai and Lao,
@@ -69,6 +69,10 @@ _AFTER_SENTENCE_END = re.compile(
     r"|\([^()]*\b\d{4}[a-z]?\)|[\u00b9\u00b2\u00b3\u2070-\u2079]|[\u2600-\u27bf\U0001f000-\U0001faff\ufe0f\u200d])+\Z"
 )
 SENTENCE_END_TAIL_CHARS = 80  # bounds the regex's work on a long line (a paragraph is one line)
+# Hard-wrapped text (man pages, READMEs, RFCs, e-mail, Project Gutenberg) is filled at 60-100 columns; its fill width
+# is read as the 90th percentile of its non-blank lines' lengths, and text whose width is outside these is not wrapped.
+FILL_WIDTHS = (60, 100)
+FILL_WIDTH_PERCENTILE = 0.9
 
 
 @dataclass
@@ -238,6 +242,26 @@ class TextStats:
         return self.word_chars // UNSPACED_WORD_CHARS if self.unspaced else len(self.words)
 
     @cached_property
+    def sentence_lines(self) -> list[tuple[str, bool]]:
+        """The non-blank lines that a hard wrap did not break in the middle of a sentence, each with whether it ends
+        one (`ends_sentence`): in hard-wrapped text a line broken before a word that would not fit in the fill width
+        continues on the next line, and only the line where the sentence or paragraph stops is judged, as a web
+        page's one-line paragraph is."""
+        lengths = sorted(len(line.rstrip()) for line in self.nonblank_lines)
+        width = lengths[int(FILL_WIDTH_PERCENTILE * (len(lengths) - 1))] if lengths else 0
+        wrapped = FILL_WIDTHS[0] <= width <= FILL_WIDTHS[1]
+        judged = []
+        for line, next_line in zip(self.lines, [*self.lines[1:], ""], strict=True):
+            if not line.strip():
+                continue
+            ended = ends_sentence(line)
+            length = len(line.rstrip())
+            broken = wrapped and bool(next_line.strip()) and length <= FILL_WIDTHS[1]
+            if ended or not broken or length + 1 + len(next_line.split()[0]) <= width:
+                judged.append((line, ended))
+        return judged
+
+    @cached_property
     def prose_lines(self) -> list[str]:
         """The non-blank lines that do not look like code."""
         return [line for line in self.nonblank_lines if not looks_like_code(line)]
@@ -311,12 +335,13 @@ def _long_line_fraction(stats: TextStats, rules: KindRules) -> float:
 
 
 def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float | None:
-    """Share of the lines that are not code (a tutorial's listings are neither sentences nor junk) that end a
-    sentence; None (not judged) for Thai or Lao text, which ends sentences with no mark."""
+    """Share of the `sentence_lines` that end a sentence, of those that end one or are not code (a tutorial's
+    listings are neither sentences nor junk; a sentence's last line that starts `with` or `from`, or ends in `.)`,
+    is a sentence); None (not judged) for Thai or Lao text, which ends sentences with no mark."""
     if ends_sentences_without_marks(stats.text):
         return None
-    ended = sum(1 for line in stats.prose_lines if ends_sentence(line))
-    return ended / max(1, len(stats.prose_lines))
+    judged = [ended for line, ended in stats.sentence_lines if ended or not looks_like_code(line)]
+    return sum(judged) / max(1, len(judged))
 
 
 def ends_sentence(line: str) -> bool:

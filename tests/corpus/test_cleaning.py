@@ -10,6 +10,7 @@ import lzma
 import random
 import re
 import sysconfig
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,6 +280,36 @@ def test_a_citation_or_emoji_after_no_sentence_end_leaves_the_line_unended() -> 
     assert fails("terminal_line_fraction", "\n".join(menu * 4), ProseRules())
     attributes = ['#[cfg(target_family = "unix")]', '#[link(name = "m")]', "外部函数接口"]
     assert fails("terminal_line_fraction", "\n".join(attributes * 4), ProseRules())
+
+
+def _long_sentences(seed: int, sentences: int) -> list[str]:
+    """Sentences of 30-45 vocabulary words, each ending in a full stop."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(VOCABULARY, k=rng.randint(30, 45))).capitalize() + "." for _ in range(sentences)]
+
+
+def test_hard_wrapped_prose_is_judged_by_the_lines_its_sentences_end_on() -> None:
+    """A text file's paragraphs filled at 72 columns end a sentence on few of their lines (here under FineWeb's
+    0.12); the lines a wrap broke mid-sentence are not judged, as a one-line paragraph is not."""
+    paragraphs = [textwrap.fill(" ".join(_long_sentences(seed, 3)), width=72) for seed in range(8)]
+    text = "\n\n".join(paragraphs)
+    lines = [line for line in text.split("\n") if line.strip()]
+    assert sum(line.endswith(".") for line in lines) < 0.12 * len(lines)
+    assert not fails("terminal_line_fraction", text, ProseRules())
+    assert fails("terminal_line_fraction", text.replace(".", ""), ProseRules())  # no sentence ends at all
+
+
+def test_a_sentence_ended_on_a_line_starting_with_a_code_keyword_is_a_terminal_line() -> None:
+    """`with`, `from`, `use` and `package` start English lines too: a line ending a sentence is judged a sentence."""
+    lines = [
+        "Read these notes before you upgrade",
+        "from an older release of the tool.",
+        "The changelog in this package is short",
+        "with all the years of changes left out.",
+        "Other programs in the archive",
+        "use the same settings (see the manual.)",
+    ]
+    assert not fails("terminal_line_fraction", "\n".join(lines * 3), ProseRules())
 
 
 def test_data_table_module_is_removed() -> None:
