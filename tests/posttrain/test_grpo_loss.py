@@ -80,6 +80,13 @@ def test_clip_fraction_counts_tokens_outside_the_trust_region():
     assert result.clip_fraction == pytest.approx(1 / 5)
 
 
+def test_a_ratio_outside_the_trust_region_counts_as_clipped_only_where_the_clip_binds():
+    """As TRL counts them: above 1 + eps_high with A > 0, below 1 - eps with A < 0. With the advantages flipped, row 0's
+    1.49 (A < 0) and row 1's 0.82 (A > 0, under 1 - 0.1) are outside the region but the min takes the unclipped term."""
+    result = policy_loss(LOGPS, OLD, -ADV, MASK, "dapo", 0.1, 0.28)
+    assert (result.clip_low_fraction, result.clip_high_fraction, result.clip_fraction) == (0.0, 0.0, 0.0)
+
+
 def test_on_policy_gradient_is_the_advantage_weighted_score():
     logps = LOGPS.clone().requires_grad_(True)
     policy_loss(logps, logps.detach(), ADV, MASK, "dapo", 0.2, 0.2).loss.backward()
