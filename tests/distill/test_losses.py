@@ -78,7 +78,7 @@ def trl_generalized_jsd_loss():
     return namespace["generalized_jsd_loss"]
 
 
-@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.5, 1.0), (0.2, 2.0), (1.0, 0.7)])
+@pytest.mark.parametrize(("beta", "temperature"), [(0.0, 1.0), (0.0, 2.0), (0.5, 1.0), (0.2, 2.0), (1.0, 0.7)])
 def test_generalized_jsd_and_its_gradient_equal_trl_gkd_loss_on_the_same_logits(beta, temperature):
     trl_loss = trl_generalized_jsd_loss()
     generator = torch.Generator().manual_seed(0)
