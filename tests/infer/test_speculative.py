@@ -1,0 +1,56 @@
+"""MTP drafting through the paged cache: each draft is what the MTP module run without a cache makes of the row."""
+
+from __future__ import annotations
+
+import torch
+
+from seekstack.infer.cache import PagedLatentCache
+from seekstack.infer.speculative import mtp_drafts
+from seekstack.model.transformer import Transformer
+from tests.conftest import micro_config
+
+
+def drafts_without_a_cache(
+    model: Transformer, hidden: torch.Tensor, next_ids: torch.Tensor, count: int
+) -> tuple[list[int], torch.Tensor]:
+    """One row's `count` drafts and their normalised states (count, D), the MTP module run over the whole row each
+    time: a draft is read at the position after the row's last, from the module's own output at the last position
+    and the embedding of the draft before (the main model's hidden (1, T, D) and next tokens (1, T) before that)."""
+    mtp, drafts, states = model.mtp[0], [], []
+    for _ in range(count):
+        cos, sin = model.rotary(torch.arange(next_ids.shape[1]))
+        out, _ = mtp(hidden, model.embed_tokens(next_ids), cos, sin)
+        state = mtp.head_input(out[:, -1:])
+        draft = model.lm_head(state).argmax(dim=-1)  # (1, 1)
+        drafts.append(draft.item())
+        states.append(state[0, 0])
+        hidden, next_ids = torch.cat((hidden, out[:, -1:]), dim=1), torch.cat((next_ids, draft), dim=1)
+    return drafts, torch.stack(states)
+
+
+@torch.inference_mode()
+def test_mtp_drafts_through_the_paged_cache_are_those_of_the_mtp_module_without_a_cache():
+    """Rows of 7 and 5 tokens in blocks of 4, 3 drafts each: the follow-up drafts cross into a new block."""
+    torch.manual_seed(0)
+    model = Transformer(micro_config()).eval()
+    rows = [torch.randint(0, 128, (length,)).tolist() for length in (7, 5)]
+    pending, count, width = [11, 13], 3, 7  # the token each row samples next; drafts per row; the longest row
+    cache = PagedLatentCache(model.config, num_blocks=16, block_size=4)
+    for name, row in zip("ab", rows, strict=True):
+        cache.allocate(name, len(row) + count)
+    input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    positions = cache.plan(["a", "b"], [0, 0], [len(row) for row in rows], width, lookahead=count - 1)
+    hidden = model(input_ids, cache=cache, positions=positions).hidden_states
+    padded = [row[1:] + [token] + [0] * (width - len(row)) for row, token in zip(rows, pending, strict=True)]
+    next_ids = torch.tensor(padded)  # each row's tokens one position on
+    last = torch.tensor([len(row) - 1 for row in rows])
+    states: list[torch.Tensor] = []  # the normalised state of each draft step (B, 1, D)
+    hook = model.mtp[0].shared_head["norm"].register_forward_hook(lambda module, inputs, out: states.append(out))
+    drafts = mtp_drafts(model, hidden, next_ids, positions, last, cache, count)
+    hook.remove()
+    for b, row in enumerate(rows):
+        expected, expected_states = drafts_without_a_cache(
+            model, hidden[b : b + 1, : len(row)], next_ids[b : b + 1, : len(row)], count
+        )
+        assert drafts[b].tolist() == expected
+        torch.testing.assert_close(torch.stack([state[b, 0] for state in states]), expected_states, atol=1e-5, rtol=0)
