@@ -55,7 +55,7 @@ def test_a_long_conversation_is_encoded_once_per_turn_not_once_per_prefix(tmp_pa
     for turn in range(60):
         messages += [{"role": "user", "content": f"Question {turn}?"}, {"role": "assistant", "content": f"{turn}"}]
     rendered, render = [], tokenizer.render_chat
-    tokenizer.render_chat = lambda chat, prompt=True: rendered.append(render(chat, prompt)) or rendered[-1]
+    tokenizer.render_chat = lambda chat, *options: rendered.append(render(chat, *options)) or rendered[-1]
     ids, labels = encode_conversation(tokenizer, messages)
     whole = len(render(messages, False))
     assert sum(map(len, rendered)) < 3 * whole  # was ~60x: every prefix encoded twice (25 s for 200 long turns)
