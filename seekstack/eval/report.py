@@ -403,7 +403,7 @@ def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
 
 def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> str:
     from seekstack.adapters.files import model_folders
-    from seekstack.eval.samples import demo_samples
+    from seekstack.eval.samples import DEMO_PROMPTS, demo_samples, run_prompts
 
     variant = read_config(model_folders(checkpoint).weights).attention_variant
     if variant != "mla":  # the engine that would write the samples refuses it
@@ -417,9 +417,12 @@ def _samples(run_dir: Path, checkpoint: Path, train_config: dict[str, Any]) -> s
     conversations_file = _conversations_file(run_dir, train_config)
     if conversations_file is not None:
         return _conversation_answers(run_dir, checkpoint, conversations_file, train_config)
-    parts = ["## Samples\n\nGreedy continuations from the engine:"]
-    for prompt, greedy, _ in demo_samples(checkpoint, max_new_tokens=48):
-        parts.append(_fenced(prompt + greedy, "python"))
+    prompts = run_prompts(checkpoint)
+    demo = prompts == DEMO_PROMPTS
+    of = "" if demo else " of the openings of the first held-out documents (val.jsonl)"
+    parts = [f"## Samples\n\nGreedy continuations from the engine{of}:"]
+    for prompt, greedy, _ in demo_samples(checkpoint, prompts, max_new_tokens=48):
+        parts.append(_fenced(prompt + greedy, "python" if demo else "text"))
     return "\n\n".join(parts)
 
 

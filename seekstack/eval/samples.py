@@ -1,4 +1,5 @@
-"""Continuations of prompts from a freshly trained model, greedy and sampled: what `make demo` prints; and a
+"""Continuations of prompts from a freshly trained model, greedy and sampled: what `make demo` prints (a run on
+other text than Python is prompted with the openings of its own held-out documents); and a
 chat model's greedy answers to a post-training task's held-out questions, verified, or to conversations up to their
 last assistant turn, beside that turn.
 
@@ -7,6 +8,9 @@ Generation runs on the inference engine (`seekstack/infer/`), all prompts in one
 
 from __future__ import annotations
 
+import itertools
+import json
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,13 +19,63 @@ from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import REASONING_MAX_TOKENS
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
+from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.conversations import Conversation, prompt_messages
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
 from seekstack.posttrain.tasks import Task, sample_problems
+from seekstack.tokens.provenance import corpus_folder
+from seekstack.train.config import CONFIG_FILE
+from seekstack.train.runs import run_holding
 
 # Prompts end where a token ends: byte-level BPE glues spaces and newlines to the next word or indentation.
 DEMO_PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n\n\nclass", "    for line in lines:")
+PYTHON_KIND = "code/python"  # the `kind` of a `data build` row the demo prompts suit
+OPENING_WORDS = 8  # a held-out document's opening as a prompt: its first words, ...
+OPENING_MAX_CHARS = 60  # ... at most this many characters (text without spaces: Chinese, Thai)
+_OPENING = re.compile(rf"\s*(?:\S+\s+){{0,{OPENING_WORDS - 1}}}\S+")
+_LAST_SPACE = re.compile(r"\s\S*\Z")  # the space before a text's last word (or its last space)
+
+
+def run_prompts(checkpoint: str | Path) -> tuple[str, ...]:
+    """The prompts `sample` and `report` continue by default: the openings of the first held-out documents (val.jsonl)
+    of the corpus a pretraining run's checkpoint was trained on, so a model of prose or Chinese is prompted with its
+    own kind of text; `DEMO_PROMPTS` when those are Python code, or when the run, its token shards' corpus or its
+    val.jsonl is not found (a checkpoint outside a run, a model from elsewhere)."""
+    documents = _held_out_documents(Path(checkpoint), len(DEMO_PROMPTS))
+    if not documents or all(kind == PYTHON_KIND for kind, _ in documents):
+        return DEMO_PROMPTS
+    return tuple(_opening(text) for _, text in documents)
+
+
+def _opening(text: str) -> str:
+    """The first `OPENING_WORDS` words of `text`, cut at the last space within `OPENING_MAX_CHARS` characters (at that
+    many characters in text without spaces); it ends where a word, and so a token, ends."""
+    opening = _OPENING.match(text)[0]
+    if len(opening) > OPENING_MAX_CHARS:
+        cut = opening[: OPENING_MAX_CHARS + 1]  # one more: a word that ends at the limit is whole when a space follows
+        last_space = _LAST_SPACE.search(cut)
+        whole_words = last_space is not None and cut[: last_space.start()].strip()
+        opening = cut[: last_space.start()] if whole_words else cut[:OPENING_MAX_CHARS]
+    return opening.rstrip()
+
+
+def _held_out_documents(checkpoint: Path, count: int) -> list[tuple[str, str]]:
+    """(kind, text) of the first `count` documents with text of the val.jsonl beside the train.jsonl the checkpoint's
+    run encoded its token shards from; [] when there is none."""
+    run = run_holding(checkpoint)
+    config_path = run / CONFIG_FILE if run is not None else None
+    if config_path is None or not config_path.is_file():
+        return []
+    data_dir = json.loads(config_path.read_text(encoding="utf-8")).get("data_dir")
+    corpus = corpus_folder(run / data_dir) if isinstance(data_dir, str) else None
+    if corpus is None or not (corpus / "val.jsonl").is_file():
+        return []
+    rows = (row for _, row in jsonl_records(corpus / "val.jsonl"))
+    documents = ((row.get("kind", ""), row.get("text")) for row in rows if isinstance(row, dict))
+    return list(
+        itertools.islice(((kind, text) for kind, text in documents if isinstance(text, str) and text.strip()), count)
+    )
 
 
 def _engine(model_path: str | Path, **options) -> Engine:

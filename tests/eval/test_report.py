@@ -36,7 +36,8 @@ def small_run(tmp_path_factory) -> Path:
     paths = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:30]
     texts = [path.read_text(encoding="utf-8", errors="replace")[:3000] for path in paths]
     for split, documents in (("train", texts[:26]), ("val", texts[26:])):
-        lines = "".join(json.dumps({"id": f"{split}{i}", "text": t}) + "\n" for i, t in enumerate(documents))
+        rows = ({"id": f"{split}{i}", "text": t, "kind": "code/python"} for i, t in enumerate(documents))
+        lines = "".join(json.dumps(row) + "\n" for row in rows)
         (corpus / f"{split}.jsonl").write_text(lines, encoding="utf-8")
     (corpus / "report.json").write_text(json.dumps({
         "documents_in": 31, "bytes_in": 90000, "documents_kept": 30, "train_documents": 26, "val_documents": 4,

@@ -1,0 +1,59 @@
+"""The prompts `seekstack sample` and `seekstack report` continue for a pretraining run: its own held-out text,
+unless it trained on Python, whose demo prompts they are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from seekstack.eval.report import _samples
+from seekstack.eval.samples import DEMO_PROMPTS, run_prompts
+
+LICENSE = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
+MANUAL = "cp - copy files and directories"
+CHINESE = "向量是可调整大小的数组。" * 10
+
+
+def _run(root: Path, documents: list[tuple[str, str]]) -> Path:
+    """A run's checkpoint folder as `train` lays it out, trained on shards of a `data build` corpus whose val.jsonl
+    holds `documents` ((kind, text)); only the files the prompts are read from."""
+    corpus, tokens, run = root / "corpus", root / "tokens", root / "run"
+    for folder in (corpus, tokens, run / "checkpoints" / "step_5"):
+        folder.mkdir(parents=True)
+    (corpus / "train.jsonl").write_text(json.dumps({"id": "t", "text": "x", "kind": "prose/en"}) + "\n")
+    rows = [{"id": f"v{i}", "text": text, "kind": kind} for i, (kind, text) in enumerate(documents)]
+    (corpus / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tokens / "val_index.json").write_text(json.dumps({"split": "val", "source": str(corpus / "val.jsonl")}))
+    (run / "train_config.json").write_text(json.dumps({"data_dir": "../tokens"}))
+    return run / "checkpoints" / "step_5"
+
+
+def test_a_run_on_prose_is_prompted_with_the_openings_of_its_held_out_documents(tmp_path):
+    checkpoint = _run(tmp_path, [("prose/en", LICENSE), ("prose/en", f"\n{MANUAL}\n"), ("cjk/zh", CHINESE)])
+    first_words = "Permission is hereby granted, free of charge, to"  # 8 words
+    assert run_prompts(checkpoint) == (first_words, f"\n{MANUAL}", CHINESE[:60])  # Chinese: its first 60 characters
+
+
+def test_a_run_on_python_or_a_checkpoint_outside_a_run_gets_the_python_prompts(tmp_path):
+    python = _run(tmp_path / "python", [("code/python", "import os\n\nprint(os.sep)\n")] * 3)
+    assert run_prompts(python) == DEMO_PROMPTS
+    alone = tmp_path / "model"
+    alone.mkdir()
+    assert run_prompts(alone) == DEMO_PROMPTS
+
+
+def test_report_samples_a_prose_run_on_its_held_out_openings_as_text(tmp_path, monkeypatch):
+    checkpoint = _run(tmp_path, [("prose/en", LICENSE)])
+    asked = []
+
+    def continuations(model, prompts, **_):
+        asked.extend(prompts)
+        return [(prompt, " and to deal.", "") for prompt in prompts]
+
+    monkeypatch.setattr("seekstack.eval.samples.demo_samples", continuations)
+    monkeypatch.setattr("seekstack.eval.report.read_config", lambda _: type("Config", (), {"attention_variant": "mla"}))
+    section = _samples(checkpoint.parent.parent, checkpoint, {"data_dir": "../tokens"})
+    assert asked == ["Permission is hereby granted, free of charge, to"]
+    assert "openings of the first held-out documents" in section
+    assert "```text\nPermission is hereby granted, free of charge, to and to deal.\n```" in section
+    assert "fibonacci" not in section
