@@ -72,6 +72,15 @@ def test_int4_scales_are_per_group_of_input_columns():
     assert q.min() >= -8 and q.max() <= 7
 
 
+def test_int4_step_is_a_groups_amax_over_7_5_so_minus_amax_takes_code_minus_8():
+    """The 16 codes span [-amax, amax] (the module docstring's s = amax / 7.5): -amax rounds to -8, +amax to 7 (an
+    amax of 3.75, whose step 0.5 bfloat16 holds exactly)."""
+    weight = torch.tensor([[-3.75, 1.0, 0.5, 0.25, 3.75, 0.0, 0.0, 0.0]])
+    q, scale = quantize_int4(weight, group=8)
+    assert scale.float().item() == 0.5
+    assert (q[0, 0].item(), q[0, 4].item()) == (-8, 7)
+
+
 def test_int4_codes_read_back_exactly_from_the_kernel_tiling():
     weight = torch.randn(3, 32, 64)  # a stack of experts
     q, scale = quantize_int4(weight, 32)
