@@ -6,6 +6,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers
+from transformers.generation.logits_process import MinPLogitsWarper, TopPLogitsWarper
 
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SamplingParams, SeededUniforms, token_logprobs
@@ -58,6 +59,23 @@ def test_top_k_top_p_and_min_p_keep_exactly_the_expected_tokens():
         out = batch_of(params).probabilities(logits)[0]
         assert (out > 0).nonzero().flatten().tolist() == kept, params
         torch.testing.assert_close(out[kept], probs[0, kept] / probs[0, kept].sum())
+
+
+@pytest.mark.parametrize(
+    "params, warper, expected",
+    [
+        (SamplingParams(top_p=0.75), TopPLogitsWarper(0.75), [0, 1]),
+        (SamplingParams(min_p=0.25), MinPLogitsWarper(0.25), [0, 1, 2]),
+    ],
+    ids=["top-p", "min-p"],
+)
+def test_a_nucleus_or_min_p_threshold_met_exactly_keeps_what_transformers_keeps(params, warper, expected):
+    """Probabilities exact in float32: the first two make 0.75 exactly (the nucleus ends there), and 0.125 is exactly
+    min_p 0.25 of the largest (kept)."""
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]]).log()
+    kept = torch.isfinite(warper(None, logits.clone()))[0].nonzero().flatten().tolist()
+    assert kept == expected
+    assert (batch_of(params).probabilities(logits)[0] > 0).nonzero().flatten().tolist() == kept
 
 
 def test_temperature_scales_logits_and_zero_means_argmax():
@@ -168,8 +186,9 @@ def test_speculative_rule_over_several_drafts_samples_each_position_from_its_tar
 
 
 def test_speculative_penalties_count_the_drafts_before_each_position():
-    """Greedy with a repetition penalty: draft 1 repeats draft 0, whose penalty now makes token 3 the argmax."""
-    logits = torch.tensor([[[0.0, 0.0, 2.0, 0.0], [0.0, 0.0, 2.0, 1.5], [1.0, 0.0, 0.0, 0.0]]])
+    """Greedy with a repetition penalty: draft 1 repeats draft 0, whose penalty now makes token 3 the argmax; draft 0
+    itself is judged without it (counted, it would lose to token 3 too)."""
+    logits = torch.tensor([[[0.0, 0.0, 2.0, 1.5], [0.0, 0.0, 2.0, 1.5], [1.0, 0.0, 0.0, 0.0]]])
     penalties = [PenaltyState.from_prompt([0], 4, torch.device("cpu"))]
     sampling = batch_of(SamplingParams(temperature=0, repetition_penalty=2.0), penalties=penalties)
     accepted, tokens = accept_drafts(sampling, logits, torch.tensor([[2, 2]]))
