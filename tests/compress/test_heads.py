@@ -31,6 +31,15 @@ def test_a_head_that_writes_nothing_has_no_importance_and_goes_first():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_importance_sums_each_sequences_own_gradient_magnitude():
+    """Michel et al. 2019: |dL/dxi_h| per sequence, then summed; gradients of opposite sign do not cancel."""
+    model = Transformer(micro_config()).eval()
+    together = head_importance(model, BATCHES[:1])
+    apart = head_importance(model, [BATCHES[0][:1], BATCHES[0][1:]])
+    for name in together:
+        torch.testing.assert_close(together[name], apart[name], rtol=1e-4, atol=1e-7)
+
+
 def test_heads_to_keep_drops_the_least_important():
     assert heads_to_keep(torch.tensor([0.3, 0.1, 0.9, 0.2]), 0.5).tolist() == [0, 2]
     with pytest.raises(ValueError, match="leaves none"):
