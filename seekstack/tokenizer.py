@@ -318,10 +318,15 @@ def check_chat_message(position: int, message: object) -> None:
     """Raise a ValueError naming `position` unless `message` is a dict with a known `role` and string `content`."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise ValueError(f"chat message {position} must be a dict with 'role' and 'content', got {message!r}")
-    if message["role"] not in CHAT_ROLES:
-        raise ValueError(f"chat message {position} has unknown role {message['role']!r}; expected one of {CHAT_ROLES}")
+    check_chat_role(position, message["role"])
     if not isinstance(message["content"], str):
         raise ValueError(f"chat message {position} content must be a string, got {type(message['content']).__name__}")
+
+
+def check_chat_role(position: int, role: object, roles: tuple[str, ...] = CHAT_ROLES) -> None:
+    """Raise a ValueError naming `position` and the roles expected unless `role` is one of `roles`."""
+    if role not in roles:
+        raise ValueError(f"chat message {position} has unknown role {role!r}; expected one of {roles}")
 
 
 def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:

@@ -22,11 +22,12 @@ from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
-from seekstack.tokenizer import Tokenizer, check_chat_message
+from seekstack.tokenizer import Tokenizer, check_chat_message, check_chat_role
 from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
 Conversation = list[dict]
 HELD_OUT_FILE = "held_out.json"  # in an SFT run's out_dir: the conversation_keys of the conversations it holds out
+MESSAGE_ROLES = ("system", "developer", "user", "assistant")  # a file's roles: developer is read as system
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[list[int], list[int]]:
@@ -140,6 +141,8 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
                 "messages, tool_calls and function_call are not supported (the chat template has no tool turns); "
                 "leave out conversations that use tools"
             )
+        if "role" in message:
+            check_chat_role(position, message["role"], MESSAGE_ROLES)
         message = dict(message)
         if message.get("role") == "developer":
             message["role"] = "system"

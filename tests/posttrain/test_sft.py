@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -164,6 +165,15 @@ def test_malformed_jsonl_names_the_line(tmp_path):
         read_conversations(path)
     path.write_bytes(json.dumps({"messages": CHAT}).encode() + b"\n" + '{"caf\u00e9"'.encode("cp1252") + b"\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 5\)"):
+        read_conversations(path)
+
+
+def test_an_unknown_role_is_refused_naming_every_role_a_file_may_use(tmp_path):
+    """developer is read as system, so the refusal lists it (it listed system, user and assistant only)."""
+    path = tmp_path / "roles.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "User", "content": "hi"}, *CHAT]}) + "\n")
+    expected = "roles.jsonl:1: chat message 0 has unknown role 'User'; expected one of ('system', 'developer', 'user', "
+    with pytest.raises(ValueError, match=re.escape(expected + "'assistant')")):
         read_conversations(path)
 
 
