@@ -40,7 +40,8 @@ REFUSED_CHAT_FIELDS = {
     "audio": "this model reads and writes text only",
     "modalities": "this model writes text only",
     "web_search_options": "this server does not search the web",
-    "reasoning_effort": "this model does not reason before it answers",
+    "reasoning_effort": "this server has no reasoning effort to set: a model trained to reason (R1's <think> block) "
+    "reasons as it was trained, in the reply's content",
     "verbosity": "this model has no verbosity setting",
 }
 ASKING_NOTHING = {"tool_choice": "none", "function_call": "none", "modalities": ["text"]}  # what is done anyway

@@ -93,6 +93,13 @@ def test_openai_fields_that_would_change_the_reply_are_refused_by_name(engine, t
         assert (error["param"], error["code"]) == (field, "unsupported_parameter"), error
 
 
+def test_reasoning_effort_is_refused_without_telling_a_reasoning_model_it_does_not_reason(engine, tmp_path):
+    """A model from `seekstack sft task=` or `rl` reasons in <think> before it answers; the effort is what is unset."""
+    [refused] = post_each(engine, tmp_path / "db", [("/v1/chat/completions", {**CHAT, "reasoning_effort": "low"})])
+    message = error_of(refused, 400)["message"]
+    assert "does not reason" not in message and "no reasoning effort to set" in message
+
+
 def test_stream_options_without_a_stream_is_refused_naming_it(engine, tmp_path):
     options = {"stream_options": {"include_usage": True}}
     requests = [("/v1/completions", {**COMPLETION, **options}), ("/v1/chat/completions", {**CHAT, **options}),
