@@ -33,7 +33,10 @@ TASKS = CODE_TASKS + REASONING_TASKS
 REASONING_PROBLEMS = 100  # held-out problems per reasoning task (lm_eval's --limit takes fewer)
 REASONING_MAX_TOKENS = 128  # a think block and an answer
 CONTEXT_LINES = 24  # lines before the one to predict
-MIN_LINE_CHARS = 8  # lines shorter than this (blank, `)`, `else:`) are not asked for
+MIN_LINE_CHARS = 8  # lines shorter than this (blank, `)`, `else:`) are not asked for, ...
+# ... nor lines longer than this: a paragraph stored as one line (web-text JSONL) or minified code, a continuation
+# that could pass the model's context (a continuation is scored whole, and one past max_length is refused)
+MAX_LINE_CHARS = 200
 CHOICES = 4
 PERPLEXITY_CHARS = 4000  # the opening of each module that code_perplexity scores
 
@@ -68,7 +71,9 @@ def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int
     docs = []
     for module in modules:
         lines = module["text"].split("\n")
-        candidates = [i for i in range(CONTEXT_LINES, len(lines)) if len(lines[i].strip()) >= MIN_LINE_CHARS]
+        candidates = [
+            i for i in range(CONTEXT_LINES, len(lines)) if MIN_LINE_CHARS <= len(lines[i].strip()) <= MAX_LINE_CHARS
+        ]
         distinct = sorted({lines[i] for i in candidates})
         if len(distinct) < CHOICES:
             continue
@@ -159,9 +164,10 @@ def code_task_configs(
     line_tasks = [task for task in tasks if task in ("code_cloze", "code_next_line")]
     if line_tasks and not questions:
         raise ValueError(
-            f"{val}: no held-out document has {CHOICES} distinct lines of {MIN_LINE_CHARS}+ characters after "
-            f"{CONTEXT_LINES} lines of context, so {' and '.join(line_tasks)} have no questions (they are made "
-            "for source code); code_perplexity scores any text"
+            f"{val}: no held-out document has {CHOICES} distinct lines of {MIN_LINE_CHARS}-{MAX_LINE_CHARS} "
+            f"characters after {CONTEXT_LINES} lines of context, so {' and '.join(line_tasks)} have no questions "
+            "(they are made for source code and hard-wrapped text, not for paragraphs stored one to a line); "
+            "code_perplexity scores any text: --tasks code_perplexity"
         )
     openings = [{"module": m["id"], "text": m["text"][:PERPLEXITY_CHARS]} for m in modules]
     configs = {

@@ -12,6 +12,7 @@ import pytest
 from seekstack.eval.tasks import (
     CHOICES,
     CONTEXT_LINES,
+    MAX_LINE_CHARS,
     TASKS,
     held_out_modules,
     next_line_docs,
@@ -60,6 +61,21 @@ def test_generation_prompt_ends_where_the_tokenizer_ends_a_token(checkpoint):
         prompt = tokenizer.encode(doc["prompt"])
         assert whole[: len(prompt)] == prompt, doc  # no token straddles the cut
         assert doc["rest"] == doc["target"].lstrip(" ") or doc["rest"] == " " + doc["target"].lstrip(" ")
+
+
+def test_paragraphs_stored_one_to_a_line_are_not_asked_for_so_no_continuation_outgrows_the_context(tmp_path):
+    """Web-text JSONL keeps a paragraph on one line: such lines (here 1,000+ characters, past a small model's
+    context in tokens) are neither asked for nor offered as choices; a corpus of nothing else says so."""
+    words = "the licence grants you the freedom to share and change all versions of a program".split()
+    paragraph = [" ".join(words[(i + j) % len(words)] for j in range(200)) + "." for i in range(40)]
+    headings = [f"Section {i}: terms of the licence" for i in range(40)]
+    mixed = "\n".join(line for pair in zip(paragraph, headings, strict=True) for line in pair)
+    docs = next_line_docs([{"id": "licence", "text": mixed}], per_module=8)
+    assert len(docs) == 8
+    assert all(len(choice) <= MAX_LINE_CHARS for doc in docs for choice in doc["choices"])
+    corpus = write_corpus(tmp_path, ["\n".join(paragraph)])
+    with pytest.raises(ValueError, match=r"lines of 8-200 characters.*paragraphs stored one to a line"):
+        task_configs(corpus, ("code_cloze",))
 
 
 def test_unknown_task_and_missing_corpus_are_named(tmp_path):
