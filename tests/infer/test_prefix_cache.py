@@ -41,6 +41,18 @@ def test_the_last_token_is_always_computed_and_a_salt_separates_adapters():
     assert cache.admit("d", [prompt[0] + 1] + prompt[1:], 8) == 0  # the chained key covers every earlier token
 
 
+def test_with_mtp_a_block_is_shared_only_by_prompts_that_also_agree_on_the_token_after_it():
+    """Speculative decoding caches one token more per block key: the MTP layer's slot at a block's last position holds
+    the embedding of the token after the block."""
+    cache = PagedLatentCache(micro_config(), num_blocks=12, block_size=4, key_extra_tokens=1)
+    prompt = tokens(10, 5)
+    cache.admit("a", prompt, 10)
+    cache.commit("a", prompt, 10)
+    assert cache.admit("same", prompt, 10) == 8
+    assert cache.admit("next differs", prompt[:4] + [prompt[4] + 1] + prompt[5:], 10) == 0
+    assert cache.admit("one later differs", prompt[:5] + [prompt[5] + 1] + prompt[6:], 10) == 4
+
+
 def test_cached_blocks_nobody_uses_are_evicted_least_recently_freed_first():
     cache = PagedLatentCache(micro_config(), num_blocks=7, block_size=4)  # 6 usable blocks
     old, new = tokens(9, 2), tokens(9, 3)
