@@ -394,6 +394,11 @@ def _not_read(report: Report) -> str:
     return unread
 
 
+def _size(size_bytes: int) -> str:
+    """A size in MiB, or in KiB below one MiB (a small corpus is not `0.0 MiB`, as if it held nothing)."""
+    return f"{size_bytes / 2**20:.1f} MiB" if size_bytes >= 2**20 else f"{size_bytes / 2**10:.1f} KiB"
+
+
 def report_table(report: Report) -> Table:
     """The report as a rich table: totals, documents per kind, removals per reason with an example id, PII
     replacements, throughput."""
@@ -401,7 +406,7 @@ def report_table(report: Report) -> Table:
     table.add_column("stage")
     table.add_column("documents", justify="right")
     table.add_column("example", overflow="fold")
-    table.add_row("in", f"{report.documents_in:,}", f"{report.bytes_in / 2**20:.1f} MiB")
+    table.add_row("in", f"{report.documents_in:,}", _size(report.bytes_in))
     for kind, counts in sorted(report.kinds.items(), key=lambda item: -item[1]["in"]):
         table.add_row(f"  kind: {kind}", f"{counts['in']:,}", f"{counts['kept']:,} kept")
     for reason, count in report.removed.items():
@@ -415,7 +420,7 @@ def report_table(report: Report) -> Table:
     if report.null_texts:
         rows = f"{sum(report.null_texts.values()):,} rows"
         table.add_row("  not read: null text", rows, _counts(report.null_texts))
-    table.add_row("kept", f"{report.documents_kept:,}", f"{report.bytes_kept / 2**20:.1f} MiB")
+    table.add_row("kept", f"{report.documents_kept:,}", _size(report.bytes_kept))
     table.add_row("  train / val", f"{report.train_documents:,} / {report.val_documents:,}", "")
     for kind, count in report.pii_replacements.items():
         table.add_row(f"  PII replaced: {kind}", f"{count:,}", "")

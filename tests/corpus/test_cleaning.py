@@ -896,6 +896,15 @@ def test_build_corpus_end_to_end(tmp_path: Path) -> None:
     assert "near_duplicate" in rendered and "email" in rendered and "7" in rendered
 
 
+def test_the_report_gives_a_small_corpus_size_in_kib_not_as_zero_mib() -> None:
+    console = Console(record=True, width=120)
+    console.print(report_table(Report(documents_in=3, bytes_in=48_640, documents_kept=2, bytes_kept=1_536)))
+    rendered = console.export_text()
+    assert "47.5 KiB" in rendered and "1.5 KiB" in rendered and "0.0 MiB" not in rendered
+    console.print(report_table(Report(documents_in=674, bytes_in=11_324_621)))
+    assert "10.8 MiB" in console.export_text()
+
+
 def test_build_that_fails_midway_keeps_the_previous_corpus_and_leaves_no_temporary(tmp_path: Path) -> None:
     documents = [Document(f"doc{i}.txt", prose(i), "raw") for i in range(6)]
     out = tmp_path / "out"
