@@ -1,12 +1,13 @@
 """Replace e-mail addresses, public IP addresses and secrets with placeholders.
 
 Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----` with a base64 body, to their END line or, cut short,
-to the next `--`), passwords in URLs (`postgres://user:password@host` keeps `user`; template placeholders such as
-`{password}`, `${DB_PASS}` or `%s` are kept), the tokens of known services by their prefixes
-(OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`), JWTs (`eyJ...`, three base64url parts), and long
-random values assigned to a name like api_key, secret, token or password. Not replaced: phone numbers, payment card
-and bank account numbers, national id numbers, street addresses and people's names (no pattern tells them from
-other numbers and words without false positives), and secrets of no known form assigned to no such name.
+to the next `--`), passwords in URLs (`postgres://user:s3cr3t@host` keeps `user`; template placeholders such as
+`{password}`, `${DB_PASS}` or `%s`, and the words documentation puts there, `user:pass@host`, are kept), the tokens
+of known services by their prefixes (OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`), JWTs
+(`eyJ...`, three base64url parts), and long random values assigned to a name like api_key, secret, token or password.
+Not replaced: phone numbers, payment card and bank account numbers, national id numbers, street addresses and people's
+names (no pattern tells them from other numbers and words without false positives), and secrets of no known form
+assigned to no such name.
 
 Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out).
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
@@ -97,8 +98,12 @@ _PRIVATE_KEY = re.compile(
 _PRIVATE_KEY_BODY = re.compile(r"[A-Za-z0-9+/]{40}")  # base64 of a key: lines of 64 (PEM) or 70 (OpenSSH) characters
 # scheme://user:password@host. The password ends where the host's path, query or fragment would start (`/ ? #`:
 # `https://host:8443?ref=a@b.com` holds none), and is not wholly a template placeholder (`{password}`, `${DB_PASS}`,
-# `%s`, `<password>`); one holding such characters among others (`S3cr$t`, `p<ss>`) is a password.
-_URL_PASSWORD = re.compile(r"(?<=://)(?P<user>[^\s:/?#@]*+):(?!(?:\$?\{[^{}@\s]*\}|%s|<[^<>@\s]*>)@)[^\s/?#@]++(?=@)")
+# `%s`, `<password>`) or the word documentation writes for one (`user:pass@host`, a man page's `[user][:pass]@]`);
+# one holding such characters or words among others (`S3cr$t`, `p<ss>`, `pass123`) is a password.
+_URL_PASSWORD = re.compile(
+    r"(?<=://)(?P<user>[^\s:/?#@]*+):"
+    r"(?!(?:\$?\{[^{}@\s]*\}|%s|<[^<>@\s]*>|(?i:pass|password|passwd|pwd|secret)\]?)@)[^\s/?#@]++(?=@)"
+)
 # A quoted or bare long token assigned to a name like api_key, secret, token or password; names start at a word's
 # start, and the atomic group takes a name's first keyword for good and the possessive rest of it to the word's end:
 # linear time (backtracking over where in a long word the keyword lies made `keykeykey...` quadratic).

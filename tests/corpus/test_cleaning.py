@@ -456,13 +456,18 @@ def test_private_keys_url_passwords_stripe_keys_and_jwts_are_replaced() -> None:
         'url = "redis://:%s@%s:%d" % (password, host, port)\n',
         "DATABASE_URL=postgres://${DB_USER}:${DB_PASS}@db:5432/app\n",
         "Connect to mysql://<user>:<password>@<host>/<database>.\n",
+        "basic-auth URLs such as http://user:pass@host, or mysql://root:PASSWORD@localhost/app\n",
+        'Proxy "socks5h://apt:pass@127.0.0.1:9050";\n',
+        "All these options use the URI format scheme://[[user][:pass]@]host[:port]/.\n",
     ],
 )
 def test_key_headers_and_url_password_placeholders_are_not_secrets(text: str) -> None:
     assert scrub_pii(text) == (text, {})
 
 
-@pytest.mark.parametrize("password", ["S3cr$tPass", "hunter2%", "p<ss>word", "abc{123}xyz", "${A}b"])
+@pytest.mark.parametrize(
+    "password", ["S3cr$tPass", "hunter2%", "p<ss>word", "abc{123}xyz", "${A}b", "pass123", "mypassword"]
+)
 def test_a_url_password_holding_placeholder_characters_among_others_is_a_secret(password: str) -> None:
     assert scrub_pii(f"postgres://admin:{password}@db.example.com/app") == (
         "postgres://admin:<SECRET>@db.example.com/app",
