@@ -284,6 +284,22 @@ def test_bias_update_moves_routing_biases_only_when_enabled(data_dir, tmp_path):
     assert torch.equal(router_bias(tmp_path / "off"), torch.zeros(4))
 
 
+def test_the_bias_update_counts_the_expert_load_of_every_micro_batch_of_the_step(data_dir, tmp_path, monkeypatch):
+    """2 micro-batches of 4 windows of seq_len + 1 = 33 tokens, K = 2: MoE layer 1 routes all 264 tokens, the MTP
+    block the 256 positions with a token after them (32 a window), each to 2 experts, in one update."""
+    from seekstack.train import trainer
+
+    loads, original = [], trainer.update_expert_bias
+
+    def recorded_bias_update(model, expert_load, rate):
+        loads.append(expert_load.clone())
+        original(model, expert_load, rate)
+
+    monkeypatch.setattr(trainer, "update_expert_bias", recorded_bias_update)
+    train(run_config(data_dir, tmp_path, max_steps=1, eval_every=0, save_every=0))
+    assert len(loads) == 1 and loads[0].sum(dim=1).tolist() == [2 * 4 * 33 * 2, 2 * 4 * 32 * 2]
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def test_resume_continues_exactly(data_dir, tmp_path):
     config = run_config(data_dir, tmp_path / "whole", max_steps=6, save_every=3)
