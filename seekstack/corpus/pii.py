@@ -13,8 +13,9 @@ Only addresses that reach one host on the public internet are replaced (Python's
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
 kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
 multicast (`224.0.0.251`, `ff02::1:3`) addresses. A version such as `3.11.7` has three parts and is never an IPv4
-address; a four-part one such as `2.7.2.2` (both leading parts one digit), slices such as `a[1::2]` or `buf[256::]`
-and matrix products such as `w@x.mean()` are kept too.
+address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word naming a version (`,v
+1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), slices such as `a[1::2]` or `buf[256::]` and matrix products
+such as `w@x.mean()` are kept too.
 """
 
 from __future__ import annotations
@@ -113,6 +114,11 @@ _ASSIGNED_SECRET = re.compile(
 )
 
 
+# A word naming a version, right before a number (read in the `VERSION_WORD_CHARS` characters before it)
+_VERSION_BEFORE = re.compile(r"(?i)\b(?:v|ver|version|rev|revision|release)[.:]?\s*\Z")
+VERSION_WORD_CHARS = 16
+
+
 def _is_public_ip(candidate: str) -> bool:
     """True for a globally reachable unicast address: one host on the public internet."""
     try:
@@ -122,9 +128,13 @@ def _is_public_ip(candidate: str) -> bool:
     return address.is_global and not address.is_multicast
 
 
-def _looks_like_ip(candidate: str) -> bool:
-    """Tells addresses from look-alikes: `7.1.4.34` is a version or section number, `1::2`, `256::` and
+def _looks_like_ip(match: re.Match[str]) -> bool:
+    """Tells addresses from look-alikes: `7.1.4.34` is a version or section number, and so is any four-part number
+    after a word naming a version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`); `1::2`, `256::` and
     `1000::4` are slices (a public IPv6 address shows at least three groups: `2001:db8::1`)."""
+    candidate = match[0]
+    if _VERSION_BEFORE.search(match.string, max(0, match.start() - VERSION_WORD_CHARS), match.start()):
+        return False
     if "." in candidate:
         first, second = candidate.split(".")[:2]
         return len(first) > 1 or len(second) > 1
@@ -154,7 +164,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         return SECRET
 
     def replace_ip(match: re.Match[str]) -> str:
-        if not (_looks_like_ip(match[0]) and _is_public_ip(match[0])):
+        if not (_looks_like_ip(match) and _is_public_ip(match[0])):
             return match[0]
         counts["ip"] += 1
         return IP

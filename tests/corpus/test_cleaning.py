@@ -523,6 +523,19 @@ def test_a_digits_only_value_assigned_to_a_token_like_name_is_kept() -> None:
     assert scrub_pii(text) == (text, {})
 
 
+def test_a_four_part_number_after_a_word_naming_a_version_is_kept_and_an_address_is_not() -> None:
+    kept = [
+        " * RCS: @(#) $Id: strftime.c,v 1.10.2.3 2005/11/04 18:18:04 kennykb Exp $\n",
+        "$Revision: 1.22.2.3 $ of the file, release 1.10.2.3 of the package, version 23.5.2.1 of the tool\n",
+    ]
+    for text in kept:
+        assert scrub_pii(text) == (text, {})
+    assert scrub_pii("the server 1.10.2.3 answered, over IPv4 93.184.216.34") == (
+        "the server <IP> answered, over IPv4 <IP>",
+        {"ip": 2},
+    )
+
+
 def test_file_names_with_an_at_sign_are_not_e_mail_addresses() -> None:
     """Retina images (`logo@2x.png`) and pinned packages (`react-dom@18.2.0.js`) were replaced with <EMAIL>; an address
     whose domain merely holds such a label is still one."""
