@@ -206,6 +206,18 @@ def test_cost_follows_the_plan_of_the_key_when_recorded(database):
     assert ledger.records("payer")[0]["cost"] == pytest.approx(0.07)  # a price change does not rewrite history
 
 
+def test_cached_prompt_tokens_cost_the_cached_price_or_the_prompt_price_when_the_plan_sets_none(database):
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.set_plan("cache", prompt_per_1k=1.0, completion_per_1k=3.0, cached_prompt_per_1k=0.1)
+    keys.set_plan("flat", prompt_per_1k=1.0, completion_per_1k=3.0)
+    keys.create("cached", plan="cache")
+    keys.create("uncached", plan="flat")
+    request = dict(model="tiny", endpoint="/v1/completions", prompt_tokens=1000, completion_tokens=500, latency_s=0.1,
+                   status=200, cached_tokens=800)  # fmt: skip
+    assert ledger.record(UsageRecord("cached", **request)) == pytest.approx((200 * 1.0 + 800 * 0.1 + 500 * 3.0) / 1000)
+    assert ledger.record(UsageRecord("uncached", **request)) == pytest.approx((1000 * 1.0 + 500 * 3.0) / 1000)
+
+
 def test_a_request_the_server_failed_is_recorded_but_not_charged(database):
     ledger = Ledger(database)
     assert ledger.record(usage("k", 1000, 500, status=500)) == 0.0
@@ -421,6 +433,42 @@ def test_tokens_per_minute_charge_is_settled_to_the_real_usage(tmp_path):
     limiter.admit("k", rpm=None, tpm=100, tokens=30)
     with pytest.raises(NeverFits, match="more than key 'k' may use in a minute"):
         limiter.admit("k", rpm=None, tpm=100, tokens=101)
+
+
+def test_a_request_that_fills_the_token_window_exactly_is_admitted(tmp_path):
+    limiter = RateLimiter(open_database(tmp_path / "limits.db"), FakeClock())
+    limiter.admit("k", rpm=None, tpm=100, tokens=60)
+    limiter.admit("k", rpm=None, tpm=100, tokens=40)
+    limiter.admit("fresh", rpm=None, tpm=100, tokens=100)
+    assert limiter.tokens_left("k", 100) == limiter.tokens_left("fresh", 100) == 0
+
+
+def test_a_charge_leaves_the_window_exactly_60_seconds_after_it_was_made(tmp_path):
+    clock = FakeClock()
+    limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
+    limiter.admit("k", rpm=1, tpm=100, tokens=80)
+    clock.now += 59.5
+    assert limiter.tokens_left("k", 100) == 20
+    clock.now += 0.5
+    assert limiter.tokens_left("k", 100) == 100
+    limiter.admit("k", rpm=1, tpm=100, tokens=100)
+
+
+def test_retry_after_is_when_the_oldest_charges_free_just_enough(tmp_path):
+    """Tokens: the oldest charge alone frees the 30 tokens over the limit. Requests: with a limit lowered below the
+    requests in the window, the wait is until fewer than the limit are left in it."""
+    clock = FakeClock()
+    limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
+    limiter.admit("k", rpm=None, tpm=100, tokens=30)
+    clock.now += 10
+    limiter.admit("k", rpm=None, tpm=100, tokens=50)
+    clock.now += 10
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit("k", rpm=None, tpm=100, tokens=50)  # 130: 30 over
+    assert refused.value.retry_after_s == 40
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit("k", rpm=1, tpm=None, tokens=1)  # 2 requests in the window, 1 allowed: both must leave it
+    assert refused.value.retry_after_s == 50
 
 
 def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
