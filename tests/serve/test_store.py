@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
 
 from seekstack.cli import app
+from seekstack.serve import billing
+from seekstack.serve.billing import BILL_EVERY_TOKENS, Bill
 from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, KeyStore, KeyStoreError, Plan, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
@@ -216,6 +220,24 @@ def test_cached_prompt_tokens_cost_the_cached_price_or_the_prompt_price_when_the
                    status=200, cached_tokens=800)  # fmt: skip
     assert ledger.record(UsageRecord("cached", **request)) == pytest.approx((200 * 1.0 + 800 * 0.1 + 500 * 3.0) / 1000)
     assert ledger.record(UsageRecord("uncached", **request)) == pytest.approx((1000 * 1.0 + 500 * 3.0) / 1000)
+
+
+def test_a_streams_row_is_brought_up_to_date_once_it_is_bill_every_tokens_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(billing, "BILL_EVERY_S", 3600.0)  # the token count alone decides here
+    ledger = Ledger(open_database(tmp_path / "serve.db"))
+
+    async def stream() -> list[int]:
+        bill = Bill(ledger, None, "tiny", "/v1/completions", time.perf_counter(), prompt_tokens=5)
+        bill.open()
+        billed = []
+        for generated in (BILL_EVERY_TOKENS - 1, BILL_EVERY_TOKENS, 2 * BILL_EVERY_TOKENS - 1):
+            bill.completion_tokens = generated
+            bill.update_soon()
+            await asyncio.gather(*(task for task in asyncio.all_tasks() if task is not asyncio.current_task()))
+            billed.append(ledger.records()[0]["completion_tokens"])
+        return billed
+
+    assert asyncio.run(stream()) == [0, BILL_EVERY_TOKENS, BILL_EVERY_TOKENS]
 
 
 def test_a_request_the_server_failed_is_recorded_but_not_charged(database):
