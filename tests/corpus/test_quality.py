@@ -55,6 +55,13 @@ def test_training_needs_both_classes_and_says_how_many_of_each_it_got() -> None:
         train_quality_model([], [])
 
 
+def test_the_two_classes_weigh_the_same_however_many_documents_each_has() -> None:
+    """A text given 5 times as reference and 40 times as pool is as likely one as the other: about 0.5, not 5 / 45."""
+    for positives, negatives in ((5, 40), (40, 5)):
+        model = train_quality_model(["the same words"] * positives, ["the same words"] * negatives, buckets=2**10)
+        assert model.score("the same words") == pytest.approx(0.5, abs=0.05)
+
+
 def test_cli_quality_train_names_the_option_whose_inputs_hold_no_documents(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "ref.txt").write_text(CODE[0])
@@ -114,6 +121,16 @@ def test_top_fraction_keeps_exactly_its_share_when_scores_tie_at_the_cutoff(
     assert model.score(CODE[40]) > tie  # the best one, then the first of the four tied
     assert summary["selected"] == 2 and [row["id"] for row in rows] == ["d0", "d2"]
     assert summary["threshold"] == tie
+
+
+def test_a_threshold_keeps_documents_scoring_it_and_a_top_fraction_rounds_to_the_nearest_count(
+    model: QualityModel, tmp_path: Path
+) -> None:
+    """`--threshold X` keeps score >= X; `--top-fraction 0.35` of 8 documents keeps round(2.8) = 3."""
+    texts = [CODE[40], salad(1), CODE[41], CODE[41], salad(2), CODE[41], CODE[41], salad(3)]
+    corpus = write_corpus(tmp_path / "corpus", texts)
+    assert select_corpus(model, corpus, tmp_path / "at", threshold=model.score(CODE[41]))["selected"] == 5
+    assert select_corpus(model, corpus, tmp_path / "top", top_fraction=0.35)["selected"] == 3
 
 
 def test_select_says_how_many_documents_tied_at_the_cutoff_it_kept(model: QualityModel, tmp_path: Path) -> None:
