@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from seekstack.posttrain.rewards import extract_answer, r1_completion, reward_terms
+from seekstack.posttrain.rewards import RewardWeights, extract_answer, r1_completion, reward_terms, total_reward
 from seekstack.posttrain.tasks import TASKS, Problem, make_task, sample_problems, split_of
 from seekstack.posttrain.tasks.countdown import evaluate_expression
 
@@ -135,6 +135,12 @@ def test_reward_terms_score_correctness_and_format_separately():
     wrong = str(int(problem.answer) + 1)
     assert reward_terms(task, problem, r1_completion("x", wrong)) == {"correctness": 0.0, "format": 1.0}
     assert reward_terms(task, problem, problem.answer) == {"correctness": 0.0, "format": 0.0}
+
+
+def test_the_reward_is_the_weighted_sum_of_its_terms():
+    terms = {"correctness": 1.0, "format": 1.0}
+    assert total_reward(terms, RewardWeights(correctness=1.0, format=0.1)) == pytest.approx(1.1)
+    assert total_reward({"correctness": 0.0, "format": 1.0}, RewardWeights(correctness=1.0, format=0.0)) == 0.0
 
 
 @pytest.mark.parametrize("verdict", [float("nan"), 0.5, None])
