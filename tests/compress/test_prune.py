@@ -18,6 +18,15 @@ BATCHES = [torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_see
 def test_least_used_experts_go_the_same_number_per_group():
     mass = torch.tensor([5.0, 1.0, 7.0, 3.0, 0.5, 9.0, 2.0, 8.0])  # groups {0..3}, {4..7}
     assert experts_to_keep(mass, groups=2, fraction=0.25).tolist() == [0, 2, 3, 5, 6, 7]
+    assert experts_to_keep(mass, groups=2, fraction=0.4).tolist() == [0, 2, 5, 7]  # 1.6 of 4 per group: 2 go
+
+
+def test_gate_mass_sums_the_combine_weights_each_expert_received():
+    """Normalised top-k weights sum to 1 per token: a layer's mass is its tokens (2 batches x 2 rows x 16 in the main
+    layers, 15 a row in the MTP block, which has no input for the last), not its K = 2 routed slots per token."""
+    mass = gate_mass(Transformer(micro_config()).eval(), BATCHES)
+    totals = {name: round(total.sum().item(), 3) for name, total in mass.items()}
+    assert totals == {"layers.1.mlp": 64, "layers.2.mlp": 64, "mtp.0.block.mlp": 60}
 
 
 @pytest.mark.parametrize(
