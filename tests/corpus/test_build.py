@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.corpus.build import CorpusBuildError, Report, WorkerPool, build_corpus, report_table
-from seekstack.corpus.rules import CleaningConfig
+from seekstack.corpus.rules import CleaningConfig, ProseRules
 from seekstack.corpus.sources import DataSourceError, Document, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
 from tests.corpus.test_cleaning import prose
@@ -244,6 +244,15 @@ def test_documents_that_differ_only_in_pii_are_exact_duplicates_and_one_is_writt
     assert report.examples["exact_duplicate"][0]["id"] == "bob"
     written = [row["id"] for split in read_rows(tmp_path / "out").values() for row in split]
     assert "alice" in written and "bob" not in written
+
+
+def test_the_rules_judge_a_document_by_its_scrubbed_text(tmp_path: Path) -> None:
+    """A max_chars that the scrubbed text meets and the original, with its long address, passes: kept."""
+    scrubbed = prose(99) + "\nWrite to <EMAIL>."
+    text = scrubbed.replace("<EMAIL>", "someone.with.a.long.name@example-company.com")
+    config = CleaningConfig(prose=ProseRules(max_chars=len(scrubbed)))
+    report = build_corpus([[Document("long", text, "web")]], tmp_path / "out", config, show_progress=False)
+    assert report.documents_kept == 1 and read_rows(tmp_path / "out")["train"][0]["text"] == scrubbed
 
 
 def test_report_examples_of_duplicates_name_the_kept_document_they_duplicate(tmp_path: Path) -> None:
