@@ -127,6 +127,15 @@ def test_a_run_resumed_with_more_steps_decays_on_from_its_rate_to_min_lr_at_the_
     assert [learning_rate(step, longer, finished) for step in (10, 19)] == pytest.approx([old.min_lr] * 2)
 
 
+def test_a_finished_run_still_warming_up_goes_on_from_its_last_steps_rate_when_given_more_steps():
+    """Warmup 12 of 10 steps ended at 10/12 of lr (step 9); resumed with 20 steps and warmup 4, step 10 decays from
+    there, not from the 11/12 its schedule would give a step it never had."""
+    old = TrainConfig(lr=1.2, min_lr=0.1, warmup_steps=12, max_steps=10)
+    longer = dataclasses.replace(old, warmup_steps=4, max_steps=20)
+    anchor = resumed_lr_anchor({"step": 10, "config": dataclasses.asdict(old)}, longer)
+    assert learning_rate(10, longer, anchor) == pytest.approx(1.0)
+
+
 def test_a_warmup_as_long_as_the_run_is_told_it_never_reaches_the_peak(data_dir, tmp_path, capsys):
     train(run_config(data_dir, tmp_path, max_steps=2, warmup_steps=10, eval_every=0, save_every=0))
     said = capsys.readouterr().err
