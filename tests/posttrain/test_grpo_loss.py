@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.evaluate import pass_at_k
 from seekstack.posttrain.grpo import STD_EPS, group_advantages, k3_kl, policy_loss
 
@@ -85,6 +86,11 @@ def test_a_ratio_outside_the_trust_region_counts_as_clipped_only_where_the_clip_
     1.49 (A < 0) and row 1's 0.82 (A > 0, under 1 - 0.1) are outside the region but the min takes the unclipped term."""
     result = policy_loss(LOGPS, OLD, -ADV, MASK, "dapo", 0.1, 0.28)
     assert (result.clip_low_fraction, result.clip_high_fraction, result.clip_fraction) == (0.0, 0.0, 0.0)
+
+
+def test_the_clip_above_one_is_epsilon_high_or_epsilon_when_it_is_unset():
+    assert GRPOConfig(epsilon=0.2, epsilon_high=0.28).clip_high == 0.28  # DAPO's clip-higher
+    assert GRPOConfig(epsilon=0.2).clip_high == 0.2
 
 
 def test_on_policy_gradient_is_the_advantage_weighted_score():
