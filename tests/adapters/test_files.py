@@ -233,6 +233,17 @@ def test_layers_restrict_the_block_targets_and_are_checked_against_the_model():
         experts_only.peft_config(model_config)  # the routed experts live in layer 1 only
 
 
+@pytest.mark.parametrize(("rslora", "scale"), [(False, 8.0 / 4), (True, 8.0 / 4**0.5)])
+def test_every_adapted_layer_is_scaled_by_alpha_over_rank_or_over_its_root_with_rslora(rslora, scale):
+    from peft import get_peft_model
+
+    model_config = seekstack.preset("tiny", **TINY)
+    lora = AdapterConfig(rank=4, alpha=8.0, rslora=rslora).validate().peft_config(model_config)
+    model = get_peft_model(seekstack.Transformer(model_config), lora)
+    adapted = [module for module in model.modules() if isinstance(getattr(module, "scaling", None), dict)]
+    assert adapted and all(module.scaling["default"] == pytest.approx(scale) for module in adapted)
+
+
 def test_serving_reads_the_factors_of_the_adapted_layers_only(base, tmp_path):
     folder = write_random_adapter(base, tmp_path / "second", 6, AdapterConfig(rank=2, layers=(1,)))
     factors = read_factors(seekstack.load_pretrained(base).config, folder).factors
