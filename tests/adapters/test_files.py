@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch import nn
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
@@ -242,6 +243,16 @@ def test_every_adapted_layer_is_scaled_by_alpha_over_rank_or_over_its_root_with_
     model = get_peft_model(seekstack.Transformer(model_config), lora)
     adapted = [module for module in model.modules() if isinstance(getattr(module, "scaling", None), dict)]
     assert adapted and all(module.scaling["default"] == pytest.approx(scale) for module in adapted)
+
+
+def test_every_adapted_layer_drops_its_inputs_at_the_configured_rate():
+    from peft import get_peft_model
+
+    model_config = seekstack.preset("tiny", **TINY)
+    lora = AdapterConfig(dropout=0.1, feed_forward=(), experts=()).validate().peft_config(model_config)
+    model = get_peft_model(seekstack.Transformer(model_config), lora)
+    adapted = [module for module in model.modules() if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict)]
+    assert adapted and all(module.lora_dropout["default"].p == 0.1 for module in adapted)
 
 
 def test_serving_reads_the_factors_of_the_adapted_layers_only(base, tmp_path):
