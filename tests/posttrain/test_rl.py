@@ -311,6 +311,33 @@ def test_a_run_resumed_at_another_temperature_samples_anew_where_its_saved_batch
     assert log_ratios[0] < 1e-5
 
 
+def test_rollouts_are_sampled_at_the_configured_temperature(tmp_path, monkeypatch):
+    """Near temperature 0 the micro model's completions of a prompt are mostly one and the same (its logits are near
+    flat: not all); at 1 they all differ."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    rollouts = []
+    sample_groups = rl.sample_groups
+
+    def kept_sample_groups(*args, **kwargs):
+        rollouts.append(sample_groups(*args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(rl, "sample_groups", kept_sample_groups)
+    settings = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1", "max_steps=1", "save_every=0"]
+    for temperature in (0.01, 1.0):
+        run_rl(
+            resolve_train_config(
+                None,
+                [*settings, f"temperature={temperature}", f"out_dir={tmp_path / str(temperature)}"],
+                cls=GRPOConfig,
+            )
+        )
+    distinct = [
+        sum(len(set(map(tuple, group.tolist()))) for group in rollout.input_ids.view(2, 4, -1)) for rollout in rollouts
+    ]
+    assert distinct[0] <= 4 and distinct[1] == 8  # of the 2 prompts x 4 completions, the same seed's draws
+
+
 def test_a_run_resumed_with_other_reward_settings_samples_anew_where_its_saved_batch_has_the_old_advantages(
     tmp_path, monkeypatch, sft_model
 ):
