@@ -161,10 +161,10 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly():
 
 # ---------------------------------------------------------------------------------- the loop
 def test_optimizer_decays_matrices_but_not_norms_or_biases(data_dir, tmp_path):
-    config = run_config(data_dir, tmp_path)
+    config = run_config(data_dir, tmp_path, weight_decay=0.05, betas=(0.8, 0.9))  # not the defaults: taken from it
     model = build_model(config, VOCAB)
     decay, no_decay = build_optimizer(model, config, torch.device("cpu")).param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0 and decay["betas"] == (0.8, 0.9)
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     norm_weight = model.norm.weight
     assert any(p is norm_weight for p in no_decay["params"])
