@@ -7,6 +7,7 @@ import datetime as dt
 import re
 import sqlite3
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.serve import billing
+from seekstack.serve import ledger as ledger_module
 from seekstack.serve.billing import BILL_EVERY_TOKENS, Bill
 from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, KeyStore, KeyStoreError, Plan, hash_key
@@ -268,6 +270,14 @@ def test_daily_totals_per_key_and_since_filter(database):
     assert [d.key_name for d in ledger.daily(key_name="k2")] == ["k2"]
     assert ledger.daily(since=today + dt.timedelta(days=1)) == []
     assert len(ledger.daily(since=today)) == 2
+
+
+def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database, monkeypatch):
+    day = dt.date(2026, 11, 1)
+    midnight = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC).timestamp()
+    monkeypatch.setattr(ledger_module, "time", types.SimpleNamespace(time=lambda: midnight))
+    Ledger(database).record(usage("k", 10, 20))
+    assert [(d.day, d.requests) for d in Ledger(database).daily(since=day)] == [("2026-11-01", 1)]
 
 
 def test_records_survive_a_new_connection(tmp_path):
