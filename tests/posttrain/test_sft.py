@@ -244,6 +244,17 @@ def test_a_system_message_after_the_first_turn_labels_the_assistant_turns_all_th
     )
 
 
+def test_rows_come_in_a_new_order_each_epoch_and_a_resume_continues_in_its_epochs_order():
+    rows = [([number], [number]) for number in range(6)]
+    source = ShuffledRows(rows, seed=3)
+    first, second = source.take(6), source.take(6)
+    assert sorted(first) == sorted(second) == rows and first != second
+    source.take(2)  # two rows into the third epoch
+    resumed = ShuffledRows(rows, seed=3)
+    resumed.load_state_dict(source.state_dict())
+    assert resumed.take(5) == source.take(5)
+
+
 def test_resuming_on_other_conversations_is_refused(tmp_path):
     tokenizer = byte_tokenizer(tmp_path)
     rows = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 3, seed=0)
