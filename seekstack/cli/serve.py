@@ -100,6 +100,13 @@ def serve_command(
         list[str] | None,
         typer.Option(help="A web origin whose pages may call the API (repeatable), e.g. https://x.org"),
     ] = None,
+    reasoning_parser: Annotated[
+        str | None,
+        typer.Option(
+            help="deepseek_r1: chat replies in the R1 format (<think> ... </think> answer, from `seekstack sft "
+            "task=...` or `seekstack rl`) answer with the reasoning in message.reasoning_content, as vLLM's flag"
+        ),
+    ] = None,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
     from seekstack.serve.database import default_database_location
@@ -125,6 +132,7 @@ def serve_command(
             served_model_name=served_model_name or _run_name(ctx, model), engine=engine,
             adapters=_named_adapters(adapter or []),
             moderation_policy=moderation_policy, cors_origins=tuple(cors_origin or ()),
+            reasoning_parser=reasoning_parser,
         )  # fmt: skip
         if max_body_bytes is not None:
             options.max_body_bytes = max_body_bytes

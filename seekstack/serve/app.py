@@ -52,6 +52,7 @@ from seekstack.serve.protocol import (
     sampling_params,
 )
 from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
+from seekstack.serve.reasoning import ReasoningSplit
 from seekstack.serve.safety import ContentSafety
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -128,8 +129,10 @@ class Server:
         model_name: str | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         policy: Policy | None = None,
+        reasoning_parser: str | None = None,
     ):
         self.engine = engine
+        self.reasoning_parser = reasoning_parser  # "deepseek_r1": chat replies split at </think> (serve.reasoning)
         self.max_body_bytes = max_body_bytes
         self.max_token_chars = longest_token_chars(engine.tokenizer)
         self.safety = ContentSafety(policy, engine.tokenizer)
@@ -348,6 +351,7 @@ class Server:
         texts, logprobs, shown_logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
         finish_reasons = [None] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
+        splits = self.reasoning_splits(body, n)
         async for index, output in group:
             usage.count(index, output, bill)
             if index in policy.blocked:  # delivered before its abort
@@ -362,13 +366,17 @@ class Server:
         for first in range(0, n, per_prompt):
             ranked = sorted(range(first, first + per_prompt), key=lambda i: -sum(e.logprob for e in logprobs[i]))
             kept += sorted(ranked[: body.n]) if per_prompt == body.n else ranked[: body.n]
+        messages = [AssistantMessage(content=text) for text in texts]
+        if splits is not None:
+            messages = [split.message(text) for split, text in zip(splits, texts, strict=True)]
+            bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
         common = dict(id=_response_id(is_chat), created=int(time.time()), model=bill.model, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
                 choices=[
                     ChatChoice(
                         index=position,
-                        message=AssistantMessage(content=texts[i]),
+                        message=messages[i],
                         logprobs=chat_logprobs(shown_logprobs[i], self.engine.tokenizer) if body.logprobs else None,
                         finish_reason=finish_reasons[i],
                     )
@@ -401,6 +409,7 @@ class Server:
         response_id, created = _response_id(is_chat), int(time.time())
         text_offsets = [0] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
+        splits = self.reasoning_splits(body, n)
         try:
             if is_chat:
                 yield sse(self._chat_chunk(response_id, created, bill.model, [_role_choice(i) for i in range(n)]))
@@ -417,9 +426,13 @@ class Server:
                 if not (text or entries or finish_reason):
                     continue
                 if is_chat:
+                    delta = ChatDelta(content=text)
+                    if splits is not None:
+                        reasoning, content = splits[index].push(text, final=finish_reason is not None)
+                        delta = ChatDelta(reasoning_content=reasoning or None, content=content or None)
                     choice = ChatChunkChoice(
                         index=index,
-                        delta=ChatDelta(content=text),
+                        delta=delta,
                         logprobs=chat_logprobs(entries, self.engine.tokenizer) if body.logprobs and entries else None,
                         finish_reason=finish_reason,
                     )
@@ -431,6 +444,8 @@ class Server:
                         text_offsets[index] += sum(len(entry.token) for entry in entries)
                     choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
                     yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[choice]))
+            if splits is not None:
+                bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
             if body.stream_options and body.stream_options.include_usage:
                 kind = ChatCompletionChunk if is_chat else CompletionResponse
                 yield sse(kind(id=response_id, created=created, model=bill.model, choices=[], usage=bill.usage()))
@@ -439,6 +454,20 @@ class Server:
             await bill.record_async(500)
             yield sse(internal_error(error, "generating").body())
         yield "data: [DONE]\n\n"
+
+    def reasoning_splits(self, body, n: int) -> list[ReasoningSplit] | None:
+        """A reasoning split for each of a chat call's `n` choices when the server parses reasoning, else None (text
+        completions are raw text, as vLLM's)."""
+        if self.reasoning_parser is None or not isinstance(body, ChatCompletionRequest):
+            return None
+        return [ReasoningSplit() for _ in range(n)]
+
+    def reasoning_tokens(self, splits: list[ReasoningSplit], usage: ChoicesUsage) -> int:
+        """The reasoning tokens of a call's choices, together (as its completion_tokens)."""
+        return sum(
+            split.reasoning_tokens(self.engine.tokenizer, tokens)
+            for split, tokens in zip(splits, usage.completion_tokens, strict=True)
+        )
 
     def echo_text(self, body, prompt_index: int) -> str:
         """What a completion with `echo` puts before the text of a choice of prompt `prompt_index`: that prompt
@@ -567,11 +596,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     policy: Policy | None = None,
     cors_origins: tuple[str, ...] = (),
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The FastAPI application serving `engine`, with keys, ledger and prices in `database`; request bodies over
     `max_body_bytes` get 413; `policy` moderates prompts and generated text; web pages from `cors_origins` may
-    call the API from a browser (with a key: CORS does not open the keyless mode to them)."""
-    server = Server(engine, database, model_name, max_body_bytes, policy)
+    call the API from a browser (with a key: CORS does not open the keyless mode to them); `reasoning_parser`
+    ("deepseek_r1") splits chat replies into reasoning_content and content."""
+    server = Server(engine, database, model_name, max_body_bytes, policy, reasoning_parser)
     app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None)
     if cors_origins:
         # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.

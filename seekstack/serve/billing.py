@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from seekstack.serve.keys import ApiKey, Plan
 from seekstack.serve.ledger import IN_PROGRESS, Ledger, UsageRecord
-from seekstack.serve.schemas import PromptTokensDetails, Usage
+from seekstack.serve.schemas import CompletionTokensDetails, PromptTokensDetails, Usage
 
 BILL_EVERY_TOKENS = 32
 BILL_EVERY_S = 1.0
@@ -36,6 +36,7 @@ class Bill:
     prompt_tokens: int = 0  # set once the engine has taken the request: refused requests cost nothing
     completion_tokens: int = 0
     cached_tokens: int = 0  # of the prompt tokens, those read from the prefix cache
+    reasoning_tokens: int | None = None  # of the completion tokens, the reasoning's (None: no reasoning parser)
     moderation: str | None = None  # the content-safety category that acted on it
     free: bool = False  # that category's policy waives the cost
     plan: Plan | None = None  # the prices of its key's plan as it came (None: those when its row is written)
@@ -105,7 +106,14 @@ class Bill:
             completion_tokens=self.completion_tokens,
             total_tokens=self.total_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
+            completion_tokens_details=self.completion_tokens_details(),
         )
+
+    def completion_tokens_details(self) -> CompletionTokensDetails | None:
+        """The reasoning tokens of the completion, when a reasoning parser counted them."""
+        if self.reasoning_tokens is None:
+            return None
+        return CompletionTokensDetails(reasoning_tokens=self.reasoning_tokens)
 
     async def record_async(self, status: int) -> None:
         await asyncio.to_thread(self.record, status)

@@ -23,6 +23,7 @@ from seekstack.serve.app import CUT_OFF, create_app
 from seekstack.serve.database import default_database_location, open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.moderation import Policy
+from seekstack.serve.reasoning import check_reasoning_parser
 
 log = logging.getLogger("seekstack.serve")
 
@@ -41,11 +42,13 @@ class ServeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     moderation_policy: Path | None = None  # content-safety policy file (seekstack.serve.moderation)
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API from a browser
+    reasoning_parser: str | None = None  # "deepseek_r1": chat replies' reasoning in reasoning_content
 
 
 def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
     """The app for `model_dir` and a line telling the user where it listens and whether keys are required."""
     check_listenable(options.host, options.port)  # before the weights load
+    check_reasoning_parser(options.reasoning_parser)
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
@@ -60,7 +63,8 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
         model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs(model_dir)
     )
     check_cache_holds_context(engine, options.engine)
-    app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins)
+    app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins,
+                     options.reasoning_parser)  # fmt: skip
     name = app.state.server.model_name
     if name in options.adapters:
         raise ValueError(f"--adapter {name}=...: the name is the base model's; give the adapter another name")

@@ -41,7 +41,7 @@ REFUSED_CHAT_FIELDS = {
     "modalities": "this model writes text only",
     "web_search_options": "this server does not search the web",
     "reasoning_effort": "this server has no reasoning effort to set: a model trained to reason (R1's <think> block) "
-    "reasons as it was trained, in the reply's content",
+    "reasons as it was trained, in the reply (its reasoning_content with --reasoning-parser deepseek_r1)",
     "verbosity": "this model has no verbosity setting",
 }
 ASKING_NOTHING = {"tool_choice": "none", "function_call": "none", "modalities": ["text"]}  # what is done anyway

@@ -199,11 +199,23 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens read from the prefix cache
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int  # of the completion tokens, those of the reasoning (`--reasoning-parser`)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails | None = None  # only with a reasoning parser
+
+    @model_serializer(mode="wrap")
+    def _details_when_known(self, serialize):  # no return type: the schema stays the fields'
+        usage = serialize(self)
+        if usage.get("completion_tokens_details") is None:
+            usage.pop("completion_tokens_details", None)
+        return usage
 
 
 class ErrorDetail(BaseModel):
@@ -256,6 +268,14 @@ class CompletionLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    reasoning_content: str | None = None  # with a reasoning parser: the reply's reasoning, left out otherwise
+
+    @model_serializer(mode="wrap")
+    def _reasoning_when_parsed(self, serialize):  # no return type: the schema stays the fields'
+        message = serialize(self)
+        if message.get("reasoning_content") is None:
+            message.pop("reasoning_content", None)
+        return message
 
 
 class ChatChoice(BaseModel):
@@ -279,6 +299,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # with a reasoning parser: the reasoning, before the content
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, serialize) -> dict:
