@@ -20,6 +20,7 @@ from tests.conftest import micro_config
 from tests.infer.support import micro_model, tiny_tokenizer
 
 CPU = torch.device("cpu")
+UNLOADED_MICRO_MODEL_COSTS = StepCosts([1, 2], [0.5, 0.5], [[1.0, 1.0, 1.1, 1.1]] * 2)  # as an idle CPU measures them
 
 
 def draft_count(*rates: float, adaptive: bool = True, layers: int = 4) -> DraftCount:
@@ -33,6 +34,12 @@ def draft_count(*rates: float, adaptive: bool = True, layers: int = 4) -> DraftC
 def rows(batch: int) -> list[DraftChecks]:
     """`batch` requests without checks of their own: the engine's rates are theirs."""
     return [DraftChecks() for _ in range(batch)]
+
+
+def given_step_costs(monkeypatch, given: StepCosts) -> None:
+    """Engines made from here on take `given` for the step costs they would measure: a measurement on a busy machine
+    can find drafting too dear, and an engine that never drafts checks nothing of what a test asks of drafting."""
+    monkeypatch.setattr("seekstack.infer.engine.measured_step_costs", lambda *args: given)
 
 
 def test_each_row_checks_its_drafts_up_to_the_first_that_fails():
@@ -106,8 +113,9 @@ def test_the_engines_own_work_per_step_makes_drafts_pay_where_the_model_costs_al
     assert count.overhead[0] == pytest.approx(0.9 * 2.0)  # the overhead follows the steps seen, recent ones most
 
 
-def test_a_speculative_engine_measures_its_work_outside_the_model_as_it_decodes(tmp_path):
+def test_a_speculative_engine_measures_its_work_outside_the_model_as_it_decodes(tmp_path, monkeypatch):
     model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    given_step_costs(monkeypatch, UNLOADED_MICRO_MODEL_COSTS)  # alone, drafting pays
     engine = Engine(model, tokenizer, speculative=True, draft_tokens=2, adaptive_drafts=True, max_batch_size=2)
     engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
     assert list(engine.draft_count.overhead) == [0] and engine.draft_count.overhead[0] > 0
@@ -141,7 +149,7 @@ def test_an_adaptive_engine_drafts_in_a_busy_batch_only_where_it_measured_verifi
     drafted = {}
     for verify_three in (1.01, 4.0):
         measured = costs(0.05, [1 + (verify_three - 1) * g / 3 for g in (1, 2, 3)], batches=(1, 2, 4))
-        monkeypatch.setattr("seekstack.infer.engine.measured_step_costs", lambda *args, costs=measured: costs)
+        given_step_costs(monkeypatch, measured)
         engine = Engine(model, tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=True, max_batch_size=4)
         assert [c.token_ids for c in engine.generate(batch, params)] == plain
         drafted[verify_three] = engine.stats().spec_drafted
@@ -206,8 +214,9 @@ def test_below_the_most_one_step_in_so_many_drafts_one_more_to_measure_the_next_
     assert choices[-1] == 3 and count.acceptance()[1] > 0.8
 
 
-def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_rejected(tmp_path):
+def test_adaptive_engine_gives_plain_greedy_tokens_and_stops_drafting_what_is_rejected(tmp_path, monkeypatch):
     model, tokenizer = micro_model(), tiny_tokenizer(tmp_path)
+    given_step_costs(monkeypatch, UNLOADED_MICRO_MODEL_COSTS)  # alone, drafting pays at first
     batch = [list(range(5, 5 + n)) for n in (7, 15)]
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     plain = [c.token_ids for c in Engine(model, tokenizer).generate(batch, params)]
