@@ -100,9 +100,10 @@ _PRIVATE_KEY_BODY = re.compile(r"[A-Za-z0-9+/]{40}")  # base64 of a key: lines o
 # scheme://user:password@host. The password ends where the host's path, query or fragment would start (`/ ? #`:
 # `https://host:8443?ref=a@b.com` holds none), and is not wholly a template placeholder (`{password}`, `${DB_PASS}`,
 # `%s`, `<password>`) or the word documentation writes for one (`user:pass@host`, a man page's `[user][:pass]@]`);
-# one holding such characters or words among others (`S3cr$t`, `p<ss>`, `pass123`) is a password.
+# one holding such characters or words among others (`S3cr$t`, `p<ss>`, `pass123`) is a password. A CVS root's access
+# method is part of its user (`cvs://:pserver:anoncvs@host` holds none, `:pserver:user:pw@host` the password `pw`).
 _URL_PASSWORD = re.compile(
-    r"(?<=://)(?P<user>[^\s:/?#@]*+):"
+    r"(?<=://)(?P<user>(?>(?::(?:pserver|gserver|kserver|sspi|ext|server|fork|local):)?)[^\s:/?#@]*+):"
     r"(?!(?:\$?\{[^{}@\s]*\}|%s|<[^<>@\s]*>|(?i:pass|password|passwd|pwd|secret)\]?)@)[^\s/?#@]++(?=@)"
 )
 # A quoted or bare long token assigned to a name like api_key, secret, token or password; names start at a word's

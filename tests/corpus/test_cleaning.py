@@ -475,6 +475,15 @@ def test_a_url_password_holding_placeholder_characters_among_others_is_a_secret(
     )
 
 
+def test_a_cvs_roots_access_method_is_part_of_its_user_not_a_password() -> None:
+    scrubbed, counts = scrub_pii("cvs -d cvs://:pserver:anoncvs@sources.redhat.com:/cvs/src login")
+    assert scrubbed.startswith("cvs -d cvs://:pserver:") and counts["secret"] == 0
+    assert scrub_pii("cvs://:pserver:bob:hunter2@cvs.example.org:/cvs") == (
+        "cvs://:pserver:bob:<SECRET>@cvs.example.org:/cvs",
+        {"secret": 1},
+    )
+
+
 def test_a_url_password_ends_before_a_query_or_fragment() -> None:
     text = "see https://example.com:8443?ref=a@b.com and https://example.com:8443#x@y, mail c@d.org\n"
     assert scrub_pii(text) == (
