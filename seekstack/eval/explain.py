@@ -202,11 +202,13 @@ def corpus_routing(
     max_tokens: int = 32768,
     window: int = 256,
     source: str = "the texts",
+    code: bool = True,
 ) -> list[dict[str, Any]]:
     """Routing statistics of every MoE layer over the first `max_tokens` tokens of `texts`, cut in windows of
     `window` tokens, or of the model's context when that is shorter (each its own sequence); one JSON-ready dict per
-    layer. ValueError for a model without MoE layers, which routes nothing, and for texts (read from `source`) of
-    which none fills a window or one is not UTF-8."""
+    layer, its tokens in Python's classes when the texts are `code`, else in prose's (`token_class`). ValueError for
+    a model without MoE layers, which routes nothing, and for texts (read from `source`) of which none fills a window
+    or one is not UTF-8."""
     if not model.config.moe_layer_count:
         raise ValueError(f"{NO_MOE_LAYERS} Routing statistics need routed experts; explain a text for its attention")
     window = min(window, model.config.max_position_embeddings)  # positions past the context were never trained
@@ -221,7 +223,7 @@ def corpus_routing(
             f"{source}: no document fills a window of {window} tokens ({len(texts)} documents, the longest "
             f"{longest} tokens); documents shorter than a window are skipped: give a corpus with longer documents"
         )
-    classes = [token_class(tokenizer.decode([i])) for row in rows for i in row]
+    classes = [token_class(tokenizer.decode([i]), code) for row in rows for i in row]
     follows = torch.cat([torch.arange(len(row)) > 0 for row in rows])  # a window's first token follows nothing
     whole = [row for row in rows if len(row) == window]
     batches = [whole[start : start + ROUTING_BATCH] for start in range(0, len(whole), ROUTING_BATCH)]

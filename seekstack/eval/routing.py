@@ -3,7 +3,7 @@
 Hooks from outside the model catch each MoE router's `Routing` (selected experts, gate weights) in a forward
 pass. Over many tokens: the load of each expert, how often two experts are chosen together, how often
 consecutive tokens share an expert against chance, and where tokens of each class (keyword, identifier,
-number, whitespace, punctuation) go.
+number, whitespace, punctuation; in prose word in place of keyword and identifier) go.
 
 Shapes: N tokens, K experts per token, E routed experts, C token classes.
 """
@@ -18,7 +18,7 @@ import torch
 
 from seekstack.model.transformer import Transformer
 
-TOKEN_CLASSES = ("whitespace", "keyword", "identifier", "number", "punctuation", "mixed")
+TOKEN_CLASSES = ("whitespace", "keyword", "identifier", "word", "number", "punctuation", "mixed")
 
 
 @dataclass
@@ -52,16 +52,16 @@ def capture_routing(model: Transformer, input_ids: torch.Tensor) -> list[LayerRo
     return caught
 
 
-def token_class(text: str) -> str:
+def token_class(text: str, code: bool = True) -> str:
     """The class of one token's text: whitespace, keyword (Python's), identifier (a word), number, punctuation,
-    or mixed (several of these in one token, e.g. `(self`)."""
+    or mixed (several of these in one token, e.g. `(self`); in prose (not `code`) a word is a word, `and` too."""
     stripped = text.strip()
     if not stripped:
         return "whitespace"
-    if keyword.iskeyword(stripped):
+    if code and keyword.iskeyword(stripped):
         return "keyword"
     if stripped.isidentifier():
-        return "identifier"
+        return "identifier" if code else "word"
     if stripped.replace(".", "", 1).replace("_", "").isdigit():
         return "number"
     if all(char in string.punctuation for char in stripped):

@@ -42,8 +42,9 @@ PERPLEXITY_CHARS = 4000  # the opening of each module that code_perplexity score
 
 
 def held_out_modules(corpus: str | Path) -> list[dict[str, str]]:
-    """The validation documents ({"id", "text"}) of a corpus folder, in file order, blank lines skipped; ValueError
-    naming val.jsonl:line for a line that is not JSON, not an object, or lacks a string "id" or "text"."""
+    """The validation documents ({"id", "text", "kind"}; kind "" where a row has none) of a corpus folder, in file
+    order, blank lines skipped; ValueError naming val.jsonl:line for a line that is not JSON, not an object, or lacks
+    a string "id" or "text"."""
     path = Path(corpus) / "val.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; pass --corpus the folder `seekstack data build` wrote")
@@ -59,7 +60,8 @@ def held_out_modules(corpus: str | Path) -> list[dict[str, str]]:
                 f'{path}:{number}: {wrong}; each line of val.jsonl is an object with string "id" and "text" (as '
                 "`seekstack data build` writes): mend or delete that line"
             )
-        modules.append({"id": doc["id"], "text": doc["text"]})
+        kind = doc.get("kind")
+        modules.append({"id": doc["id"], "text": doc["text"], "kind": kind if isinstance(kind, str) else ""})
     return modules
 
 

@@ -95,6 +95,11 @@ def test_token_class(text, expected):
     assert token_class(text) == expected
 
 
+@pytest.mark.parametrize("text", [" and", " in", " is", " for", " cat", "The"])
+def test_a_prose_token_that_is_a_word_is_a_word_whether_or_not_python_keeps_it(text):
+    assert token_class(text, code=False) == "word"
+
+
 def test_explain_writes_pngs_and_a_page_holding_the_maps(checkpoint, tmp_path):
     model, tokenizer = load_pretrained(checkpoint), Tokenizer.from_file(checkpoint)
     paths = explain_text(model, tokenizer, CODE, tmp_path)

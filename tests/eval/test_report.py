@@ -130,6 +130,23 @@ def test_explain_through_the_command_line_writes_the_page_and_routing_statistics
     assert record["tokens"] == 512 and len(record["load"]) == 4
 
 
+def test_explain_classes_a_prose_corpus_in_words_not_python_keywords_and_identifiers(small_run, tmp_path):
+    """A Python corpus's tokens are Python's keywords and identifiers; a prose corpus's `and`, `in`, `is`, `for`
+    are words as the others are."""
+    prose = tmp_path / "prose"
+    prose.mkdir()
+    text = "The cat and the dog sat in the sun for a while, and it is warm there. " * 40
+    rows = [{"id": f"val{i}", "text": text, "kind": "prose/en"} for i in range(2)]
+    (prose / "val.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    classes = {}
+    for name, corpus in (("code", small_run / "corpus"), ("prose", prose)):
+        run("explain", small_run / "run", "--out", tmp_path / name, "--corpus", corpus, "--max-tokens", 256)
+        [record] = json.loads((tmp_path / name / "routing_stats.json").read_text())
+        classes[name] = set(record["class_tokens"])
+    assert {"keyword", "identifier"} <= classes["code"] and "word" not in classes["code"]
+    assert "word" in classes["prose"] and not {"keyword", "identifier"} & classes["prose"]
+
+
 def test_explain_into_a_used_out_leaves_only_this_runs_files_and_what_else_is_there(small_run, tmp_path):
     """An earlier run's routing_stats.* (or attention.png, explain.html) stayed beside the new files, read as theirs."""
     out = tmp_path / "explain"
