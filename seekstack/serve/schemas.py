@@ -203,6 +203,14 @@ class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int  # of the completion tokens, those of the reasoning (`--reasoning-parser`)
 
 
+def _left_out_when_none(serialized: dict[str, Any], key: str) -> dict[str, Any]:
+    """A model's JSON without `key` while its value is None: a field that only some of the server's settings fill is
+    left out, not sent as null."""
+    if serialized.get(key) is None:
+        serialized.pop(key, None)
+    return serialized
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -212,10 +220,7 @@ class Usage(BaseModel):
 
     @model_serializer(mode="wrap")
     def _details_when_known(self, serialize):  # no return type: the schema stays the fields'
-        usage = serialize(self)
-        if usage.get("completion_tokens_details") is None:
-            usage.pop("completion_tokens_details", None)
-        return usage
+        return _left_out_when_none(serialize(self), "completion_tokens_details")
 
 
 class ErrorDetail(BaseModel):
@@ -272,10 +277,7 @@ class AssistantMessage(BaseModel):
 
     @model_serializer(mode="wrap")
     def _reasoning_when_parsed(self, serialize):  # no return type: the schema stays the fields'
-        message = serialize(self)
-        if message.get("reasoning_content") is None:
-            message.pop("reasoning_content", None)
-        return message
+        return _left_out_when_none(serialize(self), "reasoning_content")
 
 
 class ChatChoice(BaseModel):
