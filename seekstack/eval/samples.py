@@ -16,10 +16,9 @@ from typing import NamedTuple
 
 from seekstack.adapters.files import model_folders
 from seekstack.checkpoint import read_config
-from seekstack.eval.tasks import REASONING_MAX_TOKENS
+from seekstack.eval.tasks import REASONING_MAX_TOKENS, held_out_modules
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.conversations import Conversation, prompt_messages
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
@@ -71,11 +70,8 @@ def _held_out_documents(checkpoint: Path, count: int) -> list[tuple[str, str]]:
     corpus = corpus_folder(run / data_dir) if isinstance(data_dir, str) else None
     if corpus is None or not (corpus / "val.jsonl").is_file():
         return []
-    rows = (row for _, row in jsonl_records(corpus / "val.jsonl"))
-    documents = ((row.get("kind", ""), row.get("text")) for row in rows if isinstance(row, dict))
-    return list(
-        itertools.islice(((kind, text) for kind, text in documents if isinstance(text, str) and text.strip()), count)
-    )
+    documents = ((module["kind"], module["text"]) for module in held_out_modules(corpus))
+    return list(itertools.islice(((kind, text) for kind, text in documents if text.strip()), count))
 
 
 def _engine(model_path: str | Path, **options) -> Engine:
