@@ -71,8 +71,7 @@ def explain_command(
     from seekstack.adapters.files import merged_model, model_folders
     from seekstack.checkpoint import load_pretrained
     from seekstack.eval.explain import NO_MOE_LAYERS, corpus_routing, explain_text, remove_earlier_outputs, routing_png
-    from seekstack.eval.samples import PYTHON_KIND
-    from seekstack.eval.tasks import held_out_modules
+    from seekstack.eval.tasks import all_python, held_out_modules
     from seekstack.tokenizer import Tokenizer
 
     with user_errors():
@@ -85,9 +84,9 @@ def explain_command(
         records = None
         if corpus is not None:  # before anything is written: a model or corpus it cannot read leaves no output
             modules = held_out_modules(corpus)
-            code = all(module["kind"] == PYTHON_KIND for module in modules)  # else prose's token classes
             texts = [module["text"] for module in modules]
-            records = corpus_routing(network, tokenizer, texts, max_tokens, source=str(corpus / "val.jsonl"), code=code)
+            source, code = str(corpus / "val.jsonl"), all_python(modules)  # else prose's token classes
+            records = corpus_routing(network, tokenizer, texts, max_tokens, source=source, code=code)
         written: list[Path] = []
         if text is not None:
             by_name = explain_text(network, tokenizer, text, out)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from seekstack.adapters.files import model_folders
 from seekstack.checkpoint import read_config
-from seekstack.eval.tasks import REASONING_MAX_TOKENS, held_out_modules
+from seekstack.eval.tasks import REASONING_MAX_TOKENS, all_python, held_out_modules
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.posttrain.conversations import Conversation, prompt_messages
@@ -29,7 +29,6 @@ from seekstack.train.runs import run_holding
 
 # Prompts end where a token ends: byte-level BPE glues spaces and newlines to the next word or indentation.
 DEMO_PROMPTS = ("def fibonacci(n):", "import os\nimport sys\n\n\nclass", "    for line in lines:")
-PYTHON_KIND = "code/python"  # the `kind` of a `data build` row the demo prompts suit
 OPENING_WORDS = 8  # a held-out document's opening as a prompt: its first words, ...
 OPENING_MAX_CHARS = 60  # ... at most this many characters (text without spaces: Chinese, Thai)
 _OPENING = re.compile(rf"\s*(?:\S+\s+){{0,{OPENING_WORDS - 1}}}\S+")
@@ -42,9 +41,9 @@ def run_prompts(checkpoint: str | Path) -> tuple[str, ...]:
     own kind of text; `DEMO_PROMPTS` when those are Python code, or when the run, its token shards' corpus or its
     val.jsonl is not found (a checkpoint outside a run, a model from elsewhere)."""
     documents = _held_out_documents(Path(checkpoint), len(DEMO_PROMPTS))
-    if not documents or all(kind == PYTHON_KIND for kind, _ in documents):
+    if all_python(documents):
         return DEMO_PROMPTS
-    return tuple(_opening(text) for _, text in documents)
+    return tuple(_opening(document["text"]) for document in documents)
 
 
 def _opening(text: str) -> str:
@@ -59,8 +58,8 @@ def _opening(text: str) -> str:
     return opening.rstrip()
 
 
-def _held_out_documents(checkpoint: Path, count: int) -> list[tuple[str, str]]:
-    """(kind, text) of the first `count` documents with text of the val.jsonl beside the train.jsonl the checkpoint's
+def _held_out_documents(checkpoint: Path, count: int) -> list[dict[str, str]]:
+    """The first `count` documents with text of the val.jsonl beside the train.jsonl the checkpoint's
     run encoded its token shards from; [] when there is none."""
     run = run_holding(checkpoint)
     config_path = run / CONFIG_FILE if run is not None else None
@@ -70,8 +69,8 @@ def _held_out_documents(checkpoint: Path, count: int) -> list[tuple[str, str]]:
     corpus = corpus_folder(run / data_dir) if isinstance(data_dir, str) else None
     if corpus is None or not (corpus / "val.jsonl").is_file():
         return []
-    documents = ((module["kind"], module["text"]) for module in held_out_modules(corpus))
-    return list(itertools.islice(((kind, text) for kind, text in documents if text.strip()), count))
+    documents = (module for module in held_out_modules(corpus) if module["text"].strip())
+    return list(itertools.islice(documents, count))
 
 
 def _engine(model_path: str | Path, **options) -> Engine:

@@ -39,6 +39,7 @@ MIN_LINE_CHARS = 8  # lines shorter than this (blank, `)`, `else:`) are not aske
 MAX_LINE_CHARS = 200
 CHOICES = 4
 PERPLEXITY_CHARS = 4000  # the opening of each module that code_perplexity scores
+PYTHON_KIND = "code/python"  # the `kind` `seekstack data build` gives a Python document
 
 
 def held_out_modules(corpus: str | Path) -> list[dict[str, str]]:
@@ -63,6 +64,12 @@ def held_out_modules(corpus: str | Path) -> list[dict[str, str]]:
         kind = doc.get("kind")
         modules.append({"id": doc["id"], "text": doc["text"], "kind": kind if isinstance(kind, str) else ""})
     return modules
+
+
+def all_python(modules: list[dict[str, str]]) -> bool:
+    """Whether every one of `modules` (`held_out_modules` rows) is Python code, the demo corpus's kind of text: what
+    its prompts and its token classes (keywords, identifiers) suit; true of no modules."""
+    return all(module["kind"] == PYTHON_KIND for module in modules)
 
 
 def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int = 0) -> list[dict[str, Any]]:
