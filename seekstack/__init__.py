@@ -15,6 +15,7 @@ _EXPORTS = {
     "Transformer": "seekstack.model.transformer",
     "load_pretrained": "seekstack.checkpoint",
     "save_pretrained": "seekstack.checkpoint",
+    "Tokenizer": "seekstack.tokenizer",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -3,7 +3,8 @@
 On disk a tokenizer is a directory with `tokenizer.json` (Hugging Face `tokenizers` format) and
 `tokenizer_config.json`, so `transformers.AutoTokenizer.from_pretrained(dir)` loads it unchanged.
 
-Chat template: the message-only subset of DeepSeek-V3's `chat_template` (tool calls not supported):
+Chat template: the message-only subset of DeepSeek-V3's `chat_template` (tool calls not supported), taking OpenAI
+chat messages (`template_message`):
   BOS + system prompts joined by "\\n\\n" (no role token)
   + for each turn: "<｜User｜>" + content  |  "<｜Assistant｜>" + content + EOS
   + "<｜Assistant｜>" when a generation prompt is asked for.
@@ -34,7 +35,7 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4 in a trained token
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
-CHAT_ROLES = ("system", "user", "assistant")
+MESSAGE_ROLES = ("system", "developer", "user", "assistant")  # OpenAI's; developer (its newer system) is read as system
 SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
 # 4x the largest vocabulary of a released model (Gemma 3's 262,144; DeepSeek-V3 has 129,280): ids far below what
 # uint32 shards hold, and ~75 MB for the BPE trainer, which allocates ~70 bytes per token asked for up front (it
@@ -230,13 +231,13 @@ class Tokenizer:
     def render_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
     ) -> str:
-        """The DeepSeek-V3 chat string for `messages` (dicts with `role` and `content`). With `continue_final_message`
-        (transformers' name; the DeepSeek API's `prefix`) the last message, an assistant's, is left open for the model
-        to continue: no EOS closes it and no generation prompt follows; ValueError when it is not an assistant's."""
+        """The DeepSeek-V3 chat string for `messages`, OpenAI chat messages read as the server reads them
+        (`template_message`). With `continue_final_message` (transformers' name; the DeepSeek API's `prefix`) the last
+        message, an assistant's, is left open for the model to continue: no EOS closes it and no generation prompt
+        follows; ValueError when it is not an assistant's."""
         for token in (USER, ASSISTANT):
             self._special_id(token)
-        for position, message in enumerate(messages):
-            self.check_message(position, message)
+        messages = [self.template_message(position, message) for position, message in enumerate(messages)]
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
             raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
@@ -257,13 +258,14 @@ class Tokenizer:
         """Token ids of `render_chat(messages, ...)`, starting with BOS."""
         return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message))
 
-    def check_message(self, position: int, message: object) -> None:
-        """`check_chat_message`, and a ValueError naming `position` when the content holds one of this tokenizer's
-        special tokens."""
-        check_chat_message(position, message)
-        forged = self.special_token_in(message["content"])
+    def template_message(self, position: int, message: object) -> dict:
+        """`template_message(position, message)`, and a ValueError naming `position` when its content holds one of
+        this tokenizer's special tokens."""
+        templated = template_message(position, message)
+        forged = self.special_token_in(templated["content"])
         if forged:
             raise ValueError(f"chat message {position} content contains the special token {forged!r}")
+        return templated
 
     def special_token_in(self, text: str) -> str | None:
         """The first of this tokenizer's special tokens in `text`, or None. Text holding one would be encoded with the
@@ -314,19 +316,45 @@ def _why_not_a_tokenizer(path: Path, error: Exception) -> str:
     return f"not a valid Hugging Face tokenizer.json ({error}); it is truncated or damaged: train or copy it again"
 
 
-def check_chat_message(position: int, message: object) -> None:
-    """Raise a ValueError naming `position` unless `message` is a dict with a known `role` and string `content`."""
+def template_message(position: int, message: object) -> dict:
+    """An OpenAI chat message as the chat template takes it, read as the server and transformers' `apply_chat_template`
+    with `CHAT_TEMPLATE` read it: role `developer` (OpenAI's newer name for system) as `system`, content given as a
+    list of text parts as their texts joined by newlines (as vLLM's server joins them), an assistant's null content
+    (a replayed turn) as empty; its other keys kept. ValueError naming `position` for a message that is no dict with
+    `role` and `content`, another role or content, and a tool result or tool calls (`tool_calls`, the legacy
+    `function_call`): the template has no tool turns."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise ValueError(f"chat message {position} must be a dict with 'role' and 'content', got {message!r}")
-    check_chat_role(position, message["role"])
-    if not isinstance(message["content"], str):
-        raise ValueError(f"chat message {position} content must be a string, got {type(message['content']).__name__}")
+    role, content = message["role"], message["content"]
+    if role == "tool" or message.get("tool_calls") or message.get("function_call"):
+        raise ValueError(
+            f"chat message {position} is a tool {'result' if role == 'tool' else 'call'}: tool messages, tool_calls "
+            "and function_call are not supported (the chat template has no tool turns); leave out conversations "
+            "that use tools"
+        )
+    if role not in MESSAGE_ROLES:
+        raise ValueError(f"chat message {position} has unknown role {role!r}; expected one of {MESSAGE_ROLES}")
+    if content is None and role == "assistant":
+        content = ""
+    elif isinstance(content, list):
+        content = "\n".join(part_text(position, index, part) for index, part in enumerate(content))
+    elif not isinstance(content, str):
+        raise ValueError(
+            f"chat message {position} content must be a string or a list of text parts (null only in an assistant "
+            f"message), got {type(content).__name__}"
+        )
+    return {**message, "role": "system" if role == "developer" else role, "content": content}
 
 
-def check_chat_role(position: int, role: object, roles: tuple[str, ...] = CHAT_ROLES) -> None:
-    """Raise a ValueError naming `position` and the roles expected unless `role` is one of `roles`."""
-    if role not in roles:
-        raise ValueError(f"chat message {position} has unknown role {role!r}; expected one of {roles}")
+def part_text(position: int, index: int, part: object) -> str:
+    """The text of a content part `{"type": "text", "text": ...}`; ValueError naming the message and part otherwise."""
+    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    raise ValueError(
+        f'chat message {position} content part {index} is {kind!r}: only text parts {{"type": "text", "text": ...}} '
+        "are supported"
+    )
 
 
 def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:

@@ -22,12 +22,12 @@ from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
-from seekstack.tokenizer import Tokenizer, check_chat_message, check_chat_role
+from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import template_message as chat_template_message
 from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
 Conversation = list[dict]
 HELD_OUT_FILE = "held_out.json"  # in an SFT run's out_dir: the conversation_keys of the conversations it holds out
-MESSAGE_ROLES = ("system", "developer", "user", "assistant")  # a file's roles: developer is read as system
 
 
 def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[list[int], list[int]]:
@@ -128,37 +128,18 @@ def read_conversations(path: str | Path, tokenizer: Tokenizer | None = None) -> 
 
 
 def template_message(position: int, message: object, tokenizer: Tokenizer | None = None) -> dict:
-    """An OpenAI chat message as the chat template takes it: the `developer` role (OpenAI's newer name for system) as
-    `system`, and content given as a list of text parts as their texts joined by newlines (as vLLM's server joins
-    them). Tool messages and tool calls (`tool_calls`, the legacy `function_call`) are refused: the template has no
-    tool turns. ValueError naming `position` unless the result is a `check_chat_message` message (with `tokenizer`,
-    `Tokenizer.check_message`) whose weight, if an assistant message has one, is `check_weight`'s (OpenAI fine-tuning
-    gives weight a meaning on assistant messages only: on another role it is ignored, as the template ignores it)."""
-    if isinstance(message, dict):
-        if message.get("role") == "tool" or message.get("tool_calls") or message.get("function_call"):
-            raise ValueError(
-                f"chat message {position} is a tool {'result' if message.get('role') == 'tool' else 'call'}: tool "
-                "messages, tool_calls and function_call are not supported (the chat template has no tool turns); "
-                "leave out conversations that use tools"
-            )
-        if "role" in message:
-            check_chat_role(position, message["role"], MESSAGE_ROLES)
-        message = dict(message)
-        if message.get("role") == "developer":
-            message["role"] = "system"
-        if isinstance(message.get("content"), list):
-            message["content"] = "\n".join(
-                part_text(position, index, part) for index, part in enumerate(message["content"])
-            )
-    if tokenizer is None:
-        check_chat_message(position, message)
-    else:
-        tokenizer.check_message(position, message)
-    checked = cast(dict, message)  # a dict with a known role and string content
-    check_whole_characters(position, checked["content"])
-    if checked["role"] == "assistant" and "weight" in checked:
-        check_weight(position, checked["weight"])
-    return checked
+    """A file's chat message as the chat template takes it (`seekstack.tokenizer.template_message`; with `tokenizer`,
+    `Tokenizer.template_message`, which refuses its special tokens too), its content whole characters and its
+    weight, if an assistant message has one, `check_weight`'s (OpenAI fine-tuning gives weight a meaning on assistant
+    messages only: on another role it is ignored, as the template ignores it). A null content is refused, an
+    assistant's too: in OpenAI fine-tuning data only a tool call's may be null. ValueError naming `position`."""
+    templated = (tokenizer.template_message if tokenizer else chat_template_message)(position, message)
+    if cast(dict, message)["content"] is None:
+        raise ValueError(f"chat message {position} content must be a string or a list of text parts, got null")
+    check_whole_characters(position, templated["content"])
+    if templated["role"] == "assistant" and "weight" in templated:
+        check_weight(position, templated["weight"])
+    return templated
 
 
 def check_weight(position: int, weight: object) -> None:
@@ -184,17 +165,6 @@ def check_whole_characters(position: int, content: str) -> None:
             f"chat message {position} content holds {content[error.start]!r} at character {error.start}: half of a "
             "surrogate pair, a JSON escape without its other half, which is no text; mend that escape"
         ) from None
-
-
-def part_text(position: int, index: int, part: object) -> str:
-    """The text of a content part `{"type": "text", "text": ...}`; ValueError naming the message and part otherwise."""
-    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-        return part["text"]
-    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-    raise ValueError(
-        f'chat message {position} content part {index} is {kind!r}: only text parts {{"type": "text", "text": ...}} '
-        "are supported"
-    )
 
 
 def prompt_messages(problem: Problem) -> Conversation:

@@ -65,9 +65,7 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
             if message.prefix and (position != last or message.role != "assistant"):
                 raise APIError(400, f"messages.{position}.prefix: only the last message, an assistant's, can be a "
                                "prefix for the model to continue", param=f"messages.{position}.prefix")  # fmt: skip
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
-        ]
+        messages = [message.template() for message in request.messages]
         try:
             return [tokenizer.encode_chat(messages, continue_final_message=request.messages[last].prefix)]
         except ValueError as error:

@@ -26,6 +26,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticUseDefault, core_schema
 
 from seekstack.infer.params import LOGIT_BIAS_LIMIT
+from seekstack.tokenizer import template_message
 
 MAX_CHOICES = 16
 MAX_PROMPTS = 16  # prompts in one completions request
@@ -128,10 +129,13 @@ class ChatMessage(StrictRequest):
                              "message's may be null")  # fmt: skip
         return content
 
+    def template(self) -> dict:
+        """The message as the chat template reads it (`Tokenizer.render_chat`): role and content only."""
+        return self.model_dump(include={"role", "content"})
+
     def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        return "\n".join(part.text for part in self.content)  # as vLLM's server joins them, and `seekstack sft`
+        """The content as the chat template reads it: text parts joined by newlines, null as empty."""
+        return template_message(0, self.template())["content"]  # validated: no position to name
 
 
 class JsonSchemaSpec(StrictRequest):

@@ -349,7 +349,10 @@ def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_jo
             "chat message 1 is a tool call: tool messages, tool_calls and function_call",
         ),
         ({"role": "user", "content": [{"type": "image_url"}]}, "chat message 1 content part 0 is 'image_url'"),
-        ({"role": "assistant", "content": None}, "chat message 1 content must be a string, got NoneType"),
+        (
+            {"role": "assistant", "content": None},
+            "chat message 1 content must be a string or a list of text parts, got null",
+        ),
         (
             {"role": "user", "content": "smile \ud83d"},  # written as the JSON escape "\\ud83d", its pair missing
             r"chat message 1 content holds '\\ud83d' at character 6: half of a surrogate pair",
