@@ -695,6 +695,24 @@ def test_bfloat16_load_gives_bfloat16_weights_and_keeps_the_routing_bias_float32
     assert ((logits(loaded, INPUT_IDS).float() - reference).norm() / reference.norm()).item() < 0.05
 
 
+def test_dtype_given_by_name_loads_in_that_dtype_and_auto_in_the_one_the_config_states(tmp_path):
+    seekstack.save_pretrained(random_model().bfloat16(), tmp_path / "bfloat16")
+    seekstack.save_pretrained(random_model(), tmp_path / "float32")
+    rewrite_config(tmp_path / "float32", dtype=None, torch_dtype=None)  # a config stating no dtype: float32
+    for folder, dtype, expected in [
+        ("float32", "bfloat16", torch.bfloat16),
+        ("float32", "float16", torch.float16),
+        ("bfloat16", "float32", torch.float32),
+        ("bfloat16", "auto", torch.bfloat16),
+        ("float32", "auto", torch.float32),
+    ]:
+        loaded = seekstack.load_pretrained(tmp_path / folder, dtype=dtype)
+        assert loaded.embed_tokens.weight.dtype == expected, (folder, dtype)
+    for wrong in ("bf16", "int8", torch.int8):
+        with pytest.raises(ValueError, match=r"dtype=.*: .* torch float dtype or one of auto, float32, bfloat16"):
+            seekstack.load_pretrained(tmp_path / "float32", dtype=wrong)
+
+
 def test_saved_config_names_the_dtype_of_the_saved_weights_not_the_dtype_it_was_loaded_from(tmp_path):
     seekstack.save_pretrained(random_model(), tmp_path / "float32")
     rewrite_config(tmp_path / "float32", dtype="float32")  # as transformers 5 writes it

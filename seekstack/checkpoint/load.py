@@ -34,12 +34,15 @@ from seekstack.checkpoint.quantized import (
 )
 from seekstack.checkpoint.reader import CheckpointReader, read_config
 from seekstack.config import ModelConfig
+from seekstack.infer.params import DTYPES
 from seekstack.model.transformer import Transformer
+
+FLOAT_DTYPES = tuple(name for name in DTYPES if name != "auto")  # what a model loads in; "auto": the one stated
 
 
 def load_pretrained(
     directory: str | Path,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
     dequantize: bool = False,
     offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
@@ -54,12 +57,14 @@ def load_pretrained(
     codes or scales) at a time, never whole in memory (seekstack.infer.placement's disk parts).
     Layers stored quantized (fp8, int8, int4) load as quantized modules that run their low-bit kernels
     (seekstack.compress), unless `dequantize` asks for plain float weights.
+    `dtype` is a torch dtype or its name, as transformers' `from_pretrained` takes it (`model_dtype`).
     A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
     differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     config = read_config(directory)
+    dtype = model_dtype(dtype, config)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     reader.refuse_keys_in_two_shards()
     present_mtp = 0
@@ -104,6 +109,23 @@ def load_pretrained(
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)
     return model
+
+
+def model_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:
+    """`dtype` as a torch dtype: a torch float dtype, one of DTYPES' names, or "auto": the dtype the checkpoint's
+    config.json states (`dtype`, or transformers 4.x's `torch_dtype`; float32 where it states none), as transformers'
+    `dtype="auto"`. ValueError naming any other value."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if dtype == "auto":
+        stated = config.extra.get("dtype") or config.extra.get("torch_dtype")
+        return getattr(torch, stated if stated in FLOAT_DTYPES else "float32")
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"dtype={dtype!r}: a model loads in a torch float dtype or one of {', '.join(DTYPES)} (auto: the "
+            "checkpoint's dtype)"
+        )
+    return getattr(torch, dtype)
 
 
 def _refuse_miscounted_layers(unused: list[str], reader: CheckpointReader, config_path: Path, layers: int) -> None:

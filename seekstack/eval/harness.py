@@ -28,9 +28,9 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from seekstack.adapters.files import merged_model, model_folders
-from seekstack.checkpoint import load_pretrained, read_config
+from seekstack.checkpoint import load_pretrained
 from seekstack.infer.engine import Engine
-from seekstack.infer.params import DTYPES, SamplingParams
+from seekstack.infer.params import SamplingParams
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import CHAT_TEMPLATE, Tokenizer
 
@@ -41,7 +41,6 @@ TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
 HARNESS_SETS = ("max_new_tokens", "stop", "seed", "logprobs", "top_logprobs", "detokenize")
 GENERATION_KWARGS = tuple(field.name for field in fields(SamplingParams) if field.name not in HARNESS_SETS)
 LM_EVAL_GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample")  # left after lm_eval's normalize_gen_kwargs
-FLOAT_DTYPES = tuple(name for name in DTYPES if name != "auto")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -62,23 +61,6 @@ def resolve_device(device: str | None) -> torch.device:
         present = ", ".join(["cpu", *([accelerator.type] if accelerator else [])])
         raise ValueError(f"device {device!r}: this machine has no {chosen.type} device; it has {present}")
     return chosen
-
-
-def model_dtype(dtype: str, pretrained: str | Path) -> torch.dtype:
-    """The torch dtype of model arg `dtype`, one of DTYPES; ValueError naming any other value."""
-    if dtype not in DTYPES:
-        raise ValueError(
-            f"dtype={dtype!r}: the seekstack backend runs in one of {', '.join(DTYPES)} (auto: the checkpoint's dtype)"
-        )
-    return getattr(torch, checkpoint_dtype(pretrained) if dtype == "auto" else dtype)
-
-
-def checkpoint_dtype(pretrained: str | Path) -> str:
-    """What `dtype=auto` means, as in transformers: the dtype the checkpoint's config.json states (`dtype`, or 4.x's
-    `torch_dtype`); float32 where it states none of FLOAT_DTYPES."""
-    stated = read_config(pretrained).extra
-    stored = stated.get("dtype") or stated.get("torch_dtype")
-    return stored if stored in FLOAT_DTYPES else "float32"
 
 
 def check_max_length(max_length: int | None) -> None:
@@ -141,7 +123,7 @@ class SeekstackLM(TemplateLM):
             print(f"pretrained={pretrained}: using {measured}" + (f" on its base {weights}" if adapter else ""),
                   file=sys.stderr)  # fmt: skip
         peft = peft or adapter
-        self.model = load_pretrained(weights, dtype=model_dtype(dtype, weights), device=self._device)
+        self.model = load_pretrained(weights, dtype=dtype, device=self._device)
         self.model = (self.model if peft is None else merged_model(self.model, peft)).eval()
         self.tokenizer_ = Tokenizer.from_file(tokenizer or own_tokenizer)
         self.max_length = max_length or self.model.config.max_position_embeddings
