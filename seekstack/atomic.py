@@ -9,7 +9,8 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   refuse_a_file_in_the_way(folder, writes)  before staged files: a file where their folder would be, named first
   entries_besides(path, makes)  what a folder holds besides the files a command writes, listed for a message
 If a write raises, its temporary files are deleted and the target is left as it was; a write the storage refuses
-(a full disk, a file size limit, a read-only or failing disk) raises `WriteRefused`, which names the target.
+(a full disk, a file size limit, a read-only or failing disk) raises `WriteRefused`, which names the target. SIGTERM
+during a write deletes its temporaries too before it ends the process (`sigterm_cleaned_up`).
 
 A writer holds an exclusive lock (flock) on its temporary while it writes; the kernel drops it when the writer dies,
 even killed outright (SIGKILL), so the first write of a process into a folder deletes the temporaries there that no
@@ -35,6 +36,8 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from seekstack.interrupts import interrupts_deferred, sigterm_cleaned_up
 
 HIDDEN_TOKEN_BYTES = 4  # random bytes in a hidden temporary's name, as hex
 RETIRED = ".old"  # `.NAME.old.*.tmp`: an old folder between atomic_directory's renames, never cleared
@@ -70,8 +73,9 @@ class StagedFiles:
         """A new, empty hidden file in the folder, which becomes `folder / name` when the files are published."""
         if name in self.hidden:
             raise ValueError(f"{self.folder / name} is already staged")
-        self.hidden[name], lock = _create_locked(self.folder, name, lambda hidden: hidden.touch(exist_ok=False))
-        self.locks.append(lock)
+        with interrupts_deferred():  # an interrupt before the file is recorded here would leave it behind
+            self.hidden[name], lock = _create_locked(self.folder, name, lambda hidden: hidden.touch(exist_ok=False))
+            self.locks.append(lock)
         return self.hidden[name]
 
     def rename(self, name: str, new_name: str) -> None:
@@ -91,22 +95,23 @@ def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
     _clear_killed_writes_once(folder)
     staged = StagedFiles(folder)
     published = False
-    try:
-        with _refusals_named(lambda: _files_named(folder, list(staged.hidden))):
-            yield staged
+    with sigterm_cleaned_up():
+        try:
+            with _refusals_named(lambda: _files_named(folder, list(staged.hidden))):
+                yield staged
+                for hidden in staged.hidden.values():
+                    _fsync(hidden)
+            for name, hidden in staged.hidden.items():
+                os.replace(hidden, folder / name)
+            _fsync(folder)
+            published = True
+        finally:
             for hidden in staged.hidden.values():
-                _fsync(hidden)
-        for name, hidden in staged.hidden.items():
-            os.replace(hidden, folder / name)
-        _fsync(folder)
-        published = True
-    finally:
-        for hidden in staged.hidden.values():
-            hidden.unlink(missing_ok=True)
-        for lock in staged.locks:
-            os.close(lock)
-        if not published:
-            remove_while_empty(created)
+                hidden.unlink(missing_ok=True)
+            for lock in staged.locks:
+                os.close(lock)
+            if not published:
+                remove_while_empty(created)
 
 
 def missing_folders(folder: str | os.PathLike) -> list[Path]:
@@ -146,23 +151,25 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clear_killed_writes_once(path.parent)
-    staging, lock = _create_locked(path.parent, path.name, Path.mkdir)
-    try:
-        with _refusals_named(lambda: str(path)):
-            yield staging
-            for entry in [*staging.rglob("*"), staging]:
-                _fsync(entry)
-        if path.exists():
-            retired = _create_hidden(path.parent, f"{path.name}{RETIRED}", Path.mkdir)
-            os.replace(path, retired / path.name)  # a crash before the next rename leaves the old folder in `retired`
-            os.replace(staging, path)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, path)
-        _fsync(path.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        os.close(lock)
+    with sigterm_cleaned_up():
+        with interrupts_deferred():  # an interrupt before `staging` is known would leave it behind
+            staging, lock = _create_locked(path.parent, path.name, Path.mkdir)
+        try:
+            with _refusals_named(lambda: str(path)):
+                yield staging
+                for entry in [*staging.rglob("*"), staging]:
+                    _fsync(entry)
+            if path.exists():
+                retired = _create_hidden(path.parent, f"{path.name}{RETIRED}", Path.mkdir)
+                os.replace(path, retired / path.name)  # a crash before the next rename leaves it in `retired`
+                os.replace(staging, path)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, path)
+            _fsync(path.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.close(lock)
 
 
 def refuse_a_file_in_the_way(folder: str | os.PathLike, writes: str) -> None:

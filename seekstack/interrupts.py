@@ -5,6 +5,8 @@
   interrupts_deferred()       Ctrl-C inside the block interrupts at its end, so the block runs whole
   sigterm_as_ctrl_c()         SIGTERM (`kill`, a scheduler's preemption, torchrun passing its own on) does meanwhile
                               what Ctrl-C does, noted or deferred alike, instead of ending the process on the spot
+  sigterm_cleaned_up()        SIGTERM left to the system does meanwhile what Ctrl-C does, and ends the process once
+                              the block's cleanup ran (a write's temporaries deleted)
 Python delivers signals to the main thread only, and only there may a handler be set: elsewhere each of these leaves
 SIGINT and SIGTERM as they are (nothing is noted, and Ctrl-C lands wherever the main thread is).
 """
@@ -62,3 +64,26 @@ def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:
 
 def sigterm_as_ctrl_c() -> contextlib.AbstractContextManager[None]:
     return _handled_by(signal.SIGTERM, _as_ctrl_c)
+
+
+@contextlib.contextmanager
+def sigterm_cleaned_up() -> Iterator[None]:
+    """Where SIGTERM would end the process on the spot (no handler set), it does what Ctrl-C does inside the block,
+    so that the block's `finally` and `with` exits run (deleting what it was writing), and then ends the process as
+    SIGTERM does (exit status 143). Where SIGTERM has a handler (`sigterm_as_ctrl_c`, a server's) or is ignored,
+    that stays as it is."""
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    received: list[int] = []
+
+    def noted_as_ctrl_c(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        _as_ctrl_c(signum, frame)
+
+    try:
+        with _handled_by(signal.SIGTERM, noted_as_ctrl_c):
+            yield
+    finally:
+        if received:  # SIGTERM is the system's again: it ends the process here
+            signal.raise_signal(signal.SIGTERM)

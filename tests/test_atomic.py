@@ -34,6 +34,8 @@ from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import load_checkpoint, save_checkpoint
 from tests.conftest import micro_config
 
+SHA_NEW = hashlib.sha256(b"new").hexdigest()
+
 
 class DiskFull(OSError):
     pass
@@ -243,6 +245,30 @@ def test_a_process_first_write_into_a_folder_clears_what_writes_killed_outright_
     assert len(hidden_of(tmp_path / "step_8")) == 1
     write_here(tmp_path / "step_80", kind)  # another target's: the temporaries of every target are cleared
     assert entries(tmp_path) == ["step_80"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_sigterm_during_a_write_deletes_its_temporary_then_ends_the_process(tmp_path, kind):
+    """SIGTERM (`kill`, `timeout`, a scheduler) ended `seekstack quantize` on the spot and left its staging folder
+    beside --out until the next run."""
+    write_here(tmp_path / "step_8", kind)
+    before = contents(tmp_path)
+    writer = start_writer(tmp_path / "step_8", kind)
+    writer.send_signal(signal.SIGTERM)
+    assert writer.wait(timeout=30) == -signal.SIGTERM  # it still ends as SIGTERM ends a process
+    assert contents(tmp_path) == before and entries(tmp_path) == ["step_8"]
+
+
+def test_a_sigterm_handler_of_the_process_keeps_sigterm_during_a_write(tmp_path):
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with atomic_directory(tmp_path / "step_8") as staging:
+            signal.raise_signal(signal.SIGTERM)
+            (staging / "model.safetensors").write_text("new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM] and contents(tmp_path / "step_8") == {"model.safetensors": SHA_NEW}
 
 
 def test_a_retired_folder_is_never_cleared_it_may_hold_the_only_copy_of_a_checkpoint(tmp_path):
