@@ -10,7 +10,8 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   entries_besides(path, makes)  what a folder holds besides the files a command writes, listed for a message
 If a write raises, its temporary files are deleted and the target is left as it was; a write the storage refuses
 (a full disk, a file size limit, a read-only or failing disk) raises `WriteRefused`, which names the target. SIGTERM
-during a write deletes its temporaries too before it ends the process (`sigterm_cleaned_up`).
+during a write deletes its temporaries too before it ends the process (`sigterm_cleaned_up`), and Ctrl-C while the
+new files are renamed into place waits for the last rename, so the target holds the old contents or the new ones.
 
 A writer holds an exclusive lock (flock) on its temporary while it writes; the kernel drops it when the writer dies,
 even killed outright (SIGKILL), so the first write of a process into a folder deletes the temporaries there that no
@@ -101,10 +102,11 @@ def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
                 yield staged
                 for hidden in staged.hidden.values():
                     _fsync(hidden)
-            for name, hidden in staged.hidden.items():
-                os.replace(hidden, folder / name)
-            _fsync(folder)
-            published = True
+            with interrupts_deferred():  # Ctrl-C between two renames would publish some files and delete the rest
+                for name, hidden in staged.hidden.items():
+                    os.replace(hidden, folder / name)
+                _fsync(folder)
+                published = True
         finally:
             for hidden in staged.hidden.values():
                 hidden.unlink(missing_ok=True)
@@ -159,14 +161,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 yield staging
                 for entry in [*staging.rglob("*"), staging]:
                     _fsync(entry)
-            if path.exists():
-                retired = _create_hidden(path.parent, f"{path.name}{RETIRED}", Path.mkdir)
-                os.replace(path, retired / path.name)  # a crash before the next rename leaves it in `retired`
-                os.replace(staging, path)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, path)
-            _fsync(path.parent)
+            with interrupts_deferred():  # Ctrl-C between the renames would leave neither folder at `path`
+                if path.exists():
+                    retired = _create_hidden(path.parent, f"{path.name}{RETIRED}", Path.mkdir)
+                    os.replace(path, retired / path.name)  # a crash before the next rename leaves it in `retired`
+                    os.replace(staging, path)
+                    shutil.rmtree(retired)
+                else:
+                    os.replace(staging, path)
+                _fsync(path.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             os.close(lock)

@@ -357,6 +357,34 @@ def test_staged_files_that_fail_leave_no_folder_they_created(tmp_path):
     assert entries(tmp_path / "kept" / "corpus") == ["a users file"]
 
 
+@pytest.fixture
+def ctrl_c_after_the_first_rename(monkeypatch):
+    """Ctrl-C landing right after a write's first rename into place."""
+    replace = os.replace
+    renames = []
+
+    def replace_then_ctrl_c(source, target):
+        replace(source, target)
+        renames.append(target)
+        if len(renames) == 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+
+
+def test_ctrl_c_while_staged_files_are_renamed_into_place_publishes_them_all_first(
+    tmp_path, ctrl_c_after_the_first_rename
+):
+    """It published the new train.jsonl beside the old val.jsonl."""
+    for name in ("train.jsonl", "val.jsonl"):
+        (tmp_path / name).write_text("old")
+    with pytest.raises(KeyboardInterrupt), staged_files(tmp_path) as staged:
+        for name in ("train.jsonl", "val.jsonl"):
+            staged.path(name).write_text("new")
+    assert entries(tmp_path) == ["train.jsonl", "val.jsonl"]
+    assert {(tmp_path / name).read_text() for name in ("train.jsonl", "val.jsonl")} == {"new"}
+
+
 # ------------------------------------------------------------------ folders
 def test_atomic_directory_replaces_the_whole_folder(tmp_path):
     (tmp_path / "ckpt").mkdir()
@@ -377,6 +405,18 @@ def test_atomic_directory_that_fails_midway_keeps_the_old_folder_and_leaves_no_t
         raise DiskFull("no space left")
     assert entries(tmp_path) == ["ckpt"]
     assert contents(tmp_path / "ckpt") == before
+
+
+def test_ctrl_c_between_atomic_directorys_renames_still_puts_the_new_folder_in_place(
+    tmp_path, ctrl_c_after_the_first_rename
+):
+    """The old folder was moved aside, then Ctrl-C deleted the new one: no folder was left at the path."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_directory(tmp_path / "ckpt") as staging:
+        (staging / "model.safetensors").write_text("new")
+    assert entries(tmp_path) == ["ckpt"]
+    assert contents(tmp_path / "ckpt") == {"model.safetensors": SHA_NEW}
 
 
 def test_atomic_directory_that_fails_on_its_first_write_creates_nothing(tmp_path):
