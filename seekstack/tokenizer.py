@@ -176,11 +176,20 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings in it become their single ids. ValueError for text holding a lone
         surrogate: how Python keeps bytes that were not UTF-8 (in arguments, pipes), which no tokenizer can take."""
+        ids = self._encode(text, add_special_tokens=False)
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt to continue, framed as the tokenizer.json's post-processor frames a text, as
+        transformers' `tokenizer(text)` and vLLM's completions encode it: a DeepSeek release's puts BOS first (without
+        it the model reads a start it was never trained on); seekstack's trained tokenizers add nothing."""
+        return self._encode(text, add_special_tokens=True)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         try:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError as error:
             raise _lone_surrogate_error([text], "the text") or error from None
-        return [self.bos_id, *ids] if add_bos else ids
 
     def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
         """Token ids of many documents (corpus text) at once, in parallel threads. Unlike `encode`, a special-token

@@ -163,7 +163,9 @@ def generate_command(
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
         encoder = engine.tokenizer
-        prompt_ids = encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode(prompt)
+        prompt_ids = (
+            encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode_prompt(prompt)
+        )
         params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)
         if notice:
             typer.echo(f"note: {notice}", err=True)

@@ -899,9 +899,10 @@ class Engine:
         adapters: list[str | None] | None = None,
     ) -> list[Completion]:
         """Add all prompts (a str or a list of token ids is one prompt, as in vLLM; a tensor of ids reads as its
-        list: 1-D one prompt, 2-D a prompt per row, as transformers' input_ids; text is encoded without BOS, as
-        training shards are), each on the base or on the loaded adapter `adapters` names for it, and step until all
-        finish. A prompt refused (too long, an adapter not loaded) raises ValueError, the prompts added before it
+        list: 1-D one prompt, 2-D a prompt per row, as transformers' input_ids; text is encoded by `encode_prompt`:
+        BOS first with a DeepSeek release's tokenizer, as transformers encodes it, none with seekstack's, as its
+        training shards hold none), each on the base or on the loaded adapter `adapters` names for it, and step until
+        all finish. A prompt refused (too long, an adapter not loaded) raises ValueError, the prompts added before it
         aborted, none left queued."""
         if isinstance(prompts, torch.Tensor):
             prompts = prompts.tolist()
@@ -913,7 +914,7 @@ class Engine:
         if not len(params_list) == len(adapter_list) == len(prompts):
             counts = f"{len(params_list)} sampling parameter sets and {len(adapter_list)} adapters"
             raise ValueError(f"{len(prompts)} prompts but {counts}")
-        prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        prompt_ids = [self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
         started = time.perf_counter()
         request_ids: list[str] = []
         parts: dict[str, list[RequestOutput]] = {}

@@ -73,7 +73,7 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
     prompts = []
     for prompt in completion_prompts(request):
         if isinstance(prompt, str):
-            prompts.append(tokenizer.encode(prompt))
+            prompts.append(tokenizer.encode_prompt(prompt))
             continue
         refuse_outside_vocabulary(prompt, tokenizer, "prompt")
         prompts.append(list(prompt))

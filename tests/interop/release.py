@@ -1,0 +1,86 @@
+"""A DeepSeek release as a user downloads it, shrunk: transformers' model with random weights, and beside it the
+files as the release writes them (config.json's keys and quirks, generation_config.json, a tokenizer.json whose
+post-processor puts BOS first, tokenizer_config.json with a chat template)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import processors
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from seekstack.tokenizer import BOS, EOS, train_tokenizer
+from tests.test_tokenizer import stdlib_texts
+
+VOCAB = 512  # config.json's vocab_size, past the tokenizer's ids as DeepSeek-V3's 129,280 is
+DIMS = dict(
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+    n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, first_k_dense_replace=1, n_group=4, topk_group=2,
+    routed_scaling_factor=2.5, max_position_embeddings=163840,
+)  # fmt: skip
+YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096}  # fmt: skip
+# DeepSeek-V3's config.json keys that transformers' config does not hold, as released
+RELEASE_KEYS = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekV3Config",
+        "AutoModel": "modeling_deepseek.DeepseekV3Model",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM",
+    },
+    "aux_loss_alpha": 0.001, "ep_size": 1, "moe_layer_freq": 1, "pretraining_tp": 1, "seq_aux": True,
+    "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True, "num_nextn_predict_layers": 1,
+    "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True,
+}  # fmt: skip
+
+
+@torch.no_grad()
+def randomise(model: torch.nn.Module) -> None:
+    """Every weight random (norm gains near 1, the routing bias too), so a weight read wrong changes the logits."""
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.endswith("e_score_correction_bias"):
+            tensor.copy_(torch.rand(tensor.shape, generator=generator) - 0.5)
+        elif "norm" in name:
+            tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+        elif tensor.is_floating_point() and "inv_freq" not in name:
+            tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+
+
+def release_tokenizer(folder: Path) -> None:
+    """A byte-level BPE whose tokenizer.json puts BOS before a text, as DeepSeek-V3's post-processor does, and a
+    tokenizer_config.json as the release's (LlamaTokenizerFast, add_bos_token)."""
+    tokenizer = train_tokenizer(stdlib_texts(100_000), vocab_size=400, out_path=folder)
+    tokenizer.backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, tokenizer.bos_id)]
+            ),
+        ]
+    )
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True, pad_token=EOS, model_max_length=16384)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+
+
+def deepseek_v3_release(folder: Path, generation_config: dict | None = None) -> Path:
+    """`folder` holding a shrunk DeepSeek-V3 release in bfloat16: transformers' save, then config.json rewritten with
+    the release's keys (legacy rope_scaling, auto_map, torch_dtype ...), and `generation_config` if given."""
+    torch.manual_seed(0)
+    config = DeepseekV3Config(**DIMS, vocab_size=VOCAB, rope_parameters={"rope_type": "yarn", **YARN})
+    model = DeepseekV3ForCausalLM(config).eval()
+    randomise(model)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    release_tokenizer(folder)
+    released = {**DIMS, **RELEASE_KEYS, "model_type": "deepseek_v3", "vocab_size": VOCAB, "bos_token_id": 0,
+                "eos_token_id": 1, "rope_theta": 10000, "rope_scaling": {**YARN, "type": "yarn"}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(released, indent=2), encoding="utf-8")
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config), encoding="utf-8")
+    return folder
