@@ -60,6 +60,8 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
     """Turn configuration, checkpoint and file errors into a one-line message and exit code 1 (JSON if asked)."""
     try:
         yield
+    except BrokenPipeError:  # stdout's reader has gone (`| head` read its lines): click ends the command quietly
+        raise
     except ConfigError as error:  # the configuration: every rank of a torchrun meets it alike
         fail(str(error), as_json)
     except (OSError, ValueError) as error:  # a file, a checkpoint: possibly this rank's own

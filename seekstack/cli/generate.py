@@ -282,7 +282,7 @@ def failures_as_json(as_json: bool) -> Iterator[None]:
         return
     try:
         yield
-    except typer.Exit:
+    except (typer.Exit, BrokenPipeError):  # a broken pipe: stdout's reader has gone, to hear no JSON either
         raise
     except KeyboardInterrupt:
         typer.echo(json.dumps({"error": {"message": "interrupted (Ctrl-C) before any text was generated"}}))

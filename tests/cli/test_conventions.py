@@ -1,0 +1,28 @@
+"""What every `seekstack` command owes a shell: output that pipes, and exit codes that say what happened."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.infer.support import model_dir
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_generate_into_a_pipe_whose_reader_has_gone_ends_quietly(tmp_path, as_json):
+    model = model_dir(tmp_path / "model")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone, as `seekstack generate ... | head` once head has its lines
+    command = [sys.executable, "-m", "seekstack", "generate", "def f(", "--model", str(model), "--max-new-tokens", "4"]
+    try:
+        result = subprocess.run(
+            command + ["--json"] * as_json, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1  # click's exit for a broken pipe, with nothing said
+    assert [line for line in result.stderr.splitlines() if not line.startswith("note: ")] == []
