@@ -35,6 +35,7 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4 in a trained token
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the R1 format's reasoning block: <think> reasoning </think> answer
 MESSAGE_ROLES = ("system", "developer", "user", "assistant")  # OpenAI's; developer (its newer system) is read as system
 SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
 # 4x the largest vocabulary of a released model (Gemma 3's 262,144; DeepSeek-V3 has 129,280): ids far below what
@@ -45,14 +46,18 @@ LARGEST_VOCAB = 2**20
 # The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
 # (joined by newlines), an assistant's null content as empty; other roles, parts, tool calls and tools raise (as the
-# server refuses `tools`: a prompt rendered without them would be answered as if none were offered). Its
+# server refuses `tools`: a prompt rendered without them would be answered as if none were offered). An assistant
+# turn before the last user message loses its reasoning (`drop_past_reasoning`). Its
 # `{% generation %}` blocks mark the tokens SFT trains (each answer and its EOS, not an assistant turn of weight 0) for
 # `return_assistant_tokens_mask` (TRL's assistant_only_loss); they render nothing of their own.
 CHAT_TEMPLATE = (
     "{%- if tools -%}"
     "{{- raise_exception('tools were given: the chat template has no tool definitions (the model calls no tools)') -}}"
     "{%- endif -%}"
-    "{%- set ns = namespace(system_prompts=[], turns=[]) -%}"
+    "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
     "{%- for message in messages -%}"
     "{%- set position = 'chat message ' ~ loop.index0 -%}"
     "{%- if message['tool_calls'] -%}"
@@ -72,6 +77,9 @@ CHAT_TEMPLATE = (
     "{%- set ns.system_prompts = ns.system_prompts + [content] -%}"
     "{%- elif message['role'] == 'user' -%}{%- set ns.turns = ns.turns + [['<｜User｜>', content, false]] -%}"
     "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if loop.index0 < ns.last_user and '</think>' in content -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip() -%}"
+    "{%- endif -%}"
     "{%- set trained = message['weight'] is not defined or message['weight'] != 0 -%}"
     "{%- set ns.turns = ns.turns + [['<｜Assistant｜>', content + eos_token, trained]] -%}"
     "{%- else -%}"
@@ -241,12 +249,13 @@ class Tokenizer:
         self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
     ) -> str:
         """The DeepSeek-V3 chat string for `messages`, OpenAI chat messages read as the server reads them
-        (`template_message`). With `continue_final_message` (transformers' name; the DeepSeek API's `prefix`) the last
-        message, an assistant's, is left open for the model to continue: no EOS closes it and no generation prompt
-        follows; ValueError when it is not an assistant's."""
+        (`template_message`), the assistant turns before the last user message without their reasoning
+        (`drop_past_reasoning`). With `continue_final_message` (transformers' name; the DeepSeek API's `prefix`) the
+        last message, an assistant's, is left open for the model to continue: no EOS closes it and no generation
+        prompt follows; ValueError when it is not an assistant's."""
         for token in (USER, ASSISTANT):
             self._special_id(token)
-        messages = [self.template_message(position, message) for position, message in enumerate(messages)]
+        messages = drop_past_reasoning([self.template_message(p, message) for p, message in enumerate(messages)])
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
             raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
@@ -353,6 +362,21 @@ def template_message(position: int, message: object) -> dict:
             f"message), got {type(content).__name__}"
         )
     return {**message, "role": "system" if role == "developer" else role, "content": content}
+
+
+def drop_past_reasoning(messages: list[dict]) -> list[dict]:
+    """Templated `messages` with each assistant turn before the last user message cut to what follows its last
+    `</think>` (the whitespace after it dropped): an R1 reply's answer, the content `--reasoning-parser deepseek_r1`
+    returns. DeepSeek-R1's chat template drops that reasoning from every earlier turn, and the DeepSeek API does not
+    put it back in the context; the turns after the last user message keep theirs, as Qwen3's template and
+    DeepSeek-V3.2's `drop_thinking` keep them: the reply SFT trains on, a `prefix` the model continues."""
+    last_user = max((position for position, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    return [
+        {**m, "content": m["content"].split(THINK_CLOSE)[-1].lstrip()}
+        if m["role"] == "assistant" and position < last_user and THINK_CLOSE in m["content"]
+        else m
+        for position, m in enumerate(messages)
+    ]
 
 
 def part_text(position: int, index: int, part: object) -> str:

@@ -210,6 +210,30 @@ def test_encode_chat_reads_openai_messages_as_the_server_and_the_jinja_template_
     assert tokenizer.render_chat(messages) == rendered
 
 
+R1_REPLY = "<think> 2 and 2 make 4 </think>\n 4"
+R1_HISTORY = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": R1_REPLY}]
+
+
+def test_chat_drops_the_reasoning_of_assistant_turns_before_the_last_user_message(trained, auto_tokenizer):
+    """A reasoning model's earlier replies went back into its prompt whole, <think> block and all; DeepSeek-R1's chat
+    template drops what comes before </think> from them. The turns after the last user message keep it: the reply
+    SFT trains on, a prefix the model continues."""
+    tokenizer, _ = trained
+    follow_up = {"role": "user", "content": "and 3+3?"}
+    answered = [R1_HISTORY[0], {"role": "assistant", "content": "4"}, follow_up]
+    expected = tokenizer.render_chat(answered)
+    assert expected.count("4") == 1 and "think" not in expected
+    for rendered in (
+        tokenizer.render_chat([*R1_HISTORY, follow_up]),
+        auto_tokenizer.apply_chat_template([*R1_HISTORY, follow_up], tokenize=False, add_generation_prompt=True),
+    ):
+        assert rendered == expected
+    kept = f"{ASSISTANT}{R1_REPLY}"
+    assert tokenizer.render_chat(R1_HISTORY, add_generation_prompt=False).endswith(kept + EOS)
+    assert auto_tokenizer.apply_chat_template(R1_HISTORY, tokenize=False).endswith(kept + EOS)
+    assert tokenizer.render_chat(R1_HISTORY, continue_final_message=True).endswith(kept)
+
+
 @pytest.mark.parametrize(
     ("message", "error"),
     [

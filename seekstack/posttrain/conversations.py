@@ -22,7 +22,7 @@ from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import Tokenizer, drop_past_reasoning
 from seekstack.tokenizer import template_message as chat_template_message
 from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
@@ -35,6 +35,7 @@ def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[l
     IGNORE_INDEX elsewhere. Every turn of the template opens with its role's special token, which the tokenizer never
     merges across, so a turn's tokens are those of the turn encoded alone: one encoding per turn (encoding every
     prefix of the conversation took 25 s for one of 200 turns)."""
+    messages = drop_past_reasoning(messages)  # as encode_chat renders them, so that each turn encodes alone as in it
     ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
     bos = len(tokenizer.encode_chat([], add_generation_prompt=False))
@@ -63,7 +64,9 @@ def labelled_text_bytes(tokenizer: Tokenizer, labels: list[int], length: int) ->
 
 def conversation_key(messages: Conversation) -> str:
     """A fingerprint of what the chat template encodes of a conversation (its system prompts, which it puts first,
-    then its turns' roles and contents): equal for every copy of it, whatever other keys a copy's messages carry."""
+    then its turns' roles and contents, an earlier turn's reasoning dropped): equal for every copy of it, whatever
+    other keys a copy's messages carry."""
+    messages = drop_past_reasoning(messages)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     turns = [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
     return hashlib.blake2b(json.dumps([system, turns]).encode(), digest_size=16).hexdigest()

@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 
 from seekstack.posttrain.tasks import Problem, Task
+from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 R1_SYSTEM_PROMPT = "Think step by step inside <think> </think>, then give only the final answer after </think>."
 R1_COMPLETION = re.compile(r"\s*<think>(?P<think>.*?)</think>(?P<answer>.*)", re.DOTALL)
 REWARD_TERMS = ("correctness", "format")

@@ -32,7 +32,7 @@ from seekstack.posttrain.conversations import (
 )
 from seekstack.posttrain.padding import pad_labelled, real_tokens
 from seekstack.posttrain.tasks import make_task
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import Tokenizer, drop_past_reasoning
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, ValidationBatch, train
 
@@ -91,8 +91,8 @@ class SFTSource:
 
     def _training_rows(self, conversations: list[Conversation]) -> list[tuple[list[int], list[int]]]:
         """The conversations' rows that have an assistant token within seq_len (a micro-batch of the others would
-        still take an optimizer step, on the balance loss alone); a note when some are left out, a ValueError naming
-        data and seq_len when all are."""
+        still take an optimizer step, on the balance loss alone); a note when some are left out, or lose reasoning
+        (`drop_past_reasoning`), a ValueError naming data and seq_len when all are left out."""
         config = self.config
         rows = [encode_conversation(self.tokenizer, c) for c in conversations]
         trained = [row for row in rows if has_targets_within(row, config.seq_len)]
@@ -105,6 +105,14 @@ class SFTSource:
             print(
                 f"note: {len(rows) - len(trained)} of {len(rows)} conversations have no assistant token within "
                 f"seq_len={config.seq_len}: left out of training; raise seq_len or shorten their prompts",
+                file=sys.stderr,
+            )
+        dropped = sum(drop_past_reasoning(c) != c for c in conversations)
+        if dropped:
+            print(
+                f"note: {dropped} of {len(rows)} conversations have reasoning (up to a </think>) in an assistant turn "
+                "before their last user message: it is dropped, as the chat template drops it from a prompt, and the "
+                "turn trains its answer alone; to train that reasoning too, add the conversation cut after that turn",
                 file=sys.stderr,
             )
         cut = sum(not ends_within(row, config.seq_len) for row in trained)

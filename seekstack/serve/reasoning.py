@@ -11,9 +11,8 @@ piece tells.
 
 from __future__ import annotations
 
-from seekstack.posttrain.rewards import THINK_CLOSE, THINK_OPEN
 from seekstack.serve.schemas import AssistantMessage
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
 
 REASONING_PARSERS = ("deepseek_r1",)  # vLLM's name for the R1 format
 

@@ -13,6 +13,7 @@ from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.conversations import (
     ShuffledRows,
+    conversation_key,
     encode_conversation,
     labelled_text_bytes,
     read_conversations,
@@ -45,7 +46,9 @@ def test_labels_cover_exactly_the_assistant_turns_and_their_eos(tmp_path):
             current = []
         elif token is not None:
             current.append(token)
-    assert spans == ["<think> 1+2=3 </think> 3" + EOS, "4" + EOS]
+    assert spans == ["3" + EOS, "4" + EOS]  # the first answer's reasoning dropped, as a later prompt drops it
+    assert encode_conversation(tokenizer, CHAT[:3])[0] == tokenizer.encode_chat(CHAT[:3], add_generation_prompt=False)
+    assert tokenizer.decode(encode_conversation(tokenizer, CHAT[:3])[0]).endswith("<think> 1+2=3 </think> 3" + EOS)
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels, strict=True))
     assert labels[ids.index(tokenizer.backend.token_to_id(ASSISTANT))] == IGNORE_INDEX
 
@@ -240,7 +243,7 @@ def test_a_system_message_after_the_first_turn_labels_the_assistant_turns_all_th
     assert encode_conversation(tokenizer, late) == encode_conversation(tokenizer, first)
     ids, labels = encode_conversation(tokenizer, late)
     assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == (
-        "<think> 1+2=3 </think> 3" + EOS + "4" + EOS
+        "3" + EOS + "4" + EOS
     )
 
 
@@ -303,8 +306,8 @@ def test_conversations_whose_assistant_turn_starts_past_seq_len_are_left_out_and
 def test_conversations_whose_last_answer_is_cut_by_seq_len_are_counted(tmp_path, capsys):
     """A row keeps its first seq_len tokens: an answer cut there loses its EOS, and the model learns not to stop."""
     tokenizer = byte_tokenizer(tmp_path / "tok")
-    data = write_conversations([CHAT, CHAT[:3], CHAT[:3]], tmp_path / "chats.jsonl")
-    whole = len(encode_conversation(tokenizer, CHAT)[0])
+    data = write_conversations([CHAT[:3], CHAT[1:3], CHAT[1:3]], tmp_path / "chats.jsonl")
+    whole = len(encode_conversation(tokenizer, CHAT[:3])[0])
     common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "model.vocab_size=300"]
     SFTSource(resolve_train_config(None, [*common, f"seq_len={whole}"], cls=SFTConfig))
     assert "cut by" not in capsys.readouterr().err
@@ -313,6 +316,19 @@ def test_conversations_whose_last_answer_is_cut_by_seq_len_are_counted(tmp_path,
         f"note: 1 of 3 conversations have their last assistant turn cut by seq_len={whole - 1}, its EOS with it: the "
         "model learns not to stop on them" in capsys.readouterr().err
     )
+
+
+def test_reasoning_dropped_from_a_turn_before_the_last_user_message_is_noted(tmp_path, capsys):
+    """The chat template drops an earlier turn's reasoning, in training as in a served prompt: the run says so."""
+    byte_tokenizer(tmp_path / "tok")
+    data = write_conversations([CHAT, CHAT[:3], CHAT[:3]], tmp_path / "chats.jsonl")
+    SFTSource(resolve_train_config(None, [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "model.vocab_size=300"],
+                                   cls=SFTConfig))  # fmt: skip
+    assert (
+        "note: 1 of 3 conversations have reasoning (up to a </think>) in an assistant turn before their last user "
+        "message: it is dropped" in capsys.readouterr().err
+    )
+    assert conversation_key(CHAT) == conversation_key([*CHAT[:2], {**CHAT[2], "content": "3"}, *CHAT[3:]])
 
 
 def test_a_special_token_in_content_is_refused_naming_the_file_and_line(tmp_path):

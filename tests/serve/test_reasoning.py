@@ -177,6 +177,23 @@ def test_reasoning_content_echoed_in_a_history_is_accepted_and_left_out_of_the_p
     assert prompt_ids(echoed, engine.tokenizer) == prompt_ids(history(), engine.tokenizer)
 
 
+def test_a_history_replaying_a_whole_reply_gets_its_answer_only_in_the_prompt(engine):
+    """A client without the reasoning parser (or the chat page before it read reasoning_content) sends back the reply
+    as generated, <think> block and all: it was in the prompt, unlike what the parser's content gives; DeepSeek-R1's
+    chat template drops it from earlier turns."""
+
+    def history(replayed: str) -> ChatCompletionRequest:
+        messages = [
+            {"role": "user", "content": "2 + 3?"},
+            {"role": "assistant", "content": replayed},
+            {"role": "user", "content": "and 2 + 4?"},
+        ]
+        return ChatCompletionRequest.model_validate_json(json.dumps({"model": "model", "messages": messages}))
+
+    assert ReasoningSplit().message(REPLY).content == "5"
+    assert prompt_ids(history(REPLY), engine.tokenizer) == prompt_ids(history("5"), engine.tokenizer)
+
+
 def test_an_unknown_reasoning_parser_is_refused_naming_the_option(tmp_path):
     options = ServeOptions(port=0, database=str(tmp_path / "db"), reasoning_parser="qwen3")
     with pytest.raises(ValueError, match="--reasoning-parser 'qwen3': the parsers are deepseek_r1"):
