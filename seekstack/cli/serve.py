@@ -116,9 +116,9 @@ def serve_command(
         if threads is not None:
             import torch
 
-            if threads < 1:
-                raise ValueError(f"--threads {threads}: must be at least 1")
-            torch.set_num_threads(threads)
+            from seekstack.infer.threads import checked_thread_count
+
+            torch.set_num_threads(checked_thread_count(threads, "--threads"))
         with options_named():
             engine = EngineOptions(
                 max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,

@@ -7,8 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from seekstack.cli import app
 from tests.infer.support import model_dir
+
+runner = CliRunner()
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
@@ -26,3 +30,12 @@ def test_generate_into_a_pipe_whose_reader_has_gone_ends_quietly(tmp_path, as_js
         os.close(write_end)
     assert result.returncode == 1  # click's exit for a broken pipe, with nothing said
     assert [line for line in result.stderr.splitlines() if not line.startswith("note: ")] == []
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_every_engine_command_refuses_more_threads_than_cpus_alike(tmp_path, command):
+    too_many = (os.cpu_count() or 1) + 1
+    prompt = ["def f("] if command == "generate" else []
+    result = runner.invoke(app, [command, *prompt, "--model", str(tmp_path / "model"), "--threads", str(too_many)])
+    assert result.exit_code == 1
+    assert f"error: --threads {too_many}: must be from 1 to this machine's {too_many - 1} CPUs" in result.output
