@@ -398,3 +398,16 @@ def test_transformers_reports_every_mtp_layer_key_and_nothing_else(tmp_path):
     expected |= {f"{mtp}.shared_head.head.weight", f"{mtp}.mlp.gate.e_score_correction_bias"}
     assert expected <= info["unexpected_keys"]
     assert all(key.startswith(mtp + ".") for key in info["unexpected_keys"])
+
+
+def test_left_padded_logits_match_transformers_under_the_same_attention_mask(hf_pair):
+    pair = hf_pair(CASES[0])
+    input_ids = pair.input_ids.clone()
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :9] = 0  # the second row left-padded by 9
+    with torch.no_grad():
+        expected = pair.reference(input_ids, attention_mask=attention_mask).logits
+        got = pair.ours(input_ids, attention_mask=attention_mask).logits
+    tokens = attention_mask.bool()
+    assert max_diff(got[tokens], expected[tokens]) < ATOL
+    assert max_diff(got[1, 9:], pair.reference_logits[1, 9:]) > ABLATION_MIN_DIFF  # the mask changed the logits

@@ -73,8 +73,10 @@ class MultiHeadLatentAttention(nn.Module):
         sin: torch.Tensor,
         cache: LatentCache | None = None,
         layer_idx: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden). Without a cache: causal attention over x itself."""
+        """x (B, T, hidden) -> (B, T, hidden). Without a cache: causal attention over x itself, or where `mask`
+        (B, 1, T, T) bool allows (`attention_mask_of`)."""
         B, T, _ = x.shape
         q = self.project_query(x).view(B, T, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -84,16 +86,21 @@ class MultiHeadLatentAttention(nn.Module):
         rotated = apply_rotary(torch.cat((q_rope, k_rope.unsqueeze(2)), dim=2), cos, sin, self.interleaved)
         q_rope, k_rope = rotated[:, :, : self.num_heads], rotated[:, :, self.num_heads]  # (B, T, H, R), (B, T, R)
         if cache is None:
-            out = self.attend_expanded(q_nope, q_rope, kv_latent, k_rope)
+            out = self.attend_expanded(q_nope, q_rope, kv_latent, k_rope, mask)
         else:
             cached, mask = cache.update(layer_idx, kv_latent, k_rope)
             out = self.attend_absorbed(q_nope, q_rope, cached, mask)
         return self.o_proj(out.flatten(2))
 
     def attend_expanded(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv_latent: torch.Tensor, k_rope: torch.Tensor
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        kv_latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Training/prefill: up-project the latent to per-head keys and values, then causal SDPA."""
+        """Training/prefill: up-project the latent to per-head keys and values, then SDPA, causal or by `mask`."""
         B, T, H, _ = q_nope.shape
         kv = self.kv_b_proj(kv_latent).view(B, T, H, self.nope_dim + self.v_dim)
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -102,7 +109,9 @@ class MultiHeadLatentAttention(nn.Module):
         # Zero-pad to one width: torch's fused CPU kernels need it; padded q/k add 0 to scores, padded v gives 0s.
         width = max(query.shape[-1], self.v_dim)
         query, key, value = (_pad_last(t, width).transpose(1, 2) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.softmax_scale)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale
+        )
         out = out[..., : self.v_dim]
         return out.transpose(1, 2)  # (B, T, H, V)
 
@@ -138,6 +147,16 @@ class MultiHeadLatentAttention(nn.Module):
         out_latent = out_latent.view(B, H, T, -1)[..., : self.kv_rank].transpose(0, 1).reshape(H, B * T, self.kv_rank)
         out = torch.bmm(out_latent, w_uv.transpose(1, 2))  # (H, B*T, C) @ (H, C, V)
         return out.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)  # (B, T, H, V)
+
+
+def attention_mask_of(padding_mask: torch.Tensor) -> torch.Tensor:
+    """transformers' `attention_mask` (B, T), 1 for a token and 0 for padding, as the (B, 1, T, T) bool mask of
+    causal attention to the tokens alone. A padding position sees itself too: a query that sees no key would make
+    SDPA's softmax NaN, and a NaN value reaches every query through the zero weights of the masked keys."""
+    T = padding_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=padding_mask.device).tril()
+    seen = causal & padding_mask.bool()[:, None, :]  # (B, T, T): query t sees key s <= t that is a token
+    return (seen | torch.eye(T, dtype=torch.bool, device=padding_mask.device)).unsqueeze(1)
 
 
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:

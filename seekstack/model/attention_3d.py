@@ -50,12 +50,19 @@ class SpatioTemporalAttention(MultiHeadLatentAttention):
         sin: torch.Tensor,
         cache: LatentCache | None = None,
         layer_idx: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D), causal over x itself; the latent cache's decode path has no conv state."""
+        """x (B, T, D) -> (B, T, D), causal over x itself; the latent cache's decode path has no conv state, and the
+        running mean and convolution would read padding, so neither a cache nor a padding mask is taken."""
         if cache is not None:
             raise NotImplementedError(
                 "attention_variant='3d' is a training ablation: it has no cached decode path; "
                 "generate with a plain MLA model"
+            )
+        if mask is not None:
+            raise NotImplementedError(
+                "attention_variant='3d' takes no attention_mask: its running mean and convolution read the padding; "
+                "pad on the right, where a causal model needs no mask"
             )
         spatial = super().forward(x, cos, sin)
         positions = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype).view(1, -1, 1)

@@ -35,9 +35,11 @@ class DecoderBlock(nn.Module):
         sin: torch.Tensor,
         cache: LatentCache | None = None,
         counted: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        """`counted` (B, T): the tokens a MoE's routing statistics count (`MoE.forward`)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx)
+        """`counted` (B, T): the tokens a MoE's routing statistics count (`MoE.forward`); `mask` (B, 1, T, T): the
+        keys each query attends to (default: causal)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx, mask)
         if isinstance(self.mlp, MoE):
             ffn_out, stats = self.mlp(self.post_attention_layernorm(x), counted)
             return x + ffn_out, stats

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekstack.config import MTP_LOSS_WEIGHT, ModelConfig
-from seekstack.model.attention import LatentCache
+from seekstack.model.attention import LatentCache, attention_mask_of
 from seekstack.model.attention_3d import SpatioTemporalAttention
 from seekstack.model.block import DecoderBlock
 from seekstack.model.head_loss import IGNORE_INDEX, linear_cross_entropy
@@ -102,6 +102,7 @@ class Transformer(nn.Module):
         keep_logits: bool = True,
         logits_at: torch.Tensor | None = None,
         counted: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds.
 
@@ -109,7 +110,30 @@ class Transformer(nn.Module):
         With labels, `keep_logits=False` returns no logits: the loss never needs them whole, so training skips them.
         `counted` (B, T) bool marks the tokens the MoE layers' expert load and balance loss count: a padded batch
         leaves its padding out (as transformers' attention_mask does for its balance loss).
+        `attention_mask` (B, T), transformers' (1 a token, 0 padding): no token attends to padding, so a left- or
+        right-padded row's logits and losses are its own alone: it is `counted` unless that is given, and a
+        prediction made at padding or of padding is left out of the losses (transformers counts them unless their
+        labels are -100).
         """
+        if input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids have shape {tuple(input_ids.shape)}: expected (batch, seq_len) token ids; one sequence is "
+                "input_ids[None]"
+            )
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: it "
+                    "marks each token of input_ids, 1 a token and 0 padding"
+                )
+            if cache is not None:
+                raise ValueError(
+                    "attention_mask with a cache: a cache's update says what its tokens see; padded prompts are "
+                    "not needed for generation, seekstack.infer.Engine batches prompts of any lengths"
+                )
+            mask = attention_mask_of(attention_mask)
+            counted = attention_mask.bool() if counted is None else counted
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}: labels must be aligned "
@@ -123,11 +147,11 @@ class Transformer(nn.Module):
         hidden = self.embed_tokens(input_ids)
         stats: list[MoEStats] = []
         for layer in self.layers:
-            hidden, layer_stats = layer(hidden, cos, sin, cache, counted)
+            hidden, layer_stats = layer(hidden, cos, sin, cache, counted, mask)
             stats += [layer_stats] if layer_stats is not None else []
         hidden = self.norm(hidden)
         if labels is not None:
-            lm_loss, logits = self.head_loss(hidden, labels[:, 1:], keep_logits)
+            lm_loss, logits = self.head_loss(hidden, _token_targets(labels, attention_mask, 1), keep_logits)
         elif logits_at is not None:
             logits = self.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at].unsqueeze(1))
         else:
@@ -135,7 +159,7 @@ class Transformer(nn.Module):
         if labels is None:
             return ModelOutput(logits, hidden, _stack_load(stats))
 
-        mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats, counted)
+        mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats, counted, attention_mask)
         balance_losses = [s.balance_loss for s in stats if s.balance_loss is not None]
         balance_loss = torch.stack(balance_losses).sum() if balance_losses else None
         loss = lm_loss + mtp_loss_weight * mtp_loss if mtp_loss is not None else lm_loss
@@ -152,8 +176,10 @@ class Transformer(nn.Module):
         sin: torch.Tensor,
         stats: list[MoEStats],
         counted: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        """L_MTP = 1/D sum_k CE(P^k_{i}, t_{i+k+1})  (V3 eq. 24-25); the weight lambda is applied by the caller."""
+        """L_MTP = 1/D sum_k CE(P^k_{i}, t_{i+k+1})  (V3 eq. 24-25); the weight lambda is applied by the caller.
+        `attention_mask` (B, T): the tokens, as `forward` takes it."""
         T = input_ids.shape[1]
         depths = [k for k in range(1, len(self.mtp) + 1) if T - k - 1 > 0]
         if not depths:
@@ -162,11 +188,13 @@ class Transformer(nn.Module):
         for k in depths:
             n = T - k  # positions i with a token i+k to embed
             depth_counted = None if counted is None else counted[:, k:]  # position i reads token i+k
+            depth_mask = None if attention_mask is None else attention_mask_of(attention_mask[:, :n])
             hidden, depth_stats = self.mtp[k - 1](
-                hidden[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:n], sin[:n], counted=depth_counted
+                hidden[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:n], sin[:n], None, depth_counted, depth_mask
             )
             stats += [depth_stats] if depth_stats is not None else []
-            depth_loss, _ = self.head_loss(self.mtp[k - 1].head_input(hidden[:, :-1]), labels[:, k + 1 :])
+            depth_targets = _token_targets(labels, attention_mask, k + 1)
+            depth_loss, _ = self.head_loss(self.mtp[k - 1].head_input(hidden[:, :-1]), depth_targets)
             losses.append(depth_loss)
         return torch.stack(losses).mean()
 
@@ -181,6 +209,16 @@ class Transformer(nn.Module):
             hidden.reshape(B * T, D), self.lm_head.weight, targets.flatten(), keep_logits
         )
         return loss, logits.view(B, T, -1) if logits is not None else None
+
+
+def _token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None, ahead: int) -> torch.Tensor:
+    """The targets of positions 0..T-ahead-1, labels[:, ahead:], with -100 where the position or its target is
+    padding (`attention_mask` 0): a padded row's losses are those of its tokens alone."""
+    targets = labels[:, ahead:]
+    if attention_mask is None:
+        return targets
+    tokens = attention_mask.bool()
+    return targets.masked_fill(~(tokens[:, :-ahead] & tokens[:, ahead:]), IGNORE_INDEX)
 
 
 def _stack_load(stats: list[MoEStats]) -> torch.Tensor | None:

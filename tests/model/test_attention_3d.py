@@ -32,6 +32,13 @@ def test_fresh_3d_attention_computes_plain_mla():
         assert torch.equal(plain(ids).logits, variant(ids).logits)
 
 
+def test_3d_attention_refuses_an_attention_mask_whose_padding_its_convolution_would_read():
+    _, variant = _pair()
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with pytest.raises(NotImplementedError, match="attention_variant='3d' takes no attention_mask"):
+        variant(ids, attention_mask=torch.ones_like(ids))
+
+
 def test_3d_attention_is_causal():
     _, variant = _pair()
     for name, param in variant.named_parameters():  # give the zero-initialised terms something to say

@@ -1,4 +1,4 @@
-"""The Transformer's forward: what it accepts as labels."""
+"""The Transformer's forward: what it accepts as input_ids, labels and attention_mask, and padded batches."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from seekstack.model.attention import ContiguousLatentCache
 from seekstack.model.transformer import Transformer
 from tests.conftest import micro_config
 
@@ -17,3 +18,45 @@ def test_forward_refuses_labels_not_aligned_with_the_inputs(labels_shape):
     ids = torch.randint(0, 128, (1, 8))
     with pytest.raises(ValueError, match=re.escape(f"labels have shape {labels_shape}, input_ids (1, 8)")):
         model(ids, labels=torch.randint(0, 128, labels_shape))
+
+
+def padded_batch(rows: list[torch.Tensor], width: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows padded with id 0 to `width` on the left or the right, and transformers' attention_mask for them."""
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        place = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, place], mask[i, place] = row, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_a_padded_batch_with_its_attention_mask_gives_each_row_the_logits_and_losses_of_the_row_alone(left):
+    torch.manual_seed(0)
+    model = Transformer(micro_config()).eval()
+    rows = [torch.randint(1, 128, (length,)) for length in (12, 7, 4)]
+    ids, mask = padded_batch(rows, 12, left)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            alone = model(row[None], labels=row[None])
+            place = slice(12 - len(row), 12) if left else slice(0, len(row))
+            assert torch.allclose(logits[i, place], alone.logits[0], atol=1e-5), i
+            padded = model(ids[i : i + 1], labels=ids[i : i + 1], attention_mask=mask[i : i + 1])
+            assert torch.allclose(padded.lm_loss, alone.lm_loss, atol=1e-5), i
+            assert torch.allclose(padded.mtp_loss, alone.mtp_loss, atol=1e-5), i
+        unmasked = model(ids).logits  # what the mask changes: the left-padded rows read their padding without it
+    if left:
+        assert (unmasked[1, 5:] - logits[1, 5:]).abs().max() > 1e-3
+    assert not logits.isnan().any()  # padding positions, which see no token, are no NaN that could spread
+
+
+def test_forward_refuses_input_ids_that_are_not_a_batch_and_an_attention_mask_of_another_shape():
+    model = Transformer(micro_config())
+    with pytest.raises(ValueError, match=re.escape("input_ids have shape (8,): expected (batch, seq_len)")):
+        model(torch.randint(0, 128, (8,)))
+    with pytest.raises(ValueError, match=re.escape("attention_mask has shape (1, 7), input_ids (1, 8)")):
+        model(torch.randint(0, 128, (1, 8)), attention_mask=torch.ones(1, 7, dtype=torch.long))
+    cache = ContiguousLatentCache(model.config, 1, 16)
+    with pytest.raises(ValueError, match="attention_mask with a cache"):
+        model(torch.randint(0, 128, (1, 8)), attention_mask=torch.ones(1, 8, dtype=torch.long), cache=cache)
