@@ -108,3 +108,37 @@ def test_a_conversation_past_the_context_leaves_out_its_oldest_exchanges(browser
     faded = browser.find_elements(By.CSS_SELECTOR, ".msg.left-out")
     assert len(faded) == 8 - len(sent) and faded[0].get_attribute("title") == "left out of the model's context"
     assert browser.find_elements(By.CSS_SELECTOR, ".msg")[0] == faded[0]  # the oldest went first
+
+
+# The page's fetch of a chat completion answered by the stream `seekstack serve --reasoning-parser deepseek_r1` sends
+# for the reply "<think> 2 + 3 is 5 </think> 5" (tests/serve/test_reasoning.py); each request's body kept in `sent`.
+R1_STREAM_STUB = """
+const serverFetch = window.fetch;
+window.sent = [];
+window.fetch = async (url, options) => {
+  if (!String(url).endsWith("/v1/chat/completions")) return serverFetch(url, options);
+  window.sent.push(JSON.parse(options.body));
+  const deltas = [{ role: "assistant", content: "" }, { reasoning_content: "2 + 3" }, { reasoning_content: " is 5" },
+                  { content: "5" }];
+  const events = deltas.map((delta) => "data: " + JSON.stringify({ choices: [{ index: 0, delta }] }) + "\\n\\n");
+  events.push('data: {"choices": [], "usage": {"completion_tokens": 12}}\\n\\n', "data: [DONE]\\n\\n");
+  return new Response(events.join(""), { status: 200, headers: { "Content-Type": "text/event-stream" } });
+};
+"""
+
+
+def test_a_replys_reasoning_shows_folded_above_its_answer_and_is_not_sent_back(browser, page_url):
+    """The page read delta.content only: a reasoning model's reasoning (delta.reasoning_content) never showed, and a
+    reply cut inside it left an empty bubble."""
+    browser.get(page_url)
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
+    browser.execute_script(R1_STREAM_STUB)
+    send(browser, "2 + 3?")
+    reply = wait_for_reply(browser, 1)
+    reasoning = reply.find_element(By.CSS_SELECTOR, "details.reasoning")
+    assert reasoning.get_attribute("open") is None and reasoning.is_displayed()  # folded, its summary shown
+    assert reasoning.find_element(By.TAG_NAME, "div").get_attribute("textContent") == "2 + 3 is 5"
+    assert reply.find_element(By.CSS_SELECTOR, ".answer").text == "5"
+    send(browser, "and 2 + 4?")
+    wait_for_reply(browser, 2)
+    assert browser.execute_script("return window.sent[1].messages")[1] == {"role": "assistant", "content": "5"}
