@@ -85,11 +85,12 @@ def options_named(options: Collection[str] | None = None) -> Iterator[None]:
         raise ConfigError(given.naming("--" + field.replace("_", "-"))) from None
 
 
-def fail(message: str, as_json: bool = False, every_rank: bool = False) -> NoReturn:
-    """Print `message` as the command's error and exit with code 1. Under torchrun the first rank of each machine
-    (LOCAL_RANK 0: on one machine rank 0) prints it, into the log its machine's user reads (a config file of one
-    node's own fails there alone), and the other ranks, which meet the same error, exit quietly; with `every_rank`
-    (an error that may be one rank's own: its file, its disk) they print it too. A rank but 0 names itself."""
+def fail(message: str, as_json: bool = False, every_rank: bool = False, code: int = 1) -> NoReturn:
+    """Print `message` as the command's error and exit with `code` (2: a command-line mistake). Under torchrun the
+    first rank of each machine (LOCAL_RANK 0: on one machine rank 0) prints it, into the log its machine's user reads
+    (a config file of one node's own fails there alone), and the other ranks, which meet the same error, exit
+    quietly; with `every_rank` (an error that may be one rank's own: its file, its disk) they print it too. A rank but
+    0 names itself."""
     rank = _rank()
     if rank == 0 or every_rank or os.environ.get("LOCAL_RANK") == "0":
         where = "" if rank == 0 else f" (rank {rank})"
@@ -97,7 +98,7 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False) -> NoRet
             typer.echo(json.dumps({"error": {"message": message}}))
         else:
             typer.echo(f"error{where}: {message}", err=True)
-    raise typer.Exit(code=1)
+    raise typer.Exit(code=code)
 
 
 def _rank() -> int:

@@ -398,7 +398,8 @@ def _read_piped_line(prompt: str) -> str:
 
 
 class JsonErrorsCommand(TyperCommand):
-    """A command whose --json reports command-line mistakes (a bad value, a missing option) as JSON too."""
+    """A command whose --json reports command-line mistakes (a bad value, a missing option) as JSON too, with the
+    exit code they have without --json (2)."""
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         json_asked = "--json" in args
@@ -406,7 +407,7 @@ class JsonErrorsCommand(TyperCommand):
             return super().parse_args(ctx, args)
         except UsageError as error:
             if json_asked:
-                fail(error.format_message(), as_json=True)
+                fail(error.format_message(), as_json=True, code=error.exit_code)
             raise
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,14 @@ def test_every_engine_command_refuses_more_threads_than_cpus_alike(tmp_path, com
     result = runner.invoke(app, [command, *prompt, "--model", str(tmp_path / "model"), "--threads", str(too_many)])
     assert result.exit_code == 1
     assert f"error: --threads {too_many}: must be from 1 to this machine's {too_many - 1} CPUs" in result.output
+
+
+@pytest.mark.parametrize(
+    "mistake", [["--temperature", "hot"], ["--no-such-flag"], []], ids=["bad-value", "unknown-option", "no-model"]
+)
+def test_generate_json_exits_on_a_command_line_mistake_as_it_does_without_json(mistake):
+    model = [] if not mistake else ["--model", "checkpoint"]
+    plain = runner.invoke(app, ["generate", "x", *model, *mistake])
+    as_json = runner.invoke(app, ["generate", "x", *model, *mistake, "--json"])
+    assert plain.exit_code == as_json.exit_code == 2
+    assert list(json.loads(as_json.stdout)) == ["error"]

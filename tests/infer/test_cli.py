@@ -138,21 +138,21 @@ def test_a_tokenizer_that_is_not_the_models_is_refused_or_named(checkpoint, tmp_
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "exit_code"),
     [
-        (["--top-p", "1.5"], "--top-p has value 1.5"),
-        (["--draft-tokens", "0"], "--draft-tokens has value 0"),
-        (["--speculative", "--draft-tokens", "1000"], "--draft-tokens must be at most 16"),
-        (["--stop", ""], "--stop has value '': string should have at least 1 character"),
-        (["--threads", "0"], "--threads 0: must be from 1 to this machine's"),
-        (["--threads", "100000"], "--threads 100000: must be from 1 to this machine's"),
-        (["--temperature", "hot"], "Invalid value for '--temperature'"),
-        (["--no-such-flag"], "No such option: --no-such-flag"),
+        (["--top-p", "1.5"], "--top-p has value 1.5", 1),
+        (["--draft-tokens", "0"], "--draft-tokens has value 0", 1),
+        (["--speculative", "--draft-tokens", "1000"], "--draft-tokens must be at most 16", 1),
+        (["--stop", ""], "--stop has value '': string should have at least 1 character", 1),
+        (["--threads", "0"], "--threads 0: must be from 1 to this machine's", 1),
+        (["--threads", "100000"], "--threads 100000: must be from 1 to this machine's", 1),
+        (["--temperature", "hot"], "Invalid value for '--temperature'", 2),  # the parser's: a usage error
+        (["--no-such-flag"], "No such option: --no-such-flag", 2),
     ],
 )
-def test_generate_json_reports_bad_options_as_json(checkpoint, args, message):
+def test_generate_json_reports_bad_options_as_json(checkpoint, args, message, exit_code):
     result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--json", *args])
-    assert result.exit_code == 1
+    assert result.exit_code == exit_code
     assert message in json.loads(result.stdout)["error"]["message"]
     assert result.stderr == ""
 
