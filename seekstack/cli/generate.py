@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -37,9 +38,19 @@ ModelDir = Annotated[
 ]
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
 MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate")]
-Temperature = Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy")]
-TopK = Annotated[int, typer.Option(help="Sample among the k likeliest tokens; 0 = off")]
-TopP = Annotated[float, typer.Option(help="Nucleus sampling: the smallest set with this much probability")]
+CHECKPOINT_DEFAULT = "default: the checkpoint's generation_config.json, else"  # an unset sampling option's value
+Temperature = Annotated[
+    float | None, typer.Option(help=f"Sampling temperature; 0 = greedy [{CHECKPOINT_DEFAULT} 1; chat 0.7]")
+]
+TopK = Annotated[
+    int | None, typer.Option(help=f"Sample among the k likeliest tokens; 0 = off [{CHECKPOINT_DEFAULT} 0]")
+]
+TopP = Annotated[
+    float | None,
+    typer.Option(
+        help=f"Nucleus sampling: the smallest set with this much probability [{CHECKPOINT_DEFAULT} 1; chat 0.95]"
+    ),
+]
 Seed = Annotated[int | None, typer.Option(help="Seed of the sampling; the same seed gives the same text")]
 Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the model needs an MTP module)")]
 DraftTokens = Annotated[
@@ -95,6 +106,7 @@ Stop = Annotated[
 ]
 ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr\\])")
 ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+CHAT_SAMPLING = dict(temperature=0.7, top_p=0.95)  # chat's defaults where neither option nor checkpoint sets them
 DRAFTING_OPTIONS = ("draft_tokens", "adaptive_drafts", "draft_vocab")  # what --speculative decoding alone reads
 INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (SIGINT), as shells give it
 
@@ -105,15 +117,15 @@ def generate_command(
     model: ModelDir,
     tokenizer: TokenizerPath = None,
     max_new_tokens: MaxNewTokens = SamplingParams.max_new_tokens,
-    temperature: Temperature = SamplingParams.temperature,
-    top_k: TopK = SamplingParams.top_k,
-    top_p: TopP = SamplingParams.top_p,
-    min_p: Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the likeliest")] = (
-        SamplingParams.min_p
-    ),
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages tokens already seen")] = (
-        SamplingParams.repetition_penalty
-    ),
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    min_p: Annotated[
+        float | None, typer.Option(help=f"Drop tokens less likely than min-p x the likeliest [{CHECKPOINT_DEFAULT} 0]")
+    ] = None,
+    repetition_penalty: Annotated[
+        float | None, typer.Option(help=f"> 1 discourages tokens already seen [{CHECKPOINT_DEFAULT} 1]")
+    ] = None,
     presence_penalty: Annotated[float, typer.Option(help="OpenAI presence penalty, -2..2")] = (
         SamplingParams.presence_penalty
     ),
@@ -143,16 +155,19 @@ def generate_command(
 ) -> None:
     """Continue PROMPT with a checkpoint, streaming the text (or, with --json, a machine-readable result).
 
-    A max-new-tokens that does not fit the context with the prompt is capped, with a notice on stderr."""
+    A max-new-tokens that does not fit the context with the prompt is capped, with a notice on stderr. Sampling
+    options left unset take the checkpoint's generation_config.json values, else temperature 1, top-p 1, no top-k,
+    min-p or repetition penalty."""
     with failures_as_json(as_json), user_errors(as_json):
         if top_logprobs and not as_json:
             raise ValueError(f"--top-logprobs {top_logprobs}: the log-probabilities are printed with --json only")
         if prompt == "-":
             prompt = sys.stdin.read()
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty)  # fmt: skip
         with options_named():
             params = SamplingParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                max_new_tokens=max_new_tokens, **given_options(sampling), presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
                 ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
             ).validate()  # fmt: skip
@@ -162,6 +177,7 @@ def generate_command(
             )  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
+        params = with_checkpoint_defaults(params, sampling, engine)
         encoder = engine.tokenizer
         prompt_ids = (
             encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode_prompt(prompt)
@@ -189,9 +205,9 @@ def chat_command(
     tokenizer: TokenizerPath = None,
     system: Annotated[str | None, typer.Option(help="System prompt")] = None,
     max_new_tokens: MaxNewTokens = 512,
-    temperature: Temperature = 0.7,
-    top_k: TopK = SamplingParams.top_k,
-    top_p: TopP = 0.95,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
     seed: Seed = None,
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
@@ -207,14 +223,16 @@ def chat_command(
 ) -> None:
     """Chat in the terminal with streamed replies; /reset, /system TEXT, /quit; Ctrl-C stops a reply.
 
-    Says so at the start when the checkpoint looks like a base model with no chat training."""
+    Says so at the start when the checkpoint looks like a base model with no chat training. Sampling options left
+    unset take the checkpoint's generation_config.json values, else temperature 0.7, top-p 0.95, no top-k."""
     from seekstack.infer.chat import HELP, ChatSession, base_model_reason, run_chat
     from seekstack.tokenizer import tokenizer_json_path
 
     with user_errors():
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         with options_named():
             params = SamplingParams(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+                max_new_tokens=max_new_tokens, **{**CHAT_SAMPLING, **given_options(sampling)}, seed=seed
             ).validate()
             options = one_stream(
                 speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map,
@@ -222,6 +240,7 @@ def chat_command(
             )  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
+        params = with_checkpoint_defaults(params, sampling, engine)
     reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent, adapter)
     if reason:
         note = f"{engine.model_name} looks like a base model with no chat training ({reason})"
@@ -342,6 +361,21 @@ def one_stream(
         draft_vocab=draft_vocab, compile=compile, kv_cache_memory=kv_cache_memory, device_map=device_map,
         offload_dir=offload_dir, dtype=dtype,
     ).validate()  # fmt: skip
+
+
+def given_options(sampling: dict[str, float | None]) -> dict[str, float]:
+    """The sampling options the command line set (those not None)."""
+    return {name: value for name, value in sampling.items() if value is not None}
+
+
+def with_checkpoint_defaults(
+    params: SamplingParams, sampling: dict[str, float | None], engine: Engine
+) -> SamplingParams:
+    """`params` with each of the `sampling` options the command line left unset (None) set as the checkpoint's
+    generation_config.json sets it (`Engine.sampling_defaults`: DeepSeek-R1's temperature 0.6), as transformers'
+    generate and vLLM read it."""
+    unset = {name: value for name, value in engine.sampling_defaults.items() if sampling.get(name) is None}
+    return dataclasses.replace(params, **unset) if unset else params
 
 
 def load_engine(

@@ -33,6 +33,7 @@ from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
+from seekstack.infer.generation_config import sampling_defaults
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
@@ -182,6 +183,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = "seekstack"
         self.model_dir: Path | None = None  # the checkpoint folder `from_pretrained` loaded; None: a model built here
+        # SamplingParams field -> the checkpoint's generation_config.json value, for what a request leaves unset
+        self.sampling_defaults: dict[str, Any] = {}
         if tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's "
@@ -292,6 +295,7 @@ class Engine:
         reported before any weights load."""
         model_dir = Path(model_dir)
         config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
+        defaults = sampling_defaults(model_dir)
         if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(
                 f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
@@ -315,6 +319,7 @@ class Engine:
             kwargs["draft_ranking"], _ = token_ranking(model_dir, model.config.vocab_size)
         engine = cls(model, loaded_tokenizer, **kwargs)
         engine.model_dir = model_dir.resolve()
+        engine.sampling_defaults = defaults
         engine.model_name = engine.model_dir.name
         return engine
 

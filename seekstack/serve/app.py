@@ -231,7 +231,9 @@ class Server:
             choices = [
                 params
                 for prompt in prompts
-                for params in sampling_params(body, len(prompt), self.engine.max_model_len, unasked_limit)
+                for params in sampling_params(
+                    body, len(prompt), self.engine.max_model_len, unasked_limit, self.engine.sampling_defaults
+                )
             ]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             charge = await asyncio.to_thread(self.admit, bill.key, tokens)

@@ -1,15 +1,16 @@
 """OpenAI requests into engine terms (prompt ids, one `SamplingParams` per choice) and engine outputs back.
 
-Defaults where a field is absent: temperature 1, top_p 1, no penalties (OpenAI's); max_tokens 16
-for completions (OpenAI's) and, for chat, whatever room the context leaves after the prompt.
+Defaults where a field is absent: the checkpoint's generation_config.json values of temperature, top_p, top_k, min_p
+and repetition_penalty (as vLLM's `--generation-config auto`), else temperature 1, top_p 1, no penalties (OpenAI's);
+max_tokens 16 for completions (OpenAI's) and, for chat, whatever room the context leaves after the prompt.
 Values too small for float32 sampling are the engine's to handle: a temperature below 1e-5 is greedy
 (vLLM's rule), and however small top_p is, the likeliest token stays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.outputs import TokenLogprob
@@ -196,10 +197,12 @@ def sampling_params(
     prompt_tokens: int,
     max_model_len: int,
     unasked_limit: int | None = None,
+    model_defaults: Mapping[str, Any] | None = None,
 ) -> list[SamplingParams]:
     """One validated `SamplingParams` per engine request: per choice, or per best_of candidate (request i uses
     seed + i); 400 when the context cannot hold it. A chat request without max_tokens may fill the context's room,
-    or at most `unasked_limit` tokens when that is given (what its key's tokens per minute leave it)."""
+    or at most `unasked_limit` tokens when that is given (what its key's tokens per minute leave it). Sampling fields
+    the request leaves unset take `model_defaults` (`Engine.sampling_defaults`), else OpenAI's defaults."""
     is_chat = isinstance(request, ChatCompletionRequest)
     room = max_model_len - prompt_tokens
     requested = requested_max_tokens(request)
@@ -218,15 +221,21 @@ def sampling_params(
         logprobs, top_logprobs = request.logprobs is not None, request.logprobs or 0
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     ranked = candidates(request) > request.n  # best_of: each candidate's logprobs rank it
+    model_defaults = model_defaults or {}
+
+    def unless_set(name: str, default: float) -> float:
+        value = getattr(request, name)
+        return model_defaults.get(name, default) if value is None else value
+
     choices = []
     for index in range(candidates(request)):
         params = SamplingParams(
             max_new_tokens=requested or (room if unasked_limit is None else min(room, max(unasked_limit, 1))),
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_k=max(request.top_k or 0, 0),
-            top_p=1.0 if request.top_p is None else request.top_p,
-            min_p=request.min_p or 0.0,
-            repetition_penalty=request.repetition_penalty or 1.0,
+            temperature=unless_set("temperature", 1.0),
+            top_k=max(unless_set("top_k", 0), 0),
+            top_p=unless_set("top_p", 1.0),
+            min_p=unless_set("min_p", 0.0),
+            repetition_penalty=unless_set("repetition_penalty", 1.0),
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
             logit_bias=request.logit_bias or {},

@@ -1,0 +1,38 @@
+"""A checkpoint's generation_config.json: the sampling defaults its authors ship with it (DeepSeek-R1: temperature 0.6,
+top_p 0.95; DeepSeek-V2-Chat: temperature 0.3), read as vLLM's `--generation-config auto` reads them, for what a
+request or a command line leaves unset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from seekstack.infer.params import SamplingParams
+from seekstack.schema import ConfigError
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The generation_config.json fields that set a SamplingParams field of the same name when a request leaves it unset
+# (vLLM's `get_diff_sampling_param`; transformers' max_new_tokens there is a limit the server leaves to the request).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """SamplingParams field -> the value `model_dir`'s generation_config.json gives it, for each of SAMPLING_FIELDS
+    it sets ({} without the file). ConfigError naming the file (and the field) when it is no JSON object or a value is
+    not one SamplingParams takes."""
+    path = Path(model_dir) / GENERATION_CONFIG_FILE
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error}); copy it again from the model's release") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object of generation settings, got {type(raw).__name__}")
+    defaults = {name: raw[name] for name in SAMPLING_FIELDS if raw.get(name) is not None}
+    try:
+        SamplingParams(**defaults).validate()
+    except ConfigError as error:
+        raise error.at(str(path)) from None
+    return defaults
