@@ -94,6 +94,14 @@ def test_save_then_load_gives_equal_state_dict_and_logits(tmp_path):
         assert torch.equal(loaded(INPUT_IDS, labels=INPUT_IDS).mtp_loss, model(INPUT_IDS, labels=INPUT_IDS).mtp_loss)
 
 
+def test_a_model_wrapped_by_torch_compile_saves_as_the_model_it_wraps(tmp_path):
+    model = random_model()
+    seekstack.save_pretrained(torch.compile(model), tmp_path / "ckpt")  # saving compiles nothing: no forward runs
+    seekstack.save_pretrained(model, tmp_path / "plain")
+    assert stored_keys(tmp_path / "ckpt") == stored_keys(tmp_path / "plain")
+    assert_same_state(model, seekstack.load_pretrained(tmp_path / "ckpt"))
+
+
 def test_config_json_is_unchanged_by_a_load_and_save(tmp_path):
     model = random_model(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
     seekstack.save_pretrained(model, tmp_path / "first")

@@ -104,7 +104,9 @@ def write_pretrained_files(
     stacked_experts: bool = False,
 ) -> None:
     """Write config.json and the safetensors into the existing folder `directory`, which the caller makes atomic
-    (`save_pretrained`, training checkpoints). `stacked_experts` writes seekstack's stacked-experts layout."""
+    (`save_pretrained`, training checkpoints). `stacked_experts` writes seekstack's stacked-experts layout. A model
+    wrapped by torch.compile is saved as the model it wraps (its state_dict's keys carry the wrapper's `_orig_mod.`)."""
+    model = getattr(model, "_orig_mod", model)
     write_shards(_stored_tensors(model, fp8_block, stacked_experts), directory, max_shard_bytes)
     write_config(model, directory, fp8_block, stacked_experts)
 
