@@ -35,7 +35,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from seekstack.interrupts import interrupts_deferred, sigterm_cleaned_up
@@ -153,26 +153,24 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clear_killed_writes_once(path.parent)
-    with sigterm_cleaned_up():
-        with interrupts_deferred():  # an interrupt before `staging` is known would leave it behind
+    with sigterm_cleaned_up(), ExitStack() as cleanup:
+        with interrupts_deferred():  # an interrupt before its cleanup is set would leave `staging` behind
             staging, lock = _create_locked(path.parent, path.name, Path.mkdir)
-        try:
-            with _refusals_named(lambda: str(path)):
-                yield staging
-                for entry in [*staging.rglob("*"), staging]:
-                    _fsync(entry)
-            with interrupts_deferred():  # Ctrl-C between the renames would leave neither folder at `path`
-                if path.exists():
-                    retired = _create_hidden(path.parent, f"{path.name}{RETIRED}", Path.mkdir)
-                    os.replace(path, retired / path.name)  # a crash before the next rename leaves it in `retired`
-                    os.replace(staging, path)
-                    shutil.rmtree(retired)
-                else:
-                    os.replace(staging, path)
-                _fsync(path.parent)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            os.close(lock)
+            cleanup.callback(os.close, lock)
+            cleanup.callback(shutil.rmtree, staging, ignore_errors=True)
+        with _refusals_named(lambda: str(path)):
+            yield staging
+            for entry in [*staging.rglob("*"), staging]:
+                _fsync(entry)
+        with interrupts_deferred():  # Ctrl-C between the renames would leave neither folder at `path`
+            if path.exists():
+                retired = _create_hidden(path.parent, f"{path.name}{RETIRED}", Path.mkdir)
+                os.replace(path, retired / path.name)  # a crash before the next rename leaves it in `retired`
+                os.replace(staging, path)
+                shutil.rmtree(retired)
+            else:
+                os.replace(staging, path)
+            _fsync(path.parent)
 
 
 def refuse_a_file_in_the_way(folder: str | os.PathLike, writes: str) -> None:

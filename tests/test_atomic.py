@@ -259,6 +259,22 @@ def test_sigterm_during_a_write_deletes_its_temporary_then_ends_the_process(tmp_
     assert contents(tmp_path) == before and entries(tmp_path) == ["step_8"]
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_ctrl_c_while_a_write_makes_its_temporary_leaves_nothing_behind(tmp_path, monkeypatch, kind):
+    """Ctrl-C landing between a temporary's creation and its lock (`seekstack lora merge` interrupted as it began
+    to write) left the temporary beside the target until the next run."""
+    flock = fcntl.flock
+
+    def ctrl_c_then_flock(descriptor, operation):
+        signal.raise_signal(signal.SIGINT)
+        return flock(descriptor, operation)
+
+    monkeypatch.setattr(fcntl, "flock", ctrl_c_then_flock)
+    with pytest.raises(KeyboardInterrupt):
+        write_here(tmp_path / "step_8", kind)
+    assert entries(tmp_path) == []
+
+
 def test_a_sigterm_handler_of_the_process_keeps_sigterm_during_a_write(tmp_path):
     received = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
