@@ -197,7 +197,8 @@ class ContiguousLatentCache:
         self.lengths[layer_idx] = end
         query_pos = torch.arange(start, end, device=kv_latent.device)[:, None]
         mask = torch.arange(end, device=kv_latent.device)[None, :] <= query_pos  # (T, S) causal
-        return self.cached[layer_idx, :, :end], mask.expand(kv_latent.shape[0], -1, -1)
+        # in the model's dtype when the cache keeps another (a float32 cache, the default, under a bfloat16 model)
+        return self.cached[layer_idx, :, :end].to(kv_latent.dtype), mask.expand(kv_latent.shape[0], -1, -1)
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies across all layers: (C + R) x layers x dtype size."""

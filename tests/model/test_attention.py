@@ -37,6 +37,20 @@ def test_absorbed_decode_matches_prefill(overrides):
     assert (decoded - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_a_bfloat16_model_decodes_with_a_cache_of_either_dtype_as_its_prefill(cache_dtype):
+    model = Transformer(micro_config()).eval().bfloat16()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits.float()
+        cache = ContiguousLatentCache(model.config, batch_size=2, max_length=12, dtype=cache_dtype)
+        chunks = [model(ids[:, :8], cache=cache).logits] + [
+            model(ids[:, t : t + 1], cache=cache).logits for t in range(8, 12)
+        ]
+    decoded = torch.cat(chunks, dim=1).float()
+    assert ((decoded - full).norm() / full.norm()).item() < 0.02
+
+
 def test_per_sequence_positions_match_shared_positions():
     model = Transformer(micro_config(rope_scaling=YARN)).eval()
     ids = torch.randint(0, 128, (2, 12))
