@@ -302,6 +302,7 @@ def prune_command(
     from seekstack.compress.prune import gate_mass, prune_experts, refuse_too_few_kept
     from seekstack.compress.quality import held_out_batches
     from seekstack.compress.quantize import checkpoint_bytes, save_with_tokenizer
+    from seekstack.interrupts import sigterm_cleaned_up
     from seekstack.tokens.provenance import require_checkpoint_tokenizer
     from seekstack.tokens.shards import load_index
     from seekstack.train.config import TRAIN_SPLIT
@@ -329,7 +330,8 @@ def prune_command(
         notes = _rounding_notes(before, network.config, experts, heads, has_moe)
         notes += transformers_head_count_notes(before, network.config)
         if heal_steps:
-            with tempfile.TemporaryDirectory(prefix="seekstack_heal_") as work:
+            # SIGTERM before the trainer takes it (as Ctrl-C) would leave the pruned copy in the temporary folder
+            with sigterm_cleaned_up(), tempfile.TemporaryDirectory(prefix="seekstack_heal_") as work:
                 save_with_tokenizer(network, model, Path(work) / "pruned")
                 try:
                     healed = heal(Path(work) / "pruned", data, heal_steps, Path(work) / "run", heal_lr, heal_batch_size)

@@ -4,7 +4,11 @@ runs."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,6 +97,37 @@ def test_prune_stopped_while_healing_says_the_run_is_gone_and_writes_nothing(tmp
     assert result.exit_code == 1 and "`seekstack prune` has no --resume; run it again" in result.output
     assert "saved" not in result.output and "continue with --resume" not in result.output  # not the trainer's hint
     assert not (tmp_path / "healed").exists()
+
+
+HEALING_STOPPED_BY_SIGTERM = """
+import os, signal, sys, time
+from seekstack.cli import app
+from seekstack.compress import heal
+
+def terminated_as_healing_begins(*args, **kwargs):  # the pruned copy is written; the trainer has not begun
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+heal.heal = terminated_as_healing_begins
+app(sys.argv[1:])
+"""
+
+
+def test_prune_ended_by_sigterm_before_healing_removes_its_temporary_folder(tmp_path):
+    """SIGTERM after the pruned model was written for healing left that copy in /tmp for good."""
+    from tests.train.test_loss_curve import MICRO_MODEL, write_train_shard
+
+    write_train_shard(tmp_path / "shards")
+    seekstack.save_pretrained(seekstack.Transformer(seekstack.preset("tiny", **MICRO_MODEL)), tmp_path / "float")
+    (tmp_path / "tmp").mkdir()
+    ended = subprocess.run(
+        [sys.executable, "-c", HEALING_STOPPED_BY_SIGTERM, "prune", str(tmp_path / "float"), "--data",
+         str(tmp_path / "shards"), "--out", str(tmp_path / "healed"), "--heads", "0.5", "--calibration-batches", "1",
+         "--heal-steps", "2"],
+        env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ended.returncode == -signal.SIGTERM, ended.stderr
+    assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "healed").exists()
 
 
 def test_prune_says_what_a_fraction_rounds_to_and_refuses_one_that_removes_nothing(tmp_path):
