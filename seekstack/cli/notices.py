@@ -6,6 +6,10 @@ and torch warns that torchao registers Enums as pytree constants, a deprecation 
 user of `lora train`, `generate --adapter` or `serve --adapter` anything to do (seekstack uses torchao for float8
 training only, which needs a GPU). A failed load on a CUDA build of torch, and every other notice of both libraries,
 still shows.
+
+lm_eval tells of each task whose documents a callable makes (`custom_dataset`: seekstack's local tasks, and only
+those) that "custom kwargs can be passed to `--metadata` in console", its own CLI's option: `seekstack eval` has
+none, and seekstack makes those documents itself.
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ import re
 
 TORCHAO_KERNEL_LOAD = re.compile(r"Failed to load \S*torchao\S*_C\w*\S*\.so\b")
 PYTREE_ENUM_DEPRECATION = "is an Enum subclass and is now natively supported by torch.compile"
+LM_EVAL_METADATA_HINT = "Custom kwargs can be passed to `--metadata` in console"
 
 
 def quiet_third_party_notices() -> None:
-    """Drop torchao's failed loads of its CUDA kernels on a CPU build of torch, and torch's deprecation of the pytree
-    registration torchao makes, from the logs of this process."""
+    """Drop torchao's failed loads of its CUDA kernels on a CPU build of torch, torch's deprecation of the pytree
+    registration torchao makes and lm_eval's hint at its own CLI's --metadata from the logs of this process."""
     logging.getLogger("torchao").addFilter(_not_a_cuda_kernel_on_a_cpu_build)
     logging.getLogger("torch.utils._pytree").addFilter(_not_the_enum_deprecation)
+    logging.getLogger("lm_eval.api.task").addFilter(_not_the_metadata_hint)
 
 
 def _not_a_cuda_kernel_on_a_cpu_build(record: logging.LogRecord) -> bool:
@@ -32,3 +38,7 @@ def _not_a_cuda_kernel_on_a_cpu_build(record: logging.LogRecord) -> bool:
 
 def _not_the_enum_deprecation(record: logging.LogRecord) -> bool:
     return PYTREE_ENUM_DEPRECATION not in record.getMessage()
+
+
+def _not_the_metadata_hint(record: logging.LogRecord) -> bool:
+    return LM_EVAL_METADATA_HINT not in record.getMessage()

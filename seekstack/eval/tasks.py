@@ -182,7 +182,9 @@ def code_task_configs(
     configs = {
         "code_cloze": {
             "output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "choices",
-            "doc_to_target": "gold", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+            "doc_to_target": "gold",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
             "custom_dataset": _in_memory(questions),
         },
         "code_next_line": {

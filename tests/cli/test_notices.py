@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from seekstack.cli.notices import quiet_third_party_notices
 from tests.adapters.support import write_base, write_random_adapter
+from tests.infer.support import model_dir
 
 TORCHAO_KERNEL_FAILURE = (
     "Failed to load /venv/lib/python3.11/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not "
@@ -52,3 +56,19 @@ def test_other_torchao_warnings_and_its_kernel_failures_on_a_cuda_build_still_sh
     assert torchao.filter(log_record("torchao", "Skipping import of cpp extensions due to incompatible torch version"))
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     assert torchao.filter(log_record("torchao", TORCHAO_KERNEL_FAILURE))
+
+
+def test_eval_prints_no_lm_eval_notice_about_seekstacks_own_tasks(tmp_path):
+    pytest.importorskip("lm_eval")
+    model = model_dir(tmp_path / "model")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    modules = [Path(module.__file__) for module in (json.decoder, json.encoder)]  # held-out Python, as the demo's
+    rows = [json.dumps({"id": path.name, "text": path.read_text()}) for path in modules]
+    (corpus / "val.jsonl").write_text("\n".join(rows) + "\n")
+    command = [sys.executable, "-m", "seekstack", "eval", str(model), "--corpus", str(corpus), "--limit", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "| code_cloze | acc |" in result.stdout
+    # lm_eval's hint at its own CLI's option, and its defaults for metrics whose aggregation the task did not state
+    assert "--metadata" not in result.stderr and "is defined, but" not in result.stderr, result.stderr
