@@ -20,6 +20,7 @@ from seekstack.schema import (
     Positive,
     PositiveFloat,
     check,
+    known_fields,
     recheck,
     require,
 )
@@ -455,7 +456,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named preset (`tiny`, `small`, `deepseek-v2-lite`, `deepseek-v3`), optionally overridden."""
+    """A named preset (`tiny`, `small`, `deepseek-v2-lite`, `deepseek-v3`), optionally overridden; ConfigError
+    naming an override that is no ModelConfig field (a config.json's unknown keys are kept in `extra`, a typo here
+    would be too, and the field it meant left at the preset's value)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    known = sorted(f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra")
+    for override in overrides:
+        if override not in known:
+            raise ConfigError(f"ModelConfig has no field {override!r}; {known_fields(override, known)}")
     return ModelConfig.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")

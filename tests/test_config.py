@@ -123,6 +123,13 @@ def test_unknown_preset_is_named():
         preset("huge")
 
 
+def test_a_preset_override_that_is_no_field_is_refused_naming_the_closest_field():
+    typo = "ModelConfig has no field 'num_hidden_layer'; did you mean 'num_hidden_layers'"
+    with pytest.raises(ConfigError, match=typo):
+        preset("tiny", num_hidden_layer=2)
+    assert preset("tiny", num_hidden_layers=2).num_hidden_layers == 2
+
+
 def test_help_shows_each_field_type_without_constraint_markers():
     from seekstack.posttrain.config import SFTConfig
     from seekstack.schema import describe_fields

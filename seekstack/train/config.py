@@ -24,7 +24,6 @@ from seekstack.schema import (
     PositiveFloat,
     apply_overrides,
     check,
-    known_fields,
     nested_config,
     overridden_field,
     read_config_file,
@@ -163,13 +162,6 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         """The model this run trains: the preset, `model_overrides` on top, and the run's balance-loss weight."""
-        known = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
-        for name in self.model_overrides:
-            if name not in known:
-                raise ConfigError(
-                    f": ModelConfig has no field {name!r}; {known_fields(name, sorted(known))}",
-                    field="model_overrides",
-                )
         overrides = {**self.model_overrides, "aux_loss_alpha": self.aux_loss_alpha}
         try:
             return preset(self.model, **overrides)
