@@ -2,11 +2,12 @@
 
 A byte-level BPE token may hold part of a multi-byte character; text is released only once the bytes
 decode cleanly. Text that could be the beginning of a stop string is held back until it is known not to be.
+With `after_reasoning`, stop strings match only after the reasoning an R1 reply opens with, `<think> ... </think>`.
 """
 
 from __future__ import annotations
 
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
 
 REPLACEMENT = "\ufffd"  # what a decoder writes for an incomplete UTF-8 sequence
 
@@ -15,9 +16,15 @@ class TextStream:
     """Feed generated token ids one at a time; get back the text that is safe to show."""
 
     def __init__(
-        self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = False, enabled: bool = True
+        self,
+        tokenizer: Tokenizer,
+        stop: tuple[str, ...] = (),
+        skip_special_tokens: bool = False,
+        enabled: bool = True,
+        after_reasoning: bool = False,
     ):
         self.tokenizer, self.stop, self.enabled = tokenizer, stop, enabled  # not enabled: every call gives no text
+        self.after_reasoning = after_reasoning
         self.longest_stop = max((len(text) for text in stop), default=0)
         self.skipped_ids = tokenizer.special_ids if skip_special_tokens else frozenset()
         self.ids: list[int] = []
@@ -62,14 +69,30 @@ class TextStream:
         if not self.stop:
             out, self.released = self.text[self.released :], len(self.text)
             return out, False
-        found = [index for stop in self.stop if (index := self.text.find(stop, self.released)) >= 0]
-        end = min(found) if found else len(self.text) - self._held_back()
+        start = self._stops_start()
+        if start is None:
+            return "", False
+        start = max(self.released, start)
+        found = [index for stop in self.stop if (index := self.text.find(stop, start)) >= 0]
+        end = min(found) if found else len(self.text) - self._held_back(start)
         out, self.released = self.text[self.released : end], end
         return out, bool(found)
 
-    def _held_back(self) -> int:
-        """Length of the longest tail of the unreleased text that is a proper prefix of a stop string."""
-        tail = self.text[max(self.released, len(self.text) - self.longest_stop + 1) :]
+    def _stops_start(self) -> int | None:
+        """Where in `text` a stop string may begin: anywhere (0), or with `after_reasoning` in a reply that opens with
+        <think>, past its first </think> (past the text so far while it has none); None while the opening may still
+        be <think>."""
+        if not self.after_reasoning:
+            return 0
+        opening = self.text.lstrip()
+        if not opening.startswith(THINK_OPEN):
+            return None if THINK_OPEN.startswith(opening) else 0
+        close = self.text.find(THINK_CLOSE)
+        return len(self.text) if close < 0 else close + len(THINK_CLOSE)
+
+    def _held_back(self, start: int) -> int:
+        """Length of the longest tail of the text from `start` that is a proper prefix of a stop string."""
+        tail = self.text[max(start, len(self.text) - self.longest_stop + 1) :]
         longest = 0
         for stop in self.stop:
             start = tail.find(stop[0])

@@ -408,7 +408,9 @@ class Engine:
             if any(r.request_id == request_id for r in self._unfinished()):
                 raise ValueError(f"request id {request_id!r} is already in use")
             adapter_slot = self.lora.slot(adapter)  # under the lock, which an unload takes too
-            stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens, params.detokenize)
+            stream = TextStream(
+                self.tokenizer, params.stop, params.skip_special_tokens, params.detokenize, params.stop_after_reasoning
+            )
             request = _Request(
                 request_id,
                 prompt_ids,

@@ -7,6 +7,7 @@ ledger, written before the response's last byte (for streams: before `data: [DON
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -235,6 +236,8 @@ class Server:
                     body, len(prompt), self.engine.max_model_len, unasked_limit, self.engine.sampling_defaults
                 )
             ]
+            if self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest):  # stops match the answer
+                choices = [dataclasses.replace(params, stop_after_reasoning=True) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             charge = await asyncio.to_thread(self.admit, bill.key, tokens)
             constraints = [output_format.constraint() for _ in choices] if output_format else None

@@ -252,6 +252,30 @@ def test_text_that_may_start_a_stop_string_is_held_back_until_decided(tokenizer)
     assert stream.push(tokenizer.encode("z")[0]) == ("", True)
 
 
+@pytest.mark.parametrize(
+    ("text", "after_reasoning", "shown"),
+    [
+        ("<think> Question: 2 + 3? </think> 5 Question: next", False, "<think> "),
+        ("<think> Question: 2 + 3? </think> 5 Question: next", True, "<think> Question: 2 + 3? </think> 5 "),
+        ("  <think> Question: </think>Question:", True, "  <think> Question: </think>"),
+        ("5 Question: next", True, "5 "),  # no reasoning: the whole reply is the answer
+        ("<think> Question: cut before its end", True, "<think> Question: cut before its end"),
+    ],
+)
+def test_stop_strings_after_reasoning_match_in_the_answer_only(tokenizer, text, after_reasoning, shown):
+    """A stop string the reasoning restated (lm-eval's "Question:") ended an R1 reply inside its <think>, as vLLM's V1
+    engine does (vllm#52393): no answer. With after_reasoning they match after the first </think>."""
+    stream = TextStream(tokenizer, stop=("Question:",), after_reasoning=after_reasoning)
+    released, stopped = "", False
+    for token in tokenizer.encode(text):
+        piece, stopped = stream.push(token)
+        released += piece
+        if stopped:
+            break
+    assert (released if stopped else released + stream.flush()) == shown
+    assert stopped == (shown != text)
+
+
 def test_special_tokens_are_left_out_of_the_text_only_when_asked(tokenizer):
     ids = tokenizer.encode("ab<｜User｜>cd<｜Assistant｜>e")
     assert tokenizer.encode("<｜User｜>")[0] in ids  # one special token id, not its characters

@@ -60,12 +60,22 @@ def token_pieces(engine: Engine, text: str) -> list[str]:
     return [engine.tokenizer.decode([token]) for token in engine.tokenizer.encode(text)]
 
 
-def with_openai(engine: Engine, tmp_path, pieces: list[str], finish_reason: str, scenario, **app_options) -> object:
+def with_openai(
+    engine: Engine,
+    tmp_path,
+    pieces: list[str],
+    finish_reason: str,
+    scenario,
+    submitted: list | None = None,
+    **app_options,
+) -> object:
     """`scenario(api)` with an `openai.AsyncOpenAI` client of a fresh app on `engine` whose every request generates
-    `pieces`."""
+    `pieces`; each request's engine parameters (one SamplingParams per choice) are added to `submitted`."""
     app = create_app(engine, open_database(tmp_path / "db"), **app_options)
 
     async def scripted(requests, choices, adapter, constraints) -> ScriptedGroup:
+        if submitted is not None:
+            submitted.append(choices)
         return ScriptedGroup(pieces, finish_reason)
 
     app.state.server.bridge.submit = scripted
@@ -192,6 +202,25 @@ def test_a_history_replaying_a_whole_reply_gets_its_answer_only_in_the_prompt(en
 
     assert ReasoningSplit().message(REPLY).content == "5"
     assert prompt_ids(history(REPLY), engine.tokenizer) == prompt_ids(history("5"), engine.tokenizer)
+
+
+def test_with_the_parser_chat_stop_strings_match_the_answer_only(engine, tmp_path):
+    """Stop strings matched the reasoning too, as vLLM's V1 engine does (vllm#52393, open): a stop the reasoning
+    restated ended the reply with no answer. With --reasoning-parser they match after </think>; completions and a
+    server without the parser match the whole text."""
+
+    async def chat_and_completion(api: openai.AsyncOpenAI) -> None:
+        await api.chat.completions.create(**CHAT, stop=["Question:"])
+        await api.completions.create(model="model", prompt="2 + 3?", max_tokens=5, stop=["Question:"])
+
+    for parser, expected in (("deepseek_r1", [True, False]), (None, [False, False])):
+        submitted: list = []
+        (tmp_path / str(parser)).mkdir()
+        with_openai(
+            engine, tmp_path / str(parser), ["5"], "stop", chat_and_completion, submitted, reasoning_parser=parser
+        )
+        assert [choices[0].stop_after_reasoning for choices in submitted] == expected
+        assert all(choices[0].stop == ("Question:",) for choices in submitted)
 
 
 def test_an_unknown_reasoning_parser_is_refused_naming_the_option(tmp_path):
