@@ -29,7 +29,6 @@ STAGES = (
 
 app = typer.Typer(
     no_args_is_help=True,
-    add_completion=False,
     rich_markup_mode=None,  # plain help: full option names and no type tag on every flag
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
 )

@@ -51,3 +51,18 @@ def test_generate_json_exits_on_a_command_line_mistake_as_it_does_without_json(m
     as_json = runner.invoke(app, ["generate", "x", *model, *mistake, "--json"])
     assert plain.exit_code == as_json.exit_code == 2
     assert list(json.loads(as_json.stdout)) == ["error"]
+
+
+def test_the_shell_completes_commands_and_their_options():
+    def completed(words: str) -> list[str]:
+        position = len(words.split()) - 1
+        env = {"_SEEKSTACK_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(position)}
+        result = runner.invoke(app, [], env=env, prog_name="seekstack")
+        assert result.exit_code == 0, result.output
+        return result.output.split()
+
+    assert completed("seekstack gen") == ["generate"]
+    assert completed("seekstack data bu") == ["build"]
+    assert completed("seekstack generate --max-n") == ["--max-new-tokens"]
+    script = runner.invoke(app, ["--show-completion"], env={"SHELL": "/bin/bash"}, prog_name="seekstack").output
+    assert "complete -o default -F _seekstack_completion seekstack" in script
