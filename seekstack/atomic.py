@@ -295,7 +295,8 @@ def _create_locked(folder: Path, name: str, create: Callable[[Path], None]) -> t
 
 def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> Path:
     """A new `.{name}.{random}.tmp` in `folder`, made by `create`, which raises FileExistsError if it exists.
-    Not `tempfile`: its files and folders are private (0600, 0700); these get the umask's permissions."""
+    Not `tempfile`: its files and folders are private (0600, 0700); these get the umask's permissions.
+    WriteRefused naming `folder / name` (not the temporary's random name) when `folder` does not let this user write."""
     while True:
         hidden = folder / f".{name}.{secrets.token_hex(HIDDEN_TOKEN_BYTES)}.tmp"
         try:
@@ -303,6 +304,13 @@ def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> P
             return hidden
         except FileExistsError:
             continue
+        except PermissionError as error:
+            refused = WriteRefused(
+                f"{folder / name}: not written ({error.strerror}: this user may not create files in {folder}); "
+                "nothing was written"
+            )
+            refused.errno = error.errno
+            raise refused from error
 
 
 def _open_to_lock(hidden: Path) -> int:

@@ -169,6 +169,30 @@ def test_a_refused_write_says_why_the_storage_refused_it(tmp_path, code, reason)
     )
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_folder_this_user_may_not_write_in_is_named_with_the_target_not_a_temporary(tmp_path, monkeypatch, kind):
+    """The error named the hidden temporary (`Permission denied: 'out/.q.f6f91da2.tmp'`), a file the user never
+    asked for; as root, chmod 555 does not refuse, so the refusal is the system's as a user meets it."""
+    (tmp_path / "out").mkdir()
+    mkdir = Path.mkdir
+
+    def refused(path, *args, **kwargs):
+        if path.exists():  # out/ itself: mkdir(exist_ok=True)
+            return mkdir(path, *args, **kwargs)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(Path, "touch", refused)
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(WriteRefused) as error:
+        write_here(tmp_path / "out" / "step_8", kind)
+    out = tmp_path / "out"
+    assert str(error.value) == (
+        f"{out / 'step_8'}: not written (Permission denied: this user may not create files in {out}); nothing was "
+        "written"
+    )
+    assert error.value.errno == errno.EACCES and entries(out) == []
+
+
 def test_a_torch_save_cut_short_in_a_folder_names_the_folder_not_torchs_zip_writer(tmp_path):
     with pytest.raises(WriteRefused) as refused, file_size_limit(50_000):
         with atomic_directory(tmp_path / "step_8") as staging:
