@@ -10,10 +10,16 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from typer.core import TyperCommand
 
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.schema import ConfigError
 from seekstack.train.runs import run_checkpoint
+
+try:
+    from typer._click.exceptions import UsageError  # newer typer carries its own copy of click
+except ImportError:
+    from click import UsageError
 
 RUNS_GIVEN = "runs_given"  # ctx.meta key: each resolved checkpoint -> the run's out_dir the user named
 
@@ -99,6 +105,20 @@ def fail(message: str, as_json: bool = False, every_rank: bool = False, code: in
         else:
             typer.echo(f"error{where}: {message}", err=True)
     raise typer.Exit(code=code)
+
+
+class JsonErrorsCommand(TyperCommand):
+    """A command whose --json reports command-line mistakes (a bad value, a missing option) as JSON too, as its
+    other errors are, with the exit code they have without --json (2)."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        json_asked = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as error:
+            if json_asked:
+                fail(error.format_message(), as_json=True, code=error.exit_code)
+            raise
 
 
 def _rank() -> int:

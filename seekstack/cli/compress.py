@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import fail, options_named, run_to_checkpoint, size, user_errors
+from seekstack.cli.common import JsonErrorsCommand, fail, options_named, run_to_checkpoint, size, user_errors
 
 if TYPE_CHECKING:
     import torch
@@ -383,5 +383,5 @@ def _refuse_quantized(model: Path, what_to_do: str) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("quantize")(quantize_command)
+    app.command("quantize", cls=JsonErrorsCommand)(quantize_command)
     app.command("prune")(prune_command)

@@ -14,15 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from typer.core import TyperCommand
 
-from seekstack.cli.common import fail, options_named, run_to_checkpoint, user_errors
+from seekstack.cli.common import JsonErrorsCommand, fail, options_named, run_to_checkpoint, user_errors
 from seekstack.infer.params import EngineOptions, SamplingParams
-
-try:
-    from typer._click.exceptions import UsageError  # newer typer carries its own copy of click
-except ImportError:
-    from click import UsageError
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
@@ -429,20 +423,6 @@ def _read_piped_line(prompt: str) -> str:
     if not line:
         raise EOFError
     return line
-
-
-class JsonErrorsCommand(TyperCommand):
-    """A command whose --json reports command-line mistakes (a bad value, a missing option) as JSON too, with the
-    exit code they have without --json (2)."""
-
-    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-        json_asked = "--json" in args
-        try:
-            return super().parse_args(ctx, args)
-        except UsageError as error:
-            if json_asked:
-                fail(error.format_message(), as_json=True, code=error.exit_code)
-            raise
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import fail, options_named, run_given, run_to_checkpoint, user_errors
+from seekstack.cli.common import JsonErrorsCommand, fail, options_named, run_given, run_to_checkpoint, user_errors
 from seekstack.cli.generate import (
     AdaptiveDrafts,
     DeviceMap,
@@ -376,4 +376,4 @@ def _utc(timestamp: float) -> str:
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
     app.add_typer(keys_app, name="keys")
-    app.command("usage")(usage_command)
+    app.command("usage", cls=JsonErrorsCommand)(usage_command)

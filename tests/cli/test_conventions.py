@@ -66,3 +66,12 @@ def test_the_shell_completes_commands_and_their_options():
     assert completed("seekstack generate --max-n") == ["--max-new-tokens"]
     script = runner.invoke(app, ["--show-completion"], env={"SHELL": "/bin/bash"}, prog_name="seekstack").output
     assert "complete -o default -F _seekstack_completion seekstack" in script
+
+
+@pytest.mark.parametrize(
+    ("command", "option"), [(["generate", "x"], "--model"), (["quantize", "model"], "--out"), (["usage"], "--since")]
+)
+def test_every_command_with_json_reports_a_command_line_mistake_as_json(command, option):
+    result = runner.invoke(app, [*command, "--json", option])  # the option's value left out
+    assert result.exit_code == 2
+    assert json.loads(result.stdout) == {"error": {"message": f"Option '{option}' requires an argument."}}
