@@ -21,10 +21,10 @@ class TextStream:
         stop: tuple[str, ...] = (),
         skip_special_tokens: bool = False,
         enabled: bool = True,
-        after_reasoning: bool = False,
+        after_reasoning: str | None = None,
     ):
         self.tokenizer, self.stop, self.enabled = tokenizer, stop, enabled  # not enabled: every call gives no text
-        self.after_reasoning = after_reasoning
+        self.after_reasoning = after_reasoning  # the reply's given start (a chat prefix, "" for none), or None: off
         self.longest_stop = max((len(text) for text in stop), default=0)
         self.skipped_ids = tokenizer.special_ids if skip_special_tokens else frozenset()
         self.ids: list[int] = []
@@ -80,15 +80,16 @@ class TextStream:
 
     def _stops_start(self) -> int | None:
         """Where in `text` a stop string may begin: anywhere (0), or with `after_reasoning` in a reply that opens with
-        <think>, past its first </think> (past the text so far while it has none); None while the opening may still
-        be <think>."""
-        if not self.after_reasoning:
+        <think> (its given start, then `text`), past its first </think> (past the text so far while it has none); None
+        while the opening may still be <think>."""
+        if self.after_reasoning is None:
             return 0
-        opening = self.text.lstrip()
+        reply = self.after_reasoning + self.text
+        opening = reply.lstrip()
         if not opening.startswith(THINK_OPEN):
             return None if THINK_OPEN.startswith(opening) else 0
-        close = self.text.find(THINK_CLOSE)
-        return len(self.text) if close < 0 else close + len(THINK_CLOSE)
+        close = reply.find(THINK_CLOSE)
+        return len(self.text) if close < 0 else max(close + len(THINK_CLOSE) - len(self.after_reasoning), 0)
 
     def _held_back(self, start: int) -> int:
         """Length of the longest tail of the text from `start` that is a proper prefix of a stop string."""

@@ -53,7 +53,7 @@ from seekstack.serve.protocol import (
     sampling_params,
 )
 from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
-from seekstack.serve.reasoning import ReasoningSplit
+from seekstack.serve.reasoning import ReasoningSplit, given_start
 from seekstack.serve.safety import ContentSafety
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -237,7 +237,7 @@ class Server:
                 )
             ]
             if self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest):  # stops match the answer
-                choices = [dataclasses.replace(params, stop_after_reasoning=True) for params in choices]
+                choices = [dataclasses.replace(params, stop_after_reasoning=given_start(body)) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             charge = await asyncio.to_thread(self.admit, bill.key, tokens)
             constraints = [output_format.constraint() for _ in choices] if output_format else None
@@ -465,7 +465,7 @@ class Server:
         completions are raw text, as vLLM's)."""
         if self.reasoning_parser is None or not isinstance(body, ChatCompletionRequest):
             return None
-        return [ReasoningSplit() for _ in range(n)]
+        return [ReasoningSplit(given_start(body)) for _ in range(n)]
 
     def reasoning_tokens(self, splits: list[ReasoningSplit], usage: ChoicesUsage) -> int:
         """The reasoning tokens of a call's choices, together (as its completion_tokens)."""

@@ -3,7 +3,8 @@
 `reasoning_content` and the `content` of the message, as DeepSeek's API (deepseek-reasoner) and vLLM's
 `--reasoning-parser deepseek_r1` answer.
 
-A reply that does not open with `<think>` is all content, unchanged. A reply cut (by max_tokens) before its
+A reply that does not open with `<think>` is all content, unchanged; a reply continuing a chat `prefix` opens with
+the prefix's text, which is read but not returned. A reply cut (by max_tokens) before its
 `</think>` is all reasoning, with empty content. The text goes in as it is generated, in pieces of any size: a tag
 split across pieces is found all the same, and text that may still be the start of one is held back until the next
 piece tells.
@@ -11,10 +12,17 @@ piece tells.
 
 from __future__ import annotations
 
-from seekstack.serve.schemas import AssistantMessage
+from seekstack.serve.schemas import AssistantMessage, ChatCompletionRequest
 from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
 
 REASONING_PARSERS = ("deepseek_r1",)  # vLLM's name for the R1 format
+
+
+def given_start(request: ChatCompletionRequest) -> str:
+    """The start of the reply given in the prompt: the content of a last message marked `prefix` (DeepSeek's chat
+    prefix completion), which the reply continues; "" for none."""
+    last = request.messages[-1]
+    return last.text() if last.prefix else ""
 
 
 def check_reasoning_parser(name: str | None) -> None:
@@ -27,11 +35,18 @@ class ReasoningSplit:
     """One choice's reply, pushed piece by piece, released as (reasoning, content) text. The whitespace around the
     reasoning, and before the answer, is dropped (`r1_completion` writes a space on each side of it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, given_start: str = "") -> None:
         self.part = "opening"  # "opening" (not yet known whether it opens <think>), "reasoning" or "content"
         self.held = ""  # text received and not yet released
         self.after_tag = False  # the part began at a tag: its leading whitespace is dropped
         self.raw_reasoning = ""  # the reply's text up to its </think> (or all of it, cut inside the reasoning)
+        self.push(given_start)  # the reply's start given in the prompt (`given_start`): read, never released
+        self.given_reasoning = len(self.raw_reasoning)  # of raw_reasoning, what that start holds
+
+    @property
+    def generated_reasoning(self) -> str:
+        """The generated text up to the reasoning's </think> (all of it, cut inside the reasoning)."""
+        return self.raw_reasoning[self.given_reasoning :]
 
     def push(self, text: str, final: bool = False) -> tuple[str, str]:
         """The reasoning and content text that `text` (the reply's next piece) releases; `final`: the reply ended."""
@@ -82,13 +97,13 @@ class ReasoningSplit:
     def message(self, reply: str) -> AssistantMessage:
         """The message of a whole `reply`: its reasoning_content null when it does not open with <think>."""
         reasoning, content = self.push(reply, final=True)
-        return AssistantMessage(content=content, reasoning_content=reasoning if self.raw_reasoning else None)
+        return AssistantMessage(content=content, reasoning_content=reasoning if self.generated_reasoning else None)
 
     def reasoning_tokens(self, tokenizer: Tokenizer, completion_tokens: int) -> int:
         """The reply's tokens up to its </think> (all of them when it was cut inside the reasoning): the tokenizer's
         count of that text, never more than the `completion_tokens` generated."""
-        if not self.raw_reasoning:
+        if not self.generated_reasoning:
             return 0
         if self.part != "content":
             return completion_tokens
-        return min(len(tokenizer.encode(self.raw_reasoning)), completion_tokens)
+        return min(len(tokenizer.encode(self.generated_reasoning)), completion_tokens)

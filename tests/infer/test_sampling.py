@@ -255,16 +255,19 @@ def test_text_that_may_start_a_stop_string_is_held_back_until_decided(tokenizer)
 @pytest.mark.parametrize(
     ("text", "after_reasoning", "shown"),
     [
-        ("<think> Question: 2 + 3? </think> 5 Question: next", False, "<think> "),
-        ("<think> Question: 2 + 3? </think> 5 Question: next", True, "<think> Question: 2 + 3? </think> 5 "),
-        ("  <think> Question: </think>Question:", True, "  <think> Question: </think>"),
-        ("5 Question: next", True, "5 "),  # no reasoning: the whole reply is the answer
-        ("<think> Question: cut before its end", True, "<think> Question: cut before its end"),
+        ("<think> Question: 2 + 3? </think> 5 Question: next", None, "<think> "),
+        ("<think> Question: 2 + 3? </think> 5 Question: next", "", "<think> Question: 2 + 3? </think> 5 "),
+        ("  <think> Question: </think>Question:", "", "  <think> Question: </think>"),
+        ("5 Question: next", "", "5 "),  # no reasoning: the whole reply is the answer
+        ("<think> Question: cut before its end", "", "<think> Question: cut before its end"),
+        (" Question: 2 + 3? </think> 5 Question: next", "<think> 3", " Question: 2 + 3? </think> 5 "),  # a prefix's
+        (" 5 Question: next", "<think> 2 + 3 </think>", " 5 "),
     ],
 )
 def test_stop_strings_after_reasoning_match_in_the_answer_only(tokenizer, text, after_reasoning, shown):
     """A stop string the reasoning restated (lm-eval's "Question:") ended an R1 reply inside its <think>, as vLLM's V1
-    engine does (vllm#52393): no answer. With after_reasoning they match after the first </think>."""
+    engine does (vllm#52393): no answer. With after_reasoning (the reply's given start, a chat prefix's) they match
+    after the first </think>."""
     stream = TextStream(tokenizer, stop=("Question:",), after_reasoning=after_reasoning)
     released, stopped = "", False
     for token in tokenizer.encode(text):

@@ -213,7 +213,7 @@ def test_with_the_parser_chat_stop_strings_match_the_answer_only(engine, tmp_pat
         await api.chat.completions.create(**CHAT, stop=["Question:"])
         await api.completions.create(model="model", prompt="2 + 3?", max_tokens=5, stop=["Question:"])
 
-    for parser, expected in (("deepseek_r1", [True, False]), (None, [False, False])):
+    for parser, expected in (("deepseek_r1", ["", None]), (None, [None, None])):
         submitted: list = []
         (tmp_path / str(parser)).mkdir()
         with_openai(
@@ -221,6 +221,26 @@ def test_with_the_parser_chat_stop_strings_match_the_answer_only(engine, tmp_pat
         )
         assert [choices[0].stop_after_reasoning for choices in submitted] == expected
         assert all(choices[0].stop == ("Question:",) for choices in submitted)
+
+
+def test_a_reply_continuing_a_prefix_inside_the_reasoning_is_split_at_its_think_close(engine, tmp_path):
+    """A reply continuing a prefix message that opened <think> did not open with it: the parser read it all as
+    content, </think> included, and its stop strings matched the reasoning."""
+    prefix = {"role": "assistant", "content": "<think> 2 +", "prefix": True}
+    submitted: list = []
+
+    async def continued(api: openai.AsyncOpenAI) -> dict:
+        chat = {**CHAT, "messages": [*CHAT["messages"], prefix], "stop": ["+"]}
+        return (await api.chat.completions.create(**chat)).model_dump()
+
+    pieces = token_pieces(engine, " 3 is 5 </think> 5")
+    whole = with_openai(engine, tmp_path, pieces, "stop", continued, submitted, reasoning_parser="deepseek_r1")
+    message = whole["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == (" 3 is 5", "5")  # continues "<think> 2 +"
+    assert whole["usage"]["completion_tokens_details"]["reasoning_tokens"] == len(
+        engine.tokenizer.encode(" 3 is 5 </think>")
+    )
+    assert submitted[0][0].stop_after_reasoning == "<think> 2 +"
 
 
 def test_an_unknown_reasoning_parser_is_refused_naming_the_option(tmp_path):
