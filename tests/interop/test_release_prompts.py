@@ -32,11 +32,19 @@ def engine(release) -> Engine:
 
 @pytest.fixture(scope="module")
 def transformers_greedy(release) -> tuple[list[int], list[int]]:
-    """transformers' prompt ids for PROMPT and its greedy continuation, in float32."""
+    """transformers' prompt ids for PROMPT and its greedy continuation, in float32, never the ids past the tokenizer's
+    (as the engine never samples the ids a release's vocab_size is padded with)."""
     tokenizer = AutoTokenizer.from_pretrained(release)
     model = AutoModelForCausalLM.from_pretrained(release, dtype=torch.float32).eval()
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
-    output = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=NEW_TOKENS)
+    padded = list(range(len(tokenizer), model.config.vocab_size))
+    output = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        suppress_tokens=padded,
+    )
     return prompt[0].tolist(), output[0, prompt.shape[1] :].tolist()
 
 
