@@ -24,6 +24,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 from tokenizers import Tokenizer as BackendTokenizer
 
 from seekstack.atomic import write_atomic
+from seekstack.chat_template import ChatTemplate, read_chat_template
 from seekstack.schema import LONE_SURROGATE, ConfigError
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -137,9 +138,14 @@ def _misread_added_tokens(backend: BackendTokenizer) -> dict[int, str]:
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens and the chat template."""
 
-    def __init__(self, backend: BackendTokenizer, source: str = "<in memory>"):
+    def __init__(
+        self, backend: BackendTokenizer, source: str = "<in memory>", chat_template: ChatTemplate | None = None
+    ):
         self.backend = backend
         self.source = source
+        # The checkpoint's own template, which writes its chats where the DeepSeek-V3 role tokens are missing (V2 chat)
+        self.chat_template = chat_template
+        self.has_role_tokens = all(backend.token_to_id(token) is not None for token in (USER, ASSISTANT))
         self.bos_id = self._special_id(BOS)
         self.eos_id = self._special_id(EOS)
         # DeepSeek-V2 releases have no pad token and pad with EOS, as their tokenizer_config does.
@@ -169,7 +175,8 @@ class Tokenizer:
             backend = BackendTokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception
             raise ValueError(f"{path}: {_why_not_a_tokenizer(path, error)}") from None
-        return cls(backend, source=str(path))
+        chat_template = read_chat_template(path.parent / CONFIG_FILE, path.parent / CHAT_TEMPLATE_FILE)
+        return cls(backend, source=str(path), chat_template=chat_template)
 
     @property
     def fingerprint(self) -> str:
@@ -252,13 +259,21 @@ class Tokenizer:
         (`template_message`), the assistant turns before the last user message without their reasoning
         (`drop_past_reasoning`). With `continue_final_message` (transformers' name; the DeepSeek API's `prefix`) the
         last message, an assistant's, is left open for the model to continue: no EOS closes it and no generation
-        prompt follows; ValueError when it is not an assistant's."""
-        for token in (USER, ASSISTANT):
-            self._special_id(token)
+        prompt follows; ValueError when it is not an assistant's. A tokenizer without the DeepSeek-V3 role tokens
+        writes the chat in its checkpoint's own template (`chat_template`: DeepSeek-V2-Chat's "User: ... Assistant:"),
+        as transformers' `apply_chat_template` does; ValueError when it has none."""
+        if not self.has_role_tokens and self.chat_template is None:
+            raise ValueError(
+                f"tokenizer {self.source} has neither the DeepSeek-V3 chat format's role tokens {USER!r} and "
+                f"{ASSISTANT!r} nor a chat_template in the {CONFIG_FILE} beside it to write a chat with"
+            )
         messages = drop_past_reasoning([self.template_message(p, message) for p, message in enumerate(messages)])
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
             raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
+        if not self.has_role_tokens:
+            special_tokens = {"bos_token": BOS, "eos_token": EOS}
+            return self.chat_template.render(messages, add_generation_prompt, continue_final_message, special_tokens)
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         turns = []
         for message in messages:
@@ -269,6 +284,12 @@ class Tokenizer:
         if continue_final_message:
             return BOS + system + "".join(turns).removesuffix(EOS)
         return BOS + system + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
+
+    @property
+    def jinja_chat_template(self) -> str:
+        """The Jinja form of the chat format `render_chat` writes: the checkpoint's own template where it writes that
+        (no DeepSeek-V3 role tokens), else CHAT_TEMPLATE."""
+        return self.chat_template.text if not self.has_role_tokens and self.chat_template else CHAT_TEMPLATE
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False

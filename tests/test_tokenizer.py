@@ -361,7 +361,9 @@ def test_missing_special_tokens_are_named(tmp_path):
     with pytest.raises(ValueError, match=f"{path}.*no special token '{EOS}'"):
         Tokenizer.from_file(path)
     no_roles = Tokenizer.from_file(deepseek_like_tokenizer(tmp_path / "other.json", [BOS, EOS]))
-    with pytest.raises(ValueError, match=f"no special token '{USER}'"):
+    with pytest.raises(
+        ValueError, match=f"neither the DeepSeek-V3 chat format's role tokens '{USER}'.* nor a chat_template"
+    ):
         no_roles.render_chat([{"role": "user", "content": "hi"}])
 
 

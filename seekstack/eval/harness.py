@@ -32,7 +32,7 @@ from seekstack.checkpoint import load_pretrained
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.schema import ConfigError
-from seekstack.tokenizer import CHAT_TEMPLATE, Tokenizer
+from seekstack.tokenizer import Tokenizer
 
 # A scoring request as TemplateLM hands it over: (request strings or None, context ids, continuation ids).
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -156,14 +156,15 @@ class SeekstackLM(TemplateLM):
         return self.tokenizer_.source.replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        """The Jinja form of the DeepSeek chat template `apply_chat_template` renders (lm_eval records it with the
-        results); None when no chat template is asked for. seekstack has this one template: a name is refused."""
+        """The Jinja form of the chat template `apply_chat_template` renders (lm_eval records it with the results):
+        DeepSeek's, or a DeepSeek-V2 chat release's own (`Tokenizer.jinja_chat_template`); None when no chat template
+        is asked for. The checkpoint has this one template: a name is refused."""
         if isinstance(chat_template, str):
             raise ValueError(
                 f"--apply_chat_template {chat_template!r}: the seekstack backend has one chat template, DeepSeek's; "
                 "give --apply_chat_template without a name"
             )
-        return CHAT_TEMPLATE if chat_template else None
+        return self.tokenizer_.jinja_chat_template if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         """`chat_history` in the DeepSeek chat template as seekstack's chat and server render it. Without

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import processors
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as BackendTokenizer
+from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from seekstack.tokenizer import BOS, EOS, train_tokenizer
 from tests.test_tokenizer import stdlib_texts
@@ -54,18 +55,83 @@ def release_tokenizer(folder: Path) -> None:
     """A byte-level BPE whose tokenizer.json puts BOS before a text, as DeepSeek-V3's post-processor does, and a
     tokenizer_config.json as the release's (LlamaTokenizerFast, add_bos_token)."""
     tokenizer = train_tokenizer(stdlib_texts(100_000), vocab_size=400, out_path=folder)
-    tokenizer.backend.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, tokenizer.bos_id)]
-            ),
-        ]
-    )
+    tokenizer.backend.post_processor = bos_first(tokenizer.bos_id)
     tokenizer.backend.save(str(folder / "tokenizer.json"))
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     config.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True, pad_token=EOS, model_max_length=16384)
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+
+
+# DeepSeek-V2-Chat's (and V2-Lite-Chat's, Coder-V2-Instruct's) chat template, as its tokenizer_config.json holds it
+V2_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}{{ bos_token }}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+V2_LITE_KEYS = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekV2Config",
+        "AutoModel": "modeling_deepseek.DeepseekV2Model",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM",
+    },
+    "aux_loss_alpha": 0.001, "moe_layer_freq": 1, "pretraining_tp": 1, "seq_aux": True, "q_lora_rank": None,
+    "n_group": 1, "topk_group": 1, "topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False,
+    "routed_scaling_factor": 1.0, "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True,
+}  # fmt: skip
+
+
+def v2_chat_tokenizer(folder: Path) -> None:
+    """A byte-level BPE with DeepSeek-V2's special tokens (BOS, EOS and fill-in-the-middle ones, no role tokens),
+    BOS put first by its post-processor, and tokenizer_config.json with V2_CHAT_TEMPLATE, as the V2 chat releases."""
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(stdlib_texts(100_000), trainer=trainer)
+    backend.add_special_tokens([AddedToken("<｜fim▁hole｜>", special=True, normalized=False)])
+    backend.post_processor = bos_first(backend.token_to_id(BOS))
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "LlamaTokenizerFast", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "model_max_length": 16384,
+              "chat_template": V2_CHAT_TEMPLATE}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+
+
+def deepseek_v2_lite_chat_release(folder: Path) -> Path:
+    """`folder` holding a shrunk DeepSeek-V2-Lite-Chat release in bfloat16: its config.json keys (q_lora_rank null,
+    greedy softmax routing, yarn with mscale 0.707), its tokenizer with its own chat template."""
+    torch.manual_seed(0)
+    yarn = {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
+    transformers_keys = {key: value for key, value in V2_LITE_KEYS.items() if key in DeepseekV2Config().to_dict()}
+    config = DeepseekV2Config(
+        **DIMS | transformers_keys, vocab_size=VOCAB, rope_parameters={"rope_type": "yarn", **yarn}
+    )
+    model = DeepseekV2ForCausalLM(config).eval()
+    randomise(model)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    v2_chat_tokenizer(folder)
+    released = {**DIMS, **V2_LITE_KEYS, "model_type": "deepseek_v2", "vocab_size": VOCAB, "bos_token_id": 0,
+                "eos_token_id": 1, "rope_theta": 10000, "rope_scaling": {**yarn, "type": "yarn"}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(released, indent=2), encoding="utf-8")
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    return folder
+
+
+def bos_first(bos_id: int) -> processors.PostProcessor:
+    """DeepSeek's tokenizer.json post-processor: byte-level offsets, and BOS before each text."""
+    return processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+            ),
+        ]
+    )
 
 
 def deepseek_v3_release(folder: Path, generation_config: dict | None = None) -> Path:

@@ -1,0 +1,94 @@
+"""A checkpoint's own chat template: the Jinja `chat_template` its tokenizer_config.json ships (or transformers 5's
+chat_template.jinja beside it), rendered as transformers' `apply_chat_template` renders it. seekstack writes the
+DeepSeek-V3 format itself (`Tokenizer.render_chat`); a release whose tokenizer has no DeepSeek-V3 role tokens
+(DeepSeek-V2-Chat, DeepSeek-V2-Lite-Chat, DeepSeek-Coder-V2-Instruct: "User: ...\\n\\nAssistant:") is written in
+its own template."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import Template, TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where a continued message's content ends
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A checkpoint's Jinja chat template and the file it came from (named in errors)."""
+
+    text: str
+    source: str
+
+    def render(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        special_tokens: dict[str, str],
+    ) -> str:
+        """The chat string for `messages` (templated: string contents), as transformers renders it: with
+        `continue_final_message` the template's text after the last message's content is cut off (found by a tag
+        appended to it, as transformers finds it). ValueError naming the template's file when it raises or, continuing,
+        leaves out the last message's content."""
+        if continue_final_message:
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + CONTINUE_TAG}]
+        try:
+            rendered = _compiled(self.text).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                **special_tokens,
+            )
+        except TemplateError as error:
+            raise ValueError(f"{self.source}: the chat template failed on these messages: {error}") from None
+        if not continue_final_message:
+            return rendered
+        if CONTINUE_TAG.strip() not in rendered:
+            raise ValueError(
+                f"{self.source}: the chat template leaves out the last message's content, so it cannot be continued "
+                "(prefix)"
+            )
+        tag = rendered.rindex(CONTINUE_TAG.strip())
+        # a template that trims the content's trailing whitespace trims the tag's too: trim what comes before it
+        return rendered[:tag] if rendered[tag:].startswith(CONTINUE_TAG) else rendered[:tag].rstrip()
+
+
+def read_chat_template(config_path: Path, template_path: Path) -> ChatTemplate | None:
+    """The chat template a tokenizer ships: the `chat_template` of its tokenizer_config.json `config_path` (a string,
+    or the one named "default" of a list of named templates), else the file `template_path` (transformers 5's
+    chat_template.jinja); None without either. ValueError naming `config_path` when it is not a JSON object."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        config = {}
+    except ValueError as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error}); copy the tokenizer's files again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": "..."}, ...]
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    if isinstance(template, str):
+        return ChatTemplate(template, str(config_path))
+    if template_path.is_file():
+        return ChatTemplate(template_path.read_text(encoding="utf-8"), str(template_path))
+    return None
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(text: str) -> Template:
+    """`text` compiled in the environment transformers renders chat templates in (sandboxed, trimmed blocks, loop
+    controls, `raise_exception`)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.globals["raise_exception"] = _raise_exception
+    return environment.from_string(text)
