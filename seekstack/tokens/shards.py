@@ -64,7 +64,8 @@ class _ShardWriter:
             return
         name = f"{self.split_name}_{len(self.shards):05d}.bin"
         little_endian = self.buffer.dtype.newbyteorder("<")
-        self.buffer[: self.filled].astype(little_endian, copy=False).tofile(self.staged.path(name))
+        with open(self.staged.path(name), "wb") as shard:  # not ndarray.tofile: its short write carries no errno
+            shard.write(self.buffer[: self.filled].astype(little_endian, copy=False).data)
         self.shards.append({"file": name, "tokens": int(self.filled)})
         self.filled = 0
 

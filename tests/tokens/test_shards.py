@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sysconfig
 from collections import Counter
@@ -12,8 +13,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
 
+from seekstack.atomic import WriteRefused
 from seekstack.tokenizer import Tokenizer, train_tokenizer
 from seekstack.tokens.shards import TokenWindows, load_index, token_dtype, tokenize_corpus
+from tests.test_atomic import file_size_limit
 
 SEQ_LEN = 64
 
@@ -137,6 +140,16 @@ def test_retokenizing_replaces_old_shards(tmp_path, tokenizer, documents):
     index = tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train", shard_tokens=100_000)
     assert [path.name for path in (tmp_path / "out").glob("train_*.bin")] == ["train_00000.bin"]
     assert index["shards"] == [{"file": "train_00000.bin", "tokens": index["total_tokens"]}]
+
+
+def test_shards_past_a_file_size_limit_are_a_write_refused_naming_them(tmp_path, tokenizer, documents):
+    """numpy's tofile reported the short write as "376378 requested and 102400 written", with no errno, so `data
+    tokenize` under `ulimit -f` (or on a full disk) failed naming no file and no reason."""
+    corpus = write_corpus(tmp_path / "train.jsonl", documents)
+    with pytest.raises(WriteRefused) as refused, file_size_limit(4096):
+        tokenize_corpus(corpus, tokenizer, tmp_path / "out", "train", shard_tokens=100_000)
+    assert str(refused.value).startswith(f"{tmp_path / 'out' / 'train_00000.bin'}: not written (File too large: ")
+    assert refused.value.errno == errno.EFBIG and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
