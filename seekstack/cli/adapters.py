@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import fail, run_to_checkpoint, user_errors
+from seekstack.cli.common import fail, key_value_command, run_to_checkpoint, user_errors
 
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a key=value positional (lora.rank=4); a path has no key before '='
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
@@ -87,8 +87,10 @@ def _warn(message: str) -> None:
 def register(app: typer.Typer) -> None:
     from seekstack.adapters.config import AdapterConfig
     from seekstack.schema import describe_fields
+    from seekstack.train.config import TrainConfig
 
     epilog = "Adapter keys (lora.FIELD=VALUE):\n\n" + describe_fields(AdapterConfig)
-    lora_app.command("train", epilog=epilog)(train_command)
+    keyed = key_value_command((TrainConfig, ""), (AdapterConfig, "lora."))
+    lora_app.command("train", epilog=epilog, cls=keyed)(train_command)
     lora_app.command("merge")(merge_command)
     app.add_typer(lora_app, name="lora")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Collection, Iterator
@@ -17,9 +18,9 @@ from seekstack.schema import ConfigError
 from seekstack.train.runs import run_checkpoint
 
 try:
-    from typer._click.exceptions import UsageError  # newer typer carries its own copy of click
+    from typer._click.exceptions import NoSuchOption, UsageError  # newer typer carries its own copy of click
 except ImportError:
-    from click import UsageError
+    from click import NoSuchOption, UsageError
 
 RUNS_GIVEN = "runs_given"  # ctx.meta key: each resolved checkpoint -> the run's out_dir the user named
 
@@ -119,6 +120,30 @@ class JsonErrorsCommand(TyperCommand):
             if json_asked:
                 fail(error.format_message(), as_json=True, code=error.exit_code)
             raise
+
+
+def key_value_command(*configs: tuple[type, str]) -> type[TyperCommand]:
+    """The command class of a stage set by key=value arguments (`configs`: each config dataclass with the prefix its
+    keys take, "" or "model."): an option spelt as a key (--max-steps, --max_steps, as HF's Trainer takes them) and
+    close to none of the command's options is refused as any unknown option is (exit 2), saying the key=value to
+    write instead."""
+    keys: dict[str, str] = {}
+    for cls, prefix in configs:
+        for field in dataclasses.fields(cls):
+            keys.setdefault(field.name, prefix + field.name)
+
+    class KeyValueCommand(TyperCommand):
+        def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+            try:
+                return super().parse_args(ctx, args)
+            except NoSuchOption as error:
+                key = keys.get(error.option_name.lstrip("-").replace("-", "_"))
+                if key is None or error.possibilities:  # a near miss of an option (lora train --out-dir: --out)
+                    raise
+                message = f"No such option: {error.option_name}; settings are key=value arguments: {key}=VALUE"
+                raise NoSuchOption(error.option_name, message, ctx=ctx) from None
+
+    return KeyValueCommand
 
 
 def _rank() -> int:

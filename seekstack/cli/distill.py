@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from seekstack.cli.common import key_value_command
 from seekstack.cli.posttrain import ConfigArg, OverridesArg, ResumeOpt, WriteConfigOpt
 from seekstack.cli.train import run_stage
 
@@ -26,8 +27,10 @@ def distill_command(
 
 
 def register(app: typer.Typer) -> None:
+    from seekstack.config import ModelConfig
     from seekstack.distill.config import DistillConfig
     from seekstack.schema import describe_fields
 
     epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n"
-    app.command("distill", epilog=epilog + describe_fields(DistillConfig))(distill_command)
+    keyed = key_value_command((DistillConfig, ""), (ModelConfig, "model."))
+    app.command("distill", epilog=epilog + describe_fields(DistillConfig), cls=keyed)(distill_command)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import options_named, run_to_checkpoint, user_errors
+from seekstack.cli.common import key_value_command, options_named, run_to_checkpoint, user_errors
 from seekstack.cli.train import run_stage
 
 if TYPE_CHECKING:
@@ -162,12 +162,14 @@ def rl_plot_command(
 
 
 def register(app: typer.Typer) -> None:
+    from seekstack.config import ModelConfig
     from seekstack.posttrain.config import GRPOConfig, SFTConfig
     from seekstack.schema import describe_fields
 
     for name, command, cls in (("sft", sft_command, SFTConfig), ("rl", rl_command, GRPOConfig)):
         epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n"
-        app.command(name, epilog=epilog + describe_fields(cls))(command)
+        keyed = key_value_command((cls, ""), (ModelConfig, "model."))
+        app.command(name, epilog=epilog + describe_fields(cls), cls=keyed)(command)
     app.command("pass-at-k")(pass_at_k_command)
     app.command("traces")(traces_command)
     app.command("rl-plot")(rl_plot_command)

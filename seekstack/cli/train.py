@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import Checkpoint, fail, options_named, user_errors
+from seekstack.cli.common import Checkpoint, fail, key_value_command, options_named, user_errors
 
 
 def train_command(
@@ -106,11 +106,13 @@ def sample_command(
 
 
 def register(app: typer.Typer) -> None:
+    from seekstack.config import ModelConfig
     from seekstack.schema import describe_fields
     from seekstack.train.config import TrainConfig
 
     keys = describe_fields(TrainConfig)
     epilog = "Config keys (file or key=value; model.FIELD=VALUE sets a ModelConfig field):\n\n" + keys
-    app.command("train", epilog=epilog)(train_command)
+    keyed = key_value_command((TrainConfig, ""), (ModelConfig, "model."))
+    app.command("train", epilog=epilog, cls=keyed)(train_command)
     app.command("plot")(plot_command)
     app.command("sample")(sample_command)

@@ -75,3 +75,27 @@ def test_every_command_with_json_reports_a_command_line_mistake_as_json(command,
     result = runner.invoke(app, [*command, "--json", option])  # the option's value left out
     assert result.exit_code == 2
     assert json.loads(result.stdout) == {"error": {"message": f"Option '{option}' requires an argument."}}
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "key"),
+    [
+        (["train"], "--max-steps", "max_steps"),
+        (["train"], "--max_steps=10", "max_steps"),  # HF Trainer's spelling
+        (["sft"], "--vocab-size", "model.vocab_size"),
+        (["rl"], "--num-generations", "num_generations"),
+        (["distill"], "--kd-weight", "kd_weight"),
+        (["lora", "train"], "--rank", "lora.rank"),
+    ],
+)
+def test_a_config_key_given_as_an_option_is_refused_with_the_key_value_to_write(command, option, key):
+    result = runner.invoke(app, [*command, option, "10"])
+    assert result.exit_code == 2
+    name = option.split("=")[0]
+    assert f"No such option: {name}; settings are key=value arguments: {key}=VALUE" in result.output
+
+
+def test_an_option_close_to_one_of_the_commands_own_is_still_offered_it():
+    result = runner.invoke(app, ["lora", "train", "--out-dir", "runs/x"])  # out_dir is a key too, but --out sets it
+    assert result.exit_code == 2
+    assert "No such option: --out-dir (Possible options: --out)" in result.output
