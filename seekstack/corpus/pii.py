@@ -24,6 +24,7 @@ import ipaddress
 import re
 import unicodedata
 from collections import Counter
+from pathlib import Path
 
 from seekstack.corpus.kinds import UNSPACED_SCRIPT_RANGES
 
@@ -31,16 +32,39 @@ EMAIL = "<EMAIL>"
 IP = "<IP>"
 SECRET = "<SECRET>"
 
-# Not ending in a file suffix that is no top-level domain: `logo@2x.png`, `react-dom@18.2.0.js` are file names.
-_FILE_SUFFIX = (
-    r"(?:png|jpe?g|gif|webp|svg|bmp|ico|avif|tiff?|css|s[ac]ss|[cm]?js|json|html?|php|txt|pdf|woff2?|ttf|otf)"
-)
+# Top-level domains (RFC 1591): the ASCII ones IANA delegates (its list, top_level_domains.txt, dated in its first
+# line; the internationalized ones it lists in punycode, `XN--P1AI`, are not read: a domain of other letters is taken
+# as written, `.рф`); those it delegated once, which old changelogs' addresses end in (`ian@uns.ns.ac.yu`); and the
+# names private networks, unnamed hosts and UUCP mail use, which RFC 6761 and ICANN reserve or leave undelegated
+# (`ann@corp.internal`, `bo@localhost.localdomain`, `guy@sun.uucp`).
+_RETIRED_TOP_LEVEL_DOMAINS = "yu tp zr an um".split()
+_PRIVATE_TOP_LEVEL_DOMAINS = "test invalid localhost local localdomain internal lan corp home uucp bitnet".split()
 
 
+def _top_level_domains() -> list[str]:
+    """The ASCII top-level domains an address may end in, lower-cased, longest first."""
+    listed = Path(__file__).with_name("top_level_domains.txt").read_text(encoding="ascii").splitlines()
+    delegated = {name.lower() for name in listed if name and not name.startswith(("#", "XN--"))}
+    known = delegated.union(_RETIRED_TOP_LEVEL_DOMAINS, _PRIVATE_TOP_LEVEL_DOMAINS)
+    return sorted(known, key=lambda name: (-len(name), name))
+
+
+def _any_of(names: list[str]) -> str:
+    """A regular expression for any of `names`, grouped by first letter: re tries alternatives one by one, and all
+    1,300 top-level domains tried at each candidate address made scrubbing a text dense with addresses 10x slower."""
+    by_first_letter: dict[str, list[str]] = {}
+    for name in names:
+        by_first_letter.setdefault(name[0], []).append(re.escape(name[1:]))
+    return "|".join(f"{first}(?:{'|'.join(rests)})" for first, rests in sorted(by_first_letter.items()))
+
+
+_TOP_LEVEL_DOMAINS = _top_level_domains()
 # Generic top-level domains common enough to end an address written against the next word of Chinese, Japanese,
 # Korean or Thai text, with the two-letter country codes: `张伟@example.com谢谢`; a decorator such as
 # `@functools.wraps装饰` ends in no such domain.
-_DOMAIN_BEFORE_UNSPACED_TEXT = r"(?:com|net|org|edu|gov|mil|int|info|biz|[a-z]{2})"
+_DOMAIN_BEFORE_UNSPACED_TEXT = _any_of(
+    "com net org edu gov mil int info biz".split() + [name for name in _TOP_LEVEL_DOMAINS if len(name) == 2]
+)
 
 
 def _combining_marks() -> str:
@@ -57,9 +81,12 @@ _COMBINING_MARKS = _combining_marks()
 def _email_pattern(excluded: str) -> re.Pattern[str]:
     """E-mail addresses whose local part and domain hold letters, digits and combining marks of any script (RFC 6531:
     `josé@café.fr`, `δοκιμή@παράδειγμα.δοκιμή`, `मोहन@उदाहरण.भारत`) but those of the `excluded` ranges, and whose
-    top-level domain is ASCII or all other letters (`wraps装饰` in `用@functools.wraps装饰` is none), or a common or
-    country one written against text of a script without spaces (`张伟@example.com谢谢`); not before "(":
-    `weights@inputs.mean()` is a matrix product and a method call, not an address."""
+    top-level domain is a known ASCII one written in one case or capitalised (`.com`, `.COM`, `.Com`; not `.wraps` in
+    `使用@functools.wraps`, `.weight` in `x@self.weight.T` or `.mT` in `a@b.mT`), or all other letters (`wraps装饰` in
+    `用@functools.wraps装饰` is none), or a common or country one written against text of a script without spaces
+    (`张伟@example.com谢谢`); not before "(": `weights@inputs.mean()` is a matrix product and a method call. Matched
+    too, for `_is_address` to tell: an scp-style remote (`git@github.com:user/repo.git`, `bob@server:~/notes`) whole,
+    as group `remote_login`, and an unknown ASCII top-level domain before a ">" (".>"), as group `unknown_domain`."""
     outside = re.compile(f"[^{excluded}]" if excluded else r"[\s\S]")
     marks = "".join(mark for mark in _COMBINING_MARKS if outside.match(mark))
     # A mark continues a part, never starts one. Marks are a set beside the letters' rather than a branch: re tests
@@ -67,10 +94,14 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     letter, alnum, other_letter = (f"[^\\W{chars}{excluded}]" for chars in ("", "_", "\\d_A-Za-z"))
     unspaced = f"[{UNSPACED_SCRIPT_RANGES}]"
     word_end = rf"(?!{letter}|[{marks}(-])"
+    local_part = rf"(?<!{letter})(?<![{marks}.%+-]){alnum}(?:{letter}|[{marks}.%+-])*@"
+    one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(
-        rf"(?<!{letter})(?<![{marks}.%+-]){alnum}(?:{letter}|[{marks}.%+-])*@(?:{alnum}(?:{alnum}|[{marks}-])*\.)+"
-        rf"(?:(?!(?i:{_FILE_SUFFIX}){word_end})(?:[A-Za-z]{{2,}}|{other_letter}(?:{other_letter}|[{marks}])+){word_end}"
-        rf"|(?!(?i:{_FILE_SUFFIX}){unspaced})(?i:{_DOMAIN_BEFORE_UNSPACED_TEXT})(?={unspaced}))"
+        rf"{local_part}(?:(?P<remote_login>[\w.-]+:(?:[\w~.-]*/|[\w.-]*\.git\b))"
+        rf"|(?:{alnum}(?:{alnum}|[{marks}-])*\.)+"
+        rf"(?:(?:{one_case}(?i:{_any_of(_TOP_LEVEL_DOMAINS)})|(?P<unknown_domain>[A-Za-z]{{2,}}(?=\.?>))"
+        rf"|{other_letter}(?:{other_letter}|[{marks}])+){word_end}"
+        rf"|(?i:{_DOMAIN_BEFORE_UNSPACED_TEXT})(?={unspaced})))"
     )
 
 
@@ -115,9 +146,24 @@ _ASSIGNED_SECRET = re.compile(
 )
 
 
+# A URL's scheme and what of its user precedes an e-mail-like match (read in the `URL_USER_CHARS` characters before it)
+_URL_USER_BEFORE = re.compile(r"(?i)(?<!mailto)://[^\s/?#@]*\Z")
+URL_USER_CHARS = 64
+
 # A word naming a version, right before a number (read in the `VERSION_WORD_CHARS` characters before it)
 _VERSION_BEFORE = re.compile(r"(?i)\b(?:v|ver|version|rev|revision|release)[.:]?\s*\Z")
 VERSION_WORD_CHARS = 16
+
+
+def _is_address(match: re.Match[str]) -> bool:
+    """Whether an e-mail-like match is an address: not a login at a host, an scp-style remote's
+    (`git@github.com:user/repo.git`) or a URL's user (`ssh://git@github.com/x`, `ftp://anonymous@ftp.gnu.org`,
+    `cvs://:pserver:anoncvs@host`; `mailto:` names an address), and ending in a known top-level domain unless it is a
+    mailbox in angle brackets, as a changelog names its authors (`Tim Waugh <twaugh@worm.elk>`)."""
+    start = match.start()
+    if match["remote_login"] or _URL_USER_BEFORE.search(match.string, max(0, start - URL_USER_CHARS), start):
+        return False
+    return not match["unknown_domain"] or match.string[start - 1 : start] == "<"
 
 
 def _is_public_ip(candidate: str) -> bool:
@@ -164,6 +210,12 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         counts["secret"] += 1
         return SECRET
 
+    def replace_email(match: re.Match[str]) -> str:
+        if not _is_address(match):
+            return match[0]
+        counts["email"] += 1
+        return EMAIL
+
     def replace_ip(match: re.Match[str]) -> str:
         if not (_looks_like_ip(match) and _is_public_ip(match[0])):
             return match[0]
@@ -179,8 +231,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         counts["secret"] += found
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
     for pattern in _EMAILS:
-        text, found = pattern.subn(EMAIL, text)
-        counts["email"] += found
+        text = pattern.sub(replace_email, text)
     text = _IPV4.sub(replace_ip, text)
     text = _IPV6_CANDIDATE.sub(replace_ip, text)
     return text, +counts

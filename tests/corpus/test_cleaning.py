@@ -994,6 +994,67 @@ def test_a_decorator_or_retina_image_beside_chinese_or_accented_words_is_no_emai
         assert scrub_pii(text) == (text, {})
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "git clone ssh://git@github.com/x/y.git",
+        "wget ftp://anonymous@ftp.gnu.org/gnu/hello/",
+        "git remote add origin git@github.com:user/repo.git",
+        "git push git@heroku.com:app.git main",
+        "cvs -d :pserver:anonymous@cvs.savannah.gnu.org:/sources/emacs co emacs",
+        "scp notes.txt bob@server.example.co.uk:~/backup/",
+        "git clone https://ann@bitbucket.org/ann/repo.git",
+    ],
+)
+def test_a_login_at_a_host_is_no_email_address(text: str) -> None:
+    """A URL's user and an scp-style remote's were replaced as addresses (`ssh://<EMAIL>/x/y.git`)."""
+    assert scrub_pii(text) == (text, {})
+
+
+def test_an_address_after_a_url_or_in_its_query_is_still_replaced() -> None:
+    text = "mailto:ann@example.com, mailto://bo@example.org, https://x.org/?to=cy@example.net, http://x.org dee@y.io"
+    assert scrub_pii(text) == (
+        "mailto:<EMAIL>, mailto://<EMAIL>, https://x.org/?to=<EMAIL>, http://x.org <EMAIL>",
+        {"email": 4},
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "我们使用@functools.wraps。",  # `wraps` passed as a top-level domain after a Chinese local part
+        "out = x@self.weight.T",
+        "h = inputs@self.kernel",
+        "loss = pred@target.values",
+        "z = a@b.mT + a@b.mH",  # Malta's and the Marshall Islands' domains, but in no case an address is written in
+        "u = np.linalg.inv(A)@B.T",
+        "keep = x@self.mask>0",
+    ],
+)
+def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_email_address(text: str) -> None:
+    assert scrub_pii(text) == (text, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("ann+newsletter@example.com", "<EMAIL>"),
+        ("ann.lee@mail.cs.example.ac.uk", "<EMAIL>"),
+        ("John.Smith@Example.COM and JOHN@EXAMPLE.COM and John@Example.Com", "<EMAIL> and <EMAIL> and <EMAIL>"),
+        ("ann_lee@studio.photography", "<EMAIL>"),
+        ("ann@münchen.de, bo@xn--mnchen-3ya.de", "<EMAIL>, <EMAIL>"),
+        ("1234567@qq.com", "<EMAIL>"),
+        ("ann@corp.internal or bo@router.lan", "<EMAIL> or <EMAIL>"),
+        ("bettini@localhost.localdomain, chip@fin.uucp, ian@uns.ns.ac.yu", "<EMAIL>, <EMAIL>, <EMAIL>"),
+        ("2009-06-18  Tim Waugh  <twaugh@worm.elk>", "2009-06-18  Tim Waugh  <<EMAIL>>"),  # a mailbox: any domain
+        ("invoice-ann@example.com.pdf", "<EMAIL>.pdf"),
+        ('"john doe"@example.com', '"john doe"@example.com'),  # a quoted local part: kept, as presidio keeps it
+    ],
+)
+def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed: str) -> None:
+    assert scrub_pii(text)[0] == scrubbed
+
+
 def test_an_email_written_between_chinese_or_japanese_characters_is_scrubbed():
     for text in ("请联系zhang.san@company.com获取资料", "メールはtaro@example.jpまで"):
         scrubbed, counts = scrub_pii(text)
