@@ -22,6 +22,9 @@ WriteConfigOpt = Annotated[Path | None, typer.Option(help="Write the resolved co
 DifficultyOpt = Annotated[
     int | None, typer.Option(min=1, help="The task's knob (digits, numbers), at least 1; default: its own")
 ]
+MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Most tokens of each completion")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Temperature of the sampled completions; 0 = greedy")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the problems drawn and of the sampling")]
 SAMPLING_BATCH = 256  # pass-at-k and traces: completions decoded together at most
 
 
@@ -64,9 +67,9 @@ def pass_at_k_command(
     difficulty: DifficultyOpt = None,
     problems: Annotated[int, typer.Option(min=1, help="Held-out problems")] = 100,
     samples: Annotated[int, typer.Option(min=1, help="Samples per problem (k of pass@k)")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    max_new_tokens: MaxNewTokensOpt = 64,
+    temperature: TemperatureOpt = 1.0,
+    seed: SeedOpt = 0,
 ) -> None:
     """Held-out pass@1, pass@k, greedy accuracy and format rate of each model on a task, one JSON line each, then
     (for several models) the same as a table."""
@@ -107,9 +110,9 @@ def traces_command(
     difficulty: DifficultyOpt = None,
     prompts: Annotated[int, typer.Option(min=1, help="Distinct training problems to sample traces on")] = 1000,
     samples: Annotated[int, typer.Option(min=1, help="Traces sampled per problem")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    max_new_tokens: MaxNewTokensOpt = 64,
+    temperature: TemperatureOpt = 1.0,
+    seed: SeedOpt = 0,
 ) -> None:
     """R1-distill data: the teacher's traces on training problems, kept only when verified correct (rejection
     sampling); then `seekstack sft data=OUT init_from=STUDENT` trains a student on them."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from seekstack.cli import app
@@ -99,3 +100,20 @@ def test_an_option_close_to_one_of_the_commands_own_is_still_offered_it():
     result = runner.invoke(app, ["lora", "train", "--out-dir", "runs/x"])  # out_dir is a key too, but --out sets it
     assert result.exit_code == 2
     assert "No such option: --out-dir (Possible options: --out)" in result.output
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    def commands(group, path=()):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, (*path, name))
+            else:
+                yield " ".join((*path, name)), command
+
+    unexplained = [
+        f"{name} {param.opts[0]}"
+        for name, command in commands(typer.main.get_command(app))
+        for param in command.params
+        if param.param_type_name == "option" and not (param.help or "").strip()
+    ]
+    assert unexplained == []
