@@ -117,3 +117,11 @@ def test_every_option_of_every_command_says_what_it_does():
         if param.param_type_name == "option" and not (param.help or "").strip()
     ]
     assert unexplained == []
+
+
+@pytest.mark.parametrize("choice", [[], ["--threshold", "0.5", "--top-fraction", "0.3"]], ids=["neither", "both"])
+def test_data_select_names_its_two_selection_options_when_not_given_one(tmp_path, choice):
+    paths = ["--corpus", str(tmp_path / "corpus"), "--model", str(tmp_path / "q.npz"), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, ["data", "select", *paths, *choice])
+    assert result.exit_code == 1
+    assert "error: choose --threshold SCORE or --top-fraction SHARE: one of them, not both" in result.output
