@@ -67,7 +67,6 @@ class StudentGenerations:
         self.student, self.prompt_tokens, self.temperature = student, prompt_tokens, temperature
         self.max_tokens, self.pad_id = max_tokens, tokenizer.pad_id
         self.engine = Engine(student, tokenizer, max_batch_size=rows, max_model_len=max_tokens)
-        student.train()  # the engine put it in eval mode
 
     @torch.no_grad()
     def __call__(
@@ -98,5 +97,4 @@ class StudentGenerations:
             for room, seed in zip(max_new_tokens, seeds, strict=True)
         ]
         completions = self.engine.generate(prompts, params)
-        self.student.train()
         return [completion.token_ids for completion in completions]

@@ -178,7 +178,7 @@ class Engine:
             raise ValueError("a model placed by a device map runs eagerly, its engine on the CPU: drop compile/device")
         home = torch.device("cpu") if placed else model.embed_tokens.weight.device  # placed parts return results here
         self.device = torch.device(device) if device is not None else home
-        self.model = (model if placed else model.to(self.device)).eval()
+        self.model = model if placed else model.to(self.device)  # run in eval mode by `step`, its own mode kept
         self.config = model.config
         self.tokenizer = tokenizer
         self.model_name = "seekstack"
@@ -226,9 +226,10 @@ class Engine:
         self.draft_vocabulary = draft_vocabulary(self.model, draft_vocab, ranking) if drafting else None
         costs = None
         if drafting and adaptive_drafts:
-            costs = measured_step_costs(
-                self.model, self.draft_vocabulary, self.draft_tokens, max_batch_size, block_size
-            )
+            with evaluating(self.model):
+                costs = measured_step_costs(
+                    self.model, self.draft_vocabulary, self.draft_tokens, max_batch_size, block_size
+                )
         self.draft_count = DraftCount(self.config, self.draft_tokens, adaptive_drafts, self.device, costs)
         # Verification writes K slots past the pending token; the MTP module's drafts after k accepted reach K - 1
         # further (`mtp_drafts`). Those are the cache plan's lookahead and, with the K, the slots a request
@@ -487,8 +488,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One step: grow (or preempt) running requests, admit waiting ones, decode all running ones together, prefill
-        one chunk of prompts."""
-        with self.lock.for_step():
+        one chunk of prompts. The model runs in eval mode and is left in the mode it had (`evaluating`)."""
+        with self.lock.for_step(), evaluating(self.model):
             self._step_started = time.perf_counter()  # a speculative step's overhead counts from here (`DraftCount`)
             outputs, self.aborted = self.aborted, []
             self._grow()
@@ -1000,6 +1001,19 @@ def _compiled(function: Callable[..., Any]) -> Callable[..., Any]:
                 setattr(config, name, value)
 
     return run
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside, each of its modules in the mode it had after: an engine on a model that is being
+    trained (RL rollouts, samples in a training loop of one's own) leaves it training, balance loss and all."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:

@@ -290,6 +290,24 @@ def test_a_str_or_a_list_of_token_ids_is_one_prompt_as_in_vllm(model, tokenizer)
     assert alone.token_ids == listed.token_ids == as_ids.token_ids
 
 
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_an_engine_runs_a_training_model_in_eval_mode_and_leaves_it_training(tokenizer, monkeypatch, speculative):
+    model = micro_model(aux_loss_alpha=0.001).train()
+    model.layers[0].eval()  # a module of the caller's in another mode keeps it too
+    ids = torch.randint(0, VOCAB, (1, 8))
+    expected_balance = model(ids, labels=ids).balance_loss
+    assert expected_balance is not None
+
+    def balance_loss_in_a_step(*args, **kwargs):
+        raise AssertionError("an engine step computed a training-mode balance loss")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("seekstack.model.moe.sequence_balance_loss", balance_loss_in_a_step)
+        Engine(model, tokenizer, speculative=speculative).generate("def f", GREEDY)
+    assert model.training and not model.layers[0].training and model.layers[1].training
+    assert torch.equal(model(ids, labels=ids).balance_loss, expected_balance)
+
+
 def test_a_tensor_of_token_ids_is_one_prompt_or_one_per_row_as_transformers_input_ids(model, tokenizer):
     engine = Engine(model, tokenizer)
     ids = tokenizer.encode("def f")
