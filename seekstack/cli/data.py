@@ -40,11 +40,17 @@ def data_build(
     ] = None,
     profile: Annotated[
         str | None,
-        typer.Option(help="Rules per document: auto (detected kind), web (prose/CJK by script), code, zh (CJK)"),
+        typer.Option(
+            help="Rules per document: auto (detected kind), web (prose/CJK by script), code, zh (CJK); default auto, "
+            "or the --config file's"
+        ),
     ] = None,
     val_fraction: Annotated[
         float | None,
-        typer.Option(help="Fraction of documents held out for validation (at least one when above 0; 0: none)"),
+        typer.Option(
+            help="Fraction of documents held out for validation (at least one when above 0; 0: none); default 0.01, "
+            "or the --config file's"
+        ),
     ] = None,
     workers: Annotated[int, typer.Option(min=0, help="Processes for the per-document work; 0: one per CPU core")] = 0,
     write_config: Annotated[Path | None, typer.Option(help="Write the resolved thresholds to this file, exit")] = None,

@@ -69,7 +69,13 @@ Compile = Annotated[
         "by default once eager decoding has run 10 s, the compile time told on stderr",
     ),
 ]
-Threads = Annotated[int | None, typer.Option(help="torch threads; decode steps under 1 GFLOP run on one anyway")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="torch threads (default torch's own; OMP_NUM_THREADS sets it); decode steps under 1 GFLOP run on "
+        "one anyway"
+    ),
+]
 Dtype = Annotated[
     str,
     typer.Option(

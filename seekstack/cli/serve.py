@@ -68,7 +68,10 @@ def serve_command(
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = (
         EngineOptions.max_batch_size
     ),
-    max_model_len: Annotated[int | None, typer.Option(min=1, help="Prompt + completion tokens per request")] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(min=1, help="Prompt + completion tokens per request; default the model's context"),
+    ] = None,
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,

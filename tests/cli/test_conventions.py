@@ -125,3 +125,12 @@ def test_data_select_names_its_two_selection_options_when_not_given_one(tmp_path
     result = runner.invoke(app, ["data", "select", *paths, *choice])
     assert result.exit_code == 1
     assert "error: choose --threshold SCORE or --top-fraction SHARE: one of them, not both" in result.output
+
+
+def test_data_build_help_states_the_defaults_of_the_options_it_leaves_to_the_cleaning_config():
+    from seekstack.corpus.rules import CleaningConfig
+
+    shown = " ".join(runner.invoke(app, ["data", "build", "--help"], terminal_width=200).output.split())
+    defaults = CleaningConfig()
+    assert f"zh (CJK); default {defaults.profile}, or the --config file's" in shown
+    assert f"0: none); default {defaults.val_fraction}, or the --config file's" in shown
