@@ -32,7 +32,7 @@ from seekstack.checkpoint import load_pretrained
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.schema import ConfigError
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import BOS, Tokenizer
 
 # A scoring request as TemplateLM hands it over: (request strings or None, context ids, continuation ids).
 TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
@@ -175,8 +175,12 @@ class SeekstackLM(TemplateLM):
         )
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: object) -> list[int]:
-        """Token ids of `string`, no BOS: our tokenizer_config says add_bos_token=false, as HF reads it too."""
-        return self.tokenizer_.encode(string)
+        """Token ids of `string` as the HF backend encodes them: framed by the tokenizer's post-processor unless
+        `add_special_tokens` is False or the string already starts with BOS (a rendered chat): a DeepSeek release's
+        puts BOS first (`Tokenizer.encode_prompt`), seekstack's own tokenizers add nothing."""
+        if add_special_tokens is False or (add_special_tokens is None and string.startswith(BOS)):
+            return self.tokenizer_.encode(string)
+        return self.tokenizer_.encode_prompt(string)
 
     def tok_decode(self, ids: list[int]) -> str:
         return self.tokenizer_.decode(ids)
