@@ -94,7 +94,7 @@ def _flops_context(config: ModelConfig, context: int | None) -> tuple[int, str]:
 def forward(
     model: Model,
     seq_len: Annotated[int, typer.Option(min=1, help="Tokens per sequence.")] = 64,
-    batch: Annotated[int, typer.Option(min=1, help="Sequences in the batch.")] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", "--batch", min=1, help="Sequences in the batch.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the random weights (presets) and token ids.")] = 0,
 ) -> None:
     """One forward pass on random tokens: parameters (main model + MTP modules), logits shape, losses, expert load
@@ -113,7 +113,7 @@ def forward(
         _require_memory(model, config)
         network = Transformer(config) if model in PRESETS else load_pretrained(model)
     network.eval()
-    input_ids = torch.randint(config.vocab_size, (batch, seq_len))
+    input_ids = torch.randint(config.vocab_size, (batch_size, seq_len))
     start = time.perf_counter()
     with torch.inference_mode():
         output = network(input_ids, labels=input_ids)
@@ -141,7 +141,7 @@ def forward(
             label = f"{layer_idx} (MTP)" if layer_idx >= config.num_hidden_layers else str(layer_idx)
             table.add_row(label, f"{(load.max() / load.float().mean()).item():.2f}", " ".join(map(str, load.tolist())))
         console.print(table)
-    console.print(f"forward took {elapsed * 1000:.1f} ms (batch {batch} x {seq_len} tokens on {input_ids.device})")
+    console.print(f"forward took {elapsed * 1000:.1f} ms (batch {batch_size} x {seq_len} tokens on {input_ids.device})")
 
 
 def _require_memory(model: str, config: ModelConfig) -> None:

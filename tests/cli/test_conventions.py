@@ -134,3 +134,10 @@ def test_data_build_help_states_the_defaults_of_the_options_it_leaves_to_the_cle
     defaults = CleaningConfig()
     assert f"zh (CJK); default {defaults.profile}, or the --config file's" in shown
     assert f"0: none); default {defaults.val_fraction}, or the --config file's" in shown
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--batch"])
+def test_forward_takes_the_batch_size_as_the_other_commands_spell_it_and_by_its_older_name(option):
+    result = runner.invoke(app, ["forward", "tiny", "--seq-len", "4", option, "3"])
+    assert result.exit_code == 0, result.output
+    assert "logits shape: (3, 4, " in result.output and "(batch 3 x 4 tokens" in result.output
