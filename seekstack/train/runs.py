@@ -3,11 +3,17 @@ checkpoint while it parses its arguments, before a command imports the model (a 
 
     out_dir/train_config.json       written at the run's start, before its first checkpoint
     out_dir/checkpoints/step_{N}/   complete once train_state.pt is in it (train/state.py writes it atomically)
+A run holds its out_dir (`out_dir_held`) from its first write into it to its end, so that no second run writes there
+meanwhile.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from seekstack.schema import ConfigError
@@ -53,6 +59,33 @@ def refuse_new_run_into(out_dir: str | Path) -> None:
             f"out_dir {out_dir} holds a run (checkpoint {earlier[-1].name}); continue it with --resume, "
             "or train into another out_dir"
         )
+
+
+class RunInProgress(OSError):
+    """Another run is training into the out_dir a run was to write."""
+
+
+@contextmanager
+def out_dir_held(out_dir: Path) -> Iterator[None]:
+    """Hold folder `out_dir` (made if missing) while a run writes into it; RunInProgress, naming it, while another
+    run holds it (one started into the same out_dir at once, or a --resume of a run still training), where both would
+    append to one metrics.jsonl and save checkpoints over each other's. An exclusive flock on the folder, which the
+    kernel drops when the run ends, even killed; a file system without flock keeps no run out."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInProgress(
+                f"out_dir {out_dir}: another run is training into it now; wait for it to end (then --resume it), "
+                "or train into another out_dir"
+            ) from None
+        except OSError:  # no flock here (NFS refuses one on a folder's read-only descriptor)
+            pass
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path:

@@ -80,6 +80,7 @@ from seekstack.train.runs import (
     incomplete_after,
     latest_checkpoint,
     list_checkpoints,
+    out_dir_held,
     refuse_new_run_into,
     step_dir,
 )
@@ -342,8 +343,8 @@ def train(
         # every rank trains the same run; only its torch threads may suit its own machine
         settings = {key: value for key, value in config.to_dict().items() if key != "threads"}
         distributed.require_same_settings({**settings, "--resume": str(resume)}, ranks)
-        with configured_threads(config.threads), sigterm_as_ctrl_c():
-            return _Run(config, ranks, resume, hooks, source).run(resumable)
+        with configured_threads(config.threads), sigterm_as_ctrl_c(), contextlib.ExitStack() as held:
+            return _Run(config, ranks, resume, hooks, source, held).run(resumable)
     finally:
         distributed.shutdown(ranks)
 
@@ -355,7 +356,8 @@ class _Run:
         ranks: distributed.Ranks,
         resume: bool | str | Path,
         hooks: ModelHooks | None,
-        source: BatchSource | None = None,
+        source: BatchSource | None,
+        held: contextlib.ExitStack,  # what the run holds until it ends: its out_dir
     ):
         self.config, self.ranks, self.hooks, self.source = config, ranks, hooks, source
         if hooks is not None and ranks.distributed and config.parallel == "fsdp":
@@ -475,6 +477,7 @@ class _Run:
         self.peak_flops = peak * ranks.world_size
         self.peak_probes_left = PEAK_PROBES if not config.peak_flops and ranks.device.type == "cpu" else 0
         if ranks.is_main:
+            held.enter_context(out_dir_held(self.out_dir))  # before the run's first write into it
             config.save(self.out_dir)
             if not resume and hasattr(source, "record"):
                 source.record(self.out_dir)

@@ -19,7 +19,7 @@ from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer, train_tokenizer
 from seekstack.tokens.shards import TokenWindows, load_index, tokenize_corpus
 from seekstack.train.config import TrainConfig, load_train_config
-from seekstack.train.runs import list_checkpoints
+from seekstack.train.runs import RunInProgress, list_checkpoints, out_dir_held
 from seekstack.train.schedule import (
     ProgressAnchor,
     learning_rate,
@@ -762,6 +762,19 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(da
     with pytest.raises(ConfigError, match=f"out_dir {tmp_path} holds a run \\(checkpoint step_3\\); continue it with"):
         train(run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0))
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
+
+
+def test_a_run_into_an_out_dir_another_run_is_training_into_is_refused_and_changes_nothing(data_dir, tmp_path):
+    """Two runs started into one out_dir before either saved a checkpoint both trained: metrics.jsonl interleaved
+    their steps and each saved checkpoints over the other's."""
+    train(run_config(data_dir, tmp_path, max_steps=3, eval_every=0, save_every=0))
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    with out_dir_held(tmp_path), out_dir_held(tmp_path / "new"):  # runs still training there
+        for out_dir, resume in ((tmp_path, True), (tmp_path / "new", False)):
+            with pytest.raises(RunInProgress, match=f"out_dir {out_dir}: another run is training into it now"):
+                train(run_config(data_dir, out_dir, max_steps=5, eval_every=0, save_every=0), resume=resume)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
+    assert train(run_config(data_dir, tmp_path, max_steps=4, eval_every=0, save_every=0), resume=True).step == 4
 
 
 @pytest.mark.parametrize(
