@@ -108,7 +108,9 @@ def traces_command(
     out: Annotated[Path, typer.Option(help="JSONL of verified conversations, for `seekstack sft data=OUT`")],
     task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
     difficulty: DifficultyOpt = None,
-    prompts: Annotated[int, typer.Option(min=1, help="Distinct training problems to sample traces on")] = 1000,
+    problems: Annotated[
+        int, typer.Option("--problems", "--prompts", min=1, help="Distinct training problems to sample traces on")
+    ] = 1000,
     samples: Annotated[int, typer.Option(min=1, help="Traces sampled per problem")] = 4,
     max_new_tokens: MaxNewTokensOpt = 64,
     temperature: TemperatureOpt = 1.0,
@@ -126,7 +128,7 @@ def traces_command(
         engine = _sampling_engine(model, 64 * samples, max_new_tokens)
         with options_named():
             traces = verified_traces(
-                engine, make_task(task, difficulty), prompts, samples, max_new_tokens, temperature, seed
+                engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
             )
         if not traces.conversations:
             raise ValueError(f"{model}: none of {traces.sampled} traces verified; nothing to write to {out}")

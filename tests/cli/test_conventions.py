@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import typer
@@ -141,3 +142,17 @@ def test_forward_takes_the_batch_size_as_the_other_commands_spell_it_and_by_its_
     result = runner.invoke(app, ["forward", "tiny", "--seq-len", "4", option, "3"])
     assert result.exit_code == 0, result.output
     assert "logits shape: (3, 4, " in result.output and "(batch 3 x 4 tokens" in result.output
+
+
+@pytest.mark.parametrize("option", ["--problems", "--prompts"])
+def test_traces_counts_its_problems_as_pass_at_k_spells_them_and_by_its_older_name(tmp_path, monkeypatch, option):
+    asked = []
+
+    def verified_traces(engine, task, problems, *args):
+        asked.append(problems)
+        return SimpleNamespace(conversations=[], sampled=0)
+
+    monkeypatch.setattr("seekstack.cli.posttrain._sampling_engine", lambda *args: None)
+    monkeypatch.setattr("seekstack.posttrain.distill.verified_traces", verified_traces)
+    runner.invoke(app, ["traces", str(tmp_path), "--out", str(tmp_path / "traces.jsonl"), option, "7"])
+    assert asked == [7]
