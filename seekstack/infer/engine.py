@@ -372,7 +372,12 @@ class Engine:
     ) -> str:
         """Queue a request, on the base model or on the loaded LoRA adapter named `adapter`, sampling only what
         `constraint` allows (JSON mode); raises ValueError for an empty prompt, unknown token ids, one that cannot
-        fit, or an adapter not loaded."""
+        fit, or an adapter not loaded, TypeError for `params` that are not SamplingParams."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(
+                f"params must be SamplingParams, got {type(params).__name__}: SamplingParams(max_new_tokens=64, ...), "
+                "or SamplingParams.from_dict(values) for a mapping"
+            )
         params = params.validate()
         if constraint is not None and self.speculative:
             raise ValueError("constrained output (JSON mode) is not supported with speculative decoding")

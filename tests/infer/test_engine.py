@@ -280,6 +280,15 @@ def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, token
     assert completion.finish_reason == "length"
 
 
+@pytest.mark.parametrize("params", [{"max_new_tokens": 4}, None, [{"max_new_tokens": 4}]], ids=["dict", "none", "list"])
+def test_sampling_parameters_that_are_no_sampling_params_are_refused_naming_how_to_make_them(model, tokenizer, params):
+    engine = Engine(model, tokenizer)
+    refusal = r"params must be SamplingParams, got (dict|NoneType): .*SamplingParams.from_dict"
+    with pytest.raises(TypeError, match=refusal):
+        engine.generate(["def f"], params)
+    assert not engine.has_unfinished()
+
+
 def test_a_str_or_a_list_of_token_ids_is_one_prompt_as_in_vllm(model, tokenizer):
     engine = Engine(model, tokenizer)
     ids = tokenizer.encode("def f")
