@@ -39,6 +39,11 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(
+                f"Transformer takes a ModelConfig, got {type(config).__name__}: seekstack.preset(name) or "
+                "ModelConfig.from_dict(values) builds one; seekstack.load_pretrained(folder) loads a checkpoint"
+            )
         self.config = config.validate()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_hidden_layers))

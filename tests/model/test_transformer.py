@@ -51,6 +51,16 @@ def test_a_padded_batch_with_its_attention_mask_gives_each_row_the_logits_and_lo
     assert not logits.isnan().any()  # padding positions, which see no token, are no NaN that could spread
 
 
+@pytest.mark.parametrize(
+    "config", [micro_config().to_dict(), "runs/demo/train/checkpoints/step_450"], ids=["dict", "path"]
+)
+def test_a_transformer_built_from_no_model_config_is_refused_naming_how_to_build_or_load_one(config):
+    with pytest.raises(
+        TypeError, match=r"takes a ModelConfig, got (dict|str): .*ModelConfig.from_dict.*load_pretrained"
+    ):
+        Transformer(config)
+
+
 def test_forward_refuses_input_ids_that_are_not_a_batch_and_an_attention_mask_of_another_shape():
     model = Transformer(micro_config())
     with pytest.raises(ValueError, match=re.escape("input_ids have shape (8,): expected (batch, seq_len)")):
