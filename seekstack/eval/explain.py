@@ -84,10 +84,11 @@ def token_label(tokenizer: Tokenizer, token_id: int) -> str:
 def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: str | Path) -> dict[str, Path]:
     """Write attention.png, routing.png and explain.html for `text` into `out_dir`; return the paths by name.
     ValueError, before anything is written, for a text longer than the model's context and for a model whose
-    attention the maps do not describe (`attention_maps`)."""
-    ids = tokenizer.encode(text)
-    if not ids:
+    attention the maps do not describe (`attention_maps`). The text is encoded as `generate` encodes a prompt: a
+    DeepSeek release's BOS first (`Tokenizer.encode_prompt`)."""
+    if not tokenizer.encode(text):
         raise ValueError("the text is empty: nothing to explain")
+    ids = tokenizer.encode_prompt(text)
     context = model.config.max_position_embeddings
     if len(ids) > context:
         raise ValueError(

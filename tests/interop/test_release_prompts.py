@@ -4,6 +4,7 @@ encode it: without the BOS the model continues a start it was never trained on, 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from seekstack.cli import app
+from seekstack.eval.explain import explain_text, token_label
 from seekstack.infer import Engine, SamplingParams
 from seekstack.serve.protocol import prompt_ids
 from seekstack.serve.schemas import CompletionRequest
@@ -71,3 +73,9 @@ def test_a_completions_text_prompt_is_encoded_as_transformers_encodes_it(release
     request = CompletionRequest(model="deepseek-v3", prompt=[PROMPT, "x = 1"])
     auto = AutoTokenizer.from_pretrained(release)
     assert prompt_ids(request, engine.tokenizer) == [transformers_greedy[0], auto("x = 1").input_ids]
+
+
+def test_explain_maps_a_release_text_from_the_bos_transformers_puts_first(engine, transformers_greedy, tmp_path):
+    paths = explain_text(engine.model, engine.tokenizer, PROMPT, tmp_path)
+    data = json.loads(re.search(r"const data = (.*);\n", paths["html"].read_text()).group(1))
+    assert data["tokens"] == [token_label(engine.tokenizer, token_id) for token_id in transformers_greedy[0]]
