@@ -24,7 +24,7 @@ import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
-from seekstack.corpus.sources import TEXT_SUFFIXES, DataSourceError, MissingTextField, open_source
+from seekstack.corpus.sources import FOLDER_FILES_READ, DataSourceError, MissingTextField, open_source
 from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
@@ -162,10 +162,7 @@ def _documents(data: Path) -> list[str]:
     if not documents:
         skipped = sum(getattr(source, "skipped", {}).values())  # a folder's files of other suffixes (TextFolder)
         unread = (
-            f"; its {skipped:,} files were not read: a folder's files are read by suffix, {' '.join(TEXT_SUFFIXES)} "
-            "(and .gz of them)"
-            if skipped
-            else ""
+            f"; its {skipped:,} files were not read: a folder's files are read {FOLDER_FILES_READ}" if skipped else ""
         )
         raise ValueError(f"{data}: no text to train on{unread}")
     return documents

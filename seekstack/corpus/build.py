@@ -44,7 +44,7 @@ from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_
 from seekstack.corpus.doc_ids import UniqueIds
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
-from seekstack.corpus.sources import ROW_SUFFIXES, TEXT_SUFFIXES, Document
+from seekstack.corpus.sources import FOLDER_FILES_READ, ROW_SUFFIXES, Document
 from seekstack.corpus.split import EXACT_SPLIT_MAX_DOCUMENTS, split_score, validation_cutoff
 from seekstack.interrupts import sigint_handled_by
 
@@ -382,7 +382,7 @@ def _not_read(report: Report) -> str:
         unread += (
             f". The input folders' {sum(report.skipped_files.values()):,} files of other suffixes "
             f"({_counts(report.skipped_files)}) were not "
-            f"read; a folder's files are read by suffix: {' '.join(TEXT_SUFFIXES)} (and .gz of them)"
+            f"read; a folder's files are read {FOLDER_FILES_READ}"
         )
         rows = [suffix for suffix in ROW_SUFFIXES if suffix in report.skipped_files]
         if rows:

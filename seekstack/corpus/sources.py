@@ -41,6 +41,17 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
 )
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
+# A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are
+# text: their first `SNIFF_BYTES` bytes hold no control character but whitespace, backspace and escape (those of
+# terminal output and man pages), as `file` tells text; a NUL byte, as git tells a binary file, is one such character.
+NO_SUFFIX = ""
+SNIFF_BYTES = 1024
+_NOT_TEXT_BYTES = re.compile(rb"[\x00-\x07\x0e-\x1a\x1c-\x1f\x7f]")
+BINARY_WITHOUT_SUFFIX = "(no suffix, not text)"
+# How a folder's files are read, for messages about those that were not
+FOLDER_FILES_READ = f"by suffix, {' '.join(TEXT_SUFFIXES)} (and .gz of them), and without one when they are text"
+# Version-control systems' records (git's objects and logs, CVS's Entries), not entered: no text of the folder's own
+VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
 # read as rows when an input names the file, not inside a folder
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 CSV_BLOCK_BYTES = 64 * 2**20  # a CSV block holds whole rows: this bounds the longest document
@@ -74,12 +85,13 @@ class Document(NamedTuple):
 
 def read_text_folder(
     folder: str | Path,
-    suffixes: tuple[str, ...] = TEXT_SUFFIXES,
-    skipped_dirs: frozenset[str] = frozenset(),
+    suffixes: tuple[str, ...] = (*TEXT_SUFFIXES, NO_SUFFIX),
+    skipped_dirs: frozenset[str] = VERSION_CONTROL_DIRS,
     skipped: Counter[str] | None = None,
 ) -> Iterator[Document]:
-    """Every file below `folder` whose suffix is in `suffixes`, one document each, in sorted order; folders named
-    in `skipped_dirs` are not entered; `skipped` counts the other files by suffix. Symbolic links to folders are
+    """Every file below `folder` whose suffix is in `suffixes` (`NO_SUFFIX`: a file without one, when it is text), one
+    document each, in sorted order; folders named in `skipped_dirs` are not entered; `skipped` counts the other files
+    by suffix, and those without one that are not text as `BINARY_WITHOUT_SUFFIX`. Symbolic links to folders are
     followed, as those to files are, each folder read once (a link back up to a folder being read is no loop)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -90,15 +102,31 @@ def read_text_folder(
         subdirs[:] = _unclaimed_folders(Path(directory), subdirs, skipped_dirs, claimed)
         for name in sorted(files):
             path = Path(directory, name)
-            if _kind(path) in suffixes:
-                if not path.exists():  # os.walk lists a symbolic link to nothing among the files
-                    raise DataSourceError(
-                        f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target "
-                        "or remove the link"
-                    )
+            kind = _kind(path)
+            if kind in suffixes and not path.exists():  # os.walk lists a symbolic link to nothing among the files
+                raise DataSourceError(
+                    f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target or "
+                    "remove the link"
+                )
+            if kind == NO_SUFFIX and kind in suffixes and not _starts_as_text(path):
+                kind = BINARY_WITHOUT_SUFFIX
+            if kind in suffixes:
                 yield Document(_as_text(path.relative_to(folder).as_posix()), _decoded(_read(path)), source)
             elif skipped is not None:
-                skipped[_as_text(_kind(path)) or "(no suffix)"] += 1
+                skipped[_as_text(kind) or "(no suffix)"] += 1
+
+
+def _starts_as_text(path: Path) -> bool:
+    """True when a file is a regular one (not a named pipe, whose reading would wait for a writer, a socket or a
+    device) and its first `SNIFF_BYTES` bytes (through .gz) hold no character of `_NOT_TEXT_BYTES`."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gz":
+        head = _read(path)[:SNIFF_BYTES]  # a damaged .gz file is named, as one with a text suffix is
+    else:
+        with open(path, "rb") as file:
+            head = file.read(SNIFF_BYTES)
+    return _NOT_TEXT_BYTES.search(head) is None
 
 
 def _unclaimed_folders(

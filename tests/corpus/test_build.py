@@ -130,17 +130,18 @@ def test_a_folder_input_reports_the_files_it_did_not_read_by_suffix(tmp_path: Pa
     folder.mkdir()
     for i in range(3):
         (folder / f"page{i}.html").write_text(f"<p>{prose(i)}</p>")
-    (folder / "README").write_text(prose(7))
-    with pytest.raises(CorpusBuildError, match=r"no documents.*files of other suffixes \(\.html 3, \(no suffix\) 1\)"):
+    (folder / "logo").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")  # a file without a suffix is read when text
+    unread = r"\(\.html 3, \(no suffix, not text\) 1\)"
+    with pytest.raises(CorpusBuildError, match=rf"no documents.*files of other suffixes {unread}.*without one when"):
         build_corpus([open_source(folder)], tmp_path / "none", show_progress=False)
     for i in range(4):
         (folder / f"notes{i}.txt").write_text(prose(10 + i))
     report = build_corpus([open_source(folder)], tmp_path / "out", show_progress=False)
-    assert report.documents_in == 4 and report.skipped_files == {".html": 3, "(no suffix)": 1}
+    assert report.documents_in == 4 and report.skipped_files == {".html": 3, "(no suffix, not text)": 1}
     assert Report.load(tmp_path / "out" / "report.json") == report
     console = Console(record=True, width=120)
     console.print(report_table(report))
-    assert "not read: other suffixes │   4 files │ .html 3, (no suffix) 1" in console.export_text()
+    assert "not read: other suffixes │   4 files │ .html 3, (no suffix, not text) 1" in console.export_text()
 
 
 def test_a_folder_of_jsonl_and_parquet_shards_says_each_file_is_read_as_rows_as_an_input(tmp_path: Path) -> None:

@@ -7,11 +7,14 @@ import gzip
 import itertools
 import json
 import lzma
+import os
 import random
 import re
 import sysconfig
 import textwrap
 import time
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -846,6 +849,42 @@ def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
     assert [doc.text for doc in open_source(tmp_path / "rows.jsonl.gz")] == ["a row"]
     with pytest.raises(DataSourceError, match="missing.jsonl: no such file or folder"):
         open_source(tmp_path / "missing.jsonl")
+
+
+def test_a_folders_files_without_a_suffix_are_read_when_they_are_text(tmp_path: Path) -> None:
+    """README, LICENSE, Makefile and a Debian package's copyright were skipped as files of no suffix, and so were
+    changelog.gz and NEWS.gz; a program, an image or a named pipe (whose reading would wait) is counted, not read."""
+    (tmp_path / "doc").mkdir()
+    (tmp_path / "README").write_text("Read me first.")
+    (tmp_path / "Makefile").write_text("all:\n\tcc -o hello hello.c\n")
+    (tmp_path / "doc" / "copyright").write_bytes("Copyright 2024 Ren\u00e9".encode("cp1252"))  # legacy 8-bit text
+    (tmp_path / "doc" / "changelog.gz").write_bytes(gzip.compress(b"hello (2.12-1) unstable; urgency=low"))
+    (tmp_path / "doc" / "man.1").write_text("roff")  # a suffix not read, as before
+    (tmp_path / "colours").write_text("\x1b[1mbold\x1b[0m and b\bbold")  # terminal output, an overstruck man page
+    (tmp_path / "hello").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + b"text after the header")
+    (tmp_path / "object").write_bytes(zlib.compress(b"blob 12\x00hello world\n"))
+    (tmp_path / "icon").write_bytes(b"\x89PNG\r\n\x1a\n" + b"image")  # PNG's header has no NUL
+    os.mkfifo(tmp_path / "pipe")
+    skipped: Counter[str] = Counter()
+    assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path, skipped=skipped)] == [
+        ("Makefile", "all:\n\tcc -o hello hello.c\n"),
+        ("README", "Read me first."),
+        ("colours", "\x1b[1mbold\x1b[0m and b\bbold"),
+        ("doc/changelog.gz", "hello (2.12-1) unstable; urgency=low"),
+        ("doc/copyright", "Copyright 2024 Ren\u00e9"),
+    ]
+    assert skipped == {"(no suffix, not text)": 4, ".1": 1}
+
+
+def test_a_version_control_folder_is_not_entered(tmp_path: Path) -> None:
+    for name in (".git", ".hg", ".svn", "CVS"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "HEAD").write_text("ref: refs/heads/main")
+        (tmp_path / name / "notes.txt").write_text("a text file kept there")
+    (tmp_path / "README.md").write_text("The project.")
+    skipped: Counter[str] = Counter()
+    assert [doc.doc_id for doc in read_text_folder(tmp_path, skipped=skipped)] == ["README.md"]
+    assert skipped == {}
 
 
 @pytest.mark.parametrize(
