@@ -6,12 +6,13 @@ import typer
 
 from seekstack.cli.common import key_value_command
 from seekstack.cli.posttrain import ConfigArg, OverridesArg, ResumeOpt, WriteConfigOpt
-from seekstack.cli.train import run_stage
+from seekstack.cli.train import ConfigOpt, run_stage
 
 
 def distill_command(
     config: ConfigArg = None,
     overrides: OverridesArg = None,
+    config_option: ConfigOpt = None,
     resume: ResumeOpt = False,
     write_config: WriteConfigOpt = None,
 ) -> None:
@@ -23,7 +24,7 @@ def distill_command(
     from seekstack.distill.config import DistillConfig
     from seekstack.distill.run import run_distill
 
-    run_stage(DistillConfig, run_distill, config, overrides, resume, write_config)
+    run_stage(DistillConfig, run_distill, config, overrides, resume, write_config, config_option)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from seekstack.cli.common import key_value_command, options_named, run_to_checkpoint, user_errors
-from seekstack.cli.train import run_stage
+from seekstack.cli.train import ConfigOpt, run_stage
 
 if TYPE_CHECKING:
     from seekstack.infer import Engine
@@ -31,6 +31,7 @@ SAMPLING_BATCH = 256  # pass-at-k and traces: completions decoded together at mo
 def sft_command(
     config: ConfigArg = None,
     overrides: OverridesArg = None,
+    config_option: ConfigOpt = None,
     resume: ResumeOpt = False,
     write_config: WriteConfigOpt = None,
 ) -> None:
@@ -39,12 +40,13 @@ def sft_command(
     from seekstack.posttrain.config import SFTConfig
     from seekstack.posttrain.sft import run_sft
 
-    run_stage(SFTConfig, run_sft, config, overrides, resume, write_config)
+    run_stage(SFTConfig, run_sft, config, overrides, resume, write_config, config_option)
 
 
 def rl_command(
     config: ConfigArg = None,
     overrides: OverridesArg = None,
+    config_option: ConfigOpt = None,
     resume: ResumeOpt = False,
     write_config: WriteConfigOpt = None,
 ) -> None:
@@ -53,7 +55,7 @@ def rl_command(
     from seekstack.posttrain.config import GRPOConfig
     from seekstack.posttrain.rl import run_rl
 
-    run_stage(GRPOConfig, run_rl, config, overrides, resume, write_config)
+    run_stage(GRPOConfig, run_rl, config, overrides, resume, write_config, config_option)
 
 
 def pass_at_k_command(

@@ -10,10 +10,15 @@ import typer
 
 from seekstack.cli.common import Checkpoint, fail, key_value_command, options_named, user_errors
 
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="The config file as an option (data build's and quantize's spelling)")
+]
+
 
 def train_command(
     config: Annotated[Path | None, typer.Argument(help="Training config (YAML/TOML/JSON); defaults otherwise")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. max_steps=200")] = None,
+    config_option: ConfigOpt = None,
     resume: Annotated[
         bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint, with its saved config")
     ] = False,
@@ -25,7 +30,7 @@ def train_command(
     from seekstack.train.config import TrainConfig
     from seekstack.train.trainer import train
 
-    run_stage(TrainConfig, train, config, overrides, resume, write_config)
+    run_stage(TrainConfig, train, config, overrides, resume, write_config, config_option)
 
 
 def run_stage(
@@ -35,9 +40,11 @@ def run_stage(
     overrides: list[str] | None,
     resume: bool,
     write_to: Path | None = None,
+    config_option: Path | None = None,
 ) -> None:
-    """Resolve a training stage's config (`cls`: TrainConfig or a post-training subclass), then `run(config, resume=)`
-    it, or with `write_to` write the config and stop."""
+    """Resolve a training stage's config (`cls`: TrainConfig or a post-training subclass) from its file (CONFIG or
+    `config_option`, --config) and overrides, then `run(config, resume=)` it, or with `write_to` write the config and
+    stop."""
     from seekstack.parallel.distributed import is_main_process
     from seekstack.schema import write_config
     from seekstack.train.config import resolve_train_config
@@ -47,6 +54,9 @@ def run_stage(
     with user_errors():
         if config is not None and "=" in str(config):  # only overrides were given
             overrides, config = [str(config), *(overrides or [])], None
+        if config is not None and config_option is not None:
+            raise ValueError(f"two config files, {config} and --config {config_option}: give one")
+        config = config or config_option
         warn = _warn if main else lambda message: None
         resolved = resolve_train_config(config, overrides or [], resume=resume, warn=warn, cls=cls)
         if write_to is not None:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import typer
+import yaml
 from typer.testing import CliRunner
 
 from seekstack.cli import app
@@ -156,3 +157,21 @@ def test_traces_counts_its_problems_as_pass_at_k_spells_them_and_by_its_older_na
     monkeypatch.setattr("seekstack.posttrain.distill.verified_traces", verified_traces)
     runner.invoke(app, ["traces", str(tmp_path), "--out", str(tmp_path / "traces.jsonl"), option, "7"])
     assert asked == [7]
+
+
+def test_train_takes_its_config_file_as_config_as_data_build_and_quantize_do(tmp_path):
+    config, written = tmp_path / "mine.yaml", tmp_path / "resolved.yaml"
+    config.write_text("max_steps: 7\n")
+    result = runner.invoke(app, ["train", "--config", str(config), "lr=0.01", "--write-config", str(written)])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(written.read_text())
+    assert (resolved["max_steps"], resolved["lr"]) == (7, 0.01)
+
+
+@pytest.mark.parametrize("command", ["train", "sft", "rl", "distill"])
+def test_a_training_stage_given_two_config_files_names_both(tmp_path, command):
+    config = tmp_path / "mine.yaml"
+    config.write_text("max_steps: 7\n")
+    result = runner.invoke(app, [command, str(config), "--config", str(config)])
+    assert result.exit_code == 1
+    assert f"error: two config files, {config} and --config {config}: give one" in result.output
