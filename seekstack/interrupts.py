@@ -7,6 +7,7 @@
                               what Ctrl-C does, noted or deferred alike, instead of ending the process on the spot
   sigterm_cleaned_up()        SIGTERM left to the system does meanwhile what Ctrl-C does, and ends the process once
                               the block's cleanup ran (a write's temporaries deleted)
+  interruptible(work)         work() in a thread, so that Ctrl-C lands at once where it runs native code for long
 Python delivers signals to the main thread only, and only there may a handler be set: elsewhere each of these leaves
 SIGINT and SIGTERM as they are (nothing is noted, and Ctrl-C lands wherever the main thread is).
 """
@@ -18,8 +19,10 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import TypeVar
 
 Handler = Callable[[int, FrameType | None], object] | signal.Handlers
+Result = TypeVar("Result")
 
 
 @contextlib.contextmanager
@@ -87,3 +90,28 @@ def sigterm_cleaned_up() -> Iterator[None]:
     finally:
         if received:  # SIGTERM is the system's again: it ends the process here
             signal.raise_signal(signal.SIGTERM)
+
+
+def interruptible(work: Callable[[], Result]) -> Result:
+    """`work()`, run in a thread while the main thread waits for it: Python runs a signal's handler only once the main
+    thread is back in Python, so Ctrl-C (KeyboardInterrupt) waited for the end of native code that does not come back
+    for long (tokenizers' BPE training, minutes on a large corpus). Interrupted, the work is left to end with the
+    process (a daemon thread). Off the main thread, `work()` runs there."""
+    if threading.current_thread() is not threading.main_thread():
+        return work()
+    outcome: list[Result] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as error:  # raised again in the main thread
+            failure.append(error)
+
+    worker = threading.Thread(target=run, name="interruptible-work", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=0.1)  # a wait the signal's handler runs between
+    if failure:
+        raise failure[0]
+    return outcome[0]

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 
 from seekstack.atomic import write_atomic
 from seekstack.chat_template import ChatTemplate, read_chat_template
+from seekstack.interrupts import interruptible
 from seekstack.schema import LONE_SURROGATE, ConfigError
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -473,7 +474,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(texts, trainer=trainer)
+    interruptible(lambda: backend.train_from_iterator(texts, trainer=trainer))  # Ctrl-C lands mid-training
 
     path.parent.mkdir(parents=True, exist_ok=True)
     config = {

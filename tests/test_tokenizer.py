@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
+import signal
 import sysconfig
+import threading
+import time
 from pathlib import Path
 
 import jinja2
@@ -14,6 +19,7 @@ import torch
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models
 
+from seekstack import tokenizer as tokenizer_module
 from seekstack.infer.detokenize import TextStream
 from seekstack.posttrain.conversations import template_message
 from seekstack.schema import ConfigError
@@ -49,6 +55,36 @@ def stdlib_texts(max_chars: int = 300_000) -> list[str]:
 def trained(tmp_path_factory) -> tuple[Tokenizer, Path]:
     out_dir = tmp_path_factory.mktemp("tokenizer")
     return train_tokenizer(stdlib_texts(), vocab_size=1000, out_path=out_dir), out_dir
+
+
+def native_work(iterations: int) -> None:
+    """Seconds of native code that releases the GIL and checks no signal, as tokenizers' BPE training does."""
+    hashlib.pbkdf2_hmac("sha256", b"password", b"salt", iterations)
+
+
+def test_ctrl_c_stops_tokenizer_training_at_once_not_when_the_training_ends(tmp_path, monkeypatch):
+    """Ctrl-C waited for the end of tokenizers' BPE training (minutes on a large corpus) to stop `tokenizer train`."""
+    iterations, took = 100_000, 0.0
+    while took < 1.0:  # native work of a second or more on this machine as loaded now
+        iterations *= 2
+        started = time.monotonic()
+        native_work(iterations)
+        took = time.monotonic() - started
+
+    class NativeTraining:
+        def __init__(self, model):
+            pass
+
+        def train_from_iterator(self, texts, trainer):
+            native_work(iterations)
+
+    monkeypatch.setattr(tokenizer_module, "BackendTokenizer", NativeTraining)
+    threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(["def f(x):\n    return x\n"], vocab_size=512, out_path=tmp_path)
+    assert time.monotonic() - started < took / 2
+    assert list(tmp_path.iterdir()) == []
 
 
 CHAT = [
