@@ -23,7 +23,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 
-from seekstack.atomic import write_atomic
+from seekstack.atomic import staged_files
 from seekstack.chat_template import ChatTemplate, read_chat_template
 from seekstack.interrupts import interruptible
 from seekstack.schema import LONE_SURROGATE, ConfigError
@@ -476,7 +476,6 @@ def train_tokenizer(
     )
     interruptible(lambda: backend.train_from_iterator(texts, trainer=trainer))  # Ctrl-C lands mid-training
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
@@ -488,6 +487,7 @@ def train_tokenizer(
         "model_max_length": model_max_length,
         "chat_template": CHAT_TEMPLATE,
     }
-    write_atomic(path, backend.to_str(pretty=True))
-    write_atomic(path.parent / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2))
+    with staged_files(path.parent) as staged:  # the pair appears together, replacing an earlier tokenizer's
+        staged.path(path.name).write_text(backend.to_str(pretty=True), encoding="utf-8")
+        staged.path(CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     return Tokenizer(backend, source=str(path))

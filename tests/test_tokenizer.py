@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models
 
 from seekstack import tokenizer as tokenizer_module
+from seekstack.atomic import WriteRefused
 from seekstack.infer.detokenize import TextStream
 from seekstack.posttrain.conversations import template_message
 from seekstack.schema import ConfigError
@@ -85,6 +87,28 @@ def test_ctrl_c_stops_tokenizer_training_at_once_not_when_the_training_ends(tmp_
         train_tokenizer(["def f(x):\n    return x\n"], vocab_size=512, out_path=tmp_path)
     assert time.monotonic() - started < took / 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_the_disk_refuses_leaves_the_earlier_one_whole_and_no_folder_it_made(tmp_path, monkeypatch):
+    """tokenizer.json and tokenizer_config.json were written one after the other: a disk that filled as the second
+    was flushed left the new tokenizer.json beside the earlier tokenizer's config, and a refused write left an empty
+    --out behind."""
+    texts = ["def f(x):\n    return x\n"] * 20
+    train_tokenizer(texts, vocab_size=300, out_path=tmp_path / "earlier", model_max_length=128)
+    earlier = {path.name: path.read_bytes() for path in (tmp_path / "earlier").iterdir()}
+    fsync = os.fsync
+
+    def disk_full_at_the_config(descriptor):
+        if Path(os.readlink(f"/proc/self/fd/{descriptor}")).name.startswith(".tokenizer_config.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", disk_full_at_the_config)
+    for out in (tmp_path / "earlier", tmp_path / "new"):
+        with pytest.raises(WriteRefused, match="not written \\(No space left on device"):
+            train_tokenizer(["class A:\n    pass\n"] * 20, vocab_size=300, out_path=out, model_max_length=4096)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "earlier").iterdir()} == earlier
+    assert not (tmp_path / "new").exists()
 
 
 CHAT = [
