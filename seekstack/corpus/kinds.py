@@ -3,7 +3,9 @@ to split it into words when it has no spaces.
 
 A document whose name ends in a source-code suffix (`CODE_SUFFIXES`: `.py`, `.c`, `.rs`, ...; through `.gz`,
 `mod.py.gz`) is code in that language, whatever its text; a Python module holding pages of documentation in strings
-is still code. Otherwise detection reads the first `SAMPLE_CHARS` characters:
+is still code. A README (`README`, `README.Debian`, `readme.txt`) or man page (`ls.1`, `printf.3`) is never code:
+man pages indent every line, and READMEs their commands, and such lines read as code. Otherwise detection reads the
+first `SAMPLE_CHARS` characters:
   cjk    Han, kana or Hangul characters are >= `CJK_MIN_SHARE` of the words (each such character one word, as
          `words` splits text); language `ja` when kana are >= `KANA_MIN_SHARE` of those characters, `ko` when
          Hangul is most of them, `zh` otherwise.
@@ -70,6 +72,9 @@ CODE_SUFFIXES = {
     ".py": "python", ".c": "c", ".h": "c", ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".rs": "rust",
     ".go": "go", ".js": "javascript", ".ts": "typescript", ".java": "java", ".sh": "shell",
 }  # fmt: skip
+# The names of documentation that is never code: READMEs and man pages (a name, then a section 1-9; not a version
+# such as `pkg-2.7.1`)
+_DOCUMENTATION_NAME = re.compile(r"readme(?:\.|$)|.*[a-z_]\.[1-9]$")
 _STOPWORDS = frozenset(
     "the of and to a in is that it for as with was on be by are this not or from at which an have has but can "
     "you your we they their will if when there been its these also more one all".split()
@@ -123,11 +128,13 @@ def looks_like_code(line: str) -> bool:
 
 def detect_kind(text: str, name: str = "") -> DetectedKind:
     """The kind and language of `text`, from the suffix of its `name` (a path or document id) when that names
-    source code, else from its first `SAMPLE_CHARS` characters (see the module docstring)."""
+    source code, else from its first `SAMPLE_CHARS` characters, never code when the name is a README's or a man
+    page's (see the module docstring)."""
     stem = name.lower().removesuffix(".gz")  # suffixes count through .gz, as sources read them: `mod.py.gz` is code
     suffix = stem[stem.rfind(".") :] if "." in stem else ""
     if suffix in CODE_SUFFIXES:
         return DetectedKind("code", CODE_SUFFIXES[suffix])
+    documentation = _DOCUMENTATION_NAME.match(stem[stem.rfind("/") + 1 :]) is not None
     sample = text[:SAMPLE_CHARS]
     cjk = len(CJK_CHAR.findall(sample))
     if cjk and cjk >= CJK_MIN_SHARE * len(words(sample)):
@@ -135,7 +142,7 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
             return DetectedKind("cjk", "ko")
         return DetectedKind("cjk", "ja" if len(_KANA_CHAR.findall(sample)) >= KANA_MIN_SHARE * cjk else "zh")
     lines = [line for line in sample.split("\n") if line.strip()]
-    code_lines = sum(1 for line in lines if looks_like_code(line))
+    code_lines = 0 if documentation else sum(1 for line in lines if looks_like_code(line))
     if lines and code_lines >= CODE_MIN_LINE_SHARE * len(lines):
         counts = {lang: len(marker.findall(sample)) for lang, marker in _CODE_LANGUAGES.items()}
         best = max(counts, key=counts.__getitem__)

@@ -36,6 +36,45 @@ JAPANESE_TEXT = (
 BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 KOREAN_TEXT = "시립 도서관은 약 이 년 동안의 보수 공사를 마치고 월요일에 다시 문을 열었다. 열람실은 훨씬 밝아졌다."
 
+MAN_PAGE = """LS(1)                            User Commands                           LS(1)
+
+NAME
+       ls - list directory contents
+
+SYNOPSIS
+       ls [OPTION]... [FILE]...
+
+DESCRIPTION
+       List  information  about  the FILEs (the current directory by default).
+       Sort entries alphabetically if none of -cftuvSUX nor --sort is  speci‐
+       fied.
+
+       -a, --all
+              do not ignore entries starting with .
+
+       --block-size=SIZE
+              with -l, scale sizes by SIZE when printing them; e.g., '--block-size=M'; see SIZE format below
+
+       -C     list entries by columns
+
+       --color[=WHEN]
+              color the output WHEN; more info below (see --color below)
+"""
+README_WITH_COMMANDS = """Building
+========
+
+Install the build dependencies (see debian/control), then run:
+
+    ./configure --prefix=/usr
+    make -j$(nproc)
+    sudo make install
+
+Tests:
+
+    make check TESTS="test-parser test-lexer"
+    ./run-tests --verbose --filter=(parser|lexer)
+"""
+
 
 def junk(kind: str, rule: str) -> str:
     """A document of `kind` that `rule` (and only the rules of its kind) should remove."""
@@ -181,3 +220,14 @@ def test_a_source_code_suffix_makes_a_document_code() -> None:
     assert detect_kind(docs_in_a_module, "LIB/TOPICS.PY.GZ") == DetectedKind("code", "python")
     assert detect_kind(ENGLISH_ARTICLE, "notes.txt") == DetectedKind("prose", "en")
     assert rule_kind(docs_in_a_module, "auto", "lib/main.rs") == ("code", "code/rust")
+
+
+@pytest.mark.parametrize(("text", "name"), [(MAN_PAGE, "man/ls.1"), (README_WITH_COMMANDS, "pkg/README")])
+def test_a_man_page_or_readme_is_prose_by_its_name_though_its_indented_lines_read_as_code(text: str, name: str) -> None:
+    """67 of 240 man pages (as `man` prints them) and 19 READMEs of a machine's /usr/share/doc were detected as code: a
+    man page indents every line, a README its commands, and an indented line with a bracket or `=` reads as code."""
+    assert detect_kind(text, "notes").kind == "code"  # the text alone still reads as code
+    assert detect_kind(text, name).kind == "prose"
+    for other_name in ("pkg-2.7.1", "readmes"):  # a version is no man page's section
+        assert detect_kind(text, other_name).kind == "code"
+    assert detect_kind(text, "README.py") == DetectedKind("code", "python")  # a source suffix still decides
