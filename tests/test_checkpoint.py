@@ -23,6 +23,7 @@ from seekstack.checkpoint import (
     dequantize_fp8,
     quantize_fp8,
     write_config,
+    write_pretrained_files,
     write_shards,
 )
 from seekstack.compress.quantize import QuantConfig, quantize_model
@@ -100,6 +101,17 @@ def test_a_model_wrapped_by_torch_compile_saves_as_the_model_it_wraps(tmp_path):
     seekstack.save_pretrained(model, tmp_path / "plain")
     assert stored_keys(tmp_path / "ckpt") == stored_keys(tmp_path / "plain")
     assert_same_state(model, seekstack.load_pretrained(tmp_path / "ckpt"))
+
+
+def test_a_peft_model_or_another_module_is_refused_saying_what_to_save_and_nothing_is_written(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(random_model(), LoraConfig(r=2, target_modules=["o_proj"]))
+    with pytest.raises(TypeError, match=r"got PeftModel: save .*merge_and_unload\(\), or the adapter alone"):
+        seekstack.save_pretrained(adapted, tmp_path / "adapted")
+    with pytest.raises(TypeError, match="a checkpoint holds a seekstack Transformer, got Linear"):
+        write_pretrained_files(torch.nn.Linear(2, 2), tmp_path)
+    assert not (tmp_path / "adapted").exists() and not list(tmp_path.iterdir())
 
 
 def test_config_json_is_unchanged_by_a_load_and_save(tmp_path):

@@ -104,11 +104,26 @@ def write_pretrained_files(
     stacked_experts: bool = False,
 ) -> None:
     """Write config.json and the safetensors into the existing folder `directory`, which the caller makes atomic
-    (`save_pretrained`, training checkpoints). `stacked_experts` writes seekstack's stacked-experts layout. A model
-    wrapped by torch.compile is saved as the model it wraps (its state_dict's keys carry the wrapper's `_orig_mod.`)."""
-    model = getattr(model, "_orig_mod", model)
+    (`save_pretrained`, training checkpoints). `stacked_experts` writes seekstack's stacked-experts layout."""
+    model = _saved_model(model)
     write_shards(_stored_tensors(model, fp8_block, stacked_experts), directory, max_shard_bytes)
     write_config(model, directory, fp8_block, stacked_experts)
+
+
+def _saved_model(model: torch.nn.Module) -> Transformer:
+    """The Transformer to save: a model wrapped by torch.compile is saved as the model it wraps (its state_dict's keys
+    carry the wrapper's `_orig_mod.`); TypeError for any other module, whose keys no checkpoint could be loaded from
+    (a peft model's carry `base_model.model.` and its LoRA factors)."""
+    model = getattr(model, "_orig_mod", model)
+    if isinstance(model, Transformer):
+        return model
+    advice = "a seekstack Transformer (seekstack.load_pretrained, seekstack.Transformer)"
+    if hasattr(model, "merge_and_unload"):
+        advice = (
+            "the model with its adapter merged in, model.merge_and_unload(), or the adapter alone with peft's "
+            "model.save_pretrained(folder)"
+        )
+    raise TypeError(f"a checkpoint holds a seekstack Transformer, got {type(model).__name__}: save {advice}")
 
 
 def write_shards(
