@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -294,6 +295,7 @@ def build_corpus(
             "[bold]data build[/] {task.completed} docs in, {task.fields[kept]} kept, {task.fields[mib]:.1f} MiB"
         ),
         TimeElapsedColumn(),
+        console=Console(stderr=True),  # off the report on stdout: `data build > report.txt` still shows it
         disable=not show_progress,
         transient=True,
     )

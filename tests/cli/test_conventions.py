@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -175,3 +177,15 @@ def test_a_training_stage_given_two_config_files_names_both(tmp_path, command):
     result = runner.invoke(app, [command, str(config), "--config", str(config)])
     assert result.exit_code == 1
     assert f"error: two config files, {config} and --config {config}: give one" in result.output
+
+
+def test_data_build_shows_its_progress_on_stderr_and_its_report_alone_on_stdout(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in ("textwrap.py", "shlex.py"):
+        (folder / name).write_text((Path(sysconfig.get_paths()["stdlib"]) / name).read_text())
+    arguments = ["data", "build", str(folder), "--out", str(tmp_path / "corpus"), "--workers", "1"]
+    result = runner.invoke(app, arguments, env={"FORCE_COLOR": "1"})  # drawn as at a terminal (and CI forcing colour)
+    assert result.exit_code == 0, result.output
+    assert "docs in" in result.stderr and "docs in" not in result.stdout
+    assert result.stdout.rstrip().endswith("report.json")
