@@ -194,8 +194,10 @@ class Transformer(nn.Module):
             n = T - k  # positions i with a token i+k to embed
             depth_counted = None if counted is None else counted[:, k:]  # position i reads token i+k
             depth_mask = None if attention_mask is None else attention_mask_of(attention_mask[:, :n])
+            depth_cos, depth_sin = cos[..., :n, :], sin[..., :n, :]  # the first n positions, shared or per row
+            embedded = self.embed_tokens(input_ids[:, k:])
             hidden, depth_stats = self.mtp[k - 1](
-                hidden[:, :n], self.embed_tokens(input_ids[:, k:]), cos[:n], sin[:n], None, depth_counted, depth_mask
+                hidden[:, :n], embedded, depth_cos, depth_sin, None, depth_counted, depth_mask
             )
             stats += [depth_stats] if depth_stats is not None else []
             depth_targets = _token_targets(labels, attention_mask, k + 1)

@@ -61,6 +61,16 @@ def test_a_transformer_built_from_no_model_config_is_refused_naming_how_to_build
         Transformer(config)
 
 
+def test_positions_given_per_row_give_the_losses_of_the_same_positions_shared():
+    model = Transformer(micro_config(num_nextn_predict_layers=2)).eval()
+    ids = torch.randint(0, 128, (3, 10))
+    with torch.no_grad():
+        shared = model(ids, labels=ids, positions=torch.arange(4, 14))
+        per_row = model(ids, labels=ids, positions=torch.arange(4, 14).expand(3, -1))
+    assert torch.allclose(per_row.lm_loss, shared.lm_loss, atol=1e-6)
+    assert torch.allclose(per_row.mtp_loss, shared.mtp_loss, atol=1e-6)
+
+
 def test_forward_refuses_input_ids_that_are_not_a_batch_and_an_attention_mask_of_another_shape():
     model = Transformer(micro_config())
     with pytest.raises(ValueError, match=re.escape("input_ids have shape (8,): expected (batch, seq_len)")):
