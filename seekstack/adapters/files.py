@@ -362,13 +362,14 @@ def merged_model(model: Transformer, adapter: str | Path) -> Transformer:
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Write base + adapter as a plain checkpoint folder (W + alpha/r B A in every adapted weight), with the
-    tokenizer of the adapter or of the base."""
+    tokenizer and generation_config.json of the adapter or of the base."""
+    from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
     from seekstack.train.state import copy_model_folder_file
 
     refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(base, adapter))
     merged = merged_model(load_pretrained(base, dtype=torch.float32), adapter)
     out = save_pretrained(merged, out)
-    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+    for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE):
         source = next((Path(d) / name for d in (adapter, base) if (Path(d) / name).is_file()), None)
         if source is not None:
             copy_model_folder_file(source, out, merged.config.max_position_embeddings)

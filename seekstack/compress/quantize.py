@@ -276,17 +276,19 @@ def resident_bytes(model: nn.Module) -> int:
 
 
 def save_with_tokenizer(model: nn.Module, source: str | Path, out: str | Path) -> Path:
-    """Write `model` as checkpoint folder `out` (atomically), with the tokenizer files of checkpoint `source`,
-    so `out` is a model folder generate/chat/serve load as is."""
+    """Write `model` as checkpoint folder `out` (atomically), with the tokenizer files of checkpoint `source` and its
+    generation_config.json (the sampling its authors ship), so `out` is a model folder generate/chat/serve load as
+    `source` loads."""
     from seekstack.atomic import atomic_directory, refuse_to_replace
     from seekstack.checkpoint import MODEL_FOLDER_FILES, write_pretrained_files
+    from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
     from seekstack.train.state import copy_model_folder_file
 
     refuse_to_replace(out, MODEL_FOLDER_FILES, inputs=(source,))
     out = Path(out)
     with atomic_directory(out) as staging:
         write_pretrained_files(model, staging)  # type: ignore[arg-type]
-        for file in sorted(Path(source).glob("tokenizer*.json")):
+        for file in [*sorted(Path(source).glob("tokenizer*.json")), *Path(source).glob(GENERATION_CONFIG_FILE)]:
             copy_model_folder_file(file, staging, model.config.max_position_embeddings)  # type: ignore[union-attr]
     return out
 

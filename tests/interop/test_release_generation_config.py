@@ -105,3 +105,14 @@ def test_a_folder_without_generation_config_keeps_the_commands_defaults(tmp_path
     assert sampling_defaults(tmp_path) == {}
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8, "do_sample": True}))
     assert sampling_defaults(tmp_path) == {}
+
+
+def test_quantize_and_lora_merge_keep_the_releases_generation_config(release, tmp_path):
+    from seekstack.adapters.files import merge_adapter
+    from tests.adapters.support import write_random_adapter
+
+    result = CliRunner().invoke(app, ["quantize", str(release), "--out", str(tmp_path / "int8"), "--scheme", "int8"])
+    assert result.exit_code == 0, result.output
+    adapter = write_random_adapter(release, tmp_path / "adapter", seed=0)
+    merged = merge_adapter(release, adapter, tmp_path / "merged")
+    assert sampling_defaults(tmp_path / "int8") == sampling_defaults(merged) == R1_SAMPLING
