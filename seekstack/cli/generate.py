@@ -253,7 +253,7 @@ def chat_command(
     engine.notify = terminal.note
     with user_errors():  # a --system holding a special token
         session = ChatSession(engine, params, system, notify=terminal.note)
-    run_chat(session, line_reader(interactive), terminal.write, prompt="> " if interactive else "")
+    run_chat(session, line_reader(interactive), terminal.write, terminal.error, prompt="> " if interactive else "")
 
 
 def print_completion_json(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -325,8 +325,8 @@ def refuse_drafting_without_speculation(ctx: typer.Context) -> None:
 
 
 class StreamedText:
-    """Text streamed to stdout and notes to stderr: where both show on one terminal, a note that comes while the
-    text's line is open (the engine compiling mid-reply) starts on a line of its own."""
+    """Text streamed to stdout, notes and errors to stderr: where both show on one terminal, a note that comes while
+    the text's line is open (the engine compiling mid-reply) starts on a line of its own."""
 
     def __init__(self) -> None:
         self.open_line = False
@@ -338,10 +338,16 @@ class StreamedText:
             self.open_line = not text.endswith("\n")
 
     def note(self, text: str) -> None:
+        self._tell(f"note: {text}")
+
+    def error(self, text: str) -> None:
+        self._tell(f"error: {text}")
+
+    def _tell(self, line: str) -> None:
         if self.open_line and sys.stdout.isatty() and sys.stderr.isatty():
             sys.stderr.write("\n")
             self.open_line = False
-        typer.echo(f"note: {text}", err=True)
+        typer.echo(line, err=True)
 
 
 def one_stream(

@@ -111,10 +111,15 @@ def ending_at_special_tokens(params: SamplingParams, tokenizer: Tokenizer) -> Sa
 
 
 def run_chat(
-    session: ChatSession, read_line: Callable[[str], str], write: Callable[[str], None], prompt: str = ""
+    session: ChatSession,
+    read_line: Callable[[str], str],
+    write: Callable[[str], None],
+    complain: Callable[[str], None],
+    prompt: str = "",
 ) -> None:
     """Read user lines with `read_line(prompt)` (as `input`) until /quit, end of input (EOFError) or Ctrl-C at the
-    prompt; answer each, or run the command it names. Ctrl-C during a reply stops it and returns to the prompt."""
+    prompt; answer each with `write`, or run the command it names. Ctrl-C during a reply stops it and returns to the
+    prompt. What cannot be done (a message too long, an unusable /system) is said with `complain` (stderr)."""
     while True:
         try:
             line = read_line(prompt).strip()
@@ -128,25 +133,27 @@ def run_chat(
             session.turns = []
             write("(history cleared)\n")
         elif line == "/system" or line.startswith("/system "):
-            _change_system(session, line[len("/system") :].strip(), write)
+            _change_system(session, line[len("/system") :].strip(), write, complain)
         elif line.startswith("/"):
             write(f"unknown command {line.split()[0]!r}; {HELP}\n")
         elif line:
-            _answer(session, line, write)
+            _answer(session, line, write, complain)
 
 
-def _change_system(session: ChatSession, system: str, write: Callable[[str], None]) -> None:
+def _change_system(
+    session: ChatSession, system: str, write: Callable[[str], None], complain: Callable[[str], None]
+) -> None:
     """Set the system prompt (none when `system` is empty) and clear the history; an unusable one changes nothing."""
     try:
         session.set_system(system)
     except ValueError as error:
-        write(f"error: {error}; the system prompt and history are unchanged\n")
+        complain(f"{error}; the system prompt and history are unchanged")
         return
     session.turns = []
     write(f"(system prompt {'set' if session.system else 'removed'}; history cleared)\n")
 
 
-def _answer(session: ChatSession, line: str, write: Callable[[str], None]) -> None:
+def _answer(session: ChatSession, line: str, write: Callable[[str], None], complain: Callable[[str], None]) -> None:
     """Stream the reply to `line`, then make sure the next prompt starts on a fresh line."""
     replies = session.reply(line)
     last = ""
@@ -159,7 +166,9 @@ def _answer(session: ChatSession, line: str, write: Callable[[str], None]) -> No
         write("\n")
         return
     except ValueError as error:
-        write(f"error: {error}\n")
+        if last and not last.endswith("\n"):
+            write("\n")
+        complain(str(error))
         return
     if not last.endswith("\n"):
         write("\n")

@@ -189,3 +189,12 @@ def test_data_build_shows_its_progress_on_stderr_and_its_report_alone_on_stdout(
     assert result.exit_code == 0, result.output
     assert "docs in" in result.stderr and "docs in" not in result.stdout
     assert result.stdout.rstrip().endswith("report.json")
+
+
+def test_chat_says_what_it_cannot_do_on_stderr_and_keeps_stdout_for_the_replies(tmp_path):
+    model = model_dir(tmp_path / "model")
+    too_long = "word " * 5000  # more than the model's context
+    result = runner.invoke(app, ["chat", "--model", str(model), "--max-new-tokens", "2"], input=f"{too_long}\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # no reply: the message was refused
+    assert "error: the message needs" in result.stderr and "write less or change /system" in result.stderr

@@ -470,6 +470,9 @@ class Terminal:
             raise KeyboardInterrupt
         self.shown.append(text)
 
+    def complain(self, text: str) -> None:  # stderr, beside the replies at a terminal
+        self.shown.append(f"error: {text}\n")
+
 
 def reply_to(engine: Engine, messages: list[dict], params: SamplingParams) -> str:
     return engine.generate([engine.tokenizer.encode_chat(messages)], params)[0].text
@@ -479,7 +482,7 @@ def test_ctrl_c_mid_reply_stops_it_keeps_what_was_shown_and_the_chat_goes_on(che
     engine = Engine.from_pretrained(checkpoint)
     params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     terminal = Terminal(engine, ["hello", "again"], interrupt_at=4)
-    run_chat(ChatSession(engine, params), terminal.read_line, terminal.write)
+    run_chat(ChatSession(engine, params), terminal.read_line, terminal.write, terminal.complain)
     partial = "".join(terminal.shown[:3])
     assert partial and reply_to(engine, [{"role": "user", "content": "hello"}], params).startswith(partial)
     assert terminal.shown[3] == "\n"  # the interrupted reply's line is ended
@@ -504,7 +507,7 @@ def test_ctrl_c_while_the_engine_steps_stops_the_reply_and_frees_its_blocks(chec
     monkeypatch.setattr(engine, "step", step)
     session = ChatSession(engine, params)
     terminal = Terminal(engine, ["hello", "again"])
-    run_chat(session, terminal.read_line, terminal.write)
+    run_chat(session, terminal.read_line, terminal.write, terminal.complain)
     first = reply_to(engine, [{"role": "user", "content": "hello"}], params)
     two_tokens = engine.tokenizer.decode(engine.tokenizer.encode(first)[:2])
     assert terminal.load_at_prompt[1] == (0, 0, 0.0)
@@ -531,7 +534,7 @@ def test_ctrl_c_or_end_of_input_at_the_prompt_ends_the_chat_on_a_fresh_line(engi
             shown.append(prompt)
             raise pressed
 
-        run_chat(session, read_line, shown.append, prompt="> ")  # returns: neither escapes
+        run_chat(session, read_line, shown.append, shown.append, prompt="> ")  # returns: neither escapes
         assert shown == ["> ", "\n"]
 
 
@@ -541,7 +544,7 @@ def test_each_reply_ends_its_line_once(engine):
             yield from {"one": ["a", "b\n"], "two": ["c", ""], "three": []}[user_text]
 
     terminal = Terminal(engine, ["one", "two", "three"])
-    run_chat(Scripted(engine, SamplingParams()), terminal.read_line, terminal.write)
+    run_chat(Scripted(engine, SamplingParams()), terminal.read_line, terminal.write, terminal.complain)
     assert "".join(terminal.shown) == "ab\nc\n\n"
 
 
@@ -549,7 +552,7 @@ def test_a_reply_ends_at_a_special_token_the_model_writes_and_the_next_message_i
     writes_user_turn = {engine.tokenizer.backend.token_to_id(USER): 100.0}  # the model opens a turn of the user's
     session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, logit_bias=writes_user_turn))
     terminal = Terminal(engine, ["hello", "again"])
-    run_chat(session, terminal.read_line, terminal.write)
+    run_chat(session, terminal.read_line, terminal.write, terminal.complain)
     assert terminal.shown == ["", "\n", "", "\n"]  # no "error: chat message 1 content contains the special token"
     assert session.turns == [
         {"role": "user", "content": "hello"},
@@ -564,7 +567,7 @@ def test_a_system_prompt_holding_a_special_token_is_refused_and_changes_nothing(
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     session.turns = list(history)
     terminal = Terminal(engine, [f"/system be {USER} brief"])
-    run_chat(session, terminal.read_line, terminal.write)
+    run_chat(session, terminal.read_line, terminal.write, terminal.complain)
     assert terminal.shown == [
         f"error: the system prompt contains the special token {USER!r}, which would forge a turn; the system prompt "
         "and history are unchanged\n"
