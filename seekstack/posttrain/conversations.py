@@ -186,11 +186,8 @@ def task_conversations(task: Task, count: int, seed: int, split: Split = "train"
 
 
 def write_conversations(conversations: list[Conversation], path: str | Path) -> Path:
-    """Write conversations as JSONL, one `{"messages": [...]}` a line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
-    return path
+    """Write conversations as JSONL, one `{"messages": [...]}` a line (whole or not at all: an earlier file stays)."""
+    return write_atomic(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
 
 
 class ShuffledRows:

@@ -3,15 +3,17 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from seekstack.atomic import WriteRefused
 from seekstack.checkpoint import load_pretrained
 from seekstack.cli import app
 from seekstack.infer import Engine
-from seekstack.posttrain.conversations import read_conversations
+from seekstack.posttrain.conversations import read_conversations, write_conversations
 from seekstack.posttrain.distill import verified_traces
 from seekstack.posttrain.rewards import extract_answer
 from seekstack.posttrain.tasks import make_task, sample_problems, split_of
 from seekstack.tokenizer import Tokenizer
 from tests.posttrain.support import micro_checkpoint
+from tests.test_atomic import file_size_limit
 
 
 def test_rejection_sampling_keeps_only_verified_traces_of_training_problems(teacher_model):
@@ -59,6 +61,17 @@ def test_traces_command_writes_conversations_sft_reads(teacher_model, tmp_path):
     assert summary["kept"] == len(conversations) > 0 and summary["sampled"] == 32
     assert all(m[-1]["role"] == "assistant" for m in conversations)
     assert summary["accept_rate"] == len(conversations) / 32
+
+
+def test_traces_the_disk_refuses_leave_the_earlier_file_whole(tmp_path):
+    """`traces --out` was written in place: a disk that filled midway left the earlier traces.jsonl cut short, which
+    `sft data=` then read as fewer conversations, or failed on its last line."""
+    chat = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "<think>1+1</think> 2"}]
+    out = write_conversations([chat] * 10, tmp_path / "traces.jsonl")
+    earlier = out.read_bytes()
+    with pytest.raises(WriteRefused), file_size_limit(4 * len(earlier)):
+        write_conversations([chat] * 100, out)
+    assert out.read_bytes() == earlier and sorted(tmp_path.iterdir()) == [out]
 
 
 def test_pass_at_k_command_tables_several_models(teacher_model):
