@@ -32,6 +32,7 @@ from seekstack.checkpoint import (
     refuse_hf_export,
     write_pretrained_files,
 )
+from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
@@ -109,12 +110,12 @@ def write_training_files(
     extra_files=(),
     write_model: ModelWriter = write_pretrained_files,
 ) -> None:
-    """The model (config.json, safetensors; or what `write_model` writes), train_state.pt and the tokenizer's
-    files (`extra_files`: its JSON, under any name, and its tokenizer_config.json), into `folder`."""
+    """The model (config.json, safetensors; or what `write_model` writes), train_state.pt and `extra_files` (the
+    tokenizer's JSON, under any name, its tokenizer_config.json, and a generation_config.json), into `folder`."""
     write_model(model, folder)
     torch.save(train_state, folder / TRAIN_STATE_FILE)
     for extra in map(Path, extra_files):
-        if extra.name == TOKENIZER_CONFIG_FILE:
+        if extra.name in (TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE):
             copy_model_folder_file(extra, folder, model.config.max_position_embeddings)
         else:  # the name every loader reads, whatever the file was called (`data tokenize --tokenizer dir/my.json`)
             shutil.copyfile(extra, folder / TOKENIZER_FILE)

@@ -35,6 +35,7 @@ from seekstack.atomic import WriteRefused, write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE
 from seekstack.config import ModelConfig
+from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
 from seekstack.interrupts import interrupts_deferred, sigterm_as_ctrl_c
 from seekstack.model.head_loss import IGNORE_INDEX
@@ -386,6 +387,9 @@ class _Run:
         self.tokenizer_files = tokenizer_files(config, self.data.tokenizer_info)
         if not self.tokenizer_files:
             self._say(f"note: no tokenizer.json known for {config.data_dir}; set `tokenizer` to put one in checkpoints")
+        # copied into every checkpoint beside the model: the tokenizer, and the sampling init_from's authors ship
+        generation_config = Path(config.init_from).glob(GENERATION_CONFIG_FILE) if config.init_from else ()
+        self.checkpoint_files = [*self.tokenizer_files, *generation_config]
         self.val_byte_lengths = self._val_byte_lengths()
         self.step = 0
         self.lr_anchor: LrAnchor | None = None  # where a resumed run with more steps continues its decay
@@ -805,7 +809,7 @@ class _Run:
         elif self.ranks.is_main:
             state["optimizer"] = self.optimizer.state_dict()
             write_model = write_pretrained_files if self.hooks is None else self.hooks.write
-            path = save_checkpoint(self.out_dir, self.model, state, keep, self.tokenizer_files, write_model)
+            path = save_checkpoint(self.out_dir, self.model, state, keep, self.checkpoint_files, write_model)
         distributed.barrier(self.ranks)
         return path
 
@@ -845,12 +849,12 @@ class _Run:
         """Rank 0: the model (`gathered`, or its own whole one) and the train state into a checkpoint folder."""
         if gathered is None:
             write_model = write_pretrained_files if self.hooks is None else self.hooks.write
-            write_training_files(folder, self.model, state, self.tokenizer_files, write_model)
+            write_training_files(folder, self.model, state, self.checkpoint_files, write_model)
             return
         with torch.device("meta"):
             whole = Transformer(self.model.config)
         whole.load_state_dict(gathered, assign=True)
-        write_training_files(folder, whole, state, self.tokenizer_files)
+        write_training_files(folder, whole, state, self.checkpoint_files)
 
     def _apply_expert_parallel(self, model: Transformer) -> list[str]:
         """Split the routed experts over all ranks (as many as `expert_parallel`, checked at the start) when it asks;

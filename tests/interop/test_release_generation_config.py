@@ -5,6 +5,7 @@ asks for them); what is set stays as set. A damaged file is named with its field
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -116,3 +117,23 @@ def test_quantize_and_lora_merge_keep_the_releases_generation_config(release, tm
     adapter = write_random_adapter(release, tmp_path / "adapter", seed=0)
     merged = merge_adapter(release, adapter, tmp_path / "merged")
     assert sampling_defaults(tmp_path / "int8") == sampling_defaults(merged) == R1_SAMPLING
+
+
+def test_a_run_from_a_release_keeps_its_generation_config_in_each_checkpoint(release, tmp_path):
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "fnmatch.py", "glob.py", "shlex.py", "bisect.py", "heapq.py"):
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / name).write_bytes((stdlib / name).read_bytes())
+    runner, corpus, tokens, run = CliRunner(), tmp_path / "corpus", tmp_path / "tokens", tmp_path / "run"
+    steps = [
+        ["data", "build", str(tmp_path / "src"), "--out", str(corpus), "--workers", "1"],
+        ["data", "tokenize", "--corpus", str(corpus), "--tokenizer", str(release), "--out", str(tokens)],
+        ["train", f"data_dir={tokens}", f"out_dir={run}", f"init_from={release}", "max_steps=1", "batch_size=2",
+         "seq_len=32", "eval_every=0", "warmup_steps=0"],
+    ]  # fmt: skip
+    for args in steps:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    assert sampling_defaults(run / "checkpoints" / "step_1") == R1_SAMPLING
