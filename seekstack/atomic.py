@@ -165,7 +165,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         with interrupts_deferred():  # Ctrl-C between the renames would leave neither folder at `path`
             if path.exists():
                 retired = _create_hidden(path.parent, f"{path.name}{RETIRED}", Path.mkdir)
-                os.replace(path, retired / path.name)  # a crash before the next rename leaves it in `retired`
+                try:
+                    os.replace(path, retired / path.name)  # a crash before the next rename leaves it in `retired`
+                except PermissionError as error:  # moving a folder into another needs it writable (not chmod 555)
+                    retired.rmdir()
+                    why = "this user may not move it aside for the new one: a read-only folder? make it writable"
+                    raise _not_permitted(path, error, why) from error
                 os.replace(staging, path)
                 shutil.rmtree(retired)
             else:
@@ -305,12 +310,14 @@ def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> P
         except FileExistsError:
             continue
         except PermissionError as error:
-            refused = WriteRefused(
-                f"{folder / name}: not written ({error.strerror}: this user may not create files in {folder}); "
-                "nothing was written"
-            )
-            refused.errno = error.errno
-            raise refused from error
+            raise _not_permitted(folder / name, error, f"this user may not create files in {folder}") from error
+
+
+def _not_permitted(target: Path, error: PermissionError, why: str) -> WriteRefused:
+    """The WriteRefused of a write into `target` the system did not permit, saying `why`."""
+    refused = WriteRefused(f"{target}: not written ({error.strerror}: {why}); nothing was written")
+    refused.errno = error.errno
+    return refused
 
 
 def _open_to_lock(hidden: Path) -> int:

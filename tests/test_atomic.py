@@ -193,6 +193,31 @@ def test_a_folder_this_user_may_not_write_in_is_named_with_the_target_not_a_temp
     assert error.value.errno == errno.EACCES and entries(out) == []
 
 
+def test_a_read_only_folder_atomic_directory_may_not_replace_is_named_kept_and_leaves_nothing_beside(
+    tmp_path, monkeypatch
+):
+    """Replacing a chmod 555 folder failed with "Permission denied: 'e' -> '.e.old.995b5bad.tmp/e'" and left that
+    empty retired folder, which nothing ever clears; as root the move is permitted, so the refusal is the system's
+    as a user meets it."""
+    write_here(tmp_path / "step_8", "folder")
+    before = contents(tmp_path)
+    replace = os.replace
+
+    def refused_to_move_aside(source, target):
+        if Path(source) == tmp_path / "step_8":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(source), None, str(target))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", refused_to_move_aside)
+    with pytest.raises(WriteRefused) as error:
+        write_here(tmp_path / "step_8", "folder")
+    assert str(error.value) == (
+        f"{tmp_path / 'step_8'}: not written (Permission denied: this user may not move it aside for the new one: a "
+        "read-only folder? make it writable); nothing was written"
+    )
+    assert contents(tmp_path) == before and entries(tmp_path) == ["step_8"]
+
+
 def test_a_torch_save_cut_short_in_a_folder_names_the_folder_not_torchs_zip_writer(tmp_path):
     with pytest.raises(WriteRefused) as refused, file_size_limit(50_000):
         with atomic_directory(tmp_path / "step_8") as staging:
