@@ -146,7 +146,7 @@ class Tokenizer:
         self.source = source
         # The checkpoint's own template, which writes its chats where the DeepSeek-V3 role tokens are missing (V2 chat)
         self.chat_template = chat_template
-        self.has_role_tokens = all(backend.token_to_id(token) is not None for token in (USER, ASSISTANT))
+        self.has_role_tokens = has_role_tokens(backend)
         self.bos_id = self._special_id(BOS)
         self.eos_id = self._special_id(EOS)
         # DeepSeek-V2 releases have no pad token and pad with EOS, as their tokenizer_config does.
@@ -176,7 +176,12 @@ class Tokenizer:
             backend = BackendTokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception
             raise ValueError(f"{path}: {_why_not_a_tokenizer(path, error)}") from None
-        chat_template = read_chat_template(path.parent / CONFIG_FILE, path.parent / CHAT_TEMPLATE_FILE)
+        # read only where it writes the chats: a damaged tokenizer_config.json beside a DeepSeek-V3 tokenizer is not
+        chat_template = (
+            None
+            if has_role_tokens(backend)
+            else read_chat_template(path.parent / CONFIG_FILE, path.parent / CHAT_TEMPLATE_FILE)
+        )
         return cls(backend, source=str(path), chat_template=chat_template)
 
     @property
@@ -317,6 +322,12 @@ class Tokenizer:
         if token_id is None:
             raise ValueError(f"tokenizer {self.source} has no special token {token!r}, which seekstack requires")
         return token_id
+
+
+def has_role_tokens(backend: BackendTokenizer) -> bool:
+    """Whether a tokenizer has the DeepSeek-V3 chat format's role tokens (`USER`, `ASSISTANT`), so seekstack writes its
+    chats itself."""
+    return all(backend.token_to_id(token) is not None for token in (USER, ASSISTANT))
 
 
 def _lone_surrogate_error(texts: list[str], which: str) -> ValueError | None:

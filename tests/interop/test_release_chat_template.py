@@ -17,7 +17,7 @@ from seekstack.infer import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.tokenizer import Tokenizer
-from tests.interop.release import V2_CHAT_TEMPLATE, deepseek_v2_lite_chat_release
+from tests.interop.release import V2_CHAT_TEMPLATE, deepseek_v2_lite_chat_release, release_tokenizer
 from tests.serve.server import run
 
 CHAT = [
@@ -113,3 +113,10 @@ def test_a_template_is_read_from_named_templates_or_chat_template_jinja(tmp_path
     )
     jinja.unlink()
     assert read_chat_template(config, jinja) is None
+
+
+def test_a_damaged_tokenizer_config_beside_a_deepseek_v3_tokenizer_is_not_read(tmp_path):
+    release_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ', encoding="utf-8")
+    rendered = Tokenizer.from_file(tmp_path).render_chat([{"role": "user", "content": "hi"}])
+    assert rendered == "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜>"
