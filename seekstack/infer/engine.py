@@ -918,6 +918,11 @@ class Engine:
         all finish. A prompt refused (too long, an adapter not loaded) raises ValueError, the prompts added before it
         aborted, none left queued."""
         if isinstance(prompts, torch.Tensor):
+            if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
+                raise ValueError(
+                    f"a tensor of prompts holds integer token ids, 1-D (one prompt) or 2-D (a prompt per row); got "
+                    f"{prompts.dtype} of shape {tuple(prompts.shape)}"
+                )
             prompts = prompts.tolist()
         token_ids = len(prompts) > 0 and all(isinstance(t, numbers.Integral) for t in prompts)
         one_prompt = isinstance(prompts, str) or token_ids

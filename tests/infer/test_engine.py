@@ -327,6 +327,20 @@ def test_a_tensor_of_token_ids_is_one_prompt_or_one_per_row_as_transformers_inpu
     assert [c.token_ids for c in (one, *rows)] == [as_ids.token_ids] * 3
 
 
+@pytest.mark.parametrize(
+    "prompts",
+    [torch.tensor(5), torch.zeros(1, 2, 3, dtype=torch.long), torch.tensor([5.0, 6.0])],
+    ids=["0d", "3d", "float"],
+)
+def test_a_tensor_of_prompts_that_is_not_1d_or_2d_integer_ids_is_refused_naming_its_shape_and_dtype(
+    model, tokenizer, prompts
+):
+    engine = Engine(model, tokenizer)
+    with pytest.raises(ValueError, match=rf"integer token ids, 1-D .* 2-D .*; got {prompts.dtype} of shape"):
+        engine.generate(prompts, GREEDY)
+    assert not engine.has_unfinished()
+
+
 def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=1)
     first, second, never = (engine.add_request(prompt, GREEDY) for prompt in prompts([4, 4, 4]))
