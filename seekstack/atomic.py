@@ -301,11 +301,13 @@ def _create_locked(folder: Path, name: str, create: Callable[[Path], None]) -> t
 def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> Path:
     """A new `.{name}.{random}.tmp` in `folder`, made by `create`, which raises FileExistsError if it exists.
     Not `tempfile`: its files and folders are private (0600, 0700); these get the umask's permissions.
-    WriteRefused naming `folder / name` (not the temporary's random name) when `folder` does not let this user write."""
+    WriteRefused naming `folder / name` (not the temporary's random name) when the storage or `folder`'s permissions
+    refuse it."""
     while True:
         hidden = folder / f".{name}.{secrets.token_hex(HIDDEN_TOKEN_BYTES)}.tmp"
         try:
-            create(hidden)
+            with _refusals_named(lambda: str(folder / name)):  # a full or read-only disk, named by the target
+                create(hidden)
             return hidden
         except FileExistsError:
             continue

@@ -173,24 +173,42 @@ def test_a_refused_write_says_why_the_storage_refused_it(tmp_path, code, reason)
 def test_a_folder_this_user_may_not_write_in_is_named_with_the_target_not_a_temporary(tmp_path, monkeypatch, kind):
     """The error named the hidden temporary (`Permission denied: 'out/.q.f6f91da2.tmp'`), a file the user never
     asked for; as root, chmod 555 does not refuse, so the refusal is the system's as a user meets it."""
-    (tmp_path / "out").mkdir()
-    mkdir = Path.mkdir
-
-    def refused(path, *args, **kwargs):
-        if path.exists():  # out/ itself: mkdir(exist_ok=True)
-            return mkdir(path, *args, **kwargs)
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-
-    monkeypatch.setattr(Path, "touch", refused)
-    monkeypatch.setattr(Path, "mkdir", refused)
-    with pytest.raises(WriteRefused) as error:
-        write_here(tmp_path / "out" / "step_8", kind)
     out = tmp_path / "out"
+    refuse_temporaries(monkeypatch, out, errno.EACCES)
+    with pytest.raises(WriteRefused) as error:
+        write_here(out / "step_8", kind)
     assert str(error.value) == (
         f"{out / 'step_8'}: not written (Permission denied: this user may not create files in {out}); nothing was "
         "written"
     )
     assert error.value.errno == errno.EACCES and entries(out) == []
+
+
+def test_a_folder_on_a_read_only_file_system_is_named_with_the_target_not_a_temporary(tmp_path, monkeypatch):
+    """`quantize --out` on a disk mounted read-only said "Read-only file system: 'out/.q.90394400.tmp'"."""
+    out = tmp_path / "out"
+    refuse_temporaries(monkeypatch, out, errno.EROFS)
+    with pytest.raises(WriteRefused) as error:
+        write_here(out / "step_8", "folder")
+    assert str(error.value) == (
+        f"{out / 'step_8'}: not written (Read-only file system: the storage is mounted read-only); nothing was "
+        "written, and what was there is as it was"
+    )
+    assert error.value.errno == errno.EROFS and entries(out) == []
+
+
+def refuse_temporaries(monkeypatch, folder: Path, code: int) -> None:
+    """Make `folder`, then have the system refuse every file or folder created in it with `code`."""
+    folder.mkdir()
+    mkdir = Path.mkdir
+
+    def refused(path, *args, **kwargs):
+        if path.exists():  # the folder itself: mkdir(exist_ok=True)
+            return mkdir(path, *args, **kwargs)
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(Path, "touch", refused)
+    monkeypatch.setattr(Path, "mkdir", refused)
 
 
 def test_a_read_only_folder_atomic_directory_may_not_replace_is_named_kept_and_leaves_nothing_beside(
