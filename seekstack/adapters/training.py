@@ -46,7 +46,7 @@ from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
-from seekstack.train.runs import list_checkpoints, refuse_new_run_into
+from seekstack.train.runs import list_checkpoints, out_dir_held, refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:
@@ -206,24 +206,27 @@ def lora_train_config(
 def undone_if_refused(out: str | Path) -> Iterator[None]:
     """What a new run writes into `out` before its training starts (the tokenized text in data/, lora_config.json,
     `out` itself and the parents it made) is removed when the run is refused or interrupted before then, so that
-    `out` is left as it was; once the trainer has passed its checks and written train_config.json, all of it stays."""
+    `out` is left as it was; once the trainer has passed its checks and written train_config.json, all of it stays.
+    `out` is held meanwhile (`out_dir_held`): a run training there refuses this one before it writes anything, and
+    what that run writes meanwhile is never taken for this one's."""
     out = Path(out).absolute()
     made = missing_folders(out)
-    before = set(os.listdir(out)) if out.is_dir() else set()
-    started = out / TRAIN_CONFIG_FILE
-    stamp = started.stat().st_mtime_ns if started.exists() else None
-    try:
-        yield
-    except BaseException:
-        if (started.stat().st_mtime_ns if started.exists() else None) == stamp:
-            for name in sorted(set(os.listdir(out)) - before) if out.is_dir() else []:
-                path = out / name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-            remove_while_empty(made)
-        raise
+    with out_dir_held(out):
+        before = set(os.listdir(out))
+        started = out / TRAIN_CONFIG_FILE
+        stamp = started.stat().st_mtime_ns if started.exists() else None
+        try:
+            yield
+        except BaseException:
+            if (started.stat().st_mtime_ns if started.exists() else None) == stamp:
+                for name in sorted(set(os.listdir(out)) - before):
+                    path = out / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                remove_while_empty(made)
+            raise
 
 
 def refuse_more_rows_than_the_base_has(adapter: AdapterConfig, base: str | Path) -> None:

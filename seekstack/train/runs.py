@@ -65,15 +65,24 @@ class RunInProgress(OSError):
     """Another run is training into the out_dir a run was to write."""
 
 
+_HELD: set[tuple[int, int]] = set()  # (device, inode) of the out_dirs this process holds
+
+
 @contextmanager
 def out_dir_held(out_dir: Path) -> Iterator[None]:
     """Hold folder `out_dir` (made if missing) while a run writes into it; RunInProgress, naming it, while another
     run holds it (one started into the same out_dir at once, or a --resume of a run still training), where both would
     append to one metrics.jsonl and save checkpoints over each other's. An exclusive flock on the folder, which the
-    kernel drops when the run ends, even killed; a file system without flock keeps no run out."""
+    kernel drops when the run ends, even killed; a file system without flock keeps no run out. A folder this process
+    holds already (`lora train` holds its --out before its trainer does) is held again at no cost."""
     out_dir.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(out_dir, os.O_RDONLY)
+    status = os.fstat(descriptor)
+    identity = (status.st_dev, status.st_ino)
     try:
+        if identity in _HELD:
+            yield
+            return
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -83,7 +92,11 @@ def out_dir_held(out_dir: Path) -> Iterator[None]:
             ) from None
         except OSError:  # no flock here (NFS refuses one on a folder's read-only descriptor)
             pass
-        yield
+        _HELD.add(identity)
+        try:
+            yield
+        finally:
+            _HELD.discard(identity)
     finally:
         os.close(descriptor)
 

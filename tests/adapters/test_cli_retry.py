@@ -15,6 +15,7 @@ from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import list_checkpoints
 from tests.adapters.support import QUICK_RUN
+from tests.train.test_trainer import another_run_holding
 
 runner = CliRunner()
 
@@ -64,6 +65,20 @@ def test_a_refused_run_leaves_its_out_folder_as_it_was(base, text, refused, name
         assert code == 1 and named in output, output
     assert not (tmp_path / "runs").exists()
     assert [(path.name, path.read_text()) for path in used.iterdir()] == [("notes.md", "mine")]
+
+
+def test_a_run_into_an_out_another_run_is_training_into_is_refused_and_takes_none_of_its_files(base, text, tmp_path):
+    """A second `lora train` into the --out of one still training overwrote its lora_config.json, and, refused by
+    then, deleted as its own what the first had written since it began: the first's checkpoints and adapter."""
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "lora_config.json").write_text("the running run's")
+    with another_run_holding(out):  # the run training there
+        code, output = lora_train(base, text, *QUICK_RUN, "--out", out)
+        (out / "checkpoints").mkdir()  # what that run writes meanwhile
+    assert code == 1 and f"out_dir {out.absolute()}: another run is training into it now" in output, output
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoints", "lora_config.json"]
+    assert (out / "lora_config.json").read_text() == "the running run's"
 
 
 def test_a_retry_on_other_text_keeps_no_validation_split_of_the_earlier_text(base, tmp_path):

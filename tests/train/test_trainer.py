@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer, train_tokenizer
 from seekstack.tokens.shards import TokenWindows, load_index, tokenize_corpus
 from seekstack.train.config import TrainConfig, load_train_config
-from seekstack.train.runs import RunInProgress, list_checkpoints, out_dir_held
+from seekstack.train.runs import RunInProgress, list_checkpoints
 from seekstack.train.schedule import (
     ProgressAnchor,
     learning_rate,
@@ -764,12 +768,35 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(da
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == files
 
 
+HOLDER = """
+import sys
+from pathlib import Path
+from seekstack.train.runs import out_dir_held
+with out_dir_held(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def another_run_holding(out_dir: Path) -> Iterator[None]:
+    """Another process holding `out_dir` as a run training into it does, until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.communicate(timeout=60)
+
+
 def test_a_run_into_an_out_dir_another_run_is_training_into_is_refused_and_changes_nothing(data_dir, tmp_path):
     """Two runs started into one out_dir before either saved a checkpoint both trained: metrics.jsonl interleaved
     their steps and each saved checkpoints over the other's."""
     train(run_config(data_dir, tmp_path, max_steps=3, eval_every=0, save_every=0))
     files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    with out_dir_held(tmp_path), out_dir_held(tmp_path / "new"):  # runs still training there
+    with another_run_holding(tmp_path), another_run_holding(tmp_path / "new"):  # runs still training there
         for out_dir, resume in ((tmp_path, True), (tmp_path / "new", False)):
             with pytest.raises(RunInProgress, match=f"out_dir {out_dir}: another run is training into it now"):
                 train(run_config(data_dir, out_dir, max_steps=5, eval_every=0, save_every=0), resume=resume)
