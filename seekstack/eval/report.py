@@ -24,6 +24,7 @@ from typing import Any
 
 import seekstack
 from seekstack import accounting
+from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
 from seekstack.posttrain.plot import plot_rl_runs
@@ -58,9 +59,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
     ]
     if samples:
         sections.append(_samples(run_dir, checkpoint, train_config))
-    path = out_dir / REPORT_FILE
-    path.write_text("\n\n".join(section for section in sections if section) + "\n")
-    return path
+    return write_atomic(out_dir / REPORT_FILE, "\n\n".join(section for section in sections if section) + "\n")
 
 
 def _environment() -> str:

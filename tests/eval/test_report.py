@@ -346,3 +346,22 @@ def test_validation_table_shows_maxvio_only_for_a_run_that_logged_it(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in moe))
     table = _training(tmp_path, tmp_path, {}, moe)
     assert "| 2 | 3.1000 | 1.2000 | - |\n| 4 | 3.1000 | 1.2000 | 0.25 |" in table
+
+
+def test_a_report_the_disk_refuses_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """report.md was written in place: a disk that filled midway left the earlier report cut short."""
+    monkeypatch.setattr("seekstack.eval.report.plot_run", lambda run_dir, path: path)  # the PNG is written apart
+    from seekstack.atomic import WriteRefused
+    from seekstack.eval.report import write_report
+    from tests.test_atomic import file_size_limit
+
+    run_dir = _step_checkpoint(tmp_path / "run", 2).parent.parent
+    (run_dir / "checkpoints" / "step_2" / "train_state.pt").write_bytes(b"")
+    (run_dir / "train_config.json").write_text(json.dumps({"model": "tiny", "data_dir": "../tokens", "seq_len": 64}))
+    record = {"loss": 4.0, "lr": 1e-3, "tokens_per_s": 100.0, "step_s": 1.0, "mfu": 0.1}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **record}) + "\n" for s in (1, 2)))
+    report = write_report(run_dir, samples=False)
+    earlier = report.read_bytes()
+    with pytest.raises(WriteRefused), file_size_limit(len(earlier) // 2):
+        write_report(run_dir, samples=False)
+    assert report.read_bytes() == earlier and not list(run_dir.glob(".*"))
