@@ -67,6 +67,10 @@ class SamplingParams:
     skip_special_tokens: bool = False  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
     detokenize: bool = True  # False: outputs carry token ids only, text "" (as vLLM's), for callers that decode
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string given alone, as vLLM's SamplingParams and OpenAI's API take it
+            self.stop = (self.stop,)
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
         """Parameters from a mapping (e.g. a JSON request); ConfigError naming an unknown key or a bad value."""

@@ -396,6 +396,8 @@ def test_stop_string_spanning_two_tokens_cuts_the_text_before_it(model, tokenize
     stopped = Engine(model, tokenizer).generate([prompt], SamplingParams(**{**params.__dict__, "stop": (stop,)}))[0]
     assert stopped.text == full[:cut]
     assert stopped.finish_reason == "stop"
+    alone = Engine(model, tokenizer).generate([prompt], SamplingParams(**{**params.__dict__, "stop": stop}))[0]
+    assert alone.text == full[:cut]  # a stop string given alone, as vLLM's SamplingParams takes it
 
 
 def test_a_stop_token_id_ends_generation_right_after_that_token(model, tokenizer):
