@@ -248,8 +248,8 @@ def _refuse_a_folder_of_other_files(out: Path) -> None:
     if others:
         raise FileExistsError(
             f"{folder}: holds {others} besides a tokenizer's {TOKENIZER_FILE} and {CONFIG_FILE}, which a new "
-            "tokenizer would replace, leaving what is there (a checkpoint's model) with a tokenizer it was not "
-            "trained with; choose a new or empty folder for --out (nothing was written)"
+            "tokenizer would replace among them (beside a checkpoint's model: a tokenizer it was not trained with); "
+            "choose a new or empty folder for --out (nothing was written)"
         )
 
 
