@@ -13,7 +13,7 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +43,7 @@ from seekstack.atomic import missing_folders, remove_while_empty
 from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
+from seekstack.parallel.distributed import is_main_process
 from seekstack.schema import ConfigError, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
@@ -211,7 +212,8 @@ def undone_if_refused(out: str | Path) -> Iterator[None]:
     what that run writes meanwhile is never taken for this one's."""
     out = Path(out).absolute()
     made = missing_folders(out)
-    with out_dir_held(out):
+    with out_dir_held(out) if is_main_process() else nullcontext():  # as the trainer: under torchrun, rank 0 holds it
+        out.mkdir(parents=True, exist_ok=True)
         before = set(os.listdir(out))
         started = out / TRAIN_CONFIG_FILE
         stamp = started.stat().st_mtime_ns if started.exists() else None

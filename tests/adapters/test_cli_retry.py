@@ -139,3 +139,19 @@ def test_adapter_errors_name_the_other_keys_with_their_prefix(base, text, overri
     code, output = lora_train(base, text, *QUICK_RUN, *overrides, "--out", tmp_path / "adapter")
     assert code == 1 and named in output, output
     assert not (tmp_path / "adapter").exists()
+
+
+def test_under_torchrun_only_rank_0_holds_the_out_folder_as_the_trainer_does(tmp_path, monkeypatch):
+    """Every rank of a torchrun `lora train` enters undone_if_refused: rank 1 found the folder held by rank 0 and was
+    refused as 'another run'."""
+    from seekstack.adapters.training import undone_if_refused
+
+    out = tmp_path / "adapter"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with another_run_holding(out), undone_if_refused(out):  # rank 0, holding it
+        (out / "lora_config.json").write_text("rank 1's view")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(OSError, match="another run is training into it now"), another_run_holding(out):
+        with undone_if_refused(out):
+            pass
