@@ -57,6 +57,20 @@ class ChatTemplate:
         # a template that trims the content's trailing whitespace trims the tag's too: trim what comes before it
         return rendered[:tag] if rendered[tag:].startswith(CONTINUE_TAG) else rendered[:tag].rstrip()
 
+    def reply_opening(self, special_tokens: dict[str, str], role_token: str) -> str:
+        """The text this template writes after the assistant's `role_token` in its generation prompt, which the reply
+        then continues: DeepSeek-R1's `<think>\\n` (it opens the model's reasoning); "" for a template that writes
+        nothing there, writes no `role_token` or fails on a one-message chat."""
+        chat = [{"role": "user", "content": "hi"}]
+        try:
+            without = self.render(chat, False, False, special_tokens)
+            prompted = self.render(chat, True, False, special_tokens)
+        except ValueError:
+            return ""
+        if not prompted.startswith(without + role_token):
+            return ""
+        return prompted[len(without) + len(role_token) :]
+
 
 def read_chat_template(config_path: Path, template_path: Path) -> ChatTemplate | None:
     """The chat template a tokenizer ships: the `chat_template` of its tokenizer_config.json `config_path` (a string,

@@ -7,7 +7,8 @@ Chat template: the message-only subset of DeepSeek-V3's `chat_template` (tool ca
 chat messages (`template_message`):
   BOS + system prompts joined by "\\n\\n" (no role token)
   + for each turn: "<｜User｜>" + content  |  "<｜Assistant｜>" + content + EOS
-  + "<｜Assistant｜>" when a generation prompt is asked for.
+  + "<｜Assistant｜>" when a generation prompt is asked for, then the reply's opening a release's own template writes
+    there (DeepSeek-R1's "<think>\\n"; none for seekstack's tokenizers).
 """
 
 from __future__ import annotations
@@ -140,12 +141,18 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens and the chat template."""
 
     def __init__(
-        self, backend: BackendTokenizer, source: str = "<in memory>", chat_template: ChatTemplate | None = None
+        self,
+        backend: BackendTokenizer,
+        source: str = "<in memory>",
+        chat_template: ChatTemplate | None = None,
+        reply_opening: str = "",
     ):
         self.backend = backend
         self.source = source
         # The checkpoint's own template, which writes its chats where the DeepSeek-V3 role tokens are missing (V2 chat)
         self.chat_template = chat_template
+        # What the generation prompt writes after <｜Assistant｜>, for the reply to continue (DeepSeek-R1's "<think>\n")
+        self.reply_opening = reply_opening
         self.has_role_tokens = has_role_tokens(backend)
         self.bos_id = self._special_id(BOS)
         self.eos_id = self._special_id(EOS)
@@ -176,12 +183,9 @@ class Tokenizer:
             backend = BackendTokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception
             raise ValueError(f"{path}: {_why_not_a_tokenizer(path, error)}") from None
-        # read only where it writes the chats: a damaged tokenizer_config.json beside a DeepSeek-V3 tokenizer is not
-        chat_template = (
-            None
-            if has_role_tokens(backend)
-            else read_chat_template(path.parent / CONFIG_FILE, path.parent / CHAT_TEMPLATE_FILE)
-        )
+        if has_role_tokens(backend):  # writes its chats itself, opening the reply as the release's template does
+            return cls(backend, source=str(path), reply_opening=_reply_opening(path.parent))
+        chat_template = read_chat_template(path.parent / CONFIG_FILE, path.parent / CHAT_TEMPLATE_FILE)
         return cls(backend, source=str(path), chat_template=chat_template)
 
     @property
@@ -267,7 +271,8 @@ class Tokenizer:
         last message, an assistant's, is left open for the model to continue: no EOS closes it and no generation
         prompt follows; ValueError when it is not an assistant's. A tokenizer without the DeepSeek-V3 role tokens
         writes the chat in its checkpoint's own template (`chat_template`: DeepSeek-V2-Chat's "User: ... Assistant:"),
-        as transformers' `apply_chat_template` does; ValueError when it has none."""
+        as transformers' `apply_chat_template` does; ValueError when it has none. The generation prompt ends with the
+        `reply_opening` the release's template writes there (DeepSeek-R1's "<think>\\n")."""
         if not self.has_role_tokens and self.chat_template is None:
             raise ValueError(
                 f"tokenizer {self.source} has neither the DeepSeek-V3 chat format's role tokens {USER!r} and "
@@ -289,7 +294,7 @@ class Tokenizer:
                 turns.append(ASSISTANT + message["content"] + EOS)
         if continue_final_message:
             return BOS + system + "".join(turns).removesuffix(EOS)
-        return BOS + system + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
+        return BOS + system + "".join(turns) + (ASSISTANT + self.reply_opening if add_generation_prompt else "")
 
     @property
     def jinja_chat_template(self) -> str:
@@ -322,6 +327,17 @@ class Tokenizer:
         if token_id is None:
             raise ValueError(f"tokenizer {self.source} has no special token {token!r}, which seekstack requires")
         return token_id
+
+
+def _reply_opening(folder: Path) -> str:
+    """The reply's opening (`ChatTemplate.reply_opening`) of the chat template in `folder` beside a tokenizer with the
+    DeepSeek-V3 role tokens: DeepSeek-R1's "<think>\\n"; "" for none, seekstack's own template, or a damaged
+    tokenizer_config.json, which such a tokenizer does not need (it writes its chats itself)."""
+    try:
+        template = read_chat_template(folder / CONFIG_FILE, folder / CHAT_TEMPLATE_FILE)
+    except ValueError:
+        return ""
+    return template.reply_opening({"bos_token": BOS, "eos_token": EOS}, ASSISTANT) if template else ""
 
 
 def has_role_tokens(backend: BackendTokenizer) -> bool:

@@ -39,7 +39,10 @@ def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[l
     ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
     labels = [IGNORE_INDEX] * len(ids)
     bos = len(tokenizer.encode_chat([], add_generation_prompt=False))
-    role = len(tokenizer.encode_chat([], add_generation_prompt=True)) - bos  # the assistant's role token
+    # the assistant's role token: the generation prompt less the reply's opening it writes (R1's "<think>\n"), which
+    # an assistant turn holds in its content
+    opening = len(tokenizer.encode(tokenizer.reply_opening))
+    role = len(tokenizer.encode_chat([], add_generation_prompt=True)) - bos - opening
     system = [m for m in messages if m["role"] == "system"]  # the chat template puts every system message first
     start = len(tokenizer.encode_chat(system, add_generation_prompt=False))
     for message in (m for m in messages if m["role"] != "system"):

@@ -237,7 +237,8 @@ class Server:
                 )
             ]
             if self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest):  # stops match the answer
-                choices = [dataclasses.replace(params, stop_after_reasoning=given_start(body)) for params in choices]
+                start = given_start(body, self.engine.tokenizer)
+                choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             charge = await asyncio.to_thread(self.admit, bill.key, tokens)
             constraints = [output_format.constraint() for _ in choices] if output_format else None
@@ -465,7 +466,7 @@ class Server:
         completions are raw text, as vLLM's)."""
         if self.reasoning_parser is None or not isinstance(body, ChatCompletionRequest):
             return None
-        return [ReasoningSplit(given_start(body)) for _ in range(n)]
+        return [ReasoningSplit(given_start(body, self.engine.tokenizer)) for _ in range(n)]
 
     def reasoning_tokens(self, splits: list[ReasoningSplit], usage: ChoicesUsage) -> int:
         """The reasoning tokens of a call's choices, together (as its completion_tokens)."""

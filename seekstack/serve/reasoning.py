@@ -4,7 +4,8 @@
 `--reasoning-parser deepseek_r1` answer.
 
 A reply that does not open with `<think>` is all content, unchanged; a reply continuing a chat `prefix` opens with
-the prefix's text, which is read but not returned. A reply cut (by max_tokens) before its
+the prefix's text, and a reply to a generation prompt that opens it (DeepSeek-R1's `<think>\\n`) with that opening:
+read but not returned. A reply cut (by max_tokens) before its
 `</think>` is all reasoning, with empty content. The text goes in as it is generated, in pieces of any size: a tag
 split across pieces is found all the same, and text that may still be the start of one is held back until the next
 piece tells.
@@ -18,11 +19,12 @@ from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
 REASONING_PARSERS = ("deepseek_r1",)  # vLLM's name for the R1 format
 
 
-def given_start(request: ChatCompletionRequest) -> str:
+def given_start(request: ChatCompletionRequest, tokenizer: Tokenizer) -> str:
     """The start of the reply given in the prompt: the content of a last message marked `prefix` (DeepSeek's chat
-    prefix completion), which the reply continues; "" for none."""
+    prefix completion), which the reply continues, else the reply's opening the generation prompt writes
+    (`Tokenizer.reply_opening`: DeepSeek-R1's "<think>\\n"); "" for none."""
     last = request.messages[-1]
-    return last.text() if last.prefix else ""
+    return last.text() if last.prefix else tokenizer.reply_opening
 
 
 def check_reasoning_parser(name: str | None) -> None:
