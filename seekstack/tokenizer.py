@@ -256,6 +256,11 @@ class Tokenizer:
         pieces = [self.decoder_piece(token_id) for token_id in ids]
         return self.backend.decoder.decode([piece for piece in pieces if piece is not None])
 
+    def decode_reply(self, ids: Iterable[int]) -> str:
+        """Text of a reply generated after a chat's generation prompt, its EOS left out: opening with the
+        `reply_opening` that prompt wrote (DeepSeek-R1's "<think>\\n"), as the reply it continues."""
+        return self.reply_opening + self.decode(token_id for token_id in ids if token_id != self.eos_id)
+
     def decoder_piece(self, token_id: int) -> str | None:
         """The string the decoder reads for `token_id` (for `byte_level_bytes`): its vocabulary piece, or an added
         token's text, spelled in the byte-level alphabet where the decoder would misread it; None for an id the

@@ -113,13 +113,14 @@ def reasoning_docs(task_name: str, tokenizer: Tokenizer, count: int = REASONING_
     ]  # fmt: skip
 
 
-def _verified(task_name: str):  # type: ignore[no-untyped-def]
-    """lm_eval's `process_results` for a reasoning task: exact_match 1 when the completion's answer verifies."""
+def _verified(task_name: str, reply_opening: str):  # type: ignore[no-untyped-def]
+    """lm_eval's `process_results` for a reasoning task: exact_match 1 when the completion's answer verifies, the
+    completion read as opening with the `reply_opening` its prompt wrote (`Tokenizer.reply_opening`)."""
     task = make_task(task_name)
 
     def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
         problem = Problem(doc["key"], doc["question"], doc["answer"], trace="", data=json.loads(doc["data"]))
-        answer = extract_answer(results[0])
+        answer = extract_answer(reply_opening + results[0])
         return {"exact_match": float(answer is not None and task.verify(problem, answer))}
 
     return process_results
@@ -131,7 +132,7 @@ def reasoning_config(task: str, tokenizer: Tokenizer) -> dict[str, Any]:
     return {
         "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "answer",
         "generation_kwargs": {"until": [EOS], "max_gen_toks": REASONING_MAX_TOKENS, "do_sample": False},
-        "process_results": _verified(name),
+        "process_results": _verified(name, tokenizer.reply_opening),
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
         "custom_dataset": _in_memory(reasoning_docs(name, tokenizer)),
     }  # fmt: skip

@@ -56,7 +56,7 @@ def verified_traces(
             for row in rows:
                 start_at, length = int(rollout.prompt_lengths[row]), int(rollout.completion_lengths[row])
                 ids = rollout.input_ids[row, start_at : start_at + length].tolist()
-                text = tokenizer.decode(t for t in ids if t != tokenizer.eos_id).strip()
+                text = tokenizer.decode_reply(ids).strip()
                 if correct[row] and (problem.question, text) not in kept:
                     kept.add((problem.question, text))
                     conversations.append([*prompt_messages(problem), {"role": "assistant", "content": text}])

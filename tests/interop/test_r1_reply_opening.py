@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
 from transformers import AutoTokenizer
 
+from seekstack.eval.tasks import reasoning_config, reasoning_docs
 from seekstack.infer import Engine
 from seekstack.posttrain.conversations import encode_conversation
+from seekstack.posttrain.distill import verified_traces
+from seekstack.posttrain.rewards import RewardWeights
+from seekstack.posttrain.rollout import sample_groups
+from seekstack.posttrain.tasks import make_task
+from seekstack.posttrain.tasks.base import sample_problems
 from seekstack.tokenizer import Tokenizer
 from tests.interop.release import R1_CHAT_TEMPLATE, r1_tokenizer, release_tokenizer
 from tests.serve.server import make_model_dir
@@ -96,3 +103,37 @@ def test_serve_splits_the_reasoning_of_an_r1_reply_that_starts_after_its_opening
     message = whole["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == ("2 + 3 is 5", "5")
     assert submitted[0][0].stop_after_reasoning == "<think>\n"
+
+
+def test_rl_rewards_and_eval_score_an_r1_completion_as_opening_with_its_think(r1_folder):
+    """The completion of a prompt ending "<think>\\n" has no <think> of its own: RL's rewards and eval's reasoning
+    tasks read it as opening with the prompt's, where they found no think block and scored every answer 0."""
+    tokenizer = Tokenizer.from_file(r1_folder)
+    task = make_task("addition")
+    problem = sample_problems(task, 1, "heldout", seed=0)[0]
+    completion = f"{problem.trace}\n</think>\n\n{problem.answer}"
+
+    def generate(prompts, params):
+        return [SimpleNamespace(token_ids=[*tokenizer.encode(completion), tokenizer.eos_id]) for _ in prompts]
+
+    engine = SimpleNamespace(tokenizer=tokenizer, generate=generate)
+    rollout = sample_groups(engine, task, [problem], 2, 64, 1.0, 0, RewardWeights())
+    assert rollout.terms["correctness"].tolist() == rollout.terms["format"].tolist() == [1.0, 1.0]
+    doc = next(doc for doc in reasoning_docs("addition", tokenizer) if doc["key"] == problem.key)
+    assert doc["prompt"].endswith("<｜Assistant｜><think>\n")
+    assert reasoning_config("reason_addition", tokenizer)["process_results"](doc, [completion]) == {"exact_match": 1.0}
+
+
+def test_distilled_r1_traces_keep_the_think_their_prompt_opened(r1_folder):
+    """A kept trace is an assistant message SFT trains on: without the prompt's <think> it trained a reply that never
+    opens its reasoning."""
+    tokenizer = Tokenizer.from_file(r1_folder)
+    task = make_task("addition")
+    problem = sample_problems(task, 1, "train", seed=0, distinct=True)[0]
+    completion = f"{problem.trace}\n</think>\n\n{problem.answer}"
+
+    def generate(prompts, params):
+        return [SimpleNamespace(token_ids=[*tokenizer.encode(completion), tokenizer.eos_id]) for _ in prompts]
+
+    traces = verified_traces(SimpleNamespace(tokenizer=tokenizer, generate=generate), task, 1, 1)
+    assert traces.conversations[0][-1] == {"role": "assistant", "content": f"<think>\n{completion}"}
