@@ -317,6 +317,20 @@ def test_an_engine_runs_a_training_model_in_eval_mode_and_leaves_it_training(tok
     assert torch.equal(model(ids, labels=ids).balance_loss, expected_balance)
 
 
+def test_an_engine_on_a_model_in_eval_mode_sets_no_modules_mode_in_its_steps(tmp_path, monkeypatch):
+    """Each step set every module's mode twice (a quarter of a decode step at `tiny`), though from_pretrained's model
+    (which load_pretrained returns training) is the engine's own and needs eval mode once."""
+    engine = Engine.from_pretrained(model_dir(tmp_path / "model"))
+    assert not engine.model.training
+
+    def modes_set(*args, **kwargs):
+        raise AssertionError("a step went through the model's modules")
+
+    monkeypatch.setattr(torch.nn.Module, "modules", modes_set)
+    [completion] = engine.generate("def f", GREEDY)
+    assert len(completion.token_ids) == GREEDY.max_new_tokens
+
+
 def test_a_tensor_of_token_ids_is_one_prompt_or_one_per_row_as_transformers_input_ids(model, tokenizer):
     engine = Engine(model, tokenizer)
     ids = tokenizer.encode("def f")
