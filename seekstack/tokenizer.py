@@ -53,6 +53,7 @@ LARGEST_VOCAB = 2**20
 # turn before the last user message loses its reasoning (`drop_past_reasoning`). Its
 # `{% generation %}` blocks mark the tokens SFT trains (each answer and its EOS, not an assistant turn of weight 0) for
 # `return_assistant_tokens_mask` (TRL's assistant_only_loss); they render nothing of their own.
+GENERATION_PROMPT = "{{- '<｜Assistant｜>' -}}"  # CHAT_TEMPLATE's; a release's reply opening follows it
 CHAT_TEMPLATE = (
     "{%- if tools -%}"
     "{{- raise_exception('tools were given: the chat template has no tool definitions (the model calls no tools)') -}}"
@@ -95,7 +96,7 @@ CHAT_TEMPLATE = (
     "{{- role -}}"
     "{%- if trained -%}{%- generation -%}{{- text -}}{%- endgeneration -%}{%- else -%}{{- text -}}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<｜Assistant｜>' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}" + GENERATION_PROMPT + "{%- endif -%}"
 )
 
 
@@ -304,8 +305,13 @@ class Tokenizer:
     @property
     def jinja_chat_template(self) -> str:
         """The Jinja form of the chat format `render_chat` writes: the checkpoint's own template where it writes that
-        (no DeepSeek-V3 role tokens), else CHAT_TEMPLATE."""
-        return self.chat_template.text if not self.has_role_tokens and self.chat_template else CHAT_TEMPLATE
+        (no DeepSeek-V3 role tokens), else CHAT_TEMPLATE, its generation prompt followed by the `reply_opening`."""
+        if not self.has_role_tokens and self.chat_template:
+            return self.chat_template.text
+        if not self.reply_opening:
+            return CHAT_TEMPLATE
+        opening = "{{- " + json.dumps(self.reply_opening) + " -}}"  # a JSON string is a Jinja string literal
+        return CHAT_TEMPLATE.replace(GENERATION_PROMPT, GENERATION_PROMPT + opening)
 
     def encode_chat(
         self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False

@@ -57,6 +57,17 @@ def test_an_r1_chat_is_prompted_with_its_reply_opening_as_transformers_writes_it
     assert rendered.endswith("<｜Assistant｜><think>\n")
 
 
+@pytest.mark.parametrize("chat", CHATS, ids=["one-message", "with-history"])
+def test_the_jinja_template_of_an_r1_tokenizer_writes_its_reply_opening_as_render_chat(r1_folder, chat):
+    """eval's lm_eval records the chat template as `jinja_chat_template`: it wrote the prompt without R1's opening."""
+    tokenizer = Tokenizer.from_file(r1_folder)
+    auto = AutoTokenizer.from_pretrained(r1_folder)
+    written = auto.apply_chat_template(
+        chat, chat_template=tokenizer.jinja_chat_template, tokenize=False, add_generation_prompt=True
+    )
+    assert written == tokenizer.render_chat(chat)
+
+
 def test_an_r1_chat_without_a_generation_prompt_or_continued_has_no_reply_opening(r1_folder):
     tokenizer = Tokenizer.from_file(r1_folder)
     chat = [*CHATS[0], {"role": "assistant", "content": "<think> hm </think> hello"}]
