@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
 from seekstack.tokenizer import BOS, EOS, train_tokenizer
+from tests.test_hf_parity import randomise
 from tests.test_tokenizer import stdlib_texts
 
 VOCAB = 512  # config.json's vocab_size, past the tokenizer's ids as DeepSeek-V3's 129,280 is
@@ -36,19 +37,6 @@ RELEASE_KEYS = {
     "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True, "num_nextn_predict_layers": 1,
     "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": True,
 }  # fmt: skip
-
-
-@torch.no_grad()
-def randomise(model: torch.nn.Module) -> None:
-    """Every weight random (norm gains near 1, the routing bias too), so a weight read wrong changes the logits."""
-    generator = torch.Generator().manual_seed(0)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if name.endswith("e_score_correction_bias"):
-            tensor.copy_(torch.rand(tensor.shape, generator=generator) - 0.5)
-        elif "norm" in name:
-            tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-        elif tensor.is_floating_point() and "inv_freq" not in name:
-            tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
 
 
 def release_tokenizer(folder: Path) -> None:
@@ -157,7 +145,7 @@ def deepseek_v2_lite_chat_release(folder: Path) -> Path:
         **DIMS | transformers_keys, vocab_size=VOCAB, rope_parameters={"rope_type": "yarn", **yarn}
     )
     model = DeepseekV2ForCausalLM(config).eval()
-    randomise(model)
+    randomise(model, seed=0)
     model.to(torch.bfloat16).save_pretrained(folder)
     v2_chat_tokenizer(folder)
     released = {**DIMS, **V2_LITE_KEYS, "model_type": "deepseek_v2", "vocab_size": VOCAB, "bos_token_id": 0,
@@ -185,7 +173,7 @@ def deepseek_v3_release(folder: Path, generation_config: dict | None = None) -> 
     torch.manual_seed(0)
     config = DeepseekV3Config(**DIMS, vocab_size=VOCAB, rope_parameters={"rope_type": "yarn", **YARN})
     model = DeepseekV3ForCausalLM(config).eval()
-    randomise(model)
+    randomise(model, seed=0)
     model.to(torch.bfloat16).save_pretrained(folder)
     release_tokenizer(folder)
     released = {**DIMS, **RELEASE_KEYS, "model_type": "deepseek_v3", "vocab_size": VOCAB, "bos_token_id": 0,
