@@ -1,13 +1,16 @@
 """What a request must be before the server reads it: a body within the size limit and, while the server runs
-open (no API keys, loopback only), addressed to a loopback name and sent as JSON.
+open (no API keys, loopback only), addressed to a loopback name, from no web page but a loopback one, and sent as JSON.
 
 Why the open-mode checks: without keys, any web page the user visits could POST to the server (a form
 or `fetch` with a "simple" content type needs no CORS preflight), and a page on a DNS-rebound name could
 read the answers. Requiring `Content-Type: application/json` forces a preflight that the server does not
-grant, and checking `Host` refuses requests addressed to any name but localhost.
+grant, checking `Host` refuses requests addressed to any name but localhost, and checking `Origin` refuses
+the pages of the origins `--cors-origin` admits (CORS lets them call a server with keys, not the open one).
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from fastapi import Request
 
@@ -41,16 +44,25 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def check_open_mode_request(request: Request) -> None:
-    """In open mode: 403 unless `Host` names loopback; 415 for a POST whose content type is not JSON."""
+    """In open mode: 403 unless `Host` names loopback, and unless `Origin`, when a browser sends one, is a loopback
+    page (the chat page at /); 415 for a POST whose content type is not JSON."""
     host = request.headers.get("host", "")
-    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rpartition(":")[0] or host
-    if name.lower() not in LOOPBACK_NAMES:
+    if _host_name(host) not in LOOPBACK_NAMES:
         raise APIError(
             403,
             f"Host {host!r} is not a loopback name: without API keys this server answers only requests addressed to "
             f"{', '.join(LOOPBACK_NAMES)} (a defence against DNS rebinding); create a key to serve other names",
             "permission_error",
             code="host_not_allowed",
+        )
+    origin = request.headers.get("origin")
+    if origin is not None and _host_name(urlsplit(origin).netloc) not in LOOPBACK_NAMES:
+        raise APIError(
+            403,
+            f"Origin {origin!r} is not a loopback page: without API keys this server answers no other web page, "
+            "--cors-origin's included; create a key (`seekstack keys create`) for pages to call it with",
+            "permission_error",
+            code="origin_not_allowed",
         )
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if request.method == "POST" and media_type != JSON:
@@ -60,6 +72,12 @@ def check_open_mode_request(request: Request) -> None:
             "refuses other content types, which web pages can send to it without the browser asking first",
             code="unsupported_media_type",
         )
+
+
+def _host_name(host: str) -> str:
+    """The name in a `Host` header or an origin's `host[:port]`, lowercased (`[::1]` keeps its brackets)."""
+    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rpartition(":")[0] or host
+    return name.lower()
 
 
 def _too_large(limit: int) -> APIError:

@@ -424,6 +424,25 @@ def test_open_mode_answers_only_loopback_hosts_and_json_bodies(engine, tmp_path)
     assert [response.status_code for response in local] == [200] * 4
 
 
+def test_open_mode_refuses_web_pages_but_loopback_ones_cors_origins_included(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"), cors_origins=("https://app.example",))
+
+    async def scenario(client):
+        def from_page(origin: str):
+            return client.post("/v1/completions", json=COMPLETION, headers={"Origin": origin})
+
+        pages = [await from_page(origin) for origin in ("https://app.example", "https://evil.example", "null")]
+        loopback_pages = ("http://127.0.0.1:8000", "http://[::1]:8000", "http://LOCALHOST")
+        loopback = [await from_page(origin) for origin in loopback_pages]
+        return pages, loopback
+
+    pages, loopback = run(app, scenario)
+    for page in pages:  # was: 200 for --cors-origin's page, which CORS then let read the answer
+        assert error_of(page, 403)["code"] == "origin_not_allowed"
+    assert "'https://app.example'" in error_of(pages[0], 403)["message"]
+    assert [response.status_code for response in loopback] == [200] * 3  # the chat page at /
+
+
 def test_with_keys_any_host_and_content_type_may_come(engine, tmp_path):
     database = open_database(tmp_path / "db")
     key = KeyStore(database).create("remote")
