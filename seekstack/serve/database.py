@@ -32,6 +32,7 @@ DATABASE_ENV = "SEEKSTACK_DB"
 DEFAULT_PLAN = "default"
 DEFAULT_PRICE_PER_1K = 0.002
 POSTGRES_SCHEMES = ("postgresql", "postgres")
+SECRET_URL_PARAMETERS = ("password", "sslpassword")  # libpq parameters a URL may carry a secret in
 BUSY_RETRY_S = 120.0  # how long a write waits for a database another connection holds (beyond its own timeout)
 SQLITE_BUSY_TIMEOUT_MS = 5000  # SQLite's own wait for another connection's lock, each try
 Result = TypeVar("Result")
@@ -324,12 +325,16 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple) -> dict:
 
 
 def _without_password(url: str) -> str:
-    """The URL as it may be shown in messages and logs."""
+    """The URL as it may be shown in messages and logs: its password, in `user:password@` or in a libpq parameter
+    (`?password=`, `?sslpassword=`), shown as ***."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc if parts.password is None else parts.netloc.replace(f":{parts.password}@", ":***@")
+    parameters = [parameter.partition("=") for parameter in parts.query.split("&")]
+    query = "&".join(
+        f"{name}{equals}{'***' if name.lower() in SECRET_URL_PARAMETERS else value}"
+        for name, equals, value in parameters
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 Database = SQLiteDatabase | PostgresDatabase

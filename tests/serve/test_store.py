@@ -21,7 +21,7 @@ from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, KeyStore, KeyStoreError, Plan, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.ratelimit import NeverFits, RateLimited, RateLimiter
-from tests.serve.server import new_postgres_database, postgres_or_skip
+from tests.serve.server import free_port, new_postgres_database, postgres_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,17 @@ def test_key_is_stored_only_as_its_hash(tmp_path):
     raw = (tmp_path / "serve.db").read_bytes() + (tmp_path / "serve.db-wal").read_bytes()
     assert key.encode() not in raw
     assert hash_key(key).encode() in raw
+
+
+def test_a_postgresql_url_is_shown_without_its_passwords():
+    pytest.importorskip("psycopg")
+    port = free_port()
+    url = f"postgresql://bob:in-netloc@127.0.0.1:{port}/seek?password=in-query&sslpassword=for-the-key"
+    with pytest.raises(ValueError) as refused:  # nothing listens there: the message names the database
+        open_database(url)
+    message = str(refused.value)
+    assert f"postgresql://bob:***@127.0.0.1:{port}/seek?password=***&sslpassword=***" in message
+    assert not any(secret in message for secret in ("in-netloc", "in-query", "for-the-key"))  # was: in-query shown
 
 
 def test_verify_accepts_the_key_until_it_is_revoked(database):
