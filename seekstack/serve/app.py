@@ -78,6 +78,7 @@ log = logging.getLogger("seekstack.serve")
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the response ended
 SERVER_STOPPED = 503  # a request the server cut off, forced to stop (a second Ctrl-C): its failure, at no cost
 CUT_OFF = "forced exit: cut off a request still running"
+RECORDED_MODEL_CHARS = 256  # of a request's `model` in its ledger row
 
 
 class EventStream(StreamingResponse):
@@ -216,7 +217,9 @@ class Server:
             bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
-            bill.model = body.model  # the ledger records which model served (or was asked for)
+            # the ledger records which model served, or the start of the name asked for: a refused request's row
+            # (not rate limited) is no place for a body-sized name
+            bill.model = body.model[:RECORDED_MODEL_CHARS]
             refuse_unsupported(body)
             adapter = self.adapter_for(body.model, bill.key)
             refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)

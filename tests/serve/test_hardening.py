@@ -455,6 +455,21 @@ def test_with_keys_any_host_and_content_type_may_come(engine, tmp_path):
     assert run(app, scenario).status_code == 200
 
 
+def test_a_refused_requests_ledger_row_keeps_only_the_start_of_an_overlong_model_name(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("filler", rpm=1)
+    app = create_app(engine, database)
+    asked = "m" * 500_000  # a 404 is not rate limited: each one a row
+
+    async def scenario(client):
+        body, headers = {**COMPLETION, "model": asked}, {"Authorization": f"Bearer {key}"}
+        return [await client.post("/v1/completions", json=body, headers=headers) for _ in range(2)]
+
+    assert [error_of(answer, 404)["code"] for answer in run(app, scenario)] == ["model_not_found"] * 2
+    rows = Ledger(database).records("filler")
+    assert [row["model"] for row in rows] == ["m" * 256] * 2  # was: the 500,000 characters, each time
+
+
 def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path):
     open_database(tmp_path / "keys.db").close()
     assert stat.S_IMODE((tmp_path / "keys.db").stat().st_mode) == 0o600
