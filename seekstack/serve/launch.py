@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
 
 import uvicorn
 from fastapi import FastAPI
@@ -49,6 +50,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
     """The app for `model_dir` and a line telling the user where it listens and whether keys are required."""
     check_listenable(options.host, options.port)  # before the weights load
     check_reasoning_parser(options.reasoning_parser)
+    check_cors_origins(options.cors_origins)
     database = open_database(options.database)
     open_access = not KeyStore(database).any_keys()
     if open_access and not _is_loopback(options.host):
@@ -86,6 +88,18 @@ def warn_of_unknown_scopes(policy: Policy, path: Path, store: KeyStore) -> None:
         for name in sorted(set(scopes) - known[kind]):
             log.warning("%s: %ss.%s: no %s %r in the database %s (yet), so this entry applies to no key", path, kind,
                         name, kind, name, store.database.location)  # fmt: skip
+
+
+def check_cors_origins(origins: tuple[str, ...]) -> None:
+    """ValueError naming --cors-origin for a value unlike the `Origin` a browser sends (scheme://host[:port] in lower
+    case, no path or trailing slash): CORS would refuse every page of the origin meant, with no sign on the server."""
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (not parts.netloc or origin != f"{parts.scheme}://{parts.netloc.lower()}"):
+            raise ValueError(
+                f"--cors-origin {origin!r}: not a web origin as browsers send it; give scheme://host[:port] in lower "
+                "case, e.g. https://app.example (no path, no trailing slash), or * for any"
+            )
 
 
 def check_listenable(host: str, port: int) -> None:

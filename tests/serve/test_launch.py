@@ -60,3 +60,10 @@ def test_serve_refuses_a_host_or_port_it_cannot_listen_on_naming_it_before_readi
     refused = CliRunner().invoke(app, ["serve", "--model", str(model_dir), "--db", str(tmp_path / "k.db"), *place])
     assert refused.exit_code == 1 and message in refused.stderr, refused.output
     assert "note: dtype" not in refused.stderr
+
+
+@pytest.mark.parametrize("origin", ["https://app.example/", "app.example", "https://App.example", "null"])
+def test_serve_refuses_a_cors_origin_no_browser_sends_naming_it_before_reading_the_model(tmp_path, origin):
+    options = ServeOptions(port=free_port(), database=str(tmp_path / "k.db"), cors_origins=(origin,))
+    with pytest.raises(ValueError, match=f"--cors-origin '{origin}': not a web origin as browsers send it"):
+        build_server(tmp_path / "no model here", options)  # was: served, every page refused by CORS without a word
