@@ -351,6 +351,17 @@ def _reply_opening(folder: Path) -> str:
     return template.reply_opening({"bos_token": BOS, "eos_token": EOS}, ASSISTANT) if template else ""
 
 
+def trained_by_seekstack(tokenizer_file: Path) -> bool:
+    """Whether `tokenizer_file` is a tokenizer `train_tokenizer` wrote: its ids 0..4 are SPECIAL_TOKENS (a DeepSeek
+    release's are BOS, EOS, pad and two bytes). False when it is missing or no tokenizer.json."""
+    try:
+        added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens", [])
+        ids = {token["content"]: token["id"] for token in added}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return False
+    return all(ids.get(token) == token_id for token_id, token in enumerate(SPECIAL_TOKENS))
+
+
 def has_role_tokens(backend: BackendTokenizer) -> bool:
     """Whether a tokenizer has the DeepSeek-V3 chat format's role tokens (`USER`, `ASSISTANT`), so seekstack writes its
     chats itself."""
@@ -453,8 +464,9 @@ def part_text(position: int, index: int, part: object) -> str:
 def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:
     """Copy the tokenizer_config.json `source` into the model folder `folder` with `model_max_length` the model's
     context: the length transformers' `truncation=True` cuts at, and the chat template that transformers (5) saves
-    beside it in chat_template.jinja, where it has none of its own. ValueError naming `source` when it is no JSON
-    object."""
+    beside it in chat_template.jinja, where it has none of its own. Beside a tokenizer seekstack trained, the template
+    is CHAT_TEMPLATE, the chats `render_chat` writes, whatever version of it the tokenizer was trained with. ValueError
+    naming `source` when it is no JSON object."""
     try:
         config = json.loads(Path(source).read_text(encoding="utf-8"))
     except ValueError as error:
@@ -465,7 +477,9 @@ def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, 
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
     config["model_max_length"] = model_max_length
     template_file = Path(source).parent / CHAT_TEMPLATE_FILE
-    if "chat_template" not in config and template_file.is_file():
+    if trained_by_seekstack(Path(source).parent / TOKENIZER_FILE):  # its template may be an earlier seekstack's
+        config["chat_template"] = CHAT_TEMPLATE
+    elif "chat_template" not in config and template_file.is_file():
         config["chat_template"] = template_file.read_text(encoding="utf-8")
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
 

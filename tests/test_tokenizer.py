@@ -495,6 +495,57 @@ def test_a_tokenizer_saved_by_transformers_keeps_its_chat_template_in_a_model_fo
     assert reloaded.model_max_length == 256
 
 
+# seekstack's chat template up to 3 December 2026 (tokenizer_config.json of a tokenizer trained then): earlier turns
+# were written whole, reasoning and all (b07405a drops it), as the old template's tests pinned
+EARLIER_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<｜Assistant｜>' }}{%- endif -%}"
+)
+REASONED_CHAT = [
+    {"role": "user", "content": "1+1?"},
+    {"role": "assistant", "content": "<think>one and one</think>2"},
+    {"role": "user", "content": "2+2?"},
+]
+
+
+def test_a_model_folder_written_from_an_earlier_seekstack_tokenizer_holds_the_template_seekstack_renders(
+    trained, tmp_path
+):
+    """A tokenizer trained before the chat format changed keeps the earlier template in its tokenizer_config.json;
+    checkpoints (and quantize, export, lora merge) copied it, so transformers wrote a chat of the new model otherwise
+    than seekstack trained and served it (an earlier turn's <think> kept)."""
+    tokenizer, out_dir = trained
+    earlier = tmp_path / "earlier"
+    shutil.copytree(out_dir, earlier)
+    config = json.loads((earlier / "tokenizer_config.json").read_text())
+    (earlier / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": EARLIER_CHAT_TEMPLATE}))
+    (tmp_path / "model").mkdir()
+    shutil.copyfile(earlier / "tokenizer.json", tmp_path / "model" / "tokenizer.json")
+    copy_tokenizer_config(earlier / "tokenizer_config.json", tmp_path / "model", 256)
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    rendered = auto.apply_chat_template(REASONED_CHAT, tokenize=False, add_generation_prompt=True)
+    assert rendered == tokenizer.render_chat(REASONED_CHAT)
+    assert "<think>" not in rendered
+
+
+def test_a_release_tokenizer_keeps_its_own_chat_template_in_a_model_folder(tmp_path):
+    """Only a tokenizer seekstack trained (SPECIAL_TOKENS at ids 0..4) gets seekstack's template; a release's (its
+    role tokens elsewhere) keeps the one its authors wrote."""
+    backend = BackendTokenizer(models.BPE())
+    backend.add_special_tokens([BOS, EOS, PAD, "<｜tool▁call｜>", USER, ASSISTANT])
+    (tmp_path / "release").mkdir()
+    backend.save(str(tmp_path / "release" / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": EARLIER_CHAT_TEMPLATE}
+    (tmp_path / "release" / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "model").mkdir()
+    copy_tokenizer_config(tmp_path / "release" / "tokenizer_config.json", tmp_path / "model", 256)
+    copied = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    assert copied["chat_template"] == EARLIER_CHAT_TEMPLATE
+
+
 @pytest.mark.parametrize(("content", "problem"), [("{", "not valid JSON"), ("[]", "expected a JSON object, got list")])
 def test_a_damaged_tokenizer_config_copied_into_a_model_folder_is_named(tmp_path, content, problem):
     source = tmp_path / "tokenizer_config.json"
