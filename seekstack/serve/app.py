@@ -612,15 +612,15 @@ def create_app(
     call the API from a browser (with a key: CORS does not open the keyless mode to them); `reasoning_parser`
     ("deepseek_r1") splits chat replies into reasoning_content and content."""
     server = Server(engine, database, model_name, max_body_bytes, policy, reasoning_parser)
-    app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if cors_origins:
         # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)  # fmt: skip
     app.state.server = server
     chat_page = files("seekstack.serve").joinpath("chat.html").read_text(encoding="utf-8")
-    describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest],
-             lambda: [card.id for card in server.models().data])  # fmt: skip
+    openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest],
+                                lambda: [card.id for card in server.models().data])  # fmt: skip
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -657,6 +657,13 @@ def create_app(
         healthy, auth = server.bridge.alive, await asyncio.to_thread(server.keys.any_keys)
         body = Health(status="ok" if healthy else "engine stopped", auth=auth)
         return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        # Its `model` fields name the models served: where keys exist, a key is needed and sees those it may use,
+        # as in /v1/models (a key learns nothing of the others).
+        key = await asyncio.to_thread(server.authenticate, request)
+        return JSONResponse(openapi_document([card.id for card in server.models(key).data]))
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: {"description": "Prometheus text format"}})
     async def metrics() -> Response:

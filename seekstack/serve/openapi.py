@@ -56,11 +56,14 @@ def generation_responses(
     }
 
 
-def describe(app: FastAPI, request_models: list[type[BaseModel]], model_names: Callable[[], list[str]]) -> None:
+def describe(
+    app: FastAPI, request_models: list[type[BaseModel]], model_names: Callable[[], list[str]]
+) -> Callable[[list[str]], dict[str, Any]]:
     """Make `app.openapi()` include `request_models` in the components, a required `model` field limited to the
-    models served (asked each time: adapters may come and go)."""
+    models served (asked each time: adapters may come and go); return the document with that field limited to the
+    models given instead (those one key may use)."""
 
-    def openapi() -> dict[str, Any]:
+    def document(models: list[str]) -> dict[str, Any]:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         _, definitions = models_json_schema(
             [(model, "validation") for model in request_models], ref_template=SCHEMAS + "{model}"
@@ -70,7 +73,7 @@ def describe(app: FastAPI, request_models: list[type[BaseModel]], model_names: C
             components.setdefault(name, definition)
         for model in request_models:
             if "model" in components[model.__name__].get("required", []):
-                components[model.__name__]["properties"]["model"]["enum"] = model_names()
+                components[model.__name__]["properties"]["model"]["enum"] = models
         for operations in schema["paths"].values():  # bad parameters are 400s in OpenAI's shape, not FastAPI's 422
             for operation in operations.values():
                 operation["responses"].pop("422", None)
@@ -78,4 +81,5 @@ def describe(app: FastAPI, request_models: list[type[BaseModel]], model_names: C
             components.pop(fastapi_only, None)
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = lambda: document(model_names())  # type: ignore[method-assign]
+    return document

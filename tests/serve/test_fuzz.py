@@ -39,7 +39,7 @@ def served_api(tmp_path_factory):
     key = KeyStore(database).create("fuzzer", admin=True)
     app = create_app(Engine.from_pretrained(make_model_dir(folder), max_model_len=32), database)
     app.state.server.bridge.start()
-    yield schemathesis.openapi.from_asgi("/openapi.json", app), key
+    yield schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Authorization": f"Bearer {key}"}), key
     app.state.server.bridge.stop()
 
 

@@ -470,6 +470,23 @@ def test_a_refused_requests_ledger_row_keeps_only_the_start_of_an_overlong_model
     assert [row["model"] for row in rows] == ["m" * 256] * 2  # was: the 500,000 characters, each time
 
 
+def test_the_openapi_document_needs_a_key_and_names_only_the_models_it_may_use(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    narrow, broad = KeyStore(database).create("narrow", models=("legal",)), KeyStore(database).create("broad")
+    app = create_app(engine, database)
+
+    async def scenario(client):
+        keyed = [{"Authorization": f"Bearer {key}"} for key in (narrow, broad)]
+        documents = [await client.get("/openapi.json", headers=headers) for headers in keyed]
+        return await client.get("/openapi.json"), documents
+
+    anonymous, documents = run(app, scenario)
+    assert error_of(anonymous, 401)["code"] == "no_api_key"  # was: 200, naming every model and adapter to anyone
+    listed = [document.json()["components"]["schemas"]["CompletionRequest"]["properties"]["model"]["enum"]
+              for document in documents]  # fmt: skip
+    assert listed == [[], ["model"]]
+
+
 def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path):
     open_database(tmp_path / "keys.db").close()
     assert stat.S_IMODE((tmp_path / "keys.db").stat().st_mode) == 0o600
