@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import cast
@@ -188,6 +189,13 @@ def task_conversations(task: Task, count: int, seed: int, split: Split = "train"
     ]
 
 
+def source_digest(tokenizer: Tokenizer, conversations: list[Conversation]) -> str:
+    """A fingerprint of what rows are built from, the conversations as given and the tokenizer, whatever the rules
+    (the chat template, which turns are trained) that build rows of them."""
+    source = json.dumps([tokenizer.fingerprint, conversations], sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(source.encode(), digest_size=16).hexdigest()
+
+
 def write_conversations(conversations: list[Conversation], path: str | Path) -> Path:
     """Write conversations as JSONL, one `{"messages": [...]}` a line (whole or not at all: an earlier file stays)."""
     return write_atomic(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
@@ -196,10 +204,12 @@ def write_conversations(conversations: list[Conversation], path: str | Path) -> 
 class ShuffledRows:
     """Encoded rows drawn without replacement in a seeded order per epoch; its position is its state."""
 
-    def __init__(self, rows: list[tuple[list[int], list[int]]], seed: int):
+    def __init__(self, rows: list[tuple[list[int], list[int]]], seed: int, source: str = ""):
         self.rows, self.seed = rows, seed
-        # a fingerprint of the rows: a resume on other data is refused instead of training on it
+        # fingerprints of the rows and of what they were built from (`source_digest`): a resume on other data is
+        # refused instead of training on it, and one whose rows an earlier seekstack built of the same data goes on
         self.digest = hashlib.blake2b(json.dumps(rows).encode(), digest_size=16).hexdigest()
+        self.source = source
         self.epoch, self.cursor = 0, 0
         self.order = self._order()
 
@@ -219,15 +229,31 @@ class ShuffledRows:
         return taken
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "digest": self.digest}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "digest": self.digest,
+            "source": self.source,
+            "rows": len(self.rows),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("digest", self.digest) != self.digest:  # older checkpoints carry none
+        same_rows = state.get("digest", self.digest) == self.digest  # older checkpoints carry no digest
+        same_source = bool(self.source) and (state.get("source"), state.get("rows")) == (self.source, len(self.rows))
+        if not same_rows and not same_source:
             raise ValueError(
                 f"the run's data ({len(self.rows)} conversations) is not what its checkpoint was trained on: resume "
                 "with the same data (and tokenizer), or start a new run (init_from= the checkpoint keeps its "
-                "weights); a checkpoint written by seekstack before 2026-12-03 meets this with its own data too: "
-                "rows are built from conversations by other rules now"
+                "weights); a checkpoint of an earlier seekstack, which recorded no fingerprint of its data, meets "
+                "this with its own data too where it built rows by other rules (before 2026-12-03, and before the "
+                "chat format of 2026-12-04, which drops an earlier turn's reasoning)"
+            )
+        if not same_rows:
+            print(
+                f"note: the run's data ({len(self.rows)} conversations) is its checkpoint's, but its rows were built "
+                "by other rules (an earlier seekstack's): training goes on with this version's rows, from the same "
+                "place in them",
+                file=sys.stderr,
             )
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self.order = self._order()

@@ -27,6 +27,7 @@ from seekstack.posttrain.conversations import (
     hold_out,
     labelled_text_bytes,
     read_conversations,
+    source_digest,
     task_conversations,
     write_held_out,
 )
@@ -84,7 +85,8 @@ class SFTSource:
             _require_a_split(config, len(conversations), len(held_out))
         else:
             conversations, held_out = split_conversations(config, self.tokenizer, 0.0, "")
-        self.rows = ShuffledRows(self._training_rows(conversations), config.seed)
+        source = source_digest(self.tokenizer, conversations)
+        self.rows = ShuffledRows(self._training_rows(conversations), config.seed, source)
         self.held_out = held_out if holds_out else None
         self.validation = self._validation_rows(held_out) if holds_out else []
         self.device = torch.device("cpu")

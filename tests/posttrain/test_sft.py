@@ -17,6 +17,7 @@ from seekstack.posttrain.conversations import (
     encode_conversation,
     labelled_text_bytes,
     read_conversations,
+    source_digest,
     write_conversations,
 )
 from seekstack.posttrain.padding import pad_labelled
@@ -265,11 +266,34 @@ def test_resuming_on_other_conversations_is_refused(tmp_path):
     other = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 2, seed=0)
     with pytest.raises(ValueError, match=r"the run's data \(2 conversations\) is not what its checkpoint was trained"):
         other.load_state_dict(rows.state_dict())
-    with pytest.raises(ValueError, match=r"keeps its weights\); a checkpoint written by seekstack before 2026-12-03"):
+    with pytest.raises(ValueError, match=r"keeps its weights\); a checkpoint of an earlier seekstack, which recorded"):
         other.load_state_dict(rows.state_dict())
     again = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 3, seed=0)
     again.load_state_dict(rows.state_dict())
     assert again.take(2) == rows.take(2)
+
+
+def test_a_resume_whose_rows_an_earlier_seekstack_built_of_the_same_conversations_goes_on(tmp_path, capsys):
+    """The checkpoint's state as an earlier seekstack wrote it for the same conversations and tokenizer: other rows (its
+    chat format kept an earlier turn's reasoning) but the same `source_digest`. The run goes on from the same place,
+    with a note; other conversations, or a state that records no source (before 2026-12-04), are refused."""
+    tokenizer = byte_tokenizer(tmp_path)
+    reasoned = [*CHAT[1:3], {"role": "assistant", "content": "<think>r</think>5"}, *CHAT[3:]]
+    conversations = [CHAT, reasoned, CHAT]
+    source = source_digest(tokenizer, conversations)
+    rows = [encode_conversation(tokenizer, c) for c in conversations]
+    earlier = ShuffledRows([(ids[:-1], labels[:-1]) for ids, labels in rows], 0, source)  # rows by other rules
+    earlier.take(2)
+    now = ShuffledRows(rows, 0, source)
+    now.load_state_dict(earlier.state_dict())
+    assert (now.epoch, now.cursor) == (0, 2) and now.order == earlier.order
+    assert "its rows were built by other rules (an earlier seekstack's)" in capsys.readouterr().err
+    other = ShuffledRows(rows, 0, source_digest(tokenizer, [CHAT, CHAT, CHAT]))
+    with pytest.raises(ValueError, match=r"the run's data \(3 conversations\) is not what its checkpoint was trained"):
+        other.load_state_dict(earlier.state_dict())
+    unrecorded = {k: v for k, v in earlier.state_dict().items() if k not in ("source", "rows")}
+    with pytest.raises(ValueError, match=r"before the chat format of 2026-12-04, which drops an earlier turn's"):
+        now.load_state_dict(unrecorded)
 
 
 def test_sft_and_rl_write_their_resolved_config(tmp_path):
