@@ -12,13 +12,15 @@ Times are Unix seconds (UTC). A committed write is durable: SQLite runs with `sy
 with its default synchronous commit. Statements are written once, with `?` placeholders and SQL both
 dialects accept; rows come back as dicts. A SQLite file is created readable by its owner only (0600): it
 holds the key hashes and everyone's bill. Columns added since a database was created are added when it opens, and
-a keys table from before names could be reused (its name a primary key) is rebuilt without that constraint.
+a keys table from before names could be reused (its name a primary key) is rebuilt without that constraint, and a note
+on stderr names what changed, since an earlier seekstack may no longer open the database.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,6 +88,7 @@ ADDED_COLUMNS = (  # (table, column, definition): columns newer than the tables 
     ("usage", "moderation", "TEXT"),  # the content-safety category that blocked, redacted or flagged it
     ("keys", "models", "TEXT"),  # JSON list of the models the key may use; NULL: all (before a rebuild copies it)
 )
+KEYS_REBUILT = "keys rebuilt so that a name whose keys are revoked may be given a new one"
 KEYS_INDEXES = (  # made once the keys table is rebuilt, if it had to be (SQLiteDatabase._free_revoked_key_names)
     "CREATE UNIQUE INDEX IF NOT EXISTS keys_active_name ON keys (name) WHERE revoked_at IS NULL",
     "CREATE INDEX IF NOT EXISTS keys_by_name ON keys (name)",
@@ -157,25 +160,32 @@ class SQLiteDatabase:
         self._read_lock = threading.Lock()
 
     def _create_tables(self) -> None:
-        """WAL mode, the tables and the columns added since, each step a no-op where done before."""
+        """WAL mode, the tables and the columns added since, each step a no-op where done before; a database of an
+        earlier seekstack that it changes is told of (`note_upgrade`)."""
         connection = self._connection
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
+        existed = bool(connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'plans'").fetchone())
         for statement in SCHEMA:
             connection.execute(statement.format(id_column="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        changes = []
         for table, column, definition in ADDED_COLUMNS:
             try:
                 connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                changes.append(f"column {table}.{column} added")
             except sqlite3.OperationalError as error:
                 if "duplicate column" not in str(error):  # there already, or just added by another process
                     raise
-        self._free_revoked_key_names()
+        if self._free_revoked_key_names():
+            changes.append(KEYS_REBUILT)
         for statement in KEYS_INDEXES:
             connection.execute(statement)
+        if existed:
+            note_upgrade(self.location, changes)
 
-    def _free_revoked_key_names(self) -> None:
+    def _free_revoked_key_names(self) -> bool:
         """Rebuild a keys table whose name is its primary key (one key per name, ever) without that constraint, in
-        one transaction: SQLite cannot drop a primary key in place."""
+        one transaction: SQLite cannot drop a primary key in place. Whether it was rebuilt."""
         connection = self._connection
         connection.execute("BEGIN IMMEDIATE")  # another process opening the database waits, then finds it done
         try:
@@ -188,10 +198,14 @@ class SQLiteDatabase:
                 )
                 connection.execute("DROP TABLE keys")
                 connection.execute("ALTER TABLE keys_rebuilt RENAME TO keys")
+                rebuilt = True
+            else:
+                rebuilt = False
         except BaseException:
             connection.execute("ROLLBACK")
             raise
         connection.execute("COMMIT")
+        return rebuilt
 
     @contextmanager
     def transaction(self) -> Iterator[Statements]:
@@ -243,6 +257,7 @@ class PostgresDatabase:
         try:
             self._connection = psycopg.connect(url, autocommit=True, row_factory=dict_row)
             with self._connection.transaction():
+                existed = bool(self._connection.execute("SELECT to_regclass('plans') AS plans").fetchone()["plans"])
                 for statement in SCHEMA:
                     self._connection.execute(
                         statement.format(id_column="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
@@ -256,15 +271,20 @@ class PostgresDatabase:
                         "WHERE table_schema = current_schema()"
                     )
                 }
+                changes = []
                 for table, column, definition in ADDED_COLUMNS:
                     if (table, column) not in present:
                         self._connection.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
+                        changes.append(f"column {table}.{column} added")
                 if self._connection.execute(
                     "SELECT 1 FROM pg_constraint WHERE conname = 'keys_pkey' AND conrelid = 'keys'::regclass"
                 ).fetchone():
                     self._connection.execute("ALTER TABLE keys DROP CONSTRAINT IF EXISTS keys_pkey")  # a name, reusable
+                    changes.append(KEYS_REBUILT)
                 for statement in KEYS_INDEXES:
                     self._connection.execute(statement)
+                if existed:
+                    note_upgrade(self.location, changes)
             self._reader = psycopg.connect(url, autocommit=True, row_factory=dict_row)
         except psycopg.Error as error:
             raise ValueError(f"cannot use the database {self.location}: {error}") from error
@@ -309,6 +329,18 @@ class _QmarkStatements:
 
 def _qmark_to_format(sql: str) -> str:
     return sql.replace("?", "%s")  # our statements hold no literal ? or %
+
+
+def note_upgrade(location: str, changes: list[str]) -> None:
+    """Say on stderr that this seekstack changed the database at `location` (`changes`, none: nothing said), which an
+    earlier seekstack may then refuse: one from before 2026-11-30 inserts a plan of 3 values into a table of 4."""
+    if changes:
+        print(
+            f"note: {location} was upgraded for this seekstack ({'; '.join(changes)}); an earlier seekstack may no "
+            "longer open it (one from before 2026-11-30 refuses it: 'table plans has 4 columns but 3 values were "
+            "supplied')",
+            file=sys.stderr,
+        )
 
 
 def _connect(path: Path) -> sqlite3.Connection:

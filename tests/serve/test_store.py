@@ -211,6 +211,37 @@ def test_a_database_from_before_names_were_reusable_keeps_its_keys_and_frees_rev
     assert [key.revoked_at is None for key in reopened.list()] == [False, False, True]
 
 
+def test_opening_an_earlier_seekstacks_database_says_what_it_changed_and_that_older_ones_may_refuse_it(
+    database_location, capsys
+):
+    """The database as seekstack wrote it before 2026-11-30 (OLD_KEYS_SCHEMA): opening it, even to read `usage`,
+    adds columns that such a seekstack then refuses ('table plans has 4 columns but 3 values were supplied'); that
+    happened without a word. A new database, and one opened again, say nothing."""
+    open_database(database_location)
+    assert capsys.readouterr().err == ""
+    if database_location.startswith("postgresql"):  # the same database, its tables as an earlier seekstack made them
+        import psycopg
+
+        old = database_location
+        with psycopg.connect(old, autocommit=True) as connection:
+            for table in ("rate_charges", "usage", "keys", "plans"):
+                connection.execute(f"DROP TABLE {table}")
+            for statement in OLD_KEYS_SCHEMA:
+                connection.execute(statement)
+    else:
+        old = database_location + ".old"
+        with sqlite3.connect(old) as connection:
+            for statement in OLD_KEYS_SCHEMA:
+                connection.execute(statement)
+    opened = open_database(old)
+    told = capsys.readouterr().err
+    assert told.startswith(f"note: {opened.location} was upgraded for this seekstack (column plans.cached_prompt")
+    assert "keys rebuilt so that a name whose keys are revoked may be given a new one" in told
+    assert "an earlier seekstack may no longer open it" in told
+    open_database(old)
+    assert capsys.readouterr().err == ""
+
+
 def test_cost_follows_the_plan_of_the_key_when_recorded(database):
     keys, ledger = KeyStore(database), Ledger(database)
     keys.set_plan("gold", prompt_per_1k=0.01, completion_per_1k=0.03)
