@@ -464,9 +464,9 @@ def part_text(position: int, index: int, part: object) -> str:
 def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:
     """Copy the tokenizer_config.json `source` into the model folder `folder` with `model_max_length` the model's
     context: the length transformers' `truncation=True` cuts at, and the chat template that transformers (5) saves
-    beside it in chat_template.jinja, where it has none of its own. Beside a tokenizer seekstack trained, the template
-    is CHAT_TEMPLATE, the chats `render_chat` writes, whatever version of it the tokenizer was trained with. ValueError
-    naming `source` when it is no JSON object."""
+    beside it in chat_template.jinja, where it has none of its own. Beside a tokenizer seekstack trained, a template is
+    CHAT_TEMPLATE, the chats `render_chat` writes, whatever version of it the tokenizer was trained with (none stays
+    none: a base model's mark). ValueError naming `source` when it is no JSON object."""
     try:
         config = json.loads(Path(source).read_text(encoding="utf-8"))
     except ValueError as error:
@@ -477,10 +477,10 @@ def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, 
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
     config["model_max_length"] = model_max_length
     template_file = Path(source).parent / CHAT_TEMPLATE_FILE
-    if trained_by_seekstack(Path(source).parent / TOKENIZER_FILE):  # its template may be an earlier seekstack's
-        config["chat_template"] = CHAT_TEMPLATE
-    elif "chat_template" not in config and template_file.is_file():
+    if "chat_template" not in config and template_file.is_file():
         config["chat_template"] = template_file.read_text(encoding="utf-8")
+    if "chat_template" in config and trained_by_seekstack(Path(source).parent / TOKENIZER_FILE):  # maybe an earlier's
+        config["chat_template"] = CHAT_TEMPLATE
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
 
 

@@ -529,6 +529,10 @@ def test_a_model_folder_written_from_an_earlier_seekstack_tokenizer_holds_the_te
     rendered = auto.apply_chat_template(REASONED_CHAT, tokenize=False, add_generation_prompt=True)
     assert rendered == tokenizer.render_chat(REASONED_CHAT)
     assert "<think>" not in rendered
+    del config["chat_template"]  # a base model's mark, which stays
+    (earlier / "tokenizer_config.json").write_text(json.dumps(config))
+    copy_tokenizer_config(earlier / "tokenizer_config.json", tmp_path / "model", 256)
+    assert "chat_template" not in json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
 
 
 def test_a_release_tokenizer_keeps_its_own_chat_template_in_a_model_folder(tmp_path):
