@@ -5,6 +5,7 @@ post-processor puts BOS first, tokenizer_config.json with a chat template)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -144,15 +145,7 @@ def deepseek_v2_lite_chat_release(folder: Path) -> Path:
     config = DeepseekV2Config(
         **DIMS | transformers_keys, vocab_size=VOCAB, rope_parameters={"rope_type": "yarn", **yarn}
     )
-    model = DeepseekV2ForCausalLM(config).eval()
-    randomise(model, seed=0)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    v2_chat_tokenizer(folder)
-    released = {**DIMS, **V2_LITE_KEYS, "model_type": "deepseek_v2", "vocab_size": VOCAB, "bos_token_id": 0,
-                "eos_token_id": 1, "rope_theta": 10000, "rope_scaling": {**yarn, "type": "yarn"}}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(released, indent=2), encoding="utf-8")
-    (folder / "generation_config.json").unlink(missing_ok=True)
-    return folder
+    return _saved_release(folder, DeepseekV2ForCausalLM(config), v2_chat_tokenizer, V2_LITE_KEYS, yarn)
 
 
 def bos_first(bos_id: int) -> processors.PostProcessor:
@@ -172,14 +165,24 @@ def deepseek_v3_release(folder: Path, generation_config: dict | None = None) -> 
     the release's keys (legacy rope_scaling, auto_map, torch_dtype ...), and `generation_config` if given."""
     torch.manual_seed(0)
     config = DeepseekV3Config(**DIMS, vocab_size=VOCAB, rope_parameters={"rope_type": "yarn", **YARN})
-    model = DeepseekV3ForCausalLM(config).eval()
-    randomise(model, seed=0)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    release_tokenizer(folder)
-    released = {**DIMS, **RELEASE_KEYS, "model_type": "deepseek_v3", "vocab_size": VOCAB, "bos_token_id": 0,
-                "eos_token_id": 1, "rope_theta": 10000, "rope_scaling": {**YARN, "type": "yarn"}}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(released, indent=2), encoding="utf-8")
-    (folder / "generation_config.json").unlink(missing_ok=True)
+    _saved_release(folder, DeepseekV3ForCausalLM(config), release_tokenizer, RELEASE_KEYS, YARN)
     if generation_config is not None:
         (folder / "generation_config.json").write_text(json.dumps(generation_config), encoding="utf-8")
+    return folder
+
+
+def _saved_release(
+    folder: Path, model: torch.nn.Module, write_tokenizer: Callable[[Path], object], keys: dict, yarn: dict
+) -> Path:
+    """`model` randomised and saved into `folder` in bfloat16 by transformers, `write_tokenizer`'s tokenizer beside it,
+    and config.json rewritten as the release writes it: DIMS, its `keys`, legacy rope_theta + rope_scaling (`yarn`);
+    no generation_config.json."""
+    randomise(model.eval(), seed=0)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    write_tokenizer(folder)
+    model_type = "deepseek_v2" if isinstance(model, DeepseekV2ForCausalLM) else "deepseek_v3"
+    released = {**DIMS, **keys, "model_type": model_type, "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1,
+                "rope_theta": 10000, "rope_scaling": {**yarn, "type": "yarn"}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(released, indent=2), encoding="utf-8")
+    (folder / "generation_config.json").unlink(missing_ok=True)
     return folder
