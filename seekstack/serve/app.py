@@ -12,8 +12,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from importlib.resources import files
 from typing import Annotated, Any
 
@@ -214,6 +214,7 @@ class Server:
         bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
         charge = None  # the rate-limit charge, once admitted
         try:
+            charge = await asyncio.to_thread(self.admit, bill.key)  # counted, whatever comes of it
             bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
@@ -243,7 +244,7 @@ class Server:
                 start = given_start(body, self.engine.tokenizer)
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
-            charge = await asyncio.to_thread(self.admit, bill.key, tokens)
+            await asyncio.to_thread(self.reserve, bill.key, charge, tokens)
             constraints = [output_format.constraint() for _ in choices] if output_format else None
             try:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
@@ -335,19 +336,21 @@ class Server:
             return None
         return (self.limiter.tokens_left(key.name, key.tpm) - prompt_tokens) // requests
 
-    def admit(self, key: ApiKey | None, tokens: int) -> Charge | None:
-        """Charge the key's rate limits with `tokens` (None for a key without limits); 429 when over them."""
+    def admit(self, key: ApiKey | None) -> Charge | None:
+        """Count a request against the key's requests per minute, at no tokens yet (None for a key without limits);
+        429 over them."""
         if key is None or (key.rpm is None and key.tpm is None):
             return None
-        try:
-            return self.limiter.admit(key.name, key.rpm, key.tpm, tokens)
-        except NeverFits as error:
-            raise APIError(400, str(error), param="max_tokens", code="tokens_over_rate_limit") from None
-        except RateLimited as error:
-            raise APIError(
-                429, str(error), "rate_limit_error", code="rate_limit_exceeded",
-                headers={"Retry-After": str(error.retry_after_s)},
-            ) from None  # fmt: skip
+        with _rate_limit_errors():
+            return self.limiter.admit(key.name, key.rpm)
+
+    def reserve(self, key: ApiKey | None, charge: Charge | None, tokens: int) -> None:
+        """Charge an admitted request (`charge`) the `tokens` it may use against the key's tokens per minute; 429 over
+        them, 400 for more than the key may use in a minute."""
+        if charge is None:
+            return
+        with _rate_limit_errors():
+            self.limiter.reserve(charge, key.name, key.tpm, tokens)
 
     async def complete(
         self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category]
@@ -557,6 +560,20 @@ class ChoicesPolicy:
         return text, entries, blocking is not None
 
 
+@contextmanager
+def _rate_limit_errors() -> Iterator[None]:
+    """The rate limiter's refusals as the API's errors: 429 with Retry-After, 400 for a request that never fits."""
+    try:
+        yield
+    except NeverFits as error:
+        raise APIError(400, str(error), param="max_tokens", code="tokens_over_rate_limit") from None
+    except RateLimited as error:
+        raise APIError(
+            429, str(error), "rate_limit_error", code="rate_limit_exceeded",
+            headers={"Retry-After": str(error.retry_after_s)},
+        ) from None  # fmt: skip
+
+
 class ClientLeft(Exception):
     """The client hung up before its answer was ready."""
 
@@ -704,6 +721,7 @@ def create_app(
     async def moderations(request: Request) -> JSONResponse:
         """Which of the server's content-policy categories each input falls in (none without a policy)."""
         key = await asyncio.to_thread(server.authenticate, request)
+        await asyncio.to_thread(server.admit, key)  # a request of the key's requests per minute, at no tokens
         body = parse_body(ModerationRequest, await read_body(request, server.max_body_bytes))
         return JSONResponse((await asyncio.to_thread(server.safety.moderations, body, key)).model_dump())
 

@@ -1,8 +1,10 @@
 """Per-key rate limits: requests per minute and tokens per minute over a sliding 60-second window.
 
-A request is charged its prompt tokens plus the completion tokens it may generate when admitted
-(as OpenAI counts `max_tokens`), and the charge is corrected to the tokens it really used when it
-ends. The windows live in the server's database (table `rate_charges`), so every server process
+A request counts against its key's requests per minute as soon as its key is known (`admit`), whatever
+comes of it: one refused as malformed, a moderation, as OpenAI counts unsuccessful requests, so a key cannot
+flood the server with them. Once read, it is charged its prompt tokens plus the completion tokens it may
+generate (`reserve`, as OpenAI counts `max_tokens`), and the charge is corrected to the tokens it really
+used when it ends (`settle`). The windows live in the server's database (table `rate_charges`), so every server process
 sharing it sees the same window: admitting reads the key's charges and adds one in a single write
 transaction (SQLite's BEGIN IMMEDIATE; on PostgreSQL the key's row is locked), so two processes
 cannot both take the last request of a minute. Times are Unix seconds, shared by the processes. A write that
@@ -15,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from seekstack.serve.database import Database, retrying_while_busy
+from seekstack.serve.database import Database, Statements, retrying_while_busy
 
 WINDOW_S = 60.0
 
@@ -46,37 +48,55 @@ class RateLimiter:
         self.database = database
         self._clock = clock
 
-    def admit(self, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
-        """Charge one request of up to `tokens` tokens to `key_name`, or raise `RateLimited` (or `NeverFits`)."""
-        if tpm is not None and tokens > tpm:
+    def admit(self, key_name: str, rpm: int | None) -> Charge:
+        """Count one request of `key_name`, at no tokens yet, or raise `RateLimited` over its `rpm`."""
+        return retrying_while_busy(self.database, lambda: self._admit_once(key_name, rpm))
+
+    def _admit_once(self, key_name: str, rpm: int | None) -> Charge:
+        with self.database.transaction() as connection:
+            now, charges = self._window(connection, key_name)
+            if rpm is not None and len(charges) >= rpm:
+                wait = charges[-rpm]["at"] + WINDOW_S - now
+                raise RateLimited(f"key {key_name!r} is over its limit of {rpm} requests per minute", _seconds(wait))
+            row = connection.execute(
+                "INSERT INTO rate_charges (key_name, at, tokens) VALUES (?, ?, 0) RETURNING id", (key_name, now)
+            ).fetchone()
+        return Charge(row["id"])
+
+    def reserve(self, charge: Charge, key_name: str, tpm: int | None, tokens: int) -> None:
+        """Charge an admitted request the `tokens` it may use, or raise `RateLimited` (or `NeverFits`) over `tpm`: the
+        request then keeps its charge of no tokens (it still counts against the requests per minute)."""
+        if tpm is None:  # the tokens count for nothing
+            return
+        if tokens > tpm:
             raise NeverFits(
                 f"the request may use {tokens} tokens (its prompt tokens, and max_tokens for each choice it asks for: "
                 f"n, or best_of), more than key {key_name!r} may use in a minute ({tpm}); lower max_tokens or n, or "
                 "shorten the prompt"
             )
-        return retrying_while_busy(self.database, lambda: self._admit_once(key_name, rpm, tpm, tokens))
+        retrying_while_busy(self.database, lambda: self._reserve_once(charge, key_name, tpm, tokens))
 
-    def _admit_once(self, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
+    def _reserve_once(self, charge: Charge, key_name: str, tpm: int, tokens: int) -> None:
         with self.database.transaction() as connection:
-            connection.execute(f"SELECT 1 FROM keys WHERE name = ?{self.database.lock_rows}", (key_name,))
-            now = self._clock()
-            connection.execute("DELETE FROM rate_charges WHERE key_name = ? AND at <= ?", (key_name, now - WINDOW_S))
-            charges = connection.execute(
-                "SELECT at, tokens FROM rate_charges WHERE key_name = ? ORDER BY at, id", (key_name,)
-            ).fetchall()
-            if rpm is not None and len(charges) >= rpm:
-                wait = charges[-rpm]["at"] + WINDOW_S - now
-                raise RateLimited(f"key {key_name!r} is over its limit of {rpm} requests per minute", _seconds(wait))
-            used = sum(charge["tokens"] for charge in charges)
-            if tpm is not None and used + tokens > tpm:
+            now, charges = self._window(connection, key_name)
+            used = sum(row["tokens"] for row in charges if row["id"] != charge.charge_id)
+            if used + tokens > tpm:
                 raise RateLimited(
                     f"key {key_name!r} is over its limit of {tpm} tokens per minute",
                     _seconds(_time_until_free(charges, used + tokens - tpm, now)),
                 )
-            row = connection.execute(
-                "INSERT INTO rate_charges (key_name, at, tokens) VALUES (?, ?, ?) RETURNING id", (key_name, now, tokens)
-            ).fetchone()
-        return Charge(row["id"])
+            connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
+
+    def _window(self, connection: Statements, key_name: str) -> tuple[float, list[dict]]:
+        """The time now and `key_name`'s charges of the last minute, oldest first, the key's row held (in the open
+        transaction of `connection`) so that no other process admits a request of the key meanwhile."""
+        connection.execute(f"SELECT 1 FROM keys WHERE name = ?{self.database.lock_rows}", (key_name,))
+        now = self._clock()
+        connection.execute("DELETE FROM rate_charges WHERE key_name = ? AND at <= ?", (key_name, now - WINDOW_S))
+        charges = connection.execute(
+            "SELECT id, at, tokens FROM rate_charges WHERE key_name = ? ORDER BY at, id", (key_name,)
+        ).fetchall()
+        return now, charges
 
     def tokens_left(self, key_name: str, tpm: int) -> int:
         """The tokens `key_name` may still use of its `tpm` tokens per minute: those its window has not charged."""

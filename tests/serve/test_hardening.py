@@ -455,11 +455,33 @@ def test_with_keys_any_host_and_content_type_may_come(engine, tmp_path):
     assert run(app, scenario).status_code == 200
 
 
+def test_refused_requests_and_moderations_count_against_the_requests_per_minute(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("flooder", rpm=3)
+    app = create_app(engine, database)
+
+    async def scenario(client):
+        headers = {"Authorization": f"Bearer {key}"}
+        malformed = await client.post("/v1/completions", json={**COMPLETION, "temperature": 7}, headers=headers)
+        unknown = await client.post("/v1/completions", json={**COMPLETION, "model": "other"}, headers=headers)
+        moderation = await client.post("/v1/moderations", json={"input": "hi"}, headers=headers)
+        after = [
+            await client.post("/v1/completions", json=COMPLETION, headers=headers),
+            await client.post("/v1/moderations", json={"input": "hi"}, headers=headers),
+        ]
+        return malformed, unknown, moderation, after
+
+    malformed, unknown, moderation, after = run(app, scenario)
+    assert (malformed.status_code, unknown.status_code, moderation.status_code) == (400, 404, 200)
+    for refused in after:  # was: 200 for both, the three before uncounted (a key could send them without end)
+        assert error_of(refused, 429)["code"] == "rate_limit_exceeded" and "Retry-After" in refused.headers
+
+
 def test_a_refused_requests_ledger_row_keeps_only_the_start_of_an_overlong_model_name(engine, tmp_path):
     database = open_database(tmp_path / "db")
-    key = KeyStore(database).create("filler", rpm=1)
+    key = KeyStore(database).create("filler", rpm=100)
     app = create_app(engine, database)
-    asked = "m" * 500_000  # a 404 is not rate limited: each one a row
+    asked = "m" * 500_000  # each 404 a row
 
     async def scenario(client):
         body, headers = {**COMPLETION, "model": asked}, {"Authorization": f"Bearer {key}"}

@@ -20,7 +20,7 @@ from seekstack.serve.billing import BILL_EVERY_TOKENS, Bill
 from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, KeyStore, KeyStoreError, Plan, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
-from seekstack.serve.ratelimit import NeverFits, RateLimited, RateLimiter
+from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
 from tests.serve.server import free_port, new_postgres_database, postgres_or_skip
 
 
@@ -402,7 +402,8 @@ def test_rate_limit_writes_wait_for_a_database_another_connection_holds(tmp_path
     other = sqlite3.connect(tmp_path / "db", isolation_level=None, check_same_thread=False)  # a backup, say
     other.execute("BEGIN EXCLUSIVE")
     threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
-    charge = limiter.admit("k", rpm=None, tpm=100, tokens=80)  # was: "database is locked", a 500 for the request
+    charge = limiter.admit("k", rpm=None)  # was: "database is locked", a 500 for the request
+    limiter.reserve(charge, "k", tpm=100, tokens=80)
     other.execute("BEGIN EXCLUSIVE")
     threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
     limiter.settle(charge, 20)  # was: "database is locked", and the request's usage row was lost with it
@@ -443,7 +444,7 @@ def test_a_postgresql_read_does_not_wait_behind_a_write_waiting_for_another_conn
     KeyStore(database).create("k")
     other = psycopg.connect(url)  # another server admitting a request of the same key, a report in psql
     other.execute("SELECT 1 FROM keys WHERE name = 'k' FOR UPDATE")
-    writer = threading.Thread(target=RateLimiter(database).admit, args=("k", None, 100, 10))  # waits for the row
+    writer = threading.Thread(target=RateLimiter(database).admit, args=("k", 1))  # waits for the row
     writer.start()
     deadline = time.monotonic() + 5
     while not database._lock.locked() and time.monotonic() < deadline:
@@ -455,7 +456,9 @@ def test_a_postgresql_read_does_not_wait_behind_a_write_waiting_for_another_conn
     writer.join()
     other.close()
     assert waited < 0.5  # was: until the other connection let go of the row (2 s here; no limit)
-    assert RateLimiter(database).tokens_left("k", 100) == 90
+    assert RateLimiter(database).tokens_left("k", 100) == 100
+    with pytest.raises(RateLimited, match="limit of 1 requests per minute"):
+        RateLimiter(database).admit("k", 1)
 
 
 def test_parse_day_names_the_expected_format():
@@ -473,6 +476,13 @@ def test_database_that_is_not_sqlite_is_named(tmp_path):
         open_database(path)
 
 
+def charged(limiter: RateLimiter, key_name: str, rpm: int | None, tpm: int | None, tokens: int) -> Charge:
+    """A request admitted and charged `tokens`, as the server does: counted, then its tokens reserved."""
+    charge = limiter.admit(key_name, rpm)
+    limiter.reserve(charge, key_name, tpm, tokens)
+    return charge
+
+
 class FakeClock:
     def __init__(self):
         self.now = 1000.0
@@ -484,48 +494,48 @@ class FakeClock:
 def test_requests_per_minute_limit_and_retry_after(tmp_path):
     clock = FakeClock()
     limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
-    limiter.admit("k", rpm=2, tpm=None, tokens=1)
+    charged(limiter, "k", 2, None, 1)
     clock.now += 10
-    limiter.admit("k", rpm=2, tpm=None, tokens=1)
+    charged(limiter, "k", 2, None, 1)
     clock.now += 5
     with pytest.raises(RateLimited, match="limit of 2 requests per minute") as refused:
-        limiter.admit("k", rpm=2, tpm=None, tokens=1)
+        charged(limiter, "k", 2, None, 1)
     assert refused.value.retry_after_s == 45  # the first request leaves the window 60 s after it came
-    limiter.admit("other", rpm=2, tpm=None, tokens=1)  # keys have separate windows
+    charged(limiter, "other", 2, None, 1)  # keys have separate windows
     clock.now += 45
-    limiter.admit("k", rpm=2, tpm=None, tokens=1)
+    charged(limiter, "k", 2, None, 1)
 
 
 def test_tokens_per_minute_charge_is_settled_to_the_real_usage(tmp_path):
     clock = FakeClock()
     limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
-    charge = limiter.admit("k", rpm=None, tpm=100, tokens=80)  # prompt + max_tokens
+    charge = charged(limiter, "k", None, 100, 80)  # prompt + max_tokens
     with pytest.raises(RateLimited, match="limit of 100 tokens per minute") as refused:
-        limiter.admit("k", rpm=None, tpm=100, tokens=30)
+        charged(limiter, "k", None, 100, 30)
     assert refused.value.retry_after_s == 60
     limiter.settle(charge, 20)  # it stopped early
-    limiter.admit("k", rpm=None, tpm=100, tokens=30)
+    charged(limiter, "k", None, 100, 30)
     with pytest.raises(NeverFits, match="more than key 'k' may use in a minute"):
-        limiter.admit("k", rpm=None, tpm=100, tokens=101)
+        charged(limiter, "k", None, 100, 101)
 
 
 def test_a_request_that_fills_the_token_window_exactly_is_admitted(tmp_path):
     limiter = RateLimiter(open_database(tmp_path / "limits.db"), FakeClock())
-    limiter.admit("k", rpm=None, tpm=100, tokens=60)
-    limiter.admit("k", rpm=None, tpm=100, tokens=40)
-    limiter.admit("fresh", rpm=None, tpm=100, tokens=100)
+    charged(limiter, "k", None, 100, 60)
+    charged(limiter, "k", None, 100, 40)
+    charged(limiter, "fresh", None, 100, 100)
     assert limiter.tokens_left("k", 100) == limiter.tokens_left("fresh", 100) == 0
 
 
 def test_a_charge_leaves_the_window_exactly_60_seconds_after_it_was_made(tmp_path):
     clock = FakeClock()
     limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
-    limiter.admit("k", rpm=1, tpm=100, tokens=80)
+    charged(limiter, "k", 1, 100, 80)
     clock.now += 59.5
     assert limiter.tokens_left("k", 100) == 20
     clock.now += 0.5
     assert limiter.tokens_left("k", 100) == 100
-    limiter.admit("k", rpm=1, tpm=100, tokens=100)
+    charged(limiter, "k", 1, 100, 100)
 
 
 def test_retry_after_is_when_the_oldest_charges_free_just_enough(tmp_path):
@@ -533,16 +543,16 @@ def test_retry_after_is_when_the_oldest_charges_free_just_enough(tmp_path):
     requests in the window, the wait is until fewer than the limit are left in it."""
     clock = FakeClock()
     limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
-    limiter.admit("k", rpm=None, tpm=100, tokens=30)
+    charged(limiter, "k", None, 100, 30)
     clock.now += 10
-    limiter.admit("k", rpm=None, tpm=100, tokens=50)
+    charged(limiter, "k", None, 100, 50)
     clock.now += 10
     with pytest.raises(RateLimited) as refused:
-        limiter.admit("k", rpm=None, tpm=100, tokens=50)  # 130: 30 over
+        charged(limiter, "k", None, 100, 50)  # 130: 30 over
     assert refused.value.retry_after_s == 40
     with pytest.raises(RateLimited) as refused:
-        limiter.admit("k", rpm=1, tpm=None, tokens=1)  # 2 requests in the window, 1 allowed: both must leave it
-    assert refused.value.retry_after_s == 50
+        charged(limiter, "k", 1, None, 1)  # 3 requests in the window (the one refused counts), 1 allowed
+    assert refused.value.retry_after_s == 60  # all must leave it
 
 
 def test_keys_cli_shows_the_key_once_and_lists_it_by_prefix(tmp_path):
