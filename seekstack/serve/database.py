@@ -11,15 +11,17 @@
 Times are Unix seconds (UTC). A committed write is durable: SQLite runs with `synchronous=FULL`, PostgreSQL
 with its default synchronous commit. Statements are written once, with `?` placeholders and SQL both
 dialects accept; rows come back as dicts. A SQLite file is created readable by its owner only (0600): it
-holds the key hashes and everyone's bill. Columns added since a database was created are added when it opens, and
-a keys table from before names could be reused (its name a primary key) is rebuilt without that constraint, and a note
-on stderr names what changed, since an earlier seekstack may no longer open the database.
+holds the key hashes and everyone's bill; an existing one that others may read or write is warned of on stderr.
+Columns added since a database was created are added when it opens, and a keys table from before names could be
+reused (its name a primary key) is rebuilt without that constraint, and a note on stderr names what changed, since
+an earlier seekstack may no longer open the database.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -145,6 +147,8 @@ class SQLiteDatabase:
             raise FileNotFoundError(f"database folder {path.parent} does not exist")
         if not path.exists():  # SQLite gives its -wal and -shm files the database file's permissions
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        else:
+            warn_if_others_may_read(path)
         try:
             self._connection = _connect(path)
             retrying_while_busy(self, self._create_tables)  # writes, as a request's: another server may hold it
@@ -339,6 +343,18 @@ def note_upgrade(location: str, changes: list[str]) -> None:
             f"note: {location} was upgraded for this seekstack ({'; '.join(changes)}); an earlier seekstack may no "
             "longer open it (one from before 2026-11-30 refuses it: 'table plans has 4 columns but 3 values were "
             "supplied')",
+            file=sys.stderr,
+        )
+
+
+def warn_if_others_may_read(path: Path) -> None:
+    """Say on stderr that the SQLite file at `path` (key hashes, everyone's bill) may be read by users other than its
+    owner, and how to close it; a database this seekstack creates is 0600, one copied or made otherwise may not be."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        print(
+            f"warning: {path} is readable or writable by users other than its owner (mode {mode:04o}); it holds the "
+            f"API keys' hashes and every key's usage: `chmod 600 {path}` closes it to them",
             file=sys.stderr,
         )
 

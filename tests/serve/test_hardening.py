@@ -514,6 +514,18 @@ def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path):
     assert stat.S_IMODE((tmp_path / "keys.db").stat().st_mode) == 0o600
 
 
+def test_an_existing_database_others_may_read_is_warned_of(tmp_path, capsys):
+    open_database(tmp_path / "private.db").close()
+    open_database(tmp_path / "private.db").close()
+    assert capsys.readouterr().err == ""
+    (tmp_path / "private.db").rename(tmp_path / "shared.db")
+    (tmp_path / "shared.db").chmod(0o644)  # copied with cp, made by the sqlite3 shell
+    open_database(tmp_path / "shared.db").close()
+    warning = capsys.readouterr().err  # was: nothing, the key hashes and every bill open to all
+    assert f"{tmp_path / 'shared.db'} is readable or writable by users other than its owner (mode 0644)" in warning
+    assert f"chmod 600 {tmp_path / 'shared.db'}" in warning
+
+
 def test_a_key_uses_only_its_models_and_only_admin_keys_read_usage(engine, tmp_path):
     database = open_database(tmp_path / "db")
     store = KeyStore(database)

@@ -9,6 +9,7 @@ import sqlite3
 import time
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -233,6 +234,7 @@ def test_opening_an_earlier_seekstacks_database_says_what_it_changed_and_that_ol
         with sqlite3.connect(old) as connection:
             for statement in OLD_KEYS_SCHEMA:
                 connection.execute(statement)
+        Path(old).chmod(0o600)  # as seekstack made it: no warning of a file others may read
     opened = open_database(old)
     told = capsys.readouterr().err
     assert told.startswith(f"note: {opened.location} was upgraded for this seekstack (column plans.cached_prompt")
