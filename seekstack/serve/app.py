@@ -79,6 +79,9 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 SERVER_STOPPED = 503  # a request the server cut off, forced to stop (a second Ctrl-C): its failure, at no cost
 CUT_OFF = "forced exit: cut off a request still running"
 RECORDED_MODEL_CHARS = 256  # of a request's `model` in its ledger row
+# The chat page in no other site's frame, where a page laid over it could lead a user to send what it chose
+# (clickjacking): CSP's frame-ancestors for today's browsers, X-Frame-Options for older ones.
+NOT_FRAMED = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
 
 
 class EventStream(StreamingResponse):
@@ -659,7 +662,7 @@ def create_app(
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def chat() -> HTMLResponse:
-        return HTMLResponse(chat_page)
+        return HTMLResponse(chat_page, headers=NOT_FRAMED)
 
     health_answers: dict[str, Any] = {
         "response_model": Health,

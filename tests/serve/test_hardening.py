@@ -509,6 +509,17 @@ def test_the_openapi_document_needs_a_key_and_names_only_the_models_it_may_use(e
     assert listed == [[], ["model"]]
 
 
+def test_the_chat_page_may_not_be_framed_by_another_site(engine, tmp_path):
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    async def scenario(client):
+        return [await client.get("/"), await client.head("/")]
+
+    for page in run(app, scenario):  # was: neither header, the page open to a frame laid over it (clickjacking)
+        assert page.status_code == 200 and page.headers["x-frame-options"] == "DENY"
+        assert page.headers["content-security-policy"] == "frame-ancestors 'none'"
+
+
 def test_a_new_sqlite_database_is_readable_by_its_owner_only(tmp_path):
     open_database(tmp_path / "keys.db").close()
     assert stat.S_IMODE((tmp_path / "keys.db").stat().st_mode) == 0o600
