@@ -1,6 +1,7 @@
 """A checkpoint's generation_config.json: the sampling defaults its authors ship with it (DeepSeek-R1: temperature 0.6,
 top_p 0.95; DeepSeek-V2-Chat: temperature 0.3), read as vLLM's `--generation-config auto` reads them, for what a
-request or a command line leaves unset."""
+request or a command line leaves unset. A release that sets `do_sample: false` is decoded greedily, as transformers
+decodes it (whatever temperature it names): vLLM reads no `do_sample` and samples it at temperature 1."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def sampling_defaults(model_dir: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object of generation settings, got {type(raw).__name__}")
     defaults = {name: raw[name] for name in SAMPLING_FIELDS if raw.get(name) is not None}
+    if raw.get("do_sample") is False:  # its authors' greedy decoding: transformers then reads no temperature
+        defaults["temperature"] = 0.0
     try:
         SamplingParams(**defaults).validate()
     except ConfigError as error:

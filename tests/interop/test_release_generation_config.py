@@ -108,6 +108,15 @@ def test_a_folder_without_generation_config_keeps_the_commands_defaults(tmp_path
     assert sampling_defaults(tmp_path) == {}
 
 
+def test_a_release_that_does_not_sample_is_decoded_greedily(tmp_path):
+    written = {"do_sample": False, "temperature": 0.6, "top_p": 0.95, "repetition_penalty": 1.1}
+    (tmp_path / "generation_config.json").write_text(json.dumps(written))
+    # was: temperature 0.6, sampled where transformers' generate decodes the release greedily
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0, "top_p": 0.95, "repetition_penalty": 1.1}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0}  # was: {}, OpenAI's temperature 1
+
+
 def test_quantize_and_lora_merge_keep_the_releases_generation_config(release, tmp_path):
     from seekstack.adapters.files import merge_adapter
     from tests.adapters.support import write_random_adapter
