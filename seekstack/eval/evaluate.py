@@ -63,7 +63,7 @@ def evaluate(
     wall_s = time.perf_counter() - started
     not_metrics = ("alias", "name", "sample_len")
     results = {
-        task: {metric.split(",")[0]: value for metric, value in values.items() if metric not in not_metrics}
+        task: {_metric_name(key): value for key, value in values.items() if key not in not_metrics}
         for task, values in output["results"].items()
     }
     samples = {task: counts["effective"] for task, counts in output.get("n-samples", {}).items()}
@@ -86,6 +86,13 @@ def _without_lm_evals_git_hash() -> Iterator[None]:
 
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
         yield
+
+
+def _metric_name(key: str) -> str:
+    """lm_eval's result key "metric,filter" as the results name it: the metric alone under lm_eval's default filter
+    "none", else the whole key, so each filter of a task (gsm8k's strict-match and flexible-extract) keeps its value."""
+    metric, _, filter_name = key.partition(",")
+    return metric if filter_name in ("", "none") else key
 
 
 def _check_transformers_runs(weights: Path) -> None:
@@ -115,13 +122,15 @@ def _model_args(folders: ModelFolders) -> dict[str, str]:
 
 
 def results_table(report: dict[str, Any]) -> str:
-    """The results as a Markdown table: one row per task and metric, its value and standard error."""
+    """The results as a Markdown table: one row per task and metric (with its filter, where not lm_eval's default),
+    its value and standard error."""
     rows = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
     for task, metrics in sorted(report["results"].items()):
         for metric, value in metrics.items():
-            if metric.endswith("_stderr") or not isinstance(value, (int, float)):
+            name, comma, filter_name = metric.partition(",")
+            if name.endswith("_stderr") or not isinstance(value, (int, float)):
                 continue
-            stderr = metrics.get(f"{metric}_stderr")
+            stderr = metrics.get(f"{name}_stderr{comma}{filter_name}")
             stderr_text = f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-"
             rows.append(f"| {task} | {metric} | {value:.4f} | {stderr_text} | {report['samples'].get(task, '-')} |")
     return "\n".join(rows)

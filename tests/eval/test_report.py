@@ -98,6 +98,30 @@ def test_eval_runs_either_backend_on_the_device_asked_for_or_the_cpu_without_cud
     assert [args["device"] for args in asked] == ["cpu", "cpu", "cpu"]
 
 
+def test_each_filter_of_a_task_keeps_its_value_in_the_results_and_the_table(tmp_path, monkeypatch):
+    """gsm8k's two filters (strict-match, flexible-extract) were both read as exact_match, the last one kept."""
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate, results_table
+
+    scores = {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.05,
+              "exact_match,flexible-extract": 0.75, "exact_match_stderr,flexible-extract": 0.04}  # fmt: skip
+    output = {"results": {"gsm8k": scores, "mc": {"acc,none": 0.5, "acc_stderr,none": 0.1}},
+              "n-samples": {"gsm8k": {"effective": 8}, "mc": {"effective": 4}}}  # fmt: skip
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: output)
+    (tmp_path / "config.json").write_text("{}")
+    report = evaluate(tmp_path, ("gsm8k", "mc"), None, device="cpu")
+    assert report["results"] == {
+        "gsm8k": {key: value for key, value in scores.items() if key != "alias"},
+        "mc": {"acc": 0.5, "acc_stderr": 0.1},
+    }
+    assert results_table(report).splitlines()[2:] == [
+        "| gsm8k | exact_match,strict-match | 0.2500 | 0.0500 | 8 |",
+        "| gsm8k | exact_match,flexible-extract | 0.7500 | 0.0400 | 8 |",
+        "| mc | acc | 0.5000 | 0.1000 | 4 |",
+    ]
+
+
 def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_the_checkpoint(tmp_path, monkeypatch):
     """They went to RUN/checkpoints/step_N/eval/, which the run's keep_checkpoints deletes and `report RUN` never
     reads."""
