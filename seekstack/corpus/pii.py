@@ -94,7 +94,13 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     letter, alnum, other_letter = (f"[^\\W{chars}{excluded}]" for chars in ("", "_", "\\d_A-Za-z"))
     unspaced = f"[{UNSPACED_SCRIPT_RANGES}]"
     word_end = rf"(?!{letter}|[{marks}(-])"
-    local_part = rf"(?<!{letter})(?<![{marks}.%+-]){alnum}(?:{letter}|[{marks}.%+-])*@"
+    # An apostrophe between two letters is part of a name (`o'neil@`, RFC 5322's atext; `o’neil@` as a word processor
+    # writes it, RFC 6531); one before or after an address quotes it (`'ann@example.com'`).
+    apostrophe = "['\u2019]"
+    local_part = (
+        rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}.%+-]){letter}(?:{letter}|[{marks}.%+-])*+"
+        rf"(?:{apostrophe}{letter}(?:{letter}|[{marks}.%+-])*+)*+@"
+    )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(
         rf"{local_part}(?:(?P<remote_login>[\w.-]+:(?:[\w~.-]*/|[\w.-]*\.git\b))"

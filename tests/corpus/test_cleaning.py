@@ -1088,6 +1088,9 @@ def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_emai
         ("2009-06-18  Tim Waugh  <twaugh@worm.elk>", "2009-06-18  Tim Waugh  <<EMAIL>>"),  # a mailbox: any domain
         ("invoice-ann@example.com.pdf", "<EMAIL>.pdf"),
         ('"john doe"@example.com', '"john doe"@example.com'),  # a quoted local part: kept, as presidio keeps it
+        ("write to o'neil@example.com or O’Neil@example.ie", "write to <EMAIL> or <EMAIL>"),  # left `o'<EMAIL>`
+        ("'ann@example.com', ‘bo@example.com’", "'<EMAIL>', ‘<EMAIL>’"),  # quotes around an address stay
+        ("Patrick Reader <_@pxeger.com>, _ann@example.com", "Patrick Reader <<EMAIL>>, <EMAIL>"),  # were kept whole
     ],
 )
 def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed: str) -> None:
