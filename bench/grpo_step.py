@@ -75,17 +75,18 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     by_prompt = {ours.render_chat(prompt_messages(p)): p for p in problems}
     dataset = Dataset.from_dict({"prompt": list(by_prompt)})
 
-    def terms(prompts: list[str], completions: list[str]) -> list[dict]:
+    def terms(prompts: list[str], completions: list[str], completion_ids: list[list[int]]) -> list[dict]:
+        # TRL decodes without special tokens; a completion ended by the model ends with its EOS id
         return [
-            reward_terms(task, by_prompt[p], c.removesuffix(ours.decode([ours.eos_id])))
-            for p, c in zip(prompts, completions, strict=True)
+            reward_terms(task, by_prompt[p], c, ended=bool(ids) and ids[-1] == ours.eos_id)
+            for p, c, ids in zip(prompts, completions, completion_ids, strict=True)
         ]
 
-    def correctness(prompts, completions, **kwargs):
-        return [t["correctness"] for t in terms(prompts, completions)]
+    def correctness(prompts, completions, completion_ids, **kwargs):
+        return [t["correctness"] for t in terms(prompts, completions, completion_ids)]
 
-    def format_reward(prompts, completions, **kwargs):
-        return [t["format"] for t in terms(prompts, completions)]
+    def format_reward(prompts, completions, completion_ids, **kwargs):
+        return [t["format"] for t in terms(prompts, completions, completion_ids)]
 
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)

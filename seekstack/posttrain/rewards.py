@@ -41,10 +41,11 @@ class RewardWeights:
     format: float = 0.1
 
 
-def reward_terms(task: Task, problem: Problem, completion: str) -> dict[str, float]:
+def reward_terms(task: Task, problem: Problem, completion: str, ended: bool) -> dict[str, float]:
     """Each reward term of one completion: correctness 1 when the extracted answer verifies, format 1 when the
-    completion has the R1 shape."""
-    answer = extract_answer(completion)
+    completion has the R1 shape. A completion cut at its token limit (not `ended` by the model's EOS) gave no final
+    answer, its last one perhaps the start of a longer one ("1" of "12"): both terms 0."""
+    answer = extract_answer(completion) if ended else None
     return {
         "correctness": float(answer is not None and verified(task, problem, answer)),
         "format": float(answer is not None),

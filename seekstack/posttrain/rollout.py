@@ -113,7 +113,7 @@ def sample_groups(
     generate_s = time.perf_counter() - started
     scored = [p for p in problems for _ in range(group_size)]
     term_rows = [
-        reward_terms(task, problem, tokenizer.decode_reply(c.token_ids))
+        reward_terms(task, problem, tokenizer.decode_reply(c.token_ids), ended=c.finish_reason == "stop")
         for problem, c in zip(scored, completions, strict=True)
     ]
     rows = [prompt + c.token_ids for prompt, c in zip(prompts, completions, strict=True)]

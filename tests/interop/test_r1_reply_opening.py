@@ -125,7 +125,8 @@ def test_rl_rewards_and_eval_score_an_r1_completion_as_opening_with_its_think(r1
     completion = f"{problem.trace}\n</think>\n\n{problem.answer}"
 
     def generate(prompts, params):
-        return [SimpleNamespace(token_ids=[*tokenizer.encode(completion), tokenizer.eos_id]) for _ in prompts]
+        ended = [*tokenizer.encode(completion), tokenizer.eos_id]
+        return [SimpleNamespace(token_ids=ended, finish_reason="stop") for _ in prompts]
 
     engine = SimpleNamespace(tokenizer=tokenizer, generate=generate)
     rollout = sample_groups(engine, task, [problem], 2, 64, 1.0, 0, RewardWeights())
@@ -144,7 +145,8 @@ def test_distilled_r1_traces_keep_the_think_their_prompt_opened(r1_folder):
     completion = f"{problem.trace}\n</think>\n\n{problem.answer}"
 
     def generate(prompts, params):
-        return [SimpleNamespace(token_ids=[*tokenizer.encode(completion), tokenizer.eos_id]) for _ in prompts]
+        ended = [*tokenizer.encode(completion), tokenizer.eos_id]
+        return [SimpleNamespace(token_ids=ended, finish_reason="stop") for _ in prompts]
 
     traces = verified_traces(SimpleNamespace(tokenizer=tokenizer, generate=generate), task, 1, 1)
     assert traces.conversations[0][-1] == {"role": "assistant", "content": f"<think>\n{completion}"}

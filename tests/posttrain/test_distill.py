@@ -9,7 +9,8 @@ from seekstack.cli import app
 from seekstack.infer import Engine
 from seekstack.posttrain.conversations import read_conversations, write_conversations
 from seekstack.posttrain.distill import verified_traces
-from seekstack.posttrain.rewards import extract_answer
+from seekstack.posttrain.rewards import RewardWeights, extract_answer
+from seekstack.posttrain.rollout import sample_groups
 from seekstack.posttrain.tasks import make_task, sample_problems, split_of
 from seekstack.tokenizer import Tokenizer
 from tests.posttrain.support import micro_checkpoint
@@ -96,3 +97,23 @@ def test_sampling_a_model_whose_context_holds_no_more_than_a_prompts_room_is_ref
     result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], "--max-new-tokens", "8"])
     assert result.exit_code == 1, result.output  # was: "--max-new-tokens 8: at most -32 for ..."
     assert f"error: {model_dir}: its context of 160 tokens (max_position_embeddings) leaves no room" in result.output
+
+
+def test_a_completion_cut_at_its_token_limit_scores_nothing_though_its_answer_so_far_verifies(teacher_model):
+    """A completion the token limit cut gave no final answer ("1" may be the start of "12"): pass-at-k, rl's rewards
+    and the traces kept (an SFT row whose EOS the model never wrote) score it 0, however its text so far reads."""
+    task = make_task("addition", 1)
+    model, tokenizer = load_pretrained(teacher_model), Tokenizer.from_file(teacher_model)
+    engine = Engine(model, tokenizer, max_batch_size=64, max_model_len=160)
+    problems = sample_problems(task, 16, "train", 0, distinct=True)
+    rollout = sample_groups(engine, task, problems, 4, 14, 1.0, 0, RewardWeights())  # about half cut at 14 tokens
+    cut, verifies_so_far = [], 0
+    for row, problem in enumerate(p for p in problems for _ in range(4)):
+        start, length = int(rollout.prompt_lengths[row]), int(rollout.completion_lengths[row])
+        completion = rollout.input_ids[row, start : start + length].tolist()
+        if completion[-1] != tokenizer.eos_id:
+            cut.append(row)
+            answer = extract_answer(tokenizer.decode_reply(completion))
+            verifies_so_far += answer is not None and task.verify(problem, answer)
+    assert verifies_so_far > 0
+    assert all(rollout.terms["correctness"][row] == rollout.terms["format"][row] == 0 for row in cut)

@@ -104,7 +104,10 @@ def test_arithmetic_answers_are_plain_ascii_integers(answer):
 def test_an_answer_longer_than_int_reads_is_wrong_not_an_error():
     task = make_task("addition", 2)
     problem = Problem("40+2", "What is 40 + 2?", "42", "", {"value": 42})
-    assert reward_terms(task, problem, "<think> x </think> " + "9" * 4301) == {"correctness": 0.0, "format": 1.0}
+    assert reward_terms(task, problem, "<think> x </think> " + "9" * 4301, ended=True) == {
+        "correctness": 0.0,
+        "format": 1.0,
+    }
     assert not task.verify(problem, "-" + "4" * 100_000)
 
 
@@ -128,13 +131,21 @@ def test_r1_format_extracts_the_answer_only_from_well_formed_completions(complet
 def test_reward_terms_score_correctness_and_format_separately():
     task = make_task("addition")
     problem = task.generate(random.Random(0))
-    assert reward_terms(task, problem, r1_completion(problem.trace, problem.answer)) == {
+    assert reward_terms(task, problem, r1_completion(problem.trace, problem.answer), ended=True) == {
         "correctness": 1.0,
         "format": 1.0,
     }
     wrong = str(int(problem.answer) + 1)
-    assert reward_terms(task, problem, r1_completion("x", wrong)) == {"correctness": 0.0, "format": 1.0}
-    assert reward_terms(task, problem, problem.answer) == {"correctness": 0.0, "format": 0.0}
+    assert reward_terms(task, problem, r1_completion("x", wrong), ended=True) == {"correctness": 0.0, "format": 1.0}
+    assert reward_terms(task, problem, problem.answer, ended=True) == {"correctness": 0.0, "format": 0.0}
+
+
+def test_a_completion_cut_at_its_token_limit_scores_nothing_where_one_ended_by_eos_verifies():
+    task = make_task("addition", 2)
+    problem = Problem("40+2", "What is 40 + 2?", "42", "", {"value": 42})
+    completion = "<think> 0+2=2, 4+0=4 </think> 42"  # cut by the limit, perhaps the start of 421
+    assert reward_terms(task, problem, completion, ended=True) == {"correctness": 1.0, "format": 1.0}
+    assert reward_terms(task, problem, completion, ended=False) == {"correctness": 0.0, "format": 0.0}
 
 
 def test_the_reward_is_the_weighted_sum_of_its_terms():
@@ -150,4 +161,4 @@ def test_a_verifier_returning_no_true_or_false_is_refused_naming_the_task_proble
     task.verify = lambda problem, answer: verdict  # a custom verifier's score gone wrong
     named = re.escape(f"task 'addition': verify(problem {problem.key!r}, answer {problem.answer!r}) returned {verdict}")
     with pytest.raises(ValueError, match=named):
-        reward_terms(task, problem, r1_completion(problem.trace, problem.answer))
+        reward_terms(task, problem, r1_completion(problem.trace, problem.answer), ended=True)
