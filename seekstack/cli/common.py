@@ -18,9 +18,10 @@ from seekstack.schema import ConfigError
 from seekstack.train.runs import run_checkpoint
 
 try:
-    from typer._click.exceptions import NoSuchOption, UsageError  # newer typer carries its own copy of click
+    from typer._click.exceptions import BadParameter, NoSuchOption, UsageError  # newer typer: its own click
+    from typer._click.globals import get_current_context
 except ImportError:
-    from click import NoSuchOption, UsageError
+    from click import BadParameter, NoSuchOption, UsageError, get_current_context
 
 RUNS_GIVEN = "runs_given"  # ctx.meta key: each resolved checkpoint -> the run's out_dir the user named
 
@@ -64,10 +65,15 @@ Checkpoint = Annotated[
 
 @contextmanager
 def user_errors(as_json: bool = False) -> Iterator[None]:
-    """Turn configuration, checkpoint and file errors into a one-line message and exit code 1 (JSON if asked)."""
+    """Turn configuration, checkpoint and file errors into a one-line message and exit code 1 (JSON if asked); a
+    usage error (exit 2) is told in JSON too when asked."""
     try:
         yield
     except BrokenPipeError:  # stdout's reader has gone (`| head` read its lines): click ends the command quietly
+        raise
+    except UsageError as error:  # an option's value the library refused (`options_named`): as the parser's own
+        if as_json:
+            fail(error.format_message(), as_json=True, code=error.exit_code)
         raise
     except ConfigError as error:  # the configuration: every rank of a torchrun meets it alike
         fail(str(error), as_json)
@@ -77,8 +83,8 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
 
 @contextmanager
 def options_named(options: Collection[str] | None = None) -> Iterator[None]:
-    """Settings built from a command's options: their errors name the option (--top-p, --stop), not the field
-    (top_p, or stop.0 inside the option's value).
+    """Settings built from a command's options: their errors are usage errors (exit 2) naming the option, as the
+    parser's own are ("Invalid value for '--top-p'"), not the field (top_p, or stop.0 inside the option's value).
 
     `options`: the fields the options set, where the others come from a --config file and keep their field's name;
     None: every field is an option's."""
@@ -88,8 +94,9 @@ def options_named(options: Collection[str] | None = None) -> Iterator[None]:
         field = error.field.split(".")[0] if error.field else None
         if field is None or (options is not None and field not in options):
             raise
-        given = ConfigError(error.problem, error.field)  # the value came from the option, not from a file
-        raise ConfigError(given.naming("--" + field.replace("_", "-"))) from None
+        option = "--" + field.replace("_", "-")
+        problem = error.problem.removeprefix(": ")  # said after the option's name and a colon, as ": pattern ..."
+        raise BadParameter(problem, get_current_context(silent=True), param_hint=f"'{option}'") from None
 
 
 def fail(message: str, as_json: bool = False, every_rank: bool = False, code: int = 1) -> NoReturn:

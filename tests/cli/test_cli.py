@@ -155,8 +155,8 @@ def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
     for option, value, problem in [("--temperature", "200", "200.0: input should be less than or equal to 100"),
                                    ("--seed", str(2**64), f"{2**64}: input should be less than {2**64}")]:  # fmt: skip
         result = run("sample", str(checkpoint), option, value, "--max-new-tokens", "2")
-        assert result.exit_code == 1
-        assert f"error: {option} has value {problem}" in result.stderr
+        assert result.exit_code == 2  # a usage error, as the parser's own refusals
+        assert f"Invalid value for '{option}': has value {problem}" in result.stderr
 
 
 def test_eval_of_a_run_writes_its_results_in_the_run_where_report_reads_them(tmp_path, monkeypatch):
@@ -251,7 +251,8 @@ def test_data_build_names_a_missing_input(tmp_path):
 def test_data_build_names_the_option_or_the_config_files_field_at_fault(tmp_path):
     args = ["data", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
     by_option = CliRunner().invoke(app, [*args, "--val-fraction", "1.5"])
-    assert by_option.exit_code == 1 and "error: --val-fraction has value 1.5: input should be" in by_option.output
+    assert by_option.exit_code == 2
+    assert "Invalid value for '--val-fraction': has value 1.5: input should be" in by_option.output
     (tmp_path / "cleaning.yaml").write_text("val_fraction: 1.5\n")
     by_file = CliRunner().invoke(app, [*args, "--config", str(tmp_path / "cleaning.yaml")])
     assert by_file.exit_code == 1 and "cleaning.yaml: field 'val_fraction' has value 1.5" in by_file.output
@@ -327,8 +328,8 @@ def test_tokenizer_train_names_vocab_size_and_its_largest_value(tmp_path):
     (corpus / "train.jsonl").write_text(json.dumps({"id": "0", "text": "def f(x):\n    return x\n"}) + "\n")
     args = ["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", str(2**64), "--out", str(tmp_path / "tok")]
     result = run(*args)
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    assert f"--vocab-size is {2**64:,}, too large: at most 1,048,576" in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"Invalid value for '--vocab-size': is {2**64:,}, too large: at most 1,048,576" in result.output
     assert not (tmp_path / "tok").exists()
 
 

@@ -48,6 +48,18 @@ def test_every_engine_command_refuses_more_threads_than_cpus_alike(tmp_path, com
 
 
 @pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [("generate", "--temperature", "-1"), ("chat", "--top-p", "2"), ("serve", "--draft-tokens", "0")],
+)
+def test_an_option_value_the_library_refuses_is_a_usage_error_as_one_the_parser_refuses(tmp_path, command, option,
+                                                                                       value):  # fmt: skip
+    prompt = ["def f("] if command == "generate" else []
+    result = runner.invoke(app, [command, *prompt, "--model", str(tmp_path / "model"), option, value], input="")
+    assert result.exit_code == 2  # click's exit for a usage error, as `--temperature hot` gets
+    assert f"Error: Invalid value for '{option}': has value {value}" in result.stderr
+
+
+@pytest.mark.parametrize(
     "mistake", [["--temperature", "hot"], ["--no-such-flag"], []], ids=["bad-value", "unknown-option", "no-model"]
 )
 def test_generate_json_exits_on_a_command_line_mistake_as_it_does_without_json(mistake):

@@ -49,7 +49,7 @@ def test_quantize_command_names_a_wrong_scheme_and_a_missing_data_folder(tmp_pat
     wrong = CliRunner().invoke(
         app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--scheme", "int3"]
     )
-    assert wrong.exit_code == 1 and "scheme" in wrong.output and "int3" in wrong.output
+    assert wrong.exit_code == 2 and "Invalid value for '--scheme'" in wrong.output and "int3" in wrong.output
     no_data = CliRunner().invoke(
         app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--progressive"]
     )
@@ -329,15 +329,18 @@ def test_a_quantized_head_is_written_with_its_mtp_copies_and_loads(tmp_path):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--scheme", "foo"], "error: --scheme has value 'foo': input should be 'int8', 'int4' or 'fp8'"),
-        (["--scheme", "int4", "--group-size", "17"], "error: --group-size has value 17: input should be 32, 64 or 128"),
-        (["--keep", "nomatch"], "error: --keep: pattern 'nomatch' matches no layer of the model"),
+        (["--scheme", "foo"], "Invalid value for '--scheme': has value 'foo': input should be 'int8', 'int4' or 'fp8'"),
+        (
+            ["--scheme", "int4", "--group-size", "17"],
+            "Invalid value for '--group-size': has value 17: input should be 32, 64 or 128",
+        ),
+        (["--keep", "nomatch"], "Invalid value for '--keep': pattern 'nomatch' matches no layer of the model"),
     ],
 )
 def test_quantize_errors_name_the_option_at_fault(tmp_path, options, message):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), *options])
-    assert result.exit_code == 1 and message in result.output
+    assert result.exit_code == 2 and message in result.output  # a usage error, as the parser's own
 
 
 def test_quantize_errors_of_the_config_file_name_its_field(tmp_path):
@@ -382,7 +385,7 @@ def test_quantize_refuses_a_keep_pattern_that_names_no_layer_and_takes_checkpoin
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q")]
     result = CliRunner().invoke(app, [*base, "--keep", "nosuchlayer"])
-    assert result.exit_code == 1 and "pattern 'nosuchlayer' matches no layer of the model" in result.output
+    assert result.exit_code == 2 and "pattern 'nosuchlayer' matches no layer of the model" in result.output
     assert "layers.0.self_attn" in result.output and not (tmp_path / "q").exists()
     result = CliRunner().invoke(app, [*base, "--keep", "model.layers.*.mlp.experts", "--json"])
     assert result.exit_code == 0, result.output

@@ -59,7 +59,7 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
 def test_a_bad_option_value_is_named_by_its_option(checkpoint, command, option, value):
     prompt = ["x"] if command == "generate" else []
     result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, option, value], input="")
-    assert result.exit_code == 1 and f"error: {option} " in result.stderr and "field" not in result.stderr
+    assert result.exit_code == 2 and f"Invalid value for '{option}': " in result.stderr and "field" not in result.stderr
 
 
 def test_generate_json_reports_tokens_timings_and_acceptance(checkpoint, engine):
@@ -99,8 +99,8 @@ def test_the_decode_speed_leaves_out_the_steps_that_compiled_a_graph(engine, mon
 
 def test_generate_rejects_bad_sampling_values_and_missing_tokenizer(checkpoint, tmp_path):
     result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--top-p", "1.5"])
-    assert result.exit_code == 1
-    assert "error: --top-p has value 1.5: input should be less than or equal to 1" in result.stderr
+    assert result.exit_code == 2  # a usage error, as the parser's own refusals
+    assert "Invalid value for '--top-p': has value 1.5: input should be less than or equal to 1" in result.stderr
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     result = runner.invoke(app, ["generate", "--model", str(tmp_path), "x"])
     assert result.exit_code == 1
@@ -120,8 +120,8 @@ def test_a_folder_that_is_no_checkpoint_is_named_for_its_missing_config_not_its_
 
 def test_an_options_error_names_the_option_and_quotes_the_value_as_given(checkpoint):
     result = runner.invoke(app, ["generate", "--model", str(checkpoint), "x", "--kv-cache-memory", "field 'dtype'"])
-    assert result.exit_code == 1
-    assert "error: --kv-cache-memory must be a size such as 4GiB (size \"field 'dtype'\": expected" in result.stderr
+    assert result.exit_code == 2
+    assert "'--kv-cache-memory': must be a size such as 4GiB (size \"field 'dtype'\": expected" in result.stderr
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused_or_named(checkpoint, tmp_path):
@@ -140,10 +140,10 @@ def test_a_tokenizer_that_is_not_the_models_is_refused_or_named(checkpoint, tmp_
 @pytest.mark.parametrize(
     ("args", "message", "exit_code"),
     [
-        (["--top-p", "1.5"], "--top-p has value 1.5", 1),
-        (["--draft-tokens", "0"], "--draft-tokens has value 0", 1),
-        (["--speculative", "--draft-tokens", "1000"], "--draft-tokens must be at most 16", 1),
-        (["--stop", ""], "--stop has value '': string should have at least 1 character", 1),
+        (["--top-p", "1.5"], "Invalid value for '--top-p': has value 1.5", 2),
+        (["--draft-tokens", "0"], "Invalid value for '--draft-tokens': has value 0", 2),
+        (["--speculative", "--draft-tokens", "1000"], "Invalid value for '--draft-tokens': must be at most 16", 2),
+        (["--stop", ""], "Invalid value for '--stop': has value '': string should have at least 1 character", 2),
         (["--threads", "0"], "--threads 0: must be from 1 to this machine's", 1),
         (["--threads", "100000"], "--threads 100000: must be from 1 to this machine's", 1),
         (["--temperature", "hot"], "Invalid value for '--temperature'", 2),  # the parser's: a usage error
@@ -262,7 +262,8 @@ def test_disk_parts_are_copied_to_the_offload_dir_given_and_an_unwritable_one_is
     runner.invoke(app, ["serve", "--model", str(model), *disk, "--offload-dir", str(elsewhere)])
     assert served.pop().engine.offload_dir == str(elsewhere)
     unread = runner.invoke(app, [*args, "--offload-dir", str(elsewhere)])
-    assert unread.exit_code == 1 and "error: --offload-dir must be left out without a device map" in unread.stderr
+    assert unread.exit_code == 2
+    assert "Invalid value for '--offload-dir': must be left out without a device map" in unread.stderr
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
@@ -271,8 +272,8 @@ def test_compile_with_a_device_map_is_refused_naming_both_options(checkpoint, mo
         monkeypatch.setattr(starts, lambda *args, **kwargs: pytest.fail("started a compiled placed model"))
     prompt = ["x"] if command == "generate" else []
     result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, "--compile", "--device-map", "*=cpu"])
-    assert result.exit_code == 1
-    assert "error: --compile must be off with a device map (--device-map, device_map=)" in result.stderr
+    assert result.exit_code == 2
+    assert "Invalid value for '--compile': must be off with a device map (--device-map, device_map=)" in result.stderr
 
 
 def long_prompt(engine, tokens: int) -> str:

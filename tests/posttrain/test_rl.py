@@ -488,5 +488,6 @@ def test_sampling_commands_refuse_a_difficulty_whose_prompts_pass_the_prompt_roo
     task = ["--task", "addition", "--difficulty", "60", "--samples", "1"]
     args = [command[0], str(model_dir), *command[1:], *out, *task]
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1 and "error: --difficulty is 60: addition prompts" in result.output, result.output
+    assert result.exit_code == 2, result.output  # a usage error, as the parser's own refusals
+    assert "Invalid value for '--difficulty': is 60: addition prompts" in result.output
     assert "prompt room of 192" in result.output and not (tmp_path / "traces.jsonl").exists()
