@@ -12,6 +12,7 @@ Shapes: B requests in a batch, T tokens, V vocabulary.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
 import sys
@@ -24,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import normalize_gen_kwargs
+from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from seekstack.adapters.files import merged_model, model_folders
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer.engine import Engine
+from seekstack.infer.outputs import Completion
 from seekstack.infer.params import SamplingParams
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import BOS, Tokenizer
@@ -243,8 +245,9 @@ class SeekstackLM(TemplateLM):
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         """Continue each context on the engine, all requests in one batch, until a stop string, EOS or
         max_gen_toks. Generation kwargs as lm_eval normalizes them: greedy unless `do_sample` (or a temperature
-        above 0); the engine's sampling settings apply (temperature, top_p, top_k, min_p, repetition_penalty, ...);
-        any other kwarg is refused. Sampled requests are seeded by `request_seeds`."""
+        above 0); the engine's sampling settings apply (temperature, top_p, top_k, min_p, repetition_penalty, ...;
+        skip_special_tokens by default, as the HF backend decodes); any other kwarg is refused. Sampled requests are
+        seeded by `request_seeds`."""
         params = [
             self._sampling_params(request.args[1], seed, index)
             for index, (request, seed) in enumerate(zip(requests, request_seeds(requests), strict=True))
@@ -253,7 +256,18 @@ class SeekstackLM(TemplateLM):
             self.tok_encode(request.args[0])[-(self.max_length - sampling.max_new_tokens) :]
             for request, sampling in zip(requests, params, strict=True)
         ]
-        return [completion.text for completion in self.engine.generate(prompts, params)]
+        # stop strings are matched on the text with its special tokens, as HF's stopping criteria read it
+        completions = self.engine.generate(prompts, [dataclasses.replace(p, skip_special_tokens=False) for p in params])
+        return [self._reply_text(completion, p) for completion, p in zip(completions, params, strict=True)]
+
+    def _reply_text(self, completion: Completion, sampling: SamplingParams) -> str:
+        """The text lm_eval takes back, as its HF backend makes it: with `skip_special_tokens` (the default, HF's
+        decode's there) the generated tokens but the special ones decoded and cut at the first stop string; else the
+        engine's text, special tokens kept."""
+        if not sampling.skip_special_tokens:
+            return completion.text
+        kept = [token_id for token_id in completion.token_ids if token_id not in self.tokenizer_.special_ids]
+        return postprocess_generated_text(self.tok_decode(kept), list(sampling.stop), think_end_token=None)
 
     def _sampling_params(self, gen_kwargs: dict, seed: int, index: int) -> SamplingParams:
         """The engine's parameters for generate_until request `index`; ValueError naming a kwarg it cannot apply."""
@@ -275,8 +289,9 @@ class SeekstackLM(TemplateLM):
         if not kwargs.pop("do_sample"):
             kwargs["temperature"] = 0.0
         stop = tuple(text for text in until if text)
+        kwargs = {"skip_special_tokens": True, **kwargs, "max_new_tokens": max_new_tokens, "stop": stop, "seed": seed}
         try:
-            return SamplingParams.from_dict({**kwargs, "max_new_tokens": max_new_tokens, "stop": stop, "seed": seed})
+            return SamplingParams.from_dict(kwargs)
         except ConfigError as error:
             problem = error.naming(f"generation kwarg {error.field!r}")
             raise ValueError(f"generate_until request {index}: {problem}") from None

@@ -139,6 +139,22 @@ def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_transformers_model(chec
     assert ours.loglikelihood_rolling(rolling) == pytest.approx(theirs.loglikelihood_rolling(rolling), abs=ATOL)
 
 
+def test_generated_text_leaves_special_tokens_out_as_lm_evals_hf_backend_decodes_it(checkpoint, ours):
+    """The micro model writes <｜Assistant｜> in this continuation: the HF backend's text leaves it out (its decode's
+    skip_special_tokens), ours kept it, so exact_match could differ; a stop string still sees it."""
+    from lm_eval.models.huggingface import HFLM
+
+    prompt = "Question: What is 48 plus 27?\nAnswer:  75\n\nQuestion: What is 3 plus 37?\nAnswer:  40\n\n"
+    prompt += "Question: What is 30 plus 8?\nAnswer:"
+    kwargs = {"until": ["\n"], "max_gen_toks": 16}
+    arguments = [(prompt, kwargs), (prompt, {**kwargs, "until": ["<｜Assistant｜>"]})]
+    theirs = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=1, dtype="float32")
+    expected = theirs.generate_until(requests("generate_until", arguments))
+    assert ours.generate_until(requests("generate_until", arguments)) == expected
+    [kept] = ours.generate_until(requests("generate_until", [(prompt, {**kwargs, "skip_special_tokens": False})]))
+    assert kept.replace("<｜Assistant｜>", "") == expected[0] != kept
+
+
 def test_sampled_generation_repeats_under_torchs_seed_whatever_requests_run_beside_it(ours):
     sampled = {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 1.0}
     request = Instance("generate_until", {}, ("def add(a, b):\n", sampled), 0)
@@ -157,7 +173,8 @@ def test_sampled_generation_repeats_under_torchs_seed_whatever_requests_run_besi
 
 def test_generation_kwargs_reach_the_engine_and_any_it_cannot_apply_are_refused(ours, monkeypatch):
     taken = []
-    monkeypatch.setattr(ours.engine, "generate", lambda prompts, params: taken.extend(params) or [])
+    monkeypatch.setattr(ours.engine, "generate", lambda prompts, params: taken.extend(params) or [None] * len(prompts))
+    monkeypatch.setattr(ours, "_reply_text", lambda completion, sampling: "")
     kwargs = {"until": "\n", "max_gen_toks": 7, "repetition_penalty": 1.5, "min_p": 0.1, "presence_penalty": 0.5}
     ours.generate_until(requests("generate_until", [("x = ", kwargs), ("y = ", {"temperature": 0.7, "top_k": 5})]))
     greedy, sampled = taken
@@ -227,7 +244,8 @@ def test_generation_that_leaves_no_room_for_the_prompt_is_refused_naming_max_gen
 ):
     lm = SeekstackLM(pretrained=checkpoint, max_length=20)  # max_gen_toks: the default 256
     prompts = []
-    monkeypatch.setattr(lm.engine, "generate", lambda taken, params: prompts.extend(taken) or [])
+    monkeypatch.setattr(lm.engine, "generate", lambda taken, params: prompts.extend(taken) or [None] * len(taken))
+    monkeypatch.setattr(lm, "_reply_text", lambda completion, sampling: "")
     context = "import os\nimport sys\n" * 4
     assert len(lm.tok_encode(context)) > 20
     for kwargs, refused in (({"max_gen_toks": 24}, 24), ({"max_gen_toks": 20}, 20), ({}, 256)):
