@@ -247,13 +247,14 @@ def chat_command(
         typer.echo(f"note: {note}: it may continue the text rather than answer", err=True)
     interactive = sys.stdin.isatty()
     if interactive:
-        typer.echo(f"{engine.model_name}: {HELP}")
+        typer.echo(f"{engine.model_name}: {HELP}", err=True)
 
     terminal = StreamedText()
     engine.notify = terminal.note
     with user_errors():  # a --system holding a special token
         session = ChatSession(engine, params, system, notify=terminal.note)
-    run_chat(session, line_reader(interactive), terminal.write, terminal.error, prompt="> " if interactive else "")
+    run_chat(session, line_reader(interactive), terminal.write, terminal.error, terminal.note,
+             prompt="> " if interactive else "")  # fmt: skip
 
 
 def print_completion_json(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:

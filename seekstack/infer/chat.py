@@ -115,11 +115,13 @@ def run_chat(
     read_line: Callable[[str], str],
     write: Callable[[str], None],
     complain: Callable[[str], None],
+    acknowledge: Callable[[str], None],
     prompt: str = "",
 ) -> None:
     """Read user lines with `read_line(prompt)` (as `input`) until /quit, end of input (EOFError) or Ctrl-C at the
     prompt; answer each with `write`, or run the command it names. Ctrl-C during a reply stops it and returns to the
-    prompt. What cannot be done (a message too long, an unusable /system) is said with `complain` (stderr)."""
+    prompt. What cannot be done (a message too long, an unusable /system, an unknown command) is said with `complain`
+    and what a command did with `acknowledge` (both stderr: `write` gets the replies alone, as a script's output)."""
     while True:
         try:
             line = read_line(prompt).strip()
@@ -131,17 +133,17 @@ def run_chat(
             return
         if line == "/reset":
             session.turns = []
-            write("(history cleared)\n")
+            acknowledge("history cleared")
         elif line == "/system" or line.startswith("/system "):
-            _change_system(session, line[len("/system") :].strip(), write, complain)
+            _change_system(session, line[len("/system") :].strip(), complain, acknowledge)
         elif line.startswith("/"):
-            write(f"unknown command {line.split()[0]!r}; {HELP}\n")
+            complain(f"unknown command {line.split()[0]!r}; {HELP}")
         elif line:
             _answer(session, line, write, complain)
 
 
 def _change_system(
-    session: ChatSession, system: str, write: Callable[[str], None], complain: Callable[[str], None]
+    session: ChatSession, system: str, complain: Callable[[str], None], acknowledge: Callable[[str], None]
 ) -> None:
     """Set the system prompt (none when `system` is empty) and clear the history; an unusable one changes nothing."""
     try:
@@ -150,7 +152,7 @@ def _change_system(
         complain(f"{error}; the system prompt and history are unchanged")
         return
     session.turns = []
-    write(f"(system prompt {'set' if session.system else 'removed'}; history cleared)\n")
+    acknowledge(f"system prompt {'set' if session.system else 'removed'}; history cleared")
 
 
 def _answer(session: ChatSession, line: str, write: Callable[[str], None], complain: Callable[[str], None]) -> None:

@@ -343,16 +343,19 @@ def test_chat_keeps_history_and_obeys_reset_system_and_quit(checkpoint, engine):
 
     first_turn = [{"role": "user", "content": "hello"}]
     hello = answer(first_turn)
-    expected = [
+    replies = [
         hello,
         answer([*first_turn, {"role": "assistant", "content": hello}, {"role": "user", "content": "more"}]),
-        "(system prompt set; history cleared)",
         answer([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]),
-        "(history cleared)",
-        f"unknown command '/nope'; {HELP}",
         answer([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "again"}]),
     ]
-    assert result.stdout == "".join(on_its_own_line(text) for text in expected)
+    assert result.stdout == "".join(on_its_own_line(text) for text in replies)  # the replies alone, as a script's
+    told = [
+        "note: system prompt set; history cleared",
+        "note: history cleared",
+        f"error: unknown command '/nope'; {HELP}",
+    ]
+    assert [line for line in result.stderr.splitlines() if not line.startswith("note: dtype")] == told
 
 
 def on_its_own_line(text: str) -> str:
@@ -419,7 +422,7 @@ def test_chat_keeps_its_history_when_a_message_alone_is_too_long_and_names_text_
 def test_chat_takes_only_the_system_command_itself(checkpoint):
     args = ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "2"]
     result = runner.invoke(app, args, input="/systemic design\n/quit\n")
-    assert result.exit_code == 0 and f"unknown command '/systemic'; {HELP}" in result.stdout
+    assert result.exit_code == 0 and f"error: unknown command '/systemic'; {HELP}" in result.stderr
 
 
 def test_a_stream_closed_early_frees_its_blocks(engine):
@@ -474,6 +477,9 @@ class Terminal:
     def complain(self, text: str) -> None:  # stderr, beside the replies at a terminal
         self.shown.append(f"error: {text}\n")
 
+    def acknowledge(self, text: str) -> None:  # stderr too
+        self.shown.append(f"note: {text}\n")
+
 
 def reply_to(engine: Engine, messages: list[dict], params: SamplingParams) -> str:
     return engine.generate([engine.tokenizer.encode_chat(messages)], params)[0].text
@@ -483,7 +489,7 @@ def test_ctrl_c_mid_reply_stops_it_keeps_what_was_shown_and_the_chat_goes_on(che
     engine = Engine.from_pretrained(checkpoint)
     params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     terminal = Terminal(engine, ["hello", "again"], interrupt_at=4)
-    run_chat(ChatSession(engine, params), terminal.read_line, terminal.write, terminal.complain)
+    run_chat(ChatSession(engine, params), terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
     partial = "".join(terminal.shown[:3])
     assert partial and reply_to(engine, [{"role": "user", "content": "hello"}], params).startswith(partial)
     assert terminal.shown[3] == "\n"  # the interrupted reply's line is ended
@@ -508,7 +514,7 @@ def test_ctrl_c_while_the_engine_steps_stops_the_reply_and_frees_its_blocks(chec
     monkeypatch.setattr(engine, "step", step)
     session = ChatSession(engine, params)
     terminal = Terminal(engine, ["hello", "again"])
-    run_chat(session, terminal.read_line, terminal.write, terminal.complain)
+    run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
     first = reply_to(engine, [{"role": "user", "content": "hello"}], params)
     two_tokens = engine.tokenizer.decode(engine.tokenizer.encode(first)[:2])
     assert terminal.load_at_prompt[1] == (0, 0, 0.0)
@@ -535,7 +541,7 @@ def test_ctrl_c_or_end_of_input_at_the_prompt_ends_the_chat_on_a_fresh_line(engi
             shown.append(prompt)
             raise pressed
 
-        run_chat(session, read_line, shown.append, shown.append, prompt="> ")  # returns: neither escapes
+        run_chat(session, read_line, shown.append, shown.append, shown.append, prompt="> ")  # returns: neither escapes
         assert shown == ["> ", "\n"]
 
 
@@ -545,7 +551,9 @@ def test_each_reply_ends_its_line_once(engine):
             yield from {"one": ["a", "b\n"], "two": ["c", ""], "three": []}[user_text]
 
     terminal = Terminal(engine, ["one", "two", "three"])
-    run_chat(Scripted(engine, SamplingParams()), terminal.read_line, terminal.write, terminal.complain)
+    run_chat(
+        Scripted(engine, SamplingParams()), terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge
+    )
     assert "".join(terminal.shown) == "ab\nc\n\n"
 
 
@@ -553,7 +561,7 @@ def test_a_reply_ends_at_a_special_token_the_model_writes_and_the_next_message_i
     writes_user_turn = {engine.tokenizer.backend.token_to_id(USER): 100.0}  # the model opens a turn of the user's
     session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, logit_bias=writes_user_turn))
     terminal = Terminal(engine, ["hello", "again"])
-    run_chat(session, terminal.read_line, terminal.write, terminal.complain)
+    run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
     assert terminal.shown == ["", "\n", "", "\n"]  # no "error: chat message 1 content contains the special token"
     assert session.turns == [
         {"role": "user", "content": "hello"},
@@ -568,7 +576,7 @@ def test_a_system_prompt_holding_a_special_token_is_refused_and_changes_nothing(
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     session.turns = list(history)
     terminal = Terminal(engine, [f"/system be {USER} brief"])
-    run_chat(session, terminal.read_line, terminal.write, terminal.complain)
+    run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
     assert terminal.shown == [
         f"error: the system prompt contains the special token {USER!r}, which would forge a turn; the system prompt "
         "and history are unchanged\n"
