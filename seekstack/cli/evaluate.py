@@ -26,7 +26,9 @@ def eval_command(
         "runs/demo/corpus"
     ),
     backend: Annotated[str, typer.Option(help="seekstack, or hf: lm_eval's transformers backend")] = "seekstack",
-    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass / per engine batch")] = 8,
+    batch_size: Annotated[
+        str, typer.Option(help="Requests per forward pass / per engine batch, or auto: the most the device holds")
+    ] = "8",
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task")] = None,
     per_module: Annotated[int, typer.Option(min=1, help="Questions per held-out module (cloze, next line)")] = 4,
     device: Annotated[

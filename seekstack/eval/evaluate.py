@@ -25,21 +25,24 @@ def evaluate(
     tasks: tuple[str, ...] = CODE_TASKS,
     corpus: str | Path | None = None,
     backend: str = "seekstack",
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     limit: int | None = None,
     per_module: int = 4,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
-    (default: CUDA when there is one, else the CPU); return {"model", "backend", "wall_s", "results": {task:
+    (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
+    holds); return {"model", "backend", "wall_s", "results": {task:
     {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack eval` takes them}."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
     import lm_eval
 
-    from seekstack.eval.harness import resolve_device  # importing it registers the `seekstack` model with lm_eval
+    from seekstack.eval.harness import requests_per_batch, resolve_device  # registers the `seekstack` model too
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    number = requests_per_batch(batch_size)  # ValueError for what is neither a number nor auto
+    batch_size = batch_size if number is None else number
     misspelt = [task for task in tasks if task not in TASKS and task.startswith(("code_", REASONING_PREFIX))]
     if misspelt:
         raise ValueError(f"unknown task {misspelt[0]!r}; the local tasks are {', '.join(TASKS)}")

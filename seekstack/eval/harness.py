@@ -43,6 +43,7 @@ TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
 HARNESS_SETS = ("max_new_tokens", "stop", "seed", "logprobs", "top_logprobs", "detokenize")
 GENERATION_KWARGS = tuple(field.name for field in fields(SamplingParams) if field.name not in HARNESS_SETS)
 LM_EVAL_GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample")  # left after lm_eval's normalize_gen_kwargs
+AUTO_MAX_BATCH_SIZE = 64  # where batch_size="auto" starts looking, as lm_eval's HF backend's max_batch_size does
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -63,6 +64,19 @@ def resolve_device(device: str | None) -> torch.device:
         present = ", ".join(["cpu", *([accelerator.type] if accelerator else [])])
         raise ValueError(f"device {device!r}: this machine has no {chosen.type} device; it has {present}")
     return chosen
+
+
+def requests_per_batch(batch_size: int | str) -> int | None:
+    """lm_eval's `batch_size` as a number of requests, or None for "auto" ("auto:N" too, lm_eval's HF backend's
+    re-detection): the largest batch the device holds, found as the requests come; ValueError for anything else."""
+    if isinstance(batch_size, int) or batch_size.isdigit():
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size={batch_size}: give at least 1 request per batch, or auto")
+        return int(batch_size)
+    head, _, times = batch_size.partition(":")
+    if head == "auto" and (not times or times.isdigit()):
+        return None
+    raise ValueError(f"batch_size={batch_size!r}: give a number of requests per batch, or auto")
 
 
 def check_max_length(max_length: int | None) -> None:
@@ -109,9 +123,7 @@ class SeekstackLM(TemplateLM):
         adapter checkpoint: the base its adapter records, with the adapter as `peft`), as `seekstack eval` reads them.
         `peft`: a LoRA adapter folder (peft's format) merged into the model, as the HF backend's `peft` arg."""
         super().__init__()
-        if isinstance(batch_size, str) and not batch_size.isdigit():
-            raise ValueError(f"batch_size={batch_size!r}: seekstack takes a number of requests per batch, not 'auto'")
-        self.batch_size_per_step = int(batch_size)
+        self.batch_size_per_step = requests_per_batch(batch_size)  # None: auto
         self._device = resolve_device(device)
         check_max_length(max_length)
         weights, adapter, own_tokenizer = model_folders(pretrained)
@@ -130,7 +142,7 @@ class SeekstackLM(TemplateLM):
         self.tokenizer_ = Tokenizer.from_file(tokenizer or own_tokenizer)
         self.max_length = max_length or self.model.config.max_position_embeddings
         self.max_gen_toks = max_gen_toks
-        self.max_batch_size = max_batch_size or self.batch_size_per_step
+        self.max_batch_size = max_batch_size or self.batch_size_per_step or AUTO_MAX_BATCH_SIZE
         self.pretrained = str(measured)
 
     @functools.cached_property
@@ -197,9 +209,14 @@ class SeekstackLM(TemplateLM):
         self._check_continuation_lengths(requests)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
-        for start in range(0, len(order), self.batch_size_per_step):
-            batch = order[start : start + self.batch_size_per_step]
-            rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1] for i in batch]
+
+        def window(i: int) -> list[int]:
+            return (requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1]
+
+        batch_size = self.batch_size_per_step or (self._largest_batch(len(window(order[0]))) if order else 1)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            rows = [window(i) for i in batch]
             width = max(len(row) for row in rows)
             input_ids = torch.full((len(rows), width), self.tokenizer_.pad_id, dtype=torch.long)
             for r, row in enumerate(rows):
@@ -213,6 +230,22 @@ class SeekstackLM(TemplateLM):
                 total = scored.gather(1, target[:, None]).double().sum().item()  # float64: thousands of terms
                 results[i] = (total, bool((scored.argmax(dim=-1) == target).all()))
         return results  # type: ignore[return-value]
+
+    def _largest_batch(self, width: int) -> int:
+        """batch_size="auto": the most rows of `width` tokens (the longest request's), up to max_batch_size, whose
+        forward and float32 log-softmax the device runs without running out of memory (accelerate's search, as
+        lm_eval's HF backend finds its batch size)."""
+        from accelerate.utils import find_executable_batch_size
+
+        @find_executable_batch_size(starting_batch_size=self.max_batch_size)
+        def forward(batch_size: int) -> int:
+            input_ids = torch.full((batch_size, width), self.tokenizer_.pad_id, dtype=torch.long, device=self._device)
+            F.log_softmax(self.model(input_ids).logits.float(), dim=-1)
+            return batch_size
+
+        batch_size = forward()
+        print(f"batch_size=auto: {batch_size} requests of up to {width} tokens per forward", file=sys.stderr)
+        return batch_size
 
     def _check_continuation_lengths(self, requests: list[TokenRequest]) -> None:
         """ValueError naming the first request whose continuation alone is longer than max_length: its input

@@ -71,6 +71,30 @@ def test_a_model_the_engine_cannot_serve_is_scored_and_only_its_generation_refus
         lm.generate_until(requests("generate_until", [("def f(x):", {"until": ["\n"], "max_gen_toks": 4})]))
 
 
+def test_batch_size_auto_scores_in_the_largest_batch_the_memory_holds(checkpoint, ours, monkeypatch, capsys):
+    """lm_eval's `--batch_size auto` was refused; it now finds its batch size as the HF backend does, from 64 down
+    (accelerate's search) while a forward runs out of memory: here above 20 rows."""
+    lm = SeekstackLM(pretrained=checkpoint, batch_size="auto", max_gen_toks=32)
+    forward, widths = lm.model.forward, []
+
+    def forward_in_20_rows(input_ids, *args, **kwargs):
+        widths.append(len(input_ids))
+        if len(input_ids) > 20:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", forward_in_20_rows)
+    pairs = requests("loglikelihood", PAIRS * 5)
+    scored, expected = lm.loglikelihood(pairs), ours.loglikelihood(pairs)
+    assert [greedy for _, greedy in scored] == [greedy for _, greedy in expected]
+    assert [logprob for logprob, _ in scored] == pytest.approx([logprob for logprob, _ in expected], abs=ATOL)
+    assert widths[0] == 64 and max(widths[widths.index(19) :]) == 19  # 64, 57, 51, ... 22 refused, then 19 rows
+    assert "batch_size=auto: 19 requests" in capsys.readouterr().err
+    for wrong in ("big", "0", "auto:x"):
+        with pytest.raises(ValueError, match="give a number of requests per batch|at least 1"):
+            SeekstackLM(pretrained=checkpoint, batch_size=wrong)
+
+
 def test_is_greedy_true_exactly_when_the_continuation_is_the_argmax(ours):
     context = ours.tok_encode("def add(a, b):\n")
     greedy: list[int] = []

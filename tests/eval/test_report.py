@@ -122,6 +122,26 @@ def test_each_filter_of_a_task_keeps_its_value_in_the_results_and_the_table(tmp_
     ]
 
 
+def test_eval_batch_size_auto_reaches_lm_eval_and_a_size_that_is_neither_is_refused(tmp_path, monkeypatch):
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate
+
+    asked = []
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs["batch_size"]) or output)
+    (tmp_path / "config.json").write_text("{}")
+    for given in ("auto", "16", 4):
+        assert evaluate(tmp_path, ("mc",), None, batch_size=given, device="cpu")["options"]["batch_size"] == asked[-1]
+    assert asked == ["auto", 16, 4]
+    with pytest.raises(ValueError, match="batch_size='big': give a number of requests per batch, or auto"):
+        evaluate(tmp_path, ("mc",), None, batch_size="big", device="cpu")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--batch-size", "auto", "--out",
+                                      str(tmp_path / "results"), "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert asked[-1] == "auto"
+
+
 def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_the_checkpoint(tmp_path, monkeypatch):
     """They went to RUN/checkpoints/step_N/eval/, which the run's keep_checkpoints deletes and `report RUN` never
     reads."""
