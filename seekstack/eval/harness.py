@@ -118,10 +118,13 @@ class SeekstackLM(TemplateLM):
         dtype: str = "float32",
         device: str | None = None,
         peft: str | Path | None = None,
+        think_end_token: str | int | None = None,
     ):
         """`pretrained`: a checkpoint folder, or a run's out_dir for its newest checkpoint (a `lora train` run or
         adapter checkpoint: the base its adapter records, with the adapter as `peft`), as `seekstack eval` reads them.
-        `peft`: a LoRA adapter folder (peft's format) merged into the model, as the HF backend's `peft` arg."""
+        `peft`: a LoRA adapter folder (peft's format) merged into the model, as the HF backend's `peft` arg.
+        `think_end_token`: the text (or token id) that ends a reasoning model's thinking; a generation is scored on
+        what follows its last one, as the HF backend's arg."""
         super().__init__()
         self.batch_size_per_step = requests_per_batch(batch_size)  # None: auto
         self._device = resolve_device(device)
@@ -144,6 +147,8 @@ class SeekstackLM(TemplateLM):
         self.max_gen_toks = max_gen_toks
         self.max_batch_size = max_batch_size or self.batch_size_per_step or AUTO_MAX_BATCH_SIZE
         self.pretrained = str(measured)
+        digits = isinstance(think_end_token, str) and think_end_token.isdigit()
+        self.think_end_token = int(think_end_token) if digits else think_end_token  # a token id, as HF reads it
 
     @functools.cached_property
     def engine(self) -> Engine:
@@ -294,13 +299,18 @@ class SeekstackLM(TemplateLM):
         return [self._reply_text(completion, p) for completion, p in zip(completions, params, strict=True)]
 
     def _reply_text(self, completion: Completion, sampling: SamplingParams) -> str:
-        """The text lm_eval takes back, as its HF backend makes it: with `skip_special_tokens` (the default, HF's
-        decode's there) the generated tokens but the special ones decoded and cut at the first stop string; else the
-        engine's text, special tokens kept."""
-        if not sampling.skip_special_tokens:
-            return completion.text
-        kept = [token_id for token_id in completion.token_ids if token_id not in self.tokenizer_.special_ids]
-        return postprocess_generated_text(self.tok_decode(kept), list(sampling.stop), think_end_token=None)
+        """The text lm_eval takes back, as its HF backend makes it: the generated tokens after the last
+        `think_end_token` (a token id: cut among the tokens, the text's leading whitespace dropped), decoded without
+        EOS and, with `skip_special_tokens` (the default, HF's decode's there), without the special tokens; after the
+        last `think_end_token` (a text), cut at the first stop string."""
+        think_end, ids = self.think_end_token, completion.token_ids
+        if isinstance(think_end, int) and think_end in ids:
+            ids = ids[len(ids) - ids[::-1].index(think_end) :]
+        skipped = self.tokenizer_.special_ids if sampling.skip_special_tokens else {self.eot_token_id}
+        text = self.tok_decode([token_id for token_id in ids if token_id not in skipped])
+        if isinstance(think_end, int):
+            return postprocess_generated_text(text.lstrip(), list(sampling.stop), think_end_token=None)
+        return postprocess_generated_text(text, list(sampling.stop), think_end_token=think_end)
 
     def _sampling_params(self, gen_kwargs: dict, seed: int, index: int) -> SamplingParams:
         """The engine's parameters for generate_until request `index`; ValueError naming a kwarg it cannot apply."""

@@ -25,6 +25,11 @@ PAIRS = [
     ("for line in lines:", " print(line)"),  # the trailing space moves into the continuation
     ("x = [1, 2, 3]\n" * 8, "y = x[0]"),
 ]
+# a few-shot prompt whose greedy continuation by the micro model holds <｜Assistant｜>, " or" (token 427), "beme"
+FEW_SHOT = (
+    "Question: What is 48 plus 27?\nAnswer:  75\n\nQuestion: What is 3 plus 37?\nAnswer:  40\n\n"
+    "Question: What is 30 plus 8?\nAnswer:"
+)
 TEXTS = ["def main():\n    return 0\n", "import sys\n\n\nclass Foo(object):\n    def __init__(self):\n        pass\n"]
 
 
@@ -163,14 +168,27 @@ def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_transformers_model(chec
     assert ours.loglikelihood_rolling(rolling) == pytest.approx(theirs.loglikelihood_rolling(rolling), abs=ATOL)
 
 
+@pytest.mark.parametrize("think_end_token", ["beme", "427"])  # a text the micro model writes here, and a token id
+def test_a_think_end_token_scores_what_follows_it_as_lm_evals_hf_backend_does(checkpoint, think_end_token):
+    """The HF backend's think_end_token model arg (a reasoning model's </think>) was refused ('unexpected keyword
+    argument'), so such a model was scored on its thinking too."""
+    from lm_eval.models.huggingface import HFLM
+
+    ours = SeekstackLM(pretrained=checkpoint, max_gen_toks=32, think_end_token=think_end_token)
+    theirs = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=1, dtype="float32",
+                  think_end_token=think_end_token)  # fmt: skip
+    arguments = [(FEW_SHOT, {"until": ["\n"], "max_gen_toks": 16}), ("def f(x):", {"until": [], "max_gen_toks": 8})]
+    texts = ours.generate_until(requests("generate_until", arguments))
+    assert texts == theirs.generate_until(requests("generate_until", arguments))
+    assert texts[0].startswith("ex") if think_end_token == "beme" else texts[0].startswith("beme")
+
+
 def test_generated_text_leaves_special_tokens_out_as_lm_evals_hf_backend_decodes_it(checkpoint, ours):
     """The micro model writes <｜Assistant｜> in this continuation: the HF backend's text leaves it out (its decode's
     skip_special_tokens), ours kept it, so exact_match could differ; a stop string still sees it."""
     from lm_eval.models.huggingface import HFLM
 
-    prompt = "Question: What is 48 plus 27?\nAnswer:  75\n\nQuestion: What is 3 plus 37?\nAnswer:  40\n\n"
-    prompt += "Question: What is 30 plus 8?\nAnswer:"
-    kwargs = {"until": ["\n"], "max_gen_toks": 16}
+    prompt, kwargs = FEW_SHOT, {"until": ["\n"], "max_gen_toks": 16}
     arguments = [(prompt, kwargs), (prompt, {**kwargs, "until": ["<｜Assistant｜>"]})]
     theirs = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=1, dtype="float32")
     expected = theirs.generate_until(requests("generate_until", arguments))
