@@ -9,6 +9,7 @@ import codecs
 import gzip
 import io
 import json
+import mimetypes
 import os
 import re
 import sysconfig
@@ -48,8 +49,20 @@ NO_SUFFIX = ""
 SNIFF_BYTES = 1024
 _NOT_TEXT_BYTES = re.compile(rb"[\x00-\x07\x0e-\x1a\x1c-\x1f\x7f]")
 BINARY_WITHOUT_SUFFIX = "(no suffix, not text)"
+# So are a package's documents named with a qualifier after the name rather than a file type (`README.Debian`,
+# `NEWS.source`, `changelog.Debian.gz`, a rotated `changelog.1.gz`, as /usr/share/doc holds them); not one whose
+# suffix is a type in Python's own table of them, `mimetypes` (`README.html`, `LICENSE.pdf`).
+_DOCUMENTATION_NAMES = (
+    "readme changelog changes news history todo copying copyright license licence authors thanks credits install "
+    "hacking bugs contributing notice faq maintainers"
+).split()
+_QUALIFIED_DOCUMENTATION = re.compile(rf"(?i)(?:{'|'.join(_DOCUMENTATION_NAMES)})(?:\.[^.]+)+")
+_FILE_TYPES = mimetypes.MimeTypes()  # the built-in table alone, not the machine's /etc/mime.types
 # How a folder's files are read, for messages about those that were not
-FOLDER_FILES_READ = f"by suffix, {' '.join(TEXT_SUFFIXES)} (and .gz of them), and without one when they are text"
+FOLDER_FILES_READ = (
+    f"by suffix, {' '.join(TEXT_SUFFIXES)} (and .gz of them), and without one when they are text (as are documents "
+    "named with a qualifier: README.Debian, changelog.1.gz)"
+)
 # Version-control systems' records (git's objects and logs, CVS's Entries), not entered: no text of the folder's own
 VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
 # read as rows when an input names the file, not inside a folder
@@ -89,10 +102,11 @@ def read_text_folder(
     skipped_dirs: frozenset[str] = VERSION_CONTROL_DIRS,
     skipped: Counter[str] | None = None,
 ) -> Iterator[Document]:
-    """Every file below `folder` whose suffix is in `suffixes` (`NO_SUFFIX`: a file without one, when it is text), one
-    document each, in sorted order; folders named in `skipped_dirs` are not entered; `skipped` counts the other files
-    by suffix, and those without one that are not text as `BINARY_WITHOUT_SUFFIX`. Symbolic links to folders are
-    followed, as those to files are, each folder read once (a link back up to a folder being read is no loop)."""
+    """Every file below `folder` whose suffix is in `suffixes` (`NO_SUFFIX`: a file without one, or documentation named
+    with a qualifier, `README.Debian`, when it is text), one document each, in sorted order; folders named in
+    `skipped_dirs` are not entered; `skipped` counts the other files by suffix, and those without one that are not text
+    as `BINARY_WITHOUT_SUFFIX`. Symbolic links to folders are followed, as those to files are, each folder read once (a
+    link back up to a folder being read is no loop)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataSourceError(f"{folder}: not a folder")
@@ -103,17 +117,27 @@ def read_text_folder(
         for name in sorted(files):
             path = Path(directory, name)
             kind = _kind(path)
-            if kind in suffixes and not path.exists():  # os.walk lists a symbolic link to nothing among the files
+            sniffed = NO_SUFFIX in suffixes and (
+                kind == NO_SUFFIX or (kind not in suffixes and _is_qualified_documentation(path))
+            )
+            if (kind in suffixes or sniffed) and not path.exists():  # os.walk lists a link to nothing among files
                 raise DataSourceError(
                     f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target or "
                     "remove the link"
                 )
-            if kind == NO_SUFFIX and kind in suffixes and not _starts_as_text(path):
-                kind = BINARY_WITHOUT_SUFFIX
+            if sniffed:
+                kind = NO_SUFFIX if _starts_as_text(path) else kind or BINARY_WITHOUT_SUFFIX
             if kind in suffixes:
                 yield Document(_as_text(path.relative_to(folder).as_posix()), _decoded(_read(path)), source)
             elif skipped is not None:
                 skipped[_as_text(kind) or "(no suffix)"] += 1
+
+
+def _is_qualified_documentation(path: Path) -> bool:
+    """True for a package's document named with a qualifier rather than a file type, through .gz: `README.Debian`,
+    `changelog.Debian.gz`, `changelog.1.gz`; not `README.html`."""
+    name = path.name[: -len(".gz")] if path.suffix.lower() == ".gz" else path.name
+    return _QUALIFIED_DOCUMENTATION.fullmatch(name) is not None and _FILE_TYPES.guess_type(name)[0] is None
 
 
 def _starts_as_text(path: Path) -> bool:

@@ -876,6 +876,26 @@ def test_a_folders_files_without_a_suffix_are_read_when_they_are_text(tmp_path: 
     assert skipped == {"(no suffix, not text)": 4, ".1": 1}
 
 
+def test_documentation_named_with_a_qualifier_is_read_when_it_is_text(tmp_path: Path) -> None:
+    """/usr/share/doc's README.Debian, NEWS.Debian.gz, changelog.Debian.gz and a rotated changelog.1.gz were skipped as
+    files of suffix .debian or .1; a qualifier that is a file type (README.html) or a binary file is still not read."""
+    (tmp_path / "README.Debian").write_text("Notes on the Debian package.")
+    (tmp_path / "NEWS.Debian.gz").write_bytes(gzip.compress(b"The config moved."))
+    (tmp_path / "changelog.Debian.amd64.gz").write_bytes(gzip.compress(b"Binary-only rebuild."))
+    (tmp_path / "changelog.1.gz").write_bytes(gzip.compress(b"2019-04-01  Older entries."))
+    (tmp_path / "README.html").write_text("<p>A web page.</p>")
+    (tmp_path / "TODO.Debian").write_bytes(b"\x00\x01 not text")
+    (tmp_path / "notes.Debian").write_text("not a document's name")
+    skipped: Counter[str] = Counter()
+    assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path, skipped=skipped)] == [
+        ("NEWS.Debian.gz", "The config moved."),
+        ("README.Debian", "Notes on the Debian package."),
+        ("changelog.1.gz", "2019-04-01  Older entries."),
+        ("changelog.Debian.amd64.gz", "Binary-only rebuild."),
+    ]
+    assert skipped == {".html": 1, ".debian": 2}
+
+
 def test_a_version_control_folder_is_not_entered(tmp_path: Path) -> None:
     for name in (".git", ".hg", ".svn", "CVS"):
         (tmp_path / name).mkdir()
