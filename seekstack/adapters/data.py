@@ -5,8 +5,8 @@
   tokenized with the base's tokenizer into shards in ADAPTER/data, one document in `VAL_EVERY` (chosen by the hash
   of its text) held out as the validation split; when that holds out none or all of them (a few documents), the
   text's last 1/`VAL_EVERY` (whole documents from the end, then the tail of one, cut at the start of a word);
-- chat: a `.jsonl` of {"messages": [...]}: the conversations of chat SFT (seekstack.posttrain.sft's batch source),
-  the loss on the assistant's tokens only.
+- chat: a `.jsonl` of {"messages": [...]} (or TRL's {"prompt": [...], "completion": [...]}): the conversations of
+  chat SFT (seekstack.posttrain.sft's batch source), the loss on the assistant's tokens only.
 `frequent_tokens` picks the tokens whose output-head (and embedding) rows a `head_tokens` (`embedding_tokens`)
 adapter trains (config.py), `first_batches` the run's first batches an `init=eva` start reads.
 """
@@ -26,6 +26,7 @@ from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
 from seekstack.corpus.sources import FOLDER_FILES_READ, DataSourceError, MissingTextField, open_source
 from seekstack.posttrain.config import SFTConfig
+from seekstack.posttrain.conversations import is_conversation_record
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
@@ -44,7 +45,8 @@ def is_token_shards(path: Path) -> bool:
 
 
 def is_chat(path: Path) -> bool:
-    """Whether `path` is a JSONL file whose first record holds `messages`."""
+    """Whether `path` is a JSONL file whose first record is a conversation (`messages`, or TRL's conversational
+    `prompt` and `completion`)."""
     if path.suffix != ".jsonl" or not path.is_file():
         return False
     with open(path, encoding="utf-8", errors="replace") as handle:  # the reader names a line that is not UTF-8
@@ -53,7 +55,7 @@ def is_chat(path: Path) -> bool:
         record = json.loads(first)
     except json.JSONDecodeError:
         return False
-    return isinstance(record, dict) and "messages" in record
+    return is_conversation_record(record)
 
 
 def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:
@@ -156,8 +158,9 @@ def _documents(data: Path) -> list[str]:
         documents = [document.text for document in source if document.text.strip()]
     except MissingTextField as error:  # its advice names the --field option of other commands
         raise DataSourceError(
-            f'{error.problem}; `lora train` reads a .jsonl of {{"text": ...}} (text) or {{"messages": [...]}} (chat '
-            "conversations, told by the first record): write each record's text as 'text'"
+            f'{error.problem}; `lora train` reads a .jsonl of {{"text": ...}} (text) or {{"messages": [...]}} or '
+            '{"prompt": [...], "completion": [...]} (chat conversations, told by the first record): write each '
+            "record's text as 'text'"
         ) from None
     if not documents:
         skipped = sum(getattr(source, "skipped", {}).values())  # a folder's files of other suffixes (TextFolder)

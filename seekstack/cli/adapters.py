@@ -27,7 +27,8 @@ def train_command(
         str | None,
         typer.Argument(
             help="Token shards (from `data tokenize`); or text (a file, a folder of text files, .jsonl of "
-            '{"text"}, .parquet), tokenized into --out/data; or chat conversations (.jsonl of {"messages"})'
+            '{"text"}, .parquet), tokenized into --out/data; or chat conversations (.jsonl of {"messages"}, or of '
+            '{"prompt", "completion"} lists of messages)'
         ),
     ] = None,
     overrides: Annotated[

@@ -109,29 +109,82 @@ def read_held_out(run_dir: str | Path) -> set[str] | None:
 
 
 def read_conversations(path: str | Path, tokenizer: Tokenizer | None = None) -> list[Conversation]:
-    """The conversations of a JSONL file, one `{"messages": [...]}` object a line, their messages in the chat
-    template's terms (`template_message`); with `tokenizer`, content holding one of its special tokens is refused too.
-    Errors name the file and line."""
+    """The conversations of a JSONL file, one a line (`record_conversation`), their messages in the chat template's
+    terms (`template_message`); with `tokenizer`, content holding one of its special tokens is refused too. Errors
+    name the file and line."""
     conversations = []
     for number, record in jsonl_records(path):
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list):
-            raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
         try:
-            messages = [template_message(position, message, tokenizer) for position, message in enumerate(messages)]
+            conversations.append(record_conversation(record, tokenizer))
         except ValueError as error:
             raise ValueError(f"{path}:{number}: {error}") from None
-        if not any(m["role"] == "assistant" for m in messages):
-            raise ValueError(f'{path}:{number}: expected {{"messages": [...]}} with an assistant message')
-        if not any(is_trained(m) for m in messages):
-            raise ValueError(
-                f"{path}:{number}: every assistant message has weight 0, so the conversation trains nothing; give one "
-                "weight 1 or leave the conversation out"
-            )
-        conversations.append(messages)
     if not conversations:
         raise ValueError(f"{path}: no conversations")
     return conversations
+
+
+def is_conversation_record(record: object) -> bool:
+    """Whether a JSONL record is a conversation: OpenAI's `{"messages": [...]}`, or TRL's conversational
+    prompt-completion `{"prompt": [...], "completion": [...]}`."""
+    if not isinstance(record, dict):
+        return False
+    return isinstance(record.get("messages"), list) or all(
+        isinstance(record.get(key), list) for key in ("prompt", "completion")
+    )
+
+
+def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> Conversation:
+    """The templated messages of one JSONL record (`is_conversation_record`). TRL's prompt-completion is its prompt's
+    messages then its completion's, every message of the completion the assistant's and the prompt's assistant
+    messages context of weight 0 (TRL's completion_only_loss trains the completion alone). ValueError for a record of
+    another shape, naming it and what to write instead, or with no trained assistant message."""
+    if not is_conversation_record(record):
+        raise ValueError(_not_a_conversation(record))
+    record = cast(dict, record)
+    messages = record["messages"] if isinstance(record.get("messages"), list) else record["prompt"]
+    templated = [template_message(position, message, tokenizer) for position, message in enumerate(messages)]
+    if messages is record.get("prompt"):
+        if not record["completion"]:
+            raise ValueError('"completion" holds no message: the conversation trains nothing')
+        templated = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in templated]
+        for position, message in enumerate(record["completion"], start=len(templated)):
+            templated.append(template_message(position, message, tokenizer))
+            if templated[-1]["role"] != "assistant":
+                raise ValueError(
+                    f"chat message {position} (of the completion) has role {templated[-1]['role']!r}: a completion "
+                    "is the assistant's reply, which is what is trained; move the message into the prompt"
+                )
+    if not any(m["role"] == "assistant" for m in templated):
+        raise ValueError('expected {"messages": [...]} with an assistant message')
+    if not any(is_trained(m) for m in templated):
+        raise ValueError(
+            "every assistant message has weight 0, so the conversation trains nothing; give one weight 1 or leave "
+            "the conversation out"
+        )
+    return templated
+
+
+def _not_a_conversation(record: object) -> str:
+    """Why a JSONL record is no conversation, and what to write instead: TRL's other dataset formats by name."""
+    if not isinstance(record, dict):
+        return f'expected {{"messages": [...]}}, got {type(record).__name__} {str(record)[:60]!r}'
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return (
+            'a "prompt" and "completion" of text (TRL\'s standard, not conversational, format) hold no chat turns, '
+            'and conversations are trained through the chat template: write the line as {"messages": [{"role": '
+            '"user", "content": PROMPT}, {"role": "assistant", "content": COMPLETION}]} (or TRL\'s conversational '
+            '{"prompt": [messages], "completion": [messages]})'
+        )
+    if "text" in record:
+        return (
+            '"text" (TRL\'s language-modeling format) holds no assistant turn to train: write it as {"messages": '
+            '[...]}, or train on the text itself with `seekstack lora train BASE FILE.jsonl`, which reads {"text"} '
+            "lines"
+        )
+    return (
+        'expected {"messages": [...]} (or TRL\'s {"prompt": [...], "completion": [...]}) with an assistant message, '
+        f"got the keys {sorted(record)}"
+    )
 
 
 def template_message(position: int, message: object, tokenizer: Tokenizer | None = None) -> dict:

@@ -270,4 +270,5 @@ def test_a_jsonl_of_other_fields_says_which_fields_lora_train_reads(base, tmp_pa
     result = runner.invoke(app, ["lora", "train", str(base), str(data), "--out", str(tmp_path / "adapter"), *QUICK_RUN])
     assert result.exit_code == 1
     assert f"{data}:1: no field 'text', only 'prompt', 'completion'; `lora train` reads a .jsonl of" in result.output
-    assert '{"messages": [...]} (chat conversations' in result.output and "--field" not in result.output
+    chat = '{"messages": [...]} or {"prompt": [...], "completion": [...]} (chat conversations'
+    assert chat in result.output and "--field" not in result.output

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from seekstack.accounting import training_flops_per_token
+from seekstack.adapters.data import is_chat
 from seekstack.checkpoint import load_pretrained
 from seekstack.config import ConfigError
 from seekstack.distill.config import DistillConfig
@@ -415,6 +416,36 @@ def test_an_assistant_turn_of_weight_0_is_context_not_trained_on(tmp_path):
     ids, labels = encode_conversation(tokenizer, read_conversations(path, tokenizer)[0])
     assert ids == tokenizer.encode_chat(CHAT, add_generation_prompt=False)
     assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == "4" + EOS
+
+
+def test_trls_conversational_prompt_completion_trains_the_completion_alone(tmp_path):
+    """TRL's {"prompt": [...], "completion": [...]} was refused as no {"messages": [...]}; its prompt is context, an
+    assistant turn in it too (TRL's completion_only_loss), its completion trained. lora train reads it as chat."""
+    tokenizer = byte_tokenizer(tmp_path)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": CHAT[:4], "completion": CHAT[4:]}) + "\n")
+    ids, labels = encode_conversation(tokenizer, read_conversations(path, tokenizer)[0])
+    assert ids == tokenizer.encode_chat(CHAT, add_generation_prompt=False)
+    assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == "4" + EOS
+    assert is_chat(path)
+
+
+@pytest.mark.parametrize(
+    ("record", "refusal"),
+    [
+        ({"prompt": "What is 1 + 2?", "completion": " 3"}, "a \"prompt\" and \"completion\" of text (TRL's standard"),
+        ({"text": "1 + 2 = 3"}, "\"text\" (TRL's language-modeling format) holds no assistant turn to train"),
+        ({"prompt": CHAT[:2], "completion": [CHAT[1]]}, "chat message 2 (of the completion) has role 'user'"),
+        ({"prompt": CHAT[:2], "completion": []}, "\"completion\" holds no message"),
+        ({"conversation": CHAT}, "expected {\"messages\": [...]} (or TRL's {\"prompt\": [...], \"completion\": "
+         "[...]}) with an assistant message, got the keys ['conversation']"),
+    ],
+)  # fmt: skip
+def test_other_dataset_formats_are_refused_naming_the_line_and_what_to_write(tmp_path, record, refusal):
+    path = tmp_path / "other.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"other.jsonl:2: {refusal}")):
+        read_conversations(path)
 
 
 @pytest.mark.parametrize(
