@@ -45,13 +45,14 @@ from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_
 from seekstack.corpus.doc_ids import UniqueIds
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import RULES, CleaningConfig, failed_rule, normalise, rule_kind
-from seekstack.corpus.sources import FOLDER_FILES_READ, ROW_SUFFIXES, Document
+from seekstack.corpus.sources import FOLDER_FILES_READ, ROW_SUFFIXES, Document, Rows
 from seekstack.corpus.split import EXACT_SPLIT_MAX_DOCUMENTS, split_score, validation_cutoff
 from seekstack.interrupts import sigint_handled_by
 
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
 REMOVAL_REASONS = tuple(rule.name for rule in RULES) + (EXACT_DUPLICATE, NEAR_DUPLICATE)
+BUILD_FILES = ("train.jsonl", "val.jsonl", "report.json")  # what a build writes into its output folder
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 120
 BATCH_DOCUMENTS = 64
@@ -282,6 +283,7 @@ def build_corpus(
     sources = list(sources)  # read twice: their documents, then what they did not read
     out_dir = Path(out_dir)
     refuse_a_file_in_the_way(out_dir, "train.jsonl, val.jsonl and report.json")
+    _refuse_to_replace_an_input(sources, out_dir)
     report = Report(config=dataclasses.asdict(config), workers=workers)
     ids = UniqueIds()
     exact = ExactDeduplicator()
@@ -352,6 +354,21 @@ def build_corpus(
         report.seconds = round(time.perf_counter() - started, 3)
         staged.path("report.json").write_text(report.to_json(), encoding="utf-8")
     return report
+
+
+def _refuse_to_replace_an_input(sources: list[Iterable[Document]], out_dir: Path) -> None:
+    """ValueError, before anything is read, when a file the build writes is one of its input files (`data build
+    corpus/train.jsonl --out corpus`), which the cleaned corpus would replace: the documents it removed, and the
+    held-out ones from train.jsonl, would be gone."""
+    inputs = [Path(source.path) for source in sources if isinstance(source, Rows)]  # a folder never reads .jsonl
+    for name in BUILD_FILES:
+        written = out_dir / name
+        for path in inputs:
+            if written.exists() and path.exists() and os.path.samefile(written, path):
+                raise ValueError(
+                    f"{path}: is an input of this build, and --out {out_dir} would replace it with the cleaned "
+                    f"corpus's {name}; write the corpus to another folder (nothing was written)"
+                )
 
 
 def _check_enough_kept(report: Report, config: CleaningConfig) -> None:

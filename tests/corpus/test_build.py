@@ -419,3 +419,22 @@ def test_a_worker_answer_that_cannot_be_read_back_is_named_not_called_a_death(tm
     output = " ".join(result.output.split())
     assert result.exit_code == 1 and "a worker's answer could not be read back" in output
     assert "TypeError" in output and "died" not in output and "out-of-memory" not in output
+
+
+def test_a_build_whose_output_would_replace_an_input_file_is_refused_before_reading(tmp_path: Path) -> None:
+    """`data build corpus/train.jsonl --out corpus` replaced the input with the cleaned corpus (71,091 bytes of six
+    documents became a train.jsonl of four, the removed and held-out ones gone); a folder as --out of its own input
+    still works, since a folder's .jsonl and .json files are not read."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = "".join(json.dumps({"text": prose(i)}) + "\n" for i in range(6))
+    (corpus / "train.jsonl").write_text(rows)
+    refused = CliRunner().invoke(app, ["data", "build", str(corpus / "train.jsonl"), "--out", str(corpus)])
+    assert refused.exit_code == 1 and "train.jsonl: is an input of this build" in " ".join(refused.output.split())
+    assert (corpus / "train.jsonl").read_text() == rows and sorted(os.listdir(corpus)) == ["train.jsonl"]
+    for i in range(6):
+        (tmp_path / "texts" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "texts" / f"{i}.txt").write_text(prose(10 + i))
+    report = build_corpus([open_source(tmp_path / "texts")], tmp_path / "texts", show_progress=False)
+    again = build_corpus([open_source(tmp_path / "texts")], tmp_path / "texts", show_progress=False)
+    assert report.documents_in == again.documents_in == 6
