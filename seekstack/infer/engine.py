@@ -37,7 +37,8 @@ from seekstack.infer.generation_config import sampling_defaults
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
-from seekstack.infer.placement import device_map_for, layer_devices, offload_while_loading, place
+from seekstack.infer.placement import check_reachable, device_map_for, layer_devices, offload_while_loading, place
+from seekstack.infer.precision import map_devices
 from seekstack.infer.sampling import PenaltyState, SamplingBatch, SeededUniforms, TokenConstraint, token_logprobs
 from seekstack.infer.speculative import (
     DraftChecks,
@@ -304,6 +305,8 @@ class Engine:
         loaded_tokenizer = Tokenizer.from_file(tokenizer or model_dir)
         check_tokenizer_fits(loaded_tokenizer, config.vocab_size, model_dir)
         device = kwargs.get("device") or "cpu"
+        if device_map is not None:  # before the weights are read and the disk parts written: hours for a large model
+            check_reachable(map_devices(device_map))
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None

@@ -282,14 +282,7 @@ def place(model: Transformer, placement: dict[str, str], offload_dir: str | Path
     unknown = set(placement) ^ set(parts)
     if unknown:
         raise ValueError(f"the placement does not match the model's parts: {sorted(unknown)[:3]}")
-    for device in sorted(set(placement.values()) - {DISK}):
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as error:  # no such device here, or a torch built without its kind
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(
-                f"the placement puts parts on {device}, which this torch cannot reach ({reason})"
-            ) from None
+    check_reachable(set(placement.values()))
     model.to("cpu")
     for name, module in parts.items():
         device = placement[name]
@@ -304,6 +297,19 @@ def place(model: Transformer, placement: dict[str, str], offload_dir: str | Path
                 module.register_forward_hook(_outputs_to(torch.device("cpu")))
     model.placement = dict(placement)
     return model
+
+
+def check_reachable(devices: Iterable[str]) -> None:
+    """ValueError naming the first of `devices` (`device_name`s; disk is the CPU's files) that this torch cannot
+    reach: a GPU this machine lacks, or a torch built without CUDA."""
+    for device in sorted(set(devices) - {DISK}):
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:  # no such device here, or a torch built without its kind
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"the placement puts parts on {device}, which this torch cannot reach ({reason})"
+            ) from None
 
 
 def layer_devices(model: Transformer) -> list[torch.device]:

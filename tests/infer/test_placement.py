@@ -91,6 +91,15 @@ def test_placing_parts_on_a_device_this_torch_cannot_reach_is_refused_naming_it(
         place(copy.deepcopy(model), placement)
 
 
+def test_a_device_map_naming_a_device_this_torch_cannot_reach_is_refused_before_any_weight_is_read(tmp_path):
+    directory = model_dir(tmp_path / "model")
+    unreachable = f"cuda:{torch.cuda.device_count()}"  # cuda:0 without CUDA, past the last GPU with it
+    options = EngineOptions(device_map=f"*=disk,layers.1.mlp.experts={unreachable}", kv_cache_memory="1MiB")
+    with pytest.raises(ValueError, match=f"puts parts on {unreachable}, which this torch cannot reach"):
+        Engine.from_pretrained(directory, **options.engine_kwargs())
+    assert not (directory / "offload").exists()  # no disk part was written: a large model's take hours
+
+
 @torch.inference_mode()
 def test_parts_in_memory_and_memory_mapped_from_disk_compute_the_same_logits(model, tmp_path):
     tokens = torch.randint(5, 512, (2, 11), generator=torch.Generator().manual_seed(0))
