@@ -47,10 +47,11 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PolicyLoss:
-    """The loss and what to log of it: the mean KL and the fraction of tokens whose ratio was clipped."""
+    """The loss and what to log of it: the mean KL (None at beta 0, where no reference is scored) and the fraction of
+    tokens whose ratio was clipped."""
 
     loss: torch.Tensor
-    kl: float
+    kl: float | None
     clip_fraction: float
     clip_low_fraction: float
     clip_high_fraction: float
@@ -74,7 +75,7 @@ def policy_loss(
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     A = advantages[:, None]
     per_token = -torch.min(ratio * A, clipped * A)
-    kl = torch.zeros_like(logps)
+    kl = None
     if beta > 0:
         if ref_logps is None:
             raise ValueError("beta > 0 needs the reference model's log-probabilities (ref_logps)")
@@ -96,7 +97,7 @@ def policy_loss(
         low_fraction, high_fraction = (low * mask).sum() / tokens, (high * mask).sum() / tokens
     return PolicyLoss(
         loss=loss,
-        kl=float((kl.detach() * mask).sum() / tokens),
+        kl=None if kl is None else float((kl.detach() * mask).sum() / tokens),
         clip_fraction=float(low_fraction + high_fraction),
         clip_low_fraction=float(low_fraction),
         clip_high_fraction=float(high_fraction),

@@ -199,8 +199,9 @@ class GRPOSource:
             config.max_completion_length,
         )
         metrics = rollout_metrics(rollout)
+        if result.kl is not None:  # beta > 0: at 0 no reference is scored, so there is no KL to log (as TRL logs none)
+            metrics["kl"] = result.kl
         metrics |= {
-            "kl": result.kl,
             "clip_fraction": result.clip_fraction,
             "clip_low_fraction": result.clip_low_fraction,
             "clip_high_fraction": result.clip_high_fraction,

@@ -104,6 +104,14 @@ def test_beta_without_a_reference_is_an_error():
         policy_loss(LOGPS, OLD, ADV, MASK, "grpo", 0.2, 0.2, beta=0.1)
 
 
+def test_kl_is_measured_only_against_a_reference():
+    """At beta 0 no reference is scored: no KL to log (a logged 0.0 read as a policy that had not moved)."""
+    assert policy_loss(LOGPS, OLD, ADV, MASK, "grpo", 0.2, 0.2).kl is None
+    moved = policy_loss(LOGPS, OLD, ADV, MASK, "grpo", 0.2, 0.2, beta=0.1, ref_logps=OLD).kl
+    assert moved == pytest.approx(float((k3_kl(LOGPS, OLD) * MASK).sum() / MASK.sum()))
+    assert moved > 0
+
+
 def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(8, 0, 1) == 0.0
     assert pass_at_k(8, 2, 1) == pytest.approx(0.25)

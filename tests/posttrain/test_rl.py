@@ -267,6 +267,8 @@ def test_a_run_resumed_with_beta_mid_batch_scores_the_saved_batch_against_the_re
     )
     resumed = resolve_train_config(None, [*common, "beta=0.1", f"out_dir={tmp_path / 'b'}"], cls=GRPOConfig)
     run_rl(resumed, resume=tmp_path / "a" / "checkpoints" / "step_3")
+    at_beta_0 = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("kl" in line for line in at_beta_0)  # no reference scored, no KL to log (it logged 0.0)
     lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [4]
     assert lines[0]["kl"] > 0  # three updates moved the policy off the starting checkpoint
