@@ -5,7 +5,8 @@ Shapes: B batch, T tokens, D hidden, V vocabulary, E routed experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,41 @@ from seekstack.model.norm import RMSNorm
 from seekstack.model.rope import RotaryEmbedding, yarn_inverse_frequencies
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelOutput:
+    """The forward's results, read by name (`out.logits`) or as transformers' ModelOutput is: `out["logits"]`,
+    `out[0]` (the first field set, in the order below: the loss given labels, else the logits, as transformers'
+    Trainer reads it), `out.to_tuple()`, `"loss" in out`, `out.keys()`; a field that is None is not a key."""
+
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + balance_loss
     logits: torch.Tensor | None  # (B, T, V); with labels: without gradient (the loss fuses head and softmax),
     # and None when the caller asked for no logits (training does not read them)
     hidden_states: torch.Tensor  # (B, T, D) after the final norm: the input of MTP depth 1
     expert_load: torch.Tensor | None = None  # (MoE layers run, E) tokens per expert: a prefix of `moe_layer_ids`
-    loss: torch.Tensor | None = None  # lm_loss + mtp_loss_weight * mtp_loss + balance_loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # mean over depths of each depth's cross-entropy
     balance_loss: torch.Tensor | None = None  # sum over MoE layers of alpha * L_Bal
+
+    def keys(self) -> list[str]:
+        """The names of the fields set (not None), in order."""
+        return [field.name for field in fields(self) if getattr(self, field.name) is not None]
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        """The fields set, in order."""
+        return tuple(getattr(self, name) for name in self.keys())
+
+    def __getitem__(self, key: str | int | slice) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self) -> Iterator[str]:  # a mapping's keys, as transformers' ModelOutput (an OrderedDict)
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
 
 
 class Transformer(nn.Module):
@@ -162,7 +188,7 @@ class Transformer(nn.Module):
         else:
             logits = self.lm_head(hidden)
         if labels is None:
-            return ModelOutput(logits, hidden, _stack_load(stats))
+            return ModelOutput(logits=logits, hidden_states=hidden, expert_load=_stack_load(stats))
 
         mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats, counted, attention_mask)
         balance_losses = [s.balance_loss for s in stats if s.balance_loss is not None]
@@ -170,7 +196,10 @@ class Transformer(nn.Module):
         loss = lm_loss + mtp_loss_weight * mtp_loss if mtp_loss is not None else lm_loss
         if balance_loss is not None:
             loss = loss + balance_loss
-        return ModelOutput(logits, hidden, _stack_load(stats), loss, lm_loss, mtp_loss, balance_loss)
+        return ModelOutput(
+            loss=loss, logits=logits, hidden_states=hidden, expert_load=_stack_load(stats), lm_loss=lm_loss,
+            mtp_loss=mtp_loss, balance_loss=balance_loss,
+        )  # fmt: skip
 
     def mtp_loss(
         self,

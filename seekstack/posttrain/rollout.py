@@ -216,4 +216,4 @@ def _shared_prompt_hidden(
         )  # fmt: skip
         hidden = torch.cat((hidden, out.hidden_states), dim=1)
         load = None if load is None else load + out.expert_load
-    return hidden, ModelOutput(None, hidden, load)
+    return hidden, ModelOutput(logits=None, hidden_states=hidden, expert_load=load)

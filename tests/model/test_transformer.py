@@ -20,6 +20,21 @@ def test_forward_refuses_labels_not_aligned_with_the_inputs(labels_shape):
         model(ids, labels=torch.randint(0, 128, labels_shape))
 
 
+def test_the_output_is_read_by_key_index_and_unpacking_as_transformers_model_output_is():
+    model = Transformer(micro_config()).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        plain, labelled = model(ids), model(ids, labels=ids)
+    assert plain[0] is plain.logits and plain["logits"] is plain.logits and "loss" not in plain
+    assert labelled[0] is labelled.loss and labelled["lm_loss"] is labelled.lm_loss  # what transformers' Trainer reads
+    keys = ["loss", "logits", "hidden_states", "expert_load", "lm_loss", "mtp_loss"]
+    assert list(labelled) == labelled.keys() == keys  # iterated as a mapping, as transformers' (an OrderedDict)
+    loss, logits = labelled.to_tuple()[:2]
+    assert loss is labelled.loss and logits is labelled.logits
+    with pytest.raises(KeyError, match="balance_loss"):  # None in eval mode: not a key, as in transformers
+        labelled["balance_loss"]
+
+
 def padded_batch(rows: list[torch.Tensor], width: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The rows padded with id 0 to `width` on the left or the right, and transformers' attention_mask for them."""
     ids = torch.zeros(len(rows), width, dtype=torch.long)
