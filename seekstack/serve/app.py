@@ -32,7 +32,7 @@ from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_reque
 from seekstack.serve.adapter_routes import add_adapter_routes
 from seekstack.serve.billing import Bill
 from seekstack.serve.bridge import AsyncEngine, RequestGroup
-from seekstack.serve.database import Database
+from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
 from seekstack.serve.keys import ApiKey, KeyStore
 from seekstack.serve.ledger import Ledger, parse_day
@@ -217,7 +217,7 @@ class Server:
         bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
         charge = None  # the rate-limit charge, once admitted
         try:
-            charge = await asyncio.to_thread(self.admit, bill.key)  # counted, whatever comes of it
+            charge = await in_write_thread(self.admit, bill.key)  # counted, whatever comes of it
             bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
@@ -247,7 +247,7 @@ class Server:
                 start = given_start(body, self.engine.tokenizer)
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
-            await asyncio.to_thread(self.reserve, bill.key, charge, tokens)
+            await in_write_thread(self.reserve, bill.key, charge, tokens)
             constraints = [output_format.constraint() for _ in choices] if output_format else None
             try:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
@@ -288,7 +288,7 @@ class Server:
 
         if body.stream:
             try:
-                await asyncio.to_thread(bill.open)
+                await in_write_thread(bill.open)
             except Exception:  # the database refused its row: no stream, and no engine work for no one
                 await finish(500)
                 raise
@@ -326,7 +326,7 @@ class Server:
         if charge is None:
             return
         try:
-            await asyncio.to_thread(self.limiter.settle if retry else self.limiter.settle_once, charge, tokens)
+            await in_write_thread(self.limiter.settle if retry else self.limiter.settle_once, charge, tokens)
         except Exception as error:
             log.warning("rate-limit charge %d keeps its admitted tokens, not the %d used: %s", charge.charge_id,
                         tokens, error)  # fmt: skip
@@ -724,7 +724,7 @@ def create_app(
     async def moderations(request: Request) -> JSONResponse:
         """Which of the server's content-policy categories each input falls in (none without a policy)."""
         key = await asyncio.to_thread(server.authenticate, request)
-        await asyncio.to_thread(server.admit, key)  # a request of the key's requests per minute, at no tokens
+        await in_write_thread(server.admit, key)  # a request of the key's requests per minute, at no tokens
         body = parse_body(ModerationRequest, await read_body(request, server.max_body_bytes))
         return JSONResponse((await asyncio.to_thread(server.safety.moderations, body, key)).model_dump())
 

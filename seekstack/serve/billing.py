@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from seekstack.serve.database import in_write_thread
 from seekstack.serve.keys import ApiKey, Plan
 from seekstack.serve.ledger import IN_PROGRESS, Ledger, UsageRecord
 from seekstack.serve.schemas import CompletionTokensDetails, PromptTokensDetails, Usage
@@ -87,7 +88,7 @@ class Bill:
         )
         if due and (self._updating is None or self._updating.done()):
             self._billed_tokens, self._billed_at = self.completion_tokens, time.perf_counter()
-            self._updating = asyncio.ensure_future(asyncio.to_thread(self.update))
+            self._updating = asyncio.ensure_future(in_write_thread(self.update))
 
     def update(self) -> None:
         """Bring the open row up to the tokens generated so far (nothing once the final row is written)."""
@@ -116,4 +117,4 @@ class Bill:
         return CompletionTokensDetails(reasoning_tokens=self.reasoning_tokens)
 
     async def record_async(self, status: int) -> None:
-        await asyncio.to_thread(self.record, status)
+        await in_write_thread(self.record, status)

@@ -19,6 +19,8 @@ an earlier seekstack may no longer open the database.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import sqlite3
 import stat
@@ -26,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -39,7 +42,9 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 SECRET_URL_PARAMETERS = ("password", "sslpassword")  # libpq parameters a URL may carry a secret in
 BUSY_RETRY_S = 120.0  # how long a write waits for a database another connection holds (beyond its own timeout)
 SQLITE_BUSY_TIMEOUT_MS = 5000  # SQLite's own wait for another connection's lock, each try
+WRITE_THREADS = 4  # a database's writes run one at a time (its lock): more threads only wait on it
 Result = TypeVar("Result")
+_WRITES = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="seekstack-database-write")
 
 KEYS_COLUMNS = """
         name TEXT NOT NULL,
@@ -119,6 +124,13 @@ def open_database(location: str | os.PathLike, create: bool = True) -> Database:
             f"${DATABASE_ENV} name another)"
         )
     return SQLiteDatabase(Path(location))
+
+
+async def in_write_thread(write: Callable[..., Result], *args: Any) -> Result:
+    """`write(*args)` (a write to a database) on one of the WRITE_THREADS kept for writes, from the event loop: writes
+    waiting for a database another connection holds (each up to BUSY_RETRY_S) never take the threads of asyncio's
+    default pool (6 on 2 cores), where reads, request parsing and the engine's new requests run."""
+    return await asyncio.get_running_loop().run_in_executor(_WRITES, functools.partial(write, *args))
 
 
 def retrying_while_busy(database: Database, write: Callable[[], Result]) -> Result:

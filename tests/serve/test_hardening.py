@@ -857,3 +857,29 @@ def test_logprobs_hold_only_the_tokens_whose_text_a_stop_string_left(engine, tmp
     streamed = [token for event in events for choice in event["choices"] if choice.get("logprobs")
                 for token in token_texts(choice)]  # fmt: skip
     assert streamed == kept
+
+
+def test_requests_waiting_to_write_to_a_held_database_leave_health_and_new_requests_their_threads(engine, tmp_path):
+    """More requests waiting to write their ledger rows than asyncio has threads (32 at most): /health, a database
+    read, still answers at once, and the rows are all written once the database is free."""
+    database = open_database(tmp_path / "db")
+    app = create_app(engine, database)
+    other = sqlite3.connect(tmp_path / "db", isolation_level=None, check_same_thread=False)  # a backup, say
+
+    async def scenario(client):
+        other.execute("BEGIN IMMEDIATE")
+        waiting = [asyncio.ensure_future(client.post("/v1/completions", json={**COMPLETION, "max_tokens": 1}))
+                   for _ in range(40)]  # fmt: skip
+        await asyncio.sleep(1.0)  # generated, each waiting to write its row
+        try:
+            health = await asyncio.wait_for(client.get("/health"), timeout=3)
+        except TimeoutError:  # was: behind the writes in every thread, each waiting up to 2 minutes
+            health = None
+        finally:
+            other.execute("COMMIT")
+        return health, await asyncio.gather(*waiting)
+
+    health, answers = run(app, scenario)
+    assert health is not None and health.status_code == 200
+    assert [answer.status_code for answer in answers] == [200] * 40
+    assert len(Ledger(database).records()) == 40
