@@ -112,7 +112,7 @@ def read_text_folder(
         raise DataSourceError(f"{folder}: not a folder")
     claimed = {folder.resolve()}
     source = _as_text(Path(os.path.abspath(folder)).name or folder.anchor)  # `.` and `..` by the names they stand for
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
+    for directory, subdirs, files in os.walk(folder, onerror=_refuse_an_unlisted_folder, followlinks=True):
         subdirs[:] = _unclaimed_folders(Path(directory), subdirs, skipped_dirs, claimed)
         for name in sorted(files):
             path = Path(directory, name)
@@ -131,6 +131,15 @@ def read_text_folder(
                 yield Document(_as_text(path.relative_to(folder).as_posix()), _decoded(_read(path)), source)
             elif skipped is not None:
                 skipped[_as_text(kind) or "(no suffix)"] += 1
+
+
+def _refuse_an_unlisted_folder(error: OSError) -> None:
+    """A DataSourceError naming a folder `os.walk` cannot list (no read permission), which it would pass over without
+    a word, leaving all the files below it out of the corpus."""
+    raise DataSourceError(
+        f"{error.filename}: a folder that cannot be read ({error.strerror}), whose files would be left out; give read "
+        "access to it, or move it out of the input"
+    ) from None
 
 
 def _is_qualified_documentation(path: Path) -> bool:

@@ -896,6 +896,27 @@ def test_documentation_named_with_a_qualifier_is_read_when_it_is_text(tmp_path: 
     assert skipped == {".html": 1, ".debian": 2}
 
 
+def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk passed over a folder without read permission (chmod 000) without a word: a build kept the others' files,
+    its own left out of the corpus and of the report. Root reads every folder, so its listing is refused here."""
+    (tmp_path / "notes.txt").write_text("A note.")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "kept.txt").write_text("Text that would be lost.")
+    scandir = os.scandir
+
+    def refused_for_locked(path: str) -> Iterator[os.DirEntry]:
+        """What scandir raises for a folder of mode 000, as a user other than root."""
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused_for_locked)
+    with pytest.raises(DataSourceError, match=r"locked: a folder that cannot be read \(Permission denied\)"):
+        list(read_text_folder(tmp_path))
+
+
 def test_a_version_control_folder_is_not_entered(tmp_path: Path) -> None:
     for name in (".git", ".hg", ".svn", "CVS"):
         (tmp_path / name).mkdir()
