@@ -34,6 +34,12 @@ def eval_command(
     device: Annotated[
         str | None, typer.Option(help="Where the model runs: cuda, cuda:1, cpu; default cuda when available, else cpu")
     ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(min=0, help="Examples before each question; default each task's own")
+    ] = None,
+    apply_chat_template: Annotated[
+        bool, typer.Option(help="Prompts in the model's chat template, the examples as earlier turns (as lm_eval)")
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -50,7 +56,9 @@ def eval_command(
 
     with user_errors():
         names = tuple(name.strip() for name in tasks.split(",") if name.strip())
-        report = evaluate(model, names, corpus, backend, batch_size, limit, per_module, device)
+        report = evaluate(
+            model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template
+        )
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
         json_path, table_path = write_results(report, out or folder / "eval" / "results")
     typer.echo(results_table(report))

@@ -29,10 +29,13 @@ def evaluate(
     limit: int | None = None,
     per_module: int = 4,
     device: str | None = None,
+    num_fewshot: int | None = None,
+    apply_chat_template: bool = False,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
-    holds); return {"model", "backend", "wall_s", "results": {task:
+    holds), with `num_fewshot` examples (None: each task's own) and `apply_chat_template` (the examples as earlier
+    turns, lm_eval's default); return {"model", "backend", "wall_s", "results": {task:
     {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack eval` takes them}."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
     import lm_eval
@@ -47,6 +50,12 @@ def evaluate(
     if misspelt:
         raise ValueError(f"unknown task {misspelt[0]!r}; the local tasks are {', '.join(TASKS)}")
     local = tuple(task for task in tasks if task in TASKS)
+    chat_already = [task for task in local if task in REASONING_TASKS]
+    if apply_chat_template and chat_already:
+        raise ValueError(
+            f"{', '.join(chat_already)}: their prompts are in the model's chat template already, which "
+            "--apply-chat-template would wrap in a second one; evaluate them without it"
+        )
     folders = model_folders(model_dir)  # an adapter checkpoint: its base, and the tokenizer the two read with
     tokenizer = Tokenizer.from_file(folders.tokenizer) if any(task in REASONING_TASKS for task in local) else None
     if backend == "hf":
@@ -59,8 +68,9 @@ def evaluate(
     try:
         with _without_lm_evals_git_hash():
             output = lm_eval.simple_evaluate(
-                model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit, log_samples=False
-            )
+                model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit,
+                num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=False,
+            )  # fmt: skip
     except KeyError as error:  # how lm_eval refuses a task name it does not know
         raise ValueError(f"lm_eval: {error.args[0] if error.args else error}") from None
     wall_s = time.perf_counter() - started
@@ -73,6 +83,7 @@ def evaluate(
     options = {
         "tasks": list(tasks), "corpus": str(Path(corpus).resolve()) if corpus is not None else None,
         "backend": backend, "batch_size": batch_size, "limit": limit, "per_module": per_module, "device": device,
+        "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
     }  # fmt: skip
     return {
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,

@@ -37,7 +37,9 @@ REPORT_FILE = "report.md"
 RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths
 SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's first, a run answers in the report
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
-EVAL_OPTIONS = ("tasks", "corpus", "backend", "batch_size", "limit", "per_module", "device")  # as results.json has them
+EVAL_OPTIONS = (  # as results.json has them
+    "tasks", "corpus", "backend", "batch_size", "limit", "per_module", "device", "num_fewshot", "apply_chat_template"
+)  # fmt: skip
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples: bool = True) -> Path:
@@ -394,9 +396,11 @@ def _eval_again(run_dir: Path, results: dict[str, Any]) -> str:
         return f"`seekstack eval {run_dir} --tasks {','.join(results['results'])}` (with the options it ran with)"
     words = ["seekstack", "eval", str(run_dir)]
     for key in EVAL_OPTIONS:
-        value = options.get(key)
-        if value is not None:
-            words += [f"--{key.replace('_', '-')}", ",".join(value) if key == "tasks" else str(value)]
+        value, flag = options.get(key), f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            words += [flag] if value else []
+        elif value is not None:
+            words += [flag, ",".join(value) if key == "tasks" else str(value)]
     return f"`{shlex.join(words)}`"
 
 

@@ -142,6 +142,32 @@ def test_eval_batch_size_auto_reaches_lm_eval_and_a_size_that_is_neither_is_refu
     assert asked[-1] == "auto"
 
 
+def test_eval_runs_tasks_few_shot_and_in_the_chat_template_and_the_report_reruns_it_so(tmp_path, monkeypatch):
+    """seekstack eval had no --num-fewshot nor --apply-chat-template: a task ran zero-shot (or at its YAML's
+    num_fewshot) on plain prompts only."""
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.report import _eval_again
+
+    asked = []
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
+    (tmp_path / "config.json").write_text("{}")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--num-fewshot", "5",
+                                      "--apply-chat-template", "--out", str(tmp_path / "results")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (asked[-1]["num_fewshot"], asked[-1]["apply_chat_template"]) == (5, True)
+    options = json.loads((tmp_path / "results.json").read_text())["options"]
+    assert (options["num_fewshot"], options["apply_chat_template"]) == (5, True)
+    rerun = _eval_again(tmp_path, {"options": options})
+    assert rerun.endswith(f"--device {options['device']} --num-fewshot 5 --apply-chat-template`")
+    evaluate(tmp_path, ("mc",), device="cpu")
+    assert (asked[-1]["num_fewshot"], asked[-1]["apply_chat_template"]) == (None, False)  # each task's own, plain
+    with pytest.raises(ValueError, match="reason_addition: their prompts are in the model's chat template already"):
+        evaluate(tmp_path, ("mc", "reason_addition"), device="cpu", apply_chat_template=True)
+
+
 def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_the_checkpoint(tmp_path, monkeypatch):
     """They went to RUN/checkpoints/step_N/eval/, which the run's keep_checkpoints deletes and `report RUN` never
     reads."""

@@ -25,7 +25,8 @@ RL_CONFIG = {"init_from": "../sft", "task": "addition", "difficulty": 1, "batch_
 
 
 EVAL_OPTIONS = {"tasks": ["reason_addition"], "corpus": "/data/my corpus", "backend": "hf", "batch_size": 2,
-                "limit": 40, "per_module": 4, "device": "cpu"}  # fmt: skip
+                "limit": 40, "per_module": 4, "device": "cpu", "num_fewshot": 3,
+                "apply_chat_template": False}  # fmt: skip
 
 
 def _write_eval_results(run_dir: Path, model: str, **options: object) -> None:
@@ -48,7 +49,7 @@ def test_evaluation_names_the_checkpoint_it_measured_and_says_when_the_run_has_a
     assert "**Not the newest checkpoint:** these results are `rlA/checkpoints/step_16`'s; the run's newest is" in stale
     rerun = (
         f"seekstack eval {run_dir} --tasks reason_addition --corpus '/data/my corpus' --backend hf --batch-size 2 "
-        "--limit 40 --per-module 4 --device cpu"
+        "--limit 40 --per-module 4 --device cpu --num-fewshot 3"
     )
     assert f"`{rerun}` measures `step_18` and rewrites `eval/results.json`" in stale
     current = _evaluation(run_dir, run_dir / "checkpoints" / "step_16")
