@@ -52,6 +52,7 @@ class _Timing:
 
     call: _Call
     prompt: int
+    prompt_tokens: int
     last_token: float | None = None
 
 
@@ -127,7 +128,8 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int, _Timing]] = {}
-        self._pending_aborts: list[tuple[list[str], asyncio.Future | None]] = []
+        # (request ids, report, the timing of each still routed): aborts the engine thread applies before its next step
+        self._pending_aborts: list[tuple[list[str], asyncio.Future | None, dict[str, _Timing]]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -181,7 +183,8 @@ class AsyncEngine:
             for index, (request_id, prompt_ids, params) in enumerate(
                 zip(group.request_ids, prompts, choices, strict=True)
             ):
-                timing = _Timing(call, prompt=prompt_numbers.setdefault(id(prompt_ids), len(prompt_numbers)))
+                prompt = prompt_numbers.setdefault(id(prompt_ids), len(prompt_numbers))
+                timing = _Timing(call, prompt, prompt_tokens=len(prompt_ids))
                 with self._lock:  # routed before added, so no output can arrive unrouted
                     self._routes[request_id] = (loop, group.queue, index, timing)
                 constraint = constraints[index] if constraints else None
@@ -198,12 +201,14 @@ class AsyncEngine:
     def abort(self, request_ids: list[str], report: asyncio.Future | None = None) -> None:
         """Stop routing these requests now; the engine thread aborts them before its next step and sets `report` (a
         future of the caller's loop) to whether each had started (`Engine.abort`; one finished already had)."""
+        routed = {}
         with self._lock:
             for request_id in request_ids:
                 route = self._routes.pop(request_id, None)
                 if route is not None:
+                    routed[request_id] = route[3]
                     self._choice_ended(route[3].call, "abort", time.perf_counter())
-            self._pending_aborts.append((request_ids, report))
+            self._pending_aborts.append((request_ids, report, routed))
         self._wake.set()
 
     def _run(self) -> None:
@@ -229,8 +234,11 @@ class AsyncEngine:
     def _apply_aborts(self) -> None:
         with self._lock:
             aborts, self._pending_aborts = self._pending_aborts, []
-        for request_ids, report in aborts:
+        for request_ids, report, routed in aborts:
             started = [self.engine.abort(request_id) for request_id in request_ids]
+            for request_id, began in zip(request_ids, started, strict=True):
+                if began and request_id in routed:  # its prompt computed, maybe in a step whose output it never got
+                    self._count_prompt(routed[request_id])
             if report is not None:
                 with contextlib.suppress(RuntimeError):  # its loop closed meanwhile (a server shutting down)
                     report.get_loop().call_soon_threadsafe(_settle, report, started)
@@ -258,9 +266,7 @@ class AsyncEngine:
             metrics.queue_time.observe(max(0.0, output.scheduled_at - call.arrival))
         if output.token_ids:
             if timing.last_token is None:
-                if timing.prompt not in call.prompts_counted:  # a prompt's tokens once, whatever its n
-                    call.prompts_counted.add(timing.prompt)
-                    metrics.prompt_tokens.inc(output.prompt_tokens)
+                self._count_prompt(timing)
                 if not call.answered:
                     call.answered = True
                     metrics.time_to_first_token.observe(now - call.arrival)
@@ -271,6 +277,13 @@ class AsyncEngine:
             metrics.generation_tokens.inc(len(output.token_ids))
         if output.finished:
             self._choice_ended(call, output.finish_reason or "stop", now)
+
+    def _count_prompt(self, timing: _Timing) -> None:
+        """Count the prompt of `timing`'s choice as computed: once per prompt of a call, whatever its n, as the ledger
+        bills it (a prompt none of whose choices the engine started is in neither)."""
+        if timing.prompt not in timing.call.prompts_counted:
+            timing.call.prompts_counted.add(timing.prompt)
+            self.metrics.prompt_tokens.inc(timing.prompt_tokens)
 
     def _choice_ended(self, call: _Call, reason: str, now: float) -> None:
         """Count the call as finished (with the reason of its last choice) once none of its choices runs."""

@@ -57,3 +57,22 @@ def test_closing_a_group_hands_over_the_outputs_generated_before_the_abort_that_
     assert closed.unstarted == set() and len(unread) >= 9  # was: dropped with the group's queue
     last = {index: tokens for index, tokens in unread}  # each output carries its choice's tokens so far
     assert sorted(last) == [0, 1] and sum(last.values()) == generated
+
+
+def test_a_prompt_computed_in_a_step_whose_output_an_abort_dropped_is_counted_as_the_ledger_bills_it(tmp_path):
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))  # its thread not started: the steps are taken here
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+
+    async def scenario() -> set[int]:
+        group = await bridge.submit([[5, 6, 7, 8], [9, 10]], [long, long])
+        engine.step()  # the prompts computed, their first tokens made; then the client leaves before they are routed
+        closing = asyncio.ensure_future(group.close())
+        await asyncio.sleep(0)  # its abort handed to the engine thread
+        bridge._apply_aborts()
+        return (await closing).unstarted
+
+    unstarted = asyncio.run(scenario())
+    counted = bridge.metrics.registry.get_sample_value("seekstack:prompt_tokens_total", {"model_name": "micro"})
+    assert unstarted == set()  # started: the ledger bills both prompts
+    assert counted == 6  # was: 0, /metrics short of the ledger's prompt tokens
