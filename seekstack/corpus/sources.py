@@ -236,13 +236,30 @@ def _read(path: Path) -> bytes:
 def _decoded(data: bytes) -> str:
     """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document); UTF-16
     when it opens with UTF-16's mark; Windows-1252 (Latin-1's superset) when not one of its bytes above 127 starts a
-    valid UTF-8 character (a legacy 8-bit file: `café` stays `café`); else UTF-8 with bad bytes as U+FFFD."""
+    valid UTF-8 character (a legacy 8-bit file: `café` stays `café`); else UTF-8 with its stray bytes read by
+    `_stray_byte_as_cp1252` (a Latin-1 line in a UTF-8 changelog: `Bj\xf6rn` is `Björn`)."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16", errors="replace")
     try:
         return data.decode("utf-8-sig")  # nearly every file, in one pass
     except UnicodeDecodeError:
-        return data.decode("cp1252" if _starts_no_utf8_character(data) else "utf-8-sig", errors="replace")
+        if _starts_no_utf8_character(data):
+            return data.decode("cp1252", errors="replace")
+        return data.decode("utf-8-sig", errors=STRAY_BYTE_AS_CP1252)
+
+
+def _stray_byte_as_cp1252(error: UnicodeError) -> tuple[str, int]:
+    """For UTF-8 decoding: a byte above 127 that is part of no character, alone between others (the é of a Latin-1
+    line in a UTF-8 file, `St\xe9phane`), as Windows-1252 reads it; two or more bytes of a character cut short (a
+    damaged one, an emoji cut by the file's end) as U+FFFD, as Windows-1252's five undefined bytes are."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    stray = error.object[error.start : error.end]
+    return (stray.decode("cp1252", errors="replace") if len(stray) == 1 else "\ufffd"), error.end
+
+
+STRAY_BYTE_AS_CP1252 = "seekstack-stray-byte-as-cp1252"
+codecs.register_error(STRAY_BYTE_AS_CP1252, _stray_byte_as_cp1252)
 
 
 def _as_text(name: str) -> str:

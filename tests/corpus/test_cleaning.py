@@ -647,9 +647,9 @@ def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     powershell = tmp_path / "powershell.jsonl"  # Windows PowerShell 5's `Out-File`: UTF-16 with its mark, CRLF
     powershell.write_bytes('{"text": "caf\u00e9 \U0001f600"}\r\n{"text": "two"}\r\n'.encode("utf-16"))
     assert [doc.text for doc in read_jsonl(powershell)] == ["caf\u00e9 \U0001f600", "two"]
-    stray = tmp_path / "stray.jsonl"  # a legacy 8-bit line, then a UTF-8 line with one byte that is not UTF-8
-    stray.write_bytes(b'{"text": "caf\xe9"}\n{"text": "caf\xc3\xa9 \xff"}\n')
-    assert [doc.text for doc in read_jsonl(stray)] == ["caf\u00e9", "caf\u00e9 \ufffd"]
+    stray = tmp_path / "stray.jsonl"  # a legacy 8-bit line, then a UTF-8 line with a stray byte and a cut character
+    stray.write_bytes(b'{"text": "caf\xe9"}\n{"text": "caf\xc3\xa9 \xe9t\xe9 \xe2\x80"}\n')
+    assert [doc.text for doc in read_jsonl(stray)] == ["caf\u00e9", "caf\u00e9 \u00e9t\u00e9 \ufffd"]
 
 
 @pytest.mark.parametrize(
@@ -839,7 +839,7 @@ def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
     (tmp_path / "sub" / "f.txt.gz").write_bytes(gzip.compress(b"compressed"))
     (tmp_path / "sub" / "g.txt").write_bytes("caf\u00e9 \u201cquoted\u201d".encode("cp1252"))  # legacy 8-bit
     (tmp_path / "sub" / "h.txt").write_bytes("wide \u00e9".encode("utf-16"))  # with its byte-order mark
-    (tmp_path / "sub" / "i.txt").write_bytes("caf\u00e9 ".encode() + b"\xff")  # UTF-8 with one bad byte
+    (tmp_path / "sub" / "i.txt").write_bytes("caf\u00e9 ".encode() + b"\xe2\x80")  # UTF-8 with a cut character
     assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path)] == [
         ("a.txt", "alpha"), ("sub/E.TXT", "upper case"), ("sub/b.py", "beta"),
         ("sub/d.md", "saved with a byte-order mark"), ("sub/f.txt.gz", "compressed"),
@@ -941,6 +941,22 @@ def test_a_file_is_utf8_when_a_byte_above_127_starts_a_utf8_character_even_one_c
 ) -> None:
     (tmp_path / "page.txt").write_bytes(data)
     assert [doc.text for doc in open_source(tmp_path / "page.txt")] == [text]
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        (b"2003  Bj\xf6rn Wiberg\n2009  Ren\xc3\xa9 Lee\n", "2003  Bj\u00f6rn Wiberg\n2009  Ren\u00e9 Lee\n"),
+        (b"\x93quoted\x94, caf\xc3\xa9", "\u201cquoted\u201d, caf\u00e9"),  # Windows-1252's quotes
+        (b"caf\xc3\xa9, a character cut short \xe2\x80 here", "caf\u00e9, a character cut short \ufffd here"),
+        (b"caf\xc3\xa9 and an undefined byte \x81", "caf\u00e9 and an undefined byte \ufffd"),
+    ],
+)
+def test_a_stray_latin1_byte_in_a_utf8_file_is_read_as_windows_1252(tmp_path: Path, data: bytes, text: str) -> None:
+    """A UTF-8 changelog with some Latin-1 lines (libxslt's: `Bj\xf6rn Wiberg`, `St\xe9phane Bidoul`) had each of
+    their accented letters replaced by U+FFFD, 8 of them, the names lost; a character cut short stays U+FFFD."""
+    (tmp_path / "changelog.txt").write_bytes(data)
+    assert [doc.text for doc in open_source(tmp_path / "changelog.txt")] == [text]
 
 
 def test_text_folder_follows_links_to_folders_and_reads_each_folder_once(tmp_path: Path) -> None:
