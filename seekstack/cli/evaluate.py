@@ -29,7 +29,9 @@ def eval_command(
     batch_size: Annotated[
         str, typer.Option(help="Requests per forward pass / per engine batch, or auto: the most the device holds")
     ] = "8",
-    limit: Annotated[int | None, typer.Option(min=1, help="At most this many documents per task")] = None,
+    limit: Annotated[
+        float | None, typer.Option(help="At most this many documents per task, or a fraction of them below 1 (0.1)")
+    ] = None,
     per_module: Annotated[int, typer.Option(min=1, help="Questions per held-out module (cloze, next line)")] = 4,
     device: Annotated[
         str | None, typer.Option(help="Where the model runs: cuda, cuda:1, cpu; default cuda when available, else cpu")

@@ -26,7 +26,7 @@ def evaluate(
     corpus: str | Path | None = None,
     backend: str = "seekstack",
     batch_size: int | str = 8,
-    limit: int | None = None,
+    limit: float | None = None,
     per_module: int = 4,
     device: str | None = None,
     num_fewshot: int | None = None,
@@ -34,9 +34,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
-    holds), with `num_fewshot` examples (None: each task's own) and `apply_chat_template` (the examples as earlier
-    turns, lm_eval's default); return {"model", "backend", "wall_s", "results": {task:
-    {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack eval` takes them}."""
+    holds), `limit` documents per task (a fraction of them below 1), with `num_fewshot` examples (None: each task's
+    own) and `apply_chat_template` (the examples as earlier turns, lm_eval's default); return {"model", "backend",
+    "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
+    eval` takes them}."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
     import lm_eval
 
@@ -45,6 +46,7 @@ def evaluate(
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     number = requests_per_batch(batch_size)  # ValueError for what is neither a number nor auto
+    limit = _documents_limit(limit)
     batch_size = batch_size if number is None else number
     misspelt = [task for task in tasks if task not in TASKS and task.startswith(("code_", REASONING_PREFIX))]
     if misspelt:
@@ -100,6 +102,16 @@ def _without_lm_evals_git_hash() -> Iterator[None]:
 
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
         yield
+
+
+def _documents_limit(limit: float | None) -> int | float | None:
+    """`limit` as lm_eval takes it: a whole number of documents per task, or a fraction of them below 1 (0.1: a
+    tenth); ValueError for anything else."""
+    if limit is None or 0 < limit < 1:
+        return limit
+    if limit >= 1 and float(limit).is_integer():
+        return int(limit)
+    raise ValueError(f"limit {limit}: give a number of documents per task (40) or a fraction of them below 1 (0.1)")
 
 
 def _metric_name(key: str) -> str:

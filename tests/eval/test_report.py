@@ -168,6 +168,28 @@ def test_eval_runs_tasks_few_shot_and_in_the_chat_template_and_the_report_reruns
         evaluate(tmp_path, ("mc", "reason_addition"), device="cpu", apply_chat_template=True)
 
 
+def test_eval_limit_is_a_number_of_documents_or_a_fraction_of_them_as_lm_evals(tmp_path, monkeypatch):
+    """seekstack eval --limit 0.1 was refused ('Invalid value for '--limit': Input should be a valid integer'), where
+    lm_eval takes a tenth."""
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate
+
+    asked = []
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs["limit"]) or output)
+    (tmp_path / "config.json").write_text("{}")
+    for given in ("0.1", "40"):
+        result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--limit", given, "--out",
+                                          str(tmp_path / "results"), "--device", "cpu"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / "results.json").read_text())["options"]["limit"] == asked[-1]
+    assert asked == [0.1, 40] and isinstance(asked[1], int)
+    for wrong in (2.5, 0, -1):
+        with pytest.raises(ValueError, match=f"limit {wrong}: give a number of documents per task .* below 1"):
+            evaluate(tmp_path, ("mc",), limit=wrong, device="cpu")
+
+
 def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_the_checkpoint(tmp_path, monkeypatch):
     """They went to RUN/checkpoints/step_N/eval/, which the run's keep_checkpoints deletes and `report RUN` never
     reads."""
