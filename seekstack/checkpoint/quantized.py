@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -22,9 +23,11 @@ from seekstack.checkpoint.keys import (
 from seekstack.checkpoint.reader import CheckpointReader
 from seekstack.compress.formats import compressed_tensors_config, pack_codes
 from seekstack.compress.linear import (
+    INT8_KERNEL_COLUMNS,
     QuantizedExperts,
     QuantizedLinear,
     QuantizedWeight,
+    kernels_run,
     layer_weight,
     use_quantized_feed_forwards,
     weight_from_stored,
@@ -303,7 +306,7 @@ def load_quantized_layers(
     experts' buffers (`ExpertBuffer`), by the stack's name. `kv_b_proj` stays a float Linear (attention absorbs its
     matrix), read dequantized."""
     layers = model.config.num_hidden_layers
-    swapped, unfilled = set(), {}
+    swapped, unfilled, unrunnable = set(), {}, []
     for name, module in list(model.named_modules()):
         key = layer_key(name, layers)
         replacement: torch.nn.Module | None = None
@@ -319,9 +322,20 @@ def load_quantized_layers(
             weight = _quantized_from_reader(reader, key, tuple(module.weight.shape))
             bias = reader.read(f"{key}.bias").to(module.bias.dtype) if module.bias is not None and weight else None
             replacement = QuantizedLinear(weight, bias) if weight else None
+        if replacement is not None and not kernels_run(replacement):
+            unrunnable.append(name)  # left in float: read dequantized with the float layers
+            continue
         if replacement is not None:
             model.set_submodule(name, replacement if per_expert else replacement.to(device))  # empty: filled later
             swapped.add(name)
             unfilled.update({f"{name}.{stack}": expert for stack, expert in per_expert.items()})
     use_quantized_feed_forwards(model)  # as quantize_model leaves a quantized model, so both compute alike
+    if unrunnable:
+        warnings.warn(
+            f"{reader.directory}: {len(unrunnable)} int8 layers ({', '.join(unrunnable[:3])}"
+            f"{', ...' if len(unrunnable) > 3 else ''}) have an input width that is not a multiple of "
+            f"{INT8_KERNEL_COLUMNS}, which torch's int8 CPU kernel misreads; they run in float from their dequantized "
+            "weights",
+            stacklevel=3,
+        )
     return swapped, unfilled

@@ -31,6 +31,9 @@ from seekstack.compress.formats import (
 from seekstack.model.moe import FeedForward, RoutedExperts, Routing
 
 COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the int8/int4 kernels
+# torch's int8 CPU kernel (_weight_int8pack_mm, torch 2.13, AVX512) reads input columns 16 at a time: at another
+# width it reads past each row, giving garbage (NaN at decode widths) or a segmentation fault
+INT8_KERNEL_COLUMNS = 16
 
 
 class QuantizedWeight(nn.Module):
@@ -92,6 +95,10 @@ class QuantizedWeight(nn.Module):
         """x (N, I) from `lower` -> x @ W[index]^T (N, O), in x's dtype."""
         raise NotImplementedError
 
+    def kernel_runs(self) -> bool:
+        """Whether the format's kernel computes `matmul` right at this weight's shape."""
+        return True
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight the format represents, (O, I) or (E, O, I)."""
         raise NotImplementedError
@@ -136,6 +143,9 @@ class Int8Weight(QuantizedWeight):
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         return torch._weight_int8pack_mm(x, *self.kernel_operands(index))
+
+    def kernel_runs(self) -> bool:
+        return self.shape[-1] % INT8_KERNEL_COLUMNS == 0
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int(self.weight, self.weight_scale.unsqueeze(-1))
@@ -376,6 +386,11 @@ class QuantizedExperts(RoutedExperts):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.gate_up_proj.shape)}, {tuple(self.down_proj.shape)}, {self.gate_up_proj.scheme}"
+
+
+def kernels_run(layer: nn.Module) -> bool:
+    """Whether each quantized weight of `layer` (a QuantizedLinear, QuantizedExperts) runs right on its kernel."""
+    return all(weight.kernel_runs() for weight in layer.modules() if isinstance(weight, QuantizedWeight))
 
 
 def layer_weight(layer: nn.Module) -> QuantizedWeight:

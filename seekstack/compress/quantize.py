@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from seekstack.compress.linear import (
+    INT8_KERNEL_COLUMNS,
     Fp8Weight,
     Int4Weight,
     Int8Weight,
@@ -41,7 +42,6 @@ ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above
 DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("mtp.*.eh_proj",)
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
-INT8_PER_WORD = 4  # int8 codes are stored packed, four per int32 word
 _RECHECKING: ContextVar[bool] = ContextVar("quant_config_rechecking", default=False)  # the copy recheck builds
 
 
@@ -239,8 +239,8 @@ def unsupported_reason(module: nn.Module, scheme: str, group: int) -> str | None
         module.weight.shape
     ]  # fmt: skip
     for rows, cols in ((shape[-2], shape[-1]) for shape in shapes):
-        if scheme == "int8" and cols % INT8_PER_WORD:
-            return f"{cols} input features are not a multiple of {INT8_PER_WORD} (int8 codes per stored int32)"
+        if scheme == "int8" and cols % INT8_KERNEL_COLUMNS:  # a multiple of the 4 codes a stored int32 packs too
+            return f"{cols} input features are not a multiple of {INT8_KERNEL_COLUMNS} (the int8 kernel's columns)"
         if scheme == "int4" and cols % group:
             return f"{cols} input features are not a multiple of the group size {group}"
         if scheme == "int4" and rows % INT4_ROW_MULTIPLE:

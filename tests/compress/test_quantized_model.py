@@ -281,6 +281,33 @@ def test_int4_leaves_layers_its_kernel_cannot_tile_in_float_and_says_why():
     )
 
 
+def test_int8_leaves_layers_its_kernel_misreads_in_float_and_says_why():
+    model = Transformer(micro_config(intermediate_size=100)).eval()  # layer 0's down_proj: 100 inputs, not 16k
+    reference = logits(model)
+    assignment = quantize_model(model, QuantConfig(scheme="int8"))
+    kept = "kept: 100 input features are not a multiple of 16 (the int8 kernel's columns)"
+    assert assignment["layers.0.mlp.down_proj"] == kept
+    assert assignment["layers.0.mlp.up_proj"] == "int8"
+    assert isinstance(model.layers[0].mlp.down_proj, torch.nn.Linear)
+    relative = ((logits(model) - reference).norm() / reference.norm()).item()
+    assert 0 < relative < 0.02
+
+
+def test_an_int8_checkpoint_with_a_width_the_kernel_misreads_loads_that_layer_dequantized(tmp_path):
+    model = Transformer(micro_config(intermediate_size=100)).eval()
+    quantize_model(model, QuantConfig(scheme="int8", keep=["lm_head", "layers.0.mlp.down_proj"]))
+    down = model.layers[0].mlp.down_proj
+    model.layers[0].mlp.down_proj = quantized_module(down, "int8", QuantConfig(), 32)  # as an earlier seekstack wrote
+    seekstack.save_pretrained(model, tmp_path)
+    misread = r"1 int8 layers \(layers.0.mlp.down_proj\) have an input width that is not a multiple of 16"
+    with pytest.warns(UserWarning, match=misread):
+        loaded = seekstack.load_pretrained(tmp_path)
+    assert isinstance(loaded.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(loaded.layers[0].mlp.up_proj, QuantizedLinear)
+    dequantized = seekstack.load_pretrained(tmp_path, dequantize=True)
+    assert torch.allclose(logits(loaded), logits(dequantized), atol=0.05)
+
+
 def test_resident_bytes_shrink_with_the_format():
     sizes = {}
     for scheme in ("int8", "int4"):
