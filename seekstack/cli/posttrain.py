@@ -25,6 +25,7 @@ DifficultyOpt = Annotated[
 MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Most tokens of each completion")]
 TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Temperature of the sampled completions; 0 = greedy")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the problems drawn and of the sampling")]
+TASK_HELP = "addition | subtraction | multiplication | countdown, or your own as module:Class (on PYTHONPATH)"
 SAMPLING_BATCH = 256  # pass-at-k and traces: completions decoded together at most
 
 
@@ -65,7 +66,7 @@ def pass_at_k_command(
             help="Checkpoint directories with their tokenizers, or runs' out_dirs", callback=run_to_checkpoint
         ),
     ],
-    task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
+    task: Annotated[str, typer.Option(help=TASK_HELP)] = "addition",
     difficulty: DifficultyOpt = None,
     problems: Annotated[int, typer.Option(min=1, help="Held-out problems")] = 100,
     samples: Annotated[int, typer.Option(min=1, help="Samples per problem (k of pass@k)")] = 8,
@@ -108,7 +109,7 @@ def traces_command(
         ),
     ],
     out: Annotated[Path, typer.Option(help="JSONL of verified conversations, for `seekstack sft data=OUT`")],
-    task: Annotated[str, typer.Option(help="addition | subtraction | multiplication | countdown")] = "addition",
+    task: Annotated[str, typer.Option(help=TASK_HELP)] = "addition",
     difficulty: DifficultyOpt = None,
     problems: Annotated[
         int, typer.Option("--problems", "--prompts", min=1, help="Distinct training problems to sample traces on")

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from seekstack.config import ConfigError, ModelConfig
-from seekstack.posttrain.config import ConversationConfig, require_conversation_fields
-from seekstack.posttrain.tasks import TASKS
+from seekstack.posttrain.config import ConversationConfig, require_conversation_fields, require_task
 from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
 from seekstack.train.config import require_tokenizer_file
 
@@ -56,7 +55,8 @@ class DistillConfig(ConversationConfig):
         try:
             require(bool(config.teacher), "teacher", "a checkpoint folder (the model to distill from)")
             require(Path(config.teacher).is_dir(), "teacher", f"an existing checkpoint folder, not {config.teacher!r}")
-            require(not config.task or config.task in TASKS, "task", f"'' or one of {', '.join(TASKS)}")
+            if config.task:
+                require_task(config.task)
             require(
                 not (config.task and config.data), "task", "'' when data is given (conversations from one or other)"
             )

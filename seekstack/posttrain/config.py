@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from seekstack.config import ConfigError, ModelConfig
-from seekstack.posttrain.tasks import TASKS
+from seekstack.posttrain.tasks import task_class
 from seekstack.schema import (
     Fraction,
     NonNegative,
@@ -34,7 +34,7 @@ class ConversationConfig(TrainConfig):
     distill`'s on conversations."""
 
     data: str = ""  # JSONL of {"messages": [...]}; "" = `examples` generated traces of `task`
-    task: str = ""  # a name of seekstack.posttrain.tasks.TASKS; distill: "" with `data` "" = data_dir's token shards
+    task: str = ""  # a TASKS name or your own module:Class; distill: "" with `data` "" = data_dir's token shards
     difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
     examples: Positive = 4000  # generated conversations when `data` is ""
     val_data: str = ""  # JSONL of held-out conversations (as `data`) for val_loss; "" = val_fraction of the data
@@ -81,7 +81,7 @@ class SFTConfig(ConversationConfig):
 
     def validate(self, source: str | None = None) -> SFTConfig:
         config = super().validate(source)
-        _require_task(config, source)
+        require_task(config.task, source)
         _require_tokenizer(config, source)
         try:
             require_conversation_fields(config)
@@ -153,7 +153,7 @@ class GRPOConfig(TrainConfig):
     def validate(self, source: str | None = None) -> GRPOConfig:
         _refuse_unused_by_rl(self, source)  # first: TrainConfig's rules would speak of them as if rl used them
         config = super().validate(source)
-        _require_task(config, source)
+        require_task(config.task, source)
         _require_tokenizer(config, source)
         try:
             require(config.grad_accum_steps == 1, "grad_accum_steps", "1 (a step's rollouts are one batch)")
@@ -249,9 +249,12 @@ nested_config(SFTConfig, "model_overrides", ModelConfig, prefix="model")
 nested_config(GRPOConfig, "model_overrides", ModelConfig, prefix="model")
 
 
-def _require_task(config: SFTConfig | GRPOConfig, source: str | None) -> None:
-    if config.task not in TASKS:
-        raise ConfigError(f"must be one of {', '.join(TASKS)}, got {config.task!r}", field="task", source=source)
+def require_task(task: str, source: str | None = None) -> None:
+    """A ConfigError naming the field task unless `task` names one of TASKS or your own module:Class (`task_class`)."""
+    try:
+        task_class(task)
+    except ValueError as error:
+        raise ConfigError(str(error), field="task", source=source) from None
 
 
 def _require_tokenizer(config: TrainConfig, source: str | None) -> None:

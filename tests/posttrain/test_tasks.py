@@ -1,12 +1,21 @@
+import json
 import random
 import re
+import sys
 import time
 
 import pytest
+from typer.testing import CliRunner
 
+from seekstack.cli import app
+from seekstack.config import ConfigError
+from seekstack.distill.config import DistillConfig
+from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.rewards import RewardWeights, extract_answer, r1_completion, reward_terms, total_reward
 from seekstack.posttrain.tasks import TASKS, Problem, make_task, sample_problems, split_of
 from seekstack.posttrain.tasks.countdown import evaluate_expression
+from seekstack.train.config import resolve_train_config
+from tests.posttrain.support import micro_checkpoint
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -162,3 +171,69 @@ def test_a_verifier_returning_no_true_or_false_is_refused_naming_the_task_proble
     named = re.escape(f"task 'addition': verify(problem {problem.key!r}, answer {problem.answer!r}) returned {verdict}")
     with pytest.raises(ValueError, match=named):
         reward_terms(task, problem, r1_completion(problem.trace, problem.answer), ended=True)
+
+
+YOUR_TASK = """
+from dataclasses import dataclass
+
+from seekstack.posttrain.tasks import Problem
+
+
+@dataclass
+class Parity:
+    difficulty: int = 4
+    name: str = "parity"
+
+    def generate(self, rng):
+        bits = "".join(rng.choice("01") for _ in range(self.difficulty))
+        answer = "odd" if bits.count("1") % 2 else "even"
+        return Problem(bits, f"Is the count of 1s in {bits} even or odd?", answer, f"{bits.count('1')} ones")
+
+    def verify(self, problem, answer):
+        return answer.strip() == problem.answer
+
+
+class Incomplete:
+    name, difficulty = "incomplete", 1
+"""
+
+
+@pytest.fixture
+def your_task(tmp_path, monkeypatch):
+    """A task module of a user's own, importable as `your_task`."""
+    (tmp_path / "your_task.py").write_text(YOUR_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "your_task"
+    sys.modules.pop("your_task", None)
+
+
+def test_your_own_task_is_named_module_colon_class_by_rl_sft_distill_and_pass_at_k(your_task, tmp_path):
+    """A task of your own was taken only after editing TASKS inside seekstack (as TRL takes any reward function)."""
+    task = make_task("your_task:Parity", difficulty=6)
+    assert all(task.verify(p, p.answer) and len(p.key) == 6 for p in sample_problems(task, 20, "train", seed=0))
+    model = micro_checkpoint(tmp_path / "model")
+    for cls in (GRPOConfig, SFTConfig, DistillConfig):
+        fields = ["task=your_task:Parity", f"init_from={model}", f"out_dir={tmp_path / 'run'}"]
+        config = resolve_train_config(None, [*fields, f"teacher={model}"] if cls is DistillConfig else fields, cls=cls)
+        assert config.task == "your_task:Parity"
+    args = ["pass-at-k", str(model), "--task", "your_task:Parity", "--problems", "2", "--samples", "2"]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[0])["task"] == "your_task:Parity"
+
+
+@pytest.mark.parametrize(
+    ("name", "refusal"),
+    [
+        ("additon", "unknown task 'additon'; known tasks are addition, subtraction, multiplication, countdown, or your "
+         "own as module:Class"),
+        ("no_such_module:Task", "task 'no_such_module:Task': module 'no_such_module' cannot be imported (No module "
+         "named 'no_such_module'); put its folder on PYTHONPATH"),
+        ("your_task:Nope", "task 'your_task:Nope': module 'your_task' ("),
+        ("your_task:Incomplete", "task 'your_task:Incomplete': class Incomplete lacks generate, verify; a task has"),
+    ],
+)  # fmt: skip
+def test_a_task_that_is_not_one_is_refused_naming_the_field_and_what_is_wrong(your_task, name, refusal):
+    with pytest.raises(ConfigError, match=re.escape(refusal)) as refused:
+        resolve_train_config(None, [f"task={name}", "tokenizer=", "init_from="], cls=GRPOConfig)
+    assert refused.value.field == "task"

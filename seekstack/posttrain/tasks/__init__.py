@@ -1,24 +1,54 @@
 """Verifiable tasks, the embedded default data of post-training: seeded generators and exact verifiers.
 
 Adding a task: write a class with `name`, `difficulty`, `generate(rng) -> Problem` and
-`verify(problem, answer) -> bool` (see base.Task), and add it to TASKS.
+`verify(problem, answer) -> bool` (see base.Task), and add it to TASKS; or, without changing seekstack, name it
+`module:Class` wherever a task is named (`task_class`).
 """
 
 from __future__ import annotations
+
+import importlib
 
 from seekstack.posttrain.tasks.arithmetic import Addition, Multiplication, Subtraction
 from seekstack.posttrain.tasks.base import Problem, Split, Task, sample_problems, split_of
 from seekstack.posttrain.tasks.countdown import Countdown
 
 TASKS = {"addition": Addition, "subtraction": Subtraction, "multiplication": Multiplication, "countdown": Countdown}
+TASK_MEMBERS = ("name", "difficulty", "generate", "verify")  # base.Task's
 
-__all__ = ["TASKS", "Problem", "Split", "Task", "make_task", "sample_problems", "split_of"]
+__all__ = ["TASKS", "Problem", "Split", "Task", "make_task", "sample_problems", "split_of", "task_class"]
+
+
+def task_class(name: str) -> type:
+    """The class of the task `name`: one of TASKS, or your own named `module:Class` (an import path, as uvicorn's
+    `module:app`; the module importable from sys.path, e.g. through PYTHONPATH), a class with base.Task's members.
+    ValueError naming `name` and what is wrong."""
+    if name in TASKS:
+        return TASKS[name]
+    module_name, _, class_name = name.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"unknown task {name!r}; known tasks are {', '.join(TASKS)}, or your own as module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"task {name!r}: module {module_name!r} cannot be imported ({error}); put its folder on PYTHONPATH"
+        ) from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"task {name!r}: module {module_name!r} ({module.__file__}) has no class {class_name!r}")
+    missing = [member for member in TASK_MEMBERS if not hasattr(cls, member)]
+    if missing:
+        raise ValueError(
+            f"task {name!r}: class {class_name} lacks {', '.join(missing)}; a task has name, difficulty, "
+            "generate(rng) -> Problem and verify(problem, answer) -> bool (seekstack/posttrain/tasks/base.py Task)"
+        )
+    return cls
 
 
 def make_task(name: str, difficulty: int | None = None) -> Task:
-    """The task called `name` at `difficulty` (its default when None)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks are {', '.join(TASKS)}")
+    """The task called `name` (`task_class`) at `difficulty` (its default when None)."""
+    cls = task_class(name)
     if difficulty is not None and difficulty < 1:
         raise ValueError(f"difficulty {difficulty}: must be at least 1 (digits or numbers of task {name!r})")
-    return TASKS[name]() if difficulty is None else TASKS[name](difficulty=difficulty)
+    return cls() if difficulty is None else cls(difficulty=difficulty)
