@@ -42,6 +42,13 @@ def eval_command(
     apply_chat_template: Annotated[
         bool, typer.Option(help="Prompts in the model's chat template, the examples as earlier turns (as lm_eval)")
     ] = False,
+    log_samples: Annotated[
+        bool,
+        typer.Option(
+            help="Also write lm_eval's own files, its results JSON and each task's samples (prompts, answers, "
+            "scores), into OUT's folder's lm_eval/MODEL/"
+        ),
+    ] = False,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -58,13 +65,18 @@ def eval_command(
 
     with user_errors():
         names = tuple(name.strip() for name in tasks.split(",") if name.strip())
-        report = evaluate(
-            model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template
-        )
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
-        json_path, table_path = write_results(report, out or folder / "eval" / "results")
+        out = out or folder / "eval" / "results"
+        samples_folder = out.parent / "lm_eval" if log_samples else None
+        report = evaluate(
+            model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
+            samples_folder,
+        )  # fmt: skip
+        json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))
     typer.echo(f"wall time {report['wall_s']:.1f} s; wrote {json_path} and {table_path}")
+    if samples_folder is not None:
+        typer.echo(f"lm_eval's results and samples: {samples_folder}")
 
 
 def explain_command(

@@ -31,15 +31,19 @@ def evaluate(
     device: str | None = None,
     num_fewshot: int | None = None,
     apply_chat_template: bool = False,
+    samples_folder: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
     holds), `limit` documents per task (a fraction of them below 1), with `num_fewshot` examples (None: each task's
-    own) and `apply_chat_template` (the examples as earlier turns, lm_eval's default); return {"model", "backend",
+    own) and `apply_chat_template` (the examples as earlier turns, lm_eval's default); with `samples_folder`, lm_eval's
+    own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes them; return
+    {"model", "backend",
     "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
     eval` takes them}."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
     import lm_eval
+    from lm_eval.loggers import EvaluationTracker
 
     from seekstack.eval.harness import requests_per_batch, resolve_device  # registers the `seekstack` model too
 
@@ -66,16 +70,20 @@ def evaluate(
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     device = str(resolve_device(device))
     model_args = {**_model_args(folders), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
+    tracker = EvaluationTracker(output_path=str(samples_folder)) if samples_folder is not None else None
     started = time.perf_counter()
     try:
         with _without_lm_evals_git_hash():
             output = lm_eval.simple_evaluate(
                 model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit,
-                num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=False,
+                num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=tracker is not None,
+                evaluation_tracker=tracker,
             )  # fmt: skip
     except KeyError as error:  # how lm_eval refuses a task name it does not know
         raise ValueError(f"lm_eval: {error.args[0] if error.args else error}") from None
     wall_s = time.perf_counter() - started
+    if tracker is not None:
+        _save_lm_eval_files(tracker, output)
     not_metrics = ("alias", "name", "sample_len")
     results = {
         task: {_metric_name(key): value for key, value in values.items() if key not in not_metrics}
@@ -102,6 +110,15 @@ def _without_lm_evals_git_hash() -> Iterator[None]:
 
     with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
         yield
+
+
+def _save_lm_eval_files(tracker: Any, output: dict[str, Any]) -> None:
+    """lm_eval's results JSON and each task's samples JSONL, written by its EvaluationTracker as its command line
+    writes them (so its tools read them)."""
+    samples = output.pop("samples")
+    tracker.save_results_aggregated(results=output, samples=samples)
+    for task in output["configs"]:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
 
 
 def _documents_limit(limit: float | None) -> int | float | None:

@@ -160,6 +160,24 @@ def test_eval_outside_a_git_checkout_prints_no_git_error(checkpoint, tmp_path, m
     assert "not a git repository" not in capfd.readouterr().err
 
 
+def test_log_samples_writes_lm_evals_own_results_and_samples_files_that_its_tools_read(checkpoint, tmp_path):
+    """seekstack eval kept only its own results.json: no per-request samples, no file of lm_eval's shape."""
+    from lm_eval.utils import make_table
+
+    from seekstack.eval.evaluate import evaluate
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE])
+    report = evaluate(checkpoint, ("code_perplexity",), corpus, limit=1, device="cpu", samples_folder=tmp_path / "lm")
+    [results_file] = (tmp_path / "lm").glob("*/results_*.json")
+    [samples_file] = results_file.parent.glob("samples_code_perplexity_*.jsonl")
+    written = json.loads(results_file.read_text())
+    bits = written["results"]["code_perplexity"]["bits_per_byte,none"]
+    assert bits == report["results"]["code_perplexity"]["bits_per_byte"]
+    assert "code_perplexity" in make_table(written)  # lm_eval's own table of a results file
+    [sample] = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert sample["doc"]["text"] == MODULE[:4000] and sample["doc_id"] == 0
+
+
 def test_help_lists_every_local_task():
     from seekstack.cli.evaluate import LOCAL_TASKS
 
