@@ -198,7 +198,7 @@ class GRPOSource:
             None if batch["ref_logps"] is None else batch["ref_logps"].to(self.device),
             config.max_completion_length,
         )
-        metrics = rollout_metrics(rollout)
+        metrics = rollout_metrics(rollout, self.tokenizer.eos_id)
         if result.kl is not None:  # beta > 0: at 0 no reference is scored, so there is no KL to log (as TRL logs none)
             metrics["kl"] = result.kl
         metrics |= {
@@ -255,8 +255,10 @@ def _stored(batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, "rollout": dataclasses.asdict(batch["rollout"])}
 
 
-def rollout_metrics(rollout: Rollout) -> dict[str, float]:
-    """Reward mean/std overall and per term, accuracy, completion lengths overall, of correct and of wrong ones."""
+def rollout_metrics(rollout: Rollout, eos_id: int) -> dict[str, float]:
+    """Reward mean/std overall and per term, accuracy, completion lengths overall, of correct and of wrong ones, and
+    the share of completions cut at max_completion_length before their EOS (TRL's completions/clipped_ratio), which
+    score 0."""
     metrics = {"reward": float(rollout.rewards.mean()), "reward_std": float(rollout.rewards.std())}
     for name, values in rollout.terms.items():
         metrics[f"reward_{name}"] = float(values.mean())
@@ -265,6 +267,7 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     lengths = rollout.completion_lengths.float()
     metrics["accuracy"] = float(correct.float().mean())
     metrics["completion_length"] = float(lengths.mean())
+    metrics["truncated_fraction"] = float((~rollout.ended(eos_id)).float().mean())
     if correct.any():
         metrics["completion_length_correct"] = float(lengths[correct].mean())
     if (~correct).any():

@@ -52,6 +52,11 @@ class Rollout:
         columns = self.prompt_lengths[:, None] + torch.arange(int(self.completion_lengths.max()))[None, :]
         return self.input_ids.gather(1, columns.clamp(max=self.input_ids.shape[1] - 1))
 
+    def ended(self, eos_id: int) -> torch.Tensor:
+        """(N,) bool: whether each completion ended with the model's EOS, not cut at the token limit."""
+        last = self.prompt_lengths + self.completion_lengths - 1
+        return self.input_ids.gather(1, last[:, None]).squeeze(1) == eos_id
+
 
 PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request (rl, traces, pass-at-k)
 

@@ -15,7 +15,7 @@ from seekstack.posttrain import rl
 from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.grpo import group_advantages, policy_loss
 from seekstack.posttrain.padding import pad_rows
-from seekstack.posttrain.rl import GRPOSource, run_rl
+from seekstack.posttrain.rl import GRPOSource, rollout_metrics, run_rl
 from seekstack.posttrain.rollout import Rollout, completion_logps, trained_tokens
 from seekstack.schema import write_config
 from seekstack.train.config import CONFIG_FILE, resolve_train_config
@@ -242,7 +242,8 @@ def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model, async_r
     )
     assert resumed.losses == straight.losses[2:]
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    for name in ("reward", "reward_std", "reward_correctness", "reward_format_std", "accuracy", "kl", "entropy"):
+    for name in ("reward", "reward_std", "reward_correctness", "reward_format_std", "accuracy", "kl", "entropy",
+                 "truncated_fraction"):  # fmt: skip
         assert all(name in line for line in lines), name
     assert all("clip_fraction" in line and "generate_share" in line for line in lines)
     assert lines[0]["generate_share"] > 0 and lines[1]["generate_share"] == 0  # num_iterations=2: one rollout, 2 steps
@@ -254,6 +255,21 @@ def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model, async_r
     weights_a = load_pretrained(tmp_path / "a" / "checkpoints" / "step_4").state_dict()
     weights_b = load_pretrained(tmp_path / "b" / "checkpoints" / "step_4").state_dict()
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
+
+
+def test_the_share_of_completions_the_token_limit_cut_is_logged():
+    """They score 0 (no final answer): how many there are says whether max_completion_length is too short."""
+    eos = 1
+    rollout = Rollout(
+        input_ids=torch.tensor([[5, 6, 7, eos], [5, 6, 7, 8], [5, 9, eos, 0]]),  # prompt 5 6 | 5 6 | 5, then padding
+        prompt_lengths=torch.tensor([2, 2, 1]),
+        completion_lengths=torch.tensor([2, 2, 2]),
+        rewards=torch.zeros(3),
+        terms={"correctness": torch.zeros(3), "format": torch.zeros(3)},
+        generate_s=0.0,
+    )
+    assert rollout.ended(eos).tolist() == [True, False, True]
+    assert rollout_metrics(rollout, eos)["truncated_fraction"] == pytest.approx(1 / 3)
 
 
 def test_a_run_resumed_with_beta_mid_batch_scores_the_saved_batch_against_the_reference(tmp_path, sft_model):
