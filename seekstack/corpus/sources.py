@@ -49,6 +49,8 @@ NO_SUFFIX = ""
 SNIFF_BYTES = 1024
 _NOT_TEXT_BYTES = re.compile(rb"[\x00-\x07\x0e-\x1a\x1c-\x1f\x7f]")
 BINARY_WITHOUT_SUFFIX = "(no suffix, not text)"
+# A named pipe, socket or device among a folder's files, of any name, is not read: reading a pipe waits for a writer
+NOT_A_REGULAR_FILE = "(not a regular file)"
 # So are a package's documents named with a qualifier after the name rather than a file type (`README.Debian`,
 # `NEWS.source`, `changelog.Debian.gz`, a rotated `changelog.1.gz`, as /usr/share/doc holds them); not one whose
 # suffix is a type in Python's own table of them, `mimetypes` (`README.html`, `LICENSE.pdf`).
@@ -104,9 +106,10 @@ def read_text_folder(
 ) -> Iterator[Document]:
     """Every file below `folder` whose suffix is in `suffixes` (`NO_SUFFIX`: a file without one, or documentation named
     with a qualifier, `README.Debian`, when it is text), one document each, in sorted order; folders named in
-    `skipped_dirs` are not entered; `skipped` counts the other files by suffix, and those without one that are not text
-    as `BINARY_WITHOUT_SUFFIX`. Symbolic links to folders are followed, as those to files are, each folder read once (a
-    link back up to a folder being read is no loop)."""
+    `skipped_dirs` are not entered; `skipped` counts the other files by suffix, those without one that are not text
+    as `BINARY_WITHOUT_SUFFIX`, and named pipes, sockets and devices as `NOT_A_REGULAR_FILE`. Symbolic links to
+    folders are followed, as those to files are, each folder read once (a link back up to a folder being read is no
+    loop)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataSourceError(f"{folder}: not a folder")
@@ -125,7 +128,9 @@ def read_text_folder(
                     f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target or "
                     "remove the link"
                 )
-            if sniffed:
+            if (kind in suffixes or sniffed) and not path.is_file():  # reading a named pipe waits for a writer
+                kind = NOT_A_REGULAR_FILE
+            elif sniffed:
                 kind = NO_SUFFIX if _starts_as_text(path) else kind or BINARY_WITHOUT_SUFFIX
             if kind in suffixes:
                 yield Document(_as_text(path.relative_to(folder).as_posix()), _decoded(_read(path)), source)
@@ -150,10 +155,7 @@ def _is_qualified_documentation(path: Path) -> bool:
 
 
 def _starts_as_text(path: Path) -> bool:
-    """True when a file is a regular one (not a named pipe, whose reading would wait for a writer, a socket or a
-    device) and its first `SNIFF_BYTES` bytes (through .gz) hold no character of `_NOT_TEXT_BYTES`."""
-    if not path.is_file():
-        return False
+    """True when a file's first `SNIFF_BYTES` bytes (through .gz) hold no character of `_NOT_TEXT_BYTES`."""
     if path.suffix.lower() == ".gz":
         head = _read(path)[:SNIFF_BYTES]  # a damaged .gz file is named, as one with a text suffix is
     else:

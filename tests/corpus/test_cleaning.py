@@ -873,7 +873,16 @@ def test_a_folders_files_without_a_suffix_are_read_when_they_are_text(tmp_path: 
         ("doc/changelog.gz", "hello (2.12-1) unstable; urgency=low"),
         ("doc/copyright", "Copyright 2024 Ren\u00e9"),
     ]
-    assert skipped == {"(no suffix, not text)": 4, ".1": 1}
+    assert skipped == {"(no suffix, not text)": 3, "(not a regular file)": 1, ".1": 1}
+
+
+def test_a_named_pipe_of_a_text_suffix_is_counted_not_read(tmp_path: Path) -> None:
+    """A named pipe called notes.txt among a folder's files was read, and the build waited for a writer for good."""
+    (tmp_path / "a.txt").write_text("A text file.")
+    os.mkfifo(tmp_path / "notes.txt")
+    skipped: Counter[str] = Counter()
+    assert [doc.doc_id for doc in read_text_folder(tmp_path, skipped=skipped)] == ["a.txt"]
+    assert skipped == {"(not a regular file)": 1}
 
 
 def test_documentation_named_with_a_qualifier_is_read_when_it_is_text(tmp_path: Path) -> None:
