@@ -33,8 +33,8 @@ IP = "<IP>"
 SECRET = "<SECRET>"
 
 # Top-level domains (RFC 1591): the ASCII ones IANA delegates (its list, top_level_domains.txt, dated in its first
-# line; the internationalized ones it lists in punycode, `XN--P1AI`, are not read: a domain of other letters is taken
-# as written, `.рф`); those it delegated once, which old changelogs' addresses end in (`ian@uns.ns.ac.yu`); and the
+# line, the internationalized ones in their punycode, `XN--P1AI` for `.рф`, as an address in ASCII writes them; a
+# domain of other letters is taken as written, `.рф`); those it delegated once, which old changelogs' addresses end in (`ian@uns.ns.ac.yu`); and the
 # names private networks, unnamed hosts and UUCP mail use, which RFC 6761 and ICANN reserve or leave undelegated
 # (`ann@corp.internal`, `bo@localhost.localdomain`, `guy@sun.uucp`).
 _RETIRED_TOP_LEVEL_DOMAINS = "yu tp zr an um".split()
@@ -44,7 +44,7 @@ _PRIVATE_TOP_LEVEL_DOMAINS = "test invalid localhost local localdomain internal 
 def _top_level_domains() -> list[str]:
     """The ASCII top-level domains an address may end in, lower-cased, longest first."""
     listed = Path(__file__).with_name("top_level_domains.txt").read_text(encoding="ascii").splitlines()
-    delegated = {name.lower() for name in listed if name and not name.startswith(("#", "XN--"))}
+    delegated = {name.lower() for name in listed if name and not name.startswith("#")}
     known = delegated.union(_RETIRED_TOP_LEVEL_DOMAINS, _PRIVATE_TOP_LEVEL_DOMAINS)
     return sorted(known, key=lambda name: (-len(name), name))
 

@@ -1157,6 +1157,7 @@ def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_emai
         ("write to o'neil@example.com or O’Neil@example.ie", "write to <EMAIL> or <EMAIL>"),  # left `o'<EMAIL>`
         ("'ann@example.com', ‘bo@example.com’", "'<EMAIL>', ‘<EMAIL>’"),  # quotes around an address stay
         ("Patrick Reader <_@pxeger.com>, _ann@example.com", "Patrick Reader <<EMAIL>>, <EMAIL>"),  # were kept whole
+        ("ivan@xn--e1afmkfd.xn--p1ai, IVAN@XN--E1AFMKFD.XN--P1AI", "<EMAIL>, <EMAIL>"),  # .рф in punycode: was kept
     ],
 )
 def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed: str) -> None:
