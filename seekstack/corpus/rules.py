@@ -48,13 +48,14 @@ _DIGIT = re.compile(r"\d")
 _LETTER = re.compile(r"[^\W\d_]")
 UNSPACED_WORD_CHARS = 4  # a Thai word's length in code points, vowel and tone marks included (4.0 in our test text)
 # Characters that end a sentence: Latin . ! ? and closing quotes, each language's (English " ” ' ’, French » ›, German
-# “ ‘ and « ‹, whose »quotes« close with them); CJK 。！？；：」』 and halfwidth ｡; Devanagari
+# “ ‘ and « ‹, whose »quotes« close with them); CJK 。！？；：」』, halfwidth ｡ and fullwidth ． (Japanese technical
+# and academic writing's full stop, with ， for its comma); Devanagari
 # (Hindi, Marathi, Nepali, also Bengali's) danda । and ॥; Arabic ؟ and Urdu ۔; Armenian ։; Ethiopic ። ፧; Myanmar ။;
 # Khmer ។ ៕; Tibetan ། (Greek's question mark U+037E is ";" after NFC, not told from a semicolon: Greek prose is
 # judged by its full stops).
 TERMINAL_PUNCTUATION = tuple(
     ".!?\"\u201d'\u2019\u00bb\u203a\u201c\u2018\u00ab\u2039"
-    "\u2026\u203c\u2047\u2048\u2049\u3002\uff01\uff1f\uff1b\uff1a\u300d\u300f\uff61"
+    "\u2026\u203c\u2047\u2048\u2049\u3002\uff01\uff1f\uff1b\uff1a\u300d\u300f\uff61\uff0e"
     "\u0964\u0965\u061f\u06d4\u0589\u1362\u1367\u104b\u17d4\u17d5\u0f0d"
 )
 

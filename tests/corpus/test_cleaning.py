@@ -233,6 +233,7 @@ def test_thai_junk_is_still_removed(text: str, rule: str) -> None:
         "ဒါ ကျွန်တော့် စာအုပ် ဖြစ်တယ်။",  # Burmese
         "នេះ​ជា​សៀវភៅ​របស់​ខ្ញុំ។",  # Khmer
         "འདི་ངའི་དཔེ་ཆ་ཡིན། ",  # Tibetan
+        "本研究では，提案手法の有効性を実験により示す．",  # Japanese technical writing's ， and ．: its lines failed
     ],
 )
 def test_a_sentence_ended_in_its_scripts_full_stop_or_question_mark_is_a_terminal_line(sentence: str) -> None:
