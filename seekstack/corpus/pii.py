@@ -34,9 +34,9 @@ SECRET = "<SECRET>"
 
 # Top-level domains (RFC 1591): the ASCII ones IANA delegates (its list, top_level_domains.txt, dated in its first
 # line, the internationalized ones in their punycode, `XN--P1AI` for `.рф`, as an address in ASCII writes them; a
-# domain of other letters is taken as written, `.рф`); those it delegated once, which old changelogs' addresses end in (`ian@uns.ns.ac.yu`); and the
-# names private networks, unnamed hosts and UUCP mail use, which RFC 6761 and ICANN reserve or leave undelegated
-# (`ann@corp.internal`, `bo@localhost.localdomain`, `guy@sun.uucp`).
+# domain of other letters is taken as written, `.рф`); those it delegated once, which old changelogs' addresses end
+# in (`ian@uns.ns.ac.yu`); and the names private networks, unnamed hosts and UUCP mail use, which RFC 6761 and ICANN
+# reserve or leave undelegated (`ann@corp.internal`, `bo@localhost.localdomain`, `guy@sun.uucp`).
 _RETIRED_TOP_LEVEL_DOMAINS = "yu tp zr an um".split()
 _PRIVATE_TOP_LEVEL_DOMAINS = "test invalid localhost local localdomain internal lan corp home uucp bitnet".split()
 
