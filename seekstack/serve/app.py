@@ -418,7 +418,7 @@ class Server:
         self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category]
     ) -> AsyncIterator[str]:
         """SSE chunks as the engine produces tokens, through the content policy (a choice it blocks ends with
-        finish_reason "content_filter"); usage chunk if asked; billed before `data: [DONE]`."""
+        finish_reason "content_filter"); billed, then the usage chunk if asked, then `data: [DONE]`."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         response_id, created = _response_id(is_chat), int(time.time())
@@ -461,10 +461,10 @@ class Server:
                     yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[choice]))
             if splits is not None:
                 bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
+            await bill.record_async(200)  # before the usage chunk: a client that leaves once it has it had its answer
             if body.stream_options and body.stream_options.include_usage:
                 kind = ChatCompletionChunk if is_chat else CompletionResponse
                 yield sse(kind(id=response_id, created=created, model=bill.model, choices=[], usage=bill.usage()))
-            await bill.record_async(200)
         except Exception as error:  # the status line has gone: the client learns it from an error event
             await bill.record_async(500)
             yield sse(internal_error(error, "generating").body())

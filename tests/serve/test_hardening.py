@@ -324,6 +324,37 @@ def test_a_client_that_hangs_up_is_billed_every_token_generated_for_it_also_thos
     assert charge["tokens"] == row["prompt_tokens"] + row["completion_tokens"]
 
 
+def test_a_stream_left_once_its_usage_chunk_came_is_recorded_as_answered(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    app = create_app(engine, database)
+    body = {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
+    headers = [(b"content-type", b"application/json"), (b"host", b"localhost:8000")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": headers, "http_version": "1.1", "scheme": "http", "root_path": "",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000)}  # fmt: skip
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    usage_came = asyncio.Event()
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await usage_came.wait()
+        return {"type": "http.disconnect"}  # the client has its whole answer, and its usage: it closes
+
+    async def send(message: dict) -> None:
+        if b'"usage":{' in message.get("body", b""):
+            usage_came.set()
+            await asyncio.Event().wait()  # [DONE] never goes out
+
+    app.state.server.bridge.start()
+    try:
+        asyncio.run(app(scope, receive, send))
+    finally:
+        app.state.server.bridge.stop()
+    [row] = Ledger(database).records()
+    assert row["status"] == 200 and row["completion_tokens"] == 4  # was: 499, a client that left unanswered
+
+
 def test_a_stream_whose_usage_row_cannot_be_opened_fails_and_stops_generating(engine, tmp_path):
     """The database refuses the stream's row (a full disk): the request fails (500) and the engine stops generating
     for it, rather than running to max_tokens for no one; its rate-limit charge goes back."""
