@@ -204,9 +204,9 @@ class Rows:
 
 
 def read_text_file(path: str | Path) -> Iterator[Document]:
-    """A single text file as one document."""
+    """A single text file, or a named pipe (a shell's `<(xzcat notes.txt.xz)`, `/dev/stdin`), as one document."""
     path = Path(path)
-    if not path.is_file():
+    if not (path.is_file() or path.is_fifo()):
         raise DataSourceError(f"{path}: no such file")
     yield Document(_as_text(path.name), _decoded(_read(path)), _as_text(path.name))
 
@@ -534,8 +534,8 @@ def read_stdlib() -> Iterator[Document]:
 
 def open_source(spec: str | Path, field: str = "text", id_field: str | None = None) -> Iterable[Document]:
     """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
-    `.json`, `.parquet`, `.csv`, `.tsv` (`Rows`, ids from `id_field` where given), a file; a saved DatasetDict is
-    refused, naming its splits' folders."""
+    `.json`, `.parquet`, `.csv`, `.tsv` (`Rows`, ids from `id_field` where given), a file or a named pipe; a saved
+    DatasetDict is refused, naming its splits' folders."""
     if str(spec) == "stdlib":
         return read_stdlib()
     path = Path(spec)
@@ -544,7 +544,7 @@ def open_source(spec: str | Path, field: str = "text", id_field: str | None = No
     refuse_a_saved_dataset_dict(path)
     if path.is_dir():
         return TextFolder(path)
-    if not path.is_file():
+    if not (path.is_file() or path.is_fifo()):  # a pipe given by name is read: its writer is the user's
         raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
     if _kind(path) == ".jsonl":
         return Rows(read_jsonl, path, field, id_field)

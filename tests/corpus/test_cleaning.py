@@ -12,6 +12,7 @@ import random
 import re
 import sysconfig
 import textwrap
+import threading
 import time
 import zlib
 from collections import Counter
@@ -884,6 +885,17 @@ def test_a_named_pipe_of_a_text_suffix_is_counted_not_read(tmp_path: Path) -> No
     skipped: Counter[str] = Counter()
     assert [doc.doc_id for doc in read_text_folder(tmp_path, skipped=skipped)] == ["a.txt"]
     assert skipped == {"(not a regular file)": 1}
+
+
+def test_a_named_pipe_given_as_an_input_is_read_as_a_text_file(tmp_path: Path) -> None:
+    """`data build <(xzcat notes.txt.xz)` (the shell's /dev/fd/63) and `data build /dev/stdin` were refused as 'no
+    such file or folder', though the pipe was there and the way to read a format not read directly."""
+    pipe = tmp_path / "63"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_bytes, args=("caf\u00e9 notes".encode(),), daemon=True)
+    writer.start()
+    assert list(open_source(pipe)) == [Document("63", "caf\u00e9 notes", "63")]
+    writer.join()
 
 
 def test_documentation_named_with_a_qualifier_is_read_when_it_is_text(tmp_path: Path) -> None:
