@@ -42,6 +42,9 @@ def eval_command(
     apply_chat_template: Annotated[
         bool, typer.Option(help="Prompts in the model's chat template, the examples as earlier turns (as lm_eval)")
     ] = False,
+    include_path: Annotated[
+        Path | None, typer.Option(help="A folder of your own task YAML files (and groups), found by task name")
+    ] = None,
     log_samples: Annotated[
         bool,
         typer.Option(
@@ -70,7 +73,7 @@ def eval_command(
         samples_folder = out.parent / "lm_eval" if log_samples else None
         report = evaluate(
             model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
-            samples_folder,
+            samples_folder, include_path,
         )  # fmt: skip
         json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))

@@ -32,18 +32,21 @@ def evaluate(
     num_fewshot: int | None = None,
     apply_chat_template: bool = False,
     samples_folder: str | Path | None = None,
+    include_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
     holds), `limit` documents per task (a fraction of them below 1), with `num_fewshot` examples (None: each task's
     own) and `apply_chat_template` (the examples as earlier turns, lm_eval's default); with `samples_folder`, lm_eval's
-    own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes them; return
+    own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes them; task
+    YAML files (and groups of them) in the folder `include_path` found by name, as lm_eval's --include_path; return
     {"model", "backend",
     "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
     eval` takes them}."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
 
     from seekstack.eval.harness import requests_per_batch, resolve_device  # registers the `seekstack` model too
 
@@ -70,6 +73,10 @@ def evaluate(
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     device = str(resolve_device(device))
     model_args = {**_model_args(folders), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include-path {include_path}: no such folder; give the folder of your task YAML files")
+    # lm_eval's own task manager, told of the folder too, its model args as the tasks' metadata (as simple_evaluate's)
+    tasks_found = TaskManager(include_path=include_path, metadata=model_args) if include_path is not None else None
     tracker = EvaluationTracker(output_path=str(samples_folder)) if samples_folder is not None else None
     started = time.perf_counter()
     try:
@@ -77,7 +84,7 @@ def evaluate(
             output = lm_eval.simple_evaluate(
                 model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit,
                 num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=tracker is not None,
-                evaluation_tracker=tracker,
+                evaluation_tracker=tracker, task_manager=tasks_found,
             )  # fmt: skip
     except KeyError as error:  # how lm_eval refuses a task name it does not know
         raise ValueError(f"lm_eval: {error.args[0] if error.args else error}") from None
@@ -94,6 +101,7 @@ def evaluate(
         "tasks": list(tasks), "corpus": str(Path(corpus).resolve()) if corpus is not None else None,
         "backend": backend, "batch_size": batch_size, "limit": limit, "per_module": per_module, "device": device,
         "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
+        "include_path": str(Path(include_path).resolve()) if include_path is not None else None,
     }  # fmt: skip
     return {
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,

@@ -178,6 +178,41 @@ def test_log_samples_writes_lm_evals_own_results_and_samples_files_that_its_tool
     assert sample["doc"]["text"] == MODULE[:4000] and sample["doc_id"] == 0
 
 
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, tmp_path):
+    """seekstack eval had no --include-path: a group YAML naming the user's own tasks could not be run (a YAML path
+    in --tasks failed in `datasets` with 'expected str, bytes or os.PathLike object, not NoneType')."""
+    from seekstack.eval.evaluate import evaluate
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [{"q": f"{a} + 1?", "choices": [str(a + 1), str(a + 2)], "label": 0} for a in range(3)]
+    (tasks / "sums.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for name in ("sums_a", "sums_b"):
+        (tasks / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=tasks / "sums.jsonl"))
+    (tasks / "group.yaml").write_text("group: sums\ntask: [sums_a, sums_b]\naggregate_metric_list:\n  - metric: acc\n")
+    report = evaluate(checkpoint, ("sums",), limit=2, device="cpu", include_path=tasks)
+    assert set(report["results"]) == {"sums", "sums_a", "sums_b"} and report["samples"]["sums_a"] == 2
+    assert report["results"]["sums"]["acc"] == report["results"]["sums_a"]["acc"]  # the same questions twice
+    assert report["options"]["include_path"] == str(tasks.resolve())
+    with pytest.raises(ValueError, match=f"--include-path {tmp_path / 'none'}: no such folder"):
+        evaluate(checkpoint, ("sums",), include_path=tmp_path / "none")
+
+
 def test_help_lists_every_local_task():
     from seekstack.cli.evaluate import LOCAL_TASKS
 
