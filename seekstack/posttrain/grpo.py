@@ -26,17 +26,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: Scal
     """A_i = (r_i - mean of its group) / (std + 1e-4), rewards (N,) in consecutive groups of `group_size`.
 
     The std is that of the group (`group`, GRPO), of the whole batch (`batch`), or not used (`none`, Dr. GRPO).
-    Stds are unbiased (n - 1), as torch.std and TRL compute them.
     """
     grouped = rewards.view(-1, group_size)  # (P, G)
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
-    if scale_rewards == "group":
-        std = grouped.std(dim=1).repeat_interleave(group_size)
-    elif scale_rewards == "batch":
-        std = rewards.std().expand_as(rewards)
-    else:
+    if scale_rewards == "none":
         return centred
-    return centred / (std + STD_EPS)
+    return centred / (reward_std(rewards, group_size, scale_rewards) + STD_EPS)
+
+
+def reward_std(rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards) -> torch.Tensor:
+    """(N,) the std each reward's advantage is divided by: the batch's with `batch`, else its group's (with `none`
+    it divides nothing, and says whether the group has any advantage). Unbiased (n - 1), as torch.std and TRL."""
+    if scale_rewards == "batch":
+        return rewards.std().expand_as(rewards)
+    return rewards.view(-1, group_size).std(dim=1).repeat_interleave(group_size)
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:

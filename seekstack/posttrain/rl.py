@@ -28,7 +28,7 @@ from seekstack.infer.threads import IdleCores, configured_threads, running_on, t
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import GRPOConfig, run_tokenizer
 from seekstack.posttrain.conversations import prompt_messages
-from seekstack.posttrain.grpo import group_advantages, policy_loss
+from seekstack.posttrain.grpo import group_advantages, policy_loss, reward_std
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import (
     PROMPT_TOKENS,
@@ -199,6 +199,11 @@ class GRPOSource:
             config.max_completion_length,
         )
         metrics = rollout_metrics(rollout, self.tokenizer.eos_id)
+        # as TRL's: the groups' mean std (the batch's with scale_rewards=batch), and the share of completions whose
+        # group's rewards are all equal, which gives them no advantage and no gradient
+        std = reward_std(rollout.rewards, config.num_generations, config.scale_rewards)
+        metrics["reward_std"] = float(std.mean())
+        metrics["frac_reward_zero_std"] = float(torch.isclose(std, torch.zeros_like(std)).float().mean())
         if result.kl is not None:  # beta > 0: at 0 no reference is scored, so there is no KL to log (as TRL logs none)
             metrics["kl"] = result.kl
         metrics |= {
@@ -256,10 +261,10 @@ def _stored(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def rollout_metrics(rollout: Rollout, eos_id: int) -> dict[str, float]:
-    """Reward mean/std overall and per term, accuracy, completion lengths overall, of correct and of wrong ones, and
+    """Reward mean, each term's mean and std, accuracy, completion lengths overall, of correct and of wrong ones, and
     the share of completions cut at max_completion_length before their EOS (TRL's completions/clipped_ratio), which
     score 0."""
-    metrics = {"reward": float(rollout.rewards.mean()), "reward_std": float(rollout.rewards.std())}
+    metrics = {"reward": float(rollout.rewards.mean())}
     for name, values in rollout.terms.items():
         metrics[f"reward_{name}"] = float(values.mean())
         metrics[f"reward_{name}_std"] = float(values.std())

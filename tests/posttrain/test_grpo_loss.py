@@ -5,7 +5,7 @@ import torch
 
 from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.evaluate import pass_at_k
-from seekstack.posttrain.grpo import STD_EPS, group_advantages, k3_kl, policy_loss
+from seekstack.posttrain.grpo import STD_EPS, group_advantages, k3_kl, policy_loss, reward_std
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])  # 2 groups of 4
 
@@ -28,6 +28,16 @@ def test_batch_and_none_scaling():
 
 def test_identical_rewards_give_zero_advantage():
     assert torch.equal(group_advantages(torch.ones(4), 4, "group"), torch.zeros(4))
+
+
+def test_reward_std_is_each_groups_or_the_batchs_as_the_advantages_divide_by():
+    """rl logs its mean as reward_std (TRL's: the groups' mean std; the batch std it logged instead was 0.46 where
+    one group of two had no spread) and the share where it is 0 as frac_reward_zero_std."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    std = reward_std(rewards, 4, "group")
+    assert torch.allclose(std, torch.tensor([0.57735] * 4 + [0.0] * 4), atol=1e-5)
+    assert torch.equal(reward_std(rewards, 4, "none"), std)  # divides nothing, but says which groups have advantages
+    assert torch.equal(reward_std(rewards, 4, "batch"), rewards.std().expand(8))
 
 
 def test_k3_matches_its_formula_and_is_zero_on_equal_policies():

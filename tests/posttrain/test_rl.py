@@ -243,8 +243,10 @@ def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model, async_r
     assert resumed.losses == straight.losses[2:]
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     for name in ("reward", "reward_std", "reward_correctness", "reward_format_std", "accuracy", "kl", "entropy",
-                 "truncated_fraction"):  # fmt: skip
+                 "truncated_fraction", "frac_reward_zero_std"):  # fmt: skip
         assert all(name in line for line in lines), name
+    # reward_std is the groups' mean std: 0 exactly where no group's rewards differ
+    assert all((line["reward_std"] == 0) == (line["frac_reward_zero_std"] == 1) for line in lines)
     assert all("clip_fraction" in line and "generate_share" in line for line in lines)
     assert lines[0]["generate_share"] > 0 and lines[1]["generate_share"] == 0  # num_iterations=2: one rollout, 2 steps
     assert any(0 < line["reward_format"] < 1 for line in lines)
