@@ -6,6 +6,7 @@ Every source is a generator of `Document`s, so memory stays bounded by one file,
 from __future__ import annotations
 
 import codecs
+import errno
 import gzip
 import io
 import json
@@ -124,10 +125,7 @@ def read_text_folder(
                 kind == NO_SUFFIX or (kind not in suffixes and _is_qualified_documentation(path))
             )
             if (kind in suffixes or sniffed) and not path.exists():  # os.walk lists a link to nothing among files
-                raise DataSourceError(
-                    f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target or "
-                    "remove the link"
-                )
+                raise DataSourceError(_broken_link(path))
             if (kind in suffixes or sniffed) and not path.is_file():  # reading a named pipe waits for a writer
                 kind = NOT_A_REGULAR_FILE
             elif sniffed:
@@ -136,6 +134,22 @@ def read_text_folder(
                 yield Document(_as_text(path.relative_to(folder).as_posix()), _decoded(_read(path)), source)
             elif skipped is not None:
                 skipped[_as_text(kind) or "(no suffix)"] += 1
+
+
+def _broken_link(path: Path) -> str:
+    """What is wrong with a symbolic link that leads to no file: its target does not exist, or links lead back to
+    themselves (`a -> b`, `b -> a`, which `exists` reads as missing too)."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return (
+                f"{path}: a symbolic link to {os.readlink(path)}, one of a loop of links that leads to no file; "
+                "point one of them at a file, or remove them"
+            )
+    return (
+        f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; restore its target or remove the link"
+    )
 
 
 def _refuse_an_unlisted_folder(error: OSError) -> None:

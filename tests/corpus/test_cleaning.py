@@ -878,6 +878,15 @@ def test_a_folders_files_without_a_suffix_are_read_when_they_are_text(tmp_path: 
     assert skipped == {"(no suffix, not text)": 3, "(not a regular file)": 1, ".1": 1}
 
 
+def test_links_in_a_loop_are_named_as_a_loop_not_as_a_missing_target(tmp_path: Path) -> None:
+    """`a.txt -> b.txt`, `b.txt -> a.txt` were refused as 'a symbolic link to b.txt, which does not exist', though
+    b.txt was there beside it."""
+    (tmp_path / "a.txt").symlink_to("b.txt")
+    (tmp_path / "b.txt").symlink_to("a.txt")
+    with pytest.raises(DataSourceError, match="a.txt: a symbolic link to b.txt, one of a loop of links"):
+        list(read_text_folder(tmp_path))
+
+
 def test_a_named_pipe_of_a_text_suffix_is_counted_not_read(tmp_path: Path) -> None:
     """A named pipe called notes.txt among a folder's files was read, and the build waited for a writer for good."""
     (tmp_path / "a.txt").write_text("A text file.")
