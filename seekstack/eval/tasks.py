@@ -149,7 +149,8 @@ def task_configs(
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; the local tasks are {', '.join(TASKS)}")
-    common = {"test_split": "test", "target_delimiter": "", "fewshot_delimiter": "", "metadata": {"version": 1}}
+    # a few-shot example (--num-fewshot) ends its line, as the module's next line does, before the next one's context
+    common = {"test_split": "test", "target_delimiter": "", "fewshot_delimiter": "\n", "metadata": {"version": 1}}
     reasoning = [task for task in tasks if task in REASONING_TASKS]
     if reasoning and tokenizer is None:
         raise ValueError(f"the reasoning tasks ({', '.join(reasoning)}) need the model's tokenizer for the chat prompt")

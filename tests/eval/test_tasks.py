@@ -213,6 +213,19 @@ def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, 
         evaluate(checkpoint, ("sums",), include_path=tmp_path / "none")
 
 
+def test_a_few_shot_example_of_the_line_tasks_ends_its_line_before_the_next_question(tmp_path):
+    """With --num-fewshot, an example's line ran into the next question's context ('rv = reductor(x)import sys')."""
+    from lm_eval.api.task import ConfigurableTask
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE.replace("compute", "measure")])
+    for name in ("code_cloze", "code_next_line"):
+        [config] = task_configs(corpus, (name,), per_module=2)
+        task = ConfigurableTask(config={**config, "num_fewshot": 1})
+        docs = list(task.test_docs())
+        examples = task.fewshot_context(docs[0], 1).removesuffix(task.doc_to_text(docs[0]))
+        assert any(examples.endswith(doc["target"] + "\n") for doc in docs), (name, examples[-80:])
+
+
 def test_help_lists_every_local_task():
     from seekstack.cli.evaluate import LOCAL_TASKS
 
