@@ -23,7 +23,7 @@ from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
-from seekstack.tokenizer import Tokenizer, drop_past_reasoning
+from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer, drop_past_reasoning
 from seekstack.tokenizer import template_message as chat_template_message
 from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
@@ -192,14 +192,36 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     `Tokenizer.template_message`, which refuses its special tokens too), its content whole characters and its
     weight, if an assistant message has one, `check_weight`'s (OpenAI fine-tuning gives weight a meaning on assistant
     messages only: on another role it is ignored, as the template ignores it). A null content is refused, an
-    assistant's too: in OpenAI fine-tuning data only a tool call's may be null. ValueError naming `position`."""
-    templated = (tokenizer.template_message if tokenizer else chat_template_message)(position, message)
+    assistant's too: in OpenAI fine-tuning data only a tool call's may be null. An assistant's `reasoning_content`
+    is written into its content (`with_reasoning`). ValueError naming `position`."""
+    template = tokenizer.template_message if tokenizer else chat_template_message
+    templated = template(position, message)
     if cast(dict, message)["content"] is None:
         raise ValueError(f"chat message {position} content must be a string or a list of text parts, got null")
+    if templated["role"] == "assistant" and templated.get("reasoning_content") is not None:
+        templated = template(position, with_reasoning(position, templated))  # its special tokens refused too
     check_whole_characters(position, templated["content"])
     if templated["role"] == "assistant" and "weight" in templated:
         check_weight(position, templated["weight"])
     return templated
+
+
+def with_reasoning(position: int, message: dict) -> dict:
+    """An assistant message whose reasoning is apart in `reasoning_content` (as DeepSeek's API, vLLM and `seekstack
+    serve --reasoning-parser deepseek_r1` answer) with it written back into its content in the R1 format the parser
+    splits, `<think>\\n{reasoning}\\n</think>\\n\\n{content}`, so that it is trained as the model writes it. ValueError
+    naming `position` when it is no text, or the content holds a think block of its own too."""
+    reasoning = message["reasoning_content"]
+    if not isinstance(reasoning, str):
+        raise ValueError(
+            f"chat message {position} field 'reasoning_content' must be text or null, got {type(reasoning).__name__}"
+        )
+    if THINK_OPEN in message["content"]:
+        raise ValueError(
+            f"chat message {position} has reasoning_content and a {THINK_OPEN} block in its content too: keep one"
+        )
+    content = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{message['content']}"
+    return {**{k: v for k, v in message.items() if k != "reasoning_content"}, "content": content}
 
 
 def check_weight(position: int, weight: object) -> None:

@@ -23,6 +23,7 @@ from seekstack.posttrain.conversations import (
 )
 from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
+from seekstack.serve.reasoning import ReasoningSplit
 from seekstack.tokenizer import ASSISTANT, EOS, train_tokenizer
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import byte_tokenizer, micro_checkpoint
@@ -446,6 +447,38 @@ def test_other_dataset_formats_are_refused_naming_the_line_and_what_to_write(tmp
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(ValueError, match=re.escape(f"other.jsonl:2: {refusal}")):
         read_conversations(path)
+
+
+def test_an_assistants_reasoning_content_is_trained_in_its_content_in_the_r1_format(tmp_path):
+    """A reply recorded from DeepSeek's API or `seekstack serve --reasoning-parser deepseek_r1` holds its reasoning in
+    reasoning_content, which SFT ignored as another key: a model trained on such replies answered without reasoning."""
+    tokenizer = byte_tokenizer(tmp_path)
+    path = tmp_path / "served.jsonl"
+    reply = {"role": "assistant", "content": "5", "reasoning_content": "2 + 3 is 5"}
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 3?"}, reply]}) + "\n")
+    messages = read_conversations(path, tokenizer)[0]
+    assert messages[1] == {"role": "assistant", "content": "<think>\n2 + 3 is 5\n</think>\n\n5"}
+    assert ReasoningSplit().message(messages[1]["content"]).reasoning_content == "2 + 3 is 5"  # serve's split of it
+    ids, labels = encode_conversation(tokenizer, messages)
+    trained = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
+    assert trained == messages[1]["content"] + EOS
+
+
+@pytest.mark.parametrize(
+    ("reply", "refusal"),
+    [
+        ({"content": "5", "reasoning_content": 5}, "chat message 1 field 'reasoning_content' must be text or null"),
+        ({"content": "<think> a </think> 5", "reasoning_content": "b"}, "chat message 1 has reasoning_content and a "
+         "<think> block in its content too"),
+        ({"content": "5", "reasoning_content": f"b{ASSISTANT}"}, "chat message 1 content contains the special token"),
+    ],
+)  # fmt: skip
+def test_reasoning_content_that_cannot_be_trained_is_refused_naming_the_line(tmp_path, reply, refusal):
+    tokenizer = byte_tokenizer(tmp_path)
+    path = tmp_path / "served.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", **reply}]}))
+    with pytest.raises(ValueError, match=re.escape(f"served.jsonl:1: {refusal}")):
+        read_conversations(path, tokenizer)
 
 
 @pytest.mark.parametrize(

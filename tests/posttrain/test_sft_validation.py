@@ -165,10 +165,10 @@ def test_a_bad_val_fraction_or_val_data_is_refused_naming_its_key(tmp_path):
 
 
 def test_copies_differing_only_in_keys_the_template_ignores_are_one_conversation(tmp_path, capsys):
-    """A copy whose messages carry `name`, `"tool_calls": null`, `reasoning_content` or `weight: 1` encodes the same
-    row: val_fraction holds it out with the original, and val_data holding it is noted as trained on."""
+    """A copy whose messages carry `name`, `"tool_calls": null`, `"reasoning_content": null` or `weight: 1` encodes the
+    same row: val_fraction holds it out with the original, and val_data holding it is noted as trained on."""
     dressed = [
-        [{**user, "name": "ada"}, {**answer, "tool_calls": None, "reasoning_content": "sum", "weight": 1}]
+        [{**user, "name": "ada"}, {**answer, "tool_calls": None, "reasoning_content": None, "weight": 1}]
         for user, answer in SUMS
     ]
     data = write_conversations(SUMS + dressed, tmp_path / "sums.jsonl")
