@@ -33,7 +33,7 @@ class ConversationConfig(TrainConfig):
     those it holds out for `val_loss` (`val_data`, else `val_fraction` of them): `seekstack sft`'s, and `seekstack
     distill`'s on conversations."""
 
-    data: str = ""  # JSONL of {"messages": [...]}; "" = `examples` generated traces of `task`
+    data: str = ""  # JSONL of {"messages": [...]} or {"prompt": [...], "completion": [...]}; "" = traces of `task`
     task: str = ""  # a TASKS name or your own module:Class; distill: "" with `data` "" = data_dir's token shards
     difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
     examples: Positive = 4000  # generated conversations when `data` is ""
