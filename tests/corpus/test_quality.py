@@ -230,9 +230,9 @@ def test_a_model_path_that_is_no_file_is_named_with_what_to_give(tmp_path: Path,
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
-        ("--top-fraction", "30", "--top-fraction is 30.0: must be a share in (0, 1]"),
-        ("--top-fraction", "0", "--top-fraction is 0.0: must be a share in (0, 1]"),
-        ("--threshold", "2", "--threshold is 2.0: must be in [0, 1]"),
+        ("--top-fraction", "30", "Invalid value for '--top-fraction': is 30.0: must be a share in (0, 1]"),
+        ("--top-fraction", "0", "Invalid value for '--top-fraction': is 0.0: must be a share in (0, 1]"),
+        ("--threshold", "2", "Invalid value for '--threshold': is 2.0: must be in [0, 1]"),
     ],
 )
 def test_select_refuses_a_top_fraction_or_threshold_out_of_range_naming_the_option(
@@ -242,7 +242,7 @@ def test_select_refuses_a_top_fraction_or_threshold_out_of_range_naming_the_opti
     model_path = model.save(tmp_path / "q.npz")
     args = ["data", "select", "--corpus", str(corpus), "--model", str(model_path), "--out", str(tmp_path / "sel")]
     refused = CliRunner().invoke(app, [*args, option, value])
-    assert refused.exit_code == 1 and says in " ".join(refused.output.split())
+    assert refused.exit_code == 2 and says in " ".join(refused.output.split())  # a usage error, as the parser's own
     assert not (tmp_path / "sel").exists()
 
 
