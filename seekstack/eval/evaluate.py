@@ -65,6 +65,11 @@ def evaluate(
             f"{', '.join(chat_already)}: their prompts are in the model's chat template already, which "
             "--apply-chat-template would wrap in a second one; evaluate them without it"
         )
+    if num_fewshot and chat_already:
+        raise ValueError(
+            f"{', '.join(chat_already)}: each prompt is a whole chat (system prompt, question, the reply opened), "
+            f"so --num-fewshot {num_fewshot} would glue {num_fewshot} other chats before it; evaluate them without it"
+        )
     folders = model_folders(model_dir)  # an adapter checkpoint: its base, and the tokenizer the two read with
     tokenizer = Tokenizer.from_file(folders.tokenizer) if any(task in REASONING_TASKS for task in local) else None
     if backend == "hf":

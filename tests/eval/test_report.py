@@ -167,6 +167,8 @@ def test_eval_runs_tasks_few_shot_and_in_the_chat_template_and_the_report_reruns
     assert (asked[-1]["num_fewshot"], asked[-1]["apply_chat_template"]) == (None, False)  # each task's own, plain
     with pytest.raises(ValueError, match="reason_addition: their prompts are in the model's chat template already"):
         evaluate(tmp_path, ("mc", "reason_addition"), device="cpu", apply_chat_template=True)
+    with pytest.raises(ValueError, match="reason_addition: each prompt is a whole chat .* --num-fewshot 2 would glue"):
+        evaluate(tmp_path, ("mc", "reason_addition"), device="cpu", num_fewshot=2)
 
 
 def test_eval_limit_is_a_number_of_documents_or_a_fraction_of_them_as_lm_evals(tmp_path, monkeypatch):
