@@ -374,13 +374,23 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     """A JSON Lines file's lines, numbered from 1, decoded as text files are: all as UTF-16 when the file opens with
     UTF-16's byte-order mark (as Windows PowerShell 5 writes), else each line by `_decoded`."""
     try:
-        with (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb") as binary:
-            if binary.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        with _opened(path) as binary:
+            if _opens_with_utf16_mark(binary):
                 yield from enumerate(io.TextIOWrapper(binary, "utf-16", errors="replace", newline="\n"), start=1)
             else:
                 yield from enumerate(map(_decoded, binary), start=1)
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # what only a damaged .gz raises while being read
         raise DataSourceError(f"{path}: not a readable gzip file ({error})") from None
+
+
+def _opened(path: Path) -> io.BufferedIOBase:
+    """A file opened for reading its bytes, through gzip when its name ends in .gz."""
+    return (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb")
+
+
+def _opens_with_utf16_mark(binary: io.BufferedIOBase) -> bool:
+    """Whether a file opened by `_opened`, not yet read, starts with UTF-16's byte-order mark (left to be read)."""
+    return binary.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 
 def _parsed_json(text: str, where: str) -> Any:
@@ -448,13 +458,15 @@ def read_csv(
     blocks; ids are column `id_field`'s or `file:row`, the header not counted (`posts.csv:1` is the first row under
     it). Quoted values may hold line breaks; the text column is read
     as bytes, whatever it holds, and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are
-    not checked."""
+    not checked. A file opening with UTF-16's byte-order mark (Excel's "Unicode Text" export) is read as UTF-16."""
     path = Path(path)
     delimiter = "\t" if _kind(path) == ".tsv" else ","
     with _arrow_errors_named(path, "CSV"):
+        with _opened(path) as binary:
+            encoding = "utf-16" if _opens_with_utf16_mark(binary) else "utf8"  # Excel's "Unicode Text": UTF-16 TSV
         reader = pyarrow.csv.open_csv(
             path,
-            read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+            read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding),
             parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.binary()}, check_utf8=False),
         )

@@ -776,6 +776,19 @@ def test_csv_and_tsv_files_are_read_as_rows_of_their_text_column(tmp_path: Path)
     assert [doc.text for doc in open_source(tmp_path / "excel.csv")] == ["caf\u00e9 cr\u00e8me"]
 
 
+def test_a_utf16_table_as_excel_exports_unicode_text_is_read(tmp_path: Path) -> None:
+    """Excel's "Unicode Text" export (UTF-16 with its byte-order mark, tab-separated, CRLF) was refused as 'cannot be
+    read as CSV (CSV parse error: Expected 2 columns, got 1)', though JSONL and text files in UTF-16 are read."""
+    table = "text\tid\r\ncaf\u00e9 na\u00efve\t1\r\nsecond row\t2\r\n".encode("utf-16")
+    (tmp_path / "sheet.tsv").write_bytes(table)
+    (tmp_path / "sheet.tsv.gz").write_bytes(gzip.compress(table))
+    for name in ("sheet.tsv", "sheet.tsv.gz"):
+        assert [(doc.doc_id, doc.text) for doc in open_source(tmp_path / name, id_field="id")] == [
+            ("1", "caf\u00e9 na\u00efve"),
+            ("2", "second row"),
+        ]
+
+
 def test_a_binary_parquet_text_column_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     """It failed 'row 0 of column 'text' is bytes, not text'."""
     texts = pa.array([b"caf\xc3\xa9 UTF-8", b"caf\xe9 Windows-1252", None], type=pa.binary())
