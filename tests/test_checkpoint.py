@@ -95,6 +95,14 @@ def test_save_then_load_gives_equal_state_dict_and_logits(tmp_path):
         assert torch.equal(loaded(INPUT_IDS, labels=INPUT_IDS).mtp_loss, model(INPUT_IDS, labels=INPUT_IDS).mtp_loss)
 
 
+def test_a_loaded_model_is_in_eval_mode_as_transformers_from_pretrained_returns_it(tmp_path):
+    seekstack.save_pretrained(random_model(aux_loss_alpha=0.01), tmp_path / "ckpt")
+    loaded = seekstack.load_pretrained(tmp_path / "ckpt")
+    assert not any(module.training for module in loaded.modules())
+    with torch.no_grad():
+        assert loaded(INPUT_IDS, labels=INPUT_IDS).balance_loss is None  # a training-time term, as in transformers
+
+
 def test_a_model_wrapped_by_torch_compile_saves_as_the_model_it_wraps(tmp_path):
     model = random_model()
     seekstack.save_pretrained(torch.compile(model), tmp_path / "ckpt")  # saving compiles nothing: no forward runs
@@ -592,6 +600,15 @@ def test_damaged_shard_of_a_sharded_checkpoint_is_named(tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:100])
     assert load_error(tmp_path).startswith(f"{shard}: not a valid safetensors file")
+
+
+def test_a_git_lfs_pointer_in_place_of_a_shard_is_named_as_one_with_how_to_fetch_the_weights(tmp_path):
+    seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]  # what `git clone` without Git LFS leaves
+    shard.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize 40000\n")
+    message = load_error(tmp_path)
+    assert message.startswith(f"{shard}: a Git LFS pointer (")
+    assert "cloned without Git LFS" in message and "`git lfs pull`" in message
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,8 @@ def load_pretrained(
     dequantize: bool = False,
     offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
 ) -> Transformer:
-    """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`.
+    """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`, in eval
+    mode as transformers' `from_pretrained` returns a model (no balance loss; `model.train()` to train it).
 
     Tensors are read one at a time into a model materialised directly on `device`, so peak memory
     stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds.
@@ -108,7 +109,7 @@ def load_pretrained(
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)
-    return model
+    return model.eval()
 
 
 def model_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:

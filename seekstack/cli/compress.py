@@ -200,7 +200,7 @@ def _progressive(
 
     batches, byte_lengths = _held_out(model, data, "--progressive")
     bfloat16 = stored_float_dtype(model) == torch.bfloat16  # a bf16 checkpoint starts at bf16, others at float32
-    original = load_pretrained(model, dtype=torch.bfloat16 if bfloat16 else torch.float32).eval()
+    original = load_pretrained(model, dtype=torch.bfloat16 if bfloat16 else torch.float32)
     chosen, chosen_name, stages = progressive(
         original, lambda m: measure(m, original, batches, byte_lengths), config, max_bpb_increase, max_kl
     )
@@ -250,9 +250,9 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
     from seekstack.compress.quantize import mixed_experts_notes, quantize_model, save_with_tokenizer
 
     calibration, byte_lengths = _held_out(model, data, "--adaptive", split="train", batches=2)
-    original = load_pretrained(model, dequantize=True).eval()
+    original = load_pretrained(model, dequantize=True)
     refuse_budget_below_smallest(original, budget_bits)
-    reference = load_pretrained(model, dequantize=True).eval()
+    reference = load_pretrained(model, dequantize=True)
     choices = sensitivities(original, lambda m: measure(m, reference, calibration, byte_lengths).mean_kl)
     chosen = assign(choices, budget_bits)
     assignment = quantize_model(original, adaptive_config(chosen))
@@ -319,7 +319,7 @@ def prune_command(
         if heads:
             refuse_too_few_heads(config.num_attention_heads, heads)
         require_checkpoint_tokenizer(model, data, load_index(data, TRAIN_SPLIT)["tokenizer"])
-        network = load_pretrained(model, dequantize=True).eval()
+        network = load_pretrained(model, dequantize=True)
         dtype = stored_float_dtype(model)  # pruned (and healed) in float32, written in the dtype it came in
         batches = held_out_batches(
             str(data), config.max_position_embeddings, batches=calibration_batches, split=TRAIN_SPLIT

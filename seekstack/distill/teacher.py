@@ -119,7 +119,7 @@ class Teacher:
 
     def __init__(self, directory: str | Path, dtype: str, device: torch.device, cache: TopKCache | None = None):
         self.directory = Path(directory)
-        self.model = load_pretrained(directory, dtype=DTYPES[dtype], device=device, dequantize=True).eval()
+        self.model = load_pretrained(directory, dtype=DTYPES[dtype], device=device, dequantize=True)
         self.model.requires_grad_(False)
         self.cache = cache
 

@@ -442,7 +442,7 @@ class _Run:
                 model = hooks.prepare(model)
         if not getattr(source, "rows_fit_context", False):
             config.require_seq_len_within(model.config.max_position_embeddings)
-        self.model = model
+        self.model = model.train()  # a checkpoint's (init_from, resume) loads in eval mode
         if source is not None:
             source.attach(model)
         if config.float8:

@@ -319,7 +319,7 @@ def test_an_engine_runs_a_training_model_in_eval_mode_and_leaves_it_training(tok
 
 def test_an_engine_on_a_model_in_eval_mode_sets_no_modules_mode_in_its_steps(tmp_path, monkeypatch):
     """Each step set every module's mode twice (a quarter of a decode step at `tiny`), though from_pretrained's model
-    (which load_pretrained returns training) is the engine's own and needs eval mode once."""
+    is the engine's own and needs eval mode once."""
     engine = Engine.from_pretrained(model_dir(tmp_path / "model"))
     assert not engine.model.training
 

@@ -284,6 +284,18 @@ def test_a_model_without_mtp_modules_logs_no_mtp_loss(data_dir, tmp_path):
     assert [m["step"] for m in steps] == [1, 2] and not any("mtp_loss" in m for m in steps)  # not a made-up 0.0
 
 
+def test_a_run_from_a_checkpoint_trains_in_train_mode_with_its_balance_loss(data_dir, tmp_path):
+    """load_pretrained gives a model in eval mode (as transformers' from_pretrained), whose MoE adds no balance loss:
+    a run from a checkpoint (init_from) puts it in train mode, so its loss holds the balance loss as a fresh run's."""
+    no_mtp = MICRO_MODEL | {"num_nextn_predict_layers": 0}
+    train(run_config(data_dir, tmp_path / "base", model_overrides=no_mtp, max_steps=1, eval_every=0, save_every=1))
+    base = tmp_path / "base" / "checkpoints" / "step_1"
+    config = run_config(data_dir, tmp_path / "run", model_overrides={}, max_steps=1, eval_every=0, save_every=0)
+    train(dataclasses.replace(config, model="tiny", init_from=str(base), aux_loss_alpha=0.5))
+    [step] = read_metrics(tmp_path / "run")
+    assert step["loss"] - step["lm_loss"] > 0.1  # the balance loss, at alpha 0.5 about 0.5 x MoE layers
+
+
 def test_bias_update_moves_routing_biases_only_when_enabled(data_dir, tmp_path):
     def router_bias(out_dir: Path) -> torch.Tensor:
         from seekstack.checkpoint import load_pretrained
