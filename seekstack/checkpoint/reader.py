@@ -35,6 +35,8 @@ STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.item
 FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
 # The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32")}
+# How a Git LFS pointer file begins: what a hub repository cloned without Git LFS holds in place of each weight file.
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
 def read_config(directory: str | Path) -> ModelConfig:
@@ -77,13 +79,26 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def _open_safetensors(path: Path) -> Any:
-    """`safe_open(path)`, with a damaged file (empty, truncated, not safetensors at all) named as such."""
+    """`safe_open(path)`, with a damaged file (empty, truncated, not safetensors at all) named as such, and a Git LFS
+    pointer (a hub repository cloned without Git LFS) as what it is."""
     try:
         return safe_open(path, "pt")
     except SafetensorError as error:
+        if is_lfs_pointer(path):
+            raise CheckpointError(
+                f"{path}: a Git LFS pointer ({path.stat().st_size} bytes), not the weights: the repository was cloned "
+                "without Git LFS; fetch them with `git lfs pull` in the clone, or download the folder with "
+                "`hf download`"
+            ) from None
         raise CheckpointError(
             f"{path}: not a valid safetensors file ({error}); it is truncated or damaged: {DAMAGED}"
         ) from None
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """Whether file `path` is a Git LFS pointer (what a clone without Git LFS holds in place of a large file)."""
+    with path.open("rb") as file:
+        return file.read(len(LFS_POINTER)) == LFS_POINTER
 
 
 def check_safetensors(path: Path) -> None:

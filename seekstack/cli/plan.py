@@ -50,15 +50,16 @@ def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[
     """What each tensor of MODEL takes (by checkpoint key), and how that was found: every parameter at `weights` when
     given; else a checkpoint's tensors from its safetensors headers (quantized layers with their scales, the
     embedding, head and norms as stored), the width its config.json states when it has no weight files (a shard
-    index alone, downloaded with config.json to plan before the weights, names no dtype; fp8 in DeepSeek's release
-    layout, with the layers it keeps in float at that width), or bfloat16 for a preset."""
+    index alone, downloaded with config.json to plan before the weights, names no dtype; nor do Git LFS pointers, a
+    clone's without Git LFS; fp8 in DeepSeek's release layout, with the layers it keeps in float at that width), or
+    bfloat16 for a preset."""
     from seekstack.checkpoint import CONFIG_FILE, stored_tensor_bytes
-    from seekstack.checkpoint.reader import _fp8_block
+    from seekstack.checkpoint.reader import _fp8_block, is_lfs_pointer
     from seekstack.infer.placement import tensor_bytes_at_width
 
     if weights is None and model not in PRESETS:
         directory = Path(model)
-        if any(directory.glob("*.safetensors")):
+        if not all(map(is_lfs_pointer, directory.glob("*.safetensors"))):  # a clone without Git LFS: no weights yet
             return stored_tensor_bytes(directory), "weights as stored in its safetensors files"
         weights = stored_weights(model, config)
         if weights == "float8":

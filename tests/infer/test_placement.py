@@ -416,6 +416,25 @@ def test_a_config_with_only_its_shard_index_is_planned_at_the_width_it_states(tm
     assert result.output.splitlines()[-1] == f"--device-map {expected.device_map()}"
 
 
+def test_a_clone_without_git_lfs_is_planned_as_its_config_states_with_its_pointers_for_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    seekstack.save_pretrained(micro_model(), tmp_path / "fp8", fp8_block=(16, 16), max_shard_bytes=100_000)
+    (tmp_path / "clone").mkdir()
+    for file in (tmp_path / "fp8").iterdir():  # GIT_LFS_SKIP_SMUDGE=1 git clone: each weight file a pointer
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize {file.stat().st_size}\n"
+        text = file.suffix == ".json"
+        (tmp_path / "clone" / file.name).write_bytes(file.read_bytes() if text else pointer.encode())
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "clone"), "--memory", "cpu=1GiB"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{tmp_path / 'clone'}, float8 weights as stored (config.json)")
+    config = seekstack.ModelConfig.from_json(tmp_path / "fp8" / "config.json")
+    expected = plan_placement(config, {"cpu": 2**30}, tensor_bytes_at_width(config, 4.0, (16, 16)))
+    assert f"({expected.resident_bytes['cpu']:,} B)" in result.output
+
+
 INT4_TILEABLE = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=24)
 
 
