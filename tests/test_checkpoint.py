@@ -602,6 +602,15 @@ def test_damaged_shard_of_a_sharded_checkpoint_is_named(tmp_path):
     assert load_error(tmp_path).startswith(f"{shard}: not a valid safetensors file")
 
 
+def test_a_git_lfs_pointer_in_place_of_a_shard_is_named_as_one_with_how_to_fetch_the_weights(tmp_path):
+    seekstack.save_pretrained(random_model(), tmp_path, max_shard_bytes=40_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]  # what `git clone` without Git LFS leaves
+    shard.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize 40000\n")
+    message = load_error(tmp_path)
+    assert message.startswith(f"{shard}: a Git LFS pointer (")
+    assert "cloned without Git LFS" in message and "`git lfs pull`" in message
+
+
 @pytest.mark.parametrize(
     "content",
     [b"", b'{"weight_map": {"a": ', b"\xff\xfe\x00garbage", b"[]", b"{}", b'{"weight_map": {"lm_head.weight": null}}'],
