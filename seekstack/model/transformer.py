@@ -123,6 +123,11 @@ class Transformer(nn.Module):
             return self.layers[layer_idx]
         return self.mtp[layer_idx - len(self.layers)].block
 
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **kwargs: object) -> dict[str, object]:
+        """transformers' generation hook, which peft's CAUSAL_LM wrapper (`LoraConfig(task_type="CAUSAL_LM")`) takes
+        from the model it wraps: the next forward's inputs. seekstack generates with its engine (seekstack.infer)."""
+        return {"input_ids": input_ids, **kwargs}
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -134,7 +139,11 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         counted: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-    ) -> ModelOutput:
+        inputs_embeds: None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ModelOutput | tuple[torch.Tensor, ...]:
         """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds.
 
         `logits_at` (B,) picks one position per row whose logits alone are computed, (B, 1, V): prefill needs no more.
@@ -145,7 +154,15 @@ class Transformer(nn.Module):
         right-padded row's logits and losses are its own alone: it is `counted` unless that is given, and a
         prediction made at padding or of padding is left out of the losses (transformers counts them unless their
         labels are -100).
+        `inputs_embeds`, `output_attentions`, `output_hidden_states` and `return_dict` are transformers' keywords, which
+        peft's CAUSAL_LM wrapper passes on: the first three only unset (None or False), return_dict=False returns
+        `ModelOutput.to_tuple()` as transformers returns a tuple.
         """
+        if inputs_embeds is not None or output_attentions or output_hidden_states:
+            raise ValueError(
+                "inputs_embeds, output_attentions and output_hidden_states are not supported: give input_ids (the "
+                "output's hidden_states is the final norm's output, the input of the head)"
+            )
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids have shape {tuple(input_ids.shape)}: expected (batch, seq_len) token ids; one sequence is "
@@ -188,7 +205,8 @@ class Transformer(nn.Module):
         else:
             logits = self.lm_head(hidden)
         if labels is None:
-            return ModelOutput(logits=logits, hidden_states=hidden, expert_load=_stack_load(stats))
+            output = ModelOutput(logits=logits, hidden_states=hidden, expert_load=_stack_load(stats))
+            return output.to_tuple() if return_dict is False else output
 
         mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats, counted, attention_mask)
         balance_losses = [s.balance_loss for s in stats if s.balance_loss is not None]
@@ -196,10 +214,11 @@ class Transformer(nn.Module):
         loss = lm_loss + mtp_loss_weight * mtp_loss if mtp_loss is not None else lm_loss
         if balance_loss is not None:
             loss = loss + balance_loss
-        return ModelOutput(
+        output = ModelOutput(
             loss=loss, logits=logits, hidden_states=hidden, expert_load=_stack_load(stats), lm_loss=lm_loss,
             mtp_loss=mtp_loss, balance_loss=balance_loss,
         )  # fmt: skip
+        return output.to_tuple() if return_dict is False else output
 
     def mtp_loss(
         self,

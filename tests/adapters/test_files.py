@@ -81,6 +81,29 @@ def test_peft_loads_the_adapter_on_the_transformers_model_with_our_logits(base, 
     assert (plain - theirs).abs().max() > 100 * PEFT_ATOL  # peft applied the adapter on their side too
 
 
+def test_peft_with_task_type_causal_lm_wraps_our_model_trains_and_reloads(base, tmp_path):
+    """LoraConfig(task_type="CAUSAL_LM"), as peft users write it, on our model: it was refused ('Transformer' object
+    has no attribute 'prepare_inputs_for_generation'); its wrapper trains, saves and loads back with the logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ids = prompt_ids()
+    tuned = get_peft_model(
+        seekstack.load_pretrained(base), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["o_proj"])
+    )
+    out = tuned(input_ids=ids, labels=ids)  # the keywords peft passes on: inputs_embeds, return_dict, ... all None
+    assert out[0] is out.loss and out.loss > 0
+    out.loss.backward()
+    assert all(p.grad is not None for name, p in tuned.named_parameters() if "lora_B" in name)
+    with torch.no_grad():
+        next(p for name, p in tuned.named_parameters() if "lora_B" in name).fill_(0.1)
+        adapted = tuned(ids).logits
+    tuned.save_pretrained(tmp_path / "causal")
+    loaded = PeftModel.from_pretrained(seekstack.load_pretrained(base), tmp_path / "causal")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, adapted)
+        assert torch.equal(loaded(ids, return_dict=False)[0], adapted)  # a tuple, as transformers returns it
+
+
 def test_the_fused_head_and_loss_scores_the_adapted_head(base, adapter):
     ids = prompt_ids(seed=2)
     with torch.no_grad():
