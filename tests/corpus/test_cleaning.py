@@ -1193,6 +1193,8 @@ def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_emai
         ("'ann@example.com', ‘bo@example.com’", "'<EMAIL>', ‘<EMAIL>’"),  # quotes around an address stay
         ("Patrick Reader <_@pxeger.com>, _ann@example.com", "Patrick Reader <<EMAIL>>, <EMAIL>"),  # were kept whole
         ("ivan@xn--e1afmkfd.xn--p1ai, IVAN@XN--E1AFMKFD.XN--P1AI", "<EMAIL>, <EMAIL>"),  # .рф in punycode: was kept
+        ("Matthias Klose <doko\\@ubuntu.com>", "Matthias Klose <<EMAIL>>"),  # Perl's and Markdown's \@: was kept
+        ("rollup\\@2.79.1, e.g.\\@ foo", "rollup\\@2.79.1, e.g.\\@ foo"),  # a package's version, LaTeX's spacing
     ],
 )
 def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed: str) -> None:
