@@ -75,7 +75,11 @@ def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[
 def plan(
     model: Model,
     memory: Annotated[
-        str, typer.Option(help="Budgets per device, fastest first, e.g. cuda:0=80GiB,cpu=20GiB; the rest goes to disk.")
+        str,
+        typer.Option(
+            help="Budgets per device, e.g. cuda:0=80GiB,cpu=20GiB, filled GPUs first (in the order given), then "
+            "the CPU; the rest goes to disk."
+        ),
     ],
     weights: Annotated[
         str | None,

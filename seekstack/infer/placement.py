@@ -239,8 +239,9 @@ def tensor_bytes_at_width(
 
 
 def parse_budgets(text: str) -> dict[str, int]:
-    """`cuda:0=80GiB,cpu=20GiB` as {device: bytes}, in the order given, devices written as `device_name` writes
-    them; ValueError naming a bad entry: an unknown device, a bad size, a device named twice (`cuda` and `cuda:0`)."""
+    """`cuda:0=80GiB,cpu=20GiB` as {device: bytes}, the order a plan fills them in: the GPUs in the order given, then
+    the CPU wherever it was given (as accelerate's max_memory), devices written as `device_name` writes them;
+    ValueError naming a bad entry: an unknown device, a bad size, a device named twice (`cuda` and `cuda:0`)."""
     budgets, entries = {}, {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         device, _, amount = entry.partition("=")
@@ -261,7 +262,7 @@ def parse_budgets(text: str) -> dict[str, int]:
         raise ValueError(
             f"memory budgets {text!r}: none given; expected device=size entries, e.g. cuda:0=80GiB,cpu=20GiB"
         )
-    return budgets
+    return dict(sorted(budgets.items(), key=lambda budget: budget[0] == "cpu"))  # a GPU before the CPU, always
 
 
 def device_map_for(model: Transformer, text: str) -> dict[str, str]:

@@ -520,6 +520,17 @@ def test_budgets_name_a_device_that_is_not_one_or_a_size_that_is_not_finite(memo
         parse_budgets(memory)
 
 
+def test_the_gpus_are_filled_before_the_cpu_in_whatever_order_the_budgets_are_given():
+    config = seekstack.preset("deepseek-v2-lite")
+    gpu_first, cpu_first = (
+        plan_placement(config, parse_budgets(memory), tensor_bytes_at_width(config, 2.0))
+        for memory in ("cuda:1=10GiB,cuda:0=10GiB,cpu=20GiB", "cpu=20GiB,cuda:1=10GiB,cuda:0=10GiB")
+    )
+    assert cpu_first == gpu_first  # as accelerate's max_memory: the CPU is never taken before a GPU
+    assert all(gpu_first.placement[f"layers.{i}.self_attn"] == "cuda:1" for i in range(config.num_hidden_layers))
+    assert gpu_first.placement["layers.26.mlp.experts"] == "cpu"
+
+
 def test_budget_and_map_devices_are_written_one_way():
     assert parse_budgets(" CPU=1GiB, Cuda=2GiB,cuda:1=3GiB") == {"cpu": 2**30, "cuda:0": 2 * 2**30, "cuda:1": 3 * 2**30}
     names = ["embed_tokens", "norm", "lm_head"]
