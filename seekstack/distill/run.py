@@ -84,8 +84,15 @@ class DistillHooks:
 def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> TrainResult:
     """Distill `config.teacher` into the student `config` describes (or continue the run in `out_dir`)."""
     config = config.validate()
+    teacher = read_config(config.teacher)
+    require(
+        config.seq_len <= teacher.max_position_embeddings,
+        "seq_len",
+        f"at most the teacher's context of {teacher.max_position_embeddings} tokens (max_position_embeddings of "
+        f"{config.teacher}): past it the teacher's predictions, which the student learns, were never trained",
+    )
     if config.teacher_cache:
-        vocab_size = read_config(config.teacher).vocab_size
+        vocab_size = teacher.vocab_size
         require(config.cache_top_k <= vocab_size, "cache_top_k", f"at most the teacher's vocab_size {vocab_size:,}")
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read

@@ -53,10 +53,11 @@ def write_data(root: Path) -> Path:
     return root / "shards"
 
 
-def write_teacher(folder: Path, tokenizer_dir: Path, vocab_size: int = VOCAB) -> Path:
-    """A random micro MoE (one dense layer, two MoE layers, an MTP module) saved with the tokenizer."""
+def write_teacher(folder: Path, tokenizer_dir: Path, vocab_size: int = VOCAB, context: int = 128) -> Path:
+    """A random micro MoE (one dense layer, two MoE layers, an MTP module) of `context` positions saved with the
+    tokenizer."""
     torch.manual_seed(0)
-    config = micro_config(vocab_size=vocab_size, max_position_embeddings=128)
+    config = micro_config(vocab_size=vocab_size, max_position_embeddings=context)
     seekstack.save_pretrained(seekstack.Transformer(config), folder)
     shutil.copyfile(tokenizer_dir / TOKENIZER_FILE, folder / TOKENIZER_FILE)
     return folder

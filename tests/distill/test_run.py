@@ -3,8 +3,10 @@ refusals (tokenizers that differ, a teacher vocabulary short of the tokenizer's)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -197,6 +199,18 @@ def test_teacher_scores_of_a_corpus_batch_come_from_the_top_k_cache_the_second_t
     torch.testing.assert_close(first.gather(1, top.indices), top.values, atol=1e-2, rtol=0)
     teacher.model.forward = None  # the teacher must not run again
     torch.testing.assert_close(teacher.score(rows, every_position, []).logits, first)
+
+
+def test_a_teacher_of_a_context_shorter_than_seq_len_is_refused_before_anything_is_written(workspace, tmp_path):
+    """It scored every position of a row all the same, the student learning its untrained predictions past its
+    context (a teacher of 64 positions distilled rows of 91 tokens without a word)."""
+    short = write_teacher(tmp_path / "short", workspace["root"] / "tokenizer", context=16)
+    config = distill_config(workspace, tmp_path / "run", teacher=str(short), feature_layers={}, feature_weights={})
+    refusal = f"field 'seq_len' must be at most the teacher's context of 16 tokens (max_position_embeddings of {short})"
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        run_distill(config)
+    assert not (tmp_path / "run").exists()
+    assert run_distill(dataclasses.replace(config, seq_len=16, max_steps=1, eval_every=0)).step == 1
 
 
 def test_configs_that_cannot_distill_are_refused_before_anything_is_written(workspace, tmp_path):
