@@ -31,6 +31,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from seekstack.adapters.files import merged_model, model_folders
 from seekstack.checkpoint import load_pretrained
 from seekstack.infer.engine import Engine
+from seekstack.infer.generation_config import sampling_defaults
 from seekstack.infer.outputs import Completion
 from seekstack.infer.params import SamplingParams
 from seekstack.schema import ConfigError
@@ -43,6 +44,9 @@ TokenRequest = tuple[tuple[str, str] | None, list[int], list[int]]
 HARNESS_SETS = ("max_new_tokens", "stop", "seed", "logprobs", "top_logprobs", "detokenize")
 GENERATION_KWARGS = tuple(field.name for field in fields(SamplingParams) if field.name not in HARNESS_SETS)
 LM_EVAL_GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample")  # left after lm_eval's normalize_gen_kwargs
+# What transformers' generate samples with where neither the request nor generation_config.json says (its global
+# defaults), so the HF backend's sampled requests draw from the 50 likeliest tokens
+TRANSFORMERS_SAMPLING_DEFAULTS = {"top_k": 50}
 AUTO_MAX_BATCH_SIZE = 64  # where batch_size="auto" starts looking, as lm_eval's HF backend's max_batch_size does
 
 
@@ -141,6 +145,7 @@ class SeekstackLM(TemplateLM):
                   file=sys.stderr)  # fmt: skip
         peft = peft or adapter
         self.model = load_pretrained(weights, dtype=dtype, device=self._device)
+        self.generation_defaults = sampling_defaults(weights)  # generation_config.json's, read as transformers reads it
         self.model = (self.model if peft is None else merged_model(self.model, peft)).eval()
         self.tokenizer_ = Tokenizer.from_file(tokenizer or own_tokenizer)
         self.max_length = max_length or self.model.config.max_position_embeddings
@@ -331,6 +336,9 @@ class SeekstackLM(TemplateLM):
             )
         if not kwargs.pop("do_sample"):
             kwargs["temperature"] = 0.0
+        else:  # as the HF backend samples: transformers' defaults, then generation_config.json's but its temperature
+            shipped = {name: value for name, value in self.generation_defaults.items() if name != "temperature"}
+            kwargs = {**TRANSFORMERS_SAMPLING_DEFAULTS, **shipped, **kwargs}
         stop = tuple(text for text in until if text)
         kwargs = {"skip_special_tokens": True, **kwargs, "max_new_tokens": max_new_tokens, "stop": stop, "seed": seed}
         try:

@@ -232,6 +232,25 @@ def test_generation_kwargs_reach_the_engine_and_any_it_cannot_apply_are_refused(
             ours.generate_until(requests("generate_until", [("x = ", {}), ("y = ", bad)]))
 
 
+def test_sampled_requests_draw_as_transformers_samples_its_defaults_then_generation_config(checkpoint, tmp_path):
+    """The HF backend samples from the 50 likeliest tokens (transformers' default top_k) and the checkpoint's
+    generation_config.json (DeepSeek-R1's top_p 0.95): ours sampled the whole vocabulary at top_p 1."""
+    shipped = shutil.copytree(checkpoint, tmp_path / "model")
+    (shipped / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6, "top_p": 0.95}))
+    taken = []
+    for folder in (checkpoint, shipped):
+        lm = SeekstackLM(pretrained=folder, max_gen_toks=8)
+        lm.engine.generate = lambda prompts, params: taken.extend(params) or [None] * len(prompts)
+        lm._reply_text = lambda completion, sampling: ""
+        arguments = [("x = ", {"do_sample": True}), ("x = ", {"do_sample": True, "temperature": 0.9, "top_k": 5}),
+                     ("x = ", {"do_sample": False})]  # fmt: skip
+        lm.generate_until(requests("generate_until", arguments))
+    drawn = [(p.temperature, p.top_k, p.top_p) for p in taken]
+    # no generation_config.json: transformers' top_k; then its top_p where the request leaves it (the HF backend
+    # passes the request's temperature, 0 or lm_eval's, to generate); greedy stays greedy
+    assert drawn == [(1.0, 50, 1.0), (0.9, 5, 1.0), (0.0, 0, 1.0), (1.0, 50, 0.95), (0.9, 5, 0.95), (0.0, 0, 1.0)]
+
+
 CHAT = [
     {"role": "system", "content": "Answer with a number."},
     {"role": "user", "content": "What is 1+1?"},
