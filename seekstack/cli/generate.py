@@ -83,6 +83,13 @@ Dtype = Annotated[
         "bf16; else float32), float32, bfloat16 or float16; the choice is told on stderr"
     ),
 ]
+Device = Annotated[
+    str,
+    typer.Option(
+        help="Where the model runs: cpu, cuda, cuda:N, or auto (cuda:0 where torch reaches a GPU, else cpu); "
+        "--device-map places parts on several instead"
+    ),
+]
 KvCacheMemory = Annotated[str | None, typer.Option(help="Latent-cache budget, e.g. 4GiB; default half the free memory")]
 DeviceMap = Annotated[
     str | None,
@@ -146,6 +153,7 @@ def generate_command(
     device_map: DeviceMap = EngineOptions.device_map,
     offload_dir: OffloadDir = EngineOptions.offload_dir,
     dtype: Dtype = EngineOptions.dtype,
+    device: Device = EngineOptions.device,
     threads: Threads = None,
     adapter: Adapter = None,
     as_json: Annotated[
@@ -173,7 +181,7 @@ def generate_command(
             ).validate()  # fmt: skip
             options = one_stream(
                 speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map,
-                offload_dir, dtype,
+                offload_dir, dtype, device,
             )  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
@@ -218,6 +226,7 @@ def chat_command(
     device_map: DeviceMap = EngineOptions.device_map,
     offload_dir: OffloadDir = EngineOptions.offload_dir,
     dtype: Dtype = EngineOptions.dtype,
+    device: Device = EngineOptions.device,
     threads: Threads = None,
     adapter: Adapter = None,
 ) -> None:
@@ -236,7 +245,7 @@ def chat_command(
             ).validate()
             options = one_stream(
                 speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map,
-                offload_dir, dtype,
+                offload_dir, dtype, device,
             )  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
@@ -361,12 +370,13 @@ def one_stream(
     device_map: str | None,
     offload_dir: str | None,
     dtype: str,
+    device: str,
 ) -> EngineOptions:
     """The engine options of a one-stream command (generate, chat), checked."""
     return EngineOptions(
         max_batch_size=1, speculative=speculative, draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts,
         draft_vocab=draft_vocab, compile=compile, kv_cache_memory=kv_cache_memory, device_map=device_map,
-        offload_dir=offload_dir, dtype=dtype,
+        offload_dir=offload_dir, dtype=dtype, device=device,
     ).validate()  # fmt: skip
 
 

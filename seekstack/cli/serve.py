@@ -13,6 +13,7 @@ import typer
 from seekstack.cli.common import JsonErrorsCommand, fail, options_named, run_given, run_to_checkpoint, user_errors
 from seekstack.cli.generate import (
     AdaptiveDrafts,
+    Device,
     DeviceMap,
     DraftTokens,
     DraftVocab,
@@ -85,6 +86,7 @@ def serve_command(
         ),
     ] = False,
     dtype: Dtype = EngineOptions.dtype,
+    device: Device = EngineOptions.device,
     kv_cache_memory: KvCacheMemory = None,
     device_map: DeviceMap = None,
     offload_dir: OffloadDir = None,
@@ -126,7 +128,8 @@ def serve_command(
             engine = EngineOptions(
                 max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,
                 draft_tokens=draft_tokens, adaptive_drafts=adaptive_drafts, draft_vocab=draft_vocab, compile=compile,
-                dtype=dtype, kv_cache_memory=kv_cache_memory, device_map=device_map, offload_dir=offload_dir,
+                dtype=dtype, device=device, kv_cache_memory=kv_cache_memory, device_map=device_map,
+                offload_dir=offload_dir,
             ).validate()  # fmt: skip
         refuse_drafting_without_speculation(ctx)
         check_listenable(host, port)  # before the dtype note and the weights

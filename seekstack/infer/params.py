@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from annotated_types import Ge, Interval, MinLen
 
-from seekstack.schema import NonNegative, Positive, PositiveFloat, check, recheck, require
+from seekstack.schema import ConfigError, NonNegative, Positive, PositiveFloat, check, recheck, require
 
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
@@ -114,6 +114,7 @@ class EngineOptions:
     draft_vocab: NonNegative = 1024  # drafts score only this many most frequent tokens (FR-Spec); 0: all
     compile: bool | None = None  # decode steps through torch.compile: always, never, None: once it pays (Engine)
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto: bf16 where the devices run this model faster in it
+    device: str = "cpu"  # where the model runs: cpu, cuda, cuda:N, or auto: cuda:0 where torch reaches a GPU, else cpu
     kv_cache_memory: str | None = None  # latent-cache budget, e.g. "4GiB"; None: half the free device memory
     prefix_caching: bool = True  # share the cache blocks of prompt prefixes between requests
     device_map: str | None = None  # parts on devices (seekstack.infer.placement): "*=cuda:0,layers.*.mlp.experts=cpu"
@@ -128,6 +129,10 @@ class EngineOptions:
                 "placed model runs eagerly")  # fmt: skip
         require(options.offload_dir is None or placed, "offload_dir", "left out without a device map (--device-map, "
                 "device_map=): it holds the copies of parts placed on disk")  # fmt: skip
+        require(not placed or options.device == "cpu", "device", "left out with a device map (--device-map, "
+                "device_map=), which says where each part runs")  # fmt: skip
+        if options.device != "cpu":
+            options.resolved_device()  # a name that is no device, or one torch cannot reach, is refused now
         if options.kv_cache_memory is not None:
             try:
                 parse_bytes(options.kv_cache_memory)
@@ -143,8 +148,29 @@ class EngineOptions:
         if self.dtype != "auto":
             return self.dtype, "asked for"
         parameters = checkpoint_parameters(model_dir) if model_dir is not None else None
-        dtype, reason = auto_dtype(map_devices(self.device_map), parameters)
+        devices = map_devices(self.device_map) if self.device_map is not None else [self.resolved_device()]
+        dtype, reason = auto_dtype(devices, parameters)
         return dtype, f"auto: {reason}"
+
+    def resolved_device(self) -> str:
+        """The device the model runs on, named as a device map names it (cpu, cuda:N; auto: cuda:0 where torch
+        reaches a GPU, else cpu); ConfigError naming `device` when it is no such name or torch cannot reach it."""
+        import torch
+
+        from seekstack.infer.placement import DISK, device_name, unreachable_reason
+
+        if self.device == "auto":
+            return "cuda:0" if torch.cuda.is_available() else "cpu"
+        try:
+            name = device_name(self.device, "device")
+        except ValueError:
+            name = DISK
+        if name == DISK:
+            raise ConfigError(f"has value {self.device!r}: give cpu, cuda, cuda:N or auto", field="device")
+        reason = unreachable_reason(name)
+        if reason is not None:
+            raise ConfigError(f"has value {self.device!r}: torch cannot reach {name} here ({reason})", field="device")
+        return name
 
     def engine_kwargs(self, model_dir: str | Path | None = None) -> dict[str, Any]:
         """The keyword arguments of `Engine.from_pretrained` for the checkpoint in `model_dir` (its size decides
@@ -159,5 +185,5 @@ class EngineOptions:
             draft_vocab=options.draft_vocab, compile=options.compile,
             prefix_caching=options.prefix_caching,
             kv_cache_memory=parse_bytes(options.kv_cache_memory) if options.kv_cache_memory else None,
-            device_map=options.device_map, offload_dir=options.offload_dir,
+            device_map=options.device_map, offload_dir=options.offload_dir, device=options.resolved_device(),
         )  # fmt: skip

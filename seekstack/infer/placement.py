@@ -304,13 +304,18 @@ def check_reachable(devices: Iterable[str]) -> None:
     """ValueError naming the first of `devices` (`device_name`s; disk is the CPU's files) that this torch cannot
     reach: a GPU this machine lacks, or a torch built without CUDA."""
     for device in sorted(set(devices) - {DISK}):
-        try:
-            torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as error:  # no such device here, or a torch built without its kind
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ValueError(
-                f"the placement puts parts on {device}, which this torch cannot reach ({reason})"
-            ) from None
+        reason = unreachable_reason(device)
+        if reason is not None:
+            raise ValueError(f"the placement puts parts on {device}, which this torch cannot reach ({reason})")
+
+
+def unreachable_reason(device: str) -> str | None:
+    """Why this torch cannot reach `device` (a `device_name` but disk), in torch's words; None where it can."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # no such device here, or a torch built without its kind
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return None
 
 
 def layer_devices(model: Transformer) -> list[torch.device]:

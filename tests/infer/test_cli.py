@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from seekstack.cli import app
@@ -274,6 +275,52 @@ def test_compile_with_a_device_map_is_refused_naming_both_options(checkpoint, mo
     result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, "--compile", "--device-map", "*=cpu"])
     assert result.exit_code == 2
     assert "Invalid value for '--compile': must be off with a device map (--device-map, device_map=)" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize(
+    ("device", "problem"),
+    [("cuda:7", "torch cannot reach cuda:7 here"), ("gpu", "give cpu, cuda, cuda:N or auto")],
+)
+def test_an_engine_command_refuses_a_device_it_cannot_run_on_naming_it(checkpoint, monkeypatch, command, device,
+                                                                       problem):  # fmt: skip
+    for starts in ("seekstack.cli.generate.load_engine", "seekstack.serve.launch.build_server"):
+        monkeypatch.setattr(starts, lambda *args, **kwargs: pytest.fail("read the model"))
+    prompt = ["x"] if command == "generate" else []
+    result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, "--device", device], input="")
+    assert result.exit_code == 2  # before the weights are read
+    assert f"Invalid value for '--device': has value '{device}': {problem}" in result.stderr
+
+
+def engines_devices(monkeypatch) -> list[str]:
+    """The `device` of each Engine.from_pretrained call from now on."""
+    from seekstack.infer.engine import Engine
+
+    devices, from_pretrained = [], Engine.from_pretrained.__func__
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **kw: devices.append(kw["device"])
+                                                               or from_pretrained(cls, *a, **kw)))  # fmt: skip
+    return devices
+
+
+GREEDY_ARGS = ["def f(", "--temperature", "0", "--max-new-tokens", "6", "--dtype", "float32"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto is cuda:0 here")
+def test_generate_on_device_auto_runs_on_the_cpu_where_torch_reaches_no_gpu(checkpoint, monkeypatch):
+    devices = engines_devices(monkeypatch)
+    auto = runner.invoke(app, ["generate", "--model", str(checkpoint), *GREEDY_ARGS, "--device", "auto"])
+    assert auto.exit_code == 0, auto.output
+    assert auto.stdout == runner.invoke(app, ["generate", "--model", str(checkpoint), *GREEDY_ARGS]).stdout
+    assert devices == ["cpu", "cpu"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_on_cuda_writes_the_cpus_greedy_text(checkpoint, monkeypatch):
+    devices = engines_devices(monkeypatch)
+    on_gpu = runner.invoke(app, ["generate", "--model", str(checkpoint), *GREEDY_ARGS, "--device", "cuda"])
+    assert on_gpu.exit_code == 0, on_gpu.output
+    assert on_gpu.stdout == runner.invoke(app, ["generate", "--model", str(checkpoint), *GREEDY_ARGS]).stdout
+    assert devices == ["cuda:0", "cpu"]
 
 
 def long_prompt(engine, tokens: int) -> str:
