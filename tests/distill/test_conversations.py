@@ -183,7 +183,7 @@ def test_held_out_conversations_are_left_out_of_training_and_val_loss_is_the_stu
 
 
 def test_a_resumed_conversation_run_keeps_its_held_out_set_and_logs_the_same_val_loss(workspace, tmp_path):
-    changes = dict(val_fraction=0.25, eval_every=2, eval_batches=2, max_steps=4, save_every=2)
+    changes = dict(val_fraction=0.25, eval_every=2, eval_batches=2, max_steps=4, save_every=2, threads=2)
     run_distill(conversation_config(workspace, tmp_path / "whole", **changes))
     held_out = read_held_out(tmp_path / "whole")
     assert len(held_out) == 4  # distinct problems of the task's held-out split
