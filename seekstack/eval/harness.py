@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import inspect
 import sys
 import warnings
 from dataclasses import fields
@@ -123,12 +124,21 @@ class SeekstackLM(TemplateLM):
         device: str | None = None,
         peft: str | Path | None = None,
         think_end_token: str | int | None = None,
+        trust_remote_code: bool = False,
+        **unknown: object,
     ):
         """`pretrained`: a checkpoint folder, or a run's out_dir for its newest checkpoint (a `lora train` run or
         adapter checkpoint: the base its adapter records, with the adapter as `peft`), as `seekstack eval` reads them.
         `peft`: a LoRA adapter folder (peft's format) merged into the model, as the HF backend's `peft` arg.
         `think_end_token`: the text (or token id) that ends a reasoning model's thinking; a generation is scored on
-        what follows its last one, as the HF backend's arg."""
+        what follows its last one, as the HF backend's arg. `trust_remote_code`: taken, as HF model args carry it, and
+        without effect: seekstack runs no code from a checkpoint. Any other model arg is refused, naming those taken."""
+        if unknown:
+            taken = [name for name in inspect.signature(SeekstackLM).parameters if name != "unknown"]
+            raise ValueError(
+                f"model args {', '.join(map(repr, sorted(unknown)))}: not taken by the seekstack backend; it takes "
+                f"{', '.join(taken)}"
+            )
         super().__init__()
         self.batch_size_per_step = requests_per_batch(batch_size)  # None: auto
         self._device = resolve_device(device)

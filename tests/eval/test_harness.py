@@ -329,6 +329,18 @@ def test_dtype_auto_is_the_checkpoints_dtype_and_a_name_that_is_no_float_dtype_i
             SeekstackLM(pretrained=checkpoint, dtype=wrong)
 
 
+def test_hf_model_args_trust_remote_code_is_taken_and_one_the_backend_lacks_is_named(checkpoint):
+    """`--model_args pretrained=X,trust_remote_code=True`, as DeepSeek models are run on the HF backend, failed with
+    'TypeError: SeekstackLM.__init__() got an unexpected keyword argument'."""
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},trust_remote_code=True,max_length=64")
+    assert lm.max_length == 64
+    refusal = "model args 'add_bos_token', 'revision': not taken by the seekstack backend; it takes pretrained, "
+    with pytest.raises(ValueError, match=refusal + "tokenizer, batch_size, .*think_end_token, trust_remote_code$"):
+        get_model("seekstack").create_from_arg_string(f"pretrained={checkpoint},revision=main,add_bos_token=True")
+
+
 def test_a_negative_max_length_is_refused_naming_it_and_0_means_the_models_context(checkpoint):
     with pytest.raises(ValueError, match="max_length=-3: the tokens the model reads at once cannot be negative"):
         SeekstackLM(pretrained=checkpoint, max_length=-3)
