@@ -69,11 +69,27 @@ Compile = Annotated[
         "by default once eager decoding has run 10 s, the compile time told on stderr",
     ),
 ]
+
+
+def thread_count(threads: int | None) -> int | None:
+    """--threads from 1 to this machine's CPUs (`checked_thread_count`), else a usage error (exit 2), as a bad value
+    of any other option is."""
+    if threads is None:
+        return None
+    from seekstack.infer.threads import checked_thread_count
+
+    try:
+        return checked_thread_count(threads, "--threads")
+    except ValueError as error:
+        raise typer.BadParameter(str(error).replace("--threads ", "has value ", 1)) from None
+
+
 Threads = Annotated[
     int | None,
     typer.Option(
         help="torch threads (default torch's own; OMP_NUM_THREADS sets it); decode steps under 1 GFLOP run on "
-        "one anyway"
+        "one anyway",
+        callback=thread_count,
     ),
 ]
 Dtype = Annotated[
@@ -404,11 +420,10 @@ def load_engine(
 
     from seekstack.checkpoint import CONFIG_FILE
     from seekstack.infer.engine import Engine
-    from seekstack.infer.threads import checked_thread_count
     from seekstack.tokenizer import TOKENIZER_FILE
 
-    if threads is not None:
-        torch.set_num_threads(checked_thread_count(threads, "--threads"))
+    if threads is not None:  # from 1 to the CPUs (`thread_count`)
+        torch.set_num_threads(threads)
     if tokenizer is None and (model / CONFIG_FILE).is_file() and not (model / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
     tell_dtype(options, model)

@@ -118,12 +118,10 @@ def serve_command(
     from seekstack.serve.launch import ServeOptions, build_server, check_listenable, run_server
 
     with user_errors():
-        if threads is not None:
+        if threads is not None:  # from 1 to the CPUs (`thread_count`)
             import torch
 
-            from seekstack.infer.threads import checked_thread_count
-
-            torch.set_num_threads(checked_thread_count(threads, "--threads"))
+            torch.set_num_threads(threads)
         with options_named():
             engine = EngineOptions(
                 max_batch_size=max_batch_size, max_model_len=max_model_len, speculative=speculative,

@@ -145,8 +145,8 @@ def test_a_tokenizer_that_is_not_the_models_is_refused_or_named(checkpoint, tmp_
         (["--draft-tokens", "0"], "Invalid value for '--draft-tokens': has value 0", 2),
         (["--speculative", "--draft-tokens", "1000"], "Invalid value for '--draft-tokens': must be at most 16", 2),
         (["--stop", ""], "Invalid value for '--stop': has value '': string should have at least 1 character", 2),
-        (["--threads", "0"], "--threads 0: must be from 1 to this machine's", 1),
-        (["--threads", "100000"], "--threads 100000: must be from 1 to this machine's", 1),
+        (["--threads", "0"], "Invalid value for '--threads': has value 0: must be from 1 to this machine's", 2),
+        (["--threads", "100000"], "Invalid value for '--threads': has value 100000: must be from 1 to", 2),
         (["--temperature", "hot"], "Invalid value for '--temperature'", 2),  # the parser's: a usage error
         (["--no-such-flag"], "No such option: --no-such-flag", 2),
     ],
