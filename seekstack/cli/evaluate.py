@@ -42,6 +42,12 @@ def eval_command(
     apply_chat_template: Annotated[
         bool, typer.Option(help="Prompts in the model's chat template, the examples as earlier turns (as lm_eval)")
     ] = False,
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="The weights' dtype: float32, bfloat16, float16, or auto: the one config.json states (either backend)"
+        ),
+    ] = "float32",
     include_path: Annotated[
         Path | None, typer.Option(help="A folder of your own task YAML files (and groups), found by task name")
     ] = None,
@@ -63,9 +69,11 @@ def eval_command(
     """Evaluate a checkpoint with lm-evaluation-harness; write OUT.json (with the options it ran with) and a Markdown
     table OUT.md (by default in the run's out_dir when MODEL is one or one of its checkpoints, where `report` reads
     it)."""
-    from seekstack.eval.evaluate import evaluate, results_table, write_results
+    from seekstack.eval.evaluate import EVAL_DTYPES, evaluate, results_table, write_results
     from seekstack.train.runs import run_holding
 
+    if dtype not in EVAL_DTYPES:
+        raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(EVAL_DTYPES)}", param_hint="'--dtype'")
     with user_errors():
         names = tuple(name.strip() for name in tasks.split(",") if name.strip())
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
@@ -73,7 +81,7 @@ def eval_command(
         samples_folder = out.parent / "lm_eval" if log_samples else None
         report = evaluate(
             model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
-            samples_folder, include_path,
+            samples_folder, include_path, dtype,
         )  # fmt: skip
         json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))

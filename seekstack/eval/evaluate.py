@@ -18,6 +18,7 @@ from seekstack.eval.tasks import CODE_TASKS, REASONING_PREFIX, REASONING_TASKS, 
 from seekstack.tokenizer import Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
+EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # as both backends read them; auto: config.json's
 
 
 def evaluate(
@@ -33,13 +34,15 @@ def evaluate(
     apply_chat_template: bool = False,
     samples_folder: str | Path | None = None,
     include_path: str | Path | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
     holds), `limit` documents per task (a fraction of them below 1), with `num_fewshot` examples (None: each task's
     own) and `apply_chat_template` (the examples as earlier turns, lm_eval's default); with `samples_folder`, lm_eval's
     own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes them; task
-    YAML files (and groups of them) in the folder `include_path` found by name, as lm_eval's --include_path; return
+    YAML files (and groups of them) in the folder `include_path` found by name, as lm_eval's --include_path; the
+    model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); return
     {"model", "backend",
     "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
     eval` takes them}."""
@@ -52,6 +55,8 @@ def evaluate(
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if dtype not in EVAL_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(EVAL_DTYPES)}")
     number = requests_per_batch(batch_size)  # ValueError for what is neither a number nor auto
     limit = _documents_limit(limit)
     batch_size = batch_size if number is None else number
@@ -77,7 +82,7 @@ def evaluate(
     specs: list[Any] = [task for task in tasks if task not in TASKS]
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     device = str(resolve_device(device))
-    model_args = {**_model_args(folders), "device": device, **({"dtype": "float32"} if backend == "hf" else {})}
+    model_args = {**_model_args(folders), "device": device, "dtype": dtype}
     if include_path is not None and not Path(include_path).is_dir():
         raise ValueError(f"--include-path {include_path}: no such folder; give the folder of your task YAML files")
     # lm_eval's own task manager, told of the folder too, its model args as the tasks' metadata (as simple_evaluate's)
@@ -106,7 +111,7 @@ def evaluate(
         "tasks": list(tasks), "corpus": str(Path(corpus).resolve()) if corpus is not None else None,
         "backend": backend, "batch_size": batch_size, "limit": limit, "per_module": per_module, "device": device,
         "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
-        "include_path": str(Path(include_path).resolve()) if include_path is not None else None,
+        "include_path": str(Path(include_path).resolve()) if include_path is not None else None, "dtype": dtype,
     }  # fmt: skip
     return {
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,

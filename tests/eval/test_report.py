@@ -59,7 +59,7 @@ def test_eval_writes_json_and_a_table(small_run):
     assert saved["options"] == {
         "tasks": ["code_cloze", "code_perplexity"], "corpus": str((small_run / "corpus").resolve()),
         "backend": "seekstack", "batch_size": 4, "limit": 4, "per_module": 4, "device": "cpu", "num_fewshot": None,
-        "apply_chat_template": False, "include_path": None,
+        "apply_chat_template": False, "include_path": None, "dtype": "float32",
     }  # fmt: skip
     assert 0 <= saved["results"]["code_cloze"]["acc"] <= 1 and saved["results"]["code_perplexity"]["bits_per_byte"] > 0
     assert (small_run / "run" / "eval" / "results.md").read_text().count("| code_") == 5  # acc, acc_norm, 3 ppl
@@ -97,6 +97,43 @@ def test_eval_runs_either_backend_on_the_device_asked_for_or_the_cpu_without_cud
         evaluate(tmp_path, ("hellaswag",), None, backend, device="cuda")
     assert evaluate(tmp_path, ("hellaswag",), None, backend)["options"]["device"] == "cpu"  # the default, here
     assert [args["device"] for args in asked] == ["cpu", "cpu", "cpu"]
+
+
+@pytest.mark.parametrize("backend", ["seekstack", "hf"])
+def test_eval_runs_the_weights_in_the_dtype_asked_for_and_the_report_reruns_it_so(backend, tmp_path, monkeypatch):
+    """seekstack eval had no --dtype (lm_eval's dtype model arg): the seekstack backend ran float32, the hf backend
+    was told float32, whatever the user wanted."""
+    import lm_eval
+    import torch
+
+    from seekstack.config import preset
+    from seekstack.eval.report import _eval_again
+
+    asked = []
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs["model_args"]) or output)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "config.json").write_text(json.dumps(preset("tiny").to_dict()))  # the hf backend's check reads it
+    command = ["eval", str(tmp_path), "--tasks", "mc", "--backend", backend, "--out", str(tmp_path / "results")]
+    result = CliRunner().invoke(app, [*command, "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert asked[-1]["dtype"] == "bfloat16"
+    options = json.loads((tmp_path / "results.json").read_text())["options"]
+    assert options["dtype"] == "bfloat16" and _eval_again(tmp_path, {"options": options}).endswith("--dtype bfloat16`")
+    assert CliRunner().invoke(app, command).exit_code == 0 and asked[-1]["dtype"] == "float32"  # the default
+    refused = CliRunner().invoke(app, [*command, "--dtype", "half"])
+    assert refused.exit_code == 2 and "Invalid value for '--dtype': 'half': choose one of float32" in refused.output
+    assert len(asked) == 2
+
+
+def test_the_seekstack_backend_loads_the_weights_in_the_dtype_its_model_args_name(checkpoint):
+    import torch
+
+    from seekstack.eval.harness import SeekstackLM
+
+    for dtype, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        lm = SeekstackLM(pretrained=checkpoint, dtype=dtype, device="cpu")
+        assert {parameter.dtype for parameter in lm.model.parameters()} == {expected}
 
 
 def test_each_filter_of_a_task_keeps_its_value_in_the_results_and_the_table(tmp_path, monkeypatch):
@@ -162,7 +199,7 @@ def test_eval_runs_tasks_few_shot_and_in_the_chat_template_and_the_report_reruns
     options = json.loads((tmp_path / "results.json").read_text())["options"]
     assert (options["num_fewshot"], options["apply_chat_template"]) == (5, True)
     rerun = _eval_again(tmp_path, {"options": options})
-    assert rerun.endswith(f"--device {options['device']} --num-fewshot 5 --apply-chat-template`")
+    assert rerun.endswith(f"--device {options['device']} --num-fewshot 5 --apply-chat-template --dtype float32`")
     evaluate(tmp_path, ("mc",), device="cpu")
     assert (asked[-1]["num_fewshot"], asked[-1]["apply_chat_template"]) == (None, False)  # each task's own, plain
     with pytest.raises(ValueError, match="reason_addition: their prompts are in the model's chat template already"):
