@@ -38,16 +38,16 @@ def test_a_cache_budget_too_small_for_the_request_is_told_with_the_option_to_rai
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("options", "message", "exit_code"),
     [
-        (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
-        (["--device-map", "layers.*.nothing=cpu"], "matches no part of the model"),
-        (["--device-map", "*=tpu:0"], "is not cpu, cuda:N or disk"),
+        (["--kv-cache-memory", "lots"], "Invalid value for '--kv-cache-memory'", 2),  # a usage error, as the parser's
+        (["--device-map", "layers.*.nothing=cpu"], "matches no part of the model", 1),
+        (["--device-map", "*=tpu:0"], "is not cpu, cuda:N or disk", 1),
     ],
 )
-def test_bad_budgets_and_device_maps_are_named(checkpoint, options, message):
+def test_bad_budgets_and_device_maps_are_named(checkpoint, options, message, exit_code):
     result = generate(checkpoint, *options)
-    assert result.exit_code == 1
+    assert result.exit_code == exit_code
     assert message in result.stderr
 
 
@@ -57,4 +57,4 @@ def test_chat_takes_the_cache_budget_and_the_device_map(checkpoint):
     assert result.exit_code == 0, result.output
     assert result.stdout.strip()
     result = runner.invoke(app, ["chat", "--model", str(checkpoint), "--kv-cache-memory", "lots"], input="hello\n")
-    assert result.exit_code == 1 and "--kv-cache-memory" in result.stderr
+    assert result.exit_code == 2 and "Invalid value for '--kv-cache-memory'" in result.stderr
