@@ -46,12 +46,15 @@ def load_pretrained(
     device: torch.device | str = "cpu",
     dequantize: bool = False,
     offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
+    mtp: bool = True,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`, in eval
     mode as transformers' `from_pretrained` returns a model (no balance loss; `model.train()` to train it).
 
     Tensors are read one at a time into a model materialised directly on `device`, so peak memory
-    stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds.
+    stays near one copy of the model. MTP modules are built for the MTP layers the checkpoint holds; `mtp=False`
+    leaves them out, their weights unread, for a model that will not draft (generation without speculative decoding:
+    DeepSeek-V3's MTP layer is ~11 GB of fp8 experts), as transformers and vLLM load the main model alone.
     `offload`, given the model once its layers are built and before its float weights are read, names the tensors
     (state-dict names) that are to be file pages rather than memory, and how to write them (`MappedCopy`): those
     not mapped from the checkpoint as stored are written one piece (one expert's matrix, or a quantized expert's
@@ -74,7 +77,9 @@ def load_pretrained(
         for name in ("weight", "weight_packed")
     ):
         present_mtp += 1
-    config = follow_moe_layout_of_weights(config.replace(num_nextn_predict_layers=present_mtp), reader, config_path)
+    left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(0 if mtp else present_mtp))
+    config = config.replace(num_nextn_predict_layers=present_mtp if mtp else 0)
+    config = follow_moe_layout_of_weights(config, reader, config_path)
     config = untie_a_stored_head(config, reader, config_path)
     warn_transformers_divergences(config, directory)
 
@@ -105,7 +110,9 @@ def load_pretrained(
                 for view, piece in zip(views, pieces(), strict=True):
                     view.copy_(piece)
     model.reset_rope()
-    unused = sorted(k for k in reader.key_to_file if k not in reader.used and not MTP_COPIES.match(k))
+    unused = sorted(
+        k for k in reader.key_to_file if k not in reader.used and not MTP_COPIES.match(k) and not k.startswith(left_out)
+    )
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)

@@ -310,7 +310,8 @@ class Engine:
         offload_dir = offload_dir or model_dir / "offload"
         # Disk parts are written to disk as the weights are read; with an adapter, once it is merged into them.
         offload = offload_while_loading(device_map, offload_dir) if device_map is not None and adapter is None else None
-        model = load_pretrained(model_dir, dtype=dtype, device=device, offload=offload)
+        drafts = kwargs.get("speculative", EngineOptions.speculative)  # else no MTP module: its weights stay unread
+        model = load_pretrained(model_dir, dtype=dtype, device=device, offload=offload, mtp=drafts)
         if adapter is not None:
             from seekstack.adapters.files import merged_model
 

@@ -69,7 +69,7 @@ def units(model: Transformer) -> dict[str, nn.Module]:
 
 def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
     """The device of every unit in `names` from `pattern=device` entries; ValueError naming an entry that matches
-    nothing, a bad device, or a unit no entry places."""
+    nothing (but an MTP entry where `names` hold no MTP module), a bad device, or a unit no entry places."""
     placement: dict[str, str] = {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         pattern, _, device = entry.partition("=")
@@ -77,6 +77,8 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
             raise ValueError(f"device map entry {entry!r}: expected pattern=device, e.g. layers.*.mlp.experts=cpu")
         device = device_name(device, f"device map entry {entry!r}")
         matched = [name for name in names if _matches(pattern.strip(), name)]
+        if not matched and pattern.strip().startswith("mtp.") and not any(name.startswith("mtp.") for name in names):
+            continue  # a plan's MTP entry, for a model loaded without its MTP module (no speculative decoding)
         if not matched:
             raise ValueError(f"device map entry {entry!r} matches no part of the model (parts: {names[0]}, ...)")
         placement.update(dict.fromkeys(matched, device))

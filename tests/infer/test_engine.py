@@ -8,6 +8,7 @@ import math
 import re
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -329,6 +330,28 @@ def test_an_engine_on_a_model_in_eval_mode_sets_no_modules_mode_in_its_steps(tmp
     monkeypatch.setattr(torch.nn.Module, "modules", modes_set)
     [completion] = engine.generate("def f", GREEDY)
     assert len(completion.token_ids) == GREEDY.max_new_tokens
+
+
+def test_an_engine_that_does_not_draft_leaves_the_mtp_module_unread_and_decodes_the_same(tmp_path):
+    """DeepSeek-V3's MTP layer is ~11 GB of fp8 experts that only speculative decoding runs: an engine without it
+    builds no MTP module (nor its cache layer) and reads none of its weights, without a word about unused keys."""
+    directory = model_dir(tmp_path / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = Engine.from_pretrained(directory)
+    drafting = Engine.from_pretrained(directory, speculative=True, adaptive_drafts=False)
+    assert (len(plain.model.mtp), len(drafting.model.mtp)) == (0, 1)
+    assert plain.model.config.num_nextn_predict_layers == 0
+    mtp_parameters = sum(p.numel() for p in drafting.model.mtp.parameters())
+    assert mtp_parameters > 0
+    assert (
+        sum(p.numel() for p in plain.model.parameters())
+        == sum(p.numel() for p in drafting.model.parameters()) - mtp_parameters
+    )
+    batch = prompts([5, 21, 12])
+    assert [c.token_ids for c in plain.generate(batch, GREEDY)] == [
+        c.token_ids for c in drafting.generate(batch, GREEDY)
+    ]
 
 
 def test_a_tensor_of_token_ids_is_one_prompt_or_one_per_row_as_transformers_input_ids(model, tokenizer):

@@ -188,6 +188,19 @@ def test_from_pretrained_places_the_parts_a_device_map_names(tmp_path):
     assert engine.generate([prompt], params)[0].token_ids == expected
 
 
+def test_a_device_map_with_the_mtp_module_places_an_engine_that_loads_it_and_one_that_does_not(tmp_path):
+    """A plan prices the MTP module, which only a drafting engine loads: its entry places nothing on the other."""
+    directory = model_dir(tmp_path / "model")
+    device_map = "*=cpu,layers.*.mlp.experts=disk,mtp.0=disk"
+    for speculative in (False, True):
+        options = EngineOptions(device_map=device_map, kv_cache_memory="1MiB", dtype="float32", speculative=speculative)
+        engine = Engine.from_pretrained(directory, **options.engine_kwargs())
+        assert ("mtp.0" in engine.model.placement) == speculative
+        assert engine.model.placement["layers.1.mlp.experts"] == "disk"
+    with pytest.raises(ValueError, match="'mtp.1=disk' matches no part"):  # a model with one MTP module: none at 1
+        parse_device_map("*=cpu,mtp.1=disk", list(units(micro_model())))
+
+
 def disk_run_tokens(directory, dtype: str, device_map: str | None = "*=cpu,layers.*.mlp.experts=disk") -> list[int]:
     """The greedy tokens of the checkpoint in `directory` in `dtype`, its routed experts on disk (or all in memory)."""
     prompt = torch.randint(5, 512, (7,), generator=torch.Generator().manual_seed(2)).tolist()

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from seekstack.checkpoint import load_pretrained
 from seekstack.infer.engine import Engine
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.params import SamplingParams
@@ -273,7 +274,8 @@ def test_generated_schemas_get_conforming_json_or_a_400_in_openai_shape(engine, 
 
 
 def test_json_mode_is_refused_on_a_speculative_engine(engine):
-    speculative = Engine(engine.model, engine.tokenizer, speculative=True, num_blocks=32)
+    with_mtp = load_pretrained(engine.model_dir)  # the engine's own has none: it does not draft
+    speculative = Engine(with_mtp, engine.tokenizer, speculative=True, num_blocks=32)
     request = ChatCompletionRequest.model_validate(chat("x", response_format=JSON_OBJECT))
     with pytest.raises(APIError, match="speculative") as caught:
         json_format(request, speculative)

@@ -24,8 +24,8 @@ def test_serve_refuses_a_context_longer_than_the_cache_holds_naming_both_options
         build_server(model_dir, serve_options(tmp_path))
     assert str(refused.value) == (
         "max_model_len 256 (the model's context; --max-model-len) is more than the latent cache holds: "
-        "--kv-cache-memory 60KiB holds 9 blocks of 16 tokens, requests of at most 144 tokens; lower --max-model-len "
-        "to 144 or raise --kv-cache-memory"
+        "--kv-cache-memory 60KiB holds 12 blocks of 16 tokens, requests of at most 192 tokens; lower --max-model-len "
+        "to 192 or raise --kv-cache-memory"
     )
     with pytest.raises(ValueError, match="^--max-model-len 200 is more than the latent cache holds"):
         build_server(model_dir, serve_options(tmp_path, max_model_len=200))
