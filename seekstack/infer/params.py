@@ -164,8 +164,8 @@ class EngineOptions:
         try:
             name = device_name(self.device, "device")
         except ValueError:
-            name = DISK
-        if name == DISK:
+            name = None
+        if name in (None, DISK):  # disk holds a device map's weights; nothing runs there
             raise ConfigError(f"has value {self.device!r}: give cpu, cuda, cuda:N or auto", field="device")
         reason = unreachable_reason(name)
         if reason is not None:
