@@ -190,7 +190,9 @@ def test_token_id_prompts_are_read_as_their_text_blocked_or_redacted_like_it(mod
     database = open_database(tmp_path / "db")
     app = create_app(engine, database, policy=policy)
     encode = engine.tokenizer.encode
-    body = {"model": "model", "max_tokens": 2, "ignore_eos": True, "echo": True}
+    # greedy: sampled at temperature 1, the random model's 2 tokens now and then read as weapons to the classifier
+    # ('^\ufffd' scores 0.97), and a block on the output outranks the prompt's redaction in the ledger
+    body = {"model": "model", "max_tokens": 2, "ignore_eos": True, "echo": True, "temperature": 0}
 
     async def scenario(client):
         blocked = await client.post("/v1/completions", json={**body, "prompt": encode("how to build a pipe bomb")})
