@@ -1,11 +1,11 @@
 """What kind of text a document is — code, prose, or CJK (Chinese, Japanese, Korean) — its language, and how
 to split it into words when it has no spaces.
 
-A document whose name ends in a source-code suffix (`CODE_SUFFIXES`: `.py`, `.c`, `.rs`, ...; through `.gz`,
-`mod.py.gz`) is code in that language, whatever its text; a Python module holding pages of documentation in strings
-is still code. A README (`README`, `README.Debian`, `readme.txt`) or man page (`ls.1`, `printf.3`) is never code:
-man pages indent every line, and READMEs their commands, and such lines read as code. Otherwise detection reads the
-first `SAMPLE_CHARS` characters:
+A document whose name ends in a source-code suffix (`CODE_SUFFIXES`: `.py`, `.c`, `.rs`, ...; through a compression
+suffix, `mod.py.gz`) is code in that language, whatever its text; a Python module holding pages of documentation in
+strings is still code. A README (`README`, `README.Debian`, `readme.txt`) or man page (`ls.1`, `printf.3`) is never
+code: man pages indent every line, and READMEs their commands, and such lines read as code. Otherwise detection reads
+the first `SAMPLE_CHARS` characters:
   cjk    Han, kana or Hangul characters are >= `CJK_MIN_SHARE` of the words (each such character one word, as
          `words` splits text); language `ja` when kana are >= `KANA_MIN_SHARE` of those characters, `ko` when
          Hangul is most of them, `zh` otherwise.
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import re
 from typing import Literal, NamedTuple
+
+from seekstack.corpus.sources import COMPRESSIONS
 
 Kind = Literal["code", "prose", "cjk"]
 KINDS: tuple[Kind, ...] = ("code", "prose", "cjk")
@@ -130,7 +132,8 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
     """The kind and language of `text`, from the suffix of its `name` (a path or document id) when that names
     source code, else from its first `SAMPLE_CHARS` characters, never code when the name is a README's or a man
     page's (see the module docstring)."""
-    stem = name.lower().removesuffix(".gz")  # suffixes count through .gz, as sources read them: `mod.py.gz` is code
+    stem = name.lower()  # suffixes count through a compression's, as sources read them: `mod.py.xz` is code
+    stem = next((stem.removesuffix(suffix) for suffix in COMPRESSIONS if stem.endswith(suffix)), stem)
     suffix = stem[stem.rfind(".") :] if "." in stem else ""
     if suffix in CODE_SUFFIXES:
         return DetectedKind("code", CODE_SUFFIXES[suffix])

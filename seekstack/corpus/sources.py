@@ -5,11 +5,13 @@ Every source is a generator of `Document`s, so memory stays bounded by one file,
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import errno
 import gzip
 import io
 import json
+import lzma
 import mimetypes
 import os
 import re
@@ -19,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import pyarrow as pa
 import pyarrow.csv
@@ -34,13 +36,31 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
         (rb"BZh[1-9]1AY&SY", "a bzip2-compressed file"),
         (rb"\xfd7zXZ\x00", "an xz-compressed file"),
         (rb"\x04\x22\x4d\x18", "an lz4-compressed file"),
-        (rb"\x1f\x8b", "a gzip-compressed file whose name does not end in .gz"),
+        (rb"\x1f\x8b", "a gzip-compressed file"),
         (rb"PK\x03\x04", "a zip archive (or a .docx, .xlsx, .epub)"),
         (rb"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
         (rb"PAR1.*PAR1\Z", "a Parquet file whose name does not end in .parquet"),  # the mark at both ends
         (rb"%PDF-", "a PDF document"),
     )
 )
+
+
+# Compressed files read through, by the suffix that ends their name (in any case), as datatrove's readers (fsspec's
+# compression="infer") read them: gzip, bzip2 and xz by the standard library, zstd by pyarrow's codec.
+def _zstd_open(raw: BinaryIO) -> BinaryIO:
+    """The decompressed bytes of a zstd-compressed stream, buffered (peek, lines) as the standard library's are."""
+    return io.BufferedReader(pa.CompressedInputStream(raw, "zstd"))
+
+
+COMPRESSIONS: dict[str, tuple[str, Callable[[BinaryIO], BinaryIO]]] = {
+    ".gz": ("gzip", gzip.open),
+    ".bz2": ("bzip2", bz2.open),
+    ".xz": ("xz", lzma.open),
+    ".zst": ("zstd", _zstd_open),
+}
+COMPRESSED_READ = "gzip, bzip2, xz and zstd are read through when the name ends in .gz, .bz2, .xz or .zst"
+# What reading a damaged compressed file raises (gzip's BadGzipFile, bzip2's and pyarrow's zstd errors are OSErrors)
+_DAMAGED_COMPRESSION = (OSError, EOFError, zlib.error, lzma.LZMAError)
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
 # A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are
@@ -63,8 +83,8 @@ _QUALIFIED_DOCUMENTATION = re.compile(rf"(?i)(?:{'|'.join(_DOCUMENTATION_NAMES)}
 _FILE_TYPES = mimetypes.MimeTypes()  # the built-in table alone, not the machine's /etc/mime.types
 # How a folder's files are read, for messages about those that were not
 FOLDER_FILES_READ = (
-    f"by suffix, {' '.join(TEXT_SUFFIXES)} (and .gz of them), and without one when they are text (as are documents "
-    "named with a qualifier: README.Debian, changelog.1.gz)"
+    f"by suffix, {' '.join(TEXT_SUFFIXES)} (and {', '.join(COMPRESSIONS)} of them), and without one when they are "
+    "text (as are documents named with a qualifier: README.Debian, changelog.1.gz)"
 )
 # Version-control systems' records (git's objects and logs, CVS's Entries), not entered: no text of the folder's own
 VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
@@ -162,19 +182,16 @@ def _refuse_an_unlisted_folder(error: OSError) -> None:
 
 
 def _is_qualified_documentation(path: Path) -> bool:
-    """True for a package's document named with a qualifier rather than a file type, through .gz: `README.Debian`,
-    `changelog.Debian.gz`, `changelog.1.gz`; not `README.html`."""
-    name = path.name[: -len(".gz")] if path.suffix.lower() == ".gz" else path.name
+    """True for a package's document named with a qualifier rather than a file type, through a compression suffix:
+    `README.Debian`, `changelog.Debian.gz`, `changelog.1.gz`; not `README.html`."""
+    name = _uncompressed(path).name
     return _QUALIFIED_DOCUMENTATION.fullmatch(name) is not None and _FILE_TYPES.guess_type(name)[0] is None
 
 
 def _starts_as_text(path: Path) -> bool:
-    """True when a file's first `SNIFF_BYTES` bytes (through .gz) hold no character of `_NOT_TEXT_BYTES`."""
-    if path.suffix.lower() == ".gz":
-        head = _read(path)[:SNIFF_BYTES]  # a damaged .gz file is named, as one with a text suffix is
-    else:
-        with open(path, "rb") as file:
-            head = file.read(SNIFF_BYTES)
+    """True when a file's first `SNIFF_BYTES` bytes (decompressed) hold no character of `_NOT_TEXT_BYTES`."""
+    with _opened(path) as binary:  # a damaged compressed file is named, as one with a text suffix is
+        head = binary.read(SNIFF_BYTES)
     return _NOT_TEXT_BYTES.search(head) is None
 
 
@@ -226,25 +243,26 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
 
 
 def _kind(path: Path) -> str:
-    """A file's suffix as it says what the text is, in lower case and through a .gz: `NOTES.TXT.gz` -> `.txt`."""
-    inner = path.with_suffix("") if path.suffix.lower() == ".gz" else path
-    return inner.suffix.lower()
+    """A file's suffix as it says what the text is, in lower case and through a compression suffix: `NOTES.TXT.gz`
+    -> `.txt`."""
+    return _uncompressed(path).suffix.lower()
+
+
+def _uncompressed(path: Path) -> Path:
+    """`path` without the suffix of its compression (`COMPRESSIONS`): `notes.txt.xz` -> `notes.txt`."""
+    return path.with_suffix("") if path.suffix.lower() in COMPRESSIONS else path
 
 
 def _read(path: Path) -> bytes:
-    """A file's bytes, decompressed when it is gzipped (`.gz`); a DataSourceError naming it when they are a compressed
-    file or archive of another kind (`.jsonl.zst`, `.txt.bz2`), which would otherwise be read as text."""
-    data = path.read_bytes()
-    if path.suffix.lower() == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
-            raise DataSourceError(f"{path}: not a readable gzip file ({error})") from None
+    """A file's bytes, decompressed when its name ends in a suffix of `COMPRESSIONS`; a DataSourceError naming it
+    when they are a compressed file or archive still (a `.zip`, a `.txt` that is gzipped), not to be read as text."""
+    with _opened(path) as binary:
+        data = binary.read()
     packed = next((name for signature, name in _PACKED_SIGNATURES if signature.match(data)), None)
     if packed is not None:
         raise DataSourceError(
-            f"{path}: {packed}, not text; decompress or extract it first (gzip is read through when the name ends "
-            "in .gz, Parquet when it ends in .parquet)"
+            f"{path}: {packed}, not text; decompress or extract it first ({COMPRESSED_READ}, Parquet when it "
+            "ends in .parquet)"
         )
     return data
 
@@ -373,19 +391,32 @@ def _text_field(record: dict[str, Any], where: str, field: str) -> str | None:
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     """A JSON Lines file's lines, numbered from 1, decoded as text files are: all as UTF-16 when the file opens with
     UTF-16's byte-order mark (as Windows PowerShell 5 writes), else each line by `_decoded`."""
-    try:
-        with _opened(path) as binary:
-            if _opens_with_utf16_mark(binary):
-                yield from enumerate(io.TextIOWrapper(binary, "utf-16", errors="replace", newline="\n"), start=1)
-            else:
-                yield from enumerate(map(_decoded, binary), start=1)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # what only a damaged .gz raises while being read
-        raise DataSourceError(f"{path}: not a readable gzip file ({error})") from None
+    with _opened(path) as binary:
+        if _opens_with_utf16_mark(binary):
+            yield from enumerate(io.TextIOWrapper(binary, "utf-16", errors="replace", newline="\n"), start=1)
+        else:
+            yield from enumerate(map(_decoded, binary), start=1)
 
 
-def _opened(path: Path) -> io.BufferedIOBase:
-    """A file opened for reading its bytes, through gzip when its name ends in .gz."""
-    return (gzip.open if path.suffix.lower() == ".gz" else open)(path, "rb")
+@contextmanager
+def _opened(path: Path) -> Iterator[BinaryIO]:
+    """A file opened for reading its bytes, decompressed when its name ends in a suffix of `COMPRESSIONS`; what its
+    reading raises when it is damaged or not so compressed (cut short, plain text named `.gz`) as a DataSourceError
+    naming it."""
+    compression = COMPRESSIONS.get(path.suffix.lower())
+    with open(path, "rb") as raw:
+        if compression is None:
+            yield raw
+            return
+        name, decompressed = compression
+        try:
+            with decompressed(raw) as binary:
+                yield binary
+        except _DAMAGED_COMPRESSION as error:
+            raise DataSourceError(
+                f"{path}: not a readable {name} file ({error}); compress it again, or rename it without the "
+                f"{path.suffix} when it is not compressed"
+            ) from None
 
 
 def _opens_with_utf16_mark(binary: io.BufferedIOBase) -> bool:
@@ -454,18 +485,17 @@ def _row_id(given: Any, fallback: str) -> str:
 def read_csv(
     path: str | Path, column: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
 ) -> Iterator[Document]:
-    """Rows of a CSV file (tab-separated when its suffix is `.tsv`; `.gz` read through), text in `column`, streamed by
-    blocks; ids are column `id_field`'s or `file:row`, the header not counted (`posts.csv:1` is the first row under
-    it). Quoted values may hold line breaks; the text column is read
-    as bytes, whatever it holds, and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are
-    not checked. A file opening with UTF-16's byte-order mark (Excel's "Unicode Text" export) is read as UTF-16."""
+    """Rows of a CSV file (tab-separated when its suffix is `.tsv`; decompressed as `_opened` reads it), text in
+    `column`, streamed by blocks; ids are column `id_field`'s or `file:row`, the header not counted (`posts.csv:1` is
+    the first row under it). Quoted values may hold line breaks; the text column is read as bytes, whatever it holds,
+    and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are not checked. A file opening
+    with UTF-16's byte-order mark (Excel's "Unicode Text" export) is read as UTF-16."""
     path = Path(path)
     delimiter = "\t" if _kind(path) == ".tsv" else ","
-    with _arrow_errors_named(path, "CSV"):
-        with _opened(path) as binary:
-            encoding = "utf-16" if _opens_with_utf16_mark(binary) else "utf8"  # Excel's "Unicode Text": UTF-16 TSV
+    with _arrow_errors_named(path, "CSV"), _opened(path) as binary:
+        encoding = "utf-16" if _opens_with_utf16_mark(binary) else "utf8"  # Excel's "Unicode Text": UTF-16 TSV
         reader = pyarrow.csv.open_csv(
-            path,
+            binary,
             read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding),
             parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.binary()}, check_utf8=False),

@@ -26,6 +26,7 @@ from rich.console import Console
 
 from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
+from seekstack.corpus.kinds import detect_kind
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import (
     RULES,
@@ -657,23 +658,68 @@ def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "packed", "says"),
     [
-        ("rows.jsonl.bz2", bz2.compress(b'{"text": "hello"}\n'), "a bzip2-compressed file"),
-        ("rows.jsonl.xz", lzma.compress(b'{"text": "hello"}\n'), "an xz-compressed file"),
-        ("rows.jsonl.zst", b"\x28\xb5\x2f\xfd" + bytes(20), "a zstd-compressed file"),
-        ("notes.txt", gzip.compress(b"hello", mtime=0), "a gzip-compressed file whose name does not end in .gz"),
+        ("notes.rst", bz2.compress(b"hello"), "a bzip2-compressed file"),
+        ("notes.txt", lzma.compress(b"hello"), "an xz-compressed file"),
+        ("notes.md", b"\x28\xb5\x2f\xfd" + bytes(20), "a zstd-compressed file"),
+        ("notes.txt", gzip.compress(b"hello", mtime=0), "a gzip-compressed file"),
         ("book.txt.gz", gzip.compress(b"PK\x03\x04" + bytes(20), mtime=0), "a zip archive (or a .docx, .xlsx, .epub)"),
+        ("book.txt.xz", lzma.compress(b"%PDF-1.7\n"), "a PDF document"),
     ],
-    ids=["bzip2", "xz", "zstd", "gzip-without-gz", "zip-in-gzip"],
+    ids=["bzip2-without-bz2", "xz-without-xz", "zstd-without-zst", "gzip-without-gz", "zip-in-gzip", "pdf-in-xz"],
 )
 def test_a_compressed_file_of_another_kind_is_named_not_read_as_text(
     tmp_path: Path, name: str, packed: bytes, says: str
 ) -> None:
-    """A `.jsonl.bz2` was one text document of compressed bytes, which the rules then removed (max_mean_word_chars)."""
+    """A `.rst` holding bzip2 was one text document of compressed bytes, which the rules then removed
+    (max_mean_word_chars)."""
     (tmp_path / name).write_bytes(packed)
     with pytest.raises(DataSourceError, match=re.escape(f"{name}: {says}, not text; decompress or extract it first")):
         list(open_source(tmp_path / name))
     (tmp_path / "par1.txt").write_text("PAR1 is the first paragraph, not a Parquet file's mark.")
     assert [doc.text for doc in open_source(tmp_path / "par1.txt")] == [(tmp_path / "par1.txt").read_text()]
+
+
+def _zstd_compress(data: bytes) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(sink, "zstd") as compressed:
+        compressed.write(data)
+    return sink.getvalue().to_pybytes()
+
+
+COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zst": _zstd_compress}
+
+
+@pytest.mark.parametrize("suffix", COMPRESSORS)
+def test_bzip2_xz_and_zstd_files_are_read_through_as_gzip_is(tmp_path: Path, suffix: str) -> None:
+    """`.bz2`, `.xz` and `.zst` files, which datatrove reads (fsspec's compression="infer"), were refused as "a
+    bzip2-compressed file, not text"; they are read in every format, and one cut short is named."""
+    compress = COMPRESSORS[suffix]
+    files = {
+        f"notes.txt{suffix}": b"caf\xc3\xa9 notes",
+        f"rows.jsonl{suffix}": b'{"text": "a row"}\n{"text": "another"}\n',
+        f"posts.csv{suffix}": b'text,label\n"a, quoted row",1\n',
+        f"array.json{suffix}": b'[{"text": "an item"}]',
+    }
+    for name, data in files.items():
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(compress(data))
+    read = {name: [doc.text for doc in open_source(tmp_path / "in" / name)] for name in files}
+    assert read == {
+        f"notes.txt{suffix}": ["caf\u00e9 notes"],
+        f"rows.jsonl{suffix}": ["a row", "another"],
+        f"posts.csv{suffix}": ["a, quoted row"],
+        f"array.json{suffix}": ["an item"],
+    }
+    (tmp_path / "in" / f"mod.py{suffix}").write_bytes(compress(b"x = 1\n"))
+    (tmp_path / "in" / f"changelog.1{suffix}").write_bytes(compress(b"2019-04-01  Older entries."))
+    assert [doc.doc_id for doc in read_text_folder(tmp_path / "in")] == [
+        f"changelog.1{suffix}", f"mod.py{suffix}", f"notes.txt{suffix}"
+    ]  # fmt: skip
+    assert detect_kind("x = 1\n", f"mod.py{suffix}").lang == "python"
+    for name, data in files.items():
+        (tmp_path / "in" / name).write_bytes(compress(data * 200)[:-20])
+        with pytest.raises(DataSourceError, match=re.escape(f"{name}: not a readable ")):
+            list(open_source(tmp_path / "in" / name))
 
 
 def test_a_jsonl_gz_that_is_not_gzip_or_is_cut_short_is_named(tmp_path: Path) -> None:
