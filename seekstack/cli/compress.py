@@ -45,9 +45,9 @@ def quantize_command(
     keep: Annotated[
         list[str] | None,
         typer.Option(
-            help="Layer pattern left in float (repeatable; replaces the default: lm_head): our names "
-            "(layers.1.mlp.experts, mtp.0.block.mlp.experts, *.o_proj) or the checkpoint's "
-            "(model.layers.1.mlp.experts); one matching no layer is refused"
+            help="Layer pattern left in float (repeatable; replaces the default: lm_head; --keep '' keeps none, "
+            "lm_head quantized too): our names (layers.1.mlp.experts, mtp.0.block.mlp.experts, *.o_proj) or the "
+            "checkpoint's (model.layers.1.mlp.experts); one matching no layer is refused"
         ),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="A QuantConfig file (YAML/TOML/JSON); options go on top")] = None,
@@ -88,7 +88,8 @@ def quantize_command(
     from seekstack.compress.quantize import QuantConfig, checkpoint_bytes, quantize_checkpoint
     from seekstack.schema import load_config
 
-    options = {"scheme": scheme, "group_size": group_size, "keep": None if keep is None else json.dumps(keep)}
+    kept = None if keep is None else json.dumps([pattern for pattern in keep if pattern])  # --keep '': none
+    options = {"scheme": scheme, "group_size": group_size, "keep": kept}
     given = {name: value for name, value in options.items() if value is not None}
     overrides = [f"{name}={value}" for name, value in given.items()]
     with user_errors(as_json), options_named(given):

@@ -4,8 +4,9 @@ What is quantized: every nn.Linear of the decoder blocks and the MTP modules, an
 What stays in the model's dtype, always: the embedding, the router gate (`mlp.gate`, selection is sensitive and
 tiny), the norms and biases, and `kv_b_proj` (MLA's decode path absorbs it as a matrix, W^UK and W^UV; vLLM also
 keeps it unquantized). By default also `lm_head` (the vocabulary projection decides every token; DeepSeek's FP8
-release keeps it in bf16), and with fp8 the MTP `eh_proj` (as DeepSeek's FP8 release does). `keep` replaces those
-defaults; `layers` assigns a scheme per layer (what adaptive precision writes).
+release keeps it in bf16), and with fp8 the MTP `eh_proj` (as DeepSeek's FP8 release does). `keep` replaces the
+default lm_head (an empty one keeps none; fp8 keeps eh_proj regardless); `layers` assigns a scheme per layer (what
+adaptive precision writes).
 Layer names are fnmatch patterns, of our names (`lm_head`, `layers.3.mlp.experts`, `*.self_attn.o_proj`) or of the
 checkpoint's (`model.layers.3.mlp.experts`, `model.layers.*.self_attn.o_proj`); one that names no layer is refused.
 """

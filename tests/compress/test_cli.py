@@ -392,6 +392,21 @@ def test_quantize_refuses_a_keep_pattern_that_names_no_layer_and_takes_checkpoin
     assert json.loads(result.output)["assignment"]["layers.1.mlp.experts"] == "kept"
 
 
+def test_an_empty_keep_keeps_no_layer_but_the_always_kept_and_quantizes_the_head(tmp_path):
+    """A repeatable option cannot be emptied on the command line: `--keep ''` says "replace the default with none"."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--keep", "",
+                                      "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assignment = json.loads(result.output)["assignment"]
+    assert assignment["lm_head"] == "int8"
+    assert {name for name, how in assignment.items() if how == "kept"} == {
+        "layers.0.self_attn.kv_b_proj", "layers.1.self_attn.kv_b_proj", "layers.2.self_attn.kv_b_proj",
+        "mtp.0.block.self_attn.kv_b_proj",
+    }  # fmt: skip
+    assert isinstance(seekstack.load_pretrained(tmp_path / "q").lm_head, QuantizedLinear)
+
+
 def test_quantize_to_fp8_prints_a_note_on_layers_transformers_reads_with_other_blocks(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     result = CliRunner().invoke(
