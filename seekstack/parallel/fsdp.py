@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from seekstack.checkpoint.keys import CheckpointError
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks
 from seekstack.parallel.parallelize import decoder_blocks
@@ -85,11 +87,19 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Fill `optimizer` from a saved state written at any number of ranks (resharded to this run's, or to one
-    process)."""
+    process); CheckpointError naming what could not be read (a shard missing or cut short), on every rank."""
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     with warnings.catch_warnings():  # alone, torch warns that it assumes what we mean: to load in a single process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, checkpoint_id=directory)
+        try:
+            dcp.load(state, checkpoint_id=directory)
+        except CheckpointException as error:  # raised alike on every rank, with every rank's failure
+            failures = dict.fromkeys(str(failure) for failure, _ in error.failures.values())
+            raise CheckpointError(
+                f"{directory}: its sharded optimizer state cannot be read ({'; '.join(failures)}): a file each rank "
+                "wrote at the save is missing or damaged (the ranks must share the file system checkpoints are "
+                "written to)"
+            ) from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 

@@ -174,7 +174,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     try:
         model = load_pretrained(path, dtype=torch.float32, device=device)
     except CheckpointError as error:  # a truncated, damaged or missing file of the weights or their config
-        raise CheckpointError(f"{error}; or, to go on training, {_resume_before(path)}") from None
+        raise CheckpointError(f"{error}; or, to go on training, {resume_before(path)}") from None
     return model, read_train_state(path)
 
 
@@ -187,11 +187,11 @@ def read_train_state(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} has no {TRAIN_STATE_FILE}: it is not a training checkpoint") from None
     except Exception as error:  # pickle and zip errors of a truncated or damaged file
         raise CheckpointError(
-            f"{state_file}: not a readable training state ({error}); it is truncated or damaged: {_resume_before(path)}"
+            f"{state_file}: not a readable training state ({error}); it is truncated or damaged: {resume_before(path)}"
         ) from None
 
 
-def _resume_before(path: str | Path) -> str:
+def resume_before(path: str | Path) -> str:
     """What to do about a damaged training checkpoint `path`: resume from the one before it."""
     return (
         f"move {path} out of {Path(path).parent}, and --resume continues from the checkpoint before it (if the run "

@@ -34,6 +34,7 @@ from seekstack.accounting import training_flops_per_token
 from seekstack.atomic import WriteRefused, write_atomic
 from seekstack.checkpoint import load_pretrained, write_pretrained_files
 from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE
+from seekstack.checkpoint.keys import CheckpointError
 from seekstack.config import ModelConfig
 from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
 from seekstack.infer.threads import LoadAwareThreads, configured_threads
@@ -101,6 +102,7 @@ from seekstack.train.state import (
     rank_compression_file,
     rank_optimizer_file,
     read_train_state,
+    resume_before,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -877,7 +879,10 @@ class _Run:
                 "many ranks"
             )
         elif "optimizer" not in train_state:
-            load_optimizer(self.model, self.optimizer, path / OPTIMIZER_DIR)
+            try:
+                load_optimizer(self.model, self.optimizer, path / OPTIMIZER_DIR)
+            except CheckpointError as error:
+                raise CheckpointError(f"{error}; {resume_before(path)}") from None
         elif is_sharded(self.model):
             load_whole_optimizer(self.model, self.optimizer, train_state["optimizer"], path / TRAIN_STATE_FILE)
         else:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from seekstack.checkpoint.keys import CheckpointError
 from seekstack.parallel.compression import CommCounter, Int8State, int8_hook, register_compression
 from seekstack.train.runs import list_checkpoints
 from seekstack.train.state import OPTIMIZER_DIR
@@ -92,11 +93,21 @@ def single_model_parameters(out_dir: Path) -> list[torch.Tensor]:
     return list(load_pretrained(list_checkpoints(out_dir)[-1]).parameters())
 
 
-def test_sharded_checkpoint_resumes_at_one_and_at_two_ranks_continuing_the_loss_curve(data_dir, tmp_path):  # noqa: F811
-    steps = dict(max_steps=6, eval_every=0, save_every=3, keep_checkpoints=3)
-    train_on_two_ranks(run_config(data_dir, tmp_path / "whole", parallel="fsdp", **steps))
-    reference = losses(tmp_path / "whole")
-    checkpoint = tmp_path / "whole" / "checkpoints" / "step_3"
+FSDP_STEPS = dict(max_steps=6, eval_every=0, save_every=3, keep_checkpoints=3)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir, tmp_path_factory) -> Path:  # noqa: F811
+    """The out_dir of an FSDP run on two ranks with checkpoints at steps 3 and 6, its optimizer state sharded."""
+    out_dir = tmp_path_factory.mktemp("fsdp_run")
+    train_on_two_ranks(run_config(data_dir, out_dir, parallel="fsdp", **FSDP_STEPS))
+    return out_dir
+
+
+def test_sharded_checkpoint_resumes_at_one_and_at_two_ranks_continuing_the_loss_curve(data_dir, fsdp_run, tmp_path):  # noqa: F811
+    steps = FSDP_STEPS
+    reference = losses(fsdp_run)
+    checkpoint = fsdp_run / "checkpoints" / "step_3"
     assert (checkpoint / OPTIMIZER_DIR).is_dir() and (checkpoint / "model.safetensors").is_file()
     # Resumed at 2 ranks and at 1 process (resharded) from the step-3 checkpoint: the same last three losses.
     for name, ranks in (("two", 2), ("one", 1)):
@@ -110,6 +121,24 @@ def test_sharded_checkpoint_resumes_at_one_and_at_two_ranks_continuing_the_loss_
         else:
             resumed = train(config, resume=True).losses
         assert resumed[-3:] == pytest.approx(reference[-3:], abs=1e-5), name
+
+
+def test_a_missing_optimizer_shard_is_named_with_the_checkpoint_to_resume_from(data_dir, fsdp_run, tmp_path):  # noqa: F811
+    """A shard one rank wrote is missing (a rank whose disk is not the others'): torch's CheckpointException was a
+    traceback on every rank."""
+    checkpoint = tmp_path / "checkpoints" / "step_3"
+    shutil.copytree(fsdp_run / "checkpoints" / "step_3", checkpoint)
+    (shard,) = (checkpoint / OPTIMIZER_DIR).glob("__1_*.distcp")
+    shard.unlink()
+    config = run_config(data_dir, tmp_path, parallel="fsdp", **FSDP_STEPS)
+    with pytest.raises(CheckpointError) as refused:
+        train(config, resume=True)
+    assert str(refused.value) == (
+        f"{checkpoint / OPTIMIZER_DIR}: its sharded optimizer state cannot be read ([Errno 2] No such file or "
+        f"directory: '{shard}'): a file each rank wrote at the save is missing or damaged (the ranks must share the "
+        f"file system checkpoints are written to); move {checkpoint} out of {checkpoint.parent}, and --resume "
+        "continues from the checkpoint before it (if the run kept one)"
+    )
 
 
 def _int8_rank(rank: int, world_size: int, port: int, gradients: torch.Tensor, results) -> None:
