@@ -646,6 +646,23 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path: Path, second_line: str,
         list(read_jsonl(path))
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_byte_order_mark_is_read_as_utf16(tmp_path: Path, encoding: str) -> None:
+    """UTF-16 saved without its mark (a Windows tool's "Unicode") came out with a NUL after (or before) every
+    character, 'H\\x00e\\x00l\\x00l\\x00o\\x00'; its NUL high bytes at one parity tell it, in English and in Russian
+    (a NUL only at its spaces and stops), with a surrogate pair cut by the sniffed bytes' end."""
+    texts = {
+        "en.txt": "Hello UTF-16 world, caf\u00e9 na\u00efve \U0001f600.\r\nSecond line.\r\n" * 150,
+        "ru.txt": "Привет, мир. Это русский текст.\n",
+    }
+    for name, text in texts.items():
+        (tmp_path / name).write_bytes(text.encode(encoding))
+    assert {doc.doc_id: doc.text for doc in read_text_folder(tmp_path)} == texts
+    binary = tmp_path / "table.txt"  # NULs at both parities: not UTF-16, read byte by byte as before
+    binary.write_bytes(bytes(range(256)) * 20)
+    assert [doc.text for doc in open_source(binary)] == [bytes(range(256)).decode("cp1252", errors="replace") * 20]
+
+
 def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     powershell = tmp_path / "powershell.jsonl"  # Windows PowerShell 5's `Out-File`: UTF-16 with its mark, CRLF
     powershell.write_bytes('{"text": "caf\u00e9 \U0001f600"}\r\n{"text": "two"}\r\n'.encode("utf-16"))
