@@ -8,8 +8,9 @@ that kind. Lengths and n-grams count words as `kinds.words` splits them, so ever
          one line of any length, as web-text JSONL stores it, or hard-wrapped, as text files hold it.
   cjk    prose rules counted in characters; no word-length rule (a "word" is one character).
 Thai, Lao, Myanmar and Khmer prose (no spaces between words, so its space-separated "words" are phrases) has its
-words counted as its characters over `UNSPACED_WORD_CHARS` and is not judged by the mean word length; Thai and Lao,
-which end sentences with no mark, are not judged by the line punctuation rule either.
+words counted as its characters over `UNSPACED_WORD_CHARS`, its n-grams as n times that many characters, and is not
+judged by the mean word length; Thai and Lao, which end sentences with no mark, are not judged by the line punctuation
+rule either.
 """
 
 from __future__ import annotations
@@ -243,6 +244,15 @@ class TextStats:
         return self.word_chars // UNSPACED_WORD_CHARS if self.unspaced else len(self.words)
 
     @cached_property
+    def ngram_units(self) -> tuple[list[str], int]:
+        """What the n-gram rules count as Gopher's words, and how many of them make one word: the `words`; in text
+        written without spaces (whose `words` are phrases: a run of keyword spam is one), its characters,
+        `UNSPACED_WORD_CHARS` to a word, where datatrove splits Thai into words with pythainlp's dictionary."""
+        if self.unspaced:
+            return list("".join(self.words)), UNSPACED_WORD_CHARS
+        return self.words, 1
+
+    @cached_property
     def sentence_lines(self) -> list[tuple[str, bool]]:
         """The non-blank lines that a hard wrap did not break in the middle of a sentence, each with whether it ends
         one (`ends_sentence`): in hard-wrapped text a line broken before a word that would not fit in the fill width
@@ -287,21 +297,27 @@ class TextStats:
         return self._duplicates[skip_code_lines]
 
     def duplicate_ngram_char_fraction(self, n: int) -> float:
-        """Share of word characters inside word n-grams that occur more than once (each word counted once)."""
-        grams = list(zip(*(self.words[i:] for i in range(n)), strict=False))
+        """Share of word characters inside word n-grams (of `ngram_units`) that occur more than once (each word
+        counted once)."""
+        units, per_word = self.ngram_units
+        n *= per_word
+        grams = list(zip(*(units[i:] for i in range(n)), strict=False))
         counts = Counter(grams)
-        covered = [False] * len(self.words)
+        covered = [False] * len(units)
         for start, gram in enumerate(grams):
             if counts[gram] > 1:
                 covered[start : start + n] = [True] * n
-        repeated = sum(len(word) for word, inside in zip(self.words, covered, strict=True) if inside)
+        repeated = sum(len(unit) for unit, inside in zip(units, covered, strict=True) if inside)
         return repeated / self.word_chars if self.word_chars else 0.0
 
     def top_ngram_char_fraction(self, n: int) -> float:
-        """Share of word characters covered by the most frequent word n-gram, when it occurs more than once."""
-        if len(self.words) < n or not self.word_chars:
+        """Share of word characters covered by the most frequent word n-gram (of `ngram_units`), when it occurs more
+        than once."""
+        units, per_word = self.ngram_units
+        n *= per_word
+        if len(units) < n or not self.word_chars:
             return 0.0
-        counts = Counter(zip(*(self.words[i:] for i in range(n)), strict=False))  # n-grams; shorter tails end it
+        counts = Counter(zip(*(units[i:] for i in range(n)), strict=False))  # n-grams; shorter tails end it
         ngram, count = counts.most_common(1)[0]
         return 0.0 if count < 2 else count * sum(len(word) for word in ngram) / self.word_chars
 

@@ -219,9 +219,13 @@ def test_short_thai_prose_has_its_words_counted_by_characters() -> None:
         ("\n".join([THAI_ARTICLE.split("\n")[0]] * 30), "duplicate_lines"),
         ("สวัสดีครับ ยินดีต้อนรับ " * 40, "top_2gram"),
         ("ตลาดน้ำ", "min_chars"),
+        ("ซื้อรองเท้าราคาถูก" * 60, "top_2gram"),  # keyword spam with no space: one "word", passed every rule
+        ("\n".join(f"ซื้อรองเท้าราคาถูกรองเท้าผ้าใบส่งฟรีลดราคา{number}" for number in range(40)), "top_3gram"),
     ],
 )
 def test_thai_junk_is_still_removed(text: str, rule: str) -> None:
+    """Keyword spam written without spaces was one word to the n-gram rules; they count its characters, four to a
+    word, as datatrove counts the words its Thai segmenter finds."""
     assert failed_rule(normalise(text), ProseRules()) == rule
 
 
