@@ -1262,6 +1262,8 @@ def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_emai
         ("ivan@xn--e1afmkfd.xn--p1ai, IVAN@XN--E1AFMKFD.XN--P1AI", "<EMAIL>, <EMAIL>"),  # .рф in punycode: was kept
         ("Matthias Klose <doko\\@ubuntu.com>", "Matthias Klose <<EMAIL>>"),  # Perl's and Markdown's \@: was kept
         ("rollup\\@2.79.1, e.g.\\@ foo", "rollup\\@2.79.1, e.g.\\@ foo"),  # a package's version, LaTeX's spacing
+        ("@email{bug-grep@@gnu.org}, @@ -1 +1 @@", "@email{<EMAIL>}, @@ -1 +1 @@"),  # Texinfo's @@: was kept
+        ("w@@self.weight.T, react-dom@@18.2.0.js", "w@@self.weight.T, react-dom@@18.2.0.js"),  # no domain: kept
     ],
 )
 def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed: str) -> None:
