@@ -14,7 +14,7 @@ from unittest import mock
 
 from seekstack.adapters.files import ModelFolders, model_folders
 from seekstack.atomic import write_atomic
-from seekstack.eval.tasks import CODE_TASKS, REASONING_PREFIX, REASONING_TASKS, TASKS, task_configs
+from seekstack.eval.tasks import CODE_TASKS, LINE_TASKS, REASONING_PREFIX, REASONING_TASKS, TASKS, task_configs
 from seekstack.tokenizer import Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
@@ -45,7 +45,7 @@ def evaluate(
     model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); return
     {"model", "backend",
     "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
-    eval` takes them}."""
+    eval` takes them (corpus and per_module None where no task read them)}."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
@@ -107,9 +107,11 @@ def evaluate(
         for task, values in output["results"].items()
     }
     samples = {task: counts["effective"] for task, counts in output.get("n-samples", {}).items()}
+    corpus_read = corpus is not None and any(task in CODE_TASKS for task in local)  # else unread: recorded as None
     options = {
-        "tasks": list(tasks), "corpus": str(Path(corpus).resolve()) if corpus is not None else None,
-        "backend": backend, "batch_size": batch_size, "limit": limit, "per_module": per_module, "device": device,
+        "tasks": list(tasks), "corpus": str(Path(corpus).resolve()) if corpus_read else None,  # type: ignore[arg-type]
+        "backend": backend, "batch_size": batch_size, "limit": limit,
+        "per_module": per_module if any(task in LINE_TASKS for task in local) else None, "device": device,
         "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
         "include_path": str(Path(include_path).resolve()) if include_path is not None else None, "dtype": dtype,
     }  # fmt: skip

@@ -26,7 +26,8 @@ from seekstack.posttrain.tasks import TASKS as POSTTRAIN_TASKS
 from seekstack.posttrain.tasks import Problem, make_task, sample_problems
 from seekstack.tokenizer import EOS, Tokenizer
 
-CODE_TASKS = ("code_cloze", "code_next_line", "code_perplexity")
+LINE_TASKS = ("code_cloze", "code_next_line")  # the questions of `next_line_docs`, `per_module` of them a module
+CODE_TASKS = (*LINE_TASKS, "code_perplexity")  # built from a corpus's held-out modules
 REASONING_PREFIX = "reason_"
 REASONING_TASKS = tuple(REASONING_PREFIX + name for name in POSTTRAIN_TASKS)
 TASKS = CODE_TASKS + REASONING_TASKS
@@ -172,7 +173,7 @@ def code_task_configs(
     val = Path(corpus) / "val.jsonl"
     if not modules:
         raise ValueError(f"{val}: no held-out documents; build the corpus with a validation share")
-    line_tasks = [task for task in tasks if task in ("code_cloze", "code_next_line")]
+    line_tasks = [task for task in tasks if task in LINE_TASKS]
     if line_tasks and not questions:
         raise ValueError(
             f"{val}: no held-out document has {CHOICES} distinct lines of {MIN_LINE_CHARS}-{MAX_LINE_CHARS} "

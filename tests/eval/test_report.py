@@ -497,3 +497,21 @@ def test_a_report_the_disk_refuses_leaves_the_earlier_one_whole(tmp_path, monkey
     with pytest.raises(WriteRefused), file_size_limit(len(earlier) // 2):
         write_report(run_dir, samples=False)
     assert report.read_bytes() == earlier and not list(run_dir.glob(".*"))
+
+
+def test_eval_records_the_corpus_and_per_module_only_where_a_task_read_them(tmp_path, monkeypatch):
+    """results.json recorded the default corpus runs/demo/corpus (and per_module 4) for a task-only eval that never
+    read it, and the report's rerun command passed it on."""
+    import lm_eval
+
+    from seekstack.eval.report import _eval_again
+
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: output)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    options = json.loads((tmp_path / "eval" / "results.json").read_text())["options"]
+    assert (options["corpus"], options["per_module"]) == (None, None)
+    assert "--corpus" not in _eval_again(tmp_path, {"options": options})
