@@ -40,7 +40,10 @@ def quantize_command(
     ] = None,
     group_size: Annotated[
         int | None,
-        typer.Option(help="int4 (and --progressive's int4 stage): input columns per scale (32, the default, 64, 128)"),
+        typer.Option(
+            help="int4 (and --progressive's int4 stage): input columns per scale (32, the default, 64, 128); a layer "
+            "whose input width it does not divide takes the largest smaller one that does, and the report says so"
+        ),
     ] = None,
     keep: Annotated[
         list[str] | None,
@@ -179,12 +182,14 @@ def quantize_command(
 
 
 def _print_assignment(assignment: dict[str, str]) -> None:
-    """The layers per scheme, then the reasons layers were kept, each with how many it kept."""
+    """The layers per scheme, then the reasons layers were kept or took a smaller int4 group than asked, each with
+    how many it concerns."""
     counts = Counter(value.split(":")[0] for value in assignment.values())
     typer.echo("layers: " + ", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
-    kept = [value.partition(": ")[2] for value in assignment.values() if value.startswith("kept")]
-    for reason, n in sorted(Counter(reason or "always kept, kept by default or by --keep" for reason in kept).items()):
-        typer.echo(f"  {n} kept: {reason}")
+    explained = [value.partition(": ") for value in assignment.values() if value == "kept" or ": " in value]
+    reasons = Counter((what, reason or "always kept, kept by default or by --keep") for what, _, reason in explained)
+    for (what, reason), n in sorted(reasons.items()):
+        typer.echo(f"  {n} {what}{'' if what == 'kept' else ' instead'}: {reason}")
 
 
 def _progressive(

@@ -42,6 +42,7 @@ Scheme = Literal["int8", "int4", "fp8"]
 ALWAYS_KEPT = ("*.kv_b_proj",)  # absorbed into attention as a matrix (see above)
 DEFAULT_KEEP = ("lm_head",)
 FP8_KEEP = ("mtp.*.eh_proj",)
+INT4_GROUPS = (32, 64, 128)  # QuantConfig.group_size's values
 INT4_ROW_MULTIPLE = 16  # the CPU int4 kernel tiles output rows by 16
 _RECHECKING: ContextVar[bool] = ContextVar("quant_config_rechecking", default=False)  # the copy recheck builds
 
@@ -145,17 +146,26 @@ def quantize_model(model: nn.Module, config: QuantConfig, stored: dict[str, nn.M
         scheme, _, group_text = scheme.partition("-g")
         group = int(group_text) if group_text else config.group_size
         problem = unsupported_reason(module, scheme, group)
-        if problem:
+        fallback = _fallback_group(module, group) if problem and scheme == "int4" and not group_text else None
+        if problem and fallback is None:
             assignment[name] = f"kept: {problem}"
             continue
+        group = fallback or group
         label = scheme if scheme != "int4" else f"int4 g{group}"
         if name in stored and stored_format(stored[name]) == _target_format(label, config):
             model.set_submodule(name, stored[name])
         else:
             model.set_submodule(name, quantized_module(module, scheme, config, group))
-        assignment[name] = label
+        assignment[name] = f"{label}: {problem}" if fallback else label
     use_quantized_feed_forwards(model)
     return assignment
+
+
+def _fallback_group(module: nn.Module, group: int) -> int | None:
+    """The largest int4 group below `group` that `module`'s shapes take, where `group` does not divide its input
+    width (as llama.cpp quantizes a tensor a k-quant's 256-block does not fit with a 32-block type), or None."""
+    smaller = [size for size in sorted(INT4_GROUPS, reverse=True) if size < group]
+    return next((size for size in smaller if not unsupported_reason(module, "int4", size)), None)
 
 
 def stored_format(layer: nn.Module) -> str:

@@ -475,15 +475,15 @@ def test_adaptive_text_output_prints_kl_options_with_digits_enough_to_tell_them_
     assert "int4-g128 0.001084  int4-g64 0.001081  int4-g32 0.00108  int8 0.001077" in result.output
 
 
-def test_quantize_text_output_gives_the_reasons_layers_were_kept_with_their_counts(tmp_path):
+def test_quantize_text_output_gives_the_reasons_layers_were_kept_or_took_a_smaller_group_with_their_counts(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     result = CliRunner().invoke(
         app,
         ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--scheme", "int4", "--group-size", "64"],
     )
     assert result.exit_code == 0, result.output
-    assert "layers: 25 int4 g64, 12 kept\n" in result.output, result.output
-    assert "  7 kept: 32 input features are not a multiple of the group size 64\n" in result.output
+    assert "layers: 7 int4 g32, 25 int4 g64, 5 kept\n" in result.output, result.output
+    assert "  7 int4 g32 instead: 32 input features are not a multiple of the group size 64\n" in result.output
     assert "  5 kept: always kept, kept by default or by --keep\n" in result.output  # kv_b_proj x 4, lm_head
 
 

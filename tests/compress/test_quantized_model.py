@@ -270,15 +270,25 @@ def test_patterns_name_layers_as_we_do_or_as_the_checkpoint_does_and_one_naming_
             quantize_model(model_for_tests(), QuantConfig(**given))
 
 
-def test_int4_leaves_layers_its_kernel_cannot_tile_in_float_and_says_why():
-    model = Transformer(micro_config()).eval()  # kv_a_proj_with_mqa has 16 + 8 = 24 rows
+def test_int4_takes_a_smaller_group_where_the_asked_one_does_not_divide_and_leaves_in_float_what_none_fits():
+    """As llama.cpp quantizes a tensor its k-quant's 256-block does not fit with a 32-block type, and says so."""
+    model = Transformer(micro_config(intermediate_size=48)).eval()  # kv_a_proj_with_mqa has 16 + 8 = 24 rows
     assignment = quantize_model(model, QuantConfig(scheme="int4", group_size=64))
-    assert "multiple of 16" in assignment["layers.0.self_attn.kv_a_proj_with_mqa"]
-    assert "multiple of the group size 64" in assignment["layers.1.mlp.experts"]  # down_proj has 32 inputs
+    assert "kept: 24 output features are not a multiple of 16" in assignment["layers.0.self_attn.kv_a_proj_with_mqa"]
+    assert assignment["layers.0.mlp.down_proj"] == "kept: 48 input features are not a multiple of the group size 64"
+    assert assignment["layers.1.mlp.experts"] == "int4 g32: 32 input features are not a multiple of the group size 64"
     assert assignment["layers.0.self_attn.o_proj"] == "int4 g64"
-    assert isinstance(model.layers[1].mlp.experts, RoutedExperts) and not isinstance(
-        model.layers[1].mlp.experts, QuantizedExperts
-    )
+    experts = model.layers[1].mlp.experts
+    assert isinstance(experts, QuantizedExperts) and experts.down_proj.group == experts.gate_up_proj.group == 32
+    assert isinstance(model.layers[0].mlp.down_proj, torch.nn.Linear)
+
+
+def test_a_group_set_per_layer_is_not_replaced_by_a_smaller_one():
+    """adaptive precision prices each option at its own group: a layer it assigns int4-g64 gets g64 or stays float."""
+    model = Transformer(micro_config()).eval()
+    assignment = quantize_model(model, QuantConfig(layers={"layers.1.mlp.experts": "int4-g64"}))
+    assert assignment["layers.1.mlp.experts"] == "kept: 32 input features are not a multiple of the group size 64"
+    assert isinstance(model.layers[1].mlp.experts, RoutedExperts)
 
 
 def test_int8_leaves_layers_its_kernel_misreads_in_float_and_says_why():
@@ -374,11 +384,13 @@ def test_routed_experts_quantized_in_two_formats_get_a_note_that_transformers_mi
 
 
 @pytest.mark.parametrize(
-    "scheme, config", [("int8", dict(keep=["layers.1.mlp.experts"])), ("int4", dict(group_size=64))]
+    "scheme, config",
+    [("int8", dict(keep=["layers.1.mlp.experts"])), ("int4", dict(layers={"layers.1.mlp.experts": "int4-g64"}))],
 )
 def test_transformers_loads_int_checkpoints_whose_routed_experts_stay_float(tmp_path, scheme, config):
-    """Experts kept in float (by --keep, or a group that does not divide their 32 inputs) are written stacked, the
-    layout transformers reads float experts in within a compressed-tensors checkpoint; seekstack loads it too."""
+    """Experts kept in float (by --keep, or a group set per layer that does not divide their 32 inputs) are written
+    stacked, the layout transformers reads float experts in within a compressed-tensors checkpoint; seekstack loads
+    it too."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     model = model_for_tests()
