@@ -125,10 +125,17 @@ def wrap_model(model: nn.Module, ranks: Ranks, rank_local: list[str] = ()) -> nn
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-def require_same_settings(settings: dict[str, Any], ranks: Ranks) -> None:
-    """ConfigError on every rank unless all ranks were given rank 0's `settings`: ranks with another seq_len or lr
-    would train one DDP model on other rows or steps without a word, and another max_steps ends the run in a
-    collective error when one rank stops before the others."""
+SAME_SETTINGS_ADVICE = "give every rank the same config file and key=value overrides"
+DIFFERENCES_NAMED = 5  # per rank, in an error about ranks that disagree: a whole folder missing has many
+
+
+def require_same_settings(
+    settings: dict[str, Any], ranks: Ranks, what: str = "settings", advice: str = SAME_SETTINGS_ADVICE
+) -> None:
+    """ConfigError on every rank unless all ranks were given rank 0's `settings` (or see its files: `what`, and
+    `advice` on what to do): ranks with another seq_len or lr would train one DDP model on other rows or steps
+    without a word, and another max_steps ends the run in a collective error when one rank stops before the
+    others."""
     if not ranks.distributed:
         return
     everyone: list[dict[str, Any] | None] = [None] * ranks.world_size
@@ -138,16 +145,16 @@ def require_same_settings(settings: dict[str, Any], ranks: Ranks) -> None:
         f"rank {rank} has {_differences(given, reference)}" for rank, given in enumerate(everyone) if given != reference
     ]
     if differing:
-        raise ConfigError(
-            f"the ranks were given different settings: {'; '.join(differing)}; give every rank the same config file "
-            "and key=value overrides"
-        )
+        raise ConfigError(f"the ranks were given different {what}: {'; '.join(differing)}; {advice}")
 
 
 def _differences(given: dict[str, Any], reference: dict[str, Any]) -> str:
-    """`key=value (rank 0: value)` for each setting where `given` differs from rank 0's `reference`."""
+    """`key=value (rank 0: value)` for each setting where `given` differs from rank 0's `reference` (the first
+    DIFFERENCES_NAMED, and how many more)."""
     keys = [key for key in {**reference, **given} if given.get(key) != reference.get(key)]
-    return ", ".join(f"{key}={given.get(key)} (rank 0: {reference.get(key)})" for key in keys)
+    named = ", ".join(f"{key}={given.get(key)} (rank 0: {reference.get(key)})" for key in keys[:DIFFERENCES_NAMED])
+    more = len(keys) - DIFFERENCES_NAMED
+    return f"{named} and {more} more" if more > 0 else named
 
 
 def require_rows_divisible(rows: int, ranks: Ranks) -> None:

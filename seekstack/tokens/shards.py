@@ -10,6 +10,7 @@ A window is seq_len + 1 consecutive tokens: inputs are window[:-1], targets wind
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -175,6 +176,24 @@ def load_index(out_dir: str | os.PathLike, split_name: str) -> dict:
                 f"shard {shard_path} has {shard_path.stat().st_size} bytes, {path} says {expected}; re-tokenize"
             )
     return index
+
+
+def shard_listing(out_dir: str | os.PathLike) -> dict[str, str]:
+    """What a folder of token shards holds, by path as `out_dir` spells it, for ranks to compare: each index's sha256
+    (its first 12 hex digits) and the size of each shard it lists, or "missing"; "unreadable" for an index that cannot
+    be read; {} for no folder. Reads the index files alone."""
+    listing = {}
+    for path in sorted(Path(out_dir).glob(f"*{INDEX_SUFFIX}")):
+        try:
+            text = path.read_bytes()
+            shards = [Path(out_dir) / shard["file"] for shard in json.loads(text)["shards"]]
+        except (OSError, ValueError, KeyError, TypeError):  # load_index names what is wrong, where it is read
+            listing[str(path)] = "unreadable"
+            continue
+        listing[str(path)] = f"sha256 {hashlib.sha256(text).hexdigest()[:12]}"
+        for shard in shards:
+            listing[str(shard)] = f"{shard.stat().st_size:,} bytes" if shard.is_file() else "missing"
+    return listing
 
 
 def _splits_held(out_dir: str | os.PathLike) -> str:

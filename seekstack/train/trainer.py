@@ -71,7 +71,7 @@ from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
 from seekstack.tokens.provenance import require_checkpoint_tokenizer, retokenize_command
-from seekstack.tokens.shards import TokenWindows
+from seekstack.tokens.shards import TokenWindows, shard_listing
 from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import CONFIG_FILE, VAL_SPLIT, TrainConfig
@@ -346,6 +346,12 @@ def train(
         # every rank trains the same run; only its torch threads may suit its own machine
         settings = {key: value for key, value in config.to_dict().items() if key != "threads"}
         distributed.require_same_settings({**settings, "--resume": str(resume)}, ranks)
+        if source is None:  # a rank on a machine of its own may see another copy of data_dir, or a partial one
+            distributed.require_same_settings(
+                shard_listing(config.data_dir), ranks, what="token shards in data_dir",
+                advice="every rank must read the same files: a file system they share, or the same copy on each "
+                "machine",
+            )  # fmt: skip
         with configured_threads(config.threads), sigterm_as_ctrl_c(), contextlib.ExitStack() as held:
             return _Run(config, ranks, resume, hooks, source, held).run(resumable)
     finally:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +154,35 @@ def test_ranks_given_different_configs_are_refused_on_every_rank_naming_the_key_
     mp.spawn(_rank_given_its_own_seq_len, args=(2, free_port(), configs, refused), nprocs=2, join=True)
     assert refused[0] == refused[1]
     assert "rank 1 has seq_len=16 (rank 0: 32)" in refused[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _rank_on_a_machine_of_its_own(rank: int, world_size: int, port: int, config, refused) -> None:
+    """A rank whose working directory is `machine{rank}` beside its out_dir: a relative data_dir is its own copy."""
+    from seekstack.schema import ConfigError
+
+    os.chdir(Path(config.out_dir).parent / f"machine{rank}")
+    try:
+        _rank_main(rank, world_size, port, config)
+    except ConfigError as error:
+        refused[rank] = str(error)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_a_shard_missing_on_one_rank_is_refused_on_every_rank_naming_it(data_dir, tmp_path):  # noqa: F811
+    """Rank 1 without the train shard failed alone; rank 0 waited in its next collective for gloo's 'Connection
+    closed by peer' traceback, and a rank with another copy of the shards at the same path trained on other rows."""
+    for machine in ("machine0", "machine1"):
+        shutil.copytree(data_dir, tmp_path / machine / "tokens")
+    (tmp_path / "machine1" / "tokens" / "train_00000.bin").unlink()
+    config = run_config(Path("tokens"), tmp_path / "run", max_steps=2, eval_every=0, save_every=0)
+    refused = mp.Manager().dict()
+    mp.spawn(_rank_on_a_machine_of_its_own, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    assert refused[0] == refused[1]
+    assert refused[0] == (
+        "the ranks were given different token shards in data_dir: rank 1 has tokens/train_00000.bin=missing (rank 0: "
+        "40,000 bytes); every rank must read the same files: a file system they share, or the same copy on each machine"
+    )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
