@@ -137,7 +137,8 @@ def traces_command(
             raise ValueError(f"{model}: none of {traces.sampled} traces verified; nothing to write to {out}")
         write_conversations(traces.conversations, out)
     summary = {"out": str(out), "kept": len(traces.conversations), "sampled": traces.sampled}
-    summary |= {"accept_rate": traces.accept_rate, "prompts_solved": traces.prompts_solved / traces.prompts}
+    summary |= {"accept_rate": traces.accept_rate, "prompts": traces.prompts, "prompts_solved": traces.prompts_solved}
+    summary |= {"solved_rate": traces.solved_rate}
     typer.echo(json.dumps(summary))
 
 

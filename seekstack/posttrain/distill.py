@@ -17,7 +17,8 @@ from seekstack.posttrain.tasks import Task, sample_problems
 
 @dataclass
 class Traces:
-    """Verified conversations, and how many samples and prompts they came from."""
+    """Verified conversations, how many samples and prompts they came from, and how many of those prompts have at
+    least one verified trace (`prompts_solved`)."""
 
     conversations: list[Conversation]
     sampled: int
@@ -26,7 +27,13 @@ class Traces:
 
     @property
     def accept_rate(self) -> float:
+        """The share of the samples kept."""
         return len(self.conversations) / self.sampled
+
+    @property
+    def solved_rate(self) -> float:
+        """The share of the prompts solved."""
+        return self.prompts_solved / self.prompts
 
 
 def verified_traces(

@@ -62,6 +62,9 @@ def test_traces_command_writes_conversations_sft_reads(teacher_model, tmp_path):
     assert summary["kept"] == len(conversations) > 0 and summary["sampled"] == 32
     assert all(m[-1]["role"] == "assistant" for m in conversations)
     assert summary["accept_rate"] == len(conversations) / 32
+    # prompts_solved was a share (solved / prompts) under a count's name: the count now, its share beside it
+    solved = len({messages[-2]["content"] for messages in conversations})
+    assert (summary["prompts"], summary["prompts_solved"], summary["solved_rate"]) == (8, solved, solved / 8)
 
 
 def test_traces_the_disk_refuses_leave_the_earlier_file_whole(tmp_path):
