@@ -77,8 +77,8 @@ def plan(
     memory: Annotated[
         str,
         typer.Option(
-            help="Budgets per device, e.g. cuda:0=80GiB,cpu=20GiB, filled GPUs first (in the order given), then "
-            "the CPU; the rest goes to disk."
+            help="Budgets per device, e.g. cuda:0=80GiB,cpu=20GiB (a GPU also as its number, 0=80GiB, as "
+            "accelerate's max_memory), filled GPUs first (in the order given), then the CPU; the rest goes to disk."
         ),
     ],
     weights: Annotated[

@@ -89,15 +89,27 @@ def parse_device_map(text: str, names: list[str]) -> dict[str, str]:
 
 
 def device_name(text: str, where: str) -> str:
-    """The device `text` names, written one way: `cpu`, `disk` or `cuda:N` (`cuda` is cuda:0), in any case; ValueError
-    starting with `where` (the entry it came from) for anything else, such as gpu, mps or meta."""
+    """The device `text` names, written one way: `cpu`, `disk` or `cuda:N` (`cuda` is cuda:0, a bare `N` cuda:N, as
+    accelerate's max_memory={0: "10GiB"} and device_map={"": 0} take a GPU), in any case; ValueError starting with
+    `where` (the entry it came from) for anything else, such as gpu, mps or meta."""
     name = text.strip().lower()
     kind, colon, index = name.partition(":")
     if name in ("cpu", DISK):
         return name
     if kind == "cuda" and (not colon or index.isdigit()):
         return f"cuda:{int(index or 0)}"
-    raise ValueError(f"{where}: {text.strip()!r} is not cpu, cuda:N or disk")
+    if name.isdigit():
+        return f"cuda:{int(name)}"
+    raise ValueError(f"{where}: {text.strip()!r} is not cpu, disk, cuda:N or a GPU number N")
+
+
+def named_devices(text: str) -> list[str]:
+    """The devices device map `text` names (`pattern=device` entries, or `auto:` and budgets), as `device_name` writes
+    them, disk among them where named; ValueError naming an entry that names no device."""
+    if text.startswith("auto:"):
+        return list(parse_budgets(text.removeprefix("auto:")))
+    entries = filter(None, (part.strip() for part in text.split(",")))
+    return [device_name(entry.partition("=")[2], f"device map entry {entry!r}") for entry in entries]
 
 
 def _matches(pattern: str, name: str) -> bool:

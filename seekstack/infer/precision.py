@@ -16,20 +16,20 @@ MIN_BF16_CPU_PARAMETERS the weights stream from memory and bf16's halved bytes w
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 FAST_BF16_CPU_FEATURES = ("avx512_bf16", "amx_bf16")  # torch.cpu.get_capabilities() names
 MIN_BF16_CPU_PARAMETERS = 16_000_000  # 64 MB of float32 weights: past a CPU's last-level cache (32 MB on Zen 5)
-# the devices a device map names, in any case as placement.device_name takes them (disk computes on the CPU)
-DEVICE = re.compile(r"\b(cuda(?::\d+)?|cpu|disk)\b", re.IGNORECASE)
 
 
 def map_devices(device_map: str | None) -> list[str]:
-    """The devices a model runs on: those a device map (seekstack.infer.placement) names, else the CPU."""
-    named = [device.lower() for device in DEVICE.findall(device_map or "")]
-    return sorted({"cpu" if device == "disk" else device for device in named}) or ["cpu"]
+    """The devices a model runs on: those a device map (seekstack.infer.placement) names (disk computes on the CPU),
+    else the CPU; ValueError naming an entry that names no device."""
+    from seekstack.infer.placement import DISK, named_devices
+
+    named = named_devices(device_map) if device_map else []
+    return sorted({"cpu" if device == DISK else device for device in named}) or ["cpu"]
 
 
 def cpu_features() -> Mapping[str, object]:

@@ -42,7 +42,7 @@ def test_a_cache_budget_too_small_for_the_request_is_told_with_the_option_to_rai
     [
         (["--kv-cache-memory", "lots"], "Invalid value for '--kv-cache-memory'", 2),  # a usage error, as the parser's
         (["--device-map", "layers.*.nothing=cpu"], "matches no part of the model", 1),
-        (["--device-map", "*=tpu:0"], "is not cpu, cuda:N or disk", 1),
+        (["--device-map", "*=tpu:0"], "is not cpu, disk, cuda:N or a GPU number N", 1),
     ],
 )
 def test_bad_budgets_and_device_maps_are_named(checkpoint, options, message, exit_code):

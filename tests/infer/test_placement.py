@@ -28,6 +28,7 @@ from seekstack.checkpoint import (
 from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.params import parse_bytes
+from seekstack.infer.precision import map_devices
 from seekstack.infer.placement import (
     _inputs_to,
     _outputs_to,
@@ -63,7 +64,7 @@ def test_later_entries_override_earlier_ones_and_ranges_pick_layers(model):
         parse_device_map("embed_tokens=cpu", names)
     with pytest.raises(ValueError, match="'layers.9=cpu' matches no part"):
         parse_device_map("*=cpu,layers.9=cpu", names)
-    with pytest.raises(ValueError, match="'gpu7' is not cpu, cuda:N or disk"):
+    with pytest.raises(ValueError, match="'gpu7' is not cpu, disk, cuda:N or a GPU number N"):
         parse_device_map("*=gpu7", names)
 
 
@@ -521,8 +522,8 @@ def test_a_device_given_two_budgets_is_refused_naming_it():
 
 @pytest.mark.parametrize(
     "memory, message",
-    [("gpu=1MiB", "'gpu=1MiB': 'gpu' is not cpu, cuda:N or disk"),
-     ("meta=1GiB", "'meta' is not cpu, cuda:N or disk"), ("mps=1GiB", "'mps' is not cpu, cuda:N or disk"),
+    [("gpu=1MiB", "'gpu=1MiB': 'gpu' is not cpu, disk, cuda:N or a GPU number N"),
+     ("meta=1GiB", "'meta' is not cpu, disk, cuda:N or a GPU number N"), ("mps=1GiB", "'mps' is not cpu, disk, cuda:N or a GPU number N"),
      ("CPU=10GiB,cpu=1GiB", "'cpu=1GiB': cpu named twice \\(also in 'CPU=10GiB'\\)"),
      ("cuda=10GiB,cuda:0=10GiB", "'cuda:0=10GiB': cuda:0 named twice \\(also in 'cuda=10GiB'\\)"),
      ("cuda:0=infGiB", "'cuda:0=infGiB': size 'infGiB' is not a finite number of bytes"),
@@ -551,8 +552,35 @@ def test_budget_and_map_devices_are_written_one_way():
     assert parse_device_map("*=CPU,norm=Disk,lm_head=cuda", names) == {
         "embed_tokens": "cpu", "norm": "disk", "lm_head": "cuda:0",
     }  # fmt: skip
-    with pytest.raises(ValueError, match="'lm_head=meta': 'meta' is not cpu, cuda:N or disk"):
+    with pytest.raises(ValueError, match="'lm_head=meta': 'meta' is not cpu, disk, cuda:N or a GPU number N"):
         parse_device_map("*=cpu,lm_head=meta", names)
+
+
+def test_a_bare_gpu_number_names_that_cuda_device_as_accelerate_takes_it():
+    """accelerate's max_memory={0: "10GiB", "cpu": "20GiB"} and device_map={"": 0} name GPUs by number."""
+    assert parse_budgets("0=10GiB,cpu=20GiB,1=5GiB") == {"cuda:0": 10 * 2**30, "cuda:1": 5 * 2**30, "cpu": 20 * 2**30}
+    with pytest.raises(ValueError, match="'cuda:0=1GiB': cuda:0 named twice \\(also in '0=2GiB'\\)"):
+        parse_budgets("0=2GiB,cuda:0=1GiB")
+    names = ["embed_tokens", "norm", "lm_head"]
+    assert parse_device_map("*=cpu,lm_head=1", names)["lm_head"] == "cuda:1"
+    assert map_devices("auto:0=10GiB,cpu=1GiB") == ["cpu", "cuda:0"]  # what auto dtype and the reach check see
+    assert map_devices("*=cpu,lm_head=1") == ["cpu", "cuda:1"]
+    with pytest.raises(ValueError, match="'-1' is not cpu, disk, cuda:N or a GPU number N"):
+        parse_budgets("-1=1GiB")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU this machine lacks")
+def test_an_engine_mapped_to_a_gpu_number_without_cuda_is_refused_naming_the_gpu(tmp_path):
+    model_dir(tmp_path)
+    with pytest.raises(ValueError, match="puts parts on cuda:0, which this torch cannot reach"):
+        Engine.from_pretrained(tmp_path, device_map="auto:0=10GiB,cpu=1GiB")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_engine_mapped_to_gpu_number_0_runs_its_parts_there(tmp_path):
+    model_dir(tmp_path)
+    engine = Engine.from_pretrained(tmp_path, device_map="*=0,embed_tokens=cpu,norm=cpu,lm_head=cpu")
+    assert engine.model.layers[0].self_attn.kv_a_layernorm.weight.device == torch.device("cuda:0")
 
 
 def test_a_size_that_is_not_finite_is_refused_naming_it():
