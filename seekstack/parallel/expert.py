@@ -1,5 +1,5 @@
 """Expert parallelism, applied from outside the model: each rank holds E / world of every layer's routed experts,
-and tokens travel to the rank of the expert they chose and back with `all_to_all_single` (autograd-aware).
+and tokens travel to the rank of the expert they chose and back with functional `all_to_all_single` (autograd-aware).
 
 Per MoE layer and step, with W ranks and E experts (shapes: N tokens here, K experts per token, D model width):
   1. the (token, expert) pairs are sorted by expert, which groups them by the rank that owns the expert;
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed._functional_collectives import all_to_all_single
 from torch.distributed.tensor import DTensor
 
 from seekstack.model.moe import RoutedExperts, Routing
@@ -57,7 +57,7 @@ class ShardedExperts(nn.Module):
         arrived_experts = torch.empty(sum(recv), dtype=flat_experts.dtype, device=x.device)
         dist.all_to_all_single(arrived_experts, flat_experts[order].contiguous(), recv, send)
         sent_tokens = x.index_select(0, token_of)
-        arrived = all_to_all_single(x.new_empty(sum(recv), x.shape[1]), sent_tokens, recv, send)
+        arrived = all_to_all_single(sent_tokens, recv, send, dist.group.WORLD)
         local_experts = arrived_experts - self.first
         by_expert = local_experts.argsort(stable=True)
         counts = torch.bincount(local_experts, minlength=self.local).tolist()
@@ -65,7 +65,7 @@ class ShardedExperts(nn.Module):
         outputs = [self._expert(chunk, e) for e, chunk in enumerate(chunks) if len(chunk)]
         computed = torch.cat(outputs) if outputs else arrived[:0]
         returned = torch.zeros_like(arrived).index_copy(0, by_expert, computed)  # back in arrival order
-        results = all_to_all_single(x.new_empty(sent_tokens.shape), returned, send, recv)
+        results = all_to_all_single(returned, send, recv, dist.group.WORLD)
         weights = routing.weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         combined = x.new_zeros(x.shape).index_add_(0, token_of, results * weights)
         return combined, load

@@ -552,3 +552,34 @@ def test_a_sharded_optimizer_state_loads_in_one_process_without_torch_warning_of
         load_optimizer(model, optimizer, tmp_path)
     for name in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(optimizer.state[model.weight][name], saved_optimizer.state[saved_model.weight][name])
+
+
+def test_expert_parallel_runs_its_experts_as_the_layer_does_without_a_torch_deprecation_warning(tmp_path):
+    """The tokens' all-to-all went through torch.distributed.nn.functional.all_to_all_single, which warned (a
+    FutureWarning: deprecated) on every rank of every expert-parallel run."""
+    from seekstack.config import ModelConfig
+    from seekstack.model.moe import RoutedExperts, Routing
+    from seekstack.parallel.distributed import Ranks
+    from seekstack.parallel.expert import ShardedExperts
+
+    torch.manual_seed(0)
+    experts = RoutedExperts(ModelConfig(**MICRO_MODEL))
+    for param in experts.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    x = torch.randn(6, MICRO_MODEL["hidden_size"], requires_grad=True)
+    chosen = torch.tensor([[0, 3], [1, 2], [3, 1], [0, 2], [2, 3], [1, 0]])  # (N, K) of the 4 experts
+    routing = Routing(torch.rand(6, 2), chosen, torch.rand(6, 4))
+    reference, reference_load = experts(x, routing)
+    (expected_grad,) = torch.autograd.grad(reference.square().sum(), x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = ShardedExperts(experts, Ranks(0, 1, torch.device("cpu")))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out, load = sharded(x, routing)
+            (grad,) = torch.autograd.grad(out.square().sum(), x)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grad, expected_grad)
+    assert torch.equal(load, reference_load)
