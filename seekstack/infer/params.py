@@ -133,6 +133,13 @@ class EngineOptions:
                 "device_map=), which says where each part runs")  # fmt: skip
         if options.device != "cpu":
             options.resolved_device()  # a name that is no device, or one torch cannot reach, is refused now
+        if placed:
+            from seekstack.infer.placement import named_devices
+
+            try:
+                named_devices(options.device_map)  # its devices (and an auto: map's budgets); its parts need the model
+            except ValueError as error:
+                raise ConfigError(str(error), field="device_map") from None
         if options.kv_cache_memory is not None:
             try:
                 parse_bytes(options.kv_cache_memory)

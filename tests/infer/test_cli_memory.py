@@ -42,7 +42,13 @@ def test_a_cache_budget_too_small_for_the_request_is_told_with_the_option_to_rai
     [
         (["--kv-cache-memory", "lots"], "Invalid value for '--kv-cache-memory'", 2),  # a usage error, as the parser's
         (["--device-map", "layers.*.nothing=cpu"], "matches no part of the model", 1),
-        (["--device-map", "*=tpu:0"], "is not cpu, disk, cuda:N or a GPU number N", 1),
+        (
+            ["--device-map", "*=tpu:0"],
+            "Invalid value for '--device-map': device map entry '*=tpu:0': 'tpu:0' is not cpu, disk, cuda:N or a GPU "
+            "number N",
+            2,
+        ),  # a usage error, as --device's, before the weights load
+        (["--device-map", "auto:cpu=lots"], "Invalid value for '--device-map': memory entry 'cpu=lots': size", 2),
     ],
 )
 def test_bad_budgets_and_device_maps_are_named(checkpoint, options, message, exit_code):
