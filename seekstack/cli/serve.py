@@ -38,6 +38,9 @@ DatabaseOption = Annotated[
     str | None,
     typer.Option("--db", help="Keys and usage: SQLite file or postgresql:// URL; default $SEEKSTACK_DB, seekstack.db"),
 ]
+# How long SIGTERM or Ctrl-C lets requests in flight finish before cutting them off: within the 30 s Kubernetes
+# waits after SIGTERM before SIGKILL, with time left to write the rows of those cut off
+DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `seekstack serve`.")
 
 
@@ -105,6 +108,14 @@ def serve_command(
         list[str] | None,
         typer.Option(help="A web origin whose pages may call the API (repeatable), e.g. https://x.org"),
     ] = None,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds SIGTERM or Ctrl-C lets requests in flight finish; those still running then are cut off (503, "
+            "not charged), as a second Ctrl-C cuts them at once",
+        ),
+    ] = DEFAULT_SHUTDOWN_TIMEOUT_S,
     reasoning_parser: Annotated[
         str | None,
         typer.Option(
@@ -143,7 +154,7 @@ def serve_command(
         tell_dtype(engine, model)
         server_app, summary = build_server(model, options)
     typer.echo(summary)
-    run_server(server_app, host, port)
+    run_server(server_app, host, port, shutdown_timeout)
 
 
 def _named_adapters(values: list[str]) -> dict[str, Path]:

@@ -76,8 +76,9 @@ from seekstack.serve.schemas import (
 
 log = logging.getLogger("seekstack.serve")
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the response ended
-SERVER_STOPPED = 503  # a request the server cut off, forced to stop (a second Ctrl-C): its failure, at no cost
-CUT_OFF = "forced exit: cut off a request still running"
+# A request the server cut off as it stopped (past --shutdown-timeout, or a second Ctrl-C): its failure, at no cost
+SERVER_STOPPED = 503
+CUT_OFF = "stopping: cut off a request still running"
 RECORDED_MODEL_CHARS = 256  # of a request's `model` in its ledger row
 # The chat page in no other site's frame, where a page laid over it could lead a user to send what it chose
 # (clickjacking): CSP's frame-ancestors for today's browsers, X-Frame-Options for older ones.
@@ -148,6 +149,13 @@ class Server:
         self.metrics = ServerMetrics(self.model_name)
         self.bridge = AsyncEngine(engine, self.metrics)
         self.created = int(time.time())
+        self.calls: set[asyncio.Task] = set()  # the tasks answering generation calls, until each has its row
+
+    def track_call(self) -> None:
+        """Count the current task as answering a generation call until it ends (its row and charge written)."""
+        task = asyncio.current_task()
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -155,6 +163,10 @@ class Server:
             log.warning("no API keys in %s: serving without authentication", self.keys.database.location)
         self.bridge.start()
         yield
+        # Calls still running past --shutdown-timeout were cancelled just before (uvicorn): each closes with the
+        # engine thread's report of its abort, then writes its row and settles its charge; the thread stops after.
+        if self.calls:
+            await asyncio.wait(self.calls)
         self.bridge.stop()
 
     def authenticate(self, request: Request, admin: bool = False) -> ApiKey | None:
@@ -213,6 +225,7 @@ class Server:
 
     async def generate(self, request: Request, schema: type[ChatCompletionRequest | CompletionRequest]) -> Response:
         """A chat or text completion: validate, admit, submit, then answer in one piece or as a stream."""
+        self.track_call()
         bill = Bill(self.ledger, None, self.model_name, request.url.path, time.perf_counter())
         bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
         charge = None  # the rate-limit charge, once admitted
@@ -320,8 +333,8 @@ class Server:
 
     async def settle(self, charge: Charge | None, tokens: int, retry: bool) -> None:
         """Correct a request's rate-limit `charge` (None: its key has no limits) to the `tokens` it used, trying again
-        while the database is held if `retry` (not for a request a forced exit cuts off: the exit does not wait). A
-        charge that cannot be corrected keeps the tokens admitted (the most the request could use, out of the window
+        while the database is held if `retry` (not for a request a stopping server cuts off: the exit does not wait).
+        A charge that cannot be corrected keeps the tokens admitted (the most the request could use, out of the window
         within a minute): logged, not raised, so the request's answer goes out."""
         if charge is None:
             return
@@ -602,11 +615,12 @@ async def _unless_client_leaves(request: Request, work: Coroutine[Any, Any, JSON
 
 
 def _answered_stop() -> JSONResponse:
-    """The answer of a request the server cut off (a second Ctrl-C) before its response began: 503 in OpenAI's shape,
-    in place of uvicorn's plain-text 500, while the connection lasts. The cancellation is answered, so it ends here."""
+    """The answer of a request the server cut off as it stopped (past --shutdown-timeout, or a second Ctrl-C) before
+    its response began: 503 in OpenAI's shape, in place of uvicorn's plain-text 500, while the connection lasts. The
+    cancellation is answered, so it ends here."""
     asyncio.current_task().uncancel()
     log.warning(CUT_OFF)
-    message = "the server was stopped (a forced exit) before this request finished; it is not charged"
+    message = "the server was stopped before this request finished; it is not charged"
     return APIError(SERVER_STOPPED, message, "server_error", code="server_stopped").response()
 
 

@@ -152,28 +152,32 @@ def check_cache_holds_context(engine: Engine, options: EngineOptions) -> None:
     )
 
 
-def run_server(app: FastAPI, host: str, port: int) -> None:
-    """Serve `app` with uvicorn until interrupted: a first Ctrl-C lets the requests running finish, a second cuts
-    them off (the ledger records them as the server's failures: app.SERVER_STOPPED)."""
-    server = QuietForcedExit(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float) -> None:
+    """Serve `app` with uvicorn until SIGTERM or Ctrl-C, which let the requests running finish for up to
+    `shutdown_timeout_s` seconds, then cut them off (as a second Ctrl-C does at once): the ledger records those as the
+    server's failures (app.SERVER_STOPPED) and their rate-limit charges are settled."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout_s
+    )
+    server = QuietCutOffs(config)
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
 
 
-class QuietForcedExit(uvicorn.Server):
-    """uvicorn's server, whose forced exit logs one line for each request it cuts off, not its cancellation's
-    traceback, and nothing for the application shutdown it skips."""
+class QuietCutOffs(uvicorn.Server):
+    """uvicorn's server, which, once stopping, logs one line for each request it cuts off (past the shutdown timeout,
+    or at a second Ctrl-C), not its cancellation's traceback, and nothing for the application shutdown a forced exit
+    skips."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        if self.force_exit:
-            logging.getLogger("uvicorn.error").addFilter(cut_off_in_one_line)
+        logging.getLogger("uvicorn.error").addFilter(cut_off_in_one_line)
 
 
 def cut_off_in_one_line(record: logging.LogRecord) -> bool:
-    """A log filter for a forced exit: the traceback of a request's cancellation becomes one line; the lifespan's
-    (a traceback as text, ending with the cancellation) is dropped."""
+    """A log filter for a stopping server: the traceback of a request's cancellation becomes one line; the
+    lifespan's (a traceback as text, ending with the cancellation) is dropped."""
     if record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError):
         record.msg, record.args, record.exc_info, record.exc_text = CUT_OFF, (), None, None
         return True

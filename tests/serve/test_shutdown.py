@@ -1,5 +1,6 @@
-"""A forced exit (a second Ctrl-C) cutting off requests still running: the ledger records each as the server's failure
-(503, at no cost), and the log has one line for each instead of its cancellation's traceback."""
+"""A stopping server cutting off requests still running (past --shutdown-timeout, or at a second Ctrl-C): the ledger
+records each as the server's failure (503, at no cost), and the log has one line for each instead of its
+cancellation's traceback."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 import sqlite3
 import time
 
@@ -18,8 +20,8 @@ from seekstack.serve import database as database_module
 from seekstack.serve.app import SERVER_STOPPED, create_app
 from seekstack.serve.database import Database, open_database
 from seekstack.serve.keys import KeyStore
-from seekstack.serve.launch import CUT_OFF, QuietForcedExit, cut_off_in_one_line
-from tests.serve.server import make_model_dir
+from seekstack.serve.launch import CUT_OFF, QuietCutOffs, cut_off_in_one_line
+from tests.serve.server import make_model_dir, running_server
 
 STEP_S = 0.005  # each engine step is slowed down so that a request is still running when it is cut off
 
@@ -154,8 +156,8 @@ def test_a_request_cut_off_settles_its_charge_in_one_try_not_waiting_for_a_held_
     assert tokens > 200  # the admitted charge, stale for one window
 
 
-def test_a_forced_exit_logs_one_line_for_each_request_it_cuts_off_and_none_for_the_lifespan():
-    server = QuietForcedExit(uvicorn.Config(app=None, log_config=None))
+def test_a_stopping_server_logs_one_line_for_each_request_it_cuts_off_and_none_for_the_lifespan():
+    server = QuietCutOffs(uvicorn.Config(app=None, log_config=None))
     logger, records = logging.getLogger("uvicorn.error"), []
     handler = logging.Handler()
     handler.emit = records.append
@@ -169,13 +171,45 @@ def test_a_forced_exit_logs_one_line_for_each_request_it_cuts_off_and_none_for_t
         logger.error("Traceback (most recent call last):\n  ...\nasyncio.exceptions.CancelledError\n")  # lifespan's
 
     try:
-        server.handle_exit(signal.SIGINT, None)  # the first Ctrl-C: requests may finish, errors keep tracebacks
-        cancellation_logged()
+        cancellation_logged()  # not stopping: a cancellation is something else, with its traceback
         assert [record.exc_info is not None for record in records] == [True, False]
         records.clear()
-        server.handle_exit(signal.SIGINT, None)  # the second: a forced exit
+        server.handle_exit(signal.SIGTERM, None)  # requests past --shutdown-timeout are cut off
         cancellation_logged()
         assert [(record.getMessage(), record.exc_info) for record in records] == [(CUT_OFF, None)]
     finally:
         logger.removeHandler(handler)
         logger.removeFilter(cut_off_in_one_line)
+
+
+def test_sigterm_cuts_off_a_stream_whose_client_stops_reading_after_the_shutdown_timeout_billing_it(tmp_path):
+    """A client that never reads fills the socket's buffers and holds the stream's writes: SIGTERM waited for it for
+    good (uvicorn had no graceful-shutdown timeout; its row stayed 'in progress')."""
+    model_dir = make_model_dir(tmp_path, max_position_embeddings=1024)
+    database_path = tmp_path / "serve.db"
+    key = KeyStore(open_database(database_path)).create("stalled", tpm=100_000)
+    # 16 choices x 1000 tokens, each chunk with 20 alternatives: ~20 MB, far more than the socket buffers hold
+    body = json.dumps({"model": "model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1000,
+                       "n": 16, "logprobs": True, "top_logprobs": 20, "temperature": 0, "ignore_eos": True,
+                       "stream": True}).encode()  # fmt: skip
+    with running_server(model_dir, database_path, "--shutdown-timeout", "1") as server:
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                           b"\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+                           % (key.encode(), len(body), body))  # fmt: skip
+            received = b""
+            while b'"top_logprobs":[{' not in received:  # until its first token: then it reads no more
+                chunk = client.recv(4096)
+                assert chunk, f"the server closed the stream: {received!r}"
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200 OK")
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=60) == -signal.SIGTERM
+    connection = sqlite3.connect(database_path)
+    [(status, completion_tokens, cost)] = connection.execute("SELECT status, completion_tokens, cost FROM usage")
+    assert (status, cost) == (SERVER_STOPPED, 0) and completion_tokens > 0
+    assert connection.execute("SELECT tokens FROM rate_charges").fetchall() == [(0,)]  # its charge given back
+    log = server.log_path.read_text()
+    assert CUT_OFF in log and "Traceback" not in log
