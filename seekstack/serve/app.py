@@ -71,6 +71,8 @@ from seekstack.serve.schemas import (
     ModelList,
     ModerationRequest,
     ModerationResponse,
+    PromptTokensDetails,
+    Usage,
     UsageReport,
 )
 
@@ -278,7 +280,7 @@ class Server:
             await self.close_bill(bill, error.status if isinstance(error, APIError) else 500, charge, 0)
             raise
         bill.prompt_tokens = prompt_tokens
-        usage = ChoicesUsage(len(requests), candidates(body))
+        usage = ChoicesUsage([len(prompt) for prompt in prompts], candidates(body))
 
         async def finish(status: int) -> None:
             """Free the request's engine slots, bill it, settle its rate-limit charge (no-ops when done before). A
@@ -431,19 +433,25 @@ class Server:
         self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category]
     ) -> AsyncIterator[str]:
         """SSE chunks as the engine produces tokens, through the content policy (a choice it blocks ends with
-        finish_reason "content_filter"); billed, then the usage chunk if asked, then `data: [DONE]`."""
+        finish_reason "content_filter"), each with its choice's usage so far when vLLM's continuous_usage_stats asks;
+        billed, then the usage chunk if asked, then `data: [DONE]`."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         response_id, created = _response_id(is_chat), int(time.time())
         text_offsets = [0] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
+        options = body.stream_options
+        continuous = options is not None and options.include_usage and options.continuous_usage_stats  # as vLLM
         try:
+            first_usage = bill.usage() if continuous else None  # the chunk of every choice: the call's, no tokens yet
             if is_chat:
-                yield sse(self._chat_chunk(response_id, created, bill.model, [_role_choice(i) for i in range(n)]))
+                roles = [_role_choice(i) for i in range(n)]
+                yield sse(self._chat_chunk(response_id, created, bill.model, roles, first_usage))
             elif body.echo:
                 echo = [CompletionChoice(index=i, text=self.echo_text(body, i // body.n)) for i in range(n)]
-                yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=echo))
+                yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=echo,
+                                             usage=first_usage))  # fmt: skip
             async for index, output in group:
                 usage.count(index, output, bill)
                 bill.update_soon()
@@ -453,6 +461,7 @@ class Server:
                 finish_reason = "content_filter" if blocked else output.finish_reason
                 if not (text or entries or finish_reason):
                     continue
+                choice_usage = usage.of_choice(index) if continuous else None
                 if is_chat:
                     delta = ChatDelta(content=text)
                     if splits is not None:
@@ -464,14 +473,15 @@ class Server:
                         logprobs=chat_logprobs(entries, self.engine.tokenizer) if body.logprobs and entries else None,
                         finish_reason=finish_reason,
                     )
-                    yield sse(self._chat_chunk(response_id, created, bill.model, [choice]))
+                    yield sse(self._chat_chunk(response_id, created, bill.model, [choice], choice_usage))
                 else:
                     logprobs = None
                     if body.logprobs is not None and entries:
                         logprobs = completion_logprobs(entries, text_offsets[index])
                         text_offsets[index] += sum(len(entry.token) for entry in entries)
                     choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)
-                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[choice]))
+                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[choice],
+                                                 usage=choice_usage))  # fmt: skip
             if splits is not None:
                 bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
             await bill.record_async(200)  # before the usage chunk: a client that leaves once it has it had its answer
@@ -506,9 +516,9 @@ class Server:
         return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
 
     def _chat_chunk(
-        self, response_id: str, created: int, model: str, choices: list[ChatChunkChoice]
+        self, response_id: str, created: int, model: str, choices: list[ChatChunkChoice], usage: Usage | None = None
     ) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices)
+        return ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, usage=usage)
 
     def usage_report(self, request: Request, key_name: str | None, since: str | None) -> UsageReport:
         """Admin: tokens and cost per key and day, optionally for one key and from a day on."""
@@ -524,12 +534,13 @@ class Server:
 
 
 class ChoicesUsage:
-    """The tokens of a call's engine requests (`per_prompt` for each prompt, in order) as they come: completion tokens
-    summed over all; cached prompt tokens, for each prompt the most any of its choices read (they share the prompt,
-    billed once), summed over the prompts."""
+    """The tokens of a call's engine requests (`per_prompt` for each prompt, of `prompt_tokens` tokens each, in order)
+    as they come: completion tokens summed over all; cached prompt tokens, for each prompt the most any of its choices
+    read (they share the prompt, billed once), summed over the prompts."""
 
-    def __init__(self, requests: int, per_prompt: int):
-        self.per_prompt = per_prompt
+    def __init__(self, prompt_tokens: list[int], per_prompt: int):
+        self.prompt_tokens, self.per_prompt = prompt_tokens, per_prompt
+        requests = len(prompt_tokens) * per_prompt
         self.completion_tokens, self.cached_tokens = [0] * requests, [0] * requests
 
     def count(self, index: int, output, bill: Bill) -> None:
@@ -538,6 +549,13 @@ class ChoicesUsage:
         bill.completion_tokens = sum(self.completion_tokens)
         prompts = range(0, len(self.cached_tokens), self.per_prompt)
         bill.cached_tokens = sum(max(self.cached_tokens[first : first + self.per_prompt]) for first in prompts)
+
+    def of_choice(self, index: int) -> Usage:
+        """Request `index`'s usage so far, as vLLM's `continuous_usage_stats` puts it on each chunk of its choice:
+        its prompt's tokens and its own completion tokens."""
+        prompt, completion = self.prompt_tokens[index // self.per_prompt], self.completion_tokens[index]
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens[index]))  # fmt: skip
 
 
 class ChoicesPolicy:

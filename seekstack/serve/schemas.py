@@ -72,6 +72,8 @@ class StrictRequest(BaseModel):
 
 class StreamOptions(StrictRequest):
     include_usage: Annotated[bool, OrDefault] = False
+    # vLLM's extension: with include_usage, each chunk carries its choice's usage so far
+    continuous_usage_stats: Annotated[bool, OrDefault] = False
 
 
 class SamplingFields(StrictRequest):

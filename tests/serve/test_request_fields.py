@@ -5,6 +5,8 @@ In process, through the app's ASGI interface with its engine thread running."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from seekstack.infer.engine import Engine
@@ -174,3 +176,24 @@ def test_text_parts_are_read_as_their_texts_joined_by_newlines(engine, tmp_path)
     ])  # fmt: skip
     assert split.status_code == 200, split.text
     assert split.json()["choices"] == joined.json()["choices"] and split.json()["usage"] == joined.json()["usage"]
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_continuous_usage_stats_put_its_choices_usage_so_far_on_every_chunk_as_vllm(engine, tmp_path, route, body):
+    """vLLM's stream_options extension was read and ignored: no chunk but the last had a usage."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    [response] = post_each(engine, tmp_path / "db", [(route, {**body, "n": 2, "max_tokens": 4, "stream": True,
+                                                               "stream_options": options})])  # fmt: skip
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    *chunks, last = [json.loads(event) for event in events[:-1]]
+    prompt_tokens = last["usage"]["prompt_tokens"]
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 8
+    assert {(chunk["usage"]["prompt_tokens"], chunk["usage"]["total_tokens"] - chunk["usage"]["completion_tokens"])
+            for chunk in chunks} == {(prompt_tokens, prompt_tokens)}  # fmt: skip
+    if route == "/v1/chat/completions":  # the role chunk, of both choices, before any token
+        role, *chunks = chunks
+        assert [choice["index"] for choice in role["choices"]] == [0, 1] and role["usage"]["completion_tokens"] == 0
+    for index in (0, 1):  # each token's chunk: its choice's completion tokens so far
+        counts = [chunk["usage"]["completion_tokens"] for chunk in chunks if chunk["choices"][0]["index"] == index]
+        assert counts == [1, 2, 3, 4]
