@@ -14,13 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from short_runs import require_shards
+from short_runs import fresh_out_dir, require_shards
 
 
 def first_step_memory(ranks: int, model: str, data_dir: Path, out_dir: Path) -> dict:
     fields = dict(
-        model=model, data_dir=data_dir, out_dir=out_dir, max_steps=1, batch_size=2, seq_len=128, eval_every=0,
-        save_every=0, parallel="fsdp",
+        model=model, data_dir=data_dir, out_dir=fresh_out_dir(out_dir), max_steps=1, batch_size=2, seq_len=128,
+        eval_every=0, save_every=0, parallel="fsdp",
     )  # fmt: skip
     overrides = [f"{key}={value}" for key, value in fields.items()]
     if ranks == 1:

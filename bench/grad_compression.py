@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from options import positive_int
-from short_runs import BASE, require_shards
+from short_runs import BASE, fresh_out_dir, require_shards
 
 from seekstack.tokens.shards import load_index
 
@@ -30,7 +30,7 @@ def run(scheme: str, data_dir: Path, out_dir: Path, steps: int) -> dict:
     """One 2-rank run; its mean bytes per step (after PowerSGD's start) and final validation figures."""
     val_windows = load_index(data_dir, "val")["total_tokens"] // BASE["seq_len"]
     fields = {
-        **BASE, "data_dir": data_dir, "out_dir": out_dir, "max_steps": steps, "eval_every": steps,
+        **BASE, "data_dir": data_dir, "out_dir": fresh_out_dir(out_dir), "max_steps": steps, "eval_every": steps,
         "eval_batches": -(-val_windows // BASE["batch_size"]), "grad_compression": scheme, "powersgd_start": 10,
     }  # fmt: skip
     torchrun = Path(sys.executable).parent / "torchrun"

@@ -33,6 +33,12 @@ def require_shards(data_dir: Path, splits: list[str]) -> None:
             sys.exit(f"{data_dir} has no {split!r} split: run `make demo` (it tokenizes with --buckets) first")
 
 
+def fresh_out_dir(out_dir: Path) -> Path:
+    """`out_dir` emptied: a run of a study starts afresh, as train refuses a new run into a folder holding one."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return out_dir
+
+
 def short_run(data_dir: Path, out_dir: Path, steps: int, **changes: Any) -> dict[str, Any]:
     """Train for `steps` with the BASE settings plus `changes`; return the run's summary."""
     settings = {**BASE, **changes}
@@ -42,7 +48,7 @@ def short_run(data_dir: Path, out_dir: Path, steps: int, **changes: Any) -> dict
         **settings, data_dir=str(data_dir), out_dir=str(out_dir), max_steps=steps,
         eval_every=steps, eval_batches=eval_batches,
     ).validate()  # fmt: skip
-    shutil.rmtree(out_dir, ignore_errors=True)  # a run of the study starts afresh (train refuses a folder holding one)
+    fresh_out_dir(out_dir)
     train(config)
     records = [json.loads(line) for line in (out_dir / METRICS_FILE).read_text().splitlines()]
     steps_logged = [r for r in records if "loss" in r]
