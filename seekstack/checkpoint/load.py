@@ -71,12 +71,7 @@ def load_pretrained(
     dtype = model_dtype(dtype, config)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     reader.refuse_keys_in_two_shards()
-    present_mtp = 0
-    while present_mtp < config.num_nextn_predict_layers and any(
-        f"model.layers.{config.num_hidden_layers + present_mtp}.eh_proj.{name}" in reader
-        for name in ("weight", "weight_packed")
-    ):
-        present_mtp += 1
+    present_mtp = stored_mtp_layers(config, reader)
     left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(0 if mtp else present_mtp))
     config = config.replace(num_nextn_predict_layers=present_mtp if mtp else 0)
     config = follow_moe_layout_of_weights(config, reader, config_path)
@@ -117,6 +112,40 @@ def load_pretrained(
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)
     return model.eval()
+
+
+def stored_mtp_layers(config: ModelConfig, reader: CheckpointReader) -> int:
+    """How many of `config`'s MTP layers the checkpoint `reader` reads stores, counted from the first (by their
+    eh_proj): the MTP modules loading builds (a transformers save of DeepSeek-V3 leaves them out)."""
+    present = 0
+    while present < config.num_nextn_predict_layers and any(
+        f"model.layers.{config.num_hidden_layers + present}.eh_proj.{name}" in reader
+        for name in ("weight", "weight_packed")
+    ):
+        present += 1
+    return present
+
+
+def refuse_unstored_keys(directory: str | Path) -> None:
+    """CheckpointError naming the checkpoint keys loading `directory` reads (its config.json's model with the MTP
+    layers the weights hold, a tied head aside) that its index and headers name in no layout loading takes (float or
+    quantized; routed experts stacked or per expert, then each expert's missing key), before any tensor is read."""
+    config = read_config(directory)
+    with CheckpointReader(Path(directory), None) as reader:
+        with torch.device("meta"):
+            model = Transformer(config.replace(num_nextn_predict_layers=stored_mtp_layers(config, reader)))
+        missing = []
+        for name, target in model.state_dict().items():
+            key = checkpoint_key(name, config.num_hidden_layers)
+            stored = [key, f"{key}.weight_packed", f"{key}.weight", f"{key.removesuffix('.weight')}.weight_packed"]
+            if (name == "lm_head.weight" and config.tie_word_embeddings) or any(k in reader for k in stored):
+                continue
+            sources = expert_sources(key, target)  # the per-expert layout
+            per_expert = [k for k, _ in sources or [] if reader.weight_key(k.removesuffix(".weight")) not in reader]
+            missing += per_expert if sources is not None else [key]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise reader.missing(", ".join(map(repr, missing[:3])) + more)
 
 
 def model_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:

@@ -60,6 +60,7 @@ def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[
     if weights is None and model not in PRESETS:
         directory = Path(model)
         if not all(map(is_lfs_pointer, directory.glob("*.safetensors"))):  # a clone without Git LFS: no weights yet
+            _refuse_unstored_keys(directory, config)
             return stored_tensor_bytes(directory), "weights as stored in its safetensors files"
         weights = stored_weights(model, config)
         if weights == "float8":
@@ -70,6 +71,19 @@ def tensor_bytes(model: str, config: ModelConfig, weights: str | None) -> tuple[
         return tensor_bytes_at_width(config, BYTES_PER_PARAM[weights]), f"{weights} weights as stored (config.json)"
     weights = weights or "bfloat16"
     return tensor_bytes_at_width(config, BYTES_PER_PARAM[weights]), f"{weights} weights"
+
+
+def _refuse_unstored_keys(directory: Path, config: ModelConfig) -> None:
+    """ValueError naming the keys the model of checkpoint `directory` needs that its weight files (and shard index)
+    hold in no layout: priced from the headers, the plan would leave them out, as loading refuses the checkpoint."""
+    from seekstack.checkpoint import CheckpointError
+    from seekstack.checkpoint.load import refuse_unstored_keys
+
+    try:
+        refuse_unstored_keys(directory)
+    except CheckpointError as error:
+        width = stored_weights(str(directory), config)
+        raise ValueError(f"{error}; or plan at the width its config.json states: --weights {width}") from None
 
 
 def plan(

@@ -28,7 +28,6 @@ from seekstack.checkpoint import (
 from seekstack.compress.quantize import QuantConfig, quantize_model
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.params import parse_bytes
-from seekstack.infer.precision import map_devices
 from seekstack.infer.placement import (
     _inputs_to,
     _outputs_to,
@@ -45,6 +44,7 @@ from seekstack.infer.placement import (
     tensor_bytes_at_width,
     units,
 )
+from seekstack.infer.precision import map_devices
 from seekstack.infer.threads import running_on
 from seekstack.schema import ConfigError
 from tests.infer.support import micro_model, model_dir, tiny_tokenizer
@@ -431,6 +431,26 @@ def test_a_config_with_only_its_shard_index_is_planned_at_the_width_it_states(tm
     assert result.output.splitlines()[-1] == f"--device-map {expected.device_map()}"
 
 
+def test_a_checkpoint_whose_index_leaves_out_keys_the_model_needs_is_refused_naming_them(tmp_path):
+    """Priced from the headers of the keys its index names, it was planned without them; loading refuses it."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    seekstack.save_pretrained(micro_model(), tmp_path, max_shard_bytes=100_000)  # experts stored per expert
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    for key in ("model.layers.0.self_attn.o_proj.weight", "model.layers.2.mlp.experts.1.up_proj.weight"):
+        del index["weight_map"][key]
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1GiB"])
+    assert result.exit_code == 1 and "--device-map" not in result.output
+    assert (
+        f"{tmp_path / INDEX_FILE}: missing key 'model.layers.0.self_attn.o_proj.weight', "
+        "'model.layers.2.mlp.experts.1.up_proj.weight'; the weights do not match config.json"
+    ) in " ".join(result.output.split())
+    assert "--weights float32" in result.output  # the way to plan it anyway
+
+
 def test_a_clone_without_git_lfs_is_planned_as_its_config_states_with_its_pointers_for_weights(tmp_path):
     from typer.testing import CliRunner
 
@@ -523,7 +543,8 @@ def test_a_device_given_two_budgets_is_refused_naming_it():
 @pytest.mark.parametrize(
     "memory, message",
     [("gpu=1MiB", "'gpu=1MiB': 'gpu' is not cpu, disk, cuda:N or a GPU number N"),
-     ("meta=1GiB", "'meta' is not cpu, disk, cuda:N or a GPU number N"), ("mps=1GiB", "'mps' is not cpu, disk, cuda:N or a GPU number N"),
+     ("meta=1GiB", "'meta' is not cpu, disk, cuda:N or a GPU number N"),
+     ("mps=1GiB", "'mps' is not cpu, disk, cuda:N or a GPU number N"),
      ("CPU=10GiB,cpu=1GiB", "'cpu=1GiB': cpu named twice \\(also in 'CPU=10GiB'\\)"),
      ("cuda=10GiB,cuda:0=10GiB", "'cuda:0=10GiB': cuda:0 named twice \\(also in 'cuda=10GiB'\\)"),
      ("cuda:0=infGiB", "'cuda:0=infGiB': size 'infGiB' is not a finite number of bytes"),
