@@ -115,7 +115,14 @@ class Category:
 class Policy:
     """The categories of a policy file and who they apply to."""
 
-    def __init__(self, categories: list[Category], plans: dict[str, tuple[str, ...]], keys: dict[str, tuple[str, ...]]):
+    def __init__(
+        self,
+        name: str,
+        categories: list[Category],
+        plans: dict[str, tuple[str, ...]],
+        keys: dict[str, tuple[str, ...]],
+    ):
+        self.name = name  # its file's name, which /v1/moderations names as the model that ran
         self.categories = {category.name: category for category in categories}
         self.plans, self.keys = plans, keys
 
@@ -152,7 +159,7 @@ class Policy:
                 unknown = [name for name in names if name not in policy.categories]
                 if unknown:
                     raise ConfigError(f"{path}: {section}.{scope} names unknown category {unknown[0]!r}")
-        return cls(categories, policy.plans, policy.keys)
+        return cls(path.name, categories, policy.plans, policy.keys)
 
     def for_caller(self, key_name: str | None, plan: str | None) -> list[Category]:
         """The categories enforced for a key (by its name, else its plan, else all)."""

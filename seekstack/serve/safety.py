@@ -91,9 +91,15 @@ class ContentSafety:
             bill.free = self.policy.categories[acting.category].rule.billing == "none"
         return blocking
 
+    @property
+    def model(self) -> str:
+        """What /v1/moderations names as the model that ran (OpenAI's answer names its moderation model, whatever
+        was asked): the policy, by its file's name."""
+        return f"seekstack-policy:{self.policy.name if self.policy else 'none'}"
+
     def moderations(self, body: ModerationRequest, key: ApiKey | None) -> ModerationResponse:
         """OpenAI's /v1/moderations under the caller's categories: per input, each category found and its score (a
-        classifier's probability, else 1 or 0)."""
+        classifier's probability, else 1 or 0); the request's `model` is not read (`model` answers)."""
         categories = self.categories_for(key)
         results = []
         for text in [body.input] if isinstance(body.input, str) else body.input:
@@ -104,9 +110,7 @@ class ContentSafety:
                 for category in categories
             }
             results.append(ModerationResult(flagged=any(found.values()), categories=found, category_scores=scores))
-        return ModerationResponse(
-            id=f"modr-{uuid.uuid4().hex}", model=body.model or "seekstack-policy", results=results
-        )
+        return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=self.model, results=results)
 
 
 @dataclass

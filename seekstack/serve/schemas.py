@@ -369,7 +369,7 @@ class UsageReport(BaseModel):
 
 class ModerationRequest(StrictRequest):
     input: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
-    model: str | None = None  # the server's policy answers, whatever is named
+    model: str | None = None  # not read: the server's policy answers, whatever is named, and its answer names it
 
 
 class ModerationResult(BaseModel):

@@ -318,3 +318,19 @@ def test_moderations_endpoint_reports_categories_and_classifier_scores(model_dir
     assert results[0]["categories"] == {"weapons": True, "pii": False, "rude": False}
     assert results[0]["category_scores"]["weapons"] > 0.5 > results[1]["category_scores"]["weapons"]
     assert results[2]["categories"]["pii"] and results[2]["category_scores"]["pii"] == 1.0
+
+
+def test_moderations_name_the_policy_that_ran_as_their_model_not_the_model_asked_for(model_dir, policy, tmp_path):
+    """The answer echoed the `model` asked for (OpenAI's names the moderation model that ran): a client asking for
+    omni-moderation-latest read that OpenAI's model had judged its text."""
+    engine = Engine.from_pretrained(model_dir)
+    answers = []
+    for policy_served in (policy, None):
+        app = create_app(engine, open_database(tmp_path / "db"), policy=policy_served)
+
+        async def scenario(client):
+            return await client.post("/v1/moderations", json={"input": "hi", "model": "omni-moderation-latest"})
+
+        answers.append(run(app, scenario).json())
+    assert [answer["model"] for answer in answers] == ["seekstack-policy:policy.yaml", "seekstack-policy:none"]
+    assert answers[1]["results"] == [{"flagged": False, "categories": {}, "category_scores": {}}]
