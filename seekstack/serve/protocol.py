@@ -57,9 +57,10 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
 def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
     """Each prompt's token ids: the chat template for chat (its last message left open for the model to continue
     when it is a `prefix`, DeepSeek's chat prefix completion), each text (or the ids as given) for completions; 400
-    for token ids (of a prompt or `logit_bias`) outside the vocabulary, and for a prefix that is not the last
-    message, an assistant's."""
+    for token ids (of a prompt, `logit_bias` or `stop_token_ids`) outside the vocabulary, and for a prefix that is not
+    the last message, an assistant's."""
     refuse_outside_vocabulary(request.logit_bias or (), tokenizer, "logit_bias")
+    refuse_outside_vocabulary(request.stop_token_ids or (), tokenizer, "stop_token_ids")
     if isinstance(request, ChatCompletionRequest):
         last = len(request.messages) - 1
         for position, message in enumerate(request.messages):
@@ -241,6 +242,7 @@ def sampling_params(
             logit_bias=request.logit_bias or {},
             seed=None if request.seed is None else request.seed + index,
             stop=stop,
+            stop_token_ids=tuple(request.stop_token_ids or ()),
             logprobs=logprobs or ranked,
             top_logprobs=top_logprobs,
             ignore_eos=request.ignore_eos,

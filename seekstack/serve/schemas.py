@@ -34,6 +34,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 MAX_INT32 = 2**31 - 1  # the bound of counts (max_tokens, top_k) that have no natural one
 MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries
+MAX_STOP_TOKEN_IDS = 300  # vLLM sets none; as many as logit_bias may name
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 PromptText = Annotated[str, Field(min_length=1)]
@@ -96,6 +97,8 @@ class SamplingFields(StrictRequest):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: Annotated[bool, OrDefault] = False
     skip_special_tokens: Annotated[bool, OrDefault] = True  # drop <｜User｜> and the like from the text, as vLLM does
+    # generating one of these ends the choice (finish_reason "stop"), its text left out as EOS's, even with ignore_eos
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
 
 
 class TextPart(StrictRequest):

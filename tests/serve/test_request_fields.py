@@ -13,6 +13,8 @@ from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
+from seekstack.serve.protocol import prompt_ids
+from seekstack.serve.schemas import ChatCompletionRequest, CompletionRequest
 from tests.serve.server import error_of, make_model_dir, run
 
 GREEDY = {"model": "model", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -197,3 +199,23 @@ def test_continuous_usage_stats_put_its_choices_usage_so_far_on_every_chunk_as_v
     for index in (0, 1):  # each token's chunk: its choice's completion tokens so far
         counts = [chunk["usage"]["completion_tokens"] for chunk in chunks if chunk["choices"][0]["index"] == index]
         assert counts == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "route, body, schema",
+    [("/v1/completions", COMPLETION, CompletionRequest), ("/v1/chat/completions", CHAT, ChatCompletionRequest)],
+)
+def test_stop_token_ids_end_a_choice_at_the_first_of_them_as_vllm(engine, tmp_path, route, body, schema):
+    """vLLM's stop_token_ids was read and ignored: the reply ran on to max_tokens past them."""
+    [prompt] = prompt_ids(schema.model_validate(body), engine.tokenizer)
+    [greedy] = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))
+    ids = greedy.token_ids
+    stop_at = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k])  # the first time a new token comes
+    never = next(token for token in range(engine.tokenizer.vocab_size) if token not in ids)
+    [stopped] = post_each(engine, tmp_path / "db", [(route, {**body, "stop_token_ids": [never, ids[stop_at]]})])
+    choice = stopped.json()["choices"][0]
+    text = choice["text"] if "text" in choice else choice["message"]["content"]
+    assert (choice["finish_reason"], text) == ("stop", engine.tokenizer.decode(ids[:stop_at]))  # its text left out
+    assert stopped.json()["usage"]["completion_tokens"] == stop_at + 1
+    [outside] = post_each(engine, tmp_path / "db", [(route, {**body, "stop_token_ids": [320]})])
+    assert "stop_token_ids token id 320 is outside the vocabulary [0, 320)" in error_of(outside, 400)["message"]
