@@ -60,8 +60,9 @@ class LiveServer:
 
 
 @contextmanager
-def running_server(model_dir: Path, database: Path | str, *extra: str, timeout_s: float = 60) -> Iterator[LiveServer]:
-    """`seekstack serve` in a subprocess on a free port, ready for requests; killed at the end."""
+def running_server(model_dir: Path, database: Path | str, *extra: str, timeout_s: float = 300) -> Iterator[LiveServer]:
+    """`seekstack serve` in a subprocess on a free port, ready for requests; killed at the end. `timeout_s` bounds
+    only a server that never answers: on a busy 2-core machine (load ~20) a healthy one took 105-108 s to start."""
     port = free_port()
     log_path = model_dir.parent / f"server-{port}.log"
     command = [SEEKSTACK, "serve", "--model", str(model_dir), "--port", str(port), "--db", str(database), *extra]
