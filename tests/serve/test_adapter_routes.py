@@ -36,7 +36,7 @@ def served(tmp_path_factory):
     keys = KeyStore(open_database(database))
     admin, user = keys.create("admin", admin=True), keys.create("user")
     flags = [flag for name, folder in adapters.items() for flag in ("--adapter", f"{name}={folder}")]
-    with running_server(model_dir, database, *flags, timeout_s=300) as server:  # a busy machine starts it slowly
+    with running_server(model_dir, database, *flags) as server:
         api = openai.OpenAI(base_url=f"{server.url}/v1", api_key=user, max_retries=0, timeout=120)
         yield server.url, api, admin, user, adapters, model_dir
 
