@@ -45,7 +45,41 @@ REFUSED_CHAT_FIELDS = {
     "reasons as it was trained, in the reply (its reasoning_content with --reasoning-parser deepseek_r1)",
     "verbosity": "this model has no verbosity setting",
 }
-ASKING_NOTHING = {"tool_choice": "none", "function_call": "none", "modalities": ["text"]}  # what is done anyway
+NO_GRAMMAR = "this server constrains output by chat's response_format only (json_object, json_schema)"
+NO_TEMPLATE_CHOICE = "this server renders the checkpoint's own chat template as it is"
+CONTINUE_WITH_PREFIX = (
+    "a reply starts a new assistant turn; to continue the last message, an assistant's, mark it prefix: true "
+    "(DeepSeek's chat prefix completion)"
+)
+# vLLM's fields declared only to be refused when set (schemas.SamplingFields, ChatCompletionRequest), a vLLM client's
+# request otherwise answered as if they were honoured: why this server cannot honour each
+REFUSED_VLLM_FIELDS = {
+    "min_tokens": "this server sets no minimum length (EOS may end a reply at any token; ignore_eos: true generates "
+    "max_tokens)",
+    "use_beam_search": "this server does not run beam search",
+    "include_stop_str_in_output": "this server leaves stop strings out of the reply",
+    "guided_json": NO_GRAMMAR,
+    "guided_regex": NO_GRAMMAR,
+    "guided_choice": NO_GRAMMAR,
+    "guided_grammar": NO_GRAMMAR,
+    "structured_outputs": NO_GRAMMAR,
+    "allowed_token_ids": "this server keeps no list of allowed tokens: ban others with logit_bias -100",
+    "bad_words": "this server bans tokens, not words: logit_bias -100 on their token ids",
+    "prompt_logprobs": "this server gives no logprobs of the prompt",
+    "truncate_prompt_tokens": "this server does not truncate prompts: send a shorter one",
+}
+REFUSED_VLLM_CHAT_FIELDS = {
+    "chat_template": NO_TEMPLATE_CHOICE,
+    "chat_template_kwargs": NO_TEMPLATE_CHOICE,
+    "add_generation_prompt": CONTINUE_WITH_PREFIX,
+    "continue_final_message": CONTINUE_WITH_PREFIX,
+    "echo": "chat replies do not echo the last message",
+}
+ASKING_NOTHING = {  # what is done anyway
+    "tool_choice": "none", "function_call": "none", "modalities": ["text"], "min_tokens": 0, "use_beam_search": False,
+    "include_stop_str_in_output": False, "chat_template_kwargs": {}, "add_generation_prompt": True,
+    "continue_final_message": False, "echo": False,
+}  # fmt: skip
 
 
 def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
@@ -96,8 +130,9 @@ def refuse_outside_vocabulary(token_ids: Iterable[int], tokenizer: Tokenizer, pa
 
 def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
     """400 in OpenAI's shape for what this server reads but cannot do: tools, audio, web search and the other
-    `REFUSED_CHAT_FIELDS`, suffix, echo with logprobs, best_of below n or with a stream; and for stream_options
-    without a stream (as OpenAI and vLLM refuse it)."""
+    `REFUSED_CHAT_FIELDS`, vLLM's `REFUSED_VLLM_FIELDS` (guided decoding, beam search, min_tokens, ...), suffix, echo
+    with logprobs, best_of below n or with a stream; and for stream_options without a stream (as OpenAI and vLLM
+    refuse it)."""
 
     def unsupported(param: str, message: str) -> APIError:
         return APIError(400, message, param=param, code="unsupported_parameter")
@@ -105,11 +140,13 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                        code="invalid_value")  # fmt: skip
-    if isinstance(request, ChatCompletionRequest):
-        for param, reason in REFUSED_CHAT_FIELDS.items():
-            value = getattr(request, param)
-            if value not in (None, [], ASKING_NOTHING.get(param)):
-                raise unsupported(param, f"{reason}: send the request without {param}")
+    is_chat = isinstance(request, ChatCompletionRequest)
+    refused = {**REFUSED_VLLM_FIELDS, **(REFUSED_CHAT_FIELDS | REFUSED_VLLM_CHAT_FIELDS if is_chat else {})}
+    for param, reason in refused.items():
+        value = getattr(request, param)
+        if value not in (None, [], ASKING_NOTHING.get(param)):
+            raise unsupported(param, f"{reason}: send the request without {param}")
+    if is_chat:
         if request.top_logprobs is not None and not request.logprobs:  # OpenAI's answer too
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         return

@@ -99,6 +99,20 @@ class SamplingFields(StrictRequest):
     skip_special_tokens: Annotated[bool, OrDefault] = True  # drop <｜User｜> and the like from the text, as vLLM does
     # generating one of these ends the choice (finish_reason "stop"), its text left out as EOS's, even with ignore_eos
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    # vLLM's fields that would change the reply and that this server cannot honour: declared to be refused when set
+    # (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway
+    min_tokens: int | None = None  # 0 accepted
+    use_beam_search: bool | None = None  # false accepted
+    include_stop_str_in_output: bool | None = None  # false accepted
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    prompt_logprobs: Any = None
+    truncate_prompt_tokens: Any = None
 
 
 class TextPart(StrictRequest):
@@ -183,6 +197,11 @@ class ChatCompletionRequest(SamplingFields):
     web_search_options: dict[str, Any] | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
+    chat_template: str | None = None  # vLLM's, as above
+    chat_template_kwargs: dict[str, Any] | None = None  # {} accepted
+    add_generation_prompt: bool | None = None  # true accepted
+    continue_final_message: bool | None = None  # false accepted
+    echo: bool | None = None  # false accepted
 
 
 class CompletionRequest(SamplingFields):

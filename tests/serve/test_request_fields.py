@@ -97,6 +97,52 @@ def test_openai_fields_that_would_change_the_reply_are_refused_by_name(engine, t
         assert (error["param"], error["code"]) == (field, "unsupported_parameter"), error
 
 
+VLLM_REFUSED = {
+    "min_tokens": 4,
+    "use_beam_search": True,
+    "include_stop_str_in_output": True,
+    "guided_json": {"type": "object"},
+    "guided_regex": "[a-z]+",
+    "guided_choice": ["yes", "no"],
+    "guided_grammar": 'root ::= "x"',
+    "structured_outputs": {"choice": ["yes", "no"]},
+    "allowed_token_ids": [1, 2],
+    "bad_words": ["fox"],
+    "prompt_logprobs": 0,
+    "truncate_prompt_tokens": 8,
+}
+VLLM_CHAT_REFUSED = {
+    "chat_template": "{{ messages }}",
+    "chat_template_kwargs": {"thinking": True},
+    "add_generation_prompt": False,
+    "continue_final_message": True,
+    "echo": True,
+}
+VLLM_ASKING_NOTHING = {"min_tokens": 0, "use_beam_search": False, "include_stop_str_in_output": False, "bad_words": []}
+
+
+def test_vllm_fields_that_would_change_the_reply_are_refused_by_name_not_ignored(engine, tmp_path):
+    """They were ignored as unknown fields: guided_json answered free text, min_tokens a reply of any length."""
+    fields = [*VLLM_REFUSED, *VLLM_REFUSED, *VLLM_CHAT_REFUSED]
+    requests = [("/v1/completions", {**COMPLETION, field: value}) for field, value in VLLM_REFUSED.items()]
+    requests += [("/v1/chat/completions", {**CHAT, field: value})
+                 for field, value in {**VLLM_REFUSED, **VLLM_CHAT_REFUSED}.items()]  # fmt: skip
+    for field, response in zip(fields, post_each(engine, tmp_path / "db", requests), strict=True):
+        error = error_of(response, 400)
+        assert (error["param"], error["code"]) == (field, "unsupported_parameter"), error
+        assert error["message"].endswith(f"send the request without {field}")
+    chat_nothing = {"chat_template_kwargs": {}, "add_generation_prompt": True, "continue_final_message": False}
+    answered = post_each(
+        engine,
+        tmp_path / "db",
+        [
+            ("/v1/completions", {**COMPLETION, **VLLM_ASKING_NOTHING}),
+            ("/v1/chat/completions", {**CHAT, **VLLM_ASKING_NOTHING, **chat_nothing, "echo": False}),
+        ],
+    )
+    assert [response.status_code for response in answered] == [200, 200]  # values that ask for nothing more
+
+
 def test_reasoning_effort_is_refused_without_telling_a_reasoning_model_it_does_not_reason(engine, tmp_path):
     """A model from `seekstack sft task=` or `rl` reasons in <think> before it answers; the effort is what is unset."""
     [refused] = post_each(engine, tmp_path / "db", [("/v1/chat/completions", {**CHAT, "reasoning_effort": "low"})])
