@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -190,6 +191,33 @@ def broadcast_text(text: str, ranks: Ranks) -> str:
     box = [text]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def require_shared_folder(folder: Path, ranks: Ranks) -> None:
+    """ConfigError on every rank unless every rank sees the files rank 0 writes into `folder` (made by rank 0): where
+    each rank writes its own part of a checkpoint into the folder rank 0 renames, a rank whose `folder` is on a disk
+    of its own machine (or, relative, in another working directory) would leave its part there, and rank 0 save
+    checkpoints without it, which cannot resume."""
+    if not ranks.distributed:
+        return
+    marker = ""
+    if ranks.is_main:
+        descriptor, marker = tempfile.mkstemp(prefix=".ranks_see_", dir=folder)
+        os.close(descriptor)
+    marker = Path(folder) / Path(broadcast_text(marker, ranks)).name  # in `folder` as this rank names it
+    seen: list[bool | None] = [None] * ranks.world_size
+    dist.all_gather_object(seen, marker.is_file())
+    if ranks.is_main:
+        marker.unlink()
+    blind = [str(rank) for rank, sees in enumerate(seen) if not sees]
+    if blind:
+        raise ConfigError(
+            f"out_dir {folder}: rank {', '.join(blind)} does not see the files rank 0 writes there (a folder of that "
+            "name on a disk of its own machine, or a relative out_dir from another working directory); each rank "
+            "writes its part of every checkpoint into it (FSDP's optimizer shards, expert-parallel optimizer files, "
+            "grad_compression's state), without which a checkpoint cannot resume: give an out_dir on a file system "
+            "every rank shares"
+        )
 
 
 class RankEnded(ConnectionError):

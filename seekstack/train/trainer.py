@@ -494,6 +494,8 @@ class _Run:
             if not resume and hasattr(source, "record"):
                 source.record(self.out_dir)
             self._trim_metrics()
+        if is_sharded(model) or self.expert_parallel or (self.comm is not None and self.comm.keeps_state):
+            distributed.require_shared_folder(self.out_dir, ranks)  # each rank writes its part of every checkpoint
         if config.warmup_steps >= config.max_steps:
             last = learning_rate(config.max_steps - 1, config)
             ending = (

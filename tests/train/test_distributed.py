@@ -157,11 +157,11 @@ def test_ranks_given_different_configs_are_refused_on_every_rank_naming_the_key_
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def _rank_on_a_machine_of_its_own(rank: int, world_size: int, port: int, config, refused) -> None:
-    """A rank whose working directory is `machine{rank}` beside its out_dir: a relative data_dir is its own copy."""
+def _rank_on_a_machine_of_its_own(rank: int, world_size: int, port: int, config, refused, machines: Path) -> None:
+    """A rank whose working directory is `machines/machine{rank}`: a relative data_dir or out_dir is its own."""
     from seekstack.schema import ConfigError
 
-    os.chdir(Path(config.out_dir).parent / f"machine{rank}")
+    os.chdir(machines / f"machine{rank}")
     try:
         _rank_main(rank, world_size, port, config)
     except ConfigError as error:
@@ -177,13 +177,30 @@ def test_a_shard_missing_on_one_rank_is_refused_on_every_rank_naming_it(data_dir
     (tmp_path / "machine1" / "tokens" / "train_00000.bin").unlink()
     config = run_config(Path("tokens"), tmp_path / "run", max_steps=2, eval_every=0, save_every=0)
     refused = mp.Manager().dict()
-    mp.spawn(_rank_on_a_machine_of_its_own, args=(2, free_port(), config, refused), nprocs=2, join=True)
+    mp.spawn(_rank_on_a_machine_of_its_own, args=(2, free_port(), config, refused, tmp_path), nprocs=2, join=True)
     assert refused[0] == refused[1]
     assert refused[0] == (
         "the ranks were given different token shards in data_dir: rank 1 has tokens/train_00000.bin=missing (rank 0: "
         "40,000 bytes); every rank must read the same files: a file system they share, or the same copy on each machine"
     )
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_an_out_dir_one_rank_does_not_share_is_refused_where_ranks_write_their_part_of_checkpoints(data_dir, tmp_path):  # noqa: F811
+    """FSDP's rank 1 wrote its optimizer shard into a folder of the same name on its own disk: the run ended with
+    'trained to step 6', its checkpoints without that shard, which a resume cannot load."""
+    for machine in ("machine0", "machine1"):
+        (tmp_path / machine).mkdir()
+    config = run_config(data_dir, Path("run"), parallel="fsdp", max_steps=2, eval_every=0, save_every=1)
+    refused = mp.Manager().dict()
+    mp.spawn(_rank_on_a_machine_of_its_own, args=(2, free_port(), config, refused, tmp_path), nprocs=2, join=True)
+    assert refused[0] == refused[1]
+    assert refused[0].startswith("out_dir run: rank 1 does not see the files rank 0 writes there")
+    assert refused[0].endswith("give an out_dir on a file system every rank shares")
+    assert not (tmp_path / "machine0" / "run" / "checkpoints").exists()
+    assert not (tmp_path / "machine1" / "run").exists()
+    assert not list((tmp_path / "machine0" / "run").glob(".ranks_see_*"))
 
 
 @pytest.mark.parametrize(
