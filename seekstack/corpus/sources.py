@@ -104,14 +104,14 @@ class DataSourceError(ValueError):
 
 
 class MissingTextField(DataSourceError):
-    """A record (at `where`: file and line or item) without the text's `field`; `problem` says so, the message adds
-    how the commands with a --field option name another."""
+    """A record or table without the text's field or column; `problem` says so, naming the file (and line or item),
+    the message adds how the commands with a --field option name another."""
 
-    def __init__(self, where: str, field: str, present: list[str]):
-        self.problem = f"{where}: no field {field!r}, only {', '.join(map(repr, present)) or 'none'}"
+    def __init__(self, problem: str):
+        self.problem = problem
         super().__init__(
-            f"{self.problem}; name the text's field with --field NAME in `seekstack data build` (whose corpus holds "
-            "it as 'text') or `data quality-train`"
+            f"{problem}; name the text's field with --field NAME in `seekstack data build` (whose corpus holds it as "
+            "'text') or `data quality-train`"
         )
 
 
@@ -406,7 +406,7 @@ def _text_field(record: dict[str, Any], where: str, field: str) -> str | None:
     """The text of a JSON object at `where`, in `field`: a string, or None for a null; an error naming it when the
     field is missing or holds another value."""
     if field not in record:
-        raise MissingTextField(where, field, list(record))
+        raise MissingTextField(f"{where}: no field {field!r}, only {', '.join(map(repr, record)) or 'none'}")
     text = record[field]
     if text is not None and not isinstance(text, str):
         raise DataSourceError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
@@ -484,9 +484,7 @@ def _documents_from_batches(
     `null_texts`; a binary one is decoded as a text file is (`_decoded`: a legacy 8-bit value as Windows-1252)."""
     row, name = 1, _as_text(origin.name)
     for batch in batches:
-        for wanted in (column, id_column) if id_column else (column,):
-            if wanted not in batch.schema.names:
-                raise DataSourceError(f"{origin}: no column {wanted!r}; columns are {batch.schema.names}")
+        _refuse_a_missing_column(origin, batch.schema.names, column, id_column)
         ids = batch.column(id_column).to_pylist() if id_column else [None] * batch.num_rows
         for value, given_id in zip(batch.column(column).to_pylist(), ids, strict=True):
             text = _decoded(value) if isinstance(value, bytes) else value
@@ -498,6 +496,18 @@ def _documents_from_batches(
             else:
                 yield Document(_row_id(given_id, f"{name}:{row}"), text, name)
             row += 1
+
+
+def _refuse_a_missing_column(origin: Path, names: list[str], column: str, id_column: str | None) -> None:
+    """A MissingTextField when a table (`origin`, of columns `names`) has no text `column`, a DataSourceError when it
+    has no `id_column` (when one is asked for), each naming the options that name another."""
+    if column not in names:
+        raise MissingTextField(f"{origin}: no column {column!r}; columns are {names}")
+    if id_column is not None and id_column not in names:
+        raise DataSourceError(
+            f"{origin}: no column {id_column!r}; columns are {names}; name the ids' column with --id-field NAME, or "
+            "leave it out for ids file:row"
+        )
 
 
 def _row_id(given: Any, fallback: str) -> str:
@@ -540,10 +550,8 @@ def read_parquet(
     path = Path(path)
     with _arrow_errors_named(path, "Parquet"):
         parquet = pq.ParquetFile(path)
+        _refuse_a_missing_column(path, parquet.schema_arrow.names, column, id_field)
         columns = [column, id_field] if id_field else [column]
-        for wanted in columns:
-            if wanted not in parquet.schema_arrow.names:
-                raise DataSourceError(f"{path}: no column {wanted!r}; columns are {parquet.schema_arrow.names}")
         batches = parquet.iter_batches(batch_size=batch_size, columns=columns)
         yield from _documents_from_batches(batches, column, path, null_texts, id_field)
 

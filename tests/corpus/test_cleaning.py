@@ -41,6 +41,7 @@ from seekstack.corpus.rules import (
 from seekstack.corpus.sources import (
     DataSourceError,
     Document,
+    MissingTextField,
     open_source,
     read_jsonl,
     read_parquet,
@@ -790,8 +791,12 @@ def test_parquet_source_streams_every_row(tmp_path: Path) -> None:
     docs = list(read_parquet(tmp_path / "d.parquet", "body", batch_size=1000))
     assert [doc.text for doc in docs] == texts
     assert docs[2499].doc_id == "d.parquet:2500"
-    with pytest.raises(DataSourceError, match=r"d.parquet: no column 'text'; columns are \['body', 'n'\]"):
+    # a table without the text's column said which columns it has, not how to name one (as a JSONL file's row did)
+    missing = r"d.parquet: no column 'text'; columns are \['body', 'n'\]; name the text's field with --field NAME"
+    with pytest.raises(MissingTextField, match=missing):
         next(read_parquet(tmp_path / "d.parquet"))
+    with pytest.raises(DataSourceError, match=r"d.parquet: no column 'id'; .*; name the ids' column with --id-field"):
+        next(read_parquet(tmp_path / "d.parquet", "body", id_field="id"))
 
 
 def test_a_damaged_parquet_or_arrow_file_is_named(tmp_path: Path) -> None:
@@ -837,7 +842,7 @@ def test_csv_and_tsv_files_are_read_as_rows_of_their_text_column(tmp_path: Path)
         ("posts.csv:2", "42"),  # the text column is read as text, however it looks
         ("posts.tsv.gz:1", "A tab-separated row."),
     ]
-    with pytest.raises(DataSourceError, match=r"posts.csv: no column 'body'; columns are \['id', 'text', 'score'\]"):
+    with pytest.raises(MissingTextField, match=r"posts.csv: no column 'body'; columns are \['id', 'text', 'score'\]"):
         list(open_source(tmp_path / "posts.csv", "body"))
     (tmp_path / "excel.csv").write_bytes("note,text\nd\u00e9j\u00e0,caf\u00e9 cr\u00e8me\n".encode("cp1252"))  # Excel's
     assert [doc.text for doc in open_source(tmp_path / "excel.csv")] == ["caf\u00e9 cr\u00e8me"]
