@@ -75,6 +75,7 @@ from seekstack.serve.schemas import (
     Usage,
     UsageReport,
 )
+from seekstack.serve.tokenize_routes import TOKENIZE_REQUESTS, add_tokenize_routes
 
 log = logging.getLogger("seekstack.serve")
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the response ended
@@ -671,7 +672,7 @@ def create_app(
                            allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)  # fmt: skip
     app.state.server = server
     chat_page = files("seekstack.serve").joinpath("chat.html").read_text(encoding="utf-8")
-    openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest],
+    openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest, *TOKENIZE_REQUESTS],
                                 lambda: [card.id for card in server.models().data])  # fmt: skip
 
     @app.exception_handler(APIError)
@@ -772,4 +773,5 @@ def create_app(
         return JSONResponse((await asyncio.to_thread(server.usage_report, request, key, since)).model_dump())
 
     add_adapter_routes(app, server)  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
+    add_tokenize_routes(app, server)  # POST /tokenize, /detokenize
     return app

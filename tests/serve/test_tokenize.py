@@ -1,0 +1,67 @@
+"""vLLM's /tokenize and /detokenize: a prompt's token ids as the completion and chat routes bill them, and back.
+
+In process, through the app's ASGI interface with its engine thread running."""
+
+from __future__ import annotations
+
+import pytest
+
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
+from seekstack.serve.database import open_database
+from seekstack.serve.keys import KeyStore
+from tests.serve.server import error_of, make_model_dir, run
+
+TEXT = "The quick brown fox"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("tokenize")))
+
+
+def post_each(engine: Engine, database_path, requests: list[tuple[str, dict]], headers: dict | None = None) -> list:
+    async def scenario(client):
+        return [await client.post(route, json=body, headers=headers) for route, body in requests]
+
+    return run(create_app(engine, open_database(database_path)), scenario)
+
+
+def test_tokenize_counts_the_prompt_tokens_a_call_is_billed_and_detokenize_reads_them_back(engine, tmp_path):
+    """There were no such routes (404): a vLLM client counting a prompt's tokens before sending it could not."""
+    generation = {"model": "model", "max_tokens": 1}
+    text, chat, completion, chat_call = post_each(engine, tmp_path / "db", [
+        ("/tokenize", {"model": "model", "prompt": TEXT}),
+        ("/tokenize", {"messages": MESSAGES}),  # the base model, unnamed
+        ("/v1/completions", {**generation, "prompt": TEXT}),
+        ("/v1/chat/completions", {**generation, "messages": MESSAGES}),
+    ])  # fmt: skip
+    for tokenized, call in ((text, completion), (chat, chat_call)):
+        answer = tokenized.json()
+        assert answer["count"] == len(answer["tokens"]) == call.json()["usage"]["prompt_tokens"]
+        assert answer["max_model_len"] == engine.max_model_len
+    assert text.json()["tokens"] == engine.tokenizer.encode_prompt(TEXT)
+    [detokenized] = post_each(engine, tmp_path / "db", [("/detokenize", {"tokens": text.json()["tokens"]})])
+    assert detokenized.json() == {"prompt": TEXT}
+
+
+def test_tokenize_and_detokenize_refuse_what_they_cannot_read_naming_it(engine, tmp_path):
+    both = {"prompt": TEXT, "messages": MESSAGES}
+    refused = post_each(engine, tmp_path / "db", [
+        ("/tokenize", both), ("/tokenize", {"model": "nope", "prompt": TEXT}), ("/detokenize", {"tokens": [320]}),
+    ])  # fmt: skip
+    assert "either prompt" in error_of(refused[0], 400)["message"]
+    assert error_of(refused[1], 404)["code"] == "model_not_found"
+    assert error_of(refused[2], 400)["param"] == "tokens"
+
+
+def test_tokenize_needs_a_key_that_may_use_the_model_once_keys_exist(engine, tmp_path):
+    store = KeyStore(open_database(tmp_path / "db"))
+    key = store.create("narrow", models=("other",))
+    anonymous, narrow = (
+        post_each(engine, tmp_path / "db", [("/tokenize", {"prompt": TEXT})], headers)[0]
+        for headers in (None, {"Authorization": f"Bearer {key}"})
+    )
+    assert error_of(anonymous, 401)["code"] == "no_api_key"
+    assert error_of(narrow, 404)["code"] == "model_not_found"  # the base model is not among its models
