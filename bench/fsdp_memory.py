@@ -16,19 +16,23 @@ from pathlib import Path
 
 from short_runs import fresh_out_dir, require_shards
 
+from seekstack.tokens.shards import load_index
+
 
 def first_step_memory(ranks: int, model: str, data_dir: Path, out_dir: Path) -> dict:
-    fields = dict(
-        model=model, data_dir=data_dir, out_dir=fresh_out_dir(out_dir), max_steps=1, batch_size=2, seq_len=128,
-        eval_every=0, save_every=0, parallel="fsdp",
-    )  # fmt: skip
+    """Rank 0's bytes after the first step of `model`, its vocabulary the shards' tokenizer's (as a run needs)."""
+    vocab_size = load_index(data_dir, "train")["tokenizer"]["vocab_size"]
+    fields = {
+        "model": model, "model.vocab_size": vocab_size, "data_dir": data_dir, "out_dir": fresh_out_dir(out_dir),
+        "max_steps": 1, "batch_size": 2, "seq_len": 128, "eval_every": 0, "save_every": 0, "parallel": "fsdp",
+    }  # fmt: skip
     overrides = [f"{key}={value}" for key, value in fields.items()]
     if ranks == 1:
         command = [sys.executable, "-m", "seekstack.cli", "train", *overrides]
     else:
         torchrun = str(Path(sys.executable).parent / "torchrun")
         command = [torchrun, "--standalone", "--nproc-per-node", str(ranks), "-m", "seekstack.cli", "train", *overrides]
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
     first = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0])
     return first["rank_memory"]
 

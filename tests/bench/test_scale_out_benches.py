@@ -1,26 +1,29 @@
-"""bench/fsdp_memory.py and bench/grad_compression.py, run again into the same --out (the README's quick check, then
-the full run): each run starts afresh, as bench/short_runs.py's do."""
+"""bench/fsdp_memory.py and bench/grad_compression.py, run as the README and their docstrings say: on shards of any
+vocabulary, and again into the same --out (a quick check, then the full run)."""
 
-import json
 import sys
 from pathlib import Path
+
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))  # the scripts import short_runs.py as their sibling
 from bench.fsdp_memory import first_step_memory  # noqa: E402
-from tests.train.test_trainer import write_split  # noqa: E402
+from seekstack.model.transformer import Transformer  # noqa: E402
+from seekstack.train.config import TrainConfig  # noqa: E402
+from tests.train.test_trainer import VOCAB, write_split  # noqa: E402
 
 
-def test_a_run_into_an_out_folder_an_earlier_run_left_measures_afresh(tmp_path):
-    """The earlier run's checkpoint made train refuse the new one: 'out_dir ... holds a run (checkpoint step_1)'."""
+def test_fsdp_memory_measures_the_preset_at_the_shards_vocabulary_into_a_folder_an_earlier_run_left(tmp_path):
+    """`small`'s 16,384 ids on the demo's 4,096-id shards were refused ('model vocab_size=16384 is larger than the
+    tokenizer's 4096 tokens'), unseen: a CalledProcessError; and an earlier run's checkpoint made train refuse the
+    next ('out_dir ... holds a run (checkpoint step_1)')."""
     write_split(tmp_path / "tokens", "train", 2_000, seed=1)
-    index_file = tmp_path / "tokens" / "train_index.json"
-    index = json.loads(index_file.read_text())
-    index["tokenizer"]["vocab_size"] = 4096  # the `tiny` preset's vocabulary
-    index_file.write_text(json.dumps(index))
     earlier = tmp_path / "ranks_1" / "checkpoints" / "step_1"
     earlier.mkdir(parents=True)
     (earlier / "train_state.pt").touch()
     memory = first_step_memory(1, "tiny", tmp_path / "tokens", tmp_path / "ranks_1")
-    assert memory["parameters"] == 2_818_272 * 4  # tiny's float32 weights, main model and MTP module
+    with torch.device("meta"):
+        model = Transformer(TrainConfig(model="tiny", model_overrides={"vocab_size": VOCAB}).model_config())
+    assert memory["parameters"] == 4 * sum(param.numel() for param in model.parameters())  # float32
     assert (earlier / "train_state.pt").stat().st_size > 0  # the new run's own
