@@ -211,7 +211,7 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )  # one prompt (text or token ids), or a list of them: each gets n choices
-    max_tokens: int | None = Field(16, ge=1, le=MAX_INT32)  # OpenAI's default for completions
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32), OrDefault] = 16  # OpenAI's default for completions, null too
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: Annotated[bool, OrDefault] = False  # the prompt's text before each choice's
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)  # candidates per prompt; the n likeliest are returned

@@ -79,6 +79,13 @@ def test_null_is_allowed_and_read_as_the_default_for_every_nullable_field(app, r
     assert with_nulls.json()["usage"] == plain.json()["usage"]
 
 
+def test_a_completion_with_max_tokens_null_gets_the_default_16_tokens_not_the_whole_context(app):
+    """max_tokens null ran to the context's end (254 tokens of 256), 16 times what a call without it gets."""
+    body = {field: value for field, value in COMPLETION.items() if field != "max_tokens"}
+    null, absent = post_each(app, [("/v1/completions", {**body, "max_tokens": None}), ("/v1/completions", body)])
+    assert null.json()["usage"]["completion_tokens"] == absent.json()["usage"]["completion_tokens"] == 16
+
+
 @pytest.mark.parametrize(
     "route, body, allowed",
     [
