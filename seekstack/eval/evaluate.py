@@ -14,7 +14,15 @@ from unittest import mock
 
 from seekstack.adapters.files import ModelFolders, model_folders
 from seekstack.atomic import write_atomic
-from seekstack.eval.tasks import CODE_TASKS, LINE_TASKS, REASONING_PREFIX, REASONING_TASKS, TASKS, task_configs
+from seekstack.eval.tasks import (
+    CODE_TASKS,
+    LINE_TASKS,
+    REASONING_PREFIX,
+    is_local_task,
+    is_reasoning_task,
+    task_configs,
+    unknown_task,
+)
 from seekstack.tokenizer import Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
@@ -60,26 +68,26 @@ def evaluate(
     number = requests_per_batch(batch_size)  # ValueError for what is neither a number nor auto
     limit = _documents_limit(limit)
     batch_size = batch_size if number is None else number
-    misspelt = [task for task in tasks if task not in TASKS and task.startswith(("code_", REASONING_PREFIX))]
+    misspelt = [task for task in tasks if not is_local_task(task) and task.startswith(("code_", REASONING_PREFIX))]
     if misspelt:
-        raise ValueError(f"unknown task {misspelt[0]!r}; the local tasks are {', '.join(TASKS)}")
-    local = tuple(task for task in tasks if task in TASKS)
-    chat_already = [task for task in local if task in REASONING_TASKS]
-    if apply_chat_template and chat_already:
+        raise ValueError(unknown_task(misspelt[0]))
+    local = tuple(task for task in tasks if is_local_task(task))
+    reasoning = [task for task in local if is_reasoning_task(task)]
+    if apply_chat_template and reasoning:
         raise ValueError(
-            f"{', '.join(chat_already)}: their prompts are in the model's chat template already, which "
+            f"{', '.join(reasoning)}: their prompts are in the model's chat template already, which "
             "--apply-chat-template would wrap in a second one; evaluate them without it"
         )
-    if num_fewshot and chat_already:
+    if num_fewshot and reasoning:
         raise ValueError(
-            f"{', '.join(chat_already)}: each prompt is a whole chat (system prompt, question, the reply opened), "
+            f"{', '.join(reasoning)}: each prompt is a whole chat (system prompt, question, the reply opened), "
             f"so --num-fewshot {num_fewshot} would glue {num_fewshot} other chats before it; evaluate them without it"
         )
     folders = model_folders(model_dir)  # an adapter checkpoint: its base, and the tokenizer the two read with
-    tokenizer = Tokenizer.from_file(folders.tokenizer) if any(task in REASONING_TASKS for task in local) else None
+    tokenizer = Tokenizer.from_file(folders.tokenizer) if reasoning else None
     if backend == "hf":
         _check_transformers_runs(folders.weights)
-    specs: list[Any] = [task for task in tasks if task not in TASKS]
+    specs: list[Any] = [task for task in tasks if task not in local]
     specs += task_configs(corpus, local, per_module, tokenizer) if local else []
     device = str(resolve_device(device))
     model_args = {**_model_args(folders), "device": device, "dtype": dtype}

@@ -8,8 +8,9 @@
 - code_perplexity  rolling log-likelihood of each module's opening; bits per byte, byte and word perplexity.
 
 And from the post-training tasks' held-out split (seekstack/posttrain/tasks), no corpus needed:
-- reason_<task>    (reason_addition, reason_countdown, ...) the question in the chat template with the R1 system
-                   prompt, a greedy completion until EOS; exact match = the answer after </think> verifies.
+- reason_<task>    (reason_addition, reason_countdown, ..., reason_my_tasks:Parity for your own `module:Class`) the
+                   question in the chat template with the R1 system prompt, a greedy completion until EOS; exact
+                   match = the answer after </think> verifies.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ MAX_LINE_CHARS = 200
 CHOICES = 4
 PERPLEXITY_CHARS = 4000  # the opening of each module that code_perplexity scores
 PYTHON_KIND = "code/python"  # the `kind` `seekstack data build` gives a Python document
+
+
+def is_reasoning_task(name: str) -> bool:
+    """Whether `name` is a post-training task's held-out split: one of REASONING_TASKS, or `reason_module:Class`,
+    a task of your own as sft, rl and pass-at-k name it (`task_class`)."""
+    return name in REASONING_TASKS or (name.startswith(REASONING_PREFIX) and ":" in name)
+
+
+def is_local_task(name: str) -> bool:
+    """Whether seekstack builds the task `name` itself (a code task, or `is_reasoning_task`) rather than lm_eval."""
+    return name in CODE_TASKS or is_reasoning_task(name)
 
 
 def held_out_modules(corpus: str | Path) -> list[dict[str, str]]:
@@ -147,12 +159,12 @@ def task_configs(
 ) -> list[dict[str, Any]]:
     """lm_eval task config dicts for `tasks`: the code tasks' documents built now from the corpus's held-out
     modules, the reasoning tasks' from their held-out split in the chat template of `tokenizer`."""
-    unknown = [task for task in tasks if task not in TASKS]
+    unknown = [task for task in tasks if not is_local_task(task)]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; the local tasks are {', '.join(TASKS)}")
+        raise ValueError(unknown_task(unknown[0]))
     # a few-shot example (--num-fewshot) ends its line, as the module's next line does, before the next one's context
     common = {"test_split": "test", "target_delimiter": "", "fewshot_delimiter": "\n", "metadata": {"version": 1}}
-    reasoning = [task for task in tasks if task in REASONING_TASKS]
+    reasoning = [task for task in tasks if is_reasoning_task(task)]
     if reasoning and tokenizer is None:
         raise ValueError(f"the reasoning tasks ({', '.join(reasoning)}) need the model's tokenizer for the chat prompt")
     configs = [{"task": task, **common, **reasoning_config(task, tokenizer)} for task in reasoning]  # type: ignore[arg-type]
@@ -162,6 +174,14 @@ def task_configs(
     if corpus is None:
         raise ValueError(f"the code tasks ({', '.join(code)}) need --corpus: a folder with val.jsonl")
     return configs + code_task_configs(corpus, code, per_module, common)
+
+
+def unknown_task(name: str) -> str:
+    """What to say of a local task's name that is none."""
+    return (
+        f"unknown task {name!r}; the local tasks are {', '.join(TASKS)}, or {REASONING_PREFIX}module:Class for a "
+        "post-training task of your own"
+    )
 
 
 def code_task_configs(

@@ -22,6 +22,7 @@ from seekstack.eval.tasks import (
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT
 from seekstack.posttrain.tasks import split_of
 from seekstack.tokenizer import ASSISTANT, BOS, USER, Tokenizer
+from tests.posttrain.test_tasks import your_task  # noqa: F401  (a fixture: a task module of a user's own)
 
 pytest.importorskip("lm_eval")
 
@@ -272,3 +273,29 @@ def test_a_misspelt_local_task_is_named_before_lm_eval_runs(checkpoint):
 
     with pytest.raises(ValueError, match="unknown task 'reason_additon'.*reason_addition"):
         evaluate(checkpoint, ("reason_additon",))
+
+
+def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_rl_and_pass_at_k_name_it(
+    checkpoint, your_task, monkeypatch
+):
+    """`eval --tasks reason_your_task:Parity` was refused ("unknown task 'reason_your_task:Parity'; the local tasks
+    are ..."), where `sft`, `rl`, `distill`, `pass-at-k` and `traces` take `task=your_task:Parity`."""
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate
+
+    tokenizer = Tokenizer.from_file(checkpoint)
+    (config,) = task_configs(None, ("reason_your_task:Parity",), tokenizer=tokenizer)
+    docs = config["custom_dataset"]()["test"]
+    assert len(docs) > 0 and all(split_of(doc["key"]) == "heldout" and "count of 1s" in doc["question"] for doc in docs)
+    doc = docs[0]
+    assert config["process_results"](doc, [f"<think> count </think> {doc['answer']}"]) == {"exact_match": 1.0}
+    asked = []
+    output = {"results": {"reason_your_task:Parity": {"exact_match,none": 0.5}}, "n-samples": {}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs["tasks"]) or output)
+    evaluate(checkpoint, ("reason_your_task:Parity", "hellaswag"), device="cpu")
+    assert asked[0][0] == "hellaswag" and asked[0][1]["task"] == "reason_your_task:Parity"  # built here, not lm_eval's
+    with pytest.raises(ValueError, match="task 'your_task:Nope': module 'your_task' .* has no class 'Nope'"):
+        evaluate(checkpoint, ("reason_your_task:Nope",), device="cpu")
+    with pytest.raises(ValueError, match="unknown task 'reason_parity'; .* or reason_module:Class for a post-training"):
+        evaluate(checkpoint, ("reason_parity",), device="cpu")
