@@ -96,8 +96,8 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[int], Awaitable[None]]):
-        super().__init__(events)
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[int], Awaitable[None]], headers: dict[str, str]):
+        super().__init__(events, headers=headers)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -281,6 +281,10 @@ class Server:
             await self.close_bill(bill, error.status if isinstance(error, APIError) else 500, charge, 0)
             raise
         bill.prompt_tokens = prompt_tokens
+        # a client's X-Request-Id names the response (its id) and comes back as a header, as vLLM's
+        request_id = request.headers.get("x-request-id")
+        response_id = _response_id(isinstance(body, ChatCompletionRequest), request_id)
+        echoed = {"X-Request-Id": request_id} if request_id else {}
         usage = ChoicesUsage([len(prompt) for prompt in prompts], candidates(body))
 
         async def finish(status: int) -> None:
@@ -305,14 +309,19 @@ class Server:
         if body.stream:
             try:
                 await in_write_thread(bill.open)
+            except asyncio.CancelledError:  # the server stopping as the row is written (the bill's lock orders both)
+                await finish(SERVER_STOPPED)
+                return _answered_stop()
             except Exception:  # the database refused its row: no stream, and no engine work for no one
                 await finish(500)
                 raise
-            events = self.stream(body, group, bill, usage, categories)
-            return EventStream(events, on_close=finish)
+            events = self.stream(body, group, bill, usage, categories, response_id)
+            return EventStream(events, on_close=finish, headers=echoed)
         status = CLIENT_CLOSED
         try:
-            response = await _unless_client_leaves(request, self.complete(body, group, bill, usage, categories))
+            answer = self.complete(body, group, bill, usage, categories, response_id)
+            response = await _unless_client_leaves(request, answer)
+            response.headers.update(echoed)
             status = 200
             return response
         except ClientLeft:
@@ -372,7 +381,7 @@ class Server:
             self.limiter.reserve(charge, key.name, key.tpm, tokens)
 
     async def complete(
-        self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category]
+        self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category], response_id: str
     ) -> JSONResponse:
         """Gather every choice and answer in one JSON body; `bill` counts the tokens as they come (`usage`); the content
         policy reads each choice as it is generated, as in `stream` (a choice it blocks stops there, billed for the
@@ -401,7 +410,7 @@ class Server:
         if splits is not None:
             messages = [split.message(text) for split, text in zip(splits, texts, strict=True)]
             bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
-        common = dict(id=_response_id(is_chat), created=int(time.time()), model=bill.model, usage=bill.usage())
+        common = dict(id=response_id, created=int(time.time()), model=bill.model, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
                 choices=[
@@ -431,14 +440,14 @@ class Server:
         return JSONResponse(response.model_dump())
 
     async def stream(
-        self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category]
+        self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category], response_id: str
     ) -> AsyncIterator[str]:
         """SSE chunks as the engine produces tokens, through the content policy (a choice it blocks ends with
         finish_reason "content_filter"), each with its choice's usage so far when vLLM's continuous_usage_stats asks;
         billed, then the usage chunk if asked, then `data: [DONE]`."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
-        response_id, created = _response_id(is_chat), int(time.time())
+        created = int(time.time())
         text_offsets = [0] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
@@ -647,8 +656,9 @@ def _role_choice(index: int) -> ChatChunkChoice:
     return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
 
 
-def _response_id(is_chat: bool) -> str:
-    return f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
+def _response_id(is_chat: bool, request_id: str | None) -> str:
+    """A response's `id`: chatcmpl- or cmpl- and the client's X-Request-Id, else a new random one (vLLM's ids)."""
+    return f"{'chatcmpl' if is_chat else 'cmpl'}-{request_id or uuid.uuid4().hex}"
 
 
 def create_app(
@@ -669,7 +679,8 @@ def create_app(
     if cors_origins:
         # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)  # fmt: skip
+                           allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"],
+                           max_age=600)  # fmt: skip
     app.state.server = server
     chat_page = files("seekstack.serve").joinpath("chat.html").read_text(encoding="utf-8")
     openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest, *TOKENIZE_REQUESTS],

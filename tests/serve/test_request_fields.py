@@ -265,3 +265,26 @@ def test_stop_token_ids_end_a_choice_at_the_first_of_them_as_vllm(engine, tmp_pa
     assert stopped.json()["usage"]["completion_tokens"] == stop_at + 1
     [outside] = post_each(engine, tmp_path / "db", [(route, {**body, "stop_token_ids": [320]})])
     assert "stop_token_ids token id 320 is outside the vocabulary [0, 320)" in error_of(outside, 400)["message"]
+
+
+def test_a_clients_x_request_id_names_its_response_and_comes_back_as_vllm_names_them(engine, tmp_path):
+    """It was not read: the response's id was random and no header came back to match a log line with the call."""
+
+    async def scenario(client):
+        traced = {"X-Request-Id": "trace-42"}
+        return [
+            await client.post(route, json={**body, "stream": stream}, headers=headers)
+            for headers in (traced, {})
+            for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
+            for stream in (False, True)
+        ]
+
+    responses = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    ids = [
+        json.loads(response.text.split("\n")[0].removeprefix("data: "))["id"] if response.text.startswith("data:")
+        else response.json()["id"]
+        for response in responses
+    ]  # fmt: skip
+    assert ids[:4] == ["cmpl-trace-42", "cmpl-trace-42", "chatcmpl-trace-42", "chatcmpl-trace-42"]
+    assert [response.headers.get("x-request-id") for response in responses] == ["trace-42"] * 4 + [None] * 4
+    assert len(set(ids[4:])) == 4 and all("trace" not in response_id for response_id in ids[4:])
