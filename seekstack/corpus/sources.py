@@ -90,6 +90,9 @@ FOLDER_FILES_READ = (
     f"by suffix, {' '.join(TEXT_SUFFIXES)} (and {', '.join(COMPRESSIONS)} of them), and without one when they are "
     "text (as are documents named with a qualifier: README.Debian, changelog.1.gz)"
 )
+# HTML pages, by suffix or opening tag after blank space and comments, are refused as inputs (a folder's are not read)
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+_HTML_START = re.compile(r"(?i)(?:\s|<!--.*?-->|<\?xml[^>]*>)*<(?:!doctype\s+html|html[\s>])", re.DOTALL)
 # Version-control systems' records (git's objects and logs, CVS's Entries), not entered: no text of the folder's own
 VERSION_CONTROL_DIRS = frozenset({".git", ".hg", ".svn", ".bzr", "CVS"})
 # read as rows when an input names the file, not inside a folder
@@ -239,11 +242,19 @@ class Rows:
 
 
 def read_text_file(path: str | Path) -> Iterator[Document]:
-    """A single text file, or a named pipe (a shell's `<(xzcat notes.txt.xz)`, `/dev/stdin`), as one document."""
+    """A single text file, or a named pipe (a shell's `<(xzcat notes.txt.xz)`, `/dev/stdin`), as one document; a
+    DataSourceError naming an HTML page (by its suffix or its opening tag), whose markup is no text to train on."""
     path = Path(path)
     if not (path.is_file() or path.is_fifo()):
         raise DataSourceError(f"{path}: no such file")
-    yield Document(_as_text(path.name), _decoded(_read(path)), _as_text(path.name))
+    text = _decoded(_read(path))
+    if _kind(path) in HTML_SUFFIXES or _HTML_START.match(text):
+        raise DataSourceError(
+            f"{path}: an HTML page, whose tags, scripts and menus would be trained on as its text; extract the text "
+            "first with trafilatura, as datatrove does (`trafilatura < page.html > page.txt`), and give that (a "
+            "folder's .html files are not read either)"
+        )
+    yield Document(_as_text(path.name), text, _as_text(path.name))
 
 
 def _kind(path: Path) -> str:

@@ -753,6 +753,26 @@ def test_a_jsonl_gz_that_is_not_gzip_or_is_cut_short_is_named(tmp_path: Path) ->
         list(read_jsonl(tmp_path / "cut.jsonl.gz"))
 
 
+@pytest.mark.parametrize(
+    ("name", "page"),
+    [
+        ("NEWS.html", "<p>GCC 12 Release Series</p>"),
+        ("saved.txt", "\n<!-- saved from url -->\n<!DOCTYPE html>\n<html lang='en'><body><p>A page.</p></body></html>"),
+        ("page.md", "<?xml version='1.0'?><HTML><body>A page.</body></HTML>"),
+    ],
+)
+def test_an_html_page_given_as_an_input_is_refused_not_trained_on_as_markup(
+    tmp_path: Path, name: str, page: str
+) -> None:
+    """`data build NEWS.html` kept the page whole, '<!DOCTYPE html>\\n<html lang=...' and its scripts, as text
+    (datatrove extracts a page's text with trafilatura first); a folder's .html files were already not read."""
+    (tmp_path / name).write_text(page)
+    with pytest.raises(DataSourceError, match=re.escape(f"{name}: an HTML page, whose tags")):
+        list(open_source(tmp_path / name))
+    (tmp_path / "fragment.md").write_text("Markdown may hold <b>inline</b> HTML.")
+    assert [doc.text for doc in open_source(tmp_path / "fragment.md")] == ["Markdown may hold <b>inline</b> HTML."]
+
+
 def test_rows_take_their_id_from_the_id_field_given_in_every_row_format(tmp_path: Path) -> None:
     """datatrove's readers keep a row's own id (id_key); ours named every row file:row and dropped it."""
     rows = [{"text": "first row", "url": "https://a.example/1"}, {"text": "second row"}, {"text": "third", "url": 7}]
