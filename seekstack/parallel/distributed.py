@@ -233,9 +233,9 @@ def interrupts_agreed(ranks: Ranks) -> Iterator[Callable[[], None]]:
     each other until torchrun kills them, with nothing saved. So inside the block SIGINT only marks this rank, and
     the yielded check, which every rank calls at the same point (a step's start), raises KeyboardInterrupt on all of
     them once any was marked. An interrupt that finds a rank of this machine gone (torchrun stops the others when
-    one fails) raises RankEnded where it lands instead: the rank would otherwise go on with work of its own (rank
-    0's evaluation, its checkpoint) until torchrun kills it 30 s later. In one process, or outside the main thread,
-    Ctrl-C raises where it lands and the check does nothing."""
+    one fails) raises RankEnded where it lands instead: the rank would otherwise go on with work of its own (its
+    rows of an evaluation, rank 0's checkpoint) until torchrun kills it 30 s later. In one process, or outside the
+    main thread, Ctrl-C raises where it lands and the check does nothing."""
     if not ranks.distributed:
         yield lambda: None
         return

@@ -716,12 +716,11 @@ class _Run:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any] | None:
         """Next-token loss over `eval_batches` global validation batches (the targets their labels count), bits per
-        byte, and MaxVio over all those batches' tokens (Wang et al. 2024's MaxVio_global); rank 0 only, or every rank
-        where the parameters are split over the ranks (experts, FSDP shards), whose forward gathers from all of them.
-        A model with `validation_terms(input_ids, labels, out)` (distillation) has each term it returns, a mean over
-        the batch's targets, averaged over all the targets and logged as `val_NAME`."""
-        split = self.expert_parallel or is_sharded(self.model)
-        batches = self._validation_batches() if self.ranks.is_main or split else None
+        byte, and MaxVio over all those batches' tokens (Wang et al. 2024's MaxVio_global); each rank scores its rows
+        of every batch, as it trains on them, and the sums are all-reduced. A model with
+        `validation_terms(input_ids, labels, out)` (distillation) has each term it returns, a mean over the batch's
+        targets, averaged over all the targets and logged as `val_NAME`."""
+        batches = self._validation_batches()
         if batches is None:
             return None
         self.model.eval()
@@ -742,6 +741,12 @@ class _Run:
             if out.expert_load is not None:
                 expert_load = out.expert_load.float() if expert_load is None else expert_load + out.expert_load
         self.model.train()
+        sums = torch.tensor([loss_sum, targets, text_bytes, *term_sums.values()], dtype=torch.float64)
+        loss_sum, targets, text_bytes, *term_totals = distributed.all_reduce_sum(sums.to(self.ranks.device), self.ranks)
+        term_sums = dict(zip(term_sums, (total.item() for total in term_totals), strict=True))
+        loss_sum, targets, text_bytes = loss_sum.item(), targets.item(), text_bytes.item()
+        if expert_load is not None:
+            distributed.all_reduce_sum(expert_load, self.ranks)
         val_loss = loss_sum / targets
         bpb = loss_sum / (math.log(2) * text_bytes)  # bits per byte = nats summed over the targets / (ln 2 * bytes)
         metrics = {"step": self.step, "val_loss": val_loss, "val_bpb": bpb}
@@ -762,8 +767,9 @@ class _Run:
 
     def _validation_batches(self) -> list[ValidationBatch] | None:
         """The first `eval_batches` global batches (each `grad_accum_steps` micro-batches of `batch_size` rows, the
-        same rows however a step is split) of the val split's token windows (their targets' bytes counted per token,
-        `_val_byte_lengths`) or of the batch source's validation set; None when there is none."""
+        same rows however a step is split) of the val split's token windows, this rank's rows of each (their targets'
+        bytes counted per token, `_val_byte_lengths`), or of the batch source's validation set; None when there is
+        none."""
         config = self.config
         micro_batches = config.eval_batches * config.grad_accum_steps
         if self.source is not None:
@@ -771,7 +777,8 @@ class _Run:
             return None if validation_batches is None else validation_batches(config.batch_size, micro_batches)
         val = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
         windows = itertools.islice(val.sequential(config.batch_size), micro_batches)
-        return [ValidationBatch(w, w, scored_text_bytes(self.val_byte_lengths, w)) for w in windows]
+        rows = (distributed.local_rows(w, self.ranks) for w in windows)
+        return [ValidationBatch(w, w, scored_text_bytes(self.val_byte_lengths, w)) for w in rows]
 
     def _val_byte_lengths(self) -> torch.Tensor | None:
         """The UTF-8 bytes of each token id of the tokenizer the val split was encoded with (`split_byte_lengths`),
