@@ -84,11 +84,14 @@ _DOCUMENTATION_NAMES = (
     "hacking bugs contributing notice faq maintainers"
 ).split()
 _QUALIFIED_DOCUMENTATION = re.compile(rf"(?i)(?:{'|'.join(_DOCUMENTATION_NAMES)})(?:\.[^.]+)+")
+# And so are files whose name ends in a version rather than a file type (`Apache-2.0`, `LGPL-2.1`, `GFDL-1.3`, as
+# /usr/share/common-licenses holds them)
+_VERSIONED_NAME = re.compile(r".+-\d+(?:\.\d+)+")
 _FILE_TYPES = mimetypes.MimeTypes()  # the built-in table alone, not the machine's /etc/mime.types
 # How a folder's files are read, for messages about those that were not
 FOLDER_FILES_READ = (
     f"by suffix, {' '.join(TEXT_SUFFIXES)} (and {', '.join(COMPRESSIONS)} of them), and without one when they are "
-    "text (as are documents named with a qualifier: README.Debian, changelog.1.gz)"
+    "text (as are documents named with a qualifier or a version: README.Debian, changelog.1.gz, Apache-2.0)"
 )
 # HTML pages, by suffix or opening tag after blank space and comments, are refused as inputs (a folder's are not read)
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
@@ -132,12 +135,12 @@ def read_text_folder(
     skipped_dirs: frozenset[str] = VERSION_CONTROL_DIRS,
     skipped: Counter[str] | None = None,
 ) -> Iterator[Document]:
-    """Every file below `folder` whose suffix is in `suffixes` (`NO_SUFFIX`: a file without one, or documentation named
-    with a qualifier, `README.Debian`, when it is text), one document each, in sorted order; folders named in
-    `skipped_dirs` are not entered; `skipped` counts the other files by suffix, those without one that are not text
-    as `BINARY_WITHOUT_SUFFIX`, and named pipes, sockets and devices as `NOT_A_REGULAR_FILE`. Symbolic links to
-    folders are followed, as those to files are, each folder read once (a link back up to a folder being read is no
-    loop)."""
+    """Every file below `folder` whose suffix is in `suffixes` (`NO_SUFFIX`: a file without one, documentation named
+    with a qualifier, `README.Debian`, or one named with a version, `Apache-2.0`, when it is text), one document
+    each, in sorted order; folders named in `skipped_dirs` are not entered; `skipped` counts the other files by
+    suffix, those without one that are not text as `BINARY_WITHOUT_SUFFIX`, and named pipes, sockets and devices as
+    `NOT_A_REGULAR_FILE`. Symbolic links to folders are followed, as those to files are, each folder read once (a
+    link back up to a folder being read is no loop)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataSourceError(f"{folder}: not a folder")
@@ -149,7 +152,7 @@ def read_text_folder(
             path = Path(directory, name)
             kind = _kind(path)
             sniffed = NO_SUFFIX in suffixes and (
-                kind == NO_SUFFIX or (kind not in suffixes and _is_qualified_documentation(path))
+                kind == NO_SUFFIX or (kind not in suffixes and _is_named_without_a_file_type(path))
             )
             if (kind in suffixes or sniffed) and not path.exists():  # os.walk lists a link to nothing among files
                 raise DataSourceError(_broken_link(path))
@@ -188,10 +191,13 @@ def _refuse_an_unlisted_folder(error: OSError) -> None:
     ) from None
 
 
-def _is_qualified_documentation(path: Path) -> bool:
-    """True for a package's document named with a qualifier rather than a file type, through a compression suffix:
-    `README.Debian`, `changelog.Debian.gz`, `changelog.1.gz`; not `README.html`."""
+def _is_named_without_a_file_type(path: Path) -> bool:
+    """True for a file whose last suffix, through a compression suffix, is no file type: a package's document named
+    with a qualifier (`README.Debian`, `changelog.Debian.gz`, `changelog.1.gz`; not `README.html`), or a name ending
+    in a version (`Apache-2.0`, `LGPL-2.1`)."""
     name = _uncompressed(path).name
+    if _VERSIONED_NAME.fullmatch(name):
+        return True
     return _QUALIFIED_DOCUMENTATION.fullmatch(name) is not None and _FILE_TYPES.guess_type(name)[0] is None
 
 

@@ -256,9 +256,9 @@ def test_tokenizing_an_empty_corpus_is_refused_naming_it(base, tmp_path):
 
 
 def test_a_folder_whose_files_have_no_text_suffix_says_they_were_not_read(base, tmp_path):
-    licenses = tmp_path / "licenses"  # as /usr/share/common-licenses: Apache-2.0, LGPL-2.1 (GPL-2, no suffix, is read)
+    licenses = tmp_path / "licenses"  # files of suffixes a folder is not read by (Apache-2.0, a version, is read)
     licenses.mkdir()
-    for name in ("Apache-2.0", "LGPL-2.1"):
+    for name in ("Apache-2.0.rtf", "LGPL-2.1.odt"):
         (licenses / name).write_text("Licensed under the terms below. " * 50)
     with pytest.raises(ValueError, match=r"no text to train on; its 2 files were not read: .*\.txt.*without one when"):
         lora_train_config(base, licenses, tmp_path / "adapter", QUICK_RUN)

@@ -1032,6 +1032,22 @@ def test_documentation_named_with_a_qualifier_is_read_when_it_is_text(tmp_path: 
     assert skipped == {".html": 1, ".debian": 2}
 
 
+def test_files_named_with_a_version_are_read_when_they_are_text(tmp_path: Path) -> None:
+    """/usr/share/common-licenses's Apache-2.0, LGPL-2.1, GFDL-1.3, MPL-1.1 and CC0-1.0 (7 of its 18 files) were
+    skipped as files of suffix .0, .1, .2 or .3, where datatrove reads every file; a binary one is still not read, and
+    a man page's section (`ls.1`) is no version."""
+    (tmp_path / "Apache-2.0").write_text("Apache License, Version 2.0")
+    (tmp_path / "LGPL-2.1.gz").write_bytes(gzip.compress(b"GNU Lesser General Public License"))
+    (tmp_path / "libfoo-1.2.3").write_bytes(b"\x7fELF\x02\x01")
+    (tmp_path / "ls.1").write_text(".TH LS 1")
+    skipped: Counter[str] = Counter()
+    assert [(doc.doc_id, doc.text) for doc in read_text_folder(tmp_path, skipped=skipped)] == [
+        ("Apache-2.0", "Apache License, Version 2.0"),
+        ("LGPL-2.1.gz", "GNU Lesser General Public License"),
+    ]
+    assert skipped == {".3": 1, ".1": 1}
+
+
 def test_a_folder_that_cannot_be_listed_is_named_not_passed_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
