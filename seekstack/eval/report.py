@@ -31,7 +31,7 @@ from seekstack.posttrain.plot import plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.plot import plot_run, read_metrics
-from seekstack.train.runs import latest_checkpoint
+from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoints
 
 REPORT_FILE = "report.md"
 RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths
@@ -44,23 +44,25 @@ EVAL_OPTIONS = (  # as results.json has them
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples: bool = True) -> Path:
-    """Write `out_dir/report.md` (default: the run's folder) and curves.png; return the Markdown's path."""
+    """Write `out_dir/report.md` (default: the run's folder) and curves.png; return the Markdown's path. A run stopped
+    before its first complete save is reported by its data and curves, its Model section saying why there is no more."""
     run_dir = Path(run_dir)
     train_config = _json_object(run_dir / CONFIG_FILE, "restore it, or delete it to report without the run's settings")
     records = read_metrics(run_dir)
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    checkpoint = checkpoints[-1] if checkpoints else None
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)  # once RUN is a run: a mistyped one leaves no empty folder behind
+    newest = f"newest checkpoint `{checkpoint}`" if checkpoint is not None else "no complete checkpoint"
     sections = [
-        f"# Run report: `{run_dir}`\n\nWritten {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the run's "
-        f"files; newest checkpoint `{checkpoint}`.",
+        f"# Run report: `{run_dir}`\n\nWritten {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the run's files; {newest}.",
         _environment(),
         _data(run_dir, train_config),
-        _model(run_dir, checkpoint, train_config, records),
+        _model(run_dir, checkpoint, train_config, records) if checkpoint is not None else _no_model(run_dir),
         _training(run_dir, out_dir, train_config, records),
         _evaluation(run_dir, checkpoint),
     ]
-    if samples:
+    if samples and checkpoint is not None:
         sections.append(_samples(run_dir, checkpoint, train_config))
     return write_atomic(out_dir / REPORT_FILE, "\n\n".join(section for section in sections if section) + "\n")
 
@@ -236,6 +238,16 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
     return "## Model\n\n" + _table(("", ""), rows)
 
 
+def _no_model(run_dir: Path) -> str:
+    """The Model section of a run that has no complete checkpoint (stopped before its first save, or during it)."""
+    return (
+        f"## Model\n\nNo complete checkpoint under `{checkpoint_dir(run_dir)}`: the run stopped before its first save "
+        f"finished (a step_N folder without {TRAIN_STATE_FILE} is a save cut short). A run saves every save_every "
+        "steps, at its last step and on Ctrl-C or SIGTERM; once it has saved one, this page describes and samples "
+        "its model. Its data and curves are those it logged."
+    )
+
+
 def _training_flops_per_token(config: ModelConfig, train_config: dict[str, Any], lora_run: Path | None) -> int | None:
     """Training FLOPs per token of the run's rows; a LoRA run's (`lora_run`) without weight gradients for its frozen
     base (seekstack/adapters/flops.py), None when its lora_config.json is not there (a run made by hand)."""
@@ -356,11 +368,15 @@ def _steps_label(first: int, last: int) -> str:
     return f"step {first}" if first == last else f"steps {first}-{last} (mean)"
 
 
-def _evaluation(run_dir: Path, checkpoint: Path) -> str:
+def _evaluation(run_dir: Path, checkpoint: Path | None) -> str:
+    """The Evaluation section: eval/results.json's table, naming the checkpoint it measured and saying when the run
+    has a newer one; nothing for a run without a checkpoint nor results."""
     from seekstack.eval.evaluate import results_table
 
     path = run_dir / EVAL_RESULTS
     if not path.is_file():
+        if checkpoint is None:
+            return ""
         return f"## Evaluation\n\nNo `{EVAL_RESULTS}` yet: `seekstack eval {run_dir} --tasks ...` writes it."
     remedy = f"run `seekstack eval {run_dir}` again to rewrite it, or delete it"
     results = _json_object(path, remedy)
@@ -380,7 +396,7 @@ def _evaluation(run_dir: Path, checkpoint: Path) -> str:
         f"{results['wall_s']:.1f} s:\n\n" + results_table(results)
     )
     # eval records the checkpoint as it was named, from wherever it ran: its run's checkpoints/step_N identify it
-    if measured.parts[-2:] == checkpoint.parts[-2:]:
+    if checkpoint is None or measured.parts[-2:] == checkpoint.parts[-2:]:
         return text
     return text + (
         f"\n\n**Not the newest checkpoint:** these results are `{measured}`'s; the run's newest is "

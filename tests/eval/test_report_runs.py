@@ -106,6 +106,19 @@ def test_report_of_a_3d_attention_run_says_why_it_has_no_samples(checkpoint_3d, 
     assert "## Model" in report and "```python" not in report
 
 
+def test_report_of_a_run_stopped_before_its_first_complete_save_gives_its_data_and_curves(tmp_path):
+    """It was refused whole ("no complete checkpoint: step_2 ... hold no train_state.pt ...: pass such a model folder
+    itself", which `report` does not take), though the run's metrics and curves were there to read."""
+    records = [{"step": step, "loss": 3 - step / 10, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": 0.3} for step in (1, 2)]
+    (tmp_path / "run" / "checkpoints" / "step_2").mkdir(parents=True)  # a save cut short: no train_state.pt
+    run_dir = _run_files(tmp_path / "run", {"model": "tiny", "data_dir": "../tokens"}, records)
+    page = write_report(run_dir).read_text()
+    assert "from the run's files; no complete checkpoint." in page
+    assert "## Model\n\nNo complete checkpoint under" in page and "a save cut short" in page
+    assert "Last step 2: loss (total 2.8000)." in page and (run_dir / "curves.png").is_file()
+    assert "## Evaluation" not in page and "## Samples" not in page  # nothing measured, no model to sample
+
+
 @pytest.fixture
 def rl_run(tmp_path) -> Path:
     """An `rl` run's folder: its config, 8 steps of metrics (GRPO's loss ~0, the reward rising), checkpoint step_8."""
