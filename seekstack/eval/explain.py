@@ -17,7 +17,9 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
 from matplotlib.ft2font import FT2Font  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from seekstack.eval.attention_maps import LayerAttention, attention_maps  # noqa: E402
 from seekstack.eval.routing import (  # noqa: E402
@@ -183,7 +185,7 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
         grid = torch.zeros(len(tokens), num_experts).scatter_(1, layer.experts, layer.weights)
         image = axis.imshow(grid.numpy(), cmap="magma_r", aspect="auto")
         axis.set_title(f"layer {layer.layer}", fontsize=9)
-        axis.set_xlabel("expert")
+        _label_experts(axis.xaxis)
         axis.set_yticks(range(len(tokens)) if len(tokens) <= MAX_LABELLED_TOKENS else [])
         if len(tokens) <= MAX_LABELLED_TOKENS:
             axis.set_yticklabels(tokens, fontsize=6)
@@ -193,6 +195,13 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
     figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
+
+
+def _label_experts(axis: Axis) -> None:
+    """Name an axis of expert ids "expert", its ticks whole numbers (with few experts matplotlib would put ticks at
+    0.5, 1.5, ..., which name no expert)."""
+    axis.set_label_text("expert")
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 @torch.no_grad()
@@ -290,7 +299,7 @@ def routing_png(records: list[dict[str, Any]], path: str | Path) -> Path:
             f"(chance {record['chance_share']:.1%})",
             fontsize=9,
         )
-        row[1].set_ylabel("expert")
+        _label_experts(row[1].yaxis)
         names = [name for name in TOKEN_CLASSES if name in record["class_load"]]
         class_load = row[2].imshow([record["class_load"][name] for name in names], cmap="magma_r", aspect="auto")
         figure.colorbar(class_load, ax=row[2], label="share of the class's assignments")
@@ -298,7 +307,7 @@ def routing_png(records: list[dict[str, Any]], path: str | Path) -> Path:
         row[2].set_yticklabels([f"{name} ({record['class_tokens'][name]})" for name in names], fontsize=8)
         row[2].set_title("share of each class's assignments per expert", fontsize=9)
         for axis in row:
-            axis.set_xlabel("expert")
+            _label_experts(axis.xaxis)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -200,6 +200,38 @@ def test_the_pngs_name_their_axes_and_colour_scales(checkpoint, tmp_path, monkey
     assert ("", "attention weight (each row sums to 1)") in attention
 
 
+def test_the_expert_axes_tick_whole_expert_ids_however_few_experts_there_are(tmp_path, monkeypatch):
+    """With 4 experts matplotlib ticked the load bar chart at -0.5, 0.5, ..., 3.5 and the co-selection map's rows at
+    0.5, 1.5, ...: ticks that name no expert."""
+    from matplotlib.figure import Figure
+
+    from seekstack.eval.explain import _routing_png, _statistics_record, routing_png
+
+    figures, savefig = [], Figure.savefig
+
+    def kept(figure, *args, **kwargs):  # the figure as it is saved, to read its ticks
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", kept)
+    routing = LayerRouting(1, torch.tensor([[0, 1], [2, 3], [0, 2]]), torch.full((3, 2), 0.5))
+    stats = routing_statistics(routing, ["keyword", "number", "identifier"], torch.tensor([False, True, True]), 4)
+    routing_png([_statistics_record(stats)], tmp_path / "routing_stats.png")
+    _routing_png([routing, routing], ["a", "b", "c"], 4, tmp_path / "routing.png")
+    expert_axes = [
+        (axis.xaxis, *((axis.yaxis,) if axis.get_ylabel() == "expert" else ()))
+        for figure in figures
+        for axis in figure.axes
+        if axis.get_xlabel() == "expert"
+    ]
+    assert len(expert_axes) == 3 + 2  # load, co-selection, class shares; routing.png's two layers
+    for axes in expert_axes:
+        for axis in axes:
+            low, high = sorted(axis.get_view_interval())
+            shown = [tick for tick in axis.get_majorticklocs() if low <= tick <= high]
+            assert shown and all(float(tick).is_integer() for tick in shown), shown
+
+
 def test_token_labels_show_pieces_of_a_character_as_bytes(checkpoint):
     tokenizer = Tokenizer.from_file(checkpoint)
     ids = tokenizer.encode("你好 x\n")
