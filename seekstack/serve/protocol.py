@@ -45,7 +45,7 @@ REFUSED_CHAT_FIELDS = {
     "reasons as it was trained, in the reply (its reasoning_content with --reasoning-parser deepseek_r1)",
     "verbosity": "this model has no verbosity setting",
 }
-NO_GRAMMAR = "this server constrains output by chat's response_format only (json_object, json_schema)"
+NO_GRAMMAR = "this server constrains output by response_format only (json_object, json_schema)"
 NO_TEMPLATE_CHOICE = "this server renders the checkpoint's own chat template as it is"
 CONTINUE_WITH_PREFIX = (
     "a reply starts a new assistant turn; to continue the last message, an assistant's, mark it prefix: true "
@@ -167,15 +167,14 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
 
 
 def json_format(request: ChatCompletionRequest | CompletionRequest, engine: Engine) -> JsonFormat | None:
-    """The JSON a chat request's `response_format` asks for, compiled for the engine's tokenizer (None for free
-    text); 400 naming response_format for a schema that cannot be enforced, an engine that cannot enforce one, or a
-    reply continued from a `prefix` message (the continuation alone would be held to the JSON)."""
-    if not isinstance(request, ChatCompletionRequest):
-        return None
+    """The JSON a request's `response_format` asks for (chat's, or a completion's as vLLM reads it), compiled for the
+    engine's tokenizer (None for free text); 400 naming response_format for a schema that cannot be enforced, an
+    engine that cannot enforce one, or a reply continued from a `prefix` message (the continuation alone would be
+    held to the JSON)."""
     response_format = request.response_format
     if response_format is None or response_format.type == "text":
         return None
-    if request.messages[-1].prefix:
+    if isinstance(request, ChatCompletionRequest) and request.messages[-1].prefix:
         raise APIError(400, "response_format JSON modes cannot continue a prefix message: the continuation alone "
                        "would be held to the JSON", param="response_format", code="unsupported_parameter")  # fmt: skip
     if engine.speculative:

@@ -77,6 +77,27 @@ class StreamOptions(StrictRequest):
     continuous_usage_stats: Annotated[bool, OrDefault] = False
 
 
+class JsonSchemaSpec(StrictRequest):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # the JSON Schema the reply must follow
+    strict: bool | None = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(StrictRequest):
+    """Free text, or JSON constrained as it is generated, so that a reply that finishes parses: "json_object" (JSON
+    mode: one JSON object) or "json_schema" with `json_schema` (JSON that the schema allows)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None  # required with type "json_schema", read only then
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs the field json_schema: {"name": ..., "schema": {...}}')
+        return self
+
+
 class SamplingFields(StrictRequest):
     """Fields shared by both endpoints; None means the default."""
 
@@ -89,6 +110,7 @@ class SamplingFields(StrictRequest):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: LogitBiases | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's for chat; vLLM takes it for completions too
     stream: Annotated[bool, OrDefault] = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -157,34 +179,12 @@ class ChatMessage(StrictRequest):
         return template_message(0, self.template())["content"]  # validated: no position to name
 
 
-class JsonSchemaSpec(StrictRequest):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema")  # the JSON Schema the reply must follow
-    strict: bool | None = None  # the schema is always enforced, strict or not
-
-
-class ResponseFormat(StrictRequest):
-    """Free text, or JSON constrained as it is generated, so that a reply that finishes parses: "json_object" (JSON
-    mode: one JSON object) or "json_schema" with `json_schema` (JSON that the schema allows)."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaSpec | None = None  # required with type "json_schema", read only then
-
-    @model_validator(mode="after")
-    def _schema_with_its_type(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError('type "json_schema" needs the field json_schema: {"name": ..., "schema": {...}}')
-        return self
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: Annotated[bool, OrDefault] = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     # OpenAI's fields that would change the reply and that this server cannot honour: declared to be refused when
     # set (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway
     tools: list[dict[str, Any]] | None = None

@@ -176,6 +176,19 @@ def test_a_json_schema_reply_has_the_fields_and_types_it_names(engine, tmp_path)
     assert all(isinstance(choice.message.parsed, Point) for choice in parsed.choices)
 
 
+def test_a_completion_with_response_format_answers_json_of_its_schema_as_vllm(engine, tmp_path):
+    """vLLM takes response_format on /v1/completions too; it was ignored there, answering free text."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "point", "schema": POINT}}
+
+    async def scenario(api):
+        return await api.completions.create(model="model", prompt="A point:", max_tokens=200, n=4, seed=3,
+                                            extra_body={"response_format": response_format})  # fmt: skip
+
+    for choice in with_openai(engine, tmp_path, scenario).choices:
+        assert choice.finish_reason == "stop", choice.text
+        assert set(json.loads(choice.text)) == {"x", "label", "ok"}
+
+
 def test_a_schema_that_cannot_be_enforced_gets_400_naming_it(engine, tmp_path):
     def spec(schema) -> dict:
         return {"type": "json_schema", "json_schema": {"name": "bad", "schema": schema}}
