@@ -20,8 +20,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from seekstack.cli import app
+from seekstack.corpus import build
 from seekstack.corpus.build import CorpusBuildError, Report, WorkerPool, build_corpus, report_table
-from seekstack.corpus.rules import CleaningConfig, ProseRules
+from seekstack.corpus.pii import scrub_pii
+from seekstack.corpus.rules import CJKRules, CleaningConfig, CodeRules, ProseRules
 from seekstack.corpus.sources import DataSourceError, Document, open_source
 from seekstack.corpus.split import split_score, validation_cutoff
 from tests.corpus.test_cleaning import prose
@@ -91,6 +93,31 @@ def test_build_that_keeps_almost_nothing_fails_naming_the_rules_and_writes_nothi
     report = build_corpus([documents], out, config, show_progress=False)
     assert report.removed["min_chars"] == 1 and report.removed["mean_line_chars"] == 0  # prose rules now
     assert report.documents_kept + report.removed["near_duplicate"] == 30 and report.documents_kept <= 2
+
+
+def test_a_text_longer_than_every_kinds_max_chars_is_removed_before_it_is_scrubbed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 18 MB one-line log was scrubbed whole (16 s, at ~1 MB/s) before max_chars dropped it; only its report
+    snippet is scrubbed now, and the address in it is still replaced."""
+    scrubbed_lengths: list[int] = []
+
+    def measured_scrub(text: str) -> tuple[str, dict[str, int]]:
+        scrubbed_lengths.append(len(text))
+        return scrub_pii(text)
+
+    monkeypatch.setattr(build, "scrub_pii", measured_scrub)
+    config = CleaningConfig(
+        code=CodeRules(max_chars=5_000), prose=ProseRules(max_chars=5_000), cjk=CJKRules(max_chars=5_000)
+    )
+    documents = [
+        Document("log.txt", "mail ann@example.com now " + prose(0) * 200, "logs"),
+        Document("a.txt", prose(1), "a"),
+    ]
+    report = build_corpus([documents], tmp_path / "out", config, show_progress=False)
+    assert report.removed["max_chars"] == 1 and report.documents_kept == 1
+    assert report.examples["max_chars"][0]["snippet"].startswith("mail <EMAIL> now")
+    assert max(scrubbed_lengths) < 5_000 < len(documents[0].text)
 
 
 def test_empty_input_is_an_error(tmp_path: Path) -> None:
