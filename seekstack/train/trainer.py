@@ -415,6 +415,11 @@ class _Run:
                 hooks.restore(model, path)
                 train_state = read_train_state(path)
             self.step = int(train_state["step"])
+            distributed.require_same_settings(  # a rank with an out_dir of its own finds its own newest checkpoint
+                {"step": self.step}, ranks, what="checkpoints to resume from",
+                advice="every rank must resume from the same checkpoint: give an out_dir on a file system every rank "
+                "shares",
+            )  # fmt: skip
             if self.step > config.max_steps:  # else the run would train nothing and say it trained to its step
                 raise ConfigError(
                     f"has value {config.max_steps}, below step {self.step} of the checkpoint {path} the run resumes "

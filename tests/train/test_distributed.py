@@ -21,12 +21,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, config) -> None:
+def _rank_main(rank: int, world_size: int, port: int, config, resume: bool = False) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    train(config)
+    train(config, resume=resume)
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
@@ -186,13 +186,15 @@ def test_ranks_given_different_configs_are_refused_on_every_rank_naming_the_key_
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def _rank_on_a_machine_of_its_own(rank: int, world_size: int, port: int, config, refused, machines: Path) -> None:
+def _rank_on_a_machine_of_its_own(
+    rank: int, world_size: int, port: int, config, refused, machines: Path, resume: bool = False
+) -> None:
     """A rank whose working directory is `machines/machine{rank}`: a relative data_dir or out_dir is its own."""
     from seekstack.schema import ConfigError
 
     os.chdir(machines / f"machine{rank}")
     try:
-        _rank_main(rank, world_size, port, config)
+        _rank_main(rank, world_size, port, config, resume)
     except ConfigError as error:
         refused[rank] = str(error)
 
@@ -230,6 +232,24 @@ def test_an_out_dir_one_rank_does_not_share_is_refused_where_ranks_write_their_p
     assert not (tmp_path / "machine0" / "run" / "checkpoints").exists()
     assert not (tmp_path / "machine1" / "run").exists()
     assert not list((tmp_path / "machine0" / "run").glob(".ranks_see_*"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_ranks_resuming_from_checkpoints_of_different_steps_are_refused_naming_them(data_dir, tmp_path):  # noqa: F811
+    """Under DDP (no file of its own in a checkpoint) a rank whose out_dir held an older checkpoint resumed from it:
+    another data position and learning rate under rank 0's weights, and one fewer step to run."""
+    steps = dict(max_steps=3, eval_every=0, save_every=1, keep_checkpoints=3)
+    train(run_config(data_dir, tmp_path / "machine0" / "run", **{**steps, "max_steps": 2}))
+    shutil.copytree(tmp_path / "machine0" / "run", tmp_path / "machine1" / "run")
+    shutil.rmtree(tmp_path / "machine1" / "run" / "checkpoints" / "step_2")
+    refused = mp.Manager().dict()
+    config = run_config(data_dir, Path("run"), **steps)
+    mp.spawn(_rank_on_a_machine_of_its_own, args=(2, free_port(), config, refused, tmp_path, True), nprocs=2)
+    assert refused[0] == refused[1]
+    assert refused[0] == (
+        "the ranks were given different checkpoints to resume from: rank 1 has step=1 (rank 0: 2); every rank must "
+        "resume from the same checkpoint: give an out_dir on a file system every rank shares"
+    )
 
 
 @pytest.mark.parametrize(
