@@ -88,8 +88,12 @@ class QuantizedWeight(nn.Module):
         return self.operands if index is None else self.expert_operands[index]
 
     def lower(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows x (N, I) as `matmul` takes them: in the kernel's activation dtype."""
-        return x if self.kernel_dtype is None else x.to(dtype=self.kernel_dtype)  # keyword: skips overload matching
+        """Rows x (N, I) as `matmul` takes them: in the kernel's activation dtype, packed row after row (torch's int8
+        kernel checks only the last stride and reads a view of wider rows, a one-head attention's output, out of
+        bounds: a segfault; its int4 kernel refuses one)."""
+        if self.kernel_dtype is None:
+            return x
+        return x.to(dtype=self.kernel_dtype).contiguous()  # keyword: skips overload matching; contiguous: no copy
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """x (N, I) from `lower` -> x @ W[index]^T (N, O), in x's dtype."""

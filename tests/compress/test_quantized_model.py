@@ -470,3 +470,16 @@ def test_a_quant_config_built_in_python_is_checked_naming_the_field(values, mess
 def test_an_unknown_scheme_is_refused_by_the_module_swap_not_made_fp8():
     with pytest.raises(ValueError, match="quantization scheme 'foo': expected int8, int4 or fp8"):
         quantized_module(torch.nn.Linear(32, 16), "foo", QuantConfig(), group=32)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_one_head_model_runs_its_int_kernels_in_bfloat16_on_its_strided_attention_output(scheme):
+    """With one head, o_proj's input is a view of wider rows (v_head_dim of the padded head): torch's int8 kernel read
+    it out of bounds (a segfault, in --progressive's int8 stage of a model pruned to one head), its int4 one refused
+    it."""
+    model = Transformer(micro_config(num_attention_heads=1, qk_nope_head_dim=32, v_head_dim=32)).eval()
+    quantize_model(model, QuantConfig(scheme=scheme))
+    assert isinstance(model.layers[0].self_attn.o_proj, QuantizedLinear)
+    reference = logits(model)  # float32 activations: cast to bf16 in a copy, which packs the rows
+    in_bfloat16 = logits(model.to(torch.bfloat16)).float()
+    torch.testing.assert_close(in_bfloat16, reference, rtol=0, atol=0.05)
