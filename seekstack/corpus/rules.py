@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -244,12 +244,13 @@ class TextStats:
         return self.word_chars // UNSPACED_WORD_CHARS if self.unspaced else len(self.words)
 
     @cached_property
-    def ngram_units(self) -> tuple[list[str], int]:
+    def ngram_units(self) -> tuple[Sequence[str], int]:
         """What the n-gram rules count as Gopher's words, and how many of them make one word: the `words`; in text
-        written without spaces (whose `words` are phrases: a run of keyword spam is one), its characters,
-        `UNSPACED_WORD_CHARS` to a word, where datatrove splits Thai into words with pythainlp's dictionary."""
+        written without spaces (whose `words` are phrases: a run of keyword spam is one), its characters (as one
+        string), `UNSPACED_WORD_CHARS` to a word, where datatrove splits Thai into words with pythainlp's
+        dictionary."""
         if self.unspaced:
-            return list("".join(self.words)), UNSPACED_WORD_CHARS
+            return "".join(self.words), UNSPACED_WORD_CHARS
         return self.words, 1
 
     @cached_property
@@ -301,13 +302,13 @@ class TextStats:
         counted once)."""
         units, per_word = self.ngram_units
         n *= per_word
-        grams = list(zip(*(units[i:] for i in range(n)), strict=False))
+        grams = _ngrams(units, n)
         counts = Counter(grams)
-        covered = [False] * len(units)
+        repeated = covered_until = 0  # the n-grams start in order: each unit is counted once, past those covered
         for start, gram in enumerate(grams):
             if counts[gram] > 1:
-                covered[start : start + n] = [True] * n
-        repeated = sum(len(unit) for unit, inside in zip(units, covered, strict=True) if inside)
+                repeated += sum(map(len, units[max(start, covered_until) : start + n]))
+                covered_until = start + n
         return repeated / self.word_chars if self.word_chars else 0.0
 
     def top_ngram_char_fraction(self, n: int) -> float:
@@ -317,9 +318,16 @@ class TextStats:
         n *= per_word
         if len(units) < n or not self.word_chars:
             return 0.0
-        counts = Counter(zip(*(units[i:] for i in range(n)), strict=False))  # n-grams; shorter tails end it
-        ngram, count = counts.most_common(1)[0]
-        return 0.0 if count < 2 else count * sum(len(word) for word in ngram) / self.word_chars
+        ngram, count = Counter(_ngrams(units, n)).most_common(1)[0]
+        return 0.0 if count < 2 else count * sum(map(len, ngram)) / self.word_chars
+
+
+def _ngrams(units: Sequence[str], n: int) -> list[str] | list[tuple[str, ...]]:
+    """The n-grams of `units`, in order: tuples of words, or substrings of a string of characters (hashed several
+    times faster than tuples of its characters)."""
+    if isinstance(units, str):
+        return [units[start : start + n] for start in range(len(units) - n + 1)]
+    return list(zip(*(units[start:] for start in range(n)), strict=False))  # shorter tails end it
 
 
 def _symbol_word_ratio(stats: TextStats, _: KindRules) -> float:
