@@ -222,9 +222,8 @@ def quantized_base_error(where: str | Path, scheme: str) -> CheckpointError:
 
 def read_lora_config(folder: str | Path) -> LoraConfig:
     """peft's LoraConfig saved in `folder`; CheckpointError naming the file when it is missing, damaged or holds a
-    field peft refuses."""
-    from peft import LoraConfig
-
+    field peft refuses. A folder that holds no LoRA config is refused before peft is imported (seconds, which the
+    first `/v1/load_lora_adapter` of a mistyped path waited)."""
     path = Path(folder) / ADAPTER_CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_FILE}; an adapter folder holds it and the weights")
@@ -233,6 +232,8 @@ def read_lora_config(folder: str | Path) -> LoraConfig:
         raise CheckpointError(
             f"{path}: peft_type {kind!r}, not LoRA: seekstack trains, merges and serves LoRA adapters"
         )
+    from peft import LoraConfig
+
     try:
         config = LoraConfig.from_pretrained(str(folder))
     except (TypeError, ValueError) as error:

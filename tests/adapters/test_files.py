@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,13 @@ from torch import nn
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
-from seekstack.adapters.files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter, merge_adapter
+from seekstack.adapters.files import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    load_adapter,
+    merge_adapter,
+    read_lora_config,
+)
 from seekstack.adapters.registry import read_factors
 from seekstack.checkpoint import CheckpointError
 from seekstack.schema import ConfigError
@@ -525,3 +532,14 @@ def test_a_saved_head_base_weight_of_another_base_is_refused_naming_the_key(base
     (adapter / ADAPTER_WEIGHTS_FILE).write_bytes(save_safetensors(tensors))
     with pytest.raises(CheckpointError, match="'base_model.model.lm_head.base_layer.weight'.*differs.*another base"):
         load_adapter(seekstack.load_pretrained(base), adapter)
+
+
+def test_a_folder_holding_no_lora_config_is_refused_before_peft_is_imported(tmp_path, monkeypatch):
+    """peft's import (seconds: transformers, torchao) came first: the first /v1/load_lora_adapter of a mistyped path
+    took 7.5 s on a loaded machine to refuse it, past the 10 s read timeout of the serve fuzz test in a loaded run."""
+    monkeypatch.setitem(sys.modules, "peft", None)  # importing peft now raises ImportError
+    with pytest.raises(CheckpointError, match=f"no {ADAPTER_CONFIG_FILE}"):
+        read_lora_config(tmp_path)
+    (tmp_path / ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(CheckpointError, match="not LoRA"):
+        read_lora_config(tmp_path)
