@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import JsonErrorsCommand, fail, options_named, run_to_checkpoint, size, user_errors
+from seekstack.cli.common import (
+    JsonErrorsCommand,
+    UsageError,
+    fail,
+    get_current_context,
+    options_named,
+    run_to_checkpoint,
+    size,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -99,6 +108,12 @@ def quantize_command(
         resolved = load_config(QuantConfig, config, overrides)
         if progressive and adaptive:
             raise ValueError("choose --progressive or --adaptive, not both")
+        mode = "--progressive" if progressive else "--adaptive" if adaptive else None
+        if mode is not None and data is None:  # a command-line mistake, as click's "Missing option"
+            raise UsageError(
+                f"{mode} needs --data: token shards with train and val splits (`seekstack data tokenize`)",
+                get_current_context(silent=True),
+            )
         mode_options = {
             "--budget-bits": (budget_bits, adaptive, "--adaptive"),
             "--max-bpb-increase": (max_bpb_increase, progressive, "--progressive"),
@@ -142,8 +157,7 @@ def quantize_command(
                 f"--budget-bits {budget_bits}: below the smallest option (int4 g128: {SMALLEST_BITS} bits per weight, "
                 "scales included)"
             )
-        if progressive or adaptive:
-            mode = "--progressive" if progressive else "--adaptive"
+        if mode is not None:
             _refuse_quantized(
                 model,
                 f"{mode} measures against the float model and would quantize every layer again from dequantized "
@@ -193,7 +207,7 @@ def _print_assignment(assignment: dict[str, str]) -> None:
 
 
 def _progressive(
-    model: Path, out: Path, config: QuantConfig, data: Path | None, max_bpb_increase: float, max_kl: float
+    model: Path, out: Path, config: QuantConfig, data: Path, max_bpb_increase: float, max_kl: float
 ) -> dict:
     from dataclasses import asdict
 
@@ -204,7 +218,7 @@ def _progressive(
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import mixed_experts_notes, save_with_tokenizer
 
-    batches, byte_lengths = _held_out(model, data, "--progressive")
+    batches, byte_lengths = _held_out(model, data)
     bfloat16 = stored_float_dtype(model) == torch.bfloat16  # a bf16 checkpoint starts at bf16, others at float32
     original = load_pretrained(model, dtype=torch.bfloat16 if bfloat16 else torch.float32)
     chosen, chosen_name, stages = progressive(
@@ -218,9 +232,7 @@ def _progressive(
     return {"stages": rows, "chosen": chosen_name, "notes": mixed_experts_notes(chosen)}
 
 
-def _held_out(
-    model: Path, data: Path | None, what: str, split: str = "val", batches: int = 8
-) -> tuple[list, torch.Tensor]:
+def _held_out(model: Path, data: Path, split: str = "val", batches: int = 8) -> tuple[list, torch.Tensor]:
     """`batches` batches of 8 x 256 tokens (fewer where checkpoint `model`'s context is shorter) of `split` of token
     shards `data`, and the UTF-8 bytes of each token id (`split_byte_lengths`: the checkpoint's tokenizer, or the
     split's mean bytes per token, said on stderr); shards of another tokenizer than checkpoint `model`'s are refused
@@ -232,8 +244,6 @@ def _held_out(
     from seekstack.tokens.shards import load_index
     from seekstack.tokens.token_bytes import split_byte_lengths
 
-    if data is None:
-        raise ValueError(f"{what} needs --data: token shards with train and val splits (`seekstack data tokenize`)")
     require_checkpoint_tokenizer(model, data, load_index(data, split)["tokenizer"])
     byte_lengths, estimated = split_byte_lengths(data, split, tokenizer_json_path(model))
     if estimated:
@@ -242,7 +252,7 @@ def _held_out(
     return held_out_batches(str(data), context, batches=batches, split=split), byte_lengths
 
 
-def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> dict:
+def _adaptive(model: Path, out: Path, data: Path, budget_bits: float) -> dict:
     from seekstack.checkpoint import load_pretrained, stored_float_dtype
     from seekstack.compress.adaptive import (
         adaptive_config,
@@ -255,7 +265,7 @@ def _adaptive(model: Path, out: Path, data: Path | None, budget_bits: float) -> 
     from seekstack.compress.quality import measure
     from seekstack.compress.quantize import mixed_experts_notes, quantize_model, save_with_tokenizer
 
-    calibration, byte_lengths = _held_out(model, data, "--adaptive", split="train", batches=2)
+    calibration, byte_lengths = _held_out(model, data, split="train", batches=2)
     original = load_pretrained(model, dequantize=True)
     refuse_budget_below_smallest(original, budget_bits)
     reference = load_pretrained(model, dequantize=True)

@@ -50,10 +50,13 @@ def test_quantize_command_names_a_wrong_scheme_and_a_missing_data_folder(tmp_pat
         app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--scheme", "int3"]
     )
     assert wrong.exit_code == 2 and "Invalid value for '--scheme'" in wrong.output and "int3" in wrong.output
-    no_data = CliRunner().invoke(
-        app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--progressive"]
-    )
-    assert no_data.exit_code == 1 and "--progressive needs --data" in no_data.output
+    for mode in ("--progressive", "--adaptive"):  # a missing companion option: a usage error (was exit 1), as click's
+        no_data = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), mode])
+        assert no_data.exit_code == 2 and f"Error: {mode} needs --data: token shards" in no_data.output, no_data.output
+        as_json = CliRunner().invoke(
+            app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), mode, "--json"]
+        )
+        assert as_json.exit_code == 2 and json.loads(as_json.output)["error"]["message"].startswith(f"{mode} needs")
     assert not (tmp_path / "q").exists()
 
 
@@ -470,7 +473,8 @@ def test_adaptive_text_output_prints_kl_options_with_digits_enough_to_tell_them_
                 "average_bits": 4.5, "assignment": {}}  # fmt: skip
 
     monkeypatch.setattr(compress, "_adaptive", measured)
-    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--adaptive"])
+    command = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--adaptive", "--data", str(tmp_path)]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     assert "int4-g128 0.001084  int4-g64 0.001081  int4-g32 0.00108  int8 0.001077" in result.output
 
