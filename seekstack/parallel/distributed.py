@@ -151,9 +151,12 @@ def require_same_settings(
 
 def _differences(given: dict[str, Any], reference: dict[str, Any]) -> str:
     """`key=value (rank 0: value)` for each setting where `given` differs from rank 0's `reference` (the first
-    DIFFERENCES_NAMED, and how many more)."""
+    DIFFERENCES_NAMED, and how many more); a key one of them lacks (a file one rank does not see) is `missing`."""
     keys = [key for key in {**reference, **given} if given.get(key) != reference.get(key)]
-    named = ", ".join(f"{key}={given.get(key)} (rank 0: {reference.get(key)})" for key in keys[:DIFFERENCES_NAMED])
+    named = ", ".join(
+        f"{key}={given.get(key, 'missing')} (rank 0: {reference.get(key, 'missing')})"
+        for key in keys[:DIFFERENCES_NAMED]
+    )
     more = len(keys) - DIFFERENCES_NAMED
     return f"{named} and {more} more" if more > 0 else named
 

@@ -42,6 +42,18 @@ def test_two_ranks_match_one_process_at_the_same_global_batch(data_dir, tmp_path
     assert two[-1]["maxvio"] == pytest.approx(one[-1]["maxvio"], abs=1e-5)  # loads all-reduced across ranks
 
 
+def test_ranks_that_disagree_are_told_by_the_first_differences_naming_what_one_lacks():
+    """A data_dir missing on rank 1 listed each of rank 0's files as `=None`, every one of them."""
+    from seekstack.parallel.distributed import _differences
+
+    rank_0 = {f"tokens/train_{shard:05d}.bin": "40,000 bytes" for shard in range(7)}
+    assert _differences({"tokens/extra.bin": "8 bytes"}, rank_0) == (
+        "tokens/train_00000.bin=missing (rank 0: 40,000 bytes), tokens/train_00001.bin=missing (rank 0: 40,000 "
+        "bytes), tokens/train_00002.bin=missing (rank 0: 40,000 bytes), tokens/train_00003.bin=missing (rank 0: "
+        "40,000 bytes), tokens/train_00004.bin=missing (rank 0: 40,000 bytes) and 3 more"
+    )
+
+
 def _rank_counting_validation_rows(rank: int, world_size: int, port: int, config, rows) -> None:
     from seekstack.train import trainer
 
