@@ -39,6 +39,7 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
         (rb"\x1f\x8b", "a gzip-compressed file"),
         (rb"PK\x03\x04", "a zip archive (or a .docx, .xlsx, .epub)"),
         (rb"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+        (rb".{257}ustar(?:\x00|  )", "a tar archive"),  # POSIX's and GNU's mark, after the first member's name
         (rb"PAR1.*PAR1\Z", "a Parquet file whose name does not end in .parquet"),  # the mark at both ends
         (rb"%PDF-", "a PDF document"),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import itertools
 import json
 import lzma
@@ -11,6 +12,7 @@ import os
 import random
 import re
 import sysconfig
+import tarfile
 import textwrap
 import threading
 import time
@@ -677,6 +679,15 @@ def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     assert [doc.text for doc in read_jsonl(stray)] == ["caf\u00e9", "caf\u00e9 \u00e9t\u00e9 \ufffd"]
 
 
+def _tar_of(text: bytes, tar_format: int = tarfile.PAX_FORMAT) -> bytes:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tar_format) as tar:
+        member = tarfile.TarInfo("a.txt")
+        member.size = len(text)
+        tar.addfile(member, io.BytesIO(text))
+    return archive.getvalue()
+
+
 @pytest.mark.parametrize(
     ("name", "packed", "says"),
     [
@@ -686,8 +697,19 @@ def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
         ("notes.txt", gzip.compress(b"hello", mtime=0), "a gzip-compressed file"),
         ("book.txt.gz", gzip.compress(b"PK\x03\x04" + bytes(20), mtime=0), "a zip archive (or a .docx, .xlsx, .epub)"),
         ("book.txt.xz", lzma.compress(b"%PDF-1.7\n"), "a PDF document"),
+        ("notes.tar.gz", gzip.compress(_tar_of(b"a note"), mtime=0), "a tar archive"),  # was read as its text
+        ("notes.tar", _tar_of(b"a note", tarfile.GNU_FORMAT), "a tar archive"),
     ],
-    ids=["bzip2-without-bz2", "xz-without-xz", "zstd-without-zst", "gzip-without-gz", "zip-in-gzip", "pdf-in-xz"],
+    ids=[
+        "bzip2-named-rst",
+        "xz-named-txt",
+        "zstd-named-md",
+        "gzip-named-txt",
+        "zip-in-gzip",
+        "pdf-in-xz",
+        "tar-gz",
+        "tar",
+    ],
 )
 def test_a_compressed_file_of_another_kind_is_named_not_read_as_text(
     tmp_path: Path, name: str, packed: bytes, says: str
