@@ -21,13 +21,19 @@ from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.config import preset  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
 from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file  # noqa: E402
+from seekstack.train.runs import run_holding  # noqa: E402
 
 
 def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
     line cut short by a stopped run is left out with a warning); a missing file is an error naming the `seekstack
-    command` whose run was expected."""
+    command` whose run was expected, or the run whose checkpoint `run_dir` is."""
     path = Path(run_dir) / METRICS_FILE
+    run = run_holding(run_dir)
+    if not path.is_file() and run is not None:
+        raise FileNotFoundError(
+            f"no {METRICS_FILE} in {run_dir}: it is a checkpoint of the run {run}, whose folder holds it: give {run}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack {command}` run?")
     return read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr))

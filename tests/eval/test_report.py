@@ -402,6 +402,18 @@ def test_a_folder_that_is_no_run_is_named_and_left_as_it_was(tmp_path, out):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()
 
 
+def test_a_runs_checkpoint_given_for_the_run_names_the_run_to_give(tmp_path):
+    """`report RUN/checkpoints/step_2` (where `eval` takes a checkpoint) said "no metrics.jsonl in ...: is it the
+    out_dir of a `seekstack train` run?", not which run it is part of."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    result = CliRunner().invoke(app, ["report", str(checkpoint)])
+    said = f"no metrics.jsonl in {checkpoint}: it is a checkpoint of the run {tmp_path / 'run'}, whose folder holds it"
+    assert result.exit_code == 1 and said in " ".join(result.output.split()), result.output
+    assert sorted(path.name for path in checkpoint.iterdir()) == []
+
+
 @pytest.mark.parametrize("mfu, said", [(0.42, "MFU 42.0%."), (1.935, "MFU not known: 193.5% logged, above 100%")])
 def test_speed_gives_the_mfu_and_calls_one_above_100_percent_a_peak_measured_too_low(tmp_path, mfu, said):
     from seekstack.eval.report import _training
