@@ -193,6 +193,7 @@ class ValidationBatch:
     input_ids: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T); labels[:, t] is predicted from position t - 1
     text_bytes: float
+    counted: bool = True  # False on the ranks but 0 for a short last batch each rank scores whole (their forwards meet)
 
 
 class TrainingDiverged(RuntimeError):
@@ -737,14 +738,15 @@ class _Run:
             with self._autocast():
                 out = self.model(input_ids, labels=labels, keep_logits=False)
                 batch_terms = terms(input_ids, labels, out) if terms is not None else {}
-            count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            count = int((labels[:, 1:] != IGNORE_INDEX).sum()) * batch.counted
             for name, value in batch_terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.item() * count
             loss_sum += out.lm_loss.item() * count
             targets += count
-            text_bytes += batch.text_bytes
+            text_bytes += batch.text_bytes * batch.counted
             if out.expert_load is not None:
-                expert_load = out.expert_load.float() if expert_load is None else expert_load + out.expert_load
+                load = out.expert_load.float() * batch.counted
+                expert_load = load if expert_load is None else expert_load + load
         self.model.train()
         sums = torch.tensor([loss_sum, targets, text_bytes, *term_sums.values()], dtype=torch.float64)
         loss_sum, targets, text_bytes, *term_totals = distributed.all_reduce_sum(sums.to(self.ranks.device), self.ranks)
@@ -782,8 +784,15 @@ class _Run:
             return None if validation_batches is None else validation_batches(config.batch_size, micro_batches)
         val = TokenWindows(config.data_dir, VAL_SPLIT, config.seq_len)
         windows = itertools.islice(val.sequential(config.batch_size), micro_batches)
-        rows = (distributed.local_rows(w, self.ranks) for w in windows)
-        return [ValidationBatch(w, w, scored_text_bytes(self.val_byte_lengths, w)) for w in rows]
+        return [self._rank_rows(w) for w in windows]
+
+    def _rank_rows(self, windows: torch.Tensor) -> ValidationBatch:
+        """This rank's rows of a batch of validation windows; all of a short last batch the ranks do not divide,
+        counted by rank 0 alone."""
+        whole = len(windows) % self.ranks.world_size != 0
+        rows = windows if whole else distributed.local_rows(windows, self.ranks)
+        text_bytes = scored_text_bytes(self.val_byte_lengths, rows)
+        return ValidationBatch(rows, rows, text_bytes, counted=not whole or self.ranks.is_main)
 
     def _val_byte_lengths(self) -> torch.Tensor | None:
         """The UTF-8 bytes of each token id of the tokenizer the val split was encoded with (`split_byte_lengths`),

@@ -71,13 +71,15 @@ def _rank_counting_validation_rows(rank: int, world_size: int, port: int, config
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 def test_ranks_share_each_validation_batch_and_log_one_process_s_validation(data_dir, tmp_path):  # noqa: F811
     """Under DDP rank 0 scored every validation row alone while the other ranks waited: an evaluation took one
-    process's time at any number of ranks (under FSDP each rank scored every row)."""
-    steps = dict(max_steps=1, eval_every=1, eval_batches=2, save_every=0)
+    process's time at any number of ranks (under FSDP each rank scored every row). A short last batch the ranks do
+    not divide is counted once."""
+    steps = dict(max_steps=1, eval_every=1, eval_batches=11, save_every=0, seq_len=24)  # the whole val split
     train(run_config(data_dir, tmp_path / "one", **steps))
     rows = mp.Manager().dict()
     config = run_config(data_dir, tmp_path / "two", **steps)
     mp.spawn(_rank_counting_validation_rows, args=(2, free_port(), config, rows), nprocs=2, join=True)
-    assert rows[0] == rows[1] == [2] * 4  # 2 batches of 2 micro-batches of batch_size=4 rows, half on each rank
+    # 83 windows: 20 micro-batches of batch_size=4 rows, half on each rank, and the last 3, scored whole on each
+    assert rows[0] == rows[1] == [2] * 20 + [3]
     (two,), (one,) = ([m for m in read_metrics(tmp_path / run) if "val_loss" in m] for run in ("two", "one"))
     for name in ("val_loss", "val_bpb", "val_maxvio"):
         assert two[name] == pytest.approx(one[name], abs=1e-5), name
