@@ -54,7 +54,8 @@ def evaluate(
     {"model", "backend",
     "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
     eval` takes them (corpus and per_module None where no task read them)}."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks never download; say so to `datasets`
+    if all(is_local_task(task) for task in tasks):  # they never download: say so to `datasets` (read at its import)
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # an lm_eval task's dataset downloads, as under lm_eval
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager

@@ -160,6 +160,33 @@ def test_each_filter_of_a_task_keeps_its_value_in_the_results_and_the_table(tmp_
     ]
 
 
+def test_eval_of_an_lm_eval_task_leaves_datasets_online_to_download_it_as_lm_eval_does(tmp_path, monkeypatch):
+    """eval set HF_DATASETS_OFFLINE=1 whatever the tasks, so on a machine online `--tasks arc_easy` failed with
+    "Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)" where lm_eval downloads it; only an eval of
+    local tasks alone, which never download, says so to `datasets`."""
+    import os
+
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")  # unset here, and again once the test ends
+    offline = []
+    output = {"results": {"arc_easy": {"acc,none": 0.5}}, "n-samples": {}}
+    monkeypatch.setattr(
+        lm_eval, "simple_evaluate", lambda **kwargs: offline.append(os.environ.get("HF_DATASETS_OFFLINE")) or output
+    )
+    (tmp_path / "config.json").write_text("{}")
+    evaluate(tmp_path, ("arc_easy",), None, device="cpu")
+    assert offline == [None]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "val.jsonl").write_text(json.dumps({"id": "m.py", "text": "x = 1\n" * 40}) + "\n")
+    evaluate(tmp_path, ("code_perplexity",), corpus, device="cpu")
+    assert offline == [None, "1"]
+
+
 def test_eval_batch_size_auto_reaches_lm_eval_and_a_size_that_is_neither_is_refused(tmp_path, monkeypatch):
     import lm_eval
 
