@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from seekstack.compression import opened
+
 
 def jsonl_records(path: str | Path, on_torn_tail: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, decoded JSON value) of each non-blank line of `path` (a UTF-8 byte order mark opening it is
-    skipped; a name ending in .gz, in any case, is read through gzip, as datasets' JSON loader reads it); a ValueError
-    naming `path:line` for a line that is not UTF-8 or not JSON, and one saying the file is not JSON Lines when it
-    starts a JSON array of objects (`json.dump(records, f)`, on one line or many; no caller reads lines that are
-    arrays). With `on_torn_tail`, a last line that is neither and has no newline (what a process stopped while
-    appending it leaves) is skipped, and `on_torn_tail` is told why."""
-    try:
-        yield from _records(path, on_torn_tail)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-        raise ValueError(f"{path}: not a whole gzip file ({error}); compress it again, or drop the .gz") from None
-
-
-def _records(path: str | Path, on_torn_tail: Callable[[str], None] | None) -> Iterator[tuple[int, Any]]:
-    gzipped = str(path).lower().endswith(".gz")
-    with gzip.open(path, "rb") if gzipped else open(path, "rb") as lines:
+    skipped; a name ending in .gz, .bz2, .xz or .zst, in any case, is read through its compression, as datasets' JSON
+    loader reads it); a ValueError naming `path:line` for a line that is not UTF-8 or not JSON, one naming `path` when
+    it does not decompress, and one saying the file is not JSON Lines when it starts a JSON array of objects
+    (`json.dump(records, f)`, on one line or many; no caller reads lines that are arrays). With `on_torn_tail`, a last
+    line that is neither and has no newline (what a process stopped while appending it leaves) is skipped, and
+    `on_torn_tail` is told why."""
+    with opened(path) as lines:
         for number, raw in enumerate(lines, start=1):
             torn = on_torn_tail is not None and not raw.endswith(b"\n")  # only the last line can lack one
             try:

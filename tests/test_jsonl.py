@@ -1,6 +1,9 @@
+import bz2
 import gzip
 import json
+import lzma
 
+import pyarrow as pa
 import pytest
 
 from seekstack.jsonl import jsonl_records
@@ -40,9 +43,27 @@ def test_a_gzipped_file_is_read_through_and_a_broken_one_is_refused_naming_it(tm
     path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS).encode()))
     assert list(jsonl_records(path)) == [(1, RECORDS[0]), (2, RECORDS[1])]
     path.write_bytes(path.read_bytes()[:-12])  # cut short, as an interrupted download leaves it
-    with pytest.raises(ValueError, match=r"chats.JSONL.GZ: not a whole gzip file \(.*\); compress it again"):
+    with pytest.raises(ValueError, match=r"chats.JSONL.GZ: not a readable gzip file \(.*\); compress it again"):
         list(jsonl_records(path))
     plain = tmp_path / "plain.jsonl.gz"
     plain.write_text(json.dumps(RECORDS[0]) + "\n")  # named .gz, never compressed
-    with pytest.raises(ValueError, match=r"plain.jsonl.gz: not a whole gzip file \(Not a gzipped file"):
+    with pytest.raises(ValueError, match=r"plain.jsonl.gz: not a readable gzip file \(Not a gzipped file"):
         list(jsonl_records(plain))
+
+
+def zstd_compress(data: bytes) -> bytes:
+    return pa.compress(data, "zstd", asbytes=True)
+
+
+@pytest.mark.parametrize("suffix", [".bz2", ".xz", ".zst"])
+def test_a_bzip2_xz_or_zstd_file_is_read_through_as_data_build_reads_it(tmp_path, suffix):
+    """sft, distill, lora train and eval's local tasks read the compressions data build reads (was: '...:1: not UTF-8
+    text (invalid start byte at byte 0); mend or delete that line')."""
+    lines = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
+    path = tmp_path / f"chats.jsonl{suffix}"
+    compress = {".bz2": bz2.compress, ".xz": lzma.compress, ".zst": zstd_compress}
+    path.write_bytes(compress[suffix](lines))
+    assert list(jsonl_records(path)) == [(1, RECORDS[0]), (2, RECORDS[1])]
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=rf"chats.jsonl{suffix}: not a readable \w+ file"):
+        list(jsonl_records(path))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Literal, NamedTuple
 
-from seekstack.corpus.sources import COMPRESSIONS
+from seekstack.compression import COMPRESSIONS
 
 Kind = Literal["code", "prose", "cjk"]
 KINDS: tuple[Kind, ...] = ("code", "prose", "cjk")

@@ -5,18 +5,14 @@ Every source is a generator of `Document`s, so memory stays bounded by one file,
 
 from __future__ import annotations
 
-import bz2
 import codecs
 import errno
-import gzip
 import io
 import json
-import lzma
 import mimetypes
 import os
 import re
 import sysconfig
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,6 +23,7 @@ import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
 
+from seekstack.compression import COMPRESSED_READ, COMPRESSIONS, DamagedCompressedFile, opened
 from seekstack.schema import LONE_SURROGATE
 
 _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such bytes are no text
@@ -46,22 +43,6 @@ _PACKED_SIGNATURES = tuple(  # how compressed files and archives start: such byt
 )
 
 
-# Compressed files read through, by the suffix that ends their name (in any case), as datatrove's readers (fsspec's
-# compression="infer") read them: gzip, bzip2 and xz by the standard library, zstd by pyarrow's codec.
-def _zstd_open(raw: BinaryIO) -> BinaryIO:
-    """The decompressed bytes of a zstd-compressed stream, buffered (peek, lines) as the standard library's are."""
-    return io.BufferedReader(pa.CompressedInputStream(raw, "zstd"))
-
-
-COMPRESSIONS: dict[str, tuple[str, Callable[[BinaryIO], BinaryIO]]] = {
-    ".gz": ("gzip", gzip.open),
-    ".bz2": ("bzip2", bz2.open),
-    ".xz": ("xz", lzma.open),
-    ".zst": ("zstd", _zstd_open),
-}
-COMPRESSED_READ = "gzip, bzip2, xz and zstd are read through when the name ends in .gz, .bz2, .xz or .zst"
-# What reading a damaged compressed file raises (gzip's BadGzipFile, bzip2's and pyarrow's zstd errors are OSErrors)
-_DAMAGED_COMPRESSION = (OSError, EOFError, zlib.error, lzma.LZMAError)
 _DECODED_ABOVE_127 = re.compile("[^\x00-\x7f\udc80-\udcff]")  # a character decoded, not a byte escaped
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh")
 # A folder's files without a suffix (README, LICENSE, Makefile, a Debian package's copyright) are read when they are
@@ -443,23 +424,12 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 @contextmanager
 def _opened(path: Path) -> Iterator[BinaryIO]:
-    """A file opened for reading its bytes, decompressed when its name ends in a suffix of `COMPRESSIONS`; what its
-    reading raises when it is damaged or not so compressed (cut short, plain text named `.gz`) as a DataSourceError
-    naming it."""
-    compression = COMPRESSIONS.get(path.suffix.lower())
-    with open(path, "rb") as raw:
-        if compression is None:
-            yield raw
-            return
-        name, decompressed = compression
-        try:
-            with decompressed(raw) as binary:
-                yield binary
-        except _DAMAGED_COMPRESSION as error:
-            raise DataSourceError(
-                f"{path}: not a readable {name} file ({error}); compress it again, or rename it without the "
-                f"{path.suffix} when it is not compressed"
-            ) from None
+    """`compression.opened`, a damaged compressed file raised as the DataSourceError naming it."""
+    try:
+        with opened(path) as binary:
+            yield binary
+    except DamagedCompressedFile as error:
+        raise DataSourceError(str(error)) from None
 
 
 def _opens_with_utf16_mark(binary: io.BufferedIOBase) -> bool:
