@@ -189,7 +189,8 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
         axis.set_yticks(range(len(tokens)) if len(tokens) <= MAX_LABELLED_TOKENS else [])
         if len(tokens) <= MAX_LABELLED_TOKENS:
             axis.set_yticklabels(tokens, fontsize=6)
-        figure.colorbar(image, ax=axis, fraction=0.05)
+        figure.colorbar(image, ax=axis, fraction=0.05, label="gate weight")
+    axes[0].set_ylabel("token")
     figure.suptitle("gate weight of each selected expert, per token")
     figure.tight_layout()
     figure.savefig(path, dpi=FIGURE_DPI)

@@ -200,7 +200,7 @@ def test_the_pngs_name_their_axes_and_colour_scales(checkpoint, tmp_path, monkey
     assert ("", "attention weight (each row sums to 1)") in attention
 
 
-def test_the_expert_axes_tick_whole_expert_ids_however_few_experts_there_are(tmp_path, monkeypatch):
+def test_the_routing_pngs_tick_whole_expert_ids_and_name_their_token_axis_and_colour_scales(tmp_path, monkeypatch):
     """With 4 experts matplotlib ticked the load bar chart at -0.5, 0.5, ..., 3.5 and the co-selection map's rows at
     0.5, 1.5, ...: ticks that name no expert."""
     from matplotlib.figure import Figure
@@ -225,6 +225,9 @@ def test_the_expert_axes_tick_whole_expert_ids_however_few_experts_there_are(tmp
         if axis.get_xlabel() == "expert"
     ]
     assert len(expert_axes) == 3 + 2  # load, co-selection, class shares; routing.png's two layers
+    # routing.png named its colour scales and its token axis nowhere
+    routing_labels = [(axis.get_xlabel(), axis.get_ylabel()) for axis in figures[1].axes]
+    assert routing_labels == [("expert", "token"), ("expert", ""), ("", "gate weight"), ("", "gate weight")]
     for axes in expert_axes:
         for axis in axes:
             low, high = sorted(axis.get_view_interval())
