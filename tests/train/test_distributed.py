@@ -175,7 +175,9 @@ def test_when_a_rank_fails_the_ranks_left_end_at_once_on_sigterm_naming_it(data_
     started = time.monotonic()
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed"):
         mp.spawn(_rank_failing_while_rank_0_evaluates, args=(2, free_port(), config, ended), nprocs=2, join=True)
-    assert time.monotonic() - started < 25  # not killed after torchrun's 30 s
+    # ended by the signal, not by rank 0's 60 s evaluation running out (spawning and imports take up to ~30 s on a
+    # loaded 2-core machine, so a bound of 25 s failed there once at 28 s)
+    assert time.monotonic() - started < 55
     assert ended[0][0] == "RankEnded" and ended[0][1].startswith("rank 1 (process ")
 
 
