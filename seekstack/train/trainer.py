@@ -371,9 +371,9 @@ class _Run:
     ):
         self.config, self.ranks, self.hooks, self.source = config, ranks, hooks, source
         if hooks is not None and ranks.distributed and config.parallel == "fsdp":
-            raise ValueError("parallel=fsdp does not train adapters (hooks); use parallel=ddp")
-        if source is not None and ranks.distributed:
-            raise ValueError("a batch source (sft, rl) runs in one process; start it without torchrun")
+            raise ConfigError("parallel=fsdp does not train adapters (hooks); use parallel=ddp", field="parallel")
+        if source is not None and ranks.distributed:  # every rank meets it alike: told once, as a setting's error
+            raise ConfigError("a batch source (sft, rl) runs in one process; start it without torchrun")
         # before a model is built to find them out
         distributed.require_rows_divisible(config.batch_size, ranks)
         if config.expert_parallel > 1 and config.expert_parallel != ranks.world_size:
