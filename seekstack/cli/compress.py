@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from seekstack.cli.common import (
+    BadParameter,
     JsonErrorsCommand,
     UsageError,
     fail,
@@ -107,12 +108,11 @@ def quantize_command(
     with user_errors(as_json), options_named(given):
         resolved = load_config(QuantConfig, config, overrides)
         if progressive and adaptive:
-            raise ValueError("choose --progressive or --adaptive, not both")
+            raise _usage_error("choose --progressive or --adaptive, not both")
         mode = "--progressive" if progressive else "--adaptive" if adaptive else None
         if mode is not None and data is None:  # a command-line mistake, as click's "Missing option"
-            raise UsageError(
-                f"{mode} needs --data: token shards with train and val splits (`seekstack data tokenize`)",
-                get_current_context(silent=True),
+            raise _usage_error(
+                f"{mode} needs --data: token shards with train and val splits (`seekstack data tokenize`)"
             )
         mode_options = {
             "--budget-bits": (budget_bits, adaptive, "--adaptive"),
@@ -123,7 +123,7 @@ def quantize_command(
         }
         for name, (value, applies, where) in mode_options.items():
             if value is not None and not applies:
-                raise ValueError(f"{name} applies to {where} only")
+                raise _usage_error(f"{name} applies to {where} only")
         if progressive and "fp8" in (resolved.scheme, *resolved.layers.values()):  # set by the --config file
             raise ValueError(
                 f"{config}: fp8 applies to a quantization without --progressive (which tries int8, then int4)"
@@ -133,18 +133,18 @@ def quantize_command(
         max_kl = DEFAULT_MAX_KL if max_kl is None else max_kl
         for name, value in (("--max-bpb-increase", max_bpb_increase), ("--max-kl", max_kl)):
             if progressive and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} {value}: must be a number >= 0")
+                raise _bad_value(name, f"{value}: must be a number >= 0")
         if adaptive and not (math.isfinite(budget_bits) and budget_bits > 0):
-            raise ValueError(f"--budget-bits {budget_bits}: must be a number > 0")
+            raise _bad_value("--budget-bits", f"{budget_bits}: must be a number > 0")
         if adaptive and (overrides or config is not None):
-            raise ValueError(
+            raise _usage_error(
                 "--adaptive chooses every layer's scheme itself: --scheme, --group-size, --keep and --config apply "
                 "without it"
             )
         # --progressive's last stage is int4, at the group size
         int4_used = progressive or resolved.scheme == "int4" or "int4" in resolved.layers.values()
         if group_size is not None and not int4_used:
-            raise ValueError(f"--group-size {group_size} applies to int4 (the scheme is {resolved.scheme})")
+            raise _usage_error(f"--group-size {group_size} applies to int4 (the scheme is {resolved.scheme})")
         fp8_used = "fp8" in (resolved.scheme, *resolved.layers.values())
         for name, value, used, scheme in (
             ("group_size", resolved.group_size, int4_used, "int4"),
@@ -153,9 +153,10 @@ def quantize_command(
             if value != getattr(QuantConfig(), name) and not used:  # set in the --config file, for nothing
                 raise ValueError(f"{config}: {name} {value} applies to {scheme} (the scheme is {resolved.scheme})")
         if adaptive and budget_bits < SMALLEST_BITS:
-            raise ValueError(
-                f"--budget-bits {budget_bits}: below the smallest option (int4 g128: {SMALLEST_BITS} bits per weight, "
-                "scales included)"
+            raise _bad_value(
+                "--budget-bits",
+                f"{budget_bits}: below the smallest option (int4 g128: {SMALLEST_BITS} bits per weight, "
+                "scales included)",
             )
         if mode is not None:
             _refuse_quantized(
@@ -193,6 +194,16 @@ def quantize_command(
         typer.echo(f"note: {note}", err=True)
     before, after = report["bytes_before"], report["bytes_after"]
     typer.echo(f"wrote {out}: {size(after)} on disk, {after / before:.1%} of {size(before)}")
+
+
+def _usage_error(message: str) -> UsageError:
+    """A command-line mistake in the options given together (exit 2, as click's "Missing option")."""
+    return UsageError(message, get_current_context(silent=True))
+
+
+def _bad_value(option: str, problem: str) -> BadParameter:
+    """An option's value refused (exit 2, as click's "Invalid value for '--max-kl'")."""
+    return BadParameter(problem, get_current_context(silent=True), param_hint=f"'{option}'")
 
 
 def _print_assignment(assignment: dict[str, str]) -> None:

@@ -424,22 +424,23 @@ def test_quantize_refuses_bad_tolerances_and_budgets_and_adaptive_with_fixed_sch
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     base = ["quantize", str(tmp_path / "float"), "--out", str(tmp_path / "q"), "--data", str(tmp_path)]
     for extra, message in (
-        (["--progressive", "--max-bpb-increase", "-1"], "--max-bpb-increase -1.0: must be a number >= 0"),
-        (["--progressive", "--max-kl", "nan"], "--max-kl nan: must be a number >= 0"),
-        (["--adaptive", "--budget-bits", "nan"], "--budget-bits nan: must be a number > 0"),
+        (["--progressive", "--max-bpb-increase", "-1"], "'--max-bpb-increase': -1.0: must be a number >= 0"),
+        (["--progressive", "--max-kl", "nan"], "'--max-kl': nan: must be a number >= 0"),
+        (["--adaptive", "--budget-bits", "nan"], "'--budget-bits': nan: must be a number > 0"),
         (["--adaptive", "--keep", "lm_head"], "--adaptive chooses every layer's scheme itself"),
         (["--adaptive", "--scheme", "int4"], "--adaptive chooses every layer's scheme itself: --scheme, --group-size"),
         (["--adaptive", "--group-size", "128"], "--adaptive chooses every layer's scheme itself"),
-        (["--adaptive", "--budget-bits", "4"], "--budget-bits 4.0: below the smallest option (int4 g128: 4.125"),
+        (["--adaptive", "--budget-bits", "4"], "'--budget-bits': 4.0: below the smallest option (int4 g128: 4.125"),
         (["--budget-bits", "3"], "--budget-bits applies to --adaptive only"),  # each was ignored: plain int8 written
         (["--adaptive", "--max-kl", "0.1"], "--max-kl applies to --progressive only"),
         (["--progressive", "--scheme", "fp8"], "--scheme applies to a quantization without --progressive"),
         ([], "--data applies to --progressive or --adaptive only"),
-    ):
-        result = CliRunner().invoke(app, [*base, *extra])
-        assert result.exit_code == 1 and message in result.output, result.output
+        (["--progressive", "--adaptive"], "choose --progressive or --adaptive, not both"),
+    ):  # usage errors, as click's (were exit 1)
+        result = CliRunner().invoke(app, [*base, *extra, "--json"])
+        assert result.exit_code == 2 and message in json.loads(result.output)["error"]["message"], result.output
     result = CliRunner().invoke(app, [*base[:4], "--scheme", "int8", "--group-size", "64"])
-    assert result.exit_code == 1 and "--group-size 64 applies to int4 (the scheme is int8)" in result.output
+    assert result.exit_code == 2 and "--group-size 64 applies to int4 (the scheme is int8)" in result.output
     assert not (tmp_path / "q").exists()
 
 
