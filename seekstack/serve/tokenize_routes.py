@@ -1,20 +1,23 @@
 """vLLM's /tokenize and /detokenize: the token ids of a prompt as the server bills it, and the text of token ids.
 
     POST /tokenize    {"model": M, "prompt": TEXT} or {"model": M, "messages": [...]}
-                      -> {"count": N, "max_model_len": L, "tokens": [ids]}
+                      -> {"count": N, "max_model_len": L, "tokens": [ids], "token_strs": null}
     POST /detokenize  {"model": M, "tokens": [ids]}  -> {"prompt": TEXT}
 
 A prompt is encoded as /v1/completions encodes it, messages as /v1/chat/completions renders them (a last assistant
 message marked "prefix": true left open), so `count` is the prompt_tokens such a call is billed, to check against
-`max_model_len` before sending it. `model` (default the base model) must be one the caller may use. Like
-/v1/moderations they count against a key's requests per minute and are not metered; a server without API keys
-answers them to loopback JSON requests only (serve/access.py).
+`max_model_len` before sending it. vLLM's options change that: `add_special_tokens: false` leaves out the special
+tokens the tokenizer frames a prompt with (a DeepSeek release's BOS; messages keep their template's own),
+`add_generation_prompt: false` the assistant's opening after messages, and `return_token_strs: true` adds each id's
+token string (`token_strs`). `model` (default the base model) must be one the caller may use. Like /v1/moderations
+they count against a key's requests per minute and are not metered; a server without API keys answers them to
+loopback JSON requests only (serve/access.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -22,7 +25,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from seekstack.serve.access import read_body
 from seekstack.serve.database import in_write_thread
-from seekstack.serve.errors import parse_body
+from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.keys import ApiKey
 from seekstack.serve.openapi import error_responses, json_request
 from seekstack.serve.protocol import prompt_ids, refuse_outside_vocabulary
@@ -30,6 +33,7 @@ from seekstack.serve.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    OrDefault,
     PromptText,
     StrictRequest,
     TokenId,
@@ -37,6 +41,7 @@ from seekstack.serve.schemas import (
 
 if TYPE_CHECKING:
     from seekstack.serve.app import Server
+    from seekstack.tokenizer import Tokenizer
 
 
 class TokenizeRequest(StrictRequest):
@@ -45,6 +50,9 @@ class TokenizeRequest(StrictRequest):
     model: str | None = None
     prompt: PromptText | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: Annotated[bool, OrDefault] = True  # a prompt's framing (messages: the template's own)
+    add_generation_prompt: Annotated[bool, OrDefault] = True  # the assistant's opening after messages
+    return_token_strs: Annotated[bool, OrDefault] = False
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TokenizeRequest:
@@ -57,6 +65,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(StrictRequest):
@@ -69,6 +78,26 @@ class DetokenizeResponse(BaseModel):
 
 
 TOKENIZE_REQUESTS = [TokenizeRequest, DetokenizeRequest]  # for the OpenAPI document's components
+
+
+def tokenized(body: TokenizeRequest, model: str, tokenizer: Tokenizer) -> list[int]:
+    """The token ids /tokenize answers: those the completion or chat call of `body` is billed, but for vLLM's options
+    leaving out the prompt's special tokens or the generation prompt."""
+    if body.prompt is not None:
+        if not body.add_special_tokens:
+            return tokenizer.encode(body.prompt)
+        [ids] = prompt_ids(CompletionRequest(model=model, prompt=body.prompt), tokenizer)
+        return ids
+    if body.add_generation_prompt:
+        [ids] = prompt_ids(ChatCompletionRequest(model=model, messages=body.messages), tokenizer)
+        return ids
+    if body.messages[-1].prefix:
+        raise APIError(400, "a last message marked prefix is continued: there is no generation prompt to leave out",
+                       param="add_generation_prompt")  # fmt: skip
+    try:
+        return tokenizer.encode_chat([message.template() for message in body.messages], add_generation_prompt=False)
+    except ValueError as error:
+        raise APIError(400, str(error), param="messages") from None
 
 
 def add_tokenize_routes(app: FastAPI, server: Server) -> None:
@@ -92,14 +121,14 @@ def add_tokenize_routes(app: FastAPI, server: Server) -> None:
     async def tokenize(request: Request) -> JSONResponse:
         """The token ids a completion's prompt or a chat's messages are billed as (vLLM's route)."""
         body = await admitted(request, TokenizeRequest)
-        model = body.model or server.model_name
-        call = (
-            CompletionRequest(model=model, prompt=body.prompt)
-            if body.messages is None
-            else ChatCompletionRequest(model=model, messages=body.messages)
+        tokenizer = server.engine.tokenizer
+        ids = await asyncio.to_thread(tokenized, body, body.model or server.model_name, tokenizer)
+        answer = TokenizeResponse(
+            count=len(ids),
+            max_model_len=server.engine.max_model_len,
+            tokens=ids,
+            token_strs=[tokenizer.backend.id_to_token(token) for token in ids] if body.return_token_strs else None,
         )
-        [ids] = await asyncio.to_thread(prompt_ids, call, server.engine.tokenizer)
-        answer = TokenizeResponse(count=len(ids), max_model_len=server.engine.max_model_len, tokens=ids)
         return JSONResponse(answer.model_dump())
 
     @app.post(

@@ -65,3 +65,33 @@ def test_tokenize_needs_a_key_that_may_use_the_model_once_keys_exist(engine, tmp
     )
     assert error_of(anonymous, 401)["code"] == "no_api_key"
     assert error_of(narrow, 404)["code"] == "model_not_found"  # the base model is not among its models
+
+
+def test_tokenize_takes_vllms_options_for_special_tokens_the_generation_prompt_and_token_strings(engine, tmp_path):
+    """add_special_tokens, add_generation_prompt and return_token_strs were read and ignored (unknown fields)."""
+    from tokenizers import processors
+
+    tokenizer = engine.tokenizer
+    bos = tokenizer.backend.id_to_token(tokenizer.bos_id)
+    framing = tokenizer.backend.post_processor
+    tokenizer.backend.post_processor = processors.TemplateProcessing(  # a DeepSeek release's: BOS before a prompt
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_id)]
+    )
+    try:
+        framed, bare, opened, closed, prefixed = post_each(engine, tmp_path / "db", [
+            ("/tokenize", {"prompt": TEXT, "return_token_strs": True}),
+            ("/tokenize", {"prompt": TEXT, "add_special_tokens": False}),
+            ("/tokenize", {"messages": MESSAGES}),
+            ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}),
+            ("/tokenize", {"messages": [*MESSAGES, {"role": "assistant", "content": "Hi", "prefix": True}],
+                           "add_generation_prompt": False}),
+        ])  # fmt: skip
+    finally:
+        tokenizer.backend.post_processor = framing
+    assert framed.json()["tokens"] == [tokenizer.bos_id, *bare.json()["tokens"]] == tokenizer.encode(TEXT, add_bos=True)
+    assert framed.json()["token_strs"] == [tokenizer.backend.id_to_token(token) for token in framed.json()["tokens"]]
+    assert framed.json()["token_strs"][0] == bos and bare.json()["token_strs"] is None
+    chat_messages = [{"role": message["role"], "content": message["content"]} for message in MESSAGES]
+    assert closed.json()["tokens"] == tokenizer.encode_chat(chat_messages, add_generation_prompt=False)
+    assert opened.json()["tokens"] == tokenizer.encode_chat(chat_messages) != closed.json()["tokens"]
+    assert error_of(prefixed, 400)["param"] == "add_generation_prompt"
