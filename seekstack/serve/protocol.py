@@ -142,8 +142,13 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
                        code="invalid_value")  # fmt: skip
     is_chat = isinstance(request, ChatCompletionRequest)
     refused = {**REFUSED_VLLM_FIELDS, **(REFUSED_CHAT_FIELDS | REFUSED_VLLM_CHAT_FIELDS if is_chat else {})}
+    # tools offered with tool_choice "none" (agent frameworks send their tools on every call): the reply is text, as
+    # OpenAI's; the tool list is not rendered, as vLLM's --exclude-tools-when-tool-choice-none
+    tools_not_to_call = is_chat and request.tool_choice == "none"
     for param, reason in refused.items():
         value = getattr(request, param)
+        if param in ("tools", "parallel_tool_calls") and tools_not_to_call:
+            continue
         if value not in (None, [], ASKING_NOTHING.get(param)):
             raise unsupported(param, f"{reason}: send the request without {param}")
     if is_chat:

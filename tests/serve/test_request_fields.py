@@ -170,6 +170,20 @@ def test_fields_that_ask_for_nothing_the_server_does_not_do_are_accepted(engine,
     assert answers[0].json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
 
 
+def test_tools_offered_with_tool_choice_none_are_accepted_and_a_reply_is_text(engine, tmp_path):
+    """Agent frameworks send their tools on every call; with tool_choice "none" (no call may come) the request was
+    refused naming tools (400), where OpenAI and vLLM answer it in text."""
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    plain, offered, to_call = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/chat/completions", {**CHAT, "tools": [tool], "tool_choice": "none", "parallel_tool_calls": False}),
+        ("/v1/chat/completions", {**CHAT, "tools": [tool]}),  # the model might be asked to call it: refused
+    ])  # fmt: skip
+    assert offered.status_code == 200, offered.text
+    assert offered.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    assert error_of(to_call, 400)["param"] == "tools"
+
+
 def test_an_assistant_turns_null_content_is_read_as_empty_and_a_users_is_refused(engine, tmp_path):
     history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": None}]
     empty = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ""}]
