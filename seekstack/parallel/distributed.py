@@ -273,6 +273,23 @@ def _neighbours(ranks: Ranks) -> dict[int, int]:
     return {rank: pid for rank, (space, pid) in enumerate(everyone) if space == here and rank != ranks.rank}
 
 
+def ranks_cpus(ranks: Ranks) -> list[tuple[str, frozenset[int]]]:
+    """Each rank's machine (its process space) and the CPUs its affinity mask lets it run on, by rank."""
+    own = (_process_space(), _own_cpus())
+    if not ranks.distributed:
+        return [own]
+    everyone: list[tuple[str, frozenset[int]] | None] = [None] * ranks.world_size
+    dist.all_gather_object(everyone, own)
+    return everyone
+
+
+def _own_cpus() -> frozenset[int]:
+    """The CPUs this process may run on: its affinity mask (Linux), else all of the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
 def _process_space() -> str:
     """What a process id is unique within: this boot of this machine and this pid namespace (Linux), else the host."""
     try:

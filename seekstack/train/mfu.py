@@ -8,12 +8,15 @@ Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
   (on some CPUs bfloat16 runs 3x slower than float32, on others 2x faster). The benchmarks report against it too.
   A probe that ran while other processes held the cores reads low, and a step's MFU then comes out above 100%:
   the trainer probes again at that step (`matmul_flops`, on all its threads) and keeps the higher peak.
+  CPU ranks on one machine share its cores: their summed peak is bounded by the distinct CPUs of their affinity
+  masks (`shared_cpu_peak_flops`), where a card's peak counts once per rank.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -49,6 +52,21 @@ def matmul_flops(dtype: torch.dtype = torch.float32) -> float:
         torch.mm(a, b)
         fastest = min(fastest, time.perf_counter() - start)
     return 2 * MATMUL_PROBE_SIZE**3 / fastest
+
+
+def shared_cpu_peak_flops(
+    rank_peak: float, threads: int, ranks_cpus: Sequence[tuple[str, frozenset[int]]], rank: int = 0
+) -> float:
+    """Peak FLOP/s of CPU ranks together, from `rank_peak`, the rate `rank` measured on `threads` threads: that rate
+    per CPU a thread of it runs on, times the CPUs all ranks keep busy, which on each machine are no more than the
+    distinct CPUs of its ranks' affinity masks (`ranks_cpus`: each rank's machine and mask). Four ranks sharing two
+    cores reach two cores' peak, not four times one rank's."""
+    machines: dict[str, tuple[int, frozenset[int]]] = {}
+    for machine, cpus in ranks_cpus:
+        busy, union = machines.get(machine, (0, frozenset()))
+        machines[machine] = (busy + min(threads, len(cpus)), union | cpus)
+    per_cpu = rank_peak / min(threads, len(ranks_cpus[rank][1]))
+    return per_cpu * sum(min(busy, len(union)) for busy, union in machines.values())
 
 
 def model_flops_utilisation(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:

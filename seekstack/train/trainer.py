@@ -76,7 +76,7 @@ from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import CONFIG_FILE, VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
-from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation
+from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation, shared_cpu_peak_flops
 from seekstack.train.runs import (
     TRAIN_STATE_FILE,
     incomplete_after,
@@ -491,8 +491,11 @@ class _Run:
             set_rng_state(train_state["rng"])
         self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.comm_bytes_before = 0
-        peak = config.peak_flops or default_peak_flops(ranks.device, self.autocast_dtype or torch.float32)
-        self.peak_flops = peak * ranks.world_size
+        self.ranks_cpus = distributed.ranks_cpus(ranks) if ranks.device.type == "cpu" else []
+        if config.peak_flops:
+            self.peak_flops = config.peak_flops * ranks.world_size
+        else:
+            self.peak_flops = self._ranks_peak(default_peak_flops(ranks.device, self.autocast_dtype or torch.float32))
         self.peak_probes_left = PEAK_PROBES if not config.peak_flops and ranks.device.type == "cpu" else 0
         if ranks.is_main:
             held.enter_context(out_dir_held(self.out_dir))  # before the run's first write into it
@@ -703,7 +706,7 @@ class _Run:
                 # higher; a few times only: on a machine that stays busy every probe reads low and costs a step's time
                 self.peak_probes_left -= 1
                 with configured_threads(self.threads.most):
-                    probe = matmul_flops(self.autocast_dtype or torch.float32) * self.ranks.world_size
+                    probe = self._ranks_peak(matmul_flops(self.autocast_dtype or torch.float32))
                 self.peak_flops = max(self.peak_flops, probe)
                 mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
             metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
@@ -1011,6 +1014,12 @@ class _Run:
             self._say("\r" + line, end="\n" if self.is_last_step else "")
         elif self.step % PROGRESS_EVERY == 0 or self.is_last_step or self.step == 1:
             self._say(line)
+
+    def _ranks_peak(self, rank_peak: float) -> float:
+        """All ranks' peak FLOP/s from this rank's: a card's once per rank, a CPU's bounded by the cores ranks share."""
+        if not self.ranks_cpus:
+            return rank_peak * self.ranks.world_size
+        return shared_cpu_peak_flops(rank_peak, self.threads.most, self.ranks_cpus, self.ranks.rank)
 
     def _say(self, text: str, end: str = "\n") -> None:
         if self.ranks.is_main:

@@ -1,0 +1,40 @@
+"""The peak FLOP/s MFU divides by: CPU ranks that share a machine's cores share its peak."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from seekstack.parallel.distributed import Ranks, ranks_cpus
+from seekstack.train.mfu import shared_cpu_peak_flops
+
+TWO_CORES = frozenset({0, 1})
+
+
+def test_four_single_thread_ranks_on_two_shared_cores_reach_two_cores_peak_not_four():
+    """torchrun --nproc-per-node 4 on 2 cores: each rank's 1-thread probe was multiplied by 4 (MFU 1.6% where one
+    process read 5.6%); the 4 ranks can keep only the 2 cores busy."""
+    assert shared_cpu_peak_flops(10e9, 1, [("host", TWO_CORES)] * 4) == pytest.approx(20e9)
+
+
+def test_ranks_pinned_to_cores_of_their_own_each_add_their_peak():
+    pinned = [("host", frozenset({core})) for core in range(4)]
+    assert shared_cpu_peak_flops(10e9, 1, pinned, rank=2) == pytest.approx(40e9)
+
+
+def test_each_machine_is_bounded_by_its_own_cores():
+    """Two machines of 2 cores, 2 ranks of 2 threads on the first, 3 of 1 thread on the second: 2 + 2 cores busy."""
+    ranks = [("a", TWO_CORES)] * 2 + [("b", TWO_CORES)] * 3
+    assert shared_cpu_peak_flops(20e9, 2, ranks) == pytest.approx(4 * 10e9)
+
+
+def test_one_process_keeps_its_measured_peak_and_threads_beyond_its_cores_add_nothing():
+    assert shared_cpu_peak_flops(20e9, 2, [("host", TWO_CORES)]) == pytest.approx(20e9)
+    assert shared_cpu_peak_flops(20e9, 8, [("host", TWO_CORES)]) == pytest.approx(20e9)  # 8 threads ran on 2 cores
+
+
+def test_a_single_process_reads_its_own_affinity_mask():
+    [(machine, cpus)] = ranks_cpus(Ranks(0, 1, torch.device("cpu")))
+    assert machine and cpus == frozenset(os.sched_getaffinity(0))
