@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from importlib.metadata import version
 from importlib.resources import files
 from typing import Annotated, Any
 
@@ -72,6 +73,7 @@ from seekstack.serve.schemas import (
     ModerationRequest,
     ModerationResponse,
     PromptTokensDetails,
+    ServerVersion,
     Usage,
     UsageReport,
 )
@@ -715,12 +717,19 @@ def create_app(
 
     @app.get("/health", **health_answers)
     @app.head("/health", **health_answers)  # what uptime checks and load balancers probe with: an operation of its own
+    @app.get("/ping", **health_answers)  # vLLM's other name for it (SageMaker's probe), GET and POST
+    @app.post("/ping", **health_answers)
     async def health() -> JSONResponse:
         # Database reads, here and below, run off the event loop: one waiting for a database that another connection
         # holds (another server's write, `seekstack keys`) would stop every stream with it.
         healthy, auth = server.bridge.alive, await asyncio.to_thread(server.keys.any_keys)
         body = Health(status="ok" if healthy else "engine stopped", auth=auth)
         return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
+
+    @app.get("/version", response_model=ServerVersion)
+    async def server_version() -> JSONResponse:
+        """seekstack's version (vLLM's route, giving its own)."""
+        return JSONResponse(ServerVersion(version=version("seekstack")).model_dump())
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:

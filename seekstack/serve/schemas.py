@@ -373,6 +373,10 @@ class Health(BaseModel):
     auth: bool  # whether API keys are required
 
 
+class ServerVersion(BaseModel):
+    version: str  # seekstack's, as vLLM's /version gives its own
+
+
 class UsageDay(BaseModel):
     key_name: str | None
     day: str  # YYYY-MM-DD (UTC)

@@ -136,11 +136,25 @@ def test_every_operation_has_an_id_of_its_own_and_health_answers_get_and_head(ap
     ids = [operation["operationId"] for path in document["paths"].values() for operation in path.values()]
     assert len(ids) == len(set(ids)), ids
     assert set(document["paths"]["/health"]) == {"get", "head"}
+    assert set(document["paths"]["/ping"]) == {"get", "post"}  # vLLM's (were 404)
 
     async def scenario(client):
         return [(await client.get("/health")).status_code, (await client.head("/health")).status_code]
 
     assert run(app, scenario) == [200, 200]
+
+
+def test_vllms_ping_answers_as_health_and_version_gives_seekstacks(app):
+    """vLLM's GET/POST /ping (SageMaker's probe) and GET /version answered 404."""
+    from importlib.metadata import version
+
+    async def scenario(client):
+        return [await client.get("/health"), await client.get("/ping"), await client.post("/ping"),
+                await client.get("/version")]  # fmt: skip
+
+    health, get_ping, post_ping, server_version = run(app, scenario)
+    assert get_ping.status_code == post_ping.status_code == 200 and get_ping.json() == post_ping.json() == health.json()
+    assert server_version.json() == {"version": version("seekstack")}
 
 
 def test_usage_since_is_documented_as_the_date_it_must_be(app):
