@@ -308,10 +308,10 @@ def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], record
     if _is_rl(train_config):
         rl_steps = [r for r in steps if "reward" in r]
         window = max(1, min(RL_WINDOW, len(rl_steps) // 4))
-        curves = plot_rl_runs([run_dir], out_dir / "rl_curves.png", smooth=window)
+        curves = plot_rl_runs([run_dir], out_dir / "rl_curves.png", smooth=window, records=[records])
         text = f"## Training\n\n![RL curves]({curves.name})\n\n" + _rl_progress(rl_steps, window)
     else:
-        curves = plot_run(run_dir, out_dir / "curves.png")
+        curves = plot_run(run_dir, out_dir / "curves.png", records)  # read once: a torn last line told once
         text = f"## Training\n\n![training curves]({curves.name})\n\n"
         if steps:  # a step that trained no labelled token (on-policy answers) has no next-token loss
             last = steps[-1]

@@ -45,20 +45,28 @@ def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], lis
     return steps, means
 
 
-def plot_rl_runs(run_dirs: list[Path], out_path: Path, smooth: int = 10) -> Path:
-    """Draw the runs' curves to `out_path` (a .png); return it."""
+def plot_rl_runs(
+    run_dirs: list[Path], out_path: Path, smooth: int = 10, records: list[list[dict]] | None = None
+) -> Path:
+    """Draw the runs' curves to `out_path` (a .png); return it. `records`: each run's metrics when the caller has
+    read them (`read_metrics`) already, so a torn last line is told once."""
     out_path = png_path(out_path)
-    figure = rl_figure(run_dirs, smooth)
+    figure = rl_figure(run_dirs, smooth, records)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=90, format="png"))
     plt.close(figure)
     return out_path
 
 
-def rl_figure(run_dirs: list[Path], smooth: int = 10) -> Figure:
-    """The runs' curves, one panel of PANELS each, each point the mean of `smooth` steps."""
+def rl_figure(run_dirs: list[Path], smooth: int = 10, records: list[list[dict]] | None = None) -> Figure:
+    """The runs' curves, one panel of PANELS each, each point the mean of `smooth` steps; `records` as
+    `plot_rl_runs` takes them."""
     require_each_run_once(run_dirs)
-    runs = [(name, _rl_records(run_dir)) for name, run_dir in zip(run_names(run_dirs), run_dirs, strict=True)]
+    logged = records if records is not None else [read_metrics(run_dir, command="rl") for run_dir in run_dirs]
+    runs = [
+        (name, _rl_records(run_dir, run_records))
+        for name, run_dir, run_records in zip(run_names(run_dirs), run_dirs, logged, strict=True)
+    ]
     figure, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
     for name, records in runs:
         for axis, (title, keys) in zip(axes, PANELS, strict=True):
@@ -97,9 +105,10 @@ def run_names(run_dirs: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
 
 
-def _rl_records(run_dir: Path) -> list[dict]:
-    """The run's step records (those with a reward); an error naming the run when it has none."""
-    records = [r for r in read_metrics(run_dir, command="rl") if "reward" in r]
+def _rl_records(run_dir: Path, logged: list[dict]) -> list[dict]:
+    """The step records (those with a reward) of the run's metrics `logged`; an error naming the run when it has
+    none."""
+    records = [r for r in logged if "reward" in r]
     if not records:
         raise ValueError(f"{run_dir}/metrics.jsonl has no reward: is it the out_dir of a `seekstack rl` run?")
     return records

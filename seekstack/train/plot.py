@@ -39,10 +39,11 @@ def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     return read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr))
 
 
-def plot_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
-    """Draw the run's curves to `out_path` (default `run_dir/curves.png`); return the path written."""
+def plot_run(run_dir: str | Path, out_path: str | Path | None = None, records: list[dict] | None = None) -> Path:
+    """Draw the run's curves to `out_path` (default `run_dir/curves.png`); return the path written. `records`: the
+    run's metrics when the caller has read them (`read_metrics`) already, so a torn last line is told once."""
     out_path = png_path(out_path if out_path is not None else Path(run_dir) / "curves.png")
-    records = read_metrics(run_dir)
+    records = records if records is not None else read_metrics(run_dir)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     if not steps:

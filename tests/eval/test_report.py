@@ -521,7 +521,7 @@ def test_validation_table_shows_maxvio_only_for_a_run_that_logged_it(tmp_path):
 
 def test_a_report_the_disk_refuses_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     """report.md was written in place: a disk that filled midway left the earlier report cut short."""
-    monkeypatch.setattr("seekstack.eval.report.plot_run", lambda run_dir, path: path)  # the PNG is written apart
+    monkeypatch.setattr("seekstack.eval.report.plot_run", lambda run_dir, path, records: path)  # the PNG is written apart
     from seekstack.atomic import WriteRefused
     from seekstack.eval.report import write_report
     from tests.test_atomic import file_size_limit

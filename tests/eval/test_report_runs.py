@@ -119,6 +119,21 @@ def test_report_of_a_run_stopped_before_its_first_complete_save_gives_its_data_a
     assert "## Evaluation" not in page and "## Samples" not in page  # nothing measured, no model to sample
 
 
+@pytest.mark.parametrize("kind", ["pretraining", "rl"])
+def test_a_last_metrics_line_cut_short_is_told_once_though_page_and_curves_read_it(kind, tmp_path, request, capsys):
+    """The page and its curves each read metrics.jsonl, and the report said "dropped the last line" twice."""
+    if kind == "rl":
+        run_dir = request.getfixturevalue("rl_run")
+    else:
+        records = [{"step": step, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": 0.3} for step in (1, 2)]
+        (tmp_path / "run").mkdir()
+        run_dir = _run_files(tmp_path / "run", {"model": "tiny", "data_dir": "../tokens"}, records)
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 9, "loss": 5.1')  # what a run stopped while appending leaves
+    write_report(run_dir, samples=False)
+    assert capsys.readouterr().err.count("dropped the last line, cut short") == 1
+
+
 @pytest.fixture
 def rl_run(tmp_path) -> Path:
     """An `rl` run's folder: its config, 8 steps of metrics (GRPO's loss ~0, the reward rising), checkpoint step_8."""
