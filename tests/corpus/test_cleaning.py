@@ -670,6 +670,35 @@ def test_utf16_without_a_byte_order_mark_is_read_as_utf16(tmp_path: Path, encodi
     assert [doc.text for doc in open_source(binary)] == [bytes(range(256)).decode("cp1252", errors="replace") * 20]
 
 
+def test_utf16_chinese_japanese_and_korean_without_a_byte_order_mark_are_read_as_utf16(tmp_path: Path) -> None:
+    """UTF-16 with no ASCII has no NUL high bytes to tell it, and came out as garbage ('-N\x87e\x87e,g...' for
+    '中文文本'); its sample that is no UTF-8 and reads, in the byte order whose high bytes vary less, as text of one
+    writing system tells it: kanji and kana together, a Chinese text's English words and its '一' (a NUL low byte)."""
+    texts = {
+        "zh.txt": ("中文文本的处理是自然语言处理中的重要问题。我们需要清洗、分词和统计。\n", "utf-16-le"),
+        "ja.txt": ("日本語のテキストもここにあります。これはテストです。東京は日本の首都です。\n", "utf-16-be"),
+        "kana.txt": ("これはひらがなのぶんしょうです。わたしはにほんごをべんきょうしています。\n", "utf-16-le"),
+        "ko.txt": ("한국어텍스트입니다。이것은시험입니다。\n", "utf-16-be"),
+        "mixed.txt": ("我们用Python训练一个模型，数据量很大，一切顺利。\n", "utf-16-le"),
+    }
+    for name, (text, encoding) in texts.items():
+        (tmp_path / name).write_bytes((text * 30).encode(encoding))
+    assert {doc.doc_id: doc.text for doc in read_text_folder(tmp_path)} == {n: t * 30 for n, (t, _) in texts.items()}
+
+
+def test_text_that_is_no_utf8_but_not_utf16_either_is_read_as_before(tmp_path: Path) -> None:
+    """Windows-1252 with many accents (its letter pairs read as UTF-16 are CJK, its spaces and stops are not) stays
+    Windows-1252, Chinese UTF-8 with a stray Latin-1 byte stays UTF-8, and bytes of no text stay bytes."""
+    french = "Là où l'été déçoit, ça bâtit à côté. Noël à Orléans!\r\n" * 40
+    (tmp_path / "fr.txt").write_bytes(french.encode("cp1252"))
+    chinese = "中文文本的处理是自然语言处理中的一个重要问题。" * 20
+    (tmp_path / "zh.txt").write_bytes(chinese.encode("utf-8") + b" Bj\xf6rn")
+    (tmp_path / "noise.txt").write_bytes(bytes(range(1, 256)) * 16)
+    decoded = {doc.doc_id: doc.text for doc in read_text_folder(tmp_path)}
+    assert decoded["fr.txt"] == french and decoded["zh.txt"] == chinese + " Björn"
+    assert decoded["noise.txt"] == bytes(range(1, 256)).decode("cp1252", errors="replace") * 16
+
+
 def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     powershell = tmp_path / "powershell.jsonl"  # Windows PowerShell 5's `Out-File`: UTF-16 with its mark, CRLF
     powershell.write_bytes('{"text": "caf\u00e9 \U0001f600"}\r\n{"text": "two"}\r\n'.encode("utf-16"))
