@@ -205,7 +205,7 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
     main = accounting.main_parameters(config)
     mtp_depths = config.num_nextn_predict_layers
     last_step = int(checkpoint.name.removeprefix("step_"))  # the checkpoint's step: the model this page describes
-    tokens = _tokens_trained(records, last_step)
+    trained = _tokens_trained(records, last_step)
     cache = accounting.kv_cache_bytes_per_token(config)
     init_from = train_config.get("init_from")
     origin = f"from `{_from_run(run_dir, init_from)}`" if init_from else train_config.get("model", "-")
@@ -228,10 +228,15 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
         )
         if per_token is not None:
             rows.append(("training FLOPs per token" + (" (with MTP)" if mtp_depths else ""), f"{per_token:,}"))
-    if tokens is not None:
-        rows.append(("tokens trained", f"{tokens:,} ({last_step} steps)"))
+    if trained is not None:
+        positions, assistant = trained
+        if assistant is None:
+            rows.append(("tokens trained", f"{positions:,} ({last_step} steps)"))
+        else:  # sft, distill on conversations: the loss is on the labelled assistant tokens, not prompts or padding
+            trained_text = f"{assistant:,} of {positions:,} positions ({last_step} steps)"
+            rows.append(("tokens trained (labelled assistant tokens)", trained_text))
         if per_token is not None:
-            rows.append(("training compute", f"{per_token * tokens:.3e} FLOP"))
+            rows.append(("training compute", f"{per_token * positions:.3e} FLOP"))
     rows.append(
         ("KV cache per token (bf16)", f"{cache.latent:,} B latent vs {cache.mha:,} B plain MHA ({cache.ratio:.1f}x)")
     )
@@ -290,15 +295,18 @@ def _routed_experts(config: ModelConfig) -> str:
     )
 
 
-def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> int | None:
-    """The token positions trained up to `last_step`, as metrics.jsonl logged them (tokens/s x step time, padding
-    included); None when the log misses a step (a step logged twice counts once, its later record)."""
-    per_step = {
-        r["step"]: round(r["tokens_per_s"] * r["step_s"])
-        for r in records
-        if "tokens_per_s" in r and "step_s" in r and r["step"] <= last_step
-    }
-    return sum(per_step.values()) if len(per_step) == last_step else None
+def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> tuple[int, int | None] | None:
+    """(token positions, assistant tokens) trained up to `last_step`, as metrics.jsonl logged them: the positions as
+    tokens/s x step time, padding included, the assistant tokens (the labelled targets of sft's loss) where every
+    step logged `assistant_tokens`, else None; None when the log misses a step (a step logged twice counts once, its
+    later record)."""
+    per_step = {r["step"]: r for r in records if "tokens_per_s" in r and "step_s" in r and r["step"] <= last_step}
+    if len(per_step) != last_step:
+        return None
+    positions = sum(round(r["tokens_per_s"] * r["step_s"]) for r in per_step.values())
+    logged_assistant = all("assistant_tokens" in r for r in per_step.values())
+    assistant = sum(round(r["assistant_tokens"]) for r in per_step.values()) if logged_assistant else None
+    return positions, assistant
 
 
 def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:

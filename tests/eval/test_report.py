@@ -376,6 +376,19 @@ def test_report_of_an_rl_run_names_its_task_and_the_tokens_it_logged_not_unused_
     assert "tokens trained" not in _model(tmp_path, tmp_path / "checkpoints" / "step_2", rl_config, records[1:])
 
 
+def test_report_of_an_sft_run_counts_the_assistant_tokens_its_loss_trained_beside_every_position(tmp_path):
+    """It read "tokens trained | 784 (2 steps)": every position, prompts and padding in them, though the run logged
+    the 172 assistant tokens its loss was on."""
+    from seekstack.eval.report import _model
+
+    sft_config = {"model": "tiny", "data": "../chats.jsonl", "seq_len": 49, "batch_size": 8}
+    records = [{"step": step, "loss": 2.0, "tokens_per_s": 392.0, "step_s": 1.0, "assistant_tokens": 86.0}
+               for step in (1, 2)]  # fmt: skip
+    model = _model(tmp_path, _step_checkpoint(tmp_path, 2), sft_config, records)
+    assert "| tokens trained (labelled assistant tokens) | 172 of 784 positions (2 steps) |" in model
+    assert "| tokens trained |" not in model
+
+
 def test_report_of_a_dense_student_without_mtp_claims_no_experts_and_no_mtp(tmp_path):
     from seekstack.eval.report import _model
 
@@ -521,7 +534,7 @@ def test_validation_table_shows_maxvio_only_for_a_run_that_logged_it(tmp_path):
 
 def test_a_report_the_disk_refuses_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
     """report.md was written in place: a disk that filled midway left the earlier report cut short."""
-    monkeypatch.setattr("seekstack.eval.report.plot_run", lambda run_dir, path, records: path)  # the PNG is written apart
+    monkeypatch.setattr("seekstack.eval.report.plot_run", lambda run_dir, path, records: path)  # PNG written apart
     from seekstack.atomic import WriteRefused
     from seekstack.eval.report import write_report
     from tests.test_atomic import file_size_limit
