@@ -286,13 +286,18 @@ def _adapter_summary(adapter: Path, base_parameters: int) -> str:
 
 
 def _routed_experts(config: ModelConfig) -> str:
+    """Where the model routes: its MoE layers and MTP modules (blocks too, numbered on from the main model's), the
+    MoE of either in the MaxVio its validation logs."""
+    layers, depths = config.num_hidden_layers, config.num_nextn_predict_layers
     moe_layers = config.moe_layer_count
-    if not moe_layers:
+    moe_modules = sum(config.is_moe_layer(index) for index in range(layers, layers + depths))
+    if not moe_layers and not moe_modules:
         return "none (a dense FFN in every layer)"
-    return (
-        f"{config.n_routed_experts} ({config.num_experts_per_tok} per token) in {moe_layers} of "
-        f"{config.num_hidden_layers} layers"
-    )
+    places = [f"{moe_layers} of {layers} layers"] if moe_layers else []
+    if moe_modules:
+        places.append("the MTP module" if depths == 1 else f"{moe_modules} of {depths} MTP modules")
+    dense_main = "" if moe_layers else " (the main model has a dense FFN in every layer)"
+    return f"{config.n_routed_experts} ({config.num_experts_per_tok} per token) in {' and '.join(places)}{dense_main}"
 
 
 def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> tuple[int, int | None] | None:

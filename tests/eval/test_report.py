@@ -397,7 +397,19 @@ def test_report_of_a_dense_student_without_mtp_claims_no_experts_and_no_mtp(tmp_
     assert "| routed experts | none (a dense FFN in every layer) |" in model
     assert "MTP" not in model and "| training FLOPs per token |" in model and "tokens trained" not in model
     moe = _model(tmp_path, _step_checkpoint(tmp_path / "moe", 1), {"data_dir": "../tokens", "seq_len": 64}, [])
-    assert "| routed experts | 8 (2 per token) in 3 of 4 layers |" in moe and "(with MTP)" in moe
+    assert "| routed experts | 8 (2 per token) in 3 of 4 layers and the MTP module |" in moe and "(with MTP)" in moe
+
+
+def test_report_of_a_dense_student_with_an_moe_mtp_module_says_where_its_experts_are(tmp_path):
+    """It read "routed experts | none (a dense FFN in every layer)" while its validation table showed the MaxVio of
+    its MTP module's experts (MTP blocks are numbered on from the main model's: block 4 of first_k_dense_replace=4
+    is MoE)."""
+    from seekstack.eval.report import _model
+
+    student = _step_checkpoint(tmp_path, 1, first_k_dense_replace=4, num_nextn_predict_layers=1)
+    model = _model(tmp_path, student, {"data_dir": "../tokens", "seq_len": 64, "teacher": "../teacher"}, [])
+    said = "| routed experts | 8 (2 per token) in the MTP module (the main model has a dense FFN in every layer) |"
+    assert said in model
 
 
 @pytest.mark.parametrize(

@@ -294,7 +294,7 @@ def test_report_and_explain_of_a_lora_run_use_its_base_with_the_adapter_merged(l
 
     merged = merge_adapter(lora_run.parent / "base", lora_run / "checkpoints" / "step_2", tmp_path / "merged")
     report = write_report(lora_run).read_text()
-    assert "| routed experts | 4 (2 per token) in 1 of 2 layers |" in report
+    assert "| routed experts | 4 (2 per token) in 1 of 2 layers and the MTP module |" in report
     assert re.search(r"\| LoRA adapter \| rank \d+, alpha [\d.]+: [\d,]+ parameters \([\d.]+% of the base's\)", report)
     for prompt, greedy, _ in demo_samples(merged, max_new_tokens=48):  # the adapter's model, not the base's
         assert f"```python\n{prompt}{greedy}\n```" in report
