@@ -270,7 +270,8 @@ def checkpoint_bytes(directory: str | Path) -> int:
 
 
 def stored_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors `model`'s checkpoint holds (headers aside): what `checkpoint_bytes` of it would be."""
+    """Bytes of the tensors `model`'s checkpoint holds: what `checkpoint_bytes` of it would be less the files'
+    safetensors headers (their JSON, a few hundred bytes per layer)."""
     from seekstack.checkpoint import checkpoint_tensors
 
     return sum(tensor.numel() * tensor.element_size() for _, tensor in checkpoint_tensors(model))  # type: ignore[arg-type]
