@@ -87,8 +87,8 @@ class ChatSession:
     def _fitting_prompt(self) -> list[int]:
         """The prompt of the history with the oldest turns dropped until the reply has room for max_new_tokens (for
         at most half the context: a longer reply leaves the history the other half), so that an old turn goes before
-        a reply is cut short; the history stays whole when even the new message alone does not fit (its error asks
-        for a shorter one)."""
+        a reply is cut short, and told to `notify`; the history stays whole when even the new message alone does not
+        fit (its error asks for a shorter one)."""
         context_len = self.engine.context_len
         reply_room = min(self.params.max_new_tokens, context_len // 2)
         turns = self.turns
@@ -101,6 +101,10 @@ class ChatSession:
                 f"the message needs {len(prompt)} tokens with the system prompt; the context holds "
                 f"{context_len}: write less or change /system"
             )
+        dropped = (len(self.turns) - len(turns)) // 2
+        if dropped and self.notify:
+            self.notify(f"the oldest {dropped} exchange(s) left the history, to fit the context of {context_len} tokens "
+                        f"with {reply_room} for the reply")  # fmt: skip
         self.turns = turns
         return prompt
 

@@ -410,15 +410,23 @@ def on_its_own_line(text: str) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def test_chat_drops_the_oldest_turns_when_the_context_is_full(checkpoint):
+def test_chat_drops_the_oldest_turns_when_the_context_is_full_and_says_so(checkpoint):
     engine = Engine.from_pretrained(checkpoint, max_model_len=48)
-    session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+    notices: list[str] = []
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    session = ChatSession(engine, params, notify=notices.append)
     said = ["one two three four", "five six seven eight", "nine ten eleven", "twelve thirteen"]
+    dropped = []
     for text in said:
+        exchanges = len(session.turns) // 2
         assert len("".join(session.reply(text))) > 0
+        dropped.append(exchanges + 1 - len(session.turns) // 2)
     users = [turn["content"] for turn in session.turns if turn["role"] == "user"]
     assert users[-1] == said[-1] and users[0] != said[0]  # the newest turn stays, the oldest went
     assert len(engine.tokenizer.encode_chat(session.messages())) < 48
+    told = [f"the oldest {count} exchange(s) left the history, to fit the context of 48 tokens with 4 for the reply"
+            for count in dropped if count]  # fmt: skip
+    assert told and notices == told  # each drop told, as it happened
 
 
 def test_chat_drops_the_oldest_turns_before_it_cuts_a_reply_short(checkpoint):
@@ -429,7 +437,8 @@ def test_chat_drops_the_oldest_turns_before_it_cuts_a_reply_short(checkpoint):
     "".join(session.reply("one two three four five six"))
     session.turns[-1]["content"] = "one"  # a short reply: the next prompt (42 tokens) fits, the reply's 8 do not
     reply = "".join(session.reply("seven eight nine ten eleven"))
-    assert notices == []  # the oldest turns went to give the reply its 8 tokens; it was not capped
+    # the oldest turns went to give the reply its 8 tokens; it was not capped
+    assert notices == ["the oldest 1 exchange(s) left the history, to fit the context of 48 tokens with 8 for the reply"]
     assert session.turns == [
         {"role": "user", "content": "seven eight nine ten eleven"},
         {"role": "assistant", "content": reply},
