@@ -148,6 +148,11 @@ class Tokenizer:
         chat_template: ChatTemplate | None = None,
         reply_opening: str = "",
     ):
+        # A tokenizer.json that transformers saved after a call with truncation=True or padding keeps that setting,
+        # which the tokenizers library applies to every encode (transformers turns it off for calls that ask none):
+        # each text cut to its max_length (a shard's documents, a prompt), batches padded. Off, as in transformers.
+        backend.no_truncation()
+        backend.no_padding()
         self.backend = backend
         self.source = source
         # The checkpoint's own template, which writes its chats where the DeepSeek-V3 role tokens are missing (V2 chat)

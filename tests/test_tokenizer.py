@@ -589,3 +589,18 @@ def test_a_vocab_larger_than_any_model_uses_is_refused_before_the_texts_are_read
     with pytest.raises(ConfigError, match=f"^field 'vocab_size' is {vocab_size:,}, too large: at most 1,048,576"):
         train_tokenizer(texts(), vocab_size=vocab_size, out_path=tmp_path / "tok")
     assert not (tmp_path / "tok").exists()
+
+
+def test_truncation_and_padding_a_transformers_save_left_in_tokenizer_json_do_not_cut_texts(trained, tmp_path):
+    """transformers saves the truncation and padding of its last call into tokenizer.json; the tokenizers library
+    would apply them to every encode, and transformers turns them off for calls that ask none."""
+    tokenizer, _ = trained
+    saved = BackendTokenizer.from_str(tokenizer.backend.to_str())
+    saved.enable_truncation(max_length=3)
+    saved.enable_padding(pad_id=tokenizer.pad_id, pad_token=PAD)
+    saved.save(str(tmp_path / "tokenizer.json"))
+    loaded = Tokenizer.from_file(tmp_path)
+    text = AWKWARD_TEXTS[2]
+    assert loaded.encode(text) == tokenizer.encode(text) and len(tokenizer.encode(text)) > 3
+    assert loaded.encode_batch([text, "x"]) == tokenizer.encode_batch([text, "x"])
+    assert loaded.fingerprint == tokenizer.fingerprint
