@@ -639,6 +639,20 @@ def test_missing_weights_are_named_with_the_folder(saved):
     assert load_error(saved).startswith(f"{saved}: no {SINGLE_FILE} or {INDEX_FILE}; ")
 
 
+@pytest.mark.parametrize(
+    "files", [["pytorch_model.bin"], ["pytorch_model-00001-of-00001.bin", "pytorch_model.bin.index.json"]]
+)
+def test_pickled_weights_are_named_as_such_with_how_to_convert_them(saved, files):
+    tensors = load_file(saved / SINGLE_FILE)  # transformers' save_pretrained(safe_serialization=False) layout
+    (saved / SINGLE_FILE).unlink()
+    torch.save(tensors, saved / files[0])
+    if len(files) > 1:
+        (saved / files[1]).write_text(json.dumps({"weight_map": dict.fromkeys(tensors, files[0])}))
+    message = load_error(saved)
+    assert message.startswith(f"{saved}: its weights are PyTorch pickle files ({', '.join(files)}), ")
+    assert f"M.from_pretrained('{saved}', dtype='auto').save_pretrained('{saved}-safetensors')" in message
+
+
 def test_missing_folder_is_named(tmp_path):
     assert load_error(tmp_path / "nowhere").startswith(f"{tmp_path / 'nowhere'}: no such folder; ")
     (tmp_path / "file").write_text("")

@@ -37,6 +37,8 @@ FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads 
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32")}
 # How a Git LFS pointer file begins: what a hub repository cloned without Git LFS holds in place of each weight file.
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# The weight files transformers writes with safe_serialization=False (a shard, or one file) and their index.
+PICKLED_WEIGHTS = "pytorch_model*.bin*"
 
 
 def read_config(directory: str | Path) -> ModelConfig:
@@ -159,6 +161,7 @@ class CheckpointReader:
             return weight_map
         single = self.directory / SINGLE_FILE
         if not single.is_file():  # as transformers: other safetensors files are read only through an index
+            self._refuse_pickled_weights()
             others = ", ".join(sorted(file.name for file in self.directory.glob("*.safetensors")))
             unread = f"{others} are read only through an index listing their keys, as transformers reads them; "
             raise CheckpointError(
@@ -167,6 +170,19 @@ class CheckpointReader:
             )
         with _open_safetensors(single) as handle:
             return {key: SINGLE_FILE for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
+
+    def _refuse_pickled_weights(self) -> None:
+        """CheckpointError naming the PyTorch pickle weight files (transformers' `pytorch_model*.bin`, its index) of a
+        folder without safetensors, with how to convert them: they are the weights, not missing ones."""
+        pickled = sorted(file.name for file in self.directory.glob(PICKLED_WEIGHTS))
+        if pickled:
+            raise CheckpointError(
+                f"{self.directory}: its weights are PyTorch pickle files ({', '.join(pickled)}), which seekstack does "
+                "not read (it memory-maps safetensors, and loading a pickle can run code); convert them once with "
+                f"transformers: python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained("
+                f"'{self.directory}', dtype='auto').save_pretrained('{self.directory}-safetensors')\" (it writes "
+                "no MTP layers), copy the tokenizer files beside them and give that folder"
+            )
 
     def refuse_keys_in_two_shards(self) -> None:
         """CheckpointError naming both shards and the key when two shards of the index hold one key: which one
