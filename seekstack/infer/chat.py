@@ -21,7 +21,14 @@ from seekstack.tokenizer import CONFIG_FILE, Tokenizer
 from seekstack.train.config import CONFIG_FILE as RUN_CONFIG_FILE
 from seekstack.train.runs import TRAIN_STATE_FILE
 
-HELP = "commands: /reset clears the history, /system TEXT sets the system prompt, /quit leaves; Ctrl-C stops a reply"
+HELP = (
+    "commands: /reset (/clear) clears the history, /system TEXT sets the system prompt, /help (/?) shows this, "
+    "/quit (/exit, /bye) leaves; Ctrl-C stops a reply"
+)
+# Each command's other names, as llama-cli's chat (/clear, /exit) and Ollama's (/bye, /clear, /?) take them
+QUIT_COMMANDS = ("/quit", "/exit", "/bye")
+RESET_COMMANDS = ("/reset", "/clear")
+HELP_COMMANDS = ("/help", "/?")
 
 
 class ChatSession:
@@ -103,8 +110,8 @@ class ChatSession:
             )
         dropped = (len(self.turns) - len(turns)) // 2
         if dropped and self.notify:
-            self.notify(f"the oldest {dropped} exchange(s) left the history, to fit the context of {context_len} tokens "
-                        f"with {reply_room} for the reply")  # fmt: skip
+            self.notify(f"the oldest {dropped} exchange(s) left the history, to fit the context of {context_len} "
+                        f"tokens with {reply_room} for the reply")  # fmt: skip
         self.turns = turns
         return prompt
 
@@ -122,10 +129,11 @@ def run_chat(
     acknowledge: Callable[[str], None],
     prompt: str = "",
 ) -> None:
-    """Read user lines with `read_line(prompt)` (as `input`) until /quit, end of input (EOFError) or Ctrl-C at the
-    prompt; answer each with `write`, or run the command it names. Ctrl-C during a reply stops it and returns to the
-    prompt. What cannot be done (a message too long, an unusable /system, an unknown command) is said with `complain`
-    and what a command did with `acknowledge` (both stderr: `write` gets the replies alone, as a script's output)."""
+    """Read user lines with `read_line(prompt)` (as `input`) until /quit (/exit, /bye), end of input (EOFError) or
+    Ctrl-C at the prompt; answer each with `write`, or run the command it names. Ctrl-C during a reply stops it and
+    returns to the prompt. What cannot be done (a message too long, an unusable /system, an unknown command) is said
+    with `complain`, and what a command did (/help: the commands) with `acknowledge` (both stderr: `write` gets the
+    replies alone, as a script's output)."""
     while True:
         try:
             line = read_line(prompt).strip()
@@ -133,11 +141,13 @@ def run_chat(
             if prompt:
                 write("\n")  # end the prompt's line
             return
-        if line == "/quit":
+        if line in QUIT_COMMANDS:
             return
-        if line == "/reset":
+        if line in RESET_COMMANDS:
             session.turns = []
             acknowledge("history cleared")
+        elif line in HELP_COMMANDS:
+            acknowledge(HELP)
         elif line == "/system" or line.startswith("/system "):
             _change_system(session, line[len("/system") :].strip(), complain, acknowledge)
         elif line.startswith("/"):

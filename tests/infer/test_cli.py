@@ -613,6 +613,17 @@ def test_each_reply_ends_its_line_once(engine):
     assert "".join(terminal.shown) == "ab\nc\n\n"
 
 
+@pytest.mark.parametrize("quit", ["/quit", "/exit", "/bye"])
+def test_chat_takes_the_command_names_of_llama_cli_and_ollama(engine, quit):
+    session = ChatSession(engine, SamplingParams(max_new_tokens=3))
+    session.turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    terminal = Terminal(engine, ["/help", "/?", "/clear", quit, "never answered"])
+    run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
+    assert terminal.shown == [f"note: {HELP}\n", f"note: {HELP}\n", "note: history cleared\n"]  # then it left
+    assert session.turns == [] and terminal.lines == ["never answered"]
+    assert all(command in HELP for command in ("/reset (/clear)", "/help (/?)", "/quit (/exit, /bye)"))
+
+
 def test_a_reply_ends_at_a_special_token_the_model_writes_and_the_next_message_is_answered(engine):
     writes_user_turn = {engine.tokenizer.backend.token_to_id(USER): 100.0}  # the model opens a turn of the user's
     session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, logit_bias=writes_user_turn))
