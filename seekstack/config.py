@@ -166,6 +166,12 @@ class ModelConfig:
         the first field no DeepSeek model can have."""
         config = recheck(self)
         require(config.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "even (RoPE rotates pairs)")
+        require(
+            config.model_type != "deepseek_v2" or not config.extra.get("mlp_bias"),
+            "mlp_bias",
+            "false: transformers' deepseek_v2 then adds a bias to the dense and shared-expert FFNs, which seekstack's "
+            "have not (no DeepSeek release sets it)",
+        )
         if config.n_routed_experts:
             config._validate_moe()
         if config.rope_type not in ROPE_TYPES:

@@ -17,6 +17,7 @@ from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Conf
 import seekstack
 from seekstack import ModelConfig, Transformer
 from seekstack.checkpoint import CheckpointError
+from seekstack.config import ConfigError
 from tests.test_hf_parity import ATOL, OURS, SEQ_LEN, TINY, V2_OURS, max_diff, randomise
 
 V3_ROUTING = dict(q_lora_rank=16, n_group=2, topk_group=1)
@@ -123,3 +124,19 @@ def test_weights_in_neither_moe_layout_are_refused_naming_the_layers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**raw, "moe_layer_freq": 3}))  # would make 1, 2 dense
     with pytest.raises(CheckpointError, match=r"routed experts in layers \[2\].*all of \[1, 2, 3\] MoE"):
         seekstack.load_pretrained(tmp_path)
+
+
+def test_a_deepseek_v2_checkpoint_with_mlp_bias_is_refused_naming_the_field_not_run_without_its_biases(tmp_path):
+    save_transformers_model(2, {**V2_ROUTING, "mlp_bias": True}, tmp_path)  # biases on the dense and shared FFNs
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'config.json'}: field 'mlp_bias' must be false"):
+        seekstack.load_pretrained(tmp_path)
+
+
+def test_mlp_bias_in_a_deepseek_v3_config_is_kept_as_transformers_ignores_it_there(tmp_path):
+    reference = save_transformers_model(3, V3_ROUTING, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "mlp_bias": True}))
+    ours = seekstack.load_pretrained(tmp_path).eval()
+    assert ours.config.extra["mlp_bias"] is True
+    with torch.no_grad():
+        assert max_diff(ours(input_ids()).logits, reference(input_ids()).logits) < ATOL
