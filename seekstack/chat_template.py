@@ -6,14 +6,11 @@ its own template."""
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from jinja2 import Template, TemplateError
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker of where a continued message's content ends
 
@@ -95,14 +92,10 @@ def read_chat_template(config_path: Path, template_path: Path) -> ChatTemplate |
     return None
 
 
-def _raise_exception(message: str) -> None:
-    raise TemplateError(message)
-
-
-@functools.lru_cache(maxsize=8)
 def _compiled(text: str) -> Template:
-    """`text` compiled in the environment transformers renders chat templates in (sandboxed, trimmed blocks, loop
-    controls, `raise_exception`)."""
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    environment.globals["raise_exception"] = _raise_exception
-    return environment.from_string(text)
+    """`text` compiled by transformers, in the environment its `apply_chat_template` renders in (sandboxed, trimmed
+    blocks, loop controls, `raise_exception`, `strftime_now`, its `tojson` that writes '<' and non-ASCII as they are,
+    the `{% generation %}` tag), and cached there. Imported here, when a checkpoint's own template is rendered."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    return _compile_jinja_template(text)

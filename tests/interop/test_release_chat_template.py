@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from seekstack.chat_template import read_chat_template
+from seekstack.chat_template import ChatTemplate, read_chat_template
 from seekstack.cli import app
 from seekstack.infer import Engine
 from seekstack.serve.app import create_app
@@ -120,3 +120,18 @@ def test_a_damaged_tokenizer_config_beside_a_deepseek_v3_tokenizer_is_not_read(t
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": ', encoding="utf-8")
     rendered = Tokenizer.from_file(tmp_path).render_chat([{"role": "user", "content": "hi"}])
     assert rendered == "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜>"
+
+
+def test_a_checkpoint_template_has_what_transformers_gives_templates_tojson_generation_and_strftime_now():
+    """A template using transformers' `tojson` (no HTML escapes, non-ASCII as is), `{% generation %}` (TRL's
+    assistant-only loss) or `strftime_now` rendered as apply_chat_template renders it: it got jinja's escaping
+    tojson, '\\u003cb\\u003e', and failed on the other two ('unknown tag', 'strftime_now is undefined')."""
+    template = ChatTemplate(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] | tojson }}\n"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}{% endif %}"
+        "{% endfor %}{{ strftime_now('%%') }}",
+        "tokenizer_config.json",
+    )
+    chat = [{"role": "user", "content": "<b> & 'c' 中"}, {"role": "assistant", "content": "ok"}]
+    rendered = template.render(chat, False, False, {"bos_token": "<s>", "eos_token": "</s>"})
+    assert rendered == '<s>user: "<b> & \'c\' 中"\nassistant: "ok"\nok</s>%'
