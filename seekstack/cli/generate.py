@@ -246,7 +246,8 @@ def chat_command(
     threads: Threads = None,
     adapter: Adapter = None,
 ) -> None:
-    """Chat in the terminal with streamed replies; /reset, /system TEXT, /help, /quit; Ctrl-C stops a reply.
+    """Chat in the terminal with streamed replies; /reset, /system TEXT, /help, /quit; \"\"\" opens and closes a
+    message of several lines; Ctrl-C stops a reply.
 
     Says so at the start when the checkpoint looks like a base model with no chat training. Sampling options left
     unset take the checkpoint's generation_config.json values, else temperature 0.7, top-p 0.95, no top-k."""

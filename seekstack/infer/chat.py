@@ -23,8 +23,9 @@ from seekstack.train.runs import TRAIN_STATE_FILE
 
 HELP = (
     "commands: /reset (/clear) clears the history, /system TEXT sets the system prompt, /help (/?) shows this, "
-    "/quit (/exit, /bye) leaves; Ctrl-C stops a reply"
+    '/quit (/exit, /bye) leaves; """ opens and closes a message of several lines; Ctrl-C stops a reply'
 )
+BLOCK = '"""'  # a message of several lines runs from a line opening with it to one ending with it, as in Ollama
 # Each command's other names, as llama-cli's chat (/clear, /exit) and Ollama's (/bye, /clear, /?) take them
 QUIT_COMMANDS = ("/quit", "/exit", "/bye")
 RESET_COMMANDS = ("/reset", "/clear")
@@ -130,20 +131,25 @@ def run_chat(
     prompt: str = "",
 ) -> None:
     """Read user lines with `read_line(prompt)` (as `input`) until /quit (/exit, /bye), end of input (EOFError) or
-    Ctrl-C at the prompt; answer each with `write`, or run the command it names. Ctrl-C during a reply stops it and
+    Ctrl-C at the prompt; answer each (or each block of lines between BLOCK quotes) with `write`, or run the command
+    it names. Ctrl-C during a reply stops it and
     returns to the prompt. What cannot be done (a message too long, an unusable /system, an unknown command) is said
     with `complain`, and what a command did (/help: the commands) with `acknowledge` (both stderr: `write` gets the
     replies alone, as a script's output)."""
     while True:
         try:
             line = read_line(prompt).strip()
+            block = _read_block(line[len(BLOCK) :], read_line, prompt and "... ") if line.startswith(BLOCK) else None
         except (EOFError, KeyboardInterrupt):
             if prompt:
                 write("\n")  # end the prompt's line
             return
-        if line in QUIT_COMMANDS:
+        if block is not None:  # a message, whatever it starts with ("/" included)
+            if block:
+                _answer(session, block, write, complain)
+        elif line in QUIT_COMMANDS:
             return
-        if line in RESET_COMMANDS:
+        elif line in RESET_COMMANDS:
             session.turns = []
             acknowledge("history cleared")
         elif line in HELP_COMMANDS:
@@ -154,6 +160,20 @@ def run_chat(
             complain(f"unknown command {line.split()[0]!r}; {HELP}")
         elif line:
             _answer(session, line, write, complain)
+
+
+def _read_block(first: str, read_line: Callable[[str], str], prompt: str) -> str:
+    """The message of a block opened by BLOCK with `first` after it: the lines, newlines and indents kept, up to the
+    one ending with BLOCK (the closing quotes left out), each further line read with `read_line(prompt)`; end of
+    input closes the block."""
+    lines = [first]
+    while not lines[-1].rstrip().endswith(BLOCK):
+        try:
+            lines.append(read_line(prompt).rstrip("\r\n"))
+        except EOFError:
+            break
+    lines[-1] = lines[-1].rstrip().removesuffix(BLOCK)
+    return "\n".join(lines).strip()
 
 
 def _change_system(
@@ -205,14 +225,15 @@ def _trained_on_chat(adapter: Path) -> bool:
     return False
 
 
-def _fine_tuned(checkpoint: Path) -> bool:
-    """Whether the run that wrote training checkpoint `checkpoint` (RUN/checkpoints/step_N) started from another
-    model (`init_from` in RUN's train_config.json: sft, rl, distill), rather than pretraining from scratch."""
+def _trained_on_conversations(checkpoint: Path) -> bool:
+    """Whether the run that wrote training checkpoint `checkpoint` (RUN/checkpoints/step_N) trained on chats: its
+    train_config.json names a `data` file or a `task` (sft, rl, distill of conversations; `PostTrainConfig`'s
+    `conversations`), where pretraining, and distillation or a run from `init_from` on token shards, name neither."""
     try:
         config = json.loads((checkpoint.parent.parent / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and bool(config.get("init_from"))
+    return isinstance(config, dict) and bool(config.get("data") or config.get("task"))
 
 
 def base_model_reason(
@@ -222,8 +243,8 @@ def base_model_reason(
     training, or None when nothing says so; an adapter trained on chat conversations makes it a chat model.
 
     The signs: the tokenizer_config.json beside the tokenizer has no `chat_template` (how Hugging Face marks a
-    model meant for chat); the folder is a checkpoint of a seekstack run that pretrained from scratch (it holds
-    train_state.pt, and its run has no init_from: sft, rl and distill runs start from a model); its name ends in
+    model meant for chat); the folder is a checkpoint of a seekstack run that trained on no conversations (it holds
+    train_state.pt, and its run names no data or task: pretraining, distillation on token shards); its name ends in
     "base", as DeepSeek names its base releases (DeepSeek-V3-Base). A heuristic for a notice: a base model that
     ships a chat template under another name passes for a chat model."""
     if adapter is not None and _trained_on_chat(Path(adapter)):
@@ -235,8 +256,11 @@ def base_model_reason(
         tokenizer_config = {}
     if not isinstance(tokenizer_config, dict) or not tokenizer_config.get("chat_template"):
         return f"{config_path} has no chat_template"
-    if (model_dir / TRAIN_STATE_FILE).is_file() and not _fine_tuned(model_dir):
-        return f"{model_dir} is a checkpoint of a run that trained from scratch (its {TRAIN_STATE_FILE}; no init_from)"
+    if (model_dir / TRAIN_STATE_FILE).is_file() and not _trained_on_conversations(model_dir):
+        return (
+            f"{model_dir} is a checkpoint of a run that trained on no conversations (its {TRAIN_STATE_FILE}; no data "
+            f"or task in its run's {RUN_CONFIG_FILE})"
+        )
     if model_dir.resolve().name.lower().endswith("base"):
         return f"its folder is named {model_dir.resolve().name!r}"
     return None

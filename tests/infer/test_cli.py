@@ -624,6 +624,29 @@ def test_chat_takes_the_command_names_of_llama_cli_and_ollama(engine, quit):
     assert all(command in HELP for command in ("/reset (/clear)", "/help (/?)", "/quit (/exit, /bye)"))
 
 
+def test_a_message_of_several_lines_goes_between_triple_quotes_as_in_ollama(engine):
+    class Heard(ChatSession):
+        def reply(self, user_text):
+            heard.append(user_text)
+            yield "ok"
+
+    heard: list[str] = []
+    typed = ['"""def f():', "    return 1", '"""', '"""/reset"""', "after", '"""unclosed', "  at the end"]
+    prompts: list[str] = []
+
+    def read_line(prompt):
+        prompts.append(prompt)
+        if not typed:
+            raise EOFError
+        return typed.pop(0)
+
+    shown: list[str] = []
+    run_chat(Heard(engine, SamplingParams()), read_line, shown.append, shown.append, shown.append, prompt="> ")
+    assert heard == ["def f():\n    return 1", "/reset", "after", "unclosed\n  at the end"]  # each block one message
+    assert prompts == ["> ", "... ", "... ", "> ", "> ", "> ", "... ", "... ", "> "]
+    assert shown == ["ok", "\n"] * 4 + ["\n"]
+
+
 def test_a_reply_ends_at_a_special_token_the_model_writes_and_the_next_message_is_answered(engine):
     writes_user_turn = {engine.tokenizer.backend.token_to_id(USER): 100.0}  # the model opens a turn of the user's
     session = ChatSession(engine, SamplingParams(max_new_tokens=4, temperature=0, logit_bias=writes_user_turn))
@@ -669,11 +692,15 @@ def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(check
     step = run / "checkpoints" / "step_9"
     shutil.copytree(bare, step)
     (step / "train_state.pt").write_bytes(b"")
-    assert "a run that trained from scratch" in base_model_reason(step, step)  # no train_config.json: pretraining
+    assert "a run that trained on no conversations" in base_model_reason(step, step)  # no train_config.json
     (run / "train_config.json").write_text(json.dumps({"init_from": None}))
-    assert "a run that trained from scratch" in base_model_reason(step, step)
-    (run / "train_config.json").write_text(json.dumps({"init_from": "runs/base"}))
-    assert base_model_reason(step, step) is None  # sft, rl and distill runs start from a model
+    assert "a run that trained on no conversations" in base_model_reason(step, step)  # pretraining
+    (run / "train_config.json").write_text(json.dumps({"init_from": "runs/base", "data": "", "task": ""}))
+    assert "a run that trained on no conversations" in base_model_reason(step, step)  # distilled on token shards
+    (run / "train_config.json").write_text(json.dumps({"init_from": "runs/base", "task": "addition"}))
+    assert base_model_reason(step, step) is None  # sft or rl
+    (run / "train_config.json").write_text(json.dumps({"init_from": "", "data": "traces.jsonl", "task": ""}))
+    assert base_model_reason(step, step) is None  # a student distilled from scratch on a teacher's conversations
     release = shutil.copytree(checkpoint, tmp_path / "DeepSeek-V3-Base")
     assert base_model_reason(release, release) == "its folder is named 'DeepSeek-V3-Base'"
 
