@@ -50,6 +50,10 @@ class AdapterConflict(ValueError):
     """A load under a name in use, or an unload of an adapter that unfinished requests still use."""
 
 
+class AdapterInUse(AdapterConflict):
+    """An unload or a replacement (load_inplace) of an adapter that unfinished requests still use."""
+
+
 @dataclass
 class AdapterWeights:
     """What the per-row layers apply of one adapter: (A, B * alpha/r) per adapted weight, and the token ids and
@@ -124,15 +128,24 @@ class LoadedAdapters:
     def select(self, slots: list[int], device: torch.device) -> None:
         self.rows.select(slots, device)
 
-    def add(self, name: str, folder: str | Path, weights: AdapterWeights) -> None:
-        """Serve `weights` (from `read_factors(folder)`) as adapter `name` in the lowest free slot."""
+    def add(
+        self, name: str, folder: str | Path, weights: AdapterWeights, replace: bool = False, requests_in_flight: int = 0
+    ) -> None:
+        """Serve `weights` (from `read_factors(folder)`) as adapter `name` in the lowest free slot. `replace` (vLLM's
+        load_inplace): a loaded `name` takes these weights in its own slot, AdapterInUse while
+        `requests_in_flight` (unfinished ones using it) > 0, as for `remove`."""
         if not ADAPTER_NAME.fullmatch(name):
             raise ValueError(f"adapter name {name!r}: use letters, digits and . _ - : @ / + only")
         refuse_quantized_base(self.model, folder)
+        if name in self.slots and not replace:
+            raise AdapterConflict(
+                f"an adapter named {name!r} is already loaded (from {self.folders[name]}); to replace its weights, "
+                "load it with load_inplace=true"
+            )
         if name in self.slots:
-            raise AdapterConflict(f"an adapter named {name!r} is already loaded (from {self.folders[name]})")
+            _refuse_in_flight(name, requests_in_flight)
         taken = set(self.slots.values())
-        slot = next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
+        slot = self.slots.get(name) or next(slot for slot in range(1, len(taken) + 2) if slot not in taken)
         with self._undone_on_error():
             self.slots, self.weights = {**self.slots, name: slot}, {**self.weights, name: weights}
             self.salts = {**self.salts, slot: f"{name}#{next(self._loads)}"}
@@ -141,12 +154,9 @@ class LoadedAdapters:
             self._restack()
 
     def remove(self, name: str, requests_in_flight: int = 0) -> None:
-        """Stop serving adapter `name`; AdapterConflict while `requests_in_flight` (unfinished ones using it) > 0."""
+        """Stop serving adapter `name`; AdapterInUse while `requests_in_flight` (unfinished ones using it) > 0."""
         self.slot(name)
-        if requests_in_flight:
-            raise AdapterConflict(
-                f"adapter {name!r} serves {requests_in_flight} unfinished request(s); unload it once they are done"
-            )
+        _refuse_in_flight(name, requests_in_flight)
         del self.salts[self.slots[name]], self.slots[name], self.weights[name]
         self.folders = {key: value for key, value in self.folders.items() if key != name}
         self.loaded_at = {key: value for key, value in self.loaded_at.items() if key != name}
@@ -218,6 +228,16 @@ class LoadedAdapters:
                 MultiLoRAAttention.adapt(module)
             elif isinstance(module, MultiLoRAAttention):
                 module.restore()
+
+
+def _refuse_in_flight(name: str, requests_in_flight: int) -> None:
+    """AdapterInUse when adapter `name` serves `requests_in_flight` > 0 unfinished requests, which an unload or a
+    replacement would leave without the weights they started with."""
+    if requests_in_flight:
+        raise AdapterInUse(
+            f"adapter {name!r} serves {requests_in_flight} unfinished request(s); unload or replace it once they "
+            "are done"
+        )
 
 
 def attach_adapters(model: Transformer, adapters: Mapping[str, str | Path]) -> LoadedAdapters:

@@ -449,20 +449,25 @@ class Engine:
                         return request.scheduled_at is not None
         return True
 
-    def load_adapter(self, name: str, folder: str | Path) -> None:
+    def load_adapter(self, name: str, folder: str | Path, replace: bool = False) -> None:
         """Serve the LoRA adapter in `folder` as `name` from the next step on (seekstack.adapters.registry); raises
-        CheckpointError for a folder that holds no adapter of this model, ValueError for a name in use."""
+        CheckpointError for a folder that holds no adapter of this model, ValueError for a name in use (`replace`:
+        a loaded `name` takes the new weights unless unfinished requests still use it)."""
         from seekstack.adapters.registry import read_factors
 
         factors = read_factors(self.config, folder)  # outside the lock: the steps go on meanwhile
         with self.lock:
-            self.lora.add(name, folder, factors)
+            self.lora.add(name, folder, factors, replace, self._requests_on_adapter(name))
 
     def unload_adapter(self, name: str) -> None:
         """Stop serving adapter `name`; ValueError when it is not loaded or unfinished requests still use it."""
         with self.lock:
-            slot = self.lora.slot(name)
-            self.lora.remove(name, sum(r.adapter_slot == slot for r in self._unfinished()))
+            self.lora.remove(name, self._requests_on_adapter(name))
+
+    def _requests_on_adapter(self, name: str) -> int:
+        """How many unfinished requests adapter `name` serves (0 when it is not loaded); under the lock."""
+        slot = self.lora.slots.get(name)
+        return sum(r.adapter_slot == slot for r in self._unfinished()) if slot else 0
 
     def has_unfinished(self) -> bool:
         """Whether any request is waiting, running, or has an abort not yet reported by `step`."""

@@ -1,11 +1,12 @@
 """Loading and unloading LoRA adapters while the server runs, with vLLM's routes and fields (admin keys only).
 
-    POST /v1/load_lora_adapter    {"lora_name": NAME, "lora_path": DIR}  -> the adapter's model card
+    POST /v1/load_lora_adapter    {"lora_name": NAME, "lora_path": DIR[, "load_inplace": true]}  -> its model card
     POST /v1/unload_lora_adapter  {"lora_name": NAME}  -> {"id": NAME, "object": "model", "deleted": true}
 
-A loaded adapter is a model of /v1/models at once, and requests may name it from the next engine step on. Unloading
-an adapter that unfinished requests still use is refused (409 `adapter_in_use`): nothing is cut short, and the
-caller unloads it once they are done. A server without API keys answers them as it answers the rest: to loopback
+A loaded adapter is a model of /v1/models at once, and requests may name it from the next engine step on.
+`load_inplace` replaces the weights of an adapter loaded under that name (as vLLM's, e.g. after an RL step). Unloading
+or replacing an adapter that unfinished requests still use is refused (409 `adapter_in_use`): nothing is cut short,
+and the caller retries once they are done. A server without API keys answers them as it answers the rest: to loopback
 JSON requests only (serve/access.py).
 """
 
@@ -18,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from seekstack.adapters.registry import AdapterConflict, UnknownAdapter
+from seekstack.adapters.registry import AdapterConflict, AdapterInUse, UnknownAdapter
 from seekstack.checkpoint import CheckpointError
 from seekstack.serve.access import read_body
 from seekstack.serve.errors import APIError, parse_body
@@ -34,6 +35,7 @@ class LoadAdapterRequest(BaseModel):
     lora_name: str = Field(min_length=1)  # the model id requests will use
     # the adapter folder (adapter_config.json, adapter_model.safetensors), on the server's disk
     lora_path: str = Field(min_length=1)
+    load_inplace: bool = False  # a loaded `lora_name` takes the new weights (else 409 adapter_exists)
 
 
 class UnloadAdapterRequest(BaseModel):
@@ -51,14 +53,17 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
         responses=error_responses(400, 401, 403, 409, 413),
     )
     async def load_lora_adapter(request: Request) -> JSONResponse:
-        """Serve the LoRA adapter in `lora_path` as model `lora_name` (admin keys only)."""
+        """Serve the LoRA adapter in `lora_path` as model `lora_name`, or with `load_inplace` replace the weights of
+        the one loaded as `lora_name` (admin keys only)."""
         await asyncio.to_thread(server.authenticate, request, True)
         body = parse_body(LoadAdapterRequest, await read_body(request, server.max_body_bytes))
         if body.lora_name == server.model_name:
             raise APIError(409, f"{body.lora_name!r} is the base model's name; give the adapter another one",
                            param="lora_name", code="adapter_exists")  # fmt: skip
         try:
-            await asyncio.to_thread(server.engine.load_adapter, body.lora_name, body.lora_path)
+            await asyncio.to_thread(server.engine.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
+        except AdapterInUse as error:
+            raise APIError(409, str(error), param="lora_name", code="adapter_in_use") from None
         except AdapterConflict as error:
             raise APIError(409, str(error), param="lora_name", code="adapter_exists") from None
         except CheckpointError as error:
@@ -81,6 +86,6 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
             await asyncio.to_thread(server.engine.unload_adapter, body.lora_name)
         except UnknownAdapter as error:
             raise APIError(404, str(error), param="lora_name", code="model_not_found") from None
-        except AdapterConflict as error:
+        except AdapterInUse as error:
             raise APIError(409, str(error), param="lora_name", code="adapter_in_use") from None
         return JSONResponse({"id": body.lora_name, "object": "model", "deleted": True})

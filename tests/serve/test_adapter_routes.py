@@ -97,6 +97,33 @@ def test_unloading_an_adapter_in_use_is_refused_until_its_requests_end(served):
     assert "busy" not in [card.id for card in api.models.list().data]
 
 
+def test_load_inplace_replaces_a_loaded_adapters_weights_unless_requests_use_it(served):
+    """vLLM's load_inplace: the name keeps serving, from the new folder, and never from the old weights' cached
+    prompt; without it a loaded name is refused, and while a request uses the adapter the replacement is."""
+    url, api, admin, _, adapters, _ = served
+    assert load(url, admin, "tuned", adapters["poem"]) == 200
+    assert complete(api, "tuned") == complete(api, "poem")  # its prompt's keys and values go to the prefix cache
+    refused = post(url, admin, "load_lora_adapter", lora_name="tuned", lora_path=str(adapters["legal"]))
+    assert refused.status_code == 409 and "load_inplace=true" in refused.json()["error"]["message"]
+    replaced = post(url, admin, "load_lora_adapter", lora_name="tuned", lora_path=str(adapters["legal"]),
+                    load_inplace=True)  # fmt: skip
+    assert (replaced.status_code, replaced.json()["root"]) == (200, str(adapters["legal"]))
+    assert complete(api, "tuned") == complete(api, "legal") != complete(api, "poem")
+    assert [card.id for card in api.models.list().data].count("tuned") == 1
+    stream = api.completions.create(model="tuned", prompt=PROMPT, max_tokens=200, stream=True, **GREEDY_BODY)
+    next(iter(stream))  # the request runs
+    busy = post(url, admin, "load_lora_adapter", lora_name="tuned", lora_path=str(adapters["poem"]), load_inplace=True)
+    assert (busy.status_code, busy.json()["error"]["code"]) == (409, "adapter_in_use")
+    stream.close()
+    for _ in range(50):
+        if post(url, admin, "unload_lora_adapter", lora_name="tuned").status_code == 200:
+            break
+        time.sleep(0.1)
+    fresh = post(url, admin, "load_lora_adapter", lora_name="fresh", lora_path=str(adapters["poem"]), load_inplace=True)
+    assert fresh.status_code == 200  # a name not loaded yet is loaded, as vLLM does
+    assert post(url, admin, "unload_lora_adapter", lora_name="fresh").status_code == 200
+
+
 def test_admin_routes_refuse_plain_keys_unknown_names_names_in_use_and_folders_without_an_adapter(served, tmp_path):
     url, _, admin, user, adapters, _ = served
 
