@@ -225,14 +225,15 @@ def _trained_on_chat(adapter: Path) -> bool:
     return False
 
 
-def _fine_tuned(checkpoint: Path) -> bool:
-    """Whether the run that wrote training checkpoint `checkpoint` (RUN/checkpoints/step_N) started from another
-    model (`init_from` in RUN's train_config.json: sft, rl, distill), rather than pretraining from scratch."""
+def _trained_on_conversations(checkpoint: Path) -> bool:
+    """Whether the run that wrote training checkpoint `checkpoint` (RUN/checkpoints/step_N) trained on chats: its
+    train_config.json names a `data` file or a `task` (sft, rl, distill of conversations; `PostTrainConfig`'s
+    `conversations`), where pretraining, and distillation or a run from `init_from` on token shards, name neither."""
     try:
         config = json.loads((checkpoint.parent.parent / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and bool(config.get("init_from"))
+    return isinstance(config, dict) and bool(config.get("data") or config.get("task"))
 
 
 def base_model_reason(
@@ -242,8 +243,8 @@ def base_model_reason(
     training, or None when nothing says so; an adapter trained on chat conversations makes it a chat model.
 
     The signs: the tokenizer_config.json beside the tokenizer has no `chat_template` (how Hugging Face marks a
-    model meant for chat); the folder is a checkpoint of a seekstack run that pretrained from scratch (it holds
-    train_state.pt, and its run has no init_from: sft, rl and distill runs start from a model); its name ends in
+    model meant for chat); the folder is a checkpoint of a seekstack run that trained on no conversations (it holds
+    train_state.pt, and its run names no data or task: pretraining, distillation on token shards); its name ends in
     "base", as DeepSeek names its base releases (DeepSeek-V3-Base). A heuristic for a notice: a base model that
     ships a chat template under another name passes for a chat model."""
     if adapter is not None and _trained_on_chat(Path(adapter)):
@@ -255,8 +256,11 @@ def base_model_reason(
         tokenizer_config = {}
     if not isinstance(tokenizer_config, dict) or not tokenizer_config.get("chat_template"):
         return f"{config_path} has no chat_template"
-    if (model_dir / TRAIN_STATE_FILE).is_file() and not _fine_tuned(model_dir):
-        return f"{model_dir} is a checkpoint of a run that trained from scratch (its {TRAIN_STATE_FILE}; no init_from)"
+    if (model_dir / TRAIN_STATE_FILE).is_file() and not _trained_on_conversations(model_dir):
+        return (
+            f"{model_dir} is a checkpoint of a run that trained on no conversations (its {TRAIN_STATE_FILE}; no data "
+            f"or task in its run's {RUN_CONFIG_FILE})"
+        )
     if model_dir.resolve().name.lower().endswith("base"):
         return f"its folder is named {model_dir.resolve().name!r}"
     return None

@@ -692,11 +692,15 @@ def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(check
     step = run / "checkpoints" / "step_9"
     shutil.copytree(bare, step)
     (step / "train_state.pt").write_bytes(b"")
-    assert "a run that trained from scratch" in base_model_reason(step, step)  # no train_config.json: pretraining
+    assert "a run that trained on no conversations" in base_model_reason(step, step)  # no train_config.json
     (run / "train_config.json").write_text(json.dumps({"init_from": None}))
-    assert "a run that trained from scratch" in base_model_reason(step, step)
-    (run / "train_config.json").write_text(json.dumps({"init_from": "runs/base"}))
-    assert base_model_reason(step, step) is None  # sft, rl and distill runs start from a model
+    assert "a run that trained on no conversations" in base_model_reason(step, step)  # pretraining
+    (run / "train_config.json").write_text(json.dumps({"init_from": "runs/base", "data": "", "task": ""}))
+    assert "a run that trained on no conversations" in base_model_reason(step, step)  # distilled on token shards
+    (run / "train_config.json").write_text(json.dumps({"init_from": "runs/base", "task": "addition"}))
+    assert base_model_reason(step, step) is None  # sft or rl
+    (run / "train_config.json").write_text(json.dumps({"init_from": "", "data": "traces.jsonl", "task": ""}))
+    assert base_model_reason(step, step) is None  # a student distilled from scratch on a teacher's conversations
     release = shutil.copytree(checkpoint, tmp_path / "DeepSeek-V3-Base")
     assert base_model_reason(release, release) == "its folder is named 'DeepSeek-V3-Base'"
 
