@@ -204,6 +204,12 @@ class Tokenizer:
         """Number of ids, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    @functools.cached_property
+    def frames_with_bos(self) -> bool:
+        """Whether the tokenizer.json's post-processor puts BOS before a text (`encode_prompt`): a DeepSeek release's
+        does, seekstack's trained tokenizers do not."""
+        return self._encode("", add_special_tokens=True)[:1] == [self.bos_id]
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; special-token strings in it become their single ids. ValueError for text holding a lone
         surrogate: how Python keeps bytes that were not UTF-8 (in arguments, pipes), which no tokenizer can take."""

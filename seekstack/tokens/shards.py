@@ -2,7 +2,8 @@
 
 On disk, per split (`train`, `val`, ...) in one directory:
   {split}_00000.bin, {split}_00001.bin, ...  raw little-endian token ids (uint16, or uint32 past 65536 ids),
-                                             documents concatenated, each followed by EOS (and led by BOS if asked)
+                                             documents concatenated, each followed by EOS (and led by BOS
+                                             where the tokenizer frames a text with it: a DeepSeek release's)
   {split}_index.json                         dtype, shards and their token counts, documents, total tokens,
                                              UTF-8 bytes of text (for bits per byte), tokenizer vocab size and hash
 A window is seq_len + 1 consecutive tokens: inputs are window[:-1], targets window[1:].
@@ -77,12 +78,14 @@ def tokenize_corpus(
     out_dir: str | os.PathLike,
     split_name: str,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    add_bos: bool = False,
+    add_bos: bool | None = None,
     select: Callable[[str], bool] | None = None,
     extra_index: dict | None = None,
 ) -> dict:
     """Encode every document of `jsonl_path` (those `select` accepts, if given) into `{split_name}_*.bin` shards
-    in `out_dir`; return the index, with `extra_index` merged in.
+    in `out_dir`; return the index, with `extra_index` merged in. Each document is led by BOS when `add_bos`, or
+    (None) when the tokenizer frames a text with it (`Tokenizer.frames_with_bos`: a DeepSeek release's), as
+    transformers' `tokenizer(text)` encodes each document and as prompts are encoded (`encode_prompt`).
 
     Streams: memory holds one shard buffer and one batch of documents, whatever the corpus size.
     """
@@ -92,6 +95,7 @@ def tokenize_corpus(
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     dtype = token_dtype(tokenizer.vocab_size)
+    add_bos = tokenizer.frames_with_bos if add_bos is None else add_bos
     documents = text_bytes = 0
     # The new shards stay hidden until all are written; an error deletes them and leaves the old split as it was.
     with staged_files(out_dir) as staged:

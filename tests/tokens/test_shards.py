@@ -120,6 +120,25 @@ def test_bos_is_written_before_each_document_when_asked(tmp_path, tokenizer, doc
     assert index["bos"] is True and int((stream == tokenizer.bos_id).sum()) == 3
 
 
+def test_a_tokenizer_that_frames_a_text_with_bos_leads_each_document_with_it(tmp_path, tokenizer, documents):
+    """A DeepSeek release's tokenizer puts BOS before a text, as its prompts are encoded and transformers'
+    `tokenizer(text)` encodes a document: its shards lead each document with BOS (they held none, so a model
+    trained on them met BOS-led prompts it had never seen). seekstack's own tokenizers frame with nothing."""
+    from tokenizers import processors
+
+    release = Tokenizer(BackendTokenizer.from_str(tokenizer.backend.to_str()))
+    release.backend.post_processor = processors.TemplateProcessing(
+        single="<｜begin▁of▁sentence｜> $A", special_tokens=[("<｜begin▁of▁sentence｜>", tokenizer.bos_id)]
+    )
+    assert release.frames_with_bos and not tokenizer.frames_with_bos
+    corpus = write_corpus(tmp_path / "train.jsonl", documents[:3])
+    index = tokenize_corpus(corpus, release, tmp_path / "out", "train")
+    np.testing.assert_array_equal(
+        read_stream(tmp_path / "out", "train"), expected_stream(tokenizer, documents[:3], True)
+    )
+    assert index["bos"] is True
+
+
 def test_vocab_past_65536_is_stored_as_uint32(tmp_path, tokenizer):
     backend = BackendTokenizer.from_file(tokenizer.source)
     backend.add_tokens([f"<extra_{number}>" for number in range(65_000)])
