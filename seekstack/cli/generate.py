@@ -215,10 +215,12 @@ def generate_command(
         terminal = StreamedText()
         engine.notify = terminal.note
         error = None
-        for output in engine.stream(prompt_ids, params):
-            terminal.write(output.text)
-            error = output.error
-    typer.echo()
+        try:
+            for output in engine.stream(prompt_ids, params):
+                terminal.write(output.text)
+                error = output.error
+        finally:
+            typer.echo()  # the text's line ends, stopped by Ctrl-C or not
     if error is not None:  # the engine ended this request: say why, after the text it made
         fail(f"generation stopped: {error}")
 

@@ -170,16 +170,21 @@ def test_generate_json_reports_a_missing_model_or_tokenizer_as_json(checkpoint, 
         assert json.loads(result.stdout)["error"]["message"].startswith(message)
 
 
-def test_generate_json_on_ctrl_c_prints_the_text_so_far_with_finish_reason_abort(checkpoint, engine, monkeypatch):
+def press_ctrl_c_in_the_fourth_step(monkeypatch) -> None:
+    """Ctrl-C lands in the engine's fourth step: the prefill and two decode steps went out."""
     real_step, steps = Engine.step, []
 
-    def interrupted_in_the_fourth_step(self):  # the prefill and two decode steps went out
+    def interrupted_in_the_fourth_step(self):
         steps.append(1)
         if len(steps) == 4:
             raise KeyboardInterrupt
         return real_step(self)
 
     monkeypatch.setattr(Engine, "step", interrupted_in_the_fourth_step)
+
+
+def test_generate_json_on_ctrl_c_prints_the_text_so_far_with_finish_reason_abort(checkpoint, engine, monkeypatch):
+    press_ctrl_c_in_the_fourth_step(monkeypatch)
     args = ["generate", "--model", str(checkpoint), "import os", "--json", "--temperature", "0", "--no-compile",
             "--max-new-tokens", "20", "--ignore-eos", "--top-logprobs", "1"]  # fmt: skip
     result = runner.invoke(app, args)
@@ -189,6 +194,17 @@ def test_generate_json_on_ctrl_c_prints_the_text_so_far_with_finish_reason_abort
     assert record["finish_reason"] == "abort" and record["token_ids"] == plain.token_ids[:3]
     assert record["completion_tokens"] == 3 and len(record["logprobs"]) == 3 and plain.text.startswith(record["text"])
     assert record["timings"]["total_s"] >= record["timings"]["time_to_first_token_s"] > 0
+
+
+def test_generate_stopped_by_ctrl_c_ends_the_line_of_its_text_and_exits_130(checkpoint, engine, monkeypatch):
+    press_ctrl_c_in_the_fourth_step(monkeypatch)
+    args = ["generate", "--model", str(checkpoint), "import os", "--temperature", "0", "--no-compile",
+            "--max-new-tokens", "20", "--ignore-eos"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    plain = engine.generate(["import os"], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))[0]
+    shown = engine.tokenizer.decode(plain.token_ids[:3])
+    assert result.stdout == shown + "\n"  # the shell's prompt starts on a line of its own, as after llama-cli
 
 
 @pytest.mark.parametrize(
@@ -438,7 +454,8 @@ def test_chat_drops_the_oldest_turns_before_it_cuts_a_reply_short(checkpoint):
     session.turns[-1]["content"] = "one"  # a short reply: the next prompt (42 tokens) fits, the reply's 8 do not
     reply = "".join(session.reply("seven eight nine ten eleven"))
     # the oldest turns went to give the reply its 8 tokens; it was not capped
-    assert notices == ["the oldest 1 exchange(s) left the history, to fit the context of 48 tokens with 8 for the reply"]
+    told = "the oldest 1 exchange(s) left the history, to fit the context of 48 tokens with 8 for the reply"
+    assert notices == [told]
     assert session.turns == [
         {"role": "user", "content": "seven eight nine ten eleven"},
         {"role": "assistant", "content": reply},
