@@ -45,6 +45,14 @@ TopP = Annotated[
         help=f"Nucleus sampling: the smallest set with this much probability [{CHECKPOINT_DEFAULT} 1; chat 0.95]"
     ),
 ]
+MinP = Annotated[
+    float | None, typer.Option(help=f"Drop tokens less likely than min-p x the likeliest [{CHECKPOINT_DEFAULT} 0]")
+]
+RepetitionPenalty = Annotated[
+    float | None, typer.Option(help=f"> 1 discourages tokens already seen [{CHECKPOINT_DEFAULT} 1]")
+]
+PresencePenalty = Annotated[float, typer.Option(help="OpenAI presence penalty, -2..2")]
+FrequencyPenalty = Annotated[float, typer.Option(help="OpenAI frequency penalty, -2..2")]
 Seed = Annotated[int | None, typer.Option(help="Seed of the sampling; the same seed gives the same text")]
 Speculative = Annotated[bool, typer.Option(help="MTP speculative decoding (the model needs an MTP module)")]
 DraftTokens = Annotated[
@@ -143,18 +151,10 @@ def generate_command(
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
-    min_p: Annotated[
-        float | None, typer.Option(help=f"Drop tokens less likely than min-p x the likeliest [{CHECKPOINT_DEFAULT} 0]")
-    ] = None,
-    repetition_penalty: Annotated[
-        float | None, typer.Option(help=f"> 1 discourages tokens already seen [{CHECKPOINT_DEFAULT} 1]")
-    ] = None,
-    presence_penalty: Annotated[float, typer.Option(help="OpenAI presence penalty, -2..2")] = (
-        SamplingParams.presence_penalty
-    ),
-    frequency_penalty: Annotated[float, typer.Option(help="OpenAI frequency penalty, -2..2")] = (
-        SamplingParams.frequency_penalty
-    ),
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
+    presence_penalty: PresencePenalty = SamplingParams.presence_penalty,
+    frequency_penalty: FrequencyPenalty = SamplingParams.frequency_penalty,
     seed: Seed = None,
     stop: Stop = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token")] = False,
@@ -234,6 +234,10 @@ def chat_command(
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
+    min_p: MinP = None,
+    repetition_penalty: RepetitionPenalty = None,
+    presence_penalty: PresencePenalty = SamplingParams.presence_penalty,
+    frequency_penalty: FrequencyPenalty = SamplingParams.frequency_penalty,
     seed: Seed = None,
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
@@ -252,16 +256,19 @@ def chat_command(
     message of several lines; Ctrl-C stops a reply.
 
     Says so at the start when the checkpoint looks like a base model with no chat training. Sampling options left
-    unset take the checkpoint's generation_config.json values, else temperature 0.7, top-p 0.95, no top-k."""
+    unset take the checkpoint's generation_config.json values, else temperature 0.7, top-p 0.95, no top-k, min-p or
+    repetition penalty."""
     from seekstack.infer.chat import HELP, ChatSession, base_model_reason, run_chat
     from seekstack.tokenizer import tokenizer_json_path
 
     with user_errors():
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty)  # fmt: skip
         with options_named():
             params = SamplingParams(
-                max_new_tokens=max_new_tokens, **{**CHAT_SAMPLING, **given_options(sampling)}, seed=seed
-            ).validate()
+                max_new_tokens=max_new_tokens, **{**CHAT_SAMPLING, **given_options(sampling)},
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
+            ).validate()  # fmt: skip
             options = one_stream(
                 speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map,
                 offload_dir, dtype, device,

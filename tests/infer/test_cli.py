@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import shutil
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from seekstack.cli import app
 from seekstack.cli.generate import StreamedText, unescape
 from seekstack.infer import Engine, EngineOptions, SamplingParams
-from seekstack.infer.chat import HELP, ChatSession, base_model_reason, run_chat
+from seekstack.infer.chat import HELP, ChatSession, base_model_reason, ending_at_special_tokens, run_chat
 from seekstack.tokenizer import USER
 from tests.infer.support import model_dir
 
@@ -55,8 +56,10 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
 
 @pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize(
-    ("option", "value"), [("--max-new-tokens", "0"), ("--top-p", "2"), ("--kv-cache-memory", "abc")]
-)
+    ("option", "value"),
+    [("--max-new-tokens", "0"), ("--top-p", "2"), ("--min-p", "nan"), ("--repetition-penalty", "-1"),
+     ("--presence-penalty", "3"), ("--kv-cache-memory", "abc")],
+)  # fmt: skip
 def test_a_bad_option_value_is_named_by_its_option(checkpoint, command, option, value):
     prompt = ["x"] if command == "generate" else []
     result = runner.invoke(app, [command, "--model", str(checkpoint), *prompt, option, value], input="")
@@ -419,6 +422,20 @@ def test_chat_keeps_history_and_obeys_reset_system_and_quit(checkpoint, engine):
         f"error: unknown command '/nope'; {HELP}",
     ]
     assert [line for line in result.stderr.splitlines() if not line.startswith("note: dtype")] == told
+
+
+def test_chat_takes_the_sampling_options_generate_takes(checkpoint, engine):
+    penalties = dict(repetition_penalty=3.0, presence_penalty=2.0, frequency_penalty=2.0)
+    args = ["chat", "--model", str(checkpoint), "--max-new-tokens", "12", "--temperature", "0", "--min-p", "0.5",
+            *(f"--{name.replace('_', '-')}={value}" for name, value in penalties.items())]  # fmt: skip
+    result = runner.invoke(app, args, input="hello\n")
+    assert result.exit_code == 0, result.output
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "hello"}])
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    penalized = dataclasses.replace(greedy, top_p=0.95, min_p=0.5, **penalties)
+    reply, plain = (engine.generate([prompt], ending_at_special_tokens(params, engine.tokenizer))[0]
+                    for params in (penalized, greedy))  # fmt: skip
+    assert result.stdout == on_its_own_line(reply.text) and reply.token_ids != plain.token_ids  # the penalties told
 
 
 def on_its_own_line(text: str) -> str:
