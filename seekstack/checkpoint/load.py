@@ -71,11 +71,9 @@ def load_pretrained(
     dtype = model_dtype(dtype, config)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     reader.refuse_keys_in_two_shards()
-    present_mtp = stored_mtp_layers(config, reader)
-    left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(0 if mtp else present_mtp))
-    config = config.replace(num_nextn_predict_layers=present_mtp if mtp else 0)
-    config = follow_moe_layout_of_weights(config, reader, config_path)
-    config = untie_a_stored_head(config, reader, config_path)
+    unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
+    left_out = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in unbuilt_mtp)
+    config = config_of_weights(config, reader, config_path, mtp)
     warn_transformers_divergences(config, directory)
 
     with torch.device("meta"):
@@ -112,6 +110,29 @@ def load_pretrained(
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)
     return model.eval()
+
+
+def config_of_weights(
+    config: ModelConfig, reader: CheckpointReader, config_path: Path, mtp: bool = True
+) -> ModelConfig:
+    """`config` (read from `config_path`) as the weights `reader` reads call for it: with the MTP layers they hold
+    (none with `mtp=False`), its MoE layers in their layout, and a head they store apart from the embedding untied."""
+    config = config.replace(num_nextn_predict_layers=stored_mtp_layers(config, reader) if mtp else 0)
+    config = follow_moe_layout_of_weights(config, reader, config_path)
+    return untie_a_stored_head(config, reader, config_path)
+
+
+def loaded_config(directory: str | Path) -> ModelConfig:
+    """The config of the model `load_pretrained(directory)` builds (`config_of_weights`), without reading the weights
+    but to compare a stored head with the embedding: config.json's as it is for a folder whose weights cannot be
+    read (a config and shard index downloaded to plan before the weights, Git LFS pointers), as it describes them."""
+    config = read_config(directory)
+    try:
+        reader = CheckpointReader(Path(directory), None)
+    except CheckpointError:
+        return config
+    with reader:
+        return config_of_weights(config, reader, Path(directory) / CONFIG_FILE)
 
 
 def stored_mtp_layers(config: ModelConfig, reader: CheckpointReader) -> int:
@@ -199,7 +220,7 @@ def follow_moe_layout_of_weights(config: ModelConfig, reader: CheckpointReader, 
             f"{config_path}: moe_layer_freq is {config.moe_layer_freq}, but the weights hold routed experts in every "
             f"layer from first_k_dense_replace={config.first_k_dense_replace} on, the layout transformers writes (it "
             "ignores moe_layer_freq); loaded as transformers runs it, with moe_layer_freq=1",
-            stacklevel=3,
+            stacklevel=4,
         )
         return config.replace(moe_layer_freq=1)
     raise CheckpointError(
@@ -222,7 +243,7 @@ def untie_a_stored_head(config: ModelConfig, reader: CheckpointReader, config_pa
     warnings.warn(
         f"{config_path}: tie_word_embeddings is true, but {reader.file_of(reader.weight_key('lm_head'))} stores an "
         "lm_head that is not the embedding; it is loaded untied (tie_word_embeddings=False), as transformers loads it",
-        stacklevel=3,
+        stacklevel=4,
     )
     return config.replace(tie_word_embeddings=False)
 

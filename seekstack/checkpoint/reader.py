@@ -179,7 +179,7 @@ class CheckpointReader:
             raise CheckpointError(
                 f"{self.directory}: its weights are PyTorch pickle files ({', '.join(pickled)}), which seekstack does "
                 "not read (it memory-maps safetensors, and loading a pickle can run code); convert them once with "
-                f"transformers: python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained("
+                f'transformers: python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('
                 f"'{self.directory}', dtype='auto').save_pretrained('{self.directory}-safetensors')\" (it writes "
                 "no MTP layers), copy the tokenizer files beside them and give that folder"
             )

@@ -159,13 +159,14 @@ def _rank() -> int:
 
 
 def model_config(model: str) -> ModelConfig:
-    """A preset by name, or the config.json of a checkpoint directory."""
+    """A preset by name, or the config of the model a checkpoint directory loads as (its config.json, with the MTP
+    layers and the MoE layout its weights hold: `loaded_config`)."""
     if model in PRESETS:
         return preset(model)
     if Path(model).exists():
-        from seekstack.checkpoint import read_config
+        from seekstack.checkpoint.load import loaded_config
 
-        return read_config(model)
+        return loaded_config(model)
     fail(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing checkpoint directory")
 
 

@@ -63,6 +63,19 @@ def test_forward_counts_the_mtp_modules_the_checkpoint_holds(tmp_path):
     assert "mtp loss: n/a (the model has no MTP module)" in result.output
 
 
+def test_info_and_plan_count_the_mtp_modules_the_checkpoint_holds_as_loading_builds_them(tmp_path):
+    directory = save_pretrained(Transformer(preset("tiny", num_nextn_predict_layers=0)), tmp_path / "no_mtp")
+    config = json.loads((directory / "config.json").read_text())  # as transformers saves DeepSeek-V3: no MTP weights
+    (directory / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    info, plan = run("info", str(directory)), run("plan", str(directory), "--memory", "cpu=1GiB", "--weights", "int8")
+    assert info.exit_code == 0 and plan.exit_code == 0, info.output + plan.output
+    rows = info_params(info.output)
+    assert rows["params, MTP modules"] == rows["params, MTP in a checkpoint (+ emb./head copies)"] == 0
+    assert rows["params, main model + MTP modules"] == rows["params, main model"]
+    device_map = re.search(r"^--device-map (.+)$", plan.output, re.MULTILINE)[1]
+    assert "layers.0-3.self_attn=cpu" in device_map and "mtp" not in device_map
+
+
 def test_forward_of_one_token_prints_no_next_token_loss_rather_than_zero():
     one, two = (run("forward", "tiny", "--seq-len", seq_len, "--batch", "1") for seq_len in ("1", "2"))
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
