@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from seekstack.cli.common import JsonErrorsCommand, fail, options_named, run_to_checkpoint, user_errors
+from seekstack.cli.common import JsonErrorsCommand, UsageError, fail, options_named, run_to_checkpoint, user_errors
 from seekstack.infer.params import EngineOptions, SamplingParams
 
 if TYPE_CHECKING:
@@ -144,8 +144,11 @@ INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (SIGINT), as she
 
 def generate_command(
     ctx: typer.Context,
-    prompt: Annotated[str, typer.Argument(help="Text to continue ('-': read it from standard input)")],
     model: ModelDir,
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help="Text to continue ('-', or left out where standard input is no terminal: read from it)"),
+    ] = None,
     tokenizer: TokenizerPath = None,
     max_new_tokens: MaxNewTokens = SamplingParams.max_new_tokens,
     temperature: Temperature = None,
@@ -185,7 +188,9 @@ def generate_command(
     with failures_as_json(as_json), user_errors(as_json):
         if top_logprobs and not as_json:
             raise ValueError(f"--top-logprobs {top_logprobs}: the log-probabilities are printed with --json only")
-        if prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise UsageError("Missing argument 'prompt': give the text to continue, or pipe it in", ctx)
+        if prompt in (None, "-"):  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
             prompt = sys.stdin.read()
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)  # fmt: skip
