@@ -70,9 +70,12 @@ class ChatTemplate:
 
 
 def read_chat_template(config_path: Path, template_path: Path) -> ChatTemplate | None:
-    """The chat template a tokenizer ships: the `chat_template` of its tokenizer_config.json `config_path` (a string,
-    or the one named "default" of a list of named templates), else the file `template_path` (transformers 5's
-    chat_template.jinja); None without either. ValueError naming `config_path` when it is not a JSON object."""
+    """The chat template a tokenizer ships: the file `template_path` (transformers 5's chat_template.jinja), which
+    transformers reads before the tokenizer_config.json's, else the `chat_template` of its tokenizer_config.json
+    `config_path` (a string, or the one named "default" of a list of named templates); None without either.
+    ValueError naming `config_path` when it is read and is not a JSON object."""
+    if template_path.is_file():
+        return ChatTemplate(template_path.read_text(encoding="utf-8"), str(template_path))
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -85,11 +88,7 @@ def read_chat_template(config_path: Path, template_path: Path) -> ChatTemplate |
     if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": "..."}, ...]
         named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
         template = named.get("default")
-    if isinstance(template, str):
-        return ChatTemplate(template, str(config_path))
-    if template_path.is_file():
-        return ChatTemplate(template_path.read_text(encoding="utf-8"), str(template_path))
-    return None
+    return ChatTemplate(template, str(config_path)) if isinstance(template, str) else None
 
 
 def _compiled(text: str) -> Template:

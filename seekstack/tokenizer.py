@@ -475,9 +475,9 @@ def part_text(position: int, index: int, part: object) -> str:
 def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, model_max_length: int) -> None:
     """Copy the tokenizer_config.json `source` into the model folder `folder` with `model_max_length` the model's
     context: the length transformers' `truncation=True` cuts at, and the chat template that transformers (5) saves
-    beside it in chat_template.jinja, where it has none of its own. Beside a tokenizer seekstack trained, a template is
-    CHAT_TEMPLATE, the chats `render_chat` writes, whatever version of it the tokenizer was trained with (none stays
-    none: a base model's mark). ValueError naming `source` when it is no JSON object."""
+    beside it in chat_template.jinja, which transformers reads before the config's own. Beside a tokenizer seekstack
+    trained, a template is CHAT_TEMPLATE, the chats `render_chat` writes, whatever version of it the tokenizer was
+    trained with (none stays none: a base model's mark). ValueError naming `source` when it is no JSON object."""
     try:
         config = json.loads(Path(source).read_text(encoding="utf-8"))
     except ValueError as error:
@@ -488,7 +488,7 @@ def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, 
         raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
     config["model_max_length"] = model_max_length
     template_file = Path(source).parent / CHAT_TEMPLATE_FILE
-    if "chat_template" not in config and template_file.is_file():
+    if template_file.is_file():
         config["chat_template"] = template_file.read_text(encoding="utf-8")
     if "chat_template" in config and trained_by_seekstack(Path(source).parent / TOKENIZER_FILE):  # maybe an earlier's
         config["chat_template"] = CHAT_TEMPLATE

@@ -16,7 +16,7 @@ from seekstack.cli import app
 from seekstack.infer import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import Tokenizer, copy_tokenizer_config
 from tests.interop.release import V2_CHAT_TEMPLATE, deepseek_v2_lite_chat_release, release_tokenizer
 from tests.serve.server import run
 
@@ -113,6 +113,22 @@ def test_a_template_is_read_from_named_templates_or_chat_template_jinja(tmp_path
     )
     jinja.unlink()
     assert read_chat_template(config, jinja) is None
+
+
+def test_chat_template_jinja_comes_before_the_config_template_as_transformers_reads_them(tmp_path):
+    """transformers' from_pretrained reads chat_template.jinja before tokenizer_config.json's chat_template (a
+    template edited in the file transformers 5 saves); seekstack read the config's, so the two wrote other chats."""
+    (tmp_path / "source").mkdir()
+    config, jinja = tmp_path / "source" / "tokenizer_config.json", tmp_path / "source" / "chat_template.jinja"
+    config.write_text(json.dumps({"chat_template": "{{ 'stale' }}"}), encoding="utf-8")
+    jinja.write_text(V2_CHAT_TEMPLATE, encoding="utf-8")
+    assert (read_chat_template(config, jinja).text, read_chat_template(config, jinja).source) == (
+        V2_CHAT_TEMPLATE,
+        str(jinja),
+    )
+    copy_tokenizer_config(config, tmp_path, model_max_length=64)  # a checkpoint's folder holds the config alone
+    copied = tmp_path / "tokenizer_config.json"
+    assert read_chat_template(copied, tmp_path / "chat_template.jinja").text == V2_CHAT_TEMPLATE
 
 
 def test_a_damaged_tokenizer_config_beside_a_deepseek_v3_tokenizer_is_not_read(tmp_path):
