@@ -41,6 +41,7 @@ from seekstack.checkpoint import (
     save_pretrained,
 )
 from seekstack.compress.linear import QuantizedWeight
+from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import TOKENIZER_FILE
@@ -169,11 +170,11 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
     from peft import get_peft_model
 
     folder = Path(folder)
+    config = read_lora_config(folder)  # its own errors name what is wrong with the folder or the file
     if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
         raise CheckpointError(
             f"{folder}: no {ADAPTER_WEIGHTS_FILE}; an adapter folder holds {ADAPTER_CONFIG_FILE} and weights"
         )
-    config = read_lora_config(folder)  # its own errors name what is wrong with the file
     refuse_quantized_base(model, folder)
     refuse_token_ids_outside_vocabulary(config, model.config.vocab_size, folder)
     try:
@@ -186,6 +187,14 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
         ) from None
     restore_adapter(peft_model, folder, weightless)
     return _fuse_head(peft_model).eval()
+
+
+def weightless_adapter(config: ModelConfig, folder: str | Path) -> PeftModel:
+    """The adapter in `folder` on a weightless (meta device) model with `config`: its factors, or `load_adapter`'s
+    CheckpointError when it does not fit, without the base's weights (minutes to read for a large one)."""
+    with torch.device("meta"):
+        skeleton = Transformer(config)
+    return load_adapter(skeleton, folder, weightless=True)
 
 
 def refuse_token_ids_outside_vocabulary(config: LoraConfig, vocab_size: int, folder: str | Path) -> None:
@@ -225,6 +234,9 @@ def read_lora_config(folder: str | Path) -> LoraConfig:
     field peft refuses. A folder that holds no LoRA config is refused before peft is imported (seconds, which the
     first `/v1/load_lora_adapter` of a mistyped path waited)."""
     path = Path(folder) / ADAPTER_CONFIG_FILE
+    if not Path(folder).is_dir():
+        what = "is a file, not" if Path(folder).exists() else "does not exist; give"
+        raise CheckpointError(f"{folder} {what} an adapter folder ({ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE})")
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG_FILE}; an adapter folder holds it and the weights")
     kind = read_json_object(path).get("peft_type", "LORA")  # names the file when it is not valid JSON

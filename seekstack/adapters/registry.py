@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from seekstack.adapters.config import ADAPTER_NAME
-from seekstack.adapters.files import ADAPTER_CONFIG_FILE, load_adapter, read_lora_config, refuse_quantized_base
+from seekstack.adapters.files import ADAPTER_CONFIG_FILE, read_lora_config, refuse_quantized_base, weightless_adapter
 from seekstack.adapters.multi import (
     AdapterRows,
     Factors,
@@ -80,9 +80,7 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
             f"{config_file}: the adapter replaces token rows (trainable_token_indices) of a base whose output head "
             "and embedding are tied (tie_word_embeddings), which serving does not apply; use an untied base"
         )
-    with torch.device("meta"):
-        skeleton = Transformer(config)
-    peft_model = load_adapter(skeleton, folder, weightless=True)
+    peft_model = weightless_adapter(config, folder)
     factors = _lora_factors(peft_model)
     adapted = peft_model.get_base_model()
     routers = [name for name, _ in factors if isinstance(adapted.get_submodule(name).get_base_layer(), Router)]

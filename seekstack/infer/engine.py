@@ -293,8 +293,8 @@ class Engine:
         are copied under `offload_dir` (default `model_dir`/offload).
 
         `adapter`, a LoRA adapter folder, is merged into the weights for every request (generate, chat); `adapters`
-        (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer is
-        reported before any weights load."""
+        (see `Engine`) are kept apart and picked per request (serve). A missing folder, config or tokenizer, and an
+        adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
         config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
         defaults = sampling_defaults(model_dir)
@@ -304,6 +304,10 @@ class Engine:
             )
         loaded_tokenizer = Tokenizer.from_file(tokenizer or model_dir)
         check_tokenizer_fits(loaded_tokenizer, config.vocab_size, model_dir)
+        if adapter is not None:  # a mistyped folder or another base's adapter, before the weights are read
+            from seekstack.adapters.files import weightless_adapter
+
+            weightless_adapter(config, adapter)
         device = kwargs.get("device") or "cpu"
         if device_map is not None:  # before the weights are read and the disk parts written: hours for a large model
             check_reachable(map_devices(device_map))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.train.runs import list_checkpoints
-from tests.adapters.support import write_base
+from tests.adapters.support import write_base, write_random_adapter
 
 runner = CliRunner()
 
@@ -45,3 +46,22 @@ def test_train_merge_and_generate_with_the_adapter(tmp_path):
 def test_a_malformed_adapter_option_is_explained(tmp_path):
     result = runner.invoke(app, ["serve", "--model", str(tmp_path), "--adapter", "legal"])
     assert result.exit_code == 1 and "expected NAME=DIR" in result.output
+
+
+def test_generate_tells_an_adapter_that_cannot_load_before_reading_the_bases_weights(base, tmp_path):
+    """A mistyped --adapter folder, a file, or another base's adapter is told at once, not after minutes of reading a
+    large base's weights: here the weights cannot be read at all, and the adapter is what the error names."""
+    wider = tmp_path / "wider"  # what the adapter does not fit: a base of another width, its weights damaged
+    shutil.copytree(base, wider)
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    (wider / "model.safetensors").write_bytes(b"not weights")
+    adapter = write_random_adapter(base, tmp_path / "adapter", seed=1)
+    (tmp_path / "notes.txt").write_text("a file")
+    for folder, told in (
+        (tmp_path / "mistyped", f"{tmp_path / 'mistyped'} does not exist; give an adapter folder"),
+        (tmp_path / "notes.txt", f"{tmp_path / 'notes.txt'} is a file, not an adapter folder"),
+        (adapter, "the adapter was trained on another base"),
+    ):
+        result = runner.invoke(app, ["generate", "--model", str(wider), "--adapter", str(folder), "hi"])
+        assert result.exit_code == 1 and told in " ".join(result.output.split()), result.output
