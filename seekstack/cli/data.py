@@ -239,12 +239,12 @@ def _refuse_a_folder_of_other_files(out: Path) -> None:
     """FileExistsError, before any training, when the tokenizer's folder is a file or holds files besides a
     tokenizer's: a checkpoint there would keep its weights and get a tokenizer its model was not trained with."""
     from seekstack.atomic import entries_besides
-    from seekstack.tokenizer import CONFIG_FILE, TOKENIZER_FILE, tokenizer_json_path
+    from seekstack.tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, TOKENIZER_FILE, tokenizer_json_path
 
     folder = tokenizer_json_path(out).parent
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder}: is a file, not a folder; nothing was written")
-    others = entries_besides(folder, (TOKENIZER_FILE, CONFIG_FILE))
+    others = entries_besides(folder, (TOKENIZER_FILE, CONFIG_FILE, CHAT_TEMPLATE_FILE))  # the last: transformers 5's
     if others:
         raise FileExistsError(
             f"{folder}: holds {others} besides a tokenizer's {TOKENIZER_FILE} and {CONFIG_FILE}, which a new "

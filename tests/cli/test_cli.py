@@ -26,7 +26,7 @@ from seekstack.checkpoint import load_pretrained, save_pretrained
 from seekstack.cli import app
 from seekstack.config import preset
 from seekstack.model.transformer import Transformer
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import CHAT_TEMPLATE, Tokenizer
 from tests.infer.support import model_dir
 
 runner = CliRunner()
@@ -308,6 +308,18 @@ def test_tokenizer_train_refuses_a_folder_holding_other_files_and_replaces_an_ea
     replaced = runner.invoke(app, [*args, "--out", str(tmp_path / "tok")])
     assert replaced.exit_code == 0, replaced.output
     assert Tokenizer.from_file(tmp_path / "tok").vocab_size == 300
+
+
+def test_tokenizer_train_replaces_an_earlier_tokenizer_transformers_saved_its_chat_template_jinja_too(tmp_path):
+    """transformers 5's save_pretrained writes the chat template to chat_template.jinja, which it reads before the
+    config's: a tokenizer folder saved so was refused as holding other files; now its template is replaced too."""
+    test_tokenizer_train_then_tokenize_writes_shards_of_the_corpus(tmp_path)
+    (tmp_path / "tok" / "chat_template.jinja").write_text("{{ 'an earlier template' }}", encoding="utf-8")
+    args = ["tokenizer", "train", "--corpus", str(tmp_path / "corpus"), "--vocab-size", "300"]
+    replaced = runner.invoke(app, [*args, "--out", str(tmp_path / "tok")])
+    assert replaced.exit_code == 0, replaced.output
+    assert Tokenizer.from_file(tmp_path / "tok").vocab_size == 300
+    assert (tmp_path / "tok" / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
 
 
 def test_tokenizer_train_refuses_an_empty_corpus_as_tokenize_does(tmp_path):
