@@ -35,6 +35,9 @@ from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoi
 
 REPORT_FILE = "report.md"
 RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths
+# the per-step counts of the tokens a batch source's loss is on, and how the report names them: sft's (and distill's
+# on conversations) labelled assistant tokens, rl's sampled completions (each with its EOS)
+LOSS_TOKEN_COUNTS = {"assistant_tokens": "labelled assistant tokens", "completion_tokens": "sampled completion tokens"}
 SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's first, a run answers in the report
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
 EVAL_OPTIONS = (  # as results.json has them
@@ -229,12 +232,12 @@ def _model(run_dir: Path, checkpoint: Path, train_config: dict[str, Any], record
         if per_token is not None:
             rows.append(("training FLOPs per token" + (" (with MTP)" if mtp_depths else ""), f"{per_token:,}"))
     if trained is not None:
-        positions, assistant = trained
-        if assistant is None:
+        positions, labelled = trained
+        if labelled is None:
             rows.append(("tokens trained", f"{positions:,} ({last_step} steps)"))
-        else:  # sft, distill on conversations: the loss is on the labelled assistant tokens, not prompts or padding
-            trained_text = f"{assistant:,} of {positions:,} positions ({last_step} steps)"
-            rows.append(("tokens trained (labelled assistant tokens)", trained_text))
+        else:  # sft, distill on conversations, rl: the loss is on some tokens of the rows, not prompts or padding
+            kind, count = labelled
+            rows.append((f"tokens trained ({kind})", f"{count:,} of {positions:,} positions ({last_step} steps)"))
         if per_token is not None:
             rows.append(("training compute", f"{per_token * positions:.3e} FLOP"))
     rows.append(
@@ -300,18 +303,19 @@ def _routed_experts(config: ModelConfig) -> str:
     return f"{config.n_routed_experts} ({config.num_experts_per_tok} per token) in {' and '.join(places)}{dense_main}"
 
 
-def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> tuple[int, int | None] | None:
-    """(token positions, assistant tokens) trained up to `last_step`, as metrics.jsonl logged them: the positions as
-    tokens/s x step time, padding included, the assistant tokens (the labelled targets of sft's loss) where every
-    step logged `assistant_tokens`, else None; None when the log misses a step (a step logged twice counts once, its
-    later record)."""
+def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> tuple[int, tuple[str, int] | None] | None:
+    """(token positions, (kind, count) of the tokens the loss was on) trained up to `last_step`, as metrics.jsonl
+    logged them: the positions as tokens/s x step time, padding included; the count where every step logged one of
+    LOSS_TOKEN_COUNTS, else None; None when the log misses a step (a step logged twice counts once, its later
+    record)."""
     per_step = {r["step"]: r for r in records if "tokens_per_s" in r and "step_s" in r and r["step"] <= last_step}
     if len(per_step) != last_step:
         return None
     positions = sum(round(r["tokens_per_s"] * r["step_s"]) for r in per_step.values())
-    logged_assistant = all("assistant_tokens" in r for r in per_step.values())
-    assistant = sum(round(r["assistant_tokens"]) for r in per_step.values()) if logged_assistant else None
-    return positions, assistant
+    for name, kind in LOSS_TOKEN_COUNTS.items():
+        if all(name in r for r in per_step.values()):
+            return positions, (kind, sum(round(r[name]) for r in per_step.values()))
+    return positions, None
 
 
 def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:

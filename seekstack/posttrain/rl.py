@@ -211,6 +211,7 @@ class GRPOSource:
             "clip_low_fraction": result.clip_low_fraction,
             "clip_high_fraction": result.clip_high_fraction,
             "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
+            "completion_tokens": float(mask.sum()),  # the tokens the loss is on (summed over micro-batches)
             "generate_s": rollout.generate_s if batch["fresh"] else 0.0,
             "compile_s": batch.get("compile_s", 0.0) if batch["fresh"] else 0.0,  # absent in older checkpoints
             "threads": torch.get_num_threads(),  # of this training half

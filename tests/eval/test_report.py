@@ -376,6 +376,17 @@ def test_report_of_an_rl_run_names_its_task_and_the_tokens_it_logged_not_unused_
     assert "tokens trained" not in _model(tmp_path, tmp_path / "checkpoints" / "step_2", rl_config, records[1:])
 
 
+def test_report_of_an_rl_run_counts_the_completion_tokens_its_loss_trained_beside_every_position(tmp_path):
+    """It read "tokens trained | 5,472 (6 steps)", prompts and padding in them, for 2,200 completion tokens."""
+    from seekstack.eval.report import _model
+
+    rl_config = {"init_from": "../sft/step_20", "task": "addition", "num_generations": 4}
+    records = [{"step": step, "reward": 0.5, "tokens_per_s": 900.0, "step_s": 1.0, "completion_tokens": 360.0}
+               for step in (1, 2)]  # fmt: skip
+    model = _model(tmp_path, _step_checkpoint(tmp_path, 2), rl_config, records)
+    assert "| tokens trained (sampled completion tokens) | 720 of 1,800 positions (2 steps) |" in model
+
+
 def test_report_of_an_sft_run_counts_the_assistant_tokens_its_loss_trained_beside_every_position(tmp_path):
     """It read "tokens trained | 784 (2 steps)": every position, prompts and padding in them, though the run logged
     the 172 assistant tokens its loss was on."""

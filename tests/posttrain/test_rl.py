@@ -254,6 +254,8 @@ def test_rl_run_logs_every_term_and_resumes_exactly(tmp_path, sft_model, async_r
     # wrong as the first one can be, has no advantage to move it)
     assert any(line["reward_std"] > 0 for line in lines[:-1]) and lines[-1]["kl"] > 0
     assert any(line["loss"] != 0 for line in lines)
+    # the tokens the loss is on, which `report` counts: the step's 2 x 4 completions, each with its EOS
+    assert all(line["completion_tokens"] == 8 * line["completion_length"] for line in lines)
     weights_a = load_pretrained(tmp_path / "a" / "checkpoints" / "step_4").state_dict()
     weights_b = load_pretrained(tmp_path / "b" / "checkpoints" / "step_4").state_dict()
     assert all(torch.equal(weights_a[name], weights_b[name]) for name in weights_a)
