@@ -653,6 +653,16 @@ def test_pickled_weights_are_named_as_such_with_how_to_convert_them(saved, files
     assert f"M.from_pretrained('{saved}', dtype='auto').save_pretrained('{saved}-safetensors')" in message
 
 
+def test_a_hugging_face_hub_id_is_refused_with_how_to_download_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # transformers' from_pretrained would download it; seekstack reads folders
+    assert load_error("deepseek-ai/DeepSeek-V2-Lite") == (
+        "deepseek-ai/DeepSeek-V2-Lite: no such folder; a checkpoint is a folder holding config.json and safetensors "
+        "weights; if it names a Hugging Face Hub repository, download it first (`hf download "
+        "deepseek-ai/DeepSeek-V2-Lite` prints the folder it downloads to) and give that folder"
+    )
+    assert "Hub" not in load_error(tmp_path / "nowhere")
+
+
 def test_missing_folder_is_named(tmp_path):
     assert load_error(tmp_path / "nowhere").startswith(f"{tmp_path / 'nowhere'}: no such folder; ")
     (tmp_path / "file").write_text("")

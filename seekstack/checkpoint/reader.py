@@ -37,6 +37,8 @@ FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads 
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32")}
 # How a Git LFS pointer file begins: what a hub repository cloned without Git LFS holds in place of each weight file.
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# What a Hugging Face Hub repository id looks like (owner/name), as transformers' from_pretrained takes one.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # The weight files transformers writes with safe_serialization=False (a shard, or one file) and their index.
 PICKLED_WEIGHTS = "pytorch_model*.bin*"
 
@@ -47,8 +49,14 @@ def read_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     if not directory.is_dir():
         problem = "not a folder" if directory.exists() else "no such folder"
+        hub = (
+            f"; if it names a Hugging Face Hub repository, download it first (`hf download {directory}` prints the "
+            "folder it downloads to) and give that folder"
+            if not directory.exists() and HUB_ID.fullmatch(str(directory))
+            else ""
+        )
         raise CheckpointError(
-            f"{directory}: {problem}; a checkpoint is a folder holding {CONFIG_FILE} and safetensors weights"
+            f"{directory}: {problem}; a checkpoint is a folder holding {CONFIG_FILE} and safetensors weights{hub}"
         )
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
