@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import __version__ as tokenizers_version
 
 from seekstack.atomic import staged_files
 from seekstack.chat_template import ChatTemplate, read_chat_template
@@ -412,6 +413,12 @@ def _why_not_a_tokenizer(path: Path, error: Exception) -> str:
         return (
             f"a JSON file but not a Hugging Face tokenizer.json: it has no 'model' field (its fields: "
             f"{fields or 'none'}); give the tokenizer's {TOKENIZER_FILE}, or the folder holding it"
+        )
+    if isinstance(content, dict):  # whole, so not cut short: a part this tokenizers library does not know
+        return (
+            f"a whole tokenizer.json that tokenizers {tokenizers_version} cannot read ({error}): it holds a type or "
+            "field this version does not know (written by a newer tokenizers) or a value edited by hand; fix the "
+            f"part the error points at, or save the tokenizer again with tokenizers {tokenizers_version}"
         )
     return f"not a valid Hugging Face tokenizer.json ({error}); it is truncated or damaged: train or copy it again"
 

@@ -459,6 +459,20 @@ def test_damaged_tokenizer_file_is_named_with_what_to_do(trained, tmp_path, dama
     assert "truncated or damaged" in message and "--" not in message
 
 
+def test_a_whole_tokenizer_file_of_a_part_the_library_does_not_know_is_not_called_truncated(trained, tmp_path):
+    """A tokenizer.json a newer tokenizers wrote (a pre-tokenizer type 0.23 does not know) was called 'truncated or
+    damaged: train or copy it again', which copying does not cure."""
+    _, out_dir = trained
+    content = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    content["pre_tokenizer"] = {"type": "SplitFromTheFuture"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(ValueError) as error:
+        Tokenizer.from_file(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'tokenizer.json'}: a whole tokenizer.json that tokenizers ")
+    assert "a type or field this version does not know" in message and "truncated" not in message
+
+
 def test_a_tokenizer_file_opening_with_a_byte_order_mark_is_named_as_such(trained, tmp_path):
     """Read as damaged before: 'expected value at line 1 column 1 ... truncated or damaged: train or copy it again'."""
     _, out_dir = trained
