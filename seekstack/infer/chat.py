@@ -32,6 +32,10 @@ RESET_COMMANDS = ("/reset", "/clear")
 HELP_COMMANDS = ("/help", "/?")
 
 
+class ReplyFailed(RuntimeError):
+    """The engine ended a reply with an error (its sampling raised): the message says why."""
+
+
 class ChatSession:
     """A conversation: the system prompt and the turns so far; `reply` streams the assistant's next turn.
 
@@ -66,7 +70,7 @@ class ChatSession:
         """Stream the answer to `user_text`; both turns join the history (the oldest go when the context is full).
 
         A reply stopped early (Ctrl-C, or the consumer closing this iterator) keeps the text taken so far; a reply
-        that fails leaves no unanswered user turn."""
+        that fails (ReplyFailed where the engine ended it with an error) leaves no unanswered user turn."""
         self.turns.append({"role": "user", "content": user_text})
         shown: list[str] = []
         try:
@@ -77,6 +81,8 @@ class ChatSession:
             stream = self.engine.stream(prompt, params)
             try:
                 for output in stream:
+                    if output.error is not None:
+                        raise ReplyFailed(f"the reply failed ({output.error}); the message was not kept")
                     yield output.text
                     shown.append(output.text)
             finally:
@@ -201,7 +207,7 @@ def _answer(session: ChatSession, line: str, write: Callable[[str], None], compl
         replies.close()  # the request is aborted; the turn stays as far as it was shown
         write("\n")
         return
-    except ValueError as error:
+    except (ValueError, ReplyFailed) as error:
         if last and not last.endswith("\n"):
             write("\n")
         complain(str(error))

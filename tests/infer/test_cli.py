@@ -18,7 +18,14 @@ from typer.testing import CliRunner
 from seekstack.cli import app
 from seekstack.cli.generate import StreamedText, unescape
 from seekstack.infer import Engine, EngineOptions, SamplingParams
-from seekstack.infer.chat import HELP, ChatSession, base_model_reason, ending_at_special_tokens, run_chat
+from seekstack.infer.chat import (
+    HELP,
+    ChatSession,
+    ReplyFailed,
+    base_model_reason,
+    ending_at_special_tokens,
+    run_chat,
+)
 from seekstack.tokenizer import USER
 from tests.infer.support import model_dir
 
@@ -550,6 +557,25 @@ def test_a_reply_that_fails_leaves_no_unanswered_turn_in_the_history(checkpoint,
     with pytest.raises(RuntimeError, match="engine step failed"):
         "".join(session.reply("second"))
     assert session.turns == kept
+
+
+def test_chat_tells_a_reply_the_engine_failed_and_keeps_no_turn_of_it(checkpoint, engine, monkeypatch):
+    """A sampling failure ends the reply's request with finish_reason "error": chat says so on stderr, as generate
+    does, rather than show an empty reply and keep a turn the model never answered."""
+
+    def failing(self, logits):
+        raise RuntimeError("sampler broke")
+
+    monkeypatch.setattr("seekstack.infer.sampling.SamplingBatch.sample", failing)
+    args = ["chat", "--model", str(checkpoint), "--max-new-tokens", "4", "--no-compile"]
+    result = runner.invoke(app, args, input="hi\nagain\n")
+    assert result.exit_code == 0 and result.stdout == ""
+    told = "error: the reply failed (RuntimeError: sampler broke); the message was not kept"
+    assert [line for line in result.stderr.splitlines() if not line.startswith("note: dtype")] == [told, told]
+    session = ChatSession(engine, SamplingParams(max_new_tokens=4))
+    with pytest.raises(ReplyFailed, match="sampler broke"):
+        "".join(session.reply("hi"))
+    assert session.turns == []
 
 
 class Terminal:
