@@ -373,7 +373,10 @@ class _Run:
         if hooks is not None and ranks.distributed and config.parallel == "fsdp":
             raise ConfigError("parallel=fsdp does not train adapters (hooks); use parallel=ddp", field="parallel")
         if source is not None and ranks.distributed:  # every rank meets it alike: told once, as a setting's error
-            raise ConfigError("a batch source (sft, rl) runs in one process; start it without torchrun")
+            raise ConfigError(
+                "a batch source (sft, rl, distill of conversations: data= or task=) runs in one process; start it "
+                "without torchrun (distill of token shards, data_dir=, runs under it)"
+            )
         # before a model is built to find them out
         distributed.require_rows_divisible(config.batch_size, ranks)
         if config.expert_parallel > 1 and config.expert_parallel != ranks.world_size:

@@ -878,15 +878,17 @@ def test_a_seq_len_past_the_models_context_is_refused_and_a_finished_run_resumed
     assert again.step == 2 and again.checkpoint == tmp_path / "done" / "checkpoints" / "step_2"
 
 
-def test_sft_or_rl_under_torchrun_is_refused_as_a_setting_every_rank_meets_alike(tmp_path):
+def test_sft_rl_or_distill_of_conversations_under_torchrun_is_refused_as_a_setting_every_rank_meets_alike(tmp_path):
     """A ValueError was printed by every rank (`fail(every_rank=True)`, for a rank's own file); a ConfigError is told
-    once per machine."""
+    once per machine. `distill data=traces.jsonl` under torchrun was told 'a batch source (sft, rl) runs in one
+    process', naming neither distill nor its conversations."""
     from seekstack.parallel.distributed import Ranks
     from seekstack.train.trainer import _Run
 
     rank_1_of_2 = Ranks(rank=1, world_size=2, device=torch.device("cpu"))
     config = TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match=r"a batch source \(sft, rl\) runs in one process; start it without torchrun"):
+    refused = r"a batch source \(sft, rl, distill of conversations: data= or task=\) runs in one process; start it "
+    with pytest.raises(ConfigError, match=refused + r"without torchrun \(distill of token shards, data_dir=, runs"):
         _Run(config, rank_1_of_2, False, None, source=object(), held=contextlib.ExitStack())
     with pytest.raises(ConfigError, match="parallel=fsdp does not train adapters"):
         _Run(dataclasses.replace(config, parallel="fsdp"), rank_1_of_2, False, object(), None, contextlib.ExitStack())
