@@ -118,6 +118,8 @@ class ModelConfig:
         seekstack honours these fields, so a checkpoint setting any of them gives other logits in transformers.
         """
         found: dict[str, str] = {}
+        if self.model_type == "deepseek_v2" and not self.rope_interleave:
+            found["rope_interleave"] = "transformers' DeepseekV2 always rotates interleaved pairs"
         if not self.n_routed_experts:
             return found
         if self.model_type == "deepseek_v3":

@@ -27,6 +27,7 @@ DIVERGENT = {  # transformers config -> the field it ignores there
     "v3-greedy": (3, dict(V3_ROUTING, topk_method="greedy"), "topk_method"),
     "v2-sigmoid": (2, dict(V2_ROUTING, scoring_func="sigmoid"), "scoring_func"),
     "v2-norm-topk-prob": (2, dict(V2_ROUTING, norm_topk_prob=True), "norm_topk_prob"),
+    "v2-rotate-half": (2, dict(V2_ROUTING, rope_interleave=False), "rope_interleave"),
 }
 # 4 layers, the first dense: DeepSeek's V2 code (and seekstack) make layers 1 and 3 dense, transformers none of them.
 MOE_EVERY_OTHER_LAYER = dict(num_hidden_layers=4, first_k_dense_replace=1, moe_layer_freq=2)
@@ -61,16 +62,19 @@ def test_loading_a_checkpoint_transformers_computes_differently_warns_naming_the
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(scoring_func="softmax", topk_method="greedy"), dict(model_type="deepseek_v2", scoring_func="sigmoid")],
-    ids=["v3-softmax-greedy", "v2-sigmoid"],
+    [
+        dict(scoring_func="softmax", topk_method="greedy"),
+        dict(model_type="deepseek_v2", scoring_func="sigmoid"),
+        dict(**V2_OURS, rope_interleave=False, n_routed_experts=None),  # dense too: attention alone diverges
+    ],
+    ids=["v3-softmax-greedy", "v2-sigmoid", "v2-dense-rotate-half"],
 )
 def test_saving_a_checkpoint_transformers_computes_differently_warns_naming_the_fields(tmp_path, overrides):
     config = ModelConfig.from_dict({"model_type": "deepseek_v3", **OURS, **overrides})
     with pytest.warns(UserWarning, match="transformers computes this checkpoint differently") as caught:
         seekstack.save_pretrained(Transformer(config), tmp_path)
-    message = str(caught[0].message)
-    assert all(f"{name}=" in message for name in config.transformers_divergences())
-    assert "scoring_func=" in message
+    message, divergent = str(caught[0].message), config.transformers_divergences()
+    assert divergent and all(f"{name}=" in message for name in divergent)
 
 
 @pytest.mark.parametrize(
