@@ -163,6 +163,7 @@ def generate_command(
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token")] = False,
     top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
+    system: Annotated[str | None, typer.Option(help="With --chat: a system prompt before the user turn")] = None,
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
     adaptive_drafts: AdaptiveDrafts = EngineOptions.adaptive_drafts,
@@ -188,6 +189,8 @@ def generate_command(
     with failures_as_json(as_json), user_errors(as_json):
         if top_logprobs and not as_json:
             raise ValueError(f"--top-logprobs {top_logprobs}: the log-probabilities are printed with --json only")
+        if system is not None and not chat:
+            raise ValueError("--system is the system prompt of a --chat prompt: add --chat, or leave --system out")
         if prompt is None and sys.stdin.isatty():
             raise UsageError("Missing argument 'prompt': give the text to continue, or pipe it in", ctx)
         if prompt in (None, "-"):  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
@@ -208,8 +211,11 @@ def generate_command(
         engine = load_engine(model, tokenizer, options, threads, adapter)
         params = with_checkpoint_defaults(params, sampling, engine)
         encoder = engine.tokenizer
+        system_turn = [{"role": "system", "content": system}] if system else []
         prompt_ids = (
-            encoder.encode_chat([{"role": "user", "content": prompt}]) if chat else encoder.encode_prompt(prompt)
+            encoder.encode_chat([*system_turn, {"role": "user", "content": prompt}])
+            if chat
+            else encoder.encode_prompt(prompt)
         )
         params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)
         if notice:

@@ -72,6 +72,18 @@ def test_generate_without_a_prompt_reads_it_piped_in_and_asks_for_it_at_a_termin
     assert typed.exit_code == 2 and "Missing argument 'prompt': give the text to continue" in typed.stderr
 
 
+def test_generate_chat_takes_a_system_prompt_as_llama_cli_does(checkpoint, engine):
+    args = ["generate", "--model", str(checkpoint), "hi", "--temperature", "0", "--max-new-tokens", "6", "--ignore-eos",
+            "--system", "Be brief."]  # fmt: skip
+    result = runner.invoke(app, [*args, "--chat"])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    [reply] = engine.generate([engine.tokenizer.encode_chat(messages)], params)
+    assert result.exit_code == 0 and result.stdout == reply.text + "\n", result.output
+    unread = runner.invoke(app, args)  # a system prompt of no chat would be left out unsaid
+    assert unread.exit_code == 1 and "--system is the system prompt of a --chat prompt: add --chat" in unread.stderr
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize(
     ("option", "value"),
