@@ -51,7 +51,7 @@ class DistillHooks:
     def __init__(self, config: DistillConfig):
         self.config = config
         self.tokenizer = student_tokenizer(config)
-        check_shared_tokenizer(config.teacher, self.tokenizer)
+        check_shared_tokenizer(config.teacher, self.tokenizer, config.conversational)
 
     def prepare(self, model: Transformer) -> DistillModel:
         config, device = self.config, model.embed_tokens.weight.device

@@ -25,9 +25,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CACHE_INFO_FILE = "teacher.json"
 
 
-def check_shared_tokenizer(teacher_dir: str | Path, student_tokenizer: Tokenizer) -> None:
-    """ValueError unless the teacher checkpoint holds the very tokenizer the student's data was encoded with:
-    distillation compares next-token distributions id by id."""
+def check_shared_tokenizer(teacher_dir: str | Path, student_tokenizer: Tokenizer, conversational: bool) -> None:
+    """ValueError unless the teacher checkpoint holds the very tokenizer the student's data was encoded with (token
+    shards), or encodes its conversations with (`conversational`): distillation compares next-token distributions id
+    by id."""
     path = Path(teacher_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(
@@ -36,10 +37,16 @@ def check_shared_tokenizer(teacher_dir: str | Path, student_tokenizer: Tokenizer
         )
     teacher_tokenizer = Tokenizer.from_file(path)
     if teacher_tokenizer.fingerprint != student_tokenizer.fingerprint:
+        remedy = (
+            "leave `tokenizer` unset (the teacher's encodes the conversations) and start a student of the teacher's "
+            "tokenizer (a fresh one, or init_from a checkpoint of it)"
+            if conversational
+            else "tokenize the student's data with the teacher's tokenizer.json"
+        )
         raise ValueError(
             f"teacher tokenizer {path} (vocabulary {teacher_tokenizer.vocab_size}) differs from the student's "
             f"{student_tokenizer.source} (vocabulary {student_tokenizer.vocab_size}): teacher and student must share "
-            "a tokenizer; tokenize the student's data with the teacher's tokenizer.json"
+            f"a tokenizer; {remedy}"
         )
 
 

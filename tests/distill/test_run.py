@@ -123,6 +123,13 @@ def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path):
     result = CliRunner().invoke(app, ["distill", *overrides(workspace, tmp_path, teacher=other)])
     assert result.exit_code == 1
     assert "must share a tokenizer" in result.output and str(other / "tokenizer.json") in result.output
+    assert "tokenize the student's data with the teacher's tokenizer.json" in result.output
+    # conversations are encoded by the student's tokenizer, not tokenized beforehand: it was told to tokenize them
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    mine = str(workspace["root"] / "tokenizer")
+    with pytest.raises(ValueError, match=r"must share a tokenizer; leave `tokenizer` unset \(the teacher's encodes"):
+        DistillHooks(distill_config(workspace, tmp_path, teacher=str(other), data=str(chats), tokenizer=mine))
     (other / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="has no tokenizer.json"):
         DistillHooks(distill_config(workspace, tmp_path, teacher=str(other)))
