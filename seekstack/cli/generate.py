@@ -194,7 +194,8 @@ def generate_command(
         if prompt is None and sys.stdin.isatty():
             raise UsageError("Missing argument 'prompt': give the text to continue, or pipe it in", ctx)
         if prompt in (None, "-"):  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
-            prompt = sys.stdin.read()
+            prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")  # the line end echo or a file closes
+            # it with is no part of the text, as llama-cli's -f drops it: the text goes on where its last line ends
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)  # fmt: skip
         with options_named():

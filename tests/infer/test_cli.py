@@ -64,9 +64,10 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
 
 def test_generate_without_a_prompt_reads_it_piped_in_and_asks_for_it_at_a_terminal(checkpoint, engine, monkeypatch):
     args = ["generate", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "6", "--ignore-eos"]
-    piped = runner.invoke(app, args, input="def main():")  # echo 'def main():' | seekstack generate --model DIR
     [plain] = engine.generate(["def main():"], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
-    assert piped.exit_code == 0 and piped.stdout == plain.text + "\n", piped.output
+    for line_end, dash in (("\n", []), ("\r\n", ["-"])):  # echo's line end, a Windows file's: no part of the prompt
+        piped = runner.invoke(app, [*args, *dash], input="def main():" + line_end)  # echo 'def main():' | ...
+        assert piped.exit_code == 0 and piped.stdout == plain.text + "\n", piped.output
     monkeypatch.setattr(typer.testing._NamedTextIOWrapper, "isatty", lambda self: True)  # a terminal: no waiting on it
     typed = runner.invoke(app, args)
     assert typed.exit_code == 2 and "Missing argument 'prompt': give the text to continue" in typed.stderr
