@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -497,7 +497,14 @@ class Engine:
                 spec_drafted=self.spec_drafted,
                 spec_accepted=self.spec_accepted,
                 preemptions=self.preemptions,
+                running_adapters=self._adapters_of(itertools.chain(self.prefilling, self.running)),
+                waiting_adapters=self._adapters_of(self.waiting),
             )
+
+    def _adapters_of(self, requests: Iterable[_Request]) -> tuple[str, ...]:
+        """The names of the LoRA adapters `requests` use, each once, in the order they were loaded; under the lock."""
+        slots = {request.adapter_slot for request in requests}
+        return tuple(name for name, slot in self.lora.slots.items() if slot in slots)
 
     def _unfinished(self):
         return itertools.chain(self.waiting, self.prefilling, self.running)

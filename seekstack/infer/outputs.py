@@ -50,6 +50,8 @@ class EngineStats:
     spec_drafted: int  # cumulative speculative-decoding counters
     spec_accepted: int
     preemptions: int = 0  # cumulative: running requests sent back to wait when the cache ran out of blocks
+    running_adapters: tuple[str, ...] = ()  # the LoRA adapters running requests use, each once, by name
+    waiting_adapters: tuple[str, ...] = ()  # those of waiting requests
 
 
 @dataclass

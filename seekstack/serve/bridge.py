@@ -229,6 +229,7 @@ class AsyncEngine:
             self.metrics.engine_state(
                 stats.running, stats.waiting, stats.cache_usage, stats.spec_drafted, stats.spec_accepted
             )
+            self.metrics.adapters_state(len(self.engine.lora.names), stats.running_adapters, stats.waiting_adapters)
             self.metrics.step_tokens(generated, stats.prefill_tokens)
 
     def _apply_aborts(self) -> None:

@@ -50,6 +50,15 @@ class ServerMetrics:
             PREFIX + "request_success", "Finished requests by reason.", ["model_name", "finished_reason"],
             registry=self.registry,
         )  # fmt: skip
+        self._lora_info = Gauge(
+            PREFIX + "lora_requests_info",
+            "The LoRA adapters that running and waiting requests use (names joined by commas) and the adapters loaded; "
+            "the value is when it was set, in Unix seconds.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=self.registry,
+        )  # vLLM's, whose max_lora is its --max-loras; seekstack has no such limit and gives the adapters loaded
+        self._lora_labels: tuple[str, ...] = ()
+        self._lora_sample: Gauge | None = None
         self._model_name = model_name
         self._spec_seen = (0, 0)
         self._prefill_seen = 0
@@ -66,6 +75,14 @@ class ServerMetrics:
         self.spec_draft_tokens.inc(max(0, spec_drafted - drafted))
         self.spec_accepted_tokens.inc(max(0, spec_accepted - accepted))
         self._spec_seen = (spec_drafted, spec_accepted)
+
+    def adapters_state(self, loaded: int, running: tuple[str, ...], waiting: tuple[str, ...]) -> None:
+        """The adapters in use, from the engine's stats: one sample, replaced when they change."""
+        labels = (str(loaded), ",".join(waiting), ",".join(running))
+        if labels != self._lora_labels:  # a new sample only then: clearing and labelling cost ~25 us a step
+            self._lora_info.clear()
+            self._lora_labels, self._lora_sample = labels, self._lora_info.labels(*labels)
+        self._lora_sample.set_to_current_time()
 
     def step_tokens(self, generated: int, prefill_total: int) -> None:
         """One step's tokens: those generated, and those plus the prompt tokens it fed (from the engine's total)."""

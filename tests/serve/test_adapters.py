@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
@@ -62,6 +65,30 @@ def test_requests_for_different_adapters_in_one_batch_answer_as_alone(served):
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda request: complete(api, *request), requests * 2))
     assert together == alone * 2
+
+
+def adapters_in_use_once_the_metrics_say(api: openai.OpenAI, running: str) -> dict[str, str]:
+    """The labels of /metrics' lora_requests_info once its running adapters read `running` (the gauges follow the
+    engine's steps, a moment after the tokens they delivered), or as they are after some seconds."""
+    for _ in range(100):
+        text = httpx.get(str(api.base_url).replace("/v1/", "/metrics")).text
+        [labels] = [sample.labels for family in text_string_to_metric_families(text) for sample in family.samples
+                    if sample.name == "seekstack:lora_requests_info"] or [{}]  # fmt: skip
+        if labels.get("running_lora_adapters") == running:
+            break
+        time.sleep(0.05)
+    return labels
+
+
+def test_metrics_name_the_adapters_requests_use_as_vllms_lora_requests_info(served):
+    api, _, _ = served
+    stream = api.completions.create(model="poem", prompt="The quick", stream=True, **{**GREEDY, "max_tokens": 200})
+    next(iter(stream))  # the request runs
+    during = adapters_in_use_once_the_metrics_say(api, "poem")
+    stream.close()
+    complete(api, "legal")
+    assert during == {"max_lora": "2", "waiting_lora_adapters": "", "running_lora_adapters": "poem"}
+    assert adapters_in_use_once_the_metrics_say(api, "") == {**during, "running_lora_adapters": ""}
 
 
 def test_an_unknown_model_gets_404_in_openai_shape_naming_the_served_ones(served):
