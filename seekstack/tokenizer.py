@@ -235,29 +235,28 @@ class Tokenizer:
         `<｜User｜>` gets no false document boundary or chat turn in the training data. ValueError naming the
         document (its position in `texts`) that holds a lone surrogate, as `encode`."""
         backend = self._corpus_backend
-        backend.encode_special_tokens = True
         try:
-            encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+            # in a thread, as Ctrl-C waits for native code: a batch of 256 book-length documents takes minutes
+            encodings = interruptible(lambda: backend.encode_batch_fast(texts, add_special_tokens=False))
         except TypeError as error:
             raise _lone_surrogate_error(texts, f"document {{}} of the {len(texts)} given") or error from None
-        finally:
-            backend.encode_special_tokens = False
         return [[self.bos_id, *e.ids] if add_bos else e.ids for e in encodings]
 
     @functools.cached_property
     def _corpus_backend(self) -> BackendTokenizer:
-        """The backend, or a copy of it whose `special_tokens` are all flagged special where the file lists some as
-        plain added tokens (DeepSeek-R1-Distill's role tokens): `encode_special_tokens` splits flagged ones alone.
-        The same ids for any other text; `fingerprint` stays the file's."""
+        """A copy of the backend that encodes every one of `special_tokens` as plain text (`encode_special_tokens`),
+        those the file lists as plain added tokens (DeepSeek-R1-Distill's role tokens) flagged special here, as that
+        splits only flagged ones. The same ids for any other text; `fingerprint` stays the file's. A copy, set once:
+        the backend's own setting, switched for a batch, waited for a batch still encoding (after Ctrl-C) and read so
+        for an `encode` meanwhile."""
         unflagged = [
             token.content
             for token in self.backend.get_added_tokens_decoder().values()
             if token.content in self.special_tokens and not token.special
         ]
-        if not unflagged:
-            return self.backend
         copy = BackendTokenizer.from_str(self.backend.to_str())
         copy.add_special_tokens([AddedToken(token, special=True) for token in unflagged])
+        copy.encode_special_tokens = True
         return copy
 
     def decode(self, ids: Iterable[int]) -> str:
