@@ -137,20 +137,25 @@ def run_chat(
     prompt: str = "",
 ) -> None:
     """Read user lines with `read_line(prompt)` (as `input`) until /quit (/exit, /bye), end of input (EOFError) or
-    Ctrl-C at the prompt; answer each (or each block of lines between BLOCK quotes) with `write`, or run the command
-    it names. Ctrl-C during a reply stops it and
+    Ctrl-C at the prompt; answer each (or each block of lines between BLOCK quotes, which Ctrl-C while it is typed
+    drops) with `write`, or run the command it names. Ctrl-C during a reply stops it and
     returns to the prompt. What cannot be done (a message too long, an unusable /system, an unknown command) is said
     with `complain`, and what a command did (/help: the commands) with `acknowledge` (both stderr: `write` gets the
     replies alone, as a script's output)."""
     while True:
         try:
             line = read_line(prompt).strip()
-            block = _read_block(line[len(BLOCK) :], read_line, prompt and "... ") if line.startswith(BLOCK) else None
         except (EOFError, KeyboardInterrupt):
             if prompt:
                 write("\n")  # end the prompt's line
             return
-        if block is not None:  # a message, whatever it starts with ("/" included)
+        if line.startswith(BLOCK):  # a message, whatever it starts with ("/" included)
+            try:
+                block = _read_block(line[len(BLOCK) :], read_line, prompt and "... ")
+            except KeyboardInterrupt:  # drops the block, not the chat, as Ollama's Ctrl-C in one
+                if prompt:
+                    write("\n")  # end the line the block's prompt was on
+                continue
             if block:
                 _answer(session, block, write, complain)
         elif line in QUIT_COMMANDS:

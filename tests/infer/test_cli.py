@@ -8,6 +8,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -708,27 +709,48 @@ def test_chat_takes_the_command_names_of_llama_cli_and_ollama(engine, quit):
     assert all(command in HELP for command in ("/reset (/clear)", "/help (/?)", "/quit (/exit, /bye)"))
 
 
-def test_a_message_of_several_lines_goes_between_triple_quotes_as_in_ollama(engine):
-    class Heard(ChatSession):
-        def reply(self, user_text):
-            heard.append(user_text)
-            yield "ok"
+class Listener(ChatSession):
+    """A session that notes each message it is sent and answers "ok"."""
 
-    heard: list[str] = []
-    typed = ['"""def f():', "    return 1", '"""', '"""/reset"""', "after", '"""unclosed', "  at the end"]
-    prompts: list[str] = []
+    def __init__(self, engine: Engine):
+        super().__init__(engine, SamplingParams())
+        self.heard: list[str] = []
 
-    def read_line(prompt):
+    def reply(self, user_text):
+        self.heard.append(user_text)
+        yield "ok"
+
+
+def typist(typed: list, prompts: list[str]) -> Callable[[str], str]:
+    """A `read_line` that notes each prompt in `prompts` and gives the `typed` lines (an exception class in them is
+    raised there: KeyboardInterrupt for Ctrl-C), then ends the input."""
+
+    def read_line(prompt: str) -> str:
         prompts.append(prompt)
         if not typed:
             raise EOFError
+        if isinstance(typed[0], type):
+            raise typed.pop(0)
         return typed.pop(0)
 
-    shown: list[str] = []
-    run_chat(Heard(engine, SamplingParams()), read_line, shown.append, shown.append, shown.append, prompt="> ")
-    assert heard == ["def f():\n    return 1", "/reset", "after", "unclosed\n  at the end"]  # each block one message
+    return read_line
+
+
+def test_a_message_of_several_lines_goes_between_triple_quotes_as_in_ollama(engine):
+    typed = ['"""def f():', "    return 1", '"""', '"""/reset"""', "after", '"""unclosed', "  at the end"]
+    session, prompts, shown = Listener(engine), [], []
+    run_chat(session, typist(typed, prompts), shown.append, shown.append, shown.append, prompt="> ")
+    assert session.heard == ["def f():\n    return 1", "/reset", "after", "unclosed\n  at the end"]  # one message each
     assert prompts == ["> ", "... ", "... ", "> ", "> ", "> ", "... ", "... ", "> "]
     assert shown == ["ok", "\n"] * 4 + ["\n"]
+
+
+def test_ctrl_c_while_a_block_is_typed_drops_the_block_and_the_chat_goes_on(engine):
+    typed = ['"""a long paste', "that went wrong", KeyboardInterrupt, "after"]
+    session, prompts, shown = Listener(engine), [], []
+    run_chat(session, typist(typed, prompts), shown.append, shown.append, shown.append, prompt="> ")
+    assert session.heard == ["after"] and shown == ["\n", "ok", "\n", "\n"]  # the block's line ended, the reply
+    assert prompts == ["> ", "... ", "... ", "> ", "> "]
 
 
 def test_a_reply_ends_at_a_special_token_the_model_writes_and_the_next_message_is_answered(engine):
