@@ -13,6 +13,7 @@ JSON requests only (serve/access.py).
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1)  # the model id requests will use
-    # the adapter folder (adapter_config.json, adapter_model.safetensors), on the server's disk
+    # the adapter folder (adapter_config.json, adapter_model.safetensors), on the server's disk; ~ is its user's home
     lora_path: str = Field(min_length=1)
     load_inplace: bool = False  # a loaded `lora_name` takes the new weights (else 409 adapter_exists)
 
@@ -61,7 +62,9 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
             raise APIError(409, f"{body.lora_name!r} is the base model's name; give the adapter another one",
                            param="lora_name", code="adapter_exists")  # fmt: skip
         try:
-            await asyncio.to_thread(server.engine.load_adapter, body.lora_name, body.lora_path, body.load_inplace)
+            # a leading ~ is the server user's home, as vLLM reads it (JSON has no shell to expand it)
+            folder = Path(body.lora_path).expanduser()
+            await asyncio.to_thread(server.engine.load_adapter, body.lora_name, folder, body.load_inplace)
         except AdapterInUse as error:
             raise APIError(409, str(error), param="lora_name", code="adapter_in_use") from None
         except AdapterConflict as error:

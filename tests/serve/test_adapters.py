@@ -121,3 +121,14 @@ def test_a_request_whose_adapter_is_unloaded_while_it_is_admitted_gets_404_model
     assert error["message"] == "the model 'legal' does not exist or you do not have access to it; you may use 'model'"
     row = sqlite3.connect(tmp_path / "serve.db").execute("SELECT model, status FROM usage").fetchall()
     assert row == [("legal", 404)]
+
+
+def test_a_lora_path_starting_with_a_tilde_is_under_the_servers_home_as_in_vllm(tmp_path, monkeypatch):
+    model_dir = make_model_dir(tmp_path)
+    write_random_adapter(model_dir, tmp_path / "home" / "legal", 1)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    app = create_app(Engine.from_pretrained(model_dir), open_database(tmp_path / "serve.db"))
+    body = {"lora_name": "legal", "lora_path": "~/legal"}
+    response = run(app, lambda client: client.post("/v1/load_lora_adapter", json=body))
+    assert response.status_code == 200, response.text
+    assert response.json()["root"] == str(tmp_path / "home" / "legal")
