@@ -227,6 +227,15 @@ def _require_training_documents(corpus: Path, purpose: str) -> None:
     missing or holds no document: what was made from it would be empty (`purpose`: what it holds none for)."""
     from seekstack.corpus.sources import read_jsonl
 
+    if corpus.is_file():  # a file of documents, given for the folder `data build` writes them to
+        fix = (
+            f"give its folder, {corpus.parent}"
+            if corpus.name in ("train.jsonl", "val.jsonl")
+            else f"build one from it first (`seekstack data build {corpus} --out FOLDER`) and give that folder"
+        )
+        raise NotADirectoryError(
+            f"{corpus}: is a file; --corpus is the folder `seekstack data build` wrote (train.jsonl, val.jsonl): {fix}"
+        )
     train = corpus / "train.jsonl"
     build = f"build the corpus from your text first (`seekstack data build TEXT --out {corpus}`)"
     if not train.is_file():

@@ -26,7 +26,7 @@ from seekstack.checkpoint import load_pretrained, save_pretrained
 from seekstack.cli import app
 from seekstack.config import preset
 from seekstack.model.transformer import Transformer
-from seekstack.tokenizer import CHAT_TEMPLATE, Tokenizer
+from seekstack.tokenizer import CHAT_TEMPLATE, Tokenizer, train_tokenizer
 from tests.infer.support import model_dir
 
 runner = CliRunner()
@@ -320,6 +320,25 @@ def test_tokenizer_train_replaces_an_earlier_tokenizer_transformers_saved_its_ch
     assert replaced.exit_code == 0, replaced.output
     assert Tokenizer.from_file(tmp_path / "tok").vocab_size == 300
     assert (tmp_path / "tok" / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("command", ["tokenizer train", "data tokenize"])
+def test_a_corpus_file_given_for_the_corpus_folder_is_named_with_the_folder_to_give(tmp_path, command):
+    """--corpus corpus/train.jsonl was told '.../train.jsonl/train.jsonl: no such file; build the corpus from your
+    text first (`seekstack data build TEXT --out .../train.jsonl`)': a folder inside the file it named."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text('{"text": "def f(x):\n    return x\n"}\n', encoding="utf-8")
+    args = [*command.split(), "--corpus", str(corpus / "train.jsonl"), "--out", str(tmp_path / "out")]
+    if command == "data tokenize":
+        args += ["--tokenizer", str(tmp_path / "tok")]
+        train_tokenizer(["def f(x):\n    return x\n"], vocab_size=300, out_path=tmp_path / "tok")
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert f"{corpus / 'train.jsonl'}: is a file; --corpus is the folder `seekstack data build` wrote" in (
+        refused.output
+    )
+    assert f"give its folder, {corpus}" in refused.output and not (tmp_path / "out").exists()
 
 
 def test_tokenizer_train_refuses_an_empty_corpus_as_tokenize_does(tmp_path):
