@@ -52,7 +52,10 @@ def token_ranking(model_dir: str | Path, vocab_size: int) -> tuple[torch.Tensor,
 
 def draft_vocabulary(model: Transformer, size: int, ranking: torch.Tensor) -> DraftVocabulary | None:
     """The `size` first ids of `ranking` with their rows of `model`'s output head (a copy, see
-    `refresh_draft_vocabulary`); None (drafts score the whole vocabulary) for size 0 or a size that covers it."""
+    `refresh_draft_vocabulary`); None (drafts score the whole vocabulary) for size 0 or a size that covers it;
+    ValueError for a negative size (a slice from the end would take all ids but the last ones)."""
+    if size < 0:
+        raise ValueError(f"draft_vocab={size} must be >= 0: the most frequent tokens drafts score (0: all of them)")
     if size == 0 or size >= model.config.vocab_size:
         return None
     weight = model.lm_head.weight.detach()

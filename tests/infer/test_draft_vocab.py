@@ -88,6 +88,11 @@ def test_drafts_come_from_the_subset_while_greedy_output_stays_plain_greedy(mode
     assert sum(token not in subset for completion in plain for token in completion) > len(prompts) * 6
 
 
+def test_a_negative_draft_vocabulary_is_refused_naming_it(tokenizer):
+    with pytest.raises(ValueError, match=r"draft_vocab=-3 must be >= 0"):
+        Engine(micro_model(), tokenizer, speculative=True, draft_vocab=-3, adaptive_drafts=False)
+
+
 def test_sampling_over_drafts_from_the_subset_follows_the_target_over_the_whole_vocabulary(model):
     """The draft distribution q is one-hot on the subset's argmax; accepting with p(draft) and else drawing from p
     without the draft still gives p, tokens outside the subset included (Leviathan et al. 2023, Thm. 3.5)."""
