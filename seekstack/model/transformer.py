@@ -83,6 +83,17 @@ class Transformer(nn.Module):
         if self.embed_tokens.weight.device.type != "meta":
             self.init_weights()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the inputs go: the embedding's device, as transformers' `model.device` (`ids.to(model.device)`)."""
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype the model was loaded or cast in (the embedding's), as transformers' `model.dtype`; the
+        routing biases stay float32 in any."""
+        return self.embed_tokens.weight.dtype
+
     def tie_weights(self) -> None:
         """Share the output head with the embedding when the config says so."""
         if self.config.tie_word_embeddings:

@@ -95,3 +95,13 @@ def test_forward_refuses_input_ids_that_are_not_a_batch_and_an_attention_mask_of
     cache = ContiguousLatentCache(model.config, 1, 16)
     with pytest.raises(ValueError, match="attention_mask with a cache"):
         model(torch.randint(0, 128, (1, 8)), attention_mask=torch.ones(1, 8, dtype=torch.long), cache=cache)
+
+
+def test_device_and_dtype_read_as_transformers_model_device_and_dtype_do():
+    model = Transformer(micro_config()).eval()
+    assert (model.device, model.dtype) == (torch.device("cpu"), torch.float32)
+    model = model.to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16  # the routing biases stay float32 and do not count
+    assert any(b.dtype == torch.float32 for name, b in model.named_buffers() if name.endswith("correction_bias"))
+    input_ids = torch.tensor([[3, 4, 5]]).to(model.device)  # as a transformers user moves inputs
+    assert model(input_ids).logits.dtype == model.dtype
