@@ -67,6 +67,10 @@ REFUSED_VLLM_FIELDS = {
     "bad_words": "this server bans tokens, not words: logit_bias -100 on their token ids",
     "prompt_logprobs": "this server gives no logprobs of the prompt",
     "truncate_prompt_tokens": "this server does not truncate prompts: send a shorter one",
+    "logits_processors": "this server runs no custom logits processors (logit_bias shifts given tokens' logits)",
+    "return_tokens_as_token_ids": "this server names logprobs' tokens by their text, not as token_id:N (/tokenize "
+    "gives a text's token ids)",
+    "return_token_ids": "this server returns the text, not its token ids (/tokenize gives a text's token ids)",
 }
 REFUSED_VLLM_CHAT_FIELDS = {
     "chat_template": NO_TEMPLATE_CHOICE,
@@ -78,7 +82,7 @@ REFUSED_VLLM_CHAT_FIELDS = {
 ASKING_NOTHING = {  # what is done anyway
     "tool_choice": "none", "function_call": "none", "modalities": ["text"], "min_tokens": 0, "use_beam_search": False,
     "include_stop_str_in_output": False, "chat_template_kwargs": {}, "add_generation_prompt": True,
-    "continue_final_message": False, "echo": False,
+    "continue_final_message": False, "echo": False, "return_tokens_as_token_ids": False, "return_token_ids": False,
 }  # fmt: skip
 
 

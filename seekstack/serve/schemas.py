@@ -135,6 +135,9 @@ class SamplingFields(StrictRequest):
     bad_words: Any = None
     prompt_logprobs: Any = None
     truncate_prompt_tokens: Any = None
+    logits_processors: Any = None
+    return_tokens_as_token_ids: bool | None = None  # false accepted
+    return_token_ids: bool | None = None  # false accepted
 
 
 class TextPart(StrictRequest):

@@ -110,6 +110,9 @@ VLLM_REFUSED = {
     "bad_words": ["fox"],
     "prompt_logprobs": 0,
     "truncate_prompt_tokens": 8,
+    "logits_processors": ["my_module.MyProcessor"],
+    "return_tokens_as_token_ids": True,
+    "return_token_ids": True,
 }
 VLLM_CHAT_REFUSED = {
     "chat_template": "{{ messages }}",
@@ -118,11 +121,13 @@ VLLM_CHAT_REFUSED = {
     "continue_final_message": True,
     "echo": True,
 }
-VLLM_ASKING_NOTHING = {"min_tokens": 0, "use_beam_search": False, "include_stop_str_in_output": False, "bad_words": []}
+VLLM_ASKING_NOTHING = {"min_tokens": 0, "use_beam_search": False, "include_stop_str_in_output": False, "bad_words": [],
+                       "return_tokens_as_token_ids": False, "return_token_ids": False}  # fmt: skip
 
 
 def test_vllm_fields_that_would_change_the_reply_are_refused_by_name_not_ignored(engine, tmp_path):
-    """They were ignored as unknown fields: guided_json answered free text, min_tokens a reply of any length."""
+    """They were ignored as unknown fields: guided_json answered free text, min_tokens a reply of any length,
+    return_tokens_as_token_ids logprobs' tokens as text."""
     fields = [*VLLM_REFUSED, *VLLM_REFUSED, *VLLM_CHAT_REFUSED]
     requests = [("/v1/completions", {**COMPLETION, field: value}) for field, value in VLLM_REFUSED.items()]
     requests += [("/v1/chat/completions", {**CHAT, field: value})
