@@ -55,6 +55,10 @@ def eval_command(
     include_path: Annotated[
         Path | None, typer.Option(help="A folder of your own task YAML files (and groups), found by task name")
     ] = None,
+    difficulty: Annotated[
+        int | None,
+        typer.Option(min=1, help="The reason_* tasks' knob (digits, numbers), at least 1; default: each task's own"),
+    ] = None,
     log_samples: Annotated[
         bool,
         typer.Option(
@@ -85,7 +89,7 @@ def eval_command(
         samples_folder = out.parent / "lm_eval" if log_samples else None
         report = evaluate(
             model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
-            samples_folder, include_path, dtype,
+            samples_folder, include_path, dtype, difficulty,
         )  # fmt: skip
         json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))

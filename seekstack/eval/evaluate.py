@@ -43,6 +43,7 @@ def evaluate(
     samples_folder: str | Path | None = None,
     include_path: str | Path | None = None,
     dtype: str = "float32",
+    difficulty: int | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
@@ -50,7 +51,8 @@ def evaluate(
     own) and `apply_chat_template` (the examples as earlier turns, lm_eval's default); with `samples_folder`, lm_eval's
     own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes them; task
     YAML files (and groups of them) in the folder `include_path` found by name, as lm_eval's --include_path; the
-    model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); return
+    model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); the
+    reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k --difficulty` takes it); return
     {"model", "backend",
     "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
     eval` takes them (corpus and per_module None where no task read them)}."""
@@ -79,6 +81,8 @@ def evaluate(
             f"{', '.join(reasoning)}: their prompts are in the model's chat template already, which "
             "--apply-chat-template would wrap in a second one; evaluate them without it"
         )
+    if difficulty is not None and not reasoning:
+        raise ValueError(f"--difficulty {difficulty} applies to the reason_* tasks only, and none is asked for")
     if num_fewshot and reasoning:
         raise ValueError(
             f"{', '.join(reasoning)}: each prompt is a whole chat (system prompt, question, the reply opened), "
@@ -89,7 +93,7 @@ def evaluate(
     if backend == "hf":
         _check_transformers_runs(folders.weights)
     specs: list[Any] = [task for task in tasks if task not in local]
-    specs += task_configs(corpus, local, per_module, tokenizer) if local else []
+    specs += task_configs(corpus, local, per_module, tokenizer, difficulty) if local else []
     device = str(resolve_device(device))
     model_args = {**_model_args(folders), "device": device, "dtype": dtype}
     if include_path is not None and not Path(include_path).is_dir():
@@ -123,6 +127,7 @@ def evaluate(
         "per_module": per_module if any(task in LINE_TASKS for task in local) else None, "device": device,
         "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
         "include_path": str(Path(include_path).resolve()) if include_path is not None else None, "dtype": dtype,
+        "difficulty": difficulty,
     }  # fmt: skip
     return {
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,

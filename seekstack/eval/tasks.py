@@ -114,11 +114,13 @@ def next_line_docs(modules: list[dict[str, str]], per_module: int = 4, seed: int
     return docs
 
 
-def reasoning_docs(task_name: str, tokenizer: Tokenizer, count: int = REASONING_PROBLEMS) -> list[dict[str, Any]]:
-    """`count` distinct held-out problems of a post-training task (all of them where it has fewer: multiplication
-    79): the chat prompt (R1 system prompt, the question, the assistant turn opened) and what the verifier needs to
-    rebuild the problem."""
-    task = make_task(task_name)
+def reasoning_docs(
+    task_name: str, tokenizer: Tokenizer, count: int = REASONING_PROBLEMS, difficulty: int | None = None
+) -> list[dict[str, Any]]:
+    """`count` distinct held-out problems of a post-training task at `difficulty` (None: its own; all of them where
+    it has fewer: multiplication 79): the chat prompt (R1 system prompt, the question, the assistant turn opened) and
+    what the verifier needs to rebuild the problem."""
+    task = make_task(task_name, difficulty)
     return [
         {"prompt": tokenizer.render_chat(prompt_messages(p)), "key": p.key, "question": p.question,
          "answer": p.answer, "data": json.dumps(p.data)}
@@ -126,10 +128,10 @@ def reasoning_docs(task_name: str, tokenizer: Tokenizer, count: int = REASONING_
     ]  # fmt: skip
 
 
-def _verified(task_name: str, reply_opening: str):  # type: ignore[no-untyped-def]
+def _verified(task_name: str, reply_opening: str, difficulty: int | None):  # type: ignore[no-untyped-def]
     """lm_eval's `process_results` for a reasoning task: exact_match 1 when the completion's answer verifies, the
     completion read as opening with the `reply_opening` its prompt wrote (`Tokenizer.reply_opening`)."""
-    task = make_task(task_name)
+    task = make_task(task_name, difficulty)
 
     def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
         problem = Problem(doc["key"], doc["question"], doc["answer"], trace="", data=json.loads(doc["data"]))
@@ -139,15 +141,16 @@ def _verified(task_name: str, reply_opening: str):  # type: ignore[no-untyped-de
     return process_results
 
 
-def reasoning_config(task: str, tokenizer: Tokenizer) -> dict[str, Any]:
-    """The lm_eval config of `reason_<name>`: greedy generation until EOS, scored by the task's verifier."""
+def reasoning_config(task: str, tokenizer: Tokenizer, difficulty: int | None = None) -> dict[str, Any]:
+    """The lm_eval config of `reason_<name>` at `difficulty` (None: the task's own): greedy generation until EOS,
+    scored by the task's verifier."""
     name = task.removeprefix(REASONING_PREFIX)
     return {
         "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "answer",
         "generation_kwargs": {"until": [EOS], "max_gen_toks": REASONING_MAX_TOKENS, "do_sample": False},
-        "process_results": _verified(name, tokenizer.reply_opening),
+        "process_results": _verified(name, tokenizer.reply_opening, difficulty),
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-        "custom_dataset": _in_memory(reasoning_docs(name, tokenizer)),
+        "custom_dataset": _in_memory(reasoning_docs(name, tokenizer, difficulty=difficulty)),
     }  # fmt: skip
 
 
@@ -156,9 +159,11 @@ def task_configs(
     tasks: tuple[str, ...] = CODE_TASKS,
     per_module: int = 4,
     tokenizer: Tokenizer | None = None,
+    difficulty: int | None = None,
 ) -> list[dict[str, Any]]:
     """lm_eval task config dicts for `tasks`: the code tasks' documents built now from the corpus's held-out
-    modules, the reasoning tasks' from their held-out split in the chat template of `tokenizer`."""
+    modules, the reasoning tasks' from their held-out split (at `difficulty`, None: each task's own) in the chat
+    template of `tokenizer`."""
     unknown = [task for task in tasks if not is_local_task(task)]
     if unknown:
         raise ValueError(unknown_task(unknown[0]))
@@ -167,7 +172,10 @@ def task_configs(
     reasoning = [task for task in tasks if is_reasoning_task(task)]
     if reasoning and tokenizer is None:
         raise ValueError(f"the reasoning tasks ({', '.join(reasoning)}) need the model's tokenizer for the chat prompt")
-    configs = [{"task": task, **common, **reasoning_config(task, tokenizer)} for task in reasoning]  # type: ignore[arg-type]
+    configs = [
+        {"task": task, **common, **reasoning_config(task, tokenizer, difficulty)}  # type: ignore[arg-type]
+        for task in reasoning
+    ]
     code = tuple(task for task in tasks if task in CODE_TASKS)
     if not code:
         return configs

@@ -299,3 +299,32 @@ def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_
         evaluate(checkpoint, ("reason_your_task:Nope",), device="cpu")
     with pytest.raises(ValueError, match="unknown task 'reason_parity'; .* or reason_module:Class for a post-training"):
         evaluate(checkpoint, ("reason_parity",), device="cpu")
+
+
+def test_eval_asks_the_reasoning_tasks_at_the_difficulty_given_as_pass_at_k_does(checkpoint, tmp_path, monkeypatch):
+    """seekstack eval had no --difficulty: reason_addition asked 2-digit sums of a model SFT had trained on 1-digit
+    ones (exact_match 0.00 where `pass-at-k --difficulty 1` read greedy 0.27)."""
+    import lm_eval
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.report import _eval_again
+
+    asked = []
+    counts = {"reason_addition": {"effective": 15}}
+    output = {"results": {"reason_addition": {"exact_match,none": 0.5}}, "n-samples": counts}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
+    args = ["eval", str(checkpoint), "--tasks", "reason_addition", "--difficulty", "1", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    (config,) = asked[-1]["tasks"]
+    docs = config["custom_dataset"]()["test"]
+    assert len(docs) == 15  # every held-out problem of 1-digit addition
+    assert all(re.fullmatch(r"What is \d \+ \d\?", doc["question"]) for doc in docs)
+    doc = docs[0]
+    assert config["process_results"](doc, [f"<think> sum </think> {doc['answer']}"]) == {"exact_match": 1.0}
+    options = json.loads((tmp_path / "r.json").read_text())["options"]
+    assert options["difficulty"] == 1 and _eval_again(tmp_path, {"options": options}).endswith("--difficulty 1`")
+    with pytest.raises(ValueError, match="--difficulty 1 applies to the reason_\\* tasks only, and none is asked for"):
+        evaluate(checkpoint, ("code_perplexity",), device="cpu", difficulty=1)
