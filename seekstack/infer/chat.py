@@ -2,7 +2,8 @@
 
 Ctrl-C during a reply stops it: the engine request is aborted (its cache blocks freed) and the reply joins the
 history as far as it was shown, so that what the model sees next is what the user saw; a reply stopped before
-any text leaves neither turn behind. Ctrl-C or end of input at the prompt ends the chat.
+any text leaves neither turn behind. Ctrl-C or end of input at the prompt ends the chat. A chat whose input is piped
+in (a script: no prompt) stops at Ctrl-C wherever it lands, as any command run on a script's data does.
 
 A reply ends at any special token (the end of sentence, a `<｜User｜>` opening the next turn the model writes for the
 user, as Ollama's DeepSeek templates stop): the history never holds one, which the chat template refuses in a message.
@@ -138,14 +139,16 @@ def run_chat(
 ) -> None:
     """Read user lines with `read_line(prompt)` (as `input`) until /quit (/exit, /bye), end of input (EOFError) or
     Ctrl-C at the prompt; answer each (or each block of lines between BLOCK quotes, which Ctrl-C while it is typed
-    drops) with `write`, or run the command it names. Ctrl-C during a reply stops it and
-    returns to the prompt. What cannot be done (a message too long, an unusable /system, an unknown command) is said
-    with `complain`, and what a command did (/help: the commands) with `acknowledge` (both stderr: `write` gets the
-    replies alone, as a script's output)."""
+    drops) with `write`, or run the command it names. Ctrl-C during a reply stops it and returns to the prompt; with
+    no prompt (input piped in) Ctrl-C anywhere stops any reply and raises KeyboardInterrupt. What cannot be done (a
+    message too long, an unusable /system, an unknown command) is said with `complain`, and what a command did (/help:
+    the commands) with `acknowledge` (both stderr: `write` gets the replies alone, as a script's output)."""
     while True:
         try:
             line = read_line(prompt).strip()
-        except (EOFError, KeyboardInterrupt):
+        except (EOFError, KeyboardInterrupt) as ended:
+            if not prompt and isinstance(ended, KeyboardInterrupt):
+                raise
             if prompt:
                 write("\n")  # end the prompt's line
             return
@@ -153,11 +156,12 @@ def run_chat(
             try:
                 block = _read_block(line[len(BLOCK) :], read_line, prompt and "... ")
             except KeyboardInterrupt:  # drops the block, not the chat, as Ollama's Ctrl-C in one
-                if prompt:
-                    write("\n")  # end the line the block's prompt was on
+                if not prompt:
+                    raise
+                write("\n")  # end the line the block's prompt was on
                 continue
             if block:
-                _answer(session, block, write, complain)
+                _answer(session, block, write, complain, interactive=bool(prompt))
         elif line in QUIT_COMMANDS:
             return
         elif line in RESET_COMMANDS:
@@ -170,7 +174,7 @@ def run_chat(
         elif line.startswith("/"):
             complain(f"unknown command {line.split()[0]!r}; {HELP}")
         elif line:
-            _answer(session, line, write, complain)
+            _answer(session, line, write, complain, interactive=bool(prompt))
 
 
 def _read_block(first: str, read_line: Callable[[str], str], prompt: str) -> str:
@@ -200,8 +204,11 @@ def _change_system(
     acknowledge(f"system prompt {'set' if session.system else 'removed'}; history cleared")
 
 
-def _answer(session: ChatSession, line: str, write: Callable[[str], None], complain: Callable[[str], None]) -> None:
-    """Stream the reply to `line`, then make sure the next prompt starts on a fresh line."""
+def _answer(
+    session: ChatSession, line: str, write: Callable[[str], None], complain: Callable[[str], None], interactive: bool
+) -> None:
+    """Stream the reply to `line`, then make sure the next prompt starts on a fresh line. Ctrl-C stops the reply, and
+    where the chat is not `interactive` (its input piped in) is raised again, to stop the chat too."""
     replies = session.reply(line)
     last = ""
     try:
@@ -211,6 +218,8 @@ def _answer(session: ChatSession, line: str, write: Callable[[str], None], compl
     except KeyboardInterrupt:
         replies.close()  # the request is aborted; the turn stays as far as it was shown
         write("\n")
+        if not interactive:
+            raise
         return
     except (ValueError, ReplyFailed) as error:
         if last and not last.endswith("\n"):

@@ -630,14 +630,15 @@ def test_ctrl_c_mid_reply_stops_it_keeps_what_was_shown_and_the_chat_goes_on(che
     engine = Engine.from_pretrained(checkpoint)
     params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     terminal = Terminal(engine, ["hello", "again"], interrupt_at=4)
-    run_chat(ChatSession(engine, params), terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
+    run_chat(ChatSession(engine, params), terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge,
+             prompt="> ")  # fmt: skip
     partial = "".join(terminal.shown[:3])
     assert partial and reply_to(engine, [{"role": "user", "content": "hello"}], params).startswith(partial)
     assert terminal.shown[3] == "\n"  # the interrupted reply's line is ended
     assert terminal.load_at_prompt[1] == (0, 0, 0.0)  # back at the prompt: no request running, no block held
     history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": partial}]
     again = reply_to(engine, [*history, {"role": "user", "content": "again"}], params)
-    assert "".join(terminal.shown[4:]) == on_its_own_line(again)
+    assert "".join(terminal.shown[4:-1]) == on_its_own_line(again) and terminal.shown[-1] == "\n"  # then the end
     assert not engine.has_unfinished() and engine.cache.usage == 0
 
 
@@ -655,7 +656,7 @@ def test_ctrl_c_while_the_engine_steps_stops_the_reply_and_frees_its_blocks(chec
     monkeypatch.setattr(engine, "step", step)
     session = ChatSession(engine, params)
     terminal = Terminal(engine, ["hello", "again"])
-    run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
+    run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge, prompt="> ")
     first = reply_to(engine, [{"role": "user", "content": "hello"}], params)
     two_tokens = engine.tokenizer.decode(engine.tokenizer.encode(first)[:2])
     assert terminal.load_at_prompt[1] == (0, 0, 0.0)
@@ -671,6 +672,23 @@ def test_a_reply_interrupted_before_any_text_leaves_no_turn(checkpoint):
     next(replies)
     replies.close()  # closed before the first piece was taken: nothing was shown
     assert session.turns == [] and engine.cache.usage == 0
+
+
+def test_ctrl_c_stops_a_chat_whose_input_is_piped_in_not_only_its_reply(checkpoint):
+    """`seekstack chat < questions.txt`: Ctrl-C stops the run, as it stops generate, rather than skip to the next
+    question (a 200-line script went on after two Ctrl-C); the reply's line is ended first."""
+    engine = Engine.from_pretrained(checkpoint)
+    for interrupt_at in (1, 2):  # in the first reply's first piece, its second
+        terminal = Terminal(engine, ["hello", "again"], interrupt_at=interrupt_at)
+        session = ChatSession(engine, SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True))
+        with pytest.raises(KeyboardInterrupt):
+            run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge)
+        assert terminal.lines == ["again"] and terminal.shown[-1] == "\n" and engine.cache.usage == 0
+    shown: list[str] = []
+    for typed in (KeyboardInterrupt, '"""a block'):  # at the prompt, in a block
+        with pytest.raises(KeyboardInterrupt):
+            run_chat(Listener(engine), typist([typed, KeyboardInterrupt], []), shown.append, shown.append, shown.append)
+    assert shown == []
 
 
 def test_ctrl_c_or_end_of_input_at_the_prompt_ends_the_chat_on_a_fresh_line(engine):
