@@ -235,6 +235,8 @@ class Tokenizer:
         `<｜User｜>` gets no false document boundary or chat turn in the training data. ValueError naming the
         document (its position in `texts`) that holds a lone surrogate, as `encode`."""
         backend = self._corpus_backend
+        if not backend.encode_special_tokens:  # set here, as a pickled backend (a worker process's) comes without it
+            backend.encode_special_tokens = True
         try:
             # in a thread, as Ctrl-C waits for native code: a batch of 256 book-length documents takes minutes
             encodings = interruptible(lambda: backend.encode_batch_fast(texts, add_special_tokens=False))
@@ -246,9 +248,9 @@ class Tokenizer:
     def _corpus_backend(self) -> BackendTokenizer:
         """A copy of the backend that encodes every one of `special_tokens` as plain text (`encode_special_tokens`),
         those the file lists as plain added tokens (DeepSeek-R1-Distill's role tokens) flagged special here, as that
-        splits only flagged ones. The same ids for any other text; `fingerprint` stays the file's. A copy, set once:
-        the backend's own setting, switched for a batch, waited for a batch still encoding (after Ctrl-C) and read so
-        for an `encode` meanwhile."""
+        splits only flagged ones. The same ids for any other text; `fingerprint` stays the file's. A copy, so that the
+        backend `encode` reads is never switched: switching it back after a batch waited for a batch still encoding
+        (after Ctrl-C), and an `encode` meanwhile read special tokens as text."""
         unflagged = [
             token.content
             for token in self.backend.get_added_tokens_decoder().values()
@@ -256,7 +258,6 @@ class Tokenizer:
         ]
         copy = BackendTokenizer.from_str(self.backend.to_str())
         copy.add_special_tokens([AddedToken(token, special=True) for token in unflagged])
-        copy.encode_special_tokens = True
         return copy
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -105,6 +106,17 @@ def test_ctrl_c_stops_encoding_a_batch_of_documents_at_once_not_when_the_batch_e
         tokenizer.encode_batch(documents)
     assert time.monotonic() - started < took / 2
     assert tokenizer.encode(USER) == [tokenizer.backend.token_to_id(USER)]  # chat's encode still reads the token
+
+
+def test_a_pickled_tokenizer_still_encodes_documents_quoting_special_tokens_as_text(trained):
+    """tokenizers' pickling drops a backend's encode_special_tokens: a tokenizer sent to a worker process after a
+    corpus batch encoded a quoted <｜User｜> as the role token."""
+    tokenizer, _ = trained
+    quoting = [f"a turn starts with {USER}, a document ends with {EOS}"]
+    as_text = tokenizer.encode_batch(quoting)
+    copied = pickle.loads(pickle.dumps(tokenizer))
+    assert copied.encode_batch(quoting) == as_text and tokenizer.decode(as_text[0]) == quoting[0]
+    assert not {tokenizer.eos_id, tokenizer.backend.token_to_id(USER)} & set(as_text[0])
 
 
 def test_a_tokenizer_the_disk_refuses_leaves_the_earlier_one_whole_and_no_folder_it_made(tmp_path, monkeypatch):
