@@ -128,11 +128,10 @@ def loaded_config(directory: str | Path) -> ModelConfig:
     read (a config and shard index downloaded to plan before the weights, Git LFS pointers), as it describes them."""
     config = read_config(directory)
     try:
-        reader = CheckpointReader(Path(directory), None)
-    except CheckpointError:
+        with CheckpointReader(Path(directory), None) as reader:
+            return config_of_weights(config, reader, Path(directory) / CONFIG_FILE)
+    except CheckpointError:  # no weights yet, pointers or damaged ones: loading names what is wrong
         return config
-    with reader:
-        return config_of_weights(config, reader, Path(directory) / CONFIG_FILE)
 
 
 def stored_mtp_layers(config: ModelConfig, reader: CheckpointReader) -> int:

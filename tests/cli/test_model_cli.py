@@ -76,6 +76,19 @@ def test_info_and_plan_count_the_mtp_modules_the_checkpoint_holds_as_loading_bui
     assert "layers.0-3.self_attn=cpu" in device_map and "mtp" not in device_map
 
 
+def test_info_and_plan_read_a_clone_without_git_lfs_by_its_config_even_where_loading_would_read_a_weight(tmp_path):
+    model = Transformer(preset("tiny", num_nextn_predict_layers=0))
+    directory = save_pretrained(model, tmp_path / "clone", max_shard_bytes=2**20)  # the head stored apart
+    config = json.loads((directory / "config.json").read_text())  # tied: loading compares the head with the embedding
+    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    for shard in directory.glob("*.safetensors"):
+        shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    info, plan = run("info", str(directory)), run("plan", str(directory), "--memory", "cpu=1GiB")
+    assert info.exit_code == 0 and plan.exit_code == 0, info.output + plan.output
+    tied = Transformer(preset("tiny", num_nextn_predict_layers=0, tie_word_embeddings=True))
+    assert info_params(info.output)["params, main model"] == sum(p.numel() for p in tied.parameters())
+
+
 def test_forward_of_one_token_prints_no_next_token_loss_rather_than_zero():
     one, two = (run("forward", "tiny", "--seq-len", seq_len, "--batch", "1") for seq_len in ("1", "2"))
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
