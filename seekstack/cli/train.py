@@ -80,13 +80,21 @@ def _warn(message: str) -> None:
 
 def plot_command(
     run: Annotated[Path, typer.Argument(help="A training run's out_dir (holds metrics.jsonl)")],
-    out: Annotated[Path | None, typer.Option(help="PNG to write; default RUN/curves.png")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG to write; default RUN/curves.png (an rl run's: RUN/rl_curves.png)")
+    ] = None,
 ) -> None:
-    """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG."""
-    from seekstack.train.plot import plot_run
+    """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG; an rl run's reward,
+    accuracy, lengths, KL, clipping and entropy as `rl-plot` draws them (its loss is GRPO's, no next-token loss)."""
+    from seekstack.posttrain.plot import plot_rl_runs
+    from seekstack.train.plot import plot_run, read_metrics
 
     with user_errors():
-        written = plot_run(run, out)
+        records = read_metrics(run)
+        if any("reward" in record for record in records):  # `seekstack rl`'s steps
+            written = plot_rl_runs([run], out or run / "rl_curves.png", records=[records])
+        else:
+            written = plot_run(run, out, records)
     typer.echo(f"wrote {written}")
 
 

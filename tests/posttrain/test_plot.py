@@ -76,3 +76,21 @@ def test_a_run_given_twice_is_refused_naming_it_as_it_would_draw_two_curves_unde
         rl_figure([run, run])
     with pytest.raises(ValueError, match=f"^run r1 is given twice \\(also as {run}\\)"):
         plot_rl_runs([run, Path("r1")], tmp_path / "x.png")
+
+
+def test_plot_of_an_rl_run_draws_its_rl_curves_not_a_next_token_loss(tmp_path):
+    """`seekstack plot RUN` on an rl run drew GRPO's policy loss as 'next-token' loss in nats per token (negative at
+    times) beside an empty validation panel; it draws what `rl-plot` draws, to RUN/rl_curves.png."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    lines = [{"step": s, "loss": -0.01, "lm_loss": -0.01, "lr": 1e-4, "reward": 0.5, "accuracy": 0.1 * s}
+             for s in range(1, 4)]  # fmt: skip
+    run = write_run(tmp_path / "rl", lines)
+    result = CliRunner().invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"wrote {run / 'rl_curves.png'}"
+    assert (run / "rl_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (run / "curves.png").exists()
+    pretrain = write_run(tmp_path / "pretrain", [{"step": 1, "loss": 3.0, "lm_loss": 3.0, "lr": 1e-3}])
+    assert CliRunner().invoke(app, ["plot", str(pretrain)]).output.strip() == f"wrote {pretrain / 'curves.png'}"
