@@ -78,11 +78,13 @@ REFUSED_VLLM_CHAT_FIELDS = {
     "add_generation_prompt": CONTINUE_WITH_PREFIX,
     "continue_final_message": CONTINUE_WITH_PREFIX,
     "echo": "chat replies do not echo the last message",
+    "add_special_tokens": "the chat template places the special tokens the model was trained with; none are added",
 }
 ASKING_NOTHING = {  # what is done anyway
     "tool_choice": "none", "function_call": "none", "modalities": ["text"], "min_tokens": 0, "use_beam_search": False,
     "include_stop_str_in_output": False, "chat_template_kwargs": {}, "add_generation_prompt": True,
     "continue_final_message": False, "echo": False, "return_tokens_as_token_ids": False, "return_token_ids": False,
+    "add_special_tokens": False,
 }  # fmt: skip
 
 
@@ -94,7 +96,8 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
 
 def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
     """Each prompt's token ids: the chat template for chat (its last message left open for the model to continue
-    when it is a `prefix`, DeepSeek's chat prefix completion), each text (or the ids as given) for completions; 400
+    when it is a `prefix`, DeepSeek's chat prefix completion), each text (framed with the tokenizer's special tokens
+    unless `add_special_tokens` is false) or the ids as given for completions; 400
     for token ids (of a prompt, `logit_bias` or `stop_token_ids`) outside the vocabulary, and for a prefix that is not
     the last message, an assistant's."""
     refuse_outside_vocabulary(request.logit_bias or (), tokenizer, "logit_bias")
@@ -113,7 +116,7 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
     prompts = []
     for prompt in completion_prompts(request):
         if isinstance(prompt, str):
-            prompts.append(tokenizer.encode_prompt(prompt))
+            prompts.append(tokenizer.encode_prompt(prompt) if request.add_special_tokens else tokenizer.encode(prompt))
             continue
         refuse_outside_vocabulary(prompt, tokenizer, "prompt")
         prompts.append(list(prompt))

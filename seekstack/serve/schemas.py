@@ -205,6 +205,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = None  # true accepted
     continue_final_message: bool | None = None  # false accepted
     echo: bool | None = None  # false accepted
+    add_special_tokens: bool | None = None  # false accepted: the chat template holds the special tokens
 
 
 class CompletionRequest(SamplingFields):
@@ -217,6 +218,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32), OrDefault] = 16  # OpenAI's default for completions, null too
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: Annotated[bool, OrDefault] = False  # the prompt's text before each choice's
+    # vLLM's: false leaves out the special tokens the tokenizer frames a prompt text with (a DeepSeek release's BOS)
+    add_special_tokens: Annotated[bool, OrDefault] = True
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)  # candidates per prompt; the n likeliest are returned
     suffix: str | None = None  # declared to be refused: the model does no fill-in-the-middle
 

@@ -84,9 +84,8 @@ def tokenized(body: TokenizeRequest, model: str, tokenizer: Tokenizer) -> list[i
     """The token ids /tokenize answers: those the completion or chat call of `body` is billed, but for vLLM's options
     leaving out the prompt's special tokens or the generation prompt."""
     if body.prompt is not None:
-        if not body.add_special_tokens:
-            return tokenizer.encode(body.prompt)
-        [ids] = prompt_ids(CompletionRequest(model=model, prompt=body.prompt), tokenizer)
+        request = CompletionRequest(model=model, prompt=body.prompt, add_special_tokens=body.add_special_tokens)
+        [ids] = prompt_ids(request, tokenizer)
         return ids
     if body.add_generation_prompt:
         [ids] = prompt_ids(ChatCompletionRequest(model=model, messages=body.messages), tokenizer)

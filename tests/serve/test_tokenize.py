@@ -4,7 +4,11 @@ In process, through the app's ASGI interface with its engine thread running."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
+from tokenizers import processors
 
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
@@ -67,17 +71,26 @@ def test_tokenize_needs_a_key_that_may_use_the_model_once_keys_exist(engine, tmp
     assert error_of(narrow, 404)["code"] == "model_not_found"  # the base model is not among its models
 
 
-def test_tokenize_takes_vllms_options_for_special_tokens_the_generation_prompt_and_token_strings(engine, tmp_path):
-    """add_special_tokens, add_generation_prompt and return_token_strs were read and ignored (unknown fields)."""
-    from tokenizers import processors
-
+@contextmanager
+def framed_with_bos(engine: Engine) -> Iterator[None]:
+    """The engine's tokenizer puts BOS before a prompt text, as a DeepSeek release's tokenizer.json does."""
     tokenizer = engine.tokenizer
     bos = tokenizer.backend.id_to_token(tokenizer.bos_id)
     framing = tokenizer.backend.post_processor
-    tokenizer.backend.post_processor = processors.TemplateProcessing(  # a DeepSeek release's: BOS before a prompt
+    tokenizer.backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_id)]
     )
     try:
+        yield
+    finally:
+        tokenizer.backend.post_processor = framing
+
+
+def test_tokenize_takes_vllms_options_for_special_tokens_the_generation_prompt_and_token_strings(engine, tmp_path):
+    """add_special_tokens, add_generation_prompt and return_token_strs were read and ignored (unknown fields)."""
+    tokenizer = engine.tokenizer
+    bos = tokenizer.backend.id_to_token(tokenizer.bos_id)
+    with framed_with_bos(engine):
         framed, bare, opened, closed, prefixed = post_each(engine, tmp_path / "db", [
             ("/tokenize", {"prompt": TEXT, "return_token_strs": True}),
             ("/tokenize", {"prompt": TEXT, "add_special_tokens": False}),
@@ -86,8 +99,6 @@ def test_tokenize_takes_vllms_options_for_special_tokens_the_generation_prompt_a
             ("/tokenize", {"messages": [*MESSAGES, {"role": "assistant", "content": "Hi", "prefix": True}],
                            "add_generation_prompt": False}),
         ])  # fmt: skip
-    finally:
-        tokenizer.backend.post_processor = framing
     assert framed.json()["tokens"] == [tokenizer.bos_id, *bare.json()["tokens"]] == tokenizer.encode(TEXT, add_bos=True)
     assert framed.json()["token_strs"] == [tokenizer.backend.id_to_token(token) for token in framed.json()["tokens"]]
     assert framed.json()["token_strs"][0] == bos and bare.json()["token_strs"] is None
@@ -95,3 +106,21 @@ def test_tokenize_takes_vllms_options_for_special_tokens_the_generation_prompt_a
     assert closed.json()["tokens"] == tokenizer.encode_chat(chat_messages, add_generation_prompt=False)
     assert opened.json()["tokens"] == tokenizer.encode_chat(chat_messages) != closed.json()["tokens"]
     assert error_of(prefixed, 400)["param"] == "add_generation_prompt"
+
+
+def test_completions_take_add_special_tokens_as_tokenize_counts_it_and_chat_refuses_adding_more(engine, tmp_path):
+    """A completion with vLLM's add_special_tokens: false was run and billed with the BOS that /tokenize left out
+    (the field was dropped as unknown), and chat's true added nothing on top of the template."""
+    body = {"model": "model", "prompt": TEXT, "max_tokens": 1, "temperature": 0}
+    chat = {"model": "model", "messages": MESSAGES, "max_tokens": 1}
+    with framed_with_bos(engine):
+        framed, bare, counted, chat_more, chat_none = post_each(engine, tmp_path / "db", [
+            ("/v1/completions", body),
+            ("/v1/completions", {**body, "add_special_tokens": False}),
+            ("/tokenize", {"prompt": TEXT, "add_special_tokens": False}),
+            ("/v1/chat/completions", {**chat, "add_special_tokens": True}),
+            ("/v1/chat/completions", {**chat, "add_special_tokens": False}),
+        ])  # fmt: skip
+    assert bare.json()["usage"]["prompt_tokens"] == counted.json()["count"] == len(engine.tokenizer.encode(TEXT))
+    assert framed.json()["usage"]["prompt_tokens"] == counted.json()["count"] + 1  # BOS
+    assert error_of(chat_more, 400)["param"] == "add_special_tokens" and chat_none.status_code == 200
