@@ -62,10 +62,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from annotated_types import Interval
 
 from seekstack.config import ModelConfig
-from seekstack.schema import Fraction, NonNegative, Positive, PositiveFloat, load_config, recheck, require, write_config
+from seekstack.schema import NonNegative, Positive, PositiveFloat, load_config, recheck, require, write_config
 
 if TYPE_CHECKING:
     import peft
@@ -84,7 +86,8 @@ class AdapterConfig:
 
     rank: Positive = 8  # r
     alpha: PositiveFloat = 16.0  # the update is scaled by alpha / r
-    dropout: Fraction = 0.0  # on the adapted layers' inputs; only with feed_forward and experts empty (see above)
+    # on the adapted layers' inputs; only with feed_forward and experts empty (see above); 1 would zero every update
+    dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0
     attention: tuple[str, ...] = ATTENTION  # MLA projections to adapt (q_proj or q_a/q_b_proj, whichever exist)
     feed_forward: tuple[str, ...] = FEED_FORWARD  # projections of the dense FFNs and shared experts
     experts: tuple[str, ...] = EXPERTS  # stacked parameters of the routed experts

@@ -122,6 +122,10 @@ def test_key_value_positionals_are_overrides_not_base_or_data(base, text, tmp_pa
     [
         (["lora.eva_rho=2"], "field 'lora.eva_rho' must be 1 unless lora.init=eva (lora.init='lora')"),
         (["lora.dropout=0.1"], "field 'lora.dropout' must be 0 when lora.feed_forward or lora.experts are adapted"),
+        (  # a dropout of 1 zeroes every update: nothing would train
+            ["lora.dropout=1.0", "lora.feed_forward=[]", "lora.experts=[]"],
+            "field 'lora.dropout' has value 1.0: input should be less than 1",
+        ),
         (
             ["lora.attention=[]", "lora.feed_forward=[]", "lora.experts=[]"],
             "among lora.attention, lora.feed_forward, lora.experts and lora.vocabulary",
