@@ -128,7 +128,8 @@ def loaded_config(directory: str | Path) -> ModelConfig:
     read (a config and shard index downloaded to plan before the weights, Git LFS pointers), as it describes them."""
     config = read_config(directory)
     try:
-        with CheckpointReader(Path(directory), None) as reader:
+        with CheckpointReader(Path(directory), None) as reader, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # loading warns of what it changes, once; describing the model does not
             return config_of_weights(config, reader, Path(directory) / CONFIG_FILE)
     except CheckpointError:  # no weights yet, pointers or damaged ones: loading names what is wrong
         return config

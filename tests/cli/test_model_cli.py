@@ -89,6 +89,15 @@ def test_info_and_plan_read_a_clone_without_git_lfs_by_its_config_even_where_loa
     assert info_params(info.output)["params, main model"] == sum(p.numel() for p in tied.parameters())
 
 
+def test_forward_warns_once_of_a_config_its_weights_change(tmp_path, recwarn):
+    directory = save_pretrained(Transformer(preset("tiny")), tmp_path / "every_layer_moe")
+    config = json.loads((directory / "config.json").read_text())  # transformers' layout: it ignores moe_layer_freq
+    (directory / "config.json").write_text(json.dumps({**config, "moe_layer_freq": 2}))
+    result = run("forward", str(directory), "--seq-len", "4", "--batch", "1")
+    assert result.exit_code == 0, result.output
+    assert [str(w.message).count("moe_layer_freq is 2") for w in recwarn] == [1]
+
+
 def test_forward_of_one_token_prints_no_next_token_loss_rather_than_zero():
     one, two = (run("forward", "tiny", "--seq-len", seq_len, "--batch", "1") for seq_len in ("1", "2"))
     assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
