@@ -42,6 +42,7 @@ class LoadAdapterRequest(BaseModel):
 class UnloadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's request has it and unloads by lora_name alone, as here
 
 
 def add_adapter_routes(app: FastAPI, server: Server) -> None:
