@@ -196,8 +196,11 @@ class SamplingBatch:
         vocab = logits.shape[-1]
         top_k = self._column([min(p.top_k, vocab) or vocab for p in self.params])
         top_p, min_p = self._settings("top_p", "min_p")
-        kth = logits.topk(int(top_k.max()), dim=-1).values.gather(-1, top_k[:, None] - 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        limited = top_k < vocab  # rows without a top-k (or one >= V) keep every token: no topk of V values for them
+        if limited.any():
+            widest = int(top_k[limited].max())
+            kth = logits.topk(widest, dim=-1).values.gather(-1, top_k.clamp(max=widest)[:, None] - 1)
+            logits = logits.masked_fill(limited[:, None] & (logits < kth), float("-inf"))
         probs = logits.softmax(dim=-1)  # top-p and min-p within the top k
         remove = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         if any(p.top_p < 1 for p in self.params if not p.greedy):

@@ -142,6 +142,20 @@ def test_top_k_sampling_and_min_p_take_no_sort_of_the_vocabulary():
     assert ("sort", (1, 4096)) in seen.ops
 
 
+def test_rows_without_a_top_k_take_no_topk_of_the_vocabulary_and_sample_as_alone():
+    """A topk of all V values costs what a sort does: rows with no top-k (min-p or top-p alone) take none, also
+    beside a row with one, and each row keeps what it keeps alone."""
+    logits = torch.randn(2, 4096, generator=torch.Generator().manual_seed(0))
+    with OpsSeen() as seen:
+        batch_of(SamplingParams(min_p=0.1), SamplingParams(min_p=0.05)).probabilities(logits)
+    assert not [op for op in seen.ops if op[0] == "topk"]
+    mixed = [SamplingParams(top_k=20), SamplingParams(min_p=0.05)]
+    together = batch_of(*mixed).probabilities(logits)
+    for row, params in enumerate(mixed):
+        assert torch.allclose(together[row], batch_of(params).probabilities(logits[row : row + 1])[0])
+    assert int((together[0] > 0).sum()) == 20 and int((together[1] > 0).sum()) > 20
+
+
 def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():
     state = PenaltyState.from_prompt([0], vocab_size=4, device=torch.device("cpu"))
     for token in (1, 1, 2):
