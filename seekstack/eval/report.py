@@ -488,24 +488,32 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
     from seekstack.eval.tasks import REASONING_MAX_TOKENS
     from seekstack.posttrain.conversations import read_conversations
 
-    if not path.is_file():
+    val_data = _from_run(run_dir, train_config["val_data"]) if train_config.get("val_data") else None
+    if val_data is not None and val_data.is_file():  # held out whole: answered whether `path` is there or not
+        held_out: list[list[dict]] | None = read_conversations(val_data)
+    elif not path.is_file():
         return (
             f"## Samples\n\nNone: the run's conversations file `{path}` is gone (moved or deleted). Put it back to "
-            f"see the model answer its conversations here, or talk to the model: `seekstack chat {checkpoint}`."
+            f"see the model answer its conversations here, or talk to the model: `seekstack chat --model "
+            f"{checkpoint}`."
         )
-    conversations = read_conversations(path)
-    held_out = _held_out_conversations(run_dir, conversations, train_config)
+    else:
+        conversations = read_conversations(path)
+        held_out = [] if val_data is not None else _held_out_conversations(run_dir, conversations, train_config)
     if held_out:
         conversations = held_out[:SAMPLE_QUESTIONS]
         which = f"{len(conversations)} of the run's held-out conversations (never trained on)"
     else:
         conversations = conversations[:SAMPLE_QUESTIONS]
-        trained = (
-            "data the run trained on: it holds none out"
-            if held_out == []
-            else "perhaps trained on: the run held some conversations out, but an earlier seekstack started it and "
-            "recorded not which"
-        )
+        if val_data is not None:
+            trained = f"data the run trained on: its held-out conversations' file `{val_data}` is gone"
+        elif held_out == []:
+            trained = "data the run trained on: it holds none out"
+        else:
+            trained = (
+                "perhaps trained on: the run held some conversations out, but an earlier seekstack started it and "
+                "recorded not which"
+            )
         which = f"the first {len(conversations)} conversations of `{path}` ({trained})"
     max_new_tokens = train_config.get("seq_len", REASONING_MAX_TOKENS)  # no row the run trained on was longer
     answers = conversation_samples(checkpoint, conversations, max_new_tokens)
@@ -524,15 +532,12 @@ def _conversation_answers(run_dir: Path, checkpoint: Path, path: Path, train_con
 def _held_out_conversations(
     run_dir: Path, conversations: list[list[dict]], train_config: dict[str, Any]
 ) -> list[list[dict]] | None:
-    """The conversations an `sft` or `distill` run held out for val_loss: its `val_data` file's (when still there), or
-    those of `conversations` its out_dir records it kept back (none for runs from before held-out conversations).
-    None when it held some back but recorded not which (started by an earlier seekstack)."""
+    """The conversations of `conversations` (its data file's) an `sft` or `distill` run without a `val_data` file held
+    out for val_loss: those its out_dir records it kept back (none for runs from before held-out conversations). None
+    when it held some back but recorded not which (started by an earlier seekstack)."""
     from seekstack.posttrain.config import held_out_fraction
-    from seekstack.posttrain.conversations import conversation_key, read_conversations, read_held_out
+    from seekstack.posttrain.conversations import conversation_key, read_held_out
 
-    if train_config.get("val_data"):
-        val_data = _from_run(run_dir, train_config["val_data"])
-        return read_conversations(val_data) if val_data.is_file() else []
     recorded = read_held_out(run_dir)
     if recorded is not None:
         return [c for c in conversations if conversation_key(c) in recorded]

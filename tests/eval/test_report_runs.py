@@ -266,7 +266,26 @@ def test_report_of_an_sft_run_whose_conversations_file_is_gone_names_it(sft_run)
     (sft_run.parent / "chats.jsonl").rename(sft_run.parent / "moved.jsonl")
     samples = write_report(sft_run).read_text().split("## Samples")[1]
     assert f"the run's conversations file `{sft_run.parent / 'chats.jsonl'}` is gone (moved or deleted)" in samples
-    assert f"`seekstack chat {sft_run / 'checkpoints' / 'step_2'}`" in samples and "```python" not in samples
+    assert f"`seekstack chat --model {sft_run / 'checkpoints' / 'step_2'}`" in samples and "```python" not in samples
+
+
+def test_report_of_an_sft_run_with_a_val_data_file_answers_it_and_says_when_it_is_gone(sft_run):
+    """With its data file gone the samples said none were left, though the held-out file was there; with the
+    held-out file gone, they called the run one that 'holds none out'."""
+    write_conversations([CHATS[1]], sft_run.parent / "held.jsonl")
+    train_config = json.loads((sft_run / "train_config.json").read_text())
+    (sft_run / "train_config.json").write_text(json.dumps({**train_config, "val_data": "../held.jsonl"}))
+    (sft_run.parent / "chats.jsonl").rename(sft_run.parent / "moved.jsonl")
+    samples = write_report(sft_run).read_text().split("## Samples")[1]
+    assert "1 of the run's held-out conversations (never trained on)" in samples and "is gone" not in samples
+    assert samples.count("The file's answer") == 1 and "The file's answer:\n\n```text\nHI!\n```" in samples
+    (sft_run.parent / "moved.jsonl").rename(sft_run.parent / "chats.jsonl")
+    (sft_run.parent / "held.jsonl").unlink()
+    samples = write_report(sft_run).read_text().split("## Samples")[1]
+    assert (
+        f"the first 4 conversations of `{sft_run.parent / 'chats.jsonl'}` (data the run trained on: its held-out "
+        f"conversations' file `{sft_run.parent / 'held.jsonl'}` is gone)" in samples
+    )
 
 
 @pytest.fixture
