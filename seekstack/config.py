@@ -280,6 +280,7 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             if f.name != "extra" and not (f.name in SEEKSTACK_ONLY_FIELDS and getattr(self, f.name) == f.default):
                 out[f.name] = getattr(self, f.name)
+        out["n_shared_experts"] = self.n_shared_experts or 0  # none, as transformers' configs take it: an int
         out["rope_parameters"] = {
             "rope_type": self.rope_type,
             "rope_theta": self.rope_theta,

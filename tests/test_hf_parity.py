@@ -389,6 +389,22 @@ def test_transformers_loads_our_stacked_experts_layout_with_the_same_logits(tmp_
     assert max_diff(got, expected) < ATOL
 
 
+@pytest.mark.parametrize("overrides", [OUR_CASES["v3-no-mtp"], OUR_CASES["v2-greedy"]], ids=["v3", "v2"])
+def test_transformers_loads_our_checkpoint_without_shared_experts_with_the_same_logits(tmp_path, overrides):
+    config = ModelConfig.from_dict({"model_type": "deepseek_v3", **OURS, **overrides, "n_shared_experts": None})
+    ours = Transformer(config).eval()
+    randomise(ours, seed=3)
+    seekstack.save_pretrained(ours, tmp_path)  # transformers' configs refuse n_shared_experts null: 0 says none
+
+    reference, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    input_ids = torch.randint(0, config.vocab_size, (2, SEQ_LEN))
+    with torch.no_grad():
+        expected, got = ours(input_ids).logits, reference.eval()(input_ids).logits
+    assert all(".shared_experts." in key for key in info["missing_keys"])  # its zero-width shared FFN: no weights
+    assert max_diff(got, expected) < ATOL
+    assert seekstack.load_pretrained(tmp_path).config.n_shared_experts == 0
+
+
 def test_transformers_reports_every_mtp_layer_key_and_nothing_else(tmp_path):
     config = ModelConfig.from_dict({"model_type": "deepseek_v3", **OURS, "num_nextn_predict_layers": 1})
     seekstack.save_pretrained(Transformer(config), tmp_path)
