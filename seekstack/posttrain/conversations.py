@@ -279,8 +279,9 @@ def write_conversations(conversations: list[Conversation], path: str | Path) -> 
 class ShuffledRows:
     """Encoded rows drawn without replacement in a seeded order per epoch; its position is its state."""
 
-    def __init__(self, rows: list[tuple[list[int], list[int]]], seed: int, source: str = ""):
+    def __init__(self, rows: list[tuple[list[int], list[int]]], seed: int, source: str = "", data: str = ""):
         self.rows, self.seed = rows, seed
+        self.data = data  # where the conversations come from (a file, task=NAME), for the errors that name them
         # fingerprints of the rows and of what they were built from (`source_digest`): a resume on other data is
         # refused instead of training on it, and one whose rows an earlier seekstack built of the same data goes on
         self.digest = hashlib.blake2b(json.dumps(rows).encode(), digest_size=16).hexdigest()
@@ -316,8 +317,11 @@ class ShuffledRows:
         same_rows = state.get("digest", self.digest) == self.digest  # older checkpoints carry no digest
         same_source = bool(self.source) and (state.get("source"), state.get("rows")) == (self.source, len(self.rows))
         if not same_rows and not same_source:
+            counted = state.get("rows", len(self.rows))  # older checkpoints carry no count
+            trained = f", its checkpoint's {counted}" if counted != len(self.rows) else ""
             raise ValueError(
-                f"the run's data ({len(self.rows)} conversations) is not what its checkpoint was trained on: resume "
+                f"the run's data ({self.data + ': ' if self.data else ''}{len(self.rows)} conversations{trained}) is "
+                "not what its checkpoint was trained on: resume "
                 "with the same data (and tokenizer), or start a new run (init_from= the checkpoint keeps its "
                 "weights); a checkpoint of an earlier seekstack, which recorded no fingerprint of its data, meets "
                 "this with its own data too where it built rows by other rules (before 2026-12-03, and before the "

@@ -86,7 +86,8 @@ class SFTSource:
         else:
             conversations, held_out = split_conversations(config, self.tokenizer, 0.0, "")
         source = source_digest(self.tokenizer, conversations)
-        self.rows = ShuffledRows(self._training_rows(conversations), config.seed, source)
+        data = config.data or f"task={config.task}"
+        self.rows = ShuffledRows(self._training_rows(conversations), config.seed, source, data)
         self.held_out = held_out if holds_out else None
         self.validation = self._validation_rows(held_out) if holds_out else []
         self.device = torch.device("cpu")

@@ -265,8 +265,10 @@ def test_resuming_on_other_conversations_is_refused(tmp_path):
     tokenizer = byte_tokenizer(tmp_path)
     rows = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 3, seed=0)
     rows.take(2)
-    other = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 2, seed=0)
-    with pytest.raises(ValueError, match=r"the run's data \(2 conversations\) is not what its checkpoint was trained"):
+    other = ShuffledRows([encode_conversation(tokenizer, CHAT)] * 2, seed=0, data="chats.jsonl")
+    # it named neither the file nor the checkpoint's count: 'the run's data (2 conversations) is not what ...'
+    refused = r"the run's data \(chats.jsonl: 2 conversations, its checkpoint's 3\) is not what its checkpoint was"
+    with pytest.raises(ValueError, match=refused):
         other.load_state_dict(rows.state_dict())
     with pytest.raises(ValueError, match=r"keeps its weights\); a checkpoint of an earlier seekstack, which recorded"):
         other.load_state_dict(rows.state_dict())
