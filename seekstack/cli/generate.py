@@ -211,6 +211,8 @@ def generate_command(
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
         params = with_checkpoint_defaults(params, sampling, engine)
+        if chat:
+            tell_base_model(engine, model, tokenizer, adapter)
         encoder = engine.tokenizer
         system_turn = [{"role": "system", "content": system}] if system else []
         prompt_ids = (
@@ -270,8 +272,7 @@ def chat_command(
     Says so at the start when the checkpoint looks like a base model with no chat training. Sampling options left
     unset take the checkpoint's generation_config.json values, else temperature 0.7, top-p 0.95, no top-k, min-p or
     repetition penalty."""
-    from seekstack.infer.chat import HELP, ChatSession, base_model_reason, run_chat
-    from seekstack.tokenizer import tokenizer_json_path
+    from seekstack.infer.chat import HELP, ChatSession, run_chat
 
     with user_errors():
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -288,10 +289,7 @@ def chat_command(
         refuse_drafting_without_speculation(ctx)
         engine = load_engine(model, tokenizer, options, threads, adapter)
         params = with_checkpoint_defaults(params, sampling, engine)
-    reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent, adapter)
-    if reason:
-        note = f"{engine.model_name} looks like a base model with no chat training ({reason})"
-        typer.echo(f"note: {note}: it may continue the text rather than answer", err=True)
+    tell_base_model(engine, model, tokenizer, adapter)
     interactive = sys.stdin.isatty()
     if interactive:
         typer.echo(f"{engine.model_name}: {HELP}", err=True)
@@ -302,6 +300,18 @@ def chat_command(
         session = ChatSession(engine, params, system, notify=terminal.note)
     run_chat(session, line_reader(interactive), terminal.write, terminal.error, terminal.note,
              prompt="> " if interactive else "")  # fmt: skip
+
+
+def tell_base_model(engine: Engine, model: Path, tokenizer: Path | None, adapter: Path | None) -> None:
+    """Say on stderr when the checkpoint (with `adapter`) looks like a base model with no chat training, before a
+    chat with it (`base_model_reason`)."""
+    from seekstack.infer.chat import base_model_reason
+    from seekstack.tokenizer import tokenizer_json_path
+
+    reason = base_model_reason(model, tokenizer_json_path(tokenizer or model).parent, adapter)
+    if reason:
+        note = f"{engine.model_name} looks like a base model with no chat training ({reason})"
+        typer.echo(f"note: {note}: it may continue the text rather than answer", err=True)
 
 
 def print_completion_json(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:

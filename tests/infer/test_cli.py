@@ -843,13 +843,16 @@ def test_a_base_model_with_an_adapter_trained_on_chat_is_not_called_a_base_model
     assert "has no chat_template" in base_model_reason(base, base, prose_adapter)  # a domain adapter, not chat
 
 
-def test_chat_says_once_at_the_start_that_a_base_model_has_no_chat_training(checkpoint, tmp_path):
+@pytest.mark.parametrize(
+    ("command", "told"), [(["chat"], 1), (["generate", "hi", "--chat"], 1), (["generate", "hi"], 0)]
+)
+def test_a_chat_says_at_the_start_that_a_base_model_has_no_chat_training(checkpoint, tmp_path, command, told):
     base = shutil.copytree(checkpoint, tmp_path / "micro")
     config = json.loads((base / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (base / "tokenizer_config.json").write_text(json.dumps(config))
-    for model, notes in ((base, 1), (checkpoint, 0)):
-        result = runner.invoke(app, ["chat", "--model", str(model), "--max-new-tokens", "2"], input="hi\nho\n")
+    for model, notes in ((base, told), (checkpoint, 0)):  # generate --chat as chat; plain text needs no chat training
+        result = runner.invoke(app, [*command, "--model", str(model), "--max-new-tokens", "2"], input="hi\nho\n")
         assert result.exit_code == 0, result.output
         assert result.stderr.count("looks like a base model with no chat training") == notes
 
