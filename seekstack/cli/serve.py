@@ -327,10 +327,11 @@ def keys_plan(
 def usage_command(
     key: Annotated[str | None, typer.Option(help="Only this key (by name)")] = None,
     since: Annotated[str | None, typer.Option(help="From this UTC day on, YYYY-MM-DD")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model (the base or a LoRA adapter, by name)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, as GET /v1/admin/usage returns")] = False,
     db: DatabaseOption = None,
 ) -> None:
-    """Requests, tokens and cost per key and day, from the server's usage ledger."""
+    """Requests, tokens and cost per key, day and model (the base or an adapter), from the server's usage ledger."""
     from rich.console import Console
     from rich.table import Table
 
@@ -340,29 +341,36 @@ def usage_command(
     with user_errors(as_json):
         database = _database(db, existing=True)
         ledger = Ledger(database)
-        days = ledger.daily(key, parse_day(since) if since else None)
+        days = ledger.daily(key, parse_day(since) if since else None, model)
         if key is not None and not days:
             if not KeyStore(database).knows(key) and not ledger.knows(key):
                 fail(f"no key named {key!r} in {database.location}, and no usage recorded for one; "
                      "`seekstack keys list` shows the keys", as_json)  # fmt: skip
             if not as_json:
-                typer.echo(f"no usage recorded for key {key!r}" + (f" since {since}" if since else ""))
+                typer.echo(
+                    f"no usage recorded for key {key!r}" + (f" of model {model!r}" if model else "")
+                    + (f" since {since}" if since else "")
+                )
                 return
     if as_json:
         typer.echo(json.dumps([day.to_dict() for day in days], indent=2))
         return
-    table = Table(title="usage per key and day (UTC)")
+    by_model = len({day.model for day in days}) > 1  # a column for it where adapters served too (--json always has it)
+    title = "usage per key, day (UTC) and model" if by_model else "usage per key and day (UTC)"
+    table = Table(title=title + (f" of model {model}" if model else ""))
     _add_column(table, "day", whole=True)
     _add_column(table, "key")
+    if by_model:
+        _add_column(table, "model")
     for header in ("requests", "failed\n(5xx,\nfree)", "prompt\ntokens", "completion\ntokens", "cost"):
         _add_column(table, header, whole=True, justify="right")
     for day in days:
         table.add_row(
-            day.day, day.key_name or "(open)", str(day.requests), str(day.failed), f"{day.prompt_tokens:,}",
+            day.day, day.key_name or "(open)", *([day.model] if by_model else []), str(day.requests), str(day.failed), f"{day.prompt_tokens:,}",
             f"{day.completion_tokens:,}", f"{day.cost:.6f}",
         )  # fmt: skip
     table.add_row(
-        "total", "", str(sum(d.requests for d in days)), str(sum(d.failed for d in days)),
+        "total", "", *([""] if by_model else []), str(sum(d.requests for d in days)), str(sum(d.failed for d in days)),
         f"{sum(d.prompt_tokens for d in days):,}", f"{sum(d.completion_tokens for d in days):,}",
         f"{sum(d.cost for d in days):.6f}",
     )  # fmt: skip

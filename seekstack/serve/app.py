@@ -532,11 +532,13 @@ class Server:
     ) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, usage=usage)
 
-    def usage_report(self, request: Request, key_name: str | None, since: str | None) -> UsageReport:
-        """Admin: tokens and cost per key and day, optionally for one key and from a day on."""
+    def usage_report(
+        self, request: Request, key_name: str | None, since: str | None, model: str | None = None
+    ) -> UsageReport:
+        """Admin: tokens and cost per key, day and model, optionally for one key, from a day on, for one model."""
         self.authenticate(request, admin=True)
         try:
-            days = self.ledger.daily(key_name, parse_day(since) if since else None)
+            days = self.ledger.daily(key_name, parse_day(since) if since else None, model)
         except ValueError as error:
             raise APIError(400, str(error), param="since") from None
         if key_name is not None and not days and not self.keys.knows(key_name) and not self.ledger.knows(key_name):
@@ -788,9 +790,10 @@ def create_app(
         since: Annotated[
             str | None, Query(description="From this UTC day on, YYYY-MM-DD", json_schema_extra={"format": "date"})
         ] = None,
+        model: Annotated[str | None, Query(description="Only this model's usage (the base or an adapter)")] = None,
     ) -> JSONResponse:
-        """Requests, tokens and cost per key and UTC day (admin keys only)."""
-        return JSONResponse((await asyncio.to_thread(server.usage_report, request, key, since)).model_dump())
+        """Requests, tokens and cost per key, UTC day and model (admin keys only)."""
+        return JSONResponse((await asyncio.to_thread(server.usage_report, request, key, since, model)).model_dump())
 
     add_adapter_routes(app, server)  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     add_tokenize_routes(app, server)  # POST /tokenize, /detokenize

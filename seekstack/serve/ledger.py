@@ -51,10 +51,11 @@ class UsageRecord:
 
 @dataclass(frozen=True)
 class DailyUsage:
-    """Totals of one key on one UTC day."""
+    """Totals of one key on one UTC day for one model (the base's name or a LoRA adapter's)."""
 
     key_name: str | None
     day: str  # YYYY-MM-DD
+    model: str
     requests: int
     failed: int  # of the requests, those the server failed (a 5xx status): their tokens are counted, not charged
     prompt_tokens: int
@@ -124,21 +125,25 @@ class Ledger:
         """Whether any usage is recorded for key `key_name`."""
         return bool(self.database.query("SELECT 1 FROM usage WHERE key_name = ? LIMIT 1", (key_name,)))
 
-    def daily(self, key_name: str | None = None, since: dt.date | None = None) -> list[DailyUsage]:
-        """Requests, tokens and cost per key and UTC day, from `since` (inclusive) on."""
+    def daily(
+        self, key_name: str | None = None, since: dt.date | None = None, model: str | None = None
+    ) -> list[DailyUsage]:
+        """Requests, tokens and cost per key, UTC day and model, from `since` (inclusive) on; for one key and/or
+        one model when named."""
         conditions, parameters = [], []
-        if key_name is not None:
-            conditions.append("key_name = ?")
-            parameters.append(key_name)
+        for column, value in (("key_name", key_name), ("model", model)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                parameters.append(value)
         if since is not None:
             conditions.append("created_at >= ?")
             parameters.append(dt.datetime.combine(since, dt.time(), tzinfo=dt.UTC).timestamp())
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self.database.query(
-            f"SELECT key_name, {self.database.day('created_at')} AS day, COUNT(*) AS requests, "
+            f"SELECT key_name, {self.database.day('created_at')} AS day, model, COUNT(*) AS requests, "
             "SUM(CASE WHEN status BETWEEN 500 AND 599 THEN 1 ELSE 0 END) AS failed, "
             "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, SUM(cost) AS cost "
-            f"FROM usage {where} GROUP BY key_name, day ORDER BY day, key_name",
+            f"FROM usage {where} GROUP BY key_name, day, model ORDER BY day, key_name, model",
             tuple(parameters),
         )
         return [DailyUsage(**dict(row)) for row in rows]

@@ -386,6 +386,7 @@ class ServerVersion(BaseModel):
 class UsageDay(BaseModel):
     key_name: str | None
     day: str  # YYYY-MM-DD (UTC)
+    model: str  # the base's name or a LoRA adapter's, as the requests named it
     requests: int
     failed: int  # of the requests, those the server failed (5xx): their tokens are counted, at no cost
     prompt_tokens: int

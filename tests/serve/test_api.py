@@ -473,8 +473,15 @@ def test_every_request_is_in_the_ledger_and_the_admin_report(base_url, keys, dat
     report = httpx.get(
         f"{base_url}/v1/admin/usage", params={"key": "metered"}, headers={"Authorization": f"Bearer {admin}"}
     )
-    [day] = report.json()["data"]
-    assert (day["key_name"], day["requests"]) == ("metered", 4)
+    day, unknown_model = report.json()["data"]  # a row per model asked for: the 404 for 'nope' is its own, free
+    assert [(d["key_name"], d["model"], d["requests"]) for d in (day, unknown_model)] == [
+        ("metered", MODEL, 3), ("metered", "nope", 1),
+    ]  # fmt: skip
+    assert unknown_model["cost"] == 0
+    for model, rows_read in ((MODEL, [day]), ("another", [])):  # ?model= reads one model's (the base, an adapter)
+        one_model = httpx.get(f"{base_url}/v1/admin/usage", params={"key": "metered", "model": model},
+                              headers={"Authorization": f"Bearer {admin}"})  # fmt: skip
+        assert one_model.json()["data"] == rows_read
     assert day["completion_tokens"] == 7 and day["cost"] == pytest.approx(sum(r["cost"] for r in rows))
     printed = CliRunner().invoke(cli, ["usage", "--key", "metered", "--json", "--db", str(database_path)])
     assert printed.exit_code == 0 and json.loads(printed.stdout) == report.json()["data"]

@@ -44,8 +44,8 @@ def database(database_location) -> Database:
     return open_database(database_location)
 
 
-def usage(key_name: str | None, prompt: int, completion: int, status: int = 200) -> UsageRecord:
-    return UsageRecord(key_name, "tiny", "/v1/chat/completions", prompt, completion, 0.25, status)
+def usage(key_name: str | None, prompt: int, completion: int, status: int = 200, model: str = "tiny") -> UsageRecord:
+    return UsageRecord(key_name, model, "/v1/chat/completions", prompt, completion, 0.25, status)
 
 
 def test_key_is_stored_only_as_its_hash(tmp_path):
@@ -314,6 +314,23 @@ def test_daily_totals_per_key_and_since_filter(database):
     assert [d.key_name for d in ledger.daily(key_name="k2")] == ["k2"]
     assert ledger.daily(since=today + dt.timedelta(days=1)) == []
     assert len(ledger.daily(since=today)) == 2
+
+
+def test_daily_totals_are_kept_apart_per_model_the_base_and_each_adapter(database, database_location):
+    """A server of one base and LoRA adapters bills each model's requests as its own row, as the ledger records
+    which model served each; `model=` reads one."""
+    ledger = Ledger(database)
+    for model, prompt in (("tiny", 10), ("legal", 20), ("legal", 30), ("poem", 40)):
+        ledger.record(usage("k", prompt, 1, model=model))
+    rows = {(d.key_name, d.model): (d.requests, d.prompt_tokens) for d in ledger.daily()}
+    assert rows == {("k", "legal"): (2, 50), ("k", "poem"): (1, 40), ("k", "tiny"): (1, 10)}
+    assert [(d.model, d.requests) for d in ledger.daily("k", model="legal")] == [("legal", 2)]
+    assert ledger.daily(model="nosuch") == []
+    table = CliRunner().invoke(app, ["usage", "--db", database_location], env={"COLUMNS": "120"}).stdout
+    lines = table.splitlines()
+    header = next(cells(line, "┃") for line in lines if "requests" in line)
+    rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in lines if line.startswith("│")]
+    assert [(row["model"], row["requests"]) for row in rows] == [("legal", "2"), ("poem", "1"), ("tiny", "1"), ("", "4")]
 
 
 def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database, monkeypatch):
