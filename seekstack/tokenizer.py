@@ -355,12 +355,15 @@ class Tokenizer:
 def _reply_opening(folder: Path) -> str:
     """The reply's opening (`ChatTemplate.reply_opening`) of the chat template in `folder` beside a tokenizer with the
     DeepSeek-V3 role tokens: DeepSeek-R1's "<think>\\n"; "" for none, seekstack's own template, or a damaged
-    tokenizer_config.json, which such a tokenizer does not need (it writes its chats itself)."""
+    tokenizer_config.json, which such a tokenizer does not need (it writes its chats itself). seekstack's own template
+    is not rendered: that imports transformers (`ChatTemplate.render`), ~2 s and 18 MiB at every load."""
     try:
         template = read_chat_template(folder / CONFIG_FILE, folder / CHAT_TEMPLATE_FILE)
     except ValueError:
         return ""
-    return template.reply_opening({"bos_token": BOS, "eos_token": EOS}, ASSISTANT) if template else ""
+    if template is None or template.text == CHAT_TEMPLATE:
+        return ""
+    return template.reply_opening({"bos_token": BOS, "eos_token": EOS}, ASSISTANT)
 
 
 def trained_by_seekstack(tokenizer_file: Path) -> bool:

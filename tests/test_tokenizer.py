@@ -10,6 +10,8 @@ import pickle
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import sysconfig
 import threading
 import time
@@ -399,6 +401,16 @@ def test_from_file_accepts_directory_or_file_and_keeps_the_fingerprint(trained):
     assert from_dir.encode(AWKWARD_TEXTS[2]) == tokenizer.encode(AWKWARD_TEXTS[2])
     config = json.loads((out_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (BOS, EOS, PAD)
+
+
+def test_loading_a_tokenizer_seekstack_trained_renders_no_template_and_imports_no_transformers(trained):
+    """Its own chat template opens no reply; rendering it to find that out (transformers' compiler) cost every load of
+    the tokenizer (generate, chat, serve, an engine's test) ~2 s and 18 MiB."""
+    _, directory = trained
+    code = "import sys; from seekstack.tokenizer import Tokenizer; t = Tokenizer.from_file(sys.argv[1]); "
+    code += "print(repr(t.reply_opening), 'transformers' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == ["''", "False"]
 
 
 def deepseek_like_tokenizer(path: Path, special_tokens: list[str], unflagged_tokens: tuple[str, ...] = ()) -> Path:
