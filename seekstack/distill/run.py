@@ -55,7 +55,11 @@ class DistillHooks:
 
     def prepare(self, model: Transformer) -> DistillModel:
         config, device = self.config, model.embed_tokens.weight.device
-        cache = TopKCache(config.teacher_cache, config.cache_top_k, config.teacher) if config.teacher_cache else None
+        cache = (
+            TopKCache(config.teacher_cache, config.cache_top_k, config.teacher, config.teacher_dtype)
+            if config.teacher_cache
+            else None
+        )
         teacher = Teacher(config.teacher, config.teacher_dtype, device, cache)
         generations = None
         if config.lmbda > 0:

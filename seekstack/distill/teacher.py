@@ -84,14 +84,16 @@ class TopKCache:
     batch does). A cached distribution is the k log-probabilities with the rest of the mass spread evenly over the
     other tokens, so that every divergence (forward, reverse, JSD) is defined on it."""
 
-    def __init__(self, folder: str | Path, top_k: int, teacher_dir: str | Path):
+    def __init__(self, folder: str | Path, top_k: int, teacher_dir: str | Path, teacher_dtype: str = "float32"):
         self.folder, self.top_k = Path(folder), top_k
         info = {"teacher": str(Path(teacher_dir).resolve()), "top_k": top_k}
+        if teacher_dtype != "float32":  # a float32 cache's info names no dtype, as those of earlier seekstacks
+            info["teacher_dtype"] = teacher_dtype
         info_path = self.folder / CACHE_INFO_FILE
         if info_path.is_file() and json.loads(info_path.read_text()) != info:
             raise ValueError(
                 f"teacher_cache {self.folder} holds log-probabilities of {info_path.read_text().strip()}, not of "
-                f"{json.dumps(info)}; use another folder for this teacher or cache_top_k"
+                f"{json.dumps(info)}; use another folder for this teacher, cache_top_k or teacher_dtype"
             )
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(info_path, json.dumps(info) + "\n")
