@@ -194,11 +194,14 @@ class SamplingBatch:
         and takes a topk: the vocabulary is sorted only for a top-p (129280 ids: a sort costs ~50 ms a row on a CPU
         core, 20-60x a topk)."""
         vocab = logits.shape[-1]
-        top_k = self._column([min(p.top_k, vocab) or vocab for p in self.params])
+        ks = [min(p.top_k, vocab) or vocab for p in self.params]
         top_p, min_p = self._settings("top_p", "min_p")
-        limited = top_k < vocab  # rows without a top-k (or one >= V) keep every token: no topk of V values for them
-        if limited.any():
-            widest = int(top_k[limited].max())
+        # rows without a top-k (or one >= V) keep every token: no topk of V values for them; the widest k is read
+        # from the parameters, not the device (no GPU sync)
+        widest = max((k for k in ks if k < vocab), default=0)
+        if widest:
+            top_k = self._column(ks)
+            limited = top_k < vocab
             kth = logits.topk(widest, dim=-1).values.gather(-1, top_k.clamp(max=widest)[:, None] - 1)
             logits = logits.masked_fill(limited[:, None] & (logits < kth), float("-inf"))
         probs = logits.softmax(dim=-1)  # top-p and min-p within the top k
