@@ -563,8 +563,6 @@ def train_tokenizer(
     with staged_files(path.parent) as staged:  # the pair appears together, replacing an earlier tokenizer's
         staged.path(path.name).write_text(backend.to_str(pretty=True), encoding="utf-8")
         staged.path(CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-        if (
-            path.parent / CHAT_TEMPLATE_FILE
-        ).is_file():  # an earlier one's, saved by transformers, which reads it first
+        if (path.parent / CHAT_TEMPLATE_FILE).is_file():  # an earlier one's, saved by transformers, read first there
             staged.path(CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE, encoding="utf-8")
     return Tokenizer(backend, source=str(path))
