@@ -281,6 +281,8 @@ class ModelConfig:
             if f.name != "extra" and not (f.name in SEEKSTACK_ONLY_FIELDS and getattr(self, f.name) == f.default):
                 out[f.name] = getattr(self, f.name)
         out["n_shared_experts"] = self.n_shared_experts or 0  # none, as transformers' configs take it: an int
+        if not self.n_routed_experts:  # dense: an int there too, and transformers makes no layer MoE before
+            out.update(n_routed_experts=0, first_k_dense_replace=self.num_hidden_layers)  # first_k_dense_replace
         out["rope_parameters"] = {
             "rope_type": self.rope_type,
             "rope_theta": self.rope_theta,

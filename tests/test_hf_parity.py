@@ -389,20 +389,31 @@ def test_transformers_loads_our_stacked_experts_layout_with_the_same_logits(tmp_
     assert max_diff(got, expected) < ATOL
 
 
+NO_EXPERTS = {  # what seekstack reads as no shared / no routed expert; transformers' configs refuse null for both
+    "no-shared-experts": dict(n_shared_experts=None),
+    "dense-none": dict(n_routed_experts=None),  # transformers makes layers from first_k_dense_replace on MoE
+    "dense-zero": dict(n_routed_experts=0),
+}
+
+
+@pytest.mark.parametrize("none", NO_EXPERTS.values(), ids=NO_EXPERTS.keys())
 @pytest.mark.parametrize("overrides", [OUR_CASES["v3-no-mtp"], OUR_CASES["v2-greedy"]], ids=["v3", "v2"])
-def test_transformers_loads_our_checkpoint_without_shared_experts_with_the_same_logits(tmp_path, overrides):
-    config = ModelConfig.from_dict({"model_type": "deepseek_v3", **OURS, **overrides, "n_shared_experts": None})
+def test_transformers_loads_our_checkpoint_without_shared_or_routed_experts_with_the_same_logits(
+    tmp_path, overrides, none
+):
+    config = ModelConfig.from_dict({"model_type": "deepseek_v3", **OURS, **overrides, **none})
     ours = Transformer(config).eval()
     randomise(ours, seed=3)
-    seekstack.save_pretrained(ours, tmp_path)  # transformers' configs refuse n_shared_experts null: 0 says none
+    seekstack.save_pretrained(ours, tmp_path)
 
     reference, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     input_ids = torch.randint(0, config.vocab_size, (2, SEQ_LEN))
     with torch.no_grad():
         expected, got = ours(input_ids).logits, reference.eval()(input_ids).logits
-    assert all(".shared_experts." in key for key in info["missing_keys"])  # its zero-width shared FFN: no weights
+    assert all(".shared_experts." in key for key in info["missing_keys"])  # a zero-width shared FFN: no weights
     assert max_diff(got, expected) < ATOL
-    assert seekstack.load_pretrained(tmp_path).config.n_shared_experts == 0
+    with torch.no_grad():
+        assert max_diff(seekstack.load_pretrained(tmp_path)(input_ids).logits, expected) == 0
 
 
 def test_transformers_reports_every_mtp_layer_key_and_nothing_else(tmp_path):

@@ -347,7 +347,7 @@ def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume:
     checkpoint = _trained_checkpoint(config, resume) if settings else None
     if checkpoint is None:
         return
-    theirs, said = read_config(checkpoint), config.model_config()
+    theirs, said = read_config(checkpoint), ModelConfig.from_dict(config.model_config().to_dict())  # as saved
     if "model" in settings:
         names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
     else:

@@ -415,17 +415,19 @@ def test_train_reads_by_default_where_data_tokenize_writes() -> None:
     assert Path(TrainConfig().data_dir) == written  # `train` right after `data tokenize` finds the shards
 
 
-def fake_run(out: Path, steps: tuple[int, ...] = (2,)) -> list[Path]:
+def fake_run(out: Path, steps: tuple[int, ...] = (2,), **model_overrides) -> list[Path]:
     """A run's folder as training leaves it, without training: its train_config.json and checkpoints step_N of the
-    micro model (config.json, a train_state.pt)."""
+    micro model with `model_overrides` (config.json, a train_state.pt)."""
     data_dir = out.parent / "tokens"
     data_dir.mkdir(exist_ok=True)
-    model = (f"model.{k}={v}" for k, v in MICRO_MODEL.items())
-    load_train_config(None, [f"out_dir={out}", f"data_dir={data_dir}", *model]).save(out)
+    model = {**MICRO_MODEL, **model_overrides}
+    load_train_config(
+        None, [f"out_dir={out}", f"data_dir={data_dir}", *(f"model.{k}={v}" for k, v in model.items())]
+    ).save(out)
     checkpoints = [out / "checkpoints" / f"step_{step}" for step in steps]
     for checkpoint in checkpoints:
         checkpoint.mkdir(parents=True)
-        (checkpoint / "config.json").write_text(json.dumps(preset("tiny", **MICRO_MODEL).to_dict()))
+        (checkpoint / "config.json").write_text(json.dumps(preset("tiny", **model).to_dict()))
         (checkpoint / "train_state.pt").write_bytes(b"")
     return checkpoints
 
@@ -449,6 +451,13 @@ def test_model_settings_unlike_the_checkpoint_a_run_resumes_or_starts_from_are_r
     load_train_config(None, [new_run, f"init_from={checkpoint}"]).save(tmp_path / "written")
     assert Path(resolve_train_config(tmp_path / "written" / CONFIG_FILE).init_from).resolve() == checkpoint
     assert resolve_train_config(None, [new_run, "model=small"]).model == "small"  # a new run builds what it is told
+
+
+def test_a_dense_run_resumes_with_its_own_model_settings_though_its_checkpoints_store_them_for_transformers(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, n_routed_experts=0)  # stored with first_k_dense_replace = num_hidden_layers: no MoE in transformers
+    settings = [f"out_dir={run}", "model=tiny", "model.n_routed_experts=0"]  # "model" compares every field
+    assert resolve_train_config(None, settings, resume=True).model_config().n_routed_experts == 0
 
 
 def test_init_from_a_runs_out_dir_starts_from_its_newest_checkpoint_and_says_which(tmp_path):
