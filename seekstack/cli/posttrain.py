@@ -134,12 +134,29 @@ def traces_command(
                 engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
             )
         if not traces.conversations:
-            raise ValueError(f"{model}: none of {traces.sampled} traces verified; nothing to write to {out}")
+            raise ValueError(
+                f"{model}: none of {traces.sampled} traces verified ({_why_no_trace(model, task)}); nothing to write "
+                f"to {out}"
+            )
         write_conversations(traces.conversations, out)
     summary = {"out": str(out), "kept": len(traces.conversations), "sampled": traces.sampled}
     summary |= {"accept_rate": traces.accept_rate, "prompts": traces.prompts, "prompts_solved": traces.prompts_solved}
     summary |= {"solved_rate": traces.solved_rate}
     typer.echo(json.dumps(summary))
+
+
+def _why_no_trace(model: Path, task: str) -> str:
+    """What to change when teacher `model` verified no trace: a base model writes no R1 answer format at all."""
+    from seekstack.infer.chat import base_model_reason
+
+    reason = base_model_reason(model, model)
+    if reason:
+        return (
+            f"it looks like a base model with no chat training, {reason}, which seldom writes the <think>...</think> "
+            f"answer format: train the teacher on the task first (`seekstack sft task={task} init_from={model}`, "
+            "then `seekstack rl`)"
+        )
+    return "more --samples, a lower --difficulty or a teacher trained further on the task may solve some"
 
 
 def _sampling_engine(model: Path, sequences: int, max_new_tokens: int) -> Engine:

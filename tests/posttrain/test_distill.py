@@ -52,6 +52,16 @@ def test_traces_command_refuses_more_prompts_than_distinct_problems_and_writes_n
     assert not out.exists()
 
 
+def test_traces_of_a_base_teacher_that_verifies_none_say_to_train_it_on_the_task_first(tmp_path):
+    """A pretrained-only teacher writes no R1 answer format: 'none of 2 traces verified' said nothing of why."""
+    teacher = micro_checkpoint(tmp_path / "micro-base")
+    args = ["traces", str(teacher), "--out", str(tmp_path / "t.jsonl"), "--difficulty", "1", "--prompts", "2"]
+    result = CliRunner().invoke(app, [*args, "--samples", "1", "--max-new-tokens", "8"])
+    assert result.exit_code == 1 and "none of 2 traces verified (it looks like a base model" in result.output
+    assert "its folder is named 'micro-base'" in result.output and "seekstack sft task=addition" in result.output
+    assert not (tmp_path / "t.jsonl").exists()
+
+
 def test_traces_command_writes_conversations_sft_reads(teacher_model, tmp_path):
     out = tmp_path / "traces.jsonl"
     args = ["traces", str(teacher_model), "--out", str(out), "--difficulty", "1", "--prompts", "8", "--samples", "4"]
