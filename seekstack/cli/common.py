@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperCommand
 
 from seekstack.config import PRESETS, ModelConfig, preset
+from seekstack.extras import MissingExtra
 from seekstack.schema import ConfigError
 from seekstack.train.runs import run_checkpoint
 
@@ -65,8 +66,8 @@ Checkpoint = Annotated[
 
 @contextmanager
 def user_errors(as_json: bool = False) -> Iterator[None]:
-    """Turn configuration, checkpoint and file errors into a one-line message and exit code 1 (JSON if asked); a
-    usage error (exit 2) is told in JSON too when asked."""
+    """Turn configuration, checkpoint, file and missing-extra errors into a one-line message and exit code 1 (JSON if
+    asked); a usage error (exit 2) is told in JSON too when asked."""
     try:
         yield
     except BrokenPipeError:  # stdout's reader has gone (`| head` read its lines): click ends the command quietly
@@ -77,7 +78,7 @@ def user_errors(as_json: bool = False) -> Iterator[None]:
         raise
     except ConfigError as error:  # the configuration: every rank of a torchrun meets it alike
         fail(str(error), as_json)
-    except (OSError, ValueError) as error:  # a file, a checkpoint: possibly this rank's own
+    except (OSError, ValueError, MissingExtra) as error:  # a file, a checkpoint, a package: possibly this rank's own
         fail(str(error), as_json, every_rank=True)
 
 

@@ -23,6 +23,7 @@ from seekstack.eval.tasks import (
     task_configs,
     unknown_task,
 )
+from seekstack.extras import import_extra
 from seekstack.tokenizer import Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
@@ -58,7 +59,7 @@ def evaluate(
     eval` takes them (corpus and per_module None where no task read them)}."""
     if all(is_local_task(task) for task in tasks):  # they never download: say so to `datasets` (read at its import)
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # an lm_eval task's dataset downloads, as under lm_eval
-    import lm_eval
+    lm_eval = import_extra("lm_eval", "eval", "seekstack eval")
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
 
