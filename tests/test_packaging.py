@@ -10,10 +10,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.extras import MissingExtra, import_extra
+from seekstack.parallel.parallelize import require_float8_support
 
 
 def test_eval_without_lm_eval_names_the_eval_extra(tmp_path, monkeypatch):
@@ -47,3 +49,11 @@ def test_sdist_holds_the_package_and_its_data_without_the_tests(tmp_path):
     packaged = {str(path.relative_to(repository)) for path in (repository / "seekstack").rglob("*")}
     packaged = {name for name in packaged if name.endswith((".py", ".cpp", ".html", ".txt"))}
     assert packaged <= names, sorted(packaged - names)
+
+
+def test_float8_without_torchao_names_the_float8_extra(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an H100's capability: the hardware is no objection
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *device: (9, 0))
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    with pytest.raises(MissingExtra, match=r"float8=true needs torchao, .*pip install 'seekstack\[float8\]'"):
+        require_float8_support()

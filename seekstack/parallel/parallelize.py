@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from seekstack.extras import import_extra
 from seekstack.model.transformer import Transformer
 from seekstack.schema import ConfigError
 
@@ -46,8 +47,9 @@ def apply_compile(model: Transformer) -> None:
 FLOAT8_CAPABILITY = (8, 9)
 
 
-def require_float8_hardware() -> None:
-    """ConfigError naming this machine's device where it has no FP8 tensor cores for float8=true."""
+def require_float8_support() -> None:
+    """ConfigError naming this machine's device where it has no FP8 tensor cores for float8=true; MissingExtra where
+    torchao, which converts the layers, is not installed."""
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < FLOAT8_CAPABILITY:
@@ -56,11 +58,12 @@ def require_float8_hardware() -> None:
             f"float8=true needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9+: H100/H200, L40, "
             f"RTX 4090); this run is on {where}: set float8=false"
         )
+    import_extra("torchao", "float8", "float8=true")
 
 
 def apply_float8(model: Transformer) -> None:
     """Train the decoder blocks' linear layers in float8 (torchao); ConfigError naming the device elsewhere."""
-    require_float8_hardware()
+    require_float8_support()
     from torchao.float8 import convert_to_float8_training
 
     for block in decoder_blocks(model):

@@ -64,7 +64,7 @@ from seekstack.parallel.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
     apply_float8,
-    require_float8_hardware,
+    require_float8_support,
 )
 from seekstack.schema import ConfigError
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
@@ -385,7 +385,7 @@ class _Run:
                 "experts are split over all of them"
             )
         if config.float8:
-            require_float8_hardware()
+            require_float8_support()
         require_offload_device(config.cpu_offload, ranks.device)
         self.out_dir = Path(config.out_dir)
         sets_threads = getattr(source, "chooses_threads", False)
