@@ -33,19 +33,20 @@ def test_import_extra_raises_errors_inside_an_installed_package_as_they_are(monk
     assert not isinstance(error.value, MissingExtra)
 
 
-def test_sdist_holds_the_package_and_its_data_without_the_tests(tmp_path):
+def test_sdist_holds_the_package_its_data_and_license_without_the_tests(tmp_path):
     repository = Path(__file__).resolve().parents[1]
     source = tmp_path / "source"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
     for name in ("seekstack", "tests"):
         shutil.copytree(repository / name, source / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE"):
         shutil.copy(repository / name, source / name)
     build = "from setuptools import build_meta; print(build_meta.build_sdist('dist'))"
     built = subprocess.run([sys.executable, "-c", build], cwd=source, capture_output=True, text=True, check=True)
     with tarfile.open(source / "dist" / built.stdout.split()[-1]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert not [name for name in names if name.startswith("tests/")]
+    assert "LICENSE" in names  # the Apache-2.0 text pyproject's license names, which a redistribution must carry
     packaged = {str(path.relative_to(repository)) for path in (repository / "seekstack").rglob("*")}
     packaged = {name for name in packaged if name.endswith((".py", ".cpp", ".html", ".txt"))}
     assert packaged <= names, sorted(packaged - names)
