@@ -3,10 +3,14 @@ left out names the extra that installs it."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,35 @@ def test_float8_without_torchao_names_the_float8_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(MissingExtra, match=r"float8=true needs torchao, .*pip install 'seekstack\[float8\]'"):
         require_float8_support()
+
+
+# Imported modules that are the API of a package seekstack declares, pinned by it: fastapi's starlette and anyio,
+# pydantic's pydantic_core and annotated_types, typer's click (older typer), lm-eval's accelerate and datasets (eval).
+DEVELOPERS = {"dev", "bench"}  # extras for the test suite and benchmarks, which no user's command may need
+COMES_WITH = {"starlette", "anyio", "pydantic_core", "annotated_types", "click", "accelerate", "datasets"}
+
+
+def test_every_package_the_code_imports_is_declared_in_pyproject():
+    repository = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((repository / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    users = [name for name in extras if name not in DEVELOPERS]
+    requirements = project["dependencies"] + [req for name in users for req in extras[name]]
+    declared = {canonical(re.match(r"[A-Za-z0-9_.-]+", req).group()) for req in requirements}
+    imported = set()
+    for path in (repository / "seekstack").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"seekstack"} - COMES_WITH
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {
+        name for name in third_party if not {canonical(d) for d in distributions.get(name, [name])} & declared
+    }
+    assert not undeclared, f"imported by seekstack/ but not in pyproject's dependencies or extras: {sorted(undeclared)}"
+
+
+def canonical(distribution: str) -> str:
+    return re.sub(r"[-_.]+", "-", distribution).lower()
