@@ -94,3 +94,10 @@ def test_every_package_the_code_imports_is_declared_in_pyproject():
 
 def canonical(distribution: str) -> str:
     return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def test_readme_tells_how_to_install_each_extra():
+    repository = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((repository / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    readme = (repository / "README.md").read_text()
+    assert [name for name in extras if f"pip install '.[{name}]'" not in readme] == []
