@@ -101,3 +101,18 @@ def test_readme_tells_how_to_install_each_extra():
     extras = tomllib.loads((repository / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     readme = (repository / "README.md").read_text()
     assert [name for name in extras if f"pip install '.[{name}]'" not in readme] == []
+
+
+# torch APIs seekstack uses and the torch release that first has them: the floor pyproject declares must reach them.
+TORCH_APIS = {
+    "torch.distributed.fsdp.fully_shard (seekstack/parallel/fsdp.py, imported by the trainer)": (2, 6),
+    "torch.accelerator.current_accelerator(check_available=True) (seekstack/eval/harness.py)": (2, 7),
+}
+
+
+def test_the_declared_torch_floor_has_every_torch_api_the_code_uses():
+    repository = Path(__file__).resolve().parents[1]
+    dependencies = tomllib.loads((repository / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = next(re.fullmatch(r"torch>=(\d+)\.(\d+)", req) for req in dependencies if req.startswith("torch"))
+    declared = (int(floor[1]), int(floor[2]))
+    assert [api for api, since in TORCH_APIS.items() if since > declared] == []
