@@ -16,6 +16,7 @@ _EXPORTS = {
     "load_pretrained": "seekstack.checkpoint",
     "save_pretrained": "seekstack.checkpoint",
     "Tokenizer": "seekstack.tokenizer",
+    "__version__": "seekstack.version",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for name in _EXPORTS if not name.startswith("_"))
 __getattr__ = lazy_attributes(__name__, _EXPORTS)

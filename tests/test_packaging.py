@@ -17,6 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import seekstack
 from seekstack.cli import app
 from seekstack.extras import MissingExtra, import_extra
 from seekstack.parallel.parallelize import require_float8_support
@@ -116,3 +117,7 @@ def test_the_declared_torch_floor_has_every_torch_api_the_code_uses():
     floor = next(re.fullmatch(r"torch>=(\d+)\.(\d+)", req) for req in dependencies if req.startswith("torch"))
     declared = (int(floor[1]), int(floor[2]))
     assert [api for api, since in TORCH_APIS.items() if since > declared] == []
+
+
+def test_package_version_is_the_distributions():
+    assert seekstack.__version__ == importlib.metadata.version("seekstack")

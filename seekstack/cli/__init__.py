@@ -4,7 +4,6 @@ the library and prints. A stage's libraries are imported inside its commands, so
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import version
 from typing import Annotated
 
 import typer
@@ -36,7 +35,9 @@ app = typer.Typer(
 
 def _print_version(requested: bool) -> None:
     if requested:
-        typer.echo(f"seekstack {version('seekstack')}")
+        from seekstack.version import __version__
+
+        typer.echo(f"seekstack {__version__}")
         raise typer.Exit()
 
 
