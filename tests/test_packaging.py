@@ -65,6 +65,16 @@ def test_float8_without_torchao_names_the_float8_extra(monkeypatch):
         require_float8_support()
 
 
+def test_a_postgresql_database_without_psycopg_names_the_postgres_extra(monkeypatch, tmp_path):
+    """It said pip install 'psycopg[binary]', where pyproject's postgres extra pins the version serve is tested with."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    result = CliRunner().invoke(app, ["keys", "list", "--db", "postgresql://127.0.0.1:1/seek"])
+    assert result.exit_code == 1
+    assert "a postgresql:// database needs psycopg, which is not installed: pip install 'seekstack[postgres]'" in (
+        result.output
+    )
+
+
 # Imported modules that are the API of a package seekstack declares, pinned by it: fastapi's starlette and anyio,
 # pydantic's pydantic_core and annotated_types, typer's click (older typer), lm-eval's accelerate and datasets (eval).
 DEVELOPERS = {"dev", "bench"}  # extras for the test suite and benchmarks, which no user's command may need

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from seekstack.extras import import_extra
+
 DEFAULT_DATABASE = "seekstack.db"
 DATABASE_ENV = "SEEKSTACK_DB"
 DEFAULT_PLAN = "default"
@@ -265,11 +267,9 @@ class PostgresDatabase:
 
     def __init__(self, url: str):
         self.location = _without_password(url)
-        try:
-            import psycopg
-            from psycopg.rows import dict_row
-        except ImportError:
-            raise ValueError("a postgresql:// database needs psycopg: pip install 'psycopg[binary]'") from None
+        psycopg = import_extra("psycopg", "postgres", "a postgresql:// database")
+        from psycopg.rows import dict_row
+
         try:
             self._connection = psycopg.connect(url, autocommit=True, row_factory=dict_row)
             with self._connection.transaction():
