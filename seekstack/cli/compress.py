@@ -179,7 +179,8 @@ def quantize_command(
         verdict = "pass" if stage["passed"] else "fail"
         typer.echo(
             f"stage {stage['name']:<9} bits/byte {stage['bits_per_byte']:.4f} ({stage['bpb_increase']:+.2%})  "
-            f"KL {stage['mean_kl']:.5f}  top-1 {stage['top1_agreement']:.2%}  {size(stage['bytes'])} of tensors  {verdict}"
+            f"KL {stage['mean_kl']:.5f}  top-1 {stage['top1_agreement']:.2%}  {size(stage['bytes'])} of tensors  "
+            f"{verdict}"
         )
     if "chosen" in report:
         typer.echo(f"chosen: {report['chosen']}, the smallest stage that passed")

@@ -348,7 +348,8 @@ def usage_command(
                      "`seekstack keys list` shows the keys", as_json)  # fmt: skip
             if not as_json:
                 typer.echo(
-                    f"no usage recorded for key {key!r}" + (f" of model {model!r}" if model else "")
+                    f"no usage recorded for key {key!r}"
+                    + (f" of model {model!r}" if model else "")
                     + (f" since {since}" if since else "")
                 )
                 return
@@ -366,8 +367,8 @@ def usage_command(
         _add_column(table, header, whole=True, justify="right")
     for day in days:
         table.add_row(
-            day.day, day.key_name or "(open)", *([day.model] if by_model else []), str(day.requests), str(day.failed), f"{day.prompt_tokens:,}",
-            f"{day.completion_tokens:,}", f"{day.cost:.6f}",
+            day.day, day.key_name or "(open)", *([day.model] if by_model else []), str(day.requests),
+            str(day.failed), f"{day.prompt_tokens:,}", f"{day.completion_tokens:,}", f"{day.cost:.6f}",
         )  # fmt: skip
     table.add_row(
         "total", "", *([""] if by_model else []), str(sum(d.requests for d in days)), str(sum(d.failed for d in days)),

@@ -147,6 +147,6 @@ def test_topk_cache_keeps_the_top_k_and_spreads_the_rest_of_the_mass(tmp_path):
     with pytest.raises(ValueError, match="use another folder"):
         TopKCache(tmp_path / "cache", top_k=5, teacher_dir=tmp_path / "teacher")
     # a bfloat16 teacher's log-probabilities are not the float32 teacher's: the cache is not reused for them
-    with pytest.raises(ValueError, match="not of .*\"teacher_dtype\": \"bfloat16\".*or teacher_dtype"):
+    with pytest.raises(ValueError, match='not of .*"teacher_dtype": "bfloat16".*or teacher_dtype'):
         TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher", teacher_dtype="bfloat16")
     TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher", teacher_dtype="float32")

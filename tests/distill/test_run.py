@@ -126,7 +126,9 @@ def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path):
     assert "tokenize the student's data with the teacher's tokenizer.json" in result.output
     # conversations are encoded by the student's tokenizer, not tokenized beforehand: it was told to tokenize them
     chats = tmp_path / "chats.jsonl"
-    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
+    chats.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    )
     mine = str(workspace["root"] / "tokenizer")
     with pytest.raises(ValueError, match=r"must share a tokenizer; leave `tokenizer` unset \(the teacher's encodes"):
         DistillHooks(distill_config(workspace, tmp_path, teacher=str(other), data=str(chats), tokenizer=mine))

@@ -276,7 +276,9 @@ def test_a_misspelt_local_task_is_named_before_lm_eval_runs(checkpoint):
 
 
 def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_rl_and_pass_at_k_name_it(
-    checkpoint, your_task, monkeypatch
+    checkpoint,
+    your_task,  # noqa: F811  (the fixture imported above)
+    monkeypatch,
 ):
     """`eval --tasks reason_your_task:Parity` was refused ("unknown task 'reason_your_task:Parity'; the local tasks
     are ..."), where `sft`, `rl`, `distill`, `pass-at-k` and `traces` take `task=your_task:Parity`."""

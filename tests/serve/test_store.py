@@ -330,7 +330,12 @@ def test_daily_totals_are_kept_apart_per_model_the_base_and_each_adapter(databas
     lines = table.splitlines()
     header = next(cells(line, "┃") for line in lines if "requests" in line)
     rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in lines if line.startswith("│")]
-    assert [(row["model"], row["requests"]) for row in rows] == [("legal", "2"), ("poem", "1"), ("tiny", "1"), ("", "4")]
+    assert [(row["model"], row["requests"]) for row in rows] == [
+        ("legal", "2"),
+        ("poem", "1"),
+        ("tiny", "1"),
+        ("", "4"),
+    ]
 
 
 def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database, monkeypatch):
