@@ -169,14 +169,16 @@ class RoutedExperts(nn.Module):
         like the kernel; the eager one defers to subclasses that change the experts' matmuls (quantized, LoRA). Eager
         calls build the kernel on first use, a compiled region only reads whether it was built (Engine builds it
         before compiling)."""
-        if eager:
-            overridden = (type(self).grouped_linear, type(self).expert_linear) != (
-                RoutedExperts.grouped_linear,
-                RoutedExperts.expert_linear,
-            )
-            if overridden or not cpu_kernels.available():
-                return False
+        if eager and (self.matmuls_replaced() or not cpu_kernels.available()):
+            return False
         return cpu_kernels.usable(x, self.gate_up_proj)
+
+    def matmuls_replaced(self) -> bool:
+        """Whether this forward's expert matmuls are a subclass's (quantized, LoRA), which the eager kernel skips."""
+        return (type(self).grouped_linear, type(self).expert_linear) != (
+            RoutedExperts.grouped_linear,
+            RoutedExperts.expert_linear,
+        )
 
     def forward_pairs(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Each (token, expert) pair gathers its expert's weights: N*K expert weight sets read, N*K GEMVs."""
