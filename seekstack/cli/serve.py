@@ -342,17 +342,17 @@ def usage_command(
         database = _database(db, existing=True)
         ledger = Ledger(database)
         days = ledger.daily(key, parse_day(since) if since else None, model)
-        if key is not None and not days:
-            if not KeyStore(database).knows(key) and not ledger.knows(key):
-                fail(f"no key named {key!r} in {database.location}, and no usage recorded for one; "
-                     "`seekstack keys list` shows the keys", as_json)  # fmt: skip
-            if not as_json:
-                typer.echo(
-                    f"no usage recorded for key {key!r}"
-                    + (f" of model {model!r}" if model else "")
-                    + (f" since {since}" if since else "")
-                )
-                return
+        if key is not None and not days and not KeyStore(database).knows(key) and not ledger.knows(key):
+            fail(f"no key named {key!r} in {database.location}, and no usage recorded for one; "
+                 "`seekstack keys list` shows the keys", as_json)  # fmt: skip
+        if (key is not None or model is not None) and not days and not as_json:  # a table of zeros would say less
+            typer.echo(
+                "no usage recorded"
+                + (f" for key {key!r}" if key is not None else "")
+                + (f" {'of' if key is not None else 'for'} model {model!r}" if model is not None else "")
+                + (f" since {since}" if since else "")
+            )
+            return
     if as_json:
         typer.echo(json.dumps([day.to_dict() for day in days], indent=2))
         return

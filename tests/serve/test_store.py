@@ -336,6 +336,8 @@ def test_daily_totals_are_kept_apart_per_model_the_base_and_each_adapter(databas
         ("tiny", "1"),
         ("", "4"),
     ]
+    mistyped = CliRunner().invoke(app, ["usage", "--model", "legl", "--db", database_location])
+    assert mistyped.exit_code == 0 and mistyped.stdout == "no usage recorded for model 'legl'\n"  # not a table of 0s
 
 
 def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database, monkeypatch):
