@@ -90,7 +90,14 @@ class TopKCache:
         if teacher_dtype != "float32":  # a float32 cache's info names no dtype, as those of earlier seekstacks
             info["teacher_dtype"] = teacher_dtype
         info_path = self.folder / CACHE_INFO_FILE
-        if info_path.is_file() and json.loads(info_path.read_text()) != info:
+        try:
+            held = json.loads(info_path.read_text()) if info_path.is_file() else info
+        except ValueError as error:  # cut short or edited: which teacher's log-probabilities it holds is unknown
+            raise ValueError(
+                f"teacher_cache {self.folder}: {info_path.name} is damaged ({error}); give another folder, or empty "
+                "this one to cache again"
+            ) from None
+        if held != info:
             raise ValueError(
                 f"teacher_cache {self.folder} holds log-probabilities of {info_path.read_text().strip()}, not of "
                 f"{json.dumps(info)}; use another folder for this teacher, cache_top_k or teacher_dtype"

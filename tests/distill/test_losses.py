@@ -150,3 +150,7 @@ def test_topk_cache_keeps_the_top_k_and_spreads_the_rest_of_the_mass(tmp_path):
     with pytest.raises(ValueError, match='not of .*"teacher_dtype": "bfloat16".*or teacher_dtype'):
         TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher", teacher_dtype="bfloat16")
     TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher", teacher_dtype="float32")
+    (info_file,) = [path for path in (tmp_path / "cache").iterdir() if path.suffix == ".json"]
+    info_file.write_text('{"teacher": "/x", "top')  # cut short: a JSONDecodeError named nothing
+    with pytest.raises(ValueError, match=rf"teacher_cache .*cache: {info_file.name} is damaged .*empty this one"):
+        TopKCache(tmp_path / "cache", top_k=3, teacher_dir=tmp_path / "teacher")
