@@ -25,7 +25,8 @@ def retokenize_command(data_dir: str | os.PathLike, checkpoint: str | os.PathLik
     data_dir, checkpoint = Path(data_dir), Path(checkpoint)
     corpus = corpus_folder(data_dir)
     tokenizer = checkpoint if tokenizer_json_path(checkpoint).is_file() else None
-    out = data_dir.with_name(f"{data_dir.name}_{tokenizer_json_path(checkpoint).parent.name}")
+    folder, tokenizer_folder = _named(data_dir), _named(tokenizer_json_path(checkpoint).parent)
+    out = folder.with_name(f"{folder.name}_{tokenizer_folder.name}")
     command = (
         f"`seekstack data tokenize --corpus {corpus or CORPUS_PLACEHOLDER} --tokenizer "
         f"{tokenizer or TOKENIZER_PLACEHOLDER} --out {out}`"
@@ -34,6 +35,11 @@ def retokenize_command(data_dir: str | os.PathLike, checkpoint: str | os.PathLik
     if tokenizer is None:
         notes.append(f"{TOKENIZER_PLACEHOLDER}: the tokenizer {checkpoint} was trained with; it holds none")
     return f"{command} ({'; '.join(notes)})" if notes else command
+
+
+def _named(folder: Path) -> Path:
+    """`folder`, or its resolved path where it ends in no name of its own (`.`, `..`: a run started inside it)."""
+    return folder.resolve() if folder.name in ("", "..") else folder
 
 
 def corpus_folder(data_dir: str | os.PathLike) -> Path | None:

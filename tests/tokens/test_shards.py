@@ -112,6 +112,24 @@ def test_index_records_the_corpus_path_whole_so_any_working_folder_finds_the_cor
     assert corpus_folder(tmp_path / "tokens") == tmp_path.resolve() / "corpus"
 
 
+def test_the_retokenize_command_for_shards_or_a_checkpoint_given_as_dot_names_a_folder_beside_them(
+    tmp_path, tokenizer, monkeypatch
+):
+    from seekstack.tokens.provenance import require_checkpoint_tokenizer
+
+    (tmp_path / "corpus").mkdir()
+    write_corpus(tmp_path / "corpus" / "train.jsonl", ["def f(x):\n    return x\n"])
+    index = tokenize_corpus(tmp_path / "corpus" / "train.jsonl", tokenizer, tmp_path / "tokens", "train")
+    checkpoint = tmp_path / "step_6"
+    train_tokenizer(stdlib_documents(3), vocab_size=300, out_path=checkpoint)  # another tokenizer
+    monkeypatch.chdir(tmp_path / "tokens")  # `seekstack train data_dir=. init_from=../step_6`
+    with pytest.raises(ValueError, match=f"--out {tmp_path.resolve() / 'tokens_step_6'}`"):
+        require_checkpoint_tokenizer("../step_6", ".", index["tokenizer"])
+    monkeypatch.chdir(checkpoint)  # `init_from=.`
+    with pytest.raises(ValueError, match=r"--out \.\./tokens_step_6`"):
+        require_checkpoint_tokenizer(".", "../tokens", index["tokenizer"])
+
+
 def test_bos_is_written_before_each_document_when_asked(tmp_path, tokenizer, documents):
     corpus = write_corpus(tmp_path / "val.jsonl", documents[:3])
     index = tokenize_corpus(corpus, tokenizer, tmp_path / "out", "val", add_bos=True)
