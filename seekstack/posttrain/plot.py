@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from seekstack.atomic import write_atomic  # noqa: E402
-from seekstack.train.plot import png_path, read_metrics  # noqa: E402
+from seekstack.train.plot import MARKED_UP_TO, png_path, read_metrics  # noqa: E402
 
 PANELS = (
     ("reward", ("accuracy", "reward_format")),
@@ -31,7 +31,6 @@ PANELS = (
 # A run that logs a pair's second quantity draws it instead of the first: with async_rollouts, the rollouts that
 # sampled a step's batch ran beside the step before, and the share of the step is its wait for them.
 INSTEAD = {"generate_share": "wait_share"}
-MARKED_UP_TO = 20  # points of a curve drawn with markers (a line alone shows no single point)
 
 
 def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], list[float]]:

@@ -2,7 +2,8 @@
 
 Panels: training loss (total, next-token, MTP) with the validation loss (and a distillation's divergence from its
 teacher); validation bits per byte; learning rate; MaxVio of each MoE layer; and, for a mixture run, the weight of
-each source over training.
+each source over training. A curve of few points (a short run, a run of one step) is drawn with markers, so that
+one of a single point shows.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from seekstack.config import preset  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
 from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file  # noqa: E402
 from seekstack.train.runs import run_holding  # noqa: E402
+
+MARKED_UP_TO = 20  # points of a curve drawn with markers (a line alone shows no single point)
 
 
 def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
@@ -92,8 +95,8 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None, records: l
         _style(axes[4], "mixture weight")
     for unused in axes[panels:]:
         unused.set_visible(False)
-    for axis in axes[:panels]:
-        axis.set_xlim(0, x[-1])
+    for axis in axes[:panels]:  # one step range, with matplotlib's margin past the last step: its point shows whole
+        axis.set_xlim(0, x[-1] * (1 + plt.rcParams["axes.xmargin"]))
 
     figure.suptitle(str(run_dir))
     figure.tight_layout()
@@ -125,5 +128,9 @@ def _style(axis: plt.Axes, title: str) -> None:
     axis.set_title(title)
     axis.set_xlabel("step")
     axis.grid(alpha=0.3)
+    for curve in axis.get_lines():
+        if len(curve.get_xdata()) <= MARKED_UP_TO and curve.get_marker() == "None":
+            curve.set_marker("o")
+            curve.set_markersize(3)
     if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=8)

@@ -122,6 +122,20 @@ def test_plot_draws_every_split_of_a_mixture_a_resume_added_to(demo_run, tmp_pat
     assert list(mixture_panel.get_lines()[3].get_ydata()) == [0.0] * 4 + [0.5]
 
 
+def test_plot_draws_a_run_of_one_step_as_points_that_show_whole(tmp_path, monkeypatch):
+    """A line through one point draws nothing: a run stopped after its first step had empty panels."""
+    import seekstack.train.plot as plot
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.2, "lm_loss": 3.0, "lr": 0.001}\n')
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    plot.plot_run(tmp_path)
+    loss_panel, _, lr_panel, _ = drawn[0].axes
+    curves = loss_panel.get_lines() + lr_panel.get_lines()
+    assert len(curves) == 3 and all(curve.get_marker() == "o" for curve in curves)
+    assert loss_panel.get_xlim()[1] > 1  # the point is not cut in half by the panel's edge
+
+
 def test_plot_names_the_run_without_metrics(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
