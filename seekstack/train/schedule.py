@@ -31,8 +31,10 @@ def learning_rate(step: int, config: TrainConfig, anchor: LrAnchor | None = None
     if config.schedule == "cosine":
         progress = _decay_progress(step, config.warmup_steps, config)
         return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
-    # WSD (MiniCPM, Hu et al. 2024): hold the peak, then decay linearly over the last wsd_decay_fraction of steps.
-    decay_steps = max(round(config.max_steps * config.wsd_decay_fraction), 1)
+    # WSD (MiniCPM, Hu et al. 2024): hold the peak, then decay linearly over the last wsd_decay_fraction of steps,
+    # those after the warmup at most (as torchtitan shortens it), so the rate never drops from the peak in one step.
+    after_warmup = config.max_steps - config.warmup_steps
+    decay_steps = max(min(round(config.max_steps * config.wsd_decay_fraction), after_warmup), 1)
     decay_start = config.max_steps - decay_steps
     if step < decay_start:
         return config.lr

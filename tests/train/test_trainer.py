@@ -163,6 +163,14 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly():
     assert learning_rate(99, config) == pytest.approx(0.0)
 
 
+def test_a_wsd_decay_longer_than_the_steps_after_warmup_starts_at_the_peak_when_warmup_ends():
+    """Warmup 5 of 10 steps and a decay fraction of 0.8: the decay takes the 5 steps after warmup (the rate went from
+    1.0 at step 4 to 0.5 at step 5, its first 3 steps spent inside the warmup)."""
+    config = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=5, max_steps=10, schedule="wsd", wsd_decay_fraction=0.8)
+    rates = [learning_rate(step, config) for step in range(10)]
+    assert rates == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+
+
 # ---------------------------------------------------------------------------------- the loop
 def test_optimizer_decays_matrices_but_not_norms_or_biases(data_dir, tmp_path):
     config = run_config(data_dir, tmp_path, weight_decay=0.05, betas=(0.8, 0.9))  # not the defaults: taken from it
