@@ -29,11 +29,13 @@ from seekstack.infer.params import EngineOptions
 from seekstack.serve.keys import MAX_LIMIT
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.table import JustifyMethod, Table
 
     from seekstack.serve.database import Database
     from seekstack.serve.keys import ApiKey, KeyStore
 
+USAGE_NAMES_FOLDED_TO = 3  # the narrowest a usage table folds names to (3 letters a line); narrower: a block per row
 DatabaseOption = Annotated[
     str | None,
     typer.Option("--db", help="Keys and usage: SQLite file or postgresql:// URL; default $SEEKSTACK_DB, seekstack.db"),
@@ -217,18 +219,37 @@ def keys_list(db: DatabaseOption = None) -> None:
         row = (key.name, _listed_prefix(key), key.plan, *limits, _models(key), admin, _utc(key.created_at), _state(key))
         table.add_row(*row)
     console = Console(markup=False)
-    unbounded = console.options.update_width(2**16)  # measured against the terminal, a table never exceeds it
-    if console.measure(table, options=unbounded).maximum <= console.width:
+    if _table_width(console, table, folded_to=None) <= console.width:
         console.print(table)
         return
     # Nine columns fold the words of dates, plans and headers in 80 columns ('defa/ult', 'crea/ted'): a block per key,
     # its lines wrapped between words, instead
     typer.echo("API keys (times in UTC)")
     for key in keys:
-        lines = f"{key.name}  {_listed_prefix(key)}  {_state(key)}", f"{_terms(key)}; created {_utc(key.created_at)}"
-        for line, indent in zip(lines, ("", "    "), strict=True):  # `analytics-team` is one word, not two
-            typer.echo(textwrap.fill(line, console.width, initial_indent=indent, subsequent_indent=indent,
-                                     break_on_hyphens=False))  # fmt: skip
+        _echo_block(f"{key.name}  {_listed_prefix(key)}  {_state(key)}",
+                    f"{_terms(key)}; created {_utc(key.created_at)}", width=console.width)  # fmt: skip
+
+
+def _table_width(console: Console, table: Table, folded_to: int | None) -> int:
+    """The columns `table` needs on one line, its folding columns (names) each `folded_to` wide where wider (None: not
+    folded). Rich squeezes a table into the terminal however narrow, down to folding columns of no width at all (80
+    columns showed a usage table of two models with neither key nor model): a table wider than this is not printed."""
+    from rich.measure import Measurement
+
+    unbounded = console.options.update_width(2**16)  # measured against the terminal, a table never exceeds it
+    width = console.measure(table, options=unbounded).maximum
+    for column in table.columns:
+        if folded_to is not None and column.overflow == "fold":
+            widest = max(Measurement.get(console, unbounded, text).maximum for text in (column.header, *column.cells))
+            width -= max(widest - folded_to, 0)
+    return width
+
+
+def _echo_block(head: str, *details: str, width: int) -> None:
+    """One table row as a block: its `head` line, then its `details` lines indented, each wrapped between words to
+    `width` (`analytics-team` is one word, not two)."""
+    for line, indent in ((head, ""), *((detail, "    ") for detail in details)):
+        typer.echo(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False))
 
 
 def _listed_prefix(key: ApiKey) -> str:
@@ -363,19 +384,31 @@ def usage_command(
     _add_column(table, "key")
     if by_model:
         _add_column(table, "model")
-    for header in ("requests", "failed\n(5xx,\nfree)", "prompt\ntokens", "completion\ntokens", "cost"):
+    numbers = ("requests", "failed\n(5xx,\nfree)", "prompt\ntokens", "completion\ntokens", "cost")
+    for header in numbers:
         _add_column(table, header, whole=True, justify="right")
-    for day in days:
-        table.add_row(
-            day.day, day.key_name or "(open)", *([day.model] if by_model else []), str(day.requests),
-            str(day.failed), f"{day.prompt_tokens:,}", f"{day.completion_tokens:,}", f"{day.cost:.6f}",
-        )  # fmt: skip
-    table.add_row(
+    rows = [
+        (day.day, day.key_name or "(open)", *([day.model] if by_model else []), str(day.requests), str(day.failed),
+         f"{day.prompt_tokens:,}", f"{day.completion_tokens:,}", f"{day.cost:.6f}")
+        for day in days
+    ]  # fmt: skip
+    rows.append((
         "total", "", *([""] if by_model else []), str(sum(d.requests for d in days)), str(sum(d.failed for d in days)),
         f"{sum(d.prompt_tokens for d in days):,}", f"{sum(d.completion_tokens for d in days):,}",
         f"{sum(d.cost for d in days):.6f}",
-    )  # fmt: skip
-    Console(markup=False).print(table)
+    ))  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    console = Console(markup=False)
+    if _table_width(console, table, folded_to=USAGE_NAMES_FOLDED_TO) <= console.width:
+        console.print(table)
+        return
+    # too narrow for the numbers whole beside the names folded: a block per row, its names on its first line
+    typer.echo(table.title)
+    for row in rows:
+        names, values = row[: -len(numbers)], row[-len(numbers) :]
+        terms = ", ".join(f"{' '.join(header.split())} {value}" for header, value in zip(numbers, values, strict=True))
+        _echo_block("  ".join(name for name in names if name), terms, width=console.width)
 
 
 def _add_column(table: Table, header: str, whole: bool = False, justify: JustifyMethod = "left") -> None:

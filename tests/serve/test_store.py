@@ -664,6 +664,36 @@ def test_an_80_column_terminal_shows_every_number_and_day_whole(tmp_path):
     assert total[-1] == "30246.912500" and max(len(line) for line in report.stdout.splitlines()) <= 80
 
 
+def test_a_usage_table_too_narrow_for_its_names_gives_a_block_per_row_naming_its_key_and_model(tmp_path):
+    """In 80 columns a day of two models with costs in the thousands left no room for the key and model columns: rich
+    squeezed them to nothing, and no row said whose usage it was."""
+    db = str(tmp_path / "cli.db")
+    store = KeyStore(open_database(db))
+    store.set_plan("enterprise", prompt_per_1k=1.25, completion_per_1k=3.75)
+    store.create("analytics", plan="enterprise")
+    for model in ("tiny", "legal-adapter"):
+        Ledger(open_database(db)).record(usage("analytics", 1_234_567, 7_654_321, model=model))
+    report = CliRunner().invoke(app, ["usage", "--db", db], env={"COLUMNS": "80"}).stdout
+    day = dt.datetime.now(dt.UTC).date().isoformat()
+    assert report.splitlines() == [
+        "usage per key, day (UTC) and model",
+        f"{day}  analytics  legal-adapter",
+        "    requests 1, failed (5xx, free) 0, prompt tokens 1,234,567, completion tokens",
+        "    7,654,321, cost 30246.912500",
+        f"{day}  analytics  tiny",
+        "    requests 1, failed (5xx, free) 0, prompt tokens 1,234,567, completion tokens",
+        "    7,654,321, cost 30246.912500",
+        "total",
+        "    requests 2, failed (5xx, free) 0, prompt tokens 2,469,134, completion tokens",
+        "    15,308,642, cost 60493.825000",
+    ]
+    wide = CliRunner().invoke(app, ["usage", "--db", db], env={"COLUMNS": "120"}).stdout
+    header = next(cells(line, "┃") for line in wide.splitlines() if "requests" in line)
+    rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in wide.splitlines() if line.startswith("│")]
+    assert [(row["key"], row["model"]) for row in rows] == [("analytics", "legal-adapter"), ("analytics", "tiny"),
+                                                            ("", "")]  # fmt: skip
+
+
 def test_keys_list_narrower_than_its_table_shows_a_block_per_key_wrapped_between_words(tmp_path):
     """In 80 columns the nine columns folded words: plan 'defa/ult', header 'crea/ted', state 'activ/e', a day
     '2026/-12-/04'."""
