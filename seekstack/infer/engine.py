@@ -387,8 +387,6 @@ class Engine:
                 "or SamplingParams.from_dict(values) for a mapping"
             )
         params = params.validate()
-        if constraint is not None and self.speculative:
-            raise ValueError("constrained output (JSON mode) is not supported with speculative decoding")
         prompt_ids = [int(token) for token in prompt_ids]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")

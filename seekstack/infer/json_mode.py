@@ -6,11 +6,13 @@ llama.cpp): once per tokenizer it builds a trie of every token's bytes (byte-lev
 decodes to, special tokens apart); at each step a byte-level Earley parser of the JSON grammar walks that trie
 and keeps the tokens whose bytes extend the text to a prefix of valid JSON, in native code (tens of microseconds
 for a 129k vocabulary). EOS is allowed only once the value is complete, and the request stops there
-(`complete`): nothing may follow a whole JSON value.
+(`complete`): nothing may follow a whole JSON value. With speculative decoding each draft is judged under the mask
+after the drafts before it (`allowed_after`), as vLLM's structured outputs do.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from typing import Any
@@ -39,6 +41,7 @@ class JsonConstraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         self.matcher = matcher
+        self.vocab_size = vocab_size  # the tokenizer's ids: the grammar knows no others
         self.words = np.zeros((vocab_size + 31) // 32, dtype=np.uint32)  # the mask, one bit per token, little-endian
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
@@ -51,6 +54,20 @@ class JsonConstraint:
         if vocab_size > bits.numel():
             return torch.cat([bits, bits.new_zeros(vocab_size - bits.numel())])
         return bits[:vocab_size]
+
+    def allowed_after(self, drafts: list[int], vocab_size: int) -> torch.Tensor:
+        """(K+1, vocab_size) bool: `allowed` at [pending, K drafts], column t after the drafts before it; the state
+        is left as it was. From the first draft the grammar forbids (or one after a complete value, where the request
+        stops) that draft's column repeats: the draft is rejected there, so no later column is sampled from."""
+        known = list(itertools.takewhile(lambda token: token < self.vocab_size, drafts))  # others break the matcher
+        columns = [self.allowed(vocab_size)]
+        for token in known[: self.matcher.validate_tokens(known)]:
+            if self.complete:  # a rollback cannot undo consuming EOS
+                break
+            self.matcher.consume_token(token)
+            columns.append(self.allowed(vocab_size))
+        self.matcher.rollback(len(columns) - 1)
+        return torch.stack(columns + columns[-1:] * (len(drafts) + 1 - len(columns)))
 
     def accept(self, token_id: int) -> None:
         """Advance past a sampled token (one the mask did not allow leaves the state broken: `allowed` says so)."""

@@ -78,6 +78,11 @@ class TokenConstraint(Protocol):
         """(V,) bool: the tokens that may come next; ValueError when the rule's state is broken."""
         ...
 
+    def allowed_after(self, drafts: list[int], vocab_size: int) -> torch.Tensor:
+        """(K+1, V) bool: `allowed` at [pending, K drafts], each column after the drafts before it (speculative
+        decoding); the state as it was."""
+        ...
+
     def accept(self, token_id: int) -> None:
         """Advance past the sampled token."""
         ...
@@ -106,6 +111,7 @@ class SamplingBatch:
         self.params, self.uniforms, self.penalties = params, uniforms, penalties
         self.token_count = token_count
         self.constraints = constraints or [None] * len(params)
+        self.constrained = [row for row, constraint in enumerate(self.constraints) if constraint is not None]
         self.device = device
         self.all_greedy = all(p.greedy for p in params)
         self.any_greedy = any(p.greedy for p in params)
@@ -116,7 +122,10 @@ class SamplingBatch:
     @property
     def raw_argmax(self) -> bool:
         """Whether every row's token is the argmax of its logits as the model gave them (after any constraint)."""
-        return self.all_greedy and not self.penalized and not self.biased and self.token_count is None
+        return (
+            self.all_greedy and not self.penalized and not self.biased and self.token_count is None
+            and not self.constrained
+        )  # fmt: skip
 
     def _column(self, values: list) -> torch.Tensor:
         return torch.tensor(values, device=self.device)
@@ -214,13 +223,21 @@ class SamplingBatch:
         remove.scatter_(-1, logits.argmax(dim=-1, keepdim=True), False)
         return logits.masked_fill(remove, float("-inf"))
 
-    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) with the tokens each row's constraint forbids at -inf (rows without one as they are)."""
-        rows = [row for row, constraint in enumerate(self.constraints) if constraint is not None]
+    def constrain(self, logits: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) with the tokens each row's constraint forbids at -inf (rows without one as they are); with
+        `drafts` (B, K), logits (B, K+1, V) at [pending, drafts], each column under the constraint after the drafts
+        before it (`TokenConstraint.allowed_after`)."""
+        rows = self.constrained
         if not rows:
             return logits
+        vocab = logits.shape[-1]
+        if drafts is None:
+            allowed = [self.constraints[row].allowed(vocab) for row in rows]
+        else:
+            ids = drafts.tolist()
+            allowed = [self.constraints[row].allowed_after(ids[row], vocab) for row in rows]
         forbidden = torch.zeros(logits.shape, dtype=torch.bool)
-        forbidden[rows] = ~torch.stack([self.constraints[row].allowed(logits.shape[-1]) for row in rows])
+        forbidden[rows] = ~torch.stack(allowed)
         return logits.masked_fill(forbidden.to(self.device), float("-inf"))
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:

@@ -126,8 +126,10 @@ def accept_drafts(
     penalties that count those drafts as generated) and accepted while all before it were; the first rejected one is
     replaced from its residual, and when all K pass, a bonus token is drawn from the last column. Returns how many
     drafts each row accepted (B,) and the tokens (B, K+1): the first accepted + 1 are the new ones. Every row draws at
-    every column, so a request's generator advances the same way whatever the others do.
+    every column, so a request's generator advances the same way whatever the others do. A row's token constraint
+    (JSON mode) masks each column as the drafts before it leave it (`SamplingBatch.constrain`).
     """
+    logits = sampling.constrain(logits, drafts)
     count = drafts.shape[1]
     passed, tokens = [], []
     for t in range(count):

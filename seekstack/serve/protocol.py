@@ -180,18 +180,14 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
 
 def json_format(request: ChatCompletionRequest | CompletionRequest, engine: Engine) -> JsonFormat | None:
     """The JSON a request's `response_format` asks for (chat's, or a completion's as vLLM reads it), compiled for the
-    engine's tokenizer (None for free text); 400 naming response_format for a schema that cannot be enforced, an
-    engine that cannot enforce one, or a reply continued from a `prefix` message (the continuation alone would be
-    held to the JSON)."""
+    engine's tokenizer (None for free text); 400 naming response_format for a schema that cannot be enforced or a
+    reply continued from a `prefix` message (the continuation alone would be held to the JSON)."""
     response_format = request.response_format
     if response_format is None or response_format.type == "text":
         return None
     if isinstance(request, ChatCompletionRequest) and request.messages[-1].prefix:
         raise APIError(400, "response_format JSON modes cannot continue a prefix message: the continuation alone "
                        "would be held to the JSON", param="response_format", code="unsupported_parameter")  # fmt: skip
-    if engine.speculative:
-        raise APIError(400, "response_format JSON modes are not supported with speculative decoding: this server "
-                       "runs with --speculative", param="response_format", code="unsupported_parameter")  # fmt: skip
     try:
         spec = response_format.json_schema if response_format.type == "json_schema" else None
         return JsonFormat(engine.tokenizer, spec.schema_ if spec else None)

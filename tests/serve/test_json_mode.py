@@ -14,6 +14,7 @@ from typing import Literal
 import httpx
 import openai
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -24,9 +25,6 @@ from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
-from seekstack.serve.errors import APIError
-from seekstack.serve.protocol import json_format
-from seekstack.serve.schemas import ChatCompletionRequest
 from tests.serve.server import make_model_dir, serving
 
 PROMPTS = ["Give me a JSON object.", "Describe a cat as JSON", "{}"]
@@ -286,15 +284,60 @@ def test_generated_schemas_get_conforming_json_or_a_400_in_openai_shape(engine, 
     assert statuses[200] and statuses[400], statuses  # both enforced and refused schemas came
 
 
-def test_json_mode_is_refused_on_a_speculative_engine(engine):
+def constrained_run(engine: Engine, prompts: list[str], params: SamplingParams, guess=None) -> list[list[int]]:
+    """Each prompt's tokens under a JSON constraint of POINT, decoded together; after each step a speculative
+    engine's drafts are `guess(row, tokens generated)`."""
+    schema = JsonFormat(engine.tokenizer, POINT)
+    ids = [engine.add_request(engine.tokenizer.encode(prompt), params, constraint=schema.constraint())
+           for prompt in prompts]  # fmt: skip
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in ids}
+    while engine.has_unfinished():
+        for output in engine.step():
+            tokens[output.request_id] += output.token_ids
+        for request in engine.running if guess else []:
+            request.drafts = guess(ids.index(request.request_id), len(request.ids) - len(request.prompt_ids))
+    return [tokens[request_id] for request_id in ids]
+
+
+def test_speculative_json_mode_gives_the_plain_engines_json(engine):
+    """vLLM runs structured outputs with speculative decoding; here --speculative refused JSON modes. Each draft is
+    judged under the mask after the drafts before it: greedy replies equal the plain engine's token for token. The
+    random MTP module's drafts are all rejected, so the drafts are overwritten with plain greedy's next tokens, the
+    first right, the second wrong (often one the grammar forbids)."""
     with_mtp = load_pretrained(engine.model_dir)  # the engine's own has none: it does not draft
-    speculative = Engine(with_mtp, engine.tokenizer, speculative=True, num_blocks=32)
-    request = ChatCompletionRequest.model_validate(chat("x", response_format=JSON_OBJECT))
-    with pytest.raises(APIError, match="speculative") as caught:
-        json_format(request, speculative)
-    assert caught.value.param == "response_format"
-    with pytest.raises(ValueError, match="speculative"):
-        speculative.add_request([1, 2], SamplingParams(), constraint=JsonFormat(engine.tokenizer).constraint())
+    speculative = Engine(with_mtp, engine.tokenizer, speculative=True, draft_tokens=3, adaptive_drafts=False,
+                         num_blocks=64)  # fmt: skip
+    greedy = SamplingParams(max_new_tokens=60, temperature=0)
+    plain = constrained_run(engine, PROMPTS, greedy)
+
+    def guess(row: int, generated: int) -> list[int]:
+        upcoming = plain[row][generated:] + [0, 0, 0]
+        return [upcoming[0], (upcoming[1] + 1) % engine.tokenizer.vocab_size, upcoming[2]]
+
+    assert constrained_run(speculative, PROMPTS, greedy, guess) == plain
+    assert speculative.stats().spec_accepted > 0
+    finished = [tokens for tokens in plain if len(tokens) < 60]  # the last one's x has 60 tokens of digits
+    assert len(finished) == 2 and all(parses(engine.tokenizer.decode(tokens)) for tokens in finished)
+    sampled = SamplingParams(max_new_tokens=60, temperature=1.0, seed=3)  # the MTP module's own drafts
+    replies = [engine.tokenizer.decode(tokens) for tokens in constrained_run(speculative, PROMPTS, sampled)]
+    assert all(set(json.loads(reply)) == {"x", "label", "ok"} for reply in replies)
+
+
+def test_draft_masks_follow_the_drafts_and_leave_the_state_as_it_was(engine):
+    tokenizer, vocab = engine.tokenizer, engine.config.vocab_size
+    constraint = JsonFormat(tokenizer, POINT).constraint()
+    reply = tokenizer.encode('{"x": 1, "label": "a", "ok": true}')
+    for token in reply[:-3]:
+        constraint.accept(token)
+    before = constraint.allowed(vocab)
+    masks = constraint.allowed_after([*reply[-3:], tokenizer.eos_id, 5], vocab)
+    assert masks.shape == (6, vocab) and torch.equal(masks[0], before)
+    assert [bool(masks[t, token]) for t, token in enumerate(reply[-3:])] == [True, True, True]
+    assert masks[3].nonzero().flatten().tolist() == [tokenizer.eos_id] and torch.equal(masks[4], masks[3])
+    forbidden = tokenizer.encode("}")[0]
+    assert torch.equal(constraint.allowed_after([forbidden, reply[-2]], vocab)[1], before)  # rejected at once
+    assert torch.equal(constraint.allowed_after([vocab + 3], vocab)[1], before)  # past the vocabulary
+    assert constraint.allowed(vocab).equal(before) and not constraint.complete
 
 
 def test_the_openapi_schema_describes_response_format(engine, tmp_path):
