@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -290,10 +291,21 @@ class TokenWindows:
             yield torch.from_numpy(np.stack([self.window(number) for number in numbers]))
 
     def state_dict(self) -> dict:
-        """The seed and position from which `batch` continues."""
-        return {"seed": self.seed, "position": self.position}
+        """The seed and position from which `batch` continues, and the number of windows the position counts."""
+        return {"seed": self.seed, "position": self.position, "windows": self.num_windows}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a `state_dict()`, so the next batches are the ones that would have followed it."""
+        """Continue from a `state_dict()`, so the next batches are the ones that would have followed it. A state saved
+        over another number of windows (the split was tokenized again since) goes on with a warning: the epoch it was
+        in had its order drawn over those windows, and no position in the new order continues it."""
         self.seed, self.position = int(state["seed"]), int(state["position"])
         self._epoch_order = None
+        saved_windows = state.get("windows", self.num_windows)  # a state saved before states counted them: trusted
+        if saved_windows != self.num_windows:
+            warnings.warn(
+                f"{self.index_file}: the saved data position counts {saved_windows:,} windows of {self.seq_len + 1} "
+                f"tokens, and the split holds {self.num_windows:,} now (tokenized again since): the order goes on "
+                "over the windows it holds, so the epoch in progress may serve some of them again and skip others; "
+                "give the run the data it was trained on to continue it exactly",
+                stacklevel=2,
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import sysconfig
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -251,8 +252,27 @@ def test_resume_from_state_dict_gives_the_same_next_batches(shards):
     assert windows.position > windows.num_windows, "the resumed stretch should cross into the next epoch"
     resumed = TokenWindows(shards, "train", SEQ_LEN, seed=0)
     resumed.load_state_dict(state)
-    assert state == {"seed": 7, "position": 200}
+    assert state == {"seed": 7, "position": 200, "windows": windows.num_windows}
     assert all(torch.equal(batch, resumed.batch(40)) for batch in following)
+
+
+def test_a_position_saved_before_the_split_was_tokenized_again_resumes_with_a_warning_naming_both_counts(
+    tmp_path, tokenizer, documents
+):
+    corpus = write_corpus(tmp_path / "train.jsonl", documents)
+    tokenize_corpus(corpus, tokenizer, tmp_path / "tokens", "train")
+    windows = TokenWindows(tmp_path / "tokens", "train", SEQ_LEN)
+    windows.batch(3)
+    state = windows.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TokenWindows(tmp_path / "tokens", "train", SEQ_LEN).load_state_dict(state)  # the same split: no warning
+    tokenize_corpus(write_corpus(corpus, documents[:6]), tokenizer, tmp_path / "tokens", "train")  # a smaller corpus
+    shorter = TokenWindows(tmp_path / "tokens", "train", SEQ_LEN)
+    counts = f"{windows.num_windows:,} windows of {SEQ_LEN + 1} tokens, and the split holds {shorter.num_windows:,}"
+    with pytest.warns(UserWarning, match=f"train_index.json: the saved data position counts {counts} now"):
+        shorter.load_state_dict(state)
+    assert shorter.position == 3
 
 
 def test_each_epoch_visits_every_window_in_an_order_of_its_own(shards):
