@@ -352,7 +352,8 @@ def usage_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, as GET /v1/admin/usage returns")] = False,
     db: DatabaseOption = None,
 ) -> None:
-    """Requests, tokens and cost per key, day and model (the base or an adapter), from the server's usage ledger."""
+    """Requests, tokens (prompt, of them cached, completion) and cost per key, day and model (the base or an adapter),
+    from the server's usage ledger."""
     from rich.console import Console
     from rich.table import Table
 
@@ -384,18 +385,22 @@ def usage_command(
     _add_column(table, "key")
     if by_model:
         _add_column(table, "model")
-    numbers = ("requests", "failed\n(5xx,\nfree)", "prompt\ntokens", "completion\ntokens", "cost")
+    # a column for the prompt tokens read from the prefix cache where there are some: a plan's cached price bills them
+    cached = any(day.cached_tokens for day in days)
+    numbers = ("requests", "failed\n(5xx,\nfree)", "prompt\ntokens", *(["of them\ncached"] if cached else []),
+               "completion\ntokens", "cost")  # fmt: skip
     for header in numbers:
         _add_column(table, header, whole=True, justify="right")
     rows = [
         (day.day, day.key_name or "(open)", *([day.model] if by_model else []), str(day.requests), str(day.failed),
-         f"{day.prompt_tokens:,}", f"{day.completion_tokens:,}", f"{day.cost:.6f}")
+         f"{day.prompt_tokens:,}", *([f"{day.cached_tokens:,}"] if cached else []), f"{day.completion_tokens:,}",
+         f"{day.cost:.6f}")
         for day in days
     ]  # fmt: skip
     rows.append((
         "total", "", *([""] if by_model else []), str(sum(d.requests for d in days)), str(sum(d.failed for d in days)),
-        f"{sum(d.prompt_tokens for d in days):,}", f"{sum(d.completion_tokens for d in days):,}",
-        f"{sum(d.cost for d in days):.6f}",
+        f"{sum(d.prompt_tokens for d in days):,}", *([f"{sum(d.cached_tokens for d in days):,}"] if cached else []),
+        f"{sum(d.completion_tokens for d in days):,}", f"{sum(d.cost for d in days):.6f}",
     ))  # fmt: skip
     for row in rows:
         table.add_row(*row)

@@ -59,6 +59,7 @@ class DailyUsage:
     requests: int
     failed: int  # of the requests, those the server failed (a 5xx status): their tokens are counted, not charged
     prompt_tokens: int
+    cached_tokens: int  # of the prompt tokens, those read from the prefix cache (priced at the plan's cached price)
     completion_tokens: int
     cost: float
 
@@ -128,8 +129,8 @@ class Ledger:
     def daily(
         self, key_name: str | None = None, since: dt.date | None = None, model: str | None = None
     ) -> list[DailyUsage]:
-        """Requests, tokens and cost per key, UTC day and model, from `since` (inclusive) on; for one key and/or
-        one model when named."""
+        """Requests, tokens (prompt, cached prompt, completion) and cost per key, UTC day and model, from `since`
+        (inclusive) on; for one key and/or one model when named."""
         conditions, parameters = [], []
         for column, value in (("key_name", key_name), ("model", model)):
             if value is not None:
@@ -142,7 +143,8 @@ class Ledger:
         rows = self.database.query(
             f"SELECT key_name, {self.database.day('created_at')} AS day, model, COUNT(*) AS requests, "
             "SUM(CASE WHEN status BETWEEN 500 AND 599 THEN 1 ELSE 0 END) AS failed, "
-            "SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens, SUM(cost) AS cost "
+            "SUM(prompt_tokens) AS prompt_tokens, SUM(cached_tokens) AS cached_tokens, "
+            "SUM(completion_tokens) AS completion_tokens, SUM(cost) AS cost "
             f"FROM usage {where} GROUP BY key_name, day, model ORDER BY day, key_name, model",
             tuple(parameters),
         )

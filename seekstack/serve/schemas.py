@@ -390,6 +390,7 @@ class UsageDay(BaseModel):
     requests: int
     failed: int  # of the requests, those the server failed (5xx): their tokens are counted, at no cost
     prompt_tokens: int
+    cached_tokens: int  # of the prompt tokens, those read from the prefix cache (OpenAI's input_cached_tokens)
     completion_tokens: int
     cost: float
 

@@ -23,7 +23,7 @@ from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
-from seekstack.serve.ledger import Ledger
+from seekstack.serve.ledger import Ledger, UsageRecord
 from tests.serve.server import error_of, make_model_dir, run
 
 NO_EOS = {"ignore_eos": True}
@@ -609,6 +609,18 @@ def test_a_key_uses_only_its_models_and_only_admin_keys_read_usage(engine, tmp_p
     assert error_of(base_card, 404) == not_allowed  # nor see it
     assert error_of(user_usage, 403)["code"] == "admin_required"
     assert admin_usage.status_code == 200 and admin_usage.json()["data"][0]["key_name"] == "narrow"
+
+
+def test_the_admin_usage_report_counts_cached_prompt_tokens(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    boss = KeyStore(database).create("boss", admin=True)
+    Ledger(database).record(UsageRecord("boss", "model", "/v1/completions", 1000, 10, 0.1, 200, cached_tokens=800))
+
+    async def scenario(client):
+        return await client.get("/v1/admin/usage", headers={"Authorization": f"Bearer {boss}"})
+
+    (day,) = run(create_app(engine, database), scenario).json()["data"]
+    assert (day["prompt_tokens"], day["cached_tokens"]) == (1000, 800)  # was: no cached_tokens
 
 
 def test_cors_admits_the_configured_origins_only(engine, tmp_path):

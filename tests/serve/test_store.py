@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import re
 import sqlite3
 import time
@@ -338,6 +339,26 @@ def test_daily_totals_are_kept_apart_per_model_the_base_and_each_adapter(databas
     ]
     mistyped = CliRunner().invoke(app, ["usage", "--model", "legl", "--db", database_location])
     assert mistyped.exit_code == 0 and mistyped.stdout == "no usage recorded for model 'legl'\n"  # not a table of 0s
+
+
+def test_usage_reports_count_the_cached_prompt_tokens_their_cost_is_priced_at(database, database_location):
+    """The ledger kept each request's cached prompt tokens and billed them at the plan's cached price, but the daily
+    totals, `seekstack usage` and its --json left them out: a cost that no count in the report explained."""
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.set_plan("cache", prompt_per_1k=1.0, completion_per_1k=3.0, cached_prompt_per_1k=0.1)
+    keys.create("k", plan="cache")
+    for cached in (0, 800):
+        ledger.record(UsageRecord("k", "tiny", "/v1/completions", 1000, 500, 0.1, 200, cached_tokens=cached))
+    (day,) = ledger.daily("k")
+    assert (day.prompt_tokens, day.cached_tokens, day.completion_tokens) == (2000, 800, 1000)
+    assert day.cost == pytest.approx((1200 * 1.0 + 800 * 0.1 + 1000 * 3.0) / 1000)
+    as_json = CliRunner().invoke(app, ["usage", "--json", "--db", database_location])
+    assert [(row["prompt_tokens"], row["cached_tokens"]) for row in json.loads(as_json.stdout)] == [(2000, 800)]
+    table = CliRunner().invoke(app, ["usage", "--db", database_location], env={"COLUMNS": "120"}).stdout
+    header_lines = [cells(line, "┃") for line in table.splitlines() if line.startswith("┃")]
+    header = [" ".join(filter(None, words)) for words in zip(*header_lines, strict=True)]
+    rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in table.splitlines() if line.startswith("│")]
+    assert [(row["prompt tokens"], row["of them cached"]) for row in rows] == [("2,000", "800")] * 2  # day, total
 
 
 def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database, monkeypatch):
