@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ from seekstack.train.state import (
 )
 
 PROGRESS_EVERY = 10  # steps between progress lines when stderr is not a terminal (a log file, CI)
+ERASE_TO_ROW_END = "\x1b[K"  # ANSI EL: erase from the cursor to the end of the terminal's row
 PEAK_PROBES = 3  # matmul probes a CPU run makes again when a step's MFU beats the peak (each ~0.1 s of 2 cores)
 
 
@@ -120,6 +122,13 @@ def eta_text(seconds: float) -> str:
     hours, left = divmod(left, 3600)
     clock = f"{hours:02d}:{left // 60:02d}:{left % 60:02d}"
     return f"{days}d {clock}" if days else clock
+
+
+def redrawn_in_place(line: str, columns: int) -> str:
+    """`line` as a terminal `columns` wide redraws it over the one before: back to the row's start, cut to one row (a
+    wrapped line leaves its first rows behind at every redraw), the rest of the row erased (a shorter line showed the
+    end of the longer one before it)."""
+    return "\r" + line[: columns - 1] + ERASE_TO_ROW_END
 
 
 class EtaClock:
@@ -1031,7 +1040,8 @@ class _Run:
         if "mix" in metrics:
             line += "  mix " + " ".join(f"{name.removeprefix('train_')} {w:.0%}" for name, w in metrics["mix"].items())
         if sys.stderr.isatty():
-            self._say("\r" + line, end="\n" if self.is_last_step else "")
+            columns = shutil.get_terminal_size().columns
+            self._say(redrawn_in_place(line, columns), end="\n" if self.is_last_step else "")
         elif self.step % PROGRESS_EVERY == 0 or self.is_last_step or self.step == 1:
             self._say(line)
 

@@ -5,7 +5,31 @@ from __future__ import annotations
 import pytest
 
 from seekstack.train import trainer
-from seekstack.train.trainer import EtaClock
+from seekstack.train.trainer import ERASE_TO_ROW_END, EtaClock, redrawn_in_place
+
+LONG = (
+    "step 9/60  loss 6.0589 (total 7.8717)  1,274 tok/s  MFU 37.1%  ETA 00:00:10"
+    + "  1 of 2 threads (other processes busy)"
+)
+SHORT = "step 10/60  loss 6.0301 (total 7.8502)  1,301 tok/s  MFU 37.9%  ETA 00:00:09"
+
+
+def terminal_rows(output: str, columns: int) -> list[str]:
+    """The rows a terminal `columns` wide shows after `output`: text wraps past the last column, a carriage return
+    goes back to the start of the cursor's row, ESC[K erases from the cursor to the row's end."""
+    rows, row, column = [""], 0, 0
+    for piece in output.replace(ERASE_TO_ROW_END, "\0"):
+        if piece == "\r":
+            column = 0
+        elif piece == "\0":
+            rows[row] = rows[row][:column]
+        else:
+            if column == columns:
+                row, column = row + 1, 0
+                rows += [""] * (row + 1 - len(rows))
+            rows[row] = rows[row][:column] + piece + rows[row][column + 1 :]
+            column += 1
+    return rows
 
 
 def test_eta_follows_the_pace_of_the_steps_after_the_first_which_pays_for_warm_up(monkeypatch):
@@ -23,3 +47,13 @@ def test_a_resumed_runs_eta_counts_the_steps_left_from_its_checkpoint(monkeypatc
     monkeypatch.setattr(trainer.time, "perf_counter", lambda: next(now))
     clock = EtaClock(step=40)
     assert [clock.eta(41, max_steps=50), clock.eta(42, max_steps=50)] == pytest.approx([45.0, 16.0])
+
+
+@pytest.mark.parametrize("columns", [200, 80])
+def test_a_line_redrawn_in_place_leaves_nothing_of_the_line_before_on_the_terminal(columns):
+    """A shorter line showed the end of the longer one before ('...ETA 00:00:09ther processes busy)'), and on a
+    terminal narrower than the line each redraw left the line's first row behind."""
+    rows = terminal_rows(redrawn_in_place(LONG, columns) + redrawn_in_place(SHORT, columns), columns)
+    assert rows == [SHORT]
+    (row,) = terminal_rows(redrawn_in_place(LONG, columns), columns)
+    assert LONG.startswith(row) and len(row) == min(len(LONG), columns - 1)
