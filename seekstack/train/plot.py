@@ -30,12 +30,17 @@ MARKED_UP_TO = 20  # points of a curve drawn with markers (a line alone shows no
 def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     """The records of `run_dir/metrics.jsonl` (`read_metrics_file`: a damaged line is an error naming it, a last
     line cut short by a stopped run is left out with a warning); a missing file is an error naming the `seekstack
-    command` whose run was expected, or the run whose checkpoint `run_dir` is."""
+    command` whose run was expected, the run whose checkpoint `run_dir` is, or a run that has logged no step yet."""
     path = Path(run_dir) / METRICS_FILE
     run = run_holding(run_dir)
     if not path.is_file() and run is not None:
         raise FileNotFoundError(
             f"no {METRICS_FILE} in {run_dir}: it is a checkpoint of the run {run}, whose folder holds it: give {run}"
+        )
+    if not path.is_file() and (Path(run_dir) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"no {METRICS_FILE} in {run_dir}: the run has logged no step yet (it holds its {CONFIG_FILE}, written at "
+            "its start, and appends a line to its metrics at each step); try again once it has trained one"
         )
     if not path.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: is it the out_dir of a `seekstack {command}` run?")

@@ -141,6 +141,15 @@ def test_plot_names_the_run_without_metrics(tmp_path):
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
 
 
+@pytest.mark.parametrize("command", ["plot", "report"])
+def test_plot_and_report_of_a_run_that_has_logged_no_step_yet_say_so(demo_run, tmp_path, command):
+    """They asked whether the run's folder was the out_dir of a `seekstack train` run, which it is."""
+    (tmp_path / "train_config.json").write_bytes((demo_run / "run" / "train_config.json").read_bytes())
+    result = CliRunner().invoke(app, [command, str(tmp_path)])
+    assert result.exit_code == 1 and "the run has logged no step yet" in result.output
+    assert "is it the out_dir" not in result.output
+
+
 def test_plot_refuses_an_output_that_is_not_a_png_and_leaves_it_alone(demo_run):
     metrics = (demo_run / "run" / "metrics.jsonl").read_bytes()
     result = CliRunner().invoke(app, ["plot", str(demo_run / "run"), "--out", str(demo_run / "run" / "metrics.jsonl")])
