@@ -146,7 +146,8 @@ def key_value_command(*configs: tuple[type, str]) -> type[TyperCommand]:
                 return super().parse_args(ctx, args)
             except NoSuchOption as error:
                 key = keys.get(error.option_name.lstrip("-").replace("-", "_"))
-                if key is None or error.possibilities:  # a near miss of an option (lora train --out-dir: --out)
+                # a near miss of an option (lora train --out-dir: --out); --help is offered for any short name (--lr)
+                if key is None or set(error.possibilities) - {"--help"}:
                     raise
                 message = f"No such option: {error.option_name}; settings are key=value arguments: {key}=VALUE"
                 raise NoSuchOption(error.option_name, message, ctx=ctx) from None

@@ -100,6 +100,8 @@ def test_every_command_with_json_reports_a_command_line_mistake_as_json(command,
     [
         (["train"], "--max-steps", "max_steps"),
         (["train"], "--max_steps=10", "max_steps"),  # HF Trainer's spelling
+        (["train"], "--lr", "lr"),  # click offered "(Possible options: --help)", near in its spelling
+        (["train"], "--model", "model"),
         (["sft"], "--vocab-size", "model.vocab_size"),
         (["rl"], "--num-generations", "num_generations"),
         (["distill"], "--kd-weight", "kd_weight"),
