@@ -89,7 +89,6 @@ class MixtureWindows:
             if other.index["tokenizer"]["sha256"] != first.index["tokenizer"]["sha256"]:
                 raise ValueError(f"{other.index_file} and {first.index_file} were tokenized with different tokenizers")
         self.tokenizer_info: dict = first.index["tokenizer"]
-        self.last_batch_rows = dict.fromkeys(self.sources, 0)  # rows each source gave to the last batch
 
     def batch(self, batch_size: int, progress: float) -> torch.Tensor:
         """The next `batch_size` windows (batch_size, seq_len + 1), sources drawn with the weights at `progress`."""
@@ -106,7 +105,6 @@ class MixtureWindows:
             chosen = [pick(weights, np.random.default_rng([self.seed, SOURCE_STREAM, row]).random()) for row in rows]
         self.rows += batch_size
         self.batches += 1
-        self.last_batch_rows = {name: chosen.count(name) for name in names}
         return torch.cat([self.sources[name].batch(1) for name in chosen])
 
     def observe(self, losses: list[float]) -> None:
