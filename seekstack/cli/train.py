@@ -79,22 +79,38 @@ def _warn(message: str) -> None:
 
 
 def plot_command(
-    run: Annotated[Path, typer.Argument(help="A training run's out_dir (holds metrics.jsonl)")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Training runs' out_dirs (hold metrics.jsonl); several: overlaid"),
+    ],
     out: Annotated[
-        Path | None, typer.Option(help="PNG to write; default RUN/curves.png (an rl run's: RUN/rl_curves.png)")
+        Path | None,
+        typer.Option(
+            help="PNG to write; default RUN/curves.png (an rl run's: RUN/rl_curves.png), for several runs "
+            "FIRST_RUN/compared.png (rl runs: FIRST_RUN/rl_curves.png, as rl-plot)"
+        ),
     ] = None,
 ) -> None:
-    """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG; an rl run's reward,
-    accuracy, lengths, KL, clipping and entropy as `rl-plot` draws them (its loss is GRPO's, no next-token loss)."""
+    """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG, or several runs'
+    overlaid, one colour each; rl runs' reward, accuracy, lengths, KL, clipping and entropy as `rl-plot` draws them
+    (their loss is GRPO's, no next-token loss)."""
     from seekstack.posttrain.plot import plot_rl_runs
-    from seekstack.train.plot import plot_run, read_metrics
+    from seekstack.train.plot import plot_run, plot_runs, read_metrics
 
     with user_errors():
-        records = read_metrics(run)
-        if any("reward" in record for record in records):  # `seekstack rl`'s steps
-            written = plot_rl_runs([run], out or run / "rl_curves.png", records=[records])
+        records = [read_metrics(run) for run in runs]
+        rl = [run for run, logged in zip(runs, records, strict=True) if any("reward" in r for r in logged)]
+        if rl and len(rl) < len(runs):
+            raise ValueError(
+                f"{rl[0]} is a `seekstack rl` run, drawn by its rewards, and {len(runs) - len(rl)} of the runs are "
+                "not: plot the rl runs together (or with rl-plot), the others apart"
+            )
+        if rl:  # `seekstack rl`'s steps
+            written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", records=records)
+        elif len(runs) == 1:
+            written = plot_run(runs[0], out, records[0])
         else:
-            written = plot_run(run, out, records)
+            written = plot_runs(runs, out or runs[0] / "compared.png", records)
     typer.echo(f"wrote {written}")
 
 

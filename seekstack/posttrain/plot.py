@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from seekstack.atomic import write_atomic  # noqa: E402
-from seekstack.train.plot import MARKED_UP_TO, png_path, read_metrics  # noqa: E402
+from seekstack.train.plot import MARKED_UP_TO, png_path, read_metrics, require_each_run_once, run_names  # noqa: E402
 
 PANELS = (
     ("reward", ("accuracy", "reward_format")),
@@ -81,27 +81,6 @@ def rl_figure(run_dirs: list[Path], smooth: int = 10, records: list[list[dict]] 
             axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
-
-
-def require_each_run_once(run_dirs: list[Path]) -> None:
-    """ValueError naming a run given twice (its folder, however written): its curves would be drawn over each
-    other under one name."""
-    given: dict[Path, Path] = {}
-    for run_dir in map(Path, run_dirs):
-        earlier = given.setdefault(run_dir.resolve(), run_dir)
-        if earlier is not run_dir:
-            also = f" (also as {earlier})" if str(earlier) != str(run_dir) else ""
-            raise ValueError(
-                f"run {run_dir} is given twice{also}: its curves would be drawn over each other under one name; give "
-                "each run once"
-            )
-
-
-def run_names(run_dirs: list[Path]) -> list[str]:
-    """Each run's name in the legends: its folder's name, or its path as given when two runs share that name
-    (runs/a/rl and runs/b/rl)."""
-    names = [Path(run_dir).name for run_dir in run_dirs]
-    return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
 
 
 def _rl_records(run_dir: Path, logged: list[dict]) -> list[dict]:

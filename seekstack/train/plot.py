@@ -1,4 +1,4 @@
-"""`seekstack plot RUN`: a run's curves from its metrics.jsonl, drawn to one PNG.
+"""`seekstack plot RUN...`: a run's curves from its metrics.jsonl, drawn to one PNG, or several runs' overlaid.
 
 Panels: training loss (total, next-token, MTP) with the validation loss (and a distillation's divergence from its
 teacher); validation bits per byte; learning rate; MaxVio of each MoE layer; and, for a mixture run, the weight of
@@ -52,10 +52,8 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None, records: l
     run's metrics when the caller has read them (`read_metrics`) already, so a torn last line is told once."""
     out_path = png_path(out_path if out_path is not None else Path(run_dir) / "curves.png")
     records = records if records is not None else read_metrics(run_dir)
-    steps = [r for r in records if "loss" in r]
+    steps = _training_steps(records, Path(run_dir) / METRICS_FILE)
     evals = [r for r in records if "val_loss" in r]
-    if not steps:
-        raise ValueError(f"{Path(run_dir) / METRICS_FILE} has no training steps to plot")
     mixed = [r for r in steps if "mix" in r]
     panels = 5 if mixed else 4
     columns = math.ceil(panels / 2)
@@ -100,10 +98,78 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None, records: l
         _style(axes[4], "mixture weight")
     for unused in axes[panels:]:
         unused.set_visible(False)
-    for axis in axes[:panels]:  # one step range, with matplotlib's margin past the last step: its point shows whole
-        axis.set_xlim(0, x[-1] * (1 + plt.rcParams["axes.xmargin"]))
+    return _write(figure, axes[:panels], x[-1], str(run_dir), out_path)
 
-    figure.suptitle(str(run_dir))
+
+def plot_runs(run_dirs: list[Path], out_path: str | Path, records: list[list[dict]]) -> Path:
+    """Several runs' curves overlaid in one PNG, one colour per run, as wandb and TensorBoard compare runs: next-token
+    loss with the validation loss as points, validation bits per byte, learning rate, MaxVio (the mean over MoE
+    layers); return the path written. `records`: each run's metrics (`read_metrics`)."""
+    require_each_run_once(run_dirs)
+    out_path = png_path(out_path)
+    figure, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
+    axes = axes.flatten()
+    last_step = 0
+    for index, (name, run_dir, logged) in enumerate(zip(run_names(run_dirs), run_dirs, records, strict=True)):
+        path = Path(run_dir) / METRICS_FILE
+        steps = _training_steps(logged, path)
+        evals = [r for r in logged if "val_loss" in r]
+        curves = (
+            (axes[0], steps, "lm_loss", "-", name), (axes[0], evals, "val_loss", "o--", f"{name} (validation)"),
+            (axes[1], evals, "val_bpb", "o-", name), (axes[2], steps, "lr", "-", name),
+            (axes[3], steps, "maxvio", "-", name),
+        )  # fmt: skip
+        for axis, rows, key, style, label in curves:
+            drawn = [r for r in rows if key in r]  # a step that trained no labelled token has no lm_loss
+            if drawn:
+                values = column(drawn, key, path)
+                axis.plot([r["step"] for r in drawn], values, style, color=f"C{index % 10}", linewidth=0.8, label=label)
+        last_step = max(last_step, steps[-1]["step"])
+    titles = (
+        "next-token loss (nats per token)",
+        "validation bits per byte",
+        "learning rate",
+        "MaxVio (mean of MoE layers)",
+    )
+    for axis, title in zip(axes, titles, strict=True):
+        _style(axis, title)
+    return _write(figure, axes, last_step, ", ".join(run_names(run_dirs)), out_path)
+
+
+def require_each_run_once(run_dirs: list[Path]) -> None:
+    """ValueError naming a run given twice (its folder, however written): its curves would be drawn over each
+    other under one name."""
+    given: dict[Path, Path] = {}
+    for run_dir in map(Path, run_dirs):
+        earlier = given.setdefault(run_dir.resolve(), run_dir)
+        if earlier is not run_dir:
+            also = f" (also as {earlier})" if str(earlier) != str(run_dir) else ""
+            raise ValueError(
+                f"run {run_dir} is given twice{also}: its curves would be drawn over each other under one name; give "
+                "each run once"
+            )
+
+
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Each run's name in the legends: its folder's name, or its path as given when two runs share that name
+    (runs/a/rl and runs/b/rl)."""
+    names = [Path(run_dir).name for run_dir in run_dirs]
+    return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
+
+
+def _training_steps(records: list[dict], path: Path) -> list[dict]:
+    """The step records (those with a loss) of metrics file `path`; ValueError naming it when there are none."""
+    steps = [r for r in records if "loss" in r]
+    if not steps:
+        raise ValueError(f"{path} has no training steps to plot")
+    return steps
+
+
+def _write(figure: plt.Figure, axes: list[plt.Axes], last_step: int, title: str, out_path: Path) -> Path:
+    """Give the panels `axes` one step range, title the figure, write it to `out_path` and close it."""
+    for axis in axes:  # with matplotlib's margin past the last step: its point shows whole
+        axis.set_xlim(0, last_step * (1 + plt.rcParams["axes.xmargin"]))
+    figure.suptitle(title)
     figure.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out_path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))

@@ -136,6 +136,40 @@ def test_plot_draws_a_run_of_one_step_as_points_that_show_whole(tmp_path, monkey
     assert loss_panel.get_xlim()[1] > 1  # the point is not cut in half by the panel's edge
 
 
+def test_plot_of_several_runs_overlays_them_one_colour_each(demo_run, tmp_path, monkeypatch):
+    """As wandb compares runs: `plot RUN RUN` drew nothing but a usage error ('Got unexpected extra argument')."""
+    import seekstack.train.plot as plot
+
+    longer = tmp_path / "longer"
+    longer.mkdir()
+    records = (demo_run / "run" / "metrics.jsonl").read_text()
+    (longer / "metrics.jsonl").write_text(records + '{"step": 6, "loss": 3.5, "lm_loss": 3.0, "lr": 0.001}\n')
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    result = run("plot", demo_run / "run", longer, "--out", tmp_path / "both.png")
+    assert str(tmp_path / "both.png") in result.output
+    assert (tmp_path / "both.png").read_bytes().startswith(PNG_SIGNATURE)
+    loss, bpb, lr, maxvio = drawn[0].axes
+    assert [line.get_label() for line in loss.get_lines()] == [
+        "run",
+        "run (validation)",
+        "longer",
+        "longer (validation)",
+    ]
+    assert [line.get_label() for line in bpb.get_lines()] == ["run", "longer"]
+    assert list(lr.get_lines()[1].get_xdata()) == [1, 2, 3, 4, 6]
+    assert [line.get_color() for line in maxvio.get_lines()] == ["C0", "C1"]
+    assert loss.get_lines()[0].get_color() == loss.get_lines()[1].get_color() == "C0"
+    refused = CliRunner().invoke(app, ["plot", str(longer), str(tmp_path / ".." / tmp_path.name / "longer")])
+    assert refused.exit_code == 1 and "is given twice" in refused.output
+
+
+def test_plot_refuses_to_overlay_an_rl_run_with_others(demo_run, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.0, "reward": 0.5, "lr": 0.001}\n')
+    result = CliRunner().invoke(app, ["plot", str(demo_run / "run"), str(tmp_path)])
+    assert result.exit_code == 1 and f"{tmp_path} is a `seekstack rl` run" in " ".join(result.output.split())
+
+
 def test_plot_names_the_run_without_metrics(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
