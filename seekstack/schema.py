@@ -10,6 +10,7 @@ back in a form `load_config` reads.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import functools
@@ -160,16 +161,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             raw = tomllib.loads(text)
         elif path.suffix == ".json":
-            raw = json.loads(text)  # JSON's numbers: 5e-05 is one (YAML 1.1 reads it as a string)
+            # JSON's numbers: 5e-05 is one (YAML 1.1 reads it as a string); a key given twice is an error, as in YAML
+            raw = json.loads(text, object_pairs_hook=_mapping_of_unique_keys)
         else:
             raw = yaml.load(text, Loader=_YamlLoader)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, _DuplicateKey, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot be parsed ({error})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of field names to values")
     return raw
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object gives one key twice (json keeps the last silently)."""
+
+
+def _mapping_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's mapping; _DuplicateKey naming the first key it gives twice."""
+    twice = [key for key, times in collections.Counter(key for key, _ in pairs).items() if times > 1]
+    if twice:
+        raise _DuplicateKey(f"key {twice[0]!r} is given twice")
+    return dict(pairs)
 
 
 def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

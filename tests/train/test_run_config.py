@@ -344,6 +344,9 @@ def test_files_read_exponent_floats_and_a_saved_config_with_a_small_lr_reads_bac
     (tmp_path / "twice.yaml").write_text("lr: 1e-3\nmax_steps: 5\nlr: 2e-3\n")  # YAML would keep the last
     with pytest.raises(ConfigError, match="twice.yaml: cannot be parsed \\(key 'lr' is given twice"):
         load_train_config(tmp_path / "twice.yaml")
+    (tmp_path / "twice.json").write_text('{"model_overrides": {"hidden_size": 64, "hidden_size": 32}}')  # json too
+    with pytest.raises(ConfigError, match="twice.json: cannot be parsed \\(key 'hidden_size' is given twice\\)"):
+        load_train_config(tmp_path / "twice.json")
 
 
 def test_mixture_overrides_are_read_as_config_files_are_and_checked_before_the_run(tmp_path) -> None:
