@@ -265,7 +265,7 @@ class Server:
                 start = given_start(body, self.engine.tokenizer)
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
-            await in_write_thread(self.reserve, bill.key, charge, tokens)
+            limits = await in_write_thread(self.reserve, bill.key, charge, tokens)  # x-ratelimit-* headers
             constraints = [output_format.constraint() for _ in choices] if output_format else None
             try:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
@@ -286,7 +286,7 @@ class Server:
         # a client's X-Request-Id names the response (its id) and comes back as a header, as vLLM's
         request_id = request.headers.get("x-request-id")
         response_id = _response_id(isinstance(body, ChatCompletionRequest), request_id)
-        echoed = {"X-Request-Id": request_id} if request_id else {}
+        echoed = {**({"X-Request-Id": request_id} if request_id else {}), **limits}
         usage = ChoicesUsage([len(prompt) for prompt in prompts], candidates(body))
 
         async def finish(status: int) -> None:
@@ -374,13 +374,15 @@ class Server:
         with _rate_limit_errors():
             return self.limiter.admit(key.name, key.rpm)
 
-    def reserve(self, key: ApiKey | None, charge: Charge | None, tokens: int) -> None:
+    def reserve(self, key: ApiKey | None, charge: Charge | None, tokens: int) -> dict[str, str]:
         """Charge an admitted request (`charge`) the `tokens` it may use against the key's tokens per minute; 429 over
-        them, 400 for more than the key may use in a minute."""
+        them, 400 for more than the key may use in a minute. The `x-ratelimit-*` headers of the key's limits, as
+        OpenAI answers with them (none for a key without limits)."""
         if charge is None:
-            return
+            return {}
         with _rate_limit_errors():
-            self.limiter.reserve(charge, key.name, key.tpm, tokens)
+            windows = (charge.requests, self.limiter.reserve(charge, key.name, key.tpm, tokens))
+        return {name: value for window in windows if window for name, value in window.headers().items()}
 
     async def complete(
         self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category], response_id: str
@@ -610,7 +612,8 @@ class ChoicesPolicy:
 
 @contextmanager
 def _rate_limit_errors() -> Iterator[None]:
-    """The rate limiter's refusals as the API's errors: 429 with Retry-After, 400 for a request that never fits."""
+    """The rate limiter's refusals as the API's errors: 429 with Retry-After and the limit's `x-ratelimit-*` headers,
+    400 for a request that never fits."""
     try:
         yield
     except NeverFits as error:
@@ -618,7 +621,7 @@ def _rate_limit_errors() -> Iterator[None]:
     except RateLimited as error:
         raise APIError(
             429, str(error), "rate_limit_error", code="rate_limit_exceeded",
-            headers={"Retry-After": str(error.retry_after_s)},
+            headers={"Retry-After": str(error.retry_after_s), **error.window.headers()},
         ) from None  # fmt: skip
 
 

@@ -22,12 +22,33 @@ from seekstack.serve.database import Database, Statements, retrying_while_busy
 WINDOW_S = 60.0
 
 
-class RateLimited(Exception):
-    """Over a limit: `retry_after_s` says when the request would fit."""
+@dataclass(frozen=True)
+class Window:
+    """What one of a key's limits leaves it in the window, as OpenAI's `x-ratelimit-*` headers tell a client."""
 
-    def __init__(self, message: str, retry_after_s: int):
+    unit: str  # "requests" or "tokens", as the headers name the limit
+    limit: int  # per minute
+    remaining: int  # of `limit`, the request counted (or refused)
+    reset_s: float  # until the window's oldest charge leaves it (or, refused, until the request would fit)
+
+    def headers(self) -> dict[str, str]:
+        """`x-ratelimit-limit-{unit}`, `x-ratelimit-remaining-{unit}` and `x-ratelimit-reset-{unit}` (Go's duration
+        form, as OpenAI writes it: `12s`, `1m0s`)."""
+        seconds = math.ceil(self.reset_s)
+        reset = f"{seconds // 60}m{seconds % 60}s" if seconds >= 60 else f"{seconds}s"
+        return {
+            f"x-ratelimit-limit-{self.unit}": str(self.limit),
+            f"x-ratelimit-remaining-{self.unit}": str(self.remaining),
+            f"x-ratelimit-reset-{self.unit}": reset,
+        }
+
+
+class RateLimited(Exception):
+    """Over a limit: `retry_after_s` says when the request would fit, `window` what the limit leaves."""
+
+    def __init__(self, message: str, retry_after_s: int, window: Window):
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.window = retry_after_s, window
 
 
 class NeverFits(ValueError):
@@ -36,9 +57,11 @@ class NeverFits(ValueError):
 
 @dataclass(frozen=True)
 class Charge:
-    """A request's row in `rate_charges`."""
+    """A request's row in `rate_charges`, and what its key's requests per minute leave once it is counted (None: no
+    such limit)."""
 
     charge_id: int
+    requests: Window | None = None
 
 
 class RateLimiter:
@@ -57,35 +80,39 @@ class RateLimiter:
             now, charges = self._window(connection, key_name)
             if rpm is not None and len(charges) >= rpm:
                 wait = charges[-rpm]["at"] + WINDOW_S - now
-                raise RateLimited(f"key {key_name!r} is over its limit of {rpm} requests per minute", _seconds(wait))
+                raise RateLimited(f"key {key_name!r} is over its limit of {rpm} requests per minute", _seconds(wait),
+                                  Window("requests", rpm, 0, wait))  # fmt: skip
             row = connection.execute(
                 "INSERT INTO rate_charges (key_name, at, tokens) VALUES (?, ?, 0) RETURNING id", (key_name, now)
             ).fetchone()
-        return Charge(row["id"])
+        oldest = charges[0]["at"] if charges else now
+        return Charge(row["id"], None if rpm is None else Window("requests", rpm, rpm - len(charges) - 1,
+                                                                 oldest + WINDOW_S - now))  # fmt: skip
 
-    def reserve(self, charge: Charge, key_name: str, tpm: int | None, tokens: int) -> None:
+    def reserve(self, charge: Charge, key_name: str, tpm: int | None, tokens: int) -> Window | None:
         """Charge an admitted request the `tokens` it may use, or raise `RateLimited` (or `NeverFits`) over `tpm`: the
-        request then keeps its charge of no tokens (it still counts against the requests per minute)."""
+        request then keeps its charge of no tokens (it still counts against the requests per minute). What `tpm`
+        leaves (None: no such limit)."""
         if tpm is None:  # the tokens count for nothing
-            return
+            return None
         if tokens > tpm:
             raise NeverFits(
                 f"the request may use {tokens} tokens (its prompt tokens, and max_tokens for each choice it asks for: "
                 f"n, or best_of), more than key {key_name!r} may use in a minute ({tpm}); lower max_tokens or n, or "
                 "shorten the prompt"
             )
-        retrying_while_busy(self.database, lambda: self._reserve_once(charge, key_name, tpm, tokens))
+        return retrying_while_busy(self.database, lambda: self._reserve_once(charge, key_name, tpm, tokens))
 
-    def _reserve_once(self, charge: Charge, key_name: str, tpm: int, tokens: int) -> None:
+    def _reserve_once(self, charge: Charge, key_name: str, tpm: int, tokens: int) -> Window:
         with self.database.transaction() as connection:
             now, charges = self._window(connection, key_name)
             used = sum(row["tokens"] for row in charges if row["id"] != charge.charge_id)
             if used + tokens > tpm:
-                raise RateLimited(
-                    f"key {key_name!r} is over its limit of {tpm} tokens per minute",
-                    _seconds(_time_until_free(charges, used + tokens - tpm, now)),
-                )
+                wait = _time_until_free(charges, used + tokens - tpm, now)
+                raise RateLimited(f"key {key_name!r} is over its limit of {tpm} tokens per minute", _seconds(wait),
+                                  Window("tokens", tpm, tpm - used, wait))  # fmt: skip
             connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
+        return Window("tokens", tpm, tpm - used - tokens, _time_until_free(charges, 1, now) if used else WINDOW_S)
 
     def _window(self, connection: Statements, key_name: str) -> tuple[float, list[dict]]:
         """The time now and `key_name`'s charges of the last minute, oldest first, the key's row held (in the open

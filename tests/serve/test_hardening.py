@@ -623,6 +623,48 @@ def test_the_admin_usage_report_counts_cached_prompt_tokens(engine, tmp_path):
     assert (day["prompt_tokens"], day["cached_tokens"]) == (1000, 800)  # was: no cached_tokens
 
 
+def test_answers_and_429s_carry_openais_rate_limit_headers(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("paced", rpm=2, tpm=100)
+    prompt_tokens = len(engine.tokenizer.encode(COMPLETION["prompt"]))
+
+    async def scenario(client):
+        as_key = {"Authorization": f"Bearer {key}"}
+        answered = await client.post("/v1/completions", json=COMPLETION, headers=as_key)
+        async with client.stream("POST", "/v1/completions", json={**COMPLETION, "stream": True}, headers=as_key) as s:
+            streamed = s.headers
+            await s.aread()
+        return answered, streamed, await client.post("/v1/completions", json=COMPLETION, headers=as_key)
+
+    answered, streamed, refused = run(create_app(engine, database), scenario)
+    reserved = prompt_tokens + COMPLETION["max_tokens"]
+    assert answered.status_code == 200
+    # was: none on an answer, only Retry-After on a 429
+    for headers, requests_left, tokens_left in (
+        (answered.headers, 1, 100 - reserved),
+        (streamed, 0, 100 - 2 * reserved),
+    ):
+        counts = {
+            name: value for name, value in headers.items() if name.startswith(("x-ratelimit-l", "x-ratelimit-rem"))
+        }
+        assert counts == {
+            "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": str(requests_left),
+            "x-ratelimit-limit-tokens": "100", "x-ratelimit-remaining-tokens": str(tokens_left),
+        }  # fmt: skip
+        for unit in ("requests", "tokens"):  # until the first request leaves the window: a minute at most
+            assert 0 < seconds_of(headers[f"x-ratelimit-reset-{unit}"]) <= 60
+    assert error_of(refused, 429)["code"] == "rate_limit_exceeded"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-limit-requests"] == "2"
+    assert seconds_of(refused.headers["x-ratelimit-reset-requests"]) == int(refused.headers["retry-after"])
+
+
+def seconds_of(duration: str) -> int:
+    """The seconds of a Go duration of whole seconds, as OpenAI's x-ratelimit-reset-* give them: `45s`, `1m0s`."""
+    minutes, _, seconds = duration.removesuffix("s").rpartition("m")
+    return 60 * int(minutes or 0) + int(seconds)
+
+
 def test_cors_admits_the_configured_origins_only(engine, tmp_path):
     app = create_app(engine, open_database(tmp_path / "db"), cors_origins=("https://app.example",))
 

@@ -553,6 +553,33 @@ def test_requests_per_minute_limit_and_retry_after(tmp_path):
     charged(limiter, "k", 2, None, 1)
 
 
+def test_each_admitted_or_refused_request_says_what_its_keys_limits_leave_as_openais_headers(tmp_path):
+    """OpenAI (and LiteLLM) answer with x-ratelimit-limit/-remaining/-reset-{requests,tokens}; a 429 had only
+    Retry-After, a 200 none, so a client could not pace itself before it was refused."""
+    clock = FakeClock()
+    limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
+    first = limiter.admit("k", 2)
+    assert limiter.reserve(first, "k", 100, 30).headers() == {
+        "x-ratelimit-limit-tokens": "100", "x-ratelimit-remaining-tokens": "70", "x-ratelimit-reset-tokens": "1m0s",
+    }  # fmt: skip
+    assert first.requests.headers() == {
+        "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "1m0s",
+    }  # fmt: skip
+    clock.now += 15.5
+    second = limiter.admit("k", 2)
+    assert (second.requests.remaining, second.requests.headers()["x-ratelimit-reset-requests"]) == (0, "45s")
+    assert limiter.reserve(second, "k", 100, 50).headers()["x-ratelimit-remaining-tokens"] == "20"
+    with pytest.raises(RateLimited) as refused:
+        limiter.admit("k", 2)
+    assert refused.value.window.headers() == {
+        "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "45s",
+    }  # fmt: skip
+    assert limiter.reserve(limiter.admit("k", None), "k", None, 10) is None  # no limit, no headers
+    with pytest.raises(RateLimited) as refused:
+        limiter.reserve(limiter.admit("k", None), "k", 100, 30)  # 20 left; the first charge's 30 free it in 45 s
+    assert (refused.value.window.remaining, refused.value.window.headers()["x-ratelimit-reset-tokens"]) == (20, "45s")
+
+
 def test_tokens_per_minute_charge_is_settled_to_the_real_usage(tmp_path):
     clock = FakeClock()
     limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
