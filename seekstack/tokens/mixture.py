@@ -84,6 +84,7 @@ class MixtureWindows:
         self.adaptive = isinstance(schedule, Exp3Mixture)  # learns its weights: wants each micro-batch's loss
         self.step_arms: list[str] = []  # bandit: the source of each micro-batch since the last `observe`
         self.sources = {name: TokenWindows(data_dir, name, seq_len, seed=seed) for name in schedule.sources}
+        self.resting: dict[str, dict] = {}  # the saved places of sources this mixture leaves out, for a later one
         first, *others = self.sources.values()
         for other in others:
             if other.index["tokenizer"]["sha256"] != first.index["tokenizer"]["sha256"]:
@@ -115,17 +116,19 @@ class MixtureWindows:
         self.step_arms = []
 
     def state_dict(self) -> dict:
-        """Rows and micro-batches served, each source's position and the bandit's state: what `batch` continues
-        from."""
+        """Rows and micro-batches served, each source's position (and those of sources an earlier mixture drew from)
+        and the bandit's state: what `batch` continues from."""
         state = {"seed": self.seed, "rows": self.rows, "batches": self.batches, "step_arms": list(self.step_arms)}
-        state["sources"] = {name: source.state_dict() for name, source in self.sources.items()}
+        state["sources"] = {**self.resting, **{name: source.state_dict() for name, source in self.sources.items()}}
         if isinstance(self.schedule, Exp3Mixture):
             state["bandit"] = self.schedule.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a `state_dict()`; a source it has no position for (one a resumed run's `mixture` adds, for a
-        new phase of training) starts at its first window, as a source that has served no row would."""
+        new phase of training) starts at its first window, as a source that has served no row would. The positions of
+        sources it leaves out are kept in its own state, so that a later mixture that draws from them again goes on
+        where they were instead of serving their first windows again."""
         if self.adaptive and "bandit" not in state:
             raise ValueError("the saved data state has no bandit state: it was saved by a run with a fixed schedule")
         self.seed, self.rows, self.batches = int(state["seed"]), int(state["rows"]), int(state.get("batches", 0))
@@ -133,5 +136,6 @@ class MixtureWindows:
         for name, source in self.sources.items():
             if name in state["sources"]:
                 source.load_state_dict(state["sources"][name])
+        self.resting = {name: place for name, place in state["sources"].items() if name not in self.sources}
         if isinstance(self.schedule, Exp3Mixture):
             self.schedule.load_state_dict(state["bandit"])

@@ -13,7 +13,7 @@ import pytest
 from seekstack.tokenizer import train_tokenizer
 from seekstack.tokens.difficulty import bucket_parts, compression_ratio, tokenize_buckets
 from seekstack.tokens.mixture import MixtureSchedule, MixtureWindows, pick
-from seekstack.tokens.shards import load_index, tokenize_corpus
+from seekstack.tokens.shards import TokenWindows, load_index, tokenize_corpus
 
 CURRICULUM = {"easy": [0.7, 0.2, 0.1], "medium": [0.2, 0.5, 0.3], "hard": [0.1, 0.3, 0.6]}
 SOURCE_IDS = {"easy": 100, "medium": 200, "hard": 300}  # every token of a source's split is its id + 0..9
@@ -162,6 +162,26 @@ def test_a_source_a_resumed_mixture_adds_starts_at_its_first_window_and_the_othe
     assert len(easy) > 10 and len(hard) > 10
     assert np.array_equal(easy, easy_next[: len(easy)])
     assert np.array_equal(hard, hard_first[: len(hard)])
+
+
+def test_a_source_a_resumed_mixture_leaves_out_goes_on_where_it_was_when_a_later_resume_brings_it_back(data_dir):
+    """Stages {easy, hard}, then {easy}, then {easy, hard} again: the third stage's hard windows follow the first's,
+    as MosaicML streaming keeps each stream's place; none is served twice in the epoch."""
+    first = MixtureWindows(data_dir, MixtureSchedule({"easy": 1, "hard": 1}), SEQ_LEN, seed=7)
+    first.batch(60, progress=0.0)
+    hard = TokenWindows(data_dir, "hard", SEQ_LEN, seed=7)
+    hard.load_state_dict(first.sources["hard"].state_dict())
+    hard_next = hard.batch(60).numpy()
+    second = MixtureWindows(data_dir, MixtureSchedule({"easy": 1}), SEQ_LEN, seed=7)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    second.batch(30, progress=0.5)
+    third = MixtureWindows(data_dir, MixtureSchedule({"easy": 1, "hard": 1}), SEQ_LEN, seed=7)
+    third.load_state_dict(json.loads(json.dumps(second.state_dict())))
+    rows = third.batch(60, progress=0.9).numpy()
+    hard_rows = rows[np.array(sources_of(rows)) == "hard"]
+    assert len(hard_rows) > 10
+    assert np.array_equal(hard_rows, hard_next[: len(hard_rows)])
+    assert third.sources["hard"].position == first.sources["hard"].position + len(hard_rows)
 
 
 def test_mixture_refuses_sources_tokenized_differently(data_dir, tmp_path):
