@@ -13,6 +13,7 @@ after the drafts before it (`allowed_after`), as vLLM's structured outputs do.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import weakref
 from typing import Any
@@ -21,13 +22,14 @@ import llguidance
 import numpy as np
 import torch
 
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer
 
 MAX_MESSAGE_CHARS = 300
 # JSON written as `json.dumps` writes it: ", " and ": " between items, no other whitespace. llguidance's default
 # allows any run of whitespace between tokens, and a small model then pads an object with newlines until max_tokens
 # instead of closing it (OpenAI warns of the same in its JSON mode). A schema's "x-guidance" options still override.
 LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+BLANK = r"[ \t\r\n]"  # between an R1 reply's </think> and its answer, as a regex
 _build_lock = threading.Lock()
 _grammar_tokenizers: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = weakref.WeakKeyDictionary()
 
@@ -82,9 +84,13 @@ class JsonConstraint:
 class JsonFormat:
     """A response format compiled for one tokenizer; `constraint()` gives each generation its own state."""
 
-    def __init__(self, tokenizer: Tokenizer, schema: dict[str, Any] | bool | None = None):
+    def __init__(
+        self, tokenizer: Tokenizer, schema: dict[str, Any] | bool | None = None, reasoning_start: str | None = None
+    ):
         """Any JSON object when `schema` is None (OpenAI's json_object), else what the JSON Schema allows;
-        InvalidSchema naming the fault otherwise."""
+        InvalidSchema naming the fault otherwise. `reasoning_start`, for a server that parses reasoning: the reply's
+        start the prompt gives (DeepSeek-R1's "<think>\\n"): the JSON is the answer after the reasoning
+        (`after_reasoning`), as vLLM applies structured outputs once the reasoning ends."""
         self.vocab_size = tokenizer.vocab_size
         grammar_tokenizer = _grammar_tokenizer(tokenizer)
         if schema is False:
@@ -109,10 +115,25 @@ class JsonFormat:
         if first_step.is_error():  # e.g. {"$ref": "#"}: a value of itself, without end
             reason = first_step.get_error().splitlines()[0]
             raise InvalidSchema(f"JSON Schema not supported: it allows no value that can be written ({reason})")
+        if reasoning_start is not None:
+            answer = json.loads(grammar)["grammars"][0]["json_schema"]  # the schema, LAYOUT in its x-guidance
+            grammar = llguidance.LLMatcher.grammar_from_lark(after_reasoning(answer, reasoning_start))
+            self.matcher = llguidance.LLMatcher(grammar_tokenizer, grammar, log_level=0)
 
     def constraint(self) -> JsonConstraint:
         """A fresh grammar state, at the start of the value."""
         return JsonConstraint(self.matcher.deep_copy(), self.vocab_size)
+
+
+def after_reasoning(answer: dict[str, Any], reasoning_start: str) -> str:
+    """A Lark grammar (llguidance's) of an R1 reply whose answer is JSON of the schema `answer`: the reasoning, free
+    text up to the first </think>, then up to 4 blanks and the JSON. A reply whose `reasoning_start` (the prompt's
+    part) opens no <think> may also be the JSON alone, as the reasoning parser reads it (`serve.reasoning`)."""
+    close = THINK_CLOSE.replace("/", r"\/")
+    rules = [f"reasoning[lazy]: /(?s:.*){close}/", f"blank: /{BLANK}{{0,4}}/", f"answer: %json {json.dumps(answer)}"]
+    if reasoning_start.lstrip().startswith(THINK_OPEN):
+        return "\n".join(["start: reasoning blank answer", *rules])
+    return "\n".join([f"start: answer | /{BLANK}{{0,4}}{THINK_OPEN}/ reasoning blank answer", *rules])
 
 
 def _grammar_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:

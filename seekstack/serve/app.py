@@ -245,7 +245,9 @@ class Server:
             refuse_unsupported(body)
             adapter = self.adapter_for(body.model, bill.key)
             refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)
-            output_format = await asyncio.to_thread(json_format, body, self.engine)  # compiles a grammar
+            parsed = self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest)  # R1 replies
+            start = given_start(body, self.engine.tokenizer) if parsed else None  # the answer follows the reasoning
+            output_format = await asyncio.to_thread(json_format, body, self.engine, start)  # compiles a grammar
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
             categories = self.safety.categories_for(bill.key)
@@ -261,8 +263,7 @@ class Server:
                     body, len(prompt), self.engine.max_model_len, unasked_limit, self.engine.sampling_defaults
                 )
             ]
-            if self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest):  # stops match the answer
-                start = given_start(body, self.engine.tokenizer)
+            if start is not None:  # stops match the answer
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
             limits = await in_write_thread(self.reserve, bill.key, charge, tokens)  # x-ratelimit-* headers

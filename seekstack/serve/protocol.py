@@ -178,9 +178,12 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
         raise unsupported("best_of", "best_of > n cannot be streamed: the best are known only at the end")
 
 
-def json_format(request: ChatCompletionRequest | CompletionRequest, engine: Engine) -> JsonFormat | None:
+def json_format(
+    request: ChatCompletionRequest | CompletionRequest, engine: Engine, reasoning_start: str | None = None
+) -> JsonFormat | None:
     """The JSON a request's `response_format` asks for (chat's, or a completion's as vLLM reads it), compiled for the
-    engine's tokenizer (None for free text); 400 naming response_format for a schema that cannot be enforced or a
+    engine's tokenizer (None for free text), after the reasoning where a reasoning parser reads the reply
+    (`reasoning_start`: `JsonFormat`'s); 400 naming response_format for a schema that cannot be enforced or a
     reply continued from a `prefix` message (the continuation alone would be held to the JSON)."""
     response_format = request.response_format
     if response_format is None or response_format.type == "text":
@@ -190,7 +193,7 @@ def json_format(request: ChatCompletionRequest | CompletionRequest, engine: Engi
                        "would be held to the JSON", param="response_format", code="unsupported_parameter")  # fmt: skip
     try:
         spec = response_format.json_schema if response_format.type == "json_schema" else None
-        return JsonFormat(engine.tokenizer, spec.schema_ if spec else None)
+        return JsonFormat(engine.tokenizer, spec.schema_ if spec else None, reasoning_start)
     except InvalidSchema as error:
         raise APIError(400, str(error), param="response_format.json_schema.schema", code="invalid_schema") from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections import Counter
 from typing import Literal
 
@@ -19,12 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from seekstack.checkpoint import load_pretrained
+from seekstack.checkpoint import load_pretrained, save_pretrained
 from seekstack.infer.engine import Engine
 from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.params import SamplingParams
+from seekstack.model.transformer import Transformer
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
+from seekstack.tokenizer import Tokenizer
+from tests.conftest import micro_config
+from tests.interop.release import r1_tokenizer
 from tests.serve.server import make_model_dir, serving
 
 PROMPTS = ["Give me a JSON object.", "Describe a cat as JSON", "{}"]
@@ -42,9 +47,9 @@ def engine(tmp_path_factory) -> Engine:
     return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("json")))
 
 
-def with_openai(engine: Engine, tmp_path, scenario) -> object:
+def with_openai(engine: Engine, tmp_path, scenario, **app_options) -> object:
     """`scenario(api)` with an `openai.AsyncOpenAI` client of a fresh app on `engine`."""
-    app = create_app(engine, open_database(tmp_path / "db"))
+    app = create_app(engine, open_database(tmp_path / "db"), **app_options)
 
     async def main():
         async with serving(app):  # the engine thread runs
@@ -338,6 +343,52 @@ def test_draft_masks_follow_the_drafts_and_leave_the_state_as_it_was(engine):
     assert torch.equal(constraint.allowed_after([forbidden, reply[-2]], vocab)[1], before)  # rejected at once
     assert torch.equal(constraint.allowed_after([vocab + 3], vocab)[1], before)  # past the vocabulary
     assert constraint.allowed(vocab).equal(before) and not constraint.complete
+
+
+@pytest.fixture(scope="module")
+def r1_engine(tmp_path_factory) -> Engine:
+    """Random weights under DeepSeek-R1's tokenizer layout and chat template: a reply opens inside its reasoning."""
+    folder = tmp_path_factory.mktemp("r1")
+    r1_tokenizer(folder / "tokenizer")
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.from_file(folder / "tokenizer")
+    save_pretrained(Transformer(micro_config(vocab_size=tokenizer.vocab_size)), folder / "model")
+    for path in (folder / "tokenizer").iterdir():
+        shutil.copy(path, folder / "model" / path.name)
+    return Engine.from_pretrained(folder / "model")
+
+
+def test_with_a_reasoning_parser_the_json_is_the_answer_after_the_reasoning(r1_engine, tmp_path):
+    """DeepSeek-R1's prompt opens the reply's <think>: JSON mode forced JSON from the first token, inside the
+    reasoning, so `--reasoning-parser deepseek_r1` answered content '' with the JSON as reasoning_content (and the
+    client's `parse` gave None). As vLLM, the JSON is held back until the reasoning's </think>: the reasoning is the
+    model's own (here, greedy, the reply without response_format up to its first byte that is no UTF-8, which the
+    grammar does not allow: random weights never close it)."""
+
+    async def scenario(api):
+        free = await api.chat.completions.create(**{**chat("a point", temperature=0), "max_tokens": 30})
+        json_mode = chat("a point", temperature=0, response_format=JSON_OBJECT)
+        constrained = await api.chat.completions.create(**{**json_mode, "max_tokens": 30})
+        return free.choices[0], constrained.choices[0]
+
+    free, constrained = with_openai(r1_engine, tmp_path, scenario, reasoning_parser="deepseek_r1")
+    own = free.message.model_extra["reasoning_content"].split("\N{REPLACEMENT CHARACTER}")[0]
+    assert len(own) > 4 and constrained.message.model_extra["reasoning_content"].startswith(own)
+    assert (constrained.finish_reason, constrained.message.content) == ("length", "")
+    tokenizer, vocab = r1_engine.tokenizer, r1_engine.config.vocab_size
+    only_x = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    replies = [("<think>\n", 'Say x.\n</think>\n\n{"x": 1}'), ("", '{"x": 1}'), ("", '<think>x</think>{"x": 1}')]
+    for start, reply in replies:  # with a prompt that opens the reasoning, or one that does not
+        constraint = JsonFormat(tokenizer, only_x, start).constraint()
+        assert not constraint.allowed(vocab)[tokenizer.eos_id]
+        for token in tokenizer.encode(reply):
+            assert constraint.allowed(vocab)[token], (start, reply, tokenizer.decode([token]))
+            constraint.accept(token)
+        assert constraint.complete
+    constraint = JsonFormat(tokenizer, None, "<think>\n").constraint()
+    for token in tokenizer.encode("Say x.</think> "):
+        constraint.accept(token)
+    assert not constraint.allowed(vocab)[tokenizer.encode("x")[0]]  # after the reasoning, JSON only
 
 
 def test_the_openapi_schema_describes_response_format(engine, tmp_path):
