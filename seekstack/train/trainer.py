@@ -388,6 +388,8 @@ def train(
 
 
 class _Run:
+    line_open = False  # stderr's cursor is at the end of a progress line redrawn in place (on a terminal)
+
     def __init__(
         self,
         config: TrainConfig,
@@ -568,6 +570,10 @@ class _Run:
                 with interrupts_deferred():  # a second Ctrl-C does not throw away the checkpoint being saved
                     result.checkpoint = self.save()
                     self._say(f"\ninterrupted: saved {result.checkpoint}; continue with --resume")
+                raise
+            except Exception:
+                if self.line_open:  # the error the command prints starts a row of its own
+                    self._say("")
                 raise
         result.step = self.step
         return result
@@ -1054,3 +1060,4 @@ class _Run:
     def _say(self, text: str, end: str = "\n") -> None:
         if self.ranks.is_main:
             print(text, end=end, file=sys.stderr, flush=True)
+            self.line_open = not end

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from seekstack.train import trainer
-from seekstack.train.trainer import ERASE_TO_ROW_END, EtaClock, redrawn_in_place
+from seekstack.train.trainer import ERASE_TO_ROW_END, EtaClock, redrawn_in_place, train
+from tests.train.test_trainer import data_dir, run_config  # noqa: F401 (data_dir: a fixture)
 
 LONG = (
     "step 9/60  loss 6.0589 (total 7.8717)  1,274 tok/s  MFU 37.1%  ETA 00:00:10"
@@ -57,3 +60,20 @@ def test_a_line_redrawn_in_place_leaves_nothing_of_the_line_before_on_the_termin
     assert rows == [SHORT]
     (row,) = terminal_rows(redrawn_in_place(LONG, columns), columns)
     assert LONG.startswith(row) and len(row) == min(len(LONG), columns - 1)
+
+
+def test_an_error_during_a_run_on_a_terminal_starts_a_row_of_its_own(data_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The error the command prints was glued to the progress line ('ETA 00:00:05error: step 2: loss=...')."""
+    logged = []
+
+    def disk_full_at_the_second_step(out_dir, record):
+        logged.append(record)
+        if len(logged) == 2:
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(trainer, "append_metrics", disk_full_at_the_second_step)
+    with pytest.raises(OSError, match="No space left"):
+        train(run_config(data_dir, tmp_path, max_steps=4, eval_every=0, save_every=0))
+    err = capsys.readouterr().err
+    assert "\rstep 1/4  loss " in err and err.endswith(ERASE_TO_ROW_END + "\n")
