@@ -90,13 +90,22 @@ def resumed_lr_anchor(train_state: dict[str, Any], config: TrainConfig) -> LrAnc
     old = check(TrainConfig, train_state["config"])
     step = int(train_state["step"])
     if old.max_steps == config.max_steps or step < config.warmup_steps:
-        return anchor
+        return anchor if anchor is None else LrAnchor(anchor.step, _rate_at_new_peak(anchor.lr, old, config))
     # the rate of the next step; a run that had finished goes on from the rate of its last step (min_lr, or a rate
     # short of lr where its warmup_steps was not below max_steps: its schedule has no rate past the end)
     rate = learning_rate(min(step, old.max_steps - 1), old, anchor)
-    if config.schedule == "wsd" and rate == config.lr and anchor is None:
+    if config.schedule == "wsd" and rate == old.lr and anchor is None:
         return None  # still on the plateau: the longer schedule simply holds it longer
-    return LrAnchor(step, rate)
+    return LrAnchor(step, _rate_at_new_peak(rate, old, config))
+
+
+def _rate_at_new_peak(rate: float, old: TrainConfig, config: TrainConfig) -> float:
+    """`rate`, reached between `old`'s min_lr and lr, at the same place between min_lr and a resumed run's new `lr`
+    (as the schedule without an anchor gives it); the same rate when lr is unchanged."""
+    if config.lr == old.lr:
+        return rate
+    share = (rate - old.min_lr) / (old.lr - old.min_lr) if old.lr > old.min_lr else 1.0
+    return config.min_lr + share * (config.lr - config.min_lr)
 
 
 def resumed_progress_anchor(train_state: dict[str, Any], config: TrainConfig) -> ProgressAnchor | None:

@@ -131,6 +131,25 @@ def test_a_run_resumed_with_more_steps_decays_on_from_its_rate_to_min_lr_at_the_
     assert [learning_rate(step, longer, finished) for step in (10, 19)] == pytest.approx([old.min_lr] * 2)
 
 
+def test_a_run_resumed_with_more_steps_and_another_lr_decays_from_the_rate_that_lr_gives_its_step():
+    """Stopped at step 5 of 10 (lr 1.0) and given 20 steps and lr 5.0: the decay starts at 3.1, step 5's rate under
+    lr 5.0 (it went on from 0.65, the old lr's, as if lr had not been given), as a later resume with lr 2.0 keeps
+    its place between min_lr and lr; a wsd run on its plateau holds the new lr (it decayed from 1.0 at once)."""
+    old = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=10)
+    longer = dataclasses.replace(old, max_steps=20, lr=5.0)
+    anchor = resumed_lr_anchor({"step": 5, "config": dataclasses.asdict(old)}, longer)
+    assert learning_rate(5, longer, anchor) == pytest.approx(learning_rate(5, dataclasses.replace(old, lr=5.0)))
+    assert learning_rate(19, longer, anchor) == pytest.approx(0.1)
+    saved = {"step": 8, "config": dataclasses.asdict(longer), "lr_anchor": dataclasses.asdict(anchor)}
+    lower = dataclasses.replace(longer, lr=2.0)
+    share = (learning_rate(8, longer, anchor) - 0.1) / (5.0 - 0.1)
+    assert learning_rate(8, lower, resumed_lr_anchor(saved, lower)) == pytest.approx(0.1 + share * (2.0 - 0.1))
+    wsd = dataclasses.replace(old, schedule="wsd")
+    wsd_longer = dataclasses.replace(wsd, max_steps=20, lr=5.0)
+    plateau = resumed_lr_anchor({"step": 5, "config": dataclasses.asdict(wsd)}, wsd_longer)
+    assert [learning_rate(step, wsd_longer, plateau) for step in (5, 15)] == [5.0, 5.0]
+
+
 def test_a_finished_run_still_warming_up_goes_on_from_its_last_steps_rate_when_given_more_steps():
     """Warmup 12 of 10 steps ended at 10/12 of lr (step 9); resumed with 20 steps and warmup 4, step 10 decays from
     there, not from the 11/12 its schedule would give a step it never had."""
