@@ -51,6 +51,11 @@ def split_byte_lengths(
     `tokenizer_file` or else the tokenizer.json the split's index records, whichever has the sha256 it records. Where
     neither has: every id the split's mean bytes per token, and a note saying so."""
     index = load_index(data_dir, split)
+    if index["total_tokens"] == 0:  # no text to score, and no mean bytes per token to estimate with
+        raise ValueError(
+            f"{index_path(data_dir, split)} holds no tokens: its corpus had no {split} document (`data build "
+            "--val-fraction 0` holds none out); tokenize a corpus with some"
+        )
     recorded = index["tokenizer"]
     for path in (tokenizer_file, recorded.get("path")):
         if path and tokenizer_json_path(path).is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from tokenizers import AddedToken
 
@@ -67,3 +68,14 @@ def test_a_splits_byte_lengths_come_from_the_tokenizer_its_index_records_or_are_
     mean = index["text_bytes"] / index["total_tokens"]
     assert torch.equal(estimated, torch.full((280,), mean, dtype=torch.float64))
     assert note and str(index_path(tmp_path / "tokens", "val")) in note and f"mean {mean:.3f} bytes per token" in note
+
+
+def test_an_empty_splits_byte_lengths_are_refused_naming_its_index(tmp_path):
+    tokenizer = train_tokenizer([TEXT * 5], vocab_size=280, out_path=tmp_path / "tokenizer")
+    (tmp_path / "val.jsonl").write_text("")  # `data build --val-fraction 0`
+    tokenize_corpus(tmp_path / "val.jsonl", tokenizer, tmp_path / "tokens", "val")
+    (tmp_path / "tokenizer").rename(tmp_path / "moved")  # no tokenizer at hand: the mean would divide by 0 tokens
+    with pytest.raises(
+        ValueError, match=f"{index_path(tmp_path / 'tokens', 'val')} holds no tokens: its corpus had no val"
+    ):
+        split_byte_lengths(tmp_path / "tokens", "val")
