@@ -348,6 +348,7 @@ def keys_plan(
 def usage_command(
     key: Annotated[str | None, typer.Option(help="Only this key (by name)")] = None,
     since: Annotated[str | None, typer.Option(help="From this UTC day on, YYYY-MM-DD")] = None,
+    until: Annotated[str | None, typer.Option(help="To this UTC day, itself included, YYYY-MM-DD")] = None,
     model: Annotated[str | None, typer.Option(help="Only this model (the base or a LoRA adapter, by name)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, as GET /v1/admin/usage returns")] = False,
     db: DatabaseOption = None,
@@ -363,7 +364,7 @@ def usage_command(
     with user_errors(as_json):
         database = _database(db, existing=True)
         ledger = Ledger(database)
-        days = ledger.daily(key, parse_day(since) if since else None, model)
+        days = ledger.daily(key, parse_day(since) if since else None, model, parse_day(until) if until else None)
         if key is not None and not days and not KeyStore(database).knows(key) and not ledger.knows(key):
             fail(f"no key named {key!r} in {database.location}, and no usage recorded for one; "
                  "`seekstack keys list` shows the keys", as_json)  # fmt: skip
@@ -373,6 +374,7 @@ def usage_command(
                 + (f" for key {key!r}" if key is not None else "")
                 + (f" {'of' if key is not None else 'for'} model {model!r}" if model is not None else "")
                 + (f" since {since}" if since else "")
+                + (f" until {until}" if until else "")
             )
             return
     if as_json:

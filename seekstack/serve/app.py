@@ -536,14 +536,26 @@ class Server:
         return ChatCompletionChunk(id=response_id, created=created, model=model, choices=choices, usage=usage)
 
     def usage_report(
-        self, request: Request, key_name: str | None, since: str | None, model: str | None = None
+        self,
+        request: Request,
+        key_name: str | None,
+        since: str | None,
+        model: str | None = None,
+        until: str | None = None,
     ) -> UsageReport:
-        """Admin: tokens and cost per key, day and model, optionally for one key, from a day on, for one model."""
+        """Admin: tokens and cost per key, day and model, optionally for one key, from a day on, to a day (included),
+        for one model."""
         self.authenticate(request, admin=True)
+        bounds = {}
+        for param, text in (("since", since), ("until", until)):
+            try:
+                bounds[param] = parse_day(text) if text else None
+            except ValueError as error:
+                raise APIError(400, str(error), param=param) from None
         try:
-            days = self.ledger.daily(key_name, parse_day(since) if since else None, model)
-        except ValueError as error:
-            raise APIError(400, str(error), param="since") from None
+            days = self.ledger.daily(key_name, bounds["since"], model, bounds["until"])
+        except ValueError as error:  # since after until
+            raise APIError(400, str(error), param="until") from None
         if key_name is not None and not days and not self.keys.knows(key_name) and not self.ledger.knows(key_name):
             raise APIError(404, f"no key named {key_name!r}, and no usage recorded for one", param="key",
                            code="key_not_found")  # fmt: skip
@@ -795,9 +807,14 @@ def create_app(
             str | None, Query(description="From this UTC day on, YYYY-MM-DD", json_schema_extra={"format": "date"})
         ] = None,
         model: Annotated[str | None, Query(description="Only this model's usage (the base or an adapter)")] = None,
+        until: Annotated[
+            str | None,
+            Query(description="To this UTC day, itself included, YYYY-MM-DD", json_schema_extra={"format": "date"}),
+        ] = None,
     ) -> JSONResponse:
         """Requests, tokens and cost per key, UTC day and model (admin keys only)."""
-        return JSONResponse((await asyncio.to_thread(server.usage_report, request, key, since, model)).model_dump())
+        report = await asyncio.to_thread(server.usage_report, request, key, since, model, until)
+        return JSONResponse(report.model_dump())
 
     add_adapter_routes(app, server)  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     add_tokenize_routes(app, server)  # POST /tokenize, /detokenize

@@ -127,18 +127,26 @@ class Ledger:
         return bool(self.database.query("SELECT 1 FROM usage WHERE key_name = ? LIMIT 1", (key_name,)))
 
     def daily(
-        self, key_name: str | None = None, since: dt.date | None = None, model: str | None = None
+        self,
+        key_name: str | None = None,
+        since: dt.date | None = None,
+        model: str | None = None,
+        until: dt.date | None = None,
     ) -> list[DailyUsage]:
-        """Requests, tokens (prompt, cached prompt, completion) and cost per key, UTC day and model, from `since`
-        (inclusive) on; for one key and/or one model when named."""
+        """Requests, tokens (prompt, cached prompt, completion) and cost per key, UTC day and model, from `since` to
+        `until` (both days included: `since` 2026-11-01 `until` 2026-11-30 is November); for one key and/or one model
+        when named. ValueError for a `since` after `until`."""
+        if since is not None and until is not None and since > until:
+            raise ValueError(f"since {since} is after until {until}: no day is in between")
         conditions, parameters = [], []
         for column, value in (("key_name", key_name), ("model", model)):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 parameters.append(value)
-        if since is not None:
-            conditions.append("created_at >= ?")
-            parameters.append(dt.datetime.combine(since, dt.time(), tzinfo=dt.UTC).timestamp())
+        for comparison, day in ((">=", since), ("<", None if until is None else until + dt.timedelta(days=1))):
+            if day is not None:  # from the first instant of `since` to that of the day after `until`
+                conditions.append(f"created_at {comparison} ?")
+                parameters.append(dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC).timestamp())
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self.database.query(
             f"SELECT key_name, {self.database.day('created_at')} AS day, model, COUNT(*) AS requests, "

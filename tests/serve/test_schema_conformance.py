@@ -157,13 +157,20 @@ def test_vllms_ping_answers_as_health_and_version_gives_seekstacks(app):
     assert server_version.json() == {"version": version("seekstack")}
 
 
-def test_usage_since_is_documented_as_the_date_it_must_be(app):
-    [since] = [p for p in app.openapi()["paths"]["/v1/admin/usage"]["get"]["parameters"] if p["name"] == "since"]
-    assert since["schema"]["format"] == "date"
+def test_usage_since_and_until_are_documented_as_the_dates_they_must_be(app):
+    parameters = {p["name"]: p for p in app.openapi()["paths"]["/v1/admin/usage"]["get"]["parameters"]}
+    assert parameters["since"]["schema"]["format"] == parameters["until"]["schema"]["format"] == "date"
 
     async def scenario(client):
-        return [await client.get("/v1/admin/usage", params={"since": day}) for day in ("2024-02-29", "yesterday")]
+        asked = [{"since": "2024-02-29"}, {"since": "yesterday"}, {"until": "2024-02-30"}, {"since": "2024-03-02",
+                 "until": "2024-03-01"}, {"since": "2024-03-01", "until": "2024-03-01"}]  # fmt: skip
+        return [await client.get("/v1/admin/usage", params=params) for params in asked]
 
-    day, not_a_day = run(app, scenario)
-    assert day.status_code == 200, day.text
+    day, not_a_day, not_a_date, backwards, one_day = run(app, scenario)
+    assert day.status_code == one_day.status_code == 200, day.text
     assert error_of(not_a_day, 400)["param"] == "since"
+    assert error_of(not_a_date, 400)["param"] == "until"  # was: until unknown, ignored
+    assert error_of(backwards, 400) == {
+        "message": "since 2024-03-02 is after until 2024-03-01: no day is in between", "type": "invalid_request_error",
+        "param": "until", "code": None,
+    }  # fmt: skip

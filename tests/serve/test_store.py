@@ -369,6 +369,29 @@ def test_since_counts_a_request_written_at_the_first_instant_of_its_day(database
     assert [(d.day, d.requests) for d in Ledger(database).daily(since=day)] == [("2026-11-01", 1)]
 
 
+def test_until_ends_a_report_with_its_day_so_one_month_is_billed_alone(database, database_location, monkeypatch):
+    """A bill for November once December had begun: `since` alone gave November and December together."""
+    instants = [
+        dt.datetime(2026, 10, 31, 23, 59, 59, tzinfo=dt.UTC),
+        dt.datetime(2026, 11, 1, tzinfo=dt.UTC),
+        dt.datetime(2026, 11, 30, 23, 59, 59, 999000, tzinfo=dt.UTC),
+        dt.datetime(2026, 12, 1, tzinfo=dt.UTC),
+    ]
+    for instant in instants:
+        monkeypatch.setattr(ledger_module, "time", types.SimpleNamespace(time=instant.timestamp))
+        Ledger(database).record(usage("k", 10, 20))
+    november = Ledger(database).daily(since=dt.date(2026, 11, 1), until=dt.date(2026, 11, 30))
+    assert [(d.day, d.requests) for d in november] == [("2026-11-01", 1), ("2026-11-30", 1)]
+    assert [d.day for d in Ledger(database).daily(until=dt.date(2026, 10, 31))] == ["2026-10-31"]
+    with pytest.raises(ValueError, match="since 2026-11-02 is after until 2026-11-01: no day is in between"):
+        Ledger(database).daily(since=dt.date(2026, 11, 2), until=dt.date(2026, 11, 1))
+    cli = CliRunner().invoke(app, ["usage", "--since", "2026-11-01", "--until", "2026-11-30", "--json", "--db",
+                                   database_location])  # fmt: skip
+    assert [(day["day"], day["requests"]) for day in json.loads(cli.stdout)] == [("2026-11-01", 1), ("2026-11-30", 1)]
+    none = CliRunner().invoke(app, ["usage", "--key", "k", "--until", "2026-10-30", "--db", database_location])
+    assert none.stdout == "no usage recorded for key 'k' until 2026-10-30\n"
+
+
 def test_records_survive_a_new_connection(tmp_path):
     path = tmp_path / "ledger.db"
     Ledger(open_database(path)).record(usage(None, 3, 4))  # no close: as if the process died
