@@ -123,8 +123,8 @@ class TrainConfig:
         """This config checked: every field's type and range, the model overrides, the rules across fields."""
         config = recheck(self, source)
         try:
-            require(config.model in PRESETS, "model", f"a preset, one of {', '.join(PRESETS)}")
-            require(config.min_lr <= config.lr, "min_lr", f"at most lr={config.lr}")
+            require(config.model in PRESETS, "model", f"a preset, one of {', '.join(PRESETS)}, not {config.model!r}")
+            require(config.min_lr <= config.lr, "min_lr", f"at most lr={config.lr}, not {config.min_lr}")
             require(
                 config.grad_compression == "none" or config.parallel == "ddp",
                 "grad_compression",

@@ -101,6 +101,10 @@ def test_config_errors_name_the_field(tmp_path):
         load_train_config(None, ["max_steps=many"])
     with pytest.raises(ConfigError, match="field 'schedule' has value 'linear': input should be 'cosine' or 'wsd'"):
         load_train_config(None, ["schedule=linear"])
+    with pytest.raises(ConfigError, match="field 'model' must be a preset, one of tiny, .*, not 'tiniy'$"):
+        load_train_config(None, ["model=tiniy"])
+    with pytest.raises(ConfigError, match="field 'min_lr' must be at most lr=0.003, not 0.01$"):
+        load_train_config(None, ["min_lr=0.01"])
 
 
 # ---------------------------------------------------------------------------------- schedule
