@@ -38,6 +38,7 @@ RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batc
 # the per-step counts of the tokens a batch source's loss is on, and how the report names them: sft's (and distill's
 # on conversations) labelled assistant tokens, rl's sampled completions (each with its EOS)
 LOSS_TOKEN_COUNTS = {"assistant_tokens": "labelled assistant tokens", "completion_tokens": "sampled completion tokens"}
+REPORT_ATTEMPTS = 3  # pages begun again when a run still training deletes the checkpoint one describes
 SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's first, a run answers in the report
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
 EVAL_OPTIONS = (  # as results.json has them
@@ -48,12 +49,30 @@ EVAL_OPTIONS = (  # as results.json has them
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples: bool = True) -> Path:
     """Write `out_dir/report.md` (default: the run's folder) and curves.png; return the Markdown's path. A run stopped
-    before its first complete save is reported by its data and curves, its Model section saying why there is no more."""
+    before its first complete save is reported by its data and curves, its Model section saying why there is no more.
+    A run still training may save a newer checkpoint and delete the one the page describes (`keep_checkpoints`)
+    while the page is written: it is written again, of the newer one."""
     run_dir = Path(run_dir)
+    for _ in range(REPORT_ATTEMPTS - 1):
+        checkpoint = _newest_checkpoint(run_dir)
+        try:
+            return _write_page(run_dir, out_dir, samples, checkpoint)
+        except (OSError, ValueError):  # a missing file, a checkpoint that does not load
+            if checkpoint is None or (checkpoint / TRAIN_STATE_FILE).is_file():
+                raise  # not a checkpoint the run deleted meanwhile
+    return _write_page(run_dir, out_dir, samples, _newest_checkpoint(run_dir))
+
+
+def _newest_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _write_page(run_dir: Path, out_dir: str | Path | None, samples: bool, checkpoint: Path | None) -> Path:
+    """`write_report`'s page, of the run's newest `checkpoint` and its metrics (read after it was found: they hold
+    its steps, which a run logs before it saves them)."""
     train_config = _json_object(run_dir / CONFIG_FILE, "restore it, or delete it to report without the run's settings")
     records = read_metrics(run_dir)
-    checkpoints = list_checkpoints(run_dir)
-    checkpoint = checkpoints[-1] if checkpoints else None
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)  # once RUN is a run: a mistyped one leaves no empty folder behind
     newest = f"newest checkpoint `{checkpoint}`" if checkpoint is not None else "no complete checkpoint"

@@ -574,6 +574,36 @@ def test_a_report_the_disk_refuses_leaves_the_earlier_one_whole(tmp_path, monkey
     assert report.read_bytes() == earlier and not list(run_dir.glob(".*"))
 
 
+def test_a_report_of_a_run_that_deletes_its_checkpoint_meanwhile_describes_the_newer_one(tmp_path, monkeypatch):
+    """A run still training with keep_checkpoints saved step_3 and deleted step_2 while the page described step_2:
+    'error: RUN/checkpoints/step_2: no such folder; a checkpoint is a folder holding config.json ...'."""
+    import seekstack.eval.report as report
+
+    monkeypatch.setattr(report, "plot_run", lambda run_dir, path, records: path)  # PNG written apart
+    run_dir = _step_checkpoint(tmp_path / "run", 2).parent.parent
+    (run_dir / "checkpoints" / "step_2" / "train_state.pt").write_bytes(b"")
+    (run_dir / "train_config.json").write_text(json.dumps({"model": "tiny", "data_dir": "../tokens", "seq_len": 64}))
+    record = {"loss": 4.0, "lr": 1e-3, "tokens_per_s": 100.0, "step_s": 1.0, "mfu": 0.1}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **record}) + "\n" for s in (1, 2, 3)))
+    describe = report._model
+
+    def run_saves_step_3_and_prunes_step_2(run, checkpoint, *arguments):
+        if checkpoint.name == "step_2":
+            (_step_checkpoint(run_dir, 3) / "train_state.pt").write_bytes(b"")
+            shutil.rmtree(checkpoint)
+        return describe(run, checkpoint, *arguments)
+
+    monkeypatch.setattr(report, "_model", run_saves_step_3_and_prunes_step_2)
+    page = report.write_report(run_dir, samples=False).read_text()
+    assert (
+        f"newest checkpoint `{run_dir / 'checkpoints' / 'step_3'}`" in page
+        and "| tokens trained | 300 (3 steps) |" in page
+    )
+    (run_dir / "checkpoints" / "step_3" / "config.json").write_text("{")  # damaged, not deleted: named at once
+    with pytest.raises(ValueError, match="step_3"):
+        report.write_report(run_dir, samples=False)
+
+
 def test_eval_records_the_corpus_and_per_module_only_where_a_task_read_them(tmp_path, monkeypatch):
     """results.json recorded the default corpus runs/demo/corpus (and per_module 4) for a task-only eval that never
     read it, and the report's rerun command passed it on."""
