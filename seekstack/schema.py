@@ -270,7 +270,7 @@ def write_config(config: Any, path: str | Path) -> Path:
     values = _plain(dataclasses.asdict(config))
     folder = path.parent.resolve()
     for name, value in values.items():  # the inverse of `resolve_paths`
-        if isinstance(value, str) and value and _is_path_field(name):
+        if isinstance(value, str) and value and is_path_field(name):
             values[name] = _written_path(value, folder)
     if path.suffix in (".yaml", ".yml"):
         text = yaml.safe_dump(values, sort_keys=False)
@@ -434,7 +434,7 @@ def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     absolute and writes them relative to the run."""
     resolved = dict(values)
     for name, value in values.items():
-        if isinstance(value, str) and value and _is_path_field(name) and not Path(value).is_absolute():
+        if isinstance(value, str) and value and is_path_field(name) and not Path(value).is_absolute():
             joined = folder / value
             under_cwd = os.path.relpath(joined)
             resolved[name] = str(joined) if under_cwd.startswith(os.pardir) else under_cwd
@@ -443,7 +443,7 @@ def resolve_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def same_value(name: str, old: Any, new: Any) -> bool:
     """Whether two values of field `name` mean the same; paths (the fields of `resolve_paths`) name the same file."""
-    if _is_path_field(name) and isinstance(old, str) and isinstance(new, str) and old and new:
+    if is_path_field(name) and isinstance(old, str) and isinstance(new, str) and old and new:
         return Path(old).resolve() == Path(new).resolve()
     return old == new
 
@@ -451,7 +451,8 @@ def same_value(name: str, old: Any, new: Any) -> bool:
 PATH_FIELDS = ("tokenizer", "init_from", "data", "val_data", "teacher", "teacher_cache")  # and `*_dir`, `*_path`
 
 
-def _is_path_field(name: str) -> bool:
+def is_path_field(name: str) -> bool:
+    """Whether field `name` holds a path (read relative to its config file's folder)."""
     return name.endswith(("_dir", "_path")) or name in PATH_FIELDS
 
 

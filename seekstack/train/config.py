@@ -24,6 +24,7 @@ from seekstack.schema import (
     PositiveFloat,
     apply_overrides,
     check,
+    is_path_field,
     nested_config,
     overridden_field,
     read_config_file,
@@ -265,9 +266,14 @@ def resolve_train_config(
             _require_saved_seed(config, base)
     except ConfigError as error:
         if resume and _kept_from_saved_config(cls, error, given, overrides):
+            moved = (  # a path the run saved relative to its folder
+                " (its relative paths are relative to the run's folder, so a copied or moved run can lose what they "
+                "name)"
+                if is_path_field(error.field)
+                else ""
+            )
             raise ConfigError(
-                f"{error.problem}; the run's saved config holds this value (its relative paths are relative to the "
-                f"run's folder, so a copied or moved run can lose what they name): give {error.field}=... on the "
+                f"{error.problem}; the run's saved config holds this value{moved}: give {error.field}=... on the "
                 "command line to replace it",
                 error.field,
             ).at(str(saved_path)) from None

@@ -268,7 +268,21 @@ def test_a_run_moved_to_another_depth_names_its_saved_config_for_its_lost_data_d
     assert said.startswith(f"a/{CONFIG_FILE}: field 'data_dir' must be an existing folder of token shards")
     assert f"nothing at {tmp_path.parent / 'tokens'}" in said
     assert said.endswith("give data_dir=... on the command line to replace it")
+    assert "relative paths are relative to the run's folder" in said
     assert resolve_train_config(None, ["out_dir=a", "data_dir=tokens"], resume=True).data_dir == "tokens"
+
+
+def test_a_saved_value_that_a_resume_override_breaks_is_named_without_a_word_on_paths(tmp_path) -> None:
+    """lr=1e-4 below the saved min_lr=3e-4: the saved config and min_lr are named; the note that a moved run loses
+    its relative paths, said of every field, is said of path fields only."""
+    (tmp_path / "tokens").mkdir()
+    load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={tmp_path / 'a'}"]).save(tmp_path / "a")
+    with pytest.raises(ConfigError) as refused:
+        resolve_train_config(None, [f"out_dir={tmp_path / 'a'}", "lr=1e-4"], resume=True)
+    assert str(refused.value) == (
+        f"{tmp_path / 'a' / CONFIG_FILE}: field 'min_lr' must be at most lr=0.0001, not 0.0003; the run's saved "
+        "config holds this value: give min_lr=... on the command line to replace it"
+    )
 
 
 def test_a_path_given_absolute_is_saved_absolute_whatever_this_process_resolved_before(tmp_path, monkeypatch) -> None:
