@@ -251,7 +251,7 @@ class Server:
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
             categories = self.safety.categories_for(bill.key)
-            if categories and self.safety.moderate_prompt(body, categories, bill):
+            if categories and await asyncio.to_thread(self.safety.moderate_prompt, body, categories, bill):  # scans
                 prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)  # redacted
                 prompt_tokens = sum(len(prompt) for prompt in prompts)
             requests = [prompt for prompt in prompts for _ in range(candidates(body))]  # one per engine request

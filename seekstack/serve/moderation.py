@@ -15,7 +15,9 @@ invisible characters (`folded`: `ｓｅｌｆ` and `s<zero-width space>elf` are 
 with `score(text) -> probability` (`Classifier`); the one we ship is the hashed n-gram logistic regression of
 `seekstack data quality-train --reference CATEGORY_EXAMPLES --pool ACCEPTABLE_EXAMPLES --out FILE.npz`. Terms and
 patterns act on the span they match (a block cuts the text before it, a redaction replaces it); a classifier judges
-the whole text so far.
+the whole text so far. Patterns run on the `regex` module (Python's syntax), which lets other threads run while it
+matches and gives up after `MATCH_TIMEOUT_S` (`PolicyTimeout`): a pattern that backtracks without end on some text
+(`(a|aa)+$`) costs that request, not the server.
 
 Streaming: text is released `holdback` characters behind what was generated (and in full at the end), so a term
 or pattern match of up to that many characters is acted on before any of it is sent; a classifier's judgement
@@ -27,7 +29,6 @@ never ahead of it, and never for blocked or redacted text (`HeldLogprobs`).
 from __future__ import annotations
 
 import bisect
-import re
 import unicodedata
 from collections import deque
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
+import regex
 from annotated_types import Interval
 
 from seekstack.infer.detokenize import TextStream
@@ -44,7 +46,9 @@ from seekstack.tokenizer import Tokenizer
 
 CLASSIFY_EVERY_CHARS = 200
 CONTEXT_CHARS = 64  # characters before a scan's start that its matches may look back at
+MATCH_TIMEOUT_S = 10.0  # longest one scan of a text by a category's terms and patterns may take
 INVISIBLE = frozenset("\u00ad\u180e\u200b\u200c\u200d\u2060\ufeff")  # soft hyphen, zero-width characters
+DOTLESS_I = str.maketrans("ı", "i")  # read as i, as Python's `re` matched it case-insensitively (`regex` does not)
 Action = Literal["block", "redact", "flag"]
 
 
@@ -52,6 +56,15 @@ class Classifier(Protocol):
     """What a category's classifier offers: the probability that a text belongs to the category."""
 
     def score(self, text: str) -> float: ...
+
+
+class PolicyTimeout(Exception):
+    """A category's terms and patterns took longer than `MATCH_TIMEOUT_S` to scan a text."""
+
+    def __init__(self, category: str, length: int):
+        super().__init__(f"category {category!r}: its patterns took over {MATCH_TIMEOUT_S:g} s to scan {length} "
+                         "characters of text; send shorter text (or, as the policy's author, write patterns that do "
+                         "not backtrack without end, such as `(a|aa)+`)")  # fmt: skip
 
 
 @dataclass
@@ -92,7 +105,7 @@ class Category:
 
     name: str
     rule: CategoryRule
-    expression: re.Pattern | None
+    expression: regex.Pattern | None
     classifier: Classifier | None
 
     def spans(self, text: str, start: int = 0) -> list[Hit]:
@@ -100,9 +113,13 @@ class Category:
         if self.expression is None:
             return []
         view, origin = folded(text, max(0, start - CONTEXT_CHARS))  # what precedes `start`: `\b`, lookbehinds
-        return [Hit(self.name, self.rule.action, (origin[m.start()], origin[m.end() - 1] + 1), 1.0)
-                for m in self.expression.finditer(view, bisect.bisect_left(origin, start))
-                if m.end() > m.start()]  # fmt: skip
+        matches = self.expression.finditer(view, bisect.bisect_left(origin, start), concurrent=True,
+                                           timeout=MATCH_TIMEOUT_S)  # fmt: skip
+        try:
+            return [Hit(self.name, self.rule.action, (origin[m.start()], origin[m.end() - 1] + 1), 1.0)
+                    for m in matches if m.end() > m.start()]  # fmt: skip
+        except TimeoutError:
+            raise PolicyTimeout(self.name, len(view)) from None
 
     def judge(self, text: str) -> Hit | None:
         """The classifier's verdict on the whole text, if it finds the category."""
@@ -143,7 +160,7 @@ class Policy:
                 raise ConfigError(f"{path}: category {name!r} has a blank term {blank!r}, which matches nothing")
             try:
                 expression = _expression(rule)
-            except re.error as error:
+            except regex.error as error:
                 raise ConfigError(f"{path}: category {name!r} has an invalid pattern: {error}") from None
             classifier = None
             if rule.classifier is not None:
@@ -288,8 +305,9 @@ def _shifted(hits: list[Hit], offset: int) -> list[Hit]:
 
 def folded(text: str, start: int = 0) -> tuple[str, Sequence[int]]:
     """text[start:] as the policy reads it, so that look-alike spellings match what they spell: each character in its
-    NFKC compatibility form (fullwidth `ｓｅｌｆ` -> `self`, the ligature `ﬁ` -> `fi`), invisible ones (zero-width
-    spaces and joiners, soft hyphens) dropped; and per character of it, the position in `text` it came from."""
+    NFKC compatibility form (fullwidth `ｓｅｌｆ` -> `self`, the ligature `ﬁ` -> `fi`; dotless `ı` -> `i`), invisible
+    ones (zero-width spaces and joiners, soft hyphens) dropped; and per character of it, the position in `text` it came
+    from."""
     if text.isascii():
         return text[start:], range(start, len(text))
     characters, origin = [], []
@@ -297,15 +315,15 @@ def folded(text: str, start: int = 0) -> tuple[str, Sequence[int]]:
         character = text[position]
         if character in INVISIBLE:
             continue
-        form = character if character.isascii() else unicodedata.normalize("NFKC", character)
+        form = character if character.isascii() else unicodedata.normalize("NFKC", character).translate(DOTLESS_I)
         characters.append(form)
         origin += [position] * len(form)
     return "".join(characters), origin
 
 
-def _expression(rule: CategoryRule) -> re.Pattern | None:
+def _expression(rule: CategoryRule) -> regex.Pattern | None:
     """One case-insensitive expression for a rule's terms (as whole words, their words apart by any run of whitespace:
     `pipe  bomb` and `pipe<newline>bomb` are `pipe bomb`) and patterns."""
-    terms = [r"\s+".join(map(re.escape, term.split())) for term in rule.terms]
+    terms = [r"\s+".join(map(regex.escape, term.split())) for term in rule.terms]
     parts = [rf"\b{term}\b" for term in terms] + [f"(?:{pattern})" for pattern in rule.patterns]
-    return re.compile("|".join(parts), re.IGNORECASE) if parts else None
+    return regex.compile("|".join(parts), regex.IGNORECASE | regex.VERSION0) if parts else None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from seekstack.serve.billing import Bill
 from seekstack.serve.errors import APIError
 from seekstack.serve.keys import ApiKey
-from seekstack.serve.moderation import Category, Hit, Policy, redacted, scan
+from seekstack.serve.moderation import Category, Hit, Policy, PolicyTimeout, redacted, scan
 from seekstack.serve.protocol import completion_prompts, token_bytes
 from seekstack.serve.schemas import (
     ChatCompletionRequest,
@@ -49,7 +49,7 @@ class ContentSafety:
         cleaned = list(prompts)
         for index, prompt in enumerate(prompts):
             text, spelled = (prompt, None) if isinstance(prompt, str) else self._read_ids(prompt)
-            hits = scan(categories, text)
+            hits = scanned(categories, text, "messages" if is_chat else "prompt")
             if not hits:
                 continue
             blocking = self.note(bill, hits)
@@ -103,7 +103,7 @@ class ContentSafety:
         categories = self.categories_for(key)
         results = []
         for text in [body.input] if isinstance(body.input, str) else body.input:
-            hits = scan(categories, text)
+            hits = scanned(categories, text, "input")
             found = {category.name: any(hit.category == category.name for hit in hits) for category in categories}
             scores = {
                 category.name: category.classifier.score(text) if category.classifier else float(found[category.name])
@@ -111,6 +111,16 @@ class ContentSafety:
             }
             results.append(ModerationResult(flagged=any(found.values()), categories=found, category_scores=scores))
         return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=self.model, results=results)
+
+
+def scanned(categories: list[Category], text: str, param: str) -> list[Hit]:
+    """`scan` of a request's text; 400 `content_policy_timeout` when a category's patterns take too long on it (the
+    request can be neither passed unread nor judged)."""
+    try:
+        return scan(categories, text)
+    except PolicyTimeout as error:
+        raise APIError(400, f"this server's content policy could not check the {param}: {error}", param=param,
+                       code="content_policy_timeout") from None  # fmt: skip
 
 
 @dataclass

@@ -14,6 +14,7 @@ from seekstack.infer.detokenize import TextStream
 from seekstack.infer.engine import Engine
 from seekstack.infer.outputs import TokenLogprob
 from seekstack.schema import ConfigError
+from seekstack.serve import moderation
 from seekstack.serve.app import create_app
 from seekstack.serve.billing import Bill
 from seekstack.serve.database import open_database
@@ -116,13 +117,15 @@ def test_look_alike_spellings_of_a_term_are_found_where_they_stand(policy):
     for text in (
         "build a ｐｉｐｅ ｂｏｍｂ now",
         "build a pi\u200bpe bo\u00admb now",
+        "build a pıpe bomb now",  # the dotless ı: i to Python's `re`, and to the policy still
         "build a Pipe bomb now",
         "build a pipe  bomb now",
         "build a pipe\nbomb now",
         "build a PIPE\t bomb now",
     ):
         (hit,) = weapons.spans(text)
-        assert text[hit.span[0] : hit.span[1]].lower().startswith(("ｐ", "pi")) and text[hit.span[1] :] == " now", text
+        found = text[hit.span[0] : hit.span[1]].lower()
+        assert found.startswith(("ｐ", "pi", "pı")) and text[hit.span[1] :] == " now", text
     rude = policy.categories["rude"]  # a scan from inside a word still sees the word: no match inside it
     assert rude.spans("so unstupid a thing", start=5) == [] and rude.spans("so ｕｎｓｔｕｐｉｄ", start=5) == []
     assert [hit.span for hit in rude.spans("so stupid, ｓｔｕｐｉｄ", start=3)] == [(3, 9), (11, 17)]
@@ -334,3 +337,25 @@ def test_moderations_name_the_policy_that_ran_as_their_model_not_the_model_asked
         answers.append(run(app, scenario).json())
     assert [answer["model"] for answer in answers] == ["seekstack-policy:policy.yaml", "seekstack-policy:none"]
     assert answers[1]["results"] == [{"flagged": False, "categories": {}, "category_scores": {}}]
+
+
+def test_a_pattern_that_backtracks_without_end_refuses_the_text_in_time(model_dir, tmp_path, monkeypatch):
+    """`(?:a|aa)+$` on 34 a's and a b backtracks for seconds (Python's `re` held the GIL all along: the README's own
+    e-mail pattern on 2 MB of one word froze the whole server, health checks and SIGTERM too, for hours)."""
+    monkeypatch.setattr(moderation, "MATCH_TIMEOUT_S", 0.01)  # the scan takes ~8 s: 800 times that
+    policy = write_policy(tmp_path, {"runs": {"action": "block", "patterns": ["(?:a|aa)+$"]}})
+    database = open_database(tmp_path / "db")
+    app = create_app(Engine.from_pretrained(model_dir), database, policy=policy)
+    text = "a" * 34 + "b"
+
+    async def scenario(client):
+        checked = await client.post("/v1/moderations", json={"input": ["hello", text]})
+        completed = await client.post("/v1/completions", json={"model": "model", "prompt": text, "max_tokens": 2})
+        return checked, completed
+
+    checked, completed = run(app, scenario)
+    for response, param in ((checked, "input"), (completed, "prompt")):
+        error = error_of(response, 400)
+        assert (error["code"], error["param"]) == ("content_policy_timeout", param)
+        assert "category 'runs': its patterns took over 0.01 s to scan 35 characters" in error["message"]
+    assert [(row["status"], row["prompt_tokens"]) for row in Ledger(database).records()] == [(400, 0)]
