@@ -92,7 +92,7 @@ class JsonFormat:
         start the prompt gives (DeepSeek-R1's "<think>\\n"): the JSON is the answer after the reasoning
         (`after_reasoning`), as vLLM applies structured outputs once the reasoning ends."""
         self.vocab_size = tokenizer.vocab_size
-        grammar_tokenizer = _grammar_tokenizer(tokenizer)
+        grammar_tokenizer = grammar_tokenizer_of(tokenizer)
         if schema is False:
             raise InvalidSchema("JSON Schema not supported: it allows no value that can be written (it is false)")
         if schema is True:  # JSON Schema's `true`: any value
@@ -136,8 +136,9 @@ def after_reasoning(answer: dict[str, Any], reasoning_start: str) -> str:
     return "\n".join([f"start: answer | /{BLANK}{{0,4}}{THINK_OPEN}/ reasoning blank answer", *rules])
 
 
-def _grammar_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
-    """llguidance's view of `tokenizer`: the token-bytes trie, built once per tokenizer (~0.5 s for 129k tokens)."""
+def grammar_tokenizer_of(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
+    """llguidance's view of `tokenizer`: the token-bytes trie, built once per tokenizer (~0.5-1.5 s for 129k tokens,
+    holding the GIL: `seekstack serve` builds it as it starts, so that no first JSON request stalls every stream)."""
     with _build_lock:
         if tokenizer not in _grammar_tokenizers:
             _grammar_tokenizers[tokenizer] = llguidance.LLTokenizer(

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from uvicorn.config import STARTUP_FAILURE
 
 from seekstack.infer.engine import Engine
+from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES
 from seekstack.serve.app import CUT_OFF, create_app
@@ -65,6 +66,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
         model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs(model_dir)
     )
     check_cache_holds_context(engine, options.engine)
+    grammar_tokenizer_of(engine.tokenizer)  # JSON mode's token trie, now rather than at the first JSON request
     app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins,
                      options.reasoning_parser)  # fmt: skip
     name = app.state.server.model_name

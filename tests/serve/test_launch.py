@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import llguidance
 import pytest
 from typer.testing import CliRunner
 
 from seekstack.cli import app
+from seekstack.infer.json_mode import JsonFormat
 from seekstack.infer.params import EngineOptions
 from seekstack.serve.launch import ServeOptions, build_server
 from tests.serve.server import free_port, make_model_dir, run
@@ -29,6 +31,16 @@ def test_serve_refuses_a_context_longer_than_the_cache_holds_naming_both_options
     )
     with pytest.raises(ValueError, match="^--max-model-len 200 is more than the latent cache holds"):
         build_server(model_dir, serve_options(tmp_path, max_model_len=200))
+
+
+def test_serve_builds_json_modes_token_trie_before_the_first_json_request(tmp_path, monkeypatch):
+    """llguidance's token trie of a 129k vocabulary takes ~1 s, holding the GIL: built at the first JSON request, it
+    stalled every stream as long (a 1.0 s gap between two tokens of a concurrent stream). The server builds it as it
+    starts."""
+    app, _ = build_server(make_model_dir(tmp_path, max_position_embeddings=256), serve_options(tmp_path, 144))
+    monkeypatch.setattr(llguidance, "LLTokenizer", lambda *args, **kwargs: pytest.fail("built at the JSON request"))
+    engine = app.state.server.engine
+    assert JsonFormat(engine.tokenizer).constraint().allowed(engine.config.vocab_size).any()
 
 
 def test_serve_with_a_context_the_cache_holds_answers_a_chat_without_max_tokens(tmp_path):
