@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from seekstack.serve.database import Database
     from seekstack.serve.keys import ApiKey, KeyStore
 
+DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # of `keys create --expires-in`
 USAGE_NAMES_FOLDED_TO = 3  # the narrowest a usage table folds names to (3 letters a line); narrower: a block per row
 DatabaseOption = Annotated[
     str | None,
@@ -186,6 +188,9 @@ def keys_create(
     model: Annotated[
         list[str] | None, typer.Option(help="A model (or adapter) the key may use (repeatable); default all")
     ] = None,
+    expires_in: Annotated[
+        str | None, typer.Option(help="Refused from this long after now on: 30s, 15m, 12h, 90d; default never")
+    ] = None,
     db: DatabaseOption = None,
 ) -> None:
     """Create an API key and print it: it is shown this once and stored only as a hash. A name whose keys are all
@@ -194,8 +199,9 @@ def keys_create(
 
     with user_errors():
         models = tuple(model) if model else None
+        expires_at = None if expires_in is None else time.time() + _duration_s(expires_in)
         store = KeyStore(_database(db))
-        key = store.create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin, models=models)
+        key = store.create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin, models=models, expires_at=expires_at)
     _show_new_key(store, key, f"created key {name!r}")
 
 
@@ -257,9 +263,23 @@ def _listed_prefix(key: ApiKey) -> str:
     return key.prefix + "..."
 
 
+def _duration_s(text: str) -> float:
+    """The seconds of a duration written as LiteLLM's key durations are (`30s`, `15m`, `12h`, `90d`); ValueError
+    saying that form for any other."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"--expires-in {text!r}: give a whole number of seconds, minutes, hours or days: 30s, 15m, "
+                         "12h, 90d")  # fmt: skip
+    return int(match[1]) * DURATION_UNITS_S[match[2]]
+
+
 def _state(key: ApiKey) -> str:
-    """`active`, or when `key` was revoked."""
-    return "active" if key.revoked_at is None else f"revoked {_utc(key.revoked_at)}"
+    """`active` (and when it expires, if it does), `expired` when it has, or when `key` was revoked."""
+    if key.revoked_at is not None:
+        return f"revoked {_utc(key.revoked_at)}"
+    if key.expires_at is None:
+        return "active"
+    return f"{'expired' if key.expired(time.time()) else 'active, expires'} {_utc(key.expires_at)}"
 
 
 @keys_app.command("revoke")
@@ -286,10 +306,11 @@ def keys_rotate(name: Annotated[str, typer.Argument(help="Name of the key")], db
 
 def _show_new_key(store: KeyStore, key: str, done: str) -> None:
     """Print a new key alone on stdout (for scripts), and on stderr what was done, that it is shown only now, and
-    its plan, limits, models and admin flag."""
+    its plan, limits, models, admin flag and expiry."""
     typer.echo(key)
     typer.echo(f"{done}; copy it now, it cannot be shown again", err=True)
-    typer.echo(_terms(store.verify(key)), err=True)
+    new = store.verify(key)
+    typer.echo(_terms(new) + ("" if new.expires_at is None else f"; {_state(new)} UTC"), err=True)
 
 
 def _terms(key: ApiKey) -> str:

@@ -35,7 +35,7 @@ from seekstack.serve.billing import Bill
 from seekstack.serve.bridge import AsyncEngine, RequestGroup
 from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
-from seekstack.serve.keys import ApiKey, KeyStore
+from seekstack.serve.keys import ApiKey, KeyStore, utc_time
 from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.serve.metrics import ServerMetrics
 from seekstack.serve.moderation import Category, HeldLogprobs, ModeratedStream, Policy
@@ -176,7 +176,7 @@ class Server:
 
     def authenticate(self, request: Request, admin: bool = False) -> ApiKey | None:
         """The caller's key (None while no key exists: the server is open, to loopback JSON requests only); 401
-        without a valid one."""
+        without a valid one (none, unknown, revoked, or expired)."""
         if not self.keys.any_keys():
             check_open_mode_request(request)
             return None
@@ -186,6 +186,8 @@ class Server:
         key = self.keys.verify(token.strip())
         if key is None:
             raise APIError(401, "the API key is not valid or was revoked", code="invalid_api_key")
+        if key.expired(time.time()):
+            raise APIError(401, f"the API key expired at {utc_time(key.expires_at)} UTC", code="expired_api_key")
         if admin and not key.admin:
             raise APIError(403, f"key {key.name!r} is not an admin key", "permission_error", code="admin_required")
         return key

@@ -46,9 +46,13 @@ class ApiKey:
     revoked_at: float | None
     models: tuple[str, ...] | None = None  # the models (base or adapters) it may use; None: all
     prices: Plan | None = None  # its plan's prices when it was verified (None: not read with it)
+    expires_at: float | None = None  # when it stops working (Unix seconds); None: never
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 @dataclass(frozen=True)
@@ -87,10 +91,13 @@ class KeyStore:
         tpm: int | None = None,
         admin: bool = False,
         models: tuple[str, ...] | None = None,
+        expires_at: float | None = None,
     ) -> str:
         """Store a new key under `name` (free, or with only revoked keys) and return it; this is the only time it is
-        available."""
+        available. From `expires_at` (Unix seconds) on the server refuses it."""
         _require_name("key", name)
+        if expires_at is not None and expires_at <= time.time():
+            raise KeyStoreError(f"key {name!r} would expire at {utc_time(expires_at)} UTC, which has passed")
         if not plan:
             raise KeyStoreError("a key's plan name must not be empty; `seekstack keys plan` lists the plans")
         for field, limit in (("rpm", rpm), ("tpm", tpm)):
@@ -102,7 +109,7 @@ class KeyStore:
             if connection.execute("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
                 raise KeyStoreError(f"an active key named {name!r} already exists; rotate it (`seekstack keys rotate "
                                     f"{name}`), revoke it or choose another name")  # fmt: skip
-            return _insert(connection, name, plan, rpm, tpm, admin, models)
+            return _insert(connection, name, plan, rpm, tpm, admin, models, expires_at)
 
     def revoke(self, name: str) -> None:
         """Mark the key `name` revoked: it stops working on the next request."""
@@ -111,14 +118,17 @@ class KeyStore:
                 raise KeyStoreError(f"no active key named {name!r}")
 
     def rotate(self, name: str) -> str:
-        """Revoke the active key `name` and store a new one under the name with its plan, limits, models and admin
-        flag, in one transaction; return the new key (shown this once)."""
+        """Revoke the active key `name` and store a new one under the name with its plan, limits, models, admin flag
+        and expiry, in one transaction; return the new key (shown this once)."""
         with self.database.transaction() as connection:
             old = _revoke_active(connection, name)
             if old is None:
                 raise KeyStoreError(f"no active key named {name!r} to rotate; `seekstack keys create --name {name}` "
                                     "makes one")  # fmt: skip
-            return _insert(connection, name, old.plan, old.rpm, old.tpm, old.admin, old.models)
+            if old.expired(time.time()):  # its new key would be expired too
+                raise KeyStoreError(f"key {name!r} expired at {utc_time(old.expires_at)} UTC: revoke it and create a "
+                                    "new one (`keys create --expires-in` gives it a new term)")  # fmt: skip
+            return _insert(connection, name, old.plan, old.rpm, old.tpm, old.admin, old.models, old.expires_at)
 
     def list(self) -> list[ApiKey]:
         """All keys, revoked ones included, oldest first."""
@@ -194,6 +204,7 @@ def _insert(
     tpm: int | None,
     admin: bool,
     models: tuple[str, ...] | None,
+    expires_at: float | None,
 ) -> str:
     """Store a new active key (in `connection`'s transaction) and return it."""
     if not _plan_exists(connection, plan):
@@ -201,9 +212,9 @@ def _insert(
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     allowed = None if models is None else json.dumps(list(models))
     connection.execute(
-        "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at, models) "
-        "VALUES (?,?,?,?,?,?,?,?,?)",
-        (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time(), allowed),
+        "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at, models, expires_at) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time(), allowed, expires_at),
     )
     return key
 
@@ -227,4 +238,10 @@ def _api_key(row) -> ApiKey:
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
         models=None if row["models"] is None else tuple(json.loads(row["models"])),
+        expires_at=row["expires_at"],
     )
+
+
+def utc_time(timestamp: float) -> str:
+    """Unix seconds as the UTC time `YYYY-MM-DD HH:MM:SS`."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))

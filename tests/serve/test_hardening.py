@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import json
 import random
+import re
 import sqlite3
 import stat
 import time
@@ -663,6 +664,21 @@ def seconds_of(duration: str) -> int:
     """The seconds of a Go duration of whole seconds, as OpenAI's x-ratelimit-reset-* give them: `45s`, `1m0s`."""
     minutes, _, seconds = duration.removesuffix("s").rpartition("m")
     return 60 * int(minutes or 0) + int(seconds)
+
+
+def test_an_expired_key_gets_401_saying_when_it_expired(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("trial", expires_at=time.time() + 3600)
+    with database.transaction() as connection:  # its hour has passed
+        connection.execute("UPDATE keys SET expires_at = ? WHERE name = 'trial'", (time.time() - 1,))
+
+    async def scenario(client):
+        return await client.post("/v1/completions", json=COMPLETION, headers={"Authorization": f"Bearer {key}"})
+
+    expired = error_of(run(create_app(engine, database), scenario), 401)
+    assert expired["code"] == "expired_api_key" and re.fullmatch(
+        r"the API key expired at [\d-]+ [\d:]+ UTC", expired["message"]
+    )
 
 
 def test_cors_admits_the_configured_origins_only(engine, tmp_path):

@@ -180,6 +180,33 @@ def test_rotate_revokes_the_key_and_gives_its_name_a_new_one_with_its_settings(d
         keys.rotate("leaky")
 
 
+def test_a_key_given_a_term_expires_with_it_and_rotating_keeps_the_term(database, database_location, monkeypatch):
+    """LiteLLM's keys take a `duration`; ours had none, so a contractor's key worked until someone revoked it."""
+    keys, now = KeyStore(database), time.time()
+    contractor = keys.create("contractor", rpm=5, expires_at=now + 3600)
+    term = keys.verify(contractor).expires_at
+    assert term == pytest.approx(now + 3600) and not keys.verify(contractor).expired(now + 3599)
+    assert keys.verify(contractor).expired(now + 3600)  # refused from the instant it is due on
+    assert keys.verify(keys.rotate("contractor")).expires_at == term  # a leaked key's successor ends when it would
+    with pytest.raises(KeyStoreError, match="key 'late' would expire at .* UTC, which has passed"):
+        keys.create("late", expires_at=now - 1)
+    monkeypatch.setattr(time, "time", lambda: now + 7200)
+    with pytest.raises(KeyStoreError, match="key 'contractor' expired at .* UTC: revoke it and create a new one"):
+        keys.rotate("contractor")  # its new key would be expired too
+    assert keys.verify(keys.create("forever")).expires_at is None
+
+
+def test_keys_create_expires_in_takes_litellms_durations_and_list_shows_the_expiry(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    created = runner.invoke(app, ["keys", "create", "--name", "trial", "--expires-in", "90d", "--db", db])
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 90 * 86400))
+    assert created.exit_code == 0 and f"; active, expires {day} " in created.stderr
+    assert f"active, expires {day} " in runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "60"}).stdout
+    for wrong in ("1y", "0d", "90 days", "-5m"):
+        refused = runner.invoke(app, ["keys", "create", "--name", "x", "--expires-in", wrong, "--db", db])
+        assert refused.exit_code == 1 and f"--expires-in {wrong!r}: give a whole number of seconds" in refused.stderr
+
+
 OLD_KEYS_SCHEMA = (  # a database from before a name could be given a new key: its name the primary key, no models
     "CREATE TABLE plans (name TEXT PRIMARY KEY, prompt_per_1k DOUBLE PRECISION NOT NULL, "
     "completion_per_1k DOUBLE PRECISION NOT NULL)",
