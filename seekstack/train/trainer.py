@@ -184,7 +184,8 @@ class BatchSource(Protocol):
     true sizes its rows itself and checks them against the model's context (RL: a prompt and a completion); the
     run's `seq_len` is not held to the context for it. A source with a `record(out_dir)` method (SFT) writes files
     of its own into a new run's out_dir beside its config, once the run has passed every check (a refused run writes
-    nothing)."""
+    nothing). A source with `progress_metrics` (names of metrics its `loss` returns) has them shown on the progress
+    line after the loss (RL: reward and accuracy, where GRPO's loss is ~0 by construction)."""
 
     tokenizer_info: dict[str, Any]  # vocab_size; path and sha256 of the tokenizer checkpoints carry
 
@@ -1036,8 +1037,10 @@ class _Run:
             if "lm_loss" in metrics
             else f"loss (total) {metrics['loss']:.4f}"
         )
+        shown = getattr(self.source, "progress_metrics", ())  # a batch source's own: RL's reward and accuracy
+        own = "".join(f"  {name} {metrics[name]:.3f}" for name in shown if name in metrics)
         line = (
-            f"step {self.step}/{self.config.max_steps}  {loss}  "
+            f"step {self.step}/{self.config.max_steps}  {loss}{own}  "
             f"{metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}  "
             f"ETA {eta_text(eta_seconds)}"
         )

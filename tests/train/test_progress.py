@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
+import torch
 
 from seekstack.train import trainer
 from seekstack.train.trainer import ERASE_TO_ROW_END, EtaClock, redrawn_in_place, train
-from tests.train.test_trainer import data_dir, run_config  # noqa: F401 (data_dir: a fixture)
+from tests.train.test_trainer import VOCAB, data_dir, run_config  # noqa: F401 (data_dir: a fixture)
 
 LONG = (
     "step 9/60  loss 6.0589 (total 7.8717)  1,274 tok/s  MFU 37.1%  ETA 00:00:10"
@@ -77,3 +79,38 @@ def test_an_error_during_a_run_on_a_terminal_starts_a_row_of_its_own(data_dir, t
         train(run_config(data_dir, tmp_path, max_steps=4, eval_every=0, save_every=0))
     err = capsys.readouterr().err
     assert "\rstep 1/4  loss " in err and err.endswith(ERASE_TO_ROW_END + "\n")
+
+
+class RewardedWindows:
+    """A batch source of token windows whose loss also returns a reward, as RL's does."""
+
+    progress_metrics = ("reward",)
+    tokenizer_info = {"vocab_size": VOCAB, "sha256": "synthetic", "bos_id": 0, "eos_id": 1}
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(0)
+
+    def attach(self, model) -> None:
+        pass
+
+    def batch(self, batch_size: int, progress: float) -> torch.Tensor:
+        return torch.randint(0, VOCAB, (batch_size, 16), generator=self.generator)
+
+    def loss(self, model, batch: torch.Tensor, mtp_loss_weight: float):
+        return model(batch, labels=batch, mtp_loss_weight=mtp_loss_weight), {"reward": 0.25}
+
+    def tokens(self, batch: torch.Tensor) -> tuple[int, int]:
+        return batch.numel(), batch.shape[1]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def test_the_progress_line_shows_the_metrics_a_batch_source_names_beside_the_loss(data_dir, tmp_path, capsys):  # noqa: F811
+    """An rl run's line read 'loss 0.0000 (total 0.0000)' at every step: GRPO's loss, ~0 by construction."""
+    train(run_config(data_dir, tmp_path, max_steps=1, eval_every=0, save_every=0), source=RewardedWindows())
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step 1/1")]
+    assert re.fullmatch(r"step 1/1  loss \d+\.\d{4} \(total \d+\.\d{4}\)  reward 0\.250  [\d,]+ tok/s  .*", line)
