@@ -81,10 +81,7 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
     """
     import pydantic
 
-    known = [f.name for f in dataclasses.fields(cls)]
-    for name in values:
-        if name not in known:
-            raise ConfigError(f"unknown field {name!r}; {known_fields(name, known)}").at(source)
+    require_known_fields(cls, values, source)
     for name, value in values.items():
         if _has_lone_surrogate(value):
             raise ConfigError(f"has value {value!r}: not valid Unicode text", field=name).at(source)
@@ -107,6 +104,15 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
         ) from None
     except ConfigError as error:  # from a __post_init__
         raise error.at(source) from None
+
+
+def require_known_fields(cls: type, values: Mapping[str, Any], source: str | None = None) -> None:
+    """ConfigError naming the first of `values`' keys that is no field of dataclass `cls`, the closest field and
+    `source` (a file name)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    for name in values:
+        if name not in known:
+            raise ConfigError(f"unknown field {name!r}; {known_fields(name, known)}").at(source)
 
 
 def _value_note(cls: type, name: str, value: Any) -> str:

@@ -30,6 +30,7 @@ from seekstack.schema import (
     read_config_file,
     recheck,
     require,
+    require_known_fields,
     resolve_paths,
     same_value,
     write_config,
@@ -257,6 +258,7 @@ def resolve_train_config(
                 f"{saved_path}: no such file; a run to resume has its config there (start without resume)"
             )
         base = _given_values(saved_path)
+        require_known_fields(cls, base, str(saved_path))  # a field of another version, or edited in by hand
     values = _checkpoints_of_runs(cls, apply_overrides(cls, {**base, **given}, overrides), warn)
     try:
         config = check(cls, values).validate()

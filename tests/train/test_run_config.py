@@ -272,6 +272,17 @@ def test_a_run_moved_to_another_depth_names_its_saved_config_for_its_lost_data_d
     assert resolve_train_config(None, ["out_dir=a", "data_dir=tokens"], resume=True).data_dir == "tokens"
 
 
+def test_an_unknown_field_in_a_resumed_runs_saved_config_names_that_file(tmp_path) -> None:
+    """A train_config.json with a field this version lacks (another version's, or edited in by hand) was refused
+    with "unknown field 'old_knob'; ..." and no word of the file, which the user never gave."""
+    (tmp_path / "tokens").mkdir()
+    load_train_config(None, [f"data_dir={tmp_path / 'tokens'}", f"out_dir={tmp_path / 'a'}"]).save(tmp_path / "a")
+    saved = tmp_path / "a" / CONFIG_FILE
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "max_step": 5}))
+    with pytest.raises(ConfigError, match=f"^{saved}: unknown field 'max_step'; did you mean 'max_steps'\\?"):
+        resolve_train_config(None, [f"out_dir={tmp_path / 'a'}"], resume=True)
+
+
 def test_a_saved_value_that_a_resume_override_breaks_is_named_without_a_word_on_paths(tmp_path) -> None:
     """lr=1e-4 below the saved min_lr=3e-4: the saved config and min_lr are named; the note that a moved run loses
     its relative paths, said of every field, is said of path fields only."""
