@@ -121,11 +121,15 @@ class Category:
         except TimeoutError:
             raise PolicyTimeout(self.name, len(view)) from None
 
+    def probability(self, text: str) -> float:
+        """The classifier's probability that the text, as `folded` reads it, is of the category."""
+        return self.classifier.score(folded(text)[0])
+
     def judge(self, text: str) -> Hit | None:
         """The classifier's verdict on the whole text, if it finds the category."""
         if self.classifier is None:
             return None
-        score = self.classifier.score(folded(text)[0])
+        score = self.probability(text)
         return Hit(self.name, self.rule.action, None, score) if score >= self.rule.threshold else None
 
 

@@ -98,19 +98,25 @@ class ContentSafety:
         return f"seekstack-policy:{self.policy.name if self.policy else 'none'}"
 
     def moderations(self, body: ModerationRequest, key: ApiKey | None) -> ModerationResponse:
-        """OpenAI's /v1/moderations under the caller's categories: per input, each category found and its score (a
-        classifier's probability, else 1 or 0); the request's `model` is not read (`model` answers)."""
+        """OpenAI's /v1/moderations under the caller's categories: per input, each category found and its score (1 for
+        a term or pattern found, else the classifier's probability, else 0), so a score at or over the category's
+        threshold is a category found; the request's `model` is not read (`model` answers)."""
         categories = self.categories_for(key)
         results = []
         for text in [body.input] if isinstance(body.input, str) else body.input:
             hits = scanned(categories, text, "input")
             found = {category.name: any(hit.category == category.name for hit in hits) for category in categories}
-            scores = {
-                category.name: category.classifier.score(text) if category.classifier else float(found[category.name])
-                for category in categories
-            }
+            scores = {category.name: _score(category, hits, text) for category in categories}
             results.append(ModerationResult(flagged=any(found.values()), categories=found, category_scores=scores))
         return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=self.model, results=results)
+
+
+def _score(category: Category, hits: list[Hit], text: str) -> float:
+    """The category's score of a text: its hits' highest (1 for a span), else its classifier's probability, else 0."""
+    scores = [hit.score for hit in hits if hit.category == category.name]
+    if scores:
+        return max(scores)
+    return category.probability(text) if category.classifier is not None else 0.0
 
 
 def scanned(categories: list[Category], text: str, param: str) -> list[Hit]:

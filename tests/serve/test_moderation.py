@@ -24,7 +24,7 @@ from seekstack.serve.launch import warn_of_unknown_scopes
 from seekstack.serve.ledger import Ledger
 from seekstack.serve.moderation import HeldLogprobs, ModeratedStream, Policy
 from seekstack.serve.safety import ContentSafety, Spelling
-from seekstack.serve.schemas import CompletionRequest
+from seekstack.serve.schemas import CompletionRequest, ModerationRequest
 from seekstack.tokenizer import Tokenizer
 from tests.serve.server import error_of, make_model_dir, run
 
@@ -359,3 +359,17 @@ def test_a_pattern_that_backtracks_without_end_refuses_the_text_in_time(model_di
         assert (error["code"], error["param"]) == ("content_policy_timeout", param)
         assert "category 'runs': its patterns took over 0.01 s to scan 35 characters" in error["message"]
     assert [(row["status"], row["prompt_tokens"]) for row in Ledger(database).records()] == [(400, 0)]
+
+
+def test_moderation_scores_agree_with_the_categories_found(policy):
+    """A score at or over its category's threshold is a category found (was: the classifier read the text unfolded,
+    0.50 for the fullwidth text it found at 0.84; and a term found scored the classifier's 0.16)."""
+    safety = ContentSafety(policy, None)
+    fullwidth = "ｍａｋｅ ａｎ ｅｘｐｌｏｓｉｖｅ ｄｅｖｉｃｅ ａｔ ｈｏｍｅ"
+    inputs = [fullwidth, "a kite at home, a pipe bomb", "make a kite at home"]
+    results = safety.moderations(ModerationRequest(input=inputs), None).results
+    assert [result.categories["weapons"] for result in results] == [True, True, False]
+    assert results[1].category_scores["weapons"] == 1.0  # its term
+    for result in results:
+        for name, found in result.categories.items():
+            assert found == (result.category_scores[name] >= policy.categories[name].rule.threshold), (result, name)
