@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from tokenizers import AddedToken
+from tokenizers import AddedToken, decoders, models, normalizers
+from tokenizers import Tokenizer as BackendTokenizer
 
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.tokenizer import EOS, SPECIAL_TOKENS, Tokenizer, train_tokenizer
@@ -79,3 +80,29 @@ def test_an_empty_splits_byte_lengths_are_refused_naming_its_index(tmp_path):
         ValueError, match=f"{index_path(tmp_path / 'tokens', 'val')} holds no tokens: its corpus had no val"
     ):
         split_byte_lengths(tmp_path / "tokens", "val")
+
+
+def sentencepiece_style_tokenizer() -> Tokenizer:
+    """A tokenizer.json laid out as Llama 2's and Mistral's: BPE over "▁"-joined words with byte fallback (a character
+    outside the vocabulary is its UTF-8 bytes, pieces <0x00>..<0xFF>), and a decoder that drops the text's first
+    space."""
+    pieces = [f"<0x{byte:02X}>" for byte in range(256)] + sorted(set("▁" + TEXT.replace(" ", "▁")) - {"👩", "‍", "👧"})
+    vocab = {piece: number for number, piece in enumerate([*SPECIAL_TOKENS, *pieces, "▁c", "▁ca", "▁caf", "▁café"])}
+    merges = [("▁", "c"), ("▁c", "a"), ("▁ca", "f"), ("▁caf", "é")]
+    backend = BackendTokenizer(models.BPE(vocab, merges, byte_fallback=True))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return Tokenizer(backend)
+
+
+def test_a_sentencepiece_style_tokenizers_pieces_count_their_leading_space_and_a_fallback_byte_one():
+    tokenizer = sentencepiece_style_tokenizer()
+    byte_lengths = token_byte_lengths(tokenizer)
+    ids = tokenizer.encode(TEXT)
+    assert tokenizer.decode(ids) == TEXT and tokenizer.backend.token_to_id("<0xF0>") in ids  # 👩 as its 4 bytes
+    counted = {piece: byte_lengths[tokenizer.backend.token_to_id(piece)].item() for piece in ("▁café", "<0xF0>", "ï")}
+    assert counted == {"▁café": 6, "<0xF0>": 1, "ï": 2}  # ï is no byte-level stand-in for 0xEF here
+    assert int(byte_lengths[ids].sum()) == len(TEXT.encode("utf-8")) + 1  # and the space the normalizer led it with
