@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 import time
 from pathlib import Path
@@ -36,7 +35,6 @@ if TYPE_CHECKING:
     from seekstack.serve.database import Database
     from seekstack.serve.keys import ApiKey, KeyStore
 
-DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # of `keys create --expires-in`
 USAGE_NAMES_FOLDED_TO = 3  # the narrowest a usage table folds names to (3 letters a line); narrower: a block per row
 DatabaseOption = Annotated[
     str | None,
@@ -191,17 +189,28 @@ def keys_create(
     expires_in: Annotated[
         str | None, typer.Option(help="Refused from this long after now on: 30s, 15m, 12h, 90d; default never")
     ] = None,
+    max_budget: Annotated[
+        float | None, typer.Option(help="Refused once its name's usage has cost this much (> 0); default no budget")
+    ] = None,
+    budget_duration: Annotated[
+        str | None, typer.Option(help="The budget is of the usage of this last while (30d, 12h); default all of it")
+    ] = None,
     db: DatabaseOption = None,
 ) -> None:
     """Create an API key and print it: it is shown this once and stored only as a hash. A name whose keys are all
     revoked may be used again."""
-    from seekstack.serve.keys import KeyStore
+    from seekstack.serve.keys import Budget, KeyStore, parse_duration
 
     with user_errors():
         models = tuple(model) if model else None
-        expires_at = None if expires_in is None else time.time() + _duration_s(expires_in)
+        expires_at = None if expires_in is None else time.time() + parse_duration(expires_in, "--expires-in")
+        if budget_duration is not None and max_budget is None:
+            fail("--budget-duration is the period of a budget: give --max-budget too")
+        period_s = None if budget_duration is None else parse_duration(budget_duration, "--budget-duration")
+        budget = None if max_budget is None else Budget(max_budget, period_s)
         store = KeyStore(_database(db))
-        key = store.create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin, models=models, expires_at=expires_at)
+        key = store.create(name, plan=plan, rpm=rpm, tpm=tpm, admin=admin, models=models, expires_at=expires_at,
+                           budget=budget)  # fmt: skip
     _show_new_key(store, key, f"created key {name!r}")
 
 
@@ -217,12 +226,16 @@ def keys_list(db: DatabaseOption = None) -> None:
     with user_errors():
         keys = KeyStore(_database(db, existing=True)).list()
     table = Table(title="API keys")
-    for column in ("name", "key", "plan", "rpm", "tpm", "models", "admin", "created (UTC)", "state"):
+    budgets = any(key.budget for key in keys)  # a column for them where a key has one
+    columns = ("name", "key", "plan", "rpm", "tpm", *(["budget"] if budgets else []), "models", "admin",
+               "created (UTC)", "state")  # fmt: skip
+    for column in columns:
         _add_column(table, column, whole=column in ("key", "rpm", "tpm", "admin"))
     for key in keys:
         limits = [str(limit) if limit else "-" for limit in (key.rpm, key.tpm)]
         admin = "yes" if key.admin else ""
-        row = (key.name, _listed_prefix(key), key.plan, *limits, _models(key), admin, _utc(key.created_at), _state(key))
+        row = (key.name, _listed_prefix(key), key.plan, *limits, *([_budget(key)] if budgets else []), _models(key),
+               admin, _utc(key.created_at), _state(key))  # fmt: skip
         table.add_row(*row)
     console = Console(markup=False)
     if _table_width(console, table, folded_to=None) <= console.width:
@@ -261,16 +274,6 @@ def _echo_block(head: str, *details: str, width: int) -> None:
 def _listed_prefix(key: ApiKey) -> str:
     """The first characters of `key`, as `keys list` shows it."""
     return key.prefix + "..."
-
-
-def _duration_s(text: str) -> float:
-    """The seconds of a duration written as LiteLLM's key durations are (`30s`, `15m`, `12h`, `90d`); ValueError
-    saying that form for any other."""
-    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if match is None or int(match[1]) == 0:
-        raise ValueError(f"--expires-in {text!r}: give a whole number of seconds, minutes, hours or days: 30s, 15m, "
-                         "12h, 90d")  # fmt: skip
-    return int(match[1]) * DURATION_UNITS_S[match[2]]
 
 
 def _state(key: ApiKey) -> str:
@@ -314,10 +317,22 @@ def _show_new_key(store: KeyStore, key: str, done: str) -> None:
 
 
 def _terms(key: ApiKey) -> str:
-    """`key`'s plan, limits, models and admin flag in one line, as a new key's summary and `keys list` show them."""
+    """`key`'s plan, limits, models, admin flag and budget in one line, as a new key's summary and `keys list` show
+    them."""
     rpm, tpm = ("unlimited" if limit is None else str(limit) for limit in (key.rpm, key.tpm))
     admin = "yes" if key.admin else "no"
-    return f"plan {key.plan!r}, rpm {rpm}, tpm {tpm}, models {_models(key)}, admin {admin}"
+    budget = "" if key.budget is None else f", budget {_budget(key)}"
+    return f"plan {key.plan!r}, rpm {rpm}, tpm {tpm}, models {_models(key)}, admin {admin}{budget}"
+
+
+def _budget(key: ApiKey) -> str:
+    """`key`'s budget as `keys list` shows it: `10`, `10 per 30d`, or `-` for none."""
+    from seekstack.serve.keys import format_duration
+
+    if key.budget is None:
+        return "-"
+    period = "" if key.budget.period_s is None else f" per {format_duration(key.budget.period_s)}"
+    return f"{key.budget.amount:g}{period}"
 
 
 def _models(key: ApiKey) -> str:

@@ -35,7 +35,7 @@ from seekstack.serve.billing import Bill
 from seekstack.serve.bridge import AsyncEngine, RequestGroup
 from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
-from seekstack.serve.keys import ApiKey, KeyStore, utc_time
+from seekstack.serve.keys import ApiKey, KeyStore, format_duration, utc_time
 from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.serve.metrics import ServerMetrics
 from seekstack.serve.moderation import Category, HeldLogprobs, ModeratedStream, Policy
@@ -238,6 +238,7 @@ class Server:
         charge = None  # the rate-limit charge, once admitted
         try:
             charge = await in_write_thread(self.admit, bill.key)  # counted, whatever comes of it
+            await asyncio.to_thread(self.refuse_over_budget, bill.key)  # before any work: a database read
             bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
@@ -368,6 +369,25 @@ class Server:
         if key is None or key.tpm is None or requested_max_tokens(body) is not None:
             return None
         return (self.limiter.tokens_left(key.name, key.tpm) - prompt_tokens) // requests
+
+    def refuse_over_budget(self, key: ApiKey | None) -> None:
+        """429 `insufficient_quota`, as OpenAI's for an account out of credit, once the usage of `key`'s name has cost
+        its budget (over the budget's period): refused before it is read, the request costs nothing."""
+        if key is None or key.budget is None:
+            return
+        budget = key.budget
+        since = None if budget.period_s is None else time.time() - budget.period_s
+        spent = self.ledger.spent(key.name, since)
+        if spent >= budget.amount:
+            period = "" if budget.period_s is None else f" in the last {format_duration(budget.period_s)}"
+            until = "it is given a higher budget" if budget.period_s is None else "that spend falls below it"
+            raise APIError(
+                429,
+                f"key {key.name!r} has spent {spent:.6f}{period}, its whole budget of {budget.amount:g}: no request is "
+                f"served until {until}",
+                "insufficient_quota",
+                code="insufficient_quota",
+            )
 
     def admit(self, key: ApiKey | None) -> Charge | None:
         """Count a request against the key's requests per minute, at no tokens yet (None for a key without limits);

@@ -3,8 +3,9 @@
 `open_database(location)` takes a file path (SQLite) or a `postgresql://` URL. Tables, created on first open:
   plans(name, prompt_per_1k, completion_per_1k, cached_prompt_per_1k)   prices in the user's currency per 1k
         tokens; cached_prompt_per_1k: prompt tokens read from the prefix cache (NULL: the prompt price)
-  keys(name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models, expires_at)   only a key's
-        sha256; a name has at most one active key, and may be given a new one once its keys are revoked
+  keys(name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models, expires_at, max_budget,
+        budget_period_s)   only a key's sha256; a name has at most one active key, and may be given a new one once
+        its keys are revoked
   usage(id, created_at, key_name, model, endpoint, prompt_tokens, completion_tokens, latency_s, status, cost,
         cached_tokens, moderation)   status 0: a stream still running, or cut off by a crash (see ledger.py)
   rate_charges(id, key_name, at, tokens)   the last minute's requests per key, for the rate limits of every process
@@ -59,9 +60,14 @@ KEYS_COLUMNS = """
         created_at DOUBLE PRECISION NOT NULL,
         revoked_at DOUBLE PRECISION,
         models TEXT,
-        expires_at DOUBLE PRECISION
+        expires_at DOUBLE PRECISION,
+        max_budget DOUBLE PRECISION,
+        budget_period_s DOUBLE PRECISION
 """
-KEYS_COLUMN_NAMES = "name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models, expires_at"
+KEYS_COLUMN_NAMES = (
+    "name, key_hash, prefix, plan, rpm, tpm, admin, created_at, revoked_at, models, expires_at, max_budget, "
+    "budget_period_s"
+)
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS plans (
         name TEXT PRIMARY KEY,
@@ -98,6 +104,8 @@ ADDED_COLUMNS = (  # (table, column, definition): columns newer than the tables 
     ("usage", "moderation", "TEXT"),  # the content-safety category that blocked, redacted or flagged it
     ("keys", "models", "TEXT"),  # JSON list of the models the key may use; NULL: all (before a rebuild copies it)
     ("keys", "expires_at", "DOUBLE PRECISION"),  # when the key stops working; NULL: never (as models, before a rebuild)
+    ("keys", "max_budget", "DOUBLE PRECISION"),  # the most its name's usage may cost; NULL: no budget
+    ("keys", "budget_period_s", "DOUBLE PRECISION"),  # the budget's trailing window; NULL: the name's whole usage
 )
 KEYS_REBUILT = "keys rebuilt so that a name whose keys are revoked may be given a new one"
 KEYS_INDEXES = (  # made once the keys table is rebuilt, if it had to be (SQLiteDatabase._free_revoked_key_names)

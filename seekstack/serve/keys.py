@@ -21,6 +21,7 @@ from seekstack.serve.database import DEFAULT_PLAN, Database, Statements
 KEY_PREFIX = "sk-ss-"
 SHOWN_PREFIX_CHARS = 12
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")  # of a key and of a plan
+DURATION_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # of a key's term and budget period, as LiteLLM's
 MAX_LIMIT = 2**31 - 1  # the largest rpm or tpm: PostgreSQL's INTEGER (SQLite's holds up to 2**63 - 1)
 ACTIVE_KEY_WITH_PRICES = (  # parameter: the key's hash
     "SELECT keys.*, plans.prompt_per_1k, plans.completion_per_1k, plans.cached_prompt_per_1k "
@@ -47,12 +48,22 @@ class ApiKey:
     models: tuple[str, ...] | None = None  # the models (base or adapters) it may use; None: all
     prices: Plan | None = None  # its plan's prices when it was verified (None: not read with it)
     expires_at: float | None = None  # when it stops working (Unix seconds); None: never
+    budget: Budget | None = None  # the most its name's usage may cost; None: no budget
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The most a key's name may spend (the cost of its usage rows, LiteLLM's max_budget), over the trailing
+    `period_s` seconds (LiteLLM's budget_duration) or, None, over all its usage."""
+
+    amount: float
+    period_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,12 +103,16 @@ class KeyStore:
         admin: bool = False,
         models: tuple[str, ...] | None = None,
         expires_at: float | None = None,
+        budget: Budget | None = None,
     ) -> str:
         """Store a new key under `name` (free, or with only revoked keys) and return it; this is the only time it is
-        available. From `expires_at` (Unix seconds) on the server refuses it."""
+        available. From `expires_at` (Unix seconds) on the server refuses it, and once its name's usage has cost
+        `budget`."""
         _require_name("key", name)
         if expires_at is not None and expires_at <= time.time():
             raise KeyStoreError(f"key {name!r} would expire at {utc_time(expires_at)} UTC, which has passed")
+        if budget is not None and not (math.isfinite(budget.amount) and budget.amount > 0):
+            raise KeyStoreError(f"the budget of key {name!r} must be a finite amount above 0, got {budget.amount}")
         if not plan:
             raise KeyStoreError("a key's plan name must not be empty; `seekstack keys plan` lists the plans")
         for field, limit in (("rpm", rpm), ("tpm", tpm)):
@@ -109,7 +124,7 @@ class KeyStore:
             if connection.execute("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
                 raise KeyStoreError(f"an active key named {name!r} already exists; rotate it (`seekstack keys rotate "
                                     f"{name}`), revoke it or choose another name")  # fmt: skip
-            return _insert(connection, name, plan, rpm, tpm, admin, models, expires_at)
+            return _insert(connection, name, plan, rpm, tpm, admin, models, expires_at, budget)
 
     def revoke(self, name: str) -> None:
         """Mark the key `name` revoked: it stops working on the next request."""
@@ -118,8 +133,8 @@ class KeyStore:
                 raise KeyStoreError(f"no active key named {name!r}")
 
     def rotate(self, name: str) -> str:
-        """Revoke the active key `name` and store a new one under the name with its plan, limits, models, admin flag
-        and expiry, in one transaction; return the new key (shown this once)."""
+        """Revoke the active key `name` and store a new one under the name with its plan, limits, models, admin flag,
+        expiry and budget, in one transaction; return the new key (shown this once)."""
         with self.database.transaction() as connection:
             old = _revoke_active(connection, name)
             if old is None:
@@ -128,7 +143,9 @@ class KeyStore:
             if old.expired(time.time()):  # its new key would be expired too
                 raise KeyStoreError(f"key {name!r} expired at {utc_time(old.expires_at)} UTC: revoke it and create a "
                                     "new one (`keys create --expires-in` gives it a new term)")  # fmt: skip
-            return _insert(connection, name, old.plan, old.rpm, old.tpm, old.admin, old.models, old.expires_at)
+            return _insert(
+                connection, name, old.plan, old.rpm, old.tpm, old.admin, old.models, old.expires_at, old.budget
+            )
 
     def list(self) -> list[ApiKey]:
         """All keys, revoked ones included, oldest first."""
@@ -205,17 +222,20 @@ def _insert(
     admin: bool,
     models: tuple[str, ...] | None,
     expires_at: float | None,
+    budget: Budget | None,
 ) -> str:
     """Store a new active key (in `connection`'s transaction) and return it."""
     if not _plan_exists(connection, plan):
         raise KeyStoreError(f"no plan {plan!r}; create it with `seekstack keys plan {plan} --prompt-price ...`")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     allowed = None if models is None else json.dumps(list(models))
+    amount, period_s = (None, None) if budget is None else (budget.amount, budget.period_s)
     connection.execute(
-        "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at, models, expires_at) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?)",
-        (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time(), allowed, expires_at),
-    )
+        "INSERT INTO keys (name, key_hash, prefix, plan, rpm, tpm, admin, created_at, models, expires_at, max_budget, "
+        "budget_period_s) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        (name, hash_key(key), key[:SHOWN_PREFIX_CHARS], plan, rpm, tpm, int(admin), time.time(), allowed, expires_at,
+         amount, period_s),
+    )  # fmt: skip
     return key
 
 
@@ -239,7 +259,24 @@ def _api_key(row) -> ApiKey:
         revoked_at=row["revoked_at"],
         models=None if row["models"] is None else tuple(json.loads(row["models"])),
         expires_at=row["expires_at"],
+        budget=None if row["max_budget"] is None else Budget(row["max_budget"], row["budget_period_s"]),
     )
+
+
+def parse_duration(text: str, option: str) -> float:
+    """The seconds of a duration written as LiteLLM's key durations are (`30s`, `15m`, `12h`, `90d`); ValueError
+    naming `option` and that form for any other."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match is None or int(match[1]) == 0:
+        raise ValueError(f"{option} {text!r}: give a whole number of seconds, minutes, hours or days: 30s, 15m, 12h, "
+                         "90d")  # fmt: skip
+    return int(match[1]) * DURATION_UNITS_S[match[2]]
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` in the largest of `parse_duration`'s units that holds it whole: 2592000 -> `30d`."""
+    unit = next(unit for unit, size in reversed(DURATION_UNITS_S.items()) if seconds % size == 0 or size == 1)
+    return f"{seconds / DURATION_UNITS_S[unit]:g}{unit}"
 
 
 def utc_time(timestamp: float) -> str:

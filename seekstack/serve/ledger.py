@@ -122,6 +122,14 @@ class Ledger:
         where, parameters = ("WHERE key_name = ?", (key_name,)) if key_name is not None else ("", ())
         return [dict(row) for row in self.database.query(f"SELECT * FROM usage {where} ORDER BY id", parameters)]
 
+    def spent(self, key_name: str, since: float | None = None) -> float:
+        """What the usage of the key named `key_name` has cost, that recorded after `since` (Unix seconds) or all."""
+        after, parameters = ("AND created_at > ?", (key_name, since)) if since is not None else ("", (key_name,))
+        rows = self.database.query(
+            f"SELECT COALESCE(SUM(cost), 0) AS spent FROM usage WHERE key_name = ? {after}", parameters
+        )
+        return rows[0]["spent"]
+
     def knows(self, key_name: str) -> bool:
         """Whether any usage is recorded for key `key_name`."""
         return bool(self.database.query("SELECT 1 FROM usage WHERE key_name = ? LIMIT 1", (key_name,)))

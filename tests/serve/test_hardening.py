@@ -23,7 +23,7 @@ from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
-from seekstack.serve.keys import KeyStore
+from seekstack.serve.keys import Budget, KeyStore
 from seekstack.serve.ledger import Ledger, UsageRecord
 from tests.serve.server import error_of, make_model_dir, run
 
@@ -679,6 +679,34 @@ def test_an_expired_key_gets_401_saying_when_it_expired(engine, tmp_path):
     assert expired["code"] == "expired_api_key" and re.fullmatch(
         r"the API key expired at [\d-]+ [\d:]+ UTC", expired["message"]
     )
+
+
+def test_a_key_that_has_spent_its_budget_is_refused_before_its_request_is_read(engine, tmp_path):
+    """LiteLLM's max_budget: a key at its budget gets 429 insufficient_quota (OpenAI's answer for an account out of
+    credit), recorded at no cost; a budget over a period counts only that period's spend."""
+    database = open_database(tmp_path / "db")
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.set_plan("pricey", prompt_per_1k=1000.0, completion_per_1k=1000.0)  # a token costs 1
+    capped = keys.create("capped", plan="pricey", budget=Budget(2 * COMPLETION["max_tokens"]))
+    monthly = keys.create("monthly", budget=Budget(1.0, period_s=30 * 86400))
+    ledger.record(UsageRecord("monthly", "model", "/v1/completions", 10**6, 0, 0.1, 200))  # 2.0, now
+    with database.transaction() as connection:  # ... recorded 31 days ago, out of the period
+        connection.execute("UPDATE usage SET created_at = ? WHERE key_name = 'monthly'", (time.time() - 31 * 86400,))
+
+    async def scenario(client):
+        def post(key):
+            return client.post("/v1/completions", json=COMPLETION, headers={"Authorization": f"Bearer {key}"})
+
+        return [await post(capped) for _ in range(3)], await post(monthly)
+
+    (first, second, refused), fresh_period = run(create_app(engine, database), scenario)
+    assert first.status_code == second.status_code == fresh_period.status_code == 200
+    spent = sum(row["cost"] for row in ledger.records("capped"))
+    assert spent >= 2 * COMPLETION["max_tokens"]  # was: served, and billed, without end
+    error = error_of(refused, 429)
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert error["message"].startswith(f"key 'capped' has spent {spent:.6f}, its whole budget of 8: no request is")
+    assert ledger.records("capped")[-1]["cost"] == 0 and ledger.records("capped")[-1]["status"] == 429
 
 
 def test_cors_admits_the_configured_origins_only(engine, tmp_path):

@@ -20,7 +20,7 @@ from seekstack.serve import billing
 from seekstack.serve import ledger as ledger_module
 from seekstack.serve.billing import BILL_EVERY_TOKENS, Bill
 from seekstack.serve.database import Database, open_database
-from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, KeyStore, KeyStoreError, Plan, hash_key
+from seekstack.serve.keys import KEY_PREFIX, MAX_LIMIT, Budget, KeyStore, KeyStoreError, Plan, hash_key
 from seekstack.serve.ledger import Ledger, UsageRecord, parse_day
 from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
 from tests.serve.server import free_port, new_postgres_database, postgres_or_skip
@@ -205,6 +205,37 @@ def test_keys_create_expires_in_takes_litellms_durations_and_list_shows_the_expi
     for wrong in ("1y", "0d", "90 days", "-5m"):
         refused = runner.invoke(app, ["keys", "create", "--name", "x", "--expires-in", wrong, "--db", db])
         assert refused.exit_code == 1 and f"--expires-in {wrong!r}: give a whole number of seconds" in refused.stderr
+
+
+def test_a_keys_budget_is_stored_kept_by_rotate_and_its_spend_read_over_its_period(database, monkeypatch):
+    keys, ledger = KeyStore(database), Ledger(database)
+    keys.create("team", budget=Budget(10.0, period_s=30 * 86400))
+    assert keys.verify(keys.rotate("team")).budget == Budget(10.0, 30 * 86400)  # LiteLLM's max_budget, budget_duration
+    assert keys.verify(keys.create("unbounded")).budget is None
+    for amount in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(KeyStoreError, match="the budget of key 'x' must be a finite amount above 0"):
+            keys.create("x", budget=Budget(amount))
+    now = time.time()
+    for age_s, prompt in ((40 * 86400, 1000), (86400, 500), (0, 250)):  # 0.002 per 1k tokens: 0.002, 0.001, 0.0005
+        monkeypatch.setattr(ledger_module, "time", types.SimpleNamespace(time=lambda age_s=age_s: now - age_s))
+        ledger.record(usage("team", prompt, 0))
+    assert ledger.spent("team") == pytest.approx(0.0035)
+    assert ledger.spent("team", since=now - 30 * 86400) == pytest.approx(0.0015)
+    assert ledger.spent("nobody") == 0
+
+
+def test_keys_create_max_budget_and_budget_duration_and_list_shows_them(tmp_path):
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    created = runner.invoke(app, ["keys", "create", "--name", "team", "--max-budget", "25", "--budget-duration", "30d",
+                                  "--db", db])  # fmt: skip
+    assert created.exit_code == 0 and created.stderr.splitlines()[-1].endswith(", budget 25 per 30d")
+    runner.invoke(app, ["keys", "create", "--name", "free", "--db", db])
+    table = runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "200"}).stdout
+    header = next(cells(line, "┃") for line in table.splitlines() if "budget" in line)
+    rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in table.splitlines() if line.startswith("│")]
+    assert [(row["name"], row["budget"]) for row in rows] == [("team", "25 per 30d"), ("free", "-")]
+    alone = runner.invoke(app, ["keys", "create", "--name", "x", "--budget-duration", "30d", "--db", db])
+    assert alone.exit_code == 1 and "--budget-duration is the period of a budget: give --max-budget too" in alone.stderr
 
 
 OLD_KEYS_SCHEMA = (  # a database from before a name could be given a new key: its name the primary key, no models
