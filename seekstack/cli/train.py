@@ -90,11 +90,19 @@ def plot_command(
             "FIRST_RUN/compared.png (rl runs: FIRST_RUN/rl_curves.png, as rl-plot)"
         ),
     ] = None,
+    smooth: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Steps averaged per point of the training curves (losses, MaxVio; validation and learning rate as "
+            "logged); default 1 (rl runs: 10, as rl-plot)",
+        ),
+    ] = None,
 ) -> None:
     """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG, or several runs'
     overlaid, one colour each; rl runs' reward, accuracy, lengths, KL, clipping and entropy as `rl-plot` draws them
     (their loss is GRPO's, no next-token loss)."""
-    from seekstack.posttrain.plot import plot_rl_runs
+    from seekstack.posttrain.plot import RL_SMOOTH, plot_rl_runs
     from seekstack.train.plot import plot_run, plot_runs, read_metrics
 
     with user_errors():
@@ -106,11 +114,11 @@ def plot_command(
                 "not: plot the rl runs together (or with rl-plot), the others apart"
             )
         if rl:  # `seekstack rl`'s steps
-            written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", records=records)
+            written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", smooth or RL_SMOOTH, records)
         elif len(runs) == 1:
-            written = plot_run(runs[0], out, records[0])
+            written = plot_run(runs[0], out, records[0], smooth or 1)
         else:
-            written = plot_runs(runs, out or runs[0] / "compared.png", records)
+            written = plot_runs(runs, out or runs[0] / "compared.png", records, smooth or 1)
     typer.echo(f"wrote {written}")
 
 

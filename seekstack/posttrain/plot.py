@@ -19,7 +19,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from seekstack.atomic import write_atomic  # noqa: E402
-from seekstack.train.plot import MARKED_UP_TO, png_path, read_metrics, require_each_run_once, run_names  # noqa: E402
+from seekstack.train.plot import (  # noqa: E402
+    MARKED_UP_TO,
+    png_path,
+    read_metrics,
+    require_each_run_once,
+    run_names,
+    smoothed,
+)
 
 PANELS = (
     ("reward", ("accuracy", "reward_format")),
@@ -31,21 +38,11 @@ PANELS = (
 # A run that logs a pair's second quantity draws it instead of the first: with async_rollouts, the rollouts that
 # sampled a step's batch ran beside the step before, and the share of the step is its wait for them.
 INSTEAD = {"generate_share": "wait_share"}
-
-
-def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], list[float]]:
-    """(steps, means) of `key` over consecutive windows of `window` steps that have it."""
-    points = [(r["step"], r[key]) for r in records if key in r]
-    steps, means = [], []
-    for start in range(0, len(points), window):
-        chunk = points[start : start + window]
-        steps.append(chunk[-1][0])
-        means.append(sum(value for _, value in chunk) / len(chunk))
-    return steps, means
+RL_SMOOTH = 10  # steps averaged per point by default: one step's batch is small
 
 
 def plot_rl_runs(
-    run_dirs: list[Path], out_path: Path, smooth: int = 10, records: list[list[dict]] | None = None
+    run_dirs: list[Path], out_path: Path, smooth: int = RL_SMOOTH, records: list[list[dict]] | None = None
 ) -> Path:
     """Draw the runs' curves to `out_path` (a .png); return it. `records`: each run's metrics when the caller has
     read them (`read_metrics`) already, so a torn last line is told once."""
@@ -57,7 +54,7 @@ def plot_rl_runs(
     return out_path
 
 
-def rl_figure(run_dirs: list[Path], smooth: int = 10, records: list[list[dict]] | None = None) -> Figure:
+def rl_figure(run_dirs: list[Path], smooth: int = RL_SMOOTH, records: list[list[dict]] | None = None) -> Figure:
     """The runs' curves, one panel of PANELS each, each point the mean of `smooth` steps; `records` as
     `plot_rl_runs` takes them."""
     require_each_run_once(run_dirs)

@@ -47,9 +47,12 @@ def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
     return read_metrics_file(path, on_torn_tail=lambda why: print(f"warning: {why}", file=sys.stderr))
 
 
-def plot_run(run_dir: str | Path, out_path: str | Path | None = None, records: list[dict] | None = None) -> Path:
+def plot_run(
+    run_dir: str | Path, out_path: str | Path | None = None, records: list[dict] | None = None, smooth: int = 1
+) -> Path:
     """Draw the run's curves to `out_path` (default `run_dir/curves.png`); return the path written. `records`: the
-    run's metrics when the caller has read them (`read_metrics`) already, so a torn last line is told once."""
+    run's metrics when the caller has read them (`read_metrics`) already, so a torn last line is told once. `smooth`:
+    steps averaged per point of the training curves (losses, MaxVio)."""
     out_path = png_path(out_path if out_path is not None else Path(run_dir) / "curves.png")
     records = records if records is not None else read_metrics(run_dir)
     steps = _training_steps(records, Path(run_dir) / METRICS_FILE)
@@ -62,19 +65,19 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None, records: l
     path = Path(run_dir) / METRICS_FILE
     x = [r["step"] for r in steps]
 
-    axes[0].plot(x, column(steps, "loss", path), label="loss (total)", linewidth=0.8)
-    trained = [r for r in steps if "lm_loss" in r]  # a step that trained no labelled token (on-policy) has none
-    axes[0].plot([r["step"] for r in trained], column(trained, "lm_loss", path), label="next-token", linewidth=0.8)
+    axes[0].plot(*_curve(steps, "loss", path, smooth), label="loss (total)", linewidth=0.8)
+    # a step that trained no labelled token (on-policy) has no lm_loss
+    axes[0].plot(*_curve(steps, "lm_loss", path, smooth), label="next-token", linewidth=0.8)
     with_mtp = [r for r in steps if "mtp_loss" in r]  # none without MTP modules (older runs logged 0.0)
     if any(r["mtp_loss"] for r in with_mtp):
-        axes[0].plot([r["step"] for r in with_mtp], column(with_mtp, "mtp_loss", path), label="MTP", linewidth=0.8)
+        axes[0].plot(*_curve(with_mtp, "mtp_loss", path, smooth), label="MTP", linewidth=0.8)
     if evals:
         axes[0].plot([r["step"] for r in evals], column(evals, "val_loss", path), "o-", label="validation")
     diverged = [r for r in evals if "val_divergence" in r]  # distillation: the student's from its teacher
     if diverged:
         divergence = column(diverged, "val_divergence", path)
         axes[0].plot([r["step"] for r in diverged], divergence, "s--", label="validation divergence")
-    _style(axes[0], "loss (nats per token)")
+    _style(axes[0], "loss (nats per token)" + _means_of(smooth))
 
     if evals:
         axes[1].plot([r["step"] for r in evals], column(evals, "val_bpb", path), "o-")
@@ -86,10 +89,14 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None, records: l
     layers = sorted({layer for r in steps for layer in r.get("maxvio_per_layer", {})}, key=int)
     main_layers = _main_layer_count(run_dir)
     for layer in layers:
-        values = [(r["step"], r["maxvio_per_layer"][layer]) for r in steps if layer in r.get("maxvio_per_layer", {})]
+        values = [
+            {"step": r["step"], "maxvio": r["maxvio_per_layer"][layer]}
+            for r in steps
+            if layer in r.get("maxvio_per_layer", {})
+        ]
         label = f"layer {layer}" + (" (MTP)" if main_layers is not None and int(layer) >= main_layers else "")
-        axes[3].plot(*zip(*values, strict=True), label=label, linewidth=0.8)
-    _style(axes[3], "MaxVio per MoE layer (step batch)")
+        axes[3].plot(*smoothed(values, "maxvio", smooth), label=label, linewidth=0.8)
+    _style(axes[3], "MaxVio per MoE layer (step batch)" + _means_of(smooth))
 
     if mixed:
         sources = dict.fromkeys(source for r in mixed for source in r["mix"])  # a resume may add some
@@ -101,10 +108,10 @@ def plot_run(run_dir: str | Path, out_path: str | Path | None = None, records: l
     return _write(figure, axes[:panels], x[-1], str(run_dir), out_path)
 
 
-def plot_runs(run_dirs: list[Path], out_path: str | Path, records: list[list[dict]]) -> Path:
+def plot_runs(run_dirs: list[Path], out_path: str | Path, records: list[list[dict]], smooth: int = 1) -> Path:
     """Several runs' curves overlaid in one PNG, one colour per run, as wandb and TensorBoard compare runs: next-token
     loss with the validation loss as points, validation bits per byte, learning rate, MaxVio (the mean over MoE
-    layers); return the path written. `records`: each run's metrics (`read_metrics`)."""
+    layers); return the path written. `records`: each run's metrics (`read_metrics`); `smooth` as `plot_run`'s."""
     require_each_run_once(run_dirs)
     out_path = png_path(out_path)
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
@@ -114,22 +121,22 @@ def plot_runs(run_dirs: list[Path], out_path: str | Path, records: list[list[dic
         path = Path(run_dir) / METRICS_FILE
         steps = _training_steps(logged, path)
         evals = [r for r in logged if "val_loss" in r]
-        curves = (
-            (axes[0], steps, "lm_loss", "-", name), (axes[0], evals, "val_loss", "o--", f"{name} (validation)"),
-            (axes[1], evals, "val_bpb", "o-", name), (axes[2], steps, "lr", "-", name),
-            (axes[3], steps, "maxvio", "-", name),
+        curves = (  # (panel, records, key, points averaged, style, label)
+            (axes[0], steps, "lm_loss", smooth, "-", name),
+            (axes[0], evals, "val_loss", 1, "o--", f"{name} (validation)"),
+            (axes[1], evals, "val_bpb", 1, "o-", name), (axes[2], steps, "lr", 1, "-", name),
+            (axes[3], steps, "maxvio", smooth, "-", name),
         )  # fmt: skip
-        for axis, rows, key, style, label in curves:
-            drawn = [r for r in rows if key in r]  # a step that trained no labelled token has no lm_loss
-            if drawn:
-                values = column(drawn, key, path)
-                axis.plot([r["step"] for r in drawn], values, style, color=f"C{index % 10}", linewidth=0.8, label=label)
+        for axis, rows, key, window, style, label in curves:
+            x, y = _curve(rows, key, path, window)  # a step that trained no labelled token has no lm_loss
+            if x:
+                axis.plot(x, y, style, color=f"C{index % 10}", linewidth=0.8, label=label)
         last_step = max(last_step, steps[-1]["step"])
     titles = (
-        "next-token loss (nats per token)",
+        "next-token loss (nats per token)" + _means_of(smooth),
         "validation bits per byte",
         "learning rate",
-        "MaxVio (mean of MoE layers)",
+        "MaxVio (mean of MoE layers)" + _means_of(smooth),
     )
     for axis, title in zip(axes, titles, strict=True):
         _style(axis, title)
@@ -155,6 +162,29 @@ def run_names(run_dirs: list[Path]) -> list[str]:
     (runs/a/rl and runs/b/rl)."""
     names = [Path(run_dir).name for run_dir in run_dirs]
     return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
+
+
+def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], list[float]]:
+    """(steps, means) of `key` over consecutive windows of `window` steps that have it."""
+    points = [(r["step"], r[key]) for r in records if key in r]
+    steps, means = [], []
+    for start in range(0, len(points), window):
+        chunk = points[start : start + window]
+        steps.append(chunk[-1][0])
+        means.append(sum(value for _, value in chunk) / len(chunk))
+    return steps, means
+
+
+def _curve(records: list[dict], key: str, path: Path, window: int) -> tuple[list[int], list[float]]:
+    """`smoothed` of the records that have `key`, each a number (`column`'s error naming `path` and the step)."""
+    having = [r for r in records if key in r]
+    column(having, key, path)
+    return smoothed(having, key, window)
+
+
+def _means_of(window: int) -> str:
+    """A panel title's note of its training curves' smoothing."""
+    return f", means of {window} steps" if window > 1 else ""
 
 
 def _training_steps(records: list[dict], path: Path) -> list[dict]:

@@ -170,6 +170,31 @@ def test_plot_refuses_to_overlay_an_rl_run_with_others(demo_run, tmp_path):
     assert result.exit_code == 1 and f"{tmp_path} is a `seekstack rl` run" in " ".join(result.output.split())
 
 
+def test_plot_smooth_averages_the_training_curves_over_windows_of_steps(tmp_path, monkeypatch):
+    """As TensorBoard smooths and rl-plot's --smooth: a long run's per-step loss is too noisy to read a trend off."""
+    import seekstack.train.plot as plot
+
+    lines = [
+        {"step": s, "loss": loss, "lm_loss": loss - 0.5, "lr": 1e-3, "maxvio_per_layer": {"1": s / 10}}
+        for s, loss in zip((1, 2, 3, 4), (4.0, 3.0, 2.0, 1.0), strict=True)
+    ] + [{"step": 4, "val_loss": 1.2, "val_bpb": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    run("plot", tmp_path, "--smooth", 2)
+    loss_panel, _, lr_panel, maxvio_panel = drawn[0].axes
+    total, next_token, validation = loss_panel.get_lines()
+    assert list(total.get_xdata()) == [2, 4] and list(total.get_ydata()) == [3.5, 1.5]
+    assert list(next_token.get_ydata()) == [3.0, 1.0] and list(validation.get_ydata()) == [1.2]  # evaluations as logged
+    assert list(maxvio_panel.get_lines()[0].get_ydata()) == pytest.approx([0.15, 0.35])
+    assert len(lr_panel.get_lines()[0].get_xdata()) == 4  # the learning rate as logged
+    assert loss_panel.get_title() == "loss (nats per token), means of 2 steps"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_bytes((tmp_path / "metrics.jsonl").read_bytes())
+    run("plot", tmp_path, tmp_path / "other", "--smooth", 2, "--out", tmp_path / "both.png")
+    assert [list(line.get_ydata()) for line in drawn[1].axes[0].get_lines()] == [[3.0, 1.0], [1.2]] * 2
+
+
 def test_plot_names_the_run_without_metrics(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
