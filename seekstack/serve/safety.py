@@ -98,16 +98,19 @@ class ContentSafety:
         return f"seekstack-policy:{self.policy.name if self.policy else 'none'}"
 
     def moderations(self, body: ModerationRequest, key: ApiKey | None) -> ModerationResponse:
-        """OpenAI's /v1/moderations under the caller's categories: per input, each category found and its score (1 for
-        a term or pattern found, else the classifier's probability, else 0), so a score at or over the category's
-        threshold is a category found; the request's `model` is not read (`model` answers)."""
+        """OpenAI's /v1/moderations under the caller's categories: per input (a multimodal input's text parts as one),
+        each category found, its score (1 for a term or pattern found, else the classifier's probability, else 0), so
+        a score at or over the category's threshold is a category found, and the input types it read (text); the
+        request's `model` is not read (`model` answers)."""
         categories = self.categories_for(key)
         results = []
-        for text in [body.input] if isinstance(body.input, str) else body.input:
+        for text in body.texts():
             hits = scanned(categories, text, "input")
             found = {category.name: any(hit.category == category.name for hit in hits) for category in categories}
             scores = {category.name: _score(category, hits, text) for category in categories}
-            results.append(ModerationResult(flagged=any(found.values()), categories=found, category_scores=scores))
+            applied = {category.name: ["text"] for category in categories}
+            results.append(ModerationResult(flagged=any(found.values()), categories=found, category_scores=scores,
+                                            category_applied_input_types=applied))  # fmt: skip
         return ModerationResponse(id=f"modr-{uuid.uuid4().hex}", model=self.model, results=results)
 
 

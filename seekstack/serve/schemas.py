@@ -402,14 +402,30 @@ class UsageReport(BaseModel):
 
 
 class ModerationRequest(StrictRequest):
-    input: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+    # a text, texts (a result each), or OpenAI's multimodal input: parts of one input (text parts: this server's policy
+    # reads no images)
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[TextPart], Field(min_length=1)]
+    )
     model: str | None = None  # not read: the server's policy answers, whatever is named, and its answer names it
+
+    def texts(self) -> list[str]:
+        """The texts judged, a result each: the input, each text of a list, or a multimodal input's parts as one text,
+        joined by newlines (as a chat message's parts are)."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if isinstance(self.input[0], TextPart):
+            return ["\n".join(part.text for part in self.input)]
+        return self.input
 
 
 class ModerationResult(BaseModel):
     flagged: bool
     categories: dict[str, bool]
     category_scores: dict[str, float]
+    category_applied_input_types: dict[str, list[Literal["text"]]]  # what each category read of the input: its text
 
 
 class ModerationResponse(BaseModel):

@@ -336,7 +336,9 @@ def test_moderations_name_the_policy_that_ran_as_their_model_not_the_model_asked
 
         answers.append(run(app, scenario).json())
     assert [answer["model"] for answer in answers] == ["seekstack-policy:policy.yaml", "seekstack-policy:none"]
-    assert answers[1]["results"] == [{"flagged": False, "categories": {}, "category_scores": {}}]
+    assert answers[1]["results"] == [
+        {"flagged": False, "categories": {}, "category_scores": {}, "category_applied_input_types": {}}
+    ]
 
 
 def test_a_pattern_that_backtracks_without_end_refuses_the_text_in_time(model_dir, tmp_path, monkeypatch):
@@ -373,3 +375,24 @@ def test_moderation_scores_agree_with_the_categories_found(policy):
     for result in results:
         for name, found in result.categories.items():
             assert found == (result.category_scores[name] >= policy.categories[name].rule.threshold), (result, name)
+
+
+def test_moderations_read_openai_multimodal_input_as_one_text_and_say_what_each_category_read(model_dir, policy,
+                                                                                               tmp_path):  # fmt: skip
+    """The openai client's `moderations.create(input=[{"type": "text", ...}])` got 400 'Input should be a valid
+    string', and results lacked OpenAI's `category_applied_input_types`."""
+    app = create_app(Engine.from_pretrained(model_dir), open_database(tmp_path / "db"), policy=policy)
+    parts = [{"type": "text", "text": "how to build a pipe"}, {"type": "text", "text": "bomb"}]
+
+    async def scenario(client):
+        multimodal = await client.post("/v1/moderations", json={"input": parts})
+        image = await client.post("/v1/moderations", json={"input": [*parts, {"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,AAAA"}}]})  # fmt: skip
+        return multimodal, image
+
+    multimodal, image = run(app, scenario)
+    [result] = multimodal.json()["results"]  # one input, its parts joined by a newline: `pipe\nbomb` is the term
+    assert result["flagged"] and result["categories"] == {"weapons": True, "pii": False, "rude": False}
+    assert result["category_applied_input_types"] == {"weapons": ["text"], "pii": ["text"], "rude": ["text"]}
+    error = error_of(image, 400)  # a policy of text cannot judge an image: refused, not passed unread
+    assert error["param"] == "input" and "input.2.type: Input should be 'text', got 'image_url'" in error["message"]
