@@ -327,12 +327,12 @@ def _terms(key: ApiKey) -> str:
 
 def _budget(key: ApiKey) -> str:
     """`key`'s budget as `keys list` shows it: `10`, `10 per 30d`, or `-` for none."""
-    from seekstack.serve.keys import format_duration
+    from seekstack.serve.keys import format_amount, format_duration
 
     if key.budget is None:
         return "-"
     period = "" if key.budget.period_s is None else f" per {format_duration(key.budget.period_s)}"
-    return f"{key.budget.amount:g}{period}"
+    return f"{format_amount(key.budget.amount)}{period}"
 
 
 def _models(key: ApiKey) -> str:
@@ -355,7 +355,7 @@ def keys_plan(
 ) -> None:
     """Set a plan's prices per 1k tokens (requests that come after are billed at them; those under way keep the
     prices they came with), or list the plans."""
-    from seekstack.serve.keys import KeyStore
+    from seekstack.serve.keys import KeyStore, format_amount
 
     with user_errors():
         if name is None and (prompt_price, completion_price, cached_prompt_price) != (None, None, None):
@@ -373,12 +373,10 @@ def keys_plan(
             )
         plans = store.plans()
     for plan in plans:
-        cached = (
-            "" if plan.cached_prompt_per_1k is None else f" ({plan.cached_prompt_per_1k:g} for cached prompt tokens)"
-        )
-        typer.echo(
-            f"{plan.name}: {plan.prompt_per_1k:g} / {plan.completion_per_1k:g} per 1k prompt / output tokens{cached}"
-        )
+        prompt, completion = format_amount(plan.prompt_per_1k), format_amount(plan.completion_per_1k)
+        cached = plan.cached_prompt_per_1k
+        cached_note = "" if cached is None else f" ({format_amount(cached)} for cached prompt tokens)"
+        typer.echo(f"{plan.name}: {prompt} / {completion} per 1k prompt / output tokens{cached_note}")
 
 
 def usage_command(

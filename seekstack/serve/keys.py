@@ -279,6 +279,12 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / DURATION_UNITS_S[unit]:g}{unit}"
 
 
+def format_amount(amount: float) -> str:
+    """A price or budget with every digit it was given (`:g` kept 6: 0.0012345678 showed as 0.00123457), none added:
+    25, 0.1, 1e-07."""
+    return f"{amount:.15g}"
+
+
 def utc_time(timestamp: float) -> str:
     """Unix seconds as the UTC time `YYYY-MM-DD HH:MM:SS`."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))

@@ -903,6 +903,19 @@ def test_commands_that_read_the_database_name_a_missing_one_instead_of_creating_
     assert not missing.exists()
 
 
+def test_keys_plan_and_a_new_keys_budget_show_every_digit_they_were_given(tmp_path):
+    """`:g` kept 6 significant digits: a price of 0.0012345678 was listed as 0.00123457, as if stored rounded."""
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    listed = runner.invoke(app, ["keys", "plan", "fine", "--prompt-price", "0.0012345678", "--completion-price",
+                                 "1.23456789", "--cached-prompt-price", "1e-7", "--db", db])  # fmt: skip
+    assert "fine: 0.0012345678 / 1.23456789 per 1k prompt / output tokens (1e-07 for cached prompt tokens)" in (
+        listed.stdout.splitlines()
+    )
+    assert "default: 0.002 / 0.002 per 1k prompt / output tokens" in listed.stdout.splitlines()  # no digits added
+    created = runner.invoke(app, ["keys", "create", "--name", "team", "--max-budget", "12.3456789", "--db", db])
+    assert created.stderr.splitlines()[-1].endswith(", budget 12.3456789")
+
+
 def test_prices_without_a_plan_name_are_refused_not_ignored(tmp_path):
     db = str(tmp_path / "cli.db")
     result = CliRunner().invoke(app, ["keys", "plan", "--prompt-price", "1", "--db", db])
