@@ -214,17 +214,25 @@ def keys_create(
     _show_new_key(store, key, f"created key {name!r}")
 
 
-@keys_app.command("list")
-def keys_list(db: DatabaseOption = None) -> None:
+@keys_app.command("list", cls=JsonErrorsCommand)
+def keys_list(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON, a record per key (times in Unix seconds)")
+    ] = False,
+    db: DatabaseOption = None,
+) -> None:
     """All keys (by name and first characters), their plan, limits, models and state: a table, one line per key, where
-    the terminal is wide enough for it, else a block per key whose lines wrap between words."""
+    the terminal is wide enough for it, else a block per key whose lines wrap between words; or JSON."""
     from rich.console import Console
     from rich.table import Table
 
     from seekstack.serve.keys import KeyStore
 
-    with user_errors():
+    with user_errors(as_json):
         keys = KeyStore(_database(db, existing=True)).list()
+    if as_json:
+        typer.echo(json.dumps([key.to_dict() for key in keys], indent=2))
+        return
     table = Table(title="API keys")
     budgets = any(key.budget for key in keys)  # a column for them where a key has one
     columns = ("name", "key", "plan", "rpm", "tpm", *(["budget"] if budgets else []), "models", "admin",

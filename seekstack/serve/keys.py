@@ -14,7 +14,7 @@ import math
 import re
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from seekstack.serve.database import DEFAULT_PLAN, Database, Statements
 
@@ -55,6 +55,12 @@ class ApiKey:
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
+
+    def to_dict(self) -> dict:
+        """The key as `keys list --json` gives it (its plan by name, its budget as max_budget and its period)."""
+        record = {field: value for field, value in asdict(self).items() if field not in ("prices", "budget")}
+        amount, period_s = (None, None) if self.budget is None else (self.budget.amount, self.budget.period_s)
+        return {**record, "max_budget": amount, "budget_period_s": period_s}
 
 
 @dataclass(frozen=True)

@@ -916,6 +916,26 @@ def test_keys_plan_and_a_new_keys_budget_show_every_digit_they_were_given(tmp_pa
     assert created.stderr.splitlines()[-1].endswith(", budget 12.3456789")
 
 
+def test_keys_list_json_gives_every_key_with_its_terms_for_scripts(tmp_path):
+    """LiteLLM's /key/list answers JSON; `keys list` had only a table (or wrapped blocks) for a script to parse."""
+    runner, db = CliRunner(), str(tmp_path / "cli.db")
+    store = KeyStore(open_database(db))
+    store.create("team", rpm=60, models=("legal",), budget=Budget(25.0, 30 * 86400), expires_at=time.time() + 3600)
+    store.create("ops", admin=True)
+    store.revoke("ops")
+    listed = runner.invoke(app, ["keys", "list", "--json", "--db", db])
+    team, ops = json.loads(listed.stdout)
+    assert {field: team[field] for field in ("name", "plan", "rpm", "tpm", "models", "admin", "revoked_at")} == {
+        "name": "team", "plan": "default", "rpm": 60, "tpm": None, "models": ["legal"], "admin": False,
+        "revoked_at": None,
+    }  # fmt: skip
+    assert (team["max_budget"], team["budget_period_s"], team["prefix"]) == (25.0, 30 * 86400, store.list()[0].prefix)
+    assert team["expires_at"] > team["created_at"] and "key_hash" not in team and "prices" not in team
+    assert (ops["name"], ops["admin"], ops["max_budget"]) == ("ops", True, None) and ops["revoked_at"] is not None
+    missing = runner.invoke(app, ["keys", "list", "--json", "--db", str(tmp_path / "typo.db")])
+    assert missing.exit_code == 1 and "no such database" in json.loads(missing.stdout)["error"]["message"]
+
+
 def test_prices_without_a_plan_name_are_refused_not_ignored(tmp_path):
     db = str(tmp_path / "cli.db")
     result = CliRunner().invoke(app, ["keys", "plan", "--prompt-price", "1", "--db", db])
