@@ -73,8 +73,15 @@ class Exp3Mixture:
         summed: dict[str, float] = {}
         for arm, loss in zip(arms, losses, strict=True):
             summed[arm] = summed.get(arm, 0.0) + loss
-        for arm, loss in summed.items():
-            self.rewards[arm] += self.reward_scale * loss / policy[arm]
+        rewards = {arm: self.rewards[arm] + self.reward_scale * loss / policy[arm] for arm, loss in summed.items()}
+        for arm, reward in rewards.items():  # past float's range every weight would be NaN, and one source drawn
+            if not math.isfinite(reward):
+                raise ValueError(
+                    f"the EXP3 reward of source {arm!r} overflowed to {reward} (reward scale {self.reward_scale:g} x "
+                    f"loss {summed[arm]:g} / probability {policy[arm]:.3g}, added to {self.rewards[arm]:g}): give a "
+                    "smaller bandit_reward_scale (0.1 is the authors')"
+                )
+        self.rewards.update(rewards)
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -64,6 +64,14 @@ def test_exp3_moves_weight_to_the_source_with_the_higher_loss_and_keeps_explorin
     assert weights["hard"] > 0.5 and sum(weights.values()) == pytest.approx(1.0)
 
 
+def test_a_reward_past_floats_range_is_refused_naming_the_reward_scale_and_leaves_the_rewards_as_they_were():
+    bandit = Exp3Mixture(SOURCES, reward_scale=1e307)  # finite, as the config takes it, but x 7 x 3 is not
+    with pytest.raises(ValueError, match=r"reward of source 'easy' overflowed to inf .*smaller bandit_reward_scale"):
+        bandit.update(["hard", "easy"], [1.0, 7.0])
+    assert bandit.state_dict() == {"rewards": dict.fromkeys(SOURCES, 0.0), "updates": 0}
+    assert bandit.weights_at() == pytest.approx(dict.fromkeys(SOURCES, 1 / 3))  # not NaN
+
+
 def test_bandit_mode_needs_equal_weights_and_two_sources():
     with pytest.raises(ValueError, match="give every source the same single weight"):
         Exp3Mixture.over(MixtureSchedule({"easy": [0.7, 0.3], "hard": [0.3, 0.7]}))
