@@ -47,7 +47,9 @@ from seekstack.tokenizer import Tokenizer
 CLASSIFY_EVERY_CHARS = 200
 CONTEXT_CHARS = 64  # characters before a scan's start that its matches may look back at
 MATCH_TIMEOUT_S = 10.0  # longest one scan of a text by a category's terms and patterns may take
-INVISIBLE = frozenset("\u00ad\u180e\u200b\u200c\u200d\u2060\ufeff")  # soft hyphen, zero-width characters
+# what renders as nothing (Unicode's Default_Ignorable_Code_Point): zero-width spaces and joiners, soft hyphens,
+# direction marks, variation selectors, tag characters, Hangul fillers
+INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
 DOTLESS_I = str.maketrans("ı", "i")  # read as i, as Python's `re` matched it case-insensitively (`regex` does not)
 Action = Literal["block", "redact", "flag"]
 
@@ -310,14 +312,15 @@ def _shifted(hits: list[Hit], offset: int) -> list[Hit]:
 def folded(text: str, start: int = 0) -> tuple[str, Sequence[int]]:
     """text[start:] as the policy reads it, so that look-alike spellings match what they spell: each character in its
     NFKC compatibility form (fullwidth `ｓｅｌｆ` -> `self`, the ligature `ﬁ` -> `fi`; dotless `ı` -> `i`), invisible
-    ones (zero-width spaces and joiners, soft hyphens) dropped; and per character of it, the position in `text` it came
-    from."""
+    ones (`INVISIBLE`: zero-width spaces and joiners, soft hyphens, direction marks...) dropped; and per character of
+    it, the position in `text` it came from."""
     if text.isascii():
         return text[start:], range(start, len(text))
+    invisible = {match.start() for match in INVISIBLE.finditer(text, start)}
     characters, origin = [], []
     for position in range(start, len(text)):
         character = text[position]
-        if character in INVISIBLE:
+        if position in invisible:
             continue
         form = character if character.isascii() else unicodedata.normalize("NFKC", character).translate(DOTLESS_I)
         characters.append(form)
