@@ -98,13 +98,18 @@ def plot_command(
             "logged); default 1 (rl runs: 10, as rl-plot)",
         ),
     ] = None,
+    x_axis: Annotated[
+        str, typer.Option(help="step, or tokens: the tokens trained, to compare runs of other batch sizes")
+    ] = "step",
 ) -> None:
     """Draw a run's loss, validation bits per byte, learning rate and MaxVio per layer to a PNG, or several runs'
     overlaid, one colour each; rl runs' reward, accuracy, lengths, KL, clipping and entropy as `rl-plot` draws them
     (their loss is GRPO's, no next-token loss)."""
     from seekstack.posttrain.plot import RL_SMOOTH, plot_rl_runs
-    from seekstack.train.plot import plot_run, plot_runs, read_metrics
+    from seekstack.train.plot import X_LABELS, plot_run, plot_runs, read_metrics
 
+    if x_axis not in X_LABELS:
+        raise typer.BadParameter(f"{x_axis!r}: choose one of {', '.join(X_LABELS)}", param_hint="'--x-axis'")
     with user_errors():
         records = [read_metrics(run) for run in runs]
         rl = [run for run, logged in zip(runs, records, strict=True) if any("reward" in r for r in logged)]
@@ -116,9 +121,9 @@ def plot_command(
         if rl:  # `seekstack rl`'s steps
             written = plot_rl_runs(runs, out or runs[0] / "rl_curves.png", smooth or RL_SMOOTH, records)
         elif len(runs) == 1:
-            written = plot_run(runs[0], out, records[0], smooth or 1)
+            written = plot_run(runs[0], out, records[0], smooth or 1, x_axis)
         else:
-            written = plot_runs(runs, out or runs[0] / "compared.png", records, smooth or 1)
+            written = plot_runs(runs, out or runs[0] / "compared.png", records, smooth or 1, x_axis)
     typer.echo(f"wrote {written}")
 
 

@@ -30,6 +30,7 @@ from seekstack.config import ModelConfig
 from seekstack.posttrain.plot import plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
+from seekstack.train.metrics import step_tokens
 from seekstack.train.plot import plot_run, read_metrics
 from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoints
 
@@ -330,7 +331,7 @@ def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> tuple[int,
     per_step = {r["step"]: r for r in records if "tokens_per_s" in r and "step_s" in r and r["step"] <= last_step}
     if len(per_step) != last_step:
         return None
-    positions = sum(round(r["tokens_per_s"] * r["step_s"]) for r in per_step.values())
+    positions = sum(step_tokens(r) for r in per_step.values())
     for name, kind in LOSS_TOKEN_COUNTS.items():
         if all(name in r for r in per_step.values()):
             return positions, (kind, sum(round(r[name]) for r in per_step.values()))

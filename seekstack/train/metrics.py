@@ -41,3 +41,8 @@ def column(records: list[dict[str, Any]], key: str, path: Path) -> list[float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}: the record of step {record['step']} has no number {key!r}; mend or delete it")
     return values
+
+
+def step_tokens(record: dict[str, Any]) -> int:
+    """The token positions a step record's step trained (padding included): its tokens/s x its time."""
+    return round(record["tokens_per_s"] * record["step_s"])

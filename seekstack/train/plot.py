@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from seekstack.atomic import write_atomic  # noqa: E402
 from seekstack.config import preset  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
-from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file  # noqa: E402
+from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file, step_tokens  # noqa: E402
 from seekstack.train.runs import run_holding  # noqa: E402
 
+X_LABELS = {"step": "step", "tokens": "tokens trained"}  # the x axes a plot draws on, and their labels
 MARKED_UP_TO = 20  # points of a curve drawn with markers (a line alone shows no single point)
 
 
@@ -48,13 +49,18 @@ def read_metrics(run_dir: str | Path, command: str = "train") -> list[dict]:
 
 
 def plot_run(
-    run_dir: str | Path, out_path: str | Path | None = None, records: list[dict] | None = None, smooth: int = 1
+    run_dir: str | Path,
+    out_path: str | Path | None = None,
+    records: list[dict] | None = None,
+    smooth: int = 1,
+    x_axis: str = "step",
 ) -> Path:
     """Draw the run's curves to `out_path` (default `run_dir/curves.png`); return the path written. `records`: the
     run's metrics when the caller has read them (`read_metrics`) already, so a torn last line is told once. `smooth`:
-    steps averaged per point of the training curves (losses, MaxVio)."""
+    steps averaged per point of the training curves (losses, MaxVio); `x_axis`: "step", or "tokens" trained."""
     out_path = png_path(out_path if out_path is not None else Path(run_dir) / "curves.png")
     records = records if records is not None else read_metrics(run_dir)
+    records = on_x_axis(records, x_axis, Path(run_dir) / METRICS_FILE)
     steps = _training_steps(records, Path(run_dir) / METRICS_FILE)
     evals = [r for r in records if "val_loss" in r]
     mixed = [r for r in steps if "mix" in r]
@@ -105,13 +111,18 @@ def plot_run(
         _style(axes[4], "mixture weight")
     for unused in axes[panels:]:
         unused.set_visible(False)
+    for axis in axes[:panels]:
+        axis.set_xlabel(X_LABELS[x_axis])
     return _write(figure, axes[:panels], x[-1], str(run_dir), out_path)
 
 
-def plot_runs(run_dirs: list[Path], out_path: str | Path, records: list[list[dict]], smooth: int = 1) -> Path:
+def plot_runs(
+    run_dirs: list[Path], out_path: str | Path, records: list[list[dict]], smooth: int = 1, x_axis: str = "step"
+) -> Path:
     """Several runs' curves overlaid in one PNG, one colour per run, as wandb and TensorBoard compare runs: next-token
     loss with the validation loss as points, validation bits per byte, learning rate, MaxVio (the mean over MoE
-    layers); return the path written. `records`: each run's metrics (`read_metrics`); `smooth` as `plot_run`'s."""
+    layers); return the path written. `records`: each run's metrics (`read_metrics`); `smooth` and `x_axis` as
+    `plot_run`'s (runs of other batch sizes compare by tokens)."""
     require_each_run_once(run_dirs)
     out_path = png_path(out_path)
     figure, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
@@ -119,6 +130,7 @@ def plot_runs(run_dirs: list[Path], out_path: str | Path, records: list[list[dic
     last_step = 0
     for index, (name, run_dir, logged) in enumerate(zip(run_names(run_dirs), run_dirs, records, strict=True)):
         path = Path(run_dir) / METRICS_FILE
+        logged = on_x_axis(logged, x_axis, path)
         steps = _training_steps(logged, path)
         evals = [r for r in logged if "val_loss" in r]
         curves = (  # (panel, records, key, points averaged, style, label)
@@ -140,6 +152,7 @@ def plot_runs(run_dirs: list[Path], out_path: str | Path, records: list[list[dic
     )
     for axis, title in zip(axes, titles, strict=True):
         _style(axis, title)
+        axis.set_xlabel(X_LABELS[x_axis])
     return _write(figure, axes, last_step, ", ".join(run_names(run_dirs)), out_path)
 
 
@@ -162,6 +175,22 @@ def run_names(run_dirs: list[Path]) -> list[str]:
     (runs/a/rl and runs/b/rl)."""
     names = [Path(run_dir).name for run_dir in run_dirs]
     return names if len(set(names)) == len(names) else [str(run_dir) for run_dir in run_dirs]
+
+
+def on_x_axis(records: list[dict], x_axis: str, path: Path) -> list[dict]:
+    """`records` as drawn on `x_axis` (X_LABELS): as logged on "step"; on "tokens", each `step` replaced by the
+    tokens trained up to it (`step_tokens`, summed: the report's count), a step without tokens_per_s and step_s
+    named with `path`."""
+    if x_axis == "step":
+        return records
+    steps = [r for r in records if "loss" in r]
+    for key in ("tokens_per_s", "step_s"):
+        column(steps, key, path)
+    trained_by, total = {}, 0
+    for record in steps:
+        total += step_tokens(record)
+        trained_by[record["step"]] = total
+    return [{**record, "step": trained_by[record["step"]]} for record in records if record["step"] in trained_by]
 
 
 def smoothed(records: list[dict], key: str, window: int) -> tuple[list[int], list[float]]:

@@ -195,6 +195,28 @@ def test_plot_smooth_averages_the_training_curves_over_windows_of_steps(tmp_path
     assert [list(line.get_ydata()) for line in drawn[1].axes[0].get_lines()] == [[3.0, 1.0], [1.2]] * 2
 
 
+def test_plot_x_axis_tokens_draws_runs_of_other_batch_sizes_by_the_tokens_they_trained(tmp_path, monkeypatch):
+    """On the step axis a run of twice the batch looks as if it learned twice as fast per token; wandb compares them
+    by tokens."""
+    import seekstack.train.plot as plot
+
+    for name, tokens in (("small", 100), ("large", 200)):
+        lines = [{"step": s, "loss": 3.0, "lm_loss": 2.0, "lr": 1e-3, "tokens_per_s": tokens / 0.5, "step_s": 0.5}
+                 for s in (1, 2, 3)] + [{"step": 2, "val_loss": 2.5, "val_bpb": 1.0}]  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    run("plot", tmp_path / "small", tmp_path / "large", "--x-axis", "tokens", "--out", tmp_path / "both.png")
+    small, small_val, large, large_val = drawn[0].axes[0].get_lines()
+    assert list(small.get_xdata()) == [100, 200, 300] and list(large.get_xdata()) == [200, 400, 600]
+    assert list(small_val.get_xdata()) == [200] and list(large_val.get_xdata()) == [400]
+    assert drawn[0].axes[0].get_xlabel() == "tokens trained"
+    (tmp_path / "large" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0, "lr": 0.001}\n')
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "large"), "--x-axis", "tokens"])
+    assert result.exit_code == 1 and "step 1 has no number 'tokens_per_s'" in result.output
+
+
 def test_plot_names_the_run_without_metrics(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
