@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -136,13 +137,14 @@ class EtaClock:
     what later steps do not (torch.compile, kernel builds, first allocations), and counted in, a first step of 7 s
     before steps of 0.19 s put the ETA at step 10 of 60 at 45 s where 9.6 s were left."""
 
-    def __init__(self, step: int) -> None:
-        self.since = time.perf_counter(), step  # the time and step the pace is measured from
+    def __init__(self, step: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock  # seconds since some fixed moment
+        self.since = clock(), step  # the time and step the pace is measured from
         self.warm = False
 
     def eta(self, step: int, max_steps: int) -> float:
         """Seconds left once `step` of `max_steps` is done (after the first step: that step's own pace)."""
-        now = time.perf_counter()
+        now = self.clock()
         since, since_step = self.since
         seconds = (now - since) / (step - since_step) * (max_steps - step)
         if not self.warm:
