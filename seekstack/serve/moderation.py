@@ -124,8 +124,13 @@ class Category:
             raise PolicyTimeout(self.name, len(view)) from None
 
     def probability(self, text: str) -> float:
-        """The classifier's probability that the text, as `folded` reads it, is of the category."""
-        return self.classifier.score(folded(text)[0])
+        """The classifier's probability that the text, as `folded` reads it, is of the category; ValueError for a score
+        that is no probability (NaN, 1.5), which would let the text through unjudged (NaN >= threshold is false)."""
+        score = float(self.classifier.score(folded(text)[0]))
+        if not 0 <= score <= 1:
+            raise ValueError(f"category {self.name!r}: its classifier {type(self.classifier).__name__} scored a text "
+                             f"{score!r}, which is no probability in [0, 1]; the text cannot be judged")  # fmt: skip
+        return score
 
     def judge(self, text: str) -> Hit | None:
         """The classifier's verdict on the whole text, if it finds the category."""

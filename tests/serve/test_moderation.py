@@ -22,7 +22,7 @@ from seekstack.serve.errors import APIError
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import warn_of_unknown_scopes
 from seekstack.serve.ledger import Ledger
-from seekstack.serve.moderation import HeldLogprobs, ModeratedStream, Policy
+from seekstack.serve.moderation import Category, CategoryRule, HeldLogprobs, ModeratedStream, Policy
 from seekstack.serve.safety import ContentSafety, Spelling
 from seekstack.serve.schemas import CompletionRequest, ModerationRequest
 from seekstack.tokenizer import Tokenizer
@@ -398,3 +398,24 @@ def test_moderations_read_openai_multimodal_input_as_one_text_and_say_what_each_
     assert result["category_applied_input_types"] == {"weapons": ["text"], "pii": ["text"], "rude": ["text"]}
     error = error_of(image, 400)  # a policy of text cannot judge an image: refused, not passed unread
     assert error["param"] == "input" and "input.2.type: Input should be 'text', got 'image_url'" in error["message"]
+
+
+@pytest.mark.parametrize("score", [float("nan"), 1.5, -0.25])
+def test_a_classifier_whose_score_is_no_probability_stops_the_text_instead_of_passing_it(score, tmp_path):
+    """A plugged-in `Classifier` that gave NaN let every prompt and output through (NaN >= threshold is false) and
+    made /v1/moderations a bare 'Out of range float values are not JSON compliant'; one that gave 1.5 answered 1.5."""
+
+    class Broken:
+        def score(self, text: str) -> float:
+            return score
+
+    category = Category("unsafe", CategoryRule(action="block"), None, Broken())
+    safety = ContentSafety(Policy("policy.yaml", [category], {}, {}), None)
+    bill = Bill(None, None, "model", "/v1/completions", 0)
+    expected = rf"category 'unsafe': its classifier Broken scored a text {score!r}, which is no probability in \[0, 1\]"
+    with pytest.raises(ValueError, match=expected):
+        safety.moderate_prompt(CompletionRequest(model="model", prompt="hello"), [category], bill)
+    with pytest.raises(ValueError, match=expected):
+        safety.moderations(ModerationRequest(input="hello"), None)
+    with pytest.raises(ValueError, match=expected):
+        ModeratedStream([category]).push("hello", final=True)
