@@ -274,9 +274,8 @@ def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     balance-loss weight, whose vocabulary fits the tokenizer's `vocab_needed` ids (`require_vocabulary`)."""
     if config.init_from:
         model = load_pretrained(config.init_from, dequantize=True)
-        model_config = model.config = model.config.replace(aux_loss_alpha=config.aux_loss_alpha)
-        for moe in (module for module in model.modules() if isinstance(module, MoE)):
-            moe.aux_loss_alpha = config.aux_loss_alpha
+        set_balance_weight(model, config.aux_loss_alpha)
+        model_config = model.config
     else:
         model_config = config.model_config()
         model = None
@@ -284,6 +283,14 @@ def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
     tokenized_by = config.data_dir if config.reads_data_dir else config.tokenizer or config.init_from
     require_vocabulary(model_config.vocab_size, vocab_needed, tokenized_by, config.init_from)
     return model if model is not None else Transformer(model_config)
+
+
+def set_balance_weight(model: Transformer, aux_loss_alpha: float) -> None:
+    """A loaded model trained with the run's sequence-wise balance-loss weight: in each MoE layer, and in its config,
+    which the run's checkpoints save."""
+    model.config = model.config.replace(aux_loss_alpha=aux_loss_alpha)
+    for moe in (module for module in model.modules() if isinstance(module, MoE)):
+        moe.aux_loss_alpha = aux_loss_alpha
 
 
 def require_vocabulary(vocab_size: int, vocab_needed: int, data_dir: str | Path, init_from: str | Path = "") -> None:
@@ -447,6 +454,7 @@ class _Run:
             path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
             if hooks is None:
                 model, train_state = load_checkpoint(path, ranks.device)
+                set_balance_weight(model, config.aux_loss_alpha)  # the one model setting a resumed run may change
             else:
                 model = hooks.prepare(build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device))
                 hooks.restore(model, path)

@@ -327,6 +327,19 @@ def test_a_run_from_a_checkpoint_trains_in_train_mode_with_its_balance_loss(data
     assert step["loss"] - step["lm_loss"] > 0.1  # the balance loss, at alpha 0.5 about 0.5 x MoE layers
 
 
+def test_a_run_resumed_with_another_balance_loss_weight_trains_and_saves_with_it(data_dir, tmp_path):
+    """--resume aux_loss_alpha=0.5 was warned of ('resuming with aux_loss_alpha=0.5') and then ignored: the
+    checkpoint's model kept its 1e-4, in the loss and in the config.json the next checkpoint saved."""
+    no_mtp = MICRO_MODEL | {"num_nextn_predict_layers": 0}
+    train(run_config(data_dir, tmp_path, model_overrides=no_mtp, max_steps=1, eval_every=0, save_every=1))
+    config = run_config(data_dir, tmp_path, model_overrides=no_mtp, max_steps=2, eval_every=0, save_every=0)
+    train(dataclasses.replace(config, aux_loss_alpha=0.5), resume=True)
+    first, resumed = read_metrics(tmp_path)
+    assert first["loss"] - first["lm_loss"] < 0.01 and resumed["loss"] - resumed["lm_loss"] > 0.1
+    saved = json.loads((tmp_path / "checkpoints" / "step_2" / "config.json").read_text())
+    assert saved["aux_loss_alpha"] == 0.5
+
+
 def test_bias_update_moves_routing_biases_only_when_enabled(data_dir, tmp_path):
     def router_bias(out_dir: Path) -> torch.Tensor:
         from seekstack.checkpoint import load_pretrained
