@@ -372,7 +372,8 @@ class Server:
 
     def refuse_over_budget(self, key: ApiKey | None) -> None:
         """429 `insufficient_quota`, as OpenAI's for an account out of credit, once the usage of `key`'s name has cost
-        its budget (over the budget's period): refused before it is read, the request costs nothing."""
+        its budget (over the budget's period): refused before it is read, the request costs nothing; `x-should-retry:
+        false` tells OpenAI's clients not to try again at once."""
         if key is None or key.budget is None:
             return
         budget = key.budget
@@ -387,6 +388,7 @@ class Server:
                 f"{format_amount(budget.amount)}: no request is served until {until}",
                 "insufficient_quota",
                 code="insufficient_quota",
+                headers={"x-should-retry": "false"},  # the openai client's retries would each count, and be refused
             )
 
     def admit(self, key: ApiKey | None) -> Charge | None:

@@ -707,6 +707,7 @@ def test_a_key_that_has_spent_its_budget_is_refused_before_its_request_is_read(e
     assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
     assert error["message"].startswith(f"key 'capped' has spent {spent:.6f}, its whole budget of 8: no request is")
     assert ledger.records("capped")[-1]["cost"] == 0 and ledger.records("capped")[-1]["status"] == 429
+    assert refused.headers["x-should-retry"] == "false"  # was: the openai client sent it 3 times, 3 rows, 3 of the rpm
 
 
 def test_cors_admits_the_configured_origins_only(engine, tmp_path):
