@@ -43,7 +43,7 @@ from seekstack.atomic import missing_folders, remove_while_empty
 from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
-from seekstack.parallel.distributed import is_main_process
+from seekstack.parallel.distributed import done_by_main, init_distributed, is_main_process
 from seekstack.schema import ConfigError, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
@@ -195,8 +195,9 @@ def lora_train_config(
         "compile=false; "
         "set compile=false, or lora.feed_forward=[] lora.experts=[] to compile an attention-only adapter",
     )
-    if not resume:  # keys checked first
-        prepared = prepare_data(data_dir, base, out)
+    if not resume:  # keys checked first; under torchrun rank 0 alone tokenizes text, in the group the trainer joins
+        ranks = init_distributed(cpu_collectives=train_config.cpu_offload)
+        prepared = done_by_main(lambda: prepare_data(data_dir, base, out), ranks)
         if prepared != Path(data_dir):  # text, tokenized into `out`: too little of it is named as the user gave it
             require_text_windows(data_dir, prepared, train_config)
         train_config = replace(train_config, data_dir=str(prepared))
@@ -212,7 +213,8 @@ def undone_if_refused(out: str | Path) -> Iterator[None]:
     what that run writes meanwhile is never taken for this one's."""
     out = Path(out).absolute()
     made = missing_folders(out)
-    with out_dir_held(out) if is_main_process() else nullcontext():  # as the trainer: under torchrun, rank 0 holds it
+    main = is_main_process()  # as the trainer: under torchrun, rank 0 alone holds `out` and undoes what was written
+    with out_dir_held(out) if main else nullcontext():
         out.mkdir(parents=True, exist_ok=True)
         before = set(os.listdir(out))
         started = out / TRAIN_CONFIG_FILE
@@ -220,7 +222,7 @@ def undone_if_refused(out: str | Path) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            if (started.stat().st_mtime_ns if started.exists() else None) == stamp:
+            if main and (started.stat().st_mtime_ns if started.exists() else None) == stamp:
                 for name in sorted(set(os.listdir(out)) - before):
                     path = out / name
                     if path.is_dir() and not path.is_symlink():

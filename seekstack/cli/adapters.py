@@ -43,6 +43,7 @@ def train_command(
     """Train a LoRA adapter on a frozen base with the pretraining trainer; writes adapter_config.json and
     adapter_model.safetensors (peft's format) into --out."""
     from seekstack.adapters.training import lora_train_config, train_adapter, undone_if_refused
+    from seekstack.parallel.distributed import is_main_process
     from seekstack.train.trainer import TrainingDiverged
 
     with user_errors(), contextlib.nullcontext() if resume else undone_if_refused(out):
@@ -52,7 +53,8 @@ def train_command(
             result = train_adapter(train_config, adapter, resume)
         except TrainingDiverged as error:
             fail(str(error))
-    typer.echo(f"trained to step {result.step}; adapter: {out} (checkpoint {result.checkpoint})")
+    if is_main_process():  # under torchrun, rank 0 alone tells the outcome, as `seekstack train` does
+        typer.echo(f"trained to step {result.step}; adapter: {out} (checkpoint {result.checkpoint})")
 
 
 def merge_command(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ from seekstack.interrupts import sigint_handled_by
 from seekstack.schema import ConfigError
 
 CUDA_AND_CPU_BACKENDS = "cuda:nccl,cpu:gloo"  # a backend per tensor device (pytorch/pytorch#148532)
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -124,6 +125,27 @@ def wrap_model(model: nn.Module, ranks: Ranks, rank_local: list[str] = ()) -> nn
     with warnings.catch_warnings():  # torch's own advice: keep broadcast_buffers=False until init_sync_buffers exists
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def done_by_main(work: Callable[[], Result], ranks: Ranks) -> Result:
+    """`work()` done by rank 0 alone, its result handed to every rank: files all ranks then read (text a LoRA run
+    tokenizes) are written once, not by every rank over each other. An error `work` raises is raised on every rank
+    (a ConfigError quoting it on the others), so that none waits on rank 0 after it gave up."""
+    if not ranks.distributed:
+        return work()
+    outcome: list[Any] = [None]
+    if ranks.is_main:
+        try:
+            result = work()
+        except Exception as error:
+            dist.broadcast_object_list([(None, f"{type(error).__name__} on rank 0: {error}")], src=0)
+            raise
+        outcome = [(result, None)]
+    dist.broadcast_object_list(outcome, src=0)
+    result, failure = outcome[0]
+    if failure is not None:
+        raise ConfigError(failure)
+    return result
 
 
 SAME_SETTINGS_ADVICE = "give every rank the same config file and key=value overrides"
