@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -130,6 +131,15 @@ def redrawn_in_place(line: str, columns: int) -> str:
     wrapped line leaves its first rows behind at every redraw), the rest of the row erased (a shorter line showed the
     end of the longer one before it)."""
     return "\r" + line[: columns - 1] + ERASE_TO_ROW_END
+
+
+def stderr_columns() -> int:
+    """The width of the terminal stderr shows on, whatever stdout goes to (`train | tee log`); where stderr is no
+    terminal, shutil's (COLUMNS, stdout's terminal, else 80)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):  # no terminal; a stream without a file descriptor
+        return shutil.get_terminal_size().columns
 
 
 class EtaClock:
@@ -1059,8 +1069,7 @@ class _Run:
         if "mix" in metrics:
             line += "  mix " + " ".join(f"{name.removeprefix('train_')} {w:.0%}" for name, w in metrics["mix"].items())
         if sys.stderr.isatty():
-            columns = shutil.get_terminal_size().columns
-            self._say(redrawn_in_place(line, columns), end="\n" if self.is_last_step else "")
+            self._say(redrawn_in_place(line, stderr_columns()), end="\n" if self.is_last_step else "")
         elif self.step % PROGRESS_EVERY == 0 or self.is_last_step or self.step == 1:
             self._say(line)
 

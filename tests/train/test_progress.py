@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
 import re
+import struct
 import sys
+import termios
 
 import pytest
 import torch
 
 from seekstack.train import trainer
-from seekstack.train.trainer import ERASE_TO_ROW_END, EtaClock, redrawn_in_place, train
+from seekstack.train.trainer import ERASE_TO_ROW_END, EtaClock, redrawn_in_place, stderr_columns, train
 from tests.train.test_trainer import VOCAB, data_dir, run_config  # noqa: F401 (data_dir: a fixture)
 
 LONG = (
@@ -60,6 +65,17 @@ def test_a_line_redrawn_in_place_leaves_nothing_of_the_line_before_on_the_termin
     assert rows == [SHORT]
     (row,) = terminal_rows(redrawn_in_place(LONG, columns), columns)
     assert LONG.startswith(row) and len(row) == min(len(LONG), columns - 1)
+
+
+def test_the_progress_line_is_cut_to_the_terminal_stderr_shows_on_whatever_stdout_goes_to(monkeypatch):
+    """`seekstack train ... | tee log` on a terminal 150 columns wide cut the line at 79 (stdout's width: none)."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 150, 0, 0))
+    with os.fdopen(follower, "w") as terminal, monkeypatch.context() as patched:
+        patched.setattr(sys, "stderr", terminal)
+        patched.delenv("COLUMNS", raising=False)
+        assert stderr_columns() == 150
+    os.close(leader)
 
 
 def test_an_error_during_a_run_on_a_terminal_starts_a_row_of_its_own(data_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
