@@ -80,7 +80,8 @@ class RateLimiter:
             now, charges = self._window(connection, key_name)
             if rpm is not None and len(charges) >= rpm:
                 wait = charges[-rpm]["at"] + WINDOW_S - now
-                raise RateLimited(f"key {key_name!r} is over its limit of {rpm} requests per minute", _seconds(wait),
+                raise RateLimited(f"key {key_name!r} is over its limit of {rpm} requests per minute (used "
+                                  f"{len(charges)}, requested 1): try again in {_seconds(wait)} s", _seconds(wait),
                                   Window("requests", rpm, 0, wait))  # fmt: skip
             row = connection.execute(
                 "INSERT INTO rate_charges (key_name, at, tokens) VALUES (?, ?, 0) RETURNING id", (key_name, now)
@@ -109,7 +110,8 @@ class RateLimiter:
             used = sum(row["tokens"] for row in charges if row["id"] != charge.charge_id)
             if used + tokens > tpm:
                 wait = _time_until_free(charges, used + tokens - tpm, now)
-                raise RateLimited(f"key {key_name!r} is over its limit of {tpm} tokens per minute", _seconds(wait),
+                raise RateLimited(f"key {key_name!r} is over its limit of {tpm} tokens per minute (used {used}, "
+                                  f"requested {tokens}): try again in {_seconds(wait)} s", _seconds(wait),
                                   Window("tokens", tpm, tpm - used, wait))  # fmt: skip
             connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
         return Window("tokens", tpm, tpm - used - tokens, _time_until_free(charges, 1, now) if used else WINDOW_S)

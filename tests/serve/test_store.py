@@ -661,6 +661,25 @@ def test_each_admitted_or_refused_request_says_what_its_keys_limits_leave_as_ope
     assert (refused.value.window.remaining, refused.value.window.headers()["x-ratelimit-reset-tokens"]) == (20, "45s")
 
 
+def test_a_429_says_what_was_used_and_requested_and_when_to_try_again_as_openais_do(tmp_path):
+    """OpenAI's: 'Limit 3, Used 3, Requested 1. Please try again in 20s.'; ours named the limit only."""
+    clock = FakeClock()
+    limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
+    charged(limiter, "k", 2, 100, 70)
+    clock.now += 15
+    with pytest.raises(RateLimited) as refused:
+        charged(limiter, "k", 2, 100, 40)
+    assert str(refused.value) == (
+        "key 'k' is over its limit of 100 tokens per minute (used 70, requested 40): try again in 45 s"
+    )
+    with pytest.raises(RateLimited) as refused:
+        charged(limiter, "k", 2, 100, 10)  # the request refused above was counted
+    assert (
+        str(refused.value)
+        == "key 'k' is over its limit of 2 requests per minute (used 2, requested 1): try again in 45 s"
+    )
+
+
 def test_tokens_per_minute_charge_is_settled_to_the_real_usage(tmp_path):
     clock = FakeClock()
     limiter = RateLimiter(open_database(tmp_path / "limits.db"), clock)
