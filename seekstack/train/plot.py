@@ -241,7 +241,8 @@ def png_path(path: str | Path) -> Path:
     metrics or weights; ValueError naming it otherwise."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise ValueError(f"--out {path}: a plot is written as a .png file; name one (e.g. {path.with_suffix('.png')})")
+        example = path / "curves.png" if path.is_dir() else path.with_suffix(".png")  # a folder: a file in it
+        raise ValueError(f"--out {path}: a plot is written as a .png file; name one (e.g. {example})")
     return path
 
 

@@ -236,6 +236,8 @@ def test_plot_refuses_an_output_that_is_not_a_png_and_leaves_it_alone(demo_run):
     result = CliRunner().invoke(app, ["plot", str(demo_run / "run"), "--out", str(demo_run / "run" / "metrics.jsonl")])
     assert result.exit_code == 1 and "a plot is written as a .png file" in result.output
     assert (demo_run / "run" / "metrics.jsonl").read_bytes() == metrics
+    folder = CliRunner().invoke(app, ["plot", str(demo_run / "run"), "--out", str(demo_run)])  # it said 'e.g. DIR.png'
+    assert folder.exit_code == 1 and f"(e.g. {demo_run / 'curves.png'})" in " ".join(folder.output.split())
 
 
 def test_plot_reads_a_run_stopped_while_writing_its_last_metrics_line(demo_run, tmp_path, capsys):
