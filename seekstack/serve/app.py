@@ -814,14 +814,16 @@ def create_app(
         "/v1/moderations",
         openapi_extra=json_request(ModerationRequest),
         response_model=ModerationResponse,
-        responses=error_responses(400, 401, 403, 413, 415, 500),
+        responses=error_responses(400, 401, 403, 413, 415, 429, 500),
     )
     async def moderations(request: Request) -> JSONResponse:
         """Which of the server's content-policy categories each input falls in (none without a policy)."""
         key = await asyncio.to_thread(server.authenticate, request)
-        await in_write_thread(server.admit, key)  # a request of the key's requests per minute, at no tokens
+        charge = await in_write_thread(server.admit, key)  # a request of the key's requests per minute, at no tokens
+        limits = {} if charge is None or charge.requests is None else charge.requests.headers()
         body = parse_body(ModerationRequest, await read_body(request, server.max_body_bytes))
-        return JSONResponse((await asyncio.to_thread(server.safety.moderations, body, key)).model_dump())
+        answer = await asyncio.to_thread(server.safety.moderations, body, key)
+        return JSONResponse(answer.model_dump(), headers=limits)
 
     @app.get("/v1/admin/usage", response_model=UsageReport, responses=error_responses(400, 401, 403, 404, 500))
     async def admin_usage(

@@ -660,6 +660,24 @@ def test_answers_and_429s_carry_openais_rate_limit_headers(engine, tmp_path):
     assert seconds_of(refused.headers["x-ratelimit-reset-requests"]) == int(refused.headers["retry-after"])
 
 
+def test_moderations_count_against_the_requests_per_minute_and_say_so_as_openais(engine, tmp_path):
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("checker", rpm=1)
+    app = create_app(engine, database)
+
+    async def scenario(client):
+        check = {"input": "hello"}
+        return [
+            await client.post("/v1/moderations", json=check, headers={"Authorization": f"Bearer {key}"}) for _ in "ab"
+        ]
+
+    answered, refused = run(app, scenario)
+    assert answered.status_code == 200 and answered.headers["x-ratelimit-remaining-requests"] == "0"  # was: none
+    assert error_of(refused, 429)["code"] == "rate_limit_exceeded"
+    declared = app.openapi()["paths"]["/v1/moderations"]["post"]["responses"]
+    assert "429" in declared  # was: undeclared, though a key's requests per minute refuse moderations too
+
+
 def seconds_of(duration: str) -> int:
     """The seconds of a Go duration of whole seconds, as OpenAI's x-ratelimit-reset-* give them: `45s`, `1m0s`."""
     minutes, _, seconds = duration.removesuffix("s").rpartition("m")
