@@ -138,7 +138,8 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, model_dir: Path)
 
 
 class Engine:
-    """Serves many concurrent requests on one `Transformer`; `add_request`, `abort`, `step`, `stats` are thread-safe."""
+    """Serves many concurrent requests on one `Transformer`; `add_request`, `abort`, `step`, `stats` are thread-safe, and
+    so are `generate` and `stream`: calls from several threads share the steps, each getting its own requests' outputs."""
 
     def __init__(
         self,
@@ -261,6 +262,9 @@ class Engine:
         self.prefilling: list[_Request] = []
         self.running: list[_Request] = []
         self.aborted: list[RequestOutput] = []
+        # request id -> where `step` puts its outputs, for the requests `generate` and `stream` wait on: whichever
+        # thread steps, each caller reads its own requests' outputs
+        self._inboxes: dict[str, deque[RequestOutput]] = {}
         self.prefill_tokens = self.spec_drafted = self.spec_accepted = 0
         self.lock = _StepLock()
         self.step_threads = StepThreads(self.config, self.device)  # small decode steps on one CPU thread
@@ -524,7 +528,27 @@ class Engine:
                 waiting_tokens = sum(r.prefill_len - r.num_cached for r in self.prefilling)
                 with self.step_threads.running(min(waiting_tokens, self.prefill_chunk)):
                     outputs += self._prefill()
+            for output in outputs:
+                inbox = self._inboxes.get(output.request_id)
+                if inbox is not None:
+                    inbox.append(output)
             return outputs
+
+    def _add_awaited(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> tuple[str, deque[RequestOutput]]:
+        """Queue a request whose outputs `step` puts in the returned inbox, from its first step on whichever thread
+        steps (`generate`, `stream`); its id and the inbox. `_forget` it once done."""
+        with self.lock:  # no step between the request's queueing and its inbox
+            request_id = self.add_request(prompt_ids, params, adapter=adapter)
+            self._inboxes[request_id] = deque()
+            return request_id, self._inboxes[request_id]
+
+    def _forget(self, request_id: str) -> None:
+        """Abort an awaited request (`_add_awaited`) unless it has finished, and drop its inbox."""
+        self.abort(request_id)
+        with self.lock:
+            self._inboxes.pop(request_id, None)
 
     def _compile_decode(self) -> None:
         """Run decode steps (and their MTP drafts) compiled from now on: one graph each, no device sync inside, the
@@ -912,16 +936,17 @@ class Engine:
     # ------------------------------------------------------------------ convenience
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """Add one request and step until it finishes, yielding its outputs as they come (other requests run too)."""
-        request_id = self.add_request(prompt_ids, params)
+        request_id, inbox = self._add_awaited(prompt_ids, params)
         try:
             finished = False
             while not finished:
-                for output in self.step():
-                    if output.request_id == request_id:
-                        finished = output.finished
-                        yield output
+                self.step()
+                while inbox:
+                    output = inbox.popleft()
+                    finished = output.finished
+                    yield output
         finally:
-            self.abort(request_id)  # a consumer that stops early frees the request's blocks
+            self._forget(request_id)  # a consumer that stops early frees the request's blocks
 
     def generate(
         self,
@@ -952,39 +977,36 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {counts}")
         prompt_ids = [self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
         started = time.perf_counter()
-        request_ids: list[str] = []
-        parts: dict[str, list[RequestOutput]] = {}
+        inboxes: dict[str, deque[RequestOutput]] = {}
         first_token: dict[str, float] = {}
         finished_at: dict[str, float] = {}
         compiling: dict[str, float] = {}  # per request, the compile seconds of its decode steps (`compile_s`)
         try:
             for ids, p, a in zip(prompt_ids, params_list, adapter_list, strict=True):
-                request_ids.append(self.add_request(ids, p, adapter=a))
-                parts[request_ids[-1]] = []
-            while any(request_id not in finished_at for request_id in request_ids):
-                for output in self.step():
-                    if output.request_id in parts:
-                        parts[output.request_id].append(output)
-                        first_token.setdefault(output.request_id, time.perf_counter())
-                        compiling.setdefault(output.request_id, -self.compile_s)
-                        if output.finished:
-                            finished_at[output.request_id] = time.perf_counter()
-                            compiling[output.request_id] += self.compile_s
+                request_id, inboxes[request_id] = self._add_awaited(ids, p, adapter=a)
+            while len(finished_at) < len(inboxes):
+                self.step()
+                for request_id, inbox in inboxes.items():
+                    if inbox and request_id not in first_token:
+                        first_token[request_id] = time.perf_counter()
+                        compiling[request_id] = -self.compile_s
+                    if inbox and inbox[-1].finished and request_id not in finished_at:
+                        finished_at[request_id] = time.perf_counter()
+                        compiling[request_id] += self.compile_s
         finally:  # a prompt refused, a failing step or an interrupt leaves no request behind holding cache blocks
-            for request_id in request_ids:
-                if request_id not in finished_at:
-                    self.abort(request_id)
+            for request_id in inboxes:
+                self._forget(request_id)
         return [
             joined_completion(
                 request_id,
                 ids,
-                parts[request_id],
+                list(inboxes[request_id]),
                 started,
                 first_token[request_id],
                 finished_at[request_id],
                 compiling[request_id],
             )
-            for request_id, ids in zip(request_ids, prompt_ids, strict=True)
+            for request_id, ids in zip(inboxes, prompt_ids, strict=True)
         ]
 
 

@@ -575,3 +575,26 @@ def test_a_vocabulary_padded_past_the_tokenizer_never_samples_the_padded_ids(tok
     outputs = engine.generate(prompts([5, 9]), params)
     assert all(0 <= token < VOCAB for output in outputs for token in output.token_ids)
     assert all(len(output.token_ids) == params.max_new_tokens for output in outputs)
+
+
+def test_generate_and_stream_from_several_threads_each_get_their_own_requests_whole(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    batch = prompts([5, 9, 14, 3])
+    expected = [Engine(model, tokenizer).generate([prompt], GREEDY)[0].token_ids for prompt in batch]
+    results: dict[int, list[int]] = {}
+
+    def generating(i: int) -> None:
+        results[i] = engine.generate([batch[i]], GREEDY)[0].token_ids
+
+    def streaming(i: int) -> None:
+        results[i] = [token for output in engine.stream(batch[i], GREEDY) for token in output.token_ids]
+
+    threads = [threading.Thread(target=generating if i % 2 else streaming, args=(i,), daemon=True) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    for thread in threads:  # a step in one thread produced the others' outputs too, which they never saw: a hang
+        thread.join(timeout=max(deadline - time.monotonic(), 0))
+    assert not any(thread.is_alive() for thread in threads)
+    assert [results[i] for i in range(4)] == expected
+    assert engine.cache.usage == 0 and not engine.has_unfinished()
