@@ -956,7 +956,9 @@ class _Run:
 
     def _load_optimizer(self, train_state: dict[str, Any], path: Path) -> None:
         """The optimizer state of a resumed run: one file per rank (expert parallel), whole in train_state.pt (loaded
-        into FSDP's shards when this run has them), or sharded beside it by FSDP (resharded to this run's ranks)."""
+        into FSDP's shards when this run has them), or sharded beside it by FSDP (resharded to this run's ranks). Its
+        moments go on under this run's settings (weight_decay, betas), which loading the saved groups would replace."""
+        own_settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         saved = train_state.get("config", {})
         if self.expert_parallel:
             self._load_rank_optimizer(path, saved)
@@ -975,6 +977,8 @@ class _Run:
             load_whole_optimizer(self.model, self.optimizer, train_state["optimizer"], path / TRAIN_STATE_FILE)
         else:
             self.optimizer.load_state_dict(train_state["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, own_settings, strict=True):
+            group.update(settings)
 
     def _load_rank_optimizer(self, path: Path, saved: dict[str, Any]) -> None:
         """This rank's file of an expert-parallel checkpoint saved at as many ranks and with the same `parallel`

@@ -340,6 +340,17 @@ def test_a_run_resumed_with_another_balance_loss_weight_trains_and_saves_with_it
     assert saved["aux_loss_alpha"] == 0.5
 
 
+def test_a_run_resumed_with_another_weight_decay_and_betas_steps_with_them(data_dir, tmp_path):
+    """--resume weight_decay=0.5 betas=0.8,0.9 was warned of and then ignored: loading the saved optimizer put back
+    the groups' saved weight_decay 0.1 and betas (0.9, 0.95)."""
+    train(run_config(data_dir, tmp_path, max_steps=1, eval_every=0, save_every=1))
+    config = run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0)
+    train(dataclasses.replace(config, weight_decay=0.5, betas=(0.8, 0.9)), resume=True)
+    state = torch.load(tmp_path / "checkpoints" / "step_2" / "train_state.pt", weights_only=False)
+    settings = [(group["weight_decay"], tuple(group["betas"])) for group in state["optimizer"]["param_groups"]]
+    assert settings == [(0.5, (0.8, 0.9)), (0.0, (0.8, 0.9))]
+
+
 def test_bias_update_moves_routing_biases_only_when_enabled(data_dir, tmp_path):
     def router_bias(out_dir: Path) -> torch.Tensor:
         from seekstack.checkpoint import load_pretrained
