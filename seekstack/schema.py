@@ -93,6 +93,13 @@ def check(cls: type[T], values: Mapping[str, Any], source: str | None = None) ->
         if not first["loc"] and "error" in first.get("ctx", {}):  # raised by the class's own __post_init__ check
             raised = first["ctx"]["error"]
             raise (raised if isinstance(raised, ConfigError) else ConfigError(str(raised))).at(source) from None
+        nested = _dataclass_at(cls, first["loc"][:-1]) if first["type"] == "unexpected_keyword_argument" else None
+        if nested is not None:  # a nested dataclass's unknown field, named as `require_known_fields` names one
+            known = [f.name for f in dataclasses.fields(nested)]
+            name = ".".join(str(part) for part in first["loc"])
+            raise ConfigError(f"unknown field {name!r}; {known_fields(str(first['loc'][-1]), known)}").at(
+                source
+            ) from None
         location = _field_location(values, first["loc"])
         name = ".".join(str(part) for part in location)
         # a union's value fails each of its members: one error per member, at the same field
@@ -336,6 +343,24 @@ def _adapter(cls: type) -> Any:
 def _hints(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _dataclass_at(cls: type, location: tuple) -> type | None:
+    """The dataclass whose fields the value at `location` (pydantic's error location in a `cls`) holds, or None."""
+    annotation: Any = cls
+    for part in location:
+        annotation = _strip(annotation)
+        origin = typing.get_origin(annotation)
+        if dataclasses.is_dataclass(annotation):
+            annotation = _hints(annotation).get(str(part))
+        elif origin is dict:
+            annotation = typing.get_args(annotation)[1]
+        elif origin in (list, tuple):
+            annotation = typing.get_args(annotation)[0]
+        else:
+            return None
+    annotation = _strip(annotation)
+    return annotation if isinstance(annotation, type) and dataclasses.is_dataclass(annotation) else None
 
 
 def _strip(annotation: Any) -> Any:

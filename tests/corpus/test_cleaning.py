@@ -355,7 +355,7 @@ def test_config_accepts_int_for_float_and_keeps_each_kinds_defaults(tmp_path: Pa
     [
         ("min_wordz: 3\n", "unknown field 'min_wordz'"),
         ("prose:\n  min_words: many\n", "field 'prose.min_words' has value 'many': input should be a valid integer"),
-        ("code:\n  min_wordz: 3\n", "field 'code.min_wordz' has value 3: unexpected keyword argument"),
+        ("code:\n  min_wordz: 3\n", r"unknown field 'code.min_wordz'; did you mean 'min_words'\? known fields are "),
         (
             "cjk:\n  max_digit_fraction: 1.5\n",
             "field 'cjk.max_digit_fraction' has value 1.5: input should be less than or equal to 1",

@@ -72,6 +72,9 @@ def test_a_policy_file_with_a_mistake_is_refused_naming_it(tmp_path):
         write_policy(tmp_path, {"pii": {"classifier": "missing.npz"}})
     with pytest.raises(ConfigError, match="action"):
         write_policy(tmp_path, {"pii": {"terms": ["x"], "action": "shout"}})
+    with pytest.raises(ConfigError, match=r"policy.yaml: unknown field 'categories.pii.treshold'; did you mean "
+                       r"'threshold'\? known fields are action, terms, patterns, classifier, threshold"):  # fmt: skip
+        write_policy(tmp_path, {"pii": {"terms": ["x"], "treshold": 0.3}})  # was: 'unexpected keyword argument'
 
 
 def test_a_policy_file_that_could_never_act_is_refused_naming_what(tmp_path):
