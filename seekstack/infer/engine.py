@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -951,8 +951,8 @@ class Engine:
     def generate(
         self,
         prompts: str | list[int] | list[str] | list[list[int]] | torch.Tensor,
-        params: SamplingParams | list[SamplingParams],
-        adapters: list[str | None] | None = None,
+        params: SamplingParams | Sequence[SamplingParams],
+        adapters: Sequence[str | None] | None = None,
     ) -> list[Completion]:
         """Add all prompts (a str or a list of token ids is one prompt, as in vLLM; a tensor of ids reads as its
         list: 1-D one prompt, 2-D a prompt per row, as transformers' input_ids; text is encoded by `encode_prompt`:
@@ -970,11 +970,14 @@ class Engine:
         token_ids = len(prompts) > 0 and all(isinstance(t, numbers.Integral) for t in prompts)
         one_prompt = isinstance(prompts, str) or token_ids
         prompts = [prompts] if one_prompt else list(prompts)
-        params_list = params if isinstance(params, list) else [params] * len(prompts)
-        adapter_list = adapters if adapters is not None else [None] * len(prompts)
-        if not len(params_list) == len(adapter_list) == len(prompts):
-            counts = f"{len(params_list)} sampling parameter sets and {len(adapter_list)} adapters"
-            raise ValueError(f"{len(prompts)} prompts but {counts}")
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        adapter_list = list(adapters) if adapters is not None else [None] * len(prompts)
+        for name, values, one in (
+            ("params", params_list, "or one SamplingParams for all"),
+            ("adapters", adapter_list, "(None: the base model), or leave adapters out"),
+        ):
+            if len(values) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")
         prompt_ids = [self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
         started = time.perf_counter()
         inboxes: dict[str, deque[RequestOutput]] = {}

@@ -378,6 +378,18 @@ def test_a_tensor_of_prompts_that_is_not_1d_or_2d_integer_ids_is_refused_naming_
     assert not engine.has_unfinished()
 
 
+def test_generate_takes_a_tuple_of_params_and_names_a_list_of_the_wrong_length(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    short = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    first, second = engine.generate(prompts([4, 5]), (short, GREEDY))  # any sequence, as vLLM's LLM.generate
+    assert (len(first.token_ids), len(second.token_ids)) == (2, 12)
+    with pytest.raises(ValueError, match=r"^2 prompts but 1 params: give one per prompt or one SamplingParams for all$"):
+        engine.generate(prompts([4, 5]), [short])  # no adapters were given: the message names none
+    with pytest.raises(ValueError, match=r"^2 prompts but 3 adapters: give one per prompt"):
+        engine.generate(prompts([4, 5]), short, adapters=[None] * 3)
+    assert not engine.has_unfinished()
+
+
 def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=1)
     first, second, never = (engine.add_request(prompt, GREEDY) for prompt in prompts([4, 4, 4]))
