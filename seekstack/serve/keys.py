@@ -111,9 +111,9 @@ class KeyStore:
         expires_at: float | None = None,
         budget: Budget | None = None,
     ) -> str:
-        """Store a new key under `name` (free, or with only revoked keys) and return it; this is the only time it is
-        available. From `expires_at` (Unix seconds) on the server refuses it, and once its name's usage has cost
-        `budget`."""
+        """Store a new key under `name` (free, or with only revoked or expired keys: an expired one is revoked) and
+        return it; this is the only time it is available. From `expires_at` (Unix seconds) on the server refuses it,
+        and once its name's usage has cost `budget`."""
         _require_name("key", name)
         if expires_at is not None and expires_at <= time.time():
             raise KeyStoreError(f"key {name!r} would expire at {utc_time(expires_at)} UTC, which has passed")
@@ -127,7 +127,12 @@ class KeyStore:
         for model in models or ():
             _require_model_name(model)
         with self.database.transaction() as connection:
-            if connection.execute("SELECT 1 FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
+            active = connection.execute(
+                "SELECT expires_at FROM keys WHERE name = ? AND revoked_at IS NULL", (name,)
+            ).fetchone()
+            if active is not None and active["expires_at"] is not None and active["expires_at"] <= time.time():
+                _revoke_active(connection, name)  # expired, refused already: the name's new key replaces it
+            elif active is not None:
                 raise KeyStoreError(f"an active key named {name!r} already exists; rotate it (`seekstack keys rotate "
                                     f"{name}`), revoke it or choose another name")  # fmt: skip
             return _insert(connection, name, plan, rpm, tpm, admin, models, expires_at, budget)
@@ -147,8 +152,8 @@ class KeyStore:
                 raise KeyStoreError(f"no active key named {name!r} to rotate; `seekstack keys create --name {name}` "
                                     "makes one")  # fmt: skip
             if old.expired(time.time()):  # its new key would be expired too
-                raise KeyStoreError(f"key {name!r} expired at {utc_time(old.expires_at)} UTC: revoke it and create a "
-                                    "new one (`keys create --expires-in` gives it a new term)")  # fmt: skip
+                raise KeyStoreError(f"key {name!r} expired at {utc_time(old.expires_at)} UTC: create a new one (`keys "
+                                    "create --expires-in` gives it a new term)")  # fmt: skip
             return _insert(
                 connection, name, old.plan, old.rpm, old.tpm, old.admin, old.models, old.expires_at, old.budget
             )
