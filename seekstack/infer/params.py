@@ -3,6 +3,7 @@ their defaults, written once here for the engine, the command line and the serve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ class SamplingParams:
 
     max_new_tokens: Positive = 128
     temperature: Annotated[float, Interval(ge=0, le=100)] = 1.0  # 0 (or below 1e-5) -> greedy
-    top_k: NonNegative = 0  # 0 -> off
+    top_k: Annotated[int, Ge(-1)] = 0  # 0 or -1 (vLLM's off, its former default) -> off; validate() gives 0
     top_p: Annotated[float, Interval(gt=0, le=1)] = 1.0
     min_p: Annotated[float, Interval(ge=0, le=1)] = 0.0
     repetition_penalty: PositiveFloat = 1.0  # vLLM/HF semantics: divide positive logits, multiply negative ones
@@ -79,6 +80,8 @@ class SamplingParams:
     def validate(self) -> SamplingParams:
         """This request's parameters, checked: types and ranges of every field."""
         params = recheck(self)
+        if params.top_k == -1:
+            params = dataclasses.replace(params, top_k=0)
         require(params.detokenize or not params.stop, "stop", "empty with detokenize=False (stop strings match text)")
         require(params.logprobs or not params.top_logprobs, "top_logprobs", "0 without logprobs=True (as OpenAI's "
                 "top_logprobs needs logprobs): no log-probabilities are returned without it")  # fmt: skip
