@@ -605,7 +605,8 @@ class _Run:
         with self.threads.step(self.step):
             metrics = self.train_step()  # counts the step once its update is made
         result.losses.append(metrics["loss"])
-        self._progress(metrics, clock.eta(self.step, self.config.max_steps))
+        first = not clock.warm  # the first step this process ran (a resumed run's too): its line is told in a log
+        self._progress(metrics, clock.eta(self.step, self.config.max_steps), first)
         self._evaluate_pending()
         if self.config.save_every and self.step % self.config.save_every == 0 or self.is_last_step:
             result.checkpoint = self.save()
@@ -1055,7 +1056,7 @@ class _Run:
         ]
         write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
-    def _progress(self, metrics: dict[str, Any], eta_seconds: float) -> None:
+    def _progress(self, metrics: dict[str, Any], eta_seconds: float, first: bool) -> None:
         loss = (  # a step that trained no labelled token (on-policy answers) has no next-token loss
             f"loss {metrics['lm_loss']:.4f} (total {metrics['loss']:.4f})"
             if "lm_loss" in metrics
@@ -1074,7 +1075,7 @@ class _Run:
             line += "  mix " + " ".join(f"{name.removeprefix('train_')} {w:.0%}" for name, w in metrics["mix"].items())
         if sys.stderr.isatty():
             self._say(redrawn_in_place(line, stderr_columns()), end="\n" if self.is_last_step else "")
-        elif self.step % PROGRESS_EVERY == 0 or self.is_last_step or self.step == 1:
+        elif self.step % PROGRESS_EVERY == 0 or self.is_last_step or first:
             self._say(line)
 
     def _ranks_peak(self, rank_peak: float) -> float:
