@@ -50,6 +50,7 @@ MATCH_TIMEOUT_S = 10.0  # longest one scan of a text by a category's terms and p
 # what renders as nothing (Unicode's Default_Ignorable_Code_Point): zero-width spaces and joiners, soft hyphens,
 # direction marks, variation selectors, tag characters, Hangul fillers
 INVISIBLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
+COMBINING = regex.compile(r"\p{M}")  # marks that combine with the character before them (a decomposed `é`'s acute)
 DOTLESS_I = str.maketrans("ı", "i")  # read as i, as Python's `re` matched it case-insensitively (`regex` does not)
 Action = Literal["block", "redact", "flag"]
 
@@ -114,11 +115,11 @@ class Category:
         """Every term or pattern match in text[start:] as `folded` reads it (positions in `text`)."""
         if self.expression is None:
             return []
-        view, origin = folded(text, max(0, start - CONTEXT_CHARS))  # what precedes `start`: `\b`, lookbehinds
-        matches = self.expression.finditer(view, bisect.bisect_left(origin, start), concurrent=True,
+        view, starts, ends = folded(text, max(0, start - CONTEXT_CHARS))  # what precedes `start`: `\b`, lookbehinds
+        matches = self.expression.finditer(view, bisect.bisect_left(starts, start), concurrent=True,
                                            timeout=MATCH_TIMEOUT_S)  # fmt: skip
         try:
-            return [Hit(self.name, self.rule.action, (origin[m.start()], origin[m.end() - 1] + 1), 1.0)
+            return [Hit(self.name, self.rule.action, (starts[m.start()], ends[m.end() - 1]), 1.0)
                     for m in matches if m.end() > m.start()]  # fmt: skip
         except TimeoutError:
             raise PolicyTimeout(self.name, len(view)) from None
@@ -166,7 +167,7 @@ class Policy:
                               "`categories:` (or serve without --moderation-policy)")  # fmt: skip
         categories = []
         for name, rule in policy.categories.items():
-            blank = next((term for term in rule.terms if not term.split()), None)
+            blank = next((term for term in rule.terms if not folded(term)[0].split()), None)
             if blank is not None:
                 raise ConfigError(f"{path}: category {name!r} has a blank term {blank!r}, which matches nothing")
             try:
@@ -314,28 +315,45 @@ def _shifted(hits: list[Hit], offset: int) -> list[Hit]:
             if hit.span is not None]  # fmt: skip
 
 
-def folded(text: str, start: int = 0) -> tuple[str, Sequence[int]]:
-    """text[start:] as the policy reads it, so that look-alike spellings match what they spell: each character in its
-    NFKC compatibility form (fullwidth `ｓｅｌｆ` -> `self`, the ligature `ﬁ` -> `fi`; dotless `ı` -> `i`), invisible
-    ones (`INVISIBLE`: zero-width spaces and joiners, soft hyphens, direction marks...) dropped; and per character of
-    it, the position in `text` it came from."""
+def folded(text: str, start: int = 0) -> tuple[str, Sequence[int], Sequence[int]]:
+    """text[start:] as the policy reads it, so that look-alike spellings match what they spell: each character with
+    the combining marks after it in their NFKC compatibility form (fullwidth `ｓｅｌｆ` -> `self`, the ligature `ﬁ` ->
+    `fi`, `e` + combining acute -> `é`; dotless `ı` -> `i`), invisible ones (`INVISIBLE`: zero-width spaces and
+    joiners, soft hyphens, direction marks...) dropped; and per character of it, where in `text` the characters it
+    came from start and end."""
     if text.isascii():
-        return text[start:], range(start, len(text))
+        return text[start:], range(start, len(text)), range(start + 1, len(text) + 1)
     invisible = {match.start() for match in INVISIBLE.finditer(text, start)}
-    characters, origin = [], []
-    for position in range(start, len(text)):
-        character = text[position]
+    marks = {match.start() for match in COMBINING.finditer(text, start)}
+    characters, starts, ends = [], [], []
+    position = start
+    while position < len(text):
         if position in invisible:
+            position += 1
             continue
-        form = character if character.isascii() else unicodedata.normalize("NFKC", character).translate(DOTLESS_I)
+        end = position + 1  # the marks that combine with it (a decomposed `é`) are folded with it
+        while end in marks or end in invisible:
+            end += 1
+        cluster = (
+            text[position]
+            if end == position + 1
+            else "".join(text[at] for at in range(position, end) if at not in invisible)
+        )
+        form = cluster if cluster.isascii() else unicodedata.normalize("NFKC", cluster).translate(DOTLESS_I)
         characters.append(form)
-        origin += [position] * len(form)
-    return "".join(characters), origin
+        if len(form) == 1:  # most characters: appended, not lists of one made and added
+            starts.append(position)
+            ends.append(end)
+        else:
+            starts += [position] * len(form)
+            ends += [end] * len(form)
+        position = end
+    return "".join(characters), starts, ends
 
 
 def _expression(rule: CategoryRule) -> regex.Pattern | None:
     """One case-insensitive expression for a rule's terms (as whole words, their words apart by any run of whitespace:
     `pipe  bomb` and `pipe<newline>bomb` are `pipe bomb`) and patterns."""
-    terms = [r"\s+".join(map(regex.escape, term.split())) for term in rule.terms]
+    terms = [r"\s+".join(map(regex.escape, folded(term)[0].split())) for term in rule.terms]  # read as the text is
     parts = [rf"\b{term}\b" for term in terms] + [f"(?:{pattern})" for pattern in rule.patterns]
     return regex.compile("|".join(parts), regex.IGNORECASE | regex.VERSION0) if parts else None

@@ -4,7 +4,9 @@ trained classifier."""
 
 from __future__ import annotations
 
+import functools
 import json
+import unicodedata
 
 import pytest
 import yaml
@@ -22,7 +24,7 @@ from seekstack.serve.errors import APIError
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import warn_of_unknown_scopes
 from seekstack.serve.ledger import Ledger
-from seekstack.serve.moderation import Category, CategoryRule, HeldLogprobs, ModeratedStream, Policy
+from seekstack.serve.moderation import Category, CategoryRule, HeldLogprobs, ModeratedStream, Policy, redacted, scan
 from seekstack.serve.safety import ContentSafety, Spelling
 from seekstack.serve.schemas import CompletionRequest, ModerationRequest
 from seekstack.tokenizer import Tokenizer
@@ -422,3 +424,22 @@ def test_a_classifier_whose_score_is_no_probability_stops_the_text_instead_of_pa
         safety.moderations(ModerationRequest(input="hello"), None)
     with pytest.raises(ValueError, match=expected):
         ModeratedStream([category]).push("hello", final=True)
+
+
+def test_terms_and_text_are_read_alike_whatever_their_unicode_form(tmp_path):
+    """Each character was folded alone, so a decomposed `e` + combining acute never became the `é` of a term (text typed
+    on a Mac, or a bypass), and the terms themselves were not folded: an NFD, ligature or fullwidth term matched
+    nothing, not even its own spelling."""
+    nfd = functools.partial(unicodedata.normalize, "NFD")
+    policy = write_policy(tmp_path, {"food": {"action": "redact", "terms": ["café noir", nfd("crème brûlée"), "ﬁle",
+                                                                             "ｂｏｍｂ"]}})  # fmt: skip
+    food = list(policy.categories.values())
+    for text, expected in (
+        (nfd("un café noir!"), "un [REDACTED:food]!"),  # the marks go with their letters
+        ("une crème brûlée", "une [REDACTED:food]"),
+        ("a ﬁle, a file, a bomb", "a [REDACTED:food], a [REDACTED:food], a [REDACTED:food]"),
+    ):
+        assert redacted(text, scan(food, text)) == expected, text
+    stream = ModeratedStream(food)
+    shown = stream.push("un cafe")[0] + stream.push("\u0301 noir!", final=True)[0]  # the mark in the next piece
+    assert shown == "un [REDACTED:food]!"
