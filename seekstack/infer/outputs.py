@@ -4,6 +4,7 @@ JSON record `seekstack generate --json` prints. Plain dataclasses, no torch."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,12 @@ class Completion:
     timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s, compile_s
     error: str | None = None  # with finish_reason "error": why the request failed
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The log-probability of the whole completion, the sum of its tokens' (vLLM's `cumulative_logprob`); None
+        without logprobs=True."""
+        return math.fsum(entry.logprob for entry in self.logprobs) if self.logprobs is not None else None
 
 
 def joined_completion(

@@ -38,6 +38,9 @@ def test_greedy_tokens_and_logprobs_match_the_full_forward(model, tokenizer):
         assert [token for token, _, _ in entry.top] == full_logprobs[step].topk(3).indices.tolist()
         assert entry.top[0][0] == entry.token_id  # greedy picks the most likely token
     assert completion.finish_reason == "length" and len(completion.token_ids) == 10
+    chosen = full_logprobs.gather(-1, torch.tensor(completion.token_ids)[:, None])
+    assert completion.cumulative_logprob == pytest.approx(chosen.sum().item(), abs=1e-3)  # vLLM's, summed
+    assert engine.generate(prompts([17]), GREEDY)[0].cumulative_logprob is None  # no logprobs asked for
 
 
 def test_a_sequence_decoded_alone_equals_it_decoded_among_others(model, tokenizer):
