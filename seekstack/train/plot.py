@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from seekstack.atomic import write_atomic  # noqa: E402
+from seekstack.checkpoint.keys import CONFIG_FILE as MODEL_CONFIG_FILE  # noqa: E402
 from seekstack.config import preset  # noqa: E402
 from seekstack.train.config import CONFIG_FILE  # noqa: E402
 from seekstack.train.metrics import METRICS_FILE, column, read_metrics_file, step_tokens  # noqa: E402
@@ -247,12 +248,17 @@ def png_path(path: str | Path) -> Path:
 
 
 def _main_layer_count(run_dir: str | Path) -> int | None:
-    """num_hidden_layers of the run's model (from its train_config.json), to tell MTP blocks apart; None if unknown."""
+    """num_hidden_layers of the run's model, to tell MTP blocks apart: of the checkpoint it started from (its
+    train_config.json's init_from, relative to the run: sft, rl, distill, lora train), else of its preset and
+    model_overrides; None if unknown (no train_config.json, a starting checkpoint moved since)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
-    return preset(saved["model"], **saved.get("model_overrides", {})).num_hidden_layers
+    if not saved.get("init_from"):
+        return preset(saved["model"], **saved.get("model_overrides", {})).num_hidden_layers
+    start = Path(run_dir) / saved["init_from"] / MODEL_CONFIG_FILE
+    return json.loads(start.read_text(encoding="utf-8"))["num_hidden_layers"] if start.is_file() else None
 
 
 def _style(axis: plt.Axes, title: str) -> None:

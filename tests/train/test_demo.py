@@ -217,6 +217,23 @@ def test_plot_x_axis_tokens_draws_runs_of_other_batch_sizes_by_the_tokens_they_t
     assert result.exit_code == 1 and "step 1 has no number 'tokens_per_s'" in result.output
 
 
+def test_plot_labels_the_mtp_block_of_a_run_started_from_a_checkpoint_by_that_models_layers(
+    demo_run, tmp_path, monkeypatch
+):
+    """An sft run from the demo's 2-layer model, whose config keeps the default preset (tiny: 4 layers), labelled its
+    MTP block, layer 2, as a main-model layer."""
+    import seekstack.train.plot as plot
+
+    start = demo_run / "run" / "checkpoints" / "step_4"
+    (tmp_path / "train_config.json").write_text(json.dumps({"model": "tiny", "init_from": str(start)}))
+    line = {"step": 1, "loss": 3.0, "lr": 1e-3, "maxvio_per_layer": {"1": 0.5, "2": 0.25}}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    drawn = []
+    monkeypatch.setattr(plot.plt, "close", drawn.append)
+    plot.plot_run(tmp_path)
+    assert [curve.get_label() for curve in drawn[0].axes[3].get_lines()] == ["layer 1", "layer 2 (MTP)"]
+
+
 def test_plot_names_the_run_without_metrics(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 1 and f"no metrics.jsonl in {tmp_path}" in result.output
