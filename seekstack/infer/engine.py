@@ -535,14 +535,14 @@ class Engine:
             return outputs
 
     def _add_awaited(
-        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
-    ) -> tuple[str, deque[RequestOutput]]:
-        """Queue a request whose outputs `step` puts in the returned inbox, from its first step on whichever thread
-        steps (`generate`, `stream`); its id and the inbox. `_forget` it once done."""
+        self, prompt_ids: list[int], params: SamplingParams, inbox: deque[RequestOutput], adapter: str | None = None
+    ) -> str:
+        """Queue a request whose outputs `step` puts in `inbox`, from its first step on, whichever thread steps
+        (`generate`, `stream`); its id. `_forget` it once done."""
         with self.lock:  # no step between the request's queueing and its inbox
             request_id = self.add_request(prompt_ids, params, adapter=adapter)
-            self._inboxes[request_id] = deque()
-            return request_id, self._inboxes[request_id]
+            self._inboxes[request_id] = inbox
+            return request_id
 
     def _forget(self, request_id: str) -> None:
         """Abort an awaited request (`_add_awaited`) unless it has finished, and drop its inbox."""
@@ -936,7 +936,8 @@ class Engine:
     # ------------------------------------------------------------------ convenience
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """Add one request and step until it finishes, yielding its outputs as they come (other requests run too)."""
-        request_id, inbox = self._add_awaited(prompt_ids, params)
+        inbox: deque[RequestOutput] = deque()
+        request_id = self._add_awaited(prompt_ids, params, inbox)
         try:
             finished = False
             while not finished:
@@ -980,36 +981,38 @@ class Engine:
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")
         prompt_ids = [self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
         started = time.perf_counter()
-        inboxes: dict[str, deque[RequestOutput]] = {}
+        inbox: deque[RequestOutput] = deque()  # these requests' outputs, whichever thread's step made them
+        parts: dict[str, list[RequestOutput]] = {}
         first_token: dict[str, float] = {}
         finished_at: dict[str, float] = {}
         compiling: dict[str, float] = {}  # per request, the compile seconds of its decode steps (`compile_s`)
         try:
             for ids, p, a in zip(prompt_ids, params_list, adapter_list, strict=True):
-                request_id, inboxes[request_id] = self._add_awaited(ids, p, adapter=a)
-            while len(finished_at) < len(inboxes):
+                parts[self._add_awaited(ids, p, inbox, adapter=a)] = []
+            while len(finished_at) < len(parts):
                 self.step()
-                for request_id, inbox in inboxes.items():
-                    if inbox and request_id not in first_token:
-                        first_token[request_id] = time.perf_counter()
-                        compiling[request_id] = -self.compile_s
-                    if inbox and inbox[-1].finished and request_id not in finished_at:
-                        finished_at[request_id] = time.perf_counter()
-                        compiling[request_id] += self.compile_s
+                while inbox:
+                    output = inbox.popleft()
+                    parts[output.request_id].append(output)
+                    first_token.setdefault(output.request_id, time.perf_counter())
+                    compiling.setdefault(output.request_id, -self.compile_s)
+                    if output.finished:
+                        finished_at[output.request_id] = time.perf_counter()
+                        compiling[output.request_id] += self.compile_s
         finally:  # a prompt refused, a failing step or an interrupt leaves no request behind holding cache blocks
-            for request_id in inboxes:
+            for request_id in parts:
                 self._forget(request_id)
         return [
             joined_completion(
                 request_id,
                 ids,
-                list(inboxes[request_id]),
+                parts[request_id],
                 started,
                 first_token[request_id],
                 finished_at[request_id],
                 compiling[request_id],
             )
-            for request_id, ids in zip(inboxes, prompt_ids, strict=True)
+            for request_id, ids in zip(parts, prompt_ids, strict=True)
         ]
 
 
