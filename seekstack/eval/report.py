@@ -24,7 +24,7 @@ from typing import Any
 
 import seekstack
 from seekstack import accounting
-from seekstack.atomic import write_atomic
+from seekstack.atomic import refuse_a_file_in_the_way, write_atomic
 from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
 from seekstack.posttrain.plot import plot_rl_runs
@@ -54,6 +54,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
     A run still training may save a newer checkpoint and delete the one the page describes (`keep_checkpoints`)
     while the page is written: it is written again, of the newer one."""
     run_dir = Path(run_dir)
+    if out_dir is not None:  # RUN itself is a run's folder, or named as no run by read_metrics
+        refuse_a_file_in_the_way(out_dir, f"{REPORT_FILE} and its PNGs")
     for _ in range(REPORT_ATTEMPTS - 1):
         checkpoint = _newest_checkpoint(run_dir)
         try:

@@ -465,6 +465,18 @@ def test_a_folder_that_is_no_run_is_named_and_left_as_it_was(tmp_path, out):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()
 
 
+def test_report_out_on_a_file_names_it_and_says_out_is_a_folder_before_any_work(tmp_path, monkeypatch):
+    """It ended, after the page's samples, with a bare "[Errno 17] File exists: 'notes.md'"."""
+    monkeypatch.setattr("seekstack.eval.report._write_page", lambda *arguments: pytest.fail("the page was begun"))
+    (tmp_path / "notes.md").write_text("mine")
+    for out in (tmp_path / "notes.md", tmp_path / "notes.md" / "page"):
+        result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out", str(out)])
+        assert result.exit_code == 1 and "Errno" not in result.output
+        said = " ".join(result.output.split())
+        assert f"{tmp_path / 'notes.md'}: is a file, not a folder" in said and "report.md and its PNGs" in said
+    assert (tmp_path / "notes.md").read_text() == "mine"
+
+
 def test_a_runs_checkpoint_given_for_the_run_names_the_run_to_give(tmp_path):
     """`report RUN/checkpoints/step_2` (where `eval` takes a checkpoint) said "no metrics.jsonl in ...: is it the
     out_dir of a `seekstack train` run?", not which run it is part of."""
