@@ -384,11 +384,15 @@ class Engine:
     ) -> str:
         """Queue a request, on the base model or on the loaded LoRA adapter named `adapter`, sampling only what
         `constraint` allows (JSON mode); raises ValueError for an empty prompt, unknown token ids, one that cannot
-        fit, or an adapter not loaded, TypeError for `params` that are not SamplingParams."""
+        fit, or an adapter not loaded, TypeError for a text prompt or `params` that are not SamplingParams."""
         if not isinstance(params, SamplingParams):
             raise TypeError(
                 f"params must be SamplingParams, got {type(params).__name__}: SamplingParams(max_new_tokens=64, ...), "
                 "or SamplingParams.from_dict(values) for a mapping"
+            )
+        if isinstance(prompt_ids, str):  # its characters would read as ids: "123" as [1, 2, 3]
+            raise TypeError(
+                "prompt_ids is a str; give token ids (tokenizer.encode_prompt(text)), or the text to generate or stream"
             )
         params = params.validate()
         prompt_ids = [int(token) for token in prompt_ids]
@@ -934,8 +938,10 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ convenience
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
-        """Add one request and step until it finishes, yielding its outputs as they come (other requests run too)."""
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Add one request, a text (encoded as `generate` encodes it) or token ids, and step until it finishes,
+        yielding its outputs as they come (other requests run too)."""
+        prompt_ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
         inbox: deque[RequestOutput] = deque()
         request_id = self._add_awaited(prompt_ids, params, inbox)
         try:

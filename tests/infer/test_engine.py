@@ -393,6 +393,15 @@ def test_generate_takes_a_tuple_of_params_and_names_a_list_of_the_wrong_length(m
     assert not engine.has_unfinished()
 
 
+def test_stream_takes_a_text_prompt_as_generate_does_and_add_request_refuses_one(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    [expected] = engine.generate("123", GREEDY)  # "123" read as token ids [1, 2, 3] before
+    assert [token for output in engine.stream("123", GREEDY) for token in output.token_ids] == expected.token_ids
+    with pytest.raises(TypeError, match=r"prompt_ids is a str; give token ids \(tokenizer.encode_prompt\(text\)\)"):
+        engine.add_request("def f", GREEDY)
+    assert not engine.has_unfinished()
+
+
 def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=1)
     first, second, never = (engine.add_request(prompt, GREEDY) for prompt in prompts([4, 4, 4]))
