@@ -170,6 +170,12 @@ class Policy:
             blank = next((term for term in rule.terms if not folded(term)[0].split()), None)
             if blank is not None:
                 raise ConfigError(f"{path}: category {name!r} has a blank term {blank!r}, which matches nothing")
+            longest = max(rule.terms, key=lambda term: len(" ".join(folded(term)[0].split())), default="")
+            length = len(" ".join(folded(longest)[0].split()))
+            if length > rule.holdback:
+                raise ConfigError(f"{path}: category {name!r} has a term of {length} characters, longer than its "
+                                  f"holdback of {rule.holdback}: a stream would show the start of {longest!r} before "
+                                  f"finding it; set `holdback: {length}` or more (at most 4096)")  # fmt: skip
             try:
                 expression = _expression(rule)
             except regex.error as error:

@@ -87,6 +87,14 @@ def test_a_policy_file_that_could_never_act_is_refused_naming_what(tmp_path):
         Policy.load(tmp_path / "policy.yaml")
     with pytest.raises(ConfigError, match=r"category 'pii' has a blank term '   ', which matches nothing"):
         write_policy(tmp_path, {"pii": {"terms": ["foo", "   "]}})
+    long_term = "the launch code of the northern base is written on the blue card in the drawer"  # 78 characters
+    with pytest.raises(
+        ConfigError,
+        match=r"category 'codes' has a term of 78 characters, longer than its holdback of "
+        r"64: a stream would show the start of 'the launch .* before finding it; set `holdback: 78`",
+    ):
+        write_policy(tmp_path, {"codes": {"terms": ["code", long_term]}})  # was: its first 14 characters streamed
+    assert write_policy(tmp_path, {"codes": {"terms": [long_term], "holdback": 78}}).categories["codes"]
 
 
 def test_serving_warns_of_the_plans_and_keys_a_policy_names_that_the_database_lacks(tmp_path, caplog):
