@@ -81,7 +81,8 @@ class TrainConfig:
     min_lr: NonNegativeFloat = 3e-4  # <= lr
     warmup_steps: NonNegative = 100
     schedule: Literal["cosine", "wsd"] = "cosine"  # cosine | wsd (warmup-stable-decay)
-    wsd_decay_fraction: Fraction = 0.2  # wsd: the last fraction of steps (after warmup) decays linearly to min_lr
+    # wsd: the last fraction of steps (after warmup) decays linearly to min_lr; 0: none (a stable phase to extend)
+    wsd_decay_fraction: Fraction = 0.2
     weight_decay: NonNegativeFloat = 0.1
     betas: tuple[Beta, Beta] = (0.9, 0.95)
     grad_clip: NonNegativeFloat = 1.0  # 0 disables clipping (the norm is still logged)

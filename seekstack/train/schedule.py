@@ -23,7 +23,7 @@ class LrAnchor:
 
 def learning_rate(step: int, config: TrainConfig, anchor: LrAnchor | None = None) -> float:
     """The rate for optimizer step `step` (0-based): linear warmup, then cosine or warmup-stable-decay to min_lr at the
-    last step (max_steps - 1)."""
+    last step (max_steps - 1; wsd_decay_fraction=0: no decay)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     if anchor is not None and step >= anchor.step:
@@ -32,11 +32,12 @@ def learning_rate(step: int, config: TrainConfig, anchor: LrAnchor | None = None
         progress = _decay_progress(step, config.warmup_steps, config)
         return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
     # WSD (MiniCPM, Hu et al. 2024): hold the peak, then decay linearly over the last wsd_decay_fraction of steps,
-    # those after the warmup at most (as torchtitan shortens it), so the rate never drops from the peak in one step.
+    # those after the warmup at most (as torchtitan shortens it), so the rate never drops from the peak in one step;
+    # none for a fraction of 0: a stable phase to extend (--resume with more steps) or decay from later.
     after_warmup = config.max_steps - config.warmup_steps
-    decay_steps = max(min(round(config.max_steps * config.wsd_decay_fraction), after_warmup), 1)
+    decay_steps = min(round(config.max_steps * config.wsd_decay_fraction), after_warmup)
     decay_start = config.max_steps - decay_steps
-    if step < decay_start:
+    if step < decay_start or decay_steps <= 0:
         return config.lr
     progress = min((step - decay_start + 1) / decay_steps, 1.0)
     return config.lr + (config.min_lr - config.lr) * progress

@@ -186,6 +186,15 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly():
     assert learning_rate(99, config) == pytest.approx(0.0)
 
 
+def test_a_wsd_decay_fraction_of_0_holds_the_peak_to_the_end_so_a_longer_run_holds_it_on():
+    """It decayed one step all the same, the last: a run ended at min_lr, and resumed with more steps held min_lr."""
+    stable = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=10, schedule="wsd", wsd_decay_fraction=0.0)
+    assert [learning_rate(step, stable) for step in range(1, 10)] == [1.0] * 9
+    longer = dataclasses.replace(stable, max_steps=20, wsd_decay_fraction=0.5)  # a decay phase after it
+    anchor = resumed_lr_anchor({"step": 10, "config": dataclasses.asdict(stable)}, longer)
+    assert [learning_rate(step, longer, anchor) for step in (10, 19)] == pytest.approx([0.91, 0.1])
+
+
 def test_a_wsd_decay_longer_than_the_steps_after_warmup_starts_at_the_peak_when_warmup_ends():
     """Warmup 5 of 10 steps and a decay fraction of 0.8: the decay takes the 5 steps after warmup (the rate went from
     1.0 at step 4 to 0.5 at step 5, its first 3 steps spent inside the warmup)."""
