@@ -186,7 +186,7 @@ def test_wsd_schedule_holds_the_peak_then_decays_linearly():
     assert learning_rate(99, config) == pytest.approx(0.0)
 
 
-def test_a_wsd_decay_fraction_of_0_holds_the_peak_to_the_end_so_a_longer_run_holds_it_on():
+def test_a_wsd_decay_fraction_of_0_holds_the_peak_to_the_end_and_a_longer_run_decays_from_it():
     """It decayed one step all the same, the last: a run ended at min_lr, and resumed with more steps held min_lr."""
     stable = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=10, schedule="wsd", wsd_decay_fraction=0.0)
     assert [learning_rate(step, stable) for step in range(1, 10)] == [1.0] * 9
