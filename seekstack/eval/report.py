@@ -84,7 +84,7 @@ def _write_page(run_dir: Path, out_dir: str | Path | None, samples: bool, checkp
         _environment(),
         _data(run_dir, train_config),
         _model(run_dir, checkpoint, train_config, records) if checkpoint is not None else _no_model(run_dir),
-        _training(run_dir, out_dir, train_config, records),
+        _training(run_dir, out_dir, train_config, records, checkpoint),
         _evaluation(run_dir, checkpoint),
     ]
     if samples and checkpoint is not None:
@@ -340,7 +340,15 @@ def _tokens_trained(records: list[dict[str, Any]], last_step: int) -> tuple[int,
     return positions, None
 
 
-def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def _training(
+    run_dir: Path,
+    out_dir: Path,
+    train_config: dict[str, Any],
+    records: list[dict[str, Any]],
+    checkpoint: Path | None = None,
+) -> str:
+    """The Training section: curves, the last step's loss (and the steps logged past the newest `checkpoint`), speed,
+    the validation table."""
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     tail = steps[len(steps) * 3 // 4 :]  # the last quarter: past warm-up and compilation
@@ -357,6 +365,15 @@ def _training(run_dir: Path, out_dir: Path, train_config: dict[str, Any], record
             total = f"(total {last['loss']:.4f})"  # as the progress line: metrics.jsonl's `loss` is the total
             loss = f"loss {last['lm_loss']:.4f} {total}" if "lm_loss" in last else f"loss {total}"
             text += f"Last step {last['step']}: {loss}. "
+            saved = int(checkpoint.name.removeprefix("step_")) if checkpoint is not None else last["step"]
+            if last["step"] > saved:  # logged before their checkpoint: a run still training, or stopped since
+                past = (
+                    f"Step {last['step']} is" if saved + 1 == last["step"] else f"Steps {saved + 1}-{last['step']} are"
+                )
+                text += (
+                    f"{past} in no checkpoint yet (the newest is {checkpoint.name}): a run still training saves "
+                    "them later, a stopped one trains them again on --resume. "
+                )
     if steps:
         speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)
         mfu = statistics.median(r["mfu"] for r in tail if "mfu" in r)

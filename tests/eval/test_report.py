@@ -553,6 +553,20 @@ def test_explain_corpus_on_a_model_without_moe_layers_refuses_before_writing_any
     assert sorted(path.name for path in out.iterdir()) == ["attention.png", "explain.html"]
 
 
+def test_the_last_step_logged_past_the_newest_checkpoint_is_said_to_be_in_none(tmp_path):
+    """A run killed after logging step 5 but saving step_4 (or still training) read 'Last step 5' above a model
+    table of 4 steps, with nothing to say which steps the checkpoint holds."""
+    from seekstack.eval.report import _training
+
+    records = [{"step": s, "loss": 3.0, "lr": 1e-3, "tokens_per_s": 9.0, "mfu": 0.1} for s in (1, 2, 3, 4, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    checkpoints = tmp_path / "checkpoints"
+    text = _training(tmp_path, tmp_path, {}, records, checkpoints / "step_4")
+    assert "Last step 5: loss (total 3.0000). Step 5 is in no checkpoint yet (the newest is step_4)" in text
+    assert "Steps 3-5 are in no checkpoint yet" in _training(tmp_path, tmp_path, {}, records, checkpoints / "step_2")
+    assert "no checkpoint yet" not in _training(tmp_path, tmp_path, {}, records, checkpoints / "step_5")
+
+
 def test_validation_table_shows_maxvio_only_for_a_run_that_logged_it(tmp_path):
     from seekstack.eval.report import _training
 
