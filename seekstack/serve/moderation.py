@@ -361,5 +361,6 @@ def _expression(rule: CategoryRule) -> regex.Pattern | None:
     """One case-insensitive expression for a rule's terms (as whole words, their words apart by any run of whitespace:
     `pipe  bomb` and `pipe<newline>bomb` are `pipe bomb`) and patterns."""
     terms = [r"\s+".join(map(regex.escape, folded(term)[0].split())) for term in rule.terms]  # read as the text is
-    parts = [rf"\b{term}\b" for term in terms] + [f"(?:{pattern})" for pattern in rule.patterns]
+    # whole words: no word character just before or after (`\b` would ask for one beside a term's `+` or `@`: `c++`)
+    parts = [rf"(?<!\w){term}(?!\w)" for term in terms] + [f"(?:{pattern})" for pattern in rule.patterns]
     return regex.compile("|".join(parts), regex.IGNORECASE | regex.VERSION0) if parts else None

@@ -451,3 +451,14 @@ def test_terms_and_text_are_read_alike_whatever_their_unicode_form(tmp_path):
     stream = ModeratedStream(food)
     shown = stream.push("un cafe")[0] + stream.push("\u0301 noir!", final=True)[0]  # the mark in the next piece
     assert shown == "un [REDACTED:food]!"
+
+
+def test_terms_that_begin_or_end_with_punctuation_are_found_as_whole_words(tmp_path):
+    """A term was wrapped in `\\b`, which wants a word character beside the term's `+` or `@`: `c++`, `@everyone`,
+    `$$$` and `#kill` matched nothing, anywhere."""
+    policy = write_policy(tmp_path, {"spam": {"action": "redact", "terms": ["c++", "@everyone", "$$$", "#kill"]}})
+    spam = list(policy.categories.values())
+    text = "c++ and @everyone: make $$$ or #kill, not abc++ or a@everyones"
+    assert redacted(text, scan(spam, text)) == (
+        "[REDACTED:spam] and [REDACTED:spam]: make [REDACTED:spam] or [REDACTED:spam], not abc++ or a@everyones"
+    )
