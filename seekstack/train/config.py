@@ -214,7 +214,9 @@ nested_config(TrainConfig, "model_overrides", ModelConfig, prefix="model")
 
 
 def require_folder_path(path: str, name: str) -> None:
-    """A ConfigError naming the field `name` unless `path` is a folder or can be made one (no file in the way)."""
+    """A ConfigError naming the field `name` unless `path` is a folder or can be made one (no file in the way); an empty
+    one (a shell variable left unset) would be the working folder."""
+    require(path != "", name, "a folder, not '' (which would be the working folder; a shell variable left unset?)")
     existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
     require(existing.is_dir(), name, f"a folder, not {path!r} ({existing} is a file)")
 

@@ -105,6 +105,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_train_config(None, ["model=tiniy"])
     with pytest.raises(ConfigError, match="field 'min_lr' must be at most lr=0.003, not 0.01$"):
         load_train_config(None, ["min_lr=0.01"])
+    with pytest.raises(ConfigError, match="field 'out_dir' must be a folder, not '' \\(which would be the working"):
+        load_train_config(None, ["out_dir="])  # out_dir=$OUT with OUT unset: the run went into the working folder
 
 
 # ---------------------------------------------------------------------------------- schedule
