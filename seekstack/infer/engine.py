@@ -51,6 +51,7 @@ from seekstack.infer.speculative import (
 from seekstack.infer.threads import StepThreads
 from seekstack.model import cpu_kernels
 from seekstack.model.transformer import Transformer
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -965,8 +966,8 @@ class Engine:
         list: 1-D one prompt, 2-D a prompt per row, as transformers' input_ids; text is encoded by `encode_prompt`:
         BOS first with a DeepSeek release's tokenizer, as transformers encodes it, none with seekstack's, as its
         training shards hold none), each on the base or on the loaded adapter `adapters` names for it, and step until
-        all finish. A prompt refused (too long, an adapter not loaded) raises ValueError, the prompts added before it
-        aborted, none left queued."""
+        all finish. A prompt refused (too long, an adapter not loaded) raises ValueError naming it by its index among
+        several, the prompts added before it aborted, none left queued."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(
@@ -993,8 +994,13 @@ class Engine:
         finished_at: dict[str, float] = {}
         compiling: dict[str, float] = {}  # per request, the compile seconds of its decode steps (`compile_s`)
         try:
-            for ids, p, a in zip(prompt_ids, params_list, adapter_list, strict=True):
-                parts[self._add_awaited(ids, p, inbox, adapter=a)] = []
+            for index, (ids, p, a) in enumerate(zip(prompt_ids, params_list, adapter_list, strict=True)):
+                try:
+                    parts[self._add_awaited(ids, p, inbox, adapter=a)] = []
+                except ValueError as error:  # which of many prompts (a ConfigError names its field: kept as it is)
+                    if len(prompt_ids) == 1 or isinstance(error, ConfigError):
+                        raise
+                    raise ValueError(f"prompt {index} of {len(prompt_ids)}: {error}") from None
             while len(finished_at) < len(parts):
                 self.step()
                 while inbox:

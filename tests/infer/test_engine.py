@@ -276,8 +276,8 @@ def test_a_generate_call_that_fails_mid_way_leaves_no_request_holding_blocks(mod
 def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, tokenizer):
     engine = Engine(model, tokenizer)
     too_long = prompts([engine.max_model_len + 1])[0]
-    with pytest.raises(ValueError, match="more than max_model_len"):
-        engine.generate([prompts([6])[0], too_long], GREEDY)
+    with pytest.raises(ValueError, match=r"^prompt 1 of 2: prompt has \d+ tokens, more than max_model_len"):
+        engine.generate([prompts([6])[0], too_long], GREEDY)  # which one, of a batch of many
     assert not engine.waiting and engine.cache.tables == {}
     assert [out.finish_reason for out in engine.step()] == ["abort"] and not engine.has_unfinished()
     [completion] = engine.generate(prompts([5]), GREEDY)  # the next call steps for its own prompt only
