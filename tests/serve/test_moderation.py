@@ -462,3 +462,13 @@ def test_terms_that_begin_or_end_with_punctuation_are_found_as_whole_words(tmp_p
     assert redacted(text, scan(spam, text)) == (
         "[REDACTED:spam] and [REDACTED:spam]: make [REDACTED:spam] or [REDACTED:spam], not abc++ or a@everyones"
     )
+
+
+def test_terms_are_found_in_any_case_as_unicode_folds_case(tmp_path):
+    """Case was matched one character for one: `straße` was not found in its own capitals, `STRASSE`."""
+    policy = write_policy(tmp_path, {"roads": {"action": "redact", "terms": ["straße", "grosse"]}})
+    roads = list(policy.categories.values())
+    text = "DIE STRASSE, die Straße, eine GROẞE oder große Sache"
+    assert redacted(text, scan(roads, text)) == (
+        "DIE [REDACTED:roads], die [REDACTED:roads], eine [REDACTED:roads] oder [REDACTED:roads] Sache"
+    )
