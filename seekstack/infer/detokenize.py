@@ -22,8 +22,10 @@ class TextStream:
         skip_special_tokens: bool = False,
         enabled: bool = True,
         after_reasoning: str | None = None,
+        include_stop: bool = False,
     ):
         self.tokenizer, self.stop, self.enabled = tokenizer, stop, enabled  # not enabled: every call gives no text
+        self.include_stop = include_stop  # the stop string found ends the text shown (vLLM's include_stop_str_in_output)
         self.after_reasoning = after_reasoning  # the reply's given start (a chat prefix, "" for none), or None: off
         self.longest_stop = max((len(text) for text in stop), default=0)
         self.skipped_ids = tokenizer.special_ids if skip_special_tokens else frozenset()
@@ -73,8 +75,12 @@ class TextStream:
         if start is None:
             return "", False
         start = max(self.released, start)
-        found = [index for stop in self.stop if (index := self.text.find(stop, start)) >= 0]
-        end = min(found) if found else len(self.text) - self._held_back(start)
+        found = [(index, stop) for stop in self.stop if (index := self.text.find(stop, start)) >= 0]
+        if found:
+            index, stop = min(found, key=lambda hit: hit[0])  # the first to appear (of two there, the first given)
+            end = index + len(stop) if self.include_stop else index
+        else:
+            end = len(self.text) - self._held_back(start)
         out, self.released = self.text[self.released : end], end
         return out, bool(found)
 

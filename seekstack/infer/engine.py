@@ -430,8 +430,9 @@ class Engine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             adapter_slot = self.lora.slot(adapter)  # under the lock, which an unload takes too
             stream = TextStream(
-                self.tokenizer, params.stop, params.skip_special_tokens, params.detokenize, params.stop_after_reasoning
-            )
+                self.tokenizer, params.stop, params.skip_special_tokens, params.detokenize, params.stop_after_reasoning,
+                params.include_stop_str_in_output,
+            )  # fmt: skip
             request = _Request(
                 request_id,
                 prompt_ids,

@@ -59,6 +59,7 @@ class SamplingParams:
     seed: Annotated[int, Interval(ge=-(2**63), lt=2**64)] | None = None
     stop_token_ids: tuple[Annotated[int, Ge(0)], ...] = ()  # the tokenizer's EOS always stops unless ignore_eos
     stop: tuple[Annotated[str, MinLen(1)], ...] = ()  # matched on detokenized text (may span tokens); not in the output
+    include_stop_str_in_output: bool = False  # True: the text ends with the stop string found, as vLLM's
     # not None: stop strings match only after the reasoning, <think> ... </think>, that this text (the reply's start
     # given in the prompt, a chat prefix's; "" for none) and the reply open with (serve --reasoning-parser)
     stop_after_reasoning: str | None = None

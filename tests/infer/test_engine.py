@@ -459,6 +459,8 @@ def test_stop_string_spanning_two_tokens_cuts_the_text_before_it(model, tokenize
     assert stopped.finish_reason == "stop"
     alone = Engine(model, tokenizer).generate([prompt], SamplingParams(**{**params.__dict__, "stop": stop}))[0]
     assert alone.text == full[:cut]  # a stop string given alone, as vLLM's SamplingParams takes it
+    kept = SamplingParams(**{**params.__dict__, "stop": (stop,), "include_stop_str_in_output": True})
+    assert Engine(model, tokenizer).generate([prompt], kept)[0].text == full[: cut + len(stop)]  # vLLM's option
 
 
 def test_a_stop_token_id_ends_generation_right_after_that_token(model, tokenizer):

@@ -317,6 +317,12 @@ def test_text_that_may_start_a_stop_string_is_held_back_until_decided(tokenizer)
     assert stream.push(tokenizer.encode("z")[0]) == ("", True)
 
 
+def test_with_include_stop_the_text_ends_with_the_stop_string(tokenizer):
+    stream = TextStream(tokenizer, stop=("yz", "END"), include_stop=True)
+    shown = [stream.push(tokenizer.encode(char)[0]) for char in "abEND"]
+    assert "".join(text for text, _ in shown) == "abEND" and shown[-1][1]
+
+
 @pytest.mark.parametrize(
     ("text", "after_reasoning", "shown"),
     [
