@@ -172,7 +172,7 @@ class Policy:
                 raise ConfigError(f"{path}: category {name!r} has a blank term {blank!r}, which matches nothing")
             longest = max(rule.terms, key=lambda term: len(" ".join(folded(term)[0].split())), default="")
             length = len(" ".join(folded(longest)[0].split()))
-            if length > rule.holdback:
+            if length > rule.holdback and rule.action != "flag":  # a flag shows the text anyway
                 raise ConfigError(f"{path}: category {name!r} has a term of {length} characters, longer than its "
                                   f"holdback of {rule.holdback}: a stream would show the start of {longest!r} before "
                                   f"finding it; set `holdback: {length}` or more (at most 4096)")  # fmt: skip

@@ -95,6 +95,7 @@ def test_a_policy_file_that_could_never_act_is_refused_naming_what(tmp_path):
     ):
         write_policy(tmp_path, {"codes": {"terms": ["code", long_term]}})  # was: its first 14 characters streamed
     assert write_policy(tmp_path, {"codes": {"terms": [long_term], "holdback": 78}}).categories["codes"]
+    assert write_policy(tmp_path, {"codes": {"action": "flag", "terms": [long_term], "holdback": 0}}).categories
 
 
 def test_serving_warns_of_the_plans_and_keys_a_policy_names_that_the_database_lacks(tmp_path, caplog):
