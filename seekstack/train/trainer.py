@@ -498,6 +498,8 @@ class _Run:
             self.evaluation_pending = bool(train_state.get("evaluation_pending")) and config.eval_every > 0
             passed_over = ", ".join(incomplete_after(path)) if resume is True else ""
             note = f"; passed over {passed_over}: no {TRAIN_STATE_FILE} (a save cut short)" if passed_over else ""
+            if self.step == config.max_steps:  # allowed: an evaluation the run owes still runs
+                note += f"; the run is at max_steps={config.max_steps} already: give max_steps above it to train on"
             self._say(f"resumed from step {self.step} ({path}){note}")
             self.resumed_from = path
         else:

@@ -193,6 +193,10 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     after_warmup = rates[2:]
     assert all(b < a for a, b in zip(after_warmup, after_warmup[1:], strict=False)), rates  # one decay, no jump
     assert rates[-1] == pytest.approx(3e-4)  # min_lr at the new last step
+    logged = read_metrics(out_dir)
+    again = runner.invoke(app, ["train", f"out_dir={out_dir}", "--resume"])  # it said only "trained to step 12"
+    assert again.exit_code == 0 and read_metrics(out_dir) == logged, again.output  # nothing trained
+    assert "the run is at max_steps=12 already: give max_steps above it to train on" in again.output
 
 
 def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(tmp_path) -> None:
