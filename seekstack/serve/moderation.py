@@ -185,7 +185,10 @@ class Policy:
                 model_path = path.parent / rule.classifier
                 if not model_path.is_file():
                     raise ConfigError(f"{path}: category {name!r}: no classifier file {model_path}")
-                classifier = QualityModel.load(model_path)
+                try:
+                    classifier = QualityModel.load(model_path)
+                except ValueError as error:  # names the model file only
+                    raise ConfigError(f"{path}: category {name!r}: {error}") from None
             if expression is None and classifier is None:
                 raise ConfigError(f"{path}: category {name!r} needs terms, patterns or a classifier")
             categories.append(Category(name, rule, expression, classifier))

@@ -72,6 +72,9 @@ def test_a_policy_file_with_a_mistake_is_refused_naming_it(tmp_path):
         write_policy(tmp_path, {"pii": {"terms": ["x"]}}, plans={"free": ["nope"]})
     with pytest.raises(ConfigError, match="no classifier file"):
         write_policy(tmp_path, {"pii": {"classifier": "missing.npz"}})
+    (tmp_path / "damaged.npz").write_text("not a model")  # was: a ValueError naming the .npz alone
+    with pytest.raises(ConfigError, match=r"policy.yaml: category 'pii': .*damaged.npz: not a quality model"):
+        write_policy(tmp_path, {"pii": {"classifier": "damaged.npz"}})
     with pytest.raises(ConfigError, match="action"):
         write_policy(tmp_path, {"pii": {"terms": ["x"], "action": "shout"}})
     with pytest.raises(ConfigError, match=r"policy.yaml: unknown field 'categories.pii.treshold'; did you mean "
