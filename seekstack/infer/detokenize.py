@@ -25,7 +25,7 @@ class TextStream:
         include_stop: bool = False,
     ):
         self.tokenizer, self.stop, self.enabled = tokenizer, stop, enabled  # not enabled: every call gives no text
-        self.include_stop = include_stop  # the stop string found ends the text shown (vLLM's include_stop_str_in_output)
+        self.include_stop = include_stop  # the stop string found ends the shown text (include_stop_str_in_output)
         self.after_reasoning = after_reasoning  # the reply's given start (a chat prefix, "" for none), or None: off
         self.longest_stop = max((len(text) for text in stop), default=0)
         self.skipped_ids = tokenizer.special_ids if skip_special_tokens else frozenset()

@@ -139,8 +139,9 @@ def check_tokenizer_fits(tokenizer: Tokenizer, vocab_size: int, model_dir: Path)
 
 
 class Engine:
-    """Serves many concurrent requests on one `Transformer`; `add_request`, `abort`, `step`, `stats` are thread-safe, and
-    so are `generate` and `stream`: calls from several threads share the steps, each getting its own requests' outputs."""
+    """Serves many concurrent requests on one `Transformer`; `add_request`, `abort`, `step`, `stats` are thread-safe,
+    and so are `generate` and `stream`: calls from several threads share the steps, each getting its own requests'
+    outputs."""
 
     def __init__(
         self,

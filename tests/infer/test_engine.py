@@ -386,7 +386,8 @@ def test_generate_takes_a_tuple_of_params_and_names_a_list_of_the_wrong_length(m
     short = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
     first, second = engine.generate(prompts([4, 5]), (short, GREEDY))  # any sequence, as vLLM's LLM.generate
     assert (len(first.token_ids), len(second.token_ids)) == (2, 12)
-    with pytest.raises(ValueError, match=r"^2 prompts but 1 params: give one per prompt or one SamplingParams for all$"):
+    one_params = r"^2 prompts but 1 params: give one per prompt or one SamplingParams for all$"
+    with pytest.raises(ValueError, match=one_params):
         engine.generate(prompts([4, 5]), [short])  # no adapters were given: the message names none
     with pytest.raises(ValueError, match=r"^2 prompts but 3 adapters: give one per prompt"):
         engine.generate(prompts([4, 5]), short, adapters=[None] * 3)

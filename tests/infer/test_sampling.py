@@ -46,9 +46,7 @@ def test_params_from_a_mapping_refuse_unknown_keys_and_bad_values():
 def test_top_k_minus_one_is_off_as_in_vllm_and_below_it_is_refused_naming_top_k():
     assert SamplingParams(top_k=-1).validate().top_k == 0  # vLLM's SamplingParams(top_k=-1): every token
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.1]])
-    torch.testing.assert_close(
-        batch_of(SamplingParams(top_k=-1).validate()).probabilities(logits), logits.softmax(-1)
-    )
+    torch.testing.assert_close(batch_of(SamplingParams(top_k=-1).validate()).probabilities(logits), logits.softmax(-1))
     with pytest.raises(ValueError, match="field 'top_k' has value -2: input should be greater than or equal to -1"):
         SamplingParams(top_k=-2).validate()
 
