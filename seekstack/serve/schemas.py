@@ -406,7 +406,7 @@ class ModerationRequest(StrictRequest):
     # reads no images)
     input: (
         Annotated[str, Field(min_length=1)]
-        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]  # "" in a list as alone: refused
         | Annotated[list[TextPart], Field(min_length=1)]
     )
     model: str | None = None  # not read: the server's policy answers, whatever is named, and its answer names it

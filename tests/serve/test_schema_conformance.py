@@ -92,6 +92,8 @@ def test_a_completion_with_max_tokens_null_gets_the_default_16_tokens_not_the_wh
         ("/v1/moderations", {"input": []}, False),
         ("/v1/moderations", {"input": ""}, False),
         ("/v1/moderations", {"input": ["fine"]}, True),
+        ("/v1/moderations", {"input": ["fine", ""]}, False),  # was: "" refused alone, answered unflagged in a list
+        ("/v1/moderations", {"input": [{"type": "text", "text": "fine"}]}, True),
         ("/v1/chat/completions", USER_NULL, False),
         ("/v1/chat/completions", ASSISTANT_NULL, True),
         ("/v1/completions", {**COMPLETION, "suffix": ""}, True),
