@@ -136,6 +136,11 @@ class TrainConfig:
             require(not config.cpu_offload or config.parallel == "fsdp", "cpu_offload", "false unless parallel=fsdp")
             require_folder_path(config.out_dir, "out_dir")
             require(
+                config.data_dir != "" or not config.reads_data_dir,
+                "data_dir",
+                "a folder of token shards, not '' (which would be the working folder; a shell variable left unset?)",
+            )
+            require(
                 VAL_SPLIT not in config.mixture or not config.eval_every,
                 "mixture",
                 f"without the {VAL_SPLIT!r} split, which evaluations score (its val_loss would be a training loss); "

@@ -107,6 +107,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_train_config(None, ["min_lr=0.01"])
     with pytest.raises(ConfigError, match="field 'out_dir' must be a folder, not '' \\(which would be the working"):
         load_train_config(None, ["out_dir="])  # out_dir=$OUT with OUT unset: the run went into the working folder
+    with pytest.raises(ConfigError, match="field 'data_dir' must be a folder of token shards, not '' \\(which would"):
+        load_train_config(None, ["data_dir="])  # it said 'no shard index at train_index.json', naming no key
 
 
 # ---------------------------------------------------------------------------------- schedule
