@@ -161,7 +161,8 @@ class Policy:
         from seekstack.corpus.quality import QualityModel
 
         path = Path(path)
-        policy = check(PolicyFile, read_config_file(path), str(path))
+        given = read_config_file(path)
+        policy = check(PolicyFile, given, str(path))
         if not policy.categories:
             raise ConfigError(f"{path}: no categories: the policy would moderate nothing; define them under "
                               "`categories:` (or serve without --moderation-policy)")  # fmt: skip
@@ -170,6 +171,11 @@ class Policy:
             blank = next((term for term in rule.terms if not folded(term)[0].split()), None)
             if blank is not None:
                 raise ConfigError(f"{path}: category {name!r} has a blank term {blank!r}, which matches nothing")
+            if "" in rule.patterns:
+                raise ConfigError(f"{path}: category {name!r} has an empty pattern '', which matches no text")
+            if rule.classifier is None and "threshold" in given["categories"][name]:
+                raise ConfigError(f"{path}: category {name!r} has a threshold but no classifier, whose probability "
+                                  "it would judge; give `classifier:` or leave the threshold out")  # fmt: skip
             longest = max(rule.terms, key=lambda term: len(" ".join(folded(term)[0].split())), default="")
             length = len(" ".join(folded(longest)[0].split()))
             if length > rule.holdback and rule.action != "flag":  # a flag shows the text anyway

@@ -90,6 +90,10 @@ def test_a_policy_file_that_could_never_act_is_refused_naming_what(tmp_path):
         Policy.load(tmp_path / "policy.yaml")
     with pytest.raises(ConfigError, match=r"category 'pii' has a blank term '   ', which matches nothing"):
         write_policy(tmp_path, {"pii": {"terms": ["foo", "   "]}})
+    with pytest.raises(ConfigError, match=r"category 'pii' has an empty pattern '', which matches no text"):
+        write_policy(tmp_path, {"pii": {"patterns": ["\\d+", ""]}})  # was: loaded without a word
+    with pytest.raises(ConfigError, match=r"category 'pii' has a threshold but no classifier, whose probability"):
+        write_policy(tmp_path, {"pii": {"terms": ["x"], "threshold": 0.9}})  # was: loaded, the threshold unread
     long_term = "the launch code of the northern base is written on the blue card in the drawer"  # 78 characters
     with pytest.raises(
         ConfigError,
