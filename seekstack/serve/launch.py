@@ -20,6 +20,7 @@ from uvicorn.config import STARTUP_FAILURE
 from seekstack.infer.engine import Engine
 from seekstack.infer.json_mode import grammar_tokenizer_of
 from seekstack.infer.params import EngineOptions
+from seekstack.schema import ConfigError
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES
 from seekstack.serve.app import CUT_OFF, create_app
 from seekstack.serve.database import default_database_location, open_database
@@ -59,7 +60,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
             f"no API keys in {database.location}: refusing to serve without authentication on {options.host}; "
             "create one with `seekstack keys create --name NAME` or serve on 127.0.0.1"
         )
-    policy = Policy.load(options.moderation_policy) if options.moderation_policy else None  # before weights load
+    policy = load_policy(options.moderation_policy) if options.moderation_policy else None  # before weights load
     if policy is not None:
         warn_of_unknown_scopes(policy, options.moderation_policy, KeyStore(database))
     engine = Engine.from_pretrained(
@@ -80,6 +81,15 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
         else f"API keys required (from {database.location})"
     )
     return app, f"serving {name!r} on http://{options.host}:{options.port} (chat page at /); {access}"
+
+
+def load_policy(path: Path) -> Policy:
+    """The content-safety policy in `path`; a ConfigError of field moderation_policy (`--moderation-policy` on the
+    command line, a usage error as any other option's bad value) saying what in the file is wrong."""
+    try:
+        return Policy.load(path)
+    except ConfigError as error:
+        raise ConfigError(f": {error}", field="moderation_policy") from None
 
 
 def warn_of_unknown_scopes(policy: Policy, path: Path, store: KeyStore) -> None:

@@ -79,3 +79,17 @@ def test_serve_refuses_a_cors_origin_no_browser_sends_naming_it_before_reading_t
     options = ServeOptions(port=free_port(), database=str(tmp_path / "k.db"), cors_origins=(origin,))
     with pytest.raises(ValueError, match=f"--cors-origin '{origin}': not a web origin as browsers send it"):
         build_server(tmp_path / "no model here", options)  # was: served, every page refused by CORS without a word
+
+
+def test_serve_refuses_an_invalid_moderation_policy_as_a_bad_option_value_before_reading_the_model(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr("seekstack.infer.engine.Engine.from_pretrained", lambda *args, **kw: pytest.fail("read it"))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("categories:\n  x:\n    terms: [foo]\n    threshold: 1.5\n")
+    model_dir = make_model_dir(tmp_path)
+    refused = CliRunner().invoke(
+        app, ["serve", "--model", str(model_dir), "--db", str(tmp_path / "k.db"), "--moderation-policy", str(policy)]
+    )
+    assert refused.exit_code == 2, refused.output  # was 1: a usage error, as a bad --kv-cache-memory
+    assert f"Invalid value for '--moderation-policy': {policy}: field 'categories.x.threshold'" in refused.stderr
