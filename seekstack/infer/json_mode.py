@@ -105,6 +105,12 @@ class JsonFormat:
                 {"type": "object"} if schema is None else schema, defaults=LAYOUT
             )
         except ValueError as error:
+            beyond = _integer_beyond_64_bits(schema)
+            if beyond is not None:
+                where, value = beyond
+                raise InvalidSchema(f"JSON Schema not supported: {where} is {value}, beyond the 64-bit integers the "
+                                    "grammar engine takes (-2**63 to 2**64-1): leave the keyword out or keep its "
+                                    "value within them") from None  # fmt: skip
             raise InvalidSchema(f"not a JSON Schema: {error}") from None
         problem = llguidance.LLMatcher.validate_grammar(grammar, grammar_tokenizer)
         if problem:
@@ -123,6 +129,20 @@ class JsonFormat:
     def constraint(self) -> JsonConstraint:
         """A fresh grammar state, at the start of the value."""
         return JsonConstraint(self.matcher.deep_copy(), self.vocab_size)
+
+
+def _integer_beyond_64_bits(value: Any, where: str = "schema") -> tuple[str, int] | None:
+    """The first integer in `value` (a schema or part of it) that llguidance cannot take, as (its keyword's path,
+    the integer): its schemas are read into 64-bit integers (i64 or u64), and a bound beyond them ("minimum":
+    -10**30) is refused as "not JSON serializable"."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return where, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _integer_beyond_64_bits(item, f"{where}.{key}")
+        if found is not None:
+            return found
+    return None
 
 
 def after_reasoning(answer: dict[str, Any], reasoning_start: str) -> str:

@@ -221,6 +221,12 @@ def test_a_schema_that_cannot_be_enforced_gets_400_naming_it(engine, tmp_path):
         JsonFormat(engine.tokenizer, [])  # type: ignore[arg-type]
 
 
+def test_a_schema_bound_beyond_64_bit_integers_is_refused_naming_its_keyword(engine):
+    with pytest.raises(InvalidSchema, match=r"schema\.items\.minimum is -10{30}, beyond the 64"):
+        JsonFormat(engine.tokenizer, {"type": "array", "items": {"type": "integer", "minimum": -(10**30)}})
+    # was: "not a JSON Schema: Value is not JSON serializable: -1000...", naming neither the keyword nor the fault
+
+
 def schemas() -> st.SearchStrategy:
     """JSON Schemas, well and badly formed: types, properties, enums, bounds, patterns, combinators, dangling refs."""
     leaf = st.one_of(
