@@ -170,7 +170,9 @@ def lora_train_config(
                 "train a new adapter (another --out) to change them"
             )
         changes: list[str] = []  # told once the base and data are known to be the run's
-        train_config = resolve_train_config(None, [f"out_dir={out}", *given, *train_overrides], True, changes.append)
+        train_config = resolve_train_config(
+            None, [f"out_dir={out}", *given, *train_overrides], True, changes.append, resume_reads_init_from=True
+        )
         refuse_another_base_or_data(train_config, load_config(TrainConfig, Path(out) / TRAIN_CONFIG_FILE))
         if warn is not None:
             for change in changes:

@@ -248,10 +248,14 @@ def resolve_train_config(
     resume: bool = False,
     warn: Callable[[str], None] | None = None,
     cls: type[T] = TrainConfig,
+    resume_reads_init_from: bool = False,
 ) -> T:
     """The config of a run (a TrainConfig, or a stage's subclass of it). With `resume`, the run's saved
     `train_config.json` (in the `out_dir` the file or the overrides name, else the default; it holds the config of
     the run's last start or resume) is the base, and `warn` hears of every field the file or overrides change.
+    A resumed run trains on from its own checkpoint, so an `init_from` given then is not used: the run's own stays
+    (what `warn` hears of), unless `resume_reads_init_from` (a LoRA run rebuilds its base from it) or the saved one
+    names nothing any more (a relative path of a run copied or moved elsewhere).
     A run's out_dir given for a checkpoint (`init_from`) stands for its newest checkpoint, which `warn` hears of.
     Model settings the file or overrides give that are not the model of the checkpoint the run trains (`init_from`'s,
     or on resume its own) are refused: that model is trained whatever they say."""
@@ -267,7 +271,10 @@ def resolve_train_config(
             )
         base = _given_values(saved_path)
         require_known_fields(cls, base, str(saved_path))  # a field of another version, or edited in by hand
-    values = _checkpoints_of_runs(cls, apply_overrides(cls, {**base, **given}, overrides), warn)
+    values = apply_overrides(cls, {**base, **given}, overrides)
+    if resume and not resume_reads_init_from:
+        values = _kept_init_from(cls, values, base, warn)
+    values = _checkpoints_of_runs(cls, values, warn)
     try:
         config = check(cls, values).validate()
         _refuse_another_model(config, _model_settings(cls, given, overrides), resume)
@@ -295,6 +302,23 @@ def resolve_train_config(
             if not same_value(f.name, old, new):  # a saved path is relative to its file, the user's to the cwd
                 warn(f"resuming with {f.name}={json.dumps(new)} (the run last ran with {json.dumps(old)})")
     return config
+
+
+def _kept_init_from(
+    cls: type[TrainConfig], values: dict[str, Any], saved: dict[str, Any], warn: Callable[[str], None] | None
+) -> dict[str, Any]:
+    """`values` of a resumed run with the `saved` config's init_from in place of another given, which `warn` hears
+    of: the run trains on from its own checkpoint, and its train_config.json keeps saying what it started from."""
+    kept, given = saved.get("init_from", cls.init_from), values.get("init_from", cls.init_from)
+    if same_value("init_from", kept, given) or (kept and not Path(kept).is_dir()):
+        return values
+    if warn is not None:
+        started = f"from {kept}" if kept else "from scratch"
+        warn(
+            f"init_from={given} is not used on resume: the run trains on from its own checkpoint (it started "
+            f"{started}, which its {CONFIG_FILE} keeps saying)"
+        )
+    return {**values, "init_from": kept}
 
 
 def _checkpoints_of_runs(

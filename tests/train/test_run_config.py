@@ -235,8 +235,26 @@ def test_a_resume_given_the_same_relative_paths_warns_of_no_change(tmp_path, mon
     resolve_train_config(None, paths, resume=True, warn=warnings.append)
     resolve_train_config(None, ["init_from=./ck", *paths[1:]], resume=True, warn=warnings.append)
     assert warnings == []  # was: 'resuming with init_from="ck" (the run last ran with "run/../ck")', and for each path
-    resolve_train_config(None, ["init_from=other_ck", *paths[1:]], resume=True, warn=warnings.append)
-    assert warnings == ['resuming with init_from="other_ck" (the run last ran with "ck")']
+    resolve_train_config(None, ["init_from=other_ck", *paths[1:]], resume=True, warn=warnings.append).save("run")
+    assert warnings == [
+        "init_from=other_ck is not used on resume: the run trains on from its own checkpoint (it started from "
+        f"ck, which its {CONFIG_FILE} keeps saying)"
+    ]
+    assert json.loads(Path("run", CONFIG_FILE).read_text())["init_from"] == "../ck"  # was ../other_ck, never used
+
+
+def test_a_resume_given_init_from_keeps_a_run_from_scratch_recorded_as_one(tmp_path) -> None:
+    out, other = tmp_path / "run", tmp_path / "other_ck"
+    for folder in ("tokens", "other_ck"):
+        (tmp_path / folder).mkdir()
+    load_train_config(None, [f"out_dir={out}", f"data_dir={tmp_path / 'tokens'}"]).save(out)
+    warnings: list[str] = []  # a job script re-submitted with its init_from still resumes
+    resumed = resolve_train_config(None, [f"out_dir={out}", f"init_from={other}"], resume=True, warn=warnings.append)
+    assert resumed.init_from == ""
+    assert warnings == [
+        f"init_from={other} is not used on resume: the run trains on from its own checkpoint (it started from "
+        f"scratch, which its {CONFIG_FILE} keeps saying)"
+    ]
 
 
 def test_a_run_copied_to_another_depth_names_its_saved_config_for_a_lost_path_and_resumes_given_it_again(
