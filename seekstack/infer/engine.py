@@ -449,9 +449,10 @@ class Engine:
             self.waiting.append(request)
         return request_id
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str) -> bool | None:
         """Drop a request and free its cache blocks at once; its last output says finish_reason "abort". Returns
-        whether it had started (left the waiting queue, or finished already): one that had not cost no compute."""
+        whether it had started (left the waiting queue): one that had not cost no compute. None when no unfinished
+        request has this id (it finished already, or was never added): nothing to drop, as vLLM's abort of one."""
         with self.lock:
             for queue in (self.waiting, self.prefilling, self.running):
                 for request in queue:
@@ -460,7 +461,7 @@ class Engine:
                         self.cache.free(request_id)
                         self.aborted.append(self._output(request, [], "", None, "abort"))
                         return request.scheduled_at is not None
-        return True
+        return None
 
     def load_adapter(self, name: str, folder: str | Path, replace: bool = False) -> None:
         """Serve the LoRA adapter in `folder` as `name` from the next step on (seekstack.adapters.registry); raises

@@ -236,7 +236,7 @@ class AsyncEngine:
         with self._lock:
             aborts, self._pending_aborts = self._pending_aborts, []
         for request_ids, report, routed in aborts:
-            started = [self.engine.abort(request_id) for request_id in request_ids]
+            started = [self.engine.abort(request_id) is not False for request_id in request_ids]  # None: it finished
             for request_id, began in zip(request_ids, started, strict=True):
                 if began and request_id in routed:  # its prompt computed, maybe in a step whose output it never got
                     self._count_prompt(routed[request_id])

@@ -420,6 +420,17 @@ def test_outputs_tell_when_their_request_left_the_waiting_queue(model, tokenizer
     assert before <= first_at < first_done < second_at  # `second` waited for `first` to free the batch slot
 
 
+def test_abort_tells_a_queued_a_started_and_an_unknown_or_finished_request_apart(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    long = SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True)
+    started, queued = (engine.add_request(prompt, long) for prompt in prompts([4, 4]))
+    engine.step()  # admits `started` only: the batch holds one
+    assert engine.abort(queued) is False
+    assert engine.abort(started) is True
+    assert engine.abort(started) is None  # gone already
+    assert engine.abort("no-such-id") is None
+
+
 def test_requests_added_and_aborted_from_another_thread_while_a_thread_steps(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch_size=4)
     outputs, done = [], threading.Event()
