@@ -411,6 +411,17 @@ class ModerationRequest(StrictRequest):
     )
     model: str | None = None  # not read: the server's policy answers, whatever is named, and its answer names it
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_parts_only(cls, given: Any) -> Any:
+        """A part other than text (OpenAI's image_url) refused as such, not as every branch of the union failing."""
+        for index, part in enumerate(given if isinstance(given, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(f"input[{index}] is a part of type {kind!r}, which is not read: this server's "
+                                 "moderation policy judges text only; send the text parts alone")  # fmt: skip
+        return given
+
     def texts(self) -> list[str]:
         """The texts judged, a result each: the input, each text of a list, or a multimodal input's parts as one text,
         joined by newlines (as a chat message's parts are)."""
