@@ -459,7 +459,7 @@ class Engine:
                     if request.request_id == request_id:
                         queue.remove(request)
                         self.cache.free(request_id)
-                        self.aborted.append(self._output(request, [], "", None, "abort"))
+                        self.aborted.append(self._output(request, [], "", [], "abort"))
                         return request.scheduled_at is not None
         return None
 
@@ -888,7 +888,7 @@ class Engine:
             self.running.remove(request)
             self.cache.free(request.request_id)
             reason = f"{type(request.error).__name__}: {request.error}"
-            return dataclasses.replace(self._output(request, [], "", None, "error"), error=reason, cause=request.error)
+            return dataclasses.replace(self._output(request, [], "", [], "error"), error=reason, cause=request.error)
         text, emitted, reason = "", [], None
         for token in tokens:
             emitted.append(token)
@@ -914,8 +914,7 @@ class Engine:
         if reason is not None:
             self.running.remove(request)
             self.cache.free(request.request_id)
-        chosen = logprobs[: len(emitted)] if request.params.logprobs else None
-        return self._output(request, emitted, text, chosen, reason)
+        return self._output(request, emitted, text, logprobs[: len(emitted)], reason)
 
     def _emit_each(
         self, batch: list[_Request], tokens: list[int], logprobs: list[TokenLogprob | None]
@@ -926,13 +925,15 @@ class Engine:
         ]
 
     def _output(
-        self, request: _Request, tokens: list[int], text: str, logprobs: list | None, reason: str | None
+        self, request: _Request, tokens: list[int], text: str, logprobs: list, reason: str | None
     ) -> RequestOutput:
+        """`request`'s output of `tokens`, with their `logprobs` if it asked for them (an empty list with none: its
+        joined completion then keeps one entry per token, whatever its last output)."""
         return RequestOutput(
             request_id=request.request_id,
             token_ids=tokens,
             text=text,
-            logprobs=logprobs,
+            logprobs=logprobs if request.params.logprobs else None,
             finished=reason is not None,
             finish_reason=reason,
             prompt_tokens=len(request.prompt_ids),

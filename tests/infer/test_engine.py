@@ -273,6 +273,23 @@ def test_a_generate_call_that_fails_mid_way_leaves_no_request_holding_blocks(mod
     assert [out.finish_reason for out in engine.step()] == ["abort", "abort"] and not engine.has_unfinished()
 
 
+def test_a_request_failed_alone_after_some_tokens_keeps_one_logprob_per_kept_token(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    real_sampling_batch, calls = engine._sampling_batch, 0
+
+    def sampling_failing_after_two_tokens(batch):
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise RuntimeError("injected sampling failure")
+        return real_sampling_batch(batch)
+
+    engine._sampling_batch = sampling_failing_after_two_tokens  # the request ends alone, finish_reason "error"
+    (failed,) = engine.generate(prompts([6]), dataclasses.replace(GREEDY, logprobs=True))
+    assert failed.finish_reason == "error" and len(failed.token_ids) == 2
+    assert [entry.token_id for entry in failed.logprobs] == failed.token_ids
+
+
 def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, tokenizer):
     engine = Engine(model, tokenizer)
     too_long = prompts([engine.max_model_len + 1])[0]
