@@ -30,3 +30,18 @@ def model_dir(directory: Path) -> Path:
     seekstack.save_pretrained(micro_model(), directory)
     tiny_tokenizer(directory)
     return directory
+
+
+def fail_sampling_after(engine, batches: int) -> None:
+    """Make `engine`'s sampling raise once it has sampled `batches` batches: a request under way then ends alone,
+    with finish_reason "error", after the tokens those batches gave it."""
+    real_sampling_batch, calls = engine._sampling_batch, 0
+
+    def sampling_that_fails(batch):
+        nonlocal calls
+        calls += 1
+        if calls > batches:
+            raise RuntimeError("injected sampling failure")
+        return real_sampling_batch(batch)
+
+    engine._sampling_batch = sampling_that_fails

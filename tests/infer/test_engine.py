@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
-from tests.infer.support import VOCAB, micro_model, model_dir
+from tests.infer.support import VOCAB, fail_sampling_after, micro_model, model_dir
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
 
@@ -275,16 +275,7 @@ def test_a_generate_call_that_fails_mid_way_leaves_no_request_holding_blocks(mod
 
 def test_a_request_failed_alone_after_some_tokens_keeps_one_logprob_per_kept_token(model, tokenizer):
     engine = Engine(model, tokenizer)
-    real_sampling_batch, calls = engine._sampling_batch, 0
-
-    def sampling_failing_after_two_tokens(batch):
-        nonlocal calls
-        calls += 1
-        if calls > 2:
-            raise RuntimeError("injected sampling failure")
-        return real_sampling_batch(batch)
-
-    engine._sampling_batch = sampling_failing_after_two_tokens  # the request ends alone, finish_reason "error"
+    fail_sampling_after(engine, 2)  # the request ends alone, finish_reason "error"
     (failed,) = engine.generate(prompts([6]), dataclasses.replace(GREEDY, logprobs=True))
     assert failed.finish_reason == "error" and len(failed.token_ids) == 2
     assert [entry.token_id for entry in failed.logprobs] == failed.token_ids

@@ -16,6 +16,7 @@ from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.ledger import Ledger
+from tests.infer.support import fail_sampling_after
 from tests.serve.server import make_model_dir
 
 REQUEST = {"model": "model", "prompt": "x", "max_tokens": 20, "ignore_eos": True}
@@ -76,16 +77,7 @@ def test_failing_step_ends_requests_with_500_and_the_server_keeps_serving(tmp_pa
 def test_the_log_entry_of_a_500_carries_the_engine_traceback_of_a_request_failed_alone(tmp_path, caplog):
     engine = Engine.from_pretrained(make_model_dir(tmp_path))
     database = open_database(tmp_path / "serve.db")
-    real_sampling_batch, calls = engine._sampling_batch, 0
-
-    def sampling_failing_after_the_first_token(batch):
-        nonlocal calls
-        calls += 1
-        if calls > 1:
-            raise RuntimeError("injected sampling failure")
-        return real_sampling_batch(batch)
-
-    engine._sampling_batch = sampling_failing_after_the_first_token  # the request ends alone, finish_reason "error"
+    fail_sampling_after(engine, 1)  # the request ends alone, finish_reason "error"
     with caplog.at_level(logging.ERROR, logger="seekstack.serve"):
         (whole,) = asyncio.run(post_all(create_app(engine, database), [REQUEST]))
 
@@ -93,6 +85,6 @@ def test_the_log_entry_of_a_500_carries_the_engine_traceback_of_a_request_failed
     error_id = re.search(r"error id (\w+)", whole.json()["error"]["message"]).group(1)
     (entry,) = [record for record in caplog.records if error_id in record.getMessage()]
     logged = "".join(traceback.format_exception(entry.exc_info[1]))
-    assert "sampling_failing_after_the_first_token" in logged  # the engine's frames, not only the bridge's
+    assert "sampling_that_fails" in logged  # the engine's frames (the injected sampling), not only the bridge's
     assert "injected sampling failure" in logged
     assert [(row["status"], row["cost"]) for row in Ledger(database).records()] == [(500, 0.0)]
