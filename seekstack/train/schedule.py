@@ -32,10 +32,11 @@ def learning_rate(step: int, config: TrainConfig, anchor: LrAnchor | None = None
         progress = _decay_progress(step, config.warmup_steps, config)
         return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
     # WSD (MiniCPM, Hu et al. 2024): hold the peak, then decay linearly over the last wsd_decay_fraction of steps,
-    # those after the warmup at most (as torchtitan shortens it), so the rate never drops from the peak in one step;
+    # those after the warmup at most (as torchtitan shortens it), so the rate never drops from the peak in one step,
+    # and after the first step without warmup, so some step trains at the peak (a 1-step run: lr, as nanoGPT's);
     # none for a fraction of 0: a stable phase to extend (--resume with more steps) or decay from later.
-    after_warmup = config.max_steps - config.warmup_steps
-    decay_steps = min(round(config.max_steps * config.wsd_decay_fraction), after_warmup)
+    after_peak = config.max_steps - max(config.warmup_steps, 1)
+    decay_steps = min(round(config.max_steps * config.wsd_decay_fraction), after_peak)
     decay_start = config.max_steps - decay_steps
     if step < decay_start or decay_steps <= 0:
         return config.lr
@@ -78,9 +79,12 @@ def _decay_from(anchor: LrAnchor, step: int, config: TrainConfig) -> float:
 
 def _decay_progress(step: int, start: int, config: TrainConfig) -> float:
     """How far `step` is along a decay from step `start` (0: its peak rate) to the last step, max_steps - 1 (1:
-    min_lr); 1 from the last step on."""
+    min_lr); 1 from the last step on, but for a 1-step run's step 0: it trains at the peak (as nanoGPT's get_lr
+    gives step 0), not at min_lr."""
     span = config.max_steps - 1 - start
-    return min((step - start) / span, 1.0) if span > 0 else 1.0
+    if span <= 0:
+        return 0.0 if step == 0 else 1.0
+    return min((step - start) / span, 1.0)
 
 
 def resumed_lr_anchor(train_state: dict[str, Any], config: TrainConfig) -> LrAnchor | None:

@@ -124,6 +124,17 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr_at_the_last_step():
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+@pytest.mark.parametrize("warmup_steps", [0, 1])
+def test_a_one_or_two_step_run_trains_its_first_step_at_lr_and_a_second_at_min_lr(schedule, warmup_steps):
+    """nanoGPT's get_lr gives lr at step 0: a 1-step cosine run without warmup trained its only step at min_lr, and a
+    wsd run decaying over all its steps (wsd_decay_fraction=1) did so too and began a 2-step run at 0.55, not lr."""
+    for max_steps, expected in ((1, [1.0]), (2, [1.0, 0.1])):
+        config = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule,
+                             wsd_decay_fraction=1.0)
+        assert [learning_rate(step, config) for step in range(max_steps)] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_a_run_resumed_with_more_steps_decays_on_from_its_rate_to_min_lr_at_the_new_last_step(schedule):
     """Stopped at step 5 of 10 and given 20: the decay goes on from step 5's rate and ends at min_lr on step 19 (it
     ended at 9.75e-4, short of min_lr); a finished run, whose last step trained at min_lr, stays there."""
