@@ -117,8 +117,16 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
 # (请联系a@b.cn谢谢: the address is a@b.cn); then of any script (用户@例子.广告), taking the whole unspaced run then.
 _EMAILS = (_email_pattern(UNSPACED_SCRIPT_RANGES), _email_pattern(""))
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\w|/\d)")  # a network prefix (`/24`) is not a host
-_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|:)?(?![\w:]|/\d)")
+# An address stands apart from the word characters around it (`v1.2.3.4`, `1.2.3.4a`, `fe80::1x` are none), but not
+# from those of the scripts written without spaces, whose text writes it against the next word (`服务器IP为<IP>，`).
+_WORD_BESIDE = f"[^\\W{UNSPACED_SCRIPT_RANGES}]"
+# (The lookahead first: the lookbehind's large set is tested only where an address may start.) A network prefix
+# (`/24`) is not a host.
+_IPV4 = re.compile(rf"(?=\d)(?<!{_WORD_BESIDE})(?<!\.){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?{_WORD_BESIDE}|/\d)")
+_IPV6_CANDIDATE = re.compile(
+    rf"(?=[0-9A-Fa-f:])(?<!{_WORD_BESIDE})(?<![:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:[0-9A-Fa-f]{{1,4}}|:)?"
+    rf"(?!{_WORD_BESIDE}|:|/\d)"
+)
 _KNOWN_TOKENS = re.compile(
     r"\b(?:sk-(?:proj-)?[A-Za-z0-9_-]{20,}"  # OpenAI
     r"|(?:AKIA|ASIA)[0-9A-Z]{16}"  # AWS access key id

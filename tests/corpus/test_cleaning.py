@@ -539,6 +539,23 @@ def test_a_public_address_whose_first_part_is_one_digit_is_replaced() -> None:
     assert scrub_pii("host 8.34.208.1 and 2.7.2.2") == ("host <IP> and 2.7.2.2", {"ip": 1})
 
 
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("服务器IP为93.184.216.34，端口80", "服务器IP为<IP>，端口80"),  # kept whole: 为 is a word character
+        ("サーバー93.184.216.34に接続", "サーバー<IP>に接続"),
+        ("서버93.184.216.34에 접속", "서버<IP>에 접속"),
+        ("ที่อยู่ไอพี93.184.216.34ของเซิร์ฟเวอร์", "ที่อยู่ไอพี<IP>ของเซิร์ฟเวอร์"),
+        ("地址是2606:2800:220:1::248。", "地址是<IP>。"),
+        ("v93.184.216.34, x93.184.216.34y, 93.184.216.34.5", "v93.184.216.34, x93.184.216.34y, 93.184.216.34.5"),
+        ("版本1.2.3.4中，时间12:30:45，比例1:2:3", "版本1.2.3.4中，时间12:30:45，比例1:2:3"),
+    ],
+)
+def test_an_address_written_against_chinese_japanese_korean_or_thai_text_is_replaced(text: str, scrubbed: str) -> None:
+    """Those scripts write an address with no space beside it; one between Latin letters or digits stays a name."""
+    assert scrub_pii(text)[0] == scrubbed
+
+
 def test_a_digits_only_value_assigned_to_a_token_like_name_is_kept() -> None:
     """A secret mixes letters and digits: a number assigned to `max_tokens` or `key_id` is no secret."""
     text = 'max_tokens = "100000000000000"\nkey_id: 123456789012345678901234567890123456\n'
