@@ -142,3 +142,46 @@ def test_a_replys_reasoning_shows_folded_above_its_answer_and_is_not_sent_back(b
     send(browser, "and 2 + 4?")
     wait_for_reply(browser, 2)
     assert browser.execute_script("return window.sent[1].messages")[1] == {"role": "assistant", "content": "5"}
+
+
+# The page's fetch of a chat completion answered by a stream the test writes: `say(delta)` sends a chunk with that
+# delta, `finish()` ends the stream; the page stopping the request ends it as a browser's fetch does. Each request's
+# body is kept in `sent`.
+HELD_STREAM_STUB = """
+const serverFetch = window.fetch;
+window.sent = [];
+window.fetch = async (url, options) => {
+  if (!String(url).endsWith("/v1/chat/completions")) return serverFetch(url, options);
+  window.sent.push(JSON.parse(options.body));
+  const encoder = new TextEncoder();
+  const body = new ReadableStream({ start(stream) {
+    const event = (data) => stream.enqueue(encoder.encode("data: " + data + "\\n\\n"));
+    window.say = (delta) => event(JSON.stringify({ choices: [{ index: 0, delta }] }));
+    window.finish = () => { event("[DONE]"); stream.close(); };
+    options.signal?.addEventListener("abort", () => stream.error(new DOMException("stopped", "AbortError")));
+  } });
+  return new Response(body, { status: 200, headers: { "Content-Type": "text/event-stream" } });
+};
+"""
+
+
+def open_page(browser, page_url: str, stub: str | None = None) -> None:
+    browser.get(page_url)
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
+    if stub:
+        browser.execute_script(stub)
+
+
+def test_enter_while_a_reply_streams_sends_nothing_and_keeps_the_text(browser, page_url):
+    """Enter while a reply streamed sent the next message at once: the conversation became user, user, assistant,
+    assistant, and the second request never saw the first reply."""
+    open_page(browser, page_url, HELD_STREAM_STUB)
+    send(browser, "first")
+    browser.find_element(By.ID, "input").send_keys("second\n")
+    assert browser.execute_script("return window.sent.length") == 1
+    assert browser.find_element(By.ID, "input").get_attribute("value") == "second"
+    browser.execute_script("say({ role: 'assistant', content: 'one' }); finish();")
+    wait_for_reply(browser, 1)
+    assert browser.execute_script("return messages") == [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "one"}
+    ]  # fmt: skip
