@@ -1,9 +1,9 @@
 """Exact deduplication by content hash and near-duplicate removal by MinHash LSH; the first occurrence is kept.
 
 Near duplicates: a document's shingles are its word 5-grams (`kinds.words`, so in Chinese or Japanese 5
-characters), lower-cased and without punctuation; 128 MinHash permutations estimate the Jaccard similarity of two
-shingle sets, and LSH (banding tuned by datasketch for the threshold) finds the kept documents estimated above
-`threshold` (0.8 by default).
+characters; in Thai, Lao, Myanmar or Khmer 5 x `UNSPACED_WORD_CHARS` characters), lower-cased and without
+punctuation; 128 MinHash permutations estimate the Jaccard similarity of two shingle sets, and LSH (banding tuned
+by datasketch for the threshold) finds the kept documents estimated above `threshold` (0.8 by default).
 `bench/data_near_dedup.py` measures recall and precision at several edit rates.
 """
 
@@ -17,7 +17,7 @@ import unicodedata
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from seekstack.corpus.kinds import words
+from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, words, written_without_spaces
 
 SHINGLE_WORDS = 5
 MINHASH_SEED = 1
@@ -53,11 +53,16 @@ def _punctuation() -> dict[int, None]:
 def word_shingles(text: str, size: int = SHINGLE_WORDS) -> set[bytes]:
     """The set of word `size`-grams of the text lower-cased and without punctuation (the whole text when it has
     fewer words), as datatrove's MinHash normalises it: copies that differ in typography (`don't` / `don’t`,
-    `"` / `“`, `--` / `—`) have the same shingles."""
+    `"` / `“`, `--` / `—`) have the same shingles. In Thai, Lao, Myanmar or Khmer text, whose space-separated
+    "words" are phrases (one character's edit would change every shingle holding its phrase), a word is
+    `UNSPACED_WORD_CHARS` of its characters, as the quality rules count them."""
     tokens = words(text.lower().translate(_punctuation()))
-    if len(tokens) < size:
-        return {" ".join(tokens).encode("utf-8")}
-    return {" ".join(tokens[i : i + size]).encode("utf-8") for i in range(len(tokens) - size + 1)}
+    if written_without_spaces(text):
+        characters, size = "".join(tokens), size * UNSPACED_WORD_CHARS
+        shingles = [characters[i : i + size] for i in range(max(1, len(characters) - size + 1))]
+    else:
+        shingles = [" ".join(tokens[i : i + size]) for i in range(max(1, len(tokens) - size + 1))]
+    return {shingle.encode("utf-8") for shingle in shingles}
 
 
 def minhash_signature(text: str, num_perm: int = 128) -> np.ndarray:

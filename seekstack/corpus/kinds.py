@@ -34,6 +34,7 @@ KINDS: tuple[Kind, ...] = ("code", "prose", "cjk")
 SAMPLE_CHARS = 20_000
 CJK_MIN_SHARE = 0.3
 UNSPACED_MIN_SHARE = 0.3
+UNSPACED_WORD_CHARS = 4  # a Thai word's length in code points, vowel and tone marks included (4.0 in our test text)
 KANA_MIN_SHARE = 0.1
 CODE_MIN_LINE_SHARE = 0.35
 CODE_MAX_LINE_CHARS = 160  # a longer line is a paragraph of prose, whatever it ends with ...

@@ -26,6 +26,7 @@ from typing import Literal
 from seekstack.corpus.dedup import lsh_can_band, max_lsh_threshold
 from seekstack.corpus.kinds import (
     KINDS,
+    UNSPACED_WORD_CHARS,
     Kind,
     detect_kind,
     ends_sentences_without_marks,
@@ -47,7 +48,6 @@ from seekstack.schema import (
 Profile = Literal["auto", "web", "code", "zh"]
 _DIGIT = re.compile(r"\d")
 _LETTER = re.compile(r"[^\W\d_]")
-UNSPACED_WORD_CHARS = 4  # a Thai word's length in code points, vowel and tone marks included (4.0 in our test text)
 # Characters that end a sentence: Latin . ! ? and closing quotes, each language's (English " ” ' ’, French » ›, German
 # “ ‘ and « ‹, whose »quotes« close with them); CJK 。！？；：」』, halfwidth ｡ and fullwidth ． (Japanese technical
 # and academic writing's full stop, with ， for its comma); Devanagari
