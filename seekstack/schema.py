@@ -144,6 +144,26 @@ def recheck(config: T, source: str | None = None) -> T:
     return check(type(config), values, source)
 
 
+def check_set_fields(config: Any) -> None:
+    """ConfigError, worded as `check` words it, for the first field of dataclass `config` (built in Python, where
+    dataclasses check nothing) whose value fails its annotation. Fields at their defaults are not checked again and
+    no second `config` is built for a value of the annotated type: a __post_init__ may call it (recheck would
+    recurse) at about a µs a field set."""
+    import pydantic
+
+    cls = type(config)
+    for name, default in _defaults(cls).items():
+        value = getattr(config, name)
+        if type(value) is type(default) and value == default:
+            continue
+        try:
+            _field_adapter(cls, name).validate_python(value)
+        except pydantic.ValidationError:
+            # raises, naming the field, its value and the rule; or takes a value a file may give (a list for a
+            # tuple), building a `config` of its checked values (a tuple), which this call then passes
+            check(cls, {name: value})
+
+
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (), base: Mapping[str, Any] | None = None
 ) -> T:
@@ -337,6 +357,25 @@ def _adapter(cls: type) -> Any:
         config = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)  # no NaN past a range check
         cls.__pydantic_config__ = config  # type: ignore[attr-defined]
     return pydantic.TypeAdapter(cls)
+
+
+@functools.cache
+def _field_adapter(cls: type, name: str) -> Any:
+    """A validator of field `name` of dataclass `cls` alone, under the rules `_adapter` gives the whole class."""
+    import pydantic
+
+    config = pydantic.ConfigDict(strict=True, allow_inf_nan=False)
+    return pydantic.TypeAdapter(_hints(cls)[name], config=config)
+
+
+@functools.cache
+def _defaults(cls: type) -> dict[str, Any]:
+    """Each field of dataclass `cls` and its default (a default_factory's value; a field without one: a marker no
+    value equals)."""
+    return {
+        f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        for f in dataclasses.fields(cls)
+    }
 
 
 @functools.cache

@@ -11,7 +11,16 @@ from typing import Annotated, Any
 
 from annotated_types import Ge, Interval, MinLen
 
-from seekstack.schema import ConfigError, NonNegative, Positive, PositiveFloat, check, recheck, require
+from seekstack.schema import (
+    ConfigError,
+    NonNegative,
+    Positive,
+    PositiveFloat,
+    check,
+    check_set_fields,
+    recheck,
+    require,
+)
 
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
@@ -70,8 +79,11 @@ class SamplingParams:
     detokenize: bool = True  # False: outputs carry token ids only, text "" (as vLLM's), for callers that decode
 
     def __post_init__(self) -> None:
+        """ConfigError naming a field whose value is out of its type or range, at once, as vLLM's SamplingParams
+        raises (temperature=-1 was refused only at generate); validate() adds the rules across fields."""
         if isinstance(self.stop, str):  # one stop string given alone, as vLLM's SamplingParams and OpenAI's API take it
             self.stop = (self.stop,)
+        check_set_fields(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:

@@ -277,25 +277,25 @@ def sampling_params(
 
     choices = []
     for index in range(candidates(request)):
-        params = SamplingParams(
-            max_new_tokens=requested or (room if unasked_limit is None else min(room, max(unasked_limit, 1))),
-            temperature=unless_set("temperature", 1.0),
-            top_k=max(unless_set("top_k", 0), 0),
-            top_p=unless_set("top_p", 1.0),
-            min_p=unless_set("min_p", 0.0),
-            repetition_penalty=unless_set("repetition_penalty", 1.0),
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            logit_bias=request.logit_bias or {},
-            seed=None if request.seed is None else request.seed + index,
-            stop=stop,
-            stop_token_ids=tuple(request.stop_token_ids or ()),
-            logprobs=logprobs or ranked,
-            top_logprobs=top_logprobs,
-            ignore_eos=request.ignore_eos,
-            skip_special_tokens=request.skip_special_tokens,
-        )
-        try:
+        try:  # a value out of range is refused as the SamplingParams are built
+            params = SamplingParams(
+                max_new_tokens=requested or (room if unasked_limit is None else min(room, max(unasked_limit, 1))),
+                temperature=unless_set("temperature", 1.0),
+                top_k=max(unless_set("top_k", 0), 0),
+                top_p=unless_set("top_p", 1.0),
+                min_p=unless_set("min_p", 0.0),
+                repetition_penalty=unless_set("repetition_penalty", 1.0),
+                presence_penalty=request.presence_penalty or 0.0,
+                frequency_penalty=request.frequency_penalty or 0.0,
+                logit_bias=request.logit_bias or {},
+                seed=None if request.seed is None else request.seed + index,
+                stop=stop,
+                stop_token_ids=tuple(request.stop_token_ids or ()),
+                logprobs=logprobs or ranked,
+                top_logprobs=top_logprobs,
+                ignore_eos=request.ignore_eos,
+                skip_special_tokens=request.skip_special_tokens,
+            )
             choices.append(params.validate())
         except ValueError as error:
             raise APIError(400, str(error)) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
@@ -41,6 +43,17 @@ def test_params_from_a_mapping_refuse_unknown_keys_and_bad_values():
         SamplingParams(logit_bias={5: 101}).validate()
     with pytest.raises(ValueError, match=r"field 'logit_bias' has value \{-1: 1.0\}: input should be greater than"):
         SamplingParams(logit_bias={-1: 1.0}).validate()
+
+
+def test_params_out_of_range_are_refused_as_they_are_built_and_by_dataclasses_replace():
+    """vLLM's SamplingParams(temperature=-1) raises at once; ours was refused only at generate (validate())."""
+    with pytest.raises(ValueError, match="field 'temperature' has value -1: input should be greater than or equal"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="field 'max_new_tokens' has value True: input should be a valid integer"):
+        SamplingParams(max_new_tokens=True)
+    with pytest.raises(ValueError, match="field 'top_p' has value 0: input should be greater than 0"):
+        dataclasses.replace(SamplingParams(temperature=0.5), top_p=0)
+    assert SamplingParams(stop=["a"], temperature=1).stop == ["a"]  # a list for a tuple, an int for a float: taken
 
 
 def test_top_k_minus_one_is_off_as_in_vllm_and_below_it_is_refused_naming_top_k():
