@@ -3,12 +3,16 @@
 On disk a tokenizer is a directory with `tokenizer.json` (Hugging Face `tokenizers` format) and
 `tokenizer_config.json`, so `transformers.AutoTokenizer.from_pretrained(dir)` loads it unchanged.
 
-Chat template: the message-only subset of DeepSeek-V3's `chat_template` (tool calls not supported), taking OpenAI
-chat messages (`template_message`):
-  BOS + system prompts joined by "\\n\\n" (no role token)
-  + for each turn: "<｜User｜>" + content  |  "<｜Assistant｜>" + content + EOS
-  + "<｜Assistant｜>" when a generation prompt is asked for, then the reply's opening a release's own template writes
-    there (DeepSeek-R1's "<think>\\n"; none for seekstack's tokenizers).
+Chat template: DeepSeek-V3's `chat_template` (its tool turns as V3-0324's, which mended the first release's), taking
+OpenAI chat messages (`template_message`) and tools:
+  BOS + system prompts, then the tools' prompt (`tools_prompt`), joined by "\\n\\n" (no role token)
+  + for each turn: "<｜User｜>" + content
+    | "<｜Assistant｜>" + content [+ "<｜tool▁calls▁begin｜>" + calls (`tool_call_text`) joined by "\\n"
+      + "<｜tool▁calls▁end｜>"] + EOS, the role token "<｜tool▁outputs▁end｜>" instead after tool results
+    | tool results: "<｜tool▁outputs▁begin｜>" before the first of a run, "\\n" between, each
+      "<｜tool▁output▁begin｜>" + content + "<｜tool▁output▁end｜>"
+  + "<｜tool▁outputs▁end｜>" after a last tool result, else "<｜Assistant｜>" when a generation prompt is asked for,
+    then the reply's opening a release's own template writes there (DeepSeek-R1's "<think>\\n"; none for ours).
 """
 
 from __future__ import annotations
@@ -36,40 +40,81 @@ PAD = "<｜▁pad▁｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4 in a trained tokenizer; BOS/EOS/PAD as in DeepSeek-V3
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_SEP = "<｜tool▁sep｜>"
+# DeepSeek-V3's tool-call tokens in the order of its ids (128806..128814); ids 5..13 in a trained tokenizer. Refused in
+# chat content like the special tokens, but kept in a reply's text by skip_special_tokens (a release lists them
+# "special": false), so that the server's tool-call parser reads them.
+TOOL_TOKENS = (
+    TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
+    TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_SEP,
+)  # fmt: skip
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the R1 format's reasoning block: <think> reasoning </think> answer
-MESSAGE_ROLES = ("system", "developer", "user", "assistant")  # OpenAI's; developer (its newer system) is read as system
-SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
+MESSAGE_ROLES = (
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+)  # OpenAI's; developer (newer system) read as system
+SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TOOL_TOKENS)  # every byte, then the special and tool-call tokens
 # 4x the largest vocabulary of a released model (Gemma 3's 262,144; DeepSeek-V3 has 129,280): ids far below what
 # uint32 shards hold, and ~75 MB for the BPE trainer, which allocates ~70 bytes per token asked for up front (it
 # aborts the process, past Python's reach, when that fails: 1e9 tokens asks for 70 GB).
 LARGEST_VOCAB = 2**20
 
+
+def tool_call_text(name: str, arguments: str) -> str:
+    """One tool call as DeepSeek-V3 writes it (and vLLM's deepseek_v3 parser reads it): the function's `name`, then
+    its `arguments` (a JSON object's text) in a json code block, between the call's tokens."""
+    return f"{TOOL_CALL_BEGIN}function{TOOL_SEP}{name}\n```json\n{arguments}\n```{TOOL_CALL_END}"
+
+
+# The tools' prompt, written after the system prompts (DeepSeek's releases write none, and vLLM's example template for
+# DeepSeek-V3 lists the tools there too): each tool's OpenAI definition as JSON, one a line, then the call format.
+TOOLS_INTRO = (
+    "## Tools\n\nYou can call these functions, each given by its definition (a JSON Schema of its parameters):\n"
+)
+TOOLS_FORMAT = (
+    f"\n\nTo call functions, write {TOOL_CALLS_BEGIN}, then each call as {tool_call_text('NAME', 'ARGUMENTS')} (NAME "
+    f"the function's name, ARGUMENTS a JSON object of its parameters), a newline between calls, then {TOOL_CALLS_END}."
+)
+
+
+def tools_prompt(tools: list[dict]) -> str:
+    """What the system prompt says of the `tools` offered (OpenAI's `{"type": "function", "function": {...}}`)."""
+    return TOOLS_INTRO + "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools) + TOOLS_FORMAT
+
+
+def _jinja(text: str) -> str:
+    """`text` as a Jinja string literal (a JSON string is one)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 # The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
-# (joined by newlines), an assistant's null content as empty; other roles, parts, tool calls and tools raise (as the
-# server refuses `tools`: a prompt rendered without them would be answered as if none were offered). An assistant
-# turn before the last user message loses its reasoning (`drop_past_reasoning`). Its
-# `{% generation %}` blocks mark the tokens SFT trains (each answer and its EOS, not an assistant turn of weight 0) for
+# (joined by newlines), an assistant's null content as empty, a tool call's arguments as a JSON text or an object (as
+# transformers' templates take them, written as JSON); other roles and parts raise. An assistant turn before the
+# last user message loses its reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT
+# trains (each answer, its tool calls and its EOS, not an assistant turn of weight 0) for
 # `return_assistant_tokens_mask` (TRL's assistant_only_loss); they render nothing of their own.
 GENERATION_PROMPT = "{{- '<｜Assistant｜>' -}}"  # CHAT_TEMPLATE's; a release's reply opening follows it
 CHAT_TEMPLATE = (
-    "{%- if tools -%}"
-    "{{- raise_exception('tools were given: the chat template has no tool definitions (the model calls no tools)') -}}"
-    "{%- endif -%}"
-    "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1) -%}"
+    "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1, after_tool=false, calls=[]) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
     "{%- endfor -%}"
     "{%- for message in messages -%}"
     "{%- set position = 'chat message ' ~ loop.index0 -%}"
-    "{%- if message['tool_calls'] -%}"
-    "{{- raise_exception(position ~ ' has tool_calls: the chat template has no tool turns') -}}"
-    "{%- endif -%}"
     "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
-    "{%- elif message['content'] is none and message['role'] == 'assistant' -%}{%- set content = '' -%}"
+    "{%- elif (message['content'] is none or message['content'] is not defined) and message['role'] == 'assistant' -%}"
+    "{%- set content = '' -%}"
     "{%- elif message['content'] is iterable and message['content'] is not mapping -%}"
     "{%- if message['content'] | rejectattr('type', 'equalto', 'text') | list -%}"
     "{{- raise_exception(position ~ ' has a content part that is not text') -}}"
@@ -85,19 +130,46 @@ CHAT_TEMPLATE = (
     "{%- if loop.index0 < ns.last_user and '</think>' in content -%}"
     "{%- set content = content.split('</think>')[-1].lstrip() -%}"
     "{%- endif -%}"
+    "{%- set ns.calls = [] -%}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set arguments = call['function']['arguments'] -%}"
+    "{%- if arguments is not string -%}{%- set arguments = arguments | tojson -%}{%- endif -%}"
+    "{%- set ns.calls = ns.calls + [" + _jinja(TOOL_CALL_BEGIN + "function" + TOOL_SEP) + " ~ call['function']['name']"
+    " ~ " + _jinja("\n```json\n") + " ~ arguments ~ " + _jinja("\n```" + TOOL_CALL_END) + "] -%}"
+    "{%- endfor -%}"
+    "{%- if ns.calls -%}"
+    "{%- set content = content ~ "
+    + _jinja(TOOL_CALLS_BEGIN)
+    + " ~ ns.calls | join('\\n') ~ "
+    + _jinja(TOOL_CALLS_END)
+    + " -%}"
+    "{%- endif -%}"
     "{%- set trained = message['weight'] is not defined or message['weight'] != 0 -%}"
-    "{%- set ns.turns = ns.turns + [['<｜Assistant｜>', content + eos_token, trained]] -%}"
+    "{%- set role = " + _jinja(TOOL_OUTPUTS_END) + " if ns.after_tool else '<｜Assistant｜>' -%}"
+    "{%- set ns.turns = ns.turns + [[role, content + eos_token, trained]] -%}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- set opening = '\\n' if ns.after_tool else " + _jinja(TOOL_OUTPUTS_BEGIN) + " -%}"
+    "{%- set output = opening ~ " + _jinja(TOOL_OUTPUT_BEGIN) + " ~ content ~ " + _jinja(TOOL_OUTPUT_END) + " -%}"
+    "{%- set ns.turns = ns.turns + [[output, '', false]] -%}"
     "{%- else -%}"
-    "{{- raise_exception(position ~ ' has unknown role ' ~ message['role'] ~ ': expected system, developer, user '"
-    " ~ 'or assistant') -}}"
+    "{{- raise_exception(position ~ ' has unknown role ' ~ message['role'] ~ ': expected system, developer, user, '"
+    " ~ 'assistant or tool') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] not in ('system', 'developer') -%}"
+    "{%- set ns.after_tool = message['role'] == 'tool' -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- if tools -%}"
+    "{%- set ns.system_prompts = ns.system_prompts + [" + _jinja(TOOLS_INTRO) + " ~ tools | map('tojson') | join('\\n')"
+    " ~ " + _jinja(TOOLS_FORMAT) + "] -%}"
+    "{%- endif -%}"
     "{{- bos_token + ns.system_prompts | join('\\n\\n') -}}"
     "{%- for role, text, trained in ns.turns -%}"
     "{{- role -}}"
     "{%- if trained -%}{%- generation -%}{{- text -}}{%- endgeneration -%}{%- else -%}{{- text -}}{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}" + GENERATION_PROMPT + "{%- endif -%}"
+    "{%- if ns.after_tool -%}{{- " + _jinja(TOOL_OUTPUTS_END) + " -}}"
+    "{%- elif add_generation_prompt -%}" + GENERATION_PROMPT + "{%- endif -%}"
 )
 
 
@@ -166,11 +238,14 @@ class Tokenizer:
         # DeepSeek-V2 releases have no pad token and pad with EOS, as their tokenizer_config does.
         pad_id = backend.token_to_id(PAD)
         self.pad_id = self.eos_id if pad_id is None else pad_id
-        # Refused in chat content and skipped by skip_special_tokens: the added tokens flagged special, and seekstack's
-        # own by name, which releases such as DeepSeek-R1-Distill's list with "special": false.
+        # Refused in chat content and (but the tool-call tokens, which the tool-call parser reads) skipped by
+        # skip_special_tokens: the added tokens flagged special, and seekstack's own by name, which releases such as
+        # DeepSeek-R1-Distill's list with "special": false.
         flagged = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
-        self.special_tokens = flagged | {token for token in SPECIAL_TOKENS if backend.token_to_id(token) is not None}
-        self.special_ids = frozenset(backend.token_to_id(token) for token in self.special_tokens)
+        own = (*SPECIAL_TOKENS, *TOOL_TOKENS)
+        self.special_tokens = flagged | {token for token in own if backend.token_to_id(token) is not None}
+        self.special_ids = frozenset(backend.token_to_id(t) for t in self.special_tokens if t not in TOOL_TOKENS)
+        self.has_tool_tokens = all(backend.token_to_id(token) is not None for token in TOOL_TOKENS)
         self._misread_added = _misread_added_tokens(backend)
 
     @classmethod
@@ -281,16 +356,24 @@ class Tokenizer:
         return self._misread_added.get(token_id) or self.backend.id_to_token(token_id)
 
     def render_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
     ) -> str:
         """The DeepSeek-V3 chat string for `messages`, OpenAI chat messages read as the server reads them
         (`template_message`), the assistant turns before the last user message without their reasoning
-        (`drop_past_reasoning`). With `continue_final_message` (transformers' name; the DeepSeek API's `prefix`) the
+        (`drop_past_reasoning`), the `tools` offered (OpenAI's definitions) listed after the system prompts
+        (`tools_prompt`). With `continue_final_message` (transformers' name; the DeepSeek API's `prefix`) the
         last message, an assistant's, is left open for the model to continue: no EOS closes it and no generation
-        prompt follows; ValueError when it is not an assistant's. A tokenizer without the DeepSeek-V3 role tokens
-        writes the chat in its checkpoint's own template (`chat_template`: DeepSeek-V2-Chat's "User: ... Assistant:"),
-        as transformers' `apply_chat_template` does; ValueError when it has none. The generation prompt ends with the
-        `reply_opening` the release's template writes there (DeepSeek-R1's "<think>\\n")."""
+        prompt follows; ValueError when it is not an assistant's. A chat ending with tool results ends with
+        <｜tool▁outputs▁end｜>, where the reply follows (DeepSeek's templates write no generation prompt there).
+        A tokenizer without the DeepSeek-V3 role tokens writes the chat in its checkpoint's own template
+        (`chat_template`: DeepSeek-V2-Chat's "User: ... Assistant:"), as transformers' `apply_chat_template` does;
+        ValueError when it has none, and for tools or tool turns given to a tokenizer without DeepSeek-V3's tool-call
+        tokens. The generation prompt ends with the `reply_opening` the release's template writes there
+        (DeepSeek-R1's "<think>\\n")."""
         if not self.has_role_tokens and self.chat_template is None:
             raise ValueError(
                 f"tokenizer {self.source} has neither the DeepSeek-V3 chat format's role tokens {USER!r} and "
@@ -300,19 +383,48 @@ class Tokenizer:
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
             raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
+        uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if uses_tools and not (self.has_role_tokens and self.has_tool_tokens):
+            raise ValueError(
+                f"tokenizer {self.source} has no DeepSeek-V3 tool-call tokens ({TOOL_CALLS_BEGIN!r} ...), so a chat "
+                "cannot offer tools or hold tool calls and results: train the tokenizer again with this seekstack "
+                "(its tokenizers have them), or leave the tools out"
+            )
         if not self.has_role_tokens:
             special_tokens = {"bos_token": BOS, "eos_token": EOS}
             return self.chat_template.render(messages, add_generation_prompt, continue_final_message, special_tokens)
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        turns = []
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        if tools:
+            forged = self.special_token_in(json.dumps(tools, ensure_ascii=False))
+            if forged:
+                raise ValueError(f"the tools offered contain the special token {forged!r}")
+            system.append(tools_prompt(tools))
+        chat, after_tool = BOS + "\n\n".join(system), False
         for message in messages:
-            if message["role"] == "user":
-                turns.append(USER + message["content"])
-            elif message["role"] == "assistant":
-                turns.append(ASSISTANT + message["content"] + EOS)
+            role = message["role"]
+            if role == "user":
+                chat += USER + message["content"]
+            elif role == "assistant":
+                calls = [
+                    tool_call_text(c["function"]["name"], c["function"]["arguments"])
+                    for c in message.get("tool_calls") or []
+                ]
+                called = TOOL_CALLS_BEGIN + "\n".join(calls) + TOOL_CALLS_END if calls else ""
+                chat += (TOOL_OUTPUTS_END if after_tool else ASSISTANT) + message["content"] + called + EOS
+            elif role == "tool":
+                chat += (
+                    ("\n" if after_tool else TOOL_OUTPUTS_BEGIN)
+                    + TOOL_OUTPUT_BEGIN
+                    + message["content"]
+                    + TOOL_OUTPUT_END
+                )
+            if role != "system":
+                after_tool = role == "tool"
         if continue_final_message:
-            return BOS + system + "".join(turns).removesuffix(EOS)
-        return BOS + system + "".join(turns) + (ASSISTANT + self.reply_opening if add_generation_prompt else "")
+            return chat.removesuffix(EOS)
+        if after_tool:
+            return chat + TOOL_OUTPUTS_END
+        return chat + (ASSISTANT + self.reply_opening if add_generation_prompt else "")
 
     @property
     def jinja_chat_template(self) -> str:
@@ -326,18 +438,28 @@ class Tokenizer:
         return CHAT_TEMPLATE.replace(GENERATION_PROMPT, GENERATION_PROMPT + opening)
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         """Token ids of `render_chat(messages, ...)`, starting with BOS."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message))
+        return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message, tools))
 
     def template_message(self, position: int, message: object) -> dict:
-        """`template_message(position, message)`, and a ValueError naming `position` when its content holds one of
-        this tokenizer's special tokens."""
+        """`template_message(position, message)`, and a ValueError naming `position` when its content or a tool call
+        holds one of this tokenizer's special tokens."""
         templated = template_message(position, message)
-        forged = self.special_token_in(templated["content"])
-        if forged:
-            raise ValueError(f"chat message {position} content contains the special token {forged!r}")
+        calls = templated.get("tool_calls") or []
+        texts = {"content": templated["content"]} | {
+            f"tool_calls[{index}]": call["function"]["name"] + call["function"]["arguments"]
+            for index, call in enumerate(calls)
+        }
+        for field, text in texts.items():
+            forged = self.special_token_in(text)
+            if forged:
+                raise ValueError(f"chat message {position} {field} contains the special token {forged!r}")
         return templated
 
     def special_token_in(self, text: str) -> str | None:
@@ -430,17 +552,16 @@ def template_message(position: int, message: object) -> dict:
     """An OpenAI chat message as the chat template takes it, read as the server and transformers' `apply_chat_template`
     with `CHAT_TEMPLATE` read it: role `developer` (OpenAI's newer name for system) as `system`, content given as a
     list of text parts as their texts joined by newlines (as vLLM's server joins them), an assistant's null content
-    (a replayed turn) as empty; its other keys kept. ValueError naming `position` for a message that is no dict with
-    `role` and `content`, another role or content, and a tool result or tool calls (`tool_calls`, the legacy
-    `function_call`): the template has no tool turns."""
+    (a replayed turn, or one that only calls tools) as empty, an assistant's `tool_calls` as `template_tool_call`
+    gives each; its other keys kept. ValueError naming `position` for a message that is no dict with `role` and
+    `content`, another role or content, tool calls on another role, and the legacy `function_call`."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise ValueError(f"chat message {position} must be a dict with 'role' and 'content', got {message!r}")
     role, content = message["role"], message["content"]
-    if role == "tool" or message.get("tool_calls") or message.get("function_call"):
+    if message.get("function_call"):
         raise ValueError(
-            f"chat message {position} is a tool {'result' if role == 'tool' else 'call'}: tool messages, tool_calls "
-            "and function_call are not supported (the chat template has no tool turns); leave out conversations "
-            "that use tools"
+            f"chat message {position} has function_call, OpenAI's deprecated form of a tool call: give it as "
+            'tool_calls [{"type": "function", "function": {"name": ..., "arguments": ...}}]'
         )
     if role not in MESSAGE_ROLES:
         raise ValueError(f"chat message {position} has unknown role {role!r}; expected one of {MESSAGE_ROLES}")
@@ -453,7 +574,33 @@ def template_message(position: int, message: object) -> dict:
             f"chat message {position} content must be a string or a list of text parts (null only in an assistant "
             f"message), got {type(content).__name__}"
         )
-    return {**message, "role": "system" if role == "developer" else role, "content": content}
+    templated = {**message, "role": "system" if role == "developer" else role, "content": content}
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if role != "assistant" or not isinstance(calls, list):
+            raise ValueError(
+                f"chat message {position} has tool_calls {str(calls)[:80]!r}: only an assistant message calls tools, "
+                "giving a list of calls"
+            )
+        templated["tool_calls"] = [template_tool_call(position, index, call) for index, call in enumerate(calls)]
+    return templated
+
+
+def template_tool_call(position: int, index: int, call: object) -> dict:
+    """An assistant's tool call as the chat template writes it: OpenAI's `{"type": "function", "function": {"name":
+    ..., "arguments": ...}}`, the arguments a JSON object's text (given as an object, as transformers' templates take
+    them, written as JSON); ValueError naming the message and the call otherwise."""
+    function = call.get("function") if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name or arguments is None or call.get("type", "function") != "function":
+        raise ValueError(
+            f'chat message {position} tool_calls[{index}] must be {{"type": "function", "function": {{"name": ..., '
+            f'"arguments": ...}}}}, got {str(call)[:120]!r}'
+        )
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {**call, "type": "function", "function": {**function, "arguments": arguments}}
 
 
 def drop_past_reasoning(messages: list[dict]) -> list[dict]:
@@ -510,7 +657,7 @@ def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < SMALLEST_VOCAB:
         raise ConfigError(
             f"is {vocab_size:,}, too small: at least {SMALLEST_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special "
-            "tokens)",
+            f"and {len(TOOL_TOKENS)} tool-call tokens)",
             "vocab_size",
         )
     if vocab_size > LARGEST_VOCAB:
@@ -543,7 +690,7 @@ def train_tokenizer(
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *TOOL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

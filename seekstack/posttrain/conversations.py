@@ -193,7 +193,14 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     weight, if an assistant message has one, `check_weight`'s (OpenAI fine-tuning gives weight a meaning on assistant
     messages only: on another role it is ignored, as the template ignores it). A null content is refused, an
     assistant's too: in OpenAI fine-tuning data only a tool call's may be null. An assistant's `reasoning_content`
-    is written into its content (`with_reasoning`). ValueError naming `position`."""
+    is written into its content (`with_reasoning`). Tool results and calls are refused. ValueError naming `position`."""
+    if isinstance(message, dict) and (message.get("role") == "tool" or message.get("tool_calls") or
+                                      message.get("function_call")):  # fmt: skip
+        raise ValueError(
+            f"chat message {position} is a tool {'result' if message.get('role') == 'tool' else 'call'}: tool "
+            "messages, tool_calls and function_call are not supported in training data (rows are encoded and "
+            "labelled turn by turn, which tool results do not follow); leave out conversations that use tools"
+        )
     template = tokenizer.template_message if tokenizer else chat_template_message
     templated = template(position, message)
     if cast(dict, message)["content"] is None:

@@ -179,7 +179,7 @@ def test_an_unknown_role_is_refused_naming_every_role_a_file_may_use(tmp_path):
     path = tmp_path / "roles.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "User", "content": "hi"}, *CHAT]}) + "\n")
     expected = "roles.jsonl:1: chat message 0 has unknown role 'User'; expected one of ('system', 'developer', 'user', "
-    with pytest.raises(ValueError, match=re.escape(expected + "'assistant')")):
+    with pytest.raises(ValueError, match=re.escape(expected + "'assistant', 'tool')")):
         read_conversations(path)
 
 
