@@ -521,34 +521,35 @@ def test_logit_bias_bans_or_forces_tokens_of_greedy_decoding(model, tokenizer):
 
 
 @pytest.mark.parametrize(
-    ("prompt", "params", "message"),
+    ("prompt", "fields", "message"),
     [
-        ([], SamplingParams(), "empty prompt"),
-        ([1] * 300, SamplingParams(max_new_tokens=1), "prompt has 300 tokens, more than max_model_len=256"),
-        ([1] * 200, SamplingParams(max_new_tokens=100), r"200 tokens\) \+ max_new_tokens \(100\) = 300 exceeds"),
-        ([1, 9999], SamplingParams(), "prompt holds token id 9999, outside the vocabulary"),
+        ([], {}, "empty prompt"),
+        ([1] * 300, dict(max_new_tokens=1), "prompt has 300 tokens, more than max_model_len=256"),
+        ([1] * 200, dict(max_new_tokens=100), r"200 tokens\) \+ max_new_tokens \(100\) = 300 exceeds"),
+        ([1, 9999], {}, "prompt holds token id 9999, outside the vocabulary"),
         (
             [1],
-            SamplingParams(logit_bias={512: -100}),
+            dict(logit_bias={512: -100}),
             r"logit_bias holds token id 512, outside the vocabulary \[0, 512\)",
         ),
-        ([1], SamplingParams(temperature=-1), "field 'temperature' has value -1"),
-        ([1], SamplingParams(top_p=0), "field 'top_p' has value 0"),
-        ([1], SamplingParams(top_logprobs=21), "field 'top_logprobs' has value 21"),
-        ([1], SamplingParams(top_logprobs=3), "field 'top_logprobs' must be 0 without logprobs=True"),
-        ([1], SamplingParams(max_new_tokens="5"), "field 'max_new_tokens' has value '5'"),
-        ([1], SamplingParams(stop=("",)), "field 'stop.0' has value ''"),
-        ([1], SamplingParams(seed=2**64), "field 'seed' has value 18446744073709551616"),
-        ([1], SamplingParams(stop=("x",), detokenize=False), "field 'stop' must be empty with detokenize=False"),
-        ([1], SamplingParams(temperature=float("nan")), "field 'temperature' has value nan: input should be a finite"),
-        ([1], SamplingParams(top_p=float("inf")), "field 'top_p' has value inf: input should be a finite number"),
-        ([1], SamplingParams(stop=("ok", "\ud800")), r"field 'stop' has value \('ok', '\\ud800'\): not valid Unicode"),
+        ([1], dict(temperature=-1), "field 'temperature' has value -1"),
+        ([1], dict(top_p=0), "field 'top_p' has value 0"),
+        ([1], dict(top_logprobs=21), "field 'top_logprobs' has value 21"),
+        ([1], dict(top_logprobs=3), "field 'top_logprobs' must be 0 without logprobs=True"),
+        ([1], dict(max_new_tokens="5"), "field 'max_new_tokens' has value '5'"),
+        ([1], dict(stop=("",)), "field 'stop.0' has value ''"),
+        ([1], dict(seed=2**64), "field 'seed' has value 18446744073709551616"),
+        ([1], dict(stop=("x",), detokenize=False), "field 'stop' must be empty with detokenize=False"),
+        ([1], dict(temperature=float("nan")), "field 'temperature' has value nan: input should be a finite"),
+        ([1], dict(top_p=float("inf")), "field 'top_p' has value inf: input should be a finite number"),
+        ([1], dict(stop=("ok", "\ud800")), r"field 'stop' has value \('ok', '\\ud800'\): not valid Unicode"),
     ],
 )
-def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, params, message):
+def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, fields, message):
+    """A field out of range is refused as SamplingParams are built, a rule across fields or the engine by add_request."""
     engine = Engine(model, tokenizer)
     with pytest.raises(ValueError, match=message):
-        engine.add_request(prompt, params)
+        engine.add_request(prompt, SamplingParams(**fields))
     assert not engine.has_unfinished()
 
 
