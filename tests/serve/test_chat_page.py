@@ -145,8 +145,8 @@ def test_a_replys_reasoning_shows_folded_above_its_answer_and_is_not_sent_back(b
 
 
 # The page's fetch of a chat completion answered by a stream the test writes: `say(delta)` sends a chunk with that
-# delta, `finish()` ends the stream; the page stopping the request ends it as a browser's fetch does. Each request's
-# body is kept in `sent`.
+# delta, `finish()` ends the stream; the page aborting the request ends it as a browser's fetch does (and sets
+# `aborted`). Each request's body is kept in `sent`.
 HELD_STREAM_STUB = """
 const serverFetch = window.fetch;
 window.sent = [];
@@ -158,7 +158,10 @@ window.fetch = async (url, options) => {
     const event = (data) => stream.enqueue(encoder.encode("data: " + data + "\\n\\n"));
     window.say = (delta) => event(JSON.stringify({ choices: [{ index: 0, delta }] }));
     window.finish = () => { event("[DONE]"); stream.close(); };
-    options.signal?.addEventListener("abort", () => stream.error(new DOMException("stopped", "AbortError")));
+    options.signal?.addEventListener("abort", () => {
+      window.aborted = true;
+      stream.error(new DOMException("stopped", "AbortError"));
+    });
   } });
   return new Response(body, { status: 200, headers: { "Content-Type": "text/event-stream" } });
 };
@@ -184,4 +187,25 @@ def test_enter_while_a_reply_streams_sends_nothing_and_keeps_the_text(browser, p
     wait_for_reply(browser, 1)
     assert browser.execute_script("return messages") == [
         {"role": "user", "content": "first"}, {"role": "assistant", "content": "one"}
+    ]  # fmt: skip
+
+
+def test_stop_ends_the_reply_where_it_is_and_keeps_what_came_as_the_assistants_turn(browser, page_url):
+    """The page had no Stop: a long reply ran on to its max tokens, the server generating all of it, unless the page
+    was left. Stop aborts the request (the server stops generating at once: test_api's client disconnect test)."""
+    open_page(browser, page_url, HELD_STREAM_STUB)
+    send(browser, "count to a thousand")
+    browser.execute_script("say({ role: 'assistant', content: 'one, two' });")
+    WebDriverWait(browser, 20).until(lambda b: replies(b)[-1].get_attribute("data-chunks") == "1")
+    browser.find_element(By.ID, "stop").click()
+    reply = wait_for_reply(browser, 1)
+    assert browser.execute_script("return window.aborted") is True
+    assert "stopped" in reply.get_attribute("class") and reply.find_element(By.CSS_SELECTOR, ".answer").text == "one, two"
+    assert not browser.find_element(By.ID, "stop").is_displayed() and browser.find_element(By.ID, "send").is_enabled()
+    send(browser, "go on")
+    browser.execute_script("say({ role: 'assistant', content: 'three' }); finish();")
+    wait_for_reply(browser, 2)
+    assert browser.execute_script("return window.sent[1].messages") == [
+        {"role": "user", "content": "count to a thousand"}, {"role": "assistant", "content": "one, two"},
+        {"role": "user", "content": "go on"},
     ]  # fmt: skip
