@@ -209,3 +209,20 @@ def test_stop_ends_the_reply_where_it_is_and_keeps_what_came_as_the_assistants_t
         {"role": "user", "content": "count to a thousand"}, {"role": "assistant", "content": "one, two"},
         {"role": "user", "content": "go on"},
     ]  # fmt: skip
+
+
+def test_new_chat_while_a_reply_streams_stops_it_and_starts_empty(browser, page_url):
+    """New chat while a reply streamed cleared the page, but the reply went on and then became the new conversation's
+    first message: the next request began with an assistant turn nobody saw."""
+    open_page(browser, page_url, HELD_STREAM_STUB)
+    send(browser, "first")
+    browser.execute_script("say({ role: 'assistant', content: 'one' });")
+    WebDriverWait(browser, 20).until(lambda b: replies(b)[-1].get_attribute("data-chunks") == "1")
+    browser.find_element(By.ID, "new").click()
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "send").is_enabled())
+    assert browser.execute_script("return window.aborted") is True
+    assert browser.execute_script("return messages") == [] and replies(browser) == []
+    send(browser, "second")
+    browser.execute_script("say({ role: 'assistant', content: 'two' }); finish();")
+    wait_for_reply(browser, 1)
+    assert browser.execute_script("return window.sent[1].messages") == [{"role": "user", "content": "second"}]
