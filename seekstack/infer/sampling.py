@@ -217,7 +217,9 @@ class SamplingBatch:
         remove = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
         if any(p.top_p < 1 for p in self.params if not p.greedy):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]  # keep the nucleus
+            # keep the nucleus; a row without a top-p (1) keeps every token, though float32's running sum can reach 1
+            # before its tail (a 4096-token vocabulary: dozens of tokens cut where another row asks for a top-p)
+            outside = ((sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]) & (top_p[:, None] < 1)
             remove |= torch.zeros_like(outside).scatter_(-1, order, outside)
         # the likeliest token stays, even when a tiny top_p rounds to 0 in float32
         remove.scatter_(-1, logits.argmax(dim=-1, keepdim=True), False)

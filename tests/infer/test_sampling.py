@@ -177,6 +177,15 @@ def test_rows_without_a_top_k_take_no_topk_of_the_vocabulary_and_sample_as_alone
     assert int((together[0] > 0).sum()) == 20 and int((together[1] > 0).sum()) > 20
 
 
+def test_a_row_without_a_top_p_keeps_every_token_beside_a_row_with_one():
+    """float32's running sum of a peaked distribution reaches 1 before its tail: the nucleus of a row with top_p 1
+    (off) was cut there, by dozens of tokens, whenever another row of the batch asked for a top-p."""
+    logits = torch.randn(1, 4096, generator=torch.Generator().manual_seed(1)) * 3
+    alone = batch_of(SamplingParams()).probabilities(logits)[0]
+    beside = batch_of(SamplingParams(), SamplingParams(top_p=0.5)).probabilities(logits.expand(2, -1))[0]
+    assert bool((alone > 0).all()) and torch.equal(beside, alone)
+
+
 def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():
     state = PenaltyState.from_prompt([0], vocab_size=4, device=torch.device("cpu"))
     for token in (1, 1, 2):
