@@ -1,7 +1,7 @@
 """Exact deduplication by content hash and near-duplicate removal by MinHash LSH; the first occurrence is kept.
 
 Near duplicates: a document's shingles are its word 5-grams (`kinds.words`, so in Chinese or Japanese 5
-characters; in Thai, Lao, Myanmar or Khmer 5 x `UNSPACED_WORD_CHARS` characters), lower-cased and without
+characters; in Thai, Lao, Tibetan, Myanmar or Khmer 5 x `UNSPACED_WORD_CHARS` characters), lower-cased and without
 punctuation; 128 MinHash permutations estimate the Jaccard similarity of two shingle sets, and LSH (banding tuned
 by datasketch for the threshold) finds the kept documents estimated above `threshold` (0.8 by default).
 `bench/data_near_dedup.py` measures recall and precision at several edit rates.
@@ -53,7 +53,7 @@ def _punctuation() -> dict[int, None]:
 def word_shingles(text: str, size: int = SHINGLE_WORDS) -> set[bytes]:
     """The set of word `size`-grams of the text lower-cased and without punctuation (the whole text when it has
     fewer words), as datatrove's MinHash normalises it: copies that differ in typography (`don't` / `don’t`,
-    `"` / `“`, `--` / `—`) have the same shingles. In Thai, Lao, Myanmar or Khmer text, whose space-separated
+    `"` / `“`, `--` / `—`) have the same shingles. In Thai, Lao, Tibetan, Myanmar or Khmer text, whose space-separated
     "words" are phrases (one character's edit would change every shingle holding its phrase), a word is
     `UNSPACED_WORD_CHARS` of its characters, as the quality rules count them."""
     tokens = words(text.lower().translate(_punctuation()))

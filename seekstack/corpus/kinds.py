@@ -17,8 +17,9 @@ the first `SAMPLE_CHARS` characters:
          stop words, `und` (undetermined, BCP 47) otherwise.
 Words: a run of non-space characters, except that every CJK character is a word of its own (the unit the
 length and repetition rules count for text without spaces; word segmentation would need a dictionary). Thai, Lao,
-Myanmar and Khmer, also written without spaces between words, keep their runs (phrases; their characters carry
-combining vowels and marks), and the rules count their words by characters instead (`written_without_spaces`).
+Tibetan (whose tsheg ་ parts syllables, not words), Myanmar and Khmer, also written without spaces between words, keep
+their runs (phrases; their characters carry combining vowels and marks), and the rules count their words by
+characters instead (`written_without_spaces`).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ _HANGUL = "\u1100-\u11ff\u3130-\u318f\uac00-\ud7af"
 CJK_CHAR = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]")
 _KANA_CHAR = re.compile(f"[{_KANA}]")
 _HANGUL_CHAR = re.compile(f"[{_HANGUL}]")
-# Thai, Lao, Myanmar, Khmer: scripts that put no spaces between words (only between phrases or sentences)
-_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u19e0-\u19ff"
+# Thai, Lao, Tibetan, Myanmar, Khmer: scripts that put no spaces between words (only between phrases or sentences)
+_UNSPACED = "\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u19e0-\u19ff"
 _UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
 # Every script written without spaces between words, as ranges for a character class: CJK and the four above
 UNSPACED_SCRIPT_RANGES = f"{_HAN}{_KANA}{_HANGUL}{_UNSPACED}"
@@ -104,8 +105,8 @@ def words(text: str) -> list[str]:
 
 
 def written_without_spaces(text: str) -> bool:
-    """True for Thai, Lao, Myanmar or Khmer text, scripts with no spaces between words: its `words` are phrases,
-    whose number and length say little of the text's quality."""
+    """True for Thai, Lao, Tibetan, Myanmar or Khmer text, scripts with no spaces between words: its `words` are
+    phrases, whose number and length say little of the text's quality."""
     return _mostly_in(text, _UNSPACED_CHAR)
 
 

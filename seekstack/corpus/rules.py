@@ -7,10 +7,10 @@ that kind. Lengths and n-grams count words as `kinds.words` splits them, so ever
   prose  Gopher's thresholds (Rae et al. 2021, appendix A) and FineWeb's line punctuation rule; a paragraph may be
          one line of any length, as web-text JSONL stores it, or hard-wrapped, as text files hold it.
   cjk    prose rules counted in characters; no word-length rule (a "word" is one character).
-Thai, Lao, Myanmar and Khmer prose (no spaces between words, so its space-separated "words" are phrases) has its
-words counted as its characters over `UNSPACED_WORD_CHARS`, its n-grams as n times that many characters, and is not
-judged by the mean word length; Thai and Lao, which end sentences with no mark, are not judged by the line punctuation
-rule either.
+Thai, Lao, Tibetan, Myanmar and Khmer prose (no spaces between words, so its space-separated "words" are phrases)
+has its words counted as its characters over `UNSPACED_WORD_CHARS`, its n-grams as n times that many characters, and
+is not judged by the mean word length; Thai and Lao, which end sentences with no mark, are not judged by the line
+punctuation rule either.
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def _alpha_word_fraction(stats: TextStats, _: KindRules) -> float:
 
 
 def _mean_word_chars(stats: TextStats, _: KindRules) -> float | None:
-    """None (not judged) for Thai, Lao, Myanmar or Khmer text, whose space-separated "words" are phrases."""
+    """None (not judged) for Thai, Lao, Tibetan, Myanmar or Khmer text, whose space-separated "words" are phrases."""
     if stats.unspaced:
         return None
     return stats.word_chars / max(1, len(stats.words))

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from seekstack.corpus.build import Report, build_corpus, report_table
 from seekstack.corpus.dedup import ExactDeduplicator, NearDeduplicator, content_hash
-from seekstack.corpus.kinds import detect_kind
+from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import (
     RULES,
@@ -188,6 +188,16 @@ THAI_ARTICLE = "\n".join(  # Thai ends a sentence with a space or a line break, 
         "ชาวนาในภาคอีสานปลูกข้าวเหนียวเป็นอาหารหลักของครอบครัว",
     ]
 )
+TIBETAN_ARTICLE = "\n".join(  # Tibetan parts syllables with the tsheg ་ and ends a sentence with the shad །
+    [
+        "བོད་ནི་ཨེ་ཤ་ཡའི་དབུས་སུ་ཡོད་པའི་ས་མཐོ་སྒང་ཞིག་ཡིན། བོད་ཀྱི་གྲོང་ཁྱེར་ཆེ་ཤོས་ནི་ལྷ་ས་ཡིན།",
+        "ལྷ་སར་པོ་ཏ་ལའི་ཕོ་བྲང་དང་ཇོ་ཁང་གཙུག་ལག་ཁང་ཡོད། ལོ་རེ་བཞིན་མཆོད་མཇལ་བ་མང་པོ་ཞིག་ཡོང་གི་ཡོད།",
+        "བོད་པ་རྣམས་ཀྱིས་བོད་ཡིག་བེད་སྤྱོད་བྱེད། བོད་ཡིག་ནི་ལོ་ངོ་སྟོང་ཕྲག་གཅིག་ལྷག་གི་ལོ་རྒྱུས་ཡོད་པའི་ཡི་གེ་ཞིག་ཡིན།",
+        "ས་ཁུལ་དེར་གངས་རི་དང་མཚོ་མང་པོ་ཡོད། ཡར་ཀླུངས་གཙང་པོ་ནི་བོད་ཀྱི་ཆུ་བོ་ཆེན་པོ་ཞིག་ཡིན།",
+        "འབྲོག་པ་རྣམས་ཀྱིས་གཡག་དང་ལུག་གསོ་སྐྱོང་བྱེད། ཞིང་པ་རྣམས་ཀྱིས་ནས་དང་གྲོ་འདེབས་ཀྱི་ཡོད།",
+        "བོད་ཀྱི་ཟས་གཙོ་བོ་ནི་རྩམ་པ་དང་བོད་ཇ་ཡིན། དགུན་ཁ་ནི་གྲང་ངར་ཆེན་པོ་ཡོད།",
+    ]
+)
 LAO_ARTICLE = "\n".join(
     [
         "ນະຄອນຫຼວງວຽງຈັນເປັນເມືອງຫຼວງຂອງປະເທດລາວ ແລະ ຕັ້ງຢູ່ແຄມແມ່ນ້ຳຂອງ",
@@ -202,6 +212,14 @@ LAO_ARTICLE = "\n".join(
 def test_thai_and_lao_prose_ending_sentences_with_no_mark_passes_every_rule(text: str) -> None:
     assert not fails("terminal_line_fraction", text, ProseRules())
     assert failed_rule(normalise(text), ProseRules()) is None
+
+
+def test_tibetan_prose_has_its_words_counted_by_characters_and_passes_every_rule() -> None:
+    """Tibetan puts spaces between phrases only (the tsheg ་ parts syllables): its 12 space-separated runs were its
+    words, so a 529-character article failed min_words (50) and the mean word length (43 characters)."""
+    letters = len("".join(TIBETAN_ARTICLE.split()))  # 518
+    assert TextStats(normalise(TIBETAN_ARTICLE)).word_count == letters // UNSPACED_WORD_CHARS == 129
+    assert failed_rule(normalise(TIBETAN_ARTICLE), ProseRules()) is None
 
 
 def test_khmer_and_myanmar_are_still_held_to_their_sentence_marks() -> None:
