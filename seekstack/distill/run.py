@@ -22,7 +22,7 @@ from seekstack.config import ModelConfig
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations
-from seekstack.distill.teacher import Teacher, TopKCache, check_shared_tokenizer
+from seekstack.distill.teacher import Teacher, TopKCache, shared_tokenizer
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.config import run_tokenizer
 from seekstack.posttrain.sft import conversation_source
@@ -36,13 +36,17 @@ STATE_FILE = "distill_state.pt"
 
 
 def student_tokenizer(config: DistillConfig) -> Tokenizer:
-    """The tokenizer the student's data is encoded with: `tokenizer` (conversations: else `init_from`'s), else the
-    one `data tokenize` recorded."""
+    """The tokenizer teacher and student share: the teacher's, once it is the one the student's data is encoded
+    with, `tokenizer` (conversations: else `init_from`'s), else the one whose sha256 `data tokenize` recorded (the
+    file its index names may be gone with the shards copied or moved, as `train` allows)."""
     if config.conversational:
-        return run_tokenizer(config)
+        student = run_tokenizer(config)
+        described = f"{student.source} (vocabulary {student.vocab_size})"
+        return shared_tokenizer(config.teacher, student.fingerprint, described, conversational=True)
     first_split = config.mixture_schedule().sources[0]
-    recorded = load_index(config.data_dir, first_split)["tokenizer"].get("path")
-    return Tokenizer.from_file(config.tokenizer or recorded)
+    recorded = load_index(config.data_dir, first_split)["tokenizer"]
+    described = f"{recorded.get('path') or 'tokenizer'} (vocabulary {recorded['vocab_size']}) of {config.data_dir}"
+    return shared_tokenizer(config.teacher, recorded["sha256"], described, conversational=False)
 
 
 class DistillHooks:
@@ -51,7 +55,6 @@ class DistillHooks:
     def __init__(self, config: DistillConfig):
         self.config = config
         self.tokenizer = student_tokenizer(config)
-        check_shared_tokenizer(config.teacher, self.tokenizer, config.conversational)
 
     def prepare(self, model: Transformer) -> DistillModel:
         config, device = self.config, model.embed_tokens.weight.device

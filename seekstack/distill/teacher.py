@@ -25,18 +25,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CACHE_INFO_FILE = "teacher.json"
 
 
-def check_shared_tokenizer(teacher_dir: str | Path, student_tokenizer: Tokenizer, conversational: bool) -> None:
-    """ValueError unless the teacher checkpoint holds the very tokenizer the student's data was encoded with (token
-    shards), or encodes its conversations with (`conversational`): distillation compares next-token distributions id
-    by id."""
+def shared_tokenizer(
+    teacher_dir: str | Path, fingerprint: str, student_tokenizer: str, conversational: bool
+) -> Tokenizer:
+    """The teacher checkpoint's tokenizer; ValueError unless it is the very tokenizer (of sha256 `fingerprint`,
+    described by `student_tokenizer`) the student's data was encoded with (token shards), or encodes its conversations
+    with (`conversational`): distillation compares next-token distributions id by id."""
     path = Path(teacher_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(
             f"teacher {teacher_dir} has no {TOKENIZER_FILE}: distillation needs the teacher's tokenizer to check it "
-            f"is the student's ({student_tokenizer.source}); copy it into the checkpoint"
+            f"is the student's ({student_tokenizer}); copy it into the checkpoint"
         )
     teacher_tokenizer = Tokenizer.from_file(path)
-    if teacher_tokenizer.fingerprint != student_tokenizer.fingerprint:
+    if teacher_tokenizer.fingerprint != fingerprint:
         remedy = (
             "leave `tokenizer` unset (the teacher's encodes the conversations) and start a student of the teacher's "
             "tokenizer (a fresh one, or init_from a checkpoint of it)"
@@ -45,9 +47,9 @@ def check_shared_tokenizer(teacher_dir: str | Path, student_tokenizer: Tokenizer
         )
         raise ValueError(
             f"teacher tokenizer {path} (vocabulary {teacher_tokenizer.vocab_size}) differs from the student's "
-            f"{student_tokenizer.source} (vocabulary {student_tokenizer.vocab_size}): teacher and student must share "
-            f"a tokenizer; {remedy}"
+            f"{student_tokenizer}: teacher and student must share a tokenizer; {remedy}"
         )
+    return teacher_tokenizer
 
 
 @contextmanager

@@ -137,6 +137,26 @@ def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path):
         DistillHooks(distill_config(workspace, tmp_path, teacher=str(other)))
 
 
+def test_shards_whose_recorded_tokenizer_is_gone_distill_from_the_teacher_of_the_sha256_they_record(
+    workspace, tmp_path
+):
+    """Shards copied or moved without the tokenizer.json their index names train (`train`), but distill was refused
+    with '.../tokenizer.json: no such file; train a tokenizer into ...': the teacher's is compared with the sha256."""
+    moved = tmp_path / "moved"
+    shutil.copytree(workspace["shards"], moved)
+    for index in moved.glob("*_index.json"):
+        info = json.loads(index.read_text())
+        info["tokenizer"]["path"] = str(tmp_path / "gone" / TOKENIZER_FILE)
+        index.write_text(json.dumps(info))
+    changes = dict(data_dir=str(moved), max_steps=1, eval_every=0, save_every=0, feature_layers={}, feature_weights={})
+    assert run_distill(distill_config(workspace, tmp_path / "run", **changes)).step == 1
+    other = tmp_path / "other_teacher"
+    shutil.copytree(workspace["teacher"], other)
+    train_tokenizer(["a different corpus, so different merges"] * 30, vocab_size=290, out_path=other)
+    with pytest.raises(ValueError, match=f"differs from the student's {tmp_path / 'gone'}.* of {moved}"):
+        DistillHooks(distill_config(workspace, tmp_path / "refused", teacher=str(other), **changes))
+
+
 def test_a_teacher_with_a_padded_vocabulary_is_compared_on_the_tokenizers_ids(workspace, tmp_path):
     padded = write_teacher(tmp_path / "padded", workspace["root"] / "tokenizer", vocab_size=VOCAB + 20)
     config = distill_config(workspace, tmp_path / "run", teacher=str(padded), lmbda=0.0, feature_layers={},
