@@ -6,12 +6,13 @@ import shutil
 
 import pytest
 
+from tests.adapters.support import write_random_adapter
 from tests.serve.server import install_test_packages, make_model_dir, running_server
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -44,9 +45,20 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page_url(tmp_path_factory):
-    model_dir = make_model_dir(tmp_path_factory.mktemp("chat-model"))
-    with running_server(model_dir, tmp_path_factory.mktemp("chat-db") / "serve.db") as server:
+    """The page of a server of the base model "model" and a LoRA adapter of it, "legal"."""
+    root = tmp_path_factory.mktemp("chat-model")
+    model_dir = make_model_dir(root)
+    adapter = write_random_adapter(model_dir, root / "legal", seed=1)
+    with running_server(model_dir, root / "serve.db", "--adapter", f"legal={adapter}") as server:
         yield server.url
+
+
+def open_page(browser, page_url: str, stub: str | None = None) -> None:
+    """The page, once it has the server's models (the base chosen); then `stub` run in it."""
+    browser.get(page_url)
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").get_attribute("value") == "model")
+    if stub:
+        browser.execute_script(stub)
 
 
 def send(browser, text: str) -> None:
@@ -71,8 +83,7 @@ def wait_for_reply(browser, count: int):
 
 
 def test_typed_message_gets_a_streamed_reply_with_tokens_per_second(browser, page_url):
-    browser.get(page_url)
-    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
+    open_page(browser, page_url)
     limit = browser.find_element(By.ID, "max-tokens")
     limit.clear()
     limit.send_keys("40")  # keep both turns inside the 256-token context
@@ -94,8 +105,7 @@ def test_typed_message_gets_a_streamed_reply_with_tokens_per_second(browser, pag
 
 
 def test_a_conversation_past_the_context_leaves_out_its_oldest_exchanges(browser, page_url):
-    browser.get(page_url)
-    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
+    open_page(browser, page_url)
     temperature = browser.find_element(By.ID, "temperature")
     temperature.clear()
     temperature.send_keys("0")
@@ -130,9 +140,7 @@ window.fetch = async (url, options) => {
 def test_a_replys_reasoning_shows_folded_above_its_answer_and_is_not_sent_back(browser, page_url):
     """The page read delta.content only: a reasoning model's reasoning (delta.reasoning_content) never showed, and a
     reply cut inside it left an empty bubble."""
-    browser.get(page_url)
-    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
-    browser.execute_script(R1_STREAM_STUB)
+    open_page(browser, page_url, R1_STREAM_STUB)
     send(browser, "2 + 3?")
     reply = wait_for_reply(browser, 1)
     reasoning = reply.find_element(By.CSS_SELECTOR, "details.reasoning")
@@ -168,11 +176,6 @@ window.fetch = async (url, options) => {
 """
 
 
-def open_page(browser, page_url: str, stub: str | None = None) -> None:
-    browser.get(page_url)
-    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").text == "model")
-    if stub:
-        browser.execute_script(stub)
 
 
 def test_enter_while_a_reply_streams_sends_nothing_and_keeps_the_text(browser, page_url):
@@ -226,3 +229,15 @@ def test_new_chat_while_a_reply_streams_stops_it_and_starts_empty(browser, page_
     browser.execute_script("say({ role: 'assistant', content: 'two' }); finish();")
     wait_for_reply(browser, 1)
     assert browser.execute_script("return window.sent[1].messages") == [{"role": "user", "content": "second"}]
+
+
+def test_the_model_picker_offers_the_base_and_each_adapter_and_the_reply_uses_the_one_picked(browser, page_url):
+    """The page always chatted with the first model of /v1/models: a server's LoRA adapters were out of its reach."""
+    open_page(browser, page_url, HELD_STREAM_STUB)
+    picker = Select(browser.find_element(By.ID, "model"))
+    assert [option.text for option in picker.options] == ["model", "legal"]
+    picker.select_by_value("legal")
+    send(browser, "hello")
+    browser.execute_script("say({ role: 'assistant', content: 'hi' }); finish();")
+    wait_for_reply(browser, 1)
+    assert browser.execute_script("return window.sent[0].model") == "legal"
