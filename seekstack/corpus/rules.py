@@ -340,6 +340,12 @@ def _digit_fraction(stats: TextStats, _: KindRules) -> float:
 
 
 def _alpha_word_fraction(stats: TextStats, _: KindRules) -> float:
+    """Share of the words that hold a letter; in text written without spaces, whose runs holding letters are phrases,
+    the share of its `word_count` left by the runs without one (numbers, and marks set apart: Khmer writes `។` after a
+    space), each a word."""
+    if stats.unspaced:
+        without_letters = sum(1 for word in stats.words if not _LETTER.search(word))
+        return max(0.0, 1 - without_letters / max(1, stats.word_count))
     return sum(1 for word in stats.words if _LETTER.search(word)) / max(1, len(stats.words))
 
 
