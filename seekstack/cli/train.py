@@ -60,8 +60,6 @@ def run_stage(
         warn = _warn if main else lambda message: None
         resolved = resolve_train_config(config, overrides or [], resume=resume, warn=warn, cls=cls)
         if write_to is not None:
-            if not cls.rows_fit_context:  # as the run will refuse it
-                resolved.require_seq_len_within(resolved.trained_context())
             if main:  # under torchrun every rank resolved the same config: rank 0 writes it, the others exit quietly
                 write_config(resolved, write_to)
                 typer.echo(f"wrote the config to {write_to}")

@@ -278,6 +278,7 @@ def resolve_train_config(
     try:
         config = check(cls, values).validate()
         _refuse_another_model(config, _model_settings(cls, given, overrides), resume)
+        _require_rows_within_the_context(config)
         if resume:
             _require_data_dir(config)
             _require_saved_seed(config, base)
@@ -377,6 +378,21 @@ def _model_settings(cls: type[TrainConfig], given: dict[str, Any], overrides: Se
     settings = {"model": preset_name} if "model" in set_there or preset_name != cls.model else {}
     fields_set = {**given.get("model_overrides", {}), **set_there.get("model_overrides", {})}
     return settings | {f"model.{name}": value for name, value in fields_set.items()}
+
+
+def _require_rows_within_the_context(config: TrainConfig) -> None:
+    """seq_len checked against the trained model's context before the run reads or tokenizes any data (a stage whose
+    rows size themselves, `rows_fit_context`, has no such rows). An init_from without a readable config.json is left
+    to the run, which names what it lacks."""
+    from seekstack.checkpoint.keys import CheckpointError
+
+    if config.rows_fit_context:
+        return
+    try:
+        context = config.trained_context()
+    except CheckpointError:
+        return
+    config.require_seq_len_within(context)
 
 
 def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume: bool) -> None:

@@ -50,7 +50,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_retried_into_the_same_
 @pytest.mark.parametrize(
     ("refused", "named"),
     [
-        ("seq_len=1024", "longer than the model's context"),  # by the trainer, once the text was tokenized
+        ("seq_len=1024", "longer than the model's context"),  # before the text was read
         ("lora.layers=[9]", "field 'lora.layers' must be main layer numbers below"),  # by peft's targets on the base
         ("lora.embedding_tokens=100000", "field 'lora.embedding_tokens' must be at most "),  # before the text was read
     ],

@@ -211,14 +211,25 @@ def test_compile_with_peft_parameter_targets_is_refused_before_the_run_is_writte
     assert lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, *attention_only])[0].compile
 
 
-@pytest.mark.parametrize(("part", "window", "advice"), [("training part", 2.0, "give more text or a smaller seq_len"),
+def test_a_seq_len_past_the_base_s_context_is_refused_before_the_text_is_tokenized(base, tmp_path):
+    """It was refused by the trainer, once the text was tokenized into the adapter folder's data/."""
+    text = tmp_path / "prose.txt"
+    text.write_text("A few words of prose to adapt to. " * 200)
+    with pytest.raises(ConfigError, match=r"field 'seq_len' has value 129: longer than the model's context "
+                       r"\(max_position_embeddings 128\)"):  # fmt: skip
+        lora_train_config(base, text, tmp_path / "adapter", [*QUICK_RUN, "seq_len=129"])
+    assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize(("part", "window", "advice"), [("training part", 1.1, "give more text or a smaller seq_len"),
                                                        ("held-out part", 0.5, "or eval_every=0")])  # fmt: skip
 def test_text_too_short_for_one_window_is_named_as_the_users_file_not_the_run_s_shards(
     base, part, window, advice, tmp_path
 ):
-    """The refusal named the run's own data/train_index.json (or val_index.json), which the user never wrote."""
+    """The refusal named the run's own data/train_index.json (or val_index.json), which the user never wrote. The
+    text's 111 tokens keep a window of 1.1 times them within the base's context of 128."""
     text = tmp_path / "note.txt"
-    text.write_text("A short note on the licence terms that follow in the next section. " * 6)
+    text.write_text("A short note on the licence terms that follow in the next section. " * 3)
     seq_len = int(len(Tokenizer.from_file(base).encode(text.read_text())) * window)
     run = [f"seq_len={seq_len}", "batch_size=2", "max_steps=1", "eval_every=1", "lora.rank=2"]
     with pytest.raises(ValueError) as refused:

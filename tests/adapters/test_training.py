@@ -158,7 +158,7 @@ def test_a_quantized_base_is_refused_naming_the_scheme_before_anything_is_writte
 
 def test_a_bias_update_is_refused_because_the_base_stays_frozen(base, data_dir, tmp_path):
     with pytest.raises(ConfigError, match="bias_update_rate"):
-        lora_train_config(base, data_dir, tmp_path, ["bias_update_rate=0.001"])
+        lora_train_config(base, data_dir, tmp_path, ["seq_len=32", "bias_update_rate=0.001"])
 
 
 def test_text_and_chat_data_train_an_adapter(tmp_path):

@@ -1,6 +1,7 @@
 """SFT's held-out conversations: never trained on, scored every eval_every steps as the masked loss on their
 assistant tokens, the same after a resume."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -256,11 +257,16 @@ def test_a_checkpoint_older_than_row_digests_resumes_when_its_run_holds_nothing_
 
 
 def test_a_run_refused_after_its_conversations_are_read_writes_nothing_into_out_dir(tmp_path):
-    """A seq_len past the model's context is refused once the model is built, after the conversations were read and
-    split: held_out.json was written by then, into an out_dir the refused run never used."""
+    """A seq_len past the model's context is refused with the config; a config built without that check is refused
+    once the model is built, after the conversations were read and split: held_out.json was written by then, into an
+    out_dir the refused run never used."""
     data = write_conversations(SUMS, tmp_path / "sums.jsonl")
     run_dir = tmp_path / "run"
-    config = sft_config(tmp_path, f"data={data}", f"out_dir={run_dir}", "model.max_position_embeddings=64")
-    with pytest.raises(ConfigError, match="field 'seq_len' has value 128: longer than the model's context"):
+    refusal = "field 'seq_len' has value 128: longer than the model's context"
+    with pytest.raises(ConfigError, match=refusal):
+        sft_config(tmp_path, f"data={data}", f"out_dir={run_dir}", "model.max_position_embeddings=64")
+    config = sft_config(tmp_path, f"data={data}", f"out_dir={run_dir}")
+    config = dataclasses.replace(config, model_overrides={**config.model_overrides, "max_position_embeddings": 64})
+    with pytest.raises(ConfigError, match=refusal):
         run_sft(config)
     assert not run_dir.exists()

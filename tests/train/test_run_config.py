@@ -122,6 +122,15 @@ def test_write_config_refuses_a_seq_len_longer_than_the_model_s_context_as_the_r
     assert written.exit_code == 0 and yaml.safe_load(path.read_text())["seq_len"] == context
 
 
+def test_a_seq_len_longer_than_the_trained_model_s_context_is_refused_with_the_config(tmp_path: Path) -> None:
+    """It was refused once the run had read its data and built the model."""
+    context = preset("tiny").max_position_embeddings
+    with pytest.raises(ConfigError, match=rf"field 'seq_len' has value {context + 1}: longer than the model's context "
+                       rf"\(max_position_embeddings {context}\)"):  # fmt: skip
+        resolve_train_config(None, [f"seq_len={context + 1}", f"out_dir={tmp_path / 'run'}"])
+    assert resolve_train_config(None, [f"seq_len={context}"]).seq_len == context
+
+
 def test_a_saved_config_keeps_absolute_paths_so_a_moved_run_still_finds_its_data(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     tokenizer = tmp_path / "shared" / "tokenizer.json"  # given absolute
