@@ -97,11 +97,12 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     # An apostrophe between two letters is part of a name (`o'neil@`, RFC 5322's atext; `o’neil@` as a word processor
     # writes it, RFC 6531); one before or after an address quotes it (`'ann@example.com'`). The at sign may be escaped,
     # as Perl strings and Markdown write it (`doko\@ubuntu.com` in a Debian copyright file) and Texinfo doubles it
-    # (`bug-grep@@gnu.org` in a GNU manual's source).
+    # (`bug-grep@@gnu.org` in a GNU manual's source); Japanese and Chinese pages write it fullwidth, ＠, which keeps
+    # an address from harvesters that look for @ (`tanaka＠example.co.jp`).
     apostrophe = "['\u2019]"
     local_part = (
         rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}.%+-]){letter}(?:{letter}|[{marks}.%+-])*+"
-        rf"(?:{apostrophe}{letter}(?:{letter}|[{marks}.%+-])*+)*+[\\@]?@"
+        rf"(?:{apostrophe}{letter}(?:{letter}|[{marks}.%+-])*+)*+(?:[\\@]?@|\uff20)"
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(

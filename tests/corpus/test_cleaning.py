@@ -1417,6 +1417,13 @@ def test_email_addresses_of_every_common_shape_are_replaced(text: str, scrubbed:
     assert scrub_pii(text)[0] == scrubbed
 
 
+def test_an_email_address_with_a_fullwidth_at_sign_is_replaced() -> None:
+    """Japanese and Chinese pages write ＠ to keep an address from harvesters that look for @; it was kept whole."""
+    text = "連絡先：tanaka＠example.co.jp、問い合わせはinfo＠example.jpまで。邮箱：zhang＠example.com。＠名前さん"
+    assert scrub_pii(text) == ("連絡先：<EMAIL>、問い合わせは<EMAIL>まで。邮箱：<EMAIL>。＠名前さん", {"email": 3})
+    assert scrub_pii("x＠self.weight.T") == ("x＠self.weight.T", {})
+
+
 def test_an_email_written_between_chinese_or_japanese_characters_is_scrubbed():
     for text in ("请联系zhang.san@company.com获取资料", "メールはtaro@example.jpまで"):
         scrubbed, counts = scrub_pii(text)
