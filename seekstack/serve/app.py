@@ -15,14 +15,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from importlib.metadata import version
-from importlib.resources import files
 from typing import Annotated, Any
 
 import anyio
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -33,6 +32,7 @@ from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_reque
 from seekstack.serve.adapter_routes import add_adapter_routes
 from seekstack.serve.billing import Bill
 from seekstack.serve.bridge import AsyncEngine, RequestGroup
+from seekstack.serve.chat_page import add_chat_page
 from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
 from seekstack.serve.keys import ApiKey, KeyStore, format_amount, format_duration, utc_time
@@ -85,9 +85,6 @@ CLIENT_CLOSED = 499  # nginx's status for a client that left before the response
 SERVER_STOPPED = 503
 CUT_OFF = "stopping: cut off a request still running"
 RECORDED_MODEL_CHARS = 256  # of a request's `model` in its ledger row
-# The chat page in no other site's frame, where a page laid over it could lead a user to send what it chose
-# (clickjacking): CSP's frame-ancestors for today's browsers, X-Frame-Options for older ones.
-NOT_FRAMED = {"Content-Security-Policy": "frame-ancestors 'none'", "X-Frame-Options": "DENY"}
 
 
 class EventStream(StreamingResponse):
@@ -726,7 +723,6 @@ def create_app(
                            allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"],
                            max_age=600)  # fmt: skip
     app.state.server = server
-    chat_page = files("seekstack.serve").joinpath("chat.html").read_text(encoding="utf-8")
     openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest, *TOKENIZE_REQUESTS],
                                 lambda: [card.id for card in server.models().data])  # fmt: skip
 
@@ -747,10 +743,6 @@ def create_app(
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         return internal_error(error, f"answering {request.method} {request.url.path}").response()
-
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
-    async def chat() -> HTMLResponse:
-        return HTMLResponse(chat_page, headers=NOT_FRAMED)
 
     health_answers: dict[str, Any] = {
         "response_model": Health,
@@ -842,6 +834,7 @@ def create_app(
         report = await asyncio.to_thread(server.usage_report, request, key, since, model, until)
         return JSONResponse(report.model_dump())
 
+    add_chat_page(app)  # GET /
     add_adapter_routes(app, server)  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     add_tokenize_routes(app, server)  # POST /tokenize, /detokenize
     return app

@@ -241,3 +241,24 @@ def test_the_model_picker_offers_the_base_and_each_adapter_and_the_reply_uses_th
     browser.execute_script("say({ role: 'assistant', content: 'hi' }); finish();")
     wait_for_reply(browser, 1)
     assert browser.execute_script("return window.sent[0].model") == "legal"
+
+
+def test_a_reply_shows_as_text_and_markup_that_reaches_the_page_runs_no_script(browser, page_url):
+    """A reply is set as text, never parsed as HTML; and should markup reach the page, its policy refuses its inline
+    handler (the policy was frame-ancestors alone: the handler ran, where it could have read the page's API key)."""
+    open_page(browser, page_url, HELD_STREAM_STUB)
+    browser.execute_script(
+        "window.refused = [];"
+        "document.addEventListener('securitypolicyviolation', (event) => refused.push(event.effectiveDirective));"
+    )
+    attack = '<img src="x" onerror="window.injected = 1">'
+    send(browser, attack)
+    browser.execute_script("say({ role: 'assistant', content: arguments[0] }); finish();", attack)
+    reply = wait_for_reply(browser, 1)
+    assert reply.find_element(By.CSS_SELECTOR, ".answer").text == attack
+    assert browser.find_elements(By.CSS_SELECTOR, "#log img") == []
+    browser.execute_script("$('log').insertAdjacentHTML('beforeend', arguments[0])", attack)
+    WebDriverWait(browser, 20).until(
+        lambda b: b.execute_script("return window.injected === 1 || refused.includes('script-src-attr')")
+    )
+    assert browser.execute_script("return window.injected") is None
