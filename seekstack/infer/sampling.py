@@ -93,6 +93,13 @@ class TokenConstraint(Protocol):
         ...
 
 
+NO_DISTRIBUTION = (
+    "the logits hold an infinity or NaN, which leaves no distribution to sample from: a float16 model's overflow "
+    "(run it in bfloat16 or float32), or a repetition_penalty so far from 1 (such as 1e-40) that the penalized logits "
+    "overflow float32"
+)
+
+
 class SamplingBatch:
     """The sampling settings of B rows with each row's random numbers, penalty state and token constraint; (B,) tensors
     of the settings are made only when a step needs them (an all-greedy batch needs none)."""
@@ -256,6 +263,8 @@ class SamplingBatch:
         if self.all_greedy:
             return probs.argmax(dim=-1)
         cdf = probs.float().cumsum(dim=-1)  # (B, V), unnormalised rows allowed
+        if not bool((cdf[:, -1] > 0).all()):  # NaN: the search would give every such row the last id
+            raise ValueError(NO_DISTRIBUTION)
         u = self.uniform()[:, None] * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)
         if not self.any_greedy:

@@ -281,6 +281,18 @@ def test_a_request_failed_alone_after_some_tokens_keeps_one_logprob_per_kept_tok
     assert [entry.token_id for entry in failed.logprobs] == failed.token_ids
 
 
+def test_a_request_whose_logits_overflow_fails_alone_saying_why_instead_of_writing_the_last_id(model, tokenizer):
+    """A repetition_penalty of 1e-40 sends the prompt's positive logits to +inf, as a float16 model's overflow sends
+    its own: softmax then holds NaN, and every draw gave the vocabulary's last id (511 here, each step)."""
+    target, other = prompts([8, 15])
+    sampled = SamplingParams(max_new_tokens=6, temperature=0.8, seed=1, ignore_eos=True)
+    overflowing = dataclasses.replace(sampled, repetition_penalty=1e-40)
+    failed, done = Engine(model, tokenizer).generate([target, other], [overflowing, sampled])
+    assert failed.finish_reason == "error" and failed.token_ids == []
+    assert "ValueError: the logits hold an infinity or NaN" in failed.error and "repetition_penalty" in failed.error
+    assert done.token_ids == Engine(model, tokenizer).generate([other], sampled)[0].token_ids
+
+
 def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, tokenizer):
     engine = Engine(model, tokenizer)
     too_long = prompts([engine.max_model_len + 1])[0]

@@ -186,6 +186,17 @@ def test_a_row_without_a_top_p_keeps_every_token_beside_a_row_with_one():
     assert bool((alone > 0).all()) and torch.equal(beside, alone)
 
 
+def test_logits_holding_an_infinity_leave_no_distribution_and_sampling_says_so():
+    """softmax of +inf is NaN: the draw's search then gave the last id, a speculative step's too; a greedy row still
+    takes its argmax, the infinite logit."""
+    logits = torch.tensor([[0.5, float("inf"), -1.0, 0.2], [0.5, 1.0, -1.0, 0.2]])
+    with pytest.raises(ValueError, match="the logits hold an infinity or NaN.*float16"):
+        batch_of(SamplingParams(), SamplingParams()).sample(logits)
+    with pytest.raises(ValueError, match="the logits hold an infinity or NaN"):
+        accept_drafts(batch_of(SamplingParams()), logits[:1, None].expand(1, 2, 4), torch.tensor([[1]]))
+    assert batch_of(SamplingParams(temperature=0), SamplingParams()).sample(logits)[0] == 1
+
+
 def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():
     state = PenaltyState.from_prompt([0], vocab_size=4, device=torch.device("cpu"))
     for token in (1, 1, 2):
