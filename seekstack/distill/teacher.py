@@ -80,6 +80,14 @@ class TeacherScores:
     states: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+def weights_stamp(teacher_dir: str | Path) -> str:
+    """A digest of the names, sizes and modification times of the teacher's weight files: it changes when a teacher
+    is retrained or re-exported into the same folder, whose log-probabilities a cache of the first must not serve."""
+    files = sorted(Path(teacher_dir).glob("*.safetensors"))
+    stamps = [(file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in files]
+    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+
+
 class TopKCache:
     """Top-k teacher log-probabilities of the compared positions of corpus and conversation batches on disk, one file
     per batch named by a hash of its tokens (and of its compared positions, unless it compares every one, as a corpus
@@ -88,7 +96,7 @@ class TopKCache:
 
     def __init__(self, folder: str | Path, top_k: int, teacher_dir: str | Path, teacher_dtype: str = "float32"):
         self.folder, self.top_k = Path(folder), top_k
-        info = {"teacher": str(Path(teacher_dir).resolve()), "top_k": top_k}
+        info = {"teacher": str(Path(teacher_dir).resolve()), "top_k": top_k, "weights": weights_stamp(teacher_dir)}
         if teacher_dtype != "float32":  # a float32 cache's info names no dtype, as those of earlier seekstacks
             info["teacher_dtype"] = teacher_dtype
         info_path = self.folder / CACHE_INFO_FILE
@@ -99,10 +107,13 @@ class TopKCache:
                 f"teacher_cache {self.folder}: {info_path.name} is damaged ({error}); give another folder, or empty "
                 "this one to cache again"
             ) from None
+        if "weights" not in held:  # an earlier seekstack's cache named no weights: taken for its teacher's current
+            held = {**held, "weights": info["weights"]}
         if held != info:
             raise ValueError(
                 f"teacher_cache {self.folder} holds log-probabilities of {info_path.read_text().strip()}, not of "
-                f"{json.dumps(info)}; use another folder for this teacher, cache_top_k or teacher_dtype"
+                f"{json.dumps(info)}; use another folder for this teacher (a teacher retrained or re-exported into "
+                "its folder has other weights), cache_top_k or teacher_dtype"
             )
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(info_path, json.dumps(info) + "\n")

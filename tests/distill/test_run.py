@@ -230,6 +230,21 @@ def test_teacher_scores_of_a_corpus_batch_come_from_the_top_k_cache_the_second_t
     torch.testing.assert_close(teacher.score(rows, every_position, []).logits, first)
 
 
+def test_a_teacher_cache_is_refused_for_a_teacher_rewritten_into_its_folder(workspace, tmp_path):
+    """The cache was keyed on the teacher's folder alone: a teacher re-exported there was served the first one's
+    log-probabilities without a word (its val_divergence equal to the first teacher's to 4 digits)."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(workspace["teacher"], teacher)
+    TopKCache(tmp_path / "cache", 16, teacher)
+    TopKCache(tmp_path / "cache", 16, teacher)  # the same teacher: served
+    model = load_pretrained(teacher)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    save_pretrained(model, teacher)
+    with pytest.raises(ValueError, match=r"holds log-probabilities of .*re-exported into its folder has other weights"):
+        TopKCache(tmp_path / "cache", 16, teacher)
+
+
 def test_a_teacher_of_a_context_shorter_than_seq_len_is_refused_before_anything_is_written(workspace, tmp_path):
     """It scored every position of a row all the same, the student learning its untrained predictions past its
     context (a teacher of 64 positions distilled rows of 91 tokens without a word)."""
