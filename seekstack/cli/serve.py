@@ -125,6 +125,9 @@ def serve_command(
             "task=...` or `seekstack rl`) answer with the reasoning in message.reasoning_content, as vLLM's flag"
         ),
     ] = None,
+    chat_page: Annotated[
+        bool, typer.Option(help="The chat page at / (off: / answers 404, as llama-server's --no-webui)")
+    ] = True,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
     from seekstack.serve.database import default_database_location
@@ -149,7 +152,7 @@ def serve_command(
             served_model_name=served_model_name or _run_name(ctx, model), engine=engine,
             adapters=_named_adapters(adapter or []),
             moderation_policy=moderation_policy, cors_origins=tuple(cors_origin or ()),
-            reasoning_parser=reasoning_parser,
+            reasoning_parser=reasoning_parser, chat_page=chat_page,
         )  # fmt: skip
         if max_body_bytes is not None:
             options.max_body_bytes = max_body_bytes

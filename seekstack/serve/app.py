@@ -710,11 +710,12 @@ def create_app(
     policy: Policy | None = None,
     cors_origins: tuple[str, ...] = (),
     reasoning_parser: str | None = None,
+    chat_page: bool = True,
 ) -> FastAPI:
     """The FastAPI application serving `engine`, with keys, ledger and prices in `database`; request bodies over
     `max_body_bytes` get 413; `policy` moderates prompts and generated text; web pages from `cors_origins` may
     call the API from a browser (with a key: CORS does not open the keyless mode to them); `reasoning_parser`
-    ("deepseek_r1") splits chat replies into reasoning_content and content."""
+    ("deepseek_r1") splits chat replies into reasoning_content and content; `chat_page` serves the chat page at /."""
     server = Server(engine, database, model_name, max_body_bytes, policy, reasoning_parser)
     app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if cors_origins:
@@ -834,7 +835,8 @@ def create_app(
         report = await asyncio.to_thread(server.usage_report, request, key, since, model, until)
         return JSONResponse(report.model_dump())
 
-    add_chat_page(app)  # GET /
+    if chat_page:
+        add_chat_page(app)  # GET /
     add_adapter_routes(app, server)  # POST /v1/load_lora_adapter, /v1/unload_lora_adapter
     add_tokenize_routes(app, server)  # POST /tokenize, /detokenize
     return app

@@ -46,6 +46,7 @@ class ServeOptions:
     moderation_policy: Path | None = None  # content-safety policy file (seekstack.serve.moderation)
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API from a browser
     reasoning_parser: str | None = None  # "deepseek_r1": chat replies' reasoning in reasoning_content
+    chat_page: bool = True  # the chat page at /
 
 
 def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
@@ -69,7 +70,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
     check_cache_holds_context(engine, options.engine)
     grammar_tokenizer_of(engine.tokenizer)  # JSON mode's token trie, now rather than at the first JSON request
     app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins,
-                     options.reasoning_parser)  # fmt: skip
+                     options.reasoning_parser, options.chat_page)  # fmt: skip
     name = app.state.server.model_name
     if name in options.adapters:
         raise ValueError(f"--adapter {name}=...: the name is the base model's; give the adapter another name")

@@ -7,12 +7,14 @@ import hashlib
 import re
 
 import pytest
+from typer.testing import CliRunner
 
+from seekstack.cli import app as cli
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.chat_page import inline_source
 from seekstack.serve.database import open_database
-from tests.serve.server import make_model_dir, run
+from tests.serve.server import error_of, make_model_dir, run
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +22,8 @@ def engine(tmp_path_factory) -> Engine:
     return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("page")))
 
 
-def page_of(engine: Engine, database_path):
-    app = create_app(engine, open_database(database_path))
+def page_of(engine: Engine, database_path, chat_page: bool = True):
+    app = create_app(engine, open_database(database_path), chat_page=chat_page)
 
     async def scenario(client):
         return await client.get("/")
@@ -58,3 +60,20 @@ def test_every_path_the_page_fetches_is_a_route_of_the_server(engine, tmp_path):
     assert sorted(fetched) == ["/v1/chat/completions", "/v1/models"]
     routes = {route.path for route in app.routes}
     assert set(fetched) <= routes
+
+
+def test_no_chat_page_leaves_slash_to_404_as_llama_servers_no_webui(engine, tmp_path, monkeypatch):
+    """The page could not be turned off: a server meant for API clients only still served it."""
+    _, page = page_of(engine, tmp_path / "db", chat_page=False)
+    assert error_of(page, 404)["message"] == "no route GET /"
+    built = []
+
+    def build_server(model_dir, options):
+        built.append(options)
+        raise ValueError("built")
+
+    monkeypatch.setattr("seekstack.serve.launch.build_server", build_server)
+    model_dir = str(engine.model_dir)
+    for flags, served in (([], True), (["--no-chat-page"], False)):
+        CliRunner().invoke(cli, ["serve", "--model", model_dir, "--db", str(tmp_path / "k.db"), *flags])
+        assert built.pop().chat_page is served
