@@ -64,11 +64,14 @@ TERMINAL_PUNCTUATION = tuple(
 # What may follow a sentence's end on its line without leaving the sentence open: closing parentheses (`(It rained.)`
 # ends a paragraph line; a short line ending in `)` is judged no sentence but code, `looks_like_code`), fullwidth
 # `）】》`, citation marks (`[12]`, `[3, 4]`, C4's `[edit]` and `[citation needed]`; `(Smith, 2020)`), footnote
-# superscripts (`¹`), emoji (`Done! 🎉`); not `]` or `}` (`#[link(name = "m")]` ends no sentence); read in the
-# line's last `SENTENCE_END_TAIL_CHARS` characters.
+# superscripts (`¹`), emoji (`Done! 🎉`), invisible format characters (the right-to-left and left-to-right marks
+# Hebrew and Arabic text sets after its punctuation, `שלום.\u200f`, bidi embeddings and isolates, zero-width space,
+# a byte-order mark); not `]` or `}` (`#[link(name = "m")]` ends no sentence); read in the line's last
+# `SENTENCE_END_TAIL_CHARS` characters.
 _AFTER_SENTENCE_END = re.compile(
     r"(?:\s|[)\uff09\uff3d\u3011\u3015\u3009\u300b]|\[(?:\d+(?:[,\u2013-]\s*\d+)*|edit|citation needed)\]"
-    r"|\([^()]*\b\d{4}[a-z]?\)|[\u00b9\u00b2\u00b3\u2070-\u2079]|[\u2600-\u27bf\U0001f000-\U0001faff\ufe0f\u200d])+\Z"
+    r"|\([^()]*\b\d{4}[a-z]?\)|[\u00b9\u00b2\u00b3\u2070-\u2079]|[\u2600-\u27bf\U0001f000-\U0001faff\ufe0f\u200d]"
+    r"|[\u200b\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff])+\Z"
 )
 SENTENCE_END_TAIL_CHARS = 80  # bounds the regex's work on a long line (a paragraph is one line)
 # Hard-wrapped text (man pages, READMEs, RFCs, e-mail, Project Gutenberg) is filled at 60-100 columns; its fill width

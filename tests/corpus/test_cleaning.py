@@ -270,6 +270,28 @@ def test_thai_junk_is_still_removed(text: str, rule: str) -> None:
     assert failed_rule(normalise(text), ProseRules()) == rule
 
 
+HEBREW_ARTICLE = "\n".join(  # each sentence's full stop followed by a right-to-left mark, as editors set it
+    sentence + "\u200f"
+    for sentence in [
+        "ירושלים היא העיר הגדולה ביותר בישראל ואחת הערים העתיקות בעולם.",
+        "בעיר העתיקה נמצאים מקומות קדושים ליהודים, לנוצרים ולמוסלמים.",
+        "בכל שנה מגיעים לעיר מיליוני תיירים מכל רחבי העולם.",
+        "השווקים של העיר מלאים בריחות של תבלינים, פירות טריים ולחם חם.",
+        "בחורף יורד לפעמים שלג, אבל רוב הימים בשנה חמים ויבשים.",
+        "האוניברסיטה העברית נוסדה בעיר לפני יותר ממאה שנה.",
+        "תושבי העיר מדברים עברית, ערבית, אנגלית ושפות רבות אחרות.",
+    ]
+)
+
+
+def test_hebrew_or_arabic_lines_ending_in_a_stop_then_a_direction_mark_end_sentences() -> None:
+    """A right-to-left mark after the full stop (invisible) left every line open: the article was removed by
+    terminal_line_fraction (0.0)."""
+    assert failed_rule(normalise(HEBREW_ARTICLE), ProseRules()) is None
+    for line in ("هل أنت بخير اليوم؟\u200f", "Done.\u200e", "שלום.\u202c", "Yes.\u2069"):
+        assert not fails("terminal_line_fraction", "\n".join([line] * 4), ProseRules())
+
+
 @pytest.mark.parametrize(
     "sentence",
     [
