@@ -6,6 +6,8 @@ import shutil
 
 import pytest
 
+from seekstack.serve.database import open_database
+from seekstack.serve.keys import KeyStore
 from tests.adapters.support import write_random_adapter
 from tests.serve.server import install_test_packages, make_model_dir, running_server
 
@@ -53,6 +55,15 @@ def page_url(tmp_path_factory):
         yield server.url
 
 
+@pytest.fixture(scope="module")
+def keyed_page(tmp_path_factory):
+    """The page of a server with an API key, and the key."""
+    root = tmp_path_factory.mktemp("keyed-chat")
+    key = KeyStore(open_database(root / "serve.db")).create("web")
+    with running_server(make_model_dir(root), root / "serve.db") as server:
+        yield server.url, key
+
+
 def open_page(browser, page_url: str, stub: str | None = None) -> None:
     """The page, once it has the server's models (the base chosen); then `stub` run in it."""
     browser.get(page_url)
@@ -80,6 +91,12 @@ def wait_for_reply(browser, count: int):
     reply = replies(browser)[-1]
     assert "error" not in reply.get_attribute("class"), reply.text
     return reply
+
+
+def wait_for_error(browser):
+    """The last reply once it turned into an error."""
+    WebDriverWait(browser, 60).until(lambda b: "error" in replies(b)[-1].get_attribute("class"))
+    return replies(browser)[-1]
 
 
 def test_typed_message_gets_a_streamed_reply_with_tokens_per_second(browser, page_url):
@@ -262,3 +279,25 @@ def test_a_reply_shows_as_text_and_markup_that_reaches_the_page_runs_no_script(b
         lambda b: b.execute_script("return window.injected === 1 || refused.includes('script-src-attr')")
     )
     assert browser.execute_script("return window.injected") is None
+
+
+def test_with_api_keys_the_page_sends_the_key_typed_and_keeps_it_for_the_tab_only(browser, keyed_page):
+    """The page kept the key in localStorage: on disk with no end, left to the next user of a shared browser and
+    to any page later served from the same origin (another program on the port)."""
+    url, key = keyed_page
+    browser.get(url)
+    picker = browser.find_element(By.ID, "model")
+    WebDriverWait(browser, 20).until(lambda b: "missing API key" in picker.text)
+    send(browser, "hello")
+    assert "missing API key" in wait_for_error(browser).text
+    browser.find_element(By.ID, "key").send_keys(key + "\n")
+    WebDriverWait(browser, 20).until(lambda b: picker.get_attribute("value") == "model")
+    temperature = browser.find_element(By.ID, "temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    send(browser, "hello")
+    wait_for_reply(browser, 2)
+    stored = "return [sessionStorage.getItem('seekstack-key'), localStorage.getItem('seekstack-key')]"
+    assert browser.execute_script(stored) == [key, None]
+    browser.get(url)  # a reload in the tab keeps it
+    WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").get_attribute("value") == "model")
