@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seekstack.config import MTP_LOSS_WEIGHT
+from seekstack.config import MTP_LOSS_WEIGHT, ConfigError
 from seekstack.distill.config import DistillConfig
 from seekstack.distill.features import FeatureProjections
 from seekstack.distill.losses import logit_distillation
@@ -77,7 +78,17 @@ class DistillModel(nn.Module):
         """What a resume needs besides the student's weights: the projections and the micro-batches trained."""
         return {"projections": self.projections.state_dict(), "micro_batches": self.micro_batches}
 
-    def load_training_state(self, state: dict) -> None:
+    def load_training_state(self, state: dict, folder: Path) -> None:
+        """Restore the `training_state` saved in checkpoint `folder`: a ConfigError naming feature_layers when the
+        run maps other student layers than those whose projections (and their optimizer state) the run saved."""
+        saved = sorted({int(key.split(".")[1]) for key in state["projections"]})  # keys maps.<layer>.weight
+        if saved != self.projections.student_layers:
+            raise ConfigError(
+                f": maps student layers {self.projections.student_layers}, but checkpoint {folder} holds the learned "
+                f"projections of student layers {saved} (the run's feature_layers when it saved); resume mapping "
+                f"exactly those, or start a new run from the student with init_from={folder}",
+                field="feature_layers",
+            )
         self.projections.load_state_dict(state["projections"])
         self.micro_batches = state["micro_batches"]
 

@@ -82,7 +82,7 @@ class DistillHooks:
     def restore(self, model: DistillModel, folder: Path) -> None:
         device = model.student.embed_tokens.weight.device
         model.student.load_state_dict(load_pretrained(folder, device=device).state_dict())
-        model.load_training_state(torch.load(folder / STATE_FILE, map_location=device))
+        model.load_training_state(torch.load(folder / STATE_FILE, map_location=device), folder)
 
     def training_flops(self, config: ModelConfig, positions: int, seq_len: int) -> int:
         return positions * training_flops_per_token(config, seq_len)  # the student's (the teacher's are not counted)

@@ -102,6 +102,10 @@ def test_distill_run_writes_the_student_alone_and_resumes_exactly(workspace, tmp
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_4")
     assert (tmp_path / "cut" / "checkpoints" / "step_2" / TRAIN_STATE_FILE).is_file()
+    remapped = distill_config(workspace, tmp_path / "cut", feature_layers={0: 1}, feature_weights={})
+    refusal = r"'feature_layers': maps student layers \[0\], but checkpoint .*step_2 holds the learned projections of"
+    with pytest.raises(ConfigError, match=refusal + r" student layers \[0, 1\]"):  # was: RuntimeError, Missing key(s)
+        run_distill(remapped, resume=True)
     resumed = run_distill(distill_config(workspace, tmp_path / "cut"), resume=True)
     assert resumed.losses == whole.losses[2:]  # bit for bit
     resumed_maps = torch.load(tmp_path / "cut" / "checkpoints" / "step_4" / STATE_FILE)["projections"]
