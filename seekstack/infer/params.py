@@ -75,7 +75,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: Annotated[int, Interval(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     ignore_eos: bool = False
-    skip_special_tokens: bool = False  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
+    skip_special_tokens: bool = True  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
     detokenize: bool = True  # False: outputs carry token ids only, text "" (as vLLM's), for callers that decode
 
     def __post_init__(self) -> None:

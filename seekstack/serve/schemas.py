@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticUseDefault, core_schema
 
-from seekstack.infer.params import LOGIT_BIAS_LIMIT
+from seekstack.infer.params import LOGIT_BIAS_LIMIT, SamplingParams
 from seekstack.tokenizer import template_message
 
 MAX_CHOICES = 16
@@ -118,7 +118,8 @@ class SamplingFields(StrictRequest):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: Annotated[bool, OrDefault] = False
-    skip_special_tokens: Annotated[bool, OrDefault] = True  # drop <｜User｜> and the like from the text, as vLLM does
+    # drop <｜User｜> and the like from the text, as vLLM does; the library's default, the one place it is set
+    skip_special_tokens: Annotated[bool, OrDefault] = SamplingParams.skip_special_tokens
     # generating one of these ends the choice (finish_reason "stop"), its text left out as EOS's, even with ignore_eos
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # vLLM's fields that would change the reply and that this server cannot honour: declared to be refused when set

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.tokenizer import ASSISTANT
 from tests.infer.support import VOCAB, fail_sampling_after, micro_model, model_dir
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
@@ -532,6 +533,18 @@ def test_logit_bias_bans_or_forces_tokens_of_greedy_decoding(model, tokenizer):
     assert Engine(model, tokenizer).generate([prompt], forced)[0].token_ids == [7] * GREEDY.max_new_tokens
 
 
+def test_generated_special_tokens_are_left_out_of_the_text_by_default_as_vllm_and_the_server_leave_them(
+    model, tokenizer
+):
+    """The library kept them (text '<｜Assistant｜><｜Assistant｜>...'), where vLLM and our server drop them."""
+    assistant = tokenizer.backend.token_to_id(ASSISTANT)
+    forced = SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True, logit_bias={assistant: 100})
+    [dropped] = Engine(model, tokenizer).generate([[5, 6]], forced)
+    [kept] = Engine(model, tokenizer).generate([[5, 6]], dataclasses.replace(forced, skip_special_tokens=False))
+    assert dropped.token_ids == kept.token_ids == [assistant] * 3
+    assert (dropped.text, kept.text) == ("", ASSISTANT * 3)
+
+
 @pytest.mark.parametrize(
     ("prompt", "fields", "message"),
     [
@@ -558,7 +571,7 @@ def test_logit_bias_bans_or_forces_tokens_of_greedy_decoding(model, tokenizer):
     ],
 )
 def test_bad_requests_are_refused_with_a_message_naming_the_fault(model, tokenizer, prompt, fields, message):
-    """A field out of range is refused as SamplingParams are built, a rule across fields or the engine by add_request."""
+    """A field out of range is refused as SamplingParams are built; the rest by add_request."""
     engine = Engine(model, tokenizer)
     with pytest.raises(ValueError, match=message):
         engine.add_request(prompt, SamplingParams(**fields))
