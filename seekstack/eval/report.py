@@ -35,6 +35,7 @@ from seekstack.train.plot import plot_run, read_metrics
 from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoints
 
 REPORT_FILE = "report.md"
+PAGE_SUFFIXES = (".md", ".markdown", ".html", ".txt")  # an --out named so asks for a file, not a folder
 RL_WINDOW = 10  # at most this many first and last steps averaged (a step's batch is small), as `rl-plot` smooths
 # the per-step counts of the tokens a batch source's loss is on, and how the report names them: sft's (and distill's
 # on conversations) labelled assistant tokens, rl's sampled completions (each with its EOS)
@@ -56,6 +57,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
     run_dir = Path(run_dir)
     if out_dir is not None:  # RUN itself is a run's folder, or named as no run by read_metrics
         refuse_a_file_in_the_way(out_dir, f"{REPORT_FILE} and its PNGs")
+        _refuse_a_page_name(Path(out_dir))
     for _ in range(REPORT_ATTEMPTS - 1):
         checkpoint = _newest_checkpoint(run_dir)
         try:
@@ -64,6 +66,17 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, samples
             if checkpoint is None or (checkpoint / TRAIN_STATE_FILE).is_file():
                 raise  # not a checkpoint the run deleted meanwhile
     return _write_page(run_dir, out_dir, samples, _newest_checkpoint(run_dir))
+
+
+def _refuse_a_page_name(out_dir: Path) -> None:
+    """ValueError for an out_dir named as a document (--out notes.md) that is no folder yet: it became a folder
+    notes.md/ holding report.md. The page's PNGs have fixed names, so a page written as notes.md would overwrite
+    another page's curves.png beside it: a folder is asked for instead."""
+    if out_dir.suffix.lower() in PAGE_SUFFIXES and not out_dir.is_dir():
+        raise ValueError(
+            f"--out {out_dir}: names a {out_dir.suffix} file, but --out is the folder {REPORT_FILE} and its PNGs "
+            f"(curves.png) are written into; give a folder, e.g. --out {out_dir.with_suffix('')} (nothing was written)"
+        )
 
 
 def _newest_checkpoint(run_dir: Path) -> Path | None:

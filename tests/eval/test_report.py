@@ -79,6 +79,14 @@ def test_report_is_one_page_with_every_section_and_its_png(small_run):
     assert "26 train / 4 val" in page
 
 
+def test_report_out_named_as_a_markdown_file_is_refused_before_anything_is_written(tmp_path):
+    """`report RUN --out notes.md` made a folder notes.md/ holding report.md and curves.png."""
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "notes.md")])
+    assert result.exit_code == 1
+    assert "notes.md: names a .md file, but --out is the folder report.md and its PNGs" in result.output
+    assert f"give a folder, e.g. --out {tmp_path / 'notes'}" in result.output and not (tmp_path / "notes.md").exists()
+
+
 @pytest.mark.parametrize("backend", ["seekstack", "hf"])
 def test_eval_runs_either_backend_on_the_device_asked_for_or_the_cpu_without_cuda(backend, tmp_path, monkeypatch):
     import lm_eval
