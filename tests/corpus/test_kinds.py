@@ -153,6 +153,25 @@ def test_detect_kind_and_language(text: str, expected: DetectedKind) -> None:
     assert detect_kind(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "lang"),
+    [
+        ("Музей откроет свои двери завтра для выставки, посвящённой художникам Севера. " * 3, "und-Cyrl"),
+        ("يفتح المتحف أبوابه غدا لمعرض مخصص لرسامي الشمال، ويستمر المعرض شهرين كاملين. " * 3, "und-Arab"),
+        ("המוזיאון ייפתח מחר לתערוכה המוקדשת לציירי הצפון, והיא תימשך חודשיים. " * 3, "und-Hebr"),
+        ("संग्रहालय कल उत्तर के चित्रकारों को समर्पित एक प्रदर्शनी के लिए खुलेगा। " * 3, "und-Deva"),
+        ("พิพิธภัณฑ์จะเปิดพรุ่งนี้สำหรับนิทรรศการจิตรกรภาคเหนือ " * 3, "und-Thai"),
+        ("Το μουσείο ανοίγει αύριο τις πόρτες του για μια έκθεση ζωγράφων του Βορρά. " * 3, "und-Grek"),
+        ("Das Museum öffnet morgen seine Türen für eine Ausstellung über die Maler des Nordens. " * 3, "und"),
+        ("Müzenin kapıları yarın Kuzey ressamlarına adanmış bir sergi için açılıyor. " * 3, "und"),
+    ],
+)
+def test_prose_of_no_detected_language_is_labelled_with_its_script(text: str, lang: str) -> None:
+    """BCP 47's undetermined language in the ISO 15924 script of most of its letters: the report counted Russian,
+    Arabic, Hebrew, Hindi, Thai and Greek prose, with German and Turkish, as one `prose/und`."""
+    assert detect_kind(text) == DetectedKind("prose", lang)
+
+
 def test_chinese_tutorial_with_code_listing_is_cjk() -> None:
     listing = 'fn main() {\n    let x = 5;\n    println!("{}", x);\n}\n'
     assert detect_kind(CHINESE_ARTICLE[:200] + "\n" + listing + CHINESE_ARTICLE[200:]).kind == "cjk"
