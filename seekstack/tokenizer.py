@@ -45,9 +45,9 @@ TOOL_CALL_BEGIN, TOOL_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁call
 TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
 TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
 TOOL_SEP = "<｜tool▁sep｜>"
-# DeepSeek-V3's tool-call tokens in the order of its ids (128806..128814); ids 5..13 in a trained tokenizer. Refused in
-# chat content like the special tokens, but kept in a reply's text by skip_special_tokens (a release lists them
-# "special": false), so that the server's tool-call parser reads them.
+# DeepSeek-V3's tool-call tokens in the order of its ids (128806..128814); ids 5..13 in a trained tokenizer. Special
+# tokens here (refused in chat content, skipped by skip_special_tokens); the server keeps them in a reply to a request
+# offering tools, for its tool-call parser, as vLLM's tool parsers turn skip_special_tokens off.
 TOOL_TOKENS = (
     TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
     TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_SEP,
@@ -238,13 +238,13 @@ class Tokenizer:
         # DeepSeek-V2 releases have no pad token and pad with EOS, as their tokenizer_config does.
         pad_id = backend.token_to_id(PAD)
         self.pad_id = self.eos_id if pad_id is None else pad_id
-        # Refused in chat content and (but the tool-call tokens, which the tool-call parser reads) skipped by
-        # skip_special_tokens: the added tokens flagged special, and seekstack's own by name, which releases such as
-        # DeepSeek-R1-Distill's list with "special": false.
+        # Refused in chat content and skipped by skip_special_tokens: the added tokens flagged special, and seekstack's
+        # own (the tool-call tokens too) by name, which releases such as DeepSeek-R1-Distill's list with "special":
+        # false.
         flagged = {token.content for token in backend.get_added_tokens_decoder().values() if token.special}
         own = (*SPECIAL_TOKENS, *TOOL_TOKENS)
         self.special_tokens = flagged | {token for token in own if backend.token_to_id(token) is not None}
-        self.special_ids = frozenset(backend.token_to_id(t) for t in self.special_tokens if t not in TOOL_TOKENS)
+        self.special_ids = frozenset(backend.token_to_id(token) for token in self.special_tokens)
         self.has_tool_tokens = all(backend.token_to_id(token) is not None for token in TOOL_TOKENS)
         self._misread_added = _misread_added_tokens(backend)
 

@@ -108,19 +108,19 @@ def test_jinja_chat_template_renders_tools_and_tool_turns_as_render_chat(trained
     assert tokenizer.render_chat(as_objects, tools=[WEATHER]) == expected
 
 
-def test_trained_tokenizer_has_deepseek_tool_tokens_as_single_ids_kept_in_replies(trained):
+def test_trained_tokenizer_has_deepseek_tool_tokens_as_single_special_ids(trained):
     tokenizer, _ = trained
     assert [tokenizer.backend.token_to_id(t) for t in (*SPECIAL_TOKENS, *TOOL_TOKENS)] == list(range(14))
     ids = tokenizer.encode_chat([*ASK, CALLS])
     assert all(ids.count(tokenizer.backend.token_to_id(token)) for token in TOOL_TOKENS[:4] + TOOL_TOKENS[-1:])
-    reply = tokenizer.encode(TOOL_CALLS_BEGIN + "x")
-    assert tokenizer.decode(t for t in reply if t not in tokenizer.special_ids) == TOOL_CALLS_BEGIN + "x"
+    assert tokenizer.special_ids == set(range(14))  # skip_special_tokens skips them
 
 
 @pytest.mark.parametrize(
     ("messages", "tools", "error"),
     [
-        ([{"role": "user", "content": f"hi {TOOL_CALLS_BEGIN}"}], None, "chat message 0 content contains the special token"),
+        ([{"role": "user", "content": f"hi {TOOL_CALLS_BEGIN}"}], None,
+         "chat message 0 content contains the special token"),
         ([{"role": "assistant", "content": None, "tool_calls": [
             {"type": "function", "function": {"name": "f", "arguments": f"{{\"a\": \"{TOOL_OUTPUTS_END}\"}}"}}]}],
          None, r"chat message 0 tool_calls\[0\] contains the special token"),

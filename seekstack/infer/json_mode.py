@@ -81,7 +81,29 @@ class JsonConstraint:
         return self.matcher.is_stopped() and not self.matcher.is_error()
 
 
-class JsonFormat:
+class GrammarFormat:
+    """Output held to a Lark grammar of llguidance's (`%json {schema}` in it for JSON of a schema), compiled for one
+    tokenizer; `constraint()` gives each generation its own state."""
+
+    def __init__(self, tokenizer: Tokenizer, lark: str):
+        """InvalidSchema saying why when the grammar cannot be enforced (a schema in it llguidance refuses)."""
+        self.vocab_size = tokenizer.vocab_size
+        grammar_tokenizer = grammar_tokenizer_of(tokenizer)
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        except ValueError as error:
+            raise InvalidSchema(f"not a JSON Schema: {' '.join(str(error).split())[:MAX_MESSAGE_CHARS]}") from None
+        problem = llguidance.LLMatcher.validate_grammar(grammar, grammar_tokenizer)
+        if problem:
+            raise InvalidSchema(f"JSON Schema not supported: {' '.join(problem.split())[:MAX_MESSAGE_CHARS]}")
+        self.matcher = llguidance.LLMatcher(grammar_tokenizer, grammar, log_level=0)
+
+    def constraint(self) -> JsonConstraint:
+        """A fresh grammar state, at the start of the output."""
+        return JsonConstraint(self.matcher.deep_copy(), self.vocab_size)
+
+
+class JsonFormat(GrammarFormat):
     """A response format compiled for one tokenizer; `constraint()` gives each generation its own state."""
 
     def __init__(
@@ -125,10 +147,6 @@ class JsonFormat:
             answer = json.loads(grammar)["grammars"][0]["json_schema"]  # the schema, LAYOUT in its x-guidance
             grammar = llguidance.LLMatcher.grammar_from_lark(after_reasoning(answer, reasoning_start))
             self.matcher = llguidance.LLMatcher(grammar_tokenizer, grammar, log_level=0)
-
-    def constraint(self) -> JsonConstraint:
-        """A fresh grammar state, at the start of the value."""
-        return JsonConstraint(self.matcher.deep_copy(), self.vocab_size)
 
 
 def _integer_beyond_64_bits(value: Any, where: str = "schema") -> tuple[str, int] | None:

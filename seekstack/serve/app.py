@@ -78,6 +78,7 @@ from seekstack.serve.schemas import (
     UsageReport,
 )
 from seekstack.serve.tokenize_routes import TOKENIZE_REQUESTS, add_tokenize_routes
+from seekstack.serve.tool_calls import ToolCallParser, forced_calls_format, message_with_calls
 
 log = logging.getLogger("seekstack.serve")
 CLIENT_CLOSED = 499  # nginx's status for a client that left before the response ended
@@ -247,7 +248,9 @@ class Server:
             refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)
             parsed = self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest)  # R1 replies
             start = given_start(body, self.engine.tokenizer) if parsed else None  # the answer follows the reasoning
-            output_format = await asyncio.to_thread(json_format, body, self.engine, start)  # compiles a grammar
+            forced = isinstance(body, ChatCompletionRequest) and body.tools  # tool_choice may force tool calls
+            calls_format = await asyncio.to_thread(forced_calls_format, body, self.engine) if forced else None
+            output_format = calls_format or await asyncio.to_thread(json_format, body, self.engine, start)  # grammars
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n
             categories = self.safety.categories_for(bill.key)
@@ -436,6 +439,9 @@ class Server:
         if splits is not None:
             messages = [split.message(text) for split, text in zip(splits, texts, strict=True)]
             bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
+        if is_chat and body.offered_tools():
+            for i, message in enumerate(messages):
+                messages[i], finish_reasons[i] = message_with_calls(message, finish_reasons[i])
         common = dict(id=response_id, created=int(time.time()), model=bill.model, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
@@ -477,6 +483,7 @@ class Server:
         text_offsets = [0] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
+        parsers = [ToolCallParser() for _ in range(n)] if is_chat and body.offered_tools() else None
         options = body.stream_options
         continuous = options is not None and options.include_usage and options.continuous_usage_stats  # as vLLM
         try:
@@ -503,6 +510,8 @@ class Server:
                     if splits is not None:
                         reasoning, content = splits[index].push(text, final=finish_reason is not None)
                         delta = ChatDelta(reasoning_content=reasoning or None, content=content or None)
+                    if parsers is not None:
+                        delta, finish_reason = parsers[index].delta(delta, finish_reason)
                     choice = ChatChunkChoice(
                         index=index,
                         delta=delta,

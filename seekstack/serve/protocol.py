@@ -30,14 +30,11 @@ if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
 
 MAX_ENGINE_REQUESTS = 64  # generations one API request may start (prompts x choices)
-NO_TOOLS = "this model does not call tools (functions)"
+NO_FUNCTIONS = "functions and function_call are OpenAI's deprecated forms of tools and tool_choice: send those"
 # Chat fields declared only to be refused when set (schemas.ChatCompletionRequest): why this server cannot honour each
 REFUSED_CHAT_FIELDS = {
-    "tools": NO_TOOLS,
-    "tool_choice": NO_TOOLS,
-    "parallel_tool_calls": NO_TOOLS,
-    "functions": NO_TOOLS,
-    "function_call": NO_TOOLS,
+    "functions": NO_FUNCTIONS,
+    "function_call": NO_FUNCTIONS,
     "audio": "this model reads and writes text only",
     "modalities": "this model writes text only",
     "web_search_options": "this server does not search the web",
@@ -81,7 +78,7 @@ REFUSED_VLLM_CHAT_FIELDS = {
     "add_special_tokens": "the chat template places the special tokens the model was trained with; none are added",
 }
 ASKING_NOTHING = {  # what is done anyway
-    "tool_choice": "none", "function_call": "none", "modalities": ["text"], "min_tokens": 0, "use_beam_search": False,
+    "function_call": "none", "modalities": ["text"], "min_tokens": 0, "use_beam_search": False,
     "include_stop_str_in_output": False, "chat_template_kwargs": {}, "add_generation_prompt": True,
     "continue_final_message": False, "echo": False, "return_tokens_as_token_ids": False, "return_token_ids": False,
     "add_special_tokens": False,
@@ -95,11 +92,11 @@ def completion_prompts(request: CompletionRequest) -> list[str | list[int]]:
 
 
 def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
-    """Each prompt's token ids: the chat template for chat (its last message left open for the model to continue
-    when it is a `prefix`, DeepSeek's chat prefix completion), each text (framed with the tokenizer's special tokens
-    unless `add_special_tokens` is false) or the ids as given for completions; 400
-    for token ids (of a prompt, `logit_bias` or `stop_token_ids`) outside the vocabulary, and for a prefix that is not
-    the last message, an assistant's."""
+    """Each prompt's token ids: the chat template for chat (with the tools offered; its last message left open for
+    the model to continue when it is a `prefix`, DeepSeek's chat prefix completion), each text (framed with the
+    tokenizer's special tokens unless `add_special_tokens` is false) or the ids as given for completions; 400 for
+    tools a tokenizer without the tool-call tokens cannot offer, for token ids (of a prompt, `logit_bias` or
+    `stop_token_ids`) outside the vocabulary, and for a prefix that is not the last message, an assistant's."""
     refuse_outside_vocabulary(request.logit_bias or (), tokenizer, "logit_bias")
     refuse_outside_vocabulary(request.stop_token_ids or (), tokenizer, "stop_token_ids")
     if isinstance(request, ChatCompletionRequest):
@@ -109,8 +106,13 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
                 raise APIError(400, f"messages.{position}.prefix: only the last message, an assistant's, can be a "
                                "prefix for the model to continue", param=f"messages.{position}.prefix")  # fmt: skip
         messages = [message.template() for message in request.messages]
+        tools = request.offered_tools()
+        if tools and not (tokenizer.has_role_tokens and tokenizer.has_tool_tokens):
+            raise APIError(400, "this model's tokenizer has no DeepSeek-V3 tool-call tokens, so the model cannot be "
+                           'offered tools: send the request without tools (or with tool_choice "none")',
+                           param="tools", code="unsupported_parameter")  # fmt: skip
         try:
-            return [tokenizer.encode_chat(messages, continue_final_message=request.messages[last].prefix)]
+            return [tokenizer.encode_chat(messages, continue_final_message=request.messages[last].prefix, tools=tools)]
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from None
     prompts = []
@@ -136,7 +138,7 @@ def refuse_outside_vocabulary(token_ids: Iterable[int], tokenizer: Tokenizer, pa
 
 
 def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
-    """400 in OpenAI's shape for what this server reads but cannot do: tools, audio, web search and the other
+    """400 in OpenAI's shape for what this server reads but cannot do: audio, web search and the other
     `REFUSED_CHAT_FIELDS`, vLLM's `REFUSED_VLLM_FIELDS` (guided decoding, beam search, min_tokens, ...), suffix, echo
     with logprobs, best_of below n or with a stream; and for stream_options without a stream (as OpenAI and vLLM
     refuse it)."""
@@ -149,13 +151,8 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
                        code="invalid_value")  # fmt: skip
     is_chat = isinstance(request, ChatCompletionRequest)
     refused = {**REFUSED_VLLM_FIELDS, **(REFUSED_CHAT_FIELDS | REFUSED_VLLM_CHAT_FIELDS if is_chat else {})}
-    # tools offered with tool_choice "none" (agent frameworks send their tools on every call): the reply is text, as
-    # OpenAI's; the tool list is not rendered, as vLLM's --exclude-tools-when-tool-choice-none
-    tools_not_to_call = is_chat and request.tool_choice == "none"
     for param, reason in refused.items():
         value = getattr(request, param)
-        if param in ("tools", "parallel_tool_calls") and tools_not_to_call:
-            continue
         if value not in (None, [], ASKING_NOTHING.get(param)):
             raise unsupported(param, f"{reason}: send the request without {param}")
     if is_chat:
@@ -294,7 +291,8 @@ def sampling_params(
                 logprobs=logprobs or ranked,
                 top_logprobs=top_logprobs,
                 ignore_eos=request.ignore_eos,
-                skip_special_tokens=request.skip_special_tokens,
+                # the tool-call tokens stay in the text for the tool-call parser, as vLLM's tool parsers keep them
+                skip_special_tokens=request.skip_special_tokens and not (is_chat and request.offered_tools()),
             )
             choices.append(params.validate())
         except ValueError as error:

@@ -9,6 +9,7 @@ fields that would change the reply and that this server cannot honour are declar
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -146,6 +147,53 @@ class TextPart(StrictRequest):
     text: str
 
 
+class CalledFunction(StrictRequest):
+    name: str
+    arguments: str  # a JSON object's text, as the model wrote it
+
+
+class ToolCallRequest(StrictRequest):
+    """An assistant's tool call in a replayed history, as OpenAI returned it."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for a function's name
+
+
+class FunctionDefinition(StrictRequest):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of an object; none: the function takes no arguments
+    strict: bool | None = None  # the arguments are held to the schema only when the tool choice forces a call
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        if parameters is not None and parameters.get("type") != "object":
+            raise ValueError(f'must be a JSON Schema of "type": "object" (the arguments are a JSON object), got '
+                             f'"type": {json.dumps(parameters.get("type"))}')  # fmt: skip
+        return parameters
+
+
+class Tool(StrictRequest):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictRequest):
+    name: str
+
+
+class NamedToolChoice(StrictRequest):
+    """A tool_choice that forces a call of one function."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(StrictRequest):
     model_config = ConfigDict(
         json_schema_extra={  # as `_null_only_from_the_assistant` reads it
@@ -153,18 +201,27 @@ class ChatMessage(StrictRequest):
             "else": {"properties": {"content": {"not": {"type": "null"}}}},
         }
     )
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None  # null only in an assistant turn (a replayed history), read as ""
-    tool_calls: Any = None  # an assistant turn's calls in a replayed history: refused, as tools are
-    function_call: Any = None
+    tool_calls: list[ToolCallRequest] | None = None  # an assistant turn's calls, replayed
+    tool_call_id: str | None = None  # a tool result's call (the chat template does not write it, as DeepSeek's)
+    function_call: Any = None  # OpenAI's deprecated form of a call: refused
     # DeepSeek's chat prefix completion: the last message, an assistant's, starts the reply; the model continues it
     prefix: Annotated[bool, OrDefault] = False
 
-    @field_validator("tool_calls", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_calls_to_replay(cls, calls: Any) -> None:
-        if calls is not None:
-            raise ValueError("this model does not call tools (functions): a history holding tool calls cannot be read")
+    def _no_legacy_call(cls, call: Any) -> None:
+        if call is not None:
+            raise ValueError("function_call is OpenAI's deprecated form of a tool call: replay it as tool_calls")
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_from_the_assistant(cls, calls: list | None, info: ValidationInfo) -> list | None:
+        if calls is not None and info.data.get("role") != "assistant":
+            raise ValueError(f"a {info.data.get('role')} message has no tool_calls: only an assistant message calls "
+                             "tools")  # fmt: skip
+        return calls
 
     @field_validator("content")
     @classmethod
@@ -175,8 +232,11 @@ class ChatMessage(StrictRequest):
         return content
 
     def template(self) -> dict:
-        """The message as the chat template reads it (`Tokenizer.render_chat`): role and content only."""
-        return self.model_dump(include={"role", "content"})
+        """The message as the chat template reads it (`Tokenizer.render_chat`): role, content and tool calls."""
+        message = self.model_dump(include={"role", "content"})
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return message
 
     def text(self) -> str:
         """The content as the chat template reads it: text parts joined by newlines, null as empty."""
@@ -189,11 +249,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: Annotated[bool, OrDefault] = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None  # the functions the model may call, listed in its prompt (but with "none")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: "auto" with tools
+    parallel_tool_calls: Annotated[bool, OrDefault] = True  # false: a forced choice makes one call
     # OpenAI's fields that would change the reply and that this server cannot honour: declared to be refused when
     # set (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # "none" accepted
-    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None  # "none" accepted
     audio: dict[str, Any] | None = None
@@ -207,6 +267,34 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool | None = None  # false accepted
     echo: bool | None = None  # false accepted
     add_special_tokens: bool | None = None  # false accepted: the chat template holds the special tokens
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or []]
+        twice = next((name for position, name in enumerate(names) if name in names[:position]), None)
+        if twice is not None:
+            raise ValueError(f"two tools are named {twice!r}: a call names its function, so each name must be unique")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _a_choice_among_the_tools(cls, choice: Any, info: ValidationInfo) -> Any:
+        names = [tool.function.name for tool in info.data.get("tools") or []]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            offered = ", ".join(repr(name) for name in names) or "none"
+            raise ValueError(f"names the function {choice.function.name!r}, which is not among the tools (offered: "
+                             f"{offered})")  # fmt: skip
+        if choice == "required" and not names:
+            raise ValueError('"required" needs tools to call: send them in tools')
+        return choice
+
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the model may call, as the chat template lists them; None with tool_choice "none" (the reply is
+        text, and the tools are left out of the prompt, as vLLM's --exclude-tools-when-tool-choice-none)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
 
 class CompletionRequest(SamplingFields):
@@ -305,14 +393,46 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object's text, as OpenAI gives it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None  # in a call's first delta
+    arguments: str = ""  # the next piece of the arguments' text
+
+
+class ToolCallDelta(BaseModel):
+    """What a chunk adds to the call at `index`: its first delta carries its id, type and name, as OpenAI streams it."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, serialize) -> dict:
+        serialized = {name: value for name, value in serialize(self).items() if value is not None}
+        serialized["function"] = {name: value for name, value in serialized["function"].items() if value is not None}
+        return serialized
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null when the reply is tool calls alone, as OpenAI's
     reasoning_content: str | None = None  # with a reasoning parser: the reply's reasoning, left out otherwise
+    tool_calls: list[ToolCall] | None = None  # the calls the reply makes, left out when it makes none
 
     @model_serializer(mode="wrap")
     def _reasoning_when_parsed(self, serialize):  # no return type: the schema stays the fields'
-        return _left_out_when_none(serialize(self), "reasoning_content")
+        return _left_out_when_none(_left_out_when_none(serialize(self), "reasoning_content"), "tool_calls")
 
 
 class ChatChoice(BaseModel):
@@ -337,6 +457,7 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None  # with a reasoning parser: the reasoning, before the content
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, serialize) -> dict:

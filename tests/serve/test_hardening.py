@@ -800,7 +800,7 @@ def test_echo_best_of_and_the_refused_fields_of_openai(engine, tmp_path):
     totals = [sum(choice["logprobs"]["token_logprobs"]) for choice in best["choices"]]
     assert totals == sorted(totals, reverse=True)  # the likeliest first
     for name, param in (("best_of < n", "best_of"), ("best_of stream", "best_of"), ("suffix", "suffix"),
-                        ("tools", "tools"), ("top_logprobs", "top_logprobs")):  # fmt: skip
+                        ("tools", "tools.0.function"), ("top_logprobs", "top_logprobs")):  # fmt: skip
         assert error_of(answers[name], 400)["param"] == param, name
     assert answers["text"].status_code == 200
 
@@ -975,7 +975,8 @@ def test_completion_top_logprobs_hold_the_sampled_token_also_outside_the_top(eng
         token = engine.tokenizer.decode([forced])
         assert logprobs["tokens"] == [token] * 4
         for top, logprob in zip(logprobs["top_logprobs"], logprobs["token_logprobs"], strict=True):
-            assert len(top) == k + 1 and top[token] == logprob  # not among the k likeliest, listed after them
+            assert list(top)[-1] == token and top[token] == logprob  # not among the k likeliest, listed after them
+            assert len(top) == k + 1 or "\ufffd" in top  # partial UTF-8 alternatives print alike: one entry
 
 
 def token_texts(choice: dict) -> list[str]:

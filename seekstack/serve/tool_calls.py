@@ -1,0 +1,186 @@
+"""Tool calls in chat replies, in DeepSeek-V3's format, as vLLM's `--tool-call-parser deepseek_v3` reads them:
+
+  content <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGUMENTS
+  \\n```<｜tool▁call▁end｜>\\n<｜tool▁call▁begin｜>...<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+
+`ToolCallParser` splits a reply, pushed piece by piece (a stream's deltas, or a whole reply at once), into its content
+and its calls, released as OpenAI streams them: a call's first delta carries its id, type and name, the next ones
+pieces of its arguments. The markers never reach the content; text after the calls (the EOS) is dropped.
+`forced_calls_format` is the grammar a `tool_choice` of "required" or a named function decodes under, as vLLM's
+guided decoding holds it: the reply is calls of the offered functions, each's arguments JSON of its parameters' schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from seekstack.infer.json_mode import LAYOUT, GrammarFormat, InvalidSchema, JsonFormat
+from seekstack.serve.errors import APIError
+from seekstack.serve.schemas import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    ChatDelta,
+    FunctionCall,
+    FunctionCallDelta,
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
+)
+from seekstack.tokenizer import (
+    TOOL_CALL_BEGIN,
+    TOOL_CALL_END,
+    TOOL_CALLS_BEGIN,
+    TOOL_CALLS_END,
+    TOOL_SEP,
+    Tokenizer,
+)
+
+if TYPE_CHECKING:
+    from seekstack.infer.engine import Engine
+
+CALL_HEAD = re.compile(rf"(?s)(?P<type>.*?){TOOL_SEP}(?P<name>.*?)\n```json\n")  # after <｜tool▁call▁begin｜>
+ARGUMENTS_END = "\n```" + TOOL_CALL_END
+
+
+def new_call_id() -> str:
+    """An id for a call the model made, in OpenAI's form (call_ and 24 characters)."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that is the start of `marker` (held back: the marker may follow)."""
+    return next((size for size in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:size])), 0)
+
+
+class ToolCallParser:
+    """One choice's reply, pushed piece by piece, released as content and tool-call deltas."""
+
+    def __init__(self) -> None:
+        self.part = "content"  # "content", "calls" (between calls), "head" (type and name), "arguments", "done"
+        self.held = ""  # text received and not yet released
+        self.calls: list[ToolCall] = []  # the calls begun, their arguments so far
+        self.complete_calls = 0  # of `calls`, those whose arguments ended
+
+    def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCallDelta]]:
+        """The content and the call deltas (one per call it touches) that `text`, the reply's next piece, releases;
+        `final`: the reply ended (held text that was no marker is released as content)."""
+        self.held += text
+        content, deltas = "", {}
+        while True:
+            if self.part == "content":
+                begin = self.held.find(TOOL_CALLS_BEGIN)
+                shown = len(self.held) - (0 if final else _partial_suffix(self.held, TOOL_CALLS_BEGIN))
+                content += self.held[: shown if begin < 0 else begin]
+                if begin < 0:
+                    self.held = self.held[shown:]
+                    break
+                self.held, self.part = self.held[begin + len(TOOL_CALLS_BEGIN) :], "calls"
+            elif self.part == "calls":
+                begin, end = self.held.find(TOOL_CALL_BEGIN), self.held.find(TOOL_CALLS_END)
+                if end >= 0 and (begin < 0 or end < begin):
+                    self.part, self.held = "done", ""
+                if begin < 0 or self.part == "done":
+                    break
+                self.held, self.part = self.held[begin + len(TOOL_CALL_BEGIN) :], "head"
+            elif self.part == "head":
+                head = CALL_HEAD.match(self.held)
+                if head is None:
+                    break
+                call = ToolCall(id=new_call_id(), function=FunctionCall(name=head["name"].strip(), arguments=""))
+                self.calls.append(call)
+                index = len(self.calls) - 1
+                deltas[index] = ToolCallDelta(index=index, id=call.id, type="function",
+                                              function=FunctionCallDelta(name=call.function.name))  # fmt: skip
+                self.held, self.part = self.held[head.end() :], "arguments"
+            elif self.part == "arguments":
+                end = self.held.find(ARGUMENTS_END)
+                size = end if end >= 0 else len(self.held) - _partial_suffix(self.held, ARGUMENTS_END)
+                piece = self.held[:size]
+                self.held = self.held[size + len(ARGUMENTS_END) :] if end >= 0 else self.held[size:]
+                index = len(self.calls) - 1
+                self.calls[index].function.arguments += piece
+                if piece:
+                    delta = deltas.setdefault(index, ToolCallDelta(index=index, function=FunctionCallDelta()))
+                    delta.function.arguments += piece
+                if end < 0:
+                    break
+                self.complete_calls, self.part = len(self.calls), "calls"
+            else:  # "done": what follows the calls is not the reply's
+                self.held = ""
+                break
+        return content, list(deltas.values())
+
+    def delta(self, delta: ChatDelta, finish_reason: str | None) -> tuple[ChatDelta, str | None]:
+        """A stream chunk's `delta` with the calls in its content parsed out (`push`), and its `finish_reason`:
+        "tool_calls" where a reply that made calls ended on its own."""
+        content, calls = self.push(delta.content or "", final=finish_reason is not None)
+        parsed = delta.model_copy(update={"content": content or None, "tool_calls": calls or None})
+        return parsed, "tool_calls" if finish_reason == "stop" and self.complete_calls else finish_reason
+
+
+def message_with_calls(message: AssistantMessage, finish_reason: str | None) -> tuple[AssistantMessage, str | None]:
+    """A whole reply's `message` with the calls in its content parsed out (`ToolCallParser`): its content null when the
+    reply is calls alone, and its `finish_reason` "tool_calls" where it made calls and ended on its own. A call cut
+    short (by max_tokens) is left out, as vLLM's parser leaves it."""
+    parser = ToolCallParser()
+    content, _ = parser.push(message.content or "", final=True)
+    calls = parser.calls[: parser.complete_calls]
+    if not calls:
+        return message.model_copy(update={"content": content}), finish_reason
+    called = message.model_copy(update={"content": content or None, "tool_calls": calls})
+    return called, "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def forced_calls_format(request: ChatCompletionRequest, engine: Engine) -> GrammarFormat | None:
+    """The grammar a request's `tool_choice` holds the reply to: one call of the named function (as vLLM's), or with
+    "required" calls of any offered (one, with parallel_tool_calls false); None when the model may answer in text.
+    400 naming the tool whose parameters' schema cannot be enforced, or tool_choice beside a response_format (one
+    reply, one grammar)."""
+    choice = request.tool_choice
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if not forced or not engine.tokenizer.has_tool_tokens:  # without them the tools are refused (prompt_ids)
+        return None
+    if request.response_format is not None and request.response_format.type != "text":
+        raise APIError(400, "tool_choice forces a tool call, which response_format would hold to its JSON too: send "
+                       "one of them", param="tool_choice", code="unsupported_parameter")  # fmt: skip
+    tokenizer = engine.tokenizer
+    tools = [tool for tool in request.tools if choice == "required" or tool.function.name == choice.function.name]
+    try:
+        parallel = choice == "required" and request.parallel_tool_calls
+        return GrammarFormat(tokenizer, _calls_grammar(tokenizer, tools, parallel))
+    except InvalidSchema as error:
+        for position, tool in enumerate(request.tools):
+            try:
+                JsonFormat(tokenizer, _arguments_schema(tool.function.parameters))
+            except InvalidSchema as refused:
+                raise APIError(400, str(refused), param=f"tools.{position}.function.parameters",
+                               code="invalid_schema") from None  # fmt: skip
+        raise APIError(400, str(error), param="tools", code="invalid_schema") from None
+
+
+def _arguments_schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """A function's parameters' schema as its arguments are held to it: any object when it has none, laid out as
+    JSON mode lays out JSON (`LAYOUT`, unless the schema's own x-guidance says otherwise)."""
+    schema = parameters or {"type": "object"}
+    return {**schema, "x-guidance": {**LAYOUT, **schema.get("x-guidance", {})}}
+
+
+def _calls_grammar(tokenizer: Tokenizer, tools: list, parallel: bool) -> str:
+    """A Lark grammar (llguidance's) of a reply that is calls of `tools` in DeepSeek-V3's format: one, or with
+    `parallel` one or more a newline apart. The markers are named by their token ids, as the model writes them."""
+    token = {marker: f"<[{tokenizer.backend.token_to_id(marker)}]>" for marker in
+             (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)}  # fmt: skip
+    functions = " | ".join(f"function_{position}" for position in range(len(tools)))
+    more = '("\\n" call)*' if parallel else ""  # Lark: a newline, then another call, any number of times
+    rules = [
+        f"start: {token[TOOL_CALLS_BEGIN]} call {more} {token[TOOL_CALLS_END]}",
+        f'call: {token[TOOL_CALL_BEGIN]} "function" {token[TOOL_SEP]} ({functions}) "\\n```" {token[TOOL_CALL_END]}',
+    ]
+    for position, tool in enumerate(tools):
+        name = tool.function.name  # OpenAI's names: letters, digits, _ and -, nothing to escape
+        rules.append(f'function_{position}: "{name}\\n```json\\n" arguments_{position}')
+        rules.append(f"arguments_{position}: %json {json.dumps(_arguments_schema(tool.function.parameters))}")
+    return "\n".join(rules)

@@ -1,0 +1,187 @@
+"""Tool calling through the official `openai` client, as vLLM's `--enable-auto-tool-choice --tool-call-parser
+deepseek_v3` serves it: a tool_choice that forces a call decodes under the calls' grammar (the model has random
+weights: every call that parses is the grammar's doing), the reply's `message.tool_calls` and its streamed deltas,
+tool results replayed into the prompt in DeepSeek-V3's format, and bad tools refused naming the field.
+
+In process: the `openai` client over the app's ASGI interface, its engine thread running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
+from seekstack.serve.database import open_database
+from seekstack.serve.schemas import AssistantMessage
+from seekstack.serve.tool_calls import ToolCallParser, message_with_calls
+from seekstack.tokenizer import BOS, TOOL_CALLS_BEGIN, TOOL_OUTPUTS_END, tool_call_text, tools_prompt
+from tests.serve.server import error_of, make_model_dir, run, serving
+
+MOVE = {
+    "type": "function",
+    "function": {
+        "name": "move",
+        "description": "Move the robot",
+        "parameters": {
+            "type": "object",
+            "properties": {"steps": {"type": "integer", "minimum": 0, "maximum": 99}, "way": {"enum": ["n", "s"]}},
+            "required": ["steps", "way"],
+            "additionalProperties": False,
+        },
+    },
+}
+STOP = {"type": "function", "function": {"name": "stop", "parameters": {"type": "object", "properties": {}}}}
+ASK = [{"role": "user", "content": "Move two steps north."}]
+GREEDY = {"model": "model", "messages": ASK, "temperature": 0, "max_tokens": 60}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    # room for the tools' prompt: ~650 tokens of the test's 320-token vocabulary
+    return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("tools"), max_position_embeddings=2048))
+
+
+def with_openai(engine: Engine, tmp_path, scenario) -> object:
+    """`scenario(api)` with an `openai.AsyncOpenAI` client of a fresh app on `engine`."""
+    app = create_app(engine, open_database(tmp_path / "db"))
+
+    async def main():
+        async with serving(app):  # the engine thread runs
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000")
+            api = openai.AsyncOpenAI(base_url="http://localhost:8000/v1", api_key="open", http_client=http,
+                                     max_retries=0, timeout=60)  # fmt: skip
+            return await scenario(api)
+
+    return asyncio.run(main())
+
+
+def valid_move(arguments: str) -> bool:
+    """Whether `arguments` is JSON that MOVE's parameters allow."""
+    value = json.loads(arguments)
+    return set(value) == {"steps", "way"} and value["steps"] in range(100) and value["way"] in ("n", "s")
+
+
+def test_a_named_tool_choice_returns_a_call_whose_arguments_follow_the_schema_also_streamed(engine, tmp_path):
+    named = {"type": "function", "function": {"name": "move"}}
+
+    async def scenario(api):
+        whole = await api.chat.completions.create(**GREEDY, tools=[STOP, MOVE], tool_choice=named)
+        stream = await api.chat.completions.create(**GREEDY, tools=[STOP, MOVE], tool_choice=named, stream=True)
+        return whole, [chunk async for chunk in stream]
+
+    whole, chunks = with_openai(engine, tmp_path, scenario)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and len(call.id) == 29 and call.type == "function"
+    assert call.function.name == "move" and valid_move(call.function.arguments)
+    deltas = [delta for chunk in chunks for delta in chunk.choices[0].delta.tool_calls or []]
+    assert deltas[0].id.startswith("call_") and deltas[0].type == "function" and deltas[0].function.name == "move"
+    assert all(delta.index == 0 and delta.id is None and delta.function.name is None for delta in deltas[1:])
+    assert "".join(delta.function.arguments or "" for delta in deltas) == call.function.arguments
+    assert not any(chunk.choices[0].delta.content for chunk in chunks)  # no marker leaks into content
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_required_calls_one_of_the_offered_functions_once_without_parallel_calls(engine, tmp_path):
+    async def scenario(api):
+        return await api.chat.completions.create(**GREEDY, tools=[MOVE, STOP], tool_choice="required",
+                                                 parallel_tool_calls=False)  # fmt: skip
+
+    reply = with_openai(engine, tmp_path, scenario)
+    [call] = reply.choices[0].message.tool_calls
+    assert call.function.name in ("move", "stop")
+    assert valid_move(call.function.arguments) if call.function.name == "move" else json.loads(call.function.arguments)
+
+
+def test_a_conversation_replaying_tool_results_is_prompted_in_deepseek_v3s_format(engine, tmp_path):
+    """A history with the assistant's call and the tool's result: the prompt lists the tools after the system prompt,
+    writes the call and the result in DeepSeek-V3's tokens, and ends where the reply follows the result."""
+    arguments = '{"steps": 2, "way": "n"}'
+    history = [
+        {"role": "system", "content": "You drive a robot."},
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "move", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "moved"},
+    ]  # fmt: skip
+    expected = (
+        f"{BOS}You drive a robot.\n\n{tools_prompt([MOVE])}<｜User｜>Move two steps north.<｜Assistant｜>"
+        f"{TOOL_CALLS_BEGIN}{tool_call_text('move', arguments)}<｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+        f"<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>moved<｜tool▁output▁end｜>{TOOL_OUTPUTS_END}"
+    )
+
+    async def scenario(client):
+        body = {**GREEDY, "messages": history, "max_tokens": 1}
+        return [await client.post("/v1/chat/completions", json={**body, "tools": [MOVE], **choice})
+                for choice in ({}, {"tool_choice": "none"})]  # fmt: skip
+
+    offered, not_offered = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    assert offered.status_code == 200, offered.text
+    assert offered.json()["usage"]["prompt_tokens"] == len(engine.tokenizer.encode(expected))
+    without_tools = expected.replace(f"\n\n{tools_prompt([MOVE])}", "")
+    assert not_offered.json()["usage"]["prompt_tokens"] == len(engine.tokenizer.encode(without_tools))
+
+
+NAMED_ABSENT = {"type": "function", "function": {"name": "fly"}}
+HUGE = {"type": "function", "function": {"name": "huge", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer", "minimum": -(10**30)}}}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "fragment"),
+    [
+        ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools.0.function.name", "required"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0.function.name", "pattern"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+         "tools.0.function.parameters", 'must be a JSON Schema of "type": "object"'),
+        ({"tools": [MOVE, STOP, MOVE]}, "tools", "two tools are named 'move'"),
+        ({"tools": [MOVE, HUGE], "tool_choice": "required"}, "tools.1.function.parameters", "beyond the 64-bit"),
+        ({"tools": [MOVE], "tool_choice": NAMED_ABSENT}, "tool_choice", "'fly', which is not among the tools"),
+        ({"tool_choice": "required"}, "tool_choice", '"required" needs tools'),
+        ({"tools": [MOVE], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+         "response_format"),
+        ({"messages": [*ASK, {"role": "user", "content": "x", "tool_calls": []}]}, "messages.1.tool_calls",
+         "only an assistant message calls tools"),
+        ({"functions": [{"name": "f"}]}, "functions", "deprecated"),
+    ],
+)  # fmt: skip
+def test_bad_tools_are_refused_naming_the_field(engine, tmp_path, fields, param, fragment):
+    async def scenario(client):
+        return await client.post("/v1/chat/completions", json={**GREEDY, **fields})
+
+    error = error_of(run(create_app(engine, open_database(tmp_path / "db")), scenario), 400)
+    assert error["param"] == param and fragment in error["message"], error
+
+
+MOVE_ARGUMENTS = '{"steps": 2, "way": "n"}'
+CALLS = f"{tool_call_text('move', MOVE_ARGUMENTS)}\n{tool_call_text('stop', '{}')}"
+REPLY = f"Moving.{TOOL_CALLS_BEGIN}{CALLS}<｜tool▁calls▁end｜>"
+
+
+@pytest.mark.parametrize("piece", [1, 2, 5, len(REPLY)])
+def test_streamed_pieces_of_any_size_give_the_whole_replys_content_and_calls(piece):
+    """A marker split across pieces is held until the next tells; the content never holds one."""
+    parser, content, calls = ToolCallParser(), "", {}
+    for start in range(0, len(REPLY), piece):
+        text, deltas = parser.push(REPLY[start : start + piece], final=start + piece >= len(REPLY))
+        content += text
+        for delta in deltas:
+            calls.setdefault(delta.index, [delta.function.name, ""])[1] += delta.function.arguments
+    message, reason = message_with_calls(AssistantMessage(content=REPLY), "stop")
+    assert content == message.content == "Moving." and reason == "tool_calls"
+    assert [[c.function.name, c.function.arguments] for c in message.tool_calls] == list(calls.values())
+    assert list(calls.values()) == [["move", MOVE_ARGUMENTS], ["stop", "{}"]]
+
+
+def test_a_reply_cut_inside_a_call_keeps_its_content_and_no_call():
+    cut = REPLY[: REPLY.index('"way"')]
+    message, reason = message_with_calls(AssistantMessage(content=cut), "length")
+    assert (message.content, message.tool_calls, reason) == ("Moving.", None, "length")
+    plain, reason = message_with_calls(AssistantMessage(content="no calls <｜tool"), "stop")
+    assert (plain.content, plain.tool_calls, reason) == ("no calls <｜tool", None, "stop")
