@@ -301,3 +301,15 @@ def test_with_api_keys_the_page_sends_the_key_typed_and_keeps_it_for_the_tab_onl
     assert browser.execute_script(stored) == [key, None]
     browser.get(url)  # a reload in the tab keeps it
     WebDriverWait(browser, 20).until(lambda b: b.find_element(By.ID, "model").get_attribute("value") == "model")
+
+
+def test_enter_that_confirms_an_input_method_composition_sends_nothing(browser, page_url):
+    """Enter sent the message whatever it was for: a Chinese or Japanese user's Enter confirming the input method's
+    candidate (keydown with isComposing) sent the half-typed message."""
+    open_page(browser, page_url, HELD_STREAM_STUB)
+    browser.execute_script(
+        "const box = $('input'); box.value = 'にほん';"
+        "box.dispatchEvent(new KeyboardEvent('keydown', { key: 'Enter', isComposing: true, bubbles: true }));"
+    )
+    assert browser.execute_script("return window.sent.length") == 0
+    assert browser.find_element(By.ID, "input").get_attribute("value") == "にほん"
