@@ -30,7 +30,7 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from seekstack.adapters.files import merged_model, model_folders
-from seekstack.checkpoint import load_pretrained
+from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.engine import Engine
 from seekstack.infer.generation_config import sampling_defaults
 from seekstack.infer.outputs import Completion
@@ -84,12 +84,20 @@ def requests_per_batch(batch_size: int | str) -> int | None:
     raise ValueError(f"batch_size={batch_size!r}: give a number of requests per batch, or auto")
 
 
-def check_max_length(max_length: int | None) -> None:
-    """ValueError for a negative model arg `max_length` (None or 0: the model's context)."""
+def check_max_length(max_length: int | None, weights: Path) -> None:
+    """ValueError for a model arg `max_length` (None or 0: the model's context) that is negative or longer than the
+    context of the checkpoint in `weights`, as vLLM refuses a max_model_len past the model's."""
     if max_length is not None and max_length < 0:
         raise ValueError(
             f"max_length={max_length}: the tokens the model reads at once cannot be negative; give a positive number, "
             "or leave it out (or 0) for the model's context"
+        )
+    context = read_config(weights).max_position_embeddings
+    if max_length and max_length > context:
+        raise ValueError(
+            f"max_length={max_length} is longer than the model's context, max_position_embeddings={context} in "
+            f"{weights / 'config.json'}: positions past it were never trained; give at most {context}, or leave it "
+            "out for the model's context"
         )
 
 
@@ -142,8 +150,8 @@ class SeekstackLM(TemplateLM):
         super().__init__()
         self.batch_size_per_step = requests_per_batch(batch_size)  # None: auto
         self._device = resolve_device(device)
-        check_max_length(max_length)
         weights, adapter, own_tokenizer = model_folders(pretrained)
+        check_max_length(max_length, weights)
         if adapter is not None and peft is not None:
             raise ValueError(
                 f"pretrained={pretrained} is a LoRA adapter on the base {weights}; give that base as pretrained to "

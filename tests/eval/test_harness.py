@@ -348,6 +348,16 @@ def test_a_negative_max_length_is_refused_naming_it_and_0_means_the_models_conte
     assert SeekstackLM(pretrained=checkpoint, max_length=0).max_length == context
 
 
+def test_a_max_length_past_the_models_context_is_refused_naming_both(checkpoint):
+    """It was taken: log-likelihoods scored positions the model never trained, and the first generate_until request
+    longer than the context failed in the engine ("prompt has 112 tokens, more than max_model_len=64")."""
+    context = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(ValueError, match=rf"max_length={context + 1} is longer than the model's context, "
+                       rf"max_position_embeddings={context} in .*config.json: .*give at most {context}"):  # fmt: skip
+        SeekstackLM(pretrained=checkpoint, max_length=context + 1)
+    assert SeekstackLM(pretrained=checkpoint, max_length=context).max_length == context
+
+
 def test_a_runs_out_dir_as_pretrained_loads_its_newest_checkpoint_as_seekstack_eval_does(checkpoint, ours, tmp_path):
     """`lm_eval --model seekstack --model_args pretrained=RUN` failed to load the run's folder (no config.json)."""
     for step in (1, 2):
