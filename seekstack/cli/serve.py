@@ -404,7 +404,7 @@ def usage_command(
     from rich.console import Console
     from rich.table import Table
 
-    from seekstack.serve.keys import KeyStore
+    from seekstack.serve.keys import KeyStore, format_cost
     from seekstack.serve.ledger import Ledger, parse_day
 
     with user_errors(as_json):
@@ -442,13 +442,13 @@ def usage_command(
     rows = [
         (day.day, day.key_name or "(open)", *([day.model] if by_model else []), str(day.requests), str(day.failed),
          f"{day.prompt_tokens:,}", *([f"{day.cached_tokens:,}"] if cached else []), f"{day.completion_tokens:,}",
-         f"{day.cost:.6f}")
+         format_cost(day.cost))
         for day in days
     ]  # fmt: skip
     rows.append((
         "total", "", *([""] if by_model else []), str(sum(d.requests for d in days)), str(sum(d.failed for d in days)),
         f"{sum(d.prompt_tokens for d in days):,}", *([f"{sum(d.cached_tokens for d in days):,}"] if cached else []),
-        f"{sum(d.completion_tokens for d in days):,}", f"{sum(d.cost for d in days):.6f}",
+        f"{sum(d.completion_tokens for d in days):,}", format_cost(sum(d.cost for d in days)),
     ))  # fmt: skip
     for row in rows:
         table.add_row(*row)

@@ -35,7 +35,7 @@ from seekstack.serve.bridge import AsyncEngine, RequestGroup
 from seekstack.serve.chat_page import add_chat_page
 from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
-from seekstack.serve.keys import ApiKey, KeyStore, format_amount, format_duration, utc_time
+from seekstack.serve.keys import ApiKey, KeyStore, format_amount, format_cost, format_duration, utc_time
 from seekstack.serve.ledger import Ledger, parse_day
 from seekstack.serve.metrics import ServerMetrics
 from seekstack.serve.moderation import Category, HeldLogprobs, ModeratedStream, Policy
@@ -384,7 +384,7 @@ class Server:
             until = "it is given a higher budget" if budget.period_s is None else "that spend falls below it"
             raise APIError(
                 429,
-                f"key {key.name!r} has spent {spent:.6f}{period}, its whole budget of "
+                f"key {key.name!r} has spent {format_cost(spent)}{period}, its whole budget of "
                 f"{format_amount(budget.amount)}: no request is served until {until}",
                 "insufficient_quota",
                 code="insufficient_quota",

@@ -296,6 +296,14 @@ def format_amount(amount: float) -> str:
     return f"{amount:.15g}"
 
 
+def format_cost(cost: float) -> str:
+    """A cost spent, to 6 decimals, or to its first 3 significant digits below 1e-6 (which showed as 0.000000, as if
+    the requests were free; LiteLLM's spend shows them): 0.012346, 0.000000123."""
+    if 0 < abs(cost) < 1e-6:
+        return f"{cost:.{2 - math.floor(math.log10(abs(cost)))}f}"
+    return f"{cost:.6f}"
+
+
 def utc_time(timestamp: float) -> str:
     """Unix seconds as the UTC time `YYYY-MM-DD HH:MM:SS`."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp))

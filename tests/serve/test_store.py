@@ -845,6 +845,19 @@ def test_a_usage_table_too_narrow_for_its_names_gives_a_block_per_row_naming_its
                                                             ("", "")]  # fmt: skip
 
 
+def test_a_usage_cost_below_a_millionth_shows_its_significant_digits_not_zero(tmp_path):
+    """A plan priced at 1e-4 per 1k tokens billed a 1-token request 1e-07, which the table showed as 0.000000."""
+    db = str(tmp_path / "cli.db")
+    store = KeyStore(open_database(db))
+    store.set_plan("micro", prompt_per_1k=1e-4, completion_per_1k=0.0)
+    store.create("k", plan="micro")
+    Ledger(open_database(db)).record(usage("k", 1, 0))
+    table = CliRunner().invoke(app, ["usage", "--db", db], env={"COLUMNS": "120"}).stdout
+    header = next(cells(line, "┃") for line in table.splitlines() if "requests" in line)
+    rows = [dict(zip(header, cells(line, "│"), strict=True)) for line in table.splitlines() if line.startswith("│")]
+    assert [row["cost"] for row in rows] == ["0.000000100"] * 2  # the day and the total
+
+
 def test_keys_list_narrower_than_its_table_shows_a_block_per_key_wrapped_between_words(tmp_path):
     """In 80 columns the nine columns folded words: plan 'defa/ult', header 'crea/ted', state 'activ/e', a day
     '2026/-12-/04'."""
