@@ -278,9 +278,11 @@ def parse_duration(text: str, option: str) -> float:
     """The seconds of a duration written as LiteLLM's key durations are (`30s`, `15m`, `12h`, `90d`); ValueError
     naming `option` and that form for any other."""
     match = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if match is None or int(match[1]) == 0:
+    if match is None:
         raise ValueError(f"{option} {text!r}: give a whole number of seconds, minutes, hours or days: 30s, 15m, 12h, "
                          "90d")  # fmt: skip
+    if int(match[1]) == 0:  # it said "give a whole number", which 0 is
+        raise ValueError(f"{option} {text!r}: give a duration longer than 0: 30s, 15m, 12h, 90d")
     return int(match[1]) * DURATION_UNITS_S[match[2]]
 
 

@@ -205,9 +205,11 @@ def test_keys_create_expires_in_takes_litellms_durations_and_list_shows_the_expi
     day = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 90 * 86400))
     assert created.exit_code == 0 and f"; active, expires {day} " in created.stderr
     assert f"active, expires {day} " in runner.invoke(app, ["keys", "list", "--db", db], env={"COLUMNS": "60"}).stdout
-    for wrong in ("1y", "0d", "90 days", "-5m"):
+    for wrong in ("1y", "90 days", "-5m"):
         refused = runner.invoke(app, ["keys", "create", "--name", "x", "--expires-in", wrong, "--db", db])
         assert refused.exit_code == 1 and f"--expires-in {wrong!r}: give a whole number of seconds" in refused.stderr
+    zero = runner.invoke(app, ["keys", "create", "--name", "x", "--expires-in", "0s", "--db", db])  # 0 is whole
+    assert zero.exit_code == 1 and "--expires-in '0s': give a duration longer than 0: 30s, 15m" in zero.stderr
 
 
 def test_a_keys_budget_is_stored_kept_by_rotate_and_its_spend_read_over_its_period(database, monkeypatch):
