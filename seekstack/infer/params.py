@@ -87,7 +87,10 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
-        """Parameters from a mapping (e.g. a JSON request); ConfigError naming an unknown key or a bad value."""
+        """Parameters from a mapping (e.g. a JSON request); ConfigError naming an unknown key or a bad value. A lone
+        stop string is read as one stop, as the constructor reads it."""
+        if isinstance(values.get("stop"), str):  # checked before __post_init__ could wrap it
+            values = {**values, "stop": [values["stop"]]}
         return check(cls, values)
 
     def validate(self) -> SamplingParams:

@@ -25,6 +25,7 @@ def batch_of(*params: SamplingParams, penalties=None) -> SamplingBatch:
 
 def test_params_from_a_mapping_refuse_unknown_keys_and_bad_values():
     assert SamplingParams.from_dict({"temperature": 0, "stop": ["\n"]}).stop == ("\n",)
+    assert SamplingParams.from_dict({"stop": "\n"}).stop == ("\n",) == SamplingParams(stop="\n").stop  # as vLLM's
     with pytest.raises(
         ValueError, match="'temprature'; did you mean 'temperature'\\? known fields are max_new_tokens, temperature"
     ):
