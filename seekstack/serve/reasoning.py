@@ -22,9 +22,12 @@ REASONING_PARSERS = ("deepseek_r1",)  # vLLM's name for the R1 format
 def given_start(request: ChatCompletionRequest, tokenizer: Tokenizer) -> str:
     """The start of the reply given in the prompt: the content of a last message marked `prefix` (DeepSeek's chat
     prefix completion), which the reply continues, else the reply's opening the generation prompt writes
-    (`Tokenizer.reply_opening`: DeepSeek-R1's "<think>\\n"); "" for none."""
+    (`Tokenizer.reply_opening`: DeepSeek-R1's "<think>\\n"; none after tool results, where the chat template writes
+    no generation prompt); "" for none."""
     last = request.messages[-1]
-    return last.text() if last.prefix else tokenizer.reply_opening
+    if last.prefix:
+        return last.text()
+    return "" if last.role == "tool" else tokenizer.reply_opening
 
 
 def check_reasoning_parser(name: str | None) -> None:

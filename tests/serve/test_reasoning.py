@@ -21,8 +21,10 @@ from seekstack.serve.bridge import Closed
 from seekstack.serve.database import open_database
 from seekstack.serve.launch import ServeOptions, build_server
 from seekstack.serve.protocol import prompt_ids
-from seekstack.serve.reasoning import ReasoningSplit
+from seekstack.serve.reasoning import ReasoningSplit, given_start
 from seekstack.serve.schemas import ChatCompletionRequest
+from seekstack.tokenizer import TOOL_OUTPUTS_END, Tokenizer
+from tests.interop.release import r1_tokenizer
 from tests.serve.server import make_model_dir, serving
 
 REPLY = "<think> 2 + 3 is 5 </think> 5"
@@ -247,3 +249,19 @@ def test_an_unknown_reasoning_parser_is_refused_naming_the_option(tmp_path):
     options = ServeOptions(port=0, database=str(tmp_path / "db"), reasoning_parser="qwen3")
     with pytest.raises(ValueError, match="--reasoning-parser 'qwen3': the parsers are deepseek_r1"):
         build_server(tmp_path / "no-model", options)
+
+
+def test_a_reply_to_tool_results_opens_no_reasoning_as_r1s_template_writes_none_there(tmp_path):
+    """DeepSeek-R1's template opens the reply with <think>\\n after a user message only: after tool results the prompt
+    ends with <｜tool▁outputs▁end｜>. The parser read the reply there as inside the reasoning, so its answer came back
+    as reasoning_content with empty content."""
+    r1_tokenizer(tmp_path)
+    tokenizer = Tokenizer.from_file(tmp_path)
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    messages = [*CHAT["messages"], {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "5"}]  # fmt: skip
+    after_tools = ChatCompletionRequest.model_validate({**CHAT, "messages": messages})
+    assert tokenizer.render_chat([m.template() for m in after_tools.messages]).endswith(TOOL_OUTPUTS_END)
+    assert given_start(ChatCompletionRequest.model_validate(CHAT), tokenizer) == "<think>\n"
+    assert given_start(after_tools, tokenizer) == ""
+    assert ReasoningSplit(given_start(after_tools, tokenizer)).message("5").content == "5"
