@@ -1,6 +1,6 @@
 """vLLM's /tokenize and /detokenize: the token ids of a prompt as the server bills it, and the text of token ids.
 
-    POST /tokenize    {"model": M, "prompt": TEXT} or {"model": M, "messages": [...]}
+    POST /tokenize    {"model": M, "prompt": TEXT} or {"model": M, "messages": [...], "tools": [...]}
                       -> {"count": N, "max_model_len": L, "tokens": [ids], "token_strs": null}
     POST /detokenize  {"model": M, "tokens": [ids]}  -> {"prompt": TEXT}
 
@@ -37,6 +37,7 @@ from seekstack.serve.schemas import (
     PromptText,
     StrictRequest,
     TokenId,
+    Tool,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class TokenizeRequest(StrictRequest):
     model: str | None = None
     prompt: PromptText | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None  # listed in the messages' prompt, as a chat call lists them
     add_special_tokens: Annotated[bool, OrDefault] = True  # a prompt's framing (messages: the template's own)
     add_generation_prompt: Annotated[bool, OrDefault] = True  # the assistant's opening after messages
     return_token_strs: Annotated[bool, OrDefault] = False
@@ -87,14 +89,16 @@ def tokenized(body: TokenizeRequest, model: str, tokenizer: Tokenizer) -> list[i
         request = CompletionRequest(model=model, prompt=body.prompt, add_special_tokens=body.add_special_tokens)
         [ids] = prompt_ids(request, tokenizer)
         return ids
+    chat = ChatCompletionRequest(model=model, messages=body.messages, tools=body.tools)
     if body.add_generation_prompt:
-        [ids] = prompt_ids(ChatCompletionRequest(model=model, messages=body.messages), tokenizer)
+        [ids] = prompt_ids(chat, tokenizer)
         return ids
     if body.messages[-1].prefix:
         raise APIError(400, "a last message marked prefix is continued: there is no generation prompt to leave out",
                        param="add_generation_prompt")  # fmt: skip
     try:
-        return tokenizer.encode_chat([message.template() for message in body.messages], add_generation_prompt=False)
+        messages = [message.template() for message in body.messages]
+        return tokenizer.encode_chat(messages, add_generation_prompt=False, tools=chat.offered_tools())
     except ValueError as error:
         raise APIError(400, str(error), param="messages") from None
 

@@ -185,3 +185,17 @@ def test_a_reply_cut_inside_a_call_keeps_its_content_and_no_call():
     assert (message.content, message.tool_calls, reason) == ("Moving.", None, "length")
     plain, reason = message_with_calls(AssistantMessage(content="no calls <｜tool"), "stop")
     assert (plain.content, plain.tool_calls, reason) == ("no calls <｜tool", None, "stop")
+
+
+def test_tokenize_counts_the_tools_a_chat_lists_as_the_call_is_billed(engine, tmp_path):
+    """vLLM's /tokenize takes the chat's tools; without them its count was the prompt's less the tools' listing."""
+    body = {"model": "model", "messages": ASK, "tools": [MOVE]}
+
+    async def scenario(client):
+        counted = await client.post("/tokenize", json=body)
+        billed = await client.post("/v1/chat/completions", json={**GREEDY, **body, "max_tokens": 1})
+        return counted, billed
+
+    counted, billed = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    assert counted.json()["count"] == billed.json()["usage"]["prompt_tokens"]
+    assert counted.json()["tokens"] == engine.tokenizer.encode_chat(ASK, tools=[MOVE])
