@@ -156,9 +156,8 @@ def serve_command(
         )  # fmt: skip
         if max_body_bytes is not None:
             options.max_body_bytes = max_body_bytes
-        tell_dtype(engine, model)
         with options_named({"moderation_policy"}):  # a policy file's errors, as --kv-cache-memory's
-            server_app, summary = build_server(model, options)
+            server_app, summary = build_server(model, options, before_loading=lambda: tell_dtype(engine, model))
     typer.echo(summary)
     run_server(server_app, host, port, shutdown_timeout)
 

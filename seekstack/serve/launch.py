@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -49,8 +50,12 @@ class ServeOptions:
     chat_page: bool = True  # the chat page at /
 
 
-def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[FastAPI, str]:
-    """The app for `model_dir` and a line telling the user where it listens and whether keys are required."""
+def build_server(
+    model_dir: str | os.PathLike, options: ServeOptions, before_loading: Callable[[], None] = lambda: None
+) -> tuple[FastAPI, str]:
+    """The app for `model_dir` and a line telling the user where it listens and whether keys are required;
+    `before_loading` runs once every option is checked, before the weights load (the CLI's dtype note, which came
+    before a policy file's usage error)."""
     check_listenable(options.host, options.port)  # before the weights load
     check_reasoning_parser(options.reasoning_parser)
     check_cors_origins(options.cors_origins)
@@ -64,6 +69,7 @@ def build_server(model_dir: str | os.PathLike, options: ServeOptions) -> tuple[F
     policy = load_policy(options.moderation_policy) if options.moderation_policy else None  # before weights load
     if policy is not None:
         warn_of_unknown_scopes(policy, options.moderation_policy, KeyStore(database))
+    before_loading()
     engine = Engine.from_pretrained(
         model_dir, tokenizer=options.tokenizer, adapters=options.adapters, **options.engine.engine_kwargs(model_dir)
     )

@@ -276,7 +276,9 @@ def test_serve_names_a_run_s_model_by_the_run(checkpoint, monkeypatch, tmp_path)
     shutil.copytree(checkpoint, step)
     (step / "train_state.pt").write_bytes(b"")
     served = []
-    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda model, options: served.append(options) or 1 / 0)
+    monkeypatch.setattr(
+        "seekstack.serve.launch.build_server", lambda model, options, **_: served.append(options) or 1 / 0
+    )
     for model, name in ((step.parent.parent, "prose_run"), (step, None)):
         runner.invoke(app, ["serve", "--model", str(model)])
         assert served.pop().served_model_name == name
@@ -310,7 +312,9 @@ def test_disk_parts_are_copied_to_the_offload_dir_given_and_an_unwritable_one_is
     assert placed.exit_code == 0, placed.output
     assert placed.stdout == runner.invoke(app, args).stdout and list(elsewhere.glob("layers.1.mlp.experts/*.bin"))
     served = []
-    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda model, options: served.append(options) or 1 / 0)
+    monkeypatch.setattr(
+        "seekstack.serve.launch.build_server", lambda model, options, **_: served.append(options) or 1 / 0
+    )
     runner.invoke(app, ["serve", "--model", str(model), *disk, "--offload-dir", str(elsewhere)])
     assert served.pop().engine.offload_dir == str(elsewhere)
     unread = runner.invoke(app, [*args, "--offload-dir", str(elsewhere)])

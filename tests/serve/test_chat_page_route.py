@@ -68,7 +68,7 @@ def test_no_chat_page_leaves_slash_to_404_as_llama_servers_no_webui(engine, tmp_
     assert error_of(page, 404)["message"] == "no route GET /"
     built = []
 
-    def build_server(model_dir, options):
+    def build_server(model_dir, options, **hooks):
         built.append(options)
         raise ValueError("built")
 

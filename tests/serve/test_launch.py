@@ -67,7 +67,7 @@ def test_serve_with_a_context_the_cache_holds_answers_a_chat_without_max_tokens(
 def test_serve_refuses_a_host_or_port_it_cannot_listen_on_naming_it_before_reading_the_model(
     tmp_path, monkeypatch, place, message
 ):
-    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda *args: pytest.fail("read the model"))
+    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda *args, **kw: pytest.fail("read the model"))
     model_dir = make_model_dir(tmp_path)
     refused = CliRunner().invoke(app, ["serve", "--model", str(model_dir), "--db", str(tmp_path / "k.db"), *place])
     assert refused.exit_code == 1 and message in refused.stderr, refused.output
@@ -93,3 +93,4 @@ def test_serve_refuses_an_invalid_moderation_policy_as_a_bad_option_value_before
     )
     assert refused.exit_code == 2, refused.output  # was 1: a usage error, as a bad --kv-cache-memory
     assert f"Invalid value for '--moderation-policy': {policy}: field 'categories.x.threshold'" in refused.stderr
+    assert "note: dtype" not in refused.stderr  # the usage error alone: the dtype note of the weights came first
