@@ -11,7 +11,7 @@ from typing import Literal
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.posttrain.config import ConversationConfig, require_conversation_fields, require_task
 from seekstack.schema import Fraction, NonNegative, NonNegativeFloat, Positive, PositiveFloat, nested_config, require
-from seekstack.train.config import require_tokenizer_file
+from seekstack.train.config import require_folder_path, require_tokenizer_file
 
 FeatureLoss = Literal["mse", "cosine"]  # the distance between mapped hidden states
 
@@ -72,6 +72,8 @@ class DistillConfig(ConversationConfig):
             )
             unmapped = sorted(set(config.feature_weights) - set(config.feature_layers))
             require(not unmapped, "feature_weights", f"keyed by student layers of feature_layers, not {unmapped}")
+            if config.teacher_cache:
+                require_folder_path(config.teacher_cache, "teacher_cache")
             require(
                 not (config.teacher_cache and config.feature_layers),
                 "teacher_cache",

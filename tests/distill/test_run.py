@@ -267,6 +267,7 @@ def test_configs_that_cannot_distill_are_refused_before_anything_is_written(work
         "kd_weight": dict(ce_weight=0.0, kd_weight=0.0),  # trained on a loss of 0
         "task": dict(task="addition", data=str(tmp_path / "traces.jsonl")),  # which one was used?
         "cache_top_k": dict(teacher_cache=str(tmp_path / "cache"), cache_top_k=100_000),  # was: a traceback
+        "teacher_cache": dict(teacher_cache=str(workspace["teacher"] / "config.json")),  # was: [Errno 17] File exists
         "data": dict(data=str(tmp_path)),  # was: [Errno 21] Is a directory
         "tokenizer": dict(tokenizer=str(tmp_path)),  # was: ".../tokenizer.json: no such file; train a tokenizer ..."
         "init_from": dict(init_from=str(tmp_path / "nosuch")),  # was: "...: no such folder"
