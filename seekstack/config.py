@@ -26,9 +26,10 @@ from seekstack.schema import (
 )
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
-ROPE_TYPES = ("default", "yarn")
-# The fields of a yarn `rope_scaling` that hold numbers; null takes the default of those that have one.
-YARN_NUMBERS = (
+ROPE_TYPES = ("default", "linear", "yarn")  # transformers' "dynamic" rescales with the input length: refused
+# The fields of a `rope_scaling` that hold numbers (linear reads factor and mscale_all_dim of them); null takes the
+# default of those that have one.
+ROPE_SCALING_NUMBERS = (
     "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
     "attention_factor",
 )  # fmt: skip
@@ -75,7 +76,7 @@ class ModelConfig:
     # Positions
     max_position_embeddings: Positive = 163840
     rope_theta: PositiveFloat = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # normalised: {"rope_type": "yarn", "factor": ..., ...}
+    rope_scaling: dict[str, Any] | None = None  # normalised: {"rope_type": "yarn" or "linear", "factor": ..., ...}
     rope_interleave: bool = True  # DeepSeek checkpoints rotate interleaved pairs (x0,x1),(x2,x3),...
     # Misc
     hidden_act: Literal["silu"] = "silu"  # the only activation DeepSeek uses
@@ -149,17 +150,18 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_h + d_h^R), times mscale^2 under YaRN (YaRN paper eq. 22 as DeepSeek applies it)."""
+        """1/sqrt(d_h + d_h^R), times mscale^2 under YaRN (YaRN paper eq. 22 as DeepSeek applies it; transformers
+        applies it under any scaling that gives mscale_all_dim)."""
         scale = self.qk_head_dim**-0.5
         scaling = self.rope_scaling or {}
-        if self.rope_type == "yarn" and scaling.get("mscale_all_dim"):
+        if scaling.get("mscale_all_dim"):
             mscale = yarn_mscale(self.rope_factor, scaling["mscale_all_dim"])
             scale *= mscale * mscale
         return scale
 
     @property
     def rope_factor(self) -> float:
-        """YaRN's context extension ratio s (1 without scaling)."""
+        """The context extension ratio s of YaRN or linear interpolation (1 without scaling)."""
         return float((self.rope_scaling or {}).get("factor", 1.0))
 
     # ----------------------------------------------------------------- validation
@@ -180,22 +182,22 @@ class ModelConfig:
             raise ConfigError(
                 f"rope_scaling.rope_type={config.rope_type!r} is not supported; expected one of {ROPE_TYPES}"
             )
-        if config.rope_type == "yarn":
-            config._validate_yarn_numbers()
+        if config.rope_scaling is not None:
+            config._validate_scaling_numbers()
             require(
-                (config.rope_scaling or {}).get("factor") is not None,
+                config.rope_scaling.get("factor") is not None,
                 "rope_scaling.factor",
-                "given under yarn: the ratio the context was extended by (40 in DeepSeek-V3's config.json); "
-                "transformers refuses a yarn config without it too",
+                f"given under {config.rope_type}: the ratio the context was extended by (40 in DeepSeek-V3's "
+                f"config.json); transformers refuses a {config.rope_type} config without it too",
             )
             require(config.rope_factor >= 1, "rope_scaling.factor", ">= 1")
         return config
 
-    def _validate_yarn_numbers(self) -> None:
-        """ConfigError naming the `rope_scaling` field of a yarn config that holds no number where YaRN computes with
-        one (a string, a list, true), or a length or rotation count whose logarithm it cannot take."""
+    def _validate_scaling_numbers(self) -> None:
+        """ConfigError naming the `rope_scaling` field that holds no number where the scaling computes with one (a
+        string, a list, true), or a length or rotation count whose logarithm YaRN cannot take."""
         scaling = self.rope_scaling or {}
-        for key in YARN_NUMBERS:
+        for key in ROPE_SCALING_NUMBERS:
             value = scaling.get(key)
             if value is not None and not _is_number(value):
                 raise ConfigError(f"has value {value!r}: must be a number", field=f"rope_scaling.{key}")

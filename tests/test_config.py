@@ -146,6 +146,21 @@ def test_a_yarn_config_without_a_factor_is_refused_naming_the_field_as_transform
         ModelConfig.from_dict(config, "c.json")
 
 
+@pytest.mark.parametrize(
+    "scaling, refusal",
+    [
+        ({"type": "linear"}, r"c\.json: field 'rope_scaling\.factor' must be given under linear"),
+        ({"type": "linear", "factor": 0.5}, r"c\.json: field 'rope_scaling\.factor' must be >= 1"),
+        ({"type": "dynamic", "factor": 4.0}, r"c\.json: rope_scaling\.rope_type='dynamic' is not supported; expected "
+         r"one of \('default', 'linear', 'yarn'\)"),
+        ({"type": "llama3", "factor": 8.0}, r"rope_type='llama3' is not supported"),
+    ],
+)  # fmt: skip
+def test_rope_scalings_are_refused_naming_the_file_the_field_or_the_type_we_do_not_compute(scaling, refusal):
+    with pytest.raises(ConfigError, match=refusal):
+        ModelConfig.from_dict({"model_type": "deepseek_v3", "rope_scaling": scaling}, "c.json")
+
+
 ORIGINAL = "original_max_position_embeddings"
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0)
 

@@ -49,6 +49,8 @@ YARN_UNEQUAL_MSCALE = dict(
 )  # fmt: skip
 YARN_UNEQUAL_MSCALE_CONTEXT = ORIGINAL_CONTEXT * 8  # max_position_embeddings consistent with factor 8
 YARN_NO_MSCALE = YARN_4X
+# Position interpolation; transformers scales the softmax by mscale_all_dim under any rope type that gives it
+LINEAR_4X_MSCALE = dict(rope_type="linear", factor=4.0, mscale_all_dim=1.0)
 
 
 @dataclass
@@ -99,6 +101,13 @@ CASES = [
         ablation=dict(rope_scaling=None),
         seq_len=SEQ_LEN_LONG,
         legacy_rope_scaling=True,
+    ),
+    Case(
+        "v3-linear-mscale-rotate-half",
+        3,
+        dict(q_lora_rank=16, n_group=2, topk_group=1, rope_interleave=False, rope_parameters=LINEAR_4X_MSCALE),
+        ablation=dict(rope_scaling=None),
+        seq_len=SEQ_LEN_LONG,
     ),
     Case(
         "v3-yarn-unequal-mscale-rotate-half",
@@ -294,7 +303,7 @@ def test_zeroing_the_correction_bias_breaks_parity(hf_pair):
 
 def test_yarn_cases_run_beyond_the_original_context(hf_pair):
     for case in CASES:
-        if "rope_parameters" in case.overrides:
+        if case.overrides.get("rope_parameters", {}).get("rope_type") == "yarn":
             pair = hf_pair(case)
             assert pair.input_ids.shape[1] > case.overrides["rope_parameters"]["original_max_position_embeddings"]
             assert pair.ours.config.rope_type == "yarn"

@@ -1,4 +1,4 @@
-"""Rotary position embedding for the decoupled RoPE dimensions, with YaRN context extension.
+"""Rotary position embedding for the decoupled RoPE dimensions, with YaRN or linear context extension.
 
 Shapes: T positions, R = qk_rope_head_dim (rotated in R/2 pairs).
 """
@@ -16,12 +16,14 @@ from seekstack.model.precision import Float32Buffers
 def yarn_inverse_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Per-pair inverse frequencies (R/2,) and the factor applied to cos/sin.
 
-    Plain RoPE: theta_i = base^(-2i/R). YaRN (Peng et al. 2023, eq. 18-20): dimensions that rotate
-    fewer than `beta_slow` times over the original context are interpolated by 1/factor, those
-    rotating more than `beta_fast` times are kept, with a linear ramp between.
+    Plain RoPE: theta_i = base^(-2i/R). Linear (position interpolation, Chen et al. 2023): every theta_i / factor.
+    YaRN (Peng et al. 2023, eq. 18-20): dimensions that rotate fewer than `beta_slow` times over the original context
+    are interpolated by 1/factor, those rotating more than `beta_fast` times are kept, with a linear ramp between.
     """
     dim, base = config.qk_rope_head_dim, config.rope_theta
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if config.rope_type == "linear":
+        return inv_freq / config.rope_factor, 1.0
     if config.rope_type != "yarn":
         return inv_freq, 1.0
     scaling = config.rope_scaling or {}

@@ -21,8 +21,15 @@ YARN = {
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"q_lora_rank": None}, {"rope_scaling": YARN}, {"rope_interleave": False}, {"v_head_dim": 40}],
-    ids=["v3", "no-q-lora", "yarn", "rotate-half", "v-wider-than-qk"],
+    [
+        {},
+        {"q_lora_rank": None},
+        {"rope_scaling": YARN},
+        {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+        {"rope_interleave": False},
+        {"v_head_dim": 40},
+    ],
+    ids=["v3", "no-q-lora", "yarn", "linear", "rotate-half", "v-wider-than-qk"],
 )
 def test_absorbed_decode_matches_prefill(overrides):
     model = Transformer(micro_config(**overrides)).eval()
