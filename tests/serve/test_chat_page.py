@@ -313,3 +313,17 @@ def test_enter_that_confirms_an_input_method_composition_sends_nothing(browser, 
     )
     assert browser.execute_script("return window.sent.length") == 0
     assert browser.find_element(By.ID, "input").get_attribute("value") == "にほん"
+
+
+def test_a_streaming_reply_keeps_the_log_at_its_end_unless_the_reader_scrolled_up(browser, page_url):
+    """The log scrolled to a reply's first line only: a long reply streamed on below the window, out of sight."""
+    open_page(browser, page_url, HELD_STREAM_STUB)
+    to_end = "const log = $('log'); return log.scrollHeight - log.scrollTop - log.clientHeight"
+    send(browser, "a long answer, please")
+    browser.execute_script("for (let i = 0; i < 80; i++) say({ content: 'line ' + i + '\\n' });")
+    WebDriverWait(browser, 20).until(lambda b: replies(b)[-1].get_attribute("data-chunks") == "80")
+    assert browser.execute_script(to_end) < 2
+    browser.execute_script("$('log').scrollTop = 0;")  # the reader goes back up to read: the log stays there
+    browser.execute_script("say({ content: 'more\\n' }); finish();")
+    wait_for_reply(browser, 1)
+    assert browser.execute_script("return $('log').scrollTop") == 0
