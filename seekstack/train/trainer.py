@@ -421,7 +421,10 @@ class _Run:
     ):
         self.config, self.ranks, self.hooks, self.source = config, ranks, hooks, source
         if hooks is not None and ranks.distributed and config.parallel == "fsdp":
-            raise ConfigError("parallel=fsdp does not train adapters (hooks); use parallel=ddp", field="parallel")
+            raise ConfigError(
+                ": fsdp does not train a model a stage wraps (hooks: LoRA adapters, distill's student); use ddp",
+                field="parallel",
+            )
         if source is not None and ranks.distributed:  # every rank meets it alike: told once, as a setting's error
             raise ConfigError(
                 "a batch source (sft, rl, distill of conversations: data= or task=) runs in one process; start it "

@@ -969,5 +969,6 @@ def test_sft_rl_or_distill_of_conversations_under_torchrun_is_refused_as_a_setti
     refused = r"a batch source \(sft, rl, distill of conversations: data= or task=\) runs in one process; start it "
     with pytest.raises(ConfigError, match=refused + r"without torchrun \(distill of token shards, data_dir=, runs"):
         _Run(config, rank_1_of_2, False, None, source=object(), held=contextlib.ExitStack())
-    with pytest.raises(ConfigError, match="parallel=fsdp does not train adapters"):
+    # distill was told 'parallel=fsdp does not train adapters', which it has none of
+    with pytest.raises(ConfigError, match=r"fsdp does not train a model a stage wraps \(hooks: LoRA adapters, distill"):
         _Run(dataclasses.replace(config, parallel="fsdp"), rank_1_of_2, False, object(), None, contextlib.ExitStack())
