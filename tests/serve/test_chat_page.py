@@ -290,12 +290,15 @@ def test_with_api_keys_the_page_sends_the_key_typed_and_keeps_it_for_the_tab_onl
     WebDriverWait(browser, 20).until(lambda b: "missing API key" in picker.text)
     send(browser, "hello")
     assert "missing API key" in wait_for_error(browser).text
+    # the message failed: it was gone, to be typed again; it goes back to the box, its bubble faded as not sent
+    assert browser.find_element(By.ID, "input").get_attribute("value") == "hello"
+    assert browser.find_element(By.CSS_SELECTOR, ".msg.user").get_attribute("title") == "not sent"
     browser.find_element(By.ID, "key").send_keys(key + "\n")
     WebDriverWait(browser, 20).until(lambda b: picker.get_attribute("value") == "model")
     temperature = browser.find_element(By.ID, "temperature")
     temperature.clear()
     temperature.send_keys("0")
-    send(browser, "hello")
+    browser.find_element(By.ID, "send").click()
     wait_for_reply(browser, 2)
     stored = "return [sessionStorage.getItem('seekstack-key'), localStorage.getItem('seekstack-key')]"
     assert browser.execute_script(stored) == [key, None]
