@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+import charset_normalizer
 import pyarrow as pa
 import pyarrow.csv
 import pyarrow.parquet as pq
@@ -68,6 +69,16 @@ _TEXT_CATEGORIES = tuple("LMNPSZ")  # letters, marks, numbers, punctuation, symb
 _TEXT_CONTROLS = frozenset("\t\n\r\f\u200b\u200c\u200d\ufeff")  # whitespace, zero-width (non-)joiners and space
 # Unicode names' first word that is one writing system with another's: Japanese writes kanji, kana and "ー" together
 _WRITING_SYSTEMS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "KATAKANA-HIRAGANA": "CJK", "IDEOGRAPHIC": "CJK"}
+# A file that is no UTF-8 (that share of its first bytes, as for UTF-16) may be in a legacy encoding of another script
+# than Latin's: charset_normalizer (requests' detector) names it, trusted only for these encodings, and when the text
+# reads as that script's (most of its letters not ASCII, `UTF16_MIN_SCRIPT_SHARE` of those one script's); it names
+# Latin text's legacy encodings wrongly too often (Portuguese as cp1250), so those are read as Windows-1252, as before.
+LEGACY_MIN_OTHER_LETTER_SHARE = 0.5  # of the letters read, those not ASCII (at least `UTF16_MIN_CHARACTERS` of them)
+LEGACY_ENCODINGS_OF_OTHER_SCRIPTS = frozenset(
+    "cp1251 koi8_r koi8_u cp866 iso8859_5 mac_cyrillic cp1253 iso8859_7 cp1255 iso8859_8 cp1256 iso8859_6 cp874 "
+    "tis_620 iso8859_11 cp1125 cp855 mac_greek gb2312 gbk gb18030 hz big5 big5hkscs cp950 shift_jis cp932 "
+    "shift_jis_2004 shift_jisx0213 euc_jp euc_jis_2004 euc_jisx0213 iso2022_jp euc_kr cp949 johab iso2022_kr".split()
+)
 _NOT_TEXT_BYTES = re.compile(rb"[\x00-\x07\x0e-\x1a\x1c-\x1f\x7f]")
 BINARY_WITHOUT_SUFFIX = "(no suffix, not text)"
 # A named pipe, socket or device among a folder's files, of any name, is not read: reading a pipe waits for a writer
@@ -285,12 +296,15 @@ def _read(path: Path) -> bytes:
 
 
 def _decoded(data: bytes) -> str:
-    """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document); UTF-16
-    when it opens with UTF-16's mark, or holds NUL bytes at one parity of positions as UTF-16 saved without the mark
-    does (`_utf16_without_mark`), or is no UTF-8 and reads as UTF-16 text of one writing system, as Chinese, Japanese
-    or Korean saved so does (`_utf16_of_one_writing_system`); Windows-1252 (Latin-1's superset) when not one of its
-    bytes above 127 starts a valid UTF-8 character (a legacy 8-bit file: `café` stays `café`); else UTF-8 with its
-    stray bytes read by `_stray_byte_as_cp1252` (a Latin-1 line in a UTF-8 changelog: `Bj\xf6rn` is `Björn`)."""
+    """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document); UTF-16 when
+    it opens with UTF-16's mark, or holds NUL bytes at one parity of positions as UTF-16 saved without the mark does
+    (`_utf16_without_mark`); when it is no UTF-8, the legacy encoding of a script other than Latin's that it reads
+    as one script's text in (`_legacy_encoding_of_another_script`: cp1251, GBK, Shift_JIS, ...), or UTF-16 when it
+    reads as UTF-16 text of one writing system, as Chinese, Japanese or Korean saved so does
+    (`_utf16_of_one_writing_system`, asked second: Shift_JIS reads so as UTF-16 too); Windows-1252 (Latin-1's
+    superset) when not one of its bytes above 127 starts a valid UTF-8 character (a legacy 8-bit file: `café` stays
+    `café`); else UTF-8 with its stray bytes read by `_stray_byte_as_cp1252` (a Latin-1 line in a UTF-8 changelog:
+    `Bj\xf6rn` is `Björn`)."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return data.decode("utf-16", errors="replace")
     utf16 = _utf16_without_mark(data) if b"\x00" in data else None  # NUL bytes: no text file's, but UTF-16's
@@ -299,9 +313,9 @@ def _decoded(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")  # nearly every file, in one pass
     except UnicodeDecodeError:
-        utf16 = _utf16_of_one_writing_system(data)
-        if utf16 is not None:
-            return data.decode(utf16, errors="replace")
+        encoding = _legacy_encoding_of_another_script(data) or _utf16_of_one_writing_system(data)
+        if encoding is not None:
+            return data.decode(encoding, errors="replace")
         if _starts_no_utf8_character(data):
             return data.decode("cp1252", errors="replace")
         return data.decode("utf-8-sig", errors=STRAY_BYTE_AS_CP1252)
@@ -341,6 +355,25 @@ def _utf16_of_one_writing_system(data: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
     return encoding if len(text) >= UTF16_MIN_CHARACTERS and _reads_as_one_writing_system(text) else None
+
+
+def _legacy_encoding_of_another_script(data: bytes) -> str | None:
+    """The legacy encoding (`LEGACY_ENCODINGS_OF_OTHER_SCRIPTS`: cp1251, KOI8-R, GBK, Big5, Shift_JIS, EUC-KR, ...)
+    of a file that UTF-8 fails on (`UTF16_MIN_NOT_UTF8_SHARE` of its first bytes) and that reads as one script's text
+    in it; None for other bytes (Latin text in Windows-1252, a UTF-8 file with a stray byte)."""
+    sample = data[:UTF16_SNIFF_BYTES]
+    not_utf8 = len(_ESCAPED_BYTE.findall(sample.decode("utf-8", errors="surrogateescape")))
+    if not_utf8 < max(UTF16_MIN_CHARACTERS, UTF16_MIN_NOT_UTF8_SHARE * len(sample)):
+        return None  # a short text's few bytes above 127 (`r\xe9sum\xe9`, a cut emoji) read as any script's
+    best = charset_normalizer.from_bytes(data).best()
+    if best is None or best.encoding not in LEGACY_ENCODINGS_OF_OTHER_SCRIPTS:
+        return None
+    text = str(best)[:UTF16_SNIFF_BYTES]
+    letters = [char for char in text if char.isalpha()]
+    other_letters = sum(char >= "\x80" for char in letters)  # Latin text read so has a few among its ASCII ones
+    if other_letters < max(UTF16_MIN_CHARACTERS, LEGACY_MIN_OTHER_LETTER_SHARE * len(letters)):
+        return None
+    return best.encoding if _reads_as_one_writing_system(text) else None
 
 
 def _reads_as_one_writing_system(text: str) -> bool:

@@ -53,6 +53,7 @@ from seekstack.corpus.sources import (
 )
 from seekstack.corpus.split import split_score, validation_cutoff
 from seekstack.schema import ConfigError, load_config, write_config
+from tests.corpus.test_kinds import CHINESE_ARTICLE, JAPANESE_TEXT, KOREAN_TEXT
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 VOCABULARY = (
@@ -774,6 +775,34 @@ def test_text_that_is_no_utf8_but_not_utf16_either_is_read_as_before(tmp_path: P
     decoded = {doc.doc_id: doc.text for doc in read_text_folder(tmp_path)}
     assert decoded["fr.txt"] == french and decoded["zh.txt"] == chinese + " Björn"
     assert decoded["noise.txt"] == bytes(range(1, 256)).decode("cp1252", errors="replace") * 16
+
+
+RUSSIAN_TEXT = (
+    "Городская библиотека вновь открылась в понедельник после почти двух лет ремонта. Читальный зал стал намного "
+    "светлее, у детского отдела появился отдельный вход, а новые комнаты для занятий работают до полуночи.\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding"),
+    [
+        (RUSSIAN_TEXT * 3, "cp1251"),  # read as Windows-1252: 'Ãîðîäñêàÿ áèáëèîòåêà', kept and trained on
+        (RUSSIAN_TEXT * 3, "koi8_r"),
+        (CHINESE_ARTICLE, "gbk"),
+        ("市立圖書館在經歷了將近兩年的翻修之後，於本週一重新向公眾開放。閱覽室比以前明亮了許多。\n" * 4, "big5"),
+        (JAPANESE_TEXT * 3, "shift_jis"),
+        (JAPANESE_TEXT * 3, "euc_jp"),
+        (KOREAN_TEXT * 3, "euc_kr"),
+        ("Η δημοτική βιβλιοθήκη άνοιξε ξανά τη Δευτέρα μετά από σχεδόν δύο χρόνια ανακαίνισης.\n" * 4, "cp1253"),
+        ("A biblioteca municipal reabriu na segunda-feira após quase dois anos de reformas.\n" * 4, "cp1252"),
+    ],
+)
+def test_a_file_in_a_legacy_encoding_of_its_script_is_read_in_it(tmp_path: Path, text: str, encoding: str) -> None:
+    """A file that is no UTF-8 was read as Windows-1252 whatever its script: Russian, Chinese, Japanese, Korean and
+    Greek in their legacy encodings became Latin letters (or U+FFFD) and passed the rules as prose; the encoding
+    charset_normalizer names is trusted for other scripts than Latin's, Latin text is read as Windows-1252 still."""
+    (tmp_path / "doc.txt").write_bytes(text.encode(encoding))
+    assert [doc.text for doc in read_text_folder(tmp_path)] == [text]
 
 
 def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
