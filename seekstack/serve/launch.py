@@ -87,7 +87,8 @@ def build_server(
         if open_access
         else f"API keys required (from {database.location})"
     )
-    return app, f"serving {name!r} on http://{options.host}:{options.port} (chat page at /); {access}"
+    page = " (chat page at /)" if options.chat_page else ""
+    return app, f"serving {name!r} on http://{options.host}:{options.port}{page}; {access}"
 
 
 def load_policy(path: Path) -> Policy:

@@ -14,7 +14,8 @@ from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.chat_page import inline_source
 from seekstack.serve.database import open_database
-from tests.serve.server import error_of, make_model_dir, run
+from seekstack.serve.launch import ServeOptions, build_server
+from tests.serve.server import error_of, free_port, make_model_dir, run
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,11 @@ def test_no_chat_page_leaves_slash_to_404_as_llama_servers_no_webui(engine, tmp_
     for flags, served in (([], True), (["--no-chat-page"], False)):
         CliRunner().invoke(cli, ["serve", "--model", model_dir, "--db", str(tmp_path / "k.db"), *flags])
         assert built.pop().chat_page is served
+
+
+def test_the_servers_start_line_names_the_chat_page_only_when_it_is_served(engine, tmp_path):
+    """With --no-chat-page the start line still said "(chat page at /)"."""
+    for chat_page in (True, False):
+        options = ServeOptions(port=free_port(), database=str(tmp_path / f"{chat_page}.db"), chat_page=chat_page)
+        _, summary = build_server(engine.model_dir, options)
+        assert ("(chat page at /)" in summary) is chat_page, summary
