@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.tokens.shards import TokenWindows
-from seekstack.tokens.token_bytes import scored_text_bytes
+from seekstack.tokens.token_bytes import scored_text_bytes, text_targets
 
 VAL_SPLIT = "val"
 WINDOW = 256  # tokens a measured window predicts, unless the model's context is shorter
@@ -58,7 +59,8 @@ def measure(
         ref_logp = reference(batch).logits[:, :-1].float().log_softmax(dim=-1)  # (B, T-1, V)
         logp = model(batch).logits[:, :-1].float().log_softmax(dim=-1)
         targets = batch[:, 1:]
-        nats += -logp.gather(-1, targets[..., None]).sum().item()
+        text = text_targets(byte_lengths, batch)[:, 1:] != IGNORE_INDEX  # EOS spells no bytes: its loss not counted
+        nats += -logp.gather(-1, targets[..., None])[..., 0][text].sum().item()
         kl += F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
         agree += (logp.argmax(-1) == ref_logp.argmax(-1)).sum().item()
         positions += targets.numel()

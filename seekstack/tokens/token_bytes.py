@@ -84,6 +84,13 @@ def split_byte_lengths(
     return torch.full((recorded["vocab_size"],), mean, dtype=torch.float64), note
 
 
+def text_targets(byte_lengths: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`labels` (..., T) with each target that spells no bytes (EOS, BOS, a role token: 0 in `byte_lengths`) set to
+    IGNORE_INDEX, so that bits per byte sums the loss of the targets that spell text alone, over their bytes, as
+    nanochat's evaluate_bpb does (a special token's loss, over 0 bytes, was charged to the text)."""
+    return labels.masked_fill(byte_lengths[labels.clamp(min=0)] == 0, IGNORE_INDEX)
+
+
 def scored_text_bytes(byte_lengths: torch.Tensor, labels: torch.Tensor) -> float:
     """UTF-8 bytes of the targets rows of `labels` (..., T) score: every label after the first (nothing predicts
     it) that is not IGNORE_INDEX, each counted by `byte_lengths` (`token_byte_lengths`, `split_byte_lengths`)."""

@@ -75,7 +75,7 @@ from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
 from seekstack.tokens.provenance import require_checkpoint_tokenizer, retokenize_command
 from seekstack.tokens.shards import TokenWindows, shard_listing
-from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths
+from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths, text_targets
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import CONFIG_FILE, VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
@@ -856,8 +856,9 @@ class _Run:
         counted by rank 0 alone."""
         whole = len(windows) % self.ranks.world_size != 0
         rows = windows if whole else distributed.local_rows(windows, self.ranks)
-        text_bytes = scored_text_bytes(self.val_byte_lengths, rows)
-        return ValidationBatch(rows, rows, text_bytes, counted=not whole or self.ranks.is_main)
+        labels = text_targets(self.val_byte_lengths, rows)  # EOS, which spells no text, is not scored
+        text_bytes = scored_text_bytes(self.val_byte_lengths, labels)
+        return ValidationBatch(rows, labels, text_bytes, counted=not whole or self.ranks.is_main)
 
     def _val_byte_lengths(self) -> torch.Tensor | None:
         """The UTF-8 bytes of each token id of the tokenizer the val split was encoded with (`split_byte_lengths`),

@@ -274,12 +274,12 @@ def test_validation_scores_the_same_windows_however_a_steps_batch_is_split(data_
         assert [e[name] for e in evaluations] == pytest.approx([evaluations[0][name]] * 3, rel=1e-5)
 
 
-def tokenized_splits(root: Path) -> Path:
-    """Train and val shards of a byte-level BPE, the val text ASCII first and then three-byte CJK: its first windows
-    spell far fewer bytes per token than the split's mean."""
+def tokenized_splits(root: Path, val: list[str] | None = None) -> Path:
+    """Train and val shards of a byte-level BPE, the val text (`val`'s documents, by default one) ASCII first and then
+    three-byte CJK: its first windows spell far fewer bytes per token than the split's mean."""
     texts = {
         "train": ["the cat sat on the mat. 猫坐在垫子上。" * 40],
-        "val": ["a cat on a mat. " * 30 + "猫坐在垫子上。" * 60],
+        "val": val or ["a cat on a mat. " * 30 + "猫坐在垫子上。" * 60],
     }
     tokenizer = train_tokenizer(texts["train"], vocab_size=300, out_path=root / "tokenizer")
     for split, documents in texts.items():
@@ -314,6 +314,29 @@ def test_val_bpb_counts_the_bytes_the_scored_tokens_spell_or_says_it_estimates(t
     (evaluation,) = [m for m in read_metrics(tmp_path / "estimated") if "val_loss" in m]
     nats = evaluation["val_loss"] * windows[:, 1:].numel()
     assert evaluation["val_bpb"] == pytest.approx(nats / (math.log(2) * estimate), rel=1e-6)
+
+
+def test_val_loss_and_bpb_leave_out_the_eos_ending_each_document_as_nanochats_evaluate_bpb(tmp_path):
+    """An EOS spells no bytes: its loss was summed into val_bpb, charged to the text's bytes (nanochat's evaluate_bpb
+    leaves out the targets of 0 bytes)."""
+    from seekstack.checkpoint import load_pretrained
+
+    tokens = tokenized_splits(tmp_path, val=["a cat on a mat. " * 2] * 20)  # an EOS every ~10 tokens
+    tokenizer = Tokenizer.from_file(tmp_path / "tokenizer")
+    model = MICRO_MODEL | {"vocab_size": tokenizer.vocab_size}
+    train(run_config(tokens, tmp_path / "run", model_overrides=model, batch_size=2, grad_accum_steps=1, max_steps=1,
+                     eval_every=1, save_every=0, dtype="float32"))  # fmt: skip
+    (evaluation,) = [m for m in read_metrics(tmp_path / "run") if "val_loss" in m]
+    windows = torch.cat(list(itertools.islice(TokenWindows(tokens, "val", 32).sequential(2), 2)))  # eval_batches=2
+    targets = windows[:, 1:]
+    text = targets != tokenizer.eos_id
+    assert (~text).sum() >= 4
+    with torch.no_grad():
+        logits = load_pretrained(tmp_path / "run" / "checkpoints" / "step_1")(windows).logits[:, :-1].float()
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    spelled = len(tokenizer.decode(targets[text].tolist()).encode())  # ASCII: no cut characters
+    assert evaluation["val_loss"] == pytest.approx(losses[text].mean().item(), rel=1e-5)
+    assert evaluation["val_bpb"] == pytest.approx(losses[text].sum().item() / (math.log(2) * spelled), rel=1e-5)
 
 
 def test_a_resume_on_shards_of_another_tokenizer_is_refused_naming_both(tmp_path):
