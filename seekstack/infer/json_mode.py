@@ -145,7 +145,9 @@ class JsonFormat(GrammarFormat):
             raise InvalidSchema(f"JSON Schema not supported: it allows no value that can be written ({reason})")
         if reasoning_start is not None:
             answer = json.loads(grammar)["grammars"][0]["json_schema"]  # the schema, LAYOUT in its x-guidance
-            grammar = llguidance.LLMatcher.grammar_from_lark(after_reasoning(answer, reasoning_start))
+            grammar = llguidance.LLMatcher.grammar_from_lark(
+                after_reasoning(f"%json {json.dumps(answer)}", reasoning_start)
+            )
             self.matcher = llguidance.LLMatcher(grammar_tokenizer, grammar, log_level=0)
 
 
@@ -163,12 +165,13 @@ def _integer_beyond_64_bits(value: Any, where: str = "schema") -> tuple[str, int
     return None
 
 
-def after_reasoning(answer: dict[str, Any], reasoning_start: str) -> str:
-    """A Lark grammar (llguidance's) of an R1 reply whose answer is JSON of the schema `answer`: the reasoning, free
-    text up to the first </think>, then up to 4 blanks and the JSON. A reply whose `reasoning_start` (the prompt's
-    part) opens no <think> may also be the JSON alone, as the reasoning parser reads it (`serve.reasoning`)."""
+def after_reasoning(answer: str, reasoning_start: str) -> str:
+    """The start of a Lark grammar (llguidance's) of an R1 reply whose answer is `answer` (a rule's body: `%json
+    {schema}` for JSON of a schema, or a rule the rest of the grammar defines): the reasoning, free text up to the
+    first </think>, then up to 4 blanks and the answer. A reply whose `reasoning_start` (the prompt's part) opens no
+    <think> may also be the answer alone, as the reasoning parser reads it (`serve.reasoning`)."""
     close = THINK_CLOSE.replace("/", r"\/")
-    rules = [f"reasoning[lazy]: /(?s:.*){close}/", f"blank: /{BLANK}{{0,4}}/", f"answer: %json {json.dumps(answer)}"]
+    rules = [f"reasoning[lazy]: /(?s:.*){close}/", f"blank: /{BLANK}{{0,4}}/", f"answer: {answer}"]
     if reasoning_start.lstrip().startswith(THINK_OPEN):
         return "\n".join(["start: reasoning blank answer", *rules])
     return "\n".join([f"start: answer | /{BLANK}{{0,4}}{THINK_OPEN}/ reasoning blank answer", *rules])

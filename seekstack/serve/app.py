@@ -249,7 +249,7 @@ class Server:
             parsed = self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest)  # R1 replies
             start = given_start(body, self.engine.tokenizer) if parsed else None  # the answer follows the reasoning
             forced = isinstance(body, ChatCompletionRequest) and body.tools  # tool_choice may force tool calls
-            calls_format = await asyncio.to_thread(forced_calls_format, body, self.engine) if forced else None
+            calls_format = await asyncio.to_thread(forced_calls_format, body, self.engine, start) if forced else None
             output_format = calls_format or await asyncio.to_thread(json_format, body, self.engine, start)  # grammars
             prompts = await asyncio.to_thread(prompt_ids, body, self.engine.tokenizer)
             prompt_tokens = sum(len(prompt) for prompt in prompts)  # each prompt once, whatever n

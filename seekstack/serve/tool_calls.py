@@ -17,7 +17,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from seekstack.infer.json_mode import LAYOUT, GrammarFormat, InvalidSchema, JsonFormat
+from seekstack.infer.json_mode import LAYOUT, GrammarFormat, InvalidSchema, JsonFormat, after_reasoning
 from seekstack.serve.errors import APIError
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -134,11 +134,14 @@ def message_with_calls(message: AssistantMessage, finish_reason: str | None) -> 
     return called, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
-def forced_calls_format(request: ChatCompletionRequest, engine: Engine) -> GrammarFormat | None:
+def forced_calls_format(
+    request: ChatCompletionRequest, engine: Engine, reasoning_start: str | None = None
+) -> GrammarFormat | None:
     """The grammar a request's `tool_choice` holds the reply to: one call of the named function (as vLLM's), or with
     "required" calls of any offered (one, with parallel_tool_calls false); None when the model may answer in text.
-    400 naming the tool whose parameters' schema cannot be enforced, or tool_choice beside a response_format (one
-    reply, one grammar)."""
+    With a reasoning parser (`reasoning_start`: the reply's start the prompt gives) the calls follow the reasoning, as
+    JSON mode's JSON does. 400 naming the tool whose parameters' schema cannot be enforced, or tool_choice beside a
+    response_format (one reply, one grammar)."""
     choice = request.tool_choice
     forced = choice == "required" or isinstance(choice, NamedToolChoice)
     if not forced or not engine.tokenizer.has_tool_tokens:  # without them the tools are refused (prompt_ids)
@@ -150,7 +153,8 @@ def forced_calls_format(request: ChatCompletionRequest, engine: Engine) -> Gramm
     tools = [tool for tool in request.tools if choice == "required" or tool.function.name == choice.function.name]
     try:
         parallel = choice == "required" and request.parallel_tool_calls
-        return GrammarFormat(tokenizer, _calls_grammar(tokenizer, tools, parallel))
+        start = "start: calls" if reasoning_start is None else after_reasoning("calls", reasoning_start)
+        return GrammarFormat(tokenizer, start + "\n" + _calls_grammar(tokenizer, tools, parallel))
     except InvalidSchema as error:
         for position, tool in enumerate(request.tools):
             try:
@@ -169,14 +173,15 @@ def _arguments_schema(parameters: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _calls_grammar(tokenizer: Tokenizer, tools: list, parallel: bool) -> str:
-    """A Lark grammar (llguidance's) of a reply that is calls of `tools` in DeepSeek-V3's format: one, or with
-    `parallel` one or more a newline apart. The markers are named by their token ids, as the model writes them."""
+    """The rules of a Lark grammar (llguidance's) whose rule `calls` is calls of `tools` in DeepSeek-V3's format: one,
+    or with `parallel` one or more a newline apart. The markers are named by their token ids, as the model writes
+    them."""
     token = {marker: f"<[{tokenizer.backend.token_to_id(marker)}]>" for marker in
              (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)}  # fmt: skip
     functions = " | ".join(f"function_{position}" for position in range(len(tools)))
     more = '("\\n" call)*' if parallel else ""  # Lark: a newline, then another call, any number of times
     rules = [
-        f"start: {token[TOOL_CALLS_BEGIN]} call {more} {token[TOOL_CALLS_END]}",
+        f"calls: {token[TOOL_CALLS_BEGIN]} call {more} {token[TOOL_CALLS_END]}",
         f'call: {token[TOOL_CALL_BEGIN]} "function" {token[TOOL_SEP]} ({functions}) "\\n```" {token[TOOL_CALL_END]}',
     ]
     for position, tool in enumerate(tools):

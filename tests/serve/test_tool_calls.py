@@ -17,8 +17,8 @@ import pytest
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
-from seekstack.serve.schemas import AssistantMessage
-from seekstack.serve.tool_calls import ToolCallParser, message_with_calls
+from seekstack.serve.schemas import AssistantMessage, ChatCompletionRequest
+from seekstack.serve.tool_calls import ToolCallParser, forced_calls_format, message_with_calls
 from seekstack.tokenizer import BOS, TOOL_CALLS_BEGIN, TOOL_OUTPUTS_END, tool_call_text, tools_prompt
 from tests.serve.server import error_of, make_model_dir, run, serving
 
@@ -199,3 +199,20 @@ def test_tokenize_counts_the_tools_a_chat_lists_as_the_call_is_billed(engine, tm
     counted, billed = run(create_app(engine, open_database(tmp_path / "db")), scenario)
     assert counted.json()["count"] == billed.json()["usage"]["prompt_tokens"]
     assert counted.json()["tokens"] == engine.tokenizer.encode_chat(ASK, tools=[MOVE])
+
+
+def test_with_a_reasoning_parser_a_forced_call_follows_the_reasoning(r1_engine):
+    """DeepSeek-R1's prompt opens the reply's <think>: the calls' grammar forced a call from the first token, inside
+    the reasoning. As JSON mode's JSON (and vLLM's guided decoding), the calls now follow the reasoning's </think>."""
+    tokenizer, vocab = r1_engine.tokenizer, r1_engine.config.vocab_size
+    request = ChatCompletionRequest.model_validate(
+        {**GREEDY, "tools": [MOVE], "tool_choice": {"type": "function", "function": {"name": "move"}}}
+    )
+    reply = f"North, two.\n</think>\n\n{TOOL_CALLS_BEGIN}{tool_call_text('move', MOVE_ARGUMENTS)}<｜tool▁calls▁end｜>"
+    constraint = forced_calls_format(request, r1_engine, "<think>\n").constraint()
+    for token in tokenizer.encode(reply):
+        assert constraint.allowed(vocab)[token], tokenizer.decode([token])
+        constraint.accept(token)
+    assert constraint.complete
+    without_parser = forced_calls_format(request, r1_engine).constraint().allowed(vocab)
+    assert without_parser.nonzero().flatten().tolist() == [tokenizer.backend.token_to_id(TOOL_CALLS_BEGIN)]
