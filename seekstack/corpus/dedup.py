@@ -1,9 +1,10 @@
 """Exact deduplication by content hash and near-duplicate removal by MinHash LSH; the first occurrence is kept.
 
-Near duplicates: a document's shingles are its word 5-grams (`kinds.words`, so in Chinese or Japanese 5
-characters; in Thai, Lao, Tibetan, Myanmar or Khmer 5 x `UNSPACED_WORD_CHARS` characters), lower-cased and without
-punctuation; 128 MinHash permutations estimate the Jaccard similarity of two shingle sets, and LSH (banding tuned
-by datasketch for the threshold) finds the kept documents estimated above `threshold` (0.8 by default).
+Near duplicates: a document's shingles are its word 5-grams (`kinds.words`, so in Chinese or Japanese 5 characters;
+in Thai, Lao, Tibetan, Myanmar or Khmer 5 x `UNSPACED_WORD_CHARS` characters), lower-cased and without punctuation
+or invisible format characters; 128 MinHash permutations estimate the Jaccard similarity of two shingle sets, and
+LSH (banding tuned by datasketch for the threshold) finds the kept documents estimated above `threshold` (0.8 by
+default).
 `bench/data_near_dedup.py` measures recall and precision at several edit rates.
 """
 
@@ -45,18 +46,22 @@ class ExactDeduplicator:
 
 
 @functools.cache
-def _punctuation() -> dict[int, None]:
-    """Every Unicode punctuation character (categories P*), as a `str.translate` table that deletes them."""
-    return dict.fromkeys(code for code in range(sys.maxunicode + 1) if unicodedata.category(chr(code))[0] == "P")
+def _punctuation_and_format() -> dict[int, None]:
+    """Every Unicode punctuation character (categories P*) and invisible format character (Cf: the zero-width space
+    Thai and Khmer text sets between words, soft hyphens, direction marks), as a `str.translate` table that deletes
+    them."""
+    categories = (unicodedata.category(chr(code)) for code in range(sys.maxunicode + 1))
+    return dict.fromkeys(code for code, category in enumerate(categories) if category[0] == "P" or category == "Cf")
 
 
 def word_shingles(text: str, size: int = SHINGLE_WORDS) -> set[bytes]:
-    """The set of word `size`-grams of the text lower-cased and without punctuation (the whole text when it has
-    fewer words), as datatrove's MinHash normalises it: copies that differ in typography (`don't` / `don’t`,
-    `"` / `“`, `--` / `—`) have the same shingles. In Thai, Lao, Tibetan, Myanmar or Khmer text, whose space-separated
-    "words" are phrases (one character's edit would change every shingle holding its phrase), a word is
-    `UNSPACED_WORD_CHARS` of its characters, as the quality rules count them."""
-    tokens = words(text.lower().translate(_punctuation()))
+    """The set of word `size`-grams of the text lower-cased and without punctuation or invisible format characters (the
+    whole text when it has fewer words), as datatrove's MinHash normalises it: copies that differ in typography
+    (`don't` / `don’t`, `"` / `“`, `--` / `—`, a soft hyphen, a zero-width space) have the same shingles. In Thai,
+    Lao, Tibetan, Myanmar or Khmer text, whose space-separated "words" are phrases (one character's edit would
+    change every shingle holding its phrase), a word is `UNSPACED_WORD_CHARS` of its characters, as the quality
+    rules count them."""
+    tokens = words(text.lower().translate(_punctuation_and_format()))
     if written_without_spaces(text):
         characters, size = "".join(tokens), size * UNSPACED_WORD_CHARS
         shingles = [characters[i : i + size] for i in range(max(1, len(characters) - size + 1))]
