@@ -1,6 +1,7 @@
 """On-policy rows for GKD (Agarwal et al. 2024): the student writes the rows the teacher then scores.
 
-Token shards: the student continues the first `prompt_tokens` of each corpus row to the row's length. Conversations:
+Token shards: the student continues the first `prompt_tokens` of each corpus row to the row's length (to the
+student's context when the row is one longer: seq_len = max_position_embeddings). Conversations:
 the student answers each conversation's prompt (its tokens before the first assistant token) until EOS or seq_len;
 SFTSource leaves out conversations without an assistant token within seq_len, so every prompt has room. Generation
 runs on the inference engine built on the very student being trained, as the RL rollouts do
@@ -72,9 +73,9 @@ class StudentGenerations:
     def __call__(
         self, rows: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self.prompt_tokens is not None:  # corpus rows: continue the first P tokens to the row's length T
+        if self.prompt_tokens is not None:  # corpus rows: continue the first P tokens to max_tokens
             prompts = rows[:, : self.prompt_tokens].tolist()
-            completions = self._sample(prompts, [rows.shape[1] - self.prompt_tokens] * len(prompts), ignore_eos=True)
+            completions = self._sample(prompts, [self.max_tokens - self.prompt_tokens] * len(prompts), ignore_eos=True)
             generated = torch.tensor([p + c for p, c in zip(prompts, completions, strict=True)], device=rows.device)
             return generated, *on_policy_targets(generated, self.prompt_tokens), None
         prompts = conversation_prompts(rows, labels)

@@ -66,10 +66,10 @@ class DistillHooks:
         teacher = Teacher(config.teacher, config.teacher_dtype, device, cache)
         generations = None
         if config.lmbda > 0:
-            # a corpus row is seq_len inputs and the last target; a conversation row at most seq_len tokens
-            tokens, prompt = (
-                (config.seq_len + 1, config.prompt_tokens) if not config.conversational else (config.seq_len, None)
-            )
+            # a corpus row is seq_len inputs and the last target, written up to the student's context (a row at full
+            # context leaves its last target out); a conversation row at most seq_len tokens
+            corpus_row = min(config.seq_len + 1, model.config.max_position_embeddings)
+            tokens, prompt = (corpus_row, config.prompt_tokens) if not config.conversational else (config.seq_len, None)
             generations = StudentGenerations(
                 model, self.tokenizer, config.batch_size, tokens, prompt, config.sample_temperature
             )

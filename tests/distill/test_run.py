@@ -234,6 +234,21 @@ def test_teacher_scores_of_a_corpus_batch_come_from_the_top_k_cache_the_second_t
     torch.testing.assert_close(teacher.score(rows, every_position, []).logits, first)
 
 
+def test_on_policy_rows_of_a_student_trained_at_its_full_context_are_written_within_it(workspace, tmp_path):
+    """A corpus row is seq_len + 1 tokens: at seq_len = the student's max_position_embeddings (which train takes) the
+    engine was built one token longer and refused it, 'max_model_len=25 is longer than the model's context'."""
+    student = {**DENSE_STUDENT, "max_position_embeddings": 24}
+    changes = dict(lmbda=1.0, max_steps=1, eval_every=0, save_every=0, feature_layers={}, feature_weights={})
+    config = distill_config(workspace, tmp_path / "run", model_overrides=student, **changes)
+    assert run_distill(config).step == 1
+    hooks = DistillHooks(config)
+    model = hooks.prepare(Transformer(config.model_config()))
+    rows = torch.randint(2, VOCAB, (4, 25))
+    generated, labels, compared, _ = model.generations(rows, rows)
+    assert generated.shape == (4, 24) and torch.equal(generated[:, :12], rows[:, :12])
+    assert int(compared.sum(1)[0]) == 12  # the positions predicting the 12 written tokens
+
+
 def test_a_teacher_cache_is_refused_for_a_teacher_rewritten_into_its_folder(workspace, tmp_path):
     """The cache was keyed on the teacher's folder alone: a teacher re-exported there was served the first one's
     log-probabilities without a word (its val_divergence equal to the first teacher's to 4 digits)."""
