@@ -283,18 +283,27 @@ def _outside_nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     cover top_p (B,) already; none for a row at top_p 1, though float32's running sum can reach 1 before its tail.
 
     A sort of the vocabulary costs 20-60x a topk (129280 ids: ~30 ms a row on a CPU core): the running sum is taken
-    over the NUCLEUS_CANDIDATES likeliest (a topk, sorted), and where that covers every row's top_p, all the tokens
-    after them are outside as a sort would find them. Only a row whose nucleus is wider (a flat distribution) sorts."""
+    over the NUCLEUS_CANDIDATES likeliest (a topk, sorted), and where that covers a row's top_p, all the tokens after
+    them are outside as a sort would find them. Only the rows whose nucleus is wider (flat distributions) sort."""
     vocab = probs.shape[-1]
     wanted = top_p[:, None] < 1
-    sorted_probs, order = probs.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1)
-    cumulative = sorted_probs.cumsum(dim=-1)
-    if sorted_probs.shape[-1] < vocab and not bool(((cumulative[:, -1:] >= top_p[:, None]) | ~wanted).all()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        cumulative = sorted_probs.cumsum(dim=-1)
-    outside = (cumulative - sorted_probs) >= top_p[:, None]
-    inside = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, ~outside)
+    candidates, order = probs.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1)
+    inside, covered = _nucleus(candidates, order, top_p, vocab)
+    wider = (wanted[:, 0] & ~covered).nonzero()[:, 0]  # rows whose nucleus holds more than the candidates
+    if candidates.shape[-1] < vocab and len(wider):
+        inside[wider] = _nucleus(*probs[wider].sort(dim=-1, descending=True), top_p[wider], vocab)[0]
     return wanted & ~inside
+
+
+def _nucleus(
+    sorted_probs: torch.Tensor, order: torch.Tensor, top_p: torch.Tensor, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From each row's likeliest probabilities in descending order (B, K) and their ids (B, K): the (B, V) bool of
+    the tokens among them that the ones before do not cover top_p (B,) with, and (B,) whether all K cover it."""
+    cumulative = sorted_probs.cumsum(dim=-1)
+    outside = (cumulative - sorted_probs) >= top_p[:, None]
+    inside = torch.zeros(order.shape[0], vocab, dtype=torch.bool, device=order.device).scatter_(-1, order, ~outside)
+    return inside, cumulative[:, -1] >= top_p
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
