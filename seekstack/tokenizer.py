@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import __version__ as tokenizers_version
 
@@ -68,6 +68,10 @@ SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TOOL_TOKENS)  # every byte, the
 # uint32 shards hold, and ~75 MB for the BPE trainer, which allocates ~70 bytes per token asked for up front (it
 # aborts the process, past Python's reach, when that fails: 1e9 tokens asks for 70 GB).
 LARGEST_VOCAB = 2**20
+# GPT-2's pre-tokenizer pattern with combining marks (\p{M}) kept in the run of letters they belong to, as DeepSeek-V3's
+# own pattern keeps them (`[\p{L}\p{M}]+`): GPT-2's splits Hindi नमस्ते into नमस ् त े, Thai ไม่ into ไม ่ and an NFD é
+# from its e, pieces BPE never merges back
+PRE_TOKENIZER_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"
 
 
 def tool_call_text(name: str, arguments: str) -> str:
@@ -685,7 +689,12 @@ def train_tokenizer(
             f"give the folder ({path.parent}) or {path.parent / TOKENIZER_FILE}"
         )
     backend = BackendTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

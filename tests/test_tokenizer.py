@@ -21,7 +21,7 @@ import jinja2
 import pytest
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import models
+from tokenizers import decoders, models
 
 from seekstack import tokenizer as tokenizer_module
 from seekstack.atomic import WriteRefused
@@ -161,6 +161,7 @@ AWKWARD_TEXTS = [
     "almost special: <｜User <｜begin▁of▁sentence｜ ｜> <|endoftext|> ▁",
     "combining e\u0301 a\u0308\u0323 zero-width\u200b\u200djoin, private \ue000, astral \U0001f9ea\U00010348",
     "   leading and trailing spaces   \n\n\n",
+    "हिन्दी में नमस्ते, ภาษาไทยไม่มีช่องว่าง, முருகன், NFD cafe\u0301 N\u0303andu\u0301 beside NFC café Ñandú",
 ]
 
 
@@ -192,6 +193,22 @@ def test_bpe_compresses_text_like_its_training_data(trained):
     tokenizer, _ = trained
     text = "import os\n\n\ndef main():\n    return os.path.join('a', 'b')\n"
     assert len(tokenizer.encode(text)) < len(text.encode("utf-8")) / 2
+
+
+def test_pre_tokenization_keeps_combining_marks_with_their_letters(trained):
+    """GPT-2's pattern split Hindi, Thai, Tamil and NFD Latin words at each combining mark (नमस ् त े), pieces BPE
+    never merges: Hindi held out of a 4,000-token vocabulary was 3.5 bytes a token, 5.1 with the marks kept (Tamil
+    3.1 -> 4.4), as DeepSeek-V3's own pattern keeps them."""
+    tokenizer, _ = trained
+    pieces = tokenizer.backend.pre_tokenizer.pre_tokenize_str("नमस्ते दुनिया ไม่มี முருகன் cafe\u0301 naïve")
+    assert [decoders.ByteLevel().decode([piece]) for piece, _ in pieces] == [
+        "नमस्ते",
+        " दुनिया",
+        " ไม่มี",
+        " முருகன்",
+        " cafe\u0301",
+        " naïve",
+    ]
 
 
 def test_special_tokens_are_single_ids_and_never_split(trained):
