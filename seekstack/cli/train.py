@@ -144,7 +144,15 @@ def sample_command(
 
     with user_errors(), options_named(("max_new_tokens", "temperature", "top_k", "seed")):
         prompts = tuple(prompt) if prompt else run_prompts(model)
-        samples = demo_samples(model, prompts, max_new_tokens, temperature, top_k, seed)
+        samples = demo_samples(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_k,
+            seed,
+            notify=lambda notice: typer.echo(f"note: {notice}", err=True),
+        )
     for text, greedy, sampled in samples:
         typer.echo(f"----- prompt {text!r}\n[greedy]\n{text}{greedy}\n[sampled, T={temperature}, top-k {top_k}]")
         typer.echo(f"{text}{sampled}\n")

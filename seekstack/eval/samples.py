@@ -8,9 +8,11 @@ Generation runs on the inference engine (`seekstack/infer/`), all prompts in one
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -87,13 +89,22 @@ def demo_samples(
     temperature: float = 0.8,
     top_k: int = 50,
     seed: int = 0,
+    notify: Callable[[str], None] | None = None,
 ) -> list[tuple[str, str, str]]:
     """(prompt, greedy continuation, sampled continuation) for each prompt, from a checkpoint or run directory
-    holding the tokenizer."""
+    holding the tokenizer. A prompt whose max_new_tokens do not fit the model's context with it gets the room there
+    is, as `generate` caps it, and `notify` hears the engine's notice."""
     engine = _engine(model_path, max_batch_size=2 * len(prompts))
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-    completions = engine.generate([*prompts, *prompts], [greedy] * len(prompts) + [sampled] * len(prompts))
+    rooms = []  # each prompt's max_new_tokens
+    for prompt in prompts:
+        fitted, notice = engine.fit_max_new_tokens(len(engine.tokenizer.encode_prompt(prompt)), greedy)
+        rooms.append(fitted.max_new_tokens)
+        if notice is not None and notify is not None:
+            notify(f"{prompt!r}: {notice}")
+    params = [dataclasses.replace(p, max_new_tokens=room) for p in (greedy, sampled) for room in rooms]
+    completions = engine.generate([*prompts, *prompts], params)
     texts = [completion.text for completion in completions]
     return list(zip(prompts, texts[: len(prompts)], texts[len(prompts) :], strict=True))
 

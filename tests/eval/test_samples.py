@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from seekstack.checkpoint import save_pretrained
 from seekstack.eval.report import _samples
-from seekstack.eval.samples import DEMO_PROMPTS, run_prompts
+from seekstack.eval.samples import DEMO_PROMPTS, demo_samples, run_prompts
+from seekstack.infer import Engine, SamplingParams
+from tests.infer.support import micro_model, tiny_tokenizer
 
 LICENSE = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software"
 MANUAL = "cp - copy files and directories"
@@ -57,3 +60,19 @@ def test_report_samples_a_prose_run_on_its_held_out_openings_as_text(tmp_path, m
     assert "openings of the first held-out documents" in section
     assert "```text\nPermission is hereby granted, free of charge, to and to deal.\n```" in section
     assert "fibonacci" not in section
+
+
+def test_continuations_past_the_models_context_are_capped_to_its_room_with_a_notice(tmp_path):
+    """`seekstack sample` on a model of 64 positions refused every prompt at its default 64 new tokens ("prompt 0 of
+    6: prompt (13 tokens) + max_new_tokens (64) = 77 exceeds max_model_len=64"), where `generate` caps them."""
+    model_dir = tmp_path / "model"
+    save_pretrained(micro_model(max_position_embeddings=64), model_dir)
+    tokenizer = tiny_tokenizer(model_dir)
+    prompt = "def fibonacci(n):"
+    room = 64 - len(tokenizer.encode_prompt(prompt))
+    notices = []
+    [(_, greedy, _)] = demo_samples(model_dir, (prompt,), max_new_tokens=100, notify=notices.append)
+    assert notices == [f"{prompt!r}: prompt is {64 - room} tokens; max_new_tokens capped from 100 to {room} to fit "
+                       "the context of 64"]  # fmt: skip
+    engine = Engine.from_pretrained(model_dir)
+    assert greedy == engine.generate([prompt], SamplingParams(max_new_tokens=room, temperature=0.0))[0].text
