@@ -110,6 +110,11 @@ def forward(
     torch.manual_seed(seed)
     with user_errors():
         config = model_config(model)
+        if seq_len > config.max_position_embeddings:  # positions past it were never trained: its losses mean nothing
+            fail(
+                f"--seq-len {seq_len}: longer than the model's context (max_position_embeddings "
+                f"{config.max_position_embeddings})"
+            )
         _require_memory(model, config)
         network = Transformer(config) if model in PRESETS else load_pretrained(model)
     network.eval()

@@ -115,6 +115,15 @@ def test_forward_on_a_truncated_checkpoint_prints_one_line_naming_the_file(tmp_p
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
 
 
+def test_forward_refuses_a_seq_len_longer_than_the_model_s_context_as_info_refuses_its_context():
+    """It ran the model past its context (a 64-position checkpoint at --seq-len 200) and printed the losses there."""
+    context = preset("tiny").max_position_embeddings
+    longer = run("forward", "tiny", "--seq-len", str(context + 1), "--batch", "1")
+    assert longer.exit_code == 1
+    expected = f"error: --seq-len {context + 1}: longer than the model's context (max_position_embeddings {context})"
+    assert expected in longer.stderr
+
+
 def test_info_counts_flops_at_the_model_s_context_and_refuses_a_longer_one():
     context = preset("tiny").max_position_embeddings
     default, shorter, longer = (
