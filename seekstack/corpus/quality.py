@@ -3,7 +3,8 @@ names (positives) from the raw pool (negatives), as DCLM and FineWeb-Edu do; its
 quality score, and selection keeps the documents above a threshold or the top fraction.
 
 The model is fastText's bag of n-grams with a single output, i.e. logistic regression: a document's word 1- and
-2-grams (`kinds.words`, so CJK characters count as words) are hashed (CRC-32) into `buckets` weights, and
+2-grams (`kinds.words`, so CJK characters count as words; in Thai, Lao, Tibetan, Myanmar and Khmer a word is 4
+characters) are hashed (CRC-32) into `buckets` weights, and
 score = sigmoid(mean of the weights of its n-grams + bias). Trained with Adagrad on the logistic loss, the two
 classes weighted equally, in an order fixed by the seed.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from seekstack.atomic import refuse_a_file_in_the_way, staged_files, write_atomic
-from seekstack.corpus.kinds import words
+from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, words, written_without_spaces
 from seekstack.corpus.sources import read_jsonl_rows
 from seekstack.schema import ConfigError
 
@@ -31,13 +32,21 @@ MAX_WORDS = 4000  # words of a document read for its features: enough to judge i
 
 
 def ngram_ids(text: str, buckets: int, ngrams: tuple[int, ...] = (1, 2)) -> np.ndarray:
-    """The hashed ids of the text's lower-cased word n-grams (with repeats), or the empty-text id."""
-    tokens = words(text.lower())[:MAX_WORDS]
-    ids = [
-        zlib.crc32(" ".join(tokens[i : i + n]).encode("utf-8")) % buckets
-        for n in ngrams
-        for i in range(len(tokens) - n + 1)
-    ]
+    """The hashed ids of the text's lower-cased word n-grams (with repeats), or the empty-text id. In Thai, Lao,
+    Tibetan, Myanmar or Khmer text, whose space-separated "words" are phrases (each a feature seen once), a word is
+    `UNSPACED_WORD_CHARS` characters, and its n-grams are the substrings of n times that many, as the rules count."""
+    lowered = text.lower()
+    if written_without_spaces(lowered):
+        characters = "".join(words(lowered))[: MAX_WORDS * UNSPACED_WORD_CHARS]
+        grams = [
+            characters[i : i + n * UNSPACED_WORD_CHARS]
+            for n in ngrams
+            for i in range(len(characters) - n * UNSPACED_WORD_CHARS + 1)
+        ]
+    else:
+        tokens = words(lowered)[:MAX_WORDS]
+        grams = [" ".join(tokens[i : i + n]) for n in ngrams for i in range(len(tokens) - n + 1)]
+    ids = [zlib.crc32(gram.encode("utf-8")) % buckets for gram in grams]
     return np.asarray(ids or [0], dtype=np.int64)
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app
 from seekstack.corpus.quality import QualityModel, ngram_ids, select_corpus, train_quality_model
+from tests.corpus.test_cleaning import LAO_ARTICLE, THAI_ARTICLE
 from tests.corpus.test_kinds import STDLIB
 
 MODULES = sorted(path for path in STDLIB.glob("*.py") if path.stat().st_size > 3000)[:60]
@@ -46,6 +47,17 @@ def test_training_is_deterministic_for_a_seed_and_the_model_round_trips(model: Q
 
 def test_cjk_text_gets_character_ngrams() -> None:
     assert len(ngram_ids("质量分类器", 1000)) == 5 + 4
+
+
+def test_text_written_without_spaces_gets_features_its_documents_share() -> None:
+    """A Thai article's features were its 12 space-separated runs, whole sentences no other document holds: a model
+    trained on Thai reference text and Lao pool text scored new Thai and Lao sentences alike (its bias alone)."""
+    thai, lao = THAI_ARTICLE.split("\n"), LAO_ARTICLE.split("\n")
+    model = train_quality_model(thai, lao, buckets=2**12, epochs=8)
+    new_thai = "ชาวบ้านในกรุงเทพมหานครปลูกข้าวเหนียวริมแม่น้ำเจ้าพระยา"  # words of the reference, in a new sentence
+    new_lao = "ຊາວບ້ານກິນເຂົ້າໜຽວຢູ່ແຄມແມ່ນ້ຳຂອງ"
+    assert model.score(new_thai) > 0.6 and model.score(new_lao) < 0.4
+    assert len(ngram_ids(THAI_ARTICLE, 2**12)) > 500  # 4-character "words" and their pairs, not 12 sentences
 
 
 def test_training_needs_both_classes_and_says_how_many_of_each_it_got() -> None:
