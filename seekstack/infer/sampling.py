@@ -174,23 +174,33 @@ class SamplingBatch:
         """
         if not self.penalized:
             return logits
-        vocab = logits.shape[-1]
-        seen = torch.zeros(len(self.params), vocab, dtype=torch.bool, device=self.device)
-        counts = torch.zeros(len(self.params), vocab, device=self.device)
-        for row, state in enumerate(self.penalties):
-            if state is not None:
-                seen[row], counts[row] = state.seen, state.output_counts
+        # each penalty only where a row sets it: every one is a few passes over B x V values (torch.where's ~40x a
+        # multiplication's on a CPU), and OpenAI clients send presence and frequency penalties without a repetition one
+        shape = (len(self.params), logits.shape[-1])
+        drafted = None
         if extra_tokens is not None:
-            rows = torch.arange(len(self.params), device=self.device)[:, None].expand_as(extra_tokens)
-            seen[rows, extra_tokens] = True
-            counts.index_put_((rows, extra_tokens), torch.ones_like(extra_tokens, dtype=counts.dtype), accumulate=True)
-        repetition, presence, frequency = (
-            t[:, None] for t in self._settings("repetition_penalty", "presence_penalty", "frequency_penalty")
-        )
-        penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
-        logits = torch.where(seen, penalized, logits)
-        # logit -= presence * 1[count > 0] + frequency * count   (OpenAI API reference, "parameter details")
-        return logits - presence * (counts > 0) - frequency * counts
+            drafted = (torch.arange(shape[0], device=self.device)[:, None].expand_as(extra_tokens), extra_tokens)
+        if any(p.repetition_penalty != 1 for p in self.params):
+            seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            for row, state in enumerate(self.penalties):
+                if state is not None:
+                    seen[row] = state.seen
+            if drafted is not None:
+                seen[drafted] = True
+            [repetition] = self._settings("repetition_penalty")
+            penalized = torch.where(logits > 0, logits / repetition[:, None], logits * repetition[:, None])
+            logits = torch.where(seen, penalized, logits)
+        if any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in self.params):
+            counts = torch.zeros(shape, device=self.device)
+            for row, state in enumerate(self.penalties):
+                if state is not None:
+                    counts[row] = state.output_counts
+            if drafted is not None:
+                counts.index_put_(drafted, torch.ones_like(extra_tokens, dtype=counts.dtype), accumulate=True)
+            presence, frequency = (t[:, None] for t in self._settings("presence_penalty", "frequency_penalty"))
+            # logit -= presence * 1[count > 0] + frequency * count   (OpenAI API reference, "parameter details")
+            logits = logits - presence * (counts > 0) - frequency * counts
+        return logits
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution each row samples from (B, V): temperature, top-k, top-p, min-p; greedy rows one-hot."""

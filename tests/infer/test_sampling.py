@@ -225,6 +225,26 @@ def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics(
     assert out.tolist() == pytest.approx([1.0, -5.0, 1.25, 1.0])
 
 
+def test_a_penalty_no_row_sets_takes_no_pass_over_the_vocabulary():
+    """Each penalty costs passes over B x V values (torch.where's ~40x a multiplication's on a CPU): a repetition
+    penalty alone takes no presence/frequency arithmetic, an OpenAI client's frequency penalty alone no torch.where;
+    each gives what it gives beside the others."""
+    state = PenaltyState.from_prompt([0], vocab_size=4096, device=torch.device("cpu"))
+    for token in (1, 1, 2):
+        state.add(token)
+    logits = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0))
+    for params, untouched_op, changed in (
+        (SamplingParams(repetition_penalty=2.0), "sub", [0, 1, 2]),
+        (SamplingParams(frequency_penalty=0.25), "where", [1, 2]),
+    ):
+        with OpsSeen() as seen:
+            out = batch_of(params, penalties=[state]).penalize(logits)
+        assert (untouched_op, (1, 4096)) not in seen.ops, params
+        assert (out != logits).nonzero()[:, 1].tolist() == changed
+        both = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.25)
+        assert torch.equal(batch_of(params, both, penalties=[state, state]).penalize(logits.expand(2, -1))[0], out[0])
+
+
 def test_logit_bias_is_added_to_its_rows_logits_greedy_or_sampled():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
     banned = SamplingParams(temperature=0, logit_bias={1: -100.0})  # the argmax banned: the runner-up
