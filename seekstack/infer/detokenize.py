@@ -23,8 +23,10 @@ class TextStream:
         enabled: bool = True,
         after_reasoning: str | None = None,
         include_stop: bool = False,
+        min_tokens: int = 0,
     ):
         self.tokenizer, self.stop, self.enabled = tokenizer, stop, enabled  # not enabled: every call gives no text
+        self.min_tokens, self.pushed = min_tokens, 0  # stop strings match from the min_tokens-th token on (vLLM's)
         self.include_stop = include_stop  # the stop string found ends the shown text (include_stop_str_in_output)
         self.after_reasoning = after_reasoning  # the reply's given start (a chat prefix, "" for none), or None: off
         self.longest_stop = max((len(text) for text in stop), default=0)
@@ -38,6 +40,7 @@ class TextStream:
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text newly safe to show, whether a stop string has now appeared)."""
+        self.pushed += 1
         if token_id in self.skipped_ids or not self.enabled:
             return "", False
         self.ids.append(token_id)
@@ -76,6 +79,8 @@ class TextStream:
             return "", False
         start = max(self.released, start)
         found = [(index, stop) for stop in self.stop if (index := self.text.find(stop, start)) >= 0]
+        if self.pushed < self.min_tokens:  # a stop string found before is released as text, as vLLM's
+            found = []
         if found:
             index, stop = min(found, key=lambda hit: hit[0])  # the first to appear (of two there, the first given)
             end = index + len(stop) if self.include_stop else index

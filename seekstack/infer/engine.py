@@ -432,7 +432,7 @@ class Engine:
             adapter_slot = self.lora.slot(adapter)  # under the lock, which an unload takes too
             stream = TextStream(
                 self.tokenizer, params.stop, params.skip_special_tokens, params.detokenize, params.stop_after_reasoning,
-                params.include_stop_str_in_output,
+                params.include_stop_str_in_output, params.min_tokens,
             )  # fmt: skip
             request = _Request(
                 request_id,
@@ -828,6 +828,7 @@ class Engine:
         return SamplingBatch(
             [r.params for r in batch], [r.generator for r in batch], [r.penalties for r in batch], self.device,
             [r.constraint for r in batch], self.tokenizer.vocab_size if padded else None,
+            [r.stop_ids if len(r.output_ids) < r.params.min_tokens else frozenset() for r in batch],  # min_tokens
         )  # fmt: skip
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:

@@ -75,6 +75,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: Annotated[int, Interval(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     ignore_eos: bool = False
+    # as vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings do not match, before this many tokens
+    min_tokens: NonNegative = 0
     skip_special_tokens: bool = True  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
     detokenize: bool = True  # False: outputs carry token ids only, text "" (as vLLM's), for callers that decode
 
@@ -99,6 +101,8 @@ class SamplingParams:
         if params.top_k == -1:
             params = dataclasses.replace(params, top_k=0)
         require(params.detokenize or not params.stop, "stop", "empty with detokenize=False (stop strings match text)")
+        require(params.min_tokens <= params.max_new_tokens, "min_tokens", f"at most max_new_tokens "
+                f"({params.max_new_tokens}), as vLLM's: no reply reaches more")  # fmt: skip
         require(params.logprobs or not params.top_logprobs, "top_logprobs", "0 without logprobs=True (as OpenAI's "
                 "top_logprobs needs logprobs): no log-probabilities are returned without it")  # fmt: skip
         return params

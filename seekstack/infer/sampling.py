@@ -112,9 +112,11 @@ class SamplingBatch:
         device: torch.device,
         constraints: list[TokenConstraint | None] | None = None,
         token_count: int | None = None,
+        banned: list[frozenset[int]] | None = None,
     ):
         """`token_count`: the tokenizer's ids, where the model's vocabulary is padded past them (as released
-        checkpoints round it up): the ids from it on decode to no token and are never sampled. None: all are ids."""
+        checkpoints round it up): the ids from it on decode to no token and are never sampled. None: all are ids.
+        `banned`: each row's ids never sampled this step (a request short of its min_tokens: its EOS and stop ids)."""
         self.params, self.uniforms, self.penalties = params, uniforms, penalties
         self.token_count = token_count
         self.constraints = constraints or [None] * len(params)
@@ -125,13 +127,14 @@ class SamplingBatch:
         self.filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
         self.penalized = any(p.penalized for p in params)
         self.biased = any(p.logit_bias for p in params)
+        self.banned = banned if banned is not None and any(banned) else None
 
     @property
     def raw_argmax(self) -> bool:
         """Whether every row's token is the argmax of its logits as the model gave them (after any constraint)."""
         return (
             self.all_greedy and not self.penalized and not self.biased and self.token_count is None
-            and not self.constrained
+            and not self.constrained and self.banned is None
         )  # fmt: skip
 
     def _column(self, values: list) -> torch.Tensor:
@@ -160,11 +163,15 @@ class SamplingBatch:
         return logits.float().index_put((rows, ids), values, accumulate=True)
 
     def adjust(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, V) as each row samples from them before temperature: the padded ids past `token_count` at -inf,
-        logit bias, then penalties (`penalize`)."""
+        """Logits (B, V) as each row samples from them before temperature: the padded ids past `token_count` and
+        each row's `banned` ids at -inf, logit bias, then penalties (`penalize`)."""
         if self.token_count is not None:
             padded = torch.arange(self.token_count, logits.shape[-1], device=logits.device)
             logits = logits.index_fill(-1, padded, float("-inf"))
+        if self.banned is not None:
+            rows = [row for row, ids in enumerate(self.banned) for _ in ids]
+            ids = [token for row_ids in self.banned for token in row_ids]
+            logits = logits.float().index_put((self._column(rows), self._column(ids)), self._column(float("-inf")))
         return self.penalize(self.bias(logits), extra_tokens)
 
     def penalize(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -51,8 +51,6 @@ CONTINUE_WITH_PREFIX = (
 # vLLM's fields declared only to be refused when set (schemas.SamplingFields, ChatCompletionRequest), a vLLM client's
 # request otherwise answered as if they were honoured: why this server cannot honour each
 REFUSED_VLLM_FIELDS = {
-    "min_tokens": "this server sets no minimum length (EOS may end a reply at any token; ignore_eos: true generates "
-    "max_tokens)",
     "use_beam_search": "this server does not run beam search",
     "include_stop_str_in_output": "this server leaves stop strings out of the reply",
     "guided_json": NO_GRAMMAR,
@@ -78,7 +76,7 @@ REFUSED_VLLM_CHAT_FIELDS = {
     "add_special_tokens": "the chat template places the special tokens the model was trained with; none are added",
 }
 ASKING_NOTHING = {  # what is done anyway
-    "function_call": "none", "modalities": ["text"], "min_tokens": 0, "use_beam_search": False,
+    "function_call": "none", "modalities": ["text"], "use_beam_search": False,
     "include_stop_str_in_output": False, "chat_template_kwargs": {}, "add_generation_prompt": True,
     "continue_final_message": False, "echo": False, "return_tokens_as_token_ids": False, "return_token_ids": False,
     "add_special_tokens": False,
@@ -291,6 +289,7 @@ def sampling_params(
                 logprobs=logprobs or ranked,
                 top_logprobs=top_logprobs,
                 ignore_eos=request.ignore_eos,
+                min_tokens=request.min_tokens,
                 # the tool-call tokens stay in the text for the tool-call parser, as vLLM's tool parsers keep them
                 skip_special_tokens=request.skip_special_tokens and not (is_chat and request.offered_tools()),
             )

@@ -119,13 +119,14 @@ class SamplingFields(StrictRequest):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: Annotated[bool, OrDefault] = False
+    # vLLM's: EOS and stop_token_ids are not sampled, nor stop strings matched, before this many tokens
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_INT32), OrDefault] = 0
     # drop <｜User｜> and the like from the text, as vLLM does; the library's default, the one place it is set
     skip_special_tokens: Annotated[bool, OrDefault] = SamplingParams.skip_special_tokens
     # generating one of these ends the choice (finish_reason "stop"), its text left out as EOS's, even with ignore_eos
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     # vLLM's fields that would change the reply and that this server cannot honour: declared to be refused when set
     # (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway
-    min_tokens: int | None = None  # 0 accepted
     use_beam_search: bool | None = None  # false accepted
     include_stop_str_in_output: bool | None = None  # false accepted
     guided_json: Any = None

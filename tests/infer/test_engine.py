@@ -545,6 +545,23 @@ def test_generated_special_tokens_are_left_out_of_the_text_by_default_as_vllm_an
     assert (dropped.text, kept.text) == ("", ASSISTANT * 3)
 
 
+def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings_as_vllms(model, tokenizer):
+    """vLLM's min_tokens: before that many tokens EOS and stop_token_ids are not sampled and no stop string matches."""
+    eos_first = SamplingParams(max_new_tokens=8, temperature=0, logit_bias={tokenizer.eos_id: 100})
+    engine = Engine(model, tokenizer)
+    [early, held] = engine.generate([[5, 6]] * 2, [eos_first, dataclasses.replace(eos_first, min_tokens=3)])
+    assert early.token_ids == [tokenizer.eos_id] and held.finish_reason == "stop"
+    assert len(held.token_ids) == 4 and tokenizer.eos_id not in held.token_ids[:3]  # then EOS, the 4th
+    plain = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    [first] = engine.generate([[5, 6]], plain)
+    stop = (tokenizer.decode(first.token_ids[:1]).strip()[:1],)  # met in the first token's text
+    held_off = [dataclasses.replace(plain, stop=stop, min_tokens=count) for count in (0, 4)]
+    [stopped, later] = engine.generate([[5, 6]] * 2, held_off)
+    assert len(stopped.token_ids) == 1 and len(later.token_ids) >= 4
+    with pytest.raises(ValueError, match=r"field 'min_tokens' must be at most max_new_tokens \(8\)"):
+        engine.add_request([1], dataclasses.replace(eos_first, min_tokens=9))
+
+
 @pytest.mark.parametrize(
     ("prompt", "fields", "message"),
     [

@@ -95,8 +95,19 @@ def test_openai_fields_that_would_change_the_reply_are_refused_by_name(engine, t
         assert (error["param"], error["code"]) == (field, "unsupported_parameter"), error
 
 
+@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_min_tokens_holds_off_eos_and_stop_strings_as_vllms(engine, tmp_path, route, body):
+    """It was refused ("this server sets no minimum length"), and the library had no such field."""
+    eos_first = {**body, "ignore_eos": False, "logit_bias": {str(engine.tokenizer.eos_id): 100}}
+    early, held, too_many = post_each(engine, tmp_path / "db", [
+        (route, eos_first), (route, {**eos_first, "min_tokens": 3}), (route, {**eos_first, "min_tokens": 9}),
+    ])  # fmt: skip
+    assert early.json()["usage"]["completion_tokens"] == 1 and held.json()["usage"]["completion_tokens"] == 4
+    assert held.json()["choices"][0]["finish_reason"] == "stop"
+    assert "min_tokens' must be at most max_new_tokens (8)" in error_of(too_many, 400)["message"]
+
+
 VLLM_REFUSED = {
-    "min_tokens": 4,
     "use_beam_search": True,
     "include_stop_str_in_output": True,
     "guided_json": {"type": "object"},
@@ -124,8 +135,8 @@ VLLM_ASKING_NOTHING = {"min_tokens": 0, "use_beam_search": False, "include_stop_
 
 
 def test_vllm_fields_that_would_change_the_reply_are_refused_by_name_not_ignored(engine, tmp_path):
-    """They were ignored as unknown fields: guided_json answered free text, min_tokens a reply of any length,
-    return_tokens_as_token_ids logprobs' tokens as text."""
+    """They were ignored as unknown fields: guided_json answered free text, return_tokens_as_token_ids logprobs'
+    tokens as text."""
     fields = [*VLLM_REFUSED, *VLLM_REFUSED, *VLLM_CHAT_REFUSED]
     requests = [("/v1/completions", {**COMPLETION, field: value}) for field, value in VLLM_REFUSED.items()]
     requests += [("/v1/chat/completions", {**CHAT, field: value})
