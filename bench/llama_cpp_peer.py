@@ -2,8 +2,9 @@
 
 The conversion is llama.cpp's own `convert_hf_to_gguf.py`, from a llama.cpp source tree (`--llama-cpp-source`; the
 llama-cpp-python sdist carries one under vendor/llama.cpp). Its converter names a tokenizer's pre-tokenizer by a
-hash of how it splits a test text and refuses hashes it does not know; ours is the byte-level GPT-2 split, so it is
-declared `gpt-2`. Token ids are fed directly, so the tokenizer plays no part in the timing.
+hash of how it splits a test text and refuses hashes it does not know, ours among them (GPT-2's split with combining
+marks kept in letter runs, seekstack.tokenizer.PRE_TOKENIZER_PATTERN), so it is declared `gpt-2`. Token ids are fed
+directly, so the tokenizer plays no part in the timing.
 """
 
 from __future__ import annotations
