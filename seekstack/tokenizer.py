@@ -70,8 +70,9 @@ SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TOOL_TOKENS)  # every byte, the
 LARGEST_VOCAB = 2**20
 # GPT-2's pre-tokenizer pattern with combining marks (\p{M}) kept in the run of letters they belong to, as DeepSeek-V3's
 # own pattern keeps them (`[\p{L}\p{M}]+`): GPT-2's splits Hindi नमस्ते into नमस ् त े, Thai ไม่ into ไม ่ and an NFD é
-# from its e, pieces BPE never merges back
-PRE_TOKENIZER_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{M}\p{N}]+|\s+(?!\S)|\s+"
+# from its e, pieces BPE never merges back; a run of symbols keeps its marks as GPT-2's does (❤️ is ❤ and the
+# variation selector U+FE0F, a mark)
+PRE_TOKENIZER_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?[\p{L}\p{M}]+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
 def tool_call_text(name: str, arguments: str) -> str:

@@ -200,7 +200,8 @@ def test_pre_tokenization_keeps_combining_marks_with_their_letters(trained):
     never merges: Hindi held out of a 4,000-token vocabulary was 3.5 bytes a token, 5.1 with the marks kept (Tamil
     3.1 -> 4.4), as DeepSeek-V3's own pattern keeps them."""
     tokenizer, _ = trained
-    pieces = tokenizer.backend.pre_tokenizer.pre_tokenize_str("नमस्ते दुनिया ไม่มี முருகன் cafe\u0301 naïve")
+    text = "नमस्ते दुनिया ไม่มี முருகன் cafe\u0301 naïve ❤\ufe0f ☺\ufe0fok"
+    pieces = tokenizer.backend.pre_tokenizer.pre_tokenize_str(text)
     assert [decoders.ByteLevel().decode([piece]) for piece, _ in pieces] == [
         "नमस्ते",
         " दुनिया",
@@ -208,6 +209,9 @@ def test_pre_tokenization_keeps_combining_marks_with_their_letters(trained):
         " முருகன்",
         " cafe\u0301",
         " naïve",
+        " ❤\ufe0f",  # an emoji keeps its variation selector (a mark), as GPT-2's pattern keeps it
+        " ☺\ufe0f",
+        "ok",
     ]
 
 
