@@ -627,7 +627,9 @@ class Terminal:
 
 
 def reply_to(engine: Engine, messages: list[dict], params: SamplingParams) -> str:
-    return engine.generate([engine.tokenizer.encode_chat(messages)], params)[0].text
+    """The chat's reply to `messages`: `params` stopping at the special tokens, as a ChatSession's do."""
+    chat_params = ending_at_special_tokens(params, engine.tokenizer)
+    return engine.generate([engine.tokenizer.encode_chat(messages)], chat_params)[0].text
 
 
 def test_ctrl_c_mid_reply_stops_it_keeps_what_was_shown_and_the_chat_goes_on(checkpoint):
@@ -661,8 +663,9 @@ def test_ctrl_c_while_the_engine_steps_stops_the_reply_and_frees_its_blocks(chec
     session = ChatSession(engine, params)
     terminal = Terminal(engine, ["hello", "again"])
     run_chat(session, terminal.read_line, terminal.write, terminal.complain, terminal.acknowledge, prompt="> ")
-    first = reply_to(engine, [{"role": "user", "content": "hello"}], params)
-    two_tokens = engine.tokenizer.decode(engine.tokenizer.encode(first)[:2])
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "hello"}])
+    first = engine.generate([prompt], ending_at_special_tokens(params, engine.tokenizer))[0]
+    two_tokens = engine.tokenizer.decode(first.token_ids[:2])  # as generated: the text encoded again may merge others
     assert terminal.load_at_prompt[1] == (0, 0, 0.0)
     assert [turn["role"] for turn in session.turns] == ["user", "assistant", "user", "assistant"]
     assert session.turns[1]["content"] == terminal.shown[0] + terminal.shown[1]
