@@ -71,6 +71,7 @@ UNSPACED_SCRIPT_RANGES = f"{_HAN}{_KANA}{_HANGUL}{_UNSPACED}"
 _UNMARKED_SENTENCE_CHAR = re.compile("[\u0e00-\u0eff]")
 _LETTER = re.compile(r"[^\W\d_]")
 _NON_LATIN_LETTER = re.compile(r"[^\W\d_A-Za-z\u00aa\u00b5\u00ba\u00c0-\u024f\u1e00-\u1eff]")
+ZERO_WIDTH_SPACE = "\u200b"
 _CJK_WORD = re.compile(f"[{_HAN}{_KANA}{_HANGUL}]|[^\\s{_HAN}{_KANA}{_HANGUL}]+")
 
 _CODE_LINE = re.compile(
@@ -114,7 +115,9 @@ class DetectedKind(NamedTuple):
 
 
 def words(text: str) -> list[str]:
-    """The text's words: whitespace-separated runs, and each CJK character alone."""
+    """The text's words: runs parted by whitespace or a zero-width space (the invisible word break Khmer, Thai and
+    Myanmar text sets between words, which `str.split` keeps in a word), and each CJK character alone."""
+    text = text.replace(ZERO_WIDTH_SPACE, " ")
     if CJK_CHAR.search(text) is None:
         return text.split()
     return _CJK_WORD.findall(text)

@@ -235,6 +235,15 @@ def test_khmer_prose_with_its_sentence_marks_set_apart_passes_every_rule() -> No
     assert fails("alpha_word_fraction", numbers, ProseRules())
 
 
+def test_a_zero_width_space_parts_words_and_adds_no_character_to_them() -> None:
+    """Khmer, Thai and Myanmar text sets an invisible zero-width space between words; it stayed inside the runs
+    `str.split` gives, so a Khmer article with one after each 4 characters counted a quarter more words (120, their
+    characters over 4) than the same article without (95), and a spaced script's two words joined by one were one."""
+    marked = "\u200b".join(KHMER_ARTICLE[at : at + 4] for at in range(0, len(KHMER_ARTICLE), 4))
+    assert TextStats(normalise(marked)).word_count == TextStats(normalise(KHMER_ARTICLE)).word_count
+    assert TextStats("two\u200bwords").words == ["two", "words"]
+
+
 def test_tibetan_prose_has_its_words_counted_by_characters_and_passes_every_rule() -> None:
     """Tibetan puts spaces between phrases only (the tsheg ་ parts syllables): its 12 space-separated runs were its
     words, so a 529-character article failed min_words (50) and the mean word length (43 characters)."""
