@@ -25,7 +25,8 @@ PAIRS = [
     ("for line in lines:", " print(line)"),  # the trailing space moves into the continuation
     ("x = [1, 2, 3]\n" * 8, "y = x[0]"),
 ]
-# a few-shot prompt whose greedy continuation by the micro model holds <｜Assistant｜>, " or" (token 427), "beme"
+# a few-shot prompt whose greedy continuation by the micro model holds <｜tool▁outputs▁end｜> (a special token), "._"
+# (token 316) and "ch"
 FEW_SHOT = (
     "Question: What is 48 plus 27?\nAnswer:  75\n\nQuestion: What is 3 plus 37?\nAnswer:  40\n\n"
     "Question: What is 30 plus 8?\nAnswer:"
@@ -149,7 +150,7 @@ def test_generate_until_is_the_greedy_argmax_loop_cut_at_the_stop_string(ours):
                 if token == ours.eot_token_id:
                     break
                 new.append(token)
-        expected = ours.tok_decode(new)
+        expected = ours.tok_decode([token for token in new if token not in ours.tokenizer_.special_ids])
         for stop in kwargs["until"]:
             expected = expected.split(stop)[0]
         assert text == expected
@@ -168,7 +169,7 @@ def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_transformers_model(chec
     assert ours.loglikelihood_rolling(rolling) == pytest.approx(theirs.loglikelihood_rolling(rolling), abs=ATOL)
 
 
-@pytest.mark.parametrize("think_end_token", ["beme", "427"])  # a text the micro model writes here, and a token id
+@pytest.mark.parametrize("think_end_token", ["ch", "316"])  # a text the micro model writes here, and a token id
 def test_a_think_end_token_scores_what_follows_it_as_lm_evals_hf_backend_does(checkpoint, think_end_token):
     """The HF backend's think_end_token model arg (a reasoning model's </think>) was refused ('unexpected keyword
     argument'), so such a model was scored on its thinking too."""
@@ -180,21 +181,21 @@ def test_a_think_end_token_scores_what_follows_it_as_lm_evals_hf_backend_does(ch
     arguments = [(FEW_SHOT, {"until": ["\n"], "max_gen_toks": 16}), ("def f(x):", {"until": [], "max_gen_toks": 8})]
     texts = ours.generate_until(requests("generate_until", arguments))
     assert texts == theirs.generate_until(requests("generate_until", arguments))
-    assert texts[0].startswith("ex") if think_end_token == "beme" else texts[0].startswith("beme")
+    assert texts[0].startswith("ubrue") if think_end_token == "ch" else texts[0].startswith("ch    ub")
 
 
 def test_generated_text_leaves_special_tokens_out_as_lm_evals_hf_backend_decodes_it(checkpoint, ours):
-    """The micro model writes <｜Assistant｜> in this continuation: the HF backend's text leaves it out (its decode's
+    """The micro model writes <｜tool▁outputs▁end｜> in this continuation: the HF backend's text leaves it out (its decode's
     skip_special_tokens), ours kept it, so exact_match could differ; a stop string still sees it."""
     from lm_eval.models.huggingface import HFLM
 
     prompt, kwargs = FEW_SHOT, {"until": ["\n"], "max_gen_toks": 16}
-    arguments = [(prompt, kwargs), (prompt, {**kwargs, "until": ["<｜Assistant｜>"]})]
+    arguments = [(prompt, kwargs), (prompt, {**kwargs, "until": ["<｜tool▁outputs▁end｜>"]})]
     theirs = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=1, dtype="float32")
     expected = theirs.generate_until(requests("generate_until", arguments))
     assert ours.generate_until(requests("generate_until", arguments)) == expected
     [kept] = ours.generate_until(requests("generate_until", [(prompt, {**kwargs, "skip_special_tokens": False})]))
-    assert kept.replace("<｜Assistant｜>", "") == expected[0] != kept
+    assert kept.replace("<｜tool▁outputs▁end｜>", "") == expected[0] != kept
 
 
 def test_sampled_generation_repeats_under_torchs_seed_whatever_requests_run_beside_it(ours):
