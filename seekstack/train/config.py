@@ -274,7 +274,7 @@ def resolve_train_config(
     values = apply_overrides(cls, {**base, **given}, overrides)
     if resume and not resume_reads_init_from:
         values = _kept_init_from(cls, values, base, warn)
-    values = _checkpoints_of_runs(cls, values, warn)
+    values = _checkpoints_of_runs(cls, values, warn, base)
     try:
         config = check(cls, values).validate()
         _refuse_another_model(config, _model_settings(cls, given, overrides), resume)
@@ -323,11 +323,13 @@ def _kept_init_from(
 
 
 def _checkpoints_of_runs(
-    cls: type[TrainConfig], values: dict[str, Any], tell: Callable[[str], None] | None
+    cls: type[TrainConfig], values: dict[str, Any], tell: Callable[[str], None] | None, saved: dict[str, Any]
 ) -> dict[str, Any]:
     """`values` with each checkpoint field that names a run's out_dir (`checkpoints/step_N` inside, no config.json)
-    set to the run's newest complete checkpoint, which `tell` hears of."""
-    from seekstack.train.runs import run_checkpoint
+    set to the run's newest complete checkpoint, which `tell` hears of; a resumed run's `saved` config keeps the
+    checkpoint of that run it took at its start (a distill teacher run that trained on since would otherwise swap
+    the teacher mid-run)."""
+    from seekstack.train.runs import run_checkpoint, run_holding
 
     values = dict(values)
     for name in cls.checkpoint_fields:
@@ -338,7 +340,13 @@ def _checkpoints_of_runs(
             picked = run_checkpoint(given)
         except FileNotFoundError as error:
             raise ConfigError(f": {error}", field=name) from None
-        if picked is not None:
+        kept = saved.get(name)
+        taken = run_holding(kept) if isinstance(kept, str) and kept and Path(kept).is_dir() else None
+        if picked is not None and taken is not None and taken.resolve() == Path(given).resolve():
+            values[name] = kept
+            if tell is not None and Path(kept).resolve() != picked.resolve():
+                tell(f"{name}={given}: the resumed run keeps {kept}, the checkpoint it started with (newest: {picked})")
+        elif picked is not None:
             values[name] = str(picked)
             if tell is not None:
                 tell(f"{name}={given}: using the run's newest checkpoint, {picked}")

@@ -531,6 +531,22 @@ def test_init_from_a_runs_out_dir_starts_from_its_newest_checkpoint_and_says_whi
         resolve_train_config(None, [f"init_from={tmp_path / 'empty'}"])
 
 
+def test_a_resume_given_a_runs_out_dir_again_keeps_the_checkpoint_of_it_the_run_started_from(tmp_path):
+    """A checkpoint field given as a run's out_dir (a distill teacher, a LoRA base) stood for that run's newest
+    checkpoint on resume too: once that run had trained on, the resumed run swapped to its newer checkpoint."""
+    base_run, run = tmp_path / "base", tmp_path / "run"
+    (started,) = fake_run(base_run, steps=(2,))
+    given = [f"out_dir={run}", f"init_from={base_run}"]
+    resolve_train_config(None, [*given, f"data_dir={tmp_path / 'tokens'}"]).save(run)
+    (newest,) = fake_run(base_run, steps=(4,))
+    told: list[str] = []
+    resumed = resolve_train_config(None, given, resume=True, warn=told.append, resume_reads_init_from=True)
+    assert Path(resumed.init_from).resolve() == started.resolve()
+    assert told == [f"init_from={base_run}: the resumed run keeps {resumed.init_from}, the checkpoint it started with "
+                    f"(newest: {newest})"]  # fmt: skip
+    assert resolve_train_config(None, [f"init_from={base_run}"]).init_from == str(newest)  # a new run takes the newest
+
+
 def test_a_seed_numpy_cannot_take_an_out_dir_that_is_a_file_and_training_on_the_val_split_are_refused(tmp_path):
     for seed in ("-1", "99999999999999999999"):
         with pytest.raises(ConfigError, match=f"field 'seed' has value {seed}"):
