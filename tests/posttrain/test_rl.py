@@ -105,13 +105,13 @@ def test_a_model_whose_context_holds_a_rollout_but_not_seq_len_trains(tmp_path):
 
 
 def test_a_difficulty_whose_prompts_pass_the_prompt_room_is_refused_before_anything_is_written(tmp_path):
-    model_dir = micro_checkpoint(tmp_path / "model")  # byte-level: 2 more prompt tokens a digit, 196 at 60 digits
+    model_dir = micro_checkpoint(tmp_path / "model")  # byte-level: 2 more prompt tokens a digit, 198 at 60 digits
     run = tmp_path / "run"
     args = ["rl", f"init_from={model_dir}", *RUN, "task=addition", "difficulty=60", "max_steps=1", f"out_dir={run}"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output  # was: the engine's "prompt has 196 tokens, more than max_model_len"
     assert result.output.startswith(
-        "error: field 'difficulty' is 60: addition prompts of that difficulty take up to 196 tokens, more than a "
+        "error: field 'difficulty' is 60: addition prompts of that difficulty take up to 198 tokens, more than a "
         "rollout's prompt room of 192 (PROMPT_TOKENS in seekstack/posttrain/rollout.py; the completion's room "
     ), result.output
     assert not run.exists()
@@ -334,8 +334,8 @@ def test_a_run_resumed_at_another_temperature_samples_anew_where_its_saved_batch
 
 
 def test_rollouts_are_sampled_at_the_configured_temperature(tmp_path, monkeypatch):
-    """Near temperature 0 the micro model's completions of a prompt are mostly one and the same (its logits are near
-    flat: not all); at 1 they all differ."""
+    """Near temperature 0 (0.001: sampled, not greedy) the micro model's completions of a prompt are mostly one and
+    the same (its logits are near flat: at 0.01 not so); at 1 they all differ."""
     model_dir = micro_checkpoint(tmp_path / "model")
     rollouts = []
     sample_groups = rl.sample_groups
@@ -346,7 +346,7 @@ def test_rollouts_are_sampled_at_the_configured_temperature(tmp_path, monkeypatc
 
     monkeypatch.setattr(rl, "sample_groups", kept_sample_groups)
     settings = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1", "max_steps=1", "save_every=0"]
-    for temperature in (0.01, 1.0):
+    for temperature in (0.001, 1.0):
         run_rl(
             resolve_train_config(
                 None,
@@ -365,7 +365,9 @@ def test_a_run_resumed_with_other_reward_settings_samples_anew_where_its_saved_b
 ):
     """A saved batch's advantages are its rewards (format_weight) normalised per group (scale_rewards) as they were
     set when it was sampled; the resumed run trains on advantages of its own settings."""
+    # seed 6: a step-2 batch whose rewards differ within a group (seeds 1-5 sample groups of equal rewards)
     common = [f"init_from={sft_model}", *RUN, "task=addition", "difficulty=1", "num_iterations=2", "save_every=1"]
+    common.append("seed=6")
     run_rl(resolve_train_config(None, [*common, "max_steps=1", f"out_dir={tmp_path / 'a'}"], cls=GRPOConfig))
     trained = []
     original = GRPOSource.loss
