@@ -174,17 +174,18 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
     sample_words = sample.lower().split()
     stopwords = sum(1 for word in sample_words if word.strip(".,;:!?\"'()") in _STOPWORDS)
     english = sample_words and stopwords >= ENGLISH_MIN_STOPWORD_SHARE * len(sample_words)
-    return DetectedKind("prose", "en" if english else "und" + _script_subtag(sample))
+    script = script_code(sample)
+    return DetectedKind("prose", "en" if english else "und" + (f"-{script}" if script else ""))
 
 
-def _script_subtag(sample: str) -> str:
-    """`-` and the ISO 15924 code of the script of most letters among the sample's first `SCRIPT_SAMPLE_CHARS`
-    characters (`-Cyrl`), or "" when that is Latin or a script not in `SCRIPT_CODES`."""
-    if _NON_LATIN_LETTER.search(sample, 0, SCRIPT_SAMPLE_CHARS) is None:  # the most of prose, found at C speed
+def script_code(text: str) -> str:
+    """The ISO 15924 code of the script of most letters among the text's first `SCRIPT_SAMPLE_CHARS` characters
+    (`Cyrl`), or "" when that is Latin or a script not in `SCRIPT_CODES`."""
+    if _NON_LATIN_LETTER.search(text, 0, SCRIPT_SAMPLE_CHARS) is None:  # the most of prose, found at C speed
         return ""
-    letters = Counter(_LETTER.findall(sample, 0, SCRIPT_SAMPLE_CHARS))  # each letter's script looked up once
+    letters = Counter(_LETTER.findall(text, 0, SCRIPT_SAMPLE_CHARS))  # each letter's script looked up once
     scripts: Counter[str] = Counter()
     for letter, count in letters.items():
         scripts[unicodedata.name(letter, "").partition(" ")[0]] += count
     script = scripts.most_common(1)[0][0] if scripts else ""
-    return f"-{SCRIPT_CODES[script]}" if script in SCRIPT_CODES else ""
+    return SCRIPT_CODES.get(script, "")

@@ -280,6 +280,45 @@ def test_thai_junk_is_still_removed(text: str, rule: str) -> None:
     assert failed_rule(normalise(text), ProseRules()) == rule
 
 
+# GNOME's translations (system-config-printer, gtk30) of 65 and 62 English words, which pass every prose rule
+MALAYALAM_TRANSLATION = (
+    "താഴെയുള്ള പട്ടികയില്\u200d നിന്നും ദയവായി നിങ്ങള്\u200d ഉപയോഗിയ്ക്കുവാന്\u200d ശ്രമിയ്ക്കുന്ന പ്രിന്റര്\u200d "
+    "തെരഞ്ഞെടുക്കുക. ഇതു് പട്ടികയില്\u200d ലഭ്യമല്ലെങ്കില്\u200d, 'ലഭ്യമല്ല' തെരഞ്ഞെടുക്കുക.\n"
+    "പ്രിന്ററിനൊപ്പം ലഭ്യമാകുന്ന ഡ്രൈവര്\u200d ഡിസ്കില്\u200d പോസ്റ്റ്സ്ക്രിപ്റ്റ് പ്രിന്റര്\u200d വിശദീകരണം (പിപിഡി) "
+    "ലഭ്യമാകുന്നു. പോസ്റ്റ്സ്ക്രിപ്റ്റ് പ്രിന്ററുകള്\u200dക്കു്, ഇവ വിന്\u200dഡോസ്<sup>®</sup> ഡ്രൈവറിന്റെ ഭാഗമാകുന്നു.\n"
+    "പ്റിന്\u200dററ്\u200d '%s'-ല്\u200d മഷി തീറ്\u200dന്നിരിക്കാം.\n"
+    "പ്രിന്റര്\u200d '%s'-ല്\u200d ടോണര്\u200d ലഭ്യമല്ല."
+)
+GEORGIAN_TRANSLATION = (
+    "ფაილი %s უკვე არსებობს. გნებავთ გადავაწერო?\nფერში ლურჯი სინათლის რაოდენობა.\n"
+    "ფერში მწვანე სინათლის რაოდენობა.\nფერში წითელი სინათლის რაოდენობა.\n"
+    "დარწმუნებული ხართ, რომ გსურთ %s-ის სამუდამოდ წაშლა?\n"
+    "პროცესის, PID-ით %d მოკვლა შეუძლებელია. ოპერაცია განხორციელებული არაა.\n"
+    "ცვლილებები მთელი აპლიკაციისთვის მყისიერად და გლობალურად ხდება."
+)
+
+
+@pytest.mark.parametrize("text", [MALAYALAM_TRANSLATION, GEORGIAN_TRANSLATION])
+def test_prose_in_a_script_of_long_words_is_counted_in_english_words(text: str) -> None:
+    """Malayalam's 37 words (11.2 characters each) and Georgian's 40 failed min_words (50), Malayalam the mean word
+    length (10) as well, where their English passes (of 69 Malayalam GNOME documents of 60 English words 14 were
+    kept; of 213 Georgian ones 74). Their words count as the English words they make (`WORDS_PER_ENGLISH_WORD`)."""
+    assert failed_rule(normalise(text), ProseRules()) is None
+    assert not fails("max_mean_word_chars", text, ProseRules())
+
+
+def test_long_word_scripts_keep_their_junk_and_leave_other_texts_counts_alone() -> None:
+    """Short text and runs of long tokens still fail in Malayalam; English, Latin-script and code words count as
+    before (the table names no Latin script)."""
+    malayalam = MALAYALAM_TRANSLATION.split("\n")
+    assert fails("min_words", "\n".join(malayalam[:2]), ProseRules())  # 20 words: 31 English ones
+    assert fails("max_mean_word_chars", " ".join(["പോസ്റ്റ്സ്ക്രിപ്റ്റ്പ്രിന്ററുകള്\u200dക്കു്"] * 60), ProseRules())
+    for text in (prose(3, 49), (STDLIB / "textwrap.py").read_text(), "Tämä lause on suomenkielinen esimerkki. " * 20):
+        stats = TextStats(normalise(text))
+        assert stats.word_count == len(stats.words)
+    assert fails("min_words", prose(3, 49), ProseRules()) and not fails("min_words", prose(3, 50), ProseRules())
+
+
 HEBREW_ARTICLE = "\n".join(  # each sentence's full stop followed by a right-to-left mark, as editors set it
     sentence + "\u200f"
     for sentence in [
