@@ -149,7 +149,7 @@ class TextPart(StrictRequest):
 
 
 class CalledFunction(StrictRequest):
-    name: str
+    name: str = Field(min_length=1)  # the chat template writes none empty
     arguments: str  # a JSON object's text, as the model wrote it
 
 

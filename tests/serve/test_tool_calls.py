@@ -129,6 +129,7 @@ def test_a_conversation_replaying_tool_results_is_prompted_in_deepseek_v3s_forma
 
 
 NAMED_ABSENT = {"type": "function", "function": {"name": "fly"}}
+UNNAMED_CALL = {"function": {"name": "", "arguments": ""}}  # the fuzzer's: a 500 (template_message's ValueError)
 HUGE = {"type": "function", "function": {"name": "huge", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer", "minimum": -(10**30)}}}}}  # fmt: skip
 
@@ -149,6 +150,8 @@ HUGE = {"type": "function", "function": {"name": "huge", "parameters": {
         ({"messages": [*ASK, {"role": "user", "content": "x", "tool_calls": []}]}, "messages.1.tool_calls",
          "only an assistant message calls tools"),
         ({"functions": [{"name": "f"}]}, "functions", "deprecated"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": [UNNAMED_CALL]}]},
+         "messages.0.tool_calls.0.function.name", "at least 1 character"),
     ],
 )  # fmt: skip
 def test_bad_tools_are_refused_naming_the_field(engine, tmp_path, fields, param, fragment):
