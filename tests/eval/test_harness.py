@@ -185,8 +185,8 @@ def test_a_think_end_token_scores_what_follows_it_as_lm_evals_hf_backend_does(ch
 
 
 def test_generated_text_leaves_special_tokens_out_as_lm_evals_hf_backend_decodes_it(checkpoint, ours):
-    """The micro model writes <｜tool▁outputs▁end｜> in this continuation: the HF backend's text leaves it out (its decode's
-    skip_special_tokens), ours kept it, so exact_match could differ; a stop string still sees it."""
+    """The micro model writes <｜tool▁outputs▁end｜> in this continuation: the HF backend's text leaves it out (its
+    decode's skip_special_tokens), ours kept it, so exact_match could differ; a stop string still sees it."""
     from lm_eval.models.huggingface import HFLM
 
     prompt, kwargs = FEW_SHOT, {"until": ["\n"], "max_gen_toks": 16}
