@@ -56,13 +56,8 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the R1 format's reasoning block: <think> reasoning </think> answer
-MESSAGE_ROLES = (
-    "system",
-    "developer",
-    "user",
-    "assistant",
-    "tool",
-)  # OpenAI's; developer (newer system) read as system
+# OpenAI's message roles; developer (its newer system) is read as system
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TOOL_TOKENS)  # every byte, then the special and tool-call tokens
 # 4x the largest vocabulary of a released model (Gemma 3's 262,144; DeepSeek-V3 has 129,280): ids far below what
 # uint32 shards hold, and ~75 MB for the BPE trainer, which allocates ~70 bytes per token asked for up front (it
