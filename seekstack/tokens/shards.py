@@ -260,7 +260,10 @@ class TokenWindows:
 
     def window(self, window_number: int) -> np.ndarray:
         """Tokens [n * seq_len, n * seq_len + seq_len + 1) of the concatenated shards, as int64."""
-        start, end = window_number * self.seq_len, window_number * self.seq_len + self.seq_len + 1
+        return self._tokens(window_number * self.seq_len, window_number * self.seq_len + self.seq_len + 1)
+
+    def _tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the concatenated shards, as int64."""
         pieces = []
         shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
         while start < end:
@@ -285,10 +288,15 @@ class TokenWindows:
         return torch.from_numpy(np.stack(rows))
 
     def sequential(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """All windows in stream order, for validation: each token is a target once; the last batch may be short."""
+        """All windows in stream order, for validation: every token but the first is a target once. The last batch of
+        whole windows may have fewer rows; the tokens after the last whole window (targets of none) follow as one
+        shorter window, a batch of one row, so that the whole split is scored."""
         for first in range(0, self.num_windows, batch_size):
             numbers = range(first, min(first + batch_size, self.num_windows))
             yield torch.from_numpy(np.stack([self.window(number) for number in numbers]))
+        tail = self._tokens(self.num_windows * self.seq_len, int(self.shard_starts[-1]))
+        if len(tail) > 1:  # one token alone is the last whole window's last target
+            yield torch.from_numpy(tail)[None]
 
     def state_dict(self) -> dict:
         """The seed and position from which `batch` continues, and the number of windows the position counts."""

@@ -305,15 +305,25 @@ def test_order_does_not_depend_on_batch_size(shards):
 
 
 def test_sequential_windows_cover_the_stream_in_order_once(shards, tokenizer, documents):
+    """Whole windows in batches of 5, and the tokens after the last whole window as one shorter window of their own
+    (its targets went unscored)."""
     stream = torch.from_numpy(expected_stream(tokenizer, documents).astype(np.int64))
     windows = TokenWindows(shards, "train", SEQ_LEN)
-    batches = list(windows.sequential(batch_size=5))
+    *batches, tail = list(windows.sequential(batch_size=5))
+    assert (len(stream) - 1) % SEQ_LEN > 0 and tail.shape == (1, (len(stream) - 1) % SEQ_LEN + 1)
     assert [len(batch) for batch in batches[:-1]] == [5] * (len(batches) - 1)
     rows = torch.cat(batches)
     assert len(rows) == windows.num_windows
-    targets = torch.cat([row[1:] for row in rows])
-    assert torch.equal(targets, stream[1 : windows.num_windows * SEQ_LEN + 1])
+    targets = torch.cat([row[1:] for row in [*rows, *tail]])
+    assert torch.equal(targets, stream[1:])
     assert torch.equal(rows[:, 0], stream[0 : windows.num_windows * SEQ_LEN : SEQ_LEN])
+    assert torch.equal(tail[0, 0], stream[windows.num_windows * SEQ_LEN])
+
+
+def test_a_stream_of_whole_windows_has_no_tail_window(shards, tokenizer, documents):
+    stream = torch.from_numpy(expected_stream(tokenizer, documents).astype(np.int64))
+    (batch,) = TokenWindows(shards, "train", len(stream) - 1).sequential(batch_size=5)
+    assert torch.equal(batch, stream[None])
 
 
 def test_missing_or_corrupt_index_is_named(tmp_path):

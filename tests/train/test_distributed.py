@@ -78,8 +78,9 @@ def test_ranks_share_each_validation_batch_and_log_one_process_s_validation(data
     rows = mp.Manager().dict()
     config = run_config(data_dir, tmp_path / "two", **steps)
     mp.spawn(_rank_counting_validation_rows, args=(2, free_port(), config, rows), nprocs=2, join=True)
-    # 83 windows: 20 micro-batches of batch_size=4 rows, half on each rank, and the last 3, scored whole on each
-    assert rows[0] == rows[1] == [2] * 20 + [3]
+    # 83 windows and 7 tokens more: 20 micro-batches of batch_size=4 rows, half on each rank, the last 3 windows and
+    # the window of the 7 targets after them, each batch scored whole on each rank
+    assert rows[0] == rows[1] == [2] * 20 + [3] + [1]
     (two,), (one,) = ([m for m in read_metrics(tmp_path / run) if "val_loss" in m] for run in ("two", "one"))
     for name in ("val_loss", "val_bpb", "val_maxvio"):
         assert two[name] == pytest.approx(one[name], abs=1e-5), name

@@ -339,6 +339,30 @@ def test_val_loss_and_bpb_leave_out_the_eos_ending_each_document_as_nanochats_ev
     assert evaluation["val_bpb"] == pytest.approx(losses[text].sum().item() / (math.log(2) * spelled), rel=1e-5)
 
 
+@pytest.mark.parametrize("tail", [13, 0])
+def test_val_loss_and_bpb_score_the_tokens_after_the_last_whole_window(tmp_path, tail):
+    """The 13 targets after the last whole window of 33 tokens went unscored (a val split of 5 windows + 13 tokens
+    had 160 of its 173 targets scored); they are one shorter window now. A split of whole windows scores as before."""
+    from seekstack.checkpoint import load_pretrained
+
+    write_split(tmp_path / "tokens", "train", 2_000, seed=1)
+    write_split(tmp_path / "tokens", "val", 5 * 32 + 1 + tail, seed=2)
+    train(run_config(tmp_path / "tokens", tmp_path / "run", batch_size=2, grad_accum_steps=1, max_steps=1,
+                     eval_every=1, eval_batches=10, save_every=0, dtype="float32"))  # fmt: skip
+    (evaluation,) = [m for m in read_metrics(tmp_path / "run") if "val_loss" in m]
+    stream = torch.from_numpy(np.fromfile(tmp_path / "tokens" / "val_00000.bin", dtype="<u2").astype(np.int64))
+    model = load_pretrained(tmp_path / "run" / "checkpoints" / "step_1")
+    windows = [stream[start : start + 33] for start in range(0, len(stream) - 1, 32)]  # the last: 1 + tail tokens
+    with torch.no_grad():
+        nats = [
+            torch.nn.functional.cross_entropy(model(w[None]).logits[0, :-1].float(), w[1:], reduction="sum").item()
+            for w in windows
+        ]
+    assert sum(len(w) - 1 for w in windows) == len(stream) - 1  # each target once
+    assert evaluation["val_loss"] == pytest.approx(sum(nats) / (len(stream) - 1), rel=1e-5)
+    assert evaluation["val_bpb"] == pytest.approx(sum(nats) / (math.log(2) * (len(stream) - 1) * 4), rel=1e-5)
+
+
 def test_a_resume_on_shards_of_another_tokenizer_is_refused_naming_both(tmp_path):
     """The checkpoint's model reads ids of its tokenizer: on another's it would train on other text, and its next
     checkpoints would carry that tokenizer as theirs."""
