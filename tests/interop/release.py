@@ -51,12 +51,17 @@ def release_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
 
 
-def r1_tokenizer(folder: Path) -> None:
-    """`release_tokenizer` with DeepSeek-R1's tokenizer_config.json chat template (R1_CHAT_TEMPLATE), as released."""
+def release_tokenizer_with_template(folder: Path, chat_template: str) -> None:
+    """`release_tokenizer` with another release's tokenizer_config.json `chat_template`."""
     release_tokenizer(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config["chat_template"] = R1_CHAT_TEMPLATE
+    config["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+
+
+def r1_tokenizer(folder: Path) -> None:
+    """`release_tokenizer` with DeepSeek-R1's tokenizer_config.json chat template (R1_CHAT_TEMPLATE), as released."""
+    release_tokenizer_with_template(folder, R1_CHAT_TEMPLATE)
 
 
 # DeepSeek-R1's chat template (since its January 2025 update), as its tokenizer_config.json holds it: the generation
@@ -190,10 +195,7 @@ def _saved_release(
 
 def v3_0324_tokenizer(folder: Path) -> None:
     """`release_tokenizer` with DeepSeek-V3-0324's tokenizer_config.json chat template (V3_0324_CHAT_TEMPLATE)."""
-    release_tokenizer(folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config["chat_template"] = V3_0324_CHAT_TEMPLATE
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    release_tokenizer_with_template(folder, V3_0324_CHAT_TEMPLATE)
 
 
 # DeepSeek-V3-0324's chat template, as its tokenizer_config.json holds it: the first V3 release's tool turns mended

@@ -110,6 +110,25 @@ def run(app, scenario) -> object:
     return asyncio.run(main())
 
 
+def with_openai(engine, tmp_path: Path, scenario, **app_options) -> object:
+    """`scenario(api)` with an `openai.AsyncOpenAI` client of a fresh app on `engine` (`create_app`'s options)."""
+    import openai
+
+    from seekstack.serve.app import create_app
+    from seekstack.serve.database import open_database
+
+    app = create_app(engine, open_database(tmp_path / "db"), **app_options)
+
+    async def main():
+        async with serving(app):  # the engine thread runs
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000")
+            api = openai.AsyncOpenAI(base_url="http://localhost:8000/v1", api_key="open", http_client=http,
+                                     max_retries=0, timeout=60)  # fmt: skip
+            return await scenario(api)
+
+    return asyncio.run(main())
+
+
 def error_of(response: httpx.Response, status: int) -> dict:
     """The OpenAI-shaped error of a response that has `status`."""
     assert response.status_code == status, response.text

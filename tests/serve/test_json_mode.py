@@ -11,7 +11,6 @@ import json
 from collections import Counter
 from typing import Literal
 
-import httpx
 import openai
 import pytest
 import torch
@@ -25,7 +24,7 @@ from seekstack.infer.json_mode import InvalidSchema, JsonFormat
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
-from tests.serve.server import make_model_dir, serving
+from tests.serve.server import make_model_dir, serving, with_openai
 
 PROMPTS = ["Give me a JSON object.", "Describe a cat as JSON", "{}"]
 JSON_OBJECT = {"type": "json_object"}
@@ -40,20 +39,6 @@ POINT = {
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Engine:
     return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("json")))
-
-
-def with_openai(engine: Engine, tmp_path, scenario, **app_options) -> object:
-    """`scenario(api)` with an `openai.AsyncOpenAI` client of a fresh app on `engine`."""
-    app = create_app(engine, open_database(tmp_path / "db"), **app_options)
-
-    async def main():
-        async with serving(app):  # the engine thread runs
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000")
-            api = openai.AsyncOpenAI(base_url="http://localhost:8000/v1", api_key="open", http_client=http,
-                                     max_retries=0, timeout=60)  # fmt: skip
-            return await scenario(api)
-
-    return asyncio.run(main())
 
 
 def chat(prompt: str, **fields) -> dict:

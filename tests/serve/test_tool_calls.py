@@ -7,11 +7,8 @@ In process: the `openai` client over the app's ASGI interface, its engine thread
 
 from __future__ import annotations
 
-import asyncio
 import json
 
-import httpx
-import openai
 import pytest
 
 from seekstack.infer.engine import Engine
@@ -20,7 +17,7 @@ from seekstack.serve.database import open_database
 from seekstack.serve.schemas import AssistantMessage, ChatCompletionRequest
 from seekstack.serve.tool_calls import ToolCallParser, forced_calls_format, message_with_calls
 from seekstack.tokenizer import BOS, TOOL_CALLS_BEGIN, TOOL_OUTPUTS_END, tool_call_text, tools_prompt
-from tests.serve.server import error_of, make_model_dir, run, serving
+from tests.serve.server import error_of, make_model_dir, run, with_openai
 
 MOVE = {
     "type": "function",
@@ -44,20 +41,6 @@ GREEDY = {"model": "model", "messages": ASK, "temperature": 0, "max_tokens": 60}
 def engine(tmp_path_factory) -> Engine:
     # room for the tools' prompt: ~650 tokens of the test's 320-token vocabulary
     return Engine.from_pretrained(make_model_dir(tmp_path_factory.mktemp("tools"), max_position_embeddings=2048))
-
-
-def with_openai(engine: Engine, tmp_path, scenario) -> object:
-    """`scenario(api)` with an `openai.AsyncOpenAI` client of a fresh app on `engine`."""
-    app = create_app(engine, open_database(tmp_path / "db"))
-
-    async def main():
-        async with serving(app):  # the engine thread runs
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000")
-            api = openai.AsyncOpenAI(base_url="http://localhost:8000/v1", api_key="open", http_client=http,
-                                     max_retries=0, timeout=60)  # fmt: skip
-            return await scenario(api)
-
-    return asyncio.run(main())
 
 
 def valid_move(arguments: str) -> bool:
