@@ -129,8 +129,14 @@ def test_a_one_or_two_step_run_trains_its_first_step_at_lr_and_a_second_at_min_l
     """nanoGPT's get_lr gives lr at step 0: a 1-step cosine run without warmup trained its only step at min_lr, and a
     wsd run decaying over all its steps (wsd_decay_fraction=1) did so too and began a 2-step run at 0.55, not lr."""
     for max_steps, expected in ((1, [1.0]), (2, [1.0, 0.1])):
-        config = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=warmup_steps, max_steps=max_steps, schedule=schedule,
-                             wsd_decay_fraction=1.0)
+        config = TrainConfig(
+            lr=1.0,
+            min_lr=0.1,
+            warmup_steps=warmup_steps,
+            max_steps=max_steps,
+            schedule=schedule,
+            wsd_decay_fraction=1.0,
+        )
         assert [learning_rate(step, config) for step in range(max_steps)] == pytest.approx(expected)
 
 
