@@ -24,7 +24,7 @@ from seekstack.serve.schemas import (
     TokenLogprobEntry,
     TopLogprob,
 )
-from seekstack.tokenizer import Tokenizer, byte_level_bytes
+from seekstack.tokenizer import Tokenizer, byte_level_bytes, tools_prompt
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
@@ -210,20 +210,28 @@ def longest_token_chars(tokenizer: Tokenizer) -> int | None:
 def refuse_overlong_text(
     request: ChatCompletionRequest | CompletionRequest, max_model_len: int, max_token_chars: int | None
 ) -> None:
-    """400 before tokenizing when the prompt's text has more characters than `max_model_len` tokens of at most
-    `max_token_chars` characters can hold, so a huge prompt costs no tokenizer time."""
+    """400 before tokenizing when the prompt's text (a chat's messages and the tools' prompt it lists) has more
+    characters than `max_model_len` tokens of at most `max_token_chars` characters can hold, so a huge prompt costs
+    no tokenizer time."""
     is_chat = isinstance(request, ChatCompletionRequest)
     if max_token_chars is None:
         return
-    texts = [m.text() for m in request.messages] if is_chat else completion_prompts(request)
+    if is_chat:
+        tools = request.offered_tools()
+        texts = [m.text() for m in request.messages] + ([tools_prompt(tools)] if tools else [])
+    else:
+        texts = completion_prompts(request)
     lengths = [sum(len(text) for text in texts)] if is_chat else [len(t) for t in texts if isinstance(t, str)]
-    characters = max(lengths, default=0)
-    if characters > max_model_len * max_token_chars:
+    characters, most = max(lengths, default=0), max_model_len * max_token_chars
+    if characters > most:
+        param = "prompt"
+        if is_chat:  # the tools' prompt named when the messages alone would fit
+            param = "tools" if tools and sum(len(text) for text in texts[:-1]) <= most else "messages"
         raise APIError(
             400,
             f"this model's maximum context length is {max_model_len} tokens; the prompt's {characters:,} characters "
             f"are at least {characters // max_token_chars:,} tokens. Shorten the prompt.",
-            param="messages" if is_chat else "prompt",
+            param=param,
             code="context_length_exceeded",
         )
 

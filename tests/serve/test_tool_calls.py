@@ -135,6 +135,9 @@ HUGE = {"type": "function", "function": {"name": "huge", "parameters": {
         ({"functions": [{"name": "f"}]}, "functions", "deprecated"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [UNNAMED_CALL]}]},
          "messages.0.tool_calls.0.function.name", "at least 1 character"),
+        # refused before tokenizing, as a long message is (the tools' prompt was tokenized whole first)
+        ({"tools": [{"type": "function", "function": {"name": "f", "description": "go " * 400_000}}]}, "tools",
+         "1,200,"),
     ],
 )  # fmt: skip
 def test_bad_tools_are_refused_naming_the_field(engine, tmp_path, fields, param, fragment):
