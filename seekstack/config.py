@@ -162,7 +162,10 @@ class ModelConfig:
     @property
     def rope_factor(self) -> float:
         """The context extension ratio s of YaRN or linear interpolation (1 without scaling)."""
-        return float((self.rope_scaling or {}).get("factor", 1.0))
+        scaling = self.rope_scaling or {}
+        if "factor" in scaling and scaling["factor"] is None:  # YaRN's `factor: null`: inferred as transformers does
+            return self.max_position_embeddings / scaling["original_max_position_embeddings"]
+        return float(scaling.get("factor", 1.0))
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> ModelConfig:
@@ -184,11 +187,16 @@ class ModelConfig:
             )
         if config.rope_scaling is not None:
             config._validate_scaling_numbers()
+            scaling = config.rope_scaling
+            inferred = (
+                config.rope_type == "yarn" and "factor" in scaling and "original_max_position_embeddings" in scaling
+            )
             require(
-                config.rope_scaling.get("factor") is not None,
+                scaling.get("factor") is not None or inferred,
                 "rope_scaling.factor",
                 f"given under {config.rope_type}: the ratio the context was extended by (40 in DeepSeek-V3's "
-                f"config.json); transformers refuses a {config.rope_type} config without it too",
+                f"config.json); transformers refuses a {config.rope_type} config without it too (a yarn "
+                "`factor: null` beside original_max_position_embeddings is max_position_embeddings over it)",
             )
             require(config.rope_factor >= 1, "rope_scaling.factor", ">= 1")
         return config

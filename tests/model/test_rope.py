@@ -269,3 +269,18 @@ def test_a_bfloat16_model_turns_long_positions_by_the_angles_of_a_float32_one():
     rotated = apply_rotary(q, *cast.rotary(positions), config.rope_interleave)
     assert rotated.dtype == torch.bfloat16
     assert torch.equal(rotated, apply_rotary(q.float(), *expected, config.rope_interleave).bfloat16())
+
+
+def test_a_yarn_factor_of_null_is_the_context_ratio_as_transformers_infers_it():
+    """`factor: null` beside original_max_position_embeddings: transformers computes with max_position_embeddings
+    over it (4096 / 512 = 8), so the frequencies and temperature are those of an explicit factor 8."""
+    null = rope_config(dict(rope_type="yarn", factor=None, original_max_position_embeddings=512, mscale=1.0), 4096)
+    explicit = rope_config(dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=512, mscale=1.0), 4096)
+    reference = DeepseekV3Config(**null.to_dict())
+    expected_inv_freq, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](reference)
+    inv_freq, attention_factor = yarn_inverse_frequencies(null)
+    torch.testing.assert_close(inv_freq, expected_inv_freq, rtol=1e-6, atol=0)
+    assert attention_factor == pytest.approx(expected_factor, rel=1e-12)
+    assert null.rope_factor == 8.0
+    torch.testing.assert_close(inv_freq, yarn_inverse_frequencies(explicit)[0], rtol=0, atol=0)
+    assert null.to_dict()["rope_scaling"]["factor"] is None  # written back as given
