@@ -100,7 +100,8 @@ class GRPOSource:
             self.reference.requires_grad_(False)
 
     def batch(self, batch_size: int, progress: float) -> dict[str, Any]:
-        if self.current is None or self.iteration == self.config.num_iterations or self._lacks_sampling_logps():
+        # `>=`: a run resumed at fewer num_iterations than its saved batch has had yet samples anew
+        if self.current is None or self.iteration >= self.config.num_iterations or self._lacks_sampling_logps():
             self.current = self._next_generation(batch_size, progress)
             self.iteration = 0
         if self.reference is not None and self.current["ref_logps"] is None:  # sampled by a run resumed at beta > 0

@@ -307,6 +307,20 @@ def test_a_run_resumed_at_more_iterations_samples_anew_where_its_batch_has_no_sa
     assert lines[0]["generate_s"] > 0 and lines[1]["generate_s"] == 0  # sampled at step 2, trained on twice
 
 
+def test_a_run_resumed_at_fewer_iterations_than_its_batch_has_had_samples_anew(tmp_path):
+    """Saved after 3 of num_iterations=4 updates on its batch and resumed at num_iterations=2, the run samples a new
+    batch at once and then every 2 steps (it trained on the saved batch for the rest of the run)."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    common = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1"]
+    first = [*common, "num_iterations=4", "max_steps=3", f"out_dir={tmp_path / 'a'}"]
+    run_rl(resolve_train_config(None, first, cls=GRPOConfig))
+    resumed = [*common, "num_iterations=2", "max_steps=6", f"out_dir={tmp_path / 'b'}"]
+    run_rl(resolve_train_config(None, resumed, cls=GRPOConfig), resume=tmp_path / "a" / "checkpoints" / "step_3")
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [4, 5, 6]
+    assert [line["generate_s"] > 0 for line in lines] == [True, False, True]
+
+
 @pytest.mark.parametrize("saved_batch", [["num_iterations=2", "max_steps=1"], ["async_rollouts=true", "max_steps=2"]])
 def test_a_run_resumed_at_another_temperature_samples_anew_where_its_saved_batch_was_sampled_at_the_old_one(
     tmp_path, monkeypatch, saved_batch
