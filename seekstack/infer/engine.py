@@ -39,7 +39,15 @@ from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
 from seekstack.infer.placement import check_reachable, device_map_for, layer_devices, offload_while_loading, place
 from seekstack.infer.precision import map_devices
-from seekstack.infer.sampling import PenaltyState, SamplingBatch, SeededUniforms, TokenConstraint, token_logprobs
+from seekstack.infer.sampling import (
+    NO_DISTRIBUTION,
+    PenaltyState,
+    SamplingBatch,
+    SeededUniforms,
+    TokenConstraint,
+    has_distribution,
+    token_logprobs,
+)
 from seekstack.infer.speculative import (
     DraftChecks,
     DraftCount,
@@ -721,6 +729,7 @@ class Engine:
             logits, chosen, accepted, next_drafts = self._greedy_speculation(
                 self.model, input_ids, positions, self.cache, next_count, fill_cache, self._draft_vocabulary()
             )
+            _fail_rows_without_distribution(batch, logits, chosen, accepted)
         else:
             out = self._decode_model(input_ids, cache=self.cache, positions=positions)
             logits, hidden = out.logits, out.hidden_states
@@ -1092,6 +1101,20 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def _fail_rows_without_distribution(
+    batch: list[_Request], logits: torch.Tensor, chosen: torch.Tensor, accepted: torch.Tensor
+) -> None:
+    """Set the error of each request of a greedy speculative step whose new tokens, the argmaxes (B, K+1) of logits
+    (B, K+1, V) up to its `accepted` (B,) drafts and one, include one of a column without a distribution (a NaN or
+    all -inf, `has_distribution`): it ends as `SamplingBatch.sample` ends a plain step's. Reads B x (K+1) values."""
+    largest = logits.gather(-1, chosen[..., None])[..., 0]
+    kept = torch.arange(chosen.shape[1], device=chosen.device) <= accepted[:, None]
+    failed = (kept & ~has_distribution(largest)).any(dim=-1)
+    for request, fails in zip(batch, failed.tolist(), strict=True):
+        if fails:
+            request.error = ValueError(NO_DISTRIBUTION)
 
 
 def _shifted_rows(batch: list[_Request], starts: list[int], counts: list[int]) -> list[list[int]]:

@@ -266,7 +266,7 @@ class SamplingBatch:
         """One token per row (B,) from logits (B, V): constraints, bias, penalties, the row's distribution, a draw."""
         logits = self.adjust(self.constrain(logits))
         if self.all_greedy:
-            return logits.argmax(dim=-1)
+            return greedy_tokens(logits)
         return self.draw(self.probabilities(logits))
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
@@ -323,9 +323,24 @@ def _nucleus(
     return inside, cumulative[:, -1] >= top_p
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (B,) of logits (B, V); ValueError (NO_DISTRIBUTION) when a row has none: torch's argmax takes
+    a NaN for the largest value (a row of NaN gives id 0), and a row all -inf has no token left. The check reads the
+    B largest values that the max gives with the ids, no further pass over the vocabulary."""
+    largest, tokens = logits.max(dim=-1)
+    if not bool(has_distribution(largest).all()):
+        raise ValueError(NO_DISTRIBUTION)
+    return tokens
+
+
+def has_distribution(largest: torch.Tensor) -> torch.Tensor:
+    """Whether each row whose largest logit is `largest` has a token to take greedily: neither NaN nor -inf."""
+    return largest > float("-inf")
+
+
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) float32: 1 at each row's argmax."""
-    return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    """(B, V) float32: 1 at each row's argmax (`greedy_tokens`)."""
+    return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, greedy_tokens(logits)[:, None], 1.0)
 
 
 def token_logprobs(

@@ -294,6 +294,30 @@ def test_a_request_whose_logits_overflow_fails_alone_saying_why_instead_of_writi
     assert done.token_ids == Engine(model, tokenizer).generate([other], sampled)[0].token_ids
 
 
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_a_greedy_request_whose_logits_turn_nan_fails_saying_why_instead_of_writing_token_0(
+    model, tokenizer, speculative
+):
+    """torch's argmax takes a NaN for the largest logit, and a row of NaN gives id 0: a greedy request wrote token 0
+    at every step, finish_reason "length", where a sampled one ended with "error" (plain and speculative steps)."""
+    engine = Engine(model, tokenizer, speculative=speculative, adaptive_drafts=False)
+    clean = engine.generate(prompts([9]), GREEDY)[0].token_ids
+    calls = 0
+
+    def nan_from_the_third_call(module, inputs, output):
+        nonlocal calls
+        calls += 1
+        return output.fill_(float("nan")) if calls >= 3 else output
+
+    hook = model.lm_head.register_forward_hook(nan_from_the_third_call)
+    try:
+        [failed] = engine.generate(prompts([9]), GREEDY)
+    finally:
+        hook.remove()
+    assert failed.finish_reason == "error" and "the logits hold an infinity or NaN" in failed.error
+    assert 0 < len(failed.token_ids) < len(clean) and failed.token_ids == clean[: len(failed.token_ids)]
+
+
 def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, tokenizer):
     engine = Engine(model, tokenizer)
     too_long = prompts([engine.max_model_len + 1])[0]

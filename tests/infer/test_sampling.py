@@ -205,13 +205,18 @@ def test_a_row_without_a_top_p_keeps_every_token_beside_a_row_with_one():
 
 def test_logits_holding_an_infinity_leave_no_distribution_and_sampling_says_so():
     """softmax of +inf is NaN: the draw's search then gave the last id, a speculative step's too; a greedy row still
-    takes its argmax, the infinite logit."""
+    takes its argmax, the infinite logit, but one holding a NaN has none (torch's argmax took the NaN's id)."""
     logits = torch.tensor([[0.5, float("inf"), -1.0, 0.2], [0.5, 1.0, -1.0, 0.2]])
     with pytest.raises(ValueError, match="the logits hold an infinity or NaN.*float16"):
         batch_of(SamplingParams(), SamplingParams()).sample(logits)
     with pytest.raises(ValueError, match="the logits hold an infinity or NaN"):
         accept_drafts(batch_of(SamplingParams()), logits[:1, None].expand(1, 2, 4), torch.tensor([[1]]))
     assert batch_of(SamplingParams(temperature=0), SamplingParams()).sample(logits)[0] == 1
+    nan = torch.tensor([[0.5, float("nan"), -1.0, 0.2], [float("nan")] * 4])  # argmax: ids 1 and 0, silently
+    for row in nan:
+        for params in ([SamplingParams(temperature=0)], [SamplingParams(temperature=0), SamplingParams()]):
+            with pytest.raises(ValueError, match="the logits hold an infinity or NaN"):
+                batch_of(*params).sample(torch.stack([row, logits[1]])[: len(params)])
 
 
 def test_penalties_follow_hf_repetition_and_openai_presence_frequency_semantics():
