@@ -125,8 +125,16 @@ def explain_text(model: Transformer, tokenizer: Tokenizer, text: str, out_dir: s
         "num_experts": model.config.n_routed_experts if routing else 0,
         "routing_note": "" if routing else NO_MOE_LAYERS,
     }
-    paths["html"].write_text(_PAGE.replace("__DATA__", json.dumps(data)).replace("__TITLE__", html.escape(text[:60])))
+    page = _PAGE.replace("__DATA__", _script_json(data)).replace("__TITLE__", html.escape(text[:60]))
+    paths["html"].write_text(page)
     return paths
+
+
+def _script_json(data: dict[str, Any]) -> str:
+    """`data` as JSON to put inside the page's <script>: each `<` as its escape \\u003c, so a token holding
+    `</script>` or `<!--` (a web-text tokenizer's) ends no script and opens no comment: the browser reads the same
+    strings."""
+    return json.dumps(data).replace("<", "\\u003c")
 
 
 def remove_earlier_outputs(out_dir: str | Path, written: Iterable[Path]) -> list[Path]:

@@ -292,3 +292,43 @@ def test_labels_show_control_characters_and_the_pngs_draw_no_empty_boxes(checkpo
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns of each glyph its font lacks
         explain_text(model, tokenizer, "<｜end▁of▁sentence｜>a\r\x0b\x0c b", tmp_path)
+
+
+def test_a_token_holding_a_closing_script_tag_leaves_the_pages_script_whole(checkpoint, tmp_path):
+    """A web-text tokenizer's `</script>` token, written into the page's data as it was, ended the page's script there:
+    the browser read `const data = {"tokens": [..., "` as the whole program and showed nothing."""
+    from html.parser import HTMLParser
+
+    import seekstack
+    from tests.conftest import micro_config
+    from tests.infer.support import VOCAB
+
+    backend = Tokenizer.from_file(checkpoint).backend
+    backend.add_tokens(["</script>", "<!--"])
+    tokenizer = Tokenizer(backend)
+    torch.manual_seed(0)
+    model = seekstack.Transformer(micro_config(vocab_size=VOCAB + 2)).eval()
+
+    class Scripts(HTMLParser):
+        """The text of each <script> element, as a browser's parser splits the page."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.texts: list[str] = []
+            self.inside = False
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            self.inside = tag == "script"
+
+        def handle_endtag(self, tag: str) -> None:
+            self.inside = False
+
+        def handle_data(self, data: str) -> None:
+            if self.inside:
+                self.texts.append(data)
+
+    scripts = Scripts()
+    scripts.feed(explain_text(model, tokenizer, "print('</script>') <!--", tmp_path)["html"].read_text())
+    assert len(scripts.texts) == 1 and scripts.texts[0].rstrip().endswith("});")  # the script reaches its own end
+    data = json.loads(re.search(r"const data = (.*);\n", scripts.texts[0]).group(1))
+    assert "</script>" in data["tokens"] and "<!--" in data["tokens"]
