@@ -152,6 +152,17 @@ class CalledFunction(StrictRequest):
     name: str = Field(min_length=1)  # the chat template writes none empty
     arguments: str  # a JSON object's text, as the model wrote it
 
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, arguments: str) -> str:
+        """JSON text, as OpenAI and vLLM take a replayed call's arguments; none ("") as {}, as vLLM reads them."""
+        try:
+            json.loads(arguments or "{}")
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"must be JSON text, the call's arguments as the reply gave them ({error}): replay them "
+                             "as they came back, or repair them") from None  # fmt: skip
+        return arguments or "{}"
+
 
 class ToolCallRequest(StrictRequest):
     """An assistant's tool call in a replayed history, as OpenAI returned it."""

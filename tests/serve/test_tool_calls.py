@@ -117,6 +117,13 @@ HUGE = {"type": "function", "function": {"name": "huge", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer", "minimum": -(10**30)}}}}}  # fmt: skip
 
 
+def replayed_call(arguments: str) -> list[dict]:
+    """ASK, the assistant's call of move with `arguments`, and the tool's result."""
+    call = {"id": "c1", "type": "function", "function": {"name": "move", "arguments": arguments}}
+    return [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "moved"}]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "fragment"),
     [
@@ -135,6 +142,10 @@ HUGE = {"type": "function", "function": {"name": "huge", "parameters": {
         ({"functions": [{"name": "f"}]}, "functions", "deprecated"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [UNNAMED_CALL]}]},
          "messages.0.tool_calls.0.function.name", "at least 1 character"),
+        # as OpenAI and vLLM: a 400, where the call was written into the prompt as it was and the model answered
+        ({"messages": replayed_call("{oops"), "tools": [MOVE]}, "messages.1.tool_calls.0.function.arguments",
+         "must be JSON text"),
+        ({"messages": replayed_call("[" * 100_000)}, "messages.1.tool_calls.0.function.arguments", "recursion"),
         # refused before tokenizing, as a long message is (the tools' prompt was tokenized whole first)
         ({"tools": [{"type": "function", "function": {"name": "f", "description": "go " * 400_000}}]}, "tools",
          "1,200,"),
@@ -151,6 +162,11 @@ def test_bad_tools_are_refused_naming_the_field(engine, tmp_path, fields, param,
 MOVE_ARGUMENTS = '{"steps": 2, "way": "n"}'
 CALLS = f"{tool_call_text('move', MOVE_ARGUMENTS)}\n{tool_call_text('stop', '{}')}"
 REPLY = f"Moving.{TOOL_CALLS_BEGIN}{CALLS}<｜tool▁calls▁end｜>"
+
+
+def test_a_replayed_call_without_arguments_is_read_as_an_empty_object_as_vllm_reads_it():
+    request = ChatCompletionRequest.model_validate({**GREEDY, "messages": replayed_call("")})
+    assert request.messages[1].template()["tool_calls"][0]["function"]["arguments"] == "{}"
 
 
 @pytest.mark.parametrize("piece", [1, 2, 5, len(REPLY)])
