@@ -202,6 +202,8 @@ class Incomplete:
 def your_task(tmp_path, monkeypatch):
     """A task module of a user's own, importable as `your_task`."""
     (tmp_path / "your_task.py").write_text(YOUR_TASK)
+    (tmp_path / "needs_a_missing_package.py").write_text("import os\n\nimport no_such_dependency\n")
+    (tmp_path / "fails_on_import.py").write_text("ANSWERS = {}\nANSWERS['1+1']\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "your_task"
     sys.modules.pop("your_task", None)
@@ -231,6 +233,11 @@ def test_your_own_task_is_named_module_colon_class_by_rl_sft_distill_and_pass_at
          "named 'no_such_module'); put its folder on PYTHONPATH"),
         ("your_task:Nope", "task 'your_task:Nope': module 'your_task' ("),
         ("your_task:Incomplete", "task 'your_task:Incomplete': class Incomplete lacks generate, verify; a task has"),
+        # found on PYTHONPATH but failing inside: its file, line and error, not "put its folder on PYTHONPATH"
+        ("needs_a_missing_package:Task", "needs_a_missing_package.py) raised ModuleNotFoundError at line 3: No "
+         "module named 'no_such_dependency'"),
+        ("fails_on_import:Task", "task 'fails_on_import:Task': module 'fails_on_import' ("),
+        ("fails_on_import:Task", "fails_on_import.py) raised KeyError at line 2: '1+1'"),
     ],
 )  # fmt: skip
 def test_a_task_that_is_not_one_is_refused_naming_the_field_and_what_is_wrong(your_task, name, refusal):

@@ -8,6 +8,9 @@ Adding a task: write a class with `name`, `difficulty`, `generate(rng) -> Proble
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import traceback
+from types import ModuleType
 
 from seekstack.posttrain.tasks.arithmetic import Addition, Multiplication, Subtraction
 from seekstack.posttrain.tasks.base import Problem, Split, Task, sample_problems, split_of
@@ -28,12 +31,7 @@ def task_class(name: str) -> type:
     module_name, _, class_name = name.partition(":")
     if not module_name or not class_name:
         raise ValueError(f"unknown task {name!r}; known tasks are {', '.join(TASKS)}, or your own as module:Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise ValueError(
-            f"task {name!r}: module {module_name!r} cannot be imported ({error}); put its folder on PYTHONPATH"
-        ) from None
+    module = _task_module(name, module_name)
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise ValueError(f"task {name!r}: module {module_name!r} ({module.__file__}) has no class {class_name!r}")
@@ -44,6 +42,33 @@ def task_class(name: str) -> type:
             "generate(rng) -> Problem and verify(problem, answer) -> bool (seekstack/posttrain/tasks/base.py Task)"
         )
     return cls
+
+
+def _task_module(name: str, module_name: str) -> ModuleType:
+    """The module of task `name`, imported. A ValueError when no module `module_name` is on sys.path, or naming its
+    file, the line and the error when it fails while imported (a syntax error, a missing dependency)."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ModuleNotFoundError:  # the package of a dotted name is missing
+        spec = None
+    if spec is None:
+        raise ValueError(
+            f"task {name!r}: module {module_name!r} cannot be imported (No module named {module_name!r}); put its "
+            "folder on PYTHONPATH"
+        )
+    try:
+        return importlib.import_module(module_name)
+    except Exception as error:
+        raise ValueError(_import_failure(name, module_name, spec.origin, error)) from error
+
+
+def _import_failure(name: str, module_name: str, origin: str | None, error: Exception) -> str:
+    """What went wrong in importing the module `module_name` from its file `origin`: the error, at its line there."""
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if frame.filename == origin]
+    if isinstance(error, SyntaxError) and error.filename == origin:
+        lines.append(error.lineno)
+    where = f" at line {lines[-1]}" if lines else ""
+    return f"task {name!r}: module {module_name!r} ({origin}) raised {type(error).__name__}{where}: {error}"
 
 
 def make_task(name: str, difficulty: int | None = None) -> Task:
