@@ -10,6 +10,7 @@ no scheduler object is stored, only the anchors of a run resumed with another ma
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -47,6 +48,15 @@ from seekstack.train.runs import (
 )
 
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
+# What a training file holds besides tensors, numbers, strings and containers: numpy's RNG state, an array of uint32,
+# pickled by numpy 1 (numpy.core) or 2 (numpy._core)
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+NUMPY_ARRAY = [
+    *((_RECONSTRUCT, f"{core}.multiarray._reconstruct") for core in ("numpy.core", "numpy._core")),
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
 ModelWriter = Callable[[nn.Module, Path], None]  # writes a model's files into a checkpoint folder
 
 
@@ -181,13 +191,27 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 def read_train_state(path: str | Path) -> dict[str, Any]:
     """The train state saved in checkpoint directory `path` (step, optimizer, data position, RNG states)."""
     state_file = Path(path) / TRAIN_STATE_FILE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} has no {TRAIN_STATE_FILE}: it is not a training checkpoint")
+    return load_training_file(state_file)
+
+
+def load_training_file(file: Path, map_location: torch.device | str = "cpu") -> Any:
+    """A file of a training checkpoint besides its model (train_state.pt, a rank's optimizer or gradient compression
+    state), read as `torch.load(weights_only=True)` reads: a file holding anything else than what such a file holds
+    (a pickle that runs code as it loads) is refused, not run; CheckpointError naming it, and one cut short."""
     try:
-        return torch.load(state_file, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} has no {TRAIN_STATE_FILE}: it is not a training checkpoint") from None
-    except Exception as error:  # pickle and zip errors of a truncated or damaged file
+        with torch.serialization.safe_globals(NUMPY_ARRAY):
+            return torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as error:  # pickle and zip errors of a truncated or damaged file, or of one holding code
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe is not None:
+            raise CheckpointError(
+                f"{file}: holds a Python object of {unsafe[1]}, which no training checkpoint holds and which loading "
+                "would run: refused (torch.load weights_only=True); it was not written by seekstack, or altered since"
+            ) from None
         raise CheckpointError(
-            f"{state_file}: not a readable training state ({error}); it is truncated or damaged: {resume_before(path)}"
+            f"{file}: not a readable training state ({error}); it is truncated or damaged: {resume_before(file.parent)}"
         ) from None
 
 

@@ -101,6 +101,7 @@ from seekstack.train.schedule import (
 from seekstack.train.state import (
     OPTIMIZER_DIR,
     load_checkpoint,
+    load_training_file,
     prune_checkpoints,
     rank_compression_file,
     rank_optimizer_file,
@@ -1007,7 +1008,7 @@ class _Run:
                 f"{own_file} holds the optimizer state of an expert-parallel run with parallel={saved['parallel']}; "
                 f"resume it with parallel={saved['parallel']} (this run has parallel={self.config.parallel})"
             )
-        self.optimizer.load_state_dict(torch.load(own_file, map_location="cpu", weights_only=False))
+        self.optimizer.load_state_dict(load_training_file(own_file))
 
     def _load_compression(self, saved: dict[str, Any], path: Path) -> None:
         """What this rank's gradient compression kept (int8's residuals, PowerSGD's step, errors and factors), saved
@@ -1024,7 +1025,7 @@ class _Run:
             why = f"it holds the compression state of {saved_ranks} ranks, not {self.ranks.world_size}"
         else:
             own_file = path / rank_compression_file(self.ranks.rank)
-            self.comm.load_state_dict(torch.load(own_file, map_location=self.ranks.device, weights_only=False))
+            self.comm.load_state_dict(load_training_file(own_file, self.ranks.device))
             return
         self._say(
             f"warning: {path}: {why}; grad_compression={self.config.grad_compression} starts afresh (error "

@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.cuda.random
 
+from seekstack.checkpoint import CheckpointError
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import Tokenizer, train_tokenizer
-from seekstack.train.state import export_checkpoint, rng_state, save_checkpoint, set_rng_state
+from seekstack.train.state import export_checkpoint, read_train_state, rng_state, save_checkpoint, set_rng_state
 from tests.conftest import micro_config
 
 
@@ -61,3 +62,35 @@ def test_export_gives_an_older_checkpoints_tokenizer_config_the_models_context(t
     config = json.loads((exported / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == model.config.max_position_embeddings == 256
     assert config["eos_token"] == json.loads((old / "tokenizer_config.json").read_text())["eos_token"]
+
+
+class _OpensAFileWhenLoaded:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_train_state_is_read_as_weights_only_refusing_one_whose_pickle_would_run_code(tmp_path):
+    """train_state.pt was read with weights_only=False: a checkpoint from elsewhere ran its code on --resume."""
+    model = Transformer(micro_config())
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    optimizer.step()
+    state = {"step": 3, "rng": rng_state(), "optimizer": optimizer.state_dict(), "data": {"rows": 12}}
+    checkpoint = save_checkpoint(tmp_path / "run", model, state, keep=1)
+    saved = read_train_state(checkpoint)  # what seekstack writes reads back whole: numpy's RNG state too
+    assert np.array_equal(saved["rng"]["numpy"][1], state["rng"]["numpy"][1])
+    assert torch.equal(saved["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+
+    opened = tmp_path / "opened"
+    torch.save({**state, "step": _OpensAFileWhenLoaded(opened)}, checkpoint / "train_state.pt")
+    with pytest.raises(CheckpointError) as refused:
+        read_train_state(checkpoint)
+    assert not opened.exists()
+    assert str(refused.value) == (
+        f"{checkpoint / 'train_state.pt'}: holds a Python object of io.open, which no training checkpoint holds and "
+        "which loading would run: refused (torch.load weights_only=True); it was not written by seekstack, or altered "
+        "since"
+    )
