@@ -13,7 +13,6 @@ guided decoding holds it: the reply is calls of the offered functions, each's ar
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +40,7 @@ from seekstack.tokenizer import (
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
 
-CALL_HEAD = re.compile(rf"(?s)(?P<type>.*?){TOOL_SEP}(?P<name>.*?)\n```json\n")  # after <｜tool▁call▁begin｜>
-ARGUMENTS_END = "\n```" + TOOL_CALL_END
+ARGUMENTS_START, ARGUMENTS_END = "\n```json\n", "\n```" + TOOL_CALL_END  # a call: TYPE<｜tool▁sep｜>NAME, then these
 
 
 def new_call_id() -> str:
@@ -85,16 +83,18 @@ class ToolCallParser:
                 if begin < 0 or self.part == "done":
                     break
                 self.held, self.part = self.held[begin + len(TOOL_CALL_BEGIN) :], "head"
-            elif self.part == "head":
-                head = CALL_HEAD.match(self.held)
-                if head is None:
+            elif self.part == "head":  # found with str.find: each piece re-reads the head, so no backtracking
+                sep = self.held.find(TOOL_SEP)
+                start = self.held.find(ARGUMENTS_START, sep + len(TOOL_SEP)) if sep >= 0 else -1
+                if start < 0:
                     break
-                call = ToolCall(id=new_call_id(), function=FunctionCall(name=head["name"].strip(), arguments=""))
+                name = self.held[sep + len(TOOL_SEP) : start].strip()
+                call = ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=""))
                 self.calls.append(call)
                 index = len(self.calls) - 1
                 deltas[index] = ToolCallDelta(index=index, id=call.id, type="function",
                                               function=FunctionCallDelta(name=call.function.name))  # fmt: skip
-                self.held, self.part = self.held[head.end() :], "arguments"
+                self.held, self.part = self.held[start + len(ARGUMENTS_START) :], "arguments"
             elif self.part == "arguments":
                 end = self.held.find(ARGUMENTS_END)
                 size = end if end >= 0 else len(self.held) - _partial_suffix(self.held, ARGUMENTS_END)

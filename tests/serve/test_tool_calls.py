@@ -8,6 +8,7 @@ In process: the `openai` client over the app's ASGI interface, its engine thread
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -16,7 +17,15 @@ from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.schemas import AssistantMessage, ChatCompletionRequest
 from seekstack.serve.tool_calls import ToolCallParser, forced_calls_format, message_with_calls
-from seekstack.tokenizer import BOS, TOOL_CALLS_BEGIN, TOOL_OUTPUTS_END, tool_call_text, tools_prompt
+from seekstack.tokenizer import (
+    BOS,
+    TOOL_CALL_BEGIN,
+    TOOL_CALLS_BEGIN,
+    TOOL_OUTPUTS_END,
+    TOOL_SEP,
+    tool_call_text,
+    tools_prompt,
+)
 from tests.serve.server import error_of, make_model_dir, run, with_openai
 
 MOVE = {
@@ -182,6 +191,18 @@ def test_streamed_pieces_of_any_size_give_the_whole_replys_content_and_calls(pie
     assert content == message.content == "Moving." and reason == "tool_calls"
     assert [[c.function.name, c.function.arguments] for c in message.tool_calls] == list(calls.values())
     assert list(calls.values()) == [["move", MOVE_ARGUMENTS], ["stop", "{}"]]
+
+
+def test_a_call_head_that_never_ends_streamed_token_by_token_is_read_in_linear_time():
+    """A reply opening a call, then 4,000 pieces holding 800 <｜tool▁sep｜> and no json block: the head's pattern
+    backtracked over every separator at every piece (8.5 s for 1,452 pieces, minutes for these, the event loop held);
+    a thread bounds the test, so that a regression fails rather than hangs."""
+    pieces = [TOOL_CALLS_BEGIN, TOOL_CALL_BEGIN] + ["ab", "c", "xy", " z", TOOL_SEP] * 800
+    parser, released = ToolCallParser(), []
+    reader = threading.Thread(target=lambda: released.extend(parser.push(piece) for piece in pieces), daemon=True)
+    reader.start()
+    reader.join(timeout=60)  # ~50 ms; the pattern took minutes
+    assert not reader.is_alive() and released == [("", [])] * len(pieces) and parser.calls == []
 
 
 def test_a_reply_cut_inside_a_call_keeps_its_content_and_no_call():
