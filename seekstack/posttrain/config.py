@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
+
+from annotated_types import Interval
 
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.posttrain.tasks import task_class
@@ -121,6 +123,11 @@ class GRPOConfig(TrainConfig):
     num_generations: Positive = 8  # G, completions per prompt (at least 2: advantages compare a group's rewards)
     max_completion_length: Positive = 64
     temperature: PositiveFloat = 1.0
+    # Rollouts sample among the likeliest tokens whose probability reaches top_p (1 = all) and among the top_k
+    # likeliest (0 = all), as TRL's and verl's; the loss's log-probabilities are of the whole distribution at the
+    # temperature, as theirs are.
+    top_p: Annotated[float, Interval(gt=0, le=1)] = 1.0
+    top_k: NonNegative = 0
     num_iterations: Positive = 1  # policy updates (optimizer steps) per generation batch (mu)
     epsilon: Fraction = 0.2  # clip range below 1 of the importance ratio
     epsilon_high: Fraction | None = None  # clip range above 1 (DAPO's clip-higher); None = epsilon

@@ -157,6 +157,8 @@ class GRPOSource:
                 config.temperature,
                 seed=config.seed * 1_000_003 + self.generation,
                 weights=self.weights,
+                top_p=config.top_p,
+                top_k=config.top_k,
             )
         if auto:
             self.train_threads = threads_beside(idle.idle(), self.most_threads)

@@ -101,8 +101,11 @@ def sample_groups(
     temperature: float,
     seed: int,
     weights: RewardWeights,
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> Rollout:
-    """G completions of each problem's prompt, sampled together by the engine, scored by the task's verifier."""
+    """G completions of each problem's prompt, sampled together by the engine (at `temperature`, `top_p` and
+    `top_k`), scored by the task's verifier."""
     started = time.perf_counter()
     tokenizer = engine.tokenizer
     distinct = [tokenizer.encode_chat(prompt_messages(p)) for p in problems]
@@ -110,7 +113,12 @@ def sample_groups(
     prompts = [prompt for prompt in distinct for _ in range(group_size)]  # the engine prefills a group's G once
     params = [
         SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 1_000_003 + row, detokenize=False
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed * 1_000_003 + row,
+            detokenize=False,
         )
         for row in range(len(prompts))
     ]

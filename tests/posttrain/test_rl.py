@@ -374,6 +374,25 @@ def test_rollouts_are_sampled_at_the_configured_temperature(tmp_path, monkeypatc
     assert distinct[0] <= 4 and distinct[1] == 8  # of the 2 prompts x 4 completions, the same seed's draws
 
 
+@pytest.mark.parametrize("truncation", ["top_k=1", "top_p=0.001"])
+def test_rollouts_sample_within_the_configured_top_k_and_top_p(tmp_path, monkeypatch, truncation):
+    """Keeping the likeliest token alone, each group's 4 completions, each of its own seed, are the greedy one (at
+    temperature 1 without them all 8 differ: the test above); top_k and top_p were not rl keys."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    rollouts = []
+    sample_groups = rl.sample_groups
+
+    def kept_sample_groups(*args, **kwargs):
+        rollouts.append(sample_groups(*args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(rl, "sample_groups", kept_sample_groups)
+    settings = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1", "max_steps=1", truncation]
+    run_rl(resolve_train_config(None, [*settings, f"out_dir={tmp_path / 'run'}"], cls=GRPOConfig))
+    groups = rollouts[0].input_ids.view(2, 4, -1)
+    assert [len(set(map(tuple, group.tolist()))) for group in groups] == [1, 1]
+
+
 def test_a_run_resumed_with_other_reward_settings_samples_anew_where_its_saved_batch_has_the_old_advantages(
     tmp_path, monkeypatch, sft_model
 ):
