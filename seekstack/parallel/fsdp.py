@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -94,13 +95,33 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
         try:
             dcp.load(state, checkpoint_id=directory)
         except CheckpointException as error:  # raised alike on every rank, with every rank's failure
-            failures = dict.fromkeys(str(failure) for failure, _ in error.failures.values())
+            failures = cut_short_shards(directory) or dict.fromkeys(
+                str(failure) for failure, _ in error.failures.values()
+            )
             raise CheckpointError(
                 f"{directory}: its sharded optimizer state cannot be read ({'; '.join(failures)}): a file each rank "
                 "wrote at the save is missing or damaged (the ranks must share the file system checkpoints are "
                 "written to)"
             ) from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def cut_short_shards(directory: Path) -> list[str]:
+    """The shard files of the sharded state in `directory` that end before the last byte its `.metadata` places in
+    them (a save or copy cut short: torch's error names no file), each with both sizes."""
+    try:
+        stored = FileSystemReader(directory).read_metadata().storage_data.values()
+    except Exception:  # no readable .metadata: torch's own error names it
+        return []
+    ends: dict[str, int] = {}
+    for item in stored:
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    sizes = {name: (directory / name).stat().st_size for name in ends if (directory / name).is_file()}
+    return [
+        f"{directory / name} is cut short: {sizes[name]:,} of its {end:,} bytes"
+        for name, end in sorted(ends.items())
+        if sizes.get(name, end) < end
+    ]
 
 
 def load_whole_optimizer(

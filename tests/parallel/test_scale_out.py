@@ -141,6 +141,22 @@ def test_a_missing_optimizer_shard_is_named_with_the_checkpoint_to_resume_from(d
     )
 
 
+def test_an_optimizer_shard_cut_short_is_named_with_both_sizes(data_dir, fsdp_run, tmp_path):  # noqa: F811
+    """A shard cut short (a copy or a save interrupted): torch's error, `PytorchStreamReader failed reading zip
+    archive: failed finding central directory`, named no file of the checkpoint."""
+    checkpoint = tmp_path / "checkpoints" / "step_3"
+    shutil.copytree(fsdp_run / "checkpoints" / "step_3", checkpoint)
+    (shard,) = (checkpoint / OPTIMIZER_DIR).glob("__1_*.distcp")
+    whole = shard.stat().st_size
+    os.truncate(shard, whole // 2)
+    with pytest.raises(CheckpointError) as refused:
+        train(run_config(data_dir, tmp_path, parallel="fsdp", **FSDP_STEPS), resume=True)
+    assert str(refused.value).startswith(
+        f"{checkpoint / OPTIMIZER_DIR}: its sharded optimizer state cannot be read ({shard} is cut short: "
+        f"{whole // 2:,} of its {whole:,} bytes): a file each rank wrote at the save is missing or damaged"
+    )
+
+
 def _int8_rank(rank: int, world_size: int, port: int, gradients: torch.Tensor, results) -> None:
     _join(rank, world_size, port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
