@@ -105,6 +105,12 @@ class GRPOConfig(TrainConfig):
         "loss_type": {
             "bnpo": "TRL's bnpo (the token mean over a micro-batch) is what dapo computes here, where a step trains "
             "on its whole generation batch at once: give loss_type=dapo",
+            # verl's loss_agg_mode names
+            "token-mean": "verl's token-mean (over the batch's tokens) is loss_type=dapo",
+            "seq-mean-token-mean": "verl's seq-mean-token-mean (each completion's token mean, then their mean) is "
+            "loss_type=grpo",
+            "seq-mean-token-sum-norm": "verl's seq-mean-token-sum-norm (Dr. GRPO's: each completion's token sum over "
+            "a constant length) is loss_type=dr_grpo, whose constant is max_completion_length",
         },
     }
     out_dir: str = "runs/rl"

@@ -146,6 +146,14 @@ def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
 
 
 @pytest.mark.parametrize(
+    ("verls", "ours"), [("token-mean", "dapo"), ("seq-mean-token-mean", "grpo"), ("seq-mean-token-sum-norm", "dr_grpo")]
+)
+def test_verls_loss_aggregation_names_are_refused_naming_the_loss_type_that_computes_each(verls, ours):
+    with pytest.raises(ConfigError, match=f"'{verls}': input should be .*; verl's {verls} .* is loss_type={ours}"):
+        resolve_train_config(None, [f"loss_type={verls}"], cls=GRPOConfig)
+
+
+@pytest.mark.parametrize(
     "override",
     ["eval_every=5", "eval_batches=3", "seq_len=8", "mixture={train: 1.0}", "mixture_mode=bandit",
      "bandit_reward_scale=0.5", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "mtp_switch_fraction=0.5"],
