@@ -203,8 +203,9 @@ class GRPOSource:
             config.max_completion_length,
         )
         metrics = rollout_metrics(rollout, self.tokenizer.eos_id)
-        # as TRL's: the groups' mean std (the batch's with scale_rewards=batch), and the share of completions whose
-        # group's rewards are all equal, which gives them no advantage and no gradient
+        # the groups' mean std (the batch's with scale_rewards=batch), as TRL 0.x logged it (TRL 1.16: the batch's at
+        # any scale_rewards), and, as TRL's, the share of completions whose group's rewards are all equal, which gives
+        # them no advantage and no gradient
         std = reward_std(rollout.rewards, config.num_generations, config.scale_rewards)
         metrics["reward_std"] = float(std.mean())
         metrics["frac_reward_zero_std"] = float(torch.isclose(std, torch.zeros_like(std)).float().mean())
