@@ -24,6 +24,7 @@ from seekstack.serve.schemas import (
     TokenLogprobEntry,
     TopLogprob,
 )
+from seekstack.serve.tool_calls import refuse_unanswered_results
 from seekstack.tokenizer import Tokenizer, byte_level_bytes, tools_prompt
 
 if TYPE_CHECKING:
@@ -94,7 +95,8 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
     the model to continue when it is a `prefix`, DeepSeek's chat prefix completion), each text (framed with the
     tokenizer's special tokens unless `add_special_tokens` is false) or the ids as given for completions; 400 for
     tools a tokenizer without the tool-call tokens cannot offer, for token ids (of a prompt, `logit_bias` or
-    `stop_token_ids`) outside the vocabulary, and for a prefix that is not the last message, an assistant's."""
+    `stop_token_ids`) outside the vocabulary, for a prefix that is not the last message, an assistant's, and for a
+    tool result answering no call (`refuse_unanswered_results`)."""
     refuse_outside_vocabulary(request.logit_bias or (), tokenizer, "logit_bias")
     refuse_outside_vocabulary(request.stop_token_ids or (), tokenizer, "stop_token_ids")
     if isinstance(request, ChatCompletionRequest):
@@ -103,6 +105,7 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
             if message.prefix and (position != last or message.role != "assistant"):
                 raise APIError(400, f"messages.{position}.prefix: only the last message, an assistant's, can be a "
                                "prefix for the model to continue", param=f"messages.{position}.prefix")  # fmt: skip
+        refuse_unanswered_results(request.messages)
         messages = [message.template() for message in request.messages]
         tools = request.offered_tools()
         if tools and not (tokenizer.has_role_tokens and tokenizer.has_tool_tokens):

@@ -208,15 +208,24 @@ class NamedToolChoice(StrictRequest):
 
 class ChatMessage(StrictRequest):
     model_config = ConfigDict(
-        json_schema_extra={  # as `_null_only_from_the_assistant` reads it
-            "if": {"properties": {"role": {"const": "assistant"}}},
-            "else": {"properties": {"content": {"not": {"type": "null"}}}},
+        json_schema_extra={
+            "allOf": [
+                {  # as `_null_only_from_the_assistant` reads it
+                    "if": {"properties": {"role": {"const": "assistant"}}},
+                    "else": {"properties": {"content": {"not": {"type": "null"}}}},
+                },
+                {  # as `_results_name_their_call` reads it
+                    "if": {"properties": {"role": {"const": "tool"}}},
+                    "then": {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}},
+                },
+            ]
         }
     )
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None  # null only in an assistant turn (a replayed history), read as ""
     tool_calls: list[ToolCallRequest] | None = None  # an assistant turn's calls, replayed
-    tool_call_id: str | None = None  # a tool result's call (the chat template does not write it, as DeepSeek's)
+    # a tool result's call, required of one (as OpenAI requires it); the chat template does not write it, as DeepSeek's
+    tool_call_id: str | None = Field(None, validate_default=True)
     function_call: Any = None  # OpenAI's deprecated form of a call: refused
     # DeepSeek's chat prefix completion: the last message, an assistant's, starts the reply; the model continues it
     prefix: Annotated[bool, OrDefault] = False
@@ -234,6 +243,14 @@ class ChatMessage(StrictRequest):
             raise ValueError(f"a {info.data.get('role')} message has no tool_calls: only an assistant message calls "
                              "tools")  # fmt: skip
         return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _results_name_their_call(cls, call_id: str | None, info: ValidationInfo) -> str | None:
+        if call_id is None and info.data.get("role") == "tool":
+            raise ValueError("a tool message needs the tool_call_id of the call it answers (the id of one of the "
+                             "tool_calls of the assistant message before it), as OpenAI requires")  # fmt: skip
+        return call_id
 
     @field_validator("content")
     @classmethod

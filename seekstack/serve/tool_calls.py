@@ -22,6 +22,7 @@ from seekstack.serve.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
     ChatDelta,
+    ChatMessage,
     FunctionCall,
     FunctionCallDelta,
     NamedToolChoice,
@@ -132,6 +133,21 @@ def message_with_calls(message: AssistantMessage, finish_reason: str | None) -> 
         return message.model_copy(update={"content": content}), finish_reason
     called = message.model_copy(update={"content": content or None, "tool_calls": calls})
     return called, "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def refuse_unanswered_results(messages: list[ChatMessage]) -> None:
+    """400 naming `messages.N.tool_call_id` for a tool result whose id is none of the calls' of the assistant message
+    it follows (other results between), or that follows no calls: as OpenAI refuses it."""
+    called, asking = [], 0  # the calls the results answer, and the position of the message making them
+    for position, message in enumerate(messages):
+        if message.role != "tool":
+            called, asking = message.tool_calls or [], position
+        elif message.tool_call_id not in [call.id for call in called]:
+            ids = ", ".join(repr(call.id) for call in called if call.id is not None) or "none given"
+            follows = f"the tool_calls of messages.{asking} (ids: {ids})" if called else "no tool call"
+            raise APIError(400, f"messages.{position}.tool_call_id {message.tool_call_id!r} answers no call: the tool "
+                           f"message follows {follows}; a tool result follows the assistant message making its call",
+                           param=f"messages.{position}.tool_call_id")  # fmt: skip
 
 
 def forced_calls_format(

@@ -27,6 +27,9 @@ COMPLETION_NULLABLE = [*SHARED_NULLABLE, "logprobs", "echo", "best_of", "suffix"
 SET_BY_GREEDY = ["temperature", "max_tokens", "ignore_eos"]  # nullable too, but a null would change the reply
 USER_NULL = {**CHAT, "messages": [{"role": "user", "content": None}]}
 ASSISTANT_NULL = {**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "content": None}, *CHAT["messages"]]}
+CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": ""}}]}
+TOOL_RESULT = {**CHAT, "messages": [*CHAT["messages"], CALL, {"role": "tool", "tool_call_id": "c1", "content": "5"}]}
+NAMELESS_RESULT = {**CHAT, "messages": [*CHAT["messages"], CALL, {"role": "tool", "content": "5"}]}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +99,8 @@ def test_a_completion_with_max_tokens_null_gets_the_default_16_tokens_not_the_wh
         ("/v1/moderations", {"input": [{"type": "text", "text": "fine"}]}, True),
         ("/v1/chat/completions", USER_NULL, False),
         ("/v1/chat/completions", ASSISTANT_NULL, True),
+        ("/v1/chat/completions", TOOL_RESULT, True),
+        ("/v1/chat/completions", NAMELESS_RESULT, False),  # was: served, where OpenAI requires tool_call_id
         ("/v1/completions", {**COMPLETION, "suffix": ""}, True),
         ("/v1/completions", {**COMPLETION, "echo": None}, True),
         ("/v1/chat/completions", {**CHAT, "n": None, "stream": None, "logprobs": None}, True),

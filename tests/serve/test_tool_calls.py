@@ -16,7 +16,12 @@ from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
 from seekstack.serve.schemas import AssistantMessage, ChatCompletionRequest
-from seekstack.serve.tool_calls import ToolCallParser, forced_calls_format, message_with_calls
+from seekstack.serve.tool_calls import (
+    ToolCallParser,
+    forced_calls_format,
+    message_with_calls,
+    refuse_unanswered_results,
+)
 from seekstack.tokenizer import (
     BOS,
     TOOL_CALL_BEGIN,
@@ -155,6 +160,13 @@ def replayed_call(arguments: str) -> list[dict]:
         ({"messages": replayed_call("{oops"), "tools": [MOVE]}, "messages.1.tool_calls.0.function.arguments",
          "must be JSON text"),
         ({"messages": replayed_call("[" * 100_000)}, "messages.1.tool_calls.0.function.arguments", "recursion"),
+        # as OpenAI: a tool result names the call it answers, one of the calls of the assistant message it follows
+        ({"messages": [*replayed_call("{}")[:2], {"role": "tool", "content": "moved"}]}, "messages.2.tool_call_id",
+         "needs the tool_call_id"),
+        ({"messages": [*replayed_call("{}")[:2], {"role": "tool", "tool_call_id": "c2", "content": "moved"}]},
+         "messages.2.tool_call_id", "'c2' answers no call: the tool message follows the tool_calls of messages.1 "
+         "(ids: 'c1')"),
+        ({"messages": [*ASK, replayed_call("{}")[2]]}, "messages.1.tool_call_id", "follows no tool call"),
         # refused before tokenizing, as a long message is (the tools' prompt was tokenized whole first)
         ({"tools": [{"type": "function", "function": {"name": "f", "description": "go " * 400_000}}]}, "tools",
          "1,200,"),
@@ -171,6 +183,13 @@ def test_bad_tools_are_refused_naming_the_field(engine, tmp_path, fields, param,
 MOVE_ARGUMENTS = '{"steps": 2, "way": "n"}'
 CALLS = f"{tool_call_text('move', MOVE_ARGUMENTS)}\n{tool_call_text('stop', '{}')}"
 REPLY = f"Moving.{TOOL_CALLS_BEGIN}{CALLS}<｜tool▁calls▁end｜>"
+
+
+def test_results_may_answer_their_calls_in_any_order():
+    calls = [{"id": name, "function": {"name": "move", "arguments": "{}"}} for name in ("c1", "c2")]
+    results = [{"role": "tool", "tool_call_id": name, "content": "moved"} for name in ("c2", "c1")]
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}, *results]
+    refuse_unanswered_results(ChatCompletionRequest.model_validate({**GREEDY, "messages": messages}).messages)
 
 
 def test_a_replayed_call_without_arguments_is_read_as_an_empty_object_as_vllm_reads_it():
