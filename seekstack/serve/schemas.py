@@ -314,8 +314,8 @@ class ChatCompletionRequest(SamplingFields):
             offered = ", ".join(repr(name) for name in names) or "none"
             raise ValueError(f"names the function {choice.function.name!r}, which is not among the tools (offered: "
                              f"{offered})")  # fmt: skip
-        if choice == "required" and not names:
-            raise ValueError('"required" needs tools to call: send them in tools')
+        if choice in ("auto", "required") and not names:  # as OpenAI and vLLM refuse it
+            raise ValueError(f'"{choice}" needs tools to call: send them in tools, or leave tool_choice out')
         return choice
 
     def offered_tools(self) -> list[dict[str, Any]] | None:

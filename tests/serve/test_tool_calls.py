@@ -149,6 +149,7 @@ def replayed_call(arguments: str) -> list[dict]:
         ({"tools": [MOVE, HUGE], "tool_choice": "required"}, "tools.1.function.parameters", "beyond the 64-bit"),
         ({"tools": [MOVE], "tool_choice": NAMED_ABSENT}, "tool_choice", "'fly', which is not among the tools"),
         ({"tool_choice": "required"}, "tool_choice", '"required" needs tools'),
+        ({"tool_choice": "auto"}, "tool_choice", '"auto" needs tools'),  # was: served, as if no tools were named
         ({"tools": [MOVE], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
          "response_format"),
         ({"messages": [*ASK, {"role": "user", "content": "x", "tool_calls": []}]}, "messages.1.tool_calls",
