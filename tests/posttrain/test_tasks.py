@@ -224,6 +224,22 @@ def test_your_own_task_is_named_module_colon_class_by_rl_sft_distill_and_pass_at
     assert json.loads(result.output.splitlines()[0])["task"] == "your_task:Parity"
 
 
+def test_your_own_task_is_named_by_its_files_path(tmp_path):
+    """As verl's custom_reward_function.path: a file off sys.path, loaded once (a dataclass under postponed
+    annotations looks its module up in sys.modules)."""
+    path = tmp_path / "tasks of mine" / "parity_task.py"
+    path.parent.mkdir()
+    path.write_text("from __future__ import annotations\n" + YOUR_TASK)
+    task = make_task(f"{path}:Parity", difficulty=6)
+    assert all(task.verify(p, p.answer) and len(p.key) == 6 for p in sample_problems(task, 20, "train", seed=0))
+    assert type(make_task(f"{path}:Parity")) is type(task)  # the module is not run again
+    model = micro_checkpoint(tmp_path / "model")
+    config = resolve_train_config(None, [f"task={path}:Parity", f"init_from={model}"], cls=GRPOConfig)
+    assert config.task == f"{path}:Parity"
+    with pytest.raises(ConfigError, match=re.escape(f"'{tmp_path}/none.py' is no Python file (")):
+        resolve_train_config(None, [f"task={tmp_path}/none.py:Parity", "tokenizer=", "init_from="], cls=GRPOConfig)
+
+
 @pytest.mark.parametrize(
     ("name", "refusal"),
     [

@@ -2,14 +2,17 @@
 
 Adding a task: write a class with `name`, `difficulty`, `generate(rng) -> Problem` and
 `verify(problem, answer) -> bool` (see base.Task), and add it to TASKS; or, without changing seekstack, name it
-`module:Class` wherever a task is named (`task_class`).
+`module:Class` or `path/to/file.py:Class` wherever a task is named (`task_class`).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import traceback
+from importlib.machinery import ModuleSpec
+from pathlib import Path
 from types import ModuleType
 
 from seekstack.posttrain.tasks.arithmetic import Addition, Multiplication, Subtraction
@@ -24,7 +27,8 @@ __all__ = ["TASKS", "Problem", "Split", "Task", "make_task", "sample_problems", 
 
 def task_class(name: str) -> type:
     """The class of the task `name`: one of TASKS, or your own named `module:Class` (an import path, as uvicorn's
-    `module:app`; the module importable from sys.path, e.g. through PYTHONPATH), a class with base.Task's members.
+    `module:app`; the module importable from sys.path, e.g. through PYTHONPATH) or `path/to/file.py:Class`, a class
+    with base.Task's members.
     ValueError naming `name` and what is wrong."""
     if name in TASKS:
         return TASKS[name]
@@ -45,21 +49,50 @@ def task_class(name: str) -> type:
 
 
 def _task_module(name: str, module_name: str) -> ModuleType:
-    """The module of task `name`, imported. A ValueError when no module `module_name` is on sys.path, or naming its
-    file, the line and the error when it fails while imported (a syntax error, a missing dependency)."""
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except ModuleNotFoundError:  # the package of a dotted name is missing
-        spec = None
+    """The module of task `name`: `module_name` imported from sys.path, or a Python file's path (`.py`, as verl's
+    custom_reward_function.path) loaded once. A ValueError when there is no such module or file, or naming its file,
+    the line and the error when it fails while imported (a syntax error, a missing dependency)."""
+    if module_name.endswith(".py"):
+        spec = _file_spec(name, module_name)
+    else:
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except ModuleNotFoundError:  # the package of a dotted name is missing
+            spec = None
     if spec is None:
         raise ValueError(
             f"task {name!r}: module {module_name!r} cannot be imported (No module named {module_name!r}); put its "
-            "folder on PYTHONPATH"
+            "folder on PYTHONPATH, or name its file (path/to/module.py:Class)"
         )
     try:
-        return importlib.import_module(module_name)
+        return importlib.import_module(module_name) if spec.name == module_name else _loaded(spec)
     except Exception as error:
         raise ValueError(_import_failure(name, module_name, spec.origin, error)) from error
+
+
+def _file_spec(name: str, path: str) -> ModuleSpec:
+    """The module spec of the Python file `path`, named by its resolved path (two files of one name stay apart)."""
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        why = "a folder" if resolved.is_dir() else "no such file"
+        raise ValueError(f"task {name!r}: {path!r} is no Python file ({resolved}: {why})")
+    spec = importlib.util.spec_from_file_location(f"{resolved.stem}@{resolved}", resolved)
+    assert spec is not None  # a .py file always has one
+    return spec
+
+
+def _loaded(spec: ModuleSpec) -> ModuleType:
+    """The module of `spec`, executed the first time and kept in sys.modules (as an import keeps it: a dataclass in
+    it looks its module up there)."""
+    if spec.name not in sys.modules:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[spec.name]
+            raise
+    return sys.modules[spec.name]
 
 
 def _import_failure(name: str, module_name: str, origin: str | None, error: Exception) -> str:
