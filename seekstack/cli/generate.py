@@ -456,6 +456,7 @@ def load_engine(
 
     if threads is not None:  # from 1 to the CPUs (`thread_count`)
         torch.set_num_threads(threads)
+    torch.seed()  # requests without --seed take seeds from torch's generator (`SeededUniforms`): new ones each run
     if tokenizer is None and (model / CONFIG_FILE).is_file() and not (model / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}: give the tokenizer's path with --tokenizer PATH")
     tell_dtype(options, model)

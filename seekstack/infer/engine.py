@@ -430,7 +430,8 @@ class Engine:
                 f"{total} tokens need {self.cache.blocks_for(total + self.draft_slots)} cache blocks; "
                 f"the cache has {self.cache.num_blocks - 1}: raise kv_cache_memory (or num_blocks)"
             )
-        generator = SeededUniforms(params.seed)
+        # a greedy request draws no numbers: no seed of torch's generator (`SeededUniforms`) is spent on it
+        generator = SeededUniforms(0 if params.greedy else params.seed)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eos_id})
         penalties = PenaltyState.from_prompt(prompt_ids, vocab, self.device) if params.penalized else None
         with self.lock:

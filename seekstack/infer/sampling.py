@@ -9,7 +9,6 @@ Greedy rows (temperature 0) become one-hot distributions, so speculative verific
 from __future__ import annotations
 
 import functools
-import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,10 +52,14 @@ class SeededUniforms:
     """One request's U(0, 1) numbers: draw n is SplitMix64's n-th output for the request's seed, a function of
     (seed, n) alone, so a request samples the same tokens whatever the batch around it. Its state is the count of
     draws (`get_state`/`set_state`, as a torch.Generator's). A batch's draws cost a few integer operations per row
-    in Python and one tensor, not a torch.rand call and an indexed write per row."""
+    in Python and one tensor, not a torch.rand call and an indexed write per row. Without a seed, the seed is drawn
+    from torch's default generator: after torch.manual_seed(s), the same requests sample the same tokens, as vLLM's
+    global seed makes its unseeded requests reproducible."""
 
     def __init__(self, seed: int | None = None):
-        self.seed = (secrets.randbits(64) if seed is None else seed) & MASK64  # negative seeds: two's complement
+        if seed is None:
+            seed = int(torch.randint(-(2**63), 2**63 - 1, ()))
+        self.seed = seed & MASK64  # negative seeds: two's complement
         self.draws = 0
 
     def next(self) -> float:

@@ -83,6 +83,21 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model, tokenizer):
     assert Engine(model, tokenizer).generate([target], other_seed)[0].token_ids != alone
 
 
+def test_unseeded_sampled_requests_repeat_after_the_same_torch_manual_seed(model, tokenizer):
+    """Their seeds came from the operating system: no global seed reproduced a run, as vLLM's does. They now come from
+    torch's generator; two requests of one prompt still differ, and greedy requests take none of its numbers."""
+    engine, [prompt] = Engine(model, tokenizer), prompts([6])
+    unseeded = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        runs.append([completion.token_ids for completion in engine.generate([prompt, prompt], unseeded)])
+    assert runs[0] == runs[1] and runs[0][0] != runs[0][1] and runs[2] != runs[0]
+    state = torch.get_rng_state()
+    engine.generate([prompt], GREEDY)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 PENALTIES = [
     {},
     {"frequency_penalty": -0.5, "repetition_penalty": 1.2},
