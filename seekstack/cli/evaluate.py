@@ -112,9 +112,10 @@ def explain_command(
     import json
 
     from seekstack.adapters.files import merged_model, model_folders
-    from seekstack.checkpoint import load_pretrained
+    from seekstack.checkpoint import load_pretrained, read_config
     from seekstack.eval.explain import NO_MOE_LAYERS, corpus_routing, explain_text, remove_earlier_outputs, routing_png
     from seekstack.eval.tasks import all_python, held_out_modules
+    from seekstack.infer.engine import check_tokenizer_fits
     from seekstack.tokenizer import Tokenizer
 
     with user_errors():
@@ -122,8 +123,10 @@ def explain_command(
             raise ValueError("give a TEXT to explain, --corpus for routing statistics, or both")
         _require_folder_path(out)
         weights, adapter, tokenizer_folder = model_folders(model)  # a LoRA run's checkpoint: its base, merged
+        tokenizer = Tokenizer.from_file(tokenizer_folder)
+        check_tokenizer_fits(tokenizer, read_config(weights).vocab_size, weights)  # before the weights load
         network = load_pretrained(weights) if adapter is None else merged_model(load_pretrained(weights), adapter)
-        network, tokenizer = network.eval(), Tokenizer.from_file(tokenizer_folder)
+        network = network.eval()
         records = None
         if corpus is not None:  # before anything is written: a model or corpus it cannot read leaves no output
             modules = held_out_modules(corpus)

@@ -24,7 +24,7 @@ from seekstack.eval.tasks import (
     unknown_task,
 )
 from seekstack.extras import import_extra
-from seekstack.tokenizer import Tokenizer
+from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # as both backends read them; auto: config.json's
@@ -91,8 +91,8 @@ def evaluate(
         )
     folders = model_folders(model_dir)  # an adapter checkpoint: its base, and the tokenizer the two read with
     tokenizer = Tokenizer.from_file(folders.tokenizer) if reasoning else None
-    if backend == "hf":
-        _check_transformers_runs(folders.weights)
+    if backend == "hf":  # the seekstack backend checks its own (SeekstackLM)
+        _check_transformers_runs(folders)
     specs: list[Any] = [task for task in tasks if task not in local]
     specs += task_configs(corpus, local, per_module, tokenizer, difficulty) if local else []
     device = str(resolve_device(device))
@@ -173,14 +173,18 @@ def _metric_name(key: str) -> str:
     return metric if filter_name in ("", "none") else key
 
 
-def _check_transformers_runs(weights: Path) -> None:
-    """ValueError when lm_eval's HF backend would score another model than the checkpoint at `weights`: one of
-    seekstack's ablations, whose extra weights transformers drops; a warning for fields transformers computes
-    differently (`transformers_divergences`)."""
+def _check_transformers_runs(folders: ModelFolders) -> None:
+    """ValueError when lm_eval's HF backend would score another model than the checkpoint in `folders`: one of
+    seekstack's ablations, whose extra weights transformers drops, or a tokenizer.json with ids past its vocabulary;
+    a warning for fields transformers computes differently (`transformers_divergences`)."""
     from seekstack.checkpoint import read_config
     from seekstack.checkpoint.load import warn_transformers_divergences
+    from seekstack.infer.engine import check_tokenizer_fits
 
+    weights = folders.weights
     config = read_config(weights)
+    if (folders.tokenizer / TOKENIZER_FILE).is_file():  # transformers reads a slow tokenizer's files too
+        check_tokenizer_fits(Tokenizer.from_file(folders.tokenizer), config.vocab_size, weights)
     if config.attention_variant != "mla":
         raise ValueError(
             f"{weights}: attention_variant={config.attention_variant!r} is a seekstack ablation that transformers "

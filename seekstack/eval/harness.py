@@ -31,7 +31,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from seekstack.adapters.files import merged_model, model_folders
 from seekstack.checkpoint import load_pretrained, read_config
-from seekstack.infer.engine import Engine
+from seekstack.infer.engine import Engine, check_tokenizer_fits
 from seekstack.infer.generation_config import sampling_defaults
 from seekstack.infer.outputs import Completion
 from seekstack.infer.params import SamplingParams
@@ -162,10 +162,11 @@ class SeekstackLM(TemplateLM):
             print(f"pretrained={pretrained}: using {measured}" + (f" on its base {weights}" if adapter else ""),
                   file=sys.stderr)  # fmt: skip
         peft = peft or adapter
+        self.tokenizer_ = Tokenizer.from_file(tokenizer or own_tokenizer)
+        check_tokenizer_fits(self.tokenizer_, read_config(weights).vocab_size, weights)  # before the weights load
         self.model = load_pretrained(weights, dtype=dtype, device=self._device)
         self.generation_defaults = sampling_defaults(weights)  # generation_config.json's, read as transformers reads it
         self.model = (self.model if peft is None else merged_model(self.model, peft)).eval()
-        self.tokenizer_ = Tokenizer.from_file(tokenizer or own_tokenizer)
         self.max_length = max_length or self.model.config.max_position_embeddings
         self.max_gen_toks = max_gen_toks
         self.max_batch_size = max_batch_size or self.batch_size_per_step or AUTO_MAX_BATCH_SIZE

@@ -654,3 +654,28 @@ def test_eval_records_the_corpus_and_per_module_only_where_a_task_read_them(tmp_
     options = json.loads((tmp_path / "eval" / "results.json").read_text())["options"]
     assert (options["corpus"], options["per_module"]) == (None, None)
     assert "--corpus" not in _eval_again(tmp_path, {"options": options})
+
+
+def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_refused_before_the_weights_load(checkpoint, tmp_path):
+    """explain and eval fed its ids to the embedding: "IndexError: index out of range in self" in a traceback, once a
+    text holding one of the extra tokens reached the model; generate, chat and serve refuse it (check_tokenizer_fits)
+    """
+    from seekstack.tokenizer import Tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint, folder)
+    tokenizer = Tokenizer.from_file(folder)
+    tokenizer.backend.add_tokens(["return", "def"])  # ids 512 and 513 of a 512-token model
+    tokenizer.backend.save(str(folder / "tokenizer.json"))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "val.jsonl").write_text(json.dumps({"id": "m", "text": "def f():\n    return 1\n" * 40}))
+    refusal = f"tokenizer {folder / 'tokenizer.json'} has 514 tokens, more than the model's vocabulary (512, {folder})"
+    for command in (
+        ["explain", folder, "def f(): return 1", "--out", tmp_path / "explain"],
+        ["eval", folder, "--tasks", "code_perplexity", "--corpus", tmp_path / "corpus", "--out", tmp_path / "r"],
+        ["eval", folder, "--tasks", "code_perplexity", "--corpus", tmp_path / "corpus", "--out", tmp_path / "r",
+         "--backend", "hf"],
+    ):  # fmt: skip
+        result = CliRunner().invoke(app, [str(arg) for arg in command], env={"COLUMNS": "400"})
+        assert result.exit_code == 1 and refusal in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "explain").exists() and not (tmp_path / "r.json").exists()
