@@ -9,6 +9,9 @@ Not replaced: phone numbers, payment card and bank account numbers, national id 
 names (no pattern tells them from other numbers and words without false positives), and secrets of no known form
 assigned to no such name.
 
+Addresses are found through their ASCII forms: one typed in fullwidth characters (`９３．１８４．２１６．３４`) or in
+another script's digits (`٩٣.١٨٤.٢١٦.٣٤`) is replaced as its ASCII form would be.
+
 Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out).
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
 kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
@@ -24,6 +27,7 @@ import ipaddress
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from seekstack.corpus.kinds import UNSPACED_SCRIPT_RANGES
@@ -78,6 +82,24 @@ def _combining_marks() -> str:
 _COMBINING_MARKS = _combining_marks()
 
 
+def _ascii_forms() -> dict[int, str]:
+    """A `str.translate` table, one character for one, of the forms of ASCII characters that addresses are written in
+    outside ASCII: fullwidth ASCII, as Japanese and Chinese input methods type it (`８．８．８．８`,
+    `tanaka＠example．co．jp`), and the decimal digits of every script of the Basic Multilingual Plane (Arabic-Indic
+    `٩٣.١٨٤.٢١٦.٣٤`, Persian, Devanagari, Thai), which `ipaddress` reads as no number."""
+    fullwidth = {code: chr(code - 0xFEE0) for code in range(0xFF01, 0xFF5F)}  # U+FF01-FF5E are ! to ~ fullwidth
+    digits = {
+        code: str(unicodedata.decimal(chr(code)))
+        for code in range(0x80, 0x10000)
+        if unicodedata.category(chr(code)) == "Nd"
+    }
+    return fullwidth | digits
+
+
+_ASCII_FORMS = _ascii_forms()
+_IN_ANOTHER_FORM = re.compile(f"[{''.join(map(chr, _ASCII_FORMS))}]")  # found at C speed: most texts hold none
+
+
 def _email_pattern(excluded: str) -> re.Pattern[str]:
     """E-mail addresses whose local part and domain hold letters, digits and combining marks of any script (RFC 6531:
     `josé@café.fr`, `δοκιμή@παράδειγμα.δοκιμή`, `मोहन@उदाहरण.भारत`) but those of the `excluded` ranges, and whose
@@ -97,12 +119,12 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     # An apostrophe between two letters is part of a name (`o'neil@`, RFC 5322's atext; `o’neil@` as a word processor
     # writes it, RFC 6531); one before or after an address quotes it (`'ann@example.com'`). The at sign may be escaped,
     # as Perl strings and Markdown write it (`doko\@ubuntu.com` in a Debian copyright file) and Texinfo doubles it
-    # (`bug-grep@@gnu.org` in a GNU manual's source); Japanese and Chinese pages write it fullwidth, ＠, which keeps
-    # an address from harvesters that look for @ (`tanaka＠example.co.jp`).
+    # (`bug-grep@@gnu.org` in a GNU manual's source); it is matched through `_ASCII_FORMS`, so fullwidth too, as
+    # Japanese and Chinese pages write it to keep an address from harvesters that look for @ (`tanaka＠example.co.jp`).
     apostrophe = "['\u2019]"
     local_part = (
         rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}.%+-]){letter}(?:{letter}|[{marks}.%+-])*+"
-        rf"(?:{apostrophe}{letter}(?:{letter}|[{marks}.%+-])*+)*+(?:[\\@]?@|\uff20)"
+        rf"(?:{apostrophe}{letter}(?:{letter}|[{marks}.%+-])*+)*+[\\@]?@"
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(
@@ -124,7 +146,7 @@ _WORD_BESIDE = f"[^\\W{UNSPACED_SCRIPT_RANGES}]"
 # (The lookahead first: the lookbehind's large set is tested only where an address may start.) A network prefix
 # (`/24`) is not a host.
 _IPV4 = re.compile(rf"(?=\d)(?<!{_WORD_BESIDE})(?<!\.){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?{_WORD_BESIDE}|/\d)")
-_IPV6_CANDIDATE = re.compile(
+_IPV6 = re.compile(
     rf"(?=[0-9A-Fa-f:])(?<!{_WORD_BESIDE})(?<![:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:[0-9A-Fa-f]{{1,4}}|:)?"
     rf"(?!{_WORD_BESIDE}|:|/\d)"
 )
@@ -247,8 +269,25 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         text, found = pattern.subn(replacement, text)
         counts["secret"] += found
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
-    for pattern in _EMAILS:
-        text = pattern.sub(replace_email, text)
-    text = _IPV4.sub(replace_ip, text)
-    text = _IPV6_CANDIDATE.sub(replace_ip, text)
+    folded = text.translate(_ASCII_FORMS) if _IN_ANOTHER_FORM.search(text) else text
+    for pattern, replace in (*((email, replace_email) for email in _EMAILS), (_IPV4, replace_ip), (_IPV6, replace_ip)):
+        text, folded = _sub_through_ascii_forms(pattern, replace, text, folded)
     return text, +counts
+
+
+def _sub_through_ascii_forms(
+    pattern: re.Pattern[str], replace: Callable[[re.Match[str]], str], text: str, folded: str
+) -> tuple[str, str]:
+    """`pattern.sub(replace, text)` with `pattern` matched in `folded`, the text's `_ASCII_FORMS` (`８．８．８．８` as
+    `8.8.8.8`), so that an address written in fullwidth or another script's digits is found, and a match that
+    `replace` returns unchanged stays as written; with the result's `_ASCII_FORMS` (the replacements are ASCII)."""
+    pieces, folded_pieces, end = [], [], 0
+    for match in pattern.finditer(folded):
+        replacement = replace(match)
+        if replacement != match[0]:
+            pieces += (text[end : match.start()], replacement)
+            folded_pieces += (folded[end : match.start()], replacement)
+            end = match.end()
+    if not pieces:
+        return text, folded
+    return "".join((*pieces, text[end:])), "".join((*folded_pieces, folded[end:]))

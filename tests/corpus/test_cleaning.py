@@ -1523,6 +1523,32 @@ def test_an_email_address_with_a_fullwidth_at_sign_is_replaced() -> None:
     assert scrub_pii("x＠self.weight.T") == ("x＠self.weight.T", {})
 
 
+@pytest.mark.parametrize(
+    ("text", "scrubbed", "counts"),
+    [
+        (
+            "サーバーのＩＰ：９３．１８４．２１６．３４に接続",
+            "サーバーのＩＰ：<IP>に接続",
+            {"ip": 1},
+        ),  # fullwidth: was kept
+        ("ｔａｎａｋａ＠ｅｘａｍｐｌｅ．ｃｏ．ｊｐまで、li@example．cn", "<EMAIL>まで、<EMAIL>", {"email": 2}),
+        ("アドレスは２００１：４８６０：４８６０：：８８８８。", "アドレスは<IP>。", {"ip": 1}),
+        ("عنوان الخادم ٩٣.١٨٤.٢١٦.٣٤ هنا", "عنوان الخادم <IP> هنا", {"ip": 1}),  # Arabic-Indic digits: was kept
+        ("نشانی ۹۳.۱۸۴.۲۱۶.۳۴ و", "نشانی <IP> و", {"ip": 1}),  # Persian digits
+        ("सर्वर ९३.१८४.२१६.३४ पर", "सर्वर <IP> पर", {"ip": 1}),  # Devanagari digits
+        (
+            "ローカル１９２．１６８．０．１、版１．２．３．４、٣.١١.٧",
+            "ローカル１９２．１６８．０．１、版１．２．３．４、٣.١١.٧",
+            {},
+        ),
+    ],
+)
+def test_an_address_in_fullwidth_or_another_scripts_digits_is_replaced(text: str, scrubbed: str, counts: dict) -> None:
+    """Japanese and Chinese input methods type addresses fullwidth, and Arabic, Persian and Hindi text may write
+    them in its own digits; such addresses were kept whole. Private ones and versions stay as in ASCII."""
+    assert scrub_pii(text) == (scrubbed, counts)
+
+
 def test_an_email_written_between_chinese_or_japanese_characters_is_scrubbed():
     for text in ("请联系zhang.san@company.com获取资料", "メールはtaro@example.jpまで"):
         scrubbed, counts = scrub_pii(text)
