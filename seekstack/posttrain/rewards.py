@@ -7,6 +7,7 @@ Format: `<think> reasoning </think> answer` — one think block at the start, th
 from __future__ import annotations
 
 import re
+import traceback
 from dataclasses import dataclass
 
 from seekstack.posttrain.tasks import Problem, Task
@@ -53,13 +54,22 @@ def reward_terms(task: Task, problem: Problem, completion: str, ended: bool) -> 
 
 
 def verified(task: Task, problem: Problem, answer: str) -> bool:
-    """The task's verdict on `answer`; a ValueError naming the task, the problem and the value when `verify` returns
-    other than True or False (a NaN or a partial score would become the reward, and a NaN the loss)."""
-    verdict = task.verify(problem, answer)
+    """The task's verdict on `answer`; a ValueError naming the task, the problem and the answer when `verify` raises
+    (with the error and the line that raised it) or returns other than True or False (a NaN or a partial score would
+    become the reward, and a NaN the loss)."""
+    call = f"task {task.name!r}: verify(problem {problem.key!r}, answer {answer!r})"
+    try:
+        verdict = task.verify(problem, answer)
+    except Exception as error:
+        raised = traceback.extract_tb(error.__traceback__)[-1]
+        raise ValueError(
+            f"{call} raised {type(error).__name__} at {raised.filename} line {raised.lineno}: {error}; a verifier "
+            "returns False for an answer it cannot read"
+        ) from error
     if verdict not in (True, False):
         raise ValueError(
-            f"task {task.name!r}: verify(problem {problem.key!r}, answer {answer!r}) returned {verdict!r}; a verifier "
-            "returns True or False (Task.verify in seekstack/posttrain/tasks/base.py)"
+            f"{call} returned {verdict!r}; a verifier returns True or False (Task.verify in "
+            "seekstack/posttrain/tasks/base.py)"
         )
     return bool(verdict)
 

@@ -163,6 +163,19 @@ def test_the_reward_is_the_weighted_sum_of_its_terms():
     assert total_reward({"correctness": 0.0, "format": 1.0}, RewardWeights(correctness=1.0, format=0.0)) == 0.0
 
 
+def test_a_verifier_that_raises_is_refused_naming_the_task_problem_answer_and_its_line():
+    """An answer a custom verifier cannot read (int("1+1=7")) ended the run with 'invalid literal for int() with base
+    10' alone: no task, verifier, file or line."""
+    task = make_task("addition")
+    problem = task.generate(random.Random(0))
+    task.verify = lambda problem, answer: int(answer) == problem.data["value"]
+    line = sys._getframe().f_lineno - 1
+    named = f"task 'addition': verify(problem {problem.key!r}, answer '1+1=7') raised ValueError at {__file__} line "
+    named += f"{line}: invalid literal for int() with base 10: '1+1=7'"
+    with pytest.raises(ValueError, match=re.escape(named)):
+        reward_terms(task, problem, r1_completion(problem.trace, "1+1=7"), ended=True)
+
+
 @pytest.mark.parametrize("verdict", [float("nan"), 0.5, None])
 def test_a_verifier_returning_no_true_or_false_is_refused_naming_the_task_problem_and_value(verdict):
     task = make_task("addition")
