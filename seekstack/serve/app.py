@@ -441,7 +441,9 @@ class Server:
             bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
         if is_chat and body.offered_tools():
             for i, message in enumerate(messages):
-                messages[i], finish_reasons[i] = message_with_calls(message, finish_reasons[i])
+                messages[i], finish_reasons[i] = message_with_calls(
+                    message, finish_reasons[i], body.parallel_tool_calls
+                )
         common = dict(id=response_id, created=int(time.time()), model=bill.model, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
@@ -483,7 +485,9 @@ class Server:
         text_offsets = [0] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
-        parsers = [ToolCallParser() for _ in range(n)] if is_chat and body.offered_tools() else None
+        parsers = (
+            [ToolCallParser(body.parallel_tool_calls) for _ in range(n)] if is_chat and body.offered_tools() else None
+        )
         options = body.stream_options
         continuous = options is not None and options.include_usage and options.continuous_usage_stats  # as vLLM
         try:

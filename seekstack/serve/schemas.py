@@ -280,7 +280,7 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None  # the functions the model may call, listed in its prompt (but with "none")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: "auto" with tools
-    parallel_tool_calls: Annotated[bool, OrDefault] = True  # false: a forced choice makes one call
+    parallel_tool_calls: Annotated[bool, OrDefault] = True  # false: one call (forced: the grammar's; "auto": the first)
     # OpenAI's fields that would change the reply and that this server cannot honour: declared to be refused when
     # set (protocol.refuse_unsupported), each with the value that asks for nothing this server does not do anyway
     functions: list[dict[str, Any]] | None = None

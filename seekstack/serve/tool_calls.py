@@ -55,9 +55,11 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 
 class ToolCallParser:
-    """One choice's reply, pushed piece by piece, released as content and tool-call deltas."""
+    """One choice's reply, pushed piece by piece, released as content and tool-call deltas; without `parallel` (a
+    request's parallel_tool_calls false) its first call only, the later ones dropped, as vLLM drops them."""
 
-    def __init__(self) -> None:
+    def __init__(self, parallel: bool = True) -> None:
+        self.parallel = parallel
         self.part = "content"  # "content", "calls" (between calls), "head" (type and name), "arguments", "done"
         self.held = ""  # text received and not yet released
         self.calls: list[ToolCall] = []  # the calls begun, their arguments so far
@@ -79,11 +81,12 @@ class ToolCallParser:
                 self.held, self.part = self.held[begin + len(TOOL_CALLS_BEGIN) :], "calls"
             elif self.part == "calls":
                 begin, end = self.held.find(TOOL_CALL_BEGIN), self.held.find(TOOL_CALLS_END)
-                if end >= 0 and (begin < 0 or end < begin):
-                    self.part, self.held = "done", ""
-                if begin < 0 or self.part == "done":
+                if (end >= 0 and (begin < 0 or end < begin)) or (begin >= 0 and self.calls and not self.parallel):
+                    self.part = "done"  # the calls ended, or the one call taken has
+                elif begin >= 0:
+                    self.held, self.part = self.held[begin + len(TOOL_CALL_BEGIN) :], "head"
+                else:
                     break
-                self.held, self.part = self.held[begin + len(TOOL_CALL_BEGIN) :], "head"
             elif self.part == "head":  # found with str.find: each piece re-reads the head, so no backtracking
                 sep = self.held.find(TOOL_SEP)
                 start = self.held.find(ARGUMENTS_START, sep + len(TOOL_SEP)) if sep >= 0 else -1
@@ -122,11 +125,13 @@ class ToolCallParser:
         return parsed, "tool_calls" if finish_reason == "stop" and self.complete_calls else finish_reason
 
 
-def message_with_calls(message: AssistantMessage, finish_reason: str | None) -> tuple[AssistantMessage, str | None]:
-    """A whole reply's `message` with the calls in its content parsed out (`ToolCallParser`): its content null when the
-    reply is calls alone, and its `finish_reason` "tool_calls" where it made calls and ended on its own. A call cut
-    short (by max_tokens) is left out, as vLLM's parser leaves it."""
-    parser = ToolCallParser()
+def message_with_calls(
+    message: AssistantMessage, finish_reason: str | None, parallel: bool = True
+) -> tuple[AssistantMessage, str | None]:
+    """A whole reply's `message` with the calls in its content parsed out (`ToolCallParser`, its first call alone
+    without `parallel`): its content null when the reply is calls alone, and its `finish_reason` "tool_calls" where it
+    made calls and ended on its own. A call cut short (by max_tokens) is left out, as vLLM's parser leaves it."""
+    parser = ToolCallParser(parallel)
     content, _ = parser.push(message.content or "", final=True)
     calls = parser.calls[: parser.complete_calls]
     if not calls:

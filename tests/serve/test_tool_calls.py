@@ -225,6 +225,16 @@ def test_a_call_head_that_never_ends_streamed_token_by_token_is_read_in_linear_t
     assert not reader.is_alive() and released == [("", [])] * len(pieces) and parser.calls == []
 
 
+def test_without_parallel_tool_calls_a_reply_of_two_calls_gives_its_first_whole_and_streamed():
+    """As vLLM, which drops the calls after the first: "auto" decodes free, so a model may write two."""
+    message, reason = message_with_calls(AssistantMessage(content=REPLY), "stop", parallel=False)
+    assert [(call.function.name, call.function.arguments) for call in message.tool_calls] == [("move", MOVE_ARGUMENTS)]
+    assert (message.content, reason) == ("Moving.", "tool_calls")
+    parser = ToolCallParser(parallel=False)
+    deltas = [delta for token in REPLY for delta in parser.push(token)[1]]
+    assert {delta.index for delta in deltas} == {0} and "".join(d.function.arguments for d in deltas) == MOVE_ARGUMENTS
+
+
 def test_a_reply_cut_inside_a_call_keeps_its_content_and_no_call():
     cut = REPLY[: REPLY.index('"way"')]
     message, reason = message_with_calls(AssistantMessage(content=cut), "length")
