@@ -98,7 +98,7 @@ def staged_files(folder: str | os.PathLike) -> Iterator[StagedFiles]:
     published = False
     with sigterm_cleaned_up():
         try:
-            with _refusals_named(lambda: _files_named(folder, list(staged.hidden))):
+            with refusals_named(lambda: _files_named(folder, list(staged.hidden))):
                 yield staged
                 for hidden in staged.hidden.values():
                     _fsync(hidden)
@@ -158,7 +158,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             staging, lock = _create_locked(path.parent, path.name, Path.mkdir)
             cleanup.callback(os.close, lock)
             cleanup.callback(shutil.rmtree, staging, ignore_errors=True)
-        with _refusals_named(lambda: str(path)):
+        with refusals_named(lambda: str(path)):
             yield staging
             for entry in [*staging.rglob("*"), staging]:
                 _fsync(entry)
@@ -306,7 +306,7 @@ def _create_hidden(folder: Path, name: str, create: Callable[[Path], None]) -> P
     while True:
         hidden = folder / f".{name}.{secrets.token_hex(HIDDEN_TOKEN_BYTES)}.tmp"
         try:
-            with _refusals_named(lambda: str(folder / name)):  # a full or read-only disk, named by the target
+            with refusals_named(lambda: str(folder / name)):  # a full or read-only disk, named by the target
                 create(hidden)
             return hidden
         except FileExistsError:
@@ -360,7 +360,7 @@ def _files_named(folder: Path, names: list[str]) -> str:
 
 
 @contextmanager
-def _refusals_named(targets: Callable[[], str]) -> Iterator[None]:
+def refusals_named(targets: Callable[[], str]) -> Iterator[None]:
     """Turn a write the storage refuses (an OSError or a Rust writer's error of a full disk, a file size limit, a
     read-only or failing disk; torch.save's short write), here or in a write nested in this one, into a
     `WriteRefused` naming `targets()`, which are left as they were."""

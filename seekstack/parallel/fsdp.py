@@ -82,8 +82,14 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Every rank writes its shard of the optimizer state into `directory` (all ranks call it)."""
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
+    """Every rank writes its shard of the optimizer state into `directory` (all ranks call it). A rank's write that
+    fails (its disk full) raises its error on every rank, where torch raised a CheckpointException, a BaseException
+    no handler of a refused write catches."""
+    try:
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
+    except CheckpointException as error:  # raised alike on every rank, with every rank's failure
+        failure, _ = error.failures[min(error.failures)]
+        raise failure from None
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:

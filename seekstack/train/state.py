@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seekstack.atomic import atomic_directory, clear_killed_writes, refuse_to_replace
+from seekstack.atomic import atomic_directory, clear_killed_writes, refusals_named, refuse_to_replace
 from seekstack.checkpoint import (
     MODEL_FOLDER_FILES,
     CheckpointError,
@@ -168,7 +168,8 @@ def shared_staging(final: Path, ranks: Ranks) -> Iterator[Path]:
             barrier(ranks)
     else:
         staging = Path(broadcast_text("", ranks))
-        yield staging
+        with refusals_named(lambda: str(final)):  # a disk refusing this rank's part, named as rank 0 names it
+            yield staging
         barrier(ranks)
 
 

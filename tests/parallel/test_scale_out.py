@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -155,6 +156,37 @@ def test_an_optimizer_shard_cut_short_is_named_with_both_sizes(data_dir, fsdp_ru
         f"{checkpoint / OPTIMIZER_DIR}: its sharded optimizer state cannot be read ({shard} is cut short: "
         f"{whole // 2:,} of its {whole:,} bytes): a file each rank wrote at the save is missing or damaged"
     )
+
+
+def _train_rank_under_a_file_size_limit(rank: int, world_size: int, port: int, config, resume) -> None:
+    """A rank whose disk takes no file over 100 kB (`ulimit -f`: EFBIG, as a full disk's ENOSPC); it writes what it
+    raised to `rank{r}.txt` beside the run."""
+    _join(rank, world_size, port)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        train(config, resume=resume)
+        raised = "nothing"
+    except BaseException as error:  # noqa: BLE001  (torch's CheckpointException is no Exception)
+        raised = f"{type(error).__name__}: {error}"
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    (Path(config.out_dir).parent / f"rank{rank}.txt").write_text(raised)
+    os._exit(0)  # train() destroyed the process group; end before gloo's teardown can hang (see _powersgd_rank)
+
+
+def test_a_disk_refusing_a_ranks_optimizer_shard_stops_every_rank_naming_the_checkpoint_and_why(data_dir, tmp_path):  # noqa: F811
+    """Under FSDP each rank writes its optimizer shard: a refused one raised torch's CheckpointException (a
+    BaseException, with every rank's traceback) on every rank, where one process's save names the checkpoint."""
+    out_dir = tmp_path / "run"
+    config = run_config(data_dir, out_dir, parallel="fsdp", max_steps=1, eval_every=0)
+    train_on_two_ranks_within(120, config, _train_rank_under_a_file_size_limit)
+    raised = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert raised[0] == raised[1]  # the reason: EFBIG, or torch.save's zip writer cut short, as the limit falls
+    assert raised[0].startswith(f"WriteRefused: {out_dir / 'checkpoints' / 'step_1'}: not written (")
+    assert raised[0].endswith(
+        "; nothing was written, and what was there is as it was; training stopped at step 1: the run has no "
+        "checkpoint, so all its steps are lost: free some space and start it again"
+    )
+    assert list((out_dir / "checkpoints").iterdir()) == []  # no part of it left, not even a hidden one
 
 
 def _int8_rank(rank: int, world_size: int, port: int, gradients: torch.Tensor, results) -> None:
