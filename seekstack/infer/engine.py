@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import itertools
 import math
-import numbers
+import operator
 import sys
 import threading
 import time
@@ -405,7 +405,7 @@ class Engine:
                 "prompt_ids is a str; give token ids (tokenizer.encode_prompt(text)), or the text to generate or stream"
             )
         params = params.validate()
-        prompt_ids = [int(token) for token in prompt_ids]
+        prompt_ids = [token_id(token) for token in prompt_ids]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.config.vocab_size
@@ -990,7 +990,7 @@ class Engine:
                     f"{prompts.dtype} of shape {tuple(prompts.shape)}"
                 )
             prompts = prompts.tolist()
-        token_ids = len(prompts) > 0 and all(isinstance(t, numbers.Integral) for t in prompts)
+        token_ids = len(prompts) > 0 and not any(isinstance(t, Iterable) for t in prompts)  # 5.0 too: refused below
         one_prompt = isinstance(prompts, str) or token_ids
         prompts = [prompts] if one_prompt else list(prompts)
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -1001,7 +1001,9 @@ class Engine:
         ):
             if len(values) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")
-        prompt_ids = [self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
+        prompt_ids = [
+            self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(map(token_id, p)) for p in prompts
+        ]
         started = time.perf_counter()
         inbox: deque[RequestOutput] = deque()  # these requests' outputs, whichever thread's step made them
         parts: dict[str, list[RequestOutput]] = {}
@@ -1102,6 +1104,15 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def token_id(token: Any) -> int:
+    """`token` as a token id: an integer (an int, numpy's, a 0-d integer tensor); TypeError naming it otherwise
+    (int() read a prompt's 5.7 as token 5)."""
+    try:
+        return operator.index(token)
+    except TypeError:
+        raise TypeError(f"prompt holds {token!r}, which is no token id: give integers") from None
 
 
 def _fail_rows_without_distribution(
