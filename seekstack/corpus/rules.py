@@ -215,10 +215,24 @@ for _kind in ("code", "prose", "cjk"):
     nested_config(CleaningConfig, _kind, type(getattr(CleaningConfig(), _kind)), prefix=_kind)
 
 
+# Terminal formatting that text saved from a terminal holds: ECMA-48 escape sequences (colours, `\x1b[32mPASSED\x1b[0m`;
+# an OSC title or link, `\x1b]8;;https://x.org\x1b\\`), and nroff's overstrike, as a man page saved with its bold
+# (`N\bNA\bAM\bME\bE`) and underline (`_\bf_\bi_\bl_\be`) holds it: a backspace shows the character after it in place
+# of the one before, as `col -b` keeps it.
+_TERMINAL_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_OVERSTRUCK = re.compile(r"[^\n]?\x08")
+# Control characters that no text shows, as ftfy's `remove_control_chars` (datatrove's FTFYFormatter) removes them:
+# C0 but tab, line feed, form feed and carriage return (NUL, the padding of binary formats; DOS's end of file, ^Z), DEL
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
 def normalise(text: str) -> str:
-    """Unicode NFC with `\\n` line endings and no NUL characters (the padding of binary formats, never text), the
-    form every later stage (rules, hashes, output) sees."""
-    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", ""))
+    """Unicode NFC with `\\n` line endings, terminal formatting rendered as the terminal shows it (escape sequences
+    dropped, overstrike resolved) and no other control characters, the form every later stage (rules, hashes,
+    output) sees."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _OVERSTRUCK.sub("", _TERMINAL_ESCAPE.sub("", text))
+    return unicodedata.normalize("NFC", _CONTROL.sub("", text))
 
 
 def rule_kind(text: str, profile: Profile, name: str = "") -> tuple[Kind, str]:

@@ -443,6 +443,15 @@ def test_normalise_applies_nfc_and_unix_line_endings() -> None:
     assert normalise("pad\x00ded") == "padded"
 
 
+def test_normalise_renders_terminal_formatting_and_drops_control_characters() -> None:
+    """A man page saved with its formatting (man-db's own manual in /usr/share/doc holds 1,042 escapes and 229
+    backspaces) and a coloured log were kept with them, as text to train on; they read as the terminal shows them."""
+    assert normalise("N\bNA\bAM\bME\bE\n  l\bls\bs [_\bO_\bP_\bT]") == "NAME\n  ls [OPT]"  # bold, underline
+    assert normalise("\x1b[1m[001]\x1b[0m reads \x1b[1;32mPASSED\x1b[0m") == "[001] reads PASSED"
+    assert normalise("see \x1b]8;;https://x.org\x1b\\the site\x1b]8;;\x1b\\.") == "see the site."  # an OSC link
+    assert normalise("bell\x07 dos\x1a del\x7f vt\x0b tab\tpage\x0c") == "bell dos del vt tab\tpage\x0c"
+
+
 def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
     config = CleaningConfig(
         profile="web", prose=ProseRules(min_words=5, max_digit_fraction=0.3), near_duplicate_threshold=0.7
