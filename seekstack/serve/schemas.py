@@ -212,7 +212,7 @@ class ChatMessage(StrictRequest):
             "allOf": [
                 {  # as `_null_only_from_the_assistant` reads it
                     "if": {"properties": {"role": {"const": "assistant"}}},
-                    "else": {"properties": {"content": {"not": {"type": "null"}}}},
+                    "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
                 },
                 {  # as `_results_name_their_call` reads it
                     "if": {"properties": {"role": {"const": "tool"}}},
@@ -222,7 +222,8 @@ class ChatMessage(StrictRequest):
         }
     )
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None  # null only in an assistant turn (a replayed history), read as ""
+    # null or left out only in an assistant turn (a replayed history; OpenAI's calls need none), read as ""
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
     tool_calls: list[ToolCallRequest] | None = None  # an assistant turn's calls, replayed
     # a tool result's call, required of one (as OpenAI requires it); the chat template does not write it, as DeepSeek's
     tool_call_id: str | None = Field(None, validate_default=True)
@@ -257,7 +258,7 @@ class ChatMessage(StrictRequest):
     def _null_only_from_the_assistant(cls, content: str | list[TextPart] | None, info: ValidationInfo) -> Any:
         if content is None and info.data.get("role", "assistant") != "assistant":
             raise ValueError(f"a {info.data['role']} message needs content (text or text parts); only an assistant "
-                             "message's may be null")  # fmt: skip
+                             "message's may be null or left out")  # fmt: skip
         return content
 
     def template(self) -> dict:

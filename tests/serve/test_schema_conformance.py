@@ -28,8 +28,11 @@ SET_BY_GREEDY = ["temperature", "max_tokens", "ignore_eos"]  # nullable too, but
 USER_NULL = {**CHAT, "messages": [{"role": "user", "content": None}]}
 ASSISTANT_NULL = {**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "content": None}, *CHAT["messages"]]}
 CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": ""}}]}
-TOOL_RESULT = {**CHAT, "messages": [*CHAT["messages"], CALL, {"role": "tool", "tool_call_id": "c1", "content": "5"}]}
+RESULT = {"role": "tool", "tool_call_id": "c1", "content": "5"}
+TOOL_RESULT = {**CHAT, "messages": [*CHAT["messages"], CALL, RESULT]}
 NAMELESS_RESULT = {**CHAT, "messages": [*CHAT["messages"], CALL, {"role": "tool", "content": "5"}]}
+CALL_WITHOUT_CONTENT = {**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "tool_calls": CALL["tool_calls"]},
+                                             RESULT]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,8 @@ def test_a_completion_with_max_tokens_null_gets_the_default_16_tokens_not_the_wh
         ("/v1/chat/completions", ASSISTANT_NULL, True),
         ("/v1/chat/completions", TOOL_RESULT, True),
         ("/v1/chat/completions", NAMELESS_RESULT, False),  # was: served, where OpenAI requires tool_call_id
+        ("/v1/chat/completions", CALL_WITHOUT_CONTENT, True),  # was: refused, where OpenAI needs none
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, False),
         ("/v1/completions", {**COMPLETION, "suffix": ""}, True),
         ("/v1/completions", {**COMPLETION, "echo": None}, True),
         ("/v1/chat/completions", {**CHAT, "n": None, "stream": None, "logprobs": None}, True),

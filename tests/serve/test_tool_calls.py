@@ -125,6 +125,24 @@ def test_a_conversation_replaying_tool_results_is_prompted_in_deepseek_v3s_forma
     assert not_offered.json()["usage"]["prompt_tokens"] == len(engine.tokenizer.encode(without_tools))
 
 
+def test_agent_frameworks_message_shapes_are_read_as_their_plain_forms(engine, tmp_path):
+    """openai-agents and pydantic-ai send a calling assistant message without content (OpenAI's: "required unless
+    tool_calls"), was a 400 'messages.1.content: Field required'; tool results as text parts, and with a name."""
+    call = {"id": "c1", "type": "function", "function": {"name": "move", "arguments": '{"steps": 2, "way": "n"}'}}
+    plain = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "c1", "content": "moved"}]  # fmt: skip
+    parts = [{"type": "text", "text": "moved"}]
+    shaped = [*ASK, {"role": "assistant", "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": "c1", "name": "move", "content": parts}]  # fmt: skip
+
+    async def scenario(api):
+        return [await api.chat.completions.create(**{**GREEDY, "max_tokens": 1, "messages": messages}, tools=[MOVE])
+                for messages in (plain, shaped)]  # fmt: skip
+
+    plain_reply, shaped_reply = with_openai(engine, tmp_path, scenario)
+    assert shaped_reply.usage.prompt_tokens == plain_reply.usage.prompt_tokens
+
+
 NAMED_ABSENT = {"type": "function", "function": {"name": "fly"}}
 UNNAMED_CALL = {"function": {"name": "", "arguments": ""}}  # the fuzzer's: a 500 (template_message's ValueError)
 HUGE = {"type": "function", "function": {"name": "huge", "parameters": {
@@ -150,6 +168,7 @@ def replayed_call(arguments: str) -> list[dict]:
         ({"tools": [MOVE], "tool_choice": NAMED_ABSENT}, "tool_choice", "'fly', which is not among the tools"),
         ({"tool_choice": "required"}, "tool_choice", '"required" needs tools'),
         ({"tool_choice": "auto"}, "tool_choice", '"auto" needs tools'),  # was: served, as if no tools were named
+        ({"messages": [{"role": "user"}]}, "messages.0.content", "a user message needs content"),
         ({"tools": [MOVE], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
          "response_format"),
         ({"messages": [*ASK, {"role": "user", "content": "x", "tool_calls": []}]}, "messages.1.tool_calls",
