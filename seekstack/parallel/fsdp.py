@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, Metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -35,6 +35,8 @@ from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks
 from seekstack.parallel.parallelize import decoder_blocks
 from seekstack.schema import ConfigError
+
+METADATA_FILE = ".metadata"  # where torch.distributed.checkpoint's FileSystemWriter says what each shard file holds
 
 
 def apply_fsdp(
@@ -94,33 +96,43 @@ def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Fill `optimizer` from a saved state written at any number of ranks (resharded to this run's, or to one
-    process); CheckpointError naming what could not be read (a shard missing or cut short), on every rank."""
+    process); CheckpointError naming what could not be read (its .metadata or a shard missing, cut short), on every
+    rank."""
+    metadata = read_metadata(directory)  # before torch, which logs two tracebacks of a missing one as it falls back
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     with warnings.catch_warnings():  # alone, torch warns that it assumes what we mean: to load in a single process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         try:
             dcp.load(state, checkpoint_id=directory)
         except CheckpointException as error:  # raised alike on every rank, with every rank's failure
-            failures = cut_short_shards(directory) or dict.fromkeys(
-                str(failure) for failure, _ in error.failures.values()
-            )
-            raise CheckpointError(
-                f"{directory}: its sharded optimizer state cannot be read ({'; '.join(failures)}): a file each rank "
-                "wrote at the save is missing or damaged (the ranks must share the file system checkpoints are "
-                "written to)"
-            ) from None
+            failures = cut_short_shards(directory, metadata) or [str(failure) for failure, _ in error.failures.values()]
+            raise unreadable_state(directory, failures) from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def cut_short_shards(directory: Path) -> list[str]:
-    """The shard files of the sharded state in `directory` that end before the last byte its `.metadata` places in
-    them (a save or copy cut short: torch's error names no file), each with both sizes."""
+def read_metadata(directory: Path) -> Metadata:
+    """The `.metadata` of the sharded state in `directory` (what each shard file holds, and where)."""
     try:
-        stored = FileSystemReader(directory).read_metadata().storage_data.values()
-    except Exception:  # no readable .metadata: torch's own error names it
-        return []
+        return FileSystemReader(directory).read_metadata()
+    except Exception as error:  # missing, or cut short (pickle's error names no file)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise unreadable_state(directory, [f"{directory / METADATA_FILE}: {reason}"]) from None
+
+
+def unreadable_state(directory: Path, failures: list[str]) -> CheckpointError:
+    """The error for a sharded state in `directory` that cannot be read, for `failures` (each said once)."""
+    return CheckpointError(
+        f"{directory}: its sharded optimizer state cannot be read ({'; '.join(dict.fromkeys(failures))}): a file "
+        "each rank wrote at the save is missing or damaged (the ranks must share the file system checkpoints are "
+        "written to)"
+    )
+
+
+def cut_short_shards(directory: Path, metadata: Metadata) -> list[str]:
+    """The shard files of the sharded state in `directory` that end before the last byte its `metadata` places in
+    them (a save or copy cut short: torch's error names no file), each with both sizes."""
     ends: dict[str, int] = {}
-    for item in stored:
+    for item in metadata.storage_data.values():
         ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
     sizes = {name: (directory / name).stat().st_size for name in ends if (directory / name).is_file()}
     return [

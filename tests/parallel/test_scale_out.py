@@ -158,6 +158,21 @@ def test_an_optimizer_shard_cut_short_is_named_with_both_sizes(data_dir, fsdp_ru
     )
 
 
+def test_a_missing_optimizer_metadata_is_named_without_torchs_tracebacks(data_dir, fsdp_run, tmp_path, caplog):  # noqa: F811
+    """torch logged two tracebacks (`Global metadata is not found. Falling back to rank local metadata.`, `Rank
+    local metadata is not found.`) and its error named `__0.metadata`, a file no save writes."""
+    checkpoint = tmp_path / "checkpoints" / "step_3"
+    shutil.copytree(fsdp_run / "checkpoints" / "step_3", checkpoint)
+    (checkpoint / OPTIMIZER_DIR / ".metadata").unlink()
+    with pytest.raises(CheckpointError) as refused:
+        train(run_config(data_dir, tmp_path, parallel="fsdp", **FSDP_STEPS), resume=True)
+    assert [record.getMessage() for record in caplog.records if record.exc_info] == []
+    assert str(refused.value).startswith(
+        f"{checkpoint / OPTIMIZER_DIR}: its sharded optimizer state cannot be read ({checkpoint / OPTIMIZER_DIR}/"
+        ".metadata: No such file or directory): a file each rank wrote at the save is missing or damaged"
+    )
+
+
 def _train_rank_under_a_file_size_limit(rank: int, world_size: int, port: int, config, resume) -> None:
     """A rank whose disk takes no file over 100 kB (`ulimit -f`: EFBIG, as a full disk's ENOSPC); it writes what it
     raised to `rank{r}.txt` beside the run."""
