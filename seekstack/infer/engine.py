@@ -405,6 +405,8 @@ class Engine:
                 "prompt_ids is a str; give token ids (tokenizer.encode_prompt(text)), or the text to generate or stream"
             )
         params = params.validate()
+        if params.n > 1:
+            raise ConfigError(f"is {params.n}: add_request and stream run one sample; generate runs n", field="n")
         prompt_ids = [token_id(token) for token in prompt_ids]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
@@ -1010,14 +1012,19 @@ class Engine:
         first_token: dict[str, float] = {}
         finished_at: dict[str, float] = {}
         compiling: dict[str, float] = {}  # per request, the compile seconds of its decode steps (`compile_s`)
+        samples: list[list[str]] = []  # each prompt's requests, one per sample (SamplingParams.n)
         try:
             for index, (ids, p, a) in enumerate(zip(prompt_ids, params_list, adapter_list, strict=True)):
-                try:
-                    parts[self._add_awaited(ids, p, inbox, adapter=a)] = []
-                except ValueError as error:  # which of many prompts (a ConfigError names its field: kept as it is)
-                    if len(prompt_ids) == 1 or isinstance(error, ConfigError):
-                        raise
-                    raise ValueError(f"prompt {index} of {len(prompt_ids)}: {error}") from None
+                samples.append([])
+                for sample in p.samples() if isinstance(p, SamplingParams) else [p]:  # add_request names a wrong p
+                    try:
+                        request_id = self._add_awaited(ids, sample, inbox, adapter=a)
+                    except ValueError as error:  # which of many prompts (a ConfigError names its field: kept as is)
+                        if len(prompt_ids) == 1 or isinstance(error, ConfigError):
+                            raise
+                        raise ValueError(f"prompt {index} of {len(prompt_ids)}: {error}") from None
+                    parts[request_id] = []
+                    samples[-1].append(request_id)
             while len(finished_at) < len(parts):
                 self.step()
                 while inbox:
@@ -1031,18 +1038,18 @@ class Engine:
         finally:  # a prompt refused, a failing step or an interrupt leaves no request behind holding cache blocks
             for request_id in parts:
                 self._forget(request_id)
-        return [
-            joined_completion(
-                request_id,
-                ids,
-                parts[request_id],
-                started,
-                first_token[request_id],
-                finished_at[request_id],
-                compiling[request_id],
-            )
-            for request_id, ids in zip(parts, prompt_ids, strict=True)
-        ]
+        completions = []
+        for ids, request_ids in zip(prompt_ids, samples, strict=True):
+            first, *others = (
+                joined_completion(
+                    request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id],
+                    compiling[request_id], index,
+                )
+                for index, request_id in enumerate(request_ids)
+            )  # fmt: skip
+            first.others = others
+            completions.append(first)
+        return completions
 
 
 # Inductor's options for the compiled decode steps (`_compiled` says why each); bench/decode_options.py times others.

@@ -68,6 +68,14 @@ class Completion:
     timings: dict[str, float]  # time_to_first_token_s, total_s, decode_tokens_per_s, compile_s
     error: str | None = None  # with finish_reason "error": why the request failed
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
+    index: int = 0  # which of its prompt's n samples it is (SamplingParams.n), as vLLM's CompletionOutput.index
+    others: list[Completion] = field(default_factory=list)  # with n > 1, on the first sample: the samples after it
+
+    @property
+    def outputs(self) -> list[Completion]:
+        """The prompt's n samples, this one first, as vLLM's RequestOutput.outputs: each with .text, .token_ids,
+        .finish_reason, .logprobs, .cumulative_logprob and .index."""
+        return [self, *self.others]
 
     @property
     def cumulative_logprob(self) -> float | None:
@@ -84,10 +92,12 @@ def joined_completion(
     first: float,
     end: float,
     compile_seconds: float = 0.0,
+    index: int = 0,
 ) -> Completion:
     """One request's outputs joined into a `Completion`, timed from `started` (added), `first` (its first output)
     and `end` (its last), all time.perf_counter() seconds; `compile_seconds` of its decode steps went to compiling a
-    graph (a first run with --compile), which the decode speed leaves out and `compile_s` reports."""
+    graph (a first run with --compile), which the decode speed leaves out and `compile_s` reports; `index`: which of
+    its prompt's samples it is."""
     tokens = [token for part in parts for token in part.token_ids]
     logprobs = [entry for part in parts for entry in part.logprobs] if parts[-1].logprobs is not None else None
     decode_seconds = end - first - compile_seconds
@@ -99,8 +109,9 @@ def joined_completion(
     }
     text, last = "".join(p.text for p in parts), parts[-1]
     return Completion(
-        request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error, last.cached_tokens
-    )
+        request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error, last.cached_tokens,
+        index,
+    )  # fmt: skip
 
 
 def completion_record(engine: Engine, completion: Completion) -> dict:

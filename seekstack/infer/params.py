@@ -79,6 +79,7 @@ class SamplingParams:
     min_tokens: NonNegative = 0
     skip_special_tokens: bool = True  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
     detokenize: bool = True  # False: outputs carry token ids only, text "" (as vLLM's), for callers that decode
+    n: Positive = 1  # samples of each prompt `Engine.generate` returns (Completion.outputs, as vLLM's); i: seed + i
 
     def __post_init__(self) -> None:
         """ConfigError naming a field whose value is out of its type or range, at once, as vLLM's SamplingParams
@@ -106,6 +107,13 @@ class SamplingParams:
         require(params.logprobs or not params.top_logprobs, "top_logprobs", "0 without logprobs=True (as OpenAI's "
                 "top_logprobs needs logprobs): no log-probabilities are returned without it")  # fmt: skip
         return params
+
+    def samples(self) -> list[SamplingParams]:
+        """The parameters of each of the n samples, one apiece: sample i seeded seed + i (wrapped within torch's seed
+        range), as the server seeds a request's choices; unseeded ones each take their own seed."""
+        seeds = [None if self.seed is None else self.seed + i - (2**64 if self.seed + i >= 2**64 else 0)
+                 for i in range(self.n)]  # fmt: skip
+        return [dataclasses.replace(self, n=1, seed=seed) for seed in seeds]
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import ASSISTANT
 from tests.infer.support import VOCAB, fail_sampling_after, micro_model, model_dir
 
@@ -97,6 +98,22 @@ def test_unseeded_sampled_requests_repeat_after_the_same_torch_manual_seed(model
     state = torch.get_rng_state()
     engine.generate([prompt], GREEDY)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_n_samples_of_each_prompt_come_back_as_its_outputs_as_vllm_returns_them(model, tokenizer):
+    """SamplingParams took no n (TypeError: unexpected keyword argument 'n'): a vLLM user's n samples of a prompt took
+    a prompt repeated n times and a seed per copy. Sample i is seeded seed + i, as the server seeds its choices."""
+    engine, prompt_list = Engine(model, tokenizer), prompts([5, 9])
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=7, n=3, ignore_eos=True, logprobs=True)
+    completions = engine.generate(prompt_list, params)
+    for completion, prompt in zip(completions, prompt_list, strict=True):
+        alone = [engine.generate([prompt], dataclasses.replace(params, n=1, seed=7 + i))[0] for i in range(3)]
+        assert [output.token_ids for output in completion.outputs] == [sample.token_ids for sample in alone]
+        assert [output.index for output in completion.outputs] == [0, 1, 2] and completion.outputs[0] is completion
+        assert all(output.prompt_token_ids == prompt and output.logprobs for output in completion.outputs)
+    assert engine.generate(prompt_list[0], dataclasses.replace(params, n=1))[0].outputs[0].index == 0
+    with pytest.raises(ConfigError, match=r"^field 'n' is 3: add_request and stream run one sample; generate runs n$"):
+        engine.add_request(prompt_list[0], params)
 
 
 PENALTIES = [
