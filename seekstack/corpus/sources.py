@@ -66,7 +66,10 @@ UTF16_MIN_CHARACTERS = 64
 UTF16_MIN_NOT_UTF8_SHARE = 0.05  # of those bytes (Japanese in hiragana alone: 0.09, Chinese 0.37, Korean 0.66)
 UTF16_MIN_SCRIPT_SHARE = 0.9
 _TEXT_CATEGORIES = tuple("LMNPSZ")  # letters, marks, numbers, punctuation, symbols, separators
-_TEXT_CONTROLS = frozenset("\t\n\r\f\u200b\u200c\u200d\ufeff")  # whitespace, zero-width (non-)joiners and space
+# Whitespace, and the format characters text holds: zero-width space, (non-)joiners and byte-order mark, and those
+# legacy encodings hold, the soft hyphen (0xAD of cp1251, cp1253, cp1255, cp1256) and the left-to-right and
+# right-to-left marks Hebrew, Arabic and Persian text sets beside numbers and punctuation (0xFD, 0xFE of cp1255, cp1256)
+_TEXT_CONTROLS = frozenset("\t\n\r\f\u200b\u200c\u200d\ufeff\u00ad\u200e\u200f")
 # Unicode names' first word that is one writing system with another's: Japanese writes kanji, kana and "ー" together
 _WRITING_SYSTEMS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "KATAKANA-HIRAGANA": "CJK", "IDEOGRAPHIC": "CJK"}
 # A file that is no UTF-8 (that share of its first bytes, as for UTF-16) may be in a legacy encoding of another script
@@ -74,6 +77,10 @@ _WRITING_SYSTEMS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "KATAKANA-HIRAGANA": "
 # reads as that script's (most of its letters not ASCII, `UTF16_MIN_SCRIPT_SHARE` of those one script's); it names
 # Latin text's legacy encodings wrongly too often (Portuguese as cp1250), so those are read as Windows-1252, as before.
 LEGACY_MIN_OTHER_LETTER_SHARE = 0.5  # of the letters read, those not ASCII (at least `UTF16_MIN_CHARACTERS` of them)
+# charset_normalizer's coherence, the share of a reading's letters in its language's most frequent ones, by which a
+# later reading must beat its first choice to be taken: Hebrew in cp1255 0.87 over the cp1251 reading's 0.29, where
+# a wrong reading of short lines may fit a little better than the right one (Greek UI lines: cp1253 0.45, cp1251 0.46)
+LEGACY_COHERENCE_MARGIN = 0.2
 LEGACY_ENCODINGS_OF_OTHER_SCRIPTS = frozenset(
     "cp1251 koi8_r koi8_u cp866 iso8859_5 mac_cyrillic cp1253 iso8859_7 cp1255 iso8859_8 cp1256 iso8859_6 cp874 "
     "tis_620 iso8859_11 cp1125 cp855 mac_greek gb2312 gbk gb18030 hz big5 big5hkscs cp950 shift_jis cp932 "
@@ -360,14 +367,22 @@ def _utf16_of_one_writing_system(data: bytes) -> str | None:
 def _legacy_encoding_of_another_script(data: bytes) -> str | None:
     """The legacy encoding (`LEGACY_ENCODINGS_OF_OTHER_SCRIPTS`: cp1251, KOI8-R, GBK, Big5, Shift_JIS, EUC-KR, ...)
     of a file that UTF-8 fails on (`UTF16_MIN_NOT_UTF8_SHARE` of its first bytes) and that reads as one script's text
-    in it; None for other bytes (Latin text in Windows-1252, a UTF-8 file with a stray byte)."""
+    in it: the first of those charset_normalizer finds (its untrusted Latin or Kazakh guesses passed over), or one
+    whose text fits its language better by `LEGACY_COHERENCE_MARGIN`, for the detector's order puts first the
+    reading with the fewest odd characters, which the marks and soft hyphens these encodings hold count among (Hebrew
+    in cp1255 with right-to-left marks came first as cp1251); None for other bytes (Latin text in Windows-1252, a
+    UTF-8 file with a stray byte)."""
     sample = data[:UTF16_SNIFF_BYTES]
     not_utf8 = len(_ESCAPED_BYTE.findall(sample.decode("utf-8", errors="surrogateescape")))
     if not_utf8 < max(UTF16_MIN_CHARACTERS, UTF16_MIN_NOT_UTF8_SHARE * len(sample)):
         return None  # a short text's few bytes above 127 (`r\xe9sum\xe9`, a cut emoji) read as any script's
-    best = charset_normalizer.from_bytes(data).best()
-    if best is None or best.encoding not in LEGACY_ENCODINGS_OF_OTHER_SCRIPTS:
+    found = [
+        match for match in charset_normalizer.from_bytes(data) if match.encoding in LEGACY_ENCODINGS_OF_OTHER_SCRIPTS
+    ]
+    if not found:
         return None
+    fittest = max(found, key=lambda match: match.coherence)  # the first of equals
+    best = fittest if fittest.coherence >= found[0].coherence + LEGACY_COHERENCE_MARGIN else found[0]
     text = str(best)[:UTF16_SNIFF_BYTES]
     letters = [char for char in text if char.isalpha()]
     other_letters = sum(char >= "\x80" for char in letters)  # Latin text read so has a few among its ASCII ones

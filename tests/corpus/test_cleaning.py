@@ -852,6 +852,10 @@ RUSSIAN_TEXT = (
         (KOREAN_TEXT * 3, "euc_kr"),
         ("Η δημοτική βιβλιοθήκη άνοιξε ξανά τη Δευτέρα μετά από σχεδόν δύο χρόνια ανακαίνισης.\n" * 4, "cp1253"),
         ("A biblioteca municipal reabriu na segunda-feira após quase dois anos de reformas.\n" * 4, "cp1252"),
+        # the marks and soft hyphens these encodings hold made the text fail as one script's: Windows-1252 garbage
+        (HEBREW_ARTICLE, "cp1255"),  # a right-to-left mark after each full stop: was 'éøåùìéí äéà äòéø'
+        ("افتتحت المكتبة العامة أبوابها من جديد يوم الإثنين بعد عامين من الترميم.\u200f\n" * 4, "cp1256"),
+        ((RUSSIAN_TEXT * 3).replace("библиотека", "библио\u00adтека"), "cp1251"),  # soft hyphens
     ],
 )
 def test_a_file_in_a_legacy_encoding_of_its_script_is_read_in_it(tmp_path: Path, text: str, encoding: str) -> None:
