@@ -516,10 +516,13 @@ class Server:
                         delta = ChatDelta(reasoning_content=reasoning or None, content=content or None)
                     if parsers is not None:
                         delta, finish_reason = parsers[index].delta(delta, finish_reason)
+                    shown_entries = body.logprobs and entries
+                    if not (delta.model_dump() or shown_entries or finish_reason):
+                        continue  # all held back (a call's head, a marker's start): no empty chunk, as vLLM sends none
                     choice = ChatChunkChoice(
                         index=index,
                         delta=delta,
-                        logprobs=chat_logprobs(entries, self.engine.tokenizer) if body.logprobs and entries else None,
+                        logprobs=chat_logprobs(entries, self.engine.tokenizer) if shown_entries else None,
                         finish_reason=finish_reason,
                     )
                     yield sse(self._chat_chunk(response_id, created, bill.model, [choice], choice_usage))
