@@ -141,6 +141,9 @@ class GRPOConfig(TrainConfig):
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"  # what the advantages are divided by the std of
     format_weight: NonNegativeFloat = 0.1  # reward = correctness + format_weight * format
+    # Leave completions cut at max_completion_length before their EOS out of the loss (DAPO's overlong filtering,
+    # TRL's mask_truncated_completions): they still count in their group's advantages, where they score 0.
+    mask_truncated_completions: bool = False
     # Rollouts decode through torch.compile, one graph for the run (logged as `compile_s`): on a 2-core Zen 3 a step
     # of 2 x 8 x 64 tokens saves ~0.15-0.2 s, a 300-step run more than the ~10-45 s compile. Not the engine's
     # compile-when-worth-it mode (compile=None): its switch to compiled logits falls at a wall-clock time, so a

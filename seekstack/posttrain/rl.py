@@ -188,7 +188,10 @@ class GRPOSource:
     def loss(self, model: nn.Module, batch: dict[str, Any], mtp_loss_weight: float) -> tuple[ModelOutput, dict]:
         config, rollout = self.config, batch["rollout"]
         logps, entropy, out = completion_logps(model, rollout, config.temperature, self.device)
-        mask = rollout.completion_mask.to(self.device)
+        mask = rollout.completion_mask
+        if config.mask_truncated_completions:
+            mask = mask * rollout.ended(self.tokenizer.eos_id)[:, None]
+        mask = mask.to(self.device)
         old_logps = batch["old_logps"] if batch["old_logps"] is not None else logps.detach()
         result = policy_loss(
             logps,

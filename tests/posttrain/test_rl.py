@@ -401,6 +401,36 @@ def test_rollouts_sample_within_the_configured_top_k_and_top_p(tmp_path, monkeyp
     assert [len(set(map(tuple, group.tolist()))) for group in groups] == [1, 1]
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_mask_truncated_completions_leaves_the_cut_ones_out_of_the_loss(tmp_path, monkeypatch, masked):
+    """DAPO's overlong filtering (TRL's mask_truncated_completions): the loss's mask holds the completions that ended
+    with their EOS alone (rows 0 and 3 here); by default every completion's tokens."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    config = [f"init_from={model_dir}", *RUN, "num_generations=3", f"mask_truncated_completions={str(masked).lower()}"]
+    source = GRPOSource(resolve_train_config(None, config, cls=GRPOConfig))
+    model = load_pretrained(model_dir, dtype=torch.float32)
+    source.attach(model)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        rollout = _grouped_rollout(source.tokenizer.pad_id)
+    last = rollout.prompt_lengths + rollout.completion_lengths - 1
+    ends = torch.tensor([True, False, False, True, False, False])
+    rollout.input_ids[torch.arange(6), last] = torch.where(ends, source.tokenizer.eos_id, 7)
+    rollout.terms = {"correctness": torch.zeros(6), "format": torch.zeros(6)}
+    trained = []
+
+    def spy(logps, old_logps, advantages, mask, *rest):
+        trained.append(mask)
+        return policy_loss(logps, old_logps, advantages, mask, *rest)
+
+    monkeypatch.setattr(rl, "policy_loss", spy)
+    batch = {"rollout": rollout, "advantages": torch.ones(6), "old_logps": None, "ref_logps": None, "fresh": True}
+    metrics = source.loss(model, batch, 0.0)[1]
+    kept = ends if masked else torch.ones(6, dtype=torch.bool)
+    assert torch.equal(trained[0], rollout.completion_mask * kept[:, None])
+    assert metrics["completion_tokens"] == float(rollout.completion_lengths[kept].sum())  # 4 + 7 masked, all 30 not
+
+
 def test_a_run_resumed_with_other_reward_settings_samples_anew_where_its_saved_batch_has_the_old_advantages(
     tmp_path, monkeypatch, sft_model
 ):
