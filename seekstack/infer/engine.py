@@ -415,6 +415,7 @@ class Engine:
             ("prompt", prompt_ids),
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", params.logit_bias),
+            ("allowed_token_ids", params.allowed_token_ids or ()),
         ):
             bad = [token for token in ids if not 0 <= token < vocab]
             if bad:

@@ -130,6 +130,7 @@ class SamplingBatch:
         self.filtered = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params if not p.greedy)
         self.penalized = any(p.penalized for p in params)
         self.biased = any(p.logit_bias for p in params)
+        self.restricted = [row for row, p in enumerate(params) if p.allowed_token_ids is not None]
         self.banned = banned if banned is not None and any(banned) else None
 
     @property
@@ -137,7 +138,7 @@ class SamplingBatch:
         """Whether every row's token is the argmax of its logits as the model gave them (after any constraint)."""
         return (
             self.all_greedy and not self.penalized and not self.biased and self.token_count is None
-            and not self.constrained and self.banned is None
+            and not self.constrained and self.banned is None and not self.restricted
         )  # fmt: skip
 
     def _column(self, values: list) -> torch.Tensor:
@@ -165,9 +166,20 @@ class SamplingBatch:
         rows, ids, values = self._bias_entries
         return logits.float().index_put((rows, ids), values, accumulate=True)
 
+    def _disallowed(self, vocab: int) -> torch.Tensor:
+        """(B, V) bool: the ids outside each row's `allowed_token_ids` (none for a row without them)."""
+        disallowed = torch.zeros(len(self.params), vocab, dtype=torch.bool)
+        for row in self.restricted:
+            disallowed[row] = True
+            disallowed[row, list(self.params[row].allowed_token_ids)] = False
+        return disallowed.to(self.device)
+
     def adjust(self, logits: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, V) as each row samples from them before temperature: the padded ids past `token_count` and
-        each row's `banned` ids at -inf, logit bias, then penalties (`penalize`)."""
+        """Logits (B, V) as each row samples from them before temperature: the padded ids past `token_count`, each
+        row's `banned` ids and the ids outside its `allowed_token_ids` at -inf, logit bias, then penalties
+        (`penalize`)."""
+        if self.restricted:
+            logits = logits.masked_fill(self._disallowed(logits.shape[-1]), float("-inf"))
         if self.token_count is not None:
             padded = torch.arange(self.token_count, logits.shape[-1], device=logits.device)
             logits = logits.index_fill(-1, padded, float("-inf"))

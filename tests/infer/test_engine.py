@@ -116,6 +116,21 @@ def test_n_samples_of_each_prompt_come_back_as_its_outputs_as_vllm_returns_them(
         engine.add_request(prompt_list[0], params)
 
 
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_allowed_token_ids_are_the_only_ones_sampled_greedy_or_sampled(model, tokenizer, speculative):
+    """vLLM's allowed_token_ids was missing (TypeError: unexpected keyword argument); a logit_bias of -100 on every
+    other id would still let them through where the allowed ones' logits are far lower."""
+    engine, allowed = Engine(model, tokenizer, speculative=speculative), (7, 100, 300)
+    for temperature in (0, 1.0):
+        params = SamplingParams(max_new_tokens=8, temperature=temperature, seed=3, allowed_token_ids=allowed)
+        [completion] = engine.generate(prompts([6]), params)
+        assert completion.token_ids and set(completion.token_ids) <= set(allowed), completion.token_ids
+    with pytest.raises(ValueError, match=r"^allowed_token_ids holds token id 512, outside the vocabulary"):
+        engine.generate(prompts([6]), SamplingParams(allowed_token_ids=(5, VOCAB)))
+    with pytest.raises(ConfigError, match=r"^field 'allowed_token_ids' must be at least one id, or None for any"):
+        engine.generate(prompts([6]), SamplingParams(allowed_token_ids=()))
+
+
 PENALTIES = [
     {},
     {"frequency_penalty": -0.5, "repetition_penalty": 1.2},
