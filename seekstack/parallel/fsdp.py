@@ -10,6 +10,7 @@ CPU the trainer's autocast does the mixed precision instead. Optimizer state is 
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, Metadata
+from torch.distributed.checkpoint import metadata as metadata_classes
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -103,7 +106,7 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
     with warnings.catch_warnings():  # alone, torch warns that it assumes what we mean: to load in a single process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         try:
-            dcp.load(state, checkpoint_id=directory)
+            dcp.load(state, storage_reader=MetadataReader(directory))
         except CheckpointException as error:  # raised alike on every rank, with every rank's failure
             failures = cut_short_shards(directory, metadata) or [str(failure) for failure, _ in error.failures.values()]
             raise unreadable_state(directory, failures) from None
@@ -113,10 +116,51 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
 def read_metadata(directory: Path) -> Metadata:
     """The `.metadata` of the sharded state in `directory` (what each shard file holds, and where)."""
     try:
-        return FileSystemReader(directory).read_metadata()
+        return MetadataReader(directory).read_metadata()
+    except UnsafeMetadata as error:
+        raise CheckpointError(
+            f"{directory / METADATA_FILE}: {error}; it was not written by seekstack, or altered since"
+        ) from None
     except Exception as error:  # missing, or cut short (pickle's error names no file)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise unreadable_state(directory, [f"{directory / METADATA_FILE}: {reason}"]) from None
+
+
+class UnsafeMetadata(pickle.UnpicklingError):
+    """A `.metadata` holding an object no torch.distributed.checkpoint save writes."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Makes only what a torch.distributed.checkpoint save pickles into `.metadata`: its metadata classes, torch's
+    sizes, dtypes and layouts, paths (torch's reader unpickles whatever the file holds, running its code)."""
+
+    SAVED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+    SAVED |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    SAVED |= {(module, "PosixPath") for module in ("pathlib", "pathlib._local")}  # the save's folder; 3.13's module
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.SAVED:
+            return super().find_class(module, name)
+        found = getattr(metadata_classes, name, None)
+        if module == metadata_classes.__name__ and isinstance(found, type) and found.__module__ == module:
+            return found
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeMetadata(
+            f"holds a Python object of {module}.{name}, which no torch.distributed.checkpoint save writes and which "
+            "loading would run: refused"
+        )
+
+
+class MetadataReader(FileSystemReader):
+    """torch's FileSystemReader, whose `.metadata` is read by `_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(Path(self.path) / METADATA_FILE, "rb") as file:  # never a rank's own: no save writes one
+            metadata = _MetadataUnpickler(file).load()
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def unreadable_state(directory: Path, failures: list[str]) -> CheckpointError:

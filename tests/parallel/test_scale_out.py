@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -170,6 +171,30 @@ def test_a_missing_optimizer_metadata_is_named_without_torchs_tracebacks(data_di
     assert str(refused.value).startswith(
         f"{checkpoint / OPTIMIZER_DIR}: its sharded optimizer state cannot be read ({checkpoint / OPTIMIZER_DIR}/"
         ".metadata: No such file or directory): a file each rank wrote at the save is missing or damaged"
+    )
+
+
+class _OpensAFileWhenLoaded:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_an_optimizer_metadata_whose_pickle_would_run_code_is_refused_naming_it(data_dir, fsdp_run, tmp_path):  # noqa: F811
+    """torch reads `.metadata` with pickle.load: a checkpoint from elsewhere ran its code on --resume."""
+    checkpoint = tmp_path / "checkpoints" / "step_3"
+    shutil.copytree(fsdp_run / "checkpoints" / "step_3", checkpoint)
+    opened = tmp_path / "opened"
+    (checkpoint / OPTIMIZER_DIR / ".metadata").write_bytes(pickle.dumps(_OpensAFileWhenLoaded(opened)))
+    with pytest.raises(CheckpointError) as refused:
+        train(run_config(data_dir, tmp_path, parallel="fsdp", **FSDP_STEPS), resume=True)
+    assert not opened.exists()
+    assert str(refused.value).startswith(
+        f"{checkpoint / OPTIMIZER_DIR / '.metadata'}: holds a Python object of io.open, which no "
+        "torch.distributed.checkpoint save writes and which loading would run: refused; it was not written by "
+        "seekstack, or altered since"
     )
 
 
