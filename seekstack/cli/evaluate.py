@@ -59,6 +59,13 @@ def eval_command(
         int | None,
         typer.Option(min=1, help="The reason_* tasks' knob (digits, numbers), at least 1; default: each task's own"),
     ] = None,
+    seed: Annotated[
+        str | None,
+        typer.Option(
+            help="lm_eval's --seed: one number for all four seeds (42), or Python's, numpy's, torch's and the few-shot "
+            "sampler's, comma-separated (None leaves one unset); default 0,1234,1234,1234, lm_eval's"
+        ),
+    ] = None,
     log_samples: Annotated[
         bool,
         typer.Option(
@@ -89,7 +96,7 @@ def eval_command(
         samples_folder = out.parent / "lm_eval" if log_samples else None
         report = evaluate(
             model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
-            samples_folder, include_path, dtype, difficulty,
+            samples_folder, include_path, dtype, difficulty, seed,
         )  # fmt: skip
         json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))

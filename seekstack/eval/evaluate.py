@@ -28,6 +28,7 @@ from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # as both backends read them; auto: config.json's
+LM_EVAL_SEEDS = "0,1234,1234,1234"  # lm_eval's --seed default: Python's, numpy's, torch's and the few-shot sampler's
 
 
 def evaluate(
@@ -45,6 +46,7 @@ def evaluate(
     include_path: str | Path | None = None,
     dtype: str = "float32",
     difficulty: int | None = None,
+    seed: str | None = None,
 ) -> dict[str, Any]:
     """Run `tasks` (local names built from `corpus`, others looked up by lm_eval) on the checkpoint, on `device`
     (default: CUDA when there is one, else the CPU), `batch_size` requests at once or "auto" (the most the device
@@ -53,8 +55,8 @@ def evaluate(
     own results JSON and per-task samples JSONL written there as its --output_path --log_samples writes them; task
     YAML files (and groups of them) in the folder `include_path` found by name, as lm_eval's --include_path; the
     model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); the
-    reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k --difficulty` takes it); return
-    {"model", "backend",
+    reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k --difficulty` takes it); `seed` as
+    lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend",
     "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
     eval` takes them (corpus and per_module None where no task read them)}."""
     if all(is_local_task(task) for task in tasks):  # they never download: say so to `datasets` (read at its import)
@@ -70,6 +72,7 @@ def evaluate(
     if dtype not in EVAL_DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(EVAL_DTYPES)}")
     number = requests_per_batch(batch_size)  # ValueError for what is neither a number nor auto
+    seeds = lm_eval_seeds(seed)
     limit = _documents_limit(limit)
     batch_size = batch_size if number is None else number
     misspelt = [task for task in tasks if not is_local_task(task) and task.startswith(("code_", REASONING_PREFIX))]
@@ -108,7 +111,8 @@ def evaluate(
             output = lm_eval.simple_evaluate(
                 model=backend, model_args=model_args, tasks=specs, batch_size=batch_size, limit=limit,
                 num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, log_samples=tracker is not None,
-                evaluation_tracker=tracker, task_manager=tasks_found,
+                evaluation_tracker=tracker, task_manager=tasks_found, random_seed=seeds[0], numpy_random_seed=seeds[1],
+                torch_random_seed=seeds[2], fewshot_random_seed=seeds[3],
             )  # fmt: skip
     except KeyError as error:  # how lm_eval refuses a task name it does not know
         raise ValueError(f"lm_eval: {error.args[0] if error.args else error}") from None
@@ -128,7 +132,7 @@ def evaluate(
         "per_module": per_module if any(task in LINE_TASKS for task in local) else None, "device": device,
         "num_fewshot": num_fewshot, "apply_chat_template": apply_chat_template,
         "include_path": str(Path(include_path).resolve()) if include_path is not None else None, "dtype": dtype,
-        "difficulty": difficulty,
+        "difficulty": difficulty, "seed": None if seed is None else ",".join(map(str, seeds)),
     }  # fmt: skip
     return {
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,
@@ -154,6 +158,21 @@ def _save_lm_eval_files(tracker: Any, output: dict[str, Any]) -> None:
     tracker.save_results_aggregated(results=output, samples=samples)
     for task in output["configs"]:
         tracker.save_results_samples(task_name=task, samples=samples[task])
+
+
+def lm_eval_seeds(seed: str | None) -> list[int | None]:
+    """lm_eval's --seed as its command line reads it: one number for all four seeds, or Python's, numpy's, torch's
+    and the few-shot sampler's comma-separated (the last left out: lm_eval's default; None: left unset); None:
+    `LM_EVAL_SEEDS`. ValueError for anything else."""
+    from lm_eval._cli.utils import _int_or_none_list_arg_type
+
+    try:
+        return _int_or_none_list_arg_type(3, 4, LM_EVAL_SEEDS, seed or LM_EVAL_SEEDS)
+    except ValueError as error:
+        raise ValueError(
+            f"seed {seed!r}: {error}; give one number for all four seeds (42), or Python's, numpy's, torch's and the "
+            f"few-shot sampler's ({LM_EVAL_SEEDS}, lm_eval's default; None leaves one unset)"
+        ) from None
 
 
 def _documents_limit(limit: float | None) -> int | float | None:

@@ -45,7 +45,7 @@ SAMPLE_QUESTIONS = 4  # a task's held-out questions, or a conversations file's f
 EVAL_RESULTS = Path("eval") / "results.json"  # where `seekstack eval RUN` writes by default
 EVAL_OPTIONS = (  # as results.json has them
     "tasks", "corpus", "backend", "batch_size", "limit", "per_module", "device", "num_fewshot", "apply_chat_template",
-    "include_path", "dtype", "difficulty",
+    "include_path", "dtype", "difficulty", "seed",
 )  # fmt: skip
 
 

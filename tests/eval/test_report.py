@@ -60,6 +60,7 @@ def test_eval_writes_json_and_a_table(small_run):
         "tasks": ["code_cloze", "code_perplexity"], "corpus": str((small_run / "corpus").resolve()),
         "backend": "seekstack", "batch_size": 4, "limit": 4, "per_module": 4, "device": "cpu", "num_fewshot": None,
         "apply_chat_template": False, "include_path": None, "dtype": "float32", "difficulty": None,
+        "seed": None,
     }  # fmt: skip
     assert 0 <= saved["results"]["code_cloze"]["acc"] <= 1 and saved["results"]["code_perplexity"]["bits_per_byte"] > 0
     assert (small_run / "run" / "eval" / "results.md").read_text().count("| code_") == 5  # acc, acc_norm, 3 ppl
@@ -679,3 +680,32 @@ def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_refused_before_the_w
         result = CliRunner().invoke(app, [str(arg) for arg in command], env={"COLUMNS": "400"})
         assert result.exit_code == 1 and refusal in " ".join(result.output.split()), result.output
     assert not (tmp_path / "explain").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_eval_seeds_python_numpy_torch_and_the_few_shot_sampler_as_lm_evals_seed_and_the_report_reruns_it_so(
+    tmp_path, monkeypatch
+):
+    """seekstack eval had no --seed: every run drew its few-shot examples (and sampled) with lm_eval's default seeds,
+    so a user could not see how much a score moves with the examples drawn, as `lm_eval --seed` shows."""
+    import lm_eval
+
+    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.report import _eval_again
+
+    asked = []
+    output = {"results": {"mc": {"acc,none": 0.5}}, "n-samples": {"mc": {"effective": 4}}}
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kwargs: asked.append(kwargs) or output)
+    (tmp_path / "config.json").write_text("{}")
+    names = ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")
+    for given, seeds in (("7", [7, 7, 7, 7]), ("1,None,3", [1, None, 3, 1234]), ("5,6,7,8", [5, 6, 7, 8])):
+        result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--num-fewshot", "2", "--seed", given,
+                                          "--out", str(tmp_path / "results"), "--device", "cpu"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert [asked[-1][name] for name in names] == seeds
+        options = json.loads((tmp_path / "results.json").read_text())["options"]
+        assert options["seed"] == ",".join(map(str, seeds))
+        assert _eval_again(tmp_path, {"options": options}).endswith(f"--seed {options['seed']}`")
+    report = evaluate(tmp_path, ("mc",), device="cpu")
+    assert [asked[-1][name] for name in names] == [0, 1234, 1234, 1234] and report["options"]["seed"] is None
+    with pytest.raises(ValueError, match=r"seed '1,2': Argument requires 4 integers .* \(42\), or Python's, numpy's"):
+        evaluate(tmp_path, ("mc",), device="cpu", seed="1,2")
