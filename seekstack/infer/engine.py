@@ -408,6 +408,9 @@ class Engine:
         if params.n > 1:
             raise ConfigError(f"is {params.n}: add_request and stream run one sample; generate runs n", field="n")
         prompt_ids = [token_id(token) for token in prompt_ids]
+        if params.truncate_prompt_tokens is not None:  # vLLM's: the last k tokens, -1 meaning max_model_len
+            kept = self.max_model_len if params.truncate_prompt_tokens == -1 else params.truncate_prompt_tokens
+            prompt_ids = prompt_ids[-kept:]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
         vocab = self.config.vocab_size
@@ -1042,9 +1045,9 @@ class Engine:
         completions = []
         for ids, request_ids in zip(prompt_ids, samples, strict=True):
             first, *others = (
-                joined_completion(
-                    request_id, ids, parts[request_id], started, first_token[request_id], finished_at[request_id],
-                    compiling[request_id], index,
+                joined_completion(  # the prompt's tokens the request kept (truncate_prompt_tokens: its last ones)
+                    request_id, ids[len(ids) - parts[request_id][0].prompt_tokens :], parts[request_id], started,
+                    first_token[request_id], finished_at[request_id], compiling[request_id], index,
                 )
                 for index, request_id in enumerate(request_ids)
             )  # fmt: skip

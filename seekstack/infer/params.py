@@ -66,6 +66,8 @@ class SamplingParams:
     )
     # as vLLM's: only these token ids may be sampled (None: any); the engine checks them against its vocab
     allowed_token_ids: tuple[Annotated[int, Ge(0)], ...] | None = None
+    # as vLLM's: the prompt's last k tokens alone (left truncation); -1: its last max_model_len; None: all of it
+    truncate_prompt_tokens: Annotated[int, Ge(-1)] | None = None
     # per-request generator: same seed -> same output, whatever else is in the batch; torch takes [-2**63, 2**64)
     seed: Annotated[int, Interval(ge=-(2**63), lt=2**64)] | None = None
     stop_token_ids: tuple[Annotated[int, Ge(0)], ...] = ()  # the tokenizer's EOS always stops unless ignore_eos
@@ -105,6 +107,9 @@ class SamplingParams:
             params = dataclasses.replace(params, top_k=0)
         require(params.allowed_token_ids != (), "allowed_token_ids", "at least one id, or None for any, as vLLM's: "
                 "with none allowed no token can be sampled")  # fmt: skip
+        require(params.truncate_prompt_tokens != 0, "truncate_prompt_tokens", "at least 1 (the prompt's last k "
+                "tokens), -1 for its last max_model_len, or None for all of it: an empty prompt has nothing to "
+                "continue")  # fmt: skip
         require(params.detokenize or not params.stop, "stop", "empty with detokenize=False (stop strings match text)")
         require(params.min_tokens <= params.max_new_tokens, "min_tokens", f"at most max_new_tokens "
                 f"({params.max_new_tokens}), as vLLM's: no reply reaches more")  # fmt: skip

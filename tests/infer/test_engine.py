@@ -131,6 +131,20 @@ def test_allowed_token_ids_are_the_only_ones_sampled_greedy_or_sampled(model, to
         engine.generate(prompts([6]), SamplingParams(allowed_token_ids=()))
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(model, tokenizer):
+    """vLLM's truncate_prompt_tokens was missing (TypeError: unexpected keyword argument): a prompt longer than the
+    context was refused instead of continued from its last k tokens."""
+    engine = Engine(model, tokenizer, max_model_len=40)
+    [prompt] = prompts([60])
+    [kept] = engine.generate(prompt, dataclasses.replace(GREEDY, truncate_prompt_tokens=20))
+    assert kept.prompt_token_ids == prompt[-20:]
+    assert kept.token_ids == engine.generate(prompt[-20:], GREEDY)[0].token_ids
+    [whole] = engine.generate(prompt[-30:], dataclasses.replace(GREEDY, truncate_prompt_tokens=-1, max_new_tokens=4))
+    assert whole.prompt_token_ids == prompt[-30:]  # -1: up to max_model_len, a shorter prompt whole
+    with pytest.raises(ConfigError, match=r"^field 'truncate_prompt_tokens' must be at least 1"):
+        engine.generate(prompt, dataclasses.replace(GREEDY, truncate_prompt_tokens=0))
+
+
 PENALTIES = [
     {},
     {"frequency_penalty": -0.5, "repetition_penalty": 1.2},
