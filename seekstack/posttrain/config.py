@@ -139,6 +139,9 @@ class GRPOConfig(TrainConfig):
     epsilon_high: Fraction | None = None  # clip range above 1 (DAPO's clip-higher); None = epsilon
     beta: NonNegativeFloat = 0.0  # weight of the k3 KL to the starting policy; 0 keeps no reference model
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    # The importance ratio of each token, or one per completion (GSPO, TRL's importance_sampling_level="sequence":
+    # the exp of its tokens' mean log ratio, clipped as a whole; its paper clips at epsilon=3e-4, epsilon_high=4e-4)
+    importance_sampling_level: Literal["token", "sequence"] = "token"
     scale_rewards: Literal["group", "batch", "none"] = "group"  # what the advantages are divided by the std of
     format_weight: NonNegativeFloat = 0.1  # reward = correctness + format_weight * format
     # Leave completions cut at max_completion_length before their EOS out of the loss (DAPO's overlong filtering,

@@ -3,6 +3,8 @@
 Shapes: N completions (prompts x G), T completion positions; `mask` (N, T) is 1 on a completion's tokens.
 
   ratio   r = exp(log pi(o_t) - log pi_old(o_t))
+          sequence level (GSPO, Zheng et al. 2025; TRL's importance_sampling_level="sequence"): one ratio per
+          completion, exp(mean_t of its log ratios), clipped and weighting each of its tokens
   token   l_t = -min(r A, clip(r, 1 - eps, 1 + eps_high) A) + beta * KL_t,
           KL_t = exp(ref - logp) - (ref - logp) - 1            (k3, Schulman 2020; DeepSeek-Math eq. 4)
   grpo    mean over completions of (sum_t l_t mask / |o|)      (each completion's mean, then their mean)
@@ -18,6 +20,7 @@ from typing import Literal
 import torch
 
 LossType = Literal["grpo", "dr_grpo", "dapo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
 ScaleRewards = Literal["group", "batch", "none"]
 STD_EPS = 1e-4  # added to the std the advantages are divided by (as TRL)
 
@@ -71,10 +74,17 @@ def policy_loss(
     beta: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     max_completion_length: int | None = None,
+    importance_sampling_level: ImportanceSamplingLevel = "token",
 ) -> PolicyLoss:
-    """The clipped surrogate loss of one batch: logps, old_logps, ref_logps, mask (N, T); advantages (N,)."""
+    """The clipped surrogate loss of one batch: logps, old_logps, ref_logps, mask (N, T); advantages (N,). At the
+    sequence level the clipped fractions count the tokens of the completions whose ratio was clipped."""
     mask = mask.to(logps.dtype)
-    ratio = torch.exp(logps - old_logps)
+    log_ratio = logps - old_logps  # (N, T)
+    if importance_sampling_level == "sequence":
+        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)  # (N, 1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
     A = advantages[:, None]
     per_token = -torch.min(ratio * A, clipped * A)

@@ -204,6 +204,7 @@ class GRPOSource:
             config.beta,
             None if batch["ref_logps"] is None else batch["ref_logps"].to(self.device),
             config.max_completion_length,
+            config.importance_sampling_level,
         )
         metrics = rollout_metrics(rollout, self.tokenizer.eos_id)
         # the groups' mean std (the batch's with scale_rewards=batch), as TRL 0.x logged it (TRL 1.16: the batch's at

@@ -83,6 +83,27 @@ def test_each_loss_type_matches_a_hand_computed_reference(beta):
         assert result.loss.item() == pytest.approx(expected, rel=1e-5), loss_type
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_sequence_level_importance_sampling_is_gspos_one_clipped_ratio_per_completion(beta):
+    """GSPO (TRL's importance_sampling_level="sequence"): row 0's ratio exp((.1 + .4 + 0) / 3) = 1.18 is clipped at
+    1 + 0.1 (A > 0), row 1's exp((-.1 - .2) / 2) = 0.86 is not (A < 0, above 1 - 0.2); the k3 KL stays per token."""
+    eps, eps_high = 0.2, 0.1
+    lengths = [3, 2]
+    ratios = [math.exp(sum((LOGPS[i, t] - OLD[i, t]).item() for t in range(n)) / n) for i, n in enumerate(lengths)]
+    tokens = []
+    for i, n in enumerate(lengths):
+        a, ratio = ADV[i].item(), ratios[i]
+        surrogate = -min(ratio * a, min(max(ratio, 1 - eps), 1 + eps_high) * a)
+        deltas = [(REF[i, t] - LOGPS[i, t]).item() for t in range(n)]
+        tokens.append([surrogate + beta * (math.exp(d) - d - 1) for d in deltas])
+    expected = (sum(tokens[0]) / 3 + sum(tokens[1]) / 2) / 2
+    result = policy_loss(LOGPS, OLD, ADV, MASK, "grpo", eps, eps_high, beta, REF, importance_sampling_level="sequence")
+    assert result.loss.item() == pytest.approx(expected, rel=1e-5)
+    token_level = policy_loss(LOGPS, OLD, ADV, MASK, "grpo", eps, eps_high, beta, REF)
+    assert abs(token_level.loss.item() - expected) > 1e-3  # the check can fail
+    assert result.clip_high_fraction == pytest.approx(3 / 5) and result.clip_low_fraction == 0.0  # row 0's 3 tokens
+
+
 def test_clip_fraction_counts_tokens_outside_the_trust_region():
     # ratios: row 0 exp(.1), exp(.4)=1.49 (> 1.28, A > 0: clipped), 1; row 1 exp(-.1), exp(-.2)=0.82 (A < 0: fine)
     result = policy_loss(LOGPS, OLD, ADV, MASK, "dapo", 0.2, 0.28)

@@ -431,6 +431,20 @@ def test_mask_truncated_completions_leaves_the_cut_ones_out_of_the_loss(tmp_path
     assert metrics["completion_tokens"] == float(rollout.completion_lengths[kept].sum())  # 4 + 7 masked, all 30 not
 
 
+def test_rl_trains_at_the_importance_sampling_level_it_is_given(tmp_path, monkeypatch):
+    levels = []
+
+    def spy(*args):
+        levels.append(args[-1])
+        return policy_loss(*args)
+
+    monkeypatch.setattr(rl, "policy_loss", spy)
+    model_dir = micro_checkpoint(tmp_path / "model")
+    settings = [f"init_from={model_dir}", *RUN, "difficulty=1", "max_steps=1", "importance_sampling_level=sequence"]
+    run_rl(resolve_train_config(None, [*settings, f"out_dir={tmp_path / 'run'}"], cls=GRPOConfig))
+    assert levels == ["sequence"]
+
+
 def test_a_run_resumed_with_other_reward_settings_samples_anew_where_its_saved_batch_has_the_old_advantages(
     tmp_path, monkeypatch, sft_model
 ):
