@@ -441,9 +441,8 @@ class Server:
             bill.reasoning_tokens = self.reasoning_tokens(splits, usage)
         if is_chat and body.offered_tools():
             for i, message in enumerate(messages):
-                messages[i], finish_reasons[i] = message_with_calls(
-                    message, finish_reasons[i], body.parallel_tool_calls
-                )
+                parser = ToolCallParser.for_request(body, self.engine.tokenizer)
+                messages[i], finish_reasons[i] = message_with_calls(message, finish_reasons[i], parser)
         common = dict(id=response_id, created=int(time.time()), model=bill.model, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
@@ -485,9 +484,8 @@ class Server:
         text_offsets = [0] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
-        parsers = (
-            [ToolCallParser(body.parallel_tool_calls) for _ in range(n)] if is_chat and body.offered_tools() else None
-        )
+        tools = is_chat and body.offered_tools()
+        parsers = [ToolCallParser.for_request(body, self.engine.tokenizer) for _ in range(n)] if tools else None
         options = body.stream_options
         continuous = options is not None and options.include_usage and options.continuous_usage_stats  # as vLLM
         try:

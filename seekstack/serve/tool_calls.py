@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 from seekstack.infer.json_mode import LAYOUT, GrammarFormat, InvalidSchema, JsonFormat, after_reasoning
@@ -56,10 +57,11 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 class ToolCallParser:
     """One choice's reply, pushed piece by piece, released as content and tool-call deltas; without `parallel` (a
-    request's parallel_tool_calls false) its first call only, the later ones dropped, as vLLM drops them."""
+    request's parallel_tool_calls false) its first call only, the later ones dropped, as vLLM drops them. The
+    `hidden` tokens are left out of the content: the special tokens a reply's text keeps for this parser alone."""
 
-    def __init__(self, parallel: bool = True) -> None:
-        self.parallel = parallel
+    def __init__(self, parallel: bool = True, hidden: Collection[str] = ()) -> None:
+        self.parallel, self.hidden = parallel, hidden
         self.part = "content"  # "content", "calls" (between calls), "head" (type and name), "arguments", "done"
         self.held = ""  # text received and not yet released
         self.calls: list[ToolCall] = []  # the calls begun, their arguments so far
@@ -115,7 +117,16 @@ class ToolCallParser:
             else:  # "done": what follows the calls is not the reply's
                 self.held = ""
                 break
+        for token in self.hidden:  # a token's text comes whole: a piece is a token's, or text held with it
+            content = content.replace(token, "")
         return content, list(deltas.values())
+
+    @classmethod
+    def for_request(cls, request: ChatCompletionRequest, tokenizer: Tokenizer) -> ToolCallParser:
+        """The parser of a reply to `request`, which offers tools: its parallel_tool_calls, and where it skips special
+        tokens (the default) all of them left out of the content, as of a reply to a request without tools (the text
+        keeps them for the parser; a stray <｜Assistant｜> left in made the conversation's next request a 400)."""
+        return cls(request.parallel_tool_calls, tokenizer.special_tokens if request.skip_special_tokens else ())
 
     def delta(self, delta: ChatDelta, finish_reason: str | None) -> tuple[ChatDelta, str | None]:
         """A stream chunk's `delta` with the calls in its content parsed out (`push`), and its `finish_reason`:
@@ -126,12 +137,12 @@ class ToolCallParser:
 
 
 def message_with_calls(
-    message: AssistantMessage, finish_reason: str | None, parallel: bool = True
+    message: AssistantMessage, finish_reason: str | None, parser: ToolCallParser | None = None
 ) -> tuple[AssistantMessage, str | None]:
-    """A whole reply's `message` with the calls in its content parsed out (`ToolCallParser`, its first call alone
-    without `parallel`): its content null when the reply is calls alone, and its `finish_reason` "tool_calls" where it
-    made calls and ended on its own. A call cut short (by max_tokens) is left out, as vLLM's parser leaves it."""
-    parser = ToolCallParser(parallel)
+    """A whole reply's `message` with the calls in its content parsed out by a fresh `parser` (`ToolCallParser()` when
+    none): its content null when the reply is calls alone, and its `finish_reason` "tool_calls" where it made calls and
+    ended on its own. A call cut short (by max_tokens) is left out, as vLLM's parser leaves it."""
+    parser = parser or ToolCallParser()
     content, _ = parser.push(message.content or "", final=True)
     calls = parser.calls[: parser.complete_calls]
     if not calls:

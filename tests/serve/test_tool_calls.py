@@ -8,6 +8,7 @@ In process: the `openai` client over the app's ASGI interface, its engine thread
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import pytest
@@ -145,6 +146,26 @@ def test_agent_frameworks_message_shapes_are_read_as_their_plain_forms(engine, t
     assert shaped_reply.usage.prompt_tokens == plain_reply.usage.prompt_tokens
 
 
+def test_a_reply_offered_tools_leaves_special_tokens_out_of_its_content_so_that_it_can_be_replayed(engine, tmp_path):
+    """The text keeps the special tokens for the tool-call parser; the content kept them too, so that the random model's
+    stray <｜Assistant｜> came back in it, and an agent replaying the reply got a 400 ("chat message 1 content contains
+    the special token"). Left out as without tools, where skip_special_tokens (the default) asks it."""
+
+    async def scenario(api):
+        kept = await api.chat.completions.create(**GREEDY, tools=[MOVE], extra_body={"skip_special_tokens": False})
+        reply = await api.chat.completions.create(**GREEDY, tools=[MOVE])
+        history = [*ASK, reply.choices[0].message.model_dump(exclude_none=True), {"role": "user", "content": "Again."}]
+        await api.chat.completions.create(**{**GREEDY, "messages": history}, tools=[MOVE])  # no 400
+        stream = await api.chat.completions.create(**GREEDY, tools=[MOVE], stream=True)
+        streamed = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+        return kept.choices[0].message.content, reply.choices[0].message.content, streamed
+
+    kept, content, streamed = with_openai(engine, tmp_path, scenario)
+    assert engine.tokenizer.special_token_in(kept) and not engine.tokenizer.special_token_in(content)
+    assert streamed == content
+    assert content == re.sub("|".join(map(re.escape, engine.tokenizer.special_tokens)), "", kept)
+
+
 NAMED_ABSENT = {"type": "function", "function": {"name": "fly"}}
 UNNAMED_CALL = {"function": {"name": "", "arguments": ""}}  # the fuzzer's: a 500 (template_message's ValueError)
 HUGE = {"type": "function", "function": {"name": "huge", "parameters": {
@@ -248,7 +269,7 @@ def test_a_call_head_that_never_ends_streamed_token_by_token_is_read_in_linear_t
 
 def test_without_parallel_tool_calls_a_reply_of_two_calls_gives_its_first_whole_and_streamed():
     """As vLLM, which drops the calls after the first: "auto" decodes free, so a model may write two."""
-    message, reason = message_with_calls(AssistantMessage(content=REPLY), "stop", parallel=False)
+    message, reason = message_with_calls(AssistantMessage(content=REPLY), "stop", ToolCallParser(parallel=False))
     assert [(call.function.name, call.function.arguments) for call in message.tool_calls] == [("move", MOVE_ARGUMENTS)]
     assert (message.content, reason) == ("Moving.", "tool_calls")
     parser = ToolCallParser(parallel=False)
