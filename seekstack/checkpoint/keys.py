@@ -51,6 +51,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file (and the key) and says what to do."""
 
 
+def refused_global(error: BaseException) -> str | None:
+    """The object (`module.name`) that `torch.load(weights_only=True)` refused to make, a pickle that would run code
+    as it loads; None for any other error."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return refused[1] if refused else None
+
+
 def checkpoint_key(name: str, num_hidden_layers: int) -> str:
     """Our parameter name -> the checkpoint key (experts excluded: see `expert_sources`)."""
     match = re.match(r"mtp\.(\d+)\.(block\.)?(.*)", name)

@@ -10,19 +10,21 @@ CPU the trainer's autocast does the mixed precision instead. Optimizer state is 
 
 from __future__ import annotations
 
+import io
 import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, Metadata
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, Metadata
 from torch.distributed.checkpoint import metadata as metadata_classes
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,7 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from seekstack.checkpoint.keys import CheckpointError
+from seekstack.checkpoint.keys import CheckpointError, refused_global
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks
 from seekstack.parallel.parallelize import decoder_blocks
@@ -106,9 +108,13 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory
     with warnings.catch_warnings():  # alone, torch warns that it assumes what we mean: to load in a single process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         try:
-            dcp.load(state, storage_reader=MetadataReader(directory))
+            dcp.load(state, storage_reader=MetadataReader(directory), planner=WeightsOnlyLoadPlanner(directory))
         except CheckpointException as error:  # raised alike on every rank, with every rank's failure
-            failures = cut_short_shards(directory, metadata) or [str(failure) for failure, _ in error.failures.values()]
+            raised = [failure for failure, _ in error.failures.values()]
+            unsafe = next((failure for failure in raised if isinstance(failure, UnsafeState)), None)
+            if unsafe is not None:
+                raise CheckpointError(f"{unsafe}; it was not written by seekstack, or altered since") from None
+            failures = cut_short_shards(directory, metadata) or [str(failure) for failure in raised]
             raise unreadable_state(directory, failures) from None
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
@@ -117,17 +123,24 @@ def read_metadata(directory: Path) -> Metadata:
     """The `.metadata` of the sharded state in `directory` (what each shard file holds, and where)."""
     try:
         return MetadataReader(directory).read_metadata()
-    except UnsafeMetadata as error:
-        raise CheckpointError(
-            f"{directory / METADATA_FILE}: {error}; it was not written by seekstack, or altered since"
-        ) from None
+    except UnsafeState as error:
+        raise CheckpointError(f"{error}; it was not written by seekstack, or altered since") from None
     except Exception as error:  # missing, or cut short (pickle's error names no file)
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise unreadable_state(directory, [f"{directory / METADATA_FILE}: {reason}"]) from None
 
 
-class UnsafeMetadata(pickle.UnpicklingError):
-    """A `.metadata` holding an object no torch.distributed.checkpoint save writes."""
+class UnsafeState(pickle.UnpicklingError):
+    """A file of a sharded state holding an object no torch.distributed.checkpoint save writes, which would run code
+    as it loads."""
+
+
+def unsafe_state(file: Path, unsafe: str) -> UnsafeState:
+    """The error for `file`, holding the object `unsafe` names."""
+    return UnsafeState(
+        f"{file}: holds a Python object of {unsafe}, which no torch.distributed.checkpoint save writes and which "
+        "loading would run: refused"
+    )
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -138,6 +151,10 @@ class _MetadataUnpickler(pickle.Unpickler):
     SAVED |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
     SAVED |= {(module, "PosixPath") for module in ("pathlib", "pathlib._local")}  # the save's folder; 3.13's module
 
+    def __init__(self, file: BinaryIO, path: Path):
+        super().__init__(file)
+        self.path = path
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.SAVED:
             return super().find_class(module, name)
@@ -146,21 +163,40 @@ class _MetadataUnpickler(pickle.Unpickler):
             return found
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise UnsafeMetadata(
-            f"holds a Python object of {module}.{name}, which no torch.distributed.checkpoint save writes and which "
-            "loading would run: refused"
-        )
+        raise unsafe_state(self.path, f"{module}.{name}")
 
 
 class MetadataReader(FileSystemReader):
     """torch's FileSystemReader, whose `.metadata` is read by `_MetadataUnpickler`."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with open(Path(self.path) / METADATA_FILE, "rb") as file:  # never a rank's own: no save writes one
-            metadata = _MetadataUnpickler(file).load()
+        path = Path(self.path) / METADATA_FILE  # never a rank's own: no save writes one
+        with open(path, "rb") as file:
+            metadata = _MetadataUnpickler(file, path).load()
         metadata.storage_meta = metadata.storage_meta or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """torch's DefaultLoadPlanner, whose items that are no tensors (the param groups' settings) are first read as
+    `torch.load(weights_only=True)` reads; torch's then loads them with weights_only=False, running the pickle."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = directory
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            unsafe = refused_global(error)
+            if unsafe is None:
+                raise
+            shard = self.directory / self.metadata.storage_data[read_item.storage_index].relative_path
+            raise unsafe_state(shard, unsafe) from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 def unreadable_state(directory: Path, failures: list[str]) -> CheckpointError:

@@ -10,7 +10,6 @@ no scheduler object is stored, only the anchors of a run resumed with another ma
 from __future__ import annotations
 
 import random
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from seekstack.checkpoint import (
     refuse_hf_export,
     write_pretrained_files,
 )
+from seekstack.checkpoint.keys import refused_global
 from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
@@ -205,10 +205,10 @@ def load_training_file(file: Path, map_location: torch.device | str = "cpu") -> 
         with torch.serialization.safe_globals(NUMPY_ARRAY):
             return torch.load(file, map_location=map_location, weights_only=True)
     except Exception as error:  # pickle and zip errors of a truncated or damaged file, or of one holding code
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        unsafe = refused_global(error)
         if unsafe is not None:
             raise CheckpointError(
-                f"{file}: holds a Python object of {unsafe[1]}, which no training checkpoint holds and which loading "
+                f"{file}: holds a Python object of {unsafe}, which no training checkpoint holds and which loading "
                 "would run: refused (torch.load weights_only=True); it was not written by seekstack, or altered since"
             ) from None
         raise CheckpointError(

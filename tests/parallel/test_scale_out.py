@@ -651,6 +651,30 @@ def test_a_sharded_optimizer_state_loads_in_one_process_without_torch_warning_of
         torch.testing.assert_close(optimizer.state[model.weight][name], saved_optimizer.state[saved_model.weight][name])
 
 
+def test_a_sharded_optimizer_item_whose_pickle_would_run_code_is_refused_naming_its_shard(tmp_path):
+    """torch's DefaultLoadPlanner reads the items that are no tensors (a param group's lr, betas) with
+    torch.load(weights_only=False): a shard from elsewhere ran its code on --resume."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from seekstack.parallel.fsdp import load_optimizer
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = get_optimizer_state_dict(model, optimizer)
+    opened = tmp_path / "opened"
+    state["param_groups"][0]["lr"] = _OpensAFileWhenLoaded(opened)
+    dcp.save({"optimizer": state}, checkpoint_id=tmp_path / "optimizer", no_dist=True)
+    with pytest.raises(CheckpointError) as refused:
+        load_optimizer(model, optimizer, tmp_path / "optimizer")
+    assert not opened.exists()
+    (shard,) = (tmp_path / "optimizer").glob("*.distcp")
+    assert str(refused.value) == (
+        f"{shard}: holds a Python object of io.open, which no torch.distributed.checkpoint save writes and which "
+        "loading would run: refused; it was not written by seekstack, or altered since"
+    )
+
+
 def test_expert_parallel_runs_its_experts_as_the_layer_does_without_a_torch_deprecation_warning(tmp_path):
     """The tokens' all-to-all went through torch.distributed.nn.functional.all_to_all_single, which warned (a
     FutureWarning: deprecated) on every rank of every expert-parallel run."""
