@@ -33,7 +33,7 @@ from seekstack.eval.routing import (  # noqa: E402
 from seekstack.model.transformer import Transformer  # noqa: E402
 from seekstack.tokenizer import Tokenizer, byte_level_bytes  # noqa: E402
 
-MAX_LABELLED_TOKENS = 48  # beyond this, heatmaps carry no token labels
+LABEL_POINTS = 6  # a token label's font size; a heatmap labels its tokens where each row (column) is this tall
 FIGURE_DPI = 110
 MAX_PANEL_INCHES = 6.0  # one attention heatmap at most this wide (660 px): longer texts are drawn resampled
 MAX_FIGURE_INCHES = 60.0  # a whole figure at most this wide and tall, however many layers, heads, experts
@@ -162,7 +162,7 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) ->
     layers, heads = len(maps), maps[0].weights.shape[0]
     size = min(max(2.2, 0.12 * len(tokens)), MAX_PANEL_INCHES, MAX_FIGURE_INCHES / max(layers, heads))
     figure, axes = plt.subplots(layers, heads, figsize=(size * heads, size * layers), squeeze=False)
-    labelled = len(tokens) <= MAX_LABELLED_TOKENS
+    labelled = _labels_fit(size, len(tokens))
     for layer, layer_map in enumerate(maps):
         for head in range(heads):
             axis = axes[layer][head]
@@ -171,8 +171,8 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) ->
             axis.set_xticks(range(len(tokens)) if labelled and layer == layers - 1 else [])
             axis.set_yticks(range(len(tokens)) if labelled and head == 0 else [])
             if labelled:
-                axis.set_xticklabels(tokens if layer == layers - 1 else [], rotation=90, fontsize=6)
-                axis.set_yticklabels(tokens if head == 0 else [], fontsize=6)
+                axis.set_xticklabels(tokens if layer == layers - 1 else [], rotation=90, fontsize=LABEL_POINTS)
+                axis.set_yticklabels(tokens if head == 0 else [], fontsize=LABEL_POINTS)
     title = "attention (row: query token, column: key token)"
     if size * FIGURE_DPI < len(tokens):
         title += f"; {len(tokens)} tokens drawn in {int(size * FIGURE_DPI)} px, resampled: explain.html holds them all"
@@ -186,17 +186,21 @@ def _attention_png(maps: list[LayerAttention], tokens: list[str], path: Path) ->
 
 
 def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: int, path: Path) -> Path:
+    """Per MoE layer, the gate weight of each token's selected experts (row: token, column: expert), the rows labelled
+    with the tokens where they are tall enough for a label."""
     width = min(3 + 0.25 * num_experts * len(routing), MAX_FIGURE_INCHES)
-    figure, axes = plt.subplots(1, len(routing), figsize=(width, min(2 + 0.14 * len(tokens), MAX_FIGURE_INCHES)))
+    height = min(2 + 0.14 * len(tokens), MAX_FIGURE_INCHES)
+    labelled = _labels_fit(height - 2, len(tokens))  # ~2 inches of title, expert axis and margins
+    figure, axes = plt.subplots(1, len(routing), figsize=(width, height))
     axes = axes if len(routing) > 1 else [axes]
     for axis, layer in zip(axes, routing, strict=True):
         grid = torch.zeros(len(tokens), num_experts).scatter_(1, layer.experts, layer.weights)
         image = axis.imshow(grid.numpy(), cmap="magma_r", aspect="auto")
         axis.set_title(f"layer {layer.layer}", fontsize=9)
         _label_experts(axis.xaxis)
-        axis.set_yticks(range(len(tokens)) if len(tokens) <= MAX_LABELLED_TOKENS else [])
-        if len(tokens) <= MAX_LABELLED_TOKENS:
-            axis.set_yticklabels(tokens, fontsize=6)
+        axis.set_yticks(range(len(tokens)) if labelled else [])
+        if labelled:
+            axis.set_yticklabels(tokens, fontsize=LABEL_POINTS)
         figure.colorbar(image, ax=axis, fraction=0.05, label="gate weight")
     axes[0].set_ylabel("token")
     figure.suptitle("gate weight of each selected expert, per token")
@@ -204,6 +208,11 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
     figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path
+
+
+def _labels_fit(inches: float, tokens: int) -> bool:
+    """Whether `tokens` rows (or columns) drawn in `inches` each have room for a label of LABEL_POINTS points."""
+    return inches / tokens >= LABEL_POINTS / 72
 
 
 def _label_experts(axis: Axis) -> None:

@@ -332,3 +332,35 @@ def test_a_token_holding_a_closing_script_tag_leaves_the_pages_script_whole(chec
     assert len(scripts.texts) == 1 and scripts.texts[0].rstrip().endswith("});")  # the script reaches its own end
     data = json.loads(re.search(r"const data = (.*);\n", scripts.texts[0]).group(1))
     assert "</script>" in data["tokens"] and "<!--" in data["tokens"]
+
+
+def test_the_pngs_label_their_tokens_wherever_a_row_has_room_for_a_label(tmp_path, monkeypatch):
+    """Past 48 tokens neither PNG named a token: routing.png's 100 rows of 0.14 inch (15 px for a 6-point label) and
+    attention.png's 60 columns of 0.1 inch went unlabelled, the routing of each token unreadable but on the page."""
+    from matplotlib.figure import Figure
+
+    from seekstack.eval.explain import _routing_png
+
+    figures, savefig = [], Figure.savefig
+
+    def kept(figure, *args, **kwargs):  # the figure as it is saved, to read its tick labels
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", kept)
+
+    def routing_labels(count: int) -> list[str]:
+        tokens = [f"t{i}" for i in range(count)]
+        routing = LayerRouting(1, torch.tensor([[0, 1]]).repeat(count, 1), torch.full((count, 2), 0.5))
+        _routing_png([routing], tokens, 4, tmp_path / "routing.png")
+        return [label.get_text() for label in figures[-1].axes[0].get_yticklabels()]
+
+    def attention_labels(count: int) -> list[str]:
+        tokens = [f"t{i}" for i in range(count)]
+        maps = [LayerAttention(torch.rand(2, count, count).tril().softmax(-1), torch.zeros(2, count, 4),
+                               torch.zeros(count, 8))]  # fmt: skip
+        _attention_png(maps, tokens, tmp_path / "attention.png")
+        return [label.get_text() for label in figures[-1].axes[0].get_xticklabels()]
+
+    assert routing_labels(100) == [f"t{i}" for i in range(100)] and routing_labels(800) == []
+    assert attention_labels(60) == [f"t{i}" for i in range(60)] and attention_labels(100) == []
