@@ -379,6 +379,53 @@ class Tokenizer:
                 f"tokenizer {self.source} has neither the DeepSeek-V3 chat format's role tokens {USER!r} and "
                 f"{ASSISTANT!r} nor a chat_template in the {CONFIG_FILE} beside it to write a chat with"
             )
+        messages = self._chat_messages(messages, continue_final_message, tools)
+        if not self.has_role_tokens:
+            special_tokens = {"bos_token": BOS, "eos_token": EOS}
+            return self.chat_template.render(messages, add_generation_prompt, continue_final_message, special_tokens)
+        pieces = self._chat_pieces(messages, tools)
+        chat = "".join(text for text, _ in pieces)
+        if continue_final_message:
+            return chat.removesuffix(EOS)
+        if pieces[-1][0] == TOOL_OUTPUTS_END:  # it closed a last tool result: the reply follows
+            return chat
+        return chat + (ASSISTANT + self.reply_opening if add_generation_prompt else "")
+
+    def chat_pieces(self, messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+        """A whole conversation's chat string (`render_chat` without a generation prompt) in pieces, each with whether
+        SFT trains it: an assistant turn's content, tool calls and EOS (not its role token, nor a turn of `"weight":
+        0`), the text CHAT_TEMPLATE's `{% generation %}` blocks mark. Pieces meet at a special token (a role token, an
+        EOS, a tool-call token), which the tokenizer never merges across, so they encode alone as they do together; a
+        checkpoint's own template is rendered turn by turn. ValueError as `render_chat`'s."""
+        if not self.has_role_tokens:
+            return self._template_pieces(messages)
+        return self._chat_pieces(self._chat_messages(messages, False, tools), tools)
+
+    def _template_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """`chat_pieces` in the checkpoint's own template (DeepSeek-V2-Chat's, which holds no tools): the system
+        messages, then each other turn rendered alone, an assistant's trained after its generation prompt
+        ("Assistant:"). ValueError naming the template's file where the turns alone do not make the chat."""
+        messages = drop_past_reasoning([self.template_message(p, message) for p, message in enumerate(messages)])
+        bos = self.render_chat([], add_generation_prompt=False)
+        role = self.render_chat([], add_generation_prompt=True).removeprefix(bos).removesuffix(self.reply_opening)
+        pieces = [
+            (self.render_chat([m for m in messages if m["role"] == "system"], add_generation_prompt=False), False)
+        ]
+        for message in (m for m in messages if m["role"] != "system"):
+            turn = self.render_chat([message], add_generation_prompt=False).removeprefix(bos)
+            trained = message["role"] == "assistant" and message.get("weight", 1) != 0
+            pieces += [(role, False), (turn.removeprefix(role), True)] if trained else [(turn, False)]
+        if "".join(text for text, _ in pieces) != self.render_chat(messages, add_generation_prompt=False):
+            raise ValueError(
+                f"the chat template of {self.chat_template.source} writes a conversation's turns otherwise alone "
+                "than together, so its assistant's tokens cannot be told apart for training"
+            )
+        return pieces
+
+    def _chat_messages(
+        self, messages: list[dict], continue_final_message: bool, tools: list[dict] | None
+    ) -> list[dict]:
+        """`messages` templated as `render_chat` writes them, and its ValueErrors but the first."""
         messages = drop_past_reasoning([self.template_message(p, message) for p, message in enumerate(messages)])
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
@@ -390,41 +437,37 @@ class Tokenizer:
                 "cannot offer tools or hold tool calls and results: train the tokenizer again with this seekstack "
                 "(its tokenizers have them), or leave the tools out"
             )
-        if not self.has_role_tokens:
-            special_tokens = {"bos_token": BOS, "eos_token": EOS}
-            return self.chat_template.render(messages, add_generation_prompt, continue_final_message, special_tokens)
+        forged = self.special_token_in(json.dumps(tools, ensure_ascii=False)) if tools else None
+        if forged:
+            raise ValueError(f"the tools offered contain the special token {forged!r}")
+        return messages
+
+    def _chat_pieces(self, messages: list[dict], tools: list[dict] | None) -> list[tuple[str, bool]]:
+        """`chat_pieces` of messages `_chat_messages` templated and checked."""
         system = [m["content"] for m in messages if m["role"] == "system"]
         if tools:
-            forged = self.special_token_in(json.dumps(tools, ensure_ascii=False))
-            if forged:
-                raise ValueError(f"the tools offered contain the special token {forged!r}")
             system.append(tools_prompt(tools))
-        chat, after_tool = BOS + "\n\n".join(system), False
+        pieces, after_tool = [(BOS + "\n\n".join(system), False)], False
         for message in messages:
             role = message["role"]
             if role == "user":
-                chat += USER + message["content"]
+                pieces.append((USER + message["content"], False))
             elif role == "assistant":
                 calls = [
                     tool_call_text(c["function"]["name"], c["function"]["arguments"])
                     for c in message.get("tool_calls") or []
                 ]
                 called = TOOL_CALLS_BEGIN + "\n".join(calls) + TOOL_CALLS_END if calls else ""
-                chat += (TOOL_OUTPUTS_END if after_tool else ASSISTANT) + message["content"] + called + EOS
+                pieces.append((TOOL_OUTPUTS_END if after_tool else ASSISTANT, False))
+                pieces.append((message["content"] + called + EOS, message.get("weight", 1) != 0))
             elif role == "tool":
-                chat += (
-                    ("\n" if after_tool else TOOL_OUTPUTS_BEGIN)
-                    + TOOL_OUTPUT_BEGIN
-                    + message["content"]
-                    + TOOL_OUTPUT_END
-                )
+                opening = "\n" if after_tool else TOOL_OUTPUTS_BEGIN
+                pieces.append((opening + TOOL_OUTPUT_BEGIN + message["content"] + TOOL_OUTPUT_END, False))
             if role != "system":
                 after_tool = role == "tool"
-        if continue_final_message:
-            return chat.removesuffix(EOS)
         if after_tool:
-            return chat + TOOL_OUTPUTS_END
-        return chat + (ASSISTANT + self.reply_opening if add_generation_prompt else "")
+            pieces.append((TOOL_OUTPUTS_END, False))
+        return pieces
 
     @property
     def jinja_chat_template(self) -> str:

@@ -1,9 +1,10 @@
 """Chat conversations as training rows: the DeepSeek chat template, loss on the assistant's tokens only.
 
-A conversation is a list of OpenAI-style messages (`{"role": ..., "content": ...}`). Its row is
-`Tokenizer.encode_chat(messages)`; the labels equal the ids on every assistant token (its content and the EOS
-that ends the turn) and are IGNORE_INDEX (-100) elsewhere: BOS, system prompt, user turns, role tokens, padding,
-and the assistant turns of `"weight": 0` (OpenAI fine-tuning's: in the row as context, not trained on).
+A conversation is a list of OpenAI-style messages (`{"role": ..., "content": ...}`), and the tools it offers. Its row
+is `Tokenizer.encode_chat(messages, tools=...)`; the labels equal the ids on every assistant token (its content, its
+tool calls and the EOS that ends the turn) and are IGNORE_INDEX (-100) elsewhere: BOS, system prompt, the tools'
+prompt, user turns, tool results, role tokens, padding, and the assistant turns of `"weight": 0` (OpenAI
+fine-tuning's: in the row as context, not trained on).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import random
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
 
@@ -27,34 +29,40 @@ from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer, drop_past_re
 from seekstack.tokenizer import template_message as chat_template_message
 from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
-Conversation = list[dict]
+
+class Conversation(list):
+    """A conversation's chat messages (a list of them, as the chat template takes them) and the `tools` its line
+    offers (OpenAI's function definitions as the server reads them, TRL's `tools` column; [] for none)."""
+
+    def __init__(self, messages: Iterable[dict] = (), tools: list[dict] | None = None):
+        super().__init__(messages)
+        self.tools = tools or []
+
+
+def offered_tools(conversation: list[dict]) -> list[dict]:
+    """The tools a conversation offers: a `Conversation`'s, none for a plain list of messages."""
+    return conversation.tools if isinstance(conversation, Conversation) else []
+
+
 HELD_OUT_FILE = "held_out.json"  # in an SFT run's out_dir: the conversation_keys of the conversations it holds out
 
 
-def encode_conversation(tokenizer: Tokenizer, messages: Conversation) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one conversation: labels are the ids on the tokens of assistant turns not of weight 0,
-    IGNORE_INDEX elsewhere. Every turn of the template opens with its role's special token, which the tokenizer never
-    merges across, so a turn's tokens are those of the turn encoded alone: one encoding per turn (encoding every
-    prefix of the conversation took 25 s for one of 200 turns)."""
-    messages = drop_past_reasoning(messages)  # as encode_chat renders them, so that each turn encodes alone as in it
-    ids = tokenizer.encode_chat(messages, add_generation_prompt=False)
-    labels = [IGNORE_INDEX] * len(ids)
-    bos = len(tokenizer.encode_chat([], add_generation_prompt=False))
-    # the assistant's role token: the generation prompt less the reply's opening it writes (R1's "<think>\n"), which
-    # an assistant turn holds in its content
-    opening = len(tokenizer.encode(tokenizer.reply_opening))
-    role = len(tokenizer.encode_chat([], add_generation_prompt=True)) - bos - opening
-    system = [m for m in messages if m["role"] == "system"]  # the chat template puts every system message first
-    start = len(tokenizer.encode_chat(system, add_generation_prompt=False))
-    for message in (m for m in messages if m["role"] != "system"):
-        end = start + len(tokenizer.encode_chat([message], add_generation_prompt=False)) - bos
-        if is_trained(message):
-            labels[start + role : end] = ids[start + role : end]
-        start = end
-    if start != len(ids):
+def encode_conversation(tokenizer: Tokenizer, conversation: list[dict]) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one conversation: the ids `Tokenizer.encode_chat` gives of its messages and `offered_tools`,
+    the labels the ids on the tokens of assistant turns not of weight 0 (their content, tool calls and EOS:
+    `Tokenizer.chat_pieces`) and IGNORE_INDEX elsewhere (system and user turns, the tools' prompt, tool results, role
+    tokens). One encoding per piece (encoding every prefix of the conversation took 25 s for one of 200 turns)."""
+    tools = offered_tools(conversation)
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in tokenizer.chat_pieces(conversation, tools):
+        piece = tokenizer.encode(text)
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
+    if ids != tokenizer.encode_chat(conversation, add_generation_prompt=False, tools=tools):
         raise ValueError(
-            f"tokenizer {tokenizer.source} encodes a conversation's turns into {start} tokens one by one but "
-            f"{len(ids)} together: it merges across its role tokens, so the assistant's tokens cannot be told apart"
+            f"tokenizer {tokenizer.source} encodes a conversation's turns one by one otherwise than together: it "
+            "merges across its role tokens, so the assistant's tokens cannot be told apart"
         )
     return ids, labels
 
@@ -66,14 +74,22 @@ def labelled_text_bytes(tokenizer: Tokenizer, labels: list[int], length: int) ->
     return int(scored_text_bytes(token_byte_lengths(tokenizer), torch.tensor(labels[:length], dtype=torch.int64)))
 
 
-def conversation_key(messages: Conversation) -> str:
+def conversation_key(conversation: list[dict]) -> str:
     """A fingerprint of what the chat template encodes of a conversation (its system prompts, which it puts first,
-    then its turns' roles and contents, an earlier turn's reasoning dropped): equal for every copy of it, whatever
-    other keys a copy's messages carry."""
-    messages = drop_past_reasoning(messages)
+    then its turns' roles, contents and tool calls, an earlier turn's reasoning dropped, and the tools it offers):
+    equal for every copy of it, whatever other keys a copy's messages carry."""
+    messages = drop_past_reasoning(conversation)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    turns = [(m["role"], m["content"]) for m in messages if m["role"] != "system"]
-    return hashlib.blake2b(json.dumps([system, turns]).encode(), digest_size=16).hexdigest()
+    turns = [(m["role"], m["content"], *_called(m)) for m in messages if m["role"] != "system"]
+    tools = offered_tools(conversation)
+    keyed = [system, turns, tools] if tools else [system, turns]  # the keys of conversations without tools as before
+    return hashlib.blake2b(json.dumps(keyed).encode(), digest_size=16).hexdigest()
+
+
+def _called(message: dict) -> list[list[str]]:
+    """The (name, arguments) of a templated message's tool calls, in a list of its own when it makes any."""
+    calls = [[c["function"]["name"], c["function"]["arguments"]] for c in message.get("tool_calls") or []]
+    return [calls] if calls else []
 
 
 def hold_out(conversations: list[Conversation], fraction: float) -> tuple[list[Conversation], list[Conversation]]:
@@ -134,10 +150,11 @@ def is_conversation_record(record: object) -> bool:
 
 
 def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> Conversation:
-    """The templated messages of one JSONL record (`is_conversation_record`). TRL's prompt-completion is its prompt's
-    messages then its completion's, every message of the completion the assistant's and the prompt's assistant
-    messages context of weight 0 (TRL's completion_only_loss trains the completion alone). ValueError for a record of
-    another shape, naming it and what to write instead, or with no trained assistant message."""
+    """The templated messages of one JSONL record (`is_conversation_record`) and the tools it offers (its `tools`,
+    `offered`). TRL's prompt-completion is its prompt's messages then its completion's, every message of the
+    completion the assistant's (or a tool result) and the prompt's assistant messages context of weight 0 (TRL's
+    completion_only_loss trains the completion alone). ValueError for a record of another shape, naming it and what
+    to write instead, with no trained assistant message, or with tool turns that do not follow (`check_tool_turns`)."""
     if not is_conversation_record(record):
         raise ValueError(_not_a_conversation(record))
     record = cast(dict, record)
@@ -149,10 +166,11 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
         templated = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in templated]
         for position, message in enumerate(record["completion"], start=len(templated)):
             templated.append(template_message(position, message, tokenizer))
-            if templated[-1]["role"] != "assistant":
+            if templated[-1]["role"] not in ("assistant", "tool"):
                 raise ValueError(
                     f"chat message {position} (of the completion) has role {templated[-1]['role']!r}: a completion "
-                    "is the assistant's reply, which is what is trained; move the message into the prompt"
+                    "is the assistant's reply (and the results of its tool calls), which is what is trained; move the "
+                    "message into the prompt"
                 )
     if not any(m["role"] == "assistant" for m in templated):
         raise ValueError('expected {"messages": [...]} with an assistant message')
@@ -161,7 +179,82 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
             "every assistant message has weight 0, so the conversation trains nothing; give one weight 1 or leave "
             "the conversation out"
         )
-    return templated
+    tools = offered(record.get("tools"))
+    check_tool_turns(templated, tools)
+    return Conversation(templated, tools)
+
+
+def offered(tools: object) -> list[dict]:
+    """A record's `tools` (null or absent: none) as the server reads a request's (`seekstack.serve.schemas.Tool`, whose
+    dump the chat template lists: keys in its order, null and unknown keys left out), so a model is trained on the
+    tools' prompt it is served. ValueError naming the field and value at fault."""
+    if tools is None:
+        return []
+    from pydantic import TypeAdapter, ValidationError
+
+    from seekstack.serve.schemas import Tool
+
+    try:
+        read = TypeAdapter(list[Tool]).validate_python(tools)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = ".".join(str(part) for part in ("tools", *problem["loc"]))
+        raise ValueError(
+            f"field {field} {problem['msg'][0].lower()}{problem['msg'][1:]}, got {str(problem['input'])[:80]!r}: "
+            'tools are OpenAI\'s [{"type": "function", "function": {"name": ..., "description": ..., "parameters": '
+            '{"type": "object", ...}}}, ...]'
+        ) from None
+    return [tool.model_dump(exclude_none=True) for tool in read]
+
+
+def check_tool_turns(messages: list[dict], tools: list[dict]) -> None:
+    """ValueError naming the message and what to mend unless every tool call's arguments are a JSON object (what a
+    tool-call parser reads back) and name a function among `tools` (where any are offered), and every tool result
+    answers a call of the assistant turn before its run of results (at most one result per call, its tool_call_id,
+    where both have ids, one of that turn's)."""
+    names = [tool["function"]["name"] for tool in tools]
+    calls: list[dict] = []  # the calls of the last assistant turn, each answered once
+    for position, message in enumerate(messages):
+        if message["role"] == "assistant":
+            calls = list(message.get("tool_calls") or [])
+            for index, call in enumerate(calls):
+                check_call(position, index, call["function"], names)
+        elif message["role"] == "tool":
+            if not calls:
+                raise ValueError(
+                    f"chat message {position} is a tool result, but no assistant tool call before it is left to "
+                    "answer: a tool message follows the assistant message whose tool_calls it answers, one per call"
+                )
+            ids = [call.get("id") for call in calls]
+            answered = message.get("tool_call_id")
+            if answered is not None and None not in ids and answered not in ids:
+                raise ValueError(
+                    f"chat message {position} tool_call_id {answered!r} is none of the calls it answers ({ids})"
+                )
+            calls.pop(ids.index(answered) if answered in ids else 0)
+        elif message["role"] != "system":
+            calls = []
+
+
+def check_call(position: int, index: int, function: dict, names: list[str]) -> None:
+    """ValueError naming the call unless its arguments are a JSON object's text and, where tools are offered (`names`),
+    it calls one of them."""
+    where = f"chat message {position} tool_calls[{index}]"
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError as error:
+        raise ValueError(
+            f"{where} function.arguments is not JSON ({error}): {function['arguments'][:80]!r}; a call's arguments "
+            "are a JSON object, which the tool-call parser reads back"
+        ) from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where} function.arguments is {function['arguments'][:80]!r}, not a JSON object")
+    if names and function["name"] not in names:
+        offered_names = ", ".join(repr(name) for name in names)
+        raise ValueError(
+            f"{where} calls {function['name']!r}, which is not among the line's tools ({offered_names}): add it to "
+            "tools or mend the name"
+        )
 
 
 def _not_a_conversation(record: object) -> str:
@@ -191,19 +284,14 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     """A file's chat message as the chat template takes it (`seekstack.tokenizer.template_message`; with `tokenizer`,
     `Tokenizer.template_message`, which refuses its special tokens too), its content whole characters and its
     weight, if an assistant message has one, `check_weight`'s (OpenAI fine-tuning gives weight a meaning on assistant
-    messages only: on another role it is ignored, as the template ignores it). A null content is refused, an
-    assistant's too: in OpenAI fine-tuning data only a tool call's may be null. An assistant's `reasoning_content`
-    is written into its content (`with_reasoning`). Tool results and calls are refused. ValueError naming `position`."""
-    if isinstance(message, dict) and (message.get("role") == "tool" or message.get("tool_calls") or
-                                      message.get("function_call")):  # fmt: skip
-        raise ValueError(
-            f"chat message {position} is a tool {'result' if message.get('role') == 'tool' else 'call'}: tool "
-            "messages, tool_calls and function_call are not supported in training data (rows are encoded and "
-            "labelled turn by turn, which tool results do not follow); leave out conversations that use tools"
-        )
+    messages only: on another role it is ignored, as the template ignores it). A null content is refused, but that
+    of an assistant message that calls tools (as OpenAI fine-tuning data writes one). An assistant's
+    `reasoning_content` is written into its content (`with_reasoning`). An assistant's `tool_calls` and `tool`
+    results are read as the chat template reads them (`check_tool_turns` checks how they follow). ValueError naming
+    `position`."""
     template = tokenizer.template_message if tokenizer else chat_template_message
     templated = template(position, message)
-    if cast(dict, message)["content"] is None:
+    if cast(dict, message)["content"] is None and not templated.get("tool_calls"):
         raise ValueError(f"chat message {position} content must be a string or a list of text parts, got null")
     if templated["role"] == "assistant" and templated.get("reasoning_content") is not None:
         templated = template(position, with_reasoning(position, templated))  # its special tokens refused too
@@ -272,15 +360,23 @@ def task_conversations(task: Task, count: int, seed: int, split: Split = "train"
 
 
 def source_digest(tokenizer: Tokenizer, conversations: list[Conversation]) -> str:
-    """A fingerprint of what rows are built from, the conversations as given and the tokenizer, whatever the rules
-    (the chat template, which turns are trained) that build rows of them."""
-    source = json.dumps([tokenizer.fingerprint, conversations], sort_keys=True, ensure_ascii=False)
+    """A fingerprint of what rows are built from, the conversations as given (and the tools they offer) and the
+    tokenizer, whatever the rules (the chat template, which turns are trained) that build rows of them."""
+    given = [_record(c) if offered_tools(c) else c for c in conversations]  # those without tools as before
+    source = json.dumps([tokenizer.fingerprint, given], sort_keys=True, ensure_ascii=False)
     return hashlib.blake2b(source.encode(), digest_size=16).hexdigest()
 
 
 def write_conversations(conversations: list[Conversation], path: str | Path) -> Path:
-    """Write conversations as JSONL, one `{"messages": [...]}` a line (whole or not at all: an earlier file stays)."""
-    return write_atomic(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
+    """Write conversations as JSONL, one `{"messages": [...]}` a line, with its `"tools"` where it offers any (whole
+    or not at all: an earlier file stays)."""
+    return write_atomic(path, "".join(json.dumps(_record(c), ensure_ascii=False) + "\n" for c in conversations))
+
+
+def _record(conversation: list[dict]) -> dict:
+    """A conversation as its JSONL record: `{"messages": [...]}`, and its `"tools"` where it offers any."""
+    tools = offered_tools(conversation)
+    return {"messages": list(conversation), **({"tools": tools} if tools else {})}
 
 
 class ShuffledRows:

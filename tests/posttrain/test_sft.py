@@ -383,14 +383,14 @@ def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_jo
 @pytest.mark.parametrize(
     ("message", "refusal"),
     [
-        ({"role": "tool", "content": "3", "tool_call_id": "1"}, "chat message 1 is a tool result: tool messages"),
+        ({"role": "tool", "content": "3", "tool_call_id": "1"}, "chat message 1 is a tool result, but no assistant"),
         (
             {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
-            "chat message 1 is a tool call: tool messages, tool_calls and function_call are not supported",
+            r'chat message 1 tool_calls\[0\] must be {"type": "function", "function": {"name": ...',
         ),
         (
             {"role": "assistant", "content": "Let me look.", "function_call": {"name": "f", "arguments": "{}"}},
-            "chat message 1 is a tool call: tool messages, tool_calls and function_call",
+            "chat message 1 has function_call, OpenAI's deprecated form of a tool call: give it as tool_calls",
         ),
         ({"role": "user", "content": [{"type": "image_url"}]}, "chat message 1 content part 0 is 'image_url'"),
         (
@@ -403,7 +403,7 @@ def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_jo
         ),
     ],
 )
-def test_tool_turns_and_non_text_content_are_refused_naming_the_line(tmp_path, message, refusal):
+def test_malformed_tool_turns_and_non_text_content_are_refused_naming_the_line(tmp_path, message, refusal):
     path = tmp_path / "tools.jsonl"
     path.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps({"messages": [CHAT[1], message, *CHAT]}) + "\n")
     with pytest.raises(ValueError, match=rf"tools.jsonl:2: {refusal}"):
