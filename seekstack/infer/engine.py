@@ -1055,6 +1055,31 @@ class Engine:
             completions.append(first)
         return completions
 
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        params: SamplingParams | Sequence[SamplingParams],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[Completion]:
+        """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
+        as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
+        malformed message naming it) and generated (`generate`), the reply ending at the template's special tokens
+        (the end of its turn), as `seekstack chat` ends one."""
+        from seekstack.infer.chat import ending_at_special_tokens
+
+        one = len(messages) > 0 and isinstance(messages[0], Mapping)
+        conversations = [messages] if one else list(messages)
+        prompts = [
+            self.tokenizer.encode_chat(list(conversation), add_generation_prompt, continue_final_message)
+            for conversation in conversations
+        ]
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ending = [
+            ending_at_special_tokens(p, self.tokenizer) if isinstance(p, SamplingParams) else p for p in params_list
+        ]
+        return self.generate(prompts, ending)
+
 
 # Inductor's options for the compiled decode steps (`_compiled` says why each); bench/decode_options.py times others.
 DECODE_COMPILE_OPTIONS: dict[str, Any] = {

@@ -145,6 +145,23 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens_as_vllm(model, tok
         engine.generate(prompt, dataclasses.replace(GREEDY, truncate_prompt_tokens=0))
 
 
+def test_chat_replies_to_one_conversation_or_each_of_a_list_ending_at_the_turns_end_as_vllm(model, tokenizer):
+    """Engine had no chat (vLLM's LLM.chat; AttributeError): a conversation took encode_chat and stop ids by hand."""
+    engine = Engine(model, tokenizer)
+    first = [{"role": "user", "content": "def f"}]
+    second = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    [alone] = engine.chat(first, params)
+    both = engine.chat([first, second], params)
+    assert alone.prompt_token_ids == both[0].prompt_token_ids == tokenizer.encode_chat(first)
+    assert both[0].token_ids == alone.token_ids and both[1].prompt_token_ids == tokenizer.encode_chat(second)
+    turn_end = max(tokenizer.special_ids - {tokenizer.eos_id})  # a special token: the template's, never the reply's
+    forced = dataclasses.replace(params, logit_bias={turn_end: 100.0})
+    [ended] = engine.chat(second, forced)
+    assert ended.token_ids == [turn_end] and ended.finish_reason == "stop"
+    assert len(engine.generate(tokenizer.encode_chat(second), forced)[0].token_ids) == 8  # generate goes on
+
+
 PENALTIES = [
     {},
     {"frequency_penalty": -0.5, "repetition_penalty": 1.2},
