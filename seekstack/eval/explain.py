@@ -191,7 +191,8 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
     width = min(3 + 0.25 * num_experts * len(routing), MAX_FIGURE_INCHES)
     height = min(2 + 0.14 * len(tokens), MAX_FIGURE_INCHES)
     labelled = _labels_fit(height - 2, len(tokens))  # ~2 inches of title, expert axis and margins
-    figure, axes = plt.subplots(1, len(routing), figsize=(width, height))
+    # constrained: tight_layout put a tall figure's title over the layers' (from ~120 tokens)
+    figure, axes = plt.subplots(1, len(routing), figsize=(width, height), layout="constrained")
     axes = axes if len(routing) > 1 else [axes]
     for axis, layer in zip(axes, routing, strict=True):
         grid = torch.zeros(len(tokens), num_experts).scatter_(1, layer.experts, layer.weights)
@@ -204,7 +205,6 @@ def _routing_png(routing: list[LayerRouting], tokens: list[str], num_experts: in
         figure.colorbar(image, ax=axis, fraction=0.05, label="gate weight")
     axes[0].set_ylabel("token")
     figure.suptitle("gate weight of each selected expert, per token")
-    figure.tight_layout()
     figure.savefig(path, dpi=FIGURE_DPI)
     plt.close(figure)
     return path

@@ -364,3 +364,27 @@ def test_the_pngs_label_their_tokens_wherever_a_row_has_room_for_a_label(tmp_pat
 
     assert routing_labels(100) == [f"t{i}" for i in range(100)] and routing_labels(800) == []
     assert attention_labels(60) == [f"t{i}" for i in range(60)] and attention_labels(100) == []
+
+
+def test_the_routing_pngs_title_clears_its_layers_however_many_tokens(tmp_path, monkeypatch):
+    """From ~120 tokens on, routing.png's title was drawn over the titles and tops of its layers' heatmaps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from seekstack.eval.explain import _routing_png
+
+    figures, savefig = [], Figure.savefig
+
+    def kept(figure, *args, **kwargs):  # the figure as it is saved, to measure where its texts lie
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", kept)
+    for count in (12, 120, 1000):
+        routing = LayerRouting(1, torch.tensor([[0, 1]]).repeat(count, 1), torch.full((count, 2), 0.5))
+        _routing_png([routing, routing], [f"t{i}" for i in range(count)], 8, tmp_path / "routing.png")
+        renderer = FigureCanvasAgg(figures[-1]).get_renderer()
+        title = figures[-1]._suptitle.get_window_extent(renderer)  # the figure holds its suptitle Text there
+        for axis in figures[-1].axes:
+            assert not title.overlaps(axis.get_window_extent(renderer)), (count, axis.get_title())
+            assert not axis.get_title() or not title.overlaps(axis.title.get_window_extent(renderer)), count
