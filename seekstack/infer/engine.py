@@ -914,6 +914,8 @@ class Engine:
                 request.penalties.add(token)
             if token in request.stop_ids:
                 reason = "stop"
+                if request.params.include_stop_str_in_output:  # vLLM's: the stop token's text too (a special one's
+                    text += request.stream.push(token)[0]  # only with skip_special_tokens=False)
                 text += request.stream.flush()
                 break
             if request.constraint is not None:

@@ -162,6 +162,22 @@ def test_chat_replies_to_one_conversation_or_each_of_a_list_ending_at_the_turns_
     assert len(engine.generate(tokenizer.encode_chat(second), forced)[0].token_ids) == 8  # generate goes on
 
 
+def test_include_stop_str_in_output_keeps_the_text_of_the_stop_token_as_vllm(model, tokenizer):
+    """vLLM detokenizes the token that stopped a request when include_stop_str_in_output is set (its detokenizer skips
+    it only without); the text left a stop_token_ids token out either way."""
+    engine = Engine(model, tokenizer)
+    [prompt] = prompts([7])
+    ids = engine.generate(prompt, GREEDY)[0].token_ids
+    at = next(
+        i for i, t in enumerate(ids) if i > 0 and t not in ids[:i] and "\ufffd" not in tokenizer.decode(ids[: i + 1])
+    )
+    for include in (False, True):
+        params = dataclasses.replace(GREEDY, stop_token_ids=(ids[at],), include_stop_str_in_output=include)
+        [stopped] = engine.generate(prompt, params)
+        assert stopped.token_ids == ids[: at + 1] and stopped.finish_reason == "stop"
+        assert stopped.text == tokenizer.decode(ids[: at + include]), include
+
+
 PENALTIES = [
     {},
     {"frequency_penalty": -0.5, "repetition_penalty": 1.2},
