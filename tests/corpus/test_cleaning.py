@@ -452,6 +452,16 @@ def test_normalise_renders_terminal_formatting_and_drops_control_characters() ->
     assert normalise("bell\x07 dos\x1a del\x7f vt\x0b tab\tpage\x0c") == "bell dos del vt tab\tpage\x0c"
 
 
+def test_normalise_mends_mojibake_as_ftfy_does() -> None:
+    """Text once decoded in the wrong encoding was kept so (libxml2's NEWS in /usr/share/doc: `â\x80\x93` for `–`,
+    `FranÃ§ois`); it is mended as datatrove's FTFYFormatter mends it, and clean text of any script is left as it is."""
+    assert normalise("Bug 571059 \u00e2\x80\x93 MSVC, Fran\u00c3\u00a7ois") == "Bug 571059 \u2013 MSVC, Fran\u00e7ois"
+    assert normalise("\x93quoted\x94 it\x92s") == "\u201cquoted\u201d it\u2019s"  # Windows-1252 read as Latin-1
+    assert normalise("\u00d0\u00bf\u00d1\u20ac\u00d0\u00b8\u00d0\u00b2\u00d0\u00b5\u00d1\u201a") == "привет"
+    clean = "Lukáš, café, “x” — ﬁ ＡＢ, привет, 你好, مرحبا, ÂÊÎ 1º"
+    assert normalise(clean) == clean
+
+
 def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
     config = CleaningConfig(
         profile="web", prose=ProseRules(min_words=5, max_digit_fraction=0.3), near_duplicate_threshold=0.7
