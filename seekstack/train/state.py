@@ -216,6 +216,18 @@ def load_training_file(file: Path, map_location: torch.device | str = "cpu") -> 
         ) from None
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: Path) -> None:
+    """`optimizer.load_state_dict(saved)`, the state read from file `source`; CheckpointError naming it where that
+    state is another optimizer's (other parameter groups, or groups of other sizes), where torch's error named none."""
+    try:
+        optimizer.load_state_dict(saved)
+    except ValueError as error:
+        raise CheckpointError(
+            f"{source}: its optimizer state does not fit this run's optimizer ({error}): it was saved for other "
+            f"parameters; start a new run from the checkpoint's weights with init_from={source.parent}"
+        ) from None
+
+
 def resume_before(path: str | Path) -> str:
     """What to do about a damaged training checkpoint `path`: resume from the one before it."""
     return (

@@ -101,6 +101,7 @@ from seekstack.train.schedule import (
 from seekstack.train.state import (
     OPTIMIZER_DIR,
     load_checkpoint,
+    load_optimizer_state,
     load_training_file,
     prune_checkpoints,
     rank_compression_file,
@@ -984,7 +985,7 @@ class _Run:
         elif is_sharded(self.model):
             load_whole_optimizer(self.model, self.optimizer, train_state["optimizer"], path / TRAIN_STATE_FILE)
         else:
-            self.optimizer.load_state_dict(train_state["optimizer"])
+            load_optimizer_state(self.optimizer, train_state["optimizer"], path / TRAIN_STATE_FILE)
         for group, settings in zip(self.optimizer.param_groups, own_settings, strict=True):
             group.update(settings)
 
@@ -1008,7 +1009,7 @@ class _Run:
                 f"{own_file} holds the optimizer state of an expert-parallel run with parallel={saved['parallel']}; "
                 f"resume it with parallel={saved['parallel']} (this run has parallel={self.config.parallel})"
             )
-        self.optimizer.load_state_dict(load_training_file(own_file))
+        load_optimizer_state(self.optimizer, load_training_file(own_file), own_file)
 
     def _load_compression(self, saved: dict[str, Any], path: Path) -> None:
         """What this rank's gradient compression kept (int8's residuals, PowerSGD's step, errors and factors), saved

@@ -1025,3 +1025,19 @@ def test_sft_rl_or_distill_of_conversations_under_torchrun_is_refused_as_a_setti
     # distill was told 'parallel=fsdp does not train adapters', which it has none of
     with pytest.raises(ConfigError, match=r"fsdp does not train a model a stage wraps \(hooks: LoRA adapters, distill"):
         _Run(dataclasses.replace(config, parallel="fsdp"), rank_1_of_2, False, object(), None, contextlib.ExitStack())
+
+
+def test_a_checkpoint_whose_optimizer_state_is_another_optimizers_is_refused_naming_its_file(data_dir, tmp_path):
+    """torch's `loaded state dict has a different number of parameter groups` named no file and no way on."""
+    train(run_config(data_dir, tmp_path, max_steps=3, eval_every=0))
+    checkpoint = list_checkpoints(tmp_path)[-1]
+    state = read_train_state(checkpoint)
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]  # one group, where this run has two
+    torch.save(state, checkpoint / "train_state.pt")
+    with pytest.raises(CheckpointError) as refused:
+        train(run_config(data_dir, tmp_path, max_steps=6, eval_every=0), resume=True)
+    assert str(refused.value) == (
+        f"{checkpoint / 'train_state.pt'}: its optimizer state does not fit this run's optimizer (loaded state dict "
+        "has a different number of parameter groups): it was saved for other parameters; start a new run from the "
+        f"checkpoint's weights with init_from={checkpoint}"
+    )
