@@ -388,3 +388,46 @@ def test_the_routing_pngs_title_clears_its_layers_however_many_tokens(tmp_path, 
         for axis in figures[-1].axes:
             assert not title.overlaps(axis.get_window_extent(renderer)), (count, axis.get_title())
             assert not axis.get_title() or not title.overlaps(axis.title.get_window_extent(renderer)), count
+
+
+@pytest.mark.parametrize(
+    "case_name",
+    ["v3-q-lora-grouped", "v3-no-q-lora-ungrouped", "v3-yarn-unequal-mscale-rotate-half", "v2-group-limited-greedy"],
+)
+def test_maps_and_routing_are_transformers_attention_probabilities_and_router_choices(case_name, tmp_path):
+    """On a transformers DeepseekV2/V3 checkpoint with random weights (routing bias included): each layer's maps are
+    the probabilities its eager attention returns with output_attentions (decoupled RoPE, YaRN's mscale, the causal
+    mask), and the routing is its router's top-k experts and gate weights (group-limited, the bias choosing only)."""
+    import copy
+
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from tests.test_hf_parity import CASES, TINY, randomise
+
+    case = next(case for case in CASES if case.name == case_name)
+    config_class, model_class = (
+        (DeepseekV3Config, DeepseekV3ForCausalLM) if case.version == 3 else (DeepseekV2Config, DeepseekV2ForCausalLM)
+    )
+    config = config_class(**copy.deepcopy({**TINY, **case.overrides}))
+    config.num_key_value_heads = config.num_attention_heads  # MLA's keys are per head; transformers repeats none
+    config._attn_implementation = "eager"  # the one that returns its probabilities
+    torch.manual_seed(0)
+    reference = model_class(config).eval()
+    randomise(reference, seed=0)
+    reference.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path).eval()
+    input_ids = torch.randint(0, TINY["vocab_size"], (1, case.seq_len), generator=torch.Generator().manual_seed(0))
+    chosen = []  # each MoE layer's router output: (logits, top-k weights, top-k experts)
+    for layer in reference.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(lambda module, args, output: chosen.append(output))
+    with torch.no_grad():
+        attentions = reference(input_ids, output_attentions=True).attentions
+    for layer_map, probabilities in zip(attention_maps(ours, input_ids[0]), attentions, strict=True):
+        torch.testing.assert_close(layer_map.weights, probabilities[0], atol=1e-6, rtol=0)
+    routing = capture_routing(ours, input_ids)
+    assert len(routing) == len(chosen) > 0
+    for layer, (_, weights, experts) in zip(routing, chosen, strict=True):
+        ours_order, theirs_order = layer.experts.sort(dim=-1), experts.sort(dim=-1)
+        assert torch.equal(ours_order.values, theirs_order.values)
+        torch.testing.assert_close(layer.weights.gather(1, ours_order.indices), weights.gather(1, theirs_order.indices))
