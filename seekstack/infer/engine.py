@@ -984,13 +984,15 @@ class Engine:
         prompts: str | list[int] | list[str] | list[list[int]] | torch.Tensor,
         params: SamplingParams | Sequence[SamplingParams],
         adapters: Sequence[str | None] | None = None,
+        use_tqdm: bool = False,
     ) -> list[Completion]:
         """Add all prompts (a str or a list of token ids is one prompt, as in vLLM; a tensor of ids reads as its
         list: 1-D one prompt, 2-D a prompt per row, as transformers' input_ids; text is encoded by `encode_prompt`:
         BOS first with a DeepSeek release's tokenizer, as transformers encodes it, none with seekstack's, as its
         training shards hold none), each on the base or on the loaded adapter `adapters` names for it, and step until
         all finish. A prompt refused (too long, an adapter not loaded) raises ValueError naming it by its index among
-        several, the prompts added before it aborted, none left queued."""
+        several, the prompts added before it aborted, none left queued. `use_tqdm`: a bar of the requests finished on
+        stderr, as vLLM's (off by default here: RL and eval loops call generate often)."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(
@@ -1031,16 +1033,18 @@ class Engine:
                         raise ValueError(f"prompt {index} of {len(prompt_ids)}: {error}") from None
                     parts[request_id] = []
                     samples[-1].append(request_id)
-            while len(finished_at) < len(parts):
-                self.step()
-                while inbox:
-                    output = inbox.popleft()
-                    parts[output.request_id].append(output)
-                    first_token.setdefault(output.request_id, time.perf_counter())
-                    compiling.setdefault(output.request_id, -self.compile_s)
-                    if output.finished:
-                        finished_at[output.request_id] = time.perf_counter()
-                        compiling[output.request_id] += self.compile_s
+            with _finished_counter(len(parts), use_tqdm) as count_finished:
+                while len(finished_at) < len(parts):
+                    self.step()
+                    while inbox:
+                        output = inbox.popleft()
+                        parts[output.request_id].append(output)
+                        first_token.setdefault(output.request_id, time.perf_counter())
+                        compiling.setdefault(output.request_id, -self.compile_s)
+                        if output.finished:
+                            finished_at[output.request_id] = time.perf_counter()
+                            compiling[output.request_id] += self.compile_s
+                            count_finished()
         finally:  # a prompt refused, a failing step or an interrupt leaves no request behind holding cache blocks
             for request_id in parts:
                 self._forget(request_id)
@@ -1063,11 +1067,12 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams],
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        use_tqdm: bool = False,
     ) -> list[Completion]:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
         malformed message naming it) and generated (`generate`), the reply ending at the template's special tokens
-        (the end of its turn), as `seekstack chat` ends one."""
+        (the end of its turn), as `seekstack chat` ends one; `use_tqdm` as generate's."""
         from seekstack.infer.chat import ending_at_special_tokens
 
         one = len(messages) > 0 and isinstance(messages[0], Mapping)
@@ -1080,7 +1085,7 @@ class Engine:
         ending = [
             ending_at_special_tokens(p, self.tokenizer) if isinstance(p, SamplingParams) else p for p in params_list
         ]
-        return self.generate(prompts, ending)
+        return self.generate(prompts, ending, use_tqdm=use_tqdm)
 
 
 # Inductor's options for the compiled decode steps (`_compiled` says why each); bench/decode_options.py times others.
@@ -1142,6 +1147,21 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def _finished_counter(total: int, shown: bool) -> Iterator[Callable[[], None]]:
+    """A callable that counts one of `total` requests finished, on a rich progress bar on stderr where `shown` (vLLM's
+    use_tqdm); nothing is made otherwise."""
+    if not shown:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task("Processed prompts", total=total)
+        yield lambda: bar.advance(task)
 
 
 def token_id(token: Any) -> int:

@@ -178,6 +178,18 @@ def test_include_stop_str_in_output_keeps_the_text_of_the_stop_token_as_vllm(mod
         assert stopped.text == tokenizer.decode(ids[: at + include]), include
 
 
+def test_use_tqdm_shows_a_bar_of_the_finished_requests_as_vllm(model, tokenizer, capsys):
+    """vLLM scripts pass use_tqdm (use_tqdm=False most of all): generate and chat refused it (TypeError)."""
+    engine = Engine(model, tokenizer)
+    quiet = engine.generate(prompts([4, 5]), GREEDY, use_tqdm=False)
+    assert capsys.readouterr().err == ""
+    shown = engine.generate(prompts([4, 5]), GREEDY, use_tqdm=True)
+    assert "Processed prompts" in capsys.readouterr().err
+    assert [completion.token_ids for completion in shown] == [completion.token_ids for completion in quiet]
+    engine.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=True)
+    assert "Processed prompts" in capsys.readouterr().err
+
+
 PENALTIES = [
     {},
     {"frequency_penalty": -0.5, "repetition_penalty": 1.2},
