@@ -76,7 +76,7 @@ class SamplingParams:
     # not None: stop strings match only after the reasoning, <think> ... </think>, that this text (the reply's start
     # given in the prompt, a chat prefix's; "" for none) and the reply open with (serve --reasoning-parser)
     stop_after_reasoning: str | None = None
-    logprobs: bool = False
+    logprobs: bool = False  # an int k, as vLLM's: True with top_logprobs=k
     top_logprobs: Annotated[int, Interval(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     ignore_eos: bool = False
     # as vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings do not match, before this many tokens
@@ -90,6 +90,12 @@ class SamplingParams:
         raises (temperature=-1 was refused only at generate); validate() adds the rules across fields."""
         if isinstance(self.stop, str):  # one stop string given alone, as vLLM's SamplingParams and OpenAI's API take it
             self.stop = (self.stop,)
+        if type(self.logprobs) is int:  # vLLM's logprobs=k: the sampled token's and the k likeliest (0: its alone)
+            require(0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs", f"True, False or, as vLLM's, how many top "
+                    f"log-probabilities each token lists, 0 to {MAX_TOP_LOGPROBS}")  # fmt: skip
+            require(self.top_logprobs == 0, "top_logprobs", f"left out with vLLM's logprobs={self.logprobs}, which "
+                    "sets it (or give logprobs=True)")  # fmt: skip
+            self.logprobs, self.top_logprobs = True, self.logprobs
         check_set_fields(self)
 
     @classmethod

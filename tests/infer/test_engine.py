@@ -190,6 +190,19 @@ def test_use_tqdm_shows_a_bar_of_the_finished_requests_as_vllm(model, tokenizer,
     assert "Processed prompts" in capsys.readouterr().err
 
 
+def test_vllms_logprobs_count_lists_that_many_top_log_probabilities(model, tokenizer):
+    """vLLM's logprobs=k (its int form) was refused ("field 'logprobs' has value 5: input should be a valid boolean");
+    it reads as logprobs=True, top_logprobs=k, and a count out of range or beside top_logprobs is refused naming it."""
+    counted = dataclasses.replace(GREEDY, logprobs=3)
+    assert (counted.logprobs, counted.top_logprobs) == (True, 3)
+    [completion] = Engine(model, tokenizer).generate(prompts([5]), counted)
+    assert all(len(entry.top) == 3 for entry in completion.logprobs)
+    with pytest.raises(ConfigError, match=r"^field 'logprobs' must be True, False or, as vLLM's, how many top"):
+        SamplingParams(logprobs=21)
+    with pytest.raises(ConfigError, match=r"^field 'top_logprobs' must be left out with vLLM's logprobs=3"):
+        SamplingParams(logprobs=3, top_logprobs=2)
+
+
 PENALTIES = [
     {},
     {"frequency_penalty": -0.5, "repetition_penalty": 1.2},
