@@ -21,7 +21,7 @@ from seekstack.checkpoint import read_config
 from seekstack.eval.tasks import REASONING_MAX_TOKENS, all_python, held_out_modules
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.posttrain.conversations import Conversation, prompt_messages
+from seekstack.posttrain.conversations import Conversation, offered_tools, prompt_messages
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
 from seekstack.posttrain.tasks import Task, sample_problems
@@ -152,14 +152,15 @@ class ConversationSample(NamedTuple):
 def conversation_samples(
     model_path: str | Path, conversations: list[Conversation], max_new_tokens: int
 ) -> list[ConversationSample]:
-    """Each conversation's turns before its last assistant turn answered greedily by a checkpoint or run's newest,
-    all in one batch; an answer gets at most the room the context leaves after its prompt, and a conversation whose
-    prompt fills the context (or what the cache holds, `Engine.context_len`) is left out."""
+    """Each conversation's turns before its last assistant turn, with the tools it offers, answered greedily by a
+    checkpoint or run's newest, all in one batch; an answer gets at most the room the context leaves after its
+    prompt, and a conversation whose prompt fills the context (or what the cache holds, `Engine.context_len`) is left
+    out."""
     engine = _engine(model_path, max_batch_size=len(conversations))
     asked = []  # (prompt text, its ids, the reference answer)
     for messages in conversations:
         last = max(position for position, message in enumerate(messages) if message["role"] == "assistant")
-        prompt = engine.tokenizer.render_chat(messages[:last])
+        prompt = engine.tokenizer.render_chat(messages[:last], tools=offered_tools(messages))  # as sft trained it
         ids = engine.tokenizer.encode(prompt)  # encode_chat's ids, as sft trained on them
         if len(ids) < engine.context_len:
             asked.append((prompt, ids, messages[last]["content"]))

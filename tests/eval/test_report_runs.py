@@ -13,10 +13,16 @@ import torch
 from seekstack.eval.report import EVAL_RESULTS, _evaluation, write_report
 from seekstack.eval.samples import conversation_samples
 from seekstack.infer.engine import Engine
-from seekstack.posttrain.conversations import hold_out, prompt_messages, write_conversations, write_held_out
+from seekstack.posttrain.conversations import (
+    hold_out,
+    prompt_messages,
+    read_conversations,
+    write_conversations,
+    write_held_out,
+)
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT
 from seekstack.posttrain.tasks import make_task, sample_problems
-from seekstack.tokenizer import ASSISTANT, EOS, USER, Tokenizer
+from seekstack.tokenizer import ASSISTANT, EOS, USER, Tokenizer, tools_prompt
 from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.posttrain.support import micro_checkpoint
 
@@ -413,3 +419,12 @@ def test_samples_holding_a_code_fence_or_backticks_stay_inside_their_blocks(sft_
     ]
     blocks = [[t.content for t in markdown_it.MarkdownIt().parse(s) if t.type == "fence"] for s in sections]
     assert blocks == [[f"def f():{answer}\n"], [f"Q: {answer}\n"], [f"Q: {answer}\n", f"{answer}\n"]]
+
+
+def test_a_tool_conversation_is_asked_with_the_tools_it_was_trained_with(sft_run, tmp_path):
+    """A sample of a conversation offering tools (sft trains its row with the tools' prompt) was asked without them."""
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    path = tmp_path / "agent.jsonl"
+    path.write_text(json.dumps({"messages": CHATS[0], "tools": [weather]}) + "\n")
+    answers = conversation_samples(sft_run, read_conversations(path), max_new_tokens=4)
+    assert tools_prompt([weather]) in answers[0].prompt
