@@ -308,7 +308,8 @@ def _decoded(data: bytes) -> str:
     (`_utf16_without_mark`); when it is no UTF-8, the legacy encoding of a script other than Latin's that it reads
     as one script's text in (`_legacy_encoding_of_another_script`: cp1251, GBK, Shift_JIS, ...), or UTF-16 when it
     reads as UTF-16 text of one writing system, as Chinese, Japanese or Korean saved so does
-    (`_utf16_of_one_writing_system`, asked second: Shift_JIS reads so as UTF-16 too); Windows-1252 (Latin-1's
+    (`_utf16_of_one_writing_system`, asked second: Shift_JIS reads so as UTF-16 too), as is valid UTF-8 holding
+    control bytes that so reads (Thai, whose UTF-16 bytes are all ASCII's); Windows-1252 (Latin-1's
     superset) when not one of its bytes above 127 starts a valid UTF-8 character (a legacy 8-bit file: `café` stays
     `café`); else UTF-8 with its stray bytes read by `_stray_byte_as_cp1252` (a Latin-1 line in a UTF-8 changelog:
     `Bj\xf6rn` is `Björn`)."""
@@ -318,7 +319,7 @@ def _decoded(data: bytes) -> str:
     if utf16 is not None:
         return data.decode(utf16, errors="replace")
     try:
-        return data.decode("utf-8-sig")  # nearly every file, in one pass
+        text = data.decode("utf-8-sig")  # nearly every file, in one pass
     except UnicodeDecodeError:
         encoding = _legacy_encoding_of_another_script(data) or _utf16_of_one_writing_system(data)
         if encoding is not None:
@@ -326,6 +327,10 @@ def _decoded(data: bytes) -> str:
         if _starts_no_utf8_character(data):
             return data.decode("cp1252", errors="replace")
         return data.decode("utf-8-sig", errors=STRAY_BYTE_AS_CP1252)
+    # UTF-16 of a script whose code points' bytes are all ASCII's (Thai, U+0E01-0E5B: `\x0e` every other byte) is
+    # valid UTF-8: told by the control bytes no text holds, when it has no NUL of a space or line end to be told by
+    utf16 = _utf16_of_one_writing_system(data) if _NOT_TEXT_BYTES.search(data, 0, UTF16_SNIFF_BYTES) else None
+    return text if utf16 is None else data.decode(utf16, errors="replace")
 
 
 def _utf16_without_mark(data: bytes) -> str | None:
@@ -347,12 +352,14 @@ def _utf16_without_mark(data: bytes) -> str | None:
 
 def _utf16_of_one_writing_system(data: bytes) -> str | None:
     """`utf-16-le` or `utf-16-be` for UTF-16 text without its byte-order mark and without ASCII (Chinese, Japanese,
-    Korean): at least `UTF16_MIN_NOT_UTF8_SHARE` of the first `UTF16_SNIFF_BYTES` bytes are no UTF-8 (not a stray
-    byte), and in the byte order whose high bytes, one script's block, take fewer values than its low bytes, they
-    decode as at least `UTF16_MIN_CHARACTERS` characters text holds, no control, format, unassigned or private-use
-    one, whose non-ASCII letters are at least `UTF16_MIN_SCRIPT_SHARE` of one writing system; None for other bytes."""
+    Korean, Thai): at least `UTF16_MIN_NOT_UTF8_SHARE` of the first `UTF16_SNIFF_BYTES` bytes are no UTF-8 text's (not
+    UTF-8, not a stray byte; or a control byte, `_NOT_TEXT_BYTES`, as Thai's high byte 0x0E), and in the byte order
+    whose high bytes, one script's block, take fewer values than its low bytes, they decode as at least
+    `UTF16_MIN_CHARACTERS` characters text holds, no control, format, unassigned or private-use one, whose non-ASCII
+    letters are at least `UTF16_MIN_SCRIPT_SHARE` of one writing system; None for other bytes."""
     sample = data[:UTF16_SNIFF_BYTES]
     not_utf8 = len(_ESCAPED_BYTE.findall(sample.decode("utf-8", errors="surrogateescape")))
+    not_utf8 += len(_NOT_TEXT_BYTES.findall(sample))
     even, odd = len(set(sample[0::2])), len(set(sample[1::2]))
     if not_utf8 < UTF16_MIN_NOT_UTF8_SHARE * len(sample) or even == odd:
         return None

@@ -831,6 +831,16 @@ def test_utf16_chinese_japanese_and_korean_without_a_byte_order_mark_are_read_as
     assert {doc.doc_id: doc.text for doc in read_text_folder(tmp_path)} == {n: t * 30 for n, (t, _) in texts.items()}
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_thai_without_a_byte_order_mark_is_read_as_utf16(tmp_path: Path, encoding: str) -> None:
+    """Thai's code points (U+0E01-0E5B) are two ASCII bytes each in UTF-16, so Thai paragraphs saved so without the mark
+    (long lines, few spaces: too few NULs to tell it) were valid UTF-8 and came out as '*\x0e2\x0e@\x0e...'."""
+    paragraph = "".join(THAI_ARTICLE.split())  # one line of Thai letters and marks alone
+    text = "\r\n".join([paragraph] * 3)
+    (tmp_path / "th.txt").write_bytes(text.encode(encoding))
+    assert [doc.text for doc in read_text_folder(tmp_path)] == [text]
+
+
 def test_text_that_is_no_utf8_but_not_utf16_either_is_read_as_before(tmp_path: Path) -> None:
     """Windows-1252 with many accents (its letter pairs read as UTF-16 are CJK, its spaces and stops are not) stays
     Windows-1252, Chinese UTF-8 with a stray Latin-1 byte stays UTF-8, and bytes of no text stay bytes."""
