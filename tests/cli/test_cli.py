@@ -134,7 +134,7 @@ def test_a_run_that_has_saved_no_checkpoint_yet_is_named_so(tmp_path, command):
     [
         (["sample", "{run}"], "seekstack.eval.samples.demo_samples"),
         (["checkpoint", "export", "{run}", "--out", "exported"], "seekstack.train.state.export_checkpoint"),
-        (["explain", "{run}", "--corpus", "corpus"], "seekstack.checkpoint.load_pretrained"),
+        (["explain", "{run}", "--corpus", "corpus"], "seekstack.tokenizer.Tokenizer.from_file"),  # read first
         (["eval", "{run}"], "seekstack.eval.evaluate.evaluate"),
     ],
 )
