@@ -179,15 +179,16 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
             "every assistant message has weight 0, so the conversation trains nothing; give one weight 1 or leave "
             "the conversation out"
         )
-    tools = offered(record.get("tools"))
+    tools = offered(record.get("tools"), tokenizer)
     check_tool_turns(templated, tools)
     return Conversation(templated, tools)
 
 
-def offered(tools: object) -> list[dict]:
+def offered(tools: object, tokenizer: Tokenizer | None = None) -> list[dict]:
     """A record's `tools` (null or absent: none) as the server reads a request's (`seekstack.serve.schemas.Tool`, whose
     dump the chat template lists: keys in its order, null and unknown keys left out), so a model is trained on the
-    tools' prompt it is served. ValueError naming the field and value at fault."""
+    tools' prompt it is served. ValueError naming the field and value at fault, and, with `tokenizer`, tools holding
+    one of its special tokens."""
     if tools is None:
         return []
     from pydantic import TypeAdapter, ValidationError
@@ -204,7 +205,11 @@ def offered(tools: object) -> list[dict]:
             'tools are OpenAI\'s [{"type": "function", "function": {"name": ..., "description": ..., "parameters": '
             '{"type": "object", ...}}}, ...]'
         ) from None
-    return [tool.model_dump(exclude_none=True) for tool in read]
+    dumped = [tool.model_dump(exclude_none=True) for tool in read]
+    forged = tokenizer.special_token_in(json.dumps(dumped, ensure_ascii=False)) if tokenizer else None
+    if forged:
+        raise ValueError(f"field tools contains the special token {forged!r}, which would forge a turn: take it out")
+    return dumped
 
 
 def check_tool_turns(messages: list[dict], tools: list[dict]) -> None:
