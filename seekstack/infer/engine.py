@@ -894,9 +894,13 @@ class Engine:
                 entries.append(None)
                 continue
             n = request.params.top_logprobs
-            top = [(i, self.tokenizer.decode([i]), v) for i, v in zip(top_ids[b][:n], top_values[b][:n], strict=True)]
-            entries.append(TokenLogprob(tokens[b], self.tokenizer.decode([tokens[b]]), chosen[b], top))
+            text = self._token_text if request.params.detokenize else _no_text  # ids only, as its text
+            top = [(i, text(i), v) for i, v in zip(top_ids[b][:n], top_values[b][:n], strict=True)]
+            entries.append(TokenLogprob(tokens[b], text(tokens[b]), chosen[b], top))
         return entries
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     def _emit(self, request: _Request, tokens: list[int], logprobs: list) -> RequestOutput:
         """Hand out `tokens` until one of them finishes the request: stop token, stop string or length; or end it with
@@ -1162,6 +1166,11 @@ def _finished_counter(total: int, shown: bool) -> Iterator[Callable[[], None]]:
     with Progress(console=Console(stderr=True)) as bar:
         task = bar.add_task("Processed prompts", total=total)
         yield lambda: bar.advance(task)
+
+
+def _no_text(token: int) -> str:
+    """A token's text where the request asked for none (detokenize=False): "", as vLLM leaves it undecoded."""
+    return ""
 
 
 def token_id(token: Any) -> int:

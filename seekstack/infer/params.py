@@ -82,7 +82,8 @@ class SamplingParams:
     # as vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings do not match, before this many tokens
     min_tokens: NonNegative = 0
     skip_special_tokens: bool = True  # leave special tokens (<｜User｜>, ...) out of the text, as vLLM's default does
-    detokenize: bool = True  # False: outputs carry token ids only, text "" (as vLLM's), for callers that decode
+    # False: outputs carry token ids only, text "" and logprobs' token texts "" (as vLLM's), for callers that decode
+    detokenize: bool = True
     n: Positive = 1  # samples of each prompt `Engine.generate` returns (Completion.outputs, as vLLM's); i: seed + i
 
     def __post_init__(self) -> None:

@@ -665,11 +665,15 @@ def test_a_stop_token_id_ends_generation_right_after_that_token(model, tokenizer
 
 
 def test_without_detokenizing_the_tokens_are_the_same_and_the_text_is_empty(model, tokenizer):
+    """The log-probabilities' tokens were decoded all the same (vLLM leaves them undecoded): their text is "" too."""
     prompt = prompts([8])[0]
-    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3, ignore_eos=True, logprobs=True, top_logprobs=2)
     [text] = Engine(model, tokenizer).generate([prompt], params)
     [ids] = Engine(model, tokenizer).generate([prompt], dataclasses.replace(params, detokenize=False))
     assert ids.token_ids == text.token_ids and text.text and ids.text == ""
+    assert [entry.logprob for entry in ids.logprobs] == [entry.logprob for entry in text.logprobs]
+    assert {entry.token for entry in ids.logprobs} == {""} and all(entry.token for entry in text.logprobs)
+    assert {name for entry in ids.logprobs for _, name, _ in entry.top} == {""}
 
 
 def test_presence_penalty_keeps_greedy_output_free_of_repeats(model, tokenizer):
