@@ -355,10 +355,8 @@ def test_a_run_resumed_at_another_temperature_samples_anew_where_its_saved_batch
     assert log_ratios[0] < 1e-5
 
 
-def test_rollouts_are_sampled_at_the_configured_temperature(tmp_path, monkeypatch):
-    """Near temperature 0 (0.001: sampled, not greedy) the micro model's completions of a prompt are mostly one and
-    the same (its logits are near flat: at 0.01 not so); at 1 they all differ."""
-    model_dir = micro_checkpoint(tmp_path / "model")
+def keep_rollouts(monkeypatch) -> list:
+    """The rollouts each `rl.sample_groups` call of the run returns, in order."""
     rollouts = []
     sample_groups = rl.sample_groups
 
@@ -367,6 +365,14 @@ def test_rollouts_are_sampled_at_the_configured_temperature(tmp_path, monkeypatc
         return rollouts[-1]
 
     monkeypatch.setattr(rl, "sample_groups", kept_sample_groups)
+    return rollouts
+
+
+def test_rollouts_are_sampled_at_the_configured_temperature(tmp_path, monkeypatch):
+    """Near temperature 0 (0.001: sampled, not greedy) the micro model's completions of a prompt are mostly one and
+    the same (its logits are near flat: at 0.01 not so); at 1 they all differ."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    rollouts = keep_rollouts(monkeypatch)
     settings = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1", "max_steps=1", "save_every=0"]
     for temperature in (0.001, 1.0):
         run_rl(
@@ -387,14 +393,7 @@ def test_rollouts_sample_within_the_configured_top_k_and_top_p(tmp_path, monkeyp
     """Keeping the likeliest token alone, each group's 4 completions, each of its own seed, are the greedy one (at
     temperature 1 without them all 8 differ: the test above); top_k and top_p were not rl keys."""
     model_dir = micro_checkpoint(tmp_path / "model")
-    rollouts = []
-    sample_groups = rl.sample_groups
-
-    def kept_sample_groups(*args, **kwargs):
-        rollouts.append(sample_groups(*args, **kwargs))
-        return rollouts[-1]
-
-    monkeypatch.setattr(rl, "sample_groups", kept_sample_groups)
+    rollouts = keep_rollouts(monkeypatch)
     settings = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1", "max_steps=1", truncation]
     run_rl(resolve_train_config(None, [*settings, f"out_dir={tmp_path / 'run'}"], cls=GRPOConfig))
     groups = rollouts[0].input_ids.view(2, 4, -1)

@@ -12,22 +12,8 @@ from seekstack.serve.protocol import prompt_ids
 from seekstack.serve.schemas import ChatCompletionRequest
 from seekstack.tokenizer import EOS, TOOL_CALLS_BEGIN, TOOL_OUTPUTS_END, tool_call_text
 from tests.posttrain.support import byte_tokenizer, micro_checkpoint
+from tests.test_tokenizer_tools import ASK, WEATHER, call
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "weather",
-        "description": "Today's weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
-
-def call(call_id: str, city: str) -> dict:
-    return {"id": call_id, "type": "function", "function": {"name": "weather", "arguments": json.dumps({"city": city})}}
-
-
-ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris and Rome?"}]
 CALLS = {"role": "assistant", "content": None, "tool_calls": [call("call_1", "Paris"), call("call_2", "Rome")]}
 RESULTS = [
     {"role": "tool", "tool_call_id": "call_1", "content": "20C"},
