@@ -185,21 +185,23 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
 
 
 def offered(tools: object, tokenizer: Tokenizer | None = None) -> list[dict]:
-    """A record's `tools` (null or absent: none) as the server reads a request's (`seekstack.serve.schemas.Tool`, whose
+    """A record's `tools` (null or absent: none) as the server reads a request's (`seekstack.serve.schemas.Tools`, whose
     dump the chat template lists: keys in its order, null and unknown keys left out), so a model is trained on the
-    tools' prompt it is served. ValueError naming the field and value at fault, and, with `tokenizer`, tools holding
-    one of its special tokens."""
+    tools' prompt it is served. ValueError naming the field and value at fault (two tools of one name among them, as
+    the server refuses), and, with `tokenizer`, tools holding one of its special tokens."""
     if tools is None:
         return []
     from pydantic import TypeAdapter, ValidationError
 
-    from seekstack.serve.schemas import Tool
+    from seekstack.serve.schemas import Tools
 
     try:
-        read = TypeAdapter(list[Tool]).validate_python(tools)
+        read = TypeAdapter(Tools).validate_python(tools)
     except ValidationError as error:
         problem = error.errors()[0]
         field = ".".join(str(part) for part in ("tools", *problem["loc"]))
+        if problem["type"] == "value_error":  # a check of the server's, whose message names the value and the mend
+            raise ValueError(f"field {field}: {problem['ctx']['error']}") from None
         raise ValueError(
             f"field {field} {problem['msg'][0].lower()}{problem['msg'][1:]}, got {str(problem['input'])[:80]!r}: "
             'tools are OpenAI\'s [{"type": "function", "function": {"name": ..., "description": ..., "parameters": '

@@ -13,6 +13,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -195,6 +196,18 @@ class Tool(StrictRequest):
     function: FunctionDefinition
 
 
+def _distinct_names(tools: list[Tool]) -> list[Tool]:
+    names = [tool.function.name for tool in tools]
+    twice = next((name for position, name in enumerate(names) if name in names[:position]), None)
+    if twice is not None:
+        raise ValueError(f"two tools are named {twice!r}: a call names its function, so each name must be unique")
+    return tools
+
+
+# The tools a request (or an SFT line, seekstack.posttrain.conversations.offered) offers: each named once
+Tools = Annotated[list[Tool], AfterValidator(_distinct_names)]
+
+
 class NamedFunction(StrictRequest):
     name: str
 
@@ -279,7 +292,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: Annotated[bool, OrDefault] = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Tool] | None = None  # the functions the model may call, listed in its prompt (but with "none")
+    tools: Tools | None = None  # the functions the model may call, listed in its prompt (but with "none")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: "auto" with tools
     parallel_tool_calls: Annotated[bool, OrDefault] = True  # false: one call (forced: the grammar's; "auto": the first)
     # OpenAI's fields that would change the reply and that this server cannot honour: declared to be refused when
@@ -297,15 +310,6 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool | None = None  # false accepted
     echo: bool | None = None  # false accepted
     add_special_tokens: bool | None = None  # false accepted: the chat template holds the special tokens
-
-    @field_validator("tools")
-    @classmethod
-    def _distinct_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
-        names = [tool.function.name for tool in tools or []]
-        twice = next((name for position, name in enumerate(names) if name in names[:position]), None)
-        if twice is not None:
-            raise ValueError(f"two tools are named {twice!r}: a call names its function, so each name must be unique")
-        return tools
 
     @field_validator("tool_choice")
     @classmethod

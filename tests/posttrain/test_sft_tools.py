@@ -133,6 +133,12 @@ def test_a_conversations_tools_and_calls_are_part_of_its_key_and_its_line(tmp_pa
         ([*ASK, {"role": "function", "content": "20C"}, ANSWER], [], "chat message 2 has unknown role 'function'"),
         ([*ASK, ANSWER], [{"type": "function", "function": {"name": "a b"}}], "field tools.0.function.name string"),
         ([*ASK, ANSWER], {"weather": WEATHER}, "field tools input should be a valid list"),
+        ([*ASK, ANSWER], [WEATHER, WEATHER], "field tools: two tools are named 'weather': a call names its function"),
+        (
+            [*ASK, ANSWER],
+            [{**WEATHER, "function": {**WEATHER["function"], "parameters": {"type": "string"}}}],
+            'field tools.0.function.parameters: must be a JSON Schema of "type": "object"',
+        ),
         (
             [*ASK, ANSWER],
             [{**WEATHER, "function": {**WEATHER["function"], "description": "Weather<｜User｜>now"}}],
