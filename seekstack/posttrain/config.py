@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from seekstack.tokenizer import Tokenizer
 
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
+PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request: rl's default, traces', pass-at-k's
 
 
 @dataclass
@@ -127,6 +128,11 @@ class GRPOConfig(TrainConfig):
     task: str = "addition"
     difficulty: Positive | None = None
     num_generations: Positive = 8  # G, completions per prompt (at least 2: advantages compare a group's rewards)
+    # Tokens a rollout leaves each prompt (TRL's name): the engine's cache holds it and max_completion_length per
+    # request, within the model's context. A longer prompt is refused, naming its length, not cut from the left as
+    # TRL 0.x's GRPOTrainer and its 1.16 experimental trainers do (at 512): the cut would drop the start of the
+    # question the verifier scores (TRL 1.16's GRPOTrainer cuts none and has no such field).
+    max_prompt_length: Positive = PROMPT_TOKENS
     max_completion_length: Positive = 64
     temperature: PositiveFloat = 1.0
     # Rollouts sample among the likeliest tokens whose probability reaches top_p (1 = all) and among the top_k

@@ -31,7 +31,6 @@ from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.grpo import group_advantages, policy_loss, reward_std
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import (
-    PROMPT_TOKENS,
     Rollout,
     completion_logps,
     require_completion_room,
@@ -44,7 +43,7 @@ from seekstack.posttrain.tasks import make_task, sample_problems
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
-PROMPT_SAMPLE = 256  # training problems whose prompts are measured against PROMPT_TOKENS before the run starts
+PROMPT_SAMPLE = 256  # training problems whose prompts are measured against max_prompt_length before the run starts
 # What a generation batch is made under: the distribution its completions and log-probabilities are of, its groups,
 # the completions' cap, and the rewards and their normalisation that give its advantages.
 BATCH_SETTINGS = ("temperature", "num_generations", "max_completion_length", "format_weight", "scale_rewards")
@@ -63,7 +62,8 @@ class GRPOSource:
         self.tokenizer_info = tokenizer_info(self.tokenizer)
         self.task = make_task(config.task, config.difficulty)
         sample = sample_problems(self.task, PROMPT_SAMPLE, "train", config.seed)
-        require_prompt_room(self.task, [self.tokenizer.encode_chat(prompt_messages(p)) for p in sample])
+        prompts = [self.tokenizer.encode_chat(prompt_messages(p)) for p in sample]
+        require_prompt_room(self.task, prompts, config.max_prompt_length)
         self.weights = RewardWeights(correctness=1.0, format=config.format_weight)
         self.generation = 0  # generation batches sampled so far
         self.iteration = 0  # optimizer steps taken on the current batch
@@ -82,12 +82,18 @@ class GRPOSource:
         rows = self.config.batch_size * self.config.num_generations
         context = model.config.max_position_embeddings
         model_name = self.config.init_from or f"model={self.config.model}"
-        require_completion_room(context, model_name, self.config.max_completion_length, "max_completion_length")
+        require_completion_room(
+            context,
+            model_name,
+            self.config.max_completion_length,
+            "max_completion_length",
+            self.config.max_prompt_length,
+        )
         self.engine = Engine(
             self.sampler,
             self.tokenizer,
             max_batch_size=rows,
-            max_model_len=PROMPT_TOKENS + self.config.max_completion_length,
+            max_model_len=self.config.max_prompt_length + self.config.max_completion_length,
             compile=self.config.compile_decode,
             eager_lone_row=True,  # a rollout's longest completion alone at its end: no second graph to compile
         )
@@ -159,6 +165,7 @@ class GRPOSource:
                 weights=self.weights,
                 top_p=config.top_p,
                 top_k=config.top_k,
+                max_prompt_length=config.max_prompt_length,
             )
         if auto:
             self.train_threads = threads_beside(idle.idle(), self.most_threads)

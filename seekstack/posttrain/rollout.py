@@ -23,6 +23,7 @@ from seekstack.infer import Engine, SamplingParams
 from seekstack.model.attention import SharedPrefixCache
 from seekstack.model.head_loss import linear_token_logprobs
 from seekstack.model.transformer import ModelOutput
+from seekstack.posttrain.config import PROMPT_TOKENS
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.padding import pad_rows, within_lengths
 from seekstack.posttrain.rewards import RewardWeights, reward_terms, total_reward
@@ -58,36 +59,51 @@ class Rollout:
         return self.input_ids.gather(1, last[:, None]).squeeze(1) == eos_id
 
 
-PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request (rl, traces, pass-at-k)
+FIXED_ROOM = "PROMPT_TOKENS in seekstack/posttrain/config.py"
 
 
-def require_completion_room(context: int, model: str, completion_tokens: int, name: str) -> None:
-    """Refuse `completion_tokens` (the field or option `name`) when they do not fit after a prompt's room
-    (PROMPT_TOKENS) in a model of `context` positions: a ConfigError naming `name` and the most that fit, or a
-    ValueError naming `model` when that room alone fills its context."""
-    if context <= PROMPT_TOKENS:
-        raise ValueError(
+def require_completion_room(
+    context: int, model: str, completion_tokens: int, name: str, max_prompt_length: int | None = None
+) -> None:
+    """Refuse `completion_tokens` (the field or option `name`) when they do not fit after a prompt's room (rl's
+    `max_prompt_length`, else PROMPT_TOKENS) in a model of `context` positions: a ConfigError naming `name` and the
+    most that fit; when that room alone fills the context, a ConfigError naming max_prompt_length, or a ValueError
+    naming `model` for the fixed room."""
+    room_name = FIXED_ROOM if max_prompt_length is None else "max_prompt_length"
+    prompt_room = PROMPT_TOKENS if max_prompt_length is None else max_prompt_length
+    if context <= prompt_room:
+        problem = (
             f"{model}: its context of {context} tokens (max_position_embeddings) leaves no room for a completion "
-            f"after a task prompt's room of {PROMPT_TOKENS} tokens (PROMPT_TOKENS in seekstack/posttrain/rollout.py); "
-            f"use a model of a context above {PROMPT_TOKENS}"
+            f"after a task prompt's room of {prompt_room} tokens ({room_name})"
         )
-    room = context - PROMPT_TOKENS
+        if max_prompt_length is not None:
+            raise ConfigError(f"is {max_prompt_length}: {problem}; at most {context - 1}", field="max_prompt_length")
+        raise ValueError(f"{problem}; use a model of a context above {PROMPT_TOKENS}")
+    room = context - prompt_room
     if completion_tokens > room:
         raise ConfigError(
-            f"is {completion_tokens}: it and a task prompt's room of {PROMPT_TOKENS} tokens pass the model's ({model}) "
-            f"context of {context} tokens; at most {room}",
+            f"is {completion_tokens}: it and a task prompt's room of {prompt_room} tokens ({room_name}) pass the "
+            f"model's ({model}) context of {context} tokens; at most {room}",
             field=name,
         )
 
 
-def require_prompt_room(task: Task, prompts: list[list[int]]) -> None:
-    """A ConfigError naming `difficulty` unless every prompt (token ids) fits the PROMPT_TOKENS a rollout leaves it."""
+def require_prompt_room(task: Task, prompts: list[list[int]], max_prompt_length: int | None = None) -> None:
+    """Refuse prompts (token ids) longer than a rollout's room: rl's `max_prompt_length` (a ConfigError naming it and
+    the longest prompt's length), else the sampling commands' PROMPT_TOKENS (one naming `difficulty`). A prompt is
+    never cut: its left cut (TRL's old truncation) would drop the start of the question its reward verifies."""
     longest = max(map(len, prompts))
-    if longest > PROMPT_TOKENS:
+    if max_prompt_length is not None and longest > max_prompt_length:
+        raise ConfigError(
+            f"is {max_prompt_length}: {task.name} prompts (difficulty {task.difficulty}) take up to {longest} tokens; "
+            f"give max_prompt_length={longest} or more (it and max_completion_length within the model's context)",
+            field="max_prompt_length",
+        )
+    if longest > PROMPT_TOKENS and max_prompt_length is None:
         raise ConfigError(
             f"is {task.difficulty}: {task.name} prompts of that difficulty take up to {longest} "
-            f"tokens, more than a rollout's prompt room of {PROMPT_TOKENS} (PROMPT_TOKENS in seekstack/posttrain/"
-            "rollout.py; the completion's room is apart from it); lower difficulty",
+            f"tokens, more than a rollout's prompt room of {PROMPT_TOKENS} ({FIXED_ROOM}; the completion's room is "
+            "apart from it); lower difficulty",
             field="difficulty",
         )
 
@@ -103,13 +119,15 @@ def sample_groups(
     weights: RewardWeights,
     top_p: float = 1.0,
     top_k: int = 0,
+    max_prompt_length: int | None = None,
 ) -> Rollout:
     """G completions of each problem's prompt, sampled together by the engine (at `temperature`, `top_p` and
-    `top_k`), scored by the task's verifier."""
+    `top_k`), scored by the task's verifier; prompts past rl's `max_prompt_length` (None: PROMPT_TOKENS) are
+    refused (require_prompt_room)."""
     started = time.perf_counter()
     tokenizer = engine.tokenizer
     distinct = [tokenizer.encode_chat(prompt_messages(p)) for p in problems]
-    require_prompt_room(task, distinct)
+    require_prompt_room(task, distinct, max_prompt_length)
     prompts = [prompt for prompt in distinct for _ in range(group_size)]  # the engine prefills a group's G once
     params = [
         SamplingParams(

@@ -111,10 +111,66 @@ def test_a_difficulty_whose_prompts_pass_the_prompt_room_is_refused_before_anyth
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output  # was: the engine's "prompt has 196 tokens, more than max_model_len"
     assert result.output.startswith(
-        "error: field 'difficulty' is 60: addition prompts of that difficulty take up to 198 tokens, more than a "
-        "rollout's prompt room of 192 (PROMPT_TOKENS in seekstack/posttrain/rollout.py; the completion's room "
+        "error: field 'max_prompt_length' is 192: addition prompts (difficulty 60) take up to 198 tokens; give "
+        "max_prompt_length=198 or more (it and max_completion_length within the model's context)"
     ), result.output
     assert not run.exists()
+
+
+LONG_QUESTION_TASK = """
+from seekstack.posttrain.tasks import Problem
+
+
+class LongEcho:
+    name = "long_echo"
+    difficulty = 1
+
+    def generate(self, rng):
+        number = str(rng.randrange(10**6))
+        return Problem(number, "Read the following carefully. " * 10 + f"Repeat {number}.", number, number)
+
+    def verify(self, problem, answer):
+        return answer.strip() == problem.answer
+"""
+
+
+def test_a_custom_task_whose_prompts_pass_192_tokens_trains_at_a_max_prompt_length_that_holds_them(tmp_path):
+    """Its prompts take ~350 tokens: the fixed room of 192 refused them for good, telling to lower a difficulty the
+    task does not have; max_prompt_length (TRL's name) sizes the room, and the rollouts sample those prompts whole."""
+    (tmp_path / "long_task.py").write_text(LONG_QUESTION_TASK)
+    model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions
+    run = tmp_path / "run"
+    task = f"task={tmp_path / 'long_task.py'}:LongEcho"
+    args = ["rl", f"init_from={model_dir}", *RUN, task, "max_steps=1", f"out_dir={run}"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1 and not run.exists()
+    assert re.match(
+        r"error: field 'max_prompt_length' is 192: long_echo prompts \(difficulty 1\) take up to 3\d\d "
+        r"tokens; give max_prompt_length=3\d\d or more",
+        refused.output,
+    ), refused.output
+    config = resolve_train_config(None, args[1:] + ["max_prompt_length=400"], cls=GRPOConfig)
+    source = GRPOSource(config)
+    source.attach(load_pretrained(model_dir, dtype=torch.float32))
+    assert source.engine.max_model_len == 412
+    rollout = source.batch(2, 0.0)["rollout"]
+    assert rollout.prompt_lengths.min() > 300  # sampled whole, not cut to 192
+    assert torch.isfinite(source.loss(source.model, source.current, 0.0)[0].loss)
+
+
+def test_a_prompt_room_that_leaves_the_context_no_completion_is_refused_naming_max_prompt_length(tmp_path):
+    model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions
+    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=512"], cls=GRPOConfig)
+    with pytest.raises(
+        ConfigError, match="field 'max_prompt_length' is 512: .* its context of 512 tokens .*; at most 511"
+    ):
+        GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
+    config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=505"], cls=GRPOConfig)
+    match = (
+        r"'max_completion_length' is 12: it and a task prompt's room of 505 tokens \(max_prompt_length\) .*; at most 7"
+    )
+    with pytest.raises(ConfigError, match=match):
+        GRPOSource(config).attach(load_pretrained(model_dir, dtype=torch.float32))
 
 
 @pytest.mark.parametrize(
