@@ -5,6 +5,7 @@ temporary name in the same folder, are flushed to disk, and are renamed over the
   write_atomic(path, data)      one file
   staged_files(folder)          several files that appear together once all are complete (a corpus, token shards)
   atomic_directory(path)        a folder (a checkpoint), swapped in whole; the old one is deleted only afterwards
+  delete_directory(path)        a folder (an old checkpoint) gone whole at once: moved to a hidden name, then deleted
   refuse_to_replace(path, ...)  before one: a folder holding other files (a user's, a training state) is kept
   refuse_a_file_in_the_way(folder, writes)  before staged files: a file where their folder would be, named first
   entries_besides(path, makes)  what a folder holds besides the files a command writes, listed for a message
@@ -176,6 +177,20 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             else:
                 os.replace(staging, path)
             _fsync(path.parent)
+
+
+def delete_directory(path: str | os.PathLike) -> None:
+    """Delete folder `path` so that no reader ever sees a part of it: it is held locked and renamed, in one step, to a
+    hidden temporary of its name, and only then deleted. A kill during the deletion leaves that temporary, with the
+    lock dropped, for `clear_killed_writes` (and the next write into the folder) to delete."""
+    path = Path(path)
+    lock = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+    try:
+        _lock(lock, blocking=True)
+        hidden = _create_hidden(path.parent, path.name, lambda hidden: os.rename(path, hidden))
+        shutil.rmtree(hidden)
+    finally:
+        os.close(lock)
 
 
 def refuse_a_file_in_the_way(folder: str | os.PathLike, writes: str) -> None:

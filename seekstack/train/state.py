@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from seekstack.atomic import atomic_directory, clear_killed_writes, refusals_named, refuse_to_replace
+from seekstack.atomic import (
+    atomic_directory,
+    clear_killed_writes,
+    delete_directory,
+    refusals_named,
+    refuse_to_replace,
+)
 from seekstack.checkpoint import (
     MODEL_FOLDER_FILES,
     CheckpointError,
@@ -151,9 +157,11 @@ def rank_compression_file(rank: int) -> str:
 
 
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, and what saves killed outright left of any step's."""
+    """Delete all but the newest `keep` checkpoints, each gone whole at once (`delete_directory`: a kill during the
+    deletion leaves no step_N with some files gone for a resume or export to pick), and what saves and deletions
+    killed outright left of any step's."""
     for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
+        delete_directory(old)
     clear_killed_writes(checkpoint_dir(out_dir), STEP_DIR.pattern)
 
 

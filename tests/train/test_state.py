@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -13,7 +14,15 @@ import torch.cuda.random
 from seekstack.checkpoint import CheckpointError
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import Tokenizer, train_tokenizer
-from seekstack.train.state import export_checkpoint, read_train_state, rng_state, save_checkpoint, set_rng_state
+from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints
+from seekstack.train.state import (
+    export_checkpoint,
+    prune_checkpoints,
+    read_train_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from tests.conftest import micro_config
 
 
@@ -62,6 +71,33 @@ def test_export_gives_an_older_checkpoints_tokenizer_config_the_models_context(t
     config = json.loads((exported / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == model.config.max_position_embeddings == 256
     assert config["eos_token"] == json.loads((old / "tokenizer_config.json").read_text())["eos_token"]
+
+
+def test_a_retention_killed_while_deleting_a_checkpoint_leaves_no_step_folder_with_part_of_its_files(
+    tmp_path, monkeypatch
+):
+    """keep_checkpoints deleted an old step_N in place: killed partway it left step_1 with config.json and
+    train_state.pt but no model.safetensors, listed as a complete checkpoint (the one --resume, export and eval pick
+    once the newer one is moved away), failing with 'no model.safetensors'; now the folder leaves the checkpoint names
+    in one rename before its files go, and what a killed deletion left is deleted by the next prune."""
+    model = Transformer(micro_config())
+    for step in (1, 2):
+        save_checkpoint(tmp_path, model, {"step": step}, keep=2)
+
+    def killed_after_one_file(path, *args, **kwargs):
+        os.unlink(next(entry for entry in os.scandir(path) if entry.name != TRAIN_STATE_FILE))
+        raise KeyboardInterrupt  # the process is killed partway through the deletion
+
+    with monkeypatch.context() as patched:
+        patched.setattr(shutil, "rmtree", killed_after_one_file)
+        with pytest.raises(KeyboardInterrupt):
+            prune_checkpoints(tmp_path, keep=1)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2"]
+    (tmp_path / "checkpoints" / "step_2").rename(tmp_path / "moved_away")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        latest_checkpoint(tmp_path)  # no step_1 with part of its files to pick
+    prune_checkpoints(tmp_path, keep=1)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 class _OpensAFileWhenLoaded:
