@@ -32,6 +32,7 @@ from seekstack.atomic import (
 from seekstack.checkpoint import (
     MODEL_FOLDER_FILES,
     CheckpointError,
+    CheckpointReader,
     check_safetensors,
     load_pretrained,
     read_config,
@@ -258,6 +259,8 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     out = Path(out)
     # the model's files alone: not train_state.pt, a post-training run's own state (distill_state.pt), eval/
     files = [e for e in source.iterdir() if e.is_file() and any(fnmatch(e.name, p) for p in MODEL_FOLDER_FILES)]
+    with CheckpointReader(source, None):  # weights missing (no model.safetensors, or a shard its index names)
+        pass
     for weights in (e for e in files if e.suffix == ".safetensors"):
         check_safetensors(weights)  # a damaged checkpoint is refused here, not when the export is loaded
     with atomic_directory(out) as staging:

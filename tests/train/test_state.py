@@ -100,6 +100,16 @@ def test_a_retention_killed_while_deleting_a_checkpoint_leaves_no_step_folder_wi
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
+def test_export_refuses_a_checkpoint_whose_weights_are_missing(tmp_path):
+    """A checkpoint without model.safetensors (deleted, or a copy cut short) exported as a folder holding config.json
+    alone, with no error: a model no loader reads."""
+    checkpoint = save_checkpoint(tmp_path / "run", Transformer(micro_config()), {"step": 1}, keep=1)
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"step_1: no model\.safetensors or .*the weights are missing"):
+        export_checkpoint(tmp_path / "run", tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
 class _OpensAFileWhenLoaded:
     def __init__(self, path):
         self.path = path
