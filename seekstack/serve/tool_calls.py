@@ -141,12 +141,14 @@ def message_with_calls(
 ) -> tuple[AssistantMessage, str | None]:
     """A whole reply's `message` with the calls in its content parsed out by a fresh `parser` (`ToolCallParser()` when
     none): its content null when the reply is calls alone, and its `finish_reason` "tool_calls" where it made calls and
-    ended on its own. A call cut short (by max_tokens) is left out, as vLLM's parser leaves it."""
+    ended on its own. A call cut short (by max_tokens) is left out, as vLLM's parser leaves it; a reply that began calls
+    and wrote no text has its content null all the same (as OpenAI's, and vLLM's deepseek_v3 parser's)."""
     parser = parser or ToolCallParser()
     content, _ = parser.push(message.content or "", final=True)
     calls = parser.calls[: parser.complete_calls]
     if not calls:
-        return message.model_copy(update={"content": content}), finish_reason
+        began_calls = parser.part != "content"
+        return message.model_copy(update={"content": (content or None) if began_calls else content}), finish_reason
     called = message.model_copy(update={"content": content or None, "tool_calls": calls})
     return called, "tool_calls" if finish_reason == "stop" else finish_reason
 

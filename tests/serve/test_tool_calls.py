@@ -88,6 +88,23 @@ def test_a_named_tool_choice_returns_a_call_whose_arguments_follow_the_schema_al
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_a_forced_call_cut_by_max_tokens_leaves_the_content_null_also_streamed(engine, tmp_path):
+    """A named tool_choice's call cut by max_tokens is left out; the reply wrote no text, so its content is null, as
+    OpenAI's (was: content "", a text reply of nothing)."""
+    named = {"type": "function", "function": {"name": "move"}}
+
+    async def scenario(api):
+        body = {**GREEDY, "max_tokens": 8, "tools": [STOP, MOVE], "tool_choice": named}
+        whole = await api.chat.completions.create(**body)
+        return whole, [chunk async for chunk in await api.chat.completions.create(**body, stream=True)]
+
+    whole, chunks = with_openai(engine, tmp_path, scenario)
+    assert whole.choices[0].finish_reason == "length" and whole.choices[0].message.tool_calls is None
+    assert whole.choices[0].message.content is None
+    assert not any(chunk.choices[0].delta.content or chunk.choices[0].delta.tool_calls for chunk in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_required_calls_one_of_the_offered_functions_once_without_parallel_calls(engine, tmp_path):
     async def scenario(api):
         return await api.chat.completions.create(**GREEDY, tools=[MOVE, STOP], tool_choice="required",
