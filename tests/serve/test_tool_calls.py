@@ -16,7 +16,7 @@ import pytest
 from seekstack.infer.engine import Engine
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
-from seekstack.serve.schemas import AssistantMessage, ChatCompletionRequest
+from seekstack.serve.schemas import AssistantMessage, ChatCompletionRequest, ChatDelta
 from seekstack.serve.tool_calls import (
     ToolCallParser,
     forced_calls_format,
@@ -300,6 +300,20 @@ def test_a_reply_cut_inside_a_call_keeps_its_content_and_no_call():
     assert (message.content, message.tool_calls, reason) == ("Moving.", None, "length")
     plain, reason = message_with_calls(AssistantMessage(content="no calls <｜tool"), "stop")
     assert (plain.content, plain.tool_calls, reason) == ("no calls <｜tool", None, "stop")
+
+
+def test_a_stop_string_cutting_a_later_call_gives_the_calls_before_it_and_tool_calls_whole_and_streamed():
+    """As vLLM's deepseek_v3 parser reports it: the calls that ended are the reply's ("tool_calls"), the cut one is
+    left out; a cut first call leaves no call to make, so "stop" (where vLLM says "tool_calls" with none)."""
+    later = REPLY[: REPLY.index('{}')]
+    message, reason = message_with_calls(AssistantMessage(content=later), "stop")
+    assert [call.function.name for call in message.tool_calls] == ["move"] and reason == "tool_calls"
+    parser = ToolCallParser()
+    streamed = [parser.delta(ChatDelta(content=token), None) for token in later] + [parser.delta(ChatDelta(), "stop")]
+    names = [call.function.name for delta, _ in streamed for call in delta.tool_calls or [] if call.function.name]
+    assert names == ["move", "stop"] and streamed[-1][1] == "tool_calls"  # the cut call's head was sent: it stands
+    first, reason = message_with_calls(AssistantMessage(content=REPLY[: REPLY.index('"way"')]), "stop")
+    assert (first.content, first.tool_calls, reason) == ("Moving.", None, "stop")
 
 
 def test_tokenize_counts_the_tools_a_chat_lists_as_the_call_is_billed(engine, tmp_path):
