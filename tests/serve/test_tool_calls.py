@@ -305,7 +305,7 @@ def test_a_reply_cut_inside_a_call_keeps_its_content_and_no_call():
 def test_a_stop_string_cutting_a_later_call_gives_the_calls_before_it_and_tool_calls_whole_and_streamed():
     """As vLLM's deepseek_v3 parser reports it: the calls that ended are the reply's ("tool_calls"), the cut one is
     left out; a cut first call leaves no call to make, so "stop" (where vLLM says "tool_calls" with none)."""
-    later = REPLY[: REPLY.index('{}')]
+    later = REPLY[: REPLY.index("{}")]
     message, reason = message_with_calls(AssistantMessage(content=later), "stop")
     assert [call.function.name for call in message.tool_calls] == ["move"] and reason == "tool_calls"
     parser = ToolCallParser()
