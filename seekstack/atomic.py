@@ -18,7 +18,8 @@ A writer holds an exclusive lock (flock) on its temporary while it writes; the k
 even killed outright (SIGKILL), so the first write of a process into a folder deletes the temporaries there that no
 one holds (`clear_killed_writes`), whatever their target; later writes there do not look again (a folder of 50,000
 files is read once, not once per write). Retired folders (`.NAME.old.*.tmp`, the only copy of a folder replaced by
-`atomic_directory` when a crash came between its two renames) are never deleted. Where the cleanup works: local file
+`atomic_directory` when a crash came between its two renames) are never deleted; once the new folder is in place, the
+retired one is deleted as `delete_directory` deletes a folder. Where the cleanup works: local file
 systems; NFS, where Linux emulates flock with fcntl locks held on the server (so file temporaries are opened
 read-write: an exclusive fcntl lock needs a writable descriptor; a folder cannot be opened so, and there a killed
 save's folder is left to delete by hand). Where flock fails (no lock service), nothing is cleared. Where it is local
@@ -173,7 +174,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                     why = "this user may not move it aside for the new one: a read-only folder? make it writable"
                     raise _not_permitted(path, error, why) from error
                 os.replace(staging, path)
-                shutil.rmtree(retired)
+                delete_directory(retired)  # a kill while deleting leaves a temporary the next cleanup deletes
             else:
                 os.replace(staging, path)
             _fsync(path.parent)

@@ -6,7 +6,9 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from seekstack.atomic import (
+    RETIRED,
     WriteRefused,
     atomic_directory,
     clear_killed_writes,
@@ -361,6 +364,35 @@ def test_a_retired_folder_is_never_cleared_it_may_hold_the_only_copy_of_a_checkp
     (tmp_path / ".step_9.0123abcd.tmp").mkdir()  # a killed save
     write_here(tmp_path / "step_10", "folder")
     assert entries(tmp_path) == [".step_8.old.0123abcd.tmp", "step_10"]
+
+
+def test_a_retired_folder_whose_deletion_was_killed_is_cleared_it_is_no_only_copy(tmp_path, monkeypatch):
+    """Saved over, a folder's old copy is deleted once the new one is in place; a kill during that deletion left
+    `.step_1.old.*.tmp` holding part of the old copy, never cleared (a retired folder may be the only copy). It now
+    leaves a killed write's temporary, which the next cleanup deletes."""
+
+    def save(contents: str) -> None:
+        with atomic_directory(tmp_path / "step_1") as staging:
+            (staging / "model.safetensors").write_text(contents)
+            (staging / "train_state.pt").write_text(contents)
+
+    save("old")
+    rmtree = shutil.rmtree
+
+    def killed_deleting_the_old_copy(path, *args, **kwargs):
+        old_files = list(Path(path).rglob("model.safetensors"))
+        if not any(file.read_text() == "old" for file in old_files):
+            return rmtree(path, *args, **kwargs)
+        old_files[0].unlink()
+        raise KeyboardInterrupt  # the process is killed partway through the deletion
+
+    monkeypatch.setattr(shutil, "rmtree", killed_deleting_the_old_copy)
+    with pytest.raises(KeyboardInterrupt):
+        save("new")
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert (tmp_path / "step_1" / "model.safetensors").read_text() == "new"
+    clear_killed_writes(tmp_path, rf".+(?<!{re.escape(RETIRED)})")  # the next process's first write into the folder
+    assert entries(tmp_path) == ["step_1"]
 
 
 def test_writes_into_a_folder_read_it_once_not_once_per_file(tmp_path, monkeypatch):
