@@ -3,6 +3,7 @@ import random
 import re
 import sys
 import time
+from fractions import Fraction
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +14,7 @@ from seekstack.distill.config import DistillConfig
 from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.rewards import RewardWeights, extract_answer, r1_completion, reward_terms, total_reward
 from seekstack.posttrain.tasks import TASKS, Problem, make_task, sample_problems, split_of
+from seekstack.posttrain.tasks.answers import read_number
 from seekstack.posttrain.tasks.countdown import evaluate_expression
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
@@ -102,12 +104,85 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
     assert evaluate_expression(text) is None
 
 
-@pytest.mark.parametrize("answer", ["\u0664\u0662", "\uff14\uff12", "+42", "42.", "\u221242"])
-def test_arithmetic_answers_are_plain_ascii_integers(answer):
-    problem = Problem("40+2", "What is 40 + 2?", "42", "", {"value": 42})
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "\\boxed{1,042}",
+        "The sum is \\boxed{1042}.",
+        "\\boxed{1041} no: \\boxed{1042}",  # the last box
+        "\\boxed{\\left(1042\\right)}",
+        "$1042$",
+        "\\(1{,}042\\)",
+        "<answer>1042</answer>",
+        "1042.",
+        "1042.0",
+        "+1042",
+        "x = 1042",
+        "\\frac{2084}{2}",
+        "2084/2",
+        "$1042",
+        "1042%",
+    ],
+)
+def test_arithmetic_answers_are_read_as_math_verify_reads_a_number(answer):
+    """Only a plain ASCII integer verified: \\boxed{1042}, 1042.0 or 1,042, which math-verify (TRL's accuracy_reward)
+    accepts, scored 0."""
+    problem = Problem("1000+42", "What is 1000 + 42?", "1042", "", {"value": 1042})
+    assert make_task("addition", 4).verify(problem, answer)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "\u0661\u0660\u0664\u0662",  # other scripts' digits: not a number math-verify reads either
+        "\uff11\uff10\uff14\uff12",
+        "1,04,2",  # thousands of three only
+        "10,42",
+        "1042.5",
+        "the answer is 1042",  # prose: a box, or the number alone
+        "1041 or 1042",
+        "\\boxed{1042} no: \\boxed{1041}",
+        "\\boxed{1042",
+        "1042 apples",
+        "- 1042",
+        "1_042",
+        "1042/0",
+    ],
+)
+def test_arithmetic_answers_math_verify_would_not_read_as_the_number_are_wrong(answer):
+    problem = Problem("1000+42", "What is 1000 + 42?", "1042", "", {"value": 1042})
+    assert not make_task("addition", 4).verify(problem, answer)
+
+
+@pytest.mark.parametrize("answer", ["-3", "\u22123", "\\boxed{-3}", "-3.0", "\\frac{-6}{2}", "-\\dfrac{6}{2}"])
+def test_a_negative_answer_takes_the_ascii_or_the_unicode_minus_sign(answer):
+    assert read_number(answer) == -3
+
+
+@pytest.mark.parametrize(
+    "answer", ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4"]
+)
+def test_a_fraction_a_ratio_and_a_decimal_of_one_value_read_alike(answer):
+    assert read_number(answer) == Fraction(1, 2)
+
+
+def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
     task = make_task("addition", 2)
-    assert task.verify(problem, " 42 ")
-    assert not task.verify(problem, answer)
+    problem = Problem("40+2", "What is 40 + 2?", "42", "", {"value": 42})
+    completion = "<think> so \\boxed{41}? no, 0+2=2 </think> \\boxed{42}"
+    assert reward_terms(task, problem, completion, ended=True) == {"correctness": 1.0, "format": 1.0}
+    wrong = "<think> so \\boxed{42}? no </think> \\boxed{41}"
+    assert reward_terms(task, problem, wrong, ended=True) == {"correctness": 0.0, "format": 1.0}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["\\boxed{" * 50_000, "{" * 100_000, "1," * 50_000, "<answer>" * 20_000, "x=" * 50_000, "1{,}000" * 20_000 + "."],
+)
+def test_an_adversarial_answer_is_read_in_linear_time(answer):
+    started = time.perf_counter()
+    assert read_number(answer) is None
+    assert time.perf_counter() - started < 1
 
 
 def test_an_answer_longer_than_int_reads_is_wrong_not_an_error():

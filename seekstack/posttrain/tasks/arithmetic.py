@@ -1,29 +1,14 @@
 """Addition and subtraction with carries, multiplication of small numbers: generators with digit-by-digit traces
-and exact integer verifiers. `difficulty` is the number of digits of each operand."""
+and verifiers that read the answer as math-verify reads a number (answers.read_number: `\\boxed{57}`, `57.0`,
+`1,057`). `difficulty` is the number of digits of each operand."""
 
 from __future__ import annotations
 
 import random
-import re
-import sys
 from dataclasses import dataclass
 
+from seekstack.posttrain.tasks.answers import read_number
 from seekstack.posttrain.tasks.base import Problem
-
-INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits only, as the answers are written: no other script's, no "+"
-
-
-def parse_integer(answer: str) -> int | None:
-    """The answer as an integer when it is exactly one (surrounding spaces allowed) that `int` reads, else None."""
-    text = answer.strip()
-    return int(text) if INTEGER.fullmatch(text) and _within_int_digit_limit(text.lstrip("-")) else None
-
-
-def _within_int_digit_limit(digits: str) -> bool:
-    """Whether `int` reads this many digits (sys.get_int_max_str_digits, 0 = no limit; a problem's answer, written
-    by `str`, is under the same limit): a longer answer is a wrong one, not a ValueError in the middle of a run."""
-    limit = sys.get_int_max_str_digits()
-    return limit == 0 or len(digits) <= limit
 
 
 def _operand(rng: random.Random, digits: int) -> int:
@@ -48,7 +33,7 @@ class Addition:
         return Problem(f"{a}+{b}", f"What is {a} + {b}?", str(a + b), ", ".join(steps), {"value": a + b})
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return parse_integer(answer) == problem.data["value"]
+        return read_number(answer) == problem.data["value"]
 
 
 @dataclass
@@ -69,7 +54,7 @@ class Subtraction:
         return Problem(f"{a}-{b}", f"What is {a} - {b}?", str(a - b), ", ".join(steps), {"value": a - b})
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return parse_integer(answer) == problem.data["value"]
+        return read_number(answer) == problem.data["value"]
 
 
 @dataclass
@@ -90,4 +75,4 @@ class Multiplication:
         return Problem(f"{a}*{b}", f"What is {a} * {b}?", str(a * b), ", ".join(steps), {"value": a * b})
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return parse_integer(answer) == problem.data["value"]
+        return read_number(answer) == problem.data["value"]

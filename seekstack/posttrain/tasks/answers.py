@@ -1,0 +1,87 @@
+"""Reading a final answer as math-verify (TRL's accuracy_reward, verl's math rewards) reads one: the last
+`\\boxed{...}` wherever it stands in the answer, else the answer whole, inside `<answer>` tags or `$...$` maybe; then
+one number, exactly, as a Fraction (`\\frac{1}{2}`, `1/2` and `0.5` alike; `57.0` is 57).
+
+Where it is stricter than math-verify: prose with no box around its number is no answer (math-verify takes the last
+number of "56 or 57"), nor are units (`57 apples`); of several boxes the last is the answer (math-verify reads them all
+as one set, wrong against one number). Where it is laxer: `−3` (U+2212, the minus sign) is -3 (math-verify reads
+nothing), and a leading `+` is read outside a box too. Every pattern here matches in time linear in the answer's length.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+BOXED = re.compile(r"\\boxed\s*\{")
+MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+SIZING = re.compile(r"\\left|\\right")  # LaTeX's sizing of parentheses, nothing to the value
+VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
+# ASCII digits, in thousands of three by "," or "{,}" maybe ("1,000", not "1,00"); a decimal part maybe.
+UNSIGNED = r"(?:[0-9]{1,3}(?:(?:,|\{,\})[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
+NUMBER = re.compile(
+    rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:\\[dt]?frac(?:\{{(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\}}|(?P<top_digit>[0-9]))"
+    rf"(?:\{{(?P<bottom>{UNSIGNED})\}}|(?P<bottom_digit>[0-9]))"
+    rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED}))?)(?:\\?%)?"
+)
+
+
+def final_answer(answer: str) -> str | None:
+    """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested), else of the last
+    `<answer>...</answer>`, else `answer`; outside math delimiters (`$57$`) and a closing period. None when the last
+    box is never closed."""
+    boxes = list(BOXED.finditer(answer))
+    if boxes:
+        return _braced(answer, boxes[-1].end())
+    text = _tagged(answer).strip().removesuffix(".").strip()
+    for opening, closing in MATH_DELIMITERS:
+        if len(text) > len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
+            return text[len(opening) : -len(closing)].strip().removesuffix(".").strip()
+    return text
+
+
+def _tagged(answer: str) -> str:
+    """The text inside the last `<answer>...</answer>`, else `answer`."""
+    closing = answer.rfind("</answer>")
+    opening = answer.rfind("<answer>", 0, max(closing, 0))
+    return answer[opening + len("<answer>") : closing] if opening >= 0 else answer
+
+
+def _braced(text: str, start: int) -> str | None:
+    """The text from `start` to the brace closing the one just before it, or None when none does."""
+    depth = 1
+    for index in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[start:index].strip()
+    return None
+
+
+def read_number(answer: str) -> Fraction | None:
+    """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
+    thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,` or `{,}`, a decimal part, `a/b` and
+    `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`); around it `x = `, `$` or `\\$` before, `%` or `\\%` after
+    (dropped: "5%" is 5, as math-verify compares a percentage), `\\left(...\\right)` or `(...)`. A number with
+    more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not an error."""
+    text = final_answer(answer)
+    if text is None:
+        return None
+    text = SIZING.sub("", text)
+    named = VARIABLE.match(text)
+    text = text[named.end() if named else 0 :].strip()
+    match = NUMBER.fullmatch(text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text)
+    if match is None:
+        return None
+    top = match["numerator"] or match["top"] or match["top_digit"]
+    bottom = match["denominator"] or match["bottom"] or match["bottom_digit"] or "1"
+    try:
+        value = _fraction(top) / _fraction(bottom)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return -value if match["sign"] in ("-", "\u2212") else value
+
+
+def _fraction(number: str) -> Fraction:
+    """An UNSIGNED number, perhaps signed, as a Fraction (thousands separators dropped)."""
+    plain = number.replace("{,}", "").replace(",", "").replace("\u2212", "-")
+    return Fraction(plain + "0" if plain.endswith(".") else plain)
