@@ -16,9 +16,10 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from seekstack.chat_template import read_chat_template
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.tokenizer import CONFIG_FILE, Tokenizer
+from seekstack.tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, Tokenizer
 from seekstack.train.config import CONFIG_FILE as RUN_CONFIG_FILE
 from seekstack.train.runs import TRAIN_STATE_FILE
 
@@ -262,20 +263,21 @@ def base_model_reason(
     """Why the checkpoint (with `adapter`, a LoRA adapter folder merged in) looks like a base model with no chat
     training, or None when nothing says so; an adapter trained on chat conversations makes it a chat model.
 
-    The signs: the tokenizer_config.json beside the tokenizer has no `chat_template` (how Hugging Face marks a
-    model meant for chat); the folder is a checkpoint of a seekstack run that trained on no conversations (it holds
-    train_state.pt, and its run names no data or task: pretraining, distillation on token shards); its name ends in
-    "base", as DeepSeek names its base releases (DeepSeek-V3-Base). A heuristic for a notice: a base model that
-    ships a chat template under another name passes for a chat model."""
+    The signs: the tokenizer has no chat template (how Hugging Face marks a model meant for chat), neither a
+    `chat_template` in the tokenizer_config.json beside it nor a chat_template.jinja (transformers 5's save); the
+    folder is a checkpoint of a seekstack run that trained on no conversations (it holds train_state.pt, and its run
+    names no data or task: pretraining, distillation on token shards); its name ends in "base", as DeepSeek names its
+    base releases (DeepSeek-V3-Base). A heuristic for a notice: a base model that ships a chat template under another
+    name passes for a chat model."""
     if adapter is not None and _trained_on_chat(Path(adapter)):
         return None
     model_dir, config_path = Path(model_dir), Path(tokenizer_dir) / CONFIG_FILE
     try:
-        tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
+        template = read_chat_template(config_path, Path(tokenizer_dir) / CHAT_TEMPLATE_FILE)
     except (OSError, ValueError):
-        tokenizer_config = {}
-    if not isinstance(tokenizer_config, dict) or not tokenizer_config.get("chat_template"):
-        return f"{config_path} has no chat_template"
+        template = None
+    if template is None or not template.text:
+        return f"{config_path} has no chat_template and no {CHAT_TEMPLATE_FILE} is beside it"
     if (model_dir / TRAIN_STATE_FILE).is_file() and not _trained_on_conversations(model_dir):
         return (
             f"{model_dir} is a checkpoint of a run that trained on no conversations (its {TRAIN_STATE_FILE}; no data "

@@ -816,7 +816,9 @@ def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(check
     assert base_model_reason(checkpoint, checkpoint) is None  # its tokenizer_config.json has a chat template
     bare = tmp_path / "bare"
     bare.mkdir()
-    assert base_model_reason(bare, bare) == f"{bare / 'tokenizer_config.json'} has no chat_template"
+    assert base_model_reason(bare, bare) == (
+        f"{bare / 'tokenizer_config.json'} has no chat_template and no chat_template.jinja is beside it"
+    )
     (bare / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     assert base_model_reason(bare, bare) is None
     run = tmp_path / "run"
@@ -834,6 +836,14 @@ def test_a_checkpoint_with_no_mark_of_chat_training_is_called_a_base_model(check
     assert base_model_reason(step, step) is None  # a student distilled from scratch on a teacher's conversations
     release = shutil.copytree(checkpoint, tmp_path / "DeepSeek-V3-Base")
     assert base_model_reason(release, release) == "its folder is named 'DeepSeek-V3-Base'"
+
+
+def test_a_chat_template_jinja_saved_by_transformers_5_marks_a_chat_model(tmp_path):
+    folder = tmp_path / "saved"
+    folder.mkdir()  # transformers 5's tokenizer.save_pretrained: the template apart, none in tokenizer_config.json
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "TokenizersBackend"}))
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    assert base_model_reason(folder, folder) is None
 
 
 def test_a_base_model_with_an_adapter_trained_on_chat_is_not_called_a_base_model(tmp_path):
