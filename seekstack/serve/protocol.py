@@ -96,7 +96,7 @@ def prompt_ids(request: ChatCompletionRequest | CompletionRequest, tokenizer: To
     tokenizer's special tokens unless `add_special_tokens` is false) or the ids as given for completions; 400 for
     tools a tokenizer without the tool-call tokens cannot offer, for token ids (of a prompt, `logit_bias` or
     `stop_token_ids`) outside the vocabulary, for a prefix that is not the last message, an assistant's, and for a
-    tool result answering no call (`refuse_unanswered_results`)."""
+    tool result answering no call or calls no result answers (`refuse_unanswered_results`)."""
     refuse_outside_vocabulary(request.logit_bias or (), tokenizer, "logit_bias")
     refuse_outside_vocabulary(request.stop_token_ids or (), tokenizer, "stop_token_ids")
     if isinstance(request, ChatCompletionRequest):

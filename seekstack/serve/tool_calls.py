@@ -155,17 +155,32 @@ def message_with_calls(
 
 def refuse_unanswered_results(messages: list[ChatMessage]) -> None:
     """400 naming `messages.N.tool_call_id` for a tool result whose id is none of the calls' of the assistant message
-    it follows (other results between), or that follows no calls: as OpenAI refuses it."""
-    called, asking = [], 0  # the calls the results answer, and the position of the message making them
+    it follows (other results between), or that follows no calls; and naming `messages.N.tool_calls` for calls whose
+    results do not all follow them (another message, or the chat's end, comes first): as OpenAI refuses both."""
+    called, asking, unanswered = [], 0, []  # the calls the results answer, who made them, the ids not yet answered
     for position, message in enumerate(messages):
         if message.role != "tool":
+            _refuse_unanswered_calls(asking, unanswered)
             called, asking = message.tool_calls or [], position
+            unanswered = [call.id for call in called if call.id is not None]
         elif message.tool_call_id not in [call.id for call in called]:
             ids = ", ".join(repr(call.id) for call in called if call.id is not None) or "none given"
             follows = f"the tool_calls of messages.{asking} (ids: {ids})" if called else "no tool call"
             raise APIError(400, f"messages.{position}.tool_call_id {message.tool_call_id!r} answers no call: the tool "
                            f"message follows {follows}; a tool result follows the assistant message making its call",
                            param=f"messages.{position}.tool_call_id")  # fmt: skip
+        else:
+            unanswered = [call_id for call_id in unanswered if call_id != message.tool_call_id]
+    _refuse_unanswered_calls(asking, unanswered)
+
+
+def _refuse_unanswered_calls(asking: int, unanswered: list[str]) -> None:
+    """400 naming `messages.{asking}.tool_calls` when some of its calls (`unanswered`, their ids) have no result."""
+    if unanswered:
+        raise APIError(400, f"messages.{asking}.tool_calls: no tool message answers the calls with ids "
+                       f"{', '.join(map(repr, unanswered))}; an assistant message with tool_calls must be followed by "
+                       "a tool message answering each tool_call_id, as OpenAI requires",
+                       param=f"messages.{asking}.tool_calls")  # fmt: skip
 
 
 def forced_calls_format(

@@ -227,6 +227,9 @@ def replayed_call(arguments: str) -> list[dict]:
          "messages.2.tool_call_id", "'c2' answers no call: the tool message follows the tool_calls of messages.1 "
          "(ids: 'c1')"),
         ({"messages": [*ASK, replayed_call("{}")[2]]}, "messages.1.tool_call_id", "follows no tool call"),
+        # as OpenAI: each call is answered before the next message (was: written into the prompt, answered 200)
+        ({"messages": [*replayed_call("{}")[:2], *ASK]}, "messages.1.tool_calls", "answers the calls with ids 'c1'"),
+        ({"messages": replayed_call("{}")[:2]}, "messages.1.tool_calls", "must be followed by a tool message"),
         # refused before tokenizing, as a long message is (the tools' prompt was tokenized whole first)
         ({"tools": [{"type": "function", "function": {"name": "f", "description": "go " * 400_000}}]}, "tools",
          "1,200,"),
