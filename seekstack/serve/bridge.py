@@ -226,9 +226,7 @@ class AsyncEngine:
                 continue
             generated = self._deliver(outputs, time.perf_counter())
             stats = self.engine.stats()
-            self.metrics.engine_state(
-                stats.running, stats.waiting, stats.cache_usage, stats.spec_drafted, stats.spec_accepted
-            )
+            self.metrics.engine_state(stats)
             self.metrics.adapters_state(len(self.engine.lora.names), stats.running_adapters, stats.waiting_adapters)
             self.metrics.step_tokens(generated, stats.prefill_tokens)
 

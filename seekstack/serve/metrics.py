@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from seekstack.infer.outputs import EngineStats
+
 PREFIX = "seekstack:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -36,6 +38,9 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Tokens proposed by speculative decoding.")
         self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self.preemptions = counter(
+            "num_preemptions", "Running requests sent back to wait, to be recomputed, when the cache ran out of blocks."
+        )
         self.time_to_first_token = histogram("time_to_first_token_seconds", "Arrival to first generated token.")
         self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between generated tokens.")
         self.e2e_latency = histogram("e2e_request_latency_seconds", "Arrival to the last token.")
@@ -60,21 +65,23 @@ class ServerMetrics:
         self._lora_labels: tuple[str, ...] = ()
         self._lora_sample: Gauge | None = None
         self._model_name = model_name
-        self._spec_seen = (0, 0)
+        self._totals_seen = EngineStats(running=0, waiting=0, cache_usage=0.0, prefill_tokens=0, spec_drafted=0,
+                                        spec_accepted=0)  # fmt: skip
         self._prefill_seen = 0
 
     def request_finished(self, reason: str) -> None:
         self._request_success.labels(self._model_name, reason).inc()
 
-    def engine_state(self, running: int, waiting: int, cache_usage: float, spec_drafted: int, spec_accepted: int):
-        """Set the gauges from the engine's stats; speculative totals become counter increments."""
-        self.requests_running.set(running)
-        self.requests_waiting.set(waiting)
-        self.kv_cache_usage.set(cache_usage)
-        drafted, accepted = self._spec_seen
-        self.spec_draft_tokens.inc(max(0, spec_drafted - drafted))
-        self.spec_accepted_tokens.inc(max(0, spec_accepted - accepted))
-        self._spec_seen = (spec_drafted, spec_accepted)
+    def engine_state(self, stats: EngineStats) -> None:
+        """Set the gauges from the engine's stats; its cumulative totals become counter increments."""
+        self.requests_running.set(stats.running)
+        self.requests_waiting.set(stats.waiting)
+        self.kv_cache_usage.set(stats.cache_usage)
+        seen = self._totals_seen
+        self.spec_draft_tokens.inc(max(0, stats.spec_drafted - seen.spec_drafted))
+        self.spec_accepted_tokens.inc(max(0, stats.spec_accepted - seen.spec_accepted))
+        self.preemptions.inc(max(0, stats.preemptions - seen.preemptions))
+        self._totals_seen = stats
 
     def adapters_state(self, loaded: int, running: tuple[str, ...], waiting: tuple[str, ...]) -> None:
         """The adapters in use, from the engine's stats: one sample, replaced when they change."""

@@ -76,3 +76,24 @@ def test_a_prompt_computed_in_a_step_whose_output_an_abort_dropped_is_counted_as
     counted = bridge.metrics.registry.get_sample_value("seekstack:prompt_tokens_total", {"model_name": "micro"})
     assert unstarted == set()  # started: the ledger bills both prompts
     assert counted == 6  # was: 0, /metrics short of the ledger's prompt tokens
+
+
+def test_preemptions_reach_the_metrics_as_vllms_num_preemptions(tmp_path):
+    # 16 usable blocks of 4 tokens: the four prompts fit, but not their 24-token completions beside them
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path), block_size=4, num_blocks=17)
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    long = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    prompts = [[5 + i] * length for i, length in enumerate((9, 14, 5, 11))]
+
+    async def scenario() -> None:
+        group = await bridge.submit(prompts, [long] * 4)
+        async for _ in group:
+            pass
+
+    bridge.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        bridge.stop()
+    preempted = bridge.metrics.registry.get_sample_value("seekstack:num_preemptions_total", {"model_name": "micro"})
+    assert engine.preemptions > 0 and preempted == engine.preemptions
