@@ -79,6 +79,7 @@ _AFTER_SENTENCE_END = re.compile(
     r"|\([^()]*\b\d{4}[a-z]?\)|[\u00b9\u00b2\u00b3\u2070-\u2079]|[\u2600-\u27bf\U0001f000-\U0001faff\ufe0f\u200d]"
     r"|[\u200b\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff])+\Z"
 )
+BULLETS = ("\u2022", "-")  # what a line of a list starts with, as datatrove counts them (not Markdown's `*`)
 SENTENCE_END_TAIL_CHARS = 80  # bounds the regex's work on a long line (a paragraph is one line)
 # Hard-wrapped text (man pages, READMEs, RFCs, e-mail, Project Gutenberg) is filled at 60-100 columns; its fill width
 # is read as the 90th percentile of its non-blank lines' lengths, and text whose width is outside these is not wrapped.
@@ -102,6 +103,8 @@ class KindRules:
     min_words: NonNegative = 30
     max_words: Positive = 200_000
     max_symbol_word_ratio: NonNegativeFloat = 0.5  # Gopher: ('#' + '...') per word, 0.1; code comments need more
+    max_bullet_line_fraction: Fraction | None = None  # Gopher 0.9: share of lines starting with a bullet (a list page)
+    max_ellipsis_line_fraction: Fraction | None = None  # Gopher 0.3: share of lines ending in ... (teasers, cut text)
     max_digit_fraction: Fraction = 0.2  # digits / characters; tables of numbers exceed it
     max_mean_line_chars: PositiveFloat | None = 100.0  # minified code and blobs have long lines
     long_line_chars: Positive = 200
@@ -133,6 +136,8 @@ class ProseRules(KindRules):
 
     min_words: NonNegative = 50
     max_symbol_word_ratio: NonNegativeFloat = 0.1
+    max_bullet_line_fraction: Fraction | None = 0.9
+    max_ellipsis_line_fraction: Fraction | None = 0.3
     max_mean_line_chars: PositiveFloat | None = None
     max_long_line_fraction: Fraction | None = None
     min_alpha_word_fraction: Fraction = 0.8
@@ -395,6 +400,18 @@ def _symbol_word_ratio(stats: TextStats, _: KindRules) -> float:
     return symbols / max(1, stats.word_count)
 
 
+def _bullet_line_fraction(stats: TextStats, _: KindRules) -> float:
+    """Share of the non-blank lines that start with a bullet, `•` or `-` (Gopher)."""
+    bulleted = sum(1 for line in stats.nonblank_lines if line.lstrip().startswith(BULLETS))
+    return bulleted / max(1, len(stats.nonblank_lines))
+
+
+def _ellipsis_line_fraction(stats: TextStats, _: KindRules) -> float:
+    """Share of the non-blank lines that end in an ellipsis, `...` or `…` (Gopher)."""
+    cut = sum(1 for line in stats.nonblank_lines if line.rstrip().endswith(("...", "\u2026")))
+    return cut / max(1, len(stats.nonblank_lines))
+
+
 def _digit_fraction(stats: TextStats, _: KindRules) -> float:
     return len(_DIGIT.findall(stats.text)) / max(1, len(stats.text))
 
@@ -469,6 +486,8 @@ RULES: tuple[Rule, ...] = (
     Rule("min_words", lambda s, r: s.word_count, "min_words", is_max=False),
     Rule("max_words", lambda s, r: s.word_count, "max_words", is_max=True),
     Rule("symbol_word_ratio", _symbol_word_ratio, "max_symbol_word_ratio", is_max=True),
+    Rule("bullet_lines", _bullet_line_fraction, "max_bullet_line_fraction", is_max=True),
+    Rule("ellipsis_lines", _ellipsis_line_fraction, "max_ellipsis_line_fraction", is_max=True),
     Rule("digit_fraction", _digit_fraction, "max_digit_fraction", is_max=True),
     Rule("mean_line_chars", _mean_line_chars, "max_mean_line_chars", is_max=True),
     Rule("long_line_fraction", _long_line_fraction, "max_long_line_fraction", is_max=True),

@@ -105,6 +105,8 @@ PROSE_ONLY_BAD_DOCUMENTS = {
     "max_mean_word_chars": " ".join("".join(random.Random(i).choices("abcdefghijklmnop", k=16)) for i in range(80)),
     "terminal_line_fraction": "\n".join(" ".join(VOCABULARY[i : i + 3]) for i in range(0, 36, 3)) * 2,
     "duplicate_10grams": prose(3, 60).replace("\n", " ") * 30,  # a paragraph repeated on one line
+    "bullet_lines": "\n".join(("- " if i % 2 else "\u2022 ") + line for i, line in enumerate(prose(4).split("\n"))),
+    "ellipsis_lines": prose(5).replace("n.\n", "n...\n").replace("e.\n", "e\u2026\n"),
 }
 
 
@@ -117,6 +119,19 @@ def test_each_rule_removes_its_bad_document(rule_name: str) -> None:
 def test_each_prose_rule_removes_its_bad_document_and_is_off_for_code(rule_name: str) -> None:
     assert fails(rule_name, PROSE_ONLY_BAD_DOCUMENTS[rule_name], ProseRules())
     assert not fails(rule_name, PROSE_ONLY_BAD_DOCUMENTS[rule_name], CodeRules())
+
+
+def test_gopher_line_rules_judge_the_share_of_non_blank_lines_as_datatrove_does() -> None:
+    """Gopher (datatrove's GopherQualityFilter): more than 90% of the lines starting with a bullet, or more than 30%
+    ending in an ellipsis, fails; at the threshold passes. Blank lines are not counted (datatrove counts them)."""
+    lines = prose(6, 100).split("\n")  # 10 lines
+    bulleted = ["- " + line for line in lines[:9]] + lines[9:]
+    assert failed_rule("\n\n".join(bulleted), ProseRules()) is None  # 9 of 10
+    assert failed_rule("\n\n".join("- " + line for line in lines), ProseRules()) == "bullet_lines"
+    cut = [line[:-1] + "..." for line in lines[:3]] + lines[3:]
+    assert failed_rule("\n".join(cut), ProseRules()) is None  # 3 of 10
+    assert failed_rule("\n".join([lines[0][:-1] + "\u2026", *cut]), ProseRules()) == "ellipsis_lines"  # 4 of 11
+    assert failed_rule("\n".join("* " + line for line in lines), ProseRules()) is None  # Markdown's star: no bullet
 
 
 def test_every_rule_has_a_bad_document() -> None:
