@@ -141,11 +141,12 @@ def message_with_calls(
 ) -> tuple[AssistantMessage, str | None]:
     """A whole reply's `message` with the calls in its content parsed out by a fresh `parser` (`ToolCallParser()` when
     none): its content null when the reply is calls alone, and its `finish_reason` "tool_calls" where it made calls and
-    ended on its own. A call cut short (by max_tokens) is left out, as vLLM's parser leaves it; a reply that began calls
-    and wrote no text has its content null all the same (as OpenAI's, and vLLM's deepseek_v3 parser's)."""
+    ended on its own. A call cut by max_tokens ("length") is kept with the arguments written before the cut, as
+    OpenAI returns it and as its deltas were streamed; one cut by a stop string is left out, as vLLM's parser leaves
+    it. A reply that began calls and wrote no text has its content null all the same (as OpenAI's, and vLLM's)."""
     parser = parser or ToolCallParser()
     content, _ = parser.push(message.content or "", final=True)
-    calls = parser.calls[: parser.complete_calls]
+    calls = parser.calls if finish_reason == "length" else parser.calls[: parser.complete_calls]
     if not calls:
         began_calls = parser.part != "content"
         return message.model_copy(update={"content": (content or None) if began_calls else content}), finish_reason

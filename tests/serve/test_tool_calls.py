@@ -105,6 +105,27 @@ def test_a_forced_call_cut_by_max_tokens_leaves_the_content_null_also_streamed(e
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_a_forced_call_cut_by_max_tokens_inside_its_arguments_comes_back_as_streamed(engine, tmp_path):
+    """As OpenAI's and vLLM's named tool_choice: the call with the arguments written before the cut, "length" (was:
+    left out of the whole reply, though its id, name and arguments had been streamed)."""
+    named = {"type": "function", "function": {"name": "move"}}
+
+    async def scenario(api):
+        whole = await api.chat.completions.create(**GREEDY, tools=[STOP, MOVE], tool_choice=named)
+        cut = {**GREEDY, "max_tokens": whole.usage.completion_tokens - 6, "tools": [STOP, MOVE], "tool_choice": named}
+        stream = await api.chat.completions.create(**cut, stream=True)
+        return whole, await api.chat.completions.create(**cut), [chunk async for chunk in stream]
+
+    whole, cut, chunks = with_openai(engine, tmp_path, scenario)
+    [call] = cut.choices[0].message.tool_calls
+    written = whole.choices[0].message.tool_calls[0].function.arguments
+    assert call.function.name == "move" and call.function.arguments and written.startswith(call.function.arguments)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content is None
+    deltas = [delta for chunk in chunks for delta in chunk.choices[0].delta.tool_calls or []]
+    assert "".join(delta.function.arguments or "" for delta in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_required_calls_one_of_the_offered_functions_once_without_parallel_calls(engine, tmp_path):
     async def scenario(api):
         return await api.chat.completions.create(**GREEDY, tools=[MOVE, STOP], tool_choice="required",
@@ -297,10 +318,12 @@ def test_without_parallel_tool_calls_a_reply_of_two_calls_gives_its_first_whole_
     assert {delta.index for delta in deltas} == {0} and "".join(d.function.arguments for d in deltas) == MOVE_ARGUMENTS
 
 
-def test_a_reply_cut_inside_a_call_keeps_its_content_and_no_call():
+def test_a_reply_cut_by_max_tokens_inside_a_call_keeps_the_call_as_far_as_it_was_written():
+    """As OpenAI returns it, and as its deltas were streamed (was: the call left out, a whole reply of no call)."""
     cut = REPLY[: REPLY.index('"way"')]
     message, reason = message_with_calls(AssistantMessage(content=cut), "length")
-    assert (message.content, message.tool_calls, reason) == ("Moving.", None, "length")
+    assert [(call.function.name, call.function.arguments) for call in message.tool_calls] == [("move", '{"steps": 2, ')]
+    assert (message.content, reason) == ("Moving.", "length")
     plain, reason = message_with_calls(AssistantMessage(content="no calls <｜tool"), "stop")
     assert (plain.content, plain.tool_calls, reason) == ("no calls <｜tool", None, "stop")
 
