@@ -25,7 +25,10 @@ DifficultyOpt = Annotated[
 MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Most tokens of each completion")]
 TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="Temperature of the sampled completions; 0 = greedy")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the problems drawn and of the sampling")]
-TASK_HELP = "addition | subtraction | multiplication | countdown, or your own as module:Class (on PYTHONPATH)"
+TASK_HELP = (
+    "addition | subtraction | multiplication | countdown, or your own as module:Class (on PYTHONPATH) or a file of "
+    'problems.jsonl ({"question": ..., "answer": ...} a line)'
+)
 SAMPLING_BATCH = 256  # pass-at-k and traces: completions decoded together at most
 
 

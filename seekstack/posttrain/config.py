@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 from annotated_types import Interval
 
 from seekstack.config import ConfigError, ModelConfig
-from seekstack.posttrain.tasks import task_class
+from seekstack.posttrain.tasks import check_task
 from seekstack.schema import (
     Fraction,
     NonNegative,
@@ -37,7 +37,8 @@ class ConversationConfig(TrainConfig):
     distill`'s on conversations."""
 
     data: str = ""  # JSONL of {"messages": [...]} or {"prompt": [...], "completion": [...]}; "" = traces of `task`
-    task: str = ""  # a TASKS name or your own module:Class; distill: "" with `data` "" = data_dir's token shards
+    # A TASKS name, your own module:Class or a problems .jsonl; distill: "" with `data` "" = data_dir's token shards
+    task: str = ""
     difficulty: Positive | None = None  # the task's knob (digits, numbers); None = its default
     examples: Positive = 4000  # generated conversations when `data` is ""
     val_data: str = ""  # JSONL of held-out conversations (as `data`) for val_loss; "" = val_fraction of the data
@@ -275,9 +276,10 @@ nested_config(GRPOConfig, "model_overrides", ModelConfig, prefix="model")
 
 
 def require_task(task: str, source: str | None = None) -> None:
-    """A ConfigError naming the field task unless `task` names one of TASKS or your own module:Class (`task_class`)."""
+    """A ConfigError naming the field task unless `task` names one of TASKS, your own module:Class (`task_class`) or a
+    file of problems (`check_task`)."""
     try:
-        task_class(task)
+        check_task(task)
     except ValueError as error:
         raise ConfigError(str(error), field="task", source=source) from None
 

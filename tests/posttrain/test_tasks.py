@@ -348,3 +348,57 @@ def test_a_task_that_is_not_one_is_refused_naming_the_field_and_what_is_wrong(yo
     with pytest.raises(ConfigError, match=re.escape(refusal)) as refused:
         resolve_train_config(None, [f"task={name}", "tokenizer=", "init_from="], cls=GRPOConfig)
     assert refused.value.field == "task"
+
+
+def problems_file(path, lines):
+    """A JSON Lines file of problems at `path`, one line each of `lines` (objects, or raw text)."""
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)
+
+
+def test_a_file_of_problems_is_a_task_whose_answers_read_as_numbers(tmp_path):
+    """A math RL user's problems with their gold answers (TRL's prompt and solution columns) had no way in but a
+    class of one's own: task= took a task's name or module:Class alone."""
+    questions = [{"question": f"What is {n} + {n}?", "answer": 2 * n} for n in range(40)]
+    golds = [{"question": "Half of 3?", "answer": "\\frac{3}{2}"}, {"question": "0.1 + 0.2?", "answer": 0.3}]
+    path = problems_file(
+        tmp_path / "problems.jsonl", [*questions, *golds, {"question": "1000 + 234?", "answer": "1,234"}]
+    )
+    task = make_task(path)
+    half, tenths, thousands = task.problems[-3:]
+    assert task.verify(half, "\\boxed{1.5}") and task.verify(half, "3/2") and not task.verify(half, "1")
+    assert task.verify(tenths, "\\frac{3}{10}") and not task.verify(tenths, "0.30000000000000004")  # exact
+    assert task.verify(thousands, "1234") and thousands.answer == "1,234"
+    heldout = sample_problems(task, 100, "heldout", seed=0, distinct=True, up_to=True)
+    train = sample_problems(task, 100, "train", seed=0, distinct=True, up_to=True)
+    assert len(heldout) + len(train) == 43 and not {p.key for p in heldout} & {p.key for p in train}
+    model = micro_checkpoint(tmp_path / "model")
+    assert resolve_train_config(None, [f"task={path}", f"init_from={model}"], cls=GRPOConfig).task == path
+    args = ["pass-at-k", str(model), "--task", path, "--problems", str(len(heldout)), "--samples", "2"]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(ValueError, match=re.escape(f"difficulty 2: task '{path}' is a file of problems, which has")):
+        make_task(path, 2)
+
+
+@pytest.mark.parametrize(
+    ("line", "refusal"),
+    [
+        ({"question": "q"}, ":2: no field answer; a line is {\"question\": \"...\", \"answer\": ...}"),
+        ({"answer": 1}, ":2: no field question;"),
+        ({"question": "q", "answer": [1]}, ":2: field answer is [1]: not one number"),
+        ({"question": "q", "answer": True}, ":2: field answer is true: not one number"),
+        ({"question": "q", "answer": None}, ":2: field answer is null: not one number"),
+        ({"question": "q", "answer": "x^2 + 1"}, ":2: field answer is \"x^2 + 1\": not one number"),
+        ('{"question": "q", "answer": NaN}', ":2: field answer is NaN: not one number"),
+        ({"question": 7, "answer": 1}, ":2: field question is 7: must be the question's text"),
+        ({"question": "What is 1 + 1?", "answer": 3}, ":2: field question: line 1's question, with another answer"),
+        ('["q", 1]', ':2: ["q", 1] is no object'),
+        ('{"question": "q", "answer": 1', ":2: not valid JSON"),
+    ],
+)  # fmt: skip
+def test_a_bad_line_of_a_problems_file_is_refused_naming_the_file_line_and_field(tmp_path, line, refusal):
+    path = problems_file(tmp_path / "problems.jsonl", [{"question": "What is 1 + 1?", "answer": "2"}, line])
+    with pytest.raises(ConfigError, match=re.escape(path + refusal)) as refused:
+        resolve_train_config(None, [f"task={path}", "tokenizer=", "init_from="], cls=GRPOConfig)
+    assert refused.value.field == "task"

@@ -2,7 +2,8 @@
 
 Adding a task: write a class with `name`, `difficulty`, `generate(rng) -> Problem` and
 `verify(problem, answer) -> bool` (see base.Task), and add it to TASKS; or, without changing seekstack, name it
-`module:Class` or `path/to/file.py:Class` wherever a task is named (`task_class`).
+`module:Class` or `path/to/file.py:Class` wherever a task is named (`task_class`). A file of problems with numeric
+answers, `path/to/problems.jsonl`, is a task too (problems_file.ProblemsFile).
 """
 
 from __future__ import annotations
@@ -18,11 +19,22 @@ from types import ModuleType
 from seekstack.posttrain.tasks.arithmetic import Addition, Multiplication, Subtraction
 from seekstack.posttrain.tasks.base import Problem, Split, Task, sample_problems, split_of
 from seekstack.posttrain.tasks.countdown import Countdown
+from seekstack.posttrain.tasks.problems_file import ProblemsFile, is_problems_file
 
 TASKS = {"addition": Addition, "subtraction": Subtraction, "multiplication": Multiplication, "countdown": Countdown}
 TASK_MEMBERS = ("name", "difficulty", "generate", "verify")  # base.Task's
 
-__all__ = ["TASKS", "Problem", "Split", "Task", "make_task", "sample_problems", "split_of", "task_class"]
+__all__ = [
+    "TASKS",
+    "Problem",
+    "Split",
+    "Task",
+    "check_task",
+    "make_task",
+    "sample_problems",
+    "split_of",
+    "task_class",
+]
 
 
 def task_class(name: str) -> type:
@@ -104,8 +116,22 @@ def _import_failure(name: str, module_name: str, origin: str | None, error: Exce
     return f"task {name!r}: module {module_name!r} ({origin}) raised {type(error).__name__}{where}: {error}"
 
 
+def check_task(name: str) -> None:
+    """A ValueError naming what is wrong unless `name` names a task: a class (`task_class`) or a file of problems,
+    read whole (each line's fault named by its file, line and field)."""
+    if is_problems_file(name):
+        ProblemsFile.read(name)
+    else:
+        task_class(name)
+
+
 def make_task(name: str, difficulty: int | None = None) -> Task:
-    """The task called `name` (`task_class`) at `difficulty` (its default when None)."""
+    """The task called `name` (`task_class`) at `difficulty` (its default when None), or the problems of the file
+    `name`, which has no difficulty."""
+    if is_problems_file(name):
+        if difficulty is not None:
+            raise ValueError(f"difficulty {difficulty}: task {name!r} is a file of problems, which has none")
+        return ProblemsFile.read(name)
     cls = task_class(name)
     if difficulty is not None and difficulty < 1:
         raise ValueError(f"difficulty {difficulty}: must be at least 1 (digits or numbers of task {name!r})")

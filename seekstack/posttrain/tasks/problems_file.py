@@ -1,0 +1,94 @@
+"""A task of your own problems, read from a JSON Lines file of `{"question": "...", "answer": ...}`, one a line: as
+TRL's GRPO trains on a dataset's prompts with accuracy_reward against its solution column. The answer after
+</think> verifies when it reads (answers.read_number) as the number the line's answer reads as, or is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from seekstack.jsonl import jsonl_records
+from seekstack.posttrain.tasks.answers import read_number
+from seekstack.posttrain.tasks.base import Problem
+
+LINE_FORMAT = 'a line is {"question": "...", "answer": ...}, the answer a number or a string of one ("\\\\frac{1}{2}")'
+
+
+def is_problems_file(name: str) -> bool:
+    """Whether the task `name` is a file of problems: a JSON Lines file (.jsonl, compressed maybe)."""
+    return ".jsonl" in Path(name).suffixes
+
+
+@dataclass
+class ProblemsFile:
+    """The problems of a file, drawn at random; each question's split is its hash's (base.split_of), as a
+    generated problem's."""
+
+    name: str  # the file's path, as task= names it
+    problems: list[Problem]
+    difficulty: int = 1  # no knob: the file's problems are what they are
+
+    @classmethod
+    def read(cls, path: str) -> ProblemsFile:
+        """The problems of `path`; a ValueError naming the file, the line and the field at fault."""
+        if not Path(path).is_file():
+            raise ValueError(f"task {path!r}: no such file of problems ({LINE_FORMAT})")
+        problems: dict[str, tuple[int, Problem]] = {}
+        for number, record in jsonl_records(path):
+            where = f"{path}:{number}"
+            problem = _problem(record, where)
+            first = problems.setdefault(problem.key, (number, problem))
+            if first[1].data["value"] != problem.data["value"]:
+                raise ValueError(f"{where}: field question: line {first[0]}'s question, with another answer")
+        if not problems:
+            raise ValueError(f"{path}: no problems; {LINE_FORMAT}")
+        return cls(path, [problem for _, problem in problems.values()])
+
+    def generate(self, rng: random.Random) -> Problem:
+        return rng.choice(self.problems)
+
+    def verify(self, problem: Problem, answer: str) -> bool:
+        return read_number(answer) == problem.data["value"]
+
+
+def _problem(record: Any, where: str) -> Problem:
+    """The problem of one line, or a ValueError naming `where` and the field at fault."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: {_shown(record)} is no object; {LINE_FORMAT}")
+    for field in ("question", "answer"):
+        if field not in record:
+            raise ValueError(f"{where}: no field {field}; {LINE_FORMAT}")
+    question, answer = record["question"], record["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: field question is {_shown(question)}: must be the question's text")
+    value = _number(answer)
+    if value is None:
+        raise ValueError(
+            f"{where}: field answer is {_shown(answer)}: not one number (as answers.read_number reads one: 42, 0.5, "
+            '"1,042", "\\\\frac{1}{2}"); a task whose answers are no numbers is a class of your own (module:Class)'
+        )
+    return Problem(question, question, str(answer), "", {"value": value})
+
+
+def _number(answer: Any) -> Fraction | None:
+    """The number a line's answer is: a JSON number (a float as written: 0.1 is 1/10), or a string read as an answer
+    is read; None for any other value (true, null, a list, NaN)."""
+    if isinstance(answer, str):
+        return read_number(answer)
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        return Fraction(answer)
+    if isinstance(answer, float) and math.isfinite(answer):
+        return Fraction(repr(answer))
+    return None
+
+
+def _shown(value: Any) -> str:
+    """`value` as the line wrote it, cut to 60 characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
