@@ -102,7 +102,7 @@ class KindRules:
     max_chars: Positive = 1_000_000
     min_words: NonNegative = 30
     max_words: Positive = 200_000
-    max_symbol_word_ratio: NonNegativeFloat = 0.5  # Gopher: ('#' + '...') per word, 0.1; code comments need more
+    max_symbol_word_ratio: NonNegativeFloat = 0.5  # Gopher: '#' or '...' per word, 0.1; code comments need more
     max_bullet_line_fraction: Fraction | None = None  # Gopher 0.9: share of lines starting with a bullet (a list page)
     max_ellipsis_line_fraction: Fraction | None = None  # Gopher 0.3: share of lines ending in ... (teasers, cut text)
     max_digit_fraction: Fraction = 0.2  # digits / characters; tables of numbers exceed it
@@ -396,8 +396,10 @@ def _ngrams(units: Sequence[str], n: int) -> list[str] | list[tuple[str, ...]]:
 
 
 def _symbol_word_ratio(stats: TextStats, _: KindRules) -> float:
-    symbols = stats.text.count("#") + stats.text.count("...") + stats.text.count("\u2026")
-    return symbols / max(1, stats.word_count)
+    """Hash signs per word, or ellipses (`...`, `…`) per word, whichever is higher: Gopher holds each symbol to the
+    threshold alone."""
+    ellipses = stats.text.count("...") + stats.text.count("\u2026")
+    return max(stats.text.count("#"), ellipses) / max(1, stats.word_count)
 
 
 def _bullet_line_fraction(stats: TextStats, _: KindRules) -> float:

@@ -134,6 +134,16 @@ def test_gopher_line_rules_judge_the_share_of_non_blank_lines_as_datatrove_does(
     assert failed_rule("\n".join("* " + line for line in lines), ProseRules()) is None  # Markdown's star: no bullet
 
 
+def test_hash_signs_and_ellipses_are_each_held_to_the_symbol_word_ratio_alone() -> None:
+    """Gopher (datatrove's gopher_too_many_hashes, gopher_too_many_ellipsis): 0.1 hash signs per word, or 0.1 ellipses;
+    8 of each among 108 words pass, 12 hash signs among 112 words fail."""
+    lines = prose(7, 100).split("\n")  # 10 lines of 10 words
+    marked = [line.replace(" ", "... #news ", 1) for line in lines[:8]] + lines[8:]
+    assert failed_rule("\n".join(marked), ProseRules()) is None
+    tagged = [line.replace(" ", " #news #news ", 1) for line in lines[:6]] + lines[6:]
+    assert failed_rule("\n".join(tagged), ProseRules()) == "symbol_word_ratio"
+
+
 def test_every_rule_has_a_bad_document() -> None:
     assert set(BAD_DOCUMENTS) | set(PROSE_ONLY_BAD_DOCUMENTS) == {rule.name for rule in RULES}
 
