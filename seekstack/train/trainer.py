@@ -201,7 +201,7 @@ class BatchSource(Protocol):
     nothing). A source with `progress_metrics` (names of metrics its `loss` returns) has them shown on the progress
     line after the loss (RL: reward and accuracy, where GRPO's loss is ~0 by construction)."""
 
-    tokenizer_info: dict[str, Any]  # vocab_size; path and sha256 of the tokenizer checkpoints carry
+    tokenizer_info: dict[str, Any]  # vocab_size, bos_id, eos_id; path and sha256 of the tokenizer checkpoints carry
 
     def attach(self, model: nn.Module) -> None:
         """Called once the trained module exists (built, or restored by a resume), before the first batch."""
@@ -281,20 +281,30 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, **fast)
 
 
-def build_model(config: TrainConfig, vocab_needed: int) -> Transformer:
+def build_model(config: TrainConfig, tokenizer_info: dict[str, Any]) -> Transformer:
     """A fresh model from the preset and overrides, or the checkpoint `init_from` names, with the run's
-    balance-loss weight, whose vocabulary fits the tokenizer's `vocab_needed` ids (`require_vocabulary`)."""
+    balance-loss weight, whose vocabulary fits the `vocab_size` ids of the tokenizer `tokenizer_info` describes
+    (`require_vocabulary`); a fresh one has that tokenizer's BOS and EOS ids (`special_token_ids`)."""
+    vocab_needed = tokenizer_info["vocab_size"]
     if config.init_from:
         model = load_pretrained(config.init_from, dequantize=True)
         set_balance_weight(model, config.aux_loss_alpha)
         model_config = model.config
     else:
-        model_config = config.model_config()
+        model_config = config.model_config().replace(**special_token_ids(tokenizer_info))
         model = None
     # rl, and sft on conversations, read no data_dir: their rows are encoded by `tokenizer` (else init_from's)
     tokenized_by = config.data_dir if config.reads_data_dir else config.tokenizer or config.init_from
     require_vocabulary(model_config.vocab_size, vocab_needed, tokenized_by, config.init_from)
     return model if model is not None else Transformer(model_config)
+
+
+def special_token_ids(tokenizer_info: dict[str, Any]) -> dict[str, int]:
+    """config.json's `bos_token_id` and `eos_token_id`: those of the tokenizer the data was encoded with (its
+    `bos_id` and `eos_id`, which a shard index records), where transformers' generate starts and stops (a preset's
+    are DeepSeek-V3's 0 and 1, DeepSeek-V2-Lite's 100000 and 100001, whatever the tokenizer)."""
+    fields = {"bos_token_id": "bos_id", "eos_token_id": "eos_id"}
+    return {field: tokenizer_info[key] for field, key in fields.items() if key in tokenizer_info}
 
 
 def set_balance_weight(model: Transformer, aux_loss_alpha: float) -> None:
@@ -471,7 +481,7 @@ class _Run:
                 model, train_state = load_checkpoint(path, ranks.device)
                 set_balance_weight(model, config.aux_loss_alpha)  # the one model setting a resumed run may change
             else:
-                model = hooks.prepare(build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device))
+                model = hooks.prepare(build_model(config, self.data.tokenizer_info).to(ranks.device))
                 hooks.restore(model, path)
                 train_state = read_train_state(path)
             self.step = int(train_state["step"])
@@ -512,7 +522,7 @@ class _Run:
             torch.manual_seed(config.seed)
             np.random.seed(config.seed)
             random.seed(config.seed)
-            model = build_model(config, self.data.tokenizer_info["vocab_size"]).to(ranks.device)
+            model = build_model(config, self.data.tokenizer_info).to(ranks.device)
             if hooks is not None:
                 model = hooks.prepare(model)
         if not getattr(source, "rows_fit_context", False):

@@ -43,8 +43,12 @@ MICRO_MODEL = dict(
 )  # fmt: skip
 
 
-def write_split(data_dir: Path, split: str, tokens: int, seed: int) -> None:
-    """A synthetic token shard in the `tokenize_corpus` format: a noisy repeating pattern a model can learn."""
+TOKENIZER = {"vocab_size": VOCAB, "sha256": "synthetic", "bos_id": 0, "eos_id": 1}  # a shard index's tokenizer
+
+
+def write_split(data_dir: Path, split: str, tokens: int, seed: int, tokenizer: dict = TOKENIZER) -> None:
+    """A synthetic token shard in the `tokenize_corpus` format: a noisy repeating pattern a model can learn, encoded
+    (its index says) by `tokenizer`."""
     rng = np.random.default_rng(seed)
     ids = (np.arange(tokens) * 7 % VOCAB + rng.integers(0, 3, tokens)) % VOCAB
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -52,8 +56,7 @@ def write_split(data_dir: Path, split: str, tokens: int, seed: int) -> None:
     index = {
         "version": 1, "split": split, "source": "synthetic", "dtype": "uint16",
         "shards": [{"file": f"{split}_00000.bin", "tokens": tokens}], "documents": 1, "total_tokens": tokens,
-        "text_bytes": tokens * 4, "bos": False,
-        "tokenizer": {"vocab_size": VOCAB, "sha256": "synthetic", "bos_id": 0, "eos_id": 1},
+        "text_bytes": tokens * 4, "bos": False, "tokenizer": tokenizer,
     }  # fmt: skip
     (data_dir / f"{split}_index.json").write_text(json.dumps(index))
 
@@ -227,7 +230,7 @@ def test_a_wsd_decay_longer_than_the_steps_after_warmup_starts_at_the_peak_when_
 # ---------------------------------------------------------------------------------- the loop
 def test_optimizer_decays_matrices_but_not_norms_or_biases(data_dir, tmp_path):
     config = run_config(data_dir, tmp_path, weight_decay=0.05, betas=(0.8, 0.9))  # not the defaults: taken from it
-    model = build_model(config, VOCAB)
+    model = build_model(config, TOKENIZER)
     decay, no_decay = build_optimizer(model, config, torch.device("cpu")).param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0 and decay["betas"] == (0.8, 0.9)
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
@@ -237,7 +240,7 @@ def test_optimizer_decays_matrices_but_not_norms_or_biases(data_dir, tmp_path):
 
 def test_optimizer_updates_with_the_fused_kernel_on_a_cpu(data_dir, tmp_path):
     config = run_config(data_dir, tmp_path)
-    optimizer = build_optimizer(build_model(config, VOCAB), config, torch.device("cpu"))
+    optimizer = build_optimizer(build_model(config, TOKENIZER), config, torch.device("cpu"))
     assert all(group["fused"] and not group["foreach"] for group in optimizer.param_groups)
 
 
@@ -402,6 +405,18 @@ def test_a_run_from_a_checkpoint_trains_in_train_mode_with_its_balance_loss(data
     train(dataclasses.replace(config, model="tiny", init_from=str(base), aux_loss_alpha=0.5))
     [step] = read_metrics(tmp_path / "run")
     assert step["loss"] - step["lm_loss"] > 0.1  # the balance loss, at alpha 0.5 about 0.5 x MoE layers
+
+
+def test_a_fresh_model_saves_the_bos_and_eos_ids_of_the_tokenizer_its_data_was_encoded_with(tmp_path):
+    """A preset's config said BOS 0 and EOS 1 whatever the tokenizer (DeepSeek-V2's puts them at 100000 and 100001):
+    transformers' generate, which stops at config.json's eos_token_id, never stopped where seekstack stops."""
+    tokenizer = TOKENIZER | {"bos_id": VOCAB - 2, "eos_id": VOCAB - 1}
+    write_split(tmp_path / "shards", "train", 2_000, seed=1, tokenizer=tokenizer)
+    train(run_config(tmp_path / "shards", tmp_path / "run", max_steps=1, eval_every=0, save_every=1))
+    from transformers import AutoConfig
+
+    saved = AutoConfig.from_pretrained(tmp_path / "run" / "checkpoints" / "step_1")
+    assert (saved.bos_token_id, saved.eos_token_id) == (VOCAB - 2, VOCAB - 1)
 
 
 def test_a_run_resumed_with_another_balance_loss_weight_trains_and_saves_with_it(data_dir, tmp_path):
@@ -786,8 +801,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(data_dir, tm
     from seekstack.parallel.parallelize import apply_activation_checkpointing
 
     config = run_config(data_dir, tmp_path)
-    plain = build_model(config, VOCAB)
-    checkpointed = build_model(config, VOCAB)
+    plain = build_model(config, TOKENIZER)
+    checkpointed = build_model(config, TOKENIZER)
     checkpointed.load_state_dict(plain.state_dict())
     apply_activation_checkpointing(checkpointed)
     batch = torch.randint(VOCAB, (2, 33))
@@ -805,7 +820,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(data_dir, tm
 def test_compile_keeps_parameter_names_so_checkpoints_do_not_change(data_dir, tmp_path):
     from seekstack.parallel.parallelize import apply_compile
 
-    model = build_model(run_config(data_dir, tmp_path), VOCAB)
+    model = build_model(run_config(data_dir, tmp_path), TOKENIZER)
     names = list(model.state_dict())
     apply_compile(model)  # lazy: nothing is compiled before the first call
     assert list(model.state_dict()) == names
@@ -829,7 +844,7 @@ def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_pat
 
     config = run_config(data_dir, tmp_path, max_steps=2, eval_every=0, save_every=0)
     train(config)
-    flops_per_token = training_flops_per_token(build_model(config, VOCAB).config, config.seq_len)
+    flops_per_token = training_flops_per_token(build_model(config, TOKENIZER).config, config.seq_len)
     peak = default_peak_flops(torch.device("cpu"))
     for step in [m for m in read_metrics(tmp_path) if "loss" in m]:
         assert step["mfu"] == pytest.approx(step["tokens_per_s"] * flops_per_token / peak)
