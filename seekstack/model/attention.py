@@ -159,6 +159,22 @@ def attention_mask_of(padding_mask: torch.Tensor) -> torch.Tensor:
     return (seen | torch.eye(T, dtype=torch.bool, device=padding_mask.device)).unsqueeze(1)
 
 
+def packed_segments(positions: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions of rows that may pack several sequences, each restarting its positions (transformers' packed
+    `position_ids`) -> (B, T) long, the sequence each token belongs to within its row, numbered 0, 1, ...: a sequence
+    starts wherever a position is not one more than the one before."""
+    starts = positions.diff(dim=1, prepend=positions[:, :1] - 1) != 1
+    return starts.cumsum(dim=1)
+
+
+def causal_within(segments: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, T, T) bool mask of causal attention kept inside each sequence of `packed_segments`: no token sees
+    another sequence of its row (as TRL's bfd packing with flash-attention varlen; its "wrapped" packing lets it)."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
+
+
 def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[-1] == width else F.pad(x, (0, width - x.shape[-1]))
 

@@ -36,11 +36,13 @@ class DecoderBlock(nn.Module):
         cache: LatentCache | None = None,
         counted: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         """`counted` (B, T): the tokens a MoE's routing statistics count (`MoE.forward`); `mask` (B, 1, T, T): the
-        keys each query attends to (default: causal)."""
+        keys each query attends to (default: causal); `segments` (B, T): the sequences packed in each row, whose
+        balance losses a MoE averages (default: one per row)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer_idx, mask)
         if isinstance(self.mlp, MoE):
-            ffn_out, stats = self.mlp(self.post_attention_layernorm(x), counted)
+            ffn_out, stats = self.mlp(self.post_attention_layernorm(x), counted, segments)
             return x + ffn_out, stats
         return x + self.mlp(self.post_attention_layernorm(x)), None

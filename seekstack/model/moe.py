@@ -242,9 +242,12 @@ class MoE(nn.Module):
         self.shared_experts = FeedForward(config.hidden_size, config.moe_intermediate_size * shared) if shared else None
         self.aux_loss_alpha = config.aux_loss_alpha
 
-    def forward(self, x: torch.Tensor, counted: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+    def forward(
+        self, x: torch.Tensor, counted: torch.Tensor | None = None, segments: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEStats]:
         """`counted` (B, T) bool: the tokens the routing statistics (expert load, balance loss) count; padding is
-        routed and computed like any token but counts in neither (default: every token counts)."""
+        routed and computed like any token but counts in neither (default: every token counts). `segments` (B, T):
+        the sequences packed in each row (`packed_segments`), each a sequence of the balance loss (default: rows)."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         routing = self.gate(flat)
@@ -255,14 +258,19 @@ class MoE(nn.Module):
             load = _expert_load(routing, counted.reshape(B * T))
         balance = None
         if self.training and self.aux_loss_alpha > 0:
-            balance = self.aux_loss_alpha * sequence_balance_loss(routing, B, T, counted)
+            balance = self.aux_loss_alpha * sequence_balance_loss(routing, B, T, counted, segments)
         return out.view(B, T, D), MoEStats(load.detach(), balance)
 
 
 def sequence_balance_loss(
-    routing: Routing, batch: int, seq_len: int, counted: torch.Tensor | None = None
+    routing: Routing,
+    batch: int,
+    seq_len: int,
+    counted: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sequence-wise balance loss, DeepSeek-V3 eq. 17-20, averaged over the sequences of the batch.
+    """Sequence-wise balance loss, DeepSeek-V3 eq. 17-20, averaged over the sequences of the batch: its rows, or the
+    sequences packed in them that `segments` (B, T) numbers within each row (0, 1, ...; `packed_segments`).
 
     L_Bal = sum_i f_i P_i,  f_i = E/(K T) sum_t 1[i in TopK_t],  P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t},
     with T and the sums over a sequence's `counted` tokens (B, T) only (its padding left out), when given.
@@ -272,9 +280,16 @@ def sequence_balance_loss(
     if counted is None:
         counted = torch.ones(batch, seq_len, dtype=torch.bool, device=scores.device)
     weights = counted.reshape(batch, seq_len).float()
-    tokens = weights.sum(dim=1, keepdim=True).clamp(min=1)  # T per sequence, (B, 1)
-    probs = (scores / scores.sum(dim=-1, keepdim=True) * weights[..., None]).sum(dim=1) / tokens  # P_i, (B, E)
-    selected = torch.zeros(batch, num_experts, device=scores.device)
-    selected.scatter_add_(1, routing.experts.view(batch, -1), weights.repeat_interleave(top_k, dim=1))
-    fraction = selected * num_experts / (top_k * tokens)  # f_i per sequence, (B, E)
-    return (fraction * probs).sum(dim=1).mean()
+    slots = seq_len if segments is not None else 1  # sequences a row may hold, S
+    if segments is None:
+        segments = torch.zeros(batch, seq_len, dtype=torch.long, device=scores.device)
+    tokens = weights.new_zeros(batch, slots).scatter_add_(1, segments, weights).clamp(min=1)[..., None]  # (B, S, 1)
+    shares = scores / scores.sum(dim=-1, keepdim=True) * weights[..., None]  # (B, T, E)
+    probs = shares.new_zeros(batch, slots, num_experts).scatter_add_(1, segments[..., None].expand_as(shares), shares)
+    probs = probs / tokens  # P_i per sequence, (B, S, E)
+    chosen = segments.repeat_interleave(top_k, dim=1) * num_experts + routing.experts.view(batch, -1)  # (B, T*K)
+    selected = weights.new_zeros(batch, slots * num_experts)
+    selected.scatter_add_(1, chosen, weights.repeat_interleave(top_k, dim=1))
+    fraction = selected.view(batch, slots, num_experts) * num_experts / (top_k * tokens)  # f_i per sequence
+    sequences = (segments[:, -1] + 1).sum()  # each row's last sequence is numbered highest
+    return (fraction * probs).sum() / sequences

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seekstack.config import MTP_LOSS_WEIGHT, ModelConfig
-from seekstack.model.attention import LatentCache, attention_mask_of
+from seekstack.model.attention import LatentCache, attention_mask_of, causal_within, packed_segments
 from seekstack.model.attention_3d import SpatioTemporalAttention
 from seekstack.model.block import DecoderBlock
 from seekstack.model.head_loss import IGNORE_INDEX, linear_cross_entropy
@@ -156,6 +156,10 @@ class Transformer(nn.Module):
         return_dict: bool | None = None,
     ) -> ModelOutput | tuple[torch.Tensor, ...]:
         """input_ids (B, T); positions (T,) or (B, T), by default continuing after the tokens a cache holds.
+        Without a cache, (B, T) positions may pack several sequences in a row, each restarting its positions
+        (transformers' packed `position_ids`; `packed_segments`): each attends within itself alone, its losses and
+        balance loss are its own, as it would have alone in a row (a sequence restarts wherever a position is not one
+        more than the one before; consecutive positions are one sequence, computed through the explicit mask).
 
         `logits_at` (B,) picks one position per row whose logits alone are computed, (B, 1, V): prefill needs no more.
         With labels, `keep_logits=False` returns no logits: the loss never needs them whole, so training skips them.
@@ -179,7 +183,6 @@ class Transformer(nn.Module):
                 f"input_ids have shape {tuple(input_ids.shape)}: expected (batch, seq_len) token ids; one sequence is "
                 "input_ids[None]"
             )
-        mask = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(
@@ -191,7 +194,6 @@ class Transformer(nn.Module):
                     "attention_mask with a cache: a cache's update says what its tokens see; padded prompts are "
                     "not needed for generation, seekstack.infer.Engine batches prompts of any lengths"
                 )
-            mask = attention_mask_of(attention_mask)
             counted = attention_mask.bool() if counted is None else counted
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(
@@ -202,15 +204,18 @@ class Transformer(nn.Module):
         if positions is None:
             start = cache.length() if cache is not None else 0
             positions = torch.arange(start, start + T, device=input_ids.device)
+        packed = positions.dim() == 2 and cache is None  # rows that may pack several sequences
+        segments = packed_segments(positions.expand(input_ids.shape)) if packed else None
+        mask = _attention_of(attention_mask, segments)
         cos, sin = self.rotary(positions)  # (T, R) or (B, T, R)
         hidden = self.embed_tokens(input_ids)
         stats: list[MoEStats] = []
         for layer in self.layers:
-            hidden, layer_stats = layer(hidden, cos, sin, cache, counted, mask)
+            hidden, layer_stats = layer(hidden, cos, sin, cache, counted, mask, segments)
             stats += [layer_stats] if layer_stats is not None else []
         hidden = self.norm(hidden)
         if labels is not None:
-            lm_loss, logits = self.head_loss(hidden, _token_targets(labels, attention_mask, 1), keep_logits)
+            lm_loss, logits = self.head_loss(hidden, _token_targets(labels, attention_mask, segments, 1), keep_logits)
         elif logits_at is not None:
             logits = self.lm_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_at].unsqueeze(1))
         else:
@@ -219,7 +224,7 @@ class Transformer(nn.Module):
             output = ModelOutput(logits=logits, hidden_states=hidden, expert_load=_stack_load(stats))
             return output.to_tuple() if return_dict is False else output
 
-        mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats, counted, attention_mask)
+        mtp_loss = self.mtp_loss(hidden, input_ids, labels, cos, sin, stats, counted, attention_mask, segments)
         balance_losses = [s.balance_loss for s in stats if s.balance_loss is not None]
         balance_loss = torch.stack(balance_losses).sum() if balance_losses else None
         loss = lm_loss + mtp_loss_weight * mtp_loss if mtp_loss is not None else lm_loss
@@ -241,9 +246,11 @@ class Transformer(nn.Module):
         stats: list[MoEStats],
         counted: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """L_MTP = 1/D sum_k CE(P^k_{i}, t_{i+k+1})  (V3 eq. 24-25); the weight lambda is applied by the caller.
-        `attention_mask` (B, T): the tokens, as `forward` takes it."""
+        `attention_mask` (B, T): the tokens, as `forward` takes it; `segments` (B, T): the sequences packed in each
+        row (`packed_segments`), a position whose token i+k is another sequence's being none of its own."""
         T = input_ids.shape[1]
         depths = [k for k in range(1, len(self.mtp) + 1) if T - k - 1 > 0]
         if not depths:
@@ -252,14 +259,18 @@ class Transformer(nn.Module):
         for k in depths:
             n = T - k  # positions i with a token i+k to embed
             depth_counted = None if counted is None else counted[:, k:]  # position i reads token i+k
-            depth_mask = None if attention_mask is None else attention_mask_of(attention_mask[:, :n])
+            depth_segments = None if segments is None else segments[:, :n]
+            if segments is not None:  # ... counted only where that token is of its own sequence
+                own = depth_segments == segments[:, k:]
+                depth_counted = own if depth_counted is None else depth_counted & own
+            depth_mask = _attention_of(None if attention_mask is None else attention_mask[:, :n], depth_segments)
             depth_cos, depth_sin = cos[..., :n, :], sin[..., :n, :]  # the first n positions, shared or per row
             embedded = self.embed_tokens(input_ids[:, k:])
             hidden, depth_stats = self.mtp[k - 1](
-                hidden[:, :n], embedded, depth_cos, depth_sin, None, depth_counted, depth_mask
+                hidden[:, :n], embedded, depth_cos, depth_sin, None, depth_counted, depth_mask, depth_segments
             )
             stats += [depth_stats] if depth_stats is not None else []
-            depth_targets = _token_targets(labels, attention_mask, k + 1)
+            depth_targets = _token_targets(labels, attention_mask, segments, k + 1)
             depth_loss, _ = self.head_loss(self.mtp[k - 1].head_input(hidden[:, :-1]), depth_targets)
             losses.append(depth_loss)
         return torch.stack(losses).mean()
@@ -277,10 +288,24 @@ class Transformer(nn.Module):
         return loss, logits.view(B, T, -1) if logits is not None else None
 
 
-def _token_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None, ahead: int) -> torch.Tensor:
+def _attention_of(attention_mask: torch.Tensor | None, segments: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, 1, T, T) mask of rows padded (`attention_mask`) and packed (`segments`); None (causal) for neither."""
+    padded = None if attention_mask is None else attention_mask_of(attention_mask)
+    if segments is None:
+        return padded
+    packed = causal_within(segments)
+    return packed if padded is None else padded & packed
+
+
+def _token_targets(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None, segments: torch.Tensor | None, ahead: int
+) -> torch.Tensor:
     """The targets of positions 0..T-ahead-1, labels[:, ahead:], with -100 where the position or its target is
-    padding (`attention_mask` 0): a padded row's losses are those of its tokens alone."""
+    padding (`attention_mask` 0), or where they are two sequences packed in a row (`segments`): a padded or packed
+    row's losses are those of each of its sequences alone."""
     targets = labels[:, ahead:]
+    if segments is not None:
+        targets = targets.masked_fill(segments[:, :-ahead] != segments[:, ahead:], IGNORE_INDEX)
     if attention_mask is None:
         return targets
     tokens = attention_mask.bool()

@@ -1,4 +1,4 @@
-"""The Transformer's forward: what it accepts as input_ids, labels and attention_mask, and padded batches."""
+"""The Transformer's forward: what it accepts as input_ids, labels and attention_mask, and padded and packed batches."""
 
 from __future__ import annotations
 
@@ -84,6 +84,45 @@ def test_positions_given_per_row_give_the_losses_of_the_same_positions_shared():
         per_row = model(ids, labels=ids, positions=torch.arange(4, 14).expand(3, -1))
     assert torch.allclose(per_row.lm_loss, shared.lm_loss, atol=1e-6)
     assert torch.allclose(per_row.mtp_loss, shared.mtp_loss, atol=1e-6)
+
+
+def test_sequences_packed_in_a_row_by_their_positions_never_see_each_other():
+    """Positions restarting at 0 mid-row start another sequence (transformers' packed position_ids): its logits are
+    those it has alone, and changing the sequence before it changes none of them."""
+    model = Transformer(micro_config()).eval()
+    first, second = torch.randint(0, 128, (1, 7)), torch.randint(0, 128, (1, 5))
+    positions = torch.cat((torch.arange(7), torch.arange(5)))[None]
+    with torch.no_grad():
+        alone = model(second).logits
+        packed = model(torch.cat((first, second), dim=1), positions=positions).logits
+        other_first = model(torch.cat((first.flip(1), second), dim=1), positions=positions).logits
+    torch.testing.assert_close(packed[:, 7:], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other_first[:, 7:], packed[:, 7:], rtol=0, atol=0)
+
+
+def test_a_packed_row_has_the_losses_gradients_and_expert_load_of_its_sequences_padded():
+    """Two sequences packed in a row, then padding: the lm, MTP and balance losses (a mean over sequences, not rows),
+    their gradients and the expert load are those of the two padded in two rows."""
+    model = Transformer(micro_config(aux_loss_alpha=0.1, num_nextn_predict_layers=2))
+    first, second = torch.randint(0, 128, (9,)), torch.randint(0, 128, (6,))
+    padded = torch.stack((first, torch.cat((second, torch.zeros(3, dtype=torch.long)))))
+    padded_counted = torch.arange(9) < torch.tensor([[9], [6]])
+    packed = torch.cat((first, second, torch.zeros(4, dtype=torch.long)))[None]
+    packed_positions = torch.cat((torch.arange(9), torch.arange(10)))[None]  # the padding goes on from the last
+    packed_counted = (torch.arange(19) < 15)[None]
+
+    def step(ids, counted, positions=None):
+        model.zero_grad()
+        labels = ids.masked_fill(~counted, -100)
+        out = model(ids, labels=labels, positions=positions, counted=counted)
+        out.loss.backward()
+        return out, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    (rows, row_grads), (pack, pack_grads) = step(padded, padded_counted), step(packed, packed_counted, packed_positions)
+    for name in ["loss", "lm_loss", "mtp_loss", "balance_loss", "expert_load"]:
+        torch.testing.assert_close(getattr(pack, name), getattr(rows, name), rtol=1e-5, atol=1e-6)
+    for grad, reference in zip(pack_grads, row_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
 
 
 def test_forward_refuses_input_ids_that_are_not_a_batch_and_an_attention_mask_of_another_shape():
