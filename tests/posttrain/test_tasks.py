@@ -89,6 +89,24 @@ def test_countdown_verifier_demands_each_number_exactly_once():
 
 
 @pytest.mark.parametrize(
+    ("answer", "verified"),
+    [
+        ("<answer>3*4+5</answer>", True),  # TRL's Countdown rewards read the answer tags
+        ("\\boxed{(3*4)+5}", True),
+        ("So: \\boxed{3*4} no, \\boxed{3*4+5}.", True),
+        ("$3 \\cdot 4+5$", False),  # ASCII operators only, as before
+        ("$3*4+5$.", True),
+        ("<answer>3*4</answer>", False),
+        ("\\boxed{3*4+5", False),
+    ],
+)
+def test_countdown_reads_its_expression_from_a_box_or_answer_tags_as_the_arithmetic_tasks_do(answer, verified):
+    """'<answer>3*4+5</answer>' and '\\boxed{3*4+5}' scored 0 where the addition task took its boxed number."""
+    problem = Problem("k", "q", "", "", {"numbers": [3, 4, 5], "target": 17})
+    assert make_task("countdown").verify(problem, answer) is verified
+
+
+@pytest.mark.parametrize(
     "text", ["__import__('os').system('true')", "3**4", "(lambda: 1)()", "3 if 1 else 4", "[3]", "1.5", "3 / (4 - 4)"]
 )
 def test_countdown_expressions_beyond_arithmetic_are_rejected_without_running(text):

@@ -1,8 +1,10 @@
 """Countdown: reach a target from `difficulty` numbers with + - * / and parentheses, each number used exactly once.
 
-The verifier parses the expression with `ast` (only plain decimal numbers, the four operators, parentheses and spaces
-are accepted; nothing is executed), checks that the numbers used are exactly the given ones, and evaluates it in exact
-fractions (a division by zero is a wrong answer).
+The verifier reads the final answer as the arithmetic tasks do (answers.final_answer: the last `\\boxed{...}`, else
+inside `<answer>` tags or `$...$` maybe, as TRL's Countdown rewards read `<answer>` tags), parses the expression with
+`ast` (only plain decimal numbers, the four operators, parentheses and spaces are accepted; nothing is executed),
+checks that the numbers used are exactly the given ones, and evaluates it in exact fractions (a division by zero is
+a wrong answer).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
+from seekstack.posttrain.tasks.answers import final_answer
 from seekstack.posttrain.tasks.base import Problem
 
 OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
@@ -89,7 +92,8 @@ class Countdown:
         )
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        result = evaluate_expression(answer)
+        expression = final_answer(answer)
+        result = evaluate_expression(expression) if expression is not None else None
         if result is None:
             return False
         value, used = result
