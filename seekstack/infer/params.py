@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +24,7 @@ from seekstack.schema import (
 
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
+DEFAULT_MAX_NEW_TOKENS = 128
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: -100 bans a token, +100 as good as forces it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BYTE_UNITS = {
@@ -52,7 +53,7 @@ def parse_bytes(text: str) -> int:
 class SamplingParams:
     """How to sample one request. `validate()` returns a checked copy or raises a ConfigError naming the field."""
 
-    max_new_tokens: Positive = 128
+    max_new_tokens: Positive = DEFAULT_MAX_NEW_TOKENS  # vLLM's max_tokens, which sets it too
     temperature: Annotated[float, Interval(ge=0, le=100)] = 1.0  # 0 (or below 1e-5) -> greedy
     top_k: Annotated[int, Ge(-1)] = 0  # 0 or -1 (vLLM's off, its former default) -> off; validate() gives 0
     top_p: Annotated[float, Interval(gt=0, le=1)] = 1.0
@@ -85,10 +86,17 @@ class SamplingParams:
     # False: outputs carry token ids only, text "" and logprobs' token texts "" (as vLLM's), for callers that decode
     detokenize: bool = True
     n: Positive = 1  # samples of each prompt `Engine.generate` returns (Completion.outputs, as vLLM's); i: seed + i
+    max_tokens: InitVar[int | None] = None  # vLLM's name for max_new_tokens, which it sets (no field of its own)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, max_tokens: int | None) -> None:
         """ConfigError naming a field whose value is out of its type or range, at once, as vLLM's SamplingParams
         raises (temperature=-1 was refused only at generate); validate() adds the rules across fields."""
+        if max_tokens is not None:
+            require(type(max_tokens) is int and max_tokens >= 1, "max_tokens", f"an int of at least 1 (vLLM's name "
+                    f"for max_new_tokens), not {max_tokens!r}")  # fmt: skip
+            require(self.max_new_tokens in (max_tokens, DEFAULT_MAX_NEW_TOKENS), "max_tokens", f"left out with "
+                    f"max_new_tokens={self.max_new_tokens}: it is vLLM's name for it; give one")  # fmt: skip
+            self.max_new_tokens = max_tokens
         if isinstance(self.stop, str):  # one stop string given alone, as vLLM's SamplingParams and OpenAI's API take it
             self.stop = (self.stop,)
         if type(self.logprobs) is int:  # vLLM's logprobs=k: the sampled token's and the k likeliest (0: its alone)

@@ -57,6 +57,17 @@ def test_params_out_of_range_are_refused_as_they_are_built_and_by_dataclasses_re
     assert SamplingParams(stop=["a"], temperature=1).stop == ["a"]  # a list for a tuple, an int for a float: taken
 
 
+def test_vllms_max_tokens_sets_max_new_tokens_and_a_bad_one_is_refused_naming_it():
+    """vLLM scripts write SamplingParams(max_tokens=64): it was a TypeError (unexpected keyword argument)."""
+    params = SamplingParams(max_tokens=16, temperature=0)
+    assert params.max_new_tokens == 16 == dataclasses.replace(params, top_k=3).validate().max_new_tokens
+    assert "max_tokens" not in [field.name for field in dataclasses.fields(SamplingParams)]  # no second field
+    with pytest.raises(ValueError, match=r"^field 'max_tokens' must be an int of at least 1 .*, not '16'$"):
+        SamplingParams(max_tokens="16")
+    with pytest.raises(ValueError, match=r"^field 'max_tokens' must be left out with max_new_tokens=32"):
+        SamplingParams(max_tokens=16, max_new_tokens=32)
+
+
 def test_top_k_minus_one_is_off_as_in_vllm_and_below_it_is_refused_naming_top_k():
     assert SamplingParams(top_k=-1).validate().top_k == 0  # vLLM's SamplingParams(top_k=-1): every token
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.1]])
