@@ -39,7 +39,8 @@ from seekstack.posttrain.rollout import (
     trained_tokens,
 )
 from seekstack.posttrain.sft import tokenizer_info
-from seekstack.posttrain.tasks import make_task, sample_problems
+from seekstack.posttrain.tasks import Problem, Task, make_task, sample_problems, split_of
+from seekstack.posttrain.tasks.problems_file import ProblemsFile
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
 
@@ -47,6 +48,15 @@ PROMPT_SAMPLE = 256  # training problems whose prompts are measured against max_
 # What a generation batch is made under: the distribution its completions and log-probabilities are of, its groups,
 # the completions' cap, and the rewards and their normalisation that give its advantages.
 BATCH_SETTINGS = ("temperature", "num_generations", "max_completion_length", "format_weight", "scale_rewards")
+
+
+def measured_problems(task: Task, seed: int) -> list[Problem]:
+    """The training problems whose prompts are measured against max_prompt_length before the run starts: all of a
+    file of problems (its longest question may stand on any line), else PROMPT_SAMPLE draws of a generator (whose
+    prompts at one difficulty are alike in length)."""
+    if isinstance(task, ProblemsFile):
+        return [problem for problem in task.problems if split_of(problem.key) == "train"]
+    return sample_problems(task, PROMPT_SAMPLE, "train", seed)
 
 
 class GRPOSource:
@@ -61,7 +71,7 @@ class GRPOSource:
         self.tokenizer = run_tokenizer(config)
         self.tokenizer_info = tokenizer_info(self.tokenizer)
         self.task = make_task(config.task, config.difficulty)
-        sample = sample_problems(self.task, PROMPT_SAMPLE, "train", config.seed)
+        sample = measured_problems(self.task, config.seed)
         prompts = [self.tokenizer.encode_chat(prompt_messages(p)) for p in sample]
         require_prompt_room(self.task, prompts, config.max_prompt_length)
         self.weights = RewardWeights(correctness=1.0, format=config.format_weight)

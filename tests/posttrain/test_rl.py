@@ -17,6 +17,7 @@ from seekstack.posttrain.grpo import group_advantages, policy_loss
 from seekstack.posttrain.padding import pad_rows
 from seekstack.posttrain.rl import GRPOSource, rollout_metrics, run_rl
 from seekstack.posttrain.rollout import Rollout, completion_logps, trained_tokens
+from seekstack.posttrain.tasks import split_of
 from seekstack.schema import write_config
 from seekstack.train.config import CONFIG_FILE, resolve_train_config
 from tests.posttrain.support import micro_checkpoint
@@ -156,6 +157,22 @@ def test_a_custom_task_whose_prompts_pass_192_tokens_trains_at_a_max_prompt_leng
     rollout = source.batch(2, 0.0)["rollout"]
     assert rollout.prompt_lengths.min() > 300  # sampled whole, not cut to 192
     assert torch.isfinite(source.loss(source.model, source.current, 0.0)[0].loss)
+
+
+def test_a_long_question_anywhere_in_a_problems_file_is_refused_before_the_run_starts(tmp_path):
+    """rl measured 256 drawn problems' prompts: a file's one long question, seldom drawn there, stopped the run
+    mid-way, at the first rollout that drew it."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    padded = ("Read the following carefully. " * 10 + f"What is {n} + 1?" for n in range(100))
+    long_question = next(question for question in padded if split_of(question) == "train")
+    lines = [{"question": f"What is {n} + {n}?", "answer": 2 * n} for n in range(1000)]
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in [*lines, {"question": long_question, "answer": 2}]))
+    run = tmp_path / "run"
+    args = ["rl", f"init_from={model_dir}", *RUN, f"task={path}", "max_steps=1", f"out_dir={run}"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1 and not run.exists()
+    assert re.match(r"error: field 'max_prompt_length' is 192: .* take up to 3\d\d tokens", refused.output)
 
 
 def test_a_prompt_room_that_leaves_the_context_no_completion_is_refused_naming_max_prompt_length(tmp_path):
