@@ -83,6 +83,8 @@ class _Request:
     admitted: int = 0  # admission order (the latest admitted is preempted first)
     error: Exception | None = None  # what its sampling raised (`Engine._isolated`): it ends alone at its next output
     constraint: TokenConstraint | None = None  # what it may sample next (JSON mode); it stops once `complete`
+    # with params.prompt_logprobs: those of its prompt tokens so far (the first token has none), filled as prefill runs
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
 
     @property
     def resumed(self) -> bool:
@@ -613,6 +615,8 @@ class Engine:
             request = self.waiting[0]
             tokens = request.ids[: request.prefill_len]
             salt = self.lora.cache_salt(request.adapter_slot)
+            if request.params.prompt_logprobs is not None:  # every prompt position computed: no prefix-cache hit
+                salt += f"/uncached:{next(self._admissions)}"
             if not self.cache.can_admit(tokens, len(tokens) + self.draft_slots, salt):
                 return
             request.num_cached = self.cache.admit(request.request_id, tokens, len(tokens) + self.draft_slots, salt)
@@ -653,7 +657,8 @@ class Engine:
         batch, counts, computed_by, budget = [], [], [], self.prefill_chunk
         first_of: dict[tuple, int] = {}  # a twin key -> the row computing it
         for request in self.prefilling:
-            twin = () if self.speculative else tuple(request.ids[: request.prefill_len])
+            alone = self.speculative or request.params.prompt_logprobs is not None  # its own logits at each position
+            twin = () if alone else tuple(request.ids[: request.prefill_len])
             key = (request.adapter_slot, request.num_cached, twin or request.request_id)
             if key in first_of:
                 counts.append(counts[first_of[key]])
@@ -669,9 +674,14 @@ class Engine:
         rows = [r.ids[start : start + count] for r, start, count in zip(batch, starts, counts, strict=True)]
         computed = sorted(set(computed_by))
         self.prefill_tokens += sum(counts[row] for row in computed)
-        logits, hidden = self._forward(
-            *([values[row] for row in computed] for values in (batch, rows, starts, counts)), prefill=True
-        )
+        computed_rows = [[values[row] for row in computed] for values in (batch, rows, starts, counts)]
+        computed_batch, _, computed_starts, computed_counts = computed_rows
+        every_position = any(r.params.prompt_logprobs is not None for r in computed_batch)
+        logits, hidden = self._forward(*computed_rows, prefill=True, every_position=every_position)
+        if every_position:  # a row asked for prompt_logprobs: the logits of every position, the last one's sampled
+            self._record_prompt_logprobs(computed_batch, logits, computed_starts, computed_counts)
+            last = torch.tensor(computed_counts, device=self.device) - 1
+            logits = logits[torch.arange(len(computed), device=self.device), last][:, None]
         if len(computed) < len(batch):
             self.cache.copy_tokens(
                 [(batch[first].request_id, request.request_id, starts[first], counts[first])
@@ -786,12 +796,13 @@ class Engine:
         starts: list[int],
         counts: list[int],
         prefill: bool = False,
+        every_position: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Main model over each row's new tokens at their positions: logits (B, T, V) or, for `prefill`, (B, 1, V)
-        at each row's last real token; hidden states (B, T, D)."""
+        at each row's last real token (all T with `every_position`, for prompt_logprobs); hidden states (B, T, D)."""
         input_ids, positions = self._inputs(batch, rows, starts, counts)
         if prefill:
-            logits_at = torch.tensor(counts, device=self.device) - 1
+            logits_at = None if every_position else torch.tensor(counts, device=self.device) - 1
             out = self.model(input_ids, cache=self.cache, positions=positions, logits_at=logits_at)
         else:
             decode = self.model if self.eager_lone_row and len(batch) == 1 else self._decode_model
@@ -885,19 +896,39 @@ class Engine:
         return tuple(torch.cat(column).to(self.device) for column in zip(*parts, strict=True))
 
     def _logprobs(self, batch: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
-        top_n = max(r.params.top_logprobs for r in batch)
-        chosen, top_values, top_ids = token_logprobs(logits, tokens, top_n)
-        chosen, top_values, top_ids, tokens = chosen.tolist(), top_values.tolist(), top_ids.tolist(), tokens.tolist()
-        entries: list[TokenLogprob | None] = []
-        for b, request in enumerate(batch):
-            if not request.params.logprobs:
-                entries.append(None)
+        """The log-probability of each request's token under logits (B, V), for the requests that ask for them."""
+        chosen, top_values, top_ids = token_logprobs(logits, tokens, max(r.params.top_logprobs for r in batch))
+        columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), tokens.tolist())
+        return [
+            self._logprob_entry(r.params.top_logprobs, r.params.detokenize, *row) if r.params.logprobs else None
+            for r, *row in zip(batch, *columns, strict=True)
+        ]
+
+    def _record_prompt_logprobs(
+        self, batch: list[_Request], logits: torch.Tensor, starts: list[int], counts: list[int]
+    ) -> None:
+        """Add to each request asking for prompt_logprobs those of the prompt tokens its chunk predicts, from logits
+        (B, T, V): position t of a chunk starting at `start` predicts token start + t + 1. A chunk computed again
+        (after a preemption) adds none twice."""
+        for b, (request, start, count) in enumerate(zip(batch, starts, counts, strict=True)):
+            top_n = request.params.prompt_logprobs
+            first, end = len(request.prompt_logprobs), min(start + count + 1, len(request.prompt_ids))
+            if top_n is None or first >= end:
                 continue
-            n = request.params.top_logprobs
-            text = self._token_text if request.params.detokenize else _no_text  # ids only, as its text
-            top = [(i, text(i), v) for i, v in zip(top_ids[b][:n], top_values[b][:n], strict=True)]
-            entries.append(TokenLogprob(tokens[b], text(tokens[b]), chosen[b], top))
-        return entries
+            targets = torch.tensor(request.prompt_ids[first:end], device=self.device)
+            chosen, top_values, top_ids = token_logprobs(logits[b, first - start - 1 : end - start - 1], targets, top_n)
+            columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), targets.tolist())
+            request.prompt_logprobs += [
+                self._logprob_entry(top_n, request.params.detokenize, *row) for row in zip(*columns, strict=True)
+            ]
+
+    def _logprob_entry(
+        self, top_n: int, detokenize: bool, logprob: float, top_values: list[float], top_ids: list[int], token: int
+    ) -> TokenLogprob:
+        """A token's log-probability with the `top_n` likeliest tokens', their texts "" without `detokenize`."""
+        text = self._token_text if detokenize else _no_text  # ids only, as its text
+        top = [(i, text(i), v) for i, v in zip(top_ids[:top_n], top_values[:top_n], strict=True)]
+        return TokenLogprob(token, text(token), logprob, top)
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
@@ -951,7 +982,10 @@ class Engine:
         self, request: _Request, tokens: list[int], text: str, logprobs: list, reason: str | None
     ) -> RequestOutput:
         """`request`'s output of `tokens`, with their `logprobs` if it asked for them (an empty list with none: its
-        joined completion then keeps one entry per token, whatever its last output)."""
+        joined completion then keeps one entry per token, whatever its last output); its first output carries its
+        prompt's log-probabilities where it asked for prompt_logprobs."""
+        first = len(request.output_ids) == len(tokens)
+        asked = request.params.prompt_logprobs is not None and first
         return RequestOutput(
             request_id=request.request_id,
             token_ids=tokens,
@@ -963,6 +997,7 @@ class Engine:
             completion_tokens=len(request.output_ids),
             scheduled_at=request.scheduled_at,
             cached_tokens=request.cached_tokens,
+            prompt_logprobs=request.prompt_logprobs if asked else None,
         )
 
     # ------------------------------------------------------------------ convenience

@@ -38,6 +38,8 @@ class RequestOutput:
     error: str | None = None  # with finish_reason "error": why this request (alone) failed
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
     cause: Exception | None = field(default=None, repr=False)  # the exception behind `error`, with its traceback
+    # on a request's first output, with SamplingParams.prompt_logprobs: each prompt token's (the first: None)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Completion:
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
     index: int = 0  # which of its prompt's n samples it is (SamplingParams.n), as vLLM's CompletionOutput.index
     others: list[Completion] = field(default_factory=list)  # with n > 1, on the first sample: the samples after it
+    # with SamplingParams.prompt_logprobs, as vLLM's RequestOutput.prompt_logprobs: per prompt token, the first None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def outputs(self) -> list[Completion]:
@@ -110,7 +114,7 @@ def joined_completion(
     text, last = "".join(p.text for p in parts), parts[-1]
     return Completion(
         request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error, last.cached_tokens,
-        index,
+        index, prompt_logprobs=parts[0].prompt_logprobs,
     )  # fmt: skip
 
 

@@ -79,6 +79,9 @@ class SamplingParams:
     stop_after_reasoning: str | None = None
     logprobs: bool = False  # an int k, as vLLM's: True with top_logprobs=k
     top_logprobs: Annotated[int, Interval(ge=0, le=MAX_TOP_LOGPROBS)] = 0
+    # as vLLM's: the log-probability of each prompt token after the ones before it (the first: None), with the k
+    # likeliest there; None: not computed. Such a prompt is computed whole (no prefix-cache hit)
+    prompt_logprobs: Annotated[int, Interval(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     ignore_eos: bool = False
     # as vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings do not match, before this many tokens
     min_tokens: NonNegative = 0

@@ -46,6 +46,27 @@ def test_greedy_tokens_and_logprobs_match_the_full_forward(model, tokenizer):
     assert engine.generate(prompts([17]), GREEDY)[0].cumulative_logprob is None  # no logprobs asked for
 
 
+@torch.inference_mode()
+def test_prompt_logprobs_are_those_of_the_full_forward_chunked_and_cached(model, tokenizer):
+    """vLLM's SamplingParams(prompt_logprobs=k) raised TypeError; each prompt token's log-probability after the ones
+    before it (the first None) comes with its k likeliest, across prefill chunks, beside a twin prompt that asks for
+    none, and again once the prompt sits in the prefix cache (whose hit would skip its positions)."""
+    engine = Engine(model, tokenizer, prefill_chunk=5)
+    [prompt] = prompts([17])
+    asking = dataclasses.replace(GREEDY, max_new_tokens=3, prompt_logprobs=2)
+    full = model(torch.tensor([prompt])).logits[0].log_softmax(-1)  # position j - 1 predicts token j
+    first, plain = engine.generate([prompt, prompt], [asking, GREEDY])
+    again = engine.generate([prompt], asking)[0]
+    assert plain.prompt_logprobs is None and again.cached_tokens == 0
+    for completion in (first, again):
+        assert completion.prompt_logprobs[0] is None and len(completion.prompt_logprobs) == len(prompt)
+        for j, entry in enumerate(completion.prompt_logprobs[1:], start=1):
+            assert entry.token_id == prompt[j]
+            assert entry.logprob == pytest.approx(full[j - 1, prompt[j]].item(), abs=1e-4)
+            assert [token for token, _, _ in entry.top] == full[j - 1].topk(2).indices.tolist()
+    assert first.token_ids == plain.token_ids[:3]
+
+
 def test_a_sequence_decoded_alone_equals_it_decoded_among_others(model, tokenizer):
     target, *others = prompts([9, 30, 3, 17])
     alone = Engine(model, tokenizer).generate([target], GREEDY)[0]
