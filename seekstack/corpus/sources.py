@@ -81,6 +81,12 @@ LEGACY_MIN_OTHER_LETTER_SHARE = 0.5  # of the letters read, those not ASCII (at 
 # later reading must beat its first choice to be taken: Hebrew in cp1255 0.87 over the cp1251 reading's 0.29, where
 # a wrong reading of short lines may fit a little better than the right one (Greek UI lines: cp1253 0.45, cp1251 0.46)
 LEGACY_COHERENCE_MARGIN = 0.2
+# The share of odd characters charset_normalizer allows a reading (its default), and more, allowed where it found no
+# trusted one: Persian in cp1256 counts its zero-width non-joiners (0x9D, between a word and its suffix: `می‌گویند`)
+# as odd, so a paragraph of it was read as Kazakh (ptcp154, untrusted) alone, then as Windows-1252, its پ چ گ and
+# joiners as U+FFFD; allowing more for every file reads Korean in EUC-KR as cp1251
+LEGACY_CHAOS = 0.2
+LEGACY_MORE_CHAOS = 0.5
 LEGACY_ENCODINGS_OF_OTHER_SCRIPTS = frozenset(
     "cp1251 koi8_r koi8_u cp866 iso8859_5 mac_cyrillic cp1253 iso8859_7 cp1255 iso8859_8 cp1256 iso8859_6 cp874 "
     "tis_620 iso8859_11 cp1125 cp855 mac_greek gb2312 gbk gb18030 hz big5 big5hkscs cp950 shift_jis cp932 "
@@ -383,9 +389,7 @@ def _legacy_encoding_of_another_script(data: bytes) -> str | None:
     not_utf8 = len(_ESCAPED_BYTE.findall(sample.decode("utf-8", errors="surrogateescape")))
     if not_utf8 < max(UTF16_MIN_CHARACTERS, UTF16_MIN_NOT_UTF8_SHARE * len(sample)):
         return None  # a short text's few bytes above 127 (`r\xe9sum\xe9`, a cut emoji) read as any script's
-    found = [
-        match for match in charset_normalizer.from_bytes(data) if match.encoding in LEGACY_ENCODINGS_OF_OTHER_SCRIPTS
-    ]
+    found = _trusted_readings(data, LEGACY_CHAOS) or _trusted_readings(data, LEGACY_MORE_CHAOS)
     if not found:
         return None
     fittest = max(found, key=lambda match: match.coherence)  # the first of equals
@@ -396,6 +400,13 @@ def _legacy_encoding_of_another_script(data: bytes) -> str | None:
     if other_letters < max(UTF16_MIN_CHARACTERS, LEGACY_MIN_OTHER_LETTER_SHARE * len(letters)):
         return None
     return best.encoding if _reads_as_one_writing_system(text) else None
+
+
+def _trusted_readings(data: bytes, chaos: float) -> list[charset_normalizer.CharsetMatch]:
+    """charset_normalizer's readings of `data` in `LEGACY_ENCODINGS_OF_OTHER_SCRIPTS`, best first, of those whose
+    share of odd characters is at most `chaos`."""
+    readings = charset_normalizer.from_bytes(data, threshold=chaos)
+    return [match for match in readings if match.encoding in LEGACY_ENCODINGS_OF_OTHER_SCRIPTS]
 
 
 def _reads_as_one_writing_system(text: str) -> bool:

@@ -885,6 +885,13 @@ RUSSIAN_TEXT = (
 )
 
 
+PERSIAN_TEXT = (
+    "زبان فارسي يکي از زبان‌هاي هندواروپايي است که در ايران، افغانستان و تاجيکستان به آن سخن مي‌گويند. اين زبان "
+    "پيشينه‌اي بسيار کهن دارد و ادبيات آن در جهان شناخته شده است. شاعران بزرگي مانند فردوسي، حافظ، سعدي و مولوي "
+    "به اين زبان شعر سروده‌اند.\n"
+)
+
+
 @pytest.mark.parametrize(
     ("text", "encoding"),
     [
@@ -901,6 +908,9 @@ RUSSIAN_TEXT = (
         (HEBREW_ARTICLE, "cp1255"),  # a right-to-left mark after each full stop: was 'éøåùìéí äéà äòéø'
         ("افتتحت المكتبة العامة أبوابها من جديد يوم الإثنين بعد عامين من الترميم.\u200f\n" * 4, "cp1256"),
         ((RUSSIAN_TEXT * 3).replace("библиотека", "библио\u00adтека"), "cp1251"),  # soft hyphens
+        # a paragraph of Persian, whose zero-width non-joiners (0x9D) charset_normalizer counts as odd: read as Kazakh
+        # alone, then as Windows-1252, 'ÒÈÇä ÝÇÑÓí' and U+FFFD for its پ چ گ and joiners (cp1256 writes ی as ي)
+        (PERSIAN_TEXT, "cp1256"),
     ],
 )
 def test_a_file_in_a_legacy_encoding_of_its_script_is_read_in_it(tmp_path: Path, text: str, encoding: str) -> None:
