@@ -254,6 +254,25 @@ def test_transformers_loads_files_unchanged_and_encodes_identically(trained):
     assert auto.model_max_length == 4096
 
 
+def test_transformers_pads_a_batch_on_the_left_as_it_pads_deepseeks_release_tokenizer(trained, tmp_path):
+    """PreTrainedTokenizerFast pads on the right unless told, and a batch padded so is continued after its padding by
+    transformers' generate; DeepSeek's releases (LlamaTokenizerFast) pad on the left. So do a trained tokenizer and a
+    model folder's copy of one trained before it said so."""
+    _, out_dir = trained
+    auto = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+    batch = auto(["def f():", "import os, sys"], padding=True)
+    assert batch["attention_mask"][0][0] == 0 and batch["input_ids"][0][0] == auto.pad_token_id
+    earlier = tmp_path / "earlier"
+    shutil.copytree(out_dir, earlier)
+    config = json.loads((earlier / "tokenizer_config.json").read_text())
+    del config["padding_side"]
+    (earlier / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "model").mkdir()
+    copy_tokenizer_config(earlier / "tokenizer_config.json", tmp_path / "model", 256)
+    shutil.copyfile(earlier / "tokenizer.json", tmp_path / "model" / "tokenizer.json")
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "model")).padding_side == "left"
+
+
 def test_chat_renders_deepseek_v3_string_exactly(trained):
     tokenizer, _ = trained
     assert tokenizer.render_chat(CHAT) == (
