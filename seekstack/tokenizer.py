@@ -430,6 +430,11 @@ class Tokenizer:
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
             raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
+        if tools is not None and (isinstance(tools, str) or not all(isinstance(tool, dict) for tool in tools)):
+            raise ValueError(  # a string's characters were each listed as a tool
+                f"tools must be a list of OpenAI tool definitions (dicts), got {type(tools).__name__} {tools!r:.80}"
+                + (": parse the JSON text first (json.loads)" if isinstance(tools, str) else "")
+            )
         uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
         if uses_tools and not (self.has_role_tokens and self.has_tool_tokens):
             raise ValueError(

@@ -129,6 +129,10 @@ def test_trained_tokenizer_has_deepseek_tool_tokens_as_single_special_ids(traine
         ([{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}],
          None, r"chat message 0 tool_calls\[0\] must be {\"type\": \"function\""),
         ([{"role": "tool", "content": None}], None, "chat message 0 content must be a string"),
+        # as transformers' apply_chat_template refuses it (was: each character of the text listed as a tool)
+        ([{"role": "user", "content": "hi"}], '[{"type": "function", "function": {"name": "f"}}]',
+         r"tools must be a list of OpenAI tool definitions \(dicts\), got str '\[.*: parse the JSON text first"),
+        ([{"role": "user", "content": "hi"}], {"type": "function", "function": {"name": "f"}}, "got dict"),
     ],
 )  # fmt: skip
 def test_forged_tool_tokens_and_malformed_calls_are_refused_naming_the_message(trained, messages, tools, error):
