@@ -55,6 +55,9 @@ TOOL_TOKENS = (
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
+# Where transformers pads a batch: on the left, before each prompt, as generate needs and DeepSeek's releases pad
+# (their tokenizer_config.json's LlamaTokenizerFast pads left; PreTrainedTokenizerFast, ours, pads right unless told)
+PADDING_SIDE = "left"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the R1 format's reasoning block: <think> reasoning </think> answer
 # OpenAI's message roles; developer (its newer system) is read as system
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -682,7 +685,8 @@ def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, 
     context: the length transformers' `truncation=True` cuts at, and the chat template that transformers (5) saves
     beside it in chat_template.jinja, which transformers reads before the config's own. Beside a tokenizer seekstack
     trained, a template is CHAT_TEMPLATE, the chats `render_chat` writes, whatever version of it the tokenizer was
-    trained with (none stays none: a base model's mark). ValueError naming `source` when it is no JSON object."""
+    trained with (none stays none: a base model's mark), and batches pad on the `PADDING_SIDE` unless it names one.
+    ValueError naming `source` when it is no JSON object."""
     try:
         config = json.loads(Path(source).read_text(encoding="utf-8"))
     except ValueError as error:
@@ -695,8 +699,10 @@ def copy_tokenizer_config(source: str | os.PathLike, folder: str | os.PathLike, 
     template_file = Path(source).parent / CHAT_TEMPLATE_FILE
     if template_file.is_file():
         config["chat_template"] = template_file.read_text(encoding="utf-8")
-    if "chat_template" in config and trained_by_seekstack(Path(source).parent / TOKENIZER_FILE):  # maybe an earlier's
-        config["chat_template"] = CHAT_TEMPLATE
+    if trained_by_seekstack(Path(source).parent / TOKENIZER_FILE):  # maybe by an earlier version
+        config.setdefault("padding_side", PADDING_SIDE)
+        if "chat_template" in config:
+            config["chat_template"] = CHAT_TEMPLATE
     (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
@@ -758,6 +764,7 @@ def train_tokenizer(
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
+        "padding_side": PADDING_SIDE,
         "chat_template": CHAT_TEMPLATE,
     }
     with staged_files(path.parent) as staged:  # the pair appears together, replacing an earlier tokenizer's
