@@ -53,6 +53,7 @@ from seekstack.schema import (
 
 Profile = Literal["auto", "web", "code", "zh"]
 _DIGIT = re.compile(r"\d")
+_LOREM_IPSUM = re.compile(r"lorem ipsum", re.IGNORECASE)  # as C4 (and FineWeb, through it) finds it
 _LETTER = re.compile(r"[^\W\d_]")
 # Characters that end a sentence: Latin . ! ? and closing quotes, each language's (English " ” ' ’, French » ›, German
 # “ ‘ and « ‹, whose »quotes« close with them); CJK 。！？；：」』, halfwidth ｡ and fullwidth ． (Japanese technical
@@ -123,6 +124,7 @@ class KindRules:
     # the line rules miss, scores ~1. Off for code (its repetition is caught by lines); 0.3 for prose, where license
     # texts that restate their clauses score up to 0.14.
     max_duplicate_10gram_char_fraction: Fraction | None = None
+    max_lorem_ipsum: NonNegative | None = None  # C4: how often `lorem ipsum` may occur; 0, a placeholder page
 
 
 @dataclass
@@ -151,6 +153,7 @@ class ProseRules(KindRules):
     max_top_3gram_char_fraction: Fraction = 0.18
     max_top_4gram_char_fraction: Fraction = 0.16
     max_duplicate_10gram_char_fraction: Fraction | None = 0.3
+    max_lorem_ipsum: NonNegative | None = 0
 
 
 @dataclass
@@ -512,6 +515,7 @@ RULES: tuple[Rule, ...] = (
     Rule("top_2gram", lambda s, r: s.top_ngram_char_fraction(2), "max_top_2gram_char_fraction", is_max=True),
     Rule("top_3gram", lambda s, r: s.top_ngram_char_fraction(3), "max_top_3gram_char_fraction", is_max=True),
     Rule("top_4gram", lambda s, r: s.top_ngram_char_fraction(4), "max_top_4gram_char_fraction", is_max=True),
+    Rule("lorem_ipsum", lambda s, r: len(_LOREM_IPSUM.findall(s.text)), "max_lorem_ipsum", is_max=True),
     Rule(
         "duplicate_10grams",
         lambda s, r: s.duplicate_ngram_char_fraction(10),

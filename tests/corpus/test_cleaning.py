@@ -39,6 +39,7 @@ from seekstack.corpus.rules import (
     TextStats,
     failed_rule,
     normalise,
+    rule_kind,
 )
 from seekstack.corpus.sources import (
     DataSourceError,
@@ -107,6 +108,7 @@ PROSE_ONLY_BAD_DOCUMENTS = {
     "duplicate_10grams": prose(3, 60).replace("\n", " ") * 30,  # a paragraph repeated on one line
     "bullet_lines": "\n".join(("- " if i % 2 else "\u2022 ") + line for i, line in enumerate(prose(4).split("\n"))),
     "ellipsis_lines": prose(5).replace("n.\n", "n...\n").replace("e.\n", "e\u2026\n"),
+    "lorem_ipsum": prose(8) + "\nLorem Ipsum dolor sit amet, consectetur adipiscing elit.",
 }
 
 
@@ -142,6 +144,26 @@ def test_hash_signs_and_ellipses_are_each_held_to_the_symbol_word_ratio_alone() 
     assert failed_rule("\n".join(marked), ProseRules()) is None
     tagged = [line.replace(" ", " #news #news ", 1) for line in lines[:6]] + lines[6:]
     assert failed_rule("\n".join(tagged), ProseRules()) == "symbol_word_ratio"
+
+
+LOREM_IPSUM_PAGE = (
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore "
+    "magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea commodo "
+    "consequat. Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur.\n"
+    "Curabitur pretium tincidunt lacus. Nulla gravida orci a odio. Nullam varius, turpis et commodo pharetra, est eros "
+    "bibendum elit, nec luctus magna felis sollicitudin mauris. Integer in mauris eu nibh euismod gravida. Duis ac "
+    "tellus et risus vulputate vehicula. Donec lobortis risus a elit. Etiam tempor. Ut ullamcorper, ligula eu tempor "
+    "congue, eros est euismod turpis, id tincidunt sapien risus a quam.\n"
+)
+
+
+def test_a_placeholder_page_of_lorem_ipsum_is_removed_as_c4_removes_it() -> None:
+    """Filler text passes every statistic of prose (words of 5.5 characters, sentences ended); C4's rule, which
+    FineWeb applies, removes a page that holds `lorem ipsum` anywhere."""
+    text = normalise(LOREM_IPSUM_PAGE)
+    kind, _ = rule_kind(text, "auto")
+    assert failed_rule(text, CleaningConfig().rules_for(kind)) == "lorem_ipsum"
+    assert failed_rule(text, ProseRules(max_lorem_ipsum=None)) is None
 
 
 def test_every_rule_has_a_bad_document() -> None:
