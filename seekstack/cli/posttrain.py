@@ -14,6 +14,7 @@ from seekstack.cli.train import ConfigOpt, run_stage
 
 if TYPE_CHECKING:
     from seekstack.infer import Engine
+    from seekstack.posttrain.tasks import Problem, Task
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Config file (YAML/TOML/JSON); defaults otherwise")]
 OverridesArg = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. init_from=DIR")]
@@ -80,7 +81,7 @@ def pass_at_k_command(
     """Held-out pass@1, pass@k, greedy accuracy and format rate of each model on a task, one JSON line each, then
     (for several models) the same as a table."""
     from seekstack.checkpoint import read_config
-    from seekstack.posttrain.evaluate import evaluate_task
+    from seekstack.posttrain.evaluate import evaluate_task, heldout_problems
     from seekstack.posttrain.tasks import make_task
 
     rows = []
@@ -88,11 +89,11 @@ def pass_at_k_command(
         for model in models:  # every model there before the first is scored (minutes) rather than after
             read_config(model)
         for model in models:
-            engine = _sampling_engine(model, problems * samples, max_new_tokens)
-            with options_named():  # a difficulty whose prompts pass the prompt room names --difficulty
-                scores = evaluate_task(
-                    engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
-                )
+            with options_named():  # a difficulty whose prompts pass the context names --difficulty
+                sampled_task = make_task(task, difficulty)
+                scored = heldout_problems(sampled_task, problems, seed)
+                engine = _sampling_engine(model, problems * samples, max_new_tokens, sampled_task, scored)
+                scores = evaluate_task(engine, sampled_task, problems, samples, max_new_tokens, temperature, seed)
             rows.append({"model": str(model), "task": task, **scores})
             typer.echo(json.dumps(rows[-1]))
     if len(rows) > 1:
@@ -125,17 +126,17 @@ def traces_command(
     """R1-distill data: the teacher's traces on training problems, kept only when verified correct (rejection
     sampling); then `seekstack sft data=OUT init_from=STUDENT` trains a student on them."""
     from seekstack.posttrain.conversations import write_conversations
-    from seekstack.posttrain.distill import verified_traces
+    from seekstack.posttrain.distill import trace_problems, verified_traces
     from seekstack.posttrain.tasks import make_task
 
     with user_errors():
         if out.is_dir():
             raise ValueError(f"--out {out}: a folder; traces are written to a JSONL file")
-        engine = _sampling_engine(model, 64 * samples, max_new_tokens)
         with options_named():
-            traces = verified_traces(
-                engine, make_task(task, difficulty), problems, samples, max_new_tokens, temperature, seed
-            )
+            sampled_task = make_task(task, difficulty)
+            sampled = trace_problems(sampled_task, problems, seed)
+            engine = _sampling_engine(model, 64 * samples, max_new_tokens, sampled_task, sampled)
+            traces = verified_traces(engine, sampled_task, problems, samples, max_new_tokens, temperature, seed)
         if not traces.conversations:
             raise ValueError(
                 f"{model}: none of {traces.sampled} traces verified ({_why_no_trace(model, task)}); nothing to write "
@@ -162,18 +163,21 @@ def _why_no_trace(model: Path, task: str) -> str:
     return "more --samples, a lower --difficulty or a teacher trained further on the task may solve some"
 
 
-def _sampling_engine(model: Path, sequences: int, max_new_tokens: int) -> Engine:
-    """An engine for `sequences` completions of a task prompt and up to `max_new_tokens` tokens each, decoding at
-    most SAMPLING_BATCH of them at a time (the rest queue: a cache for all at once can outgrow the memory)."""
+def _sampling_engine(model: Path, sequences: int, max_new_tokens: int, task: Task, problems: list[Problem]) -> Engine:
+    """An engine for `sequences` completions of the prompts of `problems` and up to `max_new_tokens` tokens each, each
+    request holding the longest prompt and its completion within the model's context (`rollout_length`: a ConfigError
+    naming difficulty or max_new_tokens where they do not fit), decoding at most SAMPLING_BATCH of them at a time (the
+    rest queue: a cache for all at once can outgrow the memory)."""
     from seekstack.checkpoint import read_config
     from seekstack.infer import Engine
-    from seekstack.posttrain.rollout import PROMPT_TOKENS, require_completion_room
+    from seekstack.posttrain.rollout import rollout_length, task_prompts
+    from seekstack.tokenizer import Tokenizer
 
     context = read_config(model).max_position_embeddings
-    with options_named():
-        require_completion_room(context, str(model), max_new_tokens, "max_new_tokens")
+    prompts = task_prompts(Tokenizer.from_file(model), problems)
+    length = rollout_length(task, prompts, max_new_tokens, context, f"the context of {model} (max_position_embeddings)")
     max_batch_size = min(sequences, SAMPLING_BATCH)
-    return Engine.from_pretrained(model, max_batch_size=max_batch_size, max_model_len=PROMPT_TOKENS + max_new_tokens)
+    return Engine.from_pretrained(model, max_batch_size=max_batch_size, max_model_len=length)
 
 
 def rl_plot_command(

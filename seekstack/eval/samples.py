@@ -23,8 +23,9 @@ from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.posttrain.conversations import Conversation, offered_tools, prompt_messages
 from seekstack.posttrain.rewards import RewardWeights
-from seekstack.posttrain.rollout import PROMPT_TOKENS, sample_groups
+from seekstack.posttrain.rollout import rollout_length, sample_groups, task_prompts
 from seekstack.posttrain.tasks import Task, sample_problems
+from seekstack.tokenizer import Tokenizer
 from seekstack.tokens.provenance import corpus_folder
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.runs import run_holding
@@ -122,12 +123,15 @@ def task_samples(
     model_path: str | Path, task: Task, count: int = 4, max_new_tokens: int = REASONING_MAX_TOKENS
 ) -> list[TaskSample]:
     """`count` held-out problems of `task` answered greedily by a checkpoint or run's newest, sampled as
-    `pass-at-k` samples its greedy rollout (at most the room its context leaves after a prompt's)."""
-    context = read_config(model_folders(model_path).weights).max_position_embeddings
-    max_new_tokens = min(max_new_tokens, context - PROMPT_TOKENS)
-    engine = _engine(model_path, max_batch_size=count, max_model_len=PROMPT_TOKENS + max_new_tokens)
-    tokenizer = engine.tokenizer
+    `pass-at-k` samples its greedy rollout (at most the room its context leaves after the longest prompt)."""
+    weights, _, tokenizer_folder = model_folders(model_path)
+    context = read_config(weights).max_position_embeddings
     problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
+    prompts = task_prompts(Tokenizer.from_file(tokenizer_folder), problems)
+    max_new_tokens = min(max_new_tokens, context - max(map(len, prompts)))
+    length = rollout_length(task, prompts, max_new_tokens, context, f"the context of {model_path}")
+    engine = _engine(model_path, max_batch_size=count, max_model_len=length)
+    tokenizer = engine.tokenizer
     rollout = sample_groups(engine, task, problems, 1, max_new_tokens, 0.0, 0, RewardWeights())
     completions = [
         tokenizer.decode(t for t in row[:length].tolist() if t != tokenizer.eos_id)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from seekstack.tokenizer import Tokenizer
 
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
-PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request: rl's default, traces', pass-at-k's
+PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request: rl's default max_prompt_length
 
 
 @dataclass

@@ -12,7 +12,7 @@ from seekstack.infer import Engine
 from seekstack.posttrain.conversations import Conversation, prompt_messages
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import sample_groups
-from seekstack.posttrain.tasks import Task, sample_problems
+from seekstack.posttrain.tasks import Problem, Task, sample_problems
 
 
 @dataclass
@@ -36,6 +36,11 @@ class Traces:
         return self.prompts_solved / self.prompts
 
 
+def trace_problems(task: Task, prompts: int, seed: int) -> list[Problem]:
+    """The distinct training problems `verified_traces` samples."""
+    return sample_problems(task, prompts, "train", seed, distinct=True)
+
+
 def verified_traces(
     engine: Engine,
     task: Task,
@@ -49,7 +54,7 @@ def verified_traces(
     """`samples` completions of each of `prompts` distinct training problems by the engine's model, each kept (once
     per distinct question and text) when it is well formed and the verifier accepts its answer. A task with fewer
     distinct training problems is a ValueError, as in pass-at-k."""
-    problems = sample_problems(task, prompts, "train", seed, distinct=True)
+    problems = trace_problems(task, prompts, seed)
     tokenizer, conversations, solved = engine.tokenizer, [], 0
     kept: set[tuple[str, str]] = set()  # (question, trace)
     for start in range(0, prompts, batch_prompts):

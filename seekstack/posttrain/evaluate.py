@@ -8,7 +8,7 @@ from math import comb
 from seekstack.infer import Engine
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import sample_groups
-from seekstack.posttrain.tasks import Task, sample_problems
+from seekstack.posttrain.tasks import Problem, Task, sample_problems
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -16,6 +16,11 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     if samples - correct < k:
         return 1.0
     return 1.0 - comb(samples - correct, k) / comb(samples, k)
+
+
+def heldout_problems(task: Task, problems: int, seed: int) -> list[Problem]:
+    """The distinct held-out problems `evaluate_task` scores."""
+    return sample_problems(task, problems, "heldout", seed, distinct=True)
 
 
 def evaluate_task(
@@ -28,7 +33,7 @@ def evaluate_task(
     seed: int = 0,
 ) -> dict[str, float]:
     """pass@1, pass@{samples}, greedy accuracy and format rate on `problems` held-out problems of `task`."""
-    heldout = sample_problems(task, problems, "heldout", seed, distinct=True)
+    heldout = heldout_problems(task, problems, seed)
     weights = RewardWeights()
     sampled = sample_groups(engine, task, heldout, samples, max_new_tokens, temperature, seed, weights)
     correct = sampled.terms["correctness"].view(problems, samples).sum(dim=1).tolist()

@@ -23,11 +23,11 @@ from seekstack.infer import Engine, SamplingParams
 from seekstack.model.attention import SharedPrefixCache
 from seekstack.model.head_loss import linear_token_logprobs
 from seekstack.model.transformer import ModelOutput
-from seekstack.posttrain.config import PROMPT_TOKENS
 from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.padding import pad_rows, within_lengths
 from seekstack.posttrain.rewards import RewardWeights, reward_terms, total_reward
 from seekstack.posttrain.tasks import Problem, Task
+from seekstack.tokenizer import Tokenizer
 
 
 @dataclass
@@ -59,53 +59,65 @@ class Rollout:
         return self.input_ids.gather(1, last[:, None]).squeeze(1) == eos_id
 
 
-FIXED_ROOM = "PROMPT_TOKENS in seekstack/posttrain/config.py"
-
-
 def require_completion_room(
-    context: int, model: str, completion_tokens: int, name: str, max_prompt_length: int | None = None
+    context: int, model: str, completion_tokens: int, name: str, max_prompt_length: int
 ) -> None:
-    """Refuse `completion_tokens` (the field or option `name`) when they do not fit after a prompt's room (rl's
-    `max_prompt_length`, else PROMPT_TOKENS) in a model of `context` positions: a ConfigError naming `name` and the
-    most that fit; when that room alone fills the context, a ConfigError naming max_prompt_length, or a ValueError
-    naming `model` for the fixed room."""
-    room_name = FIXED_ROOM if max_prompt_length is None else "max_prompt_length"
-    prompt_room = PROMPT_TOKENS if max_prompt_length is None else max_prompt_length
-    if context <= prompt_room:
-        problem = (
-            f"{model}: its context of {context} tokens (max_position_embeddings) leaves no room for a completion "
-            f"after a task prompt's room of {prompt_room} tokens ({room_name})"
+    """Refuse `completion_tokens` (the field `name`) when they do not fit after rl's prompt room `max_prompt_length` in
+    a model of `context` positions: a ConfigError naming `name` and the most that fit; when that room alone fills the
+    context, a ConfigError naming max_prompt_length."""
+    if context <= max_prompt_length:
+        raise ConfigError(
+            f"is {max_prompt_length}: {model}: its context of {context} tokens (max_position_embeddings) leaves no "
+            f"room for a completion after a task prompt's room of {max_prompt_length} tokens (max_prompt_length); at "
+            f"most {context - 1}",
+            field="max_prompt_length",
         )
-        if max_prompt_length is not None:
-            raise ConfigError(f"is {max_prompt_length}: {problem}; at most {context - 1}", field="max_prompt_length")
-        raise ValueError(f"{problem}; use a model of a context above {PROMPT_TOKENS}")
-    room = context - prompt_room
+    room = context - max_prompt_length
     if completion_tokens > room:
         raise ConfigError(
-            f"is {completion_tokens}: it and a task prompt's room of {prompt_room} tokens ({room_name}) pass the "
-            f"model's ({model}) context of {context} tokens; at most {room}",
+            f"is {completion_tokens}: it and a task prompt's room of {max_prompt_length} tokens (max_prompt_length) "
+            f"pass the model's ({model}) context of {context} tokens; at most {room}",
             field=name,
         )
 
 
-def require_prompt_room(task: Task, prompts: list[list[int]], max_prompt_length: int | None = None) -> None:
-    """Refuse prompts (token ids) longer than a rollout's room: rl's `max_prompt_length` (a ConfigError naming it and
-    the longest prompt's length), else the sampling commands' PROMPT_TOKENS (one naming `difficulty`). A prompt is
-    never cut: its left cut (TRL's old truncation) would drop the start of the question its reward verifies."""
+def require_prompt_room(task: Task, prompts: list[list[int]], max_prompt_length: int) -> None:
+    """Refuse prompts (token ids) longer than rl's room `max_prompt_length`: a ConfigError naming it and the longest
+    prompt's length. A prompt is never cut: its left cut (TRL's old truncation) would drop the start of the question
+    its reward verifies."""
     longest = max(map(len, prompts))
-    if max_prompt_length is not None and longest > max_prompt_length:
+    if longest > max_prompt_length:
         raise ConfigError(
             f"is {max_prompt_length}: {task.name} prompts (difficulty {task.difficulty}) take up to {longest} tokens; "
             f"give max_prompt_length={longest} or more (it and max_completion_length within the model's context)",
             field="max_prompt_length",
         )
-    if longest > PROMPT_TOKENS and max_prompt_length is None:
+
+
+def task_prompts(tokenizer: Tokenizer, problems: list[Problem]) -> list[list[int]]:
+    """Each problem's prompt as a rollout samples it: its messages in the chat template, as token ids."""
+    return [tokenizer.encode_chat(prompt_messages(p)) for p in problems]
+
+
+def rollout_length(task: Task, prompts: list[list[int]], completion_tokens: int, context: int, limit: str) -> int:
+    """The tokens a rollout of `prompts` (token ids) needs per request, the longest prompt and `completion_tokens`
+    (the sampling commands' max_new_tokens), within `context` tokens (`limit` says whose); a ConfigError naming
+    `difficulty` when that prompt alone fills them, else naming `max_new_tokens` and the most that fit."""
+    longest = max(map(len, prompts))
+    prompts_taking = f"{task.name} prompts (difficulty {task.difficulty}) take up to {longest} tokens"
+    if longest >= context:
         raise ConfigError(
-            f"is {task.difficulty}: {task.name} prompts of that difficulty take up to {longest} "
-            f"tokens, more than a rollout's prompt room of {PROMPT_TOKENS} ({FIXED_ROOM}; the completion's room is "
-            "apart from it); lower difficulty",
+            f"is {task.difficulty}: {prompts_taking}, which leave no room for a completion in {limit}, {context} "
+            "tokens; lower difficulty",
             field="difficulty",
         )
+    if longest + completion_tokens > context:
+        raise ConfigError(
+            f"is {completion_tokens}: {prompts_taking}, and a completion of that many after them passes {limit}, "
+            f"{context} tokens; at most {context - longest}",
+            field="max_new_tokens",
+        )
+    return longest + completion_tokens
 
 
 def sample_groups(
@@ -122,12 +134,14 @@ def sample_groups(
     max_prompt_length: int | None = None,
 ) -> Rollout:
     """G completions of each problem's prompt, sampled together by the engine (at `temperature`, `top_p` and
-    `top_k`), scored by the task's verifier; prompts past rl's `max_prompt_length` (None: PROMPT_TOKENS) are
-    refused (require_prompt_room)."""
+    `top_k`), scored by the task's verifier; prompts past rl's `max_prompt_length` are refused (require_prompt_room),
+    as the engine refuses, naming it, one that with `max_new_tokens` passes its max_model_len (`rollout_length` sizes
+    the sampling commands' engines)."""
     started = time.perf_counter()
     tokenizer = engine.tokenizer
-    distinct = [tokenizer.encode_chat(prompt_messages(p)) for p in problems]
-    require_prompt_room(task, distinct, max_prompt_length)
+    distinct = task_prompts(tokenizer, problems)
+    if max_prompt_length is not None:
+        require_prompt_room(task, distinct, max_prompt_length)
     prompts = [prompt for prompt in distinct for _ in range(group_size)]  # the engine prefills a group's G once
     params = [
         SamplingParams(

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -101,16 +102,17 @@ def test_pass_at_k_command_tables_several_models(teacher_model):
     assert missing.exit_code == 1 and "nope: no such folder" in missing.output and not missing.output.startswith("{")
     too_long = CliRunner().invoke(app, [*args[:2], "--max-new-tokens", "100000"])
     assert too_long.exit_code == 2  # a usage error, as the parser's own refusals (5732a2a)
-    assert "Invalid value for '--max-new-tokens': is 100000: it and a task prompt's room" in too_long.output
-    assert "context of 512 tokens; at most 320" in too_long.output, too_long.output  # as rl's max_completion_length
+    assert "Invalid value for '--max-new-tokens': is 100000: addition prompts" in too_long.output
+    assert re.search(r"512 tokens; at most 4\d\d\b", too_long.output), too_long.output  # the context less a prompt
 
 
 @pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--out", "traces.jsonl"]])
-def test_sampling_a_model_whose_context_holds_no_more_than_a_prompts_room_is_refused_naming_it(tmp_path, command):
-    model_dir = micro_checkpoint(tmp_path / "model", context=160)
+def test_sampling_a_model_whose_context_holds_no_prompt_of_the_task_is_refused_naming_difficulty(tmp_path, command):
+    model_dir = micro_checkpoint(tmp_path / "model", context=32)
     result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], "--max-new-tokens", "8"])
-    assert result.exit_code == 1, result.output  # was: "--max-new-tokens 8: at most -32 for ..."
-    assert f"error: {model_dir}: its context of 160 tokens (max_position_embeddings) leaves no room" in result.output
+    assert result.exit_code == 2, result.output  # was: "--max-new-tokens 8: at most -32 for ..."
+    assert "Invalid value for '--difficulty': is 2: addition prompts" in result.output
+    assert "32 tokens; lower difficulty" in result.output, result.output
 
 
 def test_a_completion_cut_at_its_token_limit_scores_nothing_though_its_answer_so_far_verifies(teacher_model):

@@ -662,13 +662,22 @@ def test_sampling_commands_refuse_a_difficulty_below_1_naming_the_option(tmp_pat
     assert "Invalid value for '--difficulty': Input should be greater than or equal to 1" in result.output
 
 
-@pytest.mark.parametrize("command", [["pass-at-k"], ["traces", "--prompts", "1"]])
-def test_sampling_commands_refuse_a_difficulty_whose_prompts_pass_the_prompt_room_naming_the_option(tmp_path, command):
-    model_dir = micro_checkpoint(tmp_path / "model")  # 196 prompt tokens at 60 digits
+@pytest.mark.parametrize("command", [["pass-at-k", "--problems", "1"], ["traces", "--prompts", "1"]])
+def test_sampling_commands_hold_prompts_past_192_tokens_and_refuse_those_past_the_context_naming_difficulty(
+    tmp_path, command
+):
+    """pass-at-k and traces kept a fixed prompt room of 192 tokens: addition at 60 digits (196-token prompts) was
+    refused in a model of 512 positions; each request now holds its longest prompt and max_new_tokens, and only a
+    prompt the model's context cannot hold is refused, naming --difficulty."""
     out = ["--out", str(tmp_path / "traces.jsonl")] if command[0] == "traces" else []
-    task = ["--task", "addition", "--difficulty", "60", "--samples", "1"]
-    args = [command[0], str(model_dir), *command[1:], *out, *task]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output  # a usage error, as the parser's own refusals
-    assert "Invalid value for '--difficulty': is 60: addition prompts" in result.output
-    assert "prompt room of 192" in result.output and not (tmp_path / "traces.jsonl").exists()
+    task = ["--task", "addition", "--difficulty", "60", "--samples", "1", "--max-new-tokens", "8"]
+    for context in (512, 160):
+        model_dir = micro_checkpoint(tmp_path / f"model_{context}", context)  # 196 prompt tokens at 60 digits
+        result = CliRunner().invoke(app, [command[0], str(model_dir), *command[1:], *out, *task])
+        if context == 512:  # sampled: a JSON line of scores, or no trace of a random model verified
+            sampled = '"pass@1": 0.0' in result.output or "none of 1 traces verified" in result.output
+            assert sampled, result.output
+        else:
+            assert result.exit_code == 2, result.output  # a usage error, as the parser's own refusals
+            assert "Invalid value for '--difficulty': is 60: addition prompts" in result.output
+            assert "take up to 196 tokens" in result.output and "160 tokens; lower difficulty" in result.output
