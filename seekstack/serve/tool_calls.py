@@ -58,7 +58,8 @@ def _partial_suffix(text: str, marker: str) -> int:
 class ToolCallParser:
     """One choice's reply, pushed piece by piece, released as content and tool-call deltas; without `parallel` (a
     request's parallel_tool_calls false) its first call only, the later ones dropped, as vLLM drops them. The
-    `hidden` tokens are left out of the content: the special tokens a reply's text keeps for this parser alone."""
+    `hidden` tokens are left out of the content and the reasoning: the special tokens a reply's text keeps for this
+    parser alone."""
 
     def __init__(self, parallel: bool = True, hidden: Collection[str] = ()) -> None:
         self.parallel, self.hidden = parallel, hidden
@@ -117,22 +118,29 @@ class ToolCallParser:
             else:  # "done": what follows the calls is not the reply's
                 self.held = ""
                 break
-        for token in self.hidden:  # a token's text comes whole: a piece is a token's, or text held with it
-            content = content.replace(token, "")
-        return content, list(deltas.values())
+        return self.without_hidden(content), list(deltas.values())
+
+    def without_hidden(self, text: str) -> str:
+        """`text` without the `hidden` tokens, each whole in it (a piece is a token's text, or text held with it)."""
+        for token in self.hidden:
+            text = text.replace(token, "")
+        return text
 
     @classmethod
     def for_request(cls, request: ChatCompletionRequest, tokenizer: Tokenizer) -> ToolCallParser:
         """The parser of a reply to `request`, which offers tools: its parallel_tool_calls, and where it skips special
-        tokens (the default) all of them left out of the content, as of a reply to a request without tools (the text
-        keeps them for the parser; a stray <｜Assistant｜> left in made the conversation's next request a 400)."""
+        tokens (the default) all of them left out of the content and the reasoning, as of a reply to a request without
+        tools (the text keeps them for the parser; a stray <｜Assistant｜> left in made the conversation's next request
+        a 400)."""
         return cls(request.parallel_tool_calls, tokenizer.special_tokens if request.skip_special_tokens else ())
 
     def delta(self, delta: ChatDelta, finish_reason: str | None) -> tuple[ChatDelta, str | None]:
         """A stream chunk's `delta` with the calls in its content parsed out (`push`), and its `finish_reason`:
         "tool_calls" where a reply that made calls ended on its own."""
         content, calls = self.push(delta.content or "", final=finish_reason is not None)
-        parsed = delta.model_copy(update={"content": content or None, "tool_calls": calls or None})
+        reasoning = self.without_hidden(delta.reasoning_content or "")
+        parsed = delta.model_copy(update={"content": content or None, "tool_calls": calls or None,
+                                          "reasoning_content": reasoning or None})  # fmt: skip
         return parsed, "tool_calls" if finish_reason == "stop" and self.complete_calls else finish_reason
 
 
@@ -146,6 +154,8 @@ def message_with_calls(
     it. A reply that began calls and wrote no text has its content null all the same (as OpenAI's, and vLLM's)."""
     parser = parser or ToolCallParser()
     content, _ = parser.push(message.content or "", final=True)
+    reasoning = message.reasoning_content and parser.without_hidden(message.reasoning_content)
+    message = message.model_copy(update={"reasoning_content": reasoning})
     calls = parser.calls if finish_reason == "length" else parser.calls[: parser.complete_calls]
     if not calls:
         began_calls = parser.part != "content"

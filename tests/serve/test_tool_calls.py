@@ -24,6 +24,7 @@ from seekstack.serve.tool_calls import (
     refuse_unanswered_results,
 )
 from seekstack.tokenizer import (
+    ASSISTANT,
     BOS,
     TOOL_CALL_BEGIN,
     TOOL_CALLS_BEGIN,
@@ -354,6 +355,19 @@ def test_tokenize_counts_the_tools_a_chat_lists_as_the_call_is_billed(engine, tm
     counted, billed = run(create_app(engine, open_database(tmp_path / "db")), scenario)
     assert counted.json()["count"] == billed.json()["usage"]["prompt_tokens"]
     assert counted.json()["tokens"] == engine.tokenizer.encode_chat(ASK, tools=[MOVE])
+
+
+def test_with_a_reasoning_parser_a_reply_offered_tools_leaves_special_tokens_out_of_its_reasoning_too():
+    """As out of its content, and as out of a reply without tools: the reasoning kept them (served by DeepSeek-R1's
+    template, a reply forced onto <｜Assistant｜> by logit_bias gave reasoning_content '<｜Assistant｜><｜Assistant｜>',
+    where without tools it gives ''), whole and streamed."""
+    reply = AssistantMessage(content="", reasoning_content=f"North{ASSISTANT}, two.")
+    message, _ = message_with_calls(reply, "stop", ToolCallParser(hidden=[ASSISTANT]))
+    assert message.reasoning_content == "North, two."
+    parser = ToolCallParser(hidden=[ASSISTANT])
+    streamed = [parser.delta(ChatDelta(reasoning_content=piece), None)[0] for piece in ("North", ASSISTANT, ", two.")]
+    assert [delta.model_dump().get("reasoning_content") for delta in streamed] == ["North", None, ", two."]
+    assert streamed[1].model_dump() == {}  # nothing left: the stream skips the chunk
 
 
 def test_with_a_reasoning_parser_a_forced_call_follows_the_reasoning(r1_engine):
