@@ -73,7 +73,11 @@ class SFTConfig(ConversationConfig):
 
     out_dir: str = "runs/sft"
     seq_len: Positive = 256  # rows longer than this are cut
-    batch_size: Positive = 16  # conversations per micro-batch, right-padded to the longest
+    batch_size: Positive = 16  # conversations per micro-batch, right-padded to the longest (packing: packed rows)
+    # Several conversations in each row of up to seq_len tokens (best-fit decreasing, TRL's packing=True with its
+    # "bfd" strategy), each attending within itself alone, its positions from 0: the same loss and gradients as the
+    # conversations padded, without computing the padding. batch_size then counts rows, each packing several.
+    packing: bool = False
     max_steps: Positive = 300
     lr: PositiveFloat = 1e-3
     min_lr: NonNegativeFloat = 1e-4

@@ -1,8 +1,9 @@
 """Chat SFT: the pretraining trainer's loop fed conversations, the loss on assistant tokens only.
 
 `SFTSource` is the trainer's batch source (seekstack.train.trainer.BatchSource): right-padded rows with their
-labels (IGNORE_INDEX off the assistant's tokens), in a seeded order whose position is saved for an exact resume,
-and the held-out conversations as fixed validation batches (`val_loss` on their assistant tokens).
+labels (IGNORE_INDEX off the assistant's tokens), or with `packing` rows each packing several conversations
+(packing.py), in a seeded order whose position is saved for an exact resume, and the held-out conversations as fixed
+validation batches (`val_loss` on their assistant tokens).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from seekstack.posttrain.conversations import (
     task_conversations,
     write_held_out,
 )
+from seekstack.posttrain.packing import pack_labelled, pack_rows
 from seekstack.posttrain.padding import pad_labelled, real_tokens
 from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import Tokenizer, drop_past_reasoning
@@ -72,9 +74,11 @@ def split_conversations(
 class SFTSource:
     """Conversations as (input_ids, labels) micro-batches for the trainer; with `holds_out` (an SFT or conversation
     distillation run: its config's val_data or val_fraction), the held-out ones (`held_out`) as its fixed validation
-    batches. Without, none are held out (adapters on a chat file, seekstack/adapters/data.py)."""
+    batches. Without, none are held out (adapters on a chat file, seekstack/adapters/data.py). With `packing`, a
+    micro-batch is `batch_size` rows of up to seq_len tokens, each packing several conversations, the same packs every
+    epoch in a seeded order (as TRL packs its dataset once); validation batches are padded, as they score the same."""
 
-    def __init__(self, config: ConversationConfig, holds_out: bool = False):
+    def __init__(self, config: ConversationConfig, holds_out: bool = False, packing: bool = False):
         self.config = config
         self.tokenizer = run_tokenizer(config)
         self.tokenizer_info = tokenizer_info(self.tokenizer)
@@ -87,7 +91,9 @@ class SFTSource:
             conversations, held_out = split_conversations(config, self.tokenizer, 0.0, "")
         source = source_digest(self.tokenizer, conversations)
         data = config.data or f"task={config.task}"
-        self.rows = ShuffledRows(self._training_rows(conversations), config.seed, source, data)
+        rows = self._training_rows(conversations)
+        self.packing = packing
+        self.rows = ShuffledRows(pack_rows(rows, config.seq_len) if packing else rows, config.seed, source, data)
         self.held_out = held_out if holds_out else None
         self.validation = self._validation_rows(held_out) if holds_out else []
         self.device = torch.device("cpu")
@@ -164,24 +170,31 @@ class SFTSource:
     def attach(self, model: nn.Module) -> None:
         self.device = next(model.parameters()).device
 
-    def batch(self, batch_size: int, progress: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, batch_size: int, progress: float) -> tuple[torch.Tensor, ...]:
+        """(input_ids, labels), or packed (input_ids, labels, positions): each (B, T)."""
+        if self.packing:
+            return pack_labelled(self.rows.take(batch_size), self.tokenizer.pad_id, self.config.seq_len)
         return pad_labelled(self.rows.take(batch_size), self.tokenizer.pad_id, self.config.seq_len)
 
     def labelled_tokens(self, batch: Any) -> int:
         """The assistant tokens the micro-batch's loss averages over: its labels predicted from a position before."""
-        _, labels = batch
+        labels = batch[1]
         return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
-        input_ids, labels = (t.to(self.device) for t in batch)
+        input_ids, labels, *packed = (t.to(self.device) for t in batch)
         counted = real_tokens(input_ids, labels, self.tokenizer.pad_id)  # padding is routed, not counted in the load
-        out = model(input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, counted=counted)
+        # packed rows' positions, each conversation's from 0 (distillation's model, which packs none, takes none)
+        positions = {"positions": packed[0]} if packed else {}
+        out = model(
+            input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, counted=counted, **positions
+        )
         # the assistant tokens trained: none when distillation answered the prompts itself (on-policy, no lm_loss)
         trained = self.labelled_tokens(batch) if out.lm_loss is not None else 0
         return out, {"assistant_tokens": float(trained)}
 
     def tokens(self, batch: Any) -> tuple[int, int]:
-        input_ids, _ = batch
+        input_ids = batch[0]
         return input_ids.numel(), input_ids.shape[1]
 
     def record(self, out_dir: Path) -> None:
@@ -191,12 +204,13 @@ class SFTSource:
             write_held_out(out_dir, self.held_out)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.rows.state_dict()
+        return {**self.rows.state_dict(), "packing": self.packing}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` left the rows. An SFT run whose out_dir has no HELD_OUT_FILE was started by an
         earlier seekstack: it continues only when its rows are this one's (so are its held-out conversations, which
         are then recorded), and is refused otherwise, naming how to go on from its weights."""
+        self._require_packing_of(state)
         unrecorded = self.held_out is not None and not (Path(self.config.out_dir) / HELD_OUT_FILE).is_file()
         # a state older still has no digest of its rows: as ShuffledRows, taken on trust when nothing is held out
         changed = state["digest"] != self.rows.digest if "digest" in state else bool(self.held_out)
@@ -210,6 +224,19 @@ class SFTSource:
         self.rows.load_state_dict(state)
         if unrecorded:  # the same rows, so the same held-out conversations
             write_held_out(self.config.out_dir, self.held_out)
+
+    def _require_packing_of(self, state: dict[str, Any]) -> None:
+        """A ConfigError naming packing when the checkpoint's rows were packed and this run's are not, or the other
+        way: its place in its rows is no place in these (a checkpoint written before packing was not packed)."""
+        packed = state.get("packing", False)
+        if packed != self.packing:
+            raise ConfigError(
+                f"is {str(self.packing).lower()}, but the checkpoint in {self.config.out_dir} was trained with "
+                f"packing={str(packed).lower()}: its place in its rows is none in rows built the other way; resume "
+                f"with packing={str(packed).lower()}, or start a new run from its weights (init_from= the checkpoint "
+                "and another out_dir)",
+                field="packing",
+            )
 
 
 def has_targets_within(row: tuple[list[int], list[int]], seq_len: int) -> bool:
@@ -237,11 +264,11 @@ def _require_a_split(config: ConversationConfig, trained: int, held_out: int) ->
     )
 
 
-def conversation_source(config: ConversationConfig) -> SFTSource | None:
+def conversation_source(config: ConversationConfig, packing: bool = False) -> SFTSource | None:
     """The batch source of a run on conversations (SFT; distillation with `data` or `task`), holding out the
     conversations of its val_data or val_fraction, which a new run records in out_dir (`SFTSource.record`); None for
     a distillation run on token shards."""
-    return SFTSource(config, holds_out=True) if config.conversational else None
+    return SFTSource(config, holds_out=True, packing=packing) if config.conversational else None
 
 
 def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult:
@@ -249,4 +276,4 @@ def run_sft(config: SFTConfig, resume: bool | str | Path = False) -> TrainResult
     config = config.validate()
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read and tokenized
-    return train(config, resume=resume, source=conversation_source(config))
+    return train(config, resume=resume, source=conversation_source(config, config.packing))

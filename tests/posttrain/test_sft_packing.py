@@ -1,0 +1,84 @@
+"""SFT with packing=true (TRL's SFTConfig(packing=True), "bfd"): several conversations per row, each on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seekstack.config import ConfigError
+from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.model.transformer import Transformer
+from seekstack.posttrain.config import SFTConfig
+from seekstack.posttrain.conversations import write_conversations
+from seekstack.posttrain.packing import best_fit_decreasing, pack_labelled
+from seekstack.posttrain.sft import SFTSource, run_sft
+from seekstack.train.config import resolve_train_config
+from tests.conftest import micro_config
+from tests.posttrain.support import byte_tokenizer
+
+CHATS = [
+    [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "3"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, how are you today?"}],
+    [{"role": "user", "content": "Spell it: " + "x" * 30}, {"role": "assistant", "content": "no"}],
+    [{"role": "system", "content": "Be."}, {"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}],
+    [{"role": "user", "content": "Count"}, {"role": "assistant", "content": " ".join(["one"] * 12)}],
+]
+
+
+def test_best_fit_decreasing_puts_each_row_longest_first_in_the_bin_it_fills_most():
+    # 9 | 6 then 4 (room 4 fits exactly) | 5 then 3 then 2
+    assert best_fit_decreasing([5, 9, 3, 6, 2, 4], capacity=10) == [[1], [3, 5], [0, 2, 4]]
+    assert best_fit_decreasing([10, 10], capacity=10) == [[0], [1]]
+
+
+def test_a_packed_row_restarts_positions_per_conversation_and_pads_as_its_last_one_goes_on():
+    first, second, third = ([5, 6, 7], [IGNORE_INDEX, 6, 7]), ([8, 9], [8, 9]), ([4], [IGNORE_INDEX])
+    input_ids, labels, positions = pack_labelled([[first, second], [third]], pad_id=2, max_len=8)
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9], [4, 2, 2, 2, 2]]
+    # a conversation's first label is predicted from none of its tokens: never trained
+    assert labels.tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9], [IGNORE_INDEX] * 5]
+    assert positions.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+
+
+def _config(tmp_path, *args: str) -> SFTConfig:
+    byte_tokenizer(tmp_path / "tok")
+    data = write_conversations(CHATS, tmp_path / "chats.jsonl")
+    common = [f"tokenizer={tmp_path / 'tok'}", f"data={data}", "seq_len=96", "eval_every=0", "model.vocab_size=300"]
+    return resolve_train_config(None, [*common, *args], cls=SFTConfig)
+
+
+def test_a_packed_batch_has_the_loss_and_gradients_of_the_same_conversations_padded(tmp_path):
+    """All five conversations in one micro-batch, packed in fewer rows or padded one a row: the same lm, MTP and
+    balance losses, gradients and assistant tokens."""
+    padded, packed = SFTSource(_config(tmp_path)), SFTSource(_config(tmp_path), packing=True)
+    model = Transformer(micro_config(vocab_size=300, aux_loss_alpha=0.1, num_nextn_predict_layers=1))
+    padded_batch, packed_batch = padded.batch(5, 0.0), packed.batch(len(packed.rows.rows), 0.0)
+    assert packed.rows.epoch == 0 and packed_batch[0].shape[0] < 5  # every conversation, in fewer rows
+    assert packed_batch[0].numel() < padded_batch[0].numel()  # and fewer positions computed
+    assert packed.labelled_tokens(packed_batch) == padded.labelled_tokens(padded_batch)
+
+    def step(source, batch):
+        model.zero_grad()
+        out, _ = source.loss(model, batch, mtp_loss_weight=0.3)
+        out.loss.backward()
+        return out, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    (rows, row_grads), (pack, pack_grads) = step(padded, padded_batch), step(packed, packed_batch)
+    for name in ["loss", "lm_loss", "mtp_loss", "balance_loss"]:
+        torch.testing.assert_close(getattr(pack, name), getattr(rows, name), rtol=1e-5, atol=1e-6)
+    for grad, reference in zip(pack_grads, row_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_with_packing_trains_and_resumes_exactly_and_not_unpacked(tmp_path):
+    model = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "lr=1e-2"]
+    args = [*model, "batch_size=1", "max_steps=6", "warmup_steps=0", "packing=true"]
+    first = [f"out_dir={tmp_path / 'a'}", "save_every=3", "keep_checkpoints=2"]
+    straight = run_sft(_config(tmp_path, *args, *first))
+    assert straight.losses[-1] < straight.losses[0]
+    resumed = run_sft(_config(tmp_path, *args, f"out_dir={tmp_path / 'b'}"), resume=tmp_path / "a/checkpoints/step_3")
+    assert resumed.losses == straight.losses[3:]
+    unpacked = _config(tmp_path, *args[:-1], "max_steps=7", f"out_dir={tmp_path / 'a'}")
+    refusal = "field 'packing' is false, but the checkpoint in .* was trained with packing=true: .* with packing=true"
+    with pytest.raises(ConfigError, match=refusal):  # its place in the packed rows is none in the conversations
+        run_sft(unpacked, resume=tmp_path / "a/checkpoints/step_6")
