@@ -573,7 +573,9 @@ def test_training_checkpoints_hold_the_model_the_state_and_the_extra_files(tmp_p
     extra_files = [tmp_path / "tokenizer.json"]
     path = save_checkpoint(tmp_path / "run", Transformer(micro_config()), {"step": 5}, keep=1, extra_files=extra_files)
     assert path == tmp_path / "run" / "checkpoints" / "step_5"
-    assert entries(path) == ["config.json", "model.safetensors", "tokenizer.json", "train_state.pt"]
+    assert entries(path) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "train_state.pt"
+    ]  # fmt: skip
     assert entries(path.parent) == ["step_5"]
 
 

@@ -235,7 +235,8 @@ def test_saving_over_a_sharded_checkpoint_leaves_no_stale_shards(tmp_path):
     model = random_model()
     seekstack.save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=40_000)
     seekstack.save_pretrained(model, tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", SINGLE_FILE]
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names == ["config.json", "generation_config.json", SINGLE_FILE]
     assert_same_state(model, seekstack.load_pretrained(tmp_path / "ckpt"))
 
 
@@ -249,6 +250,18 @@ def test_saving_over_a_model_folder_keeps_the_tokenizer_files_it_does_not_write(
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(["config.json", SINGLE_FILE, *kept])
     assert {name: (tmp_path / "ckpt" / name).read_text() for name in kept} == kept
     assert_same_state(model, seekstack.load_pretrained(tmp_path / "ckpt"))
+
+
+def test_a_saved_folder_has_the_generation_config_transformers_writes_with_the_models_bos_and_eos(tmp_path):
+    """transformers' save_pretrained writes generation_config.json, which GenerationConfig.from_pretrained (and so
+    pipelines and servers that read it) needs; seekstack wrote none ('does not appear to have a file named
+    generation_config.json')."""
+    from transformers import GenerationConfig
+
+    seekstack.save_pretrained(random_model(bos_token_id=5, eos_token_id=6), tmp_path / "ckpt")
+    generation_config = GenerationConfig.from_pretrained(tmp_path / "ckpt")
+    assert (generation_config.bos_token_id, generation_config.eos_token_id) == (5, 6)
+    assert not generation_config.do_sample and generation_config.temperature in (None, 1.0)
 
 
 # ------------------------------------------------------------------ multi-token prediction

@@ -32,15 +32,17 @@ from seekstack.checkpoint.load import warn_transformers_divergences
 from seekstack.checkpoint.quantized import _has_int_layers, quantization_config, quantized_layers, quantized_sources
 from seekstack.compress.linear import Fp8Weight, layer_weight
 from seekstack.config import ModelConfig
+from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
 from seekstack.model.transformer import Transformer
 
 # What a model folder written here (or by transformers' save_pretrained) holds: such a folder may be replaced whole.
 MODEL_FOLDER_FILES = (
-    CONFIG_FILE, "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer*.json", "special_tokens_map.json",
+    CONFIG_FILE, GENERATION_CONFIG_FILE, "*.safetensors", INDEX_FILE, "tokenizer*.json", "special_tokens_map.json",
     "chat_template.jinja",
 )  # fmt: skip
 # What `save_pretrained` writes. The other files of a model folder it saves over (the tokenizer's, a generation
-# config, a chat template) stay, as transformers' save_pretrained leaves them.
+# config, a chat template) stay, as transformers' save_pretrained leaves them; a folder without a generation config
+# gets one (`write_generation_config`).
 SAVED_FILES = (CONFIG_FILE, "*.safetensors", INDEX_FILE)
 MAX_SHARD_BYTES = 5 * 2**30  # the largest safetensors file before a checkpoint is split into shards
 
@@ -103,11 +105,13 @@ def write_pretrained_files(
     fp8_block: tuple[int, int] | None = None,
     stacked_experts: bool = False,
 ) -> None:
-    """Write config.json and the safetensors into the existing folder `directory`, which the caller makes atomic
-    (`save_pretrained`, training checkpoints). `stacked_experts` writes seekstack's stacked-experts layout."""
+    """Write config.json, generation_config.json and the safetensors into the existing folder `directory`, which the
+    caller makes atomic (`save_pretrained`, training checkpoints). `stacked_experts` writes seekstack's
+    stacked-experts layout."""
     model = _saved_model(model)
     write_shards(_stored_tensors(model, fp8_block, stacked_experts), directory, max_shard_bytes)
     write_config(model, directory, fp8_block, stacked_experts)
+    write_generation_config(model.config, directory)
 
 
 def _saved_model(model: torch.nn.Module) -> Transformer:
@@ -206,6 +210,17 @@ def write_config(
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(fp8_block),
         }  # fmt: skip
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_generation_config(config: ModelConfig, directory: Path) -> None:
+    """Write the generation_config.json transformers' save_pretrained writes of a model with no generation settings
+    of its own (`GenerationConfig.from_model_config`): the config's BOS, EOS and pad ids, where generate starts and
+    stops, and no sampling, so the commands keep their defaults. A release's own (its sampling), copied into the
+    folder after the model (quantize, lora merge, a run from it) or kept by `save_pretrained`, replaces it."""
+    names = ("bos_token_id", "eos_token_id", "pad_token_id")
+    ids = {name: getattr(config, name) for name in names if getattr(config, name) is not None}
+    generation_config = {"_from_model_config": True, **ids}
+    (directory / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config, indent=2) + "\n")
 
 
 def _stored_tensors(
