@@ -25,6 +25,8 @@ from seekstack.schema import (
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5  # temperature
 DEFAULT_MAX_NEW_TOKENS = 128
+# fields vLLM's SamplingParams defaults to None, read as our defaults when given so (no stop, no bias, no logprobs)
+VLLM_NONE_DEFAULTS = {"stop": tuple, "stop_token_ids": tuple, "logit_bias": dict, "logprobs": bool}
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range: -100 bans a token, +100 as good as forces it
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BYTE_UNITS = {
@@ -100,6 +102,9 @@ class SamplingParams:
             require(self.max_new_tokens in (max_tokens, DEFAULT_MAX_NEW_TOKENS), "max_tokens", f"left out with "
                     f"max_new_tokens={self.max_new_tokens}: it is vLLM's name for it; give one")  # fmt: skip
             self.max_new_tokens = max_tokens
+        for name, default in VLLM_NONE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default())
         if isinstance(self.stop, str):  # one stop string given alone, as vLLM's SamplingParams and OpenAI's API take it
             self.stop = (self.stop,)
         if type(self.logprobs) is int:  # vLLM's logprobs=k: the sampled token's and the k likeliest (0: its alone)

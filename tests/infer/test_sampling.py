@@ -68,6 +68,14 @@ def test_vllms_max_tokens_sets_max_new_tokens_and_a_bad_one_is_refused_naming_it
         SamplingParams(max_tokens=16, max_new_tokens=32)
 
 
+def test_none_for_the_fields_vllm_defaults_to_none_reads_as_their_defaults():
+    """vLLM's SamplingParams(stop=None, logprobs=None, ...) are its defaults; here they were ConfigErrors ("field 'stop'
+    has value None: input should be a valid array"), so code passing an optional value through failed."""
+    given_none = SamplingParams(stop=None, stop_token_ids=None, logit_bias=None, logprobs=None, temperature=0)
+    assert given_none.validate() == SamplingParams(temperature=0).validate()
+    assert dataclasses.replace(SamplingParams(stop=["a"]), stop=None).stop == ()
+
+
 def test_top_k_minus_one_is_off_as_in_vllm_and_below_it_is_refused_naming_top_k():
     assert SamplingParams(top_k=-1).validate().top_k == 0  # vLLM's SamplingParams(top_k=-1): every token
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.1]])
