@@ -1,10 +1,10 @@
 """Exact deduplication by content hash and near-duplicate removal by MinHash LSH; the first occurrence is kept.
 
 Near duplicates: a document's shingles are its word 5-grams (`kinds.words`, so in Chinese or Japanese 5 characters;
-in Thai, Lao, Tibetan, Myanmar or Khmer 5 x `UNSPACED_WORD_CHARS` characters), lower-cased and without punctuation
-or invisible format characters; 128 MinHash permutations estimate the Jaccard similarity of two shingle sets, and
-LSH (banding tuned by datasketch for the threshold) finds the kept documents estimated above `threshold` (0.8 by
-default).
+in Thai, Lao, Tibetan, Myanmar or Khmer 5 x `UNSPACED_WORD_CHARS` characters) of the text as datatrove simplifies
+it: lower-cased, each number `0`, without punctuation, accents or invisible format characters; 128 MinHash
+permutations estimate the Jaccard similarity of two shingle sets, and LSH (banding tuned by datasketch for the
+threshold) finds the kept documents estimated above `threshold` (0.8 by default).
 `bench/data_near_dedup.py` measures recall and precision at several edit rates.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import sys
 import unicodedata
 
@@ -45,23 +46,37 @@ class ExactDeduplicator:
         return None
 
 
+# A number as datatrove's MinHash finds it, digits of any script with one decimal part (`3`, `12.99`, `1,000`, `٣٫٥`)
+_NUMBER = re.compile(r"\d+(?:[.,\u060c\u066b]\d+)?")
+
+
 @functools.cache
-def _punctuation_and_format() -> dict[int, None]:
-    """Every Unicode punctuation character (categories P*) and invisible format character (Cf: the zero-width space
-    Thai and Khmer text sets between words, soft hyphens, direction marks), as a `str.translate` table that deletes
-    them."""
+def _punctuation_accents_and_format() -> dict[int, None]:
+    """Every Unicode punctuation character (categories P*), nonspacing mark (Mn: the accents of decomposed letters)
+    and invisible format character (Cf: the zero-width space Thai and Khmer text sets between words, soft hyphens,
+    direction marks), as a `str.translate` table that deletes them."""
     categories = (unicodedata.category(chr(code)) for code in range(sys.maxunicode + 1))
-    return dict.fromkeys(code for code, category in enumerate(categories) if category[0] == "P" or category == "Cf")
+    return dict.fromkeys(
+        code for code, category in enumerate(categories) if category[0] == "P" or category in ("Mn", "Cf")
+    )
+
+
+def simplified(text: str) -> str:
+    """The text as datatrove's MinHash compares it (`simplify_text`): lower-cased, each number `0`, without
+    punctuation, accents (`café` is `cafe`) or invisible format characters; composed again (NFC) after the accents
+    go, so that a Korean syllable stays one character."""
+    decomposed = unicodedata.normalize("NFD", _NUMBER.sub("0", text.lower()))
+    return unicodedata.normalize("NFC", decomposed.translate(_punctuation_accents_and_format()))
 
 
 def word_shingles(text: str, size: int = SHINGLE_WORDS) -> set[bytes]:
-    """The set of word `size`-grams of the text lower-cased and without punctuation or invisible format characters (the
-    whole text when it has fewer words), as datatrove's MinHash normalises it: copies that differ in typography
-    (`don't` / `don’t`, `"` / `“`, `--` / `—`, a soft hyphen, a zero-width space) have the same shingles. In Thai,
+    """The set of word `size`-grams of the `simplified` text (the whole text when it has fewer words), as datatrove's
+    MinHash shingles it: copies that differ in typography (`don't` / `don’t`, `"` / `“`, `--` / `—`, a soft hyphen, a
+    zero-width space), accents or numbers alone (a daily price list) have the same shingles. In Thai,
     Lao, Tibetan, Myanmar or Khmer text, whose space-separated "words" are phrases (one character's edit would
     change every shingle holding its phrase), a word is `UNSPACED_WORD_CHARS` of its characters, as the quality
     rules count them."""
-    tokens = words(text.lower().translate(_punctuation_and_format()))
+    tokens = words(simplified(text))
     if written_without_spaces(text):
         characters, size = "".join(tokens), size * UNSPACED_WORD_CHARS
         shingles = [characters[i : i + size] for i in range(max(1, len(characters) - size + 1))]
