@@ -181,6 +181,11 @@ class SFTSource:
         labels = batch[1]
         return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
+    def sequences(self, batch: Any) -> int:
+        """The conversations of the micro-batch, over which its balance loss is a mean: a row each, or packed, each
+        starting at position 0."""
+        return int((batch[2] == 0).sum()) if self.packing else batch[0].shape[0]
+
     def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
         input_ids, labels, *packed = (t.to(self.device) for t in batch)
         counted = real_tokens(input_ids, labels, self.tokenizer.pad_id)  # padding is routed, not counted in the load

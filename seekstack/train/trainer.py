@@ -194,7 +194,9 @@ class BatchSource(Protocol):
     source with a `validation_batches(batch_size, count)` method (SFT) is evaluated on what it returns, the same
     `ValidationBatch`es every time, or not at all when it returns None or has no such method (RL). A source with a
     `labelled_tokens(batch)` method (SFT) weighs each micro-batch's loss by that count's share of the step's (a
-    per-token mean over the step); without one (RL) its micro-batches weigh the same. A source with `rows_fit_context`
+    per-token mean over the step); without one (RL) its micro-batches weigh the same. A source with a
+    `sequences(batch)` method (SFT) weighs each micro-batch's balance loss, a mean over its sequences, by their share of
+    the step's (packed rows hold unequal numbers); without one, the same. A source with `rows_fit_context`
     true sizes its rows itself and checks them against the model's context (RL: a prompt and a completion); the
     run's `seq_len` is not held to the context for it. A source with a `record(out_dir)` method (SFT) writes files
     of its own into a new run's out_dir beside its config, once the run has passed every check (a refused run writes
@@ -655,23 +657,31 @@ class _Run:
         labelled_tokens = getattr(self.source, "labelled_tokens", None)
         return 1 if labelled_tokens is None else labelled_tokens(rows)
 
-    def _loss_shares(self, micro_batches: list[Any]) -> list[float]:
-        """Each micro-batch's weight in the step's loss: its share of the labelled targets of all the step's
-        micro-batches on all ranks (all-reduced, as transformers' `num_items_in_batch`) times the number of ranks,
-        whose gradients DDP and FSDP average. 1 / grad_accum_steps each for token windows, which hold as many."""
-        counts = [self._labelled_targets(rows) for rows in micro_batches]
-        total = torch.tensor(sum(counts), dtype=torch.int64, device=self.ranks.device)
-        total = int(distributed.all_reduce_sum(total, self.ranks).item())
-        return [count * self.ranks.world_size / max(total, 1) for count in counts]
+    def _sequences(self, rows: Any) -> int:
+        """The sequences a micro-batch's balance loss averages over: a batch source's `sequences` (SFT's packed rows
+        hold unequal numbers); 1 without it (token windows, padded rows: every micro-batch holds as many)."""
+        sequences = getattr(self.source, "sequences", None)
+        return 1 if sequences is None else sequences(rows)
 
-    def _weighted_loss(self, out: ModelOutput, share: float) -> torch.Tensor:
-        """A micro-batch's part of the step's loss: its per-token terms weighted by `share` (`_loss_shares`), its
-        balance loss, a mean over its sequences (V3 eq. 20), by its share of the step's sequences, 1 /
-        grad_accum_steps (micro-batches hold as many): how the step's rows are split leaves both terms as they are."""
+    def _loss_shares(self, micro_batches: list[Any]) -> list[tuple[float, float]]:
+        """Each micro-batch's weights in the step's loss: its share of the labelled targets of all the step's
+        micro-batches on all ranks (all-reduced, as transformers' `num_items_in_batch`), and of their sequences (for
+        its balance loss), each times the number of ranks, whose gradients DDP and FSDP average. 1 / grad_accum_steps
+        each for token windows, which hold as many of both."""
+        counts = [(self._labelled_targets(rows), self._sequences(rows)) for rows in micro_batches]
+        totals = torch.tensor([sum(column) for column in zip(*counts, strict=True)], device=self.ranks.device)
+        targets, sequences = distributed.all_reduce_sum(totals, self.ranks).tolist()
+        world = self.ranks.world_size
+        return [(count * world / max(targets, 1), held * world / max(sequences, 1)) for count, held in counts]
+
+    def _weighted_loss(self, out: ModelOutput, share: float, sequence_share: float) -> torch.Tensor:
+        """A micro-batch's part of the step's loss: its per-token terms weighted by `share`, its balance loss, a mean
+        over its sequences (V3 eq. 20), by `sequence_share`, its share of the step's sequences (`_loss_shares`): how
+        the step's rows are split leaves both terms as they are."""
         if out.balance_loss is None:
             return out.loss * share
         # the balance loss moved from `share` to its own: + 0 exactly where they agree (token windows' equal shares)
-        return out.loss * share + out.balance_loss * (1 / self.config.grad_accum_steps - share)
+        return out.loss * share + out.balance_loss * (sequence_share - share)
 
     def train_step(self) -> dict[str, Any]:
         config, model = self.config, self.model
@@ -694,7 +704,7 @@ class _Run:
             self.data.batch(config.batch_size, progress=data_progress) for _ in range(config.grad_accum_steps)
         ]
         shares = self._loss_shares(micro_batches)
-        for micro, (rows, share) in enumerate(zip(micro_batches, shares, strict=True)):
+        for micro, (rows, (share, sequence_share)) in enumerate(zip(micro_batches, shares, strict=True)):
             positions, length = self._trained_tokens(rows)
             tokens += positions
             if self.hooks is None:
@@ -709,7 +719,7 @@ class _Run:
                 else:
                     out, own = self.source.loss(self.wrapped, rows, mtp_weight)
                     extra = {name: extra.get(name, 0.0) + value for name, value in own.items()}
-            objective = self._weighted_loss(out, share)
+            objective = self._weighted_loss(out, share, sequence_share)
             objective.backward()
             zero = torch.zeros_like(out.loss)
             mtp, mtp_share = (out.mtp_loss, share) if out.mtp_loss is not None else (zero, 0.0)

@@ -82,3 +82,28 @@ def test_sft_with_packing_trains_and_resumes_exactly_and_not_unpacked(tmp_path):
     refusal = "field 'packing' is false, but the checkpoint in .* was trained with packing=true: .* with packing=true"
     with pytest.raises(ConfigError, match=refusal):  # its place in the packed rows is none in the conversations
         run_sft(unpacked, resume=tmp_path / "a/checkpoints/step_6")
+
+
+def test_packed_micro_batches_weigh_each_conversations_balance_loss_the_same_whatever_the_split(tmp_path, monkeypatch):
+    """Packed rows hold unequal numbers of conversations: a step of 2 rows, or of 2 micro-batches of 1 row, has the
+    same loss and gradients, its balance loss a mean over the step's conversations either way."""
+    gradients: list[list[torch.Tensor]] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        gradients.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    args = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "packing=true"]
+    args += ["max_steps=1", "grad_clip=0", "aux_loss_alpha=0.1"]
+    losses = []
+    for batch_size, accumulated in [(2, 1), (1, 2)]:
+        split = [f"batch_size={batch_size}", f"grad_accum_steps={accumulated}", f"out_dir={tmp_path / str(batch_size)}"]
+        losses.append(run_sft(_config(tmp_path, *args, *split)).losses[0])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for grad, reference in zip(gradients[1], gradients[0], strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
+    source = SFTSource(_config(tmp_path, *args), packing=True)
+    first, second = (source.sequences(source.batch(1, 0.0)) for _ in range(2))
+    assert first != second  # the case the split's equal weights would get wrong
