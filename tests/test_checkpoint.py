@@ -787,6 +787,15 @@ def test_dtype_given_by_name_loads_in_that_dtype_and_auto_in_the_one_the_config_
             seekstack.load_pretrained(tmp_path / "float32", dtype=wrong)
 
 
+def test_torch_dtype_the_name_transformers_users_write_loads_in_that_dtype(tmp_path):
+    """AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16) still loads in transformers 5; ours
+    raised TypeError: load_pretrained() got an unexpected keyword argument 'torch_dtype'."""
+    seekstack.save_pretrained(random_model().bfloat16(), tmp_path / "bfloat16")
+    for torch_dtype, expected in [(torch.float16, torch.float16), ("float32", torch.float32), ("auto", torch.bfloat16)]:
+        loaded = seekstack.load_pretrained(tmp_path / "bfloat16", torch_dtype=torch_dtype)
+        assert loaded.embed_tokens.weight.dtype == expected, torch_dtype
+
+
 def test_saved_config_names_the_dtype_of_the_saved_weights_not_the_dtype_it_was_loaded_from(tmp_path):
     seekstack.save_pretrained(random_model(), tmp_path / "float32")
     rewrite_config(tmp_path / "float32", dtype="float32")  # as transformers 5 writes it

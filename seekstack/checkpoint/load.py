@@ -47,6 +47,7 @@ def load_pretrained(
     dequantize: bool = False,
     offload: Callable[[Transformer], dict[str, MappedCopy]] | None = None,
     mtp: bool = True,
+    torch_dtype: torch.dtype | str | None = None,
 ) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint directory (ours or a release) into a `Transformer`, in eval
     mode as transformers' `from_pretrained` returns a model (no balance loss; `model.train()` to train it).
@@ -61,14 +62,15 @@ def load_pretrained(
     codes or scales) at a time, never whole in memory (seekstack.infer.placement's disk parts).
     Layers stored quantized (fp8, int8, int4) load as quantized modules that run their low-bit kernels
     (seekstack.compress), unless `dequantize` asks for plain float weights.
-    `dtype` is a torch dtype or its name, as transformers' `from_pretrained` takes it (`model_dtype`).
+    `dtype` is a torch dtype or its name, as transformers' `from_pretrained` takes it (`model_dtype`); `torch_dtype`,
+    its earlier name there, which transformers still takes, is `dtype` where given.
     A missing, truncated or damaged file raises CheckpointError naming it. A config transformers computes
     differently (`ModelConfig.transformers_divergences`) is warned about; MoE layers follow the weights' layout.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     config = read_config(directory)
-    dtype = model_dtype(dtype, config)
+    dtype = model_dtype(dtype if torch_dtype is None else torch_dtype, config)
     reader = CheckpointReader(directory, config.extra.get("quantization_config"))
     reader.refuse_keys_in_two_shards()
     unbuilt_mtp = range(0 if mtp else stored_mtp_layers(config, reader))
