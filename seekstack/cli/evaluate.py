@@ -22,8 +22,8 @@ def eval_command(
     tasks: Annotated[
         str,
         typer.Option(
-            help=f"Comma-separated: local tasks ({LOCAL_TASKS}; reason_module:Class for a post-training task of your "
-            "own) or any lm_eval task name"
+            help=f"Comma-separated: local tasks ({LOCAL_TASKS}; reason_module:Class or reason_path/to/problems.jsonl "
+            "for a post-training task of your own) or any lm_eval task name"
         ),
     ] = "code_cloze,code_next_line,code_perplexity",
     corpus: Annotated[Path | None, typer.Option(help="Corpus folder whose val.jsonl the code tasks come from")] = Path(

@@ -8,9 +8,10 @@
 - code_perplexity  rolling log-likelihood of each module's opening; bits per byte, byte and word perplexity.
 
 And from the post-training tasks' held-out split (seekstack/posttrain/tasks), no corpus needed:
-- reason_<task>    (reason_addition, reason_countdown, ..., reason_my_tasks:Parity for your own `module:Class`) the
-                   question in the chat template with the R1 system prompt, a greedy completion until EOS; exact
-                   match = the answer after </think> verifies.
+- reason_<task>    (reason_addition, reason_countdown, ..., reason_my_tasks:Parity for your own `module:Class`,
+                   reason_path/to/problems.jsonl for a file of problems) the question in the chat template with
+                   the R1 system prompt, a greedy completion until EOS; exact match = the answer after </think>
+                   verifies.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.rewards import extract_answer
 from seekstack.posttrain.tasks import TASKS as POSTTRAIN_TASKS
 from seekstack.posttrain.tasks import Problem, make_task, sample_problems
+from seekstack.posttrain.tasks.problems_file import is_problems_file
 from seekstack.tokenizer import EOS, Tokenizer
 
 LINE_TASKS = ("code_cloze", "code_next_line")  # the questions of `next_line_docs`, `per_module` of them a module
@@ -45,9 +47,11 @@ PYTHON_KIND = "code/python"  # the `kind` `seekstack data build` gives a Python 
 
 
 def is_reasoning_task(name: str) -> bool:
-    """Whether `name` is a post-training task's held-out split: one of REASONING_TASKS, or `reason_module:Class`,
-    a task of your own as sft, rl and pass-at-k name it (`task_class`)."""
-    return name in REASONING_TASKS or (name.startswith(REASONING_PREFIX) and ":" in name)
+    """Whether `name` is a post-training task's held-out split: one of REASONING_TASKS, or `reason_module:Class`
+    or `reason_path/to/problems.jsonl`, a task of your own as sft, rl and pass-at-k name it (`task_class`,
+    `is_problems_file`)."""
+    own = name.removeprefix(REASONING_PREFIX)
+    return name in REASONING_TASKS or (name.startswith(REASONING_PREFIX) and (":" in own or is_problems_file(own)))
 
 
 def is_local_task(name: str) -> bool:
@@ -187,8 +191,8 @@ def task_configs(
 def unknown_task(name: str) -> str:
     """What to say of a local task's name that is none."""
     return (
-        f"unknown task {name!r}; the local tasks are {', '.join(TASKS)}, or {REASONING_PREFIX}module:Class for a "
-        "post-training task of your own"
+        f"unknown task {name!r}; the local tasks are {', '.join(TASKS)}, or {REASONING_PREFIX}module:Class or "
+        f"{REASONING_PREFIX}path/to/problems.jsonl for a post-training task of your own"
     )
 
 

@@ -299,8 +299,25 @@ def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_
     assert asked[0][0] == "hellaswag" and asked[0][1]["task"] == "reason_your_task:Parity"  # built here, not lm_eval's
     with pytest.raises(ValueError, match="task 'your_task:Nope': module 'your_task' .* has no class 'Nope'"):
         evaluate(checkpoint, ("reason_your_task:Nope",), device="cpu")
-    with pytest.raises(ValueError, match="unknown task 'reason_parity'; .* or reason_module:Class for a post-training"):
+    with pytest.raises(
+        ValueError,
+        match="unknown task 'reason_parity'; .* or reason_module:Class or reason_path/to/problems.jsonl for a",
+    ):
         evaluate(checkpoint, ("reason_parity",), device="cpu")
+
+
+def test_a_file_of_problems_is_a_reasoning_task_named_reason_and_its_path(checkpoint, tmp_path):
+    """`eval --tasks reason_problems.jsonl` was refused as an unknown task, where rl and pass-at-k take the file."""
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Half of {n}?", "answer": n / 2}) + "\n" for n in range(60)))
+    name = f"reason_{path}"
+    (config,) = task_configs(None, (name,), tokenizer=Tokenizer.from_file(checkpoint))
+    docs = config["custom_dataset"]()["test"]
+    assert len(docs) > 0 and all(split_of(doc["key"]) == "heldout" for doc in docs)
+    half = docs[0]
+    number = float(half["answer"])
+    assert config["process_results"](half, [f"<think> so </think> \\boxed{{{number}}}"]) == {"exact_match": 1.0}
+    assert config["process_results"](half, [f"<think> so </think> {number + 1}"]) == {"exact_match": 0.0}
 
 
 def test_eval_asks_the_reasoning_tasks_at_the_difficulty_given_as_pass_at_k_does(checkpoint, tmp_path, monkeypatch):

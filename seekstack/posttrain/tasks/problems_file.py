@@ -44,7 +44,7 @@ class ProblemsFile:
             where = f"{path}:{number}"
             problem = _problem(record, where)
             first = problems.setdefault(problem.key, (number, problem))
-            if first[1].data["value"] != problem.data["value"]:
+            if first[1].data != problem.data:
                 raise ValueError(f"{where}: field question: line {first[0]}'s question, with another answer")
         if not problems:
             raise ValueError(f"{path}: no problems; {LINE_FORMAT}")
@@ -54,7 +54,7 @@ class ProblemsFile:
         return rng.choice(self.problems)
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return read_number(answer) == problem.data["value"]
+        return read_number(answer) == Fraction(problem.data["value"])
 
 
 def _problem(record: Any, where: str) -> Problem:
@@ -73,7 +73,7 @@ def _problem(record: Any, where: str) -> Problem:
             f"{where}: field answer is {_shown(answer)}: not one number (as answers.read_number reads one: 42, 0.5, "
             '"1,042", "\\\\frac{1}{2}"); a task whose answers are no numbers is a class of your own (module:Class)'
         )
-    return Problem(question, question, str(answer), "", {"value": value})
+    return Problem(question, question, str(answer), "", {"value": str(value)})  # JSON's, as eval's documents hold it
 
 
 def _number(answer: Any) -> Fraction | None:
