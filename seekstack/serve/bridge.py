@@ -3,20 +3,21 @@
 One thread calls `engine.step()` while any request is unfinished: every running request advances
 in the same step (continuous batching), whichever HTTP connection it came from. Each step's
 outputs go, through `call_soon_threadsafe`, to the queue of the API request they belong to; an
-API request with n choices is n engine requests sharing one queue. Aborts are handed to the
-thread and applied before its next step, and requests are added from a worker thread, so the event loop
-never waits for a step to end.
+API request with n choices is n engine requests sharing one queue. New requests and aborts are handed
+to the thread and applied before its next step, so neither the event loop nor a worker thread waits for a
+step to end (a worker waiting on the engine's lock would hold up /health, keys and JSON parsing behind it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from seekstack.infer.engine import Engine
@@ -130,6 +131,8 @@ class AsyncEngine:
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int, _Timing]] = {}
         # (request ids, report, the timing of each still routed): aborts the engine thread applies before its next step
         self._pending_aborts: list[tuple[list[str], asyncio.Future | None, dict[str, _Timing]]] = []
+        # (its caller's future, its group, the add): new requests the engine thread adds before its next step
+        self._pending_adds: list[tuple[asyncio.Future, RequestGroup, Callable[[], None]]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -160,10 +163,16 @@ class AsyncEngine:
         """Add one engine request per choice (prompts[i] with choices[i], constrained by constraints[i] if given),
         on the base or the LoRA adapter named `adapter`; a ValueError (prompt too long, bad parameter) adds none.
 
-        `add_request` waits for the engine's lock, which a step holds throughout: it runs in a worker thread."""
+        `add_request` waits for the engine's lock, which a step holds throughout: the engine thread adds them before
+        its next step. A caller cancelled meanwhile (a stopping server) gets none added, or its group closed."""
         group = RequestGroup(self, [f"req-{uuid.uuid4().hex}" for _ in choices])
         arrival, loop = time.perf_counter(), asyncio.get_running_loop()
-        await asyncio.to_thread(self._add, group, loop, arrival, prompts, choices, adapter, constraints)
+        added = loop.create_future()
+        add = functools.partial(self._add, group, loop, arrival, prompts, choices, adapter, constraints)
+        with self._lock:
+            self._pending_adds.append((added, group, add))
+        self._wake.set()
+        await added
         return group
 
     def _add(
@@ -196,7 +205,6 @@ class AsyncEngine:
                 for request_id in group.request_ids:
                     self._routes.pop(request_id, None)
             raise
-        self._wake.set()
 
     def abort(self, request_ids: list[str], report: asyncio.Future | None = None) -> None:
         """Stop routing these requests now; the engine thread aborts them before its next step and sets `report` (a
@@ -214,6 +222,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            self._apply_adds()
             self._apply_aborts()
             if not self.engine.has_unfinished():
                 self._wake.wait(IDLE_WAIT_S)
@@ -229,6 +238,32 @@ class AsyncEngine:
             self.metrics.engine_state(stats)
             self.metrics.adapters_state(len(self.engine.lora.names), stats.running_adapters, stats.waiting_adapters)
             self.metrics.step_tokens(generated, stats.prefill_tokens)
+
+    def _apply_adds(self) -> None:
+        """Add the requests submitted since the last step, telling each caller how it went."""
+        with self._lock:
+            adds, self._pending_adds = self._pending_adds, []
+        for added, group, add in adds:
+            if added.cancelled():  # its caller is gone: nobody would read or close the requests
+                continue
+            try:
+                add()
+                error = None
+            except Exception as raised:
+                error = raised
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile (a server shutting down)
+                added.get_loop().call_soon_threadsafe(self._answer_add, added, group, error)
+
+    def _answer_add(self, added: asyncio.Future, group: RequestGroup, error: Exception | None) -> None:
+        """On the caller's loop: settle its future, or close the group of a caller cancelled since its requests were
+        added."""
+        if added.cancelled():
+            if error is None:
+                self.abort(group.request_ids)
+        elif error is not None:
+            added.set_exception(error)
+        else:
+            added.set_result(None)
 
     def _apply_aborts(self) -> None:
         with self._lock:

@@ -5,6 +5,8 @@ generated before the abort that nobody read, so their tokens are billed."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from seekstack.infer import Engine, SamplingParams
 from seekstack.serve.bridge import AsyncEngine
@@ -65,7 +67,10 @@ def test_a_prompt_computed_in_a_step_whose_output_an_abort_dropped_is_counted_as
     long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
 
     async def scenario() -> set[int]:
-        group = await bridge.submit([[5, 6, 7, 8], [9, 10]], [long, long])
+        submitting = asyncio.ensure_future(bridge.submit([[5, 6, 7, 8], [9, 10]], [long, long]))
+        await asyncio.sleep(0)  # its requests handed to the engine thread
+        bridge._apply_adds()
+        group = await submitting
         engine.step()  # the prompts computed, their first tokens made; then the client leaves before they are routed
         closing = asyncio.ensure_future(group.close())
         await asyncio.sleep(0)  # its abort handed to the engine thread
@@ -97,3 +102,64 @@ def test_preemptions_reach_the_metrics_as_vllms_num_preemptions(tmp_path):
         bridge.stop()
     preempted = bridge.metrics.registry.get_sample_value("seekstack:num_preemptions_total", {"model_name": "micro"})
     assert engine.preemptions > 0 and preempted == engine.preemptions
+
+
+def test_requests_submitted_during_a_long_step_leave_the_worker_threads_free(tmp_path):
+    """/health's and every request's database reads and JSON parsing run on the event loop's worker threads: requests
+    waiting for a long step (a long prefill) to end must not hold them, or those wait for the step too."""
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
+    real_step, stepping, step_over = engine.step, threading.Event(), threading.Event()
+
+    def long_step():
+        with engine.lock:
+            if not step_over.is_set():  # the first step lasts until the test has probed the workers (at most 5 s)
+                stepping.set()
+                step_over.wait(5)
+                step_over.set()
+            return real_step()
+
+    engine.step = long_step
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    short = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+
+    async def scenario() -> bool:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(2))  # two worker threads
+        groups = [await bridge.submit([[5, 6, 7]], [short])]
+        await asyncio.to_thread(stepping.wait)
+        arriving = [asyncio.create_task(bridge.submit([[8, 9]], [short])) for _ in range(3)]  # more than the workers
+        await asyncio.sleep(0.1)
+        probed_during_the_step = not await asyncio.to_thread(step_over.is_set)  # as /health reads the keys
+        step_over.set()
+        groups += await asyncio.gather(*arriving)
+        for group in groups:
+            async for _ in group:
+                pass
+        return probed_during_the_step
+
+    bridge.start()
+    try:
+        assert asyncio.run(scenario())  # was: the workers waited in add_request for the step's lock
+    finally:
+        bridge.stop()
+    assert not engine.has_unfinished()
+
+
+def test_a_submission_cancelled_before_or_after_the_engine_thread_adds_it_leaves_no_request_running(tmp_path):
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))  # its thread not started: its work is done here
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+
+    async def cancelled(added_first: bool) -> bool:
+        submitting = asyncio.ensure_future(bridge.submit([[5, 6, 7]], [long]))
+        await asyncio.sleep(0)  # handed to the engine thread
+        if added_first:
+            bridge._apply_adds()  # added; its caller learns so at the loop's next turn, cancelled by then
+        submitting.cancel()  # a stopping server
+        bridge._apply_adds()
+        await asyncio.sleep(0)  # the engine thread's answer
+        bridge._apply_aborts()
+        engine.step()  # reports the abort, if any
+        return engine.has_unfinished()
+
+    assert asyncio.run(cancelled(added_first=False)) is False  # never added
+    assert asyncio.run(cancelled(added_first=True)) is False  # added, then closed
