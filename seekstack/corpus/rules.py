@@ -27,6 +27,7 @@ from typing import Literal
 
 import ftfy
 import ftfy.badness
+import regex
 
 from seekstack.corpus.dedup import lsh_can_band, max_lsh_threshold
 from seekstack.corpus.kinds import (
@@ -55,16 +56,16 @@ Profile = Literal["auto", "web", "code", "zh"]
 _DIGIT = re.compile(r"\d")
 _LOREM_IPSUM = re.compile(r"lorem ipsum", re.IGNORECASE)  # as C4 (and FineWeb, through it) finds it
 _LETTER = re.compile(r"[^\W\d_]")
-# Characters that end a sentence: Latin . ! ? and closing quotes, each language's (English " ” ' ’, French » ›, German
-# “ ‘ and « ‹, whose »quotes« close with them); CJK 。！？；：」』, halfwidth ｡ and fullwidth ． (Japanese technical
-# and academic writing's full stop, with ， for its comma); Devanagari
-# (Hindi, Marathi, Nepali, also Bengali's) danda । and ॥; Arabic ؟ and Urdu ۔; Armenian ։; Ethiopic ። ፧; Myanmar ။;
-# Khmer ។ ៕; Tibetan ། (Greek's question mark U+037E is ";" after NFC, not told from a semicolon: Greek prose is
-# judged by its full stops).
-TERMINAL_PUNCTUATION = tuple(
-    ".!?\"\u201d'\u2019\u00bb\u203a\u201c\u2018\u00ab\u2039"
-    "\u2026\u203c\u2047\u2048\u2049\u3002\uff01\uff1f\uff1b\uff1a\u300d\u300f\uff61\uff0e"
-    "\u0964\u0965\u061f\u06d4\u0589\u1362\u1367\u104b\u17d4\u17d5\u0f0d"
+# Characters that end a sentence: those Unicode gives the Sentence_Terminal property, as datatrove's
+# TERMINAL_PUNCTUATION lists them: Latin . ! ?, CJK 。！？, halfwidth ｡ and fullwidth ． (Japanese technical and
+# academic writing's full stop, with ， for its comma), Devanagari (Hindi, Marathi, Nepali, also Bengali's) danda । and
+# ॥, Arabic ؟ and Urdu ۔, Armenian ։, Ethiopic ። ፧, Myanmar ။, Khmer ។ ៕, Santali's Ol Chiki ᱾ ᱿, Mongolian ᠃,
+# Meetei Mayek ꯫, Syriac ܂, Canadian syllabics ᙮ and every other script's; and more: closing quotes, each language's
+# (English " ” ' ’, French » ›, German “ ‘ and « ‹, whose »quotes« close with them), the ellipsis …, CJK ；：」』 and
+# Tibetan ། (Greek's question mark U+037E is ";" after NFC, not told from a semicolon: Greek prose is judged by its
+# full stops).
+SENTENCE_END_MARK = regex.compile(
+    "[\\p{Sentence_Terminal}\"\u201d'\u2019\u00bb\u203a\u201c\u2018\u00ab\u2039\u2026\uff1b\uff1a\u300d\u300f\u0f0d]"
 )
 
 
@@ -459,10 +460,10 @@ def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float | None:
 
 
 def ends_sentence(line: str) -> bool:
-    """Whether the line ends a sentence: its last mark is one of `TERMINAL_PUNCTUATION`, after which only closing
+    """Whether the line ends a sentence: its last mark is a `SENTENCE_END_MARK`, after which only closing
     brackets, citation or footnote marks and emoji may come (`...in 1850.[3]`, `(It rained.)`, `Done! 🎉`)."""
-    tail = line.rstrip()[-SENTENCE_END_TAIL_CHARS:]
-    return _AFTER_SENTENCE_END.sub("", tail).endswith(TERMINAL_PUNCTUATION)
+    tail = _AFTER_SENTENCE_END.sub("", line.rstrip()[-SENTENCE_END_TAIL_CHARS:])
+    return SENTENCE_END_MARK.fullmatch(tail[-1:]) is not None
 
 
 @dataclass(frozen=True)

@@ -400,6 +400,12 @@ def test_hebrew_or_arabic_lines_ending_in_a_stop_then_a_direction_mark_end_sente
         "នេះ​ជា​សៀវភៅ​របស់​ខ្ញុំ។",  # Khmer
         "འདི་ངའི་དཔེ་ཆ་ཡིན། ",  # Tibetan
         "本研究では，提案手法の有効性を実験により示す．",  # Japanese technical writing's ， and ．: its lines failed
+        # scripts whose stops were missing (their prose was removed whole), which Unicode's Sentence_Terminal and
+        # datatrove's TERMINAL_PUNCTUATION hold
+        "ᱥᱟᱱᱛᱟᱲᱤ ᱫᱚ ᱥᱟᱱᱛᱟᱲ ᱦᱚᱲ ᱠᱚᱣᱟᱜ ᱯᱟᱹᱨᱥᱤ ᱠᱟᱱᱟ᱾",  # Santali in Ol Chiki
+        "ᠮᠣᠩᠭᠣᠯ ᠪᠢᠴᠢᠭ ᠪᠣᠯ ᠮᠣᠩᠭᠣᠯ ᠬᠡᠯᠡ ᠶᠢᠨ ᠪᠢᠴᠢᠭ ᠮᠥᠨ᠃",  # Mongolian in its own script
+        "ꯃꯩꯇꯩꯂꯣꯟ ꯑꯁꯤ ꯃꯅꯤꯄꯨꯔꯒꯤ ꯂꯣꯟ ꯑꯃꯅꯤ꯫",  # Manipuri in Meetei Mayek
+        "ܠܫܢܐ ܣܘܪܝܝܐ ܗܘ ܠܫܢܐ ܥܬܝܩܐ܂",  # Syriac
     ],
 )
 def test_a_sentence_ended_in_its_scripts_full_stop_or_question_mark_is_a_terminal_line(sentence: str) -> None:
