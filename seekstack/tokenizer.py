@@ -55,8 +55,9 @@ TOOL_TOKENS = (
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
-# Where transformers pads a batch: on the left, before each prompt, as generate needs and DeepSeek's releases pad
-# (their tokenizer_config.json's LlamaTokenizerFast pads left; PreTrainedTokenizerFast, ours, pads right unless told)
+# Where transformers pads a batch: on the left, before each prompt, as generate needs (it warns of right padding) and
+# transformers 4 pads DeepSeek's releases (their LlamaTokenizerFast); PreTrainedTokenizerFast, ours, pads right unless
+# told, as does the TokenizersBackend transformers 5 loads a release's byte-level tokenizer.json as
 PADDING_SIDE = "left"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the R1 format's reasoning block: <think> reasoning </think> answer
 # OpenAI's message roles; developer (its newer system) is read as system

@@ -254,10 +254,10 @@ def test_transformers_loads_files_unchanged_and_encodes_identically(trained):
     assert auto.model_max_length == 4096
 
 
-def test_transformers_pads_a_batch_on_the_left_as_it_pads_deepseeks_release_tokenizer(trained, tmp_path):
+def test_transformers_pads_a_batch_on_the_left_where_generate_continues_each_prompt(trained, tmp_path):
     """PreTrainedTokenizerFast pads on the right unless told, and a batch padded so is continued after its padding by
-    transformers' generate; DeepSeek's releases (LlamaTokenizerFast) pad on the left. So do a trained tokenizer and a
-    model folder's copy of one trained before it said so."""
+    transformers' generate; transformers 4 padded DeepSeek's releases (LlamaTokenizerFast) on the left. So do a
+    trained tokenizer and a model folder's copy of one trained before it said so."""
     _, out_dir = trained
     auto = transformers.AutoTokenizer.from_pretrained(str(out_dir))
     batch = auto(["def f():", "import os, sys"], padding=True)
