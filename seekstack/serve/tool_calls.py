@@ -58,8 +58,8 @@ def _partial_suffix(text: str, marker: str) -> int:
 class ToolCallParser:
     """One choice's reply, pushed piece by piece, released as content and tool-call deltas; without `parallel` (a
     request's parallel_tool_calls false) its first call only, the later ones dropped, as vLLM drops them. The
-    `hidden` tokens are left out of the content and the reasoning: the special tokens a reply's text keeps for this
-    parser alone."""
+    `hidden` tokens are left out of the content, the reasoning and the calls: the special tokens a reply's text keeps
+    for this parser alone."""
 
     def __init__(self, parallel: bool = True, hidden: Collection[str] = ()) -> None:
         self.parallel, self.hidden = parallel, hidden
@@ -95,7 +95,7 @@ class ToolCallParser:
                 start = self.held.find(ARGUMENTS_START, sep + len(TOOL_SEP)) if sep >= 0 else -1
                 if start < 0:
                     break
-                name = self.held[sep + len(TOOL_SEP) : start].strip()
+                name = self.without_hidden(self.held[sep + len(TOOL_SEP) : start]).strip()
                 call = ToolCall(id=new_call_id(), function=FunctionCall(name=name, arguments=""))
                 self.calls.append(call)
                 index = len(self.calls) - 1
@@ -105,7 +105,7 @@ class ToolCallParser:
             elif self.part == "arguments":
                 end = self.held.find(ARGUMENTS_END)
                 size = end if end >= 0 else len(self.held) - _partial_suffix(self.held, ARGUMENTS_END)
-                piece = self.held[:size]
+                piece = self.without_hidden(self.held[:size])
                 self.held = self.held[size + len(ARGUMENTS_END) :] if end >= 0 else self.held[size:]
                 index = len(self.calls) - 1
                 self.calls[index].function.arguments += piece
@@ -129,9 +129,9 @@ class ToolCallParser:
     @classmethod
     def for_request(cls, request: ChatCompletionRequest, tokenizer: Tokenizer) -> ToolCallParser:
         """The parser of a reply to `request`, which offers tools: its parallel_tool_calls, and where it skips special
-        tokens (the default) all of them left out of the content and the reasoning, as of a reply to a request without
-        tools (the text keeps them for the parser; a stray <｜Assistant｜> left in made the conversation's next request
-        a 400)."""
+        tokens (the default) all of them left out of the content, the reasoning and the calls, as of a reply to a
+        request without tools (the text keeps them for the parser; a stray <｜Assistant｜> left in made the
+        conversation's next request a 400)."""
         return cls(request.parallel_tool_calls, tokenizer.special_tokens if request.skip_special_tokens else ())
 
     def delta(self, delta: ChatDelta, finish_reason: str | None) -> tuple[ChatDelta, str | None]:

@@ -357,6 +357,19 @@ def test_tokenize_counts_the_tools_a_chat_lists_as_the_call_is_billed(engine, tm
     assert counted.json()["tokens"] == engine.tokenizer.encode_chat(ASK, tools=[MOVE])
 
 
+def test_a_call_leaves_special_tokens_out_of_its_arguments_so_that_it_can_be_replayed_whole_and_streamed():
+    """As its content does: '{"way": "n<｜Assistant｜>"}' came back as written, and an agent replaying the call got a
+    400 ("chat message 1 tool_calls[0] contains the special token '<｜Assistant｜>'")."""
+    written = '{"way": "n' + ASSISTANT + '"}'
+    pieces = [TOOL_CALLS_BEGIN, *tool_call_text("move", written).partition(ASSISTANT), "<｜tool▁calls▁end｜>"]
+    reply = AssistantMessage(content="".join(pieces))
+    message, _ = message_with_calls(reply, "stop", ToolCallParser(hidden=[ASSISTANT]))
+    assert message.tool_calls[0].function.arguments == '{"way": "n"}'
+    parser = ToolCallParser(hidden=[ASSISTANT])
+    deltas = [delta for piece in pieces for delta in parser.push(piece)[1]]
+    assert "".join(delta.function.arguments for delta in deltas) == '{"way": "n"}'
+
+
 def test_with_a_reasoning_parser_a_reply_offered_tools_leaves_special_tokens_out_of_its_reasoning_too():
     """As out of its content, and as out of a reply without tools: the reasoning kept them (served by DeepSeek-R1's
     template, a reply forced onto <｜Assistant｜> by logit_bias gave reasoning_content '<｜Assistant｜><｜Assistant｜>',
