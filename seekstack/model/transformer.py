@@ -150,6 +150,7 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         counted: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         inputs_embeds: None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -168,7 +169,8 @@ class Transformer(nn.Module):
         `attention_mask` (B, T), transformers' (1 a token, 0 padding): no token attends to padding, so a left- or
         right-padded row's logits and losses are its own alone: it is `counted` unless that is given, and a
         prediction made at padding or of padding is left out of the losses (transformers counts them unless their
-        labels are -100).
+        labels are -100). `position_ids` is transformers' name of `positions` (a padding-free batch of TRL's
+        DataCollatorWithFlattening, through peft's wrapper), taken the same.
         `inputs_embeds`, `output_attentions`, `output_hidden_states` and `return_dict` are transformers' keywords, which
         peft's CAUSAL_LM wrapper passes on: the first three only unset (None or False), return_dict=False returns
         `ModelOutput.to_tuple()` as transformers returns a tuple.
@@ -178,6 +180,10 @@ class Transformer(nn.Module):
                 "inputs_embeds, output_attentions and output_hidden_states are not supported: give input_ids (the "
                 "output's hidden_states is the final norm's output, the input of the head)"
             )
+        if position_ids is not None:
+            if positions is not None:
+                raise ValueError("positions and position_ids are one argument under two names: give one")
+            positions = position_ids
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids have shape {tuple(input_ids.shape)}: expected (batch, seq_len) token ids; one sequence is "

@@ -125,6 +125,21 @@ def test_a_packed_row_has_the_losses_gradients_and_expert_load_of_its_sequences_
         torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
 
 
+def test_transformers_position_ids_are_positions_a_flattened_batch_packs_by():
+    """TRL's padding-free collator (DataCollatorWithFlattening) gives input_ids, labels and position_ids, which peft's
+    wrapper passes on as keywords: the forward takes them as its `positions`."""
+    model = Transformer(micro_config()).eval()
+    ids = torch.randint(0, 128, (1, 10))
+    positions = torch.cat((torch.arange(6), torch.arange(4)))[None]
+    with torch.no_grad():
+        named = model(ids, labels=ids, position_ids=positions)
+        ours = model(ids, labels=ids, positions=positions)
+    torch.testing.assert_close(named.logits, ours.logits, rtol=0, atol=0)
+    assert named.lm_loss == ours.lm_loss
+    with pytest.raises(ValueError, match="positions and position_ids are one argument under two names"):
+        model(ids, positions=positions, position_ids=positions)
+
+
 def test_forward_refuses_input_ids_that_are_not_a_batch_and_an_attention_mask_of_another_shape():
     model = Transformer(micro_config())
     with pytest.raises(ValueError, match=re.escape("input_ids have shape (8,): expected (batch, seq_len)")):
