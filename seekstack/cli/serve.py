@@ -71,9 +71,15 @@ def serve_command(
     served_model_name: Annotated[
         str | None, typer.Option(help="Model id in the API; default the folder's name (a run out_dir's own name)")
     ] = None,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Requests decoded together")] = (
-        EngineOptions.max_batch_size
-    ),
+    max_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--max-batch-size",
+            "--max-num-seqs",
+            min=1,
+            help="Requests decoded together (vLLM's --max-num-seqs); more wait",
+        ),
+    ] = EngineOptions.max_batch_size,
     max_model_len: Annotated[
         int | None,
         typer.Option(min=1, help="Prompt + completion tokens per request; default the model's context"),

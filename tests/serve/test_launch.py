@@ -94,3 +94,14 @@ def test_serve_refuses_an_invalid_moderation_policy_as_a_bad_option_value_before
     assert refused.exit_code == 2, refused.output  # was 1: a usage error, as a bad --kv-cache-memory
     assert f"Invalid value for '--moderation-policy': {policy}: field 'categories.x.threshold'" in refused.stderr
     assert "note: dtype" not in refused.stderr  # the usage error alone: the dtype note of the weights came first
+
+
+@pytest.mark.parametrize("option", ["--max-batch-size", "--max-num-seqs"])
+def test_serve_takes_vllms_max_num_seqs_for_the_requests_decoded_together(tmp_path, monkeypatch, option):
+    built = []
+    monkeypatch.setattr(
+        "seekstack.serve.launch.build_server", lambda model, options, **kw: built.append(options) or (None, "")
+    )
+    monkeypatch.setattr("seekstack.serve.launch.run_server", lambda *args: None)
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), option, "3"])
+    assert result.exit_code == 0 and [options.engine.max_batch_size for options in built] == [3], result.output
