@@ -339,10 +339,13 @@ class Tokenizer:
         copy.add_special_tokens([AddedToken(token, special=True) for token in unflagged])
         return copy
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`, special tokens kept as their strings and added tokens as their own text; ids the tokenizer
-        does not have (a model's vocabulary padded past it) give none."""
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`, special tokens kept as their strings (left out with `skip_special_tokens`, as transformers'
+        and vLLM's tokenizers take it) and added tokens as their own text; ids the tokenizer does not have (a model's
+        vocabulary padded past it) give none."""
         ids = [int(token_id) for token_id in ids]  # numpy or torch scalars hash unlike the ints they equal
+        if skip_special_tokens:
+            ids = [token_id for token_id in ids if token_id not in self.special_ids]
         if self._misread_added.keys().isdisjoint(ids):
             return self.backend.decode(ids, skip_special_tokens=False)
         pieces = [self.decoder_piece(token_id) for token_id in ids]

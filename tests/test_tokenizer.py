@@ -273,6 +273,15 @@ def test_transformers_pads_a_batch_on_the_left_where_generate_continues_each_pro
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "model")).padding_side == "left"
 
 
+def test_decode_skips_special_tokens_when_asked_as_transformers_decode_does(trained):
+    tokenizer, out_dir = trained
+    auto = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+    ids = tokenizer.encode(f"{BOS}print('é'){EOS}{USER}q{ASSISTANT}<｜tool▁calls▁begin｜>a")
+    skipped = tokenizer.decode(ids, skip_special_tokens=True)
+    assert skipped == auto.decode(ids, skip_special_tokens=True) == "print('é')qa"
+    assert tokenizer.decode(ids) == auto.decode(ids)  # kept by default, in both
+
+
 def test_chat_renders_deepseek_v3_string_exactly(trained):
     tokenizer, _ = trained
     assert tokenizer.render_chat(CHAT) == (
