@@ -108,7 +108,9 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     `用@functools.wraps装饰` is none), or a common or country one written against text of a script without spaces
     (`张伟@example.com谢谢`); not before "(": `weights@inputs.mean()` is a matrix product and a method call. Matched
     too, for `_is_address` to tell: an scp-style remote (`git@github.com:user/repo.git`, `bob@server:~/notes`) whole,
-    as group `remote_login`, and an unknown ASCII top-level domain before a ">" (".>"), as group `unknown_domain`."""
+    as group `remote_login`, and an unknown ASCII top-level domain before a ">" (".>"), as group `unknown_domain`. A
+    domain may also be an IPv4 address literal in brackets (RFC 5321: `postmaster@[93.184.216.34]`), the mailbox of
+    a host without a name, replaced whole, as datatrove's PIIFormatter replaces it."""
     outside = re.compile(f"[^{excluded}]" if excluded else r"[\s\S]")
     marks = "".join(mark for mark in _COMBINING_MARKS if outside.match(mark))
     # A mark continues a part, never starts one. Marks are a set beside the letters' rather than a branch: re tests
@@ -128,7 +130,7 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(
-        rf"{local_part}(?:(?P<remote_login>[\w.-]+:(?:[\w~.-]*/|[\w.-]*\.git\b))"
+        rf"{local_part}(?:(?P<remote_login>[\w.-]+:(?:[\w~.-]*/|[\w.-]*\.git\b))|\[\d{{1,3}}(?:\.\d{{1,3}}){{3}}\]"
         rf"|(?:{alnum}(?:{alnum}|[{marks}-])*\.)+"
         rf"(?:(?:{one_case}(?i:{_any_of(_TOP_LEVEL_DOMAINS)})|(?P<unknown_domain>[A-Za-z]{{2,}}(?=\.?>))"
         rf"|{other_letter}(?:{other_letter}|[{marks}])+){word_end}"

@@ -757,6 +757,16 @@ def test_a_four_part_number_after_a_word_naming_a_version_is_kept_and_an_address
     )
 
 
+def test_a_mailbox_at_an_address_literal_is_replaced_whole() -> None:
+    """RFC 5321's `user@[93.184.216.34]`: its IP alone was replaced, `john.smith@[<IP>]` keeping the name; datatrove's
+    PIIFormatter replaces the address whole, as here. A URL's user at an address literal keeps its user."""
+    assert scrub_pii("Mail john.smith@[93.184.216.34] or root@[127.0.0.1].") == (
+        "Mail <EMAIL> or <EMAIL>.",
+        {"email": 2},
+    )
+    assert scrub_pii("http://user@[93.184.216.34]/") == ("http://user@[<IP>]/", {"ip": 1})
+
+
 def test_file_names_with_an_at_sign_are_not_e_mail_addresses() -> None:
     """Retina images (`logo@2x.png`) and pinned packages (`react-dom@18.2.0.js`) were replaced with <EMAIL>; an address
     whose domain merely holds such a label is still one."""
