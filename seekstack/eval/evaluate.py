@@ -28,6 +28,8 @@ from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # as both backends read them; auto: config.json's
+# what lm_eval's results JSON records of each task beside its results, kept as it names them
+LM_EVAL_TASK_RECORDS = ("versions", "n-shot", "higher_is_better")
 LM_EVAL_SEEDS = "0,1234,1234,1234"  # lm_eval's --seed default: Python's, numpy's, torch's and the few-shot sampler's
 
 
@@ -57,8 +59,9 @@ def evaluate(
     model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); the
     reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k --difficulty` takes it); `seed` as
     lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend",
-    "wall_s", "results": {task: {metric: value}}, "samples": n per task, "options": what it ran with, as `seekstack
-    eval` takes them (corpus and per_module None where no task read them)}."""
+    "wall_s", "results": {task: {metric: value}}, lm_eval's "versions", "n-shot" and "higher_is_better" of each task
+    (the examples each ran with, its own default where num_fewshot is None), "samples": n per task, "options": what
+    it ran with, as `seekstack eval` takes them (corpus and per_module None where no task read them)}."""
     if all(is_local_task(task) for task in tasks):  # they never download: say so to `datasets` (read at its import)
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # an lm_eval task's dataset downloads, as under lm_eval
     lm_eval = import_extra("lm_eval", "eval", "seekstack eval")
@@ -135,8 +138,8 @@ def evaluate(
         "difficulty": difficulty, "seed": None if seed is None else ",".join(map(str, seeds)),
     }  # fmt: skip
     return {
-        "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results, "samples": samples,
-        "options": options,
+        "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results,
+        **{key: output.get(key, {}) for key in LM_EVAL_TASK_RECORDS}, "samples": samples, "options": options,
     }  # fmt: skip
 
 

@@ -161,6 +161,19 @@ def test_eval_outside_a_git_checkout_prints_no_git_error(checkpoint, tmp_path, m
     assert "not a git repository" not in capfd.readouterr().err
 
 
+def test_results_record_each_tasks_n_shot_version_and_direction_as_lm_evals_results_json(checkpoint, tmp_path):
+    """results.json kept the scores alone: how many few-shot examples each task ran with (its own default where
+    --num-fewshot is left out), its version and which way is better were lost; lm_eval records them beside its
+    results as n-shot, versions and higher_is_better."""
+    from seekstack.eval.evaluate import evaluate
+
+    corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE])  # a second module to draw the example from
+    report = evaluate(checkpoint, ("code_perplexity",), corpus, limit=1, device="cpu", num_fewshot=1)
+    assert report["n-shot"] == {"code_perplexity": 1} and report["versions"] == {"code_perplexity": 1}
+    directions = {"bits_per_byte": False, "byte_perplexity": False, "word_perplexity": False}
+    assert report["higher_is_better"] == {"code_perplexity": directions}
+
+
 def test_log_samples_writes_lm_evals_own_results_and_samples_files_that_its_tools_read(checkpoint, tmp_path):
     """seekstack eval kept only its own results.json: no per-request samples, no file of lm_eval's shape."""
     from lm_eval.utils import make_table
