@@ -70,9 +70,9 @@ def call_scores(engine: Engine, conversations: list[Conversation]) -> tuple[floa
     greedy = SamplingParams(max_new_tokens=48, temperature=0.0, skip_special_tokens=False)
     parsed = function = arguments = 0
     for c, completion in zip(conversations, engine.generate(prompts, greedy), strict=True):
-        message, _ = message_with_calls(AssistantMessage(content=completion.text), completion.finish_reason)
+        message, reason = message_with_calls(AssistantMessage(content=completion.text), completion.finish_reason)
         expected = c[1]["tool_calls"][0]["function"]
-        calls = message.tool_calls or []
+        calls = message.tool_calls if reason == "tool_calls" else []  # a call cut by max_new_tokens comes back cut
         if len(calls) == 1:
             right_function = calls[0].function.name == expected["name"]
             parsed, function = parsed + 1, function + right_function
