@@ -17,6 +17,8 @@ BOXED = re.compile(r"\\boxed\s*\{")
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 SIZING = re.compile(r"\\left|\\right")  # LaTeX's sizing of parentheses, nothing to the value
 VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
+# DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too)
+ANSWER_LABEL = re.compile(r"(?i:(?:final\s+)?answer)\s*:\s*")
 # ASCII digits, in thousands of three by "," or "{,}" maybe ("1,000", not "1,00"); a decimal part maybe.
 UNSIGNED = r"(?:[0-9]{1,3}(?:(?:,|\{,\})[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 NUMBER = re.compile(
@@ -28,12 +30,14 @@ NUMBER = re.compile(
 
 def final_answer(answer: str) -> str | None:
     """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested), else of the last
-    `<answer>...</answer>`, else `answer`; outside math delimiters (`$57$`) and a closing period. None when the last
-    box is never closed."""
+    `<answer>...</answer>`, else `answer`; after an `Answer:` label, outside math delimiters (`$57$`) and a closing
+    period. None when the last box is never closed."""
     boxes = list(BOXED.finditer(answer))
     if boxes:
         return _braced(answer, boxes[-1].end())
     text = _tagged(answer).strip().removesuffix(".").strip()
+    labelled = ANSWER_LABEL.match(text)
+    text = text[labelled.end() if labelled else 0 :]
     for opening, closing in MATH_DELIMITERS:
         if len(text) > len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
             return text[len(opening) : -len(closing)].strip().removesuffix(".").strip()
