@@ -13,6 +13,7 @@ from seekstack.infer.outputs import EngineStats
 PREFIX = "seekstack:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+FINISH_REASONS = ("stop", "length", "abort", "error")  # RequestOutput.finish_reason's values
 
 
 class ServerMetrics:
@@ -55,6 +56,8 @@ class ServerMetrics:
             PREFIX + "request_success", "Finished requests by reason.", ["model_name", "finished_reason"],
             registry=self.registry,
         )  # fmt: skip
+        for reason in FINISH_REASONS:  # each at 0 from the start, as vLLM's: increase() then counts a reason's first
+            self._request_success.labels(model_name, reason)
         self._lora_info = Gauge(
             PREFIX + "lora_requests_info",
             "The LoRA adapters that running and waiting requests use (names joined by commas) and the adapters loaded; "

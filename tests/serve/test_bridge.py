@@ -163,3 +163,15 @@ def test_a_submission_cancelled_before_or_after_the_engine_thread_adds_it_leaves
 
     assert asyncio.run(cancelled(added_first=False)) is False  # never added
     assert asyncio.run(cancelled(added_first=True)) is False  # added, then closed
+
+
+def test_every_finish_reason_is_scraped_from_zero_before_its_first_request():
+    """As vLLM's: a series that first appears at 1 is missed by Prometheus' increase() and rate()."""
+    metrics = ServerMetrics("micro")
+    counts = {
+        reason: metrics.registry.get_sample_value(
+            "seekstack:request_success_total", {"model_name": "micro", "finished_reason": reason}
+        )
+        for reason in ("stop", "length", "abort", "error")
+    }
+    assert counts == {"stop": 0, "length": 0, "abort": 0, "error": 0}  # was: no sample until one finished so
