@@ -138,6 +138,7 @@ class ProseRules(KindRules):
     """Rules for prose: Gopher's thresholds, no line-length rules, FineWeb's terminal punctuation rule."""
 
     min_words: NonNegative = 50
+    max_words: Positive = 100_000
     max_symbol_word_ratio: NonNegativeFloat = 0.1
     max_bullet_line_fraction: Fraction | None = 0.9
     max_ellipsis_line_fraction: Fraction | None = 0.3
@@ -163,6 +164,7 @@ class CJKRules(ProseRules):
 
     min_chars: NonNegative = 100  # a CJK character carries about as much as an English word
     min_words: NonNegative = 80
+    max_words: Positive = 200_000  # characters: Gopher's 100,000 words are 150,000-270,000 of them
     min_alpha_word_fraction: Fraction = 0.6  # each punctuation mark is a word of its own
     min_mean_word_chars: NonNegativeFloat | None = None
     max_mean_word_chars: PositiveFloat | None = None

@@ -32,6 +32,7 @@ from seekstack.corpus.kinds import UNSPACED_WORD_CHARS, detect_kind
 from seekstack.corpus.pii import scrub_pii
 from seekstack.corpus.rules import (
     RULES,
+    CJKRules,
     CleaningConfig,
     CodeRules,
     KindRules,
@@ -165,6 +166,14 @@ def test_a_placeholder_page_of_lorem_ipsum_is_removed_as_c4_removes_it() -> None
     kind, _ = rule_kind(text, "auto")
     assert failed_rule(text, CleaningConfig().rules_for(kind)) == "lorem_ipsum"
     assert failed_rule(text, ProseRules(max_lorem_ipsum=None)) is None
+
+
+def test_prose_of_more_than_gophers_100000_words_is_removed() -> None:
+    """Gopher (datatrove's GopherQualityFilter, max_doc_words): 50 to 100,000 words; prose was allowed code's 200,000.
+    CJK text, counted in characters (1.5-2.7 a word), keeps 200,000."""
+    assert not fails("max_words", "word " * 100_000, ProseRules())
+    assert fails("max_words", "word " * 100_001, ProseRules())
+    assert CJKRules().max_words == 200_000 and CodeRules().max_words == 200_000
 
 
 def test_every_rule_has_a_bad_document() -> None:
