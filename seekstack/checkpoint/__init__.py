@@ -20,6 +20,7 @@ from seekstack.checkpoint.save import (
     save_aligned,
     save_pretrained,
     write_config,
+    write_generation_config,
     write_pretrained_files,
     write_shards,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "stored_float_dtype",
     "stored_tensor_bytes",
     "write_config",
+    "write_generation_config",
     "write_pretrained_files",
     "write_shards",
 ]

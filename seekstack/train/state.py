@@ -37,6 +37,7 @@ from seekstack.checkpoint import (
     load_pretrained,
     read_config,
     refuse_hf_export,
+    write_generation_config,
     write_pretrained_files,
 )
 from seekstack.checkpoint.keys import refused_global
@@ -249,7 +250,8 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     """The model of a training checkpoint (or of a run's newest one) as a plain Hugging Face-format folder: the
     same config, safetensors and tokenizer files, without the training state. The tokenizer_config.json's
     model_max_length becomes the model's context (a checkpoint written before 3 December 2026 says the tokenizer's
-    4096). `init_from` reads it back."""
+    4096), and a checkpoint without a generation_config.json (saved before 5 December 2026) gets the one
+    transformers writes (`write_generation_config`). `init_from` reads it back."""
     source = Path(source)
     if not (source / TRAIN_STATE_FILE).is_file():
         source = latest_checkpoint(source)
@@ -266,4 +268,6 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     with atomic_directory(out) as staging:
         for entry in files:
             copy_model_folder_file(entry, staging, config.max_position_embeddings)
+        if not (staging / GENERATION_CONFIG_FILE).is_file():  # a checkpoint saved before they held one
+            write_generation_config(config, staging)
     return out

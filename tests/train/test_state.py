@@ -56,6 +56,7 @@ def test_a_checkpoint_holds_its_tokenizer_as_tokenizer_json_whatever_the_file_wa
     path = save_checkpoint(tmp_path / "run", Transformer(micro_config()), {"step": 1}, keep=1, extra_files=extra_files)
     assert sorted(entry.name for entry in path.iterdir() if "tokenizer" in entry.name or entry.suffix == ".json") == [
         "config.json",
+        "generation_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
@@ -71,6 +72,17 @@ def test_export_gives_an_older_checkpoints_tokenizer_config_the_models_context(t
     config = json.loads((exported / "tokenizer_config.json").read_text())
     assert config["model_max_length"] == model.config.max_position_embeddings == 256
     assert config["eos_token"] == json.loads((old / "tokenizer_config.json").read_text())["eos_token"]
+
+
+def test_export_of_a_checkpoint_saved_without_a_generation_config_writes_the_one_transformers_writes(tmp_path):
+    """A checkpoint saved before seekstack wrote generation_config.json exported none, and transformers'
+    GenerationConfig.from_pretrained refused the export ('does not appear to have a file named ...')."""
+    from transformers import GenerationConfig
+
+    old = save_checkpoint(tmp_path / "run", Transformer(micro_config(eos_token_id=7)), {"step": 1}, keep=1)
+    (old / "generation_config.json").unlink()
+    exported = export_checkpoint(old, tmp_path / "exported")
+    assert GenerationConfig.from_pretrained(exported).eos_token_id == 7
 
 
 def test_a_retention_killed_while_deleting_a_checkpoint_leaves_no_step_folder_with_part_of_its_files(
