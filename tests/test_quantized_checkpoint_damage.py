@@ -175,6 +175,19 @@ def test_int_weights_under_an_fp8_quantization_config_are_refused_naming_the_fil
     assert f"is stored as I32, but the quantization_config of {directory / 'config.json'} is 'fp8'" in message
 
 
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
+def test_asymmetric_int_weights_are_refused_naming_the_config_and_the_group(tmp_path, dequantize):
+    """llm-compressor's W4A16_ASYM: codes with zero points, which codes x scales would read shifted (it loaded,
+    zero points warned of as unused keys only)."""
+    directory = save_quantized(tmp_path / "int4", "int4")
+    damage(directory / SINGLE_FILE, lambda tensors: tensors.__setitem__(f"{Q_B}.weight_zero_point", torch.ones(96, 1)))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    (directory / "config.json").write_text(json.dumps(config))
+    message = load_error(directory, dequantize)
+    assert message.startswith(f"{directory / 'config.json'}: quantization_config group 'group_0' says symmetric=false")
+
+
 @pytest.mark.parametrize("dtype, stored", [(torch.float32, "F32"), (torch.float8_e5m2, "F8_E5M2")])
 def test_an_expert_stored_unlike_the_others_is_refused_naming_its_shard_its_key_and_both_formats(
     tmp_path, dtype, stored

@@ -147,6 +147,7 @@ class CheckpointReader:
             if fp8:
                 self.fp8_block = _fp8_block(quantization, directory / CONFIG_FILE)
         self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
+        _refuse_asymmetric_groups(self.config_groups, directory / CONFIG_FILE)
         self.used: set[str] = set()
 
     def _index(self) -> dict[str, str]:
@@ -456,6 +457,19 @@ class CheckpointReader:
             return read(self._handles[file])
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
+
+
+def _refuse_asymmetric_groups(config_groups: dict[str, Any], config_path: Path) -> None:
+    """CheckpointError naming the file and the group for a compressed-tensors group whose weights are asymmetric
+    (`symmetric: false`, codes with a `weight_zero_point`, as llm-compressor's W4A16_ASYM writes them): seekstack's
+    int8/int4 layers read codes x scales only, so their weights would load shifted by the zero points."""
+    for name, group in config_groups.items():
+        if (group.get("weights") or {}).get("symmetric", True) is not True:
+            raise CheckpointError(
+                f"{config_path}: quantization_config group {name!r} says symmetric=false (codes with zero points); "
+                "seekstack reads symmetric int8/int4 weights only (codes x scales), and would read these shifted; "
+                "dequantize the checkpoint where it was made (compressed-tensors, transformers) and load the float one"
+            )
 
 
 def _fp8_block(quantization: dict[str, Any], config_path: Path) -> tuple[int, int]:
