@@ -171,8 +171,12 @@ def task_configs(
     unknown = [task for task in tasks if not is_local_task(task)]
     if unknown:
         raise ValueError(unknown_task(unknown[0]))
-    # a few-shot example (--num-fewshot) ends its line, as the module's next line does, before the next one's context
-    common = {"test_split": "test", "target_delimiter": "", "fewshot_delimiter": "\n", "metadata": {"version": 1}}
+    # a few-shot example (--num-fewshot) ends its line, as the module's next line does, before the next one's context;
+    # the examples come from the test split itself, named as the few-shot split so lm_eval leaves the question out
+    common = {
+        "test_split": "test", "fewshot_split": "test", "target_delimiter": "", "fewshot_delimiter": "\n",
+        "metadata": {"version": 1},
+    }  # fmt: skip
     reasoning = [task for task in tasks if is_reasoning_task(task)]
     if reasoning and tokenizer is None:
         raise ValueError(f"the reasoning tasks ({', '.join(reasoning)}) need the model's tokenizer for the chat prompt")

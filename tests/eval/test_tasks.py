@@ -240,6 +240,21 @@ def test_a_few_shot_example_of_the_line_tasks_ends_its_line_before_the_next_ques
         assert any(examples.endswith(doc["target"] + "\n") for doc in docs), (name, examples[-80:])
 
 
+def test_a_few_shot_example_is_never_the_document_asked_about(tmp_path):
+    """The local tasks draw their examples from the test split itself, and lm_eval left the question out of them only
+    when the few-shot split is named: with --num-fewshot 2 of 3 documents, a document was its own example (a
+    code_cloze question shown with its answer line before it was asked)."""
+    from lm_eval.api.task import ConfigurableTask
+
+    texts = [f"opening_{i} = {i}\n" * 3 for i in range(3)]
+    [config] = task_configs(write_corpus(tmp_path / "corpus", texts), ("code_perplexity",))
+    task = ConfigurableTask(config={**config, "num_fewshot": 2})
+    task.set_fewshot_seed(1234)
+    for doc in task.test_docs():
+        examples = task.fewshot_context(doc, num_fewshot=2)
+        assert doc["text"] not in examples and examples.count("opening_") == 6  # the two others, 3 lines each
+
+
 def test_help_lists_every_local_task():
     from seekstack.cli.evaluate import LOCAL_TASKS
 
