@@ -119,7 +119,7 @@ def require_known_fields(cls: type, values: Mapping[str, Any], source: str | Non
     known = [f.name for f in dataclasses.fields(cls)]
     for name in values:
         if name not in known:
-            raise ConfigError(f"unknown field {name!r}; {known_fields(name, known)}").at(source)
+            raise ConfigError(f"unknown field {name!r}; {known_fields(name, known, field_notes(cls))}").at(source)
 
 
 def _value_note(cls: type, name: str, value: Any) -> str:
@@ -235,7 +235,9 @@ def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str])
         head, _, rest = key.partition(".")
         head = overridden_field(cls, key)
         if head not in hints:
-            raise ConfigError(f"override {override!r}: unknown field {head!r}; {known_fields(head, sorted(hints))}")
+            raise ConfigError(
+                f"override {override!r}: unknown field {head!r}; {known_fields(head, sorted(hints), field_notes(cls))}"
+            )
         if not rest:
             values[head] = parse_value(text, hints[head], head)
             continue
@@ -255,11 +257,18 @@ def apply_overrides(cls: type, values: dict[str, Any], overrides: Sequence[str])
     return values
 
 
-def known_fields(name: str, known: Sequence[str]) -> str:
-    """What to say after an unknown field `name`: the closest of the `known` names, if one is close, then them all."""
+def known_fields(name: str, known: Sequence[str], notes: Mapping[str, str] | None = None) -> str:
+    """What to say after an unknown field `name`: what `notes` say of it (another tool's name for a field, say), else
+    the closest of the `known` names, if one is close; then them all."""
     close = difflib.get_close_matches(name, known, n=1)
-    did_you_mean = f"did you mean {close[0]!r}? " if close else ""
-    return f"{did_you_mean}known fields are {', '.join(known)}"
+    note = (notes or {}).get(name)
+    hint = f"{note}; " if note else f"did you mean {close[0]!r}? " if close else ""
+    return f"{hint}known fields are {', '.join(known)}"
+
+
+def field_notes(cls: type) -> Mapping[str, str]:
+    """`cls.field_notes`: what to say of a name that is no field of `cls` (another tool's name for one of them)."""
+    return getattr(cls, "field_notes", {})
 
 
 def parse_value(text: str, annotation: Any, key: str) -> Any:

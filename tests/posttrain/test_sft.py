@@ -230,6 +230,21 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
     assert same.fingerprint != other.fingerprint
 
 
+@pytest.mark.parametrize(
+    ("trl_name", "ours"),
+    [("max_length=512", "is seq_len here"), ("padding_free=true", "is packing=true here"),
+     ("learning_rate=2e-5", "is lr here"), ("packing_strategy=wrapped", '"wrapped", which lets them see each other')],
+)  # fmt: skip
+def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours):
+    """A TRL SFTConfig name is no field here: the refusal says which field it is (difflib finds none of these)."""
+    with pytest.raises(ConfigError, match=f"unknown field '{trl_name.split('=')[0]}'; .*{re.escape(ours)}"):
+        resolve_train_config(None, [trl_name], cls=SFTConfig)
+    config = tmp_path / "sft.yaml"
+    config.write_text(trl_name.replace("=", ": "))
+    with pytest.raises(ConfigError, match=f"sft.yaml: unknown field .*{re.escape(ours)}"):
+        resolve_train_config(config, [], cls=SFTConfig)
+
+
 @pytest.mark.parametrize("cls", [SFTConfig, GRPOConfig, DistillConfig])
 def test_a_negative_step_count_is_refused_naming_the_field(cls):
     counts = [f.name for f in dataclasses.fields(cls) if f.name.endswith(("_steps", "_every", "_after"))]
