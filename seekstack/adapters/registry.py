@@ -66,14 +66,22 @@ class AdapterWeights:
 def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
     """The weights of the adapter saved in `folder` for a model with `config`; CheckpointError naming the file when
     the adapter does not fit the model, is DoRA (`dora`) or adapts an MoE router (peft's all-linear targets
-    `mlp.gate.weight`), which the per-row layers (seekstack.adapters.multi) do not apply, or replaces token rows of a
-    base whose head and embedding are tied (one matrix: peft's rows of one are rows of both)."""
+    `mlp.gate.weight`), which the per-row layers (seekstack.adapters.multi) do not apply, was saved by peft for a
+    residual base (`_residual_init`), or replaces token rows of a base whose head and embedding are tied (one matrix:
+    peft's rows of one are rows of both)."""
     config_file = Path(folder) / ADAPTER_CONFIG_FILE
     peft_config = read_lora_config(folder)
     if peft_config.use_dora:
         raise CheckpointError(
             f"{config_file}: a DoRA adapter (use_dora, lora.dora) rescales each output row, which serving beside other "
             "adapters does not apply; serve the merged checkpoint of `seekstack lora merge` instead"
+        )
+    if _residual_init(peft_config.init_lora_weights):
+        raise CheckpointError(
+            f"{config_file}: init_lora_weights={peft_config.init_lora_weights!r}: peft saved the adapter unconverted, "
+            "for the residual base W - s B0 A0 it recomputes from the base on loading, which serving beside other "
+            "adapters does not apply; save it converted to plain LoRA (peft's save_pretrained with "
+            "path_initial_model_for_weight_conversion) or serve the merged checkpoint of `seekstack lora merge`"
         )
     if peft_config.trainable_token_indices and config.tie_word_embeddings:
         raise CheckpointError(
@@ -91,6 +99,12 @@ def read_factors(config: ModelConfig, folder: str | Path) -> AdapterWeights:
             "checkpoint of `seekstack lora merge` instead, or retrain without the routers"
         )
     return AdapterWeights(factors, _token_rows(peft_model))
+
+
+def _residual_init(init: bool | str) -> bool:
+    """Whether peft's `init_lora_weights` replaces the base weight W by a residual on loading (PiSSA, CorDA, OLoRA:
+    W - s B0 A0; LoftQ: W's quantization residual), as peft does when it loads an adapter saved unconverted."""
+    return isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq"))
 
 
 @dataclass

@@ -493,6 +493,19 @@ def test_serving_scales_each_factor_by_the_alpha_peft_gives_its_module(base, tmp
     assert factors[("layers.0.self_attn.o_proj", "weight")][0].shape[0] == 2  # rank_pattern
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_serving_refuses_an_adapter_peft_saved_for_a_residual_base_naming_the_file_and_the_init(base, tmp_path, init):
+    """peft loads a PiSSA / OLoRA adapter saved unconverted on W - s B0 A0, which it recomputes from the base (generate
+    and merge do, through peft); serving added its factors to W itself, silently other logits."""
+    adapter = write_peft_adapter(
+        base, tmp_path / "peft", r=4, lora_alpha=8, target_modules=["o_proj"], init_lora_weights=init
+    )
+    with pytest.raises(
+        CheckpointError, match=rf"{adapter / ADAPTER_CONFIG_FILE}: init_lora_weights='{init}'.*converted"
+    ):
+        read_factors(seekstack.load_pretrained(base).config, adapter)
+
+
 UNSUPPORTED_PEFT_OPTIONS = {
     "lora_bias": dict(target_modules=["o_proj"], lora_bias=True),
     "modules_to_save": dict(target_modules=["o_proj"], modules_to_save=["lm_head"]),
