@@ -327,8 +327,12 @@ class AsyncEngine:
             self.metrics.request_finished(reason)
 
     def _fail_all(self, error: Exception) -> None:
+        """End every request in flight with the failed step's `error`, each call counted as finished by an error."""
         with self._lock:
             routes, self._routes = self._routes, {}
+            now = time.perf_counter()
+            for *_, timing in routes.values():
+                self._choice_ended(timing.call, "error", now)
         for request_id, (loop, queue, index, _) in routes.items():
             self.engine.abort(request_id)
             loop.call_soon_threadsafe(queue.put_nowait, (index, error))

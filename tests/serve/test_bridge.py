@@ -8,8 +8,10 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from seekstack.infer import Engine, SamplingParams
-from seekstack.serve.bridge import AsyncEngine
+from seekstack.serve.bridge import AsyncEngine, EngineFailure
 from seekstack.serve.metrics import ServerMetrics
 from tests.infer.support import micro_model, tiny_tokenizer
 
@@ -175,3 +177,35 @@ def test_every_finish_reason_is_scraped_from_zero_before_its_first_request():
         for reason in ("stop", "length", "abort", "error")
     }
     assert counts == {"stop": 0, "length": 0, "abort": 0, "error": 0}  # was: no sample until one finished so
+
+
+def test_requests_a_failed_step_ends_are_counted_as_finished_by_an_error(tmp_path):
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
+    real_step, steps = engine.step, []
+
+    def step_failing_third():
+        steps.append(None)
+        if len(steps) == 3:
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    engine.step = step_failing_third
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
+
+    async def scenario() -> None:
+        group = await bridge.submit([[5, 6, 7], [8, 9]], [long, long])  # one call of two choices
+        with pytest.raises(EngineFailure):
+            async for _ in group:
+                pass
+        await group.close()  # as the server closes it: once the engine thread has handed over every failure
+
+    bridge.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        bridge.stop()
+    sample = bridge.metrics.registry.get_sample_value
+    labels = {"model_name": "micro"}
+    assert sample("seekstack:request_success_total", {**labels, "finished_reason": "error"}) == 1  # was: 0
+    assert sample("seekstack:e2e_request_latency_seconds_count", labels) == 1
