@@ -100,7 +100,7 @@ def evaluate(
     if backend == "hf":  # the seekstack backend checks its own (SeekstackLM)
         _check_transformers_runs(folders)
     specs: list[Any] = [task for task in tasks if task not in local]
-    specs += task_configs(corpus, local, per_module, tokenizer, difficulty) if local else []
+    specs += task_configs(corpus, local, per_module, tokenizer, difficulty, num_fewshot) if local else []
     device = str(resolve_device(device))
     model_args = {**_model_args(folders), "device": device, "dtype": dtype}
     if include_path is not None and not Path(include_path).is_dir():

@@ -164,10 +164,11 @@ def task_configs(
     per_module: int = 4,
     tokenizer: Tokenizer | None = None,
     difficulty: int | None = None,
+    num_fewshot: int | None = None,
 ) -> list[dict[str, Any]]:
     """lm_eval task config dicts for `tasks`: the code tasks' documents built now from the corpus's held-out
-    modules, the reasoning tasks' from their held-out split (at `difficulty`, None: each task's own) in the chat
-    template of `tokenizer`."""
+    modules (enough of them for `num_fewshot` examples each: `code_task_configs`), the reasoning tasks' from their
+    held-out split (at `difficulty`, None: each task's own) in the chat template of `tokenizer`."""
     unknown = [task for task in tasks if not is_local_task(task)]
     if unknown:
         raise ValueError(unknown_task(unknown[0]))
@@ -189,7 +190,7 @@ def task_configs(
         return configs
     if corpus is None:
         raise ValueError(f"the code tasks ({', '.join(code)}) need --corpus: a folder with val.jsonl")
-    return configs + code_task_configs(corpus, code, per_module, common)
+    return configs + code_task_configs(corpus, code, per_module, common, num_fewshot)
 
 
 def unknown_task(name: str) -> str:
@@ -201,9 +202,11 @@ def unknown_task(name: str) -> str:
 
 
 def code_task_configs(
-    corpus: str | Path, tasks: tuple[str, ...], per_module: int, common: dict[str, Any]
+    corpus: str | Path, tasks: tuple[str, ...], per_module: int, common: dict[str, Any], num_fewshot: int | None = None
 ) -> list[dict[str, Any]]:
-    """The code tasks' configs, their documents built from the corpus's held-out modules."""
+    """The code tasks' configs, their documents built from the corpus's held-out modules; ValueError naming
+    --num-fewshot when a task has too few documents for `num_fewshot` examples each, which lm_eval's sampler draws
+    from the task's other documents (it failed with "Sample larger than population or is negative")."""
     modules = held_out_modules(corpus)
     questions = next_line_docs(modules, per_module)
     val = Path(corpus) / "val.jsonl"
@@ -242,6 +245,14 @@ def code_task_configs(
             "custom_dataset": _in_memory(openings),
         },
     }  # fmt: skip
+    for task in tasks:
+        documents = len(openings if task == "code_perplexity" else questions)
+        if num_fewshot is not None and num_fewshot >= documents:
+            raise ValueError(
+                f"--num-fewshot {num_fewshot}: {task} has {documents} document(s) from {val}, and each one's examples "
+                f"are drawn from the others: at most {documents - 1} (more held-out modules, or --per-module for the "
+                "line tasks, give more)"
+            )
     return [{"task": task, **common, **configs[task]} for task in tasks]
 
 

@@ -255,6 +255,18 @@ def test_a_few_shot_example_is_never_the_document_asked_about(tmp_path):
         assert doc["text"] not in examples and examples.count("opening_") == 6  # the two others, 3 lines each
 
 
+def test_more_few_shot_examples_than_a_task_has_other_documents_are_refused_naming_num_fewshot(tmp_path):
+    """lm_eval's sampler failed with "Sample larger than population or is negative", naming neither the option nor
+    the task: a document's examples are drawn from the task's other documents, so 2 documents hold 1 example."""
+    corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE])
+    refused = r"^--num-fewshot 2: code_perplexity has 2 document\(s\) from .*val\.jsonl, .* the others: at most 1 \("
+    with pytest.raises(ValueError, match=refused):
+        task_configs(corpus, ("code_perplexity",), num_fewshot=2)
+    assert [config["task"] for config in task_configs(corpus, ("code_perplexity",), num_fewshot=1)] == [
+        "code_perplexity"
+    ]
+
+
 def test_help_lists_every_local_task():
     from seekstack.cli.evaluate import LOCAL_TASKS
 
