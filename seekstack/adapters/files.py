@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_ADAPTER_WEIGHTS_FILE = "adapter_model.bin"  # peft's save_pretrained(safe_serialization=False)
 PEFT_PREFIX = "base_model.model."  # what peft puts before the base model's module names
 ADAPTER_KEY = re.compile(
     r"(?P<module>.+?)(?P<lora>(\.base_layer)*\.lora_([AB]\.weight|embedding_[AB]|magnitude_vector)"
@@ -172,9 +173,7 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
     folder = Path(folder)
     config = read_lora_config(folder)  # its own errors name what is wrong with the folder or the file
     if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
-        raise CheckpointError(
-            f"{folder}: no {ADAPTER_WEIGHTS_FILE}; an adapter folder holds {ADAPTER_CONFIG_FILE} and weights"
-        )
+        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS_FILE}; {_weights_hint(folder)}")
     refuse_quantized_base(model, folder)
     refuse_token_ids_outside_vocabulary(config, model.config.vocab_size, folder)
     try:
@@ -187,6 +186,18 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
         ) from None
     restore_adapter(peft_model, folder, weightless)
     return _fuse_head(peft_model).eval()
+
+
+def _weights_hint(folder: Path) -> str:
+    """What to do about an adapter folder without ADAPTER_WEIGHTS_FILE: re-save the pickled weights peft writes with
+    safe_serialization=False, which seekstack does not read (unpickling can run code), or give the weights."""
+    if (folder / PICKLED_ADAPTER_WEIGHTS_FILE).is_file():
+        return (
+            f"it holds {PICKLED_ADAPTER_WEIGHTS_FILE} (peft's save_pretrained(safe_serialization=False)), a pickle, "
+            "which seekstack does not read (unpickling can run code); re-save the adapter with peft's default "
+            f"safe_serialization=True, or write its tensors with safetensors' save_file to {ADAPTER_WEIGHTS_FILE}"
+        )
+    return f"an adapter folder holds {ADAPTER_CONFIG_FILE} and weights"
 
 
 def weightless_adapter(config: ModelConfig, folder: str | Path) -> PeftModel:

@@ -179,6 +179,26 @@ def test_a_folder_without_an_adapter_config_is_refused_saying_so(base, adapter, 
         load_adapter(seekstack.load_pretrained(base), tmp_path / "bare")
 
 
+def test_an_adapter_peft_saved_pickled_is_refused_saying_how_to_re_save_it(base, adapter, tmp_path):
+    """peft's save_pretrained(safe_serialization=False) writes adapter_model.bin, which PeftModel.from_pretrained
+    reads; the refusal said only that the folder held no adapter_model.safetensors."""
+    shutil.copytree(adapter, tmp_path / "pickled")
+    torch.save(
+        load_safetensors((adapter / ADAPTER_WEIGHTS_FILE).read_bytes()), tmp_path / "pickled" / "adapter_model.bin"
+    )
+    (tmp_path / "pickled" / ADAPTER_WEIGHTS_FILE).unlink()
+    model = seekstack.load_pretrained(base)
+    for load in (
+        lambda: load_adapter(model, tmp_path / "pickled"),
+        lambda: read_factors(model.config, tmp_path / "pickled"),
+    ):
+        with pytest.raises(
+            CheckpointError,
+            match=r"no adapter_model\.safetensors; it holds adapter_model\.bin.*safe_serialization=True",
+        ):
+            load()
+
+
 HEAD_TOKENS = [5, 17, 2, 40]
 
 
