@@ -9,6 +9,20 @@ from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
 
 
+@pytest.fixture
+def step_gradients(monkeypatch) -> list[list[torch.Tensor]]:
+    """Each AdamW step's gradients, every parameter's, recorded as the step is taken (one list per step)."""
+    gradients: list[list[torch.Tensor]] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        gradients.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return gradients
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Post-training tests run many tiny ops, which a second thread only slows on a shared 2-core machine."""

@@ -525,20 +525,12 @@ def test_a_weight_on_a_message_other_than_the_assistants_is_ignored(tmp_path):
     assert encode_conversation(tokenizer, conversation) == encode_conversation(tokenizer, CHAT)
 
 
-def test_accumulated_micro_batches_weigh_every_assistant_token_the_same_whatever_the_split(tmp_path, monkeypatch):
+def test_accumulated_micro_batches_weigh_every_assistant_token_the_same_whatever_the_split(tmp_path, step_gradients):
     """4 conversations whose answers are 1 and 40 words: 1 x 4, 2 x 2 and 4 x 1 micro-batches give one step the
     same loss and gradients (a mean over the step's assistant tokens, not a mean of micro-batch means)."""
     start = micro_checkpoint(tmp_path / "start")
     long_answer = {"role": "assistant", "content": " ".join(["forty"] * 40)}
     data = write_conversations([CHAT[1:3], [CHAT[1], long_answer]] * 2, tmp_path / "chats.jsonl")
-    gradients: list[list[torch.Tensor]] = []
-    step = torch.optim.AdamW.step
-
-    def recording_step(optimizer, *args, **kwargs):
-        gradients.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
-        return step(optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     steps = []
     for batch_size, accumulated in [(4, 1), (2, 2), (1, 4)]:
         out_dir = tmp_path / f"{batch_size}x{accumulated}"
@@ -547,12 +539,12 @@ def test_accumulated_micro_batches_weigh_every_assistant_token_the_same_whatever
         args += ["aux_loss_alpha=0.1"]  # padding, whose width the split changes, counts in no balance loss
         run_sft(resolve_train_config(None, args, cls=SFTConfig))
         steps.append(json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[0]))
-    for other, grads in zip(steps[1:], gradients[1:], strict=True):
+    for other, grads in zip(steps[1:], step_gradients[1:], strict=True):
         assert other["loss"] == pytest.approx(steps[0]["loss"], rel=1e-5)
         assert other["lm_loss"] == pytest.approx(steps[0]["lm_loss"], rel=1e-5)
         assert other["grad_norm"] == pytest.approx(steps[0]["grad_norm"], rel=1e-4)
         assert other["assistant_tokens"] == steps[0]["assistant_tokens"]  # the step's total
-        for grad, reference in zip(grads, gradients[0], strict=True):
+        for grad, reference in zip(grads, step_gradients[0], strict=True):
             torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
     source = SFTSource(resolve_train_config(None, [f"init_from={start}", f"data={data}"], cls=SFTConfig))
     assert steps[0]["assistant_tokens"] == sum(source.labelled_tokens(source.batch(1, 0.0)) for _ in range(4))

@@ -84,17 +84,11 @@ def test_sft_with_packing_trains_and_resumes_exactly_and_not_unpacked(tmp_path):
         run_sft(unpacked, resume=tmp_path / "a/checkpoints/step_6")
 
 
-def test_packed_micro_batches_weigh_each_conversations_balance_loss_the_same_whatever_the_split(tmp_path, monkeypatch):
+def test_packed_micro_batches_weigh_each_conversations_balance_loss_the_same_whatever_the_split(
+    tmp_path, step_gradients
+):
     """Packed rows hold unequal numbers of conversations: a step of 2 rows, or of 2 micro-batches of 1 row, has the
     same loss and gradients, its balance loss a mean over the step's conversations either way."""
-    gradients: list[list[torch.Tensor]] = []
-    step = torch.optim.AdamW.step
-
-    def recording_step(optimizer, *args, **kwargs):
-        gradients.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
-        return step(optimizer, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     args = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "packing=true"]
     args += ["max_steps=1", "grad_clip=0", "aux_loss_alpha=0.1"]
     losses = []
@@ -102,7 +96,7 @@ def test_packed_micro_batches_weigh_each_conversations_balance_loss_the_same_wha
         split = [f"batch_size={batch_size}", f"grad_accum_steps={accumulated}", f"out_dir={tmp_path / str(batch_size)}"]
         losses.append(run_sft(_config(tmp_path, *args, *split)).losses[0])
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    for grad, reference in zip(gradients[1], gradients[0], strict=True):
+    for grad, reference in zip(step_gradients[1], step_gradients[0], strict=True):
         torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
     source = SFTSource(_config(tmp_path, *args), packing=True)
     first, second = (source.sequences(source.batch(1, 0.0)) for _ in range(2))
