@@ -143,6 +143,9 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
         "1042%",
         "Answer: 1042",  # DAPO's answer line, as verl's math_dapo and math-verify read it
         "Final Answer: $1,042$",
+        "\\boxed{\\text{1042}}",  # a closing \\text{...} is a unit math-verify drops
+        "\\boxed{1042\\text{ apples}}",
+        "1042 \\mbox{cm}^2",
     ],
 )
 def test_arithmetic_answers_are_read_as_math_verify_reads_a_number(answer):
@@ -165,6 +168,8 @@ def test_arithmetic_answers_are_read_as_math_verify_reads_a_number(answer):
         "\\boxed{1042} no: \\boxed{1041}",
         "\\boxed{1042",
         "1042 apples",
+        "\\boxed{\\text{1042 apples}}",
+        "\\boxed{1042\\text{ or }1041}",
         "- 1042",
         "1_042",
         "1042/0",
@@ -200,7 +205,15 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
 
 @pytest.mark.parametrize(
     "answer",
-    ["\\boxed{" * 10_000, "{" * 70_000, "1," * 35_000, "<answer>" * 10_000, "x=" * 35_000, "1{,}000" * 10_000 + "."],
+    [
+        "\\boxed{" * 10_000,
+        "{" * 70_000,
+        "1," * 35_000,
+        "<answer>" * 10_000,
+        "x=" * 35_000,
+        "1{,}000" * 10_000 + ".",
+        "\\text{a}" * 8_000,
+    ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):
     """~70,000 characters each, read in ~0.02 s; a pattern that backtracks (quadratic) would take minutes."""

@@ -2,10 +2,12 @@
 `\\boxed{...}` wherever it stands in the answer, else the answer whole, inside `<answer>` tags or `$...$` maybe; then
 one number, exactly, as a Fraction (`\\frac{1}{2}`, `1/2` and `0.5` alike; `57.0` is 57).
 
+A closing `\\text{...}` is a unit, dropped as math-verify drops it (`57\\text{ apples}` is 57, `\\text{57}` too).
 Where it is stricter than math-verify: prose with no box around its number is no answer (math-verify takes the last
-number of "56 or 57"), nor are units (`57 apples`); of several boxes the last is the answer (math-verify reads them all
-as one set, wrong against one number). Where it is laxer: `−3` (U+2212, the minus sign) is -3 (math-verify reads
-nothing), and a leading `+` is read outside a box too. Every pattern here matches in time linear in the answer's length.
+number of "56 or 57"), nor are units outside `\\text{...}` (`57 apples`); of several boxes the last is the answer
+(math-verify reads them all as one set, wrong against one number). Where it is laxer: `−3` (U+2212, the minus sign) is
+-3 (math-verify reads nothing), and a leading `+` is read outside a box too. Every pattern here matches in time linear
+in the answer's length.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ SIZING = re.compile(r"\\left|\\right")  # LaTeX's sizing of parentheses, nothing
 VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too)
 ANSWER_LABEL = re.compile(r"(?i:(?:final\s+)?answer)\s*:\s*")
+# A closing `\text{...}`, squared maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2")
+TEXT_UNIT = re.compile(
+    r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))\s*\{(?P<words>[^{}]*)\}(?:\^\{?[0-9]\}?)?\Z"
+)
 # ASCII digits, in thousands of three by "," or "{,}" maybe ("1,000", not "1,00"); a decimal part maybe.
 UNSIGNED = r"(?:[0-9]{1,3}(?:(?:,|\{,\})[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 NUMBER = re.compile(
@@ -65,12 +71,13 @@ def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,` or `{,}`, a decimal part, `a/b` and
     `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`); around it `x = `, `$` or `\\$` before, `%` or `\\%` after
-    (dropped: "5%" is 5, as math-verify compares a percentage), `\\left(...\\right)` or `(...)`. A number with
+    (dropped: "5%" is 5, as math-verify compares a percentage), a `\\text{...}` unit after (dropped),
+    `\\left(...\\right)` or `(...)`. A number with
     more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not an error."""
     text = final_answer(answer)
     if text is None:
         return None
-    text = SIZING.sub("", text)
+    text = _without_unit(SIZING.sub("", text))
     named = VARIABLE.match(text)
     text = text[named.end() if named else 0 :].strip()
     match = NUMBER.fullmatch(text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text)
@@ -83,6 +90,15 @@ def read_number(answer: str) -> Fraction | None:
     except (ValueError, ZeroDivisionError):
         return None
     return -value if match["sign"] in ("-", "\u2212") else value
+
+
+def _without_unit(text: str) -> str:
+    """`text` less its closing `\\text{...}` (TEXT_UNIT), as math-verify drops a unit; the words inside it when they
+    are all there is (`\\text{57}` is 57)."""
+    unit = TEXT_UNIT.search(text)
+    if unit is None:
+        return text
+    return text[: unit.start()].strip() or unit["words"].strip()
 
 
 def _fraction(number: str) -> Fraction:
