@@ -43,6 +43,7 @@ DatabaseOption = Annotated[
 # How long SIGTERM or Ctrl-C lets requests in flight finish before cutting them off: within the 30 s Kubernetes
 # waits after SIGTERM before SIGKILL, with time left to write the rows of those cut off
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
+DEFAULT_KEEP_ALIVE_S = 5.0  # uvicorn's and vLLM's
 keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `seekstack serve`.")
 
 
@@ -124,6 +125,14 @@ def serve_command(
             "not charged), as a second Ctrl-C cuts them at once",
         ),
     ] = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    timeout_keep_alive: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds an idle connection is kept open for the next request (as vLLM's): above a load balancer's "
+            "idle timeout, lest it reuse a connection the server has just closed (502)",
+        ),
+    ] = DEFAULT_KEEP_ALIVE_S,
     reasoning_parser: Annotated[
         str | None,
         typer.Option(
@@ -165,7 +174,7 @@ def serve_command(
         with options_named({"moderation_policy"}):  # a policy file's errors, as --kv-cache-memory's
             server_app, summary = build_server(model, options, before_loading=lambda: tell_dtype(engine, model))
     typer.echo(summary)
-    run_server(server_app, host, port, shutdown_timeout)
+    run_server(server_app, host, port, shutdown_timeout, timeout_keep_alive)
 
 
 def _named_adapters(values: list[str]) -> dict[str, Path]:

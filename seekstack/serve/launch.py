@@ -172,13 +172,15 @@ def check_cache_holds_context(engine: Engine, options: EngineOptions) -> None:
     )
 
 
-def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float) -> None:
+def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float, keep_alive_s: float) -> None:
     """Serve `app` with uvicorn until SIGTERM or Ctrl-C, which let the requests running finish for up to
     `shutdown_timeout_s` seconds, then cut them off (as a second Ctrl-C does at once): the ledger records those as the
-    server's failures (app.SERVER_STOPPED) and their rate-limit charges are settled."""
+    server's failures (app.SERVER_STOPPED) and their rate-limit charges are settled. An idle connection is closed
+    after `keep_alive_s` seconds."""
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout_s
-    )
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout_s,
+        timeout_keep_alive=keep_alive_s,
+    )  # fmt: skip
     server = QuietCutOffs(config)
     server.run()
     if not server.started:

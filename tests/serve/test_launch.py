@@ -105,3 +105,20 @@ def test_serve_takes_vllms_max_num_seqs_for_the_requests_decoded_together(tmp_pa
     monkeypatch.setattr("seekstack.serve.launch.run_server", lambda *args: None)
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), option, "3"])
     assert result.exit_code == 0 and [options.engine.max_batch_size for options in built] == [3], result.output
+
+
+@pytest.mark.parametrize(("options", "keep_alive_s"), [([], 5.0), (["--timeout-keep-alive", "75"], 75.0)])
+def test_serve_keeps_idle_connections_open_for_timeout_keep_alive_seconds(tmp_path, monkeypatch, options, keep_alive_s):
+    """Behind a load balancer whose idle timeout is longer than uvicorn's 5 s, the balancer reuses connections the
+    server has closed (502s); vLLM's --timeout-keep-alive raises it, and so does ours."""
+    configs = []
+
+    def started(server, *args):
+        configs.append(server.config)
+        server.started = True
+
+    monkeypatch.setattr("seekstack.serve.launch.build_server", lambda model, options, **kw: (None, ""))
+    monkeypatch.setattr("seekstack.serve.launch.QuietCutOffs.run", started)
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), *options])
+    assert result.exit_code == 0, result.output
+    assert [config.timeout_keep_alive for config in configs] == [keep_alive_s]
