@@ -146,6 +146,9 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
         "\\boxed{\\text{1042}}",  # a closing \\text{...} is a unit math-verify drops
         "\\boxed{1042\\text{ apples}}",
         "1042 \\mbox{cm}^2",
+        "1 042",  # thousands by a space, LaTeX's thin space \\, or U+202F, as SI writes them
+        "\\boxed{1\\,042}",
+        "1\u202f042",
     ],
 )
 def test_arithmetic_answers_are_read_as_math_verify_reads_a_number(answer):
@@ -162,6 +165,8 @@ def test_arithmetic_answers_are_read_as_math_verify_reads_a_number(answer):
         "\uff11\uff10\uff14\uff12",
         "1,04,2",  # thousands of three only
         "10,42",
+        "10 42",
+        "1\\,04\\,2",
         "1042.5",
         "the answer is 1042",  # prose: a box, or the number alone
         "1041 or 1042",
@@ -213,6 +218,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "x=" * 35_000,
         "1{,}000" * 10_000 + ".",
         "\\text{a}" * 8_000,
+        "1\\," * 23_000,
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):

@@ -25,8 +25,10 @@ ANSWER_LABEL = re.compile(r"(?i:(?:final\s+)?answer)\s*:\s*")
 TEXT_UNIT = re.compile(
     r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))\s*\{(?P<words>[^{}]*)\}(?:\^\{?[0-9]\}?)?\Z"
 )
-# ASCII digits, in thousands of three by "," or "{,}" maybe ("1,000", not "1,00"); a decimal part maybe.
-UNSIGNED = r"(?:[0-9]{1,3}(?:(?:,|\{,\})[0-9]{3})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
+# Between thousands: ",", "{,}", LaTeX's thin space "\,", a space, a thin or narrow no-break space (SI's "1 000")
+THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u2009\u202f]"
+# ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
+UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 NUMBER = re.compile(
     rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:\\[dt]?frac(?:\{{(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\}}|(?P<top_digit>[0-9]))"
     rf"(?:\{{(?P<bottom>{UNSIGNED})\}}|(?P<bottom_digit>[0-9]))"
@@ -69,11 +71,11 @@ def _braced(text: str, start: int) -> str | None:
 
 def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
-    thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,` or `{,}`, a decimal part, `a/b` and
-    `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`); around it `x = `, `$` or `\\$` before, `%` or `\\%` after
-    (dropped: "5%" is 5, as math-verify compares a percentage), a `\\text{...}` unit after (dropped),
-    `\\left(...\\right)` or `(...)`. A number with
-    more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not an error."""
+    thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,`, `{,}`, `\\,` or a space, a decimal part,
+    `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`); around it `x = `, `$` or `\\$` before, `%` or `\\%`
+    after (dropped: "5%" is 5, as math-verify compares a percentage), a `\\text{...}` unit after (dropped),
+    `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero
+    denominator is a wrong answer, not an error."""
     text = final_answer(answer)
     if text is None:
         return None
@@ -103,5 +105,5 @@ def _without_unit(text: str) -> str:
 
 def _fraction(number: str) -> Fraction:
     """An UNSIGNED number, perhaps signed, as a Fraction (thousands separators dropped)."""
-    plain = number.replace("{,}", "").replace(",", "").replace("\u2212", "-")
+    plain = re.sub(THOUSANDS_SEPARATOR, "", number).replace("\u2212", "-")
     return Fraction(plain + "0" if plain.endswith(".") else plain)
