@@ -282,8 +282,24 @@ class CheckpointReader:
         return f"{key}.weight_packed" if f"{key}.weight_packed" in self.key_to_file else f"{key}.weight"
 
     def stored_shape(self, key: str) -> list[int]:
-        """The shape of `key`, read from the header only."""
-        return self._from_file(key, lambda handle: handle.get_slice(key).get_shape())
+        """The shape of `key`, read from the header only; a whole-matrix scale as the per-row scales it stands for
+        (`_whole_matrix_scale`)."""
+        shape = self._from_file(key, lambda handle: handle.get_slice(key).get_shape())
+        return self._per_row_shape(key) if self._whole_matrix_scale(key, shape) else shape
+
+    def _whole_matrix_scale(self, key: str, shape: list[int]) -> bool:
+        """Whether `key`, stored in `shape`, is an int8/int4 weight's one scale for the whole matrix: compressed-
+        tensors' `strategy: "tensor"` (a scalar, (1,) or (1, 1) `weight_scale`), as the config group targeting its
+        layer says; it loads as a per-row (channel) scale, the one value on every row, as vLLM reads it."""
+        layer = key.removesuffix(".weight_scale")
+        if layer == key or math.prod(shape) != 1 or len(shape) > 2:
+            return False
+        groups = self._groups_targeting(layer)
+        return any((group.get("weights") or {}).get("strategy") == "tensor" for _, group in groups)
+
+    def _per_row_shape(self, scale_key: str) -> list[int]:
+        """The (..., rows, 1) shape of the per-row scales of the weight that whole-matrix scale `scale_key` scales."""
+        return [*self.unpacked_shape(self.weight_key(scale_key.removesuffix(".weight_scale")))[:-1], 1]
 
     def stored_dtype(self, key: str) -> str:
         """The safetensors dtype name of `key` ("F32", "I8", "F8_E4M3", ...), read from the header only."""
@@ -443,7 +459,10 @@ class CheckpointReader:
         return CheckpointError(f"{where}: missing key {keys}; the weights do not match {CONFIG_FILE}: {DAMAGED}")
 
     def _get(self, key: str) -> torch.Tensor:
-        return self._from_file(key, lambda handle: handle.get_tensor(key))
+        tensor = self._from_file(key, lambda handle: handle.get_tensor(key))
+        if self._whole_matrix_scale(key, list(tensor.shape)):
+            return tensor.reshape(1, 1).expand(self._per_row_shape(key)).contiguous()
+        return tensor
 
     def _from_file(self, key: str, read: Callable[[Any], Any]) -> Any:
         """`read(handle)` on the open safetensors file the index names for `key`; CheckpointError naming the file and

@@ -158,6 +158,48 @@ def test_compressed_tensors_decompresses_our_files_to_our_weights(tmp_path):
                 assert torch.equal(theirs, ours.bfloat16()), (scheme, layer)
 
 
+@pytest.mark.parametrize(
+    "bits, scale_shape", [(8, ()), (8, (1,)), (4, (1, 1))], ids=["int8-scalar", "int8-(1,)", "int4-(1,1)"]
+)
+def test_a_compressed_tensors_checkpoint_with_one_scale_per_matrix_loads_as_the_library_dequantizes_it(
+    tmp_path, bits, scale_shape
+):
+    """compressed-tensors' `strategy: "tensor"` (one scale for a whole weight, which vLLM reads) was refused as a
+    damaged checkpoint: its (1,) weight_scale fit no row. Each layer written by the library itself at one scale."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int8" if bits == 8 else "int4"))
+    seekstack.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["weights"] = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "tensor"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=bits, strategy="tensor"))
+    compressor = BaseCompressor.load_from_registry("pack-quantized")
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    theirs = {}
+    for layer in [key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed")]:
+        weight = torch.randn(*tensors[f"{layer}.weight_shape"].tolist())
+        scale = (weight.abs().amax() / (2 ** (bits - 1) - 1)).reshape(scale_shape).bfloat16()
+        stored = compressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+        tensors.update({f"{layer}.{name}": tensor for name, tensor in stored.items()})
+        theirs[layer] = compressor.decompress(stored, scheme)["weight"]
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    dequantized = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=True)))
+    for layer, weight in theirs.items():
+        assert torch.equal(dequantized[f"{layer}.weight"].bfloat16(), weight), layer
+    quantized = seekstack.load_pretrained(tmp_path)
+    for layer, ours in [
+        ("model.layers.0.self_attn.q_b_proj", quantized.layers[0].self_attn.q_b_proj.qweight.dequantize()),
+        ("model.layers.2.mlp.experts.5.up_proj", quantized.layers[2].mlp.experts.gate_up_proj.dequantize()[5, 32:]),
+    ]:
+        assert torch.equal(ours.bfloat16(), theirs[layer]), layer
+
+
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     model = model_for_tests()
     quantize_model(model, QuantConfig(scheme="fp8"))
