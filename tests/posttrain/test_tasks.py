@@ -199,6 +199,18 @@ def test_a_fraction_a_ratio_and_a_decimal_of_one_value_read_alike(answer):
     assert read_number(answer) == Fraction(1, 2)
 
 
+@pytest.mark.parametrize("answer", ["5%", "\\boxed{5\\%}", "$5\\%$"])
+def test_a_percentage_verifies_as_its_number_or_its_hundredth_as_math_verify_tries_both(tmp_path, answer):
+    """Against a gold 0.05, 5% scored 0: the % was dropped and 5 alone compared."""
+    path = problems_file(
+        tmp_path / "rates.jsonl", [{"question": "5 of 100?", "answer": 0.05}, {"question": "5?", "answer": 5}]
+    )
+    task = make_task(path)
+    hundredth, whole = task.problems
+    assert task.verify(hundredth, answer) and task.verify(whole, answer)
+    assert not task.verify(hundredth, "5") and read_number(answer) == 5
+
+
 def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
     task = make_task("addition", 2)
     problem = Problem("40+2", "What is 40 + 2?", "42", "", {"value": 42})

@@ -32,7 +32,7 @@ UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:
 NUMBER = re.compile(
     rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:\\[dt]?frac(?:\{{(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\}}|(?P<top_digit>[0-9]))"
     rf"(?:\{{(?P<bottom>{UNSIGNED})\}}|(?P<bottom_digit>[0-9]))"
-    rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED}))?)(?:\\?%)?"
+    rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED}))?)(?P<percent>\\?%)?"
 )
 
 
@@ -73,25 +73,39 @@ def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,`, `{,}`, `\\,` or a space, a decimal part,
     `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`); around it `x = `, `$` or `\\$` before, `%` or `\\%`
-    after (dropped: "5%" is 5, as math-verify compares a percentage), a `\\text{...}` unit after (dropped),
+    after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit after (dropped),
     `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero
     denominator is a wrong answer, not an error."""
+    readings = _readings(answer)
+    return readings[0] if readings else None
+
+
+def reads_as(answer: str, value: Fraction | int) -> bool:
+    """Whether `answer` gives `value` as its final answer (`read_number`); a percentage either way, as math-verify
+    tries both readings of one: "5%" reads as 5 and as 0.05."""
+    return value in _readings(answer)
+
+
+def _readings(answer: str) -> tuple[Fraction, ...]:
+    """The number `answer` gives as read_number reads it, and its hundredth when written as a percentage; none when
+    it gives no number."""
     text = final_answer(answer)
     if text is None:
-        return None
+        return ()
     text = _without_unit(SIZING.sub("", text))
     named = VARIABLE.match(text)
     text = text[named.end() if named else 0 :].strip()
     match = NUMBER.fullmatch(text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text)
     if match is None:
-        return None
+        return ()
     top = match["numerator"] or match["top"] or match["top_digit"]
     bottom = match["denominator"] or match["bottom"] or match["bottom_digit"] or "1"
     try:
         value = _fraction(top) / _fraction(bottom)
     except (ValueError, ZeroDivisionError):
-        return None
-    return -value if match["sign"] in ("-", "\u2212") else value
+        return ()
+    value = -value if match["sign"] in ("-", "\u2212") else value
+    return (value, value / 100) if match["percent"] else (value,)
 
 
 def _without_unit(text: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from seekstack.posttrain.tasks.answers import read_number
+from seekstack.posttrain.tasks.answers import reads_as
 from seekstack.posttrain.tasks.base import Problem
 
 
@@ -33,7 +33,7 @@ class Addition:
         return Problem(f"{a}+{b}", f"What is {a} + {b}?", str(a + b), ", ".join(steps), {"value": a + b})
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return read_number(answer) == problem.data["value"]
+        return reads_as(answer, problem.data["value"])
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Subtraction:
         return Problem(f"{a}-{b}", f"What is {a} - {b}?", str(a - b), ", ".join(steps), {"value": a - b})
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return read_number(answer) == problem.data["value"]
+        return reads_as(answer, problem.data["value"])
 
 
 @dataclass
@@ -75,4 +75,4 @@ class Multiplication:
         return Problem(f"{a}*{b}", f"What is {a} * {b}?", str(a * b), ", ".join(steps), {"value": a * b})
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return read_number(answer) == problem.data["value"]
+        return reads_as(answer, problem.data["value"])

@@ -1,6 +1,6 @@
 """A task of your own problems, read from a JSON Lines file of `{"question": "...", "answer": ...}`, one a line: as
 TRL's GRPO trains on a dataset's prompts with accuracy_reward against its solution column. The answer after
-</think> verifies when it reads (answers.read_number) as the number the line's answer reads as, or is.
+</think> verifies when it reads (answers.reads_as) as the number the line's answer reads as, or is.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from seekstack.jsonl import jsonl_records
-from seekstack.posttrain.tasks.answers import read_number
+from seekstack.posttrain.tasks.answers import read_number, reads_as
 from seekstack.posttrain.tasks.base import Problem
 
 LINE_FORMAT = 'a line is {"question": "...", "answer": ...}, the answer a number or a string of one ("\\\\frac{1}{2}")'
@@ -54,7 +54,7 @@ class ProblemsFile:
         return rng.choice(self.problems)
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return read_number(answer) == Fraction(problem.data["value"])
+        return reads_as(answer, Fraction(problem.data["value"]))
 
 
 def _problem(record: Any, where: str) -> Problem:
