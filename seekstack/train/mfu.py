@@ -4,8 +4,9 @@ The FLOPs per token come from `seekstack.accounting.training_flops_per_token` (3
 Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
 - CUDA: the dense bf16 tensor-core peak of the card, looked up by name (H100/H200 989 TFLOP/s, A100 312, ...).
 - CPU: measured, the best of a few square `torch.mm`s in the training dtype on torch's threads (once per process,
-  dtype and thread count): the rate this machine's matmul library really reaches, whatever its instruction set
-  (on some CPUs bfloat16 runs 3x slower than float32, on others 2x faster). The benchmarks report against it too.
+  dtype and thread count), in the fastest of the operand layouts a training step uses: the rate this machine's
+  matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs 3x slower than float32,
+  on others 2x faster) and whichever layout it is fastest in. The benchmarks report against it too.
   A probe that ran while other processes held the cores reads low, and a step's MFU then comes out above 100%:
   the trainer probes again at that step (`matmul_flops`, on all its threads) and keeps the higher peak.
   CPU ranks on one machine share its cores: their summed peak is bounded by the distinct CPUs of their affinity
@@ -22,6 +23,10 @@ import torch
 
 MATMUL_PROBE_SIZE = 1024  # n of the n x n x n probe: 2.1 GFLOP, large enough to run at the library's full rate
 MATMUL_PROBE_REPEATS = 5
+LAYOUT_PROBE_SIZE = 256  # the layouts are compared on (n x n) matrices this small: a slow one costs little
+# which operands of a training step's matmuls are transposed: x @ W.T (a Linear's forward), g @ W (its input's
+# gradient), g.T @ x (its weight's gradient)
+MATMUL_LAYOUTS = ((False, True), (False, False), (True, False))
 GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 UNKNOWN_GPU_PEAK_FLOPS = 312e12  # an A100's, for cards the table does not name
 
@@ -42,16 +47,27 @@ def measured_matmul_flops(dtype: torch.dtype = torch.float32, threads: int = 0) 
 
 
 def matmul_flops(dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of the fastest of a few (n x n) @ (n x n) CPU matmuls in `dtype` (2 n^3 FLOPs each), after a warm-up."""
+    """FLOP/s of the fastest of a few (n x n) @ (n x n) CPU matmuls in `dtype` (2 n^3 FLOPs each), after a warm-up,
+    in the fastest of the layouts a training step multiplies in (`MATMUL_LAYOUTS`), picked on small matrices: the
+    library's rate differs by layout (bfloat16 without native CPU support runs g @ W 14x slower than g.T @ x, and a
+    probe of that layout alone put MFU at 300%)."""
+    layout = min(MATMUL_LAYOUTS, key=lambda layout: fastest_seconds(layout, dtype, LAYOUT_PROBE_SIZE, repeats=1))
+    return 2 * MATMUL_PROBE_SIZE**3 / fastest_seconds(layout, dtype, MATMUL_PROBE_SIZE, MATMUL_PROBE_REPEATS)
+
+
+def fastest_seconds(layout: tuple[bool, bool], dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` (size x size) `torch.mm`s in `dtype` after a warm-up, each operand
+    transposed where `layout` says."""
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(MATMUL_PROBE_SIZE, MATMUL_PROBE_SIZE, generator=generator).to(dtype) for _ in range(2))
-    torch.mm(a, b)
+    lhs, rhs = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
+    lhs, rhs = (operand.t() if transposed else operand for operand, transposed in zip((lhs, rhs), layout, strict=True))
+    torch.mm(lhs, rhs)
     fastest = float("inf")
-    for _ in range(MATMUL_PROBE_REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(lhs, rhs)
         fastest = min(fastest, time.perf_counter() - start)
-    return 2 * MATMUL_PROBE_SIZE**3 / fastest
+    return fastest
 
 
 def shared_cpu_peak_flops(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 from seekstack.parallel.distributed import Ranks, ranks_cpus
-from seekstack.train.mfu import shared_cpu_peak_flops
+from seekstack.train.mfu import MATMUL_PROBE_SIZE, matmul_flops, shared_cpu_peak_flops
 
 TWO_CORES = frozenset({0, 1})
 
@@ -38,3 +39,15 @@ def test_one_process_keeps_its_measured_peak_and_threads_beyond_its_cores_add_no
 def test_a_single_process_reads_its_own_affinity_mask():
     [(machine, cpus)] = ranks_cpus(Ranks(0, 1, torch.device("cpu")))
     assert machine and cpus == frozenset(os.sched_getaffinity(0))
+
+
+def test_cpu_peak_is_the_fastest_layout_of_a_training_steps_matmuls(monkeypatch):
+    """bfloat16 on a CPU without native support ran a @ b (the probe's only layout) 14x slower than a.T @ b, which a
+    Linear's weight gradient multiplies in: MFU read 300%. A matmul slow in a @ b alone must not lower the peak."""
+
+    def mm_slow_untransposed(lhs, rhs):
+        if lhs.is_contiguous() and rhs.is_contiguous():
+            time.sleep(0.05)  # the transposed layouts return at once
+
+    monkeypatch.setattr(torch, "mm", mm_slow_untransposed)
+    assert matmul_flops(torch.bfloat16) > 100 * 2 * MATMUL_PROBE_SIZE**3 / 0.05
