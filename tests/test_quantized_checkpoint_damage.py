@@ -188,6 +188,22 @@ def test_asymmetric_int_weights_are_refused_naming_the_config_and_the_group(tmp_
     assert message.startswith(f"{directory / 'config.json'}: quantization_config group 'group_0' says symmetric=false")
 
 
+@pytest.mark.parametrize("order", ["group", True])
+def test_int4_groups_in_activation_order_are_refused_naming_the_config_and_the_group(tmp_path, order):
+    """GPTQ's act-order (`actorder: "group"`): column j's scales are weight_scale[:, weight_g_idx[j]], which reading
+    groups of consecutive columns scaled wrong, silently (the g_idx warned of as unused keys only)."""
+    directory = save_quantized(tmp_path / "int4", "int4")
+    g_idx = torch.zeros(32, dtype=torch.int32)  # the group of each of q_b_proj's 32 columns (one group of 32)
+    damage(directory / SINGLE_FILE, lambda tensors: tensors.__setitem__(f"{Q_B}.weight_g_idx", g_idx))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = order
+    (directory / "config.json").write_text(json.dumps(config))
+    message = load_error(directory, dequantize=False)
+    assert message.startswith(
+        f"{directory / 'config.json'}: quantization_config group 'group_0' says actorder={order!r}"
+    )
+
+
 @pytest.mark.parametrize("dtype, stored", [(torch.float32, "F32"), (torch.float8_e5m2, "F8_E5M2")])
 def test_an_expert_stored_unlike_the_others_is_refused_naming_its_shard_its_key_and_both_formats(
     tmp_path, dtype, stored

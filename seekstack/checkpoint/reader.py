@@ -148,6 +148,7 @@ class CheckpointReader:
                 self.fp8_block = _fp8_block(quantization, directory / CONFIG_FILE)
         self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
         _refuse_asymmetric_groups(self.config_groups, directory / CONFIG_FILE)
+        _refuse_activation_ordered_groups(self.config_groups, directory / CONFIG_FILE)
         self.used: set[str] = set()
 
     def _index(self) -> dict[str, str]:
@@ -488,6 +489,25 @@ def _refuse_asymmetric_groups(config_groups: dict[str, Any], config_path: Path) 
                 f"{config_path}: quantization_config group {name!r} says symmetric=false (codes with zero points); "
                 "seekstack reads symmetric int8/int4 weights only (codes x scales), and would read these shifted; "
                 "dequantize the checkpoint where it was made (compressed-tensors, transformers) and load the float one"
+            )
+
+
+def _refuse_activation_ordered_groups(config_groups: dict[str, Any], config_path: Path) -> None:
+    """CheckpointError naming the file and the group for a compressed-tensors group quantized in activation order
+    (`actorder: "group"`, GPTQ's act-order, `true` or `"dynamic"` in older configs): column j's scales are
+    `weight_scale[:, weight_g_idx[j]]`, groups of scattered columns, where seekstack's int4 layers read groups of
+    consecutive columns, so its weights would load scaled wrong. `actorder: "weight"` stores no g_idx and loads, as
+    does a group of one scale per row (`strategy` other than "group"), whose g_idx picks that one."""
+    for name, group in config_groups.items():
+        weights = group.get("weights") or {}
+        order = weights.get("actorder")
+        if weights.get("strategy") == "group" and (order is True or order in ("group", "dynamic")):
+            raise CheckpointError(
+                f"{config_path}: quantization_config group {name!r} says actorder={order!r} (columns grouped by "
+                "weight_g_idx); seekstack reads groups of consecutive columns only, and would scale these wrong; "
+                'quantize again with actorder="weight" (no g_idx; compressed-tensors 0.20 no longer takes "group"), '
+                "or dequantize the checkpoint where it was made (compressed-tensors, transformers) and load the float "
+                "one"
             )
 
 
