@@ -916,19 +916,29 @@ class Engine:
             if top_n is None or first >= end:
                 continue
             targets = torch.tensor(request.prompt_ids[first:end], device=self.device)
-            chosen, top_values, top_ids = token_logprobs(logits[b, first - start - 1 : end - start - 1], targets, top_n)
-            columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), targets.tolist())
+            rows = logits[b, first - start - 1 : end - start - 1].float()
+            chosen, top_values, top_ids = token_logprobs(rows, targets, top_n)
+            ranks = (rows > rows.gather(-1, targets[:, None])).sum(dim=-1) + 1
+            columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), targets.tolist(), ranks.tolist())
             request.prompt_logprobs += [
                 self._logprob_entry(top_n, request.params.detokenize, *row) for row in zip(*columns, strict=True)
             ]
 
     def _logprob_entry(
-        self, top_n: int, detokenize: bool, logprob: float, top_values: list[float], top_ids: list[int], token: int
+        self,
+        top_n: int,
+        detokenize: bool,
+        logprob: float,
+        top_values: list[float],
+        top_ids: list[int],
+        token: int,
+        rank: int | None = None,
     ) -> TokenLogprob:
-        """A token's log-probability with the `top_n` likeliest tokens', their texts "" without `detokenize`."""
+        """A token's log-probability (and its `rank`, where known) with the `top_n` likeliest tokens', their texts ""
+        without `detokenize`."""
         text = self._token_text if detokenize else _no_text  # ids only, as its text
         top = [(i, text(i), v) for i, v in zip(top_ids[:top_n], top_values[:top_n], strict=True)]
-        return TokenLogprob(token, text(token), logprob, top)
+        return TokenLogprob(token, text(token), logprob, top, rank)
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])

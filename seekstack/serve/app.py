@@ -52,6 +52,7 @@ from seekstack.serve.protocol import (
     refuse_unsupported,
     requested_max_tokens,
     sampling_params,
+    vllm_prompt_logprobs,
 )
 from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
 from seekstack.serve.reasoning import ReasoningSplit, given_start
@@ -418,11 +419,12 @@ class Server:
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         texts, logprobs, shown_logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
-        finish_reasons = [None] * n
+        finish_reasons, prompt_logprobs = [None] * n, [None] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
         async for index, output in group:
             usage.count(index, output, bill)
+            prompt_logprobs[index] = prompt_logprobs[index] or output.prompt_logprobs  # on the first output
             if index in policy.blocked:  # delivered before its abort
                 continue
             logprobs[index] += output.logprobs or []  # ranking best_of reads them all; the answer: those shown
@@ -465,6 +467,7 @@ class Server:
                         text=self.echo_text(body, i // per_prompt) + texts[i],
                         logprobs=completion_logprobs(shown_logprobs[i], 0) if body.logprobs is not None else None,
                         finish_reason=finish_reasons[i],
+                        prompt_logprobs=vllm_prompt_logprobs(prompt_logprobs[i]) if prompt_logprobs[i] else None,
                     )
                     for position, i in enumerate(kept)
                 ],

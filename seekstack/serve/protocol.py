@@ -21,6 +21,7 @@ from seekstack.serve.schemas import (
     ChatLogprobs,
     CompletionLogprobs,
     CompletionRequest,
+    PromptLogprob,
     TokenLogprobEntry,
     TopLogprob,
 )
@@ -61,7 +62,6 @@ REFUSED_VLLM_FIELDS = {
     "structured_outputs": NO_GRAMMAR,
     "allowed_token_ids": "this server keeps no list of allowed tokens: ban others with logit_bias -100",
     "bad_words": "this server bans tokens, not words: logit_bias -100 on their token ids",
-    "prompt_logprobs": "this server gives no logprobs of the prompt",
     "truncate_prompt_tokens": "this server does not truncate prompts: send a shorter one",
     "logits_processors": "this server runs no custom logits processors (logit_bias shifts given tokens' logits)",
     "return_tokens_as_token_ids": "this server names logprobs' tokens by their text, not as token_id:N (/tokenize "
@@ -74,6 +74,8 @@ REFUSED_VLLM_CHAT_FIELDS = {
     "add_generation_prompt": CONTINUE_WITH_PREFIX,
     "continue_final_message": CONTINUE_WITH_PREFIX,
     "echo": "chat replies do not echo the last message",
+    "prompt_logprobs": "chat replies give no logprobs of the prompt (/v1/completions does, for the messages' token "
+    "ids from /tokenize)",
     "add_special_tokens": "the chat template places the special tokens the model was trained with; none are added",
 }
 ASKING_NOTHING = {  # what is done anyway
@@ -167,9 +169,10 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
     if request.suffix is not None:
         raise unsupported("suffix", "this model does not fill in the middle: send the request without suffix")
     if request.echo and request.logprobs is not None:
-        raise unsupported(
-            "echo", "echo with logprobs would need the prompt's logprobs, which this server does not give"
-        )
+        raise unsupported("echo", "echo with logprobs is not served: prompt_logprobs (vLLM's) gives the prompt's "
+                          "logprobs")  # fmt: skip
+    if request.prompt_logprobs is not None and request.stream:  # as vLLM refuses them
+        raise unsupported("prompt_logprobs", "prompt_logprobs cannot be streamed: send the request without stream")
     if request.best_of is not None and request.best_of < request.n:
         raise APIError(400, f"best_of ({request.best_of}) must be at least n ({request.n})", param="best_of")
     if request.best_of is not None and request.best_of > request.n and request.stream:
@@ -299,6 +302,7 @@ def sampling_params(
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 logprobs=logprobs or ranked,
                 top_logprobs=top_logprobs,
+                prompt_logprobs=None if is_chat else request.prompt_logprobs,
                 ignore_eos=request.ignore_eos,
                 min_tokens=request.min_tokens,
                 # the tool-call tokens stay in the text for the tool-call parser, as vLLM's tool parsers keep them
@@ -351,6 +355,19 @@ def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> Comple
         top_logprobs=[_by_text(entry) for entry in entries],
         text_offset=offsets,
     )
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprob | None]) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs` of a completion choice: per prompt token (the first None) {token id: logprob, rank,
+    decoded_token}, the prompt's token first, then the likeliest that are not it (up to k + 1 entries, as vLLM)."""
+    return [None if entry is None else _by_id(entry) for entry in entries]
+
+
+def _by_id(entry: TokenLogprob) -> dict[str, PromptLogprob]:
+    by_id = {str(entry.token_id): PromptLogprob(logprob=entry.logprob, rank=entry.rank, decoded_token=entry.token)}
+    for rank, (token_id, text, logprob) in enumerate(entry.top, start=1):
+        by_id.setdefault(str(token_id), PromptLogprob(logprob=logprob, rank=rank, decoded_token=text))
+    return by_id
 
 
 def _by_text(entry: TokenLogprob) -> dict[str, float]:

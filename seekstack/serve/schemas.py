@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticUseDefault, core_schema
 
-from seekstack.infer.params import LOGIT_BIAS_LIMIT, SamplingParams
+from seekstack.infer.params import LOGIT_BIAS_LIMIT, MAX_TOP_LOGPROBS, SamplingParams
 from seekstack.tokenizer import template_message
 
 MAX_CHOICES = 16
@@ -137,7 +137,6 @@ class SamplingFields(StrictRequest):
     structured_outputs: Any = None
     allowed_token_ids: Any = None
     bad_words: Any = None
-    prompt_logprobs: Any = None
     truncate_prompt_tokens: Any = None
     logits_processors: Any = None
     return_tokens_as_token_ids: bool | None = None  # false accepted
@@ -309,6 +308,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = None  # true accepted
     continue_final_message: bool | None = None  # false accepted
     echo: bool | None = None  # false accepted
+    prompt_logprobs: Any = None  # declared to be refused: completions give them
     add_special_tokens: bool | None = None  # false accepted: the chat template holds the special tokens
 
     @field_validator("tool_choice")
@@ -341,6 +341,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32), OrDefault] = 16  # OpenAI's default for completions, null too
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: Annotated[bool, OrDefault] = False  # the prompt's text before each choice's
+    # vLLM's: each prompt token's logprob after those before it (the first null), with its k likeliest alternatives
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM's: false leaves out the special tokens the tokenizer frames a prompt text with (a DeepSeek release's BOS)
     add_special_tokens: Annotated[bool, OrDefault] = True
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)  # candidates per prompt; the n likeliest are returned
@@ -514,11 +516,20 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: a token's log-probability at a prompt position, its rank (1: the likeliest) and its text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, keyed by token id
 
 
 class CompletionResponse(BaseModel):

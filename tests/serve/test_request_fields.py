@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
@@ -117,7 +118,6 @@ VLLM_REFUSED = {
     "structured_outputs": {"choice": ["yes", "no"]},
     "allowed_token_ids": [1, 2],
     "bad_words": ["fox"],
-    "prompt_logprobs": 0,
     "truncate_prompt_tokens": 8,
     "logits_processors": ["my_module.MyProcessor"],
     "return_tokens_as_token_ids": True,
@@ -129,6 +129,7 @@ VLLM_CHAT_REFUSED = {
     "add_generation_prompt": False,
     "continue_final_message": True,
     "echo": True,
+    "prompt_logprobs": 0,
 }
 VLLM_ASKING_NOTHING = {"min_tokens": 0, "use_beam_search": False, "include_stop_str_in_output": False, "bad_words": [],
                        "return_tokens_as_token_ids": False, "return_token_ids": False}  # fmt: skip
@@ -155,6 +156,40 @@ def test_vllm_fields_that_would_change_the_reply_are_refused_by_name_not_ignored
         ],
     )
     assert [response.status_code for response in answered] == [200, 200]  # values that ask for nothing more
+
+
+@torch.inference_mode()
+def test_prompt_logprobs_are_vllms_each_prompt_token_with_its_rank_and_the_likeliest(engine, tmp_path):
+    """vLLM's prompt_logprobs were refused ("this server gives no logprobs of the prompt"). Each choice carries them
+    in vLLM's shape: per prompt token (the first null) {token id: {logprob, rank, decoded_token}}, the prompt's token
+    first, then the k likeliest; a stream is refused (as vLLM refuses one), and chat's names /v1/completions."""
+    prompt = engine.tokenizer.encode("The quick brown fox jumps")
+    body = {**GREEDY, "prompt": prompt, "n": 2, "prompt_logprobs": 2}
+    asked, plain, streamed, chat = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", body), ("/v1/completions", {**GREEDY, "prompt": prompt}),
+        ("/v1/completions", {**body, "stream": True}), ("/v1/chat/completions", {**CHAT, "prompt_logprobs": 2}),
+    ])  # fmt: skip
+    full = engine.model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)  # position j - 1 predicts token j
+    expected = [None]
+    for j, token in enumerate(prompt[1:], start=1):
+        likeliest = full[j - 1].topk(2).indices.tolist()
+        own = {"logprob": full[j - 1, token].item(), "rank": int((full[j - 1] > full[j - 1, token]).sum()) + 1}
+        expected.append({str(token): {**own, "decoded_token": engine.tokenizer.decode([token])}})
+        for rank, top in enumerate(likeliest, start=1):
+            entry = {"logprob": full[j - 1, top].item(), "rank": rank, "decoded_token": engine.tokenizer.decode([top])}
+            expected[j].setdefault(str(top), entry)
+    for choice in asked.json()["choices"]:
+        assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == len(prompt)
+        for served, wanted in zip(choice["prompt_logprobs"][1:], expected[1:], strict=True):
+            assert list(served) == list(wanted)  # the prompt's token first
+            assert {k: (v["rank"], v["decoded_token"]) for k, v in served.items()} == {
+                k: (v["rank"], v["decoded_token"]) for k, v in wanted.items()
+            }
+            assert [v["logprob"] for v in served.values()] == pytest.approx([v["logprob"] for v in wanted.values()],
+                                                                             abs=1e-4)  # fmt: skip
+    assert plain.json()["choices"][0]["prompt_logprobs"] is None
+    assert error_of(streamed, 400)["param"] == "prompt_logprobs"
+    assert "/v1/completions" in error_of(chat, 400)["message"]
 
 
 def test_reasoning_effort_is_refused_without_telling_a_reasoning_model_it_does_not_reason(engine, tmp_path):
