@@ -52,6 +52,7 @@ from seekstack.train.runs import (
     checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
+    run_holding,
     step_dir,
 )
 
@@ -186,12 +187,7 @@ def shared_staging(final: Path, ranks: Ranks) -> Iterator[Path]:
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, dict[str, Any]]:
     """The model (float32, on `device`) and the train state saved in checkpoint directory `path`."""
     path = Path(path)
-    state_file = path / TRAIN_STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no {TRAIN_STATE_FILE}: it is a model checkpoint (load it with load_pretrained), "
-            "not a training one"
-        )
+    require_train_state(path)
     try:
         model = load_pretrained(path, dtype=torch.float32, device=device)
     except CheckpointError as error:  # a truncated, damaged or missing file of the weights or their config
@@ -201,10 +197,42 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
     """The train state saved in checkpoint directory `path` (step, optimizer, data position, RNG states)."""
-    state_file = Path(path) / TRAIN_STATE_FILE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{path} has no {TRAIN_STATE_FILE}: it is not a training checkpoint")
-    return load_training_file(state_file)
+    require_train_state(Path(path))
+    return load_training_file(Path(path) / TRAIN_STATE_FILE)
+
+
+def require_train_state(path: Path) -> None:
+    """FileNotFoundError saying why `path`, given as a training checkpoint, is none: no such folder, or a folder
+    without train_state.pt (a save cut short, a model folder, another folder), and which checkpoints its run holds."""
+    if (path / TRAIN_STATE_FILE).is_file():
+        return
+    run = run_holding(path)
+    if not path.exists():
+        what = "no such folder"
+    elif not path.is_dir():
+        what = "a file, not a checkpoint folder"
+    elif run is not None:
+        what = f"holds no {TRAIN_STATE_FILE}: a save cut short, or a model copied there"
+    elif (path / "config.json").is_file():
+        what = (
+            f"holds no {TRAIN_STATE_FILE}: it is a model checkpoint, not a training one (load it with "
+            f"load_pretrained, or start a new run from it with init_from={path})"
+        )
+    else:
+        what = f"holds no {TRAIN_STATE_FILE} (nor a model's config.json): not a training checkpoint"
+    if run is None and checkpoint_dir(path).is_dir():
+        run = path
+    raise FileNotFoundError(f"{path}: {what}{checkpoints_of(run)}")
+
+
+def checkpoints_of(run: Path | None) -> str:
+    """The complete checkpoints run `run` holds, as the end of a message ('' for no run)."""
+    if run is None:
+        return ""
+    found = [checkpoint.name for checkpoint in list_checkpoints(run)]
+    if not found:
+        return f"; the run {run} holds no complete checkpoint"
+    return f"; the run {run} holds {', '.join(found)} (--resume, resume=True, continues from the newest, {found[-1]})"
 
 
 def load_training_file(file: Path, map_location: torch.device | str = "cpu") -> Any:

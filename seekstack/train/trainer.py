@@ -107,6 +107,7 @@ from seekstack.train.state import (
     rank_compression_file,
     rank_optimizer_file,
     read_train_state,
+    require_train_state,
     resume_before,
     rng_state,
     save_checkpoint,
@@ -479,6 +480,7 @@ class _Run:
         train_state: dict[str, Any] | None = None
         if resume:
             path = latest_checkpoint(self.out_dir) if resume is True else Path(resume)
+            require_train_state(path)  # before a stage's hooks read the folder
             if hooks is None:
                 model, train_state = load_checkpoint(path, ranks.device)
                 set_balance_weight(model, config.aux_loss_alpha)  # the one model setting a resumed run may change

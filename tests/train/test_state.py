@@ -152,3 +152,26 @@ def test_a_train_state_is_read_as_weights_only_refusing_one_whose_pickle_would_r
         "which loading would run: refused (torch.load weights_only=True); it was not written by seekstack, or altered "
         "since"
     )
+
+
+def test_a_missing_or_incomplete_checkpoint_is_named_for_what_it_lacks_not_called_a_model_checkpoint(tmp_path):
+    """resume=path of a folder that did not exist (a pruned step_N) or held no config.json was called 'a model
+    checkpoint (load it with load_pretrained)': the message says what is wrong and which checkpoints the run holds."""
+    checkpoint = save_checkpoint(tmp_path / "run", Transformer(micro_config()), {"step": 4}, keep=1)
+    (checkpoint.parent / "step_6").mkdir()
+    holds = f"; the run {tmp_path / 'run'} holds step_4 (--resume, resume=True, continues from the newest, step_4)"
+    expected = {
+        checkpoint.parent / "step_2": "no such folder" + holds,
+        checkpoint.parent / "step_6": "holds no train_state.pt: a save cut short, or a model copied there" + holds,
+        tmp_path / "absent": "no such folder",
+        tmp_path: "holds no train_state.pt (nor a model's config.json): not a training checkpoint",
+        checkpoint / "config.json": "a file, not a checkpoint folder",
+    }
+    for path, message in expected.items():
+        with pytest.raises(FileNotFoundError) as refused:
+            read_train_state(path)
+        assert str(refused.value) == f"{path}: {message}"
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint, model, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE))
+    with pytest.raises(FileNotFoundError, match="it is a model checkpoint, not a training one .*init_from="):
+        read_train_state(model)
