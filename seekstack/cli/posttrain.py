@@ -175,7 +175,8 @@ def _sampling_engine(model: Path, sequences: int, max_new_tokens: int, task: Tas
 
     context = read_config(model).max_position_embeddings
     prompts = task_prompts(Tokenizer.from_file(model), problems)
-    length = rollout_length(task, prompts, max_new_tokens, context, f"the context of {model} (max_position_embeddings)")
+    limit = f"the context of {model} (max_position_embeddings)"
+    length = rollout_length(task, problems, prompts, max_new_tokens, context, limit)
     max_batch_size = min(sequences, SAMPLING_BATCH)
     return Engine.from_pretrained(model, max_batch_size=max_batch_size, max_model_len=length)
 

@@ -129,7 +129,7 @@ def task_samples(
     problems = sample_problems(task, count, "heldout", seed=0, distinct=True, up_to=True)
     prompts = task_prompts(Tokenizer.from_file(tokenizer_folder), problems)
     max_new_tokens = min(max_new_tokens, context - max(map(len, prompts)))
-    length = rollout_length(task, prompts, max_new_tokens, context, f"the context of {model_path}")
+    length = rollout_length(task, problems, prompts, max_new_tokens, context, f"the context of {model_path}")
     engine = _engine(model_path, max_batch_size=count, max_model_len=length)
     tokenizer = engine.tokenizer
     rollout = sample_groups(engine, task, problems, 1, max_new_tokens, 0.0, 0, RewardWeights())

@@ -73,7 +73,7 @@ class GRPOSource:
         self.task = make_task(config.task, config.difficulty)
         sample = measured_problems(self.task, config.seed)
         prompts = [self.tokenizer.encode_chat(prompt_messages(p)) for p in sample]
-        require_prompt_room(self.task, prompts, config.max_prompt_length)
+        require_prompt_room(self.task, sample, prompts, config.max_prompt_length)
         self.weights = RewardWeights(correctness=1.0, format=config.format_weight)
         self.generation = 0  # generation batches sampled so far
         self.iteration = 0  # optimizer steps taken on the current batch

@@ -27,6 +27,7 @@ from seekstack.posttrain.conversations import prompt_messages
 from seekstack.posttrain.padding import pad_rows, within_lengths
 from seekstack.posttrain.rewards import RewardWeights, reward_terms, total_reward
 from seekstack.posttrain.tasks import Problem, Task
+from seekstack.posttrain.tasks.problems_file import ProblemsFile
 from seekstack.tokenizer import Tokenizer
 
 
@@ -81,17 +82,27 @@ def require_completion_room(
         )
 
 
-def require_prompt_room(task: Task, prompts: list[list[int]], max_prompt_length: int) -> None:
-    """Refuse prompts (token ids) longer than rl's room `max_prompt_length`: a ConfigError naming it and the longest
-    prompt's length. A prompt is never cut: its left cut (TRL's old truncation) would drop the start of the question
-    its reward verifies."""
+def require_prompt_room(task: Task, problems: list[Problem], prompts: list[list[int]], max_prompt_length: int) -> None:
+    """Refuse prompts (token ids, those of `problems`) longer than rl's room `max_prompt_length`: a ConfigError
+    naming it and the longest prompt's length. A prompt is never cut: its left cut (TRL's old truncation) would drop
+    the start of the question its reward verifies."""
     longest = max(map(len, prompts))
     if longest > max_prompt_length:
         raise ConfigError(
-            f"is {max_prompt_length}: {task.name} prompts (difficulty {task.difficulty}) take up to {longest} tokens; "
-            f"give max_prompt_length={longest} or more (it and max_completion_length within the model's context)",
+            f"is {max_prompt_length}: {_prompts_taking(task, problems, prompts)}; give max_prompt_length={longest} "
+            "or more (it and max_completion_length within the model's context)",
             field="max_prompt_length",
         )
+
+
+def _prompts_taking(task: Task, problems: list[Problem], prompts: list[list[int]]) -> str:
+    """What the longest of `prompts` (those of `problems`) takes, named as the user sets it: a generator's prompts
+    at its difficulty, a file's question by its file and line."""
+    longest = max(range(len(prompts)), key=lambda row: len(prompts[row]))
+    tokens = len(prompts[longest])
+    if isinstance(task, ProblemsFile):
+        return f"the prompt of the question on {task.where(problems[longest])} takes {tokens} tokens"
+    return f"{task.name} prompts (difficulty {task.difficulty}) take up to {tokens} tokens"
 
 
 def task_prompts(tokenizer: Tokenizer, problems: list[Problem]) -> list[list[int]]:
@@ -99,18 +110,20 @@ def task_prompts(tokenizer: Tokenizer, problems: list[Problem]) -> list[list[int
     return [tokenizer.encode_chat(prompt_messages(p)) for p in problems]
 
 
-def rollout_length(task: Task, prompts: list[list[int]], completion_tokens: int, context: int, limit: str) -> int:
-    """The tokens a rollout of `prompts` (token ids) needs per request, the longest prompt and `completion_tokens`
-    (the sampling commands' max_new_tokens), within `context` tokens (`limit` says whose); a ConfigError naming
-    `difficulty` when that prompt alone fills them, else naming `max_new_tokens` and the most that fit."""
+def rollout_length(
+    task: Task, problems: list[Problem], prompts: list[list[int]], completion_tokens: int, context: int, limit: str
+) -> int:
+    """The tokens a rollout of `prompts` (token ids, those of `problems`) needs per request, the longest prompt and
+    `completion_tokens` (the sampling commands' max_new_tokens), within `context` tokens (`limit` says whose); a
+    ConfigError naming `difficulty` (a file's: `task`) when that prompt alone fills them, else naming `max_new_tokens`
+    and the most that fit."""
     longest = max(map(len, prompts))
-    prompts_taking = f"{task.name} prompts (difficulty {task.difficulty}) take up to {longest} tokens"
+    prompts_taking = _prompts_taking(task, problems, prompts)
+    no_room = f"{prompts_taking}, which leaves no room for a completion in {limit}, {context} tokens"
+    if longest >= context and isinstance(task, ProblemsFile):
+        raise ConfigError(f"is {task.name}: {no_room}; shorten that question", field="task")
     if longest >= context:
-        raise ConfigError(
-            f"is {task.difficulty}: {prompts_taking}, which leave no room for a completion in {limit}, {context} "
-            "tokens; lower difficulty",
-            field="difficulty",
-        )
+        raise ConfigError(f"is {task.difficulty}: {no_room}; lower difficulty", field="difficulty")
     if longest + completion_tokens > context:
         raise ConfigError(
             f"is {completion_tokens}: {prompts_taking}, and a completion of that many after them passes {limit}, "
@@ -141,7 +154,7 @@ def sample_groups(
     tokenizer = engine.tokenizer
     distinct = task_prompts(tokenizer, problems)
     if max_prompt_length is not None:
-        require_prompt_room(task, distinct, max_prompt_length)
+        require_prompt_room(task, problems, distinct, max_prompt_length)
     prompts = [prompt for prompt in distinct for _ in range(group_size)]  # the engine prefills a group's G once
     params = [
         SamplingParams(

@@ -133,3 +133,15 @@ def test_a_completion_cut_at_its_token_limit_scores_nothing_though_its_answer_so
             verifies_so_far += answer is not None and task.verify(problem, answer)
     assert verifies_so_far > 0
     assert all(rollout.terms["correctness"][row] == rollout.terms["format"][row] == 0 for row in cut)
+
+
+def test_sampling_a_model_whose_context_holds_no_question_of_a_problems_file_names_its_line(tmp_path):
+    """A file has no difficulty: the refusal said '--difficulty': is 1 ... lower difficulty."""
+    model_dir = micro_checkpoint(tmp_path / "model", context=32)
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {n} + {n}?", "answer": 2 * n}) + "\n" for n in range(40)))
+    args = ["pass-at-k", str(model_dir), "--task", str(path), "--problems", "2", "--max-new-tokens", "8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '--task': is {path}: the prompt of the question on {path}:" in result.output
+    assert "32 tokens; shorten that question" in result.output and "difficulty" not in result.output

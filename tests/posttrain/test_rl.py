@@ -172,7 +172,8 @@ def test_a_long_question_anywhere_in_a_problems_file_is_refused_before_the_run_s
     args = ["rl", f"init_from={model_dir}", *RUN, f"task={path}", "max_steps=1", f"out_dir={run}"]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1 and not run.exists()
-    assert re.match(r"error: field 'max_prompt_length' is 192: .* take up to 3\d\d tokens", refused.output)
+    taking = rf"the prompt of the question on {re.escape(str(path))}:1001 takes 3\d\d tokens; give max_prompt_length"
+    assert re.match(rf"error: field 'max_prompt_length' is 192: {taking}", refused.output), refused.output
 
 
 def test_a_prompt_room_that_leaves_the_context_no_completion_is_refused_naming_max_prompt_length(tmp_path):

@@ -32,6 +32,7 @@ class ProblemsFile:
 
     name: str  # the file's path, as task= names it
     problems: list[Problem]
+    lines: dict[str, int]  # each problem's key: the line it is first asked on
     difficulty: int = 1  # no knob: the file's problems are what they are
 
     @classmethod
@@ -48,7 +49,11 @@ class ProblemsFile:
                 raise ValueError(f"{where}: field question: line {first[0]}'s question, with another answer")
         if not problems:
             raise ValueError(f"{path}: no problems; {LINE_FORMAT}")
-        return cls(path, [problem for _, problem in problems.values()])
+        return cls(path, [problem for _, problem in problems.values()], {key: n for key, (n, _) in problems.items()})
+
+    def where(self, problem: Problem) -> str:
+        """The file and line `problem` is asked on, as `path:line`."""
+        return f"{self.name}:{self.lines[problem.key]}"
 
     def generate(self, rng: random.Random) -> Problem:
         return rng.choice(self.problems)
