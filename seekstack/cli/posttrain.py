@@ -152,6 +152,7 @@ def traces_command(
 def _why_no_trace(model: Path, task: str) -> str:
     """What to change when teacher `model` verified no trace: a base model writes no R1 answer format at all."""
     from seekstack.infer.chat import base_model_reason
+    from seekstack.posttrain.tasks.problems_file import is_problems_file
 
     reason = base_model_reason(model, model)
     if reason:
@@ -160,7 +161,8 @@ def _why_no_trace(model: Path, task: str) -> str:
             f"answer format: train the teacher on the task first (`seekstack sft task={task} init_from={model}`, "
             "then `seekstack rl`)"
         )
-    return "more --samples, a lower --difficulty or a teacher trained further on the task may solve some"
+    lower_difficulty = "" if is_problems_file(task) else ", a lower --difficulty"  # a file's problems are as written
+    return f"more --samples{lower_difficulty} or a teacher trained further on the task may solve some"
 
 
 def _sampling_engine(model: Path, sequences: int, max_new_tokens: int, task: Task, problems: list[Problem]) -> Engine:

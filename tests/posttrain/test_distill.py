@@ -145,3 +145,14 @@ def test_sampling_a_model_whose_context_holds_no_question_of_a_problems_file_nam
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '--task': is {path}: the prompt of the question on {path}:" in result.output
     assert "32 tokens; shorten that question" in result.output and "difficulty" not in result.output
+
+
+def test_traces_of_a_problems_file_that_verify_none_suggest_no_difficulty(tmp_path):
+    """A file has no difficulty: 'none of 2 traces verified' suggested 'a lower --difficulty' for it."""
+    teacher = micro_checkpoint(tmp_path / "teacher")
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {n} + {n}?", "answer": 2 * n}) + "\n" for n in range(40)))
+    args = ["traces", str(teacher), "--out", str(tmp_path / "t.jsonl"), "--task", str(path), "--prompts", "2"]
+    result = CliRunner().invoke(app, [*args, "--samples", "1", "--max-new-tokens", "8"])
+    assert result.exit_code == 1 and "none of 2 traces verified (more --samples or a teacher" in result.output
+    assert "--difficulty" not in result.output
