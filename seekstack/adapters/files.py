@@ -172,8 +172,7 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
 
     folder = Path(folder)
     config = read_lora_config(folder)  # its own errors name what is wrong with the folder or the file
-    if not (folder / ADAPTER_WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS_FILE}; {_weights_hint(folder)}")
+    adapter_weights(folder)  # refused before peft wraps the model
     refuse_quantized_base(model, folder)
     refuse_token_ids_outside_vocabulary(config, model.config.vocab_size, folder)
     try:
@@ -186,6 +185,14 @@ def load_adapter(model: Transformer, folder: str | Path, weightless: bool = Fals
         ) from None
     restore_adapter(peft_model, folder, weightless)
     return _fuse_head(peft_model).eval()
+
+
+def adapter_weights(folder: Path) -> Path:
+    """The adapter's weights file in `folder`; CheckpointError naming the folder, and what to do, when it has none."""
+    weights = folder / ADAPTER_WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS_FILE}; {_weights_hint(folder)}")
+    return weights
 
 
 def _weights_hint(folder: Path) -> str:
@@ -280,7 +287,7 @@ def restore_adapter(model: PeftModel, folder: str | Path, weightless: bool = Fal
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
-    weights = folder / ADAPTER_WEIGHTS_FILE
+    weights = adapter_weights(folder)
     layers = model.get_base_model().config.num_hidden_layers
     names = [name for name, _ in model.get_base_model().named_modules() if name]
     ours = {checkpoint_key(f"{name}.weight", layers).removesuffix(".weight"): name for name in names}

@@ -311,12 +311,13 @@ def _adapter_summary(adapter: Path, base_parameters: int) -> str:
     base's main model, file size."""
     from safetensors import safe_open
 
-    from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE, read_lora_config
+    from seekstack.adapters.files import adapter_weights, read_lora_config
 
     lora = read_lora_config(adapter)  # a damaged adapter_config.json named
-    with safe_open(adapter / ADAPTER_WEIGHTS_FILE, "pt") as weights:
+    weights_file = adapter_weights(adapter)  # peft's pickled adapter_model.bin named, with how to re-save it
+    with safe_open(weights_file, "pt") as weights:
         parameters = sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
-    size = (adapter / ADAPTER_WEIGHTS_FILE).stat().st_size
+    size = weights_file.stat().st_size
     return (
         f"rank {lora.r}, alpha {lora.lora_alpha}: {parameters:,} parameters "
         f"({parameters / base_parameters:.2%} of the base's), {size / 2**20:.2f} MiB, on the base above"

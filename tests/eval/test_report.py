@@ -709,3 +709,19 @@ def test_eval_seeds_python_numpy_torch_and_the_few_shot_sampler_as_lm_evals_seed
     assert [asked[-1][name] for name in names] == [0, 1234, 1234, 1234] and report["options"]["seed"] is None
     with pytest.raises(ValueError, match=r"seed '1,2': Argument requires 4 integers .* \(42\), or Python's, numpy's"):
         evaluate(tmp_path, ("mc",), device="cpu", seed="1,2")
+
+
+def test_report_of_a_lora_run_whose_adapter_is_peft_pickle_names_it_not_a_missing_safetensors(tmp_path):
+    """A checkpoint holding peft's adapter_model.bin (safe_serialization=False) ended the report in safetensors'
+    'No such file or directory: .../adapter_model.safetensors' traceback; it is refused as generate and serve do."""
+    from seekstack.checkpoint import CheckpointError
+    from seekstack.eval.report import _model
+
+    base = _step_checkpoint(tmp_path / "base", 1)
+    adapter = tmp_path / "run" / "checkpoints" / "step_2"
+    adapter.mkdir(parents=True)
+    lora = {"base_model_name_or_path": str(base), "peft_type": "LORA", "r": 8, "lora_alpha": 16}
+    (adapter / "adapter_config.json").write_text(json.dumps(lora | {"target_modules": ["q_proj"]}))
+    (adapter / "adapter_model.bin").write_bytes(b"a pickle")
+    with pytest.raises(CheckpointError, match=r"step_2: no adapter_model\.safetensors; it holds adapter_model\.bin "):
+        _model(tmp_path / "run", adapter, {}, [])
