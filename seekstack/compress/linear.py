@@ -34,6 +34,10 @@ COMPUTE_DTYPE = torch.bfloat16  # the activation dtype of the int8/int4 kernels
 # torch's int8 CPU kernel (_weight_int8pack_mm, torch 2.13, AVX512) reads input columns 16 at a time: at another
 # width it reads past each row, giving garbage (NaN at decode widths) or a segmentation fault
 INT8_KERNEL_COLUMNS = 16
+# The group sizes torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu) takes, largest first: a checkpoint's larger
+# group (compressed-tensors' one scale per row, "channel", or per matrix, "tensor", of a wide layer) runs as groups of
+# the largest of these dividing it, its scale repeated, which is the same weight
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 
 
 class QuantizedWeight(nn.Module):
@@ -172,10 +176,10 @@ class Int4Weight(QuantizedWeight):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        self.group = q.shape[-1] // scale.shape[-1]
+        self._shape = q.shape
+        self.group = _int4_kernel_group(q.shape[-1] // scale.shape[-1])
         self.register_buffer("packed", self.codes_buffer(q))
         self.register_buffer("scales_and_zeros", self.scale_buffer(scale))
-        self._shape = q.shape
         self.bind_operands()
 
     @staticmethod
@@ -184,8 +188,10 @@ class Int4Weight(QuantizedWeight):
         packed = torch.stack([torch._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1) for u in unsigned])
         return packed.view(*q.shape[:-1], -1)
 
-    @staticmethod
-    def scale_buffer(scale: torch.Tensor) -> torch.Tensor:
+    def scale_buffer(self, scale: torch.Tensor) -> torch.Tensor:
+        """The kernel's (..., G, O, 2) scale-and-zero table of scales (..., O, groups as stored), each stored group's
+        scale repeated over the kernel groups it spans (`self.group`)."""
+        scale = scale.repeat_interleave(self._shape[-1] // self.group // scale.shape[-1], dim=-1)
         scales_and_zeros = torch.stack((scale, torch.zeros_like(scale)), dim=-1).transpose(-3, -2)  # (..., G, O, 2)
         return scales_and_zeros.to(SCALE_DTYPE).contiguous()
 
@@ -220,6 +226,12 @@ class Int4Weight(QuantizedWeight):
     @property
     def shape(self) -> torch.Size:
         return self._shape
+
+
+def _int4_kernel_group(group: int) -> int:
+    """The group size int4 weights stored at `group` columns a scale run at: the largest of INT4_KERNEL_GROUPS that
+    divides it (`group` itself when none does; the kernel then refuses it)."""
+    return next((size for size in INT4_KERNEL_GROUPS if group % size == 0), group)
 
 
 class Fp8Weight(QuantizedWeight):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 import seekstack
 from seekstack import Transformer
 from seekstack.checkpoint import checkpoint_tensors
+from seekstack.compress.formats import dequantize_int
 from seekstack.compress.linear import QuantizedExperts, QuantizedFeedForward, QuantizedLinear
 from seekstack.compress.quantize import (
     QuantConfig,
@@ -198,6 +199,25 @@ def test_a_compressed_tensors_checkpoint_with_one_scale_per_matrix_loads_as_the_
         ("model.layers.2.mlp.experts.5.up_proj", quantized.layers[2].mlp.experts.gate_up_proj.dequantize()[5, 32:]),
     ]:
         assert torch.equal(ours.bfloat16(), theirs[layer]), layer
+
+
+@pytest.mark.parametrize("columns", [512, 1024])
+def test_int4_scales_of_a_row_wider_than_the_kernel_groups_run_as_the_same_weight(columns):
+    """compressed-tensors' int4 `strategy: "channel"` (or "tensor") of a layer wider than 256 columns: one group per
+    row, which torch's int4 kernel refused at the first forward ("expect qGroupSize to be 32, 64, 128 or 256")."""
+    from seekstack.compress.formats import pack_codes, quantize_int4
+    from seekstack.compress.linear import weight_from_stored
+
+    codes, scale = quantize_int4(torch.randn(64, columns, generator=torch.Generator().manual_seed(0)), columns)
+    row_wide = weight_from_stored({"weight_packed": pack_codes(codes, 4), "weight_scale": scale}, None, bits=4)
+    in_groups = weight_from_stored(
+        {"weight_packed": pack_codes(codes, 4), "weight_scale": scale.repeat_interleave(columns // 256, dim=-1)},
+        None,
+        bits=4,
+    )
+    x = torch.randn(3, columns, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(QuantizedLinear(row_wide)(x), QuantizedLinear(in_groups)(x))
+    assert torch.equal(row_wide.dequantize(), dequantize_int(codes, scale))
 
 
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
