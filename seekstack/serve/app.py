@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from seekstack.adapters.registry import UnknownAdapter
 from seekstack.infer.engine import Engine
+from seekstack.infer.outputs import TokenLogprob
 from seekstack.serve.access import DEFAULT_MAX_BODY_BYTES, check_open_mode_request, read_body
 from seekstack.serve.adapter_routes import add_adapter_routes
 from seekstack.serve.billing import Bill
@@ -66,6 +67,7 @@ from seekstack.serve.schemas import (
     ChatCompletionResponse,
     ChatDelta,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Health,
@@ -326,7 +328,7 @@ class Server:
             return EventStream(events, on_close=finish, headers=echoed)
         status = CLIENT_CLOSED
         try:
-            answer = self.complete(body, group, bill, usage, categories, response_id)
+            answer = self.complete(body, prompts, group, bill, usage, categories, response_id)
             response = await _unless_client_leaves(request, answer)
             response.headers.update(echoed)
             status = 200
@@ -411,11 +413,18 @@ class Server:
         return {name: value for window in windows if window for name, value in window.headers().items()}
 
     async def complete(
-        self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category], response_id: str
+        self,
+        body,
+        prompts: list[list[int]],
+        group: RequestGroup,
+        bill: Bill,
+        usage: ChoicesUsage,
+        categories: list[Category],
+        response_id: str,
     ) -> JSONResponse:
-        """Gather every choice and answer in one JSON body; `bill` counts the tokens as they come (`usage`); the content
-        policy reads each choice as it is generated, as in `stream` (a choice it blocks stops there, billed for the
-        tokens it had, and ends with finish_reason "content_filter")."""
+        """Gather every choice of `prompts` (their token ids) and answer in one JSON body; `bill` counts the tokens as
+        they come (`usage`); the content policy reads each choice as it is generated, as in `stream` (a choice it
+        blocks stops there, billed for the tokens it had, and ends with finish_reason "content_filter")."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         texts, logprobs, shown_logprobs = [""] * n, [[] for _ in range(n)], [[] for _ in range(n)]
@@ -465,7 +474,9 @@ class Server:
                     CompletionChoice(
                         index=position,
                         text=self.echo_text(body, i // per_prompt) + texts[i],
-                        logprobs=completion_logprobs(shown_logprobs[i], 0) if body.logprobs is not None else None,
+                        logprobs=self.choice_logprobs(
+                            body, prompts[i // per_prompt], prompt_logprobs[i], shown_logprobs[i]
+                        ),
                         finish_reason=finish_reasons[i],
                         prompt_logprobs=vllm_prompt_logprobs(prompt_logprobs[i]) if prompt_logprobs[i] else None,
                     )
@@ -559,6 +570,22 @@ class Server:
             split.reasoning_tokens(self.engine.tokenizer, tokens)
             for split, tokens in zip(splits, usage.completion_tokens, strict=True)
         )
+
+    def choice_logprobs(
+        self,
+        body: CompletionRequest,
+        prompt: list[int],
+        prompt_entries: list[TokenLogprob | None] | None,
+        entries: list[TokenLogprob],
+    ) -> CompletionLogprobs | None:
+        """A completion choice's legacy logprobs, if asked: with echo, the prompt's tokens first (the first one's
+        logprob null), then its own, as OpenAI and vLLM give them."""
+        if body.logprobs is None:
+            return None
+        if not body.echo:
+            return completion_logprobs(entries, 0)
+        first = self.engine.tokenizer.decode([prompt[0]])
+        return completion_logprobs([*prompt_entries[1:], *entries], 0, unscored_first=first)
 
     def echo_text(self, body, prompt_index: int) -> str:
         """What a completion with `echo` puts before the text of a choice of prompt `prompt_index`: that prompt

@@ -168,9 +168,8 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
                        f"{MAX_ENGINE_REQUESTS} are served", param="n")  # fmt: skip
     if request.suffix is not None:
         raise unsupported("suffix", "this model does not fill in the middle: send the request without suffix")
-    if request.echo and request.logprobs is not None:
-        raise unsupported("echo", "echo with logprobs is not served: prompt_logprobs (vLLM's) gives the prompt's "
-                          "logprobs")  # fmt: skip
+    if request.echo and request.logprobs is not None and request.stream:
+        raise unsupported("echo", "echo with logprobs cannot be streamed: send the request without stream")
     if request.prompt_logprobs is not None and request.stream:  # as vLLM refuses them
         raise unsupported("prompt_logprobs", "prompt_logprobs cannot be streamed: send the request without stream")
     if request.best_of is not None and request.best_of < request.n:
@@ -302,7 +301,7 @@ def sampling_params(
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 logprobs=logprobs or ranked,
                 top_logprobs=top_logprobs,
-                prompt_logprobs=None if is_chat else request.prompt_logprobs,
+                prompt_logprobs=None if is_chat else asked_prompt_logprobs(request),
                 ignore_eos=request.ignore_eos,
                 min_tokens=request.min_tokens,
                 # the tool-call tokens stay in the text for the tool-call parser, as vLLM's tool parsers keep them
@@ -312,6 +311,14 @@ def sampling_params(
         except ValueError as error:
             raise APIError(400, str(error)) from None
     return choices
+
+
+def asked_prompt_logprobs(request: CompletionRequest) -> int | None:
+    """How many likeliest tokens each prompt token's logprob comes with: prompt_logprobs, else, with echo, logprobs
+    (the echoed prompt's tokens come first in the choice's logprobs), as vLLM reads them."""
+    if request.prompt_logprobs is not None or not request.echo:
+        return request.prompt_logprobs
+    return request.logprobs
 
 
 def chat_logprobs(entries: list[TokenLogprob], tokenizer: Tokenizer) -> ChatLogprobs:
@@ -343,16 +350,21 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
     return list(raw if raw is not None else piece.encode("utf-8"))
 
 
-def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
-    """The legacy completions shape; offsets count characters from the start of the choice's text."""
+def completion_logprobs(
+    entries: list[TokenLogprob], text_offset: int, unscored_first: str | None = None
+) -> CompletionLogprobs:
+    """The legacy completions shape; offsets count characters from the start of the choice's text. `unscored_first`:
+    the text of an echoed prompt's first token, which has no logprob (null, as OpenAI and vLLM give it)."""
+    first = [] if unscored_first is None else [unscored_first]
+    tokens = first + [entry.token for entry in entries]
     offsets = []
-    for entry in entries:
+    for token in tokens:
         offsets.append(text_offset)
-        text_offset += len(entry.token)
+        text_offset += len(token)
     return CompletionLogprobs(
-        tokens=[entry.token for entry in entries],
-        token_logprobs=[entry.logprob for entry in entries],
-        top_logprobs=[_by_text(entry) for entry in entries],
+        tokens=tokens,
+        token_logprobs=[None] * len(first) + [entry.logprob for entry in entries],
+        top_logprobs=[None] * len(first) + [_by_text(entry) for entry in entries],
         text_offset=offsets,
     )
 

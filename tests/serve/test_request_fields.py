@@ -192,6 +192,27 @@ def test_prompt_logprobs_are_vllms_each_prompt_token_with_its_rank_and_the_likel
     assert "/v1/completions" in error_of(chat, 400)["message"]
 
 
+def test_echo_with_logprobs_puts_the_prompts_tokens_first_as_openais_legacy_completions(engine, tmp_path):
+    """echo with logprobs was refused; OpenAI's legacy completions and vLLM answer it with the prompt's tokens first,
+    the first one's logprob null (lm-eval's local-completions scores a continuation so), then the choice's own."""
+    prompt = engine.tokenizer.encode("The quick brown fox jumps")
+    body = {**GREEDY, "prompt": prompt, "max_tokens": 3, "logprobs": 2}
+    echoed, plain, streamed = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", {**body, "echo": True}), ("/v1/completions", body),
+        ("/v1/completions", {**body, "echo": True, "stream": True}),
+    ])  # fmt: skip
+    choice, own = echoed.json()["choices"][0], plain.json()["choices"][0]["logprobs"]
+    logprobs, texts = choice["logprobs"], [engine.tokenizer.decode([token]) for token in prompt]
+    assert logprobs["tokens"] == texts + own["tokens"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    entries = zip(choice["prompt_logprobs"][1:], prompt[1:], strict=True)
+    scored = [entry[str(token)]["logprob"] for entry, token in entries]
+    assert logprobs["token_logprobs"][1:] == pytest.approx(scored + own["token_logprobs"], abs=1e-5)
+    assert all(len(top) in (2, 3) for top in logprobs["top_logprobs"][1:])
+    assert logprobs["text_offset"][len(prompt)] == len("".join(texts)) and choice["text"].startswith("".join(texts))
+    assert error_of(streamed, 400)["param"] == "echo"
+
+
 def test_reasoning_effort_is_refused_without_telling_a_reasoning_model_it_does_not_reason(engine, tmp_path):
     """A model from `seekstack sft task=` or `rl` reasons in <think> before it answers; the effort is what is unset."""
     [refused] = post_each(engine, tmp_path / "db", [("/v1/chat/completions", {**CHAT, "reasoning_effort": "low"})])
