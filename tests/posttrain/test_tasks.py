@@ -56,6 +56,19 @@ def test_distinct_draws_hold_each_problem_once_and_a_split_too_small_says_so():
         make_task("addition", 0)
 
 
+def test_a_problems_file_too_small_for_the_draws_says_to_add_questions_not_to_raise_its_difficulty(tmp_path):
+    path = problems_file(
+        tmp_path / "few.jsonl", [{"question": f"What is {n} + {n}?", "answer": 2 * n} for n in range(40)]
+    )
+    heldout = len(sample_problems(make_task(path), 100, "heldout", seed=0, distinct=True, up_to=True))
+    refusal = (
+        f"task {path} holds only {heldout} distinct heldout problems of 100 asked (each question's split is its "
+        "hash's); add questions to the file or ask for fewer"
+    )  # was: "... at difficulty 1 yielded only ...; raise the difficulty or ask for fewer"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        sample_problems(make_task(path), 100, "heldout", seed=0, distinct=True)
+
+
 def test_generators_are_seeded():
     task = make_task("countdown")
     assert sample_problems(task, 5, "train", seed=3) == sample_problems(task, 5, "train", seed=3)

@@ -74,8 +74,20 @@ def sample_problems(
             draws_without_one = 0
     if len(problems) == count or up_to:
         return problems
-    kind = "distinct " if distinct else ""
-    raise ValueError(
-        f"task {task.name} at difficulty {task.difficulty} yielded only {len(problems)} {kind}{split} problems of "
-        f"{count} asked: its problem space is too small; raise the difficulty or ask for fewer"
+    raise ValueError(_too_few(task, len(problems), count, split, "distinct " if distinct else ""))
+
+
+def _too_few(task: Task, found: int, count: int, split: str, kind: str) -> str:
+    """Why `task` gave `found` problems of `split` where `count` were asked, and what gives more: a file of problems
+    has no difficulty to raise."""
+    from seekstack.posttrain.tasks.problems_file import ProblemsFile
+
+    if isinstance(task, ProblemsFile):
+        return (
+            f"task {task.name} holds only {found} {kind}{split} problems of {count} asked (each question's split is "
+            "its hash's); add questions to the file or ask for fewer"
+        )
+    return (
+        f"task {task.name} at difficulty {task.difficulty} yielded only {found} {kind}{split} problems of {count} "
+        "asked: its problem space is too small; raise the difficulty or ask for fewer"
     )
