@@ -23,7 +23,6 @@ from seekstack.checkpoint.keys import (
 from seekstack.checkpoint.reader import CheckpointReader
 from seekstack.compress.formats import compressed_tensors_config, pack_codes
 from seekstack.compress.linear import (
-    INT8_KERNEL_COLUMNS,
     QuantizedExperts,
     QuantizedLinear,
     QuantizedWeight,
@@ -306,7 +305,8 @@ def load_quantized_layers(
     experts' buffers (`ExpertBuffer`), by the stack's name. `kv_b_proj` stays a float Linear (attention absorbs its
     matrix), read dequantized."""
     layers = model.config.num_hidden_layers
-    swapped, unfilled, unrunnable = set(), {}, []
+    swapped, unfilled = set(), {}
+    unrunnable: dict[type[QuantizedWeight], list[str]] = {}  # layers left in float, by a weight of their format
     for name, module in list(model.named_modules()):
         key = layer_key(name, layers)
         replacement: torch.nn.Module | None = None
@@ -323,19 +323,18 @@ def load_quantized_layers(
             bias = reader.read(f"{key}.bias").to(module.bias.dtype) if module.bias is not None and weight else None
             replacement = QuantizedLinear(weight, bias) if weight else None
         if replacement is not None and not kernels_run(replacement):
-            unrunnable.append(name)  # left in float: read dequantized with the float layers
+            unrunnable.setdefault(type(layer_weight(replacement)), []).append(name)  # read dequantized, as float ones
             continue
         if replacement is not None:
             model.set_submodule(name, replacement if per_expert else replacement.to(device))  # empty: filled later
             swapped.add(name)
             unfilled.update({f"{name}.{stack}": expert for stack, expert in per_expert.items()})
     use_quantized_feed_forwards(model)  # as quantize_model leaves a quantized model, so both compute alike
-    if unrunnable:
+    for weight, names in unrunnable.items():
         warnings.warn(
-            f"{reader.directory}: {len(unrunnable)} int8 layers ({', '.join(unrunnable[:3])}"
-            f"{', ...' if len(unrunnable) > 3 else ''}) have an input width that is not a multiple of "
-            f"{INT8_KERNEL_COLUMNS}, which torch's int8 CPU kernel misreads; they run in float from their dequantized "
-            "weights",
+            f"{reader.directory}: {len(names)} {weight.scheme} layers ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}) have {weight.kernel_limit}; they run in float from their "
+            "dequantized weights",
             stacklevel=3,
         )
     return swapped, unfilled

@@ -53,6 +53,7 @@ class QuantizedWeight(nn.Module):
     kernel_dtype: torch.dtype | None = None  # the activation dtype the kernel takes; None: the activations' own
     operand_names: tuple[str, ...] = ()  # the buffers the kernel takes, in its argument order
     stored_buffers: tuple[str, str]  # the buffers of its codes and of its scales, each built from one stored tensor
+    kernel_limit = ""  # the weights its kernel cannot run (`kernel_runs`), as a note names them
 
     @staticmethod
     def codes_buffer(q: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,9 @@ class Int8Weight(QuantizedWeight):
     scheme = "int8"
     kernel_dtype = COMPUTE_DTYPE
     operand_names = stored_buffers = ("weight", "weight_scale")
+    kernel_limit = (
+        f"an input width that is not a multiple of {INT8_KERNEL_COLUMNS}, which torch's int8 CPU kernel misreads"
+    )
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
@@ -173,6 +177,7 @@ class Int4Weight(QuantizedWeight):
     scheme = "int4"
     kernel_dtype = COMPUTE_DTYPE
     operand_names = stored_buffers = ("packed", "scales_and_zeros")
+    kernel_limit = f"groups of columns no multiple of {INT4_KERNEL_GROUPS[-1]}, which torch's int4 CPU kernel refuses"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         super().__init__()
@@ -198,6 +203,9 @@ class Int4Weight(QuantizedWeight):
     @classmethod
     def from_float(cls, weight: torch.Tensor, group: int) -> Int4Weight:
         return cls(*quantize_int4(weight, group))
+
+    def kernel_runs(self) -> bool:
+        return self.group in INT4_KERNEL_GROUPS
 
     def matmul(self, x: torch.Tensor, index: int | None = None) -> torch.Tensor:
         packed, table = self.kernel_operands(index)

@@ -365,6 +365,28 @@ def test_int8_leaves_layers_its_kernel_misreads_in_float_and_says_why():
     assert 0 < relative < 0.02
 
 
+def test_an_int4_checkpoint_of_groups_the_kernel_refuses_loads_them_dequantized(tmp_path):
+    """compressed-tensors' int4 at group_size 16 loaded, then failed at the first forward with the kernel's
+    RuntimeError ("expect qGroupSize to be 32, 64, 128 or 256, got 16")."""
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int4", group_size=32))
+    seekstack.save_pretrained(model, tmp_path)
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    for key in [key for key in tensors if key.endswith(".weight_scale")]:
+        tensors[key] = tensors[key].repeat_interleave(2, dim=-1)  # the same weight in groups of 16
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    refused = r"int4 layers \(layers.0.self_attn.q_a_proj, .*\) have groups of columns no multiple of 32"
+    with pytest.warns(UserWarning, match=refused):
+        loaded = seekstack.load_pretrained(tmp_path)
+    assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in loaded.modules())
+    assert torch.equal(logits(loaded), logits(seekstack.load_pretrained(tmp_path, dequantize=True)))
+
+
 def test_an_int8_checkpoint_with_a_width_the_kernel_misreads_loads_that_layer_dequantized(tmp_path):
     model = Transformer(micro_config(intermediate_size=100)).eval()
     quantize_model(model, QuantConfig(scheme="int8", keep=["lm_head", "layers.0.mlp.down_proj"]))
