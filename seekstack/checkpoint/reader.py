@@ -30,7 +30,8 @@ from seekstack.checkpoint.keys import (
 from seekstack.compress.formats import SCALE_DTYPE, dequantize_int, unpack_codes
 from seekstack.config import ModelConfig
 
-COMPRESSED_TENSORS_FORMATS = ("int-quantized", "pack-quantized", "mixed-precision")
+# naive-quantized: the compressor of which int-quantized is an alias in compressed-tensors, so the same layout (int8 `weight`)
+COMPRESSED_TENSORS_FORMATS = ("int-quantized", "naive-quantized", "pack-quantized", "mixed-precision")
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
 FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
 # The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.

@@ -220,6 +220,19 @@ def test_int4_scales_of_a_row_wider_than_the_kernel_groups_run_as_the_same_weigh
     assert torch.equal(row_wide.dequantize(), dequantize_int(codes, scale))
 
 
+def test_a_naive_quantized_int8_checkpoint_loads_as_the_int_quantized_one(tmp_path):
+    """compressed-tensors' `naive-quantized` format (its compressor and layout are int-quantized's: int8 `weight` +
+    `weight_scale`) was refused as an unsupported quantization_config."""
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int8"))
+    seekstack.save_pretrained(model, tmp_path, stacked_experts=True)  # int8 unpacked: int-quantized
+    expected = logits(seekstack.load_pretrained(tmp_path))
+    config_text = (tmp_path / "config.json").read_text()
+    assert '"int-quantized"' in config_text
+    (tmp_path / "config.json").write_text(config_text.replace('"int-quantized"', '"naive-quantized"'))
+    assert torch.equal(logits(seekstack.load_pretrained(tmp_path)), expected)
+
+
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     model = model_for_tests()
     quantize_model(model, QuantConfig(scheme="fp8"))
