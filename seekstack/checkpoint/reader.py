@@ -30,7 +30,7 @@ from seekstack.checkpoint.keys import (
 from seekstack.compress.formats import SCALE_DTYPE, dequantize_int, unpack_codes
 from seekstack.config import ModelConfig
 
-# naive-quantized: the compressor of which int-quantized is an alias in compressed-tensors, so the same layout (int8 `weight`)
+# naive-quantized: the compressor int-quantized is an alias of in compressed-tensors: the same layout (int8 `weight`)
 COMPRESSED_TENSORS_FORMATS = ("int-quantized", "naive-quantized", "pack-quantized", "mixed-precision")
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
 FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
