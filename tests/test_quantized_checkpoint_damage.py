@@ -175,6 +175,21 @@ def test_int_weights_under_an_fp8_quantization_config_are_refused_naming_the_fil
     assert f"is stored as I32, but the quantization_config of {directory / 'config.json'} is 'fp8'" in message
 
 
+def test_an_unsupported_format_is_refused_naming_its_fields_not_the_whole_config(tmp_path):
+    """compressed-tensors' float-quantized (per-tensor fp8): the refusal printed the whole quantization_config, every
+    layer's target with it (thousands of patterns for a full model), before saying what seekstack reads."""
+    directory = save_quantized(tmp_path / "int8", "int8")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["format"] = "float-quantized"
+    (directory / "config.json").write_text(json.dumps(config))
+    message = load_error(directory, dequantize=False)
+    assert message.startswith(
+        f"{directory / 'config.json'}: unsupported quantization_config (quant_method='compressed-tensors', "
+        "format='float-quantized'); seekstack reads "
+    ), message
+    assert "targets" not in message
+
+
 @pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
 def test_asymmetric_int_weights_are_refused_naming_the_config_and_the_group(tmp_path, dequantize):
     """llm-compressor's W4A16_ASYM: codes with zero points, which codes x scales would read shifted (it loaded,

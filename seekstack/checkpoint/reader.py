@@ -141,8 +141,9 @@ class CheckpointReader:
             compressed = method == "compressed-tensors" and quantization.get("format") in COMPRESSED_TENSORS_FORMATS
             if not (fp8 or compressed):
                 raise CheckpointError(
-                    f"{directory / CONFIG_FILE}: unsupported quantization_config {quantization}; seekstack reads "
-                    "unquantized, block-wise fp8 (e4m3) and compressed-tensors weight-only int8/int4 "
+                    f"{directory / CONFIG_FILE}: unsupported quantization_config "
+                    f"({_quantization_format(quantization)}); seekstack reads unquantized, block-wise fp8 (e4m3) and "
+                    "compressed-tensors weight-only int8/int4 "
                     f"({', '.join(COMPRESSED_TENSORS_FORMATS)}) checkpoints"
                 )
             if fp8:
@@ -478,6 +479,13 @@ class CheckpointReader:
             return read(self._handles[file])
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
+
+
+def _quantization_format(quantization: dict[str, Any]) -> str:
+    """The fields of a quantization_config that say its format (`quant_method`, and fp8's `fmt` or compressed-tensors'
+    `format`), as a refusal names them: the whole config can list thousands of targets."""
+    fields = ("quant_method", "fmt", "format")
+    return ", ".join(f"{field}={quantization[field]!r}" for field in fields if field in quantization)
 
 
 def _refuse_asymmetric_groups(config_groups: dict[str, Any], config_path: Path) -> None:
