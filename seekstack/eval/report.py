@@ -178,13 +178,21 @@ def _data(run_dir: Path, train_config: dict[str, Any]) -> str:
     return _shard_data(run_dir, train_config) + teacher
 
 
+def _task_named(name: str, difficulty: int | None) -> str:
+    """Task `name` as a report names it: a generator at its difficulty, a file of problems (which has none) alone."""
+    from seekstack.posttrain.tasks.problems_file import is_problems_file
+
+    if is_problems_file(name):
+        return f"the problems of `{name}`"
+    return f"task `{name}` ({f'difficulty {difficulty}' if difficulty else 'default difficulty'})"
+
+
 def _task_data(run_dir: Path, train_config: dict[str, Any]) -> str:
     """What a run that read no token shards trained on: a task's prompts (`rl`) or conversations."""
     conversations_file = _conversations_file(run_dir, train_config)
     if conversations_file is not None:
         return f"Conversations from `{conversations_file}`."
-    difficulty = train_config.get("difficulty")
-    task = f"task `{train_config['task']}` ({f'difficulty {difficulty}' if difficulty else 'default difficulty'})"
+    task = _task_named(train_config["task"], train_config.get("difficulty"))
     if _is_rl(train_config):
         return f"Prompts of {task}, {train_config['num_generations']} completions each sampled from the policy."
     return f"{train_config.get('examples', 0):,} generated conversations of {task}."
@@ -523,10 +531,10 @@ def _task_answers(checkpoint: Path, task: Task, train_config: dict[str, Any]) ->
 
     max_new_tokens = train_config.get("max_completion_length", REASONING_MAX_TOKENS)  # rl's, or reason_<task>'s
     answers = task_samples(checkpoint, task, SAMPLE_QUESTIONS, max_new_tokens)
+    named = _task_named(task.name, task.difficulty)
     parts = [
-        f"## Samples\n\nGreedy answers from the engine to held-out questions of task `{task.name}` (difficulty "
-        f"{task.difficulty}), in the chat template with the R1 system prompt: {sum(a.right for a in answers)} of "
-        f"{len(answers)} verify."
+        f"## Samples\n\nGreedy answers from the engine to held-out questions of {named}, in the chat template with "
+        f"the R1 system prompt: {sum(a.right for a in answers)} of {len(answers)} verify."
     ]
     for answer in answers:
         verdict = "Verifies." if answer.right else f"Does not verify (the answer is {answer.answer})."

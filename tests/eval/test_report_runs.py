@@ -153,6 +153,17 @@ def rl_run(tmp_path) -> Path:
     return _post_training_run(tmp_path / "rl", RL_CONFIG, records)
 
 
+def test_report_of_an_rl_run_on_a_problems_file_names_the_file_and_no_difficulty(rl_run):
+    """A file has no difficulty: the report said 'task `problems.jsonl` (default difficulty)' and '(difficulty 1)'."""
+    path = rl_run / "problems.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What is {n} + {n}?", "answer": 2 * n}) + "\n" for n in range(40)))
+    (rl_run / "train_config.json").write_text(json.dumps(RL_CONFIG | {"task": str(path), "difficulty": None}))
+    page = write_report(rl_run).read_text()
+    assert f"Prompts of the problems of `{path}`, 4 completions each" in page
+    assert f"held-out questions of the problems of `{path}`, in the chat template" in page
+    assert "(difficulty" not in page and "default difficulty" not in page
+
+
 def test_report_of_an_rl_run_gives_its_rewards_and_answers_to_the_tasks_questions_in_the_chat_template(rl_run):
     _write_eval_results(rl_run, "rl/checkpoints/step_4")
     page = write_report(rl_run).read_text()
