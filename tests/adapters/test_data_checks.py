@@ -107,7 +107,7 @@ def test_a_checkpoint_vocabulary_smaller_than_the_data_advises_tokenizing_with_i
     assert not (tmp_path / "adapter").exists()
     config = TrainConfig(init_from=str(small), data_dir=str(other_shards), out_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=advice):
-        build_model(config, 512)
+        build_model(config, {"vocab_size": 512})  # a shard index's tokenizer: its size is what is checked
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from seekstack.train.trainer import build_model, train
-from tests.train.test_trainer import MICRO_MODEL, VOCAB, run_config, write_split
+from tests.train.test_trainer import MICRO_MODEL, TOKENIZER, VOCAB, run_config, write_split
 
 
 def test_training_refuses_a_model_vocabulary_larger_than_the_tokenizers(tmp_path):
@@ -18,6 +18,6 @@ def test_training_refuses_a_model_vocabulary_larger_than_the_tokenizers(tmp_path
     assert not (tmp_path / "run" / "checkpoints").exists()
     smaller = run_config(tmp_path / "tokens", tmp_path / "run", model_overrides={**MICRO_MODEL, "vocab_size": 64})
     with pytest.raises(ValueError, match="model vocab_size=64 is smaller than the tokenizer's 96 ids"):
-        build_model(smaller, VOCAB)
+        build_model(smaller, TOKENIZER)
     exact = run_config(tmp_path / "tokens", tmp_path / "run")
-    assert build_model(exact, VOCAB).config.vocab_size == VOCAB
+    assert build_model(exact, TOKENIZER).config.vocab_size == VOCAB
