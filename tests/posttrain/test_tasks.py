@@ -224,6 +224,22 @@ def test_a_percentage_verifies_as_its_number_or_its_hundredth_as_math_verify_tri
     assert not task.verify(hundredth, "5") and read_number(answer) == 5
 
 
+@pytest.mark.parametrize("answer", ["5", "0.05", "\\frac{1}{20}", "5%", "\\boxed{5\\%}"])
+def test_a_gold_percentage_verifies_its_number_or_its_hundredth_as_math_verify_reads_it(tmp_path, answer):
+    """A gold "5%" in a problems file was stored as 5 alone: the model answering 0.05 scored 0, which math-verify
+    accepts."""
+    path = problems_file(tmp_path / "rates.jsonl", [{"question": "5 of 100?", "answer": "5%"}])
+    [rate] = make_task(path).problems
+    assert make_task(path).verify(rate, answer) and rate.answer == "5%"
+
+
+@pytest.mark.parametrize("answer", ["500", "0.05%", "50%", "0.5"])
+def test_a_gold_percentage_refuses_other_numbers_and_a_percentage_of_its_hundredth(tmp_path, answer):
+    path = problems_file(tmp_path / "rates.jsonl", [{"question": "5 of 100?", "answer": "5%"}])
+    [rate] = make_task(path).problems
+    assert not make_task(path).verify(rate, answer)
+
+
 def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
     task = make_task("addition", 2)
     problem = Problem("40+2", "What is 40 + 2?", "42", "", {"value": 42})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from typing import NamedTuple
 
 BOXED = re.compile(r"\\boxed\s*\{")
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
@@ -69,6 +70,13 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
+class Reading(NamedTuple):
+    """The number a final answer gives, and whether it was written as a percentage ("5%": 5, True)."""
+
+    value: Fraction
+    percent: bool
+
+
 def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,`, `{,}`, `\\,` or a space, a decimal part,
@@ -76,36 +84,42 @@ def read_number(answer: str) -> Fraction | None:
     after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit after (dropped),
     `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero
     denominator is a wrong answer, not an error."""
-    readings = _readings(answer)
-    return readings[0] if readings else None
+    reading = read_answer(answer)
+    return reading.value if reading else None
 
 
-def reads_as(answer: str, value: Fraction | int) -> bool:
-    """Whether `answer` gives `value` as its final answer (`read_number`); a percentage either way, as math-verify
-    tries both readings of one: "5%" reads as 5 and as 0.05."""
-    return value in _readings(answer)
+def reads_as(answer: str, value: Fraction | int, percent: bool = False) -> bool:
+    """Whether `answer` gives `value` as its final answer (`read_number`), `value` written as a percentage when
+    `percent` (a gold "5%"). As math-verify, a percentage on one side reads either way: "5%" against 5 or 0.05, and
+    5 or 0.05 against a gold 5%; two percentages compare as written."""
+    reading = read_answer(answer)
+    if reading is None:
+        return False
+    if reading.percent == percent:
+        return reading.value == value
+    written, other = (reading.value, value) if reading.percent else (value, reading.value)
+    return other in (written, written / 100)
 
 
-def _readings(answer: str) -> tuple[Fraction, ...]:
-    """The number `answer` gives as read_number reads it, and its hundredth when written as a percentage; none when
-    it gives no number."""
+def read_answer(answer: str) -> Reading | None:
+    """The number `answer` gives as read_number reads it, and whether it was written as a percentage; None when it
+    gives no number."""
     text = final_answer(answer)
     if text is None:
-        return ()
+        return None
     text = _without_unit(SIZING.sub("", text))
     named = VARIABLE.match(text)
     text = text[named.end() if named else 0 :].strip()
     match = NUMBER.fullmatch(text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text)
     if match is None:
-        return ()
+        return None
     top = match["numerator"] or match["top"] or match["top_digit"]
     bottom = match["denominator"] or match["bottom"] or match["bottom_digit"] or "1"
     try:
         value = _fraction(top) / _fraction(bottom)
     except (ValueError, ZeroDivisionError):
-        return ()
-    value = -value if match["sign"] in ("-", "\u2212") else value
-    return (value, value / 100) if match["percent"] else (value,)
+        return None
+    return Reading(-value if match["sign"] in ("-", "\u2212") else value, bool(match["percent"]))
 
 
 def _without_unit(text: str) -> str:

@@ -1,6 +1,7 @@
 """A task of your own problems, read from a JSON Lines file of `{"question": "...", "answer": ...}`, one a line: as
 TRL's GRPO trains on a dataset's prompts with accuracy_reward against its solution column. The answer after
-</think> verifies when it reads (answers.reads_as) as the number the line's answer reads as, or is.
+</think> verifies when it reads (answers.reads_as) as the number the line's answer reads as, or is; a percentage
+("5%") either way, as math-verify reads one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from seekstack.jsonl import jsonl_records
-from seekstack.posttrain.tasks.answers import read_number, reads_as
+from seekstack.posttrain.tasks.answers import Reading, read_answer, reads_as
 from seekstack.posttrain.tasks.base import Problem
 
 LINE_FORMAT = 'a line is {"question": "...", "answer": ...}, the answer a number or a string of one ("\\\\frac{1}{2}")'
@@ -59,7 +60,7 @@ class ProblemsFile:
         return rng.choice(self.problems)
 
     def verify(self, problem: Problem, answer: str) -> bool:
-        return reads_as(answer, Fraction(problem.data["value"]))
+        return reads_as(answer, Fraction(problem.data["value"]), problem.data["percent"])
 
 
 def _problem(record: Any, where: str) -> Problem:
@@ -72,24 +73,25 @@ def _problem(record: Any, where: str) -> Problem:
     question, answer = record["question"], record["answer"]
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: field question is {_shown(question)}: must be the question's text")
-    value = _number(answer)
-    if value is None:
+    gold = _gold(answer)
+    if gold is None:
         raise ValueError(
             f"{where}: field answer is {_shown(answer)}: not one number (as answers.read_number reads one: 42, 0.5, "
             '"1,042", "\\\\frac{1}{2}"); a task whose answers are no numbers is a class of your own (module:Class)'
         )
-    return Problem(question, question, str(answer), "", {"value": str(value)})  # JSON's, as eval's documents hold it
+    data = {"value": str(gold.value), "percent": gold.percent}  # JSON's, as eval's documents hold it
+    return Problem(question, question, str(answer), "", data)
 
 
-def _number(answer: Any) -> Fraction | None:
+def _gold(answer: Any) -> Reading | None:
     """The number a line's answer is: a JSON number (a float as written: 0.1 is 1/10), or a string read as an answer
-    is read; None for any other value (true, null, a list, NaN)."""
+    is read ("5%" a percentage); None for any other value (true, null, a list, NaN)."""
     if isinstance(answer, str):
-        return read_number(answer)
+        return read_answer(answer)
     if isinstance(answer, int) and not isinstance(answer, bool):
-        return Fraction(answer)
+        return Reading(Fraction(answer), percent=False)
     if isinstance(answer, float) and math.isfinite(answer):
-        return Fraction(repr(answer))
+        return Reading(Fraction(repr(answer)), percent=False)
     return None
 
 
