@@ -76,19 +76,25 @@ def read_chat_template(config_path: Path, template_path: Path) -> ChatTemplate |
     ValueError naming `config_path` when it is read and is not a JSON object."""
     if template_path.is_file():
         return ChatTemplate(template_path.read_text(encoding="utf-8"), str(template_path))
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        config = {}
-    except ValueError as error:
-        raise ValueError(f"{config_path}: not valid JSON ({error}); copy the tokenizer's files again") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    template = config.get("chat_template")
+    template = read_tokenizer_config(config_path).get("chat_template")
     if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": "..."}, ...]
         named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
         template = named.get("default")
     return ChatTemplate(template, str(config_path)) if isinstance(template, str) else None
+
+
+def read_tokenizer_config(config_path: Path) -> dict:
+    """The JSON object in tokenizer file `config_path` (tokenizer_config.json, special_tokens_map.json); {} when it is
+    missing, ValueError naming it when it is not a JSON object."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError as error:
+        raise ValueError(f"{config_path}: not valid JSON ({error}); copy the tokenizer's files again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _compiled(text: str) -> Template:

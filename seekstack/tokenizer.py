@@ -30,7 +30,7 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import __version__ as tokenizers_version
 
 from seekstack.atomic import staged_files
-from seekstack.chat_template import ChatTemplate, read_chat_template
+from seekstack.chat_template import ChatTemplate, read_chat_template, read_tokenizer_config
 from seekstack.interrupts import interruptible
 from seekstack.schema import LONE_SURROGATE, ConfigError
 
@@ -54,6 +54,7 @@ TOOL_TOKENS = (
 )  # fmt: skip
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # older transformers' file of the special tokens' names
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretrained writes the chat template
 # Where transformers pads a batch: on the left, before each prompt, as generate needs (it warns of right padding) and
 # transformers 4 pads DeepSeek's releases (their LlamaTokenizerFast); PreTrainedTokenizerFast, ours, pads right unless
@@ -224,6 +225,8 @@ class Tokenizer:
         source: str = "<in memory>",
         chat_template: ChatTemplate | None = None,
         reply_opening: str = "",
+        bos_token: str = BOS,
+        eos_token: str = EOS,
     ):
         # A tokenizer.json that transformers saved after a call with truncation=True or padding keeps that setting,
         # which the tokenizers library applies to every encode (transformers turns it off for calls that ask none):
@@ -237,8 +240,10 @@ class Tokenizer:
         # What the generation prompt writes after <｜Assistant｜>, for the reply to continue (DeepSeek-R1's "<think>\n")
         self.reply_opening = reply_opening
         self.has_role_tokens = has_role_tokens(backend)
-        self.bos_id = self._special_id(BOS)
-        self.eos_id = self._special_id(EOS)
+        # The special tokens the tokenizer's files name (`special_token_names`): Llama-style releases' <s> and </s>
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = self._special_id(bos_token, "bos_token")
+        self.eos_id = self._special_id(eos_token, "eos_token")
         # DeepSeek-V2 releases have no pad token and pad with EOS, as their tokenizer_config does.
         pad_id = backend.token_to_id(PAD)
         self.pad_id = self.eos_id if pad_id is None else pad_id
@@ -269,10 +274,11 @@ class Tokenizer:
             backend = BackendTokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception
             raise ValueError(f"{path}: {_why_not_a_tokenizer(path, error)}") from None
+        names = special_token_names(path.parent)
         if has_role_tokens(backend):  # writes its chats itself, opening the reply as the release's template does
-            return cls(backend, source=str(path), reply_opening=_reply_opening(path.parent))
+            return cls(backend, source=str(path), reply_opening=_reply_opening(path.parent), **names)
         chat_template = read_chat_template(path.parent / CONFIG_FILE, path.parent / CHAT_TEMPLATE_FILE)
-        return cls(backend, source=str(path), chat_template=chat_template)
+        return cls(backend, source=str(path), chat_template=chat_template, **names)
 
     @property
     def fingerprint(self) -> str:
@@ -388,7 +394,7 @@ class Tokenizer:
             )
         messages = self._chat_messages(messages, continue_final_message, tools)
         if not self.has_role_tokens:
-            special_tokens = {"bos_token": BOS, "eos_token": EOS}
+            special_tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}
             return self.chat_template.render(messages, add_generation_prompt, continue_final_message, special_tokens)
         pieces = self._chat_pieces(messages, tools)
         chat = "".join(text for text, _ in pieces)
@@ -522,11 +528,32 @@ class Tokenizer:
         real token: in a chat message, a forged turn."""
         return min((token for token in self.special_tokens if token in text), key=text.index, default=None)
 
-    def _special_id(self, token: str) -> int:
+    def _special_id(self, token: str, name: str) -> int:
+        """The id of special token `token`, the tokenizer's `name` (bos_token, eos_token); ValueError naming both when
+        the tokenizer has no such token."""
         token_id = self.backend.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"tokenizer {self.source} has no special token {token!r}, which seekstack requires")
+            raise ValueError(
+                f"tokenizer {self.source} has no special token {token!r} (its {name}, which seekstack requires); "
+                f"name the token it has in the {name} of the {CONFIG_FILE} beside it"
+            )
         return token_id
+
+
+def special_token_names(folder: Path) -> dict[str, str]:
+    """The `bos_token` and `eos_token` a tokenizer in `folder` names, as transformers reads them: its
+    tokenizer_config.json's, over which special_tokens_map.json's go where the config lists no
+    added_tokens_decoder (older transformers' files); a token given as an AddedToken object by its content.
+    DeepSeek's BOS and EOS for a name given nowhere. ValueError naming a file that is not a JSON object."""
+    config = read_tokenizer_config(folder / CONFIG_FILE)
+    if "added_tokens_decoder" not in config:
+        config = {**config, **read_tokenizer_config(folder / SPECIAL_TOKENS_MAP_FILE)}
+    names = {}
+    for name, default in (("bos_token", BOS), ("eos_token", EOS)):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        names[name] = token if isinstance(token, str) else default
+    return names
 
 
 def _reply_opening(folder: Path) -> str:

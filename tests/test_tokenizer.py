@@ -508,6 +508,33 @@ def test_missing_special_tokens_are_named(tmp_path):
         no_roles.render_chat([{"role": "user", "content": "hi"}])
 
 
+LLAMA_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+
+
+@pytest.mark.parametrize("names_in", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_llama_style_tokenizer_gets_the_bos_and_eos_its_files_name_as_in_transformers(tmp_path, names_in):
+    """<s> and </s>, named in tokenizer_config.json (as an AddedToken object too) or in special_tokens_map.json."""
+    deepseek_like_tokenizer(tmp_path / "tokenizer.json", ["<unk>", "<s>", "</s>"])
+    names = {"bos_token": {"__type": "AddedToken", "content": "<s>", "special": True}, "eos_token": "</s>"}
+    config = {"chat_template": LLAMA_TEMPLATE, **(names if names_in == "tokenizer_config.json" else {})}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    if names_in == "special_tokens_map.json":
+        (tmp_path / names_in).write_text(json.dumps(names))
+    tokenizer = Tokenizer.from_file(tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (tokenizer.bos_id, tokenizer.eos_id) == (reference.bos_token_id, reference.eos_token_id) == (96, 97)
+    assert tokenizer.pad_id == 97
+    chat = [{"role": "user", "content": "hi"}]
+    assert tokenizer.render_chat(chat) == "<s>hi</s>" == reference.apply_chat_template(chat, tokenize=False)
+
+
+def test_a_bos_token_the_tokenizer_lacks_is_named_with_the_file_that_names_it(tmp_path):
+    deepseek_like_tokenizer(tmp_path / "tokenizer.json", ["<s>", "</s>"])
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "</s>"}))
+    with pytest.raises(ValueError, match="no special token '<bos>' \\(its bos_token.*tokenizer_config.json"):
+        Tokenizer.from_file(tmp_path)
+
+
 def test_training_writes_the_two_tokenizer_files_and_nothing_else(trained):
     _, out_dir = trained
     assert sorted(path.name for path in out_dir.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
