@@ -52,6 +52,7 @@ TOOL_TOKENS = (
     TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
     TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_SEP,
 )  # fmt: skip
+CALL_MARKERS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)  # a reply's calls' tokens
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # older transformers' file of the special tokens' names

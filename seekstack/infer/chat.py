@@ -19,7 +19,7 @@ from pathlib import Path
 from seekstack.chat_template import read_chat_template
 from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
-from seekstack.tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, Tokenizer
+from seekstack.tokenizer import CALL_MARKERS, CHAT_TEMPLATE_FILE, CONFIG_FILE, Tokenizer
 from seekstack.train.config import CONFIG_FILE as RUN_CONFIG_FILE
 from seekstack.train.runs import TRAIN_STATE_FILE
 
@@ -125,9 +125,15 @@ class ChatSession:
         return prompt
 
 
-def ending_at_special_tokens(params: SamplingParams, tokenizer: Tokenizer) -> SamplingParams:
-    """`params` that also stop at each of the tokenizer's special tokens, those a chat message may not hold."""
-    return dataclasses.replace(params, stop_token_ids=(*params.stop_token_ids, *sorted(tokenizer.special_ids)))
+def ending_at_special_tokens(params: SamplingParams, tokenizer: Tokenizer, calls: bool = False) -> SamplingParams:
+    """`params` that also stop at each of the tokenizer's special tokens, those a chat message may not hold; with
+    `calls` (tools offered) but at those a reply's tool calls are written in (`CALL_MARKERS`), which then stay in the
+    text for the tool-call parser (skip_special_tokens off, as the server keeps them)."""
+    markers = {tokenizer.backend.token_to_id(marker) for marker in CALL_MARKERS} if calls else set()
+    stops = (*params.stop_token_ids, *sorted(tokenizer.special_ids - markers))
+    return dataclasses.replace(
+        params, stop_token_ids=stops, skip_special_tokens=params.skip_special_tokens and not calls
+    )
 
 
 def run_chat(

@@ -1117,24 +1117,39 @@ class Engine:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         use_tqdm: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[Completion]:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
         malformed message naming it) and generated (`generate`), the reply ending at the template's special tokens
-        (the end of its turn), as `seekstack chat` ends one; `use_tqdm` as generate's."""
+        (the end of its turn), as `seekstack chat` ends one; `use_tqdm` as generate's. `tools` (OpenAI's function
+        definitions, read and refused as the server reads a request's) are listed in each prompt, as vLLM's chat
+        template lists them, and each reply's calls are parsed out as the server parses them: its `tool_calls`
+        (`completion_with_calls`)."""
         from seekstack.infer.chat import ending_at_special_tokens
+        from seekstack.posttrain.conversations import offered
+        from seekstack.serve.tool_calls import completion_with_calls
 
+        offered_tools = offered(list(tools), self.tokenizer) if tools is not None else []
         one = len(messages) > 0 and isinstance(messages[0], Mapping)
         conversations = [messages] if one else list(messages)
         prompts = [
-            self.tokenizer.encode_chat(list(conversation), add_generation_prompt, continue_final_message)
+            self.tokenizer.encode_chat(list(conversation), add_generation_prompt, continue_final_message, offered_tools)
             for conversation in conversations
         ]
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ending = [
-            ending_at_special_tokens(p, self.tokenizer) if isinstance(p, SamplingParams) else p for p in params_list
+            ending_at_special_tokens(p, self.tokenizer, calls=bool(offered_tools)) if isinstance(p, SamplingParams)
+            else p
+            for p in params_list
+        ]  # fmt: skip
+        completions = self.generate(prompts, ending, use_tqdm=use_tqdm)
+        if not offered_tools:
+            return completions
+        return [
+            completion_with_calls(completion, self.tokenizer, p.skip_special_tokens)
+            for completion, p in zip(completions, params_list, strict=True)
         ]
-        return self.generate(prompts, ending, use_tqdm=use_tqdm)
 
 
 # Inductor's options for the compiled decode steps (`_compiled` says why each); bench/decode_options.py times others.

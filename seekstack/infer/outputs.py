@@ -75,6 +75,8 @@ class Completion:
     others: list[Completion] = field(default_factory=list)  # with n > 1, on the first sample: the samples after it
     # with SamplingParams.prompt_logprobs, as vLLM's RequestOutput.prompt_logprobs: per prompt token, the first None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # of `Engine.chat(tools=...)`: the calls the reply makes, OpenAI's dicts ([] for none; None without tools)
+    tool_calls: list[dict] | None = None
 
     @property
     def outputs(self) -> list[Completion]:

@@ -12,6 +12,7 @@ guided decoding holds it: the reply is calls of the offered functions, each's ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Collection
@@ -31,6 +32,7 @@ from seekstack.serve.schemas import (
     ToolCallDelta,
 )
 from seekstack.tokenizer import (
+    CALL_MARKERS,
     TOOL_CALL_BEGIN,
     TOOL_CALL_END,
     TOOL_CALLS_BEGIN,
@@ -41,6 +43,7 @@ from seekstack.tokenizer import (
 
 if TYPE_CHECKING:
     from seekstack.infer.engine import Engine
+    from seekstack.infer.outputs import Completion
 
 ARGUMENTS_START, ARGUMENTS_END = "\n```json\n", "\n```" + TOOL_CALL_END  # a call: TYPE<｜tool▁sep｜>NAME, then these
 
@@ -164,6 +167,21 @@ def message_with_calls(
     return called, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
+def completion_with_calls(completion: Completion, tokenizer: Tokenizer, skip_special_tokens: bool) -> Completion:
+    """A chat reply to a conversation offered tools (`Engine.chat(tools=...)`), generated with its special tokens kept,
+    with its calls parsed out as the server parses them (`message_with_calls`): its text the content (where
+    `skip_special_tokens`, every special token left out, as a reply's without tools), its `tool_calls` OpenAI's (id,
+    type, function name and arguments), its finish_reason "tool_calls" where it made calls and ended on its own; each
+    of its samples (`Completion.others`) alike."""
+    parser = ToolCallParser(hidden=tokenizer.special_tokens if skip_special_tokens else ())
+    message, finish_reason = message_with_calls(AssistantMessage(content=completion.text), completion.finish_reason,
+                                                parser)  # fmt: skip
+    calls = [call.model_dump() for call in message.tool_calls or []]
+    others = [completion_with_calls(other, tokenizer, skip_special_tokens) for other in completion.others]
+    return dataclasses.replace(completion, text=message.content or "", finish_reason=finish_reason, tool_calls=calls,
+                               others=others)  # fmt: skip
+
+
 def refuse_unanswered_results(messages: list[ChatMessage]) -> None:
     """400 naming `messages.N.tool_call_id` for a tool result whose id is none of the calls' of the assistant message
     it follows (other results between), or that follows no calls; and naming `messages.N.tool_calls` for calls whose
@@ -236,8 +254,7 @@ def _calls_grammar(tokenizer: Tokenizer, tools: list, parallel: bool) -> str:
     """The rules of a Lark grammar (llguidance's) whose rule `calls` is calls of `tools` in DeepSeek-V3's format: one,
     or with `parallel` one or more a newline apart. The markers are named by their token ids, as the model writes
     them."""
-    token = {marker: f"<[{tokenizer.backend.token_to_id(marker)}]>" for marker in
-             (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP)}  # fmt: skip
+    token = {marker: f"<[{tokenizer.backend.token_to_id(marker)}]>" for marker in CALL_MARKERS}
     functions = " | ".join(f"function_{position}" for position in range(len(tools)))
     more = '("\\n" call)*' if parallel else ""  # Lark: a newline, then another call, any number of times
     rules = [

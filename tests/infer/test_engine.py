@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from seekstack.infer import Engine, EngineOptions, SamplingParams
+from seekstack.infer.outputs import Completion
 from seekstack.schema import ConfigError
-from seekstack.tokenizer import ASSISTANT
+from seekstack.tokenizer import ASSISTANT, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 from tests.infer.support import VOCAB, fail_sampling_after, micro_model, model_dir
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
@@ -181,6 +182,37 @@ def test_chat_replies_to_one_conversation_or_each_of_a_list_ending_at_the_turns_
     [ended] = engine.chat(second, forced)
     assert ended.token_ids == [turn_end] and ended.finish_reason == "stop"
     assert len(engine.generate(tokenizer.encode_chat(second), forced)[0].token_ids) == 8  # generate goes on
+
+
+def test_chat_offers_tools_in_the_prompt_and_parses_the_replys_calls_as_the_server(tokenizer, monkeypatch):
+    """Engine.chat took no tools (vLLM's LLM.chat does: TypeError), and a reply ended at <｜tool▁calls▁begin｜>, a
+    special token: no call could be made. The tools are listed in the prompt, the calls written on and parsed out."""
+    engine = Engine(micro_model(max_position_embeddings=1024), tokenizer, max_model_len=1024)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    conversation = [{"role": "user", "content": "Weather in Paris?"}]
+    begin = tokenizer.backend.token_to_id(TOOL_CALLS_BEGIN)
+    opening = SamplingParams(max_new_tokens=3, temperature=0, logit_bias={begin: 100.0})
+    [opened] = engine.chat(conversation, opening, tools=tools)
+    assert opened.prompt_token_ids == tokenizer.encode_chat(conversation, tools=tools)
+    assert opened.token_ids == [begin] * 3 and opened.finish_reason == "length"
+    call = f'{TOOL_CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n{{"city": "Paris"}}\n```{TOOL_CALL_END}'
+    written = f"Let me look.{TOOL_CALLS_BEGIN}{call}{TOOL_CALLS_END}"
+    generated = []
+
+    def writing_the_call(prompts, params, use_tqdm=False):
+        generated.extend(params)
+        return [Completion("0", prompts[0], [], written, "stop", None, {})]
+
+    monkeypatch.setattr(engine, "generate", writing_the_call)
+    [reply] = engine.chat(conversation, SamplingParams(max_new_tokens=64), tools=tools)
+    assert not generated[0].skip_special_tokens  # the markers reach the parser
+    assert reply.text == "Let me look." and reply.finish_reason == "tool_calls"
+    assert [(c["type"], c["function"]) for c in reply.tool_calls] == [
+        ("function", {"name": "get_weather", "arguments": '{"city": "Paris"}'})
+    ]
+    assert re.fullmatch(r"call_\w{24}", reply.tool_calls[0]["id"])
+    with pytest.raises(ValueError, match=r"^field tools.0.function.name string should match pattern"):
+        engine.chat(conversation, opening, tools=[{"type": "function", "function": {"name": "get weather"}}])
 
 
 def test_include_stop_str_in_output_keeps_the_text_of_the_stop_token_as_vllm(model, tokenizer):
