@@ -56,6 +56,9 @@ Profile = Literal["auto", "web", "code", "zh"]
 _DIGIT = re.compile(r"\d")
 _LOREM_IPSUM = re.compile(r"lorem ipsum", re.IGNORECASE)  # as C4 (and FineWeb, through it) finds it
 _LETTER = re.compile(r"[^\W\d_]")
+# A character that is neither punctuation nor a symbol: a word holding none is no word to Gopher (datatrove's
+# PUNCTUATION_SET: `-`, `|`, `...`, `—`, `»`, `+`, `=`, `$`)
+_NOT_PUNCTUATION_OR_SYMBOL = regex.compile(r"[^\p{P}\p{S}]")
 # Characters that end a sentence: those Unicode gives the Sentence_Terminal property, as datatrove's
 # TERMINAL_PUNCTUATION lists them: Latin . ! ?, CJK 。！？, halfwidth ｡ and fullwidth ． (Japanese technical and
 # academic writing's full stop, with ， for its comma), Devanagari (Hindi, Marathi, Nepali, also Bengali's) danda । and
@@ -302,17 +305,36 @@ class TextStats:
         return sum(len(word) for word in self.words)
 
     @cached_property
+    def non_symbol_words(self) -> list[str]:
+        """The words that are not punctuation or symbols alone (`-`, `|`, `...`, `»`): Gopher leaves those out of the
+        word count and the mean word length."""
+        return [word for word in self.words if _NOT_PUNCTUATION_OR_SYMBOL.search(word)]
+
+    @cached_property
+    def non_symbol_word_chars(self) -> int:
+        return sum(len(word) for word in self.non_symbol_words)
+
+    @cached_property
     def unspaced(self) -> bool:
         return written_without_spaces(self.text)
 
     @cached_property
     def word_count(self) -> int:
-        """How many words the text holds: its `words`, or in text written without spaces (whose `words` are
-        phrases) its characters over `UNSPACED_WORD_CHARS`, or in a script of long words the English words they
-        make (`WORDS_PER_ENGLISH_WORD`)."""
+        """How many words the text holds (`_counted_as_words`)."""
+        return self._counted_as_words(self.words, self.word_chars)
+
+    @cached_property
+    def non_symbol_word_count(self) -> int:
+        """How many of its words are not punctuation or symbols alone (`_counted_as_words`)."""
+        return self._counted_as_words(self.non_symbol_words, self.non_symbol_word_chars)
+
+    def _counted_as_words(self, tokens: list[str], chars: int) -> int:
+        """How many words `tokens` (of `chars` characters) make: one each, or in text written without spaces (whose
+        `words` are phrases) their characters over `UNSPACED_WORD_CHARS`, or in a script of long words the English
+        words they make (`WORDS_PER_ENGLISH_WORD`)."""
         if self.unspaced:
-            return self.word_chars // UNSPACED_WORD_CHARS
-        return round(len(self.words) / WORDS_PER_ENGLISH_WORD.get(script_code(self.text), 1.0))
+            return chars // UNSPACED_WORD_CHARS
+        return round(len(tokens) / WORDS_PER_ENGLISH_WORD.get(script_code(self.text), 1.0))
 
     @cached_property
     def ngram_units(self) -> tuple[Sequence[str], int]:
@@ -435,11 +457,11 @@ def _alpha_word_fraction(stats: TextStats, _: KindRules) -> float:
 
 
 def _mean_word_chars(stats: TextStats, _: KindRules) -> float | None:
-    """Characters per word of the `word_count` (in a script of long words, per English word they make); None (not
-    judged) for Thai, Lao, Tibetan, Myanmar or Khmer text, whose space-separated "words" are phrases."""
+    """Characters per word of the `non_symbol_word_count` (in a script of long words, per English word they make);
+    None (not judged) for Thai, Lao, Tibetan, Myanmar or Khmer text, whose space-separated "words" are phrases."""
     if stats.unspaced:
         return None
-    return stats.word_chars / max(1, stats.word_count)
+    return stats.non_symbol_word_chars / max(1, stats.non_symbol_word_count)
 
 
 def _mean_line_chars(stats: TextStats, _: KindRules) -> float:
@@ -491,8 +513,8 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule("min_chars", lambda s, r: len(s.text), "min_chars", is_max=False),
     Rule("max_chars", lambda s, r: len(s.text), "max_chars", is_max=True),
-    Rule("min_words", lambda s, r: s.word_count, "min_words", is_max=False),
-    Rule("max_words", lambda s, r: s.word_count, "max_words", is_max=True),
+    Rule("min_words", lambda s, r: s.non_symbol_word_count, "min_words", is_max=False),
+    Rule("max_words", lambda s, r: s.non_symbol_word_count, "max_words", is_max=True),
     Rule("symbol_word_ratio", _symbol_word_ratio, "max_symbol_word_ratio", is_max=True),
     Rule("bullet_lines", _bullet_line_fraction, "max_bullet_line_fraction", is_max=True),
     Rule("ellipsis_lines", _ellipsis_line_fraction, "max_ellipsis_line_fraction", is_max=True),

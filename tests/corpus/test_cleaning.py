@@ -147,6 +147,19 @@ def test_hash_signs_and_ellipses_are_each_held_to_the_symbol_word_ratio_alone() 
     assert failed_rule("\n".join(tagged), ProseRules()) == "symbol_word_ratio"
 
 
+def test_words_of_punctuation_alone_are_left_out_of_the_word_count_and_mean_length_as_gopher_does() -> None:
+    """Gopher (datatrove's GopherQualityFilter, non_symbol_words) counts no word of punctuation or symbols alone
+    (`-`, `|`, `—`) among the words it needs 50 of, nor in the mean word length: 45 words parted by ` - ` are too
+    few, and a page of 4-letter words parted by ` | ` has words of 4 characters, not 2.5."""
+    dashed = " - ".join(prose(9, 45).split())
+    assert TextStats(dashed).non_symbol_word_count == 45
+    assert fails("min_words", dashed, ProseRules())
+    assert not fails("min_words", " - ".join(prose(9, 50).split()), ProseRules())
+    menu = " | ".join(["Home", "News", "Shop", "Blog", "Help"] * 12) + "."
+    assert not fails("min_mean_word_chars", menu, ProseRules())
+    assert TextStats("e.g. 1999 -- don't \u2014 \u00bb").non_symbol_words == ["e.g.", "1999", "don't"]
+
+
 LOREM_IPSUM_PAGE = (
     "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore "
     "magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea "
