@@ -212,6 +212,13 @@ def test_a_fraction_a_ratio_and_a_decimal_of_one_value_read_alike(answer):
     assert read_number(answer) == Fraction(1, 2)
 
 
+@pytest.mark.parametrize("answer", ["1,000 000", "1 000,000", "\\boxed{1\\,000,000}", "1{,}000 000", "1,000\u202f000"])
+def test_thousands_grouped_by_two_separators_are_no_number_as_math_verify_refuses_them(answer):
+    """Read as 1000000 ("1,000 000"): each separator was dropped, whichever it was."""
+    assert read_number(answer) is None
+    assert read_number(answer.replace(" ", ",").replace("\\,", ",").replace("{,}", ",").replace("\u202f", ",")) == 10**6
+
+
 @pytest.mark.parametrize("answer", ["5%", "\\boxed{5\\%}", "$5\\%$"])
 def test_a_percentage_verifies_as_its_number_or_its_hundredth_as_math_verify_tries_both(tmp_path, answer):
     """Against a gold 0.05, 5% scored 0: the % was dropped and 5 alone compared."""

@@ -132,6 +132,9 @@ def _without_unit(text: str) -> str:
 
 
 def _fraction(number: str) -> Fraction:
-    """An UNSIGNED number, perhaps signed, as a Fraction (thousands separators dropped)."""
+    """An UNSIGNED number, perhaps signed, as a Fraction (thousands separators dropped); a ValueError when it groups
+    its thousands by two separators ("1,000 000"), which math-verify refuses."""
+    if len(set(re.findall(THOUSANDS_SEPARATOR, number))) > 1:
+        raise ValueError(f"{number!r}: thousands by two separators")
     plain = re.sub(THOUSANDS_SEPARATOR, "", number).replace("\u2212", "-")
     return Fraction(plain + "0" if plain.endswith(".") else plain)
