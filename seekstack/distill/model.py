@@ -99,13 +99,20 @@ class DistillModel(nn.Module):
         mtp_loss_weight: float = MTP_LOSS_WEIGHT,
         keep_logits: bool = True,
         counted: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """`counted`: the tokens the student's MoE statistics count (`Transformer.forward`)."""
+        """`counted`: the tokens the student's MoE statistics count; `positions`: (B, T) of packed rows, each
+        conversation's from 0, which student and teacher read alike (`Transformer.forward`)."""
         if not self.training or labels is None:
             return self.student(
-                input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=keep_logits, counted=counted
+                input_ids,
+                labels=labels,
+                mtp_loss_weight=mtp_loss_weight,
+                keep_logits=keep_logits,
+                counted=counted,
+                positions=positions,
             )
-        return self.distillation_loss(input_ids, labels, mtp_loss_weight, counted)
+        return self.distillation_loss(input_ids, labels, mtp_loss_weight, counted, positions)
 
     def validation_terms(self, rows: torch.Tensor, labels: torch.Tensor, out: ModelOutput) -> dict[str, torch.Tensor]:
         """What an evaluation logs beside the student's loss, given the student's output `out` on the rows:
@@ -125,7 +132,12 @@ class DistillModel(nn.Module):
         )
 
     def distillation_loss(
-        self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float, counted: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor,
+        labels: torch.Tensor,
+        mtp_loss_weight: float,
+        counted: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> ModelOutput:
         """ce_weight * CE + kd_weight * T^2 JSD_beta + the feature term, plus the student's MTP and balance terms;
         `lm_loss` None when no token is labelled (the student's own answers to conversations: no cross-entropy)."""
@@ -138,20 +150,25 @@ class DistillModel(nn.Module):
         else:
             compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens
         with layer_outputs(self.student, self.projections.student_layers) as student_states:
-            out, student_logits = self.student_outputs(rows, labels, mtp_loss_weight, counted)
+            out, student_logits = self.student_outputs(rows, labels, mtp_loss_weight, counted, positions)
         loss = config.ce_weight * out.lm_loss + (out.loss - out.lm_loss)  # + the student's MTP and balance terms
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             out = dataclasses.replace(out, lm_loss=None)
         if config.kd_weight == 0 and not self.projections.layer_map or not compared.any():
             return dataclasses.replace(out, loss=loss)  # nothing asks for the teacher, or nothing to compare it on
-        teacher = self.teacher.score(rows, compared, self.projections.teacher_layers, generated=on_policy)
+        teacher = self.teacher.score(rows, compared, self.projections.teacher_layers, on_policy, positions)
         loss = loss + config.kd_weight * self.divergence(student_logits(compared), teacher.logits)
         if self.projections.layer_map:
             loss = loss + self.projections.loss(student_states, teacher.states, compared, config.feature_loss)
         return dataclasses.replace(out, loss=loss)
 
     def student_outputs(
-        self, rows: torch.Tensor, labels: torch.Tensor, mtp_loss_weight: float, counted: torch.Tensor | None = None
+        self,
+        rows: torch.Tensor,
+        labels: torch.Tensor,
+        mtp_loss_weight: float,
+        counted: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[ModelOutput, Callable[[torch.Tensor], torch.Tensor]]:
         """The student's output with its pretraining losses (`loss`, `lm_loss`), and a function giving its logits
         (N, V), with gradient, at the positions a (B, T - 1) mask selects.
@@ -160,9 +177,16 @@ class DistillModel(nn.Module):
         with the cross-entropy), then its head again on the compared positions; a dense one without MTP runs its
         head once, and the cross-entropy comes from those logits."""
         if self.student.mtp or self.student.moe_layer_ids:
-            out = self.student(rows, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, counted=counted)
+            out = self.student(
+                rows,
+                labels=labels,
+                mtp_loss_weight=mtp_loss_weight,
+                keep_logits=False,
+                counted=counted,
+                positions=positions,
+            )
             return out, lambda compared: self.student.lm_head(out.hidden_states[:, :-1][compared])
-        out = self.student(rows)
+        out = self.student(rows, positions=positions)
         logits = out.logits[:, :-1]  # (B, T - 1, V): position t predicts token t + 1
         targets = labels[:, 1:].flatten()
         summed = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")

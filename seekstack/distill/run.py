@@ -103,5 +103,5 @@ def run_distill(config: DistillConfig, resume: bool | str | Path = False) -> Tra
         require(config.cache_top_k <= vocab_size, "cache_top_k", f"at most the teacher's vocab_size {vocab_size:,}")
     if not resume:
         refuse_new_run_into(config.out_dir)  # before the conversations are read
-    source = conversation_source(config)
+    source = conversation_source(config, config.packing)
     return train(config, resume=resume, hooks=DistillHooks(config), source=source)

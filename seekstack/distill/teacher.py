@@ -118,16 +118,20 @@ class TopKCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomic(info_path, json.dumps(info) + "\n")
 
-    def _path(self, rows: torch.Tensor, compared: torch.Tensor) -> Path:
+    def _path(self, rows: torch.Tensor, compared: torch.Tensor, positions: torch.Tensor | None) -> Path:
         key = rows.cpu().numpy().tobytes() + str(tuple(rows.shape)).encode()
         if not compared.all():  # a conversation batch: its labels, not its tokens alone, choose the positions
             key += compared.cpu().numpy().tobytes()
+        if positions is not None:  # packed rows: where each conversation starts changes what the teacher sees
+            key += b"positions" + positions.cpu().numpy().tobytes()
         return self.folder / f"{hashlib.sha256(key).hexdigest()[:32]}.pt"
 
-    def read(self, rows: torch.Tensor, compared: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-        """The cached (N, V) log-probabilities of the positions of `rows` (B, T) that `compared` (B, T - 1) selects,
-        or None when not cached."""
-        path = self._path(rows, compared)
+    def read(
+        self, rows: torch.Tensor, compared: torch.Tensor, vocab_size: int, positions: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The cached (N, V) log-probabilities of the positions of `rows` (B, T), packed by `positions` when given,
+        that `compared` (B, T - 1) selects, or None when not cached."""
+        path = self._path(rows, compared, positions)
         if not path.is_file():
             return None
         stored = torch.load(path, map_location=rows.device)
@@ -136,11 +140,14 @@ class TopKCache:
         spread = (tail_mass / (vocab_size - self.top_k)).log()  # (N, 1): each token outside the top k
         return spread.expand(-1, vocab_size).scatter(1, indices, values)
 
-    def write(self, rows: torch.Tensor, compared: torch.Tensor, logits: torch.Tensor) -> None:
-        """Store the top-k log-probabilities of (N, V) `logits` at the positions of `rows` that `compared` selects."""
+    def write(
+        self, rows: torch.Tensor, compared: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> None:
+        """Store the top-k log-probabilities of (N, V) `logits` at the positions of `rows` (packed by `positions`)
+        that `compared` selects."""
         values, indices = logits.float().log_softmax(-1).topk(self.top_k, dim=-1)
         stored = {"log_probs": values.to(torch.float16).cpu(), "indices": indices.to(torch.int32).cpu()}
-        write_atomic(self._path(rows, compared), lambda path: torch.save(stored, path))
+        write_atomic(self._path(rows, compared, positions), lambda path: torch.save(stored, path))
 
 
 class Teacher:
@@ -154,22 +161,28 @@ class Teacher:
 
     @torch.no_grad()
     def score(
-        self, rows: torch.Tensor, compared: torch.Tensor, layer_ids: list[int], generated: bool = False
+        self,
+        rows: torch.Tensor,
+        compared: torch.Tensor,
+        layer_ids: list[int],
+        generated: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> TeacherScores:
-        """Logits at the positions `compared` (B, T - 1) selects, and the outputs of layers `layer_ids`; a batch of
-        the data (not `generated` by the student, whose rows differ every time) comes from the cache when it holds
-        it, and goes into it otherwise."""
+        """Logits at the positions `compared` (B, T - 1) selects, and the outputs of layers `layer_ids`, of rows
+        packed by `positions` (B, T) when given; a batch of the data (not `generated` by the student, whose rows
+        differ every time) comes from the cache when it holds it, and goes into it otherwise."""
         cacheable = self.cache is not None and not layer_ids and not generated
         if cacheable:
-            cached = self.cache.read(rows, compared, self.model.config.vocab_size)
+            cached = self.cache.read(rows, compared, self.model.config.vocab_size, positions)
             if cached is not None:
                 return TeacherScores(cached)
         with layer_outputs(self.model, layer_ids) as states:
             B = rows.shape[0]
             # the head runs on the compared positions alone (logits_at asks for one position: a token cost)
-            hidden = self.model(rows, logits_at=torch.zeros(B, dtype=torch.long, device=rows.device)).hidden_states
+            first = torch.zeros(B, dtype=torch.long, device=rows.device)
+            hidden = self.model(rows, positions=positions, logits_at=first).hidden_states
         logits = self.model.lm_head(hidden[:, :-1][compared])
         if cacheable:  # from the cache from the first run on, so that a rerun trains on the same distributions
-            self.cache.write(rows, compared, logits)
-            return TeacherScores(self.cache.read(rows, compared, self.model.config.vocab_size))
+            self.cache.write(rows, compared, logits, positions)
+            return TeacherScores(self.cache.read(rows, compared, self.model.config.vocab_size, positions))
         return TeacherScores(logits, dict(states))

@@ -46,6 +46,10 @@ class ConversationConfig(TrainConfig):
     # trained on), or with `task` that share of `examples` as distinct problems of the task's held-out split.
     # None = 0.05 while eval_every > 0 (rounded down: a file of fewer than 20 conversations holds none out), else 0.
     val_fraction: Fraction | None = None
+    # Several conversations in each row of up to seq_len tokens (best-fit decreasing, TRL's packing=True with its
+    # "bfd" strategy), each attending within itself alone, its positions from 0: the same loss and gradients as the
+    # conversations padded, without computing the padding. batch_size then counts rows, each packing several.
+    packing: bool = False
 
     @property
     def conversational(self) -> bool:
@@ -87,10 +91,6 @@ class SFTConfig(ConversationConfig):
     out_dir: str = "runs/sft"
     seq_len: Positive = 256  # rows longer than this are cut
     batch_size: Positive = 16  # conversations per micro-batch, right-padded to the longest (packing: packed rows)
-    # Several conversations in each row of up to seq_len tokens (best-fit decreasing, TRL's packing=True with its
-    # "bfd" strategy), each attending within itself alone, its positions from 0: the same loss and gradients as the
-    # conversations padded, without computing the padding. batch_size then counts rows, each packing several.
-    packing: bool = False
     max_steps: Positive = 300
     lr: PositiveFloat = 1e-3
     min_lr: NonNegativeFloat = 1e-4

@@ -189,7 +189,7 @@ class SFTSource:
     def loss(self, model: nn.Module, batch: Any, mtp_loss_weight: float) -> tuple[ModelOutput, dict[str, float]]:
         input_ids, labels, *packed = (t.to(self.device) for t in batch)
         counted = real_tokens(input_ids, labels, self.tokenizer.pad_id)  # padding is routed, not counted in the load
-        # packed rows' positions, each conversation's from 0 (distillation's model, which packs none, takes none)
+        # packed rows' positions, each conversation's from 0 (none given unpacked)
         positions = {"positions": packed[0]} if packed else {}
         out = model(
             input_ids, labels=labels, mtp_loss_weight=mtp_loss_weight, keep_logits=False, counted=counted, **positions

@@ -311,3 +311,46 @@ def test_val_divergence_is_shown_where_val_loss_is_in_the_progress_plot_and_repo
         f"| 4 | {logged[-1]['val_loss']:.4f} | {logged[-1]['val_bpb']:.4f} | {logged[-1]['val_divergence']:.4f} |"
         in table
     )
+
+
+SHORT_CHATS = [
+    [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "3"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, how are you?"}],
+    [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}],
+    [{"role": "user", "content": "Count"}, {"role": "assistant", "content": " ".join(["one"] * 6)}],
+]
+
+
+def test_a_packed_batch_has_the_distillation_loss_and_gradients_of_the_same_conversations_padded(workspace, tmp_path):
+    """TRL's packing=True on distillation (the student's cross-entropy, the teacher's divergence and its hidden states
+    all per conversation): the same loss and gradients as one conversation a row."""
+    data = write_conversations(SHORT_CHATS, tmp_path / "chats.jsonl")
+    changes = dict(data=str(data), task="", ce_weight=0.3, kd_weight=0.7, temperature=2.0)
+    config = conversation_config(workspace, tmp_path, **changes, feature_layers={0: 1}, packing=True)
+    padded, packed = SFTSource(config), SFTSource(config, packing=True)
+    padded_batch, packed_batch = padded.batch(4, 0.0), packed.batch(len(packed.rows.rows), 0.0)
+    assert packed_batch[0].shape[0] < 4  # every conversation, in fewer rows
+    torch.manual_seed(0)
+    model = DistillModel(
+        Transformer(config.model_config()), Teacher(workspace["teacher"], "float32", torch.device("cpu")), config, VOCAB
+    ).train()
+
+    def step(source, batch):
+        model.zero_grad()
+        out, _ = source.loss(model, batch, mtp_loss_weight=0.3)
+        out.loss.backward()
+        return out, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    (rows, row_grads), (pack, pack_grads) = step(padded, padded_batch), step(packed, packed_batch)
+    torch.testing.assert_close(pack.loss, rows.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pack.lm_loss, rows.lm_loss, rtol=1e-5, atol=1e-6)
+    for grad, reference in zip(pack_grads, row_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_conversation_distillation_trains_and_is_refused_on_policy_naming_packing(workspace, tmp_path):
+    data = write_conversations(SHORT_CHATS * 2, tmp_path / "chats.jsonl")
+    result = run_distill(conversation_config(workspace, tmp_path / "run", data=str(data), task="", packing=True))
+    assert result.step == 4 and all(math.isfinite(loss) for loss in result.losses)
+    with pytest.raises(ConfigError, match="field 'packing'.*false when lmbda > 0"):
+        conversation_config(workspace, tmp_path / "on", data=str(data), task="", packing=True, lmbda=0.5)
