@@ -159,6 +159,9 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
         "\\boxed{\\text{1042}}",  # a closing \\text{...} is a unit math-verify drops
         "\\boxed{1042\\text{ apples}}",
         "1042 \\mbox{cm}^2",
+        "1042^\\circ",  # a degree sign is a unit math-verify drops
+        "\\boxed{1042 ^{\\circ}}",
+        "$1042^\\circ\\text{C}$",
         "1 042",  # thousands by a space, LaTeX's thin space \\, or U+202F, as SI writes them
         "\\boxed{1\\,042}",
         "1\u202f042",
@@ -267,6 +270,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1{,}000" * 10_000 + ".",
         "\\text{a}" * 8_000,
         "1\\," * 23_000,
+        "^" + " " * 70_000,
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):

@@ -26,6 +26,8 @@ ANSWER_LABEL = re.compile(r"(?i:(?:final\s+)?answer)\s*:\s*")
 TEXT_UNIT = re.compile(
     r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))\s*\{(?P<words>[^{}]*)\}(?:\^\{?[0-9]\}?)?\Z"
 )
+# A closing degree sign, which math-verify drops as a unit ("30^\circ", "30^{\circ}")
+DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})\Z")
 # Between thousands: ",", "{,}", LaTeX's thin space "\,", a space, a thin or narrow no-break space (SI's "1 000")
 THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
@@ -81,7 +83,7 @@ def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,`, `{,}`, `\\,` or a space, a decimal part,
     `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`); around it `x = `, `$` or `\\$` before, `%` or `\\%`
-    after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit after (dropped),
+    after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after (dropped),
     `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero
     denominator is a wrong answer, not an error."""
     reading = read_answer(answer)
@@ -123,12 +125,13 @@ def read_answer(answer: str) -> Reading | None:
 
 
 def _without_unit(text: str) -> str:
-    """`text` less its closing `\\text{...}` (TEXT_UNIT), as math-verify drops a unit; the words inside it when they
-    are all there is (`\\text{57}` is 57)."""
+    """`text` less its closing `\\text{...}` (TEXT_UNIT) and degree sign (DEGREES), as math-verify drops a unit; the
+    words inside `\\text{...}` when they are all there is (`\\text{57}` is 57)."""
     unit = TEXT_UNIT.search(text)
-    if unit is None:
-        return text
-    return text[: unit.start()].strip() or unit["words"].strip()
+    if unit is not None:
+        text = text[: unit.start()].strip() or unit["words"].strip()
+    degrees = DEGREES.search(text)
+    return text[: degrees.start()].strip() if degrees else text
 
 
 def _fraction(number: str) -> Fraction:
