@@ -216,31 +216,17 @@ def offered(tools: object, tokenizer: Tokenizer | None = None) -> list[dict]:
 
 def check_tool_turns(messages: list[dict], tools: list[dict]) -> None:
     """ValueError naming the message and what to mend unless every tool call's arguments are a JSON object (what a
-    tool-call parser reads back) and name a function among `tools` (where any are offered), and every tool result
-    answers a call of the assistant turn before its run of results (at most one result per call, its tool_call_id,
-    where both have ids, one of that turn's)."""
+    tool-call parser reads back) and name a function among `tools` (where any are offered), and the calls and their
+    results follow as the server takes them (`check_tool_turn_order`: each result answers a call of the assistant turn
+    before its run of results, and each call is answered before the next turn; the calls a conversation ends with may
+    go unanswered, which trains the call alone)."""
+    from seekstack.serve.tool_calls import check_tool_turn_order
+
     names = [tool["function"]["name"] for tool in tools]
-    calls: list[dict] = []  # the calls of the last assistant turn, each answered once
     for position, message in enumerate(messages):
-        if message["role"] == "assistant":
-            calls = list(message.get("tool_calls") or [])
-            for index, call in enumerate(calls):
-                check_call(position, index, call["function"], names)
-        elif message["role"] == "tool":
-            if not calls:
-                raise ValueError(
-                    f"chat message {position} is a tool result, but no assistant tool call before it is left to "
-                    "answer: a tool message follows the assistant message whose tool_calls it answers, one per call"
-                )
-            ids = [call.get("id") for call in calls]
-            answered = message.get("tool_call_id")
-            if answered is not None and None not in ids and answered not in ids:
-                raise ValueError(
-                    f"chat message {position} tool_call_id {answered!r} is none of the calls it answers ({ids})"
-                )
-            calls.pop(ids.index(answered) if answered in ids else 0)
-        elif message["role"] != "system":
-            calls = []
+        for index, call in enumerate(message.get("tool_calls") or []):
+            check_call(position, index, call["function"], names)
+    check_tool_turn_order(messages, lambda position, field: f"chat message {position} {field}", open_end=True)
 
 
 def check_call(position: int, index: int, function: dict, names: list[str]) -> None:

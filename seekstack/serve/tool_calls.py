@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from seekstack.infer.json_mode import LAYOUT, GrammarFormat, InvalidSchema, JsonFormat, after_reasoning
@@ -182,34 +182,62 @@ def completion_with_calls(completion: Completion, tokenizer: Tokenizer, skip_spe
                                others=others)  # fmt: skip
 
 
-def refuse_unanswered_results(messages: list[ChatMessage]) -> None:
-    """400 naming `messages.N.tool_call_id` for a tool result whose id is none of the calls' of the assistant message
-    it follows (other results between), or that follows no calls; and naming `messages.N.tool_calls` for calls whose
-    results do not all follow them (another message, or the chat's end, comes first): as OpenAI refuses both."""
-    called, asking, unanswered = [], 0, []  # the calls the results answer, who made them, the ids not yet answered
+class ToolTurnError(ValueError):
+    """Tool calls and results that do not follow as OpenAI requires (`check_tool_turn_order`); `at` names the message
+    field at fault, as the caller names fields."""
+
+    def __init__(self, at: str, problem: str) -> None:
+        super().__init__(f"{at} {problem}")
+        self.at = at
+
+
+def check_tool_turn_order(messages: list[dict], name: Callable[[int, str], str], open_end: bool = False) -> None:
+    """ToolTurnError unless each tool result answers, once, a call of the assistant message its run of results follows
+    (the one its tool_call_id names; one without, the next call), and each call is answered before another message,
+    or the chat's end, comes: as OpenAI refuses both. With `open_end` the calls the chat ends with need no results (a
+    training conversation teaching the call, as OpenAI's fine-tuning data ends with one). `messages` are dicts (role,
+    tool_calls with their ids, tool_call_id); `name(position, field)` names a message's field in the error
+    ("messages.N.field" for the server, "chat message N field" for a training file). One check for the server's
+    requests and SFT's conversations."""
+    asking, calls, unanswered = 0, [], []  # who made the calls the results answer, the calls, those not yet answered
     for position, message in enumerate(messages):
-        if message.role != "tool":
-            _refuse_unanswered_calls(asking, unanswered)
-            called, asking = message.tool_calls or [], position
-            unanswered = [call.id for call in called if call.id is not None]
-        elif message.tool_call_id not in [call.id for call in called]:
-            ids = ", ".join(repr(call.id) for call in called if call.id is not None) or "none given"
-            follows = f"the tool_calls of messages.{asking} (ids: {ids})" if called else "no tool call"
-            raise APIError(400, f"messages.{position}.tool_call_id {message.tool_call_id!r} answers no call: the tool "
-                           f"message follows {follows}; a tool result follows the assistant message making its call",
-                           param=f"messages.{position}.tool_call_id")  # fmt: skip
-        else:
-            unanswered = [call_id for call_id in unanswered if call_id != message.tool_call_id]
-    _refuse_unanswered_calls(asking, unanswered)
+        if message["role"] != "tool":
+            _check_calls_answered(name(asking, "tool_calls"), unanswered)
+            asking, calls = position, message.get("tool_calls") or []
+            unanswered = list(calls)
+            continue
+        answered = message.get("tool_call_id")
+        answers = [call for call in unanswered if answered is None or call.get("id") in (answered, None)]
+        if not answers:
+            ids = ", ".join(repr(call.get("id")) for call in calls) or "none given"
+            follows = f"{name(asking, 'tool_calls')} (ids: {ids}), each answered once" if calls else "no tool call"
+            problem = f"{answered!r} answers no call: the tool message follows {follows}"
+            raise ToolTurnError(name(position, "tool_call_id"), f"{problem}; a tool result follows the assistant "
+                                "message making its call")  # fmt: skip
+        unanswered.remove(answers[0])
+    _check_calls_answered(name(asking, "tool_calls"), [] if open_end else unanswered)
 
 
-def _refuse_unanswered_calls(asking: int, unanswered: list[str]) -> None:
-    """400 naming `messages.{asking}.tool_calls` when some of its calls (`unanswered`, their ids) have no result."""
+def _check_calls_answered(at: str, unanswered: list[dict]) -> None:
+    """ToolTurnError at `at` (a message's tool_calls) when some of its calls (`unanswered`) have no result."""
     if unanswered:
-        raise APIError(400, f"messages.{asking}.tool_calls: no tool message answers the calls with ids "
-                       f"{', '.join(map(repr, unanswered))}; an assistant message with tool_calls must be followed by "
-                       "a tool message answering each tool_call_id, as OpenAI requires",
-                       param=f"messages.{asking}.tool_calls")  # fmt: skip
+        calls = ", ".join(repr(call.get("id")) if call.get("id") is not None else
+                          f"{call['function']['name']!r} (no id)" for call in unanswered)  # fmt: skip
+        raise ToolTurnError(at, f"are not all answered: no tool message answers the calls {calls}; an assistant "
+                            "message with tool_calls must be followed by a tool message answering each tool_call_id, "
+                            "as OpenAI requires")  # fmt: skip
+
+
+def refuse_unanswered_results(messages: list[ChatMessage]) -> None:
+    """400 naming `messages.N.tool_call_id` for a tool result that answers none of the calls of the assistant message
+    it follows, or that follows no calls, and `messages.N.tool_calls` for calls whose results do not all follow them
+    (`check_tool_turn_order`)."""
+    try:
+        check_tool_turn_order(
+            [message.model_dump() for message in messages], lambda at, field: f"messages.{at}.{field}"
+        )
+    except ToolTurnError as error:
+        raise APIError(400, str(error), param=error.at) from None
 
 
 def forced_calls_format(

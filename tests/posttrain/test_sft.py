@@ -398,7 +398,7 @@ def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_jo
 @pytest.mark.parametrize(
     ("message", "refusal"),
     [
-        ({"role": "tool", "content": "3", "tool_call_id": "1"}, "chat message 1 is a tool result, but no assistant"),
+        ({"role": "tool", "content": "3", "tool_call_id": "1"}, "chat message 1 tool_call_id '1' answers no call"),
         (
             {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
             r'chat message 1 tool_calls\[0\] must be {"type": "function", "function": {"name": ...',

@@ -118,12 +118,32 @@ def test_a_conversations_tools_and_calls_are_part_of_its_key_and_its_line(tmp_pa
             [WEATHER],
             r"chat message 2 tool_calls\[0\] function.arguments is '\[1\]', not a JSON object",
         ),
-        ([*ASK, RESULTS[0], ANSWER], [WEATHER], "chat message 2 is a tool result, but no assistant tool call before"),
-        ([*ASK, CALLS, *RESULTS, RESULTS[0], ANSWER], [], "chat message 5 is a tool result, but no assistant tool"),
+        (
+            [*ASK, RESULTS[0], ANSWER],
+            [WEATHER],
+            "chat message 2 tool_call_id 'call_1' answers no call: the tool message follows no tool call",
+        ),
+        (
+            [*ASK, CALLS, *RESULTS, RESULTS[0], ANSWER],
+            [],
+            "chat message 5 tool_call_id 'call_1' answers no call: the "
+            r"tool message follows chat message 2 tool_calls \(ids: 'call_1', 'call_2'\), each answered once",
+        ),
         (
             [*ASK, CALLS, {**RESULTS[0], "tool_call_id": "call_9"}, ANSWER],
             [],
-            r"chat message 3 tool_call_id 'call_9' is none of the calls it answers \(\['call_1', 'call_2'\]\)",
+            r"chat message 3 tool_call_id 'call_9' answers no call: the tool message follows chat message 2 tool_calls",
+        ),
+        # as the server refuses them (and OpenAI): calls whose results do not all follow before the next turn
+        (
+            [*ASK, CALLS, RESULTS[0], ANSWER],
+            [],
+            "chat message 2 tool_calls are not all answered: no tool message answers the calls 'call_2'",
+        ),
+        (
+            [*ASK, CALLS, {"role": "system", "content": "Be brief."}, *RESULTS, ANSWER],
+            [],
+            "chat message 2 tool_calls are not all answered",
         ),
         (
             [*ASK, CALLS, *RESULTS, ANSWER],
@@ -152,6 +172,13 @@ def test_malformed_tool_turns_are_refused_naming_the_line_message_and_field(tmp_
     )
     with pytest.raises(ValueError, match=rf"agent.jsonl:2: {refusal}"):
         read_conversations(path, byte_tokenizer(tmp_path))
+
+
+def test_a_conversation_ending_with_calls_trains_the_calls_as_openai_fine_tuning_data_does(tmp_path):
+    """The calls a conversation ends with need no results (OpenAI's fine-tuning examples teach a call so), where the
+    server refuses them; calls answered in part end a conversation too."""
+    path = write_lines(tmp_path / "agent.jsonl", {"messages": [*ASK, CALLS]}, {"messages": [*ASK, CALLS, RESULTS[0]]})
+    assert [len(conversation) for conversation in read_conversations(path, byte_tokenizer(tmp_path))] == [3, 4]
 
 
 def test_a_tool_conversation_cut_by_seq_len_keeps_its_start_and_is_noted(tmp_path, capsys):

@@ -246,12 +246,13 @@ def replayed_call(arguments: str) -> list[dict]:
         ({"messages": [*replayed_call("{}")[:2], {"role": "tool", "content": "moved"}]}, "messages.2.tool_call_id",
          "needs the tool_call_id"),
         ({"messages": [*replayed_call("{}")[:2], {"role": "tool", "tool_call_id": "c2", "content": "moved"}]},
-         "messages.2.tool_call_id", "'c2' answers no call: the tool message follows the tool_calls of messages.1 "
+         "messages.2.tool_call_id", "'c2' answers no call: the tool message follows messages.1.tool_calls "
          "(ids: 'c1')"),
         ({"messages": [*ASK, replayed_call("{}")[2]]}, "messages.1.tool_call_id", "follows no tool call"),
         # as OpenAI: each call is answered before the next message (was: written into the prompt, answered 200)
-        ({"messages": [*replayed_call("{}")[:2], *ASK]}, "messages.1.tool_calls", "answers the calls with ids 'c1'"),
+        ({"messages": [*replayed_call("{}")[:2], *ASK]}, "messages.1.tool_calls", "answers the calls 'c1'"),
         ({"messages": replayed_call("{}")[:2]}, "messages.1.tool_calls", "must be followed by a tool message"),
+        ({"messages": [*replayed_call("{}"), replayed_call("{}")[2]]}, "messages.3.tool_call_id", "each answered once"),
         # refused before tokenizing, as a long message is (the tools' prompt was tokenized whole first)
         ({"tools": [{"type": "function", "function": {"name": "f", "description": "go " * 400_000}}]}, "tools",
          "1,200,"),
