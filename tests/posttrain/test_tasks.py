@@ -215,6 +215,22 @@ def test_a_fraction_a_ratio_and_a_decimal_of_one_value_read_alike(answer):
     assert read_number(answer) == Fraction(1, 2)
 
 
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [("1\\frac{1}{2}", Fraction(3, 2)), ("\\boxed{2 \\dfrac{3}{4}}", Fraction(11, 4)),
+     ("$1\\ \\tfrac12$", Fraction(3, 2)), ("-1\\frac{1}{2}", Fraction(-3, 2)),
+     ("\u22123\\frac{1}{3}", Fraction(-10, 3))],
+)  # fmt: skip
+def test_a_mixed_number_reads_as_its_whole_plus_its_fraction_as_math_verify_reads_it(answer, value):
+    """1\\frac{1}{2} was no number (scored 0 against 3/2), where math-verify reads it as 3/2."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize("answer", ["1\\frac{-1}{2}", "1 1/2", "1.5\\frac{1}{2}", "1\\frac{1}"])
+def test_a_whole_before_a_signed_fraction_a_ratio_or_a_decimal_is_no_mixed_number(answer):
+    assert read_number(answer) is None
+
+
 @pytest.mark.parametrize("answer", ["1,000 000", "1 000,000", "\\boxed{1\\,000,000}", "1{,}000 000", "1,000\u202f000"])
 def test_thousands_grouped_by_two_separators_are_no_number_as_math_verify_refuses_them(answer):
     """Read as 1000000 ("1,000 000"): each separator was dropped, whichever it was."""
@@ -271,6 +287,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "\\text{a}" * 8_000,
         "1\\," * 23_000,
         "^" + " " * 70_000,
+        "1\\ " * 23_000 + "\\frac",
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):

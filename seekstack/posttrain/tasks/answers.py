@@ -32,8 +32,10 @@ DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})\Z")
 THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
 UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
+# A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12")
+WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\ )*(?=\\[dt]?frac\{?[0-9.])"
 NUMBER = re.compile(
-    rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:\\[dt]?frac(?:\{{(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\}}|(?P<top_digit>[0-9]))"
+    rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:(?:{WHOLE})?\\[dt]?frac(?:\{{(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\}}|(?P<top_digit>[0-9]))"
     rf"(?:\{{(?P<bottom>{UNSIGNED})\}}|(?P<bottom_digit>[0-9]))"
     rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED}))?)(?P<percent>\\?%)?"
 )
@@ -82,10 +84,10 @@ class Reading(NamedTuple):
 def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,`, `{,}`, `\\,` or a space, a decimal part,
-    `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`); around it `x = `, `$` or `\\$` before, `%` or `\\%`
-    after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after (dropped),
-    `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero
-    denominator is a wrong answer, not an error."""
+    `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`), a mixed number (`1\\frac{1}{2}` is 3/2); around it
+    `x = `, `$` or `\\$` before, `%` or `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}`
+    unit or `^\\circ` after (dropped), `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads
+    (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
@@ -118,7 +120,7 @@ def read_answer(answer: str) -> Reading | None:
     top = match["numerator"] or match["top"] or match["top_digit"]
     bottom = match["denominator"] or match["bottom"] or match["bottom_digit"] or "1"
     try:
-        value = _fraction(top) / _fraction(bottom)
+        value = _fraction(match["whole"] or "0") + _fraction(top) / _fraction(bottom)
     except (ValueError, ZeroDivisionError):
         return None
     return Reading(-value if match["sign"] in ("-", "\u2212") else value, bool(match["percent"]))
