@@ -278,19 +278,24 @@ class AsyncEngine:
                     report.get_loop().call_soon_threadsafe(_settle, report, started)
 
     def _deliver(self, outputs: list[RequestOutput], now: float) -> int:
-        """Route each output to its request's queue; returns the tokens the step generated."""
-        generated = 0
+        """Route each output to its request's queue; returns the tokens the step generated. A request whose caller's
+        loop has closed (nobody left to read it) is aborted."""
+        generated, unread = 0, []
         with self._lock:
             for output in outputs:
                 generated += len(output.token_ids)
                 route = self._routes.get(output.request_id)
                 if route is None:  # aborted meanwhile
                     continue
-                loop, queue, index, timing = route
-                self._observe(output, timing, now)
-                if output.finished:
+                self._observe(output, route[3], now)
+                delivered = _send(route, output)
+                if output.finished or not delivered:
                     del self._routes[output.request_id]
-                loop.call_soon_threadsafe(queue.put_nowait, (index, output))
+                if not (output.finished or delivered):
+                    unread.append(output.request_id)
+                    self._choice_ended(route[3].call, "abort", now)
+        for request_id in unread:
+            self.engine.abort(request_id)
         return generated
 
     def _observe(self, output: RequestOutput, timing: _Timing, now: float) -> None:
@@ -333,9 +338,20 @@ class AsyncEngine:
             now = time.perf_counter()
             for *_, timing in routes.values():
                 self._choice_ended(timing.call, "error", now)
-        for request_id, (loop, queue, index, _) in routes.items():
+        for request_id, route in routes.items():
             self.engine.abort(request_id)
-            loop.call_soon_threadsafe(queue.put_nowait, (index, error))
+            _send(route, error)
+
+
+def _send(route: tuple[asyncio.AbstractEventLoop, asyncio.Queue, int, _Timing], item) -> bool:
+    """Put (choice index, `item`) on a route's queue, from the engine thread; False where the caller's loop has closed
+    (a server shutting down, a test's asyncio.run ended): the engine thread outlives it."""
+    loop, queue, index, _ = route
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+    except RuntimeError:  # "Event loop is closed"
+        return False
+    return True
 
 
 def _settle(report: asyncio.Future, result: list[bool]) -> None:

@@ -209,3 +209,41 @@ def test_requests_a_failed_step_ends_are_counted_as_finished_by_an_error(tmp_pat
     labels = {"model_name": "micro"}
     assert sample("seekstack:request_success_total", {**labels, "finished_reason": "error"}) == 1  # was: 0
     assert sample("seekstack:e2e_request_latency_seconds_count", labels) == 1
+
+
+@pytest.mark.parametrize("first_step", ["fails", "delivers"])
+def test_the_engine_thread_outlives_the_loop_of_a_request_it_still_runs(tmp_path, first_step):
+    """A step failing, or delivering, after its caller's loop closed (a server shutting down) must not end the thread:
+    the next request is served."""
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
+    real_step, loop_closed, steps, failures = engine.step, threading.Event(), threading.Semaphore(0), []
+
+    def step():
+        loop_closed.wait()  # the first step runs once the loop of the request it runs has closed
+        steps.release()
+        if first_step == "fails" and not failures:
+            failures.append(None)
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    engine.step = step
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+
+    async def submit_and_leave() -> None:
+        await bridge.submit([[5, 6, 7]], [greedy])
+
+    async def complete() -> int:
+        group = await asyncio.wait_for(bridge.submit([[8, 9]], [greedy]), 30)  # a dead thread never adds it
+        return len([output async for _, output in group])
+
+    bridge.start()
+    try:
+        asyncio.run(submit_and_leave())
+        loop_closed.set()
+        assert steps.acquire(timeout=30)
+        assert asyncio.run(complete()) == 4  # was: TimeoutError, the thread dead ("Event loop is closed")
+        assert bridge.alive
+    finally:
+        bridge.stop()
+    assert not engine.has_unfinished()  # the request nobody reads was aborted, not run to its end
