@@ -132,7 +132,7 @@ def _quantized_from_reader(reader: CheckpointReader, key: str, shape: tuple[int,
         return None
     reader.check_quantized_shape(key, shape)
     tensors = {name: reader.read(f"{key}.{name}", dequantize=False) for name in names}
-    return weight_from_stored(tensors, reader.fp8_block, bits=reader.packed_bits(key))
+    return weight_from_stored(tensors, reader.fp8_block, bits=reader.code_bits(key))
 
 
 def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
@@ -207,7 +207,7 @@ def _stacked_weight(
     """The quantized weight holding `stored`, the tensors of stacked expert weight `key` (the stack's or one
     expert's), int codes of the bits checkpoint layer `bits_key` (default: `key`) is packed in."""
     parts = STACKED_EXPERT_PARTS[key.rpartition(".")[2]]
-    return weight_from_stored(stored, reader.fp8_block, parts, reader.packed_bits(bits_key or key))
+    return weight_from_stored(stored, reader.fp8_block, parts, reader.code_bits(bits_key or key))
 
 
 def _per_expert_stack(
@@ -219,7 +219,7 @@ def _per_expert_stack(
     projections, first = PER_EXPERT_PROJECTIONS[stack], f"{key}.0.{PER_EXPERT_PROJECTIONS[stack][0]}"
     expert = {name: _empty_stored(reader, [f"{key}.0.{p}.{name}" for p in projections]) for name in names}
     empty = {name: tensor.expand(count, *tensor.shape) for name, tensor in expert.items()}
-    stacked, bits = _stacked_weight(reader, f"{key}.{stack}", empty, bits_key=first), reader.packed_bits(first)
+    stacked, bits = _stacked_weight(reader, f"{key}.{stack}", empty, bits_key=first), reader.code_bits(first)
 
     def expert_buffer(buffer: str, e: int) -> torch.Tensor:
         source = names[stacked.stored_buffers.index(buffer)]  # codes from codes, scales from scales

@@ -32,6 +32,7 @@ from seekstack.config import ModelConfig
 
 # naive-quantized: the compressor int-quantized is an alias of in compressed-tensors: the same layout (int8 `weight`)
 COMPRESSED_TENSORS_FORMATS = ("int-quantized", "naive-quantized", "pack-quantized", "mixed-precision")
+INT8_HELD_BITS = range(2, 9)  # the num_bits whose codes compressed-tensors' int-quantized stores as int8
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
 FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
 # The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.
@@ -225,12 +226,14 @@ class CheckpointReader:
 
     def check_int_scheme(self, key: str, bits: int, columns: int, scale_columns: int) -> None:
         """Refuse layer `key`, stored as `bits`-bit integers with `scale_columns` scales over `columns` inputs, when
-        the compressed-tensors config group that targets it says otherwise (an edited config.json, swapped weights).
-        A target is a module class (`Linear`), an exact layer name, or `re:` and a pattern."""
+        the compressed-tensors config group that targets it says otherwise (an edited config.json, swapped weights):
+        packed codes of other bits, or int8 codes of more than 8 (int-quantized stores any width up to 8 in int8, as
+        W4A16 in its int4 range). A target is a module class (`Linear`), an exact layer name, or `re:` and a pattern."""
         config = self.directory / CONFIG_FILE
+        held_bits = (bits,) if f"{key}.weight_packed" in self else INT8_HELD_BITS
         for name, group in self._groups_targeting(key):
             weights = group.get("weights") or {}
-            if weights.get("num_bits") != bits:
+            if weights.get("num_bits") not in held_bits:
                 raise CheckpointError(
                     f"{config}: quantization_config group {name!r} says num_bits={weights.get('num_bits')} for layer "
                     f"{key!r}, but {self.file_of(self.weight_key(key))} stores it as int{bits}; the config and the "
@@ -279,6 +282,17 @@ class CheckpointReader:
                 f"{DAMAGED}"
             )
         return bits
+
+    def code_bits(self, key: str) -> int | None:
+        """Bits per code layer `key`'s quantized weight runs in: its packed words' (`packed_bits`), or for int8 codes
+        (int-quantized) 4 where the config group targeting the layer says num_bits 4 or fewer (W4A16's codes, in
+        int4's range, run in int4's kernel and its groups), else 8; None for a layer stored otherwise."""
+        if f"{key}.weight_packed" in self:
+            return self.packed_bits(key)
+        if f"{key}.weight" not in self or self.stored_dtype(f"{key}.weight") != "I8":
+            return None
+        configured = [(group.get("weights") or {}).get("num_bits") for _, group in self._groups_targeting(key)]
+        return 4 if configured and configured[0] in INT8_HELD_BITS and configured[0] <= 4 else 8
 
     def weight_key(self, key: str) -> str:
         """The key of checkpoint layer `key`'s stored weight: `key.weight_packed` or `key.weight`."""

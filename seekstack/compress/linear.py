@@ -299,14 +299,15 @@ def weight_from_stored(
     tensors: dict[str, torch.Tensor], fp8_block: tuple[int, int] | None, parts: int = 1, bits: int | None = None
 ) -> QuantizedWeight:
     """The QuantizedWeight for tensors as a checkpoint stores them (`weight_packed`: `bits`-bit codes, default 4; int8
-    `weight`: int8 codes unpacked, as seekstack's stacked-experts layout and compressed-tensors' `int-quantized`
-    format have them; e4m3 `weight`: fp8); a stack of experts has the expert dimension first."""
+    `weight`: codes unpacked, as seekstack's stacked-experts layout and compressed-tensors' `int-quantized` format
+    have them, int8's, or int4's with `bits` 4; e4m3 `weight`: fp8); a stack of experts has the expert dimension
+    first."""
     if "weight_packed" in tensors:
         codes = unpack_codes(tensors["weight_packed"], bits or 4)
         return Int8Weight(codes, tensors["weight_scale"]) if bits == 8 else Int4Weight(codes, tensors["weight_scale"])
     weight = tensors["weight"]
     if weight.dtype == torch.int8:
-        return Int8Weight(weight, tensors["weight_scale"])
+        return (Int4Weight if bits == 4 else Int8Weight)(weight, tensors["weight_scale"])
     if weight.dtype == torch.float8_e4m3fn and fp8_block is not None:
         return Fp8Weight(weight, tensors["weight_scale_inv"], fp8_block, parts)
     raise ValueError(f"no quantized format stores a {weight.dtype} weight with {sorted(tensors)}")

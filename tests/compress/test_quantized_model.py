@@ -233,6 +233,50 @@ def test_a_naive_quantized_int8_checkpoint_loads_as_the_int_quantized_one(tmp_pa
     assert torch.equal(logits(seekstack.load_pretrained(tmp_path)), expected)
 
 
+def test_an_int_quantized_checkpoint_of_4_bit_codes_loads_as_int4_as_the_library_dequantizes_it(tmp_path):
+    """compressed-tensors' `int-quantized` stores W4A16's codes unpacked in int8 (num_bits 4, values -8..7); it was
+    refused: "says num_bits=4 ..., but ... stores it as int8". Each layer written by the library itself."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int4"))
+    seekstack.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["format"] = "int-quantized"
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    for group in config["quantization_config"]["config_groups"].values():
+        group["weights"] = weights
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
+    compressor = BaseCompressor.load_from_registry("int-quantized")
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    generator, theirs = torch.Generator().manual_seed(0), {}
+    for layer in [key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed")]:
+        del tensors[f"{layer}.weight_packed"]
+        rows, columns = tensors.pop(f"{layer}.weight_shape").tolist()
+        weight = torch.randn(rows, columns, generator=generator)
+        scale = (weight.reshape(rows, -1, 32).abs().amax(-1) / 7).bfloat16()
+        stored = compressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+        assert stored["weight"].dtype == torch.int8
+        tensors.update({f"{layer}.{name}": tensor for name, tensor in stored.items()})
+        theirs[layer] = compressor.decompress(stored, scheme)["weight"]
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    dequantized = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=True)))
+    for layer, weight in theirs.items():
+        assert torch.equal(dequantized[f"{layer}.weight"].bfloat16(), weight), layer
+    quantized = seekstack.load_pretrained(tmp_path)
+    for layer, ours in [
+        ("model.layers.0.self_attn.q_b_proj", quantized.layers[0].self_attn.q_b_proj.qweight),
+        ("model.layers.2.mlp.experts.5.up_proj", quantized.layers[2].mlp.experts.gate_up_proj),
+    ]:
+        weight = ours.dequantize()[5, 32:] if "experts" in layer else ours.dequantize()
+        assert ours.scheme == "int4" and torch.equal(weight.bfloat16(), theirs[layer]), layer
+    assert torch.allclose(logits(quantized), logits(seekstack.load_pretrained(tmp_path, dequantize=True)), atol=0.05)
+
+
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     model = model_for_tests()
     quantize_model(model, QuantConfig(scheme="fp8"))
