@@ -226,6 +226,21 @@ def test_a_mixed_number_reads_as_its_whole_plus_its_fraction_as_math_verify_read
     assert read_number(answer) == value
 
 
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [("3 \\times 10^{5}", 300_000), ("\\boxed{3\\cdot 10^5}", 300_000), ("$1.5 \\times 10^{-3}$", Fraction(3, 2000)),
+     ("-2\\times10^{3}", -2000), ("3 \\times 10^{\u22122}", Fraction(3, 100))],
+)  # fmt: skip
+def test_scientific_notation_reads_as_its_number_as_math_verify_reads_it(answer, value):
+    """3 \\times 10^{5} was no number (scored 0 against 300000), where math-verify reads it as 300000."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize("answer", ["3e5", "10^5", "3 \\times 10^{4301}", "3 \\times 5^{2}", "3 \\times 10^{1.5}"])
+def test_only_a_number_times_a_whole_power_of_ten_int_reads_is_scientific_notation(answer):
+    assert read_number(answer) is None
+
+
 @pytest.mark.parametrize("answer", ["1\\frac{-1}{2}", "1 1/2", "1.5\\frac{1}{2}", "1\\frac{1}"])
 def test_a_whole_before_a_signed_fraction_a_ratio_or_a_decimal_is_no_mixed_number(answer):
     assert read_number(answer) is None

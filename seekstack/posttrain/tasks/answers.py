@@ -34,10 +34,13 @@ THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u2009\u202f]"
 UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12")
 WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\ )*(?=\\[dt]?frac\{?[0-9.])"
+# Scientific notation's power of ten after a number ("3 \times 10^{5}", "3\cdot 10^5", "1.5 \times 10^{-3}"); an
+# exponent of up to 3 digits, a number int reads
+POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
 NUMBER = re.compile(
     rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:(?:{WHOLE})?\\[dt]?frac(?:\{{(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\}}|(?P<top_digit>[0-9]))"
     rf"(?:\{{(?P<bottom>{UNSIGNED})\}}|(?P<bottom_digit>[0-9]))"
-    rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED}))?)(?P<percent>\\?%)?"
+    rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED})|{POWER})?)(?P<percent>\\?%)?"
 )
 
 
@@ -84,10 +87,11 @@ class Reading(NamedTuple):
 def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,`, `{,}`, `\\,` or a space, a decimal part,
-    `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`), a mixed number (`1\\frac{1}{2}` is 3/2); around it
-    `x = `, `$` or `\\$` before, `%` or `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}`
-    unit or `^\\circ` after (dropped), `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads
-    (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not an error."""
+    `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`), a mixed number (`1\\frac{1}{2}` is 3/2),
+    `a \\times 10^{n}` (`\\cdot`); around it `x = `, `$` or `\\$` before, `%` or `\\%` after (dropped: "5%" is 5;
+    `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after (dropped), `\\left(...\\right)` or `(...)`. A
+    number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not
+    an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
@@ -119,8 +123,9 @@ def read_answer(answer: str) -> Reading | None:
         return None
     top = match["numerator"] or match["top"] or match["top_digit"]
     bottom = match["denominator"] or match["bottom"] or match["bottom_digit"] or "1"
+    exponent = int((match["exponent"] or match["exponent_digit"] or "0").replace("\u2212", "-"))
     try:
-        value = _fraction(match["whole"] or "0") + _fraction(top) / _fraction(bottom)
+        value = (_fraction(match["whole"] or "0") + _fraction(top) / _fraction(bottom)) * Fraction(10) ** exponent
     except (ValueError, ZeroDivisionError):
         return None
     return Reading(-value if match["sign"] in ("-", "\u2212") else value, bool(match["percent"]))
