@@ -110,6 +110,7 @@ PROSE_ONLY_BAD_DOCUMENTS = {
     "bullet_lines": "\n".join(("- " if i % 2 else "\u2022 ") + line for i, line in enumerate(prose(4).split("\n"))),
     "ellipsis_lines": prose(5).replace("n.\n", "n...\n").replace("e.\n", "e\u2026\n"),
     "lorem_ipsum": prose(8) + "\nLorem Ipsum dolor sit amet, consectetur adipiscing elit.",
+    "short_lines": "\n".join(" ".join(VOCABULARY[i : i + 3]) + "." for i in range(0, 48, 3)) * 2,
 }
 
 
@@ -135,6 +136,25 @@ def test_gopher_line_rules_judge_the_share_of_non_blank_lines_as_datatrove_does(
     assert failed_rule("\n".join(cut), ProseRules()) is None  # 3 of 10
     assert failed_rule("\n".join([lines[0][:-1] + "\u2026", *cut]), ProseRules()) == "ellipsis_lines"  # 4 of 11
     assert failed_rule("\n".join("* " + line for line in lines), ProseRules()) is None  # Markdown's star: no bullet
+
+
+MENU = ["Home", "About us", "Contact", "Log in", "Privacy policy", "Terms of use", "Careers", "Press", "Sitemap"]
+
+
+def test_a_page_of_short_lines_is_removed_as_finewebs_short_line_rule_removes_it() -> None:
+    """FineWeb (datatrove's FineWebQualityFilter, short_line_ratio): more than 67% of the non-blank lines of 30
+    characters or fewer fails: 10 sentences among 54 menu and link lines passed every other rule (10 of 64 lines end
+    a sentence, above 0.12). At the threshold (2 short lines to 1 long) passes; CJK text is not held to it."""
+    sentences = prose(10, 180).split("\n")  # 18 lines of 10 words
+    page = "\n".join(sentences[:10] + [f"{item}: {section}" for section in VOCABULARY[:6] for item in MENU])
+    assert failed_rule(page, ProseRules()) == "short_lines"
+    assert failed_rule(page, ProseRules(max_short_line_fraction=None)) is None
+    pairs = [VOCABULARY[number : number + 2] for number in range(0, 36, 2)]  # two short lines after each sentence
+    balanced = "\n".join(line for sentence, pair in zip(sentences, pairs, strict=True) for line in (sentence, *pair))
+    assert not fails("short_lines", balanced, ProseRules(max_short_line_fraction=2 / 3))
+    assert fails("short_lines", balanced, ProseRules(max_short_line_fraction=0.66))
+    short_chinese = "\n".join(sentence for sentence in CHINESE_ARTICLE.replace("\u3002", "\u3002\n").split("\n"))
+    assert not fails("short_lines", short_chinese, CJKRules())
 
 
 def test_hash_signs_and_ellipses_are_each_held_to_the_symbol_word_ratio_alone() -> None:
