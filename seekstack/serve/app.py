@@ -858,7 +858,8 @@ def create_app(
         key = await asyncio.to_thread(server.authenticate, request)
         charge = await in_write_thread(server.admit, key)  # a request of the key's requests per minute, at no tokens
         limits = {} if charge is None or charge.requests is None else charge.requests.headers()
-        body = parse_body(ModerationRequest, await read_body(request, server.max_body_bytes))
+        raw = await read_body(request, server.max_body_bytes)
+        body = await asyncio.to_thread(parse_body, ModerationRequest, raw)  # a 4 MB body: 70 ms of JSON
         answer = await asyncio.to_thread(server.safety.moderations, body, key)
         return JSONResponse(answer.model_dump(), headers=limits)
 

@@ -111,7 +111,8 @@ def add_tokenize_routes(app: FastAPI, server: Server) -> None:
         them), and found to name a model it may use (404)."""
         key: ApiKey | None = await asyncio.to_thread(server.authenticate, request)
         await in_write_thread(server.admit, key)
-        body = parse_body(schema, await read_body(request, server.max_body_bytes))
+        raw = await read_body(request, server.max_body_bytes)
+        body = await asyncio.to_thread(parse_body, schema, raw)  # 800,000 ids: 0.4 s of JSON
         server.adapter_for(body.model or server.model_name, key)
         return body
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 import unicodedata
 
 import pytest
@@ -16,11 +17,12 @@ from seekstack.infer.detokenize import TextStream
 from seekstack.infer.engine import Engine
 from seekstack.infer.outputs import TokenLogprob
 from seekstack.schema import ConfigError
+from seekstack.serve import app as app_module
 from seekstack.serve import moderation
 from seekstack.serve.app import create_app
 from seekstack.serve.billing import Bill
 from seekstack.serve.database import open_database
-from seekstack.serve.errors import APIError
+from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.launch import warn_of_unknown_scopes
 from seekstack.serve.ledger import Ledger
@@ -344,6 +346,25 @@ def test_moderations_endpoint_reports_categories_and_classifier_scores(model_dir
     assert results[0]["categories"] == {"weapons": True, "pii": False, "rude": False}
     assert results[0]["category_scores"]["weapons"] > 0.5 > results[1]["category_scores"]["weapons"]
     assert results[2]["categories"]["pii"] and results[2]["category_scores"]["pii"] == 1.0
+
+
+def test_a_moderations_body_is_parsed_off_the_event_loop(model_dir, policy, tmp_path, monkeypatch):
+    """A 4 MB list of inputs took 73 ms to parse: on the event loop, every stream and /health waited for it (as they
+    would for a chat's body, which is parsed in a worker thread)."""
+    parsed_on_the_loop = []  # the event loop runs in the main thread (`run`)
+
+    def parse_body_noting_its_thread(schema, raw):
+        parsed_on_the_loop.append(threading.current_thread() is threading.main_thread())
+        return parse_body(schema, raw)
+
+    monkeypatch.setattr(app_module, "parse_body", parse_body_noting_its_thread)
+    app = create_app(Engine.from_pretrained(model_dir), open_database(tmp_path / "db"), policy=policy)
+
+    async def scenario(client):
+        return await client.post("/v1/moderations", json={"input": ["make a kite at home"] * 1000})
+
+    assert len(run(app, scenario).json()["results"]) == 1000
+    assert parsed_on_the_loop == [False]  # was: [True]
 
 
 def test_moderations_name_the_policy_that_ran_as_their_model_not_the_model_asked_for(model_dir, policy, tmp_path):
