@@ -148,6 +148,14 @@ class TextPart(StrictRequest):
     text: str
 
 
+class RefusalPart(StrictRequest):
+    """An assistant's refusal among its content parts, as OpenAI takes it in a replayed turn; read as its text, as
+    vLLM reads it."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
 class CalledFunction(StrictRequest):
     name: str = Field(min_length=1)  # the chat template writes none empty
     arguments: str  # a JSON object's text, as the model wrote it
@@ -235,7 +243,7 @@ class ChatMessage(StrictRequest):
     )
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # null or left out only in an assistant turn (a replayed history; OpenAI's calls need none), read as ""
-    content: str | list[TextPart] | None = Field(None, validate_default=True)
+    content: str | list[TextPart | RefusalPart] | None = Field(None, validate_default=True)
     tool_calls: list[ToolCallRequest] | None = None  # an assistant turn's calls, replayed
     # a tool result's call, required of one (as OpenAI requires it); the chat template does not write it, as DeepSeek's
     tool_call_id: str | None = Field(None, validate_default=True)
@@ -267,15 +275,22 @@ class ChatMessage(StrictRequest):
 
     @field_validator("content")
     @classmethod
-    def _null_only_from_the_assistant(cls, content: str | list[TextPart] | None, info: ValidationInfo) -> Any:
-        if content is None and info.data.get("role", "assistant") != "assistant":
-            raise ValueError(f"a {info.data['role']} message needs content (text or text parts); only an assistant "
-                             "message's may be null or left out")  # fmt: skip
+    def _null_only_from_the_assistant(cls, content: str | list[Any] | None, info: ValidationInfo) -> Any:
+        role = info.data.get("role", "assistant")
+        if content is None and role != "assistant":
+            raise ValueError(f"a {role} message needs content (text or text parts); only an assistant message's may "
+                             "be null or left out")  # fmt: skip
+        if role != "assistant" and any(isinstance(part, RefusalPart) for part in content):
+            raise ValueError(f"a {role} message has no refusal parts: only an assistant message's content may hold "
+                             "one, as OpenAI takes them")  # fmt: skip
         return content
 
     def template(self) -> dict:
         """The message as the chat template reads it (`Tokenizer.render_chat`): role, content and tool calls."""
         message = self.model_dump(include={"role", "content"})
+        if isinstance(self.content, list):  # a refusal part as a text part of its text
+            message["content"] = [{"type": "text", "text": part.refusal if isinstance(part, RefusalPart) else part.text}
+                                  for part in self.content]  # fmt: skip
         if self.tool_calls:
             message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         return message

@@ -300,6 +300,24 @@ def test_text_parts_are_read_as_their_texts_joined_by_newlines(engine, tmp_path)
     assert split.json()["choices"] == joined.json()["choices"] and split.json()["usage"] == joined.json()["usage"]
 
 
+def test_an_assistants_refusal_part_is_read_as_its_text_as_openai_takes_it_and_vllm_reads_it(engine, tmp_path):
+    """OpenAI takes {"type": "refusal", "refusal": ...} among a replayed assistant turn's content parts (the turn a
+    refusal came back as); it was a 400. A user's refusal part is still refused, as OpenAI refuses it."""
+    refused = [{"type": "refusal", "refusal": "I can't."}, {"type": "text", "text": "Ask me another."}]
+    turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "I can't.\nAsk me another."},
+             {"role": "user", "content": "Why?"}]  # fmt: skip
+    as_text, as_parts, from_user = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", {**CHAT, "messages": turns}),
+        ("/v1/chat/completions", {**CHAT, "messages": [turns[0], {**turns[1], "content": refused}, turns[2]]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": refused}]}),
+    ])  # fmt: skip
+    assert as_parts.status_code == 200, as_parts.text
+    assert as_parts.json()["usage"]["prompt_tokens"] == as_text.json()["usage"]["prompt_tokens"]
+    assert as_parts.json()["choices"][0]["message"] == as_text.json()["choices"][0]["message"]
+    error = error_of(from_user, 400)
+    assert error["param"] == "messages.0.content" and "a user message has no refusal parts" in error["message"]
+
+
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
 def test_continuous_usage_stats_put_its_choices_usage_so_far_on_every_chunk_as_vllm(engine, tmp_path, route, body):
     """vLLM's stream_options extension was read and ignored: no chunk but the last had a usage."""
