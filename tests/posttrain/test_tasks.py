@@ -303,6 +303,8 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1\\," * 23_000,
         "^" + " " * 70_000,
         "1\\ " * 23_000 + "\\frac",
+        "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
+        "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):
@@ -506,6 +508,28 @@ def test_a_file_of_problems_is_a_task_whose_answers_read_as_numbers(tmp_path):
     assert result.exit_code == 0, result.output
     with pytest.raises(ValueError, match=re.escape(f"difficulty 2: task '{path}' is a file of problems, which has")):
         make_task(path, 2)
+
+
+@pytest.mark.parametrize(
+    ("gold", "right", "wrong"),
+    [("(3, -2)", ["\\boxed{(3, -2)}", "$\\left( 3, -\\frac{4}{2} \\right)$", "(3.0,-2)"],
+      ["(-2, 3)", "[3, -2]", "3", "(3, -2, 0)"]),
+     ("[0, 1)", ["\\boxed{[0, 1)}", "[0,\\frac{2}{2})"], ["[0, 1]", "(0, 1)", "\\{0, 1\\}"]),
+     ("\\{1, 2\\}", ["\\boxed{\\{2, 1\\}}", "\\{1, 2, 2\\}"], ["\\{1, 3\\}", "(1, 2)", "\\{1\\}"])],
+)  # fmt: skip
+def test_a_gold_tuple_interval_or_set_verifies_the_same_brackets_and_numbers_as_math_verify_compares_them(
+    tmp_path, gold, right, wrong
+):
+    """A problems file with a gold "(3, -2)" (MATH's points, intervals and solution sets) was refused as no number."""
+    path = problems_file(tmp_path / "points.jsonl", [{"question": "Where?", "answer": gold}])
+    task = make_task(path)
+    [problem] = task.problems
+    assert all(task.verify(problem, answer) for answer in right)
+    assert not any(task.verify(problem, answer) for answer in wrong)
+
+
+def test_a_pair_in_parentheses_is_no_number_with_thousands_as_math_verify_reads_a_pair():
+    assert read_number("(1,234)") is None and read_number("(1234)") == 1234 and read_number("1,234") == 1234
 
 
 @pytest.mark.parametrize(

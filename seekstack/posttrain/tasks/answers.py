@@ -28,6 +28,9 @@ TEXT_UNIT = re.compile(
 )
 # A closing degree sign, which math-verify drops as a unit ("30^\circ", "30^{\circ}")
 DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})\Z")
+# The brackets of a tuple or an interval ("(1, 2)", "[0, 1)") and of a set ("\{1, 2\}"), as math-verify reads them
+OPENINGS, CLOSINGS = ("(", "[", "\\{"), (")", "]", "\\}")
+MAX_ITEMS = 100  # numbers of a tuple or a set read, at most: a longer one is no answer (and read in bounded time)
 # Between thousands: ",", "{,}", LaTeX's thin space "\,", a space, a thin or narrow no-break space (SI's "1 000")
 THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
@@ -111,14 +114,59 @@ def reads_as(answer: str, value: Fraction | int, percent: bool = False) -> bool:
 
 def read_answer(answer: str) -> Reading | None:
     """The number `answer` gives as read_number reads it, and whether it was written as a percentage; None when it
-    gives no number."""
+    gives no number (a tuple, an interval or a set of them too: `read_items`)."""
+    text = _answer_text(answer)
+    if text is None or _items(text):
+        return None
+    return _number(text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text)
+
+
+class Items(NamedTuple):
+    """A tuple, an interval or a set of numbers: its brackets ("()", "[)", ...; "{}" a set) and its numbers, in order
+    (a set's sorted, each once)."""
+
+    brackets: str
+    values: tuple[Fraction, ...]
+
+
+def read_items(answer: str) -> Items | None:
+    """The tuple, interval or set of numbers `answer` gives as its final answer (`final_answer`), as math-verify reads
+    one: two to MAX_ITEMS numbers (as read_number reads one, no percentage) between commas, inside `(` or `[` and `)` or
+    `]` (`\\left`, `\\right` dropped), or inside `\\{` and `\\}` (a set: order and repeats do not matter); None
+    for anything else, a number alone too."""
+    text = _answer_text(answer)
+    return _items(text) if text is not None else None
+
+
+def _answer_text(answer: str) -> str | None:
+    """The final answer's text less its sizing, unit and `x = `; None when the last box is never closed."""
     text = final_answer(answer)
     if text is None:
         return None
     text = _without_unit(SIZING.sub("", text))
     named = VARIABLE.match(text)
-    text = text[named.end() if named else 0 :].strip()
-    match = NUMBER.fullmatch(text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text)
+    return text[named.end() if named else 0 :].strip()
+
+
+def _items(text: str) -> Items | None:
+    """`text` read as a tuple, an interval or a set of numbers (`read_items`), or None."""
+    opening = next((bracket for bracket in OPENINGS if text.startswith(bracket)), None)
+    closing = next((bracket for bracket in CLOSINGS if text.endswith(bracket)), None)
+    if opening is None or closing is None or (opening == "\\{") != (closing == "\\}"):
+        return None
+    parts = text[len(opening) : -len(closing)].split(",", MAX_ITEMS)
+    if not 2 <= len(parts) <= MAX_ITEMS or len(text) < len(opening) + len(closing):
+        return None
+    numbers = [_number(part.strip()) for part in parts]
+    if any(not number or number.percent for number in numbers):
+        return None
+    values = tuple(number.value for number in numbers)
+    return Items("{}", tuple(sorted(set(values)))) if opening == "\\{" else Items(opening + closing, values)
+
+
+def _number(text: str) -> Reading | None:
+    """`text` read whole as a NUMBER, or None."""
+    match = NUMBER.fullmatch(text)
     if match is None:
         return None
     top = match["numerator"] or match["top"] or match["top_digit"]

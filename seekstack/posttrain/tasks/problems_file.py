@@ -1,7 +1,8 @@
 """A task of your own problems, read from a JSON Lines file of `{"question": "...", "answer": ...}`, one a line: as
 TRL's GRPO trains on a dataset's prompts with accuracy_reward against its solution column. The answer after
 </think> verifies when it reads (answers.reads_as) as the number the line's answer reads as, or is; a percentage
-("5%") either way, as math-verify reads one.
+("5%") either way, as math-verify reads one. An answer that is a tuple, an interval or a set of numbers ("(1, 2)",
+"[0, 1)", "\\{1, 2\\}") verifies against the same brackets and numbers (answers.read_items; a set's in any order).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from seekstack.jsonl import jsonl_records
-from seekstack.posttrain.tasks.answers import Reading, read_answer, reads_as
+from seekstack.posttrain.tasks.answers import Items, Reading, read_answer, read_items, reads_as
 from seekstack.posttrain.tasks.base import Problem
 
-LINE_FORMAT = 'a line is {"question": "...", "answer": ...}, the answer a number or a string of one ("\\\\frac{1}{2}")'
+LINE_FORMAT = (
+    'a line is {"question": "...", "answer": ...}, the answer a number or a string of one ("\\\\frac{1}{2}"), or of a '
+    'tuple, an interval or a set of numbers ("(1, 2)")'
+)
 
 
 def is_problems_file(name: str) -> bool:
@@ -60,6 +64,8 @@ class ProblemsFile:
         return rng.choice(self.problems)
 
     def verify(self, problem: Problem, answer: str) -> bool:
+        if "brackets" in problem.data:
+            return read_items(answer) == Items(problem.data["brackets"], tuple(map(Fraction, problem.data["values"])))
         return reads_as(answer, Fraction(problem.data["value"]), problem.data["percent"])
 
 
@@ -77,17 +83,24 @@ def _problem(record: Any, where: str) -> Problem:
     if gold is None:
         raise ValueError(
             f"{where}: field answer is {_shown(answer)}: not one number (as answers.read_number reads one: 42, 0.5, "
-            '"1,042", "\\\\frac{1}{2}"); a task whose answers are no numbers is a class of your own (module:Class)'
+            '"1,042", "\\\\frac{1}{2}") nor a tuple, an interval or a set of them ("(1, 2)", "[0, 1)", '
+            '"\\\\{1, 2\\\\}"); a task whose answers are neither is a class of your own (module:Class)'
         )
-    data = {"value": str(gold.value), "percent": gold.percent}  # JSON's, as eval's documents hold it
-    return Problem(question, question, str(answer), "", data)
+    return Problem(question, question, str(answer), "", _data(gold))
 
 
-def _gold(answer: Any) -> Reading | None:
+def _data(gold: Reading | Items) -> dict[str, Any]:
+    """A gold answer as its problem's data holds it: JSON's, as eval's documents hold it."""
+    if isinstance(gold, Items):
+        return {"brackets": gold.brackets, "values": [str(value) for value in gold.values]}
+    return {"value": str(gold.value), "percent": gold.percent}
+
+
+def _gold(answer: Any) -> Reading | Items | None:
     """The number a line's answer is: a JSON number (a float as written: 0.1 is 1/10), or a string read as an answer
-    is read ("5%" a percentage); None for any other value (true, null, a list, NaN)."""
+    is read ("5%" a percentage; "(1, 2)" a tuple); None for any other value (true, null, a list, NaN)."""
     if isinstance(answer, str):
-        return read_answer(answer)
+        return read_answer(answer) or read_items(answer)
     if isinstance(answer, int) and not isinstance(answer, bool):
         return Reading(Fraction(answer), percent=False)
     if isinstance(answer, float) and math.isfinite(answer):
