@@ -16,7 +16,7 @@ from typer.core import TyperCommand
 from seekstack.config import PRESETS, ModelConfig, preset
 from seekstack.extras import MissingExtra
 from seekstack.schema import ConfigError
-from seekstack.train.runs import run_checkpoint
+from seekstack.train.runs import passed_over, run_checkpoint
 
 try:
     from typer._click.exceptions import BadParameter, NoSuchOption, UsageError  # newer typer: its own click
@@ -41,7 +41,7 @@ def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> st
         raise typer.BadParameter(str(error)) from None
     if newest is None:
         return value
-    typer.echo(f"{value}: using the run's newest checkpoint, {newest}", err=True)
+    typer.echo(f"{value}: using the run's newest checkpoint, {newest}{passed_over(newest)}", err=True)
     ctx.meta.setdefault(RUNS_GIVEN, {})[str(newest)] = Path(value)
     return str(newest) if isinstance(value, str) else newest
 

@@ -329,7 +329,7 @@ def _checkpoints_of_runs(
     set to the run's newest complete checkpoint, which `tell` hears of; a resumed run's `saved` config keeps the
     checkpoint of that run it took at its start (a distill teacher run that trained on since would otherwise swap
     the teacher mid-run)."""
-    from seekstack.train.runs import run_checkpoint, run_holding
+    from seekstack.train.runs import passed_over, run_checkpoint, run_holding
 
     values = dict(values)
     for name in cls.checkpoint_fields:
@@ -349,7 +349,7 @@ def _checkpoints_of_runs(
         elif picked is not None:
             values[name] = str(picked)
             if tell is not None:
-                tell(f"{name}={given}: using the run's newest checkpoint, {picked}")
+                tell(f"{name}={given}: using the run's newest checkpoint, {picked}{passed_over(picked)}")
     return values
 
 

@@ -2,7 +2,9 @@
 checkpoint while it parses its arguments, before a command imports the model (a Ctrl-C there is the command's own).
 
     out_dir/train_config.json       written at the run's start, before its first checkpoint
-    out_dir/checkpoints/step_{N}/   complete once train_state.pt is in it (train/state.py writes it atomically)
+    out_dir/checkpoints/step_{N}/   complete while train_state.pt and its model's files are in it (train/state.py
+                                    writes the folder whole; a file deleted or a copy cut short since makes it
+                                    incomplete, and listings and resumes pass over it)
 A run holds its out_dir (`out_dir_held`) from its first write into it to its end, so that no second run writes there
 meanwhile.
 """
@@ -10,6 +12,7 @@ meanwhile.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -21,6 +24,10 @@ from seekstack.train.config import CONFIG_FILE
 
 TRAIN_STATE_FILE = "train_state.pt"
 STEP_DIR = re.compile(r"step_(\d+)")
+# A checkpoint's model (checkpoint/keys.py, adapters/files.py; named here without importing torch): config.json and
+# the weights, one file or an index naming its shards; a LoRA run's, its adapter's config and weights.
+MODEL_CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
@@ -31,23 +38,57 @@ def step_dir(out_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(out_dir) / f"step_{step}"
 
 
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under `out_dir`, oldest first."""
+def step_folders(out_dir: str | Path) -> list[Path]:
+    """The step_N folders under `out_dir`'s checkpoints, complete or not, oldest first."""
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / TRAIN_STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name)]
     return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
 
 
-def incomplete_after(checkpoint: Path) -> list[str]:
-    """The names of the step folders beside `checkpoint`, newer than it, that hold no train_state.pt (saves cut short,
-    which a resume from `checkpoint` passes over and overwrites)."""
-    step = int(STEP_DIR.fullmatch(checkpoint.name).group(1)) if STEP_DIR.fullmatch(checkpoint.name) else None
-    if step is None or not checkpoint.parent.is_dir():
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `out_dir` (`missing_files` none), oldest first."""
+    return [folder for folder in step_folders(out_dir) if not missing_files(folder)]
+
+
+def missing_files(folder: Path) -> list[str]:
+    """The files step folder `folder` lacks to be a checkpoint: train_state.pt (a save cut short), its model's
+    config.json and weights (a LoRA run's: its adapter's), or a shard its index names (deleted, or a copy cut short)."""
+    missing = [] if (folder / TRAIN_STATE_FILE).is_file() else [TRAIN_STATE_FILE]
+    if any((folder / name).is_file() for name in ADAPTER_FILES):
+        return missing + [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if not (folder / MODEL_CONFIG_FILE).is_file():
+        missing.append(MODEL_CONFIG_FILE)
+    if (folder / WEIGHTS_INDEX_FILE).is_file():
+        missing += [shard for shard in _indexed_shards(folder / WEIGHTS_INDEX_FILE) if not (folder / shard).is_file()]
+    elif not (folder / WEIGHTS_FILE).is_file():
+        missing.append(WEIGHTS_FILE)
+    return missing
+
+
+def _indexed_shards(index: Path) -> list[str]:
+    """The shard files a safetensors index names (none where it is no index: the loader names what is wrong)."""
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
-    newer = [p for p in checkpoint.parent.iterdir() if STEP_DIR.fullmatch(p.name) and int(p.name[5:]) > step]
-    return [p.name for p in sorted(newer, key=lambda p: int(p.name[5:])) if not (p / TRAIN_STATE_FILE).is_file()]
+
+
+def passed_over(checkpoint: Path) -> str:
+    """The incomplete step folders beside `checkpoint`, newer than it, each with what it lacks, as the end of a message
+    naming `checkpoint` as a run's newest ('; passed over step_6 (no model.safetensors), incomplete'; '' for none): a
+    resume from `checkpoint` overwrites them."""
+    step = int(STEP_DIR.fullmatch(checkpoint.name).group(1)) if STEP_DIR.fullmatch(checkpoint.name) else None
+    if step is None:
+        return ""
+    newer = [p for p in step_folders(checkpoint.parent.parent) if int(p.name[5:]) > step]
+    incomplete = [_with_missing_files(p) for p in newer if missing_files(p)]
+    return f"; passed over {', '.join(incomplete)}, incomplete" if incomplete else ""
+
+
+def _with_missing_files(folder: Path) -> str:
+    return f"{folder.name} (no {', '.join(missing_files(folder))})"
 
 
 def refuse_new_run_into(out_dir: str | Path) -> None:
@@ -102,16 +143,18 @@ def out_dir_held(out_dir: Path) -> Iterator[None]:
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path:
-    """The newest complete checkpoint of a run; FileNotFoundError naming the directory when there is none."""
+    """The newest complete checkpoint of a run (`passed_over` names the incomplete step folders newer than it);
+    FileNotFoundError naming the directory when there is none."""
     found = list_checkpoints(out_dir)
     if found:
         return found[-1]
     root = checkpoint_dir(out_dir)
-    incomplete = sorted(p.name for p in root.iterdir() if STEP_DIR.fullmatch(p.name)) if root.is_dir() else []
+    incomplete = [_with_missing_files(p) for p in step_folders(out_dir)]
     if incomplete:
         raise FileNotFoundError(
-            f"{out_dir}: no complete checkpoint: {', '.join(incomplete)} under {root} hold no {TRAIN_STATE_FILE} (a "
-            "save cut short, or a model copied there): pass such a model folder itself"
+            f"{out_dir}: no complete checkpoint: {', '.join(incomplete)} under {root} (a save cut short, a file "
+            "deleted or a copy cut short; or a model copied there without train_state.pt: pass such a model folder "
+            "itself)"
         )
     if (Path(out_dir) / CONFIG_FILE).is_file():
         raise FileNotFoundError(

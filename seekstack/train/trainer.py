@@ -82,10 +82,10 @@ from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_f
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation, shared_cpu_peak_flops
 from seekstack.train.runs import (
     TRAIN_STATE_FILE,
-    incomplete_after,
     latest_checkpoint,
     list_checkpoints,
     out_dir_held,
+    passed_over,
     refuse_new_run_into,
     step_dir,
 )
@@ -515,8 +515,7 @@ class _Run:
             self.lr_anchor = resumed_lr_anchor(train_state, config)
             self.progress_anchor = resumed_progress_anchor(train_state, config)
             self.evaluation_pending = bool(train_state.get("evaluation_pending")) and config.eval_every > 0
-            passed_over = ", ".join(incomplete_after(path)) if resume is True else ""
-            note = f"; passed over {passed_over}: no {TRAIN_STATE_FILE} (a save cut short)" if passed_over else ""
+            note = passed_over(path) if resume is True else ""
             if self.step == config.max_steps:  # allowed: an evaluation the run owes still runs
                 note += f"; the run is at max_steps={config.max_steps} already: give max_steps above it to train on"
             self._say(f"resumed from step {self.step} ({path}){note}")

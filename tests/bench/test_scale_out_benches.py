@@ -21,7 +21,8 @@ def test_fsdp_memory_measures_the_preset_at_the_shards_vocabulary_into_a_folder_
     write_split(tmp_path / "tokens", "train", 2_000, seed=1)
     earlier = tmp_path / "ranks_1" / "checkpoints" / "step_1"
     earlier.mkdir(parents=True)
-    (earlier / "train_state.pt").touch()
+    for name in ("train_state.pt", "config.json", "model.safetensors"):  # what a complete checkpoint holds
+        (earlier / name).touch()
     memory = first_step_memory(1, "tiny", tmp_path / "tokens", tmp_path / "ranks_1")
     with torch.device("meta"):
         model = Transformer(TrainConfig(model="tiny", model_overrides={"vocab_size": VOCAB}).model_config())

@@ -91,15 +91,20 @@ def test_info_reads_the_config_json_of_a_checkpoint_directory(tmp_path):
 def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
     """info, forward, generate, serve, quantize, prune, pass-at-k, traces and lora take a run's out_dir as
     eval, explain, sample and report do: its newest checkpoint, named on stderr."""
-    for step, layers in ((3, 2), (10, 4), (12, 6)):
+    for step, layers in ((3, 2), (10, 4), (12, 6), (14, 6)):
         checkpoint = tmp_path / "run" / "checkpoints" / f"step_{step}"
         checkpoint.mkdir(parents=True)
         (checkpoint / "config.json").write_text(json.dumps(preset("small").replace(num_hidden_layers=layers).to_dict()))
         if step != 12:  # step_12 is still being written: no train state yet
             (checkpoint / "train_state.pt").write_bytes(b"")
+        if step != 14:  # step_14's weights were deleted
+            (checkpoint / "model.safetensors").write_bytes(b"")
     result = run("info", str(tmp_path / "run"))
     assert result.exit_code == 0, result.output
-    assert f"using the run's newest checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_10'}" in result.stderr
+    assert (
+        f"using the run's newest checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_10'}; passed over step_12 (no "
+        "train_state.pt), step_14 (no model.safetensors), incomplete"
+    ) in result.stderr
     assert "4 (1 dense, 3 MoE)" in result.stdout
 
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
@@ -110,7 +115,7 @@ def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
     (tmp_path / "cut" / "checkpoints" / "step_5").mkdir(parents=True)  # a save cut short: no train state
     result = run("info", str(tmp_path / "cut"))
     assert result.exit_code == 2
-    assert "no complete checkpoint: step_5 under" in result.output and "hold no train_state.pt" in result.output
+    assert "no complete checkpoint: step_5 (no train_state.pt, config.json, model.safetensors) under" in result.output
 
 
 @pytest.mark.parametrize(
@@ -142,7 +147,8 @@ def test_commands_reading_a_run_name_the_checkpoint_they_picked(tmp_path, monkey
     """sample, checkpoint export, explain and eval say which checkpoint of a run they read, as generate and info do."""
     checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "train_state.pt").write_bytes(b"")
+    for name in ("train_state.pt", "config.json", "model.safetensors"):  # what a complete checkpoint holds
+        (checkpoint / name).write_bytes(b"")
     given = []
     monkeypatch.setattr(starts, lambda path, *args, **kwargs: given.append(Path(path)) or 1 / 0)
     result = runner.invoke(app, [part.format(run=tmp_path / "run") for part in command])
@@ -162,7 +168,8 @@ def test_sample_names_a_sampling_value_out_of_range_by_its_option(tmp_path):
 def test_eval_of_a_run_writes_its_results_in_the_run_where_report_reads_them(tmp_path, monkeypatch):
     checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "train_state.pt").write_bytes(b"")
+    for name in ("train_state.pt", "config.json", "model.safetensors"):  # what a complete checkpoint holds
+        (checkpoint / name).write_bytes(b"")
     written = []
     monkeypatch.setattr("seekstack.eval.evaluate.evaluate", lambda *args: {"wall_s": 0.0})
     monkeypatch.setattr("seekstack.eval.evaluate.write_results", lambda report, out: written.append(out) or 1 / 0)
@@ -398,7 +405,8 @@ def test_a_run_folder_is_resolved_without_importing_torch(tmp_path) -> None:
     Ctrl-C answer) are in place: loading torch there left a window of seconds in which Ctrl-C printed nothing."""
     checkpoint = tmp_path / "run" / "checkpoints" / "step_3"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "train_state.pt").write_bytes(b"")
+    for name in ("train_state.pt", "config.json", "model.safetensors"):  # what a complete checkpoint holds
+        (checkpoint / name).write_bytes(b"")
     code = (
         "import sys, click, typer; from seekstack.cli.common import run_to_checkpoint; "
         f"context = typer.Context(click.Command('x')); "

@@ -277,6 +277,7 @@ def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_th
     checkpoint.mkdir(parents=True)
     (checkpoint / "config.json").write_text("{}")
     (checkpoint / "train_state.pt").write_bytes(b"")
+    (checkpoint / "model.safetensors").write_bytes(b"")
     model = tmp_path / "exported"
     shutil.copytree(checkpoint, model)
     for given, written in ((checkpoint, tmp_path / "run"), (tmp_path / "run", tmp_path / "run"), (model, model)):
@@ -362,12 +363,13 @@ def test_reports_data_section_says_when_the_runs_shards_are_gone(tmp_path):
 
 
 def _step_checkpoint(root: Path, step: int, **fields) -> Path:
-    """A checkpoint folder holding only config.json: the tiny preset with `fields` changed."""
+    """A checkpoint folder holding config.json (the tiny preset with `fields` changed) and empty weights."""
     from seekstack.config import preset
 
     path = root / "checkpoints" / f"step_{step}"
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(preset("tiny", **fields).to_dict()))
+    (path / "model.safetensors").write_bytes(b"")
     return path
 
 

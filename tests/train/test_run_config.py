@@ -190,9 +190,8 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     assert resumed.exit_code == 0, resumed.output
     assert "warning: resuming with max_steps=12 (the run last ran with 6)" in resumed.output
     assert resumed.output.count("warning:") == 1
-    assert f"resumed from step 3 ({out_dir / 'checkpoints' / 'step_3'}); passed over step_6: no train_state.pt" in (
-        resumed.output
-    )
+    resumed_line = f"resumed from step 3 ({out_dir / 'checkpoints' / 'step_3'}); passed over step_6 (no train_state.pt)"
+    assert resumed_line in resumed.output
     saved = load_train_config(out_dir / CONFIG_FILE)
     assert (saved.max_steps, saved.batch_size, saved.seq_len) == (12, 4, 32)
     assert Path(saved.data_dir).resolve() == data_dir.resolve()
@@ -488,6 +487,7 @@ def fake_run(out: Path, steps: tuple[int, ...] = (2,), **model_overrides) -> lis
         checkpoint.mkdir(parents=True)
         (checkpoint / "config.json").write_text(json.dumps(preset("tiny", **model).to_dict()))
         (checkpoint / "train_state.pt").write_bytes(b"")
+        (checkpoint / "model.safetensors").write_bytes(b"")
     return checkpoints
 
 

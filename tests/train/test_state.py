@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -11,10 +12,10 @@ import pytest
 import torch
 import torch.cuda.random
 
-from seekstack.checkpoint import CheckpointError
+from seekstack.checkpoint import CheckpointError, write_pretrained_files
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import Tokenizer, train_tokenizer
-from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints
+from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints, passed_over
 from seekstack.train.state import (
     export_checkpoint,
     prune_checkpoints,
@@ -118,8 +119,28 @@ def test_export_refuses_a_checkpoint_whose_weights_are_missing(tmp_path):
     checkpoint = save_checkpoint(tmp_path / "run", Transformer(micro_config()), {"step": 1}, keep=1)
     (checkpoint / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"step_1: no model\.safetensors or .*the weights are missing"):
+        export_checkpoint(checkpoint, tmp_path / "exported")
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint: step_1 \(no model\.safetensors\)"):
         export_checkpoint(tmp_path / "run", tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("deleted", ["model.safetensors", "config.json", "a shard"])
+def test_a_step_folder_missing_its_model_files_is_passed_over_naming_what_it_lacks(tmp_path, deleted):
+    """A step_N whose weights or config.json were deleted (or a copy cut short), train_state.pt still there, was
+    listed as a complete checkpoint: --resume, init_from=RUN and `generate --model RUN` picked it and failed to load
+    it (torchtitan lists only the step folders its completion marker is in). It is passed over, and named."""
+    sharded = deleted == "a shard"
+    write_model = functools.partial(write_pretrained_files, max_shard_bytes=100_000 if sharded else 2**30)
+    for step in (2, 4):
+        save_checkpoint(tmp_path, Transformer(micro_config()), {"step": step}, keep=2, write_model=write_model)
+    newest = tmp_path / "checkpoints" / "step_4"
+    if sharded:
+        deleted = max(json.loads((newest / "model.safetensors.index.json").read_text())["weight_map"].values())
+    (newest / deleted).unlink()
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
+    assert passed_over(latest_checkpoint(tmp_path)) == f"; passed over step_4 (no {deleted}), incomplete"
 
 
 class _OpensAFileWhenLoaded:
