@@ -136,7 +136,8 @@ class Int8Weight(QuantizedWeight):
     kernel_dtype = COMPUTE_DTYPE
     operand_names = stored_buffers = ("weight", "weight_scale")
     kernel_limit = (
-        f"an input width that is not a multiple of {INT8_KERNEL_COLUMNS}, which torch's int8 CPU kernel misreads"
+        f"an input width that is not a multiple of {INT8_KERNEL_COLUMNS}, which torch's int8 CPU kernel misreads, "
+        "or a scale per group of columns, where it takes one a row"
     )
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
@@ -157,13 +158,18 @@ class Int8Weight(QuantizedWeight):
         return torch._weight_int8pack_mm(x, *self.kernel_operands(index))
 
     def kernel_runs(self) -> bool:
-        return self.shape[-1] % INT8_KERNEL_COLUMNS == 0
+        return self._one_scale_a_row() and self.shape[-1] % INT8_KERNEL_COLUMNS == 0
+
+    def _one_scale_a_row(self) -> bool:
+        """Whether the scales are one per row, held flat (..., O); else per group of columns, (..., O, G) as stored."""
+        return self.weight_scale.shape == self.weight.shape[:-1]
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int(self.weight, self.weight_scale.unsqueeze(-1))
+        return dequantize_int(self.weight, self.stored()["weight_scale"])
 
     def stored(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "weight_scale": self.weight_scale.unsqueeze(-1)}
+        scale = self.weight_scale.unsqueeze(-1) if self._one_scale_a_row() else self.weight_scale
+        return {"weight": self.weight, "weight_scale": scale}
 
     @property
     def shape(self) -> torch.Size:

@@ -201,6 +201,28 @@ def test_a_compressed_tensors_checkpoint_with_one_scale_per_matrix_loads_as_the_
         assert torch.equal(ours.bfloat16(), theirs[layer]), layer
 
 
+def test_an_int8_checkpoint_of_scales_per_group_loads_those_layers_dequantized(tmp_path):
+    """compressed-tensors' int8 `strategy: "group"` (int-quantized, a weight_scale per group of columns) loaded, then
+    failed at the first forward with the kernel's RuntimeError ("expect scales to be 1d tensor with size ...")."""
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int8"))
+    seekstack.save_pretrained(model, tmp_path, stacked_experts=True)  # int8 unpacked: int-quantized
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    for key in [key for key in tensors if key.endswith(".weight_scale")]:
+        columns = tensors[key.removesuffix("_scale")].shape[-1]
+        tensors[key] = tensors[key].repeat_interleave(columns // 8, dim=-1)  # the same weight in groups of 8
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(strategy="group", group_size=8)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"int8 layers \(layers.0.self_attn.q_a_proj, .*a scale per group of columns"):
+        loaded = seekstack.load_pretrained(tmp_path)
+    assert not any(isinstance(m, (QuantizedLinear, QuantizedExperts)) for m in loaded.modules())
+    assert torch.equal(logits(loaded), logits(seekstack.load_pretrained(tmp_path, dequantize=True)))
+
+
 @pytest.mark.parametrize("columns", [512, 1024])
 def test_int4_scales_of_a_row_wider_than_the_kernel_groups_run_as_the_same_weight(columns):
     """compressed-tensors' int4 `strategy: "channel"` (or "tensor") of a layer wider than 256 columns: one group per
