@@ -162,6 +162,10 @@ def generate_command(
     stop: Stop = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token")] = False,
     top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
+    prompt_logprobs: Annotated[
+        int | None,
+        typer.Option(help="With --json: each prompt token's log-probability and this many likeliest (vLLM's)"),
+    ] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
     system: Annotated[str | None, typer.Option(help="With --chat: a system prompt before the user turn")] = None,
     speculative: Speculative = EngineOptions.speculative,
@@ -187,8 +191,9 @@ def generate_command(
     options left unset take the checkpoint's generation_config.json values, else temperature 1, top-p 1, no top-k,
     min-p or repetition penalty."""
     with failures_as_json(as_json), user_errors(as_json):
-        if top_logprobs and not as_json:
-            raise ValueError(f"--top-logprobs {top_logprobs}: the log-probabilities are printed with --json only")
+        for option, value in (("--top-logprobs", top_logprobs or None), ("--prompt-logprobs", prompt_logprobs)):
+            if value is not None and not as_json:
+                raise ValueError(f"{option} {value}: the log-probabilities are printed with --json only")
         if system is not None and not chat:
             raise ValueError("--system is the system prompt of a --chat prompt: add --chat, or leave --system out")
         if prompt is None and sys.stdin.isatty():
@@ -203,6 +208,7 @@ def generate_command(
                 max_new_tokens=max_new_tokens, **given_options(sampling), presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
                 ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
+                prompt_logprobs=prompt_logprobs,
             ).validate()  # fmt: skip
             options = one_stream(
                 speculative, draft_tokens, adaptive_drafts, draft_vocab, compile, kv_cache_memory, device_map,

@@ -136,6 +136,8 @@ def completion_record(engine: Engine, completion: Completion) -> dict:
         record["error"] = {"message": completion.error}
     if completion.logprobs is not None:
         record["logprobs"] = [dataclasses.asdict(entry) for entry in completion.logprobs]
+    if completion.prompt_logprobs is not None:  # vLLM's: per prompt token, the first null
+        record["prompt_logprobs"] = [entry and dataclasses.asdict(entry) for entry in completion.prompt_logprobs]
     if engine.speculative:
         stats = engine.stats()
         rate = stats.spec_accepted / stats.spec_drafted if stats.spec_drafted else 0.0

@@ -63,6 +63,26 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
     )
 
 
+def test_generate_json_gives_the_prompts_logprobs_as_the_engine_does(checkpoint, engine):
+    """The engine computes vLLM's prompt_logprobs (940a802), but `generate --json` had no option to print them
+    (scoring a text from the shell meant writing Python); without --json the option is refused, as --top-logprobs."""
+    args = ["generate", "--model", str(checkpoint), "def main():", "--temperature", "0", "--max-new-tokens", "2"]
+    result = runner.invoke(app, [*args, "--json", "--prompt-logprobs", "2"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    params = SamplingParams(max_new_tokens=2, temperature=0, prompt_logprobs=2)
+    [scored] = engine.generate(["def main():"], params)
+    first, *entries = record["prompt_logprobs"]
+    assert first is None and len(entries) == len(scored.prompt_token_ids) - 1
+    for entry, expected in zip(entries, scored.prompt_logprobs[1:], strict=True):
+        assert (entry["token_id"], entry["rank"]) == (expected.token_id, expected.rank)
+        assert entry["logprob"] == pytest.approx(expected.logprob, abs=1e-5) and len(entry["top"]) == 2
+    refused = runner.invoke(app, [*args, "--prompt-logprobs", "2"])
+    assert refused.exit_code == 1 and "--prompt-logprobs 2: the log-probabilities are printed with --json only" in (
+        refused.stderr
+    )
+
+
 def test_generate_without_a_prompt_reads_it_piped_in_and_asks_for_it_at_a_terminal(checkpoint, engine, monkeypatch):
     args = ["generate", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "6", "--ignore-eos"]
     [plain] = engine.generate(["def main():"], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
