@@ -159,6 +159,9 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
         "\\boxed{\\text{1042}}",  # a closing \\text{...} is a unit math-verify drops
         "\\boxed{1042\\text{ apples}}",
         "1042 \\mbox{cm}^2",
+        "\\boxed{1042\\,\\text{cm}}",  # a LaTeX space before the unit, as SI writes one
+        "1042\\ \\text{apples}",
+        "1\\,042\\;\\mathrm{m}",
         "1042^\\circ",  # a degree sign is a unit math-verify drops
         "\\boxed{1042 ^{\\circ}}",
         "$1042^\\circ\\text{C}$",

@@ -180,13 +180,22 @@ def _number(text: str) -> Reading | None:
 
 
 def _without_unit(text: str) -> str:
-    """`text` less its closing `\\text{...}` (TEXT_UNIT) and degree sign (DEGREES), as math-verify drops a unit; the
-    words inside `\\text{...}` when they are all there is (`\\text{57}` is 57)."""
+    """`text` less its closing `\\text{...}` (TEXT_UNIT) and the LaTeX space before it (`12\\,\\text{cm}`), and its
+    degree sign (DEGREES), as math-verify drops a unit; the words inside `\\text{...}` when they are all there is
+    (`\\text{57}` is 57)."""
     unit = TEXT_UNIT.search(text)
     if unit is not None:
-        text = text[: unit.start()].strip() or unit["words"].strip()
+        text = _less_latex_space(text[: unit.start()]).strip() or unit["words"].strip()
     degrees = DEGREES.search(text)
     return text[: degrees.start()].strip() if degrees else text
+
+
+def _less_latex_space(text: str) -> str:
+    """`text` less its closing whitespace and one LaTeX space: `\\,`, `\\;`, `\\:`, `\\!` or `\\ `."""
+    text = text.rstrip()
+    if text.endswith("\\"):  # "\ ", its space stripped
+        return text[:-1].rstrip()
+    return text[:-2].rstrip() if text.endswith(("\\,", "\\;", "\\:", "\\!")) else text
 
 
 def _fraction(number: str) -> Fraction:
