@@ -38,13 +38,18 @@ def step_dir(out_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(out_dir) / f"step_{step}"
 
 
+def step_number(folder: Path) -> int:
+    """N of a step_N folder."""
+    return int(STEP_DIR.fullmatch(folder.name).group(1))
+
+
 def step_folders(out_dir: str | Path) -> list[Path]:
     """The step_N folders under `out_dir`'s checkpoints, complete or not, oldest first."""
     root = checkpoint_dir(out_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+    return sorted(found, key=step_number)
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -79,10 +84,9 @@ def passed_over(checkpoint: Path) -> str:
     """The incomplete step folders beside `checkpoint`, newer than it, each with what it lacks, as the end of a message
     naming `checkpoint` as a run's newest ('; passed over step_6 (no model.safetensors), incomplete'; '' for none): a
     resume from `checkpoint` overwrites them."""
-    step = int(STEP_DIR.fullmatch(checkpoint.name).group(1)) if STEP_DIR.fullmatch(checkpoint.name) else None
-    if step is None:
+    if not STEP_DIR.fullmatch(checkpoint.name):
         return ""
-    newer = [p for p in step_folders(checkpoint.parent.parent) if int(p.name[5:]) > step]
+    newer = [p for p in step_folders(checkpoint.parent.parent) if step_number(p) > step_number(checkpoint)]
     incomplete = [_with_missing_files(p) for p in newer if missing_files(p)]
     return f"; passed over {', '.join(incomplete)}, incomplete" if incomplete else ""
 

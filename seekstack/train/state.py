@@ -54,6 +54,7 @@ from seekstack.train.runs import (
     list_checkpoints,
     run_holding,
     step_dir,
+    step_number,
 )
 
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
@@ -118,7 +119,7 @@ def save_checkpoint(
     final = step_dir(out_dir, train_state["step"])
     with atomic_directory(final) as staging:
         write_training_files(staging, model, train_state, extra_files, write_model)
-    prune_checkpoints(out_dir, keep)
+    prune_checkpoints(out_dir, keep, final)
     return final
 
 
@@ -159,12 +160,18 @@ def rank_compression_file(rank: int) -> str:
     return f"compression_rank{rank}.pt"
 
 
-def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints, each gone whole at once (`delete_directory`: a kill during the
-    deletion leaves no step_N with some files gone for a resume or export to pick), and what saves and deletions
-    killed outright left of any step's."""
-    for old in list_checkpoints(out_dir)[:-keep]:
-        delete_directory(old)
+def prune_checkpoints(out_dir: str | Path, keep: int, saved: Path) -> None:
+    """Keep checkpoint `saved`, the one just written, and the `keep` - 1 before it; delete the others, each gone whole
+    at once (`delete_directory`: a kill during the deletion leaves no step_N with some files gone for a resume or
+    export to pick), and what saves and deletions killed outright left of any step's. Those after `saved` go too: a
+    run resumed from an earlier checkpoint has left their history (and trimmed its metrics), and kept they would
+    outrank the new ones, for this deletion and for the next --resume."""
+    saved_step = step_number(saved)
+    checkpoints = list_checkpoints(out_dir)
+    kept = [checkpoint for checkpoint in checkpoints if step_number(checkpoint) <= saved_step][-keep:]
+    for old in checkpoints:
+        if old not in kept:
+            delete_directory(old)
     clear_killed_writes(checkpoint_dir(out_dir), STEP_DIR.pattern)
 
 

@@ -82,12 +82,14 @@ from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_f
 from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation, shared_cpu_peak_flops
 from seekstack.train.runs import (
     TRAIN_STATE_FILE,
+    checkpoint_dir,
     latest_checkpoint,
     list_checkpoints,
     out_dir_held,
     passed_over,
     refuse_new_run_into,
     step_dir,
+    step_number,
 )
 from seekstack.train.schedule import (
     LrAnchor,
@@ -515,7 +517,7 @@ class _Run:
             self.lr_anchor = resumed_lr_anchor(train_state, config)
             self.progress_anchor = resumed_progress_anchor(train_state, config)
             self.evaluation_pending = bool(train_state.get("evaluation_pending")) and config.eval_every > 0
-            note = passed_over(path) if resume is True else ""
+            note = passed_over(path) if resume is True else self._later_checkpoints_note()
             if self.step == config.max_steps:  # allowed: an evaluation the run owes still runs
                 note += f"; the run is at max_steps={config.max_steps} already: give max_steps above it to train on"
             self._say(f"resumed from step {self.step} ({path}){note}")
@@ -952,7 +954,7 @@ class _Run:
                 self._write_model_and_state(staging, gathered, state)
         if not self.ranks.is_main:
             return None
-        prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+        prune_checkpoints(self.out_dir, self.config.keep_checkpoints, final)
         return final
 
     def _gathered_model_state(self) -> dict[str, torch.Tensor] | None:
@@ -1052,6 +1054,17 @@ class _Run:
         self._say(
             f"warning: {path}: {why}; grad_compression={self.config.grad_compression} starts afresh (error "
             "feedback, PowerSGD's warm-up), so the losses differ from those of an uninterrupted run"
+        )
+
+    def _later_checkpoints_note(self) -> str:
+        """The end of the `resumed from` line of a run resumed from a checkpoint before its out_dir's newest: its
+        first save deletes the later ones (`prune_checkpoints`)."""
+        later = [saved.name for saved in list_checkpoints(self.out_dir) if step_number(saved) > self.step]
+        if not later:
+            return ""
+        return (
+            f"; its first save deletes the run's later checkpoints {', '.join(later)}, of the history it leaves (move "
+            f"them out of {checkpoint_dir(self.out_dir)} to keep them)"
         )
 
     def _last_checkpoint_text(self) -> str:

@@ -104,13 +104,28 @@ def test_a_retention_killed_while_deleting_a_checkpoint_leaves_no_step_folder_wi
     with monkeypatch.context() as patched:
         patched.setattr(shutil, "rmtree", killed_after_one_file)
         with pytest.raises(KeyboardInterrupt):
-            prune_checkpoints(tmp_path, keep=1)
+            prune_checkpoints(tmp_path, keep=1, saved=tmp_path / "checkpoints" / "step_2")
     assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2"]
     (tmp_path / "checkpoints" / "step_2").rename(tmp_path / "moved_away")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         latest_checkpoint(tmp_path)  # no step_1 with part of its files to pick
-    prune_checkpoints(tmp_path, keep=1)
+    prune_checkpoints(tmp_path, keep=1, saved=tmp_path / "checkpoints" / "step_2")
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_save_after_a_resume_from_an_earlier_checkpoint_keeps_it_and_deletes_the_later_ones(tmp_path):
+    """A run resumed from step_2 of a run that had saved step_4 and step_6 saved its step_4, and keep_checkpoints=1
+    deleted that one, the newest the run had, keeping the step_6 of the history it left, which the next --resume
+    then continued from."""
+    model = Transformer(micro_config())
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, model, {"step": step}, keep=3)
+    saved = save_checkpoint(tmp_path, model, {"step": 4, "resumed": True}, keep=1)  # resumed from step_2
+    assert list_checkpoints(tmp_path) == [saved]
+    assert read_train_state(saved)["resumed"]
+    for step in (6, 8):
+        save_checkpoint(tmp_path, model, {"step": step}, keep=2)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["step_6", "step_8"]
 
 
 def test_export_refuses_a_checkpoint_whose_weights_are_missing(tmp_path):

@@ -483,6 +483,17 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     assert len(resumed.losses) == 3
 
 
+def test_a_resume_from_an_earlier_checkpoint_names_the_later_ones_its_first_save_deletes(data_dir, tmp_path, capsys):
+    train(run_config(data_dir, tmp_path, max_steps=6, save_every=2, eval_every=0, keep_checkpoints=3))
+    back = run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0, keep_checkpoints=1)
+    resumed = train(back, resume=tmp_path / "checkpoints" / "step_2")
+    assert (
+        "its first save deletes the run's later checkpoints step_4, step_6, of the history it leaves"
+        in capsys.readouterr().err
+    )
+    assert list_checkpoints(tmp_path) == [resumed.checkpoint] == [tmp_path / "checkpoints" / "step_4"]
+
+
 def test_resume_true_picks_the_latest_checkpoint_and_trims_metrics(data_dir, tmp_path):
     train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, keep_checkpoints=1))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_4"]
