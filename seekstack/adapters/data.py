@@ -145,11 +145,12 @@ def first_batches(config: TrainConfig, count: int) -> list[torch.Tensor]:
 
 
 def chat_source(config: TrainConfig) -> SFTSource | None:
-    """SFT's batch source over the conversations in `config.data_dir` when it is a chat file, else None."""
+    """SFT's batch source over the conversations in `config.data_dir` when it is a chat file (packed with
+    `packing`, as `seekstack sft` packs them), else None."""
     if not is_chat(Path(config.data_dir)):
         return None
     loop = {field.name: getattr(config, field.name) for field in dataclasses.fields(TrainConfig)}
-    return SFTSource(SFTConfig(**loop, data=config.data_dir))
+    return SFTSource(SFTConfig(**loop, data=config.data_dir), packing=config.packing)
 
 
 def _documents(data: Path) -> list[str]:

@@ -81,12 +81,6 @@ class DistillConfig(ConversationConfig):
             )
             require_conversation_fields(config)
             require(
-                config.conversational or not config.packing,
-                "packing",
-                "false on token shards, whose rows are seq_len tokens of documents back to back (no padding to "
-                "save); it packs the conversations of data or task",
-            )
-            require(
                 config.lmbda == 0 or not config.packing,
                 "packing",
                 "false when lmbda > 0 (the student answers each conversation's prompt in a row of its own)",

@@ -46,10 +46,6 @@ class ConversationConfig(TrainConfig):
     # trained on), or with `task` that share of `examples` as distinct problems of the task's held-out split.
     # None = 0.05 while eval_every > 0 (rounded down: a file of fewer than 20 conversations holds none out), else 0.
     val_fraction: Fraction | None = None
-    # Several conversations in each row of up to seq_len tokens (best-fit decreasing, TRL's packing=True with its
-    # "bfd" strategy), each attending within itself alone, its positions from 0: the same loss and gradients as the
-    # conversations padded, without computing the padding. batch_size then counts rows, each packing several.
-    packing: bool = False
 
     @property
     def conversational(self) -> bool:
@@ -224,6 +220,7 @@ NO_EVALUATION = "rl evaluates nothing held out during the run; `seekstack pass-a
 # TrainConfig fields GRPO never reads, and why. Runs and --write-config files carry them at their defaults.
 UNUSED_BY_RL = {
     "seq_len": "a rollout's rows are a prompt and at most max_completion_length tokens",
+    "packing": "a rollout's rows are each a prompt and its completion, padded",
     "mixture": UNSHARDED,
     "mixture_mode": UNSHARDED,
     "bandit_reward_scale": UNSHARDED,

@@ -74,6 +74,11 @@ class TrainConfig:
     out_dir: str = "runs/tiny"  # metrics.jsonl, train_config.json, checkpoints/step_N
     seq_len: Positive = 256
     batch_size: Positive = 32  # sequences per micro-batch, summed over ranks
+    # Conversations (sft; distill on data or task; lora train on a chat file): several in each row of up to seq_len
+    # tokens (best-fit decreasing, TRL's packing=True with its "bfd" strategy), each attending within itself alone,
+    # its positions from 0: the same loss and gradients as the conversations padded, without computing the padding.
+    # batch_size then counts rows, each packing several. Token shards' windows hold no padding: refused there.
+    packing: bool = False
     grad_accum_steps: Positive = 1  # micro-batches per optimizer step
     max_steps: Positive = 1000
     # Optimizer and schedule

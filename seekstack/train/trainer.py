@@ -341,6 +341,18 @@ def require_vocabulary(vocab_size: int, vocab_needed: int, data_dir: str | Path,
         )
 
 
+def require_unpacked(config: TrainConfig) -> None:
+    """A ConfigError naming packing when it is asked of token windows: seq_len tokens of documents back to back,
+    which hold no padding to pack away (TRL's "wrapped" packing, which `data tokenize` shards already are)."""
+    if config.packing:
+        raise ConfigError(
+            f"is true, but data_dir={config.data_dir} is read as token shards, whose windows are seq_len tokens of "
+            "documents back to back with no padding to save; packing packs conversations (sft, distill with data or "
+            "task, lora train on a chat .jsonl): set packing=false",
+            field="packing",
+        )
+
+
 def require_val_split(config: TrainConfig) -> None:
     """ConfigError when evaluations are due (`eval_every`) and the val split of `data_dir` is missing or too small for
     one window: the run would train without ever logging a val_loss."""
@@ -412,7 +424,9 @@ def train(
         # every rank trains the same run; only its torch threads may suit its own machine
         settings = {key: value for key, value in config.to_dict().items() if key != "threads"}
         distributed.require_same_settings({**settings, "--resume": str(resume)}, ranks)
-        if source is None:  # a rank on a machine of its own may see another copy of data_dir, or a partial one
+        if source is None:  # token windows
+            require_unpacked(config)
+            # a rank on a machine of its own may see another copy of data_dir, or a partial one
             distributed.require_same_settings(
                 shard_listing(config.data_dir), ranks, what="token shards in data_dir",
                 advice="every rank must read the same files: a file system they share, or the same copy on each "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -12,7 +13,7 @@ from safetensors import safe_open
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
-from seekstack.adapters.data import first_batches, frequent_tokens
+from seekstack.adapters.data import chat_source, first_batches, frequent_tokens
 from seekstack.adapters.files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -455,3 +456,41 @@ def test_eva_beside_experts_or_a_vocabulary_lora_and_a_rho_without_eva_are_refus
         AdapterConfig(init="eva", experts=(), vocabulary=("lm_head",)).validate()
     with pytest.raises(ConfigError, match="'eva_rho'.*unless lora.init=eva"):
         AdapterConfig(eva_rho=2).validate()
+
+
+def test_lora_on_chat_packs_with_packing_true_with_the_padded_loss_and_gradients(base, data_dir, tmp_path):
+    """TRL's SFTTrainer with a peft_config and packing=True: a packed micro-batch of the chat file trains the adapter
+    as the same conversations padded do; token shards, which hold no padding, refuse it naming packing."""
+    with pytest.raises(ConfigError, match="field 'packing' is true, but data_dir=.* is read as token shards"):
+        train_adapter(
+            *lora_train_config(base, data_dir, tmp_path / "on_shards", ["seq_len=32", "max_steps=1", "packing=true"])
+        )
+    base = write_base(tmp_path / "base", with_tokenizer=True)
+    chats = tmp_path / "chats.jsonl"
+    answers = ["It is 4.", "Four, as two and two make four.", "4", "The answer: 2 + 2 = 4, always."]
+    turns = [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": a}] for a in answers]
+    chats.write_text("".join(json.dumps({"messages": turn}) + "\n" for turn in turns))
+    run = ["seq_len=96", "batch_size=2", "max_steps=2", "eval_every=0", "lora.rank=2", "packing=true"]
+    train_config, adapter = lora_train_config(base, chats, tmp_path / "packed", run)
+    padded = chat_source(dataclasses.replace(train_config, packing=False))
+    packed = chat_source(train_config)
+    padded_batch, packed_batch = padded.batch(4, 0.0), packed.batch(len(packed.rows.rows), 0.0)
+    assert packed_batch[0].shape[0] < 4  # every conversation, in fewer rows
+    torch.manual_seed(0)
+    model = LoraHooks(adapter, str(base)).prepare(seekstack.load_pretrained(base))
+    for parameter in model.parameters():  # B starts at 0, which would leave A's gradients 0 in both
+        if parameter.requires_grad:
+            parameter.data.normal_(std=0.1)
+
+    def step(source, batch):
+        model.zero_grad()
+        out, _ = source.loss(model, batch, mtp_loss_weight=0.3)
+        out.loss.backward()
+        return out, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
+
+    (rows, row_grads), (pack, pack_grads) = step(padded, padded_batch), step(packed, packed_batch)
+    assert row_grads and len(pack_grads) == len(row_grads)
+    torch.testing.assert_close(pack.loss, rows.loss, rtol=1e-5, atol=1e-6)
+    for grad, reference in zip(pack_grads, row_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
+    assert train_adapter(train_config, adapter).step == 2

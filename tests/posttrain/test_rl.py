@@ -230,7 +230,8 @@ def test_verls_loss_aggregation_names_are_refused_naming_the_loss_type_that_comp
 @pytest.mark.parametrize(
     "override",
     ["eval_every=5", "eval_batches=3", "seq_len=8", "mixture={train: 1.0}", "mixture_mode=bandit",
-     "bandit_reward_scale=0.5", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "mtp_switch_fraction=0.5"],
+     "bandit_reward_scale=0.5", "mtp_loss_weight=0", "mtp_loss_weight_late=0", "mtp_switch_fraction=0.5",
+     "packing=true"],
 )  # fmt: skip
 def test_trainer_fields_rl_does_not_use_are_refused_unless_left_at_their_defaults(tmp_path, override):
     model_dir = micro_checkpoint(tmp_path / "model")
