@@ -4,9 +4,10 @@ Each rule is named, measures one statistic of a document and compares it with a 
 `KindRules` of the document's kind (code, prose or CJK; `kinds.py`); a threshold of None turns the rule off for
 that kind. Lengths and n-grams count words as `kinds.words` splits them, so every CJK character is one word.
   code   the stdlib-tuned rules: long or minified lines fail, symbols and repeated lines are allowed more room.
-  prose  Gopher's thresholds (Rae et al. 2021, appendix A) and FineWeb's line punctuation and short-line rules; a
-         paragraph may be one line of any length, as web-text JSONL stores it, or hard-wrapped, as text files hold it.
-  cjk    prose rules counted in characters; no word-length or short-line rule (a "word" is one character).
+  prose  Gopher's thresholds (Rae et al. 2021, appendix A) and FineWeb's line punctuation, short-line and list
+         rules; a paragraph may be one line of any length, as web-text JSONL stores it, or hard-wrapped, as text files
+         hold it.
+  cjk    prose rules counted in characters; no word-length, short-line or list rule (a "word" is one character).
 Thai, Lao, Tibetan, Myanmar and Khmer prose (no spaces between words, so its space-separated "words" are phrases)
 has its words counted as its characters over `UNSPACED_WORD_CHARS`, its n-grams as n times that many characters, and
 is not judged by the mean word length; Thai and Lao, which end sentences with no mark, are not judged by the line
@@ -120,6 +121,7 @@ class KindRules:
     min_terminal_line_fraction: Fraction | None = None  # FineWeb: share of lines ending in . ! ? and the like
     short_line_chars: Positive = 30  # FineWeb: a line of at most this many characters is short
     max_short_line_fraction: Fraction | None = None  # FineWeb 0.67: share of lines that are short (menus, link lists)
+    max_newline_word_ratio: NonNegativeFloat | None = None  # FineWeb 0.3: line breaks (blank lines too) per word
     max_duplicate_line_fraction: Fraction = 0.5  # Gopher 0.3 for prose; code repeats `else:`, `return None`, ...
     duplicates_skip_code_lines: bool = False  # in prose: the `}` and `return x` lines of listings do not count
     max_duplicate_line_char_fraction: Fraction = 0.4  # Gopher 0.2; characters in non-blank lines seen before
@@ -154,6 +156,7 @@ class ProseRules(KindRules):
     max_mean_word_chars: PositiveFloat | None = 10.0
     min_terminal_line_fraction: Fraction | None = 0.12
     max_short_line_fraction: Fraction | None = 0.67
+    max_newline_word_ratio: NonNegativeFloat | None = 0.3
     max_duplicate_line_fraction: Fraction = 0.3
     duplicates_skip_code_lines: bool = True
     max_duplicate_line_char_fraction: Fraction = 0.2
@@ -173,6 +176,7 @@ class CJKRules(ProseRules):
     max_words: Positive = 200_000  # characters: Gopher's 100,000 words are 150,000-270,000 of them
     min_alpha_word_fraction: Fraction = 0.6  # each punctuation mark is a word of its own
     max_short_line_fraction: Fraction | None = None  # 30 characters are ~15 words: most clean Chinese pages would fail
+    max_newline_word_ratio: NonNegativeFloat | None = None  # line breaks per character: a list of words still passes
     min_mean_word_chars: NonNegativeFloat | None = None
     max_mean_word_chars: PositiveFloat | None = None
     max_top_2gram_char_fraction: Fraction = 0.2  # character n-grams; clean Chinese pages: 99th percentile 0.15
@@ -483,6 +487,11 @@ def _short_line_fraction(stats: TextStats, rules: KindRules) -> float:
     return short_lines / max(1, len(stats.nonblank_lines))
 
 
+def _newline_word_ratio(stats: TextStats, _: KindRules) -> float:
+    """Line breaks, those of blank lines too, per word (FineWeb's list_ratio)."""
+    return stats.text.count("\n") / max(1, stats.word_count)
+
+
 def _terminal_line_fraction(stats: TextStats, _: KindRules) -> float | None:
     """Share of the `sentence_lines` that end a sentence, of those that end one or are not code (a tutorial's
     listings are neither sentences nor junk; a sentence's last line that starts `with` or `from`, or ends in `.)`,
@@ -536,6 +545,7 @@ RULES: tuple[Rule, ...] = (
     Rule("max_mean_word_chars", _mean_word_chars, "max_mean_word_chars", is_max=True),
     Rule("terminal_line_fraction", _terminal_line_fraction, "min_terminal_line_fraction", is_max=False),
     Rule("short_lines", _short_line_fraction, "max_short_line_fraction", is_max=True),
+    Rule("newline_word_ratio", _newline_word_ratio, "max_newline_word_ratio", is_max=True),
     Rule(
         "duplicate_lines",
         lambda s, r: s.duplicate_lines(r.duplicates_skip_code_lines)[0],

@@ -111,6 +111,7 @@ PROSE_ONLY_BAD_DOCUMENTS = {
     "ellipsis_lines": prose(5).replace("n.\n", "n...\n").replace("e.\n", "e\u2026\n"),
     "lorem_ipsum": prose(8) + "\nLorem Ipsum dolor sit amet, consectetur adipiscing elit.",
     "short_lines": "\n".join(" ".join(VOCABULARY[i : i + 3]) + "." for i in range(0, 48, 3)) * 2,
+    "newline_word_ratio": "\n\n".join(" ".join(VOCABULARY[i : i + 4]) + "." for i in range(0, 40, 4)),
 }
 
 
@@ -155,6 +156,18 @@ def test_a_page_of_short_lines_is_removed_as_finewebs_short_line_rule_removes_it
     assert fails("short_lines", balanced, ProseRules(max_short_line_fraction=0.66))
     short_chinese = "\n".join(sentence for sentence in CHINESE_ARTICLE.replace("\u3002", "\u3002\n").split("\n"))
     assert not fails("short_lines", short_chinese, CJKRules())
+
+
+def test_a_list_of_few_words_a_line_spaced_by_blank_lines_is_removed_as_finewebs_list_rule_removes_it() -> None:
+    """FineWeb (datatrove's FineWebQualityFilter, list_ratio): more than 0.3 line breaks per word, those of blank lines
+    too, fails: 20 lines of 5 words spaced by blank lines (0.38; each line longer than 30 characters) passed every
+    other rule. Single-spaced (0.19) it passes; CJK text, whose words are characters, is not held to it."""
+    words = prose(11, 100).replace(".", "").split()
+    lines = [" ".join(words[start : start + 5]) + "." for start in range(0, 100, 5)]
+    assert failed_rule("\n\n".join(lines), ProseRules()) == "newline_word_ratio"
+    assert failed_rule("\n".join(lines), ProseRules()) is None
+    assert not fails("newline_word_ratio", "\n\n".join(lines), ProseRules(max_newline_word_ratio=0.38))
+    assert CJKRules().max_newline_word_ratio is None
 
 
 def test_hash_signs_and_ellipses_are_each_held_to_the_symbol_word_ratio_alone() -> None:
