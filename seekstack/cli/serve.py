@@ -143,6 +143,21 @@ def serve_command(
     chat_page: Annotated[
         bool, typer.Option(help="The chat page at / (off: / answers 404, as llama-server's --no-webui)")
     ] = True,
+    enable_log_requests: Annotated[
+        bool,
+        typer.Option(
+            "--enable-log-requests/--disable-log-requests",
+            help="Log a line as each generation request is received (id, model, tokens) and finishes (status, tokens, "
+            "seconds), as vLLM's",
+        ),
+    ] = False,
+    disable_log_stats: Annotated[
+        bool,
+        typer.Option(
+            "--disable-log-stats",
+            help="No stats line (throughput, requests running and waiting, cache usage) every 10 s of work, as vLLM's",
+        ),
+    ] = False,
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/chat/completions, /v1/completions), chat page at /."""
     from seekstack.serve.database import default_database_location
@@ -167,7 +182,8 @@ def serve_command(
             served_model_name=served_model_name or _run_name(ctx, model), engine=engine,
             adapters=_named_adapters(adapter or []),
             moderation_policy=moderation_policy, cors_origins=tuple(cors_origin or ()),
-            reasoning_parser=reasoning_parser, chat_page=chat_page,
+            reasoning_parser=reasoning_parser, chat_page=chat_page, log_requests=enable_log_requests,
+            log_stats=not disable_log_stats,
         )  # fmt: skip
         if max_body_bytes is not None:
             options.max_body_bytes = max_body_bytes

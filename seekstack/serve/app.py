@@ -38,7 +38,7 @@ from seekstack.serve.database import Database, in_write_thread
 from seekstack.serve.errors import APIError, internal_error, invalid_body, parse_body
 from seekstack.serve.keys import ApiKey, KeyStore, format_amount, format_cost, format_duration, utc_time
 from seekstack.serve.ledger import Ledger, parse_day
-from seekstack.serve.metrics import ServerMetrics
+from seekstack.serve.metrics import STATS_INTERVAL_S, ServerMetrics
 from seekstack.serve.moderation import Category, HeldLogprobs, ModeratedStream, Policy
 from seekstack.serve.openapi import describe, error_responses, generation_responses, json_request
 from seekstack.serve.protocol import (
@@ -142,8 +142,11 @@ class Server:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         policy: Policy | None = None,
         reasoning_parser: str | None = None,
+        log_requests: bool = False,
+        log_stats: bool = True,
     ):
         self.engine = engine
+        self.log_requests, self.log_stats = log_requests, log_stats  # vLLM's --enable-log-requests, --disable-log-stats
         self.reasoning_parser = reasoning_parser  # "deepseek_r1": chat replies split at </think> (serve.reasoning)
         self.max_body_bytes = max_body_bytes
         self.max_token_chars = longest_token_chars(engine.tokenizer)
@@ -168,12 +171,24 @@ class Server:
         if not self.keys.any_keys():
             log.warning("no API keys in %s: serving without authentication", self.keys.database.location)
         self.bridge.start()
+        stats = asyncio.create_task(self.log_stats_every_interval()) if self.log_stats else None
         yield
+        if stats is not None:
+            stats.cancel()
         # Calls still running past --shutdown-timeout were cancelled just before (uvicorn): each closes with the
         # engine thread's report of its abort, then writes its row and settles its charge; the thread stops after.
         if self.calls:
             await asyncio.wait(self.calls)
         self.bridge.stop()
+
+    async def log_stats_every_interval(self) -> None:
+        """vLLM's stats line (throughput, requests running and waiting, cache usage) every STATS_INTERVAL_S seconds
+        in which the server worked."""
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            line = self.metrics.stats_line(time.monotonic())
+            if line is not None:
+                log.info(line)
 
     def authenticate(self, request: Request, admin: bool = False) -> ApiKey | None:
         """The caller's key (None while no key exists: the server is open, to loopback JSON requests only); 401
@@ -295,6 +310,10 @@ class Server:
         response_id = _response_id(isinstance(body, ChatCompletionRequest), request_id)
         echoed = {**({"X-Request-Id": request_id} if request_id else {}), **limits}
         usage = ChoicesUsage([len(prompt) for prompt in prompts], candidates(body))
+        if self.log_requests:
+            log.info("Received request %s: model %r, %d prompt tokens, %d choices of at most %d tokens%s", response_id,
+                     bill.model, prompt_tokens, len(choices), max(params.max_new_tokens for params in choices),
+                     ", streamed" if body.stream else "")  # fmt: skip
 
         async def finish(status: int) -> None:
             """Free the request's engine slots, bill it, settle its rate-limit charge (no-ops when done before). A
@@ -314,6 +333,10 @@ class Server:
             failed = 500 <= (bill.status or status) < 600  # a stream records its own ending first
             # a request the server failed, like one it refused, uses none of the key's tokens per minute
             await self.close_bill(bill, status, charge, 0 if failed else bill.total_tokens)
+            if self.log_requests:
+                log.info("Finished request %s: status %d, %d prompt + %d completion tokens in %.2f s", response_id,
+                         bill.status or status, bill.prompt_tokens, bill.completion_tokens,
+                         time.perf_counter() - bill.started)  # fmt: skip
 
         if body.stream:
             try:
@@ -755,12 +778,16 @@ def create_app(
     cors_origins: tuple[str, ...] = (),
     reasoning_parser: str | None = None,
     chat_page: bool = True,
+    log_requests: bool = False,
+    log_stats: bool = True,
 ) -> FastAPI:
     """The FastAPI application serving `engine`, with keys, ledger and prices in `database`; request bodies over
     `max_body_bytes` get 413; `policy` moderates prompts and generated text; web pages from `cors_origins` may
     call the API from a browser (with a key: CORS does not open the keyless mode to them); `reasoning_parser`
-    ("deepseek_r1") splits chat replies into reasoning_content and content; `chat_page` serves the chat page at /."""
-    server = Server(engine, database, model_name, max_body_bytes, policy, reasoning_parser)
+    ("deepseek_r1") splits chat replies into reasoning_content and content; `chat_page` serves the chat page at /;
+    `log_requests` logs a line when each generation request is received and when it finishes, `log_stats` the engine's
+    throughput every STATS_INTERVAL_S seconds (vLLM's --enable-log-requests and --disable-log-stats)."""
+    server = Server(engine, database, model_name, max_body_bytes, policy, reasoning_parser, log_requests, log_stats)
     app = FastAPI(title="seekstack", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     if cors_origins:
         # Any request header: OpenAI's JS client sends its own (x-stainless-*, openai-organization) on every call.

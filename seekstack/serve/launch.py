@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import uvicorn
 from fastapi import FastAPI
-from uvicorn.config import STARTUP_FAILURE
+from uvicorn.config import LOGGING_CONFIG, STARTUP_FAILURE
 
 from seekstack.infer.engine import Engine
 from seekstack.infer.json_mode import grammar_tokenizer_of
@@ -48,6 +48,8 @@ class ServeOptions:
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API from a browser
     reasoning_parser: str | None = None  # "deepseek_r1": chat replies' reasoning in reasoning_content
     chat_page: bool = True  # the chat page at /
+    log_requests: bool = False  # a log line as each generation request is received and finishes (vLLM's default: off)
+    log_stats: bool = True  # the engine's throughput in the log every 10 s of work
 
 
 def build_server(
@@ -76,7 +78,7 @@ def build_server(
     check_cache_holds_context(engine, options.engine)
     grammar_tokenizer_of(engine.tokenizer)  # JSON mode's token trie, now rather than at the first JSON request
     app = create_app(engine, database, options.served_model_name, options.max_body_bytes, policy, options.cors_origins,
-                     options.reasoning_parser, options.chat_page)  # fmt: skip
+                     options.reasoning_parser, options.chat_page, options.log_requests, options.log_stats)  # fmt: skip
     name = app.state.server.model_name
     if name in options.adapters:
         raise ValueError(f"--adapter {name}=...: the name is the base model's; give the adapter another name")
@@ -172,14 +174,22 @@ def check_cache_holds_context(engine: Engine, options: EngineOptions) -> None:
     )
 
 
+# uvicorn's logging, which also writes the server's own lines (seekstack.serve) from INFO on, as uvicorn's: request and
+# stats lines, warnings; uvicorn's loggers stay at WARNING (log_level)
+LOG_CONFIG = {
+    **LOGGING_CONFIG,
+    "loggers": {**LOGGING_CONFIG["loggers"], log.name: {"handlers": ["default"], "level": "INFO", "propagate": False}},
+}
+
+
 def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float, keep_alive_s: float) -> None:
     """Serve `app` with uvicorn until SIGTERM or Ctrl-C, which let the requests running finish for up to
     `shutdown_timeout_s` seconds, then cut them off (as a second Ctrl-C does at once): the ledger records those as the
     server's failures (app.SERVER_STOPPED) and their rate-limit charges are settled. An idle connection is closed
     after `keep_alive_s` seconds."""
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout_s,
-        timeout_keep_alive=keep_alive_s,
+        app, host=host, port=port, log_config=LOG_CONFIG, log_level="warning",
+        timeout_graceful_shutdown=shutdown_timeout_s, timeout_keep_alive=keep_alive_s,
     )  # fmt: skip
     server = QuietCutOffs(config)
     server.run()

@@ -6,6 +6,8 @@ bridge when a request's tokens arrive and when it ends.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from seekstack.infer.outputs import EngineStats
@@ -14,6 +16,7 @@ PREFIX = "seekstack:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 FINISH_REASONS = ("stop", "length", "abort", "error")  # RequestOutput.finish_reason's values
+STATS_INTERVAL_S = 10.0  # between two stats lines in the log, as vLLM's
 
 
 class ServerMetrics:
@@ -71,6 +74,7 @@ class ServerMetrics:
         self._totals_seen = EngineStats(running=0, waiting=0, cache_usage=0.0, prefill_tokens=0, spec_drafted=0,
                                         spec_accepted=0)  # fmt: skip
         self._prefill_seen = 0
+        self._stats_seen = (time.monotonic(), 0.0, 0.0)  # the last stats line's time, prompt and generation tokens
 
     def request_finished(self, reason: str) -> None:
         self._request_success.labels(self._model_name, reason).inc()
@@ -99,6 +103,28 @@ class ServerMetrics:
         self.step_generation_tokens.observe(generated)
         self.iteration_tokens.observe(generated + prefill_total - self._prefill_seen)
         self._prefill_seen = prefill_total
+
+    def stats_line(self, now: float) -> str | None:
+        """vLLM's periodic stats line: prompt and generation throughput since the last line (at `now`, monotonic
+        seconds), the requests running and waiting, the cache in use; None for an interval with nothing computed,
+        running or waiting, which vLLM does not log either."""
+
+        def sample(name: str) -> float:
+            return self.registry.get_sample_value(PREFIX + name, {"model_name": self._model_name})
+
+        totals = (sample("prompt_tokens_total"), sample("generation_tokens_total"))
+        (since, *seen), self._stats_seen = self._stats_seen, (now, *totals)
+        elapsed = max(now - since, 1e-9)
+        prompt_rate, generation_rate = ((total - last) / elapsed for total, last in zip(totals, seen, strict=True))
+        running, waiting = sample("num_requests_running"), sample("num_requests_waiting")
+        if not (prompt_rate or generation_rate or running or waiting):
+            return None
+        usage = sample("kv_cache_usage_perc")
+        return (
+            f"Avg prompt throughput: {prompt_rate:.1f} tokens/s, Avg generation throughput: "
+            f"{generation_rate:.1f} tokens/s, Running: {running:.0f} reqs, Waiting: {waiting:.0f} reqs, "
+            f"KV cache usage: {usage:.1%}"
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

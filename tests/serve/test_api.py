@@ -7,6 +7,8 @@ its own, so rate limits and ledger rows never mix. The durability and open-mode 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 import socket
 import sqlite3
@@ -20,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from seekstack.cli import app as cli
+from seekstack.infer.engine import Engine
+from seekstack.serve.app import create_app
 from seekstack.serve.billing import BILL_EVERY_TOKENS
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
@@ -28,6 +32,7 @@ from tests.serve.server import (
     make_model_dir,
     new_postgres_database,
     postgres_or_skip,
+    run,
     running_server,
 )
 
@@ -691,3 +696,26 @@ def test_a_request_whose_client_leaves_while_it_is_queued_is_not_billed_for_its_
     left_running, left_queued = rows()[before:]  # the stream's row was opened first
     assert (left_queued["prompt_tokens"], left_queued["completion_tokens"]) == (0, 0)
     assert left_running["prompt_tokens"] > 0 and left_running["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("log_requests", [True, False])
+def test_a_generation_request_is_logged_when_received_and_finished_if_asked(model_dir, tmp_path, caplog, log_requests):
+    """vLLM's --enable-log-requests: a line as a request is received and as it finishes; the server logged none."""
+    app = create_app(Engine.from_pretrained(model_dir), open_database(tmp_path / "db"), log_requests=log_requests)
+
+    async def scenario(client):
+        body = {"model": "model", "prompt": "hello", "max_tokens": 3, "ignore_eos": True}
+        return await client.post("/v1/completions", json=body, headers={"X-Request-Id": "r1"})
+
+    with caplog.at_level(logging.INFO, logger="seekstack.serve"):
+        answer = run(app, scenario).json()
+    lines = [record.getMessage() for record in caplog.records if "request cmpl-r1" in record.getMessage()]
+    prompt_tokens = answer["usage"]["prompt_tokens"]
+    assert [re.sub(r"[\d.]+ s$", "T s", line) for line in lines] == (
+        [
+            f"Received request cmpl-r1: model 'model', {prompt_tokens} prompt tokens, 1 choices of at most 3 tokens",
+            f"Finished request cmpl-r1: status 200, {prompt_tokens} prompt + 3 completion tokens in T s",
+        ]
+        if log_requests
+        else []  # off by default, as vLLM's
+    )

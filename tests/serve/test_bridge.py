@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from seekstack.infer import Engine, SamplingParams
+from seekstack.infer.outputs import EngineStats
 from seekstack.serve.bridge import AsyncEngine, EngineFailure
 from seekstack.serve.metrics import ServerMetrics
 from tests.infer.support import micro_model, tiny_tokenizer
@@ -247,3 +248,20 @@ def test_the_engine_thread_outlives_the_loop_of_a_request_it_still_runs(tmp_path
     finally:
         bridge.stop()
     assert not engine.has_unfinished()  # the request nobody reads was aborted, not run to its end
+
+
+def test_the_stats_line_gives_the_throughput_since_the_last_and_nothing_for_an_idle_interval():
+    """vLLM logs such a line every 10 s of work; the server logged none (the metrics only, for who scrapes them)."""
+    metrics = ServerMetrics("micro")
+    assert metrics.stats_line(100.0) is None  # idle since the server started
+    metrics.prompt_tokens.inc(50)
+    metrics.generation_tokens.inc(200)
+    metrics.engine_state(EngineStats(running=2, waiting=1, cache_usage=0.25, prefill_tokens=50, spec_drafted=0,
+                                     spec_accepted=0))  # fmt: skip
+    assert metrics.stats_line(110.0) == (
+        "Avg prompt throughput: 5.0 tokens/s, Avg generation throughput: 20.0 tokens/s, Running: 2 reqs, "
+        "Waiting: 1 reqs, KV cache usage: 25.0%"
+    )
+    metrics.engine_state(EngineStats(running=0, waiting=0, cache_usage=0.0, prefill_tokens=50, spec_drafted=0,
+                                     spec_accepted=0))  # fmt: skip
+    assert metrics.stats_line(120.0) is None

@@ -122,3 +122,31 @@ def test_serve_keeps_idle_connections_open_for_timeout_keep_alive_seconds(tmp_pa
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), *options])
     assert result.exit_code == 0, result.output
     assert [config.timeout_keep_alive for config in configs] == [keep_alive_s]
+
+
+@pytest.mark.parametrize(
+    ("options", "log_requests", "log_stats"),
+    [([], False, True), (["--enable-log-requests", "--disable-log-stats"], True, False),
+     (["--disable-log-requests"], False, True)],
+)  # fmt: skip
+def test_serve_takes_vllms_options_for_request_and_stats_lines_and_logs_them_through_uvicorn(
+    tmp_path, monkeypatch, options, log_requests, log_stats
+):
+    """vLLM logs a stats line every 10 s (--disable-log-stats) and, asked, each request (--enable-log-requests; the
+    older --disable-log-requests too); the server had neither option, and its INFO lines went nowhere."""
+    built, configs = [], []
+
+    def started(server, *args):
+        configs.append(server.config)
+        server.started = True
+
+    monkeypatch.setattr(
+        "seekstack.serve.launch.build_server", lambda model, options, **kw: built.append(options) or (None, "")
+    )
+    monkeypatch.setattr("seekstack.serve.launch.QuietCutOffs.run", started)
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--db", str(tmp_path / "k.db"), *options])
+    assert result.exit_code == 0, result.output
+    assert [(options.log_requests, options.log_stats) for options in built] == [(log_requests, log_stats)]
+    [config] = configs
+    assert config.log_config["loggers"]["seekstack.serve"] == {"handlers": ["default"], "level": "INFO",
+                                                                "propagate": False}  # fmt: skip
