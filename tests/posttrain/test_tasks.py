@@ -212,8 +212,10 @@ def test_a_negative_answer_takes_the_ascii_or_the_unicode_minus_sign(answer):
 
 
 @pytest.mark.parametrize(
-    "answer", ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4"]
-)
+    "answer",
+    ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4", "\\frac 12",
+     "\\frac {1} {2}", "\\boxed{\\dfrac{ 1 }{ 2 }}"],  # spaces in \\frac, as LaTeX and math-verify read them
+)  # fmt: skip
 def test_a_fraction_a_ratio_and_a_decimal_of_one_value_read_alike(answer):
     assert read_number(answer) == Fraction(1, 2)
 
@@ -306,6 +308,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1\\," * 23_000,
         "^" + " " * 70_000,
         "1\\ " * 23_000 + "\\frac",
+        "\\frac" + " " * 70_000 + "1",
         "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",
     ],

@@ -36,13 +36,17 @@ THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
 UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12")
-WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\ )*(?=\\[dt]?frac\{?[0-9.])"
+WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\ )*(?=\\[dt]?frac\s*\{?\s*[0-9.])"
+# \frac{a}{b}, \dfrac, \tfrac, \frac12; spaces around its arguments as LaTeX takes them ("\frac 12", "\frac {1} {2}")
+FRACTION = (
+    rf"\\[dt]?frac\s*(?:\{{\s*(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\s*\}}|(?P<top_digit>[0-9]))"
+    rf"\s*(?:\{{\s*(?P<bottom>{UNSIGNED})\s*\}}|(?P<bottom_digit>[0-9]))"
+)
 # Scientific notation's power of ten after a number ("3 \times 10^{5}", "3\cdot 10^5", "1.5 \times 10^{-3}"); an
 # exponent of up to 3 digits, a number int reads
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
 NUMBER = re.compile(
-    rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:(?:{WHOLE})?\\[dt]?frac(?:\{{(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\}}|(?P<top_digit>[0-9]))"
-    rf"(?:\{{(?P<bottom>{UNSIGNED})\}}|(?P<bottom_digit>[0-9]))"
+    rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:(?:{WHOLE})?{FRACTION}"
     rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED})|{POWER})?)(?P<percent>\\?%)?"
 )
 
