@@ -36,6 +36,20 @@ class ConversationConfig(TrainConfig):
     those it holds out for `val_loss` (`val_data`, else `val_fraction` of them): `seekstack sft`'s, and `seekstack
     distill`'s on conversations."""
 
+    # what to say of TRL's SFTConfig names (GKDConfig's too, an SFTConfig) that are none of these fields
+    # (schema.known_fields)
+    field_notes: ClassVar[dict[str, str]] = {
+        "max_length": "TRL's max_length is seq_len here (a longer row is cut, keeping its start)",
+        "padding_free": "TRL's padding_free (no padding computed) is packing=true here, rows of up to seq_len tokens",
+        "packing_strategy": 'packing=true packs as TRL\'s "bfd" does (best-fit decreasing, each conversation on its '
+        'own); "wrapped", which lets them see each other, is not offered',
+        "num_train_epochs": "a run is max_steps optimizer steps, whatever the epochs they make",
+        "per_device_train_batch_size": "TRL's per_device_train_batch_size is batch_size here",
+        "gradient_accumulation_steps": "TRL's gradient_accumulation_steps is grad_accum_steps here",
+        "learning_rate": "TRL's learning_rate is lr here",
+        "assistant_only_loss": "the loss is on the assistant's tokens alone, always (TRL's assistant_only_loss=True)",
+        "completion_only_loss": "a prompt-completion line trains its completion alone, always",
+    }
     data: str = ""  # JSONL of {"messages": [...]} or {"prompt": [...], "completion": [...]}; "" = traces of `task`
     # A TASKS name, your own module:Class or a problems .jsonl; distill: "" with `data` "" = data_dir's token shards
     task: str = ""
@@ -71,19 +85,6 @@ class SFTConfig(ConversationConfig):
     steps on up to `eval_batches` batches of held-out conversations (`val_loss`, assistant tokens only). `data_dir`
     and `mixture` are unused; `init_from` is the starting checkpoint ("" = a fresh `model` preset)."""
 
-    # what to say of TRL's SFTConfig names that are none of these fields (schema.known_fields)
-    field_notes: ClassVar[dict[str, str]] = {
-        "max_length": "TRL's max_length is seq_len here (a longer row is cut, keeping its start)",
-        "padding_free": "TRL's padding_free (no padding computed) is packing=true here, rows of up to seq_len tokens",
-        "packing_strategy": 'packing=true packs as TRL\'s "bfd" does (best-fit decreasing, each conversation on its '
-        'own); "wrapped", which lets them see each other, is not offered',
-        "num_train_epochs": "a run is max_steps optimizer steps, whatever the epochs they make",
-        "per_device_train_batch_size": "TRL's per_device_train_batch_size is batch_size here",
-        "gradient_accumulation_steps": "TRL's gradient_accumulation_steps is grad_accum_steps here",
-        "learning_rate": "TRL's learning_rate is lr here",
-        "assistant_only_loss": "the loss is on the assistant's tokens alone, always (TRL's assistant_only_loss=True)",
-        "completion_only_loss": "a prompt-completion line trains its completion alone, always",
-    }
     out_dir: str = "runs/sft"
     seq_len: Positive = 256  # rows longer than this are cut
     batch_size: Positive = 16  # conversations per micro-batch, right-padded to the longest (packing: packed rows)

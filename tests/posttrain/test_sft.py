@@ -235,14 +235,15 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
     [("max_length=512", "is seq_len here"), ("padding_free=true", "is packing=true here"),
      ("learning_rate=2e-5", "is lr here"), ("packing_strategy=wrapped", '"wrapped", which lets them see each other')],
 )  # fmt: skip
-def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours):
+@pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
+def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
     """A TRL SFTConfig name is no field here: the refusal says which field it is (difflib finds none of these)."""
     with pytest.raises(ConfigError, match=f"unknown field '{trl_name.split('=')[0]}'; .*{re.escape(ours)}"):
-        resolve_train_config(None, [trl_name], cls=SFTConfig)
+        resolve_train_config(None, [trl_name], cls=cls)
     config = tmp_path / "sft.yaml"
     config.write_text(trl_name.replace("=", ": "))
     with pytest.raises(ConfigError, match=f"sft.yaml: unknown field .*{re.escape(ours)}"):
-        resolve_train_config(config, [], cls=SFTConfig)
+        resolve_train_config(config, [], cls=cls)
 
 
 @pytest.mark.parametrize("cls", [SFTConfig, GRPOConfig, DistillConfig])
