@@ -233,7 +233,8 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
 @pytest.mark.parametrize(
     ("trl_name", "ours"),
     [("max_length=512", "is seq_len here"), ("padding_free=true", "is packing=true here"),
-     ("learning_rate=2e-5", "is lr here"), ("packing_strategy=wrapped", '"wrapped", which lets them see each other')],
+     ("learning_rate=2e-5", "is lr here"), ("packing_strategy=wrapped", '"wrapped", which lets them see each other'),
+     ("eval_packing=true", "held-out conversations are scored padded, packing or not")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
 def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
