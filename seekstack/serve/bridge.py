@@ -42,9 +42,12 @@ class _Call:
 
     arrival: float  # perf_counter seconds
     running: int  # choices not finished or aborted yet
-    scheduled: bool = False  # its queue time has been recorded
-    answered: bool = False  # its time to first token has been recorded
+    scheduled_at: float | None = None  # when the engine first ran one of its choices (its queue time recorded)
+    first_token: float | None = None  # when its first token came (its time to first token recorded)
+    last_token: float | None = None  # when its latest token came
     prompts_counted: set[int] = field(default_factory=set)  # of its prompts, those whose tokens were counted
+    prompt_tokens: int = 0  # of the prompts counted
+    generated: int = 0  # tokens, all its choices together
 
 
 @dataclass
@@ -300,19 +303,20 @@ class AsyncEngine:
 
     def _observe(self, output: RequestOutput, timing: _Timing, now: float) -> None:
         metrics, call = self.metrics, timing.call
-        if output.scheduled_at is not None and not call.scheduled:
-            call.scheduled = True
-            metrics.queue_time.observe(max(0.0, output.scheduled_at - call.arrival))
+        if output.scheduled_at is not None and call.scheduled_at is None:
+            call.scheduled_at = max(call.arrival, output.scheduled_at)
+            metrics.queue_time.observe(call.scheduled_at - call.arrival)
         if output.token_ids:
             if timing.last_token is None:
                 self._count_prompt(timing)
-                if not call.answered:
-                    call.answered = True
+                if call.first_token is None:
+                    call.first_token = now
                     metrics.time_to_first_token.observe(now - call.arrival)
             else:
                 for _ in output.token_ids:  # several tokens in one step (speculative): share the gap
                     metrics.inter_token_latency.observe((now - timing.last_token) / len(output.token_ids))
-            timing.last_token = now
+            timing.last_token = call.last_token = now
+            call.generated += len(output.token_ids)
             metrics.generation_tokens.inc(len(output.token_ids))
         if output.finished:
             self._choice_ended(call, output.finish_reason or "stop", now)
@@ -322,6 +326,7 @@ class AsyncEngine:
         bills it (a prompt none of whose choices the engine started is in neither)."""
         if timing.prompt not in timing.call.prompts_counted:
             timing.call.prompts_counted.add(timing.prompt)
+            timing.call.prompt_tokens += timing.prompt_tokens
             self.metrics.prompt_tokens.inc(timing.prompt_tokens)
 
     def _choice_ended(self, call: _Call, reason: str, now: float) -> None:
@@ -329,7 +334,9 @@ class AsyncEngine:
         call.running -= 1
         if call.running == 0:
             self.metrics.e2e_latency.observe(now - call.arrival)
-            self.metrics.request_finished(reason)
+            self.metrics.request_finished(reason, call.prompt_tokens, call.generated)
+            if call.first_token is not None:  # its phases, as vLLM's: admitted, first token, last token
+                self.metrics.request_phases(call.scheduled_at, call.first_token, call.last_token)
 
     def _fail_all(self, error: Exception) -> None:
         """End every request in flight with the failed step's `error`, each call counted as finished by an error."""

@@ -265,3 +265,31 @@ def test_the_stats_line_gives_the_throughput_since_the_last_and_nothing_for_an_i
     metrics.engine_state(EngineStats(running=0, waiting=0, cache_usage=0.0, prefill_tokens=50, spec_drafted=0,
                                      spec_accepted=0))  # fmt: skip
     assert metrics.stats_line(120.0) is None
+
+
+def test_a_finished_request_is_measured_under_vllms_per_request_token_and_phase_histograms(tmp_path):
+    """vLLM's request_prompt_tokens, request_generation_tokens and request_prefill/decode/inference_time_seconds were
+    missing from /metrics; a call of n choices counts once, as in vLLM."""
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
+    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+
+    async def complete() -> None:
+        async for _ in await bridge.submit([[5, 6, 7], [8, 9]], [greedy, greedy]):  # one call of two choices
+            pass
+
+    bridge.start()
+    try:
+        asyncio.run(complete())
+    finally:
+        bridge.stop()
+
+    def sample(name: str) -> float:
+        return bridge.metrics.registry.get_sample_value("seekstack:" + name, {"model_name": "micro"})
+
+    assert (sample("request_prompt_tokens_count"), sample("request_prompt_tokens_sum")) == (1, 5)
+    assert (sample("request_generation_tokens_count"), sample("request_generation_tokens_sum")) == (1, 8)
+    phases = ("prefill", "decode", "inference")
+    assert [sample(f"request_{phase}_time_seconds_count") for phase in phases] == [1, 1, 1]
+    prefill, decode, inference = (sample(f"request_{phase}_time_seconds_sum") for phase in phases)
+    assert prefill > 0 and decode > 0 and inference == pytest.approx(prefill + decode)
