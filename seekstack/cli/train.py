@@ -22,6 +22,14 @@ def train_command(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint, with its saved config")
     ] = False,
+    resume_from: Annotated[
+        str | None,
+        typer.Option(
+            metavar="STEP|FOLDER",
+            help="Continue the run in out_dir, as --resume does, from the checkpoint of this step (40: "
+            "out_dir/checkpoints/step_40) or this checkpoint folder",
+        ),
+    ] = None,
     write_config: Annotated[
         Path | None, typer.Option(help="Write the resolved config (YAML or JSON by suffix) and exit")
     ] = None,
@@ -30,7 +38,7 @@ def train_command(
     from seekstack.train.config import TrainConfig
     from seekstack.train.trainer import train
 
-    run_stage(TrainConfig, train, config, overrides, resume, write_config, config_option)
+    run_stage(TrainConfig, train, config, overrides, resume_from or resume, write_config, config_option)
 
 
 def run_stage(
@@ -38,16 +46,17 @@ def run_stage(
     run: Callable,
     config: Path | None,
     overrides: list[str] | None,
-    resume: bool,
+    resume: bool | str,
     write_to: Path | None = None,
     config_option: Path | None = None,
 ) -> None:
     """Resolve a training stage's config (`cls`: TrainConfig or a post-training subclass) from its file (CONFIG or
     `config_option`, --config) and overrides, then `run(config, resume=)` it, or with `write_to` write the config and
-    stop."""
+    stop. `resume`: True for the run's newest checkpoint, or --resume-from's step number or checkpoint folder."""
     from seekstack.parallel.distributed import is_main_process
     from seekstack.schema import write_config
     from seekstack.train.config import resolve_train_config
+    from seekstack.train.runs import resume_point
     from seekstack.train.trainer import TrainingDiverged
 
     main = is_main_process()  # under torchrun, rank 0 alone prints the warnings and the outcome
@@ -58,12 +67,14 @@ def run_stage(
             raise ValueError(f"two config files, {config} and --config {config_option}: give one")
         config = config or config_option
         warn = _warn if main else lambda message: None
-        resolved = resolve_train_config(config, overrides or [], resume=resume, warn=warn, cls=cls)
+        resolved = resolve_train_config(config, overrides or [], resume=bool(resume), warn=warn, cls=cls)
         if write_to is not None:
             if main:  # under torchrun every rank resolved the same config: rank 0 writes it, the others exit quietly
                 write_config(resolved, write_to)
                 typer.echo(f"wrote the config to {write_to}")
             return
+        if isinstance(resume, str):
+            resume = resume_point(resolved.out_dir, resume)
         try:
             result = run(resolved, resume=resume)
         except TrainingDiverged as error:

@@ -207,6 +207,23 @@ def test_resume_reads_the_saved_config_warns_of_changes_and_keeps_the_decay_cont
     assert "the run is at max_steps=12 already: give max_steps above it to train on" in again.output
 
 
+def test_resume_from_takes_a_step_or_a_checkpoint_folder_and_names_a_step_the_run_has_not(data_dir, tmp_path):
+    """--resume took no checkpoint: going back to an earlier one (torchtitan's --checkpoint.load_step, nanochat's
+    --resume-from-step) needed the library's train(config, resume=path)."""
+    out_dir, runner = tmp_path / "run", CliRunner()
+    assert runner.invoke(app, ["train", *micro_overrides(data_dir, out_dir)]).exit_code == 0
+    missing = runner.invoke(app, ["train", f"out_dir={out_dir}", "--resume-from", "4"])
+    assert missing.exit_code == 1
+    assert f"{out_dir / 'checkpoints' / 'step_4'}: no such folder; the run {out_dir} holds step_3, step_6" in (
+        missing.output
+    )
+    for given in ("3", str(out_dir / "checkpoints" / "step_3")):
+        resumed = runner.invoke(app, ["train", f"out_dir={out_dir}", "--resume-from", given])
+        assert resumed.exit_code == 0, resumed.output
+        assert f"resumed from step 3 ({out_dir / 'checkpoints' / 'step_3'})" in resumed.output
+        assert [row["step"] for row in read_metrics(out_dir)] == [1, 2, 3, 4, 5, 6]  # steps 4 to 6 trained again
+
+
 def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(tmp_path) -> None:
     out = tmp_path / "run"
     (tmp_path / "tokens").mkdir()  # a resume needs the run's data
