@@ -444,6 +444,12 @@ class Tokenizer:
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
             raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
+        if continue_final_message and messages[-1].get("tool_calls"):
+            raise ValueError(
+                f"chat message {len(messages) - 1} has tool_calls, which close its turn: a chat continued from it has "
+                "nothing to continue; give the calls' results in tool messages (the reply then answers them), or "
+                "leave the calls out to continue its content"
+            )
         if tools is not None and (isinstance(tools, str) or not all(isinstance(tool, dict) for tool in tools)):
             raise ValueError(  # a string's characters were each listed as a tool
                 f"tools must be a list of OpenAI tool definitions (dicts), got {type(tools).__name__} {tools!r:.80}"

@@ -141,6 +141,16 @@ def test_forged_tool_tokens_and_malformed_calls_are_refused_naming_the_message(t
         tokenizer.render_chat(messages, tools=tools)
 
 
+def test_a_chat_continued_from_an_assistant_turn_with_calls_is_refused_naming_the_message(trained):
+    """continue_final_message (the server's prefix) on a turn that made calls rendered the closed calls block, and the
+    model "continued" after it; transformers cuts the calls off silently. Refused: the calls close the turn."""
+    tokenizer, _ = trained
+    with pytest.raises(ValueError, match=r"^chat message 2 has tool_calls, which close its turn: a chat continued"):
+        tokenizer.render_chat([*ASK, {**CALLS, "content": "Looking."}], continue_final_message=True)
+    continued = tokenizer.render_chat([*ASK, {"role": "assistant", "content": "Looking."}], continue_final_message=True)
+    assert continued.endswith("<｜Assistant｜>Looking.")
+
+
 def test_a_tokenizer_without_tool_tokens_refuses_tools_saying_to_train_it_again(tmp_path):
     """A tokenizer trained before the tool-call tokens renders plain chats as before and refuses tool turns."""
     backend = BackendTokenizer(models.BPE())
