@@ -176,16 +176,16 @@ def test_int_weights_under_an_fp8_quantization_config_are_refused_naming_the_fil
 
 
 def test_an_unsupported_format_is_refused_naming_its_fields_not_the_whole_config(tmp_path):
-    """compressed-tensors' float-quantized (per-tensor fp8): the refusal printed the whole quantization_config, every
+    """compressed-tensors' nvfp4-pack-quantized (NVFP4): the refusal printed the whole quantization_config, every
     layer's target with it (thousands of patterns for a full model), before saying what seekstack reads."""
     directory = save_quantized(tmp_path / "int8", "int8")
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"]["format"] = "float-quantized"
+    config["quantization_config"]["format"] = "nvfp4-pack-quantized"
     (directory / "config.json").write_text(json.dumps(config))
     message = load_error(directory, dequantize=False)
     assert message.startswith(
         f"{directory / 'config.json'}: unsupported quantization_config (quant_method='compressed-tensors', "
-        "format='float-quantized'); seekstack reads "
+        "format='nvfp4-pack-quantized'); seekstack reads "
     ), message
     assert "targets" not in message
 

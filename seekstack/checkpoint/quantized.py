@@ -153,7 +153,7 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
         columns = reader.stored_shape(f"{key}.weight")[-1]
         reader.check_int_scheme(key, 8, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
         return ["weight", "weight_scale"]
-    if stored == "F8_E4M3":
+    if stored == "F8_E4M3" and f"{key}.weight_scale_inv" in reader:  # DeepSeek's; float-quantized's load as float
         return ["weight", "weight_scale_inv"]
     return None
 

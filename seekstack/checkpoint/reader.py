@@ -30,13 +30,20 @@ from seekstack.checkpoint.keys import (
 from seekstack.compress.formats import SCALE_DTYPE, dequantize_int, unpack_codes
 from seekstack.config import ModelConfig
 
-# naive-quantized: the compressor int-quantized is an alias of in compressed-tensors: the same layout (int8 `weight`)
-COMPRESSED_TENSORS_FORMATS = ("int-quantized", "naive-quantized", "pack-quantized", "mixed-precision")
+# naive-quantized: the compressor int-quantized and float-quantized are aliases of in compressed-tensors: the same
+# layout (`weight` codes + `weight_scale`), int8 or e4m3 codes
+COMPRESSED_TENSORS_FORMATS = (
+    "int-quantized",
+    "naive-quantized",
+    "float-quantized",
+    "pack-quantized",
+    "mixed-precision",
+)
 INT8_HELD_BITS = range(2, 9)  # the num_bits whose codes compressed-tensors' int-quantized stores as int8
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
 FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
 # The stored dtypes of each quantization_config's quantized weights: e4m3, or int8 codes and int32 words of packed ones.
-QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32")}
+QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32", "F8_E4M3")}
 # How a Git LFS pointer file begins: what a hub repository cloned without Git LFS holds in place of each weight file.
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 # What a Hugging Face Hub repository id looks like (owner/name), as transformers' from_pretrained takes one.
@@ -144,7 +151,7 @@ class CheckpointReader:
                 raise CheckpointError(
                     f"{directory / CONFIG_FILE}: unsupported quantization_config "
                     f"({_quantization_format(quantization)}); seekstack reads unquantized, block-wise fp8 (e4m3) and "
-                    "compressed-tensors weight-only int8/int4 "
+                    "compressed-tensors weight-only int8/int4/fp8 "
                     f"({', '.join(COMPRESSED_TENSORS_FORMATS)}) checkpoints"
                 )
             if fp8:
@@ -294,6 +301,17 @@ class CheckpointReader:
         configured = [(group.get("weights") or {}).get("num_bits") for _, group in self._groups_targeting(key)]
         return 4 if configured and configured[0] in INT8_HELD_BITS and configured[0] <= 4 else 8
 
+    def float_block(self, key: str) -> tuple[int, int] | None:
+        """The (rows, columns) scale block of layer `key` where the compressed-tensors config group targeting it says
+        `strategy: "block"` (float-quantized fp8, llm-compressor's FP8_BLOCK: `weight_scale` one per block), else
+        None."""
+        for _, group in self._groups_targeting(key):
+            weights = group.get("weights") or {}
+            if weights.get("strategy") == "block":
+                rows, columns = weights.get("block_structure") or DEFAULT_FP8_BLOCK
+                return rows, columns
+        return None
+
     def weight_key(self, key: str) -> str:
         """The key of checkpoint layer `key`'s stored weight: `key.weight_packed` or `key.weight`."""
         return f"{key}.weight_packed" if f"{key}.weight_packed" in self.key_to_file else f"{key}.weight"
@@ -367,16 +385,19 @@ class CheckpointReader:
         stored in a float dtype, or do not fit its shape: e4m3's `weight_scale_inv` one per fp8 block of each of
         `parts` matrices stacked by rows, int8/int4's `weight_scale` one per row and group of columns."""
         shape = self.unpacked_shape(weight_key)
-        if self.stored_dtype(weight_key) == "F8_E4M3":
-            scale_key = weight_key + "_scale_inv"
-            if self.fp8_block is None or scale_key not in self.key_to_file:
+        stored_fp8 = self.stored_dtype(weight_key) == "F8_E4M3"
+        block = self.float_block(weight_key.removesuffix(".weight")) if stored_fp8 else None  # float-quantized's
+        if stored_fp8 and (block or f"{weight_key}_scale" not in self.key_to_file):
+            scale_key = weight_key + ("_scale" if block else "_scale_inv")
+            block = block or self.fp8_block
+            if block is None or scale_key not in self.key_to_file:
                 raise CheckpointError(
                     f"{self.file_of(weight_key)}: FP8 tensor {weight_key!r} has no {scale_key!r} / "
                     f"quantization_config; {DAMAGED}"
                 )
-            expected = fp8_scale_shape(shape, self.fp8_block, parts)
+            expected = fp8_scale_shape(shape, block, parts)
             scale_shape = tuple(self.stored_shape(scale_key))
-            block_rows, block_cols = self.fp8_block
+            block_rows, block_cols = block
             fits, wanted = scale_shape == expected, f"{expected}, a scale per {block_rows}x{block_cols} block"
         else:
             scale_key = weight_key.removesuffix("_packed") + "_scale"
@@ -406,7 +427,7 @@ class CheckpointReader:
         elif key.endswith(".weight_packed"):
             loadable, expected = ("I32",), "int4/int8 codes packed in int32 words"
         elif f"{key}_scale" in self:
-            loadable, expected = ("I8",), f"int8 codes, as its {key}_scale says"
+            loadable, expected = ("I8", "F8_E4M3"), f"int8 codes or fp8 e4m3 values, as its {key}_scale says"
         else:
             loadable, expected = (*FLOAT_STORED, "F8_E4M3"), f"a float weight ({', '.join(FLOAT_STORED)})"
         if stored not in loadable:
@@ -455,10 +476,11 @@ class CheckpointReader:
         self.used.add(key)
         if not dequantize:  # memory-mapped; the mapping outlives the reader for as long as the tensor does
             return _aligned(tensor)
-        if tensor.dtype == torch.int8 and key + "_scale" in self.key_to_file:
+        if tensor.dtype in (torch.int8, torch.float8_e4m3fn) and key + "_scale" in self.key_to_file:
             self.check_scales(key)
             self.used.add(key + "_scale")
-            return dequantize_int(tensor, self._get(key + "_scale"))
+            scale, block = self._get(key + "_scale"), self.float_block(key.removesuffix(".weight"))
+            return dequantize_fp8(tensor, scale, block) if block else dequantize_int(tensor, scale)
         if tensor.dtype == torch.float8_e4m3fn:
             self.check_scales(key)  # refuses a missing scale or fp8 quantization_config too
             self.used.add(key + "_scale_inv")

@@ -299,6 +299,47 @@ def test_an_int_quantized_checkpoint_of_4_bit_codes_loads_as_int4_as_the_library
     assert torch.allclose(logits(quantized), logits(seekstack.load_pretrained(tmp_path, dequantize=True)), atol=0.05)
 
 
+@pytest.mark.parametrize("strategy", ["channel", "tensor", "block"])
+def test_a_float_quantized_fp8_checkpoint_loads_its_layers_as_the_library_dequantizes_them(tmp_path, strategy):
+    """compressed-tensors' `float-quantized` (llm-compressor's FP8_DYNAMIC, FP8, FP8_BLOCK: e4m3 `weight` and a
+    `weight_scale` per row, matrix or block) was refused as an unsupported quantization_config. Each layer written by
+    the library itself; they load in float."""
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int8"))
+    seekstack.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["format"] = "float-quantized"
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy}
+    weights |= {"block_structure": [16, 16]} if strategy == "block" else {}
+    for group in config["quantization_config"]["config_groups"].values():
+        group["weights"] = weights
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
+    compressor = BaseCompressor.load_from_registry("float-quantized")
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    generator, theirs = torch.Generator().manual_seed(0), {}
+    for layer in [key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed")]:
+        del tensors[f"{layer}.weight_packed"]
+        rows, columns = tensors.pop(f"{layer}.weight_shape").tolist()
+        weight = torch.randn(rows, columns, generator=generator)
+        scale_shape = {"channel": (rows, 1), "tensor": (1,), "block": (-(-rows // 16), -(-columns // 16))}[strategy]
+        scale = torch.rand(scale_shape, generator=generator).bfloat16() / 100 + 0.01
+        stored = compressor.compress({"weight": weight, "weight_scale": scale}, scheme)
+        assert stored["weight"].dtype == torch.float8_e4m3fn
+        tensors.update({f"{layer}.{name}": tensor for name, tensor in stored.items()})
+        theirs[layer] = compressor.decompress(stored, scheme)["weight"]
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    for dequantize in (False, True):
+        loaded = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=dequantize)))
+        for layer, weight in theirs.items():
+            assert torch.equal(loaded[f"{layer}.weight"].bfloat16(), weight), (layer, dequantize)
+
+
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     model = model_for_tests()
     quantize_model(model, QuantConfig(scheme="fp8"))
