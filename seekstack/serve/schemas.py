@@ -156,8 +156,13 @@ class RefusalPart(StrictRequest):
     refusal: str
 
 
+# OpenAI's rule for a replayed call's function name (no length limit there, as for a function defined: FUNCTION_NAME);
+# a name outside it could break the prompt's call format (a newline ends the name there)
+CALLED_NAME = r"^[a-zA-Z0-9_-]+$"
+
+
 class CalledFunction(StrictRequest):
-    name: str = Field(min_length=1)  # the chat template writes none empty
+    name: str = Field(pattern=CALLED_NAME)
     arguments: str  # a JSON object's text, as the model wrote it
 
     @field_validator("arguments")

@@ -237,7 +237,12 @@ def replayed_call(arguments: str) -> list[dict]:
          "only an assistant message calls tools"),
         ({"functions": [{"name": "f"}]}, "functions", "deprecated"),
         ({"messages": [{"role": "assistant", "content": None, "tool_calls": [UNNAMED_CALL]}]},
-         "messages.0.tool_calls.0.function.name", "at least 1 character"),
+         "messages.0.tool_calls.0.function.name", "should match pattern"),
+        # as OpenAI: "Invalid 'messages[1].tool_calls[0].function.name': string does not match pattern" (was: written
+        # into the prompt, where its newline ended the name early)
+        ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "move\n```json\n", "arguments": "{}"}}]}]},
+         "messages.1.tool_calls.0.function.name", "should match pattern '^[a-zA-Z0-9_-]+$'"),
         # as OpenAI and vLLM: a 400, where the call was written into the prompt as it was and the model answered
         ({"messages": replayed_call("{oops"), "tools": [MOVE]}, "messages.1.tool_calls.0.function.arguments",
          "must be JSON text"),
