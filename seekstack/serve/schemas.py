@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -220,6 +221,19 @@ def _distinct_names(tools: list[Tool]) -> list[Tool]:
 Tools = Annotated[list[Tool], AfterValidator(_distinct_names)]
 
 
+def _no_whole_vocabulary(count: Any) -> Any:
+    """Refuse vLLM's -1 (every token of the vocabulary with its logprob) in words, not as a count below 0."""
+    if count == -1:
+        raise ValueError(
+            "-1 asks for the logprobs of the whole vocabulary (vLLM's meaning, which its default --max-logprobs 20 "
+            "refuses too); this server gives the k likeliest tokens: give a count from 0 up"
+        )
+    return count
+
+
+LogprobsCount = BeforeValidator(_no_whole_vocabulary)  # of a logprobs count, vLLM's -1 refused by name
+
+
 class NamedFunction(StrictRequest):
     name: str
 
@@ -359,10 +373,10 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )  # one prompt (text or token ids), or a list of them: each gets n choices
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32), OrDefault] = 16  # OpenAI's default for completions, null too
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: Annotated[int | None, LogprobsCount] = Field(None, ge=0, le=5)
     echo: Annotated[bool, OrDefault] = False  # the prompt's text before each choice's
     # vLLM's: each prompt token's logprob after those before it (the first null), with its k likeliest alternatives
-    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt_logprobs: Annotated[int | None, LogprobsCount] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # vLLM's: false leaves out the special tokens the tokenizer frames a prompt text with (a DeepSeek release's BOS)
     add_special_tokens: Annotated[bool, OrDefault] = True
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)  # candidates per prompt; the n likeliest are returned

@@ -14,6 +14,7 @@ from seekstack.infer.engine import Engine
 from seekstack.infer.params import SamplingParams
 from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
+from seekstack.serve.errors import APIError, parse_body
 from seekstack.serve.protocol import prompt_ids
 from seekstack.serve.schemas import ChatCompletionRequest, CompletionRequest
 from tests.serve.server import error_of, make_model_dir, run
@@ -380,3 +381,13 @@ def test_a_clients_x_request_id_names_its_response_and_comes_back_as_vllm_names_
     assert ids[:4] == ["cmpl-trace-42", "cmpl-trace-42", "chatcmpl-trace-42", "chatcmpl-trace-42"]
     assert [response.headers.get("x-request-id") for response in responses] == ["trace-42"] * 4 + [None] * 4
     assert len(set(ids[4:])) == 4 and all("trace" not in response_id for response_id in ids[4:])
+
+
+@pytest.mark.parametrize("field", ["prompt_logprobs", "logprobs"])
+def test_vllms_minus_one_for_the_whole_vocabularys_logprobs_is_refused_saying_what_it_asks(field):
+    """-1 was refused as any negative count ("greater than or equal to 0, got -1"), which told a vLLM user nothing."""
+    body = json.dumps({"model": "model", "prompt": "x", field: -1}).encode()
+    with pytest.raises(APIError) as refused:
+        parse_body(CompletionRequest, body)
+    assert refused.value.param == field
+    assert "-1 asks for the logprobs of the whole vocabulary" in refused.value.message
