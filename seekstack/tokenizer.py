@@ -275,11 +275,12 @@ class Tokenizer:
             backend = BackendTokenizer.from_file(str(path))
         except Exception as error:  # the tokenizers library raises a bare Exception
             raise ValueError(f"{path}: {_why_not_a_tokenizer(path, error)}") from None
-        names = special_token_names(path.parent)
-        if has_role_tokens(backend):  # writes its chats itself, opening the reply as the release's template does
-            return cls(backend, source=str(path), reply_opening=_reply_opening(path.parent), **names)
+        # A tokenizer with the DeepSeek-V3 role tokens writes its chats itself, with DeepSeek's BOS and EOS, opening
+        # the reply as the release's template does
+        if has_role_tokens(backend):
+            return cls(backend, source=str(path), reply_opening=_reply_opening(path.parent))
         chat_template = read_chat_template(path.parent / CONFIG_FILE, path.parent / CHAT_TEMPLATE_FILE)
-        return cls(backend, source=str(path), chat_template=chat_template, **names)
+        return cls(backend, source=str(path), chat_template=chat_template, **special_token_names(path.parent))
 
     @property
     def fingerprint(self) -> str:

@@ -528,6 +528,14 @@ def test_a_llama_style_tokenizer_gets_the_bos_and_eos_its_files_name_as_in_trans
     assert tokenizer.render_chat(chat) == "<s>hi</s>" == reference.apply_chat_template(chat, tokenize=False)
 
 
+def test_a_deepseek_v3_format_tokenizer_loads_beside_a_damaged_tokenizer_config(tmp_path):
+    """It writes its chats itself with DeepSeek's BOS and EOS, and needs no tokenizer_config.json."""
+    path = deepseek_like_tokenizer(tmp_path / "tokenizer.json", [BOS, EOS, USER, ASSISTANT])
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    tokenizer = Tokenizer.from_file(path)
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.reply_opening) == (95, 96, "")
+
+
 def test_a_bos_token_the_tokenizer_lacks_is_named_with_the_file_that_names_it(tmp_path):
     deepseek_like_tokenizer(tmp_path / "tokenizer.json", ["<s>", "</s>"])
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "</s>"}))
