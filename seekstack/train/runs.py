@@ -97,13 +97,15 @@ def _with_missing_files(folder: Path) -> str:
 
 def refuse_new_run_into(out_dir: str | Path) -> None:
     """A new run into a folder that holds a run would trim its metrics and prune its checkpoints: refused, before the
-    run builds anything (its data, its model, a post-training source)."""
-    earlier = list_checkpoints(out_dir)
-    if earlier:
-        raise ConfigError(
-            f"out_dir {out_dir} holds a run (checkpoint {earlier[-1].name}); continue it with --resume, "
-            "or train into another out_dir"
-        )
+    run builds anything (its data, its model, a post-training source). A run whose step folders are all incomplete
+    (its weights deleted since) is one too: it is named with what they lack."""
+    complete, saved = list_checkpoints(out_dir), step_folders(out_dir)
+    if not saved:
+        return
+    held = f"checkpoint {complete[-1].name}" if complete else f"{_with_missing_files(saved[-1])}, incomplete"
+    raise ConfigError(
+        f"out_dir {out_dir} holds a run ({held}); continue it with --resume, or train into another out_dir"
+    )
 
 
 class RunInProgress(OSError):

@@ -14,8 +14,15 @@ import torch.cuda.random
 
 from seekstack.checkpoint import CheckpointError, write_pretrained_files
 from seekstack.model.transformer import Transformer
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import Tokenizer, train_tokenizer
-from seekstack.train.runs import TRAIN_STATE_FILE, latest_checkpoint, list_checkpoints, passed_over
+from seekstack.train.runs import (
+    TRAIN_STATE_FILE,
+    latest_checkpoint,
+    list_checkpoints,
+    passed_over,
+    refuse_new_run_into,
+)
 from seekstack.train.state import (
     export_checkpoint,
     prune_checkpoints,
@@ -156,6 +163,17 @@ def test_a_step_folder_missing_its_model_files_is_passed_over_naming_what_it_lac
     assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2"]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_2"
     assert passed_over(latest_checkpoint(tmp_path)) == f"; passed over step_4 (no {deleted}), incomplete"
+
+
+def test_a_new_run_into_a_folder_whose_checkpoints_are_all_incomplete_is_refused_naming_what_they_lack(tmp_path):
+    """Listed as no checkpoint, a run whose only step_N lost its weights let a new run into its out_dir, which trims
+    the run's metrics and overwrites its steps."""
+    checkpoint = save_checkpoint(tmp_path, Transformer(micro_config()), {"step": 4}, keep=1)
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"holds a run \(step_4 \(no model\.safetensors\), incomplete\); continue"):
+        refuse_new_run_into(tmp_path)
+    shutil.rmtree(checkpoint)
+    refuse_new_run_into(tmp_path)  # no run there
 
 
 class _OpensAFileWhenLoaded:
