@@ -347,7 +347,7 @@ class Server:
             except Exception:  # the database refused its row: no stream, and no engine work for no one
                 await finish(500)
                 raise
-            events = self.stream(body, group, bill, usage, categories, response_id)
+            events = self.stream(body, prompts, group, bill, usage, categories, response_id)
             return EventStream(events, on_close=finish, headers=echoed)
         status = CLIENT_CLOSED
         try:
@@ -510,15 +510,25 @@ class Server:
         return JSONResponse(response.model_dump())
 
     async def stream(
-        self, body, group: RequestGroup, bill: Bill, usage: ChoicesUsage, categories: list[Category], response_id: str
+        self,
+        body,
+        prompts: list[list[int]],
+        group: RequestGroup,
+        bill: Bill,
+        usage: ChoicesUsage,
+        categories: list[Category],
+        response_id: str,
     ) -> AsyncIterator[str]:
-        """SSE chunks as the engine produces tokens, through the content policy (a choice it blocks ends with
-        finish_reason "content_filter"), each with its choice's usage so far when vLLM's continuous_usage_stats asks;
-        billed, then the usage chunk if asked, then `data: [DONE]`."""
+        """SSE chunks as the engine produces tokens of `prompts` (their token ids), through the content policy (a choice
+        it blocks ends with finish_reason "content_filter"), each with its choice's usage so far when vLLM's
+        continuous_usage_stats asks; billed, then the usage chunk if asked, then `data: [DONE]`. An echoed prompt comes
+        first: at once, or with logprobs, with its choice's first output (which brings the prompt's logprobs)."""
         is_chat = isinstance(body, ChatCompletionRequest)
         n = len(group.request_ids)
         created = int(time.time())
         text_offsets = [0] * n
+        echo_with_logprobs = not is_chat and body.echo and body.logprobs is not None
+        unechoed = set(range(n)) if echo_with_logprobs else set()  # choices whose prompt is still to be echoed
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
         tools = is_chat and body.offered_tools()
@@ -530,13 +540,22 @@ class Server:
             if is_chat:
                 roles = [_role_choice(i) for i in range(n)]
                 yield sse(self._chat_chunk(response_id, created, bill.model, roles, first_usage))
-            elif body.echo:
+            elif body.echo and not echo_with_logprobs:
                 echo = [CompletionChoice(index=i, text=self.echo_text(body, i // body.n)) for i in range(n)]
                 yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=echo,
                                              usage=first_usage))  # fmt: skip
             async for index, output in group:
                 usage.count(index, output, bill)
                 bill.update_soon()
+                if index in unechoed:  # as vLLM: the prompt's text and logprobs, before the choice's own
+                    unechoed.discard(index)
+                    prompt = prompts[index // body.n]
+                    echo_logprobs = self.choice_logprobs(body, prompt, output.prompt_logprobs, [])
+                    text_offsets[index] = sum(len(token) for token in echo_logprobs.tokens)
+                    echo = CompletionChoice(
+                        index=index, text=self.echo_text(body, index // body.n), logprobs=echo_logprobs
+                    )
+                    yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[echo]))
                 if index in policy.blocked:  # delivered before its abort
                     continue
                 text, entries, blocked = policy.read(index, output, output.logprobs)

@@ -168,8 +168,6 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
                        f"{MAX_ENGINE_REQUESTS} are served", param="n")  # fmt: skip
     if request.suffix is not None:
         raise unsupported("suffix", "this model does not fill in the middle: send the request without suffix")
-    if request.echo and request.logprobs is not None and request.stream:
-        raise unsupported("echo", "echo with logprobs cannot be streamed: send the request without stream")
     if request.prompt_logprobs is not None and request.stream:  # as vLLM refuses them
         raise unsupported("prompt_logprobs", "prompt_logprobs cannot be streamed: send the request without stream")
     if request.best_of is not None and request.best_of < request.n:

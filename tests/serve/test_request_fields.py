@@ -195,7 +195,8 @@ def test_prompt_logprobs_are_vllms_each_prompt_token_with_its_rank_and_the_likel
 
 def test_echo_with_logprobs_puts_the_prompts_tokens_first_as_openais_legacy_completions(engine, tmp_path):
     """echo with logprobs was refused; OpenAI's legacy completions and vLLM answer it with the prompt's tokens first,
-    the first one's logprob null (lm-eval's local-completions scores a continuation so), then the choice's own."""
+    the first one's logprob null (lm-eval's local-completions scores a continuation so), then the choice's own;
+    streamed, the same tokens in its chunks, as vLLM streams them."""
     prompt = engine.tokenizer.encode("The quick brown fox jumps")
     body = {**GREEDY, "prompt": prompt, "max_tokens": 3, "logprobs": 2}
     echoed, plain, streamed = post_each(engine, tmp_path / "db", [
@@ -211,7 +212,11 @@ def test_echo_with_logprobs_puts_the_prompts_tokens_first_as_openais_legacy_comp
     assert logprobs["token_logprobs"][1:] == pytest.approx(scored + own["token_logprobs"], abs=1e-5)
     assert all(len(top) in (2, 3) for top in logprobs["top_logprobs"][1:])
     assert logprobs["text_offset"][len(prompt)] == len("".join(texts)) and choice["text"].startswith("".join(texts))
-    assert error_of(streamed, 400)["param"] == "echo"
+    chunks = [json.loads(line[6:])["choices"] for line in streamed.text.splitlines() if line.startswith("data: {")]
+    pieces = [choice for choices in chunks for choice in choices]  # as vLLM streams it (the stream was refused)
+    assert "".join(piece["text"] for piece in pieces) == choice["text"]
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [value for piece in pieces for value in piece["logprobs"][field]] == logprobs[field], field
 
 
 def test_reasoning_effort_is_refused_without_telling_a_reasoning_model_it_does_not_reason(engine, tmp_path):
