@@ -159,6 +159,8 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
         "\\boxed{\\text{1042}}",  # a closing \\text{...} is a unit math-verify drops
         "\\boxed{1042\\text{ apples}}",
         "1042 \\mbox{cm}^2",
+        "\\boxed{{1042}}",  # a TeX group around the answer, which math-verify reads through
+        "{ 1042\\text{ apples} }",
         "\\boxed{1042\\,\\text{cm}}",  # a LaTeX space before the unit, as SI writes one
         "1042\\ \\text{apples}",
         "1\\,042\\;\\mathrm{m}",
@@ -197,6 +199,7 @@ def test_arithmetic_answers_are_read_as_math_verify_reads_a_number(answer):
         "- 1042",
         "1_042",
         "1042/0",
+        "{1}{042}",
         "Answer 1042",
         "Answer: 1041\nAnswer: 1042",
     ],

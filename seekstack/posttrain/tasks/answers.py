@@ -143,10 +143,13 @@ def read_items(answer: str) -> Items | None:
 
 
 def _answer_text(answer: str) -> str | None:
-    """The final answer's text less its sizing, unit and `x = `; None when the last box is never closed."""
+    """The final answer's text less its sizing, braces around it whole (`\\boxed{{5}}`, a TeX group math-verify reads
+    through), unit and `x = `; None when the last box is never closed."""
     text = final_answer(answer)
     if text is None:
         return None
+    if text.startswith("{") and text.endswith("}") and _braced(text, 1) == text[1:-1].strip():
+        text = text[1:-1].strip()
     text = _without_unit(SIZING.sub("", text))
     named = VARIABLE.match(text)
     return text[named.end() if named else 0 :].strip()
