@@ -1,6 +1,8 @@
 """Reading a final answer as math-verify (TRL's accuracy_reward, verl's math rewards) reads one: the last
 `\\boxed{...}` wherever it stands in the answer, else the answer whole, inside `<answer>` tags or `$...$` maybe; then
-one number, exactly, as a Fraction (`\\frac{1}{2}`, `1/2` and `0.5` alike; `57.0` is 57).
+one number, exactly, as a Fraction (`\\frac{1}{2}`, `1/2` and `0.5` alike; `57.0` is 57), or (read_items) a tuple, an
+interval or a set of numbers (`(1, 2)`, `[0, 1)`, `\\{1, 2\\}`), compared by brackets and numbers (math-verify, laxer,
+takes `(1, 2)` and `\\{1, 2\\}` for one another).
 
 A closing `\\text{...}` is a unit, dropped as math-verify drops it (`57\\text{ apples}` is 57, `\\text{57}` too).
 Where it is stricter than math-verify: prose with no box around its number is no answer (math-verify takes the last
