@@ -480,6 +480,7 @@ class Server:
         common = dict(id=response_id, created=int(time.time()), model=bill.model, usage=bill.usage())
         if is_chat:
             response = ChatCompletionResponse(
+                prompt_logprobs=vllm_prompt_logprobs(prompt_logprobs[0]) if prompt_logprobs[0] else None,  # one prompt
                 choices=[
                     ChatChoice(
                         index=position,

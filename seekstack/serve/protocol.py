@@ -74,8 +74,6 @@ REFUSED_VLLM_CHAT_FIELDS = {
     "add_generation_prompt": CONTINUE_WITH_PREFIX,
     "continue_final_message": CONTINUE_WITH_PREFIX,
     "echo": "chat replies do not echo the last message",
-    "prompt_logprobs": "chat replies give no logprobs of the prompt (/v1/completions does, for the messages' token "
-    "ids from /tokenize)",
     "add_special_tokens": "the chat template places the special tokens the model was trained with; none are added",
 }
 ASKING_NOTHING = {  # what is done anyway
@@ -158,6 +156,8 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
         value = getattr(request, param)
         if value not in (None, [], ASKING_NOTHING.get(param)):
             raise unsupported(param, f"{reason}: send the request without {param}")
+    if request.prompt_logprobs is not None and request.stream:  # as vLLM refuses them
+        raise unsupported("prompt_logprobs", "prompt_logprobs cannot be streamed: send the request without stream")
     if is_chat:
         if request.top_logprobs is not None and not request.logprobs:  # OpenAI's answer too
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
@@ -168,8 +168,6 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
                        f"{MAX_ENGINE_REQUESTS} are served", param="n")  # fmt: skip
     if request.suffix is not None:
         raise unsupported("suffix", "this model does not fill in the middle: send the request without suffix")
-    if request.prompt_logprobs is not None and request.stream:  # as vLLM refuses them
-        raise unsupported("prompt_logprobs", "prompt_logprobs cannot be streamed: send the request without stream")
     if request.best_of is not None and request.best_of < request.n:
         raise APIError(400, f"best_of ({request.best_of}) must be at least n ({request.n})", param="best_of")
     if request.best_of is not None and request.best_of > request.n and request.stream:
@@ -299,7 +297,7 @@ def sampling_params(
                 stop_token_ids=tuple(request.stop_token_ids or ()),
                 logprobs=logprobs or ranked,
                 top_logprobs=top_logprobs,
-                prompt_logprobs=None if is_chat else asked_prompt_logprobs(request),
+                prompt_logprobs=asked_prompt_logprobs(request),
                 ignore_eos=request.ignore_eos,
                 min_tokens=request.min_tokens,
                 # the tool-call tokens stay in the text for the tool-call parser, as vLLM's tool parsers keep them
@@ -311,10 +309,10 @@ def sampling_params(
     return choices
 
 
-def asked_prompt_logprobs(request: CompletionRequest) -> int | None:
-    """How many likeliest tokens each prompt token's logprob comes with: prompt_logprobs, else, with echo, logprobs
-    (the echoed prompt's tokens come first in the choice's logprobs), as vLLM reads them."""
-    if request.prompt_logprobs is not None or not request.echo:
+def asked_prompt_logprobs(request: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many likeliest tokens each prompt token's logprob comes with: prompt_logprobs, else, with a completion's
+    echo, logprobs (the echoed prompt's tokens come first in the choice's logprobs), as vLLM reads them."""
+    if request.prompt_logprobs is not None or isinstance(request, ChatCompletionRequest) or not request.echo:
         return request.prompt_logprobs
     return request.logprobs
 

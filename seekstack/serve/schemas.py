@@ -342,7 +342,8 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool | None = None  # true accepted
     continue_final_message: bool | None = None  # false accepted
     echo: bool | None = None  # false accepted
-    prompt_logprobs: Any = None  # declared to be refused: completions give them
+    # vLLM's: each prompt token's logprob after those before it (the first null), in the response's prompt_logprobs
+    prompt_logprobs: Annotated[int | None, LogprobsCount] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_special_tokens: bool | None = None  # false accepted: the chat template holds the special tokens
 
     @field_validator("tool_choice")
@@ -519,6 +520,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's, of the prompt the messages make
 
 
 class ChatDelta(BaseModel):

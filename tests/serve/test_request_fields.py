@@ -130,7 +130,6 @@ VLLM_CHAT_REFUSED = {
     "add_generation_prompt": False,
     "continue_final_message": True,
     "echo": True,
-    "prompt_logprobs": 0,
 }
 VLLM_ASKING_NOTHING = {"min_tokens": 0, "use_beam_search": False, "include_stop_str_in_output": False, "bad_words": [],
                        "return_tokens_as_token_ids": False, "return_token_ids": False}  # fmt: skip
@@ -163,12 +162,12 @@ def test_vllm_fields_that_would_change_the_reply_are_refused_by_name_not_ignored
 def test_prompt_logprobs_are_vllms_each_prompt_token_with_its_rank_and_the_likeliest(engine, tmp_path):
     """vLLM's prompt_logprobs were refused ("this server gives no logprobs of the prompt"). Each choice carries them
     in vLLM's shape: per prompt token (the first null) {token id: {logprob, rank, decoded_token}}, the prompt's token
-    first, then the k likeliest; a stream is refused (as vLLM refuses one), and chat's names /v1/completions."""
+    first, then the k likeliest; a stream is refused (as vLLM refuses one)."""
     prompt = engine.tokenizer.encode("The quick brown fox jumps")
     body = {**GREEDY, "prompt": prompt, "n": 2, "prompt_logprobs": 2}
-    asked, plain, streamed, chat = post_each(engine, tmp_path / "db", [
+    asked, plain, streamed = post_each(engine, tmp_path / "db", [
         ("/v1/completions", body), ("/v1/completions", {**GREEDY, "prompt": prompt}),
-        ("/v1/completions", {**body, "stream": True}), ("/v1/chat/completions", {**CHAT, "prompt_logprobs": 2}),
+        ("/v1/completions", {**body, "stream": True}),
     ])  # fmt: skip
     full = engine.model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)  # position j - 1 predicts token j
     expected = [None]
@@ -190,7 +189,27 @@ def test_prompt_logprobs_are_vllms_each_prompt_token_with_its_rank_and_the_likel
                                                                              abs=1e-4)  # fmt: skip
     assert plain.json()["choices"][0]["prompt_logprobs"] is None
     assert error_of(streamed, 400)["param"] == "prompt_logprobs"
-    assert "/v1/completions" in error_of(chat, 400)["message"]
+
+
+def test_chat_gives_the_prompt_logprobs_of_its_messages_as_vllms_response_does(engine, tmp_path):
+    """Chat refused prompt_logprobs (pointing to /v1/completions with the messages' ids); vLLM's chat response carries
+    them, for the prompt the messages make, beside its choices; a stream is refused, as for completions."""
+    tokenized, chat, streamed = post_each(engine, tmp_path / "db", [
+        ("/tokenize", {"messages": CHAT["messages"], "add_generation_prompt": True}),
+        ("/v1/chat/completions", {**CHAT, "prompt_logprobs": 2}),
+        ("/v1/chat/completions", {**CHAT, "prompt_logprobs": 2, "stream": True}),
+    ])  # fmt: skip
+    [completion] = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", {**GREEDY, "prompt": tokenized.json()["tokens"], "prompt_logprobs": 2}),
+    ])  # fmt: skip
+    expected = completion.json()["choices"][0]["prompt_logprobs"]
+    served = chat.json()["prompt_logprobs"]
+    assert served[0] is None and len(served) == len(expected) == tokenized.json()["count"]
+    for entry, wanted in zip(served[1:], expected[1:], strict=True):
+        assert {k: (v["rank"], v["decoded_token"]) for k, v in entry.items()} == {
+            k: (v["rank"], v["decoded_token"]) for k, v in wanted.items()
+        }
+    assert error_of(streamed, 400)["param"] == "prompt_logprobs"
 
 
 def test_echo_with_logprobs_puts_the_prompts_tokens_first_as_openais_legacy_completions(engine, tmp_path):
