@@ -28,6 +28,7 @@ from seekstack.schema import ConfigError
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.adapters.support import prompt_ids, write_base, write_random_adapter
+from tests.posttrain.support import loss_and_gradients
 from tests.train.test_trainer import write_split
 
 PEFT_ATOL = 1e-4  # ours vs transformers + peft
@@ -482,13 +483,8 @@ def test_lora_on_chat_packs_with_packing_true_with_the_padded_loss_and_gradients
         if parameter.requires_grad:
             parameter.data.normal_(std=0.1)
 
-    def step(source, batch):
-        model.zero_grad()
-        out, _ = source.loss(model, batch, mtp_loss_weight=0.3)
-        out.loss.backward()
-        return out, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
-
-    (rows, row_grads), (pack, pack_grads) = step(padded, padded_batch), step(packed, packed_batch)
+    (rows, row_grads) = loss_and_gradients(model, padded, padded_batch)
+    (pack, pack_grads) = loss_and_gradients(model, packed, packed_batch)
     assert row_grads and len(pack_grads) == len(row_grads)
     torch.testing.assert_close(pack.loss, rows.loss, rtol=1e-5, atol=1e-6)
     for grad, reference in zip(pack_grads, row_grads, strict=True):

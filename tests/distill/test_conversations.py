@@ -35,7 +35,7 @@ from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import TOKENIZER_FILE
 from seekstack.train.plot import plot_run
 from tests.distill.support import DENSE_STUDENT, VOCAB, write_teacher
-from tests.posttrain.support import byte_tokenizer
+from tests.posttrain.support import byte_tokenizer, loss_and_gradients
 
 
 @pytest.fixture(scope="module")
@@ -335,13 +335,8 @@ def test_a_packed_batch_has_the_distillation_loss_and_gradients_of_the_same_conv
         Transformer(config.model_config()), Teacher(workspace["teacher"], "float32", torch.device("cpu")), config, VOCAB
     ).train()
 
-    def step(source, batch):
-        model.zero_grad()
-        out, _ = source.loss(model, batch, mtp_loss_weight=0.3)
-        out.loss.backward()
-        return out, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
-
-    (rows, row_grads), (pack, pack_grads) = step(padded, padded_batch), step(packed, packed_batch)
+    (rows, row_grads) = loss_and_gradients(model, padded, padded_batch)
+    (pack, pack_grads) = loss_and_gradients(model, packed, packed_batch)
     torch.testing.assert_close(pack.loss, rows.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pack.lm_loss, rows.lm_loss, rtol=1e-5, atol=1e-6)
     for grad, reference in zip(pack_grads, row_grads, strict=True):

@@ -28,3 +28,12 @@ def micro_checkpoint(directory: Path, context: int = 512) -> Path:
     save_pretrained(model, directory)
     assert byte_tokenizer(directory).vocab_size == 300
     return directory
+
+
+def loss_and_gradients(model, source, batch) -> tuple:
+    """`source.loss`'s output for `model` on `batch` (MTP weight 0.3) and the gradient of each parameter that gets
+    one: what a packed batch must equal its padded twin in."""
+    model.zero_grad()
+    out, _ = source.loss(model, batch, mtp_loss_weight=0.3)
+    out.loss.backward()
+    return out, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]

@@ -14,7 +14,7 @@ from seekstack.posttrain.packing import best_fit_decreasing, pack_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.train.config import resolve_train_config
 from tests.conftest import micro_config
-from tests.posttrain.support import byte_tokenizer
+from tests.posttrain.support import byte_tokenizer, loss_and_gradients
 
 CHATS = [
     [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "3"}],
@@ -57,13 +57,8 @@ def test_a_packed_batch_has_the_loss_and_gradients_of_the_same_conversations_pad
     assert packed_batch[0].numel() < padded_batch[0].numel()  # and fewer positions computed
     assert packed.labelled_tokens(packed_batch) == padded.labelled_tokens(padded_batch)
 
-    def step(source, batch):
-        model.zero_grad()
-        out, _ = source.loss(model, batch, mtp_loss_weight=0.3)
-        out.loss.backward()
-        return out, [parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None]
-
-    (rows, row_grads), (pack, pack_grads) = step(padded, padded_batch), step(packed, packed_batch)
+    (rows, row_grads) = loss_and_gradients(model, padded, padded_batch)
+    (pack, pack_grads) = loss_and_gradients(model, packed, packed_batch)
     for name in ["loss", "lm_loss", "mtp_loss", "balance_loss"]:
         torch.testing.assert_close(getattr(pack, name), getattr(rows, name), rtol=1e-5, atol=1e-6)
     for grad, reference in zip(pack_grads, row_grads, strict=True):
