@@ -255,37 +255,49 @@ def test_a_naive_quantized_int8_checkpoint_loads_as_the_int_quantized_one(tmp_pa
     assert torch.equal(logits(seekstack.load_pretrained(tmp_path)), expected)
 
 
-def test_an_int_quantized_checkpoint_of_4_bit_codes_loads_as_int4_as_the_library_dequantizes_it(tmp_path):
-    """compressed-tensors' `int-quantized` stores W4A16's codes unpacked in int8 (num_bits 4, values -8..7); it was
-    refused: "says num_bits=4 ..., but ... stores it as int8". Each layer written by the library itself."""
+def rewrite_with_compressor(folder, base_scheme, quant_format, weights, scale_of, stored_dtype) -> dict:
+    """Save the test model quantized as `base_scheme` in `folder`, then rewrite it as compressed-tensors'
+    `quant_format` of `weights` (QuantizationArgs): each quantized layer random weights as that library's compressor
+    stores them (in `stored_dtype`), of scale `scale_of(weight, generator)`. Each layer's weight as the library
+    decompresses it."""
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
 
     model = model_for_tests()
-    quantize_model(model, QuantConfig(scheme="int4"))
-    seekstack.save_pretrained(model, tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"]["format"] = "int-quantized"
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    quantize_model(model, QuantConfig(scheme=base_scheme))
+    seekstack.save_pretrained(model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["format"] = quant_format
     for group in config["quantization_config"]["config_groups"].values():
         group["weights"] = weights
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config))
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
-    compressor = BaseCompressor.load_from_registry("int-quantized")
-    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    compressor = BaseCompressor.load_from_registry(quant_format)
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(folder / SINGLE_FILE).items()}
     generator, theirs = torch.Generator().manual_seed(0), {}
     for layer in [key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed")]:
         del tensors[f"{layer}.weight_packed"]
         rows, columns = tensors.pop(f"{layer}.weight_shape").tolist()
         weight = torch.randn(rows, columns, generator=generator)
-        scale = (weight.reshape(rows, -1, 32).abs().amax(-1) / 7).bfloat16()
-        stored = compressor.compress({"weight": weight, "weight_scale": scale}, scheme)
-        assert stored["weight"].dtype == torch.int8
+        stored = compressor.compress({"weight": weight, "weight_scale": scale_of(weight, generator)}, scheme)
+        assert stored["weight"].dtype == stored_dtype
         tensors.update({f"{layer}.{name}": tensor for name, tensor in stored.items()})
         theirs[layer] = compressor.decompress(stored, scheme)["weight"]
-    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    save_aligned(tensors, folder / SINGLE_FILE)
+    return theirs
+
+
+def test_an_int_quantized_checkpoint_of_4_bit_codes_loads_as_int4_as_the_library_dequantizes_it(tmp_path):
+    """compressed-tensors' `int-quantized` stores W4A16's codes unpacked in int8 (num_bits 4, values -8..7); it was
+    refused: "says num_bits=4 ..., but ... stores it as int8". Each layer written by the library itself."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+
+    def group_scales(weight, generator):
+        return (weight.reshape(weight.shape[0], -1, 32).abs().amax(-1) / 7).bfloat16()
+
+    theirs = rewrite_with_compressor(tmp_path, "int4", "int-quantized", weights, group_scales, torch.int8)
     dequantized = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=True)))
     for layer, weight in theirs.items():
         assert torch.equal(dequantized[f"{layer}.weight"].bfloat16(), weight), layer
@@ -304,36 +316,15 @@ def test_a_float_quantized_fp8_checkpoint_loads_its_layers_as_the_library_dequan
     """compressed-tensors' `float-quantized` (llm-compressor's FP8_DYNAMIC, FP8, FP8_BLOCK: e4m3 `weight` and a
     `weight_scale` per row, matrix or block) was refused as an unsupported quantization_config. Each layer written by
     the library itself; they load in float."""
-    from compressed_tensors.compressors.base import BaseCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
-
-    model = model_for_tests()
-    quantize_model(model, QuantConfig(scheme="int8"))
-    seekstack.save_pretrained(model, tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["quantization_config"]["format"] = "float-quantized"
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy}
     weights |= {"block_structure": [16, 16]} if strategy == "block" else {}
-    for group in config["quantization_config"]["config_groups"].values():
-        group["weights"] = weights
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
-    compressor = BaseCompressor.load_from_registry("float-quantized")
-    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
-    generator, theirs = torch.Generator().manual_seed(0), {}
-    for layer in [key.removesuffix(".weight_packed") for key in tensors if key.endswith(".weight_packed")]:
-        del tensors[f"{layer}.weight_packed"]
-        rows, columns = tensors.pop(f"{layer}.weight_shape").tolist()
-        weight = torch.randn(rows, columns, generator=generator)
-        scale_shape = {"channel": (rows, 1), "tensor": (1,), "block": (-(-rows // 16), -(-columns // 16))}[strategy]
-        scale = torch.rand(scale_shape, generator=generator).bfloat16() / 100 + 0.01
-        stored = compressor.compress({"weight": weight, "weight_scale": scale}, scheme)
-        assert stored["weight"].dtype == torch.float8_e4m3fn
-        tensors.update({f"{layer}.{name}": tensor for name, tensor in stored.items()})
-        theirs[layer] = compressor.decompress(stored, scheme)["weight"]
-    save_aligned(tensors, tmp_path / SINGLE_FILE)
+
+    def random_scales(weight, generator):
+        rows, columns = weight.shape
+        shape = {"channel": (rows, 1), "tensor": (1,), "block": (-(-rows // 16), -(-columns // 16))}[strategy]
+        return torch.rand(shape, generator=generator).bfloat16() / 100 + 0.01
+
+    theirs = rewrite_with_compressor(tmp_path, "int8", "float-quantized", weights, random_scales, torch.float8_e4m3fn)
     for dequantize in (False, True):
         loaded = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=dequantize)))
         for layer, weight in theirs.items():
