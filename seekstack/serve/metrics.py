@@ -88,6 +88,7 @@ class ServerMetrics:
                                         spec_accepted=0)  # fmt: skip
         self._prefill_seen = 0
         self._stats_seen = (time.monotonic(), 0.0, 0.0)  # the last stats line's time, prompt and generation tokens
+        self._stats_busy = False  # whether the last interval computed, ran or queued anything
 
     def request_finished(self, reason: str, prompt_tokens: int, generated: int) -> None:
         """A request (all its choices) ended for `reason`, its prompt tokens computed and `generated` tokens made."""
@@ -130,7 +131,8 @@ class ServerMetrics:
     def stats_line(self, now: float) -> str | None:
         """vLLM's periodic stats line: prompt and generation throughput since the last line (at `now`, monotonic
         seconds), the requests running and waiting, the cache in use; None for an interval with nothing computed,
-        running or waiting, which vLLM does not log either."""
+        running or waiting after one alike, which vLLM does not log either (the first idle interval is logged: the
+        log's last line shows the server drained)."""
 
         def sample(name: str) -> float:
             return self.registry.get_sample_value(PREFIX + name, {"model_name": self._model_name})
@@ -140,7 +142,9 @@ class ServerMetrics:
         elapsed = max(now - since, 1e-9)
         prompt_rate, generation_rate = ((total - last) / elapsed for total, last in zip(totals, seen, strict=True))
         running, waiting = sample("num_requests_running"), sample("num_requests_waiting")
-        if not (prompt_rate or generation_rate or running or waiting):
+        busy, was_busy = bool(prompt_rate or generation_rate or running or waiting), self._stats_busy
+        self._stats_busy = busy
+        if not (busy or was_busy):
             return None
         usage = sample("kv_cache_usage_perc")
         return (
