@@ -215,6 +215,16 @@ def test_a_negative_answer_takes_the_ascii_or_the_unicode_minus_sign(answer):
 
 
 @pytest.mark.parametrize(
+    ("answer", "value"),
+    [("\\boxed{- 3}", -3), ("$- 3$", -3), ("\u2212 3", -3), ("+ 3", 3), ("- 1,042", -1042), ("\\frac{- 6}{2}", -3),
+     ("- \\dfrac{6}{2}", -3), ("-\\frac{- 6}{2}", 3)],
+)  # fmt: skip
+def test_a_space_after_the_sign_is_read_as_latex_and_math_verify_read_it(answer, value):
+    """\\boxed{- 3} was no number (scored 0 against -3), where LaTeX typesets -3 and math-verify reads -3."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
     "answer",
     ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4", "\\frac 12",
      "\\frac {1} {2}", "\\boxed{\\dfrac{ 1 }{ 2 }}"],  # spaces in \\frac, as LaTeX and math-verify read them

@@ -39,16 +39,19 @@ THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u2009\u202f]"
 UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12")
 WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\ )*(?=\\[dt]?frac\s*\{?\s*[0-9.])"
+# A sign, and the whitespace LaTeX ignores after it ("- 5", "\frac{- 1}{2}", as math-verify reads them)
+SIGN = r"(?:[+\-\u2212]\s*)?"
 # \frac{a}{b}, \dfrac, \tfrac, \frac12; spaces around its arguments as LaTeX takes them ("\frac 12", "\frac {1} {2}")
 FRACTION = (
-    rf"\\[dt]?frac\s*(?:\{{\s*(?P<top>[+\-\u2212]?(?:{UNSIGNED}))\s*\}}|(?P<top_digit>[0-9]))"
+    rf"\\[dt]?frac\s*(?:\{{\s*(?P<top_sign>{SIGN})(?P<top>{UNSIGNED})\s*\}}|(?P<top_digit>[0-9]))"
     rf"\s*(?:\{{\s*(?P<bottom>{UNSIGNED})\s*\}}|(?P<bottom_digit>[0-9]))"
 )
 # Scientific notation's power of ten after a number ("3 \times 10^{5}", "3\cdot 10^5", "1.5 \times 10^{-3}"); an
 # exponent of up to 3 digits, a number int reads
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
+SIGNS = ("sign", "top_sign")  # NUMBER's groups of a sign: a minus in one of them makes the number negative
 NUMBER = re.compile(
-    rf"(?:\\?\$)?(?P<sign>[+\-\u2212]?)(?:(?:{WHOLE})?{FRACTION}"
+    rf"(?:\\?\$)?(?P<sign>{SIGN})(?:(?:{WHOLE})?{FRACTION}"
     rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED})|{POWER})?)(?P<percent>\\?%)?"
 )
 
@@ -95,12 +98,12 @@ class Reading(NamedTuple):
 
 def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
-    thing. Read: a sign (`-`, `+`, `−`), ASCII digits with thousands by `,`, `{,}`, `\\,` or a space, a decimal part,
-    `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`), a mixed number (`1\\frac{1}{2}` is 3/2),
-    `a \\times 10^{n}` (`\\cdot`); around it `x = `, `$` or `\\$` before, `%` or `\\%` after (dropped: "5%" is 5;
-    `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after (dropped), `\\left(...\\right)` or `(...)`. A
-    number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not
-    an error."""
+    thing. Read: a sign (`-`, `+`, `−`; whitespace after it), ASCII digits with thousands by `,`, `{,}`, `\\,` or a
+    space, a decimal part, `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`), a mixed number (`1\\frac{1}{2}`
+    is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = `, `$` or `\\$` before, `%` or `\\%` after (dropped: "5%" is
+    5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after (dropped), `\\left(...\\right)` or `(...)`.
+    A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer,
+    not an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
@@ -185,7 +188,8 @@ def _number(text: str) -> Reading | None:
         value = (_fraction(match["whole"] or "0") + _fraction(top) / _fraction(bottom)) * Fraction(10) ** exponent
     except (ValueError, ZeroDivisionError):
         return None
-    return Reading(-value if match["sign"] in ("-", "\u2212") else value, bool(match["percent"]))
+    negative = sum((match[group] or "")[:1] in ("-", "\u2212") for group in SIGNS) % 2 == 1
+    return Reading(-value if negative else value, bool(match["percent"]))
 
 
 def _without_unit(text: str) -> str:
@@ -208,9 +212,9 @@ def _less_latex_space(text: str) -> str:
 
 
 def _fraction(number: str) -> Fraction:
-    """An UNSIGNED number, perhaps signed, as a Fraction (thousands separators dropped); a ValueError when it groups
-    its thousands by two separators ("1,000 000"), which math-verify refuses."""
+    """An UNSIGNED number as a Fraction (thousands separators dropped); a ValueError when it groups its thousands by
+    two separators ("1,000 000"), which math-verify refuses."""
     if len(set(re.findall(THOUSANDS_SEPARATOR, number))) > 1:
         raise ValueError(f"{number!r}: thousands by two separators")
-    plain = re.sub(THOUSANDS_SEPARATOR, "", number).replace("\u2212", "-")
+    plain = re.sub(THOUSANDS_SEPARATOR, "", number)
     return Fraction(plain + "0" if plain.endswith(".") else plain)
