@@ -225,6 +225,16 @@ def test_a_space_after_the_sign_is_read_as_latex_and_math_verify_read_it(answer,
 
 
 @pytest.mark.parametrize(
+    ("answer", "value"),
+    [("\\frac{1}{-2}", Fraction(-1, 2)), ("\\boxed{\\dfrac{3}{- 4}}", Fraction(-3, 4)), ("1/-2", Fraction(-1, 2)),
+     ("\\frac{-3}{-4}", Fraction(3, 4)), ("-\\frac{3}{-4}", Fraction(3, 4)), ("-1/\u22122", Fraction(1, 2))],
+)  # fmt: skip
+def test_a_signed_denominator_reads_as_its_quotient_as_math_verify_reads_it(answer, value):
+    """\\frac{1}{-2} was no number (scored 0 against -1/2), where math-verify reads -1/2."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
     "answer",
     ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4", "\\frac 12",
      "\\frac {1} {2}", "\\boxed{\\dfrac{ 1 }{ 2 }}"],  # spaces in \\frac, as LaTeX and math-verify read them
@@ -259,7 +269,7 @@ def test_only_a_number_times_a_whole_power_of_ten_int_reads_is_scientific_notati
     assert read_number(answer) is None
 
 
-@pytest.mark.parametrize("answer", ["1\\frac{-1}{2}", "1 1/2", "1.5\\frac{1}{2}", "1\\frac{1}"])
+@pytest.mark.parametrize("answer", ["1\\frac{-1}{2}", "1\\frac{1}{-2}", "1 1/2", "1.5\\frac{1}{2}", "1\\frac{1}"])
 def test_a_whole_before_a_signed_fraction_a_ratio_or_a_decimal_is_no_mixed_number(answer):
     assert read_number(answer) is None
 

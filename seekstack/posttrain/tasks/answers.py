@@ -44,15 +44,17 @@ SIGN = r"(?:[+\-\u2212]\s*)?"
 # \frac{a}{b}, \dfrac, \tfrac, \frac12; spaces around its arguments as LaTeX takes them ("\frac 12", "\frac {1} {2}")
 FRACTION = (
     rf"\\[dt]?frac\s*(?:\{{\s*(?P<top_sign>{SIGN})(?P<top>{UNSIGNED})\s*\}}|(?P<top_digit>[0-9]))"
-    rf"\s*(?:\{{\s*(?P<bottom>{UNSIGNED})\s*\}}|(?P<bottom_digit>[0-9]))"
+    rf"\s*(?:\{{\s*(?P<bottom_sign>{SIGN})(?P<bottom>{UNSIGNED})\s*\}}|(?P<bottom_digit>[0-9]))"
 )
 # Scientific notation's power of ten after a number ("3 \times 10^{5}", "3\cdot 10^5", "1.5 \times 10^{-3}"); an
 # exponent of up to 3 digits, a number int reads
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
-SIGNS = ("sign", "top_sign")  # NUMBER's groups of a sign: a minus in one of them makes the number negative
+# NUMBER's groups of a sign ("-\frac{1}{-2}", "1/-2"): a minus in an odd number of them makes the number negative
+SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
 NUMBER = re.compile(
     rf"(?:\\?\$)?(?P<sign>{SIGN})(?:(?:{WHOLE})?{FRACTION}"
-    rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator>{UNSIGNED})|{POWER})?)(?P<percent>\\?%)?"
+    rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator_sign>{SIGN})(?P<denominator>{UNSIGNED})|{POWER})?)"
+    r"(?P<percent>\\?%)?"
 )
 
 
@@ -179,7 +181,7 @@ def _items(text: str) -> Items | None:
 def _number(text: str) -> Reading | None:
     """`text` read whole as a NUMBER, or None."""
     match = NUMBER.fullmatch(text)
-    if match is None:
+    if match is None or (match["whole"] and match["bottom_sign"]):  # a whole before a signed fraction: no mixed number
         return None
     top = match["numerator"] or match["top"] or match["top_digit"]
     bottom = match["denominator"] or match["bottom"] or match["bottom_digit"] or "1"
