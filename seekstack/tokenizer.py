@@ -105,14 +105,15 @@ def _jinja(text: str) -> str:
 
 # The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
-# (joined by newlines), an assistant's null content as empty, a tool call's arguments as a JSON text or an object (as
-# transformers' templates take them, written as JSON); other roles and parts raise. An assistant turn before the
+# (joined by newlines; an assistant's refusal parts read as their text), an assistant's null content as empty, a
+# tool call's arguments as a JSON text or an object (as transformers' templates take them, written as JSON); other
+# roles and parts raise. An assistant turn before the
 # last user message loses its reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT
 # trains (each answer, its tool calls and its EOS, not an assistant turn of weight 0) for
 # `return_assistant_tokens_mask` (TRL's assistant_only_loss); they render nothing of their own.
 GENERATION_PROMPT = "{{- '<｜Assistant｜>' -}}"  # CHAT_TEMPLATE's; a release's reply opening follows it
 CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1, after_tool=false, calls=[]) -%}"
+    "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1, after_tool=false, calls=[], texts=[]) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -122,10 +123,16 @@ CHAT_TEMPLATE = (
     "{%- elif (message['content'] is none or message['content'] is not defined) and message['role'] == 'assistant' -%}"
     "{%- set content = '' -%}"
     "{%- elif message['content'] is iterable and message['content'] is not mapping -%}"
-    "{%- if message['content'] | rejectattr('type', 'equalto', 'text') | list -%}"
-    "{{- raise_exception(position ~ ' has a content part that is not text') -}}"
+    "{%- set ns.texts = [] -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{%- set ns.texts = ns.texts + [part['text']] -%}"
+    "{%- elif part['type'] == 'refusal' and message['role'] == 'assistant' -%}"
+    "{%- set ns.texts = ns.texts + [part['refusal']] -%}"
+    "{%- else -%}"
+    "{{- raise_exception(position ~ ' has a content part that is neither text nor an assistant\\'s refusal') -}}"
     "{%- endif -%}"
-    "{%- set content = message['content'] | map(attribute='text') | join('\\n') -%}"
+    "{%- endfor -%}"
+    "{%- set content = ns.texts | join('\\n') -%}"
     "{%- else -%}"
     "{{- raise_exception(position ~ ' content must be a string or a list of text parts') -}}"
     "{%- endif -%}"
@@ -641,7 +648,8 @@ def _why_not_a_tokenizer(path: Path, error: Exception) -> str:
 def template_message(position: int, message: object) -> dict:
     """An OpenAI chat message as the chat template takes it, read as the server and transformers' `apply_chat_template`
     with `CHAT_TEMPLATE` read it: role `developer` (OpenAI's newer name for system) as `system`, content given as a
-    list of text parts as their texts joined by newlines (as vLLM's server joins them), an assistant's null content
+    list of text parts as their texts joined by newlines (as vLLM's server joins them; an assistant's refusal parts
+    as their text, `part_text`), an assistant's null content
     (a replayed turn, or one that only calls tools) as empty, an assistant's `tool_calls` as `template_tool_call`
     gives each; its other keys kept. ValueError naming `position` for a message that is no dict with `role` and
     `content`, another role or content, tool calls on another role, and the legacy `function_call`."""
@@ -658,7 +666,7 @@ def template_message(position: int, message: object) -> dict:
     if content is None and role == "assistant":
         content = ""
     elif isinstance(content, list):
-        content = "\n".join(part_text(position, index, part) for index, part in enumerate(content))
+        content = "\n".join(part_text(position, index, part, role) for index, part in enumerate(content))
     elif not isinstance(content, str):
         raise ValueError(
             f"chat message {position} content must be a string or a list of text parts (null only in an assistant "
@@ -708,14 +716,21 @@ def drop_past_reasoning(messages: list[dict]) -> list[dict]:
     ]
 
 
-def part_text(position: int, index: int, part: object) -> str:
-    """The text of a content part `{"type": "text", "text": ...}`; ValueError naming the message and part otherwise."""
-    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-        return part["text"]
+def part_text(position: int, index: int, part: object, role: str) -> str:
+    """The text of a content part of a `role` message: a text part's `{"type": "text", "text": ...}`, or an assistant's
+    refusal part's `{"type": "refusal", "refusal": ...}` (OpenAI's, read as its text as vLLM and the server read it);
+    ValueError naming the message and part otherwise."""
     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    if isinstance(part, dict) and kind in ("text", "refusal") and isinstance(part.get(kind), str):
+        if kind == "refusal" and role != "assistant":
+            raise ValueError(
+                f"chat message {position} content part {index} is a refusal, which only an assistant message's "
+                f"content holds (as OpenAI takes it): give the {role} message's text as a text part"
+            )
+        return part[kind]
     raise ValueError(
         f'chat message {position} content part {index} is {kind!r}: only text parts {{"type": "text", "text": ...}} '
-        "are supported"
+        'are supported (and an assistant\'s refusal parts {"type": "refusal", "refusal": ...})'
     )
 
 

@@ -337,13 +337,18 @@ OPENAI_CHATS = [
         {"role": "user", "content": "q"},
     ],
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "again"}],
+    [  # an assistant's refusal part (OpenAI's), read as its text
+        {"role": "user", "content": "How do I pick a lock?"},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+        {"role": "user", "content": "A lock of my own."},
+    ],
 ]
 
 
 @pytest.mark.parametrize("messages", OPENAI_CHATS)
 def test_encode_chat_reads_openai_messages_as_the_server_and_the_jinja_template_do(trained, auto_tokenizer, messages):
     """encode_chat refused developer messages, text parts and an assistant's null content, which the server and
-    transformers' apply_chat_template read."""
+    transformers' apply_chat_template read; both refused an assistant's refusal parts, which the server reads."""
     tokenizer, _ = trained
     request = ChatCompletionRequest.model_validate({"model": "m", "messages": messages})
     assert tokenizer.encode_chat(messages) == prompt_ids(request, tokenizer)[0]
@@ -379,7 +384,8 @@ def test_chat_drops_the_reasoning_of_assistant_turns_before_the_last_user_messag
     ("message", "error"),
     [
         ({"role": "function", "content": "42"}, "chat message 0 has unknown role function"),
-        ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "content part that is not text"),
+        ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "content part that is neither text"),
+        ({"role": "user", "content": [{"type": "refusal", "refusal": "No."}]}, "nor an assistant's refusal"),
     ],
 )
 def test_jinja_chat_template_raises_for_messages_seekstack_refuses(auto_tokenizer, message, error):

@@ -234,7 +234,7 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
     ("trl_name", "ours"),
     [("max_length=512", "is seq_len here"), ("padding_free=true", "is packing=true here"),
      ("learning_rate=2e-5", "is lr here"), ("packing_strategy=wrapped", '"wrapped", which lets them see each other'),
-     ("eval_packing=true", "held-out conversations are scored padded, packing or not")],
+     ("eval_packing=true", "held-out conversations are packed when packing=true")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
 def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
@@ -390,11 +390,17 @@ def test_a_special_token_in_content_is_refused_naming_the_file_and_line(tmp_path
 
 
 def test_openai_developer_messages_and_text_parts_read_as_system_messages_and_joined_text(tmp_path):
+    """An assistant's refusal part (OpenAI's {"type": "refusal", "refusal": ...}) was refused as no text part; it is
+    the reply's text, as the server reads it."""
     path = tmp_path / "openai.jsonl"
     parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "1 + 2?"}]
     messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}, CHAT[2]]
-    path.write_text(json.dumps({"messages": messages}) + "\n")
-    assert read_conversations(path) == [[CHAT[0], {"role": "user", "content": "What is\n1 + 2?"}, CHAT[2]]]
+    refused = [CHAT[1], {"role": "assistant", "content": [{"type": "refusal", "refusal": "I won't say."}]}]
+    path.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"messages": refused}) + "\n")
+    assert read_conversations(path) == [
+        [CHAT[0], {"role": "user", "content": "What is\n1 + 2?"}, CHAT[2]],
+        [CHAT[1], {"role": "assistant", "content": "I won't say."}],
+    ]
 
 
 @pytest.mark.parametrize(
