@@ -114,13 +114,15 @@ class DistillModel(nn.Module):
             )
         return self.distillation_loss(input_ids, labels, mtp_loss_weight, counted, positions)
 
-    def validation_terms(self, rows: torch.Tensor, labels: torch.Tensor, out: ModelOutput) -> dict[str, torch.Tensor]:
-        """What an evaluation logs beside the student's loss, given the student's output `out` on the rows:
-        `divergence`, the T^2 JSD_beta term the run trains (teacher from the cache when it holds the rows), averaged
-        over the positions predicting labelled tokens."""
+    def validation_terms(
+        self, rows: torch.Tensor, labels: torch.Tensor, out: ModelOutput, positions: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """What an evaluation logs beside the student's loss, given the student's output `out` on the rows (packed
+        by `positions` when given): `divergence`, the T^2 JSD_beta term the run trains (teacher from the cache when
+        it holds the rows), averaged over the positions predicting labelled tokens."""
         compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1)
         student_logits = self.student.lm_head(out.hidden_states[:, :-1][compared])
-        teacher = self.teacher.score(rows, compared, [])
+        teacher = self.teacher.score(rows, compared, [], positions=positions)
         return {"divergence": self.divergence(student_logits, teacher.logits)}
 
     def divergence(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,8 @@ class ConversationConfig(TrainConfig):
         "learning_rate": "TRL's learning_rate is lr here",
         "assistant_only_loss": "the loss is on the assistant's tokens alone, always (TRL's assistant_only_loss=True)",
         "completion_only_loss": "a prompt-completion line trains its completion alone, always",
-        "eval_packing": "held-out conversations are scored padded, packing or not (the same val_loss, as TRL's "
-        "eval_packing=false gives)",
+        "eval_packing": "held-out conversations are packed when packing=true, as TRL's eval_packing (which follows "
+        "packing) packs them; their val_loss is the one they give padded",
     }
     data: str = ""  # JSONL of {"messages": [...]} or {"prompt": [...], "completion": [...]}; "" = traces of `task`
     # A TASKS name, your own module:Class or a problems .jsonl; distill: "" with `data` "" = data_dir's token shards

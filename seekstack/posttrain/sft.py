@@ -76,7 +76,7 @@ class SFTSource:
     distillation run: its config's val_data or val_fraction), the held-out ones (`held_out`) as its fixed validation
     batches. Without, none are held out (adapters on a chat file, seekstack/adapters/data.py). With `packing`, a
     micro-batch is `batch_size` rows of up to seq_len tokens, each packing several conversations, the same packs every
-    epoch in a seeded order (as TRL packs its dataset once); validation batches are padded, as they score the same."""
+    epoch in a seeded order (as TRL packs its dataset once), and so are the validation batches' rows."""
 
     def __init__(self, config: ConversationConfig, holds_out: bool = False, packing: bool = False):
         self.config = config
@@ -156,15 +156,24 @@ class SFTSource:
         return scored
 
     def validation_batches(self, batch_size: int, count: int) -> list[ValidationBatch] | None:
-        """The first `count` batches of the held-out rows, in a fixed order; None when none are held out."""
+        """The first `count` batches of the held-out rows, in a fixed order; None when none are held out. With
+        `packing` the same rows are packed (TRL's eval_packing, which follows packing), `batch_size` packed rows a
+        batch: the same targets scored, so the same val_loss, in fewer positions."""
         if not self.validation:
             return None
+        scored = self.validation[: batch_size * count]
+        groups = pack_rows(scored, self.config.seq_len) if self.packing else [[row] for row in scored]
         batches = []
-        for start in range(0, min(len(self.validation), batch_size * count), batch_size):
-            rows = self.validation[start : start + batch_size]
-            input_ids, labels = pad_labelled(rows, self.tokenizer.pad_id, self.config.seq_len)
+        for start in range(0, len(groups), batch_size):
+            packs = groups[start : start + batch_size]
+            rows = [row for pack in packs for row in pack]
             text_bytes = sum(labelled_text_bytes(self.tokenizer, targets, self.config.seq_len) for _, targets in rows)
-            batches.append(ValidationBatch(input_ids, labels, text_bytes))
+            if self.packing:
+                input_ids, labels, positions = pack_labelled(packs, self.tokenizer.pad_id, self.config.seq_len)
+                batches.append(ValidationBatch(input_ids, labels, text_bytes, positions=positions))
+            else:
+                input_ids, labels = pad_labelled(rows, self.tokenizer.pad_id, self.config.seq_len)
+                batches.append(ValidationBatch(input_ids, labels, text_bytes))
         return batches
 
     def attach(self, model: nn.Module) -> None:

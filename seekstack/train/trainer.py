@@ -242,6 +242,7 @@ class ValidationBatch:
     labels: torch.Tensor  # (B, T); labels[:, t] is predicted from position t - 1
     text_bytes: float
     counted: bool = True  # False on the ranks but 0 for a short last batch each rank scores whole (their forwards meet)
+    positions: torch.Tensor | None = None  # (B, T) of packed rows, each sequence's from 0; None: each row one sequence
 
 
 class TrainingDiverged(RuntimeError):
@@ -828,8 +829,9 @@ class _Run:
         """Next-token loss over `eval_batches` global validation batches (the targets their labels count), bits per
         byte, and MaxVio over all those batches' tokens (Wang et al. 2024's MaxVio_global); each rank scores its rows
         of every batch, as it trains on them, and the sums are all-reduced. A model with
-        `validation_terms(input_ids, labels, out)` (distillation) has each term it returns, a mean over the batch's
-        targets, averaged over all the targets and logged as `val_NAME`."""
+        `validation_terms(input_ids, labels, out)` (distillation; `positions` too for a batch of packed rows) has
+        each term it returns, a mean over the batch's targets, averaged over all the targets and logged as
+        `val_NAME`."""
         batches = self._validation_batches()
         if batches is None:
             return None
@@ -839,9 +841,10 @@ class _Run:
         term_sums: dict[str, float] = {}
         for batch in batches:
             input_ids, labels = batch.input_ids.to(self.ranks.device), batch.labels.to(self.ranks.device)
+            packed = {} if batch.positions is None else {"positions": batch.positions.to(self.ranks.device)}
             with self._autocast():
-                out = self.model(input_ids, labels=labels, keep_logits=False)
-                batch_terms = terms(input_ids, labels, out) if terms is not None else {}
+                out = self.model(input_ids, labels=labels, keep_logits=False, **packed)
+                batch_terms = terms(input_ids, labels, out, **packed) if terms is not None else {}
             count = int((labels[:, 1:] != IGNORE_INDEX).sum()) * batch.counted
             for name, value in batch_terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + value.item() * count

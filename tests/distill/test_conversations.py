@@ -343,6 +343,41 @@ def test_a_packed_batch_has_the_distillation_loss_and_gradients_of_the_same_conv
         torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6)
 
 
+def test_packed_held_out_conversations_score_the_val_loss_and_divergence_of_the_same_conversations_padded(
+    workspace, tmp_path
+):
+    """With packing the held-out rows are packed too (TRL's eval_packing follows packing): the student's loss and
+    its divergence from the teacher, each a mean over the assistant tokens, are those of the rows padded."""
+    data = write_conversations(SHORT_CHATS, tmp_path / "chats.jsonl")
+    val_data = write_conversations(SHORT_CHATS, tmp_path / "held_out.jsonl")
+    changes = dict(data=str(data), task="", val_data=str(val_data), eval_every=2, beta=0.5, temperature=2.0)
+    config = conversation_config(workspace, tmp_path, **changes, packing=True)
+    torch.manual_seed(0)
+    model = DistillModel(
+        Transformer(config.model_config()), Teacher(workspace["teacher"], "float32", torch.device("cpu")), config, VOCAB
+    ).eval()
+    scores = []
+    for packing in (False, True):
+        batches = SFTSource(config, holds_out=True, packing=packing).validation_batches(4, 1)
+        loss, divergence, targets = 0.0, 0.0, 0
+        for batch in batches:
+            packed = {} if batch.positions is None else {"positions": batch.positions}
+            with torch.no_grad():
+                out = model(batch.input_ids, labels=batch.labels, keep_logits=False, **packed)
+                terms = model.validation_terms(batch.input_ids, batch.labels, out, **packed)
+            count = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+            loss, divergence, targets = (
+                loss + out.lm_loss * count,
+                divergence + terms["divergence"] * count,
+                targets + count,
+            )
+        scores.append((loss / targets, divergence / targets, sum(batch.input_ids.numel() for batch in batches)))
+    (padded_loss, padded_divergence, padded_size), (packed_loss, packed_divergence, packed_size) = scores
+    assert packed_size < padded_size
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed_divergence, padded_divergence, rtol=1e-5, atol=1e-6)
+
+
 def test_packed_conversation_distillation_trains_and_is_refused_on_policy_naming_packing(workspace, tmp_path):
     data = write_conversations(SHORT_CHATS * 2, tmp_path / "chats.jsonl")
     result = run_distill(conversation_config(workspace, tmp_path / "run", data=str(data), task="", packing=True))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from seekstack.checkpoint import load_pretrained
 from seekstack.config import ConfigError
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.config import SFTConfig
-from seekstack.posttrain.conversations import write_conversations
+from seekstack.posttrain.conversations import encode_conversation, write_conversations
 from seekstack.posttrain.packing import best_fit_decreasing, pack_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.train.config import resolve_train_config
@@ -96,3 +100,29 @@ def test_packed_micro_batches_weigh_each_conversations_balance_loss_the_same_wha
     source = SFTSource(_config(tmp_path, *args), packing=True)
     first, second = (source.sequences(source.batch(1, 0.0)) for _ in range(2))
     assert first != second  # the case the split's equal weights would get wrong
+
+
+def test_held_out_conversations_are_packed_too_and_score_the_val_loss_of_each_alone(tmp_path):
+    """TRL's eval_packing follows packing: the held-out rows are packed as the training rows are, in fewer positions,
+    and val_loss is still each held-out conversation's own loss."""
+    val_data = write_conversations(CHATS, tmp_path / "held_out.jsonl")
+    args = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "batch_size=2"]
+    args += ["max_steps=2", "eval_every=2", "eval_batches=3", "save_every=2", f"val_data={val_data}", "packing=true"]
+    config = _config(tmp_path, *args, f"out_dir={tmp_path / 'run'}")
+    run_sft(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    [evaluation] = [record for record in records if "val_loss" in record]
+    source = SFTSource(config, holds_out=True, packing=True)
+    packed = source.validation_batches(2, 3)
+    padded = SFTSource(config, holds_out=True).validation_batches(2, 3)
+    assert sum(batch.input_ids.numel() for batch in packed) < sum(batch.input_ids.numel() for batch in padded)
+
+    model = load_pretrained(tmp_path / "run" / "checkpoints" / "step_2").eval()
+    nats, targets = 0.0, 0
+    for conversation in CHATS:  # each alone in a row of its own
+        ids, labels = encode_conversation(source.tokenizer, conversation)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        nats += F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), reduction="sum").item()
+        targets += sum(label != IGNORE_INDEX for label in labels[1:])
+    assert evaluation["val_loss"] == pytest.approx(nats / targets, rel=1e-5)
