@@ -132,8 +132,9 @@ class AsyncEngine:
         self.engine = engine
         self.metrics = metrics
         self._routes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int, _Timing]] = {}
-        # (request ids, report, the timing of each still routed): aborts the engine thread applies before its next step
-        self._pending_aborts: list[tuple[list[str], asyncio.Future | None, dict[str, _Timing]]] = []
+        # (request ids, report, the timing of each still routed, when asked): aborts the engine thread applies before
+        # its next step
+        self._pending_aborts: list[tuple[list[str], asyncio.Future | None, dict[str, _Timing], float]] = []
         # (its caller's future, its group, the add): new requests the engine thread adds before its next step
         self._pending_adds: list[tuple[asyncio.Future, RequestGroup, Callable[[], None]]] = []
         self._lock = threading.Lock()
@@ -211,15 +212,15 @@ class AsyncEngine:
 
     def abort(self, request_ids: list[str], report: asyncio.Future | None = None) -> None:
         """Stop routing these requests now; the engine thread aborts them before its next step and sets `report` (a
-        future of the caller's loop) to whether each had started (`Engine.abort`; one finished already had)."""
+        future of the caller's loop) to whether each had started (`Engine.abort`; one finished already had). The
+        engine thread counts each call ended then, once it knows whether the aborted choices' prompts were computed."""
         routed = {}
         with self._lock:
             for request_id in request_ids:
                 route = self._routes.pop(request_id, None)
                 if route is not None:
                     routed[request_id] = route[3]
-                    self._choice_ended(route[3].call, "abort", time.perf_counter())
-            self._pending_aborts.append((request_ids, report, routed))
+            self._pending_aborts.append((request_ids, report, routed, time.perf_counter()))
         self._wake.set()
 
     def _run(self) -> None:
@@ -271,11 +272,14 @@ class AsyncEngine:
     def _apply_aborts(self) -> None:
         with self._lock:
             aborts, self._pending_aborts = self._pending_aborts, []
-        for request_ids, report, routed in aborts:
+        for request_ids, report, routed, asked_at in aborts:
             started = [self.engine.abort(request_id) is not False for request_id in request_ids]  # None: it finished
             for request_id, began in zip(request_ids, started, strict=True):
-                if began and request_id in routed:  # its prompt computed, maybe in a step whose output it never got
+                if request_id not in routed:
+                    continue
+                if began:  # its prompt computed, maybe in a step whose output it never got
                     self._count_prompt(routed[request_id])
+                self._choice_ended(routed[request_id].call, "abort", asked_at)
             if report is not None:
                 with contextlib.suppress(RuntimeError):  # its loop closed meanwhile (a server shutting down)
                     report.get_loop().call_soon_threadsafe(_settle, report, started)

@@ -64,7 +64,7 @@ def test_closing_a_group_hands_over_the_outputs_generated_before_the_abort_that_
     assert sorted(last) == [0, 1] and sum(last.values()) == generated
 
 
-def test_a_prompt_computed_in_a_step_whose_output_an_abort_dropped_is_counted_as_the_ledger_bills_it(tmp_path):
+def test_a_prompt_computed_in_a_step_whose_output_an_abort_dropped_is_counted_and_measured_with_its_call(tmp_path):
     engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
     bridge = AsyncEngine(engine, ServerMetrics("micro"))  # its thread not started: the steps are taken here
     long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
@@ -81,9 +81,15 @@ def test_a_prompt_computed_in_a_step_whose_output_an_abort_dropped_is_counted_as
         return (await closing).unstarted
 
     unstarted = asyncio.run(scenario())
-    counted = bridge.metrics.registry.get_sample_value("seekstack:prompt_tokens_total", {"model_name": "micro"})
+
+    def sample(name: str, **labels: str) -> float:
+        return bridge.metrics.registry.get_sample_value("seekstack:" + name, {"model_name": "micro", **labels})
+
     assert unstarted == set()  # started: the ledger bills both prompts
-    assert counted == 6  # was: 0, /metrics short of the ledger's prompt tokens
+    assert sample("prompt_tokens_total") == 6  # was: 0, /metrics short of the ledger's prompt tokens
+    # the call, ended by the abort, measured with its prompt tokens, as vLLM observes an aborted request's
+    assert (sample("request_prompt_tokens_count"), sample("request_prompt_tokens_sum")) == (1, 6)  # was: (1, 0)
+    assert sample("request_success_total", finished_reason="abort") == 1
 
 
 def test_preemptions_reach_the_metrics_as_vllms_num_preemptions(tmp_path):
