@@ -235,6 +235,18 @@ def test_a_signed_denominator_reads_as_its_quotient_as_math_verify_reads_it(answ
 
 
 @pytest.mark.parametrize(
+    ("answer", "value"),
+    [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
+     ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
+     ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
+)  # fmt: skip
+def test_a_box_without_braces_holds_the_rest_of_its_math_as_math_verify_reads_it(answer, value):
+    """\\boxed 7 (LaTeX's argument without braces) was no box, the answer whole no number: it scored 0 against 7,
+    where math-verify reads 7."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
     "answer",
     ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4", "\\frac 12",
      "\\frac {1} {2}", "\\boxed{\\dfrac{ 1 }{ 2 }}"],  # spaces in \\frac, as LaTeX and math-verify read them
@@ -322,6 +334,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
     "answer",
     [
         "\\boxed{" * 10_000,
+        "\\boxed " * 10_000,
         "{" * 70_000,
         "1," * 35_000,
         "<answer>" * 10_000,

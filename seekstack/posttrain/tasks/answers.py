@@ -18,7 +18,10 @@ import re
 from fractions import Fraction
 from typing import NamedTuple
 
-BOXED = re.compile(r"\\boxed\s*\{")
+# \boxed{57}, or without braces (\boxed 57): then, as math-verify reads it, its argument is the rest of its math
+BOXED = re.compile(r"\\boxed(?![A-Za-z])\s*")
+# Where an unbraced box's math ends: "$\boxed 57$", "\(\boxed 57\)", "<answer>\boxed 57</answer>"
+MATH_END = re.compile(r"\$|\\\)|\\\]|</answer>")
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 SIZING = re.compile(r"\\left|\\right")  # LaTeX's sizing of parentheses, nothing to the value
 VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
@@ -59,12 +62,16 @@ NUMBER = re.compile(
 
 
 def final_answer(answer: str) -> str | None:
-    """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested), else of the last
-    `<answer>...</answer>`, else `answer`; after an `Answer:` label, outside math delimiters (`$57$`) and a closing
-    period. None when the last box is never closed."""
+    """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested; `\\boxed 57` to the
+    end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after an `Answer:`
+    label, outside math delimiters (`$57$`) and a closing period. None when the last box is never closed."""
     boxes = list(BOXED.finditer(answer))
     if boxes:
-        return _braced(answer, boxes[-1].end())
+        start = boxes[-1].end()
+        if answer.startswith("{", start):
+            return _braced(answer, start + 1)
+        end = MATH_END.search(answer, start)
+        return answer[start : end.start() if end else len(answer)].strip().removesuffix(".").strip()
     text = _tagged(answer).strip().removesuffix(".").strip()
     labelled = ANSWER_LABEL.match(text)
     text = text[labelled.end() if labelled else 0 :]
