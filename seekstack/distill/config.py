@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.posttrain.config import ConversationConfig, require_conversation_fields, require_task
@@ -28,6 +28,17 @@ class DistillConfig(ConversationConfig):
     on-policy the student answers each conversation's prompt (the turns before its first assistant token) itself."""
 
     checkpoint_fields = ("init_from", "teacher")  # a run's out_dir given there stands for its newest checkpoint
+    # TRL's GKDConfig names that are none of these fields, beside its SFTConfig ones (schema.known_fields)
+    field_notes: ClassVar[dict[str, str]] = {
+        **ConversationConfig.field_notes,
+        "teacher_model_name_or_path": "TRL's teacher_model_name_or_path is teacher here (a checkpoint folder or a run)",
+        "teacher_model_init_kwargs": "the teacher's one load option is teacher_dtype=float32|bfloat16",
+        "max_new_tokens": "on-policy, the student answers a conversation's prompt until EOS or seq_len, and continues "
+        "a corpus row's first prompt_tokens to seq_len: TRL's max_new_tokens is seq_len less the prompt",
+        "seq_kd": "TRL's seq_kd (the teacher's samples in place of the data's answers) is done ahead of the run: "
+        "`seekstack traces TEACHER --out traces.jsonl` samples them (kept when verified), then data=traces.jsonl",
+        "disable_dropout": "the models have no dropout (TRL's disable_dropout=true)",
+    }
 
     out_dir: str = "runs/distill"
     teacher: str = ""  # the teacher's checkpoint folder (with its tokenizer.json, the student's tokenizer) or run
@@ -35,7 +46,9 @@ class DistillConfig(ConversationConfig):
     ce_weight: NonNegativeFloat = 0.5  # the student's next-token cross-entropy on the corpus
     kd_weight: NonNegativeFloat = 0.5  # the divergence from the teacher's next-token distribution
     beta: Fraction = 0.0  # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
-    temperature: PositiveFloat = 1.0  # T of both distributions in the divergence, which is scaled by T^2
+    # T of both distributions in the divergence, which is scaled by T^2 (TRL's GKDConfig.temperature is the sampling
+    # temperature, sample_temperature here: its divergence is at T=1)
+    temperature: PositiveFloat = 1.0
     lmbda: Fraction = 0.0  # fraction of micro-batches that are the student's own generations (on-policy, GKD)
     # steps of corpus/reference batches alone before the first on-policy one: a cold student's samples are noise the
     # teacher's judgement of teaches little (GKD starts from a supervised student)

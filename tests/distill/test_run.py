@@ -26,6 +26,7 @@ from seekstack.distill.run import STATE_FILE, DistillHooks, run_distill
 from seekstack.distill.teacher import Teacher, TopKCache
 from seekstack.model.transformer import Transformer
 from seekstack.tokenizer import TOKENIZER_FILE, train_tokenizer
+from seekstack.train.config import resolve_train_config
 from seekstack.train.runs import TRAIN_STATE_FILE
 from tests.conftest import micro_config
 from tests.distill.support import DENSE_STUDENT, VOCAB, write_data, write_teacher
@@ -292,3 +293,18 @@ def test_configs_that_cannot_distill_are_refused_before_anything_is_written(work
         with pytest.raises(ConfigError, match=f"field '{field}' must be"):
             run_distill(distill_config(workspace, tmp_path / field, **logits_alone, **changes))
         assert not (tmp_path / field).exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("trl_name", "ours"),
+    [("seq_kd=true", "`seekstack traces TEACHER --out traces.jsonl`"),
+     ("max_new_tokens=128", "TRL's max_new_tokens is seq_len less the prompt"),
+     ("teacher_model_name_or_path=runs/teacher", "is teacher here"),
+     ("teacher_model_init_kwargs.dtype=bfloat16", "teacher_dtype=float32|bfloat16"),
+     ("disable_dropout=true", "the models have no dropout")],
+)  # fmt: skip
+def test_trls_gkd_field_names_are_refused_naming_what_does_their_work(trl_name, ours):
+    """A TRL GKDConfig name is no field here: the refusal says what stands for it (seq_kd was offered seq_len)."""
+    name = trl_name.split("=")[0].split(".")[0]
+    with pytest.raises(ConfigError, match=f"unknown field '{name}'; .*{re.escape(ours)}"):
+        resolve_train_config(None, [trl_name], cls=DistillConfig)
