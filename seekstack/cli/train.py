@@ -56,7 +56,7 @@ def run_stage(
     from seekstack.parallel.distributed import is_main_process
     from seekstack.schema import write_config
     from seekstack.train.config import resolve_train_config
-    from seekstack.train.runs import resume_point
+    from seekstack.train.runs import step_dir
     from seekstack.train.trainer import TrainingDiverged
 
     main = is_main_process()  # under torchrun, rank 0 alone prints the warnings and the outcome
@@ -67,14 +67,16 @@ def run_stage(
             raise ValueError(f"two config files, {config} and --config {config_option}: give one")
         config = config or config_option
         warn = _warn if main else lambda message: None
-        resolved = resolve_train_config(config, overrides or [], resume=bool(resume), warn=warn, cls=cls)
+        # --resume-from's checkpoint folder (maybe another run's, whose config a fresh out_dir takes), or step number
+        folder = None if isinstance(resume, bool) or resume.isdecimal() else Path(resume)
+        resolved = resolve_train_config(config, overrides or [], resume=folder or bool(resume), warn=warn, cls=cls)
         if write_to is not None:
             if main:  # under torchrun every rank resolved the same config: rank 0 writes it, the others exit quietly
                 write_config(resolved, write_to)
                 typer.echo(f"wrote the config to {write_to}")
             return
         if isinstance(resume, str):
-            resume = resume_point(resolved.out_dir, resume)
+            resume = folder or step_dir(resolved.out_dir, int(resume))
         try:
             result = run(resolved, resume=resume)
         except TrainingDiverged as error:

@@ -250,14 +250,16 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
 def resolve_train_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
-    resume: bool = False,
+    resume: bool | Path = False,
     warn: Callable[[str], None] | None = None,
     cls: type[T] = TrainConfig,
     resume_reads_init_from: bool = False,
 ) -> T:
-    """The config of a run (a TrainConfig, or a stage's subclass of it). With `resume`, the run's saved
-    `train_config.json` (in the `out_dir` the file or the overrides name, else the default; it holds the config of
-    the run's last start or resume) is the base, and `warn` hears of every field the file or overrides change.
+    """The config of a run (a TrainConfig, or a stage's subclass of it). With `resume` (True, or the checkpoint
+    folder to resume from), the run's saved `train_config.json` (in the `out_dir` the file or the overrides name,
+    else the default; it holds the config of the run's last start or resume) is the base, and `warn` hears of every
+    field the file or overrides change. A checkpoint folder of a run resumed into an out_dir holding no run yet takes
+    that run's `train_config.json` (`_saved_config_file`).
     A resumed run trains on from its own checkpoint, so an `init_from` given then is not used: the run's own stays
     (what `warn` hears of), unless `resume_reads_init_from` (a LoRA run rebuilds its base from it) or the saved one
     names nothing any more (a relative path of a run copied or moved elsewhere).
@@ -269,11 +271,7 @@ def resolve_train_config(
     base: dict[str, Any] = {}
     if resume:
         probe = apply_overrides(cls, dict(given), [o for o in overrides if o.startswith("out_dir=")])
-        saved_path = Path(probe.get("out_dir", cls.out_dir)) / CONFIG_FILE
-        if not saved_path.is_file():
-            raise ConfigError(
-                f"{saved_path}: no such file; a run to resume has its config there (start without resume)"
-            )
+        saved_path = _saved_config_file(Path(probe.get("out_dir", cls.out_dir)), resume)
         base = _given_values(saved_path)
         require_known_fields(cls, base, str(saved_path))  # a field of another version, or edited in by hand
     values = apply_overrides(cls, {**base, **given}, overrides)
@@ -308,6 +306,28 @@ def resolve_train_config(
             if not same_value(f.name, old, new):  # a saved path is relative to its file, the user's to the cwd
                 warn(f"resuming with {f.name}={json.dumps(new)} (the run last ran with {json.dumps(old)})")
     return config
+
+
+def _saved_config_file(out_dir: Path, resume: bool | Path) -> Path:
+    """The train_config.json a resumed run starts from: its out_dir's, or where that holds none and `resume` is a
+    checkpoint folder of another run (out_dir/checkpoints/step_N), that run's, as HF's
+    `resume_from_checkpoint=path` and torchtitan's `initial_load_path` start an output folder from another run's
+    checkpoint (the out_dir given stays the run's; none given, the checkpoint's own run trains on)."""
+    from seekstack.train.runs import run_holding
+
+    own = out_dir / CONFIG_FILE
+    if own.is_file():
+        return own
+    run = run_holding(resume) if isinstance(resume, Path) else None
+    if run is not None and (run / CONFIG_FILE).is_file():
+        return run / CONFIG_FILE
+    elsewhere = (
+        f"; {resume} is no checkpoint of a run holding one (out_dir/checkpoints/step_N beside out_dir/{CONFIG_FILE}): "
+        f"copy its run's {CONFIG_FILE} into {out_dir}, or start a new run from its weights with init_from={resume}"
+        if isinstance(resume, Path)
+        else " (start without resume)"
+    )
+    raise ConfigError(f"{own}: no such file; a run to resume has its config there{elsewhere}")
 
 
 def _kept_init_from(
@@ -408,7 +428,7 @@ def _require_rows_within_the_context(config: TrainConfig) -> None:
     config.require_seq_len_within(context)
 
 
-def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume: bool) -> None:
+def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume: bool | Path) -> None:
     """A ConfigError naming the first of the model `settings` given when they describe another model than the
     checkpoint the run trains (a new run from scratch builds what they say)."""
     from seekstack.checkpoint import read_config
@@ -434,13 +454,15 @@ def _refuse_another_model(config: TrainConfig, settings: dict[str, Any], resume:
     )
 
 
-def _trained_checkpoint(config: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint whose model the run trains: `init_from`, else on resume the run's newest; None for a new run
-    from scratch (or a resumed one that saved no checkpoint yet)."""
-    from seekstack.train.runs import list_checkpoints
+def _trained_checkpoint(config: TrainConfig, resume: bool | Path) -> Path | None:
+    """The checkpoint whose model the run trains: `init_from`, else on resume the checkpoint folder given or the
+    run's newest; None for a new run from scratch (or a resumed one that saved no checkpoint yet)."""
+    from seekstack.train.runs import MODEL_CONFIG_FILE, list_checkpoints
 
     if config.init_from:
         return Path(config.init_from)
+    if isinstance(resume, Path):  # one that is no checkpoint is named by the trainer, which reads it
+        return resume if (resume / MODEL_CONFIG_FILE).is_file() else None
     found = list_checkpoints(config.out_dir) if resume else []
     return found[-1] if found else None
 

@@ -183,12 +183,6 @@ def run_checkpoint(path: str | Path) -> Path | None:
     return latest_checkpoint(path)
 
 
-def resume_point(out_dir: str | Path, given: str) -> Path:
-    """The checkpoint `--resume-from` names: a step number, that step's folder of run `out_dir`
-    (`checkpoints/step_40`); anything else, a checkpoint folder."""
-    return step_dir(out_dir, int(given)) if given.isdecimal() else Path(given)
-
-
 def run_holding(checkpoint: str | Path) -> Path | None:
     """The run's out_dir when `checkpoint` is one of its checkpoints (out_dir/checkpoints/step_N), else None."""
     checkpoint = Path(checkpoint)

@@ -224,6 +224,27 @@ def test_resume_from_takes_a_step_or_a_checkpoint_folder_and_names_a_step_the_ru
         assert [row["step"] for row in read_metrics(out_dir)] == [1, 2, 3, 4, 5, 6]  # steps 4 to 6 trained again
 
 
+def test_resume_from_another_runs_checkpoint_into_a_fresh_out_dir_continues_that_run_there(data_dir, tmp_path):
+    """A fresh out_dir was refused for want of its train_config.json, where HF's resume_from_checkpoint=path and
+    torchtitan's initial_load_path start an output folder from another run's checkpoint: it takes that run's config."""
+    first, second, runner = tmp_path / "first", tmp_path / "second", CliRunner()
+    assert runner.invoke(app, ["train", *micro_overrides(data_dir, first)]).exit_code == 0
+    checkpoint = first / "checkpoints" / "step_3"
+    resumed = runner.invoke(app, ["train", f"out_dir={second}", "--resume-from", str(checkpoint)])
+    assert resumed.exit_code == 0, resumed.output
+    assert f'resuming with out_dir="{second}" (the run last ran with "{first}")' in resumed.output
+    assert f"resumed from step 3 ({checkpoint})" in resumed.output
+    assert [row["step"] for row in read_metrics(second)] == [4, 5, 6]
+    assert [row["loss"] for row in read_metrics(second)] == [row["loss"] for row in read_metrics(first)][3:]
+    assert [path.name for path in list_checkpoints(second)] == ["step_6"]
+    assert [path.name for path in list_checkpoints(first)] == ["step_3", "step_6"]  # the first run is left as it was
+    shutil.copytree(checkpoint, tmp_path / "copied")  # a checkpoint outside any run has no config to take
+    bare = runner.invoke(app, ["train", f"out_dir={tmp_path / 'third'}", "--resume-from", str(tmp_path / "copied")])
+    assert bare.exit_code == 1
+    assert f"{tmp_path / 'copied'} is no checkpoint of a run holding one" in bare.output
+    assert f"init_from={tmp_path / 'copied'}" in bare.output
+
+
 def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(tmp_path) -> None:
     out = tmp_path / "run"
     (tmp_path / "tokens").mkdir()  # a resume needs the run's data
