@@ -6,7 +6,7 @@ import typer
 
 from seekstack.cli.common import key_value_command
 from seekstack.cli.posttrain import ConfigArg, OverridesArg, ResumeOpt, WriteConfigOpt
-from seekstack.cli.train import ConfigOpt, run_stage
+from seekstack.cli.train import ConfigOpt, ResumeFromOpt, run_stage
 
 
 def distill_command(
@@ -14,6 +14,7 @@ def distill_command(
     overrides: OverridesArg = None,
     config_option: ConfigOpt = None,
     resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
     write_config: WriteConfigOpt = None,
 ) -> None:
     """Train a student (a preset or config, e.g. model.first_k_dense_replace=NUM_LAYERS for a dense one) on token
@@ -24,7 +25,7 @@ def distill_command(
     from seekstack.distill.config import DistillConfig
     from seekstack.distill.run import run_distill
 
-    run_stage(DistillConfig, run_distill, config, overrides, resume, write_config, config_option)
+    run_stage(DistillConfig, run_distill, config, overrides, resume_from or resume, write_config, config_option)
 
 
 def register(app: typer.Typer) -> None:

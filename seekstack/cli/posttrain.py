@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from seekstack.cli.common import key_value_command, options_named, run_to_checkpoint, user_errors
-from seekstack.cli.train import ConfigOpt, run_stage
+from seekstack.cli.train import ConfigOpt, ResumeFromOpt, run_stage
 
 if TYPE_CHECKING:
     from seekstack.infer import Engine
@@ -38,6 +38,7 @@ def sft_command(
     overrides: OverridesArg = None,
     config_option: ConfigOpt = None,
     resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
     write_config: WriteConfigOpt = None,
 ) -> None:
     """Chat SFT from any checkpoint on JSONL conversations (`data`), by default on generated R1-format traces of
@@ -45,7 +46,7 @@ def sft_command(
     from seekstack.posttrain.config import SFTConfig
     from seekstack.posttrain.sft import run_sft
 
-    run_stage(SFTConfig, run_sft, config, overrides, resume, write_config, config_option)
+    run_stage(SFTConfig, run_sft, config, overrides, resume_from or resume, write_config, config_option)
 
 
 def rl_command(
@@ -53,6 +54,7 @@ def rl_command(
     overrides: OverridesArg = None,
     config_option: ConfigOpt = None,
     resume: ResumeOpt = False,
+    resume_from: ResumeFromOpt = None,
     write_config: WriteConfigOpt = None,
 ) -> None:
     """GRPO on a verifiable task: G completions per prompt sampled by the inference engine from the policy being
@@ -60,7 +62,7 @@ def rl_command(
     from seekstack.posttrain.config import GRPOConfig
     from seekstack.posttrain.rl import run_rl
 
-    run_stage(GRPOConfig, run_rl, config, overrides, resume, write_config, config_option)
+    run_stage(GRPOConfig, run_rl, config, overrides, resume_from or resume, write_config, config_option)
 
 
 def pass_at_k_command(

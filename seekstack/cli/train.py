@@ -13,6 +13,14 @@ from seekstack.cli.common import Checkpoint, fail, key_value_command, options_na
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="The config file as an option (data build's and quantize's spelling)")
 ]
+ResumeFromOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="STEP|FOLDER",
+        help="Continue the run in out_dir, as --resume does, from the checkpoint of this step (40: "
+        "out_dir/checkpoints/step_40) or this checkpoint folder (another run's: continued in out_dir)",
+    ),
+]
 
 
 def train_command(
@@ -22,14 +30,7 @@ def train_command(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in out_dir from its newest checkpoint, with its saved config")
     ] = False,
-    resume_from: Annotated[
-        str | None,
-        typer.Option(
-            metavar="STEP|FOLDER",
-            help="Continue the run in out_dir, as --resume does, from the checkpoint of this step (40: "
-            "out_dir/checkpoints/step_40) or this checkpoint folder",
-        ),
-    ] = None,
+    resume_from: ResumeFromOpt = None,
     write_config: Annotated[
         Path | None, typer.Option(help="Write the resolved config (YAML or JSON by suffix) and exit")
     ] = None,

@@ -194,6 +194,19 @@ def test_a_training_stage_given_two_config_files_names_both(tmp_path, command):
     assert f"error: two config files, {config} and --config {config}: give one" in result.output
 
 
+@pytest.mark.parametrize("command", ["train", "sft", "rl", "distill"])
+def test_every_training_stage_takes_resume_from_a_step_or_a_checkpoint_folder(tmp_path, command):
+    """sft, rl and distill had --resume alone (No such option: --resume-from), where train took a step or folder."""
+    run, copied = tmp_path / "run", tmp_path / "copied_step_3"
+    copied.mkdir()
+    step = runner.invoke(app, [command, f"out_dir={run}", "--resume-from", "3"])
+    assert step.exit_code == 1, step.output
+    assert f"{run / 'train_config.json'}: no such file; a run to resume has its config there" in step.output
+    folder = runner.invoke(app, [command, f"out_dir={run}", "--resume-from", str(copied)])
+    assert folder.exit_code == 1, folder.output
+    assert f"{copied} is no checkpoint of a run holding one" in folder.output
+
+
 def test_data_build_shows_its_progress_on_stderr_and_its_report_alone_on_stdout(tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
