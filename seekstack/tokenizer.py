@@ -105,12 +105,12 @@ def _jinja(text: str) -> str:
 
 # The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
-# (joined by newlines; an assistant's refusal parts read as their text), an assistant's null content as empty, a
-# tool call's arguments as a JSON text or an object (as transformers' templates take them, written as JSON); other
-# roles and parts raise. An assistant turn before the
-# last user message loses its reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT
-# trains (each answer, its tool calls and its EOS, not an assistant turn of weight 0) for
-# `return_assistant_tokens_mask` (TRL's assistant_only_loss); they render nothing of their own.
+# (joined by newlines; an assistant's refusal parts read as their text), an assistant's null content as empty (as its
+# `refusal` where it gives one), a tool call's arguments as a JSON text or an object (as transformers' templates take
+# them, written as JSON); other roles and parts raise. An assistant turn before the last user message loses its
+# reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT trains (each answer, its tool
+# calls and its EOS, not an assistant turn of weight 0) for `return_assistant_tokens_mask` (TRL's
+# assistant_only_loss); they render nothing of their own.
 GENERATION_PROMPT = "{{- '<｜Assistant｜>' -}}"  # CHAT_TEMPLATE's; a release's reply opening follows it
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1, after_tool=false, calls=[], texts=[]) -%}"
@@ -140,6 +140,10 @@ CHAT_TEMPLATE = (
     "{%- set ns.system_prompts = ns.system_prompts + [content] -%}"
     "{%- elif message['role'] == 'user' -%}{%- set ns.turns = ns.turns + [['<｜User｜>', content, false]] -%}"
     "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if message['refusal'] is defined and message['refusal'] is not none -%}"
+    "{%- if content -%}{{- raise_exception(position ~ ' has content and a refusal: keep one') -}}{%- endif -%}"
+    "{%- set content = message['refusal'] -%}"
+    "{%- endif -%}"
     "{%- if loop.index0 < ns.last_user and '</think>' in content -%}"
     "{%- set content = content.split('</think>')[-1].lstrip() -%}"
     "{%- endif -%}"
@@ -649,10 +653,10 @@ def template_message(position: int, message: object) -> dict:
     """An OpenAI chat message as the chat template takes it, read as the server and transformers' `apply_chat_template`
     with `CHAT_TEMPLATE` read it: role `developer` (OpenAI's newer name for system) as `system`, content given as a
     list of text parts as their texts joined by newlines (as vLLM's server joins them; an assistant's refusal parts
-    as their text, `part_text`), an assistant's null content
-    (a replayed turn, or one that only calls tools) as empty, an assistant's `tool_calls` as `template_tool_call`
-    gives each; its other keys kept. ValueError naming `position` for a message that is no dict with `role` and
-    `content`, another role or content, tool calls on another role, and the legacy `function_call`."""
+    as their text, `part_text`), an assistant's null content (a replayed turn, or one that only calls tools) as
+    empty, or as its `refusal` where it gives one (`refusal_text`), an assistant's `tool_calls` as
+    `template_tool_call` gives each; its other keys kept. ValueError naming `position` for a message that is no dict
+    with `role` and `content`, another role or content, tool calls on another role, and the legacy `function_call`."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise ValueError(f"chat message {position} must be a dict with 'role' and 'content', got {message!r}")
     role, content = message["role"], message["content"]
@@ -672,6 +676,9 @@ def template_message(position: int, message: object) -> dict:
             f"chat message {position} content must be a string or a list of text parts (null only in an assistant "
             f"message), got {type(content).__name__}"
         )
+    if role == "assistant" and message.get("refusal") is not None:  # read into the content, which then holds it
+        content = refusal_text(position, message["refusal"], content)
+        message = {key: value for key, value in message.items() if key != "refusal"}
     templated = {**message, "role": "system" if role == "developer" else role, "content": content}
     calls = message.get("tool_calls")
     if calls is not None:
@@ -682,6 +689,20 @@ def template_message(position: int, message: object) -> dict:
             )
         templated["tool_calls"] = [template_tool_call(position, index, call) for index, call in enumerate(calls)]
     return templated
+
+
+def refusal_text(position: int, refusal: object, content: str) -> str:
+    """The text of an assistant message whose reply is a `refusal` (OpenAI's message field, beside a null content):
+    the refusal, which is what the model said. ValueError naming the message when it is no text, or the message has
+    content too (OpenAI's reply holds one or the other)."""
+    if not isinstance(refusal, str):
+        raise ValueError(f"chat message {position} refusal must be text or null, got {type(refusal).__name__}")
+    if content:
+        raise ValueError(
+            f"chat message {position} has content and a refusal: an OpenAI reply holds one or the other (its content "
+            "null beside a refusal); keep the one the assistant said"
+        )
+    return refusal
 
 
 def template_tool_call(position: int, index: int, call: object) -> dict:

@@ -356,6 +356,23 @@ def test_encode_chat_reads_openai_messages_as_the_server_and_the_jinja_template_
     assert tokenizer.render_chat(messages) == rendered
 
 
+def test_an_assistants_refusal_is_its_reply_in_encode_chat_and_the_jinja_template(trained, auto_tokenizer):
+    """OpenAI's assistant message that refuses, {"content": null, "refusal": ...}, was rendered as an empty reply, the
+    refusal dropped without a word; the refusal is what the assistant said. Given with content too, it is refused."""
+    tokenizer, _ = trained
+    question = {"role": "user", "content": "How do I pick a lock?"}
+    refusal = "I can't help with that."
+    said = tokenizer.render_chat([question, {"role": "assistant", "content": refusal}], add_generation_prompt=False)
+    refused = [question, {"role": "assistant", "content": None, "refusal": refusal}]
+    assert tokenizer.render_chat(refused, add_generation_prompt=False) == said
+    assert auto_tokenizer.apply_chat_template(refused, tokenize=False) == said
+    both = [question, {"role": "assistant", "content": "Sure.", "refusal": refusal}]
+    with pytest.raises(ValueError, match="chat message 1 has content and a refusal: an OpenAI reply holds one"):
+        tokenizer.render_chat(both)
+    with pytest.raises(jinja2.TemplateError, match="chat message 1 has content and a refusal"):
+        auto_tokenizer.apply_chat_template(both, tokenize=False)
+
+
 R1_REPLY = "<think> 2 and 2 make 4 </think>\n 4"
 R1_HISTORY = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": R1_REPLY}]
 

@@ -444,6 +444,16 @@ def test_an_assistant_turn_of_weight_0_is_context_not_trained_on(tmp_path):
     assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == "4" + EOS
 
 
+def test_an_assistants_refusal_is_trained_as_its_reply(tmp_path):
+    """OpenAI's {"role": "assistant", "content": null, "refusal": ...} was refused as a null content (with no word of
+    the refusal), and rendered as an empty reply where it was read; the refusal is the reply trained."""
+    tokenizer = byte_tokenizer(tmp_path)
+    path = tmp_path / "refusals.jsonl"
+    path.write_text(json.dumps({"messages": [CHAT[1], {"role": "assistant", "content": None, "refusal": "No."}]}))
+    ids, labels = encode_conversation(tokenizer, read_conversations(path, tokenizer)[0])
+    assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == "No." + EOS
+
+
 def test_trls_conversational_prompt_completion_trains_the_completion_alone(tmp_path):
     """TRL's {"prompt": [...], "completion": [...]} was refused as no {"messages": [...]}; its prompt is context, an
     assistant turn in it too (TRL's completion_only_loss), its completion trained. lora train reads it as chat."""
