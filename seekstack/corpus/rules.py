@@ -374,26 +374,22 @@ class TextStats:
                 judged.append((line, ended))
         return judged
 
-    @cached_property
-    def prose_lines(self) -> list[str]:
-        """The non-blank lines that do not look like code."""
-        return [line for line in self.nonblank_lines if not looks_like_code(line)]
-
     def duplicate_lines(self, skip_code_lines: bool) -> tuple[float, float]:
-        """Fractions of non-blank lines (less those that look like code, if asked), and of their characters, that
-        repeat an earlier line (Gopher)."""
+        """Fractions of the non-blank lines, and of their characters, that repeat an earlier line (Gopher); if asked,
+        a repeated line that looks like code is no repeat (a tutorial's listings repeat `import os` and `}`), but
+        still one of the lines, as datatrove counts every line: a page of prose among its listings is judged by the
+        share of the whole page its repeats make."""
         if skip_code_lines not in self._duplicates:
-            lines = self.prose_lines if skip_code_lines else self.nonblank_lines
             seen: set[str] = set()
             repeated_lines = repeated_chars = 0
-            for line in lines:
-                if line in seen:
+            for line in self.nonblank_lines:
+                if line in seen and not (skip_code_lines and looks_like_code(line)):
                     repeated_lines += 1
                     repeated_chars += len(line)
                 seen.add(line)
-            total_chars = sum(len(line) for line in lines)
+            total_chars = sum(len(line) for line in self.nonblank_lines)
             self._duplicates[skip_code_lines] = (
-                repeated_lines / max(1, len(lines)),
+                repeated_lines / max(1, len(self.nonblank_lines)),
                 repeated_chars / max(1, total_chars),
             )
         return self._duplicates[skip_code_lines]

@@ -139,6 +139,26 @@ def test_gopher_line_rules_judge_the_share_of_non_blank_lines_as_datatrove_does(
     assert failed_rule("\n".join("* " + line for line in lines), ProseRules()) is None  # Markdown's star: no bullet
 
 
+def test_repeated_lines_of_prose_are_counted_against_the_whole_page_with_its_listings() -> None:
+    """Prose's duplicate-line rules excuse a repeated line that looks like code, and judge the repeated other lines
+    against every line of the page, as datatrove counts them: a tutorial page of 3 paragraphs and a 56-line listing
+    whose comment `// TODO ^ Try uncommenting this line` repeats 4 times was judged by its 7 lines of prose and
+    comments alone (3 of 7 repeated, 0.32 of their characters) and removed, as 4 Rust by Example pages were. Its 3
+    repeats are 3 of the page's 59 lines, 0.10 of its characters (datatrove, counting the `}` lines too: 10 of 59,
+    0.10; kept); a paragraph repeated 30 times still fails."""
+    paragraphs = prose(12, 60).replace("\n", " ").split(". ")
+    listing = [line for i in range(8) for line in (f"fn call_{i}() {{", f"    let value = compute({i});", "}")]
+    listing += [f"    inner_{i}(value);" for i in range(28)]
+    for position in (3, 10, 17, 24):
+        listing.insert(position, "    // TODO ^ Try uncommenting this line")
+    page = "\n".join([paragraphs[0] + ".", *listing[:30], paragraphs[1] + ".", *listing[30:], paragraphs[2]])
+    lines = len(page.split("\n"))
+    comment_chars = 3 * len("    // TODO ^ Try uncommenting this line")
+    assert TextStats(page).duplicate_lines(skip_code_lines=True) == (3 / lines, comment_chars / (len(page) - lines + 1))
+    assert not fails("duplicate_lines", page, ProseRules()) and not fails("duplicate_line_chars", page, ProseRules())
+    assert fails("duplicate_lines", page + ("\n" + paragraphs[0] + ".") * 30, ProseRules())
+
+
 MENU = ["Home", "About us", "Contact", "Log in", "Privacy policy", "Terms of use", "Careers", "Press", "Sitemap"]
 
 
