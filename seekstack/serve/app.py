@@ -155,7 +155,7 @@ class Server:
         self.keys = KeyStore(database)
         self.ledger = Ledger(database)
         self.limiter = RateLimiter(database)
-        self.metrics = ServerMetrics(self.model_name)
+        self.metrics = ServerMetrics(self.model_name, engine.max_model_len)
         self.bridge = AsyncEngine(engine, self.metrics)
         self.created = int(time.time())
         self.calls: set[asyncio.Task] = set()  # the tasks answering generation calls, until each has its row
@@ -295,6 +295,8 @@ class Server:
                 if isinstance(error, UnknownAdapter):  # unloaded since adapter_for found it
                     raise self.unknown_model(body.model, bill.key) from None
                 raise APIError(400, str(error)) from None
+            self.metrics.request_params_n.observe(body.n)
+            self.metrics.request_params_max_tokens.observe(max(params.max_new_tokens for params in choices))
         except ClientDisconnect:  # gone before its body arrived
             await bill.record_async(CLIENT_CLOSED)
             return Response(status_code=CLIENT_CLOSED)

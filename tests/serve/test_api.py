@@ -533,6 +533,28 @@ def test_metrics_use_vllm_names_with_the_seekstack_prefix(base_url, keys):
 
 
 # ---------------------------------------------------------------------------------------------- process-level
+def test_metrics_measure_each_requests_n_and_max_tokens_as_vllms_request_params(base_url, keys):
+    """vLLM's request_params_n and request_params_max_tokens (buckets 1, 2, 5, 10, ... up to the context) were missing
+    from /metrics, so an operator could not see how many choices and how long a completion requests ask for."""
+    api = client(base_url, keys.create("params"))
+
+    def buckets(name: str) -> dict[str, float]:
+        families = text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text)
+        wanted = f"seekstack:{name}_bucket"
+        return {sample.labels["le"]: sample.value for family in families for sample in family.samples
+                if sample.name == wanted}  # fmt: skip
+
+    before_n, before_max_tokens = buckets("request_params_n"), buckets("request_params_max_tokens")
+    api.completions.create(model=MODEL, prompt="count", max_tokens=3, n=2, extra_body=NO_EOS)
+    api.completions.create(model=MODEL, prompt="count", extra_body=NO_EOS)  # max_tokens unset: 16, as OpenAI's
+    after_n, after_max_tokens = buckets("request_params_n"), buckets("request_params_max_tokens")
+    n = {le: after_n[le] - before_n.get(le, 0) for le in after_n}
+    max_tokens = {le: after_max_tokens[le] - before_max_tokens.get(le, 0) for le in after_max_tokens}
+    assert n == {"1.0": 1, "2.0": 2, "5.0": 2, "10.0": 2, "20.0": 2, "+Inf": 2}
+    up_to_the_context = ("50.0", "100.0", "200.0", "+Inf")  # MAX_MODEL_LEN is 256
+    assert max_tokens == {"1.0": 0, "2.0": 0, "5.0": 1, "10.0": 1, "20.0": 2, **dict.fromkeys(up_to_the_context, 2)}
+
+
 def test_kill_9_loses_no_finished_request_and_at_most_a_bounded_part_of_a_stream(model_dir, tmp_path):
     """Requests answered before kill -9 (whole and streamed) are in the ledger; the stream cut off by it has the row
     opened when it started (status 0: never finished), holding all but fewer than BILL_EVERY_TOKENS of the tokens

@@ -19,7 +19,7 @@ from tests.infer.support import micro_model, tiny_tokenizer
 
 def test_closing_a_group_names_the_choices_still_queued(tmp_path):
     engine = Engine(micro_model(), tiny_tokenizer(tmp_path), max_batch_size=1)  # one running request at a time
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))
     long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
 
     async def scenario() -> tuple[set[int], set[int], set[int]]:
@@ -42,7 +42,7 @@ def test_closing_a_group_names_the_choices_still_queued(tmp_path):
 
 def test_closing_a_group_hands_over_the_outputs_generated_before_the_abort_that_nobody_read(tmp_path):
     engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))
     long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
 
     async def scenario() -> tuple[int, list[tuple[int, int]]]:
@@ -66,7 +66,7 @@ def test_closing_a_group_hands_over_the_outputs_generated_before_the_abort_that_
 
 def test_a_prompt_computed_in_a_step_whose_output_an_abort_dropped_is_counted_and_measured_with_its_call(tmp_path):
     engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))  # its thread not started: the steps are taken here
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))  # its thread not started: the steps are taken here
     long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
 
     async def scenario() -> set[int]:
@@ -95,7 +95,7 @@ def test_a_prompt_computed_in_a_step_whose_output_an_abort_dropped_is_counted_an
 def test_preemptions_reach_the_metrics_as_vllms_num_preemptions(tmp_path):
     # 16 usable blocks of 4 tokens: the four prompts fit, but not their 24-token completions beside them
     engine = Engine(micro_model(), tiny_tokenizer(tmp_path), block_size=4, num_blocks=17)
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))
     long = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     prompts = [[5 + i] * length for i, length in enumerate((9, 14, 5, 11))]
 
@@ -128,7 +128,7 @@ def test_requests_submitted_during_a_long_step_leave_the_worker_threads_free(tmp
             return real_step()
 
     engine.step = long_step
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))
     short = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
 
     async def scenario() -> bool:
@@ -155,7 +155,7 @@ def test_requests_submitted_during_a_long_step_leave_the_worker_threads_free(tmp
 
 def test_a_submission_cancelled_before_or_after_the_engine_thread_adds_it_leaves_no_request_running(tmp_path):
     engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))  # its thread not started: its work is done here
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))  # its thread not started: its work is done here
     long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
 
     async def cancelled(added_first: bool) -> bool:
@@ -176,7 +176,7 @@ def test_a_submission_cancelled_before_or_after_the_engine_thread_adds_it_leaves
 
 def test_every_finish_reason_is_scraped_from_zero_before_its_first_request():
     """As vLLM's: a series that first appears at 1 is missed by Prometheus' increase() and rate()."""
-    metrics = ServerMetrics("micro")
+    metrics = ServerMetrics("micro", 64)
     counts = {
         reason: metrics.registry.get_sample_value(
             "seekstack:request_success_total", {"model_name": "micro", "finished_reason": reason}
@@ -197,7 +197,7 @@ def test_requests_a_failed_step_ends_are_counted_as_finished_by_an_error(tmp_pat
         return real_step()
 
     engine.step = step_failing_third
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))
     long = SamplingParams(max_new_tokens=200, temperature=0, ignore_eos=True)
 
     async def scenario() -> None:
@@ -234,7 +234,7 @@ def test_the_engine_thread_outlives_the_loop_of_a_request_it_still_runs(tmp_path
         return real_step()
 
     engine.step = step
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))
     greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
 
     async def submit_and_leave() -> None:
@@ -260,7 +260,7 @@ def test_the_stats_line_gives_the_throughput_since_the_last_then_one_line_draine
     """vLLM logs such a line every 10 s of work, and one more for the first idle interval (its last throughput was not
     0), so the log ends showing the server drained; the server logged none, then none for that interval: requests
     aborted with no token since the last line left it saying they ran however long the server stayed idle."""
-    metrics = ServerMetrics("micro")
+    metrics = ServerMetrics("micro", 64)
     assert metrics.stats_line(100.0) is None  # idle since the server started
     metrics.prompt_tokens.inc(50)
     metrics.generation_tokens.inc(200)
@@ -285,7 +285,7 @@ def test_a_finished_request_is_measured_under_vllms_per_request_token_and_phase_
     """vLLM's request_prompt_tokens, request_generation_tokens and request_prefill/decode/inference_time_seconds were
     missing from /metrics; a call of n choices counts once, as in vLLM."""
     engine = Engine(micro_model(), tiny_tokenizer(tmp_path))
-    bridge = AsyncEngine(engine, ServerMetrics("micro"))
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))
     greedy = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
 
     async def complete() -> None:
