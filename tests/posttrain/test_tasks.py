@@ -28,7 +28,8 @@ def test_reference_answers_verify_and_perturbed_ones_do_not(name):
         assert task.verify(problem, f"  {problem.answer} ")
         assert not task.verify(problem, problem.answer + "1")
         assert not task.verify(problem, "")
-        assert not task.verify(problem, "the answer is " + problem.answer)
+        assert task.verify(problem, f"The answer is {problem.answer}.")
+        assert not task.verify(problem, "I think " + problem.answer)
 
 
 @pytest.mark.parametrize("name", list(TASKS))
@@ -156,6 +157,7 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
         "1042%",
         "Answer: 1042",  # DAPO's answer line, as verl's math_dapo and math-verify read it
         "Final Answer: $1,042$",
+        "The answer is 1042.",  # the sentence lm-eval's gsm8k_cot reads
         "\\boxed{\\text{1042}}",  # a closing \\text{...} is a unit math-verify drops
         "\\boxed{1042\\text{ apples}}",
         "1042 \\mbox{cm}^2",
@@ -189,7 +191,7 @@ def test_arithmetic_answers_are_read_as_math_verify_reads_a_number(answer):
         "10 42",
         "1\\,04\\,2",
         "1042.5",
-        "the answer is 1042",  # prose: a box, or the number alone
+        "the answer is 1041 or 1042",  # prose: a box, or the number alone, or after "The answer is"
         "1041 or 1042",
         "\\boxed{1042} no: \\boxed{1041}",
         "\\boxed{1042",
@@ -243,6 +245,19 @@ def test_a_signed_denominator_reads_as_its_quotient_as_math_verify_reads_it(answ
 def test_a_box_without_braces_holds_the_rest_of_its_math_as_math_verify_reads_it(answer, value):
     """\\boxed 7 (LaTeX's argument without braces) was no box, the answer whole no number: it scored 0 against 7,
     where math-verify reads 7."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
+    [("The answer is 7.", 7), ("the answer is: $7$", 7), ("THE FINAL ANSWER IS \\(\\frac{14}{2}\\).", 7),
+     ("Final Answer: The final answer is $7$. I hope it is correct.", 7), ("The answer is x = 7", 7),
+     ("So the answer is 7.", None), ("The answer is 6. No, the answer is 7.", None), ("The answer is 6 or 7", None),
+     ("The answers 7", None)],
+)  # fmt: skip
+def test_an_answer_stated_in_a_sentence_reads_as_lm_eval_gsm8k_cot_and_minerva_math_read_it(answer, value):
+    """The sentence "The answer is 7." and Minerva's "Final Answer: The final answer is $7$. I hope it is correct."
+    were no number (scored 0 against 7), where lm-eval's gsm8k_cot and minerva_math, and math-verify, read 7."""
     assert read_number(answer) == value
 
 

@@ -5,11 +5,11 @@ interval or a set of numbers (`(1, 2)`, `[0, 1)`, `\\{1, 2\\}`), compared by bra
 takes `(1, 2)` and `\\{1, 2\\}` for one another).
 
 A closing `\\text{...}` is a unit, dropped as math-verify drops it (`57\\text{ apples}` is 57, `\\text{57}` too).
-Where it is stricter than math-verify: prose with no box around its number is no answer (math-verify takes the last
-number of "56 or 57"), nor are units outside `\\text{...}` (`57 apples`); of several boxes the last is the answer
-(math-verify reads them all as one set, wrong against one number). Where it is laxer: `−3` (U+2212, the minus sign) is
--3 (math-verify reads nothing), and a leading `+` is read outside a box too. Every pattern here matches in time linear
-in the answer's length.
+Where it is stricter than math-verify: prose with no box around its number is no answer, but for a sentence that is all
+the answer ("The answer is 57.", "Answer: 57"; math-verify takes the last number of "56 or 57"), nor are units
+outside `\\text{...}` (`57 apples`); of several boxes the last is the answer (math-verify reads them all as one set,
+wrong against one number). Where it is laxer: `−3` (U+2212, the minus sign) is -3 (math-verify reads nothing), and a
+leading `+` is read outside a box too. Every pattern here matches in time linear in the answer's length.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ MATH_END = re.compile(r"\$|\\\)|\\\]|</answer>")
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 SIZING = re.compile(r"\\left|\\right")  # LaTeX's sizing of parentheses, nothing to the value
 VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
-# DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too)
-ANSWER_LABEL = re.compile(r"(?i:(?:final\s+)?answer)\s*:\s*")
+# DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
+# and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
+# Minerva's "Final Answer: The final answer is 57. I hope it is correct." (lm-eval's minerva_math) writes both
+ANSWER_LABEL = re.compile(r"(?i:(?:the\s+)?(?:final\s+)?answer(?:\s*:|\s+is\b\s*:?)\s*)+")
+MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final answer, which minerva_math drops
 # A closing `\text{...}`, squared maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2")
 TEXT_UNIT = re.compile(
     r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))\s*\{(?P<words>[^{}]*)\}(?:\^\{?[0-9]\}?)?\Z"
@@ -64,7 +67,8 @@ NUMBER = re.compile(
 def final_answer(answer: str) -> str | None:
     """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested; `\\boxed 57` to the
     end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after an `Answer:`
-    label, outside math delimiters (`$57$`) and a closing period. None when the last box is never closed."""
+    label or the sentence `The answer is` (`Final Answer: The final answer is 57. I hope it is correct.`, Minerva's),
+    outside math delimiters (`$57$`) and a closing period. None when the last box is never closed."""
     boxes = list(BOXED.finditer(answer))
     if boxes:
         start = boxes[-1].end()
@@ -72,7 +76,7 @@ def final_answer(answer: str) -> str | None:
             return _braced(answer, start + 1)
         end = MATH_END.search(answer, start)
         return answer[start : end.start() if end else len(answer)].strip().removesuffix(".").strip()
-    text = _tagged(answer).strip().removesuffix(".").strip()
+    text = _tagged(answer).strip().removesuffix(MINERVA_CLOSING).strip().removesuffix(".").strip()
     labelled = ANSWER_LABEL.match(text)
     text = text[labelled.end() if labelled else 0 :]
     for opening, closing in MATH_DELIMITERS:
