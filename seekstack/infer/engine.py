@@ -1011,11 +1011,18 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ convenience
-    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+    def default_sampling_params(self) -> SamplingParams:
+        """What `generate`, `chat` and `stream` sample with when given no params, as vLLM's
+        LLM.get_default_sampling_params: SamplingParams' defaults but where the checkpoint's generation_config.json sets
+        them (`sampling_defaults`)."""
+        return SamplingParams(**self.sampling_defaults)
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Add one request, a text (encoded as `generate` encodes it) or token ids, and step until it finishes,
-        yielding its outputs as they come (other requests run too)."""
+        yielding its outputs as they come (other requests run too); no params: `default_sampling_params`."""
         prompt_ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
         inbox: deque[RequestOutput] = deque()
+        params = self.default_sampling_params() if params is None else params
         request_id = self._add_awaited(prompt_ids, params, inbox)
         try:
             finished = False
@@ -1031,7 +1038,7 @@ class Engine:
     def generate(
         self,
         prompts: str | list[int] | list[str] | list[list[int]] | torch.Tensor,
-        params: SamplingParams | Sequence[SamplingParams],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: Sequence[str | None] | None = None,
         use_tqdm: bool = False,
     ) -> list[Completion]:
@@ -1040,8 +1047,9 @@ class Engine:
         BOS first with a DeepSeek release's tokenizer, as transformers encodes it, none with seekstack's, as its
         training shards hold none), each on the base or on the loaded adapter `adapters` names for it, and step until
         all finish. A prompt refused (too long, an adapter not loaded) raises ValueError naming it by its index among
-        several, the prompts added before it aborted, none left queued. `use_tqdm`: a bar of the requests finished on
-        stderr, as vLLM's (off by default here: RL and eval loops call generate often)."""
+        several, the prompts added before it aborted, none left queued. No params: `default_sampling_params`, as
+        vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval loops
+        call generate often)."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(
@@ -1052,6 +1060,7 @@ class Engine:
         token_ids = len(prompts) > 0 and not any(isinstance(t, Iterable) for t in prompts)  # 5.0 too: refused below
         one_prompt = isinstance(prompts, str) or token_ids
         prompts = [prompts] if one_prompt else list(prompts)
+        params = self.default_sampling_params() if params is None else params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         adapter_list = list(adapters) if adapters is not None else [None] * len(prompts)
         for name, values, one in (
@@ -1113,7 +1122,7 @@ class Engine:
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
-        params: SamplingParams | Sequence[SamplingParams],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         use_tqdm: bool = False,
@@ -1122,9 +1131,9 @@ class Engine:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
         malformed message naming it) and generated (`generate`), the reply ending at the template's special tokens
-        (the end of its turn), as `seekstack chat` ends one; `use_tqdm` as generate's. `tools` (OpenAI's function
-        definitions, read and refused as the server reads a request's) are listed in each prompt, as vLLM's chat
-        template lists them, and each reply's calls are parsed out as the server parses them: its `tool_calls`
+        (the end of its turn), as `seekstack chat` ends one; `params` and `use_tqdm` as generate's. `tools` (OpenAI's
+        function definitions, read and refused as the server reads a request's) are listed in each prompt, as vLLM's
+        chat template lists them, and each reply's calls are parsed out as the server parses them: its `tool_calls`
         (`completion_with_calls`)."""
         from seekstack.infer.chat import ending_at_special_tokens
         from seekstack.posttrain.conversations import offered
@@ -1137,6 +1146,7 @@ class Engine:
             self.tokenizer.encode_chat(list(conversation), add_generation_prompt, continue_final_message, offered_tools)
             for conversation in conversations
         ]
+        params = self.default_sampling_params() if params is None else params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ending = [
             ending_at_special_tokens(p, self.tokenizer, calls=bool(offered_tools)) if isinstance(p, SamplingParams)

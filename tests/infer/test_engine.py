@@ -4,8 +4,10 @@ steps, errors."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+import shutil
 import threading
 import time
 import warnings
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import seekstack
 from seekstack.infer import Engine, EngineOptions, SamplingParams
 from seekstack.infer.outputs import Completion
 from seekstack.schema import ConfigError
@@ -502,13 +505,32 @@ def test_a_prompt_refused_leaves_none_of_the_earlier_prompts_queued(model, token
     assert completion.finish_reason == "length"
 
 
-@pytest.mark.parametrize("params", [{"max_new_tokens": 4}, None, [{"max_new_tokens": 4}]], ids=["dict", "none", "list"])
+@pytest.mark.parametrize("params", [{"max_new_tokens": 4}, [{"max_new_tokens": 4}]], ids=["dict", "list"])
 def test_sampling_parameters_that_are_no_sampling_params_are_refused_naming_how_to_make_them(model, tokenizer, params):
     engine = Engine(model, tokenizer)
     refusal = r"params must be SamplingParams, got (dict|NoneType): .*SamplingParams.from_dict"
     with pytest.raises(TypeError, match=refusal):
         engine.generate(["def f"], params)
     assert not engine.has_unfinished()
+
+
+def test_no_params_sample_as_the_checkpoints_generation_config_says_as_vllms_defaults(model, tokenizer, tmp_path):
+    """generate(prompts), chat(messages) and stream(prompt) without params raised TypeError ("params must be
+    SamplingParams, got NoneType"), where vLLM's LLM.generate and LLM.chat take sampling_params=None as its
+    get_default_sampling_params: the generation_config.json's values over SamplingParams' defaults."""
+    seekstack.save_pretrained(model, tmp_path)
+    shutil.copy(tokenizer.source, tmp_path / "tokenizer.json")
+    generation_config = {"eos_token_id": 1, "do_sample": False, "top_p": 0.9}
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation_config), encoding="utf-8")
+    engine = Engine.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": "def f"}]
+    [plain], [chatted] = engine.generate("def f"), engine.chat(messages)
+    streamed = [token for output in engine.stream("def f") for token in output.token_ids]
+    defaults = engine.default_sampling_params()
+    assert defaults == SamplingParams(temperature=0.0, top_p=0.9)
+    [given], [given_chat] = engine.generate("def f", defaults), engine.chat(messages, defaults)
+    assert plain.token_ids == streamed == given.token_ids and chatted.token_ids == given_chat.token_ids
+    assert Engine(model, tokenizer).default_sampling_params() == SamplingParams()
 
 
 def test_a_str_or_a_list_of_token_ids_is_one_prompt_as_in_vllm(model, tokenizer):
