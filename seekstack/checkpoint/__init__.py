@@ -3,7 +3,7 @@
 from seekstack.checkpoint.fp8 import dequantize_fp8, quantize_fp8
 from seekstack.checkpoint.keys import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, checkpoint_key, layer_key
 from seekstack.checkpoint.load import load_pretrained
-from seekstack.checkpoint.quantized import MappedCopy
+from seekstack.checkpoint.quantized import MappedCopy, stored_tensor_bytes
 from seekstack.checkpoint.reader import (
     CheckpointReader,
     check_safetensors,
@@ -11,7 +11,6 @@ from seekstack.checkpoint.reader import (
     read_json_object,
     read_safetensors,
     stored_float_dtype,
-    stored_tensor_bytes,
 )
 from seekstack.checkpoint.save import (
     MODEL_FOLDER_FILES,

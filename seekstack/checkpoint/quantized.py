@@ -4,9 +4,11 @@ and loading a checkpoint's quantized layers and routed-expert stacks as the quan
 from __future__ import annotations
 
 import functools
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,13 +16,14 @@ import torch
 from seekstack.checkpoint.keys import (
     DAMAGED,
     KEPT_FLOAT,
+    MTP_COPIES,
     PER_EXPERT_PROJECTIONS,
     STACKED_EXPERT_PARTS,
     TORCH_DTYPES,
     CheckpointError,
     layer_key,
 )
-from seekstack.checkpoint.reader import CheckpointReader
+from seekstack.checkpoint.reader import FLOAT_STORED, CheckpointReader, read_config
 from seekstack.compress.formats import compressed_tensors_config, pack_codes
 from seekstack.compress.linear import (
     QuantizedExperts,
@@ -40,6 +43,11 @@ MappedCopy = Callable[[torch.Tensor, Callable[[], Iterable[torch.Tensor]]], torc
 # Buffer `buffer` (codes or scales) of expert e's quantized weight of a stack of routed experts' (gate_up or down),
 # `(buffer, e)`, built from the one stored tensor it comes from, read from a checkpoint.
 ExpertBuffer = Callable[[str, int], torch.Tensor]
+# The stored tensors of a quantized layer that `stored_tensor_bytes` prices with its weight (`_held_layer_bytes`), or
+# not at all: loading reads no `weight_shape` (the shape is the config's) nor activations' `input_scale`.
+QUANTIZATION_PARTS = ("weight_scale", "weight_scale_inv", "weight_shape", "input_scale")
+# A routed expert's projection or stacked weight: the layer (`...mlp.experts`), and its expert's number if per expert.
+EXPERT_WEIGHT = re.compile(r"(.*\.mlp\.experts)\.(?:(\d+)\.)?\w+$")
 
 
 def quantized_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -156,6 +164,60 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
     if stored == "F8_E4M3" and f"{key}.weight_scale_inv" in reader:  # DeepSeek's; float-quantized's load as float
         return ["weight", "weight_scale_inv"]
     return None
+
+
+def stored_tensor_bytes(directory: str | Path) -> dict[str, int]:
+    """The bytes each tensor of checkpoint `directory` takes once loaded (`load_pretrained(dtype="auto")`), by key,
+    from its safetensors headers (no weight is read; only compressed-tensors' two-number `weight_shape`s): float
+    tensors as stored, without what loading leaves unread (the MTP modules' copies of the embedding and head, the
+    `weight_shape`s, activations' `input_scale`s), and each quantized layer as loading holds it
+    (`_held_layer_bytes`)."""
+    directory = Path(directory)
+    with CheckpointReader(directory, read_config(directory).extra.get("quantization_config")) as reader:
+        embedding = "model.embed_tokens.weight"
+        float_width = reader.stored_bytes(embedding) // math.prod(reader.stored_shape(embedding))
+        sizes, runs_quantized = {}, {}
+        for key in reader.key_to_file:
+            layer, _, part = key.rpartition(".")
+            quantized = reader.stored_dtype(key) not in FLOAT_STORED or layer.endswith(KEPT_FLOAT)
+            if part in ("weight", "weight_packed") and quantized:
+                sizes.update(_held_layer_bytes(reader, layer, float_width, runs_quantized))
+            elif not (MTP_COPIES.match(key) or part in QUANTIZATION_PARTS):
+                sizes[key] = reader.stored_bytes(key)
+    return sizes
+
+
+def _held_layer_bytes(
+    reader: CheckpointReader, layer: str, float_width: int, runs_quantized: dict[str, bool]
+) -> dict[str, int]:
+    """What loading holds of checkpoint layer `layer`, stored quantized (or `kv_b_proj`), by key: the buffers of the
+    quantized weight it runs, built on meta from the headers as loading builds it (int4's kernel packing and
+    scale-and-zero table, int8 codes of 4 bits as int4, DeepSeek's fp8 scales in float32), or its weight dequantized
+    to the float dtype (`float_width` bytes an element) where loading keeps it in float: kv_b_proj, float-quantized
+    fp8, weights whose kernel `load_quantized_layers` finds cannot run them. `runs_quantized` caches that finding
+    by the module loading swaps (a routed experts' layer runs all its stacks quantized or none)."""
+    held = None if layer.endswith(KEPT_FLOAT) else _meta_weight(reader, layer)
+    experts = EXPERT_WEIGHT.match(layer)
+    module = experts[1] if experts else layer
+    if held is not None and module not in runs_quantized:
+        stacks = ["0.gate_proj", "0.down_proj"] if experts and experts[2] else ["gate_up_proj", "down_proj"]
+        peers = [_meta_weight(reader, f"{module}.{stack}") for stack in stacks] if experts else [held]
+        runs_quantized[module] = all(peer is not None and peer[1].kernel_runs() for peer in peers)
+    if held is not None and runs_quantized[module]:
+        names, weight = held
+        buffers = zip(names, weight.stored_buffers, strict=True)
+        return {f"{layer}.{name}": getattr(weight, buffer).nbytes for name, buffer in buffers}
+    return {f"{layer}.weight": math.prod(reader.unpacked_shape(reader.weight_key(layer))) * float_width}
+
+
+def _meta_weight(reader: CheckpointReader, layer: str) -> tuple[list[str], QuantizedWeight] | None:
+    """The names of checkpoint layer `layer`'s stored tensors and the quantized weight loading builds of them, on meta
+    (from the headers: dtypes and shapes, nothing read); None for a layer it reads in float."""
+    names = _stored_names(reader, layer)
+    if names is None:
+        return None
+    stored = {name: _empty_stored(reader, [f"{layer}.{name}"]) for name in names}
+    return names, weight_from_stored(stored, reader.fp8_block, bits=reader.code_bits(layer))
 
 
 def _expert_weights_from_reader(

@@ -20,14 +20,12 @@ from seekstack.checkpoint.keys import (
     CONFIG_FILE,
     DAMAGED,
     INDEX_FILE,
-    KEPT_FLOAT,
-    MTP_COPIES,
     SAFETENSORS_DTYPES,
     SINGLE_FILE,
     TORCH_DTYPES,
     CheckpointError,
 )
-from seekstack.compress.formats import SCALE_DTYPE, dequantize_int, unpack_codes
+from seekstack.compress.formats import dequantize_int, unpack_codes
 from seekstack.config import ModelConfig
 
 # naive-quantized: the compressor int-quantized and float-quantized are aliases of in compressed-tensors: the same
@@ -573,32 +571,6 @@ def _fp8_block(quantization: dict[str, Any], config_path: Path) -> tuple[int, in
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, or an aligned copy of it where it starts off an ALIGNMENT boundary (files not written by us)."""
     return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone()
-
-
-def stored_tensor_bytes(directory: str | Path) -> dict[str, int]:
-    """The bytes each tensor of checkpoint `directory` takes once loaded, by key, from its safetensors headers (no
-    weight is read; only compressed-tensors' two-number `weight_shape`s): as stored, without what loading leaves unread
-    (the MTP modules' copies of the embedding and head, the `weight_shape`s), integer scales as the quantized
-    layers hold them: in SCALE_DTYPE, int4's with a zero point each (the CPU kernel's scale-and-zero table), and a
-    quantized `kv_b_proj` as loading holds it: expanded to the float dtype of the embedding, without its scales."""
-    with CheckpointReader(Path(directory), None) as reader:
-        embedding = "model.embed_tokens.weight"
-        float_width = reader.stored_bytes(embedding) // math.prod(reader.stored_shape(embedding))
-        sizes = {}
-        for key in reader.key_to_file:
-            layer, _, part = key.rpartition(".")
-            if MTP_COPIES.match(key) or key.endswith(".weight_shape"):
-                continue
-            if layer.endswith(KEPT_FLOAT) and part != "bias":  # read dequantized; its scales are not held
-                if part in ("weight", "weight_packed"):
-                    sizes[f"{layer}.weight"] = math.prod(reader.unpacked_shape(key)) * float_width
-                continue
-            if key.endswith(".weight_scale"):
-                per_scale = 2 if reader.packed_bits(key.removesuffix(".weight_scale")) == 4 else 1
-                sizes[key] = math.prod(reader.stored_shape(key)) * per_scale * SCALE_DTYPE.itemsize
-            else:
-                sizes[key] = reader.stored_bytes(key)
-    return sizes
 
 
 def stored_float_dtype(directory: str | Path) -> torch.dtype:

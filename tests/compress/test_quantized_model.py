@@ -331,6 +331,37 @@ def test_a_float_quantized_fp8_checkpoint_loads_its_layers_as_the_library_dequan
             assert torch.equal(loaded[f"{layer}.weight"].bfloat16(), weight), (layer, dequantize)
 
 
+FP8 = {"num_bits": 8, "type": "float", "symmetric": True}
+INT4_IN_INT8 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+
+
+@pytest.mark.parametrize(
+    "base_scheme, quant_format, weights, scale_shape, stored_dtype",
+    [
+        ("int8", "float-quantized", FP8 | {"strategy": "channel"}, lambda r, c: (r, 1), torch.float8_e4m3fn),
+        ("int8", "float-quantized", FP8 | {"strategy": "block", "block_structure": [16, 16]},
+         lambda r, c: (-(-r // 16), -(-c // 16)), torch.float8_e4m3fn),
+        ("int4", "int-quantized", INT4_IN_INT8, lambda r, c: (r, c // 32), torch.int8),
+    ],
+    ids=["fp8-channel (held in float)", "fp8-block (held in float)", "int4 codes in int8 (held as int4)"],
+)  # fmt: skip
+def test_stored_tensor_bytes_price_compressed_tensors_layers_as_loading_holds_them(
+    tmp_path, base_scheme, quant_format, weights, scale_shape, stored_dtype
+):
+    """`seekstack plan` priced a float-quantized fp8 layer at its e4m3 bytes (a third of the float32 weight loading
+    holds) and int4 codes stored in int8 at a byte each (loading packs two a byte into the int4 kernel's tiling)."""
+    from seekstack.checkpoint import stored_tensor_bytes
+    from seekstack.infer.placement import model_tensor_bytes
+
+    def scales(weight, generator):
+        return torch.rand(scale_shape(*weight.shape), generator=generator).bfloat16() / 100 + 0.01
+
+    rewrite_with_compressor(tmp_path, base_scheme, quant_format, weights, scales, stored_dtype)
+    loaded = seekstack.load_pretrained(tmp_path)
+    held = sum(model_tensor_bytes(loaded).values()) - loaded.rotary.inv_freq.nbytes
+    assert sum(stored_tensor_bytes(tmp_path).values()) == held
+
+
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     model = model_for_tests()
     quantize_model(model, QuantConfig(scheme="fp8"))
