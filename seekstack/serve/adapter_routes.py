@@ -58,7 +58,8 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
         """Serve the LoRA adapter in `lora_path` as model `lora_name`, or with `load_inplace` replace the weights of
         the one loaded as `lora_name` (admin keys only)."""
         await asyncio.to_thread(server.authenticate, request, True)
-        body = parse_body(LoadAdapterRequest, await read_body(request, server.max_body_bytes))
+        raw = await read_body(request, server.max_body_bytes)
+        body = await asyncio.to_thread(parse_body, LoadAdapterRequest, raw)  # JSON: off the event loop
         if body.lora_name == server.model_name:
             raise APIError(409, f"{body.lora_name!r} is the base model's name; give the adapter another one",
                            param="lora_name", code="adapter_exists")  # fmt: skip
@@ -85,7 +86,8 @@ def add_adapter_routes(app: FastAPI, server: Server) -> None:
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         """Stop serving adapter `lora_name`; refused while unfinished requests use it (admin keys only)."""
         await asyncio.to_thread(server.authenticate, request, True)
-        body = parse_body(UnloadAdapterRequest, await read_body(request, server.max_body_bytes))
+        raw = await read_body(request, server.max_body_bytes)
+        body = await asyncio.to_thread(parse_body, UnloadAdapterRequest, raw)  # JSON: off the event loop
         try:
             await asyncio.to_thread(server.engine.unload_adapter, body.lora_name)
         except UnknownAdapter as error:

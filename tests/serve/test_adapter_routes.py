@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,10 +14,13 @@ import pytest
 from seekstack.adapters.config import AdapterConfig
 from seekstack.adapters.files import ADAPTER_WEIGHTS_FILE
 from seekstack.infer import Engine, SamplingParams
+from seekstack.serve import adapter_routes
+from seekstack.serve.app import create_app
 from seekstack.serve.database import open_database
+from seekstack.serve.errors import parse_body
 from seekstack.serve.keys import KeyStore
 from tests.adapters.support import write_random_adapter
-from tests.serve.server import make_model_dir, running_server
+from tests.serve.server import make_model_dir, run, running_server
 
 MODEL = "model"
 GREEDY_BODY = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -164,3 +168,26 @@ def test_a_head_rows_adapter_loaded_at_run_time_answers_as_merged_into_the_base(
         answers = list(pool.map(lambda model: complete(api, model), ["rows", MODEL, "legal"]))
     assert answers[0] == merged[0].text != answers[1]
     assert post(url, admin, "unload_lora_adapter", lora_name="rows").status_code == 200
+
+
+def test_load_and_unload_bodies_are_parsed_off_the_event_loop(tmp_path, monkeypatch):
+    """Their bodies (up to --max-body-bytes, 4 MiB of JSON by default) were parsed on the event loop, as the
+    generation, moderation and tokenize routes' no longer are: every stream and /health waited for it."""
+    model_dir = make_model_dir(tmp_path)
+    folder = write_random_adapter(model_dir, tmp_path / "poem", seed=2)
+    parsed_on_the_loop = []  # the event loop runs in the main thread (`run`)
+
+    def parse_body_noting_its_thread(schema, raw):
+        parsed_on_the_loop.append(threading.current_thread() is threading.main_thread())
+        return parse_body(schema, raw)
+
+    monkeypatch.setattr(adapter_routes, "parse_body", parse_body_noting_its_thread)
+    app = create_app(Engine.from_pretrained(model_dir), open_database(tmp_path / "db"))  # open: loopback JSON only
+
+    async def scenario(client):
+        loaded = await client.post("/v1/load_lora_adapter", json={"lora_name": "poem", "lora_path": str(folder)})
+        return loaded, await client.post("/v1/unload_lora_adapter", json={"lora_name": "poem"})
+
+    loaded, unloaded = run(app, scenario)
+    assert loaded.json()["id"] == "poem" and unloaded.json() == {"id": "poem", "object": "model", "deleted": True}
+    assert parsed_on_the_loop == [False, False]  # was: [True, True]
