@@ -262,6 +262,17 @@ def test_an_answer_stated_in_a_sentence_reads_as_lm_eval_gsm8k_cot_and_minerva_m
 
 
 @pytest.mark.parametrize(
+    ("answer", "value"),
+    [("#### 7", 7), ("####7", 7), ("Natalia sold 48/2 = 24 clips in May.\n#### 1,072", 1072),
+     ("<answer>#### -7</answer>", -7), ("#### 6\n#### 7", 7), ("so 6 + 1 = 7\n####", None), ("#### 6 or 7", None)],
+)  # fmt: skip
+def test_an_answer_after_gsm8k_s_marker_reads_as_lm_eval_gsm8k_reads_it(answer, value):
+    """GSM8K's "...\\n#### 7" was no number (scored 0 against 7), where lm-eval's gsm8k strict-match and math-verify
+    read 7."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
     "answer",
     ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4", "\\frac 12",
      "\\frac {1} {2}", "\\boxed{\\dfrac{ 1 }{ 2 }}"],  # spaces in \\frac, as LaTeX and math-verify read them

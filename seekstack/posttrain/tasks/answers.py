@@ -29,6 +29,7 @@ VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
 # and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
 # Minerva's "Final Answer: The final answer is 57. I hope it is correct." (lm-eval's minerva_math) writes both
 ANSWER_LABEL = re.compile(r"(?i:(?:the\s+)?(?:final\s+)?answer(?:\s*:|\s+is\b\s*:?)\s*)+")
+GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
 MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final answer, which minerva_math drops
 # A closing `\text{...}`, squared maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2")
 TEXT_UNIT = re.compile(
@@ -66,9 +67,10 @@ NUMBER = re.compile(
 
 def final_answer(answer: str) -> str | None:
     """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested; `\\boxed 57` to the
-    end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after an `Answer:`
-    label or the sentence `The answer is` (`Final Answer: The final answer is 57. I hope it is correct.`, Minerva's),
-    outside math delimiters (`$57$`) and a closing period. None when the last box is never closed."""
+    end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after its last
+    `####` (GSM8K's), an `Answer:` label or the sentence `The answer is` (`Final Answer: The final answer is 57. I hope
+    it is correct.`, Minerva's), outside math delimiters (`$57$`) and a closing period. None when the last box is never
+    closed."""
     boxes = list(BOXED.finditer(answer))
     if boxes:
         start = boxes[-1].end()
@@ -76,7 +78,8 @@ def final_answer(answer: str) -> str | None:
             return _braced(answer, start + 1)
         end = MATH_END.search(answer, start)
         return answer[start : end.start() if end else len(answer)].strip().removesuffix(".").strip()
-    text = _tagged(answer).strip().removesuffix(MINERVA_CLOSING).strip().removesuffix(".").strip()
+    text = _tagged(answer).rpartition(GSM8K_MARKER)[2]
+    text = text.strip().removesuffix(MINERVA_CLOSING).strip().removesuffix(".").strip()
     labelled = ANSWER_LABEL.match(text)
     text = text[labelled.end() if labelled else 0 :]
     for opening, closing in MATH_DELIMITERS:
