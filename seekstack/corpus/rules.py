@@ -28,6 +28,7 @@ from typing import Literal
 
 import ftfy
 import ftfy.badness
+import ftfy.fixes
 import regex
 
 from seekstack.corpus.dedup import lsh_can_band, max_lsh_threshold
@@ -246,9 +247,6 @@ for _kind in ("code", "prose", "cjk"):
 # of the one before, as `col -b` keeps it.
 _TERMINAL_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
 _OVERSTRUCK = re.compile(r"[^\n]?\x08")
-# Control characters that no text shows, as ftfy's `remove_control_chars` (datatrove's FTFYFormatter) removes them:
-# C0 but tab, line feed, form feed and carriage return (NUL, the padding of binary formats; DOS's end of file, ^Z), DEL
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 # Mojibake, text once decoded in the wrong encoding (`â\x80\x93` for `–`, UTF-8 read as Latin-1, in libxml2's NEWS;
 # `\x93quoted\x94`, Windows-1252 read as Latin-1, in scraped rows), mended by ftfy as datatrove's FTFYFormatter mends
 # it for FineWeb; its other fixes are left out (quotes, widths and ligatures stay as written)
@@ -281,7 +279,12 @@ def normalise(text: str) -> str:
     if _MOJIBAKE_SIGN.search(text) and ftfy.badness.is_bad(text):
         text = ftfy.fix_text(text, _MOJIBAKE_ONLY)
     text = _OVERSTRUCK.sub("", _TERMINAL_ESCAPE.sub("", text))
-    return unicodedata.normalize("NFC", _CONTROL.sub("", text))
+    # Control characters that no text shows, as datatrove's FTFYFormatter removes them with ftfy: C0 but tab, line
+    # feed, form feed and carriage return (NUL, the padding of binary formats; DOS's end of file, ^Z), DEL, a byte-order
+    # mark inside the text (files joined by `cat`, a row scraped from a file with one), the object replacement
+    # character U+FFFC (an image pasted from a rich-text editor), interlinear annotations and Arabic's deprecated
+    # format controls; joiners, bidirectional marks and emoji tags stay
+    return unicodedata.normalize("NFC", ftfy.fixes.remove_control_chars(text))
 
 
 def rule_kind(text: str, profile: Profile, name: str = "") -> tuple[Kind, str]:

@@ -55,7 +55,7 @@ from seekstack.corpus.sources import (
 )
 from seekstack.corpus.split import split_score, validation_cutoff
 from seekstack.schema import ConfigError, load_config, write_config
-from tests.corpus.test_kinds import CHINESE_ARTICLE, JAPANESE_TEXT, KOREAN_TEXT
+from tests.corpus.test_kinds import CHINESE_ARTICLE, ENGLISH_ARTICLE, JAPANESE_TEXT, KOREAN_TEXT
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 VOCABULARY = (
@@ -579,6 +579,25 @@ def test_normalise_renders_terminal_formatting_and_drops_control_characters() ->
     assert normalise("\x1b[1m[001]\x1b[0m reads \x1b[1;32mPASSED\x1b[0m") == "[001] reads PASSED"
     assert normalise("see \x1b]8;;https://x.org\x1b\\the site\x1b]8;;\x1b\\.") == "see the site."  # an OSC link
     assert normalise("bell\x07 dos\x1a del\x7f vt\x0b tab\tpage\x0c") == "bell dos del vt tab\tpage\x0c"
+
+
+def test_normalise_drops_the_invisible_characters_ftfy_removes_so_copies_are_exact_duplicates(tmp_path: Path) -> None:
+    """A byte-order mark inside a text (files joined by `cat`, a row scraped from a file with one) and the object
+    replacement character U+FFFC (an image pasted from a rich-text editor) were kept in the text to train on, and a
+    copy holding them was no exact duplicate; they are removed as datatrove's FTFYFormatter (ftfy's
+    remove_control_chars) removes them. Joiners, bidirectional marks and emoji tag characters are kept."""
+    assert (
+        normalise("part one\n\ufeffpart two \ufffc, \ufff9ruby\ufffa\ufffb \u206aend")
+        == "part one\npart two , ruby end"
+    )
+    kept = "\u0645\u0631\u062d\u0628\u0627.\u200f \u0915\u094d\u200d\u0937 \U0001f3f4\U000e0067\U000e0062\U000e007f"
+    assert normalise(kept) == kept
+    documents = [Document("a", "\ufeff" + ENGLISH_ARTICLE.replace(" rooms,", " rooms\ufffc,"), "web")]
+    documents += [Document("b", ENGLISH_ARTICLE, "web"), Document("c", CHINESE_ARTICLE, "web")]
+    report = build_corpus([documents], tmp_path / "out", CleaningConfig(val_fraction=0), show_progress=False)
+    assert (report.removed["exact_duplicate"], report.removed["near_duplicate"]) == (1, 0)
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "train.jsonl")]
+    assert [row["text"] for row in rows if row["id"] == "a"] == [ENGLISH_ARTICLE]
 
 
 def test_normalise_mends_mojibake_as_ftfy_does() -> None:
