@@ -29,8 +29,8 @@ RUNS_GIVEN = "runs_given"  # ctx.meta key: each resolved checkpoint -> the run's
 
 def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> str | Path | list | None:
     """Argument callback: a run's out_dir (`checkpoints/step_N` inside, no config.json) stands for its newest
-    checkpoint, named on stderr (and recorded in ctx.meta[RUNS_GIVEN]); a checkpoint folder, a preset or anything
-    else passes through unchanged."""
+    checkpoint, named on stderr (by rank 0 alone under torchrun: `lora train`'s BASE) and recorded in
+    ctx.meta[RUNS_GIVEN]; a checkpoint folder, a preset or anything else passes through unchanged."""
     if isinstance(value, list):
         return [run_to_checkpoint(ctx, item) for item in value]
     if value is None or (Path(value) / "config.json").is_file():
@@ -41,7 +41,8 @@ def run_to_checkpoint(ctx: typer.Context, value: str | Path | list | None) -> st
         raise typer.BadParameter(str(error)) from None
     if newest is None:
         return value
-    typer.echo(f"{value}: using the run's newest checkpoint, {newest}{passed_over(newest)}", err=True)
+    if _rank() == 0:
+        typer.echo(f"{value}: using the run's newest checkpoint, {newest}{passed_over(newest)}", err=True)
     ctx.meta.setdefault(RUNS_GIVEN, {})[str(newest)] = Path(value)
     return str(newest) if isinstance(value, str) else newest
 

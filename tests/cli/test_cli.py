@@ -118,6 +118,28 @@ def test_a_run_folder_stands_for_its_newest_complete_checkpoint(tmp_path):
     assert "no complete checkpoint: step_5 (no train_state.pt, config.json, model.safetensors) under" in result.output
 
 
+def test_under_torchrun_rank_0_alone_names_the_checkpoint_a_run_folder_stands_for(tmp_path):
+    """lora train's BASE, a run under torchrun, had every rank print the newest checkpoint and the incomplete step
+    folders passed over, where the trainer's own notes come from rank 0 alone."""
+    for step, files in ((3, ("train_state.pt", "model.safetensors")), (6, ("train_state.pt",))):
+        (tmp_path / "run" / "checkpoints" / f"step_{step}").mkdir(parents=True)
+        for name in files:
+            (tmp_path / "run" / "checkpoints" / f"step_{step}" / name).write_bytes(b"")
+    (tmp_path / "run" / "checkpoints" / "step_3" / "config.json").write_text(json.dumps(preset("small").to_dict()))
+    note = (
+        f"{tmp_path / 'run'}: using the run's newest checkpoint, {tmp_path / 'run' / 'checkpoints' / 'step_3'}; "
+        "passed over step_6 (no config.json, model.safetensors), incomplete"
+    )
+    command = ["lora", "train", str(tmp_path / "run"), str(tmp_path / "no_data"), "--out", str(tmp_path / "lora")]
+    said = {rank: runner.invoke(app, command, env={"RANK": rank}).stderr for rank in ("0", "1")}
+    assert note in said["0"].splitlines()
+    assert "using the run's newest checkpoint" not in said["1"]
+    assert (
+        said["1"].strip()
+        == f"error (rank 1): {tmp_path / 'no_data'}: no such file or folder (or use 'stdlib' for the default corpus)"
+    )
+
+
 @pytest.mark.parametrize(
     "command", [["eval", "{run}"], ["explain", "{run}", "x"], ["sample", "{run}"], ["info", "{run}"]]
 )
