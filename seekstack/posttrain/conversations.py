@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterable
@@ -230,9 +231,18 @@ def check_tool_turns(messages: list[dict], tools: list[dict]) -> None:
 
 
 def check_call(position: int, index: int, function: dict, names: list[str]) -> None:
-    """ValueError naming the call unless its arguments are a JSON object's text and, where tools are offered (`names`),
-    it calls one of them."""
+    """ValueError naming the call unless its name is a function's as OpenAI takes one (FUNCTION_NAME, which the tools
+    offered are held to), its arguments are a JSON object's text and, where tools are offered (`names`), it calls one
+    of them."""
+    from seekstack.serve.schemas import FUNCTION_NAME
+
     where = f"chat message {position} tool_calls[{index}]"
+    if not re.fullmatch(FUNCTION_NAME, function["name"]):
+        raise ValueError(
+            f"{where} function.name {function['name'][:80]!r} is no function name OpenAI takes ({FUNCTION_NAME}: "
+            "letters, digits, _ and -, at most 64, as the tools offered are held to; a newline would end the name in "
+            "the call's format): mend the name"
+        )
     try:
         arguments = json.loads(function["arguments"])
     except ValueError as error:

@@ -23,6 +23,11 @@ ANSWER = {"role": "assistant", "content": "Paris 20C, Rome 25C."}
 AGENT = [*ASK, CALLS, *RESULTS, ANSWER]
 
 
+def calling(name: str) -> dict:
+    """An assistant message calling the function `name`."""
+    return {**CALLS, "tool_calls": [{**call("1", "x"), "function": {"name": name, "arguments": "{}"}}]}
+
+
 def write_lines(path, *records):
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
@@ -150,6 +155,13 @@ def test_a_conversations_tools_and_calls_are_part_of_its_key_and_its_line(tmp_pa
             [{**WEATHER, "function": {**WEATHER["function"], "name": "forecast"}}],
             r"chat message 2 tool_calls\[0\] calls 'weather', which is not among the line's tools \('forecast'\)",
         ),
+        # a call's name held to OpenAI's function names, as the tools offered are (no tools to compare it with)
+        (
+            [*ASK, calling("move\n```json\n")],
+            [],
+            r"chat message 2 tool_calls\[0\] function.name 'move\\n```json\\n' is no function name OpenAI takes",
+        ),
+        ([*ASK, calling("get weather")], [], r"chat message 2 tool_calls\[0\] function.name 'get weather' is no"),
         ([*ASK, {"role": "function", "content": "20C"}, ANSWER], [], "chat message 2 has unknown role 'function'"),
         ([*ASK, ANSWER], [{"type": "function", "function": {"name": "a b"}}], "field tools.0.function.name string"),
         ([*ASK, ANSWER], {"weather": WEATHER}, "field tools input should be a valid list"),
