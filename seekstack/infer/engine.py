@@ -33,7 +33,7 @@ from seekstack.checkpoint import load_pretrained, read_config
 from seekstack.infer.cache import PagedLatentCache, blocks_in_budget, blocks_in_free_memory
 from seekstack.infer.detokenize import TextStream
 from seekstack.infer.draft_vocab import DraftVocabulary, draft_vocabulary, refresh_draft_vocabulary, token_ranking
-from seekstack.infer.generation_config import sampling_defaults
+from seekstack.infer.generation_config import eos_token_ids, sampling_defaults
 from seekstack.infer.outputs import Completion, EngineStats, RequestOutput, TokenLogprob, joined_completion
 from seekstack.infer.packed import pack_for_decode, repack
 from seekstack.infer.params import DRAFT_TOKENS_LIMIT, MAX_DRAFT_TOKENS, EngineOptions, SamplingParams
@@ -199,6 +199,8 @@ class Engine:
         self.model_dir: Path | None = None  # the checkpoint folder `from_pretrained` loaded; None: a model built here
         # SamplingParams field -> the checkpoint's generation_config.json value, for what a request leaves unset
         self.sampling_defaults: dict[str, Any] = {}
+        # the ids that end a request (unless ignore_eos): the tokenizer's EOS and generation_config.json's eos_token_id
+        self.eos_ids = frozenset({tokenizer.eos_id})
         if tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more than the model's "
@@ -313,7 +315,7 @@ class Engine:
         adapter that does not fit, are reported before any weights load."""
         model_dir = Path(model_dir)
         config = read_config(model_dir)  # CheckpointError naming the folder when it does not exist or lacks config.json
-        defaults = sampling_defaults(model_dir)
+        defaults, eos_ids = sampling_defaults(model_dir), eos_token_ids(model_dir)
         if tokenizer is None and not (model_dir / TOKENIZER_FILE).is_file():
             raise FileNotFoundError(
                 f"{model_dir} has no {TOKENIZER_FILE}: pass tokenizer= the path of a tokenizer.json or its folder"
@@ -345,6 +347,7 @@ class Engine:
         engine = cls(model.eval(), loaded_tokenizer, **kwargs)  # its own model: in eval mode once, not each step
         engine.model_dir = model_dir.resolve()
         engine.sampling_defaults = defaults
+        engine.eos_ids |= eos_ids
         engine.model_name = engine.model_dir.name
         return engine
 
@@ -440,7 +443,7 @@ class Engine:
             )
         # a greedy request draws no numbers: no seed of torch's generator (`SeededUniforms`) is spent on it
         generator = SeededUniforms(0 if params.greedy else params.seed)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else {self.tokenizer.eos_id})
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         penalties = PenaltyState.from_prompt(prompt_ids, vocab, self.device) if params.penalized else None
         with self.lock:
             request_id = request_id or f"req-{next(self._ids)}"

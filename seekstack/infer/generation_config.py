@@ -1,7 +1,8 @@
 """A checkpoint's generation_config.json: the sampling defaults its authors ship with it (DeepSeek-R1: temperature 0.6,
 top_p 0.95; DeepSeek-V2-Chat: temperature 0.3), read as vLLM's `--generation-config auto` reads them, for what a
 request or a command line leaves unset. A release that sets `do_sample: false` is decoded greedily, as transformers
-decodes it (whatever temperature it names): vLLM reads no `do_sample` and samples it at temperature 1."""
+decodes it (whatever temperature it names): vLLM reads no `do_sample` and samples it at temperature 1. Its
+`eos_token_id`, one id or a list, ends generation beside the tokenizer's EOS, as transformers and vLLM stop."""
 
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def sampling_defaults(model_dir: str | Path) -> dict[str, Any]:
-    """SamplingParams field -> the value `model_dir`'s generation_config.json gives it, for each of SAMPLING_FIELDS
-    it sets ({} without the file). ConfigError naming the file (and the field) when it is no JSON object or a value is
-    not one SamplingParams takes."""
+def read_generation_config(model_dir: str | Path) -> dict[str, Any]:
+    """`model_dir`'s generation_config.json ({} without the file); ConfigError naming the file when it is no JSON
+    object."""
     path = Path(model_dir) / GENERATION_CONFIG_FILE
     try:
         raw = json.loads(path.read_bytes())
@@ -31,6 +31,26 @@ def sampling_defaults(model_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({error}); copy it again from the model's release") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object of generation settings, got {type(raw).__name__}")
+    return raw
+
+
+def eos_token_ids(model_dir: str | Path) -> frozenset[int]:
+    """The ids `model_dir`'s generation_config.json ends generation at, its `eos_token_id` (an id or a list of them,
+    as transformers' GenerationConfig takes it; none without it). ConfigError naming the file and field otherwise."""
+    eos = read_generation_config(model_dir).get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if any(type(token) is not int or token < 0 for token in ids):
+        source = str(Path(model_dir) / GENERATION_CONFIG_FILE)
+        raise ConfigError(f"has value {eos!r}: give a token id or a list of them", "eos_token_id", source)
+    return frozenset(ids)
+
+
+def sampling_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """SamplingParams field -> the value `model_dir`'s generation_config.json gives it, for each of SAMPLING_FIELDS
+    it sets ({} without the file). ConfigError naming the file (and the field) when it is no JSON object or a value is
+    not one SamplingParams takes."""
+    path = Path(model_dir) / GENERATION_CONFIG_FILE
+    raw = read_generation_config(model_dir)
     defaults = {name: raw[name] for name in SAMPLING_FIELDS if raw.get(name) is not None}
     if raw.get("do_sample") is False:  # its authors' greedy decoding: transformers then reads no temperature
         defaults["temperature"] = 0.0

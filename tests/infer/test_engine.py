@@ -514,15 +514,19 @@ def test_sampling_parameters_that_are_no_sampling_params_are_refused_naming_how_
     assert not engine.has_unfinished()
 
 
+def checkpoint(model, tokenizer, folder, **generation_config):
+    """`model` saved in `folder` with `tokenizer`'s tokenizer.json and a generation_config.json of these values."""
+    seekstack.save_pretrained(model, folder)
+    shutil.copy(tokenizer.source, folder / "tokenizer.json")
+    (folder / "generation_config.json").write_text(json.dumps(generation_config), encoding="utf-8")
+    return folder
+
+
 def test_no_params_sample_as_the_checkpoints_generation_config_says_as_vllms_defaults(model, tokenizer, tmp_path):
     """generate(prompts), chat(messages) and stream(prompt) without params raised TypeError ("params must be
     SamplingParams, got NoneType"), where vLLM's LLM.generate and LLM.chat take sampling_params=None as its
     get_default_sampling_params: the generation_config.json's values over SamplingParams' defaults."""
-    seekstack.save_pretrained(model, tmp_path)
-    shutil.copy(tokenizer.source, tmp_path / "tokenizer.json")
-    generation_config = {"eos_token_id": 1, "do_sample": False, "top_p": 0.9}
-    (tmp_path / "generation_config.json").write_text(json.dumps(generation_config), encoding="utf-8")
-    engine = Engine.from_pretrained(tmp_path)
+    engine = Engine.from_pretrained(checkpoint(model, tokenizer, tmp_path, eos_token_id=1, do_sample=False, top_p=0.9))
     messages = [{"role": "user", "content": "def f"}]
     [plain], [chatted] = engine.generate("def f"), engine.chat(messages)
     streamed = [token for output in engine.stream("def f") for token in output.token_ids]
@@ -531,6 +535,26 @@ def test_no_params_sample_as_the_checkpoints_generation_config_says_as_vllms_def
     [given], [given_chat] = engine.generate("def f", defaults), engine.chat(messages, defaults)
     assert plain.token_ids == streamed == given.token_ids and chatted.token_ids == given_chat.token_ids
     assert Engine(model, tokenizer).default_sampling_params() == SamplingParams()
+
+
+def test_generation_config_eos_token_ids_end_generation_beside_the_tokenizers_as_transformers_and_vllm(
+    model, tokenizer, tmp_path
+):
+    """A generation_config.json's eos_token_id (one id, or a list such as [1, 128009]) was not read: generation went
+    on past its ids, where transformers' generate and vLLM stop at each of them as at the tokenizer's EOS."""
+    [free] = Engine(model, tokenizer).generate("def f", GREEDY)
+    end = free.token_ids[3]
+    cut = free.token_ids[: free.token_ids.index(end) + 1]
+    for eos in ([1, end], end):
+        engine = Engine.from_pretrained(checkpoint(model, tokenizer, tmp_path / str(eos), eos_token_id=eos))
+        [stopped] = engine.generate("def f", dataclasses.replace(GREEDY, ignore_eos=False))
+        assert (stopped.token_ids, stopped.finish_reason) == (cut, "stop")
+        assert engine.eos_ids == {tokenizer.eos_id, end}
+        assert stopped.text == tokenizer.decode(cut[:-1])
+        [ignoring] = engine.generate("def f", GREEDY)
+        assert ignoring.token_ids == free.token_ids
+    with pytest.raises(ConfigError, match=r"generation_config.json: field 'eos_token_id' has value \[1, '2'\]"):
+        Engine.from_pretrained(checkpoint(model, tokenizer, tmp_path / "bad", eos_token_id=[1, "2"]))
 
 
 def test_a_str_or_a_list_of_token_ids_is_one_prompt_as_in_vllm(model, tokenizer):
