@@ -313,6 +313,8 @@ class AsyncEngine:
         if output.token_ids:
             if timing.last_token is None:
                 self._count_prompt(timing)
+                metrics.prefix_cache_queries.inc(timing.prompt_tokens)  # each choice's lookup, as vLLM counts them
+                metrics.prefix_cache_hits.inc(output.cached_tokens)
                 if call.first_token is None:
                     call.first_token = now
                     metrics.time_to_first_token.observe(now - call.arrival)

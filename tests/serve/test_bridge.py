@@ -307,3 +307,31 @@ def test_a_finished_request_is_measured_under_vllms_per_request_token_and_phase_
     assert [sample(f"request_{phase}_time_seconds_count") for phase in phases] == [1, 1, 1]
     prefill, decode, inference = (sample(f"request_{phase}_time_seconds_sum") for phase in phases)
     assert prefill > 0 and decode > 0 and inference == pytest.approx(prefill + decode)
+
+
+def test_prefix_cache_lookups_and_hits_are_counted_as_vllms_prefix_cache_queries_and_hits(tmp_path):
+    """vLLM's prefix_cache_queries and prefix_cache_hits (prompt tokens looked up, found) were missing from /metrics:
+    the cache's hit rate, which usage's cached_tokens shows per request, had no server-wide figure."""
+    engine = Engine(micro_model(), tiny_tokenizer(tmp_path), block_size=4)
+    bridge = AsyncEngine(engine, ServerMetrics("micro", 64))
+    greedy = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    prompt = list(range(5, 15))  # 10 tokens: two whole blocks of 4 to share
+
+    async def complete() -> list[int]:
+        cached = []
+        for _ in range(2):  # the same prompt twice, one after the other
+            async for _, output in await bridge.submit([prompt], [greedy]):
+                cached.append(output.cached_tokens)
+        return cached
+
+    bridge.start()
+    try:
+        cached = asyncio.run(complete())
+    finally:
+        bridge.stop()
+
+    def sample(name: str) -> float:
+        return bridge.metrics.registry.get_sample_value("seekstack:" + name, {"model_name": "micro"})
+
+    assert cached[0] == 0 and cached[-1] == 8  # the second call found the first's two blocks
+    assert (sample("prefix_cache_queries_total"), sample("prefix_cache_hits_total")) == (20, 8)  # was: None
