@@ -319,9 +319,10 @@ def test_thousands_grouped_by_two_separators_are_no_number_as_math_verify_refuse
     assert read_number(answer.replace(" ", ",").replace("\\,", ",").replace("{,}", ",").replace("\u202f", ",")) == 10**6
 
 
-@pytest.mark.parametrize("answer", ["5%", "\\boxed{5\\%}", "$5\\%$"])
+@pytest.mark.parametrize("answer", ["5%", "\\boxed{5\\%}", "$5\\%$", "5 %", "\\boxed{5\\ \\%}", "$5\\,\\%$"])
 def test_a_percentage_verifies_as_its_number_or_its_hundredth_as_math_verify_tries_both(tmp_path, answer):
-    """Against a gold 0.05, 5% scored 0: the % was dropped and 5 alone compared."""
+    """Against a gold 0.05, 5% scored 0: the % was dropped and 5 alone compared. "5 %" (a space before it, as
+    math-verify reads it; SI's "5\\,\\%") was no number."""
     path = problems_file(
         tmp_path / "rates.jsonl", [{"question": "5 of 100?", "answer": 0.05}, {"question": "5?", "answer": 5}]
     )
@@ -368,6 +369,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1{,}000" * 10_000 + ".",
         "\\text{a}" * 8_000,
         "1\\," * 23_000,
+        "1" + "\\; " * 23_000 + "%x",
         "^" + " " * 70_000,
         "1\\ " * 23_000 + "\\frac",
         "\\frac" + " " * 70_000 + "1",

@@ -61,7 +61,7 @@ SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
 NUMBER = re.compile(
     rf"(?:\\?\$)?(?P<sign>{SIGN})(?:(?:{WHOLE})?{FRACTION}"
     rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator_sign>{SIGN})(?P<denominator>{UNSIGNED})|{POWER})?)"
-    r"(?P<percent>\\?%)?"
+    r"(?P<percent>(?:\s|\\[ ,;:!])*\\?%)?"  # a space before "%" as math-verify reads it ("5 %", "5\ \%"), SI's "5\,\%"
 )
 
 
