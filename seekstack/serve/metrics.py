@@ -96,7 +96,8 @@ class ServerMetrics:
         self._totals_seen = EngineStats(running=0, waiting=0, cache_usage=0.0, prefill_tokens=0, spec_drafted=0,
                                         spec_accepted=0)  # fmt: skip
         self._prefill_seen = 0
-        self._stats_seen = (time.monotonic(), 0.0, 0.0)  # the last stats line's time, prompt and generation tokens
+        # the last stats line's time, and the totals then: prompt and generation tokens, prefix-cache queries and hits
+        self._stats_seen = (time.monotonic(), 0.0, 0.0, 0.0, 0.0)
         self._stats_busy = False  # whether the last interval computed, ran or queued anything
 
     def request_finished(self, reason: str, prompt_tokens: int, generated: int) -> None:
@@ -139,17 +140,20 @@ class ServerMetrics:
 
     def stats_line(self, now: float) -> str | None:
         """vLLM's periodic stats line: prompt and generation throughput since the last line (at `now`, monotonic
-        seconds), the requests running and waiting, the cache in use; None for an interval with nothing computed,
+        seconds), the requests running and waiting, the cache in use, the share of the prompt tokens looked up in the
+        prefix cache since the last line that were found there; None for an interval with nothing computed,
         running or waiting after one alike, which vLLM does not log either (the first idle interval is logged: the
         log's last line shows the server drained)."""
 
         def sample(name: str) -> float:
             return self.registry.get_sample_value(PREFIX + name, {"model_name": self._model_name})
 
-        totals = (sample("prompt_tokens_total"), sample("generation_tokens_total"))
+        counters = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits")
+        totals = tuple(sample(f"{name}_total") for name in counters)
         (since, *seen), self._stats_seen = self._stats_seen, (now, *totals)
+        prompt, generated, queries, hits = (total - last for total, last in zip(totals, seen, strict=True))
         elapsed = max(now - since, 1e-9)
-        prompt_rate, generation_rate = ((total - last) / elapsed for total, last in zip(totals, seen, strict=True))
+        prompt_rate, generation_rate = prompt / elapsed, generated / elapsed
         running, waiting = sample("num_requests_running"), sample("num_requests_waiting")
         busy, was_busy = bool(prompt_rate or generation_rate or running or waiting), self._stats_busy
         self._stats_busy = busy
@@ -159,7 +163,7 @@ class ServerMetrics:
         return (
             f"Avg prompt throughput: {prompt_rate:.1f} tokens/s, Avg generation throughput: "
             f"{generation_rate:.1f} tokens/s, Running: {running:.0f} reqs, Waiting: {waiting:.0f} reqs, "
-            f"KV cache usage: {usage:.1%}"
+            f"KV cache usage: {usage:.1%}, Prefix cache hit rate: {hits / queries if queries else 0:.1%}"
         )
 
     def render(self) -> bytes:

@@ -259,23 +259,26 @@ def test_the_engine_thread_outlives_the_loop_of_a_request_it_still_runs(tmp_path
 def test_the_stats_line_gives_the_throughput_since_the_last_then_one_line_drained_and_nothing_while_idle():
     """vLLM logs such a line every 10 s of work, and one more for the first idle interval (its last throughput was not
     0), so the log ends showing the server drained; the server logged none, then none for that interval: requests
-    aborted with no token since the last line left it saying they ran however long the server stayed idle."""
+    aborted with no token since the last line left it saying they ran however long the server stayed idle. As vLLM's,
+    the line ends with the prefix cache's hit rate (it had none)."""
     metrics = ServerMetrics("micro", 64)
     assert metrics.stats_line(100.0) is None  # idle since the server started
     metrics.prompt_tokens.inc(50)
     metrics.generation_tokens.inc(200)
+    metrics.prefix_cache_queries.inc(80)
+    metrics.prefix_cache_hits.inc(20)
     metrics.engine_state(EngineStats(running=2, waiting=1, cache_usage=0.25, prefill_tokens=50, spec_drafted=0,
                                      spec_accepted=0))  # fmt: skip
     assert metrics.stats_line(110.0) == (
         "Avg prompt throughput: 5.0 tokens/s, Avg generation throughput: 20.0 tokens/s, Running: 2 reqs, "
-        "Waiting: 1 reqs, KV cache usage: 25.0%"
+        "Waiting: 1 reqs, KV cache usage: 25.0%, Prefix cache hit rate: 25.0%"
     )
     # its requests aborted, no token generated since
     metrics.engine_state(EngineStats(running=0, waiting=0, cache_usage=0.0, prefill_tokens=50, spec_drafted=0,
                                      spec_accepted=0))  # fmt: skip
     assert metrics.stats_line(120.0) == (
         "Avg prompt throughput: 0.0 tokens/s, Avg generation throughput: 0.0 tokens/s, Running: 0 reqs, "
-        "Waiting: 0 reqs, KV cache usage: 0.0%"
+        "Waiting: 0 reqs, KV cache usage: 0.0%, Prefix cache hit rate: 0.0%"
     )  # was: None, the last line logged saying 2 running, 1 waiting and 25% of the cache in use
     assert metrics.stats_line(130.0) is None
     assert metrics.stats_line(140.0) is None
