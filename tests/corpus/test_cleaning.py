@@ -114,6 +114,9 @@ PROSE_ONLY_BAD_DOCUMENTS = {
     "newline_word_ratio": "\n\n".join(" ".join(VOCABULARY[i : i + 4]) + "." for i in range(0, 40, 4)),
 }
 
+# Rules off for every kind unless a config sets them (each tested with its setting below).
+OPT_IN_BAD_DOCUMENTS = {"stop_words": prose(13)}  # 300 nouns, sentences of ten
+
 
 @pytest.mark.parametrize("rule_name", list(BAD_DOCUMENTS))
 def test_each_rule_removes_its_bad_document(rule_name: str) -> None:
@@ -225,6 +228,23 @@ LOREM_IPSUM_PAGE = (
 )
 
 
+def test_gophers_stop_word_rule_is_off_by_default_and_removes_keyword_pages_when_set(tmp_path: Path) -> None:
+    """Gopher (datatrove's GopherQualityFilter, min_stop_words 2) removes a page holding fewer than 2 of `the be to of
+    and that have with`: keyword pages, but also all prose in other languages, so it is off for every kind and set
+    for a corpus of English alone (`prose.min_stop_words: 2`). Each word counts once, in any case, without the
+    punctuation set against it."""
+    keywords = OPT_IN_BAD_DOCUMENTS["stop_words"]
+    assert failed_rule(keywords, ProseRules()) is None
+    (tmp_path / "english.yaml").write_text("prose:\n  min_stop_words: 2\n")
+    english = load_config(CleaningConfig, tmp_path / "english.yaml").prose
+    assert failed_rule(keywords, english) == "stop_words"
+    assert failed_rule(keywords.replace(" ", " the ", 1).replace(" ", " with ", 1), english) is None
+    assert failed_rule(ENGLISH_ARTICLE, english) is None
+    marked = keywords + "\nThe river, AND (the) stone; with... of-course to."
+    assert not fails("stop_words", marked, ProseRules(min_stop_words=4))  # The, AND, with..., to.
+    assert fails("stop_words", marked, ProseRules(min_stop_words=5))
+
+
 def test_a_placeholder_page_of_lorem_ipsum_is_removed_as_c4_removes_it() -> None:
     """Filler text passes every statistic of prose (words of 5.5 characters, sentences ended); C4's rule, which
     FineWeb applies, removes a page that holds `lorem ipsum` anywhere."""
@@ -243,7 +263,9 @@ def test_prose_of_more_than_gophers_100000_words_is_removed() -> None:
 
 
 def test_every_rule_has_a_bad_document() -> None:
-    assert set(BAD_DOCUMENTS) | set(PROSE_ONLY_BAD_DOCUMENTS) == {rule.name for rule in RULES}
+    assert set(BAD_DOCUMENTS) | set(PROSE_ONLY_BAD_DOCUMENTS) | set(OPT_IN_BAD_DOCUMENTS) == {
+        rule.name for rule in RULES
+    }
 
 
 @pytest.mark.parametrize("module", ["textwrap.py", "argparse.py", "json/decoder.py", "numbers.py", "bisect.py"])
