@@ -900,8 +900,8 @@ class Engine:
 
     def _logprobs(self, batch: list[_Request], logits: torch.Tensor, tokens: torch.Tensor) -> list[TokenLogprob | None]:
         """The log-probability of each request's token under logits (B, V), for the requests that ask for them."""
-        chosen, top_values, top_ids = token_logprobs(logits, tokens, max(r.params.top_logprobs for r in batch))
-        columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), tokens.tolist())
+        chosen, ranks, top_values, top_ids = token_logprobs(logits, tokens, max(r.params.top_logprobs for r in batch))
+        columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), tokens.tolist(), ranks.tolist())
         return [
             self._logprob_entry(r.params.top_logprobs, r.params.detokenize, *row) if r.params.logprobs else None
             for r, *row in zip(batch, *columns, strict=True)
@@ -920,8 +920,7 @@ class Engine:
                 continue
             targets = torch.tensor(request.prompt_ids[first:end], device=self.device)
             rows = logits[b, first - start - 1 : end - start - 1].float()
-            chosen, top_values, top_ids = token_logprobs(rows, targets, top_n)
-            ranks = (rows > rows.gather(-1, targets[:, None])).sum(dim=-1) + 1
+            chosen, ranks, top_values, top_ids = token_logprobs(rows, targets, top_n)
             columns = (chosen.tolist(), top_values.tolist(), top_ids.tolist(), targets.tolist(), ranks.tolist())
             request.prompt_logprobs += [
                 self._logprob_entry(top_n, request.params.detokenize, *row) for row in zip(*columns, strict=True)
@@ -935,10 +934,10 @@ class Engine:
         top_values: list[float],
         top_ids: list[int],
         token: int,
-        rank: int | None = None,
+        rank: int,
     ) -> TokenLogprob:
-        """A token's log-probability (and its `rank`, where known) with the `top_n` likeliest tokens', their texts ""
-        without `detokenize`."""
+        """A token's log-probability and `rank` with the `top_n` likeliest tokens', their texts "" without
+        `detokenize`."""
         text = self._token_text if detokenize else _no_text  # ids only, as its text
         top = [(i, text(i), v) for i, v in zip(top_ids[:top_n], top_values[:top_n], strict=True)]
         return TokenLogprob(token, text(token), logprob, top, rank)

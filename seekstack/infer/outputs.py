@@ -20,7 +20,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[int, str, float]]  # (token_id, token text, logprob), most likely first
-    rank: int | None = None  # prompt_logprobs' (vLLM's Logprob.rank): 1 + the tokens likelier than this one
+    rank: int | None = None  # vLLM's Logprob.rank: 1 + the tokens likelier than this one
 
 
 @dataclass

@@ -360,18 +360,20 @@ def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, top_n: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities under the model's raw distribution (as vLLM reports them, before any sampling setting).
 
-    logits (B, V), tokens (B,) -> chosen (B,), top values (B, top_n), top ids (B, top_n). Tied values are listed
-    by id, as argmax picks among them (bfloat16 logits tie often): a greedy token is the first of its top list.
+    logits (B, V), tokens (B,) -> chosen (B,), ranks (B,) (vLLM's Logprob.rank: 1 + the tokens likelier than the
+    chosen one), top values (B, top_n), top ids (B, top_n). Tied values are listed by id, as argmax picks among them
+    (bfloat16 logits tie often): a greedy token is the first of its top list.
     """
     logprobs = logits.float().log_softmax(dim=-1)
-    chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
+    chosen = logprobs.gather(-1, tokens[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
     if not top_n:
-        return chosen, logprobs[:, :0], tokens[:, None][:, :0]
+        return chosen[:, 0], ranks, logprobs[:, :0], tokens[:, None][:, :0]
     top_values, top_ids = largest_by_value_then_id(logprobs, top_n)
-    return chosen, top_values, top_ids
+    return chosen[:, 0], ranks, top_values, top_ids
 
 
 def largest_by_value_then_id(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

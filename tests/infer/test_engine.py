@@ -51,6 +51,24 @@ def test_greedy_tokens_and_logprobs_match_the_full_forward(model, tokenizer):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_each_sampled_tokens_logprob_carries_its_rank_as_vllms(model, tokenizer, speculative):
+    """A generated token's TokenLogprob had rank None (prompt_logprobs' alone had one), where vLLM's sample logprobs
+    give each token's Logprob.rank: 1 + the tokens likelier than it, under the model's raw distribution."""
+    engine = Engine(model, tokenizer, speculative=speculative, adaptive_drafts=False)
+    params = SamplingParams(max_new_tokens=16, seed=3, ignore_eos=True, logprobs=True, top_logprobs=2)
+    [completion] = engine.generate(prompts([9]), params)
+    sequence = completion.prompt_token_ids + completion.token_ids
+    logprobs = model(torch.tensor([sequence])).logits[0, 8:-1].log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor(completion.token_ids)[:, None])
+    ranks = [entry.rank for entry in completion.logprobs]
+    surely_likelier, maybe_likelier = ((logprobs > chosen + bound).sum(-1) + 1 for bound in (1e-4, -1e-4))
+    bounds = zip(surely_likelier.tolist(), ranks, maybe_likelier.tolist(), strict=True)
+    assert all(low <= rank <= high for low, rank, high in bounds), ranks  # the batch's float rounding apart
+    assert (maybe_likelier - surely_likelier).sum() < 20 and max(ranks) > 2  # sampled, not only the likeliest
+
+
+@torch.inference_mode()
 def test_prompt_logprobs_are_those_of_the_full_forward_chunked_and_cached(model, tokenizer):
     """vLLM's SamplingParams(prompt_logprobs=k) raised TypeError; each prompt token's log-probability after the ones
     before it (the first None) comes with its k likeliest, across prefill chunks, beside a twin prompt that asks for

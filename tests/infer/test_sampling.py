@@ -139,7 +139,7 @@ def test_tied_top_logprobs_are_listed_by_id_so_the_greedy_token_comes_first():
     logits[0, [290, 316, 7]] = torch.tensor([2.0, 2.0, 1.0])  # bfloat16 logits tie: 290 and 316
     logits[1, [12, 9]] = 3.0
     greedy = logits.argmax(dim=-1)
-    _, values, ids = token_logprobs(logits, greedy, top_n=3)
+    _, _, values, ids = token_logprobs(logits, greedy, top_n=3)
     assert greedy.tolist() == [290, 9] and ids[:, 0].tolist() == [290, 9]
     assert ids[0].tolist() == [290, 316, 7] and values[0, 0] == values[0, 1] > values[0, 2]
 
@@ -165,7 +165,7 @@ def test_top_logprobs_are_those_a_stable_sort_lists_first_without_sorting_the_vo
     tokens = logits.argmax(dim=-1)
     expected_values, expected_ids = logits.log_softmax(dim=-1).sort(dim=-1, descending=True, stable=True)
     with OpsSeen() as seen:
-        _, values, ids = token_logprobs(logits, tokens, top_n=5)
+        _, _, values, ids = token_logprobs(logits, tokens, top_n=5)
     assert torch.equal(ids, expected_ids[:, :5]) and torch.equal(values, expected_values[:, :5])
     assert ids[:, 0].tolist() == tokens.tolist()
     assert ("sort", (4, 4096)) not in seen.ops
