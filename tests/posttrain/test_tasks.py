@@ -14,7 +14,7 @@ from seekstack.distill.config import DistillConfig
 from seekstack.posttrain.config import GRPOConfig, SFTConfig
 from seekstack.posttrain.rewards import RewardWeights, extract_answer, r1_completion, reward_terms, total_reward
 from seekstack.posttrain.tasks import TASKS, Problem, make_task, sample_problems, split_of
-from seekstack.posttrain.tasks.answers import read_number
+from seekstack.posttrain.tasks.answers import Items, read_items, read_number
 from seekstack.posttrain.tasks.countdown import evaluate_expression
 from seekstack.train.config import resolve_train_config
 from tests.posttrain.support import micro_checkpoint
@@ -270,6 +270,21 @@ def test_an_answer_after_gsm8k_s_marker_reads_as_lm_eval_gsm8k_reads_it(answer, 
     """GSM8K's "...\\n#### 7" was no number (scored 0 against 7), where lm-eval's gsm8k strict-match and math-verify
     read 7."""
     assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    "answer",
+    ["\\boxed{\\displaystyle 7}", "$\\textstyle\\frac{14}{2}$", "\\boxed{\\displaystyle -\\frac{-14}{2}}",
+     "\\Big(7\\Big)", "\\biggl(7\\biggr)"],
+)  # fmt: skip
+def test_a_math_style_or_a_sized_parenthesis_is_nothing_to_the_number_as_math_verify_reads_it(answer):
+    """\\boxed{\\displaystyle 7} was no number (scored 0 against 7), where math-verify reads 7."""
+    assert read_number(answer) == 7
+
+
+def test_a_sized_bracket_encloses_a_tuple_or_an_interval_as_left_and_right_do():
+    assert read_items("\\boxed{\\Big(1, 2\\Big)}") == Items("()", (1, 2))
+    assert read_items("\\bigl[0, 1\\bigr)") == Items("[)", (0, 1))
 
 
 @pytest.mark.parametrize(
