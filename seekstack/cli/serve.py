@@ -9,8 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperCommand
 
-from seekstack.cli.common import JsonErrorsCommand, fail, options_named, run_given, run_to_checkpoint, user_errors
+from seekstack.cli.common import (
+    JsonErrorsCommand,
+    NoSuchOption,
+    fail,
+    options_named,
+    run_given,
+    run_to_checkpoint,
+    user_errors,
+)
 from seekstack.cli.generate import (
     AdaptiveDrafts,
     Device,
@@ -45,6 +54,26 @@ DatabaseOption = Annotated[
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 DEFAULT_KEEP_ALIVE_S = 5.0  # uvicorn's and vLLM's
 keys_app = typer.Typer(no_args_is_help=True, help="API keys and price plans of `seekstack serve`.")
+# vLLM's options whose work seekstack does otherwise: what to do instead, said in their refusal
+VLLM_OPTIONS_DONE_OTHERWISE = {
+    "--api-key": "keys live in the --db database: `seekstack keys create --name NAME` prints one, and once a key "
+    "exists every request needs one (Authorization: Bearer KEY)",
+    "--allowed-origins": "give each origin whose pages may call the server with --cors-origin ORIGIN (repeatable)",
+}
+
+
+class ServeCommand(TyperCommand):
+    """`seekstack serve`, whose refusal of a vLLM option it has no such option for says what to do instead."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as error:
+            instead = VLLM_OPTIONS_DONE_OTHERWISE.get(error.option_name)
+            if instead is None:
+                raise
+            message = f"No such option: {error.option_name} (vLLM's); {instead}"
+            raise NoSuchOption(error.option_name, message, ctx=ctx) from None
 
 
 def _run_name(ctx: typer.Context, model: Path) -> str | None:
@@ -514,6 +543,6 @@ def _utc(timestamp: float) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve_command)
+    app.command("serve", cls=ServeCommand)(serve_command)
     app.add_typer(keys_app, name="keys")
     app.command("usage", cls=JsonErrorsCommand)(usage_command)

@@ -150,3 +150,15 @@ def test_serve_takes_vllms_options_for_request_and_stats_lines_and_logs_them_thr
     [config] = configs
     assert config.log_config["loggers"]["seekstack.serve"] == {"handlers": ["default"], "level": "INFO",
                                                                 "propagate": False}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "instead"),
+    [("--api-key", "`seekstack keys create --name NAME` prints one"), ("--allowed-origins", "--cors-origin ORIGIN")],
+)
+def test_serve_refuses_vllms_options_it_does_otherwise_saying_what_to_do_instead(tmp_path, option, instead):
+    """A vLLM launch line's --api-key or --allowed-origins got click's 'No such option' alone (or a guess at a
+    near name), with no word of the keys database or --cors-origin."""
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), option, "x"])
+    assert result.exit_code == 2
+    assert f"No such option: {option} (vLLM's); " in result.output and instead in result.output
