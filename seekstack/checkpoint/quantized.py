@@ -392,6 +392,9 @@ def load_quantized_layers(
             swapped.add(name)
             unfilled.update({f"{name}.{stack}": expert for stack, expert in per_expert.items()})
     use_quantized_feed_forwards(model)  # as quantize_model leaves a quantized model, so both compute alike
+    note = reader.activation_note()
+    if note is not None:
+        warnings.warn(note, stacklevel=3)
     for weight, names in unrunnable.items():
         warnings.warn(
             f"{reader.directory}: {len(names)} {weight.scheme} layers ({', '.join(names[:3])}"

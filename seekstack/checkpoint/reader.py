@@ -457,6 +457,8 @@ class CheckpointReader:
         float32 unless `dequantize` is False, and then starts at an ALIGNMENT boundary (the int kernels use it in
         place; copied where the file's does not). With `shape` (what the config implies), CheckpointError naming the
         file and the key for a tensor stored in another shape, and for quantized weights' scales that do not fit it."""
+        if key.endswith((".weight", ".weight_packed")):  # its layer's activation scale, read by none (activation_note)
+            self.used.add(f"{key.rpartition('.')[0]}.input_scale")
         packed_key = key + "_packed"
         if dequantize and key.endswith(".weight") and key not in self.key_to_file and packed_key in self.key_to_file:
             self.check_stored_format(packed_key)
@@ -484,6 +486,26 @@ class CheckpointReader:
             self.used.add(key + "_scale_inv")
             tensor = dequantize_fp8(tensor, self._get(key + "_scale_inv"), self.fp8_block)  # type: ignore[arg-type]
         return tensor  # a float weight memory-mapped as it is, aligned or not (`_maps_in_place` asks)
+
+    def activation_note(self) -> str | None:
+        """What loading does with the compressed-tensors config groups that quantize their layers' input activations
+        too (llm-compressor's FP8, FP8_DYNAMIC, W8A8: `input_activations`, static with an `input_scale` per layer or
+        dynamic per token), which vLLM rounds before each matmul and seekstack does not; None without such a group."""
+        described = []
+        for name, group in self.config_groups.items():
+            args = group.get("input_activations")
+            if isinstance(args, dict):
+                how = f"dynamic per {args.get('strategy')}" if args.get("dynamic") else "static, by its input_scale"
+                described.append(f"{name!r}: {args.get('type')}{args.get('num_bits')} {how}")
+        if not described:
+            return None
+        return (
+            f"{self.directory / CONFIG_FILE}: quantization_config groups quantize their layers' input activations "
+            f"({', '.join(described)}), which vLLM rounds to that format before each matmul; seekstack reads the "
+            "weights only and runs those layers on unrounded activations (int8/int4 kernels on bfloat16 inputs, fp8 "
+            "layers dequantized to float), so its outputs differ from vLLM's by that rounding (the input_scale keys "
+            "are not read)"
+        )
 
     def starts_aligned(self, key: str) -> bool:
         """Whether tensor `key` starts at a multiple of ALIGNMENT bytes into its memory map, so into its file: files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -360,6 +361,37 @@ def test_stored_tensor_bytes_price_compressed_tensors_layers_as_loading_holds_th
     loaded = seekstack.load_pretrained(tmp_path)
     held = sum(model_tensor_bytes(loaded).values()) - loaded.rotary.inv_freq.nbytes
     assert sum(stored_tensor_bytes(tmp_path).values()) == held
+
+
+def test_an_fp8_checkpoint_of_static_activation_scales_says_its_activations_run_unrounded(tmp_path):
+    """llm-compressor's FP8 (static) stores each layer's activation scale, `input_scale`, which vLLM quantizes the
+    layer's input with; loading warned only "101 checkpoint keys were not used, e.g. [...input_scale...]", as of a
+    damaged checkpoint. It now says what the config asks and what seekstack does instead."""
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    def channel_scales(weight, generator):
+        return torch.rand(weight.shape[0], 1, generator=generator).bfloat16() / 100 + 0.01
+
+    rewrite_with_compressor(tmp_path, "int8", "float-quantized", FP8 | {"strategy": "channel"}, channel_scales,
+                            torch.float8_e4m3fn)  # fmt: skip
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    for key in [key for key in tensors if key.endswith(".weight_scale")]:
+        tensors[key.replace(".weight_scale", ".input_scale")] = torch.tensor([0.02], dtype=torch.bfloat16)
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"] = FP8 | {"strategy": "tensor"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    said = {}
+    for dequantize in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seekstack.load_pretrained(tmp_path, dequantize=dequantize)
+        said[dequantize] = [str(warning.message) for warning in caught if str(tmp_path) in str(warning.message)]
+    assert said[True] == []  # plain float weights: nothing to say, no key left unaccounted for
+    [note] = said[False]
+    assert note.startswith(f"{tmp_path / 'config.json'}: quantization_config groups quantize their layers' input ")
+    assert "('group_0': float8 static, by its input_scale), which vLLM rounds" in note
+    assert "runs those layers on unrounded activations" in note and "input_scale keys are not read" in note
 
 
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
