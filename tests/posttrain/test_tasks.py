@@ -143,6 +143,8 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
         "\\boxed{1,042}",
         "The sum is \\boxed{1042}.",
         "\\boxed{1041} no: \\boxed{1042}",  # the last box
+        "\\fbox{1042}",  # text mode's box, which math-verify reads as \\boxed
+        "\\boxed{1041} no: \\fbox{1042}",
         "\\boxed{\\left(1042\\right)}",
         "$1042$",
         "\\(1{,}042\\)",

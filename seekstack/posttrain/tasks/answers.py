@@ -18,8 +18,9 @@ import re
 from fractions import Fraction
 from typing import NamedTuple
 
-# \boxed{57}, or without braces (\boxed 57): then, as math-verify reads it, its argument is the rest of its math
-BOXED = re.compile(r"\\boxed(?![A-Za-z])\s*")
+# \boxed{57} (\fbox{57}, text mode's box, as math-verify reads it too), or without braces (\boxed 57): then, as
+# math-verify reads it, its argument is the rest of its math
+BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
 # Where an unbraced box's math ends: "$\boxed 57$", "\(\boxed 57\)", "<answer>\boxed 57</answer>"
 MATH_END = re.compile(r"\$|\\\)|\\\]|</answer>")
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
