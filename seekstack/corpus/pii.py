@@ -15,7 +15,9 @@ another script's digits (`٩٣.١٨٤.٢١٦.٣٤`) is replaced as its ASCII for
 Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out).
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
 kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
-multicast (`224.0.0.251`, `ff02::1:3`) addresses. A version such as `3.11.7` has three parts and is never an IPv4
+multicast (`224.0.0.251`, `ff02::1:3`) addresses, and networks in CIDR notation (`93.184.216.0/24`); an address with its
+network's prefix length (`inet 93.184.216.34/24`, `/32`) or before a URL's path (`http://93.184.216.34/2024/x`) is
+a host's. A version such as `3.11.7` has three parts and is never an IPv4
 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word naming a version (`,v
 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), slices such as `a[1::2]` or `buf[256::]` and matrix products
 such as `w@x.mean()` are kept too.
@@ -145,12 +147,16 @@ _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 # An address stands apart from the word characters around it (`v1.2.3.4`, `1.2.3.4a`, `fe80::1x` are none), but not
 # from those of the scripts written without spaces, whose text writes it against the next word (`服务器IP为<IP>，`).
 _WORD_BESIDE = f"[^\\W{UNSPACED_SCRIPT_RANGES}]"
-# (The lookahead first: the lookbehind's large set is tested only where an address may start.) A network prefix
-# (`/24`) is not a host.
-_IPV4 = re.compile(rf"(?=\d)(?<!{_WORD_BESIDE})(?<!\.){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?{_WORD_BESIDE}|/\d)")
+# (The lookahead first: the lookbehind's large set is tested only where an address may start.) A prefix length after
+# it (`/24`, CIDR notation), not a path (`http://93.184.216.34/2024/05/x.html`), is read with it: `_is_host` tells a
+# network from a host.
+_PREFIX_LENGTH = r"(?:/(?P<prefix>\d{1,3})\b(?!/|\.\d))?"
+_IPV4 = re.compile(
+    rf"(?=\d)(?<!{_WORD_BESIDE})(?<!\.)(?P<address>{_OCTET}(?:\.{_OCTET}){{3}}){_PREFIX_LENGTH}(?!\.?{_WORD_BESIDE})"
+)
 _IPV6 = re.compile(
-    rf"(?=[0-9A-Fa-f:])(?<!{_WORD_BESIDE})(?<![:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:[0-9A-Fa-f]{{1,4}}|:)?"
-    rf"(?!{_WORD_BESIDE}|:|/\d)"
+    rf"(?=[0-9A-Fa-f:])(?<!{_WORD_BESIDE})(?<![:.])"
+    rf"(?P<address>(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:[0-9A-Fa-f]{{1,4}}|:)?){_PREFIX_LENGTH}(?!{_WORD_BESIDE}|:)"
 )
 _KNOWN_TOKENS = re.compile(
     r"\b(?:sk-(?:proj-)?[A-Za-z0-9_-]{20,}"  # OpenAI
@@ -216,11 +222,24 @@ def _is_public_ip(candidate: str) -> bool:
     return address.is_global and not address.is_multicast
 
 
+def _is_host(match: re.Match[str]) -> bool:
+    """Whether an address written with a prefix length names one host: an interface's address with its network's
+    length (`inet 93.184.216.34/24`, as `ip addr` prints it; host bits set) or a network of one address (`/32`,
+    `/128`), not a network (`93.184.216.0/24`, `2606:2800:220:1::/64`), which is many hosts' and identifies none."""
+    if match["prefix"] is None:
+        return True
+    try:
+        network = ipaddress.ip_network(f"{match['address']}/{match['prefix']}")
+    except ValueError:  # host bits set (or no valid length): an address
+        return True
+    return network.num_addresses == 1
+
+
 def _looks_like_ip(match: re.Match[str]) -> bool:
     """Tells addresses from look-alikes: `7.1.4.34` is a version or section number, and so is any four-part number
     after a word naming a version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`); `1::2`, `256::` and
     `1000::4` are slices (a public IPv6 address shows at least three groups: `2001:db8::1`)."""
-    candidate = match[0]
+    candidate = match["address"]
     if _VERSION_BEFORE.search(match.string, max(0, match.start() - VERSION_WORD_CHARS), match.start()):
         return False
     if "." in candidate:
@@ -258,10 +277,10 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         return EMAIL
 
     def replace_ip(match: re.Match[str]) -> str:
-        if not (_looks_like_ip(match) and _is_public_ip(match[0])):
+        if not (_looks_like_ip(match) and _is_public_ip(match["address"]) and _is_host(match)):
             return match[0]
         counts["ip"] += 1
-        return IP
+        return IP + match[0][len(match["address"]) :]
 
     text = _PRIVATE_KEY.sub(replace_private_key, text)
     for pattern, replacement in (

@@ -873,6 +873,25 @@ def test_a_four_part_number_after_a_word_naming_a_version_is_kept_and_an_address
     )
 
 
+def test_a_public_ip_before_a_url_path_or_a_hosts_prefix_length_is_replaced_and_a_network_is_kept() -> None:
+    """An address before `/` and a digit was taken for a network's (`/24`) and kept: a URL's host with a path that
+    starts with a number (`http://93.184.216.34/2024/05/report.html`, which datatrove's PIIFormatter replaces), an
+    interface's address as `ip addr` prints it (`inet 93.184.216.34/24`) and a network of one host (`/32`, `/128`).
+    Networks are many hosts' and stay, as before (datatrove replaces their address too)."""
+    text = (
+        "see http://93.184.216.34/2024/05/report.html or http://[2606:2800:220:1:248:1893:25c8:1946]/1/x\n"
+        "inet 93.184.216.34/24 scope global, inet6 2606:2800:220:1:248:1893:25c8:1946/64 scope global\n"
+        "allow 93.184.216.35/32; allow 2606:2800:220:1:248:1893:25c8:1947/128;\n"
+    )
+    assert scrub_pii(text) == (
+        "see http://<IP>/2024/05/report.html or http://[<IP>]/1/x\n"
+        "inet <IP>/24 scope global, inet6 <IP>/64 scope global\nallow <IP>/32; allow <IP>/128;\n",
+        {"ip": 6},
+    )
+    networks = "route 93.184.216.0/24 and 2606:2800:220:1::/64 via 10.0.0.1/8, not 192.0.2.1/32.\n"
+    assert scrub_pii(networks) == (networks, {})
+
+
 def test_a_mailbox_at_an_address_literal_is_replaced_whole() -> None:
     """RFC 5321's `user@[93.184.216.34]`: its IP alone was replaced, `john.smith@[<IP>]` keeping the name; datatrove's
     PIIFormatter replaces the address whole, as here. A URL's user at an address literal keeps its user."""
