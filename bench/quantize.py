@@ -10,7 +10,8 @@ Ours: int8 (per channel), int4 (group 32 and 128), fp8 (128x128 blocks), each sa
 
 `--kernels`: one linear layer instead, microseconds per call of float32 `nn.Linear` and of our int8 layer (with the
 float32 -> bfloat16 -> float32 casts it needs around the kernel), of the kernel alone and of one cast, at the widths of
-`tiny` (128) and `small`: where the time goes when a quantized model decodes.
+`tiny` (128) and `small`: where the time goes when a quantized model decodes; and of our fp8 layer (e4m3 expanded to
+float in each call, 128x128 blocks), what holding a float-quantized layer in e4m3, not dequantized, would cost.
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ def adaptive_models(original, data: str, budgets: list[float]) -> dict:
 
 
 def kernel_table(reps: int = 2000) -> None:
-    """Microseconds per call (process CPU clock): float32 nn.Linear, our int8 QuantizedLinear, its kernel, a cast."""
-    from seekstack.compress.linear import COMPUTE_DTYPE, Int8Weight, QuantizedLinear
+    """Microseconds per call (process CPU clock): float32 nn.Linear, our int8 QuantizedLinear, its kernel, a cast, our
+    fp8 QuantizedLinear (`reps` / 100 calls: it expands its weight in each)."""
+    from seekstack.compress.linear import COMPUTE_DTYPE, Fp8Weight, Int8Weight, QuantizedLinear
 
-    def micros(call) -> float:
+    def micros(call, reps: int = reps) -> float:
         for _ in range(reps // 10):
             call()
         start = time.process_time()
@@ -99,9 +101,10 @@ def kernel_table(reps: int = 2000) -> None:
         return (time.process_time() - start) / reps * 1e6
 
     print(
-        "| out x in | rows | float32 nn.Linear | our int8 layer | kernel alone (bf16 in) | one cast | int8 / float32 |"
+        "| out x in | rows | float32 nn.Linear | our int8 layer | kernel alone (bf16 in) | one cast | int8 / float32 "
+        "| our fp8 layer | fp8 / float32 |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for rows in (1, 8):
         for out_features, in_features in ((192, 64), (384, 128), (1024, 1024), (4096, 1024)):
             weight, x = torch.randn(out_features, in_features), torch.randn(rows, in_features)
@@ -116,9 +119,10 @@ def kernel_table(reps: int = 2000) -> None:
                 partial(x.to, COMPUTE_DTYPE),
             ]
             times = [micros(call) for call in calls]
+            fp8 = micros(partial(QuantizedLinear(Fp8Weight.from_float(weight, (128, 128))), x), reps=reps // 100)
             print(
                 f"| {out_features} x {in_features} | {rows} | " + " | ".join(f"{t:.1f}" for t in times)
-                + f" | {times[1] / times[0]:.2f} |"
+                + f" | {times[1] / times[0]:.2f} | {fp8:.1f} | {fp8 / times[0]:.1f} |"
             )  # fmt: skip
 
 
