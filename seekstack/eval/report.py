@@ -31,6 +31,7 @@ from seekstack.posttrain.plot import plot_rl_runs
 from seekstack.posttrain.tasks import Task, make_task
 from seekstack.train.config import CONFIG_FILE
 from seekstack.train.metrics import step_tokens
+from seekstack.train.mfu import flops_text
 from seekstack.train.plot import plot_run, read_metrics
 from seekstack.train.runs import TRAIN_STATE_FILE, checkpoint_dir, list_checkpoints
 
@@ -399,20 +400,34 @@ def _training(
     if steps:
         speed = statistics.median(r["tokens_per_s"] for r in tail if "tokens_per_s" in r)
         mfu = statistics.median(r["mfu"] for r in tail if "mfu" in r)
-        text += f"Speed over the last quarter of the steps (median): {speed:,.0f} tokens/s, {_mfu_text(mfu)}.\n\n"
+        peak = _peak_text(steps, tail)
+        text += f"Speed over the last quarter of the steps (median): {speed:,.0f} tokens/s, {_mfu_text(mfu, peak)}.\n\n"
     columns = [column for column in VALIDATION_COLUMNS if any(column[1] in r for r in evals)]  # no MoE: no MaxVio
     rows = [(str(r["step"]), *(format(r[key], spec) if key in r else "-" for _, key, spec in columns)) for r in evals]
     header = ("step", *(label for label, _, _ in columns))
     return text + _table(header, rows) if rows else text.rstrip()
 
 
-def _mfu_text(mfu: float) -> str:
-    """MFU as a percentage; one above 100% is no utilisation but a peak FLOP/s measured too low, and says so."""
+def _peak_text(steps: list[dict[str, Any]], tail: list[dict[str, Any]]) -> str:
+    """The peak FLOP/s the MFU of the `tail` steps divides by and where it came from, as the run logged them (its
+    newest `peak_source` up to the tail's last step): '55.3 GFLOP/s: a 1024^3 float32 matmul measured on 2 CPU
+    threads'; '' for a run logged before peaks were."""
+    peaks = [r["peak_flops"] for r in tail if "peak_flops" in r]
+    sources = [r["peak_source"] for r in steps if "peak_source" in r and r["step"] <= tail[-1]["step"]]
+    if not peaks or not sources:
+        return ""
+    return f"{flops_text(statistics.median(peaks))}: {sources[-1]}"
+
+
+def _mfu_text(mfu: float, peak: str = "") -> str:
+    """MFU as a percentage, with the `peak` it divides by (`_peak_text`); one above 100% is no utilisation but a peak
+    FLOP/s measured too low, and says so."""
+    against = f" (against a peak of {peak})" if peak else ""
     if mfu <= 1:
-        return f"MFU {mfu:.1%}"
+        return f"MFU {mfu:.1%}{against}"
     return (
-        f"MFU not known: {mfu:.1%} logged, above 100% because the peak FLOP/s it divides by was too low (a CPU "
-        "matmul probe that ran while other processes held the cores, or a `peak_flops` set too low)"
+        f"MFU not known: {mfu:.1%} logged{against}, above 100% because the peak FLOP/s it divides by was too low (a "
+        "CPU matmul probe that ran while other processes held the cores, or a `peak_flops` set too low)"
     )
 
 

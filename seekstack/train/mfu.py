@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -29,14 +30,32 @@ LAYOUT_PROBE_SIZE = 256  # the layouts are compared on (n x n) matrices this sma
 MATMUL_LAYOUTS = ((False, True), (False, False), (True, False))
 GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 UNKNOWN_GPU_PEAK_FLOPS = 312e12  # an A100's, for cards the table does not name
+FLOPS_UNITS = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("", 1.0))
 
 
-def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+@dataclass(frozen=True)
+class Peak:
+    """The peak FLOP/s of one device that MFU divides by, and where it comes from (told at a run's start and logged
+    with its steps, so that an MFU can be read against it)."""
+
+    flops: float
+    source: str
+
+
+def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> Peak:
     """Peak FLOP/s of one `device`: by card name on CUDA, the measured `dtype` matmul rate on a CPU."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in GPU_BF16_PEAK_FLOPS.items() if key in name), UNKNOWN_GPU_PEAK_FLOPS)
-    return measured_matmul_flops(dtype, torch.get_num_threads())
+        key, flops = next(
+            ((key, peak) for key, peak in GPU_BF16_PEAK_FLOPS.items() if key in name), (None, UNKNOWN_GPU_PEAK_FLOPS)
+        )
+        if key is None:
+            return Peak(flops, f"{name}: no bf16 peak known for it, an A100's assumed (set peak_flops)")
+        return Peak(flops, f"{name}: the {key}'s dense bf16 spec")
+    threads = torch.get_num_threads()
+    dtype_name = str(dtype).removeprefix("torch.")
+    probe = f"{MATMUL_PROBE_SIZE}^3 {dtype_name} matmul"
+    return Peak(measured_matmul_flops(dtype, threads), f"a {probe} measured on {threads} CPU threads")
 
 
 @functools.cache
@@ -88,3 +107,15 @@ def shared_cpu_peak_flops(
 def model_flops_utilisation(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
     """MFU = tokens/s x training FLOPs per token / peak FLOP/s (all devices together)."""
     return tokens_per_second * flops_per_token / peak_flops
+
+
+def mfu_text(mfu: float) -> str:
+    """MFU as the progress line shows it: one above 100% is no utilisation but a peak FLOP/s too low (a CPU probe that
+    ran while other processes held the cores, a card or `peak_flops` below the truth), and says so."""
+    return f"MFU {mfu:.1%}" if mfu <= 1 else f"MFU n/a ({mfu:.0%} of a peak too low)"
+
+
+def flops_text(flops: float) -> str:
+    """FLOP/s in the unit that reads best: '55.3 GFLOP/s', '989 TFLOP/s'."""
+    unit, scale = next(((unit, scale) for unit, scale in FLOPS_UNITS if flops >= scale), FLOPS_UNITS[-1])
+    return f"{flops / scale:.3g} {unit}FLOP/s"

@@ -79,7 +79,15 @@ from seekstack.tokens.token_bytes import scored_text_bytes, split_byte_lengths, 
 from seekstack.train.balance import max_violation, update_expert_bias
 from seekstack.train.config import CONFIG_FILE, VAL_SPLIT, TrainConfig
 from seekstack.train.metrics import METRICS_FILE, append_metrics, read_metrics_file
-from seekstack.train.mfu import default_peak_flops, matmul_flops, model_flops_utilisation, shared_cpu_peak_flops
+from seekstack.train.mfu import (
+    Peak,
+    default_peak_flops,
+    flops_text,
+    matmul_flops,
+    mfu_text,
+    model_flops_utilisation,
+    shared_cpu_peak_flops,
+)
 from seekstack.train.runs import (
     TRAIN_STATE_FILE,
     checkpoint_dir,
@@ -584,10 +592,16 @@ class _Run:
         self.comm_bytes_before = 0
         self.ranks_cpus = distributed.ranks_cpus(ranks) if ranks.device.type == "cpu" else []
         if config.peak_flops:
+            peak = Peak(config.peak_flops, "peak_flops, as the config gives it")
             self.peak_flops = config.peak_flops * ranks.world_size
         else:
-            self.peak_flops = self._ranks_peak(default_peak_flops(ranks.device, self.autocast_dtype or torch.float32))
+            peak = default_peak_flops(ranks.device, self.autocast_dtype or torch.float32)
+            self.peak_flops = self._ranks_peak(peak.flops)
+        self.peak_origin = self.peak_source = peak.source  # logged with this process's first step, and as it changes
+        self.logged_peak_source: str | None = None
         self.peak_probes_left = PEAK_PROBES if not config.peak_flops and ranks.device.type == "cpu" else 0
+        ranks_note = f" for {ranks.world_size} ranks" if ranks.distributed else ""
+        self._say(f"MFU against a peak of {flops_text(self.peak_flops)}{ranks_note}: {peak.source}")
         if ranks.is_main:
             held.enter_context(out_dir_held(self.out_dir))  # before the run's first write into it
             config.save(self.out_dir)
@@ -809,9 +823,14 @@ class _Run:
                 self.peak_probes_left -= 1
                 with configured_threads(self.threads.most):
                     probe = self._ranks_peak(matmul_flops(self.autocast_dtype or torch.float32))
-                self.peak_flops = max(self.peak_flops, probe)
+                if probe > self.peak_flops:
+                    self.peak_flops = probe
+                    self.peak_source = f"{self.peak_origin}, measured again at step {self.step + 1}"
                 mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
             metrics |= {"lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s, "mfu": mfu}
+            metrics["peak_flops"] = self.peak_flops
+            if self.peak_source != self.logged_peak_source:
+                metrics["peak_source"] = self.logged_peak_source = self.peak_source
             metrics["step_s"] = step_seconds
             metrics["threads"] = torch.get_num_threads()
             self._log(metrics)
@@ -1125,7 +1144,7 @@ class _Run:
         own = "".join(f"  {name} {metrics[name]:.3f}" for name in shown if name in metrics)
         line = (
             f"step {self.step}/{self.config.max_steps}  {loss}{own}  "
-            f"{metrics['tokens_per_s']:,.0f} tok/s  MFU {metrics['mfu']:.1%}  "
+            f"{metrics['tokens_per_s']:,.0f} tok/s  {mfu_text(metrics['mfu'])}  "
             f"ETA {eta_text(eta_seconds)}"
         )
         if self.threads.watches and metrics["threads"] < self.threads.most:

@@ -500,15 +500,35 @@ def test_a_runs_checkpoint_given_for_the_run_names_the_run_to_give(tmp_path):
     assert sorted(path.name for path in checkpoint.iterdir()) == []
 
 
-@pytest.mark.parametrize("mfu, said", [(0.42, "MFU 42.0%."), (1.935, "MFU not known: 193.5% logged, above 100%")])
-def test_speed_gives_the_mfu_and_calls_one_above_100_percent_a_peak_measured_too_low(tmp_path, mfu, said):
+PEAK = "a 1024^3 float32 matmul measured on 2 CPU threads"
+
+
+@pytest.mark.parametrize(
+    ("mfu", "logged", "said"),
+    [
+        (0.42, {}, "MFU 42.0%."),  # a run logged before its peak was
+        (0.42, {"peak_flops": 5.53e10, "peak_source": PEAK}, f"MFU 42.0% (against a peak of 55.3 GFLOP/s: {PEAK})."),
+        (1.935, {}, "MFU not known: 193.5% logged, above 100%"),
+        (
+            1.935,
+            {"peak_flops": 5.53e9, "peak_source": PEAK},
+            f"not known: 193.5% logged (against a peak of 5.53 GFLOP/s: {PEAK})",
+        ),
+    ],
+)
+def test_speed_gives_the_mfu_against_its_peak_and_calls_one_above_100_percent_a_peak_too_low(
+    tmp_path, mfu, logged, said
+):
+    """The report gave an MFU without the peak it divides by or where that came from (a CPU probe, a card's spec)."""
     from seekstack.eval.report import _training
 
     records = [{"step": step, "loss": 2.0, "lm_loss": 2.0, "lr": 1e-3, "tokens_per_s": 900.0, "mfu": mfu}
                for step in (1, 2)]  # fmt: skip
+    records[0] |= logged  # the source is logged with the first step, the peak with every one
+    records[1] |= {key: value for key, value in logged.items() if key == "peak_flops"}
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     speed = _training(tmp_path, tmp_path, {}, records)
-    assert f"900 tokens/s, {said}" in speed and ("too low" in speed) == (mfu > 1)
+    assert said in speed and "900 tokens/s, MFU " in speed and ("too low" in speed) == (mfu > 1)
 
 
 def test_environment_names_seekstacks_own_commit_not_that_of_the_folder_it_runs_in(tmp_path, monkeypatch):
