@@ -93,11 +93,6 @@ class DistillConfig(ConversationConfig):
                 "'' with feature_layers (feature KD needs the teacher's hidden states at every step)",
             )
             require_conversation_fields(config)
-            require(
-                config.lmbda == 0 or not config.packing,
-                "packing",
-                "false when lmbda > 0 (the student answers each conversation's prompt in a row of its own)",
-            )
             if config.conversational and not config.init_from and not config.tokenizer:
                 expectation = (
                     "a checkpoint folder with its tokenizer.json (the conversations' tokenizer; or set tokenizer)"

@@ -148,7 +148,7 @@ class DistillModel(nn.Module):
         self.micro_batches += 1
         on_policy = self.generations is not None and warm and bool(torch.rand(()) < config.lmbda)
         if on_policy:
-            rows, labels, compared, counted = self.generations(rows, labels)
+            rows, labels, compared, counted, positions = self.generations(rows, labels, positions)
         else:
             compared = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting labelled tokens
         with layer_outputs(self.student, self.projections.student_layers) as student_states:

@@ -3,7 +3,8 @@
 Token shards: the student continues the first `prompt_tokens` of each corpus row to the row's length (to the
 student's context when the row is one longer: seq_len = max_position_embeddings). Conversations:
 the student answers each conversation's prompt (its tokens before the first assistant token) until EOS or seq_len;
-SFTSource leaves out conversations without an assistant token within seq_len, so every prompt has room. Generation
+SFTSource leaves out conversations without an assistant token within seq_len, so every prompt has room; packed rows'
+conversations are answered each on its own and the answered ones packed again. Generation
 runs on the inference engine built on the very student being trained, as the RL rollouts do
 (seekstack/posttrain/rollout.py): an optimizer step changes the weights in place and the next generation uses
 them, with no copy. Each row has its own seed, drawn from the global generator the trainer saves and restores,
@@ -19,7 +20,8 @@ import torch
 from seekstack.infer import Engine, SamplingParams
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
-from seekstack.posttrain.padding import pad_rows, within_lengths
+from seekstack.posttrain.packing import best_fit_decreasing, pack_labelled
+from seekstack.posttrain.padding import within_lengths
 from seekstack.tokenizer import Tokenizer
 
 
@@ -41,20 +43,27 @@ def on_policy_targets(rows: torch.Tensor, prompt_tokens: int) -> tuple[torch.Ten
     return labels, generated_positions(prompt_lengths, prompt_lengths.new_full((B,), T - prompt_tokens), T)
 
 
-def conversation_prompts(input_ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
-    """Each conversation row's tokens before its first assistant token (the first one labelled)."""
+def conversation_prompts(
+    input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> list[list[int]]:
+    """Each conversation's tokens before its first assistant token (the first one labelled): one a row, or several a
+    row packed by `positions` (B, T), each starting where its positions restart at 0."""
     prompts = []
-    for ids, row_labels in zip(input_ids.tolist(), labels.tolist(), strict=True):
-        answer = next(t for t, label in enumerate(row_labels) if label != IGNORE_INDEX)
-        prompts.append(ids[:answer])
+    for row, (ids, row_labels) in enumerate(zip(input_ids.tolist(), labels.tolist(), strict=True)):
+        starts = [0] if positions is None else (positions[row] == 0).nonzero().flatten().tolist()
+        for start, end in zip(starts, [*starts[1:], len(ids)], strict=True):
+            answer = next(t for t in range(start, end) if row_labels[t] != IGNORE_INDEX)
+            prompts.append(ids[start:answer])
     return prompts
 
 
 class StudentGenerations:
-    """GKD's on-policy micro-batches: (rows, labels) -> the student's own rows, their labels (the corpus prompt for
-    continued corpus rows, nothing for answered conversations), the positions the teacher is compared on (the
-    generated tokens) and the tokens the student's MoE statistics count (None: all; answered conversations leave
-    their padding out). `prompt_tokens` None = conversations; rows hold at most `max_tokens` tokens."""
+    """GKD's on-policy micro-batches: (rows, labels, positions) -> the student's own rows, their labels (the corpus
+    prompt for continued corpus rows, nothing for answered conversations), the positions the teacher is compared on
+    (the generated tokens), the tokens the student's MoE statistics count (None: all; answered conversations leave
+    their padding out) and the new rows' positions: conversations packed by `positions` are answered each on its own
+    and the answered ones packed again (best-fit decreasing, as packing.py packs), else None. `prompt_tokens` None =
+    conversations; rows hold at most `max_tokens` tokens."""
 
     def __init__(
         self,
@@ -71,23 +80,32 @@ class StudentGenerations:
 
     @torch.no_grad()
     def __call__(
-        self, rows: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self, rows: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if self.prompt_tokens is not None:  # corpus rows: continue the first P tokens to max_tokens
             prompts = rows[:, : self.prompt_tokens].tolist()
             completions = self._sample(prompts, [self.max_tokens - self.prompt_tokens] * len(prompts), ignore_eos=True)
             generated = torch.tensor([p + c for p, c in zip(prompts, completions, strict=True)], device=rows.device)
-            return generated, *on_policy_targets(generated, self.prompt_tokens), None
-        prompts = conversation_prompts(rows, labels)
+            return generated, *on_policy_targets(generated, self.prompt_tokens), None, None
+        prompts = conversation_prompts(rows, labels, positions)
         completions = self._sample(prompts, [self.max_tokens - len(p) for p in prompts], ignore_eos=False)
-        generated = pad_rows([p + c for p, c in zip(prompts, completions, strict=True)], self.pad_id).to(rows.device)
-        prompt_lengths, completion_lengths = (
-            torch.tensor([len(x) for x in part], device=rows.device) for part in (prompts, completions)
+        # each answered conversation, its generated tokens marked by their own ids as labels (the prompt's unmarked)
+        answered = [(p + c, [IGNORE_INDEX] * len(p) + c) for p, c in zip(prompts, completions, strict=True)]
+        if positions is None:
+            packs = [[row] for row in answered]
+        else:
+            packs = [
+                [answered[i] for i in pack]
+                for pack in best_fit_decreasing([len(a) for a, _ in answered], self.max_tokens)
+            ]
+        generated, marks, new_positions = (
+            t.to(rows.device) for t in pack_labelled(packs, self.pad_id, self.max_tokens)
         )
         no_labels = torch.full_like(generated, IGNORE_INDEX)  # nothing here is a reference answer
-        width = generated.shape[1]
-        compared = generated_positions(prompt_lengths, completion_lengths, width)
-        return generated, no_labels, compared, within_lengths(prompt_lengths + completion_lengths, width)
+        compared = marks[:, 1:] != IGNORE_INDEX  # (B, T - 1): the positions predicting generated tokens
+        lengths = torch.tensor([sum(len(ids) for ids, _ in pack) for pack in packs], device=rows.device)
+        counted = within_lengths(lengths, generated.shape[1])
+        return generated, no_labels, compared, counted, None if positions is None else new_positions
 
     def _sample(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool) -> list[list[int]]:
         """The student's completion of each prompt, each with its own seed (EOS included when it stopped there)."""

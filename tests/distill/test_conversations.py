@@ -97,7 +97,7 @@ def test_on_policy_answers_come_from_the_current_weights_not_stale_cached_prompt
         for parameter in student.parameters():
             parameter.add_(0.5 * torch.randn_like(parameter))
     torch.manual_seed(2)
-    rows, no_labels, compared, _ = generations(input_ids, labels)
+    rows, no_labels, compared, _, _ = generations(input_ids, labels)
     fresh = StudentGenerations(student, source.tokenizer, 2, 128, prompt_tokens=None, temperature=1.0)
     torch.manual_seed(2)
     assert torch.equal(rows, fresh(input_ids, labels)[0])
@@ -116,7 +116,7 @@ def test_on_policy_answers_that_stop_early_leave_their_padding_out_of_the_moe_st
         student.lm_head.weight.zero_()  # every token equally likely: EOS ends some answers early, not all
     generations = StudentGenerations(student, source.tokenizer, 4, 128, prompt_tokens=None, temperature=1.0)
     torch.manual_seed(0)
-    rows, _, compared, counted = generations(input_ids, labels)
+    rows, _, compared, counted, _ = generations(input_ids, labels)
     prompt_lengths = torch.tensor([len(prompt) for prompt in conversation_prompts(input_ids, labels)])
     eos = source.tokenizer.eos_id
     lengths = torch.tensor(
@@ -378,9 +378,43 @@ def test_packed_held_out_conversations_score_the_val_loss_and_divergence_of_the_
     torch.testing.assert_close(packed_divergence, padded_divergence, rtol=1e-5, atol=1e-6)
 
 
-def test_packed_conversation_distillation_trains_and_is_refused_on_policy_naming_packing(workspace, tmp_path):
+def test_packed_conversations_are_answered_each_on_its_own_and_the_answers_packed_again(workspace, tmp_path):
+    """On-policy with packing: the student answers each conversation of a packed row from its own prompt, and the
+    answered conversations are packed again, each with its positions from 0; the teacher compares the positions
+    predicting generated tokens alone, the MoE statistics count every token but the padding."""
+    data = write_conversations(SHORT_CHATS, tmp_path / "chats.jsonl")
+    config = conversation_config(workspace, tmp_path, data=str(data), task="", packing=True, lmbda=1.0)
+    packed = SFTSource(config, packing=True)
+    input_ids, labels, positions = packed.batch(len(packed.rows.rows), 0.0)
+    assert input_ids.shape[0] < len(SHORT_CHATS)  # several conversations a row
+    prompts = conversation_prompts(input_ids, labels, positions)
+    assert sorted(prompts) == sorted(conversation_prompts(*SFTSource(config).batch(len(SHORT_CHATS), 0.0)))
+
+    torch.manual_seed(0)
+    student = Transformer(config.model_config())
+    generations = StudentGenerations(student, packed.tokenizer, 2, 128, prompt_tokens=None, temperature=1.0)
+    rows, no_labels, compared, counted, answered_positions = generations(input_ids, labels, positions)
+    assert (no_labels == IGNORE_INDEX).all() and rows.shape[0] < len(SHORT_CHATS)
+    expected_compared, answered_prompts = torch.zeros_like(compared), []
+    for row, starts in enumerate(answered_positions == 0):
+        offsets = starts.nonzero().flatten().tolist()
+        length = int(counted[row].sum())  # the row's tokens, the padding after them left out
+        assert counted[row].tolist() == [t < length for t in range(rows.shape[1])]
+        for start, end in zip(offsets, [*offsets[1:], length], strict=True):
+            prompt = next(p for p in prompts if rows[row, start : start + len(p)].tolist() == p)
+            answered_prompts.append(prompt)
+            expected_compared[row, start + len(prompt) - 1 : end - 1] = True  # predicting the generated tokens
+            assert answered_positions[row, start:end].tolist() == list(range(end - start))
+    assert sorted(answered_prompts) == sorted(prompts)
+    assert torch.equal(compared, expected_compared)
+
+
+def test_packed_conversation_distillation_trains_off_and_on_policy(workspace, tmp_path):
     data = write_conversations(SHORT_CHATS * 2, tmp_path / "chats.jsonl")
-    result = run_distill(conversation_config(workspace, tmp_path / "run", data=str(data), task="", packing=True))
-    assert result.step == 4 and all(math.isfinite(loss) for loss in result.losses)
-    with pytest.raises(ConfigError, match="field 'packing'.*false when lmbda > 0"):
-        conversation_config(workspace, tmp_path / "on", data=str(data), task="", packing=True, lmbda=0.5)
+    for lmbda in (0.0, 1.0):
+        changes = dict(data=str(data), task="", packing=True, lmbda=lmbda)
+        result = run_distill(conversation_config(workspace, tmp_path / str(lmbda), **changes))
+        assert result.step == 4 and all(math.isfinite(loss) for loss in result.losses)
+        records = [json.loads(line) for line in (tmp_path / str(lmbda) / "metrics.jsonl").read_text().splitlines()]
+        # on-policy every step: the student's own answers, no reference tokens, so no lm_loss
+        assert all(("lm_loss" in record) == (lmbda == 0.0) for record in records if "loss" in record)

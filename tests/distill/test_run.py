@@ -245,7 +245,7 @@ def test_on_policy_rows_of_a_student_trained_at_its_full_context_are_written_wit
     hooks = DistillHooks(config)
     model = hooks.prepare(Transformer(config.model_config()))
     rows = torch.randint(2, VOCAB, (4, 25))
-    generated, labels, compared, _ = model.generations(rows, rows)
+    generated, labels, compared, _, _ = model.generations(rows, rows)
     assert generated.shape == (4, 24) and torch.equal(generated[:, :12], rows[:, :12])
     assert int(compared.sum(1)[0]) == 12  # the positions predicting the 12 written tokens
 
