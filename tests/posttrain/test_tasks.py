@@ -640,3 +640,13 @@ def test_a_bad_line_of_a_problems_file_is_refused_naming_the_file_line_and_field
     with pytest.raises(ConfigError, match=re.escape(path + refusal)) as refused:
         resolve_train_config(None, [f"task={path}", "tokenizer=", "init_from="], cls=GRPOConfig)
     assert refused.value.field == "task"
+
+
+@pytest.mark.parametrize("gold", ["\\sqrt{2}", "\\pi", "2^{10}", "3\\sqrt{2}"])
+def test_a_symbolic_gold_is_refused_saying_it_is_not_compared_and_what_judges_it(tmp_path, gold):
+    """A gold math-verify compares with sympy was refused as "not one number" with no word of symbolic answers; here
+    such an answer is no number (wrong against any gold: \\sqrt{4} against 2 too), so the gold is refused saying so."""
+    path = problems_file(tmp_path / "problems.jsonl", [{"question": "q", "answer": gold}])
+    with pytest.raises(ValueError, match=re.escape("which math-verify compares with sympy, are not compared here")):
+        make_task(path)
+    assert read_number(f"\\boxed{{{gold}}}") is None and read_number("\\boxed{\\sqrt{4}}") is None

@@ -7,8 +7,9 @@ takes `(1, 2)` and `\\{1, 2\\}` for one another).
 A closing `\\text{...}` is a unit, dropped as math-verify drops it (`57\\text{ apples}` is 57, `\\text{57}` too).
 Where it is stricter than math-verify: prose with no box around its number is no answer, but for a sentence that is all
 the answer ("The answer is 57.", "Answer: 57"; math-verify takes the last number of "56 or 57"), nor are units
-outside `\\text{...}` (`57 apples`); of several boxes the last is the answer (math-verify reads them all as one set,
-wrong against one number). Where it is laxer: `−3` (U+2212, the minus sign) is -3 (math-verify reads nothing), and a
+outside `\\text{...}` (`57 apples`), nor symbolic answers (`\\sqrt{4}`, `2^{10}`, `\\pi`: math-verify evaluates them
+with sympy); of several boxes the last is the answer (math-verify reads them all as one set, wrong against one number).
+Where it is laxer: `−3` (U+2212, the minus sign) is -3 (math-verify reads nothing), and a
 leading `+` is read outside a box too. Every pattern here matches in time linear in the answer's length.
 """
 

@@ -84,7 +84,8 @@ def _problem(record: Any, where: str) -> Problem:
         raise ValueError(
             f"{where}: field answer is {_shown(answer)}: not one number (as answers.read_number reads one: 42, 0.5, "
             '"1,042", "\\\\frac{1}{2}") nor a tuple, an interval or a set of them ("(1, 2)", "[0, 1)", '
-            '"\\\\{1, 2\\\\}"); a task whose answers are neither is a class of your own (module:Class)'
+            '"\\\\{1, 2\\\\}"); symbolic answers ("\\\\sqrt{2}", "\\\\pi", "x^2 + 1"), which math-verify compares with '
+            "sympy, are not compared here: a task whose answers are such is a class of your own (module:Class)"
         )
     return Problem(question, question, str(answer), "", _data(gold))
 
