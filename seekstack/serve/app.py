@@ -260,9 +260,10 @@ class Server:
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
             # the ledger records which model served, or the start of the name asked for: a refused request's row
             # (not rate limited) is no place for a body-sized name
-            bill.model = body.model[:RECORDED_MODEL_CHARS]
+            model = body.model or self.model_name  # none named: the base model, as vLLM's
+            bill.model = model[:RECORDED_MODEL_CHARS]
             refuse_unsupported(body)
-            adapter = self.adapter_for(body.model, bill.key)
+            adapter = self.adapter_for(model, bill.key)
             refuse_overlong_text(body, self.engine.max_model_len, self.max_token_chars)
             parsed = self.reasoning_parser is not None and isinstance(body, ChatCompletionRequest)  # R1 replies
             start = given_start(body, self.engine.tokenizer) if parsed else None  # the answer follows the reasoning
@@ -293,7 +294,7 @@ class Server:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
             except ValueError as error:
                 if isinstance(error, UnknownAdapter):  # unloaded since adapter_for found it
-                    raise self.unknown_model(body.model, bill.key) from None
+                    raise self.unknown_model(model, bill.key) from None
                 raise APIError(400, str(error)) from None
             self.metrics.request_params_n.observe(body.n)
             self.metrics.request_params_max_tokens.observe(max(params.max_new_tokens for params in choices))

@@ -59,7 +59,7 @@ def generation_responses(
 def describe(
     app: FastAPI, request_models: list[type[BaseModel]], model_names: Callable[[], list[str]]
 ) -> Callable[[list[str]], dict[str, Any]]:
-    """Make `app.openapi()` include `request_models` in the components, a required `model` field limited to the
+    """Make `app.openapi()` include `request_models` in the components, a string `model` field limited to the
     models served (asked each time: adapters may come and go); return the document with that field limited to the
     models given instead (those one key may use)."""
 
@@ -71,9 +71,10 @@ def describe(
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in definitions["$defs"].items():
             components.setdefault(name, definition)
-        for model in request_models:
-            if "model" in components[model.__name__].get("required", []):
-                components[model.__name__]["properties"]["model"]["enum"] = models
+        for model in request_models:  # a string `model` (a generation's) names a served one
+            properties = components[model.__name__]["properties"]
+            if properties.get("model", {}).get("type") == "string":
+                properties["model"]["enum"] = models
         for operations in schema["paths"].values():  # bad parameters are 400s in OpenAI's shape, not FastAPI's 422
             for operation in operations.values():
                 operation["responses"].pop("422", None)

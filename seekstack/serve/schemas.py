@@ -104,7 +104,7 @@ class ResponseFormat(StrictRequest):
 class SamplingFields(StrictRequest):
     """Fields shared by both endpoints; None means the default."""
 
-    model: str
+    model: str = ""  # left out (or ""): the base model, as vLLM reads it; OpenAI needs one
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), OrDefault] = 1
