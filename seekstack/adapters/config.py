@@ -62,7 +62,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from annotated_types import Interval
 
@@ -78,12 +78,34 @@ FEED_FORWARD = ("gate_proj", "up_proj", "down_proj")
 EXPERTS = ("gate_up_proj", "down_proj")
 VOCABULARY = ("embed_tokens", "lm_head")
 ADAPTER_NAME = re.compile(r"[\w.:@/+-]+")  # what an adapter may be called (it becomes a model id a key may name)
+TARGETS_BY_KIND = (
+    "LoRA targets are given by kind here: lora.attention (" + ", ".join(ATTENTION) + "), lora.feed_forward ("
+    + ", ".join(FEED_FORWARD) + "), lora.experts (" + ", ".join(EXPERTS) + ") and lora.vocabulary ("
+    + ", ".join(VOCABULARY) + ")"
+)  # fmt: skip
 
 
 @dataclass
 class AdapterConfig:
     """Rank, scale, dropout and targets of a LoRA adapter (`lora.FIELD=VALUE` on `seekstack lora train`)."""
 
+    # what to say of peft's LoraConfig names and TRL's (its ModelConfig's --lora_r ...) that are none of these fields,
+    # given as lora.NAME or as a training key (schema.known_fields)
+    field_notes: ClassVar[dict[str, str]] = {
+        "r": "peft's r is lora.rank here",
+        "lora_r": "TRL's lora_r is lora.rank here",
+        "lora_alpha": "lora_alpha is lora.alpha here",
+        "lora_dropout": "lora_dropout is lora.dropout here",
+        "target_modules": TARGETS_BY_KIND,
+        "lora_target_modules": TARGETS_BY_KIND,
+        "use_rslora": "use_rslora is lora.rslora here",
+        "use_dora": "use_dora is lora.dora here",
+        "init_lora_weights": "init_lora_weights is lora.init here (lora, pissa, olora or eva)",
+        "layers_to_transform": "layers_to_transform is lora.layers here",
+        "trainable_token_indices": "trainable_token_indices are lora.head_tokens and lora.embedding_tokens here, the "
+        "output head's and token embedding's rows of the N most frequent training tokens",
+        "use_peft": "lora train always trains a LoRA adapter (TRL's use_peft=true)",
+    }
     rank: Positive = 8  # r
     alpha: PositiveFloat = 16.0  # the update is scaled by alpha / r
     # on the adapted layers' inputs; only with feed_forward and experts empty (see above); 1 would zero every update

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -44,7 +44,8 @@ from seekstack.checkpoint import read_config
 from seekstack.config import ModelConfig
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import done_by_main, init_distributed, is_main_process
-from seekstack.schema import ConfigError, known_fields, load_config, require, same_value
+from seekstack.posttrain.config import ConversationConfig
+from seekstack.schema import ConfigError, field_notes, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
 from seekstack.train.runs import list_checkpoints, out_dir_held, refuse_new_run_into
@@ -59,6 +60,20 @@ PREFIX = "lora."  # overrides of AdapterConfig fields on the command line: lora.
 # 1e-2 beat 3e-3).
 LORA_DEFAULTS = ("lr=1e-2", "min_lr=1e-3", "warmup_steps=10", "weight_decay=0.0", "bias_update_rate=0.0")
 START_BATCHES = 16  # init=eva: the first training batches whose layer inputs give A (cycled until it settles)
+
+
+@dataclass
+class LoraTrainConfig(TrainConfig):
+    """The TrainConfig of a `lora train` run, whose unknown keys are told as `seekstack sft`'s are: TRL's SFTConfig
+    names (learning_rate, per_device_train_batch_size, ...) and peft's and TRL's LoRA names (lora_r, lora_alpha, ...),
+    each naming the field that is theirs."""
+
+    field_notes: ClassVar[dict[str, str]] = {
+        **ConversationConfig.field_notes,
+        "max_length": "TRL's max_length is seq_len here (a conversation's row is cut there, keeping its start; text is "
+        "read in windows of seq_len tokens)",
+        **AdapterConfig.field_notes,
+    }
 
 
 @dataclass
@@ -171,7 +186,12 @@ def lora_train_config(
             )
         changes: list[str] = []  # told once the base and data are known to be the run's
         train_config = resolve_train_config(
-            None, [f"out_dir={out}", *given, *train_overrides], True, changes.append, resume_reads_init_from=True
+            None,
+            [f"out_dir={out}", *given, *train_overrides],
+            True,
+            changes.append,
+            cls=LoraTrainConfig,
+            resume_reads_init_from=True,
         )
         refuse_another_base_or_data(train_config, load_config(TrainConfig, Path(out) / TRAIN_CONFIG_FILE))
         if warn is not None:
@@ -187,7 +207,8 @@ def lora_train_config(
         with lora_keys():
             adapter = load_config(AdapterConfig, None, adapter_overrides).validate()
         refuse_more_rows_than_the_base_has(adapter, base)
-        train_config = resolve_train_config(None, [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides])
+        overrides = [*LORA_DEFAULTS, f"out_dir={out}", *given, *train_overrides]
+        train_config = resolve_train_config(None, overrides, cls=LoraTrainConfig)
     require(train_config.bias_update_rate == 0, "bias_update_rate", "0 for a LoRA run (the base stays frozen)")
     require(
         not (train_config.compile and (adapter.feed_forward or adapter.experts)),
@@ -283,13 +304,12 @@ def lora_keys() -> Iterator[None]:
 
 def _adapter_overrides(overrides: Sequence[str]) -> list[str]:
     """The `lora.FIELD=V` overrides as AdapterConfig's `FIELD=V`; a ConfigError for a FIELD it does not have."""
-    known = [f.name for f in dataclasses.fields(AdapterConfig)]
+    known = [PREFIX + f.name for f in dataclasses.fields(AdapterConfig)]
+    notes = {PREFIX + name: note for name, note in field_notes(AdapterConfig).items()}
     for override in (o for o in overrides if o.startswith(PREFIX)):
         key = override.partition("=")[0].strip()
-        if key.removeprefix(PREFIX) not in known:
-            raise ConfigError(
-                f"override {override!r}: unknown field {key!r}; {known_fields(key, [PREFIX + k for k in known])}"
-            )
+        if key not in known:
+            raise ConfigError(f"override {override!r}: unknown field {key!r}; {known_fields(key, known, notes)}")
     return [o.removeprefix(PREFIX) for o in overrides if o.startswith(PREFIX)]
 
 

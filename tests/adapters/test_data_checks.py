@@ -189,6 +189,25 @@ def test_errors_about_lora_keys_name_them_with_their_prefix(base, other_shards, 
         lora_train_config(base, other_shards, tmp_path / "adapter", [*QUICK_RUN, override])
 
 
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("lora_r=16", "unknown field 'lora_r'; TRL's lora_r is lora.rank here"),
+        ("lora_alpha=32", "unknown field 'lora_alpha'; lora_alpha is lora.alpha here"),
+        ("lora.r=16", "unknown field 'lora.r'; peft's r is lora.rank here"),
+        ("lora_target_modules=[q_proj]", "LoRA targets are given by kind here: lora.attention \\(q_proj, "),
+        ("learning_rate=1e-4", "unknown field 'learning_rate'; TRL's learning_rate is lr here"),
+        ("per_device_train_batch_size=4", "TRL's per_device_train_batch_size is batch_size here"),
+        ("max_length=64", "TRL's max_length is seq_len here \\(a conversation's row is cut there"),
+    ],
+)
+def test_trl_and_peft_names_are_refused_naming_ours_as_sft_names_them(base, other_shards, override, named, tmp_path):
+    """TRL's SFTConfig and LoRA names (peft's, TRL's --lora_r ...) were refused as unknown fields with no word of the
+    field that is theirs, or with a wrong guess (lora_alpha: 'did you mean aux_loss_alpha?'), where sft names it."""
+    with pytest.raises(ConfigError, match=f"{named}.*; known fields are "):
+        lora_train_config(base, other_shards, tmp_path / "adapter", [*QUICK_RUN, override])
+
+
 def test_a_lora_layer_the_base_lacks_is_named_with_its_prefix_before_the_run_is_written(base, corpus, tmp_path):
     text = tmp_path / "text.jsonl"
     shutil.copy(corpus / "train.jsonl", text)
