@@ -2,7 +2,8 @@
 
 The FLOPs per token come from `seekstack.accounting.training_flops_per_token` (3x the forward, MTP included).
 Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
-- CUDA: the dense bf16 tensor-core peak of the card, looked up by name (H100/H200 989 TFLOP/s, A100 312, ...).
+- CUDA: the dense bf16 tensor-core peak of the card, looked up by name (H100/H800/H200 989 TFLOP/s, A100 312, B200
+  2250, MI300X 1307, ...); a card not in the table is given an A100's, and its source says so.
 - CPU: measured, the best of a few square `torch.mm`s in the training dtype on torch's threads (once per process,
   dtype and thread count), in the fastest of the operand layouts a training step uses: the rate this machine's
   matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs 3x slower than float32,
@@ -28,7 +29,19 @@ LAYOUT_PROBE_SIZE = 256  # the layouts are compared on (n x n) matrices this sma
 # which operands of a training step's matmuls are transposed: x @ W.T (a Linear's forward), g @ W (its input's
 # gradient), g.T @ x (its weight's gradient)
 MATMUL_LAYOUTS = ((False, True), (False, False), (True, False))
-GPU_BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+# Dense (no sparsity) bf16 tensor peak FLOP/s per device, from the vendors' data sheets (nanochat's and torchtitan's
+# tables): the first row whose words all appear in the lower-cased device name, so a variant comes before its family
+# ("h100 pcie" before "h100", "l40s" before "l40" before "l4"); an MI250X is two devices, its peak per die
+CARD_BF16_PEAK_FLOPS = (
+    (("gb200",), "GB200", 2.5e15), (("b200",), "B200", 2.25e15), (("b100",), "B100", 1.8e15),
+    (("h200", "nvl"), "H200 NVL", 836e12), (("h200",), "H200", 989e12),
+    (("h100", "nvl"), "H100 NVL", 835e12), (("h100", "pcie"), "H100 PCIe", 756e12), (("h100",), "H100", 989e12),
+    (("h800", "pcie"), "H800 PCIe", 756e12), (("h800",), "H800", 989e12), (("h20",), "H20", 148e12),
+    (("a100",), "A100", 312e12), (("a800",), "A800", 312e12), (("a10",), "A10", 125e12),
+    (("l40s",), "L40S", 362e12), (("l40",), "L40", 181e12), (("l4",), "L4", 121e12),
+    (("mi355",), "MI355X", 2.5e15), (("mi325",), "MI325X", 1.3074e15), (("mi300x",), "MI300X", 1.3074e15),
+    (("mi250x",), "MI250X", 191.5e12),
+)  # fmt: skip
 UNKNOWN_GPU_PEAK_FLOPS = 312e12  # an A100's, for cards the table does not name
 FLOPS_UNITS = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("", 1.0))
 
@@ -45,13 +58,7 @@ class Peak:
 def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> Peak:
     """Peak FLOP/s of one `device`: by card name on CUDA, the measured `dtype` matmul rate on a CPU."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        key, flops = next(
-            ((key, peak) for key, peak in GPU_BF16_PEAK_FLOPS.items() if key in name), (None, UNKNOWN_GPU_PEAK_FLOPS)
-        )
-        if key is None:
-            return Peak(flops, f"{name}: no bf16 peak known for it, an A100's assumed (set peak_flops)")
-        return Peak(flops, f"{name}: the {key}'s dense bf16 spec")
+        return card_peak_flops(torch.cuda.get_device_name(device))
     threads = torch.get_num_threads()
     dtype_name = str(dtype).removeprefix("torch.")
     probe = f"{MATMUL_PROBE_SIZE}^3 {dtype_name} matmul"
@@ -59,6 +66,17 @@ def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
 
 
 @functools.cache
+def card_peak_flops(name: str) -> Peak:
+    """The dense bf16 peak of the card named `name` (`CARD_BF16_PEAK_FLOPS`); an A100's for a card the table does not
+    name, which its source says."""
+    words = name.lower()
+    card = next((row for row in CARD_BF16_PEAK_FLOPS if all(word in words for word in row[0])), None)
+    if card is None:
+        return Peak(UNKNOWN_GPU_PEAK_FLOPS, f"{name}: no bf16 peak known for it, an A100's assumed (set peak_flops)")
+    _, label, flops = card
+    return Peak(flops, f"{name}: the {label}'s dense bf16 spec")
+
+
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, threads: int = 0) -> float:
     """`matmul_flops(dtype)`, once per process: `threads` only keys the cache (call it with
     `torch.get_num_threads()`, the threads the probe runs on)."""

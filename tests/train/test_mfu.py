@@ -1,4 +1,5 @@
-"""The peak FLOP/s MFU divides by: CPU ranks that share a machine's cores share its peak."""
+"""The peak FLOP/s MFU divides by: a card's dense bf16 spec, and CPU ranks that share a machine's cores share its
+peak."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from seekstack.parallel.distributed import Ranks, ranks_cpus
-from seekstack.train.mfu import MATMUL_PROBE_SIZE, matmul_flops, shared_cpu_peak_flops
+from seekstack.train.mfu import MATMUL_PROBE_SIZE, Peak, card_peak_flops, matmul_flops, shared_cpu_peak_flops
 
 TWO_CORES = frozenset({0, 1})
 
@@ -51,3 +52,29 @@ def test_cpu_peak_is_the_fastest_layout_of_a_training_steps_matmuls(monkeypatch)
 
     monkeypatch.setattr(torch, "mm", mm_slow_untransposed)
     assert matmul_flops(torch.bfloat16) > 100 * 2 * MATMUL_PROBE_SIZE**3 / 0.05
+
+
+@pytest.mark.parametrize(
+    ("name", "flops", "card"),
+    [
+        ("NVIDIA H800", 989e12, "H800"),  # DeepSeek-V3's: an A100's 312 assumed read its MFU 3.2x high, 100% at 31%
+        ("NVIDIA H800 PCIe", 756e12, "H800 PCIe"),
+        ("NVIDIA H100 80GB HBM3", 989e12, "H100"),
+        ("NVIDIA H100 PCIe", 756e12, "H100 PCIe"),  # was the SXM's 989
+        ("NVIDIA H20", 148e12, "H20"),
+        ("NVIDIA H200", 989e12, "H200"),
+        ("NVIDIA B200", 2.25e15, "B200"),
+        ("NVIDIA A100-SXM4-80GB", 312e12, "A100"),
+        ("NVIDIA L40", 181e12, "L40"),  # was the L4's 121: "L4" is in its name
+        ("NVIDIA L40S", 362e12, "L40S"),
+        ("AMD Instinct MI300X", 1.3074e15, "MI300X"),
+    ],
+)
+def test_a_cards_peak_is_its_dense_bf16_spec_looked_up_by_its_name(name, flops, card):
+    assert card_peak_flops(name) == Peak(flops, f"{name}: the {card}'s dense bf16 spec")
+
+
+def test_a_card_not_in_the_table_is_given_an_a100s_peak_and_its_source_says_so():
+    assert card_peak_flops("NVIDIA RTX PRO 6000 Blackwell") == Peak(
+        312e12, "NVIDIA RTX PRO 6000 Blackwell: no bf16 peak known for it, an A100's assumed (set peak_flops)"
+    )
