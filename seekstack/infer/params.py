@@ -51,6 +51,37 @@ def parse_bytes(text: str) -> int:
     return int(size)
 
 
+VLLM_FORM_FIELDS = ("max_new_tokens", "stop", "stop_token_ids", "logit_bias", "logprobs", "top_logprobs")
+
+
+def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
+    """SamplingParams values with vLLM's forms of them read as ours: max_tokens (its name for max_new_tokens), None for
+    no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone stop string, logprobs=k (logprobs=True with
+    top_logprobs=k); ConfigError naming the field when one is out of range or contradicts another given."""
+    values = dict(values)
+    max_tokens = values.pop("max_tokens", None)
+    if max_tokens is not None:
+        max_new_tokens = values.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        require(type(max_tokens) is int and max_tokens >= 1, "max_tokens", f"an int of at least 1 (vLLM's name "
+                f"for max_new_tokens), not {max_tokens!r}")  # fmt: skip
+        require(max_new_tokens in (max_tokens, DEFAULT_MAX_NEW_TOKENS), "max_tokens", f"left out with "
+                f"max_new_tokens={max_new_tokens}: it is vLLM's name for it; give one")  # fmt: skip
+        values["max_new_tokens"] = max_tokens
+    for name, default in VLLM_NONE_DEFAULTS.items():
+        if name in values and values[name] is None:
+            values[name] = default()
+    if isinstance(values.get("stop"), str):  # one stop string given alone, as vLLM's SamplingParams and OpenAI's API
+        values["stop"] = (values["stop"],)
+    logprobs = values.get("logprobs")
+    if type(logprobs) is int:  # vLLM's logprobs=k: the sampled token's and the k likeliest (0: its alone)
+        require(0 <= logprobs <= MAX_TOP_LOGPROBS, "logprobs", f"True, False or, as vLLM's, how many top "
+                f"log-probabilities each token lists, 0 to {MAX_TOP_LOGPROBS}")  # fmt: skip
+        require(values.get("top_logprobs", 0) == 0, "top_logprobs", f"left out with vLLM's logprobs={logprobs}, "
+                "which sets it (or give logprobs=True)")  # fmt: skip
+        values["logprobs"], values["top_logprobs"] = True, logprobs
+    return values
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request. `validate()` returns a checked copy or raises a ConfigError naming the field."""
@@ -96,32 +127,17 @@ class SamplingParams:
     def __post_init__(self, max_tokens: int | None) -> None:
         """ConfigError naming a field whose value is out of its type or range, at once, as vLLM's SamplingParams
         raises (temperature=-1 was refused only at generate); validate() adds the rules across fields."""
-        if max_tokens is not None:
-            require(type(max_tokens) is int and max_tokens >= 1, "max_tokens", f"an int of at least 1 (vLLM's name "
-                    f"for max_new_tokens), not {max_tokens!r}")  # fmt: skip
-            require(self.max_new_tokens in (max_tokens, DEFAULT_MAX_NEW_TOKENS), "max_tokens", f"left out with "
-                    f"max_new_tokens={self.max_new_tokens}: it is vLLM's name for it; give one")  # fmt: skip
-            self.max_new_tokens = max_tokens
-        for name, default in VLLM_NONE_DEFAULTS.items():
-            if getattr(self, name) is None:
-                setattr(self, name, default())
-        if isinstance(self.stop, str):  # one stop string given alone, as vLLM's SamplingParams and OpenAI's API take it
-            self.stop = (self.stop,)
-        if type(self.logprobs) is int:  # vLLM's logprobs=k: the sampled token's and the k likeliest (0: its alone)
-            require(0 <= self.logprobs <= MAX_TOP_LOGPROBS, "logprobs", f"True, False or, as vLLM's, how many top "
-                    f"log-probabilities each token lists, 0 to {MAX_TOP_LOGPROBS}")  # fmt: skip
-            require(self.top_logprobs == 0, "top_logprobs", f"left out with vLLM's logprobs={self.logprobs}, which "
-                    "sets it (or give logprobs=True)")  # fmt: skip
-            self.logprobs, self.top_logprobs = True, self.logprobs
+        given = {name: getattr(self, name) for name in VLLM_FORM_FIELDS}
+        for name, value in read_vllm_forms({**given, "max_tokens": max_tokens}).items():
+            setattr(self, name, value)
         check_set_fields(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
-        """Parameters from a mapping (e.g. a JSON request); ConfigError naming an unknown key or a bad value. A lone
-        stop string is read as one stop, as the constructor reads it."""
-        if isinstance(values.get("stop"), str):  # checked before __post_init__ could wrap it
-            values = {**values, "stop": [values["stop"]]}
-        return check(cls, values)
+        """Parameters from a mapping (e.g. a JSON request); ConfigError naming an unknown key or a bad value. vLLM's
+        forms are read as the constructor reads them (`read_vllm_forms`: max_tokens, logprobs=k, a lone stop string,
+        None for no stop, bias or logprobs)."""
+        return check(cls, read_vllm_forms(values))
 
     def validate(self) -> SamplingParams:
         """This request's parameters, checked: types and ranges of every field."""

@@ -32,8 +32,8 @@ def test_params_from_a_mapping_refuse_unknown_keys_and_bad_values():
         SamplingParams.from_dict({"temprature": 0.5})
     with pytest.raises(ValueError, match="field 'min_p' has value 2: input should be less than or equal to 1"):
         SamplingParams.from_dict({"min_p": 2})
-    with pytest.raises(ValueError, match="field 'logprobs' has value 1: input should be a valid boolean"):
-        SamplingParams.from_dict({"logprobs": 1})
+    with pytest.raises(ValueError, match="field 'logprobs' has value 1.5: input should be a valid boolean"):
+        SamplingParams.from_dict({"logprobs": 1.5})
     with pytest.raises(ValueError, match=r"field 'stop.0' has value '': string should have at least 1 character"):
         SamplingParams(stop=("",)).validate()
     with pytest.raises(ValueError, match="field 'seed' has value 18446744073709551616"):
@@ -74,6 +74,26 @@ def test_none_for_the_fields_vllm_defaults_to_none_reads_as_their_defaults():
     given_none = SamplingParams(stop=None, stop_token_ids=None, logit_bias=None, logprobs=None, temperature=0)
     assert given_none.validate() == SamplingParams(temperature=0).validate()
     assert dataclasses.replace(SamplingParams(stop=["a"]), stop=None).stop == ()
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"max_tokens": 16, "temperature": 0},
+        {"logprobs": 3, "stop": None, "stop_token_ids": None, "logit_bias": None},
+        {"max_tokens": None, "stop": "a"},
+    ],
+    ids=["max_tokens", "logprobs-k-and-nones", "max_tokens-none"],
+)
+def test_params_from_a_mapping_read_vllms_forms_as_the_constructor_reads_them(values):
+    """SamplingParams(max_tokens=16), (logprobs=3) and (stop=None) are vLLM's forms, which the constructor reads;
+    from_dict refused each ("unknown field 'max_tokens'; did you mean 'max_new_tokens'?", "field 'logprobs' has value
+    3: input should be a valid boolean", "field 'stop' has value None"), so a vLLM sampling dict failed."""
+    assert SamplingParams.from_dict(values) == SamplingParams(**values)
+    with pytest.raises(ValueError, match=r"^field 'max_tokens' must be left out with max_new_tokens=32"):
+        SamplingParams.from_dict({"max_tokens": 16, "max_new_tokens": 32})
+    with pytest.raises(ValueError, match=r"^field 'logprobs' must be True, False or, as vLLM's, how many top"):
+        SamplingParams.from_dict({"logprobs": 21})
 
 
 def test_top_k_minus_one_is_off_as_in_vllm_and_below_it_is_refused_naming_top_k():
