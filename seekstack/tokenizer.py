@@ -653,13 +653,21 @@ def template_message(position: int, message: object) -> dict:
     """An OpenAI chat message as the chat template takes it, read as the server and transformers' `apply_chat_template`
     with `CHAT_TEMPLATE` read it: role `developer` (OpenAI's newer name for system) as `system`, content given as a
     list of text parts as their texts joined by newlines (as vLLM's server joins them; an assistant's refusal parts
-    as their text, `part_text`), an assistant's null content (a replayed turn, or one that only calls tools) as
-    empty, or as its `refusal` where it gives one (`refusal_text`), an assistant's `tool_calls` as
+    as their text, `part_text`), an assistant's null or left-out content (a replayed turn, or one that only calls
+    tools) as empty, or as its `refusal` where it gives one (`refusal_text`), an assistant's `tool_calls` as
     `template_tool_call` gives each; its other keys kept. ValueError naming `position` for a message that is no dict
     with `role` and `content`, another role or content, tool calls on another role, and the legacy `function_call`."""
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise ValueError(f"chat message {position} must be a dict with 'role' and 'content', got {message!r}")
-    role, content = message["role"], message["content"]
+    # an assistant's content may be left out, as OpenAI's messages that call tools or refuse leave it
+    if (
+        not isinstance(message, dict)
+        or "role" not in message
+        or ("content" not in message and message["role"] != "assistant")
+    ):
+        raise ValueError(
+            f"chat message {position} must be a dict with 'role' and 'content' (an assistant's content may be left "
+            f"out, as null), got {message!r}"
+        )
+    role, content = message["role"], message.get("content")
     if message.get("function_call"):
         raise ValueError(
             f"chat message {position} has function_call, OpenAI's deprecated form of a tool call: give it as "

@@ -337,6 +337,7 @@ OPENAI_CHATS = [
         {"role": "user", "content": "q"},
     ],
     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "again"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "again"}],  # no content
     [  # an assistant's refusal part (OpenAI's), read as its text
         {"role": "user", "content": "How do I pick a lock?"},
         {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
@@ -347,8 +348,8 @@ OPENAI_CHATS = [
 
 @pytest.mark.parametrize("messages", OPENAI_CHATS)
 def test_encode_chat_reads_openai_messages_as_the_server_and_the_jinja_template_do(trained, auto_tokenizer, messages):
-    """encode_chat refused developer messages, text parts and an assistant's null content, which the server and
-    transformers' apply_chat_template read; both refused an assistant's refusal parts, which the server reads."""
+    """encode_chat refused developer messages, text parts and an assistant's null or left-out content, which the server
+    and transformers' apply_chat_template read; both refused an assistant's refusal parts, which the server reads."""
     tokenizer, _ = trained
     request = ChatCompletionRequest.model_validate({"model": "m", "messages": messages})
     assert tokenizer.encode_chat(messages) == prompt_ids(request, tokenizer)[0]

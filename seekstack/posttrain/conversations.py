@@ -287,15 +287,15 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     """A file's chat message as the chat template takes it (`seekstack.tokenizer.template_message`; with `tokenizer`,
     `Tokenizer.template_message`, which refuses its special tokens too), its content whole characters and its
     weight, if an assistant message has one, `check_weight`'s (OpenAI fine-tuning gives weight a meaning on assistant
-    messages only: on another role it is ignored, as the template ignores it). A null content is refused, but that
-    of an assistant message that calls tools (as OpenAI fine-tuning data writes one) or gives a `refusal` (OpenAI's
-    reply that refuses, trained as its text). An assistant's
+    messages only: on another role it is ignored, as the template ignores it). A null (or left-out) content is
+    refused, but that of an assistant message that calls tools (as OpenAI fine-tuning data writes one) or gives a
+    `refusal` (OpenAI's reply that refuses, trained as its text). An assistant's
     `reasoning_content` is written into its content (`with_reasoning`). An assistant's `tool_calls` and `tool`
     results are read as the chat template reads them (`check_tool_turns` checks how they follow). ValueError naming
     `position`."""
     template = tokenizer.template_message if tokenizer else chat_template_message
     templated = template(position, message)
-    if cast(dict, message)["content"] is None and not (templated.get("tool_calls") or templated["content"]):
+    if cast(dict, message).get("content") is None and not (templated.get("tool_calls") or templated["content"]):
         raise ValueError(f"chat message {position} content must be a string or a list of text parts, got null")
     if templated["role"] == "assistant" and templated.get("reasoning_content") is not None:
         templated = template(position, with_reasoning(position, templated))  # its special tokens refused too

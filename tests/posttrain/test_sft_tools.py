@@ -188,9 +188,18 @@ def test_malformed_tool_turns_are_refused_naming_the_line_message_and_field(tmp_
 
 def test_a_conversation_ending_with_calls_trains_the_calls_as_openai_fine_tuning_data_does(tmp_path):
     """The calls a conversation ends with need no results (OpenAI's fine-tuning examples teach a call so), where the
-    server refuses them; calls answered in part end a conversation too."""
-    path = write_lines(tmp_path / "agent.jsonl", {"messages": [*ASK, CALLS]}, {"messages": [*ASK, CALLS, RESULTS[0]]})
-    assert [len(conversation) for conversation in read_conversations(path, byte_tokenizer(tmp_path))] == [3, 4]
+    server refuses them; calls answered in part end a conversation too. Those examples leave the calling message's
+    content out, which was refused ('must be a dict with 'role' and 'content''): it reads as null."""
+    called = {key: value for key, value in CALLS.items() if key != "content"}
+    path = write_lines(
+        tmp_path / "agent.jsonl",
+        {"messages": [*ASK, CALLS]},
+        {"messages": [*ASK, CALLS, RESULTS[0]]},
+        {"messages": [*ASK, called]},
+    )
+    conversations = read_conversations(path, byte_tokenizer(tmp_path))
+    assert [len(conversation) for conversation in conversations] == [3, 4, 3]
+    assert conversations[2] == conversations[0]
 
 
 def test_a_tool_conversation_cut_by_seq_len_keeps_its_start_and_is_noted(tmp_path, capsys):
