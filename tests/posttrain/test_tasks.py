@@ -275,6 +275,19 @@ def test_an_answer_after_gsm8k_s_marker_reads_as_lm_eval_gsm8k_reads_it(answer, 
 
 
 @pytest.mark.parametrize(
+    ("answer", "value"),
+    [("**Answer:** 7", 7), ("**Answer**: 7.", 7), ("Answer: **7**", 7), ("**Final Answer:** $7$", 7),
+     ("**Final Answer**\n\n7", 7), ("**Final Answer:** **7**.", 7), ("The answer is **7**.", 7),
+     ("**The answer is 7.**", 7), ("**7**", 7), ("#### **7**", 7), ("<answer>**7**</answer>", 7),
+     ("**7** or 8", None), ("I got **7**", None), ("**Answer:**", None)],
+)  # fmt: skip
+def test_an_answer_in_markdown_bold_reads_as_math_verify_reads_it(answer, value):
+    """An answer in Markdown's bold, "**Answer:** 7" or "Answer: **7**" as chat models write it, was no number (scored
+    0 against 7), where math-verify reads 7."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
     "answer",
     ["\\boxed{\\displaystyle 7}", "$\\textstyle\\frac{14}{2}$", "\\boxed{\\displaystyle -\\frac{-14}{2}}",
      "\\Big(7\\Big)", "\\biggl(7\\biggr)"],
@@ -383,6 +396,8 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1," * 35_000,
         "<answer>" * 10_000,
         "x=" * 35_000,
+        "**answer**" * 7_000 + "x",
+        "**the answer is" + " " * 70_000 + "x",
         "1{,}000" * 10_000 + ".",
         "\\text{a}" * 8_000,
         "1\\," * 23_000,

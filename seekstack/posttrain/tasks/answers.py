@@ -30,8 +30,10 @@ SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scrip
 VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
 # and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
-# Minerva's "Final Answer: The final answer is 57. I hope it is correct." (lm-eval's minerva_math) writes both
-ANSWER_LABEL = re.compile(r"(?i:(?:the\s+)?(?:final\s+)?answer(?:\s*:|\s+is\b\s*:?)\s*)+")
+# Minerva's "Final Answer: The final answer is 57. I hope it is correct." (lm-eval's minerva_math) writes both; in
+# Markdown's bold maybe ("**Answer:** 57", "**Final Answer**", as chat models write them and math-verify reads them)
+ANSWER_WORDS, LABEL_END = r"(?:the\s+)?(?:final\s+)?answer", r"(?:\s*:|\s+is\b(?:\s*:)?)"
+ANSWER_LABEL = re.compile(rf"(?i:(?:{ANSWER_WORDS}{LABEL_END}|\*\*{ANSWER_WORDS}{LABEL_END}?\*\*:?)\s*)+")
 GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
 MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final answer, which minerva_math drops
 # A closing `\text{...}`, squared maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2")
@@ -72,8 +74,8 @@ def final_answer(answer: str) -> str | None:
     """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested; `\\boxed 57` to the
     end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after its last
     `####` (GSM8K's), an `Answer:` label or the sentence `The answer is` (`Final Answer: The final answer is 57. I hope
-    it is correct.`, Minerva's), outside math delimiters (`$57$`) and a closing period. None when the last box is never
-    closed."""
+    it is correct.`, Minerva's; `**Answer:**`, Markdown's bold), outside math delimiters (`$57$`), Markdown's bold
+    (`**57**`) and a closing period. None when the last box is never closed."""
     boxes = list(BOXED.finditer(answer))
     if boxes:
         start = boxes[-1].end()
@@ -84,10 +86,21 @@ def final_answer(answer: str) -> str | None:
     text = _tagged(answer).rpartition(GSM8K_MARKER)[2]
     text = text.strip().removesuffix(MINERVA_CLOSING).strip().removesuffix(".").strip()
     labelled = ANSWER_LABEL.match(text)
-    text = text[labelled.end() if labelled else 0 :]
+    if labelled is None:  # "**The answer is 57.**", the sentence in bold
+        text = _unadorned(text)
+        labelled = ANSWER_LABEL.match(text)
+    text = _unadorned(text[labelled.end() if labelled else 0 :])
     for opening, closing in MATH_DELIMITERS:
         if len(text) > len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
             return text[len(opening) : -len(closing)].strip().removesuffix(".").strip()
+    return text
+
+
+def _unadorned(text: str) -> str:
+    """`text` less the whitespace around it, a closing period and Markdown's bold around it whole (`**57**.`)."""
+    text = text.strip().removesuffix(".").strip()
+    if len(text) > 4 and text.startswith("**") and text.endswith("**"):
+        return text[2:-2].strip().removesuffix(".").strip()
     return text
 
 
