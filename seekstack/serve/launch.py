@@ -175,7 +175,8 @@ def check_cache_holds_context(engine: Engine, options: EngineOptions) -> None:
 
 
 # uvicorn's logging, which also writes the server's own lines (seekstack.serve) from INFO on, as uvicorn's: request and
-# stats lines, warnings; uvicorn's loggers stay at WARNING (log_level)
+# stats lines, warnings; uvicorn's own from INFO on too (log_level): its start and, as SIGTERM stops it, "Shutting down"
+# and "Waiting for connections to close", as vLLM's log has them; no line per HTTP request (access_log)
 LOG_CONFIG = {
     **LOGGING_CONFIG,
     "loggers": {**LOGGING_CONFIG["loggers"], log.name: {"handlers": ["default"], "level": "INFO", "propagate": False}},
@@ -188,7 +189,7 @@ def run_server(app: FastAPI, host: str, port: int, shutdown_timeout_s: float, ke
     server's failures (app.SERVER_STOPPED) and their rate-limit charges are settled. An idle connection is closed
     after `keep_alive_s` seconds."""
     config = uvicorn.Config(
-        app, host=host, port=port, log_config=LOG_CONFIG, log_level="warning",
+        app, host=host, port=port, log_config=LOG_CONFIG, log_level="info", access_log=False,
         timeout_graceful_shutdown=shutdown_timeout_s, timeout_keep_alive=keep_alive_s,
     )  # fmt: skip
     server = QuietCutOffs(config)

@@ -225,7 +225,8 @@ def test_a_stopping_server_logs_one_line_for_each_request_it_cuts_off_and_none_f
 
 def test_sigterm_cuts_off_a_stream_whose_client_stops_reading_after_the_shutdown_timeout_billing_it(tmp_path):
     """A client that never reads fills the socket's buffers and holds the stream's writes: SIGTERM waited for it for
-    good (uvicorn had no graceful-shutdown timeout; its row stayed 'in progress')."""
+    good (uvicorn had no graceful-shutdown timeout; its row stayed 'in progress'). The log says the server is stopping
+    and waiting for it (it logged nothing of either: uvicorn's lines were at WARNING)."""
     model_dir = make_model_dir(tmp_path, max_position_embeddings=1024)
     database_path = tmp_path / "serve.db"
     key = KeyStore(open_database(database_path)).create("stalled", tpm=100_000)
@@ -254,3 +255,7 @@ def test_sigterm_cuts_off_a_stream_whose_client_stops_reading_after_the_shutdown
     assert connection.execute("SELECT tokens FROM rate_charges").fetchall() == [(0,)]  # its charge given back
     log = server.log_path.read_text()
     assert CUT_OFF in log and "Traceback" not in log
+    # what the server does meanwhile, as vLLM's log says it: was nothing between the last stats line and the cut-off
+    stopping = ("Shutting down", "Waiting for connections to close", CUT_OFF, "Finished server process")
+    assert [log.index(line) for line in stopping] == sorted(log.index(line) for line in stopping)
+    assert '"POST /v1/chat/completions HTTP/1.1" 200' not in log  # no access line per request
