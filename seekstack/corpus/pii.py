@@ -10,7 +10,8 @@ names (no pattern tells them from other numbers and words without false positive
 assigned to no such name.
 
 Addresses are found through their ASCII forms: one typed in fullwidth characters (`９３．１８４．２１６．３４`) or in
-another script's digits (`٩٣.١٨٤.٢١٦.٣٤`) is replaced as its ASCII form would be.
+another script's digits (`٩٣.١٨٤.٢١٦.٣٤`) is replaced as its ASCII form would be, and one holding an invisible
+character (a zero-width space or joiner, a soft hyphen: `john\u200b@example.com`) as it would be without it.
 
 Only addresses that reach one host on the public internet are replaced (Python's `is_global`, multicast left out).
 Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1`, `0.0.0.0`) identify nobody and are
@@ -25,12 +26,14 @@ such as `w@x.mean()` are kept too.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from seekstack.corpus.kinds import UNSPACED_SCRIPT_RANGES
 
@@ -100,6 +103,12 @@ def _ascii_forms() -> dict[int, str]:
 
 _ASCII_FORMS = _ascii_forms()
 _IN_ANOTHER_FORM = re.compile(f"[{''.join(map(chr, _ASCII_FORMS))}]")  # found at C speed: most texts hold none
+# Invisible characters that may sit inside a word, and so inside an address, which reads the same with them: a soft
+# hyphen (HTML's `&shy;`, set by hyphenation or against harvesters), the zero-width space, non-joiner and joiner, the
+# word joiner and a byte-order mark. Addresses are matched without them.
+_INVISIBLE_IN_WORDS = "\u00ad\u200b\u200c\u200d\u2060\ufeff"
+_HOLDS_INVISIBLE = re.compile(f"[{_INVISIBLE_IN_WORDS}]")
+_WITHOUT_INVISIBLE = dict.fromkeys(map(ord, _INVISIBLE_IN_WORDS))
 
 
 def _email_pattern(excluded: str) -> re.Pattern[str]:
@@ -290,25 +299,44 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         text, found = pattern.subn(replacement, text)
         counts["secret"] += found
     text = _ASSIGNED_SECRET.sub(replace_secret_value, text)
-    folded = text.translate(_ASCII_FORMS) if _IN_ANOTHER_FORM.search(text) else text
+    folded = _folded(text)
     for pattern, replace in (*((email, replace_email) for email in _EMAILS), (_IPV4, replace_ip), (_IPV6, replace_ip)):
-        text, folded = _sub_through_ascii_forms(pattern, replace, text, folded)
+        replaced = _sub_through_folded_forms(pattern, replace, text, folded)
+        text, folded = replaced, (folded if replaced is text else _folded(replaced))
     return text, +counts
 
 
-def _sub_through_ascii_forms(
-    pattern: re.Pattern[str], replace: Callable[[re.Match[str]], str], text: str, folded: str
-) -> tuple[str, str]:
-    """`pattern.sub(replace, text)` with `pattern` matched in `folded`, the text's `_ASCII_FORMS` (`８．８．８．８` as
-    `8.8.8.8`), so that an address written in fullwidth or another script's digits is found, and a match that
-    `replace` returns unchanged stays as written; with the result's `_ASCII_FORMS` (the replacements are ASCII)."""
-    pieces, folded_pieces, end = [], [], 0
-    for match in pattern.finditer(folded):
+class Folded(NamedTuple):
+    """A text as addresses are matched in: its `_ASCII_FORMS` (`８．８．８．８` as `8.8.8.8`) without
+    `_INVISIBLE_IN_WORDS`; and, for each character left out, the place in the folded text where it was."""
+
+    text: str
+    left_out: list[int]
+
+    def place_in_text(self, place: int) -> int:
+        """Where the folded text's character at `place` stands in the text."""
+        return place + bisect.bisect_right(self.left_out, place)
+
+
+def _folded(text: str) -> Folded:
+    """The `Folded` form of `text`."""
+    folded = text.translate(_ASCII_FORMS) if _IN_ANOTHER_FORM.search(text) else text
+    left_out = [match.start() - count for count, match in enumerate(_HOLDS_INVISIBLE.finditer(folded))]
+    return Folded(folded.translate(_WITHOUT_INVISIBLE) if left_out else folded, left_out)
+
+
+def _sub_through_folded_forms(
+    pattern: re.Pattern[str], replace: Callable[[re.Match[str]], str], text: str, folded: Folded
+) -> str:
+    """`pattern.sub(replace, text)` with `pattern` matched in the text's `folded` form, so that an address written in
+    fullwidth or another script's digits, or with an invisible character inside (`john\u200b@example.com`), is found
+    and replaced whole, and a match that `replace` returns unchanged stays as written; `text` itself when nothing
+    was replaced."""
+    pieces, end = [], 0
+    for match in pattern.finditer(folded.text):
         replacement = replace(match)
         if replacement != match[0]:
-            pieces += (text[end : match.start()], replacement)
-            folded_pieces += (folded[end : match.start()], replacement)
-            end = match.end()
-    if not pieces:
-        return text, folded
-    return "".join((*pieces, text[end:])), "".join((*folded_pieces, folded[end:]))
+            start = folded.place_in_text(match.start())
+            pieces += (text[end:start], replacement)
+            end = folded.place_in_text(match.end() - 1) + 1
+    return "".join((*pieces, text[end:])) if pieces else text

@@ -892,6 +892,23 @@ def test_a_public_ip_before_a_url_path_or_a_hosts_prefix_length_is_replaced_and_
     assert scrub_pii(networks) == (networks, {})
 
 
+def test_an_address_with_an_invisible_character_inside_is_replaced_whole() -> None:
+    """An e-mail or IP address holding a zero-width space, joiner or soft hyphen (HTML's `&shy;`, set by hyphenation or
+    against harvesters), which reads as the address, was kept whole or in part ('jo\u200d<EMAIL>'); it is matched
+    without them and replaced whole. Those around an address stay, as Thai text sets them between words."""
+    text = (
+        "write to john\u200b@example.com or jo\u200dhn@exam\u00adple.com, server 93.184.\u2060216.34\n"
+        "\u0e15\u0e34\u0e14\u0e15\u0e48\u0e2d\u200bann@example.com\u200b\u0e04\u0e23\u0e31\u0e1a\n"
+    )
+    assert scrub_pii(text) == (
+        "write to <EMAIL> or <EMAIL>, server <IP>\n\u0e15\u0e34\u0e14\u0e15\u0e48\u0e2d\u200b<EMAIL>\u200b"
+        "\u0e04\u0e23\u0e31\u0e1a\n",
+        {"email": 3, "ip": 1},
+    )
+    kept = "a zero\u200bwidth space, 1.2\u200b.3.4 and ver\u00adsion 2.7.\u200b2.2 @ home\n"
+    assert scrub_pii(kept) == (kept, {})
+
+
 def test_a_mailbox_at_an_address_literal_is_replaced_whole() -> None:
     """RFC 5321's `user@[93.184.216.34]`: its IP alone was replaced, `john.smith@[<IP>]` keeping the name; datatrove's
     PIIFormatter replaces the address whole, as here. A URL's user at an address literal keeps its user."""
