@@ -303,6 +303,14 @@ def test_a_sized_bracket_encloses_a_tuple_or_an_interval_as_left_and_right_do():
 
 
 @pytest.mark.parametrize(
+    "answer", ["\\boxed{\\,7\\,}", "\\boxed{\\;7}", "$\\!7$", "\\boxed{7\\ }", "\\boxed{\\, \\,{7}\\;}"]
+)
+def test_latex_spaces_around_an_answer_are_nothing_to_it_as_math_verify_reads_it(answer):
+    """\\boxed{\\,7\\,} was no number (scored 0 against 7), where math-verify reads 7."""
+    assert read_number(answer) == 7 and read_items(answer.replace("7", "(7, 8)")) == Items("()", (7, 8))
+
+
+@pytest.mark.parametrize(
     "answer",
     ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4", "\\frac 12",
      "\\frac {1} {2}", "\\boxed{\\dfrac{ 1 }{ 2 }}"],  # spaces in \\frac, as LaTeX and math-verify read them

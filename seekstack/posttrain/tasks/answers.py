@@ -27,6 +27,7 @@ MATH_END = re.compile(r"\$|\\\)|\\\]|</answer>")
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # LaTeX's sizing of parentheses (\left( \Big( \bigr)) and its math styles (\displaystyle), nothing to the value
 SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scriptscript)style)(?![A-Za-z])")
+OPENING_SPACE = re.compile(r"\A(?:\s|\\[ ,;:!])+")  # LaTeX spaces before an answer ("\boxed{\,57\,}"), nothing to it
 VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
 # and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
@@ -180,11 +181,13 @@ def read_items(answer: str) -> Items | None:
 
 
 def _answer_text(answer: str) -> str | None:
-    """The final answer's text less its sizing, braces around it whole (`\\boxed{{5}}`, a TeX group math-verify reads
-    through), unit and `x = `; None when the last box is never closed."""
+    """The final answer's text less LaTeX spaces around it (`\\boxed{\\,5\\,}`, as math-verify reads it), its sizing,
+    braces around it whole (`\\boxed{{5}}`, a TeX group math-verify reads through), unit and `x = `; None when the last
+    box is never closed."""
     text = final_answer(answer)
     if text is None:
         return None
+    text = _less_latex_space(OPENING_SPACE.sub("", text))
     if text.startswith("{") and text.endswith("}") and _braced(text, 1) == text[1:-1].strip():
         text = text[1:-1].strip()
     text = _without_unit(SIZING.sub("", text))
