@@ -7,6 +7,7 @@ losses are those it has alone in a row, so a packed batch trains as the same row
 from __future__ import annotations
 
 import bisect
+import heapq
 
 import torch
 
@@ -18,19 +19,30 @@ Row = tuple[list[int], list[int]]  # a conversation's (input_ids, labels)
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """The indices of `lengths` in bins of `capacity`: longest first, each into the bin with the least room that
-    still holds it, a new bin when none does (ties in a fixed order: the same bins every time)."""
+    still holds it (the lowest-numbered of those), a new bin when none does. The open bins are kept by the room they
+    have left, at most capacity + 1 distinct values, so a row's bin is found in O(log capacity) whatever the number
+    of bins, as TRL's segment tree finds it (a sorted list of every bin's room made packing quadratic)."""
     bins: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (room left, bin), sorted
+    rooms: list[int] = []  # the distinct rooms open bins have left, ascending
+    open_bins: dict[int, list[int]] = {}  # room -> the bins with that room left, a heap: lowest first
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         length = lengths[index]
-        fitting = bisect.bisect_left(room, (length, -1))
-        if fitting == len(room):
+        fitting = bisect.bisect_left(rooms, length)
+        if fitting == len(rooms):
             bins.append([])
             left, chosen = capacity, len(bins) - 1
         else:
-            left, chosen = room.pop(fitting)
+            left = rooms[fitting]
+            chosen = heapq.heappop(open_bins[left])
+            if not open_bins[left]:
+                del open_bins[left], rooms[fitting]
         bins[chosen].append(index)
-        bisect.insort(room, (left - length, chosen))
+        left -= length
+        if left >= 0:  # a row longer than capacity fills a bin of its own
+            if left not in open_bins:
+                open_bins[left] = []
+                bisect.insort(rooms, left)
+            heapq.heappush(open_bins[left], chosen)
     return bins
 
 

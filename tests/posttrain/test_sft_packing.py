@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 
 import pytest
 import torch
@@ -33,6 +35,21 @@ def test_best_fit_decreasing_puts_each_row_longest_first_in_the_bin_it_fills_mos
     # 9 | 6 then 4 (room 4 fits exactly) | 5 then 3 then 2
     assert best_fit_decreasing([5, 9, 3, 6, 2, 4], capacity=10) == [[1], [3, 5], [0, 2, 4]]
     assert best_fit_decreasing([10, 10], capacity=10) == [[0], [1]]
+
+
+def test_best_fit_decreasing_packs_hundreds_of_thousands_of_rows_in_seconds():
+    """TRL's BFD finds each row's bin in a segment tree; a sorted list of every bin's room made packing quadratic:
+    28 s for these 500,000 conversations of up to 3,000 tokens at seq_len 4,096 (3.5 s now) on a loaded 2-core
+    machine, minutes for a million."""
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 3000) for _ in range(500_000)]
+    start = time.perf_counter()
+    bins = best_fit_decreasing(lengths, 4096)
+    elapsed = time.perf_counter() - start
+    assert sorted(index for packed in bins for index in packed) == list(range(len(lengths)))
+    assert max(sum(lengths[index] for index in packed) for packed in bins) <= 4096
+    assert len(bins) < 1.001 * sum(lengths) / 4096  # nearly every row full
+    assert elapsed < 15, f"{elapsed:.1f} s"
 
 
 def test_a_packed_row_restarts_positions_per_conversation_and_pads_as_its_last_one_goes_on():
