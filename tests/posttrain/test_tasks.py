@@ -240,6 +240,15 @@ def test_a_signed_denominator_reads_as_its_quotient_as_math_verify_reads_it(answ
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{-\\$7}", -7), ("-$7.50", Fraction(-15, 2)), ("\\boxed{\\$ 7}", 7), ("\\boxed{\\$\\,7}", 7), ("$7", 7)],
+)  # fmt: skip
+def test_a_dollar_sign_after_the_minus_or_before_a_space_is_dropped_as_math_verify_drops_it(answer, value):
+    """\\boxed{-\\$7} and \\boxed{\\$ 7} were no number (scored 0 against -7 and 7), where math-verify reads them."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -404,6 +413,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1," * 35_000,
         "<answer>" * 10_000,
         "x=" * 35_000,
+        "-\\$" + " " * 70_000 + "x",
         "**answer**" * 7_000 + "x",
         "**the answer is" + " " * 70_000 + "x",
         "1{,}000" * 10_000 + ".",
