@@ -151,11 +151,12 @@ def is_conversation_record(record: object) -> bool:
 
 
 def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> Conversation:
-    """The templated messages of one JSONL record (`is_conversation_record`) and the tools it offers (its `tools`,
-    `offered`). TRL's prompt-completion is its prompt's messages then its completion's, every message of the
-    completion the assistant's (or a tool result) and the prompt's assistant messages context of weight 0 (TRL's
-    completion_only_loss trains the completion alone). ValueError for a record of another shape, naming it and what
-    to write instead, with no trained assistant message, or with tool turns that do not follow (`check_tool_turns`)."""
+    """The templated messages of one JSONL record (`is_conversation_record`) and the tools it offers (its `tools`, a
+    list or its JSON text: `column_tools`, `offered`). TRL's prompt-completion is its prompt's messages then its
+    completion's, every message of the completion the assistant's (or a tool result) and the prompt's assistant
+    messages context of weight 0 (TRL's completion_only_loss trains the completion alone). ValueError for a record of
+    another shape, naming it and what to write instead, with no trained assistant message, or with tool turns that do
+    not follow (`check_tool_turns`)."""
     if not is_conversation_record(record):
         raise ValueError(_not_a_conversation(record))
     record = cast(dict, record)
@@ -180,9 +181,24 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
             "every assistant message has weight 0, so the conversation trains nothing; give one weight 1 or leave "
             "the conversation out"
         )
-    tools = offered(record.get("tools"), tokenizer)
+    tools = offered(column_tools(record.get("tools")), tokenizer)
     check_tool_turns(templated, tools)
     return Conversation(templated, tools)
+
+
+def column_tools(tools: object) -> object:
+    """A record's `tools` as given, or parsed where it is JSON text: a datasets column holds every row's tools in one
+    type, so a dataset of rows offering different tools stores them as text, which TRL's SFTTrainer parses
+    (json.loads) before listing them. ValueError naming the field when the text is no JSON."""
+    if not isinstance(tools, str):
+        return tools
+    try:
+        return json.loads(tools)
+    except ValueError as error:
+        raise ValueError(
+            f"field tools is text but no JSON ({error}): {tools[:80]!r}; give the tools as a list of OpenAI's "
+            "function definitions or as its JSON text"
+        ) from None
 
 
 def offered(tools: object, tokenizer: Tokenizer | None = None) -> list[dict]:

@@ -186,6 +186,23 @@ def test_malformed_tool_turns_are_refused_naming_the_line_message_and_field(tmp_
         read_conversations(path, byte_tokenizer(tmp_path))
 
 
+def test_tools_given_as_json_text_are_read_as_trls_sft_trainer_reads_them(tmp_path):
+    """A datasets column holds every row's tools in one type, so datasets of rows offering different tools store them
+    as JSON text, which TRL's SFTTrainer parses; it was refused ('field tools input should be a valid list')."""
+    tokenizer = byte_tokenizer(tmp_path)
+    path = write_lines(
+        tmp_path / "agent.jsonl",
+        {"messages": AGENT, "tools": [WEATHER]},
+        {"messages": AGENT, "tools": json.dumps([WEATHER])},
+        {"messages": [*ASK, ANSWER], "tools": "null"},
+    )
+    listed, text, none = read_conversations(path, tokenizer)
+    assert text == listed and text.tools == listed.tools == [WEATHER] and none.tools == []
+    write_lines(path, {"messages": AGENT, "tools": "[{'type': 'function'}]"})
+    with pytest.raises(ValueError, match=r"agent.jsonl:1: field tools is text but no JSON \(Expecting property name"):
+        read_conversations(path, tokenizer)
+
+
 def test_a_conversation_ending_with_calls_trains_the_calls_as_openai_fine_tuning_data_does(tmp_path):
     """The calls a conversation ends with need no results (OpenAI's fine-tuning examples teach a call so), where the
     server refuses them; calls answered in part end a conversation too. Those examples leave the calling message's
