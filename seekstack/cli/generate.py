@@ -161,7 +161,12 @@ def generate_command(
     seed: Seed = None,
     stop: Stop = None,
     ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token")] = False,
-    top_logprobs: Annotated[int, typer.Option(help="With --json: log-probabilities of this many alternatives")] = 0,
+    top_logprobs: Annotated[
+        int | None,
+        typer.Option(
+            help="With --json: each token's log-probability and this many likeliest (0: its own alone, vLLM's)"
+        ),
+    ] = None,
     prompt_logprobs: Annotated[
         int | None,
         typer.Option(help="With --json: each prompt token's log-probability and this many likeliest (vLLM's)"),
@@ -191,7 +196,7 @@ def generate_command(
     options left unset take the checkpoint's generation_config.json values, else temperature 1, top-p 1, no top-k,
     min-p or repetition penalty."""
     with failures_as_json(as_json), user_errors(as_json):
-        for option, value in (("--top-logprobs", top_logprobs or None), ("--prompt-logprobs", prompt_logprobs)):
+        for option, value in (("--top-logprobs", top_logprobs), ("--prompt-logprobs", prompt_logprobs)):
             if value is not None and not as_json:
                 raise ValueError(f"{option} {value}: the log-probabilities are printed with --json only")
         if system is not None and not chat:
@@ -207,7 +212,7 @@ def generate_command(
             params = SamplingParams(
                 max_new_tokens=max_new_tokens, **given_options(sampling), presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
-                ignore_eos=ignore_eos, logprobs=as_json and top_logprobs > 0, top_logprobs=top_logprobs,
+                ignore_eos=ignore_eos, logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
                 prompt_logprobs=prompt_logprobs,
             ).validate()  # fmt: skip
             options = one_stream(

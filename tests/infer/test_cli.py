@@ -63,6 +63,26 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
     )
 
 
+def test_generate_json_top_logprobs_0_gives_each_tokens_own_logprob_as_vllms_logprobs_0(checkpoint, engine):
+    """--top-logprobs 0 (the default) gave no log-probabilities at all, with --json or without, where vLLM's logprobs=0
+    gives each generated token's own: scoring a completion from the shell needed an alternative or two."""
+    args = ["generate", "--model", str(checkpoint), "def main():", "--temperature", "0", "--max-new-tokens", "3"]
+    result = runner.invoke(app, [*args, "--json", "--top-logprobs", "0"])
+    assert result.exit_code == 0, result.output
+    params = SamplingParams(max_new_tokens=3, temperature=0, logprobs=0)
+    [expected] = engine.generate(["def main():"], params)
+    entries = json.loads(result.stdout)["logprobs"]
+    assert [(entry["token_id"], entry["top"], entry["rank"]) for entry in entries] == [
+        (entry.token_id, [], entry.rank) for entry in expected.logprobs
+    ]
+    assert [entry["logprob"] for entry in entries] == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+    assert "logprobs" not in json.loads(runner.invoke(app, [*args, "--json"]).stdout)  # not asked for: none
+    unshown = runner.invoke(app, [*args, "--top-logprobs", "0"])
+    assert unshown.exit_code == 1 and "--top-logprobs 0: the log-probabilities are printed with --json only" in (
+        unshown.stderr
+    )
+
+
 def test_generate_json_gives_the_prompts_logprobs_as_the_engine_does(checkpoint, engine):
     """The engine computes vLLM's prompt_logprobs (940a802), but `generate --json` had no option to print them
     (scoring a text from the shell meant writing Python); without --json the option is refused, as --top-logprobs."""
