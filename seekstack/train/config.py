@@ -101,7 +101,7 @@ class TrainConfig:
     eval_every: NonNegative = 100  # and at the last step; 0 disables evaluation
     eval_batches: Positive = 20  # global batches each evaluation scores (batch_size x grad_accum_steps rows each)
     save_every: NonNegative = 500  # a checkpoint is also written at the last step and on Ctrl-C
-    keep_checkpoints: Positive = 3
+    keep_checkpoints: NonNegative = 3  # the newest kept, the older deleted; 0 keeps all (torchtitan's keep_latest_k)
     seed: Seed = 0
     dtype: Literal["float32", "bfloat16"] = (
         "float32"  # float32 | bfloat16 (autocast on CUDA and CPU; weights and optimizer stay float32)

@@ -245,6 +245,15 @@ def test_resume_from_another_runs_checkpoint_into_a_fresh_out_dir_continues_that
     assert f"init_from={tmp_path / 'copied'}" in bare.output
 
 
+def test_keep_checkpoints_0_keeps_every_checkpoint_as_torchtitans_keep_latest_k_0(data_dir, tmp_path):
+    """keep_checkpoints=0 was refused ('input should be greater than 0'), where torchtitan's keep_latest_k=0 and HF's
+    save_total_limit=None keep every checkpoint: no setting kept them all."""
+    out_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", *micro_overrides(data_dir, out_dir, save_every=2, keep_checkpoints=0)])
+    assert result.exit_code == 0, result.output
+    assert [path.name for path in list_checkpoints(out_dir)] == ["step_2", "step_4", "step_6"]
+
+
 def test_a_second_resume_warns_of_changes_from_the_config_the_run_last_ran_with(tmp_path) -> None:
     out = tmp_path / "run"
     (tmp_path / "tokens").mkdir()  # a resume needs the run's data
