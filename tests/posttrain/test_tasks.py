@@ -319,6 +319,13 @@ def test_latex_spaces_around_an_answer_are_nothing_to_it_as_math_verify_reads_it
     assert read_number(answer) == 7 and read_items(answer.replace("7", "(7, 8)")) == Items("()", (7, 8))
 
 
+def test_a_period_closing_a_boxed_answer_is_nothing_to_it_as_math_verify_reads_it():
+    """\\boxed{\\frac{1}{2}.} was no number (scored 0 against 1/2), where math-verify reads 1/2; "5." was read only
+    because it is a decimal."""
+    assert read_number("\\boxed{\\frac{1}{2}.}") == Fraction(1, 2) and read_number("\\boxed{7\\text{ cm}.}") == 7
+    assert read_items("\\boxed{(1, 2).}") == Items("()", (1, 2)) and read_number("\\boxed{7.}") == 7
+
+
 @pytest.mark.parametrize(
     "answer",
     ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4", "\\frac 12",

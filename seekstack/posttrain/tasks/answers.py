@@ -182,13 +182,13 @@ def read_items(answer: str) -> Items | None:
 
 
 def _answer_text(answer: str) -> str | None:
-    """The final answer's text less LaTeX spaces around it (`\\boxed{\\,5\\,}`, as math-verify reads it), its sizing,
-    braces around it whole (`\\boxed{{5}}`, a TeX group math-verify reads through), unit and `x = `; None when the last
-    box is never closed."""
+    """The final answer's text less LaTeX spaces around it (`\\boxed{\\,5\\,}`, as math-verify reads it), a closing
+    period (`\\boxed{\\frac{1}{2}.}`, as math-verify reads it), its sizing, braces around it whole (`\\boxed{{5}}`, a
+    TeX group math-verify reads through), unit and `x = `; None when the last box is never closed."""
     text = final_answer(answer)
     if text is None:
         return None
-    text = _less_latex_space(OPENING_SPACE.sub("", text))
+    text = _less_latex_space(OPENING_SPACE.sub("", text).removesuffix("."))
     if text.startswith("{") and text.endswith("}") and _braced(text, 1) == text[1:-1].strip():
         text = text[1:-1].strip()
     text = _without_unit(SIZING.sub("", text))
