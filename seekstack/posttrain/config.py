@@ -42,7 +42,8 @@ class ConversationConfig(TrainConfig):
         "max_length": "TRL's max_length is seq_len here (a longer row is cut, keeping its start)",
         "padding_free": "TRL's padding_free (no padding computed) is packing=true here, rows of up to seq_len tokens",
         "packing_strategy": 'packing=true packs as TRL\'s "bfd" does (best-fit decreasing, each conversation on its '
-        'own); "wrapped", which lets them see each other, is not offered',
+        'own, cut at seq_len keeping its start); "bfd_split", which trains the rest of a longer one as a sequence of '
+        'its own, and "wrapped", which lets them see each other, are not offered',
         "num_train_epochs": "a run is max_steps optimizer steps, whatever the epochs they make",
         "per_device_train_batch_size": "TRL's per_device_train_batch_size is batch_size here",
         "gradient_accumulation_steps": "TRL's gradient_accumulation_steps is grad_accum_steps here",

@@ -234,6 +234,7 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
     ("trl_name", "ours"),
     [("max_length=512", "is seq_len here"), ("padding_free=true", "is packing=true here"),
      ("learning_rate=2e-5", "is lr here"), ("packing_strategy=wrapped", '"wrapped", which lets them see each other'),
+     ("packing_strategy=bfd_split", '"bfd_split", which trains the rest of a longer one as a sequence of its own'),
      ("eval_packing=true", "held-out conversations are packed when packing=true")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
