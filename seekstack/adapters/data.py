@@ -5,8 +5,9 @@
   tokenized with the base's tokenizer into shards in ADAPTER/data, one document in `VAL_EVERY` (chosen by the hash
   of its text) held out as the validation split; when that holds out none or all of them (a few documents), the
   text's last 1/`VAL_EVERY` (whole documents from the end, then the tail of one, cut at the start of a word);
-- chat: a `.jsonl` of {"messages": [...]} (or TRL's {"prompt": [...], "completion": [...]}): the conversations of
-  chat SFT (seekstack.posttrain.sft's batch source), the loss on the assistant's tokens only.
+- chat: a `.jsonl` of {"messages": [...]} (or TRL's {"prompt": [...], "completion": [...]} or {"conversations":
+  [{"from": ..., "value": ...}, ...]}): the conversations of chat SFT (seekstack.posttrain.sft's batch source), the
+  loss on the assistant's tokens only.
 `frequent_tokens` picks the tokens whose output-head (and embedding) rows a `head_tokens` (`embedding_tokens`)
 adapter trains (config.py), `first_batches` the run's first batches an `init=eva` start reads.
 """
@@ -45,8 +46,8 @@ def is_token_shards(path: Path) -> bool:
 
 
 def is_chat(path: Path) -> bool:
-    """Whether `path` is a JSONL file whose first record is a conversation (`messages`, or TRL's conversational
-    `prompt` and `completion`)."""
+    """Whether `path` is a JSONL file whose first record is a conversation (`is_conversation_record`: `messages`, TRL's
+    conversational `prompt` and `completion`, or its from/value `conversations`)."""
     if path.suffix != ".jsonl" or not path.is_file():
         return False
     with open(path, encoding="utf-8", errors="replace") as handle:  # the reader names a line that is not UTF-8

@@ -141,13 +141,33 @@ def read_conversations(path: str | Path, tokenizer: Tokenizer | None = None) -> 
 
 
 def is_conversation_record(record: object) -> bool:
-    """Whether a JSONL record is a conversation: OpenAI's `{"messages": [...]}`, or TRL's conversational
-    prompt-completion `{"prompt": [...], "completion": [...]}`."""
+    """Whether a JSONL record is a conversation: OpenAI's `{"messages": [...]}`, TRL's conversational
+    prompt-completion `{"prompt": [...], "completion": [...]}`, or TRL's from/value conversations (`is_from_value`)."""
     if not isinstance(record, dict):
         return False
-    return isinstance(record.get("messages"), list) or all(
-        isinstance(record.get(key), list) for key in ("prompt", "completion")
+    return (
+        isinstance(record.get("messages"), list)
+        or all(isinstance(record.get(key), list) for key in ("prompt", "completion"))
+        or is_from_value(record)
     )
+
+
+def is_from_value(record: dict) -> bool:
+    """Whether a record is a conversation in the from/value format TRL's SFTTrainer reads (`{"conversations":
+    [{"from": "user", "value": ...}, ...]}`), told as TRL's is_conversational_from_value tells it: by its first
+    message."""
+    conversations = record.get("conversations")
+    first = conversations[0] if isinstance(conversations, list) and conversations else None
+    return isinstance(first, dict) and "from" in first and "value" in first
+
+
+def chatml(message: object) -> object:
+    """A from/value message as OpenAI's (ChatML): `from` read as its `role` and `value` as its `content`, as TRL's
+    maybe_convert_to_chatml renames them (the roles as they are)."""
+    if not isinstance(message, dict):
+        return message
+    renamed = {"from": "role", "value": "content"}
+    return {renamed.get(key, key): value for key, value in message.items()}
 
 
 def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> Conversation:
@@ -160,6 +180,8 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
     if not is_conversation_record(record):
         raise ValueError(_not_a_conversation(record))
     record = cast(dict, record)
+    if is_from_value(record):
+        record = {**record, "messages": [chatml(message) for message in record["conversations"]]}
     messages = record["messages"] if isinstance(record.get("messages"), list) else record["prompt"]
     templated = [template_message(position, message, tokenizer) for position, message in enumerate(messages)]
     if messages is record.get("prompt"):

@@ -467,6 +467,16 @@ def test_trls_conversational_prompt_completion_trains_the_completion_alone(tmp_p
     assert is_chat(path)
 
 
+def test_trls_from_value_conversations_read_as_their_messages(tmp_path):
+    """TRL's SFTTrainer reads {"conversations": [{"from": ..., "value": ...}]} as messages (maybe_convert_to_chatml:
+    from as role, value as content); it was refused as no conversation. lora train reads it as chat."""
+    path = tmp_path / "from_value.jsonl"
+    conversations = [{"from": m["role"], "value": m["content"]} for m in CHAT]
+    path.write_text(json.dumps({"conversations": conversations}) + "\n")
+    assert read_conversations(path) == [CHAT]
+    assert is_chat(path)
+
+
 @pytest.mark.parametrize(
     ("record", "refusal"),
     [
