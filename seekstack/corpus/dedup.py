@@ -2,7 +2,7 @@
 
 Near duplicates: a document's shingles are its word 5-grams (`kinds.words`, so in Chinese or Japanese 5 characters;
 in Thai, Lao, Tibetan, Myanmar or Khmer 5 x `UNSPACED_WORD_CHARS` characters) of the text as datatrove simplifies
-it: lower-cased, each number `0`, without punctuation, accents or invisible format characters; 128 MinHash
+it: lower-cased, each number `0`, punctuation a space, without accents or invisible format characters; 128 MinHash
 permutations estimate the Jaccard similarity of two shingle sets, and LSH (banding tuned by datasketch for the
 threshold) finds the kept documents estimated above `threshold` (0.8 by default).
 `bench/data_near_dedup.py` measures recall and precision at several edit rates.
@@ -51,19 +51,24 @@ _NUMBER = re.compile(r"\d+(?:[.,\u060c\u066b]\d+)?")
 
 
 @functools.cache
-def _punctuation_accents_and_format() -> dict[int, None]:
-    """Every Unicode punctuation character (categories P*), nonspacing mark (Mn: the accents of decomposed letters)
-    and invisible format character (Cf: the zero-width space Thai and Khmer text sets between words, soft hyphens,
-    direction marks), as a `str.translate` table that deletes them."""
-    categories = (unicodedata.category(chr(code)) for code in range(sys.maxunicode + 1))
-    return dict.fromkeys(
-        code for code, category in enumerate(categories) if category[0] == "P" or category in ("Mn", "Cf")
-    )
+def _punctuation_accents_and_format() -> dict[int, str | None]:
+    """A `str.translate` table that makes every Unicode punctuation character (categories P*) a space, as datatrove's
+    `simplify_text` does (`sound\u2014but` is two words, as `sound -- but` is), and deletes every nonspacing mark (Mn:
+    the accents of decomposed letters) and invisible format character (Cf: the zero-width space Thai and Khmer text
+    sets between words, soft hyphens, direction marks)."""
+    table: dict[int, str | None] = {}
+    for code in range(sys.maxunicode + 1):
+        category = unicodedata.category(chr(code))
+        if category[0] == "P":
+            table[code] = " "
+        elif category in ("Mn", "Cf"):
+            table[code] = None
+    return table
 
 
 def simplified(text: str) -> str:
-    """The text as datatrove's MinHash compares it (`simplify_text`): lower-cased, each number `0`, without
-    punctuation, accents (`café` is `cafe`) or invisible format characters; composed again (NFC) after the accents
+    """The text as datatrove's MinHash compares it (`simplify_text`): lower-cased, each number `0`, punctuation a
+    space, without accents (`café` is `cafe`) or invisible format characters; composed again (NFC) after the accents
     go, so that a Korean syllable stays one character."""
     decomposed = unicodedata.normalize("NFD", _NUMBER.sub("0", text.lower()))
     return unicodedata.normalize("NFC", decomposed.translate(_punctuation_accents_and_format()))
