@@ -249,6 +249,18 @@ def test_a_dollar_sign_after_the_minus_or_before_a_space_is_dropped_as_math_veri
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{\\theta = 30^\\circ}", 30), ("\\boxed{\\angle ABC = 30^\\circ}", 30), ("$m\\angle A = 30$", 30),
+     ("\\boxed{a_{n} = 30}", 30), ("\\boxed{f(2) = 30}", 30), ("\\boxed{P(A) = 30}", 30), ("AB = 30", 30),
+     ("2 + 28 = 30", None), ("30 = x", None), ("x = 29 = 30", None)],
+)  # fmt: skip
+def test_an_answer_naming_what_it_equals_reads_as_its_right_side_as_math_verify_reads_it(answer, value):
+    """\\boxed{\\theta = 30^\\circ} and \\boxed{f(2) = 30} were no number (scored 0 against 30): only a plain name
+    ("x = ") was read, where math-verify reads the right side of such an equation."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -420,6 +432,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1," * 35_000,
         "<answer>" * 10_000,
         "x=" * 35_000,
+        "\\theta" * 10_000 + "a" * 10_000 + " " * 10_000,
         "-\\$" + " " * 70_000 + "x",
         "**answer**" * 7_000 + "x",
         "**the answer is" + " " * 70_000 + "x",

@@ -28,7 +28,10 @@ MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # LaTeX's sizing of parentheses (\left( \Big( \bigr)) and its math styles (\displaystyle), nothing to the value
 SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scriptscript)style)(?![A-Za-z])")
 OPENING_SPACE = re.compile(r"\A(?:\s|\\[ ,;:!])+")  # LaTeX spaces before an answer ("\boxed{\,57\,}"), nothing to it
-VARIABLE = re.compile(r"[A-Za-z][A-Za-z0-9_]*\s*=\s*")  # "x = 57"
+# What the answer equals, named ("x = 57", "a_{n} = 57", "\theta = 57", "\angle ABC = 57", "f(2) = 57"): the right
+# side is the answer, as math-verify takes it. A name opens with a letter or a LaTeX command, then letters, digits,
+# commands, subscripts, parentheses; "2 + 55 = 57" is no name
+VARIABLE = re.compile(r"(?:\\[A-Za-z]++|[A-Za-z])(?:\\[A-Za-z]++|[A-Za-z0-9_{}()'\s])*+=\s*")
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
 # and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
 # Minerva's "Final Answer: The final answer is 57. I hope it is correct." (lm-eval's minerva_math) writes both; in
@@ -134,10 +137,10 @@ def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`; whitespace after it), ASCII digits with thousands by `,`, `{,}`, `\\,` or a
     space, a decimal part, `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`), a mixed number (`1\\frac{1}{2}`
-    is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = `, `$` or `\\$` before, `%` or `\\%` after (dropped: "5%" is
-    5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after (dropped), `\\left(...\\right)` or `(...)`.
-    A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer,
-    not an error."""
+    is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = ` (`\\theta = `, `f(2) = `), `$` or `\\$` before, `%` or
+    `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after (dropped),
+    `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero
+    denominator is a wrong answer, not an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
