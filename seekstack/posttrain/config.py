@@ -26,6 +26,8 @@ from seekstack.train.config import TrainConfig, require_tokenizer_file
 if TYPE_CHECKING:
     from seekstack.tokenizer import Tokenizer
 
+# TRL's options for a LoRA adapter (its ModelConfig's --use_peft, --lora_r, ...), which sft and distill do not train
+TRL_LORA_NAMES = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora")
 DEFAULT_VAL_FRACTION = 0.05  # of the conversations held out for val_loss, while eval_every > 0
 PROMPT_TOKENS = 192  # room for a task's prompt in the engine's cache, per request: rl's default max_prompt_length
 
@@ -50,6 +52,11 @@ class ConversationConfig(TrainConfig):
         "learning_rate": "TRL's learning_rate is lr here",
         "assistant_only_loss": "the loss is on the assistant's tokens alone, always (TRL's assistant_only_loss=True)",
         "completion_only_loss": "a prompt-completion line trains its completion alone, always",
+        **{
+            name: f"TRL's {name} is for a LoRA adapter; this trains the whole model: `seekstack lora train BASE "
+            "DATA.jsonl` trains an adapter on the same conversations (lora.rank, lora.alpha, ...)"
+            for name in TRL_LORA_NAMES
+        },
         "eval_packing": "held-out conversations are packed when packing=true, as TRL's eval_packing (which follows "
         "packing) packs them; their val_loss is the one they give padded",
     }

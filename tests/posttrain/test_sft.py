@@ -235,7 +235,9 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
     [("max_length=512", "is seq_len here"), ("padding_free=true", "is packing=true here"),
      ("learning_rate=2e-5", "is lr here"), ("packing_strategy=wrapped", '"wrapped", which lets them see each other'),
      ("packing_strategy=bfd_split", '"bfd_split", which trains the rest of a longer one as a sequence of its own'),
-     ("eval_packing=true", "held-out conversations are packed when packing=true")],
+     ("eval_packing=true", "held-out conversations are packed when packing=true"),
+     ("use_peft=true", "this trains the whole model: `seekstack lora train BASE DATA.jsonl` trains an adapter"),
+     ("lora_r=16", "TRL's lora_r is for a LoRA adapter")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
 def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
