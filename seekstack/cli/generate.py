@@ -32,6 +32,7 @@ ModelDir = Annotated[
 ]
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
 MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate")]
+UNTIL_CONTEXT = -1  # generate's --max-new-tokens for no limit but the context's, as llama-cli's -n -1
 CHECKPOINT_DEFAULT = "default: the checkpoint's generation_config.json, else"  # an unset sampling option's value
 Temperature = Annotated[
     float | None, typer.Option(help=f"Sampling temperature; 0 = greedy [{CHECKPOINT_DEFAULT} 1; chat 0.7]")
@@ -150,7 +151,9 @@ def generate_command(
         typer.Argument(help="Text to continue ('-', or left out where standard input is no terminal: read from it)"),
     ] = None,
     tokenizer: TokenizerPath = None,
-    max_new_tokens: MaxNewTokens = SamplingParams.max_new_tokens,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Most tokens to generate; -1: until the context is full (llama-cli's -n -1)")
+    ] = SamplingParams.max_new_tokens,
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
@@ -210,7 +213,8 @@ def generate_command(
                         repetition_penalty=repetition_penalty)  # fmt: skip
         with options_named():
             params = SamplingParams(
-                max_new_tokens=max_new_tokens, **given_options(sampling), presence_penalty=presence_penalty,
+                max_new_tokens=SamplingParams.max_new_tokens if max_new_tokens == UNTIL_CONTEXT else max_new_tokens,
+                **given_options(sampling), presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
                 ignore_eos=ignore_eos, logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
                 prompt_logprobs=prompt_logprobs,
@@ -231,8 +235,10 @@ def generate_command(
             if chat
             else encoder.encode_prompt(prompt)
         )
+        if max_new_tokens == UNTIL_CONTEXT:  # capped below to the room the prompt leaves, unsaid: it was asked for
+            params = dataclasses.replace(params, max_new_tokens=engine.context_len)
         params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)
-        if notice:
+        if notice and max_new_tokens != UNTIL_CONTEXT:
             typer.echo(f"note: {notice}", err=True)
         if as_json:
             print_completion_json(engine, prompt_ids, params)

@@ -63,6 +63,21 @@ def test_generate_reads_the_prompt_from_stdin_and_refuses_top_logprobs_it_would_
     )
 
 
+def test_generate_max_new_tokens_minus_one_runs_until_the_context_is_full_as_llama_clis(checkpoint, engine):
+    """llama-cli's -n -1 generates until the context is full; --max-new-tokens -1 was refused ("has value -1: input
+    should be greater than 0"). It now fills what the prompt leaves of the context, without the notice of a cap."""
+    args = ["generate", "--model", str(checkpoint), "def main():", "--temperature", "0", "--ignore-eos", "--json"]
+    result = runner.invoke(app, [*args, "--max-new-tokens", "-1"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    room = engine.context_len - record["prompt_tokens"]
+    [expected] = engine.generate(["def main():"], SamplingParams(max_new_tokens=room, temperature=0, ignore_eos=True))
+    assert (record["token_ids"], record["finish_reason"]) == (expected.token_ids, "length")
+    assert len(record["token_ids"]) == room == 256 - record["prompt_tokens"] and "capped" not in result.stderr
+    refused = runner.invoke(app, [*args, "--max-new-tokens", "-2"])
+    assert refused.exit_code == 2 and "Invalid value for '--max-new-tokens': has value -2" in refused.stdout
+
+
 def test_generate_json_top_logprobs_0_gives_each_tokens_own_logprob_as_vllms_logprobs_0(checkpoint, engine):
     """--top-logprobs 0 (the default) gave no log-probabilities at all, with --json or without, where vLLM's logprobs=0
     gives each generated token's own: scoring a completion from the shell needed an alternative or two."""
