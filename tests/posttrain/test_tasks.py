@@ -174,6 +174,7 @@ def test_countdown_accepts_plain_decimal_numbers_only_and_no_comments(text):
         "1 042",  # thousands by a space, LaTeX's thin space \\, or U+202F, as SI writes them
         "\\boxed{1\\,042}",
         "1\u202f042",
+        "1\u00a0042",  # a no-break space, as French text groups thousands
     ],
 )
 def test_arithmetic_answers_are_read_as_math_verify_reads_a_number(answer):

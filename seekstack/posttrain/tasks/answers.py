@@ -49,8 +49,9 @@ DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})\Z")
 # The brackets of a tuple or an interval ("(1, 2)", "[0, 1)") and of a set ("\{1, 2\}"), as math-verify reads them
 OPENINGS, CLOSINGS = ("(", "[", "\\{"), (")", "]", "\\}")
 MAX_ITEMS = 100  # numbers of a tuple or a set read, at most: a longer one is no answer (and read in bounded time)
-# Between thousands: ",", "{,}", LaTeX's thin space "\,", a space, a thin or narrow no-break space (SI's "1 000")
-THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u2009\u202f]"
+# Between thousands: ",", "{,}", LaTeX's thin space "\,", a space, a thin or narrow no-break space (SI's "1 000"), a
+# no-break space (U+00A0, as French text groups them)
+THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u00a0\u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
 UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12")
