@@ -180,6 +180,11 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
     if not is_conversation_record(record):
         raise ValueError(_not_a_conversation(record))
     record = cast(dict, record)
+    if record.get("functions") is not None:  # else dropped unread, the model trained without the functions offered
+        raise ValueError(
+            "field functions is OpenAI's deprecated form of tools (its legacy function-calling data): give them as "
+            '"tools": [{"type": "function", "function": FUNCTION}, ...], and each call as tool_calls'
+        )
     if is_from_value(record):
         record = {**record, "messages": [chatml(message) for message in record["conversations"]]}
     messages = record["messages"] if isinstance(record.get("messages"), list) else record["prompt"]

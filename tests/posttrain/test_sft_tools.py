@@ -203,6 +203,14 @@ def test_tools_given_as_json_text_are_read_as_trls_sft_trainer_reads_them(tmp_pa
         read_conversations(path, tokenizer)
 
 
+def test_openai_legacy_functions_are_refused_not_dropped(tmp_path):
+    """OpenAI's legacy function-calling data offers {"functions": [...]} beside its messages: it was dropped unread,
+    the model trained to answer without the functions it was offered."""
+    path = write_lines(tmp_path / "legacy.jsonl", {"messages": [*ASK, ANSWER], "functions": [WEATHER["function"]]})
+    with pytest.raises(ValueError, match="legacy.jsonl:1: field functions is OpenAI's deprecated form of tools"):
+        read_conversations(path, byte_tokenizer(tmp_path))
+
+
 def test_a_conversation_ending_with_calls_trains_the_calls_as_openai_fine_tuning_data_does(tmp_path):
     """The calls a conversation ends with need no results (OpenAI's fine-tuning examples teach a call so), where the
     server refuses them; calls answered in part end a conversation too. Those examples leave the calling message's
