@@ -79,6 +79,12 @@ class DistillConfig(ConversationConfig):
                 "above 0 when ce_weight is 0 and no feature_layers are mapped (the student would learn nothing)",
             )
             require(
+                config.lmbda == 0 or config.kd_weight > 0 or bool(config.feature_layers),
+                "lmbda",
+                "0 when kd_weight is 0 and no feature_layers are mapped: the cross-entropy counts none of the tokens "
+                "the student writes on-policy (a corpus row's prompt alone), so nothing would learn from them",
+            )
+            require(
                 config.lmbda == 0 or config.conversational or config.prompt_tokens < config.seq_len,
                 "prompt_tokens",
                 f"below seq_len={config.seq_len} when lmbda > 0 (the student writes the rest of each row)",

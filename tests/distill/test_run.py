@@ -281,6 +281,7 @@ def test_configs_that_cannot_distill_are_refused_before_anything_is_written(work
     refused = {
         "teacher": dict(teacher=str(tmp_path / "nosuch")),  # was: "has no tokenizer.json ... copy it"
         "kd_weight": dict(ce_weight=0.0, kd_weight=0.0),  # trained on a loss of 0
+        "lmbda": dict(kd_weight=0.0, lmbda=0.5),  # was: on-policy rows generated, then trained on by nothing
         "task": dict(task="addition", data=str(tmp_path / "traces.jsonl")),  # which one was used?
         "cache_top_k": dict(teacher_cache=str(tmp_path / "cache"), cache_top_k=100_000),  # was: a traceback
         "teacher_cache": dict(teacher_cache=str(workspace["teacher"] / "config.json")),  # was: [Errno 17] File exists
