@@ -858,7 +858,8 @@ class Engine:
         return SamplingBatch(
             [r.params for r in batch], [r.generator for r in batch], [r.penalties for r in batch], self.device,
             [r.constraint for r in batch], self.tokenizer.vocab_size if padded else None,
-            [r.stop_ids if len(r.output_ids) < r.params.min_tokens else frozenset() for r in batch],  # min_tokens
+            [r.stop_ids | self.eos_ids if len(r.output_ids) < r.params.min_tokens else frozenset()
+             for r in batch],  # min_tokens: EOS too with ignore_eos, as vLLM bans its all_stop_token_ids
         )  # fmt: skip
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:

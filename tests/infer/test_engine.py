@@ -841,6 +841,17 @@ def test_min_tokens_holds_off_eos_stop_ids_and_stop_strings_as_vllms(model, toke
         engine.add_request([1], dataclasses.replace(eos_first, min_tokens=9))
 
 
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_min_tokens_holds_off_eos_with_ignore_eos_too_as_vllms(model, tokenizer, speculative):
+    """With ignore_eos, EOS was sampled within min_tokens (it stops nothing, so it was not banned), where vLLM bans
+    its all_stop_token_ids, EOS among them, before min_tokens whatever ignore_eos says."""
+    engine = Engine(model, tokenizer, speculative=speculative, adaptive_drafts=False)
+    eos_first = SamplingParams(max_new_tokens=5, temperature=0, logit_bias={tokenizer.eos_id: 100}, ignore_eos=True)
+    [held] = engine.generate([[5, 6]], dataclasses.replace(eos_first, min_tokens=3))
+    assert [token == tokenizer.eos_id for token in held.token_ids] == [False, False, False, True, True]
+    assert held.finish_reason == "length"
+
+
 @pytest.mark.parametrize(
     ("prompt", "fields", "message"),
     [
