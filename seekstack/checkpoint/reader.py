@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,7 @@ class CheckpointReader:
         self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
         _refuse_asymmetric_groups(self.config_groups, directory / CONFIG_FILE)
         _refuse_activation_ordered_groups(self.config_groups, directory / CONFIG_FILE)
+        self.targets = _targets(self.config_groups, directory / CONFIG_FILE)
         self.used: set[str] = set()
 
     def _index(self) -> dict[str, str]:
@@ -231,13 +232,14 @@ class CheckpointReader:
 
     def check_int_scheme(self, key: str, bits: int, columns: int, scale_columns: int) -> None:
         """Refuse layer `key`, stored as `bits`-bit integers with `scale_columns` scales over `columns` inputs, when
-        the compressed-tensors config group that targets it says otherwise (an edited config.json, swapped weights):
-        packed codes of other bits, or int8 codes of more than 8 (int-quantized stores any width up to 8 in int8, as
-        W4A16 in its int4 range). A target is a module class (`Linear`), an exact layer name, or `re:` and a pattern."""
+        the compressed-tensors config group that applies to it (`_group_of`) says otherwise (an edited config.json,
+        swapped weights): packed codes of other bits, or int8 codes of more than 8 (int-quantized stores any width up
+        to 8 in int8, as W4A16 in its int4 range)."""
         config = self.directory / CONFIG_FILE
         held_bits = (bits,) if f"{key}.weight_packed" in self else INT8_HELD_BITS
-        for name, group in self._groups_targeting(key):
-            weights = group.get("weights") or {}
+        applied = self._group_of(key)
+        if applied is not None:
+            name, weights = applied
             if weights.get("num_bits") not in held_bits:
                 raise CheckpointError(
                     f"{config}: quantization_config group {name!r} says num_bits={weights.get('num_bits')} for layer "
@@ -251,20 +253,28 @@ class CheckpointReader:
                     f"but its weight_scale holds {scale_columns} scale(s) per row of {columns} inputs; the config "
                     f"and the weights disagree: {DAMAGED}"
                 )
-            return
-        if self.config_groups:
+        elif self.config_groups:
             raise CheckpointError(
                 f"{config}: layer {key!r} is stored as int{bits}, but no quantization_config group targets it; "
                 f"the config and the weights disagree: {DAMAGED}"
             )
 
-    def _groups_targeting(self, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """The compressed-tensors config groups whose targets name layer `key`: a module class (`Linear`), the exact
-        name, or `re:` and a pattern."""
-        for name, group in self.config_groups.items():
-            targets = group.get("targets") or []
-            if any(t == "Linear" or t == key or (t.startswith("re:") and re.match(t[3:], key)) for t in targets):
-                yield name, group
+    def _group_of(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        """The name and `weights` of the compressed-tensors config group that applies to layer `key`, picked as
+        compressed-tensors picks it among the targets naming the layer (a later group's target replacing an earlier
+        group's same one): the exact name first, then `re:` patterns (in the order of their text), then a module
+        class (`Linear`); None when no target names it."""
+        named = [t for t, (_, pattern) in self.targets.items() if t == key or (pattern and pattern.match(key))]
+        targets = [*sorted(named, key=lambda t: (t.startswith("re:"), t)), *({"Linear"} & self.targets.keys())]
+        if not targets:
+            return None
+        name = self.targets[targets[0]][0]
+        return name, self.config_groups[name].get("weights") or {}
+
+    def _group_weights(self, key: str) -> dict[str, Any]:
+        """The `weights` of the config group applying to layer `key` (`_group_of`); empty when none does."""
+        applied = self._group_of(key)
+        return applied[1] if applied is not None else {}
 
     def packed_bits(self, key: str) -> int | None:
         """Bits per code of layer `key` when it is stored as pack-quantized int32 words (else None): from the (rows,
@@ -278,8 +288,7 @@ class CheckpointReader:
             bits = words * 32 // columns if columns > 0 and words * 32 % columns == 0 else None
             source = f"its weight_shape: {columns} columns in {words} int32 words per row"
         else:
-            configured = [(group.get("weights") or {}).get("num_bits") for _, group in self._groups_targeting(key)]
-            bits = configured[0] if configured else 4
+            bits = self._group_weights(key).get("num_bits", 4)
             source = f"its config group: num_bits={bits}"
         if bits not in (4, 8):
             raise CheckpointError(
@@ -296,19 +305,18 @@ class CheckpointReader:
             return self.packed_bits(key)
         if f"{key}.weight" not in self or self.stored_dtype(f"{key}.weight") != "I8":
             return None
-        configured = [(group.get("weights") or {}).get("num_bits") for _, group in self._groups_targeting(key)]
-        return 4 if configured and configured[0] in INT8_HELD_BITS and configured[0] <= 4 else 8
+        configured = self._group_weights(key).get("num_bits")
+        return 4 if configured in INT8_HELD_BITS and configured <= 4 else 8
 
     def float_block(self, key: str) -> tuple[int, int] | None:
-        """The (rows, columns) scale block of layer `key` where the compressed-tensors config group targeting it says
+        """The (rows, columns) scale block of layer `key` where the compressed-tensors config group applying to it says
         `strategy: "block"` (float-quantized fp8, llm-compressor's FP8_BLOCK: `weight_scale` one per block), else
         None."""
-        for _, group in self._groups_targeting(key):
-            weights = group.get("weights") or {}
-            if weights.get("strategy") == "block":
-                rows, columns = weights.get("block_structure") or DEFAULT_FP8_BLOCK
-                return rows, columns
-        return None
+        weights = self._group_weights(key)
+        if weights.get("strategy") != "block":
+            return None
+        rows, columns = weights.get("block_structure") or DEFAULT_FP8_BLOCK
+        return rows, columns
 
     def weight_key(self, key: str) -> str:
         """The key of checkpoint layer `key`'s stored weight: `key.weight_packed` or `key.weight`."""
@@ -327,8 +335,7 @@ class CheckpointReader:
         layer = key.removesuffix(".weight_scale")
         if layer == key or math.prod(shape) != 1 or len(shape) > 2:
             return False
-        groups = self._groups_targeting(layer)
-        return any((group.get("weights") or {}).get("strategy") == "tensor" for _, group in groups)
+        return self._group_weights(layer).get("strategy") == "tensor"
 
     def _per_row_shape(self, scale_key: str) -> list[int]:
         """The (..., rows, 1) shape of the per-row scales of the weight that whole-matrix scale `scale_key` scales."""
@@ -535,6 +542,23 @@ class CheckpointReader:
             return read(self._handles[file])
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"{self.directory / file}: cannot read key {key!r} ({error}); {DAMAGED}") from None
+
+
+def _targets(config_groups: dict[str, Any], config_path: Path) -> dict[str, tuple[str, re.Pattern[str] | None]]:
+    """Each target of the compressed-tensors `config_groups` -> its group's name and, for `re:` and a pattern, the
+    pattern compiled; a later group's target replaces an earlier group's same one, as compressed-tensors reads them.
+    CheckpointError naming the file and the group for a pattern that is no regular expression."""
+    targets: dict[str, tuple[str, re.Pattern[str] | None]] = {}
+    for name, group in config_groups.items():
+        for target in group.get("targets") or []:
+            try:
+                targets[target] = (name, re.compile(target[3:]) if target.startswith("re:") else None)
+            except re.error as error:
+                raise CheckpointError(
+                    f"{config_path}: quantization_config group {name!r} targets {target!r}, not a regular expression "
+                    f"({error}); {DAMAGED}"
+                ) from None
+    return targets
 
 
 def _quantization_format(quantization: dict[str, Any]) -> str:

@@ -202,6 +202,34 @@ def test_a_compressed_tensors_checkpoint_with_one_scale_per_matrix_loads_as_the_
         assert torch.equal(ours.bfloat16(), theirs[layer]), layer
 
 
+def test_a_layer_named_by_two_config_groups_takes_the_one_compressed_tensors_applies(tmp_path):
+    """llm-compressor writes a recipe's groups in its order: int8 for every `Linear` first, int4 for the experts by a
+    `re:` pattern after. compressed-tensors (and vLLM) apply to a layer the group of its most specific target (an
+    exact name, then a pattern, then a class); loading took the first group listed and refused the experts ("group
+    'group_0' says num_bits=8 ..., but ... stores it as int4; the config and the weights disagree")."""
+    from seekstack.checkpoint import CheckpointError
+
+    model = model_for_tests()
+    experts_int4 = {"layers.*.mlp.experts": "int4-g32", "mtp.*.block.mlp.experts": "int4-g32"}
+    quantize_model(model, QuantConfig(scheme="int8", layers=experts_int4))
+    seekstack.save_pretrained(model, tmp_path)
+    expected = logits(seekstack.load_pretrained(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"].values()
+    int8, int4 = sorted(groups, key=lambda group: -group["weights"]["num_bits"])
+    int8["targets"], int4["targets"] = ["Linear"], [r"re:.*mlp\.experts\..*"]
+    config["quantization_config"]["config_groups"] = {"group_0": int8, "group_1": int4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = seekstack.load_pretrained(tmp_path)
+    assert loaded.layers[1].mlp.experts.gate_up_proj.scheme == "int4"
+    assert loaded.layers[0].self_attn.o_proj.qweight.scheme == "int8"
+    assert torch.equal(logits(loaded), expected)
+    int4["targets"] = ["re:.*mlp\\.experts\\.(.*"]  # no regular expression: named, not raised as re.error
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"group 'group_1' targets 're:\.\*mlp.*', not a regular expression"):
+        seekstack.load_pretrained(tmp_path)
+
+
 def test_an_int8_checkpoint_of_scales_per_group_loads_those_layers_dequantized(tmp_path):
     """compressed-tensors' int8 `strategy: "group"` (int-quantized, a weight_scale per group of columns) loaded, then
     failed at the first forward with the kernel's RuntimeError ("expect scales to be 1d tensor with size ...")."""
