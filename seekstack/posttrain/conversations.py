@@ -329,13 +329,12 @@ def _not_a_conversation(record: object) -> str:
 def template_message(position: int, message: object, tokenizer: Tokenizer | None = None) -> dict:
     """A file's chat message as the chat template takes it (`seekstack.tokenizer.template_message`; with `tokenizer`,
     `Tokenizer.template_message`, which refuses its special tokens too), its content whole characters and its
-    weight, if an assistant message has one, `check_weight`'s (OpenAI fine-tuning gives weight a meaning on assistant
-    messages only: on another role it is ignored, as the template ignores it). A null (or left-out) content is
-    refused, but that of an assistant message that calls tools (as OpenAI fine-tuning data writes one) or gives a
-    `refusal` (OpenAI's reply that refuses, trained as its text). An assistant's
-    `reasoning_content` is written into its content (`with_reasoning`). An assistant's `tool_calls` and `tool`
-    results are read as the chat template reads them (`check_tool_turns` checks how they follow). ValueError naming
-    `position`."""
+    weight, if an assistant message has one (null: none), `check_weight`'s (OpenAI fine-tuning gives weight a meaning
+    on assistant messages only: on another role it is ignored, as the template ignores it). A null (or left-out)
+    content is refused, but that of an assistant message that calls tools (as OpenAI fine-tuning data writes one) or
+    gives a `refusal` (OpenAI's reply that refuses, trained as its text). An assistant's `reasoning_content` is
+    written into its content (`with_reasoning`). An assistant's `tool_calls` and `tool` results are read as the chat
+    template reads them (`check_tool_turns` checks how they follow). ValueError naming `position`."""
     template = tokenizer.template_message if tokenizer else chat_template_message
     templated = template(position, message)
     if cast(dict, message).get("content") is None and not (templated.get("tool_calls") or templated["content"]):
@@ -343,7 +342,8 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     if templated["role"] == "assistant" and templated.get("reasoning_content") is not None:
         templated = template(position, with_reasoning(position, templated))  # its special tokens refused too
     check_whole_characters(position, templated["content"])
-    if templated["role"] == "assistant" and "weight" in templated:
+    # a null weight is none given (1): a datasets export writes one on each message that gave none
+    if templated["role"] == "assistant" and templated.get("weight") is not None:
         check_weight(position, templated["weight"])
     return templated
 
@@ -376,7 +376,7 @@ def check_weight(position: int, weight: object) -> None:
 
 def is_trained(message: dict) -> bool:
     """Whether a templated message's tokens are labelled: an assistant message not of weight 0."""
-    return message["role"] == "assistant" and message.get("weight", 1) == 1
+    return message["role"] == "assistant" and message.get("weight") != 0
 
 
 def check_whole_characters(position: int, content: str) -> None:

@@ -457,6 +457,18 @@ def test_an_assistants_refusal_is_trained_as_its_reply(tmp_path):
     assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == "No." + EOS
 
 
+def test_a_null_weight_as_a_datasets_export_writes_it_trains_the_turn(tmp_path):
+    """A datasets column of messages holds every message's keys: exported, a message that gave no weight has "weight":
+    null, which was refused ('field 'weight' has value None: it must be 0 (not trained on) or 1')."""
+    tokenizer = byte_tokenizer(tmp_path)
+    path = tmp_path / "exported.jsonl"
+    exported = [{**m, "weight": 0 if m is CHAT[2] else None} for m in CHAT]
+    path.write_text(json.dumps({"messages": exported}) + "\n")
+    ids, labels = encode_conversation(tokenizer, read_conversations(path, tokenizer)[0])
+    assert ids == tokenizer.encode_chat(CHAT, add_generation_prompt=False)
+    assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == "4" + EOS
+
+
 def test_trls_conversational_prompt_completion_trains_the_completion_alone(tmp_path):
     """TRL's {"prompt": [...], "completion": [...]} was refused as no {"messages": [...]}; its prompt is context, an
     assistant turn in it too (TRL's completion_only_loss), its completion trained. lora train reads it as chat."""
