@@ -170,10 +170,10 @@ class SFTSource:
             text_bytes = sum(labelled_text_bytes(self.tokenizer, targets, self.config.seq_len) for _, targets in rows)
             if self.packing:
                 input_ids, labels, positions = pack_labelled(packs, self.tokenizer.pad_id, self.config.seq_len)
-                batches.append(ValidationBatch(input_ids, labels, text_bytes, positions=positions))
             else:
-                input_ids, labels = pad_labelled(rows, self.tokenizer.pad_id, self.config.seq_len)
-                batches.append(ValidationBatch(input_ids, labels, text_bytes))
+                (input_ids, labels), positions = pad_labelled(rows, self.tokenizer.pad_id, self.config.seq_len), None
+            real = real_tokens(input_ids, labels, self.tokenizer.pad_id)  # the padding counts in no expert load
+            batches.append(ValidationBatch(input_ids, labels, text_bytes, positions=positions, real=real))
         return batches
 
     def attach(self, model: nn.Module) -> None:

@@ -251,6 +251,7 @@ class ValidationBatch:
     text_bytes: float
     counted: bool = True  # False on the ranks but 0 for a short last batch each rank scores whole (their forwards meet)
     positions: torch.Tensor | None = None  # (B, T) of packed rows, each sequence's from 0; None: each row one sequence
+    real: torch.Tensor | None = None  # (B, T) bool: the tokens that are not padding, all the expert load counts
 
 
 class TrainingDiverged(RuntimeError):
@@ -861,8 +862,9 @@ class _Run:
         for batch in batches:
             input_ids, labels = batch.input_ids.to(self.ranks.device), batch.labels.to(self.ranks.device)
             packed = {} if batch.positions is None else {"positions": batch.positions.to(self.ranks.device)}
+            counted = {} if batch.real is None else {"counted": batch.real.to(self.ranks.device)}  # padding is routed
             with self._autocast():
-                out = self.model(input_ids, labels=labels, keep_logits=False, **packed)
+                out = self.model(input_ids, labels=labels, keep_logits=False, **packed, **counted)
                 batch_terms = terms(input_ids, labels, out, **packed) if terms is not None else {}
             count = int((labels[:, 1:] != IGNORE_INDEX).sum()) * batch.counted
             for name, value in batch_terms.items():

@@ -18,6 +18,7 @@ from seekstack.posttrain.config import SFTConfig
 from seekstack.posttrain.conversations import encode_conversation, write_conversations
 from seekstack.posttrain.packing import best_fit_decreasing, pack_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
+from seekstack.train.balance import max_violation
 from seekstack.train.config import resolve_train_config
 from tests.conftest import micro_config
 from tests.posttrain.support import byte_tokenizer, loss_and_gradients
@@ -119,16 +120,22 @@ def test_packed_micro_batches_weigh_each_conversations_balance_loss_the_same_wha
     assert first != second  # the case the split's equal weights would get wrong
 
 
-def test_held_out_conversations_are_packed_too_and_score_the_val_loss_of_each_alone(tmp_path):
-    """TRL's eval_packing follows packing: the held-out rows are packed as the training rows are, in fewer positions,
-    and val_loss is still each held-out conversation's own loss."""
+def _held_out_run(tmp_path, packing: bool) -> tuple[SFTConfig, dict]:
+    """A 2-step run scoring CHATS as its held-out conversations at its last step: its config and that evaluation."""
     val_data = write_conversations(CHATS, tmp_path / "held_out.jsonl")
     args = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.intermediate_size=96", "batch_size=2"]
-    args += ["max_steps=2", "eval_every=2", "eval_batches=3", "save_every=2", f"val_data={val_data}", "packing=true"]
-    config = _config(tmp_path, *args, f"out_dir={tmp_path / 'run'}")
+    args += ["max_steps=2", "eval_every=2", "eval_batches=3", "save_every=2", f"val_data={val_data}"]
+    config = _config(tmp_path, *args, f"packing={str(packing).lower()}", f"out_dir={tmp_path / 'run'}")
     run_sft(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     [evaluation] = [record for record in records if "val_loss" in record]
+    return config, evaluation
+
+
+def test_held_out_conversations_are_packed_too_and_score_the_val_loss_of_each_alone(tmp_path):
+    """TRL's eval_packing follows packing: the held-out rows are packed as the training rows are, in fewer positions,
+    and val_loss is still each held-out conversation's own loss."""
+    config, evaluation = _held_out_run(tmp_path, packing=True)
     source = SFTSource(config, holds_out=True, packing=True)
     packed = source.validation_batches(2, 3)
     padded = SFTSource(config, holds_out=True).validation_batches(2, 3)
@@ -143,3 +150,18 @@ def test_held_out_conversations_are_packed_too_and_score_the_val_loss_of_each_al
         nats += F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), reduction="sum").item()
         targets += sum(label != IGNORE_INDEX for label in labels[1:])
     assert evaluation["val_loss"] == pytest.approx(nats / targets, rel=1e-5)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_val_maxvio_counts_the_held_out_conversations_tokens_not_their_padding(tmp_path, packing):
+    """The expert load of an evaluation counts each held-out conversation's tokens (its MTP module's too), as the
+    training loss's counts them, not the padding after them (routed alike to a few experts, it raised MaxVio)."""
+    config, evaluation = _held_out_run(tmp_path, packing)
+    model = load_pretrained(tmp_path / "run" / "checkpoints" / "step_2").eval()
+    tokenizer = SFTSource(config).tokenizer
+    load = 0
+    for conversation in CHATS:  # each alone in a row of its own: no padding
+        ids, labels = encode_conversation(tokenizer, conversation)
+        with torch.no_grad():
+            load = load + model(torch.tensor([ids]), labels=torch.tensor([labels]), keep_logits=False).expert_load
+    assert evaluation["val_maxvio"] == pytest.approx(max_violation(load).mean().item(), rel=1e-5)
