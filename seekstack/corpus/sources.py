@@ -466,15 +466,31 @@ def read_json(
     path: str | Path, field: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
 ) -> Iterator[Document]:
     """The rows of a `.json` file as `read_jsonl` reads them: JSON Lines (what `datasets.Dataset.to_json` writes),
-    or one JSON array of objects, read whole (ids `file:N` for its N-th object, from 1)."""
+    or one JSON array of objects, read whole (ids `file:N` for its N-th object, from 1), or one object written over
+    several lines (`json.dump(row, f, indent=2)`), read whole as one row (`file:1`)."""
     path = Path(path)
     first_line = next((line for _, line in _jsonl_lines(path) if line.strip()), "")
-    if not first_line.lstrip().startswith("["):
-        yield from read_jsonl(path, field, id_field, null_texts)
-        return
-    items = enumerate(_parsed_json(_decoded(_read(path)), str(path)), start=1)
-    values = ((number, f"{path}: item {number}", item) for number, item in items)
+    if first_line.lstrip().startswith("["):
+        items = enumerate(_parsed_json(_decoded(_read(path)), str(path)), start=1)
+        values: Iterable[tuple[int, str, Any]] = ((number, f"{path}: item {number}", item) for number, item in items)
+    elif first_line.lstrip().startswith("{") and (whole := _json_over_lines(path, first_line)) is not None:
+        values = [(1, str(path), whole)]
+    else:
+        values = _jsonl_values(path)  # a line that is no JSON is named by its number
     yield from _documents_from_values(values, path, field, id_field, null_texts)
+
+
+def _json_over_lines(path: Path, first_line: str) -> Any:
+    """The JSON value of the whole file when its first line is not JSON alone but the file is (an object written over
+    several lines); else None."""
+    try:
+        json.loads(first_line)
+    except (ValueError, RecursionError):
+        try:
+            return json.loads(_decoded(_read(path)))
+        except (ValueError, RecursionError):
+            return None
+    return None
 
 
 def _jsonl_values(path: Path) -> Iterator[tuple[int, str, Any]]:

@@ -996,6 +996,24 @@ def test_a_json_file_of_json_lines_or_of_one_array_is_read_as_rows(tmp_path: Pat
         list(open_source(strings))
 
 
+def test_a_json_file_of_one_object_over_several_lines_is_read_as_one_row(tmp_path: Path) -> None:
+    """A `.json` file holding one object written over several lines (`json.dump(row, f, indent=2)`, valid JSON) was
+    read as JSON Lines and refused as 'pretty.json:1: not valid JSON'; it is one row, and an object holding its rows
+    under a key names its fields. A first line that is no JSON in a file that is none is still named by its line."""
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps({"id": "a1", "text": "one document"}, indent=2))
+    assert list(open_source(pretty, id_field="id")) == [Document("a1", "one document", "pretty.json")]
+    assert list(open_source(pretty)) == [Document("pretty.json:1", "one document", "pretty.json")]
+    nested = tmp_path / "squad.json"
+    nested.write_text(json.dumps({"version": "1.1", "data": [{"text": "x"}]}, indent=2))
+    with pytest.raises(MissingTextField, match=r"squad.json: no field 'text', only 'version', 'data'"):
+        list(open_source(nested))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"text": "a"\n{"text": "b"}\n')
+    with pytest.raises(DataSourceError, match=r"broken.json:1: not valid JSON"):
+        list(open_source(broken))
+
+
 @pytest.mark.parametrize(
     ("second_line", "message"),
     [
