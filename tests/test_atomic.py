@@ -542,8 +542,8 @@ def test_atomic_directory_that_fails_on_its_first_write_creates_nothing(tmp_path
 
 # ------------------------------------------------------------------ training checkpoints
 def test_interrupted_training_checkpoint_keeps_the_previous_one_of_that_step(tmp_path, monkeypatch):
-    model = Transformer(micro_config())
-    save_checkpoint(tmp_path, model, {"step": 2}, keep=3)
+    model, saved = Transformer(micro_config()), {"step": 2, "data": {}, "rng": {}, "config": {}}
+    save_checkpoint(tmp_path, model, saved, keep=3)
     before = contents(tmp_path)
 
     def save_half_then_fail(obj, path):
@@ -557,7 +557,7 @@ def test_interrupted_training_checkpoint_keeps_the_previous_one_of_that_step(tmp
 
     assert contents(tmp_path) == before  # step_2 untouched, no temporary folder beside it
     assert [path.name for path in list_checkpoints(tmp_path)] == ["step_2"]
-    assert load_checkpoint(list_checkpoints(tmp_path)[0])[1] == {"step": 2}
+    assert load_checkpoint(list_checkpoints(tmp_path)[0])[1] == saved
 
 
 def test_a_training_checkpoint_clears_what_a_killed_save_of_another_step_left(tmp_path):

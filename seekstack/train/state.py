@@ -58,6 +58,7 @@ from seekstack.train.runs import (
 )
 
 OPTIMIZER_DIR = "optimizer"  # sharded optimizer state of an FSDP run (torch.distributed.checkpoint)
+TRAIN_STATE_KEYS = ("step", "data", "rng", "config")  # what every save writes in train_state.pt and a resume reads
 # What a training file holds besides tensors, numbers, strings and containers: numpy's RNG state, an array of uint32,
 # pickled by numpy 1 (numpy.core) or 2 (numpy._core)
 _RECONSTRUCT = np.zeros(0).__reduce__()[0]
@@ -203,9 +204,21 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 
 
 def read_train_state(path: str | Path) -> dict[str, Any]:
-    """The train state saved in checkpoint directory `path` (step, optimizer, data position, RNG states)."""
+    """The train state saved in checkpoint directory `path` (step, optimizer, data position, RNG states); a
+    CheckpointError naming the file and the keys it lacks of those every save writes and every resume reads
+    (`TRAIN_STATE_KEYS`), where a resume failed with a bare KeyError: 'rng'."""
     require_train_state(Path(path))
-    return load_training_file(Path(path) / TRAIN_STATE_FILE)
+    file = Path(path) / TRAIN_STATE_FILE
+    state = load_training_file(file)
+    held = list(state) if isinstance(state, dict) else []
+    missing = [key for key in TRAIN_STATE_KEYS if key not in held]
+    if missing:
+        what = f"keys {', '.join(map(str, held))}" if held else f"a {type(state).__name__}, not a dict of them"
+        raise CheckpointError(
+            f"{file}: no {', '.join(missing)} in it (it holds {what}): not a train state seekstack saved, or altered "
+            f"since; {resume_before(path)}"
+        )
+    return state
 
 
 def require_train_state(path: Path) -> None:

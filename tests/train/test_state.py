@@ -25,6 +25,7 @@ from seekstack.train.runs import (
 )
 from seekstack.train.state import (
     export_checkpoint,
+    load_checkpoint,
     prune_checkpoints,
     read_train_state,
     rng_state,
@@ -127,7 +128,8 @@ def test_a_save_after_a_resume_from_an_earlier_checkpoint_keeps_it_and_deletes_t
     model = Transformer(micro_config())
     for step in (2, 4, 6):
         save_checkpoint(tmp_path, model, {"step": step}, keep=3)
-    saved = save_checkpoint(tmp_path, model, {"step": 4, "resumed": True}, keep=1)  # resumed from step_2
+    resumed = {"step": 4, "resumed": True, "data": {}, "rng": {}, "config": {}}  # resumed from step_2
+    saved = save_checkpoint(tmp_path, model, resumed, keep=1)
     assert list_checkpoints(tmp_path) == [saved]
     assert read_train_state(saved)["resumed"]
     for step in (6, 8):
@@ -190,7 +192,7 @@ def test_a_train_state_is_read_as_weights_only_refusing_one_whose_pickle_would_r
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
     optimizer.step()
-    state = {"step": 3, "rng": rng_state(), "optimizer": optimizer.state_dict(), "data": {"rows": 12}}
+    state = {"step": 3, "rng": rng_state(), "optimizer": optimizer.state_dict(), "data": {"rows": 12}, "config": {}}
     checkpoint = save_checkpoint(tmp_path / "run", model, state, keep=1)
     saved = read_train_state(checkpoint)  # what seekstack writes reads back whole: numpy's RNG state too
     assert np.array_equal(saved["rng"]["numpy"][1], state["rng"]["numpy"][1])
@@ -206,6 +208,23 @@ def test_a_train_state_is_read_as_weights_only_refusing_one_whose_pickle_would_r
         "which loading would run: refused (torch.load weights_only=True); it was not written by seekstack, or altered "
         "since"
     )
+
+
+def test_a_train_state_without_what_a_resume_reads_is_named_with_the_keys_it_lacks(tmp_path):
+    """A train_state.pt without its RNG states (altered, or another tool's) stopped a resume with a bare
+    KeyError: 'rng' and a traceback naming no file."""
+    state = {"step": 4, "data": {"rows": 16}, "config": {}, "optimizer": {}}
+    checkpoint = save_checkpoint(tmp_path / "run", Transformer(micro_config()), state, keep=1)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(checkpoint)
+    assert str(refused.value) == (
+        f"{checkpoint / 'train_state.pt'}: no rng in it (it holds keys step, data, config, optimizer): not a train "
+        f"state seekstack saved, or altered since; move {checkpoint} out of {checkpoint.parent}, and --resume "
+        "continues from the checkpoint before it (if the run kept one)"
+    )
+    torch.save([4], checkpoint / "train_state.pt")
+    with pytest.raises(CheckpointError, match=r"no step, data, rng, config in it \(it holds a list, not a dict of"):
+        read_train_state(checkpoint)
 
 
 def test_a_missing_or_incomplete_checkpoint_is_named_for_what_it_lacks_not_called_a_model_checkpoint(tmp_path):
