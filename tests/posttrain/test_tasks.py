@@ -342,7 +342,8 @@ def test_a_period_closing_a_boxed_answer_is_nothing_to_it_as_math_verify_reads_i
 @pytest.mark.parametrize(
     "answer",
     ["1/2", "0.5", ".5", "\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "$\\frac12$", "2/4", "\\frac 12",
-     "\\frac {1} {2}", "\\boxed{\\dfrac{ 1 }{ 2 }}"],  # spaces in \\frac, as LaTeX and math-verify read them
+     "\\frac {1} {2}", "\\boxed{\\dfrac{ 1 }{ 2 }}",  # spaces in \\frac, as LaTeX and math-verify read them
+     "\\boxed{\\cfrac{1}{2}}", "0\\cfrac12"],  # amsmath's \\cfrac, which math-verify reads
 )  # fmt: skip
 def test_a_fraction_a_ratio_and_a_decimal_of_one_value_read_alike(answer):
     assert read_number(answer) == Fraction(1, 2)

@@ -55,12 +55,13 @@ THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u00a0\u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
 UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
 # A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12")
-WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\ )*(?=\\[dt]?frac\s*\{?\s*[0-9.])"
+WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\ )*(?=\\[cdt]?frac\s*\{?\s*[0-9.])"
 # A sign, and the whitespace LaTeX ignores after it ("- 5", "\frac{- 1}{2}", as math-verify reads them)
 SIGN = r"(?:[+\-\u2212]\s*)?"
-# \frac{a}{b}, \dfrac, \tfrac, \frac12; spaces around its arguments as LaTeX takes them ("\frac 12", "\frac {1} {2}")
+# \frac{a}{b}, \dfrac, \tfrac, \cfrac (amsmath's, which math-verify reads too), \frac12; spaces around its arguments
+# as LaTeX takes them ("\frac 12", "\frac {1} {2}")
 FRACTION = (
-    rf"\\[dt]?frac\s*(?:\{{\s*(?P<top_sign>{SIGN})(?P<top>{UNSIGNED})\s*\}}|(?P<top_digit>[0-9]))"
+    rf"\\[cdt]?frac\s*(?:\{{\s*(?P<top_sign>{SIGN})(?P<top>{UNSIGNED})\s*\}}|(?P<top_digit>[0-9]))"
     rf"\s*(?:\{{\s*(?P<bottom_sign>{SIGN})(?P<bottom>{UNSIGNED})\s*\}}|(?P<bottom_digit>[0-9]))"
 )
 # Scientific notation's power of ten after a number ("3 \times 10^{5}", "3\cdot 10^5", "1.5 \times 10^{-3}"); an
@@ -137,11 +138,11 @@ class Reading(NamedTuple):
 def read_number(answer: str) -> Fraction | None:
     """The number `answer` gives as its final answer (`final_answer`), or None when it gives none, or more than one
     thing. Read: a sign (`-`, `+`, `−`; whitespace after it), ASCII digits with thousands by `,`, `{,}`, `\\,` or a
-    space, a decimal part, `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\frac12`), a mixed number (`1\\frac{1}{2}`
-    is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = ` (`\\theta = `, `f(2) = `), `$` or `\\$` before, `%` or
-    `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after (dropped),
-    `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero
-    denominator is a wrong answer, not an error."""
+    space, a decimal part, `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\cfrac`, `\\frac12`), a mixed number
+    (`1\\frac{1}{2}` is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = ` (`\\theta = `, `f(2) = `), `$` or `\\$`
+    before, `%` or `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after
+    (dropped), `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits)
+    or a zero denominator is a wrong answer, not an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
