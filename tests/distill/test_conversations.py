@@ -30,6 +30,7 @@ from seekstack.posttrain.conversations import (
     task_conversations,
     write_conversations,
 )
+from seekstack.posttrain.packing import best_fit_decreasing
 from seekstack.posttrain.sft import SFTSource
 from seekstack.posttrain.tasks import make_task
 from seekstack.tokenizer import TOKENIZER_FILE
@@ -394,8 +395,8 @@ def test_packed_conversations_are_answered_each_on_its_own_and_the_answers_packe
     student = Transformer(config.model_config())
     generations = StudentGenerations(student, packed.tokenizer, 2, 128, prompt_tokens=None, temperature=1.0)
     rows, no_labels, compared, counted, answered_positions = generations(input_ids, labels, positions)
-    assert (no_labels == IGNORE_INDEX).all() and rows.shape[0] < len(SHORT_CHATS)
-    expected_compared, answered_prompts = torch.zeros_like(compared), []
+    assert (no_labels == IGNORE_INDEX).all()
+    expected_compared, answered_prompts, answered_lengths = torch.zeros_like(compared), [], []
     for row, starts in enumerate(answered_positions == 0):
         offsets = starts.nonzero().flatten().tolist()
         length = int(counted[row].sum())  # the row's tokens, the padding after them left out
@@ -403,9 +404,12 @@ def test_packed_conversations_are_answered_each_on_its_own_and_the_answers_packe
         for start, end in zip(offsets, [*offsets[1:], length], strict=True):
             prompt = next(p for p in prompts if rows[row, start : start + len(p)].tolist() == p)
             answered_prompts.append(prompt)
+            answered_lengths.append(end - start)
             expected_compared[row, start + len(prompt) - 1 : end - 1] = True  # predicting the generated tokens
             assert answered_positions[row, start:end].tolist() == list(range(end - start))
     assert sorted(answered_prompts) == sorted(prompts)
+    # packed again as packing packs: answers that fit together share a row (how long each runs is the student's draw)
+    assert rows.shape[0] == len(best_fit_decreasing(answered_lengths, 128))
     assert torch.equal(compared, expected_compared)
 
 
