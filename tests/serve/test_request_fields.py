@@ -427,3 +427,15 @@ def test_a_request_naming_no_model_is_served_by_the_base_model_as_vllms(engine, 
     assert [answer.status_code for answer in (named, left_out, empty)] == [200, 200, 200]  # was: 200, 400, 404
     assert left_out.json()["model"] == empty.json()["model"] == "model"  # the base model's name, as vLLM answers
     assert tokens_of(left_out) == tokens_of(empty) == tokens_of(named)  # greedy: the base model's reply
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_fields_the_server_ignores_are_named_in_its_log_as_vllm_logs_them(engine, tmp_path, caplog, route, body):
+    """An unknown field (a misspelt `max_token`, OpenAI's `metadata`) was dropped without a word anywhere: the reply
+    ignored it and the operator could not tell. vLLM logs a warning naming such fields; the server now does too."""
+    with caplog.at_level("WARNING", logger="seekstack.serve"):
+        answered, plain = post_each(engine, tmp_path / "db", [(route, {**body, "max_token": 2, "metadata": {}}),
+                                                              (route, body)])  # fmt: skip
+    assert (answered.status_code, plain.status_code) == (200, 200)  # accepted, as OpenAI-compatible servers do
+    ignored = [record.getMessage() for record in caplog.records if "ignored" in record.getMessage()]
+    assert ignored == ["The following fields were present in the request but ignored: max_token, metadata"]
