@@ -220,6 +220,26 @@ def _meta_weight(reader: CheckpointReader, layer: str) -> tuple[list[str], Quant
     return names, weight_from_stored(stored, reader.fp8_block, bits=reader.code_bits(layer))
 
 
+def quantized_in_float(directory: str | Path, model: Transformer) -> dict[str, str]:
+    """Our name -> stored format (`fp8`, `int8`, `int4`) of each layer of `model`, loaded from checkpoint `directory`,
+    that the checkpoint stores quantized and loading holds in float (compressed-tensors' float-quantized fp8, weights
+    whose kernel cannot run them), kv_b_proj aside (always read so); from the safetensors headers."""
+    directory, layers = Path(directory), model.config.num_hidden_layers
+    formats = {}
+    with CheckpointReader(directory, read_config(directory).extra.get("quantization_config")) as reader:
+        for name, module in model.named_modules():
+            if type(module) not in (torch.nn.Linear, RoutedExperts) or name.endswith(KEPT_FLOAT):
+                continue
+            key = layer_key(name, layers)
+            if isinstance(module, RoutedExperts):
+                key += ".gate_up_proj" if f"{key}.gate_up_proj.weight" in reader else ".0.gate_proj"
+            weight = reader.weight_key(key)
+            if weight in reader and reader.stored_dtype(weight) not in FLOAT_STORED:
+                bits = reader.code_bits(key)
+                formats[name] = f"int{bits}" if bits else "fp8"
+    return formats
+
+
 def _expert_weights_from_reader(
     reader: CheckpointReader, key: str, experts: RoutedExperts
 ) -> tuple[tuple[QuantizedWeight, QuantizedWeight], dict[str, ExpertBuffer]] | None:

@@ -313,25 +313,31 @@ def quantize_checkpoint(
     quantized from float32 weights. Returns the assignment (layer -> scheme, or why it was kept) and notes on how
     other readers take the result."""
     from seekstack.checkpoint import load_pretrained, stored_float_dtype
+    from seekstack.checkpoint.quantized import quantized_in_float
 
     model = load_pretrained(model_dir)
+    in_float = quantized_in_float(model_dir, model)
     stored = dequantize_layers(model)
     assignment = quantize_model(model, config, stored)
     model.to(stored_float_dtype(model_dir))
     save_with_tokenizer(model, model_dir, out)
-    notes = _requantized_notes(stored, assignment, model) + mixed_experts_notes(model)
+    notes = _requantized_notes(stored, in_float, assignment, model) + mixed_experts_notes(model)
     return assignment, notes + _ragged_fp8_notes(model, assignment, tuple(config.fp8_block))
 
 
-def _requantized_notes(stored: dict[str, nn.Module], assignment: dict[str, str], model: nn.Module) -> list[str]:
+def _requantized_notes(
+    stored: dict[str, nn.Module], in_float: dict[str, str], assignment: dict[str, str], model: nn.Module
+) -> list[str]:
     """A note per (stored format -> new assignment) of the layers a quantized checkpoint held that were not kept as
     stored: quantized again from their dequantized weights (a second rounding), or written in float from them (the
-    first rounding kept, in more bytes)."""
+    first rounding kept, in more bytes). `stored`: the layers loaded quantized, by name; `in_float`: the stored format
+    of those loaded in float from their dequantized weights (`quantized_in_float`), which are never kept as stored."""
     changed = Counter(
         (stored_format(module), assignment[name].split(":")[0])
         for name, module in stored.items()
         if model.get_submodule(name) is not module
     )
+    changed.update((before, assignment[name].split(":")[0]) for name, before in in_float.items())
     notes = []
     for (before, after), count in sorted(changed.items()):
         if after == "kept":

@@ -729,6 +729,22 @@ def test_requantizing_to_another_format_says_it_quantizes_dequantized_weights(tm
     assert "stored int4 g32 were re-quantized to int4 g64" in notes[0]
 
 
+def test_requantizing_layers_that_load_in_float_says_it_rounds_them_again(tmp_path):
+    """A compressed-tensors float-quantized fp8 checkpoint's layers load dequantized to float, so quantizing it again
+    rounded them a second time with no note (quantize_checkpoint saw only the layers loaded quantized)."""
+
+    def channel_scales(weight, generator):
+        return torch.rand(weight.shape[0], 1, generator=generator).bfloat16() / 100 + 0.01
+
+    rewrite_with_compressor(tmp_path / "fp8", "int8", "float-quantized", FP8 | {"strategy": "channel"},
+                            channel_scales, torch.float8_e4m3fn)  # fmt: skip
+    assignment, notes = quantize_checkpoint(tmp_path / "fp8", tmp_path / "int8", QuantConfig(scheme="int8"))
+    requantized = sum(scheme == "int8" for scheme in assignment.values())
+    assert requantized > 0
+    said = f"{requantized} layers stored fp8 were re-quantized to int8 from their dequantized weights: a second"
+    assert any(note.startswith(said) for note in notes), notes
+
+
 def test_a_quantized_layer_kept_in_float_is_said_to_keep_its_rounding_not_to_be_rounded_again(tmp_path):
     seekstack.save_pretrained(model_for_tests(), tmp_path / "float")
     quantize_checkpoint(tmp_path / "float", tmp_path / "int8", QuantConfig(scheme="int8"))
