@@ -352,7 +352,8 @@ def test_a_fraction_a_ratio_and_a_decimal_of_one_value_read_alike(answer):
 @pytest.mark.parametrize(
     ("answer", "value"),
     [("1\\frac{1}{2}", Fraction(3, 2)), ("\\boxed{2 \\dfrac{3}{4}}", Fraction(11, 4)),
-     ("$1\\ \\tfrac12$", Fraction(3, 2)), ("-1\\frac{1}{2}", Fraction(-3, 2)),
+     ("$1\\ \\tfrac12$", Fraction(3, 2)), ("-1\\frac{1}{2}", Fraction(-3, 2)), ("1\\,\\frac{1}{2}", Fraction(3, 2)),
+     ("\\boxed{2\\;\\dfrac{3}{4}}", Fraction(11, 4)),
      ("\u22123\\frac{1}{3}", Fraction(-10, 3))],
 )  # fmt: skip
 def test_a_mixed_number_reads_as_its_whole_plus_its_fraction_as_math_verify_reads_it(answer, value):
@@ -444,6 +445,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1" + "\\; " * 23_000 + "%x",
         "^" + " " * 70_000,
         "1\\ " * 23_000 + "\\frac",
+        "1" + "\\, " * 23_000 + "\\frac",
         "\\frac" + " " * 70_000 + "1",
         "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",

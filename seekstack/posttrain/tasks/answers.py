@@ -54,8 +54,9 @@ MAX_ITEMS = 100  # numbers of a tuple or a set read, at most: a longer one is no
 THOUSANDS_SEPARATOR = r",|\{,\}|\\,|[ \u00a0\u2009\u202f]"
 # ASCII digits, in thousands of three by a THOUSANDS_SEPARATOR maybe ("1,000", not "1,00"); a decimal part maybe.
 UNSIGNED = rf"(?:[0-9]{{1,3}}(?:(?:{THOUSANDS_SEPARATOR})[0-9]{{3}})+|[0-9]+)(?:\.[0-9]*)?|\.[0-9]+"
-# A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12")
-WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\ )*(?=\\[cdt]?frac\s*\{?\s*[0-9.])"
+# A mixed number's whole part, before a fraction of an unsigned top ("1\frac{1}{2}", "1 \frac12", "1\ \frac12", and
+# "1\,\frac12" with a LaTeX space as math-verify reads it)
+WHOLE = r"(?P<whole>[0-9]+)(?:\s|\\[ ,;:])*(?=\\[cdt]?frac\s*\{?\s*[0-9.])"
 # A sign, and the whitespace LaTeX ignores after it ("- 5", "\frac{- 1}{2}", as math-verify reads them)
 SIGN = r"(?:[+\-\u2212]\s*)?"
 # \frac{a}{b}, \dfrac, \tfrac, \cfrac (amsmath's, which math-verify reads too), \frac12; spaces around its arguments
