@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from seekstack.serve.schemas import ErrorResponse
+from seekstack.serve.schemas import ErrorResponse, SamplingFields
 
 SCHEMAS = "#/components/schemas/"
 ERRORS = {
@@ -59,7 +59,7 @@ def generation_responses(
 def describe(
     app: FastAPI, request_models: list[type[BaseModel]], model_names: Callable[[], list[str]]
 ) -> Callable[[list[str]], dict[str, Any]]:
-    """Make `app.openapi()` include `request_models` in the components, a string `model` field limited to the
+    """Make `app.openapi()` include `request_models` in the components, a generation's `model` field limited to the
     models served (asked each time: adapters may come and go); return the document with that field limited to the
     models given instead (those one key may use)."""
 
@@ -71,10 +71,11 @@ def describe(
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name, definition in definitions["$defs"].items():
             components.setdefault(name, definition)
-        for model in request_models:  # a string `model` (a generation's) names a served one
-            properties = components[model.__name__]["properties"]
-            if properties.get("model", {}).get("type") == "string":
-                properties["model"]["enum"] = models
+        for model in request_models:
+            if issubclass(model, SamplingFields):  # a generation's `model` names a served one (or null: the base)
+                field = components[model.__name__]["properties"]["model"]
+                [named] = [branch for branch in field["anyOf"] if branch.get("type") == "string"]
+                named["enum"] = models
         for operations in schema["paths"].values():  # bad parameters are 400s in OpenAI's shape, not FastAPI's 422
             for operation in operations.values():
                 operation["responses"].pop("422", None)

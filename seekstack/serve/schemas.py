@@ -105,7 +105,7 @@ class SamplingFields(StrictRequest):
     """Fields shared by both endpoints; None means the default."""
 
     model_config = ConfigDict(extra="allow")  # a field it does not know is ignored, and kept to be named in the log
-    model: str = ""  # left out (or ""): the base model, as vLLM reads it; OpenAI needs one
+    model: str | None = Field(None, min_length=1)  # left out (or null): the base model, as vLLM reads it
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), OrDefault] = 1

@@ -419,14 +419,16 @@ def test_vllms_minus_one_for_the_whole_vocabularys_logprobs_is_refused_saying_wh
 
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
 def test_a_request_naming_no_model_is_served_by_the_base_model_as_vllms(engine, tmp_path, route, body):
-    """vLLM's requests take `model` as optional (left out or "": the model served); it was refused with 400
+    """vLLM's requests take `model` as optional (left out or null: the model served); it was refused with 400
     'model: Field required', so a vLLM user's curl without it failed here."""
     unnamed = {field: value for field, value in body.items() if field != "model"}
-    named, left_out, empty = post_each(engine, tmp_path / "db", [(route, body), (route, unnamed),
-                                                                 (route, {**unnamed, "model": ""})])  # fmt: skip
-    assert [answer.status_code for answer in (named, left_out, empty)] == [200, 200, 200]  # was: 200, 400, 404
-    assert left_out.json()["model"] == empty.json()["model"] == "model"  # the base model's name, as vLLM answers
-    assert tokens_of(left_out) == tokens_of(empty) == tokens_of(named)  # greedy: the base model's reply
+    named, left_out, null, empty = post_each(engine, tmp_path / "db", [
+        (route, body), (route, unnamed), (route, {**unnamed, "model": None}), (route, {**unnamed, "model": ""})
+    ])  # fmt: skip
+    assert [answer.status_code for answer in (named, left_out, null)] == [200, 200, 200]  # was: 200, 400, 400
+    assert left_out.json()["model"] == null.json()["model"] == "model"  # the base model's name, as vLLM answers
+    assert tokens_of(left_out) == tokens_of(null) == tokens_of(named)  # greedy: the base model's reply
+    assert error_of(empty, 400)["param"] == "model"  # a name, if one is given (the OpenAPI document lists them)
 
 
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
