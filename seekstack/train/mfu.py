@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from seekstack.parallel.distributed import Ranks, barrier
 
 MATMUL_PROBE_SIZE = 1024  # n of the n x n x n probe: 2.1 GFLOP, large enough to run at the library's full rate
 MATMUL_PROBE_REPEATS = 5
@@ -105,6 +107,18 @@ def fastest_seconds(layout: tuple[bool, bool], dtype: torch.dtype, size: int, re
         torch.mm(lhs, rhs)
         fastest = min(fastest, time.perf_counter() - start)
     return fastest
+
+
+def probed_in_turns(probe: Callable[[], Peak], ranks: Ranks) -> Peak:
+    """`probe` run by each rank in turn, the others waiting at a barrier: CPU ranks probing at once on the cores they
+    share each measured its share of them (2 ranks on the same cores read half the rate each), a peak too low that
+    put MFU above 100% (`shared_cpu_peak_flops` already counts the cores the ranks share)."""
+    for _ in range(ranks.rank):  # rank r probes once the r ranks before it have passed their barriers
+        barrier(ranks)
+    measured = probe()
+    for _ in range(ranks.rank, ranks.world_size):
+        barrier(ranks)
+    return measured
 
 
 def shared_cpu_peak_flops(

@@ -86,6 +86,7 @@ from seekstack.train.mfu import (
     matmul_flops,
     mfu_text,
     model_flops_utilisation,
+    probed_in_turns,
     shared_cpu_peak_flops,
 )
 from seekstack.train.runs import (
@@ -596,7 +597,9 @@ class _Run:
             peak = Peak(config.peak_flops, "peak_flops, as the config gives it")
             self.peak_flops = config.peak_flops * ranks.world_size
         else:
-            peak = default_peak_flops(ranks.device, self.autocast_dtype or torch.float32)
+            peak = probed_in_turns(
+                lambda: default_peak_flops(ranks.device, self.autocast_dtype or torch.float32), ranks
+            )
             self.peak_flops = self._ranks_peak(peak.flops)
         self.peak_origin = self.peak_source = peak.source  # logged with this process's first step, and as it changes
         self.logged_peak_source: str | None = None

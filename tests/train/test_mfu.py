@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
+from seekstack.parallel import distributed
 from seekstack.parallel.distributed import Ranks, ranks_cpus
-from seekstack.train.mfu import MATMUL_PROBE_SIZE, Peak, card_peak_flops, matmul_flops, shared_cpu_peak_flops
+from seekstack.train.mfu import (
+    MATMUL_PROBE_SIZE,
+    Peak,
+    card_peak_flops,
+    matmul_flops,
+    probed_in_turns,
+    shared_cpu_peak_flops,
+)
+from tests.train.test_distributed import free_port
 
 TWO_CORES = frozenset({0, 1})
 
@@ -78,3 +89,33 @@ def test_a_card_not_in_the_table_is_given_an_a100s_peak_and_its_source_says_so()
     assert card_peak_flops("NVIDIA RTX PRO 6000 Blackwell") == Peak(
         312e12, "NVIDIA RTX PRO 6000 Blackwell: no bf16 peak known for it, an A100's assumed (set peak_flops)"
     )
+
+
+def _rank_probing(rank: int, world_size: int, port: int, folder: Path) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    ranks = distributed.init_distributed()
+
+    def probe() -> Peak:
+        start = time.time()
+        time.sleep(0.5)  # a matmul probe's time
+        (folder / f"rank_{rank}").write_text(f"{start} {time.time()}")
+        return Peak(1e9 * (rank + 1), f"rank {rank}'s probe")
+
+    try:
+        assert probed_in_turns(probe, ranks) == Peak(1e9 * (rank + 1), f"rank {rank}'s probe")
+    finally:
+        distributed.shutdown(ranks)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_cpu_ranks_probe_their_peak_one_at_a_time_not_on_the_cores_they_share_at_once(tmp_path):
+    """Every rank probed right after the same collective: ranks sharing cores each measured its share of them (two
+    ranks on one core read half its rate each), a peak too low that put MFU above 100%."""
+    mp.spawn(_rank_probing, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    (first_start, first_end), (second_start, second_end) = (
+        map(float, (tmp_path / f"rank_{rank}").read_text().split()) for rank in range(2)
+    )
+    assert first_end <= second_start  # rank 1 probed once rank 0 had done
+    assert second_end - second_start >= 0.5 and first_end - first_start >= 0.5
