@@ -16,7 +16,8 @@ BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "float8": 1.
 
 def stored_weights(model: str, config: ModelConfig) -> str:
     """The width (a BYTES_PER_PARAM name) checkpoint `model` stores its weights in, from its config.json:
-    quantization_config (fp8; compressed-tensors int8/int4, the widest group), else torch_dtype, else bfloat16.
+    quantization_config (fp8; compressed-tensors int8/int4, the widest group, or float-quantized fp8, which loads
+    dequantized: torch_dtype's), else torch_dtype, else bfloat16.
     ValueError naming the file for a quantization_config it cannot read."""
     quantization = config.extra.get("quantization_config")
     if quantization is None:
@@ -31,6 +32,8 @@ def stored_weights(model: str, config: ModelConfig) -> str:
         else []
     )
     bits = {entry.get("num_bits") for entry in weights if isinstance(entry, dict)}
+    if any(isinstance(entry, dict) and entry.get("type") == "float" for entry in weights):
+        return stated_float_dtype(config)  # float-quantized (fp8) layers: loading holds them dequantized
     if bits and bits <= {4, 8}:
         return f"int{max(bits)}"
     raise ValueError(

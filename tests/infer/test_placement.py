@@ -529,6 +529,25 @@ def test_the_plan_of_a_checkpoint_quantized_in_an_unknown_way_asks_for_the_width
     assert f"{tmp_path / 'config.json'}: quantization_config" in result.output and "--weights" in result.output
 
 
+def test_the_plan_of_a_float_quantized_config_alone_prices_the_float_weights_loading_holds(tmp_path):
+    """compressed-tensors' float-quantized fp8 (num_bits 8, type float) was priced as int8, a byte a weight, where
+    loading dequantizes those layers to the float dtype config.json states."""
+    from typer.testing import CliRunner
+
+    from seekstack.cli import app
+
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}
+    quantization = {"quant_method": "compressed-tensors", "format": "float-quantized",
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}  # fmt: skip
+    config = {**seekstack.preset("tiny").to_dict(), "torch_dtype": "bfloat16", "quantization_config": quantization}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--memory", "cpu=1GiB"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{tmp_path}, bfloat16 weights")
+    expected = plan_placement(read_config(tmp_path), {"cpu": 2**30}, tensor_bytes_at_width(read_config(tmp_path), 2.0))
+    assert f"({expected.resident_bytes['cpu']:,} B)" in result.output
+
+
 def test_a_device_given_two_budgets_is_refused_naming_it():
     from typer.testing import CliRunner
 
