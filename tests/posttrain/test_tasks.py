@@ -264,7 +264,7 @@ def test_an_answer_naming_what_it_equals_reads_as_its_right_side_as_math_verify_
     ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
-     ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
+     ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
 )  # fmt: skip
 def test_a_box_without_braces_holds_the_rest_of_its_math_as_math_verify_reads_it(answer, value):
     """\\boxed 7 (LaTeX's argument without braces) was no box, the answer whole no number: it scored 0 against 7,

@@ -23,7 +23,7 @@ from typing import NamedTuple
 # math-verify reads it, its argument is the rest of its math
 BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])\s*")
 # Where an unbraced box's math ends: "$\boxed 57$", "\(\boxed 57\)", "<answer>\boxed 57</answer>"
-MATH_END = re.compile(r"\$|\\\)|\\\]|</answer>")
+MATH_END = re.compile(r"(?<!\\)\$|\\\)|\\\]|</answer>")  # not at "\$", a dollar sign
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # LaTeX's sizing of parentheses (\left( \Big( \bigr)) and its math styles (\displaystyle), nothing to the value
 SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scriptscript)style)(?![A-Za-z])")
