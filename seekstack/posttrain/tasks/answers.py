@@ -5,12 +5,12 @@ interval or a set of numbers (`(1, 2)`, `[0, 1)`, `\\{1, 2\\}`), compared by bra
 takes `(1, 2)` and `\\{1, 2\\}` for one another).
 
 A closing `\\text{...}` is a unit, dropped as math-verify drops it (`57\\text{ apples}` is 57, `\\text{57}` too).
-Where it is stricter than math-verify: prose with no box around its number is no answer, but for a sentence that is all
-the answer ("The answer is 57.", "Answer: 57"; math-verify takes the last number of "56 or 57"), nor are units
-outside `\\text{...}` (`57 apples`), nor symbolic answers (`\\sqrt{4}`, `2^{10}`, `\\pi`: math-verify evaluates them
-with sympy); of several boxes the last is the answer (math-verify reads them all as one set, wrong against one number).
-Where it is laxer: `−3` (U+2212, the minus sign) is -3 (math-verify reads nothing), and a
-leading `+` is read outside a box too. Every pattern here matches in time linear in the answer's length.
+Where it is stricter than math-verify: prose with no box around its number is no answer, but for what follows its last
+answer label ("... so 48 + 9 = 57. The answer is 57.", "Answer: 57"), one number alone (math-verify takes the last
+number of "56 or 57"), nor are units outside `\\text{...}` (`57 apples`), nor symbolic answers (`\\sqrt{4}`, `2^{10}`,
+`\\pi`: math-verify evaluates them with sympy); of several boxes the last is the answer (math-verify reads them all as
+one set, wrong against one number). Where it is laxer: `−3` (U+2212, the minus sign) is -3 (math-verify reads nothing),
+and a leading `+` is read outside a box too. Every pattern here matches in time linear in the answer's length.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ VARIABLE = re.compile(r"(?:\\[A-Za-z]++|[A-Za-z])(?:\\[A-Za-z]++|[A-Za-z0-9_{}()
 # Markdown's bold maybe ("**Answer:** 57", "**Final Answer**", as chat models write them and math-verify reads them)
 ANSWER_WORDS, LABEL_END = r"(?:the\s+)?(?:final\s+)?answer", r"(?:\s*:|\s+is\b(?:\s*:)?)"
 ANSWER_LABEL = re.compile(rf"(?i:(?:{ANSWER_WORDS}{LABEL_END}|\*\*{ANSWER_WORDS}{LABEL_END}?\*\*:?)\s*)+")
+# Where such a label opens after the working ("... so 48 + 24 = 72. The answer is 72.", gsm8k_cot's exemplars): the
+# final answer follows the last one, as lm-eval's gsm8k_cot searches the whole reply for the sentence
+LABEL_OPENING = re.compile(rf"(?<![\w*])(?:\*\*)?(?i:{ANSWER_WORDS}(?:{LABEL_END}|\*\*))")
 GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
 MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final answer, which minerva_math drops
 # A closing `\text{...}`, squared maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2")
@@ -81,9 +84,9 @@ NUMBER = re.compile(
 def final_answer(answer: str) -> str | None:
     """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested; `\\boxed 57` to the
     end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after its last
-    `####` (GSM8K's), an `Answer:` label or the sentence `The answer is` (`Final Answer: The final answer is 57. I hope
-    it is correct.`, Minerva's; `**Answer:**`, Markdown's bold), outside math delimiters (`$57$`), Markdown's bold
-    (`**57**`) and a closing period. None when the last box is never closed."""
+    `####` (GSM8K's), from its last `Answer:` label or sentence `The answer is` (`Final Answer: The final answer is 57.
+    I hope it is correct.`, Minerva's; `**Answer:**`, Markdown's bold), outside math delimiters (`$57$`), Markdown's
+    bold (`**57**`) and a closing period. None when the last box is never closed."""
     boxes = list(BOXED.finditer(answer))
     if boxes:
         start = boxes[-1].end()
@@ -91,7 +94,7 @@ def final_answer(answer: str) -> str | None:
             return _braced(answer, start + 1)
         end = MATH_END.search(answer, start)
         return answer[start : end.start() if end else len(answer)].strip().removesuffix(".").strip()
-    text = _tagged(answer).rpartition(GSM8K_MARKER)[2]
+    text = _from_last_label(_tagged(answer).rpartition(GSM8K_MARKER)[2])
     text = text.strip().removesuffix(MINERVA_CLOSING).strip().removesuffix(".").strip()
     labelled = ANSWER_LABEL.match(text)
     if labelled is None:  # "**The answer is 57.**", the sentence in bold
@@ -102,6 +105,12 @@ def final_answer(answer: str) -> str | None:
         if len(text) > len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
             return text[len(opening) : -len(closing)].strip().removesuffix(".").strip()
     return text
+
+
+def _from_last_label(text: str) -> str:
+    """`text` from where its last answer label opens (`So the answer is 57.`), else `text` whole."""
+    labels = list(LABEL_OPENING.finditer(text))
+    return text[labels[-1].start() :] if labels else text
 
 
 def _unadorned(text: str) -> str:
