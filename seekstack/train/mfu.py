@@ -79,6 +79,7 @@ def card_peak_flops(name: str) -> Peak:
     return Peak(flops, f"{name}: the {label}'s dense bf16 spec")
 
 
+@functools.cache
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, threads: int = 0) -> float:
     """`matmul_flops(dtype)`, once per process: `threads` only keys the cache (call it with
     `torch.get_num_threads()`, the threads the probe runs on)."""
