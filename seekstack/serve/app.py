@@ -126,9 +126,15 @@ class EventStream(StreamingResponse):
             await self.on_close(ended_by)
 
 
+# Characters JSON leaves unescaped in a string that Python's str.splitlines (httpx's iter_lines) ends a line at: a
+# generated NEL or line separator cut an event's `data:` line in two for such a client
+LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: BaseModel | dict) -> str:
+    """One server-sent event of `payload` as JSON, on one line for any client's line splitting."""
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
+    return f"data: {data.translate(LINE_BREAKS_JSON_KEEPS)}\n\n"
 
 
 class Server:

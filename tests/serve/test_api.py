@@ -23,11 +23,12 @@ from typer.testing import CliRunner
 
 from seekstack.cli import app as cli
 from seekstack.infer.engine import Engine
-from seekstack.serve.app import create_app
+from seekstack.serve.app import create_app, sse
 from seekstack.serve.billing import BILL_EVERY_TOKENS
 from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.ledger import IN_PROGRESS
+from seekstack.serve.schemas import CompletionChoice, CompletionResponse
 from tests.serve.server import (
     make_model_dir,
     new_postgres_database,
@@ -153,6 +154,17 @@ def test_stream_is_server_sent_events_ending_in_done(base_url, keys):
         deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines() if line.startswith("data: {")]
     assert deltas[0] == {"role": "assistant", "content": ""}  # the role once, then only what each chunk adds
     assert all(set(delta) == {"content"} for delta in deltas[1:])
+
+
+@pytest.mark.parametrize("line_break", ["\x85", "\u2028", "\u2029"])
+def test_a_generated_line_break_json_keeps_unescaped_stays_inside_its_events_line(line_break):
+    """A random model's streamed text held a NEL (or U+2028): JSON leaves it unescaped, httpx's iter_lines (as Python's
+    str.splitlines) ends a line at it, and the event's `data:` line arrived cut in two, not JSON."""
+    text = f"a{line_break}b"
+    event = sse(CompletionResponse(id="cmpl-1", created=0, model=MODEL, choices=[CompletionChoice(index=0, text=text)]))
+    lines = event.splitlines()
+    assert lines == [lines[0], ""] and lines[0].startswith("data: {")
+    assert json.loads(lines[0].removeprefix("data: "))["choices"][0]["text"] == text
 
 
 def test_text_completion_with_logprobs_stream_and_not(base_url, keys):
