@@ -250,9 +250,18 @@ class ChatMessage(StrictRequest):
     model_config = ConfigDict(
         json_schema_extra={
             "allOf": [
-                {  # as `_null_only_from_the_assistant` reads it
+                {  # as `_null_only_from_the_assistant` and `_refusal_in_place_of_the_assistants_content` read it
                     "if": {"properties": {"role": {"const": "assistant"}}},
-                    "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                    "then": {
+                        "if": {"required": ["refusal"], "properties": {"refusal": {"type": "string"}}},
+                        "then": {
+                            "properties": {"content": {"anyOf": [{"type": "null"}, {"maxLength": 0}, {"maxItems": 0}]}}
+                        },
+                    },
+                    "else": {
+                        "required": ["content"],
+                        "properties": {"content": {"not": {"type": "null"}}, "refusal": {"type": "null"}},
+                    },
                 },
                 {  # as `_results_name_their_call` reads it
                     "if": {"properties": {"role": {"const": "tool"}}},
@@ -265,6 +274,7 @@ class ChatMessage(StrictRequest):
     # null or left out only in an assistant turn (a replayed history; OpenAI's calls need none), read as ""
     content: str | list[TextPart | RefusalPart] | None = Field(None, validate_default=True)
     tool_calls: list[ToolCallRequest] | None = None  # an assistant turn's calls, replayed
+    refusal: str | None = None  # a replayed assistant turn that refused (OpenAI's reply: its content null), its text
     # a tool result's call, required of one (as OpenAI requires it); the chat template does not write it, as DeepSeek's
     tool_call_id: str | None = Field(None, validate_default=True)
     function_call: Any = None  # OpenAI's deprecated form of a call: refused
@@ -305,9 +315,21 @@ class ChatMessage(StrictRequest):
                              "one, as OpenAI takes them")  # fmt: skip
         return content
 
+    @field_validator("refusal")
+    @classmethod
+    def _refusal_in_place_of_the_assistants_content(cls, refusal: str | None, info: ValidationInfo) -> str | None:
+        role = info.data.get("role", "assistant")
+        if refusal is not None and role != "assistant":
+            raise ValueError(f"a {role} message has no refusal: only an assistant's reply refuses, as OpenAI takes it")
+        if refusal is not None and info.data.get("content"):
+            raise ValueError("an assistant message holds content or a refusal, as OpenAI's reply does (its content "
+                             "null beside a refusal): keep the one the assistant said")  # fmt: skip
+        return refusal
+
     def template(self) -> dict:
-        """The message as the chat template reads it (`Tokenizer.render_chat`): role, content and tool calls."""
-        message = self.model_dump(include={"role", "content"})
+        """The message as the chat template reads it (`Tokenizer.render_chat`): role, content (or refusal) and tool
+        calls."""
+        message = self.model_dump(include={"role", "content"} | ({"refusal"} if self.refusal is not None else set()))
         if isinstance(self.content, list):  # a refusal part as a text part of its text
             message["content"] = [{"type": "text", "text": part.refusal if isinstance(part, RefusalPart) else part.text}
                                   for part in self.content]  # fmt: skip

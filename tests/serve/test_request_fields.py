@@ -343,6 +343,28 @@ def test_an_assistants_refusal_part_is_read_as_its_text_as_openai_takes_it_and_v
     assert error["param"] == "messages.0.content" and "a user message has no refusal parts" in error["message"]
 
 
+def test_an_assistants_refusal_field_is_read_as_its_reply_as_openai_returns_it(engine, tmp_path):
+    """OpenAI's reply that refuses comes back as {"content": null, "refusal": ...}; replayed so, the refusal was
+    dropped (an unknown field ignored) and the turn reached the prompt as an empty reply. A refusal beside content,
+    or in a user's message, is refused."""
+    turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "I can't."},
+             {"role": "user", "content": "Why?"}]  # fmt: skip
+    refusing = {"role": "assistant", "content": None, "refusal": "I can't."}
+    as_text, as_refusal, both, from_user = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", {**CHAT, "messages": turns}),
+        ("/v1/chat/completions", {**CHAT, "messages": [turns[0], refusing, turns[2]]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [turns[0], {**refusing, "content": "Sure."}, turns[2]]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [{**turns[0], "refusal": "No."}]}),
+    ])  # fmt: skip
+    assert as_refusal.status_code == 200, as_refusal.text
+    assert as_refusal.json()["usage"]["prompt_tokens"] == as_text.json()["usage"]["prompt_tokens"]
+    assert as_refusal.json()["choices"][0]["message"] == as_text.json()["choices"][0]["message"]
+    error = error_of(both, 400)
+    assert error["param"] == "messages.1.refusal" and "holds content or a refusal" in error["message"]
+    error = error_of(from_user, 400)
+    assert error["param"] == "messages.0.refusal" and "a user message has no refusal" in error["message"]
+
+
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
 def test_continuous_usage_stats_put_its_choices_usage_so_far_on_every_chunk_as_vllm(engine, tmp_path, route, body):
     """vLLM's stream_options extension was read and ignored: no chunk but the last had a usage."""
