@@ -6,6 +6,7 @@ In process, through the app's ASGI interface with its engine thread running."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -325,44 +326,59 @@ def test_text_parts_are_read_as_their_texts_joined_by_newlines(engine, tmp_path)
     assert split.json()["choices"] == joined.json()["choices"] and split.json()["usage"] == joined.json()["usage"]
 
 
-def test_an_assistants_refusal_part_is_read_as_its_text_as_openai_takes_it_and_vllm_reads_it(engine, tmp_path):
-    """OpenAI takes {"type": "refusal", "refusal": ...} among a replayed assistant turn's content parts (the turn a
-    refusal came back as); it was a 400. A user's refusal part is still refused, as OpenAI refuses it."""
-    refused = [{"type": "refusal", "refusal": "I can't."}, {"type": "text", "text": "Ask me another."}]
-    turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "I can't.\nAsk me another."},
-             {"role": "user", "content": "Why?"}]  # fmt: skip
-    as_text, as_parts, from_user = post_each(engine, tmp_path / "db", [
-        ("/v1/chat/completions", {**CHAT, "messages": turns}),
-        ("/v1/chat/completions", {**CHAT, "messages": [turns[0], {**turns[1], "content": refused}, turns[2]]}),
-        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": refused}]}),
-    ])  # fmt: skip
-    assert as_parts.status_code == 200, as_parts.text
-    assert as_parts.json()["usage"]["prompt_tokens"] == as_text.json()["usage"]["prompt_tokens"]
-    assert as_parts.json()["choices"][0]["message"] == as_text.json()["choices"][0]["message"]
-    error = error_of(from_user, 400)
-    assert error["param"] == "messages.0.content" and "a user message has no refusal parts" in error["message"]
+REFUSED_PARTS = [{"type": "refusal", "refusal": "I can't."}, {"type": "text", "text": "Ask me another."}]
+HELLO, WHY = {"role": "user", "content": "Hello"}, {"role": "user", "content": "Why?"}
 
 
-def test_an_assistants_refusal_field_is_read_as_its_reply_as_openai_returns_it(engine, tmp_path):
-    """OpenAI's reply that refuses comes back as {"content": null, "refusal": ...}; replayed so, the refusal was
-    dropped (an unknown field ignored) and the turn reached the prompt as an empty reply. A refusal beside content,
-    or in a user's message, is refused."""
-    turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "I can't."},
-             {"role": "user", "content": "Why?"}]  # fmt: skip
-    refusing = {"role": "assistant", "content": None, "refusal": "I can't."}
-    as_text, as_refusal, both, from_user = post_each(engine, tmp_path / "db", [
+@pytest.mark.parametrize(
+    "said, replayed, refused",
+    [
+        pytest.param(
+            "I can't.\nAsk me another.",
+            {"role": "assistant", "content": REFUSED_PARTS},
+            [
+                (
+                    [{"role": "user", "content": REFUSED_PARTS}],
+                    "messages.0.content",
+                    "a user message has no refusal parts",
+                )
+            ],
+            id="refusal-part",
+        ),
+        pytest.param(
+            "I can't.",
+            {"role": "assistant", "content": None, "refusal": "I can't."},
+            [
+                (
+                    [HELLO, {"role": "assistant", "content": "Sure.", "refusal": "I can't."}, WHY],
+                    "messages.1.refusal",
+                    "holds content or a refusal",
+                ),
+                ([{**HELLO, "refusal": "No."}], "messages.0.refusal", "a user message has no refusal"),
+            ],
+            id="refusal-field",
+        ),
+    ],
+)
+def test_an_assistants_refusal_is_read_as_its_text_as_openai_takes_it_and_vllm_reads_it(
+    engine, tmp_path, said, replayed, refused
+):
+    """A replayed assistant turn that refused, as OpenAI takes it: a refusal part among its content parts (
+    {"type": "refusal", "refusal": ...}, a 400 here before cd35fd9) or OpenAI's reply that refuses, {"content": null,
+    "refusal": ...} (its refusal dropped before 97d66c6, an empty reply in the prompt). Either reaches the prompt as
+    the text it says. A refusal in a user's message, or beside an assistant's content, is refused naming the field."""
+    turns = [HELLO, {"role": "assistant", "content": said}, WHY]
+    as_text, as_refusal, *errors = post_each(engine, tmp_path / "db", [
         ("/v1/chat/completions", {**CHAT, "messages": turns}),
-        ("/v1/chat/completions", {**CHAT, "messages": [turns[0], refusing, turns[2]]}),
-        ("/v1/chat/completions", {**CHAT, "messages": [turns[0], {**refusing, "content": "Sure."}, turns[2]]}),
-        ("/v1/chat/completions", {**CHAT, "messages": [{**turns[0], "refusal": "No."}]}),
+        ("/v1/chat/completions", {**CHAT, "messages": [HELLO, replayed, WHY]}),
+        *(("/v1/chat/completions", {**CHAT, "messages": messages}) for messages, _, _ in refused),
     ])  # fmt: skip
     assert as_refusal.status_code == 200, as_refusal.text
     assert as_refusal.json()["usage"]["prompt_tokens"] == as_text.json()["usage"]["prompt_tokens"]
     assert as_refusal.json()["choices"][0]["message"] == as_text.json()["choices"][0]["message"]
-    error = error_of(both, 400)
-    assert error["param"] == "messages.1.refusal" and "holds content or a refusal" in error["message"]
-    error = error_of(from_user, 400)
-    assert error["param"] == "messages.0.refusal" and "a user message has no refusal" in error["message"]
+    for response, (_, param, words) in zip(errors, refused, strict=True):
+        error = error_of(response, 400)
+        assert error["param"] == param and words in error["message"]
 
 
 @pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
@@ -406,27 +422,40 @@ def test_stop_token_ids_end_a_choice_at_the_first_of_them_as_vllm(engine, tmp_pa
     assert "stop_token_ids token id 320 is outside the vocabulary [0, 320)" in error_of(outside, 400)["message"]
 
 
-def test_a_clients_x_request_id_names_its_response_and_comes_back_as_vllm_names_them(engine, tmp_path):
-    """It was not read: the response's id was random and no header came back to match a log line with the call."""
+def test_every_response_has_an_x_request_id_the_clients_or_its_own_that_names_a_completion(engine, tmp_path):
+    """A client's X-Request-Id names its response (vLLM's ids) and comes back as a header. Without one, none came
+    back, where OpenAI answers every call with its x-request-id (the openai client's `_request_id`, an error's
+    `request_id`): each response now has one of its own, a completion's being its id's."""
 
     async def scenario(client):
         traced = {"X-Request-Id": "trace-42"}
-        return [
+        completions = [
             await client.post(route, json={**body, "stream": stream}, headers=headers)
             for headers in (traced, {})
             for route, body in (("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT))
             for stream in (False, True)
         ]
+        others = [await client.get("/v1/models"), await client.post("/v1/completions", json={**COMPLETION, "n": 0})]
+        with database.transaction() as statements:  # a broken database: the 500 of an unexpected error
+            statements.execute("DROP TABLE keys")
+        return completions, [*others, await client.get("/v1/models")]
 
-    responses = run(create_app(engine, open_database(tmp_path / "db")), scenario)
+    database = open_database(tmp_path / "db")
+    completions, (models, refused, failed) = run(create_app(engine, database), scenario)
     ids = [
         json.loads(response.text.split("\n")[0].removeprefix("data: "))["id"] if response.text.startswith("data:")
         else response.json()["id"]
-        for response in responses
+        for response in completions
     ]  # fmt: skip
     assert ids[:4] == ["cmpl-trace-42", "cmpl-trace-42", "chatcmpl-trace-42", "chatcmpl-trace-42"]
-    assert [response.headers.get("x-request-id") for response in responses] == ["trace-42"] * 4 + [None] * 4
-    assert len(set(ids[4:])) == 4 and all("trace" not in response_id for response_id in ids[4:])
+    headers = [response.headers.get("x-request-id") for response in completions]
+    assert headers[:4] == ["trace-42"] * 4
+    assert headers[4:] == [response_id.partition("-")[2] for response_id in ids[4:]]  # was: None
+    assert len(set(ids[4:])) == 4 and all(re.fullmatch("[0-9a-f]{32}", header) for header in headers[4:])
+    error_of(refused, 400), error_of(failed, 500)
+    others = [answer.headers.get("x-request-id", "") for answer in (models, refused, failed)]
+    assert all(re.fullmatch("[0-9a-f]{32}", header) for header in others), others
+    assert len({*headers[4:], *others}) == 7
 
 
 @pytest.mark.parametrize("field", ["prompt_logprobs", "logprobs"])
