@@ -327,12 +327,9 @@ class ChatMessage(StrictRequest):
         return refusal
 
     def template(self) -> dict:
-        """The message as the chat template reads it (`Tokenizer.render_chat`): role, content (or refusal) and tool
-        calls."""
+        """The message as the chat template reads it (`Tokenizer.render_chat`): role, content (or refusal; its parts as
+        given, an assistant's refusal parts read by the template as their text) and tool calls."""
         message = self.model_dump(include={"role", "content"} | ({"refusal"} if self.refusal is not None else set()))
-        if isinstance(self.content, list):  # a refusal part as a text part of its text
-            message["content"] = [{"type": "text", "text": part.refusal if isinstance(part, RefusalPart) else part.text}
-                                  for part in self.content]  # fmt: skip
         if self.tool_calls:
             message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         return message
