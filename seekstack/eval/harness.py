@@ -228,6 +228,12 @@ class SeekstackLM(TemplateLM):
     def tok_decode(self, ids: list[int]) -> str:
         return self.tokenizer_.decode(ids)
 
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm_eval's split (the context's trailing whitespace moved into the continuation), with a context of
+        whitespace alone, which that leaves without a token, conditioned on BOS as lm_eval conditions an empty one."""
+        context_ids, continuation_ids = super()._encode_pair(context, continuation)
+        return context_ids or [self.prefix_token_id], continuation_ids
+
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests: list[TokenRequest], **kwargs: object) -> list[tuple[float, bool]]:
         """Sum of log p(continuation | context) and whether every continuation token is the argmax, per request.

@@ -66,6 +66,17 @@ def test_loglikelihood_is_the_sum_over_the_continuation_of_one_forward(ours):
         assert logprob == pytest.approx(expected, abs=ATOL)
 
 
+@pytest.mark.parametrize(("context", "continuation"), [(" ", "x = 1"), ("\n", "\n\n"), ("  ", "  ")])
+def test_a_context_of_whitespace_alone_is_scored_after_bos_as_an_empty_one(ours, context, continuation):
+    """lm_eval moves a context's trailing whitespace into the continuation, which left a context of whitespace alone
+    without a token: the forward failed ('cannot reshape tensor of 0 elements') or scored the wrong positions."""
+    [(logprob, greedy)] = ours.loglikelihood(requests("loglikelihood", [(context, continuation)]))
+    ids = [ours.prefix_token_id, *ours.tok_encode(context + continuation)]
+    assert logprob == pytest.approx(direct_logprobs(ours, ids).sum().item(), abs=ATOL)
+    [(empty_context_logprob, _)] = ours.loglikelihood(requests("loglikelihood", [("", context + continuation)]))
+    assert logprob == pytest.approx(empty_context_logprob, abs=ATOL) and not greedy
+
+
 def test_a_model_the_engine_cannot_serve_is_scored_and_only_its_generation_refused(checkpoint_3d):
     """attention_variant=3d has no cached decode path: log-likelihoods run on its forward (no engine is made for
     them), and generate_until meets the engine's refusal."""
