@@ -9,7 +9,8 @@ Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
   matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs 3x slower than float32,
   on others 2x faster) and whichever layout it is fastest in. The benchmarks report against it too.
   A probe that ran while other processes held the cores reads low, and a step's MFU then comes out above 100%:
-  the trainer probes again at that step (`matmul_flops`, on all its threads) and keeps the higher peak.
+  the trainer probes again at that step (`matmul_flops`, on all its threads) and keeps the higher peak; under
+  torchrun every rank probes again once any rank's MFU is above 100%, one rank after another (`probed_in_turns`).
   CPU ranks on one machine share its cores: their summed peak is bounded by the distinct CPUs of their affinity
   masks (`shared_cpu_peak_flops`), where a card's peak counts once per rank.
 """
@@ -20,6 +21,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -46,6 +48,7 @@ CARD_BF16_PEAK_FLOPS = (
 )  # fmt: skip
 UNKNOWN_GPU_PEAK_FLOPS = 312e12  # an A100's, for cards the table does not name
 FLOPS_UNITS = (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("", 1.0))
+Probed = TypeVar("Probed")
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,11 @@ def fastest_seconds(layout: tuple[bool, bool], dtype: torch.dtype, size: int, re
     return fastest
 
 
-def probed_in_turns(probe: Callable[[], Peak], ranks: Ranks) -> Peak:
-    """`probe` run by each rank in turn, the others waiting at a barrier: CPU ranks probing at once on the cores they
-    share each measured its share of them (2 ranks on the same cores read half the rate each), a peak too low that
-    put MFU above 100% (`shared_cpu_peak_flops` already counts the cores the ranks share)."""
+def probed_in_turns(probe: Callable[[], Probed], ranks: Ranks) -> Probed:
+    """`probe` run by each rank in turn, the others waiting at a barrier (every rank calls it: the start's peak, and a
+    re-probe the ranks agree on): CPU ranks probing at once on the cores they share each measured its share of them
+    (2 ranks on the same cores read half the rate each), a peak too low that put MFU above 100%
+    (`shared_cpu_peak_flops` already counts the cores the ranks share)."""
     for _ in range(ranks.rank):  # rank r probes once the r ranks before it have passed their barriers
         barrier(ranks)
     measured = probe()

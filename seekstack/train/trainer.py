@@ -822,11 +822,13 @@ class _Run:
                     metrics[name.removesuffix("_s") + "_share"] = metrics[name] / step_seconds
             tokens_per_s = tokens / step_seconds
             mfu = model_flops_utilisation(tokens_per_s, flops / tokens, self.peak_flops)
-            if mfu > 1 and self.peak_probes_left:  # the start's probe ran on a busy machine: probe again, keep the
-                # higher; a few times only: on a machine that stays busy every probe reads low and costs a step's time
+            if self.peak_probes_left and self._peak_beaten(mfu):  # the start's probe ran on a busy machine: probe
+                # again, keep the higher; a few times only: on a machine that stays busy every probe reads low and
+                # costs a step's time
                 self.peak_probes_left -= 1
+                dtype = self.autocast_dtype or torch.float32
                 with configured_threads(self.threads.most):
-                    probe = self._ranks_peak(matmul_flops(self.autocast_dtype or torch.float32))
+                    probe = self._ranks_peak(probed_in_turns(lambda: matmul_flops(dtype), self.ranks))
                 if probe > self.peak_flops:
                     self.peak_flops = probe
                     self.peak_source = f"{self.peak_origin}, measured again at step {self.step + 1}"
@@ -1160,6 +1162,12 @@ class _Run:
             self._say(redrawn_in_place(line, stderr_columns()), end="\n" if self.is_last_step else "")
         elif self.step % PROGRESS_EVERY == 0 or self.is_last_step or first:
             self._say(line)
+
+    def _peak_beaten(self, mfu: float) -> bool:
+        """Whether a step's MFU came out above 100% on any rank (each times its step): every rank then probes again,
+        in turns as at the start, where each rank deciding alone probed on the cores others were probing on."""
+        beaten = torch.tensor([float(mfu > 1)], device=self.ranks.device)
+        return distributed.all_reduce_sum(beaten, self.ranks).item() > 0
 
     def _ranks_peak(self, rank_peak: float) -> float:
         """All ranks' peak FLOP/s from this rank's: a card's once per rank, a CPU's bounded by the cores ranks share."""

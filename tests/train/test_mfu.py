@@ -21,7 +21,8 @@ from seekstack.train.mfu import (
     probed_in_turns,
     shared_cpu_peak_flops,
 )
-from tests.train.test_distributed import free_port
+from tests.train.test_distributed import _rank_main, free_port
+from tests.train.test_trainer import data_dir, read_metrics, run_config  # noqa: F401  (data_dir is a fixture)
 
 TWO_CORES = frozenset({0, 1})
 
@@ -119,3 +120,35 @@ def test_cpu_ranks_probe_their_peak_one_at_a_time_not_on_the_cores_they_share_at
     )
     assert first_end <= second_start  # rank 1 probed once rank 0 had done
     assert second_end - second_start >= 0.5 and first_end - first_start >= 0.5
+
+
+def _rank_training_on_a_busy_machine(rank: int, world_size: int, port: int, config, folder: Path) -> None:
+    import seekstack.train.trainer as trainer
+
+    def probe(dtype: torch.dtype) -> float:
+        start = time.time()
+        time.sleep(0.3)  # a matmul probe's time
+        with (folder / f"rank_{rank}").open("a") as spans:
+            spans.write(f"{start} {time.time()}\n")
+        return 1e18  # the machine is free again: no step beats this
+
+    trainer.default_peak_flops = lambda device, dtype: Peak(1e6 if rank == 0 else 1e18, "a probe on a busy machine")
+    trainer.matmul_flops = probe
+    _rank_main(rank, world_size, port, config)
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_ranks_probe_again_together_and_in_turns_when_one_ranks_step_beats_its_peak(data_dir, tmp_path):  # noqa: F811
+    """Each rank decided alone to probe again where its own step's MFU was above 100%: ranks whose start probes all
+    read low probed again all at once on the cores they share (the start's probes take turns), and a rank whose MFU
+    stayed below kept a peak the others had replaced. Rank 0's start probe read low here: both ranks probe again,
+    one after the other, once."""
+    config = run_config(data_dir, tmp_path / "run", max_steps=2, eval_every=0, save_every=0)
+    mp.spawn(_rank_training_on_a_busy_machine, args=(2, free_port(), config, tmp_path), nprocs=2, join=True)
+    [(first_start, first_end)], [(second_start, second_end)] = (
+        [tuple(map(float, line.split())) for line in (tmp_path / f"rank_{rank}").read_text().splitlines()]
+        for rank in range(2)
+    )
+    assert first_end <= second_start  # rank 1 probed once rank 0 had done
+    steps = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert steps[0]["peak_source"] == "a probe on a busy machine, measured again at step 1"
