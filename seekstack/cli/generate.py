@@ -163,7 +163,9 @@ def generate_command(
     frequency_penalty: FrequencyPenalty = SamplingParams.frequency_penalty,
     seed: Seed = None,
     stop: Stop = None,
-    ignore_eos: Annotated[bool, typer.Option(help="Keep going past the end-of-sequence token")] = False,
+    ignore_eos: Annotated[
+        bool, typer.Option(help="Keep going past the end-of-sequence token (with --chat: past the end of the turn)")
+    ] = False,
     top_logprobs: Annotated[
         int | None,
         typer.Option(
@@ -174,7 +176,12 @@ def generate_command(
         int | None,
         typer.Option(help="With --json: each prompt token's log-probability and this many likeliest (vLLM's)"),
     ] = None,
-    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user turn of the chat template")] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            help="Wrap the prompt as a user turn of the chat template; the reply ends with its turn (a special token)"
+        ),
+    ] = False,
     system: Annotated[str | None, typer.Option(help="With --chat: a system prompt before the user turn")] = None,
     speculative: Speculative = EngineOptions.speculative,
     draft_tokens: DraftTokens = EngineOptions.draft_tokens,
@@ -198,6 +205,8 @@ def generate_command(
     A max-new-tokens that does not fit the context with the prompt is capped, with a notice on stderr. Sampling
     options left unset take the checkpoint's generation_config.json values, else temperature 1, top-p 1, no top-k,
     min-p or repetition penalty."""
+    from seekstack.infer.chat import ending_at_special_tokens
+
     with failures_as_json(as_json), user_errors(as_json):
         for option, value in (("--top-logprobs", top_logprobs), ("--prompt-logprobs", prompt_logprobs)):
             if value is not None and not as_json:
@@ -228,6 +237,8 @@ def generate_command(
         params = with_checkpoint_defaults(params, sampling, engine)
         if chat:
             tell_base_model(engine, model, tokenizer, adapter)
+            if not ignore_eos:  # the reply ends with its turn, as chat's and Engine.chat's; --ignore-eos goes past it
+                params = ending_at_special_tokens(params, engine.tokenizer)
         encoder = engine.tokenizer
         system_turn = [{"role": "system", "content": system}] if system else []
         prompt_ids = (

@@ -141,6 +141,22 @@ def test_generate_chat_takes_a_system_prompt_as_llama_cli_does(checkpoint, engin
     assert unread.exit_code == 1 and "--system is the system prompt of a --chat prompt: add --chat" in unread.stderr
 
 
+def test_generate_chat_ends_the_reply_with_its_turn_as_chat_does(checkpoint, engine):
+    """generate --chat went on past the special token that ends the reply's turn (here <｜tool▁outputs▁end｜>), writing
+    text after it that `seekstack chat` and Engine.chat never show; --ignore-eos still goes past it."""
+    args = ["generate", "--model", str(checkpoint), "x", "--chat", "--temperature", "0", "--max-new-tokens", "20",
+            "--json"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    [reply] = engine.chat([{"role": "user", "content": "x"}], SamplingParams(max_new_tokens=20, temperature=0))
+    assert reply.token_ids[-1] in engine.tokenizer.special_ids - engine.eos_ids  # the turn ends at no EOS
+    assert (record["token_ids"], record["text"], record["finish_reason"]) == (reply.token_ids, reply.text, "stop")
+    past = json.loads(runner.invoke(app, [*args, "--ignore-eos"]).stdout)
+    assert past["token_ids"][: len(reply.token_ids)] == reply.token_ids
+    assert (len(past["token_ids"]), past["finish_reason"]) == (20, "length")
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize(
     ("option", "value"),
