@@ -384,7 +384,7 @@ class Tokenizer:
     def render_chat(
         self,
         messages: list[dict],
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
     ) -> str:
@@ -393,7 +393,9 @@ class Tokenizer:
         (`drop_past_reasoning`), the `tools` offered (OpenAI's definitions) listed after the system prompts
         (`tools_prompt`). With `continue_final_message` (transformers' name; the DeepSeek API's `prefix`) the
         last message, an assistant's, is left open for the model to continue: no EOS closes it and no generation
-        prompt follows; ValueError when it is not an assistant's. A chat ending with tool results ends with
+        prompt follows; ValueError when it is not an assistant's, and, as transformers raises, when
+        `add_generation_prompt` is given true beside it (None, the default: a generation prompt unless the last message
+        is continued). A chat ending with tool results ends with
         <｜tool▁outputs▁end｜>, where the reply follows (DeepSeek's templates write no generation prompt there).
         A tokenizer without the DeepSeek-V3 role tokens writes the chat in its checkpoint's own template
         (`chat_template`: DeepSeek-V2-Chat's "User: ... Assistant:"), as transformers' `apply_chat_template` does;
@@ -405,6 +407,13 @@ class Tokenizer:
                 f"tokenizer {self.source} has neither the DeepSeek-V3 chat format's role tokens {USER!r} and "
                 f"{ASSISTANT!r} nor a chat_template in the {CONFIG_FILE} beside it to write a chat with"
             )
+        if add_generation_prompt and continue_final_message:
+            raise ValueError(
+                "add_generation_prompt=True and continue_final_message=True ask for two things: a new assistant turn "
+                "after the messages, and the last one continued; give add_generation_prompt=False (or leave it out) to "
+                "continue the last message, as transformers' apply_chat_template refuses both"
+            )
+        add_generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
         messages = self._chat_messages(messages, continue_final_message, tools)
         if not self.has_role_tokens:
             special_tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}
@@ -520,7 +529,7 @@ class Tokenizer:
     def encode_chat(
         self,
         messages: list[dict],
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
     ) -> list[int]:

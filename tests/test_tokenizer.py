@@ -316,6 +316,19 @@ def test_continue_final_message_leaves_the_assistant_turn_open_as_transformers_d
     assert rendered == auto.apply_chat_template(messages, tokenize=False, continue_final_message=True)
     with pytest.raises(ValueError, match="must end with an assistant message; its last message is a user message"):
         tokenizer.render_chat(CHAT, continue_final_message=True)
+    assert tokenizer.render_chat(messages, add_generation_prompt=False, continue_final_message=True) == rendered
+
+
+def test_a_generation_prompt_and_a_continued_last_message_together_are_refused_as_transformers_does(trained):
+    """Both asked at once were accepted, the continuation silently winning, where transformers raises."""
+    tokenizer, out_dir = trained
+    auto = transformers.AutoTokenizer.from_pretrained(str(out_dir))
+    messages = [*CHAT, {"role": "assistant", "content": "Sure"}]
+    with pytest.raises(ValueError, match="not compatible"):
+        auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, continue_final_message=True)
+    for refused in (tokenizer.render_chat, tokenizer.encode_chat):
+        with pytest.raises(ValueError, match="give add_generation_prompt=False"):
+            refused(messages, add_generation_prompt=True, continue_final_message=True)
 
 
 @pytest.fixture(scope="module")
