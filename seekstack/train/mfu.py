@@ -3,7 +3,7 @@
 The FLOPs per token come from `seekstack.accounting.training_flops_per_token` (3x the forward, MTP included).
 Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
 - CUDA: the dense bf16 tensor-core peak of the card, looked up by name (H100/H800/H200 989 TFLOP/s, A100 312, B200
-  2250, MI300X 1307, ...); a card not in the table is given an A100's, and its source says so.
+  2250, MI300X 1307, A10G 70, ...); a card not in the table is given an A100's, and its source says so.
 - CPU: measured, the best of a few square `torch.mm`s in the training dtype on torch's threads (once per process,
   dtype and thread count), in the fastest of the operand layouts a training step uses: the rate this machine's
   matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs 3x slower than float32,
@@ -35,13 +35,16 @@ LAYOUT_PROBE_SIZE = 256  # the layouts are compared on (n x n) matrices this sma
 MATMUL_LAYOUTS = ((False, True), (False, False), (True, False))
 # Dense (no sparsity) bf16 tensor peak FLOP/s per device, from the vendors' data sheets (nanochat's and torchtitan's
 # tables): the first row whose words all appear in the lower-cased device name, so a variant comes before its family
-# ("h100 pcie" before "h100", "l40s" before "l40" before "l4"); an MI250X is two devices, its peak per die
+# ("h100 pcie" before "h100", "l40s" before "l40" before "l4"); an MI250X is two devices, its peak per die. AWS's A10G
+# (G5 instances) is no A10: its data sheet (NVIDIA A10G for AWS, 2022) gives 70 TFLOP/s dense bf16 (140 with sparsity)
+# and 35 FP32, where the A10's gives 125 and 31.2
 CARD_BF16_PEAK_FLOPS = (
     (("gb200",), "GB200", 2.5e15), (("b200",), "B200", 2.25e15), (("b100",), "B100", 1.8e15),
     (("h200", "nvl"), "H200 NVL", 836e12), (("h200",), "H200", 989e12),
     (("h100", "nvl"), "H100 NVL", 835e12), (("h100", "pcie"), "H100 PCIe", 756e12), (("h100",), "H100", 989e12),
     (("h800", "pcie"), "H800 PCIe", 756e12), (("h800",), "H800", 989e12), (("h20",), "H20", 148e12),
-    (("a100",), "A100", 312e12), (("a800",), "A800", 312e12), (("a10",), "A10", 125e12),
+    (("a100",), "A100", 312e12), (("a800",), "A800", 312e12), (("a10g",), "A10G", 70e12),
+    (("a10",), "A10", 125e12),
     (("l40s",), "L40S", 362e12), (("l40",), "L40", 181e12), (("l4",), "L4", 121e12),
     (("mi355",), "MI355X", 2.5e15), (("mi325",), "MI325X", 1.3074e15), (("mi300x",), "MI300X", 1.3074e15),
     (("mi250x",), "MI250X", 191.5e12),

@@ -77,6 +77,8 @@ def test_cpu_peak_is_the_fastest_layout_of_a_training_steps_matmuls(monkeypatch)
         ("NVIDIA H200", 989e12, "H200"),
         ("NVIDIA B200", 2.25e15, "B200"),
         ("NVIDIA A100-SXM4-80GB", 312e12, "A100"),
+        ("NVIDIA A10G", 70e12, "A10G"),  # AWS's G5 card: was the A10's 125, MFU read 0.56x its own
+        ("NVIDIA A10", 125e12, "A10"),
         ("NVIDIA L40", 181e12, "L40"),  # was the L4's 121: "L4" is in its name
         ("NVIDIA L40S", 362e12, "L40S"),
         ("AMD Instinct MI300X", 1.3074e15, "MI300X"),
