@@ -238,32 +238,31 @@ class SeekstackLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list[TokenRequest], **kwargs: object) -> list[tuple[float, bool]]:
         """Sum of log p(continuation | context) and whether every continuation token is the argmax, per request.
 
-        The input is (context + continuation)[-(max_length+1):][:-1], as lm_eval's HF backend cuts it; batches
-        group requests of similar length (longest first) and are right-padded, which a causal model never sees.
+        The input is (context + continuation)[-(max_length+1):][:-1], as lm_eval's HF backend cuts it. Requests of
+        the same input (a multiple choice's one-token answers, " A" ... " D", after one context) are scored from one
+        forward, as the HF backend's logits cache groups them; batches group inputs of similar length (longest first)
+        and are right-padded, which a causal model never sees.
         """
         self._check_continuation_lengths(requests)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
-
-        def window(i: int) -> list[int]:
-            return (requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1]
-
-        batch_size = self.batch_size_per_step or (self._largest_batch(len(window(order[0]))) if order else 1)
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            rows = [window(i) for i in batch]
-            width = max(len(row) for row in rows)
-            input_ids = torch.full((len(rows), width), self.tokenizer_.pad_id, dtype=torch.long)
+        readers: dict[tuple[int, ...], list[int]] = collections.defaultdict(list)  # input -> the requests it scores
+        for i, (_, context, continuation) in enumerate(requests):
+            readers[tuple((context + continuation)[-(self.max_length + 1) :][:-1])].append(i)
+        inputs = sorted(readers, key=len, reverse=True)
+        batch_size = self.batch_size_per_step or (self._largest_batch(len(inputs[0])) if inputs else 1)
+        for start in range(0, len(inputs), batch_size):
+            rows = inputs[start : start + batch_size]
+            input_ids = torch.full((len(rows), len(rows[0])), self.tokenizer_.pad_id, dtype=torch.long)
             for r, row in enumerate(rows):
                 input_ids[r, : len(row)] = torch.tensor(row)
             logprobs = F.log_softmax(self.model(input_ids.to(self._device)).logits.float(), dim=-1)  # (B, T, V)
-            for r, i in enumerate(batch):
-                continuation = requests[i][2]
-                end = len(rows[r])
-                scored = logprobs[r, end - len(continuation) : end]  # (len(continuation), V)
-                target = torch.tensor(continuation, device=scored.device)
-                total = scored.gather(1, target[:, None]).double().sum().item()  # float64: thousands of terms
-                results[i] = (total, bool((scored.argmax(dim=-1) == target).all()))
+            for r, row in enumerate(rows):
+                for i in readers[row]:
+                    continuation = requests[i][2]
+                    scored = logprobs[r, len(row) - len(continuation) : len(row)]  # (len(continuation), V)
+                    target = torch.tensor(continuation, device=scored.device)
+                    total = scored.gather(1, target[:, None]).double().sum().item()  # float64: thousands of terms
+                    results[i] = (total, bool((scored.argmax(dim=-1) == target).all()))
         return results  # type: ignore[return-value]
 
     def _largest_batch(self, width: int) -> int:

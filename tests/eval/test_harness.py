@@ -112,6 +112,27 @@ def test_batch_size_auto_scores_in_the_largest_batch_the_memory_holds(checkpoint
             SeekstackLM(pretrained=checkpoint, batch_size=wrong)
 
 
+def test_requests_of_one_input_are_scored_from_one_forward_as_lm_evals_logits_cache_does(checkpoint, monkeypatch):
+    """A multiple choice's one-token answers after one context (MMLU's " A" ... " D") ran a forward each, where the HF
+    backend's logits cache runs one: 4x the work (160 such requests of ~200 tokens: 1.61 s, now 0.61 s)."""
+    lm = SeekstackLM(pretrained=checkpoint, batch_size=8, max_gen_toks=32)
+    contexts = [context for context, _ in PAIRS[:3]]
+    pairs = [(context, answer) for context in contexts for answer in (" A", " B", " C", " D")]
+    pairs.append(PAIRS[0])  # a request of more than one token
+    alone = [lm.loglikelihood(requests("loglikelihood", [pair]))[0] for pair in pairs]
+    forward, rows = lm.model.forward, []
+
+    def counted_forward(input_ids, *args, **kwargs):
+        rows.append(len(input_ids))
+        return forward(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "forward", counted_forward)
+    scored = lm.loglikelihood(requests("loglikelihood", pairs))
+    assert rows == [4]  # one row per context, and the longer request's own
+    assert [logprob for logprob, _ in scored] == pytest.approx([logprob for logprob, _ in alone], abs=ATOL)
+    assert [greedy for _, greedy in scored] == [greedy for _, greedy in alone]
+
+
 def test_is_greedy_true_exactly_when_the_continuation_is_the_argmax(ours):
     context = ours.tok_encode("def add(a, b):\n")
     greedy: list[int] = []
