@@ -128,6 +128,22 @@ class GRPOConfig(TrainConfig):
     rows_fit_context: ClassVar[bool] = True
     # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
     value_notes: ClassVar[dict[str, dict[str, str]]] = {
+    # what to say of TRL's GRPOConfig names that are none of these fields (schema.known_fields)
+    field_notes: ClassVar[dict[str, str]] = {
+        "learning_rate": "TRL's learning_rate is lr here",
+        "per_device_train_batch_size": "TRL's per_device_train_batch_size counts completions; batch_size here counts "
+        "prompts, each sampled num_generations times (a step trains on batch_size x num_generations completions)",
+        "generation_batch_size": "TRL's generation_batch_size (completions sampled at once) is batch_size x "
+        "num_generations here",
+        "gradient_accumulation_steps": "TRL's gradient_accumulation_steps is grad_accum_steps here, which rl keeps at "
+        "1: a step trains on its whole generation batch",
+        "steps_per_generation": "a generation batch is trained whole by each of num_iterations optimizer steps (TRL's "
+        "num_iterations); TRL's steps_per_generation, which splits it over several steps, is not offered",
+        "num_train_epochs": "a run is max_steps optimizer steps, whatever the epochs they make",
+        "reward_weights": "the reward is correctness + format_weight x format here, the task (task=) its verifier: "
+        "TRL's reward_weights=[1, w] over an accuracy and a format reward is format_weight=w",
+        "delta": "TRL's delta (INTELLECT-2's two-sided clipping) is not offered; epsilon_high (DAPO's clip-higher) is",
+    }
         "loss_type": {
             "bnpo": "TRL's bnpo (the token mean over a micro-batch) is what dapo computes here, where a step trains "
             "on its whole generation batch at once: give loss_type=dapo",

@@ -220,6 +220,38 @@ def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
 
 
 @pytest.mark.parametrize(
+    ("trl_name", "ours"),
+    [("learning_rate=1e-6", "TRL's learning_rate is lr here"),
+     ("per_device_train_batch_size=8", "TRL's per_device_train_batch_size counts completions; batch_size here counts "
+      "prompts"),
+     ("generation_batch_size=16", "is batch_size x num_generations here"),
+     ("gradient_accumulation_steps=4", "is grad_accum_steps here, which rl keeps at 1"),
+     ("steps_per_generation=2", "TRL's steps_per_generation, which splits it over several steps, is not offered"),
+     ("num_train_epochs=1", "a run is max_steps optimizer steps"),
+     ("reward_weights=[1.0, 0.5]", "TRL's reward_weights=[1, w] over an accuracy and a format reward is "
+      "format_weight=w"),
+     ("delta=1.5", "TRL's delta (INTELLECT-2's two-sided clipping) is not offered")],
+)  # fmt: skip
+def test_trls_grpo_field_names_are_refused_naming_ours(tmp_path, trl_name, ours):
+    """A TRL GRPOConfig name is no field here: the refusal says which field it is (was: 'did you mean' the closest
+    name, delta's 'beta' and reward_weights' 'format_weight' with nothing on how they differ, or nothing at all)."""
+    with pytest.raises(ConfigError, match=f"unknown field '{trl_name.split('=')[0]}'; .*{re.escape(ours)}"):
+        resolve_train_config(None, [trl_name], cls=GRPOConfig)
+    config = tmp_path / "rl.yaml"
+    config.write_text(trl_name.replace("=", ": "))
+    with pytest.raises(ConfigError, match=f"rl.yaml: unknown field .*{re.escape(ours)}"):
+        resolve_train_config(config, [], cls=GRPOConfig)
+
+
+@pytest.mark.parametrize(("trls", "ours"), [("true", "group"), ("false", "none")])
+def test_trls_boolean_scale_rewards_is_refused_naming_the_choice_that_computes_it(trls, ours):
+    """TRL's GRPOConfig maps scale_rewards=True to "group" and False to "none" (its __post_init__)."""
+    note = f"TRL's scale_rewards={trls} .* is scale_rewards={ours}"
+    with pytest.raises(ConfigError, match=f"input should be 'group', 'batch' or 'none'; {note}$"):
+        resolve_train_config(None, [f"scale_rewards={trls}"], cls=GRPOConfig)
+
+
+@pytest.mark.parametrize(
     ("verls", "ours"), [("token-mean", "dapo"), ("seq-mean-token-mean", "grpo"), ("seq-mean-token-sum-norm", "dr_grpo")]
 )
 def test_verls_loss_aggregation_names_are_refused_naming_the_loss_type_that_computes_each(verls, ours):
