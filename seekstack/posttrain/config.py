@@ -126,8 +126,6 @@ class GRPOConfig(TrainConfig):
     saved run's holds the default resolved where the run started)."""
 
     rows_fit_context: ClassVar[bool] = True
-    # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
-    value_notes: ClassVar[dict[str, dict[str, str]]] = {
     # what to say of TRL's GRPOConfig names that are none of these fields (schema.known_fields)
     field_notes: ClassVar[dict[str, str]] = {
         "learning_rate": "TRL's learning_rate is lr here",
@@ -144,6 +142,12 @@ class GRPOConfig(TrainConfig):
         "TRL's reward_weights=[1, w] over an accuracy and a format reward is format_weight=w",
         "delta": "TRL's delta (INTELLECT-2's two-sided clipping) is not offered; epsilon_high (DAPO's clip-higher) is",
     }
+    # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
+    value_notes: ClassVar[dict[str, dict[object, str]]] = {
+        "scale_rewards": {
+            True: "TRL's scale_rewards=true (its std within each group) is scale_rewards=group",
+            False: "TRL's scale_rewards=false (no std) is scale_rewards=none",
+        },
         "loss_type": {
             "bnpo": "TRL's bnpo (the token mean over a micro-batch) is what dapo computes here, where a step trains "
             "on its whole generation batch at once: give loss_type=dapo",
