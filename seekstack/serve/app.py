@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from importlib.metadata import version
@@ -57,6 +56,8 @@ from seekstack.serve.protocol import (
 )
 from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
 from seekstack.serve.reasoning import ReasoningSplit, given_start
+from seekstack.serve.request_ids import HEADER as REQUEST_ID
+from seekstack.serve.request_ids import RequestIds, request_id_of
 from seekstack.serve.safety import ContentSafety
 from seekstack.serve.schemas import (
     AssistantMessage,
@@ -317,10 +318,8 @@ class Server:
             await self.close_bill(bill, error.status if isinstance(error, APIError) else 500, charge, 0)
             raise
         bill.prompt_tokens = prompt_tokens
-        # a client's X-Request-Id names the response (its id) and comes back as a header, as vLLM's
-        request_id = request.headers.get("x-request-id")
-        response_id = _response_id(isinstance(body, ChatCompletionRequest), request_id)
-        echoed = {**({"X-Request-Id": request_id} if request_id else {}), **limits}
+        # the request's id (a client's X-Request-Id, else a new one) names the response, as vLLM names it
+        response_id = f"{'chatcmpl' if isinstance(body, ChatCompletionRequest) else 'cmpl'}-{request_id_of(request)}"
         usage = ChoicesUsage([len(prompt) for prompt in prompts], candidates(body))
         if self.log_requests:
             log.info("Received request %s: model %r, %d prompt tokens, %d choices of at most %d tokens%s", response_id,
@@ -360,12 +359,12 @@ class Server:
                 await finish(500)
                 raise
             events = self.stream(body, prompts, group, bill, usage, categories, response_id)
-            return EventStream(events, on_close=finish, headers=echoed)
+            return EventStream(events, on_close=finish, headers=limits)
         status = CLIENT_CLOSED
         try:
             answer = self.complete(body, prompts, group, bill, usage, categories, response_id)
             response = await _unless_client_leaves(request, answer)
-            response.headers.update(echoed)
+            response.headers.update(limits)
             status = 200
             return response
         except ClientLeft:
@@ -796,11 +795,6 @@ def _role_choice(index: int) -> ChatChunkChoice:
     return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
 
 
-def _response_id(is_chat: bool, request_id: str | None) -> str:
-    """A response's `id`: chatcmpl- or cmpl- and the client's X-Request-Id, else a new random one (vLLM's ids)."""
-    return f"{'chatcmpl' if is_chat else 'cmpl'}-{request_id or uuid.uuid4().hex}"
-
-
 def create_app(
     engine: Engine,
     database: Database,
@@ -826,6 +820,7 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"],
                            max_age=600)  # fmt: skip
+    app.add_middleware(RequestIds)  # every response's X-Request-Id
     app.state.server = server
     openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest, *TOKENIZE_REQUESTS],
                                 lambda: [card.id for card in server.models().data])  # fmt: skip
@@ -846,7 +841,10 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
-        return internal_error(error, f"answering {request.method} {request.url.path}").response()
+        # answered outside the middleware (Starlette's ServerErrorMiddleware), so the request's id is set here
+        answer = internal_error(error, f"answering {request.method} {request.url.path}").response()
+        answer.headers[REQUEST_ID] = request_id_of(request)
+        return answer
 
     health_answers: dict[str, Any] = {
         "response_model": Health,

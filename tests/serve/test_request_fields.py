@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
 import pytest
 import torch
 
@@ -438,10 +439,13 @@ def test_every_response_has_an_x_request_id_the_clients_or_its_own_that_names_a_
         others = [await client.get("/v1/models"), await client.post("/v1/completions", json={**COMPLETION, "n": 0})]
         with database.transaction() as statements:  # a broken database: the 500 of an unexpected error
             statements.execute("DROP TABLE keys")
-        return completions, [*others, await client.get("/v1/models")]
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # answered, then raised to the server
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000") as failing:
+            return completions, [*others, await failing.get("/v1/models")]
 
     database = open_database(tmp_path / "db")
-    completions, (models, refused, failed) = run(create_app(engine, database), scenario)
+    app = create_app(engine, database)
+    completions, (models, refused, failed) = run(app, scenario)
     ids = [
         json.loads(response.text.split("\n")[0].removeprefix("data: "))["id"] if response.text.startswith("data:")
         else response.json()["id"]

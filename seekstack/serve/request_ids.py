@@ -1,0 +1,39 @@
+"""Every response's `X-Request-Id`, as OpenAI answers each call with one (the openai client reads it as a response's
+`_request_id` and an error's `request_id`): the one the client sent, as vLLM reads it, else a new random one. A
+completion's `id` is `cmpl-` or `chatcmpl-` and this id, so a call, its response and its log lines share it."""
+
+from __future__ import annotations
+
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+HEADER = "X-Request-Id"
+
+
+class RequestIds:
+    """ASGI middleware: the request's id, kept in its state (`request_id_of`), goes out on its response's headers."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = Headers(scope=scope).get(HEADER) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[HEADER] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def request_id_of(request: Request) -> str:
+    """The id `RequestIds` gave `request`."""
+    return request.scope["state"]["request_id"]
