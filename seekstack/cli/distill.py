@@ -25,7 +25,7 @@ def distill_command(
     from seekstack.distill.config import DistillConfig
     from seekstack.distill.run import run_distill
 
-    run_stage(DistillConfig, run_distill, config, overrides, resume_from or resume, write_config, config_option)
+    run_stage(DistillConfig, run_distill, config, overrides, resume, resume_from, write_config, config_option)
 
 
 def register(app: typer.Typer) -> None:

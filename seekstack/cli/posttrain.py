@@ -46,7 +46,7 @@ def sft_command(
     from seekstack.posttrain.config import SFTConfig
     from seekstack.posttrain.sft import run_sft
 
-    run_stage(SFTConfig, run_sft, config, overrides, resume_from or resume, write_config, config_option)
+    run_stage(SFTConfig, run_sft, config, overrides, resume, resume_from, write_config, config_option)
 
 
 def rl_command(
@@ -62,7 +62,7 @@ def rl_command(
     from seekstack.posttrain.config import GRPOConfig
     from seekstack.posttrain.rl import run_rl
 
-    run_stage(GRPOConfig, run_rl, config, overrides, resume_from or resume, write_config, config_option)
+    run_stage(GRPOConfig, run_rl, config, overrides, resume, resume_from, write_config, config_option)
 
 
 def pass_at_k_command(

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import Checkpoint, fail, key_value_command, options_named, user_errors
+from seekstack.cli.common import (
+    Checkpoint,
+    UsageError,
+    fail,
+    get_current_context,
+    key_value_command,
+    options_named,
+    user_errors,
+)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="The config file as an option (data build's and quantize's spelling)")
@@ -39,7 +47,7 @@ def train_command(
     from seekstack.train.config import TrainConfig
     from seekstack.train.trainer import train
 
-    run_stage(TrainConfig, train, config, overrides, resume_from or resume, write_config, config_option)
+    run_stage(TrainConfig, train, config, overrides, resume, resume_from, write_config, config_option)
 
 
 def run_stage(
@@ -47,13 +55,15 @@ def run_stage(
     run: Callable,
     config: Path | None,
     overrides: list[str] | None,
-    resume: bool | str,
+    resume: bool,
+    resume_from: str | None,
     write_to: Path | None = None,
     config_option: Path | None = None,
 ) -> None:
     """Resolve a training stage's config (`cls`: TrainConfig or a post-training subclass) from its file (CONFIG or
     `config_option`, --config) and overrides, then `run(config, resume=)` it, or with `write_to` write the config and
-    stop. `resume`: True for the run's newest checkpoint, or --resume-from's step number or checkpoint folder."""
+    stop. `resume` (--resume): from the run's newest checkpoint; `resume_from` (--resume-from): from a step number's
+    or a folder's checkpoint; both given are refused."""
     from seekstack.parallel.distributed import is_main_process
     from seekstack.schema import write_config
     from seekstack.train.config import resolve_train_config
@@ -61,6 +71,13 @@ def run_stage(
     from seekstack.train.trainer import TrainingDiverged
 
     main = is_main_process()  # under torchrun, rank 0 alone prints the warnings and the outcome
+    if resume and resume_from is not None:  # which checkpoint was meant is the user's to say
+        raise UsageError(
+            f"--resume and --resume-from {resume_from} both given: --resume continues from the run's newest "
+            "checkpoint, --resume-from from the one it names; give one",
+            get_current_context(silent=True),
+        )
+    resume = resume_from or resume
     with user_errors():
         if config is not None and "=" in str(config):  # only overrides were given
             overrides, config = [str(config), *(overrides or [])], None

@@ -207,6 +207,17 @@ def test_every_training_stage_takes_resume_from_a_step_or_a_checkpoint_folder(tm
     assert f"{copied} is no checkpoint of a run holding one" in folder.output
 
 
+@pytest.mark.parametrize("command", ["train", "sft", "rl", "distill"])
+def test_resume_and_resume_from_together_are_refused_naming_both(tmp_path, command):
+    """--resume beside --resume-from 3 took step 3 silently, where the newest checkpoint may have been meant."""
+    result = runner.invoke(app, [command, f"out_dir={tmp_path}", "--resume", "--resume-from", "3"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "Error: --resume and --resume-from 3 both given: --resume continues from the run's newest checkpoint, "
+        "--resume-from from the one it names; give one"
+    ) in " ".join(result.output.split())
+
+
 def test_data_build_shows_its_progress_on_stderr_and_its_report_alone_on_stdout(tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
