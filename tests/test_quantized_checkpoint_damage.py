@@ -4,6 +4,7 @@ are: weights or scales not of the shapes the config implies, and an index that n
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import seekstack
 from seekstack import Transformer
 from seekstack.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, dequantize_fp8, quantize_fp8
+from seekstack.compress.formats import pack_codes
 from seekstack.compress.quantize import QuantConfig, quantize_model
 from tests.conftest import micro_config
 
@@ -201,6 +203,37 @@ def test_asymmetric_int_weights_are_refused_naming_the_config_and_the_group(tmp_
     (directory / "config.json").write_text(json.dumps(config))
     message = load_error(directory, dequantize)
     assert message.startswith(f"{directory / 'config.json'}: quantization_config group 'group_0' says symmetric=false")
+
+
+# q_b_proj's (96 rows, 1 group) zero points: int8, or packed along the rows as pack-quantized packs them
+ZERO_POINTS = {
+    "int8": lambda point: torch.full((96, 1), point, dtype=torch.int8),
+    "packed": lambda point: pack_codes(torch.full((1, 96), point, dtype=torch.int8), 4).t().contiguous(),
+}
+
+
+@pytest.mark.parametrize("stored", ZERO_POINTS)
+@pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
+def test_a_symmetric_layers_zero_points_load_when_zero_and_are_refused_otherwise(tmp_path, dequantize, stored):
+    """A symmetric group's `weight_zero_point` (earlier compressed-tensors versions wrote all-zero ones) was never
+    read: zero ones were warned of as unused keys, and others, which shift the weights, were ignored silently."""
+    directory = save_quantized(tmp_path / "int4", "int4")
+    expected = seekstack.load_pretrained(directory, dequantize=dequantize)(torch.arange(10)[None]).logits
+    damage(
+        directory / SINGLE_FILE, lambda tensors: tensors.__setitem__(f"{Q_B}.weight_zero_point", ZERO_POINTS[stored](0))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no key left unused
+        loaded = seekstack.load_pretrained(directory, dequantize=dequantize)
+    assert torch.equal(loaded(torch.arange(10)[None]).logits, expected)
+    damage(
+        directory / SINGLE_FILE, lambda tensors: tensors.__setitem__(f"{Q_B}.weight_zero_point", ZERO_POINTS[stored](3))
+    )
+    assert load_error(directory, dequantize) == (
+        f"{directory / SINGLE_FILE}: key '{Q_B}.weight_zero_point' holds zero points other than 0, but the "
+        f"quantization_config group 'group_0' of {directory / 'config.json'} says symmetric (codes x scales, no zero "
+        "point); the config and the weights disagree: re-save or re-download the checkpoint"
+    )
 
 
 @pytest.mark.parametrize("order", ["group", True])

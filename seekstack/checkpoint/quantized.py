@@ -152,6 +152,7 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
         bits = reader.packed_bits(key)
         columns = reader.stored_shape(f"{key}.weight_packed")[-1] * 32 // bits
         reader.check_int_scheme(key, bits, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
+        reader.zero_points(key)
         return ["weight_packed", "weight_scale"]
     if f"{key}.weight" not in reader:
         return None
@@ -160,6 +161,7 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
     if stored == "I8":
         columns = reader.stored_shape(f"{key}.weight")[-1]
         reader.check_int_scheme(key, 8, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
+        reader.zero_points(key)
         return ["weight", "weight_scale"]
     if stored == "F8_E4M3" and f"{key}.weight_scale_inv" in reader:  # DeepSeek's; float-quantized's load as float
         return ["weight", "weight_scale_inv"]
@@ -168,7 +170,8 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
 
 def stored_tensor_bytes(directory: str | Path) -> dict[str, int]:
     """The bytes each tensor of checkpoint `directory` takes once loaded (`load_pretrained(dtype="auto")`), by key,
-    from its safetensors headers (no weight is read; only compressed-tensors' two-number `weight_shape`s): float
+    from its safetensors headers (no weight is read; only compressed-tensors' two-number `weight_shape`s and a symmetric
+    layer's zero points, `CheckpointReader.zero_points`): float
     tensors as stored, without what loading leaves unread (the MTP modules' copies of the embedding and head, the
     `weight_shape`s, activations' `input_scale`s), and each quantized layer as loading holds it
     (`_held_layer_bytes`)."""

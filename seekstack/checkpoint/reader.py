@@ -308,6 +308,29 @@ class CheckpointReader:
         configured = self._group_weights(key).get("num_bits")
         return 4 if configured in INT8_HELD_BITS and configured <= 4 else 8
 
+    def zero_points(self, layer: str) -> torch.Tensor | None:
+        """The zero points of int8/int4 layer `layer` (its `weight_zero_point`), None where it stores none. A layer
+        of a symmetric config group may store all-zero ones (earlier compressed-tensors versions wrote them): None,
+        the key accounted for; CheckpointError naming the file, the key and the group where any is not 0, which
+        reading codes x scales would ignore, loading the layer shifted."""
+        key = f"{layer}.weight_zero_point"
+        if key not in self:
+            return None
+        self.used.add(key)
+        points = self._get(key)
+        if points.dtype == torch.int32:  # pack-quantized packs them along the rows, as its codes along the columns
+            rows = self.unpacked_shape(self.weight_key(layer))[-2]
+            points = unpack_codes(points.transpose(-2, -1), self.code_bits(layer)).transpose(-2, -1)[..., :rows, :]
+        if points.count_nonzero():
+            applied = self._group_of(layer)
+            group = f"group {applied[0]!r} of " if applied is not None else ""
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} holds zero points other than 0, but the quantization_config "
+                f"{group}{self.directory / CONFIG_FILE} says symmetric (codes x scales, no zero point); the config "
+                f"and the weights disagree: {DAMAGED}"
+            )
+        return None
+
     def float_block(self, key: str) -> tuple[int, int] | None:
         """The (rows, columns) scale block of layer `key` where the compressed-tensors config group applying to it says
         `strategy: "block"` (float-quantized fp8, llm-compressor's FP8_BLOCK: `weight_scale` one per block), else
@@ -474,6 +497,7 @@ class CheckpointReader:
             self.check_recorded_shape(packed_key)
             self.check_scales(packed_key)
             self.used.update((packed_key, key + "_scale", key + "_shape"))
+            self.zero_points(key.removesuffix(".weight"))
             codes = unpack_codes(self._get(packed_key), self.packed_bits(key.removesuffix(".weight")))
             return dequantize_int(codes, self._get(key + "_scale"))
         if shape is not None:
@@ -486,6 +510,8 @@ class CheckpointReader:
         if tensor.dtype in (torch.int8, torch.float8_e4m3fn) and key + "_scale" in self.key_to_file:
             self.check_scales(key)
             self.used.add(key + "_scale")
+            if tensor.dtype == torch.int8:
+                self.zero_points(key.removesuffix(".weight"))
             scale, block = self._get(key + "_scale"), self.float_block(key.removesuffix(".weight"))
             return dequantize_fp8(tensor, scale, block) if block else dequantize_int(tensor, scale)
         if tensor.dtype == torch.float8_e4m3fn:
