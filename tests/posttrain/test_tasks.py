@@ -261,6 +261,19 @@ def test_an_answer_naming_what_it_equals_reads_as_its_right_side_as_math_verify_
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{\\frac{1}{2} = 42}", None), ("\\boxed{\\frac12 = 42}", None), ("$\\dfrac 84 = 42$", None),
+     ("\\boxed{x \\cdot 2 = 42}", None), ("\\boxed{\\sqrt{2} = 42}", None), ("\\boxed{x1 = 42}", 42),
+     ("\\boxed{\\overline{AB} = 42}", 42), ("\\boxed{a_{12} = 42}", 42), ("\\boxed{\\mathrm{P}(A) = 42}", 42),
+     ("\\boxed{f'(x) = 42}", 42)],
+)  # fmt: skip
+def test_an_equation_whose_left_side_holds_a_number_is_no_name_and_no_answer(answer, value):
+    """\\boxed{\\frac{1}{2} = 42} read 42: the name before "=" took commands and digits in any order, so a fraction
+    passed for one, where "2 + 40 = 42" is no answer; a number in the left side makes it an expression."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -460,6 +473,9 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "1\\ " * 23_000 + "\\frac",
         "1" + "\\, " * 23_000 + "\\frac",
         "\\frac" + " " * 70_000 + "1",
+        "x(" + " " * 70_000,
+        "x" + "{a" * 35_000,
+        "x" + "_{" * 35_000,
         "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",
     ],

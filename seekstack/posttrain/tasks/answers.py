@@ -29,9 +29,14 @@ MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scriptscript)style)(?![A-Za-z])")
 OPENING_SPACE = re.compile(r"\A(?:\s|\\[ ,;:!])+")  # LaTeX spaces before an answer ("\boxed{\,57\,}"), nothing to it
 # What the answer equals, named ("x = 57", "a_{n} = 57", "\theta = 57", "\angle ABC = 57", "f(2) = 57"): the right
-# side is the answer, as math-verify takes it. A name opens with a letter or a LaTeX command, then letters, digits,
-# commands, subscripts, parentheses; "2 + 55 = 57" is no name
-VARIABLE = re.compile(r"(?:\\[A-Za-z]++|[A-Za-z])(?:\\[A-Za-z]++|[A-Za-z0-9_{}()'\s])*+=\s*")
+# side is the answer, as math-verify takes it. A name opens with a letter or a LaTeX command, then letters (digits
+# after one: "x1"), commands with arguments of no digit ("\overline{AB}"), subscripts ("x_1", "a_{12}"), arguments in
+# parentheses ("f(2)"), primes. A number makes it an expression, no name: "2 + 55 = 57", "\frac{1}{2} = 57",
+# "\frac12 = 57", "x \cdot 2 = 57"
+VARIABLE = re.compile(
+    r"(?:\\[A-Za-z]++|[A-Za-z][0-9]*+)"
+    r"(?:\\[A-Za-z]++|[A-Za-z][0-9]*+|\{[^{}0-9=]*+\}|_(?:\{[^{}=]*+\}|[A-Za-z0-9])|\([^()=]*+\)|['\s])*+=\s*"
+)
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
 # and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
 # Minerva's "Final Answer: The final answer is 57. I hope it is correct." (lm-eval's minerva_math) writes both; in
