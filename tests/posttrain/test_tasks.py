@@ -274,6 +274,17 @@ def test_an_equation_whose_left_side_holds_a_number_is_no_name_and_no_answer(ans
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{x = y = 30}", 30), ("\\boxed{a = b = c = 30}", 30), ("$AB = BC = 30$", 30), ("x=y=30", 30),
+     ("x = y = 29 = 30", None), ("x = 29 = y = 30", None)],
+)  # fmt: skip
+def test_a_chain_of_names_equal_to_the_answer_reads_as_its_right_side_as_math_verify_reads_it(answer, value):
+    """\\boxed{x = y = 30} was no number (scored 0 against 30): one name was dropped before "=", where math-verify
+    reads the chain's last right side; a number inside the chain still makes it no answer."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -476,6 +487,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "x(" + " " * 70_000,
         "x" + "{a" * 35_000,
         "x" + "_{" * 35_000,
+        "x = " * 17_000 + "y",
         "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",
     ],
