@@ -265,9 +265,6 @@ class Server:
             bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
             body = await asyncio.to_thread(parse_body, schema, raw)  # JSON and tokenizer: off the event loop
-            if body.model_extra:  # ignored, as vLLM ignores them, and named for the operator, as vLLM names them
-                log.warning("The following fields were present in the request but ignored: %s",
-                            ", ".join(sorted(body.model_extra)))  # fmt: skip
             # the ledger records which model served, or the start of the name asked for: a refused request's row
             # (not rate limited) is no place for a body-sized name
             model = body.model or self.model_name  # none named: the base model, as vLLM's

@@ -49,11 +49,17 @@ LENGTH_ERRORS = ("too_long", "too_short")  # pydantic's types for a sequence out
 
 
 def parse_body(schema: type[Model], raw: bytes) -> Model:
-    """The request body `raw` as `schema`, or a 400 naming every field at fault."""
+    """The request body `raw` as `schema`, or a 400 naming every field at fault. Fields a schema keeps unknown (extra
+    "allow") are ignored, as vLLM ignores them, and named in a warning for the operator, as vLLM names them."""
     try:
-        return schema.model_validate_json(raw)
+        body = schema.model_validate_json(raw)
     except ValidationError as error:
         raise invalid_body(error, raw) from None
+    if body.model_extra:
+        log.warning(
+            "The following fields were present in the request but ignored: %s", ", ".join(sorted(body.model_extra))
+        )
+    return body
 
 
 def invalid_body(error: ValidationError, raw: bytes = b"") -> APIError:

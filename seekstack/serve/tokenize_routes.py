@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from seekstack.serve.access import read_body
 from seekstack.serve.database import in_write_thread
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 class TokenizeRequest(StrictRequest):
     """A completion's prompt text or a chat's messages, one of the two."""
 
+    model_config = ConfigDict(extra="allow")  # a field it does not know is ignored, and named in the log (parse_body)
     model: str | None = None
     prompt: PromptText | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
@@ -71,6 +72,7 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(StrictRequest):
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     tokens: list[TokenId]
 

@@ -486,10 +486,19 @@ def test_a_request_naming_no_model_is_served_by_the_base_model_as_vllms(engine, 
     assert error_of(empty, 400)["param"] == "model"  # a name, if one is given (the OpenAPI document lists them)
 
 
-@pytest.mark.parametrize("route, body", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("/v1/completions", COMPLETION),
+        ("/v1/chat/completions", CHAT),
+        ("/tokenize", {"prompt": "The quick brown"}),
+        ("/detokenize", {"tokens": [1, 2]}),
+    ],
+)
 def test_fields_the_server_ignores_are_named_in_its_log_as_vllm_logs_them(engine, tmp_path, caplog, route, body):
     """An unknown field (a misspelt `max_token`, OpenAI's `metadata`) was dropped without a word anywhere: the reply
-    ignored it and the operator could not tell. vLLM logs a warning naming such fields; the server now does too."""
+    ignored it and the operator could not tell. vLLM logs a warning naming such fields (on /tokenize and /detokenize
+    too, which named none here after the completions did); the server now does too."""
     with caplog.at_level("WARNING", logger="seekstack.serve"):
         answered, plain = post_each(engine, tmp_path / "db", [(route, {**body, "max_token": 2, "metadata": {}}),
                                                               (route, body)])  # fmt: skip
