@@ -285,6 +285,18 @@ def test_a_chain_of_names_equal_to_the_answer_reads_as_its_right_side_as_math_ve
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{x \\approx 30}", 30), ("\\boxed{x\\approx30}", 30), ("$x \u2248 30$", 30),
+     ("\\boxed{x = y \\approx 30}", 30), ("\\boxed{\\approx 30}", None),
+     ("\\boxed{\\frac{61}{2} \\approx 30}", None), ("\\boxed{x \\approxeq 30}", None)],
+)  # fmt: skip
+def test_a_name_approximately_equal_to_the_answer_reads_as_its_right_side_as_math_verify_reads_it(answer, value):
+    """\\boxed{x \\approx 30} was no number (scored 0 against 30; math-verify, as TRL's accuracy_reward calls it,
+    accepts it): \\approx was taken for a command of the name, which then had no "="."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -488,6 +500,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "x" + "{a" * 35_000,
         "x" + "_{" * 35_000,
         "x = " * 17_000 + "y",
+        "x \\approx " * 7_000 + "y",
         "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",
     ],

@@ -32,10 +32,14 @@ OPENING_SPACE = re.compile(r"\A(?:\s|\\[ ,;:!])+")  # LaTeX spaces before an ans
 # side is the answer, as math-verify takes it. A name opens with a letter or a LaTeX command, then letters (digits
 # after one: "x1"), commands with arguments of no digit ("\overline{AB}"), subscripts ("x_1", "a_{12}"), arguments in
 # parentheses ("f(2)"), primes. A number makes it an expression, no name: "2 + 55 = 57", "\frac{1}{2} = 57",
-# "\frac12 = 57", "x \cdot 2 = 57". Names may be chained, as math-verify reads them: "x = y = 57" ("x = 56 = 57" not)
+# "\frac12 = 57", "x \cdot 2 = 57". Names may be chained, as math-verify reads them: "x = y = 57" ("x = 56 = 57" not).
+# A name approximately equal to the answer ("x \approx 57", "x ≈ 57") is read alike, as math-verify reads it
+APPROX = r"\\approx(?![A-Za-z])|\u2248"
+COMMAND = r"\\(?!approx(?![A-Za-z]))[A-Za-z]++"  # a LaTeX command in a name, not the relation \approx
 VARIABLE = re.compile(
-    r"(?:(?:\\[A-Za-z]++|[A-Za-z][0-9]*+)"
-    r"(?:\\[A-Za-z]++|[A-Za-z][0-9]*+|\{[^{}0-9=]*+\}|_(?:\{[^{}=]*+\}|[A-Za-z0-9])|\([^()=]*+\)|['\s])*+=\s*)++"
+    rf"(?:(?:{COMMAND}|[A-Za-z][0-9]*+)"
+    rf"(?:{COMMAND}|[A-Za-z][0-9]*+|\{{[^{{}}0-9=]*+\}}|_(?:\{{[^{{}}=]*+\}}|[A-Za-z0-9])|\([^()=]*+\)|['\s])*+"
+    rf"(?:=|{APPROX})\s*)++"
 )
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
 # and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
