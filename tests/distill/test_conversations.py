@@ -20,6 +20,7 @@ from seekstack.distill.model import DistillModel
 from seekstack.distill.onpolicy import StudentGenerations, conversation_prompts, generated_positions
 from seekstack.distill.run import run_distill
 from seekstack.distill.teacher import Teacher, TopKCache, layer_outputs
+from seekstack.infer import Engine
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.model.transformer import Transformer
 from seekstack.posttrain.conversations import (
@@ -411,6 +412,35 @@ def test_packed_conversations_are_answered_each_on_its_own_and_the_answers_packe
     # packed again as packing packs: answers that fit together share a row (how long each runs is the student's draw)
     assert rows.shape[0] == len(best_fit_decreasing(answered_lengths, 128))
     assert torch.equal(compared, expected_compared)
+
+
+def test_packed_conversations_are_answered_all_at_once_not_a_rows_worth_at_a_time(workspace, tmp_path, monkeypatch):
+    """The engine was made for batch_size answers at once, so 2 packed rows of 11 conversations were answered in 6
+    waves of 2 (2.89 s, now 0.66 s); the answers are those each seed draws, whatever runs beside them."""
+    data = write_conversations(SHORT_CHATS * 4, tmp_path / "chats.jsonl")
+    config = conversation_config(workspace, tmp_path, data=str(data), task="", packing=True, lmbda=1.0)
+    packed = SFTSource(config, packing=True)
+    input_ids, labels, positions = packed.batch(2, 0.0)
+    conversations = int((positions == 0).sum())
+    assert input_ids.shape[0] == 2 and conversations > 4
+    torch.manual_seed(0)
+    student = Transformer(config.model_config())
+    step, together = Engine.step, []
+
+    def counted_step(engine):
+        together.append(engine.stats().running)
+        return step(engine)
+
+    monkeypatch.setattr(Engine, "step", counted_step)
+    answered = {}
+    for rows in (2, conversations):
+        generations = StudentGenerations(student, packed.tokenizer, rows, 128, prompt_tokens=None, temperature=1.0)
+        together.clear()
+        torch.manual_seed(1)
+        answered[rows] = generations(input_ids, labels, positions)
+        assert max(together) == conversations  # every conversation answered in one wave
+    for ours, alone in zip(answered[2], answered[conversations], strict=True):
+        assert torch.equal(ours, alone)
 
 
 def test_packed_conversation_distillation_trains_off_and_on_policy(workspace, tmp_path):
