@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import fail, key_value_command, run_to_checkpoint, user_errors
+from seekstack.cli.common import fail, key_value_command, run_to_checkpoint, user_errors, warn
 
 OVERRIDE = re.compile(r"[A-Za-z_][\w.]*=")  # a key=value positional (lora.rank=4); a path has no key before '='
 lora_app = typer.Typer(no_args_is_help=True, help="LoRA adapters (peft format): train on your text, merge.")
@@ -48,7 +48,7 @@ def train_command(
 
     with user_errors(), contextlib.nullcontext() if resume else undone_if_refused(out):
         (base, data), overrides = _paths_and_overrides([a for a in (base, data, *(overrides or [])) if a is not None])
-        train_config, adapter = lora_train_config(base, data, out, overrides, resume, _warn)
+        train_config, adapter = lora_train_config(base, data, out, overrides, resume, warn)
         try:
             result = train_adapter(train_config, adapter, resume)
         except TrainingDiverged as error:
@@ -81,10 +81,6 @@ def _paths_and_overrides(arguments: list[str]) -> tuple[tuple[str | None, str | 
         )
     base, data = [*paths, None, None][:2]
     return (base, data), arguments[len(paths) :]
-
-
-def _warn(message: str) -> None:
-    typer.echo(f"warning: {message}", err=True)
 
 
 def register(app: typer.Typer) -> None:

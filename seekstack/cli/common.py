@@ -156,6 +156,13 @@ def key_value_command(*configs: tuple[type, str]) -> type[TyperCommand]:
     return KeyValueCommand
 
 
+def warn(message: str) -> None:
+    """Print `message` as a warning on stderr; under torchrun rank 0 alone prints it (every rank resolves the same
+    config and meets the same warnings), as it alone prints the outcome."""
+    if _rank() == 0:
+        typer.echo(f"warning: {message}", err=True)
+
+
 def _rank() -> int:
     """This process's rank among those torchrun started; 0 when it runs alone (no need to load torch to know)."""
     return int(os.environ.get("RANK", "0"))

@@ -16,6 +16,7 @@ from seekstack.cli.common import (
     key_value_command,
     options_named,
     user_errors,
+    warn,
 )
 
 ConfigOpt = Annotated[
@@ -70,7 +71,7 @@ def run_stage(
     from seekstack.train.runs import step_dir
     from seekstack.train.trainer import TrainingDiverged
 
-    main = is_main_process()  # under torchrun, rank 0 alone prints the warnings and the outcome
+    main = is_main_process()  # under torchrun, rank 0 alone prints the outcome (and `warn` the warnings)
     if resume and resume_from is not None:  # which checkpoint was meant is the user's to say
         raise UsageError(
             f"--resume and --resume-from {resume_from} both given: --resume continues from the run's newest "
@@ -84,7 +85,6 @@ def run_stage(
         if config is not None and config_option is not None:
             raise ValueError(f"two config files, {config} and --config {config_option}: give one")
         config = config or config_option
-        warn = _warn if main else lambda message: None
         # --resume-from's checkpoint folder (maybe another run's, whose config a fresh out_dir takes), or step number
         folder = None if isinstance(resume, bool) or resume.isdecimal() else Path(resume)
         resolved = resolve_train_config(config, overrides or [], resume=folder or bool(resume), warn=warn, cls=cls)
@@ -101,10 +101,6 @@ def run_stage(
             fail(str(error))
     if main:
         typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
-
-
-def _warn(message: str) -> None:
-    typer.echo(f"warning: {message}", err=True)
 
 
 def plot_command(

@@ -117,6 +117,20 @@ def test_key_value_positionals_are_overrides_not_base_or_data(base, text, tmp_pa
     assert not (tmp_path / "new").exists()
 
 
+def test_under_torchrun_rank_0_alone_prints_a_resumed_runs_config_warnings(base, text, tmp_path, monkeypatch):
+    """Every rank resolves the config and heard its warnings: under torchrun each printed 'warning: resuming with
+    ...' once a rank, where `seekstack train` prints them on rank 0 alone. bias_update_rate is refused after them."""
+    out = tmp_path / "adapter"
+    assert lora_train(base, text, *QUICK_RUN, "--out", out)[0] == 0
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        code, output = lora_train("--resume", "bias_update_rate=0.001", "--out", out)
+        assert code == 1
+        warned = "warning: resuming with bias_update_rate=0.001 (the run last ran with 0.0)" in output
+        assert warned == (rank == 0), output
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
