@@ -31,9 +31,9 @@ ModelDir = Annotated[
     ),
 ]
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
-MaxNewTokens = Annotated[int, typer.Option(help="Most tokens to generate")]
 UNTIL_CONTEXT = -1  # generate's --max-new-tokens for no limit but the context's, as llama-cli's -n -1
 CHECKPOINT_DEFAULT = "default: the checkpoint's generation_config.json, else"  # an unset sampling option's value
+ReplyTokens = Annotated[int | None, typer.Option(help=f"Most tokens of each reply [{CHECKPOINT_DEFAULT} 512]")]
 Temperature = Annotated[
     float | None, typer.Option(help=f"Sampling temperature; 0 = greedy [{CHECKPOINT_DEFAULT} 1; chat 0.7]")
 ]
@@ -138,7 +138,8 @@ Stop = Annotated[
 ]
 ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr\\])")
 ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-CHAT_SAMPLING = dict(temperature=0.7, top_p=0.95)  # chat's defaults where neither option nor checkpoint sets them
+# chat's defaults where neither option nor checkpoint sets them (512: ReplyTokens' help)
+CHAT_SAMPLING = dict(max_new_tokens=512, temperature=0.7, top_p=0.95)
 DRAFTING_OPTIONS = ("draft_tokens", "adaptive_drafts", "draft_vocab")  # what --speculative decoding alone reads
 INTERRUPTED = 130  # the exit code of a command ended by Ctrl-C (SIGINT), as shells give it
 
@@ -152,8 +153,12 @@ def generate_command(
     ] = None,
     tokenizer: TokenizerPath = None,
     max_new_tokens: Annotated[
-        int, typer.Option(help="Most tokens to generate; -1: until the context is full (llama-cli's -n -1)")
-    ] = SamplingParams.max_new_tokens,
+        int | None,
+        typer.Option(
+            help=f"Most tokens to generate; -1: until the context is full (llama-cli's -n -1) [{CHECKPOINT_DEFAULT} "
+            f"{SamplingParams.max_new_tokens}]"
+        ),
+    ] = None,
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
@@ -203,8 +208,8 @@ def generate_command(
     """Continue PROMPT with a checkpoint, streaming the text (or, with --json, a machine-readable result).
 
     A max-new-tokens that does not fit the context with the prompt is capped, with a notice on stderr. Sampling
-    options left unset take the checkpoint's generation_config.json values, else temperature 1, top-p 1, no top-k,
-    min-p or repetition penalty."""
+    options (and max-new-tokens) left unset take the checkpoint's generation_config.json values, else temperature 1,
+    top-p 1, no top-k, min-p or repetition penalty, 128 new tokens."""
     from seekstack.infer.chat import ending_at_special_tokens
 
     with failures_as_json(as_json), user_errors(as_json):
@@ -218,12 +223,13 @@ def generate_command(
         if prompt in (None, "-"):  # as `echo TEXT | ollama run MODEL` and llama-cli's `-f /dev/stdin` read it
             prompt = sys.stdin.read().removesuffix("\n").removesuffix("\r")  # the line end echo or a file closes
             # it with is no part of the text, as llama-cli's -f drops it: the text goes on where its last line ends
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)  # fmt: skip
+        until_context = max_new_tokens == UNTIL_CONTEXT  # set to the room the prompt leaves, once it is known
         with options_named():
             params = SamplingParams(
-                max_new_tokens=SamplingParams.max_new_tokens if max_new_tokens == UNTIL_CONTEXT else max_new_tokens,
-                **given_options(sampling), presence_penalty=presence_penalty,
+                **given_options({**sampling, "max_new_tokens": None if until_context else max_new_tokens}),
+                presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
                 ignore_eos=ignore_eos, logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
                 prompt_logprobs=prompt_logprobs,
@@ -246,10 +252,10 @@ def generate_command(
             if chat
             else encoder.encode_prompt(prompt)
         )
-        if max_new_tokens == UNTIL_CONTEXT:  # capped below to the room the prompt leaves, unsaid: it was asked for
+        if until_context:  # capped below to the room the prompt leaves, unsaid: it was asked for
             params = dataclasses.replace(params, max_new_tokens=engine.context_len)
         params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)
-        if notice and max_new_tokens != UNTIL_CONTEXT:
+        if notice and not until_context:
             typer.echo(f"note: {notice}", err=True)
         if as_json:
             print_completion_json(engine, prompt_ids, params)
@@ -272,7 +278,7 @@ def chat_command(
     model: ModelDir,
     tokenizer: TokenizerPath = None,
     system: Annotated[str | None, typer.Option(help="System prompt")] = None,
-    max_new_tokens: MaxNewTokens = 512,
+    max_new_tokens: ReplyTokens = None,
     temperature: Temperature = None,
     top_k: TopK = None,
     top_p: TopP = None,
@@ -297,17 +303,17 @@ def chat_command(
     """Chat in the terminal with streamed replies; /reset, /system TEXT, /help, /quit; \"\"\" opens and closes a
     message of several lines; Ctrl-C stops a reply.
 
-    Says so at the start when the checkpoint looks like a base model with no chat training. Sampling options left
-    unset take the checkpoint's generation_config.json values, else temperature 0.7, top-p 0.95, no top-k, min-p or
-    repetition penalty."""
+    Says so at the start when the checkpoint looks like a base model with no chat training. Sampling options (and
+    max-new-tokens) left unset take the checkpoint's generation_config.json values, else temperature 0.7, top-p 0.95,
+    no top-k, min-p or repetition penalty, 512 new tokens a reply."""
     from seekstack.infer.chat import HELP, ChatSession, run_chat
 
     with user_errors():
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)  # fmt: skip
         with options_named():
             params = SamplingParams(
-                max_new_tokens=max_new_tokens, **{**CHAT_SAMPLING, **given_options(sampling)},
+                **{**CHAT_SAMPLING, **given_options(sampling)},
                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
             ).validate()  # fmt: skip
             options = one_stream(
@@ -457,7 +463,7 @@ def one_stream(
 
 
 def given_options(sampling: dict[str, float | None]) -> dict[str, float]:
-    """The sampling options the command line set (those not None)."""
+    """The sampling options (and max_new_tokens) the command line set (those not None)."""
     return {name: value for name, value in sampling.items() if value is not None}
 
 

@@ -1,8 +1,9 @@
 """A checkpoint's generation_config.json: the sampling defaults its authors ship with it (DeepSeek-R1: temperature 0.6,
-top_p 0.95; DeepSeek-V2-Chat: temperature 0.3), read as vLLM's `--generation-config auto` reads them, for what a
-request or a command line leaves unset. A release that sets `do_sample: false` is decoded greedily, as transformers
-decodes it (whatever temperature it names): vLLM reads no `do_sample` and samples it at temperature 1. Its
-`eos_token_id`, one id or a list, ends generation beside the tokenizer's EOS, as transformers and vLLM stop."""
+top_p 0.95; DeepSeek-V2-Chat: temperature 0.3; a reply's length, max_new_tokens), read as vLLM's `--generation-config
+auto` reads them, for what a request or a command line leaves unset. A release that sets `do_sample: false` is decoded
+greedily, as transformers decodes it (whatever temperature it names): vLLM reads no `do_sample` and samples it at
+temperature 1. Its `eos_token_id`, one id or a list, ends generation beside the tokenizer's EOS, as transformers and
+vLLM stop."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from seekstack.schema import ConfigError
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 # The generation_config.json fields that set a SamplingParams field of the same name when a request leaves it unset
-# (vLLM's `get_diff_sampling_param`; transformers' max_new_tokens there is a limit the server leaves to the request).
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+# (vLLM's `get_diff_sampling_param`, which reads max_new_tokens as its max_tokens, as transformers' generate reads it).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens")
 
 
 def read_generation_config(model_dir: str | Path) -> dict[str, Any]:

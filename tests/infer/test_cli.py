@@ -157,6 +157,26 @@ def test_generate_chat_ends_the_reply_with_its_turn_as_chat_does(checkpoint, eng
     assert (len(past["token_ids"]), past["finish_reason"]) == (20, "length")
 
 
+def test_generate_and_chat_take_max_new_tokens_from_generation_config_as_transformers_and_vllm(
+    checkpoint, engine, tmp_path
+):
+    """A checkpoint's generation_config.json max_new_tokens was not read: generate wrote 128 tokens and chat 512 where
+    transformers' generate and vLLM (get_default_sampling_params' max_tokens) stop at the file's; a
+    --max-new-tokens given still wins."""
+    shipped = shutil.copytree(checkpoint, tmp_path / "micro")
+    settings = json.loads((shipped / "generation_config.json").read_text())
+    (shipped / "generation_config.json").write_text(json.dumps({**settings, "max_new_tokens": 4}))
+    args = ["generate", "--model", str(shipped), "def main():", "--temperature", "0", "--ignore-eos", "--json"]
+    record = json.loads(runner.invoke(app, args).stdout)
+    [expected] = engine.generate(["def main():"], SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+    assert (record["token_ids"], record["finish_reason"]) == (expected.token_ids, "length")
+    assert len(json.loads(runner.invoke(app, [*args, "--max-new-tokens", "6"]).stdout)["token_ids"]) == 6
+    chatted = runner.invoke(app, ["chat", "--model", str(shipped), "--temperature", "0"], input="hi\n")
+    [reply] = engine.chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4, temperature=0))
+    assert (len(reply.token_ids), reply.finish_reason) == (4, "length")
+    assert chatted.exit_code == 0 and chatted.stdout == reply.text + "\n", chatted.output
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 @pytest.mark.parametrize(
     ("option", "value"),

@@ -555,6 +555,18 @@ def test_no_params_sample_as_the_checkpoints_generation_config_says_as_vllms_def
     assert Engine(model, tokenizer).default_sampling_params() == SamplingParams()
 
 
+def test_no_params_generate_as_many_tokens_as_the_generation_config_says_as_vllms_max_tokens(
+    model, tokenizer, tmp_path
+):
+    """generation_config.json's max_new_tokens was not read: generate(prompt) wrote SamplingParams' 128 tokens where
+    vLLM's get_default_sampling_params takes it as max_tokens and transformers' generate stops there."""
+    engine = Engine.from_pretrained(checkpoint(model, tokenizer, tmp_path, do_sample=False, max_new_tokens=3))
+    assert engine.default_sampling_params() == SamplingParams(temperature=0.0, max_new_tokens=3)
+    [plain] = engine.generate("def f", SamplingParams(temperature=0, ignore_eos=True))
+    [defaulted] = engine.generate("def f")
+    assert (defaulted.token_ids, defaulted.finish_reason) == (plain.token_ids[:3], "length")
+
+
 def test_generation_config_eos_token_ids_end_generation_beside_the_tokenizers_as_transformers_and_vllm(
     model, tokenizer, tmp_path
 ):

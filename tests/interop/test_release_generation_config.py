@@ -104,8 +104,10 @@ def test_a_damaged_generation_config_is_named_with_its_field(tmp_path, content, 
 
 def test_a_folder_without_generation_config_keeps_the_commands_defaults(tmp_path):
     assert sampling_defaults(tmp_path) == {}
-    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8, "do_sample": True}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 1, "do_sample": True}))
     assert sampling_defaults(tmp_path) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8, "do_sample": True}))
+    assert sampling_defaults(tmp_path) == {"max_new_tokens": 8}  # was: {}; vLLM's max_tokens, transformers' limit
 
 
 def test_a_release_that_does_not_sample_is_decoded_greedily(tmp_path):
