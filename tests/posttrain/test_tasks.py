@@ -726,6 +726,19 @@ def test_a_gold_tuple_interval_or_set_verifies_the_same_brackets_and_numbers_as_
     assert not any(task.verify(problem, answer) for answer in wrong)
 
 
+@pytest.mark.parametrize("gold", ["\\pm 5", "\\{-5, 5\\}"])
+def test_plus_or_minus_a_number_is_the_set_of_both_as_math_verify_reads_it(tmp_path, gold):
+    """\\boxed{\\pm 5} was no number nor set, wrong against a gold \\{-5, 5\\}, and a gold "\\pm 5" (MATH's answer to
+    x^2 = 25) was refused as no number; math-verify reads both as the set {-5, 5} (neither as 5)."""
+    assert read_items("\\boxed{\\pm\\frac{1}{2}}") == Items("{}", (Fraction(-1, 2), Fraction(1, 2)))
+    path = problems_file(tmp_path / "roots.jsonl", [{"question": "x^2 = 25?", "answer": gold}])
+    task = make_task(path)
+    [problem] = task.problems
+    right = ["\\boxed{\\pm 5}", "x = \\pm 5", "\\mp 5", "\u00b15", "\\{5, -5\\}"]
+    assert [task.verify(problem, answer) for answer in right] == [True] * 5
+    assert not any(task.verify(problem, answer) for answer in ["5", "-5", "\\pm 6", "\\pm 5%", "\\pmb 5", "(-5, 5)"])
+
+
 def test_a_pair_in_parentheses_is_no_number_with_thousands_as_math_verify_reads_a_pair():
     assert read_number("(1,234)") is None and read_number("(1234)") == 1234 and read_number("1,234") == 1234
 

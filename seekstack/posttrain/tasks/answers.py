@@ -60,6 +60,8 @@ TEXT_UNIT = re.compile(
 DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})\Z")
 # The brackets of a tuple or an interval ("(1, 2)", "[0, 1)") and of a set ("\{1, 2\}"), as math-verify reads them
 OPENINGS, CLOSINGS = ("(", "[", "\\{"), (")", "]", "\\}")
+# A number plus or minus ("\pm 5", "\mp 5", "±5"): the set of both, {-5, 5}, as math-verify reads it
+PLUS_MINUS = re.compile(r"(?:\\(?:pm|mp)(?![A-Za-z])|[\u00b1\u2213])\s*")
 MAX_ITEMS = 100  # numbers of a tuple or a set read, at most: a longer one is no answer (and read in bounded time)
 # Between thousands: ",", "{,}", LaTeX's thin space "\,", a space, a thin or narrow no-break space (SI's "1 000"), a
 # no-break space (U+00A0, as French text groups them)
@@ -199,8 +201,8 @@ class Items(NamedTuple):
 def read_items(answer: str) -> Items | None:
     """The tuple, interval or set of numbers `answer` gives as its final answer (`final_answer`), as math-verify reads
     one: two to MAX_ITEMS numbers (as read_number reads one, no percentage) between commas, inside `(` or `[` and `)` or
-    `]` (`\\left`, `\\right` dropped), or inside `\\{` and `\\}` (a set: order and repeats do not matter); None
-    for anything else, a number alone too."""
+    `]` (`\\left`, `\\right` dropped), or inside `\\{` and `\\}` (a set: order and repeats do not matter), or
+    `\\pm a` (`\\mp`, `±`: the set {-a, a}); None for anything else, a number alone too."""
     text = _answer_text(answer)
     return _items(text) if text is not None else None
 
@@ -222,6 +224,10 @@ def _answer_text(answer: str) -> str | None:
 
 def _items(text: str) -> Items | None:
     """`text` read as a tuple, an interval or a set of numbers (`read_items`), or None."""
+    plus_minus = PLUS_MINUS.match(text)
+    if plus_minus is not None:
+        number = _number(text[plus_minus.end() :])
+        return None if not number or number.percent else Items("{}", tuple(sorted({-number.value, number.value})))
     opening = next((bracket for bracket in OPENINGS if text.startswith(bracket)), None)
     closing = next((bracket for bracket in CLOSINGS if text.endswith(bracket)), None)
     if opening is None or closing is None or (opening == "\\{") != (closing == "\\}"):
