@@ -141,7 +141,8 @@ def test_streamed_chat_equals_the_whole_reply_and_ends_with_usage(base_url, keys
 def test_stream_is_server_sent_events_ending_in_done(base_url, keys):
     key = keys.create("sse")
     body = {"model": MODEL, "prompt": "def", "max_tokens": 4, "stream": True, **NO_EOS}
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                      timeout=60) as r:  # fmt: skip
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in events)
@@ -149,7 +150,7 @@ def test_stream_is_server_sent_events_ending_in_done(base_url, keys):
     assert sum(len(json.loads(e[6:])["choices"]) for e in events[:-1]) >= 1
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": True, **NO_EOS}
     with httpx.stream(
-        "POST", f"{base_url}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}
+        "POST", f"{base_url}/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {key}"}, timeout=60
     ) as r:
         deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.iter_lines() if line.startswith("data: {")]
     assert deltas[0] == {"role": "assistant", "content": ""}  # the role once, then only what each chunk adds
@@ -273,7 +274,7 @@ def test_client_disconnect_aborts_the_request_at_once(base_url, keys, database_p
     body = {"model": MODEL, "prompt": "x", "max_tokens": MAX_MODEL_LEN - 1, "stream": True, **NO_EOS}
 
     def mid_stream():
-        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers) as response:
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers=headers, timeout=60) as response:
             assert next(response.iter_lines()).startswith("data: ")
 
     def send_raw_and_hang_up(body_bytes_sent: int | None = None):
@@ -516,7 +517,8 @@ def test_metrics_use_vllm_names_with_the_seekstack_prefix(base_url, keys):
     key = keys.create("observer")
     api = client(base_url, key)
     body = {"model": MODEL, "prompt": "wait", "max_tokens": 200, "stream": True, **NO_EOS}
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"},
+                      timeout=60) as r:  # fmt: skip
         events = r.iter_lines()  # kept: a dropped line iterator closes the connection
         assert next(events).startswith("data: ")  # the request is running
         during = metric_samples(base_url)
@@ -707,7 +709,7 @@ def test_a_request_whose_client_leaves_while_it_is_queued_is_not_billed_for_its_
         return [dict(row) for row in connection.execute(query)]
 
     before = len(rows())
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=running) as stream:
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=running, timeout=60) as stream:
         events = stream.iter_lines()  # kept: a dropped iterator closes the response
         assert next(events).startswith("data: ")  # it runs, in the only slot
         with socket.create_connection((host, int(port))) as connection:
