@@ -134,10 +134,20 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
     # as Perl strings and Markdown write it (`doko\@ubuntu.com` in a Debian copyright file) and Texinfo doubles it
     # (`bug-grep@@gnu.org` in a GNU manual's source); it is matched through `_ASCII_FORMS`, so fullwidth too, as
     # Japanese and Chinese pages write it to keep an address from harvesters that look for @ (`tanaka＠example.co.jp`).
+    # Between its letters, a local part may also hold RFC 5322's rarer atext characters (`user#tag@`, `jack&jill@`),
+    # but not right after a slash: in a URL, `#` opens a fragment (`http://foo.com#ann@example.org` holds the address
+    # `ann@example.org`), and `//127.0.0.1#@evil.com` none. Not those that part words from an address in options,
+    # queries, paths, tables and markup (`=`, `?`, `/`, `|`, braces, backquotes: `--author=bob@example.com`), nor `!`,
+    # which parts a GNU changelog's commit time from its author (`2017-05-18T05:51:31Z!eggert@cs.ucla.edu`).
     apostrophe = "['\u2019]"
+
+    def local_part_characters(between_letters: str) -> str:
+        within = f"(?:{letter}|[{marks}.%+-]{between_letters})*+"
+        return rf"{letter}{within}(?:{apostrophe}{letter}{within})*+"
+
     local_part = (
-        rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}.%+-]){letter}(?:{letter}|[{marks}.%+-])*+"
-        rf"(?:{apostrophe}{letter}(?:{letter}|[{marks}.%+-])*+)*+[\\@]?@"
+        rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}.%+-])"
+        rf"(?:(?<!/){local_part_characters(f'|[#$&*^~](?={letter})')}|(?<=/){local_part_characters('')})[\\@]?@"
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"
     return re.compile(

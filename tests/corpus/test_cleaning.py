@@ -1781,6 +1781,12 @@ def test_a_decorator_or_attribute_chain_ending_in_no_top_level_domain_is_no_emai
         ('"john doe"@example.com', '"john doe"@example.com'),  # a quoted local part: kept, as presidio keeps it
         ("write to o'neil@example.com or O’Neil@example.ie", "write to <EMAIL> or <EMAIL>"),  # left `o'<EMAIL>`
         ("'ann@example.com', ‘bo@example.com’", "'<EMAIL>', ‘<EMAIL>’"),  # quotes around an address stay
+        ("user#tag@example.com, jack&jill@example.com, a~b@example.org", "<EMAIL>, <EMAIL>, <EMAIL>"),  # `user#<EMAIL>`
+        ("http://foo.com#ann@example.org, //127.0.0.1#@evil.com", "http://foo.com#<EMAIL>, //127.0.0.1#@evil.com"),
+        (
+            "2017-05-18T05:51:31Z!ann@example.org --author=bo@example.com",
+            "2017-05-18T05:51:31Z!<EMAIL> --author=<EMAIL>",
+        ),
         ("Patrick Reader <_@pxeger.com>, _ann@example.com", "Patrick Reader <<EMAIL>>, <EMAIL>"),  # were kept whole
         ("ivan@xn--e1afmkfd.xn--p1ai, IVAN@XN--E1AFMKFD.XN--P1AI", "<EMAIL>, <EMAIL>"),  # .рф in punycode: was kept
         ("Matthias Klose <doko\\@ubuntu.com>", "Matthias Klose <<EMAIL>>"),  # Perl's and Markdown's \@: was kept
