@@ -45,16 +45,17 @@ class DistillConfig(ConversationConfig):
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"  # the frozen teacher's weights and arithmetic
     ce_weight: NonNegativeFloat = 0.5  # the student's next-token cross-entropy on the corpus
     kd_weight: NonNegativeFloat = 0.5  # the divergence from the teacher's next-token distribution
-    beta: Fraction = 0.0  # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher)
+    # generalised JSD: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher); GKDConfig's default 0.5
+    beta: Fraction = 0.0
     # T of both distributions in the divergence, which is scaled by T^2 (TRL's GKDConfig.temperature is the sampling
     # temperature, sample_temperature here: its divergence is at T=1)
     temperature: PositiveFloat = 1.0
-    lmbda: Fraction = 0.0  # fraction of micro-batches that are the student's own generations (on-policy, GKD)
+    lmbda: Fraction = 0.0  # fraction of micro-batches that are the student's own generations (GKD; TRL's default 0.5)
     # steps of corpus/reference batches alone before the first on-policy one: a cold student's samples are noise the
     # teacher's judgement of teaches little (GKD starts from a supervised student)
     on_policy_after: NonNegative = 0
     prompt_tokens: Positive = 64  # on-policy, token shards: tokens of a corpus row kept as the prompt continued
-    sample_temperature: PositiveFloat = 1.0  # on-policy: temperature the student samples its continuations at
+    sample_temperature: PositiveFloat = 1.0  # on-policy: the student's sampling temperature (TRL's temperature, 0.9)
     # Hierarchical feature KD: student layer -> teacher layer whose output hidden state the student layer's output
     # learns through a learned projection to the teacher's width, e.g. {0: 1, 1: 3}; {} = off
     feature_layers: dict[int, int] = field(default_factory=dict)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,3 +310,19 @@ def test_trls_gkd_field_names_are_refused_naming_what_does_their_work(trl_name, 
     name = trl_name.split("=")[0].split(".")[0]
     with pytest.raises(ConfigError, match=f"unknown field '{name}'; .*{re.escape(ours)}"):
         resolve_train_config(None, [trl_name], cls=DistillConfig)
+
+
+def test_the_readme_gives_the_keys_of_a_gkd_trainer_run_with_gkdconfigs_defaults(tmp_path):
+    """Our defaults are not GKDConfig's (beta, lmbda, the sampling temperature, a CE term beside the divergence), and
+    nothing said so: a TRL user's run with its defaults was off-policy forward KL. The README's command has TRL's."""
+    gkd = pytest.importorskip("trl.experimental.gkd")
+    trl_defaults = {field.name: field.default for field in dataclasses.fields(gkd.GKDConfig)}
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    command = re.search(r"A `GKDTrainer` run with GKDConfig's\s+defaults is `seekstack distill \.\.\. ([^`]+)`", readme)
+    assert command, "the README names no distill command for GKDConfig's defaults"
+    config = resolve_train_config(None, [*command[1].split(), f"teacher={tmp_path}"], cls=DistillConfig)
+    defaults = DistillConfig()
+    trl_divergence = (trl_defaults["beta"], trl_defaults["lmbda"])
+    assert (config.beta, config.lmbda) == trl_divergence != (defaults.beta, defaults.lmbda)
+    assert config.sample_temperature == trl_defaults["temperature"] != defaults.sample_temperature
+    assert (config.ce_weight, config.kd_weight, config.temperature) == (0.0, 1.0, 1.0)  # the divergence alone, at T=1
