@@ -304,8 +304,8 @@ def sampling_params(
                 skip_special_tokens=request.skip_special_tokens and not (is_chat and request.offered_tools()),
             )
             choices.append(params.validate())
-        except ValueError as error:
-            raise APIError(400, str(error)) from None
+        except ValueError as error:  # a ConfigError names the field at fault (min_tokens above max_tokens)
+            raise APIError(400, str(error), param=getattr(error, "field", None), code="invalid_value") from None
     return choices
 
 

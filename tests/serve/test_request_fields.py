@@ -108,7 +108,9 @@ def test_min_tokens_holds_off_eos_and_stop_strings_as_vllms(engine, tmp_path, ro
     ])  # fmt: skip
     assert early.json()["usage"]["completion_tokens"] == 1 and held.json()["usage"]["completion_tokens"] == 4
     assert held.json()["choices"][0]["finish_reason"] == "stop"
-    assert "min_tokens' must be at most max_new_tokens (8)" in error_of(too_many, 400)["message"]
+    error = error_of(too_many, 400)
+    assert "min_tokens' must be at most max_new_tokens (8)" in error["message"]
+    assert (error["param"], error["code"]) == ("min_tokens", "invalid_value")  # was: None, None
 
 
 VLLM_REFUSED = {
