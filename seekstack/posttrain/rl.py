@@ -28,7 +28,7 @@ from seekstack.infer.threads import IdleCores, configured_threads, running_on, t
 from seekstack.model.transformer import ModelOutput
 from seekstack.posttrain.config import GRPOConfig, run_tokenizer
 from seekstack.posttrain.conversations import prompt_messages
-from seekstack.posttrain.grpo import group_advantages, policy_loss, reward_std
+from seekstack.posttrain.grpo import ScaleRewards, group_advantages, policy_loss, reward_std
 from seekstack.posttrain.rewards import RewardWeights
 from seekstack.posttrain.rollout import (
     Rollout,
@@ -224,12 +224,7 @@ class GRPOSource:
             config.importance_sampling_level,
         )
         metrics = rollout_metrics(rollout, self.tokenizer.eos_id)
-        # the groups' mean std (the batch's with scale_rewards=batch), as TRL 0.x logged it (TRL 1.16: the batch's at
-        # any scale_rewards), and, as TRL's, the share of completions whose group's rewards are all equal, which gives
-        # them no advantage and no gradient
-        std = reward_std(rollout.rewards, config.num_generations, config.scale_rewards)
-        metrics["reward_std"] = float(std.mean())
-        metrics["frac_reward_zero_std"] = float(torch.isclose(std, torch.zeros_like(std)).float().mean())
+        metrics |= reward_spread_metrics(rollout.rewards, config.num_generations, config.scale_rewards)
         if result.kl is not None:  # beta > 0: at 0 no reference is scored, so there is no KL to log (as TRL logs none)
             metrics["kl"] = result.kl
         metrics |= {
@@ -285,6 +280,18 @@ class GRPOSource:
 
 def _stored(batch: dict[str, Any]) -> dict[str, Any]:
     return {**batch, "rollout": dataclasses.asdict(batch["rollout"])}
+
+
+def reward_spread_metrics(rewards: torch.Tensor, group_size: int, scale_rewards: ScaleRewards) -> dict[str, float]:
+    """reward_std: the mean of the std the advantages divide by, the groups' (the batch's with scale_rewards=batch), as
+    TRL 0.x logged it (TRL 1.16: the batch's at any scale_rewards); frac_reward_zero_std: the share of completions
+    whose group's rewards are all equal, which gives them no advantage and no gradient at any scale_rewards (TRL 1.16
+    at batch tests the batch's std instead, 0 unless every reward is equal)."""
+    groups_std = reward_std(rewards, group_size, "group")
+    return {
+        "reward_std": float(reward_std(rewards, group_size, scale_rewards).mean()),
+        "frac_reward_zero_std": float(torch.isclose(groups_std, torch.zeros_like(groups_std)).float().mean()),
+    }
 
 
 def rollout_metrics(rollout: Rollout, eos_id: int) -> dict[str, float]:

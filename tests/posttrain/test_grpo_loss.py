@@ -6,6 +6,7 @@ import torch
 from seekstack.posttrain.config import GRPOConfig
 from seekstack.posttrain.evaluate import pass_at_k
 from seekstack.posttrain.grpo import STD_EPS, group_advantages, k3_kl, policy_loss, reward_std
+from seekstack.posttrain.rl import reward_spread_metrics
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])  # 2 groups of 4
 
@@ -38,6 +39,22 @@ def test_reward_std_is_each_groups_or_the_batchs_as_the_advantages_divide_by():
     assert torch.allclose(std, torch.tensor([0.57735] * 4 + [0.0] * 4), atol=1e-5)
     assert torch.equal(reward_std(rewards, 4, "none"), std)  # divides nothing, but says which groups have advantages
     assert torch.equal(reward_std(rewards, 4, "batch"), rewards.std().expand(8))
+
+
+@pytest.mark.parametrize(
+    ("scale_rewards", "logged_std"), [("group", 0.57735 / 2), ("batch", 0.46291), ("none", 0.57735 / 2)]
+)
+def test_frac_reward_zero_std_is_the_share_of_completions_whose_group_has_no_spread_at_any_scaling(
+    scale_rewards, logged_std
+):
+    """One group all right (no advantage, no gradient) beside one with spread: half the completions at any
+    scale_rewards; at batch it logged 0, the batch's std being tested (not 0), though group_advantages centres each
+    group."""
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    assert torch.equal(group_advantages(rewards, 4, scale_rewards)[4:], torch.zeros(4))
+    metrics = reward_spread_metrics(rewards, 4, scale_rewards)
+    assert metrics["frac_reward_zero_std"] == 0.5
+    assert metrics["reward_std"] == pytest.approx(logged_std, abs=1e-5)
 
 
 def test_k3_matches_its_formula_and_is_zero_on_equal_policies():
