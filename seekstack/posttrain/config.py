@@ -189,6 +189,7 @@ class GRPOConfig(TrainConfig):
     epsilon: Fraction = 0.2  # clip range below 1 of the importance ratio
     epsilon_high: Fraction | None = None  # clip range above 1 (DAPO's clip-higher); None = epsilon
     beta: NonNegativeFloat = 0.0  # weight of the k3 KL to the starting policy; 0 keeps no reference model
+    # DeepSeek-Math's per-completion mean (grpo) by default; TRL 1.16's default is dapo (the batch's token mean)
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
     # The importance ratio of each token, or one per completion (GSPO, TRL's importance_sampling_level="sequence":
     # the exp of its tokens' mean log ratio, clipped as a whole; its paper clips at epsilon=3e-4, epsilon_high=4e-4)
