@@ -35,6 +35,13 @@ def data_build(
             "one keep file:row"
         ),
     ] = None,
+    rows_field: Annotated[
+        str | None,
+        typer.Option(
+            help="Key under which each .json/.jsonl input, one JSON object, holds its rows' array (datasets' field=; "
+            'SQuAD\'s {"data": [...]}); other inputs are refused'
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option(help="Cleaning thresholds (YAML/TOML/JSON); see --write-config")
     ] = None,
@@ -78,7 +85,7 @@ def data_build(
             write(cleaning, write_config)
             typer.echo(f"wrote the cleaning thresholds to {write_config}")
             return
-        sources = [open_source(spec, field, id_field) for spec in inputs or ["stdlib"]]
+        sources = [open_source(spec, field, id_field, rows_field) for spec in inputs or ["stdlib"]]
         report = build_corpus(sources, out, cleaning, show_progress=progress, workers=workers or os.cpu_count() or 1)
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import functools
 import io
 import json
 import mimetypes
@@ -131,10 +132,10 @@ class DataSourceError(ValueError):
 
 class MissingTextField(DataSourceError):
     """A record or table without the text's field or column; `problem` says so, naming the file (and line or item),
-    the message adds how the commands with a --field option name another."""
+    the message adds how the commands with a --field option name another; `record` is the JSON object, if one."""
 
-    def __init__(self, problem: str):
-        self.problem = problem
+    def __init__(self, problem: str, record: dict[str, Any] | None = None):
+        self.problem, self.record = problem, record or {}
         super().__init__(
             f"{problem}; name the text's field with --field NAME in `seekstack data build` (whose corpus holds it as "
             "'text') or `data quality-train`"
@@ -463,21 +464,70 @@ def read_jsonl(
 
 
 def read_json(
-    path: str | Path, field: str = "text", id_field: str | None = None, null_texts: Counter[str] | None = None
+    path: str | Path,
+    field: str = "text",
+    id_field: str | None = None,
+    null_texts: Counter[str] | None = None,
+    rows_field: str | None = None,
 ) -> Iterator[Document]:
     """The rows of a `.json` file as `read_jsonl` reads them: JSON Lines (what `datasets.Dataset.to_json` writes),
     or one JSON array of objects, read whole (ids `file:N` for its N-th object, from 1), or one object written over
-    several lines (`json.dump(row, f, indent=2)`), read whole as one row (`file:1`)."""
+    several lines (`json.dump(row, f, indent=2)`), read whole as one row (`file:1`). With `rows_field` (datasets'
+    `load_dataset("json", field=...)`), the file is one object whose array under that key holds the rows (SQuAD's
+    layout, `{"version": ..., "data": [...]}`), ids `file:N` as an array's."""
     path = Path(path)
-    first_line = next((line for _, line in _jsonl_lines(path) if line.strip()), "")
-    if first_line.lstrip().startswith("["):
-        items = enumerate(_parsed_json(_decoded(_read(path)), str(path)), start=1)
-        values: Iterable[tuple[int, str, Any]] = ((number, f"{path}: item {number}", item) for number, item in items)
+    first_line = "" if rows_field else next((line for _, line in _jsonl_lines(path) if line.strip()), "")
+    if rows_field is not None:
+        values: Iterable[tuple[int, str, Any]] = _rows_under(path, rows_field)
+    elif first_line.lstrip().startswith("["):
+        values = _array_items(path, _parsed_json(_decoded(_read(path)), str(path)))
     elif first_line.lstrip().startswith("{") and (whole := _json_over_lines(path, first_line)) is not None:
         values = [(1, str(path), whole)]
     else:
         values = _jsonl_values(path)  # a line that is no JSON is named by its number
-    yield from _documents_from_values(values, path, field, id_field, null_texts)
+    try:
+        yield from _documents_from_values(values, path, field, id_field, null_texts)
+    except MissingTextField as error:
+        arrays = [key for key, value in error.record.items() if _holds_rows(value)] if rows_field is None else []
+        if not arrays:
+            raise
+        raise MissingTextField(
+            f"{error.problem}; {', '.join(map(repr, arrays))} {'holds' if len(arrays) == 1 else 'hold'} an array of "
+            f"objects: rows held under a key are read with --rows-field {arrays[0]}",
+            error.record,
+        ) from None
+
+
+def _array_items(path: Path, items: list[Any]) -> Iterator[tuple[int, str, Any]]:
+    """The items of a JSON array read from `path`, numbered from 1, with where each is (for errors)."""
+    return ((number, f"{path}: item {number}", item) for number, item in enumerate(items, start=1))
+
+
+def _rows_under(path: Path, rows_field: str) -> Iterator[tuple[int, str, Any]]:
+    """The items of the array under the key `rows_field` of the JSON object that `path` holds whole; an error naming
+    the file when it holds no such object, key or array."""
+    whole = _parsed_json(_decoded(_read(path)), str(path))
+    if not isinstance(whole, dict):
+        raise DataSourceError(
+            f"{path}: a JSON {_JSON_TYPES.get(type(whole), 'value')}, not an object holding its rows under "
+            f"{rows_field!r} (--rows-field)"
+        )
+    if rows_field not in whole:
+        raise DataSourceError(
+            f"{path}: no field {rows_field!r} (--rows-field), only {', '.join(map(repr, whole)) or 'none'}"
+        )
+    rows = whole[rows_field]
+    if not isinstance(rows, list):
+        raise DataSourceError(
+            f"{path}: field {rows_field!r} (--rows-field) is a JSON {_JSON_TYPES.get(type(rows), 'object')}, not an "
+            "array of rows"
+        )
+    return _array_items(path, rows)
+
+
+def _holds_rows(value: Any) -> bool:
+    """Whether a JSON value is an array of objects, as rows are held under a key."""
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
 def _json_over_lines(path: Path, first_line: str) -> Any:
@@ -539,7 +589,7 @@ def _text_field(record: dict[str, Any], where: str, field: str) -> str | None:
     """The text of a JSON object at `where`, in `field`: a string, or None for a null; an error naming it when the
     field is missing or holds another value."""
     if field not in record:
-        raise MissingTextField(f"{where}: no field {field!r}, only {', '.join(map(repr, record)) or 'none'}")
+        raise MissingTextField(f"{where}: no field {field!r}, only {', '.join(map(repr, record)) or 'none'}", record)
     text = record[field]
     if text is not None and not isinstance(text, str):
         raise DataSourceError(f"{where}: field {field!r} is {type(text).__name__}, not a string")
@@ -743,13 +793,21 @@ def read_stdlib() -> Iterator[Document]:
         yield Document(doc_id, text, "stdlib")
 
 
-def open_source(spec: str | Path, field: str = "text", id_field: str | None = None) -> Iterable[Document]:
+def open_source(
+    spec: str | Path, field: str = "text", id_field: str | None = None, rows_field: str | None = None
+) -> Iterable[Document]:
     """The source a command-line argument names: `stdlib`, a saved dataset, a folder (a `TextFolder`), `.jsonl`,
-    `.json`, `.parquet`, `.csv`, `.tsv` (`Rows`, ids from `id_field` where given), a file or a named pipe; a saved
-    DatasetDict is refused, naming its splits' folders."""
+    `.json`, `.parquet`, `.csv`, `.tsv` (`Rows`, ids from `id_field` where given; a JSON file's rows under the key
+    `rows_field`, where given, which no other source has), a file or a named pipe; a saved DatasetDict is refused,
+    naming its splits' folders."""
+    path = Path(spec)
+    if rows_field is not None and (str(spec) == "stdlib" or path.is_dir() or _kind(path) not in (".json", ".jsonl")):
+        raise DataSourceError(
+            f"{spec}: --rows-field {rows_field} reads the rows a .json or .jsonl file holds under a key; give this "
+            "input in another build, without it"
+        )
     if str(spec) == "stdlib":
         return read_stdlib()
-    path = Path(spec)
     if is_saved_dataset(path):
         return Rows(read_saved_dataset, path, field, id_field)
     refuse_a_saved_dataset_dict(path)
@@ -757,6 +815,8 @@ def open_source(spec: str | Path, field: str = "text", id_field: str | None = No
         return TextFolder(path)
     if not (path.is_file() or path.is_fifo()):  # a pipe given by name is read: its writer is the user's
         raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
+    if rows_field is not None:
+        return Rows(functools.partial(read_json, rows_field=rows_field), path, field, id_field)
     if _kind(path) == ".jsonl":
         return Rows(read_jsonl, path, field, id_field)
     if _kind(path) == ".json":

@@ -261,6 +261,15 @@ def test_cli_refuses_a_negative_worker_count_and_documents_a_zero_val_fraction(t
     assert "0: none" in CliRunner().invoke(app, ["data", "build", "--help"], env={"COLUMNS": "200"}).output
 
 
+def test_cli_reads_the_rows_a_json_object_holds_under_rows_field(tmp_path: Path) -> None:
+    rows = {"version": "1.1", "data": [{"id": f"q{i}", "text": prose(i)} for i in range(3)]}
+    (tmp_path / "squad.json").write_text(json.dumps(rows, indent=2))
+    args = ["data", "build", str(tmp_path / "squad.json"), "--out", str(tmp_path / "out"), "--no-progress"]
+    built = CliRunner().invoke(app, [*args, "--rows-field", "data", "--id-field", "id", "--workers", "1"])
+    assert built.exit_code == 0, built.output
+    assert sorted(row["id"] for split in read_rows(tmp_path / "out").values() for row in split) == ["q0", "q1", "q2"]
+
+
 def test_documents_that_differ_only_in_pii_are_exact_duplicates_and_one_is_written(tmp_path: Path) -> None:
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]
     documents += [
@@ -424,7 +433,7 @@ def fails_after(seconds: int, what: str) -> Iterator[None]:
 def test_a_killed_worker_ends_the_build_with_an_error_naming_it(tmp_path: Path, monkeypatch) -> None:
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(100)]
     documents.append(Document("doomed", KilledOnArrival("The end."), "web"))
-    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field, id_field: documents)
+    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field, id_field, rows_field: documents)
     monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 1.0)  # a hang fails in seconds, not in 30
     out = tmp_path / "out"
     with fails_after(30, "data build with a killed worker"):
@@ -439,7 +448,7 @@ def test_a_killed_worker_ends_the_build_with_an_error_naming_it(tmp_path: Path, 
 def test_a_worker_answer_that_cannot_be_read_back_is_named_not_called_a_death(tmp_path: Path, monkeypatch) -> None:
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(10)]
     documents.append(Document("picky", RaisesUnpicklable("The end."), "web"))
-    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field, id_field: documents)
+    monkeypatch.setattr("seekstack.corpus.sources.open_source", lambda spec, field, id_field, rows_field: documents)
     monkeypatch.setattr("seekstack.corpus.build.IN_FLIGHT_WAIT_S", 1.0)
     with fails_after(30, "data build with an unpicklable worker error"):
         result = CliRunner().invoke(app, ["data", "build", "corpus", "--out", str(tmp_path / "out"), "--workers", "2"])

@@ -1014,6 +1014,37 @@ def test_a_json_file_of_one_object_over_several_lines_is_read_as_one_row(tmp_pat
         list(open_source(broken))
 
 
+def test_a_json_object_holding_its_rows_under_a_key_is_read_with_rows_field(tmp_path: Path) -> None:
+    """SQuAD's layout, `{"version": ..., "data": [rows]}`, which datasets reads with load_dataset("json", field="data"),
+    could not be read at all: its error named `--field`, which names the rows' text. `rows_field` reads the rows under
+    that key, as an array's, in a .json or .jsonl file (one line or several); the error without it names the key."""
+    rows = {"version": "1.1", "data": [{"id": "q1", "text": "first"}, {"id": "q2", "text": "second"}]}
+    (tmp_path / "squad.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "squad.jsonl").write_text(json.dumps(rows))
+    for name in ("squad.json", "squad.jsonl"):
+        assert list(open_source(tmp_path / name, rows_field="data")) == [
+            Document(f"{name}:1", "first", name),
+            Document(f"{name}:2", "second", name),
+        ]
+    assert [doc.doc_id for doc in open_source(tmp_path / "squad.json", id_field="id", rows_field="data")] == [
+        "q1",
+        "q2",
+    ]
+    with pytest.raises(
+        MissingTextField, match=r"'data' holds an array of objects: rows held under a key are read with "
+    ):
+        list(open_source(tmp_path / "squad.json"))
+    with pytest.raises(DataSourceError, match=r"squad.json: no field 'rows' \(--rows-field\), only 'version', 'data'"):
+        list(open_source(tmp_path / "squad.json", rows_field="rows"))
+    with pytest.raises(
+        DataSourceError, match=r"field 'version' \(--rows-field\) is a JSON string, not an array of rows"
+    ):
+        list(open_source(tmp_path / "squad.json", rows_field="version"))
+    (tmp_path / "notes.txt").write_text("a note")
+    with pytest.raises(DataSourceError, match=r"notes.txt: --rows-field data reads the rows a .json or .jsonl file"):
+        open_source(tmp_path / "notes.txt", rows_field="data")
+
+
 @pytest.mark.parametrize(
     ("second_line", "message"),
     [
