@@ -370,7 +370,8 @@ class Engine:
 
     def fit_max_new_tokens(self, prompt_len: int, params: SamplingParams) -> tuple[SamplingParams, str | None]:
         """`params` with max_new_tokens capped so that the prompt and the completion fit the context (`context_len`),
-        and a notice saying so when it had to be capped; ValueError when the prompt alone leaves no room."""
+        and a notice saying so when it had to be capped (max_new_tokens None, vLLM's max_tokens=None, is set to that
+        room unsaid); ValueError when the prompt alone leaves no room."""
         room = self.context_len - prompt_len
         if self.context_len == self.max_model_len:
             context = f"the context of {self.max_model_len}"
@@ -380,6 +381,8 @@ class Engine:
             raise ValueError(
                 f"prompt is {prompt_len} tokens; {context} leaves no room for a new token: shorten the prompt"
             )
+        if params.max_new_tokens is None:
+            return dataclasses.replace(params, max_new_tokens=room), None
         if params.max_new_tokens <= room:
             return params, None
         notice = (
@@ -418,6 +421,8 @@ class Engine:
             prompt_ids = prompt_ids[-kept:]
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
+        if params.max_new_tokens is None:  # vLLM's max_tokens=None: up to the context
+            params, _ = self.fit_max_new_tokens(len(prompt_ids), params)
         vocab = self.config.vocab_size
         for name, ids in (
             ("prompt", prompt_ids),

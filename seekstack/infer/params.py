@@ -54,16 +54,28 @@ def parse_bytes(text: str) -> int:
 VLLM_FORM_FIELDS = ("max_new_tokens", "stop", "stop_token_ids", "logit_bias", "logprobs", "top_logprobs")
 
 
+class _NotGiven:
+    """SamplingParams' max_tokens left out: vLLM's max_tokens=None says something (up to the context)."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN: Any = _NotGiven()
+
+
 def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
-    """SamplingParams values with vLLM's forms of them read as ours: max_tokens (its name for max_new_tokens), None for
-    no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone stop string, logprobs=k (logprobs=True with
-    top_logprobs=k); ConfigError naming the field when one is out of range or contradicts another given."""
+    """SamplingParams values with vLLM's forms of them read as ours: max_tokens (its name for max_new_tokens; None: the
+    room the prompt leaves in the context), None for no stop, stop ids, bias or logprobs (VLLM_NONE_DEFAULTS), a lone
+    stop string, logprobs=k (logprobs=True with top_logprobs=k); ConfigError naming the field when one is out of range
+    or contradicts another given."""
     values = dict(values)
-    max_tokens = values.pop("max_tokens", None)
-    if max_tokens is not None:
+    max_tokens = values.pop("max_tokens", NOT_GIVEN)
+    if max_tokens is not NOT_GIVEN:
         max_new_tokens = values.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        require(type(max_tokens) is int and max_tokens >= 1, "max_tokens", f"an int of at least 1 (vLLM's name "
-                f"for max_new_tokens), not {max_tokens!r}")  # fmt: skip
+        require(max_tokens is None or (type(max_tokens) is int and max_tokens >= 1), "max_tokens", f"an int of at "
+                f"least 1 (vLLM's name for max_new_tokens) or None (to the context's end), not "
+                f"{max_tokens!r}")  # fmt: skip
         require(max_new_tokens in (max_tokens, DEFAULT_MAX_NEW_TOKENS), "max_tokens", f"left out with "
                 f"max_new_tokens={max_new_tokens}: it is vLLM's name for it; give one")  # fmt: skip
         values["max_new_tokens"] = max_tokens
@@ -86,7 +98,8 @@ def read_vllm_forms(values: dict[str, Any]) -> dict[str, Any]:
 class SamplingParams:
     """How to sample one request. `validate()` returns a checked copy or raises a ConfigError naming the field."""
 
-    max_new_tokens: Positive = DEFAULT_MAX_NEW_TOKENS  # vLLM's max_tokens, which sets it too
+    # vLLM's max_tokens, which sets it too; None (vLLM's max_tokens=None): the room the prompt leaves in the context
+    max_new_tokens: Positive | None = DEFAULT_MAX_NEW_TOKENS
     temperature: Annotated[float, Interval(ge=0, le=100)] = 1.0  # 0 (or below 1e-5) -> greedy
     top_k: Annotated[int, Ge(-1)] = 0  # 0 or -1 (vLLM's off, its former default) -> off; validate() gives 0
     top_p: Annotated[float, Interval(gt=0, le=1)] = 1.0
@@ -122,7 +135,7 @@ class SamplingParams:
     # False: outputs carry token ids only, text "" and logprobs' token texts "" (as vLLM's), for callers that decode
     detokenize: bool = True
     n: Positive = 1  # samples of each prompt `Engine.generate` returns (Completion.outputs, as vLLM's); i: seed + i
-    max_tokens: InitVar[int | None] = None  # vLLM's name for max_new_tokens, which it sets (no field of its own)
+    max_tokens: InitVar[int | None] = NOT_GIVEN  # vLLM's name for max_new_tokens, which it sets (no field of its own)
 
     def __post_init__(self, max_tokens: int | None) -> None:
         """ConfigError naming a field whose value is out of its type or range, at once, as vLLM's SamplingParams
@@ -150,8 +163,8 @@ class SamplingParams:
                 "tokens), -1 for its last max_model_len, or None for all of it: an empty prompt has nothing to "
                 "continue")  # fmt: skip
         require(params.detokenize or not params.stop, "stop", "empty with detokenize=False (stop strings match text)")
-        require(params.min_tokens <= params.max_new_tokens, "min_tokens", f"at most max_new_tokens "
-                f"({params.max_new_tokens}), as vLLM's: no reply reaches more")  # fmt: skip
+        require(params.max_new_tokens is None or params.min_tokens <= params.max_new_tokens, "min_tokens", f"at most "
+                f"max_new_tokens ({params.max_new_tokens}), as vLLM's: no reply reaches more")  # fmt: skip
         require(params.logprobs or not params.top_logprobs, "top_logprobs", "0 without logprobs=True (as OpenAI's "
                 "top_logprobs needs logprobs): no log-probabilities are returned without it")  # fmt: skip
         return params

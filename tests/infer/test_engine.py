@@ -567,6 +567,22 @@ def test_no_params_generate_as_many_tokens_as_the_generation_config_says_as_vllm
     assert (defaulted.token_ids, defaulted.finish_reason) == (plain.token_ids[:3], "length")
 
 
+def test_vllms_max_tokens_none_generates_until_the_context_is_full(model, tokenizer):
+    """vLLM's SamplingParams(max_tokens=None) (and a sampling dict's "max_tokens": None) generates up to the room the
+    prompt leaves in the context; here None was read as max_tokens left out: 128 tokens, silently."""
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode_prompt("def main():")
+    room = engine.max_model_len - len(prompt)
+    [full] = engine.generate(prompt, SamplingParams(max_new_tokens=room, temperature=0, ignore_eos=True))
+    unlimited = [SamplingParams(max_tokens=None, temperature=0, ignore_eos=True),
+                 SamplingParams.from_dict({"max_tokens": None, "temperature": 0, "ignore_eos": True})]  # fmt: skip
+    for out in engine.generate([prompt, prompt], unlimited):
+        assert (out.token_ids, out.finish_reason) == (full.token_ids, "length")
+    assert len(full.token_ids) == room > SamplingParams().max_new_tokens
+    with pytest.raises(ValueError, match="prompt is 256 tokens; the context of 256 leaves no room for a new token"):
+        engine.generate([prompt[0]] * 256, SamplingParams(max_tokens=None))
+
+
 def test_generation_config_eos_token_ids_end_generation_beside_the_tokenizers_as_transformers_and_vllm(
     model, tokenizer, tmp_path
 ):
