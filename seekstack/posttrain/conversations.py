@@ -175,8 +175,8 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
     list or its JSON text: `column_tools`, `offered`). TRL's prompt-completion is its prompt's messages then its
     completion's, every message of the completion the assistant's (or a tool result) and the prompt's assistant
     messages context of weight 0 (TRL's completion_only_loss trains the completion alone). ValueError for a record of
-    another shape, naming it and what to write instead, with no trained assistant message, or with tool turns that do
-    not follow (`check_tool_turns`)."""
+    another shape, naming it and what to write instead, holding both forms (TRL would train its prompt and completion,
+    not its messages), with no trained assistant message, or with tool turns that do not follow (`check_tool_turns`)."""
     if not is_conversation_record(record):
         raise ValueError(_not_a_conversation(record))
     record = cast(dict, record)
@@ -184,6 +184,11 @@ def record_conversation(record: object, tokenizer: Tokenizer | None = None) -> C
         raise ValueError(
             "field functions is OpenAI's deprecated form of tools (its legacy function-calling data): give them as "
             '"tools": [{"type": "function", "function": FUNCTION}, ...], and each call as tool_calls'
+        )
+    if record.get("messages") is not None and any(record.get(key) is not None for key in ("prompt", "completion")):
+        raise ValueError(  # TRL's SFTTrainer trains a line's prompt and completion where it has them, not its messages
+            'the line holds "messages" and TRL\'s "prompt"/"completion" too, which TRL\'s SFTTrainer reads in place '
+            "of its messages: keep one of the two forms"
         )
     if is_from_value(record):
         record = {**record, "messages": [chatml(message) for message in record["conversations"]]}

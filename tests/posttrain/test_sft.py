@@ -498,6 +498,10 @@ def test_trls_from_value_conversations_read_as_their_messages(tmp_path):
         ({"text": "1 + 2 = 3"}, "\"text\" (TRL's language-modeling format) holds no assistant turn to train"),
         ({"prompt": CHAT[:2], "completion": [CHAT[1]]}, "chat message 2 (of the completion) has role 'user'"),
         ({"prompt": CHAT[:2], "completion": []}, "\"completion\" holds no message"),
+        # TRL's SFTTrainer trains such a line's prompt and completion; its messages were trained here, unsaid
+        ({"messages": CHAT, "prompt": CHAT[:2], "completion": CHAT[2:4]}, "the line holds \"messages\" and TRL's "
+         "\"prompt\"/\"completion\" too, which TRL's SFTTrainer reads in place of its messages: keep one"),
+        ({"messages": CHAT, "completion": CHAT[2:4]}, "the line holds \"messages\" and TRL's \"prompt\"/"),
         ({"conversation": CHAT}, "expected {\"messages\": [...]} (or TRL's {\"prompt\": [...], \"completion\": "
          "[...]}) with an assistant message, got the keys ['conversation']"),
     ],
