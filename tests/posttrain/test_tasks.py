@@ -297,6 +297,17 @@ def test_a_name_approximately_equal_to_the_answer_reads_as_its_right_side_as_mat
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{\\quad 7}", 7), ("\\boxed{7\\quad}", 7), ("\\boxed{\\qquad7 \\qquad}", 7), ("$7 \\quad \\text{cm}$", 7),
+     ("\\boxed{7\\qquad\\mathrm{cm}^2}", 7), ("\\boxed{7\\quadx}", None), ("\\boxed{\\quadx 7}", None)],
+)  # fmt: skip
+def test_quad_spaces_around_the_answer_or_before_its_unit_are_nothing_to_it_as_math_verify_reads_them(answer, value):
+    """\\boxed{7 \\quad \\text{cm}} and \\boxed{\\quad 7} were no number (scored 0 against 7), where math-verify
+    reads 7: of LaTeX's spaces only \\ , \\, \\; \\: and \\! were dropped around the answer and before a unit."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -500,6 +511,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "x" + "{a" * 35_000,
         "x" + "_{" * 35_000,
         "x = " * 17_000 + "y",
+        "\\quad" * 14_000 + "x",
         "x \\approx " * 7_000 + "y",
         "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",

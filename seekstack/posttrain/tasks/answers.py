@@ -27,7 +27,9 @@ MATH_END = re.compile(r"(?<!\\)\$|\\\)|\\\]|</answer>")  # not at "\$", a dollar
 MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # LaTeX's sizing of parentheses (\left( \Big( \bigr)) and its math styles (\displaystyle), nothing to the value
 SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scriptscript)style)(?![A-Za-z])")
-OPENING_SPACE = re.compile(r"\A(?:\s|\\[ ,;:!])+")  # LaTeX spaces before an answer ("\boxed{\,57\,}"), nothing to it
+# LaTeX's spaces in math, nothing to the value: "\ ", "\,", "\;", "\:", "\!", "\quad", "\qquad" (math-verify drops them)
+LATEX_SPACE = r"\\(?:[ ,;:!]|q?quad(?![A-Za-z]))"
+OPENING_SPACE = re.compile(rf"\A(?:\s|{LATEX_SPACE})+")  # before an answer ("\boxed{\,57\,}", "\boxed{\quad 57}")
 # What the answer equals, named ("x = 57", "a_{n} = 57", "\theta = 57", "\angle ABC = 57", "f(2) = 57"): the right
 # side is the answer, as math-verify takes it. A name opens with a letter or a LaTeX command, then letters (digits
 # after one: "x1"), commands with arguments of no digit ("\overline{AB}"), subscripts ("x_1", "a_{12}"), arguments in
@@ -270,11 +272,13 @@ def _without_unit(text: str) -> str:
 
 
 def _less_latex_space(text: str) -> str:
-    """`text` less its closing whitespace and one LaTeX space: `\\,`, `\\;`, `\\:`, `\\!` or `\\ `."""
+    """`text` less its closing whitespace and one LaTeX space (LATEX_SPACE): `\\,`, `\\;`, `\\:`, `\\!`, `\\ `,
+    `\\quad` or `\\qquad`."""
     text = text.rstrip()
     if text.endswith("\\"):  # "\ ", its space stripped
         return text[:-1].rstrip()
-    return text[:-2].rstrip() if text.endswith(("\\,", "\\;", "\\:", "\\!")) else text
+    space = next((space for space in ("\\qquad", "\\quad", "\\,", "\\;", "\\:", "\\!") if text.endswith(space)), "")
+    return text[: len(text) - len(space)].rstrip()
 
 
 def _fraction(number: str) -> Fraction:
