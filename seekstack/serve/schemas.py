@@ -33,7 +33,9 @@ from seekstack.tokenizer import template_message
 
 MAX_CHOICES = 16
 MAX_PROMPTS = 16  # prompts in one completions request
-MAX_STOP_STRINGS = 4  # OpenAI's limit
+# OpenAI's limit is 4, vLLM sets none: lm-eval's local-completions sends a task's `until` whole with the EOS text (6
+# for humaneval, 5 for aime), so 4 refused whole tasks that vLLM serves
+MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_INT32 = 2**31 - 1  # the bound of counts (max_tokens, top_k) that have no natural one
 MAX_LOGIT_BIASES = 300  # OpenAI's limit on logit_bias entries

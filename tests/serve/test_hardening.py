@@ -45,7 +45,7 @@ def test_sampling_fields_out_of_range_get_400_naming_the_field(engine, tmp_path)
     app = create_app(engine, open_database(tmp_path / "db"))
     extremes = {
         "top_k": 9223372036854775808, "temperature": 2.5, "top_p": 0, "n": 17, "presence_penalty": -3,
-        "repetition_penalty": 11, "min_p": 1.5, "max_tokens": 2**40, "logprobs": 6, "stop": ["a"] * 5,
+        "repetition_penalty": 11, "min_p": 1.5, "max_tokens": 2**40, "logprobs": 6, "stop": ["a"] * 17,
     }  # fmt: skip
 
     async def scenario(client):

@@ -113,6 +113,19 @@ def test_min_tokens_holds_off_eos_and_stop_strings_as_vllms(engine, tmp_path, ro
     assert (error["param"], error["code"]) == ("min_tokens", "invalid_value")  # was: None, None
 
 
+def test_a_completion_takes_lm_evals_stop_strings_whole_as_vllm_does(engine, tmp_path):
+    """lm-eval's local-completions sends a task's `until` with the EOS text as `stop`: humaneval's 6 were refused
+    ('stop: List should have at most 4 items'), so the task failed on every request, where vLLM serves it."""
+    [free] = post_each(engine, tmp_path / "db", [("/v1/completions", COMPLETION)])
+    text = free.json()["choices"][0]["text"]
+    stops = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", text[3:5]]  # humaneval's until, then the EOS's place
+    [stopped] = post_each(engine, tmp_path / "db", [("/v1/completions", {**COMPLETION, "stop": stops})])
+    assert stopped.status_code == 200, stopped.text
+    choice = stopped.json()["choices"][0]
+    cut = min(index for stop in stops if (index := text.find(stop)) >= 0)
+    assert (choice["finish_reason"], choice["text"]) == ("stop", text[:cut])
+
+
 VLLM_REFUSED = {
     "use_beam_search": True,
     "include_stop_str_in_output": True,
