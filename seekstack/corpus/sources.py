@@ -310,18 +310,20 @@ def _read(path: Path) -> bytes:
 
 
 def _decoded(data: bytes) -> str:
-    """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document); UTF-16 when
-    it opens with UTF-16's mark, or holds NUL bytes at one parity of positions as UTF-16 saved without the mark does
-    (`_utf16_without_mark`); when it is no UTF-8, the legacy encoding of a script other than Latin's that it reads
-    as one script's text in (`_legacy_encoding_of_another_script`: cp1251, GBK, Shift_JIS, ...), or UTF-16 when it
-    reads as UTF-16 text of one writing system, as Chinese, Japanese or Korean saved so does
+    """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document); UTF-32 or
+    UTF-16 when it opens with that one's mark (`_marked_encoding`); UTF-16 when it holds NUL bytes at one parity of
+    positions as UTF-16 saved without the mark does (`_utf16_without_mark`); when it is no UTF-8, the legacy encoding
+    of a script other than Latin's that it reads as one script's text in (`_legacy_encoding_of_another_script`:
+    cp1251, GBK, Shift_JIS, ...), or UTF-16 when it reads as UTF-16 text of one writing system, as Chinese, Japanese or
+    Korean saved so does
     (`_utf16_of_one_writing_system`, asked second: Shift_JIS reads so as UTF-16 too), as is valid UTF-8 holding
     control bytes that so reads (Thai, whose UTF-16 bytes are all ASCII's); Windows-1252 (Latin-1's
     superset) when not one of its bytes above 127 starts a valid UTF-8 character (a legacy 8-bit file: `café` stays
     `café`); else UTF-8 with its stray bytes read by `_stray_byte_as_cp1252` (a Latin-1 line in a UTF-8 changelog:
     `Bj\xf6rn` is `Björn`)."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return data.decode("utf-16", errors="replace")
+    marked = _marked_encoding(data)
+    if marked is not None:
+        return data.decode(marked, errors="replace")
     utf16 = _utf16_without_mark(data) if b"\x00" in data else None  # NUL bytes: no text file's, but UTF-16's
     if utf16 is not None:
         return data.decode(utf16, errors="replace")
@@ -597,11 +599,12 @@ def _text_field(record: dict[str, Any], where: str, field: str) -> str | None:
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """A JSON Lines file's lines, numbered from 1, decoded as text files are: all as UTF-16 when the file opens with
-    UTF-16's byte-order mark (as Windows PowerShell 5 writes), else each line by `_decoded`."""
+    """A JSON Lines file's lines, numbered from 1, decoded as text files are: all as UTF-16 or UTF-32 when the file
+    opens with that one's byte-order mark (as Windows PowerShell 5 writes UTF-16), else each line by `_decoded`."""
     with _opened(path) as binary:
-        if _opens_with_utf16_mark(binary):
-            yield from enumerate(io.TextIOWrapper(binary, "utf-16", errors="replace", newline="\n"), start=1)
+        marked = _marked_encoding(binary.peek(4)[:4])
+        if marked is not None:
+            yield from enumerate(io.TextIOWrapper(binary, marked, errors="replace", newline="\n"), start=1)
         else:
             yield from enumerate(map(_decoded, binary), start=1)
 
@@ -616,9 +619,15 @@ def _opened(path: Path) -> Iterator[BinaryIO]:
         raise DataSourceError(str(error)) from None
 
 
-def _opens_with_utf16_mark(binary: io.BufferedIOBase) -> bool:
-    """Whether a file opened by `_opened`, not yet read, starts with UTF-16's byte-order mark (left to be read)."""
-    return binary.peek(2)[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+def _marked_encoding(start: bytes) -> str | None:
+    """`utf-32` or `utf-16` for text that opens (`start`, its first 4 bytes or more) with that encoding's byte-order
+    mark, as Windows PowerShell 5 and Excel write UTF-16 and Python's `encoding="utf-32"` writes UTF-32 (its
+    little-endian mark opens with UTF-16's: asked first); else None."""
+    if start.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return None
 
 
 def _parsed_json(text: str, where: str) -> Any:
@@ -696,11 +705,11 @@ def read_csv(
     `column`, streamed by blocks; ids are column `id_field`'s or `file:row`, the header not counted (`posts.csv:1` is
     the first row under it). Quoted values may hold line breaks; the text column is read as bytes, whatever it holds,
     and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are not checked. A file opening
-    with UTF-16's byte-order mark (Excel's "Unicode Text" export) is read as UTF-16."""
+    with UTF-16's byte-order mark (Excel's "Unicode Text" export) is read as UTF-16, and one with UTF-32's as UTF-32."""
     path = Path(path)
     delimiter = "\t" if _kind(path) == ".tsv" else ","
     with _arrow_errors_named(path, "CSV"), _opened(path) as binary:
-        encoding = "utf-16" if _opens_with_utf16_mark(binary) else "utf8"  # Excel's "Unicode Text": UTF-16 TSV
+        encoding = _marked_encoding(binary.peek(4)[:4]) or "utf8"  # Excel's "Unicode Text": UTF-16 TSV
         reader = pyarrow.csv.open_csv(
             binary,
             read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import codecs
 import gzip
 import io
 import itertools
@@ -1447,6 +1448,24 @@ def test_a_folder_given_as_dot_or_dot_dot_is_the_source_it_names(tmp_path: Path,
     assert [(doc.doc_id, doc.source) for doc in read_text_folder(".")] == [("a.txt", "notes")]
     monkeypatch.chdir(tmp_path / "notes" / "inner")
     assert [(doc.doc_id, doc.source) for doc in read_text_folder("..")] == [("a.txt", "notes")]
+
+
+@pytest.mark.parametrize(("mark", "encoding"), [(b"", "utf-32"), (codecs.BOM_UTF32_BE, "utf-32-be")])
+def test_utf32_with_its_byte_order_mark_is_read_as_utf32(tmp_path: Path, mark: bytes, encoding: str) -> None:
+    """UTF-32 with its mark (Python's encoding="utf-32", little-endian, whose mark opens with UTF-16's) was read as
+    UTF-16, every other character a NUL ('H\\x00e\\x00...', a character beyond U+FFFF two wrong ones), and big-endian
+    UTF-32 as Windows-1252 text ('\\x00\\x00þÿ\\x00\\x00\\x00H'); text files, JSON Lines and tables alike."""
+
+    def marked(text: str) -> bytes:
+        return mark + text.encode(encoding)
+
+    text = "caf\u00e9 \U0001f600 na\u00efve\nsecond line"
+    (tmp_path / "notes.txt").write_bytes(marked(text))
+    (tmp_path / "rows.jsonl").write_bytes(marked('{"text": "caf\u00e9 \U0001f600"}\n{"text": "two"}\n'))
+    (tmp_path / "table.csv").write_bytes(marked('id,text\n1,"caf\u00e9 \U0001f600"\n'))
+    assert [doc.text for doc in open_source(tmp_path / "notes.txt")] == [text]
+    assert [doc.text for doc in open_source(tmp_path / "rows.jsonl")] == ["caf\u00e9 \U0001f600", "two"]
+    assert [doc.text for doc in open_source(tmp_path / "table.csv")] == ["caf\u00e9 \U0001f600"]
 
 
 def test_text_folder_is_recursive_and_filters_suffixes(tmp_path: Path) -> None:
