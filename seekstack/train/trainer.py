@@ -1043,6 +1043,13 @@ class _Run:
                 f"({rank_optimizer_file(0)}, ...); resume it with expert_parallel={saved.get('expert_parallel')} on as "
                 "many ranks"
             )
+        elif "optimizer" not in train_state and not (path / OPTIMIZER_DIR).is_dir():  # stripped to save space
+            raise CheckpointError(
+                f"{path / TRAIN_STATE_FILE}: holds no optimizer state (no 'optimizer' key), and {path} no "
+                f"{OPTIMIZER_DIR}/ folder of a sharded run's: the moments a resume goes on with were removed; start "
+                f"a new run from the checkpoint's weights with init_from={path} (a fresh optimizer), or "
+                f"{resume_before(path)}"
+            )
         elif "optimizer" not in train_state:
             try:
                 load_optimizer(self.model, self.optimizer, path / OPTIMIZER_DIR)

@@ -537,6 +537,24 @@ def test_a_damaged_checkpoint_file_says_how_to_resume_from_the_checkpoint_before
     assert len(train(more, resume=True).losses) == 4  # steps 3 to 6, from step_2
 
 
+def test_a_checkpoint_stripped_of_its_optimizer_state_is_named_as_such_not_as_a_missing_shard(data_dir, tmp_path):
+    """A train_state.pt without its optimizer (removed to save space, as HF users delete optimizer.pt) was taken for a
+    sharded run's and refused naming optimizer/.metadata and ranks sharing a file system, in a one-process run."""
+    train(run_config(data_dir, tmp_path, max_steps=2, save_every=2, eval_every=0))
+    newest = tmp_path / "checkpoints" / "step_2"
+    state = torch.load(newest / "train_state.pt", weights_only=False)
+    del state["optimizer"]
+    torch.save(state, newest / "train_state.pt")
+    with pytest.raises(CheckpointError) as refused:
+        train(run_config(data_dir, tmp_path, max_steps=3, save_every=2, eval_every=0), resume=True)
+    assert str(refused.value) == (
+        f"{newest / 'train_state.pt'}: holds no optimizer state (no 'optimizer' key), and {newest} no optimizer/ "
+        "folder of a sharded run's: the moments a resume goes on with were removed; start a new run from the "
+        f"checkpoint's weights with init_from={newest} (a fresh optimizer), or move {newest} out of "
+        f"{newest.parent}, and --resume continues from the checkpoint before it (if the run kept one)"
+    )
+
+
 def test_a_resume_given_fewer_steps_than_its_checkpoint_has_is_refused_naming_max_steps(data_dir, tmp_path):
     """It would train nothing, yet say it trained to the checkpoint's step and record the smaller max_steps."""
     train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0))
