@@ -234,6 +234,12 @@ class GRPOConfig(TrainConfig):
                 f"at least 2, not {config.num_generations}: a completion's advantage is its reward against the mean "
                 "and std of its prompt's group, which one completion alone does not have",
             )
+            require(
+                config.beta == 0 or bool(config.init_from),
+                "beta",
+                f"0 without init_from, not {config.beta}: its k3 KL is to the reference model, the checkpoint the run "
+                "starts from; set init_from, or leave beta at 0",
+            )
         except ConfigError as error:
             raise error.at(source) from None
         return config

@@ -109,9 +109,7 @@ class GRPOSource:
         )
         model.train()
         self.reference = None
-        if self.config.beta > 0:
-            if not self.config.init_from:
-                raise ValueError("beta > 0 needs init_from: the reference model is the checkpoint the run starts from")
+        if self.config.beta > 0:  # GRPOConfig.validate: then init_from is given
             self.reference = load_pretrained(self.config.init_from, dtype=torch.float32, device=self.device).eval()
             self.reference.requires_grad_(False)
 

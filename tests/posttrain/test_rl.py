@@ -210,6 +210,19 @@ def test_one_generation_per_prompt_is_refused_saying_that_group_advantages_need_
         resolve_train_config(None, [f"init_from={model_dir}", "num_generations=1"], cls=GRPOConfig)
 
 
+def test_a_kl_weight_without_a_starting_checkpoint_is_refused_naming_beta_before_a_config_is_written(tmp_path):
+    """beta=0.1 on a fresh preset was taken by the config (--write-config wrote it) and refused only when the run built
+    its reference, as a ValueError naming no field."""
+    tokenizer = micro_checkpoint(tmp_path / "model") / "tokenizer.json"
+    reason = "field 'beta' must be 0 without init_from, not 0.1: its k3 KL is to the reference model, the checkpoint"
+    with pytest.raises(ConfigError, match=f"^{re.escape(reason)}"):
+        resolve_train_config(None, [f"tokenizer={tokenizer}", "beta=0.1"], cls=GRPOConfig)
+    written = tmp_path / "rl.yaml"
+    result = CliRunner().invoke(app, ["rl", f"tokenizer={tokenizer}", "beta=0.1", "--write-config", str(written)])
+    assert result.exit_code == 1 and reason in result.output and not written.exists()
+    assert resolve_train_config(None, [f"tokenizer={tokenizer}", "beta=0"], cls=GRPOConfig).beta == 0
+
+
 def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
     """TRL's bnpo divides by a micro-batch's tokens, its dapo by the generation batch's: one and the same batch here."""
     choices = "input should be 'grpo', 'dr_grpo' or 'dapo'"
