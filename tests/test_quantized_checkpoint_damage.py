@@ -192,17 +192,47 @@ def test_an_unsupported_format_is_refused_naming_its_fields_not_the_whole_config
     assert "targets" not in message
 
 
+ASYMMETRIC_DAMAGES = {
+    "missing": ({}, "layer '{layer}' has no '{layer}.weight_zero_point', but the quantization_config group "
+                "'asymmetric' of {config} says symmetric=false (codes with zero points): re-save or re-download the "
+                "checkpoint"),
+    "float": ({"weight_zero_point": torch.ones(96, 1)}, "key '{layer}.weight_zero_point' is stored as F32, but zero "
+              "points load only as int8, or int32 words packing them (pack-quantized's); re-save or re-download the "
+              "checkpoint"),
+    "misshapen": ({"weight_zero_point": torch.ones(96, 2, dtype=torch.int8)}, "key '{layer}.weight_zero_point' holds "
+                  "(96, 2) zero points, but '{layer}' has (96, 1) scales, one zero point each: re-save or re-download "
+                  "the checkpoint"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damaged", ASYMMETRIC_DAMAGES)
 @pytest.mark.parametrize("dequantize", [False, True], ids=["quantized", "dequantized"])
-def test_asymmetric_int_weights_are_refused_naming_the_config_and_the_group(tmp_path, dequantize):
-    """llm-compressor's W4A16_ASYM: codes with zero points, which codes x scales would read shifted (it loaded,
-    zero points warned of as unused keys only)."""
+def test_asymmetric_int_weights_without_their_zero_points_are_refused_naming_the_file_and_the_key(
+    tmp_path, dequantize, damaged
+):
+    """llm-compressor's W4A16_ASYM: codes with zero points, read as (q - z) x s; its layer's zero points missing,
+    or not one an int per scale. (Asymmetric groups were refused whole before they were read.)"""
     directory = save_quantized(tmp_path / "int4", "int4")
-    damage(directory / SINGLE_FILE, lambda tensors: tensors.__setitem__(f"{Q_B}.weight_zero_point", torch.ones(96, 1)))
+    added, expected = ASYMMETRIC_DAMAGES[damaged]
+    damage(directory / SINGLE_FILE, lambda tensors: tensors.update({f"{Q_B}.{k}": v for k, v in added.items()}))
     config = json.loads((directory / "config.json").read_text())
-    config["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    groups = config["quantization_config"]["config_groups"]
+    groups["asymmetric"] = {**groups["group_0"], "targets": [Q_B]}  # q_b_proj's: its exact name comes first
+    groups["asymmetric"]["weights"] = {**groups["group_0"]["weights"], "symmetric": False}
     (directory / "config.json").write_text(json.dumps(config))
     message = load_error(directory, dequantize)
-    assert message.startswith(f"{directory / 'config.json'}: quantization_config group 'group_0' says symmetric=false")
+    assert message == f"{directory / SINGLE_FILE}: " + expected.format(layer=Q_B, config=directory / "config.json")
+
+
+def test_asymmetric_float_weights_are_refused_naming_the_config_and_the_group(tmp_path):
+    """Zero points are read for int weights only; no scheme of llm-compressor's writes float ones."""
+    directory = save_quantized(tmp_path / "int4", "int4")
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(symmetric=False, type="float")
+    (directory / "config.json").write_text(json.dumps(config))
+    assert load_error(directory, dequantize=True).startswith(
+        f"{directory / 'config.json'}: quantization_config group 'group_0' says symmetric=false for float weights; "
+    )
 
 
 # q_b_proj's (96 rows, 1 group) zero points: int8, or packed along the rows as pack-quantized packs them

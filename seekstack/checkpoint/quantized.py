@@ -45,7 +45,7 @@ MappedCopy = Callable[[torch.Tensor, Callable[[], Iterable[torch.Tensor]]], torc
 ExpertBuffer = Callable[[str, int], torch.Tensor]
 # The stored tensors of a quantized layer that `stored_tensor_bytes` prices with its weight (`_held_layer_bytes`), or
 # not at all: loading reads no `weight_shape` (the shape is the config's) nor activations' `input_scale`.
-QUANTIZATION_PARTS = ("weight_scale", "weight_scale_inv", "weight_shape", "input_scale")
+QUANTIZATION_PARTS = ("weight_scale", "weight_scale_inv", "weight_shape", "weight_zero_point", "input_scale")
 # A routed expert's projection or stacked weight: the layer (`...mlp.experts`), and its expert's number if per expert.
 EXPERT_WEIGHT = re.compile(r"(.*\.mlp\.experts)\.(?:(\d+)\.)?\w+$")
 
@@ -145,15 +145,15 @@ def _quantized_from_reader(reader: CheckpointReader, key: str, shape: tuple[int,
 
 def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
     """The names of the stored tensors of checkpoint layer `key`'s quantized weight, its codes' then its scales', or
-    None for a layer stored in float."""
+    None for a layer read in float: stored so, or in a format loading dequantizes (float-quantized fp8, int codes
+    with zero points)."""
     if f"{key}.weight_packed" in reader:
         reader.check_stored_format(f"{key}.weight_packed")
         reader.used.add(f"{key}.weight_shape")
         bits = reader.packed_bits(key)
         columns = reader.stored_shape(f"{key}.weight_packed")[-1] * 32 // bits
         reader.check_int_scheme(key, bits, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
-        reader.zero_points(key)
-        return ["weight_packed", "weight_scale"]
+        return ["weight_packed", "weight_scale"] if reader.zero_points(key) is None else None
     if f"{key}.weight" not in reader:
         return None
     reader.check_stored_format(f"{key}.weight")
@@ -161,8 +161,7 @@ def _stored_names(reader: CheckpointReader, key: str) -> list[str] | None:
     if stored == "I8":
         columns = reader.stored_shape(f"{key}.weight")[-1]
         reader.check_int_scheme(key, 8, columns, reader.stored_shape(f"{key}.weight_scale")[-1])
-        reader.zero_points(key)
-        return ["weight", "weight_scale"]
+        return ["weight", "weight_scale"] if reader.zero_points(key) is None else None
     if stored == "F8_E4M3" and f"{key}.weight_scale_inv" in reader:  # DeepSeek's; float-quantized's load as float
         return ["weight", "weight_scale_inv"]
     return None
@@ -415,9 +414,9 @@ def load_quantized_layers(
             swapped.add(name)
             unfilled.update({f"{name}.{stack}": expert for stack, expert in per_expert.items()})
     use_quantized_feed_forwards(model)  # as quantize_model leaves a quantized model, so both compute alike
-    note = reader.activation_note()
-    if note is not None:
-        warnings.warn(note, stacklevel=3)
+    for note in (reader.activation_note(), reader.zero_point_note()):
+        if note is not None:
+            warnings.warn(note, stacklevel=3)
     for weight, names in unrunnable.items():
         warnings.warn(
             f"{reader.directory}: {len(names)} {weight.scheme} layers ({', '.join(names[:3])}"

@@ -155,7 +155,7 @@ class CheckpointReader:
             if fp8:
                 self.fp8_block = _fp8_block(quantization, directory / CONFIG_FILE)
         self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
-        _refuse_asymmetric_groups(self.config_groups, directory / CONFIG_FILE)
+        _refuse_asymmetric_float_groups(self.config_groups, directory / CONFIG_FILE)
         _refuse_activation_ordered_groups(self.config_groups, directory / CONFIG_FILE)
         self.targets = _targets(self.config_groups, directory / CONFIG_FILE)
         self.used: set[str] = set()
@@ -309,27 +309,50 @@ class CheckpointReader:
         return 4 if configured in INT8_HELD_BITS and configured <= 4 else 8
 
     def zero_points(self, layer: str) -> torch.Tensor | None:
-        """The zero points of int8/int4 layer `layer` (its `weight_zero_point`), None where it stores none. A layer
-        of a symmetric config group may store all-zero ones (earlier compressed-tensors versions wrote them): None,
-        the key accounted for; CheckpointError naming the file, the key and the group where any is not 0, which
-        reading codes x scales would ignore, loading the layer shifted."""
-        key = f"{layer}.weight_zero_point"
+        """The zero points z of int8/int4 layer `layer`, whose weight is (q - z) x s: its `weight_zero_point` as int8
+        (..., O, G), one per scale, where the config group applying to it says `symmetric: false` (llm-compressor's
+        W4A16_ASYM); else None. A layer of a symmetric group may store all-zero ones (earlier compressed-tensors
+        versions wrote them): None, the key accounted for. CheckpointError naming the file and the key for zero
+        points stored in no int dtype, an asymmetric layer's missing or misshapen ones, and a symmetric layer's not
+        all 0 (naming the group)."""
+        key, config = f"{layer}.weight_zero_point", self.directory / CONFIG_FILE
+        group, weights = self._group_of(layer) or (None, {})
+        asymmetric = weights.get("symmetric", True) is not True
         if key not in self:
+            if asymmetric:
+                raise CheckpointError(
+                    f"{self.file_of(self.weight_key(layer))}: layer {layer!r} has no {key!r}, but the quantization_"
+                    f"config group {group!r} of {config} says symmetric=false (codes with zero points): {DAMAGED}"
+                )
             return None
         self.used.add(key)
+        if self.stored_dtype(key) not in ("I8", "I32"):
+            raise CheckpointError(
+                f"{self.file_of(key)}: key {key!r} is stored as {self.stored_dtype(key)}, but zero points load only "
+                f"as int8, or int32 words packing them (pack-quantized's); {DAMAGED}"
+            )
         points = self._get(key)
         if points.dtype == torch.int32:  # pack-quantized packs them along the rows, as its codes along the columns
             rows = self.unpacked_shape(self.weight_key(layer))[-2]
             points = unpack_codes(points.transpose(-2, -1), self.code_bits(layer)).transpose(-2, -1)[..., :rows, :]
-        if points.count_nonzero():
-            applied = self._group_of(layer)
-            group = f"group {applied[0]!r} of " if applied is not None else ""
+        if not asymmetric:
+            if points.count_nonzero():
+                named = f"group {group!r} of " if group is not None else ""
+                raise CheckpointError(
+                    f"{self.file_of(key)}: key {key!r} holds zero points other than 0, but the quantization_config "
+                    f"{named}{config} says symmetric (codes x scales, no zero point); the config and the weights "
+                    f"disagree: {DAMAGED}"
+                )
+            return None
+        scales = tuple(self.stored_shape(f"{layer}.weight_scale"))
+        if points.numel() == 1 and weights.get("strategy") == "tensor":
+            points = points.reshape(1, 1).expand(scales)  # one for the whole matrix, as its one scale
+        if tuple(points.shape) != scales:
             raise CheckpointError(
-                f"{self.file_of(key)}: key {key!r} holds zero points other than 0, but the quantization_config "
-                f"{group}{self.directory / CONFIG_FILE} says symmetric (codes x scales, no zero point); the config "
-                f"and the weights disagree: {DAMAGED}"
+                f"{self.file_of(key)}: key {key!r} holds {tuple(points.shape)} zero points, but {layer!r} has "
+                f"{scales} scales, one zero point each: {DAMAGED}"
             )
-        return None
+        return points.to(torch.int8)
 
     def float_block(self, key: str) -> tuple[int, int] | None:
         """The (rows, columns) scale block of layer `key` where the compressed-tensors config group applying to it says
@@ -497,9 +520,9 @@ class CheckpointReader:
             self.check_recorded_shape(packed_key)
             self.check_scales(packed_key)
             self.used.update((packed_key, key + "_scale", key + "_shape"))
-            self.zero_points(key.removesuffix(".weight"))
+            points = self.zero_points(key.removesuffix(".weight"))
             codes = unpack_codes(self._get(packed_key), self.packed_bits(key.removesuffix(".weight")))
-            return dequantize_int(codes, self._get(key + "_scale"))
+            return dequantize_int(codes, self._get(key + "_scale"), points)
         if shape is not None:
             self.check_shape(key, shape)
         self.check_stored_format(key)
@@ -510,10 +533,9 @@ class CheckpointReader:
         if tensor.dtype in (torch.int8, torch.float8_e4m3fn) and key + "_scale" in self.key_to_file:
             self.check_scales(key)
             self.used.add(key + "_scale")
-            if tensor.dtype == torch.int8:
-                self.zero_points(key.removesuffix(".weight"))
+            points = self.zero_points(key.removesuffix(".weight")) if tensor.dtype == torch.int8 else None
             scale, block = self._get(key + "_scale"), self.float_block(key.removesuffix(".weight"))
-            return dequantize_fp8(tensor, scale, block) if block else dequantize_int(tensor, scale)
+            return dequantize_fp8(tensor, scale, block) if block else dequantize_int(tensor, scale, points)
         if tensor.dtype == torch.float8_e4m3fn:
             self.check_scales(key)  # refuses a missing scale or fp8 quantization_config too
             self.used.add(key + "_scale_inv")
@@ -538,6 +560,23 @@ class CheckpointReader:
             "weights only and runs those layers on unrounded activations (int8/int4 kernels on bfloat16 inputs, fp8 "
             "layers dequantized to float), so its outputs differ from vLLM's by that rounding (the input_scale keys "
             "are not read)"
+        )
+
+    def zero_point_note(self) -> str | None:
+        """What loading does with the compressed-tensors config groups of asymmetric int weights (`symmetric: false`,
+        llm-compressor's W4A16_ASYM), whose zero points seekstack's int8/int4 kernels do not take; None without one."""
+        asymmetric = [
+            f"{name!r}: int{(group.get('weights') or {}).get('num_bits')}"
+            for name, group in self.config_groups.items()
+            if (group.get("weights") or {}).get("symmetric", True) is not True
+        ]
+        if not asymmetric:
+            return None
+        return (
+            f"{self.directory / CONFIG_FILE}: quantization_config groups quantize their layers' weights with zero "
+            f"points ({', '.join(asymmetric)}, symmetric=false), which seekstack's int8/int4 kernels do not take; "
+            "those layers load dequantized ((q - zero point) x scale, as compressed-tensors reads them) and run in "
+            "float, taking the model's float bytes where vLLM holds their codes"
         )
 
     def starts_aligned(self, key: str) -> bool:
@@ -594,16 +633,17 @@ def _quantization_format(quantization: dict[str, Any]) -> str:
     return ", ".join(f"{field}={quantization[field]!r}" for field in fields if field in quantization)
 
 
-def _refuse_asymmetric_groups(config_groups: dict[str, Any], config_path: Path) -> None:
-    """CheckpointError naming the file and the group for a compressed-tensors group whose weights are asymmetric
-    (`symmetric: false`, codes with a `weight_zero_point`, as llm-compressor's W4A16_ASYM writes them): seekstack's
-    int8/int4 layers read codes x scales only, so their weights would load shifted by the zero points."""
+def _refuse_asymmetric_float_groups(config_groups: dict[str, Any], config_path: Path) -> None:
+    """CheckpointError naming the file and the group for a compressed-tensors group of asymmetric float weights
+    (`symmetric: false` beside `type: "float"`, which neither llm-compressor's schemes nor vLLM's kernels use):
+    seekstack reads the zero points of int weights only (`CheckpointReader.zero_points`)."""
     for name, group in config_groups.items():
-        if (group.get("weights") or {}).get("symmetric", True) is not True:
+        weights = group.get("weights") or {}
+        if weights.get("symmetric", True) is not True and weights.get("type", "int") != "int":
             raise CheckpointError(
-                f"{config_path}: quantization_config group {name!r} says symmetric=false (codes with zero points); "
-                "seekstack reads symmetric int8/int4 weights only (codes x scales), and would read these shifted; "
-                "dequantize the checkpoint where it was made (compressed-tensors, transformers) and load the float one"
+                f"{config_path}: quantization_config group {name!r} says symmetric=false for {weights.get('type')} "
+                "weights; seekstack reads zero points of int weights only (llm-compressor's W4A16_ASYM); dequantize "
+                "the checkpoint where it was made (compressed-tensors, transformers) and load the float one"
             )
 
 

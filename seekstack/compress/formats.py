@@ -43,10 +43,12 @@ def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     return q.reshape(weight.shape), scale
 
 
-def dequantize_int(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """W = q * s, float32; s is (..., O, 1) per channel or (..., O, G) per group."""
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """W = q * s, float32; s is (..., O, 1) per channel or (..., O, G) per group. With `zero_point` z, of s's shape
+    (compressed-tensors' asymmetric weights), W = (q - z) * s."""
     group = q.shape[-1] // scale.shape[-1]
-    return q.float() * scale.float().repeat_interleave(group, dim=-1)
+    codes = q.float() if zero_point is None else q.float() - zero_point.float().repeat_interleave(group, dim=-1)
+    return codes * scale.float().repeat_interleave(group, dim=-1)
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -284,11 +284,13 @@ def test_a_naive_quantized_int8_checkpoint_loads_as_the_int_quantized_one(tmp_pa
     assert torch.equal(logits(seekstack.load_pretrained(tmp_path)), expected)
 
 
-def rewrite_with_compressor(folder, base_scheme, quant_format, weights, scale_of, stored_dtype) -> dict:
+def rewrite_with_compressor(
+    folder, base_scheme, quant_format, weights, scale_of, stored_dtype, zero_points_of=None
+) -> dict:
     """Save the test model quantized as `base_scheme` in `folder`, then rewrite it as compressed-tensors'
     `quant_format` of `weights` (QuantizationArgs): each quantized layer random weights as that library's compressor
-    stores them (in `stored_dtype`), of scale `scale_of(weight, generator)`. Each layer's weight as the library
-    decompresses it."""
+    stores them (codes in `stored_dtype`), of scale `scale_of(weight, generator)` and, for asymmetric `weights`, zero
+    points `zero_points_of(scale, generator)`. Each layer's weight as the library decompresses it."""
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -310,8 +312,11 @@ def rewrite_with_compressor(folder, base_scheme, quant_format, weights, scale_of
         del tensors[f"{layer}.weight_packed"]
         rows, columns = tensors.pop(f"{layer}.weight_shape").tolist()
         weight = torch.randn(rows, columns, generator=generator)
-        stored = compressor.compress({"weight": weight, "weight_scale": scale_of(weight, generator)}, scheme)
-        assert stored["weight"].dtype == stored_dtype
+        quantized = {"weight": weight, "weight_scale": scale_of(weight, generator)}
+        if zero_points_of is not None:
+            quantized["weight_zero_point"] = zero_points_of(quantized["weight_scale"], generator)
+        stored = compressor.compress(quantized, scheme)
+        assert stored.get("weight_packed", stored.get("weight")).dtype == stored_dtype
         tensors.update({f"{layer}.{name}": tensor for name, tensor in stored.items()})
         theirs[layer] = compressor.decompress(stored, scheme)["weight"]
     save_aligned(tensors, folder / SINGLE_FILE)
@@ -358,6 +363,46 @@ def test_a_float_quantized_fp8_checkpoint_loads_its_layers_as_the_library_dequan
         loaded = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=dequantize)))
         for layer, weight in theirs.items():
             assert torch.equal(loaded[f"{layer}.weight"].bfloat16(), weight), (layer, dequantize)
+
+
+@pytest.mark.parametrize(
+    "base_scheme, quant_format, weights, stored_dtype",
+    [
+        ("int4", "pack-quantized", {"num_bits": 4, "strategy": "group", "group_size": 32}, torch.int32),
+        ("int8", "int-quantized", {"num_bits": 8, "strategy": "channel"}, torch.int8),
+    ],
+    ids=["W4A16_ASYM packed", "int8 channel unpacked"],
+)
+def test_an_asymmetric_checkpoint_loads_its_layers_as_the_library_dequantizes_them(
+    tmp_path, base_scheme, quant_format, weights, stored_dtype
+):
+    """llm-compressor's W4A16_ASYM (`symmetric: false`: codes q with zero points z, weight (q - z) x s) was refused.
+    Each layer written by compressed-tensors' own compressor, zero points packed along the rows where it packs them;
+    the layers load in float, with a note, equal to what the library decompresses."""
+    weights = {"type": "int", "symmetric": False, **weights}
+    half = 2 ** (weights["num_bits"] - 1)
+
+    def scales(weight, generator):
+        groups = weight.shape[1] // weights.get("group_size", weight.shape[1])
+        return torch.rand(weight.shape[0], groups, generator=generator).bfloat16() / 100 + 0.01
+
+    def zero_points(scale, generator):
+        return torch.randint(-half, half, scale.shape, generator=generator, dtype=torch.int8)
+
+    theirs = rewrite_with_compressor(tmp_path, base_scheme, quant_format, weights, scales, stored_dtype, zero_points)
+    for dequantize in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=dequantize)))
+        for layer, weight in theirs.items():
+            assert torch.equal(loaded[f"{layer}.weight"].bfloat16(), weight), (layer, dequantize)
+        said = [str(warning.message) for warning in caught if str(tmp_path) in str(warning.message)]
+        assert said == ([] if dequantize else [
+            f"{tmp_path / 'config.json'}: quantization_config groups quantize their layers' weights with zero points "
+            f"('group_0': int{weights['num_bits']}, symmetric=false), which seekstack's int8/int4 kernels do not "
+            "take; those layers load dequantized ((q - zero point) x scale, as compressed-tensors reads them) and "
+            "run in float, taking the model's float bytes where vLLM holds their codes"
+        ])  # fmt: skip
 
 
 FP8 = {"num_bits": 8, "type": "float", "symmetric": True}
