@@ -319,6 +319,19 @@ def _not_a_conversation(record: object) -> str:
             '"user", "content": PROMPT}, {"role": "assistant", "content": COMPLETION}]} (or TRL\'s conversational '
             '{"prompt": [messages], "completion": [messages]})'
         )
+    if record.get("messages") is not None:
+        return _not_messages("messages", record["messages"], 'OpenAI\'s chat messages [{"role": ..., "content": ...}]')
+    if record.get("conversations") is not None:
+        return _not_messages(
+            "conversations", record["conversations"], 'TRL\'s from/value messages [{"from": "user", "value": ...}]'
+        )
+    forms = {key: record.get(key) for key in ("prompt", "completion") if record.get(key) is not None}
+    if len(forms) == 2:
+        kinds = ", ".join(f"{key} is {type(value).__name__}" for key, value in forms.items())
+        return (
+            f'TRL\'s "prompt" and "completion" are both lists of chat messages (its conversational form) or both text '
+            f"(its standard form), but here {kinds}: give both as messages"
+        )
     if "text" in record:
         return (
             '"text" (TRL\'s language-modeling format) holds no assistant turn to train: write it as {"messages": '
@@ -329,6 +342,16 @@ def _not_a_conversation(record: object) -> str:
         'expected {"messages": [...]} (or TRL\'s {"prompt": [...], "completion": [...]}) with an assistant message, '
         f"got the keys {sorted(record)}"
     )
+
+
+def _not_messages(field: str, given: object, form: str) -> str:
+    """Why a record's `field`, given, holds no conversation: it is no list of `form`, an empty one, or its first
+    message is not one."""
+    if not isinstance(given, list):
+        return f"field {field} must be a list of {form}, got {type(given).__name__} {str(given)[:60]!r}"
+    if not given:
+        return f"field {field} holds no message: a conversation is a list of {form}, with an assistant message"
+    return f"field {field} must be a list of {form}; its first message is {str(given[0])[:60]!r}"
 
 
 def template_message(position: int, message: object, tokenizer: Tokenizer | None = None) -> dict:

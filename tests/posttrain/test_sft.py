@@ -502,6 +502,17 @@ def test_trls_from_value_conversations_read_as_their_messages(tmp_path):
         ({"messages": CHAT, "prompt": CHAT[:2], "completion": CHAT[2:4]}, "the line holds \"messages\" and TRL's "
          "\"prompt\"/\"completion\" too, which TRL's SFTTrainer reads in place of its messages: keep one"),
         ({"messages": CHAT, "completion": CHAT[2:4]}, "the line holds \"messages\" and TRL's \"prompt\"/"),
+        # these were "expected {"messages": [...]} ... got the keys ['messages']", of a line that has them
+        ({"messages": "Hi"}, "field messages must be a list of OpenAI's chat messages [{\"role\": ..., \"content\": "
+         "...}], got str 'Hi'"),
+        ({"messages": CHAT[0]}, "field messages must be a list of OpenAI's chat messages"),
+        ({"conversations": []}, "field conversations holds no message: a conversation is a list of TRL's from/value "
+         "messages"),
+        ({"conversations": CHAT}, "field conversations must be a list of TRL's from/value messages [{\"from\": "
+         "\"user\", \"value\": ...}]; its first message is"),
+        ({"prompt": CHAT[:2], "completion": "4"}, "TRL's \"prompt\" and \"completion\" are both lists of chat "
+         "messages (its conversational form) or both text (its standard form), but here prompt is list, completion "
+         "is str: give both as messages"),
         ({"conversation": CHAT}, "expected {\"messages\": [...]} (or TRL's {\"prompt\": [...], \"completion\": "
          "[...]}) with an assistant message, got the keys ['conversation']"),
     ],
