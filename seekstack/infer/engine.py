@@ -128,6 +128,7 @@ class _StepLock:
             yield
 
 
+PROMPT_KEYS = ("prompt", "prompt_token_ids")  # what an Engine reads of vLLM's TextPrompt and TokensPrompt
 COMPILE_AFTER_SECONDS = 10.0  # with compile=None: about what compiling the decode step takes on a CPU, cache warm
 
 
@@ -1025,10 +1026,28 @@ class Engine:
         them (`sampling_defaults`)."""
         return SamplingParams(**self.sampling_defaults)
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Add one request, a text (encoded as `generate` encodes it) or token ids, and step until it finishes,
-        yielding its outputs as they come (other requests run too); no params: `default_sampling_params`."""
-        prompt_ids = self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt
+    def _prompt_token_ids(self, prompt: str | Sequence[int] | Mapping[str, Any]) -> list[int]:
+        """The token ids of one prompt of `generate` or `stream`: a text (`Tokenizer.encode_prompt`), token ids, or
+        vLLM's TextPrompt {"prompt": text} or TokensPrompt {"prompt_token_ids": ids} (whose ids it reads, as vLLM);
+        ValueError for a mapping of other keys (multi_modal_data, ...), which would go unread."""
+        if isinstance(prompt, Mapping):
+            unread = sorted(set(prompt) - set(PROMPT_KEYS))
+            if unread or not prompt:
+                problem = f"'s {', '.join(map(repr, unread))} would go unread" if unread else " holds no prompt"
+                raise ValueError(
+                    f"a prompt mapping{problem}: give {{'prompt': text}} or {{'prompt_token_ids': ids}}, vLLM's "
+                    "TextPrompt and TokensPrompt"
+                )
+            prompt = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else prompt["prompt"]
+        return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(map(token_id, prompt))
+
+    def stream(
+        self, prompt: str | list[int] | Mapping[str, Any], params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Add one request, a text (encoded as `generate` encodes it), token ids or vLLM's {"prompt": text} or
+        {"prompt_token_ids": ids}, and step until it finishes, yielding its outputs as they come (other requests run
+        too); no params: `default_sampling_params`."""
+        prompt_ids = self._prompt_token_ids(prompt)
         inbox: deque[RequestOutput] = deque()
         params = self.default_sampling_params() if params is None else params
         request_id = self._add_awaited(prompt_ids, params, inbox)
@@ -1045,13 +1064,14 @@ class Engine:
 
     def generate(
         self,
-        prompts: str | list[int] | list[str] | list[list[int]] | torch.Tensor,
+        prompts: str | list[int] | Mapping[str, Any] | Sequence[str | list[int] | Mapping[str, Any]] | torch.Tensor,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: Sequence[str | None] | None = None,
         use_tqdm: bool = False,
     ) -> list[Completion]:
-        """Add all prompts (a str or a list of token ids is one prompt, as in vLLM; a tensor of ids reads as its
-        list: 1-D one prompt, 2-D a prompt per row, as transformers' input_ids; text is encoded by `encode_prompt`:
+        """Add all prompts (a str, a list of token ids, vLLM's TextPrompt {"prompt": text} or TokensPrompt
+        {"prompt_token_ids": ids} is one prompt, as in vLLM; a tensor of ids reads as its list: 1-D one prompt, 2-D a
+        prompt per row, as transformers' input_ids; text is encoded by `encode_prompt`:
         BOS first with a DeepSeek release's tokenizer, as transformers encodes it, none with seekstack's, as its
         training shards hold none), each on the base or on the loaded adapter `adapters` names for it, and step until
         all finish. A prompt refused (too long, an adapter not loaded) raises ValueError naming it by its index among
@@ -1066,7 +1086,7 @@ class Engine:
                 )
             prompts = prompts.tolist()
         token_ids = len(prompts) > 0 and not any(isinstance(t, Iterable) for t in prompts)  # 5.0 too: refused below
-        one_prompt = isinstance(prompts, str) or token_ids
+        one_prompt = isinstance(prompts, (str, Mapping)) or token_ids
         prompts = [prompts] if one_prompt else list(prompts)
         params = self.default_sampling_params() if params is None else params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
@@ -1077,9 +1097,7 @@ class Engine:
         ):
             if len(values) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")
-        prompt_ids = [
-            self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(map(token_id, p)) for p in prompts
-        ]
+        prompt_ids = [self._prompt_token_ids(p) for p in prompts]
         started = time.perf_counter()
         inbox: deque[RequestOutput] = deque()  # these requests' outputs, whichever thread's step made them
         parts: dict[str, list[RequestOutput]] = {}

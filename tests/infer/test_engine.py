@@ -691,6 +691,28 @@ def test_a_tensor_of_token_ids_is_one_prompt_or_one_per_row_as_transformers_inpu
     assert [c.token_ids for c in (one, *rows)] == [as_ids.token_ids] * 3
 
 
+def test_vllms_prompt_dicts_are_read_as_their_text_or_ids_and_other_keys_are_refused(model, tokenizer):
+    """vLLM's generate takes TextPrompt {"prompt": text} and TokensPrompt {"prompt_token_ids": ids}; here a dict was
+    read as the sequence of its keys: generate({"prompt": "def f"}) continued the text "prompt", and
+    generate({"prompt_token_ids": ids}) the text "prompt_token_ids", without a word."""
+    engine = Engine(model, tokenizer)
+    ids = tokenizer.encode_prompt("def f")
+    [text, given_ids] = engine.generate(["def f", [5, 6, 7]], GREEDY)
+    [one] = engine.generate({"prompt": "def f"}, GREEDY)
+    several = engine.generate([{"prompt_token_ids": [5, 6, 7]}, {"prompt": "def f"}], GREEDY)
+    streamed = [
+        token for output in engine.stream({"prompt_token_ids": [5, 6, 7]}, GREEDY) for token in output.token_ids
+    ]
+    assert [c.prompt_token_ids for c in (one, *several)] == [ids, [5, 6, 7], ids]
+    assert [c.token_ids for c in (one, *several)] == [text.token_ids, given_ids.token_ids, text.token_ids]
+    assert streamed == given_ids.token_ids
+    with pytest.raises(ValueError, match=r"^a prompt mapping's 'multi_modal_data' would go unread: give \{'prompt'"):
+        engine.generate({"prompt": "def f", "multi_modal_data": {}}, GREEDY)
+    with pytest.raises(ValueError, match=r"^a prompt mapping holds no prompt: give"):
+        engine.generate([{}], GREEDY)
+    assert not engine.has_unfinished()
+
+
 @pytest.mark.parametrize(
     "prompts",
     [torch.tensor(5), torch.zeros(1, 2, 3, dtype=torch.long), torch.tensor([5.0, 6.0])],
