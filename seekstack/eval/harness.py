@@ -255,11 +255,13 @@ class SeekstackLM(TemplateLM):
             input_ids = torch.full((len(rows), len(rows[0])), self.tokenizer_.pad_id, dtype=torch.long)
             for r, row in enumerate(rows):
                 input_ids[r, : len(row)] = torch.tensor(row)
-            logprobs = F.log_softmax(self.model(input_ids.to(self._device)).logits.float(), dim=-1)  # (B, T, V)
+            logits = self.model(input_ids.to(self._device)).logits  # (B, T, V)
             for r, row in enumerate(rows):
+                scored_length = max(len(requests[i][2]) for i in readers[row])  # S: its longest continuation
+                logprobs = F.log_softmax(logits[r, len(row) - scored_length : len(row)].float(), dim=-1)  # (S, V)
                 for i in readers[row]:
                     continuation = requests[i][2]
-                    scored = logprobs[r, len(row) - len(continuation) : len(row)]  # (len(continuation), V)
+                    scored = logprobs[scored_length - len(continuation) :]  # (len(continuation), V)
                     target = torch.tensor(continuation, device=scored.device)
                     total = scored.gather(1, target[:, None]).double().sum().item()  # float64: thousands of terms
                     results[i] = (total, bool((scored.argmax(dim=-1) == target).all()))
@@ -267,14 +269,14 @@ class SeekstackLM(TemplateLM):
 
     def _largest_batch(self, width: int) -> int:
         """batch_size="auto": the most rows of `width` tokens (the longest request's), up to max_batch_size, whose
-        forward and float32 log-softmax the device runs without running out of memory (accelerate's search, as
-        lm_eval's HF backend finds its batch size)."""
+        forward and a row's float32 log-softmax the device runs without running out of memory (accelerate's search,
+        as lm_eval's HF backend finds its batch size)."""
         from accelerate.utils import find_executable_batch_size
 
         @find_executable_batch_size(starting_batch_size=self.max_batch_size)
         def forward(batch_size: int) -> int:
             input_ids = torch.full((batch_size, width), self.tokenizer_.pad_id, dtype=torch.long, device=self._device)
-            F.log_softmax(self.model(input_ids).logits.float(), dim=-1)
+            F.log_softmax(self.model(input_ids).logits[0].float(), dim=-1)
             return batch_size
 
         batch_size = forward()
