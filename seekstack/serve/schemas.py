@@ -160,6 +160,16 @@ class RefusalPart(StrictRequest):
     refusal: str
 
 
+def unread_part(given: Any, read: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first content part of `given` (a JSON list of parts) whose type is none of `read` (OpenAI's image_url,
+    input_audio, file): its index and type, to refuse it as such, not as every branch of a union failing."""
+    for index, part in enumerate(given if isinstance(given, list) else []):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind not in read:
+            return index, kind
+    return None
+
+
 # OpenAI's rule for a replayed call's function name (no length limit there, as for a function defined: FUNCTION_NAME);
 # a name outside it could break the prompt's call format (a newline ends the name there)
 CALLED_NAME = r"^[a-zA-Z0-9_-]+$"
@@ -304,6 +314,15 @@ class ChatMessage(StrictRequest):
             raise ValueError("a tool message needs the tool_call_id of the call it answers (the id of one of the "
                              "tool_calls of the assistant message before it), as OpenAI requires")  # fmt: skip
         return call_id
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, given: Any) -> Any:
+        unread = unread_part(given, ("text", "refusal"))
+        if unread is not None:
+            raise ValueError(f"part {unread[0]} is of type {unread[1]!r}, which this model does not read: it reads "
+                             "text (text parts, and an assistant's refusal parts); send the text alone")  # fmt: skip
+        return given
 
     @field_validator("content")
     @classmethod
@@ -639,12 +658,10 @@ class ModerationRequest(StrictRequest):
     @field_validator("input", mode="before")
     @classmethod
     def _text_parts_only(cls, given: Any) -> Any:
-        """A part other than text (OpenAI's image_url) refused as such, not as every branch of the union failing."""
-        for index, part in enumerate(given if isinstance(given, list) else []):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                raise ValueError(f"input[{index}] is a part of type {kind!r}, which is not read: this server's "
-                                 "moderation policy judges text only; send the text parts alone")  # fmt: skip
+        unread = unread_part(given, ("text",))
+        if unread is not None:
+            raise ValueError(f"input[{unread[0]}] is a part of type {unread[1]!r}, which is not read: this server's "
+                             "moderation policy judges text only; send the text parts alone")  # fmt: skip
         return given
 
     def texts(self) -> list[str]:

@@ -342,6 +342,23 @@ def test_text_parts_are_read_as_their_texts_joined_by_newlines(engine, tmp_path)
     assert split.json()["choices"] == joined.json()["choices"] and split.json()["usage"] == joined.json()["usage"]
 
 
+@pytest.mark.parametrize("kind", ["image_url", "input_audio", "file"])
+def test_a_part_the_model_cannot_read_is_refused_by_its_type(engine, tmp_path, kind):
+    """OpenAI's image, audio and file parts got pydantic's failures of every branch of the content union ('Input should
+    be a valid string, got [...]; messages.0.content.1.TextPart.type: Input should be 'text' ...; RefusalPart.refusal:
+    Field required'), which never said that the model reads no such part."""
+    parts = [{"type": "text", "text": "What is this?"}, {"type": kind, kind: {}}]
+    message = {"role": "user", "content": parts}
+    chat, counted = post_each(engine, tmp_path / "db", [
+        ("/v1/chat/completions", {**CHAT, "messages": [message]}), ("/tokenize", {"messages": [message]})
+    ])  # fmt: skip
+    for refused in (chat, counted):
+        error = error_of(refused, 400)
+        assert error["param"] == "messages.0.content"
+        assert f"part 1 is of type {kind!r}, which this model does not read" in error["message"]
+        assert "TextPart" not in error["message"] and "RefusalPart" not in error["message"]
+
+
 REFUSED_PARTS = [{"type": "refusal", "refusal": "I can't."}, {"type": "text", "text": "Ask me another."}]
 HELLO, WHY = {"role": "user", "content": "Hello"}, {"role": "user", "content": "Why?"}
 
