@@ -7,7 +7,7 @@
   text's last 1/`VAL_EVERY` (whole documents from the end, then the tail of one, cut at the start of a word);
 - chat: a `.jsonl` of {"messages": [...]} (or TRL's {"prompt": [...], "completion": [...]} or {"conversations":
   [{"from": ..., "value": ...}, ...]}): the conversations of chat SFT (seekstack.posttrain.sft's batch source), the
-  loss on the assistant's tokens only.
+  loss on the assistant's tokens only, those `seekstack sft` holds out by default held out as the validation split.
 `frequent_tokens` picks the tokens whose output-head (and embedding) rows a `head_tokens` (`embedding_tokens`)
 adapter trains (config.py), `first_batches` the run's first batches an `init=eva` start reads.
 """
@@ -17,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -26,8 +29,8 @@ import torch
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
 from seekstack.corpus.sources import FOLDER_FILES_READ, DataSourceError, MissingTextField, open_source
-from seekstack.posttrain.config import SFTConfig
-from seekstack.posttrain.conversations import is_conversation_record
+from seekstack.posttrain.config import DEFAULT_VAL_FRACTION, SFTConfig
+from seekstack.posttrain.conversations import HELD_OUT_FILE, is_conversation_record
 from seekstack.posttrain.sft import SFTSource
 from seekstack.tokenizer import Tokenizer, tokenizer_json_path
 from seekstack.tokens.mixture import MixtureWindows
@@ -145,13 +148,35 @@ def first_batches(config: TrainConfig, count: int) -> list[torch.Tensor]:
     return [windows.batch(config.batch_size, progress=step / config.max_steps) for step in steps]
 
 
-def chat_source(config: TrainConfig) -> SFTSource | None:
+@dataclass
+class ChatDataConfig(SFTConfig):
+    """The SFTConfig of a `lora train` run on a chat file: its conversations, of which it holds out those `seekstack
+    sft` holds out by default (DEFAULT_VAL_FRACTION of them while eval_every > 0, by their content's hash), having no
+    val_data or val_fraction of its own."""
+
+    held_out_advice: ClassVar[str] = (
+        f"a file of {round(1 / DEFAULT_VAL_FRACTION)} conversations or more has some held out; or set eval_every=0"
+    )
+
+
+def chat_source(config: TrainConfig, resume: bool = False) -> SFTSource | None:
     """SFT's batch source over the conversations in `config.data_dir` when it is a chat file (packed with
-    `packing`, as `seekstack sft` packs them), else None."""
+    `packing`, as `seekstack sft` packs them), holding out `ChatDataConfig`'s for val_loss, which a new run records in
+    its out_dir (HELD_OUT_FILE); else None. A resumed run whose out_dir has no such record was started by a seekstack
+    that held none out: it goes on training on all of them, as its checkpoint did, saying so while evaluations are
+    due."""
     if not is_chat(Path(config.data_dir)):
         return None
     loop = {field.name: getattr(config, field.name) for field in dataclasses.fields(TrainConfig)}
-    return SFTSource(SFTConfig(**loop, data=config.data_dir), packing=config.packing)
+    held_none_out = resume and not (Path(config.out_dir) / HELD_OUT_FILE).is_file()
+    if held_none_out and config.eval_every:
+        print(
+            f"note: {config.out_dir} has no {HELD_OUT_FILE}: its run was started by a seekstack that held none of the "
+            f"conversations of {config.data_dir} out, so it goes on training on all of them and logs no val_loss; "
+            "train a new adapter (another --out) to have some held out",
+            file=sys.stderr,
+        )
+    return SFTSource(ChatDataConfig(**loop, data=config.data_dir), holds_out=not held_none_out, packing=config.packing)
 
 
 def _documents(data: Path) -> list[str]:

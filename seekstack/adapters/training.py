@@ -342,7 +342,7 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
         adapter.save(out)
     hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids, batches)
     try:
-        result = train(train_config, resume, hooks, chat_source(train_config))
+        result = train(train_config, resume, hooks, chat_source(train_config, resume))
     except KeyboardInterrupt:  # the trainer saved a checkpoint first (once it trains): the folder's adapter is that
         saved = list_checkpoints(out)
         if saved:

@@ -60,6 +60,8 @@ class ConversationConfig(TrainConfig):
         "eval_packing": "held-out conversations are packed when packing=true, as TRL's eval_packing (which follows "
         "packing) packs them; their val_loss is the one they give padded",
     }
+    # what a run holding none of its conversations out while evaluations are due is told to do
+    held_out_advice: ClassVar[str] = "set val_data or val_fraction"
     data: str = ""  # JSONL of {"messages": [...]} or {"prompt": [...], "completion": [...]}; "" = traces of `task`
     # A TASKS name, your own module:Class or a problems .jsonl; distill: "" with `data` "" = data_dir's token shards
     task: str = ""

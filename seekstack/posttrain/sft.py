@@ -73,10 +73,11 @@ def split_conversations(
 
 class SFTSource:
     """Conversations as (input_ids, labels) micro-batches for the trainer; with `holds_out` (an SFT or conversation
-    distillation run: its config's val_data or val_fraction), the held-out ones (`held_out`) as its fixed validation
-    batches. Without, none are held out (adapters on a chat file, seekstack/adapters/data.py). With `packing`, a
-    micro-batch is `batch_size` rows of up to seq_len tokens, each packing several conversations, the same packs every
-    epoch in a seeded order (as TRL packs its dataset once), and so are the validation batches' rows."""
+    distillation run: its config's val_data or val_fraction; an adapter run on a chat file), the held-out ones
+    (`held_out`) as its fixed validation batches. Without, none are held out (an adapter run resumed from a seekstack
+    that held none out, seekstack/adapters/data.py). With `packing`, a micro-batch is `batch_size` rows of up to
+    seq_len tokens, each packing several conversations, the same packs every epoch in a seeded order (as TRL packs
+    its dataset once), and so are the validation batches' rows."""
 
     def __init__(self, config: ConversationConfig, holds_out: bool = False, packing: bool = False):
         self.config = config
@@ -148,9 +149,9 @@ class SFTSource:
             )
         if config.eval_every and not scored:
             print(
-                f"note: no held-out conversations (val_fraction={config.held_out_fraction} of "
-                f"{config.data or f'{config.examples} examples'}), so the run logs no val_loss; set val_data or "
-                "val_fraction",
+                f"note: no held-out conversations (a share of {config.held_out_fraction:g} of "
+                f"{config.data or f'{config.examples} examples'}), so the run logs no val_loss; "
+                f"{config.held_out_advice}",
                 file=sys.stderr,
             )
         return scored

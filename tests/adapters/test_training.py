@@ -24,6 +24,7 @@ from seekstack.adapters.files import (
 from seekstack.adapters.registry import attach_adapters, read_factors
 from seekstack.adapters.training import START_BATCHES, LoraHooks, lora_train_config, train_adapter
 from seekstack.checkpoint import CheckpointError
+from seekstack.posttrain.conversations import HELD_OUT_FILE, conversation_key
 from seekstack.schema import ConfigError
 from seekstack.tokens.shards import load_index
 from seekstack.train.runs import TRAIN_STATE_FILE
@@ -185,6 +186,42 @@ def test_text_and_chat_data_train_an_adapter(tmp_path):
     with pytest.raises(ValueError, match="chats.jsonl: lora.init=eva reads the layers' inputs on token shards or text"):
         train_adapter(*lora_train_config(base, chats, tmp_path / "chat_eva", eva))
     assert not (tmp_path / "chat_eva").exists()  # refused before anything is written
+
+
+def test_chat_data_holds_out_conversations_for_val_loss_and_a_run_that_held_none_out_resumes_on_its_rows(
+    tmp_path, capsys
+):
+    """TRL's SFTTrainer with a peft_config evaluates on its eval_dataset; lora train on a chat file held none out, so
+    eval_every logged nothing. It holds out what `seekstack sft` holds out by default (5% by their content's hash,
+    recorded in held_out.json) and logs val_loss. A run started before, which held none out (no held_out.json), goes
+    on training on all its conversations, saying so, instead of being refused for rows that changed under it."""
+    base = write_base(tmp_path / "base", with_tokenizer=True)
+    chats = tmp_path / "chats.jsonl"
+    turns = [[{"role": "user", "content": f"What is {n}+2?"}, {"role": "assistant", "content": f"It is {n + 2}."}]
+             for n in range(40)]  # fmt: skip
+    chats.write_text("".join(json.dumps({"messages": turn}) + "\n" for turn in turns))
+    run = ["seq_len=48", "batch_size=2", "max_steps=2", "eval_batches=1", "lora.rank=2", "save_every=2"]
+    train_config, adapter = lora_train_config(base, chats, tmp_path / "new", [*run, "eval_every=2"])
+    source = chat_source(train_config)
+    assert (len(source.rows.rows), len(source.held_out)) == (38, 2)  # int(5% of 40), whole conversations
+    train_adapter(train_config, adapter)
+    held_out = json.loads((tmp_path / "new" / HELD_OUT_FILE).read_text())["conversation_keys"]
+    assert held_out == sorted(conversation_key(c) for c in source.held_out)
+    metrics = [json.loads(line) for line in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2] and metrics[-1]["val_loss"] > 0
+
+    earlier = tmp_path / "earlier"  # as a seekstack that held none out left its run: all 40 trained on, no record
+    train_adapter(*lora_train_config(base, chats, earlier, [*run, "eval_every=0"]))
+    (earlier / HELD_OUT_FILE).unlink()
+    capsys.readouterr()
+    resumed = lora_train_config(None, None, earlier, ["max_steps=3", "eval_every=1"], resume=True)
+    assert train_adapter(*resumed, resume=True).step == 3
+    assert (
+        f"{earlier} has no {HELD_OUT_FILE}: its run was started by a seekstack that held none"
+        in capsys.readouterr().err
+    )
+    assert len(chat_source(resumed[0], resume=True).rows.rows) == 40
+    assert not any("val_loss" in json.loads(line) for line in (earlier / "metrics.jsonl").read_text().splitlines())
 
 
 def write_tokens(folder, ids, vocab):
