@@ -182,11 +182,12 @@ class GRPOConfig(TrainConfig):
     max_prompt_length: Positive = PROMPT_TOKENS
     max_completion_length: Positive = 64
     temperature: PositiveFloat = 1.0
-    # Rollouts sample among the likeliest tokens whose probability reaches top_p (1 = all) and among the top_k
-    # likeliest (0 = all), as TRL's and verl's; the loss's log-probabilities are of the whole distribution at the
-    # temperature, as theirs are.
+    # Rollouts sample among the likeliest tokens whose probability reaches top_p (1 = all), among the top_k likeliest
+    # (0 = all) and among those at least min_p times the likeliest's probability (0 = all), as TRL's (and verl's);
+    # the loss's log-probabilities are of the whole distribution at the temperature, as theirs are.
     top_p: Annotated[float, Interval(gt=0, le=1)] = 1.0
     top_k: NonNegative = 0
+    min_p: Fraction = 0.0
     num_iterations: Positive = 1  # policy updates (optimizer steps) per generation batch (mu)
     epsilon: Fraction = 0.2  # clip range below 1 of the importance ratio
     epsilon_high: Fraction | None = None  # clip range above 1 (DAPO's clip-higher); None = epsilon

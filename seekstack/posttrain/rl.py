@@ -173,6 +173,7 @@ class GRPOSource:
                 weights=self.weights,
                 top_p=config.top_p,
                 top_k=config.top_k,
+                min_p=config.min_p,
                 max_prompt_length=config.max_prompt_length,
             )
         if auto:

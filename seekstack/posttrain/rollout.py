@@ -144,12 +144,13 @@ def sample_groups(
     weights: RewardWeights,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float = 0.0,
     max_prompt_length: int | None = None,
 ) -> Rollout:
-    """G completions of each problem's prompt, sampled together by the engine (at `temperature`, `top_p` and
-    `top_k`), scored by the task's verifier; prompts past rl's `max_prompt_length` are refused (require_prompt_room),
-    as the engine refuses, naming it, one that with `max_new_tokens` passes its max_model_len (`rollout_length` sizes
-    the sampling commands' engines)."""
+    """G completions of each problem's prompt, sampled together by the engine (at `temperature`, `top_p`, `top_k`
+    and `min_p`), scored by the task's verifier; prompts past rl's `max_prompt_length` are refused
+    (require_prompt_room), as the engine refuses, naming it, one that with `max_new_tokens` passes its max_model_len
+    (`rollout_length` sizes the sampling commands' engines)."""
     started = time.perf_counter()
     tokenizer = engine.tokenizer
     distinct = task_prompts(tokenizer, problems)
@@ -162,6 +163,7 @@ def sample_groups(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
+            min_p=min_p,
             seed=seed * 1_000_003 + row,
             detokenize=False,
         )

@@ -508,10 +508,10 @@ def test_rollouts_are_sampled_at_the_configured_temperature(tmp_path, monkeypatc
     assert distinct[0] <= 4 and distinct[1] == 8  # of the 2 prompts x 4 completions, the same seed's draws
 
 
-@pytest.mark.parametrize("truncation", ["top_k=1", "top_p=0.001"])
-def test_rollouts_sample_within_the_configured_top_k_and_top_p(tmp_path, monkeypatch, truncation):
+@pytest.mark.parametrize("truncation", ["top_k=1", "top_p=0.001", "min_p=1"])
+def test_rollouts_sample_within_the_configured_top_k_top_p_and_min_p(tmp_path, monkeypatch, truncation):
     """Keeping the likeliest token alone, each group's 4 completions, each of its own seed, are the greedy one (at
-    temperature 1 without them all 8 differ: the test above); top_k and top_p were not rl keys."""
+    temperature 1 without them all 8 differ: the test above); top_k and top_p were not rl keys, nor TRL's min_p."""
     model_dir = micro_checkpoint(tmp_path / "model")
     rollouts = keep_rollouts(monkeypatch)
     settings = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1", "max_steps=1", truncation]
