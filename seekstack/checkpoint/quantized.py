@@ -44,8 +44,11 @@ MappedCopy = Callable[[torch.Tensor, Callable[[], Iterable[torch.Tensor]]], torc
 # `(buffer, e)`, built from the one stored tensor it comes from, read from a checkpoint.
 ExpertBuffer = Callable[[str, int], torch.Tensor]
 # The stored tensors of a quantized layer that `stored_tensor_bytes` prices with its weight (`_held_layer_bytes`), or
-# not at all: loading reads no `weight_shape` (the shape is the config's) nor activations' `input_scale`.
-QUANTIZATION_PARTS = ("weight_scale", "weight_scale_inv", "weight_shape", "weight_zero_point", "input_scale")
+# not at all: loading reads no `weight_shape` (the shape is the config's), activations' `input_scale` nor the KV
+# cache's `k_scale` and `v_scale`.
+QUANTIZATION_PARTS = (
+    "weight_scale", "weight_scale_inv", "weight_shape", "weight_zero_point", "input_scale", "k_scale", "v_scale"
+)  # fmt: skip
 # A routed expert's projection or stacked weight: the layer (`...mlp.experts`), and its expert's number if per expert.
 EXPERT_WEIGHT = re.compile(r"(.*\.mlp\.experts)\.(?:(\d+)\.)?\w+$")
 
@@ -414,7 +417,7 @@ def load_quantized_layers(
             swapped.add(name)
             unfilled.update({f"{name}.{stack}": expert for stack, expert in per_expert.items()})
     use_quantized_feed_forwards(model)  # as quantize_model leaves a quantized model, so both compute alike
-    for note in (reader.activation_note(), reader.zero_point_note()):
+    for note in (reader.activation_note(), reader.kv_cache_note(), reader.zero_point_note()):
         if note is not None:
             warnings.warn(note, stacklevel=3)
     for weight, names in unrunnable.items():

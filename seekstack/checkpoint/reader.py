@@ -44,6 +44,8 @@ FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads 
 QUANTIZED_STORED = {"fp8": ("F8_E4M3",), "compressed-tensors": ("I8", "I32", "F8_E4M3")}
 # How a Git LFS pointer file begins: what a hub repository cloned without Git LFS holds in place of each weight file.
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# The scales compressed-tensors' kv_cache_scheme stores on each attention module (an fp8 KV cache's, static).
+KV_CACHE_SCALES = (".self_attn.k_scale", ".self_attn.v_scale")
 # What a Hugging Face Hub repository id looks like (owner/name), as transformers' from_pretrained takes one.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # The weight files transformers writes with safe_serialization=False (a shard, or one file) and their index.
@@ -158,7 +160,10 @@ class CheckpointReader:
         _refuse_asymmetric_float_groups(self.config_groups, directory / CONFIG_FILE)
         _refuse_activation_ordered_groups(self.config_groups, directory / CONFIG_FILE)
         self.targets = _targets(self.config_groups, directory / CONFIG_FILE)
+        self.kv_cache_scheme: dict[str, Any] | None = (quantization or {}).get("kv_cache_scheme")
         self.used: set[str] = set()
+        if self.kv_cache_scheme:  # its scales, read by none (kv_cache_note)
+            self.used.update(key for key in self.key_to_file if key.endswith(KV_CACHE_SCALES))
 
     def _index(self) -> dict[str, str]:
         index_path = self.directory / INDEX_FILE
@@ -560,6 +565,21 @@ class CheckpointReader:
             "weights only and runs those layers on unrounded activations (int8/int4 kernels on bfloat16 inputs, fp8 "
             "layers dequantized to float), so its outputs differ from vLLM's by that rounding (the input_scale keys "
             "are not read)"
+        )
+
+    def kv_cache_note(self) -> str | None:
+        """What loading does with a compressed-tensors `kv_cache_scheme` (llm-compressor's fp8 KV cache: the keys and
+        values each attention layer caches rounded to fp8 by its static `k_scale` and `v_scale`), which vLLM stores
+        its cache in and seekstack does not; None without one."""
+        scheme = self.kv_cache_scheme
+        if not isinstance(scheme, dict):
+            return None
+        how = f"dynamic per {scheme.get('strategy')}" if scheme.get("dynamic") else "static, by k_scale and v_scale"
+        return (
+            f"{self.directory / CONFIG_FILE}: quantization_config.kv_cache_scheme quantizes the KV cache "
+            f"({scheme.get('type')}{scheme.get('num_bits')} {how}), which vLLM stores its cache in; seekstack keeps "
+            "its cache (MLA's latent) in the model's dtype, so its outputs differ from vLLM's by that rounding (the "
+            "k_scale and v_scale keys are not read)"
         )
 
     def zero_point_note(self) -> str | None:

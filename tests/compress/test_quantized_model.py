@@ -467,6 +467,42 @@ def test_an_fp8_checkpoint_of_static_activation_scales_says_its_activations_run_
     assert "runs those layers on unrounded activations" in note and "input_scale keys are not read" in note
 
 
+def test_a_checkpoint_of_an_fp8_kv_cache_says_its_cache_runs_unrounded(tmp_path):
+    """llm-compressor's kv_cache_scheme stores each attention layer's fp8 KV-cache scales (`self_attn.k_scale`,
+    `v_scale`), which vLLM rounds its cache with; loading warned only "8 checkpoint keys were not used, e.g.
+    [...self_attn.k_scale...]", as of a damaged checkpoint. It now says what the config asks and what seekstack does
+    instead, the weights read as before."""
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned, stored_tensor_bytes
+
+    model = model_for_tests()
+    quantize_model(model, QuantConfig(scheme="int8"))
+    seekstack.save_pretrained(model, tmp_path)
+    expected = {deq: logits(seekstack.load_pretrained(tmp_path, dequantize=deq)) for deq in (False, True)}
+    priced = stored_tensor_bytes(tmp_path)
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    for layer in range(model.config.num_hidden_layers):
+        for scale in ("k_scale", "v_scale"):
+            tensors[f"model.layers.{layer}.self_attn.{scale}"] = torch.tensor(0.05, dtype=torch.bfloat16)
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = FP8 | {"strategy": "tensor", "dynamic": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    said = {}
+    for dequantize in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = seekstack.load_pretrained(tmp_path, dequantize=dequantize)
+        said[dequantize] = [str(warning.message) for warning in caught if str(tmp_path) in str(warning.message)]
+        assert torch.equal(logits(loaded), expected[dequantize])
+    assert said[True] == []  # plain float weights: nothing to say, no key left unaccounted for
+    assert said[False] == [
+        f"{tmp_path / 'config.json'}: quantization_config.kv_cache_scheme quantizes the KV cache (float8 static, by "
+        "k_scale and v_scale), which vLLM stores its cache in; seekstack keeps its cache (MLA's latent) in the "
+        "model's dtype, so its outputs differ from vLLM's by that rounding (the k_scale and v_scale keys are not read)"
+    ]
+    assert stored_tensor_bytes(tmp_path) == priced  # loading holds no scale of the cache
+
+
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     model = model_for_tests()
     quantize_model(model, QuantConfig(scheme="fp8"))
