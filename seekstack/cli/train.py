@@ -18,6 +18,7 @@ from seekstack.cli.common import (
     user_errors,
     warn,
 )
+from seekstack.train.runs import STEP_DIR
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", help="The config file as an option (data build's and quantize's spelling)")
@@ -26,7 +27,7 @@ ResumeFromOpt = Annotated[
     str | None,
     typer.Option(
         metavar="STEP|FOLDER",
-        help="Continue the run in out_dir, as --resume does, from the checkpoint of this step (40: "
+        help="Continue the run in out_dir, as --resume does, from the checkpoint of this step (40 or step_40: "
         "out_dir/checkpoints/step_40) or this checkpoint folder (another run's: continued in out_dir)",
     ),
 ]
@@ -78,29 +79,37 @@ def run_stage(
             "checkpoint, --resume-from from the one it names; give one",
             get_current_context(silent=True),
         )
-    resume = resume_from or resume
     with user_errors():
         if config is not None and "=" in str(config):  # only overrides were given
             overrides, config = [str(config), *(overrides or [])], None
         if config is not None and config_option is not None:
             raise ValueError(f"two config files, {config} and --config {config_option}: give one")
         config = config or config_option
-        # --resume-from's checkpoint folder (maybe another run's, whose config a fresh out_dir takes), or step number
-        folder = None if isinstance(resume, bool) or resume.isdecimal() else Path(resume)
-        resolved = resolve_train_config(config, overrides or [], resume=folder or bool(resume), warn=warn, cls=cls)
+        # --resume-from's step number, or checkpoint folder (maybe another run's, whose config a fresh out_dir takes)
+        step = None if resume_from is None else resumed_step(resume_from)
+        folder = Path(resume_from) if resume_from is not None and step is None else None
+        resumed = folder or resume or resume_from is not None
+        resolved = resolve_train_config(config, overrides or [], resume=resumed, warn=warn, cls=cls)
         if write_to is not None:
             if main:  # under torchrun every rank resolved the same config: rank 0 writes it, the others exit quietly
                 write_config(resolved, write_to)
                 typer.echo(f"wrote the config to {write_to}")
             return
-        if isinstance(resume, str):
-            resume = folder or step_dir(resolved.out_dir, int(resume))
         try:
-            result = run(resolved, resume=resume)
+            result = run(resolved, resume=resumed if step is None else step_dir(resolved.out_dir, step))
         except TrainingDiverged as error:
             fail(str(error))
     if main:
         typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
+def resumed_step(given: str) -> int | None:
+    """The step --resume-from names: a number (40), or a checkpoint folder's name as a run's listings give it (step_40)
+    where no such folder is at hand; None for a checkpoint folder."""
+    named = STEP_DIR.fullmatch(given)
+    if given.isdecimal() or named and not Path(given).exists():
+        return int(named.group(1) if named else given)
+    return None
 
 
 def plot_command(

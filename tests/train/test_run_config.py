@@ -217,7 +217,8 @@ def test_resume_from_takes_a_step_or_a_checkpoint_folder_and_names_a_step_the_ru
     assert f"{out_dir / 'checkpoints' / 'step_4'}: no such folder; the run {out_dir} holds step_3, step_6" in (
         missing.output
     )
-    for given in ("3", str(out_dir / "checkpoints" / "step_3")):
+    # step_3 as the listing above names it (was: "step_3: no such folder", a folder looked for where the command ran)
+    for given in ("3", "step_3", str(out_dir / "checkpoints" / "step_3")):
         resumed = runner.invoke(app, ["train", f"out_dir={out_dir}", "--resume-from", given])
         assert resumed.exit_code == 0, resumed.output
         assert f"resumed from step 3 ({out_dir / 'checkpoints' / 'step_3'})" in resumed.output
