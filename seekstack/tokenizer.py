@@ -107,9 +107,11 @@ def _jinja(text: str) -> str:
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
 # (joined by newlines; an assistant's refusal parts read as their text), an assistant's null content as empty (as its
 # `refusal` where it gives one), a tool call's arguments as a JSON text or an object (as transformers' templates take
-# them, written as JSON); other roles and parts raise. An assistant turn before the last user message loses its
-# reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT trains (each answer, its tool
-# calls and its EOS, not an assistant turn of weight 0) for `return_assistant_tokens_mask` (TRL's
+# them, written as JSON); what they refuse raises, naming the message (another role or part, a missing content but an
+# assistant's, text that is no string, tool_calls but an assistant's list of function calls, the legacy
+# function_call), so a transformers user trains on what `seekstack sft` does. An assistant turn before the last user
+# message loses its reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT trains (each
+# answer, its tool calls and its EOS, not an assistant turn of weight 0) for `return_assistant_tokens_mask` (TRL's
 # assistant_only_loss); they render nothing of their own.
 GENERATION_PROMPT = "{{- '<｜Assistant｜>' -}}"  # CHAT_TEMPLATE's; a release's reply opening follows it
 CHAT_TEMPLATE = (
@@ -119,14 +121,25 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- for message in messages -%}"
     "{%- set position = 'chat message ' ~ loop.index0 -%}"
+    "{%- if message['function_call'] -%}"
+    "{{- raise_exception(position ~ ' has function_call, OpenAI\\'s deprecated form of a tool call: give it as "
+    "tool_calls') -}}"
+    "{%- endif -%}"
+    "{%- set calls = message['tool_calls'] -%}"
+    "{%- if calls is defined and calls is not none and (message['role'] != 'assistant' or calls is string"
+    " or calls is mapping or calls is not iterable) -%}"
+    "{{- raise_exception(position ~ ' has tool_calls: only an assistant message calls tools, giving a list of calls')"
+    " -}}"
+    "{%- endif -%}"
     "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
     "{%- elif (message['content'] is none or message['content'] is not defined) and message['role'] == 'assistant' -%}"
     "{%- set content = '' -%}"
-    "{%- elif message['content'] is iterable and message['content'] is not mapping -%}"
+    "{%- elif message['content'] is defined and message['content'] is iterable and message['content'] is not mapping"
+    " -%}"
     "{%- set ns.texts = [] -%}"
     "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{%- set ns.texts = ns.texts + [part['text']] -%}"
-    "{%- elif part['type'] == 'refusal' and message['role'] == 'assistant' -%}"
+    "{%- if part['type'] == 'text' and part['text'] is string -%}{%- set ns.texts = ns.texts + [part['text']] -%}"
+    "{%- elif part['type'] == 'refusal' and message['role'] == 'assistant' and part['refusal'] is string -%}"
     "{%- set ns.texts = ns.texts + [part['refusal']] -%}"
     "{%- else -%}"
     "{{- raise_exception(position ~ ' has a content part that is neither text nor an assistant\\'s refusal') -}}"
@@ -149,6 +162,12 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- set ns.calls = [] -%}"
     "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- if call['type'] is defined and call['type'] != 'function' or call['function'] is not mapping"
+    " or call['function']['name'] is not string or not call['function']['name']"
+    " or call['function']['arguments'] is not defined or call['function']['arguments'] is none -%}"
+    '{{- raise_exception(position ~ \' tool_calls[\' ~ loop.index0 ~ \'] must be {"type": "function", '
+    '"function": {"name": ..., "arguments": ...}}\') -}}'
+    "{%- endif -%}"
     "{%- set arguments = call['function']['arguments'] -%}"
     "{%- if arguments is not string -%}{%- set arguments = arguments | tojson -%}{%- endif -%}"
     "{%- set ns.calls = ns.calls + [" + _jinja(TOOL_CALL_BEGIN + "function" + TOOL_SEP) + " ~ call['function']['name']"

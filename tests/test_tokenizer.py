@@ -411,12 +411,29 @@ def test_chat_drops_the_reasoning_of_assistant_turns_before_the_last_user_messag
     assert tokenizer.render_chat(R1_HISTORY, continue_final_message=True).endswith(kept)
 
 
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+
+
 @pytest.mark.parametrize(
     ("message", "error"),
     [
         ({"role": "function", "content": "42"}, "chat message 0 has unknown role function"),
         ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "content part that is neither text"),
         ({"role": "user", "content": [{"type": "refusal", "refusal": "No."}]}, "nor an assistant's refusal"),
+        # the template rendered these, where encode_chat and SFT refuse them: a user turn of nothing, text that is none,
+        # calls dropped (a tool message's, the legacy function_call), a call that is not a function's or names none
+        ({"role": "user"}, "chat message 0 content must be a string or a list of text parts"),
+        ({"role": "user", "content": [{"type": "text", "text": 5}]}, "content part that is neither text"),
+        ({"role": "user", "content": [{"type": "text"}]}, "content part that is neither text"),
+        ({"role": "tool", "content": "42", "tool_calls": []}, "chat message 0 has tool_calls: only an assistant"),
+        ({"role": "user", "content": "hi", "tool_calls": [CALL]}, "chat message 0 has tool_calls: only an assistant"),
+        ({"role": "assistant", "content": "", "tool_calls": {"0": CALL}}, "chat message 0 has tool_calls"),
+        ({"role": "assistant", "content": "Done.", "function_call": CALL["function"]}, "has function_call"),
+        ({"role": "assistant", "tool_calls": [{**CALL, "type": "custom"}]}, r"chat message 0 tool_calls\[0\] must be"),
+        *(
+            ({"role": "assistant", "tool_calls": [{"type": "function", "function": function}]}, "tool_calls\\[0\\]")
+            for function in ({"name": "", "arguments": "{}"}, {"name": "f", "arguments": None}, {"name": "f"}, "f")
+        ),
     ],
 )
 def test_jinja_chat_template_raises_for_messages_seekstack_refuses(auto_tokenizer, message, error):
