@@ -146,6 +146,7 @@ class GRPOConfig(TrainConfig):
     }
     # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
     value_notes: ClassVar[dict[str, dict[object, str]]] = {
+        "top_k": {-1: "-1, vLLM's and verl's top_k off (verl's rollout default), is top_k=0 here"},
         "scale_rewards": {
             True: "TRL's scale_rewards=true (its std within each group) is scale_rewards=group",
             False: "TRL's scale_rewards=false (no std) is scale_rewards=none",

@@ -223,6 +223,16 @@ def test_a_kl_weight_without_a_starting_checkpoint_is_refused_naming_beta_before
     assert resolve_train_config(None, [f"tokenizer={tokenizer}", "beta=0"], cls=GRPOConfig).beta == 0
 
 
+def test_top_k_minus_one_is_refused_naming_zero_which_is_vllms_and_verls_off():
+    """verl's rollout default top_k=-1 (vLLM's off) was refused as "greater than or equal to 0" alone."""
+    reason = "input should be greater than or equal to 0"
+    note = "-1, vLLM's and verl's top_k off .* is top_k=0 here"
+    with pytest.raises(ConfigError, match=f"has value -1: {reason}; {note}"):
+        resolve_train_config(None, ["top_k=-1"], cls=GRPOConfig)
+    with pytest.raises(ConfigError, match=f"has value -2: {reason}$"):
+        resolve_train_config(None, ["top_k=-2"], cls=GRPOConfig)
+
+
 def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
     """TRL's bnpo divides by a micro-batch's tokens, its dapo by the generation batch's: one and the same batch here."""
     choices = "input should be 'grpo', 'dr_grpo' or 'dapo'"
