@@ -321,8 +321,8 @@ class SeekstackLM(TemplateLM):
             self._sampling_params(request.args[1], seed, index)
             for index, (request, seed) in enumerate(zip(requests, request_seeds(requests), strict=True))
         ]
-        prompts = [  # left-truncated, as HF does
-            self.tok_encode(request.args[0])[-(self.max_length - sampling.max_new_tokens) :]
+        prompts = [  # left-truncated, as HF does; an empty context from BOS, as lm_eval's loglikelihood conditions one
+            (self.tok_encode(request.args[0]) or [self.prefix_token_id])[-(self.max_length - sampling.max_new_tokens) :]
             for request, sampling in zip(requests, params, strict=True)
         ]
         # stop strings are matched on the text with its special tokens, as HF's stopping criteria read it

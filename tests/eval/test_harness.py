@@ -210,6 +210,18 @@ def test_generate_until_is_the_greedy_argmax_loop_cut_at_the_stop_string(ours):
         assert text == expected
 
 
+def test_generate_until_continues_an_empty_context_from_bos(ours):
+    """An empty context (unconditional generation) reached the engine as no tokens and failed ('empty prompt: give
+    at least one token', naming no request); it is continued from BOS, on which lm_eval's loglikelihood conditions an
+    empty context."""
+    texts = ours.generate_until(requests("generate_until", [("", {"until": [], "max_gen_toks": 6})]))
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(6):
+            new.append(int(ours.model(torch.tensor([[ours.prefix_token_id, *new]])).logits[0, -1].argmax()))
+    assert ours.eot_token_id not in new and texts == [ours.tok_decode(new)]
+
+
 def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_transformers_model(checkpoint, ours):
     from lm_eval.models.huggingface import HFLM
 
