@@ -280,10 +280,15 @@ _MOJIBAKE_SIGN = re.compile(f"[\x80-\x9f]|[\xc2-\xf4][\xa0-\xbf{_WINDOWS_1252_PU
 
 
 def normalise(text: str) -> str:
-    """Unicode NFC with `\\n` line endings, mojibake mended, terminal formatting rendered as the terminal shows it
-    (escape sequences dropped, overstrike resolved) and no other control characters, the form every later stage
-    (rules, hashes, output) sees."""
+    """Unicode NFC with `\\n` line endings, HTML character references decoded where no markup is, mojibake mended,
+    terminal formatting rendered as the terminal shows it (escape sequences dropped, overstrike resolved) and no other
+    control characters, the form every later stage (rules, hashes, output) sees."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # HTML character references in a text that holds no markup (a scraped row's `Fish &amp; Chips`, `&#163;5`, an
+    # address hidden as `bob&#64;example.com`) are decoded, as datatrove's FTFYFormatter decodes them (ftfy's
+    # unescape_html="auto"); a text holding a `<` may be HTML or code quoting it, and keeps them
+    if "&" in text and "<" not in text:
+        text = ftfy.fixes.unescape_html(text)
     if _MOJIBAKE_SIGN.search(text) and ftfy.badness.is_bad(text):
         text = ftfy.fix_text(text, _MOJIBAKE_ONLY)
     text = _OVERSTRUCK.sub("", _TERMINAL_ESCAPE.sub("", text))

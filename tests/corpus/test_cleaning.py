@@ -633,6 +633,22 @@ def test_normalise_mends_mojibake_as_ftfy_does() -> None:
     assert normalise(clean) == clean
 
 
+def test_normalise_decodes_html_character_references_where_the_text_holds_no_markup(tmp_path: Path) -> None:
+    """A scraped row's HTML character references (`Fish &amp; Chips &mdash; &#163;5`) were kept as text to train on,
+    where datatrove's FTFYFormatter (ftfy's unescape_html="auto") decodes them, and an address hidden as
+    `bob&#64;example.com` was no address to scrub. Decoded where the text holds no `<`; HTML, or code quoting it, and
+    words that are no reference (`AT&T`, `&copy 2020`) are kept."""
+    assert normalise("Fish &amp; Chips &mdash; &#163;5, it&#x2019;s AT&T, &copy 2020") == (
+        "Fish & Chips \u2014 \u00a35, it\u2019s AT&T, &copy 2020"
+    )
+    assert normalise("<p>Fish &amp; Chips</p>") == "<p>Fish &amp; Chips</p>"
+    assert scrub_pii(normalise("write to bob&#64;example.com")) == ("write to <EMAIL>", {"email": 1})
+    documents = [Document("a", ENGLISH_ARTICLE.replace(" rooms,", " rooms&#44;"), "web")]
+    documents += [Document("b", ENGLISH_ARTICLE, "web"), Document("c", CHINESE_ARTICLE, "web")]
+    report = build_corpus([documents], tmp_path / "out", CleaningConfig(val_fraction=0), show_progress=False)
+    assert report.removed["exact_duplicate"] == 1
+
+
 def test_config_round_trips_through_yaml(tmp_path: Path) -> None:
     config = CleaningConfig(
         profile="web", prose=ProseRules(min_words=5, max_digit_fraction=0.3), near_duplicate_threshold=0.7
