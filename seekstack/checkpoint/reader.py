@@ -29,8 +29,10 @@ from seekstack.compress.formats import dequantize_int, unpack_codes
 from seekstack.config import ModelConfig
 
 # naive-quantized: the compressor int-quantized and float-quantized are aliases of in compressed-tensors: the same
-# layout (`weight` codes + `weight_scale`), int8 or e4m3 codes
+# layout (`weight` codes + `weight_scale`), int8 or e4m3 codes; dense: weights stored unquantized, as llm-compressor
+# writes a model whose only quantization is its kv_cache_scheme
 COMPRESSED_TENSORS_FORMATS = (
+    "dense",
     "int-quantized",
     "naive-quantized",
     "float-quantized",

@@ -503,6 +503,22 @@ def test_a_checkpoint_of_an_fp8_kv_cache_says_its_cache_runs_unrounded(tmp_path)
     assert stored_tensor_bytes(tmp_path) == priced  # loading holds no scale of the cache
 
 
+def test_a_dense_checkpoint_of_an_fp8_kv_cache_alone_loads_its_float_weights(tmp_path):
+    """llm-compressor writes a model whose only quantization is its kv_cache_scheme in compressed-tensors' `dense`
+    format (weights unquantized); it was refused: "unsupported quantization_config (quant_method='compressed-tensors',
+    format='dense')"."""
+    seekstack.save_pretrained(model_for_tests(), tmp_path)
+    expected = logits(seekstack.load_pretrained(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
+        "config_groups": {}, "kv_cache_scheme": FP8 | {"strategy": "tensor", "dynamic": False},
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for dequantize in (False, True):
+        assert torch.equal(logits(seekstack.load_pretrained(tmp_path, dequantize=dequantize)), expected)
+
+
 def test_fp8_file_is_a_deepseek_v3_fp8_checkpoint(tmp_path):
     model = model_for_tests()
     quantize_model(model, QuantConfig(scheme="fp8"))
