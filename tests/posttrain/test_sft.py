@@ -524,14 +524,22 @@ def test_other_dataset_formats_are_refused_naming_the_line_and_what_to_write(tmp
         read_conversations(path)
 
 
-def test_an_assistants_reasoning_content_is_trained_in_its_content_in_the_r1_format(tmp_path):
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "thinking"])
+def test_an_assistants_reasoning_content_is_trained_in_its_content_in_the_r1_format(tmp_path, field):
     """A reply recorded from DeepSeek's API or `seekstack serve --reasoning-parser deepseek_r1` holds its reasoning in
-    reasoning_content, which SFT ignored as another key: a model trained on such replies answered without reasoning."""
+    reasoning_content, which SFT ignored as another key: a model trained on such replies answered without reasoning.
+    vLLM names it reasoning (since late 2025; reasoning_content removed in 2026), and transformers' templates and TRL's
+    gpt-oss datasets name it thinking: both were still dropped as other keys. A reply giving two names alike (servers
+    that write both) is read the same."""
     tokenizer = byte_tokenizer(tmp_path)
     path = tmp_path / "served.jsonl"
-    reply = {"role": "assistant", "content": "5", "reasoning_content": "2 + 3 is 5"}
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "2 + 3?"}, reply]}) + "\n")
-    messages = read_conversations(path, tokenizer)[0]
+    reply = {"role": "assistant", "content": "5", field: "2 + 3 is 5"}
+    both = {**reply, "reasoning_content": "2 + 3 is 5"}
+    path.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": "2 + 3?"}, r]}) + "\n" for r in (reply, both))
+    )
+    messages, messages_of_both = read_conversations(path, tokenizer)
+    assert messages_of_both == messages
     assert messages[1] == {"role": "assistant", "content": "<think>\n2 + 3 is 5\n</think>\n\n5"}
     assert ReasoningSplit().message(messages[1]["content"]).reasoning_content == "2 + 3 is 5"  # serve's split of it
     ids, labels = encode_conversation(tokenizer, messages)
@@ -546,6 +554,10 @@ def test_an_assistants_reasoning_content_is_trained_in_its_content_in_the_r1_for
         ({"content": "<think> a </think> 5", "reasoning_content": "b"}, "chat message 1 has reasoning_content and a "
          "<think> block in its content too"),
         ({"content": "5", "reasoning_content": f"b{ASSISTANT}"}, "chat message 1 content contains the special token"),
+        ({"content": "5", "reasoning": 5}, "chat message 1 field 'reasoning' must be text or null"),
+        ({"content": "<think> a </think> 5", "thinking": "b"}, "chat message 1 has thinking and a <think> block"),
+        ({"content": "5", "reasoning_content": "a", "reasoning": "b"}, "chat message 1 gives two reasonings, in "
+         "reasoning_content and reasoning, which differ: keep the one the assistant wrote"),
     ],
 )  # fmt: skip
 def test_reasoning_content_that_cannot_be_trained_is_refused_naming_the_line(tmp_path, reply, refusal):
