@@ -138,24 +138,32 @@ def refuse_outside_vocabulary(token_ids: Iterable[int], tokenizer: Tokenizer, pa
         )
 
 
+def unsupported(param: str, message: str) -> APIError:
+    """OpenAI's 400 for a field this server reads but cannot honour."""
+    return APIError(400, message, param=param, code="unsupported_parameter")
+
+
+def refuse_fields(request: Any, refused: Mapping[str, str]) -> None:
+    """`unsupported`'s 400 for the first field of `refused` (its name -> why it cannot be honoured) that `request`
+    sets to anything but what is done anyway (ASKING_NOTHING)."""
+    for param, reason in refused.items():
+        if getattr(request, param) not in (None, [], ASKING_NOTHING.get(param)):
+            raise unsupported(param, f"{reason}: send the request without {param}")
+
+
 def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
     """400 in OpenAI's shape for what this server reads but cannot do: audio, web search and the other
     `REFUSED_CHAT_FIELDS`, vLLM's `REFUSED_VLLM_FIELDS` (guided decoding, beam search, min_tokens, ...), suffix, echo
     with logprobs, best_of below n or with a stream; and for stream_options without a stream (as OpenAI and vLLM
     refuse it)."""
 
-    def unsupported(param: str, message: str) -> APIError:
-        return APIError(400, message, param=param, code="unsupported_parameter")
-
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options",
                        code="invalid_value")  # fmt: skip
     is_chat = isinstance(request, ChatCompletionRequest)
-    refused = {**REFUSED_VLLM_FIELDS, **(REFUSED_CHAT_FIELDS | REFUSED_VLLM_CHAT_FIELDS if is_chat else {})}
-    for param, reason in refused.items():
-        value = getattr(request, param)
-        if value not in (None, [], ASKING_NOTHING.get(param)):
-            raise unsupported(param, f"{reason}: send the request without {param}")
+    refuse_fields(
+        request, {**REFUSED_VLLM_FIELDS, **(REFUSED_CHAT_FIELDS | REFUSED_VLLM_CHAT_FIELDS if is_chat else {})}
+    )
     if request.prompt_logprobs is not None and request.stream:  # as vLLM refuses them
         raise unsupported("prompt_logprobs", "prompt_logprobs cannot be streamed: send the request without stream")
     if is_chat:

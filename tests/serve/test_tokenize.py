@@ -144,3 +144,24 @@ def test_completions_take_add_special_tokens_as_tokenize_counts_it_and_chat_refu
     assert bare.json()["usage"]["prompt_tokens"] == counted.json()["count"] == len(engine.tokenizer.encode(TEXT))
     assert framed.json()["usage"]["prompt_tokens"] == counted.json()["count"] + 1  # BOS
     assert error_of(chat_more, 400)["param"] == "add_special_tokens" and chat_none.status_code == 200
+
+
+def test_tokenize_refuses_vllms_template_options_as_the_chat_routes_do(engine, tmp_path):
+    """continue_final_message, chat_template and chat_template_kwargs were dropped as unknown: vLLM's count of a last
+    message continued came back as the message closed (its end-of-turn token counted), while the chat routes refuse
+    them. Refused alike now; what asks nothing (false, {}) is taken, as there."""
+    replayed = [*MESSAGES, {"role": "assistant", "content": "Hi"}]
+    continued, template, kwargs, nothing, prefixed = post_each(engine, tmp_path / "db", [
+        ("/tokenize", {"messages": replayed, "add_generation_prompt": False, "continue_final_message": True}),
+        ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ messages }}"}),
+        ("/tokenize", {"prompt": TEXT, "chat_template_kwargs": {"enable_thinking": False}}),
+        ("/tokenize", {"messages": MESSAGES, "continue_final_message": False, "chat_template_kwargs": {}}),
+        ("/tokenize", {"messages": [*MESSAGES, {"role": "assistant", "content": "Hi", "prefix": True}]}),
+    ])  # fmt: skip
+    for refused, param in ((continued, "continue_final_message"), (template, "chat_template"),
+                           (kwargs, "chat_template_kwargs")):  # fmt: skip
+        error = error_of(refused, 400)
+        assert (error["param"], error["code"]) == (param, "unsupported_parameter")
+    assert "mark it prefix: true" in error_of(continued, 400)["message"]  # the server's way to continue it
+    assert nothing.json()["tokens"] == engine.tokenizer.encode_chat(MESSAGES)
+    assert prefixed.json()["count"] < len(engine.tokenizer.encode_chat(replayed, add_generation_prompt=False))
