@@ -1098,6 +1098,9 @@ class Engine:
             if len(values) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} {name}: give one per prompt {one}")
         prompt_ids = [self._prompt_token_ids(p) for p in prompts]
+        prompt_texts = [
+            p if isinstance(p, str) else p.get("prompt") if isinstance(p, Mapping) else None for p in prompts
+        ]
         started = time.perf_counter()
         inbox: deque[RequestOutput] = deque()  # these requests' outputs, whichever thread's step made them
         parts: dict[str, list[RequestOutput]] = {}
@@ -1133,11 +1136,11 @@ class Engine:
             for request_id in parts:
                 self._forget(request_id)
         completions = []
-        for ids, request_ids in zip(prompt_ids, samples, strict=True):
+        for ids, text, request_ids in zip(prompt_ids, prompt_texts, samples, strict=True):
             first, *others = (
                 joined_completion(  # the prompt's tokens the request kept (truncate_prompt_tokens: its last ones)
                     request_id, ids[len(ids) - parts[request_id][0].prompt_tokens :], parts[request_id], started,
-                    first_token[request_id], finished_at[request_id], compiling[request_id], index,
+                    first_token[request_id], finished_at[request_id], compiling[request_id], index, text,
                 )
                 for index, request_id in enumerate(request_ids)
             )  # fmt: skip
@@ -1172,6 +1175,7 @@ class Engine:
             self.tokenizer.encode_chat(list(conversation), add_generation_prompt, continue_final_message, offered_tools)
             for conversation in conversations
         ]
+        rendered = [{"prompt_token_ids": ids, "prompt": self.tokenizer.decode(ids)} for ids in prompts]  # vLLM's
         params = self.default_sampling_params() if params is None else params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ending = [
@@ -1179,7 +1183,7 @@ class Engine:
             else p
             for p in params_list
         ]  # fmt: skip
-        completions = self.generate(prompts, ending, use_tqdm=use_tqdm)
+        completions = self.generate(rendered, ending, use_tqdm=use_tqdm)
         if not offered_tools:
             return completions
         return [

@@ -77,6 +77,8 @@ class Completion:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     # of `Engine.chat(tools=...)`: the calls the reply makes, OpenAI's dicts ([] for none; None without tools)
     tool_calls: list[dict] | None = None
+    # the prompt's text, as vLLM's RequestOutput.prompt (a chat's: its rendered conversation); None for token ids
+    prompt: str | None = None
 
     @property
     def outputs(self) -> list[Completion]:
@@ -100,11 +102,12 @@ def joined_completion(
     end: float,
     compile_seconds: float = 0.0,
     index: int = 0,
+    prompt: str | None = None,
 ) -> Completion:
     """One request's outputs joined into a `Completion`, timed from `started` (added), `first` (its first output)
     and `end` (its last), all time.perf_counter() seconds; `compile_seconds` of its decode steps went to compiling a
     graph (a first run with --compile), which the decode speed leaves out and `compile_s` reports; `index`: which of
-    its prompt's samples it is."""
+    its prompt's samples it is; `prompt`: the prompt's text, where it was given as one."""
     tokens = [token for part in parts for token in part.token_ids]
     logprobs = [entry for part in parts for entry in part.logprobs] if parts[-1].logprobs is not None else None
     decode_seconds = end - first - compile_seconds
@@ -117,7 +120,7 @@ def joined_completion(
     text, last = "".join(p.text for p in parts), parts[-1]
     return Completion(
         request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error, last.cached_tokens,
-        index, prompt_logprobs=parts[0].prompt_logprobs,
+        index, prompt_logprobs=parts[0].prompt_logprobs, prompt=prompt,
     )  # fmt: skip
 
 

@@ -691,6 +691,24 @@ def test_a_tensor_of_token_ids_is_one_prompt_or_one_per_row_as_transformers_inpu
     assert [c.token_ids for c in (one, *rows)] == [as_ids.token_ids] * 3
 
 
+def test_a_completion_carries_its_prompts_text_as_vllms_request_output_prompt(model, tokenizer):
+    """vLLM's quickstart prints output.prompt beside output.outputs[0].text; a Completion had no prompt
+    (AttributeError). It is the text given (a TextPrompt's too), None for token ids, and a chat's rendered prompt."""
+    engine = Engine(model, tokenizer)
+    ids = tokenizer.encode_prompt("def f")
+    completions = engine.generate(["def f", ids, {"prompt": "def g"}, {"prompt_token_ids": ids}], GREEDY)
+    assert [c.prompt for c in completions] == ["def f", None, "def g", None]
+    [sampled] = engine.generate("def f", SamplingParams(max_new_tokens=2, n=2, seed=0))
+    assert [c.prompt for c in sampled.outputs] == ["def f", "def f"]
+    messages = [{"role": "user", "content": "hi"}]
+    [reply] = engine.chat(messages, GREEDY)
+    assert (
+        reply.prompt
+        == tokenizer.decode(tokenizer.encode_chat(messages))
+        == "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜>"
+    )
+
+
 def test_vllms_prompt_dicts_are_read_as_their_text_or_ids_and_other_keys_are_refused(model, tokenizer):
     """vLLM's generate takes TextPrompt {"prompt": text} and TokensPrompt {"prompt_token_ids": ids}; here a dict was
     read as the sequence of its keys: generate({"prompt": "def f"}) continued the text "prompt", and
