@@ -354,10 +354,10 @@ class SeekstackLM(TemplateLM):
             )
         until = kwargs.pop("until")
         max_new_tokens = kwargs.pop("max_gen_toks")
-        if max_new_tokens >= self.max_length:  # lm_eval's HF backend refuses it too: no room would be left for a prompt
+        if not 0 < max_new_tokens < self.max_length:  # at max_length (the HF backend's refusal too) no prompt fits
             raise ValueError(
-                f"generate_until request {index}: max_gen_toks={max_new_tokens} must be less than "
-                f"max_length={self.max_length}, which holds the prompt and the generated tokens; lower max_gen_toks "
+                f"generate_until request {index}: max_gen_toks={max_new_tokens} must be at least 1 and less than "
+                f"max_length={self.max_length}, which holds the prompt and the generated tokens; change max_gen_toks "
                 "(the task's generation_kwargs or the model arg) or raise max_length"
             )
         if not kwargs.pop("do_sample"):

@@ -376,8 +376,11 @@ def test_generation_that_leaves_no_room_for_the_prompt_is_refused_naming_max_gen
     monkeypatch.setattr(lm, "_reply_text", lambda completion, sampling: "")
     context = "import os\nimport sys\n" * 4
     assert len(lm.tok_encode(context)) > 20
-    for kwargs, refused in (({"max_gen_toks": 24}, 24), ({"max_gen_toks": 20}, 20), ({}, 256)):
-        with pytest.raises(ValueError, match=rf"request 1: max_gen_toks={refused} must be less than max_length=20"):
+    # max_gen_toks 0 was refused as "generation kwarg 'max_new_tokens' has value 0", a name the request never gave
+    for refused in (24, 20, 256, 0):
+        kwargs = {} if refused == 256 else {"max_gen_toks": refused}  # 256: the model arg's default
+        with pytest.raises(ValueError, match=rf"request 1: max_gen_toks={refused} must be at least 1 and less than "
+                           "max_length=20"):  # fmt: skip
             lm.generate_until(requests("generate_until", [(context, {"max_gen_toks": 4}), (context, kwargs)]))
     lm.generate_until(requests("generate_until", [(context, {"max_gen_toks": 19})]))
     assert prompts == [lm.tok_encode(context)[-1:]]  # left-truncated to max_length - max_gen_toks tokens
