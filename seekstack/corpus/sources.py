@@ -709,7 +709,8 @@ def read_csv(
     path = Path(path)
     delimiter = "\t" if _kind(path) == ".tsv" else ","
     with _arrow_errors_named(path, "CSV"), _opened(path) as binary:
-        encoding = _marked_encoding(binary.peek(4)[:4]) or "utf8"  # Excel's "Unicode Text": UTF-16 TSV
+        start = binary.peek(UTF16_SNIFF_BYTES)  # Excel's "Unicode Text" (UTF-16 TSV), and its CSV (Windows-1252)
+        encoding = _marked_encoding(start[:4]) or _legacy_encoding_of_a_table(start) or "utf8"
         reader = pyarrow.csv.open_csv(
             binary,
             read_options=pyarrow.csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding),
@@ -717,6 +718,18 @@ def read_csv(
             convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.binary()}, check_utf8=False),
         )
         yield from _documents_from_batches(iter(reader), column, path, null_texts, id_field)
+
+
+def _legacy_encoding_of_a_table(start: bytes) -> str | None:
+    """The encoding of a CSV file whose first bytes (`start`) are no UTF-8, as a text file of them is read: a legacy
+    encoding of another script's (`_legacy_encoding_of_another_script`: a Russian export in cp1251), or Windows-1252
+    when no byte above 127 starts a UTF-8 character (Excel's CSV); its header, ids and text are all read in it (each
+    value alone is too short to tell Cyrillic by). None for UTF-8, whose stray bytes are read value by value."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(start, final=False)  # not final: `start` may cut a character
+    except UnicodeDecodeError:
+        return _legacy_encoding_of_another_script(start) or ("cp1252" if _starts_no_utf8_character(start) else None)
+    return None
 
 
 def read_parquet(
@@ -742,7 +755,7 @@ def _arrow_errors_named(path: Path, file_format: str) -> Iterator[None]:
     """pyarrow's errors reading `path` (a damaged file, or one of another format) as DataSourceErrors naming it."""
     try:
         yield
-    except (pa.ArrowException, OSError) as error:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as error:  # the last: a column's name or value in CSV
         raise DataSourceError(f"{path}: cannot be read as {file_format} ({error})") from None
 
 

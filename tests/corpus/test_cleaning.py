@@ -1398,6 +1398,26 @@ def test_csv_and_tsv_files_are_read_as_rows_of_their_text_column(tmp_path: Path)
     assert [doc.text for doc in open_source(tmp_path / "excel.csv")] == ["caf\u00e9 cr\u00e8me"]
 
 
+def test_a_table_in_a_legacy_encoding_is_read_in_it_header_ids_and_text(tmp_path: Path) -> None:
+    """A Windows-1252 CSV whose header names a column with an accent (an Excel export's `número`) raised a bare
+    UnicodeDecodeError naming no file, and so did an id column holding one; a Russian table in cp1251 had each short
+    value read alone as Windows-1252 ('Ïðèâåò'). The table is read in the encoding its first bytes read in, as a
+    text file's, header, ids and text alike; a UTF-8 table with a stray byte in its header is refused naming it."""
+    (tmp_path / "excel.csv").write_bytes("n\u00famero,texto\n\u00e91,caf\u00e9 uno\n".encode("cp1252"))
+    documents = open_source(tmp_path / "excel.csv", "texto", id_field="n\u00famero")
+    assert [(doc.doc_id, doc.text) for doc in documents] == [("\u00e91", "caf\u00e9 uno")]
+    sentences = RUSSIAN_TEXT.strip().split(". ")
+    rows = "".join(f'{number},"{sentence}"\n' for number, sentence in enumerate(sentences * 4))
+    (tmp_path / "russian.csv").write_bytes(("номер,текст\n" + rows).encode("cp1251"))
+    documents = open_source(tmp_path / "russian.csv", "текст", id_field="номер")
+    assert [(doc.doc_id, doc.text) for doc in documents][:2] == [("0", sentences[0]), ("1", sentences[1])]
+    (tmp_path / "mixed.csv").write_bytes(
+        "n\u00famero,texto\n1,caf\u00e9\n".encode("cp1252").replace(b"\xe9", b"\xc3\xa9")
+    )
+    with pytest.raises(DataSourceError, match=r"mixed.csv: cannot be read as CSV \('utf-8' codec can't decode byte"):
+        list(open_source(tmp_path / "mixed.csv", "texto"))
+
+
 def test_a_utf16_table_as_excel_exports_unicode_text_is_read(tmp_path: Path) -> None:
     """Excel's "Unicode Text" export (UTF-16 with its byte-order mark, tab-separated, CRLF) was refused as 'cannot be
     read as CSV (CSV parse error: Expected 2 columns, got 1)', though JSONL and text files in UTF-16 are read."""
