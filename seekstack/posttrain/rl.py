@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from seekstack.checkpoint import load_pretrained
+from seekstack.config import ConfigError
 from seekstack.infer import Engine
 from seekstack.infer.threads import IdleCores, configured_threads, running_on, threads_beside
 from seekstack.model.transformer import ModelOutput
@@ -40,6 +41,7 @@ from seekstack.posttrain.rollout import (
 )
 from seekstack.posttrain.sft import tokenizer_info
 from seekstack.posttrain.tasks import Problem, Task, make_task, sample_problems, split_of
+from seekstack.posttrain.tasks.base import HELDOUT_PERCENT
 from seekstack.posttrain.tasks.problems_file import ProblemsFile
 from seekstack.train.runs import refuse_new_run_into
 from seekstack.train.trainer import TrainResult, train
@@ -55,7 +57,15 @@ def measured_problems(task: Task, seed: int) -> list[Problem]:
     file of problems (its longest question may stand on any line), else PROMPT_SAMPLE draws of a generator (whose
     prompts at one difficulty are alike in length)."""
     if isinstance(task, ProblemsFile):
-        return [problem for problem in task.problems if split_of(problem.key) == "train"]
+        training = [problem for problem in task.problems if split_of(problem.key) == "train"]
+        if not training:
+            raise ConfigError(
+                f"is {task.name}: its {len(task.problems)} questions are all held out (each question's split is its "
+                f"hash's, {HELDOUT_PERCENT}% held out for pass-at-k and eval), leaving none to train on; add questions "
+                "to the file",
+                field="task",
+            )
+        return training
     return sample_problems(task, PROMPT_SAMPLE, "train", seed)
 
 

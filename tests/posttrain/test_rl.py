@@ -176,6 +176,20 @@ def test_a_long_question_anywhere_in_a_problems_file_is_refused_before_the_run_s
     assert re.match(rf"error: field 'max_prompt_length' is 192: {taking}", refused.output), refused.output
 
 
+def test_a_problems_file_whose_questions_are_all_held_out_is_refused_naming_task(tmp_path):
+    """A small file whose questions all hashed to the held-out split stopped rl with 'max() arg is an empty sequence'
+    (no training prompt to measure against max_prompt_length)."""
+    model_dir = micro_checkpoint(tmp_path / "model")
+    held_out = [q for q in (f"What is {n} + 1?" for n in range(100)) if split_of(q) == "heldout"][:3]
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps({"question": question, "answer": 1}) + "\n" for question in held_out))
+    run = tmp_path / "run"
+    refused = CliRunner().invoke(app, ["rl", f"init_from={model_dir}", *RUN, f"task={path}", f"out_dir={run}"])
+    assert refused.exit_code == 1 and not run.exists()
+    reason = f"error: field 'task' is {path}: its 3 questions are all held out (each question's split is its hash's"
+    assert refused.output.startswith(reason) and "leaving none to train on; add questions" in refused.output
+
+
 def test_a_prompt_room_that_leaves_the_context_no_completion_is_refused_naming_max_prompt_length(tmp_path):
     model_dir = micro_checkpoint(tmp_path / "model")  # a context of 512 positions
     config = resolve_train_config(None, [f"init_from={model_dir}", *RUN, "max_prompt_length=512"], cls=GRPOConfig)
