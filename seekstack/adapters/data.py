@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import zlib
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -28,7 +29,9 @@ import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
+from seekstack.compression import COMPRESSIONS
 from seekstack.corpus.sources import FOLDER_FILES_READ, DataSourceError, MissingTextField, open_source
+from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.config import DEFAULT_VAL_FRACTION, SFTConfig
 from seekstack.posttrain.conversations import HELD_OUT_FILE, is_conversation_record
 from seekstack.posttrain.sft import SFTSource
@@ -49,17 +52,18 @@ def is_token_shards(path: Path) -> bool:
 
 
 def is_chat(path: Path) -> bool:
-    """Whether `path` is a JSONL file whose first record is a conversation (`is_conversation_record`: `messages`, TRL's
-    conversational `prompt` and `completion`, or its from/value `conversations`)."""
-    if path.suffix != ".jsonl" or not path.is_file():
+    """Whether `path` is a JSONL file (compressed maybe, `.jsonl.gz` ..., as `seekstack sft` reads one) whose first
+    record is a conversation (`is_conversation_record`: `messages`, TRL's conversational `prompt` and `completion`, or
+    its from/value `conversations`)."""
+    uncompressed = path.with_suffix("") if path.suffix.lower() in COMPRESSIONS else path
+    if uncompressed.suffix.lower() != ".jsonl" or not path.is_file():
         return False
-    with open(path, encoding="utf-8", errors="replace") as handle:  # the reader names a line that is not UTF-8
-        first = next((line for line in handle if line.strip()), "")
     try:
-        record = json.loads(first)
-    except json.JSONDecodeError:
+        with closing(jsonl_records(path)) as records:  # read as `seekstack sft` reads it: a BOM, a compression
+            _, first = next(records, (0, None))
+    except ValueError:  # not JSON Lines, or not decompressed: read as text, whose reader names the fault
         return False
-    return is_conversation_record(record)
+    return is_conversation_record(first)
 
 
 def prepare_data(data: str | Path, base: str | Path, out: str | Path) -> Path:

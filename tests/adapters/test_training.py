@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import gzip
 import json
 import shutil
+from codecs import BOM_UTF8 as BOM
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from safetensors import safe_open
 
 import seekstack
 from seekstack.adapters.config import AdapterConfig
-from seekstack.adapters.data import chat_source, first_batches, frequent_tokens
+from seekstack.adapters.data import chat_source, first_batches, frequent_tokens, is_chat
 from seekstack.adapters.files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -186,6 +189,22 @@ def test_text_and_chat_data_train_an_adapter(tmp_path):
     with pytest.raises(ValueError, match="chats.jsonl: lora.init=eva reads the layers' inputs on token shards or text"):
         train_adapter(*lora_train_config(base, chats, tmp_path / "chat_eva", eva))
     assert not (tmp_path / "chat_eva").exists()  # refused before anything is written
+
+
+def test_a_compressed_chat_file_or_one_opening_with_a_bom_is_chat_as_sft_reads_it(tmp_path):
+    """`seekstack sft` reads a .jsonl.gz (.bz2, .xz, .zst) through its compression and skips a byte order mark; lora
+    train took such a chat file for text and refused it: "no field 'text', only 'messages' ... write each record's
+    text as 'text'"."""
+    base = write_base(tmp_path / "base", with_tokenizer=True)
+    turn = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    lines = "".join(json.dumps({"messages": turn}) + "\n" for _ in range(3)).encode()
+    files = {"chats.jsonl.gz": gzip.compress(lines), "chats.jsonl.bz2": bz2.compress(lines), "bom.jsonl": BOM + lines}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        run = ["seq_len=32", "batch_size=2", "max_steps=1", "eval_every=0", "lora.rank=2"]
+        train_config, _ = lora_train_config(base, tmp_path / name, tmp_path / f"out_{name}", run)
+        assert is_chat(tmp_path / name) and train_config.data_dir == str(tmp_path / name)
+        assert len(chat_source(train_config).rows.rows) == 3
 
 
 def test_chat_data_holds_out_conversations_for_val_loss_and_a_run_that_held_none_out_resumes_on_its_rows(
