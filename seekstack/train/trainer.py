@@ -631,6 +631,7 @@ class _Run:
     def run(self, resumable: bool = True) -> TrainResult:
         result = TrainResult(self.step, checkpoint=self.resumed_from)  # a finished run resumed trains nothing
         clock = EtaClock(self.step)
+        start = self.step
         with distributed.interrupts_agreed(self.ranks) as stop_if_interrupted:
             try:
                 self._evaluate_pending()  # a run interrupted during its last step's evaluation runs it first
@@ -639,6 +640,10 @@ class _Run:
                     self._train_one_step(result, clock)
             except KeyboardInterrupt:
                 if not resumable:
+                    raise
+                if self.resumed_from is not None and self.step == start:  # the checkpoint holds the run as it is: a
+                    # save would only write it again, and delete the later ones of a resume from an earlier one
+                    self._say(f"\ninterrupted before its first step: nothing saved ({self.resumed_from} is as it was)")
                     raise
                 if self.step_start is not None:  # the interrupted step is re-run on resume, drawing what it drew
                     self.data.load_state_dict(self.step_start[0])

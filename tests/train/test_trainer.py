@@ -495,6 +495,28 @@ def test_a_resume_from_an_earlier_checkpoint_names_the_later_ones_its_first_save
     assert list_checkpoints(tmp_path) == [resumed.checkpoint] == [tmp_path / "checkpoints" / "step_4"]
 
 
+def test_ctrl_c_before_a_resumed_runs_first_step_saves_nothing_and_keeps_the_later_checkpoints(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    """Told that its first save deletes the later checkpoints, the user presses Ctrl-C to move them out: the interrupt
+    saved step_2 again, as it was, and deleted step_4 and step_6 on the spot."""
+    from seekstack.train import trainer
+
+    train(run_config(data_dir, tmp_path, max_steps=6, save_every=2, eval_every=0, keep_checkpoints=3))
+    saved = list_checkpoints(tmp_path)
+    written = [(p / "train_state.pt").stat().st_mtime_ns for p in saved]
+
+    def interrupted_step(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer._Run, "train_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(run_config(data_dir, tmp_path, max_steps=6, save_every=2, eval_every=0), resume=saved[0])
+    assert list_checkpoints(tmp_path) == saved == [tmp_path / "checkpoints" / f"step_{n}" for n in (2, 4, 6)]
+    assert [(p / "train_state.pt").stat().st_mtime_ns for p in saved] == written  # none written again
+    assert f"interrupted before its first step: nothing saved ({saved[0]} is as it was)" in capsys.readouterr().err
+
+
 def test_resume_true_picks_the_latest_checkpoint_and_trims_metrics(data_dir, tmp_path):
     train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, keep_checkpoints=1))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_4"]
