@@ -1021,7 +1021,7 @@ class Engine:
 
     # ------------------------------------------------------------------ convenience
     def default_sampling_params(self) -> SamplingParams:
-        """What `generate`, `chat` and `stream` sample with when given no params, as vLLM's
+        """What `generate`, `chat` and `stream` sample with when given no sampling_params, as vLLM's
         LLM.get_default_sampling_params: SamplingParams' defaults but where the checkpoint's generation_config.json sets
         them (`sampling_defaults`)."""
         return SamplingParams(**self.sampling_defaults)
@@ -1042,14 +1042,14 @@ class Engine:
         return self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(map(token_id, prompt))
 
     def stream(
-        self, prompt: str | list[int] | Mapping[str, Any], params: SamplingParams | None = None
+        self, prompt: str | list[int] | Mapping[str, Any], sampling_params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:
         """Add one request, a text (encoded as `generate` encodes it), token ids or vLLM's {"prompt": text} or
         {"prompt_token_ids": ids}, and step until it finishes, yielding its outputs as they come (other requests run
-        too); no params: `default_sampling_params`."""
+        too); no sampling_params (vLLM's name for them): `default_sampling_params`."""
         prompt_ids = self._prompt_token_ids(prompt)
         inbox: deque[RequestOutput] = deque()
-        params = self.default_sampling_params() if params is None else params
+        params = self.default_sampling_params() if sampling_params is None else sampling_params
         request_id = self._add_awaited(prompt_ids, params, inbox)
         try:
             finished = False
@@ -1065,7 +1065,7 @@ class Engine:
     def generate(
         self,
         prompts: str | list[int] | Mapping[str, Any] | Sequence[str | list[int] | Mapping[str, Any]] | torch.Tensor,
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: Sequence[str | None] | None = None,
         use_tqdm: bool = False,
     ) -> list[Completion]:
@@ -1075,9 +1075,9 @@ class Engine:
         BOS first with a DeepSeek release's tokenizer, as transformers encodes it, none with seekstack's, as its
         training shards hold none), each on the base or on the loaded adapter `adapters` names for it, and step until
         all finish. A prompt refused (too long, an adapter not loaded) raises ValueError naming it by its index among
-        several, the prompts added before it aborted, none left queued. No params: `default_sampling_params`, as
-        vLLM's. `use_tqdm`: a bar of the requests finished on stderr, as vLLM's (off by default here: RL and eval loops
-        call generate often)."""
+        several, the prompts added before it aborted, none left queued. `sampling_params` (vLLM's name), one for all or
+        one per prompt; none: `default_sampling_params`, as vLLM's. `use_tqdm`: a bar of the requests finished on
+        stderr, as vLLM's (off by default here: RL and eval loops call generate often)."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
                 raise ValueError(
@@ -1088,11 +1088,11 @@ class Engine:
         token_ids = len(prompts) > 0 and not any(isinstance(t, Iterable) for t in prompts)  # 5.0 too: refused below
         one_prompt = isinstance(prompts, (str, Mapping)) or token_ids
         prompts = [prompts] if one_prompt else list(prompts)
-        params = self.default_sampling_params() if params is None else params
+        params = self.default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         adapter_list = list(adapters) if adapters is not None else [None] * len(prompts)
         for name, values, one in (
-            ("params", params_list, "or one SamplingParams for all"),
+            ("sampling_params", params_list, "or one SamplingParams for all"),
             ("adapters", adapter_list, "(None: the base model), or leave adapters out"),
         ):
             if len(values) != len(prompts):
@@ -1151,7 +1151,7 @@ class Engine:
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
-        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         use_tqdm: bool = False,
@@ -1160,10 +1160,10 @@ class Engine:
         """The assistant's reply to one conversation (a list of messages, as OpenAI's) or to each of a list of them,
         as vLLM's LLM.chat: each rendered by the tokenizer's chat template (`Tokenizer.encode_chat`, which refuses a
         malformed message naming it) and generated (`generate`), the reply ending at the template's special tokens
-        (the end of its turn), as `seekstack chat` ends one; `params` and `use_tqdm` as generate's. `tools` (OpenAI's
-        function definitions, read and refused as the server reads a request's) are listed in each prompt, as vLLM's
-        chat template lists them, and each reply's calls are parsed out as the server parses them: its `tool_calls`
-        (`completion_with_calls`)."""
+        (the end of its turn), as `seekstack chat` ends one; `sampling_params` and `use_tqdm` as generate's. `tools`
+        (OpenAI's function definitions, read and refused as the server reads a request's) are listed in each prompt, as
+        vLLM's chat template lists them, and each reply's calls are parsed out as the server parses them: its
+        `tool_calls` (`completion_with_calls`)."""
         from seekstack.infer.chat import ending_at_special_tokens
         from seekstack.posttrain.conversations import offered
         from seekstack.serve.tool_calls import completion_with_calls
@@ -1176,7 +1176,7 @@ class Engine:
             for conversation in conversations
         ]
         rendered = [{"prompt_token_ids": ids, "prompt": self.tokenizer.decode(ids)} for ids in prompts]  # vLLM's
-        params = self.default_sampling_params() if params is None else params
+        params = self.default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ending = [
             ending_at_special_tokens(p, self.tokenizer, calls=bool(offered_tools)) if isinstance(p, SamplingParams)

@@ -555,6 +555,19 @@ def test_no_params_sample_as_the_checkpoints_generation_config_says_as_vllms_def
     assert Engine(model, tokenizer).default_sampling_params() == SamplingParams()
 
 
+def test_generate_chat_and_stream_take_vllms_sampling_params_keyword(model, tokenizer):
+    """vLLM scripts write llm.generate(prompts, sampling_params=params) and llm.chat(messages, sampling_params=...);
+    here the keyword was a TypeError (unexpected keyword argument 'sampling_params'): the argument was named params."""
+    engine = Engine(model, tokenizer)
+    short = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+    messages = [{"role": "user", "content": "def f"}]
+    [generated], [positional] = engine.generate("def f", sampling_params=short), engine.generate("def f", short)
+    streamed = [token for output in engine.stream("def f", sampling_params=short) for token in output.token_ids]
+    assert generated.token_ids == streamed == positional.token_ids and len(generated.token_ids) == 2
+    [chatted], [chatted_positional] = engine.chat(messages, sampling_params=short), engine.chat(messages, short)
+    assert chatted.token_ids == chatted_positional.token_ids and chatted.prompt == chatted_positional.prompt
+
+
 def test_no_params_generate_as_many_tokens_as_the_generation_config_says_as_vllms_max_tokens(
     model, tokenizer, tmp_path
 ):
@@ -750,7 +763,7 @@ def test_generate_takes_a_tuple_of_params_and_names_a_list_of_the_wrong_length(m
     short = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
     first, second = engine.generate(prompts([4, 5]), (short, GREEDY))  # any sequence, as vLLM's LLM.generate
     assert (len(first.token_ids), len(second.token_ids)) == (2, 12)
-    one_params = r"^2 prompts but 1 params: give one per prompt or one SamplingParams for all$"
+    one_params = r"^2 prompts but 1 sampling_params: give one per prompt or one SamplingParams for all$"
     with pytest.raises(ValueError, match=one_params):
         engine.generate(prompts([4, 5]), [short])  # no adapters were given: the message names none
     with pytest.raises(ValueError, match=r"^2 prompts but 3 adapters: give one per prompt"):
