@@ -3,7 +3,9 @@
 The FLOPs per token come from `seekstack.accounting.training_flops_per_token` (3x the forward, MTP included).
 Peak FLOP/s per device, unless `TrainConfig.peak_flops` gives one:
 - CUDA: the dense bf16 tensor-core peak of the card, looked up by name (H100/H800/H200 989 TFLOP/s, A100 312, B200
-  2250, MI300X 1307, A10G 70, ...); a card not in the table is given an A100's, and its source says so.
+  2250, MI300X 1307, A10G 70, ...); a card not in the table is given an A100's, and its source says so, as it says
+  that a float32 run (the default dtype) multiplies without its bf16 tensor cores, far below it (nanochat and
+  torchtitan, which train in bf16, divide by the same spec).
 - CPU: measured, the best of a few square `torch.mm`s in the training dtype on torch's threads (once per process,
   dtype and thread count), in the fastest of the operand layouts a training step uses: the rate this machine's
   matmul library really reaches, whatever its instruction set (on some CPUs bfloat16 runs 3x slower than float32,
@@ -64,11 +66,16 @@ class Peak:
 
 
 def default_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> Peak:
-    """Peak FLOP/s of one `device`: by card name on CUDA, the measured `dtype` matmul rate on a CPU."""
-    if device.type == "cuda":
-        return card_peak_flops(torch.cuda.get_device_name(device))
-    threads = torch.get_num_threads()
+    """Peak FLOP/s of one `device`: by card name on CUDA (its bf16 spec, whose source says so for a run in another
+    `dtype`), the measured `dtype` matmul rate on a CPU."""
     dtype_name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        card = card_peak_flops(torch.cuda.get_device_name(device))
+        if dtype == torch.bfloat16:
+            return card
+        # torch multiplies float32 without the bf16 tensor cores (no TF32 unless allowed): an H100's 67 TFLOP/s of 989
+        return Peak(card.flops, f"{card.source} (this run multiplies in {dtype_name}, far below it: dtype=bfloat16)")
+    threads = torch.get_num_threads()
     probe = f"{MATMUL_PROBE_SIZE}^3 {dtype_name} matmul"
     return Peak(measured_matmul_flops(dtype, threads), f"a {probe} measured on {threads} CPU threads")
 

@@ -17,6 +17,7 @@ from seekstack.train.mfu import (
     MATMUL_PROBE_SIZE,
     Peak,
     card_peak_flops,
+    default_peak_flops,
     matmul_flops,
     probed_in_turns,
     shared_cpu_peak_flops,
@@ -86,6 +87,22 @@ def test_cpu_peak_is_the_fastest_layout_of_a_training_steps_matmuls(monkeypatch)
 )
 def test_a_cards_peak_is_its_dense_bf16_spec_looked_up_by_its_name(name, flops, card):
     assert card_peak_flops(name) == Peak(flops, f"{name}: the {card}'s dense bf16 spec")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "note"),
+    [
+        (torch.bfloat16, ""),
+        (torch.float32, " (this run multiplies in float32, far below it: dtype=bfloat16)"),
+    ],
+)
+def test_a_cards_bf16_peak_says_so_for_a_run_that_multiplies_in_float32(monkeypatch, dtype, note):
+    """A run in the default dtype, float32, was told its MFU against the H100's 989 TFLOP/s of bf16 alone, where its
+    matmuls run at a fraction of that (67 in float32): an MFU of a few percent, unexplained."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert default_peak_flops(torch.device("cuda"), dtype) == Peak(
+        989e12, f"NVIDIA H100 80GB HBM3: the H100's dense bf16 spec{note}"
+    )
 
 
 def test_a_card_not_in_the_table_is_given_an_a100s_peak_and_its_source_says_so():
