@@ -600,11 +600,14 @@ def _text_field(record: dict[str, Any], where: str, field: str) -> str | None:
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     """A JSON Lines file's lines, numbered from 1, decoded as text files are: all as UTF-16 or UTF-32 when the file
-    opens with that one's byte-order mark (as Windows PowerShell 5 writes UTF-16), else each line by `_decoded`."""
+    opens with that one's byte-order mark (as Windows PowerShell 5 writes UTF-16), all in the legacy encoding of
+    another script that its first bytes read in (`_legacy_encoding_of_another_script`: a Russian file in cp1251,
+    whose lines alone may be too short to tell the script by), else each line by `_decoded`."""
     with _opened(path) as binary:
-        marked = _marked_encoding(binary.peek(4)[:4])
-        if marked is not None:
-            yield from enumerate(io.TextIOWrapper(binary, marked, errors="replace", newline="\n"), start=1)
+        start = binary.peek(UTF16_SNIFF_BYTES)
+        whole = _marked_encoding(start[:4]) or _legacy_encoding_of_another_script(start)
+        if whole is not None:
+            yield from enumerate(io.TextIOWrapper(binary, whole, errors="replace", newline="\n"), start=1)
         else:
             yield from enumerate(map(_decoded, binary), start=1)
 

@@ -1187,6 +1187,18 @@ def test_jsonl_is_decoded_as_text_files_are(tmp_path: Path) -> None:
     assert [doc.text for doc in read_jsonl(stray)] == ["caf\u00e9", "caf\u00e9 \u00e9t\u00e9 \ufffd"]
 
 
+def test_jsonl_in_a_legacy_encoding_of_another_script_is_read_in_it_whole(tmp_path: Path) -> None:
+    """A Russian JSON Lines file in cp1251 had each line decoded alone, and a short line, too short for its script to
+    be told, came out as Windows-1252 ('Ïðèâåò, ìèð.' for 'Привет, мир.'); the file is read in the encoding its first
+    bytes read in, as a text file is, when that is a legacy encoding of another script."""
+    words = RUSSIAN_TEXT.split()
+    sentences = [" ".join(words[start : start + 2]) for start in range(0, len(words), 2)] * 2  # 'Городская библиотека'
+    rows = "".join(json.dumps({"text": sentence}, ensure_ascii=False) + "\n" for sentence in sentences)
+    path = tmp_path / "russian.jsonl"
+    path.write_bytes(rows.encode("cp1251"))
+    assert [doc.text for doc in read_jsonl(path)] == sentences
+
+
 def _tar_of(text: bytes, tar_format: int = tarfile.PAX_FORMAT) -> bytes:
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w", format=tar_format) as tar:
