@@ -143,6 +143,12 @@ class GRPOConfig(TrainConfig):
         "reward_weights": "the reward is correctness + format_weight x format here, the task (task=) its verifier: "
         "TRL's reward_weights=[1, w] over an accuracy and a format reward is format_weight=w",
         "delta": "TRL's delta (INTELLECT-2's two-sided clipping) is not offered; epsilon_high (DAPO's clip-higher) is",
+        "reward_funcs": "the reward is the task's (task=: a built-in, your module:Class or a problems .jsonl), its "
+        "verifier's correctness + format_weight x format",
+        "use_vllm": "rollouts always run on seekstack's inference engine, built on the model being trained (no "
+        "server, no weight sync; async_rollouts=true samples the next batch beside this one's training)",
+        "log_completions": "rl logs no completions; `seekstack traces CHECKPOINT` samples a checkpoint's and writes "
+        "the verified ones",
     }
     # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
     value_notes: ClassVar[dict[str, dict[object, str]]] = {

@@ -267,7 +267,10 @@ def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
      ("num_train_epochs=1", "a run is max_steps optimizer steps"),
      ("reward_weights=[1.0, 0.5]", "TRL's reward_weights=[1, w] over an accuracy and a format reward is "
       "format_weight=w"),
-     ("delta=1.5", "TRL's delta (INTELLECT-2's two-sided clipping) is not offered")],
+     ("delta=1.5", "TRL's delta (INTELLECT-2's two-sided clipping) is not offered"),
+     ("reward_funcs=[accuracy, format]", "the reward is the task's (task=: a built-in, your module:Class or a"),
+     ("use_vllm=true", "rollouts always run on seekstack's inference engine, built on the model being trained"),
+     ("log_completions=true", "rl logs no completions; `seekstack traces CHECKPOINT` samples a checkpoint's")],
 )  # fmt: skip
 def test_trls_grpo_field_names_are_refused_naming_ours(tmp_path, trl_name, ours):
     """A TRL GRPOConfig name is no field here: the refusal says which field it is (was: 'did you mean' the closest
