@@ -508,7 +508,7 @@ def _array_items(path: Path, items: list[Any]) -> Iterator[tuple[int, str, Any]]
 def _rows_under(path: Path, rows_field: str) -> Iterator[tuple[int, str, Any]]:
     """The items of the array under the key `rows_field` of the JSON object that `path` holds whole; an error naming
     the file when it holds no such object, key or array."""
-    whole = _parsed_json(_decoded(_read(path)), str(path))
+    whole = _parsed_json(_decoded(_read(path)), f"{path} (one JSON object, read whole for --rows-field)")
     if not isinstance(whole, dict):
         raise DataSourceError(
             f"{path}: a JSON {_JSON_TYPES.get(type(whole), 'value')}, not an object holding its rows under "

@@ -1057,6 +1057,11 @@ def test_a_json_object_holding_its_rows_under_a_key_is_read_with_rows_field(tmp_
         DataSourceError, match=r"field 'version' \(--rows-field\) is a JSON string, not an array of rows"
     ):
         list(open_source(tmp_path / "squad.json", rows_field="version"))
+    (tmp_path / "lines.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')  # JSON Lines: no one object
+    with pytest.raises(
+        DataSourceError, match=r"lines.jsonl \(one JSON object, read whole for --rows-field\): not valid"
+    ):
+        list(open_source(tmp_path / "lines.jsonl", rows_field="data"))
     (tmp_path / "notes.txt").write_text("a note")
     with pytest.raises(DataSourceError, match=r"notes.txt: --rows-field data reads the rows a .json or .jsonl file"):
         open_source(tmp_path / "notes.txt", rows_field="data")
