@@ -50,6 +50,14 @@ class ConversationConfig(TrainConfig):
         "per_device_train_batch_size": "TRL's per_device_train_batch_size is batch_size here",
         "gradient_accumulation_steps": "TRL's gradient_accumulation_steps is grad_accum_steps here",
         "learning_rate": "TRL's learning_rate is lr here",
+        # transformers' TrainingArguments names, which TRL's SFTConfig takes too
+        "max_seq_length": "TRL's max_seq_length (max_length since TRL 0.20) is seq_len here",
+        "eval_steps": "transformers' eval_steps (steps between evaluations) is eval_every here",
+        "save_steps": "transformers' save_steps (steps between checkpoints) is save_every here",
+        "max_grad_norm": "transformers' max_grad_norm is grad_clip here",
+        "warmup_ratio": "transformers' warmup_ratio is a share of the steps; warmup_steps here counts them: "
+        "warmup_steps = warmup_ratio x max_steps",
+        "bf16": "transformers' bf16=true is dtype=bfloat16 here",
         "assistant_only_loss": "the loss is on the assistant's tokens alone, always (TRL's assistant_only_loss=True)",
         "completion_only_loss": "a prompt-completion line trains its completion alone, always",
         **{

@@ -237,7 +237,12 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
      ("packing_strategy=bfd_split", '"bfd_split", which trains the rest of a longer one as a sequence of its own'),
      ("eval_packing=true", "held-out conversations are packed when packing=true"),
      ("use_peft=true", "this trains the whole model: `seekstack lora train BASE DATA.jsonl` trains an adapter"),
-     ("lora_r=16", "TRL's lora_r is for a LoRA adapter")],
+     ("lora_r=16", "TRL's lora_r is for a LoRA adapter"),
+     # transformers' TrainingArguments names: eval_steps and save_steps were met with "did you mean 'max_steps'?"
+     ("eval_steps=50", "transformers' eval_steps (steps between evaluations) is eval_every here"),
+     ("save_steps=100", "save_steps (steps between checkpoints) is save_every here"),
+     ("max_grad_norm=0.3", "max_grad_norm is grad_clip here"), ("max_seq_length=512", "is seq_len here"),
+     ("warmup_ratio=0.1", "warmup_steps = warmup_ratio x max_steps"), ("bf16=true", "bf16=true is dtype=bfloat16")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
 def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
