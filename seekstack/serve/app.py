@@ -45,6 +45,7 @@ from seekstack.serve.protocol import (
     chat_logprobs,
     completion_logprobs,
     completion_prompts,
+    echo_only,
     json_format,
     longest_token_chars,
     prompt_ids,
@@ -462,9 +463,13 @@ class Server:
         finish_reasons, prompt_logprobs = [None] * n, [None] * n
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
+        only_echo = echo_only(body)
         async for index, output in group:
             usage.count(index, output, bill)
             prompt_logprobs[index] = prompt_logprobs[index] or output.prompt_logprobs  # on the first output
+            if only_echo:  # the token sampled after the prompt is not shown
+                finish_reasons[index] = output.finish_reason
+                continue
             if index in policy.blocked:  # delivered before its abort
                 continue
             logprobs[index] += output.logprobs or []  # ranking best_of reads them all; the answer: those shown
@@ -537,6 +542,7 @@ class Server:
         created = int(time.time())
         text_offsets = [0] * n
         echo_with_logprobs = not is_chat and body.echo and body.logprobs is not None
+        only_echo = echo_only(body)
         unechoed = set(range(n)) if echo_with_logprobs else set()  # choices whose prompt is still to be echoed
         policy = ChoicesPolicy(self, body, group, bill, categories)
         splits = self.reasoning_splits(body, n)
@@ -567,7 +573,8 @@ class Server:
                     yield sse(CompletionResponse(id=response_id, created=created, model=bill.model, choices=[echo]))
                 if index in policy.blocked:  # delivered before its abort
                     continue
-                text, entries, blocked = policy.read(index, output, output.logprobs)
+                # the token sampled after an echoed prompt alone is not shown: its chunk gives the finish reason
+                text, entries, blocked = ("", [], False) if only_echo else policy.read(index, output, output.logprobs)
                 finish_reason = "content_filter" if blocked else output.finish_reason
                 if not (text or entries or finish_reason):
                     continue

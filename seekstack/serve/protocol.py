@@ -174,6 +174,9 @@ def refuse_unsupported(request: ChatCompletionRequest | CompletionRequest) -> No
     if engine_requests > MAX_ENGINE_REQUESTS:
         raise APIError(400, f"{engine_requests} generations (prompts x max(n, best_of)) in one request; at most "
                        f"{MAX_ENGINE_REQUESTS} are served", param="n")  # fmt: skip
+    if request.max_tokens == 0 and not request.echo:
+        raise APIError(400, "max_tokens 0 generates nothing: give at least 1, or echo: true for the prompt alone (its "
+                       "logprobs scored with logprobs)", param="max_tokens", code="invalid_value")  # fmt: skip
     if request.suffix is not None:
         raise unsupported("suffix", "this model does not fill in the middle: send the request without suffix")
     if request.best_of is not None and request.best_of < request.n:
@@ -245,6 +248,12 @@ def refuse_overlong_text(
         )
 
 
+def echo_only(request: ChatCompletionRequest | CompletionRequest) -> bool:
+    """A completion of max_tokens 0 with echo: the prompt alone, to score it (OpenAI's legacy completions, vLLM's
+    echo without generation). The engine samples one token after the prompt, as vLLM's does; it is not shown."""
+    return isinstance(request, CompletionRequest) and request.echo and request.max_tokens == 0
+
+
 def requested_max_tokens(request: ChatCompletionRequest | CompletionRequest) -> int | None:
     """The completion tokens a request asks for at most; None for a chat request that leaves it to the server."""
     if isinstance(request, ChatCompletionRequest):
@@ -287,11 +296,15 @@ def sampling_params(
         value = getattr(request, name)
         return model_defaults.get(name, default) if value is None else value
 
+    if echo_only(request):
+        max_new_tokens = 1  # the one token the engine samples after the prompt, not shown
+    else:
+        max_new_tokens = requested or (room if unasked_limit is None else min(room, max(unasked_limit, 1)))
     choices = []
     for index in range(candidates(request)):
         try:  # a value out of range is refused as the SamplingParams are built
             params = SamplingParams(
-                max_new_tokens=requested or (room if unasked_limit is None else min(room, max(unasked_limit, 1))),
+                max_new_tokens=max_new_tokens,
                 temperature=unless_set("temperature", 1.0),
                 top_k=max(unless_set("top_k", 0), 0),
                 top_p=unless_set("top_p", 1.0),

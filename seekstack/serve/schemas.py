@@ -414,7 +414,8 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )  # one prompt (text or token ids), or a list of them: each gets n choices
-    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT32), OrDefault] = 16  # OpenAI's default for completions, null too
+    # OpenAI's default for completions, null too; 0: with echo, the prompt alone (protocol.echo_only)
+    max_tokens: Annotated[int, Field(ge=0, le=MAX_INT32), OrDefault] = 16
     logprobs: Annotated[int | None, LogprobsCount] = Field(None, ge=0, le=5)
     echo: Annotated[bool, OrDefault] = False  # the prompt's text before each choice's
     # vLLM's: each prompt token's logprob after those before it (the first null), with its k likeliest alternatives

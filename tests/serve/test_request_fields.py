@@ -126,6 +126,31 @@ def test_a_completion_takes_lm_evals_stop_strings_whole_as_vllm_does(engine, tmp
     assert (choice["finish_reason"], choice["text"]) == ("stop", text[:cut])
 
 
+def test_an_echoed_prompt_of_max_tokens_0_is_scored_alone_as_openai_and_vllm_take_it(engine, tmp_path):
+    """echo with max_tokens 0 (OpenAI's legacy way to score a text, which vLLM takes: its echo without generation) was
+    refused ('max_tokens: Input should be greater than or equal to 1'). The answer is max_tokens 1's without the token
+    sampled after the prompt (its text and logprob), whole and streamed; max_tokens 0 without echo is still refused."""
+    echoed = {**COMPLETION, "echo": True}
+    one, alone, streamed, no_echo = post_each(engine, tmp_path / "db", [
+        ("/v1/completions", {**echoed, "max_tokens": 1}),
+        ("/v1/completions", {**echoed, "max_tokens": 0}),
+        ("/v1/completions", {**echoed, "max_tokens": 0, "stream": True}),
+        ("/v1/completions", {**COMPLETION, "max_tokens": 0}),
+    ])  # fmt: skip
+    assert alone.status_code == 200, alone.text
+    with_token, scored = one.json()["choices"][0], alone.json()["choices"][0]
+    prompt_tokens = one.json()["usage"]["prompt_tokens"]
+    assert scored["text"] == COMPLETION["prompt"] and scored["finish_reason"] == "length"
+    assert {name: values[:prompt_tokens] for name, values in with_token["logprobs"].items()} == scored["logprobs"]
+    assert len(scored["logprobs"]["tokens"]) == prompt_tokens  # the prompt's tokens alone
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(event["choices"][0]["text"] for event in events) == scored["text"]
+    tokens = [token for event in events for token in (event["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert tokens == scored["logprobs"]["tokens"] and events[-1]["choices"][0]["finish_reason"] == "length"
+    error = error_of(no_echo, 400)
+    assert error["param"] == "max_tokens" and "echo: true for the prompt alone" in error["message"]
+
+
 VLLM_REFUSED = {
     "use_beam_search": True,
     "include_stop_str_in_output": True,
