@@ -1336,6 +1336,22 @@ def test_rows_take_their_id_from_the_id_field_given_in_every_row_format(tmp_path
             next(iter(open_source(tmp_path / name, id_field="uri")))
 
 
+def test_an_id_that_is_no_string_is_written_as_json_writes_it(tmp_path: Path) -> None:
+    """A row's id of true, an array or an object came out as Python writes it ('True', "{'shard': 1}"), text no
+    JSON reader gives back; numbers read as before."""
+    ids = [True, [1, 2], {"shard": 1, "name": "é"}, 7, 2.5]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"text": "t", "id": value}) + "\n" for value in ids))
+    assert [doc.doc_id for doc in open_source(tmp_path / "r.jsonl", id_field="id")] == [
+        "true",
+        "[1, 2]",
+        '{"shard": 1, "name": "é"}',
+        "7",
+        "2.5",
+    ]
+    pq.write_table(pa.table({"text": ["t", "u"], "flag": [False, True]}), tmp_path / "r.parquet")
+    assert [doc.doc_id for doc in open_source(tmp_path / "r.parquet", id_field="flag")] == ["false", "true"]
+
+
 def test_table_rows_are_counted_from_1_as_json_lines_lines_are(tmp_path: Path) -> None:
     """A Parquet, CSV or saved dataset's first row was `file:0`, and so was it in errors ('row 0 of column'), beside
     JSON Lines' `file:1` for its first line: the same first document had two numbers."""
