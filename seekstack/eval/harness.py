@@ -284,9 +284,18 @@ class SeekstackLM(TemplateLM):
         return batch_size
 
     def _check_continuation_lengths(self, requests: list[TokenRequest]) -> None:
-        """ValueError naming the first request whose continuation alone is longer than max_length: its input
-        window could not hold the tokens it scores (lm_eval's HF backend fails on an assert there)."""
+        """ValueError naming the first request whose continuation has no token, which would score log p = 0 (a
+        certainty, is-greedy), or is longer than max_length: its input window could not hold the tokens it scores.
+        (lm_eval's HF backend fails on an assert at both.)"""
         for index, (strings, _, continuation) in enumerate(requests):
+            if not continuation:
+                text = f" (context ending {strings[0][-20:]!r}, continuation {strings[1][:40]!r})" if strings else ""
+                raise ValueError(
+                    f"loglikelihood request {index}{text}: the continuation adds no token to the context (it is empty, "
+                    "or its text merges into the context's last token: lm_eval scores the tokens past the context's "
+                    "own), so it would score log p = 0, a certainty; end the context where a token ends, e.g. a "
+                    "target_delimiter of ' '"
+                )
             if len(continuation) > self.max_length:
                 text = f" (continuation {strings[1][:40]!r})" if strings else ""
                 raise ValueError(

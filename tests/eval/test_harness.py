@@ -4,6 +4,7 @@ log-likelihoods against lm_eval's own HF backend on the same checkpoint loaded t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -365,6 +366,17 @@ def test_a_continuation_longer_than_max_length_is_refused_naming_the_request(che
     with pytest.raises(ValueError, match=r"loglikelihood request 1 \(continuation 'x = \[1, 2,.*: the continuation is "
                        r"\d+ tokens, more than max_length=8"):  # fmt: skip
         lm.loglikelihood(requests("loglikelihood", [("a = ", "1"), ("a = ", long)]))
+
+
+@pytest.mark.parametrize("pair", [("x = r", "eturn"), ("def f(x):", "")])  # " return" is one token; nothing
+def test_a_continuation_that_adds_no_token_to_its_context_is_refused_not_scored_certain(ours, pair):
+    """lm_eval scores the tokens of context + continuation past the context's own: where the continuation merges into
+    the context's last token (or is empty) there are none, and the request scored (0.0, True), a certainty that wins
+    any multiple choice; lm_eval's HF backend stops on a bare AssertionError."""
+    assert ours._encode_pair(*pair)[1] == []
+    with pytest.raises(ValueError, match=rf"request 1 \(context ending {re.escape(repr(pair[0]))}, continuation "
+                       rf"{re.escape(repr(pair[1]))}\): the continuation adds no token to the context"):  # fmt: skip
+        ours.loglikelihood(requests("loglikelihood", [PAIRS[0], pair]))
 
 
 def test_generation_that_leaves_no_room_for_the_prompt_is_refused_naming_max_gen_toks_and_max_length(
