@@ -37,6 +37,7 @@ class TextStream:
         self.prefix_text = ""  # the text of ids[prefix_offset:read_offset]
         self.text = ""  # all complete text so far, stop strings included
         self.released = 0  # characters of `text` handed out
+        self.matched_stop: str | None = None  # the stop string that ended the text, once one has
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add one token; return (text newly safe to show, whether a stop string has now appeared)."""
@@ -84,6 +85,7 @@ class TextStream:
         if found:
             index, stop = min(found, key=lambda hit: hit[0])  # the first to appear (of two there, the first given)
             end = index + len(stop) if self.include_stop else index
+            self.matched_stop = stop
         else:
             end = len(self.text) - self._held_back(start)
         out, self.released = self.text[self.released : end], end

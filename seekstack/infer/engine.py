@@ -960,14 +960,14 @@ class Engine:
             self.cache.free(request.request_id)
             reason = f"{type(request.error).__name__}: {request.error}"
             return dataclasses.replace(self._output(request, [], "", [], "error"), error=reason, cause=request.error)
-        text, emitted, reason = "", [], None
+        text, emitted, reason, stop_reason = "", [], None, None
         for token in tokens:
             emitted.append(token)
             request.output_ids.append(token)
             if request.penalties is not None:
                 request.penalties.add(token)
             if token in request.stop_ids:
-                reason = "stop"
+                reason, stop_reason = "stop", None if token in self.eos_ids else token  # vLLM's: EOS gives None
                 if request.params.include_stop_str_in_output:  # vLLM's: the stop token's text too (a special one's
                     text += request.stream.push(token)[0]  # only with skip_special_tokens=False)
                 text += request.stream.flush()
@@ -977,7 +977,7 @@ class Engine:
             piece, stopped = request.stream.push(token)
             text += piece
             if stopped:
-                reason = "stop"
+                reason, stop_reason = "stop", request.stream.matched_stop
                 break
             complete = request.constraint is not None and request.constraint.complete  # e.g. a whole JSON value
             if complete or len(request.output_ids) >= request.params.max_new_tokens:
@@ -987,7 +987,7 @@ class Engine:
         if reason is not None:
             self.running.remove(request)
             self.cache.free(request.request_id)
-        return self._output(request, emitted, text, logprobs[: len(emitted)], reason)
+        return self._output(request, emitted, text, logprobs[: len(emitted)], reason, stop_reason)
 
     def _emit_each(
         self, batch: list[_Request], tokens: list[int], logprobs: list[TokenLogprob | None]
@@ -998,7 +998,13 @@ class Engine:
         ]
 
     def _output(
-        self, request: _Request, tokens: list[int], text: str, logprobs: list, reason: str | None
+        self,
+        request: _Request,
+        tokens: list[int],
+        text: str,
+        logprobs: list,
+        reason: str | None,
+        stop_reason: int | str | None = None,
     ) -> RequestOutput:
         """`request`'s output of `tokens`, with their `logprobs` if it asked for them (an empty list with none: its
         joined completion then keeps one entry per token, whatever its last output); its first output carries its
@@ -1017,6 +1023,7 @@ class Engine:
             scheduled_at=request.scheduled_at,
             cached_tokens=request.cached_tokens,
             prompt_logprobs=request.prompt_logprobs if asked else None,
+            stop_reason=stop_reason,
         )
 
     # ------------------------------------------------------------------ convenience

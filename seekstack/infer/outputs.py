@@ -41,6 +41,8 @@ class RequestOutput:
     cause: Exception | None = field(default=None, repr=False)  # the exception behind `error`, with its traceback
     # on a request's first output, with SamplingParams.prompt_logprobs: each prompt token's (the first: None)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # vLLM's: the stop token id or stop string that finished it (finish_reason "stop"); None for EOS and other ends
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Completion:
     tool_calls: list[dict] | None = None
     # the prompt's text, as vLLM's RequestOutput.prompt (a chat's: its rendered conversation); None for token ids
     prompt: str | None = None
+    # vLLM's: the stop token id or stop string that ended it; None for EOS, a length limit and the other ends
+    stop_reason: int | str | None = None
 
     @property
     def outputs(self) -> list[Completion]:
@@ -120,7 +124,7 @@ def joined_completion(
     text, last = "".join(p.text for p in parts), parts[-1]
     return Completion(
         request_id, prompt_ids, tokens, text, last.finish_reason, logprobs, timings, last.error, last.cached_tokens,
-        index, prompt_logprobs=parts[0].prompt_logprobs, prompt=prompt,
+        index, prompt_logprobs=parts[0].prompt_logprobs, prompt=prompt, stop_reason=last.stop_reason,
     )  # fmt: skip
 
 
@@ -130,6 +134,7 @@ def completion_record(engine: Engine, completion: Completion) -> dict:
         "model": engine.model_name,
         "text": completion.text,
         "finish_reason": completion.finish_reason,
+        "stop_reason": completion.stop_reason,
         "prompt_tokens": len(completion.prompt_token_ids),
         "completion_tokens": len(completion.token_ids),
         "token_ids": completion.token_ids,

@@ -522,6 +522,8 @@ def test_generate_stop_typed_with_escapes_cuts_the_text(checkpoint, engine):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.stdout == text[: text.index(stop)] + "\n"
+    record = json.loads(runner.invoke(app, [*args, "--json"]).stdout)  # which stop ended it, as vLLM's stop_reason
+    assert (record["text"], record["finish_reason"], record["stop_reason"]) == (text[: text.index(stop)], "stop", stop)
 
 
 def test_chat_keeps_history_and_obeys_reset_system_and_quit(checkpoint, engine):

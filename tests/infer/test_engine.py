@@ -722,6 +722,23 @@ def test_a_completion_carries_its_prompts_text_as_vllms_request_output_prompt(mo
     )
 
 
+def test_a_completion_names_the_stop_that_ended_it_as_vllms_stop_reason(model, tokenizer):
+    """vLLM's CompletionOutput.stop_reason is the stop token id or stop string that ended it (None for EOS or a length
+    limit): a caller with several stops learns which one matched. A Completion had none (AttributeError)."""
+    engine = Engine(model, tokenizer)
+    [written] = engine.generate("def f", GREEDY)
+    token = next(t for t in written.token_ids[2:] if t != tokenizer.eos_id)
+    text = written.text[len(written.text) // 2 :][:2]
+    [by_id] = engine.generate("def f", dataclasses.replace(GREEDY, stop_token_ids=(token, 511)))
+    [by_text] = engine.generate("def f", dataclasses.replace(GREEDY, stop=("never written here", text)))
+    [by_eos] = engine.generate(
+        "def f", SamplingParams(max_new_tokens=5, temperature=0, logit_bias={tokenizer.eos_id: 100})
+    )
+    assert (by_id.finish_reason, by_id.stop_reason) == ("stop", token)
+    assert (by_text.finish_reason, by_text.stop_reason) == ("stop", text)
+    assert [(c.finish_reason, c.stop_reason) for c in (by_eos, written)] == [("stop", None), ("length", None)]
+
+
 def test_vllms_prompt_dicts_are_read_as_their_text_or_ids_and_other_keys_are_refused(model, tokenizer):
     """vLLM's generate takes TextPrompt {"prompt": text} and TokensPrompt {"prompt_token_ids": ids}; here a dict was
     read as the sequence of its keys: generate({"prompt": "def f"}) continued the text "prompt", and
