@@ -265,7 +265,7 @@ def test_an_answer_naming_what_it_equals_reads_as_its_right_side_as_math_verify_
      ("\\boxed{x \\cdot 2 = 42}", None), ("\\boxed{\\sqrt{2} = 42}", None), ("\\boxed{x1 = 42}", 42),
      ("\\boxed{\\overline{AB} = 42}", 42), ("\\boxed{a_{12} = 42}", 42), ("\\boxed{\\mathrm{P}(A) = 42}", 42),
      ("\\boxed{f'(x) = 42}", 42), ("\\boxed{P_{\\text{max}} = 42}", 42), ("\\boxed{\\overline{A_{1}B} = 42}", 42),
-     ("\\boxed{\\vec{F}_{\\text{net}} = 42}", 42)],
+     ("\\boxed{\\vec{F}_{\\text{net}} = 42}", 42), ("\\boxed{x_\\alpha = 42}", 42), ("\\boxed{f(g(2)) = 42}", 42)],
 )  # fmt: skip
 def test_an_equation_whose_left_side_holds_a_number_is_no_name_and_no_answer(answer, value):
     """\\boxed{\\frac{1}{2} = 42} read 42: the name before "=" took commands and digits in any order, so a fraction
@@ -515,6 +515,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "\\quad" * 14_000 + "x",
         "x" + "{{a" * 23_000,
         "x_{" + "{a" * 35_000,
+        "x" + "((a" * 23_000,
         "x \\approx " * 7_000 + "y",
         "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",

@@ -38,12 +38,13 @@ OPENING_SPACE = re.compile(rf"\A(?:\s|{LATEX_SPACE})+")  # before an answer ("\b
 # A name approximately equal to the answer ("x \approx 57", "x ≈ 57") is read alike, as math-verify reads it
 APPROX = r"\\approx(?![A-Za-z])|\u2248"
 COMMAND = r"\\(?!approx(?![A-Za-z]))[A-Za-z]++"  # a LaTeX command in a name, not the relation \approx
-# A command's argument, no digit but in a group inside it ("\overline{AB}", "\overline{A_{1}B}"), and a subscript
-# ("x_1", "a_{n+1}", "P_{\text{max}}"): one group nested at most
+# A command's argument, no digit but in a group inside it ("\overline{AB}", "\overline{A_{1}B}"), a subscript ("x_1",
+# "a_{n+1}", "P_{\text{max}}", "x_\alpha") and a function's argument ("f(2)", "f(g(2))"): one group nested at most
 ARGUMENT = r"\{(?:[^{}0-9=]|\{[^{}=]*+\})*+\}"
-SUBSCRIPT = r"_(?:\{(?:[^{}=]|\{[^{}=]*+\})*+\}|[A-Za-z0-9])"
+SUBSCRIPT = rf"_(?:\{{(?:[^{{}}=]|\{{[^{{}}=]*+\}})*+\}}|[A-Za-z0-9]|{COMMAND})"
+PARENTHESES = r"\((?:[^()=]|\([^()=]*+\))*+\)"
 VARIABLE = re.compile(
-    rf"(?:(?:{COMMAND}|[A-Za-z][0-9]*+)(?:{COMMAND}|[A-Za-z][0-9]*+|{ARGUMENT}|{SUBSCRIPT}|\([^()=]*+\)|['\s])*+"
+    rf"(?:(?:{COMMAND}|[A-Za-z][0-9]*+)(?:{COMMAND}|[A-Za-z][0-9]*+|{ARGUMENT}|{SUBSCRIPT}|{PARENTHESES}|['\s])*+"
     rf"(?:=|{APPROX})\s*)++"
 )
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
