@@ -71,7 +71,7 @@ def data_build(
 
     from seekstack.corpus.build import build_corpus, report_table
     from seekstack.corpus.rules import CleaningConfig
-    from seekstack.corpus.sources import open_source
+    from seekstack.corpus.sources import expanded_inputs, open_source
     from seekstack.schema import load_config
     from seekstack.schema import write_config as write
 
@@ -85,7 +85,7 @@ def data_build(
             write(cleaning, write_config)
             typer.echo(f"wrote the cleaning thresholds to {write_config}")
             return
-        sources = [open_source(spec, field, id_field, rows_field) for spec in inputs or ["stdlib"]]
+        sources = [open_source(spec, field, id_field, rows_field) for spec in expanded_inputs(inputs or ["stdlib"])]
         report = build_corpus(sources, out, cleaning, show_progress=progress, workers=workers or os.cpu_count() or 1)
     Console().print(report_table(report))
     typer.echo(f"wrote {out}/train.jsonl, {out}/val.jsonl and {out}/report.json")
@@ -145,10 +145,10 @@ def data_quality_train(
     from collections import Counter
 
     from seekstack.corpus.quality import train_quality_model
-    from seekstack.corpus.sources import TextFolder, open_source
+    from seekstack.corpus.sources import TextFolder, expanded_inputs, open_source
 
     def texts(specs: list[str], option: str) -> list[str]:
-        sources = [open_source(spec, field) for spec in specs]
+        sources = [open_source(spec, field) for spec in expanded_inputs(specs)]
         documents = itertools.chain.from_iterable(sources)
         read = [doc.text for doc in itertools.islice(documents, max_documents)]
         if not read:

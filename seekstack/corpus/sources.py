@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import errno
 import functools
+import glob
 import io
 import json
 import mimetypes
@@ -819,6 +820,22 @@ def read_stdlib() -> Iterator[Document]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for doc_id, text, _ in read_text_folder(stdlib, (".py",), STDLIB_SKIPPED_DIRS):
         yield Document(doc_id, text, "stdlib")
+
+
+def expanded_inputs(specs: list[str]) -> list[str]:
+    """The inputs a command line names, a glob pattern the shell left unexpanded (quoted, `'data/*.jsonl'`, or given
+    by a Makefile or a program, as datasets' data_files and datatrove's glob_pattern take one) replaced by the paths
+    it matches, in order; a path that exists is taken as named, and a pattern that matches nothing is refused."""
+    expanded = []
+    for spec in specs:
+        if str(spec) == "stdlib" or Path(spec).exists() or not glob.has_magic(spec):
+            expanded.append(spec)
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+        if not matches:
+            raise DataSourceError(f"{spec}: no file or folder matches this pattern")
+        expanded += matches
+    return expanded
 
 
 def open_source(

@@ -270,6 +270,22 @@ def test_cli_reads_the_rows_a_json_object_holds_under_rows_field(tmp_path: Path)
     assert sorted(row["id"] for split in read_rows(tmp_path / "out").values() for row in split) == ["q0", "q1", "q2"]
 
 
+def test_cli_reads_the_files_a_glob_pattern_left_unexpanded_matches(tmp_path: Path) -> None:
+    """A quoted pattern (`'shards/*.jsonl'`, as datasets' data_files and datatrove's glob_pattern take one, and as a
+    Makefile or a program passes it, no shell expanding it) was refused as 'no such file or folder'."""
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):
+        rows = "".join(json.dumps({"text": prose(10 * shard + i)}) + "\n" for i in range(2))
+        (tmp_path / "shards" / f"part{shard}.jsonl").write_text(rows)
+    args = ["data", "build", "--out", str(tmp_path / "out"), "--no-progress", "--workers", "1"]
+    built = CliRunner().invoke(app, [*args, str(tmp_path / "shards" / "*.jsonl")])
+    assert built.exit_code == 0, built.output
+    ids = sorted(row["id"] for split in read_rows(tmp_path / "out").values() for row in split)
+    assert ids == ["part0.jsonl:1", "part0.jsonl:2", "part1.jsonl:1", "part1.jsonl:2"]
+    missing = CliRunner().invoke(app, [*args, str(tmp_path / "shards" / "*.parquet")])
+    assert missing.exit_code == 1 and "*.parquet: no file or folder matches this pattern" in missing.output
+
+
 def test_documents_that_differ_only_in_pii_are_exact_duplicates_and_one_is_written(tmp_path: Path) -> None:
     documents = [Document(f"prose{i}", prose(i) + "\nThe end.", "web") for i in range(20)]
     documents += [
