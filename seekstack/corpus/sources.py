@@ -823,9 +823,9 @@ def read_stdlib() -> Iterator[Document]:
 
 
 def expanded_inputs(specs: list[str]) -> list[str]:
-    """The inputs a command line names, a glob pattern the shell left unexpanded (quoted, `'data/*.jsonl'`, or given
-    by a Makefile or a program, as datasets' data_files and datatrove's glob_pattern take one) replaced by the paths
-    it matches, in order; a path that exists is taken as named, and a pattern that matches nothing is refused."""
+    """The inputs a command line names, a glob pattern no shell expanded (quoted, `'data/*.jsonl'`, or in a program's
+    argument list, as datasets' data_files and datatrove's glob_pattern take one) replaced by the paths it matches,
+    sorted; a path that exists is taken as named, and a pattern that matches nothing is refused."""
     expanded = []
     for spec in specs:
         if str(spec) == "stdlib" or Path(spec).exists() or not glob.has_magic(spec):
