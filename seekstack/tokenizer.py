@@ -429,8 +429,8 @@ class Tokenizer:
         if add_generation_prompt and continue_final_message:
             raise ValueError(
                 "add_generation_prompt=True and continue_final_message=True ask for two things: a new assistant turn "
-                "after the messages, and the last one continued; give add_generation_prompt=False (or leave it out) to "
-                "continue the last message, as transformers' apply_chat_template refuses both"
+                "after the messages, and the last one continued; give add_generation_prompt=False to continue the last "
+                "message, as transformers' apply_chat_template refuses both"
             )
         add_generation_prompt = not continue_final_message if add_generation_prompt is None else add_generation_prompt
         messages = self._chat_messages(messages, continue_final_message, tools)

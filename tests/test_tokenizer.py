@@ -326,8 +326,8 @@ def test_a_generation_prompt_and_a_continued_last_message_together_are_refused_a
     messages = [*CHAT, {"role": "assistant", "content": "Sure"}]
     with pytest.raises(ValueError, match="not compatible"):
         auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, continue_final_message=True)
-    for refused in (tokenizer.render_chat, tokenizer.encode_chat):
-        with pytest.raises(ValueError, match="give add_generation_prompt=False"):
+    for refused in (tokenizer.render_chat, tokenizer.encode_chat):  # Engine.chat's add_generation_prompt is True
+        with pytest.raises(ValueError, match="give add_generation_prompt=False to continue the last message"):
             refused(messages, add_generation_prompt=True, continue_final_message=True)
 
 
