@@ -1027,8 +1027,8 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ convenience
-    def default_sampling_params(self) -> SamplingParams:
-        """What `generate`, `chat` and `stream` sample with when given no sampling_params, as vLLM's
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate`, `chat` and `stream` sample with when given no sampling_params, by the name and as vLLM's
         LLM.get_default_sampling_params: SamplingParams' defaults but where the checkpoint's generation_config.json sets
         them (`sampling_defaults`)."""
         return SamplingParams(**self.sampling_defaults)
@@ -1053,10 +1053,10 @@ class Engine:
     ) -> Iterator[RequestOutput]:
         """Add one request, a text (encoded as `generate` encodes it), token ids or vLLM's {"prompt": text} or
         {"prompt_token_ids": ids}, and step until it finishes, yielding its outputs as they come (other requests run
-        too); no sampling_params (vLLM's name for them): `default_sampling_params`."""
+        too); no sampling_params (vLLM's name for them): `get_default_sampling_params`."""
         prompt_ids = self._prompt_token_ids(prompt)
         inbox: deque[RequestOutput] = deque()
-        params = self.default_sampling_params() if sampling_params is None else sampling_params
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         request_id = self._add_awaited(prompt_ids, params, inbox)
         try:
             finished = False
@@ -1083,7 +1083,7 @@ class Engine:
         training shards hold none), each on the base or on the loaded adapter `adapters` names for it, and step until
         all finish. A prompt refused (too long, an adapter not loaded) raises ValueError naming it by its index among
         several, the prompts added before it aborted, none left queued. `sampling_params` (vLLM's name), one for all or
-        one per prompt; none: `default_sampling_params`, as vLLM's. `use_tqdm`: a bar of the requests finished on
+        one per prompt; none: `get_default_sampling_params`, as vLLM's. `use_tqdm`: a bar of the requests finished on
         stderr, as vLLM's (off by default here: RL and eval loops call generate often)."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() not in (1, 2) or prompts.is_floating_point() or prompts.is_complex():
@@ -1095,7 +1095,7 @@ class Engine:
         token_ids = len(prompts) > 0 and not any(isinstance(t, Iterable) for t in prompts)  # 5.0 too: refused below
         one_prompt = isinstance(prompts, (str, Mapping)) or token_ids
         prompts = [prompts] if one_prompt else list(prompts)
-        params = self.default_sampling_params() if sampling_params is None else sampling_params
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         adapter_list = list(adapters) if adapters is not None else [None] * len(prompts)
         for name, values, one in (
@@ -1183,7 +1183,7 @@ class Engine:
             for conversation in conversations
         ]
         rendered = [{"prompt_token_ids": ids, "prompt": self.tokenizer.decode(ids)} for ids in prompts]  # vLLM's
-        params = self.default_sampling_params() if sampling_params is None else sampling_params
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
         params_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         ending = [
             ending_at_special_tokens(p, self.tokenizer, calls=bool(offered_tools)) if isinstance(p, SamplingParams)

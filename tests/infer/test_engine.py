@@ -543,16 +543,17 @@ def checkpoint(model, tokenizer, folder, **generation_config):
 def test_no_params_sample_as_the_checkpoints_generation_config_says_as_vllms_defaults(model, tokenizer, tmp_path):
     """generate(prompts), chat(messages) and stream(prompt) without params raised TypeError ("params must be
     SamplingParams, got NoneType"), where vLLM's LLM.generate and LLM.chat take sampling_params=None as its
-    get_default_sampling_params: the generation_config.json's values over SamplingParams' defaults."""
+    get_default_sampling_params: the generation_config.json's values over SamplingParams' defaults (by that name:
+    the engine called it default_sampling_params, an AttributeError for a vLLM script)."""
     engine = Engine.from_pretrained(checkpoint(model, tokenizer, tmp_path, eos_token_id=1, do_sample=False, top_p=0.9))
     messages = [{"role": "user", "content": "def f"}]
     [plain], [chatted] = engine.generate("def f"), engine.chat(messages)
     streamed = [token for output in engine.stream("def f") for token in output.token_ids]
-    defaults = engine.default_sampling_params()
+    defaults = engine.get_default_sampling_params()
     assert defaults == SamplingParams(temperature=0.0, top_p=0.9)
     [given], [given_chat] = engine.generate("def f", defaults), engine.chat(messages, defaults)
     assert plain.token_ids == streamed == given.token_ids and chatted.token_ids == given_chat.token_ids
-    assert Engine(model, tokenizer).default_sampling_params() == SamplingParams()
+    assert Engine(model, tokenizer).get_default_sampling_params() == SamplingParams()
 
 
 def test_generate_chat_and_stream_take_vllms_sampling_params_keyword(model, tokenizer):
@@ -574,7 +575,7 @@ def test_no_params_generate_as_many_tokens_as_the_generation_config_says_as_vllm
     """generation_config.json's max_new_tokens was not read: generate(prompt) wrote SamplingParams' 128 tokens where
     vLLM's get_default_sampling_params takes it as max_tokens and transformers' generate stops there."""
     engine = Engine.from_pretrained(checkpoint(model, tokenizer, tmp_path, do_sample=False, max_new_tokens=3))
-    assert engine.default_sampling_params() == SamplingParams(temperature=0.0, max_new_tokens=3)
+    assert engine.get_default_sampling_params() == SamplingParams(temperature=0.0, max_new_tokens=3)
     [plain] = engine.generate("def f", SamplingParams(temperature=0, ignore_eos=True))
     [defaulted] = engine.generate("def f")
     assert (defaulted.token_ids, defaulted.finish_reason) == (plain.token_ids[:3], "length")
