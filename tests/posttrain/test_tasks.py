@@ -309,6 +309,20 @@ def test_quad_spaces_around_the_answer_or_before_its_unit_are_nothing_to_it_as_m
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{3:2}", Fraction(3, 2)), ("\\boxed{6 : 4}", Fraction(3, 2)), ("$-1:2$", Fraction(-1, 2)),
+     ("The answer is 2:1.", 2), ("\\boxed{1:2:3}", None), ("\\boxed{1:0}", None)],
+)  # fmt: skip
+def test_a_ratio_reads_as_its_quotient_as_math_verify_reads_it(tmp_path, answer, value):
+    """\\boxed{3:2} was no number (scored 0 against 3/2), and a gold "3:2" in a problems file was refused as no
+    number; math-verify reads a ratio as its quotient."""
+    assert read_number(answer) == value
+    path = problems_file(tmp_path / "ratios.jsonl", [{"question": "A to B?", "answer": "3:2"}])
+    [ratio] = make_task(path).problems
+    assert make_task(path).verify(ratio, "\\boxed{\\frac{3}{2}}") and make_task(path).verify(ratio, "6:4")
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],

@@ -89,11 +89,12 @@ FRACTION = (
 # exponent of up to 3 digits, a number int reads
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
 DOLLAR = r"(?:\\?\$(?:\s|\\[ ,;:!])*)?"  # a dollar sign before the number or its sign, spaced maybe ("$5", "-\$ 5")
+RATIO = "[/:]"  # "3/2", and a ratio "3:2" as math-verify reads it: 3/2 ("10:30" is 1/3, not a time)
 # NUMBER's groups of a sign ("-\frac{1}{-2}", "1/-2"): a minus in an odd number of them makes the number negative
 SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
 NUMBER = re.compile(
     rf"{DOLLAR}(?P<sign>{SIGN}){DOLLAR}(?:(?:{WHOLE})?{FRACTION}"
-    rf"|(?P<numerator>{UNSIGNED})(?:\s*/\s*(?P<denominator_sign>{SIGN})(?P<denominator>{UNSIGNED})|{POWER})?)"
+    rf"|(?P<numerator>{UNSIGNED})(?:\s*{RATIO}\s*(?P<denominator_sign>{SIGN})(?P<denominator>{UNSIGNED})|{POWER})?)"
     r"(?P<percent>(?:\s|\\[ ,;:!])*\\?%)?"  # a space before "%" as math-verify reads it ("5 %", "5\ \%"), SI's "5\,\%"
 )
 
