@@ -105,6 +105,12 @@ class AdapterConfig:
         "trainable_token_indices": "trainable_token_indices are lora.head_tokens and lora.embedding_tokens here, the "
         "output head's and token embedding's rows of the N most frequent training tokens",
         "use_peft": "lora train always trains a LoRA adapter (TRL's use_peft=true)",
+        "modules_to_save": "peft's modules_to_save (whole modules trained beside the adapter) is not offered: "
+        "lora.head_tokens and lora.embedding_tokens train the output head's and token embedding's rows of the N most "
+        "frequent training tokens in full, and lora.vocabulary gives the head and embedding LoRA",
+        "bias": "peft's bias (biases trained beside the adapter) is not offered: the adapter trains none (peft's "
+        'bias="none"), and the base\'s projections have none',
+        "lora_bias": "peft's lora_bias (a bias on each B factor) is not offered",
     }
     rank: Positive = 8  # r
     alpha: PositiveFloat = 16.0  # the update is scaled by alpha / r

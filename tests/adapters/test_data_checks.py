@@ -199,6 +199,22 @@ def test_errors_about_lora_keys_name_them_with_their_prefix(base, other_shards, 
         ("learning_rate=1e-4", "unknown field 'learning_rate'; TRL's learning_rate is lr here"),
         ("per_device_train_batch_size=4", "TRL's per_device_train_batch_size is batch_size here"),
         ("max_length=64", "TRL's max_length is seq_len here \\(a conversation's row is cut there"),
+        # peft's options that are not offered: modules_to_save had no word, bias and lora_bias a wrong guess
+        # ('did you mean lora.layers?', 'lora.rslora?')
+        (
+            "lora.modules_to_save=[lm_head]",
+            "peft's modules_to_save \\(whole modules trained beside the adapter\\) is "
+            "not offered: lora.head_tokens and lora.embedding_tokens train",
+        ),
+        (
+            "lora.bias=all",
+            "unknown field 'lora.bias'; peft's bias \\(biases trained beside the adapter\\) is not "
+            "offered: the adapter trains none",
+        ),
+        (
+            "lora.lora_bias=true",
+            "unknown field 'lora.lora_bias'; peft's lora_bias \\(a bias on each B factor\\) is not offered",
+        ),
     ],
 )
 def test_trl_and_peft_names_are_refused_naming_ours_as_sft_names_them(base, other_shards, override, named, tmp_path):
