@@ -20,6 +20,14 @@ def invoke(*args: str) -> str:
     return result.stdout  # stderr carries notes (the dtype chosen)
 
 
+def test_lora_train_help_names_every_chat_form_it_reads():
+    """DATA's help named .jsonl of messages and of prompt-completion alone, not the from/value conversations (read
+    since ee0539c) nor a compressed file, nor that conversations are held out as text is."""
+    said = " ".join(invoke("lora", "train", "--help").split())
+    assert 'TRL\'s from/value {"conversations"}; .jsonl.gz, .bz2, .xz or .zst too' in said
+    assert "5% of them held out for val_loss while eval_every > 0" in said
+
+
 def test_train_merge_and_generate_with_the_adapter(tmp_path):
     base = write_base(tmp_path / "base", with_tokenizer=True)
     corpus = tmp_path / "corpus"
