@@ -284,9 +284,11 @@ class ModelConfig:
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """config.json contents readable by transformers 4.x (rope_scaling) and 5.x (rope_parameters)."""
+        """config.json contents readable by transformers 4.x (rope_scaling) and 5.x (rope_parameters), by its own
+        DeepseekV2/V3 classes: a release's `auto_map` to its remote code is left out, as that code is not saved."""
         out = dict(self.extra)
         out.pop("quantization_config", None)  # weights we write are never quantized unless asked
+        out.pop("auto_map", None)  # a release's remote code (modeling_deepseek.py), which is not written beside them
         for f in dataclasses.fields(self):
             if f.name != "extra" and not (f.name in SEEKSTACK_ONLY_FIELDS and getattr(self, f.name) == f.default):
                 out[f.name] = getattr(self, f.name)

@@ -381,6 +381,22 @@ def test_transformers_loads_our_checkpoint_with_the_same_logits(tmp_path, overri
     assert max_diff(got, expected) < ATOL
 
 
+def test_a_release_saved_again_loads_in_transformers_with_trust_remote_code(tmp_path):
+    """DeepSeek's releases name their remote code in config.json (`auto_map`: configuration_deepseek.py, ...), which
+    seekstack kept on saving, without the code: `from_pretrained(..., trust_remote_code=True)`, as DeepSeek's model
+    cards and `vllm serve --trust-remote-code` load, failed with OSError "does not appear to have a file named
+    configuration_deepseek.py". Saved again, the model loads in transformers' own class with the same logits."""
+    from tests.interop.release import deepseek_v3_release
+
+    ours = seekstack.load_pretrained(deepseek_v3_release(tmp_path / "release"), dtype=torch.float32).eval()
+    seekstack.save_pretrained(ours, tmp_path / "saved")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", trust_remote_code=True, dtype=torch.float32)
+    input_ids = torch.randint(0, ours.config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = ours(input_ids).logits, reference.eval()(input_ids).logits
+    assert type(reference) is DeepseekV3ForCausalLM and max_diff(got, expected) < ATOL
+
+
 @pytest.mark.parametrize("overrides", [OUR_CASES["v3-one-mtp"], OUR_CASES["v2-greedy"]], ids=["v3", "v2"])
 def test_transformers_loads_our_stacked_experts_layout_with_the_same_logits(tmp_path, overrides):
     config = ModelConfig.from_dict({"model_type": "deepseek_v3", **OURS, **copy.deepcopy(overrides)})
