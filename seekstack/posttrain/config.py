@@ -157,6 +157,11 @@ class GRPOConfig(TrainConfig):
         "server, no weight sync; async_rollouts=true samples the next batch beside this one's training)",
         "log_completions": "rl logs no completions; `seekstack traces CHECKPOINT` samples a checkpoint's and writes "
         "the verified ones",
+        # transformers' TrainingArguments names, which TRL's GRPOConfig takes too, as sft names them
+        **{
+            name: ConversationConfig.field_notes[name]
+            for name in ("save_steps", "max_grad_norm", "warmup_ratio", "bf16")
+        },
     }
     # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
     value_notes: ClassVar[dict[str, dict[object, str]]] = {

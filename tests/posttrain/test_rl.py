@@ -270,7 +270,10 @@ def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
      ("delta=1.5", "TRL's delta (INTELLECT-2's two-sided clipping) is not offered"),
      ("reward_funcs=[accuracy, format]", "the reward is the task's (task=: a built-in, your module:Class or a"),
      ("use_vllm=true", "rollouts always run on seekstack's inference engine, built on the model being trained"),
-     ("log_completions=true", "rl logs no completions; `seekstack traces CHECKPOINT` samples a checkpoint's")],
+     ("log_completions=true", "rl logs no completions; `seekstack traces CHECKPOINT` samples a checkpoint's"),
+     ("save_steps=100", "transformers' save_steps (steps between checkpoints) is save_every here"),
+     ("max_grad_norm=1.0", "transformers' max_grad_norm is grad_clip here"),
+     ("warmup_ratio=0.1", "warmup_steps = warmup_ratio x max_steps"), ("bf16=true", "bf16=true is dtype=bfloat16")],
 )  # fmt: skip
 def test_trls_grpo_field_names_are_refused_naming_ours(tmp_path, trl_name, ours):
     """A TRL GRPOConfig name is no field here: the refusal says which field it is (was: 'did you mean' the closest
