@@ -323,6 +323,17 @@ def test_a_ratio_reads_as_its_quotient_as_math_verify_reads_it(tmp_path, answer,
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{30\\,^\\circ}", 30), ("\\boxed{30 \\, ^{\\circ}}", 30), ("\\boxed{30\\ ^\\circ}", 30),
+     ("\\boxed{30 \\quad ^\\circ}", 30), ("\\boxed{30^\\circ}", 30), ("\\boxed{30\\,\\,^\\circ}", None)],
+)  # fmt: skip
+def test_a_latex_space_before_a_degree_sign_is_dropped_with_it_as_math_verify_drops_it(answer, value):
+    """\\boxed{30\\,^\\circ} was no number (scored 0 against 30): the degree sign was dropped, its space kept
+    ("30\\,"), where a space before a \\text{...} unit is dropped with it; math-verify reads 30."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],

@@ -267,13 +267,13 @@ def _number(text: str) -> Reading | None:
 
 def _without_unit(text: str) -> str:
     """`text` less its closing `\\text{...}` (TEXT_UNIT) and the LaTeX space before it (`12\\,\\text{cm}`), and its
-    degree sign (DEGREES), as math-verify drops a unit; the words inside `\\text{...}` when they are all there is
-    (`\\text{57}` is 57)."""
+    degree sign (DEGREES) and the LaTeX space before it (`30\\,^\\circ`), as math-verify drops a unit; the words
+    inside `\\text{...}` when they are all there is (`\\text{57}` is 57)."""
     unit = TEXT_UNIT.search(text)
     if unit is not None:
         text = _less_latex_space(text[: unit.start()]).strip() or unit["words"].strip()
     degrees = DEGREES.search(text)
-    return text[: degrees.start()].strip() if degrees else text
+    return _less_latex_space(text[: degrees.start()]) if degrees else text
 
 
 def _less_latex_space(text: str) -> str:
