@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -439,6 +440,22 @@ def test_transformers_loads_our_checkpoint_without_shared_or_routed_experts_with
     assert max_diff(got, expected) < ATOL
     with torch.no_grad():
         assert max_diff(seekstack.load_pretrained(tmp_path)(input_ids).logits, expected) == 0
+
+
+def test_a_transformers_checkpoint_of_no_shared_expert_loads_with_no_key_left_unused(tmp_path):
+    """transformers builds `n_shared_experts: 0` as a shared FFN of width 0 and saves its empty weights; loading warned
+    "3 checkpoint keys were not used, e.g. ['model.layers.1.mlp.shared_experts.down_proj.weight', ...]", as of a
+    damaged checkpoint, for tensors holding nothing."""
+    config = DeepseekV3Config(**{**TINY, "q_lora_rank": 16, "n_group": 2, "topk_group": 1, "n_shared_experts": 0})
+    reference = DeepseekV3ForCausalLM(config).eval()
+    randomise(reference, seed=4)
+    reference.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = seekstack.load_pretrained(tmp_path)
+    input_ids = torch.randint(0, TINY["vocab_size"], (2, SEQ_LEN), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert max_diff(ours(input_ids).logits, reference(input_ids).logits) < ATOL
 
 
 def test_transformers_reports_every_mtp_layer_key_and_nothing_else(tmp_path):

@@ -104,10 +104,13 @@ def load_pretrained(
             else:
                 for view, piece in zip(views, pieces(), strict=True):
                     view.copy_(piece)
+        unused = sorted(
+            k
+            for k in reader.key_to_file
+            if k not in reader.used and not MTP_COPIES.match(k) and not k.startswith(left_out)
+            if _holds_values(reader, k)  # read from its header, while the files are open
+        )
     model.reset_rope()
-    unused = sorted(
-        k for k in reader.key_to_file if k not in reader.used and not MTP_COPIES.match(k) and not k.startswith(left_out)
-    )
     _refuse_miscounted_layers(unused, reader, config_path, config.num_hidden_layers)
     if unused:
         warnings.warn(f"{directory}: {len(unused)} checkpoint keys were not used, e.g. {unused[:3]}", stacklevel=2)
@@ -186,6 +189,12 @@ def model_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:
             "checkpoint's dtype)"
         )
     return getattr(torch, dtype)
+
+
+def _holds_values(reader: CheckpointReader, key: str) -> bool:
+    """Whether checkpoint `key` stores any value (from its header): transformers builds and saves a shared expert of
+    width 0 where `n_shared_experts` is 0, tensors with nothing in them for a model without one to use."""
+    return 0 not in reader.stored_shape(key)
 
 
 def _refuse_miscounted_layers(unused: list[str], reader: CheckpointReader, config_path: Path, layers: int) -> None:
