@@ -334,6 +334,17 @@ def test_a_latex_space_before_a_degree_sign_is_dropped_with_it_as_math_verify_dr
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{-(42)}", -42), ("\\boxed{- (42)}", -42), ("\\boxed{-\\left(\\frac{1}{2}\\right)}", Fraction(-1, 2)),
+     ("\\boxed{+(42)}", 42), ("\\boxed{(-42)}", -42), ("\\boxed{(42)}", 42), ("\\boxed{(42)(1)}", None)],
+)  # fmt: skip
+def test_a_sign_before_a_parenthesized_number_signs_it_as_math_verify_reads_it(answer, value):
+    """\\boxed{-(42)} was no number (scored 0 against -42): parentheses were dropped only around the answer whole;
+    math-verify reads -42."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],

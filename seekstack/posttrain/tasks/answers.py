@@ -90,6 +90,9 @@ FRACTION = (
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
 DOLLAR = r"(?:\\?\$(?:\s|\\[ ,;:!])*)?"  # a dollar sign before the number or its sign, spaced maybe ("$5", "-\$ 5")
 RATIO = "[/:]"  # "3/2", and a ratio "3:2" as math-verify reads it: 3/2 ("10:30" is 1/3, not a time)
+# A number in parentheses, a sign before them maybe ("(42)", "-(42)", "-\left(\frac{1}{2}\right)"), as math-verify
+# reads it; not two signs ("-(-42)")
+PARENTHESIZED = re.compile(r"(?P<sign>[+\-\u2212]?)\s*\((?P<number>[^()]*)\)")
 # NUMBER's groups of a sign ("-\frac{1}{-2}", "1/-2"): a minus in an odd number of them makes the number negative
 SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
 NUMBER = re.compile(
@@ -169,8 +172,8 @@ def read_number(answer: str) -> Fraction | None:
     space, a decimal part, `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\cfrac`, `\\frac12`), a mixed number
     (`1\\frac{1}{2}` is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = ` (`\\theta = `, `f(2) = `), `$` or `\\$`
     before, `%` or `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after
-    (dropped), `\\left(...\\right)` or `(...)`. A number with more digits than `int` reads (sys.get_int_max_str_digits)
-    or a zero denominator is a wrong answer, not an error."""
+    (dropped), `\\left(...\\right)` or `(...)`, a sign before them maybe (`-(42)`). A number with more digits than
+    `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
@@ -194,7 +197,8 @@ def read_answer(answer: str) -> Reading | None:
     text = _answer_text(answer)
     if text is None or _items(text):
         return None
-    return _number(text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text)
+    enclosed = PARENTHESIZED.fullmatch(text)
+    return _number(enclosed["sign"] + enclosed["number"].strip() if enclosed else text)
 
 
 class Items(NamedTuple):
