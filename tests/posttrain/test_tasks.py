@@ -345,6 +345,20 @@ def test_a_sign_before_a_parenthesized_number_signs_it_as_math_verify_reads_it(a
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{-(-5)}", 5), ("\\boxed{-(- 5)}", 5), ("\\boxed{-\\left(-5\\right)}", 5), ("\\boxed{-(-(5))}", 5),
+     ("\\boxed{((5))}", 5), ("\\boxed{-((5))}", -5), ("\\boxed{(-(-5))}", 5), ("\\boxed{-(+5)}", -5),
+     ("\\boxed{+(-5)}", -5), ("\\boxed{-(-\\frac{1}{2})}", Fraction(1, 2)), ("\\boxed{-(-5\\%)}", 5),
+     ("\\boxed{-(1\\,\\frac{1}{2})}", Fraction(-3, 2)), ("\\boxed{((5)}", None), ("\\boxed{(5))}", None),
+     ("\\boxed{-(5)(1)}", None), ("\\boxed{-(1,234)}", None), ("\\boxed{((1,234))}", None)],
+)  # fmt: skip
+def test_signs_before_nested_parentheses_each_negate_as_math_verify_reads_them(answer, value):
+    """\\boxed{-(-5)} was no number (scored 0 against 5): one sign before one pair of parentheses was read alone;
+    math-verify reads 5. In parentheses a comma separates numbers, as "(1,234)" is a pair: "-(1,234)" read -1234."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -555,6 +569,8 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "x \\approx " * 7_000 + "y",
         "(" + "1," * 35_000 + "1)",  # a tuple of more than MAX_ITEMS numbers is no answer
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",
+        "-(" * 35_000 + "x",
+        "(" * 35_000 + "x" + ")" * 35_000,
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):

@@ -90,9 +90,12 @@ FRACTION = (
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
 DOLLAR = r"(?:\\?\$(?:\s|\\[ ,;:!])*)?"  # a dollar sign before the number or its sign, spaced maybe ("$5", "-\$ 5")
 RATIO = "[/:]"  # "3/2", and a ratio "3:2" as math-verify reads it: 3/2 ("10:30" is 1/3, not a time)
-# A number in parentheses, a sign before them maybe ("(42)", "-(42)", "-\left(\frac{1}{2}\right)"), as math-verify
-# reads it; not two signs ("-(-42)")
-PARENTHESIZED = re.compile(r"(?P<sign>[+\-\u2212]?)\s*\((?P<number>[^()]*)\)")
+# Parentheses around a number, nested maybe, a sign before each pair maybe ("(42)", "-(42)", "-(-42)", "-(-(42))",
+# "-\left(\frac{1}{2}\right)"), as math-verify reads them: the opening ones with their signs, and (matched on the
+# answer reversed, so in linear time) the closing ones
+OPENING_PARENTHESES = re.compile(r"(?:[+\-\u2212]?\s*+\(\s*+)*+")
+CLOSING_PARENTHESES = re.compile(r"\s*+(?:\)\s*+)*+")
+COMMA = re.compile(r"(?<!\\),")  # not LaTeX's thin space "\,"
 # NUMBER's groups of a sign ("-\frac{1}{-2}", "1/-2"): a minus in an odd number of them makes the number negative
 SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
 NUMBER = re.compile(
@@ -172,8 +175,9 @@ def read_number(answer: str) -> Fraction | None:
     space, a decimal part, `a/b` and `\\frac{a}{b}` (`\\dfrac`, `\\tfrac`, `\\cfrac`, `\\frac12`), a mixed number
     (`1\\frac{1}{2}` is 3/2), `a \\times 10^{n}` (`\\cdot`); around it `x = ` (`\\theta = `, `f(2) = `), `$` or `\\$`
     before, `%` or `\\%` after (dropped: "5%" is 5; `reads_as` tries 0.05 too), a `\\text{...}` unit or `^\\circ` after
-    (dropped), `\\left(...\\right)` or `(...)`, a sign before them maybe (`-(42)`). A number with more digits than
-    `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong answer, not an error."""
+    (dropped), `\\left(...\\right)` or `(...)`, nested maybe, a sign before each pair maybe (`-(-42)` is 42; no comma
+    inside). A number with more digits than `int` reads (sys.get_int_max_str_digits) or a zero denominator is a wrong
+    answer, not an error."""
     reading = read_answer(answer)
     return reading.value if reading else None
 
@@ -197,8 +201,30 @@ def read_answer(answer: str) -> Reading | None:
     text = _answer_text(answer)
     if text is None or _items(text):
         return None
-    enclosed = PARENTHESIZED.fullmatch(text)
-    return _number(enclosed["sign"] + enclosed["number"].strip() if enclosed else text)
+    unparenthesized = _unparenthesized(text)
+    if unparenthesized is None:
+        return None
+    negative, inside = unparenthesized
+    reading = _number(inside)
+    return reading._replace(value=-reading.value) if reading and negative else reading
+
+
+def _unparenthesized(text: str) -> tuple[bool, str] | None:
+    """`text` less the parentheses around it whole and the signs before them (`-(-(42))`: `42`), with whether those
+    signs negate it (an odd number of minus signs); `text` whole where as many parentheses do not close as open. None
+    for a comma in parentheses (`{,}` too), which separates numbers there as in `(1,234)`, a pair: math-verify reads
+    `-(1,234)` and `((1,234))` as no number alike."""
+    opening = OPENING_PARENTHESES.match(text)
+    closing = CLOSING_PARENTHESES.match(text[::-1])
+    assert opening is not None and closing is not None  # both match the empty string
+    depth = opening.group().count("(")
+    if depth != closing.group().count(")"):
+        return False, text
+    inside = text[opening.end() : len(text) - closing.end()].strip()
+    if depth and COMMA.search(inside):
+        return None
+    negative = (opening.group().count("-") + opening.group().count("\u2212")) % 2 == 1
+    return negative, inside
 
 
 class Items(NamedTuple):
