@@ -102,11 +102,11 @@ class ChatSession:
 
     def _fitting_prompt(self) -> list[int]:
         """The prompt of the history with the oldest turns dropped until the reply has room for max_new_tokens (for
-        at most half the context: a longer reply leaves the history the other half), so that an old turn goes before
-        a reply is cut short, and told to `notify`; the history stays whole when even the new message alone does not
-        fit (its error asks for a shorter one)."""
+        at most half the context: a longer reply, or one to the context's end, max_new_tokens None, leaves the history
+        the other half), so that an old turn goes before a reply is cut short, and told to `notify`; the history stays
+        whole when even the new message alone does not fit (its error asks for a shorter one)."""
         context_len = self.engine.context_len
-        reply_room = min(self.params.max_new_tokens, context_len // 2)
+        reply_room = min(self.params.max_new_tokens or context_len, context_len // 2)
         turns = self.turns
         prompt = self.engine.tokenizer.encode_chat(self.messages(turns))
         while len(prompt) + reply_room > context_len and len(turns) > 1:

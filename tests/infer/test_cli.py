@@ -999,3 +999,20 @@ def test_generate_reports_a_request_the_engine_failed_and_exits_non_zero(checkpo
         assert record["finish_reason"] == "error" and "sampler broke" in record["error"]["message"]
     else:
         assert "generation stopped" in result.stderr and "sampler broke" in result.stderr
+
+
+def test_chat_with_vllms_max_tokens_none_replies_to_the_contexts_end_keeping_half_of_it_for_the_history(checkpoint):
+    """SamplingParams(max_tokens=None), vLLM's reply up to the context's end, raised TypeError in ChatSession (min of
+    None and an int); the reply now runs to the context's end, and an old turn goes to leave it half the context."""
+    engine = Engine.from_pretrained(checkpoint, max_model_len=48)
+    notices: list[str] = []
+    params = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
+    session = ChatSession(engine, params, notify=notices.append)
+    reply = "".join(session.reply("one"))
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "one"}])
+    to_the_end = dataclasses.replace(params, max_new_tokens=48 - len(prompt))
+    assert reply == engine.generate([prompt], ending_at_special_tokens(to_the_end, engine.tokenizer))[0].text
+    session.turns[-1]["content"] = "two three four five six seven"  # the next prompt leaves the reply less than 24
+    "".join(session.reply("eight"))
+    told = "the oldest 1 exchange(s) left the history, to fit the context of 48 tokens with 24 for the reply"
+    assert notices == [told] and session.turns[0] == {"role": "user", "content": "eight"}
