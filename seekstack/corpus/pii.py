@@ -18,7 +18,8 @@ Private, loopback, link-local and unspecified IPs (`127.0.0.1`, `10.0.0.1`, `::1
 kept, as in the StarCoder PII pipeline, and so are carrier-grade NAT (`100.64.0.1`), documentation (`192.0.2.1`) and
 multicast (`224.0.0.251`, `ff02::1:3`) addresses, and networks in CIDR notation (`93.184.216.0/24`); an address with its
 network's prefix length (`inet 93.184.216.34/24`, `/32`) or before a URL's path (`http://93.184.216.34/2024/x`) is
-a host's. A version such as `3.11.7` has three parts and is never an IPv4
+a host's, and an address of zero-padded octets (`093.184.216.034`) is judged as it reads without the zeros. A version
+such as `3.11.7` has three parts and is never an IPv4
 address; a four-part one such as `2.7.2.2` (both leading parts one digit) or after a word naming a version (`,v
 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`), slices such as `a[1::2]` or `buf[256::]` and matrix products
 such as `w@x.mean()` are kept too.
@@ -162,7 +163,9 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
 # First without the scripts written without spaces, whose text writes an address with no space beside it
 # (请联系a@b.cn谢谢: the address is a@b.cn); then of any script (用户@例子.广告), taking the whole unspaced run then.
 _EMAILS = (_email_pattern(UNSPACED_SCRIPT_RANGES), _email_pattern(""))
-_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+# An octet may be zero-padded, as fixed-width tables and logs write it (`093.184.216.034`): a reader reads the address
+# without the zeros, and so it is judged (`_address`).
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d|0\d{1,2})"
 # An address stands apart from the word characters around it (`v1.2.3.4`, `1.2.3.4a`, `fe80::1x` are none), but not
 # from those of the scripts written without spaces, whose text writes it against the next word (`服务器IP为<IP>，`).
 _WORD_BESIDE = f"[^\\W{UNSPACED_SCRIPT_RANGES}]"
@@ -232,6 +235,15 @@ def _is_address(match: re.Match[str]) -> bool:
     return not match["unknown_domain"] or match.string[start - 1 : start] == "<"
 
 
+def _address(match: re.Match[str]) -> str:
+    """The IP address of a match, an IPv4 one without its octets' leading zeros (`093.184.216.034` is
+    `93.184.216.34`), which `ipaddress` refuses, as it may read them as octal."""
+    address = match["address"]
+    if ":" in address:
+        return address
+    return ".".join(str(int(octet)) for octet in address.split("."))
+
+
 def _is_public_ip(candidate: str) -> bool:
     """True for a globally reachable unicast address: one host on the public internet."""
     try:
@@ -248,7 +260,7 @@ def _is_host(match: re.Match[str]) -> bool:
     if match["prefix"] is None:
         return True
     try:
-        network = ipaddress.ip_network(f"{match['address']}/{match['prefix']}")
+        network = ipaddress.ip_network(f"{_address(match)}/{match['prefix']}")
     except ValueError:  # host bits set (or no valid length): an address
         return True
     return network.num_addresses == 1
@@ -258,7 +270,7 @@ def _looks_like_ip(match: re.Match[str]) -> bool:
     """Tells addresses from look-alikes: `7.1.4.34` is a version or section number, and so is any four-part number
     after a word naming a version (`,v 1.10.2.3` in an RCS `$Id$` line, `Revision: 1.22.2.3`); `1::2`, `256::` and
     `1000::4` are slices (a public IPv6 address shows at least three groups: `2001:db8::1`)."""
-    candidate = match["address"]
+    candidate = _address(match)
     if _VERSION_BEFORE.search(match.string, max(0, match.start() - VERSION_WORD_CHARS), match.start()):
         return False
     if "." in candidate:
@@ -296,7 +308,7 @@ def scrub_pii(text: str) -> tuple[str, Counter[str]]:
         return EMAIL
 
     def replace_ip(match: re.Match[str]) -> str:
-        if not (_looks_like_ip(match) and _is_public_ip(match["address"]) and _is_host(match)):
+        if not (_looks_like_ip(match) and _is_public_ip(_address(match)) and _is_host(match)):
             return match[0]
         counts["ip"] += 1
         return IP + match[0][len(match["address"]) :]

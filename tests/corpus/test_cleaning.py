@@ -909,6 +909,16 @@ def test_a_public_ip_before_a_url_path_or_a_hosts_prefix_length_is_replaced_and_
     assert scrub_pii(networks) == (networks, {})
 
 
+def test_a_public_ip_with_zero_padded_octets_is_replaced_as_it_reads_without_the_zeros() -> None:
+    """Fixed-width tables and logs pad octets (`093.184.216.034`), which a reader reads as the address; it was kept
+    (`ipaddress` refuses leading zeros). It is judged as written without them: a private or loopback one, a network
+    and one that reads as a version (`01.02.03.04`, as `1.2.3.4`) stay."""
+    text = "client 093.184.216.034 via http://093.184.216.34/x, inet 93.184.216.034/24, dns 016.016.016.016\n"
+    assert scrub_pii(text) == ("client <IP> via http://<IP>/x, inet <IP>/24, dns <IP>\n", {"ip": 4})
+    kept = "lan 192.168.001.001, lo 127.000.000.001, net 093.184.216.000/24, build 01.02.03.04, x 93.184.216.0340\n"
+    assert scrub_pii(kept) == (kept, {})
+
+
 def test_an_address_with_an_invisible_character_inside_is_replaced_whole() -> None:
     """An e-mail or IP address holding a zero-width space, joiner or soft hyphen (HTML's `&shy;`, set by hyphenation or
     against harvesters), which reads as the address, was kept whole or in part ('jo\u200d<EMAIL>'); it is matched
