@@ -93,9 +93,25 @@ TOOLS_FORMAT = (
 )
 
 
+# OpenAI's tool definition, as errors name it
+TOOL_SHAPE = '{"type": "function", "function": {"name": ..., "description": ..., "parameters": ...}}'
+# A function definition's fields, in the order the server reads them (seekstack.serve.schemas.FunctionDefinition)
+FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
+
+
+def listed_tool(tool: dict) -> dict:
+    """An OpenAI tool definition (`{"type": "function", "function": {...}}`, checked by `render_chat`) as the tools'
+    prompt lists it: as the server reads a request's tools and SFT a line's, its function's FUNCTION_FIELDS in their
+    order, null and other keys left out."""
+    function = tool["function"]
+    fields = {field: function[field] for field in FUNCTION_FIELDS if function.get(field) is not None}
+    return {"type": "function", "function": fields}
+
+
 def tools_prompt(tools: list[dict]) -> str:
-    """What the system prompt says of the `tools` offered (OpenAI's `{"type": "function", "function": {...}}`)."""
-    return TOOLS_INTRO + "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools) + TOOLS_FORMAT
+    """What the system prompt says of the `tools` offered (OpenAI's `{"type": "function", "function": {...}}`), each
+    as `listed_tool` lists it."""
+    return TOOLS_INTRO + "\n".join(json.dumps(listed_tool(tool), ensure_ascii=False) for tool in tools) + TOOLS_FORMAT
 
 
 def _jinja(text: str) -> str:
@@ -109,13 +125,15 @@ def _jinja(text: str) -> str:
 # `refusal` where it gives one), a tool call's arguments as a JSON text or an object (as transformers' templates take
 # them, written as JSON); what they refuse raises, naming the message (another role or part, a missing content but an
 # assistant's, text that is no string, tool_calls but an assistant's list of function calls, the legacy
-# function_call), so a transformers user trains on what `seekstack sft` does. An assistant turn before the last user
-# message loses its reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT trains (each
+# function_call), the tools offered listed as `listed_tool` lists them (as the server and SFT read them), so a
+# transformers user trains on what `seekstack sft` does. An assistant turn before the last user message loses its
+# reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT trains (each
 # answer, its tool calls and its EOS, not an assistant turn of weight 0) for `return_assistant_tokens_mask` (TRL's
 # assistant_only_loss); they render nothing of their own.
 GENERATION_PROMPT = "{{- '<｜Assistant｜>' -}}"  # CHAT_TEMPLATE's; a release's reply opening follows it
 CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1, after_tool=false, calls=[], texts=[]) -%}"
+    "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1, after_tool=false, calls=[], texts=[], tools=[],"
+    " fields=[]) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -195,8 +213,21 @@ CHAT_TEMPLATE = (
     "{%- set ns.after_tool = message['role'] == 'tool' -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if tools -%}"
-    "{%- set ns.system_prompts = ns.system_prompts + [" + _jinja(TOOLS_INTRO) + " ~ tools | map('tojson') | join('\\n')"
+    "{%- for tool in tools or [] -%}"
+    "{%- if tool is not mapping or tool['type'] != 'function' or tool['function'] is not mapping"
+    " or tool['function']['name'] is not string -%}"
+    "{{- raise_exception('tools[' ~ loop.index0 ~ '] must be " + TOOL_SHAPE + "') -}}"
+    "{%- endif -%}"
+    "{%- set ns.fields = [] -%}"
+    "{%- for field in " + repr(FUNCTION_FIELDS) + " -%}"
+    "{%- if tool['function'][field] is defined and tool['function'][field] is not none -%}"
+    "{%- set ns.fields = ns.fields + [(field, tool['function'][field])] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set ns.tools = ns.tools + [{'type': 'function', 'function': dict(ns.fields)} | tojson] -%}"
+    "{%- endfor -%}"
+    "{%- if ns.tools -%}"
+    "{%- set ns.system_prompts = ns.system_prompts + [" + _jinja(TOOLS_INTRO) + " ~ ns.tools | join('\\n')"
     " ~ " + _jinja(TOOLS_FORMAT) + "] -%}"
     "{%- endif -%}"
     "{{- bos_token + ns.system_prompts | join('\\n\\n') -}}"
@@ -495,6 +526,14 @@ class Tokenizer:
                 f"tools must be a list of OpenAI tool definitions (dicts), got {type(tools).__name__} {tools!r:.80}"
                 + (": parse the JSON text first (json.loads)" if isinstance(tools, str) else "")
             )
+        for index, tool in enumerate(tools or []):
+            function = tool.get("function")
+            if (
+                tool.get("type") != "function"
+                or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str)
+            ):
+                raise ValueError(f"tools[{index}] must be {TOOL_SHAPE}, OpenAI's tool definition, got {tool!r:.80}")
         uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
         if uses_tools and not (self.has_role_tokens and self.has_tool_tokens):
             raise ValueError(
@@ -502,7 +541,9 @@ class Tokenizer:
                 "cannot offer tools or hold tool calls and results: train the tokenizer again with this seekstack "
                 "(its tokenizers have them), or leave the tools out"
             )
-        forged = self.special_token_in(json.dumps(tools, ensure_ascii=False)) if tools else None
+        forged = (
+            self.special_token_in(json.dumps([listed_tool(t) for t in tools], ensure_ascii=False)) if tools else None
+        )
         if forged:
             raise ValueError(f"the tools offered contain the special token {forged!r}")
         return messages

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from jinja2 import TemplateError
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models
 
+from seekstack.posttrain.conversations import offered
 from seekstack.tokenizer import (
     BOS,
     SPECIAL_TOKENS,
@@ -108,6 +110,24 @@ def test_jinja_chat_template_renders_tools_and_tool_turns_as_render_chat(trained
     assert tokenizer.render_chat(as_objects, tools=[WEATHER]) == expected
 
 
+def test_tools_written_in_another_key_order_or_with_nulls_list_as_sft_trains_and_serve_sends_them(trained):
+    """transformers' apply_chat_template listed a tool as given ({"function": {"parameters", "name", "description":
+    null, ...}, "type"}), where seekstack sft and serve list it as the server reads it: both now list it so."""
+    tokenizer, auto = trained
+    given = {
+        "function": {**dict(reversed(WEATHER["function"].items())), "description": None, "x": 1},
+        "type": "function",
+    }
+    chat = [{"role": "user", "content": "Weather in Paris?"}]
+    listed = {"type": "function", "function": {"name": "weather", "parameters": WEATHER["function"]["parameters"]}}
+    assert "\n" + json.dumps(listed) + "\n" in tokenizer.render_chat(chat, tools=offered([given]))
+    trained_on = tokenizer.encode_chat(chat, tools=offered([given]))
+    assert auto.apply_chat_template(chat, tools=[given], add_generation_prompt=True)["input_ids"] == trained_on
+    assert tokenizer.encode_chat(chat, tools=[given]) == trained_on
+    with pytest.raises(TemplateError, match=r"^tools\[1\] must be {\"type\": \"function\""):
+        auto.apply_chat_template(chat, tools=[WEATHER, {"type": "function", "function": "weather"}], tokenize=False)
+
+
 def test_trained_tokenizer_has_deepseek_tool_tokens_as_single_special_ids(trained):
     tokenizer, _ = trained
     assert [tokenizer.backend.token_to_id(t) for t in (*SPECIAL_TOKENS, *TOOL_TOKENS)] == list(range(14))
@@ -133,6 +153,8 @@ def test_trained_tokenizer_has_deepseek_tool_tokens_as_single_special_ids(traine
         ([{"role": "user", "content": "hi"}], '[{"type": "function", "function": {"name": "f"}}]',
          r"tools must be a list of OpenAI tool definitions \(dicts\), got str '\[.*: parse the JSON text first"),
         ([{"role": "user", "content": "hi"}], {"type": "function", "function": {"name": "f"}}, "got dict"),
+        ([{"role": "user", "content": "hi"}], [{"type": "function", "function": "f"}],
+         r"^tools\[0\] must be {\"type\": \"function\", \"function\": {\"name\": \.\.\..*got {'type'"),
     ],
 )  # fmt: skip
 def test_forged_tool_tokens_and_malformed_calls_are_refused_naming_the_message(trained, messages, tools, error):
