@@ -144,13 +144,17 @@ def data_quality_train(
     import itertools
     from collections import Counter
 
+    from seekstack.corpus.pii import scrub_pii
     from seekstack.corpus.quality import train_quality_model
+    from seekstack.corpus.rules import normalise
     from seekstack.corpus.sources import TextFolder, expanded_inputs, open_source
 
     def texts(specs: list[str], option: str) -> list[str]:
+        """The documents of `specs` as `data build` writes the rows that `data select` scores: normalised (HTML
+        references decoded, line ends, NFC) and PII scrubbed, so that the model learns the n-grams it will score."""
         sources = [open_source(spec, field) for spec in expanded_inputs(specs)]
         documents = itertools.chain.from_iterable(sources)
-        read = [doc.text for doc in itertools.islice(documents, max_documents)]
+        read = [scrub_pii(normalise(doc.text))[0] for doc in itertools.islice(documents, max_documents)]
         if not read:
             skipped = sum((source.skipped for source in sources if isinstance(source, TextFolder)), Counter())
             unread = ", ".join(f"{suffix} {count:,}" for suffix, count in skipped.items())

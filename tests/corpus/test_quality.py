@@ -273,3 +273,22 @@ def test_cli_trains_and_selects(tmp_path: Path) -> None:
     args = ["data", "select", "--corpus", str(corpus), "--model", str(model_path), "--out", str(tmp_path / "sel")]
     selected = CliRunner().invoke(app, [*args, "--top-fraction", "0.5"])
     assert selected.exit_code == 0 and "selected 5 of 10 training documents" in selected.output
+
+
+def test_cli_quality_train_reads_its_texts_as_data_build_writes_the_rows_select_scores(tmp_path: Path) -> None:
+    """quality-train read its texts raw, while `data select` scores `data build`'s rows, normalised and PII scrubbed:
+    a reference scraped with `&amp;`, CRLF, a decomposed accent and an address taught n-grams no scored row holds. Two
+    references that `data build` writes the same now train the same model."""
+    raw = "Fish &amp; Chips at the cafe\u0301, \u00a35 a plate.\r\nWrite to bob@example.com for a table.\r\n"
+    built = "Fish & Chips at the caf\u00e9, \u00a35 a plate.\nWrite to <EMAIL> for a table.\n"
+    for name, text in (("raw", raw), ("built", built), ("pool", "chips chips chips and more chips\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.txt").write_bytes(text.encode("utf-8"))
+    models = []
+    for reference in ("raw", "built"):
+        out = tmp_path / f"{reference}.npz"
+        args = ["--reference", str(tmp_path / reference), "--pool", str(tmp_path / "pool"), "--out", str(out)]
+        assert CliRunner().invoke(app, ["data", "quality-train", *args]).exit_code == 0
+        models.append(QualityModel.load(out))
+    assert np.array_equal(models[0].weights, models[1].weights) and models[0].bias == models[1].bias
+    assert models[0].score(built) == models[1].score(built) > 0.5
