@@ -6,8 +6,9 @@ to the next `--`), passwords in URLs (`postgres://user:s3cr3t@host` keeps `user`
 of known services by their prefixes (OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`), JWTs
 (`eyJ...`, three base64url parts), and long random values assigned to a name like api_key, secret, token or password.
 Not replaced: phone numbers, payment card and bank account numbers, national id numbers, street addresses and people's
-names (no pattern tells them from other numbers and words without false positives), and secrets of no known form
-assigned to no such name.
+names (no pattern tells them from other numbers and words without false positives), secrets of no known form
+assigned to no such name, and e-mail addresses spelled out against harvesters (`bob (at) example (dot) com`, `bob at
+example dot com`: datatrove's PIIFormatter, which needs an `@`, keeps them too).
 
 Addresses are found through their ASCII forms: one typed in fullwidth characters (`９３．１８４．２１６．３４`) or in
 another script's digits (`٩٣.١٨٤.٢١٦.٣٤`) is replaced as its ASCII form would be, and one holding an invisible

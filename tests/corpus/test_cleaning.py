@@ -936,6 +936,14 @@ def test_an_address_with_an_invisible_character_inside_is_replaced_whole() -> No
     assert scrub_pii(kept) == (kept, {})
 
 
+def test_an_address_spelled_out_against_harvesters_is_kept_as_readme_says() -> None:
+    """README lists them among what is not replaced (datatrove's PIIFormatter needs an `@` too); one hidden as an
+    HTML reference is decoded by normalise, then replaced."""
+    text = "mail bob (at) example (dot) com, bob [at] example.com or bob at example dot com\n"
+    assert scrub_pii(normalise(text)) == (text, {})
+    assert scrub_pii(normalise("mail bob&#64;example.com\n")) == ("mail <EMAIL>\n", {"email": 1})
+
+
 def test_a_mailbox_at_an_address_literal_is_replaced_whole() -> None:
     """RFC 5321's `user@[93.184.216.34]`: its IP alone was replaced, `john.smith@[<IP>]` keeping the name; datatrove's
     PIIFormatter replaces the address whole, as here. A URL's user at an address literal keeps its user."""
