@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
-from annotated_types import Interval
+from annotated_types import Ge, Interval
 
 from seekstack.config import ConfigError, ModelConfig
 from seekstack.posttrain.tasks import check_task
@@ -165,7 +165,6 @@ class GRPOConfig(TrainConfig):
     }
     # refused values that other tools take, with what to give here (schema.check adds the note to the refusal)
     value_notes: ClassVar[dict[str, dict[object, str]]] = {
-        "top_k": {-1: "-1, vLLM's and verl's top_k off (verl's rollout default), is top_k=0 here"},
         "scale_rewards": {
             True: "TRL's scale_rewards=true (its std within each group) is scale_rewards=group",
             False: "TRL's scale_rewards=false (no std) is scale_rewards=none",
@@ -203,10 +202,11 @@ class GRPOConfig(TrainConfig):
     max_completion_length: Positive = 64
     temperature: PositiveFloat = 1.0
     # Rollouts sample among the likeliest tokens whose probability reaches top_p (1 = all), among the top_k likeliest
-    # (0 = all) and among those at least min_p times the likeliest's probability (0 = all), as TRL's (and verl's);
-    # the loss's log-probabilities are of the whole distribution at the temperature, as theirs are.
+    # (0 = all; -1 too, vLLM's off and verl's rollout default, as the engine's SamplingParams takes it) and among
+    # those at least min_p times the likeliest's probability (0 = all), as TRL's (and verl's); the loss's
+    # log-probabilities are of the whole distribution at the temperature, as theirs are.
     top_p: Annotated[float, Interval(gt=0, le=1)] = 1.0
-    top_k: NonNegative = 0
+    top_k: Annotated[int, Ge(-1)] = 0
     min_p: Fraction = 0.0
     num_iterations: Positive = 1  # policy updates (optimizer steps) per generation batch (mu)
     epsilon: Fraction = 0.2  # clip range below 1 of the importance ratio

@@ -237,14 +237,23 @@ def test_a_kl_weight_without_a_starting_checkpoint_is_refused_naming_beta_before
     assert resolve_train_config(None, [f"tokenizer={tokenizer}", "beta=0"], cls=GRPOConfig).beta == 0
 
 
-def test_top_k_minus_one_is_refused_naming_zero_which_is_vllms_and_verls_off():
-    """verl's rollout default top_k=-1 (vLLM's off) was refused as "greater than or equal to 0" alone."""
-    reason = "input should be greater than or equal to 0"
-    note = "-1, vLLM's and verl's top_k off .* is top_k=0 here"
-    with pytest.raises(ConfigError, match=f"has value -1: {reason}; {note}"):
-        resolve_train_config(None, ["top_k=-1"], cls=GRPOConfig)
-    with pytest.raises(ConfigError, match=f"has value -2: {reason}$"):
+def test_top_k_minus_one_is_vllms_and_verls_off_sampling_as_zero(tmp_path, monkeypatch):
+    """verl's rollout default top_k=-1 (vLLM's off, which the engine's SamplingParams takes) was refused, 7005743
+    naming 0 in the refusal: it is taken, and the run's rollouts are those of top_k=0, every token in reach (at
+    temperature 1 the micro model's 8 completions all differ); -2 is refused."""
+    with pytest.raises(ConfigError, match="has value -2: input should be greater than or equal to -1$"):
         resolve_train_config(None, ["top_k=-2"], cls=GRPOConfig)
+    model_dir = micro_checkpoint(tmp_path / "model")
+    rollouts = keep_rollouts(monkeypatch)
+    settings = [f"init_from={model_dir}", *RUN, "task=addition", "difficulty=1", "max_steps=1"]
+    for top_k in (-1, 0):
+        config = resolve_train_config(
+            None, [*settings, f"top_k={top_k}", f"out_dir={tmp_path / str(top_k)}"], cls=GRPOConfig
+        )
+        assert config.top_k == top_k
+        run_rl(config)
+    assert torch.equal(rollouts[0].input_ids, rollouts[1].input_ids)
+    assert sum(len(set(map(tuple, group.tolist()))) for group in rollouts[0].input_ids.view(2, 4, -1)) == 8
 
 
 def test_trls_bnpo_loss_is_refused_naming_dapo_which_computes_it_here():
