@@ -3,8 +3,9 @@
 Secrets: private-key blocks (`-----BEGIN ... PRIVATE KEY-----` with a base64 body, to their END line or, cut short,
 to the next `--`), passwords in URLs (`postgres://user:s3cr3t@host` keeps `user`; template placeholders such as
 `{password}`, `${DB_PASS}` or `%s`, and the words documentation puts there, `user:pass@host`, are kept), the tokens
-of known services by their prefixes (OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`), JWTs
-(`eyJ...`, three base64url parts), and long random values assigned to a name like api_key, secret, token or password.
+of known services by their prefixes (OpenAI, AWS, GitHub, Slack, Google, Stripe `sk_live_`/`rk_test_`, Hugging Face
+`hf_`, GitLab `glpat-`, PyPI `pypi-`, npm `npm_`), JWTs (`eyJ...`, three base64url parts), and long random values
+assigned to a name like api_key, secret, token or password.
 Not replaced: phone numbers, payment card and bank account numbers, national id numbers, street addresses and people's
 names (no pattern tells them from other numbers and words without false positives), secrets of no known form
 assigned to no such name, and e-mail addresses spelled out against harvesters (`bob (at) example (dot) com`, `bob at
@@ -187,7 +188,11 @@ _KNOWN_TOKENS = re.compile(
     r"|gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,}"  # GitHub
     r"|xox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
     r"|AIza[0-9A-Za-z_-]{35}"  # Google
-    r"|[rs]k_(?:live|test)_[A-Za-z0-9]{16,})"  # Stripe
+    r"|[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"  # Stripe
+    r"|hf_[A-Za-z]{34}\b"  # Hugging Face access token
+    r"|glpat-[A-Za-z0-9_-]{20,}"  # GitLab personal access token
+    r"|pypi-AgEIcHlwaS5vcmc[A-Za-z0-9_-]{50,}"  # PyPI API token: a macaroon whose base64 opens with "pypi.org"
+    r"|npm_[A-Za-z0-9]{36}\b)"  # npm access token
     r"|(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"  # JWT: header.payload.signature
 )
 # Base64 lines (newlines also escaped, `\n` in a string literal) and headers (`Proc-Type: 4,ENCRYPTED`) to the END

@@ -775,6 +775,25 @@ def test_private_keys_url_passwords_stripe_keys_and_jwts_are_replaced() -> None:
     )
 
 
+def test_hugging_face_gitlab_pypi_and_npm_tokens_are_replaced_by_their_prefixes() -> None:
+    """The tokens of the hubs and registries a corpus of code and notebooks holds were kept where no secret-like name
+    was assigned them (`os.environ["HF_TOKEN"] = ...`, a command's argument); an identifier of theirs is kept."""
+    text = (
+        'os.environ["HF_TOKEN"] = "hf_aBcDeFgHiJkLmNoPqRsTuVwXyZaBcDeFgH"\n'
+        "huggingface-cli login --token hf_aBcDeFgHiJkLmNoPqRsTuVwXyZaBcDeFgH\n"
+        "git clone https://oauth2:glpat-aB3dE5gH7jK9mN1pQ3sT@gitlab.com/x/y.git\n"
+        "twine upload -p pypi-AgEIcHlwaS5vcmcCJGE0ZjY3ZjY1LTY1ZjYtNDY1Ny05ZjY1LWY2NTY1ZjY1ZjY1ZgACKlszLCJmNjU dist/*\n"
+        "NPM = npm_aB3dE5gH7jK9mN1pQ3sT5vW7yZ9aB3dE5gH7\n"
+        "path = hf_hub_download(repo_id, filename)\n"
+    )
+    assert scrub_pii(text) == (
+        'os.environ["HF_TOKEN"] = "<SECRET>"\nhuggingface-cli login --token <SECRET>\n'
+        "git clone https://oauth2:<SECRET>@gitlab.com/x/y.git\ntwine upload -p <SECRET> dist/*\nNPM = <SECRET>\n"
+        "path = hf_hub_download(repo_id, filename)\n",
+        {"secret": 5},
+    )
+
+
 @pytest.mark.parametrize(
     "text",
     [
