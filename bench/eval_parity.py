@@ -78,7 +78,7 @@ def main() -> None:
     for task, metrics in sorted(reports["seekstack"]["results"].items()):
         for metric, value in metrics.items():
             if not metric.endswith("_stderr"):
-                theirs, n = reports["hf"]["results"][task][metric], reports["seekstack"]["samples"][task]
+                theirs, n = reports["hf"]["results"][task][metric], reports["seekstack"]["n-samples"][task]["effective"]
                 print(f"| {task} | {metric} | {_number(value)} | {_number(theirs)} | {n} |")
     print(
         f"\nwall time of the whole evaluation: seekstack {reports['seekstack']['wall_s']:.1f} s, "

@@ -28,8 +28,9 @@ from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
 EVAL_DTYPES = ("float32", "bfloat16", "float16", "auto")  # as both backends read them; auto: config.json's
-# what lm_eval's results JSON records of each task beside its results, kept as it names them
-LM_EVAL_TASK_RECORDS = ("versions", "n-shot", "higher_is_better")
+# what lm_eval's results JSON records of each task beside its results, kept as it names them: "n-samples" holds each
+# task's documents, {"original": all, "effective": those scored (--limit)}; lm_eval's "samples" are logged samples
+LM_EVAL_TASK_RECORDS = ("versions", "n-shot", "higher_is_better", "n-samples")
 LM_EVAL_SEEDS = "0,1234,1234,1234"  # lm_eval's --seed default: Python's, numpy's, torch's and the few-shot sampler's
 
 
@@ -59,9 +60,10 @@ def evaluate(
     model's weights in `dtype` (`EVAL_DTYPES`; auto: the one its config.json states, as transformers reads it); the
     reason_* tasks' problems at `difficulty` (None: each task's own, as `pass-at-k --difficulty` takes it); `seed` as
     lm_eval's --seed (`lm_eval_seeds`); return {"model", "backend",
-    "wall_s", "results": {task: {metric: value}}, lm_eval's "versions", "n-shot" and "higher_is_better" of each task
-    (the examples each ran with, its own default where num_fewshot is None), "samples": n per task, "options": what
-    it ran with, as `seekstack eval` takes them (corpus and per_module None where no task read them)}."""
+    "wall_s", "results": {task: {metric: value}}, lm_eval's "versions", "n-shot", "higher_is_better" and "n-samples"
+    of each task (the examples each ran with, its own default where num_fewshot is None; its documents, all and
+    scored), "options": what it ran with, as `seekstack eval` takes them (corpus and per_module None where no task
+    read them)}."""
     if all(is_local_task(task) for task in tasks):  # they never download: say so to `datasets` (read at its import)
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # an lm_eval task's dataset downloads, as under lm_eval
     lm_eval = import_extra("lm_eval", "eval", "seekstack eval")
@@ -127,7 +129,6 @@ def evaluate(
         task: {_metric_name(key): value for key, value in values.items() if key not in not_metrics}
         for task, values in output["results"].items()
     }
-    samples = {task: counts["effective"] for task, counts in output.get("n-samples", {}).items()}
     corpus_read = corpus is not None and any(task in CODE_TASKS for task in local)  # else unread: recorded as None
     options = {
         "tasks": list(tasks), "corpus": str(Path(corpus).resolve()) if corpus_read else None,  # type: ignore[arg-type]
@@ -139,7 +140,7 @@ def evaluate(
     }  # fmt: skip
     return {
         "model": str(model_dir), "backend": backend, "wall_s": wall_s, "results": results,
-        **{key: output.get(key, {}) for key in LM_EVAL_TASK_RECORDS}, "samples": samples, "options": options,
+        **{key: output.get(key, {}) for key in LM_EVAL_TASK_RECORDS}, "options": options,
     }  # fmt: skip
 
 
@@ -225,9 +226,18 @@ def _model_args(folders: ModelFolders) -> dict[str, str]:
     return {"pretrained": str(weights), "peft": str(adapter), "tokenizer": str(tokenizer)}
 
 
+def documents_scored(report: dict[str, Any]) -> dict[str, int]:
+    """Each task's documents scored: lm_eval's "n-samples" "effective" count (after --limit), or the "samples" counts
+    of a results.json written before "n-samples" was kept."""
+    if "n-samples" in report:
+        return {task: counts["effective"] for task, counts in report["n-samples"].items()}
+    return report.get("samples", {})
+
+
 def results_table(report: dict[str, Any]) -> str:
     """The results as a Markdown table: one row per task and metric (with its filter, where not lm_eval's default),
-    its value and standard error."""
+    its value, standard error and documents scored."""
+    documents = documents_scored(report)
     rows = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
     for task, metrics in sorted(report["results"].items()):
         for metric, value in metrics.items():
@@ -236,7 +246,7 @@ def results_table(report: dict[str, Any]) -> str:
                 continue
             stderr = metrics.get(f"{name}_stderr{comma}{filter_name}")
             stderr_text = f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-"
-            rows.append(f"| {task} | {metric} | {value:.4f} | {stderr_text} | {report['samples'].get(task, '-')} |")
+            rows.append(f"| {task} | {metric} | {value:.4f} | {stderr_text} | {documents.get(task, '-')} |")
     return "\n".join(rows)
 
 

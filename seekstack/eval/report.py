@@ -473,13 +473,17 @@ def _evaluation(run_dir: Path, checkpoint: Path | None) -> str:
         return f"## Evaluation\n\nNo `{EVAL_RESULTS}` yet: `seekstack eval {run_dir} --tasks ...` writes it."
     remedy = f"run `seekstack eval {run_dir}` again to rewrite it, or delete it"
     results = _json_object(path, remedy)
-    checks = (("backend", str), ("wall_s", (int, float)), ("results", dict), ("samples", dict), ("model", str),
+    # each task's documents: lm_eval's "n-samples", or the "samples" counts of a file written before eval kept those
+    counts = "samples" if "n-samples" not in results and "samples" in results else "n-samples"
+    checks = (("backend", str), ("wall_s", (int, float)), ("results", dict), (counts, dict), ("model", str),
               ("options", dict))  # fmt: skip
     for key, kind in checks:
         if key == "options" and key not in results:  # written before `seekstack eval` recorded its options
             continue
         wrong = not isinstance(results.get(key), kind)
         wrong = wrong or (key == "results" and not all(isinstance(m, dict) for m in results[key].values()))
+        wrong = wrong or (key == "n-samples" and not all(isinstance(n, dict) and "effective" in n
+                                                         for n in results[key].values()))  # fmt: skip
         if wrong:
             found = f"holds {json.dumps(results[key])[:40]}" if key in results else "is missing"
             raise ValueError(f"{path}: key {key!r} {found}, not what `seekstack eval` writes; {remedy}")

@@ -271,7 +271,7 @@ def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_th
     reads."""
     import seekstack.eval.evaluate
 
-    measured = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}, "samples": {}}
+    measured = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}, "n-samples": {}}
     monkeypatch.setattr(seekstack.eval.evaluate, "evaluate", lambda model, *args: measured | {"model": str(model)})
     checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
     checkpoint.mkdir(parents=True)
@@ -346,7 +346,7 @@ def test_explain_out_on_a_file_names_it_and_says_out_is_a_folder_before_loading_
 def test_results_are_written_beside_the_name_given_whatever_dots_it_holds(tmp_path):
     from seekstack.eval.evaluate import write_results
 
-    report = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}, "samples": {}}
+    report = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}, "n-samples": {}}
     (tmp_path / "model_v1.json").write_text("earlier results")
     written = [write_results(report, tmp_path / name) for name in ("model_v1.5", "plain", "named.json")]
     assert [(j.name, t.name) for j, t in written] == [
@@ -438,7 +438,8 @@ def test_report_of_a_dense_student_with_an_moe_mtp_module_says_where_its_experts
     "saved, message",
     [('{"backend": "seekst', "not valid JSON"), ("[]", "holds \\[\\], not a JSON object"),
      ('{"results": {}}', "key 'backend' is missing"),
-     ('{"backend": "seekstack", "wall_s": 1, "results": {"t": 3}, "samples": {}}', 'key \'results\' holds {"t": 3}')],
+     ('{"backend": "seekstack", "wall_s": 1, "results": {"t": 3}, "n-samples": {}}', 'key \'results\' holds {"t": 3}'),
+     ('{"backend": "seekstack", "wall_s": 1, "results": {}, "n-samples": {"t": 3}}', "key 'n-samples' holds {.t.: 3}")],
 )  # fmt: skip
 def test_a_damaged_eval_results_file_is_named_with_what_to_do(tmp_path, saved, message):
     from seekstack.eval.report import EVAL_RESULTS, _evaluation
@@ -449,6 +450,22 @@ def test_a_damaged_eval_results_file_is_named_with_what_to_do(tmp_path, saved, m
         ValueError, match=f"{tmp_path / EVAL_RESULTS}: {message}.*run `seekstack eval {tmp_path}` again"
     ):
         _evaluation(tmp_path, tmp_path / "checkpoints" / "step_1")
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [{"n-samples": {"t": {"original": 9, "effective": 4}}},  # lm_eval's, as `seekstack eval` writes it
+     {"samples": {"t": 4}}],  # a results.json written before, its counts under "samples"
+)  # fmt: skip
+def test_the_evaluation_table_counts_the_documents_of_lm_evals_n_samples_and_of_an_older_files_samples(
+    tmp_path, counts
+):
+    from seekstack.eval.report import EVAL_RESULTS, _evaluation
+
+    (tmp_path / EVAL_RESULTS).parent.mkdir()
+    measured = {"model": "m", "backend": "seekstack", "wall_s": 1.0, "results": {"t": {"acc": 0.5}}}
+    (tmp_path / EVAL_RESULTS).write_text(json.dumps(measured | counts))
+    assert "| t | acc | 0.5000 | - | 4 |" in _evaluation(tmp_path, None)
 
 
 def test_a_damaged_run_config_or_shard_index_is_named(tmp_path):

@@ -41,7 +41,8 @@ def _write_eval_results(run_dir: Path, model: str, **options: object) -> None:
     (run_dir / EVAL_RESULTS).parent.mkdir(parents=True)
     (run_dir / EVAL_RESULTS).write_text(json.dumps({
         "model": model, "backend": "seekstack", "wall_s": 3.0, "results": {"reason_addition": {"exact_match": 0.5}},
-        "samples": {"reason_addition": 10}, **({"options": options} if options else {}),
+        "n-samples": {"reason_addition": {"original": 30, "effective": 10}},
+        **({"options": options} if options else {}),
     }))  # fmt: skip
 
 
@@ -387,13 +388,13 @@ def test_eval_of_an_adapter_without_a_tokenizer_asks_the_reasoning_tasks_with_it
     """The reasoning tasks' chat prompts are rendered by the tokenizer the adapter's model reads with (its base's),
     as the model lm_eval runs is given it; the scores are the merged checkpoint's."""
     from seekstack.adapters.files import merge_adapter
-    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.evaluate import documents_scored, evaluate
     from tests.adapters.support import write_random_adapter
 
     adapter = write_random_adapter(checkpoint, tmp_path / "adapter", seed=0)  # no tokenizer.json beside it
     merged = merge_adapter(checkpoint, adapter, tmp_path / "merged")
     ours, merged_scores = (evaluate(model, ("reason_addition",), limit=2) for model in (adapter, merged))
-    assert ours["samples"] == merged_scores["samples"] == {"reason_addition": 2}
+    assert ours["n-samples"] == merged_scores["n-samples"] and documents_scored(ours) == {"reason_addition": 2}
     assert ours["results"] == merged_scores["results"]
 
 

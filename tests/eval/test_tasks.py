@@ -113,13 +113,14 @@ def test_line_tasks_on_a_corpus_without_enough_distinct_lines_say_so_and_perplex
 
 
 def test_local_tasks_score_the_same_on_our_backend_and_lm_evals_hf_backend(checkpoint, tmp_path):
-    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.evaluate import documents_scored, evaluate
 
     code = "\n".join(f"def f_{i}(x):\n    return x * {i} + len(str(x))\n" for i in range(20))
     corpus = write_corpus(tmp_path / "corpus", [code, MODULE])
     ours = evaluate(checkpoint, corpus=corpus, backend="seekstack", batch_size=4, limit=6, per_module=3)
     theirs = evaluate(checkpoint, corpus=corpus, backend="hf", batch_size=4, limit=6, per_module=3)
-    assert ours["samples"] == theirs["samples"] == {"code_cloze": 6, "code_next_line": 6, "code_perplexity": 2}
+    documents = {"code_cloze": 6, "code_next_line": 6, "code_perplexity": 2}
+    assert documents_scored(ours) == documents_scored(theirs) == documents
     for metric in ("acc", "acc_norm"):
         assert ours["results"]["code_cloze"][metric] == theirs["results"]["code_cloze"][metric]
     assert ours["results"]["code_next_line"]["exact_match"] == theirs["results"]["code_next_line"]["exact_match"]
@@ -140,8 +141,8 @@ def test_the_hf_backend_refuses_a_checkpoint_transformers_loads_as_another_model
     corpus = write_corpus(tmp_path / "corpus", [MODULE])
     with pytest.raises(ValueError, match=f"{checkpoint_3d}: attention_variant='3d' .* --backend seekstack"):
         evaluate(checkpoint_3d, ("code_perplexity",), corpus, "hf", limit=1)
-    assert evaluate(checkpoint_3d, ("code_perplexity",), corpus, "seekstack", limit=1)["samples"] == {
-        "code_perplexity": 1
+    assert evaluate(checkpoint_3d, ("code_perplexity",), corpus, "seekstack", limit=1)["n-samples"] == {
+        "code_perplexity": {"original": 1, "effective": 1}
     }
 
     softmax = Path(shutil.copytree(checkpoint, tmp_path / "softmax"))  # transformers' DeepseekV3 scores by sigmoid
@@ -157,18 +158,22 @@ def test_eval_outside_a_git_checkout_prints_no_git_error(checkpoint, tmp_path, m
     monkeypatch.chdir(tmp_path)  # no git checkout: lm_eval's `git describe` there printed "fatal: not a git repository"
     corpus = write_corpus(tmp_path / "corpus", [MODULE])
     result = evaluate(checkpoint, ("code_perplexity",), corpus=corpus, limit=1, device="cpu")
-    assert result["samples"] == {"code_perplexity": 1}
+    assert result["n-samples"] == {"code_perplexity": {"original": 1, "effective": 1}}
     assert "not a git repository" not in capfd.readouterr().err
 
 
-def test_results_record_each_tasks_n_shot_version_and_direction_as_lm_evals_results_json(checkpoint, tmp_path):
+def test_results_record_each_tasks_n_shot_version_direction_and_documents_as_lm_evals_results_json(
+    checkpoint, tmp_path
+):
     """results.json kept the scores alone: how many few-shot examples each task ran with (its own default where
     --num-fewshot is left out), its version and which way is better were lost; lm_eval records them beside its
-    results as n-shot, versions and higher_is_better."""
+    results as n-shot, versions and higher_is_better. Its documents were "samples": {task: scored}, where lm_eval's
+    "n-samples" holds them (all and scored) and its "samples" are the logged samples themselves."""
     from seekstack.eval.evaluate import evaluate
 
-    corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE])  # a second module to draw the example from
-    report = evaluate(checkpoint, ("code_perplexity",), corpus, limit=1, device="cpu", num_fewshot=1)
+    corpus = write_corpus(tmp_path / "corpus", [MODULE, MODULE, MODULE])  # modules to draw the example from
+    report = evaluate(checkpoint, ("code_perplexity",), corpus, limit=2, device="cpu", num_fewshot=1)
+    assert report["n-samples"] == {"code_perplexity": {"original": 3, "effective": 2}} and "samples" not in report
     assert report["n-shot"] == {"code_perplexity": 1} and report["versions"] == {"code_perplexity": 1}
     directions = {"bits_per_byte": False, "byte_perplexity": False, "word_perplexity": False}
     assert report["higher_is_better"] == {"code_perplexity": directions}
@@ -220,7 +225,8 @@ def test_a_group_of_the_users_own_task_yamls_runs_from_include_path(checkpoint, 
         (tasks / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=tasks / "sums.jsonl"))
     (tasks / "group.yaml").write_text("group: sums\ntask: [sums_a, sums_b]\naggregate_metric_list:\n  - metric: acc\n")
     report = evaluate(checkpoint, ("sums",), limit=2, device="cpu", include_path=tasks)
-    assert set(report["results"]) == {"sums", "sums_a", "sums_b"} and report["samples"]["sums_a"] == 2
+    assert set(report["results"]) == {"sums", "sums_a", "sums_b"}
+    assert report["n-samples"]["sums_a"] == {"original": 3, "effective": 2}
     assert report["results"]["sums"]["acc"] == report["results"]["sums_a"]["acc"]  # the same questions twice
     assert report["options"]["include_path"] == str(tasks.resolve())
     with pytest.raises(ValueError, match=f"--include-path {tmp_path / 'none'}: no such folder"):
@@ -300,11 +306,11 @@ def test_reasoning_task_needs_no_corpus_and_code_tasks_do(checkpoint):
 
 
 def test_reasoning_task_runs_on_both_backends_with_the_same_scores(checkpoint):
-    from seekstack.eval.evaluate import evaluate
+    from seekstack.eval.evaluate import documents_scored, evaluate
 
     ours = evaluate(checkpoint, ("reason_addition",), backend="seekstack", limit=3)
     theirs = evaluate(checkpoint, ("reason_addition",), backend="hf", limit=3)
-    assert ours["samples"] == theirs["samples"] == {"reason_addition": 3}
+    assert documents_scored(ours) == documents_scored(theirs) == {"reason_addition": 3}
     assert ours["results"]["reason_addition"]["exact_match"] == theirs["results"]["reason_addition"]["exact_match"]
 
 
