@@ -48,7 +48,7 @@ from seekstack.posttrain.config import ConversationConfig
 from seekstack.schema import ConfigError, field_notes, known_fields, load_config, require, same_value
 from seekstack.train.config import CONFIG_FILE as TRAIN_CONFIG_FILE
 from seekstack.train.config import TrainConfig, resolve_train_config
-from seekstack.train.runs import list_checkpoints, out_dir_held, refuse_new_run_into
+from seekstack.train.runs import checkpoint_dir, list_checkpoints, out_dir_held, refuse_new_run_into, run_holding
 from seekstack.train.trainer import TrainResult, train
 
 if TYPE_CHECKING:
@@ -328,9 +328,24 @@ def refuse_another_base_or_data(config: TrainConfig, started: TrainConfig) -> No
             )
 
 
-def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool = False) -> TrainResult:
-    """Train the adapter (or continue the run in `out_dir`); the adapter files end up in `out_dir` itself, those of the
-    checkpoint saved at the interruption when Ctrl-C stops the run."""
+def own_checkpoint(resume: bool | Path, out: str | Path) -> bool | Path:
+    """`resume` (True, or a checkpoint folder: `lora train --resume-from FOLDER`) when it continues the run in `out`;
+    a ConfigError for a folder of another run, whose adapter settings, base, data and held-out conversations are in
+    that run's folder, not in `out`."""
+    run = run_holding(resume) if isinstance(resume, Path) else None
+    if isinstance(resume, Path) and (run is None or run.resolve() != Path(out).resolve()):
+        raise ConfigError(
+            f"--resume-from {resume}: `lora train` continues the run in --out {out} from one of its own checkpoints "
+            f"({checkpoint_dir(out)}/step_N); give that step (--resume-from N), or resume the run holding {resume} "
+            "with --out its folder"
+        )
+    return resume
+
+
+def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: bool | Path = False) -> TrainResult:
+    """Train the adapter (or continue the run in `out_dir`: from its newest checkpoint, or the checkpoint folder
+    `resume` names); the adapter files end up in `out_dir` itself, those of the checkpoint saved at the interruption
+    when Ctrl-C stops the run."""
     rows = (adapter.head_tokens, adapter.embedding_tokens)
     head_ids, embedding_ids = (frequent_tokens(train_config.data_dir, count) if count else [] for count in rows)
     with lora_keys():
@@ -342,7 +357,7 @@ def train_adapter(train_config: TrainConfig, adapter: AdapterConfig, resume: boo
         adapter.save(out)
     hooks = LoraHooks(adapter, str(Path(train_config.init_from).resolve()), head_ids, embedding_ids, batches)
     try:
-        result = train(train_config, resume, hooks, chat_source(train_config, resume))
+        result = train(train_config, resume, hooks, chat_source(train_config, bool(resume)))
     except KeyboardInterrupt:  # the trainer saved a checkpoint first (once it trains): the folder's adapter is that
         saved = list_checkpoints(out)
         if saved:

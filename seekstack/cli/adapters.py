@@ -40,18 +40,30 @@ def train_command(
         Path("runs/adapter")
     ),
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint")] = False,
+    resume_from: Annotated[
+        str | None,
+        typer.Option(
+            metavar="STEP|FOLDER",
+            help="Continue the run in --out, as --resume does, from the checkpoint of this step (40 or step_40: "
+            "--out/checkpoints/step_40) or this checkpoint folder of it",
+        ),
+    ] = None,
 ) -> None:
     """Train a LoRA adapter on a frozen base with the pretraining trainer; writes adapter_config.json and
     adapter_model.safetensors (peft's format) into --out."""
-    from seekstack.adapters.training import lora_train_config, train_adapter, undone_if_refused
+    from seekstack.adapters.training import lora_train_config, own_checkpoint, train_adapter, undone_if_refused
+    from seekstack.cli.train import resume_request
     from seekstack.parallel.distributed import is_main_process
+    from seekstack.train.runs import step_dir
     from seekstack.train.trainer import TrainingDiverged
 
-    with user_errors(), contextlib.nullcontext() if resume else undone_if_refused(out):
+    resumed, step = resume_request(resume, resume_from)
+    with user_errors(), contextlib.nullcontext() if resumed else undone_if_refused(out):
+        checkpoint = step_dir(out, step) if step is not None else own_checkpoint(resumed, out)
         (base, data), overrides = _paths_and_overrides([a for a in (base, data, *(overrides or [])) if a is not None])
-        train_config, adapter = lora_train_config(base, data, out, overrides, resume, warn)
+        train_config, adapter = lora_train_config(base, data, out, overrides, bool(resumed), warn)
         try:
-            result = train_adapter(train_config, adapter, resume)
+            result = train_adapter(train_config, adapter, checkpoint)
         except TrainingDiverged as error:
             fail(str(error))
     if is_main_process():  # under torchrun, rank 0 alone tells the outcome, as `seekstack train` does

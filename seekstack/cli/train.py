@@ -73,22 +73,13 @@ def run_stage(
     from seekstack.train.trainer import TrainingDiverged
 
     main = is_main_process()  # under torchrun, rank 0 alone prints the outcome (and `warn` the warnings)
-    if resume and resume_from is not None:  # which checkpoint was meant is the user's to say
-        raise UsageError(
-            f"--resume and --resume-from {resume_from} both given: --resume continues from the run's newest "
-            "checkpoint, --resume-from from the one it names; give one",
-            get_current_context(silent=True),
-        )
+    resumed, step = resume_request(resume, resume_from)
     with user_errors():
         if config is not None and "=" in str(config):  # only overrides were given
             overrides, config = [str(config), *(overrides or [])], None
         if config is not None and config_option is not None:
             raise ValueError(f"two config files, {config} and --config {config_option}: give one")
         config = config or config_option
-        # --resume-from's step number, or checkpoint folder (maybe another run's, whose config a fresh out_dir takes)
-        step = None if resume_from is None else resumed_step(resume_from)
-        folder = Path(resume_from) if resume_from is not None and step is None else None
-        resumed = folder or resume or resume_from is not None
         resolved = resolve_train_config(config, overrides or [], resume=resumed, warn=warn, cls=cls)
         if write_to is not None:
             if main:  # under torchrun every rank resolved the same config: rank 0 writes it, the others exit quietly
@@ -101,6 +92,21 @@ def run_stage(
             fail(str(error))
     if main:
         typer.echo(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
+
+
+def resume_request(resume: bool, resume_from: str | None) -> tuple[bool | Path, int | None]:
+    """What --resume and --resume-from ask: (resumed, step), `resumed` True, or --resume-from's checkpoint folder
+    (maybe another run's, whose config a fresh out_dir takes), and `step` the step number --resume-from gives, whose
+    checkpoint is the run's own; both options given are refused (a usage error)."""
+    if resume and resume_from is not None:  # which checkpoint was meant is the user's to say
+        raise UsageError(
+            f"--resume and --resume-from {resume_from} both given: --resume continues from the run's newest "
+            "checkpoint, --resume-from from the one it names; give one",
+            get_current_context(silent=True),
+        )
+    step = None if resume_from is None else resumed_step(resume_from)
+    folder = Path(resume_from) if resume_from is not None and step is None else None
+    return folder or resume or resume_from is not None, step
 
 
 def resumed_step(given: str) -> int | None:

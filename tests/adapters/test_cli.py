@@ -73,3 +73,34 @@ def test_generate_tells_an_adapter_that_cannot_load_before_reading_the_bases_wei
     ):
         result = runner.invoke(app, ["generate", "--model", str(wider), "--adapter", str(folder), "hi"])
         assert result.exit_code == 1 and told in " ".join(result.output.split()), result.output
+
+
+def test_lora_train_resumes_from_a_step_or_its_folder_as_the_other_stages_do(tmp_path):
+    """`lora train` had --resume alone (No such option: --resume-from), where train, sft, rl and distill take a step
+    or a checkpoint folder; a folder of another run is refused, its adapter settings being in that run's folder."""
+    from tests.train.test_trainer import write_split
+
+    base, data, out = write_base(tmp_path / "base"), tmp_path / "shards", tmp_path / "adapter"
+    write_split(data, "train", 8_000, seed=1)
+    write_split(data, "val", 1_000, seed=2)
+    run = ["seq_len=32", "batch_size=4", "max_steps=6", "save_every=3", "eval_every=0", "lora.rank=2"]
+    invoke("lora", "train", str(base), str(data), *run, "--out", str(out))
+    whole = (out / "metrics.jsonl").read_text().splitlines()
+    for given in ("3", "step_3", str(out / "checkpoints" / "step_3")):
+        result = runner.invoke(app, ["lora", "train", "--out", str(out), "--resume-from", given])
+        assert result.exit_code == 0, result.output
+        assert f"resumed from step 3 ({out / 'checkpoints' / 'step_3'})" in result.output
+        assert "trained to step 6" in result.stdout
+        resumed = (out / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["loss"] for line in resumed] == [json.loads(line)["loss"] for line in whole]
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    result = runner.invoke(
+        app, ["lora", "train", "--out", str(out), "--resume-from", str(other / "checkpoints" / "step_3")]
+    )
+    assert result.exit_code == 1, result.output
+    assert f"`lora train` continues the run in --out {out} from one of its own checkpoints" in " ".join(
+        result.output.split()
+    )
+    both = runner.invoke(app, ["lora", "train", "--out", str(out), "--resume", "--resume-from", "3"])
+    assert both.exit_code == 2 and "--resume and --resume-from 3 both given" in " ".join(both.output.split())
