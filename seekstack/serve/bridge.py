@@ -226,22 +226,26 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            self._apply_adds()
-            self._apply_aborts()
-            if not self.engine.has_unfinished():
-                self._wake.wait(IDLE_WAIT_S)
-                continue
             try:
-                outputs = self.engine.step()
+                self._step()
             except Exception as error:  # the server must outlive a failing step: end what was in flight
                 log.exception("engine step failed")
                 self._fail_all(error)
-                continue
-            generated = self._deliver(outputs, time.perf_counter())
-            stats = self.engine.stats()
-            self.metrics.engine_state(stats)
-            self.metrics.adapters_state(len(self.engine.lora.names), stats.running_adapters, stats.waiting_adapters)
-            self.metrics.step_tokens(generated, stats.prefill_tokens)
+
+    def _step(self) -> None:
+        """Add and abort what was asked since the last step, then run one step and hand out its outputs (or wait,
+        with nothing to run). Whatever of it raises ends the requests in flight (`_run`), not the engine thread, which
+        every later request waits on."""
+        self._apply_adds()
+        self._apply_aborts()
+        if not self.engine.has_unfinished():
+            self._wake.wait(IDLE_WAIT_S)
+            return
+        generated = self._deliver(self.engine.step(), time.perf_counter())
+        stats = self.engine.stats()
+        self.metrics.engine_state(stats)
+        self.metrics.adapters_state(len(self.engine.lora.names), stats.running_adapters, stats.waiting_adapters)
+        self.metrics.step_tokens(generated, stats.prefill_tokens)
 
     def _apply_adds(self) -> None:
         """Add the requests submitted since the last step, telling each caller how it went."""

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import traceback
 
 import httpx
@@ -17,7 +18,7 @@ from seekstack.serve.database import open_database
 from seekstack.serve.keys import KeyStore
 from seekstack.serve.ledger import Ledger
 from tests.infer.support import fail_sampling_after
-from tests.serve.server import make_model_dir
+from tests.serve.server import make_model_dir, run
 
 REQUEST = {"model": "model", "prompt": "x", "max_tokens": 20, "ignore_eos": True}
 
@@ -88,3 +89,38 @@ def test_the_log_entry_of_a_500_carries_the_engine_traceback_of_a_request_failed
     assert "sampling_that_fails" in logged  # the engine's frames (the injected sampling), not only the bridge's
     assert "injected sampling failure" in logged
     assert [(row["status"], row["cost"]) for row in Ledger(database).records()] == [(500, 0.0)]
+
+
+def test_a_failure_after_the_step_ends_the_requests_in_flight_and_the_engine_thread_goes_on(tmp_path):
+    """The engine thread guarded engine.step() alone: an error while handing out a step's outputs or reading the
+    engine's stats for the metrics (here: stats, once) ended the thread, and every later request waited for it for
+    ever (/health 503), where a failing step ends the requests in flight and the server goes on."""
+    engine = Engine.from_pretrained(make_model_dir(tmp_path))
+    real_stats, calls = engine.stats, 0
+
+    def stats():
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected failure reading the engine's stats")
+        return real_stats()
+
+    engine.stats = stats
+    app = create_app(engine, open_database(tmp_path / "serve.db"))
+
+    async def scenario(client):
+        failed = await client.post("/v1/completions", json=REQUEST)
+        health = await client.get("/health")  # the engine thread's: a request would wait on a dead one for ever
+        after = await client.post("/v1/completions", json=REQUEST) if health.status_code == 200 else None
+        return failed, health, after
+
+    answers: list = []
+    caller = threading.Thread(target=lambda: answers.extend(run(app, scenario)), daemon=True)
+    caller.start()
+    caller.join(timeout=60)  # ~3 s; a dead engine thread left the request in flight unanswered for ever
+    assert not caller.is_alive(), "the request in flight was never answered: the engine thread died"
+    failed, health, after = answers
+    assert failed.status_code == 500 and "error id" in failed.json()["error"]["message"]
+    assert health.json()["status"] == "ok"  # was: "engine stopped", the thread dead
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 20
+    assert [row["status"] for row in app.state.server.ledger.records()] == [500, 200]
