@@ -137,7 +137,7 @@ def data_quality_train(
     pool: Annotated[list[str], typer.Option(help="The raw pool to select from (a sample of it is enough; repeatable)")],
     out: Annotated[Path, typer.Option(help="The model file (.npz)")] = Path("data/quality.npz"),
     field: Annotated[str, typer.Option(help="Text field of .jsonl / column of .parquet")] = "text",
-    max_documents: Annotated[int, typer.Option(help="Documents read from each side at most")] = 20_000,
+    max_documents: Annotated[int, typer.Option(min=1, help="Documents read from each side at most")] = 20_000,
     seed: Annotated[int, typer.Option(help="Seed of the training order")] = 0,
 ) -> None:
     """Train a quality classifier (logistic regression over hashed word 1-2-grams): reference vs pool."""

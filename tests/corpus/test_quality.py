@@ -292,3 +292,15 @@ def test_cli_quality_train_reads_its_texts_as_data_build_writes_the_rows_select_
         models.append(QualityModel.load(out))
     assert np.array_equal(models[0].weights, models[1].weights) and models[0].bias == models[1].bias
     assert models[0].score(built) == models[1].score(built) > 0.5
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_cli_quality_train_refuses_max_documents_below_one_naming_the_option(tmp_path: Path, count: str) -> None:
+    """0 was refused as '--reference DIR: no documents; check the paths', blaming paths that hold documents, and -1
+    with islice's 'Stop argument for islice() must be None or an integer'."""
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "0.txt").write_text("a reference text\n")
+    args = ["--reference", str(tmp_path / "ref"), "--pool", str(tmp_path / "ref"), "--out", str(tmp_path / "q.npz")]
+    refused = CliRunner().invoke(app, ["data", "quality-train", *args, "--max-documents", count])
+    assert refused.exit_code == 2 and "Invalid value for '--max-documents'" in " ".join(refused.output.split())
+    assert not (tmp_path / "q.npz").exists()
