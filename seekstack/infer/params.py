@@ -4,8 +4,11 @@ their defaults, written once here for the engine, the command line and the serve
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
-from dataclasses import InitVar, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,7 +58,7 @@ VLLM_FORM_FIELDS = ("max_new_tokens", "stop", "stop_token_ids", "logit_bias", "l
 
 
 class _NotGiven:
-    """SamplingParams' max_tokens left out: vLLM's max_tokens=None says something (up to the context)."""
+    """SamplingParams' max_tokens= left out: vLLM's max_tokens=None says something (up to the context)."""
 
     def __repr__(self) -> str:
         return "NOT_GIVEN"
@@ -135,15 +138,25 @@ class SamplingParams:
     # False: outputs carry token ids only, text "" and logprobs' token texts "" (as vLLM's), for callers that decode
     detokenize: bool = True
     n: Positive = 1  # samples of each prompt `Engine.generate` returns (Completion.outputs, as vLLM's); i: seed + i
-    max_tokens: InitVar[int | None] = NOT_GIVEN  # vLLM's name for max_new_tokens, which it sets (no field of its own)
 
-    def __post_init__(self, max_tokens: int | None) -> None:
+    def __post_init__(self) -> None:
         """ConfigError naming a field whose value is out of its type or range, at once, as vLLM's SamplingParams
         raises (temperature=-1 was refused only at generate); validate() adds the rules across fields."""
         given = {name: getattr(self, name) for name in VLLM_FORM_FIELDS}
-        for name, value in read_vllm_forms({**given, "max_tokens": max_tokens}).items():
+        for name, value in read_vllm_forms(given).items():
             setattr(self, name, value)
         check_set_fields(self)
+
+    @property
+    def max_tokens(self) -> int | None:
+        """vLLM's name for max_new_tokens, no field of its own (fields(), from_dict and dataclasses.replace see
+        max_new_tokens alone): reading it gives max_new_tokens, setting it sets max_new_tokens, checked as the
+        constructor's max_tokens= is."""
+        return self.max_new_tokens
+
+    @max_tokens.setter
+    def max_tokens(self, value: int | None) -> None:
+        self.max_new_tokens = read_vllm_forms({"max_tokens": value})["max_new_tokens"]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SamplingParams:
@@ -185,6 +198,23 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Whether any repetition, presence or frequency penalty is set."""
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _taking_max_tokens(init: Callable[..., None]) -> Callable[..., None]:
+    """SamplingParams' __init__ that takes vLLM's max_tokens= too, read as from_dict reads it (`read_vllm_forms`):
+    max_new_tokens set to it, an unequal max_new_tokens beside it refused."""
+
+    @functools.wraps(init)
+    def __init__(self: SamplingParams, *args: Any, max_tokens: int | None = NOT_GIVEN, **kwargs: Any) -> None:
+        init(self, *args, **read_vllm_forms({**kwargs, "max_tokens": max_tokens}))
+
+    fields_only = inspect.signature(init)
+    taken = inspect.Parameter("max_tokens", inspect.Parameter.KEYWORD_ONLY, default=NOT_GIVEN, annotation="int | None")
+    __init__.__signature__ = fields_only.replace(parameters=[*fields_only.parameters.values(), taken])  # type: ignore[attr-defined]
+    return __init__
+
+
+SamplingParams.__init__ = _taking_max_tokens(SamplingParams.__init__)  # type: ignore[method-assign]
 
 
 MAX_DRAFT_TOKENS = 16  # speculative drafts a step at most (bench/speculative.py measured 1 to 6)

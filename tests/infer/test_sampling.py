@@ -68,6 +68,20 @@ def test_vllms_max_tokens_sets_max_new_tokens_and_a_bad_one_is_refused_naming_it
         SamplingParams(max_tokens=16, max_new_tokens=32)
 
 
+def test_vllms_max_tokens_reads_and_sets_max_new_tokens_and_dataclasses_replace_still_works():
+    """vLLM's params.max_tokens is the int it stops at, and assigning it changes that; here reading gave the InitVar's
+    default (NOT_GIVEN) and `params.max_tokens = 5` set an attribute nothing read: 128 tokens all the same."""
+    params = SamplingParams()
+    assert params.max_tokens == 128 and SamplingParams(max_tokens=None).max_tokens is None
+    params.max_tokens = 5
+    assert params.max_new_tokens == 5 == params.validate().max_tokens
+    with pytest.raises(ValueError, match=r"^field 'max_tokens' must be an int of at least 1 .*, not 0$"):
+        params.max_tokens = 0
+    assert params.max_new_tokens == 5  # a refused value leaves it as it was
+    assert dataclasses.replace(params, max_new_tokens=7).max_tokens == 7
+    assert dataclasses.replace(SamplingParams(max_tokens=16), top_k=3).max_tokens == 16
+
+
 def test_none_for_the_fields_vllm_defaults_to_none_reads_as_their_defaults():
     """vLLM's SamplingParams(stop=None, logprobs=None, ...) are its defaults; here they were ConfigErrors ("field 'stop'
     has value None: input should be a valid array"), so code passing an optional value through failed."""
