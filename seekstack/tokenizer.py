@@ -62,6 +62,10 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5's save_pretra
 # told, as does the TokenizersBackend transformers 5 loads a release's byte-level tokenizer.json as
 PADDING_SIDE = "left"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the R1 format's reasoning block: <think> reasoning </think> answer
+# Where an assistant message holds its reasoning apart from its content: DeepSeek's API (and vLLM's until 2026,
+# `seekstack serve --reasoning-parser`), vLLM's name since (after OpenAI's guidance for gpt-oss), and transformers'
+# chat templates' (gpt-oss's `thinking`, as TRL's gpt-oss datasets give it)
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 # OpenAI's message roles; developer (its newer system) is read as system
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TOOL_TOKENS)  # every byte, then the special and tool-call tokens
@@ -122,18 +126,18 @@ def _jinja(text: str) -> str:
 # The same template as `Tokenizer.render_chat`, for transformers' `apply_chat_template`, taking messages as
 # seekstack's chat, sft and serve read them: `developer` as system, content as a string or a list of text parts
 # (joined by newlines; an assistant's refusal parts read as their text), an assistant's null content as empty (as its
-# `refusal` where it gives one), a tool call's arguments as a JSON text or an object (as transformers' templates take
-# them, written as JSON); what they refuse raises, naming the message (another role or part, a missing content but an
-# assistant's, text that is no string, tool_calls but an assistant's list of function calls, the legacy
-# function_call), the tools offered listed as `listed_tool` lists them (as the server and SFT read them), so a
-# transformers user trains on what `seekstack sft` does. An assistant turn before the last user message loses its
-# reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the tokens SFT trains (each
-# answer, its tool calls and its EOS, not an assistant turn of weight 0) for `return_assistant_tokens_mask` (TRL's
-# assistant_only_loss); they render nothing of their own.
+# `refusal` where it gives one; its reasoning given apart before it, `with_reasoning`), a tool call's arguments as a
+# JSON text or an object (as transformers' templates take them, written as JSON); what they refuse raises, naming the
+# message (another role or part, a missing content but an assistant's, text that is no string, tool_calls but an
+# assistant's list of function calls, the legacy function_call), the tools offered listed as `listed_tool` lists them
+# (as the server and SFT read them), so a transformers user trains on what `seekstack sft` does. An assistant turn
+# before the last user message loses its reasoning (`drop_past_reasoning`). Its `{% generation %}` blocks mark the
+# tokens SFT trains (each answer, its tool calls and its EOS, not an assistant turn of weight 0) for
+# `return_assistant_tokens_mask` (TRL's assistant_only_loss); they render nothing of their own.
 GENERATION_PROMPT = "{{- '<｜Assistant｜>' -}}"  # CHAT_TEMPLATE's; a release's reply opening follows it
 CHAT_TEMPLATE = (
     "{%- set ns = namespace(system_prompts=[], turns=[], last_user=-1, after_tool=false, calls=[], texts=[], tools=[],"
-    " fields=[]) -%}"
+    " fields=[], reasoning=[]) -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -174,6 +178,26 @@ CHAT_TEMPLATE = (
     "{%- if message['refusal'] is defined and message['refusal'] is not none -%}"
     "{%- if content -%}{{- raise_exception(position ~ ' has content and a refusal: keep one') -}}{%- endif -%}"
     "{%- set content = message['refusal'] -%}"
+    "{%- endif -%}"
+    "{%- set ns.reasoning = [] -%}"
+    "{%- for field in " + repr(REASONING_FIELDS) + " -%}"
+    "{%- if message[field] is defined and message[field] is not none -%}"
+    "{%- if message[field] is not string -%}"
+    "{{- raise_exception(position ~ ' field \\'' ~ field ~ '\\' must be text or null') -}}"
+    "{%- endif -%}"
+    "{%- set ns.reasoning = ns.reasoning + [message[field]] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.reasoning | unique | list | length > 1 -%}"
+    "{{- raise_exception(position ~ ' gives two reasonings, which differ: keep the one the assistant wrote') -}}"
+    "{%- elif ns.reasoning and '<think>' in content -%}"
+    "{{- raise_exception(position ~ ' has its reasoning apart and a <think> block in its content too: keep one') -}}"
+    "{%- elif ns.reasoning -%}"
+    "{%- set content = "
+    + _jinja(THINK_OPEN + "\n")
+    + " ~ ns.reasoning[0] ~ "
+    + _jinja("\n" + THINK_CLOSE + "\n\n")
+    + " ~ content -%}"
     "{%- endif -%}"
     "{%- if loop.index0 < ns.last_user and '</think>' in content -%}"
     "{%- set content = content.split('</think>')[-1].lstrip() -%}"
@@ -724,8 +748,9 @@ def template_message(position: int, message: object) -> dict:
     list of text parts as their texts joined by newlines (as vLLM's server joins them; an assistant's refusal parts
     as their text, `part_text`), an assistant's null or left-out content (a replayed turn, or one that only calls
     tools) as empty, or as its `refusal` where it gives one (`refusal_text`), an assistant's `tool_calls` as
-    `template_tool_call` gives each; its other keys kept. ValueError naming `position` for a message that is no dict
-    with `role` and `content`, another role or content, tool calls on another role, and the legacy `function_call`."""
+    `template_tool_call` gives each, an assistant's reasoning given apart in its content (`with_reasoning`); its other
+    keys kept. ValueError naming `position` for a message that is no dict with `role` and `content`, another role or
+    content, tool calls on another role, and the legacy `function_call`."""
     # an assistant's content may be left out, as OpenAI's messages that call tools or refuse leave it
     if (
         not isinstance(message, dict)
@@ -765,7 +790,34 @@ def template_message(position: int, message: object) -> dict:
                 "giving a list of calls"
             )
         templated["tool_calls"] = [template_tool_call(position, index, call) for index, call in enumerate(calls)]
-    return templated
+    return with_reasoning(position, templated) if role == "assistant" else templated
+
+
+def with_reasoning(position: int, message: dict) -> dict:
+    """An assistant message whose reasoning is apart in one of REASONING_FIELDS (`reasoning_content` as DeepSeek's API
+    and `seekstack serve --reasoning-parser deepseek_r1` answer, `reasoning` as vLLM answers, `thinking` as
+    transformers' templates read it) with it written back into its content in the R1 format the parser splits,
+    `<think>\\n{reasoning}\\n</think>\\n\\n{content}`, as the model writes it (so SFT trains it; a turn before the last
+    user message then loses it, `drop_past_reasoning`, as a reply given back with its think block). ValueError naming
+    `position` when it is no text, two of the fields differ, or the content holds a think block of its own too. The
+    message as it is when it gives none."""
+    given = {field: message[field] for field in REASONING_FIELDS if message.get(field) is not None}
+    if not given:
+        return message
+    (field, reasoning), *others = given.items()
+    if not isinstance(reasoning, str):
+        raise ValueError(
+            f"chat message {position} field {field!r} must be text or null, got {type(reasoning).__name__}"
+        )
+    if any(other != reasoning for _, other in others):
+        raise ValueError(
+            f"chat message {position} gives two reasonings, in {' and '.join(given)}, which differ: keep the one the "
+            "assistant wrote"
+        )
+    if THINK_OPEN in message["content"]:
+        raise ValueError(f"chat message {position} has {field} and a {THINK_OPEN} block in its content too: keep one")
+    content = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{message['content']}"
+    return {**{k: v for k, v in message.items() if k not in REASONING_FIELDS}, "content": content}
 
 
 def refusal_text(position: int, refusal: object, content: str) -> str:

@@ -26,7 +26,7 @@ from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
-from seekstack.tokenizer import THINK_CLOSE, THINK_OPEN, Tokenizer, drop_past_reasoning
+from seekstack.tokenizer import Tokenizer, drop_past_reasoning
 from seekstack.tokenizer import template_message as chat_template_message
 from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
@@ -45,10 +45,6 @@ def offered_tools(conversation: list[dict]) -> list[dict]:
     return conversation.tools if isinstance(conversation, Conversation) else []
 
 
-# Where an assistant message holds its reasoning apart from its content: DeepSeek's API (and vLLM's until 2026,
-# `seekstack serve --reasoning-parser`), vLLM's name since (after OpenAI's guidance for gpt-oss), and transformers'
-# chat templates' (gpt-oss's `thinking`, as TRL's gpt-oss datasets give it)
-REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 HELD_OUT_FILE = "held_out.json"  # in an SFT run's out_dir: the conversation_keys of the conversations it holds out
 
 
@@ -365,43 +361,19 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     on assistant messages only: on another role it is ignored, as the template ignores it). A null (or left-out)
     content is refused, but that of an assistant message that calls tools (as OpenAI fine-tuning data writes one) or
     gives a `refusal` (OpenAI's reply that refuses, trained as its text). An assistant's reasoning (`reasoning_content`,
-    `reasoning` or `thinking`: REASONING_FIELDS) is written into its content (`with_reasoning`). An assistant's
+    `reasoning` or `thinking`) is in its content, as the template writes it (`with_reasoning`). An assistant's
     `tool_calls` and `tool` results are read as the chat template reads them (`check_tool_turns` checks how they
     follow). ValueError naming `position`."""
     template = tokenizer.template_message if tokenizer else chat_template_message
     templated = template(position, message)
-    if cast(dict, message).get("content") is None and not (templated.get("tool_calls") or templated["content"]):
+    given = cast(dict, message)
+    if given.get("content") is None and not (templated.get("tool_calls") or given.get("refusal")):
         raise ValueError(f"chat message {position} content must be a string or a list of text parts, got null")
-    if templated["role"] == "assistant" and any(templated.get(field) is not None for field in REASONING_FIELDS):
-        templated = template(position, with_reasoning(position, templated))  # its special tokens refused too
     check_whole_characters(position, templated["content"])
     # a null weight is none given (1): a datasets export writes one on each message that gave none
     if templated["role"] == "assistant" and templated.get("weight") is not None:
         check_weight(position, templated["weight"])
     return templated
-
-
-def with_reasoning(position: int, message: dict) -> dict:
-    """An assistant message whose reasoning is apart in one of REASONING_FIELDS (`reasoning_content` as DeepSeek's API
-    and `seekstack serve --reasoning-parser deepseek_r1` answer, `reasoning` as vLLM answers, `thinking` as
-    transformers' templates read it) with it written back into its content in the R1 format the parser splits,
-    `<think>\\n{reasoning}\\n</think>\\n\\n{content}`, so that it is trained as the model writes it. ValueError naming
-    `position` when it is no text, two of the fields differ, or the content holds a think block of its own too."""
-    given = {field: message[field] for field in REASONING_FIELDS if message.get(field) is not None}
-    (field, reasoning), *others = given.items()
-    if not isinstance(reasoning, str):
-        raise ValueError(
-            f"chat message {position} field {field!r} must be text or null, got {type(reasoning).__name__}"
-        )
-    if any(other != reasoning for _, other in others):
-        raise ValueError(
-            f"chat message {position} gives two reasonings, in {' and '.join(given)}, which differ: keep the one the "
-            "assistant wrote"
-        )
-    if THINK_OPEN in message["content"]:
-        raise ValueError(f"chat message {position} has {field} and a {THINK_OPEN} block in its content too: keep one")
-    content = f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{message['content']}"
-    return {**{k: v for k, v in message.items() if k not in REASONING_FIELDS}, "content": content}
 
 
 def check_weight(position: int, weight: object) -> None:

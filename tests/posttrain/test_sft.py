@@ -552,6 +552,32 @@ def test_an_assistants_reasoning_content_is_trained_in_its_content_in_the_r1_for
     assert trained == messages[1]["content"] + EOS
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "thinking"])
+def test_an_assistants_reasoning_apart_is_templated_for_transformers_and_serve_as_sft_trains_it(tmp_path, field):
+    """SFT trained a reasoning given apart in the R1 format, while the chat template saved for transformers (TRL's
+    assistant_only_loss on the same line) and encode_chat (serve, Engine.chat) left it out: the reply alone. All three
+    now write it so; a turn before the last user message loses it in each, as a replayed think block."""
+    import transformers
+
+    tokenizer = byte_tokenizer(tmp_path)
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ask, reply = {"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5", field: "2 + 3 is 5"}
+    follow_up = [{"role": "user", "content": "And 2 + 4?"}, {"role": "assistant", "content": "6", field: "2 + 4 is 6"}]
+    for conversation, expected in (
+        ([ask, reply], f"<think>\n2 + 3 is 5\n</think>\n\n5{EOS}"),
+        ([ask, reply, *follow_up], f"5{EOS}<think>\n2 + 4 is 6\n</think>\n\n6{EOS}"),
+    ):
+        path = tmp_path / "served.jsonl"
+        path.write_text(json.dumps({"messages": conversation}) + "\n")
+        ids, labels = encode_conversation(tokenizer, read_conversations(path, tokenizer)[0])
+        assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == expected
+        rendered = auto.apply_chat_template(
+            conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert rendered["input_ids"] == ids == tokenizer.encode_chat(conversation, add_generation_prompt=False)
+        assert rendered["assistant_masks"] == [int(label != IGNORE_INDEX) for label in labels]
+
+
 @pytest.mark.parametrize(
     ("reply", "refusal"),
     [
