@@ -89,8 +89,13 @@ def eval_command(
 
     if dtype not in EVAL_DTYPES:
         raise typer.BadParameter(f"{dtype!r}: choose one of {', '.join(EVAL_DTYPES)}", param_hint="'--dtype'")
+    names = tuple(name.strip() for name in tasks.split(",") if name.strip())
+    if not names:
+        raise typer.BadParameter(
+            f"{tasks!r} names no task: give task names, comma-separated (code_cloze,code_perplexity)",
+            param_hint="'--tasks'",
+        )
     with user_errors():
-        names = tuple(name.strip() for name in tasks.split(",") if name.strip())
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
         out = out or folder / "eval" / "results"
         samples_folder = out.parent / "lm_eval" if log_samples else None

@@ -135,6 +135,15 @@ def test_eval_runs_the_weights_in_the_dtype_asked_for_and_the_report_reruns_it_s
     assert len(asked) == 2
 
 
+@pytest.mark.parametrize("tasks", [",", " , ", ""])
+def test_tasks_naming_no_task_is_refused_naming_the_option(tmp_path, tasks):
+    """It reached lm_eval, whose 'error: No tasks specified, or no tasks found. Please verify the task names.' named
+    neither --tasks nor what it was given."""
+    refused = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", tasks], env={"COLUMNS": "200"})
+    said = f"Invalid value for '--tasks': {tasks!r} names no task: give task names, comma-separated"
+    assert refused.exit_code == 2 and said in refused.output and not (tmp_path / "eval").exists()
+
+
 def test_the_seekstack_backend_loads_the_weights_in_the_dtype_its_model_args_name(checkpoint):
     import torch
 
