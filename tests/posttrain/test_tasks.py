@@ -359,6 +359,21 @@ def test_signs_before_nested_parentheses_each_negate_as_math_verify_reads_them(a
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{9.8\\,\\text{m}\\,\\text{s}^{-2}}", Fraction(49, 5)),
+     ("\\boxed{9.8 \\text{ m}/\\text{s}^2}", Fraction(49, 5)), ("\\boxed{5 \\text{N} \\cdot \\text{m}}", 5),
+     ("\\boxed{5 \\text{cm}^{-1}}", 5), ("\\boxed{5\\text{ m}\\text{ s}}", 5),
+     ("\\boxed{5\\text{ cm}^2\\text{ all}}", 5), ("\\boxed{5\\,\\mathrm{kg}\\,\\mathrm{m}^{2}\\,\\mathrm{s}^{-2}}", 5),
+     ("\\boxed{\\text{57}\\text{ cm}}", None), ("\\boxed{1/\\text{s}}", None), ("\\boxed{2 \\cdot \\text{m}}", None),
+     ("\\boxed{5" + "\\text{a}" * 5 + "}", None)],
+)  # fmt: skip
+def test_a_unit_of_several_parts_is_dropped_whole_as_math_verify_drops_it(answer, value):
+    """\\boxed{9.8\\,\\text{m}\\,\\text{s}^{-2}} was no number (scored 0 against 9.8): one closing \\text{...} was
+    dropped, squared at most, leaving "9.8\\,\\text{m}"; math-verify drops the unit whole and reads 9.8."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -571,6 +586,8 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "\\{" + "\\frac{1}{3}," * 6_000 + "1\\}",
         "-(" * 35_000 + "x",
         "(" * 35_000 + "x" + ")" * 35_000,
+        "\\text{a}/" * 7_000 + "\\text{a}",  # a unit of more than MAX_UNITS parts is no answer
+        "1" + "\\text{a}^{-1}" * 5_000,
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):

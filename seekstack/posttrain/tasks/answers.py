@@ -58,10 +58,15 @@ ANSWER_LABEL = re.compile(rf"(?i:(?:{ANSWER_WORDS}{LABEL_END}|\*\*{ANSWER_WORDS}
 LABEL_OPENING = re.compile(rf"(?<![\w*])(?:\*\*)?(?i:{ANSWER_WORDS}(?:{LABEL_END}|\*\*))")
 GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
 MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final answer, which minerva_math drops
-# A closing `\text{...}`, squared maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2")
+# A closing `\text{...}`, to a power maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2",
+# "5\text{ cm}^{-1}"); a unit of several, by LaTeX spaces, "/" or \cdot maybe ("9.8\,\text{m}\,\text{s}^{-2}",
+# "9.8\text{ m}/\text{s}^2"), is dropped whole as math-verify drops it, up to MAX_UNITS of them
 TEXT_UNIT = re.compile(
-    r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))\s*\{(?P<words>[^{}]*)\}(?:\^\{?[0-9]\}?)?\Z"
+    r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))\s*\{(?P<words>[^{}]*)\}"
+    r"(?:\^\s*(?:[0-9]|\{\s*[+\-\u2212]?[0-9]+\s*\}))?\Z"
 )
+UNIT_PRODUCTS = ("/", "\\cdot")  # between a unit's parts ("\text{m}/\text{s}", "\text{N} \cdot \text{m}")
+MAX_UNITS = 4  # parts of a unit dropped, at most (kg m^2 s^-2 is 3), so that reading stays linear
 # A closing degree sign, which math-verify drops as a unit ("30^\circ", "30^{\circ}")
 DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})\Z")
 # The brackets of a tuple or an interval ("(1, 2)", "[0, 1)") and of a set ("\{1, 2\}"), as math-verify reads them
@@ -296,12 +301,21 @@ def _number(text: str) -> Reading | None:
 
 
 def _without_unit(text: str) -> str:
-    """`text` less its closing `\\text{...}` (TEXT_UNIT) and the LaTeX space before it (`12\\,\\text{cm}`), and its
-    degree sign (DEGREES) and the LaTeX space before it (`30\\,^\\circ`), as math-verify drops a unit; the words
-    inside `\\text{...}` when they are all there is (`\\text{57}` is 57)."""
-    unit = TEXT_UNIT.search(text)
-    if unit is not None:
-        text = _less_latex_space(text[: unit.start()]).strip() or unit["words"].strip()
+    """`text` less its closing `\\text{...}` (TEXT_UNIT), of up to MAX_UNITS parts, each with the LaTeX space before
+    it (`12\\,\\text{cm}`, `9.8\\,\\text{m}\\,\\text{s}^{-2}`, `9.8\\text{ m}/\\text{s}^2`), and its degree sign
+    (DEGREES) and the LaTeX space before it (`30\\,^\\circ`), as math-verify drops a unit; the words inside
+    `\\text{...}` when they are all there is (`\\text{57}` is 57)."""
+    for part in range(MAX_UNITS):
+        unit = TEXT_UNIT.search(text)
+        if unit is None:
+            break
+        rest = _less_latex_space(text[: unit.start()])
+        if not rest:  # the words of a unit after none, as math-verify reads them ("\\text{57}\\text{ cm}" not)
+            text = "" if part else unit["words"].strip()
+            break
+        product = next((product for product in UNIT_PRODUCTS if rest.endswith(product)), None)
+        factor = _less_latex_space(rest.removesuffix(product)) if product else rest
+        text = factor if product and TEXT_UNIT.search(factor) else rest
     degrees = DEGREES.search(text)
     return _less_latex_space(text[: degrees.start()]) if degrees else text
 
