@@ -536,6 +536,22 @@ def test_a_gold_percentage_verifies_its_number_or_its_hundredth_as_math_verify_r
     assert make_task(path).verify(rate, answer) and rate.answer == "5%"
 
 
+@pytest.mark.parametrize(
+    ("answer", "gold", "verified"),
+    [("0.5%", 0.5, False), ("\\boxed{12.5\\%}", 12.5, False), ("\\frac{1}{2}\\%", "\\frac{1}{2}", False),
+     ("0.5", "0.5%", False), ("12.5", "12.5%", False), ("0.5%", 0.005, True), ("0.005", "0.5%", True),
+     ("12.5%", "\\frac{1}{8}", True), ("50%", 50, True), ("50", "50%", True), ("200%", 2, True)],
+)  # fmt: skip
+def test_a_percentage_is_its_number_only_where_that_is_whole_as_math_verify_compares_it(
+    tmp_path, answer, gold, verified
+):
+    """0.5% verified against a gold 0.5 (and 0.5 against a gold "0.5%"): a percentage was read as its number
+    whatever it was; math-verify takes 9% for 9 between whole numbers alone, and 0.5% is 0.005."""
+    path = problems_file(tmp_path / "rates.jsonl", [{"question": "What share?", "answer": gold}])
+    [rate] = make_task(path).problems
+    assert make_task(path).verify(rate, answer) is verified
+
+
 @pytest.mark.parametrize("answer", ["500", "0.05%", "50%", "0.5"])
 def test_a_gold_percentage_refuses_other_numbers_and_a_percentage_of_its_hundredth(tmp_path, answer):
     path = problems_file(tmp_path / "rates.jsonl", [{"question": "5 of 100?", "answer": "5%"}])

@@ -189,15 +189,16 @@ def read_number(answer: str) -> Fraction | None:
 
 def reads_as(answer: str, value: Fraction | int, percent: bool = False) -> bool:
     """Whether `answer` gives `value` as its final answer (`read_number`), `value` written as a percentage when
-    `percent` (a gold "5%"). As math-verify, a percentage on one side reads either way: "5%" against 5 or 0.05, and
-    5 or 0.05 against a gold 5%; two percentages compare as written."""
+    `percent` (a gold "5%"). As math-verify, a percentage on one side is its hundredth ("5%" against 0.05, 0.05 against
+    a gold 5%), and its number too where that is whole ("5%" against 5: the sign left off or added; "0.5%" is not 0.5
+    nor "12.5%" 12.5, as math-verify compares them); two percentages compare as written."""
     reading = read_answer(answer)
     if reading is None:
         return False
     if reading.percent == percent:
         return reading.value == value
-    written, other = (reading.value, value) if reading.percent else (value, reading.value)
-    return other in (written, written / 100)
+    written, other = (Fraction(reading.value), value) if reading.percent else (Fraction(value), reading.value)
+    return other == written / 100 or (other == written and written.denominator == 1)
 
 
 def read_answer(answer: str) -> Reading | None:

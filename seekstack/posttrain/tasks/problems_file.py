@@ -1,8 +1,9 @@
 """A task of your own problems, read from a JSON Lines file of `{"question": "...", "answer": ...}`, one a line: as
 TRL's GRPO trains on a dataset's prompts with accuracy_reward against its solution column. The answer after
 </think> verifies when it reads (answers.reads_as) as the number the line's answer reads as, or is; a percentage
-("5%") either way, as math-verify reads one. An answer that is a tuple, an interval or a set of numbers ("(1, 2)",
-"[0, 1)", "\\{1, 2\\}") verifies against the same brackets and numbers (answers.read_items; a set's in any order).
+("5%") as its hundredth, and its number where that is whole, as math-verify reads one. An answer that is a tuple,
+an interval or a set of numbers ("(1, 2)", "[0, 1)", "\\{1, 2\\}") verifies against the same brackets and numbers
+(answers.read_items; a set's in any order).
 """
 
 from __future__ import annotations
