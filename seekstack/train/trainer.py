@@ -606,14 +606,19 @@ class _Run:
         self.peak_probes_left = PEAK_PROBES if not config.peak_flops and ranks.device.type == "cpu" else 0
         ranks_note = f" for {ranks.world_size} ranks" if ranks.distributed else ""
         self._say(f"MFU against a peak of {flops_text(self.peak_flops)}{ranks_note}: {peak.source}")
+        # a run refused here (a damaged metrics.jsonl, an out_dir ranks do not share) writes nothing: a refused
+        # resume leaves the run's train_config.json and metrics.jsonl as they were
         if ranks.is_main:
             held.enter_context(out_dir_held(self.out_dir))  # before the run's first write into it
+            kept_metrics = self._kept_metrics()
+        if is_sharded(model) or self.expert_parallel or (self.comm is not None and self.comm.keeps_state):
+            distributed.require_shared_folder(self.out_dir, ranks)  # each rank writes its part of every checkpoint
+        if ranks.is_main:
             config.save(self.out_dir)
             if not resume and hasattr(source, "record"):
                 source.record(self.out_dir)
-            self._trim_metrics()
-        if is_sharded(model) or self.expert_parallel or (self.comm is not None and self.comm.keeps_state):
-            distributed.require_shared_folder(self.out_dir, ranks)  # each rank writes its part of every checkpoint
+            if kept_metrics is not None:
+                write_atomic(self.out_dir / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in kept_metrics))
         if config.warmup_steps >= config.max_steps:
             last = learning_rate(config.max_steps - 1, config)
             ending = (
@@ -1137,21 +1142,21 @@ class _Run:
         if self.ranks.is_main:
             append_metrics(self.out_dir, metrics)
 
-    def _trim_metrics(self) -> None:
-        """Drop lines past the step a resumed run starts from (and that step's evaluation when it runs again), so
-        metrics.jsonl tells one history. A last line cut short (what a run killed while writing it leaves) is dropped
-        with a warning; a damaged earlier one is an error naming it."""
+    def _kept_metrics(self) -> list[dict[str, Any]] | None:
+        """The lines of metrics.jsonl the run keeps (None: it has none): those before the step a resumed run starts
+        from (and that step's, less its evaluation when it runs again), so that it tells one history. A last line cut
+        short (what a run killed while writing it leaves) is dropped with a warning; a damaged earlier one is an error
+        naming it."""
         path = self.out_dir / METRICS_FILE
         if not path.is_file():
-            return
+            return None
         records = read_metrics_file(path, on_torn_tail=lambda why: self._say(f"warning: {why}"))
         redone = self.evaluation_pending  # this step's evaluation runs again: one an earlier resume logged goes
-        kept = [
+        return [
             record
             for record in records
             if record["step"] < self.step or record["step"] == self.step and not (redone and "val_loss" in record)
         ]
-        write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _progress(self, metrics: dict[str, Any], eta_seconds: float, first: bool) -> None:
         loss = (  # a step that trained no labelled token (on-policy answers) has no next-token loss

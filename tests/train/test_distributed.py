@@ -247,6 +247,7 @@ def test_an_out_dir_one_rank_does_not_share_is_refused_where_ranks_write_their_p
     assert refused[0].startswith("out_dir run: rank 1 does not see the files rank 0 writes there")
     assert refused[0].endswith("give an out_dir on a file system every rank shares")
     assert not (tmp_path / "machine0" / "run" / "checkpoints").exists()
+    assert not (tmp_path / "machine0" / "run" / "train_config.json").exists()  # refused before its first write
     assert not (tmp_path / "machine1" / "run").exists()
     assert not list((tmp_path / "machine0" / "run").glob(".ranks_see_*"))
 

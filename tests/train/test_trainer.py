@@ -546,6 +546,20 @@ def test_resume_drops_a_last_metrics_line_cut_short_with_a_warning_and_names_a_d
         train(run_config(data_dir, tmp_path, max_steps=8, save_every=2, eval_every=0), resume=True)
 
 
+def test_a_resume_refused_over_a_damaged_metrics_line_leaves_the_runs_config_as_it_was(data_dir, tmp_path):
+    """The refusal came after train_config.json was written, so the refused run's max_steps=8 stood there as the run's
+    own: the next plain --resume went on to step 8 with no "resuming with max_steps=" warning."""
+    train(run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0))
+    saved = (tmp_path / "train_config.json").read_bytes()
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], lines[1][:-20], *lines[2:]]) + "\n")
+    with pytest.raises(ValueError, match=f"{metrics}:2: not valid JSON"):
+        train(run_config(data_dir, tmp_path, max_steps=8, save_every=2, eval_every=0), resume=True)
+    assert (tmp_path / "train_config.json").read_bytes() == saved
+    assert json.loads(saved)["max_steps"] == 4
+
+
 @pytest.mark.parametrize("damaged", ["train_state.pt", "model.safetensors", "config.json"])
 def test_a_damaged_checkpoint_file_says_how_to_resume_from_the_checkpoint_before_it(data_dir, tmp_path, damaged):
     config = run_config(data_dir, tmp_path / "run", max_steps=4, save_every=2, eval_every=0)
