@@ -512,15 +512,15 @@ class Tokenizer:
 
     def _template_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """`chat_pieces` in the checkpoint's own template (DeepSeek-V2-Chat's, which holds no tools): the system
-        messages, then each other turn rendered alone, an assistant's trained after its generation prompt
-        ("Assistant:"). ValueError naming the template's file where the turns alone do not make the chat."""
+        messages it opens with, then each other turn (a later system message too, which such a template writes where
+        it is) rendered alone, an assistant's trained after its generation prompt ("Assistant:"). ValueError naming
+        the template's file where the turns alone do not make the chat."""
         messages = drop_past_reasoning([self.template_message(p, message) for p, message in enumerate(messages)])
         bos = self.render_chat([], add_generation_prompt=False)
         role = self.render_chat([], add_generation_prompt=True).removeprefix(bos).removesuffix(self.reply_opening)
-        pieces = [
-            (self.render_chat([m for m in messages if m["role"] == "system"], add_generation_prompt=False), False)
-        ]
-        for message in (m for m in messages if m["role"] != "system"):
+        opening = next((p for p, message in enumerate(messages) if message["role"] != "system"), len(messages))
+        pieces = [(self.render_chat(messages[:opening], add_generation_prompt=False), False)]
+        for message in messages[opening:]:
             turn = self.render_chat([message], add_generation_prompt=False).removeprefix(bos)
             trained = message["role"] == "assistant" and message.get("weight", 1) != 0
             pieces += [(role, False), (turn.removeprefix(role), True)] if trained else [(turn, False)]

@@ -24,8 +24,9 @@ from seekstack.posttrain.conversations import (
 from seekstack.posttrain.padding import pad_labelled
 from seekstack.posttrain.sft import SFTSource, run_sft
 from seekstack.serve.reasoning import ReasoningSplit
-from seekstack.tokenizer import ASSISTANT, EOS, train_tokenizer
+from seekstack.tokenizer import ASSISTANT, BOS, EOS, Tokenizer, train_tokenizer
 from seekstack.train.config import resolve_train_config
+from tests.interop.release import v2_chat_tokenizer
 from tests.posttrain.support import byte_tokenizer, micro_checkpoint
 
 CHAT = [
@@ -576,6 +577,23 @@ def test_an_assistants_reasoning_apart_is_templated_for_transformers_and_serve_a
         )
         assert rendered["input_ids"] == ids == tokenizer.encode_chat(conversation, add_generation_prompt=False)
         assert rendered["assistant_masks"] == [int(label != IGNORE_INDEX) for label in labels]
+
+
+def test_a_system_message_in_the_middle_trains_in_a_checkpoints_own_template_where_it_writes_it(tmp_path):
+    """A checkpoint's own template (DeepSeek-V2-Chat's) writes a system message where it is; SFT put every system
+    message first and refused the conversation ("writes a conversation's turns otherwise alone than together")."""
+    v2_chat_tokenizer(tmp_path)
+    tokenizer = Tokenizer.from_file(tmp_path)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "system", "content": "Now in French."},
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut."}]  # fmt: skip
+    ids, labels = encode_conversation(tokenizer, conversation)
+    chat = "Be brief.\n\nUser: Hi\n\nAssistant: Hello.{EOS}Now in French.\n\nUser: Hi\n\nAssistant: Salut.{EOS}"
+    assert tokenizer.decode(ids) == BOS + chat.format(EOS=EOS)
+    spans = "".join(
+        tokenizer.decode([token]) if label != IGNORE_INDEX else "|" for token, label in zip(ids, labels, strict=True)
+    )
+    assert spans.split("|")[-1] == f" Salut.{EOS}" and f"| Hello.{EOS}|" in spans
 
 
 @pytest.mark.parametrize(
