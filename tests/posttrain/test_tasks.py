@@ -552,6 +552,20 @@ def test_a_percentage_is_its_number_only_where_that_is_whole_as_math_verify_comp
     assert make_task(path).verify(rate, answer) is verified
 
 
+@pytest.mark.parametrize(
+    ("answer", "gold", "verified"),
+    [("50 percent", 0.5, True), ("The answer is 50 percent.", 0.5, True), ("\\boxed{50 percent}", 50, True),
+     ("\\boxed{50\\text{ percent}}", 0.5, True), ("50\\mathrm{percent}", "50%", True), ("0.5 percent", 0.5, False),
+     ("50 percent", "0.5%", False), ("50 percentx", 0.5, False)],
+)  # fmt: skip
+def test_the_word_percent_is_a_percent_sign_as_math_verify_reads_it(tmp_path, answer, gold, verified):
+    """The answer "50 percent" was no number (scored 0 against 0.5 and 50), and "\\text{ percent}" a unit dropped (50,
+    wrong against 0.5); math-verify reads the word as "%"."""
+    path = problems_file(tmp_path / "rates.jsonl", [{"question": "What share?", "answer": gold}])
+    [rate] = make_task(path).problems
+    assert make_task(path).verify(rate, answer) is verified
+
+
 @pytest.mark.parametrize("answer", ["500", "0.05%", "50%", "0.5"])
 def test_a_gold_percentage_refuses_other_numbers_and_a_percentage_of_its_hundredth(tmp_path, answer):
     path = problems_file(tmp_path / "rates.jsonl", [{"question": "5 of 100?", "answer": "5%"}])

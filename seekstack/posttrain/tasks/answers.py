@@ -61,8 +61,9 @@ MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final 
 # A closing `\text{...}`, to a power maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2",
 # "5\text{ cm}^{-1}"); a unit of several, by LaTeX spaces, "/" or \cdot maybe ("9.8\,\text{m}\,\text{s}^{-2}",
 # "9.8\text{ m}/\text{s}^2"), is dropped whole as math-verify drops it, up to MAX_UNITS of them
+TEXT = r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))"  # text in math, as math-verify reads a unit in it
 TEXT_UNIT = re.compile(
-    r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))\s*\{(?P<words>[^{}]*)\}"
+    rf"{TEXT}\s*\{{(?!\s*percent\s*\}})(?P<words>[^{{}}]*)\}}"
     r"(?:\^\s*(?:[0-9]|\{\s*[+\-\u2212]?[0-9]+\s*\}))?\Z"
 )
 UNIT_PRODUCTS = ("/", "\\cdot")  # between a unit's parts ("\text{m}/\text{s}", "\text{N} \cdot \text{m}")
@@ -94,6 +95,8 @@ FRACTION = (
 # exponent of up to 3 digits, a number int reads
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
 DOLLAR = r"(?:\\?\$(?:\s|\\[ ,;:!])*)?"  # a dollar sign before the number or its sign, spaced maybe ("$5", "-\$ 5")
+# "%", "\%", and the word as math-verify reads it for "%" ("50 percent", "50\text{ percent}"; not a unit)
+PERCENT = rf"\\?%|percent(?![A-Za-z])|{TEXT}\s*\{{\s*percent\s*\}}"
 RATIO = "[/:]"  # "3/2", and a ratio "3:2" as math-verify reads it: 3/2 ("10:30" is 1/3, not a time)
 # Parentheses around a number, nested maybe, a sign before each pair maybe ("(42)", "-(42)", "-(-42)", "-(-(42))",
 # "-\left(\frac{1}{2}\right)"), as math-verify reads them: the opening ones with their signs, and (matched on the
@@ -106,7 +109,7 @@ SIGNS = ("sign", "top_sign", "bottom_sign", "denominator_sign")
 NUMBER = re.compile(
     rf"{DOLLAR}(?P<sign>{SIGN}){DOLLAR}(?:(?:{WHOLE})?{FRACTION}"
     rf"|(?P<numerator>{UNSIGNED})(?:\s*{RATIO}\s*(?P<denominator_sign>{SIGN})(?P<denominator>{UNSIGNED})|{POWER})?)"
-    r"(?P<percent>(?:\s|\\[ ,;:!])*\\?%)?"  # a space before "%" as math-verify reads it ("5 %", "5\ \%"), SI's "5\,\%"
+    rf"(?P<percent>(?:\s|\\[ ,;:!])*(?:{PERCENT}))?"  # a space before it as math-verify reads it ("5 %"), SI's "5\,\%"
 )
 
 
