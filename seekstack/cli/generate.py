@@ -31,9 +31,14 @@ ModelDir = Annotated[
     ),
 ]
 TokenizerPath = Annotated[Path | None, typer.Option(help="tokenizer.json or its folder, if the model folder has none")]
-UNTIL_CONTEXT = -1  # generate's --max-new-tokens for no limit but the context's, as llama-cli's -n -1
+UNTIL_CONTEXT = -1  # --max-new-tokens for no limit but the context's, as llama-cli's -n -1
 CHECKPOINT_DEFAULT = "default: the checkpoint's generation_config.json, else"  # an unset sampling option's value
-ReplyTokens = Annotated[int | None, typer.Option(help=f"Most tokens of each reply [{CHECKPOINT_DEFAULT} 512]")]
+ReplyTokens = Annotated[
+    int | None,
+    typer.Option(
+        help=f"Most tokens of each reply; -1: until the context is full (llama-cli's -n -1) [{CHECKPOINT_DEFAULT} 512]"
+    ),
+]
 Temperature = Annotated[
     float | None, typer.Option(help=f"Sampling temperature; 0 = greedy [{CHECKPOINT_DEFAULT} 1; chat 0.7]")
 ]
@@ -225,10 +230,9 @@ def generate_command(
             # it with is no part of the text, as llama-cli's -f drops it: the text goes on where its last line ends
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         repetition_penalty=repetition_penalty)  # fmt: skip
-        until_context = max_new_tokens == UNTIL_CONTEXT  # set to the room the prompt leaves, once it is known
         with options_named():
             params = SamplingParams(
-                **given_options({**sampling, "max_new_tokens": None if until_context else max_new_tokens}),
+                **given_options(sampling),
                 presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, seed=seed, stop=tuple(unescape(text) for text in stop or ()),
                 ignore_eos=ignore_eos, logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
@@ -252,10 +256,8 @@ def generate_command(
             if chat
             else encoder.encode_prompt(prompt)
         )
-        if until_context:  # capped below to the room the prompt leaves, unsaid: it was asked for
-            params = dataclasses.replace(params, max_new_tokens=engine.context_len)
-        params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)
-        if notice and not until_context:
+        params, notice = engine.fit_max_new_tokens(len(prompt_ids), params)  # -1 (None): the room, unsaid
+        if notice:
             typer.echo(f"note: {notice}", err=True)
         if as_json:
             print_completion_json(engine, prompt_ids, params)
@@ -462,9 +464,14 @@ def one_stream(
     ).validate()  # fmt: skip
 
 
-def given_options(sampling: dict[str, float | None]) -> dict[str, float]:
-    """The sampling options (and max_new_tokens) the command line set (those not None)."""
-    return {name: value for name, value in sampling.items() if value is not None}
+def given_options(sampling: dict[str, float | None]) -> dict[str, float | None]:
+    """The sampling options (and max_new_tokens) the command line set (those not None), --max-new-tokens -1
+    (UNTIL_CONTEXT, llama-cli's -n -1) as max_new_tokens None: the room the prompt leaves in the context (vLLM's
+    max_tokens=None), which the engine sets per prompt and a chat per reply."""
+    given = {name: value for name, value in sampling.items() if value is not None}
+    if given.get("max_new_tokens") == UNTIL_CONTEXT:
+        given["max_new_tokens"] = None
+    return given
 
 
 def with_checkpoint_defaults(

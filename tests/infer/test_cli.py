@@ -567,6 +567,20 @@ def test_chat_takes_the_sampling_options_generate_takes(checkpoint, engine):
     assert result.stdout == on_its_own_line(reply.text) and reply.token_ids != plain.token_ids  # the penalties told
 
 
+def test_chat_max_new_tokens_minus_one_replies_until_the_context_is_full_as_generates(checkpoint, engine):
+    """generate and llama-cli take -1 for no limit but the context's; chat refused it ("has value -1: input should be
+    greater than 0"). Each reply now fills what its prompt leaves of the context, with no notice of a cap."""
+    result = runner.invoke(app, ["chat", "--model", str(checkpoint), "--temperature", "0", "--max-new-tokens", "-1"],
+                           input="hello\n")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "hello"}])
+    room = SamplingParams(max_new_tokens=engine.context_len - len(prompt), temperature=0)
+    [reply] = engine.generate([prompt], ending_at_special_tokens(room, engine.tokenizer))
+    assert result.stdout == on_its_own_line(reply.text) and "capped" not in result.stderr
+    refused = runner.invoke(app, ["chat", "--model", str(checkpoint), "--max-new-tokens", "-2"], input="hello\n")
+    assert refused.exit_code == 2 and "Invalid value for '--max-new-tokens': has value -2" in refused.stderr
+
+
 def on_its_own_line(text: str) -> str:
     """What the chat prints for a reply or a notice: a newline follows unless it ends with one."""
     return text if text.endswith("\n") else text + "\n"
