@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from seekstack.cli.common import Checkpoint, run_given, user_errors
+from seekstack.cli.common import Checkpoint, options_named, run_given, user_errors
 
 # seekstack/eval/tasks.py's TASKS, kept here for a fast --help (a test checks they agree)
 LOCAL_TASKS = (
@@ -99,10 +99,11 @@ def eval_command(
         folder = run_given(ctx, model) or run_holding(model) or model  # never a run's checkpoint, which pruning deletes
         out = out or folder / "eval" / "results"
         samples_folder = out.parent / "lm_eval" if log_samples else None
-        report = evaluate(
-            model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
-            samples_folder, include_path, dtype, difficulty, seed,
-        )  # fmt: skip
+        with options_named(("batch_size", "limit", "seed")):  # a value evaluate() refuses, as the parser's own
+            report = evaluate(
+                model, names, corpus, backend, batch_size, limit, per_module, device, num_fewshot, apply_chat_template,
+                samples_folder, include_path, dtype, difficulty, seed,
+            )  # fmt: skip
         json_path, table_path = write_results(report, out)
     typer.echo(results_table(report))
     typer.echo(f"wall time {report['wall_s']:.1f} s; wrote {json_path} and {table_path}")

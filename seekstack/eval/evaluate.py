@@ -24,6 +24,7 @@ from seekstack.eval.tasks import (
     unknown_task,
 )
 from seekstack.extras import import_extra
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import TOKENIZER_FILE, Tokenizer
 
 BACKENDS = ("seekstack", "hf")  # ours, or lm_eval's transformers backend on the same checkpoint
@@ -76,7 +77,7 @@ def evaluate(
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if dtype not in EVAL_DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(EVAL_DTYPES)}")
-    number = requests_per_batch(batch_size)  # ValueError for what is neither a number nor auto
+    number = requests_per_batch(batch_size)  # ConfigError for what is neither a number nor auto
     seeds = lm_eval_seeds(seed)
     limit = _documents_limit(limit)
     batch_size = batch_size if number is None else number
@@ -167,26 +168,29 @@ def _save_lm_eval_files(tracker: Any, output: dict[str, Any]) -> None:
 def lm_eval_seeds(seed: str | None) -> list[int | None]:
     """lm_eval's --seed as its command line reads it: one number for all four seeds, or Python's, numpy's, torch's
     and the few-shot sampler's comma-separated (the last left out: lm_eval's default; None: left unset); None:
-    `LM_EVAL_SEEDS`. ValueError for anything else."""
+    `LM_EVAL_SEEDS`. ConfigError (field seed) for anything else."""
     from lm_eval._cli.utils import _int_or_none_list_arg_type
 
     try:
         return _int_or_none_list_arg_type(3, 4, LM_EVAL_SEEDS, seed or LM_EVAL_SEEDS)
     except ValueError as error:
-        raise ValueError(
-            f"seed {seed!r}: {error}; give one number for all four seeds (42), or Python's, numpy's, torch's and the "
-            f"few-shot sampler's ({LM_EVAL_SEEDS}, lm_eval's default; None leaves one unset)"
+        raise ConfigError(
+            f": {seed!r}: {error}; give one number for all four seeds (42), or Python's, numpy's, torch's and the "
+            f"few-shot sampler's ({LM_EVAL_SEEDS}, lm_eval's default; None leaves one unset)",
+            "seed",
         ) from None
 
 
 def _documents_limit(limit: float | None) -> int | float | None:
     """`limit` as lm_eval takes it: a whole number of documents per task, or a fraction of them below 1 (0.1: a
-    tenth); ValueError for anything else."""
+    tenth); ConfigError (field limit) for anything else."""
     if limit is None or 0 < limit < 1:
         return limit
     if limit >= 1 and float(limit).is_integer():
         return int(limit)
-    raise ValueError(f"limit {limit}: give a number of documents per task (40) or a fraction of them below 1 (0.1)")
+    raise ConfigError(
+        f": {limit:g}: give a number of documents per task (40) or a fraction of them below 1 (0.1)", "limit"
+    )
 
 
 def _metric_name(key: str) -> str:

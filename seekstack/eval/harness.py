@@ -73,15 +73,16 @@ def resolve_device(device: str | None) -> torch.device:
 
 def requests_per_batch(batch_size: int | str) -> int | None:
     """lm_eval's `batch_size` as a number of requests, or None for "auto" ("auto:N" too, lm_eval's HF backend's
-    re-detection): the largest batch the device holds, found as the requests come; ValueError for anything else."""
+    re-detection): the largest batch the device holds, found as the requests come; ConfigError (field batch_size)
+    for anything else."""
     if isinstance(batch_size, int) or batch_size.isdigit():
         if int(batch_size) < 1:
-            raise ValueError(f"batch_size={batch_size}: give at least 1 request per batch, or auto")
+            raise ConfigError(f": {batch_size}: give at least 1 request per batch, or auto", "batch_size")
         return int(batch_size)
     head, _, times = batch_size.partition(":")
     if head == "auto" and (not times or times.isdigit()):
         return None
-    raise ValueError(f"batch_size={batch_size!r}: give a number of requests per batch, or auto")
+    raise ConfigError(f": {batch_size!r}: give a number of requests per batch, or auto", "batch_size")
 
 
 def check_max_length(max_length: int | None, weights: Path) -> None:

@@ -217,7 +217,7 @@ def test_eval_batch_size_auto_reaches_lm_eval_and_a_size_that_is_neither_is_refu
     for given in ("auto", "16", 4):
         assert evaluate(tmp_path, ("mc",), None, batch_size=given, device="cpu")["options"]["batch_size"] == asked[-1]
     assert asked == ["auto", 16, 4]
-    with pytest.raises(ValueError, match="batch_size='big': give a number of requests per batch, or auto"):
+    with pytest.raises(ValueError, match="field 'batch_size': 'big': give a number of requests per batch, or auto"):
         evaluate(tmp_path, ("mc",), None, batch_size="big", device="cpu")
     result = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", "--batch-size", "auto", "--out",
                                       str(tmp_path / "results"), "--device", "cpu"])  # fmt: skip
@@ -271,8 +271,24 @@ def test_eval_limit_is_a_number_of_documents_or_a_fraction_of_them_as_lm_evals(t
         assert json.loads((tmp_path / "results.json").read_text())["options"]["limit"] == asked[-1]
     assert asked == [0.1, 40] and isinstance(asked[1], int)
     for wrong in (2.5, 0, -1):
-        with pytest.raises(ValueError, match=f"limit {wrong}: give a number of documents per task .* below 1"):
+        with pytest.raises(ValueError, match=f"field 'limit': {wrong}: give a number of documents per task .* below 1"):
             evaluate(tmp_path, ("mc",), limit=wrong, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "option, given, said",
+    [("--limit", "-1", "-1: give a number of documents per task (40) or a fraction of them below 1 (0.1)"),
+     ("--batch-size", "0", "0: give at least 1 request per batch, or auto"),
+     ("--seed", "1,2", "'1,2': Argument requires 4 integers or None, separated by ','; give one number")],
+)  # fmt: skip
+def test_eval_refuses_a_limit_batch_size_or_seed_it_cannot_use_as_a_usage_error_naming_the_option(
+    tmp_path, option, given, said
+):
+    """They ended as 'error: limit -1.0: give ...' (exit 1), naming the value as evaluate() takes it (limit,
+    batch_size=0, seed) where --dtype's is a usage error naming --dtype (exit 2)."""
+    (tmp_path / "config.json").write_text("{}")
+    refused = CliRunner().invoke(app, ["eval", str(tmp_path), "--tasks", "mc", option, given], env={"COLUMNS": "300"})
+    assert refused.exit_code == 2 and f"Invalid value for '{option}': {said}" in refused.output, refused.output
 
 
 def test_eval_of_a_runs_checkpoint_writes_its_results_into_the_run_never_into_the_checkpoint(tmp_path, monkeypatch):
@@ -755,7 +771,7 @@ def test_eval_seeds_python_numpy_torch_and_the_few_shot_sampler_as_lm_evals_seed
         assert _eval_again(tmp_path, {"options": options}).endswith(f"--seed {options['seed']}`")
     report = evaluate(tmp_path, ("mc",), device="cpu")
     assert [asked[-1][name] for name in names] == [0, 1234, 1234, 1234] and report["options"]["seed"] is None
-    with pytest.raises(ValueError, match=r"seed '1,2': Argument requires 4 integers .* \(42\), or Python's, numpy's"):
+    with pytest.raises(ValueError, match=r"field 'seed': '1,2': Argument requires 4 integers .* \(42\), or Python's"):
         evaluate(tmp_path, ("mc",), device="cpu", seed="1,2")
 
 
