@@ -374,6 +374,17 @@ def test_a_unit_of_several_parts_is_dropped_whole_as_math_verify_drops_it(answer
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("\\boxed{5\\ \\mathrm{m\\,s^{-1}}}", 5), ("\\boxed{9.8 \\, \\mathrm{m/s^{2}}}", Fraction(49, 5)),
+     ("\\boxed{5\\,\\mathrm{kg\\,m^{2}\\,s^{-2}}}", 5), ("\\boxed{5\\,\\text{m{s{x}}}}", None)],
+)  # fmt: skip
+def test_a_unit_with_a_group_inside_is_dropped_as_math_verify_drops_it(answer, value):
+    """\\boxed{5\\ \\mathrm{m\\,s^{-1}}} (a unit's power inside its \\mathrm, as SI is typeset without siunitx) was no
+    number (scored 0 against 5): a unit took no braces inside; math-verify drops it and reads 5."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("\\boxed 7", 7), ("\\boxed7", 7), ("The sum is \\boxed 42.", 42), ("so $\\boxed -3$.", -3),
      ("\\(\\boxed 7\\) ", 7), ("<answer>\\boxed 7</answer>", 7), ("\\boxed{6} no: \\boxed \\frac{14}{2}", 7),
      ("$\\boxed \\$7$", 7), ("\\boxed 7 apples", None), ("\\boxed", None), ("\\boxedx 7", None)],
@@ -618,6 +629,7 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "(" * 35_000 + "x" + ")" * 35_000,
         "\\text{a}/" * 7_000 + "\\text{a}",  # a unit of more than MAX_UNITS parts is no answer
         "1" + "\\text{a}^{-1}" * 5_000,
+        "\\text{{a}" * 7_000,
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):

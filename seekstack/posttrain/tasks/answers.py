@@ -60,10 +60,11 @@ GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after
 MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final answer, which minerva_math drops
 # A closing `\text{...}`, to a power maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2",
 # "5\text{ cm}^{-1}"); a unit of several, by LaTeX spaces, "/" or \cdot maybe ("9.8\,\text{m}\,\text{s}^{-2}",
-# "9.8\text{ m}/\text{s}^2"), is dropped whole as math-verify drops it, up to MAX_UNITS of them
+# "9.8\text{ m}/\text{s}^2", "9.8\,\mathrm{m\,s^{-2}}": one group inside), is dropped whole as math-verify drops it, up
+# to MAX_UNITS of them
 TEXT = r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))"  # text in math, as math-verify reads a unit in it
 TEXT_UNIT = re.compile(
-    rf"{TEXT}\s*\{{(?!\s*percent\s*\}})(?P<words>[^{{}}]*)\}}"
+    rf"{TEXT}\s*\{{(?!\s*percent\s*\}})(?P<words>(?:[^{{}}]|\{{[^{{}}]*+\}})*+)\}}"
     r"(?:\^\s*(?:[0-9]|\{\s*[+\-\u2212]?[0-9]+\s*\}))?\Z"
 )
 UNIT_PRODUCTS = ("/", "\\cdot")  # between a unit's parts ("\text{m}/\text{s}", "\text{N} \cdot \text{m}")
