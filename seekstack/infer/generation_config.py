@@ -3,7 +3,10 @@ top_p 0.95; DeepSeek-V2-Chat: temperature 0.3; a reply's length, max_new_tokens)
 auto` reads them, for what a request or a command line leaves unset. A release that sets `do_sample: false` is decoded
 greedily, as transformers decodes it (whatever temperature it names): vLLM reads no `do_sample` and samples it at
 temperature 1. Its `eos_token_id`, one id or a list, ends generation beside the tokenizer's EOS, as transformers and
-vLLM stop."""
+vLLM stop. Its `max_length` is not read, as vLLM reads none: transformers takes it as the most tokens of prompt and
+reply together when max_new_tokens is unset, a reply's room then shrinking with each prompt, where a reply here is
+max_new_tokens long (the file's, else the command's or SamplingParams' default) and the context alone caps prompt and
+reply together (max_model_len); a release that means a reply's length ships max_new_tokens, which is read."""
 
 from __future__ import annotations
 

@@ -106,6 +106,8 @@ def test_a_folder_without_generation_config_keeps_the_commands_defaults(tmp_path
     assert sampling_defaults(tmp_path) == {}
     (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 1, "do_sample": True}))
     assert sampling_defaults(tmp_path) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_length": 50}))
+    assert sampling_defaults(tmp_path) == {}  # as vLLM's: transformers' prompt + reply cap; the context caps them
     (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 8, "do_sample": True}))
     assert sampling_defaults(tmp_path) == {"max_new_tokens": 8}  # was: {}; vLLM's max_tokens, transformers' limit
 
