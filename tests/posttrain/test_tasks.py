@@ -577,6 +577,19 @@ def test_the_word_percent_is_a_percent_sign_as_math_verify_reads_it(tmp_path, an
     assert make_task(path).verify(rate, answer) is verified
 
 
+@pytest.mark.parametrize(
+    ("answer", "verified"),
+    [("\\boxed{50 percentage}", True), ("The answer is 50 pct.", True), ("50\\text{ pct}", True), ("50 pcts", False),
+     ("50 percentages", False)],
+)  # fmt: skip
+def test_percentage_and_pct_are_percent_signs_as_math_verify_reads_them(tmp_path, answer, verified):
+    """The answer "50 percentage" or "50 pct" was no number (scored 0 against 0.5), "50\\text{ pct}" a unit dropped;
+    math-verify reads both words as "%", as it reads "percent"."""
+    path = problems_file(tmp_path / "rates.jsonl", [{"question": "What share?", "answer": 0.5}])
+    [rate] = make_task(path).problems
+    assert make_task(path).verify(rate, answer) is verified
+
+
 @pytest.mark.parametrize("answer", ["500", "0.05%", "50%", "0.5"])
 def test_a_gold_percentage_refuses_other_numbers_and_a_percentage_of_its_hundredth(tmp_path, answer):
     path = problems_file(tmp_path / "rates.jsonl", [{"question": "5 of 100?", "answer": "5%"}])

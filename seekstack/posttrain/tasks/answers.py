@@ -63,8 +63,9 @@ MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final 
 # "9.8\text{ m}/\text{s}^2", "9.8\,\mathrm{m\,s^{-2}}": one group inside), is dropped whole as math-verify drops it, up
 # to MAX_UNITS of them
 TEXT = r"\\(?:text(?:bf|it|rm|normal)?|mbox|math(?:rm|it|bf))"  # text in math, as math-verify reads a unit in it
+PERCENT_WORD = r"(?:percent(?:age)?|pct)(?![A-Za-z])"  # what math-verify reads for "%": no unit (PERCENT)
 TEXT_UNIT = re.compile(
-    rf"{TEXT}\s*\{{(?!\s*percent\s*\}})(?P<words>(?:[^{{}}]|\{{[^{{}}]*+\}})*+)\}}"
+    rf"{TEXT}\s*\{{(?!\s*{PERCENT_WORD}\s*\}})(?P<words>(?:[^{{}}]|\{{[^{{}}]*+\}})*+)\}}"
     r"(?:\^\s*(?:[0-9]|\{\s*[+\-\u2212]?[0-9]+\s*\}))?\Z"
 )
 UNIT_PRODUCTS = ("/", "\\cdot")  # between a unit's parts ("\text{m}/\text{s}", "\text{N} \cdot \text{m}")
@@ -96,8 +97,9 @@ FRACTION = (
 # exponent of up to 3 digits, a number int reads
 POWER = r"\s*\\(?:times|cdot)\s*10\s*\^\s*(?:\{\s*(?P<exponent>[+\-\u2212]?[0-9]{1,3})\s*\}|(?P<exponent_digit>[0-9]))"
 DOLLAR = r"(?:\\?\$(?:\s|\\[ ,;:!])*)?"  # a dollar sign before the number or its sign, spaced maybe ("$5", "-\$ 5")
-# "%", "\%", and the word as math-verify reads it for "%" ("50 percent", "50\text{ percent}"; not a unit)
-PERCENT = rf"\\?%|percent(?![A-Za-z])|{TEXT}\s*\{{\s*percent\s*\}}"
+# "%", "\%", and the words math-verify reads for "%" ("50 percent", "50 percentage", "50 pct", "50\text{ percent}"; not
+# a unit)
+PERCENT = rf"\\?%|{PERCENT_WORD}|{TEXT}\s*\{{\s*{PERCENT_WORD}\s*\}}"
 RATIO = "[/:]"  # "3/2", and a ratio "3:2" as math-verify reads it: 3/2 ("10:30" is 1/3, not a time)
 # Parentheses around a number, nested maybe, a sign before each pair maybe ("(42)", "-(42)", "-(-42)", "-(-(42))",
 # "-\left(\frac{1}{2}\right)"), as math-verify reads them: the opening ones with their signs, and (matched on the
