@@ -316,3 +316,33 @@ def test_experts_of_one_layer_stored_at_other_group_sizes_are_refused_naming_the
     odd = r"key 'model.layers.1.mlp.experts.3.gate_proj.weight_scale' has shape \(32, 1\), but '.*experts.0.gate_proj"
     with pytest.raises(CheckpointError, match=odd + r".weight_scale' \(32, 2\)"):
         load_pretrained(tmp_path / "model", **offload)
+
+
+NVFP4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16}
+FROZEN_REFUSALS = {
+    "nvfp4": ([Q_B], "quantization_config group 'group_0' quantizes float4 weights per tensor_group; seekstack rounds "
+              "a frozen checkpoint's float weights by their scales as int2 to int8 or float8, per channel, group, "
+              "tensor or block only; compress the checkpoint where it was made (compressed-tensors) or give a float "
+              "one"),
+    "untargeted": (["re:.*o_proj$"], f"layer '{Q_B}' stores a float weight beside its weight_scale, but no "
+                   "quantization_config group targets it; the config and the weights disagree: re-save or "
+                   "re-download the checkpoint"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FROZEN_REFUSALS)
+def test_a_frozen_layer_seekstack_cannot_round_as_compressed_tensors_does_is_refused_naming_the_config(tmp_path, case):
+    """A checkpoint saved uncompressed (quantization_status "frozen") loads its float weights rounded by their scales;
+    one of a format that rounding does not cover (nvfp4's float4 with a global scale), or of no config group, is
+    refused naming config.json, not loaded unrounded."""
+    seekstack.save_pretrained(Transformer(micro_config(**SHAPES)), tmp_path)
+    damage(tmp_path / SINGLE_FILE, lambda tensors: tensors.update({f"{Q_B}.weight_scale": torch.ones(96, 2)}))
+    targets, expected = FROZEN_REFUSALS[case]
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
+        "config_groups": {"group_0": {"targets": targets, "weights": NVFP4}},
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for dequantize in (False, True):
+        assert load_error(tmp_path, dequantize) == f"{tmp_path / 'config.json'}: {expected}"

@@ -25,7 +25,7 @@ from seekstack.checkpoint.keys import (
     TORCH_DTYPES,
     CheckpointError,
 )
-from seekstack.compress.formats import dequantize_int, unpack_codes
+from seekstack.compress.formats import dequantize_int, fake_quantize, unpack_codes
 from seekstack.config import ModelConfig
 
 # naive-quantized: the compressor int-quantized and float-quantized are aliases of in compressed-tensors: the same
@@ -39,6 +39,9 @@ COMPRESSED_TENSORS_FORMATS = (
     "pack-quantized",
     "mixed-precision",
 )
+# The quantization_status of a compressed-tensors checkpoint saved uncompressed (float weights beside their scales and
+# zero points), whose weights that library's forward quantizes and dequantizes by them (fake quantization).
+FAKE_QUANTIZED_STATUSES = ("initialized", "calibration", "frozen")
 INT8_HELD_BITS = range(2, 9)  # the num_bits whose codes compressed-tensors' int-quantized stores as int8
 STORED_WIDTHS = {name: dtype.itemsize for dtype, name in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
 FLOAT_STORED = ("F64", "F32", "F16", "BF16")  # the dtypes a float weight loads from
@@ -159,6 +162,8 @@ class CheckpointReader:
             if fp8:
                 self.fp8_block = _fp8_block(quantization, directory / CONFIG_FILE)
         self.config_groups: dict[str, Any] = (quantization or {}).get("config_groups") or {}
+        status = (quantization or {}).get("quantization_status", "initialized")
+        self.fake_quantized = self.quant_method == "compressed-tensors" and status in FAKE_QUANTIZED_STATUSES
         _refuse_asymmetric_float_groups(self.config_groups, directory / CONFIG_FILE)
         _refuse_activation_ordered_groups(self.config_groups, directory / CONFIG_FILE)
         self.targets = _targets(self.config_groups, directory / CONFIG_FILE)
@@ -333,7 +338,9 @@ class CheckpointReader:
                 )
             return None
         self.used.add(key)
-        if self.stored_dtype(key) not in ("I8", "I32"):
+        # a symmetric group's zeros may be float: compressed-tensors keeps float8 layers' in e4m3 (its zp_dtype)
+        float_zeros = not asymmetric and self.stored_dtype(key) in (*FLOAT_STORED, "F8_E4M3")
+        if self.stored_dtype(key) not in ("I8", "I32") and not float_zeros:
             raise CheckpointError(
                 f"{self.file_of(key)}: key {key!r} is stored as {self.stored_dtype(key)}, but zero points load only "
                 f"as int8, or int32 words packing them (pack-quantized's); {DAMAGED}"
@@ -343,7 +350,7 @@ class CheckpointReader:
             rows = self.unpacked_shape(self.weight_key(layer))[-2]
             points = unpack_codes(points.transpose(-2, -1), self.code_bits(layer)).transpose(-2, -1)[..., :rows, :]
         if not asymmetric:
-            if points.count_nonzero():
+            if points.float().count_nonzero():
                 named = f"group {group!r} of " if group is not None else ""
                 raise CheckpointError(
                     f"{self.file_of(key)}: key {key!r} holds zero points other than 0, but the quantization_config "
@@ -443,9 +450,10 @@ class CheckpointReader:
         stored in a float dtype, or do not fit its shape: e4m3's `weight_scale_inv` one per fp8 block of each of
         `parts` matrices stacked by rows, int8/int4's `weight_scale` one per row and group of columns."""
         shape = self.unpacked_shape(weight_key)
-        stored_fp8 = self.stored_dtype(weight_key) == "F8_E4M3"
-        block = self.float_block(weight_key.removesuffix(".weight")) if stored_fp8 else None  # float-quantized's
-        if stored_fp8 and (block or f"{weight_key}_scale" not in self.key_to_file):
+        stored = self.stored_dtype(weight_key)
+        stored_fp8, in_float = stored == "F8_E4M3", stored in FLOAT_STORED  # float: a frozen layer's (fake-quantized)
+        block = self.float_block(weight_key.removesuffix(".weight")) if stored_fp8 or in_float else None
+        if block or (stored_fp8 and f"{weight_key}_scale" not in self.key_to_file):
             scale_key = weight_key + ("_scale" if block else "_scale_inv")
             block = block or self.fp8_block
             if block is None or scale_key not in self.key_to_file:
@@ -484,6 +492,9 @@ class CheckpointReader:
             loadable, expected = ("F8_E4M3",), f"fp8 e4m3, as its {key}_scale_inv says"
         elif key.endswith(".weight_packed"):
             loadable, expected = ("I32",), "int4/int8 codes packed in int32 words"
+        elif f"{key}_scale" in self and self.fake_quantized:
+            loadable = ("I8", "F8_E4M3", *FLOAT_STORED)
+            expected = f"int8 codes, fp8 e4m3 values or a float weight, as its {key}_scale says"
         elif f"{key}_scale" in self:
             loadable, expected = ("I8", "F8_E4M3"), f"int8 codes or fp8 e4m3 values, as its {key}_scale says"
         else:
@@ -543,11 +554,39 @@ class CheckpointReader:
             points = self.zero_points(key.removesuffix(".weight")) if tensor.dtype == torch.int8 else None
             scale, block = self._get(key + "_scale"), self.float_block(key.removesuffix(".weight"))
             return dequantize_fp8(tensor, scale, block) if block else dequantize_int(tensor, scale, points)
+        if key + "_scale" in self.key_to_file and key.endswith(".weight"):  # a float weight: fake-quantized
+            return self._fake_quantized(key, tensor)
         if tensor.dtype == torch.float8_e4m3fn:
             self.check_scales(key)  # refuses a missing scale or fp8 quantization_config too
             self.used.add(key + "_scale_inv")
             tensor = dequantize_fp8(tensor, self._get(key + "_scale_inv"), self.fp8_block)  # type: ignore[arg-type]
         return tensor  # a float weight memory-mapped as it is, aligned or not (`_maps_in_place` asks)
+
+    def _fake_quantized(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """Float weight `key` (`weight`) of a compressed-tensors checkpoint saved uncompressed (quantization_status
+        "frozen": its `weight_scale` and `weight_zero_point` beside it) as that library's forward uses it: quantized
+        and dequantized by them (`fake_quantize`). CheckpointError naming config.json and the group where no config
+        group targets the layer or its group is in a format seekstack does not round by."""
+        layer, config = key.removesuffix(".weight"), self.directory / CONFIG_FILE
+        group, weights = self._group_of(layer) or (None, {})
+        if group is None:
+            raise CheckpointError(
+                f"{config}: layer {layer!r} stores a float weight beside its weight_scale, but no quantization_config "
+                f"group targets it; the config and the weights disagree: {DAMAGED}"
+            )
+        kind, bits, strategy = weights.get("type", "int"), weights.get("num_bits"), weights.get("strategy")
+        rounded = (kind, bits) == ("float", 8) or (kind == "int" and bits in INT8_HELD_BITS)
+        if not rounded or strategy not in ("channel", "group", "tensor", "block"):
+            raise CheckpointError(
+                f"{config}: quantization_config group {group!r} quantizes {kind}{bits} weights per {strategy}; "
+                "seekstack rounds a frozen checkpoint's float weights by their scales as int2 to int8 or float8, per "
+                "channel, group, tensor or block only; compress the checkpoint where it was made (compressed-tensors) "
+                "or give a float one"
+            )
+        self.check_scales(key)
+        self.used.add(key + "_scale")
+        scale = self._get(key + "_scale")
+        return fake_quantize(weight, scale, self.zero_points(layer), weights, self.float_block(layer))
 
     def activation_note(self) -> str | None:
         """What loading does with the compressed-tensors config groups that quantize their layers' input activations
@@ -586,7 +625,10 @@ class CheckpointReader:
 
     def zero_point_note(self) -> str | None:
         """What loading does with the compressed-tensors config groups of asymmetric int weights (`symmetric: false`,
-        llm-compressor's W4A16_ASYM), whose zero points seekstack's int8/int4 kernels do not take; None without one."""
+        llm-compressor's W4A16_ASYM), whose zero points seekstack's int8/int4 kernels do not take; None without one, and
+        for a checkpoint saved uncompressed (its float weights are read rounded by scales and zero points alike)."""
+        if self.fake_quantized:
+            return None
         asymmetric = [
             f"{name!r}: int{(group.get('weights') or {}).get('num_bits')}"
             for name, group in self.config_groups.items()

@@ -51,6 +51,42 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     return codes * scale.float().repeat_interleave(group, dim=-1)
 
 
+def fake_quantize(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    args: dict[str, Any],
+    block: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """compressed-tensors' quantize-dequantize of a float `weight` (O, I) by its stored scales, which its forward runs
+    on each weight of quantization_status "frozen" (a checkpoint saved uncompressed): q = round(W / s + z), clamped to
+    the range of `args` (int of `num_bits`, or float8 e4m3), then (q - z) x s (its `_quantize_dequantize`), in
+    `weight`'s dtype (transformers holds weight and scales in the model's: the same where it loads in the stored one).
+    `scale` and `zero_point` are (O, G), one per row and group of columns, or, with `block` (rows, columns),
+    (ceil(O / rows), ceil(I / columns)), one per block."""
+
+    def per_element(tensor: torch.Tensor) -> torch.Tensor:
+        if block is None:
+            return tensor.repeat_interleave(weight.shape[-1] // tensor.shape[-1], dim=-1)
+        rows = tensor.repeat_interleave(block[0], dim=-2)[..., : weight.shape[-2], :]
+        return rows.repeat_interleave(block[1], dim=-1)[..., : weight.shape[-1]]
+
+    scale = per_element(scale).to(weight.dtype)
+    zero_point = per_element(zero_point) if zero_point is not None else None
+    scaled = weight / scale
+    if zero_point is not None:
+        scaled = scaled + zero_point.to(weight.dtype)
+    if args.get("type") == "float":
+        limit = torch.finfo(torch.float8_e4m3fn).max
+        rounded = scaled.clamp(-limit, limit).to(torch.float8_e4m3fn).to(scaled.dtype)
+    else:
+        half = 2 ** (args["num_bits"] - 1)
+        rounded = scaled.clamp(-half, half - 1).round()
+    if zero_point is not None:
+        rounded = rounded - zero_point.to(weight.dtype)
+    return rounded * scale
+
+
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """q (..., O, I) int8 codes of `bits` (4 or 8) bits -> (..., O, I * bits / 32) int32 words, pack-quantized."""
     if q.shape[-1] % (32 // bits):

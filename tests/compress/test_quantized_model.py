@@ -882,3 +882,55 @@ def test_a_one_head_model_runs_its_int_kernels_in_bfloat16_on_its_strided_attent
     reference = logits(model)  # float32 activations: cast to bf16 in a copy, which packs the rows
     in_bfloat16 = logits(model.to(torch.bfloat16)).float()
     torch.testing.assert_close(in_bfloat16, reference, rtol=0, atol=0.05)
+
+
+FROZEN_SCHEMES = {
+    "int8 channel": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+    "int4 group asymmetric": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 8},
+    "fp8 block": FP8 | {"strategy": "block", "block_structure": [16, 16]},
+    "fp8 tensor": FP8 | {"strategy": "tensor"},
+}
+
+
+@pytest.mark.parametrize("scheme", FROZEN_SCHEMES)
+def test_a_frozen_checkpoint_loads_its_float_weights_rounded_by_their_scales_as_compressed_tensors_runs_them(
+    tmp_path, scheme
+):
+    """A compressed-tensors checkpoint saved uncompressed (format "dense", quantization_status "frozen": float weights
+    beside their weight_scale and weight_zero_point) was refused as damaged ("stored as F32, but seekstack loads it
+    only as int8 codes or fp8 e4m3 values ... re-save or re-download"); that library's forward quantizes and
+    dequantizes each such weight by its scales, and loading now reads it so."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    from seekstack.checkpoint import SINGLE_FILE, read_safetensors, save_aligned
+
+    weights = FROZEN_SCHEMES[scheme]
+    seekstack.save_pretrained(model_for_tests(), tmp_path)
+    tensors = {name: tensor.clone() for name, tensor in read_safetensors(tmp_path / SINGLE_FILE).items()}
+    generator, theirs = torch.Generator().manual_seed(0), {}
+    for key in [key for key in tensors if key.endswith("_proj.weight")]:
+        rows, columns = tensors[key].shape
+        shape = {"channel": (rows, 1), "tensor": (1,), "group": (rows, columns // 8)}.get(weights["strategy"])
+        scale = torch.rand(shape or (-(-rows // 16), -(-columns // 16)), generator=generator).bfloat16() / 50 + 0.001
+        zero_type = torch.float8_e4m3fn if weights["type"] == "float" else torch.int8  # compressed-tensors' zp_dtype
+        zero_point = torch.zeros(scale.shape, dtype=zero_type)
+        if not weights["symmetric"]:
+            zero_point = torch.randint(-8, 8, scale.shape, generator=generator, dtype=torch.int8)
+        tensors |= {f"{key}_scale": scale, key.replace(".weight", ".weight_zero_point"): zero_point}
+        # as transformers runs it: weight and scale in the model's dtype (float32)
+        theirs[key] = fake_quantize(tensors[key], scale.float(), zero_point, QuantizationArgs(**weights))
+    save_aligned(tensors, tmp_path / SINGLE_FILE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "quantization_status": "frozen",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"],
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for dequantize in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the scales and zero points are read: no key left unused
+            loaded = dict(checkpoint_tensors(seekstack.load_pretrained(tmp_path, dequantize=dequantize)))
+        for key, weight in theirs.items():
+            assert not torch.equal(weight, tensors[key].float()), key  # the rounding is there to see
+            assert loaded[key].dtype == torch.float32 and torch.equal(loaded[key], weight), (key, dequantize)
