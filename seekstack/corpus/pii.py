@@ -148,8 +148,14 @@ def _email_pattern(excluded: str) -> re.Pattern[str]:
         within = f"(?:{letter}|[{marks}.%+-]{between_letters})*+"
         return rf"{letter}{within}(?:{apostrophe}{letter}{within})*+"
 
+    # Nor does one start inside a name that a match refused (`http://foo-bar@host` holds no `bar@host`): not after a
+    # letter or mark, alone or followed by up to three of `.%+-`, nor after four of those; after one to three of them
+    # alone it does (`...bob@x.com`, `-bob@x.com`). The punctuation is tested first, which most places fail at once
+    # (testing the part first made scrubbing 20% slower).
+    part = f"(?:{letter}|[{marks}])"
+    part_then = f"(?<=(?:{part}|[.%+-])[.%+-]{{3}})|(?<={part}[.%+-]{{2}})|(?<={part}[.%+-])"
     local_part = (
-        rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}.%+-])"
+        rf"(?<!{letter})(?<!{letter}{apostrophe})(?<![{marks}])(?<![.%+-](?:{part_then}))"
         rf"(?:(?<!/){local_part_characters(f'|[#$&*^~](?={letter})')}|(?<=/){local_part_characters('')})[\\@]?@"
     )
     one_case = r"(?=(?:[a-z]+|[A-Z][a-z]*|[A-Z]+)(?![A-Za-z]))"

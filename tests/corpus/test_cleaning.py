@@ -1905,6 +1905,19 @@ def test_an_address_after_a_url_or_in_its_query_is_still_replaced() -> None:
     )
 
 
+def test_an_address_after_dots_dashes_or_a_plus_sign_alone_is_replaced() -> None:
+    """An address set right after `.`, `-`, `+` or `%` with no letter before them (an ellipsis, a list's dash) was kept
+    whole: a local part may not start inside a name a match refused, and these were taken for one's middle. A URL's
+    user stays whole, however many such characters it holds."""
+    text = "reach me at ...bob@example.com or\n-ann@example.org (+cy@example.net), Kontakt:.dee@example.de\n"
+    assert scrub_pii(text) == (
+        "reach me at ...<EMAIL> or\n-<EMAIL> (+<EMAIL>), Kontakt:.<EMAIL>\n",
+        {"email": 4},
+    )
+    kept = "http://foo-bar@host.com/ ssh://x.y@example.com/ http://a...b@example.com/ http://a.....b@example.com/\n"
+    assert scrub_pii(kept) == (kept, {})
+
+
 @pytest.mark.parametrize(
     "text",
     [
