@@ -44,6 +44,7 @@ from seekstack.checkpoint.keys import refused_global
 from seekstack.infer.generation_config import GENERATION_CONFIG_FILE
 from seekstack.model.transformer import Transformer
 from seekstack.parallel.distributed import Ranks, barrier, broadcast_text
+from seekstack.schema import ConfigError
 from seekstack.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from seekstack.tokenizer import TOKENIZER_FILE, copy_tokenizer_config
 from seekstack.train.runs import (
@@ -283,6 +284,26 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
         raise CheckpointError(
             f"{source}: its optimizer state does not fit this run's optimizer ({error}): it was saved for other "
             f"parameters; start a new run from the checkpoint's weights with init_from={source.parent}"
+        ) from None
+
+
+@contextmanager
+def restoring(
+    path: Path,
+    key: str,
+    errors: tuple[type[Exception], ...] = (LookupError, TypeError, ValueError, AttributeError, RuntimeError),
+) -> Iterator[None]:
+    """Restoring entry `key` of checkpoint `path`'s train_state.pt: the `errors` torch, numpy or python raise on a value
+    altered by hand (a bare KeyError: 'seed', a tensor of another size) as a CheckpointError naming the file and the
+    key; a ConfigError or CheckpointError passes as it is."""
+    try:
+        yield
+    except (ConfigError, CheckpointError):
+        raise
+    except errors as error:
+        raise CheckpointError(
+            f"{path / TRAIN_STATE_FILE}: its {key!r} cannot be restored ({type(error).__name__}: {error}): it is not "
+            f"as seekstack saves it (altered since, or damaged); {resume_before(path)}"
         ) from None
 
 

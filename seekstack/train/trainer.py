@@ -119,6 +119,7 @@ from seekstack.train.state import (
     rank_optimizer_file,
     read_train_state,
     require_train_state,
+    restoring,
     resume_before,
     rng_state,
     save_checkpoint,
@@ -515,7 +516,8 @@ class _Run:
                 model = hooks.prepare(build_model(config, self.data.tokenizer_info).to(ranks.device))
                 hooks.restore(model, path)
                 train_state = read_train_state(path)
-            self.step = int(train_state["step"])
+            with restoring(path, "step"):
+                self.step = int(train_state["step"])
             distributed.require_same_settings(  # a rank with an out_dir of its own finds its own newest checkpoint
                 {"step": self.step}, ranks, what="checkpoints to resume from",
                 advice="every rank must resume from the same checkpoint: give an out_dir on a file system every rank "
@@ -531,16 +533,19 @@ class _Run:
                 require_saved_seq_len(config, train_state["config"], path)
                 require_checkpoint_tokenizer(path, config.data_dir, self.data.tokenizer_info)
             try:
-                self.data.load_state_dict(train_state["data"])
+                with restoring(path, "data", (LookupError, TypeError, AttributeError)):
+                    self.data.load_state_dict(train_state["data"])
             except ValueError as error:  # a token mixture that cannot go on from it (another mixture_mode)
-                if source is not None:  # a batch source's errors say themselves how to go on
+                if source is not None or isinstance(error, CheckpointError):  # these say themselves how to go on
                     raise
                 raise ValueError(
                     f"{path / TRAIN_STATE_FILE}: {error}; resume with the run's mixture and mixture_mode, or start a "
                     f"new run from its weights with init_from={path}"
                 ) from None
-            self.lr_anchor = resumed_lr_anchor(train_state, config)
-            self.progress_anchor = resumed_progress_anchor(train_state, config)
+            with restoring(path, "lr_anchor"):
+                self.lr_anchor = resumed_lr_anchor(train_state, config)
+            with restoring(path, "progress_anchor"):
+                self.progress_anchor = resumed_progress_anchor(train_state, config)
             self.evaluation_pending = bool(train_state.get("evaluation_pending")) and config.eval_every > 0
             note = passed_over(path) if resume is True else self._later_checkpoints_note()
             if self.step == config.max_steps:  # allowed: an evaluation the run owes still runs
@@ -589,7 +594,8 @@ class _Run:
         if train_state is not None:
             self._load_optimizer(train_state, path)
             self._load_compression(train_state.get("config", {}), path)
-            set_rng_state(train_state["rng"])
+            with restoring(path, "rng"):
+                set_rng_state(train_state["rng"])
         self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
         self.comm_bytes_before = 0
         self.ranks_cpus = distributed.ranks_cpus(ranks) if ranks.device.type == "cpu" else []

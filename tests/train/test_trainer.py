@@ -560,6 +560,31 @@ def test_a_resume_refused_over_a_damaged_metrics_line_leaves_the_runs_config_as_
     assert json.loads(saved)["max_steps"] == 4
 
 
+@pytest.mark.parametrize(
+    ("key", "altered", "error"),
+    [
+        ("data", lambda data: {k: v for k, v in data.items() if k != "seed"}, "KeyError: 'seed'"),
+        ("rng", lambda rng: {**rng, "torch": torch.zeros(3, dtype=torch.uint8)}, "RuntimeError: "),
+        ("rng", lambda rng: {k: v for k, v in rng.items() if k != "numpy"}, "KeyError: 'numpy'"),
+        ("step", lambda step: "two", "ValueError: invalid literal for int()"),
+        ("lr_anchor", lambda anchor: {"step": 2}, "TypeError: "),
+    ],
+)
+def test_a_train_state_entry_altered_by_hand_is_named_with_its_file(data_dir, tmp_path, key, altered, error):
+    """A `data` entry lacking its seed stopped the resume with a bare KeyError: 'seed', a bad `rng`, `step` or
+    `lr_anchor` with torch's or python's error, naming neither the file nor the entry."""
+    train(run_config(data_dir, tmp_path, max_steps=2, save_every=2, eval_every=0))
+    file = tmp_path / "checkpoints" / "step_2" / "train_state.pt"
+    state = torch.load(file, weights_only=False)
+    state[key] = altered(state.get(key))
+    torch.save(state, file)
+    more = run_config(data_dir, tmp_path, max_steps=4, save_every=2, eval_every=0)
+    with pytest.raises(CheckpointError) as refused:
+        train(more, resume=True)
+    assert str(refused.value).startswith(f"{file}: its {key!r} cannot be restored ({error}")
+    assert f"move {file.parent} out of {file.parent.parent}" in str(refused.value)
+
+
 @pytest.mark.parametrize("damaged", ["train_state.pt", "model.safetensors", "config.json"])
 def test_a_damaged_checkpoint_file_says_how_to_resume_from_the_checkpoint_before_it(data_dir, tmp_path, damaged):
     config = run_config(data_dir, tmp_path / "run", max_steps=4, save_every=2, eval_every=0)
