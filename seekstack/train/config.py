@@ -124,7 +124,8 @@ class TrainConfig:
     powersgd_rank: Positive = 4  # rank of PowerSGD's factors
     powersgd_start: Annotated[int, Interval(ge=2)] = 10  # steps of plain all-reduce before PowerSGD starts (>= 2)
     peak_flops: NonNegativeFloat = (
-        0.0  # per device, for the MFU estimate; 0 = a default for the device (see train/mfu.py)
+        0.0  # per device, for the MFU estimate: a card, or a machine's CPUs (its ranks share them); 0 = a default for
+        # the device (see train/mfu.py)
     )
 
     def validate(self, source: str | None = None) -> TrainConfig:

@@ -600,8 +600,10 @@ class _Run:
         self.comm_bytes_before = 0
         self.ranks_cpus = distributed.ranks_cpus(ranks) if ranks.device.type == "cpu" else []
         if config.peak_flops:
-            peak = Peak(config.peak_flops, "peak_flops, as the config gives it")
-            self.peak_flops = config.peak_flops * ranks.world_size
+            # per device: a card's, once per rank; a machine's CPUs, which its ranks share, once per machine
+            devices = len({machine for machine, _ in self.ranks_cpus}) if self.ranks_cpus else ranks.world_size
+            peak = Peak(config.peak_flops, f"peak_flops, as the config gives it, per {self._device_kind()}")
+            self.peak_flops = config.peak_flops * devices
         else:
             peak = probed_in_turns(
                 lambda: default_peak_flops(ranks.device, self.autocast_dtype or torch.float32), ranks
@@ -1191,6 +1193,10 @@ class _Run:
         in turns as at the start, where each rank deciding alone probed on the cores others were probing on."""
         beaten = torch.tensor([float(mfu > 1)], device=self.ranks.device)
         return distributed.all_reduce_sum(beaten, self.ranks).item() > 0
+
+    def _device_kind(self) -> str:
+        """What `peak_flops` is the peak of: one card (a rank's), or one machine's CPUs (all its ranks')."""
+        return "machine (its CPUs, which its ranks share)" if self.ranks_cpus else "card"
 
     def _ranks_peak(self, rank_peak: float) -> float:
         """All ranks' peak FLOP/s from this rank's: a card's once per rank, a CPU's bounded by the cores ranks share."""

@@ -353,3 +353,16 @@ def test_float8_on_a_cpu_is_refused_as_a_config_error_before_the_model_is_built(
     monkeypatch.setattr(trainer, "build_model", build_model)
     with pytest.raises(ConfigError, match="float8=true needs an NVIDIA GPU with FP8 tensor cores.*on a CPU"):
         trainer.train(run_config(data_dir, tmp_path / "f8", float8=True, max_steps=1, eval_every=0, save_every=0))
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+def test_peak_flops_given_for_cpu_ranks_of_one_machine_counts_once_as_the_cpus_they_share(data_dir, tmp_path):  # noqa: F811
+    """peak_flops counted once per rank, so two CPU ranks on one machine given its CPUs' peak divided their FLOP/s by
+    twice that peak (MFU halved), where the probed peak counts the cores they share once."""
+    config = run_config(data_dir, tmp_path / "run", max_steps=1, eval_every=0, save_every=0, peak_flops=1e9)
+    mp.spawn(_rank_main, args=(2, free_port(), config), nprocs=2, join=True)
+    logged = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert [m["peak_flops"] for m in logged] == [1e9]
+    assert (
+        logged[0]["peak_source"] == "peak_flops, as the config gives it, per machine (its CPUs, which its ranks share)"
+    )

@@ -953,7 +953,8 @@ def test_progress_reports_mfu_from_the_training_flops_and_peak(data_dir, tmp_pat
     train(run_config(data_dir, tmp_path / "given", max_steps=1, eval_every=0, save_every=0, peak_flops=1e15))
     (given,) = [m for m in read_metrics(tmp_path / "given") if "loss" in m]
     assert given["mfu"] == pytest.approx(given["tokens_per_s"] * flops_per_token / 1e15)
-    assert (given["peak_flops"], given["peak_source"]) == (1e15, "peak_flops, as the config gives it")
+    given_source = "peak_flops, as the config gives it, per machine (its CPUs, which its ranks share)"
+    assert (given["peak_flops"], given["peak_source"]) == (1e15, given_source)
 
 
 def test_the_eta_of_a_run_longer_than_a_day_counts_its_days_instead_of_wrapping_at_24_hours():
