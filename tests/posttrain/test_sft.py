@@ -27,7 +27,7 @@ from seekstack.serve.reasoning import ReasoningSplit
 from seekstack.tokenizer import ASSISTANT, BOS, EOS, Tokenizer, train_tokenizer
 from seekstack.train.config import resolve_train_config
 from tests.interop.release import v2_chat_tokenizer
-from tests.posttrain.support import byte_tokenizer, micro_checkpoint
+from tests.posttrain.support import assert_refused_naming_ours, byte_tokenizer, micro_checkpoint
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -248,12 +248,7 @@ def test_a_tokenizer_other_than_the_init_from_checkpoints_is_refused_naming_both
 @pytest.mark.parametrize("cls", [SFTConfig, DistillConfig])  # TRL's GKDConfig is an SFTConfig
 def test_trls_sft_field_names_are_refused_naming_ours(tmp_path, trl_name, ours, cls):
     """A TRL SFTConfig name is no field here: the refusal says which field it is (difflib finds none of these)."""
-    with pytest.raises(ConfigError, match=f"unknown field '{trl_name.split('=')[0]}'; .*{re.escape(ours)}"):
-        resolve_train_config(None, [trl_name], cls=cls)
-    config = tmp_path / "sft.yaml"
-    config.write_text(trl_name.replace("=", ": "))
-    with pytest.raises(ConfigError, match=f"sft.yaml: unknown field .*{re.escape(ours)}"):
-        resolve_train_config(config, [], cls=cls)
+    assert_refused_naming_ours(tmp_path, cls, trl_name, ours)
 
 
 @pytest.mark.parametrize("cls", [SFTConfig, GRPOConfig, DistillConfig])
