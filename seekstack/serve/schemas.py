@@ -267,7 +267,15 @@ class ChatMessage(StrictRequest):
                     "then": {
                         "if": {"required": ["refusal"], "properties": {"refusal": {"type": "string"}}},
                         "then": {
-                            "properties": {"content": {"anyOf": [{"type": "null"}, {"maxLength": 0}, {"maxItems": 0}]}}
+                            "properties": {
+                                "content": {
+                                    "anyOf": [
+                                        {"type": "null"},
+                                        {"type": "string", "maxLength": 0},
+                                        {"type": "array", "maxItems": 0},
+                                    ]
+                                }
+                            }
                         },
                     },
                     "else": {

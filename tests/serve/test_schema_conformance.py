@@ -105,6 +105,28 @@ def test_a_completion_with_max_tokens_null_gets_the_default_16_tokens_not_the_wh
         ("/v1/chat/completions", TOOL_RESULT, True),
         ("/v1/chat/completions", NAMELESS_RESULT, False),  # was: served, where OpenAI requires tool_call_id
         ("/v1/chat/completions", CALL_WITHOUT_CONTENT, True),  # was: refused, where OpenAI needs none
+        # a refusal in place of the reply: content null or empty beside it, none else (the schema allowed any)
+        *(
+            (
+                "/v1/chat/completions",
+                {
+                    **CHAT,
+                    "messages": [
+                        *CHAT["messages"],
+                        {"role": "assistant", "content": content, "refusal": "No."},
+                        *CHAT["messages"],
+                    ],
+                },
+                allowed,
+            )
+            for content, allowed in (
+                (None, True),
+                ("", True),
+                ([], True),
+                ("Sure.", False),
+                ([{"type": "text", "text": "Sure."}], False),
+            )
+        ),
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, False),
         ("/v1/completions", {**COMPLETION, "suffix": ""}, True),
         ("/v1/completions", {**COMPLETION, "echo": None}, True),
