@@ -188,7 +188,7 @@ CHAT_TEMPLATE = (
     "{%- set ns.reasoning = ns.reasoning + [message[field]] -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if ns.reasoning | unique | list | length > 1 -%}"
+    "{%- if ns.reasoning | unique(case_sensitive=true) | list | length > 1 -%}"
     "{{- raise_exception(position ~ ' gives two reasonings, which differ: keep the one the assistant wrote') -}}"
     "{%- elif ns.reasoning and '<think>' in content -%}"
     "{{- raise_exception(position ~ ' has its reasoning apart and a <think> block in its content too: keep one') -}}"

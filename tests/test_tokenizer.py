@@ -430,6 +430,8 @@ CALL = {"type": "function", "function": {"name": "get_weather", "arguments": "{}
         ({"role": "assistant", "content": "", "tool_calls": {"0": CALL}}, "chat message 0 has tool_calls"),
         ({"role": "assistant", "content": "Done.", "function_call": CALL["function"]}, "has function_call"),
         ({"role": "assistant", "tool_calls": [{**CALL, "type": "custom"}]}, r"chat message 0 tool_calls\[0\] must be"),
+        # two reasonings differing in case alone: Jinja's unique ignores case unless told
+        ({"role": "assistant", "content": "5", "reasoning_content": "Two", "reasoning": "two"}, "two reasonings"),
         *(
             ({"role": "assistant", "tool_calls": [{"type": "function", "function": function}]}, "tool_calls\\[0\\]")
             for function in ({"name": "", "arguments": "{}"}, {"name": "f", "arguments": None}, {"name": "f"}, "f")
