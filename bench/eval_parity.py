@@ -34,7 +34,7 @@ def main() -> None:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from seekstack.eval.evaluate import evaluate, write_results
+    from seekstack.eval.evaluate import documents_scored, evaluate, write_results
     from seekstack.eval.harness import SeekstackLM
     from seekstack.eval.tasks import PERPLEXITY_CHARS, held_out_modules, next_line_docs
 
@@ -78,7 +78,7 @@ def main() -> None:
     for task, metrics in sorted(reports["seekstack"]["results"].items()):
         for metric, value in metrics.items():
             if not metric.endswith("_stderr"):
-                theirs, n = reports["hf"]["results"][task][metric], reports["seekstack"]["n-samples"][task]["effective"]
+                theirs, n = reports["hf"]["results"][task][metric], documents_scored(reports["seekstack"])[task]
                 print(f"| {task} | {metric} | {_number(value)} | {_number(theirs)} | {n} |")
     print(
         f"\nwall time of the whole evaluation: seekstack {reports['seekstack']['wall_s']:.1f} s, "

@@ -29,8 +29,13 @@ import torch
 
 from seekstack.atomic import write_atomic
 from seekstack.checkpoint import read_config
-from seekstack.compression import COMPRESSIONS
-from seekstack.corpus.sources import FOLDER_FILES_READ, DataSourceError, MissingTextField, open_source
+from seekstack.corpus.sources import (
+    FOLDER_FILES_READ,
+    DataSourceError,
+    MissingTextField,
+    open_source,
+    source_kind,
+)
 from seekstack.jsonl import jsonl_records
 from seekstack.posttrain.config import DEFAULT_VAL_FRACTION, SFTConfig
 from seekstack.posttrain.conversations import HELD_OUT_FILE, is_conversation_record
@@ -55,8 +60,7 @@ def is_chat(path: Path) -> bool:
     """Whether `path` is a JSONL file (compressed maybe, `.jsonl.gz` ..., as `seekstack sft` reads one) whose first
     record is a conversation (`is_conversation_record`: `messages`, TRL's conversational `prompt` and `completion`, or
     its from/value `conversations`)."""
-    uncompressed = path.with_suffix("") if path.suffix.lower() in COMPRESSIONS else path
-    if uncompressed.suffix.lower() != ".jsonl" or not path.is_file():
+    if source_kind(path) != ".jsonl" or not path.is_file():
         return False
     try:
         with closing(jsonl_records(path)) as records:  # read as `seekstack sft` reads it: a BOM, a compression

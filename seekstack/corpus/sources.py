@@ -172,7 +172,7 @@ def read_text_folder(
         subdirs[:] = _unclaimed_folders(Path(directory), subdirs, skipped_dirs, claimed)
         for name in sorted(files):
             path = Path(directory, name)
-            kind = _kind(path)
+            kind = source_kind(path)
             sniffed = NO_SUFFIX in suffixes and (
                 kind == NO_SUFFIX or (kind not in suffixes and _is_named_without_a_file_type(path))
             )
@@ -276,7 +276,7 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
     if not (path.is_file() or path.is_fifo()):
         raise DataSourceError(f"{path}: no such file")
     text = _decoded(_read(path))
-    if _kind(path) in HTML_SUFFIXES or _HTML_START.match(text):
+    if source_kind(path) in HTML_SUFFIXES or _HTML_START.match(text):
         raise DataSourceError(
             f"{path}: an HTML page, whose tags, scripts and menus would be trained on as its text; extract the text "
             "first with trafilatura, as datatrove does (`trafilatura < page.html > page.txt`), and give that (a "
@@ -285,7 +285,7 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
     yield Document(_as_text(path.name), text, _as_text(path.name))
 
 
-def _kind(path: Path) -> str:
+def source_kind(path: Path) -> str:
     """A file's suffix as it says what the text is, in lower case and through a compression suffix: `NOTES.TXT.gz`
     -> `.txt`."""
     return _uncompressed(path).suffix.lower()
@@ -714,7 +714,7 @@ def read_csv(
     and decoded as a text file is (Excel's CSV is Windows-1252); the other columns are not checked. A file opening
     with UTF-16's byte-order mark (Excel's "Unicode Text" export) is read as UTF-16, and one with UTF-32's as UTF-32."""
     path = Path(path)
-    delimiter = "\t" if _kind(path) == ".tsv" else ","
+    delimiter = "\t" if source_kind(path) == ".tsv" else ","
     with _arrow_errors_named(path, "CSV"), _opened(path) as binary:
         start = binary.peek(UTF16_SNIFF_BYTES)  # Excel's "Unicode Text" (UTF-16 TSV), and its CSV (Windows-1252)
         encoding = _marked_encoding(start[:4]) or _legacy_encoding_of_a_table(start) or "utf8"
@@ -846,7 +846,9 @@ def open_source(
     `rows_field`, where given, which no other source has), a file or a named pipe; a saved DatasetDict is refused,
     naming its splits' folders."""
     path = Path(spec)
-    if rows_field is not None and (str(spec) == "stdlib" or path.is_dir() or _kind(path) not in (".json", ".jsonl")):
+    if rows_field is not None and (
+        str(spec) == "stdlib" or path.is_dir() or source_kind(path) not in (".json", ".jsonl")
+    ):
         raise DataSourceError(
             f"{spec}: --rows-field {rows_field} reads the rows a .json or .jsonl file holds under a key; give this "
             "input in another build, without it"
@@ -862,11 +864,11 @@ def open_source(
         raise DataSourceError(f"{path}: no such file or folder (or use 'stdlib' for the default corpus)")
     if rows_field is not None:
         return Rows(functools.partial(read_json, rows_field=rows_field), path, field, id_field)
-    if _kind(path) == ".jsonl":
+    if source_kind(path) == ".jsonl":
         return Rows(read_jsonl, path, field, id_field)
-    if _kind(path) == ".json":
+    if source_kind(path) == ".json":
         return Rows(read_json, path, field, id_field)
-    if _kind(path) in (".csv", ".tsv"):
+    if source_kind(path) in (".csv", ".tsv"):
         return Rows(read_csv, path, field, id_field)
     if path.suffix.lower() == ".parquet":
         return Rows(read_parquet, path, field, id_field)
