@@ -522,8 +522,7 @@ class Tokenizer:
         pieces = [(self.render_chat(messages[:opening], add_generation_prompt=False), False)]
         for message in messages[opening:]:
             turn = self.render_chat([message], add_generation_prompt=False).removeprefix(bos)
-            trained = message["role"] == "assistant" and message.get("weight", 1) != 0
-            pieces += [(role, False), (turn.removeprefix(role), True)] if trained else [(turn, False)]
+            pieces += [(role, False), (turn.removeprefix(role), True)] if is_trained(message) else [(turn, False)]
         if "".join(text for text, _ in pieces) != self.render_chat(messages, add_generation_prompt=False):
             raise ValueError(
                 f"the chat template of {self.chat_template.source} writes a conversation's turns otherwise alone "
@@ -589,7 +588,7 @@ class Tokenizer:
                 ]
                 called = TOOL_CALLS_BEGIN + "\n".join(calls) + TOOL_CALLS_END if calls else ""
                 pieces.append((TOOL_OUTPUTS_END if after_tool else ASSISTANT, False))
-                pieces.append((message["content"] + called + EOS, message.get("weight", 1) != 0))
+                pieces.append((message["content"] + called + EOS, is_trained(message)))
             elif role == "tool":
                 opening = "\n" if after_tool else TOOL_OUTPUTS_BEGIN
                 pieces.append((opening + TOOL_OUTPUT_BEGIN + message["content"] + TOOL_OUTPUT_END, False))
@@ -849,6 +848,11 @@ def template_tool_call(position: int, index: int, call: object) -> dict:
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
     return {**call, "type": "function", "function": {**function, "arguments": arguments}}
+
+
+def is_trained(message: dict) -> bool:
+    """Whether a templated message's tokens are labelled: an assistant message not of weight 0."""
+    return message["role"] == "assistant" and message.get("weight") != 0
 
 
 def drop_past_reasoning(messages: list[dict]) -> list[dict]:

@@ -72,10 +72,10 @@ def fake_quantize(
         return rows.repeat_interleave(block[1], dim=-1)[..., : weight.shape[-1]]
 
     scale = per_element(scale).to(weight.dtype)
-    zero_point = per_element(zero_point) if zero_point is not None else None
+    zero_point = per_element(zero_point).to(weight.dtype) if zero_point is not None else None
     scaled = weight / scale
     if zero_point is not None:
-        scaled = scaled + zero_point.to(weight.dtype)
+        scaled = scaled + zero_point
     if args.get("type") == "float":
         limit = torch.finfo(torch.float8_e4m3fn).max
         rounded = scaled.clamp(-limit, limit).to(torch.float8_e4m3fn).to(scaled.dtype)
@@ -83,7 +83,7 @@ def fake_quantize(
         half = 2 ** (args["num_bits"] - 1)
         rounded = scaled.clamp(-half, half - 1).round()
     if zero_point is not None:
-        rounded = rounded - zero_point.to(weight.dtype)
+        rounded = rounded - zero_point
     return rounded * scale
 
 

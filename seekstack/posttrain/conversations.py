@@ -26,7 +26,7 @@ from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
-from seekstack.tokenizer import Tokenizer, drop_past_reasoning
+from seekstack.tokenizer import Tokenizer, drop_past_reasoning, is_trained
 from seekstack.tokenizer import template_message as chat_template_message
 from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
@@ -382,11 +382,6 @@ def check_weight(position: int, weight: object) -> None:
         raise ValueError(
             f"chat message {position} field 'weight' has value {weight!r}: it must be 0 (not trained on) or 1"
         )
-
-
-def is_trained(message: dict) -> bool:
-    """Whether a templated message's tokens are labelled: an assistant message not of weight 0."""
-    return message["role"] == "assistant" and message.get("weight") != 0
 
 
 def check_whole_characters(position: int, content: str) -> None:
