@@ -104,9 +104,10 @@ def resume_request(resume: bool, resume_from: str | None) -> tuple[bool | Path, 
             "checkpoint, --resume-from from the one it names; give one",
             get_current_context(silent=True),
         )
-    step = None if resume_from is None else resumed_step(resume_from)
-    folder = Path(resume_from) if resume_from is not None and step is None else None
-    return folder or resume or resume_from is not None, step
+    if resume_from is None:
+        return resume, None
+    step = resumed_step(resume_from)
+    return (True, step) if step is not None else (Path(resume_from), None)
 
 
 def resumed_step(given: str) -> int | None:
