@@ -74,14 +74,9 @@ class StudentGenerations:
         prompt_tokens: int | None,
         temperature: float,
     ):
-        self.student, self.tokenizer, self.prompt_tokens, self.temperature = (
-            student,
-            tokenizer,
-            prompt_tokens,
-            temperature,
-        )
-        self.max_tokens, self.pad_id = max_tokens, tokenizer.pad_id
-        self.engine = Engine(student, tokenizer, max_batch_size=rows, max_model_len=max_tokens)
+        self.student, self.prompt_tokens, self.temperature = student, prompt_tokens, temperature
+        self.tokenizer, self.max_tokens, self.pad_id = tokenizer, max_tokens, tokenizer.pad_id
+        self.engine = self._engine(rows)
 
     @torch.no_grad()
     def __call__(
@@ -112,14 +107,16 @@ class StudentGenerations:
         counted = within_lengths(lengths, generated.shape[1])
         return generated, no_labels, compared, counted, None if positions is None else new_positions
 
+    def _engine(self, rows: int) -> Engine:
+        """An engine of the student answering `rows` prompts at once, each up to max_tokens."""
+        return Engine(self.student, self.tokenizer, max_batch_size=rows, max_model_len=self.max_tokens)
+
     def _sample(self, prompts: list[list[int]], max_new_tokens: list[int], ignore_eos: bool) -> list[list[int]]:
         """The student's completion of each prompt, each with its own seed (EOS included when it stopped there), all
         at once: packed rows hold more conversations than the engine was made for, which is then made again for
         them, its cache holding each at max_tokens as it held each row."""
         if len(prompts) > self.engine.max_batch_size:
-            self.engine = Engine(
-                self.student, self.tokenizer, max_batch_size=len(prompts), max_model_len=self.max_tokens
-            )
+            self.engine = self._engine(len(prompts))
         self.engine.reset_prefix_cache()  # prompt blocks cached before the last optimizer step hold stale values
         seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
         params = [
