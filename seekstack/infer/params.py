@@ -206,7 +206,8 @@ def _taking_max_tokens(init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def __init__(self: SamplingParams, *args: Any, max_tokens: int | None = NOT_GIVEN, **kwargs: Any) -> None:
-        init(self, *args, **read_vllm_forms({**kwargs, "max_tokens": max_tokens}))
+        given = kwargs if max_tokens is NOT_GIVEN else read_vllm_forms({**kwargs, "max_tokens": max_tokens})
+        init(self, *args, **given)  # __post_init__ reads vLLM's other forms
 
     fields_only = inspect.signature(init)
     taken = inspect.Parameter("max_tokens", inspect.Parameter.KEYWORD_ONLY, default=NOT_GIVEN, annotation="int | None")
