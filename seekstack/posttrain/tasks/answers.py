@@ -30,6 +30,8 @@ SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?|(?:display|text|script|scrip
 # LaTeX's spaces in math, nothing to the value: "\ ", "\,", "\;", "\:", "\!", "\quad", "\qquad" (math-verify drops them)
 LATEX_SPACE = r"\\(?:[ ,;:!]|q?quad(?![A-Za-z]))"
 OPENING_SPACE = re.compile(rf"\A(?:\s|{LATEX_SPACE})+")  # before an answer ("\boxed{\,57\,}", "\boxed{\quad 57}")
+# One after an answer, its whitespace stripped: then "\ " is a backslash alone ("\boxed{57\ }")
+CLOSING_SPACE = re.compile(rf"(?:{LATEX_SPACE}|\\)\Z")
 # What the answer equals, named ("x = 57", "a_{n} = 57", "\theta = 57", "\angle ABC = 57", "f(2) = 57"): the right
 # side is the answer, as math-verify takes it. A name opens with a letter or a LaTeX command, then letters (digits
 # after one: "x1"), commands with arguments of no digit ("\overline{AB}"), subscripts ("x_1", "a_{12}"), arguments in
@@ -331,10 +333,8 @@ def _less_latex_space(text: str) -> str:
     """`text` less its closing whitespace and one LaTeX space (LATEX_SPACE): `\\,`, `\\;`, `\\:`, `\\!`, `\\ `,
     `\\quad` or `\\qquad`."""
     text = text.rstrip()
-    if text.endswith("\\"):  # "\ ", its space stripped
-        return text[:-1].rstrip()
-    space = next((space for space in ("\\qquad", "\\quad", "\\,", "\\;", "\\:", "\\!") if text.endswith(space)), "")
-    return text[: len(text) - len(space)].rstrip()
+    space = CLOSING_SPACE.search(text)
+    return text[: space.start()].rstrip() if space else text
 
 
 def _fraction(number: str) -> Fraction:
