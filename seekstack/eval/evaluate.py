@@ -64,7 +64,13 @@ def evaluate(
     "wall_s", "results": {task: {metric: value}}, lm_eval's "versions", "n-shot", "higher_is_better" and "n-samples"
     of each task (the examples each ran with, its own default where num_fewshot is None; its documents, all and
     scored), "options": what it ran with, as `seekstack eval` takes them (corpus and per_module None where no task
-    read them)}."""
+    read them)}. ConfigError (field tasks) for no task."""
+    if not tasks:  # lm_eval's own refusal, "No tasks specified, or no tasks found", names neither
+        raise ConfigError(
+            f": {tasks!r} names no task: give at least one, a local task ({', '.join(CODE_TASKS)}, reason_addition, "
+            "...) or an lm_eval task name (hellaswag)",
+            "tasks",
+        )
     if all(is_local_task(task) for task in tasks):  # they never download: say so to `datasets` (read at its import)
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # an lm_eval task's dataset downloads, as under lm_eval
     lm_eval = import_extra("lm_eval", "eval", "seekstack eval")

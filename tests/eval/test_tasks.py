@@ -321,6 +321,17 @@ def test_a_misspelt_local_task_is_named_before_lm_eval_runs(checkpoint):
         evaluate(checkpoint, ("reason_additon",))
 
 
+def test_no_task_is_refused_naming_the_tasks_field_before_lm_eval_runs(checkpoint):
+    """evaluate(tasks=()) reached lm_eval, which said 'No tasks specified, or no tasks found', naming no field."""
+    from seekstack.eval.evaluate import evaluate
+    from seekstack.schema import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        evaluate(checkpoint, ())
+    assert refused.value.field == "tasks"
+    assert str(refused.value).startswith("field 'tasks': () names no task: give at least one, a local task (code_cloze")
+
+
 def test_a_reasoning_task_of_your_own_is_named_reason_module_colon_class_as_sft_rl_and_pass_at_k_name_it(
     checkpoint,
     your_task,  # noqa: F811  (the fixture imported above)
