@@ -202,10 +202,13 @@ class SamplingParams:
 
 def _taking_max_tokens(init: Callable[..., None]) -> Callable[..., None]:
     """SamplingParams' __init__ that takes vLLM's max_tokens= too, read as from_dict reads it (`read_vllm_forms`):
-    max_new_tokens set to it, an unequal max_new_tokens beside it refused."""
+    max_new_tokens set to it, an unequal max_new_tokens beside it refused, but for dataclasses.replace's call."""
+    every_field = {field.name for field in dataclasses.fields(SamplingParams)}
 
     @functools.wraps(init)
     def __init__(self: SamplingParams, *args: Any, max_tokens: int | None = NOT_GIVEN, **kwargs: Any) -> None:
+        if max_tokens is not NOT_GIVEN and not args and kwargs.keys() >= every_field:
+            kwargs.pop("max_new_tokens")  # dataclasses.replace(params, max_tokens=k) passes every field, the old length
         given = kwargs if max_tokens is NOT_GIVEN else read_vllm_forms({**kwargs, "max_tokens": max_tokens})
         init(self, *args, **given)  # __post_init__ reads vLLM's other forms
 

@@ -82,6 +82,18 @@ def test_vllms_max_tokens_reads_and_sets_max_new_tokens_and_dataclasses_replace_
     assert dataclasses.replace(SamplingParams(max_tokens=16), top_k=3).max_tokens == 16
 
 
+def test_dataclasses_replace_takes_vllms_max_tokens_over_the_length_it_copies():
+    """dataclasses.replace(params, max_tokens=5) passes every field, the old max_new_tokens too, so it was refused
+    ("field 'max_tokens' must be left out with max_new_tokens=10") for any params not at the default 128."""
+    params = SamplingParams(max_tokens=10, temperature=0.5, stop="a")
+    shorter = dataclasses.replace(params, max_tokens=5)
+    assert (shorter.max_tokens, shorter.temperature, shorter.stop) == (5, 0.5, ("a",))
+    assert dataclasses.replace(params, max_tokens=None).max_new_tokens is None
+    assert dataclasses.replace(SamplingParams(max_tokens=None), max_tokens=3).max_new_tokens == 3
+    with pytest.raises(ValueError, match=r"^field 'max_tokens' must be left out with max_new_tokens=10"):
+        SamplingParams(max_tokens=5, max_new_tokens=10)  # both given by the caller: still refused
+
+
 def test_none_for_the_fields_vllm_defaults_to_none_reads_as_their_defaults():
     """vLLM's SamplingParams(stop=None, logprobs=None, ...) are its defaults; here they were ConfigErrors ("field 'stop'
     has value None: input should be a valid array"), so code passing an optional value through failed."""
