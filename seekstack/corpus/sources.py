@@ -313,15 +313,12 @@ def _read(path: Path) -> bytes:
 def _decoded(data: bytes) -> str:
     """A text file's text: UTF-8 without its byte-order mark (a file saved with one is the same document); UTF-32 or
     UTF-16 when it opens with that one's mark (`_marked_encoding`); UTF-16 when it holds NUL bytes at one parity of
-    positions as UTF-16 saved without the mark does (`_utf16_without_mark`); when it is no UTF-8, the legacy encoding
-    of a script other than Latin's that it reads as one script's text in (`_legacy_encoding_of_another_script`:
-    cp1251, GBK, Shift_JIS, ...), or UTF-16 when it reads as UTF-16 text of one writing system, as Chinese, Japanese or
-    Korean saved so does
-    (`_utf16_of_one_writing_system`, asked second: Shift_JIS reads so as UTF-16 too), as is valid UTF-8 holding
-    control bytes that so reads (Thai, whose UTF-16 bytes are all ASCII's); Windows-1252 (Latin-1's
-    superset) when not one of its bytes above 127 starts a valid UTF-8 character (a legacy 8-bit file: `café` stays
-    `café`); else UTF-8 with its stray bytes read by `_stray_byte_as_cp1252` (a Latin-1 line in a UTF-8 changelog:
-    `Bj\xf6rn` is `Björn`)."""
+    positions as UTF-16 saved without the mark does (`_utf16_without_mark`); when it is no UTF-8, the encoding
+    `_encoding_of_no_utf8` names: the legacy encoding of a script other than Latin's (cp1251, GBK, Shift_JIS, ...),
+    UTF-16 of one writing system, as Chinese, Japanese or Korean saved so, or Windows-1252 (Latin-1's superset: a
+    legacy 8-bit file), else UTF-8 with its stray bytes read by `_stray_byte_as_cp1252` (a Latin-1 line in a UTF-8
+    changelog: `Bj\xf6rn` is `Björn`); UTF-16 too when valid UTF-8 holds control bytes that read as one writing
+    system's text in it (Thai, whose UTF-16 bytes are all ASCII's)."""
     marked = _marked_encoding(data)
     if marked is not None:
         return data.decode(marked, errors="replace")
@@ -331,16 +328,28 @@ def _decoded(data: bytes) -> str:
     try:
         text = data.decode("utf-8-sig")  # nearly every file, in one pass
     except UnicodeDecodeError:
-        encoding = _legacy_encoding_of_another_script(data) or _utf16_of_one_writing_system(data)
+        encoding = _encoding_of_no_utf8(data, utf16_of_one_writing_system=True)
         if encoding is not None:
             return data.decode(encoding, errors="replace")
-        if _starts_no_utf8_character(data):
-            return data.decode("cp1252", errors="replace")
         return data.decode("utf-8-sig", errors=STRAY_BYTE_AS_CP1252)
     # UTF-16 of a script whose code points' bytes are all ASCII's (Thai, U+0E01-0E5B: `\x0e` every other byte) is
     # valid UTF-8: told by the control bytes no text holds, when it has no NUL of a space or line end to be told by
     utf16 = _utf16_of_one_writing_system(data) if _NOT_TEXT_BYTES.search(data, 0, UTF16_SNIFF_BYTES) else None
     return text if utf16 is None else data.decode(utf16, errors="replace")
+
+
+def _encoding_of_no_utf8(data: bytes, utf16_of_one_writing_system: bool = False) -> str | None:
+    """The encoding of bytes that UTF-8 fails on: the legacy encoding of another script that they read in
+    (`_legacy_encoding_of_another_script`), else, with `utf16_of_one_writing_system`, UTF-16 when they read as one
+    writing system's text in it (`_utf16_of_one_writing_system`, asked second: Shift_JIS reads so as UTF-16 too), else
+    Windows-1252 when not one of their bytes above 127 starts a valid UTF-8 character (a legacy 8-bit file); None for
+    UTF-8 with stray bytes, read by `_stray_byte_as_cp1252`."""
+    encoding = _legacy_encoding_of_another_script(data)
+    if encoding is None and utf16_of_one_writing_system:
+        encoding = _utf16_of_one_writing_system(data)
+    if encoding is None and _starts_no_utf8_character(data):
+        return "cp1252"
+    return encoding
 
 
 def _utf16_without_mark(data: bytes) -> str | None:
@@ -735,7 +744,7 @@ def _legacy_encoding_of_a_table(start: bytes) -> str | None:
     try:
         codecs.getincrementaldecoder("utf-8")().decode(start, final=False)  # not final: `start` may cut a character
     except UnicodeDecodeError:
-        return _legacy_encoding_of_another_script(start) or ("cp1252" if _starts_no_utf8_character(start) else None)
+        return _encoding_of_no_utf8(start)
     return None
 
 
