@@ -424,6 +424,18 @@ def test_the_answer_sentence_after_the_working_reads_as_lm_eval_gsm8k_cot_reads_
 
 @pytest.mark.parametrize(
     ("answer", "value"),
+    [("答案是 7。", 7), ("答案是7", 7), ("最终答案：7", 7), ("答案为：$\\frac{14}{2}$。", 7), ("**答案：** 7", 7),
+     ("**最终答案**：7", 7), ("所以 3 + 4 = 7，答案是 7。", 7), ("答案是 6。不，答案是 7。", 7), ("我想是 7。", None),
+     ("答案是 6 或 7。", None)],
+)  # fmt: skip
+def test_an_answer_after_a_chinese_label_reads_as_lighteval_s_multilingual_math_reads_it(answer, value):
+    """A reply in Chinese, "答案是 7。" or "最终答案：7", was no number (scored 0 against 7): only English labels were
+    read; lighteval's Chinese math metrics read its answer word 答案 and colon ：, math-verify the first of them."""
+    assert read_number(answer) == value
+
+
+@pytest.mark.parametrize(
+    ("answer", "value"),
     [("#### 7", 7), ("####7", 7), ("Natalia sold 48/2 = 24 clips in May.\n#### 1,072", 1072),
      ("<answer>#### -7</answer>", -7), ("#### 6\n#### 7", 7), ("so 6 + 1 = 7\n####", None), ("#### 6 or 7", None)],
 )  # fmt: skip
@@ -643,6 +655,8 @@ def test_a_wrong_boxed_answer_inside_the_think_block_is_not_the_answer():
         "\\text{a}/" * 7_000 + "\\text{a}",  # a unit of more than MAX_UNITS parts is no answer
         "1" + "\\text{a}^{-1}" * 5_000,
         "\\text{{a}" * 7_000,
+        "所以答案是" * 14_000 + "x",
+        "答案" + " " * 70_000 + "x",
     ],
 )
 def test_an_adversarial_answer_is_read_in_linear_time(answer):

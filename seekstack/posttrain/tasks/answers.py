@@ -52,13 +52,17 @@ VARIABLE = re.compile(
 # DAPO's "Answer: 57" (its prompt asks for that line; verl's math_dapo reads what follows, math-verify reads it too),
 # and the sentence "The answer is 57." (lm-eval's gsm8k_cot reads the number after it; "The answer is: 57" too), as
 # Minerva's "Final Answer: The final answer is 57. I hope it is correct." (lm-eval's minerva_math) writes both; in
-# Markdown's bold maybe ("**Answer:** 57", "**Final Answer**", as chat models write them and math-verify reads them)
-ANSWER_WORDS, LABEL_END = r"(?:the\s+)?(?:final\s+)?answer", r"(?:\s*:|\s+is\b(?:\s*:)?)"
-ANSWER_LABEL = re.compile(rf"(?i:(?:{ANSWER_WORDS}{LABEL_END}|\*\*{ANSWER_WORDS}{LABEL_END}?\*\*:?)\s*)+")
+# Markdown's bold maybe ("**Answer:** 57", "**Final Answer**", as chat models write them and math-verify reads them);
+# in Chinese, "答案是 57。", "最终答案：57" (lighteval's multilingual math metrics read its answer word
+# 答案 and its colon)
+ANSWER_WORDS = r"(?:(?:the\s+)?(?:final\s+)?answer|(?:最终)?答案)"
+LABEL_END = r"(?:\s*[:：]|\s+is\b(?:\s*:)?|\s*[是为](?:\s*[:：])?)"
+ANSWER_LABEL = re.compile(rf"(?i:(?:{ANSWER_WORDS}{LABEL_END}|\*\*{ANSWER_WORDS}{LABEL_END}?\*\*[:：]?)\s*)+")
 # Where such a label opens after the working ("... so 48 + 24 = 72. The answer is 72.", gsm8k_cot's exemplars): the
 # final answer follows the last one, as lm-eval's gsm8k_cot searches the whole reply for the sentence
-LABEL_OPENING = re.compile(rf"(?<![\w*])(?:\*\*)?(?i:{ANSWER_WORDS}(?:{LABEL_END}|\*\*))")
+LABEL_OPENING = re.compile(rf"(?<![A-Za-z0-9_*])(?:\*\*)?(?i:{ANSWER_WORDS}(?:{LABEL_END}|\*\*))")
 GSM8K_MARKER = "####"  # GSM8K's solutions end "#### 72": the final answer after it (lm-eval's gsm8k strict-match)
+PERIODS = (".", "\u3002")  # a sentence's closing period, or Chinese's "。", after a final answer
 MINERVA_CLOSING = "I hope it is correct."  # the sentence after Minerva's final answer, which minerva_math drops
 # A closing `\text{...}`, to a power maybe: the unit math-verify drops ("57\text{ apples}", "8\text{ cm}^2",
 # "5\text{ cm}^{-1}"); a unit of several, by LaTeX spaces, "/" or \cdot maybe ("9.8\,\text{m}\,\text{s}^{-2}",
@@ -122,17 +126,18 @@ def final_answer(answer: str) -> str | None:
     """The text of the final answer: the contents of the last `\\boxed{...}` (its braces nested; `\\boxed 57` to the
     end of its math, less a closing period), else of the last `<answer>...</answer>`, else `answer`; after its last
     `####` (GSM8K's), from its last `Answer:` label or sentence `The answer is` (`Final Answer: The final answer is 57.
-    I hope it is correct.`, Minerva's; `**Answer:**`, Markdown's bold), outside math delimiters (`$57$`), Markdown's
-    bold (`**57**`) and a closing period. None when the last box is never closed."""
+    I hope it is correct.`, Minerva's; `**Answer:**`, Markdown's bold; `答案是`, `最终答案：`, Chinese), outside math
+    delimiters (`$57$`), Markdown's bold (`**57**`) and a closing period (`.`, `。`). None when the last box is never
+    closed."""
     boxes = list(BOXED.finditer(answer))
     if boxes:
         start = boxes[-1].end()
         if answer.startswith("{", start):
             return _braced(answer, start + 1)
         end = MATH_END.search(answer, start)
-        return answer[start : end.start() if end else len(answer)].strip().removesuffix(".").strip()
+        return _less_period(answer[start : end.start() if end else len(answer)])
     text = _from_last_label(_tagged(answer).rpartition(GSM8K_MARKER)[2])
-    text = text.strip().removesuffix(MINERVA_CLOSING).strip().removesuffix(".").strip()
+    text = _less_period(text.strip().removesuffix(MINERVA_CLOSING))
     labelled = ANSWER_LABEL.match(text)
     if labelled is None:  # "**The answer is 57.**", the sentence in bold
         text = _unadorned(text)
@@ -140,7 +145,7 @@ def final_answer(answer: str) -> str | None:
     text = _unadorned(text[labelled.end() if labelled else 0 :])
     for opening, closing in MATH_DELIMITERS:
         if len(text) > len(opening) + len(closing) and text.startswith(opening) and text.endswith(closing):
-            return text[len(opening) : -len(closing)].strip().removesuffix(".").strip()
+            return _less_period(text[len(opening) : -len(closing)])
     return text
 
 
@@ -152,10 +157,16 @@ def _from_last_label(text: str) -> str:
 
 def _unadorned(text: str) -> str:
     """`text` less the whitespace around it, a closing period and Markdown's bold around it whole (`**57**.`)."""
-    text = text.strip().removesuffix(".").strip()
+    text = _less_period(text)
     if len(text) > 4 and text.startswith("**") and text.endswith("**"):
-        return text[2:-2].strip().removesuffix(".").strip()
+        return _less_period(text[2:-2])
     return text
+
+
+def _less_period(text: str) -> str:
+    """`text` less the whitespace around it and a closing period (`.`, or `。`, Chinese's)."""
+    text = text.strip()
+    return text[:-1].strip() if text.endswith(PERIODS) else text
 
 
 def _tagged(answer: str) -> str:
