@@ -55,7 +55,15 @@ from seekstack.serve.protocol import (
     sampling_params,
     vllm_prompt_logprobs,
 )
-from seekstack.serve.ratelimit import Charge, NeverFits, RateLimited, RateLimiter
+from seekstack.serve.ratelimit import (
+    STATE,
+    Charge,
+    NeverFits,
+    RateLimited,
+    RateLimiter,
+    RateLimitHeaders,
+    limit_headers,
+)
 from seekstack.serve.reasoning import ReasoningSplit, given_start
 from seekstack.serve.request_ids import HEADER as REQUEST_ID
 from seekstack.serve.request_ids import RequestIds, request_id_of
@@ -101,8 +109,8 @@ class EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[int], Awaitable[None]], headers: dict[str, str]):
-        super().__init__(events, headers=headers)
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[int], Awaitable[None]]):
+        super().__init__(events)
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -261,7 +269,7 @@ class Server:
         bill.key = await asyncio.to_thread(self.authenticate, request)  # database reads: off the event loop
         charge = None  # the rate-limit charge, once admitted
         try:
-            charge = await in_write_thread(self.admit, bill.key)  # counted, whatever comes of it
+            charge = await self.count(request, bill.key)  # counted, whatever comes of it
             await asyncio.to_thread(self.refuse_over_budget, bill.key)  # before any work: a database read
             bill.plan = bill.key.prices if bill.key else await asyncio.to_thread(self.ledger.default_plan)
             raw = await read_body(request, self.max_body_bytes)
@@ -296,7 +304,7 @@ class Server:
             if start is not None:  # stops match the answer
                 choices = [dataclasses.replace(params, stop_after_reasoning=start) for params in choices]
             tokens = prompt_tokens + sum(params.max_new_tokens for params in choices)
-            limits = await in_write_thread(self.reserve, bill.key, charge, tokens)  # x-ratelimit-* headers
+            request.scope["state"][STATE] = await in_write_thread(self.reserve, bill.key, charge, tokens)  # headers
             constraints = [output_format.constraint() for _ in choices] if output_format else None
             try:
                 group = await self.bridge.submit(requests, choices, adapter, constraints)
@@ -357,12 +365,11 @@ class Server:
                 await finish(500)
                 raise
             events = self.stream(body, prompts, group, bill, usage, categories, response_id)
-            return EventStream(events, on_close=finish, headers=limits)
+            return EventStream(events, on_close=finish)
         status = CLIENT_CLOSED
         try:
             answer = self.complete(body, prompts, group, bill, usage, categories, response_id)
             response = await _unless_client_leaves(request, answer)
-            response.headers.update(limits)
             status = 200
             return response
         except ClientLeft:
@@ -426,23 +433,25 @@ class Server:
                 headers={"x-should-retry": "false"},  # the openai client's retries would each count, and be refused
             )
 
-    def admit(self, key: ApiKey | None) -> Charge | None:
-        """Count a request against the key's requests per minute, at no tokens yet (None for a key without limits);
-        429 over them."""
+    async def count(self, request: Request, key: ApiKey | None) -> Charge | None:
+        """Count `request` against the key's requests per minute, at no tokens yet (None for a key without limits);
+        429 over them. From then on its response, whatever it is, carries the `x-ratelimit-*` headers of the key's
+        limits, as OpenAI's do (`RateLimitHeaders`)."""
         if key is None or (key.rpm is None and key.tpm is None):
             return None
         with _rate_limit_errors():
-            return self.limiter.admit(key.name, key.rpm)
+            charge = await in_write_thread(self.limiter.admit, key.name, key.rpm, key.tpm)
+        request.scope["state"][STATE] = limit_headers(charge.requests, charge.tokens)
+        return charge
 
     def reserve(self, key: ApiKey | None, charge: Charge | None, tokens: int) -> dict[str, str]:
         """Charge an admitted request (`charge`) the `tokens` it may use against the key's tokens per minute; 429 over
-        them, 400 for more than the key may use in a minute. The `x-ratelimit-*` headers of the key's limits, as
-        OpenAI answers with them (none for a key without limits)."""
+        them, 400 for more than the key may use in a minute. The `x-ratelimit-*` headers of the key's limits, this
+        charge taken (none for a key without limits)."""
         if charge is None:
             return {}
         with _rate_limit_errors():
-            windows = (charge.requests, self.limiter.reserve(charge, key.name, key.tpm, tokens))
-        return {name: value for window in windows if window for name, value in window.headers().items()}
+            return limit_headers(charge.requests, self.limiter.reserve(charge, key.name, key.tpm, tokens))
 
     async def complete(
         self,
@@ -748,7 +757,7 @@ class ChoicesPolicy:
 
 @contextmanager
 def _rate_limit_errors() -> Iterator[None]:
-    """The rate limiter's refusals as the API's errors: 429 with Retry-After and the limit's `x-ratelimit-*` headers,
+    """The rate limiter's refusals as the API's errors: 429 with Retry-After and the key's `x-ratelimit-*` headers,
     400 for a request that never fits."""
     try:
         yield
@@ -757,7 +766,7 @@ def _rate_limit_errors() -> Iterator[None]:
     except RateLimited as error:
         raise APIError(
             429, str(error), "rate_limit_error", code="rate_limit_exceeded",
-            headers={"Retry-After": str(error.retry_after_s), **error.window.headers()},
+            headers=error.headers(),
         ) from None  # fmt: skip
 
 
@@ -824,6 +833,7 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["Retry-After", "X-Request-Id"],
                            max_age=600)  # fmt: skip
+    app.add_middleware(RateLimitHeaders)  # a counted request's x-ratelimit-* headers, on its answer or error
     app.add_middleware(RequestIds)  # every response's X-Request-Id
     app.state.server = server
     openapi_document = describe(app, [ChatCompletionRequest, CompletionRequest, ModerationRequest, *TOKENIZE_REQUESTS],
@@ -917,12 +927,11 @@ def create_app(
     async def moderations(request: Request) -> JSONResponse:
         """Which of the server's content-policy categories each input falls in (none without a policy)."""
         key = await asyncio.to_thread(server.authenticate, request)
-        charge = await in_write_thread(server.admit, key)  # a request of the key's requests per minute, at no tokens
-        limits = {} if charge is None or charge.requests is None else charge.requests.headers()
+        await server.count(request, key)  # a request of the key's requests per minute, at no tokens
         raw = await read_body(request, server.max_body_bytes)
         body = await asyncio.to_thread(parse_body, ModerationRequest, raw)  # a 4 MB body: 70 ms of JSON
         answer = await asyncio.to_thread(server.safety.moderations, body, key)
-        return JSONResponse(answer.model_dump(), headers=limits)
+        return JSONResponse(answer.model_dump())
 
     @app.get("/v1/admin/usage", response_model=UsageReport, responses=error_responses(400, 401, 403, 404, 500))
     async def admin_usage(

@@ -17,9 +17,13 @@ import math
 import time
 from dataclasses import dataclass
 
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from seekstack.serve.database import Database, Statements, retrying_while_busy
 
 WINDOW_S = 60.0
+STATE = "rate_limits"  # a request's `x-ratelimit-*` headers, in its scope's state, once it is counted
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,22 @@ class Window:
         }
 
 
-class RateLimited(Exception):
-    """Over a limit: `retry_after_s` says when the request would fit, `window` what the limit leaves."""
+def limit_headers(*windows: Window | None) -> dict[str, str]:
+    """The `x-ratelimit-*` headers of each of `windows` (None: a limit the key does not have)."""
+    return {name: value for window in windows if window is not None for name, value in window.headers().items()}
 
-    def __init__(self, message: str, retry_after_s: int, window: Window):
+
+class RateLimited(Exception):
+    """Over a limit: `retry_after_s` says when the request would fit, `window` what the limit leaves, `other` what
+    the key's other limit leaves (None: it has none)."""
+
+    def __init__(self, message: str, retry_after_s: int, window: Window, other: Window | None = None):
         super().__init__(message)
-        self.retry_after_s, self.window = retry_after_s, window
+        self.retry_after_s, self.window, self.other = retry_after_s, window, other
+
+    def headers(self) -> dict[str, str]:
+        """`Retry-After` and the `x-ratelimit-*` headers of both of the key's limits."""
+        return {"Retry-After": str(self.retry_after_s), **limit_headers(self.window, self.other)}
 
 
 class NeverFits(ValueError):
@@ -57,11 +71,12 @@ class NeverFits(ValueError):
 
 @dataclass(frozen=True)
 class Charge:
-    """A request's row in `rate_charges`, and what its key's requests per minute leave once it is counted (None: no
-    such limit)."""
+    """A request's row in `rate_charges`, what its key's requests per minute leave once it is counted, and what its
+    tokens per minute leave before it is charged any (None: no such limit)."""
 
     charge_id: int
     requests: Window | None = None
+    tokens: Window | None = None
 
 
 class RateLimiter:
@@ -71,24 +86,26 @@ class RateLimiter:
         self.database = database
         self._clock = clock
 
-    def admit(self, key_name: str, rpm: int | None) -> Charge:
-        """Count one request of `key_name`, at no tokens yet, or raise `RateLimited` over its `rpm`."""
-        return retrying_while_busy(self.database, lambda: self._admit_once(key_name, rpm))
+    def admit(self, key_name: str, rpm: int | None, tpm: int | None = None) -> Charge:
+        """Count one request of `key_name`, at no tokens yet, or raise `RateLimited` over its `rpm`; what its `tpm`
+        leaves comes with either."""
+        return retrying_while_busy(self.database, lambda: self._admit_once(key_name, rpm, tpm))
 
-    def _admit_once(self, key_name: str, rpm: int | None) -> Charge:
+    def _admit_once(self, key_name: str, rpm: int | None, tpm: int | None) -> Charge:
         with self.database.transaction() as connection:
             now, charges = self._window(connection, key_name)
+            tokens = None if tpm is None else _tokens_window(charges, tpm, 0, now)
             if rpm is not None and len(charges) >= rpm:
                 wait = charges[-rpm]["at"] + WINDOW_S - now
                 raise RateLimited(f"key {key_name!r} is over its limit of {rpm} requests per minute (used "
                                   f"{len(charges)}, requested 1): try again in {_seconds(wait)} s", _seconds(wait),
-                                  Window("requests", rpm, 0, wait))  # fmt: skip
+                                  Window("requests", rpm, 0, wait), tokens)  # fmt: skip
             row = connection.execute(
                 "INSERT INTO rate_charges (key_name, at, tokens) VALUES (?, ?, 0) RETURNING id", (key_name, now)
             ).fetchone()
         oldest = charges[0]["at"] if charges else now
-        return Charge(row["id"], None if rpm is None else Window("requests", rpm, rpm - len(charges) - 1,
-                                                                 oldest + WINDOW_S - now))  # fmt: skip
+        requests = None if rpm is None else Window("requests", rpm, rpm - len(charges) - 1, oldest + WINDOW_S - now)
+        return Charge(row["id"], requests, tokens)
 
     def reserve(self, charge: Charge, key_name: str, tpm: int | None, tokens: int) -> Window | None:
         """Charge an admitted request the `tokens` it may use, or raise `RateLimited` (or `NeverFits`) over `tpm`: the
@@ -112,9 +129,10 @@ class RateLimiter:
                 wait = _time_until_free(charges, used + tokens - tpm, now)
                 raise RateLimited(f"key {key_name!r} is over its limit of {tpm} tokens per minute (used {used}, "
                                   f"requested {tokens}): try again in {_seconds(wait)} s", _seconds(wait),
-                                  Window("tokens", tpm, tpm - used, wait))  # fmt: skip
+                                  Window("tokens", tpm, tpm - used, wait), charge.requests)  # fmt: skip
             connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
-        return Window("tokens", tpm, tpm - used - tokens, _time_until_free(charges, 1, now) if used else WINDOW_S)
+            charges = [row for row in charges if row["id"] != charge.charge_id]
+        return _tokens_window(charges, tpm, tokens, now)
 
     def _window(self, connection: Statements, key_name: str) -> tuple[float, list[dict]]:
         """The time now and `key_name`'s charges of the last minute, oldest first, the key's row held (in the open
@@ -145,6 +163,13 @@ class RateLimiter:
             connection.execute("UPDATE rate_charges SET tokens = ? WHERE id = ?", (tokens, charge.charge_id))
 
 
+def _tokens_window(charges: list[dict], tpm: int, charged: int, now: float) -> Window:
+    """What `tpm` leaves a key whose window holds `charges` and a request charged `charged` tokens: its reset when
+    the oldest charge of tokens leaves the window (a minute when none is charged)."""
+    used = sum(charge["tokens"] for charge in charges)
+    return Window("tokens", tpm, tpm - used - charged, _time_until_free(charges, 1, now) if used else WINDOW_S)
+
+
 def _time_until_free(charges: list[dict], excess: int, now: float) -> float:
     """Seconds until the oldest charges, expiring, free `excess` tokens."""
     freed = 0
@@ -157,3 +182,26 @@ def _time_until_free(charges: list[dict], excess: int, now: float) -> float:
 
 def _seconds(wait: float) -> int:
     return max(1, math.ceil(wait))
+
+
+class RateLimitHeaders:
+    """ASGI middleware: the `x-ratelimit-*` headers a route left in the request's state (`STATE`) once it counted the
+    request go out on its response, whatever it is (an answer, a 400 or 404 after the count, a 429), as OpenAI's go
+    out; those the response sets itself (a 429's, of the limit it is over) stand."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in scope.get("state", {}).get(STATE, {}).items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)

@@ -679,6 +679,40 @@ def test_moderations_count_against_the_requests_per_minute_and_say_so_as_openais
     assert "429" in declared  # was: undeclared, though a key's requests per minute refuse moderations too
 
 
+def test_every_answer_to_a_counted_request_carries_both_limits_headers(engine, tmp_path):
+    """OpenAI answers a key's calls with x-ratelimit-* of its requests and its tokens per minute alike; a 400 after the
+    request was counted, /tokenize, a moderation and a 429 over the requests had none, or one limit's alone."""
+    database = open_database(tmp_path / "db")
+    key = KeyStore(database).create("paced", rpm=4, tpm=100)
+    as_key = {"Authorization": f"Bearer {key}"}
+    prompt_tokens = len(engine.tokenizer.encode(COMPLETION["prompt"]))
+
+    async def scenario(client):
+        return [
+            await client.post("/v1/completions", json=COMPLETION, headers=as_key),  # charged its tokens
+            await client.post("/v1/completions", json={**COMPLETION, "max_tokens": "many"}, headers=as_key),
+            await client.post("/tokenize", json={"prompt": "hello"}, headers=as_key),
+            await client.post("/v1/moderations", json={"input": "hello"}, headers=as_key),
+            await client.post("/v1/completions", json=COMPLETION, headers=as_key),  # the fifth in a minute
+        ]
+
+    answered, malformed, tokenized, moderated, refused = run(create_app(engine, database), scenario)
+    assert [response.status_code for response in (answered, malformed, tokenized, moderated, refused)] == [
+        200, 400, 200, 200, 429,
+    ]  # fmt: skip
+    tokens_left = str(100 - prompt_tokens - COMPLETION["max_tokens"])
+    for response, requests_left in ((malformed, "2"), (tokenized, "1"), (moderated, "0"), (refused, "0")):
+        headers = response.headers
+        assert (headers.get("x-ratelimit-limit-requests"), headers.get("x-ratelimit-remaining-requests")) == (
+            "4", requests_left,
+        )  # fmt: skip
+        assert (headers.get("x-ratelimit-limit-tokens"), headers.get("x-ratelimit-remaining-tokens")) == (
+            "100", tokens_left,
+        )  # fmt: skip
+        for unit in ("requests", "tokens"):
+            assert 0 < seconds_of(headers[f"x-ratelimit-reset-{unit}"]) <= 60
+
+
 def seconds_of(duration: str) -> int:
     """The seconds of a Go duration of whole seconds, as OpenAI's x-ratelimit-reset-* give them: `45s`, `1m0s`."""
     minutes, _, seconds = duration.removesuffix("s").rpartition("m")
