@@ -29,9 +29,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from pathlib import Path
 from typing import Literal, NamedTuple
 
-from seekstack.compression import COMPRESSIONS
+from seekstack.corpus.sources import source_kind, uncompressed
 
 Kind = Literal["code", "prose", "cjk"]
 KINDS: tuple[Kind, ...] = ("code", "prose", "cjk")
@@ -153,12 +154,10 @@ def detect_kind(text: str, name: str = "") -> DetectedKind:
     """The kind and language of `text`, from the suffix of its `name` (a path or document id) when that names
     source code, else from its first `SAMPLE_CHARS` characters, never code when the name is a README's or a man
     page's (see the module docstring)."""
-    stem = name.lower()  # suffixes count through a compression's, as sources read them: `mod.py.xz` is code
-    stem = next((stem.removesuffix(suffix) for suffix in COMPRESSIONS if stem.endswith(suffix)), stem)
-    suffix = stem[stem.rfind(".") :] if "." in stem else ""
+    suffix = source_kind(Path(name))  # through a compression's, as sources read files: `mod.py.xz` is code
     if suffix in CODE_SUFFIXES:
         return DetectedKind("code", CODE_SUFFIXES[suffix])
-    documentation = _DOCUMENTATION_NAME.match(stem[stem.rfind("/") + 1 :]) is not None
+    documentation = _DOCUMENTATION_NAME.match(uncompressed(Path(name)).name.lower()) is not None
     sample = text[:SAMPLE_CHARS]
     cjk = len(CJK_CHAR.findall(sample))
     if cjk and cjk >= CJK_MIN_SHARE * len(words(sample)):

@@ -217,7 +217,7 @@ def _is_named_without_a_file_type(path: Path) -> bool:
     """True for a file whose last suffix, through a compression suffix, is no file type: a package's document named
     with a qualifier (`README.Debian`, `changelog.Debian.gz`, `changelog.1.gz`; not `README.html`), or a name ending
     in a version (`Apache-2.0`, `LGPL-2.1`)."""
-    name = _uncompressed(path).name
+    name = uncompressed(path).name
     if _VERSIONED_NAME.fullmatch(name):
         return True
     return _QUALIFIED_DOCUMENTATION.fullmatch(name) is not None and _FILE_TYPES.guess_type(name)[0] is None
@@ -288,10 +288,10 @@ def read_text_file(path: str | Path) -> Iterator[Document]:
 def source_kind(path: Path) -> str:
     """A file's suffix as it says what the text is, in lower case and through a compression suffix: `NOTES.TXT.gz`
     -> `.txt`."""
-    return _uncompressed(path).suffix.lower()
+    return uncompressed(path).suffix.lower()
 
 
-def _uncompressed(path: Path) -> Path:
+def uncompressed(path: Path) -> Path:
     """`path` without the suffix of its compression (`COMPRESSIONS`): `notes.txt.xz` -> `notes.txt`."""
     return path.with_suffix("") if path.suffix.lower() in COMPRESSIONS else path
 
