@@ -472,10 +472,10 @@ class Tokenizer:
         is continued). A chat ending with tool results ends with
         <｜tool▁outputs▁end｜>, where the reply follows (DeepSeek's templates write no generation prompt there).
         A tokenizer without the DeepSeek-V3 role tokens writes the chat in its checkpoint's own template
-        (`chat_template`: DeepSeek-V2-Chat's "User: ... Assistant:"), as transformers' `apply_chat_template` does;
-        ValueError when it has none, and for tools or tool turns given to a tokenizer without DeepSeek-V3's tool-call
-        tokens. The generation prompt ends with the `reply_opening` the release's template writes there
-        (DeepSeek-R1's "<think>\\n")."""
+        (`chat_template`: DeepSeek-V2-Chat's "User: ... Assistant:"), as transformers' `apply_chat_template` does, the
+        messages passed as it passes them (`_templated`: reasoning apart, no turn cut); ValueError when it has none,
+        and for tools or tool turns given to a tokenizer without DeepSeek-V3's tool-call tokens. The generation prompt
+        ends with the `reply_opening` the release's template writes there (DeepSeek-R1's "<think>\\n")."""
         if not self.has_role_tokens and self.chat_template is None:
             raise ValueError(
                 f"tokenizer {self.source} has neither the DeepSeek-V3 chat format's role tokens {USER!r} and "
@@ -515,7 +515,7 @@ class Tokenizer:
         messages it opens with, then each other turn (a later system message too, which such a template writes where
         it is) rendered alone, an assistant's trained after its generation prompt ("Assistant:"). ValueError naming
         the template's file where the turns alone do not make the chat."""
-        messages = drop_past_reasoning([self.template_message(p, message) for p, message in enumerate(messages)])
+        messages = self._templated(messages)
         bos = self.render_chat([], add_generation_prompt=False)
         role = self.render_chat([], add_generation_prompt=True).removeprefix(bos).removesuffix(self.reply_opening)
         opening = next((p for p, message in enumerate(messages) if message["role"] != "system"), len(messages))
@@ -534,7 +534,7 @@ class Tokenizer:
         self, messages: list[dict], continue_final_message: bool, tools: list[dict] | None
     ) -> list[dict]:
         """`messages` templated as `render_chat` writes them, and its ValueErrors but the first."""
-        messages = drop_past_reasoning([self.template_message(p, message) for p, message in enumerate(messages)])
+        messages = self._templated(messages)
         if continue_final_message and (not messages or messages[-1]["role"] != "assistant"):
             last = f"its last message is a {messages[-1]['role']} message" if messages else "it has no messages"
             raise ValueError(f"a chat continued from its last message must end with an assistant message; {last}")
@@ -570,6 +570,13 @@ class Tokenizer:
         if forged:
             raise ValueError(f"the tools offered contain the special token {forged!r}")
         return messages
+
+    def _templated(self, messages: list[dict]) -> list[dict]:
+        """`messages` as the chat format takes them (`template_message`): in DeepSeek-V3's, the assistant turns before
+        the last user message without their reasoning (`drop_past_reasoning`); a checkpoint's own template gets them
+        as transformers' `apply_chat_template` passes them, and writes what it writes of each."""
+        templated = [self.template_message(position, message) for position, message in enumerate(messages)]
+        return drop_past_reasoning(templated) if self.has_role_tokens else templated
 
     def _chat_pieces(self, messages: list[dict], tools: list[dict] | None) -> list[tuple[str, bool]]:
         """`chat_pieces` of messages `_chat_messages` templated and checked."""
@@ -620,11 +627,13 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt, continue_final_message, tools))
 
     def template_message(self, position: int, message: object) -> dict:
-        """`template_message(position, message)`, and a ValueError naming `position` when its content or a tool call
-        holds one of this tokenizer's special tokens."""
-        templated = template_message(position, message)
+        """`template_message(position, message)` (`read_message` for a checkpoint's own template, which gets an
+        assistant's reasoning apart, as transformers passes it), and a ValueError naming `position` when its content or
+        a tool call (or its reasoning kept apart) holds one of this tokenizer's special tokens."""
+        templated = template_message(position, message) if self.has_role_tokens else read_message(position, message)
         calls = templated.get("tool_calls") or []
-        texts = {"content": templated["content"]} | {
+        reasoning = {field: templated[field] for field in REASONING_FIELDS if isinstance(templated.get(field), str)}
+        texts = {"content": templated["content"], **reasoning} | {
             f"tool_calls[{index}]": call["function"]["name"] + call["function"]["arguments"]
             for index, call in enumerate(calls)
         }
@@ -742,14 +751,21 @@ def _why_not_a_tokenizer(path: Path, error: Exception) -> str:
 
 
 def template_message(position: int, message: object) -> dict:
-    """An OpenAI chat message as the chat template takes it, read as the server and transformers' `apply_chat_template`
+    """An OpenAI chat message as the DeepSeek-V3 chat template takes it (`read_message`), an assistant's reasoning given
+    apart in its content (`with_reasoning`). ValueError naming `position` as theirs."""
+    templated = read_message(position, message)
+    return with_reasoning(position, templated) if templated["role"] == "assistant" else templated
+
+
+def read_message(position: int, message: object) -> dict:
+    """An OpenAI chat message as a chat template takes it, read as the server and transformers' `apply_chat_template`
     with `CHAT_TEMPLATE` read it: role `developer` (OpenAI's newer name for system) as `system`, content given as a
     list of text parts as their texts joined by newlines (as vLLM's server joins them; an assistant's refusal parts
     as their text, `part_text`), an assistant's null or left-out content (a replayed turn, or one that only calls
     tools) as empty, or as its `refusal` where it gives one (`refusal_text`), an assistant's `tool_calls` as
-    `template_tool_call` gives each, an assistant's reasoning given apart in its content (`with_reasoning`); its other
-    keys kept. ValueError naming `position` for a message that is no dict with `role` and `content`, another role or
-    content, tool calls on another role, and the legacy `function_call`."""
+    `template_tool_call` gives each; its other keys kept (reasoning given apart too). ValueError naming `position`
+    for a message that is no dict with `role` and `content`, another role or content, tool calls on another role, and
+    the legacy `function_call`."""
     # an assistant's content may be left out, as OpenAI's messages that call tools or refuse leave it
     if (
         not isinstance(message, dict)
@@ -789,7 +805,7 @@ def template_message(position: int, message: object) -> dict:
                 "giving a list of calls"
             )
         templated["tool_calls"] = [template_tool_call(position, index, call) for index, call in enumerate(calls)]
-    return with_reasoning(position, templated) if role == "assistant" else templated
+    return templated
 
 
 def with_reasoning(position: int, message: dict) -> dict:

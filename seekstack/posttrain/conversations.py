@@ -26,7 +26,7 @@ from seekstack.jsonl import jsonl_records
 from seekstack.model.head_loss import IGNORE_INDEX
 from seekstack.posttrain.rewards import R1_SYSTEM_PROMPT, r1_completion
 from seekstack.posttrain.tasks import Problem, Split, Task, sample_problems
-from seekstack.tokenizer import Tokenizer, drop_past_reasoning, is_trained
+from seekstack.tokenizer import Tokenizer, drop_past_reasoning, is_trained, with_reasoning
 from seekstack.tokenizer import template_message as chat_template_message
 from seekstack.tokens.token_bytes import scored_text_bytes, token_byte_lengths
 
@@ -77,9 +77,11 @@ def labelled_text_bytes(tokenizer: Tokenizer, labels: list[int], length: int) ->
 
 def conversation_key(conversation: list[dict]) -> str:
     """A fingerprint of what the chat template encodes of a conversation (its system prompts, which it puts first,
-    then its turns' roles, contents and tool calls, an earlier turn's reasoning dropped, and the tools it offers):
-    equal for every copy of it, whatever other keys a copy's messages carry."""
-    messages = drop_past_reasoning(conversation)
+    then its turns' roles, contents and tool calls, an assistant's reasoning in its content as DeepSeek-V3's template
+    writes it, an earlier turn's dropped, and the tools it offers): equal for every copy of it, whatever other keys a
+    copy's messages carry, and whatever template it was read for (a checkpoint's own gets the reasoning apart)."""
+    folded = [with_reasoning(p, m) if m["role"] == "assistant" else m for p, m in enumerate(conversation)]
+    messages = drop_past_reasoning(folded)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     turns = [(m["role"], m["content"], *_called(m)) for m in messages if m["role"] != "system"]
     tools = offered_tools(conversation)
@@ -361,11 +363,14 @@ def template_message(position: int, message: object, tokenizer: Tokenizer | None
     on assistant messages only: on another role it is ignored, as the template ignores it). A null (or left-out)
     content is refused, but that of an assistant message that calls tools (as OpenAI fine-tuning data writes one) or
     gives a `refusal` (OpenAI's reply that refuses, trained as its text). An assistant's reasoning (`reasoning_content`,
-    `reasoning` or `thinking`) is in its content, as the template writes it (`with_reasoning`). An assistant's
+    `reasoning` or `thinking`) is in its content, as DeepSeek-V3's template writes it (`with_reasoning`), and checked
+    so but kept apart for a checkpoint's own template (`Tokenizer.template_message`). An assistant's
     `tool_calls` and `tool` results are read as the chat template reads them (`check_tool_turns` checks how they
     follow). ValueError naming `position`."""
     template = tokenizer.template_message if tokenizer else chat_template_message
     templated = template(position, message)
+    if templated["role"] == "assistant":  # refused alike whichever template writes it: conversation_key folds it
+        with_reasoning(position, templated)
     given = cast(dict, message)
     if given.get("content") is None and not (templated.get("tool_calls") or given.get("refusal")):
         raise ValueError(f"chat message {position} content must be a string or a list of text parts, got null")

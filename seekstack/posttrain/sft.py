@@ -117,7 +117,8 @@ class SFTSource:
                 f"seq_len={config.seq_len}: left out of training; raise seq_len or shorten their prompts",
                 file=sys.stderr,
             )
-        dropped = sum(drop_past_reasoning(c) != c for c in conversations)
+        # DeepSeek-V3's format drops it; a checkpoint's own template writes what it writes
+        dropped = sum(drop_past_reasoning(c) != c for c in conversations) if self.tokenizer.has_role_tokens else 0
         if dropped:
             print(
                 f"note: {dropped} of {len(rows)} conversations have reasoning (up to a </think>) in an assistant turn "

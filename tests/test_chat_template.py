@@ -1,0 +1,73 @@
+"""A checkpoint's own chat template (DeepSeek-V2-Chat's, or another release's without DeepSeek-V3's role tokens) gets
+the messages as transformers' `apply_chat_template` passes them, and writes them token for token as it does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from seekstack.model.head_loss import IGNORE_INDEX
+from seekstack.posttrain.conversations import encode_conversation, read_conversations
+from seekstack.tokenizer import EOS, REASONING_FIELDS, Tokenizer
+from tests.interop.release import V2_CHAT_TEMPLATE, v2_chat_tokenizer
+
+# a template that writes an assistant's reasoning apart, as reasoning models' templates (Qwen3's) read it
+REASONING_TEMPLATE = V2_CHAT_TEMPLATE.replace(
+    "{{ 'Assistant: ' + message['content'] + eos_token }}",
+    "{{ 'Assistant: ' }}{% if message.reasoning_content %}{{ '[' + message.reasoning_content + '] ' }}{% endif %}"
+    "{{ message['content'] + eos_token }}",
+)
+
+
+@pytest.fixture(scope="module")
+def v2_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("v2-chat")
+    v2_chat_tokenizer(folder)
+    return folder
+
+
+def with_template(folder, template: str) -> None:
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "chat_template": template}, ensure_ascii=False), encoding="utf-8")
+
+
+@pytest.mark.parametrize("field", REASONING_FIELDS)
+@pytest.mark.parametrize(("template", "answer"), [(V2_CHAT_TEMPLATE, " 5"), (REASONING_TEMPLATE, " [2 + 3 is 5] 5")])
+def test_an_assistants_reasoning_apart_is_written_as_the_checkpoints_template_writes_it(
+    v2_folder, tmp_path, field, template, answer
+):
+    """DeepSeek-V2-Chat's template reads no reasoning: transformers writes "Assistant: 5" of a last reply with its
+    reasoning apart, where seekstack wrote "Assistant: <think>\\n2 + 3 is 5\\n</think>\\n\\n5" (DeepSeek-V3's R1
+    format) and SFT trained it; a template that reads reasoning_content gets it under that name whichever was given."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((v2_folder / name).read_bytes())
+    with_template(tmp_path, template)
+    ours, theirs = Tokenizer.from_file(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    chat = [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5", field: "2 + 3 is 5"}]
+    expected = theirs.apply_chat_template(chat, tokenize=True, return_dict=False)
+    assert ours.encode_chat(chat, add_generation_prompt=False) == expected
+    assert ours.decode(expected).endswith(f"Assistant:{answer}{EOS}")
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n", encoding="utf-8")
+    ids, labels = encode_conversation(ours, read_conversations(path, ours)[0])
+    assert ids == expected
+    assert ours.decode([token for token, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]) == (
+        f"{answer}{EOS}"
+    )
+
+
+def test_an_earlier_turns_think_block_is_written_as_the_checkpoints_template_writes_it(v2_folder):
+    """DeepSeek-V2-Chat's template writes each reply's content whole: seekstack cut an earlier reply's think block
+    (DeepSeek-R1's template's rule) where transformers writes it."""
+    ours, theirs = Tokenizer.from_file(v2_folder), AutoTokenizer.from_pretrained(v2_folder)
+    chat = [
+        {"role": "user", "content": "2 + 3?"},
+        {"role": "assistant", "content": "<think>\nadd\n</think>\n\n5"},
+        {"role": "user", "content": "And 2 + 4?"},
+    ]
+    expected = theirs.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ours.encode_chat(chat) == expected
+    assert f"Assistant: <think>\nadd\n</think>\n\n5{EOS}" in ours.decode(expected)
